@@ -1,0 +1,33 @@
+"""hierpool: hierarchical (mixed-effects) models — closed-form BLUPs in JAX and Bayesian posteriors.
+
+Importing hierpool enables JAX's float64 mode (``jax_enable_x64``): the
+closed-form engine needs double precision.
+"""
+
+from . import closedform
+from .closedform import Control, MixedModel, lmm
+from .errors import (
+    ArgumentError,
+    ConvergenceError,
+    ConvergenceWarning,
+    DataError,
+    FormulaError,
+    HierpoolError,
+    HierpoolWarning,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArgumentError",
+    "Control",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "DataError",
+    "FormulaError",
+    "HierpoolError",
+    "HierpoolWarning",
+    "MixedModel",
+    "closedform",
+    "lmm",
+]

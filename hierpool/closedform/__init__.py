@@ -1,0 +1,27 @@
+"""The closed-form (frequentist) engine: REML/ML, Henderson's equations, BLUPs, in JAX float64.
+
+Stages, as in lme4: :class:`MixedModel` (lFormula + mkLmerDevfun) ->
+:meth:`MixedModel.fit` (optimize) -> :class:`LMMResult` (mkMerMod).  The pure
+functions :func:`objective` and :func:`solve` take a :class:`MixedModelSystem`
+pytree and can be jit-compiled, differentiated and vmapped.
+"""
+
+from .henderson import Solution, prediction_covariance, solve
+from .model import MixedModel, lmm
+from .objective import objective
+from .optimize import Control
+from .results import LMMResult
+from .system import MixedModelSystem, build_system
+
+__all__ = [
+    "Control",
+    "LMMResult",
+    "MixedModel",
+    "MixedModelSystem",
+    "Solution",
+    "build_system",
+    "lmm",
+    "objective",
+    "prediction_covariance",
+    "solve",
+]

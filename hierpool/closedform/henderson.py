@@ -1,0 +1,239 @@
+"""Henderson's mixed-model equations at a given theta: BLUEs, BLUPs and their covariances.
+
+At fixed theta the mixed-model equations (Henderson 1950; Bates et al. 2015, eq. 9)
+
+    [Lambda^T Z^T W Z Lambda + I   Lambda^T Z^T W X] [u]   [Lambda^T Z^T W y]
+    [X^T W Z Lambda                X^T W X         ] [beta] = [X^T W y        ]
+
+are solved by back-substitution through the same blocked Cholesky factor the
+objective uses; b = Lambda u.  Covariances (Henderson 1975):
+
+* ``cond_var`` is lme4's ``condVar``: Var(b | y) with beta at its estimate,
+  sigma^2 T (L_Z L_Z^T)^-1 T^T, per level (diagonal blocks only);
+* :func:`prediction_covariance` gives the pieces of the joint covariance of
+  (beta-hat - beta, b-hat - b), sigma^2 times the inverse of the whole
+  coefficient matrix, used for prediction intervals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .objective import level_contractions, reduced_rest
+from .system import MixedModelSystem
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Solution:
+    """Everything determined by theta: estimates, predictions and their variances.
+
+    Attributes
+    ----------
+    theta : jax.Array
+    factors : tuple of jax.Array
+        T_j, the relative covariance factors.
+    beta : jax.Array, shape (p,)
+    u : tuple of jax.Array
+        Spherical random effects per term, shape (ell_j, k_j).
+    b : tuple of jax.Array
+        BLUPs per term, shape (ell_j, k_j): b_l = T_j u_l.
+    cond_var : tuple of jax.Array
+        Var(b_l | y) per term and level, shape (ell_j, k_j, k_j) (lme4's condVar).
+    vcov_beta : jax.Array, shape (p, p)
+        sigma^2 (R_X^T R_X)^-1 (lme4's ``vcov``).
+    sigma : jax.Array
+        Residual sd (1 when residual sds are known).
+    pwrss, logdet_lz, logdet_rx : jax.Array
+        Pieces of the objective.
+    """
+
+    theta: jax.Array
+    factors: tuple
+    beta: jax.Array
+    u: tuple
+    b: tuple
+    cond_var: tuple
+    vcov_beta: jax.Array
+    sigma: jax.Array
+    pwrss: jax.Array
+    logdet_lz: jax.Array
+    logdet_rx: jax.Array
+
+
+def _couplings(system: MixedModelSystem, factors, left) -> list[jax.Array]:
+    """C_r = L0^-1 T0^T V_r T_r for every rest block (T_r = I for X and y)."""
+    rest_factors = list(factors[1:]) + [None] * (len(system.layout.rest_blocks) - len(factors) + 1)
+    out = []
+    for coupling, factor in zip(system.couplings, rest_factors):
+        block = left[coupling.level0] @ coupling.values
+        out.append(block if factor is None else block @ factor)
+    return out
+
+
+def _diagonal_blocks(matrix: jax.Array, offset: int, ell: int, k: int) -> jax.Array:
+    """The ell diagonal k x k blocks of ``matrix`` starting at row/column ``offset``."""
+    idx = offset + jnp.arange(ell)[:, None] * k + jnp.arange(k)[None, :]
+    return matrix[idx[:, :, None], idx[:, None, :]]
+
+
+def _scaled_inverse(inverse: jax.Array, system: MixedModelSystem, factors, n_blocks: int) -> jax.Array:
+    """Lambda S^-1 Lambda^T over the first ``n_blocks`` rest blocks (X unscaled)."""
+    from ..linalg import scale_columns
+
+    blocks = system.layout.rest_blocks[:n_blocks]
+    rest_factors = list(factors[1:]) + [None] * n_blocks
+    scale = [(ell, k, f) for (ell, k), f in zip(blocks, rest_factors)]
+    return scale_columns(scale_columns(inverse, scale, transpose=True).T, scale, transpose=True)
+
+
+def _term0_inverse_blocks(chol0_inv, left, correction):
+    """Diagonal blocks of the inverse for term 0: L0^-T (I + left Q left^T) L0^-1."""
+    middle = jnp.eye(chol0_inv.shape[-1]) + left @ correction @ jnp.swapaxes(left, 1, 2)
+    return jnp.swapaxes(chol0_inv, 1, 2) @ middle @ chol0_inv
+
+
+def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solution:
+    """Solve the mixed-model equations at ``theta``.
+
+    Parameters
+    ----------
+    theta : jax.Array
+        As in :func:`hierpool.closedform.objective.objective`.
+    system : MixedModelSystem
+    reml : bool
+        Only changes sigma: r^2 / (n - p) for REML, r^2 / n for ML (lme4).
+
+    Returns
+    -------
+    Solution
+    """
+    layout = system.layout
+    q, p = layout.q_rest, layout.p
+    size = q + p
+    rest, factors, chol0, left = reduced_rest(theta, system)
+    chol_rest = jnp.linalg.cholesky(rest)
+    solve_lower = jax.scipy.linalg.solve_triangular
+    x_rest = solve_lower(chol_rest[:size, :size], chol_rest[size, :size], lower=True, trans="T")
+    chol0_inv = jnp.linalg.inv(chol0) if layout.ks[0] > 1 else 1.0 / chol0
+
+    couplings = _couplings(system, factors, left)
+    ell0, k0 = layout.n_levels[0], layout.ks[0]
+    rhs0 = jax.ops.segment_sum(couplings[-1][:, :, 0], system.couplings[-1].level0, num_segments=ell0)
+    offset = 0
+    for (ell, k), coupling, block in zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1]):
+        x_block = x_rest[offset : offset + ell * k].reshape(ell, k)
+        contribution = jnp.einsum("bij,bj->bi", block, x_block[coupling.level])
+        rhs0 = rhs0 - jax.ops.segment_sum(contribution, coupling.level0, num_segments=ell0)
+        offset += ell * k
+    u0 = jnp.einsum("lji,lj->li", chol0_inv, rhs0)
+
+    u = [u0]
+    offset = 0
+    for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
+        u.append(x_rest[offset : offset + ell * k].reshape(ell, k))
+        offset += ell * k
+    beta = x_rest[q:size]
+    b = [uj @ t.T for uj, t in zip(u, factors)]
+
+    pwrss = chol_rest[size, size] ** 2
+    if layout.sigma_known:
+        sigma = jnp.asarray(1.0)
+    else:
+        sigma = jnp.sqrt(pwrss / (layout.n - p if reml else layout.n))
+
+    # lme4's condVar: Var(u | y) = sigma^2 (L_Z L_Z^T)^-1, diagonal blocks.
+    if q:
+        inv_zz = solve_lower(chol_rest[:q, :q], jnp.eye(q), lower=True)
+        s_zz_inv = inv_zz.T @ inv_zz
+        correction = level_contractions(
+            system, _scaled_inverse(s_zz_inv, system, factors, layout.n_random_rest), layout.n_random_rest
+        )
+    else:
+        s_zz_inv = jnp.zeros((0, 0))
+        correction = jnp.zeros((ell0, k0, k0))
+    var_u = [_term0_inverse_blocks(chol0_inv, left, correction)]
+    offset = 0
+    for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
+        var_u.append(_diagonal_blocks(s_zz_inv, offset, ell, k))
+        offset += ell * k
+    cond_var = [sigma**2 * (t @ v @ t.T) for v, t in zip(var_u, factors)]
+
+    r_x_inv = solve_lower(chol_rest[q:size, q:size], jnp.eye(p), lower=True)
+    vcov_beta = sigma**2 * (r_x_inv.T @ r_x_inv)
+    diag_rest = jnp.diagonal(chol_rest)
+    logdet_lz = 2.0 * (jnp.sum(jnp.log(jnp.diagonal(chol0, axis1=1, axis2=2))) + jnp.sum(jnp.log(diag_rest[:q])))
+    logdet_rx = 2.0 * jnp.sum(jnp.log(diag_rest[q:size]))
+    return Solution(
+        theta=theta,
+        factors=tuple(factors),
+        beta=beta,
+        u=tuple(u),
+        b=tuple(b),
+        cond_var=tuple(cond_var),
+        vcov_beta=vcov_beta,
+        sigma=sigma,
+        pwrss=pwrss,
+        logdet_lz=logdet_lz,
+        logdet_rx=logdet_rx,
+    )
+
+
+solve_jit = jax.jit(solve, static_argnames="reml")
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PredictionCovariance:
+    """Blocks of sigma^-2 Cov([u-hat - u; beta-hat - beta]), the inverse of the MME matrix.
+
+    Attributes
+    ----------
+    term0 : (ell0, k0, k0)  diagonal blocks for term 0's levels
+    cross : (ell0, k0, q + p)  covariance of term 0's levels with the rest (Z_1.., X)
+    rest : (q + p, q + p)  dense block over the rest
+    """
+
+    term0: jax.Array
+    cross: jax.Array
+    rest: jax.Array
+
+
+def prediction_covariance(theta: jax.Array, system: MixedModelSystem) -> PredictionCovariance:
+    """Inverse of the mixed-model coefficient matrix in the blocks predictions need.
+
+    Memory ell0 * k0 * (q + p) for the cross block; computed only when
+    prediction intervals are asked for.
+    """
+    layout = system.layout
+    q, p = layout.q_rest, layout.p
+    size = q + p
+    rest, factors, chol0, left = reduced_rest(theta, system)
+    chol_rest = jnp.linalg.cholesky(rest)
+    inv_a = jax.scipy.linalg.solve_triangular(chol_rest[:size, :size], jnp.eye(size), lower=True)
+    s_a_inv = inv_a.T @ inv_a
+    chol0_inv = jnp.linalg.inv(chol0) if layout.ks[0] > 1 else 1.0 / chol0
+    couplings = _couplings(system, factors, left)
+    ell0, k0 = layout.n_levels[0], layout.ks[0]
+    dense = jnp.zeros((ell0, size, k0))
+    offset = 0
+    for (ell, k), coupling, block in zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1]):
+        cols = offset + coupling.level[:, None] * k + jnp.arange(k)[None, :]
+        dense = dense.at[coupling.level0[:, None], cols].add(jnp.swapaxes(block, 1, 2))
+        offset += ell * k
+    projected = jnp.einsum("lai,ab->lib", dense, s_a_inv)  # C S_A^-1 per level
+    term0 = _term0_inverse_blocks(chol0_inv, jnp.eye(k0)[None], jnp.einsum("lia,laj->lij", projected, dense))
+    cross = -jnp.einsum("lji,ljb->lib", chol0_inv, projected)
+    return PredictionCovariance(term0=term0, cross=cross, rest=s_a_inv)
+
+
+prediction_covariance_jit = jax.jit(prediction_covariance)
+
+
+def as_numpy(tree):
+    """Bring a pytree of JAX arrays to the host as numpy arrays."""
+    return jax.tree_util.tree_map(np.asarray, tree)

@@ -1,0 +1,112 @@
+"""lme4's stages as public functions: formula + data -> objective -> optimum -> fitted model.
+
+``MixedModel`` is lme4's ``lFormula`` + ``mkLmerDevfun``: the checked design and its
+cross-products.  Its ``objective`` is lme4's ``devfun``; ``at(theta)`` gives the BLUPs
+and every table at a fixed theta (no optimization); ``fit`` optimizes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from ..design import Design, build_design
+from ..errors import ArgumentError, ConvergenceWarning
+from .henderson import as_numpy, solve_jit
+from .objective import objective_and_grad, objective_jit
+from .optimize import Control, optimize_theta
+from .results import LMMResult
+from .system import MixedModelSystem, build_system
+
+
+class MixedModel:
+    """A linear mixed model on one data set, before fitting.
+
+    Parameters
+    ----------
+    formula : str
+        lme4-style formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
+    data : pandas.DataFrame
+        Not modified.
+    se : str, optional
+        Column of known residual standard deviations (meta-analysis); only the
+        random-effect variances are then estimated.
+
+    Attributes
+    ----------
+    design : Design
+    system : MixedModelSystem
+        The pytree the pure functions :func:`~hierpool.closedform.objective.objective`
+        and :func:`~hierpool.closedform.henderson.solve` take (jit, grad and vmap them).
+    """
+
+    def __init__(self, formula: str, data: pd.DataFrame, se: str | None = None):
+        self.design: Design = build_design(formula, data, se=se)
+        self.system: MixedModelSystem = build_system(self.design)
+
+    @property
+    def n_theta(self) -> int:
+        return self.system.layout.n_theta
+
+    def _theta(self, theta) -> jnp.ndarray:
+        theta = np.asarray(theta, dtype=float).reshape(-1)
+        if theta.size != self.n_theta:
+            raise ArgumentError(f"theta must have {self.n_theta} values for this model, got {theta.size}")
+        return jnp.asarray(theta)
+
+    def objective(self, theta, reml: bool = True) -> float:
+        """Profiled REML criterion (or deviance) at ``theta``: lme4's ``devfun(theta)``."""
+        return float(objective_jit(self._theta(theta), self.system, reml=reml))
+
+    def objective_and_gradient(self, theta, reml: bool = True) -> tuple[float, np.ndarray]:
+        """The objective and its exact gradient (JAX autodiff with closed-form adjoints)."""
+        value, grad = objective_and_grad(self._theta(theta), self.system, reml=reml)
+        return float(value), np.asarray(grad)
+
+    def at(self, theta, reml: bool = True) -> LMMResult:
+        """BLUPs, fixed effects and every table at a fixed ``theta`` (no optimization)."""
+        theta = self._theta(theta)
+        solution = as_numpy(solve_jit(theta, self.system, reml=reml))
+        return LMMResult(self.design, self.system, solution, None, reml)
+
+    def fit(self, reml: bool = True, control: Control | None = None) -> LMMResult:
+        """Optimize theta (L-BFGS-B on the exact gradient) and return the fitted model."""
+        optimum = optimize_theta(self.system, reml, control)
+        solution = as_numpy(solve_jit(jnp.asarray(optimum.theta), self.system, reml=reml))
+        for message in optimum.messages:
+            warnings.warn(message, ConvergenceWarning, stacklevel=3)
+        return LMMResult(self.design, self.system, solution, optimum, reml)
+
+
+def lmm(formula: str, data: pd.DataFrame, reml: bool = True, se: str | None = None, control: Control | None = None) -> LMMResult:
+    """Fit a linear mixed model by REML (default) or maximum likelihood, as ``lme4::lmer``.
+
+    Parameters
+    ----------
+    formula : str
+        lme4 syntax: ``y ~ x + (x | g)`` correlated, ``(x || g)`` uncorrelated,
+        ``(0 + x | g)``, nested ``(1 | a/b)``, ``(1 | a:b)``, crossed terms.
+    data : pandas.DataFrame
+        Rows with missing values in used columns are dropped (with a warning).
+    reml : bool
+        REML (True) or maximum likelihood (False).
+    se : str, optional
+        Column of known residual standard deviations; sigma is then fixed and
+        only the random-effect (co)variances are estimated.
+    control : Control, optional
+        Optimizer settings and check thresholds.
+
+    Returns
+    -------
+    LMMResult
+
+    Notes
+    -----
+    Profiled objective and mixed-model equations as in Bates, Maechler, Bolker &
+    Walker (2015), "Fitting linear mixed-effects models using lme4", J. Stat.
+    Softw. 67(1); blocked factorization as in MixedModels.jl.
+    """
+    return MixedModel(formula, data, se=se).fit(reml=reml, control=control)

@@ -1,0 +1,280 @@
+"""Profiled REML / ML objective of a linear mixed model as a pure function of theta.
+
+Model (Bates et al. 2015, "Fitting linear mixed-effects models using lme4",
+J. Stat. Softw. 67(1), sections 3.1-3.4):
+
+    y = X beta + Z b + e,   b = Lambda(theta) u,   u ~ N(0, sigma^2 I),   e ~ N(0, sigma^2 W^-1).
+
+With ``y`` carried along as the last column (MixedModels.jl), one blocked
+Cholesky factor L of
+
+    [Lambda^T Z^T W Z Lambda + I   Lambda^T Z^T W X   Lambda^T Z^T W y]
+    [           .                  X^T W X            X^T W y         ]
+    [           .                     .               y^T W y         ]
+
+gives log|L_Z|^2, log|R_X|^2 and the penalized residual sum of squares
+r^2 = L[y, y]^2, and the profiled criteria are
+
+    ML:    d(theta)  = log|L_Z|^2 + n (1 + log(2 pi r^2 / n))
+    REML:  dR(theta) = log|L_Z|^2 + log|R_X|^2 + (n - p)(1 + log(2 pi r^2 / (n - p)))
+
+(lme4's ``deviance`` and ``REMLcrit``; the prior-weight term -sum log w is added).
+When residual sds are known (``se=``), sigma = 1 on the weighted scale is not
+profiled out, theta holds absolute sds, and
+
+    ML:    log|L_Z|^2 + r^2 + n log(2 pi) - sum log w
+    REML:  log|L_Z|^2 + log|R_X|^2 + r^2 + (n - p) log(2 pi) - sum log w.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..linalg import (
+    cholesky_small,
+    logdet_from_cholesky_diagonal,
+    scale_columns,
+    theta_to_factors,
+    tri_inverse_small,
+)
+from .system import MixedModelSystem
+
+
+def _term0_factor(t0: jax.Array, system: MixedModelSystem) -> tuple[jax.Array, jax.Array]:
+    """Cholesky factors L0_l of T0^T A00_l T0 + I and the products L0_l^-1 T0^T, per term-0 level."""
+    k0 = system.layout.ks[0]
+    diag0 = jnp.einsum("ji,ljk,km->lim", t0, system.a00, t0) + jnp.eye(k0)
+    chol0 = cholesky_small(diag0)
+    return chol0, tri_inverse_small(chol0) @ t0.T
+
+
+def _contract(products: jax.Array, weights: jax.Array, axes: tuple[int, int]) -> jax.Array:
+    """Contract pair products (p, k0, k0, kr, ks) with per-pair weights over two of their axes.
+
+    ``axes=(1, 2)``: weights (p, k0, k0) -> (p, kr, ks); ``axes=(3, 4)``: weights (p, kr, ks) -> (p, k0, k0).
+    Written as a broadcast product, not an einsum, because XLA turns a batched
+    einsum of 1 x 1 blocks into millions of tiny matrix products.
+    """
+    if axes == (1, 2):
+        return jnp.sum(weights[:, :, :, None, None] * products, axis=axes)
+    return jnp.sum(weights[:, None, None, :, :] * products, axis=axes)
+
+
+def level_contractions(system: MixedModelSystem, matrix: jax.Array, n_blocks: int) -> jax.Array:
+    """Per term-0 level l, sum over coupling pairs in l of V_r[a] H_rs[cell] V_s[b]^T (k0 x k0).
+
+    ``matrix`` is a symmetric (m, m) matrix H over the rest columns; only the
+    first ``n_blocks`` rest blocks are used.  This is the adjoint of the Schur
+    update (its gradient with respect to M_l) and, with H = Lambda S^-1
+    Lambda^T, the correction that turns term 0's block-diagonal inverse into
+    the diagonal blocks of the full inverse.
+    """
+    layout = system.layout
+    k0 = layout.ks[0]
+    offsets = np.concatenate([[0], np.cumsum([ell * k for ell, k in layout.rest_blocks])])
+    total = jnp.zeros((layout.n_levels[0], k0, k0), matrix.dtype)
+    for (r, s), pairs in zip(layout.pair_keys(), system.pairs):
+        if s >= n_blocks:
+            continue
+        (ell_r, k_r), (ell_s, k_s) = layout.rest_blocks[r], layout.rest_blocks[s]
+        block = matrix[offsets[r] : offsets[r + 1], offsets[s] : offsets[s + 1]]
+        cells = block.reshape(ell_r, k_r, ell_s, k_s).transpose(0, 2, 1, 3).reshape(ell_r * ell_s, k_r, k_s)
+        per_level = jax.ops.segment_sum(
+            _contract(pairs.products, cells[pairs.target], axes=(3, 4)), pairs.level0, num_segments=layout.n_levels[0]
+        )
+        total = total + (per_level if r == s else per_level + per_level.transpose(0, 2, 1))
+    return total
+
+
+def _schur_update(system: MixedModelSystem, m_levels: jax.Array) -> jax.Array:
+    """sum over term-0 levels l of V_l^T M_l V_l as a dense unscaled (m, m) matrix.
+
+    The pair products are theta-independent (precomputed in the system), so this is a
+    gather of the small M_l, a multiply and a sorted segment-sum per pair of rest blocks.
+    """
+    blocks = system.layout.rest_blocks
+    grid = [[None] * len(blocks) for _ in blocks]
+    for (r, s), pairs in zip(system.layout.pair_keys(), system.pairs):
+        (ell_r, k_r), (ell_s, k_s) = blocks[r], blocks[s]
+        contributions = _contract(pairs.products, m_levels[pairs.level0], axes=(1, 2))
+        summed = jax.ops.segment_sum(contributions, pairs.target, num_segments=ell_r * ell_s, indices_are_sorted=True)
+        block = summed.reshape(ell_r, ell_s, k_r, k_s).transpose(0, 2, 1, 3).reshape(ell_r * k_r, ell_s * k_s)
+        grid[r][s] = block
+        if r != s:
+            grid[s][r] = block.T
+    return jnp.block(grid)
+
+
+def _scaling_blocks(system: MixedModelSystem, rest_factors) -> list:
+    return [(ell, k, f) for (ell, k), f in zip(system.layout.rest_blocks, rest_factors)]
+
+
+@jax.custom_vjp
+def _reduce(rest_factors: tuple, m_levels: jax.Array, system: MixedModelSystem) -> jax.Array:
+    """S = Lambda_r^T (A_rest - U(M)) Lambda_r + diag(I_q, 0), U(M) = sum_l V_l^T M_l V_l."""
+    return _reduce_fwd(rest_factors, m_levels, system)[0]
+
+
+def _reduce_fwd(rest_factors, m_levels, system):
+    layout = system.layout
+    padded = tuple(rest_factors) + (None,) * (len(layout.rest_blocks) - len(rest_factors))
+    scale = _scaling_blocks(system, padded)
+    reduced = system.rest - _schur_update(system, m_levels)
+    rest = scale_columns(scale_columns(reduced, scale).T, scale)
+    identity = jnp.concatenate([jnp.ones(layout.q_rest), jnp.zeros(rest.shape[0] - layout.q_rest)])
+    return rest + jnp.diag(identity), (rest_factors, reduced, system)
+
+
+def _reduce_bwd(residuals, cotangent):
+    # With S = Lambda^T K Lambda + D and G the (symmetric) cotangent of S:
+    #   d/dT_j  <G, S> = 2 sum_l (K Lambda G)[(l, .), (l, .)]       (one pass over a column block)
+    #   d/dM_l  <G, S> = - sum_{pairs in l} <(Lambda G Lambda^T)[target], P_pair>
+    # Both are far cheaper than reverse-mode through the scaling and the segment-sum.
+    rest_factors, reduced, system = residuals
+    layout = system.layout
+    padded = tuple(rest_factors) + (None,) * (len(layout.rest_blocks) - len(rest_factors))
+    scale = _scaling_blocks(system, padded)
+    lam_g = scale_columns(cotangent, scale, transpose=True).T  # Lambda G (G symmetric)
+    lam_g_lam = scale_columns(lam_g, scale, transpose=True)  # Lambda G Lambda^T
+    # materialize both once: otherwise XLA re-fuses the scaling into every consumer below
+    lam_g, lam_g_lam = jax.lax.optimization_barrier((lam_g, lam_g_lam))
+    size = reduced.shape[0]
+    factor_grads = []
+    offset = 0
+    for (ell, k), factor in zip(layout.rest_blocks[: len(rest_factors)], rest_factors):
+        cols = slice(offset, offset + ell * k)
+        left = reduced[:, cols].reshape(size, ell, k)
+        right = lam_g[:, cols].reshape(size, ell, k)
+        factor_grads.append(2.0 * jnp.einsum("blc,bld->cd", left, right))
+        offset += ell * k
+    grad_m = -level_contractions(system, lam_g_lam, len(layout.rest_blocks))
+    return tuple(factor_grads), grad_m, None
+
+
+_reduce.defvjp(_reduce_fwd, _reduce_bwd)
+
+
+def reduced_rest(theta: jax.Array, system: MixedModelSystem):
+    """The rest of the augmented matrix after eliminating term 0, and term 0's factors.
+
+    Returns ``(rest, factors, chol0, left)`` where
+    ``rest = Lambda_r^T (A_rest - sum_l V_l^T M_l V_l) Lambda_r + diag(I_q, 0)``,
+    ``M_l = left_l^T left_l`` and ``left_l = L0_l^-1 T0^T``; the Cholesky factor of
+    ``rest`` completes the factor of the whole augmented matrix.
+    """
+    factors = theta_to_factors(theta, system.layout.ks)
+    chol0, left = _term0_factor(factors[0], system)
+    m_levels = jnp.einsum("lij,lik->ljk", left, left)
+    return _reduce(tuple(factors[1:]), m_levels, system), factors, chol0, left
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class ObjectiveParts:
+    """The pieces of the profiled objective at one theta."""
+
+    logdet_lz: jax.Array  # log |L_Z|^2
+    logdet_rx: jax.Array  # log |R_X|^2
+    pwrss: jax.Array  # penalized weighted residual sum of squares r^2
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def dense_parts(rest: jax.Array, q: int, p: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(log|L_Zr|^2, log|R_X|^2, r^2) of the reduced rest matrix S = [[S_A, s], [s^T, s_yy]].
+
+    With S_A the leading (q + p) block: log|L_Zr|^2 = log det S_ZZ (leading q block),
+    log|R_X|^2 = log det S_A - log det S_ZZ, r^2 = s_yy - s^T S_A^-1 s.
+
+    The gradient is written out (Murray 2016, "Differentiation of the Cholesky
+    decomposition"): d log det S_A / dS_A = S_A^-1 and dr^2/dS = [[w w^T, -w], [-w^T, 1]],
+    w = S_A^-1 s, which costs one triangular inverse and one product instead of
+    reverse-mode through the factorization.
+    """
+    return _dense_parts_forward(rest, q, p)[0]
+
+
+def _dense_parts_forward(rest, q, p):
+    chol = jnp.linalg.cholesky(rest)
+    diag = jnp.diagonal(chol)
+    parts = (
+        logdet_from_cholesky_diagonal(diag[:q]),
+        logdet_from_cholesky_diagonal(diag[q : q + p]),
+        diag[-1] ** 2,
+    )
+    return parts, chol
+
+
+def _dense_parts_fwd(rest, q, p):
+    parts, chol = _dense_parts_forward(rest, q, p)
+    return parts, chol
+
+
+def _dense_parts_bwd(q, p, chol, cotangent):
+    # With S^-1 the full inverse, v = S^-1 e_y = [-w, 1] / r^2 and R the rows q.. of L^-1:
+    #   S_A^-1 (padded) = S^-1 - r^2 v v^T,   d r^2 / dS = r^4 v v^T,
+    #   S_ZZ^-1 = (S^-1)_ZZ - R_Z^T R_Z,
+    # so the cotangent is c_rx S^-1 + (c_r2 r^4 - c_rx r^2) v v^T + (c_lz - c_rx) pad(S_ZZ^-1 - (S^-1)_ZZ + ...).
+    c_lz, c_rx, c_r2 = cotangent
+    size = chol.shape[0]
+    inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(size, dtype=chol.dtype), lower=True)
+    s_inv = jax.scipy.linalg.solve_triangular(chol, inv, lower=True, trans="T")  # two solves beat solve + product
+    r2 = chol[-1, -1] ** 2
+    v = s_inv[:, -1]
+    in_z = jnp.arange(size) < q
+    tail = jnp.where(in_z[None, :], inv[q:, :], 0.0)  # R_Z padded with zeros
+    grad = jnp.where(in_z[:, None] & in_z[None, :], c_lz, c_rx) * s_inv
+    grad = grad + (c_r2 * r2**2 - c_rx * r2) * jnp.outer(v, v) - (c_lz - c_rx) * (tail.T @ tail)
+    return (grad,)
+
+
+dense_parts.defvjp(_dense_parts_fwd, _dense_parts_bwd)
+
+
+def objective_parts(theta: jax.Array, system: MixedModelSystem) -> ObjectiveParts:
+    """log-determinants and penalized RSS at ``theta``."""
+    layout = system.layout
+    rest, _, chol0, _ = reduced_rest(theta, system)
+    logdet_rest, logdet_rx, pwrss = dense_parts(rest, layout.q_rest, layout.p)
+    logdet0 = logdet_from_cholesky_diagonal(jnp.diagonal(chol0, axis1=1, axis2=2))
+    return ObjectiveParts(logdet0 + logdet_rest, logdet_rx, pwrss)
+
+
+def criterion(parts: ObjectiveParts, system: MixedModelSystem, reml: bool) -> jax.Array:
+    """REML criterion (``reml=True``) or deviance (-2 log-likelihood) from the parts."""
+    layout = system.layout
+    n, p = layout.n, layout.p
+    dof = n - p if reml else n
+    logdet = parts.logdet_lz + (parts.logdet_rx if reml else 0.0)
+    if layout.sigma_known:
+        return logdet + parts.pwrss + dof * jnp.log(2 * jnp.pi) - system.log_weights
+    return logdet + dof * (1.0 + jnp.log(2 * jnp.pi * parts.pwrss / dof)) - system.log_weights
+
+
+def objective(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> jax.Array:
+    """Profiled REML criterion or deviance at ``theta``: the function the optimizer minimizes.
+
+    Parameters
+    ----------
+    theta : jax.Array
+        Lower triangles of the relative covariance factors T_j, column-major,
+        term by term in the order of ``system.layout.ks`` (lme4's ``getME(fm, "theta")``).
+    system : MixedModelSystem
+        From :func:`hierpool.closedform.system.build_system`.
+    reml : bool
+        REML criterion if True, else deviance.
+
+    Returns
+    -------
+    jax.Array
+        Scalar, equal to lme4's ``devfun(theta)``.
+    """
+    return criterion(objective_parts(theta, system), system, reml)
+
+
+objective_jit = jax.jit(objective, static_argnames="reml")
+objective_and_grad = jax.jit(jax.value_and_grad(objective), static_argnames="reml")

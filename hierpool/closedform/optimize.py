@@ -1,0 +1,202 @@
+"""Minimizing the profiled objective over theta, and checking the optimum.
+
+The objective is differentiated by JAX, so a bounded quasi-Newton method
+(L-BFGS-B, Byrd et al. 1995) replaces lme4's derivative-free BOBYQA.  Boundary
+fits (a variance component at zero) are legitimate optima: L-BFGS-B projects
+onto the bound and stops there exactly, as lme4's optimizers do.
+
+Convergence and singularity checks are a stage of their own
+(:func:`check_optimum`), mirroring lme4's ``checkConv`` and ``isSingular``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+from ..errors import ArgumentError, ConvergenceError
+from ..linalg import theta_lower_bounds, theta_start, tril_positions
+from .objective import objective_and_grad
+from .system import MixedModelSystem
+
+
+@dataclass(frozen=True)
+class Control:
+    """Optimizer settings and check thresholds (lme4's ``lmerControl``).
+
+    Attributes
+    ----------
+    max_iter : int
+        Iteration limit of L-BFGS-B.
+    ftol, gtol : float
+        L-BFGS-B's relative-reduction and projected-gradient tolerances.
+    singular_tol : float
+        A fit is singular when a diagonal element of some T_j is below this
+        (lme4's ``isSingular`` tolerance, 1e-4).
+    grad_tol : float
+        Largest acceptable |projected gradient| at the optimum (lme4's
+        ``check.conv.grad`` tolerance, 2e-3).
+    hessian_max_n : int
+        Check the Hessian (finite differences of the gradient) only up to this
+        many observations, as lme4 does (``calc.derivs`` for n < 1e4).
+    theta_start : sequence of float or None
+        Starting value; lme4's (identity factors) when None.
+    max_restarts : int
+        Rounds of restarts from a boundary optimum (see ``_restart_from_boundary``).
+    """
+
+    max_iter: int = 500
+    ftol: float = 1e-13
+    gtol: float = 1e-7
+    singular_tol: float = 1e-4
+    grad_tol: float = 2e-3
+    hessian_max_n: int = 10_000
+    theta_start: tuple[float, ...] | None = field(default=None)
+    max_restarts: int = 2
+
+
+@dataclass(frozen=True)
+class Optimum:
+    """What the optimizer found and what the checks say about it."""
+
+    theta: np.ndarray
+    objective: float
+    gradient: np.ndarray
+    n_evaluations: int
+    converged: bool
+    is_singular: bool
+    messages: tuple[str, ...]
+
+
+def _start(system: MixedModelSystem, control: Control) -> np.ndarray:
+    start = theta_start(system.layout.ks)
+    if control.theta_start is None:
+        return start
+    given = np.asarray(control.theta_start, dtype=float)
+    if given.shape != start.shape:
+        raise ArgumentError(f"control.theta_start must have {start.size} values, got {given.size}")
+    return given
+
+
+def _projected_gradient(theta: np.ndarray, gradient: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """Gradient with components that push into an active lower bound set to zero."""
+    at_bound = (theta <= lower) & (gradient > 0)
+    return np.where(at_bound, 0.0, gradient)
+
+
+def is_singular(theta: np.ndarray, ks: tuple[int, ...], tol: float = 1e-4) -> bool:
+    """lme4's ``isSingular``: some diagonal element of some T_j below ``tol``."""
+    diagonal = np.concatenate([rows == cols for rows, cols in (tril_positions(k) for k in ks)])
+    return bool(np.any(theta[diagonal] < tol))
+
+
+def _hessian_fd(evaluate, theta: np.ndarray, lower: np.ndarray, step: float = 1e-4) -> np.ndarray:
+    """Central differences of the analytic gradient (one-sided at an active bound)."""
+    size = theta.size
+    hessian = np.empty((size, size))
+    for j in range(size):
+        h = np.zeros(size)
+        h[j] = step
+        if theta[j] - step < lower[j]:
+            hessian[:, j] = (evaluate(theta + h)[1] - evaluate(theta)[1]) / step
+        else:
+            hessian[:, j] = (evaluate(theta + h)[1] - evaluate(theta - h)[1]) / (2 * step)
+    return 0.5 * (hessian + hessian.T)
+
+
+def check_optimum(
+    theta: np.ndarray, gradient: np.ndarray, optimizer_ok: bool, evaluate, system: MixedModelSystem, control: Control
+) -> tuple[bool, bool, tuple[str, ...]]:
+    """Convergence and singularity checks at the optimum (lme4's ``checkConv``).
+
+    Returns (converged, is_singular, messages).
+    """
+    layout = system.layout
+    lower = theta_lower_bounds(layout.ks)
+    messages: list[str] = []
+    singular = is_singular(theta, layout.ks, control.singular_tol)
+    if singular:
+        messages.append("boundary (singular) fit: some variance component is (near) zero or a correlation is +/-1")
+    if not optimizer_ok:
+        messages.append("the optimizer stopped before meeting its tolerance")
+    max_grad = float(np.max(np.abs(_projected_gradient(theta, gradient, lower)))) if theta.size else 0.0
+    if max_grad > control.grad_tol:
+        messages.append(f"model failed to converge: max|projected gradient| = {max_grad:.3g} > {control.grad_tol}")
+    if layout.n <= control.hessian_max_n and not singular:
+        eigenvalues = np.linalg.eigvalsh(_hessian_fd(evaluate, theta, lower))
+        if eigenvalues.min() <= 0:
+            messages.append("Hessian is not positive definite at the optimum: the fit may not be a minimum")
+    converged = optimizer_ok and max_grad <= control.grad_tol and not any(m.startswith("Hessian") for m in messages)
+    return converged, singular, tuple(messages)
+
+
+def optimize_theta(system: MixedModelSystem, reml: bool, control: Control | None = None) -> Optimum:
+    """Minimize the profiled REML criterion or deviance over theta with L-BFGS-B.
+
+    Parameters
+    ----------
+    system : MixedModelSystem
+    reml : bool
+    control : Control, optional
+
+    Returns
+    -------
+    Optimum
+    """
+    control = control or Control()
+    lower = theta_lower_bounds(system.layout.ks)
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
+    count = [0]
+
+    def evaluate(theta):
+        count[0] += 1
+        value, gradient = objective_and_grad(jnp.asarray(theta), system, reml=reml)
+        return float(value), np.asarray(gradient, dtype=float)
+
+    start = _start(system, control)
+    value, _ = evaluate(start)
+    if not np.isfinite(value):
+        raise ConvergenceError(f"the objective is not finite at the starting value theta = {start}")
+    options = dict(maxiter=control.max_iter, ftol=control.ftol, gtol=control.gtol)
+    result = scipy.optimize.minimize(evaluate, start, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
+    result = _restart_from_boundary(evaluate, result, lower, bounds, options, control.max_restarts)
+    if not np.isfinite(result.fun):
+        raise ConvergenceError(f"the objective became non-finite during optimization: {result.message}")
+    theta = np.maximum(np.asarray(result.x, dtype=float), lower)
+    value, gradient = evaluate(theta)
+    # L-BFGS-B also stops when a line search cannot improve at machine precision; the
+    # gradient and Hessian checks below decide whether that is an optimum.
+    optimizer_ok = bool(result.success) or result.nit < control.max_iter
+    converged, singular, messages = check_optimum(theta, gradient, optimizer_ok, evaluate, system, control)
+    return Optimum(theta, value, gradient, count[0], converged, singular, messages)
+
+
+def _restart_from_boundary(evaluate, result, lower, bounds, options, max_rounds: int):
+    """Leave a boundary optimum when an interior one is better.
+
+    When a diagonal element of some T_j ends at 0, the boundary point can be a
+    local minimum (the objective depends on the last diagonal of T_j only
+    through its square, so the gradient there is exactly 0 and a gradient
+    method never looks past it), while a better optimum lies inside (lme4's
+    derivative-free BOBYQA usually finds it).  Restart from small positive
+    values of each such element and keep the best optimum.
+    """
+    for _ in range(max_rounds):
+        theta = np.asarray(result.x)
+        at_zero = np.flatnonzero((lower == 0) & (theta <= 0))
+        if at_zero.size == 0:
+            return result
+        improved = False
+        for j in at_zero:
+            for step in (0.05, 0.5):
+                probe = theta.copy()
+                probe[j] = step
+                candidate = scipy.optimize.minimize(evaluate, probe, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
+                if candidate.fun < result.fun - 1e-10 * max(1.0, abs(result.fun)):
+                    result, improved = candidate, True
+        if not improved:
+            return result
+    return result

@@ -1,0 +1,263 @@
+"""The fitted closed-form model: estimates, tables in lme4's shapes, derived quantities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+
+from ..design import Design
+from ..errors import HierpoolError
+from .henderson import Solution
+from .optimize import Optimum
+from .system import MixedModelSystem
+
+
+def _coef_pairs(k: int) -> list[tuple[int, int]]:
+    """(i, j), i < j, in the order of R's lower.tri (column-major), as lme4's VarCorr data frame."""
+    return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+@dataclass(frozen=True, eq=False)
+class LMMResult:
+    """A linear mixed model fitted by REML or ML (or evaluated at a given theta).
+
+    Attributes mirror lme4: ``fixef``, ``fixef_se``, ``vcov``, ``varcorr``,
+    ``ranef``, ``sigma``, ``theta``, ``objective``, ``loglik``, ``aic``, ``bic``,
+    ``nobs``, ``is_singular``, ``converged``.  Tables use lme4's column names.
+    """
+
+    design: Design
+    system: MixedModelSystem
+    solution: Solution  # host (numpy) arrays
+    optimum: Optimum | None  # None when evaluated at a given theta
+    reml: bool
+
+    # --- scalars -------------------------------------------------------------------------
+    @property
+    def theta(self) -> np.ndarray:
+        """Relative covariance factors' lower triangles, lme4's ``getME(fit, "theta")``."""
+        return np.asarray(self.solution.theta)
+
+    @property
+    def sigma(self) -> float:
+        """Residual standard deviation (1.0 when residual sds were given with ``se=``)."""
+        return float(self.solution.sigma)
+
+    @property
+    def objective(self) -> float:
+        """REML criterion (``reml=True``) or deviance (``reml=False``), as lme4 reports them."""
+        from .objective import criterion, ObjectiveParts
+
+        parts = ObjectiveParts(self.solution.logdet_lz, self.solution.logdet_rx, self.solution.pwrss)
+        return float(criterion(parts, self.system, self.reml))
+
+    @property
+    def nobs(self) -> int:
+        return self.design.n
+
+    @property
+    def n_params(self) -> int:
+        """Fixed effects + covariance parameters (+ sigma unless known), as lme4's ``df`` of logLik."""
+        return self.design.p + self.theta.size + (0 if self.design.sigma_known else 1)
+
+    @property
+    def loglik(self) -> float:
+        """Log-likelihood (restricted log-likelihood for a REML fit), ``-objective / 2``."""
+        return -0.5 * self.objective
+
+    @property
+    def aic(self) -> float:
+        return -2.0 * self.loglik + 2.0 * self.n_params
+
+    @property
+    def bic(self) -> float:
+        return -2.0 * self.loglik + np.log(self.nobs) * self.n_params
+
+    @property
+    def is_singular(self) -> bool:
+        from .optimize import is_singular
+
+        return is_singular(self.theta, tuple(t.k for t in self.design.terms))
+
+    @property
+    def converged(self) -> bool:
+        """True when the optimizer met its tolerances and the checks passed (True at a given theta)."""
+        return True if self.optimum is None else self.optimum.converged
+
+    @property
+    def messages(self) -> tuple[str, ...]:
+        """What the convergence and singularity checks said."""
+        return () if self.optimum is None else self.optimum.messages
+
+    # --- fixed effects -------------------------------------------------------------------
+    @property
+    def fixef(self) -> pd.Series:
+        return pd.Series(np.asarray(self.solution.beta), index=list(self.design.fixed_names), name="fixef")
+
+    @property
+    def vcov(self) -> pd.DataFrame:
+        names = list(self.design.fixed_names)
+        return pd.DataFrame(np.asarray(self.solution.vcov_beta), index=names, columns=names)
+
+    @property
+    def fixef_se(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.diag(np.asarray(self.solution.vcov_beta))), index=list(self.design.fixed_names), name="se")
+
+    # --- variance components -------------------------------------------------------------
+    def term_covariances(self) -> list[np.ndarray]:
+        """Sigma_j = sigma^2 T_j T_j^T of each random-effect term (in data units)."""
+        scale = self.sigma**2
+        return [scale * (np.asarray(t) @ np.asarray(t).T) for t in self.solution.factors]
+
+    @cached_property
+    def varcorr(self) -> pd.DataFrame:
+        """Variance components as lme4's ``as.data.frame(VarCorr(fit))``: grp, var1, var2, vcov, sdcor.
+
+        Per term: the variances, then the covariances (sdcor holds correlations),
+        then a ``Residual`` row (absent when residual sds were given with ``se=``).
+        """
+        rows = []
+        for term, cov in zip(self.design.terms, self.term_covariances()):
+            sd = np.sqrt(np.diag(cov))
+            for i, name in enumerate(term.coef_names):
+                rows.append((term.group, name, None, cov[i, i], sd[i]))
+            for i, j in _coef_pairs(term.k):
+                corr = cov[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
+                rows.append((term.group, term.coef_names[i], term.coef_names[j], cov[i, j], corr))
+        if not self.design.sigma_known:
+            rows.append(("Residual", None, None, self.sigma**2, self.sigma))
+        return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+
+    # --- random effects ------------------------------------------------------------------
+    @cached_property
+    def ranef(self) -> pd.DataFrame:
+        """BLUPs and conditional sds as lme4's ``as.data.frame(ranef(fit, condVar = TRUE))``."""
+        frames = []
+        for term, b, var in zip(self.design.terms, self.solution.b, self.solution.cond_var):
+            b, var = np.asarray(b), np.asarray(var)
+            for i, name in enumerate(term.coef_names):
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "grpvar": term.group,
+                            "term": name,
+                            "grp": term.levels,
+                            "condval": b[:, i],
+                            "condsd": np.sqrt(np.maximum(var[:, i, i], 0.0)),
+                        }
+                    )
+                )
+        return pd.concat(frames, ignore_index=True)
+
+    # --- fitted values -------------------------------------------------------------------
+    def random_contribution(self, term_index: int) -> np.ndarray:
+        """z_j b_j[level] for each row of the fitted data."""
+        term = self.design.terms[term_index]
+        return np.einsum("nk,nk->n", term.z, np.asarray(self.solution.b[term_index])[term.index])
+
+    @property
+    def fitted(self) -> np.ndarray:
+        """X beta + Z b for the rows used in fitting."""
+        total = self.design.X @ np.asarray(self.solution.beta)
+        for j in range(len(self.design.terms)):
+            total = total + self.random_contribution(j)
+        return total
+
+    @property
+    def residuals(self) -> np.ndarray:
+        return self.design.y - self.fitted
+
+    def predict(self, newdata: pd.DataFrame | None = None, re: bool = True, interval: str | None = None, level: float = 0.95):
+        """Predictions, optionally with confidence or prediction intervals.
+
+        See :func:`hierpool.predict.predict` for the variance decomposition.
+        """
+        from ..predict import predict
+
+        return predict(self, newdata=newdata, re=re, interval=interval, level=level)
+
+    # --- teaching quantities -------------------------------------------------------------
+    def shrinkage(self) -> pd.DataFrame:
+        """Shrinkage of each group of each scalar random-intercept term ``(1 | g)``.
+
+        For group g with n_g observations (precision-weighted sum W_g = sum w_i
+        with known residual sds), the BLUP is exactly
+
+            b_g = w_g * raw_dev_g,   w_g = W_g sigma_b^2 / (W_g sigma_b^2 + sigma^2),
+
+        where raw_dev_g is the (weighted) mean of y - X beta-hat - (other
+        random-effect terms' fitted contributions) over the group: the
+        no-pooling deviation, pulled toward 0 by the weight w_g (Gelman & Hill
+        2007, eq. 12.1; Henderson's equations for one level).
+
+        Returns
+        -------
+        pandas.DataFrame
+            grpvar, grp, n, raw_mean (mean of y), raw_dev, weight, blup.
+        """
+        scalar = [j for j, t in enumerate(self.design.terms) if t.coef_names == ("Intercept",)]
+        if not scalar:
+            raise HierpoolError(
+                "shrinkage() describes scalar random-intercept terms (1 | g); this model has none. "
+                "Use ranef for the BLUPs of vector-valued terms."
+            )
+        weights = np.ones(self.nobs) if self.design.weights is None else self.design.weights
+        fixed_part = self.design.X @ np.asarray(self.solution.beta)
+        contributions = [self.random_contribution(j) for j in range(len(self.design.terms))]
+        covariances = self.term_covariances()
+        frames = []
+        for j in scalar:
+            term = self.design.terms[j]
+            others = sum((c for i, c in enumerate(contributions) if i != j), np.zeros(self.nobs))
+            partial = self.design.y - fixed_part - others
+            count = np.bincount(term.index, minlength=term.n_levels)
+            weight_sum = np.bincount(term.index, weights=weights, minlength=term.n_levels)
+            raw_dev = np.bincount(term.index, weights=weights * partial, minlength=term.n_levels) / weight_sum
+            raw_mean = np.bincount(term.index, weights=self.design.y, minlength=term.n_levels) / count
+            var_b = covariances[j][0, 0]
+            shrink = weight_sum * var_b / (weight_sum * var_b + self.sigma**2)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "grpvar": term.group,
+                        "grp": term.levels,
+                        "n": count,
+                        "raw_mean": raw_mean,
+                        "raw_dev": raw_dev,
+                        "weight": shrink,
+                        "blup": np.asarray(self.solution.b[j])[:, 0],
+                    }
+                )
+            )
+        return pd.concat(frames, ignore_index=True)
+
+    def icc(self) -> pd.Series:
+        """Intraclass correlation of each grouping factor with a random intercept.
+
+        ICC_g = sigma_g^2 / (sum_h sigma_h^2 + sigma^2), with sigma_h^2 the
+        random-intercept variances of all terms (the correlation of two
+        observations sharing level g of factor g only, at covariates 0).
+        """
+        if self.design.sigma_known:
+            raise HierpoolError("icc() needs a residual variance; with known residual sds (se=) there is none")
+        intercepts = {}
+        for term, cov in zip(self.design.terms, self.term_covariances()):
+            if "Intercept" in term.coef_names:
+                i = term.coef_names.index("Intercept")
+                intercepts[term.group] = intercepts.get(term.group, 0.0) + cov[i, i]
+        if not intercepts:
+            raise HierpoolError("icc() needs a random intercept; this model has only random slopes")
+        total = sum(intercepts.values()) + self.sigma**2
+        return pd.Series({g: v / total for g, v in intercepts.items()}, name="icc")
+
+    def summary(self) -> str:
+        """An lme4-like printed summary."""
+        from .summary import format_summary
+
+        return format_summary(self)
+
+    def __repr__(self) -> str:
+        return self.summary()

@@ -1,0 +1,206 @@
+"""The theta-independent cross-products of the mixed-model equations.
+
+Following MixedModels.jl, everything the profiled objective needs is
+``A = [Z X y]^T W [Z X y]`` (W the prior weights), computed once; each
+evaluation only rescales its blocks by Lambda(theta) and factors
+``Lambda^T A Lambda + I``.
+
+Layout.  The columns are split into the first random-effect term (term 0, the
+one with most levels) and the *rest*: the other random-effect terms, then X,
+then y, each a "column block" of ``ell`` levels of width ``k`` (X is one level
+of width p, y one level of width 1).  Term 0's diagonal block is block
+diagonal (``a00``, one k0 x k0 block per level), so it is eliminated by a Schur
+complement; the rest is a small dense matrix (``rest``).  The coupling between
+term 0 and each rest block is stored sparsely: one k0 x k_r block per
+(term-0 level, rest level) pair that occurs in the data (``couplings``).
+Eliminating term 0 adds, to rest block (r, s), the products of couplings that
+share a term-0 level; those pairs are listed once here (``pairs``), so the
+Schur complement is a gather, a batched product and a sorted segment-sum.
+
+No dense Z is formed: every cross-product is a weighted ``bincount`` over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from ..design import Design
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Coupling:
+    """Sparse block ``Z_0^T W B_r`` between term 0 and rest block r (COO of k0 x k_r blocks)."""
+
+    level0: jax.Array  # (nnz,) int32, the term-0 level of each block
+    level: jax.Array  # (nnz,) int32, the rest-block level of each block
+    values: jax.Array  # (nnz, k0, k_r)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Pairs:
+    """Pairs of couplings (a in block r, b in block s) that share a term-0 level l.
+
+    ``products[p, i, j] = outer(V_r[a][i], V_s[b][j])`` (theta-independent), so the
+    Schur update of rest block (r, s) is ``sum_p <M_l, products[p]>`` summed into
+    cell ``target = level_r[a] * ell_s + level_s[b]`` (sorted) of the (ell_r, ell_s) grid.
+    """
+
+    level0: jax.Array  # (n_pairs,) int32
+    target: jax.Array  # (n_pairs,) int32, sorted
+    products: jax.Array  # (n_pairs, k0, k0, k_r, k_s)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Static shape information (hashable; a jit-compile key)."""
+
+    n: int
+    p: int
+    ks: tuple[int, ...]  # width of each random-effect term, term 0 first
+    n_levels: tuple[int, ...]  # levels of each random-effect term
+    sigma_known: bool
+
+    @property
+    def rest_blocks(self) -> tuple[tuple[int, int], ...]:
+        """(ell, k) of each rest column block: random terms 1.., then X (if p > 0), then y."""
+        blocks = [(ell, k) for ell, k in zip(self.n_levels[1:], self.ks[1:])]
+        if self.p:
+            blocks.append((1, self.p))
+        blocks.append((1, 1))
+        return tuple(blocks)
+
+    @property
+    def n_random_rest(self) -> int:
+        """Number of rest blocks that are random-effect terms."""
+        return len(self.ks) - 1
+
+    @property
+    def q_rest(self) -> int:
+        """Number of random-effect columns in the rest."""
+        return sum(ell * k for ell, k in zip(self.n_levels[1:], self.ks[1:]))
+
+    @property
+    def n_theta(self) -> int:
+        return sum(k * (k + 1) // 2 for k in self.ks)
+
+    def pair_keys(self) -> tuple[tuple[int, int], ...]:
+        """Ordered (r, s), r <= s, of the rest blocks whose Schur update is needed."""
+        m = len(self.rest_blocks)
+        return tuple((r, s) for r in range(m) for s in range(r, m))
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class MixedModelSystem:
+    """Cross-products of one model on one data set: the input of every numerical kernel.
+
+    A pytree: the arrays are leaves (so a batch of systems with equal layouts
+    can be vmapped), the :class:`Layout` is static metadata.
+    """
+
+    a00: jax.Array  # (ell0, k0, k0)
+    couplings: tuple[Coupling, ...]  # one per rest block
+    pairs: tuple[Pairs, ...]  # one per Layout.pair_keys()
+    rest: jax.Array  # (m, m) dense B^T W B over the rest columns
+    log_weights: jax.Array  # sum of log prior weights (0 without weights)
+    layout: Layout = field(metadata=dict(static=True))
+
+
+def _bincount_products(keys, left, right, weights, size):
+    """sum over rows with the same key of w * left[:, a] * right[:, b]; shape (size, ka, kb)."""
+    out = np.empty((size, left.shape[1], right.shape[1]))
+    for a in range(left.shape[1]):
+        wl = weights * left[:, a]
+        for b in range(right.shape[1]):
+            out[:, a, b] = np.bincount(keys, weights=wl * right[:, b], minlength=size)
+    return out
+
+
+def _rest_columns(design: Design) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """(level index per row, row values (n, k), ell) of each rest block."""
+    blocks = [(t.index.astype(np.int64), t.z, t.n_levels) for t in design.terms[1:]]
+    zeros = np.zeros(design.n, dtype=np.int64)
+    if design.p:
+        blocks.append((zeros, design.X, 1))
+    blocks.append((zeros, design.y[:, None], 1))
+    return blocks
+
+
+def _coupling(index0, z0, ell0, index_r, values_r, ell_r, weights):
+    keys = index0 * ell_r + index_r
+    unique, inverse = np.unique(keys, return_inverse=True)
+    products = _bincount_products(inverse, z0, values_r, weights, len(unique))
+    return unique // ell_r, unique % ell_r, products
+
+
+def _pairs(level0_r, level_r, level0_s, level_s, ell_s, ell0):
+    """All (a, b) with level0_r[a] == level0_s[b]; level0 arrays are sorted."""
+    counts_s = np.bincount(level0_s, minlength=ell0)
+    starts_s = np.concatenate([[0], np.cumsum(counts_s)[:-1]])
+    reps = counts_s[level0_r]
+    a = np.repeat(np.arange(len(level0_r)), reps)
+    offsets = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
+    b = starts_s[level0_r][a] + offsets
+    target = level_r[a] * ell_s + level_s[b]
+    order = np.argsort(target, kind="stable")
+    return a[order], b[order], target[order]
+
+
+def _dense_rest(blocks, weights) -> np.ndarray:
+    sizes = [ell * values.shape[1] for _, values, ell in blocks]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    rest = np.zeros((offsets[-1], offsets[-1]))
+    for r, (index_r, values_r, ell_r) in enumerate(blocks):
+        for s in range(r, len(blocks)):
+            index_s, values_s, ell_s = blocks[s]
+            keys = index_r * ell_s + index_s
+            grid = _bincount_products(keys, values_r, values_s, weights, ell_r * ell_s)
+            k_r, k_s = values_r.shape[1], values_s.shape[1]
+            block = grid.reshape(ell_r, ell_s, k_r, k_s).transpose(0, 2, 1, 3).reshape(ell_r * k_r, ell_s * k_s)
+            rest[offsets[r] : offsets[r + 1], offsets[s] : offsets[s + 1]] = block
+            rest[offsets[s] : offsets[s + 1], offsets[r] : offsets[r + 1]] = block.T
+    return rest
+
+
+def build_system(design: Design) -> MixedModelSystem:
+    """Compute the cross-products and the coupling pattern of ``design`` (host side, once).
+
+    Cost O(n k^2) for the cross-products plus the number of coupling pairs,
+    sum over term-0 levels of (rest blocks touching that level)^2.
+    """
+    weights = np.ones(design.n) if design.weights is None else design.weights
+    term0 = design.terms[0]
+    index0, z0, ell0 = term0.index.astype(np.int64), term0.z, term0.n_levels
+    layout = Layout(
+        n=design.n,
+        p=design.p,
+        ks=tuple(t.k for t in design.terms),
+        n_levels=tuple(t.n_levels for t in design.terms),
+        sigma_known=design.sigma_known,
+    )
+    blocks = _rest_columns(design)
+    a00 = _bincount_products(index0, z0, z0, weights, ell0)
+    couplings = [_coupling(index0, z0, ell0, idx, vals, ell, weights) for idx, vals, ell in blocks]
+    pairs = []
+    for r, s in layout.pair_keys():
+        level0_r, level_r, values_r = couplings[r]
+        level0_s, level_s, values_s = couplings[s]
+        a, b, target = _pairs(level0_r, level_r, level0_s, level_s, blocks[s][2], ell0)
+        products = values_r[a][:, :, None, :, None] * values_s[b][:, None, :, None, :]
+        pairs.append((level0_r[a], target, products))
+    as_jax = jax.numpy.asarray
+    return MixedModelSystem(
+        a00=as_jax(a00),
+        couplings=tuple(
+            Coupling(as_jax(l0.astype(np.int32)), as_jax(lr.astype(np.int32)), as_jax(v)) for l0, lr, v in couplings
+        ),
+        pairs=tuple(Pairs(as_jax(l0.astype(np.int32)), as_jax(t.astype(np.int32)), as_jax(v)) for l0, t, v in pairs),
+        rest=as_jax(_dense_rest(blocks, weights)),
+        log_weights=as_jax(float(np.sum(np.log(weights)))),
+        layout=layout,
+    )

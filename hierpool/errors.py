@@ -1,0 +1,35 @@
+"""Errors raised by hierpool.
+
+Every problem with what a user passed is reported as a :class:`HierpoolError`
+(or a subclass) whose message names the column, term or argument at fault.
+"""
+
+from __future__ import annotations
+
+
+class HierpoolError(Exception):
+    """Base class of every error hierpool raises on purpose."""
+
+
+class FormulaError(HierpoolError, ValueError):
+    """The model formula cannot be parsed or does not describe a mixed model."""
+
+
+class DataError(HierpoolError, ValueError):
+    """The data do not fit the formula: missing columns, bad values, too few levels."""
+
+
+class ArgumentError(HierpoolError, ValueError):
+    """A keyword argument has an invalid value."""
+
+
+class ConvergenceError(HierpoolError, RuntimeError):
+    """The optimizer could not produce a usable fit."""
+
+
+class HierpoolWarning(UserWarning):
+    """Base class of hierpool's warnings (dropped rows, aliased columns, convergence)."""
+
+
+class ConvergenceWarning(HierpoolWarning):
+    """The fit converged on a boundary or the convergence checks raised a concern."""

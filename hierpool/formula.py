@@ -1,0 +1,246 @@
+"""lme4-style model formulas.
+
+``formulae`` parses everything except the one piece of lme4 syntax it does not
+know: the random-effect *bar groups* ``(lhs | g)`` and ``(lhs || g)`` as units
+that carry a covariance block.  formulae splits ``(x | g)`` into independent
+terms ``1|g`` and ``x|g`` and rejects ``||``.  This module therefore only finds
+the top-level bar groups in the right-hand side; each piece (the fixed part,
+each group's left-hand side, each grouping expression) is still parsed and
+evaluated by formulae.
+
+Semantics follow lme4 (Bates et al. 2015, section 2.1):
+
+* ``(x | g)``   one term, intercept and slope correlated;
+* ``(x || g)``  one term per left-hand-side term, mutually uncorrelated;
+* ``(0 + x | g)`` slope only;
+* ``(1 | a/b)`` nested, ``= (1 | b:a) + (1 | a)`` with lme4's names;
+* ``(1 | a:b)`` interaction of grouping factors;
+* any number of crossed terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import formulae
+
+from .errors import FormulaError
+
+_OPENERS = {"(": ")", "[": "]", "{": "}"}
+_CLOSERS = {v: k for k, v in _OPENERS.items()}
+
+
+@dataclass(frozen=True)
+class RandomTermSpec:
+    """One random-effect term: a block of coefficients varying by one grouping factor.
+
+    Attributes
+    ----------
+    lhs : str
+        Formula text (no ``~``) whose model matrix gives the columns of z,
+        e.g. ``"1 + Days"`` or ``"0 + Days"``.
+    factor : tuple of str
+        Data columns whose interaction is the grouping factor, in the order
+        used for the level labels (lme4's order, e.g. ``("cask", "batch")``).
+    name : str
+        Name of the grouping factor as lme4 prints it, e.g. ``"cask:batch"``.
+    """
+
+    lhs: str
+    factor: tuple[str, ...]
+    name: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed mixed-model formula; no data involved.
+
+    Attributes
+    ----------
+    formula : str
+        The formula as the user wrote it.
+    response : str
+        Left-hand side of ``~``.
+    fixed : str
+        ``"response ~ fixed part"`` for formulae.
+    random : tuple of RandomTermSpec
+        Random-effect terms in the order lme4 creates them (before lme4
+        reorders them by number of levels, which :mod:`hierpool.design` does).
+    variables : tuple of str
+        Every data column the formula uses.
+    """
+
+    formula: str
+    response: str
+    fixed: str
+    random: tuple[RandomTermSpec, ...]
+    variables: tuple[str, ...]
+
+
+def _scan_top_level(text: str):
+    """Yield (index, char, depth) for each character, tracking bracket depth and quotes."""
+    depth = 0
+    quote = None
+    stack: list[str] = []
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = None
+            yield i, ch, -1
+            continue
+        if ch in "'\"`":
+            quote = ch
+            yield i, ch, -1
+            continue
+        if ch in _OPENERS:
+            yield i, ch, depth
+            stack.append(ch)
+            depth += 1
+            continue
+        if ch in _CLOSERS:
+            if not stack or stack[-1] != _CLOSERS[ch]:
+                raise FormulaError(f"unbalanced '{ch}' at position {i} in formula {text!r}")
+            stack.pop()
+            depth -= 1
+            yield i, ch, depth
+            continue
+        yield i, ch, depth
+    if stack or quote:
+        raise FormulaError(f"unbalanced brackets or quotes in formula {text!r}")
+
+
+def _split_top_level(text: str, seps: str) -> list[tuple[str, str]]:
+    """Split at top-level characters in ``seps``; return (separator before, piece) pairs."""
+    pieces: list[tuple[str, str]] = []
+    start, sep = 0, "+"
+    for i, ch, depth in _scan_top_level(text):
+        if depth == 0 and ch in seps:
+            # '**' and unary signs inside a summand do not split it
+            if text[start:i].strip() == "" and ch == "-":
+                continue
+            pieces.append((sep, text[start:i]))
+            start, sep = i + 1, ch
+    pieces.append((sep, text[start:]))
+    return pieces
+
+
+def _split_bar(inner: str):
+    """Return (lhs, op, rhs) when ``inner`` has a top-level ``|`` or ``||``, else None."""
+    for i, ch, depth in _scan_top_level(inner):
+        if depth == 0 and ch == "|":
+            if inner[i + 1 : i + 2] == "|":
+                return inner[:i].strip(), "||", inner[i + 2 :].strip()
+            return inner[:i].strip(), "|", inner[i + 1 :].strip()
+    return None
+
+
+def _parse_with_formulae(text: str, what: str):
+    try:
+        return formulae.model_description(text)
+    except Exception as exc:  # formulae raises several unrelated exception types
+        raise FormulaError(f"cannot parse {what} {text!r}: {exc}") from None
+
+
+def _expr_lhs_text(expr) -> str:
+    """Formula text for a single left-hand-side term on its own (for ``||``)."""
+    if type(expr).__name__ == "Intercept":
+        return "1"
+    return f"0 + {expr.name}"
+
+
+def _random_terms_of_bar(lhs: str, op: str, rhs: str, full: str) -> list[RandomTermSpec]:
+    if not lhs:
+        raise FormulaError(f"random-effect term ({lhs} {op} {rhs}) in {full!r} has nothing before '{op}'")
+    if not rhs:
+        raise FormulaError(f"random-effect term ({lhs} {op} {rhs}) in {full!r} has no grouping factor")
+    desc = _parse_with_formulae(f"({lhs} | {rhs})", "random-effect term")
+    group_terms = [t for t in desc.terms if type(t).__name__ == "GroupSpecificTerm"]
+    if not group_terms:
+        raise FormulaError(f"random-effect term ({lhs} {op} {rhs}) in {full!r} has no varying coefficient")
+    nested = "/" in rhs
+    by_factor: dict[tuple[str, ...], list] = {}
+    for term in group_terms:
+        factor = tuple(v.name for v in term.factor.components)
+        by_factor.setdefault(factor, []).append(term.expr)
+    factors = list(by_factor)
+    if nested:
+        # lme4's expandSlash: a/b -> (b:a), (a); inner factor named first.
+        factors = [tuple(reversed(f)) for f in reversed(factors)]
+        by_factor = {tuple(reversed(k)): v for k, v in by_factor.items()}
+    specs = []
+    for factor in factors:
+        name = ":".join(factor)
+        if op == "|":
+            specs.append(RandomTermSpec(lhs=lhs, factor=factor, name=name))
+        else:
+            specs.extend(
+                RandomTermSpec(lhs=_expr_lhs_text(expr), factor=factor, name=name) for expr in by_factor[factor]
+            )
+    return specs
+
+
+def parse_formula(formula: str) -> ModelSpec:
+    """Parse an lme4-style mixed-model formula.
+
+    Parameters
+    ----------
+    formula : str
+        E.g. ``"Reaction ~ Days + (Days | Subject)"``.
+
+    Returns
+    -------
+    ModelSpec
+
+    Raises
+    ------
+    FormulaError
+        On a syntax error, a missing ``~``, or a formula with no random-effect term.
+    """
+    if not isinstance(formula, str):
+        raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
+    parts = _split_top_level(formula, "~")
+    if len(parts) != 2:
+        raise FormulaError(f"formula {formula!r} must have exactly one '~' with the response on its left")
+    response, rhs = parts[0][1].strip(), parts[1][1].strip()
+    if not response:
+        raise FormulaError(f"formula {formula!r} has no response on the left of '~'")
+    if not rhs:
+        raise FormulaError(f"formula {formula!r} has nothing on the right of '~'")
+
+    fixed_pieces: list[str] = []
+    random: list[RandomTermSpec] = []
+    for sign, piece in _split_top_level(rhs, "+-"):
+        text = piece.strip()
+        if not text:
+            raise FormulaError(f"formula {formula!r} has an empty term (a dangling '{sign}')")
+        bar = None
+        if text.startswith("(") and text.endswith(")"):
+            bar = _split_bar(text[1:-1])
+        if bar is None:
+            if _split_bar(text) is not None:
+                raise FormulaError(f"random-effect term {text!r} in {formula!r} must be wrapped in parentheses")
+            fixed_pieces.append(text if not fixed_pieces and sign == "+" else f"{sign} {text}")
+            continue
+        if sign != "+":
+            raise FormulaError(f"random-effect term {text!r} in {formula!r} cannot be subtracted")
+        random.extend(_random_terms_of_bar(*bar, full=formula))
+
+    if not random:
+        raise FormulaError(
+            f"formula {formula!r} has no random-effect term such as (1 | group); "
+            "for a model without random effects use an ordinary regression"
+        )
+    fixed_rhs = " ".join(fixed_pieces) if fixed_pieces else "1"
+    if fixed_rhs.startswith("- "):
+        fixed_rhs = "1 " + fixed_rhs
+    fixed = f"{response} ~ {fixed_rhs}"
+    variables: list[str] = []
+    for desc_text in [fixed] + [t.lhs for t in random]:
+        for v in sorted(_parse_with_formulae(desc_text, "formula part").var_names):
+            if v and v not in variables:
+                variables.append(v)
+    for term in random:
+        for v in term.factor:
+            if v not in variables:
+                variables.append(v)
+    return ModelSpec(formula=formula, response=response, fixed=fixed, random=tuple(random), variables=tuple(variables))

@@ -1,0 +1,139 @@
+"""Predictions from a closed-form fit, with confidence and prediction intervals.
+
+For a row with fixed-effect vector x and random-effect vectors z_j (levels l_j):
+
+* existing levels: prediction x beta-hat + sum_j z_j b-hat_j[l_j]; its error
+  variance counts the fixed effects, the group deviations and their covariance
+  (Henderson 1975): sigma^2 v^T C^-1 v, with C the mixed-model coefficient
+  matrix and v = [Lambda^T z; x] in the spherical parameterization;
+* a level never seen in fitting: b_j = 0 (population level) and the term's
+  variance z_j Sigma_j z_j^T is added, since nothing is known of that group;
+* ``interval="prediction"`` adds the new observation's noise sigma^2 (or se^2
+  from the ``se`` column when residual sds are known).
+
+``re=False`` predicts at the population level: the confidence interval covers
+x beta only, the prediction interval adds every term's variance and the noise.
+Intervals use normal quantiles and treat theta and sigma as known (as lme4's
+``predict`` and ``merTools::predictInterval`` do by default).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from .design import _check_columns, group_index
+from .errors import ArgumentError, DataError
+
+
+def _encode(matrix, frame: pd.DataFrame, what: str) -> np.ndarray:
+    try:
+        return np.asarray(matrix.evaluate_new_data(frame).design_matrix, dtype=float)
+    except Exception as exc:  # formulae raises several exception types for unseen categories
+        raise DataError(f"cannot encode {what} for the new data: {exc}") from None
+
+
+def _levels_in_fit(term, frame: pd.DataFrame) -> np.ndarray:
+    """Index of each new row's level in the fitted levels; -1 for a level never seen."""
+    codes, labels = group_index(frame, term.spec.factor)
+    lookup = {label: i for i, label in enumerate(term.levels)}
+    return np.asarray([lookup.get(label, -1) for label in labels[codes]], dtype=np.int64)
+
+
+def _rows(result, newdata):
+    """(X, [(z_j, level_j)], noise variance per row) for the rows to predict."""
+    design = result.design
+    if newdata is None:
+        noise = (1.0 / design.weights) if design.sigma_known else np.full(design.n, result.sigma**2)
+        return design.X, [(t.z, t.index.astype(np.int64)) for t in design.terms], noise
+    if not isinstance(newdata, pd.DataFrame):
+        raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+    response = design.spec.response
+    needed = [v for v in design.spec.variables if v != response]
+    _check_columns(newdata, needed, "prediction data (newdata)")
+    frame = newdata.loc[:, needed]
+    missing = frame.isna().any(axis=1)
+    if missing.any():
+        raise DataError(f"prediction data has missing values in {int(missing.sum())} rows; drop or fill them first")
+    X = _encode(design.fixed_matrix, frame, "the fixed effects") if design.p else np.zeros((len(frame), 0))
+    terms = [(_encode(t.z_matrix, frame, f"term ({t.spec.lhs} | {t.group})"), _levels_in_fit(t, frame)) for t in design.terms]
+    noise = np.full(len(frame), result.sigma**2)
+    return X, terms, noise
+
+
+def _conditional_variance(result, X, terms, known):
+    """sigma^-2 v^T C^-1 v for each row, v the spherical coefficients of the known levels and x."""
+    from .closedform.henderson import as_numpy, prediction_covariance_jit
+
+    import jax.numpy as jnp
+
+    cov = as_numpy(prediction_covariance_jit(jnp.asarray(result.theta), result.system))
+    layout = result.system.layout
+    factors = [np.asarray(t) for t in result.solution.factors]
+    z0, level0 = terms[0]
+    v0 = (z0 @ factors[0]) * known[0][:, None]
+    safe0 = np.where(known[0], level0, 0)
+    values, index = [], []
+    offset = 0
+    for (z, level), factor, ok, (ell, k) in zip(terms[1:], factors[1:], known[1:], zip(layout.n_levels[1:], layout.ks[1:])):
+        values.append((z @ factor) * ok[:, None])
+        index.append(offset + np.where(ok, level, 0)[:, None] * k + np.arange(k)[None, :])
+        offset += ell * k
+    values.append(X)
+    index.append(np.broadcast_to(layout.q_rest + np.arange(layout.p)[None, :], X.shape))
+    v = np.concatenate(values, axis=1)
+    idx = np.concatenate(index, axis=1)
+    rest = np.einsum("na,nab,nb->n", v, cov.rest[idx[:, :, None], idx[:, None, :]], v)
+    cross = np.einsum("ni,nia,na->n", v0, cov.cross[safe0[:, None], :, idx].transpose(0, 2, 1), v)
+    own = np.einsum("ni,nij,nj->n", v0, cov.term0[safe0], v0)
+    return own + 2.0 * cross + rest
+
+
+def predict(result, newdata=None, re: bool = True, interval: str | None = None, level: float = 0.95):
+    """Predict from a fitted :class:`~hierpool.closedform.results.LMMResult`.
+
+    Parameters
+    ----------
+    result : LMMResult
+    newdata : pandas.DataFrame, optional
+        Rows to predict; the fitted rows when None.
+    re : bool
+        Include random effects (BLUPs of known levels); population level when False.
+    interval : {None, "confidence", "prediction"}
+    level : float
+        Coverage of the interval.
+
+    Returns
+    -------
+    numpy.ndarray or pandas.DataFrame
+        The predictions, or a frame with columns fit, se, lower, upper.
+    """
+    if interval not in (None, "confidence", "prediction"):
+        raise ArgumentError(f"interval must be None, 'confidence' or 'prediction', got {interval!r}")
+    if not 0 < level < 1:
+        raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
+    X, terms, noise = _rows(result, newdata)
+    if interval == "prediction" and newdata is not None and result.design.sigma_known:
+        raise ArgumentError("prediction intervals with known residual sds (se=) need newdata=None")
+    fit = X @ np.asarray(result.solution.beta)
+    known = [lvl >= 0 for _, lvl in terms] if re else [np.zeros(len(fit), dtype=bool) for _ in terms]
+    for (z, lvl), b, ok in zip(terms, result.solution.b, known):
+        fit = fit + np.where(ok, np.einsum("nk,nk->n", z, np.asarray(b)[np.where(ok, lvl, 0)]), 0.0)
+    if interval is None:
+        return fit
+    sigma2 = result.sigma**2
+    if re:
+        variance = sigma2 * _conditional_variance(result, X, terms, known)
+    else:
+        variance = np.einsum("na,ab,nb->n", X, np.asarray(result.solution.vcov_beta), X)
+    covariances = result.term_covariances()
+    for (z, _), ok, cov in zip(terms, known, covariances):
+        # unknown group deviations: their whole distribution, for new levels (or re=False prediction)
+        if re or interval == "prediction":
+            variance = variance + np.where(ok, 0.0, np.einsum("nk,kl,nl->n", z, cov, z))
+    if interval == "prediction":
+        variance = variance + noise
+    se = np.sqrt(np.maximum(variance, 0.0))
+    half = scipy.stats.norm.ppf(0.5 + level / 2) * se
+    return pd.DataFrame({"fit": fit, "se": se, "lower": fit - half, "upper": fit + half})

