@@ -1,0 +1,132 @@
+"""Bad input gets a HierpoolError naming the culprit; nothing the user passed is modified."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hierpool as hp
+from conftest import simulated
+
+FORMULA = "y ~ x + (1 | g)"
+
+
+@pytest.fixture
+def data():
+    return simulated()
+
+
+def test_missing_column(data):
+    with pytest.raises(hp.DataError, match="'z'"):
+        hp.lmm("y ~ z + (1 | g)", data)
+
+
+def test_missing_grouping_column(data):
+    with pytest.raises(hp.DataError, match="'school'"):
+        hp.lmm("y ~ x + (1 | school)", data)
+
+
+@pytest.mark.parametrize("formula", ["y ~ x + (1 | g", "y ~ x +", "y x + (1|g)", "y ~ x + 1 | g", "y ~ x + (| g)"])
+def test_formula_syntax_errors(data, formula):
+    with pytest.raises(hp.FormulaError):
+        hp.lmm(formula, data)
+
+
+def test_no_random_effect_term(data):
+    with pytest.raises(hp.FormulaError, match="no random-effect term"):
+        hp.lmm("y ~ x", data)
+
+
+def test_non_numeric_response(data):
+    data = data.assign(y=data.g)
+    with pytest.raises(hp.DataError, match="response 'y' must be numeric"):
+        hp.lmm(FORMULA, data)
+
+
+def test_constant_response(data):
+    with pytest.raises(hp.DataError, match="response 'y' is constant"):
+        hp.lmm(FORMULA, data.assign(y=3.0))
+
+
+def test_infinite_values(data):
+    data.loc[3, "x"] = np.inf
+    with pytest.raises(hp.DataError, match="column 'x' has infinite values"):
+        hp.lmm(FORMULA, data)
+
+
+def test_single_level_grouping_factor(data):
+    with pytest.raises(hp.DataError, match="grouping factor 'g' has only one level"):
+        hp.lmm(FORMULA, data.assign(g="a"))
+
+
+def test_as_many_random_effects_as_observations(data):
+    data = data.assign(obs=np.arange(len(data)))
+    with pytest.raises(hp.DataError, match="'obs'"):
+        hp.lmm("y ~ x + (1 | obs)", data)
+    with pytest.raises(hp.DataError, match="random effects"):
+        hp.lmm("y ~ x + (x | h2)", data.assign(h2=np.arange(len(data)) // 2))
+
+
+def test_empty_data(data):
+    with pytest.raises(hp.DataError, match="empty"):
+        hp.lmm(FORMULA, data.iloc[:0])
+
+
+def test_not_a_dataframe(data):
+    with pytest.raises(hp.DataError, match="DataFrame"):
+        hp.lmm(FORMULA, data.to_dict())
+
+
+def test_prediction_data_missing_column(data):
+    fit = hp.lmm(FORMULA, data)
+    with pytest.raises(hp.DataError, match="'x'"):
+        fit.predict(data.drop(columns="x"))
+    with pytest.raises(hp.DataError, match="'g'"):
+        fit.predict(data.drop(columns="g"))
+
+
+def test_bad_interval_arguments(data):
+    fit = hp.lmm(FORMULA, data)
+    with pytest.raises(hp.ArgumentError, match="interval"):
+        fit.predict(interval="credible")
+    with pytest.raises(hp.ArgumentError, match="level"):
+        fit.predict(interval="confidence", level=95)
+
+
+def test_rows_with_missing_values_are_dropped_and_counted(data):
+    full = hp.lmm(FORMULA, data.iloc[4:])
+    data.loc[0, "y"] = np.nan
+    data.loc[1, "x"] = np.nan
+    data.loc[2, "g"] = None
+    with pytest.warns(hp.HierpoolWarning, match="dropped 3 of 71 rows"):
+        fit = hp.lmm(FORMULA, data.drop(index=3))
+    assert fit.nobs == 68
+    assert fit.objective == full.objective  # exactly rows 4.. remain: the three NaN rows went
+
+
+def test_rank_deficient_fixed_effects_drop_named_columns(data):
+    data = data.assign(x2=2 * data.x)
+    with pytest.warns(hp.HierpoolWarning, match="x2"):
+        fit = hp.lmm("y ~ x + x2 + (1 | g)", data)
+    assert list(fit.fixef.index) == ["Intercept", "x"]
+    reference = hp.lmm("y ~ x + (1 | g)", data)
+    assert fit.objective == pytest.approx(reference.objective, rel=1e-12)
+
+
+def test_input_frame_not_modified(data):
+    before = data.copy(deep=True)
+    data.loc[0, "y"] = np.nan
+    before.loc[0, "y"] = np.nan
+    with pytest.warns(hp.HierpoolWarning):
+        hp.lmm(FORMULA, data).predict(data.dropna(), interval="prediction")
+    pd.testing.assert_frame_equal(data, before)
+
+
+def test_theta_of_wrong_length(data):
+    with pytest.raises(hp.ArgumentError, match="theta must have 1 values"):
+        hp.MixedModel(FORMULA, data).objective([1.0, 2.0])
+
+
+def test_unused_columns_with_missing_values_drop_nothing(data):
+    data.loc[3, "h"] = np.nan
+    fit = hp.lmm(FORMULA, data)
+    assert fit.nobs == len(data)

@@ -1,0 +1,168 @@
+"""The blocked algorithms against plain dense linear algebra, written independently here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.linalg
+
+import hierpool as hp
+from hierpool.closedform import objective, prediction_covariance
+from hierpool.linalg import theta_to_factors
+from conftest import load, simulated
+
+STRUCTURES = [
+    ("sleepstudy", "Reaction ~ Days + (Days | Subject)"),
+    ("Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),
+    ("Pastes", "strength ~ 1 + (1 | batch/cask)"),
+    ("Machines", "score ~ Machine + (Machine | Worker)"),  # k = 3
+    ("sleepstudy", "Reaction ~ Days + (Days | Subject) + (Days | Days)"),  # vector terms in the rest
+]
+
+
+def dense_model(model, theta):
+    """Z Lambda, X, y and the full MME matrix, built densely."""
+    design = model.design
+    factors = theta_to_factors(jnp.asarray(theta), tuple(t.k for t in design.terms))
+    blocks, lambdas = [], []
+    for term, factor in zip(design.terms, factors):
+        Z = np.zeros((design.n, term.n_levels * term.k))
+        for a in range(term.k):
+            Z[np.arange(design.n), term.index * term.k + a] = term.z[:, a]
+        blocks.append(Z)
+        lambdas.append(np.kron(np.eye(term.n_levels), np.asarray(factor)))
+    ZL = np.hstack(blocks) @ scipy.linalg.block_diag(*lambdas)
+    q = ZL.shape[1]
+    C = np.block([[ZL.T @ ZL + np.eye(q), ZL.T @ design.X], [design.X.T @ ZL, design.X.T @ design.X]])
+    return ZL, C
+
+
+def dense_reml(model, theta):
+    design = model.design
+    n, p = design.n, design.p
+    ZL, C = dense_model(model, theta)
+    q = ZL.shape[1]
+    solution = np.linalg.solve(C, np.concatenate([ZL.T @ design.y, design.X.T @ design.y]))
+    u, beta = solution[:q], solution[q:]
+    r2 = np.sum((design.y - design.X @ beta - ZL @ u) ** 2) + u @ u
+    logdet_c = np.linalg.slogdet(C)[1]
+    return logdet_c + (n - p) * (1 + np.log(2 * np.pi * r2 / (n - p)))
+
+
+@pytest.mark.parametrize("name,formula", STRUCTURES)
+def test_objective_and_gradient_match_dense(name, formula):
+    model = hp.MixedModel(formula, load(name))
+    theta = np.random.default_rng(0).uniform(0.2, 1.5, model.n_theta)
+    value, grad = model.objective_and_gradient(theta)
+    assert value == pytest.approx(dense_reml(model, theta), rel=1e-11)
+    step = 1e-6
+    numeric = [
+        (dense_reml(model, theta + step * e) - dense_reml(model, theta - step * e)) / (2 * step)
+        for e in np.eye(theta.size)
+    ]
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,formula", STRUCTURES)
+def test_prediction_covariance_is_the_inverse_mme_matrix(name, formula):
+    model = hp.MixedModel(formula, load(name))
+    theta = np.random.default_rng(1).uniform(0.2, 1.5, model.n_theta)
+    _, C = dense_model(model, theta)
+    inverse = np.linalg.inv(C)
+    blocks = prediction_covariance(jnp.asarray(theta), model.system)
+    k0, ell0 = model.design.terms[0].k, model.design.terms[0].n_levels
+    q0 = k0 * ell0
+    np.testing.assert_allclose(blocks.rest, inverse[q0:, q0:], atol=1e-10)
+    for level in range(ell0):
+        rows = slice(level * k0, (level + 1) * k0)
+        np.testing.assert_allclose(blocks.term0[level], inverse[rows, rows], atol=1e-10)
+        np.testing.assert_allclose(blocks.cross[level], inverse[rows, q0:], atol=1e-10)
+
+
+def test_blups_and_condsd_match_dense(sleepstudy):
+    fit = hp.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    ZL, C = dense_model(hp.MixedModel(fit.design.spec.formula, sleepstudy), fit.theta)
+    q = ZL.shape[1]
+    design = fit.design
+    solution = np.linalg.solve(C, np.concatenate([ZL.T @ design.y, design.X.T @ design.y]))
+    np.testing.assert_allclose(fit.fixef.to_numpy(), solution[q:], rtol=1e-10)
+    lam = scipy.linalg.block_diag(*[np.asarray(fit.solution.factors[0])] * 18)
+    b = lam @ solution[:q]
+    np.testing.assert_allclose(np.asarray(fit.solution.b[0]).ravel(), b, atol=1e-9)
+    cond = fit.sigma**2 * lam @ np.linalg.inv(ZL.T @ ZL + np.eye(q)) @ lam.T
+    np.testing.assert_allclose(np.asarray(fit.solution.cond_var[0]).reshape(18, 2, 2)[:, 0, 0], np.diag(cond)[::2], rtol=1e-9)
+
+
+def test_prediction_intervals_existing_and_new_groups(sleepstudy):
+    fit = hp.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    model = hp.MixedModel(fit.design.spec.formula, sleepstudy)
+    ZL, C = dense_model(model, fit.theta)
+    inverse = np.linalg.inv(C)
+    row = sleepstudy.iloc[[13]]  # Subject 309, Days 3
+    v = np.concatenate([ZL[13], fit.design.X[13]])
+    expected_conf = fit.sigma**2 * v @ inverse @ v
+    conf = fit.predict(row, interval="confidence", level=0.9)
+    pred = fit.predict(row, interval="prediction", level=0.9)
+    assert conf.se.item() ** 2 == pytest.approx(expected_conf, rel=1e-9)
+    assert pred.se.item() ** 2 == pytest.approx(expected_conf + fit.sigma**2, rel=1e-9)
+    assert conf.upper.item() - conf.fit.item() == pytest.approx(1.6448536 * conf.se.item(), rel=1e-6)
+    # an unseen subject: population-level fit, random-effect variance added, no BLUP covariance
+    new = row.assign(Subject=999)
+    new_pred = fit.predict(new, interval="prediction")
+    x = fit.design.X[13]
+    sigma_b = fit.term_covariances()[0]
+    z = np.array([1.0, 3.0])
+    expected = x @ fit.vcov.to_numpy() @ x + z @ sigma_b @ z + fit.sigma**2
+    assert new_pred.fit.item() == pytest.approx(x @ fit.fixef.to_numpy(), rel=1e-12)
+    assert new_pred.se.item() ** 2 == pytest.approx(expected, rel=1e-9)
+    population = fit.predict(row, re=False, interval="confidence")
+    assert population.se.item() ** 2 == pytest.approx(x @ fit.vcov.to_numpy() @ x, rel=1e-9)
+
+
+def test_shrinkage_weights_reproduce_blups():
+    data = simulated(seed=3)
+    fit = hp.lmm("y ~ x + (1 | g) + (1 | h)", data)
+    table = fit.shrinkage()
+    assert set(table.grpvar) == {"g", "h"}
+    np.testing.assert_allclose(table.blup, table.weight * table.raw_dev, rtol=1e-9, atol=1e-12)
+    assert ((table.weight > 0) & (table.weight < 1)).all()
+    one = hp.lmm("y ~ 1 + (1 | g)", data)
+    sigma_b2 = one.varcorr.vcov.iloc[0]
+    row = one.shrinkage().iloc[0]
+    assert row.weight == pytest.approx(row.n * sigma_b2 / (row.n * sigma_b2 + one.sigma**2), rel=1e-12)
+
+
+def test_icc(sleepstudy):
+    fit = hp.lmm("Reaction ~ Days + (1 | Subject)", sleepstudy)
+    var_b = fit.varcorr.vcov.iloc[0]
+    assert fit.icc()["Subject"] == pytest.approx(var_b / (var_b + fit.sigma**2), rel=1e-12)
+    with pytest.raises(hp.HierpoolError, match="scalar random-intercept"):
+        hp.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy).shrinkage()
+
+
+def test_objective_is_pure_jittable_and_vmappable():
+    """Two data sets with the same layout: vmap over their systems equals separate evaluations."""
+    first = hp.MixedModel("y ~ x + (x | g)", simulated(seed=1))
+    second = hp.MixedModel("y ~ x + (x | g)", simulated(seed=2))
+    assert first.system.layout == second.system.layout
+    stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), first.system, second.system)
+    theta = jnp.array([0.8, 0.1, 0.4])
+    batched = jax.vmap(lambda s: objective(theta, s))(stacked)
+    np.testing.assert_allclose(batched, [first.objective(theta), second.objective(theta)], rtol=1e-12)
+    assert batched.dtype == jnp.float64
+
+
+def test_at_theta_is_the_fit_at_the_optimum(sleepstudy):
+    model = hp.MixedModel("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    fit = model.fit()
+    fixed = model.at(fit.theta)
+    pd.testing.assert_frame_equal(fixed.ranef, fit.ranef)
+    assert fixed.objective == pytest.approx(fit.objective, rel=1e-14)
+
+
+def test_summary_reads_like_lme4(sleepstudy):
+    text = hp.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy).summary()
+    assert "REML criterion at convergence: 1743.6283" in text
+    assert "Number of obs: 180, groups:  Subject, 18" in text
+    assert "Residual" in text and "Fixed effects" in text
