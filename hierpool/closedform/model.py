@@ -17,7 +17,7 @@ from ..design import Design, build_design
 from ..errors import ArgumentError, ConvergenceWarning
 from .henderson import as_numpy, solve_jit
 from .objective import objective_and_grad, objective_jit
-from .optimize import Control, optimize_theta
+from .optimize import Control, moment_start, optimize_theta
 from .results import LMMResult
 from .system import MixedModelSystem, build_system
 
@@ -74,7 +74,7 @@ class MixedModel:
 
     def fit(self, reml: bool = True, control: Control | None = None) -> LMMResult:
         """Optimize theta (L-BFGS-B on the exact gradient) and return the fitted model."""
-        optimum = optimize_theta(self.system, reml, control)
+        optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design))
         solution = as_numpy(solve_jit(jnp.asarray(optimum.theta), self.system, reml=reml))
         for message in optimum.messages:
             warnings.warn(message, ConvergenceWarning, stacklevel=3)

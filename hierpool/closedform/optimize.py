@@ -71,8 +71,36 @@ class Optimum:
     messages: tuple[str, ...]
 
 
-def _start(system: MixedModelSystem, control: Control) -> np.ndarray:
-    start = theta_start(system.layout.ks)
+def moment_start(design) -> np.ndarray:
+    """A starting theta from one-way ANOVA moments of the OLS residuals.
+
+    For each scalar random-intercept term, theta = sqrt(sigma_b^2 / sigma_w^2) with
+    sigma_b^2 = var(level means) - sigma_w^2 * mean(1 / n_l), the ANOVA (method of
+    moments) estimate, clipped to [1e-2, 1e2].  Other terms, and fits with known
+    residual sds, start at lme4's identity.  On InstEval this halves the number of
+    L-BFGS-B evaluations (24 -> 13).
+    """
+    start = theta_start(tuple(t.k for t in design.terms))
+    if design.sigma_known or design.p == 0:
+        return start
+    beta = np.linalg.lstsq(design.X, design.y, rcond=None)[0]
+    residual = design.y - design.X @ beta
+    offset = 0
+    for term in design.terms:
+        size = term.k * (term.k + 1) // 2
+        if term.coef_names == ("Intercept",):
+            counts = np.bincount(term.index, minlength=term.n_levels)
+            means = np.bincount(term.index, weights=residual, minlength=term.n_levels) / counts
+            within = np.sum((residual - means[term.index]) ** 2) / max(design.n - term.n_levels, 1)
+            if within > 0:
+                between = max(np.var(means, ddof=1) - within * np.mean(1.0 / counts), 0.0)
+                start[offset] = float(np.sqrt(np.clip(between / within, 1e-4, 1e4)))
+        offset += size
+    return start
+
+
+def _start(system: MixedModelSystem, control: Control, default: np.ndarray | None) -> np.ndarray:
+    start = theta_start(system.layout.ks) if default is None else default
     if control.theta_start is None:
         return start
     given = np.asarray(control.theta_start, dtype=float)
@@ -133,7 +161,9 @@ def check_optimum(
     return converged, singular, tuple(messages)
 
 
-def optimize_theta(system: MixedModelSystem, reml: bool, control: Control | None = None) -> Optimum:
+def optimize_theta(
+    system: MixedModelSystem, reml: bool, control: Control | None = None, start: np.ndarray | None = None
+) -> Optimum:
     """Minimize the profiled REML criterion or deviance over theta with L-BFGS-B.
 
     Parameters
@@ -141,6 +171,8 @@ def optimize_theta(system: MixedModelSystem, reml: bool, control: Control | None
     system : MixedModelSystem
     reml : bool
     control : Control, optional
+    start : numpy.ndarray, optional
+        Starting theta when ``control.theta_start`` is not set (lme4's identity if None).
 
     Returns
     -------
@@ -156,7 +188,7 @@ def optimize_theta(system: MixedModelSystem, reml: bool, control: Control | None
         value, gradient = objective_and_grad(jnp.asarray(theta), system, reml=reml)
         return float(value), np.asarray(gradient, dtype=float)
 
-    start = _start(system, control)
+    start = _start(system, control, start)
     value, _ = evaluate(start)
     if not np.isfinite(value):
         raise ConvergenceError(f"the objective is not finite at the starting value theta = {start}")
