@@ -64,11 +64,7 @@ def _rows(result, newdata):
 
 def _conditional_variance(result, X, terms, known):
     """sigma^-2 v^T C^-1 v for each row, v the spherical coefficients of the known levels and x."""
-    from .closedform.henderson import as_numpy, prediction_covariance_jit
-
-    import jax.numpy as jnp
-
-    cov = as_numpy(prediction_covariance_jit(jnp.asarray(result.theta), result.system))
+    cov = result.prediction_blocks
     layout = result.system.layout
     factors = [np.asarray(t) for t in result.solution.factors]
     z0, level0 = terms[0]

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..linalg import scale_columns
 from .objective import level_contractions, reduced_rest
 from .system import MixedModelSystem
 
@@ -83,8 +84,6 @@ def _diagonal_blocks(matrix: jax.Array, offset: int, ell: int, k: int) -> jax.Ar
 
 def _scaled_inverse(inverse: jax.Array, system: MixedModelSystem, factors, n_blocks: int) -> jax.Array:
     """Lambda S^-1 Lambda^T over the first ``n_blocks`` rest blocks (X unscaled)."""
-    from ..linalg import scale_columns
-
     blocks = system.layout.rest_blocks[:n_blocks]
     rest_factors = list(factors[1:]) + [None] * n_blocks
     scale = [(ell, k, f) for (ell, k), f in zip(blocks, rest_factors)]

@@ -170,6 +170,15 @@ class LMMResult:
     def residuals(self) -> np.ndarray:
         return self.design.y - self.fitted
 
+    @cached_property
+    def prediction_blocks(self):
+        """Blocks of the inverse mixed-model matrix that prediction intervals need, computed once per fit."""
+        import jax.numpy as jnp
+
+        from .henderson import as_numpy, prediction_covariance_jit
+
+        return as_numpy(prediction_covariance_jit(jnp.asarray(self.theta), self.system))
+
     def predict(self, newdata: pd.DataFrame | None = None, re: bool = True, interval: str | None = None, level: float = 0.95):
         """Predictions, optionally with confidence or prediction intervals.
 
