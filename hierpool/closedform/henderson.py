@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..linalg import scale_columns
+from ..linalg import scale_columns, spd_inverse_from_cholesky
 from .objective import level_contractions, reduced_rest
 from .system import MixedModelSystem
 
@@ -147,8 +147,7 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solu
 
     # lme4's condVar: Var(u | y) = sigma^2 (L_Z L_Z^T)^-1, diagonal blocks.
     if q:
-        inv_zz = solve_lower(chol_rest[:q, :q], jnp.eye(q), lower=True)
-        s_zz_inv = inv_zz.T @ inv_zz
+        s_zz_inv = spd_inverse_from_cholesky(chol_rest[:q, :q])
         correction = level_contractions(
             system, _scaled_inverse(s_zz_inv, system, factors, layout.n_random_rest), layout.n_random_rest
         )
@@ -213,8 +212,7 @@ def prediction_covariance(theta: jax.Array, system: MixedModelSystem) -> Predict
     size = q + p
     rest, factors, chol0, left = reduced_rest(theta, system)
     chol_rest = jnp.linalg.cholesky(rest)
-    inv_a = jax.scipy.linalg.solve_triangular(chol_rest[:size, :size], jnp.eye(size), lower=True)
-    s_a_inv = inv_a.T @ inv_a
+    s_a_inv = spd_inverse_from_cholesky(chol_rest[:size, :size])
     chol0_inv = jnp.linalg.inv(chol0) if layout.ks[0] > 1 else 1.0 / chol0
     couplings = _couplings(system, factors, left)
     ell0, k0 = layout.n_levels[0], layout.ks[0]

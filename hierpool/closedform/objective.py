@@ -39,6 +39,7 @@ from ..linalg import (
     cholesky_small,
     logdet_from_cholesky_diagonal,
     scale_columns,
+    spd_inverse_from_cholesky,
     theta_to_factors,
     tri_inverse_small,
 )
@@ -221,12 +222,14 @@ def _dense_parts_bwd(q, p, chol, cotangent):
     # so the cotangent is c_rx S^-1 + (c_r2 r^4 - c_rx r^2) v v^T + (c_lz - c_rx) pad(S_ZZ^-1 - (S^-1)_ZZ + ...).
     c_lz, c_rx, c_r2 = cotangent
     size = chol.shape[0]
-    inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(size, dtype=chol.dtype), lower=True)
-    s_inv = jax.scipy.linalg.solve_triangular(chol, inv, lower=True, trans="T")  # two solves beat solve + product
+    s_inv = spd_inverse_from_cholesky(chol)
+    # rows q.. of L^-1 are columns q.. of L^-T: one solve with p + 1 right-hand sides
+    unit_tail = jnp.eye(size, dtype=chol.dtype)[:, q:]
+    tail = jax.scipy.linalg.solve_triangular(chol, unit_tail, lower=True, trans="T").T
     r2 = chol[-1, -1] ** 2
     v = s_inv[:, -1]
     in_z = jnp.arange(size) < q
-    tail = jnp.where(in_z[None, :], inv[q:, :], 0.0)  # R_Z padded with zeros
+    tail = jnp.where(in_z[None, :], tail, 0.0)  # R_Z padded with zeros
     grad = jnp.where(in_z[:, None] & in_z[None, :], c_lz, c_rx) * s_inv
     grad = grad + (c_r2 * r2**2 - c_rx * r2) * jnp.outer(v, v) - (c_lz - c_rx) * (tail.T @ tail)
     return (grad,)

