@@ -63,22 +63,58 @@ def factors_to_theta(factors: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def cholesky_small(a: jax.Array) -> jax.Array:
-    """Cholesky factors of a batch of small SPD matrices, shape (..., k, k).
+#: Matrices up to this size are factored by unrolled scalar code, not LAPACK calls.
+UNROLL_MAX_SIZE = 6
 
-    The scalar case is a square root: XLA's batched Cholesky loops over the
-    batch, which is slow for thousands of 1 x 1 blocks.
+
+def _cholesky_unrolled(a: jax.Array) -> jax.Array:
+    size = a.shape[-1]
+    rows: list[list] = [[None] * size for _ in range(size)]
+    for j in range(size):
+        diagonal = a[..., j, j] - sum((rows[j][m] ** 2 for m in range(j)), jnp.zeros_like(a[..., j, j]))
+        rows[j][j] = jnp.sqrt(diagonal)
+        for i in range(j + 1, size):
+            off = a[..., i, j] - sum((rows[i][m] * rows[j][m] for m in range(j)), jnp.zeros_like(a[..., i, j]))
+            rows[i][j] = off / rows[j][j]
+    zero = jnp.zeros_like(a[..., 0, 0])
+    return jnp.stack([jnp.stack([rows[i][j] if j <= i else zero for j in range(size)], axis=-1) for i in range(size)], axis=-2)
+
+
+def _tri_inverse_unrolled(lower: jax.Array) -> jax.Array:
+    size = lower.shape[-1]
+    inv: list[list] = [[None] * size for _ in range(size)]
+    zero = jnp.zeros_like(lower[..., 0, 0])
+    for j in range(size):
+        inv[j][j] = 1.0 / lower[..., j, j]
+        for i in range(j + 1, size):
+            acc = sum((lower[..., i, m] * inv[m][j] for m in range(j, i)), zero)
+            inv[i][j] = -acc / lower[..., i, i]
+    return jnp.stack([jnp.stack([inv[i][j] if j <= i else zero for j in range(size)], axis=-1) for i in range(size)], axis=-2)
+
+
+def cholesky(a: jax.Array) -> jax.Array:
+    """Lower Cholesky factor(s) of SPD matrices, shape (..., k, k).
+
+    Up to ``UNROLL_MAX_SIZE`` rows the factorization is written out as scalar
+    arithmetic that XLA fuses into one kernel: for the thousands of tiny blocks
+    of a random-slope model, and for the many small models of a batch or an
+    MCMC run, a LAPACK call per (batch of) block(s) costs far more than the
+    arithmetic.
     """
     if a.shape[-1] == 1:
         return jnp.sqrt(a)
+    if a.shape[-1] <= UNROLL_MAX_SIZE:
+        return _cholesky_unrolled(a)
     return jnp.linalg.cholesky(a)
 
 
-def tri_inverse_small(lower: jax.Array) -> jax.Array:
-    """Inverses of a batch of small lower-triangular matrices, shape (..., k, k)."""
+def tri_inverse(lower: jax.Array) -> jax.Array:
+    """Inverses of lower-triangular matrices, shape (..., k, k) (unrolled when small, as :func:`cholesky`)."""
     k = lower.shape[-1]
     if k == 1:
         return 1.0 / lower
+    if k <= UNROLL_MAX_SIZE:
+        return _tri_inverse_unrolled(lower)
     eye = jnp.broadcast_to(jnp.eye(k, dtype=lower.dtype), lower.shape)
     return jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
 
@@ -142,6 +178,9 @@ def spd_inverse_from_cholesky(chol: jax.Array) -> jax.Array:
     The choice is made when the computation is lowered
     (``jax.lax.platform_dependent``), so the function stays jittable.
     """
+    if chol.shape[-1] <= UNROLL_MAX_SIZE:
+        inverse_factor = tri_inverse(chol)
+        return jnp.swapaxes(inverse_factor, -1, -2) @ inverse_factor
     if chol.ndim != 2 or chol.shape[-1] < _LAPACK_INVERSE_MIN_SIZE:
         return _inverse_by_solves(chol)
 

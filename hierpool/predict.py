@@ -41,12 +41,14 @@ def _levels_in_fit(term, frame: pd.DataFrame) -> np.ndarray:
     return np.asarray([lookup.get(label, -1) for label in labels[codes]], dtype=np.int64)
 
 
-def _rows(result, newdata):
-    """(X, [(z_j, level_j)], noise variance per row) for the rows to predict."""
-    design = result.design
+def model_rows(design, newdata):
+    """(X, [(z_j, level_j)]) of the rows to predict: the fitted rows when ``newdata`` is None.
+
+    ``level_j`` is each row's index among term j's fitted levels, -1 for a level
+    never seen in fitting.  Shared by the closed-form and the Bayesian predictions.
+    """
     if newdata is None:
-        noise = (1.0 / design.weights) if design.sigma_known else np.full(design.n, result.sigma**2)
-        return design.X, [(t.z, t.index.astype(np.int64)) for t in design.terms], noise
+        return design.X, [(t.z, t.index.astype(np.int64)) for t in design.terms]
     if not isinstance(newdata, pd.DataFrame):
         raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
     response = design.spec.response
@@ -58,8 +60,16 @@ def _rows(result, newdata):
         raise DataError(f"prediction data has missing values in {int(missing.sum())} rows; drop or fill them first")
     X = _encode(design.fixed_matrix, frame, "the fixed effects") if design.p else np.zeros((len(frame), 0))
     terms = [(_encode(t.z_matrix, frame, f"term ({t.spec.lhs} | {t.group})"), _levels_in_fit(t, frame)) for t in design.terms]
-    noise = np.full(len(frame), result.sigma**2)
-    return X, terms, noise
+    return X, terms
+
+
+def _rows(result, newdata):
+    """(X, [(z_j, level_j)], noise variance per row) for the rows to predict."""
+    design = result.design
+    X, terms = model_rows(design, newdata)
+    if newdata is None and design.sigma_known:
+        return X, terms, 1.0 / design.weights
+    return X, terms, np.full(X.shape[0], result.sigma**2)
 
 
 def _conditional_variance(result, X, terms, known):

@@ -3,9 +3,9 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import simulated
 
 import hierpool as hp
-from conftest import simulated
 
 FORMULA = "y ~ x + (1 | g)"
 

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REFERENCE
 
 import hierpool as hp
-from conftest import REFERENCE
 
 CASES = json.loads(REFERENCE.read_text())["known_se"]
 

@@ -9,9 +9,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import REFERENCE, lme4_group, lme4_name, load
 
 import hierpool as hp
-from conftest import REFERENCE, lme4_group, lme4_name, load
 
 MODELS = json.loads(REFERENCE.read_text())["models"]
 

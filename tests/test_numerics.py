@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.linalg
+from conftest import load, simulated
 
 import hierpool as hp
 from hierpool.closedform import objective, prediction_covariance
 from hierpool.linalg import theta_to_factors
-from conftest import load, simulated
 
 STRUCTURES = [
     ("sleepstudy", "Reaction ~ Days + (Days | Subject)"),
@@ -201,3 +201,22 @@ def test_gradient_with_a_large_rest_block_matches_finite_differences():
         (model.objective(theta + step * e) - model.objective(theta - step * e)) / (2 * step) for e in np.eye(2)
     ]
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,formula", STRUCTURES[:3])
+def test_joint_sd_is_the_dense_mme_inverse(name, formula):
+    fit = hp.lmm(formula, load(name))
+    model = hp.MixedModel(formula, load(name))
+    ZL, C = dense_model(model, fit.theta)
+    q = ZL.shape[1]
+    factors = theta_to_factors(jnp.asarray(fit.theta), tuple(t.k for t in model.design.terms))
+    lam = scipy.linalg.block_diag(*[np.kron(np.eye(t.n_levels), np.asarray(f)) for t, f in zip(model.design.terms, factors)])
+    cov_b = fit.sigma**2 * lam @ np.linalg.inv(C)[:q, :q] @ lam.T
+    # dense order: term, level, coefficient; ranef order: term, coefficient, level
+    expected = []
+    offset = 0
+    for term in model.design.terms:
+        diag = np.diag(cov_b)[offset : offset + term.n_levels * term.k].reshape(term.n_levels, term.k)
+        expected.extend(np.sqrt(diag[:, i]) for i in range(term.k))
+        offset += term.n_levels * term.k
+    np.testing.assert_allclose(fit.ranef_joint_sd(), np.concatenate(expected), rtol=1e-8)

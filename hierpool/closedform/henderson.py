@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..linalg import scale_columns, spd_inverse_from_cholesky
+from ..linalg import cholesky, scale_columns, spd_inverse_from_cholesky, tri_inverse
 from .objective import level_contractions, reduced_rest
 from .system import MixedModelSystem
 
@@ -96,6 +96,90 @@ def _term0_inverse_blocks(chol0_inv, left, correction):
     return jnp.swapaxes(chol0_inv, 1, 2) @ middle @ chol0_inv
 
 
+def _back_substitute(system: MixedModelSystem, factors, chol0, left, chol_rest, noise=None):
+    """Solve L^T x = c (+ noise) through the blocked factor: the mode, or an exact Gaussian draw.
+
+    With L the blocked Cholesky factor of the mixed-model matrix C (term 0's
+    block-diagonal factor L0, the couplings, the dense factor of the rest) and c
+    the y-row of the augmented factor, x = L^-T c is the solution of the
+    mixed-model equations.  With ``noise = (e0, e_rest)`` added to c, where e ~
+    N(0, s^2 I), x = L^-T (c + e) ~ N(solution, s^2 C^-1): the conditional
+    posterior of (u, beta) when s = sigma (Rue 2001, "Fast sampling of Gaussian
+    Markov random fields").
+
+    Returns (u, beta): u per term with shape (ell_j, k_j).
+    """
+    layout = system.layout
+    q, p = layout.q_rest, layout.p
+    size = q + p
+    rhs_rest = chol_rest[size, :size]
+    if noise is not None:
+        rhs_rest = rhs_rest + noise[1]
+    x_rest = jax.scipy.linalg.solve_triangular(chol_rest[:size, :size], rhs_rest, lower=True, trans="T")
+    chol0_inv = tri_inverse(chol0)
+    couplings = _couplings(system, factors, left)
+    ell0 = layout.n_levels[0]
+    rhs0 = jax.ops.segment_sum(couplings[-1][:, :, 0], system.couplings[-1].level0, num_segments=ell0)
+    if noise is not None:
+        rhs0 = rhs0 + noise[0]
+    offset = 0
+    for (ell, k), coupling, block in zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1]):
+        x_block = x_rest[offset : offset + ell * k].reshape(ell, k)
+        contribution = jnp.einsum("bij,bj->bi", block, x_block[coupling.level])
+        rhs0 = rhs0 - jax.ops.segment_sum(contribution, coupling.level0, num_segments=ell0)
+        offset += ell * k
+    u = [jnp.einsum("lji,lj->li", chol0_inv, rhs0)]
+    offset = 0
+    for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
+        u.append(x_rest[offset : offset + ell * k].reshape(ell, k))
+        offset += ell * k
+    return u, x_rest[q:size]
+
+
+def conditional_draw(
+    theta: jax.Array, system: MixedModelSystem, sigma: jax.Array, noise: jax.Array, rest_prior: jax.Array | None = None
+) -> tuple[jax.Array, tuple]:
+    """One exact draw of (beta, b) from their Gaussian conditional given theta and sigma.
+
+    Parameters
+    ----------
+    theta, system
+        As in :func:`solve`.
+    sigma : jax.Array
+        Residual sd (1 with known residual sds).
+    noise : jax.Array, shape (ell_0 k_0 + q_rest + p,)
+        Standard normal variates (the caller draws them, so that a batch of draws
+        needs one random-number call).
+    rest_prior : jax.Array, optional
+        Added to the reduced rest matrix before it is factored: a Gaussian prior
+        on beta written as pseudo-observations (see
+        :func:`hierpool.bayesian.collapsed.beta_prior_block`).  Without it the
+        prior on beta is flat.
+
+    Returns
+    -------
+    (beta, b)
+        beta (p,) and b per term (ell_j, k_j), distributed as
+        N(Henderson solution, sigma^2 C^-1) with C the mixed-model matrix.
+    """
+    layout = system.layout
+    rest, factors, chol0, left = reduced_rest(theta, system)
+    if rest_prior is not None:
+        rest = rest + rest_prior
+    chol_rest = cholesky(rest)
+    size0 = layout.n_levels[0] * layout.ks[0]
+    scaled = sigma * noise
+    u, beta = _back_substitute(
+        system, factors, chol0, left, chol_rest, (scaled[:size0].reshape(layout.n_levels[0], layout.ks[0]), scaled[size0:])
+    )
+    return beta, tuple(uj @ t.T for uj, t in zip(u, factors))
+
+
+def noise_size(layout) -> int:
+    """Number of standard normal variates one :func:`conditional_draw` takes."""
+    return layout.n_levels[0] * layout.ks[0] + layout.q_rest + layout.p
+
+
 def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solution:
     """Solve the mixed-model equations at ``theta``.
 
@@ -115,28 +199,11 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solu
     q, p = layout.q_rest, layout.p
     size = q + p
     rest, factors, chol0, left = reduced_rest(theta, system)
-    chol_rest = jnp.linalg.cholesky(rest)
+    chol_rest = cholesky(rest)
     solve_lower = jax.scipy.linalg.solve_triangular
-    x_rest = solve_lower(chol_rest[:size, :size], chol_rest[size, :size], lower=True, trans="T")
-    chol0_inv = jnp.linalg.inv(chol0) if layout.ks[0] > 1 else 1.0 / chol0
-
-    couplings = _couplings(system, factors, left)
+    chol0_inv = tri_inverse(chol0)
     ell0, k0 = layout.n_levels[0], layout.ks[0]
-    rhs0 = jax.ops.segment_sum(couplings[-1][:, :, 0], system.couplings[-1].level0, num_segments=ell0)
-    offset = 0
-    for (ell, k), coupling, block in zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1]):
-        x_block = x_rest[offset : offset + ell * k].reshape(ell, k)
-        contribution = jnp.einsum("bij,bj->bi", block, x_block[coupling.level])
-        rhs0 = rhs0 - jax.ops.segment_sum(contribution, coupling.level0, num_segments=ell0)
-        offset += ell * k
-    u0 = jnp.einsum("lji,lj->li", chol0_inv, rhs0)
-
-    u = [u0]
-    offset = 0
-    for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
-        u.append(x_rest[offset : offset + ell * k].reshape(ell, k))
-        offset += ell * k
-    beta = x_rest[q:size]
+    u, beta = _back_substitute(system, factors, chol0, left, chol_rest)
     b = [uj @ t.T for uj, t in zip(u, factors)]
 
     pwrss = chol_rest[size, size] ** 2
@@ -211,9 +278,9 @@ def prediction_covariance(theta: jax.Array, system: MixedModelSystem) -> Predict
     q, p = layout.q_rest, layout.p
     size = q + p
     rest, factors, chol0, left = reduced_rest(theta, system)
-    chol_rest = jnp.linalg.cholesky(rest)
+    chol_rest = cholesky(rest)
     s_a_inv = spd_inverse_from_cholesky(chol_rest[:size, :size])
-    chol0_inv = jnp.linalg.inv(chol0) if layout.ks[0] > 1 else 1.0 / chol0
+    chol0_inv = tri_inverse(chol0)
     couplings = _couplings(system, factors, left)
     ell0, k0 = layout.n_levels[0], layout.ks[0]
     dense = jnp.zeros((ell0, size, k0))

@@ -36,12 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..linalg import (
-    cholesky_small,
+    UNROLL_MAX_SIZE,
+    cholesky,
     logdet_from_cholesky_diagonal,
     scale_columns,
     spd_inverse_from_cholesky,
     theta_to_factors,
-    tri_inverse_small,
+    tri_inverse,
 )
 from .system import MixedModelSystem
 
@@ -50,8 +51,8 @@ def _term0_factor(t0: jax.Array, system: MixedModelSystem) -> tuple[jax.Array, j
     """Cholesky factors L0_l of T0^T A00_l T0 + I and the products L0_l^-1 T0^T, per term-0 level."""
     k0 = system.layout.ks[0]
     diag0 = jnp.einsum("ji,ljk,km->lim", t0, system.a00, t0) + jnp.eye(k0)
-    chol0 = cholesky_small(diag0)
-    return chol0, tri_inverse_small(chol0) @ t0.T
+    chol0 = cholesky(diag0)
+    return chol0, tri_inverse(chol0) @ t0.T
 
 
 def _contract(products: jax.Array, weights: jax.Array, axes: tuple[int, int]) -> jax.Array:
@@ -200,7 +201,7 @@ def dense_parts(rest: jax.Array, q: int, p: int) -> tuple[jax.Array, jax.Array, 
 
 
 def _dense_parts_forward(rest, q, p):
-    chol = jnp.linalg.cholesky(rest)
+    chol = cholesky(rest)
     diag = jnp.diagonal(chol)
     parts = (
         logdet_from_cholesky_diagonal(diag[:q]),
@@ -224,8 +225,11 @@ def _dense_parts_bwd(q, p, chol, cotangent):
     size = chol.shape[0]
     s_inv = spd_inverse_from_cholesky(chol)
     # rows q.. of L^-1 are columns q.. of L^-T: one solve with p + 1 right-hand sides
-    unit_tail = jnp.eye(size, dtype=chol.dtype)[:, q:]
-    tail = jax.scipy.linalg.solve_triangular(chol, unit_tail, lower=True, trans="T").T
+    if size <= UNROLL_MAX_SIZE:
+        tail = tri_inverse(chol)[q:, :]
+    else:
+        unit_tail = jnp.eye(size, dtype=chol.dtype)[:, q:]
+        tail = jax.scipy.linalg.solve_triangular(chol, unit_tail, lower=True, trans="T").T
     r2 = chol[-1, -1] ** 2
     v = s_inv[:, -1]
     in_z = jnp.arange(size) < q

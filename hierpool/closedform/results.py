@@ -49,7 +49,7 @@ class LMMResult:
     @property
     def objective(self) -> float:
         """REML criterion (``reml=True``) or deviance (``reml=False``), as lme4 reports them."""
-        from .objective import criterion, ObjectiveParts
+        from .objective import ObjectiveParts, criterion
 
         parts = ObjectiveParts(self.solution.logdet_lz, self.solution.logdet_rx, self.solution.pwrss)
         return float(criterion(parts, self.system, self.reml))
@@ -151,6 +151,30 @@ class LMMResult:
                     )
                 )
         return pd.concat(frames, ignore_index=True)
+
+    def ranef_joint_sd(self) -> np.ndarray:
+        """Sd of each random effect from the whole inverse mixed-model matrix, in ``ranef``'s row order.
+
+        ``condsd`` (lme4's condVar) holds beta at its estimate; this one also
+        counts the uncertainty of beta-hat and its covariance with b:
+        sqrt(diag(sigma^2 Lambda C^-1 Lambda^T)), Henderson's (1975) prediction
+        error variance.  It is the posterior sd of b under a flat prior on beta
+        with the variance parameters held at their estimates.
+        """
+        blocks = self.prediction_blocks
+        layout = self.system.layout
+        factors = [np.asarray(t) for t in self.solution.factors]
+        per_term = [np.asarray(blocks.term0)]
+        offset = 0
+        for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
+            idx = offset + np.arange(ell)[:, None] * k + np.arange(k)[None, :]
+            per_term.append(np.asarray(blocks.rest)[idx[:, :, None], idx[:, None, :]])
+            offset += ell * k
+        columns = []
+        for cov_u, factor in zip(per_term, factors):
+            cov_b = self.sigma**2 * (factor @ cov_u @ factor.T)
+            columns.extend(np.sqrt(np.maximum(cov_b[:, i, i], 0.0)) for i in range(factor.shape[0]))
+        return np.concatenate(columns)
 
     # --- fitted values -------------------------------------------------------------------
     def random_contribution(self, term_index: int) -> np.ndarray:
