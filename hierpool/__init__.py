@@ -4,7 +4,8 @@ Importing hierpool enables JAX's float64 mode (``jax_enable_x64``): the
 closed-form engine needs double precision.
 """
 
-from . import closedform
+from . import bayesian, closedform
+from .bayesian import BayesResult, SamplingWarning, bayes
 from .closedform import Control, MixedModel, lmm
 from .errors import (
     ArgumentError,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError",
+    "BayesResult",
     "Control",
     "ConvergenceError",
     "ConvergenceWarning",
@@ -28,6 +30,9 @@ __all__ = [
     "HierpoolError",
     "HierpoolWarning",
     "MixedModel",
+    "SamplingWarning",
+    "bayes",
+    "bayesian",
     "closedform",
     "lmm",
 ]

@@ -1,0 +1,124 @@
+"""The collapsed sampler: beta and b integrated out analytically, NUTS on the variance parameters only.
+
+Given the variance parameters phi = (sd_j, correlation factors R_j, sigma), the
+model is Gaussian in (beta, b), so
+
+    p(phi | y)  ∝  p(phi) p(y | phi),     p(y | phi) = ∫ p(y | beta, b, sigma) p(b | phi) p(beta) db dbeta
+
+in closed form, from the same blocked factorization the closed-form engine uses
+(:func:`hierpool.closedform.objective.reduced_rest`, ``dense_parts``): with
+T_j = diag(sd_j) R_j / sigma (lme4's relative factor) and a Normal(m, s^2) prior
+on each beta_i written as a pseudo-observation m_i = beta_i + e_i with weight
+w_i = sigma^2 / s_i^2 (flat priors have no pseudo-observation),
+
+    -2 log p(y | phi) = log|L_Z|^2 + log|R_X|^2 + (n + k - p) log(2 pi sigma^2) + r^2 / sigma^2
+                        - sum log w_rows - sum_i log w_i,
+
+k the number of Normal-prior coefficients (with all priors flat this is lme4's
+REML criterion before sigma is profiled out).  After NUTS, each draw of phi gets
+an exact draw of (beta, b) from N(Henderson solution, sigma^2 C^-1)
+(:func:`hierpool.closedform.henderson.conditional_draw`), so the random effects
+come with nearly independent draws.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..closedform.henderson import conditional_draw, noise_size
+from ..closedform.objective import dense_parts, reduced_rest
+from ..closedform.system import Layout, MixedModelSystem
+from ..linalg import logdet_from_cholesky_diagonal, tril_positions
+
+
+def theta_from_components(sds, cor_factors, sigma, ks: tuple[int, ...]) -> jax.Array:
+    """lme4's theta from per-term sds and correlation Cholesky factors: T_j = diag(sd_j) R_j / sigma."""
+    parts = []
+    for sd, cor, k in zip(sds, cor_factors, ks):
+        factor = sd[:, None] * cor / sigma if cor is not None else jnp.diag(sd / sigma)
+        rows, cols = tril_positions(k)
+        parts.append(factor[rows, cols])
+    return jnp.concatenate(parts)
+
+
+def beta_prior_block(loc: jax.Array, scale: jax.Array, sigma: jax.Array, layout: Layout) -> jax.Array:
+    """The pseudo-observations of a Normal(loc, scale^2) prior on beta, added to the reduced rest matrix.
+
+    In the rest matrix [Z_rest, X, y]: X^T W X += diag(w), X^T W y += w loc, y^T W y += sum w loc^2,
+    w = sigma^2 / scale^2 (0 where the scale is infinite: a flat prior).
+    """
+    q, p = layout.q_rest, layout.p
+    weight = jnp.where(jnp.isfinite(scale), sigma**2 / jnp.where(jnp.isfinite(scale), scale, 1.0) ** 2, 0.0)
+    size = q + p + 1
+    block = jnp.zeros((size, size), dtype=loc.dtype)
+    x = jnp.arange(q, q + p)
+    block = block.at[x, x].add(weight)
+    block = block.at[x, size - 1].add(weight * loc)
+    block = block.at[size - 1, x].add(weight * loc)
+    return block.at[size - 1, size - 1].add(jnp.sum(weight * loc**2))
+
+
+def log_marginal_likelihood(
+    theta: jax.Array, sigma: jax.Array, system: MixedModelSystem, loc: jax.Array, scale: jax.Array
+) -> jax.Array:
+    """log p(y | theta, sigma) with beta and b integrated out (see the module docstring).
+
+    Pure and differentiable in (theta, sigma) through the closed-form engine's
+    custom adjoints; ``sigma`` is 1 for known residual sds.
+    """
+    layout = system.layout
+    rest, _, chol0, _ = reduced_rest(theta, system)
+    rest = rest + beta_prior_block(loc, scale, sigma, layout)
+    logdet_rest, logdet_rx, pwrss = dense_parts(rest, layout.q_rest, layout.p)
+    logdet0 = logdet_from_cholesky_diagonal(jnp.diagonal(chol0, axis1=1, axis2=2))
+    finite = jnp.isfinite(scale)
+    n_normal = jnp.sum(finite)
+    log_prior_weights = jnp.sum(jnp.where(finite, jnp.log(sigma**2) - 2 * jnp.log(jnp.where(finite, scale, 1.0)), 0.0))
+    dof = layout.n + n_normal - layout.p
+    minus_two = (
+        logdet0
+        + logdet_rest
+        + logdet_rx
+        + dof * jnp.log(2 * jnp.pi * sigma**2)
+        + pwrss / sigma**2
+        - system.log_weights
+        - log_prior_weights
+    )
+    return -0.5 * minus_two
+
+
+def draw_effects(
+    thetas: jax.Array, sigmas: jax.Array, system: MixedModelSystem, loc, scale, key: jax.Array, batch_size: int
+) -> tuple[jax.Array, tuple]:
+    """Exact draws of (beta, b) given each (theta, sigma) draw, ``batch_size`` draws at a time.
+
+    Memory is bounded by the batch (each draw factors the rest matrix once).  The
+    draws are padded to whole batches so that only one batch shape is compiled.
+    """
+    count = thetas.shape[0]
+    noise = jax.random.normal(key, (count, noise_size(system.layout)), dtype=thetas.dtype)
+
+    def one(theta, sigma, e):
+        prior = beta_prior_block(loc, scale, sigma, system.layout)
+        return conditional_draw(theta, system, sigma, e, prior)
+
+    if count <= batch_size:
+        return jax.vmap(one)(thetas, sigmas, noise)
+    n_batches = -(-count // batch_size)
+    pad = n_batches * batch_size - count
+
+    def batched(x):
+        x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
+        return x.reshape((n_batches, batch_size) + x.shape[1:])
+
+    out = jax.lax.map(lambda args: jax.vmap(one)(*args), (batched(thetas), batched(sigmas), batched(noise)))
+    return jax.tree_util.tree_map(lambda x: x.reshape((n_batches * batch_size,) + x.shape[2:])[:count], out)
+
+
+def draw_batch_size(layout: Layout, budget_bytes: float = 2e8) -> int:
+    """How many conditional draws to vectorize at once: the rest matrix is (q + p + 1)^2 per draw."""
+    size = layout.q_rest + layout.p + 1
+    per_draw = 8.0 * (3 * size * size + 4 * layout.n_levels[0] * layout.ks[0] ** 2 + 1)
+    return int(np.clip(budget_bytes // per_draw, 1, 1024))

@@ -1,0 +1,245 @@
+"""``hp.bayes``: the Bayesian linear mixed model from an lme4 formula, sampled with NumPyro."""
+
+from __future__ import annotations
+
+import numbers
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from ..closedform.results import LMMResult
+from ..closedform.system import build_system
+from ..design import Design, build_design
+from ..errors import ArgumentError
+from .collapsed import draw_batch_size, draw_effects, theta_from_components
+from .model import HeldVariance, collapsed_model, full_model, model_data
+from .nuts import sample_nuts
+from .posterior import build_inference_data, pointwise_log_likelihood
+from .priors import Priors, resolve_priors
+from .results import BayesResult
+
+METHODS = ("auto", "collapsed", "full")
+#: Pointwise log-likelihood is stored up to this many values (chains x draws x rows).
+LOG_LIKELIHOOD_MAX_VALUES = 5e7
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _held_variance(design: Design, variance: LMMResult) -> HeldVariance:
+    if not isinstance(variance, LMMResult):
+        raise ArgumentError(f"variance must be a fitted hp.lmm result (LMMResult), got {type(variance).__name__}")
+    same = variance.design.n == design.n and [(t.group, t.coef_names, t.n_levels) for t in variance.design.terms] == [
+        (t.group, t.coef_names, t.n_levels) for t in design.terms
+    ]
+    if not same:
+        raise ArgumentError("variance: the lmm fit is of a different model or data set than this formula and data")
+    sigma = float(variance.sigma)
+    return HeldVariance(cov_factors=tuple(sigma * np.asarray(t) for t in variance.solution.factors), sigma=sigma)
+
+
+def _choose_method(method: str, priors: Priors) -> str:
+    if method not in METHODS:
+        raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
+    gaussian = priors.beta_gaussian() is not None
+    if method == "collapsed" and not gaussian:
+        raise ArgumentError(
+            "method='collapsed' integrates the fixed effects out and needs Normal or 'flat' priors on them; "
+            "use method='full' for other priors"
+        )
+    return ("collapsed" if gaussian else "full") if method == "auto" else method
+
+
+def _variance_parts(draws: dict, ks: tuple[int, ...], sigma_known: bool):
+    sds = [draws[f"sd__{j}"] for j in range(len(ks))]
+    cors = [draws[f"cor__{j}"] if k > 1 else None for j, k in enumerate(ks)]
+    sigma = jnp.ones(sds[0].shape[0]) if sigma_known else draws["sigma"]
+    return sds, cors, sigma
+
+
+def _collapsed_postprocess(ks: tuple[int, ...], sigma_known: bool, batch_size: int):
+    """Inside the sampling program: exact (beta, b) draws for each variance draw."""
+
+    def postprocess(draws, key, system, loc, scale):
+        sds, cors, sigma = _variance_parts(draws, ks, sigma_known)
+        thetas = jax.vmap(lambda sd, cor, sg: theta_from_components(sd, cor, sg, ks))(sds, cors, sigma)
+        beta, b = draw_effects(thetas, sigma, system, loc, scale, key, batch_size)
+        return {"variance": draws, "beta": beta, "b": b}
+
+    return postprocess
+
+
+def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept, progress):
+    system = build_system(design)
+    loc, scale = (jnp.asarray(a) for a in resolved.beta_gaussian())
+    ks = tuple(t.k for t in design.terms)
+    out, stats = sample_nuts(
+        partial(collapsed_model, priors=resolved),
+        (system, loc, scale),
+        chains=chains,
+        tune=tune,
+        draws=draws,
+        seed=seed,
+        target_accept=target_accept,
+        postprocess=_collapsed_postprocess(ks, design.sigma_known, draw_batch_size(system.layout)),
+        progress=progress,
+    )
+    sds, cors, _ = _variance_parts(out["variance"], ks, True)
+    sigma = None if design.sigma_known else out["variance"]["sigma"]
+    return out["beta"], list(out["b"]), sds, cors, sigma, stats
+
+
+def _sample_exact(design, resolved, variance, chains, draws, seed):
+    """Variance parameters held: (beta, b) is Gaussian, drawn exactly (no MCMC)."""
+    system = build_system(design)
+    loc, scale = (jnp.asarray(a) for a in resolved.beta_gaussian())
+    count = chains * draws
+    thetas = jnp.broadcast_to(jnp.asarray(variance.theta), (count, variance.theta.size))
+    sigmas = jnp.full(count, 1.0 if design.sigma_known else variance.sigma)
+    beta, b = jax.jit(draw_effects, static_argnames="batch_size")(
+        thetas, sigmas, system, loc, scale, jax.random.PRNGKey(seed), batch_size=draw_batch_size(system.layout)
+    )
+    shape = (chains, draws)
+    return np.asarray(beta).reshape(shape + (design.p,)), [np.asarray(x).reshape(shape + x.shape[1:]) for x in b]
+
+
+def _sample_full(design, resolved, held, chains, draws, tune, seed, target_accept, progress):
+    ks = tuple(t.k for t in design.terms)
+    model = partial(full_model, priors=resolved, ks=ks, n_levels=tuple(t.n_levels for t in design.terms), held=held)
+    out, stats = sample_nuts(
+        model,
+        (model_data(design),),
+        chains=chains,
+        tune=tune,
+        draws=draws,
+        seed=seed,
+        target_accept=target_accept,
+        progress=progress,
+    )
+    if "beta" in out:
+        beta = out["beta"]
+    elif design.p:
+        beta = np.stack([out[f"beta__{i}"] for i in range(design.p)], axis=-1)
+    else:
+        beta = np.zeros((chains, draws, 0))
+    b = [out[f"b__{j}"] for j in range(len(ks))]
+    if held is not None:
+        return beta, b, None, None, None, stats
+    sds = [out[f"sd__{j}"] for j in range(len(ks))]
+    cors = [out[f"cor__{j}"] if k > 1 else None for j, k in enumerate(ks)]
+    return beta, b, sds, cors, (None if design.sigma_known else out["sigma"]), stats
+
+
+def bayes(
+    formula: str,
+    data: pd.DataFrame,
+    chains: int = 4,
+    draws: int = 1000,
+    tune: int = 1000,
+    seed: int = 0,
+    priors: dict | None = None,
+    se: str | None = None,
+    method: str = "auto",
+    variance: LMMResult | None = None,
+    level: float = 0.95,
+    target_accept: float = 0.8,
+    progress: bool | None = None,
+) -> BayesResult:
+    """Fit a Bayesian linear mixed model: full posteriors of every fixed and random effect.
+
+    Parameters
+    ----------
+    formula : str
+        lme4 syntax, as :func:`hierpool.lmm`.
+    data : pandas.DataFrame
+        Not modified; rows with missing values are dropped with a warning.
+    chains, draws, tune : int
+        Markov chains, kept draws per chain, warm-up (adaptation) iterations per chain.
+    seed : int
+    priors : dict, optional
+        Overrides of the default priors by key (see :mod:`hierpool.bayesian.priors`):
+        ``Intercept``, a fixed-effect name, ``b``, ``sd``, ``sd_<group>``, ``sigma``, ``cor``.
+    se : str, optional
+        Column of known residual sds (meta-analysis).
+    method : {"auto", "collapsed", "full"}
+        ``collapsed``: NUTS on the variance parameters with beta and b integrated out,
+        then exact conditional draws of (beta, b) (needs Normal or flat priors on beta);
+        ``full``: NUTS on everything, non-centered.  ``auto`` picks collapsed when it applies.
+    variance : LMMResult, optional
+        Hold the variance parameters at this closed-form fit's values.  The
+        posterior of (beta, b) is then Gaussian and is drawn exactly
+        (collapsed) or by NUTS (full): the validation's exact mode.
+    level : float
+        Coverage of the equal-tailed intervals in the summary tables.
+    target_accept : float
+        NUTS target acceptance probability.
+    progress : bool, optional
+        Progress bar; default: on when standard error is a terminal.
+
+    Returns
+    -------
+    BayesResult
+
+    Notes
+    -----
+    NUTS: Hoffman & Gelman (2014), as implemented by NumPyro (Phan et al. 2019).
+    The collapsed sampler integrates the Gaussian effects out (the marginal
+    likelihood of Bates et al. 2015 with the prior on beta as pseudo-data) and
+    draws them given each variance draw (Rue 2001).
+    """
+    chains = _positive_int("chains", chains)
+    draws = _positive_int("draws", draws)
+    tune = _positive_int("tune", tune, minimum=0)
+    seed = _positive_int("seed", seed, minimum=0)
+    if not 0 < level < 1:
+        raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
+    if not 0 < target_accept < 1:
+        raise ArgumentError(f"target_accept must be between 0 and 1, got {target_accept!r}")
+    design = build_design(formula, data, se=se)
+    resolved = resolve_priors(design, priors)
+    method = _choose_method(method, resolved)
+    held = None if variance is None else _held_variance(design, variance)
+    progress = sys.stderr.isatty() if progress is None else bool(progress)
+
+    sds = cors = sigma = stats = None
+    if method == "full":
+        beta, b, sds, cors, sigma, stats = _sample_full(
+            design, resolved, held, chains, draws, tune, seed, target_accept, progress
+        )
+    elif held is None:
+        beta, b, sds, cors, sigma, stats = _sample_collapsed(
+            design, resolved, chains, draws, tune, seed, target_accept, progress
+        )
+    else:
+        method = "exact"
+        beta, b = _sample_exact(design, resolved, variance, chains, draws, seed)
+
+    if sigma is not None:
+        sigma_rows = sigma
+    elif held is not None and not design.sigma_known:
+        sigma_rows = np.full((chains, draws), held.sigma)
+    else:
+        sigma_rows = None
+    log_lik = None
+    if chains * draws * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
+        log_lik = pointwise_log_likelihood(design, beta, b, sigma_rows)
+    idata = build_inference_data(design, beta, b, sds, cors, sigma, stats, log_lik)
+    result = BayesResult(
+        idata=idata,
+        design=design,
+        priors=resolved,
+        method=method,
+        level=level,
+        held=held,
+        held_varcorr=None if variance is None else variance.varcorr,
+    )
+    if stats is not None:
+        result.diagnostics(warn=True)
+    return result

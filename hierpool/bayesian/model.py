@@ -1,0 +1,113 @@
+"""NumPyro models of a linear mixed model built from a Design.
+
+    y_i ~ Normal(x_i beta + sum_j z_ij b_j[l_ij], sigma / sqrt(w_i))
+    b_j[l] ~ Normal(0, Sigma_j),   Sigma_j = diag(sd_j) R_j R_j^T diag(sd_j),   R_j R_j^T ~ LKJ(cor)
+
+* :func:`full_model`: every parameter sampled by NUTS, random effects
+  non-centered (b_j = z_j (diag(sd_j) R_j)^T with z_j ~ N(0, I)), which avoids
+  the funnel between the sds and the effects (Papaspiliopoulos et al. 2007).
+* :func:`collapsed_model`: only the variance parameters; beta and b are
+  integrated out (:mod:`hierpool.bayesian.collapsed`).
+
+Sample sites are internal (``sd__0``, ``cor__0``, ``z__0``...); results are
+renamed after grouping factors and coefficients when the posterior is assembled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+
+from ..closedform.system import MixedModelSystem
+from .collapsed import log_marginal_likelihood, theta_from_components
+from .priors import Priors
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class ModelData:
+    """The Design's arrays as JAX arrays (a pytree, so models can be jitted over it)."""
+
+    y: jax.Array
+    X: jax.Array
+    index: tuple  # per term, (n,) int32
+    z: tuple  # per term, (n, k_j)
+    noise_scale: jax.Array  # 1 / sqrt(w_i), or ones
+
+
+@dataclass(frozen=True)
+class HeldVariance:
+    """Variance parameters held fixed (the validation's exact mode): per-term Cholesky factors of Sigma_j."""
+
+    cov_factors: tuple  # lower-triangular (k_j, k_j), Sigma_j = F F^T
+    sigma: float  # residual sd (1.0 with known residual sds)
+
+
+def model_data(design) -> ModelData:
+    noise = np.ones(design.n) if design.weights is None else 1.0 / np.sqrt(design.weights)
+    return ModelData(
+        y=jnp.asarray(design.y),
+        X=jnp.asarray(design.X),
+        index=tuple(jnp.asarray(t.index, dtype=jnp.int32) for t in design.terms),
+        z=tuple(jnp.asarray(t.z) for t in design.terms),
+        noise_scale=jnp.asarray(noise),
+    )
+
+
+def _variance_parameters(priors: Priors, ks: tuple[int, ...]):
+    """Sample sigma, the sds and correlation factors; return (sigma, sds, cor_factors)."""
+    sigma = numpyro.sample("sigma", priors.sigma) if priors.sigma is not None else jnp.asarray(1.0)
+    sds, cors = [], []
+    for j, k in enumerate(ks):
+        sds.append(numpyro.sample(f"sd__{j}", priors.sd[j]))
+        cors.append(numpyro.sample(f"cor__{j}", dist.LKJCholesky(k, priors.cor[j])) if k > 1 else None)
+    return sigma, sds, cors
+
+
+def _fixed_effects(priors: Priors) -> jax.Array:
+    gaussian = priors.beta_gaussian()
+    if gaussian is not None and np.all(np.isfinite(gaussian[1])):
+        return numpyro.sample("beta", dist.Normal(jnp.asarray(gaussian[0]), jnp.asarray(gaussian[1])))
+    flat = dist.ImproperUniform(constraints.real, (), ())
+    return (
+        jnp.stack(
+            [
+                numpyro.sample(f"beta__{i}", flat if isinstance(prior, str) else prior)
+                for i, prior in enumerate(priors.beta)
+            ]
+        )
+        if priors.beta
+        else jnp.zeros(0)
+    )
+
+
+def full_model(
+    data: ModelData, *, priors: Priors, ks: tuple[int, ...], n_levels: tuple[int, ...], held: HeldVariance | None = None
+):
+    """The non-centered NumPyro model; with ``held`` the variance parameters are constants."""
+    beta = _fixed_effects(priors)
+    if held is None:
+        sigma, sds, cors = _variance_parameters(priors, ks)
+        cov_factors = [sd[:, None] * cor if cor is not None else jnp.diag(sd) for sd, cor in zip(sds, cors)]
+    else:
+        sigma, cov_factors = jnp.asarray(held.sigma), [jnp.asarray(f) for f in held.cov_factors]
+    mu = data.X @ beta
+    for j, (k, ell, factor) in enumerate(zip(ks, n_levels, cov_factors)):
+        z = numpyro.sample(f"z__{j}", dist.Normal(0.0, 1.0).expand((ell, k)).to_event(2))
+        b = numpyro.deterministic(f"b__{j}", z @ factor.T)
+        mu = mu + jnp.sum(data.z[j] * b[data.index[j]], axis=1)
+    numpyro.sample("y", dist.Normal(mu, sigma * data.noise_scale), obs=data.y)
+
+
+def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, *, priors: Priors):
+    """NUTS target over the variance parameters only: prior times the marginal likelihood."""
+    ks = system.layout.ks
+    sigma, sds, cors = _variance_parameters(priors, ks)
+    theta = theta_from_components(sds, cors, sigma, ks)
+    numpyro.factor("marginal_likelihood", log_marginal_likelihood(theta, sigma, system, loc, scale))

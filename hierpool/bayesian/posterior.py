@@ -1,0 +1,124 @@
+"""Posterior draws in ArviZ's conventions: variables named after grouping factors and coefficients.
+
+Variables of the posterior group:
+
+* ``beta`` (dim ``fixef``): fixed effects, coords the term names (``Intercept``, ``Days``...);
+* ``b_<group>`` (dims ``<group>``, ``<group>_coef``): random effects, coords the level labels and
+  coefficient names; terms that share a grouping factor (``(x || g)``) share one variable;
+* ``sd_<group>`` (dim ``<group>_coef``): random-effect standard deviations;
+* ``cor_<group>`` (dims ``<group>_coef_row``, ``<group>_coef_col``): the correlation matrix of a
+  correlated term (a second correlated term of the same factor gets ``cor_<group>_2``);
+* ``sigma``: residual sd (absent with known residual sds or held variance parameters).
+
+``<group>`` is the grouping factor as lme4 prints it, made an identifier (``cask:batch`` ->
+``cask_batch``).  No name contains ``|``, brackets or spaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import arviz as az
+import numpy as np
+
+from ..design import Design
+from .priors import identifier
+
+
+@dataclass(frozen=True)
+class TermSlot:
+    """Where random-effect term j lives in the posterior."""
+
+    group: str  # as lme4 prints it
+    name: str  # identifier used in variable and dim names
+    coef_positions: tuple[int, ...]  # positions of the term's coefficients in the group's coef dim
+    cor_name: str | None  # variable holding its correlation matrix (k > 1)
+
+
+def term_slots(design: Design) -> tuple[list[TermSlot], dict[str, list[str]]]:
+    """Each term's slot, and each group's coefficient labels (deduplicated)."""
+    coefs: dict[str, list[str]] = {}
+    cor_count: dict[str, int] = {}
+    slots = []
+    for term in design.terms:
+        name = identifier(term.group)
+        labels = coefs.setdefault(name, [])
+        positions = []
+        for coef in term.coef_names:
+            label = coef
+            while label in labels:  # (1 | g) + (1 | g): keep both, distinguishable
+                label = label + "_"
+            labels.append(label)
+            positions.append(len(labels) - 1)
+        cor_name = None
+        if term.k > 1:
+            cor_count[name] = cor_count.get(name, 0) + 1
+            cor_name = f"cor_{name}" if cor_count[name] == 1 else f"cor_{name}_{cor_count[name]}"
+        slots.append(TermSlot(term.group, name, tuple(positions), cor_name))
+    return slots, coefs
+
+
+def correlation_from_factor(cor_factor: np.ndarray) -> np.ndarray:
+    """R R^T for a batch of correlation Cholesky factors (..., k, k)."""
+    return cor_factor @ np.swapaxes(cor_factor, -1, -2)
+
+
+def build_inference_data(
+    design: Design,
+    beta: np.ndarray,
+    b: list[np.ndarray],
+    sds: list[np.ndarray] | None,
+    cor_factors: list[np.ndarray | None] | None,
+    sigma: np.ndarray | None,
+    sample_stats: dict | None,
+    log_likelihood: np.ndarray | None,
+) -> az.InferenceData:
+    """Assemble InferenceData from per-term draws shaped (chain, draw, ...)."""
+    slots, coefs = term_slots(design)
+    chains, draws = beta.shape[:2]
+    posterior = {"beta": beta}
+    coords = {"fixef": list(design.fixed_names)}
+    dims = {"beta": ["fixef"]}
+    for name, labels in coefs.items():
+        term = next(t for t, s in zip(design.terms, slots) if s.name == name)
+        posterior[f"b_{name}"] = np.zeros((chains, draws, term.n_levels, len(labels)))
+        coords[name] = [str(level) for level in term.levels]
+        coords[f"{name}_coef"] = labels
+        dims[f"b_{name}"] = [name, f"{name}_coef"]
+        if sds is not None:
+            posterior[f"sd_{name}"] = np.zeros((chains, draws, len(labels)))
+            dims[f"sd_{name}"] = [f"{name}_coef"]
+    for j, slot in enumerate(slots):
+        positions = list(slot.coef_positions)
+        posterior[f"b_{slot.name}"][..., positions] = b[j]
+        if sds is not None:
+            posterior[f"sd_{slot.name}"][..., positions] = sds[j]
+        if cor_factors is not None and slot.cor_name is not None:
+            term = design.terms[j]
+            posterior[slot.cor_name] = correlation_from_factor(cor_factors[j])
+            coords[f"{slot.cor_name}_row"] = list(term.coef_names)
+            coords[f"{slot.cor_name}_col"] = list(term.coef_names)
+            dims[slot.cor_name] = [f"{slot.cor_name}_row", f"{slot.cor_name}_col"]
+    if sigma is not None:
+        posterior["sigma"] = sigma
+    response = identifier(design.spec.response)
+    groups = {"posterior": posterior, "observed_data": {response: design.y}, "coords": coords, "dims": dims}
+    coords["obs"] = np.arange(design.n)
+    dims[response] = ["obs"]
+    if sample_stats is not None:
+        groups["sample_stats"] = sample_stats
+    if log_likelihood is not None:
+        groups["log_likelihood"] = {response: log_likelihood}
+    return az.from_dict(**groups)
+
+
+def pointwise_log_likelihood(
+    design: Design, beta: np.ndarray, b: list[np.ndarray], sigma: np.ndarray | None
+) -> np.ndarray:
+    """log p(y_i | beta, b, sigma) per draw and row, shape (chain, draw, n)."""
+    mu = np.einsum("np,cdp->cdn", design.X, beta)
+    for term, b_term in zip(design.terms, b):
+        mu = mu + np.einsum("nk,cdnk->cdn", term.z, b_term[:, :, term.index, :])
+    scale = np.ones(design.n) if design.weights is None else 1.0 / np.sqrt(design.weights)
+    scale = scale if sigma is None else sigma[..., None] * scale
+    return -0.5 * np.log(2 * np.pi) - np.log(scale) - 0.5 * ((design.y - mu) / scale) ** 2

@@ -1,0 +1,187 @@
+"""Priors of the Bayesian mixed model: weakly informative defaults scaled to the data, overridable by key.
+
+Defaults (rstanarm's autoscaled weakly informative priors, Gabry & Goodrich,
+"Prior distributions for rstanarm models"; s_y = sd(y), m_y = mean(y), s_x = sd of
+the coefficient's column):
+
+==================  =====================================================
+``Intercept``        Normal(m_y, 2.5 s_y)
+other fixed effect   Normal(0, 2.5 s_y / s_x)
+random-effect sd     HalfNormal(2.5 s_y) for intercepts, HalfNormal(2.5 s_y / s_z) for slopes
+``sigma``            Exponential(rate = 1 / s_y)
+``cor``              LKJ(1) on each correlated term (uniform over correlation matrices)
+==================  =====================================================
+
+Keys of ``priors=`` (later keys in this list win over earlier ones):
+``b`` (all fixed effects except the intercept), a fixed-effect term name
+(``"Intercept"``, ``"Days"``, ``"Sex[Male]"``), ``sd`` (every random-effect sd),
+``sd_<group>`` (the sds of one grouping factor, ``<group>`` as in ``varcorr.grp``),
+``sigma``, ``cor`` (the LKJ concentration, a positive number).  Values are
+NumPyro distributions with scalar batch shape, applied independently to every
+coefficient they cover, or the string ``"flat"`` for an improper uniform prior
+on a fixed effect.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+
+from ..design import Design
+from ..errors import ArgumentError
+
+FLAT = "flat"
+
+
+@dataclass(frozen=True)
+class Priors:
+    """The resolved priors of one model.
+
+    Attributes
+    ----------
+    beta : tuple
+        One per fixed effect: a scalar NumPyro distribution, or ``FLAT``.
+    sd : tuple of numpyro.distributions.Distribution
+        One per random-effect term, batch shape (k_j,).
+    cor : tuple of float
+        LKJ concentration of each term (used where k_j > 1).
+    sigma : numpyro.distributions.Distribution or None
+        None when residual sds are known.
+    """
+
+    beta: tuple
+    sd: tuple
+    cor: tuple
+    sigma: object
+
+    def beta_gaussian(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(loc, scale) of the fixed-effect priors when each is Normal or flat (scale inf), else None.
+
+        The collapsed sampler needs this: it integrates beta out analytically.
+        """
+        loc, scale = [], []
+        for prior in self.beta:
+            if isinstance(prior, str):
+                loc.append(0.0)
+                scale.append(np.inf)
+            elif type(prior) is dist.Normal:
+                loc.append(float(prior.loc))
+                scale.append(float(prior.scale))
+            else:
+                return None
+        return np.asarray(loc), np.asarray(scale)
+
+
+def _column_scale(values: np.ndarray) -> float:
+    scale = float(np.std(values))
+    return scale if scale > 0 else 1.0
+
+
+def group_keys(group: str) -> tuple[str, ...]:
+    """Names a ``sd_<group>`` key may use: the group as lme4 prints it and its identifier form."""
+    return tuple(dict.fromkeys((group, identifier(group))))
+
+
+def identifier(name: str) -> str:
+    """A name made safe for ArviZ / NetCDF variable and dimension names (no ``|``, ``:``, spaces...)."""
+    text = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in str(name))
+    return text if text and not text[0].isdigit() else "_" + text
+
+
+def _check_distribution(key: str, value, allow_flat: bool):
+    if allow_flat and isinstance(value, str) and value == FLAT:
+        return value
+    if not isinstance(value, dist.Distribution):
+        allowed = 'a numpyro distribution or "flat"' if allow_flat else "a numpyro distribution"
+        raise ArgumentError(f"prior {key!r} must be {allowed}, got {value!r}")
+    if value.batch_shape != () or value.event_shape != ():
+        raise ArgumentError(
+            f"prior {key!r} must be a scalar distribution (it applies to each coefficient it covers), "
+            f"got batch shape {value.batch_shape} and event shape {value.event_shape}"
+        )
+    return value
+
+
+def _check_positive_support(key: str, value) -> None:
+    support = value.support
+    if support not in (constraints.positive, constraints.nonnegative) and not isinstance(
+        support, (constraints.greater_than, constraints.greater_than_eq)
+    ):
+        raise ArgumentError(f"prior {key!r} must have positive support (e.g. HalfNormal, HalfCauchy), got {value!r}")
+
+
+def resolve_priors(design: Design, priors: dict | None) -> Priors:
+    """Defaults scaled to ``design``'s data, with the user's ``priors`` applied by key.
+
+    Raises
+    ------
+    ArgumentError
+        For a key that names nothing in the model, or a value of the wrong kind.
+    """
+    priors = dict(priors or {})
+    if not all(isinstance(key, str) for key in priors):
+        raise ArgumentError(f"prior keys must be strings, got {list(priors)!r}")
+    y = design.y
+    s_y, m_y = _column_scale(y), float(np.mean(y))
+    fixed = list(design.fixed_names)
+    groups = {key: term.group for term in design.terms for key in group_keys(term.group)}
+    known = {"b", "sd", "sigma", "cor"} | set(fixed) | {f"sd_{key}" for key in groups}
+    unknown = [key for key in priors if key not in known]
+    if unknown:
+        raise ArgumentError(
+            f"unknown prior key(s) {unknown}: this model has fixed effects {fixed}, "
+            f"sd_<group> keys {sorted(f'sd_{g}' for g in groups)}, and 'b', 'sd', 'sigma', 'cor'"
+        )
+    if "sigma" in priors and design.sigma_known:
+        raise ArgumentError("prior 'sigma' given, but residual sds are known (se=): there is no sigma")
+
+    beta = []
+    for j, name in enumerate(fixed):
+        if name == "Intercept":
+            prior = dist.Normal(m_y, 2.5 * s_y)
+        else:
+            prior = dist.Normal(0.0, 2.5 * s_y / _column_scale(design.X[:, j]))
+            if "b" in priors:
+                prior = _check_distribution("b", priors["b"], allow_flat=True)
+        if name in priors:
+            prior = _check_distribution(name, priors[name], allow_flat=True)
+        beta.append(prior)
+
+    sd = []
+    for term in design.terms:
+        user = None
+        if "sd" in priors:
+            user = ("sd", priors["sd"])
+        for key in group_keys(term.group):
+            if f"sd_{key}" in priors:
+                user = (f"sd_{key}", priors[f"sd_{key}"])
+        if user is None:
+            scales = [
+                2.5 * s_y if name == "Intercept" else 2.5 * s_y / _column_scale(term.z[:, i])
+                for i, name in enumerate(term.coef_names)
+            ]
+            sd.append(dist.HalfNormal(np.asarray(scales)))
+        else:
+            key, value = user
+            value = _check_distribution(key, value, allow_flat=False)
+            _check_positive_support(key, value)
+            sd.append(value.expand((term.k,)))
+
+    concentration = priors.get("cor", 1.0)
+    if isinstance(concentration, bool) or not isinstance(concentration, numbers.Real) or not concentration > 0:
+        raise ArgumentError(
+            f"prior 'cor' is the LKJ concentration and must be a positive number, got {concentration!r}"
+        )
+    cor = tuple(float(concentration) for _ in design.terms)
+
+    sigma = None
+    if not design.sigma_known:
+        sigma = dist.Exponential(1.0 / s_y)
+        if "sigma" in priors:
+            sigma = _check_distribution("sigma", priors["sigma"], allow_flat=False)
+            _check_positive_support("sigma", sigma)
+    return Priors(beta=tuple(beta), sd=tuple(sd), cor=cor, sigma=sigma)

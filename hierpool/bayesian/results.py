@@ -1,0 +1,276 @@
+"""The fitted Bayesian model: posterior summaries in lme4's table shapes, predictions, diagnostics."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import cached_property
+
+import arviz as az
+import numpy as np
+import pandas as pd
+
+from ..design import Design
+from ..errors import ArgumentError, HierpoolWarning
+from ..predict import model_rows
+from .posterior import term_slots
+from .priors import Priors
+
+SUMMARY_COLUMNS = ["mean", "sd", "lower", "upper", "mcse_mean", "ess_bulk", "r_hat"]
+
+
+class SamplingWarning(HierpoolWarning):
+    """MCMC diagnostics are bad: R-hat too high, ESS too low, or divergent transitions."""
+
+
+def _coef_pairs(k: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+def summarize_draws(draws: np.ndarray, level: float) -> dict[str, np.ndarray]:
+    """mean, sd, equal-tailed interval, MCSE of the mean, bulk ESS and rank-normalized R-hat.
+
+    ``draws`` has shape (chain, draw, m); statistics per column (Vehtari et al. 2021,
+    "Rank-normalization, folding, and localization: an improved R-hat", via ArviZ).
+    """
+    flat = draws.reshape(-1, draws.shape[-1])
+    tail = (1 - level) / 2
+    dataset = az.convert_to_dataset(draws)
+    return {
+        "mean": flat.mean(axis=0),
+        "sd": flat.std(axis=0, ddof=1),
+        "lower": np.quantile(flat, tail, axis=0),
+        "upper": np.quantile(flat, 1 - tail, axis=0),
+        "mcse_mean": az.mcse(dataset, method="mean")["x"].values,
+        "ess_bulk": az.ess(dataset, method="bulk")["x"].values,
+        "r_hat": az.rhat(dataset)["x"].values,
+    }
+
+
+@dataclass(frozen=True, eq=False)
+class BayesResult:
+    """Posterior of a linear mixed model.
+
+    Attributes
+    ----------
+    idata : arviz.InferenceData
+        posterior, sample_stats (NUTS runs), log_likelihood, observed_data.
+    design : Design
+    priors : Priors
+    method : str
+        ``"collapsed"``, ``"full"``, or ``"exact"`` (variance parameters held: independent draws).
+    level : float
+        Coverage of the ``lower``/``upper`` columns of the summary tables.
+    """
+
+    idata: az.InferenceData
+    design: Design
+    priors: Priors
+    method: str
+    level: float
+    held: object | None = None  # HeldVariance when the variance parameters were held fixed
+    held_varcorr: pd.DataFrame | None = None  # the closed-form fit's varcorr they came from
+
+    # --- draws ---------------------------------------------------------------------------
+    def _values(self, name: str) -> np.ndarray:
+        return np.asarray(self.idata.posterior[name].values)
+
+    def term_draws(self, j: int) -> np.ndarray:
+        """Draws of term j's random effects, shape (chain, draw, ell_j, k_j)."""
+        slot = term_slots(self.design)[0][j]
+        return self._values(f"b_{slot.name}")[..., list(slot.coef_positions)]
+
+    @property
+    def beta_draws(self) -> np.ndarray:
+        return self._values("beta")
+
+    @property
+    def sigma_draws(self) -> np.ndarray | None:
+        """Residual sd per draw (chain, draw); None with known residual sds."""
+        if "sigma" in self.idata.posterior:
+            return self._values("sigma")
+        if self.held is not None and not self.design.sigma_known:
+            return np.full(self.beta_draws.shape[:2], float(self.held.sigma))
+        return None
+
+    def term_covariance_draws(self, j: int) -> np.ndarray:
+        """Sigma_j per draw, shape (chain, draw, k_j, k_j)."""
+        slot = term_slots(self.design)[0][j]
+        term = self.design.terms[j]
+        if self.held is not None:
+            factor = np.asarray(self.held.cov_factors[j])
+            return np.broadcast_to(factor @ factor.T, self.beta_draws.shape[:2] + (term.k, term.k))
+        sd = self._values(f"sd_{slot.name}")[..., list(slot.coef_positions)]
+        cor = self._values(slot.cor_name) if slot.cor_name else np.broadcast_to(np.eye(term.k), sd.shape + (term.k,))
+        return sd[..., :, None] * cor * sd[..., None, :]
+
+    # --- tables --------------------------------------------------------------------------
+    @cached_property
+    def fixef(self) -> pd.DataFrame:
+        """Fixed effects: mean, sd, lower, upper, mcse_mean, ess_bulk, r_hat, indexed by term."""
+        stats = summarize_draws(self.beta_draws, self.level)
+        return pd.DataFrame(stats, index=pd.Index(list(self.design.fixed_names), name="term"))[SUMMARY_COLUMNS]
+
+    @cached_property
+    def ranef(self) -> pd.DataFrame:
+        """Random effects as lme4's ``ranef`` rows (grpvar, term, grp) with posterior summaries."""
+        frames = []
+        for j, term in enumerate(self.design.terms):
+            draws = self.term_draws(j)
+            for i, coef in enumerate(term.coef_names):
+                stats = summarize_draws(draws[..., i], self.level)
+                frame = pd.DataFrame({"grpvar": term.group, "term": coef, "grp": term.levels})
+                frames.append(pd.concat([frame, pd.DataFrame(stats)[SUMMARY_COLUMNS]], axis=1))
+        return pd.concat(frames, ignore_index=True)
+
+    @cached_property
+    def varcorr(self) -> pd.DataFrame:
+        """Random-effect sds, correlations and the residual sd with posterior summaries.
+
+        Rows as lme4's ``as.data.frame(VarCorr(fit))`` (grp, var1, var2); the summary
+        columns describe the sd (var2 empty) or the correlation (var2 set).  With held
+        variance parameters: their values, sd 0.
+        """
+        if self.held is not None:
+            frame = self.held_varcorr[["grp", "var1", "var2"]].copy()
+            frame["mean"] = self.held_varcorr["sdcor"].to_numpy()
+            for column in SUMMARY_COLUMNS[1:]:
+                frame[column] = 0.0 if column == "sd" else np.nan
+            return frame
+        rows, columns = [], []
+        slots = term_slots(self.design)[0]
+        for term, slot in zip(self.design.terms, slots):
+            sd = self._values(f"sd_{slot.name}")[..., list(slot.coef_positions)]
+            for i, coef in enumerate(term.coef_names):
+                rows.append((term.group, coef, None))
+                columns.append(sd[..., i])
+            if slot.cor_name:
+                cor = self._values(slot.cor_name)
+                for a, c in _coef_pairs(term.k):
+                    rows.append((term.group, term.coef_names[a], term.coef_names[c]))
+                    columns.append(cor[..., a, c])
+        if "sigma" in self.idata.posterior:
+            rows.append(("Residual", None, None))
+            columns.append(self._values("sigma"))
+        stats = summarize_draws(np.stack(columns, axis=-1), self.level)
+        return pd.concat(
+            [pd.DataFrame(rows, columns=["grp", "var1", "var2"]), pd.DataFrame(stats)[SUMMARY_COLUMNS]], axis=1
+        )
+
+    # --- predictions ---------------------------------------------------------------------
+    def predict(
+        self, newdata: pd.DataFrame | None = None, kind: str = "mean", level: float = 0.95, seed: int = 0
+    ) -> pd.DataFrame:
+        """Posterior (``kind="mean"``) or posterior predictive (``"predictive"``) summaries per row.
+
+        For each draw: x beta + sum_j z_j b_j[level]; a level never seen in fitting
+        gets b drawn from N(0, Sigma_j) of that draw (a new group from the
+        population).  ``"predictive"`` adds N(0, sigma^2) noise (with known
+        residual sds, the ``se`` column of ``newdata``, or the fitted rows' se).
+
+        Returns
+        -------
+        pandas.DataFrame
+            mean, sd, lower, upper (equal-tailed, ``level``).
+        """
+        if kind not in ("mean", "predictive"):
+            raise ArgumentError(f"kind must be 'mean' or 'predictive', got {kind!r}")
+        if not 0 < level < 1:
+            raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
+        rng = np.random.default_rng(seed)
+        X, terms = model_rows(self.design, newdata)
+        beta = self.beta_draws.reshape(-1, self.design.p)
+        mu = beta @ X.T
+        for j, (z, level_index) in enumerate(terms):
+            term_b = self.term_draws(j)
+            term_b = term_b.reshape((-1,) + term_b.shape[2:])
+            known = level_index >= 0
+            contribution = np.einsum("nk,snk->sn", z, term_b[:, np.where(known, level_index, 0), :])
+            if not known.all():
+                cov = self.term_covariance_draws(j).reshape(-1, z.shape[1], z.shape[1])
+                chol = np.linalg.cholesky(cov + 1e-12 * np.eye(z.shape[1]))
+                new = np.einsum("skl,snl->snk", chol, rng.standard_normal((cov.shape[0], X.shape[0], z.shape[1])))
+                contribution = np.where(known, contribution, np.einsum("nk,snk->sn", z, new))
+            mu = mu + contribution
+        if kind == "predictive":
+            mu = mu + rng.standard_normal(mu.shape) * self._noise_scale(newdata, mu.shape)
+        tail = (1 - level) / 2
+        return pd.DataFrame(
+            {
+                "mean": mu.mean(axis=0),
+                "sd": mu.std(axis=0, ddof=1),
+                "lower": np.quantile(mu, tail, axis=0),
+                "upper": np.quantile(mu, 1 - tail, axis=0),
+            }
+        )
+
+    def _noise_scale(self, newdata, shape) -> np.ndarray:
+        if not self.design.sigma_known:
+            return self.sigma_draws.reshape(-1)[:, None] * np.ones(shape[1])
+        if newdata is None:
+            return 1.0 / np.sqrt(self.design.weights)
+        raise ArgumentError("posterior predictive draws with known residual sds (se=) need newdata=None")
+
+    # --- diagnostics ---------------------------------------------------------------------
+    def diagnostics(self, warn: bool = True) -> pd.DataFrame:
+        """Worst R-hat and bulk/tail ESS per variable, and divergent transitions.
+
+        Warns (``SamplingWarning``) when R-hat > 1.01, bulk or tail ESS < 100 per
+        chain, or any transition diverged (Vehtari et al. 2021; Betancourt 2017).
+        """
+        posterior = self.idata.posterior
+        with warnings.catch_warnings():  # constant entries (a correlation matrix's diagonal) give NaN, skipped below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rhat, bulk, tail = az.rhat(posterior), az.ess(posterior, method="bulk"), az.ess(posterior, method="tail")
+        rows = []
+        for name in posterior.data_vars:
+            rows.append(
+                {
+                    "variable": name,
+                    "max_r_hat": float(np.nanmax(rhat[name].values)),
+                    "min_ess_bulk": float(np.nanmin(bulk[name].values)),
+                    "min_ess_tail": float(np.nanmin(tail[name].values)),
+                }
+            )
+        table = pd.DataFrame(rows).set_index("variable")
+        divergences = int(self.idata.sample_stats["diverging"].values.sum()) if "sample_stats" in self.idata else 0
+        table.attrs["divergences"] = divergences
+        if warn:
+            chains = posterior.sizes["chain"]
+            problems = []
+            if chains > 1 and table["max_r_hat"].max() > 1.01:
+                problems.append(f"R-hat up to {table['max_r_hat'].max():.3f} (> 1.01)")
+            if table["min_ess_bulk"].min() < 100 * chains or table["min_ess_tail"].min() < 100 * chains:
+                problems.append(
+                    f"ESS as low as {min(table['min_ess_bulk'].min(), table['min_ess_tail'].min()):.0f} (< 100 per chain)"
+                )
+            if divergences:
+                problems.append(f"{divergences} divergent transitions")
+            if problems:
+                warnings.warn("sampling diagnostics: " + "; ".join(problems), SamplingWarning, stacklevel=2)
+        return table
+
+    def summary(self) -> str:
+        """A printed summary: fixed effects, variance components, sampler diagnostics."""
+        lines = [
+            f"Bayesian linear mixed model ({self.method} sampler): {self.design.spec.formula}",
+            f"Data: {self.design.n} observations; "
+            + ", ".join(f"{t.group}: {t.n_levels} levels" for t in self.design.terms),
+            f"Draws: {self.idata.posterior.sizes['chain']} chains x {self.idata.posterior.sizes['draw']}; "
+            f"intervals: {self.level:.0%} equal-tailed",
+            "",
+            "Fixed effects:",
+            self.fixef.to_string(float_format=lambda v: f"{v:.4g}"),
+            "",
+            "Random-effect sds, correlations and residual sd:",
+            self.varcorr.fillna("").to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        ]
+        if "sample_stats" in self.idata:
+            lines += ["", f"Divergent transitions: {int(self.idata.sample_stats['diverging'].values.sum())}"]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+
+__all__ = ["BayesResult", "SamplingWarning"]

@@ -1,0 +1,183 @@
+"""The Bayesian engine against analytic answers, in Monte-Carlo-error units (z = difference / MCSE)."""
+
+import json
+from pathlib import Path
+
+import arviz as az
+import numpy as np
+import numpyro.distributions as dist
+import pandas as pd
+import pytest
+from conftest import load, simulated
+
+import hierpool as hp
+
+Z_MAX = 4.0
+EIGHT_SCHOOLS = json.loads(
+    (Path(__file__).resolve().parents[1] / "validation" / "eight_schools_reference.json").read_text()
+)
+FLAT = {"Intercept": "flat", "b": "flat"}
+
+
+def sd_tolerance(ess):
+    """z-threshold on a posterior sd: the sd estimate's relative MC error is about 1 / sqrt(2 ESS)."""
+    return Z_MAX / np.sqrt(2 * np.asarray(ess))
+
+
+def assert_matches_henderson(post, fit):
+    """Posterior of (beta, b) with held variance and flat beta prior = Henderson's solution and C^-1."""
+    ranef = post.ranef
+    assert list(ranef.grp) == list(fit.ranef.grp)
+    z = (ranef["mean"].to_numpy() - fit.ranef["condval"].to_numpy()) / ranef["mcse_mean"].to_numpy()
+    assert np.max(np.abs(z)) < Z_MAX, np.max(np.abs(z))
+    ratio = ranef["sd"].to_numpy() / fit.ranef_joint_sd()
+    assert np.all(np.abs(ratio - 1) < sd_tolerance(ranef["ess_bulk"])), ratio
+    fixef = post.fixef
+    z_beta = (fixef["mean"] - fit.fixef) / fixef["mcse_mean"]
+    assert np.max(np.abs(z_beta)) < Z_MAX
+    assert np.all(np.abs(fixef["sd"] / fit.fixef_se - 1) < sd_tolerance(fixef["ess_bulk"]))
+
+
+@pytest.mark.parametrize(
+    "name,formula",
+    [
+        ("sleepstudy", "Reaction ~ Days + (Days | Subject)"),  # correlated slopes
+        ("Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),  # crossed
+        ("Pastes", "strength ~ 1 + (1 | batch/cask)"),  # nested
+        ("sleepstudy", "Reaction ~ Days + (Days || Subject)"),  # uncorrelated
+    ],
+)
+def test_exact_draws_equal_henderson(name, formula):
+    data = load(name)
+    fit = hp.lmm(formula, data)
+    post = hp.bayes(formula, data, variance=fit, priors=FLAT, seed=1)
+    assert post.method == "exact"
+    assert_matches_henderson(post, fit)
+
+
+def test_full_nuts_with_held_variance_equals_henderson(sleepstudy):
+    formula = "Reaction ~ Days + (Days | Subject)"
+    fit = hp.lmm(formula, sleepstudy)
+    post = hp.bayes(formula, sleepstudy, variance=fit, priors=FLAT, method="full", seed=2)
+    assert post.diagnostics(warn=False).attrs["divergences"] == 0
+    assert_matches_henderson(post, fit)
+
+
+@pytest.fixture(scope="module")
+def sleepstudy_posteriors():
+    data = load("sleepstudy")
+    formula = "Reaction ~ Days + (Days | Subject)"
+    return {method: hp.bayes(formula, data, method=method, seed=3) for method in ("collapsed", "full")}
+
+
+def test_collapsed_and_full_samplers_agree(sleepstudy_posteriors):
+    collapsed, full = sleepstudy_posteriors["collapsed"], sleepstudy_posteriors["full"]
+    for table in ("fixef", "ranef", "varcorr"):
+        a, b = getattr(collapsed, table), getattr(full, table)
+        z = (a["mean"].to_numpy() - b["mean"].to_numpy()) / np.hypot(
+            a["mcse_mean"].to_numpy(), b["mcse_mean"].to_numpy()
+        )
+        assert np.max(np.abs(z)) < Z_MAX, (table, np.max(np.abs(z)))
+    for post in (collapsed, full):
+        diagnostics = post.diagnostics(warn=False)
+        assert diagnostics.attrs["divergences"] == 0
+        assert diagnostics["max_r_hat"].max() < 1.01
+
+
+def test_collapsed_sampler_mixes_random_effects_better(sleepstudy_posteriors):
+    collapsed, full = sleepstudy_posteriors["collapsed"], sleepstudy_posteriors["full"]
+    assert collapsed.ranef["ess_bulk"].min() > 1.2 * full.ranef["ess_bulk"].min()
+    assert collapsed.ranef["ess_bulk"].min() > 2500  # of 4000 draws: nearly independent
+
+
+def test_inference_data_follows_arviz_conventions(sleepstudy_posteriors):
+    idata = sleepstudy_posteriors["collapsed"].idata
+    assert {"posterior", "sample_stats", "log_likelihood", "observed_data"} <= set(idata.groups())
+    posterior = idata.posterior
+    assert set(posterior.data_vars) == {"beta", "b_Subject", "sd_Subject", "cor_Subject", "sigma"}
+    assert posterior["b_Subject"].dims == ("chain", "draw", "Subject", "Subject_coef")
+    assert list(posterior["b_Subject"].coords["Subject_coef"].values) == ["Intercept", "Days"]
+    assert "308" in posterior["b_Subject"].coords["Subject"].values
+    assert list(posterior["beta"].coords["fixef"].values) == ["Intercept", "Days"]
+    names = list(posterior.data_vars) + list(posterior.dims)
+    assert not any(ch in name for name in names for ch in "|[]: ")
+    assert idata.log_likelihood["Reaction"].shape == (4, 1000, 180)
+    assert int(idata.sample_stats["diverging"].sum()) == 0
+    # the log-likelihood is usable by ArviZ's model comparison
+    assert np.isfinite(az.loo(idata).elpd_loo)
+
+
+def test_summary_tables_have_the_documented_columns(sleepstudy_posteriors):
+    post = sleepstudy_posteriors["collapsed"]
+    columns = ["mean", "sd", "lower", "upper", "mcse_mean", "ess_bulk", "r_hat"]
+    assert list(post.fixef.columns) == columns
+    assert list(post.ranef.columns) == ["grpvar", "term", "grp"] + columns
+    assert list(post.varcorr.columns) == ["grp", "var1", "var2"] + columns
+    assert list(post.varcorr.grp) == ["Subject", "Subject", "Subject", "Residual"]
+    assert "Fixed effects" in post.summary()
+
+
+def test_predictions_new_levels_and_predictive_are_wider(sleepstudy_posteriors, sleepstudy):
+    post = sleepstudy_posteriors["collapsed"]
+    new = pd.DataFrame({"Days": [5.0, 5.0], "Subject": ["308", "new subject"]})
+    mean = post.predict(new, kind="mean")
+    predictive = post.predict(new, kind="predictive")
+    assert mean.loc[1, "sd"] > 2 * mean.loc[0, "sd"]  # a new subject: drawn from the population
+    assert np.all(predictive["sd"] > mean["sd"])
+    # the fitted subject's mean prediction is its posterior mean line
+    draws = (
+        post.beta_draws[..., 0]
+        + 5 * post.beta_draws[..., 1]
+        + post.term_draws(0)[..., 0, 0]
+        + 5 * post.term_draws(0)[..., 0, 1]
+    )
+    assert mean.loc[0, "mean"] == pytest.approx(draws.mean(), rel=1e-10)
+
+
+def test_eight_schools_matches_the_reference_posterior():
+    data = pd.DataFrame({"y": EIGHT_SCHOOLS["y"], "se": EIGHT_SCHOOLS["se"], "school": list("ABCDEFGH")})
+    priors = {"Intercept": dist.Normal(0, 5), "sd_school": dist.HalfCauchy(5)}
+    post = hp.bayes("y ~ 1 + (1 | school)", data, se="se", priors=priors, seed=4)
+    assert post.diagnostics(warn=False).attrs["divergences"] == 0
+    mu, tau = post.fixef.loc["Intercept"], post.varcorr.iloc[0]
+    assert abs(mu["mean"] - EIGHT_SCHOOLS["mu"]["mean"]) / mu["mcse_mean"] < Z_MAX
+    assert abs(tau["mean"] - EIGHT_SCHOOLS["tau"]["mean"]) / tau["mcse_mean"] < Z_MAX
+    theta = post.beta_draws[..., :1] + post.term_draws(0)[..., 0]
+    mcse = az.mcse(az.convert_to_dataset(theta), method="mean")["x"].values
+    z = (theta.reshape(-1, 8).mean(axis=0) - EIGHT_SCHOOLS["theta"]["mean"]) / mcse
+    assert np.max(np.abs(z)) < Z_MAX, z
+
+
+def test_prior_overrides_take_effect():
+    data = simulated(seed=1)
+    post = hp.bayes("y ~ x + (1 | g)", data, priors={"Intercept": dist.Normal(10.0, 0.01)}, draws=300, tune=300, seed=5)
+    assert post.fixef.loc["Intercept", "mean"] == pytest.approx(10.0, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"priors": {"Intercpt": dist.Normal(0, 1)}}, "Intercpt"),
+        ({"priors": {"sd_Subjet": dist.HalfNormal(1)}}, "sd_Subjet"),
+        ({"priors": {"Days": 3.0}}, "Days"),
+        ({"priors": {"sd": dist.Normal(0, 1)}}, "positive support"),
+        ({"priors": {"b": dist.Normal(np.zeros(2), 1.0)}}, "scalar"),
+        ({"priors": {"cor": -1}}, "cor"),
+        ({"chains": 0}, "chains"),
+        ({"draws": 0}, "draws"),
+        ({"tune": -1}, "tune"),
+        ({"method": "gibbs"}, "method"),
+        ({"method": "collapsed", "priors": {"Days": dist.StudentT(3, 0, 10)}}, "collapsed"),
+        ({"variance": "REML"}, "variance"),
+    ],
+)
+def test_bad_arguments_raise_a_named_error(sleepstudy, kwargs, match):
+    with pytest.raises(hp.HierpoolError, match=match):
+        hp.bayes("Reaction ~ Days + (Days | Subject)", sleepstudy, **kwargs)
+
+
+def test_student_t_prior_uses_the_full_sampler():
+    data = simulated(seed=2)
+    post = hp.bayes("y ~ x + (1 | g)", data, priors={"x": dist.StudentT(3, 0, 5)}, draws=300, tune=300, seed=6)
+    assert post.method == "full"
+    assert "beta" in post.idata.posterior
