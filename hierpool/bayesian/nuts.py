@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -70,20 +71,22 @@ def _start(model, model_args, key, jitter: float = 1.0):
     return jax.tree_util.tree_unflatten(tree, noisy)
 
 
-def _progress_callback(total: int, chains: int):
-    """A tqdm bar updated from inside the compiled loop (every ~1% of iterations)."""
+def _progress_callback(iterations: int, chains: int):
+    """A tqdm bar over all chains' iterations, updated from inside the compiled loops every ~1%."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=f"sampling {chains} chain(s)", file=sys.stderr)
-    step = max(1, total // 100)
+    total = iterations * chains
+    bar = tqdm(total=total, desc=f"sampling {chains} chain(s)", unit="it", file=sys.stderr)
+    every = max(1, iterations // 100)
+    lock = threading.Lock()
 
     def update(i):
-        i = int(np.asarray(i).reshape(-1)[0])
-        bar.update(min(step, total - bar.n))
-        if i + step >= total:
-            bar.close()
+        with lock:  # chains run in parallel threads
+            bar.update(min(every, total - bar.n))
+            if bar.n >= total:
+                bar.close()
 
-    return update, step
+    return update, every
 
 
 def sample_nuts(
