@@ -45,6 +45,7 @@ def assert_matches_henderson(post, fit):
         ("Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),  # crossed
         ("Pastes", "strength ~ 1 + (1 | batch/cask)"),  # nested
         ("sleepstudy", "Reaction ~ Days + (Days || Subject)"),  # uncorrelated
+        ("Machines", "score ~ Machine + (1 | Worker) + (1 | Worker:Machine)"),  # categorical fixed effect
     ],
 )
 def test_exact_draws_equal_henderson(name, formula):
@@ -53,6 +54,16 @@ def test_exact_draws_equal_henderson(name, formula):
     post = hp.bayes(formula, data, variance=fit, priors=FLAT, seed=1)
     assert post.method == "exact"
     assert_matches_henderson(post, fit)
+
+
+def test_known_residual_sds_full_model_matches_reference():
+    data = pd.DataFrame({"y": EIGHT_SCHOOLS["y"], "se": EIGHT_SCHOOLS["se"], "school": list("ABCDEFGH")})
+    priors = {"Intercept": dist.Normal(0, 5), "sd_school": dist.HalfCauchy(5)}
+    post = hp.bayes("y ~ 1 + (1 | school)", data, se="se", priors=priors, method="full", target_accept=0.95, seed=7)
+    assert post.diagnostics(warn=False).attrs["divergences"] == 0
+    assert "sigma" not in post.idata.posterior
+    mu = post.fixef.loc["Intercept"]
+    assert abs(mu["mean"] - EIGHT_SCHOOLS["mu"]["mean"]) / mu["mcse_mean"] < Z_MAX
 
 
 def test_full_nuts_with_held_variance_equals_henderson(sleepstudy):
