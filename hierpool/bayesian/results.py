@@ -10,6 +10,7 @@ import arviz as az
 import numpy as np
 import pandas as pd
 
+from ..closedform.results import _coef_pairs
 from ..design import Design
 from ..errors import ArgumentError, HierpoolWarning
 from ..predict import model_rows
@@ -21,10 +22,6 @@ SUMMARY_COLUMNS = ["mean", "sd", "lower", "upper", "mcse_mean", "ess_bulk", "r_h
 
 class SamplingWarning(HierpoolWarning):
     """MCMC diagnostics are bad: R-hat too high, ESS too low, or divergent transitions."""
-
-
-def _coef_pairs(k: int) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(k) for j in range(i + 1, k)]
 
 
 def summarize_draws(draws: np.ndarray, level: float) -> dict[str, np.ndarray]:
