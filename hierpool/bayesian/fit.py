@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import sys
+import warnings
 from functools import partial
 
 import jax
@@ -14,7 +15,7 @@ import pandas as pd
 from ..closedform.results import LMMResult
 from ..closedform.system import build_system
 from ..design import Design, build_design
-from ..errors import ArgumentError
+from ..errors import ArgumentError, HierpoolWarning
 from .collapsed import draw_batch_size, draw_effects, theta_from_components
 from .model import HeldVariance, collapsed_model, full_model, model_data
 from .nuts import sample_nuts
@@ -230,6 +231,13 @@ def bayes(
     log_lik = None
     if chains * draws * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
         log_lik = pointwise_log_likelihood(design, beta, b, sigma_rows)
+    else:
+        warnings.warn(
+            f"the pointwise log-likelihood ({chains} x {draws} x {design.n} values) is not stored: "
+            f"more than {LOG_LIKELIHOOD_MAX_VALUES:.0e}; idata has no log_likelihood group",
+            HierpoolWarning,
+            stacklevel=2,
+        )
     idata = build_inference_data(design, beta, b, sds, cors, sigma, stats, log_lik)
     result = BayesResult(
         idata=idata,
