@@ -192,3 +192,14 @@ def test_student_t_prior_uses_the_full_sampler():
     post = hp.bayes("y ~ x + (1 | g)", data, priors={"x": dist.StudentT(3, 0, 5)}, draws=300, tune=300, seed=6)
     assert post.method == "full"
     assert "beta" in post.idata.posterior
+
+
+def test_two_by_two_correlation_prior_is_lkj():
+    # the k = 2 shortcut (rho = 2u - 1, u ~ Beta(eta, eta)) against NumPyro's LKJCholesky draws
+    import jax
+    import scipy.stats
+
+    eta = 3.0
+    lkj = dist.LKJCholesky(2, eta).sample(jax.random.PRNGKey(0), (20000,))[:, 1, 0]
+    shortcut = 2 * dist.Beta(eta, eta).sample(jax.random.PRNGKey(1), (20000,)) - 1
+    assert scipy.stats.ks_2samp(np.asarray(lkj), np.asarray(shortcut)).pvalue > 0.001
