@@ -86,8 +86,10 @@ def level_contractions(system: MixedModelSystem, matrix: jax.Array, n_blocks: in
         (ell_r, k_r), (ell_s, k_s) = layout.rest_blocks[r], layout.rest_blocks[s]
         block = matrix[offsets[r] : offsets[r + 1], offsets[s] : offsets[s + 1]]
         cells = block.reshape(ell_r, k_r, ell_s, k_s).transpose(0, 2, 1, 3).reshape(ell_r * ell_s, k_r, k_s)
+        # one cell (X and y blocks): broadcast it rather than gather it per pair
+        weights = cells if ell_r * ell_s == 1 else cells[pairs.target]
         per_level = jax.ops.segment_sum(
-            _contract(pairs.products, cells[pairs.target], axes=(3, 4)), pairs.level0, num_segments=layout.n_levels[0]
+            _contract(pairs.products, weights, axes=(3, 4)), pairs.level0, num_segments=layout.n_levels[0]
         )
         total = total + (per_level if r == s else per_level + per_level.transpose(0, 2, 1))
     return total
@@ -104,7 +106,10 @@ def _schur_update(system: MixedModelSystem, m_levels: jax.Array) -> jax.Array:
     for (r, s), pairs in zip(system.layout.pair_keys(), system.pairs):
         (ell_r, k_r), (ell_s, k_s) = blocks[r], blocks[s]
         contributions = _contract(pairs.products, m_levels[pairs.level0], axes=(1, 2))
-        summed = jax.ops.segment_sum(contributions, pairs.target, num_segments=ell_r * ell_s, indices_are_sorted=True)
+        if ell_r * ell_s == 1:  # X and y blocks: every pair lands in the one cell, a plain sum (no scatter)
+            summed = jnp.sum(contributions, axis=0, keepdims=True)
+        else:
+            summed = jax.ops.segment_sum(contributions, pairs.target, num_segments=ell_r * ell_s, indices_are_sorted=True)
         block = summed.reshape(ell_r, ell_s, k_r, k_s).transpose(0, 2, 1, 3).reshape(ell_r * k_r, ell_s * k_s)
         grid[r][s] = block
         if r != s:
