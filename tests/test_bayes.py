@@ -203,3 +203,13 @@ def test_two_by_two_correlation_prior_is_lkj():
     lkj = dist.LKJCholesky(2, eta).sample(jax.random.PRNGKey(0), (20000,))[:, 1, 0]
     shortcut = 2 * dist.Beta(eta, eta).sample(jax.random.PRNGKey(1), (20000,)) - 1
     assert scipy.stats.ks_2samp(np.asarray(lkj), np.asarray(shortcut)).pvalue > 0.001
+
+
+def test_a_second_fit_of_the_same_shape_reuses_the_compiled_sampler(monkeypatch):
+    from hierpool.bayesian import nuts
+
+    first, second = simulated(seed=3), simulated(seed=4)  # same shape, other values (and default prior scales)
+    hp.bayes("y ~ x + (1 | g)", first, draws=200, tune=200, seed=8)
+    monkeypatch.setattr(nuts, "_build_programs", lambda *a, **k: pytest.fail("recompiled"))
+    post = hp.bayes("y ~ x + (1 | g)", second, draws=200, tune=200, seed=8)
+    assert np.isfinite(post.fixef["mean"]).all()

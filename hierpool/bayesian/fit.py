@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import sys
 import warnings
-from functools import partial
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -65,16 +65,22 @@ def _variance_parts(draws: dict, ks: tuple[int, ...], sigma_known: bool):
     return sds, cors, sigma
 
 
-def _collapsed_postprocess(ks: tuple[int, ...], sigma_known: bool, batch_size: int):
-    """Inside the sampling program: exact (beta, b) draws for each variance draw."""
+@dataclass(frozen=True)
+class _CollapsedDraws:
+    """Inside the compiled post-processing: exact (beta, b) draws for each variance draw.
 
-    def postprocess(draws, key, system, loc, scale):
-        sds, cors, sigma = _variance_parts(draws, ks, sigma_known)
-        thetas = jax.vmap(lambda sd, cor, sg: theta_from_components(sd, cor, sg, ks))(sds, cors, sigma)
-        beta, b = draw_effects(thetas, sigma, system, loc, scale, key, batch_size)
+    A frozen dataclass, not a closure: it keys the compiled-program cache by value.
+    """
+
+    ks: tuple[int, ...]
+    sigma_known: bool
+    batch_size: int
+
+    def __call__(self, draws, key, system, loc, scale, priors):
+        sds, cors, sigma = _variance_parts(draws, self.ks, self.sigma_known)
+        thetas = jax.vmap(lambda sd, cor, sg: theta_from_components(sd, cor, sg, self.ks))(sds, cors, sigma)
+        beta, b = draw_effects(thetas, sigma, system, loc, scale, key, self.batch_size)
         return {"variance": draws, "beta": beta, "b": b}
-
-    return postprocess
 
 
 def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept, progress):
@@ -82,14 +88,14 @@ def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept
     loc, scale = (jnp.asarray(a) for a in resolved.beta_gaussian())
     ks = tuple(t.k for t in design.terms)
     out, stats = sample_nuts(
-        partial(collapsed_model, priors=resolved),
-        (system, loc, scale),
+        collapsed_model,
+        (system, loc, scale, resolved),
         chains=chains,
         tune=tune,
         draws=draws,
         seed=seed,
         target_accept=target_accept,
-        postprocess=_collapsed_postprocess(ks, design.sigma_known, draw_batch_size(system.layout)),
+        postprocess=_CollapsedDraws(ks, design.sigma_known, draw_batch_size(system.layout)),
         progress=progress,
     )
     sds, cors, _ = _variance_parts(out["variance"], ks, True)
@@ -113,10 +119,10 @@ def _sample_exact(design, resolved, variance, chains, draws, seed):
 
 def _sample_full(design, resolved, held, chains, draws, tune, seed, target_accept, progress):
     ks = tuple(t.k for t in design.terms)
-    model = partial(full_model, priors=resolved, ks=ks, n_levels=tuple(t.n_levels for t in design.terms), held=held)
     out, stats = sample_nuts(
-        model,
-        (model_data(design),),
+        full_model,
+        (model_data(design), resolved, held),
+        static=(("ks", ks), ("n_levels", tuple(t.n_levels for t in design.terms))),
         chains=chains,
         tune=tune,
         draws=draws,

@@ -41,6 +41,7 @@ class ModelData:
     noise_scale: jax.Array  # 1 / sqrt(w_i), or ones
 
 
+@jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class HeldVariance:
     """Variance parameters held fixed (the validation's exact mode): per-term Cholesky factors of Sigma_j."""
@@ -83,26 +84,17 @@ def _two_by_two_factor(rho: jax.Array) -> jax.Array:
 
 
 def _fixed_effects(priors: Priors) -> jax.Array:
-    gaussian = priors.beta_gaussian()
-    if gaussian is not None and np.all(np.isfinite(gaussian[1])):
-        return numpyro.sample("beta", dist.Normal(jnp.asarray(gaussian[0]), jnp.asarray(gaussian[1])))
+    if priors.beta and priors.beta_all_normal():
+        loc = jnp.stack([jnp.asarray(prior.loc) for prior in priors.beta])
+        scale = jnp.stack([jnp.asarray(prior.scale) for prior in priors.beta])
+        return numpyro.sample("beta", dist.Normal(loc, scale))
     flat = dist.ImproperUniform(constraints.real, (), ())
-    return (
-        jnp.stack(
-            [
-                numpyro.sample(f"beta__{i}", flat if isinstance(prior, str) else prior)
-                for i, prior in enumerate(priors.beta)
-            ]
-        )
-        if priors.beta
-        else jnp.zeros(0)
-    )
+    draws = [numpyro.sample(f"beta__{i}", flat if prior is None else prior) for i, prior in enumerate(priors.beta)]
+    return jnp.stack(draws) if draws else jnp.zeros(0)
 
 
-def full_model(
-    data: ModelData, *, priors: Priors, ks: tuple[int, ...], n_levels: tuple[int, ...], held: HeldVariance | None = None
-):
-    """The non-centered NumPyro model; with ``held`` the variance parameters are constants."""
+def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, *, ks: tuple[int, ...], n_levels: tuple[int, ...]):
+    """The non-centered NumPyro model; with ``held`` the variance parameters are fixed at its values."""
     beta = _fixed_effects(priors)
     if held is None:
         sigma, sds, cors = _variance_parameters(priors, ks)
@@ -117,7 +109,7 @@ def full_model(
     numpyro.sample("y", dist.Normal(mu, sigma * data.noise_scale), obs=data.y)
 
 
-def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, *, priors: Priors):
+def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, priors: Priors):
     """NUTS target over the variance parameters only: prior times the marginal likelihood."""
     ks = system.layout.ks
     sigma, sds, cors = _variance_parameters(priors, ks)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -71,85 +73,63 @@ def _start(model, model_args, key, jitter: float = 1.0):
     return jax.tree_util.tree_unflatten(tree, noisy)
 
 
-def _progress_callback(iterations: int, chains: int):
-    """A tqdm bar over all chains' iterations, updated from inside the compiled loops every ~1%."""
-    from tqdm.auto import tqdm
+class _Progress:
+    """A tqdm bar over all chains' iterations, fed from inside the compiled loops every ~1%.
 
-    total = iterations * chains
-    bar = tqdm(total=total, desc=f"sampling {chains} chain(s)", unit="it", file=sys.stderr)
-    every = max(1, iterations // 100)
-    lock = threading.Lock()
-
-    def update(i):
-        with lock:  # chains run in parallel threads
-            bar.update(min(every, total - bar.n))
-            if bar.n >= total:
-                bar.close()
-
-    return update, every
-
-
-def sample_nuts(
-    model,
-    model_args: tuple,
-    *,
-    chains: int,
-    tune: int,
-    draws: int,
-    seed: int,
-    target_accept: float = 0.8,
-    max_tree_depth: int = 10,
-    postprocess=None,
-    progress: bool = False,
-):
-    """Run ``chains`` NUTS chains of ``model(*model_args)``.
-
-    Parameters
-    ----------
-    model : callable
-        A NumPyro model.
-    model_args : tuple
-        Its arguments (a pytree: traced, not baked into the program).
-    chains, tune, draws, seed : int
-    target_accept : float
-        Dual-averaging target acceptance probability.
-    max_tree_depth : int
-    postprocess : callable, optional
-        ``postprocess(constrained_draws, key, *model_args)`` -> pytree, applied to
-        the constrained draws (flattened over chains and draws) inside the same
-        compiled program; its output is returned instead of the draws.
-    progress : bool
-        Show a progress bar.
-
-    Returns
-    -------
-    (draws, stats)
-        ``draws``: dict of constrained draws shaped (chain, draw, ...) (or the
-        postprocess output); ``stats``: the ``SAMPLE_STATS`` per chain and draw.
+    The compiled program holds a reference to this object; each run gives it a fresh bar.
     """
-    total = tune + draws
-    bar = _progress_callback(total, chains) if progress else None
 
+    def __init__(self, iterations: int, chains: int):
+        self.total = iterations * chains
+        self.every = max(1, iterations // 100)
+        self.chains = chains
+        self.bar = None
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, desc=f"sampling {self.chains} chain(s)", unit="it", file=sys.stderr)
+
+    def update(self, i) -> None:
+        with self.lock:  # chains run in parallel threads
+            if self.bar is None:
+                return
+            self.bar.update(min(self.every, self.total - self.bar.n))
+            if self.bar.n >= self.total:
+                self.bar.close()
+                self.bar = None
+
+
+#: Compiled (chain, finish) programs by model, settings and argument shapes; most recent last.
+_PROGRAMS: OrderedDict = OrderedDict()
+_PROGRAMS_KEPT = 8
+
+
+def _signature(tree) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
+
+
+def _build_programs(model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, postprocess, progress):
+    bound = partial(model, **dict(static))
+    total = tune + draws
     # one jitted potential: NumPyro's NUTS traces the potential at several places, and a
     # jitted function with the same argument shapes is traced (and differentiated) once
-    potential_jit = jax.jit(lambda z, args: potential_energy(model, args, {}, z))
-
-    def potential(args):
-        return lambda z: potential_jit(z, args)
+    potential_jit = jax.jit(lambda z, args: potential_energy(bound, args, {}, z))
 
     def one_chain(key, args):
         key_init, key_run = jax.random.split(key)
-        start = _start(model, args, key_init)
-        kernel_init, kernel_sample = hmc(potential_fn=potential(args), algo="NUTS")
+        start = _start(bound, args, key_init)
+        kernel_init, kernel_sample = hmc(potential_fn=lambda z: potential_jit(z, args), algo="NUTS")
         state = kernel_init(
             start, num_warmup=tune, target_accept_prob=target_accept, max_tree_depth=max_tree_depth, rng_key=key_run
         )
 
         def step(state, i):
             state = kernel_sample(state)
-            if bar is not None:
-                update, every = bar
-                jax.lax.cond(i % every == 0, lambda: jax.debug.callback(update, i), lambda: None)
+            if progress is not None:
+                jax.lax.cond(i % progress.every == 0, lambda: jax.debug.callback(progress.update, i), lambda: None)
             stats = {
                 "diverging": state.diverging,
                 "energy": state.energy,
@@ -165,24 +145,90 @@ def sample_nuts(
 
     def finish(z, key, args):
         flat = jax.tree_util.tree_map(lambda x: x.reshape((chains * draws,) + x.shape[2:]), z)
-        constrained = jax.vmap(lambda params: constrain_fn(model, args, {}, params, return_deterministic=True))(flat)
+        constrained = jax.vmap(lambda params: constrain_fn(bound, args, {}, params, return_deterministic=True))(flat)
         out = constrained if postprocess is None else postprocess(constrained, key, *args)
         return jax.tree_util.tree_map(lambda x: x.reshape((chains, draws) + x.shape[1:]), out)
 
-    key_chains, key_finish = jax.random.split(jax.random.PRNGKey(seed))
-    chain_keys = list(jax.random.split(key_chains, chains))
-    chain_program = jax.jit(one_chain).lower(chain_keys[0], model_args)
-    z_shapes = chain_program.out_info[0]
-    z_stacked = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((chains,) + s.shape, s.dtype), z_shapes)
-    finish_program = jax.jit(finish).lower(z_stacked, key_finish, model_args)
-    workers = max(1, min(chains, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    key = jax.random.PRNGKey(0)
+    chain_program = jax.jit(one_chain).lower(key, model_args)
+    z_stacked = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((chains,) + s.shape, s.dtype), chain_program.out_info[0])
+    finish_program = jax.jit(finish).lower(z_stacked, key, model_args)
+    with ThreadPoolExecutor(max_workers=2) as pool:
         # XLA compiles outside the GIL: the sampler and the post-processing compile side by side
         compiling = pool.submit(finish_program.compile)
         chain_compiled = chain_program.compile()
-        # independent chains run side by side too (one core each)
+        return chain_compiled, compiling.result()
+
+
+def sample_nuts(
+    model,
+    model_args: tuple,
+    *,
+    static: tuple = (),
+    chains: int,
+    tune: int,
+    draws: int,
+    seed: int,
+    target_accept: float = 0.8,
+    max_tree_depth: int = 10,
+    postprocess=None,
+    progress: bool = False,
+):
+    """Run ``chains`` NUTS chains of ``model(*model_args, **dict(static))``.
+
+    Parameters
+    ----------
+    model : callable
+        A NumPyro model (a module-level function: it keys the program cache).
+    model_args : tuple
+        Its array arguments, priors included (a pytree: traced, not baked into the program).
+    static : tuple of (name, value)
+        Hashable keyword arguments fixed at compile time (shapes, term widths).
+    chains, tune, draws, seed : int
+    target_accept : float
+        Dual-averaging target acceptance probability.
+    max_tree_depth : int
+    postprocess : callable, optional
+        ``postprocess(constrained_draws, key, *model_args)`` -> pytree, applied to
+        the constrained draws (flattened over chains and draws) in a second compiled
+        program; its output is returned instead of the draws.  Hashable (it keys the cache).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    (draws, stats)
+        ``draws``: dict of constrained draws shaped (chain, draw, ...) (or the
+        postprocess output); ``stats``: the ``SAMPLE_STATS`` per chain and draw.
+
+    Notes
+    -----
+    The compiled programs are cached (the last 8) by model, static arguments,
+    settings and the shapes of ``model_args``: a second fit of a model of the same
+    shape (another data set, other prior values) in the same process does not compile.
+    """
+    cache_key = (model, static, chains, tune, draws, target_accept, max_tree_depth, postprocess, progress,
+                 _signature(model_args))
+    if cache_key in _PROGRAMS:
+        _PROGRAMS.move_to_end(cache_key)
+        chain_compiled, finish_compiled, bar = _PROGRAMS[cache_key]
+    else:
+        bar = _Progress(tune + draws, chains) if progress else None
+        chain_compiled, finish_compiled = _build_programs(
+            model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, postprocess, bar
+        )
+        _PROGRAMS[cache_key] = (chain_compiled, finish_compiled, bar)
+        if len(_PROGRAMS) > _PROGRAMS_KEPT:
+            _PROGRAMS.popitem(last=False)
+
+    key_chains, key_finish = jax.random.split(jax.random.PRNGKey(seed))
+    chain_keys = list(jax.random.split(key_chains, chains))
+    if bar is not None:
+        bar.start()
+    workers = max(1, min(chains, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # independent chains run side by side (one core each)
         per_chain = list(pool.map(lambda k: jax.block_until_ready(chain_compiled(k, model_args)), chain_keys))
-        finish_compiled = compiling.result()
     z = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[zc for zc, _ in per_chain])
     stats = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[st for _, st in per_chain])
     out = jax.tree_util.tree_map(np.asarray, finish_compiled(z, key_finish, model_args))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
@@ -37,14 +38,15 @@ from ..errors import ArgumentError
 FLAT = "flat"
 
 
+@jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class Priors:
-    """The resolved priors of one model.
+    """The resolved priors of one model: a pytree, so a compiled sampler takes them as arguments.
 
     Attributes
     ----------
     beta : tuple
-        One per fixed effect: a scalar NumPyro distribution, or ``FLAT``.
+        One per fixed effect: a scalar NumPyro distribution, or None for a flat prior.
     sd : tuple of numpyro.distributions.Distribution
         One per random-effect term, batch shape (k_j,).
     cor : tuple of float
@@ -58,6 +60,10 @@ class Priors:
     cor: tuple
     sigma: object
 
+    def beta_all_normal(self) -> bool:
+        """Every fixed effect has a Normal prior (none flat): one vector-valued sample site."""
+        return all(type(prior) is dist.Normal for prior in self.beta)
+
     def beta_gaussian(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(loc, scale) of the fixed-effect priors when each is Normal or flat (scale inf), else None.
 
@@ -65,7 +71,7 @@ class Priors:
         """
         loc, scale = [], []
         for prior in self.beta:
-            if isinstance(prior, str):
+            if prior is None:
                 loc.append(0.0)
                 scale.append(np.inf)
             elif type(prior) is dist.Normal:
@@ -149,7 +155,7 @@ def resolve_priors(design: Design, priors: dict | None) -> Priors:
                 prior = _check_distribution("b", priors["b"], allow_flat=True)
         if name in priors:
             prior = _check_distribution(name, priors[name], allow_flat=True)
-        beta.append(prior)
+        beta.append(None if isinstance(prior, str) else prior)
 
     sd = []
     for term in design.terms:
