@@ -4,7 +4,7 @@ Importing hierpool enables JAX's float64 mode (``jax_enable_x64``): the
 closed-form engine needs double precision.
 """
 
-from . import bayesian, closedform
+from . import bayesian, closedform, validate
 from .bayesian import BayesResult, SamplingWarning, bayes
 from .closedform import Control, MixedModel, lmm
 from .errors import (
@@ -35,4 +35,5 @@ __all__ = [
     "bayesian",
     "closedform",
     "lmm",
+    "validate",
 ]

@@ -1,0 +1,10 @@
+"""Validation: the Bayesian engine against the closed form, calibration and coverage studies.
+
+* :func:`blup_agreement`: posterior means vs BLUPs, posterior sds vs conditional sds.
+* :func:`sbc`: simulation-based calibration (Talts et al. 2018).
+* :func:`coverage`: frequentist coverage of closed-form and Bayesian intervals.
+"""
+
+from .agreement import AgreementReport, agreement_series, blup_agreement, bonferroni_threshold
+
+__all__ = ["AgreementReport", "agreement_series", "blup_agreement", "bonferroni_threshold"]

@@ -1,0 +1,219 @@
+"""Posterior means against BLUPs, posterior sds against conditional sds.
+
+Exact mode (Henderson 1975; Gelman et al. BDA3 section 14.2).  With the variance
+parameters held at their REML values and a flat prior on beta, the posterior of
+(beta, b) is Gaussian:
+
+    mean = the solution of the mixed-model equations (BLUE of beta, BLUP of b),
+    covariance = sigma^2 C^-1, C the mixed-model coefficient matrix.
+
+So every posterior mean must equal its BLUP up to Monte-Carlo error, z = (mean - BLUP) / MCSE,
+and every posterior sd must equal sqrt(diag(sigma^2 C^-1)) ("joint sd") up to the sd's own
+Monte-Carlo error, about sd / sqrt(2 ESS).  lme4's ``condsd`` holds beta at its estimate and is
+smaller; the table shows both.
+
+Full-Bayes mode puts priors on the variance parameters.  Posterior means then differ from the
+BLUPs because the posterior averages the shrinkage over the uncertain variance ratio (less
+shrinkage where small variance ratios are unlikely, more where large ones are), and posterior
+sds exceed the joint sds because the variance uncertainty is propagated.  Both differences
+vanish as the data grow (:func:`agreement_series`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from ..bayesian import bayes
+from ..closedform import lmm
+from ..errors import ArgumentError
+
+FLAT_BETA = {"Intercept": "flat", "b": "flat"}
+
+
+def bonferroni_threshold(n_tests: int, alpha: float) -> float:
+    """Two-sided normal quantile for ``n_tests`` z-scores at family-wise level ``alpha``."""
+    return float(scipy.stats.norm.ppf(1 - alpha / (2 * max(n_tests, 1))))
+
+
+@dataclass(frozen=True)
+class AgreementReport:
+    """What :func:`blup_agreement` found.
+
+    Attributes
+    ----------
+    mode : str
+        ``"exact"`` or ``"full"``.
+    table : pandas.DataFrame
+        One row per fixed and random effect: effect (``fixef`` or ``ranef``), grpvar, term,
+        grp, blup, condsd, joint_sd, post_mean, post_sd, mcse, ess, z, sd_ratio, sd_z.
+    threshold : float
+        Bonferroni-corrected |z| bound (exact mode).
+    passed : bool
+        Exact mode: every |z| and every |sd_z| below ``threshold``.  Full mode: None
+        (differences are expected; read ``table`` and ``summary()``).
+    fit, posterior
+        The closed-form fit and the Bayesian fit compared.
+    """
+
+    mode: str
+    table: pd.DataFrame
+    threshold: float
+    passed: bool | None
+    fit: object
+    posterior: object
+
+    def summary(self) -> str:
+        """A few lines on the agreement."""
+        ranef = self.table[self.table.effect == "ranef"]
+        lines = [
+            f"BLUP agreement ({self.mode} mode): {len(self.table)} effects, "
+            f"max |z| = {np.abs(self.table.z).max():.2f}, max |sd_z| = {np.abs(self.table.sd_z).max():.2f}"
+            + (f", threshold {self.threshold:.2f}: {'PASSED' if self.passed else 'FAILED'}" if self.mode == "exact" else ""),
+            f"posterior sd / joint sd: {self.table.sd_ratio.min():.3f} to {self.table.sd_ratio.max():.3f}",
+        ]
+        if self.mode == "full" and len(ranef):
+            slope = np.polyfit(ranef.blup, ranef.post_mean, 1)[0]
+            lines.append(
+                f"posterior means vs BLUPs: slope {slope:.3f} ({'less' if slope > 1 else 'more'} shrinkage than the BLUPs), "
+                f"mean |difference| = {np.mean(np.abs(ranef.post_mean - ranef.blup) / ranef.joint_sd):.3f} joint sds; "
+                "posterior sds are wider by the variance-parameter uncertainty"
+            )
+        return "\n".join(lines)
+
+    def plot(self):
+        """Posterior mean vs BLUP (error bars: 2 posterior sds), and posterior sd vs joint and conditional sd."""
+        from ..plots import agreement_figure
+
+        return agreement_figure(self)
+
+
+def _comparison_table(fit, post) -> pd.DataFrame:
+    fixef = pd.DataFrame(
+        {
+            "effect": "fixef",
+            "grpvar": "",
+            "term": list(fit.fixef.index),
+            "grp": "",
+            "blup": fit.fixef.to_numpy(),
+            "condsd": fit.fixef_se.to_numpy(),
+            "joint_sd": fit.fixef_se.to_numpy(),
+            "post_mean": post.fixef["mean"].to_numpy(),
+            "post_sd": post.fixef["sd"].to_numpy(),
+            "mcse": post.fixef["mcse_mean"].to_numpy(),
+            "ess": post.fixef["ess_bulk"].to_numpy(),
+        }
+    )
+    ranef = pd.DataFrame(
+        {
+            "effect": "ranef",
+            "grpvar": fit.ranef.grpvar.to_numpy(),
+            "term": fit.ranef.term.to_numpy(),
+            "grp": fit.ranef.grp.astype(str).to_numpy(),
+            "blup": fit.ranef.condval.to_numpy(),
+            "condsd": fit.ranef.condsd.to_numpy(),
+            "joint_sd": fit.ranef_joint_sd(),
+            "post_mean": post.ranef["mean"].to_numpy(),
+            "post_sd": post.ranef["sd"].to_numpy(),
+            "mcse": post.ranef["mcse_mean"].to_numpy(),
+            "ess": post.ranef["ess_bulk"].to_numpy(),
+        }
+    )
+    table = pd.concat([fixef, ranef], ignore_index=True)
+    # a zero variance component (singular fit) pins its effects at exactly 0 in both engines
+    pinned = (table.joint_sd == 0) & (table.post_sd < 1e-12)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["z"] = np.where(pinned, 0.0, (table.post_mean - table.blup) / table.mcse)
+        table["sd_ratio"] = np.where(pinned, 1.0, table.post_sd / table.joint_sd)
+    # the sd of n draws has relative Monte-Carlo error ~ 1 / sqrt(2 ESS) (normal posterior)
+    table["sd_z"] = np.where(pinned, 0.0, (table.sd_ratio - 1) * np.sqrt(2 * table.ess))
+    return table
+
+
+def blup_agreement(
+    formula: str,
+    data: pd.DataFrame,
+    mode: str = "exact",
+    se: str | None = None,
+    priors: dict | None = None,
+    chains: int = 4,
+    draws: int = 1000,
+    tune: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.01,
+) -> AgreementReport:
+    """Compare the Bayesian posterior of every effect with the closed-form BLUPs.
+
+    Parameters
+    ----------
+    formula, data, se
+        As :func:`hierpool.lmm`.
+    mode : {"exact", "full"}
+        ``exact``: variance parameters held at their REML estimates and a flat prior
+        on beta, so the posterior must reproduce the BLUPs and C^-1 (exact draws).
+        ``full``: the variance parameters get priors (``priors``, defaults otherwise)
+        and are sampled (collapsed NUTS); the report describes the differences.
+    chains, draws, tune, seed
+        Sampler settings (``tune`` is unused in exact mode: the draws are independent).
+    alpha : float
+        Family-wise level of the exact-mode test; the |z| bound is Bonferroni-corrected
+        for the number of effects (twice: means and sds).
+
+    Returns
+    -------
+    AgreementReport
+    """
+    if mode not in ("exact", "full"):
+        raise ArgumentError(f"mode must be 'exact' or 'full', got {mode!r}")
+    if not 0 < alpha < 1:
+        raise ArgumentError(f"alpha must be between 0 and 1, got {alpha!r}")
+    fit = lmm(formula, data, se=se)
+    if mode == "exact":
+        if priors:
+            raise ArgumentError("priors apply to mode='full'; exact mode uses a flat prior on the fixed effects")
+        post = bayes(formula, data, se=se, priors=FLAT_BETA, variance=fit, chains=chains, draws=draws, seed=seed)
+    else:
+        post = bayes(formula, data, se=se, priors=priors, chains=chains, draws=draws, tune=tune, seed=seed)
+    table = _comparison_table(fit, post)
+    threshold = bonferroni_threshold(2 * len(table), alpha)
+    passed = None
+    if mode == "exact":
+        passed = bool(np.all(np.abs(table.z) < threshold) and np.all(np.abs(table.sd_z) < threshold))
+    return AgreementReport(mode=mode, table=table, threshold=threshold, passed=passed, fit=fit, posterior=post)
+
+
+def agreement_series(simulate, sizes, seed: int = 0, **kwargs) -> pd.DataFrame:
+    """Full-Bayes agreement as the data grow: how far posterior means are from BLUPs.
+
+    Parameters
+    ----------
+    simulate : callable
+        ``simulate(size, rng) -> (formula, data)``, a data set of the given size.
+    sizes : sequence of int
+    **kwargs
+        Passed to :func:`blup_agreement` (mode is ``"full"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Per size: mean |post_mean - BLUP| / joint_sd of the random effects, and the mean
+        posterior sd / joint sd.  Both shrink toward 0 and 1 as the variance parameters
+        become well determined.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for size in sizes:
+        formula, data = simulate(size, rng)
+        report = blup_agreement(formula, data, mode="full", seed=seed, **kwargs)
+        ranef = report.table[report.table.effect == "ranef"]
+        rows.append(
+            {
+                "size": size,
+                "mean_abs_diff_in_sd": float(np.mean(np.abs(ranef.post_mean - ranef.blup) / ranef.joint_sd)),
+                "mean_sd_ratio": float(np.mean(ranef.sd_ratio)),
+            }
+        )
+    return pd.DataFrame(rows)
