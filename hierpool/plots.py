@@ -34,3 +34,29 @@ def agreement_figure(report):
     right.set(xlabel="closed-form sd", ylabel="posterior sd", title="uncertainty")
     right.legend(frameon=False, fontsize=8)
     return fig
+
+
+def sbc_figure(result, bins: int = 10):
+    """Rank histograms (with a 99% binomial band per bin) and ECDF - uniform with the simultaneous band."""
+    import scipy.stats
+
+    names = list(result.ranks.columns)
+    fig, axes = _figure(2, width=5.2)
+    hist, ecdf_ax = axes
+    n_reps, n_draws = len(result.ranks), result.n_draws
+    low, high = scipy.stats.binom.ppf([0.005, 0.995], n_reps, 1 / bins)
+    hist.axhspan(low, high, color="0.9", zorder=0, label="99% band per bin")
+    grid = np.arange(1, n_draws + 2) / (n_draws + 1)
+    for name in names:
+        values = result.ranks[name].to_numpy()
+        counts = np.bincount((values * bins) // (n_draws + 1), minlength=bins)
+        hist.plot(np.arange(bins) + 0.5, counts, marker="o", ms=3, lw=1, label=name)
+        ecdf = np.cumsum(np.bincount(values, minlength=n_draws + 1)) / n_reps
+        ecdf_ax.step(grid, ecdf - grid, where="post", lw=1)
+    band = float(result.tests.ecdf_band.iloc[0])
+    ecdf_ax.fill_between([0, 1], -band, band, color="0.9", zorder=0)
+    hist.set(xlabel="rank bin", ylabel="replications", title=f"SBC rank histograms ({n_reps} replications)")
+    hist.legend(frameon=False, fontsize=7, ncol=2)
+    ecdf_ax.set(xlabel="normalized rank", ylabel="ECDF - uniform",
+                title=f"ECDF difference, {1 - result.alpha:.0%} simultaneous band")
+    return fig

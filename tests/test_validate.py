@@ -50,3 +50,36 @@ def test_agreement_plot_and_summary(sleepstudy):
 def test_bad_mode_is_a_named_error(sleepstudy):
     with pytest.raises(hp.HierpoolError, match="mode"):
         hp.validate.blup_agreement("Reaction ~ Days + (Days | Subject)", sleepstudy, mode="approximate")
+
+
+def _sbc_design():
+    rng = np.random.default_rng(0)
+    g = np.repeat(np.arange(8), 5)
+    return pd.DataFrame({"y": rng.normal(size=g.size), "x": np.tile(np.linspace(-1, 1, 5), 8), "g": g})
+
+
+@pytest.mark.parametrize("formula", ["y ~ x + (1 | g)", "y ~ x + (x | g)"])
+def test_sbc_quick_mode_finds_uniform_ranks(formula):
+    result = hp.validate.sbc(formula, _sbc_design(), n_reps=100, seed=1)
+    assert result.passed, result.tests
+    assert result.ranks.shape[0] == 100 and result.ranks.to_numpy().max() <= result.n_draws
+    assert len(result.plot().axes) == 2
+
+
+def test_sbc_tests_reject_miscalibrated_ranks():
+    from hierpool.validate.sbc import _uniformity
+
+    rng = np.random.default_rng(2)
+    # an over-dispersed posterior puts the truth in the middle ranks; a biased one at one end
+    ranks = pd.DataFrame({"too_wide": rng.binomial(99, 0.5, 100), "biased": rng.integers(0, 40, 100)})
+    tests = _uniformity(ranks, n_draws=99, bins=10, alpha=0.01)
+    assert not tests.uniform.any()
+    assert (tests.chi2_p < 0.01).all() and (tests.ecdf_max_dev > tests.ecdf_band).all()
+
+
+def test_ecdf_band_has_its_level():
+    rng = np.random.default_rng(3)
+    band = hp.validate.ecdf_band(100, 99, alpha=0.05, seed=4)
+    grid = np.arange(1, 101) / 100
+    deviations = [np.max(np.abs(np.cumsum(np.bincount(rng.integers(0, 100, 100), minlength=100)) / 100 - grid)) for _ in range(2000)]
+    assert np.mean(np.array(deviations) > band) == pytest.approx(0.05, abs=0.015)

@@ -170,9 +170,11 @@ def bayes(
     chains, draws, tune : int
         Markov chains, kept draws per chain, warm-up (adaptation) iterations per chain.
     seed : int
-    priors : dict, optional
+    priors : dict or Priors, optional
         Overrides of the default priors by key (see :mod:`hierpool.bayesian.priors`):
         ``Intercept``, a fixed-effect name, ``b``, ``sd``, ``sd_<group>``, ``sigma``, ``cor``.
+        A resolved :class:`~hierpool.bayesian.priors.Priors` is used as it is (simulation
+        studies freeze the priors once, so they do not follow each simulated response).
     se : str, optional
         Column of known residual sds (meta-analysis).
     method : {"auto", "collapsed", "full"}
@@ -210,7 +212,7 @@ def bayes(
     if not 0 < target_accept < 1:
         raise ArgumentError(f"target_accept must be between 0 and 1, got {target_accept!r}")
     design = build_design(formula, data, se=se)
-    resolved = resolve_priors(design, priors)
+    resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
     method = _choose_method(method, resolved)
     held = None if variance is None else _held_variance(design, variance)
     progress = sys.stderr.isatty() if progress is None else bool(progress)

@@ -6,5 +6,6 @@
 """
 
 from .agreement import AgreementReport, agreement_series, blup_agreement, bonferroni_threshold
+from .sbc import SBCResult, ecdf_band, sbc
 
-__all__ = ["AgreementReport", "agreement_series", "blup_agreement", "bonferroni_threshold"]
+__all__ = ["AgreementReport", "SBCResult", "agreement_series", "blup_agreement", "bonferroni_threshold", "ecdf_band", "sbc"]

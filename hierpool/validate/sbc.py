@@ -1,0 +1,190 @@
+"""Simulation-based calibration (Talts, Betancourt, Simpson, Vehtari & Gelman 2018).
+
+Draw parameters from the prior, simulate a response on a fixed design, fit, and record the
+rank of each true value among L posterior draws.  If the sampler computes the posterior
+correctly, every rank is uniform on {0, ..., L}.  Two tests of uniformity per parameter:
+
+* chi-square on a histogram of the ranks (``bins`` equal bins);
+* a simultaneous band for the ECDF of the normalized ranks (Säilynoja, Bürkner & Vehtari 2022,
+  "Graphical test for discrete uniformity and its applications in goodness-of-fit evaluation
+  and multiple sample comparison", Stat. Comput. 32): the band's width is calibrated by
+  simulating uniform ranks, so the test is a test of the whole ECDF at level ``alpha``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from ..bayesian import bayes, resolve_priors
+from ..design import build_design
+from ..errors import ArgumentError
+
+
+@dataclass(frozen=True)
+class SBCResult:
+    """Ranks and uniformity tests.
+
+    Attributes
+    ----------
+    ranks : pandas.DataFrame
+        One column per tracked parameter, one row per replication; values in 0..L.
+    n_draws : int
+        L, the number of (thinned) posterior draws ranked against.
+    tests : pandas.DataFrame
+        Per parameter: chi2, chi2_p, ecdf_max_dev, ecdf_band (the simultaneous band's
+        half-width at ``alpha``), uniform (both tests pass at ``alpha``).
+    alpha : float
+    """
+
+    ranks: pd.DataFrame
+    n_draws: int
+    tests: pd.DataFrame
+    alpha: float
+
+    @property
+    def passed(self) -> bool:
+        """No parameter's ranks are non-uniform at level ``alpha``."""
+        return bool(self.tests.uniform.all())
+
+    def plot(self):
+        """Rank histograms with a 99% binomial band, and ECDF differences with the simultaneous band."""
+        from ..plots import sbc_figure
+
+        return sbc_figure(self)
+
+
+def _simulate_parameters(priors, design, rng_key):
+    """One draw of (beta, b per term, sigma) from the priors, and the response it implies."""
+    import jax
+    import numpyro.distributions as dist
+
+    keys = iter(jax.random.split(rng_key, 4 + 2 * len(design.terms) + design.p))
+    beta = np.array([float(prior.sample(next(keys))) for prior in priors.beta])
+    truth = {f"beta[{name}]": value for name, value in zip(design.fixed_names, beta)}
+    mu = design.X @ beta
+    for j, term in enumerate(design.terms):
+        sd = np.asarray(priors.sd[j].sample(next(keys)))
+        cor = np.eye(term.k) if term.k == 1 else np.asarray(dist.LKJCholesky(term.k, priors.cor[j]).sample(next(keys)))
+        factor = sd[:, None] * cor
+        b = np.asarray(jax.random.normal(next(keys), (term.n_levels, term.k))) @ factor.T
+        mu = mu + np.einsum("nk,nk->n", term.z, b[term.index])
+        for i, coef in enumerate(term.coef_names):
+            truth[f"sd[{term.group}:{coef}]"] = sd[i]
+            truth[f"b[{term.group}:{coef}:{term.levels[0]}]"] = b[0, i]
+        if term.k > 1:
+            truth[f"cor[{term.group}]"] = (cor @ cor.T)[0, 1]
+    sigma = float(priors.sigma.sample(next(keys)))
+    truth["sigma"] = sigma
+    noise = np.asarray(jax.random.normal(next(keys), (design.n,)))
+    return truth, mu + sigma * noise
+
+
+def _posterior_draws(post, design) -> dict[str, np.ndarray]:
+    draws = {f"beta[{name}]": post.beta_draws[..., i].ravel() for i, name in enumerate(design.fixed_names)}
+    for j, term in enumerate(design.terms):
+        b = post.term_draws(j)
+        cov = post.term_covariance_draws(j)
+        for i, coef in enumerate(term.coef_names):
+            draws[f"sd[{term.group}:{coef}]"] = np.sqrt(cov[..., i, i]).ravel()
+            draws[f"b[{term.group}:{coef}:{term.levels[0]}]"] = b[..., 0, i].ravel()
+        if term.k > 1:
+            draws[f"cor[{term.group}]"] = (cov[..., 0, 1] / np.sqrt(cov[..., 0, 0] * cov[..., 1, 1])).ravel()
+    draws["sigma"] = post.sigma_draws.ravel()
+    return draws
+
+
+def ecdf_band(n_reps: int, n_draws: int, alpha: float, n_sim: int = 2000, seed: int = 0) -> float:
+    """Half-width of the simultaneous (1 - alpha) band for the ECDF of normalized uniform ranks.
+
+    Calibrated by simulation: the (1 - alpha) quantile of max_z |ECDF(z) - z| over uniform
+    discrete ranks on {0..L}, evaluated at the rank grid.
+    """
+    rng = np.random.default_rng(seed)
+    grid = np.arange(1, n_draws + 2) / (n_draws + 1)
+    ranks = rng.integers(0, n_draws + 1, size=(n_sim, n_reps))
+    counts = np.stack([np.bincount(r, minlength=n_draws + 1) for r in ranks])
+    ecdf = np.cumsum(counts, axis=1) / n_reps
+    return float(np.quantile(np.max(np.abs(ecdf - grid), axis=1), 1 - alpha))
+
+
+def _uniformity(ranks: pd.DataFrame, n_draws: int, bins: int, alpha: float) -> pd.DataFrame:
+    n_reps = len(ranks)
+    band = ecdf_band(n_reps, n_draws, alpha)
+    grid = np.arange(1, n_draws + 2) / (n_draws + 1)
+    rows = []
+    for name in ranks.columns:
+        values = ranks[name].to_numpy()
+        counts = np.bincount((values * bins) // (n_draws + 1), minlength=bins)
+        chi2, p = scipy.stats.chisquare(counts)
+        ecdf = np.cumsum(np.bincount(values, minlength=n_draws + 1)) / n_reps
+        deviation = float(np.max(np.abs(ecdf - grid)))
+        rows.append({"parameter": name, "chi2": chi2, "chi2_p": p, "ecdf_max_dev": deviation, "ecdf_band": band,
+                     "uniform": bool(p > alpha and deviation <= band)})
+    return pd.DataFrame(rows).set_index("parameter")
+
+
+def sbc(
+    formula: str,
+    data: pd.DataFrame,
+    priors: dict | None = None,
+    n_reps: int = 100,
+    n_draws: int = 99,
+    chains: int = 2,
+    draws_per_chain: int = 500,
+    tune: int = 500,
+    bins: int = 10,
+    alpha: float = 0.01,
+    seed: int = 0,
+) -> SBCResult:
+    """Simulation-based calibration of :func:`hierpool.bayes` on the design of ``data``.
+
+    Parameters
+    ----------
+    formula : str
+    data : pandas.DataFrame
+        Supplies the design (covariates, groups); its response only scales the default
+        priors, which are then frozen for every replication.
+    priors : dict, optional
+        Prior overrides (as :func:`hierpool.bayes`); they must be proper.
+    n_reps : int
+        Replications (the issue's quick mode: ~100; full mode: >= 1000).
+    n_draws : int
+        L: posterior draws kept per replication (thinned evenly from chains x draws_per_chain,
+        which reduces autocorrelation so the ranks are not over-dispersed).
+    bins, alpha
+        Histogram bins of the chi-square test; level of both tests.
+
+    Returns
+    -------
+    SBCResult
+    """
+    if n_reps < bins:
+        raise ArgumentError(f"n_reps ({n_reps}) must be at least bins ({bins})")
+    if n_draws + 1 > chains * draws_per_chain:
+        raise ArgumentError("n_draws must be below chains x draws_per_chain")
+    import jax
+
+    design = build_design(formula, data)
+    frozen = resolve_priors(design, priors)
+    if any(prior is None for prior in frozen.beta):
+        raise ArgumentError("SBC simulates from the prior: flat priors on fixed effects are not allowed")
+    response = design.spec.response
+    frame = data.loc[design.rows].copy()
+    keys = jax.random.split(jax.random.PRNGKey(seed), n_reps)
+    ranks = []
+    for rep in range(n_reps):
+        truth, y = _simulate_parameters(frozen, design, keys[rep])
+        frame[response] = y
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # short chains: diagnostics warnings are expected noise here
+            post = bayes(formula, frame, priors=frozen, chains=chains, draws=draws_per_chain, tune=tune, seed=seed + rep)
+        draws = _posterior_draws(post, design)
+        keep = np.linspace(0, chains * draws_per_chain - 1, n_draws).astype(int)
+        ranks.append({name: int(np.sum(draws[name][keep] < value)) for name, value in truth.items()})
+    ranks = pd.DataFrame(ranks)
+    return SBCResult(ranks=ranks, n_draws=n_draws, tests=_uniformity(ranks, n_draws, bins, alpha), alpha=alpha)
