@@ -83,3 +83,13 @@ def test_ecdf_band_has_its_level():
     grid = np.arange(1, 101) / 100
     deviations = [np.max(np.abs(np.cumsum(np.bincount(rng.integers(0, 100, 100), minlength=100)) / 100 - grid)) for _ in range(2000)]
     assert np.mean(np.array(deviations) > band) == pytest.approx(0.05, abs=0.015)
+
+
+def test_coverage_quick_study_is_near_nominal():
+    # quick mode: 40 replications x 40 groups; the validation/ study runs more and reports 93-97%
+    table = hp.validate.coverage(n_reps=40, n_groups=40, seed=5, draws=300)
+    assert set(table.interval) == {"blup", "confidence", "prediction", "posterior"}
+    assert set(table.groups) == {"sparse (1-2 obs)", "rich"}
+    # 95% intervals: a few MC errors (about 0.01 here) around the 93-97% band
+    assert table.coverage.between(0.90, 0.99).all(), table
+    assert (table.mcse < 0.015).all()

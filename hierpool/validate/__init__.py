@@ -6,6 +6,7 @@
 """
 
 from .agreement import AgreementReport, agreement_series, blup_agreement, bonferroni_threshold
+from .coverage import coverage, simulate_study
 from .sbc import SBCResult, ecdf_band, sbc
 
-__all__ = ["AgreementReport", "SBCResult", "agreement_series", "blup_agreement", "bonferroni_threshold", "ecdf_band", "sbc"]
+__all__ = ["AgreementReport", "SBCResult", "agreement_series", "blup_agreement", "bonferroni_threshold", "coverage", "ecdf_band", "sbc", "simulate_study"]
