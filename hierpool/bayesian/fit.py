@@ -103,6 +103,10 @@ def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept
     return out["beta"], list(out["b"]), sds, cors, sigma, stats
 
 
+# module level, so that repeated exact-mode fits of one shape reuse the compiled program
+_draw_effects_jit = jax.jit(draw_effects, static_argnames="batch_size")
+
+
 def _sample_exact(design, resolved, variance, chains, draws, seed):
     """Variance parameters held: (beta, b) is Gaussian, drawn exactly (no MCMC)."""
     system = build_system(design)
@@ -110,7 +114,7 @@ def _sample_exact(design, resolved, variance, chains, draws, seed):
     count = chains * draws
     thetas = jnp.broadcast_to(jnp.asarray(variance.theta), (count, variance.theta.size))
     sigmas = jnp.full(count, 1.0 if design.sigma_known else variance.sigma)
-    beta, b = jax.jit(draw_effects, static_argnames="batch_size")(
+    beta, b = _draw_effects_jit(
         thetas, sigmas, system, loc, scale, jax.random.PRNGKey(seed), batch_size=draw_batch_size(system.layout)
     )
     shape = (chains, draws)
