@@ -54,13 +54,13 @@ def theta_to_factors(theta: jax.Array, ks: tuple[int, ...]) -> list[jax.Array]:
     return factors
 
 
-def factors_to_theta(factors: list[np.ndarray]) -> np.ndarray:
-    """Inverse of :func:`theta_to_factors`."""
+def factors_to_theta(factors) -> jax.Array:
+    """Inverse of :func:`theta_to_factors` (jittable: used inside the Bayesian sampler)."""
     parts = []
     for factor in factors:
         rows, cols = tril_positions(factor.shape[0])
-        parts.append(np.asarray(factor)[rows, cols])
-    return np.concatenate(parts)
+        parts.append(jnp.asarray(factor)[rows, cols])
+    return jnp.concatenate(parts)
 
 
 #: Matrices up to this size are factored by unrolled scalar code, not LAPACK calls.

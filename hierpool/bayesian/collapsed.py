@@ -30,17 +30,14 @@ import numpy as np
 from ..closedform.henderson import conditional_draw, noise_size
 from ..closedform.objective import dense_parts, reduced_rest
 from ..closedform.system import Layout, MixedModelSystem
-from ..linalg import logdet_from_cholesky_diagonal, tril_positions
+from ..linalg import factors_to_theta, logdet_from_cholesky_diagonal
 
 
-def theta_from_components(sds, cor_factors, sigma, ks: tuple[int, ...]) -> jax.Array:
+def theta_from_components(sds, cor_factors, sigma) -> jax.Array:
     """lme4's theta from per-term sds and correlation Cholesky factors: T_j = diag(sd_j) R_j / sigma."""
-    parts = []
-    for sd, cor, k in zip(sds, cor_factors, ks):
-        factor = sd[:, None] * cor / sigma if cor is not None else jnp.diag(sd / sigma)
-        rows, cols = tril_positions(k)
-        parts.append(factor[rows, cols])
-    return jnp.concatenate(parts)
+    return factors_to_theta(
+        [sd[:, None] * cor / sigma if cor is not None else jnp.diag(sd / sigma) for sd, cor in zip(sds, cor_factors)]
+    )
 
 
 def beta_prior_block(loc: jax.Array, scale: jax.Array, sigma: jax.Array, layout: Layout) -> jax.Array:

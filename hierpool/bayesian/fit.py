@@ -78,7 +78,7 @@ class _CollapsedDraws:
 
     def __call__(self, draws, key, system, loc, scale, priors):
         sds, cors, sigma = _variance_parts(draws, self.ks, self.sigma_known)
-        thetas = jax.vmap(lambda sd, cor, sg: theta_from_components(sd, cor, sg, self.ks))(sds, cors, sigma)
+        thetas = jax.vmap(theta_from_components)(sds, cors, sigma)
         beta, b = draw_effects(thetas, sigma, system, loc, scale, key, self.batch_size)
         return {"variance": draws, "beta": beta, "b": b}
 
@@ -113,7 +113,7 @@ def _sample_exact(design, resolved, variance, chains, draws, seed):
     loc, scale = (jnp.asarray(a) for a in resolved.beta_gaussian())
     count = chains * draws
     thetas = jnp.broadcast_to(jnp.asarray(variance.theta), (count, variance.theta.size))
-    sigmas = jnp.full(count, 1.0 if design.sigma_known else variance.sigma)
+    sigmas = jnp.full(count, variance.sigma)  # 1.0 with known residual sds
     beta, b = _draw_effects_jit(
         thetas, sigmas, system, loc, scale, jax.random.PRNGKey(seed), batch_size=draw_batch_size(system.layout)
     )
@@ -143,8 +143,7 @@ def _sample_full(design, resolved, held, chains, draws, tune, seed, target_accep
     b = [out[f"b__{j}"] for j in range(len(ks))]
     if held is not None:
         return beta, b, None, None, None, stats
-    sds = [out[f"sd__{j}"] for j in range(len(ks))]
-    cors = [out[f"cor__{j}"] if k > 1 else None for j, k in enumerate(ks)]
+    sds, cors, _ = _variance_parts(out, ks, True)
     return beta, b, sds, cors, (None if design.sigma_known else out["sigma"]), stats
 
 

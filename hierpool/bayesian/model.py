@@ -113,5 +113,5 @@ def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, 
     """NUTS target over the variance parameters only: prior times the marginal likelihood."""
     ks = system.layout.ks
     sigma, sds, cors = _variance_parameters(priors, ks)
-    theta = theta_from_components(sds, cors, sigma, ks)
+    theta = theta_from_components(sds, cors, sigma)
     numpyro.factor("marginal_likelihood", log_marginal_likelihood(theta, sigma, system, loc, scale))

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..design import Design
 from ..errors import HierpoolError
-from .henderson import Solution
+from .henderson import Solution, _diagonal_blocks
 from .optimize import Optimum
 from .system import MixedModelSystem
 
@@ -167,8 +167,7 @@ class LMMResult:
         per_term = [np.asarray(blocks.term0)]
         offset = 0
         for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
-            idx = offset + np.arange(ell)[:, None] * k + np.arange(k)[None, :]
-            per_term.append(np.asarray(blocks.rest)[idx[:, :, None], idx[:, None, :]])
+            per_term.append(np.asarray(_diagonal_blocks(blocks.rest, offset, ell, k)))
             offset += ell * k
         columns = []
         for cov_u, factor in zip(per_term, factors):
