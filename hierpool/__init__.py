@@ -4,7 +4,7 @@ Importing hierpool enables JAX's float64 mode (``jax_enable_x64``): the
 closed-form engine needs double precision.
 """
 
-from . import bayesian, closedform, validate
+from . import bayesian, closedform, datasets, validate
 from .bayesian import BayesResult, SamplingWarning, bayes
 from .closedform import Control, MixedModel, lmm
 from .errors import (
@@ -16,6 +16,8 @@ from .errors import (
     HierpoolError,
     HierpoolWarning,
 )
+from .pooling import PoolingComparison, pooling
+from .ridge import RidgeView, ridge_view
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,11 @@ __all__ = [
     "bayes",
     "bayesian",
     "closedform",
+    "datasets",
     "lmm",
+    "pooling",
+    "PoolingComparison",
+    "ridge_view",
+    "RidgeView",
     "validate",
 ]

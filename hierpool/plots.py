@@ -60,3 +60,103 @@ def sbc_figure(result, bins: int = 10):
     ecdf_ax.set(xlabel="normalized rank", ylabel="ECDF - uniform",
                 title=f"ECDF difference, {1 - result.alpha:.0%} simultaneous band")
     return fig
+
+
+# --- pooling and shrinkage -----------------------------------------------------------------
+_BLUP_COLOR, _POST_COLOR, _RAW_COLOR = "C0", "C1", "0.45"
+
+
+def _point_sizes(n: np.ndarray) -> np.ndarray:
+    return 8 + 60 * np.sqrt(n / max(n.max(), 1))
+
+
+def shrinkage_axes(ax, comparison, term: str) -> None:
+    """No-pooling estimates (top) with arrows to the partial-pooling ones (bottom), sized by n."""
+    rows = comparison.table[comparison.table.term == term]
+    n, raw, blup = rows["n"].to_numpy(), rows["no_pooling"].to_numpy(), rows["blup"].to_numpy()
+    size = _point_sizes(n)
+    has_raw = np.isfinite(raw)
+    for x0, x1 in zip(raw[has_raw], blup[has_raw]):
+        ax.annotate("", xy=(x1, 0.04), xytext=(x0, 0.96),
+                    arrowprops=dict(arrowstyle="->", color="0.6", lw=0.7, shrinkA=2, shrinkB=2))
+    ax.scatter(raw[has_raw], np.ones(has_raw.sum()), s=size[has_raw], color=_RAW_COLOR, alpha=0.7, zorder=3)
+    ax.scatter(blup, np.zeros(len(blup)), s=size, color=_BLUP_COLOR, alpha=0.7, zorder=3)
+    ax.axvline(comparison.population[term], color="C3", ls="--", lw=1, label="population estimate")
+    ax.set_yticks([0, 1], ["partial pooling\n(BLUP)", "no pooling"])
+    ax.set_ylim(-0.35, 1.35)
+    ax.set(xlabel=f"{term} (one estimate per {comparison.block.group})", title="Shrinkage toward the population (size: n)")
+    ax.legend(frameon=False, fontsize=8, loc="upper right")
+
+
+def caterpillar_axes(ax, comparison, term: str) -> None:
+    """Each group's BLUP and posterior interval, sorted by BLUP, with the truth when known."""
+    from .pooling import normal_quantile
+
+    rows = comparison.table[comparison.table.term == term].sort_values("blup")
+    position = np.arange(len(rows))
+    z = normal_quantile(comparison.level)
+    offset = 0.18 if "post_mean" in rows else 0.0
+    ax.errorbar(rows["blup"], position - offset, xerr=z * rows["blup_sd"], fmt="o", ms=2.5, lw=0.8,
+                color=_BLUP_COLOR, label=f"BLUP ± {z:.2f} sd")
+    if "post_mean" in rows:
+        ax.errorbar(rows["post_mean"], position + offset,
+                    xerr=[rows["post_mean"] - rows["post_lower"], rows["post_upper"] - rows["post_mean"]],
+                    fmt="o", ms=2.5, lw=0.8, color=_POST_COLOR, label=f"posterior {comparison.level:.0%} interval")
+    if "truth" in rows:
+        ax.scatter(rows["truth"], position, marker="x", s=14, color="k", zorder=4, label="truth")
+    ax.axvline(comparison.population[term], color="C3", ls="--", lw=1)
+    ax.set_yticks(position, rows["grp"].astype(str), fontsize=max(4, min(8, 400 / max(len(rows), 1))))
+    ax.set(xlabel=term, ylabel=comparison.block.group, title="Partial-pooling estimates with intervals")
+    ax.legend(frameon=False, fontsize=8, loc="lower right")
+
+
+def weight_axes(ax, comparison, term: str) -> None:
+    """Shrinkage weight against group size; the curve n sigma_b^2 / (n sigma_b^2 + sigma^2) for a scalar term."""
+    rows = comparison.table[comparison.table.term == term]
+    ax.scatter(rows["n"], rows["weight"], s=14, color=_BLUP_COLOR, alpha=0.7, zorder=3, label="groups")
+    fit, block = comparison.fit, comparison.block
+    scalar = block.k == 1 and fit.design.weights is None
+    if scalar:
+        var_b = fit.term_covariances()[block.indices[0]][0, 0]
+        grid = np.geomspace(0.8, rows["n"].max() * 1.25, 200)
+        ax.plot(grid, grid * var_b / (grid * var_b + fit.sigma**2), color="0.4", lw=1,
+                label=r"$n\sigma_b^2/(n\sigma_b^2+\sigma^2)$")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set(xlabel=f"observations per {block.group} (n)", ylabel=f"weight on the group's own data ({term})",
+           title="How much each group keeps of its own estimate")
+    ax.legend(frameon=False, fontsize=8, loc="lower right")
+
+
+def pooling_figure(comparison, kind: str, term: str):
+    """The figure of :meth:`hierpool.pooling.PoolingComparison.plot`."""
+    from matplotlib.figure import Figure
+
+    draw = {"shrinkage": shrinkage_axes, "caterpillar": caterpillar_axes, "weight": weight_axes}
+    kinds = list(draw) if kind == "all" else [kind]
+    n_groups = len(comparison.block.levels)
+    tall = max(4.2, 0.13 * n_groups) if "caterpillar" in kinds else 4.2
+    fig = Figure(figsize=(5.0 * len(kinds), tall), layout="constrained")
+    for ax, name in zip(np.atleast_1d(fig.subplots(1, len(kinds))), kinds):
+        draw[name](ax, comparison, term)
+    return fig
+
+
+def ridge_path_figure(view, term: str | None = None, group: str | None = None):
+    """Each group's coefficient as the ridge penalty is scaled by t; the BLUPs sit at t = 1."""
+    path = view.path
+    group = path["grpvar"].iloc[0] if group is None else group
+    part = path[path.grpvar == group]
+    term = part["term"].iloc[0] if term is None else term
+    part = part[part.term == term]
+    fig, (ax,) = _figure(1, width=6.4)
+    for _, one in part.groupby("grp", sort=False):
+        ax.plot(one["multiplier"], one["coefficient"], color="0.55", lw=0.7, alpha=0.8)
+    at_one = part[part.multiplier == 1.0]
+    ax.scatter(at_one["multiplier"], at_one["coefficient"], s=14, color=_BLUP_COLOR, zorder=3, label="BLUP (t = 1)")
+    ax.axvline(1.0, color=_BLUP_COLOR, lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set(xlabel=r"penalty multiplier t  (penalty $t\,\sigma^2\Sigma^{-1}$)", ylabel=f"{term} of each {group}",
+           title="BLUPs on the ridge path: no pooling (t→0) to complete pooling (t→∞)")
+    ax.legend(frameon=False, fontsize=8)
+    return fig

@@ -1,5 +1,6 @@
-"""Data sets: the embedded default study, generated in code (no download)."""
+"""Data sets: the embedded default study (simulated in code) and the classic tables (shipped CSVs)."""
 
 from .biomarker import biomarker
+from .classic import dyestuff, eight_schools, pastes, penicillin, radon, sleepstudy
 
-__all__ = ["biomarker"]
+__all__ = ["biomarker", "dyestuff", "eight_schools", "pastes", "penicillin", "radon", "sleepstudy"]

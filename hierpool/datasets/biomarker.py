@@ -23,13 +23,18 @@ def biomarker(n_patients: int = 60, seed: int = 2024) -> pd.DataFrame:
     Returns
     -------
     pandas.DataFrame
-        Columns patient (str), time (years since first reading), biomarker,
-        true_level (the patient's true level at time 0), true_slope.
+        Columns patient (str), time (years from the middle of the 3-year study,
+        -1.5 to 1.5), biomarker, true_level (the patient's true level at time 0,
+        mid-study), true_slope (per year).  ``frame.attrs["truth"]`` maps the
+        coefficients of ``biomarker ~ time + (time | patient)`` to their true
+        columns; :func:`hierpool.pooling` reads it.
 
     Notes
     -----
     Population mean 50, between-patient sd 6, slope mean 1.5 per year with sd
-    0.8 (correlation 0.3 with the level), measurement sd 8.
+    0.8 (correlation 0.3 with the level), measurement sd 8.  Time is centred so
+    that the intercept-only model ``biomarker ~ 1 + (1 | patient)`` targets the
+    same true level as the slope model.
     """
     rng = np.random.default_rng(seed)
     sizes = np.concatenate(
@@ -45,9 +50,11 @@ def biomarker(n_patients: int = 60, seed: int = 2024) -> pd.DataFrame:
     effects = rng.multivariate_normal([0.0, 0.0], cov, size=n_patients)
     rows = []
     for i, (size, (level, slope)) in enumerate(zip(sizes, effects)):
-        times = np.sort(rng.uniform(0, 3, size=size))
+        times = np.sort(rng.uniform(-1.5, 1.5, size=size))
         true_level, true_slope = 50.0 + level, 1.5 + slope
         readings = true_level + true_slope * times + rng.normal(0, 8.0, size=size)
         for t, y in zip(times, readings):
             rows.append((f"P{i + 1:03d}", t, y, true_level, true_slope))
-    return pd.DataFrame(rows, columns=["patient", "time", "biomarker", "true_level", "true_slope"])
+    frame = pd.DataFrame(rows, columns=["patient", "time", "biomarker", "true_level", "true_slope"])
+    frame.attrs["truth"] = {"Intercept": "true_level", "time": "true_slope"}
+    return frame

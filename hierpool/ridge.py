@@ -1,0 +1,166 @@
+"""BLUPs as ridge regression: the penalized-least-squares view of partial pooling.
+
+Henderson's mixed-model equations are the normal equations of
+
+    minimize_{beta, b}  sum_i w_i (y_i - x_i beta - z_i b)^2 + sum_j sum_g b_jg^T P_j b_jg,
+    P_j = sigma^2 Sigma_j^-1,
+
+a ridge regression whose penalty is lambda_j = sigma^2 / sigma_bj^2 for a scalar
+term and the matrix sigma^2 Sigma_j^-1 for correlated slopes (Robinson 1991,
+sec. 5; Hastie, Tibshirani & Friedman 2009, sec. 3.4.1).  :func:`ridge_view`
+solves that problem densely, independently of the closed-form engine's blocked
+factorization, shows that its solution at the REML penalty is the BLUP, and
+traces the ridge path as the penalty is scaled by t: t -> 0 gives no pooling,
+t -> infinity complete pooling, t = 1 the BLUP.
+
+Written with lme4's relative factors Lambda_j (Sigma_j = sigma^2 Lambda_j
+Lambda_j^T, b = Lambda u) the penalty is t ||u||^2, which also covers singular
+fits, where Sigma_j has no inverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+
+from .closedform.results import LMMResult
+from .errors import ArgumentError
+
+DENSE_LIMIT = 4000  # random-effect columns: the view is a teaching tool, built densely
+
+
+def _dense_relative_z(fit: LMMResult) -> np.ndarray:
+    """Z Lambda, shape (n, q), columns ordered by term, level, coefficient."""
+    blocks = []
+    for term, factor in zip(fit.design.terms, fit.solution.factors):
+        block = np.zeros((fit.nobs, term.n_levels * term.k))
+        cols = term.index[:, None] * term.k + np.arange(term.k)[None, :]
+        np.put_along_axis(block, cols, term.z @ np.asarray(factor), axis=1)
+        blocks.append(block)
+    return np.hstack(blocks)
+
+
+def _unstack(fit: LMMResult, u: np.ndarray) -> list[np.ndarray]:
+    """Split the u vector per term and map to b = Lambda u, shape (levels, k) per term."""
+    out, offset = [], 0
+    for term, factor in zip(fit.design.terms, fit.solution.factors):
+        size = term.n_levels * term.k
+        out.append(u[..., offset : offset + size].reshape(u.shape[:-1] + (term.n_levels, term.k)) @ np.asarray(factor).T)
+        offset += size
+    return out
+
+
+def ridge_solve(fit: LMMResult, multipliers: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Dense ridge solutions for penalties t * sigma^2 Sigma^-1, one per multiplier t.
+
+    Returns (beta, b): beta shaped (len(t), p); b per term shaped (len(t), levels, k).
+    """
+    X, y = fit.design.X, fit.design.y
+    w = np.ones(fit.nobs) if fit.design.weights is None else fit.design.weights
+    ZL = _dense_relative_z(fit)
+    q, p = ZL.shape[1], X.shape[1]
+    design = np.hstack([ZL, X])
+    gram = design.T @ (w[:, None] * design)
+    rhs = design.T @ (w * y)
+    solutions = []
+    for t in multipliers:
+        penalized = gram.copy()
+        penalized[np.arange(q), np.arange(q)] += t
+        solutions.append(scipy.linalg.solve(penalized, rhs, assume_a="pos"))
+    solutions = np.array(solutions)
+    return solutions[:, q:], _unstack(fit, solutions[:, :q])
+
+
+@dataclass(frozen=True)
+class RidgeView:
+    """A fit's BLUPs next to the dense ridge solution, and the ridge path.
+
+    Attributes
+    ----------
+    penalties : dict
+        Per term (``"(time | patient)"``-style label): the penalty matrix sigma^2 Sigma_j^-1
+        (lambda = sigma^2 / sigma_b^2 for a scalar term); NaN entries for a singular Sigma_j.
+    table : pandas.DataFrame
+        grpvar, grp, term, blup, ridge (at t = 1), difference.
+    max_abs_difference : float
+        Largest |BLUP - ridge| over all random effects.
+    path : pandas.DataFrame
+        multiplier t, grpvar, grp, term, coefficient (beta_c(t) + b_jc(t), the group's coefficient).
+    fit : LMMResult
+    """
+
+    penalties: dict
+    table: pd.DataFrame
+    max_abs_difference: float
+    path: pd.DataFrame
+    fit: LMMResult
+
+    def plot(self, term: str | None = None, group: str | None = None):
+        """Each group's coefficient along the ridge path, the BLUPs marked at t = 1."""
+        from .plots import ridge_path_figure
+
+        return ridge_path_figure(self, term=term, group=group)
+
+
+def _term_label(term) -> str:
+    return f"({' + '.join(term.coef_names)} | {term.group})"
+
+
+def ridge_view(fit: LMMResult, multipliers=None) -> RidgeView:
+    """Show numerically that the BLUPs are a ridge solution, and trace the ridge path.
+
+    Parameters
+    ----------
+    fit : LMMResult
+        A closed-form fit (``hp.lmm``).
+    multipliers : array-like, optional
+        Scale factors t of the REML penalty along the path (default: 41 values
+        from 1e-3 to 1e3, log-spaced, and 1).
+
+    Returns
+    -------
+    RidgeView
+    """
+    if not isinstance(fit, LMMResult):
+        raise ArgumentError(f"ridge_view needs a closed-form fit (hp.lmm), got {type(fit).__name__}")
+    q = sum(t.n_levels * t.k for t in fit.design.terms)
+    if q > DENSE_LIMIT:
+        raise ArgumentError(f"ridge_view builds Z densely; this model has {q} random effects (limit {DENSE_LIMIT})")
+    grid = np.logspace(-3, 3, 41) if multipliers is None else np.asarray(multipliers, dtype=float)
+    if grid.ndim != 1 or np.any(~np.isfinite(grid)) or np.any(grid < 0):
+        raise ArgumentError("multipliers must be a 1-d array of finite, non-negative numbers")
+    grid = np.union1d(grid, [1.0])
+    beta_path, b_path = ridge_solve(fit, grid)
+    at_one = int(np.flatnonzero(grid == 1.0)[0])
+
+    rows, path_frames, penalties = [], [], {}
+    fixed = list(fit.design.fixed_names)
+    for j, (term, cov) in enumerate(zip(fit.design.terms, fit.term_covariances())):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            singular = np.linalg.matrix_rank(cov) < term.k
+            penalties[_term_label(term)] = np.full_like(cov, np.nan) if singular else fit.sigma**2 * np.linalg.inv(cov)
+        blups = np.asarray(fit.solution.b[j])
+        for i, coef in enumerate(term.coef_names):
+            rows.append(pd.DataFrame({"grpvar": term.group, "grp": term.levels, "term": coef,
+                                      "blup": blups[:, i], "ridge": b_path[j][at_one][:, i]}))
+            population = beta_path[:, fixed.index(coef)] if coef in fixed else np.zeros(len(grid))
+            values = population[:, None] + b_path[j][:, :, i]
+            path_frames.append(pd.DataFrame({
+                "multiplier": np.repeat(grid, term.n_levels),
+                "grpvar": term.group,
+                "grp": np.tile(term.levels, len(grid)),
+                "term": coef,
+                "coefficient": values.ravel(),
+            }))
+    table = pd.concat(rows, ignore_index=True)
+    table["difference"] = table["blup"] - table["ridge"]
+    return RidgeView(
+        penalties=penalties,
+        table=table,
+        max_abs_difference=float(np.abs(table["difference"]).max()),
+        path=pd.concat(path_frames, ignore_index=True),
+        fit=fit,
+    )
