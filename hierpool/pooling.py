@@ -321,7 +321,7 @@ def pooling(
     tune: int = 1000,
     seed: int = 0,
     level: float = 0.95,
-    progress: bool = False,
+    progress: bool | None = None,
     se: str | None = None,
 ) -> PoolingComparison:
     """Put complete pooling, no pooling, the BLUP and the posterior side by side.

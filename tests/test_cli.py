@@ -1,0 +1,86 @@
+"""The hierpool command: demo, fit, one-line errors, --help and --version."""
+
+import subprocess
+import sys
+
+import arviz as az
+import numpy as np
+import pandas as pd
+import pytest
+
+import hierpool as hp
+from hierpool.cli import main
+
+
+@pytest.fixture(scope="module")
+def sleep_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "sleep.csv"
+    hp.datasets.sleepstudy().to_csv(path, index=False)
+    return path
+
+
+def test_demo_prints_each_methods_error_and_writes_the_report(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--seed", "5"]) == 0
+    printed = capsys.readouterr().out
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"shrinkage.png", "caterpillar.png", "weights.png", "pooling.csv", "REPORT.md"} <= written
+    table = pd.read_csv(tmp_path / "pooling.csv")
+    sparse = table["n"] <= 2
+    for method, column in [("complete pooling", "complete_pooling"), ("no pooling", "no_pooling"),
+                           ("partial pooling (BLUP)", "blup"), ("partial pooling (posterior mean)", "post_mean")]:
+        error = table[column] - table["truth"]
+        cells = [np.sqrt(np.mean(error[m] ** 2)) for m in (np.ones(len(table), bool), sparse, ~sparse)]
+        line = next(row for row in printed.splitlines() if row.strip().startswith(method))
+        assert line.split()[-4:-1] == [f"{c:.2f}" for c in cells], line
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "![shrinkage](shrinkage.png)" in report and "partial pooling (BLUP)" in report
+
+
+def test_fit_writes_the_tables_plots_and_posterior(sleep_csv, tmp_path, capsys):
+    formula = "Reaction ~ Days + (Days | Subject)"
+    args = ["fit", str(sleep_csv), formula, "--out", str(tmp_path), "--bayes", "--draws", "400", "--tune", "400",
+            "--chains", "2"]
+    assert main(args) == 0
+    assert "REML criterion" in capsys.readouterr().out
+    fit = hp.lmm(formula, hp.datasets.sleepstudy())
+    fixef = pd.read_csv(tmp_path / "fixef.csv").set_index("term")
+    np.testing.assert_allclose(fixef["estimate"], fit.fixef, rtol=1e-8)
+    np.testing.assert_allclose(fixef["se"], fit.fixef_se, rtol=1e-8)
+    ranef = pd.read_csv(tmp_path / "ranef.csv")
+    np.testing.assert_allclose(ranef["condval"], fit.ranef["condval"], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ranef["upper"] - ranef["lower"], 2 * 1.959963984540054 * fit.ranef_joint_sd(), rtol=1e-8)
+    assert len(pd.read_csv(tmp_path / "varcorr.csv")) == 4
+    assert {"shrinkage.png", "caterpillar.png", "posterior_ranef.csv"} <= {p.name for p in tmp_path.iterdir()}
+    idata = az.from_netcdf(tmp_path / "posterior.nc")
+    assert idata.posterior["b_Subject"].shape == (2, 400, 18, 2)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fit", "missing.csv", "y ~ 1 + (1 | g)"], "no such file: missing.csv"),
+    (["fit", "{csv}", "Reaction ~ Days + (Days | Subject"], "unbalanced brackets"),
+    (["fit", "{csv}", "Reaction ~ Days + (Days | Patient)"], "'Patient'"),
+    (["fit", "{csv}", "Reaction ~ Days"], "no random-effect term"),
+    (["fit", "{dir}", "y ~ 1 + (1 | g)"], "is a directory"),
+])
+def test_errors_are_one_line_with_exit_status_2(args, message, sleep_csv, capsys):
+    args = [a.format(csv=sleep_csv, dir=sleep_csv.parent) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hierpool: error:") and message in err[0]
+
+
+def test_unreadable_csv_is_a_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"\xff\xfe\x00garbage\x00\n\x01,\x02,\x03,\x04\n")
+    assert main(["fit", str(bad), "y ~ 1 + (1 | g)"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hierpool: error:")
+
+
+def test_help_and_version_from_a_fresh_process():
+    version = subprocess.run([sys.executable, "-m", "hierpool.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"hierpool {hp.__version__}"
+    helped = subprocess.run([sys.executable, "-m", "hierpool.cli", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "demo" in helped.stdout and "fit" in helped.stdout
+    wrong = subprocess.run([sys.executable, "-m", "hierpool.cli", "fitt"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
