@@ -323,6 +323,8 @@ def pooling(
     level: float = 0.95,
     progress: bool | None = None,
     se: str | None = None,
+    priors=None,
+    target_accept: float = 0.8,
 ) -> PoolingComparison:
     """Put complete pooling, no pooling, the BLUP and the posterior side by side.
 
@@ -341,7 +343,7 @@ def pooling(
         Column(s) holding each group's true coefficient: a column name (for the
         first coefficient) or ``{coefficient: column}``.  Default: the data's
         ``attrs["truth"]`` when present (``hp.datasets.biomarker`` sets it).
-    chains, draws, tune, seed, progress
+    chains, draws, tune, seed, progress, priors, target_accept
         Passed to :func:`hierpool.bayes`.
     level : float
         Interval level of the plots.
@@ -369,7 +371,8 @@ def pooling(
     if bayes:
         from .bayesian import bayes as fit_bayes
 
-        posterior = fit_bayes(formula, data, chains=chains, draws=draws, tune=tune, seed=seed, se=se, progress=progress)
+        posterior = fit_bayes(formula, data, chains=chains, draws=draws, tune=tune, seed=seed, se=se, progress=progress,
+                              priors=priors, target_accept=target_accept)
         coefficient_draws = _posterior_coefficients(posterior, block, fit)
         columns["post_mean"] = coefficient_draws.mean(axis=0)
         columns["post_sd"] = coefficient_draws.std(axis=0, ddof=1)
