@@ -4,7 +4,8 @@ Importing hierpool enables JAX's float64 mode (``jax_enable_x64``): the
 closed-form engine needs double precision.
 """
 
-from . import bayesian, closedform, datasets, validate
+from . import bayesian, batch, closedform, datasets, validate
+from .batch import BatchResult, fit_batch
 from .bayesian import BayesResult, SamplingWarning, bayes
 from .closedform import Control, MixedModel, lmm
 from .errors import (
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError",
+    "BatchResult",
     "BayesResult",
     "Control",
     "ConvergenceError",
@@ -37,6 +39,7 @@ __all__ = [
     "bayesian",
     "closedform",
     "datasets",
+    "fit_batch",
     "lmm",
     "pooling",
     "PoolingComparison",

@@ -2,5 +2,6 @@
 
 from .biomarker import biomarker
 from .classic import dyestuff, eight_schools, pastes, penicillin, radon, sleepstudy
+from .replicates import sleepstudy_replicates
 
-__all__ = ["biomarker", "dyestuff", "eight_schools", "pastes", "penicillin", "radon", "sleepstudy"]
+__all__ = ["biomarker", "dyestuff", "eight_schools", "pastes", "penicillin", "radon", "sleepstudy", "sleepstudy_replicates"]

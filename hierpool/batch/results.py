@@ -1,0 +1,121 @@
+"""Results of a batch fit: one row per dataset, long tables with a ``dataset`` column."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..closedform.results import _coef_pairs
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Per-dataset fits of one model (``hp.fit_batch``).
+
+    Attributes
+    ----------
+    datasets : pandas.Index
+        The dataset labels, in result order.
+    fixed_names, coef_names : tuple of str
+    group : str
+        The grouping factor.
+    theta : (B, m) ndarray
+        lme4's theta per dataset (NaN where the fit failed).
+    objective : pandas.Series
+        REML criterion (or -2 log-likelihood) per dataset.
+    converged, is_singular : pandas.Series of bool
+    messages : pandas.Series of str
+        Why a dataset failed or was refitted; empty when all went well.
+    beta, beta_se : (B, p) ndarrays
+    sigma : (B,) ndarray
+    covariance : (B, k, k) ndarray
+        The random-effect covariance Sigma per dataset.
+    levels : list of ndarray
+        Each dataset's level labels.
+    b, cond_sd : list of (ell_d, k) ndarrays
+        BLUPs and lme4's conditional sds per dataset.
+    reml : bool
+    """
+
+    datasets: pd.Index
+    fixed_names: tuple[str, ...]
+    coef_names: tuple[str, ...]
+    group: str
+    theta: np.ndarray
+    objective: pd.Series
+    converged: pd.Series
+    is_singular: pd.Series
+    messages: pd.Series
+    beta: np.ndarray
+    beta_se: np.ndarray
+    sigma: np.ndarray
+    covariance: np.ndarray
+    levels: list
+    b: list
+    cond_sd: list
+    reml: bool
+
+    @property
+    def fixef(self) -> pd.DataFrame:
+        """Fixed effects, one row per dataset."""
+        return pd.DataFrame(self.beta, index=self.datasets, columns=list(self.fixed_names))
+
+    @property
+    def fixef_se(self) -> pd.DataFrame:
+        """Standard errors of the fixed effects, one row per dataset."""
+        return pd.DataFrame(self.beta_se, index=self.datasets, columns=list(self.fixed_names))
+
+    @property
+    def varcorr(self) -> pd.DataFrame:
+        """``as.data.frame(VarCorr(fit))`` of every dataset, with a ``dataset`` column."""
+        k = len(self.coef_names)
+        sds = np.sqrt(np.diagonal(self.covariance, axis1=1, axis2=2))
+        frames = []
+        for i, name in enumerate(self.coef_names):
+            frames.append(pd.DataFrame({"dataset": self.datasets, "grp": self.group, "var1": name, "var2": None,
+                                        "vcov": self.covariance[:, i, i], "sdcor": sds[:, i]}))
+        for i, j in _coef_pairs(k):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                corr = self.covariance[:, i, j] / (sds[:, i] * sds[:, j])
+            frames.append(pd.DataFrame({"dataset": self.datasets, "grp": self.group, "var1": self.coef_names[i],
+                                        "var2": self.coef_names[j], "vcov": self.covariance[:, i, j], "sdcor": corr}))
+        frames.append(pd.DataFrame({"dataset": self.datasets, "grp": "Residual", "var1": None, "var2": None,
+                                    "vcov": self.sigma**2, "sdcor": self.sigma}))
+        order = {label: n for n, label in enumerate(self.datasets)}
+        table = pd.concat(frames, ignore_index=True)
+        return table.sort_values("dataset", key=lambda s: s.map(order), kind="stable", ignore_index=True)
+
+    @property
+    def ranef(self) -> pd.DataFrame:
+        """BLUPs and conditional sds, as ``LMMResult.ranef``, with a ``dataset`` column."""
+        frames = []
+        for label, levels, b, sd in zip(self.datasets, self.levels, self.b, self.cond_sd):
+            for i, name in enumerate(self.coef_names):
+                frames.append(pd.DataFrame({"dataset": label, "grpvar": self.group, "term": name, "grp": levels,
+                                            "condval": b[:, i], "condsd": sd[:, i]}))
+        return pd.concat(frames, ignore_index=True)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One tidy row per dataset: status, criterion, fixed effects and their ses, sds, correlations, sigma."""
+        frame = pd.DataFrame({"dataset": self.datasets, "objective": self.objective.to_numpy(),
+                              "converged": self.converged.to_numpy(), "is_singular": self.is_singular.to_numpy(),
+                              "message": self.messages.to_numpy()})
+        for j, name in enumerate(self.fixed_names):
+            frame[name] = self.beta[:, j]
+            frame[f"se_{name}"] = self.beta_se[:, j]
+        sds = np.sqrt(np.diagonal(self.covariance, axis1=1, axis2=2))
+        for i, name in enumerate(self.coef_names):
+            frame[f"sd_{self.group}_{name}"] = sds[:, i]
+        for i, j in _coef_pairs(len(self.coef_names)):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                frame[f"cor_{self.group}_{self.coef_names[i]}_{self.coef_names[j]}"] = (
+                    self.covariance[:, i, j] / (sds[:, i] * sds[:, j]))
+        frame["sigma"] = self.sigma
+        return frame
+
+    def __repr__(self) -> str:
+        failed = int((~self.converged).sum())
+        return (f"BatchResult: {len(self.datasets)} datasets, {'REML' if self.reml else 'ML'}; "
+                f"{failed} not converged, {int(self.is_singular.sum())} singular")

@@ -1,0 +1,157 @@
+"""hp.fit_batch against one hp.lmm fit per dataset; padding, buckets, failures, float32, sharding."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hierpool as hp
+
+SLEEP = "Reaction ~ Days + (Days | Subject)"
+
+
+def single_fits(formula, frames):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.HierpoolWarning)
+        return [hp.lmm(formula, frame) for frame in frames]
+
+
+def assert_matches(batch, fits, labels):
+    for label, fit in zip(labels, fits):
+        i = batch.datasets.get_loc(label)
+        assert batch.objective.iloc[i] == pytest.approx(fit.objective, rel=1e-11)
+        np.testing.assert_allclose(batch.fixef.iloc[i], fit.fixef, rtol=1e-6)
+        np.testing.assert_allclose(batch.fixef_se.iloc[i], fit.fixef_se, rtol=1e-5)
+        assert batch.sigma[i] == pytest.approx(fit.sigma, rel=1e-6)
+        ranef = batch.ranef.query("dataset == @label")
+        scale = np.abs(fit.ranef.condval).max() + 1e-12
+        np.testing.assert_array_equal(ranef.grp.to_numpy(), fit.ranef.grp.to_numpy())
+        np.testing.assert_allclose(ranef.condval, fit.ranef.condval, atol=1e-5 * scale)
+        np.testing.assert_allclose(ranef.condsd, fit.ranef.condsd, rtol=1e-5, atol=1e-7 * scale)
+        varcorr = batch.varcorr.query("dataset == @label")
+        sd_scale = fit.varcorr.sdcor.abs().max()
+        np.testing.assert_allclose(varcorr.sdcor.to_numpy(), fit.varcorr.sdcor.to_numpy(), atol=1e-5 * sd_scale)
+        assert bool(batch.is_singular.iloc[i]) == fit.is_singular
+
+
+@pytest.fixture(scope="module")
+def replicates():
+    return hp.datasets.sleepstudy_replicates(60, seed=4)
+
+
+@pytest.fixture(scope="module")
+def batch(replicates):
+    return hp.fit_batch(SLEEP, replicates, by="dataset")
+
+
+def test_every_dataset_equals_its_own_lmm_fit(replicates, batch):
+    labels = list(range(0, 60, 3))
+    fits = single_fits(SLEEP, [replicates[replicates.dataset == i] for i in labels])
+    assert_matches(batch, fits, labels)
+    assert batch.converged.all()
+
+
+def test_datasets_of_different_sizes_and_levels_share_padded_buckets():
+    rng = np.random.default_rng(0)
+    base = hp.datasets.sleepstudy_replicates(12, seed=9)
+    frames = {}
+    for i, (_, frame) in enumerate(base.groupby("dataset")):
+        subjects = frame.Subject.unique()[: rng.integers(5, 19)]  # 5..18 levels: several buckets
+        frame = frame[frame.Subject.isin(subjects)]
+        frames[f"site{i}"] = frame.sample(frac=rng.uniform(0.6, 1.0), random_state=i).drop(columns="dataset")
+    result = hp.fit_batch(SLEEP, frames, by="site")
+    assert list(result.datasets) == list(frames)
+    assert_matches(result, single_fits(SLEEP, frames.values()), list(frames))
+
+
+def test_random_intercept_and_categorical_fixed_effects():
+    data = hp.datasets.sleepstudy_replicates(8, seed=2)
+    data["phase"] = np.where(data.Days < 3, "early", np.where(data.Days < 7, "mid", "late"))
+    formula = "Reaction ~ phase + (1 | Subject)"
+    result = hp.fit_batch(formula, data)
+    assert list(result.fixed_names) == list(hp.lmm(formula, data[data.dataset == 0]).fixef.index)
+    assert_matches(result, single_fits(formula, [data[data.dataset == i] for i in range(8)]), list(range(8)))
+    ml = hp.fit_batch(formula, data, reml=False)
+    single = hp.lmm(formula, data[data.dataset == 3], reml=False)
+    assert ml.objective.iloc[3] == pytest.approx(single.objective, rel=1e-11)
+
+
+def test_a_failing_dataset_is_reported_in_its_row_and_spares_the_others():
+    data = hp.datasets.sleepstudy_replicates(6, seed=5)
+    one_subject = data[(data.dataset == 1) & (data.Subject == "S0")]
+    data = pd.concat([data[data.dataset != 1], one_subject])
+    data.loc[data.dataset == 2, "Days"] = 4.0  # Days is constant: aliased with the intercept in dataset 2
+    dyestuff2 = hp.datasets.dyestuff()
+    result = hp.fit_batch(SLEEP, data)
+    assert "only 1 level" in result.messages.loc[1] and np.isnan(result.objective.loc[1])
+    assert "rank 1" in result.messages.loc[2] and not result.converged.loc[2]
+    assert result.fixef.loc[[1, 2]].isna().all().all()
+    good = [0, 3, 4, 5]
+    assert_matches(result, single_fits(SLEEP, [data[data.dataset == i] for i in good]), good)
+    assert result.messages.loc[good].eq("").all()
+    del dyestuff2
+
+
+def test_a_singular_dataset_is_flagged_with_a_zero_variance():
+    rng = np.random.default_rng(1)
+    frames = [pd.DataFrame({"y": rng.normal(size=30), "g": np.repeat(list("abcdef"), 5)}) for _ in range(3)]
+    result = hp.fit_batch("y ~ 1 + (1 | g)", frames)
+    fits = single_fits("y ~ 1 + (1 | g)", frames)
+    for i, fit in enumerate(fits):
+        assert result.objective.iloc[i] == pytest.approx(fit.objective, rel=1e-10)
+        assert bool(result.is_singular.iloc[i]) == fit.is_singular
+        if fit.is_singular:
+            assert result.varcorr.query("dataset == @i and grp == 'g'").sdcor.iloc[0] < 1e-4 * fit.sigma
+
+
+def test_float32_agrees_with_float64(replicates, batch):
+    single = hp.fit_batch(SLEEP, replicates, dtype="float32")
+    np.testing.assert_allclose(single.objective, batch.objective, rtol=1e-5)
+    np.testing.assert_allclose(single.fixef, batch.fixef, rtol=1e-4)
+
+
+def test_tables(replicates, batch):
+    frame = batch.to_frame()
+    assert len(frame) == 60 and {"Intercept", "se_Days", "sd_Subject_Days", "cor_Subject_Intercept_Days",
+                                 "sigma", "converged", "is_singular", "message"} <= set(frame.columns)
+    fit = hp.lmm(SLEEP, replicates[replicates.dataset == 7])
+    np.testing.assert_allclose(frame.loc[7, ["sd_Subject_Intercept", "sd_Subject_Days", "cor_Subject_Intercept_Days",
+                                             "sigma"]].to_numpy(float), fit.varcorr.sdcor.to_numpy(), rtol=1e-5)
+    assert len(batch.ranef) == 60 * 18 * 2 and len(batch.varcorr) == 60 * 4
+
+
+SHARDED = """
+import json, hierpool as hp, jax
+data = hp.datasets.sleepstudy_replicates(60, seed=4)
+result = hp.fit_batch("Reaction ~ Days + (Days | Subject)", data, chunk_size=8)
+print(json.dumps({"devices": jax.device_count(), "objective": result.objective.tolist(),
+                  "beta": result.beta.tolist()}))
+"""
+
+
+def test_sharded_over_four_host_devices_gives_the_same_fits(replicates, batch):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    np.testing.assert_allclose(out["objective"], batch.objective, rtol=1e-11)
+    np.testing.assert_allclose(out["beta"], batch.beta, rtol=1e-8)
+
+
+def test_bad_input_names_the_culprit(replicates):
+    with pytest.raises(hp.DataError, match="'study'"):
+        hp.fit_batch(SLEEP, replicates, by="study")
+    with pytest.raises(hp.ArgumentError, match="one random-effect term"):
+        hp.fit_batch("Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)", replicates)
+    with pytest.raises(hp.ArgumentError, match="already has a column 'dataset'"):
+        hp.fit_batch(SLEEP, [replicates])
+    with pytest.raises(hp.ArgumentError, match="dtype"):
+        hp.fit_batch(SLEEP, replicates, dtype="float16")
+    with pytest.raises(hp.DataError, match="'Reactions'"):
+        hp.fit_batch("Reactions ~ Days + (Days | Subject)", replicates)
