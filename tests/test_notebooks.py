@@ -14,7 +14,7 @@ def _images(book) -> int:
 def test_there_are_the_teaching_notebooks():
     names = {p.stem for p in NOTEBOOKS}
     for topic in ("pooling_and_shrinkage", "blup_as_penalized_regression", "blup_vs_posterior",
-                  "prediction_uncertainty"):
+                  "prediction_uncertainty", "batch_fitting"):
         assert any(topic in name for name in names), topic
 
 

@@ -1,0 +1,132 @@
+"""Batch fitting benchmark: 2,000 sleepstudy-shaped datasets, REML + BLUPs, fits per second.
+
+    python benchmarks/batch.py [--datasets 2000] [--statsmodels-datasets N]   # writes benchmarks/out/batch.json
+
+Each contender runs in a fresh process on the same simulated data
+(``hp.datasets.sleepstudy_replicates``: 18 subjects x 10 days, correlated slopes);
+the clock covers fitting every dataset and extracting fixed effects, variance
+components and BLUPs (data generation and imports excluded):
+
+* hierpool: one ``hp.fit_batch`` call, compilation included;
+* lme4: a loop of ``lmer`` + ``fixef``/``VarCorr``/``ranef`` over the datasets (R);
+* statsmodels: a loop of ``MixedLM.fit(reml=True)`` + ``random_effects``.
+
+``--statsmodels-datasets`` times statsmodels on the first N datasets only and
+scales its time to all of them (it needs ~0.09 s per fit here); the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out"
+DATA = OUT / "batch_datasets.csv"
+
+HIERPOOL = textwrap.dedent(
+    """
+    import json, sys, time, pandas as pd
+    import hierpool as hp
+    data = pd.read_csv(DATA)
+    data["Subject"] = data["Subject"].astype(str)
+    t0 = time.perf_counter()
+    res = hp.fit_batch("Reaction ~ Days + (Days | Subject)", data, by="dataset", progress=False)
+    fixef, varcorr, ranef = res.fixef, res.varcorr, res.ranef
+    wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hp.fit_batch("Reaction ~ Days + (Days | Subject)", data, by="dataset", progress=False).ranef
+    second = time.perf_counter() - t0
+    print(json.dumps(dict(wall_s=wall, second_call_s=second, n=len(res.datasets),
+                          converged=int(res.converged.sum()), singular=int(res.is_singular.sum()),
+                          refitted=int(res.messages.str.contains("refitted").sum()),
+                          objective=res.objective.tolist())))
+    """
+)
+
+STATSMODELS = textwrap.dedent(
+    """
+    import json, sys, time, warnings, pandas as pd
+    import statsmodels.formula.api as smf
+    warnings.simplefilter("ignore")
+    data = pd.read_csv(DATA)
+    limit = int(sys.argv[1])
+    frames = [frame for _, frame in data.groupby("dataset")][:limit]
+    t0 = time.perf_counter()
+    objective = []
+    for frame in frames:
+        fit = smf.mixedlm("Reaction ~ Days", frame, groups=frame["Subject"], re_formula="~Days").fit(reml=True)
+        fit.fe_params, fit.cov_re, fit.random_effects
+        objective.append(-2 * fit.llf)
+    wall = time.perf_counter() - t0
+    print(json.dumps(dict(wall_s=wall, n=len(frames), objective=objective)))
+    """
+)
+
+LME4 = textwrap.dedent(
+    """
+    suppressMessages(library(lme4))
+    d <- read.csv("DATA")
+    sets <- split(d, d$dataset)
+    t0 <- proc.time()[["elapsed"]]
+    objective <- numeric(length(sets))
+    for (i in seq_along(sets)) {
+      fit <- lmer(Reaction ~ Days + (Days | Subject), sets[[i]], REML = TRUE)
+      fixef(fit); as.data.frame(VarCorr(fit)); ranef(fit, condVar = TRUE)
+      objective[i] <- deviance(fit, REML = TRUE)
+    }
+    wall <- proc.time()[["elapsed"]] - t0
+    cat(sprintf('{"wall_s": %.4f, "n": %d, "objective": [%s]}\\n', wall, length(sets),
+                paste(sprintf("%.10f", objective), collapse = ",")))
+    """
+)
+
+
+def _json_from(command, script: str) -> dict:
+    run = subprocess.run(command, input=script.replace("DATA", str(DATA)), capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", type=int, default=2000)
+    parser.add_argument("--statsmodels-datasets", type=int, default=None)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import numpy as np
+
+    import hierpool as hp
+
+    OUT.mkdir(exist_ok=True)
+    hp.datasets.sleepstudy_replicates(args.datasets, seed=2026).to_csv(DATA, index=False)
+    n = args.datasets
+    n_sm = n if args.statsmodels_datasets is None else min(n, args.statsmodels_datasets)
+    results = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
+                   datasets=n)
+    results["hierpool"] = _json_from([sys.executable, "-"], HIERPOOL)
+    results["lme4"] = _json_from(["Rscript", "-"], LME4)
+    results["statsmodels"] = _json_from([sys.executable, "-", str(n_sm)], STATSMODELS)
+    hierpool_obj = np.array(results["hierpool"].pop("objective"))
+    lme4_obj = np.array(results["lme4"].pop("objective"))
+    sm_obj = np.array(results["statsmodels"].pop("objective"))
+    results["max_rel_objective_diff_vs_lme4"] = float(np.max(np.abs(hierpool_obj - lme4_obj) / np.abs(lme4_obj)))
+    results["hierpool_minus_lme4_max"] = float(np.max(hierpool_obj - lme4_obj))
+    results["statsmodels_minus_hierpool_min"] = float(np.min(sm_obj - hierpool_obj[: len(sm_obj)]))
+    sm_full = results["statsmodels"]["wall_s"] * n / n_sm
+    results["statsmodels"]["scaled_to_all_s"] = sm_full
+    hp_wall = results["hierpool"]["wall_s"]
+    results["fits_per_s"] = dict(hierpool=n / hp_wall, lme4=n / results["lme4"]["wall_s"], statsmodels=n / sm_full)
+    results["ratio"] = dict(vs_lme4=results["lme4"]["wall_s"] / hp_wall, vs_statsmodels=sm_full / hp_wall)
+    (OUT / "batch.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
