@@ -87,6 +87,18 @@ def _fit_chunk(stats, reml: bool, max_iterations: int):
     return jax.vmap(one)(stats)
 
 
+_COMPILED: dict = {}
+
+
+def _compiled(stats, reml: bool, max_iterations: int, sharding):
+    """The compiled chunk program for this shape (kept for the process: a refit does not retrace)."""
+    key = (tuple((a.shape, a.dtype.name) for a in jax.tree_util.tree_leaves(stats)), reml, max_iterations, sharding)
+    if key not in _COMPILED:
+        placed = stats if sharding is None else jax.device_put(stats, sharding)
+        _COMPILED[key] = _fit_chunk.lower(placed, reml=reml, max_iterations=max_iterations).compile()
+    return _COMPILED[key]
+
+
 def _mesh_sharding():
     devices = jax.devices()
     if len(devices) == 1:
@@ -237,11 +249,15 @@ def fit_batch(
             padded = np.concatenate([chosen, np.full(size - len(chosen), chosen[0])])
             jobs.append((usable[chosen], stats.take(padded), len(chosen)))
 
+    for _, chunk, _ in jobs:
+        # compile each chunk shape once, before the threads start (they would each compile it)
+        _compiled(chunk, reml, max_iterations, sharding)
+
     def run(job):
         _, chunk, count = job
         if sharding is not None:
             chunk = jax.device_put(chunk, sharding)
-        result = _fit_chunk(chunk, reml=reml, max_iterations=max_iterations)
+        result = _compiled(chunk, reml, max_iterations, sharding)(chunk)
         return jax.tree_util.tree_map(lambda a: np.asarray(a)[:count], result)
 
     show = sys.stderr.isatty() if progress is None else bool(progress)

@@ -37,12 +37,13 @@ def _blocks(theta, stats):
     cx = jnp.einsum("lij,jk,lkp->lip", chol_inv, lam_t, stats.ztx)
     schur = stats.xtx - jnp.einsum("lip,liq->pq", cx, cx)
     chol_x = cholesky(schur)
+    chol_x_inv = tri_inverse(chol_x)  # p is small: unrolled, no LAPACK call inside the vmapped loop
     rhs = stats.xty - jnp.einsum("lip,li->p", cx, cz)
-    r = jax.scipy.linalg.solve_triangular(chol_x, rhs, lower=True)
+    r = chol_x_inv @ rhs
     pwrss = stats.yty - jnp.sum(cz**2) - jnp.sum(r**2)
     logdet_z = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)))
     logdet_x = 2 * jnp.sum(jnp.log(jnp.diagonal(chol_x)))
-    return lam, chol_inv, cz, cx, chol_x, r, pwrss, logdet_z, logdet_x
+    return lam, chol_inv, cz, cx, chol_x_inv, r, pwrss, logdet_z, logdet_x
 
 
 def objective(theta: jax.Array, stats, reml: bool = True) -> jax.Array:
@@ -56,11 +57,10 @@ def objective(theta: jax.Array, stats, reml: bool = True) -> jax.Array:
 
 def solution(theta: jax.Array, stats, reml: bool = True) -> dict:
     """beta-hat, its covariance, sigma, the BLUPs b and lme4's condVar at theta (one dataset)."""
-    lam, chol_inv, cz, cx, chol_x, r, pwrss, *_ = _blocks(theta, stats)
+    lam, chol_inv, cz, cx, chol_x_inv, r, pwrss, *_ = _blocks(theta, stats)
     p = stats.xtx.shape[-1]
     sigma2 = pwrss / (stats.n - p if reml else stats.n)
-    beta = jax.scipy.linalg.solve_triangular(chol_x.T, r, lower=False)
-    chol_x_inv = tri_inverse(chol_x)
+    beta = chol_x_inv.T @ r
     # u_l = L_l^-T (c_l - C_l beta), b_l = Lambda u_l
     u = jnp.einsum("lji,lj->li", chol_inv, cz - jnp.einsum("lip,p->li", cx, beta))
     b = u @ lam.T

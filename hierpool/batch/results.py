@@ -90,12 +90,16 @@ class BatchResult:
     @property
     def ranef(self) -> pd.DataFrame:
         """BLUPs and conditional sds, as ``LMMResult.ranef``, with a ``dataset`` column."""
-        frames = []
-        for label, levels, b, sd in zip(self.datasets, self.levels, self.b, self.cond_sd):
-            for i, name in enumerate(self.coef_names):
-                frames.append(pd.DataFrame({"dataset": label, "grpvar": self.group, "term": name, "grp": levels,
-                                            "condval": b[:, i], "condsd": sd[:, i]}))
-        return pd.concat(frames, ignore_index=True)
+        k = len(self.coef_names)
+        counts = np.array([len(levels) for levels in self.levels])
+        datasets = np.repeat(np.asarray(self.datasets), counts * k)
+        # per dataset: the levels of coefficient 0, then of coefficient 1, ... (hp.lmm's order)
+        terms = np.concatenate([np.repeat(np.asarray(self.coef_names, dtype=object), n) for n in counts])
+        groups = np.concatenate([np.tile(np.asarray(levels, dtype=object), k) for levels in self.levels])
+        condval = np.concatenate([b.T.ravel() for b in self.b])
+        condsd = np.concatenate([sd.T.ravel() for sd in self.cond_sd])
+        return pd.DataFrame({"dataset": datasets, "grpvar": self.group, "term": terms, "grp": groups,
+                             "condval": condval, "condsd": condsd})
 
     def to_frame(self) -> pd.DataFrame:
         """One tidy row per dataset: status, criterion, fixed effects and their ses, sds, correlations, sigma."""
