@@ -150,3 +150,16 @@ def test_bad_arguments_name_the_culprit(study):
         comparison.plot("violin")
     with pytest.raises(hp.ArgumentError, match="multipliers"):
         comparison.ridge(multipliers=[-1.0])
+
+
+def test_no_pooling_with_a_shared_covariate_is_the_fixed_effects_regression():
+    radon = hp.datasets.radon()
+    comparison = hp.pooling("log_radon ~ floor + (1 | county)", radon, bayes=False)
+    dummies = pd.get_dummies(radon.county).astype(float)
+    design = np.column_stack([dummies.to_numpy(), radon.floor.to_numpy(float)])
+    coef = np.linalg.lstsq(design, radon.log_radon.to_numpy(), rcond=None)[0]
+    expected = pd.Series(coef[:-1], index=dummies.columns)
+    table = comparison.table.set_index("grp")
+    np.testing.assert_allclose(table.loc[expected.index, "no_pooling"], expected, rtol=1e-9, atol=1e-10)
+    pooled = np.linalg.lstsq(np.column_stack([np.ones(len(radon)), radon.floor]), radon.log_radon, rcond=None)[0]
+    np.testing.assert_allclose(table["complete_pooling"], pooled[0], rtol=1e-12)
