@@ -57,6 +57,17 @@ class RandomEffectTerm:
     spec: RandomTermSpec
     z_matrix: object  # formulae CommonEffectsMatrix of the lhs, to encode new data the same way
 
+    def dense_columns(self, values: np.ndarray | None = None) -> np.ndarray:
+        """The term's dense model-matrix block Z_j, shape (n, ell * k), columns by level then coefficient.
+
+        ``values`` (n, k) replaces z (e.g. z @ Lambda^T).  For the small, teaching-size
+        uses (ridge view, no-pooling fits) only: the engines never form Z.
+        """
+        values = self.z if values is None else values
+        dense = np.zeros((len(self.index), self.n_levels * self.k))
+        np.put_along_axis(dense, self.index[:, None] * self.k + np.arange(self.k)[None, :], values, axis=1)
+        return dense
+
     @property
     def k(self) -> int:
         return self.z.shape[1]

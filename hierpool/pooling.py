@@ -83,16 +83,19 @@ def _row_weights(fit: LMMResult) -> np.ndarray:
     return np.ones(fit.nobs) if fit.design.weights is None else fit.design.weights
 
 
-def _fixed_position(fit: LMMResult, coef: str) -> int | None:
+def _on_coefficients(fit: LMMResult, block: GroupTerms, beta: np.ndarray) -> np.ndarray:
+    """beta (..., p) read on the block's coefficients (..., k): 0 for a coefficient with no fixed effect."""
     names = list(fit.design.fixed_names)
-    return names.index(coef) if coef in names else None
+    beta = np.asarray(beta)
+    return np.stack([beta[..., names.index(c)] if c in names else np.zeros(beta.shape[:-1])
+                     for c in block.coef_names], axis=-1)
 
 
 def complete_pooling(fit: LMMResult, block: GroupTerms) -> np.ndarray:
     """Least squares of y on the fixed-effect columns alone: one coefficient vector for all groups."""
     root_w = np.sqrt(_row_weights(fit))
     beta, *_ = np.linalg.lstsq(fit.design.X * root_w[:, None], fit.design.y * root_w, rcond=None)
-    return np.array([0.0 if (pos := _fixed_position(fit, c)) is None else beta[pos] for c in block.coef_names])
+    return _on_coefficients(fit, block, beta)
 
 
 def no_pooling(fit: LMMResult, block: GroupTerms) -> np.ndarray:
@@ -109,10 +112,9 @@ def no_pooling(fit: LMMResult, block: GroupTerms) -> np.ndarray:
     )
     rows = identified[block.index]
     shared = [i for i, name in enumerate(design.fixed_names) if name not in block.coef_names]
-    per_group = np.zeros((design.n, ell * k))
-    cols = block.index[:, None] * k + np.arange(k)[None, :]
-    np.put_along_axis(per_group, cols, block.z, axis=1)
-    per_group = per_group[:, np.repeat(identified, k)]
+    # columns by level, then the block's coefficients (its terms' side by side)
+    per_term = [fit.design.terms[j].dense_columns().reshape(design.n, ell, -1) for j in block.indices]
+    per_group = np.concatenate(per_term, axis=2).reshape(design.n, ell * k)[:, np.repeat(identified, k)]
     other = design.X[:, shared]
     matrix = np.hstack([per_group, other])[rows]
     keep = np.ones(matrix.shape[1], dtype=bool)
@@ -153,36 +155,23 @@ def group_coefficient_sd(fit: LMMResult, block: GroupTerms) -> np.ndarray:
     inverse mixed-model matrix (Henderson 1975); for a coefficient with no
     fixed-effect counterpart it is the joint sd of b_jc alone.
     """
-    blocks = fit.prediction_blocks
-    layout = fit.system.layout
-    q, p = layout.q_rest, layout.p
-    rest = np.asarray(blocks.rest)
-    var_beta = rest[q:, q:]
-    offsets = np.concatenate([[0], np.cumsum(np.multiply(layout.n_levels[1:], layout.ks[1:]))])
+    positions = {c: i for i, c in enumerate(fit.design.fixed_names)}
+    vcov = fit.vcov.to_numpy()
     columns = []
+    blocks = fit.prediction_error_blocks()
     for j in block.indices:
-        factor = np.asarray(fit.solution.factors[j])
-        ell, k = layout.n_levels[j], layout.ks[j]
-        if j == 0:
-            var_u = np.asarray(blocks.term0)
-            cov_u_beta = np.asarray(blocks.cross)[:, :, q:]
-        else:
-            idx = offsets[j - 1] + np.arange(ell)[:, None] * k + np.arange(k)[None, :]
-            var_u = rest[idx[:, :, None], idx[:, None, :]]
-            cov_u_beta = rest[idx, q:]
-        var_b = factor @ var_u @ factor.T
-        cov_b_beta = factor @ cov_u_beta
+        cov_b, cov_b_beta = blocks[j]
         for i, coef in enumerate(fit.design.terms[j].coef_names):
-            total = var_b[:, i, i]
-            pos = _fixed_position(fit, coef)
-            if pos is not None:
-                total = total + var_beta[pos, pos] + 2 * cov_b_beta[:, i, pos]
-            columns.append(fit.sigma * np.sqrt(np.maximum(total, 0.0)))
+            total = cov_b[:, i, i]
+            if coef in positions:
+                pos = positions[coef]
+                total = total + vcov[pos, pos] + 2 * cov_b_beta[:, i, pos]
+            columns.append(np.sqrt(np.maximum(total, 0.0)))
     return np.stack(columns, axis=1)
 
 
 def _population(fit: LMMResult, block: GroupTerms) -> np.ndarray:
-    return np.array([0.0 if (pos := _fixed_position(fit, c)) is None else fit.fixef.iloc[pos] for c in block.coef_names])
+    return _on_coefficients(fit, block, fit.fixef.to_numpy())
 
 
 def _posterior_coefficients(post, block: GroupTerms, fit: LMMResult) -> np.ndarray:
@@ -190,11 +179,7 @@ def _posterior_coefficients(post, block: GroupTerms, fit: LMMResult) -> np.ndarr
     b = np.concatenate([post.term_draws(j) for j in block.indices], axis=-1)
     b = b.reshape((-1,) + b.shape[2:])
     beta = post.beta_draws.reshape(-1, post.beta_draws.shape[-1])
-    fixed = np.stack(
-        [np.zeros(len(beta)) if (pos := _fixed_position(fit, c)) is None else beta[:, pos] for c in block.coef_names],
-        axis=-1,
-    )
-    return b + fixed[:, None, :]
+    return b + _on_coefficients(fit, block, beta)[:, None, :]
 
 
 def _truth_columns(data: pd.DataFrame, truth, block: GroupTerms) -> dict[str, str]:

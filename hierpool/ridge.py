@@ -34,13 +34,8 @@ DENSE_LIMIT = 4000  # random-effect columns: the view is a teaching tool, built 
 
 def _dense_relative_z(fit: LMMResult) -> np.ndarray:
     """Z Lambda, shape (n, q), columns ordered by term, level, coefficient."""
-    blocks = []
-    for term, factor in zip(fit.design.terms, fit.solution.factors):
-        block = np.zeros((fit.nobs, term.n_levels * term.k))
-        cols = term.index[:, None] * term.k + np.arange(term.k)[None, :]
-        np.put_along_axis(block, cols, term.z @ np.asarray(factor), axis=1)
-        blocks.append(block)
-    return np.hstack(blocks)
+    return np.hstack([term.dense_columns(term.z @ np.asarray(factor))
+                      for term, factor in zip(fit.design.terms, fit.solution.factors)])
 
 
 def _unstack(fit: LMMResult, u: np.ndarray) -> list[np.ndarray]:

@@ -163,3 +163,12 @@ def test_no_pooling_with_a_shared_covariate_is_the_fixed_effects_regression():
     np.testing.assert_allclose(table.loc[expected.index, "no_pooling"], expected, rtol=1e-9, atol=1e-10)
     pooled = np.linalg.lstsq(np.column_stack([np.ones(len(radon)), radon.floor]), radon.log_radon, rcond=None)[0]
     np.testing.assert_allclose(table["complete_pooling"], pooled[0], rtol=1e-12)
+
+
+def test_terms_of_one_factor_with_different_widths_read_as_one_block(study, slopes):
+    split = hp.pooling("biomarker ~ time + (1 | patient) + (0 + time | patient)", study, bayes=False)
+    assert split.block.coef_names == ("Intercept", "time")
+    np.testing.assert_allclose(split.table["no_pooling"], slopes.table["no_pooling"], rtol=1e-9, atol=1e-9)
+    newdata = pd.DataFrame({"patient": split.block.levels, "time": 0.0})
+    se = split.fit.predict(newdata, interval="confidence")["se"]
+    np.testing.assert_allclose(split.table.query("term == 'Intercept'")["blup_sd"], se, rtol=1e-10)

@@ -161,19 +161,34 @@ class LMMResult:
         error variance.  It is the posterior sd of b under a flat prior on beta
         with the variance parameters held at their estimates.
         """
+        columns = []
+        for cov_b, _ in self.prediction_error_blocks():
+            columns.extend(np.sqrt(np.maximum(cov_b[:, i, i], 0.0)) for i in range(cov_b.shape[-1]))
+        return np.concatenate(columns)
+
+    def prediction_error_blocks(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per term: cov(b_jl - b-hat_jl) per level (ell, k, k) and its covariance with beta-hat (ell, k, p).
+
+        Both from sigma^2 Lambda C^-1 Lambda^T (Henderson 1975): term 0's blocks
+        are ``prediction_blocks.term0`` and ``.cross``; the other terms' sit in
+        ``.rest``, whose last p rows and columns belong to beta.
+        """
         blocks = self.prediction_blocks
         layout = self.system.layout
-        factors = [np.asarray(t) for t in self.solution.factors]
-        per_term = [np.asarray(blocks.term0)]
-        offset = 0
-        for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
-            per_term.append(np.asarray(_diagonal_blocks(blocks.rest, offset, ell, k)))
-            offset += ell * k
-        columns = []
-        for cov_u, factor in zip(per_term, factors):
-            cov_b = self.sigma**2 * (factor @ cov_u @ factor.T)
-            columns.extend(np.sqrt(np.maximum(cov_b[:, i, i], 0.0)) for i in range(factor.shape[0]))
-        return np.concatenate(columns)
+        q = layout.q_rest
+        rest = np.asarray(blocks.rest)
+        out, offset = [], 0
+        for j, factor in enumerate(self.solution.factors):
+            factor = np.asarray(factor)
+            if j == 0:
+                var_u, cov_u_beta = np.asarray(blocks.term0), np.asarray(blocks.cross)[:, :, q:]
+            else:
+                ell, k = layout.n_levels[j], layout.ks[j]
+                var_u = np.asarray(_diagonal_blocks(rest, offset, ell, k))
+                cov_u_beta = rest[offset : offset + ell * k, q:].reshape(ell, k, -1)
+                offset += ell * k
+            out.append((self.sigma**2 * (factor @ var_u @ factor.T), self.sigma**2 * (factor @ cov_u_beta)))
+        return out
 
     # --- fitted values -------------------------------------------------------------------
     def random_contribution(self, term_index: int) -> np.ndarray:
