@@ -36,6 +36,7 @@ __all__ = [
     "MixedModel",
     "SamplingWarning",
     "bayes",
+    "batch",
     "bayesian",
     "closedform",
     "datasets",

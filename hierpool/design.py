@@ -120,6 +120,11 @@ class Design:
         return self.X.shape[1]
 
     @property
+    def row_weights(self) -> np.ndarray:
+        """Prior weight of each row: 1/se^2 with known residual sds, else ones."""
+        return np.ones(self.n) if self.weights is None else self.weights
+
+    @property
     def sigma_known(self) -> bool:
         """True when residual sds were given (``se=``): sigma is then fixed at 1 on the weighted scale."""
         return self.weights is not None

@@ -79,10 +79,6 @@ def group_terms(fit: LMMResult, group: str | None) -> GroupTerms:
     )
 
 
-def _row_weights(fit: LMMResult) -> np.ndarray:
-    return np.ones(fit.nobs) if fit.design.weights is None else fit.design.weights
-
-
 def _on_coefficients(fit: LMMResult, block: GroupTerms, beta: np.ndarray) -> np.ndarray:
     """beta (..., p) read on the block's coefficients (..., k): 0 for a coefficient with no fixed effect."""
     names = list(fit.design.fixed_names)
@@ -93,7 +89,7 @@ def _on_coefficients(fit: LMMResult, block: GroupTerms, beta: np.ndarray) -> np.
 
 def complete_pooling(fit: LMMResult, block: GroupTerms) -> np.ndarray:
     """Least squares of y on the fixed-effect columns alone: one coefficient vector for all groups."""
-    root_w = np.sqrt(_row_weights(fit))
+    root_w = np.sqrt(fit.design.row_weights)
     beta, *_ = np.linalg.lstsq(fit.design.X * root_w[:, None], fit.design.y * root_w, rcond=None)
     return _on_coefficients(fit, block, beta)
 
@@ -106,7 +102,7 @@ def no_pooling(fit: LMMResult, block: GroupTerms) -> np.ndarray:
     group columns make redundant (group-level covariates) are dropped.
     """
     design, ell, k = fit.design, len(block.levels), block.k
-    weights = _row_weights(fit)
+    weights = fit.design.row_weights
     identified = np.array(
         [np.linalg.matrix_rank(block.z[block.index == g]) == k for g in range(ell)], dtype=bool
     )
@@ -134,7 +130,7 @@ def group_covariance(fit: LMMResult, block: GroupTerms) -> np.ndarray:
 
 def shrinkage_matrices(fit: LMMResult, block: GroupTerms) -> np.ndarray:
     """W_j = (Sigma A_j + sigma^2 I)^-1 Sigma A_j per group, shape (levels, k, k)."""
-    weights = _row_weights(fit)
+    weights = fit.design.row_weights
     ell, k = len(block.levels), block.k
     cross = np.einsum("n,ni,nj->nij", weights, block.z, block.z)
     moments = np.zeros((ell, k, k))

@@ -54,9 +54,9 @@ def ridge_solve(fit: LMMResult, multipliers: np.ndarray) -> tuple[np.ndarray, li
     Returns (beta, b): beta shaped (len(t), p); b per term shaped (len(t), levels, k).
     """
     X, y = fit.design.X, fit.design.y
-    w = np.ones(fit.nobs) if fit.design.weights is None else fit.design.weights
+    w = fit.design.row_weights
     ZL = _dense_relative_z(fit)
-    q, p = ZL.shape[1], X.shape[1]
+    q = ZL.shape[1]
     design = np.hstack([ZL, X])
     gram = design.T @ (w[:, None] * design)
     rhs = design.T @ (w * y)

@@ -86,7 +86,6 @@ def test_a_failing_dataset_is_reported_in_its_row_and_spares_the_others():
     one_subject = data[(data.dataset == 1) & (data.Subject == "S0")]
     data = pd.concat([data[data.dataset != 1], one_subject])
     data.loc[data.dataset == 2, "Days"] = 4.0  # Days is constant: aliased with the intercept in dataset 2
-    dyestuff2 = hp.datasets.dyestuff()
     result = hp.fit_batch(SLEEP, data)
     assert "only 1 level" in result.messages.loc[1] and np.isnan(result.objective.loc[1])
     assert "rank 1" in result.messages.loc[2] and not result.converged.loc[2]
@@ -94,7 +93,6 @@ def test_a_failing_dataset_is_reported_in_its_row_and_spares_the_others():
     good = [0, 3, 4, 5]
     assert_matches(result, single_fits(SLEEP, [data[data.dataset == i] for i in good]), good)
     assert result.messages.loc[good].eq("").all()
-    del dyestuff2
 
 
 def test_a_singular_dataset_is_flagged_with_a_zero_variance():

@@ -35,7 +35,6 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -105,6 +104,11 @@ def _mesh_sharding():
         return None
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def _diagonal_sd(covariances: np.ndarray) -> np.ndarray:
+    """sqrt of the diagonals of a stack of covariance matrices (..., k, k) -> (..., k)."""
+    return np.sqrt(np.maximum(np.diagonal(covariances, axis1=-2, axis2=-1), 0.0))
 
 
 def _bucket_width(n_levels: np.ndarray) -> np.ndarray:
@@ -215,14 +219,11 @@ def fit_batch(
     workers = 1 if sharding is not None or jax.default_backend() != "cpu" else max(1, os.cpu_count() or 1)
     float_type = np.float64 if dtype == "float64" else np.float32
 
-    m = k * (k + 1) // 2
-    theta = np.full((n_datasets, m), np.nan)
-    objective = np.full(n_datasets, np.nan)
-    converged = np.zeros(n_datasets, dtype=bool)
-    beta = np.full((n_datasets, p), np.nan)
-    vcov = np.full((n_datasets, p, p), np.nan)
-    sigma = np.full(n_datasets, np.nan)
-    factor = np.full((n_datasets, k, k), np.nan)
+    # per-dataset results, NaN until a fit fills them (a dataset that cannot be fitted stays NaN)
+    per_dataset = {name: np.full((n_datasets,) + shape, np.nan) for name, shape in
+           (("theta", (k * (k + 1) // 2,)), ("objective", ()), ("beta", (p,)), ("vcov", (p, p)), ("sigma", ()),
+            ("factor", (k, k)))}
+    per_dataset["converged"] = np.zeros(n_datasets, dtype=bool)
     b = [np.full((ell, k), np.nan) for ell in n_levels]
     cond_sd = [np.full((ell, k), np.nan) for ell in n_levels]
 
@@ -272,17 +273,11 @@ def fit_batch(
             members = job[0]
             if bar is not None:
                 bar.update(len(members))
-            theta[members] = result["theta"]
-            objective[members] = result["objective"]
-            converged[members] = result["converged"]
-            beta[members] = result["beta"]
-            vcov[members] = result["vcov"]
-            sigma[members] = result["sigma"]
-            factor[members] = result["factor"]
+            for name, values in per_dataset.items():
+                values[members] = result[name]
             for row, index in enumerate(members):
                 ell = n_levels[index]
-                b[index] = result["b"][row, :ell]
-                cond_sd[index] = np.sqrt(np.maximum(np.diagonal(result["cond_var"][row, :ell], axis1=1, axis2=2), 0))
+                b[index], cond_sd[index] = result["b"][row, :ell], _diagonal_sd(result["cond_var"][row, :ell])
                 if not result["converged"][row]:
                     messages[index] = (f"batched optimizer stopped with Newton step "
                                        f"{float(result['newton_step'][row]):.1e}")
@@ -300,20 +295,18 @@ def fit_batch(
             except Exception as exc:  # reported in the dataset's row, never raised for the batch
                 messages[index] += f"; refit by hp.lmm failed: {exc}"
                 continue
-            theta[index] = single.theta
-            objective[index] = single.objective
-            converged[index] = single.converged
-            beta[index] = single.fixef.to_numpy()
-            vcov[index] = single.vcov.to_numpy()
-            sigma[index] = single.sigma
-            factor[index] = np.asarray(single.solution.factors[0])
+            refit = {"theta": single.theta, "objective": single.objective, "converged": single.converged,
+                     "beta": single.fixef.to_numpy(), "vcov": single.vcov.to_numpy(), "sigma": single.sigma,
+                     "factor": np.asarray(single.solution.factors[0])}
+            for name, value in refit.items():
+                per_dataset[name][index] = value
             b[index] = np.asarray(single.solution.b[0])
-            cond_sd[index] = np.sqrt(np.maximum(np.diagonal(np.asarray(single.solution.cond_var[0]), axis1=1,
-                                                            axis2=2), 0))
+            cond_sd[index] = _diagonal_sd(np.asarray(single.solution.cond_var[0]))
             messages[index] += "; refitted by hp.lmm"
 
+    factor, sigma = per_dataset["factor"], per_dataset["sigma"]
     diagonal = np.abs(factor[:, np.arange(k), np.arange(k)])
-    singular = np.isfinite(objective) & np.any(diagonal < SINGULAR_TOL, axis=1)
+    singular = np.isfinite(per_dataset["objective"]) & np.any(diagonal < SINGULAR_TOL, axis=1)
     covariance = sigma[:, None, None] ** 2 * factor @ np.swapaxes(factor, 1, 2)
     index = pd.Index(dataset_labels, name=by)
     return BatchResult(
@@ -321,13 +314,13 @@ def fit_batch(
         fixed_names=design.fixed_names,
         coef_names=term.coef_names,
         group=term.group,
-        theta=theta,
-        objective=pd.Series(objective, index=index, name="objective"),
-        converged=pd.Series(converged, index=index, name="converged"),
+        theta=per_dataset["theta"],
+        objective=pd.Series(per_dataset["objective"], index=index, name="objective"),
+        converged=pd.Series(per_dataset["converged"], index=index, name="converged"),
         is_singular=pd.Series(singular, index=index, name="is_singular"),
         messages=pd.Series(messages, index=index, name="message"),
-        beta=beta,
-        beta_se=np.sqrt(np.maximum(np.diagonal(vcov, axis1=1, axis2=2), 0)),
+        beta=per_dataset["beta"],
+        beta_se=_diagonal_sd(per_dataset["vcov"]),
         sigma=sigma,
         covariance=covariance,
         levels=levels,

@@ -251,7 +251,7 @@ class LMMResult:
                 "shrinkage() describes scalar random-intercept terms (1 | g); this model has none. "
                 "Use ranef for the BLUPs of vector-valued terms."
             )
-        weights = np.ones(self.nobs) if self.design.weights is None else self.design.weights
+        weights = self.design.row_weights
         fixed_part = self.design.X @ np.asarray(self.solution.beta)
         contributions = [self.random_contribution(j) for j in range(len(self.design.terms))]
         covariances = self.term_covariances()

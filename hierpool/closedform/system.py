@@ -185,7 +185,7 @@ def build_system(design: Design) -> MixedModelSystem:
     Cost O(n k^2) for the cross-products plus the number of coupling pairs,
     sum over term-0 levels of (rest blocks touching that level)^2.
     """
-    weights = np.ones(design.n) if design.weights is None else design.weights
+    weights = design.row_weights
     term0 = design.terms[0]
     index0, z0, ell0 = term0.index.astype(np.int64), term0.z, term0.n_levels
     layout = Layout(
