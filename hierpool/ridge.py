@@ -51,22 +51,26 @@ def _unstack(fit: LMMResult, u: np.ndarray) -> list[np.ndarray]:
 def ridge_solve(fit: LMMResult, multipliers: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """Dense ridge solutions for penalties t * sigma^2 Sigma^-1, one per multiplier t.
 
+    beta is profiled out once, leaving S u = r with S = U'WU - U'WX (X'WX)^-1 X'WU
+    (U = Z Lambda); one eigendecomposition S = V diag(s) V' then gives every
+    point of the path, u(t) = V diag(1 / (s + t)) V' r, at O(q^2) each instead
+    of a new O(q^3) solve.
+
     Returns (beta, b): beta shaped (len(t), p); b per term shaped (len(t), levels, k).
     """
     X, y = fit.design.X, fit.design.y
     w = fit.design.row_weights
-    ZL = _dense_relative_z(fit)
-    q = ZL.shape[1]
-    design = np.hstack([ZL, X])
-    gram = design.T @ (w[:, None] * design)
-    rhs = design.T @ (w * y)
-    solutions = []
-    for t in multipliers:
-        penalized = gram.copy()
-        penalized[np.arange(q), np.arange(q)] += t
-        solutions.append(scipy.linalg.solve(penalized, rhs, assume_a="pos"))
-    solutions = np.array(solutions)
-    return solutions[:, q:], _unstack(fit, solutions[:, :q])
+    U = _dense_relative_z(fit)
+    xtx_inv_xt = scipy.linalg.solve(X.T @ (w[:, None] * X), (w[:, None] * X).T, assume_a="pos")  # (X'WX)^-1 X'W
+    residual_maker = U - X @ (xtx_inv_xt @ U)  # U with its projection on X removed
+    schur = U.T @ (w[:, None] * residual_maker)
+    reduced_rhs = residual_maker.T @ (w * y)
+    values, vectors = np.linalg.eigh(0.5 * (schur + schur.T))
+    projected = vectors.T @ reduced_rhs
+    t = np.asarray(multipliers, dtype=float)
+    u = (projected[None, :] / (values[None, :] + t[:, None])) @ vectors.T  # (len(t), q)
+    beta = (xtx_inv_xt @ (y[:, None] - U @ u.T)).T
+    return beta, _unstack(fit, u)
 
 
 @dataclass(frozen=True)
