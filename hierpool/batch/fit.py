@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from ..closedform import lmm
+from ..compiler_options import compiler_options
 from ..design import build_design
 from ..errors import ArgumentError, DataError, HierpoolWarning
 from .objective import solution
@@ -94,7 +95,9 @@ def _compiled(stats, reml: bool, max_iterations: int, sharding):
     key = (tuple((a.shape, a.dtype.name) for a in jax.tree_util.tree_leaves(stats)), reml, max_iterations, sharding)
     if key not in _COMPILED:
         placed = stats if sharding is None else jax.device_put(stats, sharding)
-        _COMPILED[key] = _fit_chunk.lower(placed, reml=reml, max_iterations=max_iterations).compile()
+        platform = jax.devices()[0].platform if sharding is None else sharding.mesh.devices.flat[0].platform
+        lowered = _fit_chunk.lower(placed, reml=reml, max_iterations=max_iterations)
+        _COMPILED[key] = lowered.compile(compiler_options(platform))
     return _COMPILED[key]
 
 

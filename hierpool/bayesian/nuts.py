@@ -27,6 +27,8 @@ from numpyro.infer.hmc import hmc
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
+from ..compiler_options import compiler_options
+
 #: Per-iteration statistics kept for ArviZ's sample_stats group (NumPyro field -> ArviZ name).
 SAMPLE_STATS = {
     "diverging": "diverging",
@@ -111,6 +113,25 @@ def _signature(tree) -> tuple:
     return treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
 
 
+class _Programs:
+    """The compiled chain program, and the post-processing program (compiling in the background)."""
+
+    def __init__(self, chain, finish_future):
+        self.chain = chain
+        self._finish_future = finish_future
+        self._finish = None
+
+    @property
+    def finish(self):
+        if self._finish is None:
+            self._finish = self._finish_future.result()
+            self._finish_future = None
+        return self._finish
+
+
+_COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hierpool-compile")
+
+
 def _build_programs(model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, postprocess, progress):
     bound = partial(model, **dict(static))
     total = tune + draws
@@ -118,8 +139,9 @@ def _build_programs(model, static, model_args, chains, tune, draws, target_accep
     # jitted function with the same argument shapes is traced (and differentiated) once
     potential_jit = jax.jit(lambda z, args: potential_energy(bound, args, {}, z))
 
-    def one_chain(key, args):
-        key_init, key_run = jax.random.split(key)
+    def one_chain(seed, chain, args):
+        # keys derived inside the program: no eager PRNG calls (each a small compilation)
+        key_init, key_run = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), chain))
         start = _start(bound, args, key_init)
         kernel_init, kernel_sample = hmc(potential_fn=lambda z: potential_jit(z, args), algo="NUTS")
         state = kernel_init(
@@ -143,21 +165,25 @@ def _build_programs(model, static, model_args, chains, tune, draws, target_accep
         _, (z, stats) = jax.lax.scan(step, state, jnp.arange(total))
         return jax.tree_util.tree_map(lambda x: x[tune:], (z, stats))
 
-    def finish(z, key, args):
+    def finish(z, seed, args):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), chains)  # not any chain's key
         flat = jax.tree_util.tree_map(lambda x: x.reshape((chains * draws,) + x.shape[2:]), z)
         constrained = jax.vmap(lambda params: constrain_fn(bound, args, {}, params, return_deterministic=True))(flat)
         out = constrained if postprocess is None else postprocess(constrained, key, *args)
         return jax.tree_util.tree_map(lambda x: x.reshape((chains, draws) + x.shape[1:]), out)
 
-    key = jax.random.PRNGKey(0)
-    chain_program = jax.jit(one_chain).lower(key, model_args)
-    z_stacked = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((chains,) + s.shape, s.dtype), chain_program.out_info[0])
-    finish_program = jax.jit(finish).lower(z_stacked, key, model_args)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        # XLA compiles outside the GIL: the sampler and the post-processing compile side by side
-        compiling = pool.submit(finish_program.compile)
-        chain_compiled = chain_program.compile()
-        return chain_compiled, compiling.result()
+    options = compiler_options()
+    seed = np.uint32(0)
+    chain_lowered = jax.jit(one_chain).lower(seed, np.int32(0), model_args)
+    # XLA compiles outside the GIL: the finish program is traced while the chain program
+    # compiles, and compiles while the chains run
+    chain_future = _COMPILER.submit(chain_lowered.compile, options)
+    z_stacked = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct((chains,) + s.shape, s.dtype), chain_lowered.out_info[0]
+    )
+    finish_lowered = jax.jit(finish).lower(z_stacked, seed, model_args)
+    finish_future = _COMPILER.submit(finish_lowered.compile, options)
+    return _Programs(chain_future.result(), finish_future)
 
 
 def sample_nuts(
@@ -211,25 +237,24 @@ def sample_nuts(
                  _signature(model_args))
     if cache_key in _PROGRAMS:
         _PROGRAMS.move_to_end(cache_key)
-        chain_compiled, finish_compiled, bar = _PROGRAMS[cache_key]
+        programs, bar = _PROGRAMS[cache_key]
     else:
         bar = _Progress(tune + draws, chains) if progress else None
-        chain_compiled, finish_compiled = _build_programs(
+        programs = _build_programs(
             model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, postprocess, bar
         )
-        _PROGRAMS[cache_key] = (chain_compiled, finish_compiled, bar)
+        _PROGRAMS[cache_key] = (programs, bar)
         if len(_PROGRAMS) > _PROGRAMS_KEPT:
             _PROGRAMS.popitem(last=False)
 
-    key_chains, key_finish = jax.random.split(jax.random.PRNGKey(seed))
-    chain_keys = list(jax.random.split(key_chains, chains))
+    seed = np.uint32(seed % 2**32)
     if bar is not None:
         bar.start()
     workers = max(1, min(chains, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         # independent chains run side by side (one core each)
-        per_chain = list(pool.map(lambda k: jax.block_until_ready(chain_compiled(k, model_args)), chain_keys))
-    z = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[zc for zc, _ in per_chain])
-    stats = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[st for _, st in per_chain])
-    out = jax.tree_util.tree_map(np.asarray, finish_compiled(z, key_finish, model_args))
+        per_chain = list(pool.map(lambda c: jax.device_get(programs.chain(seed, np.int32(c), model_args)), range(chains)))
+    z = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[zc for zc, _ in per_chain])
+    stats = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[st for _, st in per_chain])
+    out = jax.device_get(programs.finish(z, seed, model_args))
     return out, {SAMPLE_STATS[name]: value for name, value in stats.items()}
