@@ -95,6 +95,7 @@ def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept
         draws=draws,
         seed=seed,
         target_accept=target_accept,
+        dense_mass=True,  # a handful of a-posteriori correlated variance parameters (sds and sigma)
         postprocess=_CollapsedDraws(ks, design.sigma_known, draw_batch_size(system.layout)),
         progress=progress,
     )

@@ -132,7 +132,9 @@ class _Programs:
 _COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hierpool-compile")
 
 
-def _build_programs(model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, postprocess, progress):
+def _build_programs(
+    model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, progress
+):
     bound = partial(model, **dict(static))
     total = tune + draws
     # one jitted potential: NumPyro's NUTS traces the potential at several places, and a
@@ -145,7 +147,8 @@ def _build_programs(model, static, model_args, chains, tune, draws, target_accep
         start = _start(bound, args, key_init)
         kernel_init, kernel_sample = hmc(potential_fn=lambda z: potential_jit(z, args), algo="NUTS")
         state = kernel_init(
-            start, num_warmup=tune, target_accept_prob=target_accept, max_tree_depth=max_tree_depth, rng_key=key_run
+            start, num_warmup=tune, target_accept_prob=target_accept, max_tree_depth=max_tree_depth, rng_key=key_run,
+            dense_mass=dense_mass,
         )
 
         def step(state, i):
@@ -197,6 +200,7 @@ def sample_nuts(
     seed: int,
     target_accept: float = 0.8,
     max_tree_depth: int = 10,
+    dense_mass: bool = False,
     postprocess=None,
     progress: bool = False,
 ):
@@ -214,6 +218,9 @@ def sample_nuts(
     target_accept : float
         Dual-averaging target acceptance probability.
     max_tree_depth : int
+    dense_mass : bool
+        Adapt a dense mass matrix (worth it for a few correlated parameters, such as
+        the collapsed sampler's variance parameters) instead of a diagonal one.
     postprocess : callable, optional
         ``postprocess(constrained_draws, key, *model_args)`` -> pytree, applied to
         the constrained draws (flattened over chains and draws) in a second compiled
@@ -233,7 +240,7 @@ def sample_nuts(
     settings and the shapes of ``model_args``: a second fit of a model of the same
     shape (another data set, other prior values) in the same process does not compile.
     """
-    cache_key = (model, static, chains, tune, draws, target_accept, max_tree_depth, postprocess, progress,
+    cache_key = (model, static, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, progress,
                  _signature(model_args))
     if cache_key in _PROGRAMS:
         _PROGRAMS.move_to_end(cache_key)
@@ -241,7 +248,7 @@ def sample_nuts(
     else:
         bar = _Progress(tune + draws, chains) if progress else None
         programs = _build_programs(
-            model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, postprocess, bar
+            model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, bar
         )
         _PROGRAMS[cache_key] = (programs, bar)
         if len(_PROGRAMS) > _PROGRAMS_KEPT:
