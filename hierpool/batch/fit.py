@@ -1,34 +1,17 @@
 """``hp.fit_batch``: one model fitted to many datasets as one jit-compiled, vmapped call.
 
-How the work is laid out
-------------------------
-* The formula is parsed and the data checked **once**, on the long frame
-  (:func:`hierpool.design.build_design`); each dataset's rows are then reduced
-  to the sufficient statistics of :mod:`hierpool.batch.statistics`, so a
-  dataset's row count never enters a shape.
-* **Buckets by shape**: datasets are grouped by their number of levels, padded
-  up to the next power of two (all datasets in one bucket when they have the
-  same count), so padding never more than doubles the work of any dataset.
-* **Chunks**: a bucket runs in chunks of at most ``chunk_size`` datasets, all of
-  the same shape (the last one padded with copies), so each bucket compiles
-  once.  Device memory is bounded by the chunk: about
-  ``chunk_size * 40 * ell * k * (k + p + 1) * 8`` bytes of working set
-  (the statistics and the optimizer's probes), whatever the number of datasets.
-* **Devices**: a chunk's leading axis is sharded over a ``Mesh`` of all local
-  devices (``jax.sharding.NamedSharding``), so the same call uses every GPU of
-  a machine, or, after ``jax.distributed.initialize()``, of several hosts.  On a
-  CPU with one device, chunks run in parallel threads (XLA releases the GIL),
-  one per core.
-* **Failures stay in their row**: a dataset that cannot be fitted (one level,
-  aliased fixed effects, too few observations) is never sent to the optimizer;
-  one whose optimizer did not converge is refitted alone by ``hp.lmm``
-  (``polish=True``).  Each is explained in ``messages``.
+The layout of the work (one parse, sufficient statistics, buckets by level
+count, equal-shape chunks compiled once, a device mesh or a thread per core,
+failures kept in their row) is :mod:`hierpool.batch.plan`'s.  Device memory is
+bounded by the chunk: about ``chunk_size * 40 * ell * k * (k + p + 1) * 8`` bytes
+of working set (the statistics and the optimizer's probes), whatever the number
+of datasets.  A dataset whose batched optimizer did not converge is refitted
+alone by ``hp.lmm`` (``polish=True``); each is explained in ``messages``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -40,36 +23,13 @@ import pandas as pd
 
 from ..closedform import lmm
 from ..compiler_options import compiler_options
-from ..design import build_design
-from ..errors import ArgumentError, DataError, HierpoolWarning
+from ..errors import ArgumentError, HierpoolWarning
 from .objective import solution
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize, start_theta
 from .results import BatchResult
-from .statistics import sufficient_statistics
+from .plan import chunks, mesh_sharding, plan_batch, take, thread_count
 
 SINGULAR_TOL = 1e-4  # lme4's isSingular tolerance on theta's diagonal
-
-
-def _long_frame(data, by: str) -> pd.DataFrame:
-    """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked)."""
-    if isinstance(data, pd.DataFrame):
-        if not isinstance(by, str) or by not in data.columns:
-            raise DataError(f"by={by!r} is not a column of the data (columns: {list(data.columns)})")
-        return data
-    if isinstance(data, dict):
-        items = list(data.items())
-    elif isinstance(data, (list, tuple)):
-        items = list(enumerate(data))
-    else:
-        raise ArgumentError(f"data must be a DataFrame, or a list or dict of DataFrames, got {type(data).__name__}")
-    if not items:
-        raise DataError("data is an empty collection of datasets")
-    for label, frame in items:
-        if not isinstance(frame, pd.DataFrame):
-            raise ArgumentError(f"dataset {label!r} is a {type(frame).__name__}, not a DataFrame")
-        if by in frame.columns:
-            raise ArgumentError(f"dataset {label!r} already has a column {by!r}; pass another by=")
-    return pd.concat([frame.assign(**{by: label}) for label, frame in items], ignore_index=True)
 
 
 @partial(jax.jit, static_argnames=("reml", "max_iterations"))
@@ -101,40 +61,9 @@ def _compiled(stats, reml: bool, max_iterations: int, sharding):
     return _COMPILED[key]
 
 
-def _mesh_sharding():
-    devices = jax.devices()
-    if len(devices) == 1:
-        return None
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-
-
 def _diagonal_sd(covariances: np.ndarray) -> np.ndarray:
     """sqrt of the diagonals of a stack of covariance matrices (..., k, k) -> (..., k)."""
     return np.sqrt(np.maximum(np.diagonal(covariances, axis1=-2, axis2=-1), 0.0))
-
-
-def _bucket_width(n_levels: np.ndarray) -> np.ndarray:
-    """Padded level count per dataset: the common count, or the next power of two."""
-    if n_levels.min() == n_levels.max():
-        return n_levels.copy()
-    return 2 ** np.ceil(np.log2(np.maximum(n_levels, 1))).astype(int)
-
-
-def _dataset_problems(n_obs, n_levels, rank, p: int, k: int, group: str) -> list[str]:
-    problems = []
-    for n, ell, r in zip(n_obs, n_levels, rank):
-        if ell < 2:
-            problems.append(f"only {ell} level of {group!r}: its variance cannot be estimated")
-        elif r < p:
-            problems.append(f"the {p} fixed-effect columns have rank {r} in this dataset")
-        elif n <= p:
-            problems.append(f"{n} observations for {p} fixed effects")
-        elif ell * k >= n:
-            problems.append(f"{ell * k} random effects for {n} observations: not identifiable")
-        else:
-            problems.append("")
-    return problems
 
 
 def fit_batch(
@@ -194,32 +123,12 @@ def fit_batch(
         raise ArgumentError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ArgumentError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    frame = _long_frame(data, by)
-    design = build_design(formula, frame)
-    if len(design.terms) != 1:
-        terms = [f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms]
-        raise ArgumentError(f"fit_batch fits models with one random-effect term; this formula has {len(terms)}: "
-                            f"{', '.join(terms)}.  Fit it per dataset with hp.lmm.")
-    term = design.terms[0]
-    labels = frame.loc[design.rows, by]
-    if labels.isna().any():
-        raise DataError(f"column {by!r} has missing values: every row must name its dataset")
-    dataset, dataset_labels = pd.factorize(labels, sort=False)
-    n_datasets, p, k = len(dataset_labels), design.p, term.k
-
-    # levels of each dataset, in hp.lmm's order (the global level order restricted to the dataset)
-    cell, cell_of_row = np.unique(dataset.astype(np.int64) * term.n_levels + term.index, return_inverse=True)
-    cell_dataset = cell // term.n_levels
-    first_cell = np.searchsorted(cell_dataset, np.arange(n_datasets))
-    level = cell_of_row - first_cell[dataset]
-    n_levels = np.bincount(cell_dataset, minlength=n_datasets)
-    levels = np.split(np.asarray(term.levels)[cell % term.n_levels], first_cell[1:])
-    n_obs = np.bincount(dataset, minlength=n_datasets)
-
-    width = _bucket_width(n_levels)
-    sharding = _mesh_sharding()
+    plan = plan_batch(formula, data, by, "fit_batch", "hp.lmm")
+    design, term, n_datasets, n_levels = plan.design, plan.term, plan.n_datasets, plan.n_levels
+    p, k = design.p, term.k
+    sharding = mesh_sharding()
     n_devices = 1 if sharding is None else len(jax.devices())
-    workers = 1 if sharding is not None or jax.default_backend() != "cpu" else max(1, os.cpu_count() or 1)
+    workers = thread_count(sharding)
     float_type = np.float64 if dtype == "float64" else np.float32
 
     # per-dataset results, NaN until a fit fills them (a dataset that cannot be fitted stays NaN)
@@ -230,28 +139,11 @@ def fit_batch(
     b = [np.full((ell, k), np.nan) for ell in n_levels]
     cond_sd = [np.full((ell, k), np.nan) for ell in n_levels]
 
-    jobs, messages = [], [""] * n_datasets
-    for bucket_width in np.unique(width):
-        members = np.flatnonzero(width == bucket_width)
-        rows = np.isin(dataset, members)
-        local = np.searchsorted(members, dataset[rows])
-        stats = sufficient_statistics(local, level[rows], design.X[rows], term.z[rows], design.y[rows],
-                                      len(members), int(bucket_width))
-        rank = np.linalg.matrix_rank(stats.xtx, hermitian=True)
-        problems = _dataset_problems(n_obs[members], n_levels[members], np.atleast_1d(rank), p, k, term.group)
-        valid = np.array([not problem for problem in problems])
-        for index, problem in zip(members, problems):
-            messages[index] = problem
-        if not valid.any():
-            continue
-        usable = members[valid]
-        stats = stats.take(np.flatnonzero(valid)).astype(float_type)
-        size = min(chunk_size, math.ceil(len(usable) / workers))
-        size = math.ceil(size / n_devices) * n_devices
-        for start in range(0, len(usable), size):
-            chosen = np.arange(start, min(start + size, len(usable)))
-            padded = np.concatenate([chosen, np.full(size - len(chosen), chosen[0])])
-            jobs.append((usable[chosen], stats.take(padded), len(chosen)))
+    buckets, messages = plan.buckets(float_type)
+    jobs = []
+    for bucket, usable, stats in buckets:
+        for chunk in chunks(bucket, usable, min(chunk_size, math.ceil(len(usable) / workers)), n_devices):
+            jobs.append((chunk.members, take(stats, chunk), chunk.count))
 
     for _, chunk, _ in jobs:
         # compile each chunk shape once, before the threads start (they would each compile it)
@@ -290,11 +182,11 @@ def fit_batch(
 
     if polish:
         for index in to_polish:
-            rows = np.asarray(design.rows)[dataset == index]
+            rows = plan.rows_of(index)
             try:
                 with warnings.catch_warnings():  # a singular refit is reported in is_singular
                     warnings.simplefilter("ignore", HierpoolWarning)
-                    single = lmm(formula, frame.loc[rows], reml=reml)
+                    single = lmm(formula, plan.frame.loc[rows], reml=reml)
             except Exception as exc:  # reported in the dataset's row, never raised for the batch
                 messages[index] += f"; refit by hp.lmm failed: {exc}"
                 continue
@@ -311,7 +203,7 @@ def fit_batch(
     diagonal = np.abs(factor[:, np.arange(k), np.arange(k)])
     singular = np.isfinite(per_dataset["objective"]) & np.any(diagonal < SINGULAR_TOL, axis=1)
     covariance = sigma[:, None, None] ** 2 * factor @ np.swapaxes(factor, 1, 2)
-    index = pd.Index(dataset_labels, name=by)
+    index = plan.labels
     return BatchResult(
         datasets=index,
         fixed_names=design.fixed_names,
@@ -326,7 +218,7 @@ def fit_batch(
         beta_se=_diagonal_sd(per_dataset["vcov"]),
         sigma=sigma,
         covariance=covariance,
-        levels=levels,
+        levels=plan.levels,
         b=b,
         cond_sd=cond_sd,
         reml=reml,

@@ -1,0 +1,207 @@
+"""How a batch of datasets is laid out for compiled, vmapped work (shared by ``fit_batch`` and ``bayes_batch``).
+
+* The formula is parsed and the data checked **once**, on the long frame
+  (:func:`hierpool.design.build_design`); each dataset's rows are then reduced
+  to the sufficient statistics of :mod:`hierpool.batch.statistics`, so a
+  dataset's row count never enters a shape.
+* **Buckets by shape**: datasets are grouped by their number of levels, padded
+  up to the next power of two (all datasets in one bucket when they have the
+  same count), so padding never more than doubles the work of any dataset.
+* **Chunks**: a bucket runs in chunks of equal shape (the last one padded with
+  copies of its first dataset), so each bucket compiles once.
+* **Devices**: a chunk's leading axis is sharded over a ``Mesh`` of all devices
+  (``jax.sharding.NamedSharding``).  On a CPU with one device, chunks run in
+  parallel threads instead (XLA releases the GIL), one per core.
+* A dataset that cannot be fitted (one level, aliased fixed effects, too few
+  observations) is never sent to the compiled program; its reason is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+import pandas as pd
+
+from ..design import Design, RandomEffectTerm, build_design
+from ..errors import ArgumentError, DataError
+from .statistics import BatchStatistics, sufficient_statistics
+
+
+def long_frame(data, by: str) -> pd.DataFrame:
+    """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked)."""
+    if isinstance(data, pd.DataFrame):
+        if not isinstance(by, str) or by not in data.columns:
+            raise DataError(f"by={by!r} is not a column of the data (columns: {list(data.columns)})")
+        return data
+    if isinstance(data, dict):
+        items = list(data.items())
+    elif isinstance(data, (list, tuple)):
+        items = list(enumerate(data))
+    else:
+        raise ArgumentError(f"data must be a DataFrame, or a list or dict of DataFrames, got {type(data).__name__}")
+    if not items:
+        raise DataError("data is an empty collection of datasets")
+    for label, frame in items:
+        if not isinstance(frame, pd.DataFrame):
+            raise ArgumentError(f"dataset {label!r} is a {type(frame).__name__}, not a DataFrame")
+        if by in frame.columns:
+            raise ArgumentError(f"dataset {label!r} already has a column {by!r}; pass another by=")
+    return pd.concat([frame.assign(**{by: label}) for label, frame in items], ignore_index=True)
+
+
+def bucket_width(n_levels: np.ndarray) -> np.ndarray:
+    """Padded level count per dataset: the common count, or the next power of two."""
+    if n_levels.min() == n_levels.max():
+        return n_levels.copy()
+    return 2 ** np.ceil(np.log2(np.maximum(n_levels, 1))).astype(int)
+
+
+def dataset_problems(n_obs, n_levels, rank, p: int, k: int, group: str) -> list[str]:
+    """Why each dataset cannot be fitted ("" when it can)."""
+    problems = []
+    for n, ell, r in zip(n_obs, n_levels, rank):
+        if ell < 2:
+            problems.append(f"only {ell} level of {group!r}: its variance cannot be estimated")
+        elif r < p:
+            problems.append(f"the {p} fixed-effect columns have rank {r} in this dataset")
+        elif n <= p:
+            problems.append(f"{n} observations for {p} fixed effects")
+        elif ell * k >= n:
+            problems.append(f"{ell * k} random effects for {n} observations: not identifiable")
+        else:
+            problems.append("")
+    return problems
+
+
+def mesh_sharding():
+    """A sharding of the leading (dataset) axis over all devices; None with one device."""
+    devices = jax.devices()
+    if len(devices) == 1:
+        return None
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def thread_count(sharding) -> int:
+    """Parallel chunk threads: one per core on a single CPU device, else 1 (the mesh parallelizes)."""
+    return 1 if sharding is not None or jax.default_backend() != "cpu" else max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Equal-shape work: ``members`` (dataset indices), their statistics padded to ``len(index)`` rows."""
+
+    members: np.ndarray
+    index: np.ndarray  # positions in the bucket's usable datasets, padded with the first
+    bucket: int  # padded level count
+
+    @property
+    def count(self) -> int:
+        return len(self.members)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One model over many datasets: the design of the long frame and each dataset's rows and levels."""
+
+    frame: pd.DataFrame
+    design: Design
+    by: str
+    dataset: np.ndarray  # dataset code of each design row
+    labels: pd.Index  # dataset labels, in code order
+    level: np.ndarray  # level of each design row within its dataset
+    n_levels: np.ndarray
+    n_obs: np.ndarray
+    levels: list  # each dataset's level labels, in hp.lmm's order
+
+    @property
+    def term(self) -> RandomEffectTerm:
+        return self.design.terms[0]
+
+    @property
+    def n_datasets(self) -> int:
+        return len(self.labels)
+
+    def buckets(self, dtype=np.float64):
+        """Per padded level count: (members that can be fitted, their statistics); problems in ``messages``."""
+        term, design = self.term, self.design
+        width = bucket_width(self.n_levels)
+        messages = [""] * self.n_datasets
+        out = []
+        for bucket in np.unique(width):
+            members = np.flatnonzero(width == bucket)
+            rows = np.isin(self.dataset, members)
+            local = np.searchsorted(members, self.dataset[rows])
+            stats = sufficient_statistics(local, self.level[rows], design.X[rows], term.z[rows], design.y[rows],
+                                          len(members), int(bucket))
+            rank = np.atleast_1d(np.linalg.matrix_rank(stats.xtx, hermitian=True))
+            problems = dataset_problems(self.n_obs[members], self.n_levels[members], rank, design.p, term.k, term.group)
+            for index, problem in zip(members, problems):
+                messages[index] = problem
+            valid = np.array([not problem for problem in problems])
+            if valid.any():
+                out.append((int(bucket), members[valid], stats.take(np.flatnonzero(valid)).astype(dtype)))
+        return out, messages
+
+    def rows_of(self, index: int) -> np.ndarray:
+        """The long frame's row labels of dataset ``index``."""
+        return np.asarray(self.design.rows)[self.dataset == index]
+
+
+def chunks(bucket: int, usable: np.ndarray, size: int, n_devices: int) -> list[Chunk]:
+    """Split a bucket's usable datasets into chunks of ``size`` (rounded up to the device count)."""
+    size = math.ceil(size / n_devices) * n_devices
+    out = []
+    for start in range(0, len(usable), size):
+        chosen = np.arange(start, min(start + size, len(usable)))
+        padded = np.concatenate([chosen, np.full(size - len(chosen), chosen[0])])
+        out.append(Chunk(members=usable[chosen], index=padded, bucket=bucket))
+    return out
+
+
+def take(stats: BatchStatistics, chunk: Chunk) -> BatchStatistics:
+    return stats.take(chunk.index)
+
+
+def plan_batch(formula: str, data, by: str, caller: str, single: str) -> BatchPlan:
+    """Parse ``formula`` on the long frame and locate every dataset's rows and levels.
+
+    Raises
+    ------
+    ArgumentError
+        For a formula with other than one random-effect term (naming ``caller`` and
+        the one-dataset function ``single`` to loop over instead).
+    DataError
+        For a missing ``by`` column or missing dataset labels.
+    """
+    frame = long_frame(data, by)
+    design = build_design(formula, frame)
+    if len(design.terms) != 1:
+        terms = [f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms]
+        raise ArgumentError(f"{caller} fits models with one random-effect term; this formula has {len(terms)}: "
+                            f"{', '.join(terms)}.  Fit it per dataset with {single}.")
+    term = design.terms[0]
+    labels = frame.loc[design.rows, by]
+    if labels.isna().any():
+        raise DataError(f"column {by!r} has missing values: every row must name its dataset")
+    dataset, dataset_labels = pd.factorize(labels, sort=False)
+    n_datasets = len(dataset_labels)
+    # levels of each dataset, in hp.lmm's order (the global level order restricted to the dataset)
+    cell, cell_of_row = np.unique(dataset.astype(np.int64) * term.n_levels + term.index, return_inverse=True)
+    cell_dataset = cell // term.n_levels
+    first_cell = np.searchsorted(cell_dataset, np.arange(n_datasets))
+    return BatchPlan(
+        frame=frame,
+        design=design,
+        by=by,
+        dataset=dataset,
+        labels=pd.Index(dataset_labels, name=by),
+        level=cell_of_row - first_cell[dataset],
+        n_levels=np.bincount(cell_dataset, minlength=n_datasets),
+        n_obs=np.bincount(dataset, minlength=n_datasets),
+        levels=np.split(np.asarray(term.levels)[cell % term.n_levels], first_cell[1:]),
+    )
