@@ -5,7 +5,7 @@ closed-form engine needs double precision.
 """
 
 from . import bayesian, batch, closedform, datasets, validate
-from .batch import BatchResult, fit_batch
+from .batch import BatchResult, BayesBatchResult, bayes_batch, fit_batch
 from .bayesian import BayesResult, SamplingWarning, bayes
 from .closedform import Control, MixedModel, lmm
 from .errors import (
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentError",
     "BatchResult",
+    "BayesBatchResult",
     "BayesResult",
     "Control",
     "ConvergenceError",
@@ -36,6 +37,7 @@ __all__ = [
     "MixedModel",
     "SamplingWarning",
     "bayes",
+    "bayes_batch",
     "batch",
     "bayesian",
     "closedform",

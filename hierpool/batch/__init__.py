@@ -1,6 +1,8 @@
-"""Batch fitting: one model, many datasets, one compiled and vmapped call (``hp.fit_batch``)."""
+"""Batch fitting: one model, many datasets, one compiled and vmapped call (``hp.fit_batch``, ``hp.bayes_batch``)."""
 
+from .bayes import bayes_batch
+from .bayes_results import BayesBatchResult
 from .fit import fit_batch
 from .results import BatchResult
 
-__all__ = ["BatchResult", "fit_batch"]
+__all__ = ["BatchResult", "BayesBatchResult", "bayes_batch", "fit_batch"]

@@ -26,7 +26,8 @@ def _factor(theta: jax.Array, k: int) -> jax.Array:
     return theta_to_factors(theta, (k,))[0]
 
 
-def _blocks(theta, stats):
+def factor_blocks(theta, stats):
+    """The blocked factorization at ``theta``: (Lambda, L_l^-1, c_l, C_l, L_X^-1, r, pwrss, log|L_Z|^2, log|L_X|^2)."""
     k = stats.ztz.shape[-1]
     lam = _factor(theta, k)
     lam_t = lam.T
@@ -48,7 +49,7 @@ def _blocks(theta, stats):
 
 def objective(theta: jax.Array, stats, reml: bool = True) -> jax.Array:
     """lme4's REML criterion (or -2 log-likelihood with ``reml=False``) of one dataset."""
-    *_, pwrss, logdet_z, logdet_x = _blocks(theta, stats)
+    *_, pwrss, logdet_z, logdet_x = factor_blocks(theta, stats)
     p = stats.xtx.shape[-1]
     dof = stats.n - p if reml else stats.n
     value = logdet_z + dof * (1 + jnp.log(2 * jnp.pi * pwrss / dof))
@@ -57,7 +58,7 @@ def objective(theta: jax.Array, stats, reml: bool = True) -> jax.Array:
 
 def solution(theta: jax.Array, stats, reml: bool = True) -> dict:
     """beta-hat, its covariance, sigma, the BLUPs b and lme4's condVar at theta (one dataset)."""
-    lam, chol_inv, cz, cx, chol_x_inv, r, pwrss, *_ = _blocks(theta, stats)
+    lam, chol_inv, cz, cx, chol_x_inv, r, pwrss, *_ = factor_blocks(theta, stats)
     p = stats.xtx.shape[-1]
     sigma2 = pwrss / (stats.n - p if reml else stats.n)
     beta = chol_x_inv.T @ r

@@ -61,7 +61,7 @@ def model_data(design) -> ModelData:
     )
 
 
-def _variance_parameters(priors: Priors, ks: tuple[int, ...]):
+def variance_parameters(priors: Priors, ks: tuple[int, ...]):
     """Sample sigma, the sds and correlation factors; return (sigma, sds, cor_factors)."""
     sigma = numpyro.sample("sigma", priors.sigma) if priors.sigma is not None else jnp.asarray(1.0)
     sds, cors = [], []
@@ -97,7 +97,7 @@ def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, *, ks
     """The non-centered NumPyro model; with ``held`` the variance parameters are fixed at its values."""
     beta = _fixed_effects(priors)
     if held is None:
-        sigma, sds, cors = _variance_parameters(priors, ks)
+        sigma, sds, cors = variance_parameters(priors, ks)
         cov_factors = [sd[:, None] * cor if cor is not None else jnp.diag(sd) for sd, cor in zip(sds, cors)]
     else:
         sigma, cov_factors = jnp.asarray(held.sigma), [jnp.asarray(f) for f in held.cov_factors]
@@ -112,6 +112,6 @@ def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, *, ks
 def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, priors: Priors):
     """NUTS target over the variance parameters only: prior times the marginal likelihood."""
     ks = system.layout.ks
-    sigma, sds, cors = _variance_parameters(priors, ks)
+    sigma, sds, cors = variance_parameters(priors, ks)
     theta = theta_from_components(sds, cors, sigma)
     numpyro.factor("marginal_likelihood", log_marginal_likelihood(theta, sigma, system, loc, scale))

@@ -132,10 +132,15 @@ class _Programs:
 _COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hierpool-compile")
 
 
-def _build_programs(
-    model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, progress
-):
-    bound = partial(model, **dict(static))
+def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_mass, progress=None):
+    """``one_chain(seed, chain, args) -> (z, stats)``: one NUTS chain of ``bound(*args)``, pure and jittable.
+
+    Warm-up (step size and mass matrix adaptation) then ``draws`` kept
+    iterations; ``z`` are unconstrained draws, ``stats`` the :data:`SAMPLE_STATS`
+    fields, each with a leading ``draws`` axis.  The chain's keys are
+    ``fold_in(PRNGKey(seed), chain)``: vmapping over ``chain`` (and ``args``)
+    runs many chains, of one model or of many datasets, in one program.
+    """
     total = tune + draws
     # one jitted potential: NumPyro's NUTS traces the potential at several places, and a
     # jitted function with the same argument shapes is traced (and differentiated) once
@@ -167,6 +172,16 @@ def _build_programs(
 
         _, (z, stats) = jax.lax.scan(step, state, jnp.arange(total))
         return jax.tree_util.tree_map(lambda x: x[tune:], (z, stats))
+
+    return one_chain
+
+
+def _build_programs(
+    model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, progress
+):
+    bound = partial(model, **dict(static))
+    one_chain = chain_function(bound, tune=tune, draws=draws, target_accept=target_accept,
+                               max_tree_depth=max_tree_depth, dense_mass=dense_mass, progress=progress)
 
     def finish(z, seed, args):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), chains)  # not any chain's key

@@ -87,6 +87,32 @@ def _column_scale(values: np.ndarray) -> float:
     return scale if scale > 0 else 1.0
 
 
+@dataclass(frozen=True)
+class DataScales:
+    """The data summaries the default priors are scaled by (sds with ddof 0; a zero sd counts as 1).
+
+    Attributes
+    ----------
+    y_mean, y_sd : float
+    x_sd : ndarray, one per fixed-effect column
+    z_sd : tuple of ndarray, per random-effect term one per coefficient column
+    """
+
+    y_mean: float
+    y_sd: float
+    x_sd: np.ndarray
+    z_sd: tuple
+
+    @classmethod
+    def of(cls, design: Design) -> DataScales:
+        return cls(
+            y_mean=float(np.mean(design.y)),
+            y_sd=_column_scale(design.y),
+            x_sd=np.array([_column_scale(design.X[:, j]) for j in range(design.p)]),
+            z_sd=tuple(np.array([_column_scale(t.z[:, i]) for i in range(t.k)]) for t in design.terms),
+        )
+
+
 def group_keys(group: str) -> tuple[str, ...]:
     """Names a ``sd_<group>`` key may use: the group as lme4 prints it and its identifier form."""
     return tuple(dict.fromkeys((group, identifier(group))))
@@ -120,8 +146,11 @@ def _check_positive_support(key: str, value) -> None:
         raise ArgumentError(f"prior {key!r} must have positive support (e.g. HalfNormal, HalfCauchy), got {value!r}")
 
 
-def resolve_priors(design: Design, priors: dict | None) -> Priors:
-    """Defaults scaled to ``design``'s data, with the user's ``priors`` applied by key.
+def resolve_priors(design: Design, priors: dict | None, scales: DataScales | None = None) -> Priors:
+    """Defaults scaled to ``design``'s data (or to ``scales``), with the user's ``priors`` applied by key.
+
+    ``scales`` lets one design serve many datasets (``hp.bayes_batch``): each
+    dataset's defaults are scaled to its own data, as ``hp.bayes`` on it would.
 
     Raises
     ------
@@ -131,8 +160,8 @@ def resolve_priors(design: Design, priors: dict | None) -> Priors:
     priors = dict(priors or {})
     if not all(isinstance(key, str) for key in priors):
         raise ArgumentError(f"prior keys must be strings, got {list(priors)!r}")
-    y = design.y
-    s_y, m_y = _column_scale(y), float(np.mean(y))
+    scales = DataScales.of(design) if scales is None else scales
+    s_y, m_y = scales.y_sd, scales.y_mean
     fixed = list(design.fixed_names)
     groups = {key: term.group for term in design.terms for key in group_keys(term.group)}
     known = {"b", "sd", "sigma", "cor"} | set(fixed) | {f"sd_{key}" for key in groups}
@@ -150,7 +179,7 @@ def resolve_priors(design: Design, priors: dict | None) -> Priors:
         if name == "Intercept":
             prior = dist.Normal(m_y, 2.5 * s_y)
         else:
-            prior = dist.Normal(0.0, 2.5 * s_y / _column_scale(design.X[:, j]))
+            prior = dist.Normal(0.0, 2.5 * s_y / scales.x_sd[j])
             if "b" in priors:
                 prior = _check_distribution("b", priors["b"], allow_flat=True)
         if name in priors:
@@ -158,7 +187,7 @@ def resolve_priors(design: Design, priors: dict | None) -> Priors:
         beta.append(None if isinstance(prior, str) else prior)
 
     sd = []
-    for term in design.terms:
+    for term, z_sd in zip(design.terms, scales.z_sd):
         user = None
         if "sd" in priors:
             user = ("sd", priors["sd"])
@@ -166,11 +195,11 @@ def resolve_priors(design: Design, priors: dict | None) -> Priors:
             if f"sd_{key}" in priors:
                 user = (f"sd_{key}", priors[f"sd_{key}"])
         if user is None:
-            scales = [
-                2.5 * s_y if name == "Intercept" else 2.5 * s_y / _column_scale(term.z[:, i])
+            sd_scales = [
+                2.5 * s_y if name == "Intercept" else 2.5 * s_y / z_sd[i]
                 for i, name in enumerate(term.coef_names)
             ]
-            sd.append(dist.HalfNormal(np.asarray(scales)))
+            sd.append(dist.HalfNormal(np.asarray(sd_scales)))
         else:
             key, value = user
             value = _check_distribution(key, value, allow_flat=False)

@@ -14,6 +14,7 @@ from ..closedform.results import _coef_pairs
 from ..design import Design
 from ..errors import ArgumentError, HierpoolWarning
 from ..predict import model_rows
+from .convergence import diagnose
 from .posterior import term_slots
 from .priors import Priors
 
@@ -28,19 +29,17 @@ def summarize_draws(draws: np.ndarray, level: float) -> dict[str, np.ndarray]:
     """mean, sd, equal-tailed interval, MCSE of the mean, bulk ESS and rank-normalized R-hat.
 
     ``draws`` has shape (chain, draw, m); statistics per column (Vehtari et al. 2021,
-    "Rank-normalization, folding, and localization: an improved R-hat", via ArviZ).
+    "Rank-normalization, folding, and localization: an improved R-hat"; ArviZ's
+    estimators, vectorized in :mod:`hierpool.bayesian.convergence`).
     """
     flat = draws.reshape(-1, draws.shape[-1])
     tail = (1 - level) / 2
-    dataset = az.convert_to_dataset(draws)
     return {
         "mean": flat.mean(axis=0),
         "sd": flat.std(axis=0, ddof=1),
         "lower": np.quantile(flat, tail, axis=0),
         "upper": np.quantile(flat, 1 - tail, axis=0),
-        "mcse_mean": az.mcse(dataset, method="mean")["x"].values,
-        "ess_bulk": az.ess(dataset, method="bulk")["x"].values,
-        "r_hat": az.rhat(dataset)["x"].values,
+        **diagnose(np.moveaxis(draws, -1, 0)),
     }
 
 

@@ -1,0 +1,264 @@
+"""``hp.bayes_batch``: the collapsed sampler of ``hp.bayes``, vmapped over datasets and chains.
+
+Each dataset gets what ``hp.bayes(formula, dataset)`` would give it: its own
+default priors scaled to its own data (or the user's ``priors`` keys), NUTS on
+its variance parameters with beta and b integrated out (dense mass matrix, as
+``hp.bayes``'s collapsed sampler), then one exact draw of (beta, b) per variance
+draw.  The model is written on the dataset's sufficient statistics
+(:mod:`hierpool.batch.collapsed`), so datasets of any size share one shape; the
+layout (buckets, chunks, mesh or threads, failures in their row) is
+:mod:`hierpool.batch.plan`'s.
+
+Memory: a chunk holds ``chunk_size x chains x draws x (ell k + p + k(k+1)/2 + 1)``
+float64 draws on the device and, while its summaries are computed, about five
+times that on the host; nothing else grows with the number of datasets unless
+``keep_draws=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.infer.util import constrain_fn
+
+from ..bayesian.collapsed import theta_from_components
+from ..bayesian.fit import _positive_int
+from ..bayesian.nuts import chain_function
+from ..bayesian.priors import DataScales, Priors, resolve_priors
+from ..bayesian.results import SUMMARY_COLUMNS
+from ..closedform.results import _coef_pairs
+from ..compiler_options import compiler_options
+from ..errors import ArgumentError
+from .bayes_results import BayesBatchResult, summarize_blocks
+from .collapsed import conditional_draw, one_term_collapsed_model
+from .plan import chunks, mesh_sharding, plan_batch, take, thread_count
+
+_PROGRAMS: dict = {}
+
+
+def _chain_and_draw(k: int, p: int, tune: int, draws: int, target_accept: float, max_tree_depth: int):
+    """One (dataset, chain): NUTS on the variance parameters, then exact (beta, b) draws; vmapped over both."""
+    bound = partial(one_term_collapsed_model, k=k)
+    one_chain = chain_function(bound, tune=tune, draws=draws, target_accept=target_accept,
+                               max_tree_depth=max_tree_depth, dense_mass=True)
+
+    def run(seed, chain, args):
+        stats, loc, scale, _ = args
+        z, sample_stats = one_chain(seed, chain, args)
+        constrained = jax.vmap(lambda params: constrain_fn(bound, args, {}, params, return_deterministic=True))(z)
+        sd, sigma = constrained["sd__0"], constrained["sigma"]
+        cor = constrained["cor__0"] if k > 1 else None
+        theta = jax.vmap(lambda s, c, g: theta_from_components([s], [c], g))(sd, cor, sigma)
+        key_beta, key_u = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chain), 1))
+        noise_beta = jax.random.normal(key_beta, (draws, p))
+        noise_u = jax.random.normal(key_u, (draws,) + stats.zty.shape)
+        beta, b = jax.vmap(lambda t, g, eb, eu: conditional_draw(t, g, stats, loc, scale, eb, eu))(
+            theta, sigma, noise_beta, noise_u)
+        out = {"beta": beta, "b": b, "sd": sd, "sigma": sigma, "diverging": sample_stats["diverging"]}
+        if k > 1:
+            out["cor"] = cor @ jnp.swapaxes(cor, -1, -2)  # correlation matrices from their Cholesky factors
+        return out
+
+    return jax.vmap(run, in_axes=(None, 0, 0))
+
+
+def _compiled(settings: tuple, seed, chain_ids, args, sharding):
+    key = (settings, jax.tree_util.tree_structure(args),
+           tuple((np.shape(a), np.result_type(a).name) for a in jax.tree_util.tree_leaves(args)), sharding)
+    if key not in _PROGRAMS:
+        platform = jax.devices()[0].platform
+        if sharding is not None:
+            chain_ids, args = jax.device_put((chain_ids, args), sharding)
+        lowered = jax.jit(_chain_and_draw(*settings)).lower(seed, chain_ids, args)
+        _PROGRAMS[key] = lowered.compile(compiler_options(platform))
+    return _PROGRAMS[key]
+
+
+def _dataset_scales(plan) -> list[DataScales]:
+    """Each dataset's mean and sd (ddof 0; a zero sd counts as 1) of y and of every X and z column."""
+    design, term = plan.design, plan.term
+    columns = np.column_stack([design.y, design.X, term.z])
+    count = plan.n_obs[:, None]
+    sums = np.stack([np.bincount(plan.dataset, c, minlength=plan.n_datasets) for c in columns.T], axis=1)
+    mean = sums / np.maximum(count, 1)
+    centred = columns - mean[plan.dataset]
+    squares = np.stack([np.bincount(plan.dataset, c**2, minlength=plan.n_datasets) for c in centred.T], axis=1)
+    sd = np.sqrt(squares / np.maximum(count, 1))
+    sd = np.where(sd > 0, sd, 1.0)
+    p = design.p
+    return [DataScales(y_mean=float(mean[d, 0]), y_sd=float(sd[d, 0]), x_sd=sd[d, 1 : 1 + p], z_sd=(sd[d, 1 + p :],))
+            for d in range(plan.n_datasets)]
+
+
+def _stack(trees: list):
+    return jax.tree_util.tree_map(lambda *leaves: np.stack([np.asarray(x, dtype=float) for x in leaves]), *trees)
+
+
+def bayes_batch(
+    formula: str,
+    data,
+    by: str = "dataset",
+    *,
+    chains: int = 4,
+    draws: int = 1000,
+    tune: int = 1000,
+    seed: int = 0,
+    priors: dict | Priors | None = None,
+    level: float = 0.95,
+    target_accept: float = 0.8,
+    max_tree_depth: int = 10,
+    chunk_size: int = 256,
+    keep_draws: bool = False,
+    progress: bool | None = None,
+) -> BayesBatchResult:
+    """Posteriors of one Bayesian linear mixed model fitted to many datasets at once.
+
+    Parameters
+    ----------
+    formula : str
+        An lme4-style formula with one random-effect term, e.g.
+        ``"Reaction ~ Days + (Days | Subject)"``.
+    data : DataFrame, or list or dict of DataFrames
+        A long frame with a ``by`` column, or the datasets themselves.
+    by : str
+        The column that names the dataset of each row.
+    chains, draws, tune : int
+        Chains per dataset, kept draws per chain, warm-up iterations per chain.
+    seed : int
+        Dataset ``d`` (in order of first appearance), chain ``c`` uses the key
+        ``fold_in(PRNGKey(seed), d * chains + c)``: results do not depend on the chunking.
+    priors : dict or Priors, optional
+        Keys as in :func:`hierpool.bayes` (``Intercept``, a fixed-effect name, ``b``,
+        ``sd``, ``sd_<group>``, ``sigma``, ``cor``); every dataset's other priors are
+        its own data-scaled defaults.  Fixed-effect priors must be Normal or ``"flat"``
+        (the collapsed sampler integrates beta out).  A resolved ``Priors`` is used for
+        every dataset as it is.
+    level : float
+        Coverage of the equal-tailed intervals.
+    target_accept : float
+    max_tree_depth : int
+    chunk_size : int
+        Most datasets per compiled call (bounds memory; see the module notes).
+    keep_draws : bool
+        Keep every dataset's draws in ``result.draws`` (memory grows with the batch).
+    progress : bool, optional
+        A progress bar over chunks (default: when stderr is a terminal).
+
+    Returns
+    -------
+    BayesBatchResult
+        ``fixef``, ``ranef``, ``varcorr`` (long tables with a ``by`` column and
+        hp.bayes's summary columns), ``diagnostics`` and ``messages``.
+
+    Notes
+    -----
+    The target of each dataset is hp.bayes's collapsed target (Normal priors on
+    beta as pseudo-observations; LKJ(eta) on a 2 x 2 correlation as
+    rho = 2u - 1, u ~ Beta(eta, eta)), so each dataset's posterior is the one
+    ``hp.bayes`` samples; the tests compare the two in Monte Carlo error units.
+    Models with several random-effect terms or known residual sds are not batched.
+    """
+    chains = _positive_int("chains", chains)
+    draws = _positive_int("draws", draws, minimum=4)
+    tune = _positive_int("tune", tune)
+    seed = _positive_int("seed", seed, minimum=0)
+    chunk_size = _positive_int("chunk_size", chunk_size)
+    if not 0 < level < 1:
+        raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
+    if not 0 < target_accept < 1:
+        raise ArgumentError(f"target_accept must be between 0 and 1, got {target_accept!r}")
+    plan = plan_batch(formula, data, by, "bayes_batch", "hp.bayes")
+    design, term = plan.design, plan.term
+    if design.sigma_known:
+        raise ArgumentError("bayes_batch does not take known residual sds (se=); fit those datasets with hp.bayes")
+    p, k = design.p, term.k
+
+    if isinstance(priors, Priors):
+        resolved = [priors] * plan.n_datasets
+    else:
+        resolved = [resolve_priors(design, priors, scales) for scales in _dataset_scales(plan)]
+    gaussian = [r.beta_gaussian() for r in resolved]
+    if any(g is None for g in gaussian):
+        raise ArgumentError("priors: bayes_batch runs the collapsed sampler, which integrates the fixed effects "
+                            "out and needs Normal or 'flat' priors on them")
+
+    sharding = mesh_sharding()
+    n_devices = 1 if sharding is None else len(jax.devices())
+    workers = thread_count(sharding)
+    buckets, messages = plan.buckets(np.float64)
+    jobs = []
+    for bucket, usable, stats in buckets:
+        for chunk in chunks(bucket, usable, min(chunk_size, math.ceil(len(usable) / workers)), n_devices):
+            members = usable[chunk.index]  # padded with copies of the first
+            args = (take(stats, chunk), np.stack([gaussian[d][0] for d in members]),
+                    np.stack([gaussian[d][1] for d in members]), _stack([resolved[d] for d in members]))
+            repeated = jax.tree_util.tree_map(lambda a: np.repeat(np.asarray(a), chains, axis=0), args)
+            chain_ids = (members[:, None] * chains + np.arange(chains)).ravel().astype(np.uint32)
+            jobs.append((chunk, repeated, chain_ids))
+
+    settings = (k, p, tune, draws, float(target_accept), max_tree_depth)
+    key_seed = np.uint32(seed % 2**32)
+    for _, args, chain_ids in jobs:
+        # compile each chunk shape once, before the threads start (they would each compile it)
+        _compiled(settings, key_seed, chain_ids, args, sharding)
+
+    def run(job):
+        chunk, args, chain_ids = job
+        if sharding is not None:
+            chain_ids, args = jax.device_put((chain_ids, args), sharding)
+        out = jax.device_get(_compiled(settings, key_seed, chain_ids, args, sharding)(key_seed, chain_ids, args))
+        out = {name: value[: chunk.count * chains].reshape((chunk.count, chains) + value.shape[1:])
+               for name, value in out.items()}
+        return chunk, out, summarize_blocks(out, k, level)
+
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=plan.n_datasets, desc="bayes_batch", unit="datasets")
+
+    n_pairs = len(_coef_pairs(k))
+    fixef = np.full((plan.n_datasets, p, len(SUMMARY_COLUMNS)), np.nan)
+    varcorr = np.full((plan.n_datasets, k + n_pairs + 1, len(SUMMARY_COLUMNS)), np.nan)
+    ranef = [np.full((k, ell, len(SUMMARY_COLUMNS)), np.nan) for ell in plan.n_levels]
+    divergences = np.zeros(plan.n_datasets, dtype=int)
+    kept = {} if keep_draws else None
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for chunk, out, summary in pool.map(run, jobs):
+            members = chunk.members
+            fixef[members], varcorr[members] = summary["fixef"], summary["varcorr"]
+            divergences[members] = out["diverging"].sum(axis=(1, 2))
+            for row, index in enumerate(members):
+                ell = plan.n_levels[index]
+                ranef[index] = summary["ranef"][row][:, :ell]
+                if kept is not None:
+                    kept[plan.labels[index]] = {name: (value[row][..., :ell, :] if name == "b" else value[row])
+                                                for name, value in out.items() if name != "diverging"}
+            if bar is not None:
+                bar.update(len(members))
+    if bar is not None:
+        bar.close()
+
+    return BayesBatchResult(
+        datasets=plan.labels,
+        fixed_names=design.fixed_names,
+        coef_names=term.coef_names,
+        group=term.group,
+        levels=plan.levels,
+        fixef_summary=fixef,
+        varcorr_summary=varcorr,
+        ranef_summary=ranef,
+        divergences=divergences,
+        messages=messages,
+        chains=chains,
+        draws_per_chain=draws,
+        level=level,
+        draws=kept,
+    )

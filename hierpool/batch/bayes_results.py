@@ -1,0 +1,140 @@
+"""Results of ``hp.bayes_batch``: hp.bayes's summary tables for every dataset, long, with a dataset column."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..bayesian.convergence import diagnose
+from ..bayesian.results import SUMMARY_COLUMNS
+from ..closedform.results import _coef_pairs
+
+#: Diagnostics thresholds, as hp.bayes's warnings use them.
+R_HAT_MAX = 1.01
+ESS_MIN = 400
+
+
+def summarize(block: np.ndarray, level: float) -> np.ndarray:
+    """(datasets, chain, draw, m) draws -> (datasets, m, len(SUMMARY_COLUMNS)) in ``SUMMARY_COLUMNS`` order."""
+    n_sets, chains, draws, m = block.shape
+    per_quantity = np.moveaxis(block, 3, 1).reshape(n_sets * m, chains, draws)
+    flat = per_quantity.reshape(n_sets * m, chains * draws)
+    tail = (1 - level) / 2
+    lower, upper = np.quantile(flat, [tail, 1 - tail], axis=1)
+    values = {"mean": flat.mean(axis=1), "sd": flat.std(axis=1, ddof=1), "lower": lower, "upper": upper,
+              **diagnose(per_quantity)}
+    return np.stack([values[name] for name in SUMMARY_COLUMNS], axis=-1).reshape(n_sets, m, len(SUMMARY_COLUMNS))
+
+
+def summarize_blocks(out: dict, k: int, level: float) -> dict:
+    """Summaries of one chunk's draws: fixef (D, p, .), varcorr (D, k + pairs + 1, .), ranef (D, k, ell, .)."""
+    columns = [out["sd"][..., i] for i in range(k)]
+    columns += [out["cor"][..., i, j] for i, j in _coef_pairs(k)]
+    columns.append(out["sigma"])
+    b = out["b"]  # (D, chain, draw, ell, k)
+    n_sets, chains, draws, ell, _ = b.shape
+    by_coefficient = np.swapaxes(b, 3, 4).reshape(n_sets, chains, draws, k * ell)
+    return {
+        "fixef": summarize(out["beta"], level),
+        "varcorr": summarize(np.stack(columns, axis=-1), level),
+        "ranef": summarize(by_coefficient, level).reshape(n_sets, k, ell, len(SUMMARY_COLUMNS)),
+    }
+
+
+@dataclass(frozen=True)
+class BayesBatchResult:
+    """Posterior summaries of one model fitted to many datasets (``hp.bayes_batch``).
+
+    Attributes
+    ----------
+    datasets : pandas.Index
+    fixed_names, coef_names : tuple of str
+    group : str
+    levels : list of ndarray
+        Each dataset's level labels.
+    fixef_summary : (B, p, 7) ndarray
+    varcorr_summary : (B, k + k(k-1)/2 + 1, 7) ndarray
+        sds, correlations, residual sd.
+    ranef_summary : list of (k, ell_d, 7) ndarrays
+    divergences : (B,) ndarray of int
+    messages : list of str
+        Why a dataset was not sampled ("" when it was).
+    chains, draws_per_chain : int
+    level : float
+    draws : dict or None
+        With ``keep_draws=True``: per dataset label, the draws ``beta`` (chain, draw, p),
+        ``b`` (chain, draw, ell, k), ``sd``, ``cor`` (k > 1) and ``sigma``.
+    """
+
+    datasets: pd.Index
+    fixed_names: tuple
+    coef_names: tuple
+    group: str
+    levels: list
+    fixef_summary: np.ndarray
+    varcorr_summary: np.ndarray
+    ranef_summary: list
+    divergences: np.ndarray
+    messages: list
+    chains: int
+    draws_per_chain: int
+    level: float
+    draws: dict | None = None
+
+    def _long(self, keys: pd.DataFrame, summaries: np.ndarray) -> pd.DataFrame:
+        return pd.concat([keys.reset_index(drop=True), pd.DataFrame(summaries, columns=SUMMARY_COLUMNS)], axis=1)
+
+    @property
+    def fixef(self) -> pd.DataFrame:
+        """Fixed effects: one row per dataset and term, hp.bayes's summary columns."""
+        p = len(self.fixed_names)
+        keys = pd.DataFrame({self.datasets.name: np.repeat(np.asarray(self.datasets), p),
+                             "term": np.tile(np.asarray(self.fixed_names, dtype=object), len(self.datasets))})
+        return self._long(keys, self.fixef_summary.reshape(-1, len(SUMMARY_COLUMNS)))
+
+    @property
+    def varcorr(self) -> pd.DataFrame:
+        """sds, correlations and the residual sd per dataset (grp, var1, var2 as hp.bayes's varcorr)."""
+        rows = [(self.group, name, None) for name in self.coef_names]
+        rows += [(self.group, self.coef_names[i], self.coef_names[j]) for i, j in _coef_pairs(len(self.coef_names))]
+        rows.append(("Residual", None, None))
+        template = pd.DataFrame(rows, columns=["grp", "var1", "var2"])
+        keys = pd.concat([template] * len(self.datasets), ignore_index=True)
+        keys.insert(0, self.datasets.name, np.repeat(np.asarray(self.datasets), len(rows)))
+        return self._long(keys, self.varcorr_summary.reshape(-1, len(SUMMARY_COLUMNS)))
+
+    @property
+    def ranef(self) -> pd.DataFrame:
+        """Random effects per dataset, as hp.bayes's ranef (grpvar, term, grp), with a dataset column."""
+        k = len(self.coef_names)
+        counts = np.array([len(levels) for levels in self.levels])
+        keys = pd.DataFrame({
+            self.datasets.name: np.repeat(np.asarray(self.datasets), counts * k),
+            "grpvar": self.group,
+            "term": np.concatenate([np.repeat(np.asarray(self.coef_names, dtype=object), n) for n in counts]),
+            "grp": np.concatenate([np.tile(np.asarray(levels, dtype=object), k) for levels in self.levels]),
+        })
+        values = np.concatenate([summary.reshape(-1, len(SUMMARY_COLUMNS)) for summary in self.ranef_summary])
+        return self._long(keys, values)
+
+    @property
+    def diagnostics(self) -> pd.DataFrame:
+        """Per dataset: divergent transitions, the worst R-hat and bulk ESS over all its quantities, and ``ok``."""
+        r_hat_at, ess_at = SUMMARY_COLUMNS.index("r_hat"), SUMMARY_COLUMNS.index("ess_bulk")
+        worst_r_hat, least_ess = [], []
+        for fixef, varcorr, ranef in zip(self.fixef_summary, self.varcorr_summary, self.ranef_summary):
+            every = np.concatenate([fixef, varcorr, ranef.reshape(-1, len(SUMMARY_COLUMNS))])
+            sampled = np.isfinite(every[:, ess_at]).any()
+            worst_r_hat.append(np.nanmax(every[:, r_hat_at]) if sampled else np.nan)
+            least_ess.append(np.nanmin(every[:, ess_at]) if sampled else np.nan)
+        frame = pd.DataFrame({"divergences": self.divergences, "max_r_hat": worst_r_hat, "min_ess_bulk": least_ess,
+                              "message": self.messages}, index=self.datasets)
+        frame.insert(3, "ok", (frame.divergences == 0) & (frame.max_r_hat < R_HAT_MAX) & (frame.min_ess_bulk > ESS_MIN))
+        return frame
+
+    def __repr__(self) -> str:
+        failed = sum(bool(m) for m in self.messages)
+        return (f"BayesBatchResult: {len(self.datasets)} datasets x {self.chains} chains x {self.draws_per_chain} "
+                f"draws; {failed} not sampled, {int((self.divergences > 0).sum())} with divergences")

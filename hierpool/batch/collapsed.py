@@ -1,0 +1,80 @@
+"""The collapsed sampler's target and exact effect draws for one-term models, from sufficient statistics.
+
+The same model as :mod:`hierpool.bayesian.collapsed`, written on the batch
+engine's per-dataset statistics so that datasets of any size share one shape
+(``hp.bayes_batch`` vmaps it).  With T = diag(sd) R / sigma (lme4's relative
+factor) and a Normal(m_i, s_i^2) prior on beta_i added as the pseudo-observation
+m_i = beta_i + e_i with weight w_i = sigma^2 / s_i^2 (flat priors have none):
+
+    X^T X += diag(w),   X^T y += w m,   y^T y += sum w m^2,
+
+and with the factorization of :func:`hierpool.batch.objective.factor_blocks`,
+
+    -2 log p(y | T, sigma) = log|L_Z|^2 + log|L_X|^2 + (n + k_N - p) log(2 pi sigma^2)
+                             + pwrss / sigma^2 - sum_i log w_i,
+
+k_N the number of Normal priors.  Given (T, sigma), (beta, b) is Gaussian:
+
+    beta = L_X^-T (r + sigma e_beta),   u_l = L_l^-T (c_l - C_l beta + sigma e_l),   b_l = Lambda u_l,
+
+an exact joint draw (beta from its marginal, then u given beta).  The general
+engine's :func:`hierpool.bayesian.collapsed.log_marginal_likelihood` and
+:func:`hierpool.closedform.henderson.conditional_draw` compute the same
+quantities for any model; tests check the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpyro
+
+from ..bayesian.collapsed import theta_from_components
+from ..bayesian.model import variance_parameters
+from .objective import factor_blocks
+from .statistics import BatchStatistics
+
+
+def _prior_weights(scale: jax.Array, sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
+    finite = jnp.isfinite(scale)
+    safe = jnp.where(finite, scale, 1.0)
+    return finite, jnp.where(finite, sigma**2 / safe**2, 0.0)
+
+
+def with_beta_prior(stats: BatchStatistics, loc: jax.Array, scale: jax.Array, sigma: jax.Array) -> BatchStatistics:
+    """One dataset's statistics with the Normal(loc, scale^2) prior's pseudo-observations added."""
+    _, weight = _prior_weights(scale, sigma)
+    return dataclasses.replace(
+        stats,
+        xtx=stats.xtx + jnp.diag(weight),
+        xty=stats.xty + weight * loc,
+        yty=stats.yty + jnp.sum(weight * loc**2),
+    )
+
+
+def log_marginal_likelihood(theta, sigma, stats: BatchStatistics, loc, scale) -> jax.Array:
+    """log p(y | theta, sigma) of one dataset with beta and b integrated out (see the module docstring)."""
+    finite, weight = _prior_weights(scale, sigma)
+    *_, pwrss, logdet_z, logdet_x = factor_blocks(theta, with_beta_prior(stats, loc, scale, sigma))
+    p = stats.xtx.shape[-1]
+    dof = stats.n + jnp.sum(finite) - p
+    log_weights = jnp.sum(jnp.where(finite, jnp.log(jnp.where(finite, weight, 1.0)), 0.0))
+    minus_two = logdet_z + logdet_x + dof * jnp.log(2 * jnp.pi * sigma**2) + pwrss / sigma**2 - log_weights
+    return -0.5 * minus_two
+
+
+def conditional_draw(theta, sigma, stats: BatchStatistics, loc, scale, noise_beta, noise_u):
+    """An exact draw of (beta, b) given (theta, sigma): ``noise_beta`` (p,), ``noise_u`` (ell, k) standard normal."""
+    lam, chol_inv, cz, cx, chol_x_inv, r, *_ = factor_blocks(theta, with_beta_prior(stats, loc, scale, sigma))
+    beta = chol_x_inv.T @ (r + sigma * noise_beta)
+    u = jnp.einsum("lji,lj->li", chol_inv, cz - jnp.einsum("lip,p->li", cx, beta) + sigma * noise_u)
+    return beta, u @ lam.T
+
+
+def one_term_collapsed_model(stats: BatchStatistics, loc, scale, priors, *, k: int):
+    """NumPyro target over one dataset's variance parameters: prior times the marginal likelihood."""
+    sigma, sds, cors = variance_parameters(priors, (k,))
+    theta = theta_from_components(sds, cors, sigma)
+    numpyro.factor("marginal_likelihood", log_marginal_likelihood(theta, sigma, stats, loc, scale))
