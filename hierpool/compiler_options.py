@@ -12,9 +12,14 @@ the classic emitters made its (compile-free) second fit slower.
 
 The options go to each program's own compilation (``Lowered.compile``); nothing
 process-wide (``XLA_FLAGS``, ``jax.config``) is changed.
+
+XLA compiles outside Python's GIL, so :func:`compile_in_background` lets a caller
+trace its next program (Python) or run a compiled one while this one compiles.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 
@@ -26,3 +31,11 @@ def compiler_options(platform: str | None = None) -> dict:
     """The ``compiler_options`` for a program that runs on ``platform`` (default: JAX's default backend)."""
     platform = jax.default_backend() if platform is None else platform
     return dict(CPU_OPTIONS) if platform == "cpu" else {}
+
+
+_COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hierpool-compile")
+
+
+def compile_in_background(lowered, platform: str | None = None) -> Future:
+    """Start compiling a ``jax.stages.Lowered`` with :func:`compiler_options`; the Future gives the executable."""
+    return _COMPILER.submit(lowered.compile, compiler_options(platform))

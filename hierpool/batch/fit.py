@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..closedform import lmm
-from ..compiler_options import compiler_options
+from ..compiler_options import compile_in_background
 from ..errors import ArgumentError, HierpoolWarning
 from .objective import solution
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize, start_theta
@@ -30,34 +30,48 @@ from .results import BatchResult
 from .plan import chunks, mesh_sharding, plan_batch, take, thread_count
 
 SINGULAR_TOL = 1e-4  # lme4's isSingular tolerance on theta's diagonal
+CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 
 
 @partial(jax.jit, static_argnames=("reml", "max_iterations"))
-def _fit_chunk(stats, reml: bool, max_iterations: int):
-    """Optimize and solve every dataset of a chunk (vmapped; pure)."""
+def _optimize_chunk(stats, reml: bool, max_iterations: int):
+    """Minimize the criterion of every dataset of a chunk (vmapped; pure)."""
     k = stats.ztz.shape[-1]
 
     def one(s):
         theta, value, newton_step, iterations, converged = minimize(
             s, start_theta(k, s.ztz.dtype), reml=reml, max_iterations=max_iterations)
-        theta = canonical_theta(theta, k)
-        return {"theta": theta, "objective": value, "newton_step": newton_step, "iterations": iterations,
-                "converged": converged, **solution(theta, s, reml=reml)}
+        return {"theta": canonical_theta(theta, k), "objective": value, "newton_step": newton_step,
+                "iterations": iterations, "converged": converged}
 
     return jax.vmap(one)(stats)
+
+
+@partial(jax.jit, static_argnames=("reml",))
+def _solve_chunk(theta, stats, reml: bool):
+    """Estimates, BLUPs and conditional variances of every dataset at its theta (vmapped; pure)."""
+    return jax.vmap(partial(solution, reml=reml))(theta, stats)
 
 
 _COMPILED: dict = {}
 
 
-def _compiled(stats, reml: bool, max_iterations: int, sharding):
-    """The compiled chunk program for this shape (kept for the process: a refit does not retrace)."""
+def _programs(stats, reml: bool, max_iterations: int, sharding):
+    """Futures of the (optimize, solve) programs for this chunk shape, kept for the process.
+
+    Two programs, not one: the solve program is traced while the optimizer
+    compiles, and compiles while the first chunks are optimized.
+    """
     key = (tuple((a.shape, a.dtype.name) for a in jax.tree_util.tree_leaves(stats)), reml, max_iterations, sharding)
     if key not in _COMPILED:
         placed = stats if sharding is None else jax.device_put(stats, sharding)
         platform = jax.devices()[0].platform if sharding is None else sharding.mesh.devices.flat[0].platform
-        lowered = _fit_chunk.lower(placed, reml=reml, max_iterations=max_iterations)
-        _COMPILED[key] = lowered.compile(compiler_options(platform))
+        optimize = compile_in_background(
+            _optimize_chunk.lower(placed, reml=reml, max_iterations=max_iterations), platform)
+        k = stats.ztz.shape[-1]
+        theta = jax.ShapeDtypeStruct((stats.n.shape[0], k * (k + 1) // 2), stats.ztz.dtype, sharding=sharding)
+        solve = compile_in_background(_solve_chunk.lower(theta, placed, reml=reml), platform)
+        _COMPILED[key] = (optimize, solve)
     return _COMPILED[key]
 
 
@@ -73,7 +87,7 @@ def fit_batch(
     *,
     reml: bool = True,
     dtype: str = "float64",
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     polish: bool = True,
     progress: bool | None = None,
     max_iterations: int = MAX_ITERATIONS,
@@ -95,8 +109,12 @@ def fit_batch(
     dtype : {"float64", "float32"}
         float32 halves memory and is faster on GPUs; the criterion then agrees
         with float64 to about 1e-5 relative.
-    chunk_size : int
+    chunk_size : int, optional
         Most datasets per compiled call (bounds memory; see the module notes).
+        Default: 128 on a CPU, 4096 on an accelerator.  The datasets of a call
+        iterate in lockstep until the slowest converges, so on a CPU, where a
+        wide call buys no parallelism, small calls waste less (2,000 sleepstudy
+        fits: 0.52 s in calls of 125 against 0.97 s in calls of 1,000).
     polish : bool
         Refit, one by one with ``hp.lmm``, the datasets whose batched optimizer
         did not converge (rare: flat criteria near a zero variance).
@@ -121,7 +139,9 @@ def fit_batch(
     """
     if dtype not in ("float64", "float32"):
         raise ArgumentError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if chunk_size is None:
+        chunk_size = CPU_CHUNK if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ArgumentError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     plan = plan_batch(formula, data, by, "fit_batch", "hp.lmm")
     design, term, n_datasets, n_levels = plan.design, plan.term, plan.n_datasets, plan.n_levels
@@ -146,14 +166,16 @@ def fit_batch(
             jobs.append((chunk.members, take(stats, chunk), chunk.count))
 
     for _, chunk, _ in jobs:
-        # compile each chunk shape once, before the threads start (they would each compile it)
-        _compiled(chunk, reml, max_iterations, sharding)
+        # start compiling each chunk shape once, before the threads start (they would each compile it)
+        _programs(chunk, reml, max_iterations, sharding)
 
     def run(job):
         _, chunk, count = job
         if sharding is not None:
             chunk = jax.device_put(chunk, sharding)
-        result = _compiled(chunk, reml, max_iterations, sharding)(chunk)
+        optimize, solve = _programs(chunk, reml, max_iterations, sharding)
+        optimized = optimize.result()(chunk)
+        result = {**optimized, **solve.result()(optimized["theta"], chunk)}
         return jax.tree_util.tree_map(lambda a: np.asarray(a)[:count], result)
 
     show = sys.stderr.isatty() if progress is None else bool(progress)

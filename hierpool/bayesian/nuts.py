@@ -27,7 +27,7 @@ from numpyro.infer.hmc import hmc
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
-from ..compiler_options import compiler_options
+from ..compiler_options import compile_in_background
 
 #: Per-iteration statistics kept for ArviZ's sample_stats group (NumPyro field -> ArviZ name).
 SAMPLE_STATS = {
@@ -129,9 +129,6 @@ class _Programs:
         return self._finish
 
 
-_COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hierpool-compile")
-
-
 def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_mass, progress=None):
     """``one_chain(seed, chain, args) -> (z, stats)``: one NUTS chain of ``bound(*args)``, pure and jittable.
 
@@ -190,17 +187,16 @@ def _build_programs(
         out = constrained if postprocess is None else postprocess(constrained, key, *args)
         return jax.tree_util.tree_map(lambda x: x.reshape((chains, draws) + x.shape[1:]), out)
 
-    options = compiler_options()
     seed = np.uint32(0)
     chain_lowered = jax.jit(one_chain).lower(seed, np.int32(0), model_args)
     # XLA compiles outside the GIL: the finish program is traced while the chain program
     # compiles, and compiles while the chains run
-    chain_future = _COMPILER.submit(chain_lowered.compile, options)
+    chain_future = compile_in_background(chain_lowered)
     z_stacked = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct((chains,) + s.shape, s.dtype), chain_lowered.out_info[0]
     )
     finish_lowered = jax.jit(finish).lower(z_stacked, seed, model_args)
-    finish_future = _COMPILER.submit(finish_lowered.compile, options)
+    finish_future = compile_in_background(finish_lowered)
     return _Programs(chain_future.result(), finish_future)
 
 
