@@ -62,9 +62,10 @@ def _programs(stats, reml: bool, max_iterations: int, sharding):
     Two programs, not one: the solve program is traced while the optimizer
     compiles, and compiles while the first chunks are optimized.
     """
-    key = (tuple((a.shape, a.dtype.name) for a in jax.tree_util.tree_leaves(stats)), reml, max_iterations, sharding)
+    key = (tuple((a.shape, np.dtype(a.dtype).name) for a in jax.tree_util.tree_leaves(stats)), reml, max_iterations,
+           sharding)
     if key not in _COMPILED:
-        placed = stats if sharding is None else jax.device_put(stats, sharding)
+        placed = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), stats)
         platform = jax.devices()[0].platform if sharding is None else sharding.mesh.devices.flat[0].platform
         optimize = compile_in_background(
             _optimize_chunk.lower(placed, reml=reml, max_iterations=max_iterations), platform)
@@ -159,15 +160,18 @@ def fit_batch(
     b = [np.full((ell, k), np.nan) for ell in n_levels]
     cond_sd = [np.full((ell, k), np.nan) for ell in n_levels]
 
+    # chunk shapes follow from the level counts alone: start compiling (in the background) before
+    # the statistics are computed, and before the threads start (they would each compile)
+    sizes = {}
+    for bucket, members in plan.bucket_members():
+        sizes[bucket] = min(chunk_size, math.ceil(len(members) / workers))
+        rows = chunks(bucket, members[:1], sizes[bucket], n_devices)[0].index.size
+        _programs(plan.statistics_shape(bucket, rows, float_type), reml, max_iterations, sharding)
     buckets, messages = plan.buckets(float_type)
     jobs = []
     for bucket, usable, stats in buckets:
-        for chunk in chunks(bucket, usable, min(chunk_size, math.ceil(len(usable) / workers)), n_devices):
+        for chunk in chunks(bucket, usable, sizes[bucket], n_devices):
             jobs.append((chunk.members, take(stats, chunk), chunk.count))
-
-    for _, chunk, _ in jobs:
-        # start compiling each chunk shape once, before the threads start (they would each compile it)
-        _programs(chunk, reml, max_iterations, sharding)
 
     def run(job):
         _, chunk, count = job

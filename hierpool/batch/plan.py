@@ -126,14 +126,25 @@ class BatchPlan:
     def n_datasets(self) -> int:
         return len(self.labels)
 
+    def bucket_members(self) -> list[tuple[int, np.ndarray]]:
+        """(padded level count, datasets in that bucket), known before any statistics are computed."""
+        width = bucket_width(self.n_levels)
+        return [(int(bucket), np.flatnonzero(width == bucket)) for bucket in np.unique(width)]
+
+    def statistics_shape(self, bucket: int, rows: int, dtype=np.float64) -> BatchStatistics:
+        """The shapes of ``rows`` datasets' statistics in a bucket (to compile before computing them)."""
+        p, k = self.design.p, self.term.k
+        shapes = BatchStatistics(ztz=(rows, bucket, k, k), ztx=(rows, bucket, k, p), zty=(rows, bucket, k),
+                                 xtx=(rows, p, p), xty=(rows, p), yty=(rows,), n=(rows,))
+        return jax.tree_util.tree_map(lambda shape: jax.ShapeDtypeStruct(shape, dtype), shapes,
+                                      is_leaf=lambda x: isinstance(x, tuple))
+
     def buckets(self, dtype=np.float64):
         """Per padded level count: (members that can be fitted, their statistics); problems in ``messages``."""
         term, design = self.term, self.design
-        width = bucket_width(self.n_levels)
         messages = [""] * self.n_datasets
         out = []
-        for bucket in np.unique(width):
-            members = np.flatnonzero(width == bucket)
+        for bucket, members in self.bucket_members():
             rows = np.isin(self.dataset, members)
             local = np.searchsorted(members, self.dataset[rows])
             stats = sufficient_statistics(local, self.level[rows], design.X[rows], term.z[rows], design.y[rows],
@@ -144,7 +155,7 @@ class BatchPlan:
                 messages[index] = problem
             valid = np.array([not problem for problem in problems])
             if valid.any():
-                out.append((int(bucket), members[valid], stats.take(np.flatnonzero(valid)).astype(dtype)))
+                out.append((bucket, members[valid], stats.take(np.flatnonzero(valid)).astype(dtype)))
         return out, messages
 
     def rows_of(self, index: int) -> np.ndarray:

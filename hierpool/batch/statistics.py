@@ -66,17 +66,16 @@ def sufficient_statistics(
     cell = dataset * ell + level
     size = n_datasets * ell
 
-    def per_cell(values: np.ndarray) -> np.ndarray:
+    def sums(index: np.ndarray, values: np.ndarray, count: int) -> np.ndarray:
+        # one bincount per column: several times faster than np.add.at
         flat = values.reshape(len(values), -1)
-        out = np.zeros((size, flat.shape[1]))
-        np.add.at(out, cell, flat)
-        return out
+        return np.stack([np.bincount(index, weights=column, minlength=count) for column in flat.T], axis=1)
+
+    def per_cell(values: np.ndarray) -> np.ndarray:
+        return sums(cell, values, size)
 
     def per_dataset(values: np.ndarray) -> np.ndarray:
-        flat = values.reshape(len(values), -1)
-        out = np.zeros((n_datasets, flat.shape[1]))
-        np.add.at(out, dataset, flat)
-        return out
+        return sums(dataset, values, n_datasets)
 
     return BatchStatistics(
         ztz=per_cell(z[:, :, None] * z[:, None, :]).reshape(n_datasets, ell, k, k),
