@@ -6,6 +6,8 @@ Every problem with what a user passed is reported as a :class:`HierpoolError`
 
 from __future__ import annotations
 
+import numbers
+
 
 class HierpoolError(Exception):
     """Base class of every error hierpool raises on purpose."""
@@ -21,6 +23,13 @@ class DataError(HierpoolError, ValueError):
 
 class ArgumentError(HierpoolError, ValueError):
     """A keyword argument has an invalid value."""
+
+
+def integer_argument(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int, or an :class:`ArgumentError` naming ``name`` when it is not an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 class ConvergenceError(HierpoolError, RuntimeError):

@@ -28,13 +28,12 @@ import numpy as np
 from numpyro.infer.util import constrain_fn
 
 from ..bayesian.collapsed import theta_from_components
-from ..bayesian.fit import _positive_int
 from ..bayesian.nuts import chain_function
 from ..bayesian.priors import DataScales, Priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
 from ..closedform.results import _coef_pairs
 from ..compiler_options import compiler_options
-from ..errors import ArgumentError
+from ..errors import ArgumentError, integer_argument
 from .bayes_results import BayesBatchResult, summarize_blocks
 from .collapsed import conditional_draw, one_term_collapsed_model
 from .plan import chunks, mesh_sharding, plan_batch, take, thread_count
@@ -164,11 +163,11 @@ def bayes_batch(
     ``hp.bayes`` samples; the tests compare the two in Monte Carlo error units.
     Models with several random-effect terms or known residual sds are not batched.
     """
-    chains = _positive_int("chains", chains)
-    draws = _positive_int("draws", draws, minimum=4)
-    tune = _positive_int("tune", tune)
-    seed = _positive_int("seed", seed, minimum=0)
-    chunk_size = _positive_int("chunk_size", chunk_size)
+    chains = integer_argument("chains", chains)
+    draws = integer_argument("draws", draws, minimum=4)
+    tune = integer_argument("tune", tune)
+    seed = integer_argument("seed", seed, minimum=0)
+    chunk_size = integer_argument("chunk_size", chunk_size)
     if not 0 < level < 1:
         raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
     if not 0 < target_accept < 1:

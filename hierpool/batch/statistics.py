@@ -86,3 +86,11 @@ def sufficient_statistics(
         yty=per_dataset(y**2).reshape(n_datasets),
         n=np.bincount(dataset, minlength=n_datasets).astype(float),
     )
+
+
+def one_dataset_statistics(design) -> BatchStatistics:
+    """The statistics of one dataset's one-term design (no leading dataset axis)."""
+    term = design.terms[0]
+    stats = sufficient_statistics(np.zeros(design.n, dtype=np.int64), term.index, design.X, term.z, design.y, 1,
+                                  term.n_levels)
+    return stats.take(0)

@@ -94,15 +94,23 @@ def draw_effects(
     Memory is bounded by the batch (each draw factors the rest matrix once).  The
     draws are padded to whole batches so that only one batch shape is compiled.
     """
-    count = thetas.shape[0]
-    noise = jax.random.normal(key, (count, noise_size(system.layout)), dtype=thetas.dtype)
+    noise = jax.random.normal(key, (thetas.shape[0], noise_size(system.layout)), dtype=thetas.dtype)
 
     def one(theta, sigma, e):
         prior = beta_prior_block(loc, scale, sigma, system.layout)
         return conditional_draw(theta, system, sigma, e, prior)
 
+    return map_in_batches(one, (thetas, sigmas, noise), batch_size)
+
+
+def map_in_batches(one, arrays: tuple, batch_size: int):
+    """``jax.vmap(one)(*arrays)``, ``batch_size`` rows at a time (memory is bounded by the batch).
+
+    The rows are padded to whole batches so that only one batch shape is compiled.
+    """
+    count = arrays[0].shape[0]
     if count <= batch_size:
-        return jax.vmap(one)(thetas, sigmas, noise)
+        return jax.vmap(one)(*arrays)
     n_batches = -(-count // batch_size)
     pad = n_batches * batch_size - count
 
@@ -110,7 +118,7 @@ def draw_effects(
         x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
         return x.reshape((n_batches, batch_size) + x.shape[1:])
 
-    out = jax.lax.map(lambda args: jax.vmap(one)(*args), (batched(thetas), batched(sigmas), batched(noise)))
+    out = jax.lax.map(lambda args: jax.vmap(one)(*args), tuple(batched(x) for x in arrays))
     return jax.tree_util.tree_map(lambda x: x.reshape((n_batches * batch_size,) + x.shape[2:])[:count], out)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import sys
 import warnings
 from dataclasses import dataclass
@@ -15,8 +14,11 @@ import pandas as pd
 from ..closedform.results import LMMResult
 from ..closedform.system import build_system
 from ..design import Design, build_design
-from ..errors import ArgumentError, HierpoolWarning
-from .collapsed import draw_batch_size, draw_effects, theta_from_components
+from ..errors import ArgumentError, HierpoolWarning, integer_argument
+from ..batch.collapsed import conditional_draw as one_term_draw
+from ..batch.collapsed import one_term_collapsed_model
+from ..batch.statistics import one_dataset_statistics
+from .collapsed import draw_batch_size, draw_effects, map_in_batches, theta_from_components
 from .model import HeldVariance, collapsed_model, full_model, model_data
 from .nuts import sample_nuts
 from .posterior import build_inference_data, pointwise_log_likelihood
@@ -26,12 +28,6 @@ from .results import BayesResult
 METHODS = ("auto", "collapsed", "full")
 #: Pointwise log-likelihood is stored up to this many values (chains x draws x rows).
 LOG_LIKELIHOOD_MAX_VALUES = 5e7
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _held_variance(design: Design, variance: LMMResult) -> HeldVariance:
@@ -83,20 +79,51 @@ class _CollapsedDraws:
         return {"variance": draws, "beta": beta, "b": b}
 
 
+@dataclass(frozen=True)
+class _OneTermDraws:
+    """The one-term model's exact (beta, b) draws, from its sufficient statistics (:mod:`hierpool.batch.collapsed`)."""
+
+    k: int
+    batch_size: int
+
+    def __call__(self, draws, key, stats, loc, scale, priors):
+        sds, cors, sigma = _variance_parts(draws, (self.k,), False)
+        thetas = jax.vmap(theta_from_components)(sds, cors, sigma)
+        count, p = thetas.shape[0], loc.shape[0]
+        noise = jax.random.normal(key, (count, p + stats.zty.size), dtype=thetas.dtype)
+
+        def one(theta, s, e):
+            return one_term_draw(theta, s, stats, loc, scale, e[:p], e[p:].reshape(stats.zty.shape))
+
+        beta, b = map_in_batches(one, (thetas, sigma, noise), self.batch_size)
+        return {"variance": draws, "beta": beta, "b": (b,)}
+
+
 def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept, progress):
-    system = build_system(design)
     loc, scale = (jnp.asarray(a) for a in resolved.beta_gaussian())
     ks = tuple(t.k for t in design.terms)
+    if len(ks) == 1 and not design.sigma_known:
+        # one term: the same target and draws written on the sufficient statistics, which
+        # compile to a third less code than the general blocked factorization
+        term = design.terms[0]
+        model, args, static = one_term_collapsed_model, (one_dataset_statistics(design), loc, scale, resolved), (("k", ks[0]),)
+        size = term.n_levels * term.k * (term.k + design.p + 2) + design.p ** 2
+        postprocess = _OneTermDraws(ks[0], int(np.clip(2e8 // (8.0 * size), 1, 1024)))
+    else:
+        system = build_system(design)
+        model, args, static = collapsed_model, (system, loc, scale, resolved), ()
+        postprocess = _CollapsedDraws(ks, design.sigma_known, draw_batch_size(system.layout))
     out, stats = sample_nuts(
-        collapsed_model,
-        (system, loc, scale, resolved),
+        model,
+        args,
+        static=static,
         chains=chains,
         tune=tune,
         draws=draws,
         seed=seed,
         target_accept=target_accept,
         dense_mass=True,  # a handful of a-posteriori correlated variance parameters (sds and sigma)
-        postprocess=_CollapsedDraws(ks, design.sigma_known, draw_batch_size(system.layout)),
+        postprocess=postprocess,
         progress=progress,
     )
     sds, cors, _ = _variance_parts(out["variance"], ks, True)
@@ -207,10 +234,10 @@ def bayes(
     likelihood of Bates et al. 2015 with the prior on beta as pseudo-data) and
     draws them given each variance draw (Rue 2001).
     """
-    chains = _positive_int("chains", chains)
-    draws = _positive_int("draws", draws)
-    tune = _positive_int("tune", tune, minimum=0)
-    seed = _positive_int("seed", seed, minimum=0)
+    chains = integer_argument("chains", chains)
+    draws = integer_argument("draws", draws)
+    tune = integer_argument("tune", tune, minimum=0)
+    seed = integer_argument("seed", seed, minimum=0)
     if not 0 < level < 1:
         raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
     if not 0 < target_accept < 1:
