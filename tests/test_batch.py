@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -140,6 +141,44 @@ def test_sharded_over_four_host_devices_gives_the_same_fits(replicates, batch):
     assert out["devices"] == 4
     np.testing.assert_allclose(out["objective"], batch.objective, rtol=1e-11)
     np.testing.assert_allclose(out["beta"], batch.beta, rtol=1e-8)
+
+
+MULTI_PROCESS = """
+import json, sys, jax
+jax.distributed.initialize(coordinator_address="localhost:" + sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
+import hierpool as hp
+result = hp.fit_batch("Reaction ~ Days + (Days | Subject)", hp.datasets.sleepstudy_replicates(60, seed=4), chunk_size=8)
+posterior = hp.bayes_batch("Reaction ~ Days + (Days | Subject)", hp.datasets.sleepstudy_replicates(2, seed=4),
+                           draws=300, tune=300, seed=2, progress=False)
+print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(),
+                  "objective": result.objective.tolist(), "beta": result.beta.tolist(),
+                  "posterior": posterior.fixef[["mean", "mcse_mean"]].to_numpy().tolist()}))
+"""
+
+
+def test_two_processes_through_jax_distributed_give_the_same_fits(batch):
+    # two hosts simulated on this one: jax.distributed over localhost, 2 CPU devices each, gloo collectives
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = str(probe.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    processes = [subprocess.Popen([sys.executable, "-c", MULTI_PROCESS, str(rank), port], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-2000:]
+    results = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    for out in results:
+        assert (out["devices"], out["local"]) == (4, 2)
+        np.testing.assert_allclose(out["objective"], batch.objective, rtol=1e-11)
+        np.testing.assert_allclose(out["beta"], batch.beta, rtol=1e-8)
+    # every process holds every dataset's posterior (gathered), the same on both
+    assert results[0]["posterior"] == results[1]["posterior"]
+    single = hp.bayes_batch(SLEEP, hp.datasets.sleepstudy_replicates(2, seed=4), draws=300, tune=300, seed=7,
+                            progress=False).fixef[["mean", "mcse_mean"]].to_numpy()
+    gathered = np.asarray(results[0]["posterior"])
+    z = (gathered[:, 0] - single[:, 0]) / np.hypot(gathered[:, 1], single[:, 1])
+    assert np.max(np.abs(z)) < 4, z
 
 
 def test_bad_input_names_the_culprit(replicates):

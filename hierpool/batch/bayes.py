@@ -36,7 +36,7 @@ from ..compiler_options import compiler_options
 from ..errors import ArgumentError, integer_argument
 from .bayes_results import BayesBatchResult, summarize_blocks
 from .collapsed import conditional_draw, one_term_collapsed_model
-from .plan import chunks, mesh_sharding, plan_batch, take, thread_count
+from .plan import chunks, fetch, mesh_sharding, place, plan_batch, take, thread_count
 
 _PROGRAMS: dict = {}
 
@@ -73,7 +73,8 @@ def _compiled(settings: tuple, seed, chain_ids, args, sharding):
     if key not in _PROGRAMS:
         platform = jax.devices()[0].platform
         if sharding is not None:
-            chain_ids, args = jax.device_put((chain_ids, args), sharding)
+            chain_ids, args = jax.tree_util.tree_map(
+                lambda a: jax.ShapeDtypeStruct(np.shape(a), np.result_type(a), sharding=sharding), (chain_ids, args))
         lowered = jax.jit(_chain_and_draw(*settings)).lower(seed, chain_ids, args)
         _PROGRAMS[key] = lowered.compile(compiler_options(platform))
     return _PROGRAMS[key]
@@ -209,9 +210,9 @@ def bayes_batch(
 
     def run(job):
         chunk, args, chain_ids = job
-        if sharding is not None:
-            chain_ids, args = jax.device_put((chain_ids, args), sharding)
-        out = jax.device_get(_compiled(settings, key_seed, chain_ids, args, sharding)(key_seed, chain_ids, args))
+        program = _compiled(settings, key_seed, chain_ids, args, sharding)
+        chain_ids, args = place((chain_ids, args), sharding)
+        out = fetch(program(key_seed, chain_ids, args))
         out = {name: value[: chunk.count * chains].reshape((chunk.count, chains) + value.shape[1:])
                for name, value in out.items()}
         return chunk, out, summarize_blocks(out, k, level)

@@ -27,7 +27,7 @@ from ..errors import ArgumentError, HierpoolWarning
 from .objective import solution
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize, start_theta
 from .results import BatchResult
-from .plan import chunks, mesh_sharding, plan_batch, take, thread_count
+from .plan import chunks, fetch, mesh_sharding, place, plan_batch, take, thread_count
 
 SINGULAR_TOL = 1e-4  # lme4's isSingular tolerance on theta's diagonal
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
@@ -175,12 +175,11 @@ def fit_batch(
 
     def run(job):
         _, chunk, count = job
-        if sharding is not None:
-            chunk = jax.device_put(chunk, sharding)
+        chunk = place(chunk, sharding)
         optimize, solve = _programs(chunk, reml, max_iterations, sharding)
         optimized = optimize.result()(chunk)
         result = {**optimized, **solve.result()(optimized["theta"], chunk)}
-        return jax.tree_util.tree_map(lambda a: np.asarray(a)[:count], result)
+        return jax.tree_util.tree_map(lambda a: a[:count], fetch(result))
 
     show = sys.stderr.isatty() if progress is None else bool(progress)
     bar = None

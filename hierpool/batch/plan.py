@@ -12,6 +12,12 @@
 * **Devices**: a chunk's leading axis is sharded over a ``Mesh`` of all devices
   (``jax.sharding.NamedSharding``).  On a CPU with one device, chunks run in
   parallel threads instead (XLA releases the GIL), one per core.
+* **Several hosts**: after ``jax.distributed.initialize()``, ``jax.devices()`` holds
+  every process's devices, so the mesh spans them all.  Every process calls the
+  batch function with the same data (SPMD); :func:`place` gives each process the
+  rows of its own devices (``jax.make_array_from_callback``) and :func:`fetch`
+  gathers the results back to every process
+  (``jax.experimental.multihost_utils.process_allgather``).
 * A dataset that cannot be fitted (one level, aliased fixed effects, too few
   observations) is never sent to the compiled program; its reason is kept.
 """
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 import pandas as pd
+from jax.experimental import multihost_utils
 
 from ..design import Design, RandomEffectTerm, build_design
 from ..errors import ArgumentError, DataError
@@ -84,6 +91,24 @@ def mesh_sharding():
         return None
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def place(tree, sharding):
+    """Host arrays -> device arrays sharded along their leading axis (each process supplies its own shards)."""
+    if sharding is None:
+        return tree
+    return jax.tree_util.tree_map(
+        lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda index: np.asarray(a)[index]), tree)
+
+
+def fetch(tree):
+    """Device results -> host NumPy arrays; results spread over several processes are gathered first."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def thread_count(sharding) -> int:
