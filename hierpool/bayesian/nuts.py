@@ -1,12 +1,14 @@
-"""Run NUTS chains of a NumPyro model as one compiled program.
+"""Run NUTS chains of a NumPyro model as two compiled programs.
 
 NumPyro's ``MCMC`` driver runs initialization, step-size search and bookkeeping
 as many small eager JAX calls; on a small model each compiles separately and
 together they cost more than the sampling (seen on sleepstudy: 318 compilations,
-12.5 s of 18 s).  Here the whole run (prior-median initialization,
-warm-up with step-size and mass-matrix adaptation, sampling, and the caller's
-post-processing of the draws) is a single ``jax.jit`` of NumPyro's functional
-NUTS kernel (:func:`numpyro.infer.hmc.hmc`), vmapped over chains.
+12.5 s of 18 s).  Here a chain's whole run (prior-median initialization, keys,
+warm-up with step-size and mass-matrix adaptation, sampling) is one ``jax.jit``
+of NumPyro's functional NUTS kernel (:func:`numpyro.infer.hmc.hmc`), run for each
+chain in a thread of its own, and the caller's post-processing of all chains'
+draws is a second program, compiled beside the first.  Compilation is most of a
+small model's wall time, so both compile with :mod:`hierpool.compiler_options`.
 """
 
 from __future__ import annotations
