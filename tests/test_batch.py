@@ -192,3 +192,22 @@ def test_bad_input_names_the_culprit(replicates):
         hp.fit_batch(SLEEP, replicates, dtype="float16")
     with pytest.raises(hp.DataError, match="'Reactions'"):
         hp.fit_batch("Reactions ~ Days + (Days | Subject)", replicates)
+
+
+def test_moment_start_is_near_the_optimum_and_falls_back_to_the_identity(replicates, batch):
+    from hierpool.batch.optimize import moment_start
+    from hierpool.batch.plan import plan_batch
+
+    plan = plan_batch(SLEEP, replicates, "dataset", "test", "hp.lmm")
+    (_, members, stats), = plan.buckets()[0]
+    start = moment_start(stats)
+    # Sigma / sigma^2 implied by the start against the REML fit's, per dataset: same order of magnitude
+    fitted = batch.theta[members]
+    implied = lambda t: np.stack([t[:, 0] ** 2, t[:, 1] ** 2 + t[:, 2] ** 2], axis=1)  # diag of Lambda Lambda^T
+    ratio = implied(start) / np.maximum(implied(fitted), 1e-8)
+    assert np.median(np.abs(np.log(ratio))) < np.log(2)
+    # two levels for a 2-coefficient term: no covariance estimate, lme4's identity start
+    few = stats.take(np.arange(3))
+    few = type(few)(**{name: getattr(few, name) for name in ("xtx", "xty", "yty", "n")},
+                    ztz=few.ztz[:, :2], ztx=few.ztx[:, :2], zty=few.zty[:, :2])
+    np.testing.assert_array_equal(moment_start(few), np.tile([1.0, 0.0, 1.0], (3, 1)))

@@ -25,7 +25,7 @@ from ..closedform import lmm
 from ..compiler_options import compile_in_background
 from ..errors import ArgumentError, HierpoolWarning
 from .objective import solution
-from .optimize import MAX_ITERATIONS, canonical_theta, minimize, start_theta
+from .optimize import MAX_ITERATIONS, canonical_theta, minimize, moment_start
 from .results import BatchResult
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, take, thread_count
 
@@ -34,17 +34,17 @@ CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 
 
 @partial(jax.jit, static_argnames=("reml", "max_iterations"))
-def _optimize_chunk(stats, reml: bool, max_iterations: int):
-    """Minimize the criterion of every dataset of a chunk (vmapped; pure)."""
+def _optimize_chunk(stats, start, reml: bool, max_iterations: int):
+    """Minimize the criterion of every dataset of a chunk from its start (vmapped; pure)."""
     k = stats.ztz.shape[-1]
 
-    def one(s):
+    def one(s, theta0):
         theta, value, newton_step, iterations, converged = minimize(
-            s, start_theta(k, s.ztz.dtype), reml=reml, max_iterations=max_iterations)
+            s, theta0, reml=reml, max_iterations=max_iterations)
         return {"theta": canonical_theta(theta, k), "objective": value, "newton_step": newton_step,
                 "iterations": iterations, "converged": converged}
 
-    return jax.vmap(one)(stats)
+    return jax.vmap(one)(stats, start)
 
 
 @partial(jax.jit, static_argnames=("reml",))
@@ -67,10 +67,10 @@ def _programs(stats, reml: bool, max_iterations: int, sharding):
     if key not in _COMPILED:
         placed = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), stats)
         platform = jax.devices()[0].platform if sharding is None else sharding.mesh.devices.flat[0].platform
-        optimize = compile_in_background(
-            _optimize_chunk.lower(placed, reml=reml, max_iterations=max_iterations), platform)
         k = stats.ztz.shape[-1]
         theta = jax.ShapeDtypeStruct((stats.n.shape[0], k * (k + 1) // 2), stats.ztz.dtype, sharding=sharding)
+        optimize = compile_in_background(
+            _optimize_chunk.lower(placed, theta, reml=reml, max_iterations=max_iterations), platform)
         solve = compile_in_background(_solve_chunk.lower(theta, placed, reml=reml), platform)
         _COMPILED[key] = (optimize, solve)
     return _COMPILED[key]
@@ -171,13 +171,14 @@ def fit_batch(
     jobs = []
     for bucket, usable, stats in buckets:
         for chunk in chunks(bucket, usable, sizes[bucket], n_devices):
-            jobs.append((chunk.members, take(stats, chunk), chunk.count))
+            chunk_stats = take(stats, chunk)
+            jobs.append((chunk.members, chunk_stats, moment_start(chunk_stats).astype(float_type), chunk.count))
 
     def run(job):
-        _, chunk, count = job
-        chunk = place(chunk, sharding)
+        _, chunk, start, count = job
+        chunk, start = place((chunk, start), sharding)
         optimize, solve = _programs(chunk, reml, max_iterations, sharding)
-        optimized = optimize.result()(chunk)
+        optimized = optimize.result()(chunk, start)
         result = {**optimized, **solve.result()(optimized["theta"], chunk)}
         return jax.tree_util.tree_map(lambda a: a[:count], fetch(result))
 
