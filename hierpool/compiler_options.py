@@ -22,6 +22,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
+import numpy as np
 
 #: Options for CPU programs; other backends get XLA's defaults.
 CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
@@ -39,3 +40,15 @@ _COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hierpool-compi
 def compile_in_background(lowered, platform: str | None = None) -> Future:
     """Start compiling a ``jax.stages.Lowered`` with :func:`compiler_options`; the Future gives the executable."""
     return _COMPILER.submit(lowered.compile, compiler_options(platform))
+
+
+def shape_signature(tree) -> tuple:
+    """What a compiled program depends on in its arguments: their tree structure and each leaf's shape and dtype.
+
+    The key of hierpool's compiled-program caches (with the settings baked into the program).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple(
+        (tuple(x.shape) if hasattr(x, "shape") else np.shape(x),
+         np.dtype(x.dtype if hasattr(x, "dtype") else np.result_type(x)).name)
+        for x in leaves)

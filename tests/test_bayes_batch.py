@@ -15,6 +15,7 @@ import pytest
 
 import hierpool as hp
 from hierpool.batch import collapsed as one_term
+from hierpool.batch import statistics
 from hierpool.batch.plan import plan_batch
 from hierpool.bayesian import collapsed as general
 from hierpool.closedform.henderson import conditional_draw, noise_size
@@ -34,9 +35,8 @@ def replicates():
 
 
 def one_dataset_statistics(frame, formula):
-    plan = plan_batch(formula, frame.assign(dataset=0), "dataset", "test", "hp.lmm")
-    (bucket, usable, stats), = plan.buckets()[0]
-    return plan.design, stats.take(0)
+    design = hp.bayesian.fit.build_design(formula, frame)
+    return design, statistics.one_dataset_statistics(design)
 
 
 @pytest.mark.parametrize("formula", [SLEEP, "Reaction ~ Days + (1 | Subject)", "Reaction ~ 1 + (Days | Subject)"])
@@ -109,11 +109,11 @@ def test_posteriors_equal_hp_bayes_per_dataset(replicates):
 
 
 def test_each_dataset_gets_its_own_default_priors(replicates):
-    from hierpool.batch.bayes import _dataset_scales
-    from hierpool.bayesian.priors import resolve_priors
+    from hierpool.bayesian.priors import DataScales, resolve_priors
 
     plan = plan_batch(SLEEP, replicates, "dataset", "test", "hp.bayes")
-    for scales, (label, frame) in zip(_dataset_scales(plan), replicates.groupby("dataset", sort=False)):
+    per_dataset = DataScales.per_group(plan.design, plan.dataset, plan.n_datasets)
+    for scales, (label, frame) in zip(per_dataset, replicates.groupby("dataset", sort=False)):
         single = hp.bayesian.fit.build_design(SLEEP, frame)
         ours, theirs = resolve_priors(plan.design, None, scales), resolve_priors(single, None)
         for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):

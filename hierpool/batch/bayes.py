@@ -18,7 +18,6 @@ times that on the host; nothing else grows with the number of datasets unless
 from __future__ import annotations
 
 import math
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -28,20 +27,21 @@ import numpy as np
 from numpyro.infer.util import constrain_fn
 
 from ..bayesian.collapsed import theta_from_components
+from ..bayesian.model import variance_draws
 from ..bayesian.nuts import chain_function
 from ..bayesian.priors import DataScales, Priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
 from ..closedform.results import _coef_pairs
-from ..compiler_options import compiler_options
+from ..compiler_options import compiler_options, shape_signature
 from ..errors import ArgumentError, integer_argument
 from .bayes_results import BayesBatchResult, summarize_blocks
-from .collapsed import conditional_draw, one_term_collapsed_model
-from .plan import chunks, fetch, mesh_sharding, place, plan_batch, take, thread_count
+from .collapsed import draw_effects, one_term_collapsed_model
+from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 
 _PROGRAMS: dict = {}
 
 
-def _chain_and_draw(k: int, p: int, tune: int, draws: int, target_accept: float, max_tree_depth: int):
+def _chain_and_draw(k: int, tune: int, draws: int, target_accept: float, max_tree_depth: int):
     """One (dataset, chain): NUTS on the variance parameters, then exact (beta, b) draws; vmapped over both."""
     bound = partial(one_term_collapsed_model, k=k)
     one_chain = chain_function(bound, tune=tune, draws=draws, target_accept=target_accept,
@@ -51,14 +51,11 @@ def _chain_and_draw(k: int, p: int, tune: int, draws: int, target_accept: float,
         stats, loc, scale, _ = args
         z, sample_stats = one_chain(seed, chain, args)
         constrained = jax.vmap(lambda params: constrain_fn(bound, args, {}, params, return_deterministic=True))(z)
-        sd, sigma = constrained["sd__0"], constrained["sigma"]
-        cor = constrained["cor__0"] if k > 1 else None
-        theta = jax.vmap(lambda s, c, g: theta_from_components([s], [c], g))(sd, cor, sigma)
-        key_beta, key_u = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chain), 1))
-        noise_beta = jax.random.normal(key_beta, (draws, p))
-        noise_u = jax.random.normal(key_u, (draws,) + stats.zty.shape)
-        beta, b = jax.vmap(lambda t, g, eb, eu: conditional_draw(t, g, stats, loc, scale, eb, eu))(
-            theta, sigma, noise_beta, noise_u)
+        (sd,), (cor,), sigma = variance_draws(constrained, (k,), False)
+        thetas = jax.vmap(lambda s, c, g: theta_from_components([s], [c], g))(sd, cor, sigma)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chain), 1)  # not the chain's keys
+        # all of a chain's draws at once: the chunk already bounds memory
+        beta, b = draw_effects(thetas, sigma, stats, loc, scale, key, batch_size=draws)
         out = {"beta": beta, "b": b, "sd": sd, "sigma": sigma, "diverging": sample_stats["diverging"]}
         if k > 1:
             out["cor"] = cor @ jnp.swapaxes(cor, -1, -2)  # correlation matrices from their Cholesky factors
@@ -68,8 +65,7 @@ def _chain_and_draw(k: int, p: int, tune: int, draws: int, target_accept: float,
 
 
 def _compiled(settings: tuple, seed, chain_ids, args, sharding):
-    key = (settings, jax.tree_util.tree_structure(args),
-           tuple((np.shape(a), np.result_type(a).name) for a in jax.tree_util.tree_leaves(args)), sharding)
+    key = (settings, shape_signature(args), sharding)
     if key not in _PROGRAMS:
         platform = jax.devices()[0].platform
         if sharding is not None:
@@ -78,22 +74,6 @@ def _compiled(settings: tuple, seed, chain_ids, args, sharding):
         lowered = jax.jit(_chain_and_draw(*settings)).lower(seed, chain_ids, args)
         _PROGRAMS[key] = lowered.compile(compiler_options(platform))
     return _PROGRAMS[key]
-
-
-def _dataset_scales(plan) -> list[DataScales]:
-    """Each dataset's mean and sd (ddof 0; a zero sd counts as 1) of y and of every X and z column."""
-    design, term = plan.design, plan.term
-    columns = np.column_stack([design.y, design.X, term.z])
-    count = plan.n_obs[:, None]
-    sums = np.stack([np.bincount(plan.dataset, c, minlength=plan.n_datasets) for c in columns.T], axis=1)
-    mean = sums / np.maximum(count, 1)
-    centred = columns - mean[plan.dataset]
-    squares = np.stack([np.bincount(plan.dataset, c**2, minlength=plan.n_datasets) for c in centred.T], axis=1)
-    sd = np.sqrt(squares / np.maximum(count, 1))
-    sd = np.where(sd > 0, sd, 1.0)
-    p = design.p
-    return [DataScales(y_mean=float(mean[d, 0]), y_sd=float(sd[d, 0]), x_sd=sd[d, 1 : 1 + p], z_sd=(sd[d, 1 + p :],))
-            for d in range(plan.n_datasets)]
 
 
 def _stack(trees: list):
@@ -182,7 +162,8 @@ def bayes_batch(
     if isinstance(priors, Priors):
         resolved = [priors] * plan.n_datasets
     else:
-        resolved = [resolve_priors(design, priors, scales) for scales in _dataset_scales(plan)]
+        scales = DataScales.per_group(design, plan.dataset, plan.n_datasets)
+        resolved = [resolve_priors(design, priors, each) for each in scales]
     gaussian = [r.beta_gaussian() for r in resolved]
     if any(g is None for g in gaussian):
         raise ArgumentError("priors: bayes_batch runs the collapsed sampler, which integrates the fixed effects "
@@ -196,13 +177,13 @@ def bayes_batch(
     for bucket, usable, stats in buckets:
         for chunk in chunks(bucket, usable, min(chunk_size, math.ceil(len(usable) / workers)), n_devices):
             members = usable[chunk.index]  # padded with copies of the first
-            args = (take(stats, chunk), np.stack([gaussian[d][0] for d in members]),
+            args = (stats.take(chunk.index), np.stack([gaussian[d][0] for d in members]),
                     np.stack([gaussian[d][1] for d in members]), _stack([resolved[d] for d in members]))
             repeated = jax.tree_util.tree_map(lambda a: np.repeat(np.asarray(a), chains, axis=0), args)
             chain_ids = (members[:, None] * chains + np.arange(chains)).ravel().astype(np.uint32)
             jobs.append((chunk, repeated, chain_ids))
 
-    settings = (k, p, tune, draws, float(target_accept), max_tree_depth)
+    settings = (k, tune, draws, float(target_accept), max_tree_depth)
     key_seed = np.uint32(seed % 2**32)
     for _, args, chain_ids in jobs:
         # compile each chunk shape once, before the threads start (they would each compile it)
@@ -217,20 +198,13 @@ def bayes_batch(
                for name, value in out.items()}
         return chunk, out, summarize_blocks(out, k, level)
 
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    bar = None
-    if show:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=plan.n_datasets, desc="bayes_batch", unit="datasets")
-
     n_pairs = len(_coef_pairs(k))
     fixef = np.full((plan.n_datasets, p, len(SUMMARY_COLUMNS)), np.nan)
     varcorr = np.full((plan.n_datasets, k + n_pairs + 1, len(SUMMARY_COLUMNS)), np.nan)
     ranef = [np.full((k, ell, len(SUMMARY_COLUMNS)), np.nan) for ell in plan.n_levels]
     divergences = np.zeros(plan.n_datasets, dtype=int)
     kept = {} if keep_draws else None
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, plan.n_datasets, "bayes_batch") as bar:
         for chunk, out, summary in pool.map(run, jobs):
             members = chunk.members
             fixef[members], varcorr[members] = summary["fixef"], summary["varcorr"]
@@ -241,10 +215,7 @@ def bayes_batch(
                 if kept is not None:
                     kept[plan.labels[index]] = {name: (value[row][..., :ell, :] if name == "b" else value[row])
                                                 for name, value in out.items() if name != "diverging"}
-            if bar is not None:
-                bar.update(len(members))
-    if bar is not None:
-        bar.close()
+            bar.update(len(members))
 
     return BayesBatchResult(
         datasets=plan.labels,

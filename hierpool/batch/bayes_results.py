@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..bayesian.convergence import diagnose
-from ..bayesian.results import SUMMARY_COLUMNS
+from ..bayesian.results import SUMMARY_COLUMNS, summarize_draws
 from ..closedform.results import _coef_pairs
 
 #: Diagnostics thresholds, as hp.bayes's warnings use them.
@@ -17,14 +16,11 @@ ESS_MIN = 400
 
 
 def summarize(block: np.ndarray, level: float) -> np.ndarray:
-    """(datasets, chain, draw, m) draws -> (datasets, m, len(SUMMARY_COLUMNS)) in ``SUMMARY_COLUMNS`` order."""
+    """(datasets, chain, draw, m) draws -> (datasets, m, len(SUMMARY_COLUMNS)): hp.bayes's summaries, all at once."""
     n_sets, chains, draws, m = block.shape
-    per_quantity = np.moveaxis(block, 3, 1).reshape(n_sets * m, chains, draws)
-    flat = per_quantity.reshape(n_sets * m, chains * draws)
-    tail = (1 - level) / 2
-    lower, upper = np.quantile(flat, [tail, 1 - tail], axis=1)
-    values = {"mean": flat.mean(axis=1), "sd": flat.std(axis=1, ddof=1), "lower": lower, "upper": upper,
-              **diagnose(per_quantity)}
+    # every dataset's quantities side by side as columns of one (chain, draw, datasets x m) array
+    columns = np.moveaxis(block, 0, 2).reshape(chains, draws, n_sets * m)
+    values = summarize_draws(columns, level)
     return np.stack([values[name] for name in SUMMARY_COLUMNS], axis=-1).reshape(n_sets, m, len(SUMMARY_COLUMNS))
 
 

@@ -29,9 +29,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 
-from ..bayesian.collapsed import theta_from_components
+from ..bayesian.collapsed import map_in_batches, theta_from_components
 from ..bayesian.model import variance_parameters
 from .objective import factor_blocks
 from .statistics import BatchStatistics
@@ -71,6 +72,28 @@ def conditional_draw(theta, sigma, stats: BatchStatistics, loc, scale, noise_bet
     beta = chol_x_inv.T @ (r + sigma * noise_beta)
     u = jnp.einsum("lji,lj->li", chol_inv, cz - jnp.einsum("lip,p->li", cx, beta) + sigma * noise_u)
     return beta, u @ lam.T
+
+
+def draw_effects(thetas, sigmas, stats: BatchStatistics, loc, scale, key, batch_size: int):
+    """One exact (beta, b) draw per (theta, sigma) row: beta (count, p) and b (count, ell, k).
+
+    The one-term counterpart of :func:`hierpool.bayesian.collapsed.draw_effects`.
+    """
+    count, p = thetas.shape[0], loc.shape[0]
+    noise = jax.random.normal(key, (count, p + stats.zty.size), dtype=thetas.dtype)
+
+    def one(theta, sigma, e):
+        return conditional_draw(theta, sigma, stats, loc, scale, e[:p], e[p:].reshape(stats.zty.shape))
+
+    return map_in_batches(one, (thetas, sigmas, noise), batch_size)
+
+
+def draw_batch_size(stats: BatchStatistics, budget_bytes: float = 2e8) -> int:
+    """How many conditional draws to vectorize at once: each holds the per-level factors (ell, k, k + p + 2)."""
+    ell, k = stats.zty.shape
+    p = stats.xty.shape[-1]
+    per_draw = 8.0 * (ell * k * (k + p + 2) + p * p)
+    return int(np.clip(budget_bytes // per_draw, 1, 1024))
 
 
 def one_term_collapsed_model(stats: BatchStatistics, loc, scale, priors, *, k: int):

@@ -12,7 +12,6 @@ alone by ``hp.lmm`` (``polish=True``); each is explained in ``messages``.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -22,12 +21,12 @@ import numpy as np
 import pandas as pd
 
 from ..closedform import lmm
-from ..compiler_options import compile_in_background
+from ..compiler_options import compile_in_background, shape_signature
 from ..errors import ArgumentError, HierpoolWarning
 from .objective import solution
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize, moment_start
 from .results import BatchResult
-from .plan import chunks, fetch, mesh_sharding, place, plan_batch, take, thread_count
+from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 
 SINGULAR_TOL = 1e-4  # lme4's isSingular tolerance on theta's diagonal
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
@@ -62,8 +61,7 @@ def _programs(stats, reml: bool, max_iterations: int, sharding):
     Two programs, not one: the solve program is traced while the optimizer
     compiles, and compiles while the first chunks are optimized.
     """
-    key = (tuple((a.shape, np.dtype(a.dtype).name) for a in jax.tree_util.tree_leaves(stats)), reml, max_iterations,
-           sharding)
+    key = (shape_signature(stats), reml, max_iterations, sharding)
     if key not in _COMPILED:
         placed = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), stats)
         platform = jax.devices()[0].platform if sharding is None else sharding.mesh.devices.flat[0].platform
@@ -171,7 +169,7 @@ def fit_batch(
     jobs = []
     for bucket, usable, stats in buckets:
         for chunk in chunks(bucket, usable, sizes[bucket], n_devices):
-            chunk_stats = take(stats, chunk)
+            chunk_stats = stats.take(chunk.index)
             jobs.append((chunk.members, chunk_stats, moment_start(chunk_stats).astype(float_type), chunk.count))
 
     def run(job):
@@ -182,18 +180,11 @@ def fit_batch(
         result = {**optimized, **solve.result()(optimized["theta"], chunk)}
         return jax.tree_util.tree_map(lambda a: a[:count], fetch(result))
 
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    bar = None
-    if show:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_datasets, desc="fit_batch", unit="datasets")
     to_polish = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, n_datasets, "fit_batch") as bar:
         for job, result in zip(jobs, pool.map(run, jobs)):
             members = job[0]
-            if bar is not None:
-                bar.update(len(members))
+            bar.update(len(members))
             for name, values in per_dataset.items():
                 values[members] = result[name]
             for row, index in enumerate(members):
@@ -203,8 +194,6 @@ def fit_batch(
                     messages[index] = (f"batched optimizer stopped with Newton step "
                                        f"{float(result['newton_step'][row]):.1e}")
                     to_polish.append(index)
-    if bar is not None:
-        bar.close()
 
     if polish:
         for index in to_polish:

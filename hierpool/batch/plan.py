@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import jax
@@ -109,6 +110,14 @@ def fetch(tree):
         return np.asarray(x)
 
     return jax.tree_util.tree_map(one, tree)
+
+
+def progress_bar(progress: bool | None, total: int, name: str):
+    """A tqdm bar over datasets; ``progress=None``: shown when stderr is a terminal (disabled bars do nothing)."""
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    return tqdm(total=total, desc=name, unit="datasets", disable=not show, file=sys.stderr)
 
 
 def thread_count(sharding) -> int:
@@ -197,10 +206,6 @@ def chunks(bucket: int, usable: np.ndarray, size: int, n_devices: int) -> list[C
         padded = np.concatenate([chosen, np.full(size - len(chosen), chosen[0])])
         out.append(Chunk(members=usable[chosen], index=padded, bucket=bucket))
     return out
-
-
-def take(stats: BatchStatistics, chunk: Chunk) -> BatchStatistics:
-    return stats.take(chunk.index)
 
 
 def plan_batch(formula: str, data, by: str, caller: str, single: str) -> BatchPlan:

@@ -15,11 +15,10 @@ from ..closedform.results import LMMResult
 from ..closedform.system import build_system
 from ..design import Design, build_design
 from ..errors import ArgumentError, HierpoolWarning, integer_argument
-from ..batch.collapsed import conditional_draw as one_term_draw
-from ..batch.collapsed import one_term_collapsed_model
+from ..batch import collapsed as one_term
 from ..batch.statistics import one_dataset_statistics
-from .collapsed import draw_batch_size, draw_effects, map_in_batches, theta_from_components
-from .model import HeldVariance, collapsed_model, full_model, model_data
+from .collapsed import draw_batch_size, draw_effects, theta_from_components
+from .model import HeldVariance, collapsed_model, full_model, model_data, variance_draws
 from .nuts import sample_nuts
 from .posterior import build_inference_data, pointwise_log_likelihood
 from .priors import Priors, resolve_priors
@@ -54,13 +53,6 @@ def _choose_method(method: str, priors: Priors) -> str:
     return ("collapsed" if gaussian else "full") if method == "auto" else method
 
 
-def _variance_parts(draws: dict, ks: tuple[int, ...], sigma_known: bool):
-    sds = [draws[f"sd__{j}"] for j in range(len(ks))]
-    cors = [draws[f"cor__{j}"] if k > 1 else None for j, k in enumerate(ks)]
-    sigma = jnp.ones(sds[0].shape[0]) if sigma_known else draws["sigma"]
-    return sds, cors, sigma
-
-
 @dataclass(frozen=True)
 class _CollapsedDraws:
     """Inside the compiled post-processing: exact (beta, b) draws for each variance draw.
@@ -73,7 +65,7 @@ class _CollapsedDraws:
     batch_size: int
 
     def __call__(self, draws, key, system, loc, scale, priors):
-        sds, cors, sigma = _variance_parts(draws, self.ks, self.sigma_known)
+        sds, cors, sigma = variance_draws(draws, self.ks, self.sigma_known)
         thetas = jax.vmap(theta_from_components)(sds, cors, sigma)
         beta, b = draw_effects(thetas, sigma, system, loc, scale, key, self.batch_size)
         return {"variance": draws, "beta": beta, "b": b}
@@ -87,15 +79,9 @@ class _OneTermDraws:
     batch_size: int
 
     def __call__(self, draws, key, stats, loc, scale, priors):
-        sds, cors, sigma = _variance_parts(draws, (self.k,), False)
+        sds, cors, sigma = variance_draws(draws, (self.k,), False)
         thetas = jax.vmap(theta_from_components)(sds, cors, sigma)
-        count, p = thetas.shape[0], loc.shape[0]
-        noise = jax.random.normal(key, (count, p + stats.zty.size), dtype=thetas.dtype)
-
-        def one(theta, s, e):
-            return one_term_draw(theta, s, stats, loc, scale, e[:p], e[p:].reshape(stats.zty.shape))
-
-        beta, b = map_in_batches(one, (thetas, sigma, noise), self.batch_size)
+        beta, b = one_term.draw_effects(thetas, sigma, stats, loc, scale, key, self.batch_size)
         return {"variance": draws, "beta": beta, "b": (b,)}
 
 
@@ -105,10 +91,9 @@ def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept
     if len(ks) == 1 and not design.sigma_known:
         # one term: the same target and draws written on the sufficient statistics, which
         # compile to a third less code than the general blocked factorization
-        term = design.terms[0]
-        model, args, static = one_term_collapsed_model, (one_dataset_statistics(design), loc, scale, resolved), (("k", ks[0]),)
-        size = term.n_levels * term.k * (term.k + design.p + 2) + design.p ** 2
-        postprocess = _OneTermDraws(ks[0], int(np.clip(2e8 // (8.0 * size), 1, 1024)))
+        stats = one_dataset_statistics(design)
+        model, args, static = one_term.one_term_collapsed_model, (stats, loc, scale, resolved), (("k", ks[0]),)
+        postprocess = _OneTermDraws(ks[0], one_term.draw_batch_size(stats))
     else:
         system = build_system(design)
         model, args, static = collapsed_model, (system, loc, scale, resolved), ()
@@ -126,7 +111,7 @@ def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept
         postprocess=postprocess,
         progress=progress,
     )
-    sds, cors, _ = _variance_parts(out["variance"], ks, True)
+    sds, cors, _ = variance_draws(out["variance"], ks, True)
     sigma = None if design.sigma_known else out["variance"]["sigma"]
     return out["beta"], list(out["b"]), sds, cors, sigma, stats
 
@@ -171,7 +156,7 @@ def _sample_full(design, resolved, held, chains, draws, tune, seed, target_accep
     b = [out[f"b__{j}"] for j in range(len(ks))]
     if held is not None:
         return beta, b, None, None, None, stats
-    sds, cors, _ = _variance_parts(out, ks, True)
+    sds, cors, _ = variance_draws(out, ks, True)
     return beta, b, sds, cors, (None if design.sigma_known else out["sigma"]), stats
 
 

@@ -78,6 +78,17 @@ def variance_parameters(priors: Priors, ks: tuple[int, ...]):
     return sigma, sds, cors
 
 
+def variance_draws(draws: dict, ks: tuple[int, ...], sigma_known: bool):
+    """(sds, correlation factors, sigma) per term from the constrained draws of :func:`variance_parameters`' sites.
+
+    sigma is ones with known residual sds; a term with one coefficient has no correlation factor (None).
+    """
+    sds = [draws[f"sd__{j}"] for j in range(len(ks))]
+    cors = [draws[f"cor__{j}"] if k > 1 else None for j, k in enumerate(ks)]
+    sigma = jnp.ones(sds[0].shape[0]) if sigma_known else draws["sigma"]
+    return sds, cors, sigma
+
+
 def _two_by_two_factor(rho: jax.Array) -> jax.Array:
     """Cholesky factor [[1, 0], [rho, sqrt(1 - rho^2)]] of the correlation matrix."""
     return jnp.stack([jnp.stack([jnp.ones_like(rho), jnp.zeros_like(rho)]), jnp.stack([rho, jnp.sqrt(1 - rho**2)])])

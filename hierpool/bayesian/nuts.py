@@ -29,7 +29,7 @@ from numpyro.infer.hmc import hmc
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
-from ..compiler_options import compile_in_background
+from ..compiler_options import compile_in_background, shape_signature
 
 #: Per-iteration statistics kept for ArviZ's sample_stats group (NumPyro field -> ArviZ name).
 SAMPLE_STATS = {
@@ -108,11 +108,6 @@ class _Progress:
 #: Compiled (chain, finish) programs by model, settings and argument shapes; most recent last.
 _PROGRAMS: OrderedDict = OrderedDict()
 _PROGRAMS_KEPT = 8
-
-
-def _signature(tree) -> tuple:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
 
 
 class _Programs:
@@ -254,7 +249,7 @@ def sample_nuts(
     shape (another data set, other prior values) in the same process does not compile.
     """
     cache_key = (model, static, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, progress,
-                 _signature(model_args))
+                 shape_signature(model_args))
     if cache_key in _PROGRAMS:
         _PROGRAMS.move_to_end(cache_key)
         programs, bar = _PROGRAMS[cache_key]

@@ -82,11 +82,6 @@ class Priors:
         return np.asarray(loc), np.asarray(scale)
 
 
-def _column_scale(values: np.ndarray) -> float:
-    scale = float(np.std(values))
-    return scale if scale > 0 else 1.0
-
-
 @dataclass(frozen=True)
 class DataScales:
     """The data summaries the default priors are scaled by (sds with ddof 0; a zero sd counts as 1).
@@ -105,12 +100,24 @@ class DataScales:
 
     @classmethod
     def of(cls, design: Design) -> DataScales:
-        return cls(
-            y_mean=float(np.mean(design.y)),
-            y_sd=_column_scale(design.y),
-            x_sd=np.array([_column_scale(design.X[:, j]) for j in range(design.p)]),
-            z_sd=tuple(np.array([_column_scale(t.z[:, i]) for i in range(t.k)]) for t in design.terms),
-        )
+        """The scales of the whole design."""
+        return cls.per_group(design, np.zeros(design.n, dtype=np.int64), 1)[0]
+
+    @classmethod
+    def per_group(cls, design: Design, group: np.ndarray, n_groups: int) -> list[DataScales]:
+        """The scales of each group of rows (``hp.bayes_batch``: each dataset of a long design)."""
+        columns = np.column_stack([design.y, design.X, *(t.z for t in design.terms)])
+        count = np.maximum(np.bincount(group, minlength=n_groups), 1)[:, None]
+
+        def sums(values):
+            return np.stack([np.bincount(group, weights=c, minlength=n_groups) for c in values.T], axis=1)
+
+        mean = sums(columns) / count
+        sd = np.sqrt(sums((columns - mean[group]) ** 2) / count)
+        sd = np.where(sd > 0, sd, 1.0)
+        bounds = np.cumsum([1, design.p] + [t.k for t in design.terms])
+        return [cls(y_mean=float(mean[g, 0]), y_sd=float(sd[g, 0]), x_sd=sd[g, bounds[0]:bounds[1]],
+                    z_sd=tuple(sd[g, a:b] for a, b in zip(bounds[1:-1], bounds[2:]))) for g in range(n_groups)]
 
 
 def group_keys(group: str) -> tuple[str, ...]:
