@@ -21,6 +21,7 @@ def arviz_values(x):
     return {
         "ess_bulk": az.ess(data, method="bulk")["x"].values[0],
         "ess_mean": az.ess(data, method="mean")["x"].values[0],
+        "ess_tail": az.ess(data, method="tail")["x"].values[0],
         "mcse_mean": az.mcse(data, method="mean")["x"].values[0],
         "r_hat": az.rhat(data)["x"].values[0],
     }
@@ -33,7 +34,8 @@ def test_equal_to_arviz(chains, draws):
     columns = [autoregressive_chains(phi, chains, draws, rng) for phi in (-0.6, -0.3, 0.0, 0.3, 0.7, 0.95, 0.99)]
     columns += [np.ones((chains, draws)), np.tile(np.round(rng.normal(size=draws), 1), (chains, 1))]  # constant; ties
     stacked = np.stack(columns)
-    ours = {**convergence.diagnose(stacked), "ess_mean": convergence.ess_mean(stacked)}
+    ours = {**convergence.diagnose(stacked), "ess_mean": convergence.ess_mean(stacked),
+            "ess_tail": convergence.ess_tail(stacked)}
     assert np.allclose(ours["r_hat"], convergence.rhat(stacked), equal_nan=True)
     for i, column in enumerate(columns):
         reference = arviz_values(column)

@@ -1,7 +1,7 @@
-"""Rank-normalized R-hat, bulk ESS and the MCSE of the mean, vectorized over many quantities at once.
+"""Rank-normalized R-hat, bulk and tail ESS and the MCSE of the mean, vectorized over many quantities at once.
 
 The estimators are ArviZ's (``az.rhat``, ``az.ess(method="bulk")``,
-``az.mcse(method="mean")``; Vehtari, Gelman, Simpson, Carpenter & Bürkner 2021,
+``az.ess(method="tail")``, ``az.mcse(method="mean")``; Vehtari, Gelman, Simpson, Carpenter & Bürkner 2021,
 "Rank-normalization, folding, and localization: an improved R-hat for assessing
 convergence of MCMC", Bayesian Analysis 16(2)), and the tests check they agree
 with ArviZ to rounding.  ArviZ evaluates them one quantity at a time (about
@@ -104,6 +104,15 @@ def ess_bulk(x: np.ndarray) -> np.ndarray:
 def ess_mean(x: np.ndarray) -> np.ndarray:
     """ESS for the mean: the ESS of the split chains."""
     return ess(split_chains(x))
+
+
+def ess_tail(x: np.ndarray, probabilities: tuple[float, float] = (0.05, 0.95)) -> np.ndarray:
+    """Tail ESS: the smaller ESS of the indicators x <= q of the 5% and 95% quantiles q (R's type-7 quantiles)."""
+    flat = x.reshape(x.shape[0], -1)
+    values = [
+        ess(split_chains((x <= np.quantile(flat, p, axis=1)[:, None, None]).astype(float))) for p in probabilities
+    ]
+    return np.minimum(*values)
 
 
 def _rhat(x: np.ndarray) -> np.ndarray:

@@ -8,7 +8,8 @@ warm-up with step-size and mass-matrix adaptation, sampling) is one ``jax.jit``
 of NumPyro's functional NUTS kernel (:func:`numpyro.infer.hmc.hmc`), run for each
 chain in a thread of its own, and the caller's post-processing of all chains'
 draws is a second program, compiled beside the first.  Compilation is most of a
-small model's wall time, so both compile with :mod:`hierpool.compiler_options`.
+small model's wall time, so both compile with :mod:`hierpool.compiler_options`'s
+quick options.
 """
 
 from __future__ import annotations
@@ -188,12 +189,11 @@ def _build_programs(
     chain_lowered = jax.jit(one_chain).lower(seed, np.int32(0), model_args)
     # XLA compiles outside the GIL: the finish program is traced while the chain program
     # compiles, and compiles while the chains run
-    chain_future = compile_in_background(chain_lowered)
+    chain_future = compile_in_background(chain_lowered, quick=True)
     z_stacked = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct((chains,) + s.shape, s.dtype), chain_lowered.out_info[0]
     )
-    finish_lowered = jax.jit(finish).lower(z_stacked, seed, model_args)
-    finish_future = compile_in_background(finish_lowered)
+    finish_future = compile_in_background(jax.jit(finish).lower(z_stacked, seed, model_args), quick=True)
     return _Programs(chain_future.result(), finish_future)
 
 

@@ -14,7 +14,7 @@ from ..closedform.results import _coef_pairs
 from ..design import Design
 from ..errors import ArgumentError, HierpoolWarning
 from ..predict import model_rows
-from .convergence import diagnose
+from .convergence import diagnose, ess_bulk, ess_tail, rhat
 from .posterior import term_slots
 from .priors import Priors
 
@@ -215,20 +215,21 @@ class BayesResult:
         chain, or any transition diverged (Vehtari et al. 2021; Betancourt 2017).
         """
         posterior = self.idata.posterior
+        names = list(posterior.data_vars)
+        blocks = [np.asarray(posterior[name].values, dtype=float) for name in names]
+        columns = np.concatenate([b.reshape(b.shape[0], b.shape[1], -1) for b in blocks], axis=-1)
+        owner = np.repeat(np.arange(len(names)), [int(np.prod(b.shape[2:])) for b in blocks])
+        stacked = np.moveaxis(columns, -1, 0)
         with warnings.catch_warnings():  # constant entries (a correlation matrix's diagonal) give NaN, skipped below
             warnings.simplefilter("ignore", RuntimeWarning)
-            rhat, bulk, tail = az.rhat(posterior), az.ess(posterior, method="bulk"), az.ess(posterior, method="tail")
-        rows = []
-        for name in posterior.data_vars:
-            rows.append(
-                {
-                    "variable": name,
-                    "max_r_hat": float(np.nanmax(rhat[name].values)),
-                    "min_ess_bulk": float(np.nanmin(bulk[name].values)),
-                    "min_ess_tail": float(np.nanmin(tail[name].values)),
-                }
+            per_column = {"max_r_hat": rhat(stacked), "min_ess_bulk": ess_bulk(stacked), "min_ess_tail": ess_tail(stacked)}
+        reduce = {"max_r_hat": np.nanmax, "min_ess_bulk": np.nanmin, "min_ess_tail": np.nanmin}
+        with warnings.catch_warnings():  # a variable with no finite value (one chain: no R-hat) stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            table = pd.DataFrame(
+                {key: [float(reduce[key](values[owner == i])) for i in range(len(names))] for key, values in per_column.items()},
+                index=pd.Index(names, name="variable"),
             )
-        table = pd.DataFrame(rows).set_index("variable")
         divergences = int(self.idata.sample_stats["diverging"].values.sum()) if "sample_stats" in self.idata else 0
         table.attrs["divergences"] = divergences
         if warn:
