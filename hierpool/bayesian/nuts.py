@@ -1,15 +1,16 @@
-"""Run NUTS chains of a NumPyro model as two compiled programs.
+"""Run NUTS chains of a NumPyro model as three compiled programs.
 
 NumPyro's ``MCMC`` driver runs initialization, step-size search and bookkeeping
 as many small eager JAX calls; on a small model each compiles separately and
 together they cost more than the sampling (seen on sleepstudy: 318 compilations,
-12.5 s of 18 s).  Here a chain's whole run (prior-median initialization, keys,
-warm-up with step-size and mass-matrix adaptation, sampling) is one ``jax.jit``
-of NumPyro's functional NUTS kernel (:func:`numpyro.infer.hmc.hmc`), run for each
-chain in a thread of its own, and the caller's post-processing of all chains'
-draws is a second program, compiled beside the first.  Compilation is most of a
-small model's wall time, so both compile with :mod:`hierpool.compiler_options`'s
-quick options.
+12.5 s of 18 s).  Here a chain's start (prior-median initialization, with its
+potential energy and gradient) is one small ``jax.jit`` program, its whole run
+(warm-up with step-size and mass-matrix adaptation, sampling) another, built on
+NumPyro's functional NUTS kernel (:func:`numpyro.infer.hmc.hmc`) and run for
+each chain in a thread of its own, and the caller's post-processing of all
+chains' draws a third.  Compilation is most of a small model's wall time, so
+the programs are compiled side by side, each while the next is traced, with
+:mod:`hierpool.compiler_options`'s quick options.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.infer.hmc import hmc
 from numpyro.infer.initialization import init_to_uniform
-from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
+from numpyro.infer.util import ParamInfo, constrain_fn, potential_energy, unconstrain_fn
 
 from ..compiler_options import compile_in_background, shape_signature
 
@@ -78,6 +79,11 @@ def _start(model, model_args, key, jitter: float = 1.0):
     return jax.tree_util.tree_unflatten(tree, noisy)
 
 
+#: Compiled (start, chain, finish) programs by model, settings and argument shapes; most recent last.
+_PROGRAMS: OrderedDict = OrderedDict()
+_PROGRAMS_KEPT = 8
+
+
 class _Progress:
     """A tqdm bar over all chains' iterations, fed from inside the compiled loops every ~1%.
 
@@ -106,15 +112,11 @@ class _Progress:
                 self.bar = None
 
 
-#: Compiled (chain, finish) programs by model, settings and argument shapes; most recent last.
-_PROGRAMS: OrderedDict = OrderedDict()
-_PROGRAMS_KEPT = 8
-
-
 class _Programs:
-    """The compiled chain program, and the post-processing program (compiling in the background)."""
+    """The compiled start and chain programs, and the post-processing program (compiling in the background)."""
 
-    def __init__(self, chain, finish_future):
+    def __init__(self, start, chain, finish_future):
+        self.start = start
         self.chain = chain
         self._finish_future = finish_future
         self._finish = None
@@ -127,25 +129,71 @@ class _Programs:
         return self._finish
 
 
+def _chain_keys(seed, chain):
+    """(start key, run key) of one chain, derived inside the program: no eager PRNG calls (each a small compilation)."""
+    return jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), chain))
+
+
+@lru_cache(maxsize=_PROGRAMS_KEPT)
+def potential_function(bound):
+    """``potential(z, args)``: the model's potential energy, whose gradient is one shared jitted value-and-gradient.
+
+    NumPyro's kernels differentiate the potential where they use it; written as a
+    ``custom_vjp`` around one jitted ``value_and_grad``, the potential is traced and
+    differentiated once per process for the start program and the chain program
+    together (0.3 s of tracing saved on sleepstudy), not once per use.  Cached by
+    ``bound`` (the model with its static arguments, compared by identity).
+    """
+    value_and_grad = jax.jit(jax.value_and_grad(lambda z, args: potential_energy(bound, args, {}, z)))
+
+    @jax.custom_vjp
+    def potential(z, args):
+        return value_and_grad(z, args)[0]
+
+    def forward(z, args):
+        return value_and_grad(z, args)
+
+    def backward(grad, cotangent):
+        return jax.tree_util.tree_map(lambda g: cotangent * g, grad), None  # the data and priors are not differentiated
+
+    potential.defvjp(forward, backward)
+    return potential
+
+
+def start_function(bound):
+    """``start(seed, chain, args) -> ParamInfo``: a chain's starting point with its potential energy and gradient.
+
+    The start of :func:`chain_function`'s chains, as a program of its own: compiled while
+    the chain program is traced, it takes the potential's first copy out of the chain program.
+    """
+    potential = potential_function(bound)
+
+    def start(seed, chain, args):
+        z = _start(bound, args, _chain_keys(seed, chain)[0])
+        energy, grad = jax.value_and_grad(potential)(z, args)
+        return ParamInfo(z, energy, grad)
+
+    return start
+
+
 def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_mass, progress=None):
-    """``one_chain(seed, chain, args) -> (z, stats)``: one NUTS chain of ``bound(*args)``, pure and jittable.
+    """``one_chain(seed, chain, args, start=None) -> (z, stats)``: one NUTS chain of ``bound(*args)``, pure and jittable.
 
     Warm-up (step size and mass matrix adaptation) then ``draws`` kept
     iterations; ``z`` are unconstrained draws, ``stats`` the :data:`SAMPLE_STATS`
     fields, each with a leading ``draws`` axis.  The chain's keys are
     ``fold_in(PRNGKey(seed), chain)``: vmapping over ``chain`` (and ``args``)
     runs many chains, of one model or of many datasets, in one program.
+    ``start``: the chain's :func:`start_function` output; computed in the program when None.
     """
     total = tune + draws
-    # one jitted potential: NumPyro's NUTS traces the potential at several places, and a
-    # jitted function with the same argument shapes is traced (and differentiated) once
-    potential_jit = jax.jit(lambda z, args: potential_energy(bound, args, {}, z))
+    potential = potential_function(bound)
 
-    def one_chain(seed, chain, args):
-        # keys derived inside the program: no eager PRNG calls (each a small compilation)
-        key_init, key_run = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), chain))
-        start = _start(bound, args, key_init)
-        kernel_init, kernel_sample = hmc(potential_fn=lambda z: potential_jit(z, args), algo="NUTS")
+    def one_chain(seed, chain, args, start=None):
+        key_init, key_run = _chain_keys(seed, chain)
+        if start is None:
+            start = _start(bound, args, key_init)
+        kernel_init, kernel_sample = hmc(potential_fn=lambda z: potential(z, args), algo="NUTS")
         state = kernel_init(
             start, num_warmup=tune, target_accept_prob=target_accept, max_tree_depth=max_tree_depth, rng_key=key_run,
             dense_mass=dense_mass,
@@ -185,16 +233,18 @@ def _build_programs(
         out = constrained if postprocess is None else postprocess(constrained, key, *args)
         return jax.tree_util.tree_map(lambda x: x.reshape((chains, draws) + x.shape[1:]), out)
 
-    seed = np.uint32(0)
-    chain_lowered = jax.jit(one_chain).lower(seed, np.int32(0), model_args)
-    # XLA compiles outside the GIL: the finish program is traced while the chain program
-    # compiles, and compiles while the chains run
+    seed, chain = np.uint32(0), np.int32(0)
+    # XLA compiles outside the GIL: the start program compiles while the chain program is traced,
+    # the finish program is traced while the chain program compiles, and compiles while the chains run
+    start_lowered = jax.jit(start_function(bound)).lower(seed, chain, model_args)
+    start_future = compile_in_background(start_lowered, quick=True)
+    chain_lowered = jax.jit(one_chain).lower(seed, chain, model_args, start_lowered.out_info)
     chain_future = compile_in_background(chain_lowered, quick=True)
     z_stacked = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct((chains,) + s.shape, s.dtype), chain_lowered.out_info[0]
     )
     finish_future = compile_in_background(jax.jit(finish).lower(z_stacked, seed, model_args), quick=True)
-    return _Programs(chain_future.result(), finish_future)
+    return _Programs(start_future.result(), chain_future.result(), finish_future)
 
 
 def sample_nuts(
@@ -268,7 +318,11 @@ def sample_nuts(
     workers = max(1, min(chains, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         # independent chains run side by side (one core each)
-        per_chain = list(pool.map(lambda c: jax.device_get(programs.chain(seed, np.int32(c), model_args)), range(chains)))
+        def run(c):
+            chain = np.int32(c)
+            return jax.device_get(programs.chain(seed, chain, model_args, programs.start(seed, chain, model_args)))
+
+        per_chain = list(pool.map(run, range(chains)))
     z = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[zc for zc, _ in per_chain])
     stats = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[st for _, st in per_chain])
     out = jax.device_get(programs.finish(z, seed, model_args))
