@@ -67,29 +67,67 @@ def factors_to_theta(factors) -> jax.Array:
 UNROLL_MAX_SIZE = 6
 
 
-def _cholesky_unrolled(a: jax.Array) -> jax.Array:
+# Small matrices as k x k nested lists of equally shaped arrays ("entries"): entries[i][j][...]
+# is element (i, j) of a whole stack of matrices, so the unrolled algebra below is elementwise
+# arithmetic over the stack that XLA fuses into a few loops, with no small dot or stack ops.
+
+
+def entries_of(a: jax.Array) -> list[list[jax.Array]]:
+    """(..., k, k) -> k x k entries of shape (...)."""
     size = a.shape[-1]
-    rows: list[list] = [[None] * size for _ in range(size)]
+    return [[a[..., i, j] for j in range(size)] for i in range(size)]
+
+
+def stack_entries(entries, zero) -> jax.Array:
+    """Inverse of :func:`entries_of`; ``None`` entries (above a triangle's diagonal) become ``zero``."""
+    return jnp.stack(
+        [jnp.stack([zero if x is None else x for x in row], axis=-1) for row in entries], axis=-2
+    )
+
+
+def _broadcast_to_rank(x: jax.Array, like: jax.Array) -> jax.Array:
+    """x (...) with trailing axes added to broadcast against like (..., extra)."""
+    return x.reshape(x.shape + (1,) * (jnp.ndim(like) - jnp.ndim(x)))
+
+
+def cholesky_entries(a) -> list[list]:
+    """Lower Cholesky factor of the matrices in ``a`` (entries; only the lower triangle is read)."""
+    size = len(a)
+    chol: list[list] = [[None] * size for _ in range(size)]
     for j in range(size):
-        diagonal = a[..., j, j] - sum((rows[j][m] ** 2 for m in range(j)), jnp.zeros_like(a[..., j, j]))
-        rows[j][j] = jnp.sqrt(diagonal)
+        chol[j][j] = jnp.sqrt(a[j][j] - sum(chol[j][m] ** 2 for m in range(j)))
         for i in range(j + 1, size):
-            off = a[..., i, j] - sum((rows[i][m] * rows[j][m] for m in range(j)), jnp.zeros_like(a[..., i, j]))
-            rows[i][j] = off / rows[j][j]
-    zero = jnp.zeros_like(a[..., 0, 0])
-    return jnp.stack([jnp.stack([rows[i][j] if j <= i else zero for j in range(size)], axis=-1) for i in range(size)], axis=-2)
+            chol[i][j] = (a[i][j] - sum(chol[i][m] * chol[j][m] for m in range(j))) / chol[j][j]
+    return chol
+
+
+def tri_inverse_entries(lower) -> list[list]:
+    """Inverse of lower-triangular matrices given as entries (``None`` above the diagonal)."""
+    size = len(lower)
+    inv: list[list] = [[None] * size for _ in range(size)]
+    for j in range(size):
+        inv[j][j] = 1.0 / lower[j][j]
+        for i in range(j + 1, size):
+            inv[i][j] = -sum(lower[i][m] * inv[m][j] for m in range(j, i)) / lower[i][i]
+    return inv
+
+
+def forward_solve_entries(lower, rhs: list) -> list:
+    """x with L x = rhs for lower-triangular entries L; ``rhs[i]`` of shape (...) or (..., extra)."""
+    x: list = []
+    for i, b in enumerate(rhs):
+        partial = b - sum(_broadcast_to_rank(lower[i][m], b) * x[m] for m in range(i))
+        x.append(partial / _broadcast_to_rank(lower[i][i], b))
+    return x
+
+
+def _cholesky_unrolled(a: jax.Array) -> jax.Array:
+    return stack_entries(cholesky_entries(entries_of(a)), jnp.zeros_like(a[..., 0, 0]))
 
 
 def _tri_inverse_unrolled(lower: jax.Array) -> jax.Array:
-    size = lower.shape[-1]
-    inv: list[list] = [[None] * size for _ in range(size)]
-    zero = jnp.zeros_like(lower[..., 0, 0])
-    for j in range(size):
-        inv[j][j] = 1.0 / lower[..., j, j]
-        for i in range(j + 1, size):
-            acc = sum((lower[..., i, m] * inv[m][j] for m in range(j, i)), zero)
-            inv[i][j] = -acc / lower[..., i, i]
-    return jnp.stack([jnp.stack([inv[i][j] if j <= i else zero for j in range(size)], axis=-1) for i in range(size)], axis=-2)
+    entries = [[lower[..., i, j] if j <= i else None for j in range(lower.shape[-1])] for i in range(lower.shape[-1])]
+    return stack_entries(tri_inverse_entries(entries), jnp.zeros_like(lower[..., 0, 0]))
 
 
 def cholesky(a: jax.Array) -> jax.Array:

@@ -19,32 +19,63 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..linalg import cholesky, theta_to_factors, tri_inverse
+from ..linalg import (
+    cholesky,
+    cholesky_entries,
+    forward_solve_entries,
+    stack_entries,
+    theta_to_factors,
+    tri_inverse,
+    tri_inverse_entries,
+    tril_positions,
+)
 
 
-def _factor(theta: jax.Array, k: int) -> jax.Array:
-    return theta_to_factors(theta, (k,))[0]
+def _factor_entries(theta: jax.Array, k: int) -> list[list]:
+    """Lambda's entries as scalars of theta (``None`` above the diagonal: Lambda is lower triangular)."""
+    entries: list[list] = [[None] * k for _ in range(k)]
+    for position, (i, j) in enumerate(zip(*tril_positions(k))):
+        entries[i][j] = theta[position]
+    return entries
 
 
 def factor_blocks(theta, stats):
-    """The blocked factorization at ``theta``: (Lambda, L_l^-1, c_l, C_l, L_X^-1, r, pwrss, log|L_Z|^2, log|L_X|^2)."""
+    """The blocked factorization at ``theta``: (Lambda, L_l^-1, c_l, C_l, L_X^-1, r, pwrss, log|L_Z|^2, log|L_X|^2).
+
+    The per-level k x k algebra is unrolled over k into elementwise arithmetic on
+    (ell,) arrays (:mod:`hierpool.linalg`'s entry lists), which XLA fuses into a
+    few loops: on sleepstudy the criterion and its gradient take half the time of
+    the same algebra written with (ell, k, k) matrix products in the NUTS loop
+    (8.7 against 17 us per evaluation, unoptimized code), with 73 kernels instead of 88.
+    The trace grows as k^3, which is small for random-effect terms (k <= ~6).
+    """
     k = stats.ztz.shape[-1]
-    lam = _factor(theta, k)
-    lam_t = lam.T
-    inner = lam_t @ stats.ztz @ lam + jnp.eye(k, dtype=theta.dtype)
-    chol = cholesky(inner)
-    chol_inv = tri_inverse(chol)
-    cz = jnp.einsum("lij,jk,lk->li", chol_inv, lam_t, stats.zty)
-    cx = jnp.einsum("lij,jk,lkp->lip", chol_inv, lam_t, stats.ztx)
-    schur = stats.xtx - jnp.einsum("lip,liq->pq", cx, cx)
+    lam = _factor_entries(theta, k)
+    ztz = [[stats.ztz[..., a, b] for b in range(k)] for a in range(k)]
+    # Lambda^T Z_l^T Z_l Lambda + I; Lambda[c][j] is zero for c < j
+    ztz_lam = [[sum(ztz[a][c] * lam[c][j] for c in range(j, k)) for j in range(k)] for a in range(k)]
+    inner = [
+        [sum(lam[a][i] * ztz_lam[a][j] for a in range(i, k)) + (1.0 if i == j else 0.0) for j in range(k)]
+        for i in range(k)
+    ]
+    chol = cholesky_entries(inner)
+    # c_l = L_l^-1 Lambda^T Z_l^T y and C_l = L_l^-1 Lambda^T Z_l^T X, by forward substitution
+    cz = forward_solve_entries(chol, [sum(lam[a][i] * stats.zty[..., a] for a in range(i, k)) for i in range(k)])
+    cx = forward_solve_entries(chol, [sum(lam[a][i] * stats.ztx[..., a, :] for a in range(i, k)) for i in range(k)])
+    schur = stats.xtx - sum(jnp.einsum("lp,lq->pq", c, c) for c in cx)
     chol_x = cholesky(schur)
     chol_x_inv = tri_inverse(chol_x)  # p is small: unrolled, no LAPACK call inside the vmapped loop
-    rhs = stats.xty - jnp.einsum("lip,li->p", cx, cz)
+    rhs = stats.xty - sum(jnp.einsum("lp,l->p", c, z) for c, z in zip(cx, cz))
     r = chol_x_inv @ rhs
-    pwrss = stats.yty - jnp.sum(cz**2) - jnp.sum(r**2)
-    logdet_z = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)))
+    pwrss = stats.yty - sum(jnp.sum(z**2) for z in cz) - jnp.sum(r**2)
+    logdet_z = 2 * sum(jnp.sum(jnp.log(chol[i][i])) for i in range(k))
     logdet_x = 2 * jnp.sum(jnp.log(jnp.diagonal(chol_x)))
-    return lam, chol_inv, cz, cx, chol_x_inv, r, pwrss, logdet_z, logdet_x
+    zero = jnp.zeros_like(stats.zty[..., 0])
+    # the stacked outputs below are only computed where they are used (the solution, the draws)
+    chol_inv = stack_entries(tri_inverse_entries(chol), zero)
+    cz_stacked, cx_stacked = jnp.stack(cz, axis=-1), jnp.stack(cx, axis=-2)
+    return (theta_to_factors(theta, (k,))[0], chol_inv, cz_stacked, cx_stacked, chol_x_inv, r, pwrss, logdet_z,
+            logdet_x)
 
 
 def objective(theta: jax.Array, stats, reml: bool = True) -> jax.Array:
