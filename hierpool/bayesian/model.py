@@ -85,7 +85,7 @@ def variance_draws(draws: dict, ks: tuple[int, ...], sigma_known: bool):
     """
     sds = [draws[f"sd__{j}"] for j in range(len(ks))]
     cors = [draws[f"cor__{j}"] if k > 1 else None for j, k in enumerate(ks)]
-    sigma = jnp.ones(sds[0].shape[0]) if sigma_known else draws["sigma"]
+    sigma = np.ones(sds[0].shape[0]) if sigma_known else draws["sigma"]  # NumPy: no eager JAX call outside a program
     return sds, cors, sigma
 
 

@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
 from numpyro.infer.hmc import hmc
 from numpyro.infer.initialization import init_to_uniform
-from numpyro.infer.util import ParamInfo, constrain_fn, potential_energy, unconstrain_fn
+from numpyro.infer.util import ParamInfo, constrain_fn, potential_energy
 
 from ..compiler_options import compile_in_background, shape_signature
 
@@ -69,10 +70,12 @@ def _start(model, model_args, key, jitter: float = 1.0):
     key_trace, key_jitter = jax.random.split(key)
     initialized = handlers.substitute(handlers.seed(model, key_trace), substitute_fn=_central_value)
     trace = handlers.trace(initialized).get_trace(*model_args)
-    values = {
-        name: site["value"] for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]
+    # each site's inverse bijection from this one trace (NumPyro's unconstrain_fn would trace the model again)
+    unconstrained = {
+        name: biject_to(site["fn"].support).inv(site["value"])
+        for name, site in trace.items()
+        if site["type"] == "sample" and not site["is_observed"]
     }
-    unconstrained = unconstrain_fn(model, model_args, {}, values)
     leaves, tree = jax.tree_util.tree_flatten(unconstrained)
     keys = jax.random.split(key_jitter, len(leaves))
     noisy = [x + jax.random.uniform(k, jnp.shape(x), minval=-jitter, maxval=jitter) for x, k in zip(leaves, keys)]
