@@ -241,3 +241,19 @@ def test_a_second_fit_of_the_same_shape_reuses_the_compiled_sampler(monkeypatch)
     monkeypatch.setattr(nuts, "_build_programs", lambda *a, **k: pytest.fail("recompiled"))
     post = hp.bayes("y ~ x + (1 | g)", second, draws=200, tune=200, seed=8)
     assert np.isfinite(post.fixef["mean"]).all()
+
+
+def test_only_short_runs_of_small_models_compile_without_llvm_optimization(sleepstudy):
+    from hierpool.bayesian import nuts
+    from hierpool.bayesian.model import model_data
+    from hierpool.bayesian.priors import resolve_priors
+    from hierpool.batch.statistics import one_dataset_statistics
+    from hierpool.design import build_design
+
+    design = build_design("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    priors = resolve_priors(design, None)
+    loc, scale = priors.beta_gaussian()
+    one_term = (one_dataset_statistics(design), loc, scale, priors)
+    assert nuts.quick_compile(one_term, chains=4, iterations=2000)
+    assert not nuts.quick_compile(one_term, chains=4, iterations=200_000)  # long runs keep LLVM's optimization
+    assert not nuts.quick_compile((model_data(design), priors, None), chains=4, iterations=2000)  # the full model

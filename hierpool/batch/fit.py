@@ -7,7 +7,7 @@ bounded by the chunk: about ``chunk_size * 40 * ell * k * (k + p + 1) * 8`` byte
 of working set (the statistics and the optimizer's probes), whatever the number
 of datasets.  A dataset whose batched optimizer did not converge is refitted
 alone by ``hp.lmm`` (``polish=True``); each is explained in ``messages``.
-On a CPU, batches of up to ``QUICK_COMPILE_MAX_DATASETS`` compile with
+On a CPU, batches of up to ``QUICK_COMPILE_MAX_VALUES`` statistics compile with
 :mod:`hierpool.compiler_options`' quick options: their run is shorter than
 LLVM's optimization of the programs.
 """
@@ -33,10 +33,11 @@ from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar,
 
 SINGULAR_TOL = 1e-4  # lme4's isSingular tolerance on theta's diagonal
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
-# Up to this many datasets the programs compile without LLVM's optimization (CPU): on the
-# 2-core VM that saves ~0.4 s of compilation and costs ~0.08 s of run time per 1,000 datasets
-# (2,000 sleepstudy replicates: 1.50-1.67 s instead of 1.90-2.04 s in a fresh process).
-QUICK_COMPILE_MAX_DATASETS = 5000
+# Up to this many values of sufficient statistics (5,000 sleepstudy-shaped datasets of ~200) the
+# programs compile without LLVM's optimization (CPU): on the 2-core VM that saves ~0.4 s of
+# compilation and costs ~0.08 s of run time per 1,000 such datasets (2,000 sleepstudy
+# replicates: 1.50-1.67 s instead of 1.90-2.04 s in a fresh process).
+QUICK_COMPILE_MAX_VALUES = 1e6
 
 
 @partial(jax.jit, static_argnames=("reml", "max_iterations"))
@@ -167,7 +168,7 @@ def fit_batch(
     cond_sd = [np.full((ell, k), np.nan) for ell in n_levels]
 
     # a small batch runs for less time than LLVM takes to optimize its programs
-    quick = n_datasets <= QUICK_COMPILE_MAX_DATASETS
+    quick = sum(n_levels) * k * (k + p + 1) + n_datasets * (p * p + p + 2) <= QUICK_COMPILE_MAX_VALUES
     # chunk shapes follow from the level counts alone: start compiling (in the background) before
     # the statistics are computed, and before the threads start (they would each compile)
     sizes = {}
