@@ -57,6 +57,24 @@ def test_every_dataset_equals_its_own_lmm_fit(replicates, batch):
     assert batch.converged.all()
 
 
+def test_three_coefficient_term_equals_lmm():
+    # the unrolled per-level algebra beyond k = 2 (objective.factor_blocks)
+    data = hp.datasets.sleepstudy_replicates(4, seed=3)
+    data["days2"] = (data.Days - 4.5) ** 2 / 10
+    formula = "Reaction ~ Days + (Days + days2 | Subject)"
+    result = hp.fit_batch(formula, data, by="dataset")
+    fits = single_fits(formula, [data[data.dataset == i] for i in range(4)])
+    assert [fit.is_singular for fit in fits] == [True, True, True, False]  # 3 of 4 on the boundary
+    for i, fit in enumerate(fits):
+        # singular fits are flat along the boundary: theta agrees to ~1e-6, the conditional sds to ~1e-4
+        assert result.objective.iloc[i] == pytest.approx(fit.objective, rel=1e-11)
+        np.testing.assert_allclose(result.theta[i], fit.theta, atol=1e-5)
+        np.testing.assert_allclose(result.fixef.iloc[i], fit.fixef, rtol=1e-6)
+        ranef = result.ranef.query("dataset == @i")
+        np.testing.assert_allclose(ranef.condval, fit.ranef.condval, atol=1e-4 * np.abs(fit.ranef.condval).max())
+        np.testing.assert_allclose(ranef.condsd, fit.ranef.condsd, rtol=1e-4)
+
+
 def test_datasets_of_different_sizes_and_levels_share_padded_buckets():
     rng = np.random.default_rng(0)
     base = hp.datasets.sleepstudy_replicates(12, seed=9)
