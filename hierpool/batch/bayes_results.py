@@ -7,12 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..bayesian.results import SUMMARY_COLUMNS, summarize_draws
+from ..bayesian.results import ESS_MIN_PER_CHAIN, R_HAT_MAX, SUMMARY_COLUMNS, summarize_draws
 from ..closedform.results import _coef_pairs
-
-#: Diagnostics thresholds, as hp.bayes's warnings use them.
-R_HAT_MAX = 1.01
-ESS_MIN = 400
 
 
 def summarize(block: np.ndarray, level: float) -> np.ndarray:
@@ -127,7 +123,8 @@ class BayesBatchResult:
             least_ess.append(np.nanmin(every[:, ess_at]) if sampled else np.nan)
         frame = pd.DataFrame({"divergences": self.divergences, "max_r_hat": worst_r_hat, "min_ess_bulk": least_ess,
                               "message": self.messages}, index=self.datasets)
-        frame.insert(3, "ok", (frame.divergences == 0) & (frame.max_r_hat < R_HAT_MAX) & (frame.min_ess_bulk > ESS_MIN))
+        ess_min = ESS_MIN_PER_CHAIN * self.chains
+        frame.insert(3, "ok", (frame.divergences == 0) & (frame.max_r_hat < R_HAT_MAX) & (frame.min_ess_bulk > ess_min))
         return frame
 
     def __repr__(self) -> str:

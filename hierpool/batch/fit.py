@@ -25,7 +25,7 @@ import pandas as pd
 
 from ..closedform import lmm
 from ..compiler_options import compile_in_background, shape_signature
-from ..errors import ArgumentError, HierpoolWarning
+from ..errors import ArgumentError, HierpoolWarning, integer_argument
 from .objective import solution
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize, moment_start
 from .results import BatchResult
@@ -33,7 +33,7 @@ from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar,
 
 SINGULAR_TOL = 1e-4  # lme4's isSingular tolerance on theta's diagonal
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
-# Up to this many values of sufficient statistics (5,000 sleepstudy-shaped datasets of ~200) the
+# Up to this many values of (padded) sufficient statistics (5,000 sleepstudy-shaped datasets of ~200) the
 # programs compile without LLVM's optimization (CPU): on the 2-core VM that saves ~0.4 s of
 # compilation and costs ~0.08 s of run time per 1,000 such datasets (2,000 sleepstudy
 # replicates: 1.50-1.67 s instead of 1.90-2.04 s in a fresh process).
@@ -149,8 +149,7 @@ def fit_batch(
         raise ArgumentError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     if chunk_size is None:
         chunk_size = CPU_CHUNK if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ArgumentError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = integer_argument("chunk_size", chunk_size)
     plan = plan_batch(formula, data, by, "fit_batch", "hp.lmm")
     design, term, n_datasets, n_levels = plan.design, plan.term, plan.n_datasets, plan.n_levels
     p, k = design.p, term.k
@@ -168,11 +167,14 @@ def fit_batch(
     cond_sd = [np.full((ell, k), np.nan) for ell in n_levels]
 
     # a small batch runs for less time than LLVM takes to optimize its programs
-    quick = sum(n_levels) * k * (k + p + 1) + n_datasets * (p * p + p + 2) <= QUICK_COMPILE_MAX_VALUES
+    members_by_bucket = plan.bucket_members()
+    values = sum(math.prod(leaf.shape) for bucket, members in members_by_bucket
+                 for leaf in jax.tree_util.tree_leaves(plan.statistics_shape(bucket, len(members))))
+    quick = values <= QUICK_COMPILE_MAX_VALUES
     # chunk shapes follow from the level counts alone: start compiling (in the background) before
     # the statistics are computed, and before the threads start (they would each compile)
     sizes = {}
-    for bucket, members in plan.bucket_members():
+    for bucket, members in members_by_bucket:
         sizes[bucket] = min(chunk_size, math.ceil(len(members) / workers))
         rows = chunks(bucket, members[:1], sizes[bucket], n_devices)[0].index.size
         _programs(plan.statistics_shape(bucket, rows, float_type), reml, max_iterations, sharding, quick)

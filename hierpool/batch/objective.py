@@ -24,7 +24,6 @@ from ..linalg import (
     cholesky_entries,
     forward_solve_entries,
     stack_entries,
-    theta_to_factors,
     tri_inverse,
     tri_inverse_entries,
     tril_positions,
@@ -70,12 +69,11 @@ def factor_blocks(theta, stats):
     pwrss = stats.yty - sum(jnp.sum(z**2) for z in cz) - jnp.sum(r**2)
     logdet_z = 2 * sum(jnp.sum(jnp.log(chol[i][i])) for i in range(k))
     logdet_x = 2 * jnp.sum(jnp.log(jnp.diagonal(chol_x)))
-    zero = jnp.zeros_like(stats.zty[..., 0])
     # the stacked outputs below are only computed where they are used (the solution, the draws)
-    chol_inv = stack_entries(tri_inverse_entries(chol), zero)
+    chol_inv = stack_entries(tri_inverse_entries(chol), jnp.zeros_like(stats.zty[..., 0]))
     cz_stacked, cx_stacked = jnp.stack(cz, axis=-1), jnp.stack(cx, axis=-2)
-    return (theta_to_factors(theta, (k,))[0], chol_inv, cz_stacked, cx_stacked, chol_x_inv, r, pwrss, logdet_z,
-            logdet_x)
+    lam_matrix = stack_entries(lam, jnp.zeros((), theta.dtype))
+    return lam_matrix, chol_inv, cz_stacked, cx_stacked, chol_x_inv, r, pwrss, logdet_z, logdet_x
 
 
 def objective(theta: jax.Array, stats, reml: bool = True) -> jax.Array:

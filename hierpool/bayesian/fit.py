@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -54,35 +55,25 @@ def _choose_method(method: str, priors: Priors) -> str:
 
 
 @dataclass(frozen=True)
-class _CollapsedDraws:
+class _ExactDraws:
     """Inside the compiled post-processing: exact (beta, b) draws for each variance draw.
 
-    A frozen dataclass, not a closure: it keys the compiled-program cache by value.
+    ``draw`` is :func:`hierpool.bayesian.collapsed.draw_effects` (any model, on its
+    mixed-model system) or :func:`hierpool.batch.collapsed.draw_effects` (one term,
+    on its sufficient statistics).  A frozen dataclass, not a closure: it keys the
+    compiled-program cache by value.
     """
 
+    draw: Callable
     ks: tuple[int, ...]
     sigma_known: bool
     batch_size: int
 
-    def __call__(self, draws, key, system, loc, scale, priors):
+    def __call__(self, draws, key, data, loc, scale, priors):
         sds, cors, sigma = variance_draws(draws, self.ks, self.sigma_known)
         thetas = jax.vmap(theta_from_components)(sds, cors, sigma)
-        beta, b = draw_effects(thetas, sigma, system, loc, scale, key, self.batch_size)
-        return {"variance": draws, "beta": beta, "b": b}
-
-
-@dataclass(frozen=True)
-class _OneTermDraws:
-    """The one-term model's exact (beta, b) draws, from its sufficient statistics (:mod:`hierpool.batch.collapsed`)."""
-
-    k: int
-    batch_size: int
-
-    def __call__(self, draws, key, stats, loc, scale, priors):
-        sds, cors, sigma = variance_draws(draws, (self.k,), False)
-        thetas = jax.vmap(theta_from_components)(sds, cors, sigma)
-        beta, b = one_term.draw_effects(thetas, sigma, stats, loc, scale, key, self.batch_size)
-        return {"variance": draws, "beta": beta, "b": (b,)}
+        beta, b = self.draw(thetas, sigma, data, loc, scale, key, self.batch_size)
+        return {"variance": draws, "beta": beta, "b": tuple(b) if isinstance(b, (list, tuple)) else (b,)}
 
 
 def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept, progress):
@@ -93,11 +84,11 @@ def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept
         # compile to a third less code than the general blocked factorization
         stats = one_dataset_statistics(design)
         model, args, static = one_term.one_term_collapsed_model, (stats, loc, scale, resolved), (("k", ks[0]),)
-        postprocess = _OneTermDraws(ks[0], one_term.draw_batch_size(stats))
+        postprocess = _ExactDraws(one_term.draw_effects, ks, False, one_term.draw_batch_size(stats))
     else:
         system = build_system(design)
         model, args, static = collapsed_model, (system, loc, scale, resolved), ()
-        postprocess = _CollapsedDraws(ks, design.sigma_known, draw_batch_size(system.layout))
+        postprocess = _ExactDraws(draw_effects, ks, design.sigma_known, draw_batch_size(system.layout))
     out, stats = sample_nuts(
         model,
         args,

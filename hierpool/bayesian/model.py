@@ -51,7 +51,7 @@ class HeldVariance:
 
 
 def model_data(design) -> ModelData:
-    noise = np.ones(design.n) if design.weights is None else 1.0 / np.sqrt(design.weights)
+    noise = 1.0 / np.sqrt(design.row_weights)
     return ModelData(
         y=jnp.asarray(design.y),
         X=jnp.asarray(design.X),

@@ -21,7 +21,7 @@ import sys
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache, partial
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -138,15 +138,13 @@ def _chain_keys(seed, chain):
     return jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), chain))
 
 
-@lru_cache(maxsize=_PROGRAMS_KEPT)
 def potential_function(bound):
     """``potential(z, args)``: the model's potential energy, whose gradient is one shared jitted value-and-gradient.
 
     NumPyro's kernels differentiate the potential where they use it; written as a
     ``custom_vjp`` around one jitted ``value_and_grad``, the potential is traced and
-    differentiated once per process for the start program and the chain program
-    together (0.3 s of tracing saved on sleepstudy), not once per use.  Cached by
-    ``bound`` (the model with its static arguments, compared by identity).
+    differentiated once for every program given the same ``potential`` (the start
+    and chain programs: 0.3 s of tracing saved on sleepstudy), not once per use.
     """
     value_and_grad = jax.jit(jax.value_and_grad(lambda z, args: potential_energy(bound, args, {}, z)))
 
@@ -164,13 +162,13 @@ def potential_function(bound):
     return potential
 
 
-def start_function(bound):
+def start_function(bound, potential):
     """``start(seed, chain, args) -> ParamInfo``: a chain's starting point with its potential energy and gradient.
 
     The start of :func:`chain_function`'s chains, as a program of its own: compiled while
     the chain program is traced, it takes the potential's first copy out of the chain program.
+    ``potential``: :func:`potential_function` of ``bound``, shared with the chain program.
     """
-    potential = potential_function(bound)
 
     def start(seed, chain, args):
         z = _start(bound, args, _chain_keys(seed, chain)[0])
@@ -180,7 +178,7 @@ def start_function(bound):
     return start
 
 
-def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_mass, progress=None):
+def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_mass, progress=None, potential=None):
     """``one_chain(seed, chain, args, start=None) -> (z, stats)``: one NUTS chain of ``bound(*args)``, pure and jittable.
 
     Warm-up (step size and mass matrix adaptation) then ``draws`` kept
@@ -189,9 +187,10 @@ def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_m
     ``fold_in(PRNGKey(seed), chain)``: vmapping over ``chain`` (and ``args``)
     runs many chains, of one model or of many datasets, in one program.
     ``start``: the chain's :func:`start_function` output; computed in the program when None.
+    ``potential``: the :func:`potential_function` of ``bound`` (made here when None).
     """
     total = tune + draws
-    potential = potential_function(bound)
+    potential = potential_function(bound) if potential is None else potential
 
     def one_chain(seed, chain, args, start=None):
         key_init, key_run = _chain_keys(seed, chain)
@@ -243,8 +242,10 @@ def _build_programs(
     model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, progress
 ):
     bound = partial(model, **dict(static))
+    potential = potential_function(bound)
     one_chain = chain_function(bound, tune=tune, draws=draws, target_accept=target_accept,
-                               max_tree_depth=max_tree_depth, dense_mass=dense_mass, progress=progress)
+                               max_tree_depth=max_tree_depth, dense_mass=dense_mass, progress=progress,
+                               potential=potential)
 
     def finish(z, seed, args):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), chains)  # not any chain's key
@@ -257,7 +258,7 @@ def _build_programs(
     quick = quick_compile(model_args, chains, tune + draws)
     # XLA compiles outside the GIL: the start program compiles while the chain program is traced,
     # the finish program is traced while the chain program compiles, and compiles while the chains run
-    start_lowered = jax.jit(start_function(bound)).lower(seed, chain, model_args)
+    start_lowered = jax.jit(start_function(bound, potential)).lower(seed, chain, model_args)
     start_future = compile_in_background(start_lowered, quick=quick)
     chain_lowered = jax.jit(one_chain).lower(seed, chain, model_args, start_lowered.out_info)
     chain_future = compile_in_background(chain_lowered, quick=quick)

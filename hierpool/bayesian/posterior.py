@@ -119,6 +119,6 @@ def pointwise_log_likelihood(
     mu = np.einsum("np,cdp->cdn", design.X, beta)
     for term, b_term in zip(design.terms, b):
         mu = mu + np.einsum("nk,cdnk->cdn", term.z, b_term[:, :, term.index, :])
-    scale = np.ones(design.n) if design.weights is None else 1.0 / np.sqrt(design.weights)
+    scale = 1.0 / np.sqrt(design.row_weights)
     scale = scale if sigma is None else sigma[..., None] * scale
     return -0.5 * np.log(2 * np.pi) - np.log(scale) - 0.5 * ((design.y - mu) / scale) ** 2

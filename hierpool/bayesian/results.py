@@ -14,11 +14,15 @@ from ..closedform.results import _coef_pairs
 from ..design import Design
 from ..errors import ArgumentError, HierpoolWarning
 from ..predict import model_rows
-from .convergence import diagnose, ess_bulk, ess_tail, rhat
+from .convergence import diagnose, ess_tail
 from .posterior import term_slots
 from .priors import Priors
 
 SUMMARY_COLUMNS = ["mean", "sd", "lower", "upper", "mcse_mean", "ess_bulk", "r_hat"]
+#: Sampling is flagged when R-hat exceeds this or ESS falls below this many draws per chain
+#: (Vehtari et al. 2021); ``hp.bayes_batch`` applies the same thresholds per dataset.
+R_HAT_MAX = 1.01
+ESS_MIN_PER_CHAIN = 100
 
 
 class SamplingWarning(HierpoolWarning):
@@ -211,8 +215,8 @@ class BayesResult:
     def diagnostics(self, warn: bool = True) -> pd.DataFrame:
         """Worst R-hat and bulk/tail ESS per variable, and divergent transitions.
 
-        Warns (``SamplingWarning``) when R-hat > 1.01, bulk or tail ESS < 100 per
-        chain, or any transition diverged (Vehtari et al. 2021; Betancourt 2017).
+        Warns (``SamplingWarning``) when R-hat > ``R_HAT_MAX``, bulk or tail ESS <
+        ``ESS_MIN_PER_CHAIN`` per chain, or any transition diverged (Vehtari et al. 2021; Betancourt 2017).
         """
         posterior = self.idata.posterior
         names = list(posterior.data_vars)
@@ -220,14 +224,16 @@ class BayesResult:
         columns = np.concatenate([b.reshape(b.shape[0], b.shape[1], -1) for b in blocks], axis=-1)
         owner = np.repeat(np.arange(len(names)), [int(np.prod(b.shape[2:])) for b in blocks])
         stacked = np.moveaxis(columns, -1, 0)
-        with warnings.catch_warnings():  # constant entries (a correlation matrix's diagonal) give NaN, skipped below
+        # constant entries (a correlation matrix's diagonal) give NaN, skipped; a variable with no
+        # finite value (one chain: no R-hat) stays NaN
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            per_column = {"max_r_hat": rhat(stacked), "min_ess_bulk": ess_bulk(stacked), "min_ess_tail": ess_tail(stacked)}
-        reduce = {"max_r_hat": np.nanmax, "min_ess_bulk": np.nanmin, "min_ess_tail": np.nanmin}
-        with warnings.catch_warnings():  # a variable with no finite value (one chain: no R-hat) stays NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
+            diagnosed = diagnose(stacked)  # R-hat and bulk ESS share one rank normalization
+            per_column = {"max_r_hat": (diagnosed["r_hat"], np.nanmax), "min_ess_bulk": (diagnosed["ess_bulk"], np.nanmin),
+                          "min_ess_tail": (ess_tail(stacked), np.nanmin)}
             table = pd.DataFrame(
-                {key: [float(reduce[key](values[owner == i])) for i in range(len(names))] for key, values in per_column.items()},
+                {key: [float(reduce(values[owner == i])) for i in range(len(names))]
+                 for key, (values, reduce) in per_column.items()},
                 index=pd.Index(names, name="variable"),
             )
         divergences = int(self.idata.sample_stats["diverging"].values.sum()) if "sample_stats" in self.idata else 0
@@ -235,11 +241,12 @@ class BayesResult:
         if warn:
             chains = posterior.sizes["chain"]
             problems = []
-            if chains > 1 and table["max_r_hat"].max() > 1.01:
-                problems.append(f"R-hat up to {table['max_r_hat'].max():.3f} (> 1.01)")
-            if table["min_ess_bulk"].min() < 100 * chains or table["min_ess_tail"].min() < 100 * chains:
+            if chains > 1 and table["max_r_hat"].max() > R_HAT_MAX:
+                problems.append(f"R-hat up to {table['max_r_hat'].max():.3f} (> {R_HAT_MAX})")
+            if min(table["min_ess_bulk"].min(), table["min_ess_tail"].min()) < ESS_MIN_PER_CHAIN * chains:
                 problems.append(
-                    f"ESS as low as {min(table['min_ess_bulk'].min(), table['min_ess_tail'].min()):.0f} (< 100 per chain)"
+                    f"ESS as low as {min(table['min_ess_bulk'].min(), table['min_ess_tail'].min()):.0f} "
+                    f"(< {ESS_MIN_PER_CHAIN} per chain)"
                 )
             if divergences:
                 problems.append(f"{divergences} divergent transitions")
