@@ -257,3 +257,11 @@ def test_only_short_runs_of_small_models_compile_without_llvm_optimization(sleep
     assert nuts.quick_compile(one_term, chains=4, iterations=2000)
     assert not nuts.quick_compile(one_term, chains=4, iterations=200_000)  # long runs keep LLVM's optimization
     assert not nuts.quick_compile((model_data(design), priors, None), chains=4, iterations=2000)  # the full model
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(sleepstudy, capsys):
+    formula = "Reaction ~ Days + (1 | Subject)"
+    hp.bayes(formula, sleepstudy, chains=2, draws=50, tune=50, seed=1)  # stderr is not a terminal here
+    assert "sampling" not in capsys.readouterr().err
+    hp.bayes(formula, sleepstudy, chains=2, draws=50, tune=50, seed=1, progress=True)
+    assert "sampling 2 chain(s)" in capsys.readouterr().err
