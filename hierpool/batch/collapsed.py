@@ -33,7 +33,7 @@ import numpy as np
 import numpyro
 
 from ..bayesian.collapsed import map_in_batches, theta_from_components
-from ..bayesian.model import variance_parameters
+from ..bayesian.model import deferred_factor, variance_parameters
 from .objective import factor_blocks
 from .statistics import BatchStatistics
 
@@ -99,5 +99,7 @@ def draw_batch_size(stats: BatchStatistics, budget_bytes: float = 2e8) -> int:
 def one_term_collapsed_model(stats: BatchStatistics, loc, scale, priors, *, k: int):
     """NumPyro target over one dataset's variance parameters: prior times the marginal likelihood."""
     sigma, sds, cors = variance_parameters(priors, (k,))
-    theta = theta_from_components(sds, cors, sigma)
-    numpyro.factor("marginal_likelihood", log_marginal_likelihood(theta, sigma, stats, loc, scale))
+    deferred_factor(
+        "marginal_likelihood",
+        lambda: log_marginal_likelihood(theta_from_components(sds, cors, sigma), sigma, stats, loc, scale),
+    )

