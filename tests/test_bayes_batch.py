@@ -56,6 +56,36 @@ def test_marginal_likelihood_equals_general_engine(sleepstudy, formula):
         assert float(ours) == pytest.approx(float(reference), rel=1e-11)
 
 
+@pytest.mark.parametrize("formula", [SLEEP, "Reaction ~ Days + (1 | Subject)"])
+def test_host_draws_equal_compiled_draws(sleepstudy, formula):
+    # one implementation, two backends: hp.bayes draws one-term effects in NumPy on the host (many draws
+    # at once, in batches), hp.bayes_batch in its compiled program (vmapped); the same noise gives the same draws
+    design, stats = one_dataset_statistics(sleepstudy, formula)
+    k, p, ell = design.terms[0].k, design.p, stats.zty.shape[0]
+    rng = np.random.default_rng(3)
+    count = 7
+    sds, sigma = rng.uniform(5, 40, size=(count, k)), rng.uniform(10, 40, size=count)
+    cors = None
+    if k == 2:
+        rho = rng.uniform(-0.9, 0.9, size=count)
+        cors = np.stack([np.stack([np.ones(count), np.zeros(count)], -1), np.stack([rho, np.sqrt(1 - rho**2)], -1)], -2)
+    loc, scale = np.linspace(200, 5, p), np.array([50.0] + [np.inf] * (p - 1))
+    noise = rng.standard_normal((count, p + ell * k))
+    thetas = general.theta_from_components([sds], [cors], sigma)
+    assert isinstance(thetas, np.ndarray)
+    thetas_jax = jax.vmap(lambda s, c, g: general.theta_from_components([s], [c], g))(
+        jnp.asarray(sds), None if cors is None else jnp.asarray(cors), jnp.asarray(sigma))
+    np.testing.assert_allclose(thetas, thetas_jax, rtol=1e-14)
+    host = one_term.draw_effects(thetas, sigma, stats, loc, scale, noise, batch_size=3)  # 3 batches, the last short
+    assert isinstance(host[0], np.ndarray)
+    compiled = jax.jit(one_term.draw_effects, static_argnames="batch_size")(
+        jnp.asarray(thetas), jnp.asarray(sigma), stats, jnp.asarray(loc), jnp.asarray(scale), jnp.asarray(noise),
+        batch_size=3)
+    assert host[1].shape == (count, ell, k)
+    for ours, reference in zip(host, compiled):
+        np.testing.assert_allclose(ours, reference, rtol=1e-10, atol=1e-10)
+
+
 def test_conditional_draw_has_henderson_mean_and_covariance(sleepstudy):
     design, stats = one_dataset_statistics(sleepstudy, SLEEP)
     system = build_system(design)

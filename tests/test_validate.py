@@ -37,7 +37,10 @@ def test_full_mode_reports_wider_posteriors_that_converge_with_more_data():
     series = hp.validate.agreement_series(simulate, [6, 60], draws=500, tune=500)
     # variance uncertainty widens posteriors beyond C^-1, less so with 10x the groups
     assert series.mean_sd_ratio.iloc[0] > series.mean_sd_ratio.iloc[1] > 1.0
-    assert series.mean_abs_diff_in_sd.iloc[0] > series.mean_abs_diff_in_sd.iloc[1]
+    # with 60 groups the posterior means are the BLUPs up to Monte Carlo error, whose mean absolute
+    # size is ~0.018 posterior sds at these draws (seeds 0-3: 0.014-0.020); a shift of 0.05 sd fails.
+    # The 6-group gap is not compared with it: it is of the same order (0.016-0.062 over seeds 0-3)
+    assert series.mean_abs_diff_in_sd.iloc[1] < 0.05
 
 
 def test_agreement_plot_and_summary(sleepstudy):

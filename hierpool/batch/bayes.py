@@ -24,7 +24,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.infer.util import constrain_fn
 
 from ..bayesian.collapsed import theta_from_components
 from ..bayesian.model import variance_draws
@@ -49,13 +48,13 @@ def _chain_and_draw(k: int, tune: int, draws: int, target_accept: float, max_tre
 
     def run(seed, chain, args):
         stats, loc, scale, _ = args
-        z, sample_stats = one_chain(seed, chain, args)
-        constrained = jax.vmap(lambda params: constrain_fn(bound, args, {}, params, return_deterministic=True))(z)
+        constrained, sample_stats = one_chain(seed, chain, args)
         (sd,), (cor,), sigma = variance_draws(constrained, (k,), False)
-        thetas = jax.vmap(lambda s, c, g: theta_from_components([s], [c], g))(sd, cor, sigma)
+        thetas = theta_from_components([sd], [cor], sigma)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chain), 1)  # not the chain's keys
+        noise = jax.random.normal(key, (draws, loc.shape[-1] + stats.zty.size), dtype=thetas.dtype)
         # all of a chain's draws at once: the chunk already bounds memory
-        beta, b = draw_effects(thetas, sigma, stats, loc, scale, key, batch_size=draws)
+        beta, b = draw_effects(thetas, sigma, stats, loc, scale, noise, batch_size=draws)
         out = {"beta": beta, "b": b, "sd": sd, "sigma": sigma, "diverging": sample_stats["diverging"]}
         if k > 1:
             out["cor"] = cor @ jnp.swapaxes(cor, -1, -2)  # correlation matrices from their Cholesky factors

@@ -30,28 +30,34 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
 
 from ..bayesian.collapsed import map_in_batches, theta_from_components
 from ..bayesian.model import deferred_factor, variance_parameters
+from ..linalg import array_namespace
 from .objective import factor_blocks
 from .statistics import BatchStatistics
 
 
-def _prior_weights(scale: jax.Array, sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
-    finite = jnp.isfinite(scale)
-    safe = jnp.where(finite, scale, 1.0)
-    return finite, jnp.where(finite, sigma**2 / safe**2, 0.0)
+def _prior_weights(scale, sigma) -> tuple:
+    """(finite, w): which Normal priors are proper, and their pseudo-observation weights sigma^2 / s^2 (..., p)."""
+    xp = array_namespace(scale, sigma)
+    finite = xp.isfinite(scale)
+    safe = xp.where(finite, scale, 1.0)
+    return finite, xp.where(finite, xp.asarray(sigma)[..., None] ** 2 / safe**2, 0.0)
 
 
-def with_beta_prior(stats: BatchStatistics, loc: jax.Array, scale: jax.Array, sigma: jax.Array) -> BatchStatistics:
-    """One dataset's statistics with the Normal(loc, scale^2) prior's pseudo-observations added."""
+def with_beta_prior(stats: BatchStatistics, loc, scale, sigma) -> BatchStatistics:
+    """One dataset's statistics with the Normal(loc, scale^2) prior's pseudo-observations added.
+
+    A batch of sigmas (...,) gives X^T X, X^T y and y^T y with those leading axes.
+    """
+    xp = array_namespace(loc, scale, sigma)
     _, weight = _prior_weights(scale, sigma)
     return dataclasses.replace(
         stats,
-        xtx=stats.xtx + jnp.diag(weight),
+        xtx=stats.xtx + weight[..., :, None] * xp.eye(weight.shape[-1]),
         xty=stats.xty + weight * loc,
-        yty=stats.yty + jnp.sum(weight * loc**2),
+        yty=stats.yty + xp.sum(weight * loc**2, axis=-1),
     )
 
 
@@ -67,25 +73,37 @@ def log_marginal_likelihood(theta, sigma, stats: BatchStatistics, loc, scale) ->
 
 
 def conditional_draw(theta, sigma, stats: BatchStatistics, loc, scale, noise_beta, noise_u):
-    """An exact draw of (beta, b) given (theta, sigma): ``noise_beta`` (p,), ``noise_u`` (ell, k) standard normal."""
+    """An exact draw of (beta, b) given (theta, sigma): ``noise_beta`` (..., p), ``noise_u`` (..., ell, k) standard normal.
+
+    Leading axes are draws: NumPy inputs draw many at once on the host, JAX inputs vmap or batch.
+    """
+    xp = array_namespace(theta, sigma)
+    sigma = xp.asarray(sigma)
     lam, chol_inv, cz, cx, chol_x_inv, r, *_ = factor_blocks(theta, with_beta_prior(stats, loc, scale, sigma))
-    beta = chol_x_inv.T @ (r + sigma * noise_beta)
-    u = jnp.einsum("lji,lj->li", chol_inv, cz - jnp.einsum("lip,p->li", cx, beta) + sigma * noise_u)
-    return beta, u @ lam.T
+    beta = xp.einsum("...qp,...q->...p", chol_x_inv, r + sigma[..., None] * noise_beta)
+    u = xp.einsum("...lji,...lj->...li", chol_inv, cz - xp.einsum("...lip,...p->...li", cx, beta)
+                  + sigma[..., None, None] * noise_u)
+    return beta, xp.einsum("...lj,...ij->...li", u, lam)  # b_l = Lambda u_l
 
 
-def draw_effects(thetas, sigmas, stats: BatchStatistics, loc, scale, key, batch_size: int):
+def draw_effects(thetas, sigmas, stats: BatchStatistics, loc, scale, noise, batch_size: int):
     """One exact (beta, b) draw per (theta, sigma) row: beta (count, p) and b (count, ell, k).
 
-    The one-term counterpart of :func:`hierpool.bayesian.collapsed.draw_effects`.
+    ``noise``: (count, p + ell k) standard normal variates.  NumPy inputs are drawn on
+    the host, ``batch_size`` rows at a time; JAX inputs in the compiled program
+    (:func:`hierpool.bayesian.collapsed.map_in_batches`).  The one-term counterpart of
+    :func:`hierpool.bayesian.collapsed.draw_effects`.
     """
-    count, p = thetas.shape[0], loc.shape[0]
-    noise = jax.random.normal(key, (count, p + stats.zty.size), dtype=thetas.dtype)
+    p = loc.shape[0]
 
-    def one(theta, sigma, e):
-        return conditional_draw(theta, sigma, stats, loc, scale, e[:p], e[p:].reshape(stats.zty.shape))
+    def some(theta, sigma, e):
+        return conditional_draw(theta, sigma, stats, loc, scale, e[..., :p], e[..., p:].reshape(e.shape[:-1] + stats.zty.shape))
 
-    return map_in_batches(one, (thetas, sigmas, noise), batch_size)
+    if array_namespace(thetas, sigmas, noise, loc, scale) is np:
+        parts = [some(*(a[start : start + batch_size] for a in (thetas, sigmas, noise)))
+                 for start in range(0, thetas.shape[0], batch_size)]
+        return tuple(np.concatenate(piece) for piece in zip(*parts))
+    return map_in_batches(some, (thetas, sigmas, noise), batch_size)
 
 
 def draw_batch_size(stats: BatchStatistics, budget_bytes: float = 2e8) -> int:

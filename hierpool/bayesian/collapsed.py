@@ -30,13 +30,18 @@ import numpy as np
 from ..closedform.henderson import conditional_draw, noise_size
 from ..closedform.objective import dense_parts, reduced_rest
 from ..closedform.system import Layout, MixedModelSystem
-from ..linalg import factors_to_theta, logdet_from_cholesky_diagonal
+from ..linalg import array_namespace, factors_to_theta, logdet_from_cholesky_diagonal
 
 
 def theta_from_components(sds, cor_factors, sigma) -> jax.Array:
-    """lme4's theta from per-term sds and correlation Cholesky factors: T_j = diag(sd_j) R_j / sigma."""
+    """lme4's theta from per-term sds and correlation Cholesky factors: T_j = diag(sd_j) R_j / sigma.
+
+    Leading axes (of sds (..., k_j), factors (..., k_j, k_j) and sigma (...)) are batch axes; NumPy in, NumPy out.
+    """
+    xp = array_namespace(sigma, *sds)
+    scale = xp.asarray(sigma)[..., None, None]
     return factors_to_theta(
-        [sd[:, None] * cor / sigma if cor is not None else jnp.diag(sd / sigma) for sd, cor in zip(sds, cor_factors)]
+        [sd[..., :, None] * (cor if cor is not None else xp.eye(sd.shape[-1])) / scale for sd, cor in zip(sds, cor_factors)]
     )
 
 

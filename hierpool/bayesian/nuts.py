@@ -8,7 +8,7 @@ potential energy and gradient) is one small ``jax.jit`` program, its whole run
 (warm-up with step-size and mass-matrix adaptation, sampling) another, built on
 NumPyro's functional NUTS kernel (:func:`numpyro.infer.hmc.hmc`) and run for
 each chain in a thread of its own, and the caller's post-processing of all
-chains' draws a third.  Compilation is most of a small model's wall time, so
+chains' draws, where it has one, a third.  Compilation is most of a small model's wall time, so
 the programs are compiled side by side, each while the next is traced, and for
 short runs of small models with :mod:`hierpool.compiler_options`' quick options
 (:func:`quick_compile`).
@@ -124,7 +124,7 @@ class _Progress:
 
 
 class _Programs:
-    """The compiled start and chain programs, and the post-processing program (compiling in the background)."""
+    """The compiled start and chain programs, and the post-processing program if any (compiling in the background)."""
 
     def __init__(self, start, chain, finish_future):
         self.start = start
@@ -186,10 +186,11 @@ def start_function(bound, potential):
 
 
 def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_mass, progress=None, potential=None):
-    """``one_chain(seed, chain, args, start=None) -> (z, stats)``: one NUTS chain of ``bound(*args)``, pure and jittable.
+    """``one_chain(seed, chain, args, start=None) -> (draws, stats)``: one NUTS chain of ``bound(*args)``, pure and jittable.
 
     Warm-up (step size and mass matrix adaptation) then ``draws`` kept
-    iterations; ``z`` are unconstrained draws, ``stats`` the :data:`SAMPLE_STATS`
+    iterations; ``draws`` are the model's sample sites (constrained) and
+    deterministic sites, each with a leading ``draws`` axis, ``stats`` the :data:`SAMPLE_STATS`
     fields, each with a leading ``draws`` axis.  The chain's keys are
     ``fold_in(PRNGKey(seed), chain)``: vmapping over ``chain`` (and ``args``)
     runs many chains, of one model or of many datasets, in one program.
@@ -221,10 +222,10 @@ def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_m
                 "step_size": state.adapt_state.step_size,
                 "lp": -state.potential_energy,
             }
-            return state, (state.z, stats)
+            return state, (constrain_fn(bound, args, {}, state.z, return_deterministic=True), stats)
 
-        _, (z, stats) = jax.lax.scan(step, state, jnp.arange(total))
-        return jax.tree_util.tree_map(lambda x: x[tune:], (z, stats))
+        _, (values, stats) = jax.lax.scan(step, state, jnp.arange(total))
+        return jax.tree_util.tree_map(lambda x: x[tune:], (values, stats))
 
     return one_chain
 
@@ -254,25 +255,26 @@ def _build_programs(
                                max_tree_depth=max_tree_depth, dense_mass=dense_mass, progress=progress,
                                potential=potential)
 
-    def finish(z, seed, args):
+    def finish(values, seed, args):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), chains)  # not any chain's key
-        flat = jax.tree_util.tree_map(lambda x: x.reshape((chains * draws,) + x.shape[2:]), z)
-        constrained = jax.vmap(lambda params: constrain_fn(bound, args, {}, params, return_deterministic=True))(flat)
-        out = constrained if postprocess is None else postprocess(constrained, key, *args)
+        flat = jax.tree_util.tree_map(lambda x: x.reshape((chains * draws,) + x.shape[2:]), values)
+        out = postprocess(flat, key, *args)
         return jax.tree_util.tree_map(lambda x: x.reshape((chains, draws) + x.shape[1:]), out)
 
     seed, chain = np.uint32(0), np.int32(0)
     quick = quick_compile(model_args, chains, tune + draws)
     # XLA compiles outside the GIL: the chain program, the longest to compile, is lowered and compiling
-    # first; the start and finish programs are lowered while it compiles and compile beside it
+    # first; the start (and finish) programs are lowered while it compiles and compile beside it
     start_traced = jax.jit(start_function(bound, potential)).trace(seed, chain, model_args)
     chain_lowered = jax.jit(one_chain).lower(seed, chain, model_args, start_traced.out_info)
     chain_future = compile_in_background(chain_lowered, quick=quick)
     start_future = compile_in_background(start_traced.lower(), quick=quick)
-    z_stacked = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct((chains,) + s.shape, s.dtype), chain_lowered.out_info[0]
-    )
-    finish_future = compile_in_background(jax.jit(finish).lower(z_stacked, seed, model_args), quick=quick)
+    finish_future = None
+    if postprocess is not None:
+        stacked = jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct((chains,) + s.shape, s.dtype), chain_lowered.out_info[0]
+        )
+        finish_future = compile_in_background(jax.jit(finish).lower(stacked, seed, model_args), quick=quick)
     return _Programs(start_future.result(), chain_future.result(), finish_future)
 
 
@@ -312,6 +314,8 @@ def sample_nuts(
         ``postprocess(constrained_draws, key, *model_args)`` -> pytree, applied to
         the constrained draws (flattened over chains and draws) in a second compiled
         program; its output is returned instead of the draws.  Hashable (it keys the cache).
+        Without it there is no third program: work on the draws that is cheap on the
+        host is best done there, after sampling, rather than compiled.
     progress : bool
         Show a progress bar.
 
@@ -352,7 +356,7 @@ def sample_nuts(
             return jax.device_get(programs.chain(seed, chain, model_args, programs.start(seed, chain, model_args)))
 
         per_chain = list(pool.map(run, range(chains)))
-    z = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[zc for zc, _ in per_chain])
+    values = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[vc for vc, _ in per_chain])
     stats = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[st for _, st in per_chain])
-    out = jax.device_get(programs.finish(z, seed, model_args))
+    out = values if postprocess is None else jax.device_get(programs.finish(values, seed, model_args))
     return out, {SAMPLE_STATS[name]: value for name, value in stats.items()}
