@@ -12,6 +12,9 @@ and theta holds the lower triangles of all T_j, each in column-major order.
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import jax
 
 jax.config.update("jax_enable_x64", True)  # the closed-form engine works in float64
@@ -71,11 +74,9 @@ def theta_to_factors(theta: jax.Array, ks: tuple[int, ...]) -> list[jax.Array]:
 def factors_to_theta(factors) -> jax.Array:
     """Inverse of :func:`theta_to_factors`; factors (..., k_j, k_j) give theta (..., sum_j k_j (k_j + 1) / 2)."""
     xp = array_namespace(*factors)
-    parts = []
-    for factor in factors:
-        rows, cols = tril_positions(factor.shape[-1])
-        parts.append(factor[..., rows, cols])
-    return xp.concatenate(parts, axis=-1)
+    # static slices, not one gather: inside the NUTS potential a gather's gradient is a scatter
+    entries = [factor[..., i, j] for factor in factors for i, j in zip(*tril_positions(factor.shape[-1]))]
+    return xp.stack(entries, axis=-1)
 
 
 #: Matrices up to this size are factored by unrolled scalar code, not LAPACK calls.
@@ -99,6 +100,18 @@ def stack_entries(entries, zero) -> jax.Array:
     return xp.stack([xp.stack([zero if x is None else x for x in row], axis=-1) for row in entries], axis=-2)
 
 
+def sum_of(terms):
+    """The sum of arrays (None for none): Python's ``sum`` adds them to 0, an extra op per sum in a traced program."""
+    terms = list(terms)
+    return functools.reduce(operator.add, terms) if terms else None
+
+
+def minus_sum_of(a, terms):
+    """``a - sum(terms)``, just ``a`` when there are no terms."""
+    total = sum_of(terms)
+    return a if total is None else a - total
+
+
 def _broadcast_to_rank(x: jax.Array, like: jax.Array) -> jax.Array:
     """x (...) with trailing axes added to broadcast against like (..., extra)."""
     return x.reshape(x.shape + (1,) * (jnp.ndim(like) - jnp.ndim(x)))
@@ -110,9 +123,9 @@ def cholesky_entries(a) -> list[list]:
     xp = array_namespace(a[0][0])
     chol: list[list] = [[None] * size for _ in range(size)]
     for j in range(size):
-        chol[j][j] = xp.sqrt(a[j][j] - sum(chol[j][m] ** 2 for m in range(j)))
+        chol[j][j] = xp.sqrt(minus_sum_of(a[j][j], (chol[j][m] ** 2 for m in range(j))))
         for i in range(j + 1, size):
-            chol[i][j] = (a[i][j] - sum(chol[i][m] * chol[j][m] for m in range(j))) / chol[j][j]
+            chol[i][j] = minus_sum_of(a[i][j], (chol[i][m] * chol[j][m] for m in range(j))) / chol[j][j]
     return chol
 
 
@@ -123,7 +136,7 @@ def tri_inverse_entries(lower) -> list[list]:
     for j in range(size):
         inv[j][j] = 1.0 / lower[j][j]
         for i in range(j + 1, size):
-            inv[i][j] = -sum(lower[i][m] * inv[m][j] for m in range(j, i)) / lower[i][i]
+            inv[i][j] = -sum_of(lower[i][m] * inv[m][j] for m in range(j, i)) / lower[i][i]
     return inv
 
 
@@ -131,7 +144,7 @@ def forward_solve_entries(lower, rhs: list) -> list:
     """x with L x = rhs for lower-triangular entries L; ``rhs[i]`` of shape (...) or (..., extra)."""
     x: list = []
     for i, b in enumerate(rhs):
-        partial = b - sum(_broadcast_to_rank(lower[i][m], b) * x[m] for m in range(i))
+        partial = minus_sum_of(b, (_broadcast_to_rank(lower[i][m], b) * x[m] for m in range(i)))
         x.append(partial / _broadcast_to_rank(lower[i][i], b))
     return x
 

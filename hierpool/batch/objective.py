@@ -20,11 +20,13 @@ import jax
 import jax.numpy as jnp
 
 from ..linalg import (
+    UNROLL_MAX_SIZE,
     array_namespace,
     cholesky,
     cholesky_entries,
     forward_solve_entries,
     stack_entries,
+    sum_of,
     tri_inverse,
     tri_inverse_entries,
     tril_positions,
@@ -61,23 +63,26 @@ def factor_blocks(theta, stats):
     lam_lp = [[None if x is None else x[..., None, None] for x in row] for row in lam]
     ztz = [[stats.ztz[..., a, b] for b in range(k)] for a in range(k)]
     # Lambda^T Z_l^T Z_l Lambda + I; Lambda[c][j] is zero for c < j
-    ztz_lam = [[sum(ztz[a][c] * lam_l[c][j] for c in range(j, k)) for j in range(k)] for a in range(k)]
-    inner = [
-        [sum(lam_l[a][i] * ztz_lam[a][j] for a in range(i, k)) + (1.0 if i == j else 0.0) for j in range(k)]
-        for i in range(k)
-    ]
+    ztz_lam = [[sum_of(ztz[a][c] * lam_l[c][j] for c in range(j, k)) for j in range(k)] for a in range(k)]
+    inner = [[sum_of(lam_l[a][i] * ztz_lam[a][j] for a in range(i, k)) for j in range(k)] for i in range(k)]
+    for i in range(k):
+        inner[i][i] = inner[i][i] + 1.0
     chol = cholesky_entries(inner)
     # c_l = L_l^-1 Lambda^T Z_l^T y and C_l = L_l^-1 Lambda^T Z_l^T X, by forward substitution
-    cz = forward_solve_entries(chol, [sum(lam_l[a][i] * stats.zty[..., a] for a in range(i, k)) for i in range(k)])
-    cx = forward_solve_entries(chol, [sum(lam_lp[a][i] * stats.ztx[..., a, :] for a in range(i, k)) for i in range(k)])
-    schur = stats.xtx - sum(xp.einsum("...lp,...lq->...pq", c, c) for c in cx)
+    cz = forward_solve_entries(chol, [sum_of(lam_l[a][i] * stats.zty[..., a] for a in range(i, k)) for i in range(k)])
+    cx = forward_solve_entries(chol, [sum_of(lam_lp[a][i] * stats.ztx[..., a, :] for a in range(i, k)) for i in range(k)])
+    schur = stats.xtx - sum_of(xp.einsum("...lp,...lq->...pq", c, c) for c in cx)
     chol_x = cholesky(schur)
     chol_x_inv = tri_inverse(chol_x)  # p is small: unrolled, no LAPACK call inside the vmapped loop
-    rhs = stats.xty - sum(xp.einsum("...lp,...l->...p", c, z) for c, z in zip(cx, cz))
+    rhs = stats.xty - sum_of(xp.einsum("...lp,...l->...p", c, z) for c, z in zip(cx, cz))
     r = xp.einsum("...pq,...q->...p", chol_x_inv, rhs)
-    pwrss = stats.yty - sum(xp.sum(z**2, axis=-1) for z in cz) - xp.sum(r**2, axis=-1)
-    logdet_z = 2 * sum(xp.sum(xp.log(chol[i][i]), axis=-1) for i in range(k))
-    logdet_x = 2 * xp.sum(xp.log(xp.diagonal(chol_x, axis1=-2, axis2=-1)), axis=-1)
+    pwrss = stats.yty - sum_of(xp.sum(z**2, axis=-1) for z in cz) - xp.sum(r**2, axis=-1)
+    logdet_z = 2 * sum_of(xp.sum(xp.log(chol[i][i]), axis=-1) for i in range(k))
+    p = chol_x.shape[-1]
+    if p <= UNROLL_MAX_SIZE:  # static slices: the gradient of a diagonal (a gather) is a scatter
+        logdet_x = 2 * sum_of(xp.log(chol_x[..., i, i]) for i in range(p)) if p else xp.zeros(chol_x.shape[:-2])
+    else:
+        logdet_x = 2 * xp.sum(xp.log(xp.diagonal(chol_x, axis1=-2, axis2=-1)), axis=-1)
     # the stacked outputs below are only computed where they are used (the solution, the draws)
     chol_inv = stack_entries(tri_inverse_entries(chol), xp.zeros_like(chol[0][0]))
     cz_stacked, cx_stacked = xp.stack(cz, axis=-1), xp.stack(cx, axis=-2)
