@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -58,12 +57,10 @@ def _choose_method(method: str, priors: Priors) -> str:
 class _ExactDraws:
     """Inside the compiled post-processing: exact (beta, b) draws for each variance draw of any model.
 
-    ``draw`` is :func:`hierpool.bayesian.collapsed.draw_effects`, on the model's
-    mixed-model system.  A frozen dataclass, not a closure: it keys the
-    compiled-program cache by value.
+    :func:`hierpool.bayesian.collapsed.draw_effects` on the model's mixed-model
+    system.  A frozen dataclass, not a closure: it keys the compiled-program cache by value.
     """
 
-    draw: Callable
     ks: tuple[int, ...]
     sigma_known: bool
     batch_size: int
@@ -71,7 +68,7 @@ class _ExactDraws:
     def __call__(self, draws, key, data, loc, scale, priors):
         sds, cors, sigma = variance_draws(draws, self.ks, self.sigma_known)
         thetas = jax.vmap(theta_from_components)(sds, cors, sigma)
-        beta, b = self.draw(thetas, sigma, data, loc, scale, key, self.batch_size)
+        beta, b = draw_effects(thetas, sigma, data, loc, scale, key, self.batch_size)
         return {"variance": draws, "beta": beta, "b": tuple(b)}
 
 
@@ -88,9 +85,10 @@ def _one_term_exact_draws(variance: dict, k: int, stats, loc: np.ndarray, scale:
     def flat(a):
         return None if a is None else np.asarray(a, dtype=float).reshape((chains * draws,) + a.shape[2:])
 
-    thetas = theta_from_components([flat(sd)], [flat(cor)], flat(sigma))
+    sigmas = flat(sigma)
+    thetas = theta_from_components([flat(sd)], [flat(cor)], sigmas)
     noise = np.random.default_rng([seed % 2**32, 1]).standard_normal((chains * draws, loc.shape[0] + stats.zty.size))
-    beta, b = one_term.draw_effects(thetas, flat(sigma), stats, loc, scale, noise, one_term.draw_batch_size(stats))
+    beta, b = one_term.draw_effects(thetas, sigmas, stats, loc, scale, noise, one_term.draw_batch_size(stats))
     return {"variance": variance, "beta": beta.reshape(chains, draws, -1), "b": (b.reshape((chains, draws) + b.shape[1:]),)}
 
 
@@ -101,13 +99,13 @@ def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept
     if len(ks) == 1 and not design.sigma_known:
         # one term: the same target written on the sufficient statistics, which compiles to a third
         # less code than the general blocked factorization, and exact draws on the host
-        stats = one_dataset_statistics(design).astype(float)
+        stats = one_dataset_statistics(design)
         model, args, static = one_term.one_term_collapsed_model, (stats, loc, scale, resolved), (("k", ks[0]),)
         postprocess = None
     else:
         system = build_system(design)
         model, args, static = collapsed_model, (system, loc, scale, resolved), ()
-        postprocess = _ExactDraws(draw_effects, ks, design.sigma_known, draw_batch_size(system.layout))
+        postprocess = _ExactDraws(ks, design.sigma_known, draw_batch_size(system.layout))
     out, stats = sample_nuts(
         model,
         args,

@@ -1,18 +1,18 @@
-"""Run NUTS chains of a NumPyro model as three compiled programs.
+"""Run NUTS chains of a NumPyro model as two or three compiled programs.
 
 NumPyro's ``MCMC`` driver runs initialization, step-size search and bookkeeping
 as many small eager JAX calls; on a small model each compiles separately and
 together they cost more than the sampling (seen on sleepstudy: 318 compilations,
 12.5 s of 18 s).  Here a chain's start (prior-median initialization, with its
-potential energy and gradient) is one small ``jax.jit`` program, its whole run
-(warm-up with step-size and mass-matrix adaptation, sampling) another, built on
-NumPyro's functional NUTS kernel (:func:`numpyro.infer.hmc.hmc`) and run for
-each chain in a thread of its own, and the caller's post-processing of all
-chains' draws, where it has one, a third.  Compilation is most of a small model's wall time, so
-the programs are compiled side by side, each while the next is traced, and for
-short runs of small models with :mod:`hierpool.compiler_options`' quick options
-(:func:`quick_compile`).
-"""
+potential energy and gradient, and the chain's run key) is one small ``jax.jit``
+program, its whole run (warm-up with step-size and mass-matrix adaptation,
+sampling, the draws constrained) another, built on NumPyro's functional NUTS
+kernel (:func:`numpyro.infer.hmc.hmc`) and run for each chain in a thread of its
+own; a caller's compiled post-processing of all chains' draws, where it has one,
+is a third.  Compilation is most of a small model's wall time, so the chain
+program, the longest to compile, is submitted first and the others are lowered
+while it compiles; short runs of small models compile with
+:mod:`hierpool.compiler_options`' quick options (:func:`quick_compile`)."""
 
 from __future__ import annotations
 
