@@ -23,6 +23,7 @@ def arviz_values(x):
         "ess_mean": az.ess(data, method="mean")["x"].values[0],
         "ess_tail": az.ess(data, method="tail")["x"].values[0],
         "mcse_mean": az.mcse(data, method="mean")["x"].values[0],
+        "mcse_sd": az.mcse(data, method="sd")["x"].values[0],
         "r_hat": az.rhat(data)["x"].values[0],
     }
 
@@ -35,7 +36,7 @@ def test_equal_to_arviz(chains, draws):
     columns += [np.ones((chains, draws)), np.tile(np.round(rng.normal(size=draws), 1), (chains, 1))]  # constant; ties
     stacked = np.stack(columns)
     ours = {**convergence.diagnose(stacked), "ess_mean": convergence.ess_mean(stacked),
-            "ess_tail": convergence.ess_tail(stacked)}
+            "ess_tail": convergence.ess_tail(stacked), "mcse_sd": convergence.mcse_sd(stacked)}
     assert np.allclose(ours["r_hat"], convergence.rhat(stacked), equal_nan=True)
     for i, column in enumerate(columns):
         reference = arviz_values(column)

@@ -141,6 +141,22 @@ def mcse_mean(x: np.ndarray) -> np.ndarray:
     return sd / np.sqrt(ess_mean(x))
 
 
+def mcse_sd(x: np.ndarray) -> np.ndarray:
+    """Monte Carlo standard error of the posterior sd (ArviZ's ``mcse(method="sd")``, vectorized).
+
+    The delta method on the variance: with d = (x - mean)^2, Var(mean(d)) ~ Var(d) / ESS_mean(d)
+    and sd = sqrt(mean(d)), so MCSE(sd) = sqrt(Var(d) / ESS_mean(d) / (4 mean(d))).  Not
+    sd / sqrt(2 ESS_bulk): NUTS draws are often antithetic for means (bulk ESS above the draws)
+    but not for second moments.  NaN for a constant column.
+    """
+    flat = x.reshape(x.shape[0], -1)
+    squared = (x - flat.mean(axis=1)[:, None, None]) ** 2
+    mean_squared = squared.reshape(x.shape[0], -1).mean(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var_of_mean = ((squared**2).reshape(x.shape[0], -1).mean(axis=1) - mean_squared**2) / ess_mean(squared)
+        return np.sqrt(var_of_mean / mean_squared / 4)
+
+
 def diagnose(x: np.ndarray) -> dict[str, np.ndarray]:
     """``mcse_mean``, ``ess_bulk`` and ``r_hat`` of (m, c, n) draws, sharing the rank normalization."""
     split = split_chains(x)
