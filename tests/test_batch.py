@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import warnings
+from concurrent.futures import Future
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,14 @@ def single_fits(formula, frames):
         return [hp.lmm(formula, frame) for frame in frames]
 
 
+def assert_not_refitted(batch):
+    # fit_batch refits a dataset its batched optimizer failed on with hp.lmm: a comparison with hp.lmm
+    # would then compare hp.lmm with itself, so every comparison first asserts there was no refit
+    assert not batch.refit.any(), batch.messages[batch.refit].to_dict()
+
+
 def assert_matches(batch, fits, labels):
+    assert_not_refitted(batch)
     for label, fit in zip(labels, fits):
         i = batch.datasets.get_loc(label)
         assert batch.objective.iloc[i] == pytest.approx(fit.objective, rel=1e-11)
@@ -57,12 +65,52 @@ def test_every_dataset_equals_its_own_lmm_fit(replicates, batch):
     assert batch.converged.all()
 
 
+def test_a_dataset_the_batched_optimizer_fails_on_is_refitted_and_marked(monkeypatch):
+    from hierpool.batch import fit as fit_module
+
+    data = hp.datasets.sleepstudy_replicates(4, seed=6)
+    data = data.drop(index=data.index[data.dataset == 2][0])  # 179 rows: the only dataset with n = 179
+    compiled = fit_module._programs
+
+    def programs(stats, *args, **kwargs):  # the batched optimizer, reporting dataset 2 as not converged
+        optimize, solve = compiled(stats, *args, **kwargs)
+
+        def optimize_failing(chunk, start):
+            out = optimize.result()(chunk, start)
+            return {**out, "converged": out["converged"] & (chunk.n != 179)}
+
+        failing = Future()
+        failing.set_result(optimize_failing)
+        return failing, solve
+
+    monkeypatch.setattr(fit_module, "_programs", programs)
+    polished = hp.fit_batch(SLEEP, data)
+    unpolished = hp.fit_batch(SLEEP, data, polish=False)
+    monkeypatch.undo()
+
+    fits = single_fits(SLEEP, [data[data.dataset == i] for i in range(4)])
+    assert polished.refit.tolist() == [False, False, True, False]
+    assert polished.to_frame().refit.tolist() == [False, False, True, False]
+    assert polished.converged.all()  # hp.lmm's converged: only refit tells the batched optimizer failed
+    assert "stopped" in polished.messages.loc[2] and "refitted by hp.lmm" in polished.messages.loc[2]
+    assert "1 refitted" in repr(polished)
+    assert polished.objective.loc[2] == pytest.approx(fits[2].objective, rel=1e-12)
+    with pytest.raises(AssertionError, match="refitted by hp.lmm"):  # the comparisons' guard catches it
+        assert_matches(polished, fits, list(range(4)))
+    # without polish nothing is refitted: the dataset stays not converged, with the batched numbers
+    assert not unpolished.refit.any()
+    assert unpolished.converged.tolist() == [True, True, False, True]
+    assert "stopped" in unpolished.messages.loc[2] and "refitted" not in unpolished.messages.loc[2]
+    assert_matches(unpolished, fits[:2], [0, 1])
+
+
 def test_three_coefficient_term_equals_lmm():
     # the unrolled per-level algebra beyond k = 2 (objective.factor_blocks)
     data = hp.datasets.sleepstudy_replicates(4, seed=3)
     data["days2"] = (data.Days - 4.5) ** 2 / 10
     formula = "Reaction ~ Days + (Days + days2 | Subject)"
     result = hp.fit_batch(formula, data, by="dataset")
+    assert_not_refitted(result)
     fits = single_fits(formula, [data[data.dataset == i] for i in range(4)])
     assert [fit.is_singular for fit in fits] == [True, True, True, False]  # 3 of 4 on the boundary
     for i, fit in enumerate(fits):
@@ -96,6 +144,7 @@ def test_random_intercept_and_categorical_fixed_effects():
     assert list(result.fixed_names) == list(hp.lmm(formula, data[data.dataset == 0]).fixef.index)
     assert_matches(result, single_fits(formula, [data[data.dataset == i] for i in range(8)]), list(range(8)))
     ml = hp.fit_batch(formula, data, reml=False)
+    assert_not_refitted(ml)
     single = hp.lmm(formula, data[data.dataset == 3], reml=False)
     assert ml.objective.iloc[3] == pytest.approx(single.objective, rel=1e-11)
 
@@ -118,6 +167,7 @@ def test_a_singular_dataset_is_flagged_with_a_zero_variance():
     rng = np.random.default_rng(1)
     frames = [pd.DataFrame({"y": rng.normal(size=30), "g": np.repeat(list("abcdef"), 5)}) for _ in range(3)]
     result = hp.fit_batch("y ~ 1 + (1 | g)", frames)
+    assert_not_refitted(result)
     fits = single_fits("y ~ 1 + (1 | g)", frames)
     for i, fit in enumerate(fits):
         assert result.objective.iloc[i] == pytest.approx(fit.objective, rel=1e-10)
@@ -128,6 +178,7 @@ def test_a_singular_dataset_is_flagged_with_a_zero_variance():
 
 def test_float32_agrees_with_float64(replicates, batch):
     single = hp.fit_batch(SLEEP, replicates, dtype="float32")
+    assert_not_refitted(single)
     np.testing.assert_allclose(single.objective, batch.objective, rtol=1e-5)
     np.testing.assert_allclose(single.fixef, batch.fixef, rtol=1e-4)
 
@@ -135,7 +186,7 @@ def test_float32_agrees_with_float64(replicates, batch):
 def test_tables(replicates, batch):
     frame = batch.to_frame()
     assert len(frame) == 60 and {"Intercept", "se_Days", "sd_Subject_Days", "cor_Subject_Intercept_Days",
-                                 "sigma", "converged", "is_singular", "message"} <= set(frame.columns)
+                                 "sigma", "converged", "refit", "is_singular", "message"} <= set(frame.columns)
     fit = hp.lmm(SLEEP, replicates[replicates.dataset == 7])
     np.testing.assert_allclose(frame.loc[7, ["sd_Subject_Intercept", "sd_Subject_Days", "cor_Subject_Intercept_Days",
                                              "sigma"]].to_numpy(float), fit.varcorr.sdcor.to_numpy(), rtol=1e-5)
@@ -147,7 +198,7 @@ import json, hierpool as hp, jax
 data = hp.datasets.sleepstudy_replicates(60, seed=4)
 result = hp.fit_batch("Reaction ~ Days + (Days | Subject)", data, chunk_size=8)
 print(json.dumps({"devices": jax.device_count(), "objective": result.objective.tolist(),
-                  "beta": result.beta.tolist()}))
+                  "beta": result.beta.tolist(), "refitted": int(result.refit.sum())}))
 """
 
 
@@ -156,7 +207,7 @@ def test_sharded_over_four_host_devices_gives_the_same_fits(replicates, batch):
     run = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["devices"] == 4
+    assert out["devices"] == 4 and out["refitted"] == 0  # the sharded optimizer converged by itself
     np.testing.assert_allclose(out["objective"], batch.objective, rtol=1e-11)
     np.testing.assert_allclose(out["beta"], batch.beta, rtol=1e-8)
 
@@ -170,6 +221,7 @@ posterior = hp.bayes_batch("Reaction ~ Days + (Days | Subject)", hp.datasets.sle
                            draws=300, tune=300, seed=2, progress=False)
 print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(),
                   "objective": result.objective.tolist(), "beta": result.beta.tolist(),
+                  "refitted": int(result.refit.sum()),
                   "posterior": posterior.fixef[["mean", "mcse_mean"]].to_numpy().tolist()}))
 """
 
@@ -187,7 +239,7 @@ def test_two_processes_through_jax_distributed_give_the_same_fits(batch):
         assert process.returncode == 0, stderr[-2000:]
     results = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
     for out in results:
-        assert (out["devices"], out["local"]) == (4, 2)
+        assert (out["devices"], out["local"]) == (4, 2) and out["refitted"] == 0
         np.testing.assert_allclose(out["objective"], batch.objective, rtol=1e-11)
         np.testing.assert_allclose(out["beta"], batch.beta, rtol=1e-8)
     # every process holds every dataset's posterior (gathered), the same on both

@@ -25,7 +25,15 @@ class BatchResult:
         lme4's theta per dataset (NaN where the fit failed).
     objective : pandas.Series
         REML criterion (or -2 log-likelihood) per dataset.
-    converged, is_singular : pandas.Series of bool
+    converged : pandas.Series of bool
+        Whether the dataset's optimizer converged: the batched one's, or, where
+        ``refit`` is True, ``hp.lmm``'s.
+    refit : pandas.Series of bool
+        True where the batched optimizer did not converge and the row holds a
+        refit by ``hp.lmm`` (``polish=True``) instead of the batched results.
+        ``refit.any()`` says the batched optimizer failed somewhere even when
+        ``converged.all()``.
+    is_singular : pandas.Series of bool
     messages : pandas.Series of str
         Why a dataset failed or was refitted; empty when all went well.
     beta, beta_se : (B, p) ndarrays
@@ -46,6 +54,7 @@ class BatchResult:
     theta: np.ndarray
     objective: pd.Series
     converged: pd.Series
+    refit: pd.Series
     is_singular: pd.Series
     messages: pd.Series
     beta: np.ndarray
@@ -104,7 +113,8 @@ class BatchResult:
     def to_frame(self) -> pd.DataFrame:
         """One tidy row per dataset: status, criterion, fixed effects and their ses, sds, correlations, sigma."""
         frame = pd.DataFrame({"dataset": self.datasets, "objective": self.objective.to_numpy(),
-                              "converged": self.converged.to_numpy(), "is_singular": self.is_singular.to_numpy(),
+                              "converged": self.converged.to_numpy(), "refit": self.refit.to_numpy(),
+                              "is_singular": self.is_singular.to_numpy(),
                               "message": self.messages.to_numpy()})
         for j, name in enumerate(self.fixed_names):
             frame[name] = self.beta[:, j]
@@ -122,4 +132,5 @@ class BatchResult:
     def __repr__(self) -> str:
         failed = int((~self.converged).sum())
         return (f"BatchResult: {len(self.datasets)} datasets, {'REML' if self.reml else 'ML'}; "
-                f"{failed} not converged, {int(self.is_singular.sum())} singular")
+                f"{failed} not converged, {int(self.refit.sum())} refitted by hp.lmm, "
+                f"{int(self.is_singular.sum())} singular")
