@@ -55,6 +55,60 @@ def test_fit_writes_the_tables_plots_and_posterior(sleep_csv, tmp_path, capsys):
     assert idata.posterior["b_Subject"].shape == (2, 400, 18, 2)
 
 
+SCHOOLS = "y ~ 1 + (1 | school)"
+Z80, Z95 = 1.2815515655446004, 1.959963984540054  # two-sided normal quantiles of 80% and 95% intervals
+
+
+@pytest.fixture(scope="module")
+def schools_csv(tmp_path_factory):
+    # eight schools with the standard errors halved: on the real data REML puts the between-school sd at 0,
+    # so every BLUP and every interval width is 0 and a wrong --se or --level would go unseen
+    path = tmp_path_factory.mktemp("schools") / "schools.csv"
+    data = hp.datasets.eight_schools()
+    data.assign(se=data.se / 2, sd=data.se).to_csv(path, index=False)  # sd: a decoy the CLI must not read
+    return path
+
+
+def test_fit_with_known_se_writes_hp_lmm_se_numbers_and_level_scales_the_intervals(schools_csv, tmp_path):
+    data = pd.read_csv(schools_csv)
+    fit = hp.lmm(SCHOOLS, data, se="se")
+    assert fit.varcorr.sdcor.iloc[0] > 5  # a clearly non-zero between-school sd
+    wide, narrow = tmp_path / "wide", tmp_path / "narrow"
+    assert main(["fit", str(schools_csv), SCHOOLS, "--se", "se", "--out", str(wide)]) == 0
+    assert main(["fit", str(schools_csv), SCHOOLS, "--se", "se", "--level", "0.8", "--out", str(narrow)]) == 0
+
+    fixef = pd.read_csv(wide / "fixef.csv").set_index("term")
+    np.testing.assert_allclose(fixef["estimate"], fit.fixef, rtol=1e-10)
+    np.testing.assert_allclose(fixef["se"], fit.fixef_se, rtol=1e-10)
+    varcorr = pd.read_csv(wide / "varcorr.csv")
+    assert list(varcorr.grp) == ["school"]  # no residual row: sigma is known, not estimated
+    np.testing.assert_allclose(varcorr.sdcor, fit.varcorr.sdcor, rtol=1e-10)
+    ranef = pd.read_csv(wide / "ranef.csv")
+    assert list(ranef.grp) == list("ABCDEFGH")
+    np.testing.assert_allclose(ranef["condval"], fit.ranef.condval, rtol=1e-10)
+    np.testing.assert_allclose(ranef["condsd"], fit.ranef.condsd, rtol=1e-10)
+    np.testing.assert_allclose(ranef["joint_sd"], fit.ranef_joint_sd(), rtol=1e-10)
+    np.testing.assert_allclose(ranef["upper"] - ranef["lower"], 2 * Z95 * fit.ranef_joint_sd(), rtol=1e-10)
+
+    # --level 0.8: the same estimates, the intervals narrower by the ratio of normal quantiles
+    at80 = pd.read_csv(narrow / "ranef.csv")
+    np.testing.assert_allclose(at80["condval"], ranef["condval"], rtol=1e-12)
+    np.testing.assert_allclose(at80["upper"] - at80["lower"], (ranef["upper"] - ranef["lower"]) * Z80 / Z95,
+                               rtol=1e-10)
+    np.testing.assert_allclose((at80["upper"] + at80["lower"]) / 2, at80["condval"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("column,message", [
+    ("stderr", "argument se uses column 'stderr', which is not in the data"),
+    ("school", "se column 'school' must be numeric"),
+    ("y", "se column 'y' must be positive"),
+])
+def test_a_bad_se_column_is_exit_status_2_naming_it(column, message, schools_csv, tmp_path, capsys):
+    assert main(["fit", str(schools_csv), SCHOOLS, "--se", column, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hierpool: error:") and message in err[0], err
+
+
 @pytest.mark.parametrize("args,message", [
     (["fit", "missing.csv", "y ~ 1 + (1 | g)"], "no such file: missing.csv"),
     (["fit", "{csv}", "Reaction ~ Days + (Days | Subject"], "unbalanced brackets"),
