@@ -1,5 +1,12 @@
-"""Every teaching notebook runs top to bottom (small sizes) and keeps its figures in the saved outputs."""
+"""Every teaching notebook runs top to bottom (small sizes), checks its own claims, and keeps its figures.
 
+The numbers and statements a notebook's text makes are computed by its code cells and checked by
+``assert`` statements in them (with a message): an assert that fails makes the execution below fail.
+Every notebook must keep at least one such cell, and its committed outputs must come from a run in
+which they all passed.
+"""
+
+import ast
 from pathlib import Path
 
 import pytest
@@ -11,11 +18,32 @@ def _images(book) -> int:
     return sum("image/png" in out.get("data", {}) for cell in book.cells if cell.cell_type == "code" for out in cell.outputs)
 
 
+def _python(source: str) -> str:
+    """A code cell's source without IPython magics and shell escapes."""
+    return "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+
+
+def _asserts(cell) -> list[ast.Assert]:
+    return [node for node in ast.walk(ast.parse(_python(cell.source))) if isinstance(node, ast.Assert)]
+
+
 def test_there_are_the_teaching_notebooks():
     names = {p.stem for p in NOTEBOOKS}
     for topic in ("pooling_and_shrinkage", "blup_as_penalized_regression", "blup_vs_posterior",
                   "prediction_uncertainty", "batch_fitting"):
         assert any(topic in name for name in names), topic
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_checks_its_claims(path):
+    nbformat = pytest.importorskip("nbformat")
+    saved = nbformat.read(path, as_version=4)
+    code = [cell for cell in saved.cells if cell.cell_type == "code"]
+    checks = [node for cell in code for node in _asserts(cell)]
+    assert checks, "the notebook has no assert cell: its claims are not checked"
+    assert all(node.msg is not None for node in checks), "every assert should say what it checks"
+    errors = [out for cell in code for out in cell.outputs if out.get("output_type") == "error"]
+    assert not errors, f"the committed outputs hold an error: {errors[0].get('ename')}: {errors[0].get('evalue')}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -28,6 +56,7 @@ def test_notebook_runs_and_shows_its_figures(path, monkeypatch):
         "the committed notebook has a code cell that was not run"
     monkeypatch.setenv("HIERPOOL_NOTEBOOK_QUICK", "1")
     book = nbformat.read(path, as_version=4)
+    # a failing assert cell raises CellExecutionError here
     nbclient.NotebookClient(book, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}}).execute()
     assert _images(book) == _images(saved)
