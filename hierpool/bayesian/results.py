@@ -80,6 +80,12 @@ class BayesResult:
         slot = term_slots(self.design)[0][j]
         return self._values(f"b_{slot.name}")[..., list(slot.coef_positions)]
 
+    def ranef_draws(self) -> np.ndarray:
+        """Draws of every random effect, shape (chain, draw, rows), in :attr:`ranef`'s row order."""
+        return np.concatenate(
+            [self.term_draws(j)[..., i] for j, term in enumerate(self.design.terms) for i in range(term.k)], axis=-1
+        )
+
     @property
     def beta_draws(self) -> np.ndarray:
         return self._values("beta")
@@ -137,6 +143,22 @@ class BayesResult:
             for column in SUMMARY_COLUMNS[1:]:
                 frame[column] = 0.0 if column == "sd" else np.nan
             return frame
+        rows, draws = self._varcorr_rows_and_draws()
+        stats = summarize_draws(draws, self.level)
+        return pd.concat(
+            [pd.DataFrame(rows, columns=["grp", "var1", "var2"]), pd.DataFrame(stats)[SUMMARY_COLUMNS]], axis=1
+        )
+
+    def varcorr_draws(self) -> np.ndarray:
+        """Draws of the ``varcorr`` rows (sds, correlations, residual sd), shape (chain, draw, rows).
+
+        Columns in the order of :attr:`varcorr`'s rows; not available with held variance parameters.
+        """
+        if self.held is not None:
+            raise ArgumentError("the variance parameters were held fixed: they have no draws")
+        return self._varcorr_rows_and_draws()[1]
+
+    def _varcorr_rows_and_draws(self) -> tuple[list, np.ndarray]:
         rows, columns = [], []
         slots = term_slots(self.design)[0]
         for term, slot in zip(self.design.terms, slots):
@@ -152,10 +174,7 @@ class BayesResult:
         if "sigma" in self.idata.posterior:
             rows.append(("Residual", None, None))
             columns.append(self._values("sigma"))
-        stats = summarize_draws(np.stack(columns, axis=-1), self.level)
-        return pd.concat(
-            [pd.DataFrame(rows, columns=["grp", "var1", "var2"]), pd.DataFrame(stats)[SUMMARY_COLUMNS]], axis=1
-        )
+        return rows, np.stack(columns, axis=-1)
 
     # --- predictions ---------------------------------------------------------------------
     def predict(
