@@ -135,9 +135,9 @@ def _crossed_sbc_design():
     ids=["slope", "crossed"],
 )
 def test_sbc_quick_mode_finds_uniform_ranks(formula, design):
-    # quick mode (100 replications, 2 x 250 draws each, 99 ranked); the random-intercept model and
+    # quick mode (100 replications, 2 x 150 draws each, 99 ranked); the random-intercept model and
     # 1000 replications of each are in the validation report (python -m validation)
-    result = hp.validate.sbc(formula, design(), n_reps=100, draws_per_chain=250, tune=250, seed=1)
+    result = hp.validate.sbc(formula, design(), n_reps=100, draws_per_chain=150, tune=150, seed=1)
     assert result.passed, result.tests
     assert result.ranks.shape[0] == 100 and result.ranks.to_numpy().max() <= result.n_draws
     if "(1 | a)" in formula:  # both crossed factors are ranked: their sds and one effect each
