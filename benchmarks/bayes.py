@@ -66,10 +66,12 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -264,16 +266,39 @@ def _fill(source: str, model: str, accept: float | None, r: bool) -> str:
             .replace("FORMULA", repr(spec["formula"])).replace("ACCEPT", repr(accept)))
 
 
+def machine_cpu_s() -> float | None:
+    """CPU seconds the whole machine has been busy (all processes, Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _run(command: list[str], source: str) -> dict:
-    load = os.getloadavg()[0]
+    """Run one fit in a fresh process.  Besides the tool's own figures, records the 1-minute load
+    before it and the CPU seconds that other processes on the machine used while it ran
+    (``other_cpu_s``: machine busy time minus this run's own, its worker processes included;
+    Linux only).  On a shared machine, other_cpu_s / process_wall_s is the share of a core
+    the run lost to others."""
+    load, busy, ours, start = os.getloadavg()[0], machine_cpu_s(), children_cpu_s(), time.perf_counter()
     done = subprocess.run(command, input=source, capture_output=True, text=True)
+    contention = {"load_1min_before": load, "process_wall_s": time.perf_counter() - start,
+                  "process_cpu_s": children_cpu_s() - ours}
+    if busy is not None:
+        contention["other_cpu_s"] = machine_cpu_s() - busy - contention["process_cpu_s"]
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
-        return {"error": lines[-1] if lines else f"exit {done.returncode}", "load_1min_before": load}
+        return {"error": lines[-1] if lines else f"exit {done.returncode}", **contention}
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["ess_per_s"] = result["min_ess_bulk"] / result["wall_s"]
-    result["load_1min_before"] = load
-    return result
+    return {**result, **contention}
 
 
 def _tools(bambi_python: str) -> dict[str, tuple[list[str], str] | str]:
@@ -295,7 +320,7 @@ def _tools(bambi_python: str) -> dict[str, tuple[list[str], str] | str]:
     return tools
 
 
-def _commit() -> str | None:
+def commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).resolve().parent).stdout.strip()
@@ -321,7 +346,7 @@ def main() -> None:
             print(f"note: skipping {name}: {tool}", file=sys.stderr)
     results: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "commit": _commit(),
+        "commit": commit(),
         "load_1min_at_start": os.getloadavg()[0],
         "protocol": "4 chains x 1000 draws after 1000 warm-up, seed 1; min bulk ESS over the random effects "
                     "per second of the fitting call (compilation included, imports and data loading excluded); "

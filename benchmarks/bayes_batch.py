@@ -25,6 +25,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from bayes import children_cpu_s, commit, machine_cpu_s  # benchmarks/bayes.py, beside this script
+
 OUT = Path(__file__).resolve().parent / "out"
 
 BATCH = textwrap.dedent(
@@ -64,24 +66,30 @@ LOOP = textwrap.dedent(
 
 
 def run_python(code: str) -> dict:
+    """Run one contender in a fresh process; also records the CPU seconds other processes on the
+    machine used meanwhile (``other_cpu_s``, Linux only: machine busy time minus this run's own)."""
+    load, busy, ours = os.getloadavg()[0], machine_cpu_s(), children_cpu_s()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["load_1min_before"] = load
+    result["process_cpu_s"] = children_cpu_s() - ours
+    if busy is not None:
+        result["other_cpu_s"] = machine_cpu_s() - busy - result["process_cpu_s"]
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", type=int, default=100)
     args = parser.parse_args()
-    load = {"batch": os.getloadavg()[0]}
     batch = run_python(BATCH.replace("DATASETS", str(args.datasets)))
-    load["loop"] = os.getloadavg()[0]
     loop = run_python(LOOP.replace("DATASETS", str(args.datasets)))
-    load["end"] = os.getloadavg()[0]
     if batch.pop("dataset_ids") != loop.pop("dataset_ids"):
         raise SystemExit("the batch and the loop sampled different datasets")
     report = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "load_1min": load,
+        "commit": commit(),
+        "load_1min_at_end": os.getloadavg()[0],
         "same_datasets": True,
         "bayes_batch": {**batch, "datasets_per_s": batch["datasets"] / batch["wall_s"]},
         "bayes_loop": {**loop, "datasets_per_s": loop["datasets"] / loop["wall_s"]},
