@@ -25,6 +25,8 @@ from .priors import Priors, resolve_priors
 from .results import BayesResult
 
 METHODS = ("auto", "collapsed", "full")
+#: The full model with held variance parameters adapts a dense mass matrix up to this many coefficients.
+DENSE_MASS_MAX_DIMENSION = 1000
 #: Pointwise log-likelihood is stored up to this many values (chains x draws x rows).
 LOG_LIKELIHOOD_MAX_VALUES = 5e7
 
@@ -156,8 +158,9 @@ def _sample_full(design, resolved, held, chains, draws, tune, seed, target_accep
         seed=seed,
         target_accept=target_accept,
         # variance held: (beta, z) is Gaussian, and a dense mass matrix makes it isotropic for NUTS
-        # (beta and the z's are a-posteriori correlated under a flat prior on beta)
-        dense_mass=held is not None,
+        # (beta and the z's are a-posteriori correlated under a flat prior on beta); its adaptation
+        # costs O(d^2) per draw, so only up to DENSE_MASS_MAX_DIMENSION coefficients
+        dense_mass=held is not None and design.p + sum(t.n_levels * t.k for t in design.terms) <= DENSE_MASS_MAX_DIMENSION,
         progress=progress,
     )
     if "beta" in out:
@@ -212,8 +215,11 @@ def bayes(
         ``full``: NUTS on everything, non-centered.  ``auto`` picks collapsed when it applies.
     variance : LMMResult, optional
         Hold the variance parameters at this closed-form fit's values.  The
-        posterior of (beta, b) is then Gaussian and is drawn exactly
-        (collapsed) or by NUTS (full): the validation's exact mode.
+        posterior of (beta, b) is then Gaussian.  The default method draws it
+        exactly from the closed form's own factorization (fast, but no check of
+        the closed form); ``method="full"`` samples it by NUTS on the plain
+        model, independently of the mixed-model equations: the posterior of
+        :func:`hierpool.validate.blup_agreement`'s exact mode.
     level : float
         Coverage of the equal-tailed intervals in the summary tables.
     target_accept : float

@@ -80,6 +80,11 @@ class BayesResult:
         slot = term_slots(self.design)[0][j]
         return self._values(f"b_{slot.name}")[..., list(slot.coef_positions)]
 
+    @property
+    def divergences(self) -> int:
+        """Divergent NUTS transitions over all chains (0 for exact draws, which have no sampler statistics)."""
+        return int(self.idata.sample_stats["diverging"].values.sum()) if "sample_stats" in self.idata else 0
+
     def ranef_draws(self) -> np.ndarray:
         """Draws of every random effect, shape (chain, draw, rows), in :attr:`ranef`'s row order."""
         return np.concatenate(
@@ -255,7 +260,7 @@ class BayesResult:
                  for key, (values, reduce) in per_column.items()},
                 index=pd.Index(names, name="variable"),
             )
-        divergences = int(self.idata.sample_stats["diverging"].values.sum()) if "sample_stats" in self.idata else 0
+        divergences = self.divergences
         table.attrs["divergences"] = divergences
         if warn:
             chains = posterior.sizes["chain"]

@@ -1,4 +1,4 @@
-"""Posterior means against BLUPs, posterior sds against conditional sds, and sampler against sampler.
+"""Posterior means against BLUPs, posterior sds against the joint sds of the mixed-model equations.
 
 The posterior compared with the closed form is computed independently of it: the
 plain non-centered NumPyro model (``hp.bayes(method="full")``),
@@ -6,8 +6,9 @@ plain non-centered NumPyro model (``hp.bayes(method="full")``),
     y ~ Normal(X beta + sum_j Z_j b_j, sigma),   b_j = z_j F_j^T,  z_j ~ Normal(0, I),  F_j F_j^T = Sigma_j,
 
 sampled by NUTS.  It shares with the closed-form engine only the design (X, the level
-index and z columns of every term) and, in exact mode, the variance parameters; it never
-touches the mixed-model equations, their factorization or their solve.  (The exact
+index and z columns of every term) and, in exact mode, the variance parameters (the fit's
+relative covariance factors and sigma); it never forms the mixed-model equations' cross-
+products and never factors or solves them.  (The exact
 Henderson draw, ``hp.bayes(..., variance=fit)`` with the default method, draws from the
 same factorization as the BLUPs: agreement there would only show that its noise averages
 to zero.  It stays the fast way to get those draws; it is not the validation.)
@@ -48,7 +49,6 @@ from ..bayesian.convergence import mcse_sd
 from ..closedform import lmm
 from ..errors import ArgumentError
 
-FLAT_BETA = {"Intercept": "flat", "b": "flat"}
 
 
 def bonferroni_threshold(n_tests: int, alpha: float) -> float:
@@ -91,10 +91,12 @@ class AgreementReport:
     def summary(self) -> str:
         """A few lines on the agreement."""
         ranef = self.table[self.table.effect == "ranef"]
+        not_finite = int((~np.isfinite(self.table.z) | ~np.isfinite(self.table.sd_z)).sum())
         lines = [
             f"BLUP agreement ({self.mode} mode): {len(self.table)} effects, "
             f"max |z| = {np.abs(self.table.z).max():.2f}, max |sd_z| = {np.abs(self.table.sd_z).max():.2f}, "
             f"max R-hat {np.nanmax(self.table.r_hat):.4f}, {self.divergences} divergent transitions"
+            + (f", {not_finite} effects with a non-finite z" if not_finite else "")
             + (f", threshold {self.threshold:.2f}: {'PASSED' if self.passed else 'FAILED'}" if self.mode == "exact" else ""),
             f"posterior sd / joint sd: {self.table.sd_ratio.min():.3f} to {self.table.sd_ratio.max():.3f}",
         ]
@@ -156,7 +158,7 @@ def _comparison_table(fit, post) -> pd.DataFrame:
     )
     table = pd.concat([fixef, ranef], ignore_index=True)
     # a zero variance component (singular fit) pins its effects at exactly 0 in both engines
-    pinned = (table.joint_sd == 0) & (table.post_sd < 1e-12)
+    pinned = (table.joint_sd == 0) & (table.post_sd < 1e-12) & (table.blup.abs() < 1e-12) & (table.post_mean.abs() < 1e-12)
     with np.errstate(divide="ignore", invalid="ignore"):
         table["z"] = np.where(pinned, 0.0, (table.post_mean - table.blup) / table.mcse)
         table["sd_ratio"] = np.where(pinned, 1.0, table.post_sd / table.joint_sd)
@@ -192,10 +194,16 @@ def compare(fit, posterior, alpha: float = 0.01, r_hat_max: float = 1.05) -> Agr
     """
     if not 0 < alpha < 1:
         raise ArgumentError(f"alpha must be between 0 and 1, got {alpha!r}")
+    _check_same_model(fit, posterior)
     mode = "exact" if posterior.held is not None else "full"
+    if mode == "exact":
+        if any(prior is not None for prior in posterior.priors.beta):
+            raise ArgumentError("posterior: exact mode compares with the BLUE of beta and needs flat priors on every fixed effect")
+        if not np.isclose(float(posterior.held.sigma), float(fit.sigma) if not fit.design.sigma_known else 1.0, rtol=1e-10):
+            raise ArgumentError("posterior: its variance parameters were held at another fit's values")
     table = _comparison_table(fit, posterior)
     threshold = bonferroni_threshold(2 * len(table), alpha)
-    divergences = _divergences(posterior)
+    divergences = posterior.divergences
     passed = None
     if mode == "exact":
         passed = bool(
@@ -208,9 +216,18 @@ def compare(fit, posterior, alpha: float = 0.01, r_hat_max: float = 1.05) -> Agr
                            divergences=divergences)
 
 
-def _divergences(posterior) -> int:
-    stats = posterior.idata.get("sample_stats")
-    return 0 if stats is None or "diverging" not in stats else int(stats["diverging"].sum())
+def _check_same_model(fit, posterior) -> None:
+    same = list(fit.fixef.index) == list(posterior.fixef.index) and all(
+        np.array_equal(fit.ranef[column].astype(str).to_numpy(), posterior.ranef[column].astype(str).to_numpy())
+        for column in ("grpvar", "term", "grp")
+    )
+    if not same:
+        raise ArgumentError("posterior: its fixed and random effects are not those of fit (another model or data set)")
+
+
+def flat_beta_priors(fit) -> dict:
+    """Flat priors on every fixed effect of ``fit`` (``hp.bayes``'s prior keys)."""
+    return {"b": "flat", **({"Intercept": "flat"} if "Intercept" in fit.fixef.index else {})}
 
 
 def blup_agreement(
@@ -225,6 +242,7 @@ def blup_agreement(
     seed: int = 0,
     alpha: float = 0.01,
     target_accept: float = 0.8,
+    r_hat_max: float = 1.05,
 ) -> AgreementReport:
     """Compare an independent posterior of every effect with the closed-form BLUPs.
 
@@ -240,9 +258,9 @@ def blup_agreement(
         posterior is NUTS on the plain non-centered model (``hp.bayes(method="full")``),
         independent of the mixed-model equations.
     chains, draws, tune, seed, target_accept
-        Sampler settings.
-    alpha : float
-        Family-wise level of the exact-mode test (see :func:`compare`).
+        Sampler settings (at least two chains: R-hat needs them).
+    alpha, r_hat_max
+        Family-wise level of the exact-mode test and its R-hat bound (see :func:`compare`).
 
     Returns
     -------
@@ -254,12 +272,14 @@ def blup_agreement(
         raise ArgumentError(f"alpha must be between 0 and 1, got {alpha!r}")
     if mode == "exact" and priors:
         raise ArgumentError("priors apply to mode='full'; exact mode uses a flat prior on the fixed effects")
+    if chains < 2:
+        raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
     fit = lmm(formula, data, se=se)
     post = bayes(
         formula,
         data,
         se=se,
-        priors=FLAT_BETA if mode == "exact" else priors,
+        priors=flat_beta_priors(fit) if mode == "exact" else priors,
         variance=fit if mode == "exact" else None,
         method="full",
         chains=chains,
@@ -268,7 +288,7 @@ def blup_agreement(
         seed=seed,
         target_accept=target_accept,
     )
-    return compare(fit, post, alpha=alpha)
+    return compare(fit, post, alpha=alpha, r_hat_max=r_hat_max)
 
 
 def agreement_series(simulate, sizes, seed: int = 0, **kwargs) -> pd.DataFrame:

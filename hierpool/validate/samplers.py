@@ -10,8 +10,11 @@ so every summary must agree up to the Monte-Carlo error of both:
     z_sd   = (sd_collapsed - sd_full) / sqrt(MCSE(sd)_c^2 + MCSE(sd)_f^2),
 
 for every fixed effect, every random effect and every variance parameter (sds,
-correlations, residual sd).  A wrong marginal likelihood, a wrong conditional draw or a
-wrong prior in either sampler moves some of these far beyond the Bonferroni bound.
+correlations, residual sd).  A wrong marginal likelihood, a wrong conditional draw, or a
+fixed-effect prior applied wrongly by either sampler (the collapsed one turns it into
+pseudo-observations) moves some of these far beyond the Bonferroni bound.  The two share
+the variance parameters' prior code (``model.variance_parameters``), so a wrong variance
+prior is not caught here: simulation-based calibration (:func:`hierpool.validate.sbc`) is.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class SamplerAgreement:
         the full model's transitions divergent (the non-centered model has the odd one where
         a variance is weakly determined, as Pastes' batches).
     collapsed, full : BayesResult
+    divergences : dict
+        Divergent transitions of each sampler (``collapsed``, ``full``).
     """
 
     table: pd.DataFrame
@@ -54,6 +59,7 @@ class SamplerAgreement:
     divergences: dict
 
     def summary(self) -> str:
+        """One line on the agreement."""
         return (
             f"collapsed vs full sampler: {len(self.table)} quantities, max |z_mean| = {np.abs(self.table.z_mean).max():.2f}, "
             f"max |z_sd| = {np.abs(self.table.z_sd).max():.2f}, threshold {self.threshold:.2f}, "
@@ -72,10 +78,6 @@ def _quantities(post) -> list[tuple[str, list[str], np.ndarray]]:
         ("ranef", [f"{g}:{t}:{l}" for g, t, l in zip(ranef.grpvar, ranef.term, ranef.grp)], post.ranef_draws()),
         ("varcorr", varcorr_names, post.varcorr_draws()),
     ]
-
-
-def _divergences(post) -> int:
-    return int(post.idata.sample_stats["diverging"].sum())
 
 
 def sampler_agreement(
@@ -120,6 +122,8 @@ def sampler_agreement(
     """
     if not 0 < alpha < 1:
         raise ArgumentError(f"alpha must be between 0 and 1, got {alpha!r}")
+    if chains < 2:
+        raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
     settings = dict(priors=priors, se=se, chains=chains, draws=draws, tune=tune, target_accept=target_accept)
     collapsed = bayes(formula, data, method="collapsed", seed=seed, **settings)
     full = bayes(formula, data, method="full", seed=seed + 1, **settings)
@@ -165,7 +169,7 @@ def compare_samplers(
         )
     table = pd.concat(frames, ignore_index=True)
     threshold = bonferroni_threshold(2 * len(table), alpha)
-    divergences = {"collapsed": _divergences(collapsed), "full": _divergences(full)}
+    divergences = {"collapsed": collapsed.divergences, "full": full.divergences}
     passed = bool(
         np.all(np.abs(table.z_mean) < threshold)
         and np.all(np.abs(table.z_sd) < threshold)
