@@ -26,6 +26,8 @@ FLAT = {"Intercept": "flat", "b": "flat"}
         ("sleepstudy", "Reaction ~ Days + (Days | Subject)"),  # correlated slopes
         ("Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),  # crossed
         ("Pastes", "strength ~ 1 + (1 | batch/cask)"),  # nested
+        ("sleepstudy", "Reaction ~ Days + (Days || Subject)"),  # uncorrelated
+        ("Machines", "score ~ Machine + (1 | Worker) + (1 | Worker:Machine)"),  # categorical fixed effect
     ],
 )
 def test_exact_draws_equal_henderson(name, formula):
@@ -80,6 +82,19 @@ def test_collapsed_and_full_samplers_agree(sleepstudy_posteriors):
     report = hp.validate.compare_samplers(sleepstudy_posteriors["collapsed"], sleepstudy_posteriors["full"])
     assert report.passed, report.summary()
     assert len(report.table) == 2 + 36 + 4
+
+
+def test_sampler_comparison_fails_when_one_posterior_is_off(sleepstudy_posteriors):
+    # one subject's slope draws moved by 0.2 posterior sd (a conditional draw with a wrong mean)
+    from dataclasses import replace
+
+    full = sleepstudy_posteriors["full"]
+    idata = full.idata.copy()
+    b = idata.posterior["b_Subject"]
+    idata.posterior["b_Subject"] = b + 0.2 * float(b[..., 3, 1].std()) * ((b.Subject == b.Subject[3]) & (b.Subject_coef == "Days"))
+    report = hp.validate.compare_samplers(sleepstudy_posteriors["collapsed"], replace(full, idata=idata))
+    assert not report.passed
+    assert report.table.loc[np.abs(report.table.z_mean).idxmax(), "name"] == "Subject:Days:" + str(b.Subject.values[3])
 
 
 def test_collapsed_sampler_mixes_random_effects_better(sleepstudy_posteriors):

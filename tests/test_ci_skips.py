@@ -13,6 +13,10 @@ import pytest
 
 def test_needs_an_extra():
     pytest.importorskip("hierpool_no_such_module")
+
+
+def test_skipped_on_purpose():
+    pytest.skip("a skip that is not about a missing extra")
 """
 
 
@@ -26,8 +30,10 @@ def _run(tmp_path, ci: str | None):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_a_missing_extra_fails_the_run_in_ci(tmp_path):
-    # outside CI the same file gives "1 skipped" and exit status 0 (pytest's own behaviour)
+def test_a_missing_extra_fails_the_run_in_ci_and_skips_elsewhere(tmp_path):
     result = _run(tmp_path, "true")
     assert result.returncode == 1, result.stdout
-    assert "1 failed" in result.stdout and "CI=true: a test extra is missing" in result.stdout
+    assert "1 failed, 1 skipped" in result.stdout and "CI=true: a test extra is missing" in result.stdout
+    result = _run(tmp_path, None)
+    assert result.returncode == 0, result.stdout
+    assert "2 skipped" in result.stdout

@@ -73,10 +73,39 @@ def test_exact_mode_fails_when_the_joint_sd_ignores_beta_uncertainty(sleepstudy_
     assert np.abs(report.table.z).max() < report.threshold < np.abs(report.table.sd_z).max()
 
 
-def test_exact_mode_table_and_plot(sleepstudy_exact):
-    table = sleepstudy_exact.table
-    assert {"mcse_sd", "r_hat", "sd_z"} <= set(table.columns)
-    # sd_z is in units of the sd's own Monte-Carlo error (ArviZ), not sd / sqrt(2 ESS)
+def test_a_bug_shared_by_the_solve_and_the_exact_draw_fails_the_validation(monkeypatch):
+    # The circularity: the BLUPs and the exact Henderson draw are built on the same
+    # cross-products (build_system).  Form them from a response shifted by 5 ms for one subject
+    # (a wrong right-hand side): the old check, the exact draw against the BLUPs, is blind to
+    # it; the independent posterior, which reads the data itself, is not.
+    from dataclasses import replace
+
+    from hierpool.bayesian import fit as bayes_fit
+    from hierpool.closedform import model, system
+
+    honest = system.build_system
+
+    def broken(design):
+        return honest(replace(design, y=design.y + np.where(design.terms[0].index == 3, 5.0, 0.0)))
+
+    monkeypatch.setattr(model, "build_system", broken)
+    monkeypatch.setattr(bayes_fit, "build_system", broken)
+    data = load("sleepstudy")
+    fit = hp.lmm(SLEEP, data)
+    exact_draw = hp.bayes(SLEEP, data, variance=fit, priors=hp.validate.flat_beta_priors(fit), seed=1)
+    assert hp.validate.compare(fit, exact_draw).passed  # circular: passes although the BLUPs are wrong
+    report = hp.validate.blup_agreement(SLEEP, data, chains=2, draws=500, tune=500, seed=12)
+    assert not report.passed, report.summary()
+    worst = report.table.loc[np.abs(report.table.z).idxmax()]
+    assert worst.grp == fit.ranef.grp.iloc[3]
+
+
+def test_exact_mode_table_reads_the_draws_in_the_tables_order(sleepstudy_exact):
+    # the sd's MCSE is computed from ranef_draws(): draws in another order than the ranef rows
+    # would judge each sd by another effect's Monte-Carlo error
+    post, table = sleepstudy_exact.posterior, sleepstudy_exact.table
+    draws = post.ranef_draws().reshape(-1, len(post.ranef))
+    assert np.allclose(draws.mean(axis=0), post.ranef["mean"]) and np.allclose(draws.std(axis=0, ddof=1), post.ranef["sd"])
     ranef = table[table.effect == "ranef"]
     assert np.allclose(ranef.sd_z, (ranef.post_sd - ranef.joint_sd) / ranef.mcse_sd)
     fig = sleepstudy_exact.plot()
@@ -180,5 +209,6 @@ def test_coverage_quick_study_matches_the_long_study():
     z = (merged.coverage - merged.coverage_reference) / np.hypot(merged.mcse, merged.mcse_reference)
     assert np.all(np.abs(z) < bound), merged.assign(z=z)
     # and the long study itself is near nominal where theory says so: rich groups, every interval
+    # (a check of the committed reference, which bites when python -m validation rewrites it)
     rich = reference[reference.groups == "rich"]
     assert np.all(np.abs(rich.coverage - 0.95) < bound * rich.mcse), rich
