@@ -121,8 +121,9 @@ def test_full_mode_reports_wider_posteriors_that_converge_with_more_data():
     series = hp.validate.agreement_series(simulate, [6, 60], draws=500, tune=500)
     # variance uncertainty widens posteriors beyond C^-1, less so with 10x the groups
     assert series.mean_sd_ratio.iloc[0] > series.mean_sd_ratio.iloc[1] > 1.0
-    # with 60 groups the posterior means are near the BLUPs: a shift of 0.1 posterior sd fails
-    assert series.mean_abs_diff_in_sd.iloc[1] < 0.1
+    # with 60 groups the posterior means are the BLUPs up to Monte Carlo error: mean |difference|
+    # 0.012-0.017 joint sds over seeds 0-2 (the full NUTS model, 4 x 500 draws); a shift of 0.05 sd fails
+    assert series.mean_abs_diff_in_sd.iloc[1] < 0.05
 
 
 def test_bad_mode_is_a_named_error(sleepstudy):
