@@ -157,6 +157,11 @@ def mcse_sd(x: np.ndarray) -> np.ndarray:
         return np.sqrt(var_of_mean / mean_squared / 4)
 
 
+def mcse_sd_by_column(draws: np.ndarray) -> np.ndarray:
+    """:func:`mcse_sd` of each column of (chain, draw, m) draws, the layout of the posterior tables' draws."""
+    return mcse_sd(np.moveaxis(draws, -1, 0))
+
+
 def diagnose(x: np.ndarray) -> dict[str, np.ndarray]:
     """``mcse_mean``, ``ess_bulk`` and ``r_hat`` of (m, c, n) draws, sharing the rank normalization."""
     split = split_chains(x)

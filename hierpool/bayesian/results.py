@@ -125,14 +125,13 @@ class BayesResult:
     @cached_property
     def ranef(self) -> pd.DataFrame:
         """Random effects as lme4's ``ranef`` rows (grpvar, term, grp) with posterior summaries."""
-        frames = []
-        for j, term in enumerate(self.design.terms):
-            draws = self.term_draws(j)
-            for i, coef in enumerate(term.coef_names):
-                stats = summarize_draws(draws[..., i], self.level)
-                frame = pd.DataFrame({"grpvar": term.group, "term": coef, "grp": term.levels})
-                frames.append(pd.concat([frame, pd.DataFrame(stats)[SUMMARY_COLUMNS]], axis=1))
-        return pd.concat(frames, ignore_index=True)
+        keys = pd.concat(
+            [pd.DataFrame({"grpvar": term.group, "term": coef, "grp": term.levels})
+             for term in self.design.terms for coef in term.coef_names],
+            ignore_index=True,
+        )
+        stats = summarize_draws(self.ranef_draws(), self.level)
+        return pd.concat([keys, pd.DataFrame(stats)[SUMMARY_COLUMNS]], axis=1)
 
     @cached_property
     def varcorr(self) -> pd.DataFrame:

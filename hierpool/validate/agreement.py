@@ -45,7 +45,7 @@ import pandas as pd
 import scipy.stats
 
 from ..bayesian import bayes
-from ..bayesian.convergence import mcse_sd
+from ..bayesian.convergence import mcse_sd_by_column
 from ..closedform import lmm
 from ..errors import ArgumentError
 
@@ -116,11 +116,6 @@ class AgreementReport:
         return agreement_figure(self)
 
 
-def _sd_mcse(draws: np.ndarray) -> np.ndarray:
-    """MCSE of the sd of each column of (chain, draw, m) draws."""
-    return mcse_sd(np.moveaxis(draws, -1, 0))
-
-
 def _comparison_table(fit, post) -> pd.DataFrame:
     fixef = pd.DataFrame(
         {
@@ -134,7 +129,7 @@ def _comparison_table(fit, post) -> pd.DataFrame:
             "post_mean": post.fixef["mean"].to_numpy(),
             "post_sd": post.fixef["sd"].to_numpy(),
             "mcse": post.fixef["mcse_mean"].to_numpy(),
-            "mcse_sd": _sd_mcse(post.beta_draws),
+            "mcse_sd": mcse_sd_by_column(post.beta_draws),
             "ess": post.fixef["ess_bulk"].to_numpy(),
             "r_hat": post.fixef["r_hat"].to_numpy(),
         }
@@ -151,7 +146,7 @@ def _comparison_table(fit, post) -> pd.DataFrame:
             "post_mean": post.ranef["mean"].to_numpy(),
             "post_sd": post.ranef["sd"].to_numpy(),
             "mcse": post.ranef["mcse_mean"].to_numpy(),
-            "mcse_sd": _sd_mcse(post.ranef_draws()),
+            "mcse_sd": mcse_sd_by_column(post.ranef_draws()),
             "ess": post.ranef["ess_bulk"].to_numpy(),
             "r_hat": post.ranef["r_hat"].to_numpy(),
         }

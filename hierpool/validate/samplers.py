@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..bayesian import bayes
-from ..bayesian.convergence import mcse_sd
+from ..bayesian.convergence import mcse_sd_by_column
 from ..errors import ArgumentError
 from .agreement import bonferroni_threshold
 
@@ -147,11 +147,11 @@ def compare_samplers(
         raise ArgumentError(f"alpha must be between 0 and 1, got {alpha!r}")
     frames = []
     for (table, names, a), (_, _, b) in zip(_quantities(collapsed), _quantities(full)):
-        mean_a, mean_b = a.mean(axis=(0, 1)), b.mean(axis=(0, 1))
-        sd_a, sd_b = a.reshape(-1, a.shape[-1]).std(axis=0, ddof=1), b.reshape(-1, b.shape[-1]).std(axis=0, ddof=1)
         summary_a, summary_b = getattr(collapsed, table), getattr(full, table)
+        mean_a, mean_b = summary_a["mean"].to_numpy(), summary_b["mean"].to_numpy()
+        sd_a, sd_b = summary_a["sd"].to_numpy(), summary_b["sd"].to_numpy()
         mcse_a, mcse_b = summary_a["mcse_mean"].to_numpy(), summary_b["mcse_mean"].to_numpy()
-        mcse_sd_a, mcse_sd_b = mcse_sd(np.moveaxis(a, -1, 0)), mcse_sd(np.moveaxis(b, -1, 0))
+        mcse_sd_a, mcse_sd_b = mcse_sd_by_column(a), mcse_sd_by_column(b)
         frames.append(
             pd.DataFrame(
                 {
