@@ -17,7 +17,6 @@ Z_MAX = 4.0
 EIGHT_SCHOOLS = json.loads(
     (Path(__file__).resolve().parents[1] / "validation" / "eight_schools_reference.json").read_text()
 )
-FLAT = {"Intercept": "flat", "b": "flat"}
 
 
 @pytest.mark.parametrize(
@@ -36,7 +35,7 @@ def test_exact_draws_equal_henderson(name, formula):
     # validation against an independent posterior is test_validate.py's exact mode
     data = load(name)
     fit = hp.lmm(formula, data)
-    post = hp.bayes(formula, data, variance=fit, priors=FLAT, seed=1)
+    post = hp.bayes(formula, data, variance=fit, priors=hp.validate.flat_beta_priors(fit), seed=1)
     assert post.method == "exact"
     assert list(post.ranef.grp) == list(fit.ranef.grp)
     report = hp.validate.compare(fit, post)

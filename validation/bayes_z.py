@@ -29,7 +29,6 @@ import hierpool as hp
 
 from .__main__ import HERE, _load
 
-FLAT = {"Intercept": "flat", "b": "flat"}
 HELD_MODELS = [
     ("sleepstudy", "Reaction ~ Days + (Days | Subject)"),
     ("Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),
@@ -74,7 +73,7 @@ def main() -> None:
         print(f"independent NUTS, variance held, {formula}: " + ", ".join(f"{k} {v:.2f}" for k, v in z.items())
               + f", divergences {report.divergences}")
         fit = report.fit
-        z = henderson_z(hp.validate.compare(fit, hp.bayes(formula, data, variance=fit, priors=FLAT, seed=1)))
+        z = henderson_z(hp.validate.compare(fit, hp.bayes(formula, data, variance=fit, priors=hp.validate.flat_beta_priors(fit), seed=1)))
         print(f"exact Henderson draws, {formula}: " + ", ".join(f"{k} {v:.2f}" for k, v in z.items()))
     z = eight_schools_z()
     print(f"eight schools: z mu {z['mu']:.2f}, z tau {z['tau']:.2f}, max |z| theta {z['max_abs_theta']:.2f}, "
