@@ -1,0 +1,73 @@
+"""The names a formula can call, and where they are looked up.
+
+formulae evaluates each call in a formula (``log(x)``, ``np.log(x)``, ``my_fun(x)``)
+in an environment.  hierpool's is, in order of precedence:
+
+1. formulae's own transforms and encodings (``C``, ``center``, ``poly``,
+   ``offset``...), which formulae always puts first;
+2. the namespace of the code that called hierpool (its locals, then globals), so a
+   user's own functions and modules (``np``) resolve as formulae and bambi resolve
+   them;
+3. the names an lme4 user types, with R's meaning (:data:`R_FUNCTIONS`): ``log``,
+   ``exp``, ``sqrt``, ``abs``... and R's ``scale`` (:class:`RScale`).
+
+formulae's ``scale`` divides by the n-denominator standard deviation; R's by the
+n - 1 one, which moves lme4's REML criterion in the fourth significant digit of a
+model such as ``Reaction ~ scale(Days) + (scale(Days) | Subject)``.  The formula
+text therefore calls ``r_scale`` (see :func:`hierpool.formula.to_formulae`),
+a stateful transform like formulae's: new data are scaled with the fitted data's
+mean and sd.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from formulae.environment import Environment
+
+from .formula import R_SCALE_NAME
+
+
+class RScale:
+    """R's ``scale(x)``: (x - mean) / sd with the n - 1 sd, remembering both for new data."""
+
+    __stateful_transform__ = True  # formulae keeps one instance per call and reuses it on new data
+
+    def __init__(self):
+        self.mean = None
+        self.sd = None
+
+    def __call__(self, x):
+        if self.mean is None:
+            values = np.asarray(x, dtype=float)
+            self.mean = float(np.mean(values))
+            self.sd = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+        return (x - self.mean) / self.sd
+
+
+#: R functions by their R names (natural ``log``, as R), available in every formula.
+R_FUNCTIONS = {
+    "log": np.log,
+    "log2": np.log2,
+    "log10": np.log10,
+    "log1p": np.log1p,
+    "exp": np.exp,
+    "expm1": np.expm1,
+    "sqrt": np.sqrt,
+    "abs": np.abs,
+    "sin": np.sin,
+    "cos": np.cos,
+    "tan": np.tan,
+    "pi": np.pi,
+    R_SCALE_NAME: RScale,
+}
+
+
+def caller_environment() -> Environment:
+    """The formula environment of the first calling frame outside the hierpool package."""
+    frame = sys._getframe(1)
+    while frame is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] == "hierpool":
+        frame = frame.f_back
+    namespaces = [] if frame is None else [frame.f_locals, frame.f_globals]
+    return Environment([*namespaces, R_FUNCTIONS])
