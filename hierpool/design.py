@@ -8,9 +8,15 @@ the columns of level ``index_j[i]``.
 All input checks live here, so that the numerical code can assume clean
 arrays: missing columns, non-numeric or constant responses, infinite values,
 grouping factors with one level, more random effects than observations, empty
-data.  Rows with a missing value in any used column are dropped with a warning
-that counts them, and aliased fixed-effect columns are dropped with a warning
-that names them (lme4's ``check.rankX = "message+drop.cols"``).
+data.  Rows with a missing value in any used column (including the weights and
+offset) are dropped with a warning that counts them, and aliased fixed-effect
+columns are dropped with a warning that names them (lme4's
+``check.rankX = "message+drop.cols"``).
+
+Offsets (``offset(expr)`` terms of the fixed part, any number, summed, and the
+``offset=`` argument) are kept apart from X: the model is y = offset + X beta +
+Z b + e, as lme4's.  Prior weights (``weights=``) give row i the residual
+variance sigma^2 / w_i, as lmer's.
 """
 
 from __future__ import annotations
@@ -22,8 +28,13 @@ import formulae
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, FormulaError, HierpoolWarning
-from .formula import ModelSpec, RandomTermSpec, parse_formula
+from .errors import ArgumentError, DataError, FormulaError, HierpoolWarning
+from .formula import ModelSpec, RandomTermSpec, display_name, parse_formula
+from .transforms import FORMULAE_NAMES, caller_environment
+
+#: Column names of the weights and offset arguments in the model frame (lme4's names).
+WEIGHTS_COLUMN = "(weights)"
+OFFSET_COLUMN = "(offset)"
 
 #: Tolerance of the rank check on X, as lme4's ``chkRank.drop.cols`` (qr tol).
 RANK_TOL = 1e-7
@@ -91,7 +102,23 @@ class Design:
     terms : tuple of RandomEffectTerm
         In lme4's order: by decreasing number of levels.
     weights : numpy.ndarray or None
-        Per-row precision weights 1/se^2 when residual sds are known.
+        Per-row precision weights: prior weights w (residual variance sigma^2 / w),
+        or 1/se^2 when residual sds are known; None when neither was given.
+    sigma_known : bool
+        True when residual sds were given (``se=``): sigma is then fixed at 1 on the
+        weighted scale.
+    offset : numpy.ndarray, shape (n,)
+        Known part of the linear predictor (zeros without an offset).
+    columns : tuple of str
+        The data columns the formula reads (new data must carry them).
+    offset_terms : tuple of str
+        The ``offset(...)`` terms of the formula, evaluated again on new data.
+    offset_column : str or None
+        Column named by the ``offset=`` argument (None when absent or given as an array).
+    weights_column : str or None
+        Column named by the ``weights=`` argument (None when absent or given as an array).
+    offset_argument : {"column", "array", None}
+        How the ``offset=`` argument was given.
     rows : pandas.Index
         Labels of the data rows used (after dropping missing values).
     n_dropped : int
@@ -106,6 +133,13 @@ class Design:
     fixed_names: tuple[str, ...]
     terms: tuple[RandomEffectTerm, ...]
     weights: np.ndarray | None
+    sigma_known: bool
+    offset: np.ndarray
+    columns: tuple[str, ...]
+    offset_terms: tuple[str, ...]
+    offset_column: str | None
+    offset_argument: str | None
+    weights_column: str | None
     rows: pd.Index
     n_dropped: int
     aliased: tuple[str, ...]
@@ -121,13 +155,17 @@ class Design:
 
     @property
     def row_weights(self) -> np.ndarray:
-        """Prior weight of each row: 1/se^2 with known residual sds, else ones."""
+        """Precision weight of each row: prior weights, 1/se^2 with known residual sds, else ones."""
         return np.ones(self.n) if self.weights is None else self.weights
 
     @property
-    def sigma_known(self) -> bool:
-        """True when residual sds were given (``se=``): sigma is then fixed at 1 on the weighted scale."""
-        return self.weights is not None
+    def has_offset(self) -> bool:
+        return bool(self.offset_terms) or self.offset_argument is not None
+
+    @property
+    def y_less_offset(self) -> np.ndarray:
+        """y - offset: the part of the response that X beta + Z b models."""
+        return self.y - self.offset
 
 
 def _check_frame(data) -> None:
@@ -181,11 +219,62 @@ def _response(frame: pd.DataFrame, spec: ModelSpec, evaluated) -> np.ndarray:
     return y
 
 
-def _design_matrices(text: str, frame: pd.DataFrame, what: str):
+def _design_matrices(text: str, frame: pd.DataFrame, what: str, env):
     try:
-        return formulae.design_matrices(text, frame, na_action="error")
+        return formulae.design_matrices(text, frame, na_action="error", env=env)
+    except KeyError as exc:  # a name neither a column, formulae's, the caller's nor R's
+        raise FormulaError(
+            f"cannot evaluate {what} {display_name(text)!r}: unknown function or name {exc.args[0]!r} "
+            "(not a data column, not defined where hierpool was called, not one of R's log, exp, sqrt, abs...)"
+        ) from None
     except Exception as exc:  # formulae raises many exception types
-        raise FormulaError(f"cannot evaluate {what} {text!r} on the data: {exc}") from None
+        raise FormulaError(f"cannot evaluate {what} {display_name(text)!r} on the data: {exc}") from None
+
+
+def _is_offset_call(name: str) -> bool:
+    """True for a column that is one ``offset(...)`` call and nothing else (not ``offset(a):x``)."""
+    if not name.startswith("offset("):
+        return False
+    depth = 0
+    for i, ch in enumerate(name):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0 and ch == ")":
+            return i == len(name) - 1
+    return False
+
+
+def _split_offsets(frame: pd.DataFrame, formula: str):
+    """(X columns, their names, summed offset, offset term names) of the fixed-part matrix."""
+    names = [str(c) for c in frame.columns]
+    offsets = [n for n in names if _is_offset_call(n)]
+    for name in names:
+        if "offset(" in name and name not in offsets:
+            raise FormulaError(f"offset term {name!r} in {formula!r} cannot interact with other terms")
+    offset = frame.loc[:, offsets].to_numpy(dtype=float).sum(axis=1) if offsets else np.zeros(frame.shape[0])
+    keep = [n for n in names if n not in offsets]
+    return frame.loc[:, keep].to_numpy(dtype=float), keep, offset, tuple(offsets)
+
+
+def _row_argument(data: pd.DataFrame, value, name: str):
+    """(column label in data or None, values aligned with data's rows or None) of weights= / offset=."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        _check_columns(data, [value], f"argument {name}")
+        column = data[value]
+        if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            raise DataError(f"{name} column {value!r} must be numeric, got dtype {column.dtype}")
+        return value, None
+    try:
+        values = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"{name} must be a column name or a numeric array, got {type(value).__name__}") from None
+    if values.ndim != 1 or values.shape[0] != data.shape[0]:
+        raise ArgumentError(
+            f"{name} must be a column name or an array with one value per row of data "
+            f"({data.shape[0]}), got shape {values.shape}"
+        )
+    return None, pd.Series(values, index=data.index)
 
 
 def aliased_columns(X: np.ndarray, tol: float = RANK_TOL) -> np.ndarray:
@@ -241,13 +330,16 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
     return inverse.astype(np.int32), labels
 
 
-def _random_term(frame: pd.DataFrame, spec: RandomTermSpec) -> RandomEffectTerm:
-    dm = _design_matrices(spec.lhs, frame, f"random-effect term ({spec.lhs} | {spec.name})")
+def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, env) -> RandomEffectTerm:
+    what = f"random-effect term ({display_name(spec.lhs)} | {spec.name})"
+    dm = _design_matrices(spec.lhs, frame, what, env)
     z_frame = dm.common.as_dataframe()
+    if any("offset(" in str(c) for c in z_frame.columns):
+        raise FormulaError(f"{what} has an offset; an offset belongs to the fixed part of the formula")
     index, levels = group_index(frame, spec.factor)
     return RandomEffectTerm(
         group=spec.name,
-        coef_names=tuple(str(c) for c in z_frame.columns),
+        coef_names=tuple(display_name(str(c)) for c in z_frame.columns),
         levels=levels,
         index=index,
         z=np.ascontiguousarray(z_frame.to_numpy(dtype=float)),
@@ -301,41 +393,87 @@ def _known_sd(frame: pd.DataFrame, se: str) -> np.ndarray:
     return values
 
 
-def build_design(formula: str, data: pd.DataFrame, se: str | None = None) -> Design:
+def formula_columns(spec: ModelSpec, data: pd.DataFrame, env) -> tuple[str, ...]:
+    """The data columns a formula reads: its names less those the environment defines (``Sum``, ``np``).
+
+    A name that is neither a column of ``data`` nor defined is reported as a missing column.
+    """
+    defined = env.namespace
+    missing = [v for v in spec.variables if v not in data.columns and v not in defined and v not in FORMULAE_NAMES]
+    _check_columns(data, missing, f"formula {spec.formula!r}")
+    return tuple(v for v in spec.variables if v in data.columns)
+
+
+def _positive_weights(frame: pd.DataFrame, column: str, what: str) -> np.ndarray:
+    values = frame[column].to_numpy(dtype=float)
+    bad = int(np.sum(values <= 0))
+    if bad:
+        raise DataError(f"{what} must be positive; it has {bad} values <= 0 (drop those rows first)")
+    return values
+
+
+def build_design(
+    formula: str,
+    data: pd.DataFrame,
+    se: str | None = None,
+    weights=None,
+    offset=None,
+) -> Design:
     """Check the data against the formula and build the :class:`Design`.
 
     Parameters
     ----------
     formula : str
-        lme4-style formula (see :mod:`hierpool.formula`).
+        lme4-style formula (see :mod:`hierpool.formula`); its calls are looked up as
+        :mod:`hierpool.transforms` describes.
     data : pandas.DataFrame
         Not modified.
     se : str, optional
         Column of known residual standard deviations, one per row.
+    weights : str or array-like, optional
+        Prior weights w_i (a column name or one value per row of data): row i has
+        residual variance sigma^2 / w_i, as lmer's ``weights``.
+    offset : str or array-like, optional
+        A known term added to the linear predictor, as lmer's ``offset``; added to
+        any ``offset(...)`` terms of the formula.
 
     Returns
     -------
     Design
     """
     spec = parse_formula(formula)
+    env = caller_environment()
     _check_frame(data)
-    _check_columns(data, spec.variables, f"formula {formula!r}")
-    used = list(spec.variables)
+    columns = formula_columns(spec, data, env)
+    if se is not None and weights is not None:
+        raise ArgumentError(
+            "give either se (known residual sds) or weights (prior weights, sigma estimated), not both"
+        )
+    used = list(columns)
     if se is not None:
         if not isinstance(se, str):
             raise DataError(f"se must name a column of data, got {type(se).__name__}")
         _check_columns(data, [se], "argument se")
         if se not in used:
             used.append(se)
+    weights_column, weights_values = _row_argument(data, weights, "weights")
+    offset_column, offset_values = _row_argument(data, offset, "offset")
+    for column in (weights_column, offset_column):
+        if column is not None and column not in used:
+            used.append(column)
     frame = data.loc[:, used].copy()
+    if weights_values is not None:
+        frame[WEIGHTS_COLUMN] = weights_values
+    if offset_values is not None:
+        frame[OFFSET_COLUMN] = offset_values
     frame, n_dropped = _drop_missing(frame)
     _check_finite(frame)
 
-    fixed = _design_matrices(spec.fixed, frame, "fixed-effect part")
+    fixed = _design_matrices(spec.fixed, frame, "fixed-effect part", env)
     y = _response(frame, spec, fixed.response)
     fixed_frame = fixed.common.as_dataframe() if fixed.common is not None else pd.DataFrame(index=frame.index)
-    X = fixed_frame.to_numpy(dtype=float)
-    names = tuple(str(c) for c in fixed_frame.columns)
+    X, names, offset_sum, offset_terms = _split_offsets(fixed_frame, formula)
+    names = tuple(display_name(c) for c in names)
     dropped = aliased_columns(X) if X.shape[1] else np.zeros(0, dtype=int)
     aliased = tuple(names[j] for j in dropped)
     if aliased:
@@ -347,18 +485,35 @@ def build_design(formula: str, data: pd.DataFrame, se: str | None = None) -> Des
         )
         keep = np.setdiff1d(np.arange(X.shape[1]), dropped)
         X, names = X[:, keep], tuple(names[j] for j in keep)
+    offset_argument = None if offset is None else ("column" if offset_column is not None else "array")
+    if offset is not None:
+        offset_sum = offset_sum + frame[offset_column or OFFSET_COLUMN].to_numpy(dtype=float)
 
-    terms = [_random_term(frame, t) for t in spec.random]
+    terms = [_random_term(frame, t, env) for t in spec.random]
     terms = [terms[j] for j in lme4_term_order([t.n_levels for t in terms])]
-    weights = None if se is None else 1.0 / _known_sd(frame, se) ** 2
-    _check_identifiable(terms, len(y), sigma_known=weights is not None)
+    if se is not None:
+        row_weights = 1.0 / _known_sd(frame, se) ** 2
+    elif weights is not None:
+        row_weights = _positive_weights(
+            frame, weights_column or WEIGHTS_COLUMN, "weights" + (f" column {weights_column!r}" if weights_column else "")
+        )
+    else:
+        row_weights = None
+    _check_identifiable(terms, len(y), sigma_known=se is not None)
     return Design(
         spec=spec,
         y=y,
         X=np.ascontiguousarray(X),
         fixed_names=names,
         terms=tuple(terms),
-        weights=weights,
+        weights=row_weights,
+        sigma_known=se is not None,
+        offset=offset_sum,
+        columns=columns,
+        offset_terms=offset_terms,
+        offset_column=offset_column,
+        offset_argument=offset_argument,
+        weights_column=weights_column,
         rows=frame.index,
         n_dropped=n_dropped,
         aliased=aliased,

@@ -9,7 +9,13 @@ For a row with fixed-effect vector x and random-effect vectors z_j (levels l_j):
 * a level never seen in fitting: b_j = 0 (population level) and the term's
   variance z_j Sigma_j z_j^T is added, since nothing is known of that group;
 * ``interval="prediction"`` adds the new observation's noise sigma^2 (or se^2
-  from the ``se`` column when residual sds are known).
+  from the ``se`` column when residual sds are known; sigma^2 / w with prior
+  weights, w read from new data's weights column).
+
+The offset (the formula's ``offset(...)`` terms, evaluated on the new rows, and
+the ``offset=`` column) is part of every prediction, as in lme4's
+``predict.merMod``.  Stateful transforms (``scale``, ``center``, ``poly``) apply
+the fitted data's parameters to new data.
 
 ``re=False`` predicts at the population level: the confidence interval covers
 x beta only, the prediction interval adds every term's variance and the noise.
@@ -25,13 +31,32 @@ import scipy.stats
 
 from .design import _check_columns, group_index
 from .errors import ArgumentError, DataError
+from .formula import display_name
+
+
+def _encode_frame(matrix, frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    try:
+        encoded = matrix.evaluate_new_data(frame).as_dataframe()
+    except Exception as exc:  # formulae raises several exception types for unseen categories
+        raise DataError(f"cannot encode {what} for the new data: {exc}") from None
+    encoded.index = frame.index
+    return encoded
 
 
 def _encode(matrix, frame: pd.DataFrame, what: str) -> np.ndarray:
-    try:
-        return np.asarray(matrix.evaluate_new_data(frame).design_matrix, dtype=float)
-    except Exception as exc:  # formulae raises several exception types for unseen categories
-        raise DataError(f"cannot encode {what} for the new data: {exc}") from None
+    return _encode_frame(matrix, frame, what).to_numpy(dtype=float)
+
+
+def _fixed_part(design, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(X, offset) of new rows: the fitted X's columns (aliased ones stay dropped) and the offset."""
+    if design.fixed_matrix is None:
+        return np.zeros((len(frame), 0)), np.zeros(len(frame))
+    encoded = _encode_frame(design.fixed_matrix, frame, "the fixed effects")
+    offset = encoded.loc[:, list(design.offset_terms)].to_numpy(dtype=float).sum(axis=1)
+    if design.offset_column is not None:
+        offset = offset + frame[design.offset_column].to_numpy(dtype=float)
+    encoded.columns = [display_name(str(c)) for c in encoded.columns]
+    return encoded.loc[:, list(design.fixed_names)].to_numpy(dtype=float), offset
 
 
 def _levels_in_fit(term, frame: pd.DataFrame) -> np.ndarray:
@@ -42,34 +67,70 @@ def _levels_in_fit(term, frame: pd.DataFrame) -> np.ndarray:
 
 
 def model_rows(design, newdata):
-    """(X, [(z_j, level_j)]) of the rows to predict: the fitted rows when ``newdata`` is None.
+    """(X, [(z_j, level_j)], offset) of the rows to predict: the fitted rows when ``newdata`` is None.
 
     ``level_j`` is each row's index among term j's fitted levels, -1 for a level
     never seen in fitting.  Shared by the closed-form and the Bayesian predictions.
     """
     if newdata is None:
-        return design.X, [(t.z, t.index.astype(np.int64)) for t in design.terms]
+        return design.X, [(t.z, t.index.astype(np.int64)) for t in design.terms], design.offset
     if not isinstance(newdata, pd.DataFrame):
         raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+    if design.offset_argument == "array":
+        raise ArgumentError(
+            "the model's offset was given as an array, which new data cannot carry; "
+            "fit with offset=<column name> (or offset(...) in the formula) to predict new rows"
+        )
     response = design.spec.response
-    needed = [v for v in design.spec.variables if v != response]
+    needed = [v for v in design.columns if v != response]
+    if design.offset_column is not None and design.offset_column not in needed:
+        needed.append(design.offset_column)
     _check_columns(newdata, needed, "prediction data (newdata)")
     frame = newdata.loc[:, needed]
     missing = frame.isna().any(axis=1)
     if missing.any():
         raise DataError(f"prediction data has missing values in {int(missing.sum())} rows; drop or fill them first")
-    X = _encode(design.fixed_matrix, frame, "the fixed effects") if design.p else np.zeros((len(frame), 0))
-    terms = [(_encode(t.z_matrix, frame, f"term ({t.spec.lhs} | {t.group})"), _levels_in_fit(t, frame)) for t in design.terms]
-    return X, terms
+    X, offset = _fixed_part(design, frame)
+    terms = [
+        (_encode(t.z_matrix, frame, f"term ({display_name(t.spec.lhs)} | {t.group})"), _levels_in_fit(t, frame))
+        for t in design.terms
+    ]
+    return X, terms, offset
 
 
-def _rows(result, newdata):
-    """(X, [(z_j, level_j)], noise variance per row) for the rows to predict."""
+def new_row_weights(design, newdata) -> np.ndarray | None:
+    """Prior weights of the rows to predict (None: weight 1); the fitted rows' when ``newdata`` is None.
+
+    With prior weights from a column, new rows take theirs from that column; a model
+    whose weights were an array cannot weight new rows, and its noise is refused.
+    """
+    if design.weights is None or design.sigma_known:
+        return None
+    if newdata is None:
+        return design.weights
+    if design.weights_column is None or design.weights_column not in newdata.columns:
+        raise ArgumentError(
+            "the model has prior weights: a prediction interval for new rows needs their weights, "
+            f"in a column {design.weights_column or 'named by weights='!r} of newdata"
+        )
+    weights = newdata[design.weights_column].to_numpy(dtype=float)
+    if not np.all(weights > 0):
+        raise DataError(f"weights column {design.weights_column!r} of newdata must be positive")
+    return weights
+
+
+def _rows(result, newdata, interval):
+    """(X, [(z_j, level_j)], offset, noise variance per row) for the rows to predict."""
     design = result.design
-    X, terms = model_rows(design, newdata)
+    X, terms, offset = model_rows(design, newdata)
     if newdata is None and design.sigma_known:
-        return X, terms, 1.0 / design.weights
-    return X, terms, np.full(X.shape[0], result.sigma**2)
+        return X, terms, offset, 1.0 / design.weights
+    noise = np.full(X.shape[0], result.sigma**2)
+    if interval == "prediction":
+        weights = new_row_weights(design, newdata)
+        if weights is not None:
+            noise = noise / weights
+    return X, terms, offset, noise
 
 
 def _conditional_variance(result, X, terms, known):
@@ -119,10 +180,10 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
         raise ArgumentError(f"interval must be None, 'confidence' or 'prediction', got {interval!r}")
     if not 0 < level < 1:
         raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
-    X, terms, noise = _rows(result, newdata)
     if interval == "prediction" and newdata is not None and result.design.sigma_known:
         raise ArgumentError("prediction intervals with known residual sds (se=) need newdata=None")
-    fit = X @ np.asarray(result.solution.beta)
+    X, terms, offset, noise = _rows(result, newdata, interval)
+    fit = offset + X @ np.asarray(result.solution.beta)
     known = [lvl >= 0 for _, lvl in terms] if re else [np.zeros(len(fit), dtype=bool) for _ in terms]
     for (z, lvl), b, ok in zip(terms, result.solution.b, known):
         fit = fit + np.where(ok, np.einsum("nk,nk->n", z, np.asarray(b)[np.where(ok, lvl, 0)]), 0.0)

@@ -24,7 +24,9 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+from formulae.categorical import ENCODINGS
 from formulae.environment import Environment
+from formulae.transforms import TRANSFORMS
 
 from .formula import R_SCALE_NAME
 
@@ -62,6 +64,10 @@ R_FUNCTIONS = {
     "pi": np.pi,
     R_SCALE_NAME: RScale,
 }
+
+
+#: Names formulae itself defines in every formula (``C``, ``Sum``, ``center``, ``poly``...).
+FORMULAE_NAMES = frozenset(TRANSFORMS) | frozenset(ENCODINGS)
 
 
 def caller_environment() -> Environment:

@@ -8,6 +8,7 @@ and every table at a fixed theta (no optimization); ``fit`` optimizes.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ import pandas as pd
 
 from ..design import Design, build_design
 from ..errors import ArgumentError, ConvergenceWarning
+from .conditioning import condition_terms
 from .henderson import as_numpy, solve_jit
 from .objective import objective_and_grad, objective_jit
 from .optimize import Control, moment_start, optimize_theta
@@ -34,6 +36,10 @@ class MixedModel:
     se : str, optional
         Column of known residual standard deviations (meta-analysis); only the
         random-effect variances are then estimated.
+    weights : str or array-like, optional
+        Prior weights (column name or one value per row): residual variance sigma^2 / w_i.
+    offset : str or array-like, optional
+        Known term added to the linear predictor (column name or one value per row).
 
     Attributes
     ----------
@@ -43,8 +49,8 @@ class MixedModel:
         and :func:`~hierpool.closedform.henderson.solve` take (jit, grad and vmap them).
     """
 
-    def __init__(self, formula: str, data: pd.DataFrame, se: str | None = None):
-        self.design: Design = build_design(formula, data, se=se)
+    def __init__(self, formula: str, data: pd.DataFrame, se: str | None = None, weights=None, offset=None):
+        self.design: Design = build_design(formula, data, se=se, weights=weights, offset=offset)
         self.system: MixedModelSystem = build_system(self.design)
 
     @property
@@ -73,15 +79,38 @@ class MixedModel:
         return LMMResult(self.design, self.system, solution, None, reml)
 
     def fit(self, reml: bool = True, control: Control | None = None) -> LMMResult:
-        """Optimize theta (L-BFGS-B on the exact gradient) and return the fitted model."""
-        optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design))
-        solution = as_numpy(solve_jit(jnp.asarray(optimum.theta), self.system, reml=reml))
+        """Optimize theta (L-BFGS-B on the exact gradient) and return the fitted model.
+
+        When a random-effect term's columns are far from centred or unit scale
+        (a calendar year as a random slope), the optimizer works on centred and
+        scaled columns and its optimum is mapped back to the user's theta
+        (:mod:`hierpool.closedform.conditioning`); the convergence checks are
+        those of the conditioned problem.
+        """
+        conditioned = condition_terms(self.design) if (control is None or control.theta_start is None) else None
+        if conditioned is None:
+            optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design))
+            solution = as_numpy(solve_jit(jnp.asarray(optimum.theta), self.system, reml=reml))
+        else:
+            system = build_system(conditioned.design)
+            inner = optimize_theta(system, reml, control, start=moment_start(conditioned.design))
+            theta = conditioned.theta_to_user(inner.theta)
+            optimum = replace(inner, theta=theta)
+            solution = conditioned.solution_to_user(as_numpy(solve_jit(jnp.asarray(inner.theta), system, reml=reml)), theta)
         for message in optimum.messages:
             warnings.warn(message, ConvergenceWarning, stacklevel=3)
         return LMMResult(self.design, self.system, solution, optimum, reml)
 
 
-def lmm(formula: str, data: pd.DataFrame, reml: bool = True, se: str | None = None, control: Control | None = None) -> LMMResult:
+def lmm(
+    formula: str,
+    data: pd.DataFrame,
+    reml: bool = True,
+    se: str | None = None,
+    control: Control | None = None,
+    weights=None,
+    offset=None,
+) -> LMMResult:
     """Fit a linear mixed model by REML (default) or maximum likelihood, as ``lme4::lmer``.
 
     Parameters
@@ -98,6 +127,15 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True, se: str | None = No
         only the random-effect (co)variances are estimated.
     control : Control, optional
         Optimizer settings and check thresholds.
+    weights : str or array-like, optional
+        Prior weights w_i, a column name or one value per row of ``data``, as
+        lmer's ``weights``: row i has residual variance sigma^2 / w_i, and the
+        criterion, logLik, AIC and sigma are lme4's (the criterion includes
+        -sum log w_i).  Cannot be combined with ``se``.
+    offset : str or array-like, optional
+        A known term of the linear predictor, a column name or one value per
+        row, as lmer's ``offset``; added to any ``offset(expr)`` terms of the
+        formula: y = offset + X beta + Z b + e.
 
     Returns
     -------
@@ -109,4 +147,4 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True, se: str | None = No
     Walker (2015), "Fitting linear mixed-effects models using lme4", J. Stat.
     Softw. 67(1); blocked factorization as in MixedModels.jl.
     """
-    return MixedModel(formula, data, se=se).fit(reml=reml, control=control)
+    return MixedModel(formula, data, se=se, weights=weights, offset=offset).fit(reml=reml, control=control)

@@ -78,6 +78,9 @@ class LMMResult:
 
     @property
     def is_singular(self) -> bool:
+        """lme4's ``isSingular``: the optimizer's check (with ``Control.singular_tol``), or at a given theta lme4's 1e-4."""
+        if self.optimum is not None:
+            return self.optimum.is_singular
         from .optimize import is_singular
 
         return is_singular(self.theta, tuple(t.k for t in self.design.terms))
@@ -198,8 +201,8 @@ class LMMResult:
 
     @property
     def fitted(self) -> np.ndarray:
-        """X beta + Z b for the rows used in fitting."""
-        total = self.design.X @ np.asarray(self.solution.beta)
+        """offset + X beta + Z b for the rows used in fitting (lme4's ``fitted``)."""
+        total = self.design.offset + self.design.X @ np.asarray(self.solution.beta)
         for j in range(len(self.design.terms)):
             total = total + self.random_contribution(j)
         return total
@@ -235,7 +238,7 @@ class LMMResult:
 
             b_g = w_g * raw_dev_g,   w_g = W_g sigma_b^2 / (W_g sigma_b^2 + sigma^2),
 
-        where raw_dev_g is the (weighted) mean of y - X beta-hat - (other
+        where raw_dev_g is the (weighted) mean of y - offset - X beta-hat - (other
         random-effect terms' fitted contributions) over the group: the
         no-pooling deviation, pulled toward 0 by the weight w_g (Gelman & Hill
         2007, eq. 12.1; Henderson's equations for one level).
@@ -259,7 +262,7 @@ class LMMResult:
         for j in scalar:
             term = self.design.terms[j]
             others = sum((c for i, c in enumerate(contributions) if i != j), np.zeros(self.nobs))
-            partial = self.design.y - fixed_part - others
+            partial = self.design.y_less_offset - fixed_part - others
             count = np.bincount(term.index, minlength=term.n_levels)
             weight_sum = np.bincount(term.index, weights=weights, minlength=term.n_levels)
             raw_dev = np.bincount(term.index, weights=weights * partial, minlength=term.n_levels) / weight_sum

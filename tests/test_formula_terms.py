@@ -1,0 +1,256 @@
+"""What lme4 and bambi users type: offsets, prior weights, functions in formulas, and bad input.
+
+The numbers against lme4 for these features are in test_lme4_features.py; here are the
+properties that need no reference (equal ways of saying the same model, invariances) and the
+errors.  Data are small so that each model compiles once and fits in a blink.
+"""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hierpool as hp
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(7)
+    groups = np.repeat(np.arange(12), 8)
+    x = np.tile(np.arange(8.0), 12)
+    b0, b1 = rng.normal(0, 2, 12), rng.normal(0, 0.5, 12)
+    y = 10 + 1.5 * x + b0[groups] + b1[groups] * x + rng.normal(0, 1, groups.size)
+    return pd.DataFrame(
+        {
+            "y": y,
+            "x": x,
+            "g": [f"g{i:02d}" for i in groups],
+            "exposure": rng.uniform(0.5, 2.0, groups.size),
+            "w": 0.5 + (np.arange(groups.size) % 4) / 2,
+            "f": np.array(["a", "b", "c"])[np.arange(groups.size) % 3],
+        }
+    )
+
+
+# --- offsets -------------------------------------------------------------------------------
+
+
+def test_offset_in_formula_is_not_a_covariate(data):
+    """An offset aliased with x: lme4's answer is the slope less the offset's, never a dropped column."""
+    frame = data.assign(off=2 * data.x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "aliased column dropped" warning
+        with_offset = hp.lmm("y ~ x + offset(off) + (1 | g)", frame)
+    plain = hp.lmm("y ~ x + (1 | g)", frame)
+    assert list(with_offset.fixef.index) == ["Intercept", "x"]
+    assert with_offset.fixef["x"] == pytest.approx(plain.fixef["x"] - 2, abs=1e-8)
+    assert with_offset.objective == pytest.approx(plain.objective, rel=1e-10)
+    np.testing.assert_allclose(with_offset.fitted, plain.fitted, atol=1e-8)
+
+
+def test_offset_argument_column_array_and_formula_agree(data):
+    off = np.log(data.exposure)
+    in_formula = hp.lmm("y ~ x + offset(np.log(exposure)) + (1 | g)", data)
+    as_r_log = hp.lmm("y ~ x + offset(log(exposure)) + (1 | g)", data)
+    as_column = hp.lmm("y ~ x + (1 | g)", data.assign(off=off), offset="off")
+    as_array = hp.lmm("y ~ x + (1 | g)", data, offset=off.to_numpy())
+    for other in (as_r_log, as_column, as_array):
+        assert other.objective == pytest.approx(in_formula.objective, rel=1e-12)
+        np.testing.assert_allclose(other.fixef, in_formula.fixef, rtol=1e-10)
+    shifted = hp.lmm("y ~ x + (1 | g)", data.assign(y=data.y - off))
+    np.testing.assert_allclose(in_formula.fixef, shifted.fixef, rtol=1e-9)
+    np.testing.assert_allclose(in_formula.fitted, shifted.fitted + off, rtol=1e-10)
+
+
+def test_several_offsets_are_summed(data):
+    frame = data.assign(a=data.exposure, b=0.3 * data.x**2)
+    two = hp.lmm("y ~ x + offset(a) + offset(b) + (1 | g)", frame)
+    one = hp.lmm("y ~ x + (1 | g)", frame, offset=frame.a + frame.b)
+    np.testing.assert_allclose(two.fixef, one.fixef, rtol=1e-10)
+
+
+def test_offset_is_part_of_every_prediction(data):
+    fit = hp.lmm("y ~ x + offset(log(exposure)) + (1 | g)", data)
+    np.testing.assert_allclose(fit.predict(data), fit.fitted, rtol=1e-10)
+    new = data.iloc[:5].assign(exposure=[1.0, 2.0, 3.0, 4.0, 5.0])
+    base = hp.lmm("y ~ x + offset(log(exposure)) + (1 | g)", data).predict(new.assign(exposure=1.0))
+    np.testing.assert_allclose(fit.predict(new) - base, np.log(new.exposure), rtol=1e-10)
+    interval = fit.predict(new, interval="prediction", re=False)
+    np.testing.assert_allclose(interval["fit"], fit.predict(new, re=False), rtol=1e-12)
+    with pytest.raises(hp.HierpoolError, match="exposure"):
+        fit.predict(new.drop(columns="exposure"))
+
+
+def test_offset_given_as_array_cannot_predict_new_rows(data):
+    fit = hp.lmm("y ~ x + (1 | g)", data, offset=np.log(data.exposure).to_numpy())
+    with pytest.raises(hp.HierpoolError, match="offset was given as an array"):
+        fit.predict(data.iloc[:3])
+
+
+def test_offset_must_stay_in_the_fixed_part(data):
+    with pytest.raises(hp.FormulaError, match="offset"):
+        hp.lmm("y ~ x + (offset(exposure) | g)", data)
+    with pytest.raises(hp.FormulaError, match="cannot interact"):
+        hp.lmm("y ~ x + offset(exposure):x + (1 | g)", data)
+
+
+# --- prior weights -------------------------------------------------------------------------
+
+
+def test_weights_column_and_array_agree_and_scale_as_lme4(data):
+    by_name = hp.lmm("y ~ x + (x | g)", data, weights="w")
+    by_array = hp.lmm("y ~ x + (x | g)", data, weights=data.w.to_numpy())
+    assert by_array.objective == pytest.approx(by_name.objective, rel=1e-12)
+    # w -> 4 w: sigma^2 / w is unchanged, so sigma doubles; the REML criterion does not move:
+    # (n - p) log 4 (pwrss) + p log 4 (log|R_X|^2) - n log 4 (lme4's -sum log w) = 0, as lme4's
+    doubled = hp.lmm("y ~ x + (x | g)", data, weights=4 * data.w)
+    assert doubled.sigma == pytest.approx(2 * by_name.sigma, rel=1e-6)
+    np.testing.assert_allclose(doubled.fixef, by_name.fixef, rtol=1e-6)
+    assert doubled.objective == pytest.approx(by_name.objective, rel=1e-9)
+    unweighted = hp.lmm("y ~ x + (x | g)", data)
+    assert abs(unweighted.fixef["x"] - by_name.fixef["x"]) > 1e-6  # the weights matter
+
+
+def test_weighted_prediction_interval_reads_new_weights(data):
+    fit = hp.lmm("y ~ x + (1 | g)", data, weights="w")
+    new = data.iloc[:4]
+    narrow = fit.predict(new.assign(w=100.0), interval="prediction")
+    wide = fit.predict(new.assign(w=0.01), interval="prediction")
+    assert np.all(wide["se"] > narrow["se"])
+    with pytest.raises(hp.HierpoolError, match="weights"):
+        fit.predict(new.drop(columns="w"), interval="prediction")
+
+
+# --- functions in formulas -----------------------------------------------------------------
+
+
+def cube(v):
+    return v**3
+
+
+def test_functions_resolve_in_the_callers_namespace_and_as_r(data):
+    def local_square(v):
+        return v**2
+
+    fit = hp.MixedModel("y ~ local_square(x) + cube(x) + np.log1p(x) + sqrt(x) + exp(x / 8) + abs(x - 3) + (1 | g)", data)
+    X = fit.design.X
+    np.testing.assert_allclose(X[:, 1:], np.column_stack([
+        data.x**2, data.x**3, np.log1p(data.x), np.sqrt(data.x), np.exp(data.x / 8), np.abs(data.x - 3)
+    ]))
+    with pytest.raises(hp.FormulaError, match="'no_such_function'"):
+        hp.lmm("y ~ no_such_function(x) + (1 | g)", data)
+
+
+def test_caret_is_a_power_inside_I_and_crosses_terms_outside(data):
+    design = hp.MixedModel("y ~ x + I(x^2) + (1 | g)", data).design
+    np.testing.assert_allclose(design.X[:, 2], data.x**2)
+    crossed = hp.MixedModel("y ~ (x + exposure)^2 + (1 | g)", data).design
+    product = hp.MixedModel("y ~ x * exposure + (1 | g)", data).design
+    np.testing.assert_allclose(crossed.X, product.X)
+
+
+def test_scale_is_rs_and_new_data_use_the_fitted_parameters(data):
+    fit = hp.lmm("y ~ scale(x) + (scale(x) | g)", data)
+    centred = (data.x - data.x.mean()) / data.x.std(ddof=1)
+    np.testing.assert_allclose(fit.design.X[:, 1], centred)
+    np.testing.assert_allclose(fit.design.terms[0].z[:, 1], centred)
+    assert list(fit.fixef.index) == ["Intercept", "scale(x)"]
+    new = data.iloc[:3].assign(x=[100.0, 200.0, 300.0])
+    expected_column = (new.x - data.x.mean()) / data.x.std(ddof=1)
+    b = fit.ranef.pivot(index="grp", columns="term", values="condval").loc[new.g]
+    expected = fit.fixef["Intercept"] + b["Intercept"].to_numpy() + expected_column * (fit.fixef["scale(x)"] + b["scale(x)"].to_numpy())
+    np.testing.assert_allclose(fit.predict(new), expected, rtol=1e-10)
+
+
+def test_sum_contrasts_in_fit_and_predict(data):
+    fit = hp.lmm("y ~ C(f, Sum) + (1 | g)", data, reml=False)
+    treatment = hp.lmm("y ~ f + (1 | g)", data, reml=False)
+    # the same model in another coding: the same deviance (REML's log|X^T V^-1 X| depends on the coding)
+    assert fit.objective == pytest.approx(treatment.objective, rel=1e-10)
+    np.testing.assert_allclose(fit.fitted, treatment.fitted, rtol=1e-9)
+    np.testing.assert_allclose(fit.predict(data.iloc[:6]), treatment.predict(data.iloc[:6]), rtol=1e-9)
+    means = fit.fixef["Intercept"] + np.array([fit.fixef.iloc[1], fit.fixef.iloc[2], -fit.fixef.iloc[1] - fit.fixef.iloc[2]])
+    assert means.mean() == pytest.approx(fit.fixef["Intercept"])
+
+
+def test_cbind_response_says_families_are_not_supported_yet(data):
+    with pytest.raises(hp.FormulaError, match="not supported yet"):
+        hp.lmm("cbind(y, x) ~ 1 + (1 | g)", data)
+
+
+# --- numerical robustness ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_fit(data):
+    return hp.lmm("y ~ x + (x | g)", data)
+
+
+@pytest.mark.parametrize("shift", [1e4, 1e7])
+def test_a_large_location_of_y_changes_nothing_but_the_intercept(data, reference_fit, shift):
+    fit = hp.lmm("y ~ x + (x | g)", data.assign(y=data.y + shift))
+    assert fit.objective == pytest.approx(reference_fit.objective, rel=1e-9)
+    assert fit.fixef["Intercept"] - shift == pytest.approx(reference_fit.fixef["Intercept"], abs=1e-6)
+    assert fit.fixef["x"] == pytest.approx(reference_fit.fixef["x"], rel=1e-7)
+    np.testing.assert_allclose(fit.theta, reference_fit.theta, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e8])
+def test_scaling_y_scales_the_estimates(data, reference_fit, scale):
+    fit = hp.lmm("y ~ x + (x | g)", data.assign(y=data.y * scale))
+    dof = data.shape[0] - 2  # REML: the criterion moves by (n - p) log scale^2
+    assert fit.objective == pytest.approx(reference_fit.objective + dof * np.log(scale**2), rel=1e-9)
+    np.testing.assert_allclose(fit.fixef / scale, reference_fit.fixef, rtol=1e-7)
+    assert fit.sigma / scale == pytest.approx(reference_fit.sigma, rel=1e-7)
+
+
+def test_a_calendar_year_random_slope_reaches_the_centred_optimum(data):
+    """(year | g) with year ~ 2000 is the model (I(year - 2000) | g): the same criterion at the optimum."""
+    frame = data.assign(year=2000 + data.x)
+    raw = hp.lmm("y ~ year + (year | g)", frame)
+    centred = hp.lmm("y ~ I(year - 2000) + (I(year - 2000) | g)", frame)
+    assert raw.objective == pytest.approx(centred.objective, rel=1e-9)
+    assert raw.fixef["year"] == pytest.approx(centred.fixef["I(year - 2000)"], rel=1e-6)
+    np.testing.assert_allclose(raw.fitted, centred.fitted, rtol=1e-7)
+    assert not raw.is_singular
+    # the reported theta is the user's: the objective at it is the optimum (to the ~1e-7 that
+    # forming Lambda^T Z^T Z Lambda from z = [1, year] at that theta keeps; the fit itself solves
+    # on centred columns)
+    assert hp.MixedModel("y ~ year + (year | g)", frame).objective(raw.theta) == pytest.approx(raw.objective, rel=1e-5)
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_bad_weights_and_offsets_are_refused_by_name(data):
+    with pytest.raises(hp.HierpoolError, match="argument weights.*'nope'"):
+        hp.lmm("y ~ x + (1 | g)", data, weights="nope")
+    with pytest.raises(hp.HierpoolError, match="argument offset.*'nope'"):
+        hp.lmm("y ~ x + (1 | g)", data, offset="nope")
+    with pytest.raises(hp.HierpoolError, match="weights.*positive"):
+        hp.lmm("y ~ x + (1 | g)", data.assign(w=data.w - 1.0), weights="w")
+    with pytest.raises(hp.HierpoolError, match="weights.*one value per row"):
+        hp.lmm("y ~ x + (1 | g)", data, weights=np.ones(5))
+    with pytest.raises(hp.HierpoolError, match="offset.*one value per row"):
+        hp.lmm("y ~ x + (1 | g)", data, offset=np.ones((data.shape[0], 2)))
+    with pytest.raises(hp.HierpoolError, match="weights column 'f' must be numeric"):
+        hp.lmm("y ~ x + (1 | g)", data, weights="f")
+    with pytest.raises(hp.HierpoolError, match="either se .* or weights"):
+        hp.lmm("y ~ x + (1 | g)", data.assign(se=1.0), se="se", weights="w")
+    with pytest.raises(hp.HierpoolError, match="'w' has infinite values"):
+        hp.lmm("y ~ x + (1 | g)", data.assign(w=np.where(data.x == 3, np.inf, data.w)), weights="w")
+    with pytest.raises(hp.HierpoolError, match="infinite"):
+        hp.lmm("y ~ x + (1 | g)", data, offset=np.where(data.x == 3, -np.inf, 0.0))
+
+
+def test_missing_weights_and_offsets_drop_rows_and_count_them(data):
+    frame = data.assign(w=np.where(np.arange(data.shape[0]) < 3, np.nan, data.w))
+    offset = np.where(np.arange(data.shape[0]) >= data.shape[0] - 2, np.nan, 0.0)
+    before = frame.copy()
+    offset_before = offset.copy()
+    with pytest.warns(hp.HierpoolWarning, match=r"dropped 5 of 96 rows.*w: 3.*\(offset\): 2"):
+        fit = hp.lmm("y ~ x + (1 | g)", frame, weights="w", offset=offset)
+    assert fit.nobs == data.shape[0] - 5
+    pd.testing.assert_frame_equal(frame, before)  # nothing the user passed is modified
+    np.testing.assert_array_equal(offset, offset_before)
