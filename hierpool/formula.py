@@ -16,15 +16,28 @@ Semantics follow lme4 (Bates et al. 2015, section 2.1):
 * ``(1 | a/b)`` nested, ``= (1 | b:a) + (1 | a)`` with lme4's names;
 * ``(1 | a:b)`` interaction of grouping factors;
 * any number of crossed terms.
+
+R's arithmetic inside a formula is translated for formulae (:func:`to_formulae`):
+``^`` is a power inside ``I()`` and crosses terms outside it (formulae's ``**``),
+and ``scale(x)`` divides by R's n - 1 standard deviation.  ``offset(expr)``
+terms of the fixed part are kept apart from X by :mod:`hierpool.design`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import re
+
 import formulae
 
 from .errors import FormulaError
+
+#: formulae's ``scale`` divides by the n-denominator sd; R's ``scale`` by the n - 1 one.
+#: The formula text calls this stateful transform instead (see :func:`to_formulae`).
+R_SCALE_NAME = "r_scale"
+_SCALE_CALL = re.compile(r"(?<![\w.])scale(?=\s*\()")
+_R_SCALE_CALL = re.compile(rf"(?<![\w.]){R_SCALE_NAME}(?=\()")
 
 _OPENERS = {"(": ")", "[": "]", "{": "}"}
 _CLOSERS = {v: k for k, v in _OPENERS.items()}
@@ -134,6 +147,23 @@ def _split_bar(inner: str):
     return None
 
 
+def to_formulae(text: str) -> str:
+    """Formula text in formulae's dialect: R's ``^`` -> ``**``, ``scale(`` -> R's n - 1 scale.
+
+    Quoted strings are left as they are.
+    """
+    out = []
+    for _, ch, depth in _scan_top_level(text):
+        out.append("**" if ch == "^" and depth >= 0 else ch)
+    # the scale rename only touches unquoted text: quotes cannot hold '(' after a bare name here
+    return _SCALE_CALL.sub(R_SCALE_NAME, "".join(out))
+
+
+def display_name(name: str) -> str:
+    """A formulae column name as the user wrote it (``r_scale(x)`` -> ``scale(x)``)."""
+    return _R_SCALE_CALL.sub("scale", name)
+
+
 def _parse_with_formulae(text: str, what: str):
     try:
         return formulae.model_description(text)
@@ -198,7 +228,7 @@ def parse_formula(formula: str) -> ModelSpec:
     """
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
-    parts = _split_top_level(formula, "~")
+    parts = _split_top_level(to_formulae(formula), "~")
     if len(parts) != 2:
         raise FormulaError(f"formula {formula!r} must have exactly one '~' with the response on its left")
     response, rhs = parts[0][1].strip(), parts[1][1].strip()
@@ -206,6 +236,11 @@ def parse_formula(formula: str) -> ModelSpec:
         raise FormulaError(f"formula {formula!r} has no response on the left of '~'")
     if not rhs:
         raise FormulaError(f"formula {formula!r} has nothing on the right of '~'")
+    if re.match(r"cbind\s*\(", response):
+        raise FormulaError(
+            f"the response {parts[0][1].strip()!r} of {formula!r} is a binomial count (successes, failures): "
+            "generalized linear mixed models (families other than Gaussian) are not supported yet"
+        )
 
     fixed_pieces: list[str] = []
     random: list[RandomTermSpec] = []

@@ -45,13 +45,16 @@ def theta_from_components(sds, cor_factors, sigma) -> jax.Array:
     )
 
 
-def beta_prior_block(loc: jax.Array, scale: jax.Array, sigma: jax.Array, layout: Layout) -> jax.Array:
+def beta_prior_block(loc: jax.Array, scale: jax.Array, sigma: jax.Array, system: MixedModelSystem) -> jax.Array:
     """The pseudo-observations of a Normal(loc, scale^2) prior on beta, added to the reduced rest matrix.
 
-    In the rest matrix [Z_rest, X, y]: X^T W X += diag(w), X^T W y += w loc, y^T W y += sum w loc^2,
-    w = sigma^2 / scale^2 (0 where the scale is infinite: a flat prior).
+    In the rest matrix [Z_rest, X, y]: X^T W X += diag(w), X^T W y += w m, y^T W y += sum w m^2,
+    w = sigma^2 / scale^2 (0 where the scale is infinite: a flat prior), m = loc - beta_shift
+    because the system's y column is y - X beta_shift (see :mod:`hierpool.closedform.system`).
     """
+    layout = system.layout
     q, p = layout.q_rest, layout.p
+    loc = loc - system.beta_shift
     weight = jnp.where(jnp.isfinite(scale), sigma**2 / jnp.where(jnp.isfinite(scale), scale, 1.0) ** 2, 0.0)
     size = q + p + 1
     block = jnp.zeros((size, size), dtype=loc.dtype)
@@ -72,7 +75,7 @@ def log_marginal_likelihood(
     """
     layout = system.layout
     rest, _, chol0, _ = reduced_rest(theta, system)
-    rest = rest + beta_prior_block(loc, scale, sigma, layout)
+    rest = rest + beta_prior_block(loc, scale, sigma, system)
     logdet_rest, logdet_rx, pwrss = dense_parts(rest, layout.q_rest, layout.p)
     logdet0 = logdet_from_cholesky_diagonal(jnp.diagonal(chol0, axis1=1, axis2=2))
     finite = jnp.isfinite(scale)
@@ -102,7 +105,7 @@ def draw_effects(
     noise = jax.random.normal(key, (thetas.shape[0], noise_size(system.layout)), dtype=thetas.dtype)
 
     def one(theta, sigma, e):
-        prior = beta_prior_block(loc, scale, sigma, system.layout)
+        prior = beta_prior_block(loc, scale, sigma, system)
         return conditional_draw(theta, system, sigma, e, prior)
 
     return map_in_batches(one, (thetas, sigmas, noise), batch_size)

@@ -13,7 +13,7 @@ import pandas as pd
 from ..closedform.results import _coef_pairs
 from ..design import Design
 from ..errors import ArgumentError, HierpoolWarning
-from ..predict import model_rows
+from ..predict import model_rows, new_row_weights
 from .convergence import diagnose, ess_tail
 from .posterior import term_slots
 from .priors import Priors
@@ -201,9 +201,9 @@ class BayesResult:
         if not 0 < level < 1:
             raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
         rng = np.random.default_rng(seed)
-        X, terms = model_rows(self.design, newdata)
+        X, terms, offset = model_rows(self.design, newdata)
         beta = self.beta_draws.reshape(-1, self.design.p)
-        mu = beta @ X.T
+        mu = offset + beta @ X.T
         for j, (z, level_index) in enumerate(terms):
             term_b = self.term_draws(j)
             term_b = term_b.reshape((-1,) + term_b.shape[2:])
@@ -229,7 +229,9 @@ class BayesResult:
 
     def _noise_scale(self, newdata, shape) -> np.ndarray:
         if not self.design.sigma_known:
-            return self.sigma_draws.reshape(-1)[:, None] * np.ones(shape[1])
+            weights = new_row_weights(self.design, newdata)
+            scale = np.ones(shape[1]) if weights is None else 1.0 / np.sqrt(weights)
+            return self.sigma_draws.reshape(-1)[:, None] * scale
         if newdata is None:
             return 1.0 / np.sqrt(self.design.weights)
         raise ArgumentError("posterior predictive draws with known residual sds (se=) need newdata=None")

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..linalg import cholesky, scale_columns, spd_inverse_from_cholesky, tri_inverse
 from .objective import level_contractions, reduced_rest
-from .system import MixedModelSystem
+from .system import MixedModelSystem, shift_beta
 
 
 @jax.tree_util.register_dataclass
@@ -152,7 +152,7 @@ def conditional_draw(
         needs one random-number call).
     rest_prior : jax.Array, optional
         Added to the reduced rest matrix before it is factored: a Gaussian prior
-        on beta written as pseudo-observations (see
+        on beta written as pseudo-observations about beta - beta_shift (see
         :func:`hierpool.bayesian.collapsed.beta_prior_block`).  Without it the
         prior on beta is flat.
 
@@ -172,7 +172,7 @@ def conditional_draw(
     u, beta = _back_substitute(
         system, factors, chol0, left, chol_rest, (scaled[:size0].reshape(layout.n_levels[0], layout.ks[0]), scaled[size0:])
     )
-    return beta, tuple(uj @ t.T for uj, t in zip(u, factors))
+    return shift_beta(beta, system), tuple(uj @ t.T for uj, t in zip(u, factors))
 
 
 def noise_size(layout) -> int:
@@ -236,7 +236,7 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solu
     return Solution(
         theta=theta,
         factors=tuple(factors),
-        beta=beta,
+        beta=shift_beta(beta, system),
         u=tuple(u),
         b=tuple(b),
         cond_var=tuple(cond_var),

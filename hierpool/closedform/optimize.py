@@ -20,7 +20,7 @@ import scipy.optimize
 from ..errors import ArgumentError, ConvergenceError
 from ..linalg import theta_lower_bounds, theta_start, tril_positions
 from .objective import objective_and_grad
-from .system import MixedModelSystem
+from .system import MixedModelSystem, location_shift
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,7 @@ def moment_start(design) -> np.ndarray:
     start = theta_start(tuple(t.k for t in design.terms))
     if design.sigma_known or design.p == 0:
         return start
-    beta = np.linalg.lstsq(design.X, design.y, rcond=None)[0]
-    residual = design.y - design.X @ beta
+    residual = location_shift(design)[1]  # weighted least-squares residuals of y - offset
     offset = 0
     for term in design.terms:
         size = term.k * (term.k + 1) // 2
