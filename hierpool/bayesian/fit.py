@@ -39,6 +39,13 @@ def _held_variance(design: Design, variance: LMMResult) -> HeldVariance:
     ]
     if not same:
         raise ArgumentError("variance: the lmm fit is of a different model or data set than this formula and data")
+    # sigma is the residual sd of a weight-1 row: held with other weights (or se=) it would mean another noise
+    if variance.design.sigma_known != design.sigma_known or not np.array_equal(
+        variance.design.row_weights, design.row_weights
+    ):
+        raise ArgumentError("variance: the lmm fit has other prior weights (or residual sds) than this model")
+    if not np.array_equal(variance.design.offset, design.offset):
+        raise ArgumentError("variance: the lmm fit has another offset than this model")
     sigma = float(variance.sigma)
     return HeldVariance(cov_factors=tuple(sigma * np.asarray(t) for t in variance.solution.factors), sigma=sigma)
 
@@ -190,6 +197,8 @@ def bayes(
     level: float = 0.95,
     target_accept: float = 0.8,
     progress: bool | None = None,
+    weights=None,
+    offset=None,
 ) -> BayesResult:
     """Fit a Bayesian linear mixed model: full posteriors of every fixed and random effect.
 
@@ -226,6 +235,17 @@ def bayes(
         NUTS target acceptance probability.
     progress : bool, optional
         Progress bar; default: on when standard error is a terminal.
+    weights : str or array-like, optional
+        Prior weights w_i (a column name or one value per row of ``data``), as
+        :func:`hierpool.lmm` and lmer: row i has residual variance sigma^2 / w_i
+        (not rstanarm's weights, which multiply the log-likelihood).  Cannot be
+        combined with ``se``.
+    offset : str or array-like, optional
+        A known term of the linear predictor (a column name or one value per row),
+        added to any ``offset(expr)`` terms of the formula: y = offset + X beta +
+        Z b + e in both samplers, the exact draws, the pointwise log-likelihood
+        and every prediction.  The default priors ignore weights and offset, as
+        rstanarm's autoscaling does (see :mod:`hierpool.bayesian.priors`).
 
     Returns
     -------
@@ -246,7 +266,7 @@ def bayes(
         raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
     if not 0 < target_accept < 1:
         raise ArgumentError(f"target_accept must be between 0 and 1, got {target_accept!r}")
-    design = build_design(formula, data, se=se)
+    design = build_design(formula, data, se=se, weights=weights, offset=offset)
     resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
     method = _choose_method(method, resolved)
     held = None if variance is None else _held_variance(design, variance)

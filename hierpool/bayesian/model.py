@@ -1,6 +1,6 @@
 """NumPyro models of a linear mixed model built from a Design.
 
-    y_i ~ Normal(x_i beta + sum_j z_ij b_j[l_ij], sigma / sqrt(w_i))
+    y_i ~ Normal(o_i + x_i beta + sum_j z_ij b_j[l_ij], sigma / sqrt(w_i))
     b_j[l] ~ Normal(0, Sigma_j),   Sigma_j = diag(sd_j) R_j R_j^T diag(sd_j),   R_j R_j^T ~ LKJ(cor)
 
 * :func:`full_model`: every parameter sampled by NUTS, random effects
@@ -8,6 +8,9 @@
   the funnel between the sds and the effects (Papaspiliopoulos et al. 2007).
 * :func:`collapsed_model`: only the variance parameters; beta and b are
   integrated out (:mod:`hierpool.bayesian.collapsed`).
+
+o_i is the offset (zeros without one) and w_i the prior weight (lmer's: residual
+variance sigma^2 / w_i; 1 / se_i^2 with known residual sds, sigma then 1).
 
 Sample sites are internal (``sd__0``, ``cor__0``, ``z__0``...); results are
 renamed after grouping factors and coefficients when the posterior is assembled.
@@ -36,10 +39,11 @@ class ModelData:
     """The Design's arrays as JAX arrays (a pytree, so models can be jitted over it)."""
 
     y: jax.Array
+    offset: jax.Array  # o_i, the known part of the linear predictor (zeros without an offset)
     X: jax.Array
     index: tuple  # per term, (n,) int32
     z: tuple  # per term, (n, k_j)
-    noise_scale: jax.Array  # 1 / sqrt(w_i), or ones
+    noise_scale: jax.Array  # 1 / sqrt(w_i): prior weights or 1/se^2, else ones
 
 
 @jax.tree_util.register_dataclass
@@ -55,6 +59,7 @@ def model_data(design) -> ModelData:
     noise = 1.0 / np.sqrt(design.row_weights)
     return ModelData(
         y=jnp.asarray(design.y),
+        offset=jnp.asarray(design.offset),
         X=jnp.asarray(design.X),
         index=tuple(jnp.asarray(t.index, dtype=jnp.int32) for t in design.terms),
         z=tuple(jnp.asarray(t.z) for t in design.terms),
@@ -140,7 +145,7 @@ def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, *, ks
         cov_factors = [sd[:, None] * cor if cor is not None else jnp.diag(sd) for sd, cor in zip(sds, cors)]
     else:
         sigma, cov_factors = jnp.asarray(held.sigma), [jnp.asarray(f) for f in held.cov_factors]
-    mu = data.X @ beta
+    mu = data.offset + data.X @ beta
     for j, (k, ell, factor) in enumerate(zip(ks, n_levels, cov_factors)):
         z = numpyro.sample(f"z__{j}", dist.Normal(0.0, 1.0).expand((ell, k)).to_event(2))
         b = numpyro.deterministic(f"b__{j}", z @ factor.T)

@@ -115,8 +115,13 @@ def build_inference_data(
 def pointwise_log_likelihood(
     design: Design, beta: np.ndarray, b: list[np.ndarray], sigma: np.ndarray | None
 ) -> np.ndarray:
-    """log p(y_i | beta, b, sigma) per draw and row, shape (chain, draw, n)."""
-    mu = np.einsum("np,cdp->cdn", design.X, beta)
+    """log p(y_i | beta, b, sigma) per draw and row, shape (chain, draw, n).
+
+    y_i ~ Normal(o_i + x_i beta + sum_j z_ij b_j, sigma / sqrt(w_i)): the offset o_i is
+    part of the mean and the prior weight w_i (or 1/se_i^2) divides the variance, so
+    that LOO and WAIC compare models on the likelihood they were fitted with.
+    """
+    mu = design.offset + np.einsum("np,cdp->cdn", design.X, beta)
     for term, b_term in zip(design.terms, b):
         mu = mu + np.einsum("nk,cdnk->cdn", term.z, b_term[:, :, term.index, :])
     scale = 1.0 / np.sqrt(design.row_weights)
