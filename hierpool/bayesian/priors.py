@@ -1,8 +1,9 @@
 """Priors of the Bayesian mixed model: weakly informative defaults scaled to the data, overridable by key.
 
-Defaults (rstanarm's autoscaled weakly informative priors, Gabry & Goodrich,
-"Prior distributions for rstanarm models"; s_y = sd(y), m_y = mean(y), s_x = sd of
-the coefficient's column):
+Defaults, scaled to the data in the manner of rstanarm's autoscaled priors (Gabry &
+Goodrich, "Prior distributions for rstanarm models"); s_y = sd(y), m_y = mean(y),
+s_x = sd of the coefficient's column, s_z = sd of a random-effect column (all sds with
+the n denominator; a zero sd counts as 1):
 
 ==================  =====================================================
 ``Intercept``        Normal(m_y, 2.5 s_y)
@@ -11,6 +12,26 @@ random-effect sd     HalfNormal(2.5 s_y) for intercepts, HalfNormal(2.5 s_y / s_
 ``sigma``            Exponential(rate = 1 / s_y)
 ``cor``              LKJ(1) on each correlated term (uniform over correlation matrices)
 ==================  =====================================================
+
+Where they are rstanarm's and where not (rstanarm's sds, R's ``sd``, have the n - 1
+denominator throughout):
+
+* ``sigma``: rstanarm's default ``prior_aux = exponential(1, autoscale = TRUE)``.
+* other fixed effects: rstanarm's ``normal(0, 2.5, autoscale = TRUE)``, except that
+  rstanarm divides by the range of a column with two distinct values (a dummy), here
+  by its sd.
+* ``Intercept``: rstanarm's location and scale for a Gaussian model, but rstanarm
+  puts this prior on the intercept of the centred predictors; here it is on the
+  model's own intercept (the value at x = 0).
+* random-effect sds and correlations: hierpool's own.  rstanarm puts its ``decov()``
+  prior on each covariance matrix instead; ``cor`` = LKJ(1) is the correlation part
+  of ``decov(regularization = 1)``.
+
+Prior weights and offsets (``weights=``, ``offset=``) do not enter the scales: as in
+rstanarm (``stan_glm.fit`` takes ``sd(y)`` and ``mean(y)`` of the response itself,
+whatever its ``weights`` and ``offset``), s_y and m_y are the unweighted sd and mean
+of y, offset included.  With weights far from 1, sigma (the residual sd of a row of
+weight 1) can lie far from s_y; set ``sigma``'s prior then.
 
 Keys of ``priors=`` (later keys in this list win over earlier ones):
 ``b`` (all fixed effects except the intercept), a fixed-effect term name
@@ -85,6 +106,9 @@ class Priors:
 @dataclass(frozen=True)
 class DataScales:
     """The data summaries the default priors are scaled by (sds with ddof 0; a zero sd counts as 1).
+
+    y's mean and sd are of the response itself, unweighted and with any offset in it,
+    as rstanarm's (see the module docstring).
 
     Attributes
     ----------
