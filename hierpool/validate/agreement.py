@@ -3,9 +3,10 @@
 The posterior compared with the closed form is computed independently of it: the
 plain non-centered NumPyro model (``hp.bayes(method="full")``),
 
-    y ~ Normal(X beta + sum_j Z_j b_j, sigma),   b_j = z_j F_j^T,  z_j ~ Normal(0, I),  F_j F_j^T = Sigma_j,
+    y ~ Normal(offset + X beta + sum_j Z_j b_j, sigma / sqrt(w)),   b_j = z_j F_j^T,  z_j ~ Normal(0, I),  F_j F_j^T = Sigma_j,
 
-sampled by NUTS.  It shares with the closed-form engine only the design (X, the level
+(w the prior weights, ones without them), sampled by NUTS.  It shares with the
+closed-form engine only the design (y, X, the offset, the prior weights, the level
 index and z columns of every term) and, in exact mode, the variance parameters (the fit's
 relative covariance factors and sigma); it never forms the mixed-model equations' cross-
 products and never factors or solves them.  (The exact
@@ -165,6 +166,9 @@ def _comparison_table(fit, post) -> pd.DataFrame:
 def compare(fit, posterior, alpha: float = 0.01, r_hat_max: float = 1.05) -> AgreementReport:
     """The agreement of a closed-form fit with a posterior of the same model and data.
 
+    A posterior of other effects, another response or X, other prior weights (or
+    known residual sds), or another offset is refused (``ArgumentError``).
+
     :func:`blup_agreement` fits both and calls this; call it directly to compare a fit
     with a posterior you already have (e.g. a refit after changing the closed-form engine).
 
@@ -218,6 +222,19 @@ def _check_same_model(fit, posterior) -> None:
     )
     if not same:
         raise ArgumentError("posterior: its fixed and random effects are not those of fit (another model or data set)")
+    # same effects, other likelihood: an offset moves every BLUP, weights (or se=) every shrinkage
+    ours, theirs = fit.design, posterior.design
+    if ours.n != theirs.n or not (np.array_equal(ours.y, theirs.y) and np.array_equal(ours.X, theirs.X)):
+        raise ArgumentError("posterior: its response or fixed-effect columns are not those of fit (another data set)")
+    if ours.sigma_known != theirs.sigma_known or not np.array_equal(ours.row_weights, theirs.row_weights):
+        raise ArgumentError(
+            "posterior: its prior weights (or known residual sds) are not those of fit; "
+            "pass the same weights= (or se=) to hp.lmm and hp.bayes"
+        )
+    if not np.array_equal(ours.offset, theirs.offset):
+        raise ArgumentError(
+            "posterior: its offset is not that of fit; pass the same offset= (and offset() terms) to hp.lmm and hp.bayes"
+        )
 
 
 def flat_beta_priors(fit) -> dict:
@@ -238,13 +255,15 @@ def blup_agreement(
     alpha: float = 0.01,
     target_accept: float = 0.8,
     r_hat_max: float = 1.05,
+    weights=None,
+    offset=None,
 ) -> AgreementReport:
     """Compare an independent posterior of every effect with the closed-form BLUPs.
 
     Parameters
     ----------
-    formula, data, se
-        As :func:`hierpool.lmm`.
+    formula, data, se, weights, offset
+        As :func:`hierpool.lmm`; both engines get the same ones.
     mode : {"exact", "full"}
         ``exact``: variance parameters held at their REML estimates and a flat prior
         on beta, so the posterior must reproduce the BLUPs and sigma^2 C^-1.
@@ -269,11 +288,13 @@ def blup_agreement(
         raise ArgumentError("priors apply to mode='full'; exact mode uses a flat prior on the fixed effects")
     if chains < 2:
         raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
-    fit = lmm(formula, data, se=se)
+    fit = lmm(formula, data, se=se, weights=weights, offset=offset)
     post = bayes(
         formula,
         data,
         se=se,
+        weights=weights,
+        offset=offset,
         priors=flat_beta_priors(fit) if mode == "exact" else priors,
         variance=fit if mode == "exact" else None,
         method="full",
