@@ -16,7 +16,13 @@ of it are put next to each other:
 The BLUP is the no-pooling deviation pulled toward the population mean by the
 shrinkage matrix W_j = (Sigma A_j + sigma^2 I)^-1 Sigma A_j, with
 A_j = sum_i w_i z_i z_i^T over the group's rows: b-hat_j = W_j raw_j, where raw_j
-is the group's least-squares deviation from the fitted population line.  For a
+is the group's least-squares deviation from the fitted population line.
+
+Offsets and prior weights (``offset=``, ``weights=``, ``offset(expr)`` terms) are
+lme4's in every method: complete and no pooling are weighted least squares of
+y - offset (weights w_i, the prior weights or 1/se_i^2), the partial-pooling fits
+get the same offset and weights, and the fitted values of every method
+(:meth:`PoolingComparison.fitted`) add the offset back.  For a
 random intercept W_j is the scalar w_j = n_j sigma_b^2 / (n_j sigma_b^2 + sigma^2)
 (Gelman & Hill 2007, eq. 12.1); the table's ``weight`` is the diagonal of W_j.
 
@@ -87,11 +93,16 @@ def _on_coefficients(fit: LMMResult, block: GroupTerms, beta: np.ndarray) -> np.
                      for c in block.coef_names], axis=-1)
 
 
-def complete_pooling(fit: LMMResult, block: GroupTerms) -> np.ndarray:
-    """Least squares of y on the fixed-effect columns alone: one coefficient vector for all groups."""
+def _complete_pooling_beta(fit: LMMResult) -> np.ndarray:
+    """Weighted least squares of y - offset on the fixed-effect columns alone, shape (p,)."""
     root_w = np.sqrt(fit.design.row_weights)
-    beta, *_ = np.linalg.lstsq(fit.design.X * root_w[:, None], fit.design.y * root_w, rcond=None)
-    return _on_coefficients(fit, block, beta)
+    beta, *_ = np.linalg.lstsq(fit.design.X * root_w[:, None], fit.design.y_less_offset * root_w, rcond=None)
+    return beta
+
+
+def complete_pooling(fit: LMMResult, block: GroupTerms) -> np.ndarray:
+    """Least squares of y - offset on the fixed-effect columns alone: one coefficient vector for all groups."""
+    return _on_coefficients(fit, block, _complete_pooling_beta(fit))
 
 
 def no_pooling(fit: LMMResult, block: GroupTerms) -> np.ndarray:
@@ -99,8 +110,14 @@ def no_pooling(fit: LMMResult, block: GroupTerms) -> np.ndarray:
 
     The fixed-effect columns that are not among the group's coefficients are shared
     across groups (a fixed-effects model with group-specific c); those that the
-    group columns make redundant (group-level covariates) are dropped.
+    group columns make redundant (group-level covariates) are dropped.  Weighted
+    least squares of y - offset, as the mixed model.
     """
+    return _no_pooling_fit(fit, block)[0]
+
+
+def _no_pooling_fit(fit: LMMResult, block: GroupTerms) -> tuple[np.ndarray, np.ndarray]:
+    """(:func:`no_pooling`'s coefficients, its fitted values per row: offset included, NaN in unidentified groups)."""
     design, ell, k = fit.design, len(block.levels), block.k
     weights = fit.design.row_weights
     identified = np.array(
@@ -116,10 +133,12 @@ def no_pooling(fit: LMMResult, block: GroupTerms) -> np.ndarray:
     keep = np.ones(matrix.shape[1], dtype=bool)
     keep[aliased_columns(matrix)] = False  # group-level covariates, made redundant by the group columns
     root_w = np.sqrt(weights[rows])
-    coef, *_ = np.linalg.lstsq(matrix[:, keep] * root_w[:, None], design.y[rows] * root_w, rcond=None)
+    coef, *_ = np.linalg.lstsq(matrix[:, keep] * root_w[:, None], design.y_less_offset[rows] * root_w, rcond=None)
     estimates = np.full((ell, k), np.nan)
     estimates[identified] = coef[: per_group.shape[1]].reshape(-1, k)
-    return estimates
+    fitted = np.full(design.n, np.nan)
+    fitted[rows] = design.offset[rows] + matrix[:, keep] @ coef
+    return estimates, fitted
 
 
 def group_covariance(fit: LMMResult, block: GroupTerms) -> np.ndarray:
@@ -234,6 +253,26 @@ class PoolingComparison:
         """The partial-pooling population coefficients beta-hat_c (0 for a coefficient with no fixed effect)."""
         return pd.Series(_population(self.fit, self.block), index=list(self.block.coef_names))
 
+    def fitted(self) -> pd.DataFrame:
+        """Each method's fitted value of every row used in fitting, the offset included.
+
+        Columns offset, complete_pooling (offset + X beta of the complete-pooling
+        regression), no_pooling (offset + the no-pooling regression's fit; NaN in a
+        group it cannot identify), blup (the REML fit's ``fitted``: offset + X beta-hat
+        + Z b-hat over every term) and, with a posterior, post_mean (its posterior
+        mean of offset + X beta + Z b); indexed by the data's row labels.
+        """
+        design = self.fit.design
+        columns = {
+            "offset": design.offset,
+            "complete_pooling": design.offset + design.X @ _complete_pooling_beta(self.fit),
+            "no_pooling": _no_pooling_fit(self.fit, self.block)[1],
+            "blup": self.fit.fitted,
+        }
+        if self.posterior is not None:
+            columns["post_mean"] = self.posterior.predict()["mean"].to_numpy()
+        return pd.DataFrame(columns, index=design.rows)
+
     def errors(self, sparse_max: int = 2) -> pd.DataFrame:
         """Root-mean-square error of each method against the truth: all groups, n <= sparse_max, the rest.
 
@@ -306,6 +345,8 @@ def pooling(
     se: str | None = None,
     priors=None,
     target_accept: float = 0.8,
+    weights=None,
+    offset=None,
 ) -> PoolingComparison:
     """Put complete pooling, no pooling, the BLUP and the posterior side by side.
 
@@ -330,6 +371,9 @@ def pooling(
         Interval level of the plots.
     se : str, optional
         Column of known residual sds (meta-analysis), as in :func:`hierpool.lmm`.
+    weights, offset : str or array-like, optional
+        Prior weights and offset (column names or one value per row), as in
+        :func:`hierpool.lmm`: every method fits y - offset with these weights.
 
     Returns
     -------
@@ -337,7 +381,7 @@ def pooling(
     """
     if not 0 < level < 1:
         raise ArgumentError(f"level must lie strictly between 0 and 1, got {level!r}")
-    fit = lmm(formula, data, se=se)
+    fit = lmm(formula, data, se=se, weights=weights, offset=offset)
     block = group_terms(fit, group)
     truth_columns = _truth_columns(data, truth, block)
     ell, k = len(block.levels), block.k
@@ -353,7 +397,7 @@ def pooling(
         from .bayesian import bayes as fit_bayes
 
         posterior = fit_bayes(formula, data, chains=chains, draws=draws, tune=tune, seed=seed, se=se, progress=progress,
-                              priors=priors, target_accept=target_accept)
+                              priors=priors, target_accept=target_accept, weights=weights, offset=offset)
         coefficient_draws = _posterior_coefficients(posterior, block, fit)
         columns["post_mean"] = coefficient_draws.mean(axis=0)
         columns["post_sd"] = coefficient_draws.std(axis=0, ddof=1)

@@ -172,3 +172,81 @@ def test_terms_of_one_factor_with_different_widths_read_as_one_block(study, slop
     newdata = pd.DataFrame({"patient": split.block.levels, "time": 0.0})
     se = split.fit.predict(newdata, interval="confidence")["se"]
     np.testing.assert_allclose(split.table.query("term == 'Intercept'")["blup_sd"], se, rtol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def weighted_study(study):
+    """The study with prior weights w and an offset o added to the biomarker (so y - o is the original reading)."""
+    rng = np.random.default_rng(12)
+    offset = rng.normal(0.0, 10.0, len(study))
+    return study.assign(biomarker=study.biomarker + offset, o=offset, w=rng.uniform(0.3, 3.0, len(study)))
+
+
+def test_every_method_fits_y_less_offset_by_weighted_least_squares(weighted_study):
+    comparison = hp.pooling("biomarker ~ 1 + offset(o) + (1 | patient)", weighted_study, weights="w", bayes=False)
+    data = weighted_study.assign(r=weighted_study.biomarker - weighted_study.o)
+    data["wr"] = data.w * data.r
+    sums = data.groupby("patient")[["w", "wr"]].sum()
+    table = comparison.table.set_index("grp").loc[sums.index]
+    np.testing.assert_allclose(table["no_pooling"], sums.wr / sums.w, rtol=1e-12)
+    np.testing.assert_allclose(table["complete_pooling"], data.wr.sum() / data.w.sum(), rtol=1e-12)
+    # the shrinkage weight counts prior weights, not rows: W sigma_b^2 / (W sigma_b^2 + sigma^2), W = sum of w
+    fit = comparison.fit
+    var_b, beta = fit.term_covariances()[0][0, 0], fit.fixef["Intercept"]
+    shrink = sums.w * var_b / (sums.w * var_b + fit.sigma**2)
+    np.testing.assert_allclose(table["weight"], shrink, rtol=1e-10)
+    np.testing.assert_allclose(table["blup"], beta + shrink * (table["no_pooling"] - beta), rtol=1e-8)
+    # fitted values add the offset back, row by row
+    fitted = comparison.fitted()
+    np.testing.assert_array_equal(fitted.index, data.index)
+    np.testing.assert_allclose(fitted["offset"], data.o, rtol=0)
+    np.testing.assert_allclose(fitted["complete_pooling"], data.o + data.wr.sum() / data.w.sum(), rtol=1e-12)
+    np.testing.assert_allclose(fitted["no_pooling"], data.o + (sums.wr / sums.w).loc[data.patient].to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(fitted["blup"], fit.fitted, rtol=1e-12)
+    np.testing.assert_allclose(fitted["blup"], data.o + table.loc[data.patient, "blup"].to_numpy(), rtol=1e-8)
+
+
+def test_no_pooling_slopes_with_weights_and_offset_are_per_group_weighted_fits(weighted_study):
+    comparison = hp.pooling(SLOPES, weighted_study, weights="w", offset="o", bayes=False)
+    table = comparison.table.pivot(index="grp", columns="term", values="no_pooling")
+    fitted = comparison.fitted()["no_pooling"]
+    for patient, rows in weighted_study.groupby("patient"):
+        if rows["time"].nunique() < 2:
+            assert table.loc[patient].isna().all() and fitted.loc[rows.index].isna().all()
+            continue
+        # polyfit weights multiply the residuals: sqrt of the prior weights
+        slope, intercept = np.polyfit(rows.time, rows.biomarker - rows.o, 1, w=np.sqrt(rows.w))
+        np.testing.assert_allclose(table.loc[patient, ["Intercept", "time"]], [intercept, slope], rtol=1e-8, atol=1e-9)
+        np.testing.assert_allclose(fitted.loc[rows.index], rows.o + intercept + slope * rows.time, rtol=1e-8)
+    x = np.column_stack([np.ones(len(weighted_study)), weighted_study.time])
+    root_w = np.sqrt(weighted_study.w.to_numpy())
+    pooled = np.linalg.lstsq(x * root_w[:, None], (weighted_study.biomarker - weighted_study.o) * root_w, rcond=None)[0]
+    np.testing.assert_allclose(comparison.table.pivot(index="grp", columns="term", values="complete_pooling").iloc[0],
+                               pooled, rtol=1e-10)
+
+
+def test_the_posterior_gets_the_same_weights_and_offset(weighted_study, monkeypatch):
+    # hp.pooling's Bayesian fit is hp.bayes with the formula, data, weights and offset of its REML fit
+    import hierpool.bayesian
+
+    class Called(Exception):
+        pass
+
+    def record(formula, data, **kwargs):
+        raise Called(kwargs)
+
+    monkeypatch.setattr(hierpool.bayesian, "bayes", record)
+    with pytest.raises(Called) as called:
+        hp.pooling(INTERCEPT, weighted_study, weights="w", offset="o", draws=10)
+    assert called.value.args[0]["weights"] == "w" and called.value.args[0]["offset"] == "o"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"weights": "weight"}, "'weight'"),
+    ({"offset": "patient"}, "offset column 'patient' must be numeric"),
+    ({"weights": "time"}, "weights column 'time' must be positive"),
+    ({"weights": "w", "se": "w"}, "weights"),
+])
+def test_bad_weights_or_offset_name_the_argument(weighted_study, kwargs, match):
+    with pytest.raises(hp.HierpoolError, match=match):
+        hp.pooling(INTERCEPT, weighted_study, bayes=False, **kwargs)
