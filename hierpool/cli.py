@@ -138,8 +138,10 @@ def _fit(args) -> int:
 
     data = _read_csv(args.data)
     out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}-hierpool")
+    # one call fits every engine the command runs (hp.lmm, and hp.bayes with --bayes): each gets se, weights, offset
     comparison = pooling(args.formula, data, bayes=args.bayes, chains=args.chains, draws=args.draws, tune=args.tune,
-                         seed=args.seed, se=args.se, level=args.level, progress=None)
+                         seed=args.seed, se=args.se, weights=args.weights, offset=args.offset, level=args.level,
+                         progress=None)
     fit = comparison.fit
     out.mkdir(parents=True, exist_ok=True)
     print(fit.summary())
@@ -150,6 +152,7 @@ def _fit(args) -> int:
         _write_table(fit.varcorr, out / "varcorr.csv"),
         _write_table(_ranef_with_intervals(fit, args.level), out / "ranef.csv"),
         _write_table(comparison.table, out / "pooling.csv"),
+        _write_table(comparison.fitted().rename_axis("row").reset_index(), out / "fitted.csv"),
         _save(comparison.plot("shrinkage"), out / "shrinkage.png"),
         _save(comparison.plot("caterpillar"), out / "caterpillar.png"),
     ]
@@ -189,12 +192,18 @@ def _parser() -> argparse.ArgumentParser:
     fit = commands.add_parser(
         "fit", help="fit a model to a CSV file",
         description="Fit an lme4-style formula to a CSV file; print the summary and write the fixed effects, "
-                    "variance components and random effects (with intervals) as CSV, and the plots.")
+                    "variance components, random effects (with intervals) and each pooling method's fitted "
+                    "values (offset included) as CSV, and the plots.")
     fit.add_argument("data", help="CSV file with a header row")
     fit.add_argument("formula", help='lme4-style formula, e.g. "y ~ x + (x | g)"')
     fit.add_argument("--bayes", action="store_true", help="also sample the posterior (hp.bayes); writes posterior.nc")
     fit.add_argument("--out", help="output folder (default: <DATA stem>-hierpool)")
     fit.add_argument("--se", help="column of known residual standard errors (meta-analysis)")
+    fit.add_argument("--weights", metavar="COL",
+                     help="column of prior weights, as lmer's weights: row i has residual variance sigma^2 / w_i")
+    fit.add_argument("--offset", metavar="COL",
+                     help="column of a known offset added to the linear predictor, as lmer's offset "
+                          "(offset(expr) terms in the formula work too)")
     fit.add_argument("--level", type=float, default=0.95, help="interval level (default: %(default)s)")
     fit.add_argument("--chains", type=int, default=4)
     fit.add_argument("--draws", type=int, default=1000)

@@ -55,6 +55,62 @@ def test_fit_writes_the_tables_plots_and_posterior(sleep_csv, tmp_path, capsys):
     assert idata.posterior["b_Subject"].shape == (2, 400, 18, 2)
 
 
+@pytest.fixture(scope="module")
+def weighted_sleep_csv(tmp_path_factory):
+    # sleepstudy with prior weights w and an offset o added to the reaction times
+    rng = np.random.default_rng(9)
+    data = hp.datasets.sleepstudy()
+    offset = rng.normal(0.0, 30.0, len(data))
+    path = tmp_path_factory.mktemp("weighted") / "sleep.csv"
+    data.assign(Reaction=data.Reaction + offset, o=offset, w=rng.uniform(0.3, 3.0, len(data))).to_csv(path, index=False)
+    return path
+
+
+def test_fit_with_weights_and_offset_writes_hp_lmm_numbers(weighted_sleep_csv, tmp_path):
+    formula = "Reaction ~ Days + (Days | Subject)"
+    assert main(["fit", str(weighted_sleep_csv), formula, "--weights", "w", "--offset", "o", "--out", str(tmp_path)]) == 0
+    data = pd.read_csv(weighted_sleep_csv)
+    fit = hp.lmm(formula, data, weights="w", offset="o")
+    unweighted = hp.lmm(formula, data, offset="o")
+    assert abs(fit.fixef["Days"] - unweighted.fixef["Days"]) > 1e-3  # the weights matter on these data
+    fixef = pd.read_csv(tmp_path / "fixef.csv").set_index("term")
+    np.testing.assert_allclose(fixef["estimate"], fit.fixef, rtol=1e-8)
+    np.testing.assert_allclose(fixef["se"], fit.fixef_se, rtol=1e-8)
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "varcorr.csv").sdcor, fit.varcorr.sdcor, rtol=1e-8)
+    fitted = pd.read_csv(tmp_path / "fitted.csv")
+    np.testing.assert_allclose(fitted["offset"], data.o, rtol=1e-12)
+    np.testing.assert_allclose(fitted["blup"], fit.fitted, rtol=1e-8)  # offset + X beta + Z b
+
+
+def test_fit_passes_weights_and_offset_to_the_bayesian_engine(weighted_sleep_csv, tmp_path, monkeypatch):
+    import hierpool.bayesian
+
+    seen = {}
+
+    def record(formula, data, **kwargs):
+        seen.update(kwargs)
+        raise hp.ArgumentError("recorded")
+
+    monkeypatch.setattr(hierpool.bayesian, "bayes", record)
+    args = ["fit", str(weighted_sleep_csv), "Reaction ~ Days + (1 | Subject)", "--bayes", "--weights", "w", "--offset",
+            "o", "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert seen["weights"] == "w" and seen["offset"] == "o"
+
+
+@pytest.mark.parametrize("option,column,message", [
+    ("--weights", "wt", "argument weights uses column 'wt'"),
+    ("--offset", "off", "argument offset uses column 'off'"),
+    ("--weights", "Days", "weights column 'Days' must be positive"),
+])
+def test_a_bad_weights_or_offset_column_is_exit_status_2_naming_it(option, column, message, weighted_sleep_csv,
+                                                                   tmp_path, capsys):
+    assert main(["fit", str(weighted_sleep_csv), "Reaction ~ Days + (1 | Subject)", option, column,
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hierpool: error:") and message in err[0], err
+
+
 SCHOOLS = "y ~ 1 + (1 | school)"
 Z80, Z95 = 1.2815515655446004, 1.959963984540054  # two-sided normal quantiles of 80% and 95% intervals
 
