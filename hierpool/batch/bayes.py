@@ -95,6 +95,8 @@ def bayes_batch(
     chunk_size: int = 256,
     keep_draws: bool = False,
     progress: bool | None = None,
+    weights=None,
+    offset=None,
 ) -> BayesBatchResult:
     """Posteriors of one Bayesian linear mixed model fitted to many datasets at once.
 
@@ -128,6 +130,12 @@ def bayes_batch(
         Keep every dataset's draws in ``result.draws`` (memory grows with the batch).
     progress : bool, optional
         A progress bar over chunks (default: when stderr is a terminal).
+    weights : str or array-like, optional
+        Prior weights, as ``hp.bayes``'s (residual variance sigma^2 / w_i): a column
+        name or, with ``data`` one DataFrame, one value per row of it.
+    offset : str or array-like, optional
+        A known term of the linear predictor, as ``hp.bayes``'s, added to any
+        ``offset(expr)`` terms of the formula; a column name or one value per row.
 
     Returns
     -------
@@ -152,7 +160,7 @@ def bayes_batch(
         raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
     if not 0 < target_accept < 1:
         raise ArgumentError(f"target_accept must be between 0 and 1, got {target_accept!r}")
-    plan = plan_batch(formula, data, by, "bayes_batch", "hp.bayes")
+    plan = plan_batch(formula, data, by, "bayes_batch", "hp.bayes", weights=weights, offset=offset)
     design, term = plan.design, plan.term
     if design.sigma_known:
         raise ArgumentError("bayes_batch does not take known residual sds (se=); fit those datasets with hp.bayes")

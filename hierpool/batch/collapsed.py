@@ -6,16 +6,19 @@ engine's per-dataset statistics so that datasets of any size share one shape
 factor) and a Normal(m_i, s_i^2) prior on beta_i added as the pseudo-observation
 m_i = beta_i + e_i with weight w_i = sigma^2 / s_i^2 (flat priors have none):
 
-    X^T X += diag(w),   X^T y += w m,   y^T y += sum w m^2,
+    X^T X += diag(w),   X^T y += w m',   y^T y += sum w m'^2,   m' = m - beta0,
 
-and with the factorization of :func:`hierpool.batch.objective.factor_blocks`,
+beta0 the statistics' ``beta_shift`` (their y is y - offset - X beta0, see
+:mod:`hierpool.batch.statistics`), and with the factorization of
+:func:`hierpool.batch.objective.factor_blocks`,
 
     -2 log p(y | T, sigma) = log|L_Z|^2 + log|L_X|^2 + (n + k_N - p) log(2 pi sigma^2)
-                             + pwrss / sigma^2 - sum_i log w_i,
+                             + pwrss / sigma^2 - sum_i log w_i - sum_rows log v_j,
 
-k_N the number of Normal priors.  Given (T, sigma), (beta, b) is Gaussian:
+k_N the number of Normal priors, v_j the rows' prior weights (residual variance
+sigma^2 / v_j; the statistics' ``log_weights``).  Given (T, sigma), (beta, b) is Gaussian:
 
-    beta = L_X^-T (r + sigma e_beta),   u_l = L_l^-T (c_l - C_l beta + sigma e_l),   b_l = Lambda u_l,
+    beta = beta0 + L_X^-T (r + sigma e_beta),   u_l = L_l^-T (c_l - C_l (beta - beta0) + sigma e_l),   b_l = Lambda u_l,
 
 an exact joint draw (beta from its marginal, then u given beta).  The general
 engine's :func:`hierpool.bayesian.collapsed.log_marginal_likelihood` and
@@ -49,10 +52,12 @@ def _prior_weights(scale, sigma) -> tuple:
 def with_beta_prior(stats: BatchStatistics, loc, scale, sigma) -> BatchStatistics:
     """One dataset's statistics with the Normal(loc, scale^2) prior's pseudo-observations added.
 
-    A batch of sigmas (...,) gives X^T X, X^T y and y^T y with those leading axes.
+    The pseudo-observations are about beta - beta_shift, the statistics' frame.  A
+    batch of sigmas (...,) gives X^T X, X^T y and y^T y with those leading axes.
     """
     xp = array_namespace(loc, scale, sigma)
     _, weight = _prior_weights(scale, sigma)
+    loc = loc - stats.beta_shift
     return dataclasses.replace(
         stats,
         xtx=stats.xtx + weight[..., :, None] * xp.eye(weight.shape[-1]),
@@ -67,15 +72,17 @@ def log_marginal_likelihood(theta, sigma, stats: BatchStatistics, loc, scale) ->
     *_, pwrss, logdet_z, logdet_x = factor_blocks(theta, with_beta_prior(stats, loc, scale, sigma))
     p = stats.xtx.shape[-1]
     dof = stats.n + jnp.sum(finite) - p
-    log_weights = jnp.sum(jnp.where(finite, jnp.log(jnp.where(finite, weight, 1.0)), 0.0))
-    minus_two = logdet_z + logdet_x + dof * jnp.log(2 * jnp.pi * sigma**2) + pwrss / sigma**2 - log_weights
+    log_prior_weights = jnp.sum(jnp.where(finite, jnp.log(jnp.where(finite, weight, 1.0)), 0.0))
+    minus_two = (logdet_z + logdet_x + dof * jnp.log(2 * jnp.pi * sigma**2) + pwrss / sigma**2
+                 - log_prior_weights - stats.log_weights)
     return -0.5 * minus_two
 
 
 def conditional_draw(theta, sigma, stats: BatchStatistics, loc, scale, noise_beta, noise_u):
     """An exact draw of (beta, b) given (theta, sigma): ``noise_beta`` (..., p), ``noise_u`` (..., ell, k) standard normal.
 
-    Leading axes are draws: NumPy inputs draw many at once on the host, JAX inputs vmap or batch.
+    beta on the user's scale (beta_shift added back).  Leading axes are draws: NumPy
+    inputs draw many at once on the host, JAX inputs vmap or batch.
     """
     xp = array_namespace(theta, sigma)
     sigma = xp.asarray(sigma)
@@ -83,7 +90,7 @@ def conditional_draw(theta, sigma, stats: BatchStatistics, loc, scale, noise_bet
     beta = xp.einsum("...qp,...q->...p", chol_x_inv, r + sigma[..., None] * noise_beta)
     u = xp.einsum("...lji,...lj->...li", chol_inv, cz - xp.einsum("...lip,...p->...li", cx, beta)
                   + sigma[..., None, None] * noise_u)
-    return beta, xp.einsum("...lj,...ij->...li", u, lam)  # b_l = Lambda u_l
+    return beta + stats.beta_shift, xp.einsum("...lj,...ij->...li", u, lam)  # b_l = Lambda u_l
 
 
 def draw_effects(thetas, sigmas, stats: BatchStatistics, loc, scale, noise, batch_size: int):

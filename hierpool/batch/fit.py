@@ -100,6 +100,8 @@ def fit_batch(
     polish: bool = True,
     progress: bool | None = None,
     max_iterations: int = MAX_ITERATIONS,
+    weights=None,
+    offset=None,
 ) -> BatchResult:
     """Fit one linear mixed model to many datasets at once.
 
@@ -133,6 +135,14 @@ def fit_batch(
         A progress bar over chunks (default: when stderr is a terminal).
     max_iterations : int
         Newton iterations per dataset.
+    weights : str or array-like, optional
+        Prior weights, as ``hp.lmm``'s (lmer's ``weights``: row i has residual
+        variance sigma^2 / w_i, and the criterion includes -sum log w_i): a column
+        name or, with ``data`` one DataFrame, one value per row of it.
+    offset : str or array-like, optional
+        A known term of the linear predictor, as ``hp.lmm``'s (lmer's ``offset``),
+        added to any ``offset(expr)`` terms of the formula; a column name or one
+        value per row.
 
     Returns
     -------
@@ -145,15 +155,18 @@ def fit_batch(
     Each dataset's criterion is the profiled REML/ML criterion of
     Bates et al. (2015), computed from its sufficient statistics; results equal
     those of ``hp.lmm`` on each dataset (the tests assert the criterion to 1e-11
-    relative and the fixed effects to 1e-6, with no dataset refitted).  Models with several random-effect terms or known residual sds are
-    not batched: fit those with ``hp.lmm`` in a loop.
+    relative and the fixed effects to 1e-6, with no dataset refitted), weights and
+    offsets included.  Each dataset's algebra works on y - offset - X beta0, beta0
+    its weighted least-squares fit (:mod:`hierpool.batch.statistics`), so a large
+    common location of y costs no digits.  Models with several random-effect terms
+    or known residual sds are not batched: fit those with ``hp.lmm`` in a loop.
     """
     if dtype not in ("float64", "float32"):
         raise ArgumentError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     if chunk_size is None:
         chunk_size = CPU_CHUNK if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK
     chunk_size = integer_argument("chunk_size", chunk_size)
-    plan = plan_batch(formula, data, by, "fit_batch", "hp.lmm")
+    plan = plan_batch(formula, data, by, "fit_batch", "hp.lmm", weights=weights, offset=offset)
     design, term, n_datasets, n_levels = plan.design, plan.term, plan.n_datasets, plan.n_levels
     p, k = design.p, term.k
     sharding = mesh_sharding()
@@ -214,11 +227,11 @@ def fit_batch(
 
     if polish:
         for index in to_polish:
-            rows = plan.rows_of(index)
+            frame, arguments = plan.dataset_frame(index)
             try:
                 with warnings.catch_warnings():  # a singular refit is reported in is_singular
                     warnings.simplefilter("ignore", HierpoolWarning)
-                    single = lmm(formula, plan.frame.loc[rows], reml=reml)
+                    single = lmm(formula, frame, reml=reml, **arguments)
             except Exception as exc:  # reported in the dataset's row, never raised for the batch
                 messages[index] += f"; refit by hp.lmm failed: {exc}"
                 continue

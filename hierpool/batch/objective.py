@@ -6,12 +6,15 @@ With Lambda the k x k lower-triangular relative factor (Sigma = sigma^2 Lambda L
     c_l = L_l^-1 Lambda^T Z_l^T y,   C_l = L_l^-1 Lambda^T Z_l^T X,
     L_X L_X^T = X^T X - sum_l C_l^T C_l,   r = L_X^-1 (X^T y - sum_l C_l^T c_l),
     pwrss = y^T y - sum_l |c_l|^2 - |r|^2,
-    REML: 2 sum_l log|L_l| + 2 log|L_X| + (n - p) (1 + log(2 pi pwrss / (n - p))),
-    ML:   2 sum_l log|L_l| + n (1 + log(2 pi pwrss / n)),
+    REML: 2 sum_l log|L_l| + 2 log|L_X| + (n - p) (1 + log(2 pi pwrss / (n - p))) - sum_i log w_i,
+    ML:   2 sum_l log|L_l| + n (1 + log(2 pi pwrss / n)) - sum_i log w_i,
 
 the blocked Cholesky factor of Bates et al. (2015, eqs. 18-34) for one term,
-where the block of the random effects is block-diagonal.  Everything is a
-function of one dataset's :class:`BatchStatistics`; vmap it over datasets.
+where the block of the random effects is block-diagonal, with prior weights w
+inside every cross-product (lme4's criterion with ``weights``).  Everything is a
+function of one dataset's :class:`BatchStatistics`; vmap it over datasets.  Its
+y is y - offset - X beta0 (:mod:`hierpool.batch.statistics`), so the solution's
+beta is beta0 + L_X^-T r.
 """
 
 from __future__ import annotations
@@ -95,12 +98,12 @@ def objective(theta: jax.Array, stats, reml: bool = True) -> jax.Array:
     *_, pwrss, logdet_z, logdet_x = factor_blocks(theta, stats)
     p = stats.xtx.shape[-1]
     dof = stats.n - p if reml else stats.n
-    value = logdet_z + dof * (1 + jnp.log(2 * jnp.pi * pwrss / dof))
+    value = logdet_z + dof * (1 + jnp.log(2 * jnp.pi * pwrss / dof)) - stats.log_weights
     return value + logdet_x if reml else value
 
 
 def solution(theta: jax.Array, stats, reml: bool = True) -> dict:
-    """beta-hat, its covariance, sigma, the BLUPs b and lme4's condVar at theta (one dataset)."""
+    """beta-hat (on the user's scale: beta0 added back), its covariance, sigma, the BLUPs b and lme4's condVar at theta (one dataset)."""
     lam, chol_inv, cz, cx, chol_x_inv, r, pwrss, *_ = factor_blocks(theta, stats)
     p = stats.xtx.shape[-1]
     sigma2 = pwrss / (stats.n - p if reml else stats.n)
@@ -111,7 +114,7 @@ def solution(theta: jax.Array, stats, reml: bool = True) -> dict:
     inner_inv = jnp.einsum("lki,lkj->lij", chol_inv, chol_inv)  # (L L^T)^-1
     cond_var = sigma2 * lam[None] @ inner_inv @ lam.T[None]
     return {
-        "beta": beta,
+        "beta": beta + stats.beta_shift,
         "vcov": sigma2 * chol_x_inv.T @ chol_x_inv,
         "sigma": jnp.sqrt(sigma2),
         "b": b,

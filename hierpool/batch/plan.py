@@ -20,10 +20,15 @@
   (``jax.experimental.multihost_utils.process_allgather``).
 * A dataset that cannot be fitted (one level, aliased fixed effects, too few
   observations) is never sent to the compiled program; its reason is kept.
+* Prior weights and offsets (``weights=``, ``offset=`` and ``offset(...)`` terms)
+  are read by :func:`hierpool.design.build_design` on the long frame, which checks
+  them and drops rows with missing values, and enter each dataset's statistics
+  (:func:`hierpool.batch.statistics.sufficient_statistics`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -151,6 +156,8 @@ class BatchPlan:
     n_levels: np.ndarray
     n_obs: np.ndarray
     levels: list  # each dataset's level labels, in hp.lmm's order
+    weights: object = None  # the weights= argument as given: a column name, or an array aligned with frame's rows
+    offset: object = None  # the offset= argument, likewise
 
     @property
     def term(self) -> RandomEffectTerm:
@@ -169,9 +176,12 @@ class BatchPlan:
         """The shapes of ``rows`` datasets' statistics in a bucket (to compile before computing them)."""
         p, k = self.design.p, self.term.k
         shapes = BatchStatistics(ztz=(rows, bucket, k, k), ztx=(rows, bucket, k, p), zty=(rows, bucket, k),
-                                 xtx=(rows, p, p), xty=(rows, p), yty=(rows,), n=(rows,))
-        return jax.tree_util.tree_map(lambda shape: jax.ShapeDtypeStruct(shape, dtype), shapes,
-                                      is_leaf=lambda x: isinstance(x, tuple))
+                                 xtx=(rows, p, p), xty=(rows, p), yty=(rows,), n=(rows,), log_weights=(rows,),
+                                 beta_shift=(rows, p))
+        out = jax.tree_util.tree_map(lambda shape: jax.ShapeDtypeStruct(shape, dtype), shapes,
+                                     is_leaf=lambda x: isinstance(x, tuple))
+        # the shift stays float64 (BatchStatistics.astype)
+        return dataclasses.replace(out, beta_shift=jax.ShapeDtypeStruct((rows, p), np.float64))
 
     def buckets(self, dtype=np.float64):
         """Per padded level count: (members that can be fitted, their statistics); problems in ``messages``."""
@@ -181,8 +191,9 @@ class BatchPlan:
         for bucket, members in self.bucket_members():
             rows = np.isin(self.dataset, members)
             local = np.searchsorted(members, self.dataset[rows])
+            weights = None if design.weights is None else design.weights[rows]
             stats = sufficient_statistics(local, self.level[rows], design.X[rows], term.z[rows], design.y[rows],
-                                          len(members), int(bucket))
+                                          len(members), int(bucket), weights=weights, offset=design.offset[rows])
             rank = np.atleast_1d(np.linalg.matrix_rank(stats.xtx, hermitian=True))
             problems = dataset_problems(self.n_obs[members], self.n_levels[members], rank, design.p, term.k, term.group)
             for index, problem in zip(members, problems):
@@ -192,9 +203,19 @@ class BatchPlan:
                 out.append((bucket, members[valid], stats.take(np.flatnonzero(valid)).astype(dtype)))
         return out, messages
 
-    def rows_of(self, index: int) -> np.ndarray:
-        """The long frame's row labels of dataset ``index``."""
-        return np.asarray(self.design.rows)[self.dataset == index]
+    def dataset_frame(self, index: int) -> tuple[pd.DataFrame, dict]:
+        """(rows, weights/offset keyword arguments) to fit dataset ``index`` alone, as the user would.
+
+        All of the dataset's rows, those ``build_design`` dropped for missing values
+        included (a fit of the dataset drops them again); array arguments are cut to them.
+        """
+        rows = np.flatnonzero(self.frame[self.by].to_numpy() == self.labels[index])
+        kwargs = {}
+        for name in ("weights", "offset"):
+            value = getattr(self, name)
+            if value is not None:
+                kwargs[name] = value if isinstance(value, str) else value[rows]
+        return self.frame.iloc[rows], kwargs
 
 
 def chunks(bucket: int, usable: np.ndarray, size: int, n_devices: int) -> list[Chunk]:
@@ -208,19 +229,44 @@ def chunks(bucket: int, usable: np.ndarray, size: int, n_devices: int) -> list[C
     return out
 
 
-def plan_batch(formula: str, data, by: str, caller: str, single: str) -> BatchPlan:
+def _row_argument(value, name: str, data, frame: pd.DataFrame):
+    """``weights=`` / ``offset=`` as build_design takes it: a column name, or a float array with one value per row."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(data, pd.DataFrame):
+        raise ArgumentError(f"{name} given as an array needs data as one DataFrame (one value per row); with a list "
+                            f"or dict of datasets give {name} as the name of a column of every dataset")
+    try:
+        values = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"{name} must be a column name or a numeric array, got {type(value).__name__}") from None
+    if values.ndim != 1 or values.shape[0] != len(frame):
+        raise ArgumentError(f"{name} must be a column name or an array with one value per row of data "
+                            f"({len(frame)}), got shape {values.shape}")
+    return values
+
+
+def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=None, offset=None) -> BatchPlan:
     """Parse ``formula`` on the long frame and locate every dataset's rows and levels.
+
+    ``weights`` and ``offset`` are column names, or (with ``data`` one DataFrame)
+    arrays with one value per row of it.
 
     Raises
     ------
     ArgumentError
         For a formula with other than one random-effect term (naming ``caller`` and
-        the one-dataset function ``single`` to loop over instead).
+        the one-dataset function ``single`` to loop over instead), for weights
+        combined with known sds, or for a weights or offset array of the wrong length.
     DataError
-        For a missing ``by`` column or missing dataset labels.
+        For a missing ``by``, weights or offset column, missing dataset labels,
+        or weights that are not positive.
     """
     frame = long_frame(data, by)
-    design = build_design(formula, frame)
+    weights, offset = (_row_argument(value, name, data, frame) for value, name in ((weights, "weights"), (offset, "offset")))
+    # positions as labels (the user's frame is not modified): a dataset's rows are then found by position
+    frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)
+    design = build_design(formula, frame, weights=weights, offset=offset)
     if len(design.terms) != 1:
         terms = [f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms]
         raise ArgumentError(f"{caller} fits models with one random-effect term; this formula has {len(terms)}: "
@@ -245,4 +291,6 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str) -> BatchPl
         n_levels=np.bincount(cell_dataset, minlength=n_datasets),
         n_obs=np.bincount(dataset, minlength=n_datasets),
         levels=np.split(np.asarray(term.levels)[cell % term.n_levels], first_cell[1:]),
+        weights=weights,
+        offset=offset,
     )
