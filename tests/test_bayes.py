@@ -42,6 +42,149 @@ def test_exact_draws_equal_henderson(name, formula):
     assert report.passed, report.summary()
 
 
+def with_weights_and_offset(data, response, seed):
+    """data with prior weights w (0.3 to 3) and an offset o (about one sd of the response, outside X's span) added to y."""
+    rng = np.random.default_rng(seed)
+    offset = rng.normal(0.0, data[response].std(), len(data))
+    return data.assign(**{response: data[response] + offset, "w": rng.uniform(0.3, 3.0, len(data)), "o": offset})
+
+
+# data set: (formula, offset argument, {coefficient: its data column, None for the intercept}); the offset
+# in the formula (correlated slopes) and as the argument (crossed), each fitted with prior weights w
+WEIGHTED_OFFSET_MODELS = {
+    "sleepstudy": ("Reaction ~ Days + offset(o) + (Days | Subject)", None, {"Intercept": None, "Days": "Days"}),
+    "Penicillin": ("diameter ~ 1 + (1 | plate) + (1 | sample)", "o", {"Intercept": None}),
+}
+
+
+@pytest.fixture(scope="module")
+def weighted_offset_exact():
+    """Per model: (data, the REML fit, the exact-mode posterior), both with weights and the offset."""
+    out = {}
+    for name, (formula, offset, _) in WEIGHTED_OFFSET_MODELS.items():
+        data = with_weights_and_offset(load(name), formula.split("~")[0].strip(), seed=len(name))
+        fit = hp.lmm(formula, data, weights="w", offset=offset)
+        post = hp.bayes(formula, data, weights="w", offset=offset, variance=fit,
+                        priors=hp.validate.flat_beta_priors(fit), seed=2)
+        out[name] = data, fit, post
+    return out
+
+
+def test_exact_draws_with_weights_and_offset_equal_henderson(weighted_offset_exact):
+    # the exact draw's system is built on y - offset with the weights; a draw that dropped either
+    # would centre on other BLUPs (the offset is ~1 sd of y per row) or scale C^-1 wrongly
+    for name, (data, fit, post) in weighted_offset_exact.items():
+        assert post.method == "exact" and post.design.has_offset
+        np.testing.assert_array_equal(post.design.weights, data["w"].to_numpy())
+        report = hp.validate.compare(fit, post)
+        assert report.passed, (name, report.summary())
+
+
+def _mean_from_tables(post, data, coefficients):
+    """offset + x beta + z b of every row, per draw (chain 0), from the posterior's labelled variables."""
+    posterior = post.idata.posterior.isel(chain=0)
+    mu = data["o"].to_numpy() + sum(
+        posterior["beta"].sel(fixef=coef).values[:, None] * (1.0 if col is None else data[col].to_numpy())
+        for coef, col in coefficients.items()
+    )
+    for term in post.design.terms:
+        b = posterior[f"b_{term.group}"]
+        for coef in term.coef_names:
+            levels = data[term.group].astype(str).to_numpy()
+            column = coefficients[coef]
+            mu = mu + b.sel({term.group: levels, f"{term.group}_coef": coef}).values * (
+                1.0 if column is None else data[column].to_numpy())
+    return mu
+
+
+def test_pointwise_log_likelihood_and_predictions_carry_weights_and_offset(weighted_offset_exact):
+    # log N(y_i | o_i + x_i beta + z_i b, sigma / sqrt(w_i)), computed here from the labelled draws
+    import scipy.stats
+
+    for name, (data, fit, post) in weighted_offset_exact.items():
+        formula, _, coefficients = WEIGHTED_OFFSET_MODELS[name]
+        y = data[formula.split("~")[0].strip()].to_numpy(float)
+        mu = _mean_from_tables(post, data, coefficients)
+        expected = scipy.stats.norm.logpdf(y, mu, fit.sigma / np.sqrt(data["w"].to_numpy()))
+        stored = post.idata.log_likelihood[post.design.spec.response].values[0]
+        np.testing.assert_allclose(stored, expected, rtol=1e-9)
+        # predictions add the offset; predictive noise is sigma^2 / w of the new rows' weights
+        new = data.iloc[:3].assign(o=[0.0, 10.0, -10.0], w=[0.25, 1.0, 4.0])
+        mean = post.predict(new)
+        predictive = post.predict(new, kind="predictive", seed=3)
+        np.testing.assert_allclose(mean["mean"], _mean_from_tables(post, new, coefficients).mean(axis=0), atol=0.05 * mean["sd"].max())
+        np.testing.assert_allclose(predictive["sd"] ** 2 - mean["sd"] ** 2, fit.sigma**2 / new["w"].to_numpy(), rtol=0.15)
+
+
+def test_full_model_with_held_variances_weights_and_offset_agrees_with_henderson():
+    # the independent NUTS posterior (non-centered full model, mu = o + X beta + Z b, noise sigma / sqrt(w)):
+    # an offset left out of mu or unweighted noise moves the BLUPs or the sds by many MCSEs
+    data = with_weights_and_offset(simulated(seed=5, n_groups=8, per_group=5), "y", seed=1)
+    report = hp.validate.blup_agreement("y ~ x + (1 | g)", data, weights="w", offset="o", chains=2, draws=500, tune=300,
+                                        seed=3)
+    assert report.posterior.method == "full"
+    assert report.passed, report.summary()
+
+
+def test_sampler_targets_carry_weights_and_offset():
+    # the two samplers' densities at one parameter point against a dense computation: the collapsed
+    # target is log N(y - o | X m, V + X S X^T), V = Z Sigma Z^T + sigma^2 W^-1 (beta ~ N(m, S) integrated
+    # out); the full model's likelihood site is sum_i log N(y_i | o_i + x_i beta + z_i b, sigma / sqrt(w_i))
+    import jax
+    import scipy.stats
+    from numpyro import handlers
+
+    from hierpool.bayesian.collapsed import log_marginal_likelihood, theta_from_components
+    from hierpool.bayesian.model import HeldVariance, full_model, model_data
+    from hierpool.bayesian.priors import resolve_priors
+    from hierpool.closedform.system import build_system
+    from hierpool.design import build_design
+
+    data = with_weights_and_offset(simulated(seed=6, n_groups=6, per_group=4), "y", seed=2)
+    data["o"] += 1e3  # a large common offset: the system's shifted y column must not lose it
+    design = build_design("y ~ x + offset(o) + (x | g) + (1 | h)", data, weights="w")
+    sigma = 0.8
+    sds = {"g": np.array([1.1, 0.4]), "h": np.array([0.7])}
+    cors = {"g": np.array([[1.0, 0.0], [0.3, np.sqrt(1 - 0.09)]]), "h": None}
+    factors = [sds[t.group][:, None] * (cors[t.group] if cors[t.group] is not None else 1.0) for t in design.terms]
+    y_less = data["y"].to_numpy() - data["o"].to_numpy()
+    V = np.diag(sigma**2 / data["w"].to_numpy())
+    for term, factor in zip(design.terms, factors):
+        Z = term.dense_columns()
+        V += Z @ np.kron(np.eye(term.n_levels), factor @ factor.T) @ Z.T
+    loc, scale = np.array([1.5, -0.5]), np.array([2.0, 3.0])
+    expected = scipy.stats.multivariate_normal.logpdf(y_less, design.X @ loc, V + design.X @ np.diag(scale**2) @ design.X.T)
+    theta = theta_from_components([sds[t.group] for t in design.terms], [cors[t.group] for t in design.terms], sigma)
+    collapsed = jax.jit(log_marginal_likelihood)(theta, sigma, build_system(design), loc, scale)  # eager: 10x slower
+    assert float(collapsed) == pytest.approx(expected, rel=1e-9)
+
+    rng = np.random.default_rng(4)
+    values = {"beta": np.array([2.0, 0.5])} | {f"z__{j}": rng.normal(size=(t.n_levels, t.k)) for j, t in enumerate(design.terms)}
+    held = HeldVariance(cov_factors=tuple(factors), sigma=sigma)
+    model = handlers.substitute(handlers.seed(full_model, 0), data=values)
+    trace = handlers.trace(model).get_trace(model_data(design), resolve_priors(design, None), held,
+                                            ks=tuple(t.k for t in design.terms),
+                                            n_levels=tuple(t.n_levels for t in design.terms))
+    mu = data["o"].to_numpy() + design.X @ values["beta"]
+    for j, (term, factor) in enumerate(zip(design.terms, factors)):
+        b = values[f"z__{j}"] @ factor.T
+        mu = mu + np.sum(term.z * b[term.index], axis=1)
+    site = trace["y"]
+    full = float(site["fn"].log_prob(site["value"]).sum())
+    assert full == pytest.approx(scipy.stats.norm.logpdf(data["y"], mu, sigma / np.sqrt(data["w"])).sum(), rel=1e-10)
+
+
+def test_held_variances_of_other_weights_or_offset_are_refused(sleepstudy):
+    # sigma held from an unweighted fit is another noise; a fit of another offset another model
+    data = with_weights_and_offset(sleepstudy, "Reaction", seed=3)
+    formula = "Reaction ~ Days + (1 | Subject)"
+    plain = hp.lmm(formula, data)
+    with pytest.raises(hp.HierpoolError, match="variance.*weights"):
+        hp.bayes(formula, data, weights="w", variance=plain)
+    with pytest.raises(hp.HierpoolError, match="variance.*offset"):
+        hp.bayes(formula, data, offset="o", variance=plain)
+
+
 def assert_matches_eight_schools(post):
     """mu, tau and every school's theta = mu + b: posterior means and sds against the quadrature reference."""
     assert post.diagnostics(warn=False).attrs["divergences"] == 0
@@ -192,6 +335,12 @@ def test_prior_overrides_take_effect():
         ({"method": "gibbs"}, "method"),
         ({"method": "collapsed", "priors": {"Days": dist.StudentT(3, 0, 10)}}, "collapsed"),
         ({"variance": "REML"}, "variance"),
+        ({"weights": "wt"}, "'wt'"),
+        ({"offset": "off"}, "'off'"),
+        ({"weights": "Days"}, "weights column 'Days' must be positive"),
+        ({"weights": [1.0, 2.0]}, "weights"),
+        ({"offset": np.ones((180, 2))}, "offset"),
+        ({"se": "Days", "weights": "Reaction"}, "weights"),
     ],
 )
 def test_bad_arguments_raise_a_named_error(sleepstudy, kwargs, match):
