@@ -204,3 +204,29 @@ def test_coverage_quick_study_matches_the_long_study():
     # (a check of the committed reference, which bites when python -m validation rewrites it)
     rich = reference[reference.groups == "rich"]
     assert np.all(np.abs(rich.coverage - 0.95) < bound * rich.mcse), rich
+
+
+def test_compare_refuses_a_posterior_of_other_weights_offset_or_response():
+    # the effects' names match, the likelihood does not: an offset moves every BLUP, weights every
+    # shrinkage, so such a posterior would fail (or pass) for the wrong reason
+    rng = np.random.default_rng(7)
+    g = np.repeat(np.arange(6), 4)
+    data = pd.DataFrame({"y": rng.normal(g % 3, 1.0), "g": g, "w": rng.uniform(0.5, 2.0, g.size), "o": rng.normal(size=g.size)})
+    formula = "y ~ 1 + (1 | g)"
+    fits = {
+        "plain": hp.lmm(formula, data),
+        "weights": hp.lmm(formula, data, weights="w"),
+        "offset": hp.lmm(formula, data, offset="o"),
+        "response": hp.lmm(formula, data.assign(y=data.y + 1.0)),
+    }
+    plain = fits["plain"]
+    post = hp.bayes(formula, data, variance=plain, priors=hp.validate.flat_beta_priors(plain), chains=2, draws=200)
+    assert hp.validate.compare(plain, post).passed
+    for what in ("weights", "offset", "response"):
+        with pytest.raises(hp.HierpoolError, match=what):
+            hp.validate.compare(fits[what], post)
+    weighted = fits["weights"]
+    post_w = hp.bayes(formula, data, weights="w", variance=weighted, priors=hp.validate.flat_beta_priors(weighted),
+                      chains=2, draws=200)
+    with pytest.raises(hp.HierpoolError, match="weights"):
+        hp.validate.compare(plain, post_w)
