@@ -18,9 +18,16 @@ COVERAGE_REFERENCE = Path(__file__).resolve().parents[1] / "validation" / "cover
 SLEEP = "Reaction ~ Days + (Days | Subject)"
 
 
+#: One 1% level for the whole parametrized family of exact-mode checks (Bonferroni over the models):
+#: at 1% per model, nine models fail by chance about one run in eleven, and a change of the held
+#: sigma in its eighth digit (issue 15's location shift) moved Penicillin's max |sd_z| from below
+#: its 3.77 bound to 3.97 at seed 11 (2.57 at seed 12, 1.63 with 2000 draws).
+FAMILY_ALPHA = 0.01 / len(REML_MODELS)
+
+
 @pytest.fixture(scope="module")
 def sleepstudy_exact():
-    return hp.validate.blup_agreement(SLEEP, load("sleepstudy"), chains=2, draws=1000, tune=500, seed=12)
+    return hp.validate.blup_agreement(SLEEP, load("sleepstudy"), chains=2, draws=1000, tune=500, seed=12, alpha=FAMILY_ALPHA)
 
 
 @pytest.mark.parametrize("name,formula", REML_MODELS, ids=[f"{d}:{f}" for d, f in REML_MODELS])
@@ -30,7 +37,7 @@ def test_exact_mode_passes_on_every_lme4_reference_model(name, formula, sleepstu
     if (name, formula) == ("sleepstudy", SLEEP):
         report = sleepstudy_exact
     else:
-        report = hp.validate.blup_agreement(formula, load(name), chains=2, draws=500, tune=500, seed=11)
+        report = hp.validate.blup_agreement(formula, load(name), chains=2, draws=500, tune=500, seed=11, alpha=FAMILY_ALPHA)
     assert report.posterior.method == "full"  # not the exact Henderson draw
     assert report.passed, report.summary()
     assert len(report.table) == len(report.fit.fixef) + len(report.fit.ranef)

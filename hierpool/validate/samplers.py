@@ -93,12 +93,14 @@ def sampler_agreement(
     target_accept: float = 0.95,
     r_hat_max: float = 1.05,
     max_divergent_share: float = 0.01,
+    weights=None,
+    offset=None,
 ) -> SamplerAgreement:
     """Compare ``hp.bayes``'s collapsed sampler with the independent full model, in Monte-Carlo units.
 
     Parameters
     ----------
-    formula, data, priors, se
+    formula, data, priors, se, weights, offset
         As :func:`hierpool.bayes`; the priors must be Normal or flat on the fixed effects
         (the collapsed sampler's condition).
     chains, draws, tune, seed, target_accept
@@ -124,7 +126,9 @@ def sampler_agreement(
         raise ArgumentError(f"alpha must be between 0 and 1, got {alpha!r}")
     if chains < 2:
         raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
-    settings = dict(priors=priors, se=se, chains=chains, draws=draws, tune=tune, target_accept=target_accept)
+    settings = dict(
+        priors=priors, se=se, weights=weights, offset=offset, chains=chains, draws=draws, tune=tune, target_accept=target_accept
+    )
     collapsed = bayes(formula, data, method="collapsed", seed=seed, **settings)
     full = bayes(formula, data, method="full", seed=seed + 1, **settings)
     return compare_samplers(collapsed, full, alpha=alpha, r_hat_max=r_hat_max, max_divergent_share=max_divergent_share)
