@@ -24,6 +24,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from ..bayesian.collapsed import theta_from_components
 from ..bayesian.model import variance_draws
@@ -70,7 +71,14 @@ def _compiled(settings: tuple, seed, chain_ids, args, sharding):
         if sharding is not None:
             chain_ids, args = jax.tree_util.tree_map(
                 lambda a: jax.ShapeDtypeStruct(np.shape(a), np.result_type(a), sharding=sharding), (chain_ids, args))
-        lowered = jax.jit(_chain_and_draw(*settings)).lower(seed, chain_ids, args)
+        function = _chain_and_draw(*settings)
+        if sharding is not None:
+            # each device runs its own rows' loops: vmapped over a sharded axis, the NUTS while loops would
+            # synchronize every device (a collective per tree-building step) until the slowest chain is done
+            data = sharding.spec
+            function = jax.shard_map(function, mesh=sharding.mesh, in_specs=(P(), data, data), out_specs=data,
+                                     check_vma=False)
+        lowered = jax.jit(function).lower(seed, chain_ids, args)
         _PROGRAMS[key] = lowered.compile(compiler_options(platform))
     return _PROGRAMS[key]
 

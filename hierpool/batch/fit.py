@@ -41,8 +41,7 @@ CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 QUICK_COMPILE_MAX_VALUES = 1e6
 
 
-@partial(jax.jit, static_argnames=("reml", "max_iterations"))
-def _optimize_chunk(stats, start, reml: bool, max_iterations: int):
+def _optimize_rows(stats, start, reml: bool, max_iterations: int):
     """Minimize the criterion of every dataset of a chunk from its start (vmapped; pure)."""
     k = stats.ztz.shape[-1]
 
@@ -53,6 +52,20 @@ def _optimize_chunk(stats, start, reml: bool, max_iterations: int):
                 "iterations": iterations, "converged": converged}
 
     return jax.vmap(one)(stats, start)
+
+
+def _optimize_chunk(reml: bool, max_iterations: int, sharding):
+    """The jitted optimizer of a chunk; over several devices, each runs the Newton loop of its own rows.
+
+    Vmapped over a sharded axis, the while loop would step every device in lockstep
+    (a collective per iteration, over the network between hosts) until the slowest
+    dataset of the whole chunk converged.
+    """
+    function = partial(_optimize_rows, reml=reml, max_iterations=max_iterations)
+    if sharding is not None:
+        function = jax.shard_map(function, mesh=sharding.mesh, in_specs=(sharding.spec, sharding.spec),
+                                 out_specs=sharding.spec, check_vma=False)
+    return jax.jit(function)
 
 
 @partial(jax.jit, static_argnames=("reml",))
@@ -78,7 +91,7 @@ def _programs(stats, reml: bool, max_iterations: int, sharding, quick: bool = Fa
         k = stats.ztz.shape[-1]
         theta = jax.ShapeDtypeStruct((stats.n.shape[0], k * (k + 1) // 2), stats.ztz.dtype, sharding=sharding)
         optimize = compile_in_background(
-            _optimize_chunk.lower(placed, theta, reml=reml, max_iterations=max_iterations), platform, quick)
+            _optimize_chunk(reml, max_iterations, sharding).lower(placed, theta), platform, quick)
         solve = compile_in_background(_solve_chunk.lower(theta, placed, reml=reml), platform, quick)
         _COMPILED[key] = (optimize, solve)
     return _COMPILED[key]

@@ -10,7 +10,11 @@
 * **Chunks**: a bucket runs in chunks of equal shape (the last one padded with
   copies of its first dataset), so each bucket compiles once.
 * **Devices**: a chunk's leading axis is sharded over a ``Mesh`` of all devices
-  (``jax.sharding.NamedSharding``).  On a CPU with one device, chunks run in
+  (``jax.sharding.NamedSharding``), and the programs with loops (the optimizer,
+  NUTS) are ``jax.shard_map``-ped, so that each device runs its own rows' loops:
+  vmapped over a sharded axis, a while loop steps every device in lockstep, with a
+  collective per iteration (between two processes on one host that made a 300-draw
+  bayes_batch take 175 s instead of 23 s).  On a CPU with one device, chunks run in
   parallel threads instead (XLA releases the GIL), one per core.
 * **Several hosts**: after ``jax.distributed.initialize()``, ``jax.devices()`` holds
   every process's devices, so the mesh spans them all.  Every process calls the
