@@ -103,7 +103,7 @@ def objective(theta: jax.Array, stats, reml: bool = True) -> jax.Array:
 
 
 def solution(theta: jax.Array, stats, reml: bool = True) -> dict:
-    """beta-hat (on the user's scale: beta0 added back), its covariance, sigma, the BLUPs b and lme4's condVar at theta (one dataset)."""
+    """beta-hat (beta0 added back: the user's scale), its covariance, sigma, the BLUPs b and lme4's condVar at theta."""
     lam, chol_inv, cz, cx, chol_x_inv, r, pwrss, *_ = factor_blocks(theta, stats)
     p = stats.xtx.shape[-1]
     sigma2 = pwrss / (stats.n - p if reml else stats.n)

@@ -267,7 +267,8 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         or weights that are not positive.
     """
     frame = long_frame(data, by)
-    weights, offset = (_row_argument(value, name, data, frame) for value, name in ((weights, "weights"), (offset, "offset")))
+    weights = _row_argument(weights, "weights", data, frame)
+    offset = _row_argument(offset, "offset", data, frame)
     # positions as labels (the user's frame is not modified): a dataset's rows are then found by position
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)
     design = build_design(formula, frame, weights=weights, offset=offset)
