@@ -23,28 +23,59 @@ from hierpool.closedform.system import build_system
 
 SLEEP = "Reaction ~ Days + (Days | Subject)"
 Z_MAX = 4.0
+# Every bayes_batch run of this process (but the sharded one) has these settings and 1 dataset x 4 chains
+# per chunk in the bucket of 32 levels: one compiled program (~15 s) serves them all
+DRAWS = 500
+WEIGHTED = {"weights": "w", "offset": "off"}
+LOCATION = 1e5  # added to the response of the weighted exact tests (and to the prior's location)
 
 
 @pytest.fixture(scope="module")
 def replicates():
-    data = hp.datasets.sleepstudy_replicates(3, seed=11)
+    data = hp.datasets.sleepstudy_replicates(2, seed=11)
     subjects = data.Subject.unique()
-    # dataset 1: fewer readings; dataset 2: fewer subjects (another bucket, so padded levels)
-    data = data[~((data.dataset == 1) & (data.Days > 6))]
-    return data[~((data.dataset == 2) & data.Subject.isin(subjects[:7]))].reset_index(drop=True)
+    # dataset 0: fewer readings; dataset 1: one subject fewer; 18 and 17 levels share the bucket of 32 (padded)
+    data = data[~((data.dataset == 0) & (data.Days > 6))]
+    data = data[~((data.dataset == 1) & (data.Subject == subjects[0]))].reset_index(drop=True)
+    rng = np.random.default_rng(11)
+    return data.assign(w=rng.uniform(0.5, 3.0, len(data)), off=3.0 * data.Days + rng.normal(0, 5, len(data)))
 
 
-def one_dataset_statistics(frame, formula):
-    design = hp.bayesian.fit.build_design(formula, frame)
+@pytest.fixture(scope="module")
+def posterior(replicates):
+    return hp.bayes_batch(SLEEP, replicates, seed=3, draws=DRAWS, tune=DRAWS, keep_draws=True, progress=False,
+                          **WEIGHTED)
+
+
+@pytest.fixture(scope="module")
+def singles(replicates):
+    """hp.bayes per dataset (its one-term collapsed sampler), with the same weights and offset."""
+    return {label: hp.bayes(SLEEP, frame.drop(columns="dataset"), seed=int(label) + 20, draws=DRAWS, tune=DRAWS,
+                            progress=False, **WEIGHTED)
+            for label, frame in replicates.groupby("dataset")}
+
+
+def weighted_sleepstudy(sleepstudy):
+    """sleepstudy with prior weights, an offset and a large location (the shift the statistics remove)."""
+    rng = np.random.default_rng(5)
+    return sleepstudy.assign(Reaction=sleepstudy.Reaction + LOCATION, w=rng.uniform(0.3, 3.0, len(sleepstudy)),
+                             off=2.0 * sleepstudy.Days + rng.normal(0, 3, len(sleepstudy)))
+
+
+def one_dataset_statistics(frame, formula, **kwargs):
+    design = hp.bayesian.fit.build_design(formula, frame, **kwargs)
     return design, statistics.one_dataset_statistics(design)
 
 
-@pytest.mark.parametrize("formula", [SLEEP, "Reaction ~ Days + (1 | Subject)", "Reaction ~ 1 + (Days | Subject)"])
-def test_marginal_likelihood_equals_general_engine(sleepstudy, formula):
-    design, stats = one_dataset_statistics(sleepstudy, formula)
+@pytest.mark.parametrize("formula, weighted", [(SLEEP, False), (SLEEP, True), ("Reaction ~ Days + (1 | Subject)", True),
+                                               ("Reaction ~ 1 + (Days | Subject)", False)])
+def test_marginal_likelihood_equals_general_engine(sleepstudy, formula, weighted):
+    # weighted: prior weights, an offset and y + 1e5 (the two engines shift y by their own beta0)
+    frame = weighted_sleepstudy(sleepstudy) if weighted else sleepstudy
+    design, stats = one_dataset_statistics(frame, formula, **(WEIGHTED if weighted else {}))
     system = build_system(design)
     p = design.p
-    loc = jnp.asarray(np.linspace(200, 5, p))
+    loc = jnp.asarray(np.linspace(200, 5, p) + (LOCATION if weighted else 0.0) * (np.arange(p) == 0))
     scale = jnp.asarray([50.0] + [np.inf] * (p - 1))  # one Normal prior, the rest flat
     rng = np.random.default_rng(0)
     k = design.terms[0].k
@@ -56,11 +87,12 @@ def test_marginal_likelihood_equals_general_engine(sleepstudy, formula):
         assert float(ours) == pytest.approx(float(reference), rel=1e-11)
 
 
-@pytest.mark.parametrize("formula", [SLEEP, "Reaction ~ Days + (1 | Subject)"])
-def test_host_draws_equal_compiled_draws(sleepstudy, formula):
+@pytest.mark.parametrize("formula, weighted", [(SLEEP, True), ("Reaction ~ Days + (1 | Subject)", False)])
+def test_host_draws_equal_compiled_draws(sleepstudy, formula, weighted):
     # one implementation, two backends: hp.bayes draws one-term effects in NumPy on the host (many draws
     # at once, in batches), hp.bayes_batch in its compiled program (vmapped); the same noise gives the same draws
-    design, stats = one_dataset_statistics(sleepstudy, formula)
+    frame = weighted_sleepstudy(sleepstudy) if weighted else sleepstudy
+    design, stats = one_dataset_statistics(frame, formula, **(WEIGHTED if weighted else {}))
     k, p, ell = design.terms[0].k, design.p, stats.zty.shape[0]
     rng = np.random.default_rng(3)
     count = 7
@@ -87,12 +119,13 @@ def test_host_draws_equal_compiled_draws(sleepstudy, formula):
 
 
 def test_conditional_draw_has_henderson_mean_and_covariance(sleepstudy):
-    design, stats = one_dataset_statistics(sleepstudy, SLEEP)
+    # with prior weights, an offset and y + 1e5: beta comes back on the user's scale in both engines
+    design, stats = one_dataset_statistics(weighted_sleepstudy(sleepstudy), SLEEP, **WEIGHTED)
     system = build_system(design)
-    loc, scale = jnp.asarray([250.0, 0.0]), jnp.asarray([40.0, 10.0])
+    loc, scale = jnp.asarray([250.0 + LOCATION, 0.0]), jnp.asarray([40.0, 10.0])
     theta, sigma = jnp.asarray([0.9, 0.05, 0.2]), jnp.asarray(25.0)
     ell, k, p = stats.zty.shape[0], 2, design.p
-    prior = general.beta_prior_block(loc, scale, sigma, system.layout)
+    prior = general.beta_prior_block(loc, scale, sigma, system)
 
     def ours(noise):
         beta, b = one_term.conditional_draw(theta, sigma, stats, loc, scale, noise[:p], noise[p:].reshape(ell, k))
@@ -103,7 +136,8 @@ def test_conditional_draw_has_henderson_mean_and_covariance(sleepstudy):
         return jnp.concatenate([beta, b[0].ravel()])
 
     mean_ours, mean_ref = ours(jnp.zeros(p + ell * k)), reference(jnp.zeros(noise_size(system.layout)))
-    np.testing.assert_allclose(mean_ours, mean_ref, rtol=1e-10, atol=1e-10)
+    assert abs(float(mean_ours[0]) - LOCATION) < 1e3  # the user's scale
+    np.testing.assert_allclose(mean_ours, mean_ref, rtol=1e-10, atol=1e-8)
     # both are linear in the noise: equal covariances J J^T mean equal Gaussian laws
     jac_ours = jax.jacfwd(ours)(jnp.zeros(p + ell * k))
     jac_ref = jax.jacfwd(reference)(jnp.zeros(noise_size(system.layout)))
@@ -114,13 +148,13 @@ def sd_mcse(draws):
     return az.mcse(az.convert_to_dataset(draws), method="sd")["x"].values
 
 
-def test_posteriors_equal_hp_bayes_per_dataset(replicates):
-    batch = hp.bayes_batch(SLEEP, replicates, seed=3, keep_draws=True, progress=False)
-    assert list(batch.diagnostics.message) == ["", "", ""]
+def test_posteriors_equal_hp_bayes_per_dataset(replicates, posterior, singles):
+    # with prior weights and an offset: each dataset's posterior is the one hp.bayes samples
+    batch = posterior
+    assert list(batch.diagnostics.message) == ["", ""]
     assert (batch.diagnostics.divergences == 0).all()
     assert (batch.diagnostics.max_r_hat < 1.01).all()
-    for label, frame in replicates.groupby("dataset"):
-        single = hp.bayes(SLEEP, frame.drop(columns="dataset"), seed=int(label) + 20)
+    for label, single in singles.items():
         for table, keys in (("fixef", ["term"]), ("varcorr", ["grp", "var1", "var2"]), ("ranef", ["term", "grp"])):
             ours = getattr(batch, table).query("dataset == @label")
             theirs = getattr(single, table)
@@ -131,11 +165,45 @@ def test_posteriors_equal_hp_bayes_per_dataset(replicates):
             assert np.max(np.abs(z)) < Z_MAX, (label, table, np.max(np.abs(z)))
         # posterior sds of the random effects, in sd-MCSE units
         draws = batch.draws[label]["b"]  # (chain, draw, ell, k)
-        ours_sd = np.concatenate([draws[..., i].reshape(4, 1000, -1).std(axis=(0, 1), ddof=1) for i in range(2)])
+        ours_sd = np.concatenate([draws[..., i].reshape(4, DRAWS, -1).std(axis=(0, 1), ddof=1) for i in range(2)])
         ours_mcse = np.concatenate([sd_mcse(draws[..., i]) for i in range(2)])
         theirs_mcse = np.concatenate([sd_mcse(single.term_draws(0)[..., i]) for i in range(2)])
         z_sd = (ours_sd - single.ranef["sd"].to_numpy()) / np.hypot(ours_mcse, theirs_mcse)
         assert np.max(np.abs(z_sd)) < Z_MAX, (label, np.max(np.abs(z_sd)))
+
+
+def test_one_term_path_with_weights_and_offset_agrees_with_the_closed_form(replicates, singles):
+    frame = replicates[replicates.dataset == 0].drop(columns="dataset")
+    fit = hp.lmm(SLEEP, frame, **WEIGHTED)
+    # the one-term conditional draw at the fit's variance parameters, flat priors on beta: mean (fixef,
+    # BLUPs) and covariance of beta (vcov) are the closed form's, exactly
+    design, stats = one_dataset_statistics(frame, SLEEP, **WEIGHTED)
+    theta, sigma = jnp.asarray(fit.theta), jnp.asarray(fit.sigma)
+    loc, scale = jnp.zeros(2), jnp.full(2, jnp.inf)
+    ell = stats.zty.shape[0]
+
+    def draw(noise):
+        beta, b = one_term.conditional_draw(theta, sigma, stats, loc, scale, noise[:2], noise[2:].reshape(ell, 2))
+        return jnp.concatenate([beta, b.T.ravel()])  # b in lme4's order: intercepts, then slopes
+
+    mean = draw(jnp.zeros(2 + 2 * ell))
+    np.testing.assert_allclose(mean[:2], fit.fixef, rtol=1e-8)
+    np.testing.assert_allclose(mean[2:], fit.ranef.condval, atol=1e-6 * np.abs(fit.ranef.condval).max())
+    jac = jax.jacfwd(draw)(jnp.zeros(2 + 2 * ell))[:2]
+    np.testing.assert_allclose(jac @ jac.T, fit.vcov, rtol=1e-6)
+    # hp.bayes exact mode (variance held at the fit, general engine) against the BLUPs and BLUE, in MC units
+    exact = hp.bayes(SLEEP, frame, variance=fit, priors=hp.validate.flat_beta_priors(fit), draws=250, seed=4,
+                     progress=False, **WEIGHTED)
+    report = hp.validate.compare(fit, exact)
+    assert report.passed, report.summary()
+    # the collapsed sampler (the one-term path, variances free): near the REML fit (0.05 sd, sigma 3%); the
+    # weights ignored would move sigma by 17% and the intercept by 0.4 sd, the offset ignored the Days slope
+    # by 3 (1.9 sd)
+    single = singles[0]
+    distance = (single.fixef["mean"] - fit.fixef).abs() / single.fixef["sd"]
+    assert distance.max() < 0.25, distance
+    residual = single.varcorr.query("grp == 'Residual'")["mean"].iloc[0]
+    assert residual == pytest.approx(fit.sigma, rel=0.1)
 
 
 def test_each_dataset_gets_its_own_default_priors(replicates):
@@ -150,10 +218,11 @@ def test_each_dataset_gets_its_own_default_priors(replicates):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12)
 
 
-def test_unusable_dataset_stays_in_its_row(replicates):
+def test_unusable_dataset_stays_in_its_row(replicates, posterior):
     lonely = replicates[replicates.dataset == 0].query("Subject == Subject.iloc[0]").assign(dataset=9)
     data = hp.datasets.sleepstudy_replicates(2, seed=5)
-    batch = hp.bayes_batch(SLEEP, pd.concat([data, lonely], ignore_index=True), draws=200, tune=200, progress=False)
+    # the posterior fixture's program: 18 levels padded to 32 (the lonely dataset's 1 level makes the counts unequal)
+    batch = hp.bayes_batch(SLEEP, pd.concat([data, lonely], ignore_index=True), draws=DRAWS, tune=DRAWS, progress=False)
     diagnostics = batch.diagnostics
     assert "only 1 level" in diagnostics.loc[9, "message"]
     assert batch.fixef.query("dataset == 9")["mean"].isna().all()
@@ -174,23 +243,29 @@ def test_bad_arguments_name_themselves(replicates):
 
 
 SHARDED = """
-import json, hierpool as hp, jax
-data = hp.datasets.sleepstudy_replicates(3, seed=11)
-result = hp.bayes_batch("Reaction ~ Days + (Days | Subject)", data, draws=500, tune=500, seed=2, progress=False)
-print(json.dumps({"devices": jax.device_count(), "fixef": result.fixef[["mean", "mcse_mean"]].to_numpy().tolist(),
-                  "divergences": result.divergences.tolist()}))
+import json, sys, hierpool as hp, jax, pandas as pd
+data = pd.read_pickle(sys.argv[1])
+draws = int(sys.argv[2])
+result = hp.bayes_batch("Reaction ~ Days + (Days | Subject)", data, draws=draws, tune=draws, seed=5, weights="w",
+                        offset="off", progress=False)
+print(json.dumps({"devices": jax.device_count(), "divergences": result.divergences.tolist(),
+                  "fixef": result.fixef[["mean", "mcse_mean"]].to_numpy().tolist(),
+                  "varcorr": result.varcorr[["mean", "mcse_mean"]].to_numpy().tolist()}))
 """
 
 
-def test_sharded_over_four_host_devices_samples_the_same_posterior():
+def test_sharded_over_four_host_devices_samples_the_same_posterior(replicates, posterior, tmp_path):
+    # the posterior fixture's data and settings, another seed, sampled over 4 devices (2 datasets: one
+    # real chunk row per device, the rest padding), against the fixture in Monte Carlo units
+    replicates.to_pickle(tmp_path / "data.pkl")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / "data.pkl"), str(DRAWS)], capture_output=True,
+                         text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["devices"] == 4
-    assert out["divergences"] == [0, 0, 0]
-    sharded = np.asarray(out["fixef"])
-    single = hp.bayes_batch(SLEEP, hp.datasets.sleepstudy_replicates(3, seed=11), draws=500, tune=500, seed=5,
-                            progress=False).fixef[["mean", "mcse_mean"]].to_numpy()
-    z = (sharded[:, 0] - single[:, 0]) / np.hypot(sharded[:, 1], single[:, 1])
-    assert np.max(np.abs(z)) < Z_MAX, z
+    assert out["divergences"] == [0, 0]
+    for table in ("fixef", "varcorr"):
+        sharded, single = np.asarray(out[table]), getattr(posterior, table)[["mean", "mcse_mean"]].to_numpy()
+        z = (sharded[:, 0] - single[:, 0]) / np.hypot(sharded[:, 1], single[:, 1])
+        assert np.max(np.abs(z)) < Z_MAX, (table, z)
