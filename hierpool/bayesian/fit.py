@@ -107,7 +107,8 @@ def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept
     ks = tuple(t.k for t in design.terms)
     if len(ks) == 1 and not design.sigma_known:
         # one term: the same target written on the sufficient statistics, which compiles to a third
-        # less code than the general blocked factorization, and exact draws on the host
+        # less code than the general blocked factorization, and exact draws on the host.  The statistics
+        # carry the prior weights and the offset, and are of y - offset - X beta0 (the draws add beta0 back)
         stats = one_dataset_statistics(design)
         model, args, static = one_term.one_term_collapsed_model, (stats, loc, scale, resolved), (("k", ks[0]),)
         postprocess = None
