@@ -18,8 +18,9 @@ programs of small models (``hierpool.bayesian.nuts.quick_compile``; on sleepstud
 and its four chains run in ~0.6 s instead of ~0.4 s; CPU time of the
 compilation 1.7 s instead of 2.8 s, which also frees the second core for the
 other programs) and for ``hp.fit_batch`` batches of up to ~5,000 sleepstudy-sized datasets (2,000:
-~0.4 s less compilation, ~0.15 s more run time).  ``hp.bayes_batch`` and large
-batches run long enough to keep LLVM's optimization.  Quick programs are also
+~0.4 s less compilation, ~0.15 s more run time).  Large batches, and ``hp.bayes_batch``
+beyond a few datasets (the same ``quick_compile`` rule as ``hp.bayes``), run long enough to keep
+LLVM's optimization.  Quick programs are also
 generated as one LLVM module, not split for parallel code generation
 (``xla_cpu_parallel_codegen_split_count=1``): ``hp.bayes`` compiles its start and
 chain programs side by side on the two cores, and unsplit they take less CPU time

@@ -21,6 +21,7 @@ mean and sd.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -77,3 +78,18 @@ def caller_environment() -> Environment:
         frame = frame.f_back
     namespaces = [] if frame is None else [frame.f_locals, frame.f_globals]
     return Environment([*namespaces, R_FUNCTIONS])
+
+
+#: Transforms whose result depends on the whole column they are fitted on (a mean, an sd, a basis).
+STATEFUL_NAMES = frozenset(k for k, v in TRANSFORMS.items() if getattr(v, "__stateful_transform__", False)) | {
+    R_SCALE_NAME
+}
+
+
+def stateful_calls(formula: str) -> list[str]:
+    """Names of the stateful transforms (``scale``, ``center``, ``poly``, splines...) a formula calls."""
+    from .formula import display_name, to_formulae
+
+    text = to_formulae(formula)
+    found = [name for name in sorted(STATEFUL_NAMES) if re.search(rf"(?<![\w.]){name}\s*\(", text)]
+    return sorted({display_name(f"{name}(").rstrip("(") for name in found})

@@ -45,6 +45,7 @@ from jax.experimental import multihost_utils
 
 from ..design import Design, RandomEffectTerm, build_design
 from ..errors import ArgumentError, DataError
+from ..transforms import stateful_calls
 from .statistics import BatchStatistics, sufficient_statistics
 
 
@@ -266,6 +267,14 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         For a missing ``by``, weights or offset column, missing dataset labels,
         or weights that are not positive.
     """
+    stateful = stateful_calls(formula)
+    if stateful:
+        # on the long frame they would take one mean/sd/basis over all datasets, which is not the
+        # per-dataset fit {single} gives: a plausible, wrong number
+        raise ArgumentError(
+            f"{caller} cannot use {', '.join(n + '()' for n in stateful)} in the formula: it would be computed over "
+            f"all datasets together, not per dataset as {single} does; transform each dataset's columns first"
+        )
     frame = long_frame(data, by)
     weights = _row_argument(weights, "weights", data, frame)
     offset = _row_argument(offset, "offset", data, frame)
