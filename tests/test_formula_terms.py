@@ -174,6 +174,22 @@ def test_sum_contrasts_in_fit_and_predict(data):
     assert means.mean() == pytest.approx(fit.fixef["Intercept"])
 
 
+def test_contrasts_transforms_and_offsets_mean_the_same_in_the_bayesian_engine(data):
+    # the Bayesian engine reads the same Design: exact mode (variance held at the fit) must agree with
+    # Henderson in Monte-Carlo units, and its predictions on new rows must use the same coding,
+    # the fitted data's scale() and the new rows' offset
+    formula = "y ~ C(f, Sum) + scale(x) + offset(log(exposure)) + (1 | g)"
+    fit = hp.lmm(formula, data)
+    post = hp.bayes(formula, data, variance=fit, priors=hp.validate.flat_beta_priors(fit), seed=3)
+    assert list(post.fixef.index) == list(fit.fixef.index)
+    report = hp.validate.compare(fit, post)
+    assert report.passed, report.summary()
+    new = data.iloc[:6].assign(x=[0.0, 10.0, 20.0, 3.0, 4.0, 5.0], exposure=[1.0, 2.0, 4.0, 1.0, 1.0, 1.0])
+    predicted = post.predict(new)
+    mcse = predicted["sd"] / np.sqrt(post.beta_draws.shape[0] * post.beta_draws.shape[1])  # exact draws: independent
+    np.testing.assert_array_less(np.abs(predicted["mean"] - fit.predict(new)), 5 * mcse)
+
+
 def test_cbind_response_says_families_are_not_supported_yet(data):
     with pytest.raises(hp.FormulaError, match="not supported yet"):
         hp.lmm("cbind(y, x) ~ 1 + (1 | g)", data)
