@@ -7,6 +7,7 @@ which they all passed.
 """
 
 import ast
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,17 +47,41 @@ def test_notebook_checks_its_claims(path):
     assert not errors, f"the committed outputs hold an error: {errors[0].get('ename')}: {errors[0].get('evalue')}"
 
 
+def _execute(path: Path):
+    """Run one notebook top to bottom in its own python3 kernel: (the executed notebook, the error or None)."""
+    import nbclient
+    import nbformat
+
+    book = nbformat.read(path, as_version=4)
+    try:
+        # a failing assert cell raises CellExecutionError here
+        nbclient.NotebookClient(book, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}}).execute()
+    except Exception as error:  # re-raised by the notebook's own test below
+        return book, error
+    return book, None
+
+
+@pytest.fixture(scope="module")
+def executed():
+    """Every notebook, run two at a time: each kernel is its own process, and most of a notebook's
+    time is single-threaded (kernel start, imports, XLA compilation), so two kernels use the
+    machine's two cores where one at a time leaves one idle."""
+    pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(max_workers=2) as pool:
+        patch.setenv("HIERPOOL_NOTEBOOK_QUICK", "1")  # the kernels inherit it: fewer draws
+        return dict(zip(NOTEBOOKS, pool.map(_execute, NOTEBOOKS)))
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_and_shows_its_figures(path, monkeypatch):
+def test_notebook_runs_and_shows_its_figures(path, executed):
     nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     saved = nbformat.read(path, as_version=4)
     assert _images(saved) >= 1, "the committed notebook has no figure in its outputs"
     assert all(cell.execution_count for cell in saved.cells if cell.cell_type == "code"), \
         "the committed notebook has a code cell that was not run"
-    monkeypatch.setenv("HIERPOOL_NOTEBOOK_QUICK", "1")
-    book = nbformat.read(path, as_version=4)
-    # a failing assert cell raises CellExecutionError here
-    nbclient.NotebookClient(book, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    book, error = executed[path]
+    if error is not None:
+        raise error
     assert _images(book) == _images(saved)
