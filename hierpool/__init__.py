@@ -1,13 +1,12 @@
 """hierpool: hierarchical (mixed-effects) models — closed-form BLUPs in JAX and Bayesian posteriors.
 
-Importing hierpool enables JAX's float64 mode (``jax_enable_x64``): the
-closed-form engine needs double precision.
+``import hierpool`` is light: the engines (and JAX, formulae, NumPyro, ArviZ, matplotlib) are
+imported when first used, e.g. on the first ``hp.lmm``.  Loading the closed-form engine enables
+JAX's float64 mode (``jax_enable_x64``): it needs double precision.
 """
 
-from . import bayesian, batch, closedform, datasets, validate
-from .batch import BatchResult, BayesBatchResult, bayes_batch, fit_batch
-from .bayesian import BayesResult, SamplingWarning, bayes
-from .closedform import Control, MixedModel, lmm
+from typing import TYPE_CHECKING
+
 from .errors import (
     ArgumentError,
     ConvergenceError,
@@ -17,8 +16,43 @@ from .errors import (
     HierpoolError,
     HierpoolWarning,
 )
-from .pooling import PoolingComparison, pooling
-from .ridge import RidgeView, ridge_view
+
+# The engines are imported on first use (PEP 562): ``import hierpool`` stays light (no JAX,
+# formulae, NumPyro, ArviZ or matplotlib), and a closed-form fit never pays for the Bayesian
+# engine's imports.  Each public name maps to the module that defines it.
+_LAZY = {
+    "bayesian": None, "batch": None, "closedform": None, "datasets": None, "validate": None,
+    "BatchResult": "batch", "BayesBatchResult": "batch", "bayes_batch": "batch", "fit_batch": "batch",
+    "BayesResult": "bayesian", "SamplingWarning": "bayesian", "bayes": "bayesian",
+    "Control": "closedform", "MixedModel": "closedform", "lmm": "closedform",
+    "PoolingComparison": "pooling", "pooling": "pooling",
+    "RidgeView": "ridge", "ridge_view": "ridge",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hierpool' has no attribute {name!r}")
+    import importlib
+
+    home = _LAZY[name]
+    module = importlib.import_module(f".{home or name}", __name__)
+    value = module if home is None else getattr(module, name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # what static tools and IDEs see
+    from . import bayesian, batch, closedform, datasets, validate
+    from .batch import BatchResult, BayesBatchResult, bayes_batch, fit_batch
+    from .bayesian import BayesResult, SamplingWarning, bayes
+    from .closedform import Control, MixedModel, lmm
+    from .pooling import PoolingComparison, pooling
+    from .ridge import RidgeView, ridge_view
 
 __version__ = "0.1.0"
 
