@@ -25,7 +25,7 @@ _LAZY = {
     "BatchResult": "batch", "BayesBatchResult": "batch", "bayes_batch": "batch", "fit_batch": "batch",
     "BayesResult": "bayesian", "SamplingWarning": "bayesian", "bayes": "bayesian",
     "Control": "closedform", "MixedModel": "closedform", "lmm": "closedform",
-    "PoolingComparison": "pooling", "pooling": "pooling",
+    "PoolingComparison": "pooling_comparison", "pooling": "pooling_comparison",
     "RidgeView": "ridge", "ridge_view": "ridge",
 }
 
@@ -47,11 +47,11 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # what static tools and IDEs see
-    from . import bayesian, batch, closedform, datasets, validate
+    from . import batch, bayesian, closedform, datasets, validate
     from .batch import BatchResult, BayesBatchResult, bayes_batch, fit_batch
     from .bayesian import BayesResult, SamplingWarning, bayes
     from .closedform import Control, MixedModel, lmm
-    from .pooling import PoolingComparison, pooling
+    from .pooling_comparison import PoolingComparison, pooling
     from .ridge import RidgeView, ridge_view
 
 __version__ = "0.1.0"

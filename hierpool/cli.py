@@ -44,7 +44,7 @@ def _markdown(frame, floatfmt=".3f") -> str:
 # --- hierpool demo -------------------------------------------------------------------------
 def _demo(args) -> int:
     from .datasets import biomarker
-    from .pooling import pooling
+    from .pooling_comparison import pooling
 
     start = time.perf_counter()
     data = biomarker(seed=args.seed)
@@ -123,7 +123,7 @@ def _read_csv(path: str):
 
 
 def _ranef_with_intervals(fit, level: float):
-    from .pooling import normal_quantile
+    from .closedform.predict import normal_quantile
 
     ranef = fit.ranef.copy()
     ranef["joint_sd"] = fit.ranef_joint_sd()
@@ -134,7 +134,7 @@ def _ranef_with_intervals(fit, level: float):
 
 
 def _fit(args) -> int:
-    from .pooling import pooling
+    from .pooling_comparison import pooling
 
     data = _read_csv(args.data)
     out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}-hierpool")

@@ -90,7 +90,7 @@ def shrinkage_axes(ax, comparison, term: str) -> None:
 
 def caterpillar_axes(ax, comparison, term: str) -> None:
     """Each group's BLUP and posterior interval, sorted by BLUP, with the truth when known."""
-    from .pooling import normal_quantile
+    from .closedform.predict import normal_quantile
 
     rows = comparison.table[comparison.table.term == term].sort_values("blup")
     position = np.arange(len(rows))
@@ -129,7 +129,7 @@ def weight_axes(ax, comparison, term: str) -> None:
 
 
 def pooling_figure(comparison, kind: str, term: str):
-    """The figure of :meth:`hierpool.pooling.PoolingComparison.plot`."""
+    """The figure of :meth:`hierpool.pooling_comparison.PoolingComparison.plot`."""
     from matplotlib.figure import Figure
 
     draw = {"shrinkage": shrinkage_axes, "caterpillar": caterpillar_axes, "weight": weight_axes}

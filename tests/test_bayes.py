@@ -134,11 +134,11 @@ def test_sampler_targets_carry_weights_and_offset():
     import scipy.stats
     from numpyro import handlers
 
-    from hierpool.bayesian.collapsed import log_marginal_likelihood, theta_from_components
+    from hierpool.algebra.marginal import log_marginal_likelihood, theta_from_components
+    from hierpool.algebra.system import build_system
     from hierpool.bayesian.model import HeldVariance, full_model, model_data
     from hierpool.bayesian.priors import resolve_priors
-    from hierpool.closedform.system import build_system
-    from hierpool.design import build_design
+    from hierpool.spec.design import build_design
 
     data = with_weights_and_offset(simulated(seed=6, n_groups=6, per_group=4), "y", seed=2)
     data["o"] += 1e3  # a large common offset: the system's shifted y column must not lose it
@@ -377,7 +377,7 @@ def test_two_by_two_correlation_prior_is_lkj():
 
     from hierpool.bayesian.model import variance_parameters
     from hierpool.bayesian.priors import resolve_priors
-    from hierpool.design import build_design
+    from hierpool.spec.design import build_design
 
     eta = 3.0
     priors = resolve_priors(build_design("y ~ x + (x | g)", simulated(seed=0)), {"cor": eta})
@@ -401,11 +401,11 @@ def test_a_second_fit_of_the_same_shape_reuses_the_compiled_sampler(monkeypatch)
 
 
 def test_only_short_runs_of_small_models_compile_without_llvm_optimization(sleepstudy):
+    from hierpool.algebra.statistics import one_dataset_statistics
     from hierpool.bayesian import nuts
     from hierpool.bayesian.model import model_data
     from hierpool.bayesian.priors import resolve_priors
-    from hierpool.batch.statistics import one_dataset_statistics
-    from hierpool.design import build_design
+    from hierpool.spec.design import build_design
 
     design = build_design("Reaction ~ Days + (Days | Subject)", sleepstudy)
     priors = resolve_priors(design, None)

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 
 import hierpool as hp
-from hierpool.batch import collapsed as one_term
-from hierpool.batch import statistics
+from hierpool.algebra import marginal as general
+from hierpool.algebra import one_term_marginal as one_term
+from hierpool.algebra import statistics
+from hierpool.algebra.henderson import conditional_draw, noise_size
+from hierpool.algebra.system import build_system
 from hierpool.batch.plan import plan_batch
-from hierpool.bayesian import collapsed as general
-from hierpool.closedform.henderson import conditional_draw, noise_size
-from hierpool.closedform.system import build_system
 
 SLEEP = "Reaction ~ Days + (Days | Subject)"
 Z_MAX = 4.0

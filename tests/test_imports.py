@@ -32,3 +32,9 @@ def test_public_names_resolve_lazily():
     assert {"lmm", "bayes", "pooling", "datasets"} <= set(dir(hp))
     with pytest.raises(AttributeError, match="no_such_name"):
         hp.no_such_name
+
+
+def test_importing_a_submodule_first_does_not_shadow_a_public_function():
+    code = ("import hierpool.pooling_comparison, hierpool.closedform, hierpool.bayesian\nimport hierpool as hp\n"
+            "assert callable(hp.pooling) and callable(hp.lmm) and callable(hp.bayes)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,8 +9,8 @@ import scipy.linalg
 from conftest import load, simulated
 
 import hierpool as hp
+from hierpool.algebra.linalg import theta_to_factors
 from hierpool.closedform import objective, prediction_covariance
-from hierpool.linalg import theta_to_factors
 
 STRUCTURES = [
     ("sleepstudy", "Reaction ~ Days + (Days | Subject)"),
@@ -170,7 +170,7 @@ def test_summary_reads_like_lme4(sleepstudy):
 
 def test_spd_inverse_lapack_and_solve_paths_agree():
     # 300 rows: the CPU LAPACK potri path; 100 rows: triangular solves (also under vmap)
-    from hierpool.linalg import _inverse_by_solves, spd_inverse_from_cholesky
+    from hierpool.algebra.linalg import _inverse_by_solves, spd_inverse_from_cholesky
 
     rng = np.random.default_rng(3)
     for size in (100, 300):
@@ -220,3 +220,33 @@ def test_joint_sd_is_the_dense_mme_inverse(name, formula):
         expected.extend(np.sqrt(diag[:, i]) for i in range(term.k))
         offset += term.n_levels * term.k
     np.testing.assert_allclose(fit.ranef_joint_sd(), np.concatenate(expected), rtol=1e-8)
+
+
+@pytest.mark.parametrize("name,formula", STRUCTURES + [("sleepstudy", "Reaction ~ Days + (Days || Subject)")])
+def test_host_and_compiled_paths_agree(name, formula):
+    # one algebra, two ways to run it: NumPy on the host (small models) and compiled XLA programs
+    from hierpool.algebra.criterion import objective_and_grad, objective_and_gradient_on_host
+    from hierpool.algebra.henderson import prediction_covariance, solve
+    from hierpool.algebra.system import on_host
+
+    data = load(name)
+    data = data.assign(w=np.random.default_rng(3).uniform(0.5, 2.0, len(data)))
+    model = hp.MixedModel(formula, data, weights="w")
+    host = on_host(model.system)
+    theta = np.random.default_rng(2).uniform(0.2, 1.5, model.n_theta)
+    for reml in (True, False):
+        value, grad = objective_and_gradient_on_host(theta, host, reml)
+        compiled_value, compiled_grad = objective_and_grad(jnp.asarray(theta), model.system, reml=reml)
+        assert value == pytest.approx(float(compiled_value), rel=1e-12)
+        np.testing.assert_allclose(grad, compiled_grad, rtol=1e-10, atol=1e-10 * np.max(np.abs(grad)))
+    on_cpu, compiled = solve(theta, host), jax.tree_util.tree_map(np.asarray, solve(jnp.asarray(theta), model.system))
+    for a, b in zip(jax.tree_util.tree_leaves(on_cpu), jax.tree_util.tree_leaves(compiled)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * max(1.0, np.max(np.abs(b), initial=0.0)))
+    blocks = prediction_covariance(theta, host)
+    compiled_blocks = prediction_covariance(jnp.asarray(theta), model.system)
+    for a, b in zip(jax.tree_util.tree_leaves(blocks), jax.tree_util.tree_leaves(compiled_blocks)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    fit_host = model.fit(control=hp.Control(compile=False))
+    fit_compiled = model.fit(control=hp.Control(compile=True))
+    assert fit_host.objective == pytest.approx(fit_compiled.objective, rel=1e-10)
+    np.testing.assert_allclose(fit_host.theta, fit_compiled.theta, rtol=1e-5, atol=1e-6)

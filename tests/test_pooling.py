@@ -6,7 +6,7 @@ import pytest
 from conftest import simulated
 
 import hierpool as hp
-from hierpool.pooling import group_blups, group_terms, shrinkage_matrices
+from hierpool.pooling_comparison import group_blups, group_terms, shrinkage_matrices
 
 INTERCEPT = "biomarker ~ 1 + (1 | patient)"
 SLOPES = "biomarker ~ time + (time | patient)"

@@ -48,14 +48,15 @@ def _perturbed_solve(monkeypatch, shift_in_sd):
     """Break the closed-form solve: one BLUP (subject 4's slope) moved by ``shift_in_sd`` of its joint sd."""
     from hierpool.closedform import model
 
-    honest = model.solve_jit
+    honest = model.solve_at
 
-    def broken(theta, system, reml=True):
-        solution = honest(theta, system, reml=reml)
-        b = solution.b[0].at[3, 1].add(shift_in_sd * 2.38)  # 2.38: about the joint sd of a sleepstudy slope
+    def broken(theta, system, reml, host):
+        solution = honest(theta, system, reml, host)
+        b = np.array(solution.b[0])
+        b[3, 1] += shift_in_sd * 2.38  # 2.38: about the joint sd of a sleepstudy slope
         return type(solution)(**{**vars(solution), "b": (b,) + tuple(solution.b[1:])})
 
-    monkeypatch.setattr(model, "solve_jit", broken)
+    monkeypatch.setattr(model, "solve_at", broken)
 
 
 def test_exact_mode_fails_when_the_closed_form_solve_is_broken(sleepstudy_exact, monkeypatch):
@@ -88,7 +89,8 @@ def test_a_bug_shared_by_the_solve_and_the_exact_draw_fails_the_validation(monke
     from dataclasses import replace
 
     from hierpool.bayesian import fit as bayes_fit
-    from hierpool.closedform import model, system
+    from hierpool.algebra import system
+    from hierpool.closedform import model
 
     honest = system.build_system
 

@@ -5,7 +5,7 @@ default priors scaled to its own data (or the user's ``priors`` keys), NUTS on
 its variance parameters with beta and b integrated out (dense mass matrix, as
 ``hp.bayes``'s collapsed sampler), then one exact draw of (beta, b) per variance
 draw.  The model is written on the dataset's sufficient statistics
-(:mod:`hierpool.batch.collapsed`), so datasets of any size share one shape; the
+(:mod:`hierpool.algebra.one_term_marginal`), so datasets of any size share one shape; the
 layout (buckets, chunks, mesh or threads, failures in their row) is
 :mod:`hierpool.batch.plan`'s.
 
@@ -26,16 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ..bayesian.collapsed import theta_from_components
-from ..bayesian.model import variance_draws
+from ..algebra.compiler_options import compiler_options, shape_signature
+from ..algebra.marginal import theta_from_components
+from ..algebra.one_term_marginal import draw_effects
+from ..algebra.varcorr import coef_pairs
+from ..bayesian.model import one_term_collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function, quick_compile
 from ..bayesian.priors import DataScales, Priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
-from ..closedform.results import _coef_pairs
-from ..compiler_options import compiler_options, shape_signature
 from ..errors import ArgumentError, integer_argument
 from .bayes_results import BayesBatchResult, summarize_blocks
-from .collapsed import draw_effects, one_term_collapsed_model
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 
 _PROGRAMS: dict = {}
@@ -218,7 +218,7 @@ def bayes_batch(
                for name, value in out.items()}
         return chunk, out, summarize_blocks(out, k, level)
 
-    n_pairs = len(_coef_pairs(k))
+    n_pairs = len(coef_pairs(k))
     fixef = np.full((plan.n_datasets, p, len(SUMMARY_COLUMNS)), np.nan)
     varcorr = np.full((plan.n_datasets, k + n_pairs + 1, len(SUMMARY_COLUMNS)), np.nan)
     ranef = [np.full((k, ell, len(SUMMARY_COLUMNS)), np.nan) for ell in plan.n_levels]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..algebra.varcorr import coef_pairs
 from ..bayesian.results import ESS_MIN_PER_CHAIN, R_HAT_MAX, SUMMARY_COLUMNS, summarize_draws
-from ..closedform.results import _coef_pairs
 
 
 def summarize(block: np.ndarray, level: float) -> np.ndarray:
@@ -23,7 +23,7 @@ def summarize(block: np.ndarray, level: float) -> np.ndarray:
 def summarize_blocks(out: dict, k: int, level: float) -> dict:
     """Summaries of one chunk's draws: fixef (D, p, .), varcorr (D, k + pairs + 1, .), ranef (D, k, ell, .)."""
     columns = [out["sd"][..., i] for i in range(k)]
-    columns += [out["cor"][..., i, j] for i, j in _coef_pairs(k)]
+    columns += [out["cor"][..., i, j] for i, j in coef_pairs(k)]
     columns.append(out["sigma"])
     b = out["b"]  # (D, chain, draw, ell, k)
     n_sets, chains, draws, ell, _ = b.shape
@@ -90,7 +90,7 @@ class BayesBatchResult:
     def varcorr(self) -> pd.DataFrame:
         """sds, correlations and the residual sd per dataset (grp, var1, var2 as hp.bayes's varcorr)."""
         rows = [(self.group, name, None) for name in self.coef_names]
-        rows += [(self.group, self.coef_names[i], self.coef_names[j]) for i, j in _coef_pairs(len(self.coef_names))]
+        rows += [(self.group, self.coef_names[i], self.coef_names[j]) for i, j in coef_pairs(len(self.coef_names))]
         rows.append(("Residual", None, None))
         template = pd.DataFrame(rows, columns=["grp", "var1", "var2"])
         keys = pd.concat([template] * len(self.datasets), ignore_index=True)

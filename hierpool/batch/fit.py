@@ -9,7 +9,7 @@ of datasets.  A dataset whose batched optimizer did not converge is refitted
 alone by ``hp.lmm`` (``polish=True``); each is marked in ``refit`` and explained
 in ``messages``, so a batched optimizer that fails is seen, not papered over.
 On a CPU, batches of up to ``QUICK_COMPILE_MAX_VALUES`` statistics compile with
-:mod:`hierpool.compiler_options`' quick options: their run is shorter than
+:mod:`hierpool.algebra.compiler_options`' quick options: their run is shorter than
 LLVM's optimization of the programs.
 """
 
@@ -24,13 +24,13 @@ import jax
 import numpy as np
 import pandas as pd
 
+from ..algebra.compiler_options import compile_in_background, shape_signature
+from ..algebra.one_term import solution
 from ..closedform import lmm
-from ..compiler_options import compile_in_background, shape_signature
 from ..errors import ArgumentError, HierpoolWarning, integer_argument
-from .objective import solution
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize, moment_start
-from .results import BatchResult
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
+from .results import BatchResult
 
 SINGULAR_TOL = 1e-4  # lme4's isSingular tolerance on theta's diagonal
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
@@ -82,7 +82,7 @@ def _programs(stats, reml: bool, max_iterations: int, sharding, quick: bool = Fa
 
     Two programs, not one: the solve program is traced while the optimizer
     compiles, and compiles while the first chunks are optimized.  ``quick``:
-    compile without LLVM's optimization (:func:`hierpool.compiler_options.compiler_options`).
+    compile without LLVM's optimization (:func:`hierpool.algebra.compiler_options.compiler_options`).
     """
     key = (shape_signature(stats), reml, max_iterations, sharding, quick)
     if key not in _COMPILED:
@@ -170,7 +170,7 @@ def fit_batch(
     those of ``hp.lmm`` on each dataset (the tests assert the criterion to 1e-11
     relative and the fixed effects to 1e-6, with no dataset refitted), weights and
     offsets included.  Each dataset's algebra works on y - offset - X beta0, beta0
-    its weighted least-squares fit (:mod:`hierpool.batch.statistics`), so a large
+    its weighted least-squares fit (:mod:`hierpool.algebra.statistics`), so a large
     common location of y costs no digits.  Models with several random-effect terms
     or known residual sds are not batched: fit those with ``hp.lmm`` in a loop.
     """

@@ -7,7 +7,7 @@ Gershgorin's bound on its smallest eigenvalue (a Levenberg-Marquardt shift;
 Nocedal & Wright 2006, sec. 3.4), so it always descends; the line search
 evaluates a few step lengths at once and keeps the best (no data-dependent inner
 loop: vmap runs every dataset in lockstep).  The Newton step's m x m systems
-use JAX's (batched LAPACK) Cholesky: the unrolled kernels of :mod:`hierpool.linalg`
+use JAX's (batched LAPACK) Cholesky: the unrolled kernels of :mod:`hierpool.algebra.linalg`
 ran no faster here and cost 0.14 s more compilation; the criterion itself keeps
 the unrolled kernels (LAPACK there ran slower and changed its rounding).
 
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..linalg import theta_to_factors, tril_positions
-from .objective import objective
+from ..algebra.linalg import theta_to_factors, tril_positions
+from ..algebra.one_term import objective
 
 STEP_LENGTHS = (1.0,)
 GRADIENT_TOL = 1e-7

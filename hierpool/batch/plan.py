@@ -1,8 +1,8 @@
 """How a batch of datasets is laid out for compiled, vmapped work (shared by ``fit_batch`` and ``bayes_batch``).
 
 * The formula is parsed and the data checked **once**, on the long frame
-  (:func:`hierpool.design.build_design`); each dataset's rows are then reduced
-  to the sufficient statistics of :mod:`hierpool.batch.statistics`, so a
+  (:func:`hierpool.spec.design.build_design`); each dataset's rows are then reduced
+  to the sufficient statistics of :mod:`hierpool.algebra.statistics`, so a
   dataset's row count never enters a shape.
 * **Buckets by shape**: datasets are grouped by their number of levels, padded
   up to the next power of two (all datasets in one bucket when they have the
@@ -25,9 +25,9 @@
 * A dataset that cannot be fitted (one level, aliased fixed effects, too few
   observations) is never sent to the compiled program; its reason is kept.
 * Prior weights and offsets (``weights=``, ``offset=`` and ``offset(...)`` terms)
-  are read by :func:`hierpool.design.build_design` on the long frame, which checks
+  are read by :func:`hierpool.spec.design.build_design` on the long frame, which checks
   them and drops rows with missing values, and enter each dataset's statistics
-  (:func:`hierpool.batch.statistics.sufficient_statistics`).
+  (:func:`hierpool.algebra.statistics.sufficient_statistics`).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ import numpy as np
 import pandas as pd
 from jax.experimental import multihost_utils
 
-from ..design import Design, RandomEffectTerm, build_design
+from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError
-from ..transforms import stateful_calls
-from .statistics import BatchStatistics, sufficient_statistics
+from ..spec.design import Design, RandomEffectTerm, build_design
+from ..spec.transforms import stateful_calls
 
 
 def long_frame(data, by: str) -> pd.DataFrame:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..closedform.results import _coef_pairs
+from ..algebra.varcorr import coef_pairs
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class BatchResult:
         for i, name in enumerate(self.coef_names):
             frames.append(pd.DataFrame({"dataset": self.datasets, "grp": self.group, "var1": name, "var2": None,
                                         "vcov": self.covariance[:, i, i], "sdcor": sds[:, i]}))
-        for i, j in _coef_pairs(k):
+        for i, j in coef_pairs(k):
             with np.errstate(invalid="ignore", divide="ignore"):
                 corr = self.covariance[:, i, j] / (sds[:, i] * sds[:, j])
             frames.append(pd.DataFrame({"dataset": self.datasets, "grp": self.group, "var1": self.coef_names[i],
@@ -122,7 +122,7 @@ class BatchResult:
         sds = np.sqrt(np.diagonal(self.covariance, axis1=1, axis2=2))
         for i, name in enumerate(self.coef_names):
             frame[f"sd_{self.group}_{name}"] = sds[:, i]
-        for i, j in _coef_pairs(len(self.coef_names)):
+        for i, j in coef_pairs(len(self.coef_names)):
             with np.errstate(invalid="ignore", divide="ignore"):
                 frame[f"cor_{self.group}_{self.coef_names[i]}_{self.coef_names[j]}"] = (
                     self.covariance[:, i, j] / (sds[:, i] * sds[:, j]))

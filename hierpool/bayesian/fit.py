@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from ..algebra import one_term_marginal as one_term
+from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
+from ..algebra.statistics import one_dataset_statistics
+from ..algebra.system import build_system
 from ..closedform.results import LMMResult
-from ..closedform.system import build_system
-from ..design import Design, build_design
 from ..errors import ArgumentError, HierpoolWarning, integer_argument
-from ..batch import collapsed as one_term
-from ..batch.statistics import one_dataset_statistics
-from .collapsed import draw_batch_size, draw_effects, theta_from_components
-from .model import HeldVariance, collapsed_model, full_model, model_data, variance_draws
+from ..spec.design import Design, build_design
+from .model import HeldVariance, collapsed_model, full_model, model_data, one_term_collapsed_model, variance_draws
 from .nuts import sample_nuts
 from .posterior import build_inference_data, pointwise_log_likelihood
 from .priors import Priors, resolve_priors
@@ -66,7 +66,7 @@ def _choose_method(method: str, priors: Priors) -> str:
 class _ExactDraws:
     """Inside the compiled post-processing: exact (beta, b) draws for each variance draw of any model.
 
-    :func:`hierpool.bayesian.collapsed.draw_effects` on the model's mixed-model
+    :func:`hierpool.algebra.marginal.draw_effects` on the model's mixed-model
     system.  A frozen dataclass, not a closure: it keys the compiled-program cache by value.
     """
 
@@ -84,7 +84,7 @@ class _ExactDraws:
 def _one_term_exact_draws(variance: dict, k: int, stats, loc: np.ndarray, scale: np.ndarray, seed: int) -> dict:
     """Exact (beta, b) draws for each variance draw of a one-term model, on the host in NumPy.
 
-    The same algebra as the compiled programs (:func:`hierpool.batch.collapsed.draw_effects`
+    The same algebra as the compiled programs (:func:`hierpool.algebra.one_term_marginal.draw_effects`
     on NumPy arrays): for sleepstudy's 4,000 draws a few milliseconds, where tracing
     and compiling a program for them took 0.4 s of a 2.5 s run.
     """
@@ -110,7 +110,7 @@ def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept
         # less code than the general blocked factorization, and exact draws on the host.  The statistics
         # carry the prior weights and the offset, and are of y - offset - X beta0 (the draws add beta0 back)
         stats = one_dataset_statistics(design)
-        model, args, static = one_term.one_term_collapsed_model, (stats, loc, scale, resolved), (("k", ks[0]),)
+        model, args, static = one_term_collapsed_model, (stats, loc, scale, resolved), (("k", ks[0]),)
         postprocess = None
     else:
         system = build_system(design)

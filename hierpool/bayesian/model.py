@@ -7,7 +7,7 @@
   non-centered (b_j = z_j (diag(sd_j) R_j)^T with z_j ~ N(0, I)), which avoids
   the funnel between the sds and the effects (Papaspiliopoulos et al. 2007).
 * :func:`collapsed_model`: only the variance parameters; beta and b are
-  integrated out (:mod:`hierpool.bayesian.collapsed`).
+  integrated out (:mod:`hierpool.algebra.marginal`).
 
 o_i is the offset (zeros without one) and w_i the prior weight (lmer's: residual
 variance sigma^2 / w_i; 1 / se_i^2 with known residual sds, sigma then 1).
@@ -28,8 +28,9 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
-from ..closedform.system import MixedModelSystem
-from .collapsed import log_marginal_likelihood, theta_from_components
+from ..algebra.marginal import log_marginal_likelihood, theta_from_components
+from ..algebra.one_term_marginal import log_marginal_likelihood as one_term_log_marginal_likelihood
+from ..algebra.system import MixedModelSystem
 from .priors import Priors
 
 
@@ -160,4 +161,13 @@ def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, 
     deferred_factor(
         "marginal_likelihood",
         lambda: log_marginal_likelihood(theta_from_components(sds, cors, sigma), sigma, system, loc, scale),
+    )
+
+
+def one_term_collapsed_model(stats, loc, scale, priors, *, k: int):
+    """NumPyro target over one dataset's variance parameters: prior times the marginal likelihood."""
+    sigma, sds, cors = variance_parameters(priors, (k,))
+    deferred_factor(
+        "marginal_likelihood",
+        lambda: one_term_log_marginal_likelihood(theta_from_components(sds, cors, sigma), sigma, stats, loc, scale),
     )

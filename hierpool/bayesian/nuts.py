@@ -12,7 +12,7 @@ own; a caller's compiled post-processing of all chains' draws, where it has one,
 is a third.  Compilation is most of a small model's wall time, so the chain
 program, the longest to compile, is submitted first and the others are lowered
 while it compiles; short runs of small models compile with
-:mod:`hierpool.compiler_options`' quick options (:func:`quick_compile`)."""
+:mod:`hierpool.algebra.compiler_options`' quick options (:func:`quick_compile`)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import ParamInfo, constrain_fn, potential_energy
 
-from ..compiler_options import compile_in_background, shape_signature
+from ..algebra.compiler_options import compile_in_background, shape_signature
 
 #: Per-iteration statistics kept for ArviZ's sample_stats group (NumPyro field -> ArviZ name).
 SAMPLE_STATS = {

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import arviz as az
 import numpy as np
 
-from ..design import Design
+from ..spec.design import Design
 from .priors import identifier
 
 

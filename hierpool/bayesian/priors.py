@@ -53,8 +53,8 @@ import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
-from ..design import Design
 from ..errors import ArgumentError
+from ..spec.design import Design
 
 FLAT = "flat"
 

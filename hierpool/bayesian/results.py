@@ -10,10 +10,10 @@ import arviz as az
 import numpy as np
 import pandas as pd
 
-from ..closedform.results import _coef_pairs
-from ..design import Design
+from ..algebra.varcorr import coef_pairs
 from ..errors import ArgumentError, HierpoolWarning
-from ..predict import model_rows, new_row_weights
+from ..spec.design import Design
+from ..spec.newdata import model_rows, new_row_weights
 from .convergence import diagnose, ess_tail
 from .posterior import term_slots
 from .priors import Priors
@@ -172,7 +172,7 @@ class BayesResult:
                 columns.append(sd[..., i])
             if slot.cor_name:
                 cor = self._values(slot.cor_name)
-                for a, c in _coef_pairs(term.k):
+                for a, c in coef_pairs(term.k):
                     rows.append((term.group, term.coef_names[a], term.coef_names[c]))
                     columns.append(cor[..., a, c])
         if "sigma" in self.idata.posterior:

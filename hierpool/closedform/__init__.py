@@ -6,12 +6,12 @@ functions :func:`objective` and :func:`solve` take a :class:`MixedModelSystem`
 pytree and can be jit-compiled, differentiated and vmapped.
 """
 
-from .henderson import Solution, prediction_covariance, solve
+from ..algebra.criterion import objective
+from ..algebra.henderson import Solution, prediction_covariance, solve
+from ..algebra.system import MixedModelSystem, build_system
 from .model import MixedModel, lmm
-from .objective import objective
 from .optimize import Control
 from .results import LMMResult
-from .system import MixedModelSystem, build_system
 
 __all__ = [
     "Control",

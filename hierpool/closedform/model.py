@@ -14,14 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ..design import Design, build_design
+from ..algebra.conditioning import condition_terms
+from ..algebra.henderson import as_numpy, solve, solve_jit
+from ..algebra.system import MixedModelSystem, build_system, on_host
 from ..errors import ArgumentError, ConvergenceWarning
-from .conditioning import condition_terms
-from .henderson import as_numpy, solve_jit
-from .objective import objective_and_grad, objective_jit
-from .optimize import Control, moment_start, optimize_theta
+from ..spec.design import Design, build_design
+from .optimize import Control, moment_start, optimize_theta, runs_on_host, value_and_gradient
 from .results import LMMResult
-from .system import MixedModelSystem, build_system
+
+
+def solve_at(theta: np.ndarray, system: MixedModelSystem, reml: bool, host: bool):
+    """Henderson's solution at ``theta`` as NumPy arrays: in NumPy on the host, or compiled."""
+    if host:
+        return solve(np.asarray(theta, dtype=float), on_host(system), reml=reml)
+    return as_numpy(solve_jit(jnp.asarray(theta), system, reml=reml))
 
 
 class MixedModel:
@@ -45,8 +51,8 @@ class MixedModel:
     ----------
     design : Design
     system : MixedModelSystem
-        The pytree the pure functions :func:`~hierpool.closedform.objective.objective`
-        and :func:`~hierpool.closedform.henderson.solve` take (jit, grad and vmap them).
+        The pytree the pure functions :func:`~hierpool.algebra.criterion.objective`
+        and :func:`~hierpool.algebra.henderson.solve` take (jit, grad and vmap them).
     """
 
     def __init__(self, formula: str, data: pd.DataFrame, se: str | None = None, weights=None, offset=None):
@@ -57,25 +63,23 @@ class MixedModel:
     def n_theta(self) -> int:
         return self.system.layout.n_theta
 
-    def _theta(self, theta) -> jnp.ndarray:
+    def _theta(self, theta) -> np.ndarray:
         theta = np.asarray(theta, dtype=float).reshape(-1)
         if theta.size != self.n_theta:
             raise ArgumentError(f"theta must have {self.n_theta} values for this model, got {theta.size}")
-        return jnp.asarray(theta)
+        return theta
 
-    def objective(self, theta, reml: bool = True) -> float:
+    def objective(self, theta, reml: bool = True, control: Control | None = None) -> float:
         """Profiled REML criterion (or deviance) at ``theta``: lme4's ``devfun(theta)``."""
-        return float(objective_jit(self._theta(theta), self.system, reml=reml))
+        return self.objective_and_gradient(theta, reml, control)[0]
 
-    def objective_and_gradient(self, theta, reml: bool = True) -> tuple[float, np.ndarray]:
-        """The objective and its exact gradient (JAX autodiff with closed-form adjoints)."""
-        value, grad = objective_and_grad(self._theta(theta), self.system, reml=reml)
-        return float(value), np.asarray(grad)
+    def objective_and_gradient(self, theta, reml: bool = True, control: Control | None = None) -> tuple[float, np.ndarray]:
+        """The objective and its exact gradient (closed-form adjoints; ``control.compile`` as in :meth:`fit`)."""
+        return value_and_gradient(self.system, reml, runs_on_host(self.system, control))(self._theta(theta))
 
-    def at(self, theta, reml: bool = True) -> LMMResult:
+    def at(self, theta, reml: bool = True, control: Control | None = None) -> LMMResult:
         """BLUPs, fixed effects and every table at a fixed ``theta`` (no optimization)."""
-        theta = self._theta(theta)
-        solution = as_numpy(solve_jit(theta, self.system, reml=reml))
+        solution = solve_at(self._theta(theta), self.system, reml, runs_on_host(self.system, control))
         return LMMResult(self.design, self.system, solution, None, reml)
 
     def fit(self, reml: bool = True, control: Control | None = None) -> LMMResult:
@@ -84,19 +88,20 @@ class MixedModel:
         When a random-effect term's columns are far from centred or unit scale
         (a calendar year as a random slope), the optimizer works on centred and
         scaled columns and its optimum is mapped back to the user's theta
-        (:mod:`hierpool.closedform.conditioning`); the convergence checks are
+        (:mod:`hierpool.algebra.conditioning`); the convergence checks are
         those of the conditioned problem.
         """
         conditioned = condition_terms(self.design) if (control is None or control.theta_start is None) else None
+        host = runs_on_host(self.system, control)
         if conditioned is None:
             optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design))
-            solution = as_numpy(solve_jit(jnp.asarray(optimum.theta), self.system, reml=reml))
+            solution = solve_at(optimum.theta, self.system, reml, host)
         else:
             system = build_system(conditioned.design)
             inner = optimize_theta(system, reml, control, start=moment_start(conditioned.design))
             theta = conditioned.theta_to_user(inner.theta)
             optimum = replace(inner, theta=theta)
-            solution = conditioned.solution_to_user(as_numpy(solve_jit(jnp.asarray(inner.theta), system, reml=reml)), theta)
+            solution = conditioned.solution_to_user(solve_at(inner.theta, system, reml, host), theta)
         for message in optimum.messages:
             warnings.warn(message, ConvergenceWarning, stacklevel=3)
         return LMMResult(self.design, self.system, solution, optimum, reml)

@@ -1,6 +1,7 @@
 """Minimizing the profiled objective over theta, and checking the optimum.
 
-The objective is differentiated by JAX, so a bounded quasi-Newton method
+The objective has an exact gradient (closed-form adjoints, on the host or in a
+compiled program, :func:`runs_on_host`), so a bounded quasi-Newton method
 (L-BFGS-B, Byrd et al. 1995) replaces lme4's derivative-free BOBYQA.  Boundary
 fits (a variance component at zero) are legitimate optima: L-BFGS-B projects
 onto the bound and stops there exactly, as lme4's optimizers do.
@@ -17,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
+from ..algebra.compiler_options import compile_pays
+from ..algebra.criterion import objective_and_grad, objective_and_gradient_on_host
+from ..algebra.linalg import theta_lower_bounds, theta_start, tril_positions
+from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift
+from ..algebra.system import on_host as to_host
 from ..errors import ArgumentError, ConvergenceError
-from ..linalg import theta_lower_bounds, theta_start, tril_positions
-from .objective import objective_and_grad
-from .system import MixedModelSystem, location_shift
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class Control:
         Starting value; lme4's (identity factors) when None.
     max_restarts : int
         Rounds of restarts from a boundary optimum (see ``_restart_from_boundary``).
+    compile : bool or None
+        Run the criterion, its gradient and the solve as compiled XLA programs (True)
+        or in NumPy on the host (False); None chooses by the model's size
+        (:func:`hierpool.algebra.compiler_options.compile_pays`): small models are
+        fitted on the host before a program would have compiled.  Both give the same
+        numbers to rounding.
     """
 
     max_iter: int = 500
@@ -58,6 +67,7 @@ class Control:
     hessian_max_n: int = 10_000
     theta_start: tuple[float, ...] | None = field(default=None)
     max_restarts: int = 2
+    compile: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,25 @@ class Optimum:
     converged: bool
     is_singular: bool
     messages: tuple[str, ...]
+
+
+def runs_on_host(system: MixedModelSystem, control: Control | None = None) -> bool:
+    """Whether this model's closed form runs in NumPy on the host rather than as compiled programs."""
+    forced = None if control is None else control.compile
+    return not compile_pays(evaluation_flops(system)) if forced is None else not forced
+
+
+def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool):
+    """theta (NumPy) -> (criterion, gradient) as floats and a NumPy array, on the host or compiled."""
+    if on_host:
+        host_system = to_host(system)
+        return lambda theta: objective_and_gradient_on_host(theta, host_system, reml)
+
+    def compiled(theta):
+        value, gradient = objective_and_grad(jnp.asarray(theta), system, reml=reml)
+        return float(value), np.asarray(gradient, dtype=float)
+
+    return compiled
 
 
 def moment_start(design) -> np.ndarray:
@@ -180,6 +209,7 @@ def optimize_theta(
     Optimum
     """
     control = control or Control()
+    value_and_grad = value_and_gradient(system, reml, runs_on_host(system, control))
     lower = theta_lower_bounds(system.layout.ks)
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
     count = [0]
@@ -191,8 +221,7 @@ def optimize_theta(
         key = theta.tobytes()
         if key not in seen:
             count[0] += 1
-            value, gradient = objective_and_grad(jnp.asarray(theta), system, reml=reml)
-            seen[key] = (float(value), np.asarray(gradient, dtype=float))
+            seen[key] = value_and_grad(theta)
         value, gradient = seen[key]
         return value, gradient.copy()
 

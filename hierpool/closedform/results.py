@@ -8,16 +8,12 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from ..design import Design
+from ..algebra.henderson import Solution, diagonal_blocks
+from ..algebra.system import MixedModelSystem
+from ..algebra.varcorr import coef_pairs
 from ..errors import HierpoolError
-from .henderson import Solution, _diagonal_blocks
+from ..spec.design import Design
 from .optimize import Optimum
-from .system import MixedModelSystem
-
-
-def _coef_pairs(k: int) -> list[tuple[int, int]]:
-    """(i, j), i < j, in the order of R's lower.tri (column-major), as lme4's VarCorr data frame."""
-    return [(i, j) for i in range(k) for j in range(i + 1, k)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,7 +45,7 @@ class LMMResult:
     @property
     def objective(self) -> float:
         """REML criterion (``reml=True``) or deviance (``reml=False``), as lme4 reports them."""
-        from .objective import ObjectiveParts, criterion
+        from ..algebra.criterion import ObjectiveParts, criterion
 
         parts = ObjectiveParts(self.solution.logdet_lz, self.solution.logdet_rx, self.solution.pwrss)
         return float(criterion(parts, self.system, self.reml))
@@ -127,7 +123,7 @@ class LMMResult:
             sd = np.sqrt(np.diag(cov))
             for i, name in enumerate(term.coef_names):
                 rows.append((term.group, name, None, cov[i, i], sd[i]))
-            for i, j in _coef_pairs(term.k):
+            for i, j in coef_pairs(term.k):
                 corr = cov[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
                 rows.append((term.group, term.coef_names[i], term.coef_names[j], cov[i, j], corr))
         if not self.design.sigma_known:
@@ -187,7 +183,7 @@ class LMMResult:
                 var_u, cov_u_beta = np.asarray(blocks.term0), np.asarray(blocks.cross)[:, :, q:]
             else:
                 ell, k = layout.n_levels[j], layout.ks[j]
-                var_u = np.asarray(_diagonal_blocks(rest, offset, ell, k))
+                var_u = np.asarray(diagonal_blocks(rest, offset, ell, k))
                 cov_u_beta = rest[offset : offset + ell * k, q:].reshape(ell, k, -1)
                 offset += ell * k
             out.append((self.sigma**2 * (factor @ var_u @ factor.T), self.sigma**2 * (factor @ cov_u_beta)))
@@ -216,16 +212,20 @@ class LMMResult:
         """Blocks of the inverse mixed-model matrix that prediction intervals need, computed once per fit."""
         import jax.numpy as jnp
 
-        from .henderson import as_numpy, prediction_covariance_jit
+        from ..algebra.henderson import as_numpy, prediction_covariance, prediction_covariance_jit
+        from ..algebra.system import on_host
+        from .optimize import runs_on_host
 
+        if runs_on_host(self.system):
+            return prediction_covariance(np.asarray(self.theta, dtype=float), on_host(self.system))
         return as_numpy(prediction_covariance_jit(jnp.asarray(self.theta), self.system))
 
     def predict(self, newdata: pd.DataFrame | None = None, re: bool = True, interval: str | None = None, level: float = 0.95):
         """Predictions, optionally with confidence or prediction intervals.
 
-        See :func:`hierpool.predict.predict` for the variance decomposition.
+        See :func:`hierpool.closedform.predict.predict` for the variance decomposition.
         """
-        from ..predict import predict
+        from .predict import predict
 
         return predict(self, newdata=newdata, re=re, interval=interval, level=level)
 

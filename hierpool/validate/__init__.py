@@ -7,7 +7,14 @@
 * :func:`coverage`: frequentist coverage of closed-form and Bayesian intervals.
 """
 
-from .agreement import AgreementReport, agreement_series, blup_agreement, bonferroni_threshold, compare, flat_beta_priors
+from .agreement import (
+    AgreementReport,
+    agreement_series,
+    blup_agreement,
+    bonferroni_threshold,
+    compare,
+    flat_beta_priors,
+)
 from .coverage import coverage, simulate_study
 from .samplers import SamplerAgreement, compare_samplers, sampler_agreement
 from .sbc import SBCResult, ecdf_band, sbc

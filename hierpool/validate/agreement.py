@@ -51,7 +51,6 @@ from ..closedform import lmm
 from ..errors import ArgumentError
 
 
-
 def bonferroni_threshold(n_tests: int, alpha: float) -> float:
     """Two-sided normal quantile for ``n_tests`` z-scores at family-wise level ``alpha``."""
     return float(scipy.stats.norm.ppf(1 - alpha / (2 * max(n_tests, 1))))

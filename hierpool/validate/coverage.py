@@ -28,6 +28,7 @@ import pandas as pd
 
 from ..bayesian import bayes
 from ..closedform import lmm
+from ..closedform.predict import normal_quantile
 
 
 def simulate_study(rng, n_groups: int = 20, rich_size: int = 20, beta=(1.0, 0.5), sd_b: float = 1.0, sigma: float = 1.0):
@@ -57,10 +58,9 @@ def coverage(
         interval, groups ("sparse (1-2 obs)" / "rich"), n (intervals checked), coverage, mcse
         (over replications; see the module docstring).
     """
-    import scipy.stats
 
     rng = np.random.default_rng(seed)
-    z = scipy.stats.norm.ppf(0.5 + level / 2)
+    z = normal_quantile(level)
     beta, sd_b, sigma = (1.0, 0.5), 1.0, 1.0
     hits: dict[tuple[str, bool], list] = {}  # per replication: (intervals that covered, intervals)
 

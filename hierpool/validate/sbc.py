@@ -24,8 +24,8 @@ import pandas as pd
 import scipy.stats
 
 from ..bayesian import bayes, resolve_priors
-from ..design import build_design
 from ..errors import ArgumentError
+from ..spec.design import build_design
 
 
 @dataclass(frozen=True)

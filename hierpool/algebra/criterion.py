@@ -32,14 +32,17 @@ from dataclasses import dataclass
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ..linalg import (
+from .linalg import (
     UNROLL_MAX_SIZE,
+    array_namespace,
     cholesky,
+    factor_gradients_to_theta,
     logdet_from_cholesky_diagonal,
     scale_columns,
+    segment_sum,
+    solve_triangular,
     spd_inverse_from_cholesky,
     theta_to_factors,
     tri_inverse,
@@ -49,8 +52,9 @@ from .system import MixedModelSystem
 
 def _term0_factor(t0: jax.Array, system: MixedModelSystem) -> tuple[jax.Array, jax.Array]:
     """Cholesky factors L0_l of T0^T A00_l T0 + I and the products L0_l^-1 T0^T, per term-0 level."""
+    xp = array_namespace(t0)
     k0 = system.layout.ks[0]
-    diag0 = jnp.einsum("ji,ljk,km->lim", t0, system.a00, t0) + jnp.eye(k0)
+    diag0 = xp.einsum("ji,ljk,km->lim", t0, system.a00, t0) + xp.eye(k0)
     chol0 = cholesky(diag0)
     return chol0, tri_inverse(chol0) @ t0.T
 
@@ -62,9 +66,10 @@ def _contract(products: jax.Array, weights: jax.Array, axes: tuple[int, int]) ->
     Written as a broadcast product, not an einsum, because XLA turns a batched
     einsum of 1 x 1 blocks into millions of tiny matrix products.
     """
+    xp = array_namespace(weights)
     if axes == (1, 2):
-        return jnp.sum(weights[:, :, :, None, None] * products, axis=axes)
-    return jnp.sum(weights[:, None, None, :, :] * products, axis=axes)
+        return xp.sum(weights[:, :, :, None, None] * products, axis=axes)
+    return xp.sum(weights[:, None, None, :, :] * products, axis=axes)
 
 
 def level_contractions(system: MixedModelSystem, matrix: jax.Array, n_blocks: int) -> jax.Array:
@@ -79,7 +84,7 @@ def level_contractions(system: MixedModelSystem, matrix: jax.Array, n_blocks: in
     layout = system.layout
     k0 = layout.ks[0]
     offsets = np.concatenate([[0], np.cumsum([ell * k for ell, k in layout.rest_blocks])])
-    total = jnp.zeros((layout.n_levels[0], k0, k0), matrix.dtype)
+    total = array_namespace(matrix).zeros((layout.n_levels[0], k0, k0), matrix.dtype)
     for (r, s), pairs in zip(layout.pair_keys(), system.pairs):
         if s >= n_blocks:
             continue
@@ -88,9 +93,7 @@ def level_contractions(system: MixedModelSystem, matrix: jax.Array, n_blocks: in
         cells = block.reshape(ell_r, k_r, ell_s, k_s).transpose(0, 2, 1, 3).reshape(ell_r * ell_s, k_r, k_s)
         # one cell (X and y blocks): broadcast it rather than gather it per pair
         weights = cells if ell_r * ell_s == 1 else cells[pairs.target]
-        per_level = jax.ops.segment_sum(
-            _contract(pairs.products, weights, axes=(3, 4)), pairs.level0, num_segments=layout.n_levels[0]
-        )
+        per_level = segment_sum(_contract(pairs.products, weights, axes=(3, 4)), pairs.level0, layout.n_levels[0])
         total = total + (per_level if r == s else per_level + per_level.transpose(0, 2, 1))
     return total
 
@@ -101,20 +104,21 @@ def _schur_update(system: MixedModelSystem, m_levels: jax.Array) -> jax.Array:
     The pair products are theta-independent (precomputed in the system), so this is a
     gather of the small M_l, a multiply and a sorted segment-sum per pair of rest blocks.
     """
+    xp = array_namespace(m_levels)
     blocks = system.layout.rest_blocks
     grid = [[None] * len(blocks) for _ in blocks]
     for (r, s), pairs in zip(system.layout.pair_keys(), system.pairs):
         (ell_r, k_r), (ell_s, k_s) = blocks[r], blocks[s]
         contributions = _contract(pairs.products, m_levels[pairs.level0], axes=(1, 2))
         if ell_r * ell_s == 1:  # X and y blocks: every pair lands in the one cell, a plain sum (no scatter)
-            summed = jnp.sum(contributions, axis=0, keepdims=True)
+            summed = xp.sum(contributions, axis=0, keepdims=True)
         else:
-            summed = jax.ops.segment_sum(contributions, pairs.target, num_segments=ell_r * ell_s, indices_are_sorted=True)
+            summed = segment_sum(contributions, pairs.target, ell_r * ell_s, sorted_segments=True)
         block = summed.reshape(ell_r, ell_s, k_r, k_s).transpose(0, 2, 1, 3).reshape(ell_r * k_r, ell_s * k_s)
         grid[r][s] = block
         if r != s:
             grid[s][r] = block.T
-    return jnp.block(grid)
+    return xp.block(grid)
 
 
 def _scaling_blocks(system: MixedModelSystem, rest_factors) -> list:
@@ -133,8 +137,9 @@ def _reduce_fwd(rest_factors, m_levels, system):
     scale = _scaling_blocks(system, padded)
     reduced = system.rest - _schur_update(system, m_levels)
     rest = scale_columns(scale_columns(reduced, scale).T, scale)
-    identity = jnp.concatenate([jnp.ones(layout.q_rest), jnp.zeros(rest.shape[0] - layout.q_rest)])
-    return rest + jnp.diag(identity), (rest_factors, reduced, system)
+    xp = array_namespace(m_levels)
+    identity = xp.concatenate([xp.ones(layout.q_rest), xp.zeros(rest.shape[0] - layout.q_rest)])
+    return rest + xp.diag(identity), (rest_factors, reduced, system)
 
 
 def _reduce_bwd(residuals, cotangent):
@@ -149,7 +154,9 @@ def _reduce_bwd(residuals, cotangent):
     lam_g = scale_columns(cotangent, scale, transpose=True).T  # Lambda G (G symmetric)
     lam_g_lam = scale_columns(lam_g, scale, transpose=True)  # Lambda G Lambda^T
     # materialize both once: otherwise XLA re-fuses the scaling into every consumer below
-    lam_g, lam_g_lam = jax.lax.optimization_barrier((lam_g, lam_g_lam))
+    xp = array_namespace(cotangent)
+    if xp is not np:
+        lam_g, lam_g_lam = jax.lax.optimization_barrier((lam_g, lam_g_lam))
     size = reduced.shape[0]
     factor_grads = []
     offset = 0
@@ -157,7 +164,7 @@ def _reduce_bwd(residuals, cotangent):
         cols = slice(offset, offset + ell * k)
         left = reduced[:, cols].reshape(size, ell, k)
         right = lam_g[:, cols].reshape(size, ell, k)
-        factor_grads.append(2.0 * jnp.einsum("blc,bld->cd", left, right))
+        factor_grads.append(2.0 * xp.einsum("blc,bld->cd", left, right))
         offset += ell * k
     grad_m = -level_contractions(system, lam_g_lam, len(layout.rest_blocks))
     return tuple(factor_grads), grad_m, None
@@ -176,7 +183,9 @@ def reduced_rest(theta: jax.Array, system: MixedModelSystem):
     """
     factors = theta_to_factors(theta, system.layout.ks)
     chol0, left = _term0_factor(factors[0], system)
-    m_levels = jnp.einsum("lij,lik->ljk", left, left)
+    m_levels = array_namespace(left).einsum("lij,lik->ljk", left, left)
+    if array_namespace(theta) is np:  # on the host: no custom adjoint to attach
+        return _reduce_fwd(tuple(factors[1:]), m_levels, system)[0], factors, chol0, left
     return _reduce(tuple(factors[1:]), m_levels, system), factors, chol0, left
 
 
@@ -207,7 +216,7 @@ def dense_parts(rest: jax.Array, q: int, p: int) -> tuple[jax.Array, jax.Array, 
 
 def _dense_parts_forward(rest, q, p):
     chol = cholesky(rest)
-    diag = jnp.diagonal(chol)
+    diag = array_namespace(chol).diagonal(chol)
     parts = (
         logdet_from_cholesky_diagonal(diag[:q]),
         logdet_from_cholesky_diagonal(diag[q : q + p]),
@@ -227,20 +236,21 @@ def _dense_parts_bwd(q, p, chol, cotangent):
     #   S_ZZ^-1 = (S^-1)_ZZ - R_Z^T R_Z,
     # so the cotangent is c_rx S^-1 + (c_r2 r^4 - c_rx r^2) v v^T + (c_lz - c_rx) pad(S_ZZ^-1 - (S^-1)_ZZ + ...).
     c_lz, c_rx, c_r2 = cotangent
+    xp = array_namespace(chol)
     size = chol.shape[0]
     s_inv = spd_inverse_from_cholesky(chol)
     # rows q.. of L^-1 are columns q.. of L^-T: one solve with p + 1 right-hand sides
     if size <= UNROLL_MAX_SIZE:
         tail = tri_inverse(chol)[q:, :]
     else:
-        unit_tail = jnp.eye(size, dtype=chol.dtype)[:, q:]
-        tail = jax.scipy.linalg.solve_triangular(chol, unit_tail, lower=True, trans="T").T
+        unit_tail = xp.eye(size, dtype=chol.dtype)[:, q:]
+        tail = solve_triangular(chol, unit_tail, lower=True, trans="T").T
     r2 = chol[-1, -1] ** 2
     v = s_inv[:, -1]
-    in_z = jnp.arange(size) < q
-    tail = jnp.where(in_z[None, :], tail, 0.0)  # R_Z padded with zeros
-    grad = jnp.where(in_z[:, None] & in_z[None, :], c_lz, c_rx) * s_inv
-    grad = grad + (c_r2 * r2**2 - c_rx * r2) * jnp.outer(v, v) - (c_lz - c_rx) * (tail.T @ tail)
+    in_z = xp.arange(size) < q
+    tail = xp.where(in_z[None, :], tail, 0.0)  # R_Z padded with zeros
+    grad = xp.where(in_z[:, None] & in_z[None, :], c_lz, c_rx) * s_inv
+    grad = grad + (c_r2 * r2**2 - c_rx * r2) * xp.outer(v, v) - (c_lz - c_rx) * (tail.T @ tail)
     return (grad,)
 
 
@@ -252,7 +262,7 @@ def objective_parts(theta: jax.Array, system: MixedModelSystem) -> ObjectivePart
     layout = system.layout
     rest, _, chol0, _ = reduced_rest(theta, system)
     logdet_rest, logdet_rx, pwrss = dense_parts(rest, layout.q_rest, layout.p)
-    logdet0 = logdet_from_cholesky_diagonal(jnp.diagonal(chol0, axis1=1, axis2=2))
+    logdet0 = logdet_from_cholesky_diagonal(array_namespace(chol0).diagonal(chol0, axis1=1, axis2=2))
     return ObjectiveParts(logdet0 + logdet_rest, logdet_rx, pwrss)
 
 
@@ -263,8 +273,9 @@ def criterion(parts: ObjectiveParts, system: MixedModelSystem, reml: bool) -> ja
     dof = n - p if reml else n
     logdet = parts.logdet_lz + (parts.logdet_rx if reml else 0.0)
     if layout.sigma_known:
-        return logdet + parts.pwrss + dof * jnp.log(2 * jnp.pi) - system.log_weights
-    return logdet + dof * (1.0 + jnp.log(2 * jnp.pi * parts.pwrss / dof)) - system.log_weights
+        return logdet + parts.pwrss + dof * np.log(2 * np.pi) - system.log_weights
+    xp = array_namespace(parts.pwrss)
+    return logdet + dof * (1.0 + xp.log(2 * np.pi * parts.pwrss / dof)) - system.log_weights
 
 
 def objective(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> jax.Array:
@@ -276,7 +287,7 @@ def objective(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> 
         Lower triangles of the relative covariance factors T_j, column-major,
         term by term in the order of ``system.layout.ks`` (lme4's ``getME(fm, "theta")``).
     system : MixedModelSystem
-        From :func:`hierpool.closedform.system.build_system`.
+        From :func:`hierpool.algebra.system.build_system`.
     reml : bool
         REML criterion if True, else deviance.
 
@@ -290,3 +301,46 @@ def objective(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> 
 
 objective_jit = jax.jit(objective, static_argnames="reml")
 objective_and_grad = jax.jit(jax.value_and_grad(objective), static_argnames="reml")
+
+
+def _term0_adjoint(t0, a00, chol0, left, c_logdet, grad_m):
+    """Gradient with respect to T0 of c_logdet * log|D| + sum_l <G_l, M_l>.
+
+    With D_l = T0^T A_l T0 + I (= L0_l L0_l^T) and M_l = T0 D_l^-1 T0^T (= left_l^T left_l):
+    d log|D_l| = 2 <A_l T0 D_l^-1, dT0> and, for symmetric G_l and H_l = D_l^-1 T0^T G_l T0 D_l^-1,
+    d <G_l, M_l> = 2 <G_l T0 D_l^-1 - A_l T0 H_l, dT0>.
+    """
+    chol0_inv = tri_inverse(chol0)
+    t_d_inv = np.swapaxes(left, 1, 2) @ chol0_inv  # T0 D_l^-1 = left^T L0^-1
+    g = 0.5 * (grad_m + np.swapaxes(grad_m, 1, 2))
+    h = np.swapaxes(t_d_inv, 1, 2) @ g @ t_d_inv
+    a_t = a00 @ t0
+    return np.sum(2.0 * c_logdet * a_t @ np.swapaxes(chol0_inv, 1, 2) @ chol0_inv
+                  + 2.0 * (g @ t_d_inv - a_t @ h), axis=0)
+
+
+def objective_and_gradient_on_host(theta: np.ndarray, system: MixedModelSystem, reml: bool = True):
+    """:func:`objective` and its gradient in NumPy, with no compilation.
+
+    The same forward functions as the compiled objective, and the same written-out
+    adjoints (:func:`dense_parts`' and the Schur update's), chained by hand; term 0's
+    adjoint is :func:`_term0_adjoint`.  For small models, where compiling the
+    objective costs seconds and evaluating it microseconds.  ``system`` holds NumPy
+    arrays (:func:`hierpool.algebra.system.on_host`).
+    """
+    layout = system.layout
+    q, p = layout.q_rest, layout.p
+    factors = theta_to_factors(np.asarray(theta, dtype=float), layout.ks)
+    chol0, left = _term0_factor(factors[0], system)
+    m_levels = np.einsum("lij,lik->ljk", left, left)
+    rest, residuals = _reduce_fwd(tuple(factors[1:]), m_levels, system)
+    (logdet_rest, logdet_rx, pwrss), chol = _dense_parts_forward(rest, q, p)
+    logdet0 = logdet_from_cholesky_diagonal(np.diagonal(chol0, axis1=1, axis2=2))
+    value = criterion(ObjectiveParts(logdet0 + logdet_rest, logdet_rx, pwrss), system, reml)
+    dof = layout.n - p if reml else layout.n
+    c_rx = 1.0 if reml else 0.0
+    c_r2 = 1.0 if layout.sigma_known else dof / pwrss
+    (grad_rest,) = _dense_parts_bwd(q, p, chol, (1.0, c_rx, c_r2))
+    rest_factor_grads, grad_m, _ = _reduce_bwd(residuals, grad_rest)
+    grad_t0 = _term0_adjoint(factors[0], system.a00, chol0, left, 1.0, grad_m)
+    return float(value), factor_gradients_to_theta([grad_t0, *rest_factor_grads])

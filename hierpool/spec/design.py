@@ -28,7 +28,7 @@ import formulae
 import numpy as np
 import pandas as pd
 
-from .errors import ArgumentError, DataError, FormulaError, HierpoolWarning
+from ..errors import ArgumentError, DataError, FormulaError, HierpoolWarning
 from .formula import ModelSpec, RandomTermSpec, display_name, parse_formula
 from .transforms import FORMULAE_NAMES, caller_environment
 
@@ -175,7 +175,7 @@ def _check_frame(data) -> None:
         raise DataError("data is empty: it has no rows")
 
 
-def _check_columns(data: pd.DataFrame, names, what: str) -> None:
+def check_columns(data: pd.DataFrame, names, what: str) -> None:
     missing = [v for v in names if v not in data.columns]
     if missing:
         listed = ", ".join(repr(m) for m in missing)
@@ -260,7 +260,7 @@ def _row_argument(data: pd.DataFrame, value, name: str):
     if value is None:
         return None, None
     if isinstance(value, str):
-        _check_columns(data, [value], f"argument {name}")
+        check_columns(data, [value], f"argument {name}")
         column = data[value]
         if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
             raise DataError(f"{name} column {value!r} must be numeric, got dtype {column.dtype}")
@@ -400,7 +400,7 @@ def formula_columns(spec: ModelSpec, data: pd.DataFrame, env) -> tuple[str, ...]
     """
     defined = env.namespace
     missing = [v for v in spec.variables if v not in data.columns and v not in defined and v not in FORMULAE_NAMES]
-    _check_columns(data, missing, f"formula {spec.formula!r}")
+    check_columns(data, missing, f"formula {spec.formula!r}")
     return tuple(v for v in spec.variables if v in data.columns)
 
 
@@ -424,8 +424,8 @@ def build_design(
     Parameters
     ----------
     formula : str
-        lme4-style formula (see :mod:`hierpool.formula`); its calls are looked up as
-        :mod:`hierpool.transforms` describes.
+        lme4-style formula (see :mod:`hierpool.spec.formula`); its calls are looked up as
+        :mod:`hierpool.spec.transforms` describes.
     data : pandas.DataFrame
         Not modified.
     se : str, optional
@@ -453,7 +453,7 @@ def build_design(
     if se is not None:
         if not isinstance(se, str):
             raise DataError(f"se must name a column of data, got {type(se).__name__}")
-        _check_columns(data, [se], "argument se")
+        check_columns(data, [se], "argument se")
         if se not in used:
             used.append(se)
     weights_column, weights_values = _row_argument(data, weights, "weights")

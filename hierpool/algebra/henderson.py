@@ -23,8 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..linalg import cholesky, scale_columns, spd_inverse_from_cholesky, tri_inverse
-from .objective import level_contractions, reduced_rest
+from .criterion import level_contractions, reduced_rest
+from .linalg import (
+    array_namespace,
+    cholesky,
+    scale_columns,
+    segment_sum,
+    solve_triangular,
+    spd_inverse_from_cholesky,
+    tri_inverse,
+)
 from .system import MixedModelSystem, shift_beta
 
 
@@ -76,9 +84,9 @@ def _couplings(system: MixedModelSystem, factors, left) -> list[jax.Array]:
     return out
 
 
-def _diagonal_blocks(matrix: jax.Array, offset: int, ell: int, k: int) -> jax.Array:
+def diagonal_blocks(matrix: jax.Array, offset: int, ell: int, k: int) -> jax.Array:
     """The ell diagonal k x k blocks of ``matrix`` starting at row/column ``offset``."""
-    idx = offset + jnp.arange(ell)[:, None] * k + jnp.arange(k)[None, :]
+    idx = offset + np.arange(ell)[:, None] * k + np.arange(k)[None, :]
     return matrix[idx[:, :, None], idx[:, None, :]]
 
 
@@ -92,8 +100,9 @@ def _scaled_inverse(inverse: jax.Array, system: MixedModelSystem, factors, n_blo
 
 def _term0_inverse_blocks(chol0_inv, left, correction):
     """Diagonal blocks of the inverse for term 0: L0^-T (I + left Q left^T) L0^-1."""
-    middle = jnp.eye(chol0_inv.shape[-1]) + left @ correction @ jnp.swapaxes(left, 1, 2)
-    return jnp.swapaxes(chol0_inv, 1, 2) @ middle @ chol0_inv
+    xp = array_namespace(chol0_inv)
+    middle = xp.eye(chol0_inv.shape[-1]) + left @ correction @ xp.swapaxes(left, 1, 2)
+    return xp.swapaxes(chol0_inv, 1, 2) @ middle @ chol0_inv
 
 
 def _back_substitute(system: MixedModelSystem, factors, chol0, left, chol_rest, noise=None):
@@ -115,20 +124,21 @@ def _back_substitute(system: MixedModelSystem, factors, chol0, left, chol_rest, 
     rhs_rest = chol_rest[size, :size]
     if noise is not None:
         rhs_rest = rhs_rest + noise[1]
-    x_rest = jax.scipy.linalg.solve_triangular(chol_rest[:size, :size], rhs_rest, lower=True, trans="T")
+    xp = array_namespace(chol_rest)
+    x_rest = solve_triangular(chol_rest[:size, :size], rhs_rest, lower=True, trans="T")
     chol0_inv = tri_inverse(chol0)
     couplings = _couplings(system, factors, left)
     ell0 = layout.n_levels[0]
-    rhs0 = jax.ops.segment_sum(couplings[-1][:, :, 0], system.couplings[-1].level0, num_segments=ell0)
+    rhs0 = segment_sum(couplings[-1][:, :, 0], system.couplings[-1].level0, ell0)
     if noise is not None:
         rhs0 = rhs0 + noise[0]
     offset = 0
     for (ell, k), coupling, block in zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1]):
         x_block = x_rest[offset : offset + ell * k].reshape(ell, k)
-        contribution = jnp.einsum("bij,bj->bi", block, x_block[coupling.level])
-        rhs0 = rhs0 - jax.ops.segment_sum(contribution, coupling.level0, num_segments=ell0)
+        contribution = xp.einsum("bij,bj->bi", block, x_block[coupling.level])
+        rhs0 = rhs0 - segment_sum(contribution, coupling.level0, ell0)
         offset += ell * k
-    u = [jnp.einsum("lji,lj->li", chol0_inv, rhs0)]
+    u = [xp.einsum("lji,lj->li", chol0_inv, rhs0)]
     offset = 0
     for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
         u.append(x_rest[offset : offset + ell * k].reshape(ell, k))
@@ -153,7 +163,7 @@ def conditional_draw(
     rest_prior : jax.Array, optional
         Added to the reduced rest matrix before it is factored: a Gaussian prior
         on beta written as pseudo-observations about beta - beta_shift (see
-        :func:`hierpool.bayesian.collapsed.beta_prior_block`).  Without it the
+        :func:`hierpool.algebra.marginal.beta_prior_block`).  Without it the
         prior on beta is flat.
 
     Returns
@@ -186,7 +196,7 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solu
     Parameters
     ----------
     theta : jax.Array
-        As in :func:`hierpool.closedform.objective.objective`.
+        As in :func:`hierpool.algebra.criterion.objective`.
     system : MixedModelSystem
     reml : bool
         Only changes sigma: r^2 / (n - p) for REML, r^2 / n for ML (lme4).
@@ -198,9 +208,9 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solu
     layout = system.layout
     q, p = layout.q_rest, layout.p
     size = q + p
+    xp = array_namespace(theta)
     rest, factors, chol0, left = reduced_rest(theta, system)
     chol_rest = cholesky(rest)
-    solve_lower = jax.scipy.linalg.solve_triangular
     chol0_inv = tri_inverse(chol0)
     ell0, k0 = layout.n_levels[0], layout.ks[0]
     u, beta = _back_substitute(system, factors, chol0, left, chol_rest)
@@ -208,9 +218,9 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solu
 
     pwrss = chol_rest[size, size] ** 2
     if layout.sigma_known:
-        sigma = jnp.asarray(1.0)
+        sigma = xp.asarray(1.0)
     else:
-        sigma = jnp.sqrt(pwrss / (layout.n - p if reml else layout.n))
+        sigma = xp.sqrt(pwrss / (layout.n - p if reml else layout.n))
 
     # lme4's condVar: Var(u | y) = sigma^2 (L_Z L_Z^T)^-1, diagonal blocks.
     if q:
@@ -219,20 +229,20 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solu
             system, _scaled_inverse(s_zz_inv, system, factors, layout.n_random_rest), layout.n_random_rest
         )
     else:
-        s_zz_inv = jnp.zeros((0, 0))
-        correction = jnp.zeros((ell0, k0, k0))
+        s_zz_inv = xp.zeros((0, 0))
+        correction = xp.zeros((ell0, k0, k0))
     var_u = [_term0_inverse_blocks(chol0_inv, left, correction)]
     offset = 0
     for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
-        var_u.append(_diagonal_blocks(s_zz_inv, offset, ell, k))
+        var_u.append(diagonal_blocks(s_zz_inv, offset, ell, k))
         offset += ell * k
     cond_var = [sigma**2 * (t @ v @ t.T) for v, t in zip(var_u, factors)]
 
-    r_x_inv = solve_lower(chol_rest[q:size, q:size], jnp.eye(p), lower=True)
+    r_x_inv = solve_triangular(chol_rest[q:size, q:size], xp.eye(p), lower=True)
     vcov_beta = sigma**2 * (r_x_inv.T @ r_x_inv)
-    diag_rest = jnp.diagonal(chol_rest)
-    logdet_lz = 2.0 * (jnp.sum(jnp.log(jnp.diagonal(chol0, axis1=1, axis2=2))) + jnp.sum(jnp.log(diag_rest[:q])))
-    logdet_rx = 2.0 * jnp.sum(jnp.log(diag_rest[q:size]))
+    diag_rest = xp.diagonal(chol_rest)
+    logdet_lz = 2.0 * (xp.sum(xp.log(xp.diagonal(chol0, axis1=1, axis2=2))) + xp.sum(xp.log(diag_rest[:q])))
+    logdet_rx = 2.0 * xp.sum(xp.log(diag_rest[q:size]))
     return Solution(
         theta=theta,
         factors=tuple(factors),
@@ -277,21 +287,25 @@ def prediction_covariance(theta: jax.Array, system: MixedModelSystem) -> Predict
     layout = system.layout
     q, p = layout.q_rest, layout.p
     size = q + p
+    xp = array_namespace(theta)
     rest, factors, chol0, left = reduced_rest(theta, system)
     chol_rest = cholesky(rest)
     s_a_inv = spd_inverse_from_cholesky(chol_rest[:size, :size])
     chol0_inv = tri_inverse(chol0)
     couplings = _couplings(system, factors, left)
     ell0, k0 = layout.n_levels[0], layout.ks[0]
-    dense = jnp.zeros((ell0, size, k0))
+    dense = xp.zeros((ell0, size, k0))
     offset = 0
     for (ell, k), coupling, block in zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1]):
-        cols = offset + coupling.level[:, None] * k + jnp.arange(k)[None, :]
-        dense = dense.at[coupling.level0[:, None], cols].add(jnp.swapaxes(block, 1, 2))
+        cols = offset + coupling.level[:, None] * k + xp.arange(k)[None, :]
+        if xp is np:
+            np.add.at(dense, (coupling.level0[:, None], cols), np.swapaxes(block, 1, 2))
+        else:
+            dense = dense.at[coupling.level0[:, None], cols].add(jnp.swapaxes(block, 1, 2))
         offset += ell * k
-    projected = jnp.einsum("lai,ab->lib", dense, s_a_inv)  # C S_A^-1 per level
-    term0 = _term0_inverse_blocks(chol0_inv, jnp.eye(k0)[None], jnp.einsum("lia,laj->lij", projected, dense))
-    cross = -jnp.einsum("lji,ljb->lib", chol0_inv, projected)
+    projected = xp.einsum("lai,ab->lib", dense, s_a_inv)  # C S_A^-1 per level
+    term0 = _term0_inverse_blocks(chol0_inv, xp.eye(k0)[None], xp.einsum("lia,laj->lij", projected, dense))
+    cross = -xp.einsum("lji,ljb->lib", chol0_inv, projected)
     return PredictionCovariance(term0=term0, cross=cross, rest=s_a_inv)
 
 

@@ -1,6 +1,6 @@
 """The collapsed sampler's target and exact effect draws for one-term models, from sufficient statistics.
 
-The same model as :mod:`hierpool.bayesian.collapsed`, written on the batch
+The same model as :mod:`hierpool.algebra.marginal`, written on the batch
 engine's per-dataset statistics so that datasets of any size share one shape
 (``hp.bayes_batch`` vmaps it).  With T = diag(sd) R / sigma (lme4's relative
 factor) and a Normal(m_i, s_i^2) prior on beta_i added as the pseudo-observation
@@ -9,8 +9,8 @@ m_i = beta_i + e_i with weight w_i = sigma^2 / s_i^2 (flat priors have none):
     X^T X += diag(w),   X^T y += w m',   y^T y += sum w m'^2,   m' = m - beta0,
 
 beta0 the statistics' ``beta_shift`` (their y is y - offset - X beta0, see
-:mod:`hierpool.batch.statistics`), and with the factorization of
-:func:`hierpool.batch.objective.factor_blocks`,
+:mod:`hierpool.algebra.statistics`), and with the factorization of
+:func:`hierpool.algebra.one_term.factor_blocks`,
 
     -2 log p(y | T, sigma) = log|L_Z|^2 + log|L_X|^2 + (n + k_N - p) log(2 pi sigma^2)
                              + pwrss / sigma^2 - sum_i log w_i - sum_rows log v_j,
@@ -21,8 +21,8 @@ sigma^2 / v_j; the statistics' ``log_weights``).  Given (T, sigma), (beta, b) is
     beta = beta0 + L_X^-T (r + sigma e_beta),   u_l = L_l^-T (c_l - C_l (beta - beta0) + sigma e_l),   b_l = Lambda u_l,
 
 an exact joint draw (beta from its marginal, then u given beta).  The general
-engine's :func:`hierpool.bayesian.collapsed.log_marginal_likelihood` and
-:func:`hierpool.closedform.henderson.conditional_draw` compute the same
+engine's :func:`hierpool.algebra.marginal.log_marginal_likelihood` and
+:func:`hierpool.algebra.henderson.conditional_draw` compute the same
 quantities for any model; tests check the two agree.
 """
 
@@ -34,10 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..bayesian.collapsed import map_in_batches, theta_from_components
-from ..bayesian.model import deferred_factor, variance_parameters
-from ..linalg import array_namespace
-from .objective import factor_blocks
+from .linalg import array_namespace
+from .marginal import map_in_batches
+from .one_term import factor_blocks
 from .statistics import BatchStatistics
 
 
@@ -98,8 +97,8 @@ def draw_effects(thetas, sigmas, stats: BatchStatistics, loc, scale, noise, batc
 
     ``noise``: (count, p + ell k) standard normal variates.  NumPy inputs are drawn on
     the host, ``batch_size`` rows at a time; JAX inputs in the compiled program
-    (:func:`hierpool.bayesian.collapsed.map_in_batches`).  The one-term counterpart of
-    :func:`hierpool.bayesian.collapsed.draw_effects`.
+    (:func:`hierpool.algebra.marginal.map_in_batches`).  The one-term counterpart of
+    :func:`hierpool.algebra.marginal.draw_effects`.
     """
     p = loc.shape[0]
 
@@ -119,12 +118,3 @@ def draw_batch_size(stats: BatchStatistics, budget_bytes: float = 2e8) -> int:
     p = stats.xty.shape[-1]
     per_draw = 8.0 * (ell * k * (k + p + 2) + p * p)
     return int(np.clip(budget_bytes // per_draw, 1, 1024))
-
-
-def one_term_collapsed_model(stats: BatchStatistics, loc, scale, priors, *, k: int):
-    """NumPyro target over one dataset's variance parameters: prior times the marginal likelihood."""
-    sigma, sds, cors = variance_parameters(priors, (k,))
-    deferred_factor(
-        "marginal_likelihood",
-        lambda: log_marginal_likelihood(theta_from_components(sds, cors, sigma), sigma, stats, loc, scale),
-    )

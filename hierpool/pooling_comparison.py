@@ -44,8 +44,8 @@ import scipy.stats
 
 from .closedform import lmm
 from .closedform.results import LMMResult
-from .design import aliased_columns
 from .errors import ArgumentError, DataError
+from .spec.design import aliased_columns
 
 _KINDS = ("all", "shrinkage", "caterpillar", "weight")
 
@@ -415,8 +415,3 @@ def pooling(
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     return PoolingComparison(table=table, fit=fit, posterior=posterior, block=block, level=level)
-
-
-def normal_quantile(level: float) -> float:
-    """Two-sided normal quantile of an interval of the given level."""
-    return float(scipy.stats.norm.ppf(0.5 + level / 2))

@@ -14,7 +14,7 @@ in an environment.  hierpool's is, in order of precedence:
 formulae's ``scale`` divides by the n-denominator standard deviation; R's by the
 n - 1 one, which moves lme4's REML criterion in the fourth significant digit of a
 model such as ``Reaction ~ scale(Days) + (scale(Days) | Subject)``.  The formula
-text therefore calls ``r_scale`` (see :func:`hierpool.formula.to_formulae`),
+text therefore calls ``r_scale`` (see :func:`hierpool.spec.formula.to_formulae`),
 a stateful transform like formulae's: new data are scaled with the fitted data's
 mean and sd.
 """

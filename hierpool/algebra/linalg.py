@@ -60,15 +60,32 @@ def theta_start(ks: tuple[int, ...]) -> np.ndarray:
 
 
 def theta_to_factors(theta: jax.Array, ks: tuple[int, ...]) -> list[jax.Array]:
-    """Split theta into the lower-triangular k_j x k_j factors T_j."""
+    """Split theta into the lower-triangular k_j x k_j factors T_j (NumPy in, NumPy out)."""
+    xp = array_namespace(theta)
     factors = []
     offset = 0
     for k in ks:
         rows, cols = tril_positions(k)
         size = len(rows)
-        factors.append(jnp.zeros((k, k), theta.dtype).at[rows, cols].set(theta[offset : offset + size]))
+        if xp is np:
+            factor = np.zeros((k, k), dtype=theta.dtype)
+            factor[rows, cols] = theta[offset : offset + size]
+        else:
+            factor = jnp.zeros((k, k), theta.dtype).at[rows, cols].set(theta[offset : offset + size])
+        factors.append(factor)
         offset += size
     return factors
+
+
+def factor_gradients_to_theta(gradients) -> np.ndarray:
+    """The gradient with respect to theta from gradients with respect to each full factor T_j.
+
+    theta's entries are T_j's lower triangles (column-major), so its gradient is the
+    gradient of T_j at those positions.
+    """
+    xp = array_namespace(*gradients)
+    pieces = [g[tril_positions(g.shape[-1])] for g in gradients]
+    return xp.concatenate(pieces) if pieces else xp.zeros(0)
 
 
 def factors_to_theta(factors) -> jax.Array:
@@ -170,6 +187,8 @@ def cholesky(a: jax.Array) -> jax.Array:
     xp = array_namespace(a)
     if a.shape[-1] == 1:
         return xp.sqrt(a)
+    if xp is np:  # on the host one batched LAPACK call beats the unrolled arithmetic
+        return np.linalg.cholesky(a)
     if a.shape[-1] <= UNROLL_MAX_SIZE:
         return _cholesky_unrolled(a)
     return xp.linalg.cholesky(a)
@@ -180,10 +199,10 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
     k = lower.shape[-1]
     if k == 1:
         return 1.0 / lower
-    if k <= UNROLL_MAX_SIZE:
-        return _tri_inverse_unrolled(lower)
     if array_namespace(lower) is np:
         return np.linalg.inv(lower)  # batched; the inverse of a triangular matrix is triangular
+    if k <= UNROLL_MAX_SIZE:
+        return _tri_inverse_unrolled(lower)
     eye = jnp.broadcast_to(jnp.eye(k, dtype=lower.dtype), lower.shape)
     return jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
 
@@ -205,12 +224,13 @@ def scale_columns(matrix: jax.Array, blocks, transpose: bool = False) -> jax.Arr
             piece = (piece.reshape(rows, ell, k) @ right).reshape(rows, ell * k)
         pieces.append(piece)
         offset += ell * k
-    return jnp.concatenate(pieces, axis=1)
+    return array_namespace(matrix).concatenate(pieces, axis=1)
 
 
 def logdet_from_cholesky_diagonal(diagonal: jax.Array) -> jax.Array:
     """log det(L L^T) from the diagonal of L."""
-    return 2.0 * jnp.sum(jnp.log(diagonal))
+    xp = array_namespace(diagonal)
+    return 2.0 * xp.sum(xp.log(diagonal))
 
 
 # Below this size two triangular solves are as fast as a host LAPACK call and vmap well.
@@ -249,7 +269,13 @@ def spd_inverse_from_cholesky(chol: jax.Array) -> jax.Array:
     """
     if chol.shape[-1] <= UNROLL_MAX_SIZE:
         inverse_factor = tri_inverse(chol)
-        return jnp.swapaxes(inverse_factor, -1, -2) @ inverse_factor
+        return array_namespace(chol).swapaxes(inverse_factor, -1, -2) @ inverse_factor
+    if array_namespace(chol) is np:
+        if chol.ndim == 2:
+            lower = _potri_host(chol)
+            return np.where(np.tri(chol.shape[-1], dtype=bool), lower, lower.T)
+        inverse_factor = np.linalg.inv(chol)
+        return np.swapaxes(inverse_factor, -1, -2) @ inverse_factor
     if chol.ndim != 2 or chol.shape[-1] < _LAPACK_INVERSE_MIN_SIZE:
         return _inverse_by_solves(chol)
 
@@ -260,3 +286,33 @@ def spd_inverse_from_cholesky(chol: jax.Array) -> jax.Array:
         return jnp.where(jnp.tri(chol.shape[-1], dtype=bool), lower, lower.T)
 
     return jax.lax.platform_dependent(chol, cpu=on_cpu, default=_inverse_by_solves)
+
+
+def solve_triangular(a, b, lower: bool = True, trans: str = "N"):
+    """x with op(a) x = b, ``a`` triangular: SciPy on NumPy arrays, ``jax.scipy`` otherwise."""
+    if array_namespace(a, b) is np:
+        import scipy.linalg
+
+        return scipy.linalg.solve_triangular(a, b, lower=lower, trans=trans, check_finite=False)
+    return jax.scipy.linalg.solve_triangular(a, b, lower=lower, trans=trans)
+
+
+def segment_sum(values, segments, num_segments: int, sorted_segments: bool = False):
+    """Sums of ``values`` (N, ...) over rows with equal ``segments`` (N,): (num_segments, ...).
+
+    ``jax.ops.segment_sum`` in a compiled program; on the host a sorted segment list
+    is reduced with ``np.add.reduceat`` and an unsorted one with one ``bincount``
+    per trailing column (both far faster than ``np.add.at``).
+    """
+    if array_namespace(values) is not np:
+        return jax.ops.segment_sum(values, segments, num_segments=num_segments, indices_are_sorted=sorted_segments)
+    out = np.zeros((num_segments,) + values.shape[1:], dtype=values.dtype)
+    if not len(segments):
+        return out
+    if sorted_segments:
+        starts = np.flatnonzero(np.r_[True, segments[1:] != segments[:-1]])
+        out[segments[starts]] = np.add.reduceat(values, starts, axis=0)
+        return out
+    flat = values.reshape(len(values), -1)
+    sums = [np.bincount(segments, weights=column, minlength=num_segments) for column in flat.T]
+    return np.stack(sums, axis=1).reshape(out.shape) if sums else out

@@ -6,7 +6,7 @@ model is Gaussian in (beta, b), so
     p(phi | y)  ∝  p(phi) p(y | phi),     p(y | phi) = ∫ p(y | beta, b, sigma) p(b | phi) p(beta) db dbeta
 
 in closed form, from the same blocked factorization the closed-form engine uses
-(:func:`hierpool.closedform.objective.reduced_rest`, ``dense_parts``): with
+(:func:`hierpool.algebra.criterion.reduced_rest`, ``dense_parts``): with
 T_j = diag(sd_j) R_j / sigma (lme4's relative factor) and a Normal(m, s^2) prior
 on each beta_i written as a pseudo-observation m_i = beta_i + e_i with weight
 w_i = sigma^2 / s_i^2 (flat priors have no pseudo-observation),
@@ -17,7 +17,7 @@ w_i = sigma^2 / s_i^2 (flat priors have no pseudo-observation),
 k the number of Normal-prior coefficients (with all priors flat this is lme4's
 REML criterion before sigma is profiled out).  After NUTS, each draw of phi gets
 an exact draw of (beta, b) from N(Henderson solution, sigma^2 C^-1)
-(:func:`hierpool.closedform.henderson.conditional_draw`), so the random effects
+(:func:`hierpool.algebra.henderson.conditional_draw`), so the random effects
 come with nearly independent draws.
 """
 
@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..closedform.henderson import conditional_draw, noise_size
-from ..closedform.objective import dense_parts, reduced_rest
-from ..closedform.system import Layout, MixedModelSystem
-from ..linalg import array_namespace, factors_to_theta, logdet_from_cholesky_diagonal
+from .criterion import dense_parts, reduced_rest
+from .henderson import conditional_draw, noise_size
+from .linalg import array_namespace, factors_to_theta, logdet_from_cholesky_diagonal
+from .system import Layout, MixedModelSystem
 
 
 def theta_from_components(sds, cor_factors, sigma) -> jax.Array:
@@ -50,7 +50,7 @@ def beta_prior_block(loc: jax.Array, scale: jax.Array, sigma: jax.Array, system:
 
     In the rest matrix [Z_rest, X, y]: X^T W X += diag(w), X^T W y += w m, y^T W y += sum w m^2,
     w = sigma^2 / scale^2 (0 where the scale is infinite: a flat prior), m = loc - beta_shift
-    because the system's y column is y - X beta_shift (see :mod:`hierpool.closedform.system`).
+    because the system's y column is y - X beta_shift (see :mod:`hierpool.algebra.system`).
     """
     layout = system.layout
     q, p = layout.q_rest, layout.p

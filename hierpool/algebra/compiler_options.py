@@ -58,6 +58,21 @@ def compiler_options(platform: str | None = None, quick: bool = False) -> dict:
     return {**CPU_OPTIONS, **CPU_QUICK_OPTIONS} if quick else dict(CPU_OPTIONS)
 
 
+#: Per-evaluation work (flops) above which compiling the closed form's criterion pays for itself.
+#: Compiling costs ~1-3 s; NumPy on the host spends ~1 ms of overhead per evaluation plus
+#: ~1 ns per flop, a compiled program a third of that; a fit takes ~30-100 evaluations.
+COMPILE_MIN_FLOPS = 5e7
+
+
+def compile_pays(flops_per_evaluation: float) -> bool:
+    """Whether a computation of this size should be compiled rather than run in NumPy on the host.
+
+    "Compile only where compiling pays": a small model is fitted before XLA would
+    have finished compiling its program.
+    """
+    return flops_per_evaluation >= COMPILE_MIN_FLOPS
+
+
 _COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hierpool-compile")
 
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..spec.design import Design
 from .henderson import Solution
-from ..design import Design
-from ..linalg import tril_positions
+from .linalg import tril_positions
 
 #: Condition a term when a non-intercept column's |mean| exceeds this many sds (with an intercept in the term)...
 CENTRE_RATIO = 10.0
@@ -99,7 +99,7 @@ class Conditioning:
 
     def solution_to_user(self, solution: Solution, theta: np.ndarray) -> Solution:
         """The conditioned problem's solution (host arrays) on the user's columns at the user's ``theta``."""
-        from ..linalg import theta_to_factors
+        from .linalg import theta_to_factors
 
         user_factors = [np.asarray(f) for f in theta_to_factors(np.asarray(theta), tuple(m.shape[0] for m in self.transforms))]
         b, cond_var, u = [], [], []

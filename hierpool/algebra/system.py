@@ -31,11 +31,12 @@ shift is invisible outside the algebra (see :func:`shift_beta`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import jax
 import numpy as np
 
-from ..design import Design
+from ..spec.design import Design
 
 
 @jax.tree_util.register_dataclass
@@ -73,7 +74,7 @@ class Layout:
     n_levels: tuple[int, ...]  # levels of each random-effect term
     sigma_known: bool
 
-    @property
+    @cached_property
     def rest_blocks(self) -> tuple[tuple[int, int], ...]:
         """(ell, k) of each rest column block: random terms 1.., then X (if p > 0), then y."""
         blocks = [(ell, k) for ell, k in zip(self.n_levels[1:], self.ks[1:])]
@@ -249,3 +250,22 @@ def build_system(design: Design) -> MixedModelSystem:
         beta_shift=as_jax(beta_shift),
         layout=layout,
     )
+
+
+def on_host(system: MixedModelSystem) -> MixedModelSystem:
+    """The same system with NumPy arrays (no copy on CPU): the input of the uncompiled algebra."""
+    return jax.tree_util.tree_map(np.asarray, system)
+
+
+def evaluation_flops(system: MixedModelSystem) -> float:
+    """Rough floating-point operations of one criterion-and-gradient evaluation.
+
+    The dense rest matrix (m = q_rest + p + 1) is factored and inverted (~1.5 m^3),
+    the Schur update and its adjoint touch every coupling pair's products twice, and
+    term 0's blocks cost ell0 k0^3 a few times over.  Used to choose between the
+    host and a compiled program (:func:`hierpool.algebra.compiler_options.compile_pays`).
+    """
+    layout = system.layout
+    m = layout.q_rest + layout.p + 1
+    pair_work = sum(float(np.prod(pairs.products.shape)) for pairs in system.pairs)
+    return 1.5 * m**3 + 4.0 * pair_work + 10.0 * layout.n_levels[0] * layout.ks[0] ** 3

@@ -17,7 +17,7 @@ cross-product (Z^T W Z, ..., y^T W y) and the criterion through -sum log w_i
 
     y - offset - X beta0,    beta0 its weighted least-squares fit of y - offset on X
 
-(``beta_shift``), as the closed form's system (:func:`hierpool.closedform.system.location_shift`):
+(``beta_shift``), as the closed form's system (:func:`hierpool.algebra.system.location_shift`):
 the difference lies in the column space of X, so the profiled criterion is
 unchanged, while y^T W y no longer carries the square of a large common location
 (y = 10^7 + signal loses ~14 of float64's 16 digits in raw cross-products).
@@ -83,7 +83,7 @@ def _sums(index: np.ndarray, values: np.ndarray, count: int, weights: np.ndarray
 def location_shifts(dataset: np.ndarray, X: np.ndarray, y: np.ndarray, weights: np.ndarray, n_datasets: int):
     """(beta0 (D, p), residual (N,)): each dataset's weighted least-squares fit of y on X, and y - X beta0.
 
-    The batched counterpart of :func:`hierpool.closedform.system.location_shift`:
+    The batched counterpart of :func:`hierpool.algebra.system.location_shift`:
     normal equations per dataset (a pseudo-inverse, so a rank-deficient dataset,
     which is refused later, does no harm), then one refinement step on the
     residual, which is computed from the user's y directly.  Only the size of the

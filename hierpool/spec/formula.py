@@ -20,18 +20,17 @@ Semantics follow lme4 (Bates et al. 2015, section 2.1):
 R's arithmetic inside a formula is translated for formulae (:func:`to_formulae`):
 ``^`` is a power inside ``I()`` and crosses terms outside it (formulae's ``**``),
 and ``scale(x)`` divides by R's n - 1 standard deviation.  ``offset(expr)``
-terms of the fixed part are kept apart from X by :mod:`hierpool.design`.
+terms of the fixed part are kept apart from X by :mod:`hierpool.spec.design`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import re
+from dataclasses import dataclass
 
 import formulae
 
-from .errors import FormulaError
+from ..errors import FormulaError
 
 #: formulae's ``scale`` divides by the n-denominator sd; R's ``scale`` by the n - 1 one.
 #: The formula text calls this stateful transform instead (see :func:`to_formulae`).
@@ -78,7 +77,7 @@ class ModelSpec:
         ``"response ~ fixed part"`` for formulae.
     random : tuple of RandomTermSpec
         Random-effect terms in the order lme4 creates them (before lme4
-        reorders them by number of levels, which :mod:`hierpool.design` does).
+        reorders them by number of levels, which :mod:`hierpool.spec.design` does).
     variables : tuple of str
         Every data column the formula uses.
     """

@@ -13,7 +13,7 @@ the blocked Cholesky factor of Bates et al. (2015, eqs. 18-34) for one term,
 where the block of the random effects is block-diagonal, with prior weights w
 inside every cross-product (lme4's criterion with ``weights``).  Everything is a
 function of one dataset's :class:`BatchStatistics`; vmap it over datasets.  Its
-y is y - offset - X beta0 (:mod:`hierpool.batch.statistics`), so the solution's
+y is y - offset - X beta0 (:mod:`hierpool.algebra.statistics`), so the solution's
 beta is beta0 + L_X^-T r.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..linalg import (
+from .linalg import (
     UNROLL_MAX_SIZE,
     array_namespace,
     cholesky,
@@ -48,14 +48,14 @@ def factor_blocks(theta, stats):
     """The blocked factorization at ``theta``: (Lambda, L_l^-1, c_l, C_l, L_X^-1, r, pwrss, log|L_Z|^2, log|L_X|^2).
 
     The per-level k x k algebra is unrolled over k into elementwise arithmetic on
-    (ell,) arrays (:mod:`hierpool.linalg`'s entry lists), which XLA fuses into a
+    (ell,) arrays (:mod:`hierpool.algebra.linalg`'s entry lists), which XLA fuses into a
     few loops: on sleepstudy the criterion and its gradient take half the time of
     the same algebra written with (ell, k, k) matrix products in the NUTS loop
     (8.7 against 17 us per evaluation, unoptimized code), with 73 kernels instead of 88.
     The trace grows as k^3, which is small for random-effect terms (k <= ~6).
 
     Leading axes of ``theta`` (and of ``stats.xtx``, ``xty``, ``yty``) are batch axes,
-    and NumPy arrays are factored with NumPy (:func:`hierpool.linalg.array_namespace`):
+    and NumPy arrays are factored with NumPy (:func:`hierpool.algebra.linalg.array_namespace`):
     many draws of one dataset at once on the host, as ``hp.bayes``' exact draws do.
     """
     xp = array_namespace(theta, stats.ztz)

@@ -1,0 +1,103 @@
+"""The rows to predict, encoded as the fitted design encodes its own: the fixed-effect matrix,
+each random-effect term's columns and levels, the offset, and the prior weights.
+
+New data must carry every column the formula reads (the offset's too).  The fitted
+formulae matrices encode them, so stateful transforms (``scale``, ``center``,
+``poly``) apply the fitted data's parameters and contrasts are the fitted ones; a
+level never seen in fitting gets index -1.  Shared by the closed-form and the
+Bayesian predictions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ArgumentError, DataError
+from .design import check_columns, group_index
+from .formula import display_name
+
+
+def _encode_frame(matrix, frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    try:
+        encoded = matrix.evaluate_new_data(frame).as_dataframe()
+    except Exception as exc:  # formulae raises several exception types for unseen categories
+        raise DataError(f"cannot encode {what} for the new data: {exc}") from None
+    encoded.index = frame.index
+    return encoded
+
+
+def _encode(matrix, frame: pd.DataFrame, what: str) -> np.ndarray:
+    return _encode_frame(matrix, frame, what).to_numpy(dtype=float)
+
+
+def _fixed_part(design, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(X, offset) of new rows: the fitted X's columns (aliased ones stay dropped) and the offset."""
+    if design.fixed_matrix is None:
+        return np.zeros((len(frame), 0)), np.zeros(len(frame))
+    encoded = _encode_frame(design.fixed_matrix, frame, "the fixed effects")
+    offset = encoded.loc[:, list(design.offset_terms)].to_numpy(dtype=float).sum(axis=1)
+    if design.offset_column is not None:
+        offset = offset + frame[design.offset_column].to_numpy(dtype=float)
+    encoded.columns = [display_name(str(c)) for c in encoded.columns]
+    return encoded.loc[:, list(design.fixed_names)].to_numpy(dtype=float), offset
+
+
+def _levels_in_fit(term, frame: pd.DataFrame) -> np.ndarray:
+    """Index of each new row's level in the fitted levels; -1 for a level never seen."""
+    codes, labels = group_index(frame, term.spec.factor)
+    lookup = {label: i for i, label in enumerate(term.levels)}
+    return np.asarray([lookup.get(label, -1) for label in labels[codes]], dtype=np.int64)
+
+
+def model_rows(design, newdata):
+    """(X, [(z_j, level_j)], offset) of the rows to predict: the fitted rows when ``newdata`` is None.
+
+    ``level_j`` is each row's index among term j's fitted levels, -1 for a level
+    never seen in fitting.  Shared by the closed-form and the Bayesian predictions.
+    """
+    if newdata is None:
+        return design.X, [(t.z, t.index.astype(np.int64)) for t in design.terms], design.offset
+    if not isinstance(newdata, pd.DataFrame):
+        raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+    if design.offset_argument == "array":
+        raise ArgumentError(
+            "the model's offset was given as an array, which new data cannot carry; "
+            "fit with offset=<column name> (or offset(...) in the formula) to predict new rows"
+        )
+    response = design.spec.response
+    needed = [v for v in design.columns if v != response]
+    if design.offset_column is not None and design.offset_column not in needed:
+        needed.append(design.offset_column)
+    check_columns(newdata, needed, "prediction data (newdata)")
+    frame = newdata.loc[:, needed]
+    missing = frame.isna().any(axis=1)
+    if missing.any():
+        raise DataError(f"prediction data has missing values in {int(missing.sum())} rows; drop or fill them first")
+    X, offset = _fixed_part(design, frame)
+    terms = [
+        (_encode(t.z_matrix, frame, f"term ({display_name(t.spec.lhs)} | {t.group})"), _levels_in_fit(t, frame))
+        for t in design.terms
+    ]
+    return X, terms, offset
+
+
+def new_row_weights(design, newdata) -> np.ndarray | None:
+    """Prior weights of the rows to predict (None: weight 1); the fitted rows' when ``newdata`` is None.
+
+    With prior weights from a column, new rows take theirs from that column; a model
+    whose weights were an array cannot weight new rows, and its noise is refused.
+    """
+    if design.weights is None or design.sigma_known:
+        return None
+    if newdata is None:
+        return design.weights
+    if design.weights_column is None or design.weights_column not in newdata.columns:
+        raise ArgumentError(
+            "the model has prior weights: a prediction interval for new rows needs their weights, "
+            f"in a column {design.weights_column or 'named by weights='!r} of newdata"
+        )
+    weights = newdata[design.weights_column].to_numpy(dtype=float)
+    if not np.all(weights > 0):
+        raise DataError(f"weights column {design.weights_column!r} of newdata must be positive")
+    return weights
