@@ -58,10 +58,10 @@ def compiler_options(platform: str | None = None, quick: bool = False) -> dict:
     return {**CPU_OPTIONS, **CPU_QUICK_OPTIONS} if quick else dict(CPU_OPTIONS)
 
 
-#: Per-evaluation work (flops) above which compiling the closed form's criterion pays for itself.
-#: Compiling costs ~1-3 s; NumPy on the host spends ~1 ms of overhead per evaluation plus
-#: ~1 ns per flop, a compiled program a third of that; a fit takes ~30-100 evaluations.
-COMPILE_MIN_FLOPS = 5e7
+#: Per-evaluation work (flops, :func:`hierpool.algebra.system.evaluation_flops`) from which compiling
+#: the closed form's criterion pays for itself: below it the fit is done on the host before XLA would
+#: have compiled the program.  Chosen from ``benchmarks/host_or_compiled.py`` (benchmarks/RESULTS.md).
+COMPILE_MIN_FLOPS = 1e9
 
 
 def compile_pays(flops_per_evaluation: float) -> bool:

@@ -125,8 +125,15 @@ def _scaling_blocks(system: MixedModelSystem, rest_factors) -> list:
     return [(ell, k, f) for (ell, k), f in zip(system.layout.rest_blocks, rest_factors)]
 
 
-@jax.custom_vjp
 def _reduce(rest_factors: tuple, m_levels: jax.Array, system: MixedModelSystem) -> jax.Array:
+    """S = Lambda_r^T (A_rest - U(M)) Lambda_r + diag(I_q, 0): NumPy on the host, else with its written-out adjoint."""
+    if array_namespace(m_levels) is np:
+        return _reduce_fwd(rest_factors, m_levels, system)[0]
+    return _reduce_traced(rest_factors, m_levels, system)
+
+
+@jax.custom_vjp
+def _reduce_traced(rest_factors: tuple, m_levels: jax.Array, system: MixedModelSystem) -> jax.Array:
     """S = Lambda_r^T (A_rest - U(M)) Lambda_r + diag(I_q, 0), U(M) = sum_l V_l^T M_l V_l."""
     return _reduce_fwd(rest_factors, m_levels, system)[0]
 
@@ -170,7 +177,7 @@ def _reduce_bwd(residuals, cotangent):
     return tuple(factor_grads), grad_m, None
 
 
-_reduce.defvjp(_reduce_fwd, _reduce_bwd)
+_reduce_traced.defvjp(_reduce_fwd, _reduce_bwd)
 
 
 def reduced_rest(theta: jax.Array, system: MixedModelSystem):
@@ -184,8 +191,6 @@ def reduced_rest(theta: jax.Array, system: MixedModelSystem):
     factors = theta_to_factors(theta, system.layout.ks)
     chol0, left = _term0_factor(factors[0], system)
     m_levels = array_namespace(left).einsum("lij,lik->ljk", left, left)
-    if array_namespace(theta) is np:  # on the host: no custom adjoint to attach
-        return _reduce_fwd(tuple(factors[1:]), m_levels, system)[0], factors, chol0, left
     return _reduce(tuple(factors[1:]), m_levels, system), factors, chol0, left
 
 
@@ -199,7 +204,6 @@ class ObjectiveParts:
     pwrss: jax.Array  # penalized weighted residual sum of squares r^2
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def dense_parts(rest: jax.Array, q: int, p: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(log|L_Zr|^2, log|R_X|^2, r^2) of the reduced rest matrix S = [[S_A, s], [s^T, s_yy]].
 
@@ -209,8 +213,16 @@ def dense_parts(rest: jax.Array, q: int, p: int) -> tuple[jax.Array, jax.Array, 
     The gradient is written out (Murray 2016, "Differentiation of the Cholesky
     decomposition"): d log det S_A / dS_A = S_A^-1 and dr^2/dS = [[w w^T, -w], [-w^T, 1]],
     w = S_A^-1 s, which costs one triangular inverse and one product instead of
-    reverse-mode through the factorization.
+    reverse-mode through the factorization.  NumPy arrays are computed on the host
+    (no adjoint attached: :func:`objective_and_gradient_on_host` chains it by hand).
     """
+    if array_namespace(rest) is np:
+        return _dense_parts_forward(rest, q, p)[0]
+    return _dense_parts_traced(rest, q, p)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _dense_parts_traced(rest: jax.Array, q: int, p: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return _dense_parts_forward(rest, q, p)[0]
 
 
@@ -254,7 +266,7 @@ def _dense_parts_bwd(q, p, chol, cotangent):
     return (grad,)
 
 
-dense_parts.defvjp(_dense_parts_fwd, _dense_parts_bwd)
+_dense_parts_traced.defvjp(_dense_parts_fwd, _dense_parts_bwd)
 
 
 def objective_parts(theta: jax.Array, system: MixedModelSystem) -> ObjectiveParts:

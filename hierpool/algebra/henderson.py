@@ -74,6 +74,17 @@ class Solution:
     logdet_rx: jax.Array
 
 
+def _blocked_factor(theta, system: MixedModelSystem, rest_prior=None):
+    """The blocked Cholesky factor at ``theta``: (factors T_j, L0 per term-0 level, L0^-1 T0^T, the rest's factor).
+
+    ``rest_prior`` (pseudo-observations of a prior on beta) is added to the reduced rest before it is factored.
+    """
+    rest, factors, chol0, left = reduced_rest(theta, system)
+    if rest_prior is not None:
+        rest = rest + rest_prior
+    return factors, chol0, left, cholesky(rest)
+
+
 def _couplings(system: MixedModelSystem, factors, left) -> list[jax.Array]:
     """C_r = L0^-1 T0^T V_r T_r for every rest block (T_r = I for X and y)."""
     rest_factors = list(factors[1:]) + [None] * (len(system.layout.rest_blocks) - len(factors) + 1)
@@ -173,10 +184,7 @@ def conditional_draw(
         N(Henderson solution, sigma^2 C^-1) with C the mixed-model matrix.
     """
     layout = system.layout
-    rest, factors, chol0, left = reduced_rest(theta, system)
-    if rest_prior is not None:
-        rest = rest + rest_prior
-    chol_rest = cholesky(rest)
+    factors, chol0, left, chol_rest = _blocked_factor(theta, system, rest_prior)
     size0 = layout.n_levels[0] * layout.ks[0]
     scaled = sigma * noise
     u, beta = _back_substitute(
@@ -209,8 +217,7 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solu
     q, p = layout.q_rest, layout.p
     size = q + p
     xp = array_namespace(theta)
-    rest, factors, chol0, left = reduced_rest(theta, system)
-    chol_rest = cholesky(rest)
+    factors, chol0, left, chol_rest = _blocked_factor(theta, system)
     chol0_inv = tri_inverse(chol0)
     ell0, k0 = layout.n_levels[0], layout.ks[0]
     u, beta = _back_substitute(system, factors, chol0, left, chol_rest)
@@ -288,8 +295,7 @@ def prediction_covariance(theta: jax.Array, system: MixedModelSystem) -> Predict
     q, p = layout.q_rest, layout.p
     size = q + p
     xp = array_namespace(theta)
-    rest, factors, chol0, left = reduced_rest(theta, system)
-    chol_rest = cholesky(rest)
+    factors, chol0, left, chol_rest = _blocked_factor(theta, system)
     s_a_inv = spd_inverse_from_cholesky(chol_rest[:size, :size])
     chol0_inv = tri_inverse(chol0)
     couplings = _couplings(system, factors, left)

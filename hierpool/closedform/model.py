@@ -19,7 +19,7 @@ from ..algebra.henderson import as_numpy, solve, solve_jit
 from ..algebra.system import MixedModelSystem, build_system, on_host
 from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.design import Design, build_design
-from .optimize import Control, moment_start, optimize_theta, runs_on_host, value_and_gradient
+from .optimize import Control, criterion_value, moment_start, optimize_theta, runs_on_host, value_and_gradient
 from .results import LMMResult
 
 
@@ -71,7 +71,7 @@ class MixedModel:
 
     def objective(self, theta, reml: bool = True, control: Control | None = None) -> float:
         """Profiled REML criterion (or deviance) at ``theta``: lme4's ``devfun(theta)``."""
-        return self.objective_and_gradient(theta, reml, control)[0]
+        return criterion_value(self._theta(theta), self.system, reml, runs_on_host(self.system, control))
 
     def objective_and_gradient(self, theta, reml: bool = True, control: Control | None = None) -> tuple[float, np.ndarray]:
         """The objective and its exact gradient (closed-form adjoints; ``control.compile`` as in :meth:`fit`)."""

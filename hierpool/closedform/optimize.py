@@ -19,7 +19,7 @@ import numpy as np
 import scipy.optimize
 
 from ..algebra.compiler_options import compile_pays
-from ..algebra.criterion import objective_and_grad, objective_and_gradient_on_host
+from ..algebra.criterion import objective, objective_and_grad, objective_and_gradient_on_host, objective_jit
 from ..algebra.linalg import theta_lower_bounds, theta_start, tril_positions
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift
 from ..algebra.system import on_host as to_host
@@ -87,6 +87,13 @@ def runs_on_host(system: MixedModelSystem, control: Control | None = None) -> bo
     """Whether this model's closed form runs in NumPy on the host rather than as compiled programs."""
     forced = None if control is None else control.compile
     return not compile_pays(evaluation_flops(system)) if forced is None else not forced
+
+
+def criterion_value(theta: np.ndarray, system: MixedModelSystem, reml: bool, on_host: bool) -> float:
+    """The criterion alone (lme4's ``devfun``), on the host or compiled."""
+    if on_host:
+        return float(objective(np.asarray(theta, dtype=float), to_host(system), reml))
+    return float(objective_jit(jnp.asarray(theta), system, reml=reml))
 
 
 def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool):
