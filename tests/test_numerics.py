@@ -250,3 +250,37 @@ def test_host_and_compiled_paths_agree(name, formula):
     fit_compiled = model.fit(control=hp.Control(compile=True))
     assert fit_host.objective == pytest.approx(fit_compiled.objective, rel=1e-10)
     np.testing.assert_allclose(fit_host.theta, fit_compiled.theta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("formula,extra", [
+    ("Reaction ~ Days + (Days | Subject)", dict(weights="w", offset="o")),
+    ("Reaction ~ Days + (1 | Subject)", dict(se="s")),
+    ("Reaction ~ 1 + (Days + I(Days**2) | Subject)", dict(weights="w")),  # k = 3
+    ("Reaction ~ C(Days) + (1 | Subject)", dict(offset="o")),  # p = 10: past the unrolled Cholesky
+])
+def test_one_term_specialisation_equals_the_general_path(formula, extra):
+    # the one-term criterion (sufficient statistics, complex-step gradient) is the general
+    # blocked criterion (adjoint gradient) of the same model, with weights, offsets and se=
+    from hierpool.algebra import one_term
+    from hierpool.algebra.criterion import objective_and_gradient_on_host
+    from hierpool.algebra.statistics import one_dataset_statistics
+
+    rng = np.random.default_rng(5)
+    data = load("sleepstudy")
+    data = data.assign(w=rng.uniform(0.5, 2.0, len(data)), o=rng.normal(0, 5, len(data)),
+                       s=rng.uniform(20, 40, len(data)))
+    model = hp.MixedModel(formula, data, **extra)
+    stats = one_dataset_statistics(model.design)
+    sigma_known = model.design.sigma_known
+    points = rng.uniform(-0.5, 1.5, (3, model.n_theta))
+    points[0, 0] = 0.0  # a boundary point
+    for reml in (True, False):
+        values, gradients = one_term.value_and_gradient(points, stats, reml, sigma_known)
+        for theta, value, gradient in zip(points, values, gradients):
+            general_value, general_gradient = objective_and_gradient_on_host(theta, model.system, reml)
+            assert value == pytest.approx(general_value, rel=1e-11)
+            np.testing.assert_allclose(gradient, general_gradient, rtol=1e-8, atol=1e-9 * np.max(np.abs(general_gradient)))
+    fit = model.fit()  # the host fit optimizes the specialisation; the compiled one the general path
+    compiled = model.fit(control=hp.Control(compile=True))
+    assert fit.objective == pytest.approx(compiled.objective, rel=1e-10)
+    np.testing.assert_allclose(fit.theta, compiled.theta, rtol=1e-5, atol=1e-6)

@@ -278,16 +278,34 @@ def objective_parts(theta: jax.Array, system: MixedModelSystem) -> ObjectivePart
     return ObjectiveParts(logdet0 + logdet_rest, logdet_rx, pwrss)
 
 
+def profiled_criterion(logdet_lz, logdet_rx, pwrss, n, p: int, log_weights, reml: bool, sigma_known: bool):
+    """REML criterion (``reml=True``) or deviance (-2 log-likelihood) from the factorization's parts.
+
+    With d = n - p (REML) or n (ML), sigma profiled out (sigma^2 = pwrss / d):
+
+        log|L_Z|^2 [+ log|R_X|^2] + d (1 + log(2 pi pwrss / d)) - sum_i log w_i,
+
+    and with sigma = 1 (known residual sds, carried by the weights):
+
+        log|L_Z|^2 [+ log|R_X|^2] + pwrss + d log(2 pi) - sum_i log w_i
+
+    (Bates et al. 2015, eqs. 34 and 41).  The one home of the formula: the general
+    blocked path (:func:`criterion`) and the one-term specialisation
+    (:func:`hierpool.algebra.one_term.objective`) both end here.  Any leading axes broadcast.
+    """
+    dof = n - p if reml else n
+    logdet = logdet_lz + logdet_rx if reml else logdet_lz
+    if sigma_known:
+        return logdet + pwrss + dof * np.log(2 * np.pi) - log_weights
+    xp = array_namespace(pwrss)
+    return logdet + dof * (1.0 + xp.log(2 * np.pi * pwrss / dof)) - log_weights
+
+
 def criterion(parts: ObjectiveParts, system: MixedModelSystem, reml: bool) -> jax.Array:
     """REML criterion (``reml=True``) or deviance (-2 log-likelihood) from the parts."""
     layout = system.layout
-    n, p = layout.n, layout.p
-    dof = n - p if reml else n
-    logdet = parts.logdet_lz + (parts.logdet_rx if reml else 0.0)
-    if layout.sigma_known:
-        return logdet + parts.pwrss + dof * np.log(2 * np.pi) - system.log_weights
-    xp = array_namespace(parts.pwrss)
-    return logdet + dof * (1.0 + xp.log(2 * np.pi * parts.pwrss / dof)) - system.log_weights
+    return profiled_criterion(parts.logdet_lz, parts.logdet_rx, parts.pwrss, layout.n, layout.p, system.log_weights,
+                              reml, layout.sigma_known)
 
 
 def objective(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> jax.Array:

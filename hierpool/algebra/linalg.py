@@ -35,9 +35,15 @@ def array_namespace(*arrays):
     return np if on_host else jnp
 
 
+@functools.lru_cache(maxsize=None)
 def tril_positions(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row, col) of the k(k+1)/2 entries of a lower triangle in column-major order (lme4's)."""
+    """(row, col) of the k(k+1)/2 entries of a lower triangle in column-major order (lme4's).
+
+    Cached (read-only arrays): every criterion evaluation on the host asks for them.
+    """
     cols, rows = np.triu_indices(k)
+    rows.setflags(write=False)
+    cols.setflags(write=False)
     return rows, cols
 
 
@@ -175,6 +181,21 @@ def _tri_inverse_unrolled(lower: jax.Array) -> jax.Array:
     return stack_entries(tri_inverse_entries(entries), array_namespace(lower).zeros_like(lower[..., 0, 0]))
 
 
+def _cholesky_by_columns(a: np.ndarray) -> np.ndarray:
+    """L with L L^T = a (no conjugation), column by column: the analytic continuation of the
+    real factor, so complex-step derivatives (:func:`hierpool.algebra.one_term.value_and_gradient`)
+    pass through it."""
+    size = a.shape[-1]
+    lower = np.zeros_like(a)
+    for j in range(size):
+        row = lower[..., j, :j]
+        pivot = np.sqrt(a[..., j, j] - np.sum(row * row, axis=-1))
+        lower[..., j, j] = pivot
+        below = a[..., j + 1 :, j] - np.einsum("...im,...m->...i", lower[..., j + 1 :, :j], row)
+        lower[..., j + 1 :, j] = below / pivot[..., None]
+    return lower
+
+
 def cholesky(a: jax.Array) -> jax.Array:
     """Lower Cholesky factor(s) of SPD matrices, shape (..., k, k).
 
@@ -187,6 +208,8 @@ def cholesky(a: jax.Array) -> jax.Array:
     xp = array_namespace(a)
     if a.shape[-1] == 1:
         return xp.sqrt(a)
+    if xp is np and np.iscomplexobj(a):  # LAPACK's is Hermitian (L L^H); the complex step needs L L^T
+        return _cholesky_by_columns(a)
     if xp is np:  # on the host one batched LAPACK call beats the unrolled arithmetic
         return np.linalg.cholesky(a)
     if a.shape[-1] <= UNROLL_MAX_SIZE:

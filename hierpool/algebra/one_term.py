@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from .criterion import profiled_criterion
 from .linalg import (
     UNROLL_MAX_SIZE,
     array_namespace,
@@ -44,20 +46,8 @@ def _factor_entries(theta: jax.Array, k: int) -> list[list]:
     return entries
 
 
-def factor_blocks(theta, stats):
-    """The blocked factorization at ``theta``: (Lambda, L_l^-1, c_l, C_l, L_X^-1, r, pwrss, log|L_Z|^2, log|L_X|^2).
-
-    The per-level k x k algebra is unrolled over k into elementwise arithmetic on
-    (ell,) arrays (:mod:`hierpool.algebra.linalg`'s entry lists), which XLA fuses into a
-    few loops: on sleepstudy the criterion and its gradient take half the time of
-    the same algebra written with (ell, k, k) matrix products in the NUTS loop
-    (8.7 against 17 us per evaluation, unoptimized code), with 73 kernels instead of 88.
-    The trace grows as k^3, which is small for random-effect terms (k <= ~6).
-
-    Leading axes of ``theta`` (and of ``stats.xtx``, ``xty``, ``yty``) are batch axes,
-    and NumPy arrays are factored with NumPy (:func:`hierpool.algebra.linalg.array_namespace`):
-    many draws of one dataset at once on the host, as ``hp.bayes``' exact draws do.
-    """
+def _profiled(theta, stats):
+    """The factorization's pieces as entry lists: (Lambda, L_l, c_l, C_l, L_X, r, pwrss, log|L_Z|^2, log|L_X|^2)."""
     xp = array_namespace(theta, stats.ztz)
     k = stats.ztz.shape[-1]
     lam = _factor_entries(theta, k)
@@ -86,20 +76,76 @@ def factor_blocks(theta, stats):
         logdet_x = 2 * sum_of(xp.log(chol_x[..., i, i]) for i in range(p)) if p else xp.zeros(chol_x.shape[:-2])
     else:
         logdet_x = 2 * xp.sum(xp.log(xp.diagonal(chol_x, axis1=-2, axis2=-1)), axis=-1)
-    # the stacked outputs below are only computed where they are used (the solution, the draws)
+    return lam, chol, cz, cx, chol_x_inv, r, pwrss, logdet_z, logdet_x
+
+
+def factor_blocks(theta, stats):
+    """The blocked factorization at ``theta``: (Lambda, L_l^-1, c_l, C_l, L_X^-1, r, pwrss, log|L_Z|^2, log|L_X|^2).
+
+    The per-level k x k algebra is unrolled over k into elementwise arithmetic on
+    (ell,) arrays (:mod:`hierpool.algebra.linalg`'s entry lists), which XLA fuses into a
+    few loops (fewer, larger kernels than the same algebra written with (ell, k, k)
+    matrix products; benchmarks/RESULTS.md).  The trace grows as k^3, which is small
+    for random-effect terms (k <= ~6).
+
+    Leading axes of ``theta`` (and of ``stats.xtx``, ``xty``, ``yty``) are batch axes,
+    and NumPy arrays are factored with NumPy (:func:`hierpool.algebra.linalg.array_namespace`):
+    many draws of one dataset at once on the host, as ``hp.bayes``' exact draws do.
+    """
+    lam, chol, cz, cx, chol_x_inv, r, pwrss, logdet_z, logdet_x = _profiled(theta, stats)
+    xp = array_namespace(theta, stats.ztz)
     chol_inv = stack_entries(tri_inverse_entries(chol), xp.zeros_like(chol[0][0]))
     cz_stacked, cx_stacked = xp.stack(cz, axis=-1), xp.stack(cx, axis=-2)
     lam_matrix = stack_entries(lam, xp.zeros_like(lam[0][0]))
     return lam_matrix, chol_inv, cz_stacked, cx_stacked, chol_x_inv, r, pwrss, logdet_z, logdet_x
 
 
-def objective(theta: jax.Array, stats, reml: bool = True) -> jax.Array:
-    """lme4's REML criterion (or -2 log-likelihood with ``reml=False``) of one dataset."""
-    *_, pwrss, logdet_z, logdet_x = factor_blocks(theta, stats)
+def objective(theta: jax.Array, stats, reml: bool = True, sigma_known: bool = False) -> jax.Array:
+    """lme4's REML criterion (or -2 log-likelihood with ``reml=False``) of one dataset.
+
+    ``sigma_known``: the residual sds are known (``se=``) and carried by the statistics'
+    weights 1 / se_i^2, so sigma is 1, not profiled out.  Leading axes of ``theta`` are
+    evaluated at once; in NumPy (``theta`` and ``stats`` NumPy arrays) it runs on the host,
+    complex ``theta`` included (:func:`value_and_gradient`).  The final formula is the general
+    path's (:func:`hierpool.algebra.criterion.profiled_criterion`).
+    """
+    *_, pwrss, logdet_z, logdet_x = _profiled(theta, stats)
     p = stats.xtx.shape[-1]
-    dof = stats.n - p if reml else stats.n
-    value = logdet_z + dof * (1 + jnp.log(2 * jnp.pi * pwrss / dof)) - stats.log_weights
-    return value + logdet_x if reml else value
+    return profiled_criterion(logdet_z, logdet_x, pwrss, stats.n, p, stats.log_weights, reml, sigma_known)
+
+
+COMPLEX_STEP = 1e-30
+
+
+def value_and_gradient(theta: np.ndarray, stats, reml: bool = True, sigma_known: bool = False):
+    """The criterion and its gradient on the host, in one NumPy evaluation.
+
+    The gradient is the complex step (Squire & Trapp 1998; Martins et al. 2003):
+    the criterion is real-analytic in theta, so
+
+        f(theta + i h e_j) = f(theta) + i h df/dtheta_j + O(h^2),
+
+    and Im f(theta + i h e_j) / h is df/dtheta_j to rounding for any tiny h (no
+    difference is taken, so nothing cancels), while Re f is f itself.  All
+    directions are one batched evaluation with theta of shape (n_theta, n_theta).
+    Every step is analytic (no abs, no conjugation: the Cholesky factors are
+    L L^T, :func:`hierpool.algebra.linalg.cholesky`), which the test against the
+    general path's adjoint gradient checks.
+
+    ``theta`` of shape (n_theta,) gives (float, (n_theta,) array); leading axes
+    (..., n_theta) give values (...) and gradients (..., n_theta), all in one evaluation.
+    """
+    theta = np.asarray(theta, dtype=float)
+    size = theta.shape[-1]
+    directions = theta[..., None, :] + 1j * COMPLEX_STEP * np.eye(size)  # (..., n_theta, n_theta)
+    if not size:
+        directions = theta[..., None, :].astype(complex)
+    values = objective(directions, stats, reml, sigma_known)
+    value = values[..., 0].real
+    gradient = values.imag / COMPLEX_STEP if size else np.zeros(theta.shape)
+    if theta.ndim == 1:
+        return float(value), gradient
+    return value, gradient
 
 
 def solution(theta: jax.Array, stats, reml: bool = True) -> dict:

@@ -211,11 +211,13 @@ def _dense_rest(blocks, weights) -> np.ndarray:
     return rest
 
 
-def build_system(design: Design) -> MixedModelSystem:
+def build_system(design: Design, host: bool = False) -> MixedModelSystem:
     """Compute the cross-products and the coupling pattern of ``design`` (host side, once).
 
     Cost O(n k^2) for the cross-products plus the number of coupling pairs,
-    sum over term-0 levels of (rest blocks touching that level)^2.
+    sum over term-0 levels of (rest blocks touching that level)^2.  The arrays are
+    JAX arrays for compiled programs, or NumPy arrays with ``host=True`` (the
+    uncompiled algebra's input; :func:`on_device` converts them later if needed).
     """
     weights = design.row_weights
     term0 = design.terms[0]
@@ -238,7 +240,7 @@ def build_system(design: Design) -> MixedModelSystem:
         a, b, target = _pairs(level0_r, level_r, level0_s, level_s, blocks[s][2], ell0)
         products = values_r[a][:, :, None, :, None] * values_s[b][:, None, :, None, :]
         pairs.append((level0_r[a], target, products))
-    as_jax = jax.numpy.asarray
+    as_jax = np.asarray if host else jax.numpy.asarray
     return MixedModelSystem(
         a00=as_jax(a00),
         couplings=tuple(
@@ -246,7 +248,7 @@ def build_system(design: Design) -> MixedModelSystem:
         ),
         pairs=tuple(Pairs(as_jax(l0.astype(np.int32)), as_jax(t.astype(np.int32)), as_jax(v)) for l0, t, v in pairs),
         rest=as_jax(_dense_rest(blocks, weights)),
-        log_weights=as_jax(float(np.sum(np.log(weights)))),
+        log_weights=as_jax(np.sum(np.log(weights))),
         beta_shift=as_jax(beta_shift),
         layout=layout,
     )
@@ -255,6 +257,11 @@ def build_system(design: Design) -> MixedModelSystem:
 def on_host(system: MixedModelSystem) -> MixedModelSystem:
     """The same system with NumPy arrays (no copy on CPU): the input of the uncompiled algebra."""
     return jax.tree_util.tree_map(np.asarray, system)
+
+
+def on_device(system: MixedModelSystem) -> MixedModelSystem:
+    """The same system with JAX arrays: the input of compiled programs (copied once, not at every call)."""
+    return jax.tree_util.tree_map(jax.numpy.asarray, system)
 
 
 def evaluation_flops(system: MixedModelSystem) -> float:

@@ -16,7 +16,8 @@ import pandas as pd
 
 from ..algebra.conditioning import condition_terms
 from ..algebra.henderson import as_numpy, solve, solve_jit
-from ..algebra.system import MixedModelSystem, build_system, on_host
+from ..algebra.statistics import one_dataset_statistics
+from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.design import Design, build_design
 from .optimize import Control, criterion_value, moment_start, optimize_theta, runs_on_host, value_and_gradient
@@ -27,7 +28,19 @@ def solve_at(theta: np.ndarray, system: MixedModelSystem, reml: bool, host: bool
     """Henderson's solution at ``theta`` as NumPy arrays: in NumPy on the host, or compiled."""
     if host:
         return solve(np.asarray(theta, dtype=float), on_host(system), reml=reml)
-    return as_numpy(solve_jit(jnp.asarray(theta), system, reml=reml))
+    return as_numpy(solve_jit(jnp.asarray(theta), on_device(system), reml=reml))
+
+
+def _one_term_statistics(design: Design, host: bool):
+    """The sufficient statistics that specialise a one-term model's criterion on the host (None otherwise).
+
+    One random-effect term is the shape the statistics cover (:mod:`hierpool.algebra.one_term`;
+    known residual sds ``se=`` enter as weights 1 / se^2); several terms take the general blocked
+    algebra.
+    """
+    if not host or len(design.terms) != 1:
+        return None
+    return one_dataset_statistics(design)
 
 
 class MixedModel:
@@ -57,7 +70,7 @@ class MixedModel:
 
     def __init__(self, formula: str, data: pd.DataFrame, se: str | None = None, weights=None, offset=None):
         self.design: Design = build_design(formula, data, se=se, weights=weights, offset=offset)
-        self.system: MixedModelSystem = build_system(self.design)
+        self.system: MixedModelSystem = build_system(self.design, host=True)
 
     @property
     def n_theta(self) -> int:
@@ -94,10 +107,13 @@ class MixedModel:
         conditioned = condition_terms(self.design) if (control is None or control.theta_start is None) else None
         host = runs_on_host(self.system, control)
         if conditioned is None:
-            optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design))
+            optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design),
+                                     statistics=_one_term_statistics(self.design, host))
             solution = solve_at(optimum.theta, self.system, reml, host)
         else:
-            system = build_system(conditioned.design)
+            system = build_system(conditioned.design, host=True)
+            # far-from-centred columns (why we condition) also sit in X, and the general path's
+            # criterion keeps ~10x less rounding noise there than the one-term statistics' X^T X
             inner = optimize_theta(system, reml, control, start=moment_start(conditioned.design))
             theta = conditioned.theta_to_user(inner.theta)
             optimum = replace(inner, theta=theta)

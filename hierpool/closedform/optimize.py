@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
+from ..algebra import one_term
 from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import objective, objective_and_grad, objective_and_gradient_on_host, objective_jit
 from ..algebra.linalg import theta_lower_bounds, theta_start, tril_positions
-from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift
+from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
 from ..algebra.system import on_host as to_host
 from ..errors import ArgumentError, ConvergenceError
 
@@ -93,17 +94,29 @@ def criterion_value(theta: np.ndarray, system: MixedModelSystem, reml: bool, on_
     """The criterion alone (lme4's ``devfun``), on the host or compiled."""
     if on_host:
         return float(objective(np.asarray(theta, dtype=float), to_host(system), reml))
-    return float(objective_jit(jnp.asarray(theta), system, reml=reml))
+    return float(objective_jit(jnp.asarray(theta), on_device(system), reml=reml))
 
 
-def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool):
-    """theta (NumPy) -> (criterion, gradient) as floats and a NumPy array, on the host or compiled."""
+def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, statistics=None):
+    """theta (NumPy) -> (criterion, gradient) as floats and a NumPy array, on the host or compiled.
+
+    On the host, a model with one random-effect term whose sufficient statistics are given
+    (:func:`hierpool.algebra.statistics.one_dataset_statistics`) is evaluated by the one-term
+    specialisation of the criterion (:mod:`hierpool.algebra.one_term`: per-level k x k blocks,
+    complex-step gradient), the general blocked algebra otherwise; both are the same criterion
+    (tests/test_numerics.py checks them equal).
+    """
+    if on_host and statistics is not None:
+        sigma_known = system.layout.sigma_known
+        return lambda theta: one_term.value_and_gradient(theta, statistics, reml, sigma_known)
     if on_host:
         host_system = to_host(system)
         return lambda theta: objective_and_gradient_on_host(theta, host_system, reml)
 
+    device_system = on_device(system)
+
     def compiled(theta):
-        value, gradient = objective_and_grad(jnp.asarray(theta), system, reml=reml)
+        value, gradient = objective_and_grad(jnp.asarray(theta), device_system, reml=reml)
         return float(value), np.asarray(gradient, dtype=float)
 
     return compiled
@@ -158,25 +171,29 @@ def is_singular(theta: np.ndarray, ks: tuple[int, ...], tol: float = 1e-4) -> bo
     return bool(np.any(theta[diagonal] < tol))
 
 
-def _hessian_fd(evaluate, theta: np.ndarray, lower: np.ndarray, step: float = 1e-4) -> np.ndarray:
-    """Central differences of the analytic gradient (one-sided at an active bound)."""
+def _hessian_fd(gradients_at, theta: np.ndarray, lower: np.ndarray, step: float = 1e-4) -> np.ndarray:
+    """Central differences of the analytic gradient (one-sided at an active bound).
+
+    ``gradients_at`` maps points (m, n_theta) to their gradients (m, n_theta): the one-term
+    specialisation evaluates them all at once.
+    """
     size = theta.size
-    hessian = np.empty((size, size))
-    for j in range(size):
-        h = np.zeros(size)
-        h[j] = step
-        if theta[j] - step < lower[j]:
-            hessian[:, j] = (evaluate(theta + h)[1] - evaluate(theta)[1]) / step
-        else:
-            hessian[:, j] = (evaluate(theta + h)[1] - evaluate(theta - h)[1]) / (2 * step)
+    h = step * np.eye(size)
+    one_sided = theta - step < lower
+    backward = np.where(one_sided[:, None], theta[None, :], theta[None, :] - h)
+    gradients = gradients_at(np.concatenate([theta[None, :] + h, backward]))
+    widths = np.where(one_sided, step, 2 * step)
+    hessian = ((gradients[:size] - gradients[size:]) / widths[:, None]).T
     return 0.5 * (hessian + hessian.T)
 
 
 def check_optimum(
-    theta: np.ndarray, gradient: np.ndarray, optimizer_ok: bool, evaluate, system: MixedModelSystem, control: Control
+    theta: np.ndarray, gradient: np.ndarray, optimizer_ok: bool, gradients_at, system: MixedModelSystem,
+    control: Control,
 ) -> tuple[bool, bool, tuple[str, ...]]:
     """Convergence and singularity checks at the optimum (lme4's ``checkConv``).
 
+    ``gradients_at`` maps points (m, n_theta) to the criterion's gradients there (m, n_theta).
     Returns (converged, is_singular, messages).
     """
     layout = system.layout
@@ -191,7 +208,7 @@ def check_optimum(
     if max_grad > control.grad_tol:
         messages.append(f"model failed to converge: max|projected gradient| = {max_grad:.3g} > {control.grad_tol}")
     if layout.n <= control.hessian_max_n and not singular:
-        eigenvalues = np.linalg.eigvalsh(_hessian_fd(evaluate, theta, lower))
+        eigenvalues = np.linalg.eigvalsh(_hessian_fd(gradients_at, theta, lower))
         if eigenvalues.min() <= 0:
             messages.append("Hessian is not positive definite at the optimum: the fit may not be a minimum")
     converged = optimizer_ok and max_grad <= control.grad_tol and not any(m.startswith("Hessian") for m in messages)
@@ -199,7 +216,11 @@ def check_optimum(
 
 
 def optimize_theta(
-    system: MixedModelSystem, reml: bool, control: Control | None = None, start: np.ndarray | None = None
+    system: MixedModelSystem,
+    reml: bool,
+    control: Control | None = None,
+    start: np.ndarray | None = None,
+    statistics=None,
 ) -> Optimum:
     """Minimize the profiled REML criterion or deviance over theta with L-BFGS-B.
 
@@ -210,13 +231,16 @@ def optimize_theta(
     control : Control, optional
     start : numpy.ndarray, optional
         Starting theta when ``control.theta_start`` is not set (lme4's identity if None).
+    statistics : BatchStatistics, optional
+        A one-term model's sufficient statistics: on the host the criterion is then
+        evaluated by the one-term specialisation (:func:`value_and_gradient`).
 
     Returns
     -------
     Optimum
     """
     control = control or Control()
-    value_and_grad = value_and_gradient(system, reml, runs_on_host(system, control))
+    value_and_grad = value_and_gradient(system, reml, runs_on_host(system, control), statistics)
     lower = theta_lower_bounds(system.layout.ks)
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
     count = [0]
@@ -242,12 +266,54 @@ def optimize_theta(
     if not np.isfinite(result.fun):
         raise ConvergenceError(f"the objective became non-finite during optimization: {result.message}")
     theta = np.maximum(np.asarray(result.x, dtype=float), lower)
-    value, gradient = evaluate(theta)
     # L-BFGS-B also stops when a line search cannot improve at machine precision; the
     # gradient and Hessian checks below decide whether that is an optimum.
     optimizer_ok = bool(result.success) or result.nit < control.max_iter
-    converged, singular, messages = check_optimum(theta, gradient, optimizer_ok, evaluate, system, control)
+    if statistics is not None and runs_on_host(system, control):
+        def gradients_at(points):
+            return one_term.value_and_gradient(points, statistics, reml, system.layout.sigma_known)[1]
+    else:
+        def gradients_at(points):
+            return np.stack([evaluate(point)[1] for point in points])
+    if system.layout.n <= control.hessian_max_n:
+        theta = _newton_polish(evaluate, gradients_at, theta, lower)
+    value, gradient = evaluate(theta)
+    converged, singular, messages = check_optimum(theta, gradient, optimizer_ok, gradients_at, system, control)
     return Optimum(theta, value, gradient, count[0], converged, singular, messages)
+
+
+POLISH_GRADIENT = 1e-9
+
+
+def _newton_polish(evaluate, gradients_at, theta: np.ndarray, lower: np.ndarray, rounds: int = 2) -> np.ndarray:
+    """Newton steps on the free coordinates while the projected gradient exceeds ``POLISH_GRADIENT``.
+
+    L-BFGS-B stops on its relative-reduction test (``ftol``) once steps change the criterion
+    by ~1e-13 of itself, which can leave |gradient| ~1e-6 and theta ~1e-8 from the optimum:
+    where it stops then depends on the path, so two codings of the same model (treatment and
+    sum contrasts) end 1e-8 apart in fitted values.  A Newton step with the finite-difference
+    Hessian of the exact gradient converges quadratically from there; it is kept only when
+    it shrinks the gradient without raising the criterion beyond its rounding.
+    """
+    value, gradient = evaluate(theta)
+    for _ in range(rounds):
+        free = ~((theta <= lower) & (gradient > 0))
+        if not free.any() or np.max(np.abs(gradient[free])) <= POLISH_GRADIENT:
+            break
+        hessian = _hessian_fd(gradients_at, theta, lower)[np.ix_(free, free)]
+        try:
+            step = -np.linalg.solve(np.linalg.cholesky(hessian).T, np.linalg.solve(np.linalg.cholesky(hessian), gradient[free]))
+        except np.linalg.LinAlgError:  # not positive definite: no Newton step
+            break
+        candidate = theta.copy()
+        candidate[free] = np.maximum(theta[free] + step, lower[free])
+        candidate_value, candidate_gradient = evaluate(candidate)
+        # at this distance the criterion changes by less than its rounding: the gradient decides
+        noise = 1e-13 * max(1.0, abs(value))
+        if candidate_value > value + noise or np.max(np.abs(candidate_gradient)) >= np.max(np.abs(gradient)):
+            break
+        theta, value, gradient = candidate, candidate_value, candidate_gradient
+    return theta
 
 
 def _restart_from_boundary(evaluate, result, lower, bounds, options, max_rounds: int):
