@@ -24,15 +24,16 @@ import jax
 import numpy as np
 import pandas as pd
 
+from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import compile_in_background, shape_signature
 from ..algebra.one_term import solution
 from ..closedform import lmm
+from ..closedform.optimize import Control
 from ..errors import ArgumentError, HierpoolWarning, integer_argument
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize, moment_start
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 from .results import BatchResult
 
-SINGULAR_TOL = 1e-4  # lme4's isSingular tolerance on theta's diagonal
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # Up to this many values of (padded) sufficient statistics (5,000 sleepstudy-shaped datasets of ~200) the
 # programs compile without LLVM's optimization (CPU): on the 2-core VM that saves ~0.4 s of
@@ -259,8 +260,8 @@ def fit_batch(
             messages[index] += "; refitted by hp.lmm"
 
     factor, sigma = per_dataset["factor"], per_dataset["sigma"]
-    diagonal = np.abs(factor[:, np.arange(k), np.arange(k)])
-    singular = np.isfinite(per_dataset["objective"]) & np.any(diagonal < SINGULAR_TOL, axis=1)
+    # hp.lmm's rule and tolerance (lme4's isSingular), on every dataset's (canonical, diagonal >= 0) theta
+    singular = np.isfinite(per_dataset["objective"]) & singular_rows(per_dataset["theta"], (k,), Control.singular_tol)
     covariance = sigma[:, None, None] ** 2 * factor @ np.swapaxes(factor, 1, 2)
     index = plan.labels
     return BatchResult(
