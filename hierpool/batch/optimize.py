@@ -28,6 +28,7 @@ import numpy as np
 
 from ..algebra.linalg import theta_to_factors, tril_positions
 from ..algebra.one_term import objective
+from ..algebra.start import moment_theta
 
 STEP_LENGTHS = (1.0,)
 GRADIENT_TOL = 1e-7
@@ -49,6 +50,8 @@ def _tolerances(dtype):
     converged = (max(1e-6, 100 * eps**0.5), max(1e-12, 100 * eps))
     return eps**0.5, max(1e-9, 10 * eps), max(1e-6, 30 * eps**0.5), converged
 MAX_ITERATIONS = 60
+#: Smallest Sigma / sigma^2 eigenvalue of a batch start (see :func:`moment_start`).
+MOMENT_FLOOR = 1e-2
 
 
 def start_theta(k: int, dtype=jnp.float64) -> jax.Array:
@@ -60,47 +63,22 @@ def start_theta(k: int, dtype=jnp.float64) -> jax.Array:
 def moment_start(stats) -> np.ndarray:
     """Starting thetas (B, k(k+1)/2) from per-level least squares, one per dataset of a batch (NumPy).
 
-    The method of moments on the statistics alone: beta from OLS; each level's
-    own regression b_l = (Z_l^T Z_l)^-1 Z_l^T (y - X beta) where Z_l^T Z_l is
-    well conditioned; sigma^2 from the residual sum of squares left after them;
-    Sigma = cov(b_l) - sigma^2 mean_l (Z_l^T Z_l)^-1 (the sampling noise of
-    b_l removed), its eigenvalues relative to sigma^2 clipped to [1e-2, 1e4];
-    Lambda = chol(Sigma / sigma^2).  Datasets with fewer than k + 1 usable levels
-    start at lme4's identity.  Only a start: Newton's method takes it to the same
-    optimum as from the identity, in fewer iterations (2,000 sleepstudy-shaped
-    datasets: 3.2 on average instead of 11.1, at most 16 instead of 59).  The
-    floor keeps the start off the boundary: from a near-singular Lambda (a floor
-    of 1e-4) two of those datasets did not converge in 60 iterations.
+    The method of moments on the statistics alone (:func:`hierpool.algebra.start.moment_theta`,
+    the closed form's ANOVA start for any k): beta from OLS, then each level's own
+    regression on the residuals, the eigenvalues of Sigma / sigma^2 clipped to [1e-2, 1e4].
+    Datasets with fewer than k + 1 usable levels start at lme4's identity.  Only a
+    start: Newton's method takes it to the same optimum as from the identity, in fewer
+    iterations (2,000 sleepstudy-shaped datasets: 3.2 on average instead of 11.1, at
+    most 16 instead of 59).  The floor keeps the start off the boundary: from a
+    near-singular Lambda (a floor of 1e-4, the closed form's) two of those datasets did
+    not converge in 60 iterations.
     """
     ztz, ztx, zty = np.asarray(stats.ztz), np.asarray(stats.ztx), np.asarray(stats.zty)
-    xtx, xty, yty, n = np.asarray(stats.xtx), np.asarray(stats.xty), np.asarray(stats.yty), np.asarray(stats.n)
-    batch, ell, k, _ = ztz.shape
-    p = xtx.shape[-1]
+    xtx, xty, yty = np.asarray(stats.xtx), np.asarray(stats.xty), np.asarray(stats.yty)
     beta = np.linalg.solve(xtx, xty[..., None])[..., 0]
     cross = zty - np.einsum("blkp,bp->blk", ztx, beta)  # Z_l^T (y - X beta)
-    determinant = np.linalg.det(ztz)
-    scale = np.maximum(np.einsum("blii->bl", ztz), 1e-300) ** k
-    usable = determinant > 1e-8 * scale
-    safe = np.where(usable[..., None, None], ztz, np.eye(k))
-    inverse = np.linalg.inv(safe)
-    b = np.einsum("blij,blj->bli", inverse, cross)
     rss = yty - 2 * np.einsum("bp,bp->b", beta, xty) + np.einsum("bp,bpq,bq->b", beta, xtx, beta)
-    fitted = np.where(usable, np.einsum("bli,bli->bl", b, cross), 0.0).sum(axis=1)
-    count = usable.sum(axis=1)
-    sigma2 = np.maximum(rss - fitted, 1e-12 * np.maximum(rss, 1e-300)) / np.maximum(n - p - k * count, 1.0)
-    weight = usable / np.maximum(count, 1)[:, None]
-    mean_b = np.einsum("bl,bli->bi", weight, b)
-    centred = np.where(usable[..., None], b - mean_b[:, None, :], 0.0)
-    cov = np.einsum("bli,blj->bij", centred, centred) / np.maximum(count - 1, 1)[:, None, None]
-    noise = np.einsum("bl,blij->bij", weight, np.where(usable[..., None, None], inverse, 0.0))
-    relative = (cov - sigma2[:, None, None] * noise) / sigma2[:, None, None]
-    values, vectors = np.linalg.eigh(relative)
-    relative = np.einsum("bij,bj,bkj->bik", vectors, np.clip(values, 1e-2, 1e4), vectors)
-    rows, cols = tril_positions(k)
-    theta = np.linalg.cholesky(relative)[:, rows, cols]
-    identity = (rows == cols).astype(float)
-    good = (count > k) & np.all(np.isfinite(theta), axis=1)
-    return np.where(good[:, None], theta, identity)
+    return moment_theta(ztz, cross, rss, np.asarray(stats.n), p=xtx.shape[-1], floor=MOMENT_FLOOR)
 
 
 def canonical_theta(theta: jax.Array, k: int) -> jax.Array:

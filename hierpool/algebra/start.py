@@ -1,0 +1,93 @@
+"""Starting values of theta from moments: the one home of the ANOVA / per-level least-squares start.
+
+Both engines start their optimizer from the method of moments on the residuals r
+of a least-squares fit of the fixed effects, summed per level of a random-effect
+term.  :func:`moment_theta` is the general estimator (a k-coefficient term,
+vectorized over datasets; ``hp.fit_batch``'s start, :func:`hierpool.batch.optimize.moment_start`);
+:func:`intercept_moment_theta` is its case k = 1 for a scalar random intercept,
+one-way ANOVA (the closed form's start, :func:`hierpool.closedform.optimize.moment_start`).
+Pure NumPy: a start is computed once per fit, never inside a compiled program.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .linalg import tril_positions
+
+#: Largest relative variance Sigma / sigma^2 (eigenvalue) a start takes.
+MAX_RELATIVE_VARIANCE = 1e4
+
+
+def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float) -> np.ndarray:
+    """Starting thetas (B, k(k+1)/2) of one k-coefficient term from per-level sums of residuals, one per dataset.
+
+    Parameters
+    ----------
+    ztz : (B, ell, k, k)
+        Z_l^T Z_l per level (zero for a padded level).
+    cross : (B, ell, k)
+        Z_l^T r per level, r the residuals of the fixed-effects fit.
+    residual_ss : (B,)
+        r^T r.
+    n : (B,)
+        Observations.
+    p : int
+        Fixed-effect coefficients the residuals were fitted with (degrees of freedom of sigma^2 spent;
+        0 to count only the levels', as one-way ANOVA does).
+    floor : float
+        Smallest eigenvalue of Sigma / sigma^2 a start takes (the largest is :data:`MAX_RELATIVE_VARIANCE`).
+
+    Returns
+    -------
+    numpy.ndarray
+        Each level's own regression b_l = (Z_l^T Z_l)^-1 Z_l^T r where Z_l^T Z_l is well
+        conditioned ("usable"); sigma^2 = (r^T r - sum_l b_l^T Z_l^T r) / (n - p - k * usable levels);
+        Sigma = cov(b_l) - sigma^2 mean_l (Z_l^T Z_l)^-1 (the sampling noise of b_l removed), its
+        eigenvalues relative to sigma^2 clipped to [floor, MAX_RELATIVE_VARIANCE]; theta =
+        chol(Sigma / sigma^2) in lme4's order.  Datasets with fewer than k + 1 usable levels, no
+        residuals (r^T r = 0) or a non-finite result get lme4's identity start.  For k = 1 and Z = 1
+        this is one-way ANOVA: b_l the level means of r, sigma^2 the within-level mean square,
+        Sigma = var(b_l) - sigma^2 mean(1 / n_l).
+    """
+    ztz, cross = np.asarray(ztz, dtype=float), np.asarray(cross, dtype=float)
+    residual_ss, n = np.asarray(residual_ss, dtype=float), np.asarray(n, dtype=float)
+    k = ztz.shape[-1]
+    determinant = np.linalg.det(ztz)
+    scale = np.maximum(np.einsum("blii->bl", ztz), 1e-300) ** k
+    usable = determinant > 1e-8 * scale
+    safe = np.where(usable[..., None, None], ztz, np.eye(k))
+    inverse = np.linalg.inv(safe)
+    b = np.einsum("blij,blj->bli", inverse, cross)
+    fitted = np.where(usable, np.einsum("bli,bli->bl", b, cross), 0.0).sum(axis=1)
+    count = usable.sum(axis=1)
+    within = np.maximum(residual_ss - fitted, 1e-12 * np.maximum(residual_ss, 1e-300))
+    sigma2 = within / np.maximum(n - p - k * count, 1.0)
+    weight = usable / np.maximum(count, 1)[:, None]
+    mean_b = np.einsum("bl,bli->bi", weight, b)
+    centred = np.where(usable[..., None], b - mean_b[:, None, :], 0.0)
+    cov = np.einsum("bli,blj->bij", centred, centred) / np.maximum(count - 1, 1)[:, None, None]
+    noise = np.einsum("bl,blij->bij", weight, np.where(usable[..., None, None], inverse, 0.0))
+    relative = (cov - sigma2[:, None, None] * noise) / sigma2[:, None, None]
+    values, vectors = np.linalg.eigh(relative)
+    relative = np.einsum("bij,bj,bkj->bik", vectors, np.clip(values, floor, MAX_RELATIVE_VARIANCE), vectors)
+    rows, cols = tril_positions(k)
+    theta = np.linalg.cholesky(relative)[:, rows, cols]
+    identity = (rows == cols).astype(float)
+    good = (count > k) & (residual_ss > 0) & np.all(np.isfinite(theta), axis=1)
+    return np.where(good[:, None], theta, identity)
+
+
+def intercept_moment_theta(counts, level_sums, residual_ss: float, n: float, p: int = 0, floor: float = 1e-4) -> float:
+    """theta of a scalar random intercept by one-way ANOVA: :func:`moment_theta` with k = 1 for one dataset.
+
+    ``counts`` (ell,): observations per level; ``level_sums`` (ell,): the residuals summed per
+    level; ``residual_ss``: their sum of squares.  theta = sqrt(sigma_b^2 / sigma_w^2), sigma_w^2
+    the within-level mean square (n - p - ell degrees of freedom), sigma_b^2 = var(level means)
+    - sigma_w^2 mean(1 / n_l), the ratio clipped to [floor, 1e4]; 1 (lme4's start) with fewer
+    than two levels.  The defaults reproduce the closed form's start (``p=0``, ``floor=1e-4``).
+    """
+    counts = np.asarray(counts, dtype=float)
+    theta = moment_theta(counts[None, :, None, None], np.asarray(level_sums, dtype=float)[None, :, None],
+                         np.asarray([residual_ss], dtype=float), np.asarray([n], dtype=float), p, floor)
+    return float(theta[0, 0])
