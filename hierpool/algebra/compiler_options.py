@@ -1,41 +1,47 @@
-"""XLA options for hierpool's large compiled programs (the NUTS chains, the batch fitter).
+"""XLA options for hierpool's large compiled programs (the NUTS chains, the batch fitter), and their cache.
 
 Those programs are compiled once per process and then run for well under a second
 on small models, so on CPU their compile time is most of the wall time.  XLA's CPU
 "fusion emitters" (the MLIR code generator for fused loops) cost more to compile
-than the classic LLVM emitters they replace and buy nothing on these programs.
-Measured on the project's 2-core VM (benchmarks/RESULTS.md): the sleepstudy NUTS
-chain program compiles in 2.0 s instead of 3.4 s, and the 2,000-dataset batch fit
-takes 2.4 s instead of 3.2 s, with the same run time and results equal to
-rounding.  The closed-form engine (``hp.lmm``) keeps XLA's defaults: on InstEval
+than the classic LLVM emitters they replace and buy nothing on these programs: the
+sleepstudy NUTS chain program and the 2,000-dataset batch fit compile in less time,
+with the same run time and results equal to rounding (measured in
+benchmarks/RESULTS.md, "Bayesian engine, fourth session" and "Batch fitting, fourth
+session").  The closed-form engine (``hp.lmm``) keeps XLA's defaults: on InstEval
 the classic emitters made its (compile-free) second fit slower.
 
 With ``quick=True`` LLVM's optimization is off as well
 (``xla_backend_optimization_level=0``) for programs that run for less time than
 it takes: most of XLA's CPU compile time there is LLVM optimizing hundreds of
 small kernels that each run for microseconds.  Used for ``hp.bayes``' NUTS
-programs of small models (``hierpool.bayesian.nuts.quick_compile``; on sleepstudy the chain program compiles in ~1.4 s instead of ~2.0 s
-and its four chains run in ~0.6 s instead of ~0.4 s; CPU time of the
-compilation 1.7 s instead of 2.8 s, which also frees the second core for the
-other programs) and for ``hp.fit_batch`` batches of up to ~5,000 sleepstudy-sized datasets (2,000:
-~0.4 s less compilation, ~0.15 s more run time).  Large batches, and ``hp.bayes_batch``
-beyond a few datasets (the same ``quick_compile`` rule as ``hp.bayes``), run long enough to keep
-LLVM's optimization.  Quick programs are also
-generated as one LLVM module, not split for parallel code generation
+programs of small models (``hierpool.bayesian.nuts.quick_compile``), which also
+frees the second core for the other programs, and for ``hp.fit_batch`` batches of
+up to ~5,000 sleepstudy-sized datasets.  Large batches, and ``hp.bayes_batch``
+beyond a few datasets (the same ``quick_compile`` rule as ``hp.bayes``), run long
+enough to keep LLVM's optimization.  Quick programs are also generated as one LLVM
+module, not split for parallel code generation
 (``xla_cpu_parallel_codegen_split_count=1``): ``hp.bayes`` compiles its start and
-chain programs side by side on the two cores, and unsplit they take less CPU time
-(start program 0.28-0.34 s instead of 0.39-0.43 s); hp.bayes on sleepstudy 1.94
-instead of 2.10 s (median of 7 alternating runs), fit_batch unchanged.
+chain programs side by side on the two cores, and unsplit they take less CPU time;
+``fit_batch`` is unchanged.  The timings are in benchmarks/RESULTS.md ("Bayesian
+engine", fifth and sixth sessions; "Batch fitting, fifth session").
 
 The options go to each program's own compilation (``Lowered.compile``); nothing
 process-wide (``XLA_FLAGS``, ``jax.config``) is changed.
 
 XLA compiles outside Python's GIL, so :func:`compile_in_background` lets a caller
 trace its next program (Python) or run a compiled one while this one compiles.
+
+Every compiled-program cache of hierpool (``hp.bayes``' NUTS programs, ``hp.fit_batch``'s
+and ``hp.bayes_batch``'s chunk programs) is a :class:`ProgramCache`, keyed by
+:func:`shape_signature` and the settings baked into the program: one bounded LRU
+policy, so a long session fitting many shapes does not keep every executable alive.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
@@ -91,3 +97,51 @@ def shape_signature(tree) -> tuple:
         (tuple(x.shape) if hasattr(x, "shape") else np.shape(x),
          np.dtype(x.dtype if hasattr(x, "dtype") else np.result_type(x)).name)
         for x in leaves)
+
+
+#: Compiled programs a :class:`ProgramCache` keeps by default (the most recently used).
+PROGRAMS_KEPT = 8
+
+
+class ProgramCache:
+    """A small bounded LRU cache of compiled programs (or futures of them), shared by threads.
+
+    :meth:`get` returns the value for ``key``, building it with ``build()`` on a miss;
+    beyond ``size`` entries the least recently used is dropped (its executable is freed
+    once no caller holds it).  ``build`` runs outside the lock: two threads missing the
+    same key at once may both build it (the first stored wins), and a slow compilation
+    never blocks another key's lookup.  A caller that needs several programs for one call
+    holds them itself while it runs, so that eviction never makes one call compile twice.
+    """
+
+    def __init__(self, size: int = PROGRAMS_KEPT):
+        if size < 1:
+            raise ValueError(f"a ProgramCache keeps at least 1 program, got size={size}")
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, build: Callable[[], object]):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = build()
+        with self._lock:
+            value = self._items.setdefault(key, value)
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()

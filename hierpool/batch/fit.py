@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.checks import singular_rows
-from ..algebra.compiler_options import compile_in_background, shape_signature
+from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.one_term import solution
 from ..closedform import lmm
 from ..closedform.optimize import Control
@@ -75,18 +75,18 @@ def _solve_chunk(theta, stats, reml: bool):
     return jax.vmap(partial(solution, reml=reml))(theta, stats)
 
 
-_COMPILED: dict = {}
+#: (optimize, solve) program futures by chunk shape and settings (the last 8 used).
+_COMPILED = ProgramCache()
 
 
 def _programs(stats, reml: bool, max_iterations: int, sharding, quick: bool = False):
-    """Futures of the (optimize, solve) programs for this chunk shape, kept for the process.
+    """Futures of the (optimize, solve) programs for this chunk shape, kept in :data:`_COMPILED`.
 
     Two programs, not one: the solve program is traced while the optimizer
     compiles, and compiles while the first chunks are optimized.  ``quick``:
     compile without LLVM's optimization (:func:`hierpool.algebra.compiler_options.compiler_options`).
     """
-    key = (shape_signature(stats), reml, max_iterations, sharding, quick)
-    if key not in _COMPILED:
+    def build():
         placed = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), stats)
         platform = jax.devices()[0].platform if sharding is None else sharding.mesh.devices.flat[0].platform
         k = stats.ztz.shape[-1]
@@ -94,8 +94,9 @@ def _programs(stats, reml: bool, max_iterations: int, sharding, quick: bool = Fa
         optimize = compile_in_background(
             _optimize_chunk(reml, max_iterations, sharding).lower(placed, theta), platform, quick)
         solve = compile_in_background(_solve_chunk.lower(theta, placed, reml=reml), platform, quick)
-        _COMPILED[key] = (optimize, solve)
-    return _COMPILED[key]
+        return optimize, solve
+
+    return _COMPILED.get((shape_signature(stats), reml, max_iterations, sharding, quick), build)
 
 
 def _diagonal_sd(covariances: np.ndarray) -> np.ndarray:
@@ -204,22 +205,24 @@ def fit_batch(
     quick = values <= QUICK_COMPILE_MAX_VALUES
     # chunk shapes follow from the level counts alone: start compiling (in the background) before
     # the statistics are computed, and before the threads start (they would each compile)
-    sizes = {}
+    # (this call holds its programs: the cache may drop them while it runs, but they are not compiled twice)
+    sizes, programs = {}, {}
     for bucket, members in members_by_bucket:
         sizes[bucket] = min(chunk_size, math.ceil(len(members) / workers))
         rows = chunks(bucket, members[:1], sizes[bucket], n_devices)[0].index.size
-        _programs(plan.statistics_shape(bucket, rows, float_type), reml, max_iterations, sharding, quick)
+        programs[bucket] = _programs(plan.statistics_shape(bucket, rows, float_type), reml, max_iterations, sharding,
+                                     quick)
     buckets, messages = plan.buckets(float_type)
     jobs = []
     for bucket, usable, stats in buckets:
         for chunk in chunks(bucket, usable, sizes[bucket], n_devices):
             chunk_stats = stats.take(chunk.index)
-            jobs.append((chunk.members, chunk_stats, moment_start(chunk_stats).astype(float_type), chunk.count))
+            jobs.append((chunk.members, chunk_stats, moment_start(chunk_stats).astype(float_type), chunk.count,
+                         programs[bucket]))
 
     def run(job):
-        _, chunk, start, count = job
+        _, chunk, start, count, (optimize, solve) = job
         chunk, start = place((chunk, start), sharding)
-        optimize, solve = _programs(chunk, reml, max_iterations, sharding, quick)
         optimized = optimize.result()(chunk, start)
         result = {**optimized, **solve.result()(optimized["theta"], chunk)}
         return jax.tree_util.tree_map(lambda a: a[:count], fetch(result))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -32,7 +31,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import ParamInfo, constrain_fn, potential_energy
 
-from ..algebra.compiler_options import compile_in_background, shape_signature
+from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 
 #: Per-iteration statistics kept for ArviZ's sample_stats group (NumPyro field -> ArviZ name).
 SAMPLE_STATS = {
@@ -90,9 +89,8 @@ def _start(model, model_args, key, jitter: float = 1.0):
     return jax.tree_util.tree_unflatten(tree, noisy)
 
 
-#: Compiled (start, chain, finish) programs by model, settings and argument shapes; most recent last.
-_PROGRAMS: OrderedDict = OrderedDict()
-_PROGRAMS_KEPT = 8
+#: Compiled (start, chain, finish) programs by model, settings and argument shapes (the last 8 used).
+_PROGRAMS = ProgramCache()
 
 
 class _Progress:
@@ -338,18 +336,14 @@ def sample_nuts(
     """
     cache_key = (model, static, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, progress,
                  shape_signature(model_args))
-    if cache_key in _PROGRAMS:
-        _PROGRAMS.move_to_end(cache_key)
-        programs, bar = _PROGRAMS[cache_key]
-    else:
-        bar = _Progress(tune + draws, chains) if progress else None
-        programs = _build_programs(
-            model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, bar
-        )
-        _PROGRAMS[cache_key] = (programs, bar)
-        if len(_PROGRAMS) > _PROGRAMS_KEPT:
-            _PROGRAMS.popitem(last=False)
 
+    def build():
+        bar = _Progress(tune + draws, chains) if progress else None
+        return _build_programs(
+            model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, bar
+        ), bar
+
+    programs, bar = _PROGRAMS.get(cache_key, build)
     seed = np.uint32(seed % 2**32)
     if bar is not None:
         bar.start()
