@@ -35,6 +35,7 @@ from ..bayesian.nuts import chain_function, quick_compile
 from ..bayesian.priors import DataScales, Priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
 from ..errors import ArgumentError, integer_argument
+from ..spec.arguments import sampler_arguments
 from .bayes_results import BayesBatchResult, summarize_blocks
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 
@@ -161,15 +162,9 @@ def bayes_batch(
     ``hp.bayes`` samples; the tests compare the two in Monte Carlo error units.
     Models with several random-effect terms or known residual sds are not batched.
     """
-    chains = integer_argument("chains", chains)
-    draws = integer_argument("draws", draws, minimum=4)
-    tune = integer_argument("tune", tune)
-    seed = integer_argument("seed", seed, minimum=0)
+    chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept, min_draws=4,
+                                                  min_tune=1)
     chunk_size = integer_argument("chunk_size", chunk_size)
-    if not 0 < level < 1:
-        raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
-    if not 0 < target_accept < 1:
-        raise ArgumentError(f"target_accept must be between 0 and 1, got {target_accept!r}")
     plan = plan_batch(formula, data, by, "bayes_batch", "hp.bayes", weights=weights, offset=offset)
     design, term = plan.design, plan.term
     if design.sigma_known:

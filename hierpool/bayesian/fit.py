@@ -16,7 +16,8 @@ from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_compone
 from ..algebra.statistics import one_dataset_statistics
 from ..algebra.system import build_system
 from ..closedform.results import LMMResult
-from ..errors import ArgumentError, HierpoolWarning, integer_argument
+from ..errors import ArgumentError, HierpoolWarning
+from ..spec.arguments import sampler_arguments
 from ..spec.design import Design, build_design
 from .model import HeldVariance, collapsed_model, full_model, model_data, one_term_collapsed_model, variance_draws
 from .nuts import sample_nuts
@@ -259,14 +260,7 @@ def bayes(
     likelihood of Bates et al. 2015 with the prior on beta as pseudo-data) and
     draws them given each variance draw (Rue 2001).
     """
-    chains = integer_argument("chains", chains)
-    draws = integer_argument("draws", draws)
-    tune = integer_argument("tune", tune, minimum=0)
-    seed = integer_argument("seed", seed, minimum=0)
-    if not 0 < level < 1:
-        raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
-    if not 0 < target_accept < 1:
-        raise ArgumentError(f"target_accept must be between 0 and 1, got {target_accept!r}")
+    chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept)
     design = build_design(formula, data, se=se, weights=weights, offset=offset)
     resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
     method = _choose_method(method, resolved)

@@ -1,0 +1,34 @@
+"""Checks of the arguments the fitting functions share (``hp.bayes``, ``hp.bayes_batch``).
+
+One home for each rule, so that every entry point refuses the same bad value with
+the same :class:`~hierpool.errors.ArgumentError` message.  Data checks (columns,
+values) are :mod:`hierpool.spec.design`'s.
+"""
+
+from __future__ import annotations
+
+from ..errors import ArgumentError, integer_argument
+
+
+def probability_argument(name: str, value):
+    """``value`` when 0 < value < 1, else an :class:`ArgumentError` naming ``name`` (a coverage, an acceptance rate)."""
+    if not 0 < value < 1:
+        raise ArgumentError(f"{name} must be between 0 and 1, got {value!r}")
+    return value
+
+
+def sampler_arguments(chains, draws, tune, seed, level, target_accept, *, min_draws: int = 1,
+                      min_tune: int = 0) -> tuple[int, int, int, int]:
+    """(chains, draws, tune, seed) as ints, with ``level`` and ``target_accept`` checked to lie in (0, 1).
+
+    ``min_draws`` and ``min_tune``: the fewest kept draws and warm-up iterations the caller
+    accepts (``hp.bayes_batch`` summarizes each dataset from at least 4 draws per chain and warms up).
+    """
+    chains = integer_argument("chains", chains)
+    draws = integer_argument("draws", draws, minimum=min_draws)
+    tune = integer_argument("tune", tune, minimum=min_tune)
+    seed = integer_argument("seed", seed, minimum=0)
+    probability_argument("level", level)
+    probability_argument("target_accept", target_accept)
+    return chains, draws, tune, seed
+
