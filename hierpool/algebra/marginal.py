@@ -45,24 +45,64 @@ def theta_from_components(sds, cor_factors, sigma) -> jax.Array:
     )
 
 
+def beta_prior_weights(scale, sigma) -> tuple:
+    """(finite, w): which Normal priors on beta are proper, and their pseudo-observation weights sigma^2 / s^2.
+
+    ``scale`` (..., p), ``sigma`` (...) or scalar; w is 0 where the scale is infinite (a flat prior).
+    NumPy in, NumPy out (the one-term engine's host draws); JAX arrays and tracers otherwise.
+    """
+    xp = array_namespace(scale, sigma)
+    finite = xp.isfinite(scale)
+    safe = xp.where(finite, scale, 1.0)
+    return finite, xp.where(finite, xp.asarray(sigma)[..., None] ** 2 / safe**2, 0.0)
+
+
+def beta_prior_pseudo_data(loc, scale, sigma, beta_shift) -> tuple:
+    """(w, w m, sum w m^2): a Normal(loc, scale^2) prior on beta as pseudo-observations m = loc - beta_shift.
+
+    Added to X^T W X's diagonal, X^T W y and y^T W y of a system whose y is y - X beta_shift
+    (the rest matrix of :func:`beta_prior_block`, the one-term statistics of
+    :func:`hierpool.algebra.one_term_marginal.with_beta_prior`).  Leading axes of ``sigma`` are batch axes.
+    """
+    xp = array_namespace(loc, scale, sigma)
+    _, weight = beta_prior_weights(scale, sigma)
+    loc = loc - beta_shift
+    return weight, weight * loc, xp.sum(weight * loc**2, axis=-1)
+
+
+def collapsed_log_likelihood(logdet, pwrss, sigma, n, p: int, scale, log_weights):
+    """log p(y | theta, sigma) from a factorization: the module docstring's formula, shared by both engines.
+
+    ``logdet``: log|L_Z|^2 + log|R_X|^2 of the system with the prior's pseudo-observations;
+    ``pwrss``: its penalized weighted residual sum of squares; ``n`` rows, ``p`` fixed effects,
+    ``scale`` the prior sds of beta (infinite: flat, no pseudo-observation); ``log_weights`` sum log w_rows.
+    """
+    xp = array_namespace(logdet, pwrss, sigma, scale)
+    finite = xp.isfinite(scale)
+    log_prior_weights = xp.sum(xp.where(finite, xp.log(sigma**2) - 2 * xp.log(xp.where(finite, scale, 1.0)), 0.0))
+    dof = n + xp.sum(finite) - p
+    minus_two = logdet + dof * xp.log(2 * np.pi * sigma**2) + pwrss / sigma**2 - log_weights - log_prior_weights
+    return -0.5 * minus_two
+
+
 def beta_prior_block(loc: jax.Array, scale: jax.Array, sigma: jax.Array, system: MixedModelSystem) -> jax.Array:
     """The pseudo-observations of a Normal(loc, scale^2) prior on beta, added to the reduced rest matrix.
 
     In the rest matrix [Z_rest, X, y]: X^T W X += diag(w), X^T W y += w m, y^T W y += sum w m^2,
     w = sigma^2 / scale^2 (0 where the scale is infinite: a flat prior), m = loc - beta_shift
-    because the system's y column is y - X beta_shift (see :mod:`hierpool.algebra.system`).
+    because the system's y column is y - X beta_shift (see :mod:`hierpool.algebra.system`);
+    :func:`beta_prior_pseudo_data`.
     """
     layout = system.layout
     q, p = layout.q_rest, layout.p
-    loc = loc - system.beta_shift
-    weight = jnp.where(jnp.isfinite(scale), sigma**2 / jnp.where(jnp.isfinite(scale), scale, 1.0) ** 2, 0.0)
+    weight, weighted_loc, weighted_ss = beta_prior_pseudo_data(loc, scale, sigma, system.beta_shift)
     size = q + p + 1
-    block = jnp.zeros((size, size), dtype=loc.dtype)
+    block = jnp.zeros((size, size), dtype=weighted_loc.dtype)
     x = jnp.arange(q, q + p)
     block = block.at[x, x].add(weight)
-    block = block.at[x, size - 1].add(weight * loc)
-    block = block.at[size - 1, x].add(weight * loc)
-    return block.at[size - 1, size - 1].add(jnp.sum(weight * loc**2))
+    block = block.at[x, size - 1].add(weighted_loc)
+    block = block.at[size - 1, x].add(weighted_loc)
+    return block.at[size - 1, size - 1].add(weighted_ss)
 
 
 def log_marginal_likelihood(
@@ -78,20 +118,8 @@ def log_marginal_likelihood(
     rest = rest + beta_prior_block(loc, scale, sigma, system)
     logdet_rest, logdet_rx, pwrss = dense_parts(rest, layout.q_rest, layout.p)
     logdet0 = logdet_from_cholesky_diagonal(jnp.diagonal(chol0, axis1=1, axis2=2))
-    finite = jnp.isfinite(scale)
-    n_normal = jnp.sum(finite)
-    log_prior_weights = jnp.sum(jnp.where(finite, jnp.log(sigma**2) - 2 * jnp.log(jnp.where(finite, scale, 1.0)), 0.0))
-    dof = layout.n + n_normal - layout.p
-    minus_two = (
-        logdet0
-        + logdet_rest
-        + logdet_rx
-        + dof * jnp.log(2 * jnp.pi * sigma**2)
-        + pwrss / sigma**2
-        - system.log_weights
-        - log_prior_weights
-    )
-    return -0.5 * minus_two
+    return collapsed_log_likelihood(logdet0 + logdet_rest + logdet_rx, pwrss, sigma, layout.n, layout.p, scale,
+                                    system.log_weights)
 
 
 def draw_effects(

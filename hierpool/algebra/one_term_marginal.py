@@ -31,50 +31,40 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .linalg import array_namespace
-from .marginal import map_in_batches
+from .marginal import beta_prior_pseudo_data, collapsed_log_likelihood, map_in_batches
 from .one_term import factor_blocks
 from .statistics import BatchStatistics
-
-
-def _prior_weights(scale, sigma) -> tuple:
-    """(finite, w): which Normal priors are proper, and their pseudo-observation weights sigma^2 / s^2 (..., p)."""
-    xp = array_namespace(scale, sigma)
-    finite = xp.isfinite(scale)
-    safe = xp.where(finite, scale, 1.0)
-    return finite, xp.where(finite, xp.asarray(sigma)[..., None] ** 2 / safe**2, 0.0)
 
 
 def with_beta_prior(stats: BatchStatistics, loc, scale, sigma) -> BatchStatistics:
     """One dataset's statistics with the Normal(loc, scale^2) prior's pseudo-observations added.
 
-    The pseudo-observations are about beta - beta_shift, the statistics' frame.  A
-    batch of sigmas (...,) gives X^T X, X^T y and y^T y with those leading axes.
+    The pseudo-observations (:func:`hierpool.algebra.marginal.beta_prior_pseudo_data`) are about
+    beta - beta_shift, the statistics' frame.  A batch of sigmas (...,) gives X^T X, X^T y and
+    y^T y with those leading axes.
     """
     xp = array_namespace(loc, scale, sigma)
-    _, weight = _prior_weights(scale, sigma)
-    loc = loc - stats.beta_shift
+    weight, weighted_loc, weighted_ss = beta_prior_pseudo_data(loc, scale, sigma, stats.beta_shift)
     return dataclasses.replace(
         stats,
         xtx=stats.xtx + weight[..., :, None] * xp.eye(weight.shape[-1]),
-        xty=stats.xty + weight * loc,
-        yty=stats.yty + xp.sum(weight * loc**2, axis=-1),
+        xty=stats.xty + weighted_loc,
+        yty=stats.yty + weighted_ss,
     )
 
 
 def log_marginal_likelihood(theta, sigma, stats: BatchStatistics, loc, scale) -> jax.Array:
-    """log p(y | theta, sigma) of one dataset with beta and b integrated out (see the module docstring)."""
-    finite, weight = _prior_weights(scale, sigma)
+    """log p(y | theta, sigma) of one dataset with beta and b integrated out (see the module docstring).
+
+    The general engine's formula (:func:`hierpool.algebra.marginal.collapsed_log_likelihood`) on the
+    one-term factorization of the statistics.
+    """
     *_, pwrss, logdet_z, logdet_x = factor_blocks(theta, with_beta_prior(stats, loc, scale, sigma))
-    p = stats.xtx.shape[-1]
-    dof = stats.n + jnp.sum(finite) - p
-    log_prior_weights = jnp.sum(jnp.where(finite, jnp.log(jnp.where(finite, weight, 1.0)), 0.0))
-    minus_two = (logdet_z + logdet_x + dof * jnp.log(2 * jnp.pi * sigma**2) + pwrss / sigma**2
-                 - log_prior_weights - stats.log_weights)
-    return -0.5 * minus_two
+    return collapsed_log_likelihood(logdet_z + logdet_x, pwrss, sigma, stats.n, stats.xtx.shape[-1], scale,
+                                    stats.log_weights)
 
 
 def conditional_draw(theta, sigma, stats: BatchStatistics, loc, scale, noise_beta, noise_u):
