@@ -1,0 +1,184 @@
+"""One algebra, written once (issue 16): each shared piece against the paths that use it.
+
+A special case kept for speed (sufficient statistics instead of rows, one theta instead
+of a batch) is asserted equal to the general piece here; no test compiles a sampler.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hierpool as hp
+from hierpool.algebra import marginal as general
+from hierpool.algebra import one_term_marginal as one_term
+from hierpool.algebra import statistics
+from hierpool.algebra.checks import singular_rows
+from hierpool.algebra.compiler_options import PROGRAMS_KEPT, ProgramCache
+from hierpool.algebra.start import intercept_moment_theta, moment_theta
+from hierpool.algebra.system import build_system, location_shift
+from hierpool.closedform.optimize import Control, is_singular
+from hierpool.closedform.optimize import moment_start as closed_form_start
+from hierpool.spec.arguments import probability_argument, sampler_arguments
+from hierpool.spec.design import build_design
+
+SLEEP = "Reaction ~ Days + (Days | Subject)"
+
+
+# --- the singular-fit rule: hp.fit_batch's vectorized check is the closed form's is_singular ---
+
+@pytest.mark.parametrize("ks", [(1,), (2,), (3,), (2, 1, 3)])
+def test_singular_rows_is_the_closed_forms_is_singular(ks):
+    rng = np.random.default_rng(1)
+    size = sum(k * (k + 1) // 2 for k in ks)
+    # values around the tolerance, zeros and negative off-diagonals
+    thetas = rng.choice([0.0, 5e-5, 1e-4, 2e-4, 0.3, -0.4, 1.2], size=(200, size))
+    for tol in (Control.singular_tol, 1e-2):
+        rows = singular_rows(thetas, ks, tol)
+        assert rows.shape == (200,)
+        assert rows.tolist() == [is_singular(theta, ks, tol) for theta in thetas]
+        assert bool(singular_rows(thetas[0], ks, tol)) == is_singular(thetas[0], ks, tol)
+    assert not singular_rows(np.full((1, size), np.nan), ks, 1e-4)[0]  # a dataset without a fit
+
+
+# --- the moment start: the closed form's ANOVA start and fit_batch's start are one function ---
+
+@pytest.mark.parametrize("formula, data", [
+    ("Reaction ~ Days + (1 | Subject)", "sleepstudy"),
+    ("Reaction ~ 1 + (1 | Subject) + (0 + Days | Subject)", "sleepstudy"),
+    ("diameter ~ 1 + (1 | plate) + (1 | sample)", "penicillin"),
+    ("Yield ~ 1 + (1 | Batch)", "dyestuff"),
+])
+def test_intercept_moment_theta_is_the_closed_forms_anova_start(formula, data):
+    design = build_design(formula, getattr(hp.datasets, data)())
+    expected = closed_form_start(design)
+    residual = location_shift(design)[1]
+    offset = 0
+    for term in design.terms:
+        if term.coef_names == ("Intercept",):
+            counts = np.bincount(term.index, minlength=term.n_levels)
+            sums = np.bincount(term.index, weights=residual, minlength=term.n_levels)
+            theta = intercept_moment_theta(counts, sums, float(residual @ residual), design.n)  # p=0, floor=1e-4
+            assert theta == pytest.approx(expected[offset], rel=1e-10)
+        offset += term.k * (term.k + 1) // 2
+
+
+def test_batch_moment_start_is_the_per_dataset_anova_start():
+    # fit_batch's start of a random intercept, from the statistics, against the ANOVA start of each
+    # dataset's own rows (its OLS residuals summed per level; fit_batch's floor 1e-2 and p)
+    from hierpool.batch.optimize import MOMENT_FLOOR, moment_start
+    from hierpool.batch.plan import plan_batch
+
+    formula = "Reaction ~ Days + (1 | Subject)"
+    data = hp.datasets.sleepstudy_replicates(6, seed=2)
+    data = data[~((data.dataset == 0) & (data.Days > 5))]  # unequal level sizes
+    plan = plan_batch(formula, data, "dataset", "test", "hp.lmm")
+    (_, members, stats), = plan.buckets()[0]
+    start = moment_start(stats)
+    for row, index in enumerate(members):
+        design = build_design(formula, plan.dataset_frame(index)[0])
+        beta = np.linalg.lstsq(design.X, design.y, rcond=None)[0]
+        residual = design.y - design.X @ beta
+        term = design.terms[0]
+        theta = intercept_moment_theta(np.bincount(term.index), np.bincount(term.index, weights=residual),
+                                       float(residual @ residual), design.n, p=design.p, floor=MOMENT_FLOOR)
+        assert start[row, 0] == pytest.approx(theta, rel=1e-9)
+
+
+def test_moment_theta_falls_back_to_the_identity():
+    # one usable level of a scalar term, and a dataset whose residuals are all zero
+    ztz = np.zeros((2, 3, 1, 1))
+    ztz[0, 0] = 4.0
+    ztz[1] = 5.0
+    cross = np.zeros((2, 3, 1))
+    theta = moment_theta(ztz, cross, np.array([1.0, 0.0]), np.array([4.0, 15.0]), p=1, floor=1e-2)
+    np.testing.assert_array_equal(theta, [[1.0], [1.0]])
+    assert intercept_moment_theta([5], [3.0], 2.0, 5) == 1.0  # one level: lme4's start
+
+
+# --- one compiled-program cache policy ---
+
+def test_program_cache_is_a_small_lru():
+    cache = ProgramCache(2)
+    built = []
+
+    def build(value):
+        return lambda: built.append(value) or value
+
+    assert cache.get("a", build("A")) == "A"
+    assert cache.get("a", build("other")) == "A"  # a hit does not build
+    cache.get("b", build("B"))
+    cache.get("a", build("other"))  # "a" is now the most recently used
+    cache.get("c", build("C"))  # drops "b", the least recently used
+    assert built == ["A", "B", "C"]
+    assert "a" in cache and "c" in cache and "b" not in cache and len(cache) == 2
+    cache.clear()
+    assert len(cache) == 0
+    with pytest.raises(ValueError):
+        ProgramCache(0)
+
+
+def test_every_compiled_program_cache_shares_the_policy():
+    from hierpool.batch import bayes as batch_bayes
+    from hierpool.batch import fit as batch_fit
+    from hierpool.bayesian import nuts
+
+    for cache in (nuts._PROGRAMS, batch_fit._COMPILED, batch_bayes._PROGRAMS):
+        assert isinstance(cache, ProgramCache) and cache.size == PROGRAMS_KEPT
+
+
+# --- the collapsed likelihood: one formula, the one-term path on statistics equal to the general one ---
+
+def test_prior_pseudo_observations_are_the_same_in_both_engines(sleepstudy):
+    design = build_design(SLEEP, sleepstudy)
+    system = build_system(design)
+    stats = statistics.one_dataset_statistics(design)
+    loc, scale, sigma = jnp.asarray([250.0, 9.0]), jnp.asarray([40.0, jnp.inf]), jnp.asarray(20.0)
+    block = general.beta_prior_block(loc, scale, sigma, system)
+    prior = one_term.with_beta_prior(stats, loc, scale, sigma)
+    q, p = system.layout.q_rest, design.p
+    np.testing.assert_array_equal(np.asarray(prior.xtx - stats.xtx), np.asarray(block[q:q + p, q:q + p]))
+    np.testing.assert_array_equal(np.asarray(prior.xty - stats.xty), np.asarray(block[q:q + p, -1]))
+    assert float(prior.yty) == pytest.approx(float(stats.yty + block[-1, -1]), rel=1e-15)
+
+
+def test_one_term_marginal_likelihood_on_the_host_equals_the_general_engine(sleepstudy):
+    # NumPy in (the one-term algebra's host path), the general engine in JAX: the same number to 1e-11
+    design = build_design(SLEEP, sleepstudy)
+    system = build_system(design)
+    stats = statistics.one_dataset_statistics(design)
+    loc, scale = np.array([250.0, 9.0]), np.array([40.0, np.inf])
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        theta, sigma = rng.uniform(0.05, 1.5, size=3), float(rng.uniform(10, 40))
+        host = one_term.log_marginal_likelihood(theta, np.float64(sigma), stats, loc, scale)
+        reference = general.log_marginal_likelihood(jnp.asarray(theta), jnp.asarray(sigma), system, jnp.asarray(loc),
+                                                    jnp.asarray(scale))
+        assert isinstance(host, (np.ndarray, np.generic))
+        assert float(host) == pytest.approx(float(reference), rel=1e-11)
+
+
+# --- argument checks: one rule, one message, in hp.bayes and hp.bayes_batch ---
+
+def test_sampler_arguments():
+    assert sampler_arguments(np.int64(2), 10, 0, 3, 0.9, 0.8) == (2, 10, 0, 3)
+    with pytest.raises(hp.ArgumentError, match="draws must be an integer >= 4, got 3"):
+        sampler_arguments(2, 3, 1, 0, 0.9, 0.8, min_draws=4)
+    with pytest.raises(hp.ArgumentError, match="tune must be an integer >= 1, got 0"):
+        sampler_arguments(2, 10, 0, 0, 0.9, 0.8, min_tune=1)
+    with pytest.raises(hp.ArgumentError, match="seed must be an integer >= 0"):
+        sampler_arguments(2, 10, 0, -1, 0.9, 0.8)
+    assert probability_argument("level", 0.5) == 0.5
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"chains": 0}, "chains must be an integer >= 1, got 0"),
+    ({"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),
+    ({"level": 1.0}, "level must be between 0 and 1, got 1.0"),
+    ({"target_accept": 0}, "target_accept must be between 0 and 1, got 0"),
+])
+def test_bayes_and_bayes_batch_refuse_the_same_arguments_alike(sleepstudy, bad, message):
+    with pytest.raises(hp.ArgumentError) as single:
+        hp.bayes(SLEEP, sleepstudy, **bad)
+    with pytest.raises(hp.ArgumentError) as batch:
+        hp.bayes_batch(SLEEP, sleepstudy.assign(dataset=0), **bad)
+    assert str(single.value) == str(batch.value) == message
