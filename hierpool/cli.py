@@ -153,9 +153,12 @@ def _fit(args) -> int:
         _write_table(_ranef_with_intervals(fit, args.level), out / "ranef.csv"),
         _write_table(comparison.table, out / "pooling.csv"),
         _write_table(comparison.fitted().rename_axis("row").reset_index(), out / "fitted.csv"),
-        _save(comparison.plot("shrinkage"), out / "shrinkage.png"),
-        _save(comparison.plot("caterpillar"), out / "caterpillar.png"),
     ]
+    if not args.no_plots:  # matplotlib and two PNGs are most of a small fit's wall time
+        written += [
+            _save(comparison.plot("shrinkage"), out / "shrinkage.png"),
+            _save(comparison.plot("caterpillar"), out / "caterpillar.png"),
+        ]
     posterior = comparison.posterior
     if posterior is not None:
         print("\nPosterior (hp.bayes)")
@@ -205,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="column of a known offset added to the linear predictor, as lmer's offset "
                           "(offset(expr) terms in the formula work too)")
     fit.add_argument("--level", type=float, default=0.95, help="interval level (default: %(default)s)")
+    fit.add_argument("--no-plots", action="store_true", help="write the tables only (no matplotlib, no PNGs)")
     fit.add_argument("--chains", type=int, default=4)
     fit.add_argument("--draws", type=int, default=1000)
     fit.add_argument("--tune", type=int, default=1000)

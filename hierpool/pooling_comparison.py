@@ -40,7 +40,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import scipy.linalg
-import scipy.stats
 
 from .closedform import lmm
 from .closedform.results import LMMResult

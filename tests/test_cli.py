@@ -194,3 +194,9 @@ def test_help_and_version_from_a_fresh_process():
     assert helped.returncode == 0 and "demo" in helped.stdout and "fit" in helped.stdout
     wrong = subprocess.run([sys.executable, "-m", "hierpool.cli", "fitt"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
+
+
+def test_fit_without_plots_writes_the_tables_only(sleep_csv, tmp_path):
+    assert main(["fit", str(sleep_csv), "Reaction ~ Days + (1 | Subject)", "--out", str(tmp_path), "--no-plots"]) == 0
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"fixef.csv", "varcorr.csv", "ranef.csv", "pooling.csv", "fitted.csv"} == written

@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import scipy.stats
+import scipy.special
 
 from ..errors import ArgumentError
 from ..spec.newdata import model_rows, new_row_weights
 
 
 def normal_quantile(level: float) -> float:
-    """Two-sided normal quantile z of an interval of the given level: P(|Z| <= z) = level."""
-    return float(scipy.stats.norm.ppf(0.5 + level / 2))
+    """Two-sided normal quantile z of an interval of the given level: P(|Z| <= z) = level.
+
+    ``scipy.special.ndtri`` is ``scipy.stats.norm.ppf`` without importing scipy.stats (~0.8 s).
+    """
+    return float(scipy.special.ndtri(0.5 + level / 2))
 
 
 def _rows(result, newdata, interval):
