@@ -19,9 +19,11 @@ import numpy as np
 import scipy.optimize
 
 from ..algebra import one_term
+from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import objective, objective_and_grad, objective_and_gradient_on_host, objective_jit
-from ..algebra.linalg import theta_lower_bounds, theta_start, tril_positions
+from ..algebra.linalg import theta_lower_bounds, theta_start
+from ..algebra.start import intercept_moment_theta
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
 from ..algebra.system import on_host as to_host
 from ..errors import ArgumentError, ConvergenceError
@@ -125,27 +127,24 @@ def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, stat
 def moment_start(design) -> np.ndarray:
     """A starting theta from one-way ANOVA moments of the OLS residuals.
 
-    For each scalar random-intercept term, theta = sqrt(sigma_b^2 / sigma_w^2) with
-    sigma_b^2 = var(level means) - sigma_w^2 * mean(1 / n_l), the ANOVA (method of
-    moments) estimate, clipped to [1e-2, 1e2].  Other terms, and fits with known
-    residual sds, start at lme4's identity.  On InstEval this halves the number of
-    L-BFGS-B evaluations (24 -> 13).
+    For each scalar random-intercept term, theta = sqrt(sigma_b^2 / sigma_w^2) by the
+    ANOVA (method of moments) estimate (:func:`hierpool.algebra.start.intercept_moment_theta`,
+    the estimator ``hp.fit_batch`` also starts from).  Other terms, and fits with known
+    residual sds, start at lme4's identity.  It saves L-BFGS-B evaluations on large
+    crossed models (InstEval's count is in benchmarks/RESULTS.md).
     """
     start = theta_start(tuple(t.k for t in design.terms))
     if design.sigma_known or design.p == 0:
         return start
     residual = location_shift(design)[1]  # weighted least-squares residuals of y - offset
+    residual_ss = float(residual @ residual)
     offset = 0
     for term in design.terms:
-        size = term.k * (term.k + 1) // 2
         if term.coef_names == ("Intercept",):
             counts = np.bincount(term.index, minlength=term.n_levels)
-            means = np.bincount(term.index, weights=residual, minlength=term.n_levels) / counts
-            within = np.sum((residual - means[term.index]) ** 2) / max(design.n - term.n_levels, 1)
-            if within > 0:
-                between = max(np.var(means, ddof=1) - within * np.mean(1.0 / counts), 0.0)
-                start[offset] = float(np.sqrt(np.clip(between / within, 1e-4, 1e4)))
-        offset += size
+            sums = np.bincount(term.index, weights=residual, minlength=term.n_levels)
+            start[offset] = intercept_moment_theta(counts, sums, residual_ss, design.n)
+        offset += term.k * (term.k + 1) // 2
     return start
 
 
@@ -165,10 +164,9 @@ def _projected_gradient(theta: np.ndarray, gradient: np.ndarray, lower: np.ndarr
     return np.where(at_bound, 0.0, gradient)
 
 
-def is_singular(theta: np.ndarray, ks: tuple[int, ...], tol: float = 1e-4) -> bool:
-    """lme4's ``isSingular``: some diagonal element of some T_j below ``tol``."""
-    diagonal = np.concatenate([rows == cols for rows, cols in (tril_positions(k) for k in ks)])
-    return bool(np.any(theta[diagonal] < tol))
+def is_singular(theta: np.ndarray, ks: tuple[int, ...], tol: float = Control.singular_tol) -> bool:
+    """lme4's ``isSingular``: some diagonal element of some T_j below ``tol`` (:func:`hierpool.algebra.checks.singular_rows`)."""
+    return bool(singular_rows(theta, ks, tol))
 
 
 def _hessian_fd(gradients_at, theta: np.ndarray, lower: np.ndarray, step: float = 1e-4) -> np.ndarray:
