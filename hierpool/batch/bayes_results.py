@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..algebra.varcorr import coef_pairs
+from ..algebra.varcorr import coef_pairs, varcorr_table
 from ..bayesian.results import ESS_MIN_PER_CHAIN, R_HAT_MAX, SUMMARY_COLUMNS, summarize_draws
 
 
@@ -89,12 +89,12 @@ class BayesBatchResult:
     @property
     def varcorr(self) -> pd.DataFrame:
         """sds, correlations and the residual sd per dataset (grp, var1, var2 as hp.bayes's varcorr)."""
-        rows = [(self.group, name, None) for name in self.coef_names]
-        rows += [(self.group, self.coef_names[i], self.coef_names[j]) for i, j in coef_pairs(len(self.coef_names))]
-        rows.append(("Residual", None, None))
-        template = pd.DataFrame(rows, columns=["grp", "var1", "var2"])
+        # the rows of hp.lmm's table (varcorr_table) for one dataset; the values are the summaries
+        k = len(self.coef_names)
+        template = varcorr_table([(self.group, self.coef_names, np.full((k, k), np.nan))], np.nan)
+        template = template[["grp", "var1", "var2"]]
         keys = pd.concat([template] * len(self.datasets), ignore_index=True)
-        keys.insert(0, self.datasets.name, np.repeat(np.asarray(self.datasets), len(rows)))
+        keys.insert(0, self.datasets.name, np.repeat(np.asarray(self.datasets), len(template)))
         return self._long(keys, self.varcorr_summary.reshape(-1, len(SUMMARY_COLUMNS)))
 
     @property

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..algebra.varcorr import coef_pairs
+from ..algebra.varcorr import coef_pairs, varcorr_table
 
 
 @dataclass(frozen=True)
@@ -78,23 +78,13 @@ class BatchResult:
 
     @property
     def varcorr(self) -> pd.DataFrame:
-        """``as.data.frame(VarCorr(fit))`` of every dataset, with a ``dataset`` column."""
-        k = len(self.coef_names)
-        sds = np.sqrt(np.diagonal(self.covariance, axis1=1, axis2=2))
-        frames = []
-        for i, name in enumerate(self.coef_names):
-            frames.append(pd.DataFrame({"dataset": self.datasets, "grp": self.group, "var1": name, "var2": None,
-                                        "vcov": self.covariance[:, i, i], "sdcor": sds[:, i]}))
-        for i, j in coef_pairs(k):
-            with np.errstate(invalid="ignore", divide="ignore"):
-                corr = self.covariance[:, i, j] / (sds[:, i] * sds[:, j])
-            frames.append(pd.DataFrame({"dataset": self.datasets, "grp": self.group, "var1": self.coef_names[i],
-                                        "var2": self.coef_names[j], "vcov": self.covariance[:, i, j], "sdcor": corr}))
-        frames.append(pd.DataFrame({"dataset": self.datasets, "grp": "Residual", "var1": None, "var2": None,
-                                    "vcov": self.sigma**2, "sdcor": self.sigma}))
-        order = {label: n for n, label in enumerate(self.datasets)}
-        table = pd.concat(frames, ignore_index=True)
-        return table.sort_values("dataset", key=lambda s: s.map(order), kind="stable", ignore_index=True)
+        """``as.data.frame(VarCorr(fit))`` of every dataset, with a ``dataset`` column.
+
+        ``hp.lmm``'s table (:func:`~hierpool.algebra.varcorr.varcorr_table`) per dataset, one after
+        another; ``var1`` and ``var2`` are object columns holding None where empty.
+        """
+        return varcorr_table([(self.group, self.coef_names, self.covariance)], self.sigma,
+                             by=("dataset", self.datasets), object_keys=True)
 
     @property
     def ranef(self) -> pd.DataFrame:
@@ -119,13 +109,12 @@ class BatchResult:
         for j, name in enumerate(self.fixed_names):
             frame[name] = self.beta[:, j]
             frame[f"se_{name}"] = self.beta_se[:, j]
-        sds = np.sqrt(np.diagonal(self.covariance, axis1=1, axis2=2))
+        k = len(self.coef_names)
+        sdcor = self.varcorr["sdcor"].to_numpy().reshape(len(self.datasets), -1)  # sds, correlations, sigma
         for i, name in enumerate(self.coef_names):
-            frame[f"sd_{self.group}_{name}"] = sds[:, i]
-        for i, j in coef_pairs(len(self.coef_names)):
-            with np.errstate(invalid="ignore", divide="ignore"):
-                frame[f"cor_{self.group}_{self.coef_names[i]}_{self.coef_names[j]}"] = (
-                    self.covariance[:, i, j] / (sds[:, i] * sds[:, j]))
+            frame[f"sd_{self.group}_{name}"] = sdcor[:, i]
+        for n, (i, j) in enumerate(coef_pairs(k)):
+            frame[f"cor_{self.group}_{self.coef_names[i]}_{self.coef_names[j]}"] = sdcor[:, k + n]
         frame["sigma"] = self.sigma
         return frame
 

@@ -10,7 +10,7 @@ import arviz as az
 import numpy as np
 import pandas as pd
 
-from ..algebra.varcorr import coef_pairs
+from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError, HierpoolWarning
 from ..spec.design import Design
 from ..spec.newdata import model_rows, new_row_weights
@@ -147,11 +147,9 @@ class BayesResult:
             for column in SUMMARY_COLUMNS[1:]:
                 frame[column] = 0.0 if column == "sd" else np.nan
             return frame
-        rows, draws = self._varcorr_rows_and_draws()
+        keys, draws = self._varcorr_keys_and_draws()
         stats = summarize_draws(draws, self.level)
-        return pd.concat(
-            [pd.DataFrame(rows, columns=["grp", "var1", "var2"]), pd.DataFrame(stats)[SUMMARY_COLUMNS]], axis=1
-        )
+        return pd.concat([keys, pd.DataFrame(stats)[SUMMARY_COLUMNS]], axis=1)
 
     def varcorr_draws(self) -> np.ndarray:
         """Draws of the ``varcorr`` rows (sds, correlations, residual sd), shape (chain, draw, rows).
@@ -160,25 +158,25 @@ class BayesResult:
         """
         if self.held is not None:
             raise ArgumentError("the variance parameters were held fixed: they have no draws")
-        return self._varcorr_rows_and_draws()[1]
+        return self._varcorr_keys_and_draws()[1]
 
-    def _varcorr_rows_and_draws(self) -> tuple[list, np.ndarray]:
-        rows, columns = [], []
-        slots = term_slots(self.design)[0]
-        for term, slot in zip(self.design.terms, slots):
+    def _varcorr_keys_and_draws(self) -> tuple[pd.DataFrame, np.ndarray]:
+        """The varcorr rows' keys (grp, var1, var2) and their sdcor draws, by the closed form's table builder.
+
+        Each draw's sds and correlations go in as they were sampled (``form="sdcor"``).
+        """
+        terms = []
+        for term, slot in zip(self.design.terms, term_slots(self.design)[0]):
             sd = self._values(f"sd_{slot.name}")[..., list(slot.coef_positions)]
-            for i, coef in enumerate(term.coef_names):
-                rows.append((term.group, coef, None))
-                columns.append(sd[..., i])
-            if slot.cor_name:
-                cor = self._values(slot.cor_name)
-                for a, c in coef_pairs(term.k):
-                    rows.append((term.group, term.coef_names[a], term.coef_names[c]))
-                    columns.append(cor[..., a, c])
-        if "sigma" in self.idata.posterior:
-            rows.append(("Residual", None, None))
-            columns.append(self._values("sigma"))
-        return rows, np.stack(columns, axis=-1)
+            sdcor = self._values(slot.cor_name).copy() if slot.cor_name else np.zeros(sd.shape + (term.k,))
+            for i in range(term.k):
+                sdcor[..., i, i] = sd[..., i]
+            terms.append((term.group, term.coef_names, sdcor))
+        sigma = self._values("sigma") if "sigma" in self.idata.posterior else None
+        table = varcorr_table(terms, sigma, form="sdcor")
+        shape = self.beta_draws.shape[:2]
+        rows = len(table) // int(np.prod(shape))
+        return table.iloc[:rows][["grp", "var1", "var2"]], table["sdcor"].to_numpy().reshape(shape + (rows,))
 
     # --- predictions ---------------------------------------------------------------------
     def predict(

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..algebra.henderson import Solution, diagonal_blocks
 from ..algebra.system import MixedModelSystem
-from ..algebra.varcorr import coef_pairs
+from ..algebra.varcorr import varcorr_table
 from ..errors import HierpoolError
 from ..spec.design import Design
 from .optimize import Optimum
@@ -116,19 +116,11 @@ class LMMResult:
         """Variance components as lme4's ``as.data.frame(VarCorr(fit))``: grp, var1, var2, vcov, sdcor.
 
         Per term: the variances, then the covariances (sdcor holds correlations),
-        then a ``Residual`` row (absent when residual sds were given with ``se=``).
+        then a ``Residual`` row (absent when residual sds were given with ``se=``);
+        built by :func:`hierpool.algebra.varcorr.varcorr_table`.
         """
-        rows = []
-        for term, cov in zip(self.design.terms, self.term_covariances()):
-            sd = np.sqrt(np.diag(cov))
-            for i, name in enumerate(term.coef_names):
-                rows.append((term.group, name, None, cov[i, i], sd[i]))
-            for i, j in coef_pairs(term.k):
-                corr = cov[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
-                rows.append((term.group, term.coef_names[i], term.coef_names[j], cov[i, j], corr))
-        if not self.design.sigma_known:
-            rows.append(("Residual", None, None, self.sigma**2, self.sigma))
-        return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+        terms = [(term.group, term.coef_names, cov) for term, cov in zip(self.design.terms, self.term_covariances())]
+        return varcorr_table(terms, None if self.design.sigma_known else self.sigma)
 
     # --- random effects ------------------------------------------------------------------
     @cached_property

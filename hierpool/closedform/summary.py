@@ -5,19 +5,28 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..algebra.varcorr import coef_pairs
+
 
 def _varcorr_block(result) -> list[str]:
-    rows = []
-    for term, cov in zip(result.design.terms, result.term_covariances()):
-        sd = np.sqrt(np.diag(cov))
+    """lme4's printed "Random effects" block, a layout of ``result.varcorr`` (:func:`~hierpool.algebra.varcorr.varcorr_table`).
+
+    Each term's k variance rows print with their sds and the correlations with the
+    coefficients before them (row i: rho_i0 ... rho_i,i-1), read from the term's pair rows.
+    """
+    table = result.varcorr
+    rows, start = [], 0
+    for term in result.design.terms:
+        k = term.k
+        block = table.iloc[start : start + k + k * (k - 1) // 2]
+        start += len(block)
+        corr_of = {(a, c): value for (a, c), value in zip(coef_pairs(k), block.sdcor.to_numpy()[k:])}
         for i, name in enumerate(term.coef_names):
-            corr = []
-            for j in range(i):
-                denom = sd[i] * sd[j]
-                corr.append(f"{cov[i, j] / denom:5.2f}" if denom > 0 else "  NaN")
-            rows.append((term.group if i == 0 else "", name, f"{cov[i, i]:.4g}", f"{sd[i]:.4g}", " ".join(corr)))
-    if not result.design.sigma_known:
-        rows.append(("Residual", "", f"{result.sigma**2:.4g}", f"{result.sigma:.4g}", ""))
+            corr = [f"{corr_of[j, i]:5.2f}" if not np.isnan(corr_of[j, i]) else "  NaN" for j in range(i)]
+            variance, sd = block.vcov.iloc[i], block.sdcor.iloc[i]
+            rows.append((term.group if i == 0 else "", name, f"{variance:.4g}", f"{sd:.4g}", " ".join(corr)))
+    for residual in table.iloc[start:].itertuples():  # the Residual row, unless residual sds were known
+        rows.append((residual.grp, "", f"{residual.vcov:.4g}", f"{residual.sdcor:.4g}", ""))
     frame = pd.DataFrame(rows, columns=["Groups", "Name", "Variance", "Std.Dev.", "Corr"])
     if not frame["Corr"].str.strip().any():
         frame = frame.drop(columns="Corr")
