@@ -25,6 +25,27 @@ def test_the_closed_form_engine_does_not_load_the_bayesian_stack():
     assert not loaded & {"numpyro", "arviz", "matplotlib"}
 
 
+def test_a_small_fit_and_its_tables_run_without_jax():
+    # the host path (one-term specialisation and general blocked algebra) never imports JAX
+    code = ("import hierpool as hp\nd = hp.datasets.sleepstudy()\n"
+            "for f in ('Reaction ~ Days + (Days | Subject)', 'Reaction ~ Days + (1 | Subject) + (1 | Days)'):\n"
+            "    fit = hp.lmm(f, d)\n"
+            "    fit.summary(), fit.ranef, fit.varcorr, fit.ranef_joint_sd(), fit.predict(d.iloc[:3], interval='prediction')")
+    assert _loaded_after(code) == {"formulae", "scipy"}
+
+
+def test_jax_imported_later_gets_float64_and_the_algebra_pytrees():
+    # a system built without JAX, then the user's own jax.jit: JAX is configured when it is imported
+    code = ("import warnings\nimport numpy as np\nimport hierpool as hp\n"
+            "model = hp.MixedModel('Reaction ~ Days + (1 | Subject) + (1 | Days)', hp.datasets.sleepstudy())\n"
+            "theta = np.array([1.0, 0.5])\nvalue = model.objective(theta)\n"
+            "import jax\nfrom hierpool.algebra.criterion import objective\n"
+            "assert jax.config.jax_enable_x64\n"
+            "compiled = float(jax.jit(objective)(jax.numpy.asarray(theta), model.system))\n"
+            "assert abs(compiled - value) < 1e-9 * abs(value), (compiled, value)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_public_names_resolve_lazily():
     import hierpool as hp
 

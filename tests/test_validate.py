@@ -94,8 +94,8 @@ def test_a_bug_shared_by_the_solve_and_the_exact_draw_fails_the_validation(monke
 
     honest = system.build_system
 
-    def broken(design):
-        return honest(replace(design, y=design.y + np.where(design.terms[0].index == 3, 5.0, 0.0)))
+    def broken(design, **options):
+        return honest(replace(design, y=design.y + np.where(design.terms[0].index == 3, 5.0, 0.0)), **options)
 
     monkeypatch.setattr(model, "build_system", broken)
     monkeypatch.setattr(bayes_fit, "build_system", broken)

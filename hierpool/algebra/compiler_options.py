@@ -44,8 +44,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import jax
 import numpy as np
+
+from .jax_runtime import jax
 
 #: Options for CPU programs; other backends get XLA's defaults.
 CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}

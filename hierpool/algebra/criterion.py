@@ -28,12 +28,12 @@ profiled out, theta holds absolute sds, and
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from functools import partial
 
-import jax
 import numpy as np
 
+from .jax_runtime import jax, pytree_dataclass
 from .linalg import (
     UNROLL_MAX_SIZE,
     array_namespace,
@@ -129,11 +129,10 @@ def _reduce(rest_factors: tuple, m_levels: jax.Array, system: MixedModelSystem) 
     """S = Lambda_r^T (A_rest - U(M)) Lambda_r + diag(I_q, 0): NumPy on the host, else with its written-out adjoint."""
     if array_namespace(m_levels) is np:
         return _reduce_fwd(rest_factors, m_levels, system)[0]
-    return _reduce_traced(rest_factors, m_levels, system)
+    return _traced_primitives()[0](rest_factors, m_levels, system)
 
 
-@jax.custom_vjp
-def _reduce_traced(rest_factors: tuple, m_levels: jax.Array, system: MixedModelSystem) -> jax.Array:
+def _reduce_value(rest_factors: tuple, m_levels: jax.Array, system: MixedModelSystem) -> jax.Array:
     """S = Lambda_r^T (A_rest - U(M)) Lambda_r + diag(I_q, 0), U(M) = sum_l V_l^T M_l V_l."""
     return _reduce_fwd(rest_factors, m_levels, system)[0]
 
@@ -177,8 +176,6 @@ def _reduce_bwd(residuals, cotangent):
     return tuple(factor_grads), grad_m, None
 
 
-_reduce_traced.defvjp(_reduce_fwd, _reduce_bwd)
-
 
 def reduced_rest(theta: jax.Array, system: MixedModelSystem):
     """The rest of the augmented matrix after eliminating term 0, and term 0's factors.
@@ -194,7 +191,7 @@ def reduced_rest(theta: jax.Array, system: MixedModelSystem):
     return _reduce(tuple(factors[1:]), m_levels, system), factors, chol0, left
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclass(frozen=True)
 class ObjectiveParts:
     """The pieces of the profiled objective at one theta."""
@@ -218,11 +215,10 @@ def dense_parts(rest: jax.Array, q: int, p: int) -> tuple[jax.Array, jax.Array, 
     """
     if array_namespace(rest) is np:
         return _dense_parts_forward(rest, q, p)[0]
-    return _dense_parts_traced(rest, q, p)
+    return _traced_primitives()[1](rest, q, p)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _dense_parts_traced(rest: jax.Array, q: int, p: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _dense_parts_value(rest: jax.Array, q: int, p: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return _dense_parts_forward(rest, q, p)[0]
 
 
@@ -266,7 +262,18 @@ def _dense_parts_bwd(q, p, chol, cotangent):
     return (grad,)
 
 
-_dense_parts_traced.defvjp(_dense_parts_fwd, _dense_parts_bwd)
+
+@functools.cache
+def _traced_primitives():
+    """The two adjoint-carrying primitives as ``jax.custom_vjp`` functions, built when first traced.
+
+    Built on first use, not at import: defining them imports JAX, which the host path never needs.
+    """
+    reduce_traced = jax.custom_vjp(_reduce_value)
+    reduce_traced.defvjp(_reduce_fwd, _reduce_bwd)
+    dense_parts_traced = jax.custom_vjp(_dense_parts_value, nondiff_argnums=(1, 2))
+    dense_parts_traced.defvjp(_dense_parts_fwd, _dense_parts_bwd)
+    return reduce_traced, dense_parts_traced
 
 
 def objective_parts(theta: jax.Array, system: MixedModelSystem) -> ObjectiveParts:
@@ -329,8 +336,20 @@ def objective(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> 
     return criterion(objective_parts(theta, system), system, reml)
 
 
-objective_jit = jax.jit(objective, static_argnames="reml")
-objective_and_grad = jax.jit(jax.value_and_grad(objective), static_argnames="reml")
+@functools.cache
+def _compiled() -> dict:
+    return {
+        "objective_jit": jax.jit(objective, static_argnames="reml"),
+        "objective_and_grad": jax.jit(jax.value_and_grad(objective), static_argnames="reml"),
+    }
+
+
+def __getattr__(name: str):
+    # objective_jit (lme4's devfun) and objective_and_grad (with its gradient) as compiled
+    # programs: created on first use (PEP 562), so that importing this module imports no JAX
+    if name in ("objective_jit", "objective_and_grad"):
+        return _compiled()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _term0_adjoint(t0, a00, chol0, left, c_logdet, grad_m):

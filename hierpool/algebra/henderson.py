@@ -17,13 +17,13 @@ objective uses; b = Lambda u.  Covariances (Henderson 1975):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .criterion import level_contractions, reduced_rest
+from .jax_runtime import jax, jnp, pytree_dataclass
 from .linalg import (
     array_namespace,
     cholesky,
@@ -36,7 +36,7 @@ from .linalg import (
 from .system import MixedModelSystem, shift_beta
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclass(frozen=True)
 class Solution:
     """Everything determined by theta: estimates, predictions and their variances.
@@ -265,10 +265,9 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solu
     )
 
 
-solve_jit = jax.jit(solve, static_argnames="reml")
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclass(frozen=True)
 class PredictionCovariance:
     """Blocks of sigma^-2 Cov([u-hat - u; beta-hat - beta]), the inverse of the MME matrix.
@@ -315,7 +314,20 @@ def prediction_covariance(theta: jax.Array, system: MixedModelSystem) -> Predict
     return PredictionCovariance(term0=term0, cross=cross, rest=s_a_inv)
 
 
-prediction_covariance_jit = jax.jit(prediction_covariance)
+@functools.cache
+def _compiled() -> dict:
+    return {
+        "solve_jit": jax.jit(solve, static_argnames="reml"),
+        "prediction_covariance_jit": jax.jit(prediction_covariance),
+    }
+
+
+def __getattr__(name: str):
+    # solve_jit and prediction_covariance_jit: compiled programs created on first use (PEP 562),
+    # so that importing this module imports no JAX
+    if name in ("solve_jit", "prediction_covariance_jit"):
+        return _compiled()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def as_numpy(tree):

@@ -15,12 +15,11 @@ from __future__ import annotations
 import functools
 import operator
 
-import jax
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)  # the closed-form engine works in float64
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+# JAX is imported when a traced branch first needs it (float64 is turned on then):
+# the host branches run without it
+from .jax_runtime import jax, jnp
 
 
 def array_namespace(*arrays):
@@ -137,7 +136,7 @@ def minus_sum_of(a, terms):
 
 def _broadcast_to_rank(x: jax.Array, like: jax.Array) -> jax.Array:
     """x (...) with trailing axes added to broadcast against like (..., extra)."""
-    return x.reshape(x.shape + (1,) * (jnp.ndim(like) - jnp.ndim(x)))
+    return x.reshape(x.shape + (1,) * (np.ndim(like) - np.ndim(x)))
 
 
 def cholesky_entries(a) -> list[list]:

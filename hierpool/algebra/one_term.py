@@ -19,8 +19,8 @@ beta is beta0 + L_X^-T r.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .criterion import profiled_criterion
@@ -36,6 +36,9 @@ from .linalg import (
     tri_inverse_entries,
     tril_positions,
 )
+
+if TYPE_CHECKING:
+    import jax
 
 
 def _factor_entries(theta: jax.Array, k: int) -> list[list]:
@@ -155,14 +158,15 @@ def solution(theta: jax.Array, stats, reml: bool = True) -> dict:
     sigma2 = pwrss / (stats.n - p if reml else stats.n)
     beta = chol_x_inv.T @ r
     # u_l = L_l^-T (c_l - C_l beta), b_l = Lambda u_l
-    u = jnp.einsum("lji,lj->li", chol_inv, cz - jnp.einsum("lip,p->li", cx, beta))
+    xp = array_namespace(theta, stats.ztz)
+    u = xp.einsum("lji,lj->li", chol_inv, cz - xp.einsum("lip,p->li", cx, beta))
     b = u @ lam.T
-    inner_inv = jnp.einsum("lki,lkj->lij", chol_inv, chol_inv)  # (L L^T)^-1
+    inner_inv = xp.einsum("lki,lkj->lij", chol_inv, chol_inv)  # (L L^T)^-1
     cond_var = sigma2 * lam[None] @ inner_inv @ lam.T[None]
     return {
         "beta": beta + stats.beta_shift,
         "vcov": sigma2 * chol_x_inv.T @ chol_x_inv,
-        "sigma": jnp.sqrt(sigma2),
+        "sigma": xp.sqrt(sigma2),
         "b": b,
         "cond_var": cond_var,
         "factor": lam,

@@ -28,12 +28,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
+from .jax_runtime import pytree_dataclass
 
-@jax.tree_util.register_dataclass
+if TYPE_CHECKING:
+    import jax
+
+
+@pytree_dataclass
 @dataclass(frozen=True)
 class BatchStatistics:
     """Stacked sufficient statistics of a batch of datasets (leading axis: dataset).
@@ -64,11 +69,15 @@ class BatchStatistics:
     beta_shift: jax.Array
 
     def astype(self, dtype) -> BatchStatistics:
-        cast = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=dtype), self)
+        cast = self._map(lambda a: np.asarray(a, dtype=dtype))
         return dataclasses.replace(cast, beta_shift=np.asarray(self.beta_shift, dtype=np.float64))
 
     def take(self, index) -> BatchStatistics:
-        return jax.tree_util.tree_map(lambda a: a[index], self)
+        return self._map(lambda a: a[index])
+
+    def _map(self, function) -> BatchStatistics:
+        """``function`` applied to every array (JAX's tree_map without importing JAX)."""
+        return BatchStatistics(**{f.name: function(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
 def _sums(index: np.ndarray, values: np.ndarray, count: int, weights: np.ndarray | None = None) -> np.ndarray:

@@ -32,14 +32,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
 from ..spec.design import Design
+from .jax_runtime import jnp, pytree_dataclass
+
+if TYPE_CHECKING:
+    import jax
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclass(frozen=True)
 class Coupling:
     """Sparse block ``Z_0^T W B_r`` between term 0 and rest block r (COO of k0 x k_r blocks)."""
@@ -49,7 +53,7 @@ class Coupling:
     values: jax.Array  # (nnz, k0, k_r)
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclass(frozen=True)
 class Pairs:
     """Pairs of couplings (a in block r, b in block s) that share a term-0 level l.
@@ -103,7 +107,7 @@ class Layout:
         return tuple((r, s) for r in range(m) for s in range(r, m))
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclass(frozen=True)
 class MixedModelSystem:
     """Cross-products of one model on one data set: the input of every numerical kernel.
@@ -240,7 +244,7 @@ def build_system(design: Design, host: bool = False) -> MixedModelSystem:
         a, b, target = _pairs(level0_r, level_r, level0_s, level_s, blocks[s][2], ell0)
         products = values_r[a][:, :, None, :, None] * values_s[b][:, None, :, None, :]
         pairs.append((level0_r[a], target, products))
-    as_jax = np.asarray if host else jax.numpy.asarray
+    as_jax = np.asarray if host else jnp.asarray
     return MixedModelSystem(
         a00=as_jax(a00),
         couplings=tuple(
@@ -254,14 +258,27 @@ def build_system(design: Design, host: bool = False) -> MixedModelSystem:
     )
 
 
+def map_arrays(function, system: MixedModelSystem) -> MixedModelSystem:
+    """``function`` applied to every array of the system (JAX's tree_map, without importing JAX)."""
+    return MixedModelSystem(
+        a00=function(system.a00),
+        couplings=tuple(Coupling(function(c.level0), function(c.level), function(c.values)) for c in system.couplings),
+        pairs=tuple(Pairs(function(p.level0), function(p.target), function(p.products)) for p in system.pairs),
+        rest=function(system.rest),
+        log_weights=function(system.log_weights),
+        beta_shift=function(system.beta_shift),
+        layout=system.layout,
+    )
+
+
 def on_host(system: MixedModelSystem) -> MixedModelSystem:
     """The same system with NumPy arrays (no copy on CPU): the input of the uncompiled algebra."""
-    return jax.tree_util.tree_map(np.asarray, system)
+    return map_arrays(np.asarray, system)
 
 
 def on_device(system: MixedModelSystem) -> MixedModelSystem:
     """The same system with JAX arrays: the input of compiled programs (copied once, not at every call)."""
-    return jax.tree_util.tree_map(jax.numpy.asarray, system)
+    return map_arrays(jnp.asarray, system)
 
 
 def evaluation_flops(system: MixedModelSystem) -> float:

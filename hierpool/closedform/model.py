@@ -10,12 +10,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from ..algebra import henderson
 from ..algebra.conditioning import condition_terms
-from ..algebra.henderson import as_numpy, solve, solve_jit
+from ..algebra.henderson import as_numpy, solve
+from ..algebra.jax_runtime import jnp
 from ..algebra.statistics import one_dataset_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceWarning
@@ -28,7 +29,7 @@ def solve_at(theta: np.ndarray, system: MixedModelSystem, reml: bool, host: bool
     """Henderson's solution at ``theta`` as NumPy arrays: in NumPy on the host, or compiled."""
     if host:
         return solve(np.asarray(theta, dtype=float), on_host(system), reml=reml)
-    return as_numpy(solve_jit(jnp.asarray(theta), on_device(system), reml=reml))
+    return as_numpy(henderson.solve_jit(jnp.asarray(theta), on_device(system), reml=reml))
 
 
 def _one_term_statistics(design: Design, host: bool):
@@ -93,7 +94,7 @@ class MixedModel:
     def at(self, theta, reml: bool = True, control: Control | None = None) -> LMMResult:
         """BLUPs, fixed effects and every table at a fixed ``theta`` (no optimization)."""
         solution = solve_at(self._theta(theta), self.system, reml, runs_on_host(self.system, control))
-        return LMMResult(self.design, self.system, solution, None, reml)
+        return LMMResult(self.design, self.system, solution, None, reml, runs_on_host(self.system, control))
 
     def fit(self, reml: bool = True, control: Control | None = None) -> LMMResult:
         """Optimize theta (L-BFGS-B on the exact gradient) and return the fitted model.
@@ -120,7 +121,7 @@ class MixedModel:
             solution = conditioned.solution_to_user(solve_at(inner.theta, system, reml, host), theta)
         for message in optimum.messages:
             warnings.warn(message, ConvergenceWarning, stacklevel=3)
-        return LMMResult(self.design, self.system, solution, optimum, reml)
+        return LMMResult(self.design, self.system, solution, optimum, reml, host)
 
 
 def lmm(

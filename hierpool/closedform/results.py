@@ -30,6 +30,7 @@ class LMMResult:
     solution: Solution  # host (numpy) arrays
     optimum: Optimum | None  # None when evaluated at a given theta
     reml: bool
+    on_host: bool | None = None  # where the fit's algebra ran (Control.compile); None: chosen by size
 
     # --- scalars -------------------------------------------------------------------------
     @property
@@ -202,15 +203,15 @@ class LMMResult:
     @cached_property
     def prediction_blocks(self):
         """Blocks of the inverse mixed-model matrix that prediction intervals need, computed once per fit."""
-        import jax.numpy as jnp
-
-        from ..algebra.henderson import as_numpy, prediction_covariance, prediction_covariance_jit
-        from ..algebra.system import on_host
+        from ..algebra import henderson
+        from ..algebra.jax_runtime import jnp
+        from ..algebra.system import on_device, on_host
         from .optimize import runs_on_host
 
-        if runs_on_host(self.system):
-            return prediction_covariance(np.asarray(self.theta, dtype=float), on_host(self.system))
-        return as_numpy(prediction_covariance_jit(jnp.asarray(self.theta), self.system))
+        host = runs_on_host(self.system) if self.on_host is None else self.on_host
+        if host:
+            return henderson.prediction_covariance(np.asarray(self.theta, dtype=float), on_host(self.system))
+        return henderson.as_numpy(henderson.prediction_covariance_jit(jnp.asarray(self.theta), on_device(self.system)))
 
     def predict(self, newdata: pd.DataFrame | None = None, re: bool = True, interval: str | None = None, level: float = 0.95):
         """Predictions, optionally with confidence or prediction intervals.
