@@ -280,6 +280,16 @@ def test_one_term_specialisation_equals_the_general_path(formula, extra):
             general_value, general_gradient = objective_and_gradient_on_host(theta, model.system, reml)
             assert value == pytest.approx(general_value, rel=1e-11)
             np.testing.assert_allclose(gradient, general_gradient, rtol=1e-8, atol=1e-9 * np.max(np.abs(general_gradient)))
+    from hierpool.algebra.henderson import solve
+
+    theta = np.abs(points[1])
+    for reml in (True, False):
+        special, general = one_term.solution(theta, stats, reml, sigma_known), solve(theta, model.system, reml)
+        for name in ("beta", "vcov_beta", "sigma", "pwrss", "logdet_lz", "logdet_rx"):
+            np.testing.assert_allclose(getattr(special, name), getattr(general, name), rtol=1e-10, err_msg=name)
+        for name in ("factors", "u", "b", "cond_var"):
+            np.testing.assert_allclose(getattr(special, name)[0], getattr(general, name)[0], rtol=1e-9,
+                                       atol=1e-10 * np.max(np.abs(getattr(general, name)[0])), err_msg=name)
     fit = model.fit()  # the host fit optimizes the specialisation; the compiled one the general path
     compiled = model.fit(control=hp.Control(compile=True))
     assert fit.objective == pytest.approx(compiled.objective, rel=1e-10)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .criterion import profiled_criterion
+from .henderson import Solution
 from .linalg import (
     UNROLL_MAX_SIZE,
     array_namespace,
@@ -151,23 +152,31 @@ def value_and_gradient(theta: np.ndarray, stats, reml: bool = True, sigma_known:
     return value, gradient
 
 
-def solution(theta: jax.Array, stats, reml: bool = True) -> dict:
-    """beta-hat (beta0 added back: the user's scale), its covariance, sigma, the BLUPs b and lme4's condVar at theta."""
-    lam, chol_inv, cz, cx, chol_x_inv, r, pwrss, *_ = factor_blocks(theta, stats)
-    p = stats.xtx.shape[-1]
-    sigma2 = pwrss / (stats.n - p if reml else stats.n)
-    beta = chol_x_inv.T @ r
-    # u_l = L_l^-T (c_l - C_l beta), b_l = Lambda u_l
+def solution(theta: jax.Array, stats, reml: bool = True, sigma_known: bool = False) -> Solution:
+    """Henderson's solution at ``theta`` from the statistics: the general path's :class:`Solution`, one term.
+
+    beta-hat (beta0 added back: the user's scale), its covariance sigma^2 (R_X^T R_X)^-1, sigma
+    (1 with known residual sds), the spherical effects u_l = L_l^-T (c_l - C_l beta), the BLUPs
+    b_l = Lambda u_l and lme4's condVar sigma^2 Lambda (L_l L_l^T)^-1 Lambda^T, as
+    :func:`hierpool.algebra.henderson.solve` gives them for the same model (tested equal).
+    """
+    lam, chol_inv, cz, cx, chol_x_inv, r, pwrss, logdet_z, logdet_x = factor_blocks(theta, stats)
     xp = array_namespace(theta, stats.ztz)
+    p = stats.xtx.shape[-1]
+    sigma2 = xp.ones_like(pwrss) if sigma_known else pwrss / (stats.n - p if reml else stats.n)
+    beta = chol_x_inv.T @ r
     u = xp.einsum("lji,lj->li", chol_inv, cz - xp.einsum("lip,p->li", cx, beta))
-    b = u @ lam.T
     inner_inv = xp.einsum("lki,lkj->lij", chol_inv, chol_inv)  # (L L^T)^-1
-    cond_var = sigma2 * lam[None] @ inner_inv @ lam.T[None]
-    return {
-        "beta": beta + stats.beta_shift,
-        "vcov": sigma2 * chol_x_inv.T @ chol_x_inv,
-        "sigma": xp.sqrt(sigma2),
-        "b": b,
-        "cond_var": cond_var,
-        "factor": lam,
-    }
+    return Solution(
+        theta=theta,
+        factors=(lam,),
+        beta=beta + stats.beta_shift,
+        u=(u,),
+        b=(u @ lam.T,),
+        cond_var=(sigma2 * lam[None] @ inner_inv @ lam.T[None],),
+        vcov_beta=sigma2 * chol_x_inv.T @ chol_x_inv,
+        sigma=xp.sqrt(sigma2),
+        pwrss=pwrss,
+        logdet_lz=logdet_z,
+        logdet_rx=logdet_x,
+    )

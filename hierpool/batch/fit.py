@@ -224,7 +224,9 @@ def fit_batch(
         _, chunk, start, count, (optimize, solve) = job
         chunk, start = place((chunk, start), sharding)
         optimized = optimize.result()(chunk, start)
-        result = {**optimized, **solve.result()(optimized["theta"], chunk)}
+        solved = solve.result()(optimized["theta"], chunk)  # a Solution per dataset (one term)
+        result = {**optimized, "beta": solved.beta, "vcov": solved.vcov_beta, "sigma": solved.sigma,
+                  "b": solved.b[0], "cond_var": solved.cond_var[0], "factor": solved.factors[0]}
         return jax.tree_util.tree_map(lambda a: a[:count], fetch(result))
 
     to_polish = []

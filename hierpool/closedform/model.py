@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from ..algebra import henderson
+from ..algebra import henderson, one_term
 from ..algebra.conditioning import condition_terms
 from ..algebra.henderson import as_numpy, solve
 from ..algebra.jax_runtime import jnp
@@ -108,9 +108,12 @@ class MixedModel:
         conditioned = condition_terms(self.design) if (control is None or control.theta_start is None) else None
         host = runs_on_host(self.system, control)
         if conditioned is None:
-            optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design),
-                                     statistics=_one_term_statistics(self.design, host))
-            solution = solve_at(optimum.theta, self.system, reml, host)
+            statistics = _one_term_statistics(self.design, host)
+            optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design), statistics=statistics)
+            if statistics is None:
+                solution = solve_at(optimum.theta, self.system, reml, host)
+            else:  # the one-term specialisation's solution (tested equal to the general solve)
+                solution = one_term.solution(optimum.theta, statistics, reml, self.design.sigma_known)
         else:
             system = build_system(conditioned.design, host=True)
             # far-from-centred columns (why we condition) also sit in X, and the general path's
