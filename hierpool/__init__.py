@@ -1,8 +1,12 @@
 """hierpool: hierarchical (mixed-effects) models — closed-form BLUPs in JAX and Bayesian posteriors.
 
-``import hierpool`` is light: the engines (and JAX, formulae, NumPyro, ArviZ, matplotlib) are
-imported when first used, e.g. on the first ``hp.lmm``.  Loading the closed-form engine enables
-JAX's float64 mode (``jax_enable_x64``): it needs double precision.
+``import hierpool`` is light: the engines (and formulae, NumPyro, ArviZ, matplotlib) are
+imported when first used, e.g. on the first ``hp.lmm``.  JAX is imported only by compiled
+paths (large models, ``hp.bayes``, batches): a small ``hp.lmm`` fit runs in NumPy without it.
+Whenever JAX is imported after the algebra is loaded (by hierpool or by the user), its float64
+mode (``jax_enable_x64``) is turned on: the closed form needs double precision
+(:mod:`hierpool.algebra.jax_runtime`).  The package's layers are described in
+:mod:`hierpool.algebra`.
 """
 
 from typing import TYPE_CHECKING

@@ -1,0 +1,55 @@
+"""The model algebra: one implementation of the maths that both engines and the batch layer call.
+
+Layers of the package (dependencies point down only; ``tests/test_layers.py`` reads every import
+with ``ast`` and fails on an upward import, a cycle, or a private name taken across packages):
+
+- ``errors``, ``datasets``;
+- ``spec``: formula -> :class:`~hierpool.spec.design.Design` (checks, missing rows, transforms);
+  what the user asked for, no numerics;
+- ``algebra`` (here): cross-products (``system``, ``statistics``), the blocked factorization and
+  the profiled criterion (``criterion``), Henderson's solution, prediction blocks and exact draws
+  (``henderson``), the collapsed marginal likelihood (``marginal``), the one-term specialisation
+  (``one_term``, ``one_term_marginal``), starts and checks (``start``, ``checks``), the VarCorr
+  table (``varcorr``), compiler settings and caches (``compiler_options``), JAX loading
+  (``jax_runtime``);
+- ``closedform`` (REML/ML optimizer, results), then ``bayesian`` (NumPyro models, NUTS driver;
+  it may read a closed-form fit, e.g. variances held at their REML values): the two engines,
+  reading the same Design and the same algebra;
+- ``batch``: many datasets per compiled call (buckets, chunks, vmap, shards);
+- ``plots``, then ``pooling_comparison``, ``ridge``, ``validate``, then ``cli``.
+
+Host or compiled.  The algebra is written once against an array namespace
+(:func:`~hierpool.algebra.linalg.array_namespace`): NumPy arrays run it on the host, traced arrays
+inside ``jax.jit``/``grad``/``vmap``.  Where reverse-mode autodiff would be slow the adjoint is
+written out, and the host path chains it by hand
+(:func:`~hierpool.algebra.criterion.objective_and_gradient_on_host`).  A model is fitted on the
+host when compiling would cost more than the arithmetic
+(:func:`~hierpool.algebra.compiler_options.compile_pays`); then JAX is never imported
+(:mod:`~hierpool.algebra.jax_runtime`).
+
+Specialise, don't fork.  A model with one random-effect term is evaluated from per-level
+sufficient statistics (:mod:`~hierpool.algebra.one_term`: k x k blocks per level, complex-step
+gradient on the host), ending in the same formula
+(:func:`~hierpool.algebra.criterion.profiled_criterion`) and returning the same
+:class:`~hierpool.algebra.henderson.Solution`; tests hold the two paths equal.
+
+Extension points (where the next model classes plug in; each is one seam, named here so that no
+engine grows an ``if`` for it):
+
+- **family** -- the response distribution.  Gaussian today: the criterion profiles sigma out of
+  the penalized residual sum of squares (:func:`~hierpool.algebra.criterion.profiled_criterion`).
+  A GLMM family replaces the prior weights W and the response in ``A = [Z X y]^T W [Z X y]``
+  (:func:`~hierpool.algebra.system.build_system`) by PIRLS working weights and working response at
+  each step, factors the same blocked matrix, and adds its own deviance in place of the profiled
+  Gaussian term.
+- **residual covariance** -- independent today: W is diagonal (prior weights, or 1 / se^2).
+  A within-group correlation (AR(1), CAR1) enters as a precision that whitens each group's
+  rows before the cross-products are formed (:func:`~hierpool.algebra.system.build_system`);
+  everything downstream reads only the cross-products.
+- **covariance of each random-effect term** -- unstructured k x k today (``(x || g)`` is separate
+  scalar terms): theta maps to the relative factors T_j (:func:`~hierpool.algebra.linalg.theta_to_factors`),
+  and every kernel applies Lambda = I_ell (x) T_j through ``scale_columns`` and the term-0 blocks.
+  A known relationship matrix A makes Lambda = T_j (x) L_A (L_A its Cholesky factor, or A^-1 as a
+  sparse precision), and a spatial term a sparse precision (graph Laplacian): both change how
+  Lambda acts on a term's columns, not the factorization around it.
+"""
