@@ -44,6 +44,7 @@ import scipy.linalg
 from .closedform import lmm
 from .closedform.results import LMMResult
 from .errors import ArgumentError, DataError
+from .spec.arguments import probability_argument
 from .spec.design import aliased_columns
 
 _KINDS = ("all", "shrinkage", "caterpillar", "weight")
@@ -378,8 +379,7 @@ def pooling(
     -------
     PoolingComparison
     """
-    if not 0 < level < 1:
-        raise ArgumentError(f"level must lie strictly between 0 and 1, got {level!r}")
+    probability_argument("level", level)
     fit = lmm(formula, data, se=se, weights=weights, offset=offset)
     block = group_terms(fit, group)
     truth_columns = _truth_columns(data, truth, block)

@@ -182,3 +182,12 @@ def test_bayes_and_bayes_batch_refuse_the_same_arguments_alike(sleepstudy, bad, 
     with pytest.raises(hp.ArgumentError) as batch:
         hp.bayes_batch(SLEEP, sleepstudy.assign(dataset=0), **bad)
     assert str(single.value) == str(batch.value) == message
+
+
+def test_interval_levels_are_checked_alike_in_predict_and_pooling(sleepstudy):
+    fit = hp.lmm("Reaction ~ Days + (1 | Subject)", sleepstudy)
+    with pytest.raises(hp.ArgumentError) as predict:
+        fit.predict(sleepstudy.iloc[:2], interval="prediction", level=1.5)
+    with pytest.raises(hp.ArgumentError) as pooling:
+        hp.pooling("Reaction ~ Days + (1 | Subject)", sleepstudy, level=1.5, bayes=False)
+    assert str(predict.value) == str(pooling.value) == "level must be between 0 and 1, got 1.5"

@@ -30,6 +30,7 @@ import pandas as pd
 import scipy.special
 
 from ..errors import ArgumentError
+from ..spec.arguments import probability_argument
 from ..spec.newdata import model_rows, new_row_weights
 
 
@@ -100,8 +101,7 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
     """
     if interval not in (None, "confidence", "prediction"):
         raise ArgumentError(f"interval must be None, 'confidence' or 'prediction', got {interval!r}")
-    if not 0 < level < 1:
-        raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
+    probability_argument("level", level)
     if interval == "prediction" and newdata is not None and result.design.sigma_known:
         raise ArgumentError("prediction intervals with known residual sds (se=) need newdata=None")
     X, terms, offset, noise = _rows(result, newdata, interval)
