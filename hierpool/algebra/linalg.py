@@ -27,8 +27,8 @@ def array_namespace(*arrays):
 
     The algebra written with it runs unchanged inside compiled programs and on the
     host, where a compiled program would cost more to build than the arithmetic
-    (``hp.bayes``' exact effect draws of a one-term model: a few ms of NumPy against
-    0.4 s of tracing and compiling).
+    (``hp.bayes``' exact effect draws of a one-term model: benchmarks/RESULTS.md,
+    "Bayesian engine, sixth session").
     """
     on_host = all(isinstance(a, (np.ndarray, np.generic, int, float)) for a in arrays if a is not None)
     return np if on_host else jnp
@@ -283,8 +283,9 @@ def spd_inverse_from_cholesky(chol: jax.Array) -> jax.Array:
 
     On CPU, for matrices of at least 256 rows, this calls LAPACK's ``potri``
     (n^3 * 2/3 flops, exploiting both triangles) through ``jax.pure_callback``;
-    XLA has no such kernel and two triangular solves cost 3x the flops (on
-    InstEval's 1145 x 1145 block: 19 ms against 49 ms).  On GPU, for small
+    XLA has no such kernel and two triangular solves cost 3x the flops (timed on
+    InstEval's 1145 x 1145 block in benchmarks/RESULTS.md, "Closed-form engine" and
+    "Measurements the code cites").  On GPU, for small
     matrices and under vmap of small matrices, it is two triangular solves.
     The choice is made when the computation is lowered
     (``jax.lax.platform_dependent``), so the function stays jittable.

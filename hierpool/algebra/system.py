@@ -191,7 +191,8 @@ def _stable_argsort(keys: np.ndarray) -> np.ndarray:
     """Stable argsort of non-negative integer keys below 2**32 by two 16-bit radix passes.
 
     numpy radix-sorts only 16-bit keys; on millions of coupling pairs (InstEval: 3.2 M)
-    two such passes are about 3x faster than its merge sort of int64 keys.
+    two such passes are faster than its merge sort of int64 keys (benchmarks/RESULTS.md,
+    "Measurements the code cites").
     """
     if keys.size == 0 or keys.max() < 2**16:
         return np.argsort(keys.astype(np.uint16), kind="stable")

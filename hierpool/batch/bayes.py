@@ -198,9 +198,9 @@ def bayes_batch(
     settings = (k, tune, draws, float(target_accept), max_tree_depth)
     key_seed = np.uint32(seed % 2**32)
     # a small batch's chains run for less time than LLVM takes to optimize their program: compile it without
-    # (hp.bayes' rule, over every chain of the batch).  2-core VM, sleepstudy-sized datasets x 4 chains:
-    # 2 datasets x 500 draws 10.4 s instead of 14.8 s in all; 4 datasets x 1000 draws (the most this rule
-    # takes) 13.6 s instead of 17.6 s, the unoptimized chains running 2.3 times as long (5.0 s against 2.2 s)
+    # (hp.bayes' rule, over every chain of the batch).  Up to 4 sleepstudy-sized datasets x 4 chains x 1000
+    # draws (the most this rule takes) the compile time saved outweighs the slower unoptimized chains; the
+    # timings are in benchmarks/RESULTS.md, "Measurements the code cites"
     quick = quick_compile([args for _, args, _ in jobs], chains=1, iterations=tune + draws)
     # compile each chunk shape once, before the threads start (they would each compile it); each job holds its
     # program, so the cache dropping one while this call runs never compiles it twice

@@ -36,9 +36,8 @@ from .results import BatchResult
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # Up to this many values of (padded) sufficient statistics (5,000 sleepstudy-shaped datasets of ~200) the
-# programs compile without LLVM's optimization (CPU): on the 2-core VM that saves ~0.4 s of
-# compilation and costs ~0.08 s of run time per 1,000 such datasets (2,000 sleepstudy
-# replicates: 1.50-1.67 s instead of 1.90-2.04 s in a fresh process).
+# programs compile without LLVM's optimization (CPU): the compilation saved outweighs the slower
+# run of that many datasets (measured in benchmarks/RESULTS.md, "Batch fitting, fifth session").
 QUICK_COMPILE_MAX_VALUES = 1e6
 
 
@@ -140,7 +139,8 @@ def fit_batch(
         Default: 128 on a CPU, 4096 on an accelerator.  The datasets of a call
         iterate in lockstep until the slowest converges, so on a CPU, where a
         wide call buys no parallelism, small calls waste less (2,000 sleepstudy
-        fits: 0.52 s in calls of 125 against 0.97 s in calls of 1,000).
+        fits in calls of 125 and of 1,000: benchmarks/RESULTS.md, "Batch fitting,
+        fourth session").
     polish : bool
         Refit, one by one with ``hp.lmm``, the datasets whose batched optimizer
         did not converge (rare: flat criteria near a zero variance).  Their rows

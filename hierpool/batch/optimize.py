@@ -8,8 +8,9 @@ Nocedal & Wright 2006, sec. 3.4), so it always descends; the line search
 evaluates a few step lengths at once and keeps the best (no data-dependent inner
 loop: vmap runs every dataset in lockstep).  The Newton step's m x m systems
 use JAX's (batched LAPACK) Cholesky: the unrolled kernels of :mod:`hierpool.algebra.linalg`
-ran no faster here and cost 0.14 s more compilation; the criterion itself keeps
-the unrolled kernels (LAPACK there ran slower and changed its rounding).
+ran no faster here and cost more compilation (benchmarks/RESULTS.md, "Batch fitting,
+fourth session"); the criterion itself keeps the unrolled kernels (LAPACK there ran
+slower and changed its rounding).
 
 theta is optimized without bounds: the criterion depends on Lambda only through
 Lambda Lambda^T, which is unchanged when a column of Lambda changes sign, so a
@@ -105,8 +106,8 @@ def _probe(f, points, width):
     """Value, gradient and forward-difference Hessian of f at each point, in one vmapped gradient call.
 
     Differencing the exact gradient costs m extra gradients per point and, unlike
-    ``jax.hessian``, adds no second derivative program to compile (it tripled
-    the compile time).
+    ``jax.hessian``, adds no second derivative program to compile (which made the
+    program much longer to compile: benchmarks/RESULTS.md, "Measurements the code cites").
     """
     m = points.shape[-1]
     steps = width * (1 + jnp.abs(points))  # (P, m)

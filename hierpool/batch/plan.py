@@ -14,8 +14,9 @@
   NUTS) are ``jax.shard_map``-ped, so that each device runs its own rows' loops:
   vmapped over a sharded axis, a while loop steps every device in lockstep, with a
   collective per iteration (between two processes on one host that made a 300-draw
-  bayes_batch take 175 s instead of 23 s).  On a CPU with one device, chunks run in
-  parallel threads instead (XLA releases the GIL), one per core.
+  bayes_batch several times slower: benchmarks/RESULTS.md, "Measurements the code
+  cites").  On a CPU with one device, chunks run in parallel threads instead (XLA
+  releases the GIL), one per core.
 * **Several hosts**: after ``jax.distributed.initialize()``, ``jax.devices()`` holds
   every process's devices, so the mesh spans them all.  Every process calls the
   batch function with the same data (SPMD); :func:`place` gives each process the

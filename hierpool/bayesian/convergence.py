@@ -4,10 +4,10 @@ The estimators are ArviZ's (``az.rhat``, ``az.ess(method="bulk")``,
 ``az.ess(method="tail")``, ``az.mcse(method="mean")``; Vehtari, Gelman, Simpson, Carpenter & Bürkner 2021,
 "Rank-normalization, folding, and localization: an improved R-hat for assessing
 convergence of MCMC", Bayesian Analysis 16(2)), and the tests check they agree
-with ArviZ to rounding.  ArviZ evaluates them one quantity at a time (about
-2.5 ms each here), which is fine for one model's few dozen quantities but not
-for ``hp.bayes_batch``'s thousands of models; these take every quantity of an
-array in one pass of NumPy/SciPy array operations.
+with ArviZ to rounding.  ArviZ evaluates them one quantity at a time (timed in
+benchmarks/RESULTS.md, "Bayesian engine, fourth session"), which is fine for one
+model's few dozen quantities but not for ``hp.bayes_batch``'s thousands of models;
+these take every quantity of an array in one pass of NumPy/SciPy array operations.
 
 Arrays are shaped ``(m, chain, draw)``: one row per quantity.
 
@@ -35,7 +35,8 @@ def split_chains(x: np.ndarray) -> np.ndarray:
 def _average_ranks(flat: np.ndarray) -> np.ndarray:
     """Ranks along axis 1, ties sharing their average rank (``scipy.stats.rankdata(method="average")``).
 
-    One argsort for all rows; SciPy's rankdata (4x slower here) only for rows with ties.
+    One argsort for all rows; SciPy's rankdata (slower; benchmarks/RESULTS.md, "Measurements the
+    code cites") only for rows with ties.
     """
     order = np.argsort(flat, axis=1)
     ranks = np.empty(flat.shape)

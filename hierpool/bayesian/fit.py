@@ -86,8 +86,8 @@ def _one_term_exact_draws(variance: dict, k: int, stats, loc: np.ndarray, scale:
     """Exact (beta, b) draws for each variance draw of a one-term model, on the host in NumPy.
 
     The same algebra as the compiled programs (:func:`hierpool.algebra.one_term_marginal.draw_effects`
-    on NumPy arrays): for sleepstudy's 4,000 draws a few milliseconds, where tracing
-    and compiling a program for them took 0.4 s of a 2.5 s run.
+    on NumPy arrays): for sleepstudy's 4,000 draws far less than tracing and compiling
+    a program for them took (benchmarks/RESULTS.md, "Bayesian engine, sixth session").
     """
     (sd,), (cor,), sigma = variance_draws(variance, (k,), False)
     chains, draws = sigma.shape
@@ -103,7 +103,8 @@ def _one_term_exact_draws(variance: dict, k: int, stats, loc: np.ndarray, scale:
 
 
 def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept, progress):
-    # NumPy arguments: an eager jnp.asarray would compile a conversion program of its own (~0.03 s)
+    # NumPy arguments: an eager jnp.asarray would compile a conversion program of its own (timed in
+    # benchmarks/RESULTS.md, "Measurements the code cites")
     loc, scale = (np.asarray(a, dtype=float) for a in resolved.beta_gaussian())
     ks = tuple(t.k for t in design.terms)
     if len(ks) == 1 and not design.sigma_known:

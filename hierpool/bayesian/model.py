@@ -89,7 +89,8 @@ def deferred_factor(name: str, log_factor: Callable[[], jax.Array]) -> None:
 
     Traces of the model that only read its latent sites (the chains' starting
     points, the constrained draws) then skip the marginal likelihood, the bulk of
-    a collapsed model: on sleepstudy ~0.1 s less tracing per such trace.
+    a collapsed model (the tracing saved on sleepstudy: benchmarks/RESULTS.md, "Bayesian
+    engine, sixth session").
     """
     unit = _DeferredFactor(log_factor)
     numpyro.sample(name, unit, obs=unit.sample(None), infer={"is_auxiliary": True})
@@ -104,7 +105,7 @@ def variance_parameters(priors: Priors, ks: tuple[int, ...]):
         if k == 2:
             # LKJ(eta) for a 2 x 2 matrix is the law of its correlation rho = 2 u - 1, u ~ Beta(eta, eta)
             # (det R^(eta - 1) = (1 - rho^2)^(eta - 1)).  The same prior as LKJCholesky(2, eta); this
-            # scalar site compiles in a fraction of the time (0.8 s less on a sleepstudy run).
+            # scalar site compiles in a fraction of the time (benchmarks/RESULTS.md, "Bayesian engine — 2026-11-21").
             u = numpyro.sample(f"cor_u__{j}", dist.Beta(priors.cor[j], priors.cor[j]))
             cors.append(numpyro.deterministic(f"cor__{j}", _two_by_two_factor(2 * u - 1)))
         else:

@@ -3,11 +3,12 @@
 NumPyro's ``MCMC`` driver runs initialization, step-size search and bookkeeping
 as many small eager JAX calls; on a small model each compiles separately and
 together they cost more than the sampling (seen on sleepstudy: 318 compilations,
-12.5 s of 18 s).  Here a chain's start (prior-median initialization, with its
-potential energy and gradient, and the chain's run key) is one small ``jax.jit``
-program, its whole run (warm-up with step-size and mass-matrix adaptation,
-sampling, the draws constrained) another, built on NumPyro's functional NUTS
-kernel (:func:`numpyro.infer.hmc.hmc`) and run for each chain in a thread of its
+most of the wall time; benchmarks/RESULTS.md, "Measurements the code cites").  Here
+a chain's start (prior-median initialization, with its potential energy and
+gradient, and the chain's run key) is one small ``jax.jit`` program, its whole
+run (warm-up with step-size and mass-matrix adaptation, sampling, the draws
+constrained) another, built on NumPyro's functional NUTS kernel
+(:func:`numpyro.infer.hmc.hmc`) and run for each chain in a thread of its
 own; a caller's compiled post-processing of all chains' draws, where it has one,
 is a third.  Compilation is most of a small model's wall time, so the chain
 program, the longest to compile, is submitted first and the others are lowered
@@ -48,7 +49,8 @@ def _central_value(site):
     """Where a chain starts, before jitter: the prior median where it has a closed form.
 
     Not NumPyro's ``init_to_median``: that draws from every prior, and drawing from
-    LKJ (Beta variates, a rejection loop) tripled the compile time of a small model.
+    LKJ (Beta variates, a rejection loop) made a small model's program much longer to compile
+    (benchmarks/RESULTS.md, "Measurements the code cites").
     Correlation factors start at the identity; priors without a quantile function
     (and flat priors) at the centre of their unconstrained space (NumPyro's
     ``init_to_feasible``), so that no site needs a random draw: the jitter is the
@@ -71,7 +73,8 @@ def _start(model, model_args, key, jitter: float = 1.0):
     """Unconstrained starting point: the central values plus uniform(-jitter, jitter) noise per chain.
 
     One uniform draw for all sites: each random draw is a threefry program of its
-    own in the compiled code (eleven of them took half the start program's compile time).
+    own in the compiled code (eleven of them took much of the start program's compile time;
+    benchmarks/RESULTS.md, "Measurements the code cites").
     """
     initialized = handlers.substitute(model, substitute_fn=_central_value)
     trace = handlers.trace(initialized).get_trace(*model_args)
@@ -149,7 +152,8 @@ def potential_function(bound):
     NumPyro's kernels differentiate the potential where they use it; written as a
     ``custom_vjp`` around one jitted ``value_and_grad``, the potential is traced and
     differentiated once for every program given the same ``potential`` (the start
-    and chain programs: 0.3 s of tracing saved on sleepstudy), not once per use.
+    and chain programs; the tracing saved is in benchmarks/RESULTS.md, "Bayesian engine, fifth
+    session"), not once per use.
     """
     value_and_grad = jax.jit(jax.value_and_grad(lambda z, args: potential_energy(bound, args, {}, z)))
 
@@ -234,12 +238,13 @@ def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_m
 
 
 #: Compile without LLVM's optimization (``compiler_options(quick=True)``) when the model's arrays
-#: times the iterations of all chains are at most this many values.  Measured on the 2-core VM
-#: (4 chains x 2000 iterations): sleepstudy's one-term collapsed model (~200 values) runs in 2.5 s
-#: instead of 3.1 s and a one-term model with 85 levels (~350) in 2.05 s instead of 2.7 s; a
-#: one-term model with 200 levels x 2 coefficients (~2,000) ties (5.3 s); unoptimized code loses
-#: beyond: sleepstudy's full model (~1,300 values) 7.0 s against 4.6 s, 1,000 levels 17.9 s
-#: against 13.1 s, a crossed 3,000-row model 162 s against 50 s.
+#: times the iterations of all chains are at most this many values: below it the chains run for
+#: less time than LLVM takes to optimize their program, so skipping the optimization shortens the
+#: fit (sleepstudy's one-term collapsed model, ~200 values; a one-term model with 85 levels, ~350);
+#: a one-term model with 200 levels x 2 coefficients (~2,000 values) ties, and unoptimized code
+#: loses beyond (sleepstudy's full model, ~1,300 values; 1,000 levels; a crossed 3,000-row model).
+#: The timings (4 chains x 2000 iterations) are in benchmarks/RESULTS.md, "Measurements the code
+#: cites" and "Bayesian engine, fifth session".
 QUICK_COMPILE_MAX_WORK = 8e6
 
 
