@@ -1,8 +1,9 @@
 """JAX, loaded when a compiled program first needs it, and configured whenever it is loaded.
 
 The algebra runs on NumPy arrays on the host (small models: no compilation) and as
-compiled XLA programs (large models, NUTS, batches).  Importing JAX costs ~0.9 s, as
-much as a whole small fit, so the host path never imports it:
+compiled XLA programs (large models, NUTS, batches).  Importing JAX costs more than a
+whole small fit (benchmarks/RESULTS.md, "First fits, 2026-12-01"), so the host path
+never imports it:
 
 - ``jax`` and ``jnp`` here are stand-ins that import the real modules on first
   attribute access (only the traced and compiled branches touch them);

@@ -37,7 +37,8 @@ from ..spec.newdata import model_rows, new_row_weights
 def normal_quantile(level: float) -> float:
     """Two-sided normal quantile z of an interval of the given level: P(|Z| <= z) = level.
 
-    ``scipy.special.ndtri`` is ``scipy.stats.norm.ppf`` without importing scipy.stats (~0.8 s).
+    ``scipy.special.ndtri`` is ``scipy.stats.norm.ppf`` without importing scipy.stats, whose
+    import costs more than a small fit (benchmarks/RESULTS.md, "First fits, 2026-12-01").
     """
     return float(scipy.special.ndtri(0.5 + level / 2))
 
