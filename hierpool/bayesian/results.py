@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError, HierpoolWarning
+from ..spec.arguments import probability_argument
 from ..spec.design import Design
 from ..spec.newdata import model_rows, new_row_weights
 from .convergence import diagnose, ess_tail
@@ -196,8 +197,7 @@ class BayesResult:
         """
         if kind not in ("mean", "predictive"):
             raise ArgumentError(f"kind must be 'mean' or 'predictive', got {kind!r}")
-        if not 0 < level < 1:
-            raise ArgumentError(f"level must be between 0 and 1, got {level!r}")
+        probability_argument("level", level)
         rng = np.random.default_rng(seed)
         X, terms, offset = model_rows(self.design, newdata)
         beta = self.beta_draws.reshape(-1, self.design.p)

@@ -49,6 +49,7 @@ from ..bayesian import bayes
 from ..bayesian.convergence import mcse_sd_by_column
 from ..closedform import lmm
 from ..errors import ArgumentError
+from ..spec.arguments import probability_argument
 
 
 def bonferroni_threshold(n_tests: int, alpha: float) -> float:
@@ -190,8 +191,7 @@ def compare(fit, posterior, alpha: float = 0.01, r_hat_max: float = 1.05) -> Agr
     -------
     AgreementReport
     """
-    if not 0 < alpha < 1:
-        raise ArgumentError(f"alpha must be between 0 and 1, got {alpha!r}")
+    probability_argument("alpha", alpha)
     _check_same_model(fit, posterior)
     mode = "exact" if posterior.held is not None else "full"
     if mode == "exact":
@@ -281,8 +281,7 @@ def blup_agreement(
     """
     if mode not in ("exact", "full"):
         raise ArgumentError(f"mode must be 'exact' or 'full', got {mode!r}")
-    if not 0 < alpha < 1:
-        raise ArgumentError(f"alpha must be between 0 and 1, got {alpha!r}")
+    probability_argument("alpha", alpha)
     if mode == "exact" and priors:
         raise ArgumentError("priors apply to mode='full'; exact mode uses a flat prior on the fixed effects")
     if chains < 2:

@@ -27,6 +27,7 @@ import pandas as pd
 from ..bayesian import bayes
 from ..bayesian.convergence import mcse_sd_by_column
 from ..errors import ArgumentError
+from ..spec.arguments import probability_argument
 from .agreement import bonferroni_threshold
 
 
@@ -122,8 +123,7 @@ def sampler_agreement(
     -------
     SamplerAgreement
     """
-    if not 0 < alpha < 1:
-        raise ArgumentError(f"alpha must be between 0 and 1, got {alpha!r}")
+    probability_argument("alpha", alpha)
     if chains < 2:
         raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
     settings = dict(
@@ -147,8 +147,7 @@ def compare_samplers(
     alpha, r_hat_max, max_divergent_share
         As :func:`sampler_agreement`.
     """
-    if not 0 < alpha < 1:
-        raise ArgumentError(f"alpha must be between 0 and 1, got {alpha!r}")
+    probability_argument("alpha", alpha)
     frames = []
     for (table, names, a), (_, _, b) in zip(_quantities(collapsed), _quantities(full)):
         summary_a, summary_b = getattr(collapsed, table), getattr(full, table)
