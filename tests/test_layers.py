@@ -1,4 +1,4 @@
-"""The package's layers (hierpool/algebra/__init__.py, ../shared/DESIGN.md) run one way, without cycles, and share no private names.
+"""The package's layers (hierpool/algebra/__init__.py) run one way, without cycles, and share no private names.
 
 Read from the source with ``ast`` (every import, at module level or inside a function), so the
 check costs no import and fails on the commit that breaks a layer.

@@ -50,8 +50,8 @@ def _perturbed_solve(monkeypatch, shift_in_sd):
 
     honest = model.solve_at
 
-    def broken(theta, system, reml, host):
-        solution = honest(theta, system, reml, host)
+    def broken(*arguments):
+        solution = honest(*arguments)
         b = np.array(solution.b[0])
         b[3, 1] += shift_in_sd * 2.38  # 2.38: about the joint sd of a sleepstudy slope
         return type(solution)(**{**vars(solution), "b": (b,) + tuple(solution.b[1:])})
@@ -83,22 +83,27 @@ def test_exact_mode_fails_when_the_joint_sd_ignores_beta_uncertainty(sleepstudy_
 
 def test_a_bug_shared_by_the_solve_and_the_exact_draw_fails_the_validation(monkeypatch):
     # The circularity: the BLUPs and the exact Henderson draw are built on the same
-    # cross-products (build_system).  Form them from a response shifted by 5 ms for one subject
-    # (a wrong right-hand side): the old check, the exact draw against the BLUPs, is blind to
-    # it; the independent posterior, which reads the data itself, is not.
+    # cross-products (build_system, or a one-term model's statistics).  Form them from a response
+    # shifted by 5 ms for one subject (a wrong right-hand side): the old check, the exact draw
+    # against the BLUPs, is blind to it; the independent posterior, which reads the data itself, is not.
     from dataclasses import replace
 
+    from hierpool.algebra import statistics, system
     from hierpool.bayesian import fit as bayes_fit
-    from hierpool.algebra import system
     from hierpool.closedform import model
 
-    honest = system.build_system
+    def shifted(design):
+        return replace(design, y=design.y + np.where(design.terms[0].index == 3, 5.0, 0.0))
 
-    def broken(design, **options):
-        return honest(replace(design, y=design.y + np.where(design.terms[0].index == 3, 5.0, 0.0)), **options)
+    def broken_system(design, **options):
+        return system.build_system(shifted(design), **options)
 
-    monkeypatch.setattr(model, "build_system", broken)
-    monkeypatch.setattr(bayes_fit, "build_system", broken)
+    def broken_statistics(design):
+        return statistics.one_dataset_statistics(shifted(design))
+
+    for module in (model, bayes_fit):
+        monkeypatch.setattr(module, "build_system", broken_system)
+        monkeypatch.setattr(module, "one_dataset_statistics", broken_statistics)
     data = load("sleepstudy")
     fit = hp.lmm(SLEEP, data)
     exact_draw = hp.bayes(SLEEP, data, variance=fit, priors=hp.validate.flat_beta_priors(fit), seed=1)

@@ -25,8 +25,14 @@ from .optimize import Control, criterion_value, moment_start, optimize_theta, ru
 from .results import LMMResult
 
 
-def solve_at(theta: np.ndarray, system: MixedModelSystem, reml: bool, host: bool):
-    """Henderson's solution at ``theta`` as NumPy arrays: in NumPy on the host, or compiled."""
+def solve_at(theta: np.ndarray, system: MixedModelSystem, reml: bool, host: bool, statistics=None):
+    """Henderson's solution at ``theta`` as NumPy arrays: in NumPy on the host, or compiled.
+
+    With a one-term model's sufficient statistics (on the host) it is the one-term
+    specialisation's solution (:func:`hierpool.algebra.one_term.solution`, tested equal).
+    """
+    if statistics is not None:
+        return one_term.solution(np.asarray(theta, dtype=float), statistics, reml, system.layout.sigma_known)
     if host:
         return solve(np.asarray(theta, dtype=float), on_host(system), reml=reml)
     return as_numpy(henderson.solve_jit(jnp.asarray(theta), on_device(system), reml=reml))
@@ -110,10 +116,7 @@ class MixedModel:
         if conditioned is None:
             statistics = _one_term_statistics(self.design, host)
             optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design), statistics=statistics)
-            if statistics is None:
-                solution = solve_at(optimum.theta, self.system, reml, host)
-            else:  # the one-term specialisation's solution (tested equal to the general solve)
-                solution = one_term.solution(optimum.theta, statistics, reml, self.design.sigma_known)
+            solution = solve_at(optimum.theta, self.system, reml, host, statistics)
         else:
             system = build_system(conditioned.design, host=True)
             # far-from-centred columns (why we condition) also sit in X, and the general path's
