@@ -70,7 +70,7 @@ def test_prediction_covariance_is_the_inverse_mme_matrix(name, formula):
     theta = np.random.default_rng(1).uniform(0.2, 1.5, model.n_theta)
     _, C = dense_model(model, theta)
     inverse = np.linalg.inv(C)
-    blocks = prediction_covariance(jnp.asarray(theta), model.system)
+    blocks = prediction_covariance(theta, model.system)  # the host path; test_host_and_compiled_paths_agree: compiled
     k0, ell0 = model.design.terms[0].k, model.design.terms[0].n_levels
     q0 = k0 * ell0
     np.testing.assert_allclose(blocks.rest, inverse[q0:, q0:], atol=1e-10)
@@ -226,7 +226,7 @@ def test_joint_sd_is_the_dense_mme_inverse(name, formula):
 def test_host_and_compiled_paths_agree(name, formula):
     # one algebra, two ways to run it: NumPy on the host (small models) and compiled XLA programs
     from hierpool.algebra.criterion import objective_and_grad, objective_and_gradient_on_host
-    from hierpool.algebra.henderson import prediction_covariance, solve
+    from hierpool.algebra.henderson import prediction_covariance, prediction_covariance_jit, solve, solve_jit
     from hierpool.algebra.system import on_host
 
     data = load(name)
@@ -234,22 +234,26 @@ def test_host_and_compiled_paths_agree(name, formula):
     model = hp.MixedModel(formula, data, weights="w")
     host = on_host(model.system)
     theta = np.random.default_rng(2).uniform(0.2, 1.5, model.n_theta)
-    for reml in (True, False):
+    # each compiled program costs seconds to build: ML (which differs from REML only in the shared
+    # final formula, profiled_criterion) and the whole compiled fit are compared on the first structure
+    first = (name, formula) == STRUCTURES[0]
+    for reml in (True, False) if first else (True,):
         value, grad = objective_and_gradient_on_host(theta, host, reml)
         compiled_value, compiled_grad = objective_and_grad(jnp.asarray(theta), model.system, reml=reml)
         assert value == pytest.approx(float(compiled_value), rel=1e-12)
         np.testing.assert_allclose(grad, compiled_grad, rtol=1e-10, atol=1e-10 * np.max(np.abs(grad)))
-    on_cpu, compiled = solve(theta, host), jax.tree_util.tree_map(np.asarray, solve(jnp.asarray(theta), model.system))
+    on_cpu, compiled = solve(theta, host), jax.tree_util.tree_map(np.asarray, solve_jit(jnp.asarray(theta), model.system))
     for a, b in zip(jax.tree_util.tree_leaves(on_cpu), jax.tree_util.tree_leaves(compiled)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * max(1.0, np.max(np.abs(b), initial=0.0)))
     blocks = prediction_covariance(theta, host)
-    compiled_blocks = prediction_covariance(jnp.asarray(theta), model.system)
+    compiled_blocks = prediction_covariance_jit(jnp.asarray(theta), model.system)
     for a, b in zip(jax.tree_util.tree_leaves(blocks), jax.tree_util.tree_leaves(compiled_blocks)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-    fit_host = model.fit(control=hp.Control(compile=False))
-    fit_compiled = model.fit(control=hp.Control(compile=True))
-    assert fit_host.objective == pytest.approx(fit_compiled.objective, rel=1e-10)
-    np.testing.assert_allclose(fit_host.theta, fit_compiled.theta, rtol=1e-5, atol=1e-6)
+    if first:
+        fit_host = model.fit(control=hp.Control(compile=False))
+        fit_compiled = model.fit(control=hp.Control(compile=True))
+        assert fit_host.objective == pytest.approx(fit_compiled.objective, rel=1e-10)
+        np.testing.assert_allclose(fit_host.theta, fit_compiled.theta, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("formula,extra", [
@@ -290,7 +294,8 @@ def test_one_term_specialisation_equals_the_general_path(formula, extra):
         for name in ("factors", "u", "b", "cond_var"):
             np.testing.assert_allclose(getattr(special, name)[0], getattr(general, name)[0], rtol=1e-9,
                                        atol=1e-10 * np.max(np.abs(getattr(general, name)[0])), err_msg=name)
-    fit = model.fit()  # the host fit optimizes the specialisation; the compiled one the general path
-    compiled = model.fit(control=hp.Control(compile=True))
-    assert fit.objective == pytest.approx(compiled.objective, rel=1e-10)
-    np.testing.assert_allclose(fit.theta, compiled.theta, rtol=1e-5, atol=1e-6)
+    fit = model.fit()  # the host fit optimizes the specialisation: its optimum is the general path's
+    value, gradient = objective_and_gradient_on_host(fit.theta, model.system, True)
+    assert fit.objective == pytest.approx(value, rel=1e-11)
+    free = ~((fit.theta <= 0) & (gradient > 0)) & np.isfinite(fit.theta)
+    assert np.max(np.abs(gradient[free]), initial=0.0) < 1e-4  # a wrong criterion is off by O(1)
