@@ -14,7 +14,7 @@ from hierpool.algebra import one_term_marginal as one_term
 from hierpool.algebra import statistics
 from hierpool.algebra.checks import singular_rows
 from hierpool.algebra.compiler_options import PROGRAMS_KEPT, ProgramCache
-from hierpool.algebra.start import intercept_moment_theta, moment_theta
+from hierpool.algebra.start import moment_theta
 from hierpool.algebra.system import build_system, location_shift
 from hierpool.closedform.optimize import Control, is_singular
 from hierpool.closedform.optimize import moment_start as closed_form_start
@@ -42,13 +42,21 @@ def test_singular_rows_is_the_closed_forms_is_singular(ks):
 
 # --- the moment start: the closed form's ANOVA start and fit_batch's start are one function ---
 
+def anova_theta(counts, sums, residual_ss, n, p=0, floor=1e-4):
+    """One-way ANOVA by hand: sqrt of (var(level means) - s_w^2 mean(1/n_l)) / s_w^2, clipped."""
+    counts, sums = np.asarray(counts, dtype=float), np.asarray(sums, dtype=float)
+    within = (residual_ss - np.sum(sums**2 / counts)) / (n - p - len(counts))
+    between = np.var(sums / counts, ddof=1) - within * np.mean(1.0 / counts)
+    return float(np.sqrt(np.clip(between / within, floor, 1e4)))
+
+
 @pytest.mark.parametrize("formula, data", [
     ("Reaction ~ Days + (1 | Subject)", "sleepstudy"),
     ("Reaction ~ 1 + (1 | Subject) + (0 + Days | Subject)", "sleepstudy"),
     ("diameter ~ 1 + (1 | plate) + (1 | sample)", "penicillin"),
     ("Yield ~ 1 + (1 | Batch)", "dyestuff"),
 ])
-def test_intercept_moment_theta_is_the_closed_forms_anova_start(formula, data):
+def test_the_closed_forms_start_of_a_random_intercept_is_one_way_anova(formula, data):
     design = build_design(formula, getattr(hp.datasets, data)())
     expected = closed_form_start(design)
     residual = location_shift(design)[1]
@@ -57,7 +65,7 @@ def test_intercept_moment_theta_is_the_closed_forms_anova_start(formula, data):
         if term.coef_names == ("Intercept",):
             counts = np.bincount(term.index, minlength=term.n_levels)
             sums = np.bincount(term.index, weights=residual, minlength=term.n_levels)
-            theta = intercept_moment_theta(counts, sums, float(residual @ residual), design.n)  # p=0, floor=1e-4
+            theta = anova_theta(counts, sums, float(residual @ residual), design.n)  # p=0, floor=1e-4
             assert theta == pytest.approx(expected[offset], rel=1e-10)
         offset += term.k * (term.k + 1) // 2
 
@@ -79,8 +87,8 @@ def test_batch_moment_start_is_the_per_dataset_anova_start():
         beta = np.linalg.lstsq(design.X, design.y, rcond=None)[0]
         residual = design.y - design.X @ beta
         term = design.terms[0]
-        theta = intercept_moment_theta(np.bincount(term.index), np.bincount(term.index, weights=residual),
-                                       float(residual @ residual), design.n, p=design.p, floor=MOMENT_FLOOR)
+        theta = anova_theta(np.bincount(term.index), np.bincount(term.index, weights=residual),
+                            float(residual @ residual), design.n, p=design.p, floor=MOMENT_FLOOR)
         assert start[row, 0] == pytest.approx(theta, rel=1e-9)
 
 
@@ -92,7 +100,9 @@ def test_moment_theta_falls_back_to_the_identity():
     cross = np.zeros((2, 3, 1))
     theta = moment_theta(ztz, cross, np.array([1.0, 0.0]), np.array([4.0, 15.0]), p=1, floor=1e-2)
     np.testing.assert_array_equal(theta, [[1.0], [1.0]])
-    assert intercept_moment_theta([5], [3.0], 2.0, 5) == 1.0  # one level: lme4's start
+    one_level = moment_theta(np.full((1, 1, 1, 1), 5.0), np.full((1, 1, 1), 3.0), np.array([2.0]), np.array([5.0]),
+                             p=0, floor=1e-4)
+    assert one_level[0, 0] == 1.0  # one level: lme4's start
 
 
 # --- one compiled-program cache policy ---

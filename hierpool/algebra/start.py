@@ -2,10 +2,10 @@
 
 Both engines start their optimizer from the method of moments on the residuals r
 of a least-squares fit of the fixed effects, summed per level of a random-effect
-term.  :func:`moment_theta` is the general estimator (a k-coefficient term,
-vectorized over datasets; ``hp.fit_batch``'s start, :func:`hierpool.batch.optimize.moment_start`);
-:func:`intercept_moment_theta` is its case k = 1 for a scalar random intercept,
-one-way ANOVA (the closed form's start, :func:`hierpool.closedform.optimize.moment_start`).
+term.  :func:`moment_theta` is the estimator (a k-coefficient term, vectorized over
+datasets): ``hp.fit_batch``'s start (:func:`hierpool.batch.optimize.moment_start`, from the
+statistics) and the closed form's, term by term (:func:`hierpool.closedform.optimize.moment_start`).
+For a scalar random intercept it is one-way ANOVA.
 Pure NumPy: a start is computed once per fit, never inside a compiled program.
 """
 
@@ -76,18 +76,3 @@ def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float) -> np.ndarray
     identity = (rows == cols).astype(float)
     good = (count > k) & (residual_ss > 0) & np.all(np.isfinite(theta), axis=1)
     return np.where(good[:, None], theta, identity)
-
-
-def intercept_moment_theta(counts, level_sums, residual_ss: float, n: float, p: int = 0, floor: float = 1e-4) -> float:
-    """theta of a scalar random intercept by one-way ANOVA: :func:`moment_theta` with k = 1 for one dataset.
-
-    ``counts`` (ell,): observations per level; ``level_sums`` (ell,): the residuals summed per
-    level; ``residual_ss``: their sum of squares.  theta = sqrt(sigma_b^2 / sigma_w^2), sigma_w^2
-    the within-level mean square (n - p - ell degrees of freedom), sigma_b^2 = var(level means)
-    - sigma_w^2 mean(1 / n_l), the ratio clipped to [floor, 1e4]; 1 (lme4's start) with fewer
-    than two levels.  The defaults reproduce the closed form's start (``p=0``, ``floor=1e-4``).
-    """
-    counts = np.asarray(counts, dtype=float)
-    theta = moment_theta(counts[None, :, None, None], np.asarray(level_sums, dtype=float)[None, :, None],
-                         np.asarray([residual_ss], dtype=float), np.asarray([n], dtype=float), p, floor)
-    return float(theta[0, 0])

@@ -23,7 +23,7 @@ from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import objective, objective_and_gradient_on_host
 from ..algebra.jax_runtime import jnp
 from ..algebra.linalg import theta_lower_bounds, theta_start
-from ..algebra.start import intercept_moment_theta
+from ..algebra.start import moment_theta
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
 from ..algebra.system import on_host as to_host
 from ..errors import ArgumentError, ConvergenceError
@@ -125,26 +125,31 @@ def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, stat
 
 
 def moment_start(design) -> np.ndarray:
-    """A starting theta from one-way ANOVA moments of the OLS residuals.
+    """A starting theta from moments of the least-squares residuals, term by term.
 
-    For each scalar random-intercept term, theta = sqrt(sigma_b^2 / sigma_w^2) by the
-    ANOVA (method of moments) estimate (:func:`hierpool.algebra.start.intercept_moment_theta`,
-    the estimator ``hp.fit_batch`` also starts from).  Other terms, and fits with known
-    residual sds, start at lme4's identity.  It saves L-BFGS-B evaluations on large
-    crossed models (InstEval's count is in benchmarks/RESULTS.md).
+    For each random-effect term, each level's own regression of the residuals r on the
+    term's columns, b_l = (Z_l^T Z_l)^-1 Z_l^T r, gives Sigma / sigma^2 by the method of
+    moments (:func:`hierpool.algebra.start.moment_theta`: cov(b_l) less its sampling noise,
+    over the within-level mean square; for a scalar random intercept this is one-way ANOVA,
+    the estimator ``hp.fit_batch`` also starts from).  Each term is read on its own, the
+    others ignored: a start, not an estimate.  Fits with known residual sds start at lme4's
+    identity.  It saves L-BFGS-B evaluations (InstEval's count is in benchmarks/RESULTS.md).
     """
     start = theta_start(tuple(t.k for t in design.terms))
     if design.sigma_known or design.p == 0:
         return start
     residual = location_shift(design)[1]  # weighted least-squares residuals of y - offset
-    residual_ss = float(residual @ residual)
+    residual_ss = np.array([residual @ residual])
     offset = 0
     for term in design.terms:
-        if term.coef_names == ("Intercept",):
-            counts = np.bincount(term.index, minlength=term.n_levels)
-            sums = np.bincount(term.index, weights=residual, minlength=term.n_levels)
-            start[offset] = intercept_moment_theta(counts, sums, residual_ss, design.n)
-        offset += term.k * (term.k + 1) // 2
+        k, ell = term.k, term.n_levels
+        size = k * (k + 1) // 2
+        ztz = np.stack([np.bincount(term.index, weights=term.z[:, a] * term.z[:, b], minlength=ell)
+                        for a in range(k) for b in range(k)], axis=-1).reshape(1, ell, k, k)
+        cross = np.stack([np.bincount(term.index, weights=term.z[:, a] * residual, minlength=ell)
+                          for a in range(k)], axis=-1)[None]
+        start[offset : offset + size] = moment_theta(ztz, cross, residual_ss, np.array([design.n]), 0, 1e-4)[0]
+        offset += size
     return start
 
 
