@@ -243,16 +243,21 @@ def _is_offset_call(name: str) -> bool:
     return False
 
 
-def _split_offsets(frame: pd.DataFrame, formula: str):
+def matrix_columns(matrix) -> tuple[list[str], np.ndarray]:
+    """(column names, float array) of a formulae design matrix: its ``as_dataframe()`` without the frame."""
+    names = [str(label) for term in matrix.terms.values() for label in term.labels]
+    return names, np.asarray(matrix.design_matrix, dtype=float).reshape(-1, len(names))
+
+
+def _split_offsets(names: list[str], values: np.ndarray, formula: str):
     """(X columns, their names, summed offset, offset term names) of the fixed-part matrix."""
-    names = [str(c) for c in frame.columns]
-    offsets = [n for n in names if _is_offset_call(n)]
+    offsets = [j for j, n in enumerate(names) if _is_offset_call(n)]
     for name in names:
-        if "offset(" in name and name not in offsets:
+        if "offset(" in name and not _is_offset_call(name):
             raise FormulaError(f"offset term {name!r} in {formula!r} cannot interact with other terms")
-    offset = frame.loc[:, offsets].to_numpy(dtype=float).sum(axis=1) if offsets else np.zeros(frame.shape[0])
-    keep = [n for n in names if n not in offsets]
-    return frame.loc[:, keep].to_numpy(dtype=float), keep, offset, tuple(offsets)
+    offset = values[:, offsets].sum(axis=1) if offsets else np.zeros(values.shape[0])
+    keep = [j for j in range(len(names)) if j not in offsets]
+    return values[:, keep], [names[j] for j in keep], offset, tuple(names[j] for j in offsets)
 
 
 def _row_argument(data: pd.DataFrame, value, name: str):
@@ -333,16 +338,16 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
 def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, env) -> RandomEffectTerm:
     what = f"random-effect term ({display_name(spec.lhs)} | {spec.name})"
     dm = _design_matrices(spec.lhs, frame, what, env)
-    z_frame = dm.common.as_dataframe()
-    if any("offset(" in str(c) for c in z_frame.columns):
+    z_names, z = matrix_columns(dm.common)
+    if any("offset(" in c for c in z_names):
         raise FormulaError(f"{what} has an offset; an offset belongs to the fixed part of the formula")
     index, levels = group_index(frame, spec.factor)
     return RandomEffectTerm(
         group=spec.name,
-        coef_names=tuple(display_name(str(c)) for c in z_frame.columns),
+        coef_names=tuple(display_name(c) for c in z_names),
         levels=levels,
         index=index,
-        z=np.ascontiguousarray(z_frame.to_numpy(dtype=float)),
+        z=np.ascontiguousarray(z),
         spec=spec,
         z_matrix=dm.common,
     )
@@ -471,8 +476,9 @@ def build_design(
 
     fixed = _design_matrices(spec.fixed, frame, "fixed-effect part", env)
     y = _response(frame, spec, fixed.response)
-    fixed_frame = fixed.common.as_dataframe() if fixed.common is not None else pd.DataFrame(index=frame.index)
-    X, names, offset_sum, offset_terms = _split_offsets(fixed_frame, formula)
+    no_columns = ([], np.zeros((len(frame), 0)))
+    fixed_names, fixed_values = matrix_columns(fixed.common) if fixed.common is not None else no_columns
+    X, names, offset_sum, offset_terms = _split_offsets(fixed_names, fixed_values, formula)
     names = tuple(display_name(c) for c in names)
     dropped = aliased_columns(X) if X.shape[1] else np.zeros(0, dtype=int)
     aliased = tuple(names[j] for j in dropped)

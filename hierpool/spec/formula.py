@@ -25,6 +25,7 @@ terms of the fixed part are kept apart from X by :mod:`hierpool.spec.design`.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -227,6 +228,11 @@ def parse_formula(formula: str) -> ModelSpec:
     """
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
+    return _parse(formula)
+
+
+@functools.lru_cache(maxsize=256)  # a ModelSpec is immutable: refitting a formula need not re-parse it
+def _parse(formula: str) -> ModelSpec:
     parts = _split_top_level(to_formulae(formula), "~")
     if len(parts) != 2:
         raise FormulaError(f"formula {formula!r} must have exactly one '~' with the response on its left")
