@@ -77,7 +77,10 @@ class MixedModel:
 
     def __init__(self, formula: str, data: pd.DataFrame, se: str | None = None, weights=None, offset=None):
         self.design: Design = build_design(formula, data, se=se, weights=weights, offset=offset)
-        self.system: MixedModelSystem = build_system(self.design, host=True)
+        system = build_system(self.design, host=True)
+        # one copy of the cross-products, where the model's algebra will run: NumPy for the host
+        # path, JAX arrays for a model large enough to compile (the host copy is then released)
+        self.system: MixedModelSystem = system if runs_on_host(system) else on_device(system)
 
     @property
     def n_theta(self) -> int:
