@@ -59,3 +59,15 @@ def test_importing_a_submodule_first_does_not_shadow_a_public_function():
     code = ("import hierpool.pooling_comparison, hierpool.closedform, hierpool.bayesian\nimport hierpool as hp\n"
             "assert callable(hp.pooling) and callable(hp.lmm) and callable(hp.bayes)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_lookup_of_jax_that_imports_nothing_leaves_the_configuration_for_the_real_import():
+    # libraries test whether JAX is installed with importlib.util.find_spec("jax"): the finder must
+    # stay in place, so the later import still gets float64 and the registered pytrees (fit_batch)
+    code = ("import importlib.util, sys\nimport hierpool as hp\n"
+            "hp.lmm('Reaction ~ Days + (1 | Subject)', hp.datasets.sleepstudy())\n"
+            "assert importlib.util.find_spec('jax') is not None and 'jax' not in sys.modules\n"
+            "import jax\nassert jax.config.jax_enable_x64\n"
+            "data = hp.datasets.sleepstudy_replicates(2, seed=1)\n"
+            "hp.fit_batch('Reaction ~ Days + (Days | Subject)', data, by='dataset', progress=None)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -299,3 +299,31 @@ def test_one_term_specialisation_equals_the_general_path(formula, extra):
     assert fit.objective == pytest.approx(value, rel=1e-11)
     free = ~((fit.theta <= 0) & (gradient > 0)) & np.isfinite(fit.theta)
     assert np.max(np.abs(gradient[free]), initial=0.0) < 1e-4  # a wrong criterion is off by O(1)
+
+
+def test_one_term_host_fit_of_a_far_from_centred_covariate_is_the_centred_models():
+    # x ~ 1e6: the statistics of the raw column lose ~12 digits in X^T X; the host path centres it
+    # (centred_statistics) and maps beta and its covariance back, so it is the model y ~ (x - mean)
+    rng = np.random.default_rng(5)
+    g = rng.integers(0, 15, 200)
+    x = 1e6 + rng.normal(size=200)
+    data = pd.DataFrame({"g": g.astype(str), "x": x, "y": rng.normal(size=15)[g] + x + rng.normal(size=200)})
+    data["xc"] = data.x - data.x.mean()
+    raw, centred = hp.lmm("y ~ x + (1 | g)", data), hp.lmm("y ~ xc + (1 | g)", data)
+    assert raw.converged
+    assert raw.objective == pytest.approx(centred.objective, rel=1e-11)
+    np.testing.assert_allclose(raw.theta, centred.theta, rtol=1e-8)
+    assert raw.fixef["x"] == pytest.approx(centred.fixef["xc"], rel=1e-9)
+    assert raw.fixef["Intercept"] == pytest.approx(centred.fixef["Intercept"] - data.x.mean() * centred.fixef["xc"],
+                                                   rel=1e-9)
+    assert raw.fixef_se["x"] == pytest.approx(centred.fixef_se["xc"], rel=1e-8)
+    np.testing.assert_allclose(raw.fitted, centred.fitted, rtol=1e-10)
+
+
+def test_a_model_without_fixed_effects_fits_on_the_host_as_compiled():
+    rng = np.random.default_rng(1)
+    data = pd.DataFrame({"g": rng.integers(0, 10, 100).astype(str), "y": rng.normal(size=100)})
+    host = hp.lmm("y ~ 0 + (1 | g)", data)
+    compiled = hp.lmm("y ~ 0 + (1 | g)", data, control=hp.Control(compile=True))
+    assert host.objective == pytest.approx(compiled.objective, rel=1e-10)
+    np.testing.assert_allclose(host.theta, compiled.theta, rtol=1e-6)

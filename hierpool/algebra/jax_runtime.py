@@ -53,20 +53,32 @@ def pytree_dataclass(cls: type) -> type:
 
 
 class _ConfigureAfterImport(importlib.abc.MetaPathFinder):
-    """Finds ``jax`` like the other finders, and wraps its loader to call :func:`configure` after it runs."""
+    """Finds ``jax`` like the other finders, and wraps its loader to call :func:`configure` after it runs.
+
+    It stays on ``sys.meta_path`` until JAX has been imported and configured: a lookup that
+    imports nothing (``importlib.util.find_spec("jax")``, how libraries test whether JAX is
+    installed) or a failed import leaves it there for the real import.
+    """
+
+    _searching = threading.local()
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "jax":
+        if fullname != "jax" or getattr(self._searching, "active", False):
             return None
-        _remove_finder()
-        spec = importlib.util.find_spec("jax")
+        self._searching.active = True  # the other finders find jax; this one must not recurse
+        try:
+            spec = importlib.util.find_spec("jax")
+        finally:
+            self._searching.active = False
         if spec is None or spec.loader is None:
             return spec
         run_module = spec.loader.exec_module
 
         def exec_module(module):
             run_module(module)
-            configure(module)
+            if module.__name__ == "jax":  # a loader shared by several modules runs this for each
+                configure(module)
+                _remove_finder()
 
         spec.loader.exec_module = exec_module
         return spec
@@ -89,8 +101,9 @@ class _Module:
 
     def __getattr__(self, attribute: str):
         if self._module is None:
-            self._module = importlib.import_module(self._name)
-            configure(importlib.import_module("jax"))
+            module = importlib.import_module(self._name)
+            configure(importlib.import_module("jax"))  # before any thread can use it through this stand-in
+            self._module = module
         return getattr(self._module, attribute)
 
     def __repr__(self) -> str:

@@ -152,13 +152,15 @@ def value_and_gradient(theta: np.ndarray, stats, reml: bool = True, sigma_known:
     return value, gradient
 
 
-def solution(theta: jax.Array, stats, reml: bool = True, sigma_known: bool = False) -> Solution:
+def solution(theta: jax.Array, stats, reml: bool = True, sigma_known: bool = False, fixed_map=None) -> Solution:
     """Henderson's solution at ``theta`` from the statistics: the general path's :class:`Solution`, one term.
 
     beta-hat (beta0 added back: the user's scale), its covariance sigma^2 (R_X^T R_X)^-1, sigma
     (1 with known residual sds), the spherical effects u_l = L_l^-T (c_l - C_l beta), the BLUPs
     b_l = Lambda u_l and lme4's condVar sigma^2 Lambda (L_l L_l^T)^-1 Lambda^T, as
     :func:`hierpool.algebra.henderson.solve` gives them for the same model (tested equal).
+    ``fixed_map`` (p x p) maps the statistics' beta to the user's, beta = M beta_s and
+    Cov = M Cov_s M^T (statistics of centred columns, :func:`hierpool.algebra.statistics.centred_statistics`).
     """
     lam, chol_inv, cz, cx, chol_x_inv, r, pwrss, logdet_z, logdet_x = factor_blocks(theta, stats)
     xp = array_namespace(theta, stats.ztz)
@@ -167,14 +169,17 @@ def solution(theta: jax.Array, stats, reml: bool = True, sigma_known: bool = Fal
     beta = chol_x_inv.T @ r
     u = xp.einsum("lji,lj->li", chol_inv, cz - xp.einsum("lip,p->li", cx, beta))
     inner_inv = xp.einsum("lki,lkj->lij", chol_inv, chol_inv)  # (L L^T)^-1
+    beta, vcov = beta + stats.beta_shift, sigma2 * chol_x_inv.T @ chol_x_inv
+    if fixed_map is not None:
+        beta, vcov = fixed_map @ beta, fixed_map @ vcov @ fixed_map.T
     return Solution(
         theta=theta,
         factors=(lam,),
-        beta=beta + stats.beta_shift,
+        beta=beta,
         u=(u,),
         b=(u @ lam.T,),
         cond_var=(sigma2 * lam[None] @ inner_inv @ lam.T[None],),
-        vcov_beta=sigma2 * chol_x_inv.T @ chol_x_inv,
+        vcov_beta=vcov,
         sigma=xp.sqrt(sigma2),
         pwrss=pwrss,
         logdet_lz=logdet_z,

@@ -169,3 +169,26 @@ def one_dataset_statistics(design) -> BatchStatistics:
     stats = sufficient_statistics(np.zeros(design.n, dtype=np.int64), term.index, design.X, term.z, design.y, 1,
                                   term.n_levels, weights=design.weights, offset=design.offset)
     return stats.take(0)
+
+
+def centred_statistics(design) -> tuple[BatchStatistics, np.ndarray]:
+    """One dataset's statistics with the fixed-effect columns centred, and the map back to the user's beta.
+
+    With an intercept column, X = X_c T where X_c has every other column centred at its weighted
+    mean c_j and T = I + e_int c^T (unit triangular).  The profiled criterion is unchanged
+    (the column space is the same and log|R_X|^2 gains log det(T)^2 = 0), while X^T W X no longer
+    carries the squares of large column means (a calendar year or a timestamp as a covariate
+    loses most of float64's digits in its raw cross-products).  Estimates map back by
+    beta = T^-1 beta_c and Cov(beta) = T^-1 Cov(beta_c) T^-T; the returned matrix is T^-1 (the
+    identity without an intercept column).
+    """
+    X = design.X
+    fixed_map = np.eye(design.p)
+    ones = np.flatnonzero(np.all(X == 1.0, axis=0)) if design.p else np.zeros(0, dtype=int)
+    if design.p < 2 or not ones.size:
+        return one_dataset_statistics(design), fixed_map
+    weights = design.row_weights
+    centres = weights @ X / weights.sum()
+    centres[ones[0]] = 0.0
+    fixed_map[ones[0]] -= centres  # T^-1 = I - e_int c^T
+    return one_dataset_statistics(dataclasses.replace(design, X=X - centres)), fixed_map

@@ -17,7 +17,7 @@ from ..algebra import henderson, one_term
 from ..algebra.conditioning import condition_terms
 from ..algebra.henderson import as_numpy, solve
 from ..algebra.jax_runtime import jnp
-from ..algebra.statistics import one_dataset_statistics
+from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.design import Design, build_design
@@ -28,11 +28,13 @@ from .results import LMMResult
 def solve_at(theta: np.ndarray, system: MixedModelSystem, reml: bool, host: bool, statistics=None):
     """Henderson's solution at ``theta`` as NumPy arrays: in NumPy on the host, or compiled.
 
-    With a one-term model's sufficient statistics (on the host) it is the one-term
-    specialisation's solution (:func:`hierpool.algebra.one_term.solution`, tested equal).
+    With a one-term model's sufficient statistics and the map of their fixed effects to the
+    user's (:func:`_one_term_statistics`) it is the one-term specialisation's solution
+    (:func:`hierpool.algebra.one_term.solution`, tested equal).
     """
     if statistics is not None:
-        return one_term.solution(np.asarray(theta, dtype=float), statistics, reml, system.layout.sigma_known)
+        stats, fixed_map = statistics
+        return one_term.solution(np.asarray(theta, dtype=float), stats, reml, system.layout.sigma_known, fixed_map)
     if host:
         return solve(np.asarray(theta, dtype=float), on_host(system), reml=reml)
     return as_numpy(henderson.solve_jit(jnp.asarray(theta), on_device(system), reml=reml))
@@ -41,13 +43,15 @@ def solve_at(theta: np.ndarray, system: MixedModelSystem, reml: bool, host: bool
 def _one_term_statistics(design: Design, host: bool):
     """The sufficient statistics that specialise a one-term model's criterion on the host (None otherwise).
 
-    One random-effect term is the shape the statistics cover (:mod:`hierpool.algebra.one_term`;
-    known residual sds ``se=`` enter as weights 1 / se^2); several terms take the general blocked
-    algebra.
+    One random-effect term with fixed effects is the shape the statistics cover
+    (:mod:`hierpool.algebra.one_term`; known residual sds ``se=`` enter as weights 1 / se^2);
+    several terms, or none but random effects, take the general blocked algebra.  Returns
+    (statistics of the centred fixed-effect columns, the map of their beta to the user's):
+    :func:`hierpool.algebra.statistics.centred_statistics`.
     """
-    if not host or len(design.terms) != 1:
+    if not host or len(design.terms) != 1 or design.p == 0:
         return None
-    return one_dataset_statistics(design)
+    return centred_statistics(design)
 
 
 class MixedModel:
@@ -117,9 +121,10 @@ class MixedModel:
         conditioned = condition_terms(self.design) if (control is None or control.theta_start is None) else None
         host = runs_on_host(self.system, control)
         if conditioned is None:
-            statistics = _one_term_statistics(self.design, host)
+            one_term_inputs = _one_term_statistics(self.design, host)
+            statistics = None if one_term_inputs is None else one_term_inputs[0]
             optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design), statistics=statistics)
-            solution = solve_at(optimum.theta, self.system, reml, host, statistics)
+            solution = solve_at(optimum.theta, self.system, reml, host, one_term_inputs)
         else:
             system = build_system(conditioned.design, host=True)
             # far-from-centred columns (why we condition) also sit in X, and the general path's

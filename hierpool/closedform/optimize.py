@@ -132,8 +132,11 @@ def moment_start(design) -> np.ndarray:
     moments (:func:`hierpool.algebra.start.moment_theta`: cov(b_l) less its sampling noise,
     over the within-level mean square; for a scalar random intercept this is one-way ANOVA,
     the estimator ``hp.fit_batch`` also starts from).  Each term is read on its own, the
-    others ignored: a start, not an estimate.  Fits with known residual sds start at lme4's
-    identity.  It saves L-BFGS-B evaluations (InstEval's count is in benchmarks/RESULTS.md).
+    others ignored: a start, not an estimate.  With several terms only scalar random
+    intercepts start there (a vector term's moment start, read with the other terms ignored,
+    has led L-BFGS-B to a worse boundary optimum than lme4's identity start on a model with two
+    crossed slope terms); fits with known residual sds start at lme4's identity.  It saves
+    L-BFGS-B evaluations (counts in benchmarks/RESULTS.md).
     """
     start = theta_start(tuple(t.k for t in design.terms))
     if design.sigma_known or design.p == 0:
@@ -144,6 +147,9 @@ def moment_start(design) -> np.ndarray:
     for term in design.terms:
         k, ell = term.k, term.n_levels
         size = k * (k + 1) // 2
+        if len(design.terms) > 1 and term.coef_names != ("Intercept",):
+            offset += size
+            continue
         ztz = np.stack([np.bincount(term.index, weights=term.z[:, a] * term.z[:, b], minlength=ell)
                         for a in range(k) for b in range(k)], axis=-1).reshape(1, ell, k, k)
         cross = np.stack([np.bincount(term.index, weights=term.z[:, a] * residual, minlength=ell)
