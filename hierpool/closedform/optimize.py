@@ -319,7 +319,9 @@ def _newton_polish(evaluate, gradients_at, theta: np.ndarray, lower: np.ndarray,
         candidate_value, candidate_gradient = evaluate(candidate)
         # at this distance the criterion changes by less than its rounding: the gradient decides
         noise = 1e-13 * max(1.0, abs(value))
-        if candidate_value > value + noise or np.max(np.abs(candidate_gradient)) >= np.max(np.abs(gradient)):
+        shrunk = np.max(np.abs(_projected_gradient(candidate, candidate_gradient, lower))) < np.max(
+            np.abs(_projected_gradient(theta, gradient, lower)))
+        if candidate_value > value + noise or not shrunk:
             break
         theta, value, gradient = candidate, candidate_value, candidate_gradient
     return theta
