@@ -101,9 +101,13 @@ def test_a_bug_shared_by_the_solve_and_the_exact_draw_fails_the_validation(monke
     def broken_statistics(design):
         return statistics.one_dataset_statistics(shifted(design))
 
+    def broken_centred_statistics(design):
+        return statistics.centred_statistics(shifted(design))
+
     for module in (model, bayes_fit):
         monkeypatch.setattr(module, "build_system", broken_system)
-        monkeypatch.setattr(module, "one_dataset_statistics", broken_statistics)
+    monkeypatch.setattr(model, "centred_statistics", broken_centred_statistics)
+    monkeypatch.setattr(bayes_fit, "one_dataset_statistics", broken_statistics)
     data = load("sleepstudy")
     fit = hp.lmm(SLEEP, data)
     exact_draw = hp.bayes(SLEEP, data, variance=fit, priors=hp.validate.flat_beta_priors(fit), seed=1)
