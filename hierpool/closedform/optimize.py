@@ -103,7 +103,8 @@ def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, stat
     """theta (NumPy) -> (criterion, gradient) as floats and a NumPy array, on the host or compiled.
 
     On the host, a model with one random-effect term whose sufficient statistics are given
-    (:func:`hierpool.algebra.statistics.one_dataset_statistics`) is evaluated by the one-term
+    (:func:`hierpool.algebra.statistics.centred_statistics`, the fixed columns centred: the
+    criterion is unchanged) is evaluated by the one-term
     specialisation of the criterion (:mod:`hierpool.algebra.one_term`: per-level k x k blocks,
     complex-step gradient), the general blocked algebra otherwise; both are the same criterion
     (tests/test_numerics.py checks them equal).
