@@ -24,13 +24,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import formulae
 import numpy as np
 import pandas as pd
 
 from ..errors import ArgumentError, DataError, FormulaError, HierpoolWarning
+from .columns import PlainPart, plain_fixed, plain_part
 from .formula import ModelSpec, RandomTermSpec, display_name, parse_formula
-from .transforms import FORMULAE_NAMES, caller_environment
 
 #: Column names of the weights and offset arguments in the model frame (lme4's names).
 WEIGHTS_COLUMN = "(weights)"
@@ -66,7 +65,7 @@ class RandomEffectTerm:
     index: np.ndarray
     z: np.ndarray
     spec: RandomTermSpec
-    z_matrix: object  # formulae CommonEffectsMatrix of the lhs, to encode new data the same way
+    z_matrix: object  # formulae CommonEffectsMatrix (or a plain PlainPart) of the lhs, to encode new data alike
 
     def dense_columns(self, values: np.ndarray | None = None) -> np.ndarray:
         """The term's dense model-matrix block Z_j, shape (n, ell * k), columns by level then coefficient.
@@ -143,7 +142,7 @@ class Design:
     rows: pd.Index
     n_dropped: int
     aliased: tuple[str, ...]
-    fixed_matrix: object  # formulae CommonEffectsMatrix, to encode new data the same way
+    fixed_matrix: object  # formulae CommonEffectsMatrix (or a PlainPart), to encode new data the same way
 
     @property
     def n(self) -> int:
@@ -219,9 +218,13 @@ def _response(frame: pd.DataFrame, spec: ModelSpec, evaluated) -> np.ndarray:
     return y
 
 
-def _design_matrices(text: str, frame: pd.DataFrame, what: str, env):
+def _design_matrices(text: str, frame: pd.DataFrame, what: str):
+    import formulae  # half a second to import: plain parts (spec.columns) never get here
+
+    from .transforms import caller_environment  # the namespace of the first frame outside hierpool
+
     try:
-        return formulae.design_matrices(text, frame, na_action="error", env=env)
+        return formulae.design_matrices(text, frame, na_action="error", env=caller_environment())
     except KeyError as exc:  # a name neither a column, formulae's, the caller's nor R's
         raise FormulaError(
             f"cannot evaluate {what} {display_name(text)!r}: unknown function or name {exc.args[0]!r} "
@@ -229,6 +232,20 @@ def _design_matrices(text: str, frame: pd.DataFrame, what: str, env):
         ) from None
     except Exception as exc:  # formulae raises many exception types
         raise FormulaError(f"cannot evaluate {what} {display_name(text)!r} on the data: {exc}") from None
+
+
+def _fixed_part(spec: ModelSpec, frame: pd.DataFrame):
+    """(y, (column names, values), matrix that encodes new data or None) of the fixed part ``y ~ ...``."""
+    plain = plain_fixed(spec.fixed)
+    if plain is not None and PlainPart(False, (plain[0],)).readable(frame) and plain[1].readable(frame):
+        response, part = plain
+        y = _response(frame, spec, frame[response].to_numpy(dtype=float))
+        return y, (part.column_names, part.matrix(frame)), part
+    fixed = _design_matrices(spec.fixed, frame, "fixed-effect part")
+    y = _response(frame, spec, fixed.response)
+    if fixed.common is None:  # y ~ 0: no fixed effects
+        return y, ([], np.zeros((len(frame), 0))), None
+    return y, matrix_columns(fixed.common), fixed.common
 
 
 def _is_offset_call(name: str) -> bool:
@@ -335,10 +352,14 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
     return inverse.astype(np.int32), labels
 
 
-def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, env) -> RandomEffectTerm:
+def _random_term(frame: pd.DataFrame, spec: RandomTermSpec) -> RandomEffectTerm:
     what = f"random-effect term ({display_name(spec.lhs)} | {spec.name})"
-    dm = _design_matrices(spec.lhs, frame, what, env)
-    z_names, z = matrix_columns(dm.common)
+    plain = plain_part(spec.lhs)
+    if plain is not None and plain.readable(frame):
+        z_names, z, z_matrix = plain.column_names, plain.matrix(frame), plain
+    else:
+        dm = _design_matrices(spec.lhs, frame, what)
+        (z_names, z), z_matrix = matrix_columns(dm.common), dm.common
     if any("offset(" in c for c in z_names):
         raise FormulaError(f"{what} has an offset; an offset belongs to the fixed part of the formula")
     index, levels = group_index(frame, spec.factor)
@@ -349,7 +370,7 @@ def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, env) -> RandomEffect
         index=index,
         z=np.ascontiguousarray(z),
         spec=spec,
-        z_matrix=dm.common,
+        z_matrix=z_matrix,
     )
 
 
@@ -398,13 +419,17 @@ def _known_sd(frame: pd.DataFrame, se: str) -> np.ndarray:
     return values
 
 
-def formula_columns(spec: ModelSpec, data: pd.DataFrame, env) -> tuple[str, ...]:
+def formula_columns(spec: ModelSpec, data: pd.DataFrame) -> tuple[str, ...]:
     """The data columns a formula reads: its names less those the environment defines (``Sum``, ``np``).
 
     A name that is neither a column of ``data`` nor defined is reported as a missing column.
     """
-    defined = env.namespace
-    missing = [v for v in spec.variables if v not in data.columns and v not in defined and v not in FORMULAE_NAMES]
+    missing = [v for v in spec.variables if v not in data.columns]
+    if missing:  # names the caller's namespace or formulae define are not columns
+        from .transforms import FORMULAE_NAMES, caller_environment
+
+        defined = caller_environment().namespace
+        missing = [v for v in missing if v not in defined and v not in FORMULAE_NAMES]
     check_columns(data, missing, f"formula {spec.formula!r}")
     return tuple(v for v in spec.variables if v in data.columns)
 
@@ -447,9 +472,8 @@ def build_design(
     Design
     """
     spec = parse_formula(formula)
-    env = caller_environment()
     _check_frame(data)
-    columns = formula_columns(spec, data, env)
+    columns = formula_columns(spec, data)
     if se is not None and weights is not None:
         raise ArgumentError(
             "give either se (known residual sds) or weights (prior weights, sigma estimated), not both"
@@ -474,10 +498,7 @@ def build_design(
     frame, n_dropped = _drop_missing(frame)
     _check_finite(frame)
 
-    fixed = _design_matrices(spec.fixed, frame, "fixed-effect part", env)
-    y = _response(frame, spec, fixed.response)
-    no_columns = ([], np.zeros((len(frame), 0)))
-    fixed_names, fixed_values = matrix_columns(fixed.common) if fixed.common is not None else no_columns
+    y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(spec, frame)
     X, names, offset_sum, offset_terms = _split_offsets(fixed_names, fixed_values, formula)
     names = tuple(display_name(c) for c in names)
     dropped = aliased_columns(X) if X.shape[1] else np.zeros(0, dtype=int)
@@ -495,7 +516,7 @@ def build_design(
     if offset is not None:
         offset_sum = offset_sum + frame[offset_column or OFFSET_COLUMN].to_numpy(dtype=float)
 
-    terms = [_random_term(frame, t, env) for t in spec.random]
+    terms = [_random_term(frame, t) for t in spec.random]
     terms = [terms[j] for j in lme4_term_order([t.n_levels for t in terms])]
     if se is not None:
         row_weights = 1.0 / _known_sd(frame, se) ** 2
@@ -523,5 +544,5 @@ def build_design(
         rows=frame.index,
         n_dropped=n_dropped,
         aliased=aliased,
-        fixed_matrix=fixed.common,
+        fixed_matrix=fixed_matrix,
     )

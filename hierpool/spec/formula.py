@@ -6,7 +6,8 @@ that carry a covariance block.  formulae splits ``(x | g)`` into independent
 terms ``1|g`` and ``x|g`` and rejects ``||``.  This module therefore only finds
 the top-level bar groups in the right-hand side; each piece (the fixed part,
 each group's left-hand side, each grouping expression) is still parsed and
-evaluated by formulae.
+evaluated by formulae, except a part that only names columns, which
+:mod:`hierpool.spec.columns` reads without importing formulae.
 
 Semantics follow lme4 (Bates et al. 2015, section 2.1):
 
@@ -29,9 +30,8 @@ import functools
 import re
 from dataclasses import dataclass
 
-import formulae
-
 from ..errors import FormulaError
+from .columns import plain_fixed, plain_grouping, plain_part
 
 #: formulae's ``scale`` divides by the n-denominator sd; R's ``scale`` by the n - 1 one.
 #: The formula text calls this stateful transform instead (see :func:`to_formulae`).
@@ -165,6 +165,8 @@ def display_name(name: str) -> str:
 
 
 def _parse_with_formulae(text: str, what: str):
+    import formulae  # half a second to import: only formulae that are not plain names need it
+
     try:
         return formulae.model_description(text)
     except Exception as exc:  # formulae raises several unrelated exception types
@@ -183,6 +185,13 @@ def _random_terms_of_bar(lhs: str, op: str, rhs: str, full: str) -> list[RandomT
         raise FormulaError(f"random-effect term ({lhs} {op} {rhs}) in {full!r} has nothing before '{op}'")
     if not rhs:
         raise FormulaError(f"random-effect term ({lhs} {op} {rhs}) in {full!r} has no grouping factor")
+    part, factor = plain_part(lhs), plain_grouping(rhs)
+    if part is not None and factor is not None:  # names only: what formulae would find, without it
+        name = ":".join(factor)
+        if op == "|":
+            return [RandomTermSpec(lhs=lhs, factor=factor, name=name)]
+        pieces = ["1"] * part.intercept + [f"0 + {column}" for column in part.names]
+        return [RandomTermSpec(lhs=piece, factor=factor, name=name) for piece in pieces]
     desc = _parse_with_formulae(f"({lhs} | {rhs})", "random-effect term")
     group_terms = [t for t in desc.terms if type(t).__name__ == "GroupSpecificTerm"]
     if not group_terms:
@@ -207,6 +216,17 @@ def _random_terms_of_bar(lhs: str, op: str, rhs: str, full: str) -> list[RandomT
                 RandomTermSpec(lhs=_expr_lhs_text(expr), factor=factor, name=name) for expr in by_factor[factor]
             )
     return specs
+
+
+def _variable_names(text: str) -> set[str]:
+    """The names a formula part (``"y ~ x"`` or a left-hand side ``"1 + x"``) reads."""
+    fixed = plain_fixed(text) if "~" in text else None
+    if fixed is not None:
+        return {fixed[0], *fixed[1].names}
+    part = None if "~" in text else plain_part(text)
+    if part is not None:
+        return set(part.names)
+    return set(_parse_with_formulae(text, "formula part").var_names)
 
 
 def parse_formula(formula: str) -> ModelSpec:
@@ -276,7 +296,7 @@ def _parse(formula: str) -> ModelSpec:
     fixed = f"{response} ~ {fixed_rhs}"
     variables: list[str] = []
     for desc_text in [fixed] + [t.lhs for t in random]:
-        for v in sorted(_parse_with_formulae(desc_text, "formula part").var_names):
+        for v in sorted(_variable_names(desc_text)):
             if v and v not in variables:
                 variables.append(v)
     for term in random:

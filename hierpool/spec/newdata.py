@@ -14,12 +14,15 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ArgumentError, DataError
+from .columns import PlainPart
 from .design import check_columns, group_index
 from .formula import display_name
 
 
 def _encode_frame(matrix, frame: pd.DataFrame, what: str) -> pd.DataFrame:
     try:
+        if isinstance(matrix, PlainPart):  # read without formulae (spec.columns)
+            return matrix.new_rows(frame)
         encoded = matrix.evaluate_new_data(frame).as_dataframe()
     except Exception as exc:  # formulae raises several exception types for unseen categories
         raise DataError(f"cannot encode {what} for the new data: {exc}") from None

@@ -1,0 +1,98 @@
+"""Formula parts that only name numeric columns are read without formulae (hierpool.spec.columns):
+the same names, columns, levels and new-data encoding as formulae gives, and formulae still reads
+every other part."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hierpool as hp
+from hierpool.spec import columns, design, formula
+from hierpool.spec.newdata import model_rows
+
+FORMULAE = [
+    "y ~ x + (x | g)",
+    "y ~ 1 + x + (0 + x | g)",
+    "y ~ x + z + (x || g)",
+    "y ~ 0 + x + (1 | g)",
+    "y ~ (1 | g)",
+    "y ~ x + z + (1 + x + z || g) + (1 | h)",
+    "y ~ z + x + (z + x | g)",
+    "y ~ x + (1 | g:h)",
+    "y ~ x + (1 | g) + (1 | h)",
+    "y ~ x + f + (1 | g)",  # f is categorical: its part goes to formulae
+    "y ~ x + (b | g)",  # b is boolean: formulae encodes it
+]
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(3)
+    n = 120
+    g, h = rng.integers(0, 10, n), rng.integers(0, 4, n)
+    frame = pd.DataFrame(
+        {
+            "x": rng.normal(size=n),
+            "z": rng.integers(0, 5, n),  # integer: numeric for formulae too
+            "g": [f"s{i}" for i in g],
+            "h": h,
+            "f": np.array(["a", "b", "c"])[np.arange(n) % 3],
+            "b": np.arange(n) % 2 == 0,
+        }
+    )
+    frame["y"] = 1 + frame.x + rng.normal(size=10)[g] + rng.normal(size=4)[h] + rng.normal(size=n)
+    return frame
+
+
+def _formulae_only(monkeypatch):
+    """Send every part to formulae, as before spec.columns existed."""
+    for module in (formula, design):
+        for name in ("plain_part", "plain_fixed", "plain_grouping"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, lambda *args: None)
+    formula._parse.cache_clear()
+
+
+@pytest.mark.parametrize("text", FORMULAE)
+def test_plain_parts_read_as_formulae_reads_them(data, text, monkeypatch):
+    fast = design.build_design(text, data)
+    with monkeypatch.context() as patch:
+        _formulae_only(patch)
+        reference = design.build_design(text, data)
+    formula._parse.cache_clear()
+    assert fast.spec == reference.spec
+    assert fast.fixed_names == reference.fixed_names and fast.columns == reference.columns
+    np.testing.assert_array_equal(fast.y, reference.y)
+    np.testing.assert_array_equal(fast.X, reference.X)
+    assert len(fast.terms) == len(reference.terms)
+    for a, b in zip(fast.terms, reference.terms):
+        assert (a.group, a.coef_names, a.spec) == (b.group, b.coef_names, b.spec)
+        np.testing.assert_array_equal(a.levels, b.levels)
+        np.testing.assert_array_equal(a.index, b.index)
+        np.testing.assert_array_equal(a.z, b.z)
+    new = data.iloc[::7].assign(x=lambda d: d.x + 1.0)
+    X, terms, offset = model_rows(fast, new)
+    X_ref, terms_ref, offset_ref = model_rows(reference, new)
+    np.testing.assert_array_equal(X, X_ref)
+    np.testing.assert_array_equal(offset, offset_ref)
+    for (z, level), (z_ref, level_ref) in zip(terms, terms_ref):
+        np.testing.assert_array_equal(z, z_ref)
+        np.testing.assert_array_equal(level, level_ref)
+
+
+def test_which_parts_are_plain():
+    assert columns.plain_part("1 + Days") == columns.PlainPart(True, ("Days",))
+    assert columns.plain_part("0 + Days") == columns.PlainPart(False, ("Days",))
+    assert columns.plain_part("Days") == columns.PlainPart(True, ("Days",))
+    for text in ("0", "0 + 1 + x", "x + x", "log(x)", "x:z", "x * z", "x - 1", "C(x)", "I(x**2)", "True"):
+        assert columns.plain_part(text) is None, text
+    assert columns.plain_fixed("y ~ x") == ("y", columns.PlainPart(True, ("x",)))
+    assert columns.plain_fixed("log(y) ~ x") is None
+    assert columns.plain_grouping("a:b") == ("a", "b")
+    assert columns.plain_grouping("a/b") is None and columns.plain_grouping("a:a") is None
+
+
+def test_new_data_with_a_text_column_where_a_number_was_is_refused(data):
+    fit = hp.lmm("y ~ x + (1 | g)", data)
+    with pytest.raises(hp.HierpoolError, match="'x'"):
+        fit.predict(data.iloc[:3].assign(x="a"))
