@@ -1,13 +1,28 @@
 """Known residual sds (se=): against metafor's REML random-effects meta-analysis."""
 
 import json
+import warnings
+from functools import partial
 
+import arviz as az
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import REFERENCE
+from numpyro.infer.util import log_density
 
 import hierpool as hp
+from hierpool.algebra import one_term_marginal as one_term
+from hierpool.algebra.henderson import conditional_draw, noise_size
+from hierpool.algebra.marginal import beta_prior_block
+from hierpool.algebra.statistics import one_dataset_statistics
+from hierpool.algebra.system import build_system
+from hierpool.bayesian import fit as bayes_fit
+from hierpool.bayesian.model import collapsed_model, one_term_collapsed_model
+from hierpool.bayesian.priors import resolve_priors
+from hierpool.spec.design import build_design
 
 CASES = json.loads(REFERENCE.read_text())["known_se"]
 
@@ -45,3 +60,98 @@ def test_eight_schools_allows_one_observation_per_group():
     with pytest.warns(hp.ConvergenceWarning, match="singular"):
         fit = hp.lmm("y ~ 1 + (1 | trial)", frame(ref), se="se")
     assert fit.is_singular and fit.sigma == 1.0
+
+
+# --- hp.bayes with se=: the one-term collapsed path (sufficient statistics, sigma fixed at 1) ---
+
+BCG = next(c for c in CASES if c["id"] == "bcg_ablat_reml")
+BCG_FORMULA = BCG["formula"]
+Z_MAX = 4.0
+DRAWS = 250
+
+
+def test_one_term_collapsed_density_equals_the_general_path():
+    # the NumPyro targets themselves (priors included: Normal on beta as pseudo-observations with sigma 1)
+    design = build_design(BCG_FORMULA, frame(BCG), se="se")
+    priors = resolve_priors(design, None)
+    assert priors.sigma is None and all(prior is not None for prior in priors.beta)
+    loc, scale = (jnp.asarray(a) for a in priors.beta_gaussian())
+    stats, system = one_dataset_statistics(design), build_system(design)
+    @jax.jit  # one program per path (eager, the general path's op-by-op dispatch takes seconds)
+    def both(sds):
+        def at(sd):
+            params = {"sd__0": sd[None]}
+            ours, _ = log_density(one_term_collapsed_model, (stats, loc, scale, priors), {"k": 1}, params)
+            reference, _ = log_density(collapsed_model, (system, loc, scale, priors), {}, params)
+            return ours, reference
+        return jax.vmap(at)(sds)
+
+    ours, reference = both(jnp.asarray([0.05, 0.3, 1.7]))
+    np.testing.assert_allclose(ours, reference, rtol=1e-10)
+
+
+def test_one_term_exact_draw_with_known_sds_is_the_general_engines():
+    # sigma 1 and the weights 1 / se^2: the Gaussian law of (beta, b) given tau, as the general engine draws it
+    design = build_design(BCG_FORMULA, frame(BCG), se="se")
+    stats, system = one_dataset_statistics(design), build_system(design)
+    theta, sigma = jnp.asarray([BCG["tau"]]), jnp.asarray(1.0)
+    loc, scale = jnp.asarray([0.5, 0.0]), jnp.asarray([2.0, jnp.inf])
+    ell, p = stats.zty.shape[0], design.p
+    prior = beta_prior_block(loc, scale, sigma, system)
+
+    def ours(noise):
+        beta, b = one_term.conditional_draw(theta, sigma, stats, loc, scale, noise[:p], noise[p:].reshape(ell, 1))
+        return jnp.concatenate([beta, b.ravel()])
+
+    def reference(noise):
+        beta, b = conditional_draw(theta, system, sigma, noise, prior)
+        return jnp.concatenate([beta, b[0].ravel()])
+
+    @partial(jax.jit, static_argnums=0)
+    def law(draw, zeros):  # both are linear in the noise: mean and covariance J J^T are their Gaussian law
+        jac = jax.jacfwd(draw)(zeros)
+        return draw(zeros), jac @ jac.T
+
+    mean_ours, cov_ours = law(ours, jnp.zeros(p + ell))
+    mean_ref, cov_ref = law(reference, jnp.zeros(noise_size(system.layout)))
+    np.testing.assert_allclose(mean_ours, mean_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cov_ours, cov_ref, rtol=1e-9, atol=1e-12)
+
+
+def sd_mcse(draws):
+    """Monte Carlo standard errors of the posterior sds of (chain, draw, m) draws."""
+    return az.mcse(az.convert_to_dataset({"x": draws}), method="sd")["x"].values
+
+
+@pytest.fixture(scope="module")
+def bcg_posteriors():
+    """hp.bayes with se= through the one-term path and through the general path (other seeds)."""
+    data = frame(BCG)
+    kwargs = {"se": "se", "draws": DRAWS, "tune": DRAWS, "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.SamplingWarning)  # ESS below 100 per chain: these are short chains
+        statistics = hp.bayes(BCG_FORMULA, data, seed=1, **kwargs)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(bayes_fit, "ONE_TERM_STATISTICS", False)
+            general = hp.bayes(BCG_FORMULA, data, seed=2, **kwargs)
+    return statistics, general
+
+
+def test_bayes_one_term_path_with_known_sds_agrees_with_the_general_path(bcg_posteriors):
+    statistics, general = bcg_posteriors
+    assert "Residual" not in set(statistics.varcorr.grp)  # no sigma: the sds are known
+    assert "sigma" not in statistics.idata.posterior
+    for table in ("fixef", "varcorr", "ranef"):
+        ours, theirs = getattr(statistics, table), getattr(general, table)
+        z = (ours["mean"].to_numpy() - theirs["mean"].to_numpy()) / np.hypot(ours["mcse_mean"].to_numpy(),
+                                                                               theirs["mcse_mean"].to_numpy())
+        assert np.max(np.abs(z)) < Z_MAX, (table, z)
+    # posterior sds of beta and b, in sd-MCSE units (the exact draws' spread, not only their centre)
+    for ours, theirs in ((statistics.beta_draws, general.beta_draws), (statistics.ranef_draws(), general.ranef_draws())):
+        spread = [x.reshape(-1, x.shape[-1]).std(axis=0, ddof=1) for x in (ours, theirs)]
+        z = (spread[0] - spread[1]) / np.hypot(sd_mcse(ours), sd_mcse(theirs))
+        assert np.max(np.abs(z)) < Z_MAX, z
+    # the posterior sits near metafor's REML estimates (the weights 1 / se^2 ignored would move tau to ~0.6)
+    tau = statistics.varcorr["mean"].iloc[0]
+    assert abs(statistics.fixef.loc["ablat", "mean"] - BCG["beta"][1]) < 0.5 * statistics.fixef.loc["ablat", "sd"]
+    assert 0.5 * BCG["tau"] < tau < 2 * BCG["tau"]

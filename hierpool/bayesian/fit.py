@@ -30,6 +30,10 @@ METHODS = ("auto", "collapsed", "full")
 DENSE_MASS_MAX_DIMENSION = 1000
 #: Pointwise log-likelihood is stored up to this many values (chains x draws x rows).
 LOG_LIKELIHOOD_MAX_VALUES = 5e7
+#: The collapsed sampler of a one-term model runs on its sufficient statistics
+#: (:mod:`hierpool.algebra.one_term_marginal`); False sends it through the general blocked
+#: factorization instead (the tests compare the two posteriors).
+ONE_TERM_STATISTICS = True
 
 
 def _held_variance(design: Design, variance: LMMResult) -> HeldVariance:
@@ -82,14 +86,16 @@ class _ExactDraws:
         return {"variance": draws, "beta": beta, "b": tuple(b)}
 
 
-def _one_term_exact_draws(variance: dict, k: int, stats, loc: np.ndarray, scale: np.ndarray, seed: int) -> dict:
+def _one_term_exact_draws(variance: dict, k: int, sigma_known: bool, stats, loc: np.ndarray, scale: np.ndarray,
+                          seed: int) -> dict:
     """Exact (beta, b) draws for each variance draw of a one-term model, on the host in NumPy.
 
     The same algebra as the compiled programs (:func:`hierpool.algebra.one_term_marginal.draw_effects`
     on NumPy arrays): for sleepstudy's 4,000 draws far less than tracing and compiling
     a program for them took (benchmarks/RESULTS.md, "Bayesian engine, sixth session").
+    With known residual sds sigma is 1 in every draw (the statistics carry the weights 1 / se^2).
     """
-    (sd,), (cor,), sigma = variance_draws(variance, (k,), False)
+    (sd,), (cor,), sigma = variance_draws(variance, (k,), sigma_known)
     chains, draws = sigma.shape
 
     def flat(a):
@@ -107,10 +113,11 @@ def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept
     # benchmarks/RESULTS.md, "Measurements the code cites")
     loc, scale = (np.asarray(a, dtype=float) for a in resolved.beta_gaussian())
     ks = tuple(t.k for t in design.terms)
-    if len(ks) == 1 and not design.sigma_known:
+    if len(ks) == 1 and ONE_TERM_STATISTICS:
         # one term: the same target written on the sufficient statistics, which compiles to a third
         # less code than the general blocked factorization, and exact draws on the host.  The statistics
-        # carry the prior weights and the offset, and are of y - offset - X beta0 (the draws add beta0 back)
+        # carry the prior weights (1 / se^2 with known residual sds, sigma then 1) and the offset, and are
+        # of y - offset - X beta0 (the draws add beta0 back)
         stats = one_dataset_statistics(design)
         model, args, static = one_term_collapsed_model, (stats, loc, scale, resolved), (("k", ks[0]),)
         postprocess = None
@@ -132,7 +139,7 @@ def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept
         progress=progress,
     )
     if postprocess is None:
-        out = _one_term_exact_draws(out, ks[0], args[0], loc, scale, seed)
+        out = _one_term_exact_draws(out, ks[0], design.sigma_known, args[0], loc, scale, seed)
     sds, cors, _ = variance_draws(out["variance"], ks, True)
     sigma = None if design.sigma_known else out["variance"]["sigma"]
     return out["beta"], list(out["b"]), sds, cors, sigma, stats

@@ -116,11 +116,12 @@ def variance_parameters(priors: Priors, ks: tuple[int, ...]):
 def variance_draws(draws: dict, ks: tuple[int, ...], sigma_known: bool):
     """(sds, correlation factors, sigma) per term from the constrained draws of :func:`variance_parameters`' sites.
 
-    sigma is ones with known residual sds; a term with one coefficient has no correlation factor (None).
+    sigma is ones with known residual sds, one per draw (the sds' leading axes: (draws,) or (chains, draws));
+    a term with one coefficient has no correlation factor (None).
     """
     sds = [draws[f"sd__{j}"] for j in range(len(ks))]
     cors = [draws[f"cor__{j}"] if k > 1 else None for j, k in enumerate(ks)]
-    sigma = np.ones(sds[0].shape[0]) if sigma_known else draws["sigma"]  # NumPy: no eager JAX call outside a program
+    sigma = np.ones(sds[0].shape[:-1]) if sigma_known else draws["sigma"]  # NumPy: no eager JAX call outside a program
     return sds, cors, sigma
 
 
