@@ -70,6 +70,9 @@ class MixedModel:
         Prior weights (column name or one value per row): residual variance sigma^2 / w_i.
     offset : str or array-like, optional
         Known term added to the linear predictor (column name or one value per row).
+    control : Control, optional
+        Only its ``compile`` is read here: where the cross-products are kept (NumPy on the
+        host, or JAX arrays for compiled programs); by the model's size when None.
 
     Attributes
     ----------
@@ -79,12 +82,15 @@ class MixedModel:
         and :func:`~hierpool.algebra.henderson.solve` take (jit, grad and vmap them).
     """
 
-    def __init__(self, formula: str, data: pd.DataFrame, se: str | None = None, weights=None, offset=None):
+    def __init__(
+        self, formula: str, data: pd.DataFrame, se: str | None = None, weights=None, offset=None,
+        control: Control | None = None,
+    ):
         self.design: Design = build_design(formula, data, se=se, weights=weights, offset=offset)
         system = build_system(self.design, host=True)
-        # one copy of the cross-products, where the model's algebra will run: NumPy for the host
-        # path, JAX arrays for a model large enough to compile (the host copy is then released)
-        self.system: MixedModelSystem = system if runs_on_host(system) else on_device(system)
+        # one copy of the cross-products, where the model's algebra will run (``control.compile``, else
+        # by size): NumPy for the host path, JAX arrays for a compiled one (the host copy is released)
+        self.system: MixedModelSystem = system if runs_on_host(system, control) else on_device(system)
 
     @property
     def n_theta(self) -> int:
@@ -183,4 +189,6 @@ def lmm(
     Walker (2015), "Fitting linear mixed-effects models using lme4", J. Stat.
     Softw. 67(1); blocked factorization as in MixedModels.jl.
     """
-    return MixedModel(formula, data, se=se, weights=weights, offset=offset).fit(reml=reml, control=control)
+    return MixedModel(formula, data, se=se, weights=weights, offset=offset, control=control).fit(
+        reml=reml, control=control
+    )
