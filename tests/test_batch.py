@@ -12,6 +12,7 @@ from concurrent.futures import Future
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REFERENCE
 
 import hierpool as hp
 
@@ -187,6 +188,104 @@ def test_a_dataset_the_batched_optimizer_fails_on_is_refitted_and_marked(monkeyp
     assert unpolished.converged.tolist() == [True, True, False, True]
     assert "stopped" in unpolished.messages.loc[2] and "refitted" not in unpolished.messages.loc[2]
     assert_matches(unpolished, fits[:2], [0, 1])
+
+
+META = "y ~ ablat + (1 | trial)"
+
+
+@pytest.fixture(scope="module")
+def meta():
+    """Meta-analyses with known residual sds (se=): metafor's BCG data (13 trials, one estimate each) and variants.
+
+    ``bcg9`` (9 trials) and the 13-trial sets share the bucket of 16 levels (one compiled program); ``flat``
+    has a between-trial sd of zero (a singular fit); ``one`` has one trial, which cannot be fitted.
+    """
+    ref = next(case for case in json.loads(REFERENCE.read_text())["known_se"] if case["id"] == "bcg_ablat_reml")
+    bcg = pd.DataFrame({"y": ref["y"], "se": ref["se"], "ablat": ref["ablat"],
+                        "trial": [f"s{i + 1}" for i in range(len(ref["y"]))]})
+    rng = np.random.default_rng(8)
+    return ref, {
+        "bcg": bcg,
+        "bcg9": bcg.iloc[:9],
+        "noisy": bcg.assign(y=bcg.y + rng.normal(0, 0.3, len(bcg)), se=bcg.se * rng.uniform(0.5, 2, len(bcg))),
+        "flat": bcg.assign(y=0.3 - 0.03 * bcg.ablat + 0.2 * bcg.se * rng.normal(size=len(bcg))),
+        "one": bcg.iloc[:1],
+    }
+
+
+@pytest.fixture(scope="module")
+def meta_batch(meta):
+    return hp.fit_batch(META, meta[1], se="se")
+
+
+def test_known_residual_sds_equal_lmm_per_dataset(meta, meta_batch):
+    # se=: weights 1 / se^2 in each dataset's statistics and sigma fixed at 1, hp.lmm's one-term criterion
+    ref, frames = meta
+    batch = meta_batch
+    assert_not_refitted(batch)
+    assert "only 1 level" in batch.messages.loc["one"] and np.isnan(batch.objective.loc["one"])
+    assert "Residual" not in set(batch.varcorr.grp)  # sigma is not estimated
+    labels = ["bcg", "bcg9", "noisy", "flat"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.HierpoolWarning)
+        fits = {label: hp.lmm(META, frames[label], se="se") for label in labels}
+    for label, fit in fits.items():
+        i = batch.datasets.get_loc(label)
+        assert batch.converged.iloc[i] and batch.messages.iloc[i] == ""
+        assert batch.objective.iloc[i] == pytest.approx(fit.objective, rel=1e-10)
+        np.testing.assert_allclose(batch.fixef.iloc[i], fit.fixef, rtol=1e-6)
+        np.testing.assert_allclose(batch.fixef_se.iloc[i], fit.fixef_se, rtol=1e-5)
+        ranef = batch.ranef.query("dataset == @label")
+        scale = np.abs(fit.ranef.condval).max() + 1e-12
+        np.testing.assert_allclose(ranef.condval, fit.ranef.condval, atol=1e-5 * scale)
+        np.testing.assert_allclose(ranef.condsd, fit.ranef.condsd, rtol=1e-5, atol=1e-8)
+        varcorr = batch.varcorr.query("dataset == @label")
+        assert varcorr.grp.tolist() == fit.varcorr.grp.tolist()
+        np.testing.assert_allclose(varcorr.sdcor.to_numpy(), fit.varcorr.sdcor.to_numpy(), atol=1e-5)
+        assert bool(batch.is_singular.iloc[i]) == fit.is_singular
+    assert batch.is_singular.loc["flat"] and not batch.is_singular.loc["bcg"]
+    # and metafor's REML estimates of the original data (validation/lme4_reference.json), independently of hp.lmm
+    tau = batch.varcorr.query("dataset == 'bcg'").sdcor.iloc[0]
+    assert tau == pytest.approx(ref["tau"], rel=1e-3)
+    np.testing.assert_allclose(batch.fixef.loc["bcg"], ref["beta"], rtol=1e-5, atol=1e-5 * max(ref["beta_se"]))
+    assert batch.to_frame().loc[0, "sd_trial_Intercept"] == pytest.approx(ref["tau"], rel=1e-3)
+
+
+def test_known_residual_sds_reach_the_refit_by_lmm(meta, meta_batch, monkeypatch):
+    from hierpool.batch import fit as fit_module
+
+    compiled = fit_module._programs
+
+    def programs(stats, *args, **kwargs):  # the batched optimizer, reporting bcg9 (9 trials) as not converged
+        optimize, solve = compiled(stats, *args, **kwargs)  # the meta_batch fixture's programs: nothing compiles
+
+        def optimize_failing(chunk, start):
+            out = optimize.result()(chunk, start)
+            return {**out, "converged": out["converged"] & (chunk.n != 9)}
+
+        failing = Future()
+        failing.set_result(optimize_failing)
+        return failing, solve
+
+    monkeypatch.setattr(fit_module, "_programs", programs)
+    polished = hp.fit_batch(META, meta[1], se="se")
+    monkeypatch.undo()
+    assert polished.refit.tolist() == [False, True, False, False, False]
+    # the refit is hp.lmm with se= (without it the criterion would differ, and sigma would be estimated)
+    np.testing.assert_allclose(polished.objective, meta_batch.objective, rtol=1e-10)
+    np.testing.assert_allclose(polished.theta, meta_batch.theta, rtol=1e-5, atol=1e-6)
+
+
+def test_known_residual_sds_are_checked(meta):
+    frames = meta[1]
+    with pytest.raises(hp.ArgumentError, match="either se"):
+        hp.fit_batch(META, frames, se="se", weights="se")
+    with pytest.raises(hp.ArgumentError, match="se must be the name of the column"):
+        hp.fit_batch(META, frames, se=np.ones(13))
+    with pytest.raises(hp.DataError, match="'sd'"):
+        hp.fit_batch(META, frames, se="sd")
+    with pytest.raises(hp.DataError, match="se column 'se' must be positive"):
+        hp.fit_batch(META, {label: frame.assign(se=-frame.se) for label, frame in frames.items()}, se="se")
 
 
 def test_three_coefficient_term_equals_lmm():

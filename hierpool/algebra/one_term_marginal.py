@@ -16,7 +16,10 @@ beta0 the statistics' ``beta_shift`` (their y is y - offset - X beta0, see
                              + pwrss / sigma^2 - sum_i log w_i - sum_rows log v_j,
 
 k_N the number of Normal priors, v_j the rows' prior weights (residual variance
-sigma^2 / v_j; the statistics' ``log_weights``).  Given (T, sigma), (beta, b) is Gaussian:
+sigma^2 / v_j; the statistics' ``log_weights``).  With known residual sds (``se=``) the
+statistics' weights are v_j = 1 / se_j^2 and sigma is 1, as in the closed form's
+:func:`hierpool.algebra.one_term.objective` with ``sigma_known``: the same formula at sigma = 1
+(T is then diag(sd) R itself).  Given (T, sigma), (beta, b) is Gaussian:
 
     beta = beta0 + L_X^-T (r + sigma e_beta),   u_l = L_l^-T (c_l - C_l (beta - beta0) + sigma e_l),   b_l = Lambda u_l,
 

@@ -160,7 +160,9 @@ def bayes_batch(
     beta as pseudo-observations; LKJ(eta) on a 2 x 2 correlation as
     rho = 2u - 1, u ~ Beta(eta, eta)), so each dataset's posterior is the one
     ``hp.bayes`` samples; the tests compare the two in Monte Carlo error units.
-    Models with several random-effect terms or known residual sds are not batched.
+    Models with several random-effect terms are not batched, nor are known residual
+    sds (``se=``): ``hp.bayes`` samples those (its one-term path uses the same statistics),
+    and ``hp.fit_batch`` batches their closed-form fits.
     """
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept, min_draws=4,
                                                   min_tune=1)

@@ -41,44 +41,44 @@ CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 QUICK_COMPILE_MAX_VALUES = 1e6
 
 
-def _optimize_rows(stats, start, reml: bool, max_iterations: int):
+def _optimize_rows(stats, start, reml: bool, max_iterations: int, sigma_known: bool):
     """Minimize the criterion of every dataset of a chunk from its start (vmapped; pure)."""
     k = stats.ztz.shape[-1]
 
     def one(s, theta0):
         theta, value, newton_step, iterations, converged = minimize(
-            s, theta0, reml=reml, max_iterations=max_iterations)
+            s, theta0, reml=reml, max_iterations=max_iterations, sigma_known=sigma_known)
         return {"theta": canonical_theta(theta, k), "objective": value, "newton_step": newton_step,
                 "iterations": iterations, "converged": converged}
 
     return jax.vmap(one)(stats, start)
 
 
-def _optimize_chunk(reml: bool, max_iterations: int, sharding):
+def _optimize_chunk(reml: bool, max_iterations: int, sigma_known: bool, sharding):
     """The jitted optimizer of a chunk; over several devices, each runs the Newton loop of its own rows.
 
     Vmapped over a sharded axis, the while loop would step every device in lockstep
     (a collective per iteration, over the network between hosts) until the slowest
     dataset of the whole chunk converged.
     """
-    function = partial(_optimize_rows, reml=reml, max_iterations=max_iterations)
+    function = partial(_optimize_rows, reml=reml, max_iterations=max_iterations, sigma_known=sigma_known)
     if sharding is not None:
         function = jax.shard_map(function, mesh=sharding.mesh, in_specs=(sharding.spec, sharding.spec),
                                  out_specs=sharding.spec, check_vma=False)
     return jax.jit(function)
 
 
-@partial(jax.jit, static_argnames=("reml",))
-def _solve_chunk(theta, stats, reml: bool):
+@partial(jax.jit, static_argnames=("reml", "sigma_known"))
+def _solve_chunk(theta, stats, reml: bool, sigma_known: bool):
     """Estimates, BLUPs and conditional variances of every dataset at its theta (vmapped; pure)."""
-    return jax.vmap(partial(solution, reml=reml))(theta, stats)
+    return jax.vmap(partial(solution, reml=reml, sigma_known=sigma_known))(theta, stats)
 
 
 #: (optimize, solve) program futures by chunk shape and settings (the last 8 used).
 _COMPILED = ProgramCache()
 
 
-def _programs(stats, reml: bool, max_iterations: int, sharding, quick: bool = False):
+def _programs(stats, reml: bool, max_iterations: int, sigma_known: bool, sharding, quick: bool = False):
     """Futures of the (optimize, solve) programs for this chunk shape, kept in :data:`_COMPILED`.
 
     Two programs, not one: the solve program is traced while the optimizer
@@ -91,11 +91,12 @@ def _programs(stats, reml: bool, max_iterations: int, sharding, quick: bool = Fa
         k = stats.ztz.shape[-1]
         theta = jax.ShapeDtypeStruct((stats.n.shape[0], k * (k + 1) // 2), stats.ztz.dtype, sharding=sharding)
         optimize = compile_in_background(
-            _optimize_chunk(reml, max_iterations, sharding).lower(placed, theta), platform, quick)
-        solve = compile_in_background(_solve_chunk.lower(theta, placed, reml=reml), platform, quick)
+            _optimize_chunk(reml, max_iterations, sigma_known, sharding).lower(placed, theta), platform, quick)
+        solve = compile_in_background(_solve_chunk.lower(theta, placed, reml=reml, sigma_known=sigma_known), platform,
+                                      quick)
         return optimize, solve
 
-    return _COMPILED.get((shape_signature(stats), reml, max_iterations, sharding, quick), build)
+    return _COMPILED.get((shape_signature(stats), reml, max_iterations, sigma_known, sharding, quick), build)
 
 
 def _diagonal_sd(covariances: np.ndarray) -> np.ndarray:
@@ -116,6 +117,7 @@ def fit_batch(
     max_iterations: int = MAX_ITERATIONS,
     weights=None,
     offset=None,
+    se: str | None = None,
 ) -> BatchResult:
     """Fit one linear mixed model to many datasets at once.
 
@@ -158,6 +160,10 @@ def fit_batch(
         A known term of the linear predictor, as ``hp.lmm``'s (lmer's ``offset``),
         added to any ``offset(expr)`` terms of the formula; a column name or one
         value per row.
+    se : str, optional
+        Column of known residual sds, as ``hp.lmm``'s (meta-analysis): row i has
+        residual variance se_i^2, sigma is not estimated (1), and the random-effect
+        sds are absolute.  Cannot be combined with ``weights``.
 
     Returns
     -------
@@ -173,17 +179,20 @@ def fit_batch(
     relative and the fixed effects to 1e-6, with no dataset refitted), weights and
     offsets included.  Each dataset's algebra works on y - offset - X beta0, beta0
     its weighted least-squares fit (:mod:`hierpool.algebra.statistics`), so a large
-    common location of y costs no digits.  Models with several random-effect terms
-    or known residual sds are not batched: fit those with ``hp.lmm`` in a loop.
+    common location of y costs no digits.  Known residual sds enter the statistics as
+    the weights 1 / se^2 with sigma fixed at 1 (``hp.lmm``'s one-term criterion with
+    ``se=``); ``sigma`` is then 1 and ``varcorr`` has no ``Residual`` rows, as ``hp.lmm``'s.
+    Models with several random-effect terms are not batched: fit those with ``hp.lmm``
+    in a loop.
     """
     if dtype not in ("float64", "float32"):
         raise ArgumentError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     if chunk_size is None:
         chunk_size = CPU_CHUNK if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK
     chunk_size = integer_argument("chunk_size", chunk_size)
-    plan = plan_batch(formula, data, by, "fit_batch", "hp.lmm", weights=weights, offset=offset)
+    plan = plan_batch(formula, data, by, "fit_batch", "hp.lmm", weights=weights, offset=offset, se=se)
     design, term, n_datasets, n_levels = plan.design, plan.term, plan.n_datasets, plan.n_levels
-    p, k = design.p, term.k
+    p, k, sigma_known = design.p, term.k, design.sigma_known
     sharding = mesh_sharding()
     n_devices = 1 if sharding is None else len(jax.devices())
     workers = thread_count(sharding)
@@ -210,15 +219,15 @@ def fit_batch(
     for bucket, members in members_by_bucket:
         sizes[bucket] = min(chunk_size, math.ceil(len(members) / workers))
         rows = chunks(bucket, members[:1], sizes[bucket], n_devices)[0].index.size
-        programs[bucket] = _programs(plan.statistics_shape(bucket, rows, float_type), reml, max_iterations, sharding,
-                                     quick)
+        programs[bucket] = _programs(plan.statistics_shape(bucket, rows, float_type), reml, max_iterations,
+                                     sigma_known, sharding, quick)
     buckets, messages = plan.buckets(float_type)
     jobs = []
     for bucket, usable, stats in buckets:
         for chunk in chunks(bucket, usable, sizes[bucket], n_devices):
             chunk_stats = stats.take(chunk.index)
-            jobs.append((chunk.members, chunk_stats, moment_start(chunk_stats).astype(float_type), chunk.count,
-                         programs[bucket]))
+            start = moment_start(chunk_stats, sigma_known).astype(float_type)
+            jobs.append((chunk.members, chunk_stats, start, chunk.count, programs[bucket]))
 
     def run(job):
         _, chunk, start, count, (optimize, solve) = job
@@ -282,7 +291,7 @@ def fit_batch(
         messages=pd.Series(messages, index=index, name="message"),
         beta=per_dataset["beta"],
         beta_se=_diagonal_sd(per_dataset["vcov"]),
-        sigma=sigma,
+        sigma=None if sigma_known else sigma,  # hp.lmm's table: no Residual row with known residual sds
         covariance=covariance,
         levels=plan.levels,
         b=b,

@@ -61,7 +61,7 @@ def start_theta(k: int, dtype=jnp.float64) -> jax.Array:
     return jnp.asarray(rows == cols, dtype=dtype)
 
 
-def moment_start(stats) -> np.ndarray:
+def moment_start(stats, sigma_known: bool = False) -> np.ndarray:
     """Starting thetas (B, k(k+1)/2) from per-level least squares, one per dataset of a batch (NumPy).
 
     The method of moments on the statistics alone (:func:`hierpool.algebra.start.moment_theta`,
@@ -72,8 +72,13 @@ def moment_start(stats) -> np.ndarray:
     iterations (2,000 sleepstudy-shaped datasets: 3.2 on average instead of 11.1, at
     most 16 instead of 59).  The floor keeps the start off the boundary: from a
     near-singular Lambda (a floor of 1e-4, the closed form's) two of those datasets did
-    not converge in 60 iterations.
+    not converge in 60 iterations.  With known residual sds (``sigma_known``) every dataset
+    starts at the identity, as ``hp.lmm``'s fits with ``se=`` do
+    (:func:`hierpool.closedform.optimize.moment_start`).
     """
+    if sigma_known:
+        rows, cols = tril_positions(stats.ztz.shape[-1])
+        return np.tile((rows == cols).astype(float), (stats.n.shape[0], 1))
     ztz, ztx, zty = np.asarray(stats.ztz), np.asarray(stats.ztx), np.asarray(stats.zty)
     xtx, xty, yty = np.asarray(stats.xtx), np.asarray(stats.xty), np.asarray(stats.yty)
     beta = np.linalg.solve(xtx, xty[..., None])[..., 0]
@@ -120,9 +125,12 @@ def _probe(f, points, width):
     return values, gradients[:, 0], 0.5 * (hessians + jnp.swapaxes(hessians, 1, 2))
 
 
-@partial(jax.jit, static_argnames=("reml", "max_iterations"))
-def minimize(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITERATIONS):
+@partial(jax.jit, static_argnames=("reml", "max_iterations", "sigma_known"))
+def minimize(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITERATIONS, sigma_known: bool = False):
     """Minimize the criterion of one dataset.
+
+    ``sigma_known``: the residual sds are known (``se=``), carried by the statistics' weights
+    1 / se^2, and sigma is 1 (:func:`hierpool.algebra.one_term.objective`, ``hp.lmm``'s criterion).
 
     Returns
     -------
@@ -131,7 +139,7 @@ def minimize(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITERATI
         the last quadratic model predicts; ``converged`` when it is below 1e-6, or
         the decrease it predicts is below 1e-12 of the criterion (float64).
     """
-    f = partial(objective, stats=stats, reml=reml)
+    f = partial(objective, stats=stats, reml=reml, sigma_known=sigma_known)
     m = theta0.shape[0]
     eye = jnp.eye(m, dtype=theta0.dtype)
     fd_width, step_tol, rounding_step_tol, (converged_step, converged_decrease) = _tolerances(theta0.dtype)

@@ -28,7 +28,8 @@
 * Prior weights and offsets (``weights=``, ``offset=`` and ``offset(...)`` terms)
   are read by :func:`hierpool.spec.design.build_design` on the long frame, which checks
   them and drops rows with missing values, and enter each dataset's statistics
-  (:func:`hierpool.algebra.statistics.sufficient_statistics`).
+  (:func:`hierpool.algebra.statistics.sufficient_statistics`); known residual sds
+  (``se=``) enter them as the weights 1 / se^2, and sigma is then 1.
 """
 
 from __future__ import annotations
@@ -79,8 +80,12 @@ def bucket_width(n_levels: np.ndarray) -> np.ndarray:
     return 2 ** np.ceil(np.log2(np.maximum(n_levels, 1))).astype(int)
 
 
-def dataset_problems(n_obs, n_levels, rank, p: int, k: int, group: str) -> list[str]:
-    """Why each dataset cannot be fitted ("" when it can)."""
+def dataset_problems(n_obs, n_levels, rank, p: int, k: int, group: str, sigma_known: bool = False) -> list[str]:
+    """Why each dataset cannot be fitted ("" when it can).
+
+    With known residual sds (``sigma_known``) one observation per level is identifiable (a
+    meta-analysis), as ``hp.lmm``'s check allows; the other rules are the same.
+    """
     problems = []
     for n, ell, r in zip(n_obs, n_levels, rank):
         if ell < 2:
@@ -89,7 +94,7 @@ def dataset_problems(n_obs, n_levels, rank, p: int, k: int, group: str) -> list[
             problems.append(f"the {p} fixed-effect columns have rank {r} in this dataset")
         elif n <= p:
             problems.append(f"{n} observations for {p} fixed effects")
-        elif ell * k >= n:
+        elif ell * k >= n and not sigma_known:
             problems.append(f"{ell * k} random effects for {n} observations: not identifiable")
         else:
             problems.append("")
@@ -164,6 +169,7 @@ class BatchPlan:
     levels: list  # each dataset's level labels, in hp.lmm's order
     weights: object = None  # the weights= argument as given: a column name, or an array aligned with frame's rows
     offset: object = None  # the offset= argument, likewise
+    se: str | None = None  # the se= argument: the column of known residual sds
 
     @property
     def term(self) -> RandomEffectTerm:
@@ -201,7 +207,8 @@ class BatchPlan:
             stats = sufficient_statistics(local, self.level[rows], design.X[rows], term.z[rows], design.y[rows],
                                           len(members), int(bucket), weights=weights, offset=design.offset[rows])
             rank = np.atleast_1d(np.linalg.matrix_rank(stats.xtx, hermitian=True))
-            problems = dataset_problems(self.n_obs[members], self.n_levels[members], rank, design.p, term.k, term.group)
+            problems = dataset_problems(self.n_obs[members], self.n_levels[members], rank, design.p, term.k, term.group,
+                                        design.sigma_known)
             for index, problem in zip(members, problems):
                 messages[index] = problem
             valid = np.array([not problem for problem in problems])
@@ -210,7 +217,7 @@ class BatchPlan:
         return out, messages
 
     def dataset_frame(self, index: int) -> tuple[pd.DataFrame, dict]:
-        """(rows, weights/offset keyword arguments) to fit dataset ``index`` alone, as the user would.
+        """(rows, weights/offset/se keyword arguments) to fit dataset ``index`` alone, as the user would.
 
         All of the dataset's rows, those ``build_design`` dropped for missing values
         included (a fit of the dataset drops them again); array arguments are cut to them.
@@ -221,6 +228,8 @@ class BatchPlan:
             value = getattr(self, name)
             if value is not None:
                 kwargs[name] = value if isinstance(value, str) else value[rows]
+        if self.se is not None:
+            kwargs["se"] = self.se
         return self.frame.iloc[rows], kwargs
 
 
@@ -252,21 +261,24 @@ def _row_argument(value, name: str, data, frame: pd.DataFrame):
     return values
 
 
-def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=None, offset=None) -> BatchPlan:
+def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=None, offset=None,
+               se: str | None = None) -> BatchPlan:
     """Parse ``formula`` on the long frame and locate every dataset's rows and levels.
 
     ``weights`` and ``offset`` are column names, or (with ``data`` one DataFrame)
-    arrays with one value per row of it.
+    arrays with one value per row of it; ``se`` names the column of known residual sds
+    (their weights 1 / se^2 enter the statistics as prior weights do, and sigma is 1).
 
     Raises
     ------
     ArgumentError
         For a formula with other than one random-effect term (naming ``caller`` and
         the one-dataset function ``single`` to loop over instead), for weights
-        combined with known sds, or for a weights or offset array of the wrong length.
+        combined with known sds, for ``se`` not a column name, or for a weights or offset
+        array of the wrong length.
     DataError
-        For a missing ``by``, weights or offset column, missing dataset labels,
-        or weights that are not positive.
+        For a missing ``by``, weights, offset or se column, missing dataset labels,
+        or weights or sds that are not positive.
     """
     stateful = stateful_calls(formula)
     if stateful:
@@ -279,9 +291,11 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     frame = long_frame(data, by)
     weights = _row_argument(weights, "weights", data, frame)
     offset = _row_argument(offset, "offset", data, frame)
+    if se is not None and not isinstance(se, str):
+        raise ArgumentError(f"se must be the name of the column of known residual sds, got {type(se).__name__}")
     # positions as labels (the user's frame is not modified): a dataset's rows are then found by position
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)
-    design = build_design(formula, frame, weights=weights, offset=offset)
+    design = build_design(formula, frame, se=se, weights=weights, offset=offset)
     if len(design.terms) != 1:
         terms = [f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms]
         raise ArgumentError(f"{caller} fits models with one random-effect term; this formula has {len(terms)}: "
@@ -308,4 +322,5 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         levels=np.split(np.asarray(term.levels)[cell % term.n_levels], first_cell[1:]),
         weights=weights,
         offset=offset,
+        se=se,
     )
