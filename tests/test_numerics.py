@@ -327,3 +327,47 @@ def test_a_model_without_fixed_effects_fits_on_the_host_as_compiled():
     compiled = hp.lmm("y ~ 0 + (1 | g)", data, control=hp.Control(compile=True))
     assert host.objective == pytest.approx(compiled.objective, rel=1e-10)
     np.testing.assert_allclose(host.theta, compiled.theta, rtol=1e-6)
+
+
+@pytest.mark.parametrize("formula", [
+    "y ~ x + (1 | g) + (1 | h)",
+    "y ~ x + (x | g) + (1 | h)",  # k0 = 2
+    "y ~ x + (1 | g) + (x | h)",  # a vector term in the rest
+])
+def test_dense_coupling_and_pair_products_give_the_same_criterion(formula):
+    # the host criterion forms the Schur update from a dense coupling or from the pair products,
+    # whichever is cheaper (system.dense_coupling_pays): both are the same algebra
+    from hierpool.algebra.criterion import host_objective_and_gradient
+    from hierpool.algebra.system import on_host
+
+    rng = np.random.default_rng(4)
+    n = 600
+    g, h = rng.integers(0, 60, n), rng.integers(0, 12, n)
+    x = rng.normal(size=n)
+    data = pd.DataFrame({"g": g.astype(str), "h": h.astype(str), "x": x,
+                         "y": x + rng.normal(size=60)[g] + rng.normal(size=12)[h] + rng.normal(size=n)})
+    host = on_host(hp.MixedModel(formula, data, weights=rng.uniform(0.5, 2.0, n)).system)
+    theta = rng.uniform(0.2, 1.5, host.layout.n_theta)
+    for reml in (True, False):
+        dense_value, dense_grad = host_objective_and_gradient(host, reml, dense=True)(theta)
+        pair_value, pair_grad = host_objective_and_gradient(host, reml, dense=False)(theta)
+        assert dense_value == pytest.approx(pair_value, rel=1e-12)
+        np.testing.assert_allclose(dense_grad, pair_grad, rtol=1e-10, atol=1e-10 * np.max(np.abs(pair_grad)))
+
+
+def test_host_products_and_solves_in_single_thread_pieces_are_the_plain_ones():
+    from hierpool.algebra.linalg import host_product, solve_triangular, spd_inverse_from_cholesky
+
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=(700, 40)), rng.normal(size=(700, 30))  # several row chunks
+    np.testing.assert_allclose(host_product(a, b, transpose_a=True), a.T @ b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(host_product(a, b[:40]), a @ b[:40], rtol=1e-12, atol=1e-12)
+    spd = a[:, :40].T @ a[:, :40] + np.eye(40)
+    chol = np.linalg.cholesky(spd)
+    np.testing.assert_allclose(spd_inverse_from_cholesky(chol), np.linalg.inv(spd), rtol=1e-10, atol=1e-14)
+    rhs = rng.normal(size=(40, 60))  # several column chunks
+    for trans in ("N", "T"):
+        expected = scipy.linalg.solve_triangular(chol, rhs, lower=True, trans=trans)
+        np.testing.assert_allclose(solve_triangular(chol, rhs, lower=True, trans=trans), expected, rtol=1e-12)
+        np.testing.assert_allclose(solve_triangular(chol, rhs[:, 0], lower=True, trans=trans), expected[:, 0],
+                                   rtol=1e-12)

@@ -35,19 +35,22 @@ import numpy as np
 
 from .jax_runtime import jax, pytree_dataclass
 from .linalg import (
+    HOST_SINGLE_THREAD_MAX_SIZE,
     UNROLL_MAX_SIZE,
     array_namespace,
     cholesky,
     factor_gradients_to_theta,
+    host_product,
     logdet_from_cholesky_diagonal,
     scale_columns,
     segment_sum,
     solve_triangular,
     spd_inverse_from_cholesky,
+    spd_inverse_from_inverse_factor,
     theta_to_factors,
     tri_inverse,
 )
-from .system import MixedModelSystem
+from .system import MixedModelSystem, dense_coupling, dense_coupling_pays
 
 
 def _term0_factor(t0: jax.Array, system: MixedModelSystem) -> tuple[jax.Array, jax.Array]:
@@ -138,22 +141,32 @@ def _reduce_value(rest_factors: tuple, m_levels: jax.Array, system: MixedModelSy
 
 
 def _reduce_fwd(rest_factors, m_levels, system):
+    return _scale_reduced(rest_factors, system.rest - _schur_update(system, m_levels), system)
+
+
+def _scale_reduced(rest_factors, reduced, system):
+    """(S, residuals) from K = A_rest - U(M): S = Lambda_r^T K Lambda_r + diag(I_q, 0)."""
     layout = system.layout
     padded = tuple(rest_factors) + (None,) * (len(layout.rest_blocks) - len(rest_factors))
     scale = _scaling_blocks(system, padded)
-    reduced = system.rest - _schur_update(system, m_levels)
     rest = scale_columns(scale_columns(reduced, scale).T, scale)
-    xp = array_namespace(m_levels)
+    xp = array_namespace(reduced)
     identity = xp.concatenate([xp.ones(layout.q_rest), xp.zeros(rest.shape[0] - layout.q_rest)])
     return rest + xp.diag(identity), (rest_factors, reduced, system)
 
 
 def _reduce_bwd(residuals, cotangent):
+    rest_factors, reduced, system = residuals
+    contractions = functools.partial(level_contractions, system, n_blocks=len(system.layout.rest_blocks))
+    return _reduce_adjoint(rest_factors, reduced, system, cotangent, contractions)
+
+
+def _reduce_adjoint(rest_factors, reduced, system, cotangent, contractions):
     # With S = Lambda^T K Lambda + D and G the (symmetric) cotangent of S:
     #   d/dT_j  <G, S> = 2 sum_l (K Lambda G)[(l, .), (l, .)]       (one pass over a column block)
     #   d/dM_l  <G, S> = - sum_{pairs in l} <(Lambda G Lambda^T)[target], P_pair>
     # Both are far cheaper than reverse-mode through the scaling and the segment-sum.
-    rest_factors, reduced, system = residuals
+    # ``contractions(H)`` is level_contractions over all rest blocks (pairs or dense coupling).
     layout = system.layout
     padded = tuple(rest_factors) + (None,) * (len(layout.rest_blocks) - len(rest_factors))
     scale = _scaling_blocks(system, padded)
@@ -172,9 +185,8 @@ def _reduce_bwd(residuals, cotangent):
         right = lam_g[:, cols].reshape(size, ell, k)
         factor_grads.append(2.0 * xp.einsum("blc,bld->cd", left, right))
         offset += ell * k
-    grad_m = -level_contractions(system, lam_g_lam, len(layout.rest_blocks))
+    grad_m = -contractions(lam_g_lam)
     return tuple(factor_grads), grad_m, None
-
 
 
 def reduced_rest(theta: jax.Array, system: MixedModelSystem):
@@ -246,11 +258,18 @@ def _dense_parts_bwd(q, p, chol, cotangent):
     c_lz, c_rx, c_r2 = cotangent
     xp = array_namespace(chol)
     size = chol.shape[0]
-    s_inv = spd_inverse_from_cholesky(chol)
-    # rows q.. of L^-1 are columns q.. of L^-T: one solve with p + 1 right-hand sides
-    if size <= UNROLL_MAX_SIZE:
+    if xp is np and UNROLL_MAX_SIZE < size <= HOST_SINGLE_THREAD_MAX_SIZE:
+        # on the host L^-1 (LAPACK trtri) gives both S^-1 and the tail, without potri or trtrs
+        # (which wake OpenBLAS's threads: linalg.host_product)
+        inverse_factor = tri_inverse(chol)
+        s_inv = spd_inverse_from_inverse_factor(inverse_factor)
+        tail = inverse_factor[q:, :]
+    elif size <= UNROLL_MAX_SIZE:
+        s_inv = spd_inverse_from_cholesky(chol)
         tail = tri_inverse(chol)[q:, :]
     else:
+        s_inv = spd_inverse_from_cholesky(chol)
+        # rows q.. of L^-1 are columns q.. of L^-T: one solve with p + 1 right-hand sides
         unit_tail = xp.eye(size, dtype=chol.dtype)[:, q:]
         tail = solve_triangular(chol, unit_tail, lower=True, trans="T").T
     r2 = chol[-1, -1] ** 2
@@ -368,28 +387,76 @@ def _term0_adjoint(t0, a00, chol0, left, c_logdet, grad_m):
                   + 2.0 * (g @ t_d_inv - a_t @ h), axis=0)
 
 
-def objective_and_gradient_on_host(theta: np.ndarray, system: MixedModelSystem, reml: bool = True):
-    """:func:`objective` and its gradient in NumPy, with no compilation.
+def _schur_update_dense(coupling: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """:func:`_schur_update` with the dense coupling C (ell0, k0, m) of :func:`hierpool.algebra.system.dense_coupling`.
+
+    sum_l C_l^T M_l C_l = (M C)^T C over all levels at once: one BLAS product in place of a
+    gather and a segment-sum per coupling pair.  Symmetrized: the two triangles round differently.
+    """
+    ell0, k0, m = coupling.shape
+    if k0 == 1:
+        weighted = coupling[:, 0, :] * (left[:, 0, 0] ** 2)[:, None]
+    else:
+        weighted = np.matmul(np.einsum("lij,lik->ljk", left, left), coupling).reshape(ell0 * k0, m)
+    update = host_product(weighted, coupling.reshape(ell0 * k0, m), transpose_a=True)
+    return 0.5 * (update + update.T)
+
+
+def _level_contractions_dense(coupling: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """:func:`level_contractions` over all rest blocks with the dense coupling: C_l H C_l^T per level."""
+    ell0, k0, m = coupling.shape
+    ch = host_product(coupling.reshape(ell0 * k0, m), matrix).reshape(ell0, k0, m)
+    if k0 == 1:
+        return np.einsum("lm,lm->l", ch[:, 0, :], coupling[:, 0, :])[:, None, None]
+    return np.einsum("lim,ljm->lij", ch, coupling)
+
+
+def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, dense: bool | None = None):
+    """theta -> (:func:`objective`, its gradient) in NumPy, with no compilation.
 
     The same forward functions as the compiled objective, and the same written-out
     adjoints (:func:`dense_parts`' and the Schur update's), chained by hand; term 0's
     adjoint is :func:`_term0_adjoint`.  For small models, where compiling the
     objective costs seconds and evaluating it microseconds.  ``system`` holds NumPy
     arrays (:func:`hierpool.algebra.system.on_host`).
+
+    What does not depend on theta is prepared once here: when the dense coupling is the
+    cheaper form (:func:`hierpool.algebra.system.dense_coupling_pays`; ``dense`` forces the
+    choice), the Schur update and its adjoint are BLAS products with it, otherwise the pair
+    products' gathers and segment-sums.
     """
     layout = system.layout
     q, p = layout.q_rest, layout.p
-    factors = theta_to_factors(np.asarray(theta, dtype=float), layout.ks)
-    chol0, left = _term0_factor(factors[0], system)
-    m_levels = np.einsum("lij,lik->ljk", left, left)
-    rest, residuals = _reduce_fwd(tuple(factors[1:]), m_levels, system)
-    (logdet_rest, logdet_rx, pwrss), chol = _dense_parts_forward(rest, q, p)
-    logdet0 = logdet_from_cholesky_diagonal(np.diagonal(chol0, axis1=1, axis2=2))
-    value = criterion(ObjectiveParts(logdet0 + logdet_rest, logdet_rx, pwrss), system, reml)
     dof = layout.n - p if reml else layout.n
     c_rx = 1.0 if reml else 0.0
-    c_r2 = 1.0 if layout.sigma_known else dof / pwrss
-    (grad_rest,) = _dense_parts_bwd(q, p, chol, (1.0, c_rx, c_r2))
-    rest_factor_grads, grad_m, _ = _reduce_bwd(residuals, grad_rest)
-    grad_t0 = _term0_adjoint(factors[0], system.a00, chol0, left, 1.0, grad_m)
-    return float(value), factor_gradients_to_theta([grad_t0, *rest_factor_grads])
+    if dense is None:
+        dense = dense_coupling_pays(system)
+    coupling = dense_coupling(system) if dense else None
+    if coupling is not None:
+        contractions = functools.partial(_level_contractions_dense, coupling)
+    else:
+        contractions = functools.partial(level_contractions, system, n_blocks=len(layout.rest_blocks))
+
+    def evaluate(theta):
+        factors = theta_to_factors(np.asarray(theta, dtype=float), layout.ks)
+        chol0, left = _term0_factor(factors[0], system)
+        if coupling is None:
+            update = _schur_update(system, np.einsum("lij,lik->ljk", left, left))
+        else:
+            update = _schur_update_dense(coupling, left)
+        rest, (_, reduced, _) = _scale_reduced(tuple(factors[1:]), system.rest - update, system)
+        (logdet_rest, logdet_rx, pwrss), chol = _dense_parts_forward(rest, q, p)
+        logdet0 = logdet_from_cholesky_diagonal(np.diagonal(chol0, axis1=1, axis2=2))
+        value = criterion(ObjectiveParts(logdet0 + logdet_rest, logdet_rx, pwrss), system, reml)
+        c_r2 = 1.0 if layout.sigma_known else dof / pwrss
+        (grad_rest,) = _dense_parts_bwd(q, p, chol, (1.0, c_rx, c_r2))
+        rest_factor_grads, grad_m, _ = _reduce_adjoint(tuple(factors[1:]), reduced, system, grad_rest, contractions)
+        grad_t0 = _term0_adjoint(factors[0], system.a00, chol0, left, 1.0, grad_m)
+        return float(value), factor_gradients_to_theta([grad_t0, *rest_factor_grads])
+
+    return evaluate
+
+
+def objective_and_gradient_on_host(theta: np.ndarray, system: MixedModelSystem, reml: bool = True):
+    """:func:`objective` and its gradient in NumPy at one theta (:func:`host_objective_and_gradient`)."""
+    return host_objective_and_gradient(system, reml)(theta)

@@ -222,6 +222,8 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
     if k == 1:
         return 1.0 / lower
     if array_namespace(lower) is np:
+        if lower.ndim == 2 and not np.iscomplexobj(lower):
+            return _trtri_host(lower)
         return np.linalg.inv(lower)  # batched; the inverse of a triangular matrix is triangular
     if k <= UNROLL_MAX_SIZE:
         return _tri_inverse_unrolled(lower)
@@ -249,6 +251,37 @@ def scale_columns(matrix: jax.Array, blocks, transpose: bool = False) -> jax.Arr
     return array_namespace(matrix).concatenate(pieces, axis=1)
 
 
+#: Multiply-adds up to which OpenBLAS runs a gemm on the calling thread (m n k <= 65536 * 4, its
+#: ``interface/gemm.c``); :func:`host_product` keeps every call at or below it.
+SINGLE_THREAD_GEMM = 2**18
+
+
+def host_product(a: np.ndarray, b: np.ndarray, transpose_a: bool = False) -> np.ndarray:
+    """``a @ b`` (``a.T @ b`` with ``transpose_a``) as gemm calls small enough to stay on the calling thread.
+
+    The rows of ``a`` (its summed rows with ``transpose_a``) are taken in chunks.  OpenBLAS
+    threads a larger gemm, and its worker threads then spin between calls: on a machine whose
+    cores are shared, the host criterion's many small products then cost ~10-100x more
+    (benchmarks/RESULTS.md, 2026-12-02), while on one core these products run at full speed.
+    Never forms ``x.T @ x`` of one buffer (NumPy hands that to syrk, which OpenBLAS always threads).
+    """
+    if b is a:
+        b = b.copy()  # one buffer would go to syrk, which OpenBLAS threads at any size
+    inner = b.shape[1] * (a.shape[1] if transpose_a else b.shape[0])
+    rows = max(1, SINGLE_THREAD_GEMM // max(inner, 1))
+    if rows >= a.shape[0]:
+        return a.T @ b if transpose_a else a @ b
+    if transpose_a:
+        out = a[:rows].T @ b[:rows]
+        for start in range(rows, a.shape[0], rows):
+            out += a[start : start + rows].T @ b[start : start + rows]
+        return out
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+    for start in range(0, a.shape[0], rows):
+        np.matmul(a[start : start + rows], b, out=out[start : start + rows])
+    return out
+
+
 def logdet_from_cholesky_diagonal(diagonal: jax.Array) -> jax.Array:
     """log det(L L^T) from the diagonal of L."""
     xp = array_namespace(diagonal)
@@ -264,6 +297,28 @@ def _inverse_by_solves(chol: jax.Array) -> jax.Array:
     inverse_factor = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
     # two solves beat one solve and a product (measured)
     return jax.scipy.linalg.solve_triangular(chol, inverse_factor, lower=True, trans="T")
+
+
+#: Up to this size LAPACK's trtri and gemm products keep to the calling thread in OpenBLAS, whose potri and
+#: trtrs wake its worker threads at any size (see :func:`host_product` for why that matters).
+HOST_SINGLE_THREAD_MAX_SIZE = 128
+
+
+def _trtri_host(lower: np.ndarray) -> np.ndarray:
+    """Inverse of one lower-triangular matrix by LAPACK's trtri (NaN for a zero pivot, as :func:`_potri_host`)."""
+    import scipy.linalg.lapack
+
+    (trtri,) = scipy.linalg.lapack.get_lapack_funcs(("trtri",), (lower,))
+    inverse, info = trtri(lower, lower=1)
+    if info != 0:
+        return np.full(lower.shape, np.nan, dtype=lower.dtype)
+    return np.tril(inverse)
+
+
+def spd_inverse_from_inverse_factor(inverse_factor: np.ndarray) -> np.ndarray:
+    """(L L^T)^-1 = L^-T L^-1 from L^-1 on the host, symmetric (the product's two triangles round differently)."""
+    product = host_product(inverse_factor, inverse_factor.copy(), transpose_a=True)  # a copy: not syrk
+    return 0.5 * (product + product.T)
 
 
 def _potri_host(chol: np.ndarray) -> np.ndarray:
@@ -294,6 +349,8 @@ def spd_inverse_from_cholesky(chol: jax.Array) -> jax.Array:
         inverse_factor = tri_inverse(chol)
         return array_namespace(chol).swapaxes(inverse_factor, -1, -2) @ inverse_factor
     if array_namespace(chol) is np:
+        if chol.ndim == 2 and chol.shape[-1] <= HOST_SINGLE_THREAD_MAX_SIZE and not np.iscomplexobj(chol):
+            return spd_inverse_from_inverse_factor(_trtri_host(chol))
         if chol.ndim == 2:
             lower = _potri_host(chol)
             return np.where(np.tri(chol.shape[-1], dtype=bool), lower, lower.T)
@@ -314,9 +371,7 @@ def spd_inverse_from_cholesky(chol: jax.Array) -> jax.Array:
 def solve_triangular(a, b, lower: bool = True, trans: str = "N"):
     """x with op(a) x = b, ``a`` triangular: SciPy on NumPy arrays, ``jax.scipy`` otherwise."""
     if array_namespace(a, b) is np:
-        import scipy.linalg
-
-        return scipy.linalg.solve_triangular(a, b, lower=lower, trans=trans, check_finite=False)
+        return _solve_triangular_host(a, b, lower, trans)
     return jax.scipy.linalg.solve_triangular(a, b, lower=lower, trans=trans)
 
 
@@ -339,3 +394,31 @@ def segment_sum(values, segments, num_segments: int, sorted_segments: bool = Fal
     flat = values.reshape(len(values), -1)
     sums = [np.bincount(segments, weights=column, minlength=num_segments) for column in flat.T]
     return np.stack(sums, axis=1).reshape(out.shape) if sums else out
+
+
+#: OpenBLAS's trsm stays on the calling thread below this many right-hand-side entries (m n < 256 * 4).
+_SINGLE_THREAD_TRSM = 1024
+
+
+def _solve_triangular_host(a: np.ndarray, b: np.ndarray, lower: bool, trans: str) -> np.ndarray:
+    """Triangular solve by BLAS trsv / trsm, the right-hand sides in column chunks that keep to the calling thread.
+
+    SciPy's ``solve_triangular`` calls LAPACK's trtrs, which in OpenBLAS wakes the worker threads
+    at any size (see :func:`host_product`).
+    """
+    import scipy.linalg
+    import scipy.linalg.blas
+
+    if np.iscomplexobj(a) or np.iscomplexobj(b) or a.shape[0] == 0:
+        return scipy.linalg.solve_triangular(a, b, lower=lower, trans=trans, check_finite=False)
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    transposed = {"N": 0, "T": 1, "C": 1}[trans] if isinstance(trans, str) else int(trans)
+    if b.ndim == 1:
+        (trsv,) = scipy.linalg.blas.get_blas_funcs(("trsv",), (a,))
+        return trsv(a, b, lower=int(lower), trans=transposed)
+    (trsm,) = scipy.linalg.blas.get_blas_funcs(("trsm",), (a,))
+    width = max(1, _SINGLE_THREAD_TRSM // max(a.shape[0], 1) - 1)
+    pieces = [trsm(1.0, a, b[:, start : start + width], lower=int(lower), trans_a=transposed)
+              for start in range(0, b.shape[1], width)]
+    return np.concatenate(pieces, axis=1) if pieces else np.zeros_like(b)

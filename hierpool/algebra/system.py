@@ -259,6 +259,52 @@ def build_system(design: Design, host: bool = False) -> MixedModelSystem:
     )
 
 
+def dense_coupling(system: MixedModelSystem) -> np.ndarray:
+    """Term 0's coupling with every rest column as one dense (ell0, k0, m) array (host arrays).
+
+    ``C[l, :, columns of rest level j of block r] = V_r[l, j]`` (zero where the pair does not
+    occur), so the Schur update is ``sum_l C_l^T M_l C_l`` and its adjoint ``C_l H C_l^T``: two
+    BLAS products over the whole rest instead of a gather and a segment-sum per coupling pair
+    (:func:`dense_coupling_pays` says when that is cheaper).
+    """
+    layout = system.layout
+    ell0, k0 = layout.n_levels[0], layout.ks[0]
+    out = np.zeros((ell0, k0, sum(ell * k for ell, k in layout.rest_blocks)))
+    offset = 0
+    for (ell, k), coupling in zip(layout.rest_blocks, system.couplings):
+        level0, level = np.asarray(coupling.level0), np.asarray(coupling.level)
+        cols = offset + level[:, None] * k + np.arange(k)[None, :]  # (nnz, k)
+        out[level0[:, None, None], np.arange(k0)[None, :, None], cols[:, None, :]] = np.asarray(coupling.values)
+        offset += ell * k
+    return out
+
+
+#: Largest dense coupling (ell0 * k0 * m entries, 8 bytes each) the host algebra forms.
+DENSE_COUPLING_MAX_ENTRIES = 2**21
+#: BLAS multiply-adds (single-threaded) that cost as much as one pair-product element's gather, multiply and
+#: segment-sum: measured break-even 100-200 on crossed and slope models (benchmarks/RESULTS.md, 2026-12-02).
+DENSE_COUPLING_FLOPS_PER_PAIR_ELEMENT = 100.0
+
+
+def dense_coupling_pays(system: MixedModelSystem) -> bool:
+    """Whether the host algebra should use :func:`dense_coupling` rather than the coupling pairs.
+
+    The dense products cost ~1.5 ell0 k0 m^2 multiply-adds per evaluation (the update, a
+    symmetric product, and its adjoint) whatever the sparsity; the pairs cost their elements
+    twice (update and adjoint), each a gather, a multiply and a scatter, about a hundred BLAS
+    multiply-adds' time.  So the dense form wins when few rest columns exist (a crossed factor
+    of tens of levels, a vector term's coupling with X) or every term-0 level meets most of
+    them, the pairs when a large crossed factor meets each term-0 level in a few columns.
+    """
+    layout = system.layout
+    ell0, k0 = layout.n_levels[0], layout.ks[0]
+    m = sum(ell * k for ell, k in layout.rest_blocks)
+    if ell0 * k0 * m > DENSE_COUPLING_MAX_ENTRIES:
+        return False
+    pair_elements = sum(float(np.prod(pairs.products.shape)) for pairs in system.pairs)
+    return 1.5 * ell0 * k0 * m**2 <= DENSE_COUPLING_FLOPS_PER_PAIR_ELEMENT * 2.0 * pair_elements
+
+
 def map_arrays(function, system: MixedModelSystem) -> MixedModelSystem:
     """``function`` applied to every array of the system (JAX's tree_map, without importing JAX)."""
     return MixedModelSystem(

@@ -20,7 +20,7 @@ import scipy.optimize
 from ..algebra import criterion, one_term
 from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import compile_pays
-from ..algebra.criterion import objective, objective_and_gradient_on_host
+from ..algebra.criterion import host_objective_and_gradient, objective
 from ..algebra.jax_runtime import jnp
 from ..algebra.linalg import theta_lower_bounds, theta_start
 from ..algebra.start import moment_theta
@@ -113,8 +113,8 @@ def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, stat
         sigma_known = system.layout.sigma_known
         return lambda theta: one_term.value_and_gradient(theta, statistics, reml, sigma_known)
     if on_host:
-        host_system = to_host(system)
-        return lambda theta: objective_and_gradient_on_host(theta, host_system, reml)
+        # prepared once per fit: what does not change with theta (the dense coupling, when it pays)
+        return host_objective_and_gradient(to_host(system), reml)
 
     device_system = on_device(system)
 
