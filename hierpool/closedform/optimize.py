@@ -197,13 +197,41 @@ def _hessian_fd(gradients_at, theta: np.ndarray, lower: np.ndarray, step: float 
     return 0.5 * (hessian + hessian.T)
 
 
+#: A finite-difference Hessian (step 1e-4) is reused at points this close (max |change of theta|): it is
+#: the Hessian there to far better than the checks and the Newton steps need.
+HESSIAN_REUSE_RADIUS = 1e-6
+
+
+class _HessianCache:
+    """The last finite-difference Hessian and where it was taken (:data:`HESSIAN_REUSE_RADIUS`).
+
+    The Newton polish and the convergence check both want the Hessian at points a Newton step
+    apart (~1e-8 near an optimum): each costs 2 n_theta gradients, the largest part of a small
+    model's fit after the optimizer's own evaluations.
+    """
+
+    def __init__(self, gradients_at, lower: np.ndarray):
+        self.gradients_at, self.lower = gradients_at, lower
+        self.theta: np.ndarray | None = None
+        self.hessian: np.ndarray | None = None
+
+    def __call__(self, theta: np.ndarray) -> np.ndarray:
+        near = self.theta is not None and np.max(np.abs(theta - self.theta), initial=0.0) <= HESSIAN_REUSE_RADIUS
+        # one-sided differences where the bound is within a step: reuse only with the same sides
+        same_sides = near and np.array_equal(theta - 1e-4 < self.lower, self.theta - 1e-4 < self.lower)
+        if not same_sides:
+            self.theta, self.hessian = theta.copy(), _hessian_fd(self.gradients_at, theta, self.lower)
+        return self.hessian
+
+
 def check_optimum(
     theta: np.ndarray, gradient: np.ndarray, optimizer_ok: bool, gradients_at, system: MixedModelSystem,
-    control: Control,
+    control: Control, hessian_at=None,
 ) -> tuple[bool, bool, tuple[str, ...]]:
     """Convergence and singularity checks at the optimum (lme4's ``checkConv``).
 
-    ``gradients_at`` maps points (m, n_theta) to the criterion's gradients there (m, n_theta).
+    ``gradients_at`` maps points (m, n_theta) to the criterion's gradients there (m, n_theta);
+    ``hessian_at`` (optional) maps theta to the finite-difference Hessian (a cached one nearby).
     Returns (converged, is_singular, messages).
     """
     layout = system.layout
@@ -218,7 +246,8 @@ def check_optimum(
     if max_grad > control.grad_tol:
         messages.append(f"model failed to converge: max|projected gradient| = {max_grad:.3g} > {control.grad_tol}")
     if layout.n <= control.hessian_max_n and not singular:
-        eigenvalues = np.linalg.eigvalsh(_hessian_fd(gradients_at, theta, lower))
+        hessian = _hessian_fd(gradients_at, theta, lower) if hessian_at is None else hessian_at(theta)
+        eigenvalues = np.linalg.eigvalsh(hessian)
         if eigenvalues.min() <= 0:
             messages.append("Hessian is not positive definite at the optimum: the fit may not be a minimum")
     converged = optimizer_ok and max_grad <= control.grad_tol and not any(m.startswith("Hessian") for m in messages)
@@ -285,17 +314,19 @@ def optimize_theta(
     else:
         def gradients_at(points):
             return np.stack([evaluate(point)[1] for point in points])
+    hessian_at = _HessianCache(gradients_at, lower)
     if system.layout.n <= control.hessian_max_n:
-        theta = _newton_polish(evaluate, gradients_at, theta, lower)
+        theta = _newton_polish(evaluate, hessian_at, theta, lower)
     value, gradient = evaluate(theta)
-    converged, singular, messages = check_optimum(theta, gradient, optimizer_ok, gradients_at, system, control)
+    converged, singular, messages = check_optimum(theta, gradient, optimizer_ok, gradients_at, system, control,
+                                                  hessian_at)
     return Optimum(theta, value, gradient, count[0], converged, singular, messages)
 
 
 POLISH_GRADIENT = 1e-9
 
 
-def _newton_polish(evaluate, gradients_at, theta: np.ndarray, lower: np.ndarray, rounds: int = 2) -> np.ndarray:
+def _newton_polish(evaluate, hessian_at, theta: np.ndarray, lower: np.ndarray, rounds: int = 2) -> np.ndarray:
     """Newton steps on the free coordinates while the projected gradient exceeds ``POLISH_GRADIENT``.
 
     L-BFGS-B stops on its relative-reduction test (``ftol``) once steps change the criterion
@@ -303,14 +334,15 @@ def _newton_polish(evaluate, gradients_at, theta: np.ndarray, lower: np.ndarray,
     where it stops then depends on the path, so two codings of the same model (treatment and
     sum contrasts) end 1e-8 apart in fitted values.  A Newton step with the finite-difference
     Hessian of the exact gradient converges quadratically from there; it is kept only when
-    it shrinks the gradient without raising the criterion beyond its rounding.
+    it shrinks the gradient without raising the criterion beyond its rounding.  ``hessian_at``
+    (a :class:`_HessianCache`) reuses the first round's Hessian in the second, a Newton step away.
     """
     value, gradient = evaluate(theta)
     for _ in range(rounds):
         free = ~((theta <= lower) & (gradient > 0))
         if not free.any() or np.max(np.abs(gradient[free])) <= POLISH_GRADIENT:
             break
-        hessian = _hessian_fd(gradients_at, theta, lower)[np.ix_(free, free)]
+        hessian = hessian_at(theta)[np.ix_(free, free)]
         try:
             step = -np.linalg.solve(np.linalg.cholesky(hessian).T, np.linalg.solve(np.linalg.cholesky(hessian), gradient[free]))
         except np.linalg.LinAlgError:  # not positive definite: no Newton step
