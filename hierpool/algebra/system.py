@@ -175,14 +175,21 @@ def _coupling(index0, z0, ell0, index_r, values_r, ell_r, weights):
 
 
 def _pairs(level0_r, level_r, level0_s, level_s, ell_s, ell0):
-    """All (a, b) with level0_r[a] == level0_s[b]; level0 arrays are sorted."""
+    """All (a, b) with level0_r[a] == level0_s[b]; level0 arrays are sorted.
+
+    Built in int32 (the stored width) and without int64 temporaries of the pairs' length:
+    with millions of pairs those temporaries were the peak memory of a large fit.
+    """
     counts_s = np.bincount(level0_s, minlength=ell0)
     starts_s = np.concatenate([[0], np.cumsum(counts_s)[:-1]])
     reps = counts_s[level0_r]
-    a = np.repeat(np.arange(len(level0_r)), reps)
-    offsets = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
-    b = starts_s[level0_r][a] + offsets
-    target = level_r[a] * ell_s + level_s[b]
+    before = np.cumsum(reps) - reps
+    a = np.repeat(np.arange(len(level0_r), dtype=np.int32), reps)
+    # b = starts_s[level0_r[a]] + (position of the pair within its a's run)
+    b = np.repeat((starts_s[level0_r] - before).astype(np.int32), reps)
+    b += np.arange(b.size, dtype=np.int32)
+    target = level_r.astype(np.int32)[a] * np.int32(ell_s)
+    target += level_s.astype(np.int32)[b]
     order = _stable_argsort(target)
     return a[order], b[order], target[order]
 
@@ -196,8 +203,18 @@ def _stable_argsort(keys: np.ndarray) -> np.ndarray:
     """
     if keys.size == 0 or keys.max() < 2**16:
         return np.argsort(keys.astype(np.uint16), kind="stable")
-    order = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+    order = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable").astype(np.int32)
     return order[np.argsort((keys[order] >> 16).astype(np.uint16), kind="stable")]
+
+
+def _pair_products(values_r, values_s, a, b, chunk: int = 1 << 20) -> np.ndarray:
+    """outer(V_r[a], V_s[b]) per pair, (n_pairs, k0, k0, k_r, k_s), in chunks of pairs: no full-length temporaries."""
+    k0, k_r, k_s = values_r.shape[1], values_r.shape[2], values_s.shape[2]
+    out = np.empty((len(a), k0, k0, k_r, k_s))
+    for start in range(0, len(a), chunk):
+        rows = slice(start, start + chunk)
+        np.multiply(values_r[a[rows]][:, :, None, :, None], values_s[b[rows]][:, None, :, None, :], out=out[rows])
+    return out
 
 
 def _dense_rest(blocks, weights) -> np.ndarray:
@@ -243,8 +260,8 @@ def build_system(design: Design, host: bool = False) -> MixedModelSystem:
         level0_r, level_r, values_r = couplings[r]
         level0_s, level_s, values_s = couplings[s]
         a, b, target = _pairs(level0_r, level_r, level0_s, level_s, blocks[s][2], ell0)
-        products = values_r[a][:, :, None, :, None] * values_s[b][:, None, :, None, :]
-        pairs.append((level0_r[a], target, products))
+        pairs.append((level0_r.astype(np.int32)[a], target, _pair_products(values_r, values_s, a, b)))
+        del a, b
     as_jax = np.asarray if host else jnp.asarray
     return MixedModelSystem(
         a00=as_jax(a00),
