@@ -251,6 +251,22 @@ def test_known_residual_sds_equal_lmm_per_dataset(meta, meta_batch):
     assert batch.to_frame().loc[0, "sd_trial_Intercept"] == pytest.approx(ref["tau"], rel=1e-3)
 
 
+def test_known_residual_sds_have_no_sigma_in_the_tables(meta, meta_batch):
+    # sigma is known (1), not estimated: hp.lmm's sigma and varcorr (no Residual row), and no sigma column
+    batch = meta_batch
+    fit = hp.lmm(META, meta[1]["bcg"], se="se")
+    assert batch.sigma_known and fit.sigma == 1.0
+    np.testing.assert_array_equal(batch.sigma, [1.0, 1.0, 1.0, 1.0, np.nan])  # NaN where the fit failed ("one")
+    frame = batch.to_frame()
+    assert frame.columns.tolist()[-5:] == ["Intercept", "se_Intercept", "ablat", "se_ablat", "sd_trial_Intercept"]
+    assert "sigma" not in frame.columns and len(frame) == 5
+    varcorr = batch.varcorr
+    assert len(varcorr) == 5 and varcorr.grp.tolist() == ["trial"] * 5
+    np.testing.assert_array_equal(frame.sd_trial_Intercept, varcorr.sdcor)
+    # the covariance is tau^2 itself (sigma 1), hp.lmm's
+    np.testing.assert_allclose(batch.covariance[0], fit.varcorr.vcov.to_numpy()[:, None], rtol=1e-5)
+
+
 def test_known_residual_sds_reach_the_refit_by_lmm(meta, meta_batch, monkeypatch):
     from hierpool.batch import fit as fit_module
 
@@ -274,6 +290,7 @@ def test_known_residual_sds_reach_the_refit_by_lmm(meta, meta_batch, monkeypatch
     # the refit is hp.lmm with se= (without it the criterion would differ, and sigma would be estimated)
     np.testing.assert_allclose(polished.objective, meta_batch.objective, rtol=1e-10)
     np.testing.assert_allclose(polished.theta, meta_batch.theta, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(polished.sigma, meta_batch.sigma)  # the refit's sigma is hp.lmm's, 1
 
 
 def test_known_residual_sds_are_checked(meta):

@@ -181,7 +181,8 @@ def fit_batch(
     its weighted least-squares fit (:mod:`hierpool.algebra.statistics`), so a large
     common location of y costs no digits.  Known residual sds enter the statistics as
     the weights 1 / se^2 with sigma fixed at 1 (``hp.lmm``'s one-term criterion with
-    ``se=``); ``sigma`` is then 1 and ``varcorr`` has no ``Residual`` rows, as ``hp.lmm``'s.
+    ``se=``); ``sigma`` is then 1, ``varcorr`` has no ``Residual`` rows, as ``hp.lmm``'s, and
+    ``to_frame()`` no ``sigma`` column (``BatchResult.sigma_known``).
     Models with several random-effect terms are not batched: fit those with ``hp.lmm``
     in a loop.
     """
@@ -291,10 +292,11 @@ def fit_batch(
         messages=pd.Series(messages, index=index, name="message"),
         beta=per_dataset["beta"],
         beta_se=_diagonal_sd(per_dataset["vcov"]),
-        sigma=None if sigma_known else sigma,  # hp.lmm's table: no Residual row with known residual sds
+        sigma=sigma,  # 1 with known residual sds (the solution's and hp.lmm's), NaN where the fit failed
         covariance=covariance,
         levels=plan.levels,
         b=b,
         cond_sd=cond_sd,
         reml=reml,
+        sigma_known=sigma_known,
     )

@@ -38,6 +38,9 @@ class BatchResult:
         Why a dataset failed or was refitted; empty when all went well.
     beta, beta_se : (B, p) ndarrays
     sigma : (B,) ndarray
+        The residual sd per dataset (NaN where the fit failed).  With known residual
+        sds (``sigma_known``) it is not estimated: 1 for every fitted dataset, as
+        ``hp.lmm(..., se=)``'s ``sigma``.
     covariance : (B, k, k) ndarray
         The random-effect covariance Sigma per dataset.
     levels : list of ndarray
@@ -45,6 +48,9 @@ class BatchResult:
     b, cond_sd : list of (ell_d, k) ndarrays
         BLUPs and lme4's conditional sds per dataset.
     reml : bool
+    sigma_known : bool
+        The residual sds are known (``se=``): ``varcorr`` has no ``Residual`` rows and
+        ``to_frame()`` no ``sigma`` column, as ``hp.lmm``'s ``varcorr`` has no ``Residual`` row.
     """
 
     datasets: pd.Index
@@ -65,6 +71,7 @@ class BatchResult:
     b: list
     cond_sd: list
     reml: bool
+    sigma_known: bool = False
 
     @property
     def fixef(self) -> pd.DataFrame:
@@ -81,9 +88,11 @@ class BatchResult:
         """``as.data.frame(VarCorr(fit))`` of every dataset, with a ``dataset`` column.
 
         ``hp.lmm``'s table (:func:`~hierpool.algebra.varcorr.varcorr_table`) per dataset, one after
-        another; ``var1`` and ``var2`` are object columns holding None where empty.
+        another; ``var1`` and ``var2`` are object columns holding None where empty.  No ``Residual``
+        rows with known residual sds (``sigma_known``).
         """
-        return varcorr_table([(self.group, self.coef_names, self.covariance)], self.sigma,
+        sigma = None if self.sigma_known else self.sigma
+        return varcorr_table([(self.group, self.coef_names, self.covariance)], sigma,
                              by=("dataset", self.datasets), object_keys=True)
 
     @property
@@ -101,7 +110,10 @@ class BatchResult:
                              "condval": condval, "condsd": condsd})
 
     def to_frame(self) -> pd.DataFrame:
-        """One tidy row per dataset: status, criterion, fixed effects and their ses, sds, correlations, sigma."""
+        """One tidy row per dataset: status, criterion, fixed effects and their ses, sds, correlations, sigma.
+
+        No ``sigma`` column with known residual sds (``sigma_known``): sigma is not a parameter then.
+        """
         frame = pd.DataFrame({"dataset": self.datasets, "objective": self.objective.to_numpy(),
                               "converged": self.converged.to_numpy(), "refit": self.refit.to_numpy(),
                               "is_singular": self.is_singular.to_numpy(),
@@ -110,12 +122,13 @@ class BatchResult:
             frame[name] = self.beta[:, j]
             frame[f"se_{name}"] = self.beta_se[:, j]
         k = len(self.coef_names)
-        sdcor = self.varcorr["sdcor"].to_numpy().reshape(len(self.datasets), -1)  # sds, correlations, sigma
+        sdcor = self.varcorr["sdcor"].to_numpy().reshape(len(self.datasets), -1)  # sds, correlations[, sigma]
         for i, name in enumerate(self.coef_names):
             frame[f"sd_{self.group}_{name}"] = sdcor[:, i]
         for n, (i, j) in enumerate(coef_pairs(k)):
             frame[f"cor_{self.group}_{self.coef_names[i]}_{self.coef_names[j]}"] = sdcor[:, k + n]
-        frame["sigma"] = self.sigma
+        if not self.sigma_known:
+            frame["sigma"] = self.sigma
         return frame
 
     def __repr__(self) -> str:
