@@ -8,6 +8,7 @@ import arviz as az
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 import pandas as pd
 import pytest
 from conftest import REFERENCE
@@ -155,3 +156,51 @@ def test_bayes_one_term_path_with_known_sds_agrees_with_the_general_path(bcg_pos
     tau = statistics.varcorr["mean"].iloc[0]
     assert abs(statistics.fixef.loc["ablat", "mean"] - BCG["beta"][1]) < 0.5 * statistics.fixef.loc["ablat", "sd"]
     assert 0.5 * BCG["tau"] < tau < 2 * BCG["tau"]
+
+
+# --- hp.bayes_batch with se=: the same one-term target and exact draws, batched ---
+
+@pytest.fixture(scope="module")
+def bcg_batch():
+    """bcg and its first 9 trials (padded to the bucket of 16 levels: one compiled program), and a 1-trial set."""
+    data = frame(BCG)
+    datasets = {"bcg9": data.iloc[:9], "bcg": data, "one": data.iloc[:1]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.SamplingWarning)
+        return hp.bayes_batch(BCG_FORMULA, datasets, se="se", seed=3, draws=DRAWS, tune=DRAWS, keep_draws=True,
+                              progress=False)
+
+
+def test_bayes_batch_with_known_sds_samples_hp_bayes_posterior(bcg_batch, bcg_posteriors):
+    single = bcg_posteriors[0]  # hp.bayes with se= (its one-term path), another seed
+    batch = bcg_batch
+    assert batch.sigma_known and "only 1 level" in batch.diagnostics.loc["one", "message"]
+    assert (batch.divergences[:2] == 0).all()
+    # no sigma: hp.bayes's varcorr rows (no Residual row), and no sigma draws
+    assert set(batch.draws["bcg"]) == {"beta", "b", "sd"}
+    varcorr = batch.varcorr.query("dataset == 'bcg'")
+    assert varcorr[["grp", "var1"]].to_numpy().tolist() == single.varcorr[["grp", "var1"]].to_numpy().tolist()
+    assert len(batch.varcorr) == 3 and batch.varcorr.query("dataset == 'one'")["mean"].isna().all()
+    tables = {"fixef": (batch.fixef.query("dataset == 'bcg'"), single.fixef), "varcorr": (varcorr, single.varcorr),
+              "ranef": (batch.ranef.query("dataset == 'bcg'"), single.ranef)}
+    assert tables["ranef"][0].grp.tolist() == single.ranef.grp.tolist()
+    for table, (ours, theirs) in tables.items():
+        z = (ours["mean"].to_numpy() - theirs["mean"].to_numpy()) / np.hypot(ours["mcse_mean"].to_numpy(),
+                                                                               theirs["mcse_mean"].to_numpy())
+        assert np.max(np.abs(z)) < Z_MAX, (table, z)
+    # posterior sds of tau, beta and b, in sd-MCSE units
+    draws = batch.draws["bcg"]
+    pairs = ((draws["sd"], single.varcorr_draws()),
+             (draws["beta"], single.beta_draws), (draws["b"][..., 0], single.ranef_draws()))
+    for ours, theirs in pairs:
+        spread = [x.reshape(-1, x.shape[-1]).std(axis=0, ddof=1) for x in (ours, theirs)]
+        z = (spread[0] - spread[1]) / np.hypot(sd_mcse(ours), sd_mcse(theirs))
+        assert np.max(np.abs(z)) < Z_MAX, z
+
+
+def test_bayes_batch_known_sds_are_checked():
+    data = {"a": frame(BCG), "b": frame(BCG).iloc[:9]}
+    with pytest.raises(hp.ArgumentError, match="either se"):
+        hp.bayes_batch(BCG_FORMULA, data, se="se", weights="se")
+    with pytest.raises(hp.ArgumentError, match="prior 'sigma' given"):
+        hp.bayes_batch(BCG_FORMULA, data, se="se", priors={"sigma": dist.HalfNormal(1.0)})

@@ -43,8 +43,12 @@ from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar,
 _PROGRAMS = ProgramCache()
 
 
-def _chain_and_draw(k: int, tune: int, draws: int, target_accept: float, max_tree_depth: int):
-    """One (dataset, chain): NUTS on the variance parameters, then exact (beta, b) draws; vmapped over both."""
+def _chain_and_draw(k: int, sigma_known: bool, tune: int, draws: int, target_accept: float, max_tree_depth: int):
+    """One (dataset, chain): NUTS on the variance parameters, then exact (beta, b) draws; vmapped over both.
+
+    With known residual sds (``sigma_known``) sigma is 1 in every draw and not returned (the statistics
+    carry the weights 1 / se^2), as in ``hp.bayes``'s one-term path.
+    """
     bound = partial(one_term_collapsed_model, k=k)
     one_chain = chain_function(bound, tune=tune, draws=draws, target_accept=target_accept,
                                max_tree_depth=max_tree_depth, dense_mass=True)
@@ -52,13 +56,15 @@ def _chain_and_draw(k: int, tune: int, draws: int, target_accept: float, max_tre
     def run(seed, chain, args):
         stats, loc, scale, _ = args
         constrained, sample_stats = one_chain(seed, chain, args)
-        (sd,), (cor,), sigma = variance_draws(constrained, (k,), False)
+        (sd,), (cor,), sigma = variance_draws(constrained, (k,), sigma_known)
         thetas = theta_from_components([sd], [cor], sigma)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chain), 1)  # not the chain's keys
         noise = jax.random.normal(key, (draws, loc.shape[-1] + stats.zty.size), dtype=thetas.dtype)
         # all of a chain's draws at once: the chunk already bounds memory
         beta, b = draw_effects(thetas, sigma, stats, loc, scale, noise, batch_size=draws)
-        out = {"beta": beta, "b": b, "sd": sd, "sigma": sigma, "diverging": sample_stats["diverging"]}
+        out = {"beta": beta, "b": b, "sd": sd, "diverging": sample_stats["diverging"]}
+        if not sigma_known:
+            out["sigma"] = sigma
         if k > 1:
             out["cor"] = cor @ jnp.swapaxes(cor, -1, -2)  # correlation matrices from their Cholesky factors
         return out
@@ -108,6 +114,7 @@ def bayes_batch(
     progress: bool | None = None,
     weights=None,
     offset=None,
+    se: str | None = None,
 ) -> BayesBatchResult:
     """Posteriors of one Bayesian linear mixed model fitted to many datasets at once.
 
@@ -147,12 +154,17 @@ def bayes_batch(
     offset : str or array-like, optional
         A known term of the linear predictor, as ``hp.bayes``'s, added to any
         ``offset(expr)`` terms of the formula; a column name or one value per row.
+    se : str, optional
+        Column of known residual sds, as ``hp.bayes``'s (meta-analysis): row i has
+        residual variance se_i^2 and sigma is not a parameter (1).  Cannot be combined
+        with ``weights``.
 
     Returns
     -------
     BayesBatchResult
         ``fixef``, ``ranef``, ``varcorr`` (long tables with a ``by`` column and
-        hp.bayes's summary columns), ``diagnostics`` and ``messages``.
+        hp.bayes's summary columns), ``diagnostics`` and ``messages``; with ``se=``
+        ``varcorr`` has no ``Residual`` rows and the kept draws no ``sigma``, as ``hp.bayes``'s.
 
     Notes
     -----
@@ -160,18 +172,16 @@ def bayes_batch(
     beta as pseudo-observations; LKJ(eta) on a 2 x 2 correlation as
     rho = 2u - 1, u ~ Beta(eta, eta)), so each dataset's posterior is the one
     ``hp.bayes`` samples; the tests compare the two in Monte Carlo error units.
-    Models with several random-effect terms are not batched, nor are known residual
-    sds (``se=``): ``hp.bayes`` samples those (its one-term path uses the same statistics),
-    and ``hp.fit_batch`` batches their closed-form fits.
+    Known residual sds enter each dataset's statistics as the weights 1 / se^2 with
+    sigma fixed at 1: the target and exact draws of ``hp.bayes``'s one-term path with
+    ``se=``.  Models with several random-effect terms are not batched.
     """
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept, min_draws=4,
                                                   min_tune=1)
     chunk_size = integer_argument("chunk_size", chunk_size)
-    plan = plan_batch(formula, data, by, "bayes_batch", "hp.bayes", weights=weights, offset=offset)
+    plan = plan_batch(formula, data, by, "bayes_batch", "hp.bayes", weights=weights, offset=offset, se=se)
     design, term = plan.design, plan.term
-    if design.sigma_known:
-        raise ArgumentError("bayes_batch does not take known residual sds (se=); fit those datasets with hp.bayes")
-    p, k = design.p, term.k
+    p, k, sigma_known = design.p, term.k, design.sigma_known
 
     if isinstance(priors, Priors):
         resolved = [priors] * plan.n_datasets
@@ -197,7 +207,7 @@ def bayes_batch(
             chain_ids = (members[:, None] * chains + np.arange(chains)).ravel().astype(np.uint32)
             jobs.append((chunk, repeated, chain_ids))
 
-    settings = (k, tune, draws, float(target_accept), max_tree_depth)
+    settings = (k, sigma_known, tune, draws, float(target_accept), max_tree_depth)
     key_seed = np.uint32(seed % 2**32)
     # a small batch's chains run for less time than LLVM takes to optimize their program: compile it without
     # (hp.bayes' rule, over every chain of the batch).  Up to 4 sleepstudy-sized datasets x 4 chains x 1000
@@ -219,7 +229,7 @@ def bayes_batch(
 
     n_pairs = len(coef_pairs(k))
     fixef = np.full((plan.n_datasets, p, len(SUMMARY_COLUMNS)), np.nan)
-    varcorr = np.full((plan.n_datasets, k + n_pairs + 1, len(SUMMARY_COLUMNS)), np.nan)
+    varcorr = np.full((plan.n_datasets, k + n_pairs + (0 if sigma_known else 1), len(SUMMARY_COLUMNS)), np.nan)
     ranef = [np.full((k, ell, len(SUMMARY_COLUMNS)), np.nan) for ell in plan.n_levels]
     divergences = np.zeros(plan.n_datasets, dtype=int)
     kept = {} if keep_draws else None
@@ -251,4 +261,5 @@ def bayes_batch(
         draws_per_chain=draws,
         level=level,
         draws=kept,
+        sigma_known=sigma_known,
     )

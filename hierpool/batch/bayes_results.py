@@ -21,10 +21,14 @@ def summarize(block: np.ndarray, level: float) -> np.ndarray:
 
 
 def summarize_blocks(out: dict, k: int, level: float) -> dict:
-    """Summaries of one chunk's draws: fixef (D, p, .), varcorr (D, k + pairs + 1, .), ranef (D, k, ell, .)."""
+    """Summaries of one chunk's draws: fixef (D, p, .), varcorr (D, k + pairs [+ 1], .), ranef (D, k, ell, .).
+
+    varcorr's last column is sigma's, where the draws have one (not with known residual sds).
+    """
     columns = [out["sd"][..., i] for i in range(k)]
     columns += [out["cor"][..., i, j] for i, j in coef_pairs(k)]
-    columns.append(out["sigma"])
+    if "sigma" in out:
+        columns.append(out["sigma"])
     b = out["b"]  # (D, chain, draw, ell, k)
     n_sets, chains, draws, ell, _ = b.shape
     by_coefficient = np.swapaxes(b, 3, 4).reshape(n_sets, chains, draws, k * ell)
@@ -48,7 +52,7 @@ class BayesBatchResult:
         Each dataset's level labels.
     fixef_summary : (B, p, 7) ndarray
     varcorr_summary : (B, k + k(k-1)/2 + 1, 7) ndarray
-        sds, correlations, residual sd.
+        sds, correlations, residual sd (no residual sd with ``sigma_known``: (B, k + k(k-1)/2, 7)).
     ranef_summary : list of (k, ell_d, 7) ndarrays
     divergences : (B,) ndarray of int
     messages : list of str
@@ -57,7 +61,10 @@ class BayesBatchResult:
     level : float
     draws : dict or None
         With ``keep_draws=True``: per dataset label, the draws ``beta`` (chain, draw, p),
-        ``b`` (chain, draw, ell, k), ``sd``, ``cor`` (k > 1) and ``sigma``.
+        ``b`` (chain, draw, ell, k), ``sd``, ``cor`` (k > 1) and ``sigma`` (not with ``sigma_known``).
+    sigma_known : bool
+        The residual sds are known (``se=``): sigma is 1, not sampled, and ``varcorr`` has no
+        ``Residual`` rows, as ``hp.bayes``'s.
     """
 
     datasets: pd.Index
@@ -74,6 +81,7 @@ class BayesBatchResult:
     draws_per_chain: int
     level: float
     draws: dict | None = None
+    sigma_known: bool = False
 
     def _long(self, keys: pd.DataFrame, summaries: np.ndarray) -> pd.DataFrame:
         return pd.concat([keys.reset_index(drop=True), pd.DataFrame(summaries, columns=SUMMARY_COLUMNS)], axis=1)
@@ -88,10 +96,14 @@ class BayesBatchResult:
 
     @property
     def varcorr(self) -> pd.DataFrame:
-        """sds, correlations and the residual sd per dataset (grp, var1, var2 as hp.bayes's varcorr)."""
+        """sds, correlations and the residual sd per dataset (grp, var1, var2 as hp.bayes's varcorr).
+
+        No ``Residual`` rows with known residual sds (``sigma_known``), as hp.bayes's.
+        """
         # the rows of hp.lmm's table (varcorr_table) for one dataset; the values are the summaries
         k = len(self.coef_names)
-        template = varcorr_table([(self.group, self.coef_names, np.full((k, k), np.nan))], np.nan)
+        sigma = None if self.sigma_known else np.nan
+        template = varcorr_table([(self.group, self.coef_names, np.full((k, k), np.nan))], sigma)
         template = template[["grp", "var1", "var2"]]
         keys = pd.concat([template] * len(self.datasets), ignore_index=True)
         keys.insert(0, self.datasets.name, np.repeat(np.asarray(self.datasets), len(template)))
