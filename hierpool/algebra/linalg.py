@@ -262,7 +262,7 @@ def host_product(a: np.ndarray, b: np.ndarray, transpose_a: bool = False) -> np.
     The rows of ``a`` (its summed rows with ``transpose_a``) are taken in chunks.  OpenBLAS
     threads a larger gemm, and its worker threads then spin between calls: on a machine whose
     cores are shared, the host criterion's many small products then cost ~10-100x more
-    (benchmarks/RESULTS.md, 2026-12-02), while on one core these products run at full speed.
+    (benchmarks/RESULTS.md, 2026-12-01, "Host multi-term fits"), while on one core these products run at full speed.
     Never forms ``x.T @ x`` of one buffer (NumPy hands that to syrk, which OpenBLAS always threads).
     """
     if b is a:
