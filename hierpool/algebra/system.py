@@ -32,15 +32,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..spec.design import Design
-from .jax_runtime import jnp, pytree_dataclass
-
-if TYPE_CHECKING:
-    import jax
+from .jax_runtime import jax, pytree_dataclass
 
 
 @pytree_dataclass
@@ -262,7 +258,7 @@ def build_system(design: Design, host: bool = False) -> MixedModelSystem:
         a, b, target = _pairs(level0_r, level_r, level0_s, level_s, blocks[s][2], ell0)
         pairs.append((level0_r.astype(np.int32)[a], target, _pair_products(values_r, values_s, a, b)))
         del a, b
-    as_jax = np.asarray if host else jnp.asarray
+    as_jax = np.asarray if host else _to_device
     return MixedModelSystem(
         a00=as_jax(a00),
         couplings=tuple(
@@ -340,9 +336,15 @@ def on_host(system: MixedModelSystem) -> MixedModelSystem:
     return map_arrays(np.asarray, system)
 
 
+def _to_device(array) -> jax.Array:
+    # device_put, not jnp.asarray: on a NumPy array jnp.asarray compiles a small conversion program
+    # per shape (tens of ms each, two dozen arrays for a three-term model), device_put copies
+    return array if isinstance(array, jax.Array) else jax.device_put(np.asarray(array))
+
+
 def on_device(system: MixedModelSystem) -> MixedModelSystem:
     """The same system with JAX arrays: the input of compiled programs (copied once, not at every call)."""
-    return map_arrays(jnp.asarray, system)
+    return map_arrays(_to_device, system)
 
 
 def evaluation_flops(system: MixedModelSystem) -> float:

@@ -13,10 +13,9 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from ..algebra import henderson, one_term
+from ..algebra import henderson, jax_runtime, one_term
 from ..algebra.conditioning import condition_terms
 from ..algebra.henderson import as_numpy, solve
-from ..algebra.jax_runtime import jnp
 from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceWarning
@@ -28,6 +27,9 @@ from .results import LMMResult
 def solve_at(theta: np.ndarray, system: MixedModelSystem, reml: bool, host: bool, statistics=None):
     """Henderson's solution at ``theta`` as NumPy arrays: in NumPy on the host, or compiled.
 
+    The compiled solve runs only on an accelerator: on CPU, one solve on the host costs less than
+    compiling it, for a model whose criterion is compiled too (the two are tested equal to 1e-10).
+
     With a one-term model's sufficient statistics and the map of their fixed effects to the
     user's (:func:`_one_term_statistics`) it is the one-term specialisation's solution
     (:func:`hierpool.algebra.one_term.solution`, tested equal).
@@ -35,9 +37,12 @@ def solve_at(theta: np.ndarray, system: MixedModelSystem, reml: bool, host: bool
     if statistics is not None:
         stats, fixed_map = statistics
         return one_term.solution(np.asarray(theta, dtype=float), stats, reml, system.layout.sigma_known, fixed_map)
-    if host:
-        return solve(np.asarray(theta, dtype=float), on_host(system), reml=reml)
-    return as_numpy(henderson.solve_jit(jnp.asarray(theta), on_device(system), reml=reml))
+    theta = np.asarray(theta, dtype=float)
+    if host or jax_runtime.jax.default_backend() == "cpu":
+        # on CPU the host solve of a model large enough to compile its criterion takes a fraction
+        # of compiling the solve program (InstEval: 0.25 s against 1.6 s; benchmarks/RESULTS.md)
+        return solve(theta, on_host(system), reml=reml)
+    return as_numpy(henderson.solve_jit(theta, on_device(system), reml=reml))
 
 
 def _one_term_statistics(design: Design, host: bool):

@@ -21,7 +21,6 @@ from ..algebra import criterion, one_term
 from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import host_objective_and_gradient, objective
-from ..algebra.jax_runtime import jnp
 from ..algebra.linalg import theta_lower_bounds, theta_start
 from ..algebra.start import moment_theta
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
@@ -96,7 +95,7 @@ def criterion_value(theta: np.ndarray, system: MixedModelSystem, reml: bool, on_
     """The criterion alone (lme4's ``devfun``), on the host or compiled."""
     if on_host:
         return float(objective(np.asarray(theta, dtype=float), to_host(system), reml))
-    return float(criterion.objective_jit(jnp.asarray(theta), on_device(system), reml=reml))
+    return float(criterion.objective_jit(np.asarray(theta, dtype=float), on_device(system), reml=reml))
 
 
 def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, statistics=None):
@@ -119,7 +118,7 @@ def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, stat
     device_system = on_device(system)
 
     def compiled(theta):
-        value, gradient = criterion.objective_and_grad(jnp.asarray(theta), device_system, reml=reml)
+        value, gradient = criterion.objective_and_grad(np.asarray(theta, dtype=float), device_system, reml=reml)
         return float(value), np.asarray(gradient, dtype=float)
 
     return compiled

@@ -204,14 +204,13 @@ class LMMResult:
     def prediction_blocks(self):
         """Blocks of the inverse mixed-model matrix that prediction intervals need, computed once per fit."""
         from ..algebra import henderson
-        from ..algebra.jax_runtime import jnp
         from ..algebra.system import on_device, on_host
         from .optimize import runs_on_host
 
         host = runs_on_host(self.system) if self.on_host is None else self.on_host
         if host:
             return henderson.prediction_covariance(np.asarray(self.theta, dtype=float), on_host(self.system))
-        return henderson.as_numpy(henderson.prediction_covariance_jit(jnp.asarray(self.theta), on_device(self.system)))
+        return henderson.as_numpy(henderson.prediction_covariance_jit(np.asarray(self.theta, dtype=float), on_device(self.system)))
 
     def predict(self, newdata: pd.DataFrame | None = None, re: bool = True, interval: str | None = None, level: float = 0.95):
         """Predictions, optionally with confidence or prediction intervals.
