@@ -25,6 +25,13 @@ def test_the_closed_form_engine_does_not_load_the_bayesian_stack():
     assert not loaded & {"numpyro", "arviz", "matplotlib", "formulae"}  # formulae: only for a formula that needs it
 
 
+def test_batch_fitting_does_not_load_the_bayesian_stack():
+    # fit_batch is closed form: NumPyro and ArviZ (seconds of imports) load only with bayes_batch
+    loaded = _loaded_after("import hierpool as hp\nhp.fit_batch\nfrom hierpool.batch import BatchResult")
+    assert "jax" in loaded and not loaded & {"numpyro", "arviz", "matplotlib"}
+    assert {"numpyro", "arviz"} <= _loaded_after("import hierpool as hp\nhp.bayes_batch")
+
+
 def test_a_small_fit_and_its_tables_run_without_jax():
     # the host path (one-term specialisation and general blocked algebra) never imports JAX
     code = ("import hierpool as hp\nd = hp.datasets.sleepstudy()\n"

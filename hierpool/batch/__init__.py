@@ -1,8 +1,27 @@
-"""Batch fitting: one model, many datasets, one compiled and vmapped call (``hp.fit_batch``, ``hp.bayes_batch``)."""
+"""Batch fitting: one model, many datasets, one compiled and vmapped call (``hp.fit_batch``, ``hp.bayes_batch``).
 
-from .bayes import bayes_batch
-from .bayes_results import BayesBatchResult
+``bayes_batch`` and its result are imported on first use (PEP 562): ``hp.fit_batch`` does not
+load the Bayesian stack (NumPyro, ArviZ: seconds of imports).
+"""
+
 from .fit import fit_batch
 from .results import BatchResult
+
+_BAYESIAN = {"bayes_batch": "bayes", "BayesBatchResult": "bayes_results"}
+
+
+def __getattr__(name: str):
+    if name not in _BAYESIAN:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_BAYESIAN[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_BAYESIAN))
+
 
 __all__ = ["BatchResult", "BayesBatchResult", "bayes_batch", "fit_batch"]
