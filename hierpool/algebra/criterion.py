@@ -95,8 +95,14 @@ def level_contractions(system: MixedModelSystem, matrix: jax.Array, n_blocks: in
         block = matrix[offsets[r] : offsets[r + 1], offsets[s] : offsets[s + 1]]
         cells = block.reshape(ell_r, k_r, ell_s, k_s).transpose(0, 2, 1, 3).reshape(ell_r * ell_s, k_r, k_s)
         # one cell (X and y blocks): broadcast it rather than gather it per pair
-        weights = cells if ell_r * ell_s == 1 else cells[pairs.target]
-        per_level = segment_sum(_contract(pairs.products, weights, axes=(3, 4)), pairs.level0, layout.n_levels[0])
+        if array_namespace(matrix) is np and pairs.products.shape[1:] == (1, 1, 1, 1) and ell_r * ell_s > 1:
+            # scalar blocks on the host: one gather, one product and one bincount, no 5-d temporaries
+            flat = np.bincount(pairs.level0, cells.reshape(-1)[pairs.target] * pairs.products.reshape(-1),
+                               minlength=layout.n_levels[0])
+            per_level = flat.reshape(-1, 1, 1)
+        else:
+            weights = cells if ell_r * ell_s == 1 else cells[pairs.target]
+            per_level = segment_sum(_contract(pairs.products, weights, axes=(3, 4)), pairs.level0, layout.n_levels[0])
         total = total + (per_level if r == s else per_level + per_level.transpose(0, 2, 1))
     return total
 
@@ -112,6 +118,14 @@ def _schur_update(system: MixedModelSystem, m_levels: jax.Array) -> jax.Array:
     grid = [[None] * len(blocks) for _ in blocks]
     for (r, s), pairs in zip(system.layout.pair_keys(), system.pairs):
         (ell_r, k_r), (ell_s, k_s) = blocks[r], blocks[s]
+        if xp is np and pairs.products.shape[1:] == (1, 1, 1, 1) and ell_r * ell_s > 1:
+            # scalar blocks on the host: one gather, one product and one bincount, no 5-d temporaries
+            summed = np.bincount(pairs.target, m_levels.reshape(-1)[pairs.level0] * pairs.products.reshape(-1),
+                                 minlength=ell_r * ell_s)
+            grid[r][s] = summed.reshape(ell_r, ell_s)
+            if r != s:
+                grid[s][r] = grid[r][s].T
+            continue
         contributions = _contract(pairs.products, m_levels[pairs.level0], axes=(1, 2))
         if ell_r * ell_s == 1:  # X and y blocks: every pair lands in the one cell, a plain sum (no scatter)
             summed = xp.sum(contributions, axis=0, keepdims=True)
