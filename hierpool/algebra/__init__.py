@@ -5,7 +5,8 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
 
 - ``errors``, ``datasets``;
 - ``spec``: formula -> :class:`~hierpool.spec.design.Design` (checks, missing rows, transforms);
-  what the user asked for, no numerics;
+  what the user asked for, no numerics.  formulae reads the formula parts; a part that only names
+  numeric columns is read by ``spec.columns`` instead (tested equal), so such formulae never import it;
 - ``algebra`` (here): cross-products (``system``, ``statistics``), the blocked factorization and
   the profiled criterion (``criterion``), Henderson's solution, prediction blocks and exact draws
   (``henderson``), the collapsed marginal likelihood (``marginal``), the one-term specialisation
@@ -25,7 +26,8 @@ written out, and the host path chains it by hand
 (:func:`~hierpool.algebra.criterion.objective_and_gradient_on_host`).  A model is fitted on the
 host when compiling would cost more than the arithmetic
 (:func:`~hierpool.algebra.compiler_options.compile_pays`); then JAX is never imported
-(:mod:`~hierpool.algebra.jax_runtime`).
+(:mod:`~hierpool.algebra.jax_runtime`).  A compiled closed-form fit on CPU still solves at its
+optimum on the host (one solve costs less than compiling it).
 
 Specialise, don't fork.  A model with one random-effect term is evaluated from per-level
 sufficient statistics (:mod:`~hierpool.algebra.one_term`: k x k blocks per level, complex-step
