@@ -19,6 +19,7 @@ FORMULAE = [
     "y ~ x + z + (1 + x + z || g) + (1 | h)",
     "y ~ z + x + (z + x | g)",
     "y ~ x + (1 | g:h)",
+    "y ~ x + (z + x + 1 || g)",  # lme4 puts the intercept's term first, on both paths
     "y ~ x + (1 | g) + (1 | h)",
     "y ~ x + f + (1 | g)",  # f is categorical: its part goes to formulae
     "y ~ x + (b | g)",  # b is boolean: formulae encodes it
@@ -84,7 +85,7 @@ def test_which_parts_are_plain():
     assert columns.plain_part("1 + Days") == columns.PlainPart(True, ("Days",))
     assert columns.plain_part("0 + Days") == columns.PlainPart(False, ("Days",))
     assert columns.plain_part("Days") == columns.PlainPart(True, ("Days",))
-    for text in ("0", "0 + 1 + x", "x + x", "log(x)", "x:z", "x * z", "x - 1", "C(x)", "I(x**2)", "True"):
+    for text in ("0", "0 + 1 + x", "x + x", "log(x)", "x:z", "x * z", "x - 1", "C(x)", "I(x**2)", "True", "_x"):
         assert columns.plain_part(text) is None, text
     assert columns.plain_fixed("y ~ x") == ("y", columns.PlainPart(True, ("x",)))
     assert columns.plain_fixed("log(y) ~ x") is None
@@ -96,3 +97,17 @@ def test_new_data_with_a_text_column_where_a_number_was_is_refused(data):
     fit = hp.lmm("y ~ x + (1 | g)", data)
     with pytest.raises(hp.HierpoolError, match="'x'"):
         fit.predict(data.iloc[:3].assign(x="a"))
+
+
+def test_a_one_written_after_a_name_means_what_lme4_means(data):
+    # formulae cannot parse (x + 1 | g); lme4 reads it as (1 + x | g): intercept first
+    late, early = design.build_design("y ~ x + (x + 1 | g)", data), design.build_design("y ~ x + (1 + x | g)", data)
+    assert late.terms[0].coef_names == early.terms[0].coef_names == ("Intercept", "x")
+    np.testing.assert_array_equal(late.terms[0].z, early.terms[0].z)
+
+
+def test_duplicated_and_intercept_named_columns_are_refused_by_name(data):
+    with pytest.raises(hp.DataError, match="column 'x' appears 2 times"):
+        design.build_design("y ~ x + (1 | g)", pd.concat([data, data[["x"]]], axis=1))
+    with pytest.raises(hp.DataError, match="'Intercept'"):
+        design.build_design("y ~ Intercept + (1 | g)", data.assign(Intercept=data.x))

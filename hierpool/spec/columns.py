@@ -14,8 +14,11 @@ A part is plain when it is ``+``-separated names, ``1`` or ``0`` (not both, no n
 twice), and it is read here only when every name is a column of the data with a
 NumPy integer or float dtype (formulae's numeric columns; booleans and categoricals
 go to formulae, which encodes them).  Its column names are formulae's:
-``Intercept`` first, then the names in the order written.  tests/test_formula_terms.py
-checks that both readers give the same names, columns and new-data encoding.
+``Intercept`` first, then the names in the order written.  tests/test_plain_formulae.py
+checks that both readers give the same names, columns and new-data encoding.  Two
+differences are lme4's behaviour, not formulae's: a left-hand side with ``1`` or ``0``
+after a name (``(x + 1 | g)``) is read (formulae cannot parse it), and new data whose
+column is no longer numeric is refused rather than coerced.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_GROUP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\s*:\s*[A-Za-z_][A-Za-z0-9_]*)*\Z")
+# a name starts with a letter, as R's and formulae's do (formulae refuses a leading "_")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+_GROUP = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\s*:\s*[A-Za-z][A-Za-z0-9_]*)*\Z")
 INTERCEPT = "Intercept"
 
 

@@ -431,7 +431,14 @@ def formula_columns(spec: ModelSpec, data: pd.DataFrame) -> tuple[str, ...]:
         defined = caller_environment().namespace
         missing = [v for v in missing if v not in defined and v not in FORMULAE_NAMES]
     check_columns(data, missing, f"formula {spec.formula!r}")
-    return tuple(v for v in spec.variables if v in data.columns)
+    used = tuple(v for v in spec.variables if v in data.columns)
+    for name in used:
+        count = int(np.sum(data.columns == name))
+        if count > 1:
+            raise DataError(f"column {name!r} appears {count} times in data; the formula cannot tell them apart")
+    if "Intercept" in used:  # formulae names the column of ones so: a column of that name would replace it
+        raise DataError("a data column named 'Intercept' clashes with the name of the intercept; rename the column")
+    return used
 
 
 def _positive_weights(frame: pd.DataFrame, column: str, what: str) -> np.ndarray:

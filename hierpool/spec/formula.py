@@ -212,9 +212,9 @@ def _random_terms_of_bar(lhs: str, op: str, rhs: str, full: str) -> list[RandomT
         if op == "|":
             specs.append(RandomTermSpec(lhs=lhs, factor=factor, name=name))
         else:
-            specs.extend(
-                RandomTermSpec(lhs=_expr_lhs_text(expr), factor=factor, name=name) for expr in by_factor[factor]
-            )
+            # lme4's expandDoubleVerts puts the intercept's term first, wherever the formula wrote the 1
+            exprs = sorted(by_factor[factor], key=lambda expr: type(expr).__name__ != "Intercept")
+            specs.extend(RandomTermSpec(lhs=_expr_lhs_text(expr), factor=factor, name=name) for expr in exprs)
     return specs
 
 
