@@ -53,13 +53,42 @@ from .linalg import (
 from .system import MixedModelSystem, dense_coupling, dense_coupling_pays
 
 
-def _term0_factor(t0: jax.Array, system: MixedModelSystem) -> tuple[jax.Array, jax.Array]:
-    """Cholesky factors L0_l of T0^T A00_l T0 + I and the products L0_l^-1 T0^T, per term-0 level."""
+def term0_factor(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cholesky factors L0_l of D_l = T0^T A00_l T0 + I and the products L0_l^-1 T0^T, per term-0 level."""
     xp = array_namespace(t0)
-    k0 = system.layout.ks[0]
-    diag0 = xp.einsum("ji,ljk,km->lim", t0, system.a00, t0) + xp.eye(k0)
+    diag0 = xp.einsum("ji,ljk,km->lim", t0, a00, t0) + xp.eye(t0.shape[0])
     chol0 = cholesky(diag0)
     return chol0, tri_inverse(chol0) @ t0.T
+
+
+def _term0_values(t0, a00):
+    chol0, left = term0_factor(t0, a00)
+    xp = array_namespace(left)
+    logdet0 = logdet_from_cholesky_diagonal(xp.diagonal(chol0, axis1=1, axis2=2))
+    return (logdet0, xp.einsum("lij,lik->ljk", left, left)), (t0, a00, chol0, left)
+
+
+def _term0_value(t0, a00):
+    return _term0_values(t0, a00)[0]
+
+
+def _term0_bwd(residuals, cotangents):
+    t0, a00, chol0, left = residuals
+    c_logdet, grad_m = cotangents
+    xp = array_namespace(chol0)
+    return _term0_adjoint(t0, a00, chol0, left, c_logdet, grad_m), xp.zeros_like(a00)
+
+
+def term0_parts(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum_l log|D_l|, M_l = T0 D_l^-1 T0^T per level) of term 0, D_l = T0^T A00_l T0 + I.
+
+    NumPy on the host; traced, a ``jax.custom_vjp`` whose adjoint is :func:`_term0_adjoint`, the
+    one the host path chains by hand, so both paths differentiate term 0 the same way.
+    A00 is data: its cotangent is zero.
+    """
+    if array_namespace(t0) is np:
+        return _term0_value(t0, a00)
+    return _traced_primitives()[2](t0, a00)
 
 
 def _contract(products: jax.Array, weights: jax.Array, axes: tuple[int, int]) -> jax.Array:
@@ -204,17 +233,18 @@ def _reduce_adjoint(rest_factors, reduced, system, cotangent, contractions):
 
 
 def reduced_rest(theta: jax.Array, system: MixedModelSystem):
-    """The rest of the augmented matrix after eliminating term 0, and term 0's factors.
+    """The rest of the augmented matrix after eliminating term 0, and term 0's log-determinant.
 
-    Returns ``(rest, factors, chol0, left)`` where
+    Returns ``(rest, factors, logdet0)`` where
     ``rest = Lambda_r^T (A_rest - sum_l V_l^T M_l V_l) Lambda_r + diag(I_q, 0)``,
-    ``M_l = left_l^T left_l`` and ``left_l = L0_l^-1 T0^T``; the Cholesky factor of
-    ``rest`` completes the factor of the whole augmented matrix.
+    ``M_l = T0 D_l^-1 T0^T`` and ``logdet0 = sum_l log|D_l|`` (:func:`term0_parts`); the
+    Cholesky factor of ``rest`` completes the factor of the whole augmented matrix.
+    Differentiable through the written-out adjoints of term 0, the Schur update and the
+    dense parts (the host path chains the same adjoints by hand).
     """
     factors = theta_to_factors(theta, system.layout.ks)
-    chol0, left = _term0_factor(factors[0], system)
-    m_levels = array_namespace(left).einsum("lij,lik->ljk", left, left)
-    return _reduce(tuple(factors[1:]), m_levels, system), factors, chol0, left
+    logdet0, m_levels = term0_parts(factors[0], system.a00)
+    return _reduce(tuple(factors[1:]), m_levels, system), factors, logdet0
 
 
 @pytree_dataclass
@@ -298,7 +328,7 @@ def _dense_parts_bwd(q, p, chol, cotangent):
 
 @functools.cache
 def _traced_primitives():
-    """The two adjoint-carrying primitives as ``jax.custom_vjp`` functions, built when first traced.
+    """The adjoint-carrying primitives as ``jax.custom_vjp`` functions, built when first traced.
 
     Built on first use, not at import: defining them imports JAX, which the host path never needs.
     """
@@ -306,15 +336,16 @@ def _traced_primitives():
     reduce_traced.defvjp(_reduce_fwd, _reduce_bwd)
     dense_parts_traced = jax.custom_vjp(_dense_parts_value, nondiff_argnums=(1, 2))
     dense_parts_traced.defvjp(_dense_parts_fwd, _dense_parts_bwd)
-    return reduce_traced, dense_parts_traced
+    term0_traced = jax.custom_vjp(_term0_value)
+    term0_traced.defvjp(_term0_values, _term0_bwd)
+    return reduce_traced, dense_parts_traced, term0_traced
 
 
 def objective_parts(theta: jax.Array, system: MixedModelSystem) -> ObjectiveParts:
     """log-determinants and penalized RSS at ``theta``."""
     layout = system.layout
-    rest, _, chol0, _ = reduced_rest(theta, system)
+    rest, _, logdet0 = reduced_rest(theta, system)
     logdet_rest, logdet_rx, pwrss = dense_parts(rest, layout.q_rest, layout.p)
-    logdet0 = logdet_from_cholesky_diagonal(array_namespace(chol0).diagonal(chol0, axis1=1, axis2=2))
     return ObjectiveParts(logdet0 + logdet_rest, logdet_rx, pwrss)
 
 
@@ -392,12 +423,13 @@ def _term0_adjoint(t0, a00, chol0, left, c_logdet, grad_m):
     d log|D_l| = 2 <A_l T0 D_l^-1, dT0> and, for symmetric G_l and H_l = D_l^-1 T0^T G_l T0 D_l^-1,
     d <G_l, M_l> = 2 <G_l T0 D_l^-1 - A_l T0 H_l, dT0>.
     """
+    xp = array_namespace(chol0)
     chol0_inv = tri_inverse(chol0)
-    t_d_inv = np.swapaxes(left, 1, 2) @ chol0_inv  # T0 D_l^-1 = left^T L0^-1
-    g = 0.5 * (grad_m + np.swapaxes(grad_m, 1, 2))
-    h = np.swapaxes(t_d_inv, 1, 2) @ g @ t_d_inv
+    t_d_inv = xp.swapaxes(left, 1, 2) @ chol0_inv  # T0 D_l^-1 = left^T L0^-1
+    g = 0.5 * (grad_m + xp.swapaxes(grad_m, 1, 2))
+    h = xp.swapaxes(t_d_inv, 1, 2) @ g @ t_d_inv
     a_t = a00 @ t0
-    return np.sum(2.0 * c_logdet * a_t @ np.swapaxes(chol0_inv, 1, 2) @ chol0_inv
+    return xp.sum(2.0 * c_logdet * a_t @ xp.swapaxes(chol0_inv, 1, 2) @ chol0_inv
                   + 2.0 * (g @ t_d_inv - a_t @ h), axis=0)
 
 
@@ -453,7 +485,7 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
 
     def evaluate(theta):
         factors = theta_to_factors(np.asarray(theta, dtype=float), layout.ks)
-        chol0, left = _term0_factor(factors[0], system)
+        chol0, left = term0_factor(factors[0], system.a00)
         if coupling is None:
             update = _schur_update(system, np.einsum("lij,lik->ljk", left, left))
         else:

@@ -29,7 +29,7 @@ import numpy as np
 
 from .criterion import dense_parts, reduced_rest
 from .henderson import conditional_draw, noise_size
-from .linalg import array_namespace, factors_to_theta, logdet_from_cholesky_diagonal
+from .linalg import array_namespace, factors_to_theta
 from .system import Layout, MixedModelSystem
 
 
@@ -114,10 +114,9 @@ def log_marginal_likelihood(
     custom adjoints; ``sigma`` is 1 for known residual sds.
     """
     layout = system.layout
-    rest, _, chol0, _ = reduced_rest(theta, system)
+    rest, _, logdet0 = reduced_rest(theta, system)
     rest = rest + beta_prior_block(loc, scale, sigma, system)
     logdet_rest, logdet_rx, pwrss = dense_parts(rest, layout.q_rest, layout.p)
-    logdet0 = logdet_from_cholesky_diagonal(jnp.diagonal(chol0, axis1=1, axis2=2))
     return collapsed_log_likelihood(logdet0 + logdet_rest + logdet_rx, pwrss, sigma, layout.n, layout.p, scale,
                                     system.log_weights)
 
