@@ -130,3 +130,18 @@ def test_unused_columns_with_missing_values_drop_nothing(data):
     data.loc[3, "h"] = np.nan
     fit = hp.lmm(FORMULA, data)
     assert fit.nobs == len(data)
+
+
+def test_a_grouping_factor_that_names_a_function_is_a_missing_column(data):
+    # pi and log are defined in every formula (R's names), but a grouping factor must be a data column
+    for name in ("pi", "log"):
+        with pytest.raises(hp.DataError, match=f"grouping factor .* uses column '{name}'"):
+            hp.lmm(f"y ~ x + (1 | {name})", data)
+
+
+def test_nullable_numeric_columns_fit_as_float64_and_are_not_modified(data):
+    nullable = data.assign(y=data.y.astype("Float64"), x=data.x.astype("Float64"))
+    before = nullable.dtypes.copy()
+    fit = hp.lmm("y ~ x + (1 | g)", nullable)
+    assert fit.objective == pytest.approx(hp.lmm("y ~ x + (1 | g)", data).objective, rel=1e-12)
+    assert nullable.dtypes.equals(before)

@@ -196,6 +196,19 @@ def _drop_missing(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return frame, n_missing
 
 
+def _plain_numeric(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (hierpool's own copy) with pandas' nullable numeric columns (Int64, Float64) as float64.
+
+    Their missing values were dropped already; NumPy (and formulae) read the float64 copy, where
+    a nullable response failed to convert.
+    """
+    nullable = [c for c in frame.columns if isinstance(frame[c].dtype, pd.api.extensions.ExtensionDtype)
+                and pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
+    if not nullable:
+        return frame
+    return frame.assign(**{c: frame[c].to_numpy(dtype=float) for c in nullable})
+
+
 def _check_finite(frame: pd.DataFrame) -> None:
     for column in frame.columns:
         values = frame[column]
@@ -424,6 +437,8 @@ def formula_columns(spec: ModelSpec, data: pd.DataFrame) -> tuple[str, ...]:
 
     A name that is neither a column of ``data`` nor defined is reported as a missing column.
     """
+    grouping = [v for term in spec.random for v in term.factor if v not in data.columns]
+    check_columns(data, grouping, f"grouping factor of formula {spec.formula!r}")  # never a function or constant
     missing = [v for v in spec.variables if v not in data.columns]
     if missing:  # names the caller's namespace or formulae define are not columns
         from .transforms import FORMULAE_NAMES, caller_environment
@@ -503,6 +518,7 @@ def build_design(
     if offset_values is not None:
         frame[OFFSET_COLUMN] = offset_values
     frame, n_dropped = _drop_missing(frame)
+    frame = _plain_numeric(frame)
     _check_finite(frame)
 
     y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(spec, frame)
