@@ -57,14 +57,16 @@ class HeldVariance:
 
 
 def model_data(design) -> ModelData:
+    # device_put, not jnp.asarray: on a NumPy array jnp.asarray compiles a conversion program per shape
     noise = 1.0 / np.sqrt(design.row_weights)
+    put = jax.device_put
     return ModelData(
-        y=jnp.asarray(design.y),
-        offset=jnp.asarray(design.offset),
-        X=jnp.asarray(design.X),
-        index=tuple(jnp.asarray(t.index, dtype=jnp.int32) for t in design.terms),
-        z=tuple(jnp.asarray(t.z) for t in design.terms),
-        noise_scale=jnp.asarray(noise),
+        y=put(np.asarray(design.y, dtype=float)),
+        offset=put(np.asarray(design.offset, dtype=float)),
+        X=put(np.asarray(design.X, dtype=float)),
+        index=tuple(put(np.asarray(t.index, dtype=np.int32)) for t in design.terms),
+        z=tuple(put(np.asarray(t.z, dtype=float)) for t in design.terms),
+        noise_scale=put(np.asarray(noise, dtype=float)),
     )
 
 
