@@ -247,6 +247,14 @@ def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_m
 #: cites" and "Bayesian engine, fifth session".
 QUICK_COMPILE_MAX_WORK = 8e6
 
+#: The post-processing program runs once, one draw of (beta, b) per kept draw: one factorization,
+#: where each chain iteration evaluates the potential's value and gradient at several leapfrog
+#: steps.  Its work is counted as a quarter of a chain iteration's per draw, so it is compiled without
+#: LLVM's optimization for somewhat larger models than the chains (Penicillin's crossed collapsed
+#: model, ~4,300 values x 4 chains x 1,000 draws: hp.bayes 6.4-6.7 -> 5.7-6.1 s, two fresh
+#: processes each; benchmarks/RESULTS.md, "second session").
+FINISH_WORK_PER_DRAW = 0.25
+
 
 def quick_compile(model_args, chains: int, iterations: int) -> bool:
     """Whether the chains are short enough that compiling without LLVM's optimization pays (see QUICK_COMPILE_MAX_WORK)."""
@@ -282,7 +290,8 @@ def _build_programs(
         stacked = jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct((chains,) + s.shape, s.dtype), chain_lowered.out_info[0]
         )
-        finish_future = compile_in_background(jax.jit(finish).lower(stacked, seed, model_args), quick=quick)
+        finish_quick = quick_compile(model_args, chains, int(draws * FINISH_WORK_PER_DRAW))
+        finish_future = compile_in_background(jax.jit(finish).lower(stacked, seed, model_args), quick=finish_quick)
     return _Programs(start_future.result(), chain_future.result(), finish_future)
 
 
