@@ -99,6 +99,8 @@ def _contract(products: jax.Array, weights: jax.Array, axes: tuple[int, int]) ->
     einsum of 1 x 1 blocks into millions of tiny matrix products.
     """
     xp = array_namespace(weights)
+    if xp is np and products.shape[1:] == (1, 1, 1, 1):  # scalar blocks on the host: no 5-d temporaries
+        return (weights.reshape(-1) * products.reshape(-1)).reshape(-1, 1, 1)
     if axes == (1, 2):
         return xp.sum(weights[:, :, :, None, None] * products, axis=axes)
     return xp.sum(weights[:, None, None, :, :] * products, axis=axes)
@@ -124,14 +126,8 @@ def level_contractions(system: MixedModelSystem, matrix: jax.Array, n_blocks: in
         block = matrix[offsets[r] : offsets[r + 1], offsets[s] : offsets[s + 1]]
         cells = block.reshape(ell_r, k_r, ell_s, k_s).transpose(0, 2, 1, 3).reshape(ell_r * ell_s, k_r, k_s)
         # one cell (X and y blocks): broadcast it rather than gather it per pair
-        if array_namespace(matrix) is np and pairs.products.shape[1:] == (1, 1, 1, 1) and ell_r * ell_s > 1:
-            # scalar blocks on the host: one gather, one product and one bincount, no 5-d temporaries
-            flat = np.bincount(pairs.level0, cells.reshape(-1)[pairs.target] * pairs.products.reshape(-1),
-                               minlength=layout.n_levels[0])
-            per_level = flat.reshape(-1, 1, 1)
-        else:
-            weights = cells if ell_r * ell_s == 1 else cells[pairs.target]
-            per_level = segment_sum(_contract(pairs.products, weights, axes=(3, 4)), pairs.level0, layout.n_levels[0])
+        weights = cells if ell_r * ell_s == 1 else cells[pairs.target]
+        per_level = segment_sum(_contract(pairs.products, weights, axes=(3, 4)), pairs.level0, layout.n_levels[0])
         total = total + (per_level if r == s else per_level + per_level.transpose(0, 2, 1))
     return total
 
@@ -147,14 +143,6 @@ def _schur_update(system: MixedModelSystem, m_levels: jax.Array) -> jax.Array:
     grid = [[None] * len(blocks) for _ in blocks]
     for (r, s), pairs in zip(system.layout.pair_keys(), system.pairs):
         (ell_r, k_r), (ell_s, k_s) = blocks[r], blocks[s]
-        if xp is np and pairs.products.shape[1:] == (1, 1, 1, 1) and ell_r * ell_s > 1:
-            # scalar blocks on the host: one gather, one product and one bincount, no 5-d temporaries
-            summed = np.bincount(pairs.target, m_levels.reshape(-1)[pairs.level0] * pairs.products.reshape(-1),
-                                 minlength=ell_r * ell_s)
-            grid[r][s] = summed.reshape(ell_r, ell_s)
-            if r != s:
-                grid[s][r] = grid[r][s].T
-            continue
         contributions = _contract(pairs.products, m_levels[pairs.level0], axes=(1, 2))
         if ell_r * ell_s == 1:  # X and y blocks: every pair lands in the one cell, a plain sum (no scatter)
             summed = xp.sum(contributions, axis=0, keepdims=True)
@@ -433,7 +421,7 @@ def _term0_adjoint(t0, a00, chol0, left, c_logdet, grad_m):
                   + 2.0 * (g @ t_d_inv - a_t @ h), axis=0)
 
 
-def _schur_update_dense(coupling: np.ndarray, left: np.ndarray) -> np.ndarray:
+def _schur_update_dense(coupling: np.ndarray, m_levels: np.ndarray) -> np.ndarray:
     """:func:`_schur_update` with the dense coupling C (ell0, k0, m) of :func:`hierpool.algebra.system.dense_coupling`.
 
     sum_l C_l^T M_l C_l = (M C)^T C over all levels at once: one BLAS product in place of a
@@ -441,9 +429,9 @@ def _schur_update_dense(coupling: np.ndarray, left: np.ndarray) -> np.ndarray:
     """
     ell0, k0, m = coupling.shape
     if k0 == 1:
-        weighted = coupling[:, 0, :] * (left[:, 0, 0] ** 2)[:, None]
+        weighted = coupling[:, 0, :] * m_levels[:, 0, 0][:, None]
     else:
-        weighted = np.matmul(np.einsum("lij,lik->ljk", left, left), coupling).reshape(ell0 * k0, m)
+        weighted = np.matmul(m_levels, coupling).reshape(ell0 * k0, m)
     update = host_product(weighted, coupling.reshape(ell0 * k0, m), transpose_a=True)
     return 0.5 * (update + update.T)
 
@@ -485,14 +473,10 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
 
     def evaluate(theta):
         factors = theta_to_factors(np.asarray(theta, dtype=float), layout.ks)
-        chol0, left = term0_factor(factors[0], system.a00)
-        if coupling is None:
-            update = _schur_update(system, np.einsum("lij,lik->ljk", left, left))
-        else:
-            update = _schur_update_dense(coupling, left)
+        (logdet0, m_levels), (_, _, chol0, left) = _term0_values(factors[0], system.a00)
+        update = _schur_update(system, m_levels) if coupling is None else _schur_update_dense(coupling, m_levels)
         rest, (_, reduced, _) = _scale_reduced(tuple(factors[1:]), system.rest - update, system)
         (logdet_rest, logdet_rx, pwrss), chol = _dense_parts_forward(rest, q, p)
-        logdet0 = logdet_from_cholesky_diagonal(np.diagonal(chol0, axis1=1, axis2=2))
         value = criterion(ObjectiveParts(logdet0 + logdet_rest, logdet_rx, pwrss), system, reml)
         c_r2 = 1.0 if layout.sigma_known else dof / pwrss
         (grad_rest,) = _dense_parts_bwd(q, p, chol, (1.0, c_rx, c_r2))

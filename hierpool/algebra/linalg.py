@@ -261,8 +261,8 @@ def host_product(a: np.ndarray, b: np.ndarray, transpose_a: bool = False) -> np.
 
     The rows of ``a`` (its summed rows with ``transpose_a``) are taken in chunks.  OpenBLAS
     threads a larger gemm, and its worker threads then spin between calls: on a machine whose
-    cores are shared, the host criterion's many small products then cost ~10-100x more
-    (benchmarks/RESULTS.md, 2026-12-01, "Host multi-term fits"), while on one core these products run at full speed.
+    cores are shared, the host criterion's many small products then cost far more (measured in
+    benchmarks/RESULTS.md, 2026-12-01, "Host multi-term fits"); on one core they run at full speed.
     Never forms ``x.T @ x`` of one buffer (NumPy hands that to syrk, which OpenBLAS always threads).
     """
     if b is a:
@@ -387,7 +387,7 @@ def segment_sum(values, segments, num_segments: int, sorted_segments: bool = Fal
     out = np.zeros((num_segments,) + values.shape[1:], dtype=values.dtype)
     if not len(segments):
         return out
-    if sorted_segments:
+    if sorted_segments and values[0].size > 1:  # one bincount beats reduceat for a single column
         starts = np.flatnonzero(np.r_[True, segments[1:] != segments[:-1]])
         out[segments[starts]] = np.add.reduceat(values, starts, axis=0)
         return out

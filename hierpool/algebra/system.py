@@ -295,7 +295,7 @@ def dense_coupling(system: MixedModelSystem) -> np.ndarray:
 #: Largest dense coupling (ell0 * k0 * m entries, 8 bytes each) the host algebra forms.
 DENSE_COUPLING_MAX_ENTRIES = 2**21
 #: BLAS multiply-adds (single-threaded) that cost as much as one pair-product element's gather, multiply and
-#: segment-sum: measured break-even 100-200 on crossed and slope models (benchmarks/RESULTS.md, 2026-12-01, "Host multi-term fits").
+#: segment-sum: the break-even measured on crossed and slope models (benchmarks/RESULTS.md, 2026-12-01, "Host multi-term fits").
 DENSE_COUPLING_FLOPS_PER_PAIR_ELEMENT = 100.0
 
 

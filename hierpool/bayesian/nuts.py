@@ -251,8 +251,8 @@ QUICK_COMPILE_MAX_WORK = 8e6
 #: where each chain iteration evaluates the potential's value and gradient at several leapfrog
 #: steps.  Its work is counted as a quarter of a chain iteration's per draw, so it is compiled without
 #: LLVM's optimization for somewhat larger models than the chains (Penicillin's crossed collapsed
-#: model, ~4,300 values x 4 chains x 1,000 draws: hp.bayes 6.4-6.7 -> 5.7-6.1 s, two fresh
-#: processes each; benchmarks/RESULTS.md, "second session").
+#: model, ~4,300 values x 4 chains x 1,000 draws; timed in benchmarks/RESULTS.md, "Batch fitting and
+#: the Bayesian engine, like for like — 2026-12-01 (second session, quiet)").
 FINISH_WORK_PER_DRAW = 0.25
 
 

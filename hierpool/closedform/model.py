@@ -40,7 +40,8 @@ def solve_at(theta: np.ndarray, system: MixedModelSystem, reml: bool, host: bool
     theta = np.asarray(theta, dtype=float)
     if host or jax_runtime.jax.default_backend() == "cpu":
         # on CPU the host solve of a model large enough to compile its criterion takes a fraction
-        # of compiling the solve program (InstEval: 0.25 s against 1.6 s; benchmarks/RESULTS.md)
+        # of compiling the solve program (benchmarks/RESULTS.md, "Closed form on the host or compiled,
+        # with InstEval and 500,000 rows")
         return solve(theta, on_host(system), reml=reml)
     return as_numpy(henderson.solve_jit(theta, on_device(system), reml=reml))
 
