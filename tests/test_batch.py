@@ -148,26 +148,31 @@ def test_bad_weights_and_offsets_name_the_culprit(replicates):
     pd.testing.assert_frame_equal(data, before)  # nothing the user passed is modified
 
 
-def test_a_dataset_the_batched_optimizer_fails_on_is_refitted_and_marked(monkeypatch):
+def _fail_datasets_with_rows(monkeypatch, rows: int) -> None:
+    """Make fit_batch's batched optimizer report every dataset of ``rows`` observations as not converged."""
     from hierpool.batch import fit as fit_module
 
-    data = weighted(hp.datasets.sleepstudy_replicates(4, seed=6))
-    data = data.drop(index=data.index[data.dataset == 2][0])  # 179 rows: the only dataset with n = 179
-    weights = data.w.to_numpy()  # the refit by hp.lmm gets its dataset's part of the array
     compiled = fit_module._programs
 
-    def programs(stats, *args, **kwargs):  # the batched optimizer, reporting dataset 2 as not converged
+    def programs(stats, *args, **kwargs):
         optimize, solve = compiled(stats, *args, **kwargs)
 
         def optimize_failing(chunk, start):
             out = optimize.result()(chunk, start)
-            return {**out, "converged": out["converged"] & (chunk.n != 179)}
+            return {**out, "converged": out["converged"] & (chunk.n != rows)}
 
         failing = Future()
         failing.set_result(optimize_failing)
         return failing, solve
 
     monkeypatch.setattr(fit_module, "_programs", programs)
+
+
+def test_a_dataset_the_batched_optimizer_fails_on_is_refitted_and_marked(monkeypatch):
+    data = weighted(hp.datasets.sleepstudy_replicates(4, seed=6))
+    data = data.drop(index=data.index[data.dataset == 2][0])  # 179 rows: the only dataset with n = 179
+    weights = data.w.to_numpy()  # the refit by hp.lmm gets its dataset's part of the array
+    _fail_datasets_with_rows(monkeypatch, 179)  # dataset 2
     polished = hp.fit_batch(SLEEP, data, weights=weights, offset="off")
     unpolished = hp.fit_batch(SLEEP, data, polish=False, weights=weights, offset="off")
     monkeypatch.undo()
@@ -268,22 +273,7 @@ def test_known_residual_sds_have_no_sigma_in_the_tables(meta, meta_batch):
 
 
 def test_known_residual_sds_reach_the_refit_by_lmm(meta, meta_batch, monkeypatch):
-    from hierpool.batch import fit as fit_module
-
-    compiled = fit_module._programs
-
-    def programs(stats, *args, **kwargs):  # the batched optimizer, reporting bcg9 (9 trials) as not converged
-        optimize, solve = compiled(stats, *args, **kwargs)  # the meta_batch fixture's programs: nothing compiles
-
-        def optimize_failing(chunk, start):
-            out = optimize.result()(chunk, start)
-            return {**out, "converged": out["converged"] & (chunk.n != 9)}
-
-        failing = Future()
-        failing.set_result(optimize_failing)
-        return failing, solve
-
-    monkeypatch.setattr(fit_module, "_programs", programs)
+    _fail_datasets_with_rows(monkeypatch, 9)  # bcg9; the meta_batch fixture's programs: nothing compiles
     polished = hp.fit_batch(META, meta[1], se="se")
     monkeypatch.undo()
     assert polished.refit.tolist() == [False, True, False, False, False]
