@@ -180,7 +180,11 @@ def is_singular(theta: np.ndarray, ks: tuple[int, ...], tol: float = Control.sin
     return bool(singular_rows(theta, ks, tol))
 
 
-def _hessian_fd(gradients_at, theta: np.ndarray, lower: np.ndarray, step: float = 1e-4) -> np.ndarray:
+#: Step of the finite-difference Hessian (central differences of the exact gradient).
+HESSIAN_STEP = 1e-4
+
+
+def _hessian_fd(gradients_at, theta: np.ndarray, lower: np.ndarray, step: float = HESSIAN_STEP) -> np.ndarray:
     """Central differences of the analytic gradient (one-sided at an active bound).
 
     ``gradients_at`` maps points (m, n_theta) to their gradients (m, n_theta): the one-term
@@ -196,7 +200,7 @@ def _hessian_fd(gradients_at, theta: np.ndarray, lower: np.ndarray, step: float 
     return 0.5 * (hessian + hessian.T)
 
 
-#: A finite-difference Hessian (step 1e-4) is reused at points this close (max |change of theta|): it is
+#: A finite-difference Hessian (:data:`HESSIAN_STEP`) is reused at points this close (max |change of theta|): it is
 #: the Hessian there to far better than the checks and the Newton steps need.
 HESSIAN_REUSE_RADIUS = 1e-6
 
@@ -217,20 +221,20 @@ class _HessianCache:
     def __call__(self, theta: np.ndarray) -> np.ndarray:
         near = self.theta is not None and np.max(np.abs(theta - self.theta), initial=0.0) <= HESSIAN_REUSE_RADIUS
         # one-sided differences where the bound is within a step: reuse only with the same sides
-        same_sides = near and np.array_equal(theta - 1e-4 < self.lower, self.theta - 1e-4 < self.lower)
+        same_sides = near and np.array_equal(theta - HESSIAN_STEP < self.lower, self.theta - HESSIAN_STEP < self.lower)
         if not same_sides:
             self.theta, self.hessian = theta.copy(), _hessian_fd(self.gradients_at, theta, self.lower)
         return self.hessian
 
 
 def check_optimum(
-    theta: np.ndarray, gradient: np.ndarray, optimizer_ok: bool, gradients_at, system: MixedModelSystem,
-    control: Control, hessian_at=None,
+    theta: np.ndarray, gradient: np.ndarray, optimizer_ok: bool, hessian_at, system: MixedModelSystem,
+    control: Control,
 ) -> tuple[bool, bool, tuple[str, ...]]:
     """Convergence and singularity checks at the optimum (lme4's ``checkConv``).
 
-    ``gradients_at`` maps points (m, n_theta) to the criterion's gradients there (m, n_theta);
-    ``hessian_at`` (optional) maps theta to the finite-difference Hessian (a cached one nearby).
+    ``hessian_at`` maps theta to the finite-difference Hessian (a :class:`_HessianCache`: the
+    Newton polish's, when it was taken a step away).
     Returns (converged, is_singular, messages).
     """
     layout = system.layout
@@ -245,8 +249,7 @@ def check_optimum(
     if max_grad > control.grad_tol:
         messages.append(f"model failed to converge: max|projected gradient| = {max_grad:.3g} > {control.grad_tol}")
     if layout.n <= control.hessian_max_n and not singular:
-        hessian = _hessian_fd(gradients_at, theta, lower) if hessian_at is None else hessian_at(theta)
-        eigenvalues = np.linalg.eigvalsh(hessian)
+        eigenvalues = np.linalg.eigvalsh(hessian_at(theta))
         if eigenvalues.min() <= 0:
             messages.append("Hessian is not positive definite at the optimum: the fit may not be a minimum")
     converged = optimizer_ok and max_grad <= control.grad_tol and not any(m.startswith("Hessian") for m in messages)
@@ -317,8 +320,7 @@ def optimize_theta(
     if system.layout.n <= control.hessian_max_n:
         theta = _newton_polish(evaluate, hessian_at, theta, lower)
     value, gradient = evaluate(theta)
-    converged, singular, messages = check_optimum(theta, gradient, optimizer_ok, gradients_at, system, control,
-                                                  hessian_at)
+    converged, singular, messages = check_optimum(theta, gradient, optimizer_ok, hessian_at, system, control)
     return Optimum(theta, value, gradient, count[0], converged, singular, messages)
 
 
