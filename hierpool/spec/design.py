@@ -202,8 +202,8 @@ def _plain_numeric(frame: pd.DataFrame) -> pd.DataFrame:
     Their missing values were dropped already; NumPy (and formulae) read the float64 copy, where
     a nullable response failed to convert.
     """
-    nullable = [c for c in frame.columns if isinstance(frame[c].dtype, pd.api.extensions.ExtensionDtype)
-                and pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
+    nullable = [c for c, dtype in frame.dtypes.items() if not isinstance(dtype, np.dtype)
+                and pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)]
     if not nullable:
         return frame
     return frame.assign(**{c: frame[c].to_numpy(dtype=float) for c in nullable})
@@ -447,10 +447,11 @@ def formula_columns(spec: ModelSpec, data: pd.DataFrame) -> tuple[str, ...]:
         missing = [v for v in missing if v not in defined and v not in FORMULAE_NAMES]
     check_columns(data, missing, f"formula {spec.formula!r}")
     used = tuple(v for v in spec.variables if v in data.columns)
-    for name in used:
-        count = int(np.sum(data.columns == name))
-        if count > 1:
-            raise DataError(f"column {name!r} appears {count} times in data; the formula cannot tell them apart")
+    if not data.columns.is_unique:  # checked per name only then: is_unique is cached by pandas
+        for name in used:
+            count = int(np.sum(data.columns == name))
+            if count > 1:
+                raise DataError(f"column {name!r} appears {count} times in data; the formula cannot tell them apart")
     if "Intercept" in used:  # formulae names the column of ones so: a column of that name would replace it
         raise DataError("a data column named 'Intercept' clashes with the name of the intercept; rename the column")
     return used
