@@ -40,6 +40,9 @@ def test_a_small_fit_and_its_tables_run_without_jax():
             "    fit.summary(), fit.ranef, fit.varcorr, fit.ranef_joint_sd(), fit.predict(d.iloc[:3], interval='prediction')")
     assert _loaded_after(code) == {"scipy"}  # a formula that only names numeric columns needs no formulae
     assert _loaded_after(code.replace("Days + (Days", "log(Days + 1) + (Days")) == {"formulae", "scipy"}
+    nested = ("import hierpool as hp\nd = hp.datasets.sleepstudy().assign(half=lambda d: d.Days // 5)\n"
+              "hp.lmm('Reaction ~ Days + (1 | Subject/half)', d).summary()")
+    assert _loaded_after(nested) == {"scipy"}  # lme4's a/b nesting is read without formulae too
 
 
 def test_jax_imported_later_gets_float64_and_the_algebra_pytrees():

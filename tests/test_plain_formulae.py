@@ -23,6 +23,9 @@ FORMULAE = [
     "y ~ x + (1 | g) + (1 | h)",
     "y ~ x + f + (1 | g)",  # f is categorical: its part goes to formulae
     "y ~ x + (b | g)",  # b is boolean: formulae encodes it
+    "y ~ x + (1 | g/h)",  # nesting: lme4's expandSlash, (1 | h:g) + (1 | g)
+    "y ~ x + (x | g/h)",
+    "y ~ x + (x || g/h/f)",
 ]
 
 
@@ -89,8 +92,10 @@ def test_which_parts_are_plain():
         assert columns.plain_part(text) is None, text
     assert columns.plain_fixed("y ~ x") == ("y", columns.PlainPart(True, ("x",)))
     assert columns.plain_fixed("log(y) ~ x") is None
-    assert columns.plain_grouping("a:b") == ("a", "b")
-    assert columns.plain_grouping("a/b") is None and columns.plain_grouping("a:a") is None
+    assert columns.plain_grouping("a:b") == (("a", "b"),)
+    assert columns.plain_grouping("a/b/c") == (("c", "b", "a"), ("b", "a"), ("a",))
+    for text in ("a:a", "a/a", "a:b/c", "a/", "log(a)"):
+        assert columns.plain_grouping(text) is None, text
 
 
 def test_new_data_with_a_text_column_where_a_number_was_is_refused(data):

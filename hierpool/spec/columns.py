@@ -117,9 +117,19 @@ def plain_fixed(text: str) -> tuple[str, PlainPart] | None:
     return None if part is None else (response, part)
 
 
-def plain_grouping(text: str) -> tuple[str, ...] | None:
-    """The columns of a grouping factor written ``g`` or ``a:b`` (names only), or None."""
-    if not _GROUP.match(text.strip()):
+def plain_grouping(text: str) -> tuple[tuple[str, ...], ...] | None:
+    """The grouping factors of a bar's right-hand side written with names only, or None.
+
+    ``g`` and ``a:b`` are one factor; ``a/b/c`` (nesting) is lme4's ``expandSlash``:
+    ``(c:b:a), (b:a), (a)``, the innermost factor first and each named inner-first.
+    """
+    text = text.strip()
+    if "/" in text:
+        names = tuple(name.strip() for name in text.split("/"))
+        if not all(_is_name(name) for name in names) or len(set(names)) != len(names):
+            return None
+        return tuple(tuple(reversed(names[:depth])) for depth in range(len(names), 0, -1))
+    if not _GROUP.match(text):
         return None
     factor = tuple(name.strip() for name in text.split(":"))
-    return factor if all(_is_name(name) for name in factor) and len(set(factor)) == len(factor) else None
+    return (factor,) if all(_is_name(name) for name in factor) and len(set(factor)) == len(factor) else None

@@ -185,13 +185,10 @@ def _random_terms_of_bar(lhs: str, op: str, rhs: str, full: str) -> list[RandomT
         raise FormulaError(f"random-effect term ({lhs} {op} {rhs}) in {full!r} has nothing before '{op}'")
     if not rhs:
         raise FormulaError(f"random-effect term ({lhs} {op} {rhs}) in {full!r} has no grouping factor")
-    part, factor = plain_part(lhs), plain_grouping(rhs)
-    if part is not None and factor is not None:  # names only: what formulae would find, without it
-        name = ":".join(factor)
-        if op == "|":
-            return [RandomTermSpec(lhs=lhs, factor=factor, name=name)]
-        pieces = ["1"] * part.intercept + [f"0 + {column}" for column in part.names]
-        return [RandomTermSpec(lhs=piece, factor=factor, name=name) for piece in pieces]
+    part, factors = plain_part(lhs), plain_grouping(rhs)
+    if part is not None and factors is not None:  # names only: what formulae would find, without it
+        pieces = [lhs] if op == "|" else ["1"] * part.intercept + [f"0 + {column}" for column in part.names]
+        return [RandomTermSpec(lhs=piece, factor=factor, name=":".join(factor)) for factor in factors for piece in pieces]
     desc = _parse_with_formulae(f"({lhs} | {rhs})", "random-effect term")
     group_terms = [t for t in desc.terms if type(t).__name__ == "GroupSpecificTerm"]
     if not group_terms:
