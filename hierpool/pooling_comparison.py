@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
 
 from .closedform import lmm
 from .closedform.results import LMMResult
@@ -142,9 +141,17 @@ def _no_pooling_fit(fit: LMMResult, block: GroupTerms) -> tuple[np.ndarray, np.n
 
 
 def group_covariance(fit: LMMResult, block: GroupTerms) -> np.ndarray:
-    """Sigma of the group's coefficients: block-diagonal over its terms."""
-    covariances = fit.term_covariances()
-    return scipy.linalg.block_diag(*[covariances[j] for j in block.indices])
+    """Sigma of the group's coefficients: block-diagonal over its terms.
+
+    Assembled in NumPy rather than by ``scipy.linalg.block_diag``: a small fit on the host needs no
+    SciPy, whose import costs more than the fit ``hierpool fit`` prints (benchmarks/RESULTS.md, "First fits").
+    """
+    blocks = [np.atleast_2d(fit.term_covariances()[j]) for j in block.indices]
+    ends = np.cumsum([b.shape[0] for b in blocks])
+    sigma = np.zeros((ends[-1], ends[-1]))
+    for b, end in zip(blocks, ends):
+        sigma[end - b.shape[0] : end, end - b.shape[0] : end] = b
+    return sigma
 
 
 def shrinkage_matrices(fit: LMMResult, block: GroupTerms) -> np.ndarray:

@@ -356,18 +356,45 @@ def test_dense_coupling_and_pair_products_give_the_same_criterion(formula):
 
 
 def test_host_products_and_solves_in_single_thread_pieces_are_the_plain_ones():
-    from hierpool.algebra.linalg import host_product, solve_triangular, spd_inverse_from_cholesky
+    from hierpool.algebra.linalg import host_product, solve_triangular, spd_inverse_from_cholesky, tri_inverse
 
     rng = np.random.default_rng(6)
     a, b = rng.normal(size=(700, 40)), rng.normal(size=(700, 30))  # several row chunks
     np.testing.assert_allclose(host_product(a, b, transpose_a=True), a.T @ b, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(host_product(a, b[:40]), a @ b[:40], rtol=1e-12, atol=1e-12)
-    spd = a[:, :40].T @ a[:, :40] + np.eye(40)
-    chol = np.linalg.cholesky(spd)
-    np.testing.assert_allclose(spd_inverse_from_cholesky(chol), np.linalg.inv(spd), rtol=1e-10, atol=1e-14)
-    rhs = rng.normal(size=(40, 60))  # several column chunks
-    for trans in ("N", "T"):
-        expected = scipy.linalg.solve_triangular(chol, rhs, lower=True, trans=trans)
-        np.testing.assert_allclose(solve_triangular(chol, rhs, lower=True, trans=trans), expected, rtol=1e-12)
-        np.testing.assert_allclose(solve_triangular(chol, rhs[:, 0], lower=True, trans=trans), expected[:, 0],
-                                   rtol=1e-12)
+    for size in (12, 40):  # NumPy's LU routines up to NUMPY_INVERSE_MAX_SIZE, SciPy's trtri and trsm above
+        spd = a[:, :size].T @ a[:, :size] + np.eye(size)
+        chol = np.linalg.cholesky(spd)
+        np.testing.assert_allclose(spd_inverse_from_cholesky(chol), np.linalg.inv(spd), rtol=1e-10, atol=1e-14)
+        np.testing.assert_array_equal(np.triu(tri_inverse(chol), 1), 0.0)
+        np.testing.assert_allclose(tri_inverse(chol), scipy.linalg.solve_triangular(chol, np.eye(size), lower=True),
+                                   rtol=1e-12, atol=1e-14)
+        rhs = rng.normal(size=(size, 60))  # several column chunks
+        for trans in ("N", "T"):
+            expected = scipy.linalg.solve_triangular(chol, rhs, lower=True, trans=trans)
+            np.testing.assert_allclose(solve_triangular(chol, rhs, lower=True, trans=trans), expected, rtol=1e-12)
+            np.testing.assert_allclose(solve_triangular(chol, rhs[:, 0], lower=True, trans=trans), expected[:, 0],
+                                       rtol=1e-12)
+
+
+@pytest.mark.parametrize("name,formula,reml", [
+    ("sleepstudy", "Reaction ~ Days + (Days | Subject)", False),  # ML: the moment start is not the optimum
+    ("Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)", True),
+    ("Orthodont", "distance ~ age + (age | Subject)", True),
+    ("biomarker", "biomarker ~ time + (time | patient)", True),  # NLopt alone stops at a worse boundary point
+])
+def test_small_fits_tried_by_nlopt_end_where_lbfgsb_ends(name, formula, reml, monkeypatch):
+    # a small model on the host tries NLopt first and keeps its optimum only when certified interior;
+    # L-BFGS-B alone (the path of every other fit) must reach the same optimum
+    from hierpool.closedform import optimize
+
+    data = hp.datasets.biomarker() if name == "biomarker" else load(name)
+    tried = []
+    interior_optimum = optimize._interior_optimum
+    monkeypatch.setattr(optimize, "_interior_optimum", lambda *args: tried.append(interior_optimum(*args)) or tried[-1])
+    fit = hp.lmm(formula, data, reml=reml)
+    monkeypatch.setattr(optimize, "_interior_optimum", lambda *args: None)
+    reference = hp.lmm(formula, data, reml=reml)
+    assert len(tried) == 1 and (tried[0] is None) == (name == "biomarker")  # which optimizer decided
+    assert fit.objective == pytest.approx(reference.objective, rel=1e-12)
+    np.testing.assert_allclose(fit.theta, reference.theta, rtol=1e-6, atol=1e-8)

@@ -216,15 +216,21 @@ def cholesky(a: jax.Array) -> jax.Array:
     return xp.linalg.cholesky(a)
 
 
+#: On the host, triangular matrices up to this size are inverted (and solved) by NumPy's LU routines, 6x the
+#: flops of LAPACK's trtri but few at this size, rather than by SciPy's: a small fit on the host imports no
+#: scipy.linalg, which costs more than the fit (benchmarks/RESULTS.md, "First fits").
+NUMPY_INVERSE_MAX_SIZE = 32
+
+
 def tri_inverse(lower: jax.Array) -> jax.Array:
     """Inverses of lower-triangular matrices, shape (..., k, k) (unrolled when small, as :func:`cholesky`)."""
     k = lower.shape[-1]
     if k == 1:
         return 1.0 / lower
     if array_namespace(lower) is np:
-        if lower.ndim == 2 and not np.iscomplexobj(lower):
+        if lower.ndim == 2 and k > NUMPY_INVERSE_MAX_SIZE and not np.iscomplexobj(lower):
             return _trtri_host(lower)
-        return np.linalg.inv(lower)  # batched; the inverse of a triangular matrix is triangular
+        return np.tril(np.linalg.inv(lower))  # the inverse of a lower-triangular matrix is lower-triangular
     if k <= UNROLL_MAX_SIZE:
         return _tri_inverse_unrolled(lower)
     eye = jnp.broadcast_to(jnp.eye(k, dtype=lower.dtype), lower.shape)
@@ -350,7 +356,7 @@ def spd_inverse_from_cholesky(chol: jax.Array) -> jax.Array:
         return array_namespace(chol).swapaxes(inverse_factor, -1, -2) @ inverse_factor
     if array_namespace(chol) is np:
         if chol.ndim == 2 and chol.shape[-1] <= HOST_SINGLE_THREAD_MAX_SIZE and not np.iscomplexobj(chol):
-            return spd_inverse_from_inverse_factor(_trtri_host(chol))
+            return spd_inverse_from_inverse_factor(tri_inverse(chol))
         if chol.ndim == 2:
             lower = _potri_host(chol)
             return np.where(np.tri(chol.shape[-1], dtype=bool), lower, lower.T)
@@ -401,11 +407,15 @@ _SINGLE_THREAD_TRSM = 1024
 
 
 def _solve_triangular_host(a: np.ndarray, b: np.ndarray, lower: bool, trans: str) -> np.ndarray:
-    """Triangular solve by BLAS trsv / trsm, the right-hand sides in column chunks that keep to the calling thread.
+    """Triangular solve by BLAS trsv / trsm, the right-hand sides in column chunks that keep to the calling thread
+    (NumPy's LU solve up to :data:`NUMPY_INVERSE_MAX_SIZE` rows).
 
     SciPy's ``solve_triangular`` calls LAPACK's trtrs, which in OpenBLAS wakes the worker threads
     at any size (see :func:`host_product`).
     """
+    if 0 < a.shape[0] <= NUMPY_INVERSE_MAX_SIZE:  # as tri_inverse: a small fit imports no SciPy
+        transposed = {"N": a, "T": a.T, "C": a.conj().T}[trans] if isinstance(trans, str) else (a, a.T, a.conj().T)[trans]
+        return np.linalg.solve(transposed, b)
     import scipy.linalg
     import scipy.linalg.blas
 

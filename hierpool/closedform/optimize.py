@@ -6,6 +6,12 @@ compiled program, :func:`runs_on_host`), so a bounded quasi-Newton method
 fits (a variance component at zero) are legitimate optima: L-BFGS-B projects
 onto the bound and stops there exactly, as lme4's optimizers do.
 
+A small model on the host first tries NLopt's low-storage BFGS (:func:`_interior_optimum`),
+which imports in milliseconds where ``scipy.optimize`` takes about half a second, more than
+such a fit (benchmarks/RESULTS.md, "First fits"); its optimum is kept only when it is
+certified interior (a strict local minimum away from every bound), and L-BFGS-B decides
+every other fit as before.
+
 Convergence and singularity checks are a stage of their own
 (:func:`check_optimum`), mirroring lme4's ``checkConv`` and ``isSingular``.
 """
@@ -14,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import nlopt
 import numpy as np
-import scipy.optimize
 
 from ..algebra import criterion, one_term
 from ..algebra.checks import singular_rows
@@ -263,7 +269,8 @@ def optimize_theta(
     start: np.ndarray | None = None,
     statistics=None,
 ) -> Optimum:
-    """Minimize the profiled REML criterion or deviance over theta with L-BFGS-B.
+    """Minimize the profiled REML criterion or deviance over theta with L-BFGS-B (:func:`_interior_optimum` first
+    for a small model on the host).
 
     Parameters
     ----------
@@ -281,7 +288,8 @@ def optimize_theta(
     Optimum
     """
     control = control or Control()
-    value_and_grad = value_and_gradient(system, reml, runs_on_host(system, control), statistics)
+    on_host = runs_on_host(system, control)
+    value_and_grad = value_and_gradient(system, reml, on_host, statistics)
     lower = theta_lower_bounds(system.layout.ks)
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
     count = [0]
@@ -301,30 +309,114 @@ def optimize_theta(
     value, _ = evaluate(start)
     if not np.isfinite(value):
         raise ConvergenceError(f"the objective is not finite at the starting value theta = {start}")
-    options = dict(maxiter=control.max_iter, ftol=control.ftol, gtol=control.gtol)
-    result = scipy.optimize.minimize(evaluate, start, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
-    result = _restart_from_boundary(evaluate, result, lower, bounds, options, control.max_restarts)
-    if not np.isfinite(result.fun):
-        raise ConvergenceError(f"the objective became non-finite during optimization: {result.message}")
-    theta = np.maximum(np.asarray(result.x, dtype=float), lower)
-    # L-BFGS-B also stops when a line search cannot improve at machine precision; the
-    # gradient and Hessian checks below decide whether that is an optimum.
-    optimizer_ok = bool(result.success) or result.nit < control.max_iter
-    if statistics is not None and runs_on_host(system, control):
+    if statistics is not None and on_host:
         def gradients_at(points):
             return one_term.value_and_gradient(points, statistics, reml, system.layout.sigma_known)[1]
     else:
         def gradients_at(points):
             return np.stack([evaluate(point)[1] for point in points])
     hessian_at = _HessianCache(gradients_at, lower)
-    if system.layout.n <= control.hessian_max_n:
-        theta = _newton_polish(evaluate, hessian_at, theta, lower)
+    polish = system.layout.n <= control.hessian_max_n
+    theta = _interior_optimum(evaluate, hessian_at, start, system, control) if on_host and polish else None
+    optimizer_ok = True
+    if theta is None:
+        import scipy.optimize  # half a second to import: only where the fit needs L-BFGS-B
+
+        options = dict(maxiter=control.max_iter, ftol=control.ftol, gtol=control.gtol)
+        result = scipy.optimize.minimize(evaluate, start, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
+        result = _restart_from_boundary(evaluate, result, lower, bounds, options, control.max_restarts)
+        if not np.isfinite(result.fun):
+            raise ConvergenceError(f"the objective became non-finite during optimization: {result.message}")
+        theta = np.maximum(np.asarray(result.x, dtype=float), lower)
+        # L-BFGS-B also stops when a line search cannot improve at machine precision; the
+        # gradient and Hessian checks below decide whether that is an optimum.
+        optimizer_ok = bool(result.success) or result.nit < control.max_iter
+        if polish:
+            theta = _newton_polish(evaluate, hessian_at, theta, lower)
     value, gradient = evaluate(theta)
     converged, singular, messages = check_optimum(theta, gradient, optimizer_ok, hessian_at, system, control)
     return Optimum(theta, value, gradient, count[0], converged, singular, messages)
 
 
 POLISH_GRADIENT = 1e-9
+
+#: An optimum is certified interior when, after the Newton polish, its largest |gradient| is at most this
+#: (the polish reaches ~1e-9 and below from a true interior optimum).
+CERTIFIED_GRADIENT = 1e-6
+
+
+def _interior_optimum(evaluate, hessian_at, start: np.ndarray, system: MixedModelSystem, control: Control):
+    """NLopt's optimum, Newton-polished, where it is certified interior; None otherwise (L-BFGS-B decides).
+
+    Certified: no diagonal element of any T_j below ``control.singular_tol`` (away from every
+    bound: near one, Luksan's bound handling can stop at a boundary point where L-BFGS-B finds
+    the better interior optimum, as on the biomarker study's correlated slopes), the gradient
+    at most :data:`CERTIFIED_GRADIENT` after the polish, and the Hessian positive definite: a
+    strict local minimum, the certificate L-BFGS-B's optima get from :func:`check_optimum`.
+    """
+    lower = theta_lower_bounds(system.layout.ks)
+    found = _minimize_nlopt(evaluate, start, lower, control)
+    if not (found.within_limit and np.isfinite(found.value)) or is_singular(found.theta, system.layout.ks,
+                                                                           control.singular_tol):
+        return None
+    theta = _newton_polish(evaluate, hessian_at, found.theta, lower)
+    if is_singular(theta, system.layout.ks, control.singular_tol):
+        return None
+    if np.max(np.abs(evaluate(theta)[1]), initial=0.0) > CERTIFIED_GRADIENT:
+        return None
+    return theta if np.linalg.eigvalsh(hessian_at(theta)).min() > 0 else None
+
+
+@dataclass(frozen=True)
+class Minimum:
+    """The best point an optimizer run evaluated, and whether it stopped within ``Control.max_iter`` evaluations."""
+
+    theta: np.ndarray
+    value: float
+    within_limit: bool
+
+
+def _minimize_nlopt(evaluate, start: np.ndarray, lower: np.ndarray, control: Control) -> Minimum:
+    """NLopt's ``LD_LBFGS`` on theta scaled so that its first step has about unit length.
+
+    Luksan's code takes a full step along -g first (L-BFGS-B scales it to unit length), which
+    from a gradient of ~100 lands far outside where theta lives (relative sds ~1) and costs
+    dozens of backtracking evaluations; optimizing over s theta with s = sqrt(max|g_0|) makes
+    that step ~1 in theta.  s is rounded to a power of two, so scaling is exact and the
+    evaluations stay memoized on the user's theta.  ``control.gtol`` is checked here at each new
+    best point (NLopt has no gradient test); the best point evaluated is returned.
+    """
+    _, first_gradient = evaluate(start)
+    scale = 2.0 ** np.round(0.5 * np.log2(max(float(np.max(np.abs(first_gradient))), 1e-12)))
+    optimizer = nlopt.opt(nlopt.LD_LBFGS, start.size)
+    best = Minimum(start.copy(), np.inf, True)
+
+    def objective_and_gradient(scaled_theta, gradient_out):
+        nonlocal best
+        theta = np.asarray(scaled_theta, dtype=float) / scale
+        value, gradient = evaluate(theta)
+        if gradient_out.size:
+            gradient_out[:] = gradient / scale
+        if value < best.value:
+            best = Minimum(theta.copy(), value, True)
+            # the gradient test at the best point only: a line-search trial on the bound can have gradient 0
+            if np.max(np.abs(_projected_gradient(theta, gradient, lower))) <= control.gtol:
+                optimizer.force_stop()
+        return value
+
+    optimizer.set_min_objective(objective_and_gradient)
+    optimizer.set_lower_bounds(lower * scale)
+    optimizer.set_ftol_rel(control.ftol)
+    optimizer.set_maxeval(control.max_iter)
+    try:
+        optimizer.optimize(start * scale)
+        within_limit = optimizer.last_optimize_result() != nlopt.MAXEVAL_REACHED
+    except (nlopt.RoundoffLimited, nlopt.ForcedStop):  # rounding ends the line search / our gradient test
+        within_limit = True
+    return Minimum(best.theta, best.value, within_limit)
+
+
+
 
 
 def _newton_polish(evaluate, hessian_at, theta: np.ndarray, lower: np.ndarray, rounds: int = 2) -> np.ndarray:
@@ -371,6 +463,8 @@ def _restart_from_boundary(evaluate, result, lower, bounds, options, max_rounds:
     derivative-free BOBYQA usually finds it).  Restart from small positive
     values of each such element and keep the best optimum.
     """
+    import scipy.optimize  # loaded by the caller, which ran L-BFGS-B
+
     for _ in range(max_rounds):
         theta = np.asarray(result.x)
         at_zero = np.flatnonzero((lower == 0) & (theta <= 0))

@@ -25,9 +25,10 @@ Intervals use normal quantiles and treat theta and sigma as known (as lme4's
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 import pandas as pd
-import scipy.special
 
 from ..errors import ArgumentError
 from ..spec.arguments import probability_argument
@@ -37,10 +38,11 @@ from ..spec.newdata import model_rows, new_row_weights
 def normal_quantile(level: float) -> float:
     """Two-sided normal quantile z of an interval of the given level: P(|Z| <= z) = level.
 
-    ``scipy.special.ndtri`` is ``scipy.stats.norm.ppf`` without importing scipy.stats, whose
-    import costs more than a small fit (benchmarks/RESULTS.md, "First fits, 2026-12-01").
+    The standard library's ``NormalDist.inv_cdf`` (Wichura's AS 241, ~1e-16 relative) is
+    ``scipy.stats.norm.ppf`` to rounding without importing SciPy, whose import costs more than a
+    small fit (benchmarks/RESULTS.md, "First fits").
     """
-    return float(scipy.special.ndtri(0.5 + level / 2))
+    return NormalDist().inv_cdf(0.5 + level / 2)
 
 
 def _rows(result, newdata, interval):
