@@ -1,5 +1,7 @@
 """The blocked algorithms against plain dense linear algebra, written independently here."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -377,13 +379,29 @@ def test_host_products_and_solves_in_single_thread_pieces_are_the_plain_ones():
                                        rtol=1e-12)
 
 
-@pytest.mark.parametrize("name,formula,reml", [
-    ("sleepstudy", "Reaction ~ Days + (Days | Subject)", False),  # ML: the moment start is not the optimum
-    ("Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)", True),
-    ("Orthodont", "distance ~ age + (age | Subject)", True),
-    ("biomarker", "biomarker ~ time + (time | patient)", True),  # NLopt alone stops at a worse boundary point
+def test_negating_a_column_of_a_relative_factor_leaves_the_model_unchanged():
+    # why NLopt may optimize theta unconstrained: canonical_theta maps its optimum back to lme4's
+    from hierpool.algebra.linalg import canonical_theta
+
+    model = hp.MixedModel("Reaction ~ Days + (1 + Days + I(Days**2) | Subject) + (1 | Days)", load("sleepstudy"))
+    theta = np.array([0.9, 0.1, -0.2, 0.3, 0.05, 0.2, 0.4])
+    flipped = theta * np.array([1, 1, 1, -1, -1, 1, -1])  # T_1's second column, and the scalar term
+    assert canonical_theta(flipped, (3, 1)) == pytest.approx(theta, abs=0)
+    value, gradient = model.objective_and_gradient(flipped)
+    assert value == pytest.approx(model.objective(theta), rel=1e-12)
+    step = 1e-6 * np.eye(theta.size)
+    central = [(model.objective(flipped + h) - model.objective(flipped - h)) / 2e-6 for h in step]
+    np.testing.assert_allclose(gradient, central, rtol=1e-5, atol=1e-5 * np.max(np.abs(gradient)))
+
+
+@pytest.mark.parametrize("name,formula,reml,certified", [
+    ("sleepstudy", "Reaction ~ Days + (Days | Subject)", False, True),  # ML: the moment start is not the optimum
+    ("Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)", True, True),
+    ("Orthodont", "distance ~ age + (age | Subject)", True, True),
+    ("biomarker", "biomarker ~ time + (time | patient)", True, True),  # interior, 0.01 from the bound
+    ("sleepstudy", "Reaction ~ Days + (1 | Subject) + (1 | Days)", True, False),  # singular: L-BFGS-B decides
 ])
-def test_small_fits_tried_by_nlopt_end_where_lbfgsb_ends(name, formula, reml, monkeypatch):
+def test_small_fits_tried_by_nlopt_end_where_lbfgsb_ends(name, formula, reml, certified, monkeypatch):
     # a small model on the host tries NLopt first and keeps its optimum only when certified interior;
     # L-BFGS-B alone (the path of every other fit) must reach the same optimum
     from hierpool.closedform import optimize
@@ -392,9 +410,26 @@ def test_small_fits_tried_by_nlopt_end_where_lbfgsb_ends(name, formula, reml, mo
     tried = []
     interior_optimum = optimize._interior_optimum
     monkeypatch.setattr(optimize, "_interior_optimum", lambda *args: tried.append(interior_optimum(*args)) or tried[-1])
-    fit = hp.lmm(formula, data, reml=reml)
-    monkeypatch.setattr(optimize, "_interior_optimum", lambda *args: None)
-    reference = hp.lmm(formula, data, reml=reml)
-    assert len(tried) == 1 and (tried[0] is None) == (name == "biomarker")  # which optimizer decided
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.ConvergenceWarning)  # the singular fit's
+        fit = hp.lmm(formula, data, reml=reml)
+        monkeypatch.setattr(optimize, "_interior_optimum", lambda *args: None)
+        reference = hp.lmm(formula, data, reml=reml)
+    assert len(tried) == 1 and (tried[0] is not None) == certified  # which optimizer decided
     assert fit.objective == pytest.approx(reference.objective, rel=1e-12)
     np.testing.assert_allclose(fit.theta, reference.theta, rtol=1e-6, atol=1e-8)
+
+
+def test_nlopt_started_at_negative_diagonals_ends_at_lme4s_theta(monkeypatch):
+    # the unconstrained optimizer keeps the start's signs (the criterion is even in them); its optimum is
+    # mapped back to non-negative diagonals and certified, not left to L-BFGS-B
+    from hierpool.closedform import optimize
+
+    data = load("Penicillin")
+    tried = []
+    interior_optimum = optimize._interior_optimum
+    monkeypatch.setattr(optimize, "_interior_optimum", lambda *args: tried.append(interior_optimum(*args)) or tried[-1])
+    fit = hp.lmm("diameter ~ 1 + (1 | plate) + (1 | sample)", data, control=hp.Control(theta_start=(-0.5, -2.0)))
+    default = hp.lmm("diameter ~ 1 + (1 | plate) + (1 | sample)", data)
+    assert tried[0] is not None and np.all(fit.theta > 0)
+    np.testing.assert_allclose(fit.theta, default.theta, rtol=1e-6)

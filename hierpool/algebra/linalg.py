@@ -55,6 +55,27 @@ def theta_lower_bounds(ks: tuple[int, ...]) -> np.ndarray:
     return np.concatenate(bounds)
 
 
+def canonical_theta(theta: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
+    """theta with every T_j's diagonal made non-negative, the covariances T_j T_j^T unchanged.
+
+    Negating a column of T_j leaves T_j T_j^T, hence the model, as it is; lme4 bounds the
+    diagonal at 0 only to pick one of these equivalent factors.  So an unconstrained
+    optimizer may wander through negative diagonals, and its optimum is mapped back here
+    by negating each column whose diagonal is negative.
+    """
+    theta = np.array(theta, dtype=float)
+    offset = 0
+    for k in ks:
+        rows, cols = tril_positions(k)
+        block = theta[offset : offset + len(rows)]  # a view: column-major lower triangle of T_j
+        for column in range(k):
+            entries = cols == column
+            if block[entries & (rows == column)][0] < 0:
+                block[entries] *= -1.0
+        offset += len(rows)
+    return theta
+
+
 def theta_start(ks: tuple[int, ...]) -> np.ndarray:
     """lme4's starting value: T_j = I for every term."""
     starts = []
@@ -216,10 +237,11 @@ def cholesky(a: jax.Array) -> jax.Array:
     return xp.linalg.cholesky(a)
 
 
-#: On the host, triangular matrices up to this size are inverted (and solved) by NumPy's LU routines, 6x the
-#: flops of LAPACK's trtri but few at this size, rather than by SciPy's: a small fit on the host imports no
-#: scipy.linalg, which costs more than the fit (benchmarks/RESULTS.md, "First fits").
-NUMPY_INVERSE_MAX_SIZE = 32
+#: On the host, triangular matrices up to this size are inverted (and solved) by NumPy's LU routines rather
+#: than by SciPy's trtri and trsm: 6x trtri's flops, a small cost at this size (timed in
+#: benchmarks/RESULTS.md), while a fit whose dense blocks stay below it imports no scipy.linalg, which
+#: costs more than such a fit.
+NUMPY_INVERSE_MAX_SIZE = 128
 
 
 def tri_inverse(lower: jax.Array) -> jax.Array:

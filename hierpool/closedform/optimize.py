@@ -6,11 +6,11 @@ compiled program, :func:`runs_on_host`), so a bounded quasi-Newton method
 fits (a variance component at zero) are legitimate optima: L-BFGS-B projects
 onto the bound and stops there exactly, as lme4's optimizers do.
 
-A small model on the host first tries NLopt's low-storage BFGS (:func:`_interior_optimum`),
-which imports in milliseconds where ``scipy.optimize`` takes about half a second, more than
-such a fit (benchmarks/RESULTS.md, "First fits"); its optimum is kept only when it is
-certified interior (a strict local minimum away from every bound), and L-BFGS-B decides
-every other fit as before.
+A small model on the host first tries NLopt's low-storage BFGS on unconstrained theta
+(:func:`_interior_optimum`), which imports in milliseconds where ``scipy.optimize`` takes about
+half a second, more than such a fit (benchmarks/RESULTS.md, "First fits"); its optimum is kept
+only when it is certified interior (a strict local minimum away from every bound), and
+L-BFGS-B decides every other fit as before.
 
 Convergence and singularity checks are a stage of their own
 (:func:`check_optimum`), mirroring lme4's ``checkConv`` and ``isSingular``.
@@ -27,7 +27,7 @@ from ..algebra import criterion, one_term
 from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import host_objective_and_gradient, objective
-from ..algebra.linalg import theta_lower_bounds, theta_start
+from ..algebra.linalg import canonical_theta, theta_lower_bounds, theta_start
 from ..algebra.start import moment_theta
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
 from ..algebra.system import on_host as to_host
@@ -348,14 +348,17 @@ CERTIFIED_GRADIENT = 1e-6
 def _interior_optimum(evaluate, hessian_at, start: np.ndarray, system: MixedModelSystem, control: Control):
     """NLopt's optimum, Newton-polished, where it is certified interior; None otherwise (L-BFGS-B decides).
 
-    Certified: no diagonal element of any T_j below ``control.singular_tol`` (away from every
-    bound: near one, Luksan's bound handling can stop at a boundary point where L-BFGS-B finds
-    the better interior optimum, as on the biomarker study's correlated slopes), the gradient
-    at most :data:`CERTIFIED_GRADIENT` after the polish, and the Hessian positive definite: a
-    strict local minimum, the certificate L-BFGS-B's optima get from :func:`check_optimum`.
+    Certified: no diagonal element of any T_j below ``control.singular_tol`` (a boundary or
+    near-boundary fit, where lme4's bound and the restarts of :func:`_restart_from_boundary`
+    matter, is L-BFGS-B's), the gradient at most :data:`CERTIFIED_GRADIENT` after the polish, and
+    the Hessian positive definite: a strict local minimum, the certificate L-BFGS-B's optima get
+    from :func:`check_optimum`.  NLopt's L-BFGS with lme4's bounds was tried and kept only where
+    certified too, but its bound handling stopped at a boundary point 2.9e-5 above the interior
+    optimum of the biomarker study's correlated slopes; unconstrained (:func:`_minimize_nlopt`)
+    it finds that optimum.
     """
     lower = theta_lower_bounds(system.layout.ks)
-    found = _minimize_nlopt(evaluate, start, lower, control)
+    found = _minimize_nlopt(evaluate, start, system.layout.ks, control)
     if not (found.within_limit and np.isfinite(found.value)) or is_singular(found.theta, system.layout.ks,
                                                                            control.singular_tol):
         return None
@@ -376,15 +379,18 @@ class Minimum:
     within_limit: bool
 
 
-def _minimize_nlopt(evaluate, start: np.ndarray, lower: np.ndarray, control: Control) -> Minimum:
-    """NLopt's ``LD_LBFGS`` on theta scaled so that its first step has about unit length.
+def _minimize_nlopt(evaluate, start: np.ndarray, ks: tuple[int, ...], control: Control) -> Minimum:
+    """NLopt's ``LD_LBFGS`` over unconstrained theta (:func:`~hierpool.algebra.linalg.canonical_theta`).
 
-    Luksan's code takes a full step along -g first (L-BFGS-B scales it to unit length), which
-    from a gradient of ~100 lands far outside where theta lives (relative sds ~1) and costs
-    dozens of backtracking evaluations; optimizing over s theta with s = sqrt(max|g_0|) makes
-    that step ~1 in theta.  s is rounded to a power of two, so scaling is exact and the
-    evaluations stay memoized on the user's theta.  ``control.gtol`` is checked here at each new
-    best point (NLopt has no gradient test); the best point evaluated is returned.
+    Negative diagonals of T_j describe the same model as positive ones, so the optimizer needs no
+    bounds, and none is given: Luksan's code projects trial points onto a box, which near a bound
+    turns its line searches into long zig-zags (sleepstudy's ``(Days || Subject)``: 36 evaluations
+    against L-BFGS-B's 24).  Its first step is a full step along -g (L-BFGS-B scales it to unit
+    length), which from a gradient of ~100 lands far from where theta lives (relative sds ~1):
+    optimizing over s theta with s ~ sqrt(max|g_0|) makes that step ~1 in theta.  s is a power of
+    two, so scaling is exact and the evaluations stay memoized on the user's theta.
+    ``control.gtol`` is checked at each new best point (NLopt has no gradient test); the best point
+    evaluated is returned, canonical.
     """
     _, first_gradient = evaluate(start)
     scale = 2.0 ** np.round(0.5 * np.log2(max(float(np.max(np.abs(first_gradient))), 1e-12)))
@@ -399,13 +405,11 @@ def _minimize_nlopt(evaluate, start: np.ndarray, lower: np.ndarray, control: Con
             gradient_out[:] = gradient / scale
         if value < best.value:
             best = Minimum(theta.copy(), value, True)
-            # the gradient test at the best point only: a line-search trial on the bound can have gradient 0
-            if np.max(np.abs(_projected_gradient(theta, gradient, lower))) <= control.gtol:
+            if np.max(np.abs(gradient)) <= control.gtol:
                 optimizer.force_stop()
         return value
 
     optimizer.set_min_objective(objective_and_gradient)
-    optimizer.set_lower_bounds(lower * scale)
     optimizer.set_ftol_rel(control.ftol)
     optimizer.set_maxeval(control.max_iter)
     try:
@@ -413,7 +417,7 @@ def _minimize_nlopt(evaluate, start: np.ndarray, lower: np.ndarray, control: Con
         within_limit = optimizer.last_optimize_result() != nlopt.MAXEVAL_REACHED
     except (nlopt.RoundoffLimited, nlopt.ForcedStop):  # rounding ends the line search / our gradient test
         within_limit = True
-    return Minimum(best.theta, best.value, within_limit)
+    return Minimum(canonical_theta(best.theta, ks), best.value, within_limit)
 
 
 
