@@ -230,8 +230,8 @@ def table(res: dict, repeats: int) -> str:
         (f"2. `python -c pass` — vs `Rscript -e 0` ({runs})", s["python_s"], s["rscript_s"]),
         ("2. `import hierpool` minus `python -c pass` (engines load lazily) — vs `library(lme4)` minus "
          "`Rscript -e 0`", s["import_s"], s["library_lme4_s"]),
-        ("2. `import hierpool as hp; hp.lmm` (loads the closed-form engine: formulae, scipy; JAX only once a "
-         "model is large enough to compile) minus "
+        ("2. `import hierpool as hp; hp.lmm` (loads the closed-form engine: pandas and NumPy; SciPy, formulae "
+         "and JAX load when a fit needs them) minus "
          "`python -c pass` — vs the same `library(lme4)`", s["import_engine_s"], s["library_lme4_s"]),
         (f"3. first `hp.lmm` call, sleepstudy `{SLEEP}`, fresh process (1), import and engine load "
          f"({_t(h['engine_load_s'])}, the first `hp.lmm` lookup) excluded "
