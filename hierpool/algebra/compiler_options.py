@@ -14,7 +14,8 @@ With ``quick=True`` LLVM's optimization is off as well
 (``xla_backend_optimization_level=0``) for programs that run for less time than
 it takes: most of XLA's CPU compile time there is LLVM optimizing hundreds of
 small kernels that each run for microseconds.  Used for ``hp.bayes``' NUTS
-programs of small models (``hierpool.bayesian.nuts.quick_compile``), which also
+programs of small models (``hierpool.bayesian.nuts.quick_compile``) and its start
+program at any size (one evaluation of the potential per chain), which also
 frees the second core for the other programs, and for ``hp.fit_batch`` batches of
 up to ~5,000 sleepstudy-sized datasets.  Large batches, and ``hp.bayes_batch``
 beyond a few datasets (the same ``quick_compile`` rule as ``hp.bayes``), run long

@@ -280,11 +280,13 @@ def _build_programs(
     seed, chain = np.uint32(0), np.int32(0)
     quick = quick_compile(model_args, chains, tune + draws)
     # XLA compiles outside the GIL: the chain program, the longest to compile, is lowered and compiling
-    # first; the start (and finish) programs are lowered while it compiles and compile beside it
+    # first; the start (and finish) programs are lowered while it compiles and compile beside it.  The start
+    # program evaluates the potential once per chain, so LLVM's optimization of it never pays: always quick,
+    # which also leaves more of the second core to the chain program's compilation
     start_traced = jax.jit(start_function(bound, potential)).trace(seed, chain, model_args)
     chain_lowered = jax.jit(one_chain).lower(seed, chain, model_args, start_traced.out_info)
     chain_future = compile_in_background(chain_lowered, quick=quick)
-    start_future = compile_in_background(start_traced.lower(), quick=quick)
+    start_future = compile_in_background(start_traced.lower(), quick=True)
     finish_future = None
     if postprocess is not None:
         stacked = jax.tree_util.tree_map(
