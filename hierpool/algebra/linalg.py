@@ -252,7 +252,10 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
     if array_namespace(lower) is np:
         if lower.ndim == 2 and k > NUMPY_INVERSE_MAX_SIZE and not np.iscomplexobj(lower):
             return _trtri_host(lower)
-        return np.tril(np.linalg.inv(lower))  # the inverse of a lower-triangular matrix is lower-triangular
+        # a zero pivot gives NaN, as trtri and the compiled solves do (LU would pivot past it to garbage)
+        zero_pivot = np.any(np.diagonal(lower, axis1=-2, axis2=-1) == 0, axis=-1)[..., None, None]
+        inverse = np.tril(np.linalg.inv(np.where(zero_pivot, np.eye(k, dtype=lower.dtype), lower)))
+        return np.where(zero_pivot, np.nan, inverse)  # the inverse of a lower-triangular matrix is lower-triangular
     if k <= UNROLL_MAX_SIZE:
         return _tri_inverse_unrolled(lower)
     eye = jnp.broadcast_to(jnp.eye(k, dtype=lower.dtype), lower.shape)
@@ -436,6 +439,9 @@ def _solve_triangular_host(a: np.ndarray, b: np.ndarray, lower: bool, trans: str
     at any size (see :func:`host_product`).
     """
     if 0 < a.shape[0] <= NUMPY_INVERSE_MAX_SIZE:  # as tri_inverse: a small fit imports no SciPy
+        a = np.tril(a) if lower else np.triu(a)  # only the named triangle is read, as LAPACK's
+        if np.any(np.diagonal(a) == 0):  # a zero pivot: NaN, as trsm and the compiled solves give
+            return np.full(np.shape(b), np.nan, dtype=np.result_type(a, b))
         transposed = {"N": a, "T": a.T, "C": a.conj().T}[trans] if isinstance(trans, str) else (a, a.T, a.conj().T)[trans]
         return np.linalg.solve(transposed, b)
     import scipy.linalg

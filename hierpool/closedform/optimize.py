@@ -41,7 +41,8 @@ class Control:
     Attributes
     ----------
     max_iter : int
-        Iteration limit of L-BFGS-B.
+        Iteration limit of L-BFGS-B, and the evaluation limit of the NLopt run a small host fit
+        tries first (:func:`_interior_optimum`).
     ftol, gtol : float
         L-BFGS-B's relative-reduction and projected-gradient tolerances.  ``ftol``
         stays well above the objective's rounding noise (~1e-14 relative): at
@@ -357,10 +358,12 @@ def _interior_optimum(evaluate, hessian_at, start: np.ndarray, system: MixedMode
     optimum of the biomarker study's correlated slopes; unconstrained (:func:`_minimize_nlopt`)
     it finds that optimum.
     """
+    if control.max_iter <= 0:  # NLopt reads a limit of 0 as none: L-BFGS-B keeps lme4's meaning
+        return None
     lower = theta_lower_bounds(system.layout.ks)
     found = _minimize_nlopt(evaluate, start, system.layout.ks, control)
-    if not (found.within_limit and np.isfinite(found.value)) or is_singular(found.theta, system.layout.ks,
-                                                                           control.singular_tol):
+    if found is None or not (found.within_limit and np.isfinite(found.value)) or is_singular(
+            found.theta, system.layout.ks, control.singular_tol):
         return None
     theta = _newton_polish(evaluate, hessian_at, found.theta, lower)
     if is_singular(theta, system.layout.ks, control.singular_tol):
@@ -379,7 +382,7 @@ class Minimum:
     within_limit: bool
 
 
-def _minimize_nlopt(evaluate, start: np.ndarray, ks: tuple[int, ...], control: Control) -> Minimum:
+def _minimize_nlopt(evaluate, start: np.ndarray, ks: tuple[int, ...], control: Control) -> Minimum | None:
     """NLopt's ``LD_LBFGS`` over unconstrained theta (:func:`~hierpool.algebra.linalg.canonical_theta`).
 
     Negative diagonals of T_j describe the same model as positive ones, so the optimizer needs no
@@ -390,22 +393,27 @@ def _minimize_nlopt(evaluate, start: np.ndarray, ks: tuple[int, ...], control: C
     optimizing over s theta with s ~ sqrt(max|g_0|) makes that step ~1 in theta.  s is a power of
     two, so scaling is exact and the evaluations stay memoized on the user's theta.
     ``control.gtol`` is checked at each new best point (NLopt has no gradient test); the best point
-    evaluated is returned, canonical.
+    evaluated is returned, canonical.  None when a best point comes within ``control.singular_tol``
+    of a boundary (the fit is L-BFGS-B's then: stopping early spares a boundary fit most of NLopt's
+    evaluations).  NLopt's own failures (its line search giving up in rounding noise, a non-finite
+    value) end the run like its rounding stop: the best point so far goes to the certificate.
     """
     _, first_gradient = evaluate(start)
     scale = 2.0 ** np.round(0.5 * np.log2(max(float(np.max(np.abs(first_gradient))), 1e-12)))
     optimizer = nlopt.opt(nlopt.LD_LBFGS, start.size)
     best = Minimum(start.copy(), np.inf, True)
+    toward_boundary = False
 
     def objective_and_gradient(scaled_theta, gradient_out):
-        nonlocal best
+        nonlocal best, toward_boundary
         theta = np.asarray(scaled_theta, dtype=float) / scale
         value, gradient = evaluate(theta)
         if gradient_out.size:
             gradient_out[:] = gradient / scale
         if value < best.value:
             best = Minimum(theta.copy(), value, True)
-            if np.max(np.abs(gradient)) <= control.gtol:
+            toward_boundary = is_singular(canonical_theta(theta, ks), ks, control.singular_tol)
+            if toward_boundary or np.max(np.abs(gradient)) <= control.gtol:
                 optimizer.force_stop()
         return value
 
@@ -415,8 +423,10 @@ def _minimize_nlopt(evaluate, start: np.ndarray, ks: tuple[int, ...], control: C
     try:
         optimizer.optimize(start * scale)
         within_limit = optimizer.last_optimize_result() != nlopt.MAXEVAL_REACHED
-    except (nlopt.RoundoffLimited, nlopt.ForcedStop):  # rounding ends the line search / our gradient test
+    except Exception:  # NLopt's rounding stop, our force_stop, or its generic failure: the certificate decides
         within_limit = True
+    if toward_boundary:
+        return None
     return Minimum(canonical_theta(best.theta, ks), best.value, within_limit)
 
 

@@ -42,7 +42,8 @@ def normal_quantile(level: float) -> float:
     ``scipy.stats.norm.ppf`` to rounding without importing SciPy, whose import costs more than a
     small fit (benchmarks/RESULTS.md, "First fits").
     """
-    return NormalDist().inv_cdf(0.5 + level / 2)
+    probability = 0.5 + level / 2
+    return float("inf") if probability == 1.0 else NormalDist().inv_cdf(probability)  # ndtri(1) is inf
 
 
 def _rows(result, newdata, interval):
