@@ -146,7 +146,8 @@ def group_covariance(fit: LMMResult, block: GroupTerms) -> np.ndarray:
     Assembled in NumPy rather than by ``scipy.linalg.block_diag``: a small fit on the host needs no
     SciPy, whose import costs more than the fit ``hierpool fit`` prints (benchmarks/RESULTS.md, "First fits").
     """
-    blocks = [np.atleast_2d(fit.term_covariances()[j]) for j in block.indices]
+    covariances = fit.term_covariances()
+    blocks = [np.atleast_2d(covariances[j]) for j in block.indices]
     ends = np.cumsum([b.shape[0] for b in blocks])
     sigma = np.zeros((ends[-1], ends[-1]))
     for b, end in zip(blocks, ends):

@@ -398,6 +398,16 @@ def test_negating_a_column_of_a_relative_factor_leaves_the_model_unchanged():
     np.testing.assert_allclose(gradient, central, rtol=1e-5, atol=1e-5 * np.max(np.abs(gradient)))
 
 
+def _record_nlopt_tries(monkeypatch) -> list:
+    """The certified optimum (or None: L-BFGS-B decides) of each NLopt first try, in order."""
+    from hierpool.closedform import optimize
+
+    tried = []
+    interior_optimum = optimize._interior_optimum
+    monkeypatch.setattr(optimize, "_interior_optimum", lambda *args: tried.append(interior_optimum(*args)) or tried[-1])
+    return tried
+
+
 @pytest.mark.parametrize("name,formula,reml,certified", [
     ("sleepstudy", "Reaction ~ Days + (Days | Subject)", False, True),  # ML: the moment start is not the optimum
     ("Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)", True, True),
@@ -411,9 +421,7 @@ def test_small_fits_tried_by_nlopt_end_where_lbfgsb_ends(name, formula, reml, ce
     from hierpool.closedform import optimize
 
     data = hp.datasets.biomarker() if name == "biomarker" else load(name)
-    tried = []
-    interior_optimum = optimize._interior_optimum
-    monkeypatch.setattr(optimize, "_interior_optimum", lambda *args: tried.append(interior_optimum(*args)) or tried[-1])
+    tried = _record_nlopt_tries(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hp.ConvergenceWarning)  # the singular fit's
         fit = hp.lmm(formula, data, reml=reml)
@@ -445,12 +453,8 @@ def test_nlopt_giving_up_leaves_the_fit_to_the_certificate_or_lbfgsb(monkeypatch
 def test_nlopt_started_at_negative_diagonals_ends_at_lme4s_theta(monkeypatch):
     # the unconstrained optimizer keeps the start's signs (the criterion is even in them); its optimum is
     # mapped back to non-negative diagonals and certified, not left to L-BFGS-B
-    from hierpool.closedform import optimize
-
     data = load("Penicillin")
-    tried = []
-    interior_optimum = optimize._interior_optimum
-    monkeypatch.setattr(optimize, "_interior_optimum", lambda *args: tried.append(interior_optimum(*args)) or tried[-1])
+    tried = _record_nlopt_tries(monkeypatch)
     fit = hp.lmm("diameter ~ 1 + (1 | plate) + (1 | sample)", data, control=hp.Control(theta_start=(-0.5, -2.0)))
     default = hp.lmm("diameter ~ 1 + (1 | plate) + (1 | sample)", data)
     assert tried[0] is not None and np.all(fit.theta > 0)

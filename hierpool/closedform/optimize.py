@@ -430,9 +430,6 @@ def _minimize_nlopt(evaluate, start: np.ndarray, ks: tuple[int, ...], control: C
     return Minimum(canonical_theta(best.theta, ks), best.value, within_limit)
 
 
-
-
-
 def _newton_polish(evaluate, hessian_at, theta: np.ndarray, lower: np.ndarray, rounds: int = 2) -> np.ndarray:
     """Newton steps on the free coordinates while the projected gradient exceeds ``POLISH_GRADIENT``.
 
