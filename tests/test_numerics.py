@@ -357,6 +357,18 @@ def test_dense_coupling_and_pair_products_give_the_same_criterion(formula):
         np.testing.assert_allclose(dense_grad, pair_grad, rtol=1e-10, atol=1e-10 * np.max(np.abs(pair_grad)))
 
 
+def test_a_diagonal_block_lists_each_unordered_pair_once():
+    # (h, h) within a level of g: c (c + 1) / 2 pairs of its c levels of h, not c^2 (system.Pairs);
+    # the criterion's equality with the dense coupling (above) and lme4 checks the halved algebra
+    rng = np.random.default_rng(6)
+    g, h = rng.integers(0, 40, 400), rng.integers(0, 15, 400)
+    data = pd.DataFrame({"g": g, "h": h, "y": rng.normal(size=400)})
+    system = hp.MixedModel("y ~ 1 + (1 | g) + (1 | h)", data).system
+    per_level = np.array([len(np.unique(h[g == level])) for level in range(40)])
+    (h_h,) = [pairs for key, pairs in zip(system.layout.pair_keys(), system.pairs) if key == (0, 0)]
+    assert len(h_h.target) == np.sum(per_level * (per_level + 1) // 2)
+
+
 def test_host_products_and_solves_in_single_thread_pieces_are_the_plain_ones():
     from hierpool.algebra.linalg import host_product, solve_triangular, spd_inverse_from_cholesky, tri_inverse
 

@@ -128,7 +128,9 @@ def level_contractions(system: MixedModelSystem, matrix: jax.Array, n_blocks: in
         # one cell (X and y blocks): broadcast it rather than gather it per pair
         weights = cells if ell_r * ell_s == 1 else cells[pairs.target]
         per_level = segment_sum(_contract(pairs.products, weights, axes=(3, 4)), pairs.level0, layout.n_levels[0])
-        total = total + (per_level if r == s else per_level + per_level.transpose(0, 2, 1))
+        # the pair (b, a) contributes the transpose of (a, b)'s: r != s lists (a, b) only, r = s
+        # lists a <= b with a = b halved (system.Pairs)
+        total = total + per_level + per_level.transpose(0, 2, 1)
     return total
 
 
@@ -149,6 +151,8 @@ def _schur_update(system: MixedModelSystem, m_levels: jax.Array) -> jax.Array:
         else:
             summed = segment_sum(contributions, pairs.target, ell_r * ell_s, sorted_segments=True)
         block = summed.reshape(ell_r, ell_s, k_r, k_s).transpose(0, 2, 1, 3).reshape(ell_r * k_r, ell_s * k_s)
+        if r == s:  # a <= b only, a = b halved (system.Pairs)
+            block = block + block.T
         grid[r][s] = block
         if r != s:
             grid[s][r] = block.T

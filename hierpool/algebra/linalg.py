@@ -452,6 +452,10 @@ def _solve_triangular_host(a: np.ndarray, b: np.ndarray, lower: bool, trans: str
     a = np.asarray(a, dtype=float)
     b = np.asarray(b, dtype=float)
     transposed = {"N": 0, "T": 1, "C": 1}[trans] if isinstance(trans, str) else int(trans)
+    if not a.flags.f_contiguous:
+        # BLAS reads Fortran order, and SciPy would copy a C-ordered ``a`` at every call (each chunk
+        # below): hand it the transpose, a Fortran-ordered view, with the triangle and op swapped
+        a, lower, transposed = a.T, not lower, 1 - transposed
     if b.ndim == 1:
         (trsv,) = scipy.linalg.blas.get_blas_funcs(("trsv",), (a,))
         return trsv(a, b, lower=int(lower), trans=transposed)

@@ -57,6 +57,11 @@ class Pairs:
     ``products[p, i, j] = outer(V_r[a][i], V_s[b][j])`` (theta-independent), so the
     Schur update of rest block (r, s) is ``sum_p <M_l, products[p]>`` summed into
     cell ``target = level_r[a] * ell_s + level_s[b]`` (sorted) of the (ell_r, ell_s) grid.
+
+    A diagonal block (r = s) is symmetric, so it lists each unordered pair once (a <= b, the
+    upper triangle of its grid) with the products of a = b halved: the block is then the sum
+    plus its transpose (:func:`hierpool.algebra.criterion._schur_update`).  On a large crossed
+    factor this halves the pairs, which are most of the memory and the work of the update.
     """
 
     level0: jax.Array  # (n_pairs,) int32
@@ -170,19 +175,21 @@ def _coupling(index0, z0, ell0, index_r, values_r, ell_r, weights):
     return unique // ell_r, unique % ell_r, products
 
 
-def _pairs(level0_r, level_r, level0_s, level_s, ell_s, ell0):
-    """All (a, b) with level0_r[a] == level0_s[b]; level0 arrays are sorted.
+def _pairs(level0_r, level_r, level0_s, level_s, ell_s, ell0, diagonal: bool = False):
+    """All (a, b) with level0_r[a] == level0_s[b] (``diagonal``: r = s, and only a <= b); level0 arrays are sorted.
 
     Built in int32 (the stored width) and without int64 temporaries of the pairs' length:
     with millions of pairs those temporaries were the peak memory of a large fit.
     """
     counts_s = np.bincount(level0_s, minlength=ell0)
     starts_s = np.concatenate([[0], np.cumsum(counts_s)[:-1]])
-    reps = counts_s[level0_r]
+    # each a's partners are a run of b: its term-0 level's couplings, from a itself when diagonal
+    first_b = np.arange(len(level0_r)) if diagonal else starts_s[level0_r]
+    reps = starts_s[level0_r] + counts_s[level0_r] - first_b
     before = np.cumsum(reps) - reps
     a = np.repeat(np.arange(len(level0_r), dtype=np.int32), reps)
-    # b = starts_s[level0_r[a]] + (position of the pair within its a's run)
-    b = np.repeat((starts_s[level0_r] - before).astype(np.int32), reps)
+    # b = first_b[a] + (position of the pair within its a's run)
+    b = np.repeat((first_b - before).astype(np.int32), reps)
     b += np.arange(b.size, dtype=np.int32)
     target = level_r.astype(np.int32)[a] * np.int32(ell_s)
     target += level_s.astype(np.int32)[b]
@@ -255,8 +262,11 @@ def build_system(design: Design, host: bool = False) -> MixedModelSystem:
     for r, s in layout.pair_keys():
         level0_r, level_r, values_r = couplings[r]
         level0_s, level_s, values_s = couplings[s]
-        a, b, target = _pairs(level0_r, level_r, level0_s, level_s, blocks[s][2], ell0)
-        pairs.append((level0_r.astype(np.int32)[a], target, _pair_products(values_r, values_s, a, b)))
+        a, b, target = _pairs(level0_r, level_r, level0_s, level_s, blocks[s][2], ell0, diagonal=r == s)
+        products = _pair_products(values_r, values_s, a, b)
+        if r == s:
+            products[a == b] *= 0.5  # a diagonal block is the sum of its pairs plus its transpose
+        pairs.append((level0_r.astype(np.int32)[a], target, products))
         del a, b
     as_jax = np.asarray if host else _to_device
     return MixedModelSystem(
