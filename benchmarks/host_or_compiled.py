@@ -76,7 +76,7 @@ CHILD = textwrap.dedent(
     warm = time.perf_counter() - start
     flops = evaluation_flops(hp.MixedModel(formula, data).system)
     print(json.dumps(dict(seconds=seconds, warm_seconds=warm, objective=fit.objective, flops=flops,
-                          evaluations=fit.optimum.n_evaluations, peak_mb=peak, default_compiles=compile_pays(flops))))
+                          evaluations=fit.optimum.n_evaluations, peak_mb=peak, default_compiles=compile_pays(flops, len(data)))))
     """
 )
 

@@ -369,6 +369,15 @@ def test_a_diagonal_block_lists_each_unordered_pair_once():
     assert len(h_h.target) == np.sum(per_level * (per_level + 1) // 2)
 
 
+def test_large_data_stay_on_the_host_of_a_cpu_for_their_memory():
+    # compile_pays: by work per evaluation, except that from HOST_MIN_ROWS rows a CPU fit stays on the host
+    from hierpool.algebra.compiler_options import COMPILE_MIN_FLOPS, HOST_MIN_ROWS, compile_pays
+
+    assert not compile_pays(COMPILE_MIN_FLOPS / 2, rows=1_000)
+    assert compile_pays(COMPILE_MIN_FLOPS * 2, rows=HOST_MIN_ROWS - 1)
+    assert not compile_pays(COMPILE_MIN_FLOPS * 2, rows=HOST_MIN_ROWS)
+
+
 def test_host_products_and_solves_in_single_thread_pieces_are_the_plain_ones():
     from hierpool.algebra.linalg import host_product, solve_triangular, spd_inverse_from_cholesky, tri_inverse
 

@@ -24,7 +24,8 @@ Host or compiled.  The algebra is written once against an array namespace
 inside ``jax.jit``/``grad``/``vmap``.  Where reverse-mode autodiff would be slow the adjoint is
 written out, and the host path chains it by hand
 (:func:`~hierpool.algebra.criterion.objective_and_gradient_on_host`).  A model is fitted on the
-host when compiling would cost more than the arithmetic
+host when compiling would cost more than the arithmetic, or, on a CPU, when its data are large
+enough that the memory JAX's runtime and XLA's buffers add matters more than the time compiling saves
 (:func:`~hierpool.algebra.compiler_options.compile_pays`); then JAX is never imported
 (:mod:`~hierpool.algebra.jax_runtime`).  A compiled closed-form fit on CPU still solves at its
 optimum on the host (one solve costs less than compiling it).

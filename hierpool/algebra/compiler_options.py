@@ -47,7 +47,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from .jax_runtime import jax
+from .jax_runtime import default_backend_is_cpu, jax
 
 #: Options for CPU programs; other backends get XLA's defaults.
 CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
@@ -71,14 +71,26 @@ def compiler_options(platform: str | None = None, quick: bool = False) -> dict:
 #: have compiled the program.  Chosen from ``benchmarks/host_or_compiled.py`` (benchmarks/RESULTS.md).
 COMPILE_MIN_FLOPS = 1e9
 
+#: Rows from which a fit on a CPU stays on the host whatever its work per evaluation.  Memory, not
+#: time, decides there: the compiled path adds JAX's runtime and XLA's buffers (~290 MB on 500,000
+#: rows: its peak 807 MB against the host's 518 MB and lme4's 569 MB), and saves a fifth of a first
+#: fit (7.1 s against 8.7 s), whose rows and cross-products are built the same way on both paths.
+#: Set between InstEval's 73,421 rows, whose second fit compiled is 1.8x faster (its warm ratio to
+#: lme4 needs it), and that 500,000-row model (benchmarks/RESULTS.md, "Large data on the host").
+#: On an accelerator large fits compile; ``Control(compile=True)`` compiles on a CPU too.
+HOST_MIN_ROWS = 200_000
 
-def compile_pays(flops_per_evaluation: float) -> bool:
-    """Whether a computation of this size should be compiled rather than run in NumPy on the host.
 
-    "Compile only where compiling pays": a small model is fitted before XLA would
-    have finished compiling its program.
+def compile_pays(flops_per_evaluation: float, rows: int = 0) -> bool:
+    """Whether a fit of this size should be compiled rather than run in NumPy on the host.
+
+    "Compile only where compiling pays": a small model (under :data:`COMPILE_MIN_FLOPS` per
+    evaluation) is fitted before XLA would have finished compiling its program, and on a CPU
+    a model with :data:`HOST_MIN_ROWS` rows or more stays on the host for its memory.
     """
-    return flops_per_evaluation >= COMPILE_MIN_FLOPS
+    if flops_per_evaluation < COMPILE_MIN_FLOPS:
+        return False
+    return rows < HOST_MIN_ROWS or not default_backend_is_cpu()
 
 
 _COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hierpool-compile")

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.metadata
 import importlib.util
+import os
+import pkgutil
 import sys
 import threading
 
@@ -113,6 +116,33 @@ class _Module:
 def loaded() -> bool:
     """Whether JAX has been imported in this process (by anyone)."""
     return "jax" in sys.modules
+
+
+def _accelerator_plugins_installed() -> bool:
+    """Whether a PJRT plugin (CUDA, ROCm, Metal ...) or libtpu is installed, as JAX discovers them.
+
+    JAX finds plugins as modules of the ``jax_plugins`` namespace package and as entry points of
+    the ``jax_plugins`` group; a TPU through the ``libtpu`` package.
+    """
+    if importlib.util.find_spec("libtpu") is not None:
+        return True
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return True
+    namespace = importlib.util.find_spec("jax_plugins")
+    return namespace is not None and any(pkgutil.iter_modules(namespace.submodule_search_locations or ()))
+
+
+def default_backend_is_cpu() -> bool:
+    """Whether JAX runs its programs on the CPU, answered without importing JAX where it can be.
+
+    JAX is imported (to ask ``jax.default_backend()``) only when it already is, or when an
+    accelerator plugin is installed and ``JAX_PLATFORMS`` does not name the CPU first.
+    """
+    if not loaded():
+        platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+        if platforms.split(",")[0] == "cpu" or not _accelerator_plugins_installed():
+            return True
+    return jax.default_backend() == "cpu"
 
 
 jax = _Module("jax")

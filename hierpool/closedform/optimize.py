@@ -64,7 +64,8 @@ class Control:
         Run the criterion, its gradient and the solve as compiled XLA programs (True)
         or in NumPy on the host (False); None chooses by the model's size
         (:func:`hierpool.algebra.compiler_options.compile_pays`): small models are
-        fitted on the host before a program would have compiled.  Both give the same
+        fitted on the host before a program would have compiled, and on a CPU models of
+        200,000 rows or more are too, for their memory.  Both give the same
         numbers to rounding.
     """
 
@@ -95,7 +96,7 @@ class Optimum:
 def runs_on_host(system: MixedModelSystem, control: Control | None = None) -> bool:
     """Whether this model's closed form runs in NumPy on the host rather than as compiled programs."""
     forced = None if control is None else control.compile
-    return not compile_pays(evaluation_flops(system)) if forced is None else not forced
+    return not compile_pays(evaluation_flops(system), system.layout.n) if forced is None else not forced
 
 
 def criterion_value(theta: np.ndarray, system: MixedModelSystem, reml: bool, on_host: bool) -> float:
