@@ -7,8 +7,8 @@
 Measures, each against R + lme4 where there is a counterpart (ratio = lme4 time / hierpool time,
 above 1: hierpool faster):
 1. the whole `hierpool fit sleep.csv "Reaction ~ Days + (Days | Subject)"` command in a fresh
-   process, against an Rscript that reads the CSV and prints `summary(lmer(...))`; also with
-   `--no-plots` (tables only), and the same read-fit-print as a `python -c` one-liner;
+   process (it writes the tables), against an Rscript that reads the CSV and prints `summary(lmer(...))`;
+   also with `--plots` (and the two PNGs), and the same read-fit-print as a `python -c` one-liner;
 2. `python -c "import hierpool"` (and with the closed-form engine loaded) minus `python -c pass`,
    against `library(lme4)` minus `Rscript -e 0`;
 3. the first `hp.lmm` on sleepstudy in a fresh process, import excluded (vs lme4's first `lmer`);
@@ -161,11 +161,11 @@ def command_line(folder: Path, repeats: int) -> dict:
     r = ["Rscript", "-e", f"library(lme4); d <- read.csv({_r_string(csv)}); print(summary(lmer({SLEEP}, d)))"]
     cli_s = _median_wall(cli, repeats)
     written = sorted(p.name for p in (folder / "cli-out").iterdir())
-    tables_only = exe + ["fit", str(csv), SLEEP, "--out", str(folder / "cli-tables"), "--no-plots"]
-    tables_only_s = _median_wall(tables_only, repeats)
+    with_plots = exe + ["fit", str(csv), SLEEP, "--out", str(folder / "cli-plots"), "--plots"]
+    with_plots_s = _median_wall(with_plots, repeats)
     return dict(cli_s=cli_s, cli_command=shlex.join(["hierpool"] + cli[1:]).replace(str(folder) + "/", ""),
-                cli_wrote=written, cli_no_plots_s=tables_only_s,
-                cli_no_plots_wrote=sorted(p.name for p in (folder / "cli-tables").iterdir()),
+                cli_wrote=written, cli_plots_s=with_plots_s,
+                cli_plots_wrote=sorted(p.name for p in (folder / "cli-plots").iterdir()),
                 python_s=_median_wall(python, repeats), lme4_s=_median_wall(r, repeats))
 
 
@@ -223,8 +223,8 @@ def table(res: dict, repeats: int) -> str:
         (f"1. `{c['cli_command']}`, whole command ({runs}): reads the CSV, REML fit + no/complete pooling, "
          f"prints the summary, writes {', '.join(c['cli_wrote'])}; no --bayes "
          "— vs `Rscript -e 'library(lme4); read.csv; print(summary(lmer(...)))'`", c["cli_s"], c["lme4_s"]),
-        (f"1. the same with `--no-plots` ({runs}): writes {', '.join(c['cli_no_plots_wrote'])} — vs the same Rscript",
-         c["cli_no_plots_s"], c["lme4_s"]),
+        (f"1. the same with `--plots` ({runs}): writes {', '.join(c['cli_plots_wrote'])} — vs the same Rscript",
+         c["cli_plots_s"], c["lme4_s"]),
         (f"1b. `python -c`: read the CSV, `hp.lmm`, print the summary ({runs}) — vs the same Rscript",
          c["python_s"], c["lme4_s"]),
         (f"2. `python -c pass` — vs `Rscript -e 0` ({runs})", s["python_s"], s["rscript_s"]),

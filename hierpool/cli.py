@@ -154,7 +154,7 @@ def _fit(args) -> int:
         _write_table(comparison.table, out / "pooling.csv"),
         _write_table(comparison.fitted().rename_axis("row").reset_index(), out / "fitted.csv"),
     ]
-    if not args.no_plots:  # matplotlib and two PNGs are most of a small fit's wall time
+    if args.plots:  # asked for: matplotlib and two PNGs would be most of a small fit's wall time
         written += [
             _save(comparison.plot("shrinkage"), out / "shrinkage.png"),
             _save(comparison.plot("caterpillar"), out / "caterpillar.png"),
@@ -196,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
         "fit", help="fit a model to a CSV file",
         description="Fit an lme4-style formula to a CSV file; print the summary and write the fixed effects, "
                     "variance components, random effects (with intervals) and each pooling method's fitted "
-                    "values (offset included) as CSV, and the plots.")
+                    "values (offset included) as CSV; with --plots, the shrinkage and caterpillar plots.")
     fit.add_argument("data", help="CSV file with a header row")
     fit.add_argument("formula", help='lme4-style formula, e.g. "y ~ x + (x | g)"')
     fit.add_argument("--bayes", action="store_true", help="also sample the posterior (hp.bayes); writes posterior.nc")
@@ -208,7 +208,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="column of a known offset added to the linear predictor, as lmer's offset "
                           "(offset(expr) terms in the formula work too)")
     fit.add_argument("--level", type=float, default=0.95, help="interval level (default: %(default)s)")
-    fit.add_argument("--no-plots", action="store_true", help="write the tables only (no matplotlib, no PNGs)")
+    plots = fit.add_mutually_exclusive_group()
+    plots.add_argument("--plots", action="store_true", dest="plots",
+                       help="also draw the shrinkage and caterpillar plots (PNGs, with matplotlib)")
+    plots.add_argument("--no-plots", action="store_false", dest="plots", help="tables only (the default)")
     fit.add_argument("--chains", type=int, default=4)
     fit.add_argument("--draws", type=int, default=1000)
     fit.add_argument("--tune", type=int, default=1000)

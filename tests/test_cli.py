@@ -39,7 +39,7 @@ def test_demo_prints_each_methods_error_and_writes_the_report(tmp_path, capsys):
 def test_fit_writes_the_tables_plots_and_posterior(sleep_csv, tmp_path, capsys):
     formula = "Reaction ~ Days + (Days | Subject)"
     args = ["fit", str(sleep_csv), formula, "--out", str(tmp_path), "--bayes", "--draws", "400", "--tune", "400",
-            "--chains", "2"]
+            "--chains", "2", "--plots"]
     assert main(args) == 0
     assert "REML criterion" in capsys.readouterr().out
     fit = hp.lmm(formula, hp.datasets.sleepstudy())
@@ -196,7 +196,8 @@ def test_help_and_version_from_a_fresh_process():
     assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
 
 
-def test_fit_without_plots_writes_the_tables_only(sleep_csv, tmp_path):
-    assert main(["fit", str(sleep_csv), "Reaction ~ Days + (1 | Subject)", "--out", str(tmp_path), "--no-plots"]) == 0
+@pytest.mark.parametrize("flags", [[], ["--no-plots"]])
+def test_fit_writes_the_tables_only_unless_plots_are_asked_for(sleep_csv, tmp_path, flags):
+    assert main(["fit", str(sleep_csv), "Reaction ~ Days + (1 | Subject)", "--out", str(tmp_path), *flags]) == 0
     written = {p.name for p in tmp_path.iterdir()}
     assert {"fixef.csv", "varcorr.csv", "ranef.csv", "pooling.csv", "fitted.csv"} == written

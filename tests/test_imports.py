@@ -47,6 +47,24 @@ def test_a_small_fit_and_its_tables_run_without_jax_or_scipy():
     assert _loaded_after(singular) == {"scipy"}
 
 
+def test_the_fit_command_draws_no_plots_unless_asked(tmp_path):
+    # matplotlib's import alone outlasts a small fit: `hierpool fit` loads it only with --plots
+    csv = tmp_path / "sleep.csv"
+    code = ("import contextlib, io\nimport hierpool as hp\nfrom hierpool.cli import main\n"
+            f"hp.datasets.sleepstudy().to_csv({str(csv)!r}, index=False)\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    main(['fit', {str(csv)!r}, 'Reaction ~ Days + (Days | Subject)', '--out', {str(tmp_path / 'out')!r}])")
+    assert _loaded_after(code) == set()
+    assert "matplotlib" in _loaded_after(code.replace("])", ", '--plots'])"))
+
+
+def test_deciding_that_large_data_stay_on_a_cpu_host_imports_no_jax():
+    # compile_pays asks JAX for its backend only where an accelerator plugin is installed
+    code = ("from hierpool.algebra.compiler_options import compile_pays\n"
+            "assert not compile_pays(1e12, rows=10**6)")
+    assert _loaded_after(code) == set()
+
+
 def test_jax_imported_later_gets_float64_and_the_algebra_pytrees():
     # a system built without JAX, then the user's own jax.jit: JAX is configured when it is imported
     code = ("import warnings\nimport numpy as np\nimport hierpool as hp\n"
