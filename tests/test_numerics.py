@@ -357,6 +357,29 @@ def test_dense_coupling_and_pair_products_give_the_same_criterion(formula):
         np.testing.assert_allclose(dense_grad, pair_grad, rtol=1e-10, atol=1e-10 * np.max(np.abs(pair_grad)))
 
 
+def test_compiled_programs_give_the_same_numbers_from_pairs_and_from_a_dense_coupling(monkeypatch):
+    # small models' programs form the Schur update and its adjoint from a dense coupling scattered in
+    # the program (criterion.coupling_in_program), large ones from the pair products: one algebra
+    from hierpool.algebra import criterion
+    from hierpool.algebra.criterion import objective
+    from hierpool.algebra.henderson import solve
+
+    data = load("sleepstudy")
+    model = hp.MixedModel("Reaction ~ Days + (Days | Subject) + (Days | Days)", data)  # k0 = 2, vector rest term
+    theta = jnp.asarray(np.random.default_rng(8).uniform(0.2, 1.5, model.n_theta))
+    assert criterion.dense_coupling_pays(model.system)
+
+    def compiled_numbers():  # new jitted functions: nothing cached from the other form
+        value, grad = jax.jit(jax.value_and_grad(objective))(theta, model.system)
+        return [value, grad, *jax.tree_util.tree_leaves(jax.jit(solve)(theta, model.system))]
+
+    dense = compiled_numbers()
+    monkeypatch.setattr(criterion, "dense_coupling_pays", lambda system: False)
+    pairs = compiled_numbers()
+    for a, b in zip(dense, pairs):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11 * max(1.0, float(np.max(np.abs(b), initial=0.0))))
+
+
 def test_a_diagonal_block_lists_each_unordered_pair_once():
     # (h, h) within a level of g: c (c + 1) / 2 pairs of its c levels of h, not c^2 (system.Pairs);
     # the criterion's equality with the dense coupling (above) and lme4 checks the halved algebra

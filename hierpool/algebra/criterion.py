@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .jax_runtime import jax, pytree_dataclass
+from .jax_runtime import jax, jnp, pytree_dataclass
 from .linalg import (
     HOST_SINGLE_THREAD_MAX_SIZE,
     UNROLL_MAX_SIZE,
@@ -118,6 +118,9 @@ def level_contractions(system: MixedModelSystem, matrix: jax.Array, n_blocks: in
     layout = system.layout
     k0 = layout.ks[0]
     offsets = np.concatenate([[0], np.cumsum([ell * k for ell, k in layout.rest_blocks])])
+    if array_namespace(matrix) is not np and dense_coupling_pays(system):
+        width = int(offsets[n_blocks])
+        return _level_contractions_dense(coupling_in_program(system)[:, :, :width], matrix[:width, :width])
     total = array_namespace(matrix).zeros((layout.n_levels[0], k0, k0), matrix.dtype)
     for (r, s), pairs in zip(layout.pair_keys(), system.pairs):
         if s >= n_blocks:
@@ -141,6 +144,8 @@ def _schur_update(system: MixedModelSystem, m_levels: jax.Array) -> jax.Array:
     gather of the small M_l, a multiply and a sorted segment-sum per pair of rest blocks.
     """
     xp = array_namespace(m_levels)
+    if xp is not np and dense_coupling_pays(system):
+        return _schur_update_dense(coupling_in_program(system), m_levels)
     blocks = system.layout.rest_blocks
     grid = [[None] * len(blocks) for _ in blocks]
     for (r, s), pairs in zip(system.layout.pair_keys(), system.pairs):
@@ -425,28 +430,53 @@ def _term0_adjoint(t0, a00, chol0, left, c_logdet, grad_m):
                   + 2.0 * (g @ t_d_inv - a_t @ h), axis=0)
 
 
-def _schur_update_dense(coupling: np.ndarray, m_levels: np.ndarray) -> np.ndarray:
+def coupling_in_program(system: MixedModelSystem) -> jax.Array:
+    """:func:`hierpool.algebra.system.dense_coupling` inside a traced program: one scatter of the couplings.
+
+    Built from the system's arrays (not stored beside them), so batches of systems vmap it too.
+    """
+    layout = system.layout
+    ell0, k0 = layout.n_levels[0], layout.ks[0]
+    out = jnp.zeros((ell0, k0, sum(ell * k for ell, k in layout.rest_blocks)), system.a00.dtype)
+    offset = 0
+    for (ell, k), coupling in zip(layout.rest_blocks, system.couplings):
+        cols = offset + coupling.level[:, None] * k + jnp.arange(k)[None, :]  # (nnz, k)
+        out = out.at[coupling.level0[:, None, None], jnp.arange(k0)[None, :, None], cols[:, None, :]].add(coupling.values)
+        offset += ell * k
+    return out
+
+
+def _product(a, b, transpose_a: bool = False):
+    # the host keeps its products on the calling thread (linalg.host_product); XLA chooses its own
+    if array_namespace(a) is np:
+        return host_product(a, b, transpose_a=transpose_a)
+    return (a.T if transpose_a else a) @ b
+
+
+def _schur_update_dense(coupling: jax.Array, m_levels: jax.Array) -> jax.Array:
     """:func:`_schur_update` with the dense coupling C (ell0, k0, m) of :func:`hierpool.algebra.system.dense_coupling`.
 
-    sum_l C_l^T M_l C_l = (M C)^T C over all levels at once: one BLAS product in place of a
+    sum_l C_l^T M_l C_l = (M C)^T C over all levels at once: one matrix product in place of a
     gather and a segment-sum per coupling pair.  Symmetrized: the two triangles round differently.
     """
+    xp = array_namespace(coupling, m_levels)
     ell0, k0, m = coupling.shape
     if k0 == 1:
         weighted = coupling[:, 0, :] * m_levels[:, 0, 0][:, None]
     else:
-        weighted = np.matmul(m_levels, coupling).reshape(ell0 * k0, m)
-    update = host_product(weighted, coupling.reshape(ell0 * k0, m), transpose_a=True)
+        weighted = xp.matmul(m_levels, coupling).reshape(ell0 * k0, m)
+    update = _product(weighted, coupling.reshape(ell0 * k0, m), transpose_a=True)
     return 0.5 * (update + update.T)
 
 
-def _level_contractions_dense(coupling: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+def _level_contractions_dense(coupling: jax.Array, matrix: jax.Array) -> jax.Array:
     """:func:`level_contractions` over all rest blocks with the dense coupling: C_l H C_l^T per level."""
+    xp = array_namespace(coupling, matrix)
     ell0, k0, m = coupling.shape
-    ch = host_product(coupling.reshape(ell0 * k0, m), matrix).reshape(ell0, k0, m)
+    ch = _product(coupling.reshape(ell0 * k0, m), matrix).reshape(ell0, k0, m)
     if k0 == 1:
-        return np.einsum("lm,lm->l", ch[:, 0, :], coupling[:, 0, :])[:, None, None]
-    return np.einsum("lim,ljm->lij", ch, coupling)
+        return xp.einsum("lm,lm->l", ch[:, 0, :], coupling[:, 0, :])[:, None, None]
+    return xp.einsum("lim,ljm->lij", ch, coupling)
 
 
 def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, dense: bool | None = None):

@@ -328,6 +328,22 @@ def dense_coupling_pays(system: MixedModelSystem) -> bool:
     return 1.5 * ell0 * k0 * m**2 <= DENSE_COUPLING_FLOPS_PER_PAIR_ELEMENT * 2.0 * pair_elements
 
 
+def program_values(system: MixedModelSystem) -> int:
+    """How many values a compiled criterion of this system reads: its arrays, with the dense coupling
+    (:func:`hierpool.algebra.criterion.coupling_in_program`) in place of the pairs where that form is used.
+
+    A measure of a program's run time per evaluation, for deciding whether LLVM's optimization of
+    it pays (``hierpool.bayesian.nuts.quick_compile``).
+    """
+    arrays = [system.a00, system.rest, *(a for c in system.couplings for a in (c.level0, c.level, c.values))]
+    if dense_coupling_pays(system):
+        layout = system.layout
+        coupling = layout.n_levels[0] * layout.ks[0] * sum(ell * k for ell, k in layout.rest_blocks)
+    else:
+        coupling = sum(int(np.size(a)) for p in system.pairs for a in (p.level0, p.target, p.products))
+    return coupling + sum(int(np.size(a)) for a in arrays)
+
+
 def map_arrays(function, system: MixedModelSystem) -> MixedModelSystem:
     """``function`` applied to every array of the system (JAX's tree_map, without importing JAX)."""
     return MixedModelSystem(

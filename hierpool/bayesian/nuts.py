@@ -33,6 +33,7 @@ from numpyro.infer.hmc import hmc
 from numpyro.infer.util import ParamInfo, constrain_fn, potential_energy
 
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
+from ..algebra.system import MixedModelSystem, program_values
 
 #: Per-iteration statistics kept for ArviZ's sample_stats group (NumPyro field -> ArviZ name).
 SAMPLE_STATS = {
@@ -257,8 +258,13 @@ FINISH_WORK_PER_DRAW = 0.25
 
 
 def quick_compile(model_args, chains: int, iterations: int) -> bool:
-    """Whether the chains are short enough that compiling without LLVM's optimization pays (see QUICK_COMPILE_MAX_WORK)."""
-    values = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(model_args))
+    """Whether the chains are short enough that compiling without LLVM's optimization pays (see QUICK_COMPILE_MAX_WORK).
+
+    A model's cross-products count as the values its program reads (``algebra.system.program_values``:
+    a small crossed model's dense coupling, not its pair products).
+    """
+    leaves = jax.tree_util.tree_leaves(model_args, is_leaf=lambda leaf: isinstance(leaf, MixedModelSystem))
+    values = sum(program_values(leaf) if isinstance(leaf, MixedModelSystem) else int(np.size(leaf)) for leaf in leaves)
     return values * chains * iterations <= QUICK_COMPILE_MAX_WORK
 
 
