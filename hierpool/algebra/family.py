@@ -1,0 +1,166 @@
+"""Response families of generalized linear mixed models: links, variances, deviances and log-likelihoods.
+
+The algebra's *family* seam (:mod:`hierpool.algebra`).  Given the linear predictor eta, a family
+gives the mean mu = g^-1(eta), the variance function V(mu), the PIRLS working weights and response
+
+    w_i = a_i (d mu_i / d eta_i)^2 / V(mu_i),     z_i = eta_i + (y_i - mu_i) / (d mu_i / d eta_i)
+
+(a_i the prior weights: binomial trials, or weights=), with which a penalized iteratively reweighted
+least-squares step is one weighted Henderson solve (McCullagh & Nelder 1989, sec. 2.5; Bates et al.
+2015, sec. 5 on lme4's PIRLS), and the conditional log-likelihood log p(y | mu) that the Laplace
+criterion -2 log p(y | mu(u)) + |u|^2 + log |L|^2 adds (lme4's ``glmResp::Laplace``).
+
+Conventions are R's, so that numbers match glmer: the clamps of ``binomial()$linkinv`` and
+``$mu.eta`` (``make.link``), the unit deviances of ``binomial()$dev.resids`` and
+``poisson()$dev.resids``, the log-likelihood of ``$aic`` (binomial: ``dbinom(round(a y), round(a), mu)``
+per row), MASS's ``negative.binomial(theta)`` for NB2 with shape theta (variance mu + mu^2 / theta), and
+``$mustart`` for the starting means.  Every function runs on NumPy arrays on the host and on traced
+arrays in a compiled program (:func:`~hierpool.algebra.linalg.array_namespace`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..spec.family import FamilySpec
+from .jax_runtime import jax
+from .linalg import array_namespace
+
+EPS = float(np.finfo(float).eps)
+#: R's logit thresholds (``family.c``): beyond +-30 the inverse link is clamped and d mu / d eta is eps.
+LOGIT_THRESHOLD = 30.0
+#: R's probit threshold, -qnorm(eps): the linear predictor is clamped to +-it.
+PROBIT_THRESHOLD = 8.125890664701906
+
+
+def _special(xp):
+    # SciPy's special functions on the host, JAX's in a program (imported only when a family needs them)
+    if xp is np:
+        import scipy.special
+
+        return scipy.special
+    return jax.scipy.special
+
+
+def _y_log_y(y, mu, xp):
+    """y log(y / mu), 0 where y = 0 (R's ``y_log_y``)."""
+    positive = y > 0
+    return xp.where(positive, y * xp.log(xp.where(positive, y, 1.0) / mu), 0.0)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link function g by name: ``logit``, ``probit``, ``cloglog`` or ``log``."""
+
+    name: str
+
+    def __call__(self, mu):
+        """eta = g(mu)."""
+        xp = array_namespace(mu)
+        if self.name == "logit":
+            return xp.log(mu / (1.0 - mu))
+        if self.name == "probit":
+            return _special(xp).ndtri(mu)
+        if self.name == "cloglog":
+            return xp.log(-xp.log1p(-mu))
+        return xp.log(mu)
+
+    def inverse(self, eta):
+        """mu = g^-1(eta), clamped as R's ``linkinv``."""
+        xp = array_namespace(eta)
+        if self.name == "logit":
+            odds = xp.where(eta < -LOGIT_THRESHOLD, EPS, xp.where(eta > LOGIT_THRESHOLD, 1.0 / EPS, xp.exp(
+                xp.clip(eta, -LOGIT_THRESHOLD, LOGIT_THRESHOLD))))
+            return odds / (1.0 + odds)
+        if self.name == "probit":
+            return _special(xp).ndtr(xp.clip(eta, -PROBIT_THRESHOLD, PROBIT_THRESHOLD))
+        if self.name == "cloglog":
+            return xp.clip(-xp.expm1(-xp.exp(xp.minimum(eta, 700.0))), EPS, 1.0 - EPS)
+        return xp.maximum(xp.exp(eta), EPS)
+
+    def mu_eta(self, eta):
+        """d mu / d eta, bounded below by eps as R's ``mu.eta``."""
+        xp = array_namespace(eta)
+        if self.name == "logit":
+            inside = xp.abs(eta) <= LOGIT_THRESHOLD
+            e = xp.exp(xp.clip(eta, -LOGIT_THRESHOLD, LOGIT_THRESHOLD))
+            return xp.where(inside, e / (1.0 + e) ** 2, EPS)
+        if self.name == "probit":
+            return xp.maximum(xp.exp(-0.5 * eta**2) / np.sqrt(2.0 * np.pi), EPS)
+        if self.name == "cloglog":
+            eta = xp.minimum(eta, 700.0)
+            return xp.maximum(xp.exp(eta) * xp.exp(-xp.exp(eta)), EPS)
+        return xp.maximum(xp.exp(eta), EPS)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A response family with its link; ``shape`` is NB2's theta (None for the others).
+
+    Rows are (y, a): y the response (a proportion for the binomial), a its prior weight
+    (the binomial's trials; ones without weights).
+    """
+
+    name: str
+    link: Link
+    shape: float | None = None
+
+    def variance(self, mu):
+        """V(mu): mu (1 - mu), mu, or mu + mu^2 / theta."""
+        if self.name == "binomial":
+            return mu * (1.0 - mu)
+        if self.name == "poisson":
+            return mu
+        return mu + mu**2 / self.shape
+
+    def unit_deviances(self, y, mu, weights):
+        """a_i d(y_i, mu_i): R's ``dev.resids``, whose sum is the deviance 2 (log p(y | y) - log p(y | mu))."""
+        xp = array_namespace(y, mu, weights)
+        if self.name == "binomial":
+            return 2.0 * weights * (_y_log_y(y, mu, xp) + _y_log_y(1.0 - y, 1.0 - mu, xp))
+        if self.name == "poisson":
+            return 2.0 * weights * (_y_log_y(y, mu, xp) - (y - mu))
+        theta = self.shape
+        return 2.0 * weights * (y * xp.log(xp.maximum(y, 1.0) / mu) - (y + theta) * xp.log((y + theta) / (mu + theta)))
+
+    def log_likelihood(self, y, mu, weights):
+        """log p(y_i | mu_i) per row, as R's ``aic`` counts it (-aic / 2 summed; zero-weight rows give 0)."""
+        xp = array_namespace(y, mu, weights)
+        gammaln = _special(xp).gammaln
+        if self.name == "binomial":
+            trials = xp.round(weights)
+            successes = xp.round(weights * y)
+            log_choose = gammaln(trials + 1.0) - gammaln(successes + 1.0) - gammaln(trials - successes + 1.0)
+            failures = trials - successes
+            # 0 log 0 = 0: a success probability clamped near 0 or 1 with no successes (failures) there
+            terms = (xp.where(successes > 0, successes * xp.log(mu), 0.0)
+                     + xp.where(failures > 0, failures * xp.log1p(-mu), 0.0))
+            return xp.where(weights > 0, log_choose + terms, 0.0)
+        if self.name == "poisson":
+            return weights * (xp.where(y > 0, y * xp.log(mu), 0.0) - mu - gammaln(y + 1.0))
+        theta = self.shape
+        return weights * (gammaln(theta + y) - gammaln(theta) - gammaln(y + 1.0) + theta * np.log(theta)
+                          + y * xp.log(mu + (y == 0)) - (theta + y) * xp.log(theta + mu))
+
+    def working(self, y, eta, weights):
+        """(mu, PIRLS working weights w, working residual (y - mu) / (d mu / d eta)) at the linear predictor eta."""
+        mu = self.link.inverse(eta)
+        d = self.link.mu_eta(eta)
+        return mu, weights * d**2 / self.variance(mu), (y - mu) / d
+
+    def starting_mean(self, y, weights):
+        """R's ``mustart``: where PIRLS starts before any coefficient is known."""
+        if self.name == "binomial":
+            return (weights * y + 0.5) / (weights + 1.0)
+        if self.name == "poisson":
+            return y + 0.1
+        return y + (y == 0) / 6.0
+
+
+def family(spec: FamilySpec, shape: float | None = None) -> Family:
+    """The :class:`Family` of a :class:`~hierpool.spec.family.FamilySpec` (``shape``: NB2's theta)."""
+    if (spec.name == "negative_binomial") != (shape is not None):
+        raise ValueError("a negative binomial family needs its shape, and only it has one")
+    return Family(spec.name, Link(spec.link), None if shape is None else float(shape))

@@ -1,0 +1,95 @@
+"""Which response family and link a GLMM asked for, and whether the response fits it.
+
+What the user wrote (``family="binomial"``, ``link="probit"``), checked and named; the
+numerics of each family live in :mod:`hierpool.algebra.family`.  Names follow R's
+``family`` objects and glmmTMB: ``bernoulli`` is the binomial with one trial per row,
+``negative_binomial`` (alias ``nbinom2``) is NB2 (variance mu + mu^2 / shape), as
+``glmer.nb`` and glmmTMB's ``nbinom2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ArgumentError, DataError
+
+#: Links each family accepts, its canonical link first.
+LINKS = {
+    "binomial": ("logit", "probit", "cloglog"),
+    "poisson": ("log",),
+    "negative_binomial": ("log",),
+}
+#: Other names users write for a family (glmmTMB's, R's).
+ALIASES = {"bernoulli": "binomial", "nbinom2": "negative_binomial", "negbin": "negative_binomial"}
+#: How far a count may be from an integer before it is refused (counts read back from proportions).
+INTEGER_TOL = 1e-8
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A family and link by name.
+
+    ``bernoulli``: the user asked for one trial per row, so the response must be 0/1 and no
+    trials (weights) are accepted.
+    """
+
+    name: str
+    link: str
+    bernoulli: bool = False
+
+
+def family_spec(family, link: str | None = None) -> FamilySpec:
+    """The :class:`FamilySpec` of ``family=`` and ``link=`` (the family's canonical link when None)."""
+    if isinstance(family, FamilySpec):
+        if link is not None and link != family.link:
+            raise ArgumentError(f"link={link!r} given with a family that already has link {family.link!r}")
+        return family
+    if not isinstance(family, str):
+        raise ArgumentError(f"family must be a string such as 'binomial' or 'poisson', got {family!r}")
+    asked = family.strip().lower()
+    name = ALIASES.get(asked, asked)
+    if name not in LINKS:
+        known = ", ".join(sorted(set(LINKS) | set(ALIASES)))
+        raise ArgumentError(f"family {family!r} is not supported; use one of {known}")
+    if link is None:
+        link = LINKS[name][0]
+    if not isinstance(link, str) or link.strip().lower() not in LINKS[name]:
+        raise ArgumentError(f"link {link!r} is not available for family {name!r}; use one of {', '.join(LINKS[name])}")
+    return FamilySpec(name, link.strip().lower(), bernoulli=asked == "bernoulli")
+
+
+def _integral(values: np.ndarray) -> bool:
+    return bool(np.all(np.abs(values - np.round(values)) <= INTEGER_TOL * np.maximum(1.0, np.abs(values))))
+
+
+def check_response(spec: FamilySpec, y: np.ndarray, trials: np.ndarray | None, name: str) -> None:
+    """A :class:`~hierpool.errors.DataError` naming the response when its values do not fit the family.
+
+    Binomial: proportions in [0, 1] whose successes ``y * trials`` are whole numbers (0/1 with
+    ``bernoulli``); Poisson and negative binomial: non-negative whole counts.  ``trials``: the
+    binomial's trials per row (``cbind`` totals or ``weights=``), None for one per row.
+    """
+    if not np.all(np.isfinite(y)):
+        raise DataError(f"response {name!r} has non-finite values")
+    if spec.name == "binomial":
+        if np.any(y < 0) or np.any(y > 1):
+            bad = y[(y < 0) | (y > 1)][0]
+            raise DataError(f"response {name!r} of a binomial model must be 0/1 or a proportion in [0, 1] "
+                            f"(with the trials as weights, or cbind(successes, failures)); found {float(bad)!r}")
+        if spec.bernoulli and (trials is not None or not np.all((y == 0) | (y == 1))):
+            raise DataError(f"response {name!r} of a bernoulli model must be 0/1, one trial per row; "
+                            "use family='binomial' for proportions or cbind(successes, failures)")
+        if trials is not None:
+            if np.any(trials < 0) or not _integral(trials):
+                raise DataError(f"the trials of binomial response {name!r} must be non-negative whole numbers")
+            if not _integral(y * trials):
+                raise DataError(f"response {name!r} times its trials is not a whole number of successes")
+        elif not np.all((y == 0) | (y == 1)):
+            raise DataError(f"response {name!r} has proportions but no trials: give them as weights= "
+                            "or write cbind(successes, failures)")
+        return
+    if np.any(y < 0) or not _integral(y):
+        bad = y[(y < 0) | (np.abs(y - np.round(y)) > INTEGER_TOL * np.maximum(1.0, np.abs(y)))][0]
+        raise DataError(f"response {name!r} of a {spec.name} model must be non-negative whole counts; found {float(bad)!r}")
