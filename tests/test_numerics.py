@@ -380,6 +380,21 @@ def test_compiled_programs_give_the_same_numbers_from_pairs_and_from_a_dense_cou
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11 * max(1.0, float(np.max(np.abs(b), initial=0.0))))
 
 
+def test_point_estimates_are_the_solutions_without_its_variances():
+    # henderson.point_estimates (a GLMM's PIRLS step) is solve's factorization and back-substitution
+    from hierpool.algebra.henderson import point_estimates, solve
+    from hierpool.algebra.system import on_host
+
+    system = on_host(hp.MixedModel("Reaction ~ Days + (Days | Subject) + (1 | Days)", load("sleepstudy")).system)
+    theta = np.array([0.9, 0.1, 0.3, 0.5])
+    beta, u, b, logdet = point_estimates(theta, system)
+    full = solve(theta, system)
+    np.testing.assert_array_equal(beta, full.beta)
+    for ours, theirs in zip((*u, *b), (*full.u, *full.b)):
+        np.testing.assert_array_equal(ours, theirs)
+    assert logdet == full.logdet_lz
+
+
 def test_a_diagonal_block_lists_each_unordered_pair_once():
     # (h, h) within a level of g: c (c + 1) / 2 pairs of its c levels of h, not c^2 (system.Pairs);
     # the criterion's equality with the dense coupling (above) and lme4 checks the halved algebra

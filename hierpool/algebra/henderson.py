@@ -199,6 +199,24 @@ def noise_size(layout) -> int:
     return layout.n_levels[0] * layout.ks[0] + layout.q_rest + layout.p
 
 
+def _logdet_lz(chol0, chol_rest, q: int):
+    """log |L_Z|^2 from term 0's blocks and the rest factor's first q diagonal entries."""
+    xp = array_namespace(chol0, chol_rest)
+    return 2.0 * (xp.sum(xp.log(xp.diagonal(chol0, axis1=1, axis2=2))) + xp.sum(xp.log(xp.diagonal(chol_rest)[:q])))
+
+
+def point_estimates(theta: jax.Array, system: MixedModelSystem) -> tuple:
+    """(beta, u, b, log |L_Z|^2) at ``theta``: :func:`solve`'s estimates without their variances.
+
+    One blocked factorization and its back-substitution, the step of a GLMM's PIRLS
+    (:mod:`hierpool.algebra.laplace`), where the variances are needed only at the end.
+    """
+    factors, chol0, left, chol_rest = _blocked_factor(theta, system)
+    u, beta = _back_substitute(system, factors, chol0, left, chol_rest)
+    b = tuple(uj @ t.T for uj, t in zip(u, factors))
+    return shift_beta(beta, system), tuple(u), b, _logdet_lz(chol0, chol_rest, system.layout.q_rest)
+
+
 def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solution:
     """Solve the mixed-model equations at ``theta``.
 
@@ -249,7 +267,7 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solu
     r_x_inv = solve_triangular(chol_rest[q:size, q:size], xp.eye(p), lower=True)
     vcov_beta = sigma**2 * (r_x_inv.T @ r_x_inv)
     diag_rest = xp.diagonal(chol_rest)
-    logdet_lz = 2.0 * (xp.sum(xp.log(xp.diagonal(chol0, axis1=1, axis2=2))) + xp.sum(xp.log(diag_rest[:q])))
+    logdet_lz = _logdet_lz(chol0, chol_rest, q)
     logdet_rx = 2.0 * xp.sum(xp.log(diag_rest[q:size]))
     return Solution(
         theta=theta,

@@ -18,7 +18,7 @@ least squares finds u*: at each step the working weights w and working residual 
     (Lambda^T Z^T W Z Lambda + I) u_new = Lambda^T Z^T W (Z Lambda u + r),
 
 the Gaussian mixed-model equations with response Z Lambda u + r, prior weights w and no fixed
-effects (beta is held in the offset), solved by :func:`hierpool.algebra.henderson.solve` on the
+effects (beta is held in the offset), solved by :func:`hierpool.algebra.henderson.point_estimates` on the
 system of :func:`hierpool.algebra.system.build_system`: the same cross-products, blocked factor
 and log-determinant as the linear mixed model, nothing written twice.  A step that raises the
 penalized deviance is halved, as lme4's PIRLS does.  With ``joint=True`` beta is a working
@@ -36,7 +36,7 @@ import numpy as np
 
 from ..spec.design import Design
 from .family import Family
-from .henderson import solve
+from .henderson import point_estimates
 from .linalg import theta_to_factors
 from .system import build_system
 
@@ -154,9 +154,9 @@ def conditional_mode(
         # the working response of the solved part: X beta + Z b (joint) or Z b, plus the working residual
         response = (eta - design.offset if joint else eta - fixed) + residual
         system = build_system(_working_design(design, response, weights, joint), host=True)
-        solution = solve(theta, system)
-        new_u = tuple(np.asarray(x) for x in solution.u)
-        new_beta = np.asarray(solution.beta) if joint else beta  # the user's beta (solve adds the shift)
+        solved_beta, solved_u, _, _ = point_estimates(theta, system)
+        new_u = tuple(np.asarray(x) for x in solved_u)
+        new_beta = np.asarray(solved_beta) if joint else beta
         # halve the step while it raises the penalized deviance (lme4's PIRLS)
         for _ in range(PIRLS_MAX_HALVINGS):
             trial_b = _effects(theta, design, new_u)
@@ -169,10 +169,12 @@ def conditional_mode(
             new_u = tuple(0.5 * (a + c) for a, c in zip(u, new_u))
             new_beta = 0.5 * (beta + new_beta)
         converged = abs(deviance - trial_deviance) <= tol * max(abs(trial_deviance), 1.0)
-        u, b, beta, fixed, eta, mu, deviance = new_u, trial_b, new_beta, trial_fixed, trial_eta, trial_mu, trial_deviance
+        u, b, beta, fixed = new_u, trial_b, new_beta, trial_fixed
+        eta, mu, deviance = trial_eta, trial_mu, trial_deviance
     _, weights, _ = family.working(design.y, eta, trials)
     # the log-determinant with the weights at the mode: one more factorization, of Z only
-    logdet = float(solve(theta, build_system(_working_design(design, eta - fixed, weights, False), host=True)).logdet_lz)
+    at_mode = build_system(_working_design(design, eta - fixed, weights, False), host=True)
+    logdet = float(point_estimates(theta, at_mode)[3])
     log_likelihood = float(np.sum(family.log_likelihood(design.y, mu, trials)))
     squared_u = sum(float(np.sum(np.square(x))) for x in u)
     return ConditionalMode(u=u, b=b, beta=beta, eta=eta, mu=mu, working_weights=weights,
