@@ -59,8 +59,10 @@ def test_the_fit_command_draws_no_plots_unless_asked(tmp_path):
 
 
 def test_deciding_that_large_data_stay_on_a_cpu_host_imports_no_jax():
-    # compile_pays asks JAX for its backend only where an accelerator plugin is installed
-    code = ("from hierpool.algebra.compiler_options import compile_pays\n"
+    # compile_pays asks JAX for its backend only where an accelerator plugin is installed (and not when
+    # JAX_PLATFORMS names the CPU first, which this machine-independent check sets)
+    code = ("import os\nos.environ['JAX_PLATFORMS'] = 'cpu'\n"
+            "from hierpool.algebra.compiler_options import compile_pays\n"
             "assert not compile_pays(1e12, rows=10**6)")
     assert _loaded_after(code) == set()
 

@@ -369,13 +369,15 @@ def test_compiled_programs_give_the_same_numbers_from_pairs_and_from_a_dense_cou
     theta = jnp.asarray(np.random.default_rng(8).uniform(0.2, 1.5, model.n_theta))
     assert criterion.dense_coupling_pays(model.system)
 
-    def compiled_numbers():  # new jitted functions: nothing cached from the other form
-        value, grad = jax.jit(jax.value_and_grad(objective))(theta, model.system)
-        return [value, grad, *jax.tree_util.tree_leaves(jax.jit(solve)(theta, model.system))]
+    def compiled_numbers():  # new functions jitted (jit caches traces by function): nothing reused from the other form
+        value, grad = jax.jit(jax.value_and_grad(lambda t, s: objective(t, s)))(theta, model.system)
+        return [value, grad, *jax.tree_util.tree_leaves(jax.jit(lambda t, s: solve(t, s))(theta, model.system))]
 
     dense = compiled_numbers()
-    monkeypatch.setattr(criterion, "dense_coupling_pays", lambda system: False)
+    asked = []
+    monkeypatch.setattr(criterion, "dense_coupling_pays", lambda system: asked.append(1) or False)
     pairs = compiled_numbers()
+    assert len(asked) >= 4  # update and adjoint in the criterion, update and contractions in the solve
     for a, b in zip(dense, pairs):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11 * max(1.0, float(np.max(np.abs(b), initial=0.0))))
 
@@ -407,25 +409,52 @@ def test_a_diagonal_block_lists_each_unordered_pair_once():
     assert len(h_h.target) == np.sum(per_level * (per_level + 1) // 2)
 
 
-def test_large_data_stay_on_the_host_of_a_cpu_for_their_memory():
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_large_data_stay_on_the_host_of_a_cpu_for_their_memory(monkeypatch, on_cpu):
     # compile_pays: by work per evaluation, except that from HOST_MIN_ROWS rows a CPU fit stays on the host
+    from hierpool.algebra import compiler_options
     from hierpool.algebra.compiler_options import COMPILE_MIN_FLOPS, HOST_MIN_ROWS, compile_pays
 
+    monkeypatch.setattr(compiler_options, "default_backend_is_cpu", lambda: on_cpu)
     assert not compile_pays(COMPILE_MIN_FLOPS / 2, rows=1_000)
     assert compile_pays(COMPILE_MIN_FLOPS * 2, rows=HOST_MIN_ROWS - 1)
-    assert not compile_pays(COMPILE_MIN_FLOPS * 2, rows=HOST_MIN_ROWS)
+    assert compile_pays(COMPILE_MIN_FLOPS * 2, rows=HOST_MIN_ROWS) is not on_cpu
+
+
+def test_whether_jax_runs_on_a_cpu_is_asked_of_jax_only_with_an_accelerator_plugin(monkeypatch):
+    from hierpool.algebra import jax_runtime
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(jax_runtime, "loaded", lambda: False)
+    monkeypatch.setattr(jax_runtime, "_accelerator_plugins_installed", lambda: False)
+    assert jax_runtime.default_backend_is_cpu()  # nothing to ask
+    monkeypatch.setattr(jax_runtime, "_accelerator_plugins_installed", lambda: True)
+    import jax
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not jax_runtime.default_backend_is_cpu()  # a plugin: JAX decides
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu,cuda")
+    assert jax_runtime.default_backend_is_cpu()  # the CPU named first
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(jax_runtime, "_accelerator_plugins_installed", jax_runtime.__dict__["_accelerator_plugins_installed"])
+    monkeypatch.setenv("PJRT_NAMES_AND_LIBRARY_PATHS", "cuda:/opt/libpjrt_cuda.so")
+    assert jax_runtime._accelerator_plugins_installed()  # a plugin named by JAX's environment variable
 
 
 def test_host_products_and_solves_in_single_thread_pieces_are_the_plain_ones():
     from hierpool.algebra.linalg import host_product, solve_triangular, spd_inverse_from_cholesky, tri_inverse
 
     rng = np.random.default_rng(6)
-    a, b = rng.normal(size=(700, 40)), rng.normal(size=(700, 30))  # several row chunks
+    a, b = rng.normal(size=(700, 210)), rng.normal(size=(700, 30))  # several row chunks
     np.testing.assert_allclose(host_product(a, b, transpose_a=True), a.T @ b, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(host_product(a, b[:40]), a @ b[:40], rtol=1e-12, atol=1e-12)
-    for size in (12, 40):  # NumPy's LU routines up to NUMPY_INVERSE_MAX_SIZE, SciPy's trtri and trsm above
+    np.testing.assert_allclose(host_product(a[:, :40], b[:40]), a[:, :40] @ b[:40], rtol=1e-12, atol=1e-12)
+    # NumPy's LU routines up to NUMPY_INVERSE_MAX_SIZE (128), SciPy's LAPACK and BLAS above: a C-ordered factor,
+    # a Fortran-ordered one and a slice (BLAS gets the transpose of a C-ordered one, the triangle and op swapped)
+    for size, order in ((12, "C"), (40, "C"), (200, "C"), (200, "F"), (200, "slice")):
         spd = a[:, :size].T @ a[:, :size] + np.eye(size)
         chol = np.linalg.cholesky(spd)
+        chol = {"C": np.ascontiguousarray(chol), "F": np.asfortranarray(chol),
+                "slice": np.pad(chol, ((0, 3), (0, 3)))[:size, :size]}[order]
         np.testing.assert_allclose(spd_inverse_from_cholesky(chol), np.linalg.inv(spd), rtol=1e-10, atol=1e-14)
         np.testing.assert_array_equal(np.triu(tri_inverse(chol), 1), 0.0)
         np.testing.assert_allclose(tri_inverse(chol), scipy.linalg.solve_triangular(chol, np.eye(size), lower=True),

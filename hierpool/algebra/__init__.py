@@ -26,8 +26,9 @@ written out, and the host path chains it by hand
 (:func:`~hierpool.algebra.criterion.objective_and_gradient_on_host`).  A model is fitted on the
 host when compiling would cost more than the arithmetic, or, on a CPU, when its data are large
 enough that the memory JAX's runtime and XLA's buffers add matters more than the time compiling saves
-(:func:`~hierpool.algebra.compiler_options.compile_pays`); then JAX is never imported
-(:mod:`~hierpool.algebra.jax_runtime`).  A compiled closed-form fit on CPU still solves at its
+(:func:`~hierpool.algebra.compiler_options.compile_pays`); then JAX is not imported
+(:mod:`~hierpool.algebra.jax_runtime`; only a large fit on a machine with an accelerator plugin asks
+JAX for its backend).  A compiled closed-form fit on CPU still solves at its
 optimum on the host (one solve costs less than compiling it).
 
 Specialise, don't fork.  A model with one random-effect term is evaluated from per-level

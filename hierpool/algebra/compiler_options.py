@@ -72,12 +72,12 @@ def compiler_options(platform: str | None = None, quick: bool = False) -> dict:
 COMPILE_MIN_FLOPS = 1e9
 
 #: Rows from which a fit on a CPU stays on the host whatever its work per evaluation.  Memory, not
-#: time, decides there: the compiled path adds JAX's runtime and XLA's buffers (~290 MB on 500,000
-#: rows: its peak 807 MB against the host's 518 MB and lme4's 569 MB), and saves a fifth of a first
-#: fit (7.1 s against 8.7 s), whose rows and cross-products are built the same way on both paths.
-#: Set between InstEval's 73,421 rows, whose second fit compiled is 1.8x faster (its warm ratio to
-#: lme4 needs it), and that 500,000-row model (benchmarks/RESULTS.md, "Large data on the host").
-#: On an accelerator large fits compile; ``Control(compile=True)`` compiles on a CPU too.
+#: time, decides there: the compiled path adds JAX's runtime and XLA's buffers to save part of a first
+#: fit whose rows and cross-products are built the same way on both paths.  Set between InstEval's
+#: 73,421 rows (its second fit needs the compiled program) and a 500,000-row crossed model, where the
+#: compiled path's peak was above lme4's and the host's below (benchmarks/RESULTS.md, "Memory of the
+#: 500,000-row fit, phase by phase" and "Large data on the host").  On an accelerator large fits compile;
+#: ``Control(compile=True)`` compiles on a CPU too.
 HOST_MIN_ROWS = 200_000
 
 

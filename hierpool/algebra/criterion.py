@@ -431,7 +431,7 @@ def _term0_adjoint(t0, a00, chol0, left, c_logdet, grad_m):
 
 
 def coupling_in_program(system: MixedModelSystem) -> jax.Array:
-    """:func:`hierpool.algebra.system.dense_coupling` inside a traced program: one scatter of the couplings.
+    """:func:`hierpool.algebra.system.dense_coupling` inside a traced program: one scatter per rest block.
 
     Built from the system's arrays (not stored beside them), so batches of systems vmap it too.
     """

@@ -121,9 +121,12 @@ def loaded() -> bool:
 def _accelerator_plugins_installed() -> bool:
     """Whether a PJRT plugin (CUDA, ROCm, Metal ...) or libtpu is installed, as JAX discovers them.
 
-    JAX finds plugins as modules of the ``jax_plugins`` namespace package and as entry points of
-    the ``jax_plugins`` group; a TPU through the ``libtpu`` package.
+    JAX finds plugins as modules of the ``jax_plugins`` namespace package, as entry points of
+    the ``jax_plugins`` group and in ``PJRT_NAMES_AND_LIBRARY_PATHS``; a TPU through the ``libtpu``
+    package or ``TPU_LIBRARY_PATH``.
     """
+    if os.environ.get("PJRT_NAMES_AND_LIBRARY_PATHS") or os.environ.get("TPU_LIBRARY_PATH"):
+        return True
     if importlib.util.find_spec("libtpu") is not None:
         return True
     if importlib.metadata.entry_points(group="jax_plugins"):

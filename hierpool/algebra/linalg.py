@@ -451,7 +451,8 @@ def _solve_triangular_host(a: np.ndarray, b: np.ndarray, lower: bool, trans: str
         return scipy.linalg.solve_triangular(a, b, lower=lower, trans=trans, check_finite=False)
     a = np.asarray(a, dtype=float)
     b = np.asarray(b, dtype=float)
-    transposed = {"N": 0, "T": 1, "C": 1}[trans] if isinstance(trans, str) else int(trans)
+    # BLAS's trans 2 ("C") is 1 for real matrices
+    transposed = {"N": 0, "T": 1, "C": 1}[trans] if isinstance(trans, str) else min(int(trans), 1)
     if not a.flags.f_contiguous:
         # BLAS reads Fortran order, and SciPy would copy a C-ordered ``a`` at every call (each chunk
         # below): hand it the transpose, a Fortran-ordered view, with the triangle and op swapped

@@ -302,7 +302,7 @@ def dense_coupling(system: MixedModelSystem) -> np.ndarray:
     return out
 
 
-#: Largest dense coupling (ell0 * k0 * m entries, 8 bytes each) the host algebra forms.
+#: Largest dense coupling (ell0 * k0 * m entries, 8 bytes each) the algebra forms (on the host, or in a program).
 DENSE_COUPLING_MAX_ENTRIES = 2**21
 #: BLAS multiply-adds (single-threaded) that cost as much as one pair-product element's gather, multiply and
 #: segment-sum: the break-even measured on crossed and slope models (benchmarks/RESULTS.md, 2026-12-01, "Host multi-term fits").
@@ -310,7 +310,11 @@ DENSE_COUPLING_FLOPS_PER_PAIR_ELEMENT = 100.0
 
 
 def dense_coupling_pays(system: MixedModelSystem) -> bool:
-    """Whether the host algebra should use :func:`dense_coupling` rather than the coupling pairs.
+    """Whether the algebra should use :func:`dense_coupling` rather than the coupling pairs.
+
+    Decided on the host's costs (single-threaded BLAS against gathers and segment-sums) and used by
+    compiled programs too (:func:`hierpool.algebra.criterion.coupling_in_program`), where the dense
+    form is also the smaller program.
 
     The dense products cost ~1.5 ell0 k0 m^2 multiply-adds per evaluation (the update, a
     symmetric product, and its adjoint) whatever the sparsity; the pairs cost their elements
@@ -332,8 +336,8 @@ def program_values(system: MixedModelSystem) -> int:
     """How many values a compiled criterion of this system reads: its arrays, with the dense coupling
     (:func:`hierpool.algebra.criterion.coupling_in_program`) in place of the pairs where that form is used.
 
-    A measure of a program's run time per evaluation, for deciding whether LLVM's optimization of
-    it pays (``hierpool.bayesian.nuts.quick_compile``).
+    A proxy for a program's run time per evaluation (not its flops), for deciding whether LLVM's
+    optimization of it pays (``hierpool.bayesian.nuts.quick_compile``).
     """
     arrays = [system.a00, system.rest, *(a for c in system.couplings for a in (c.level0, c.level, c.values))]
     if dense_coupling_pays(system):

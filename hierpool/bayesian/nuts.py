@@ -239,11 +239,13 @@ def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_m
 
 
 #: Compile without LLVM's optimization (``compiler_options(quick=True)``) when the model's arrays
+#: (a mixed-model system counted as the values its program reads: ``algebra.system.program_values``)
 #: times the iterations of all chains are at most this many values: below it the chains run for
 #: less time than LLVM takes to optimize their program, so skipping the optimization shortens the
 #: fit (sleepstudy's one-term collapsed model, ~200 values; a one-term model with 85 levels, ~350);
 #: a one-term model with 200 levels x 2 coefficients (~2,000 values) ties, and unoptimized code
-#: loses beyond (sleepstudy's full model, ~1,300 values; 1,000 levels; a crossed 3,000-row model).
+#: loses beyond (sleepstudy's full model, ~1,300 values; 1,000 levels; a crossed 3,000-row model, counted
+#: then with all its pair products).
 #: The timings (4 chains x 2000 iterations) are in benchmarks/RESULTS.md, "Measurements the code
 #: cites" and "Bayesian engine, fifth session".
 QUICK_COMPILE_MAX_WORK = 8e6
@@ -252,8 +254,9 @@ QUICK_COMPILE_MAX_WORK = 8e6
 #: where each chain iteration evaluates the potential's value and gradient at several leapfrog
 #: steps.  Its work is counted as a quarter of a chain iteration's per draw, so it is compiled without
 #: LLVM's optimization for somewhat larger models than the chains (Penicillin's crossed collapsed
-#: model, ~4,300 values x 4 chains x 1,000 draws; timed in benchmarks/RESULTS.md, "Batch fitting and
-#: the Bayesian engine, like for like — 2026-12-01 (second session, quiet)").
+#: model, ~4,300 values x 4 chains x 1,000 draws when all its pair products were counted, 869 now; timed
+#: in benchmarks/RESULTS.md, "Batch fitting and the Bayesian engine, like for like — 2026-12-01 (second
+#: session, quiet)").
 FINISH_WORK_PER_DRAW = 0.25
 
 
