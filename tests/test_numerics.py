@@ -369,9 +369,9 @@ def test_compiled_programs_give_the_same_numbers_from_pairs_and_from_a_dense_cou
     theta = jnp.asarray(np.random.default_rng(8).uniform(0.2, 1.5, model.n_theta))
     assert criterion.dense_coupling_pays(model.system)
 
-    def compiled_numbers():  # new functions jitted (jit caches traces by function): nothing reused from the other form
-        value, grad = jax.jit(jax.value_and_grad(lambda t, s: objective(t, s)))(theta, model.system)
-        return [value, grad, *jax.tree_util.tree_leaves(jax.jit(lambda t, s: solve(t, s))(theta, model.system))]
+    def compiled_numbers():  # a new function jitted (jit caches traces by function): nothing reused from the other form
+        program = jax.jit(lambda t, s: (jax.value_and_grad(objective)(t, s), solve(t, s)))
+        return jax.tree_util.tree_leaves(program(theta, model.system))
 
     dense = compiled_numbers()
     asked = []
