@@ -1,0 +1,127 @@
+"""Maximum (Laplace) likelihood of a GLMM: glmer's two optimization stages.
+
+lme4's ``glmer`` fits in two stages (Bates et al. 2015, sec. 5.2; ``?glmerControl``):
+
+1. theta alone, each value's criterion evaluated at the *joint* conditional mode of (beta, u)
+   (:func:`hierpool.algebra.laplace.conditional_mode` with ``joint=True``): lme4's ``nAGQ = 0``;
+2. (theta, beta) together from there, each value's criterion the Laplace approximation with u
+   at its conditional mode given beta: lme4's ``nAGQ = 1``.
+
+Both stages are derivative-free, as glmer's: NLopt's BOBYQA (Powell 2009), the algorithm of lme4's
+default ``bobyqa`` and of its ``nloptwrap``, with the diagonal of each T_j bounded below by 0.  Each
+evaluation starts PIRLS from the previous evaluation's mode.  Host (NumPy) only for now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..algebra.family import Family
+from ..algebra.laplace import ConditionalMode, conditional_mode
+from ..algebra.linalg import theta_lower_bounds
+from ..spec.design import Design
+
+#: BOBYQA's stopping rule on the criterion (absolute, in deviance units) and on the parameters (relative).
+FTOL_ABS = 1e-10
+XTOL_REL = 1e-9
+#: Evaluations allowed to each stage.
+MAX_EVALUATIONS = 10_000
+#: First step of BOBYQA in theta (lme4 starts theta at 1 on the diagonal); beta's is relative to its size.
+THETA_STEP = 0.25
+BETA_STEP = 0.05
+
+
+@dataclass(frozen=True)
+class GLMMOptimum:
+    """Where the stages ended.
+
+    Attributes
+    ----------
+    theta, beta : numpy.ndarray
+    deviance : float
+        The Laplace -2 log-likelihood at the optimum (the joint-mode criterion with ``stages=1``).
+    mode : ConditionalMode
+        PIRLS at the optimum.
+    evaluations : tuple of int
+        Criterion evaluations of each stage.
+    """
+
+    theta: np.ndarray
+    beta: np.ndarray
+    deviance: float
+    mode: ConditionalMode
+    evaluations: tuple[int, ...]
+
+
+def _minimize(criterion, start, lower, step):
+    """BOBYQA from ``start``: (best point, evaluations).  The best point seen is kept, so that
+    NLopt's "roundoff limited" end (no further progress possible) returns it too."""
+    import nlopt  # the closed form's small-fit optimizer too (closedform.optimize)
+
+    best = {"x": np.asarray(start, dtype=float), "value": np.inf, "count": 0}
+
+    def objective(x, grad):
+        value = criterion(x)
+        best["count"] += 1
+        if value < best["value"]:
+            best["x"], best["value"] = np.array(x), value
+        return value
+
+    optimizer = nlopt.opt(nlopt.LN_BOBYQA, len(start))
+    optimizer.set_lower_bounds(lower)
+    optimizer.set_min_objective(objective)
+    optimizer.set_ftol_abs(FTOL_ABS)
+    optimizer.set_xtol_rel(XTOL_REL)
+    optimizer.set_maxeval(MAX_EVALUATIONS)
+    optimizer.set_initial_step(step)
+    try:
+        optimizer.optimize(np.asarray(start, dtype=float))
+    except nlopt.RoundoffLimited:
+        pass
+    return best["x"], best["count"]
+
+
+def fit_laplace(design: Design, family: Family, stages: int = 2) -> GLMMOptimum:
+    """Fit a GLMM by the Laplace approximation (``stages=2``, glmer's ``nAGQ = 1``) or at the joint mode (``stages=1``).
+
+    Parameters
+    ----------
+    design : Design
+        From :func:`hierpool.spec.design.build_design` with the family.
+    family : Family
+        From :func:`hierpool.algebra.family.family` (a negative binomial with its shape).
+    stages : {1, 2}
+
+    Returns
+    -------
+    GLMMOptimum
+    """
+    ks = tuple(t.k for t in design.terms)
+    lower = theta_lower_bounds(ks)
+    state = {"u": None, "beta": np.zeros(design.p)}
+
+    def joint(theta):
+        mode = conditional_mode(theta, state["beta"], design, family, joint=True, start_u=state["u"])
+        state["u"], state["beta"] = mode.u, mode.beta
+        return mode.laplace
+
+    theta, first = _minimize(joint, np.where(np.isfinite(lower), 1.0, 0.0), lower, np.full(len(lower), THETA_STEP))
+    mode = conditional_mode(theta, state["beta"], design, family, joint=True)
+    if stages == 1:
+        return GLMMOptimum(theta, mode.beta, mode.laplace, mode, (first,))
+    state["u"] = mode.u
+    n_theta = len(theta)
+
+    def laplace(parameters):
+        at = conditional_mode(parameters[:n_theta], parameters[n_theta:], design, family, start_u=state["u"])
+        state["u"] = at.u
+        return at.laplace
+
+    start = np.concatenate([theta, mode.beta])
+    step = np.concatenate([np.full(n_theta, BETA_STEP), BETA_STEP * np.maximum(np.abs(mode.beta), 1.0)])
+    parameters, second = _minimize(laplace, start, np.concatenate([lower, np.full(design.p, -np.inf)]), step)
+    theta, beta = parameters[:n_theta], parameters[n_theta:]
+    mode = conditional_mode(theta, beta, design, family)
+    return GLMMOptimum(theta, beta, mode.laplace, mode, (first, second))
