@@ -20,6 +20,7 @@ import scipy.stats
 
 from hierpool.algebra.family import family
 from hierpool.algebra.laplace import conditional_mode, random_part
+from hierpool.algebra.quadrature import quadrature_deviance
 from hierpool.closedform.glmm_optimize import fit_laplace
 from hierpool.spec.design import build_design
 from hierpool.spec.family import family_spec
@@ -63,6 +64,8 @@ def _designs():
             "y ~ post * trt + offset(log(weeks)) + (1 | subject)", exposure, family=poisson), None),
         "epil_negbin_laplace": (build_design("y ~ lbase * trt + lage + V4 + (1 | subject)", epil,
                                              family=family_spec("negative_binomial")), shape),
+        "contraception_bernoulli_intercept_agq9": (build_design(
+            "use ~ age + age2 + urban + livch + (1 | district)", contraception, family=binomial), None),
     }
 
 
@@ -170,3 +173,42 @@ def test_the_first_stage_alone_is_lme4s_nagq0_fit(designs):
     assert optimum.deviance == pytest.approx(model["minus_2_loglik"], abs=1e-6)
     np.testing.assert_allclose(optimum.theta, model["theta"], rtol=1e-5)
     np.testing.assert_allclose(optimum.beta, _beta(design, model["fixef"]), rtol=1e-5)
+
+
+
+# --- adaptive Gauss-Hermite quadrature (algebra.quadrature), glmer's nAGQ > 1 on one scalar term: lme4's
+# deviance function leaves out the saturated model's term, which the JSON stores beside it
+
+@pytest.mark.parametrize("model_id,design_id", [
+    ("cbpp_binomial_logit_agq9", "cbpp_binomial_logit_laplace"),
+    ("cbpp_binomial_logit_agq25", "cbpp_binomial_logit_laplace"),
+    ("epil_poisson_agq9", "epil_poisson_laplace"),
+    ("contraception_bernoulli_intercept_agq9", "contraception_bernoulli_intercept_agq9"),
+])
+def test_quadrature_is_lme4s_agq_deviance_function(designs, model_id, design_id):
+    model = MODELS[model_id]
+    design, _ = designs[design_id]
+    fam = family(family_spec(model["family"], model["link"]))
+    stage2 = model["devfun"]["stage2"]
+    for par, value in ((stage2["par"], stage2["value"]), (stage2["par_probe"], stage2["value_probe"])):
+        beta = _beta(design, dict(zip(model["fixef"], par[1:])))
+        deviance, mode = quadrature_deviance(np.asarray(par[:1]), beta, design, fam, model["nAGQ"])
+        assert deviance == pytest.approx(value + model["saturated_minus_2_loglik"], rel=1e-11)
+        # one node is the Laplace approximation
+        assert quadrature_deviance(np.asarray(par[:1]), beta, design, fam, 1, mode)[0] == pytest.approx(mode.laplace,
+                                                                                                          rel=1e-13)
+
+
+def test_quadrature_fit_is_lme4s_nagq25_fit(designs):
+    model = MODELS["cbpp_binomial_logit_agq25"]
+    design, _ = designs["cbpp_binomial_logit_laplace"]
+    optimum = fit_laplace(design, family(family_spec("binomial")), nodes=25)
+    assert -0.5 * optimum.deviance == pytest.approx(model["loglik_full"], abs=1e-8)
+    np.testing.assert_allclose(optimum.theta, model["theta"], rtol=1e-5)
+    np.testing.assert_allclose(optimum.beta, _beta(design, model["fixef"]), rtol=1e-5)
+
+
+def test_quadrature_needs_one_scalar_term(designs):
+    design, _ = designs["cbpp_binomial_logit_obs_laplace"]
+    with pytest.raises(ValueError, match="one scalar random-effect term"):
+        quadrature_deviance(np.array([0.6, 0.2]), np.zeros(design.p), design, family(family_spec("binomial")), 9)

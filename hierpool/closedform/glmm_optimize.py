@@ -21,6 +21,7 @@ import numpy as np
 from ..algebra.family import Family
 from ..algebra.laplace import ConditionalMode, conditional_mode
 from ..algebra.linalg import theta_lower_bounds
+from ..algebra.quadrature import quadrature_deviance
 from ..spec.design import Design
 
 #: BOBYQA's stopping rule on the criterion (absolute, in deviance units) and on the parameters (relative).
@@ -41,7 +42,8 @@ class GLMMOptimum:
     ----------
     theta, beta : numpy.ndarray
     deviance : float
-        The Laplace -2 log-likelihood at the optimum (the joint-mode criterion with ``stages=1``).
+        The -2 log-likelihood at the optimum: Laplace, by quadrature with ``nodes > 1`` (normalizing
+        constants included), or the joint-mode criterion with ``stages=1``.
     mode : ConditionalMode
         PIRLS at the optimum.
     evaluations : tuple of int
@@ -83,8 +85,9 @@ def _minimize(criterion, start, lower, step):
     return best["x"], best["count"]
 
 
-def fit_laplace(design: Design, family: Family, stages: int = 2) -> GLMMOptimum:
-    """Fit a GLMM by the Laplace approximation (``stages=2``, glmer's ``nAGQ = 1``) or at the joint mode (``stages=1``).
+def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1) -> GLMMOptimum:
+    """Fit a GLMM by the Laplace approximation (``stages=2``, glmer's ``nAGQ = 1``), by adaptive
+    quadrature (``nodes > 1``, glmer's ``nAGQ = nodes``), or at the joint mode (``stages=1``, ``nAGQ = 0``).
 
     Parameters
     ----------
@@ -93,6 +96,9 @@ def fit_laplace(design: Design, family: Family, stages: int = 2) -> GLMMOptimum:
     family : Family
         From :func:`hierpool.algebra.family.family` (a negative binomial with its shape).
     stages : {1, 2}
+    nodes : int
+        Gauss-Hermite nodes of stage 2 (:func:`hierpool.algebra.quadrature.quadrature_deviance`;
+        more than 1 only for one scalar random-effect term); 1 is the Laplace approximation.
 
     Returns
     -------
@@ -117,6 +123,8 @@ def fit_laplace(design: Design, family: Family, stages: int = 2) -> GLMMOptimum:
     def laplace(parameters):
         at = conditional_mode(parameters[:n_theta], parameters[n_theta:], design, family, start_u=state["u"])
         state["u"] = at.u
+        if nodes > 1:
+            return quadrature_deviance(parameters[:n_theta], parameters[n_theta:], design, family, nodes, at)[0]
         return at.laplace
 
     start = np.concatenate([theta, mode.beta])
@@ -124,4 +132,5 @@ def fit_laplace(design: Design, family: Family, stages: int = 2) -> GLMMOptimum:
     parameters, second = _minimize(laplace, start, np.concatenate([lower, np.full(design.p, -np.inf)]), step)
     theta, beta = parameters[:n_theta], parameters[n_theta:]
     mode = conditional_mode(theta, beta, design, family)
-    return GLMMOptimum(theta, beta, mode.laplace, mode, (first, second))
+    deviance = quadrature_deviance(theta, beta, design, family, nodes, mode)[0] if nodes > 1 else mode.laplace
+    return GLMMOptimum(theta, beta, deviance, mode, (first, second))
