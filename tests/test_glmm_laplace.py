@@ -212,3 +212,14 @@ def test_quadrature_needs_one_scalar_term(designs):
     design, _ = designs["cbpp_binomial_logit_obs_laplace"]
     with pytest.raises(ValueError, match="one scalar random-effect term"):
         quadrature_deviance(np.array([0.6, 0.2]), np.zeros(design.p), design, family(family_spec("binomial")), 9)
+
+
+def test_negative_binomial_shape_is_estimated_with_the_rest(designs):
+    # glmer.nb's shape, here in stage 2 beside theta and beta, from a start far from it
+    model = MODELS["epil_negbin_laplace"]
+    design, _ = designs["epil_negbin_laplace"]
+    optimum = fit_laplace(design, family(family_spec("negative_binomial"), shape=20.0), estimate_shape=True)
+    assert optimum.shape == pytest.approx(model["nb_shape"], rel=1e-3)
+    assert -0.5 * optimum.deviance >= model["loglik"] - 1e-4
+    np.testing.assert_allclose(optimum.beta, _beta(design, model["fixef"]), rtol=1e-3)
+    np.testing.assert_allclose(optimum.theta, model["theta"], rtol=2e-3)

@@ -14,7 +14,7 @@ evaluation starts PIRLS from the previous evaluation's mode.  Host (NumPy) only 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,6 +32,8 @@ MAX_EVALUATIONS = 10_000
 #: First step of BOBYQA in theta (lme4 starts theta at 1 on the diagonal); beta's is relative to its size.
 THETA_STEP = 0.25
 BETA_STEP = 0.05
+#: First step of a negative binomial's log shape.
+SHAPE_STEP = 0.25
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class GLMMOptimum:
         PIRLS at the optimum.
     evaluations : tuple of int
         Criterion evaluations of each stage.
+    shape : float or None
+        A negative binomial's shape (estimated with ``estimate_shape``).
     """
 
     theta: np.ndarray
@@ -55,6 +59,7 @@ class GLMMOptimum:
     deviance: float
     mode: ConditionalMode
     evaluations: tuple[int, ...]
+    shape: float | None = None
 
 
 def _minimize(criterion, start, lower, step):
@@ -85,7 +90,8 @@ def _minimize(criterion, start, lower, step):
     return best["x"], best["count"]
 
 
-def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1) -> GLMMOptimum:
+def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
+                estimate_shape: bool = False) -> GLMMOptimum:
     """Fit a GLMM by the Laplace approximation (``stages=2``, glmer's ``nAGQ = 1``), by adaptive
     quadrature (``nodes > 1``, glmer's ``nAGQ = nodes``), or at the joint mode (``stages=1``, ``nAGQ = 0``).
 
@@ -99,6 +105,10 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1)
     nodes : int
         Gauss-Hermite nodes of stage 2 (:func:`hierpool.algebra.quadrature.quadrature_deviance`;
         more than 1 only for one scalar random-effect term); 1 is the Laplace approximation.
+    estimate_shape : bool
+        A negative binomial's shape is a parameter of stage 2 too (on the log scale), from the
+        family's shape as the start; stage 1 holds it there.  glmer.nb alternates a shape search
+        with glmer fits; one joint stage maximizes the same Laplace likelihood.
 
     Returns
     -------
@@ -116,7 +126,7 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1)
     theta, first = _minimize(joint, np.where(np.isfinite(lower), 1.0, 0.0), lower, np.full(len(lower), THETA_STEP))
     mode = conditional_mode(theta, state["beta"], design, family, joint=True)
     if stages == 1:
-        return GLMMOptimum(theta, mode.beta, mode.laplace, mode, (first,))
+        return GLMMOptimum(theta, mode.beta, mode.laplace, mode, (first,), family.shape)
     state["u"] = mode.u
     n_theta = len(theta)
 
@@ -129,8 +139,24 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1)
 
     start = np.concatenate([theta, mode.beta])
     step = np.concatenate([np.full(n_theta, BETA_STEP), BETA_STEP * np.maximum(np.abs(mode.beta), 1.0)])
-    parameters, second = _minimize(laplace, start, np.concatenate([lower, np.full(design.p, -np.inf)]), step)
-    theta, beta = parameters[:n_theta], parameters[n_theta:]
+    bounds = np.concatenate([lower, np.full(design.p, -np.inf)])
+    criterion = laplace
+    if estimate_shape:
+        if family.shape is None:
+            raise ValueError("estimate_shape needs a negative binomial family with a starting shape")
+        end = n_theta + design.p
+
+        def criterion(parameters):
+            nonlocal family
+            family = replace(family, shape=float(np.exp(parameters[end])))
+            return laplace(parameters[:end])
+
+        start, step = np.append(start, np.log(family.shape)), np.append(step, SHAPE_STEP)
+        bounds = np.append(bounds, -np.inf)
+    parameters, second = _minimize(criterion, start, bounds, step)
+    theta, beta = parameters[:n_theta], parameters[n_theta : n_theta + design.p]
+    if estimate_shape:
+        family = replace(family, shape=float(np.exp(parameters[-1])))
     mode = conditional_mode(theta, beta, design, family)
     deviance = quadrature_deviance(theta, beta, design, family, nodes, mode)[0] if nodes > 1 else mode.laplace
-    return GLMMOptimum(theta, beta, deviance, mode, (first, second))
+    return GLMMOptimum(theta, beta, deviance, mode, (first, second), family.shape)
