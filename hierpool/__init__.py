@@ -29,6 +29,7 @@ _LAZY = {
     "BatchResult": "batch", "BayesBatchResult": "batch", "bayes_batch": "batch", "fit_batch": "batch",
     "BayesResult": "bayesian", "SamplingWarning": "bayesian", "bayes": "bayesian",
     "Control": "closedform", "MixedModel": "closedform", "lmm": "closedform",
+    "GLMMResult": "closedform", "glmm": "closedform",
     "PoolingComparison": "pooling_comparison", "pooling": "pooling_comparison",
     "RidgeView": "ridge", "ridge_view": "ridge",
 }
@@ -54,7 +55,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from . import batch, bayesian, closedform, datasets, validate
     from .batch import BatchResult, BayesBatchResult, bayes_batch, fit_batch
     from .bayesian import BayesResult, SamplingWarning, bayes
-    from .closedform import Control, MixedModel, lmm
+    from .closedform import Control, GLMMResult, MixedModel, glmm, lmm
     from .pooling_comparison import PoolingComparison, pooling
     from .ridge import RidgeView, ridge_view
 
@@ -70,6 +71,7 @@ __all__ = [
     "ConvergenceWarning",
     "DataError",
     "FormulaError",
+    "GLMMResult",
     "HierpoolError",
     "HierpoolWarning",
     "MixedModel",
@@ -81,6 +83,7 @@ __all__ = [
     "closedform",
     "datasets",
     "fit_batch",
+    "glmm",
     "lmm",
     "pooling",
     "PoolingComparison",

@@ -190,8 +190,8 @@ def test_contrasts_transforms_and_offsets_mean_the_same_in_the_bayesian_engine(d
     np.testing.assert_array_less(np.abs(predicted["mean"] - fit.predict(new)), 5 * mcse)
 
 
-def test_cbind_response_says_families_are_not_supported_yet(data):
-    with pytest.raises(hp.FormulaError, match="not supported yet"):
+def test_cbind_response_points_to_glmm(data):
+    with pytest.raises(hp.FormulaError, match="hp.glmm"):
         hp.lmm("cbind(y, x) ~ 1 + (1 | g)", data)
 
 

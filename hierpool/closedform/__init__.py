@@ -9,17 +9,21 @@ pytree and can be jit-compiled, differentiated and vmapped.
 from ..algebra.criterion import objective
 from ..algebra.henderson import Solution, prediction_covariance, solve
 from ..algebra.system import MixedModelSystem, build_system
+from .glmm import glmm
+from .glmm_results import GLMMResult
 from .model import MixedModel, lmm
 from .optimize import Control
 from .results import LMMResult
 
 __all__ = [
     "Control",
+    "GLMMResult",
     "LMMResult",
     "MixedModel",
     "MixedModelSystem",
     "Solution",
     "build_system",
+    "glmm",
     "lmm",
     "objective",
     "prediction_covariance",

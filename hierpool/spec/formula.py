@@ -263,7 +263,7 @@ def _parse(formula: str, binomial_counts: bool = False) -> ModelSpec:
     if re.match(r"cbind\s*\(", response) and not binomial_counts:
         raise FormulaError(
             f"the response {parts[0][1].strip()!r} of {formula!r} is a binomial count (successes, failures): "
-            "generalized linear mixed models (families other than Gaussian) are not supported yet"
+            "fit it with hp.glmm(formula, data, family='binomial')"
         )
 
     fixed_pieces: list[str] = []

