@@ -82,3 +82,23 @@ def test_bad_arguments_are_refused_by_name(cbpp, kwargs, message):
 def test_quadrature_needs_one_scalar_term(cbpp):
     with pytest.raises(hp.ArgumentError, match=r"nAGQ=9 needs exactly one scalar .* \(Intercept \| obs\)"):
         hp.glmm(CBPP + " + (1 | obs)", cbpp.assign(obs=np.arange(len(cbpp)).astype(str)), nAGQ=9)
+
+
+def test_predictions_are_glmers(laplace, cbpp):
+    first5 = MODELS["cbpp_binomial_logit_laplace"]["predict_first5"]
+    np.testing.assert_allclose(laplace.predict()[:5], first5["fitted_link"], rtol=1e-5)
+    np.testing.assert_allclose(laplace.predict(type="response")[:5], first5["fitted_response"], rtol=1e-5)
+    np.testing.assert_allclose(laplace.predict(re=False)[:5], first5["population_link"], rtol=1e-5)
+    # new data need not carry the response's columns; a new herd gets the population prediction and
+    # the herd variance in its interval, mapped through the inverse link on the response scale
+    new = cbpp.loc[:2, ["herd", "period"]].assign(herd=["1", "new herd", "1"])
+    link = laplace.predict(new, interval="confidence")
+    response = laplace.predict(new, type="response", interval="confidence")
+    population = laplace.predict(new, re=False, interval="confidence")
+    assert link["fit"][1] == pytest.approx(population["fit"][1], rel=1e-12)
+    herd_var = laplace.varcorr["vcov"].iloc[0]
+    assert link["se"][1] ** 2 > population["se"][1] ** 2 + 0.9 * herd_var
+    np.testing.assert_allclose(response["fit"], 1 / (1 + np.exp(-link["fit"])), rtol=1e-12)
+    np.testing.assert_allclose(response["lower"], 1 / (1 + np.exp(-link["lower"])), rtol=1e-12)
+    with pytest.raises(hp.ArgumentError, match="no normal prediction interval"):
+        laplace.predict(new, interval="prediction")

@@ -20,6 +20,7 @@ from ..algebra.linalg import theta_to_factors
 from ..algebra.quadrature import quadrature_deviance
 from ..algebra.system import build_system
 from ..algebra.varcorr import varcorr_table
+from ..errors import ArgumentError
 from ..spec.design import Design
 from .glmm_optimize import GLMMOptimum
 
@@ -170,8 +171,63 @@ class GLMMResult:
                                           "condval": b[:, c], "condsd": np.sqrt(cond_var[:, c, c])}))
         return pd.concat(rows, ignore_index=True)
 
+    @cached_property
+    def _link_scale(self) -> "_LinkScale":
+        return _LinkScale(self)
+
+    def predict(self, newdata: pd.DataFrame | None = None, type: str = "link", re: bool = True,
+                interval: str | None = None, level: float = 0.95):
+        """Predictions on the link or the response scale (lme4's ``predict(fit, newdata, type, re.form)``).
+
+        The linear predictor offset + x beta + z b (b: the conditional modes of known levels; 0 for a
+        level never seen, or everywhere with ``re=False``).  ``interval="confidence"``: its normal
+        interval on the link scale, from the penalized system at the mode with theta taken as known
+        (known levels: the joint conditional covariance of (beta, b), Henderson 1975; new levels add
+        the term's variance z Sigma z^T; ``re=False`` uses :attr:`vcov`), mapped through the inverse
+        link with ``type="response"``, where ``se`` is the delta method's se * d mu / d eta.  There is
+        no prediction interval: a new count or 0/1 outcome is not normal.
+        """
+        from .predict import predict
+
+        if type not in ("link", "response"):
+            raise ArgumentError(f"type must be 'link' or 'response', got {type!r}")
+        if interval not in (None, "confidence"):
+            raise ArgumentError(f"interval must be None or 'confidence' for a GLMM, got {interval!r} "
+                                "(a new count or 0/1 outcome has no normal prediction interval)")
+        out = predict(self._link_scale, newdata=newdata, re=re, interval=interval, level=level)
+        if type == "link":
+            return out
+        inverse = self.family.link.inverse
+        if interval is None:
+            return inverse(out)
+        return pd.DataFrame({"fit": inverse(out["fit"].to_numpy()),
+                             "se": out["se"].to_numpy() * self.family.link.mu_eta(out["fit"].to_numpy()),
+                             "lower": inverse(out["lower"].to_numpy()), "upper": inverse(out["upper"].to_numpy())})
+
     @property
     def is_singular(self) -> bool:
         """A T_j diagonal at (or within 1e-4 of) zero, lme4's ``isSingular`` tolerance."""
         factors = theta_to_factors(self.theta, tuple(t.k for t in self.design.terms))
         return any(float(np.min(np.abs(np.diag(np.asarray(f))))) < SINGULAR_TOL for f in factors)
+
+
+class _LinkScale:
+    """The fit as :func:`hierpool.closedform.predict.predict` reads an LMM's: the penalized system at the
+    mode (unit scale: sigma = 1), the fit's beta and modes, and :attr:`GLMMResult.vcov` for beta."""
+
+    sigma = 1.0
+
+    def __init__(self, result: GLMMResult):
+        from ..algebra.henderson import prediction_covariance
+
+        at_mode = result._solution_at_mode
+        self.design = result.design
+        self.system = build_system(replace(result.design, y=result.optimum.mode.eta - result.design.offset,
+                                           weights=result.optimum.mode.working_weights, sigma_known=True,
+                                           offset=np.zeros(result.design.n)), host=True)
+        self.solution = replace(at_mode, beta=result.optimum.beta, b=result.optimum.mode.b,
+                                vcov_beta=result.vcov.to_numpy())
+        self.prediction_blocks = prediction_covariance(np.asarray(result.theta, dtype=float), self.system)
+
+    def term_covariances(self) -> list[np.ndarray]:
+        return [np.asarray(t) @ np.asarray(t).T for t in self.solution.factors]

@@ -10,6 +10,8 @@ Bayesian predictions.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -53,6 +55,15 @@ def _levels_in_fit(term, frame: pd.DataFrame) -> np.ndarray:
     return np.asarray([lookup.get(label, -1) for label in labels[codes]], dtype=np.int64)
 
 
+def _response_only_columns(design) -> set[str]:
+    """Columns the formula reads in its response only (``y``; ``incidence`` and ``size`` of
+    ``cbind(incidence, size - incidence)``): new data need not carry them."""
+    spec = design.spec
+    names = set(re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", spec.response))
+    rest = spec.fixed.split("~", 1)[1] + " " + " ".join(f"{t.lhs} {' '.join(t.factor)}" for t in spec.random)
+    return (names - set(re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", rest))) | {spec.response}
+
+
 def model_rows(design, newdata):
     """(X, [(z_j, level_j)], offset) of the rows to predict: the fitted rows when ``newdata`` is None.
 
@@ -68,8 +79,7 @@ def model_rows(design, newdata):
             "the model's offset was given as an array, which new data cannot carry; "
             "fit with offset=<column name> (or offset(...) in the formula) to predict new rows"
         )
-    response = design.spec.response
-    needed = [v for v in design.columns if v != response]
+    needed = [v for v in design.columns if v not in _response_only_columns(design)]
     if design.offset_column is not None and design.offset_column not in needed:
         needed.append(design.offset_column)
     check_columns(newdata, needed, "prediction data (newdata)")
