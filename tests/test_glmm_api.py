@@ -102,3 +102,12 @@ def test_predictions_are_glmers(laplace, cbpp):
     np.testing.assert_allclose(response["lower"], 1 / (1 + np.exp(-link["lower"])), rtol=1e-12)
     with pytest.raises(hp.ArgumentError, match="no normal prediction interval"):
         laplace.predict(new, interval="prediction")
+
+
+def test_summary_prints_glmers_blocks(laplace):
+    text = laplace.summary()
+    assert "Laplace Approximation" in text and "Family: binomial  ( logit )" in text
+    assert "194.1" in text and "-92.0" in text  # AIC, logLik
+    assert "herd" in text and "0.4125" in text and "Number of obs: 56, groups:  herd, 15" in text
+    z = laplace.fixef / laplace.fixef_se
+    assert f"{z.iloc[0]:.4f}" in text and "Pr(>|z|)" in text

@@ -171,6 +171,12 @@ class GLMMResult:
                                           "condval": b[:, c], "condsd": np.sqrt(cond_var[:, c, c])}))
         return pd.concat(rows, ignore_index=True)
 
+    def summary(self) -> str:
+        """The text lme4's ``summary(fit)`` prints: fit criteria, variance components, z tests."""
+        from .summary import format_glmm_summary
+
+        return format_glmm_summary(self)
+
     @cached_property
     def _link_scale(self) -> "_LinkScale":
         return _LinkScale(self)

@@ -46,6 +46,11 @@ def normal_quantile(level: float) -> float:
     return float("inf") if probability == 1.0 else NormalDist().inv_cdf(probability)  # ndtri(1) is inf
 
 
+def normal_two_sided_p(z: float) -> float:
+    """P(|Z| >= |z|) for a standard normal Z: a Wald z test's p-value."""
+    return 2.0 * NormalDist().cdf(-abs(float(z)))
+
+
 def _rows(result, newdata, interval):
     """(X, [(z_j, level_j)], offset, noise variance per row) for the rows to predict."""
     design = result.design

@@ -63,3 +63,43 @@ def format_summary(result) -> str:
     for message in result.messages:
         lines.append(f"\nNote: {message}")
     return "\n".join(lines)
+
+
+def format_glmm_summary(result) -> str:
+    """The text lme4's ``summary(glmer(...))`` prints, for a :class:`~hierpool.closedform.glmm_results.GLMMResult`.
+
+    z tests of the fixed effects use the SEs of :attr:`~hierpool.closedform.glmm_results.GLMMResult.fixef_se`
+    (normal p-values, as glmer's); "Scaled residuals" are Pearson residuals at the conditional modes.
+    """
+    from .predict import normal_two_sided_p
+
+    design, family = result.design, result.family
+    method = ("Laplace Approximation" if result.nodes == 1 and result.stages == 2 else
+              f"Adaptive Gauss-Hermite Quadrature, nAGQ = {result.nodes}" if result.stages == 2 else
+              "the joint mode of beta and u, nAGQ = 0")
+    name = family.name if family.shape is None else f"Negative Binomial({family.shape:.4g})"
+    lines = [f"Generalized linear mixed model fit by maximum likelihood ({method}) (hierpool)",
+             f" Family: {name}  ( {family.link.name} )", f"Formula: {design.spec.formula}", ""]
+    frame = pd.DataFrame({"AIC": [result.aic], "BIC": [result.bic], "logLik": [result.loglik],
+                          "deviance": [-2.0 * result.loglik], "df.resid": [design.n - result.n_parameters]})
+    lines.extend(frame.to_string(index=False, float_format=lambda v: f"{v:.1f}").splitlines())
+    lines.append("")
+    mu = result.optimum.mode.mu
+    pearson = (design.y - mu) / np.sqrt(family.variance(mu) / design.row_weights)
+    lines.append("Scaled residuals:")
+    lines.append("    Min      1Q  Median      3Q     Max")
+    lines.append(" ".join(f"{v:7.4f}" for v in np.quantile(pearson, [0, 0.25, 0.5, 0.75, 1])))
+    lines.append("")
+    lines.append("Random effects:")
+    lines.extend(_varcorr_block(result))
+    groups = ", ".join(f"{t.group}, {t.n_levels}" for t in design.terms)
+    lines.append(f"Number of obs: {design.n}, groups:  {groups}")
+    lines.append("")
+    z = result.fixef / result.fixef_se
+    fixef = pd.DataFrame({"Estimate": result.fixef, "Std. Error": result.fixef_se, "z value": z,
+                          "Pr(>|z|)": [normal_two_sided_p(v) for v in z]})
+    lines.append("Fixed effects:")
+    lines.append(fixef.to_string(formatters={"Pr(>|z|)": lambda v: f"{v:.3g}"}, float_format=lambda v: f"{v:.4f}"))
+    if result.is_singular:
+        lines.append("\nNote: boundary (singular) fit: some variance component is (near) zero")
+    return "\n".join(lines)
