@@ -33,6 +33,14 @@ def _varcorr_block(result) -> list[str]:
     return [" " + line for line in frame.to_string(index=False).splitlines()]
 
 
+def _residuals_and_random_effects(result, scaled_residuals) -> list[str]:
+    """The "Scaled residuals" quantiles, the "Random effects" block and the counts, as lme4 prints them."""
+    quantiles = np.quantile(scaled_residuals, [0, 0.25, 0.5, 0.75, 1])
+    groups = ", ".join(f"{t.group}, {t.n_levels}" for t in result.design.terms)
+    return ["Scaled residuals:", "    Min      1Q  Median      3Q     Max", " ".join(f"{v:7.4f}" for v in quantiles),
+            "", "Random effects:", *_varcorr_block(result), f"Number of obs: {result.design.n}, groups:  {groups}", ""]
+
+
 def format_summary(result) -> str:
     """The text lme4's ``summary(fit)`` prints, for a hierpool fit."""
     design = result.design
@@ -45,16 +53,7 @@ def format_summary(result) -> str:
     scaled = result.residuals / result.sigma
     if design.weights is not None:
         scaled = scaled * np.sqrt(design.weights)
-    quantiles = np.quantile(scaled, [0, 0.25, 0.5, 0.75, 1])
-    lines.append("Scaled residuals:")
-    lines.append("    Min      1Q  Median      3Q     Max")
-    lines.append(" ".join(f"{v:7.4f}" for v in quantiles))
-    lines.append("")
-    lines.append("Random effects:")
-    lines.extend(_varcorr_block(result))
-    groups = ", ".join(f"{t.group}, {t.n_levels}" for t in design.terms)
-    lines.append(f"Number of obs: {design.n}, groups:  {groups}")
-    lines.append("")
+    lines.extend(_residuals_and_random_effects(result, scaled))
     fixef = pd.DataFrame(
         {"Estimate": result.fixef, "Std. Error": result.fixef_se, "t value": result.fixef / result.fixef_se}
     )
@@ -86,15 +85,7 @@ def format_glmm_summary(result) -> str:
     lines.append("")
     mu = result.optimum.mode.mu
     pearson = (design.y - mu) / np.sqrt(family.variance(mu) / design.row_weights)
-    lines.append("Scaled residuals:")
-    lines.append("    Min      1Q  Median      3Q     Max")
-    lines.append(" ".join(f"{v:7.4f}" for v in np.quantile(pearson, [0, 0.25, 0.5, 0.75, 1])))
-    lines.append("")
-    lines.append("Random effects:")
-    lines.extend(_varcorr_block(result))
-    groups = ", ".join(f"{t.group}, {t.n_levels}" for t in design.terms)
-    lines.append(f"Number of obs: {design.n}, groups:  {groups}")
-    lines.append("")
+    lines.extend(_residuals_and_random_effects(result, pearson))
     z = result.fixef / result.fixef_se
     fixef = pd.DataFrame({"Estimate": result.fixef, "Std. Error": result.fixef_se, "z value": z,
                           "Pr(>|z|)": [normal_two_sided_p(v) for v in z]})
