@@ -93,7 +93,8 @@ def random_part(design: Design, b) -> np.ndarray:
     return out
 
 
-def _working_design(design: Design, response: np.ndarray, weights: np.ndarray, joint: bool) -> Design:
+def working_design(design: Design, response: np.ndarray, weights: np.ndarray, joint: bool) -> Design:
+    """The Gaussian mixed-model equations of one PIRLS step (and of the penalized system at the mode)."""
     # the Gaussian mixed-model equations of one PIRLS step: known unit residual sd (no sigma profiled),
     # the working response and weights; without joint, no fixed effects (beta sits in the offset)
     n = design.n
@@ -153,7 +154,7 @@ def conditional_mode(
         _, weights, residual = family.working(design.y, eta, trials)
         # the working response of the solved part: X beta + Z b (joint) or Z b, plus the working residual
         response = (eta - design.offset if joint else eta - fixed) + residual
-        system = build_system(_working_design(design, response, weights, joint), host=True)
+        system = build_system(working_design(design, response, weights, joint), host=True)
         solved_beta, solved_u, _, _ = point_estimates(theta, system)
         new_u = tuple(np.asarray(x) for x in solved_u)
         new_beta = np.asarray(solved_beta) if joint else beta
@@ -173,7 +174,7 @@ def conditional_mode(
         eta, mu, deviance = trial_eta, trial_mu, trial_deviance
     _, weights, _ = family.working(design.y, eta, trials)
     # the log-determinant with the weights at the mode: one more factorization, of Z only
-    at_mode = build_system(_working_design(design, eta - fixed, weights, False), host=True)
+    at_mode = build_system(working_design(design, eta - fixed, weights, False), host=True)
     logdet = float(point_estimates(theta, at_mode)[3])
     log_likelihood = float(np.sum(family.log_likelihood(design.y, mu, trials)))
     squared_u = sum(float(np.sum(np.square(x))) for x in u)

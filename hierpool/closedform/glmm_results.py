@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..algebra.family import Family
 from ..algebra.henderson import solve
-from ..algebra.laplace import conditional_mode
+from ..algebra.laplace import conditional_mode, working_design
 from ..algebra.linalg import theta_to_factors
 from ..algebra.quadrature import quadrature_deviance
 from ..algebra.system import build_system
@@ -23,11 +23,10 @@ from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError
 from ..spec.design import Design
 from .glmm_optimize import GLMMOptimum
+from .optimize import is_singular
 
 #: Relative step of the finite-difference Hessian of the deviance in (theta, beta) (lme4's deriv12: 1e-4).
 HESSIAN_STEP = 1e-4
-#: A fit is singular when a diagonal element of some T_j is below this (lme4's isSingular tolerance).
-SINGULAR_TOL = 1e-4
 
 
 class GLMMResult:
@@ -96,13 +95,16 @@ class GLMMResult:
         return float(np.sum(self.family.unit_deviances(self.design.y, mode.mu, self.design.row_weights)))
 
     @cached_property
-    def _solution_at_mode(self):
-        # the penalized system at the mode's working weights, X included: conditional variances of
-        # the effects (sigma = 1) and theta-known vcov of beta
+    def system_at_mode(self):
+        """The penalized system at the mode's working weights, X included (unit scale, theta known): the
+        conditional variances of the effects, the theta-known vcov of beta and the prediction blocks."""
         mode = self.optimum.mode
-        working = replace(self.design, y=mode.eta - self.design.offset, weights=mode.working_weights,
-                          sigma_known=True, offset=np.zeros(self.design.n))
-        return solve(self.theta, build_system(working, host=True))
+        return build_system(working_design(self.design, mode.eta - self.design.offset, mode.working_weights,
+                                           joint=True), host=True)
+
+    @cached_property
+    def _solution_at_mode(self):
+        return solve(self.theta, self.system_at_mode)
 
     @property
     def fixef_se_known_theta(self) -> pd.Series:
@@ -212,9 +214,8 @@ class GLMMResult:
 
     @property
     def is_singular(self) -> bool:
-        """A T_j diagonal at (or within 1e-4 of) zero, lme4's ``isSingular`` tolerance."""
-        factors = theta_to_factors(self.theta, tuple(t.k for t in self.design.terms))
-        return any(float(np.min(np.abs(np.diag(np.asarray(f))))) < SINGULAR_TOL for f in factors)
+        """lme4's ``isSingular``: a T_j diagonal below 1e-4."""
+        return is_singular(self.theta, tuple(t.k for t in self.design.terms))
 
 
 class _LinkScale:
@@ -228,9 +229,7 @@ class _LinkScale:
 
         at_mode = result._solution_at_mode
         self.design = result.design
-        self.system = build_system(replace(result.design, y=result.optimum.mode.eta - result.design.offset,
-                                           weights=result.optimum.mode.working_weights, sigma_known=True,
-                                           offset=np.zeros(result.design.n)), host=True)
+        self.system = result.system_at_mode
         self.solution = replace(at_mode, beta=result.optimum.beta, b=result.optimum.mode.b,
                                 vcov_beta=result.vcov.to_numpy())
         self.prediction_blocks = prediction_covariance(np.asarray(result.theta, dtype=float), self.system)
