@@ -111,3 +111,13 @@ def test_summary_prints_glmers_blocks(laplace):
     assert "herd" in text and "0.4125" in text and "Number of obs: 56, groups:  herd, 15" in text
     z = laplace.fixef / laplace.fixef_se
     assert f"{z.iloc[0]:.4f}" in text and "Pr(>|z|)" in text
+
+
+def test_a_singular_fit_is_reported(cbpp):
+    # cbpp's last period alone: the herd variance goes to 0 (lme4: theta 7e-10, isSingular TRUE)
+    model = MODELS["cbpp_period4_singular"]
+    fit = hp.glmm(model["formula"], cbpp.iloc[np.array(model["subset_rows"]) - 1], family="binomial")
+    assert fit.is_singular and fit.theta[0] < 1e-4
+    assert fit.loglik >= model["loglik"] - 1e-6
+    assert fit.fixef.iloc[0] == pytest.approx(model["fixef"]["(Intercept)"], rel=1e-4)
+    assert "singular" in fit.summary()
