@@ -70,21 +70,51 @@ def _point_sizes(n: np.ndarray) -> np.ndarray:
     return 8 + 60 * np.sqrt(n / max(n.max(), 1))
 
 
+def _partial(comparison) -> tuple[str, str]:
+    """(the table's partial-pooling column, its label): the BLUP of an LMM, the conditional mode of a GLMM."""
+    return getattr(comparison, "partial", "blup"), getattr(comparison, "partial_label", "BLUP")
+
+
+def _on_scale(comparison, term: str) -> str:
+    scale = getattr(comparison, "scale", None)
+    return term if scale is None else f"{term} ({scale} scale)"
+
+
+def _group_size(rows):
+    """(sizes, what they count): a binomial GLMM's trials per group, else its rows."""
+    if "trials" in rows:
+        return rows["trials"].to_numpy(), "trials"
+    return rows["n"].to_numpy(), "observations"
+
+
 def shrinkage_axes(ax, comparison, term: str) -> None:
-    """No-pooling estimates (top) with arrows to the partial-pooling ones (bottom), sized by n."""
+    """No-pooling estimates (top) with arrows to the partial-pooling ones (bottom), sized by n (a binomial's trials).
+
+    A GLMM's no-pooling estimates that carry the 0.5 correction (``no_pooling_status``) are open circles.
+    """
+    column, label = _partial(comparison)
     rows = comparison.table[comparison.table.term == term]
-    n, raw, blup = rows["n"].to_numpy(), rows["no_pooling"].to_numpy(), rows["blup"].to_numpy()
+    n, counted = _group_size(rows)
+    raw, blup = rows["no_pooling"].to_numpy(), rows[column].to_numpy()
     size = _point_sizes(n)
     has_raw = np.isfinite(raw)
+    corrected = (rows["no_pooling_status"].to_numpy() == "corrected") if "no_pooling_status" in rows else \
+        np.zeros(len(rows), dtype=bool)
     for x0, x1 in zip(raw[has_raw], blup[has_raw]):
         ax.annotate("", xy=(x1, 0.04), xytext=(x0, 0.96),
                     arrowprops=dict(arrowstyle="->", color="0.6", lw=0.7, shrinkA=2, shrinkB=2))
-    ax.scatter(raw[has_raw], np.ones(has_raw.sum()), s=size[has_raw], color=_RAW_COLOR, alpha=0.7, zorder=3)
+    plain = has_raw & ~corrected
+    ax.scatter(raw[plain], np.ones(plain.sum()), s=size[plain], color=_RAW_COLOR, alpha=0.7, zorder=3)
+    if corrected.any():
+        ax.scatter(raw[corrected], np.ones(corrected.sum()), s=size[corrected], facecolors="none",
+                   edgecolors=_RAW_COLOR, zorder=3, label="0.5-corrected (no events, or all)")
     ax.scatter(blup, np.zeros(len(blup)), s=size, color=_BLUP_COLOR, alpha=0.7, zorder=3)
     ax.axvline(comparison.population[term], color="C3", ls="--", lw=1, label="population estimate")
-    ax.set_yticks([0, 1], ["partial pooling\n(BLUP)", "no pooling"])
+    ax.set_yticks([0, 1], [f"partial pooling\n({label})", "no pooling"])
     ax.set_ylim(-0.35, 1.35)
-    ax.set(xlabel=f"{term} (one estimate per {comparison.block.group})", title="Shrinkage toward the population (size: n)")
+    size_note = "n" if counted == "observations" else counted
+    ax.set(xlabel=f"{_on_scale(comparison, term)} (one estimate per {comparison.block.group})",
+           title=f"Shrinkage toward the population (size: {size_note})")
     ax.legend(frameon=False, fontsize=8, loc="upper right")
 
 
@@ -92,12 +122,13 @@ def caterpillar_axes(ax, comparison, term: str) -> None:
     """Each group's BLUP and posterior interval, sorted by BLUP, with the truth when known."""
     from .closedform.predict import normal_quantile
 
-    rows = comparison.table[comparison.table.term == term].sort_values("blup")
+    column, label = _partial(comparison)
+    rows = comparison.table[comparison.table.term == term].sort_values(column)
     position = np.arange(len(rows))
     z = normal_quantile(comparison.level)
     offset = 0.18 if "post_mean" in rows else 0.0
-    ax.errorbar(rows["blup"], position - offset, xerr=z * rows["blup_sd"], fmt="o", ms=2.5, lw=0.8,
-                color=_BLUP_COLOR, label=f"BLUP ± {z:.2f} sd")
+    ax.errorbar(rows[column], position - offset, xerr=z * rows[f"{column}_sd"], fmt="o", ms=2.5, lw=0.8,
+                color=_BLUP_COLOR, label=f"{label} ± {z:.2f} sd")
     if "post_mean" in rows:
         ax.errorbar(rows["post_mean"], position + offset,
                     xerr=[rows["post_mean"] - rows["post_lower"], rows["post_upper"] - rows["post_mean"]],
@@ -106,16 +137,22 @@ def caterpillar_axes(ax, comparison, term: str) -> None:
         ax.scatter(rows["truth"], position, marker="x", s=14, color="k", zorder=4, label="truth")
     ax.axvline(comparison.population[term], color="C3", ls="--", lw=1)
     ax.set_yticks(position, rows["grp"].astype(str), fontsize=max(4, min(8, 400 / max(len(rows), 1))))
-    ax.set(xlabel=term, ylabel=comparison.block.group, title="Partial-pooling estimates with intervals")
+    ax.set(xlabel=_on_scale(comparison, term), ylabel=comparison.block.group,
+           title="Partial-pooling estimates with intervals")
     ax.legend(frameon=False, fontsize=8, loc="lower right")
 
 
 def weight_axes(ax, comparison, term: str) -> None:
-    """Shrinkage weight against group size; the curve n sigma_b^2 / (n sigma_b^2 + sigma^2) for a scalar term."""
+    """Shrinkage weight against group size; the curve n sigma_b^2 / (n sigma_b^2 + sigma^2) for a scalar term.
+
+    A GLMM's weight counts PIRLS's working weights at the mode, not n: no curve, and a binomial's
+    groups are placed by their trials.
+    """
     rows = comparison.table[comparison.table.term == term]
-    ax.scatter(rows["n"], rows["weight"], s=14, color=_BLUP_COLOR, alpha=0.7, zorder=3, label="groups")
+    n, counted = _group_size(rows)
+    ax.scatter(n, rows["weight"], s=14, color=_BLUP_COLOR, alpha=0.7, zorder=3, label="groups")
     fit, block = comparison.fit, comparison.block
-    scalar = block.k == 1 and fit.design.weights is None
+    scalar = block.k == 1 and fit.design.weights is None and getattr(fit.design, "family", None) is None
     if scalar:
         var_b = fit.term_covariances()[block.indices[0]][0, 0]
         grid = np.geomspace(0.8, rows["n"].max() * 1.25, 200)
@@ -123,7 +160,8 @@ def weight_axes(ax, comparison, term: str) -> None:
                 label=r"$n\sigma_b^2/(n\sigma_b^2+\sigma^2)$")
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
-    ax.set(xlabel=f"observations per {block.group} (n)", ylabel=f"weight on the group's own data ({term})",
+    ax.set(xlabel=f"{counted} per {block.group}" + (" (n)" if counted == "observations" else ""),
+           ylabel=f"weight on the group's own data ({term})",
            title="How much each group keeps of its own estimate")
     ax.legend(frameon=False, fontsize=8, loc="lower right")
 

