@@ -1,4 +1,4 @@
-"""The ``hierpool`` command: ``hierpool demo`` and ``hierpool fit DATA.csv FORMULA``.
+"""The ``hierpool`` command: ``hierpool demo`` and ``hierpool fit DATA.csv FORMULA [--family NAME]``.
 
 Errors the user can fix (a missing file, a bad formula, a missing column) are one
 line on stderr and exit status 2; warnings are one line each.
@@ -124,22 +124,47 @@ def _read_csv(path: str):
 
 def _ranef_with_intervals(fit, level: float):
     from .closedform.predict import normal_quantile
+    from .pooling_comparison import ranef_joint_sd
 
     ranef = fit.ranef.copy()
-    ranef["joint_sd"] = fit.ranef_joint_sd()
+    ranef["joint_sd"] = ranef_joint_sd(fit)
     z = normal_quantile(level)
     ranef["lower"] = ranef["condval"] - z * ranef["joint_sd"]
     ranef["upper"] = ranef["condval"] + z * ranef["joint_sd"]
     return ranef
 
 
+def _check_family_options(args) -> None:
+    """Options that only a GLMM (--family) takes, and those it cannot take, named."""
+    if args.family is None:
+        for option, value in (("--link", args.link), ("--nagq", args.nagq)):
+            if value is not None:
+                raise _UserError(f"{option} needs --family (e.g. --family binomial): without it the model is a "
+                                 "linear mixed model, whose link is the identity")
+        return
+    if args.bayes:
+        raise _UserError(f"--bayes: hp.bayes does not fit --family {args.family} yet (closed form only)")
+    if args.se is not None:
+        raise _UserError(f"--se gives known residual sds of a linear mixed model; --family {args.family} has none")
+
+
+def _glmm_fitted(comparison):
+    """fitted.csv of a GLMM: each method's mean (response scale, lme4's fitted) and its linear predictor (*_link)."""
+    response = comparison.fitted("response")
+    link = comparison.fitted("link").drop(columns="offset").add_suffix("_link")
+    return response.join(link)
+
+
 def _fit(args) -> int:
     from .pooling_comparison import pooling
 
+    _check_family_options(args)
     data = _read_csv(args.data)
     out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}-hierpool")
-    # one call fits every engine the command runs (hp.lmm, and hp.bayes with --bayes): each gets se, weights, offset
-    comparison = pooling(args.formula, data, bayes=args.bayes, chains=args.chains, draws=args.draws, tune=args.tune,
+    # one call fits every engine the command runs (hp.lmm or hp.glmm, and hp.bayes with --bayes): each gets se,
+    # weights, offset
+    comparison = pooling(args.formula, data, family=args.family, link=args.link, nAGQ=args.nagq or 1,
+                         bayes=args.bayes, chains=args.chains, draws=args.draws, tune=args.tune,
                          seed=args.seed, se=args.se, weights=args.weights, offset=args.offset, level=args.level,
                          progress=None)
     fit = comparison.fit
@@ -152,7 +177,8 @@ def _fit(args) -> int:
         _write_table(fit.varcorr, out / "varcorr.csv"),
         _write_table(_ranef_with_intervals(fit, args.level), out / "ranef.csv"),
         _write_table(comparison.table, out / "pooling.csv"),
-        _write_table(comparison.fitted().rename_axis("row").reset_index(), out / "fitted.csv"),
+        _write_table((_glmm_fitted(comparison) if comparison.is_glmm else comparison.fitted())
+                     .rename_axis("row").reset_index(), out / "fitted.csv"),
     ]
     if args.plots:  # asked for: matplotlib and two PNGs would be most of a small fit's wall time
         written += [
@@ -194,16 +220,29 @@ def _parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser(
         "fit", help="fit a model to a CSV file",
-        description="Fit an lme4-style formula to a CSV file; print the summary and write the fixed effects, "
-                    "variance components, random effects (with intervals) and each pooling method's fitted "
-                    "values (offset included) as CSV; with --plots, the shrinkage and caterpillar plots.")
+        description="Fit an lme4-style formula to a CSV file (a linear mixed model, or with --family a GLMM); "
+                    "print the summary and write the fixed effects, variance components, random effects (with "
+                    "intervals), complete, no and partial pooling side by side (pooling.csv; a GLMM's on the link "
+                    "scale) and each pooling method's fitted values (offset included) as CSV; with --plots, the "
+                    "shrinkage and caterpillar plots.")
     fit.add_argument("data", help="CSV file with a header row")
     fit.add_argument("formula", help='lme4-style formula, e.g. "y ~ x + (x | g)"')
-    fit.add_argument("--bayes", action="store_true", help="also sample the posterior (hp.bayes); writes posterior.nc")
+    fit.add_argument("--family", metavar="NAME",
+                     help="fit a GLMM (hp.glmm) of this family: binomial (0/1, or cbind(successes, failures)), "
+                          "bernoulli, poisson, negative_binomial")
+    fit.add_argument("--link", metavar="L",
+                     help="the GLMM's link (with --family; default: the canonical one); the binomial also takes "
+                          "probit and cloglog")
+    fit.add_argument("--nagq", type=int, metavar="N",
+                     help="with --family: 1 Laplace (default), 0 the joint mode, 2-25 adaptive Gauss-Hermite "
+                          "quadrature (one scalar random-effect term), as glmer's nAGQ")
+    fit.add_argument("--bayes", action="store_true",
+                     help="also sample the posterior (hp.bayes; not with --family); writes posterior.nc")
     fit.add_argument("--out", help="output folder (default: <DATA stem>-hierpool)")
     fit.add_argument("--se", help="column of known residual standard errors (meta-analysis)")
     fit.add_argument("--weights", metavar="COL",
-                     help="column of prior weights, as lmer's weights: row i has residual variance sigma^2 / w_i")
+                     help="column of prior weights, as lmer's weights: row i has residual variance sigma^2 / w_i "
+                          "(with --family, glmer's: a binomial proportion's trials)")
     fit.add_argument("--offset", metavar="COL",
                      help="column of a known offset added to the linear predictor, as lmer's offset "
                           "(offset(expr) terms in the formula work too)")

