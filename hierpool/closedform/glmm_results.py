@@ -273,7 +273,7 @@ class GLMMResult:
         quantities move with the random effects' variance as much as with beta (the intercept above
         all); it enters only through v.  The delta method rather than simulating (theta, beta)
         from their normal approximation (GLMMadaptive's choice): it is deterministic, costs one
-        integration instead of one per draw, and on the reference models agrees with the
+        integration instead of one per draw, and on cbpp agrees with the
         simulation's sds within its Monte Carlo error (``tests/test_glmm_marginal.py``).  Each
         mean's interval is normal on the marginal link scale g(m) and mapped through g^-1, so it
         stays inside the response's range.
