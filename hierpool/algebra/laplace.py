@@ -38,7 +38,7 @@ from ..spec.design import Design
 from .family import Family
 from .henderson import point_estimates
 from .linalg import theta_to_factors
-from .system import build_system
+from .system import SystemPattern, build_system, system_pattern
 
 #: Relative change of the penalized deviance at which PIRLS has converged (lme4's tolPwrss is 1e-7;
 #: the references in validation/glmm_reference.json were made with 1e-10).
@@ -104,12 +104,20 @@ def working_design(design: Design, response: np.ndarray, weights: np.ndarray, jo
     )
 
 
+def pirls_patterns(design: Design) -> dict[bool, SystemPattern]:
+    """The system patterns of PIRLS's working designs (keyed by ``joint``): found once per design, refilled
+    with new working weights and response at every step (:func:`hierpool.algebra.system.build_system`)."""
+    ones = np.ones(design.n)
+    return {joint: system_pattern(working_design(design, ones, ones, joint)) for joint in (False, True)}
+
+
 def _penalized_deviance(family: Family, design: Design, trials, mu, u) -> float:
     return float(np.sum(family.unit_deviances(design.y, mu, trials)) + sum(np.sum(np.square(x)) for x in u))
 
 
 def conditional_mode(
     theta, beta, design: Design, family: Family, *, joint: bool = False, start_u=None, tol: float = PIRLS_TOL,
+    patterns: dict[bool, SystemPattern] | None = None,
 ) -> ConditionalMode:
     """u* (and beta with ``joint``) by PIRLS at ``theta`` and ``beta``, with the Laplace approximation there.
 
@@ -129,6 +137,9 @@ def conditional_mode(
         Where PIRLS starts (zeros when None).
     tol : float
         Relative change of the penalized deviance that ends the iteration.
+    patterns : dict, optional
+        :func:`pirls_patterns` of ``design`` (found here when None): pass them when calling
+        repeatedly on one design.
 
     Returns
     -------
@@ -136,6 +147,8 @@ def conditional_mode(
     """
     theta = np.asarray(theta, dtype=float)
     beta = np.asarray(beta, dtype=float).reshape(-1)
+    if patterns is None:
+        patterns = pirls_patterns(design)
     trials = design.row_weights
     fixed = design.offset + design.X @ beta
     if start_u is None:
@@ -154,7 +167,7 @@ def conditional_mode(
         _, weights, residual = family.working(design.y, eta, trials)
         # the working response of the solved part: X beta + Z b (joint) or Z b, plus the working residual
         response = (eta - design.offset if joint else eta - fixed) + residual
-        system = build_system(working_design(design, response, weights, joint), host=True)
+        system = build_system(working_design(design, response, weights, joint), host=True, pattern=patterns[joint])
         solved_beta, solved_u, _, _ = point_estimates(theta, system)
         new_u = tuple(np.asarray(x) for x in solved_u)
         new_beta = np.asarray(solved_beta) if joint else beta
@@ -174,7 +187,7 @@ def conditional_mode(
         eta, mu, deviance = trial_eta, trial_mu, trial_deviance
     _, weights, _ = family.working(design.y, eta, trials)
     # the log-determinant with the weights at the mode: one more factorization, of Z only
-    at_mode = build_system(working_design(design, eta - fixed, weights, False), host=True)
+    at_mode = build_system(working_design(design, eta - fixed, weights, False), host=True, pattern=patterns[False])
     logdet = float(point_estimates(theta, at_mode)[3])
     log_likelihood = float(np.sum(family.log_likelihood(design.y, mu, trials)))
     squared_u = sum(float(np.sum(np.square(x))) for x in u)

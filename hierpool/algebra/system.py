@@ -168,13 +168,6 @@ def _rest_columns(design: Design, y_column: np.ndarray) -> list[tuple[np.ndarray
     return blocks
 
 
-def _coupling(index0, z0, ell0, index_r, values_r, ell_r, weights):
-    keys = index0 * ell_r + index_r
-    unique, inverse = np.unique(keys, return_inverse=True)
-    products = _bincount_products(inverse, z0, values_r, weights, len(unique))
-    return unique // ell_r, unique % ell_r, products
-
-
 def _pairs(level0_r, level_r, level0_s, level_s, ell_s, ell0, diagonal: bool = False):
     """All (a, b) with level0_r[a] == level0_s[b] (``diagonal``: r = s, and only a <= b); level0 arrays are sorted.
 
@@ -236,17 +229,29 @@ def _dense_rest(blocks, weights) -> np.ndarray:
     return rest
 
 
-def build_system(design: Design, host: bool = False) -> MixedModelSystem:
-    """Compute the cross-products and the coupling pattern of ``design`` (host side, once).
+@pytree_dataclass
+@dataclass(frozen=True)
+class SystemPattern:
+    """Where each row's cross-products go: the part of a system that prior weights and response do not change.
 
-    Cost O(n k^2) for the cross-products plus the number of coupling pairs,
-    sum over term-0 levels of (rest blocks touching that level)^2.  The arrays are
-    JAX arrays for compiled programs, or NumPy arrays with ``host=True`` (the
-    uncompiled algebra's input; :func:`on_device` converts them later if needed).
+    Built once per design (:func:`system_pattern`); :func:`build_system` fills it with a design's
+    weights and response on the host, :func:`fill_in_program` inside a compiled program.  A GLMM's
+    PIRLS refills one pattern at every step with new working weights and response, so the coupling
+    cells and pairs (sorting and ``unique``) are found once.  A pytree (the layout static).
     """
-    weights = design.row_weights
+
+    index0: jax.Array  # (n,) term-0 level of each row
+    z0: jax.Array  # (n, k0) term 0's row values
+    rest_rows: tuple  # per rest block except y: (level index per row, row values (n, k))
+    coupling_cells: tuple  # per rest block: (coupling cell of each row, level0 of each cell, level of each cell)
+    pair_indices: tuple  # per Layout.pair_keys(): (a, b, target), the couplings paired and their grid cell
+    layout: Layout = field(metadata=dict(static=True))
+
+
+def system_pattern(design: Design) -> SystemPattern:
+    """The :class:`SystemPattern` of ``design``: its rows' levels and values, with the coupling cells and pairs."""
     term0 = design.terms[0]
-    index0, z0, ell0 = term0.index.astype(np.int64), term0.z, term0.n_levels
+    index0, ell0 = term0.index.astype(np.int64), term0.n_levels
     layout = Layout(
         n=design.n,
         p=design.p,
@@ -254,20 +259,50 @@ def build_system(design: Design, host: bool = False) -> MixedModelSystem:
         n_levels=tuple(t.n_levels for t in design.terms),
         sigma_known=design.sigma_known,
     )
-    beta_shift, y_column = location_shift(design)
-    blocks = _rest_columns(design, y_column)
-    a00 = _bincount_products(index0, z0, z0, weights, ell0)
-    couplings = [_coupling(index0, z0, ell0, idx, vals, ell, weights) for idx, vals, ell in blocks]
+    rows = _rest_columns(design, np.zeros(design.n))
+    cells = []
+    for index_r, _, ell_r in rows:
+        unique, inverse = np.unique(index0 * ell_r + index_r, return_inverse=True)
+        cells.append((inverse.reshape(-1), unique // ell_r, unique % ell_r))
     pairs = []
     for r, s in layout.pair_keys():
-        level0_r, level_r, values_r = couplings[r]
-        level0_s, level_s, values_s = couplings[s]
-        a, b, target = _pairs(level0_r, level_r, level0_s, level_s, blocks[s][2], ell0, diagonal=r == s)
-        products = _pair_products(values_r, values_s, a, b)
+        (_, level0_r, level_r), (_, level0_s, level_s) = cells[r], cells[s]
+        pairs.append(_pairs(level0_r, level_r, level0_s, level_s, rows[s][2], ell0, diagonal=r == s))
+    rest_rows = tuple((index, values) for index, values, _ in rows[:-1])
+    return SystemPattern(index0, term0.z, rest_rows, tuple(cells), tuple(pairs), layout)
+
+
+def build_system(design: Design, host: bool = False, pattern: SystemPattern | None = None) -> MixedModelSystem:
+    """Compute the cross-products and the coupling pattern of ``design`` (host side, once).
+
+    Cost O(n k^2) for the cross-products plus the number of coupling pairs,
+    sum over term-0 levels of (rest blocks touching that level)^2.  The arrays are
+    JAX arrays for compiled programs, or NumPy arrays with ``host=True`` (the
+    uncompiled algebra's input; :func:`on_device` converts them later if needed).
+    ``pattern`` is :func:`system_pattern` of a design with the same terms, levels and X
+    (only the response and the prior weights may differ); it is computed when None.
+    """
+    if pattern is None:
+        pattern = system_pattern(design)
+    layout = pattern.layout
+    if (layout.n, layout.p, layout.sigma_known) != (design.n, design.p, design.sigma_known):
+        raise ValueError("build_system: the pattern is of another design (rows, fixed effects or residual scale)")
+    weights = design.row_weights
+    index0, z0, ell0 = pattern.index0, pattern.z0, layout.n_levels[0]
+    beta_shift, y_column = location_shift(design)
+    blocks = [(index, values, ell) for (index, values), (ell, _) in zip(pattern.rest_rows, layout.rest_blocks)]
+    blocks.append((np.zeros(design.n, dtype=np.int64), y_column[:, None], 1))
+    a00 = _bincount_products(index0, z0, z0, weights, ell0)
+    couplings = [
+        (level0, level, _bincount_products(inverse, z0, values, weights, len(level0)))
+        for (inverse, level0, level), (_, values, _) in zip(pattern.coupling_cells, blocks)
+    ]
+    pairs = []
+    for (r, s), (a, b, target) in zip(layout.pair_keys(), pattern.pair_indices):
+        products = _pair_products(couplings[r][2], couplings[s][2], a, b)
         if r == s:
             products[a == b] *= 0.5  # a diagonal block is the sum of its pairs plus its transpose
-        pairs.append((level0_r.astype(np.int32)[a], target, products))
-        del a, b
+        pairs.append((couplings[r][0].astype(np.int32)[a], target, products))
     as_jax = np.asarray if host else _to_device
     return MixedModelSystem(
         a00=as_jax(a00),
@@ -279,6 +314,52 @@ def build_system(design: Design, host: bool = False) -> MixedModelSystem:
         log_weights=as_jax(np.sum(np.log(weights))),
         beta_shift=as_jax(beta_shift),
         layout=layout,
+    )
+
+
+def _products_in_program(keys, left, right, weights, size):
+    """:func:`_bincount_products` in a compiled program: a segment-sum of the rows' weighted outer products."""
+    import jax.numpy as jnp
+
+    rows = weights[:, None, None] * left[:, :, None] * right[:, None, :]
+    return jax.ops.segment_sum(rows, keys, num_segments=size) if size > 1 else jnp.sum(rows, axis=0, keepdims=True)
+
+
+def fill_in_program(pattern: SystemPattern, weights: jax.Array, y_column: jax.Array) -> MixedModelSystem:
+    """:func:`build_system`'s cross-products inside a compiled program, from the pattern, weights and y column.
+
+    For PIRLS's working designs, whose responses carry no large common location: the y column is
+    used as it is (``beta_shift`` zero, no :func:`location_shift`).
+    """
+    import jax.numpy as jnp
+
+    layout = pattern.layout
+    zeros = jnp.zeros(layout.n, dtype=pattern.index0.dtype)
+    blocks = [(index, values, ell) for (index, values), (ell, _) in zip(pattern.rest_rows, layout.rest_blocks)]
+    blocks.append((zeros, y_column[:, None], 1))
+    a00 = _products_in_program(pattern.index0, pattern.z0, pattern.z0, weights, layout.n_levels[0])
+    values = [_products_in_program(inverse, pattern.z0, rows, weights, len(level0))
+              for (inverse, level0, _), (_, rows, _) in zip(pattern.coupling_cells, blocks)]
+    couplings = tuple(Coupling(level0.astype(jnp.int32), level.astype(jnp.int32), v)
+                      for (_, level0, level), v in zip(pattern.coupling_cells, values))
+    pairs = []
+    for (r, s), (a, b, target) in zip(layout.pair_keys(), pattern.pair_indices):
+        products = values[r][a][:, :, None, :, None] * values[s][b][:, None, :, None, :]
+        if r == s:  # a diagonal block is the sum of its pairs plus its transpose
+            products = jnp.where((a == b)[:, None, None, None, None], 0.5 * products, products)
+        pairs.append(Pairs(couplings[r].level0[a], target.astype(jnp.int32), products))
+    sizes = [ell * rows.shape[1] for _, rows, ell in blocks]
+    grid = [[None] * len(blocks) for _ in blocks]
+    for r, (index_r, rows_r, ell_r) in enumerate(blocks):
+        for s in range(r, len(blocks)):
+            index_s, rows_s, ell_s = blocks[s]
+            cells = _products_in_program(index_r * ell_s + index_s, rows_r, rows_s, weights, ell_r * ell_s)
+            k_r, k_s = rows_r.shape[1], rows_s.shape[1]
+            block = cells.reshape(ell_r, ell_s, k_r, k_s).transpose(0, 2, 1, 3).reshape(sizes[r], sizes[s])
+            grid[r][s], grid[s][r] = block, block.T
+    return MixedModelSystem(
+        a00=a00, couplings=couplings, pairs=tuple(pairs), rest=jnp.block(grid),
+        log_weights=jnp.sum(jnp.log(weights)), beta_shift=jnp.zeros(layout.p), layout=layout,
     )
 
 
