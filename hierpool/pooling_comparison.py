@@ -87,6 +87,7 @@ import pandas as pd
 
 from .algebra.henderson import diagonal_blocks, prediction_covariance
 from .algebra.linalg import theta_to_factors
+from .algebra.separation import is_separated
 from .closedform import glmm, lmm
 from .closedform.glmm_results import GLMMResult
 from .closedform.results import LMMResult
@@ -103,8 +104,6 @@ IRLS_TOL = 1e-12
 IRLS_MAX_STEPS = 100
 #: Pseudo-events (and, for the binomial, pseudo-non-events) the 0.5 correction adds to a group.
 CORRECTION = 0.5
-#: How far from 0 a separating direction must move a row's linear predictor (z scaled to max |z| = 1).
-SEPARATION_TOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -361,51 +360,6 @@ def _complete_pooling_glm_beta(fit: GLMMResult) -> np.ndarray:
     """The GLM of y on the fixed-effect columns alone (offset and prior weights included), shape (p,)."""
     design = fit.design
     return _fit_glm(design.X, design.y, design.row_weights, design.offset, fit.family, "complete pooling")
-
-
-def _row_kinds(y: np.ndarray, family_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(rows with no events, binomial rows with only successes)."""
-    low = y <= 0
-    high = (y >= 1) if family_name == "binomial" else np.zeros_like(low)
-    return low, high
-
-
-def is_separated(z: np.ndarray, y: np.ndarray, family_name: str) -> bool:
-    """Whether the group's own columns z separate its rows, so that its maximum-likelihood estimate is infinite.
-
-    Separated (Albert & Anderson 1984) when some direction d != 0 has z_i d <= 0 on every row without
-    events, z_i d >= 0 on every binomial row with only successes, z_i d = 0 on every other row, and
-    z_i d != 0 on some row: moving the group's coefficients along d then raises the likelihood without
-    end.  A linear programme for more than one column (scipy's HiGHS).
-
-    Parameters
-    ----------
-    z : numpy.ndarray, shape (m, k)
-        The group's random-effect columns on its rows with positive prior weight.
-    y : numpy.ndarray, shape (m,)
-        The response as the family reads it (proportions for the binomial).
-    family_name : str
-    """
-    scale = np.max(np.abs(z), axis=0)
-    z = z / np.where(scale > 0, scale, 1.0)
-    low, high = _row_kinds(y, family_name)
-    mixed = ~(low | high)
-    sign = np.where(high, 1.0, -1.0)
-    if z.shape[1] == 1:
-        for d in (1.0, -1.0):
-            moved = z[:, 0] * d
-            if (np.all(sign[~mixed] * moved[~mixed] >= -SEPARATION_TOL)
-                    and np.all(np.abs(moved[mixed]) <= SEPARATION_TOL) and np.any(np.abs(moved) > SEPARATION_TOL)):
-                return True
-        return False
-    from scipy.optimize import linprog
-
-    bounded = ~mixed
-    result = linprog(-(sign[bounded] @ z[bounded]), A_ub=-(sign[bounded, None] * z[bounded]) if bounded.any() else None,
-                     b_ub=np.zeros(bounded.sum()) if bounded.any() else None,
-                     A_eq=z[mixed] if mixed.any() else None, b_eq=np.zeros(mixed.sum()) if mixed.any() else None,
-                     bounds=[(-1.0, 1.0)] * z.shape[1], method="highs")
-    return bool(result.status == 0 and -result.fun > SEPARATION_TOL)
 
 
 @dataclass(frozen=True)

@@ -116,8 +116,52 @@ def test_summary_prints_glmers_blocks(laplace):
 def test_a_singular_fit_is_reported(cbpp):
     # cbpp's last period alone: the herd variance goes to 0 (lme4: theta 7e-10, isSingular TRUE)
     model = MODELS["cbpp_period4_singular"]
-    fit = hp.glmm(model["formula"], cbpp.iloc[np.array(model["subset_rows"]) - 1], family="binomial")
+    with pytest.warns(hp.ConvergenceWarning, match=r"singular.*\(1 \| herd\)"):
+        fit = hp.glmm(model["formula"], cbpp.iloc[np.array(model["subset_rows"]) - 1], family="binomial")
     assert fit.is_singular and fit.theta[0] < 1e-4
+    assert fit.converged and any("(1 | herd)" in m for m in fit.convergence.messages)
     assert fit.loglik >= model["loglik"] - 1e-6
     assert fit.fixef.iloc[0] == pytest.approx(model["fixef"]["(Intercept)"], rel=1e-4)
     assert "singular" in fit.summary()
+
+
+def test_lme4s_convergence_checks_at_a_good_optimum(laplace):
+    # glmer's calc.derivs: the gradient at the optimum is ~0 and the Hessian positive definite
+    assert laplace.converged and laplace.convergence.messages == ()
+    assert np.max(np.abs(laplace.convergence.gradient)) < 1e-3
+    assert np.all(np.linalg.eigvalsh(laplace.convergence.hessian) > 0)
+
+
+def test_each_failed_check_names_what_to_simplify(cbpp):
+    from hierpool.closedform.glmm_convergence import check_convergence
+    from hierpool.spec.design import build_design
+    from hierpool.spec.family import family_spec
+
+    design = build_design(CBPP, cbpp, family=family_spec("binomial"))  # theta: (1 | herd); beta: 4 columns
+    good = np.diag([5.0, 40.0, 30.0, 30.0, 30.0])
+    report = check_convergence(design, np.array([0.6]), np.zeros(5), good, pirls_converged=True)
+    assert report.converged and not report.messages
+    gradient = np.array([0.0, 0.0, 0.0, 5.0, 0.0])
+    report = check_convergence(design, np.array([0.6]), gradient, good, pirls_converged=True)
+    assert not report.converged and "max|grad|" in report.messages[0] and "period[3]" in report.messages[0]
+    negative = good.copy()
+    negative[0, 0] = -1.0
+    report = check_convergence(design, np.array([0.6]), np.zeros(5), negative, pirls_converged=True)
+    assert not report.converged and "negative" in report.messages[0] and "(1 | herd)" in report.messages[0]
+    report = check_convergence(design, np.array([0.6]), np.zeros(5), good, pirls_converged=False)
+    assert not report.converged and "PIRLS" in report.messages[0]
+
+
+def test_complete_separation_warns_naming_the_column():
+    rng = np.random.default_rng(1)
+    data = pd.DataFrame({"g": rng.integers(0, 6, 60).astype(str), "x": rng.normal(size=60),
+                         "z": rng.normal(size=60)})
+    data["y"] = (data["x"] > 0).astype(int)  # x alone separates the outcomes; z does not
+    with pytest.warns(hp.HierpoolWarning, match=r"complete separation: the fixed-effect column\(s\) x separate"):
+        hp.glmm("y ~ x + z + (1 | g)", data, family="binomial", nAGQ=0)
+    data["y"] = (rng.random(60) < 0.5).astype(int)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hp.HierpoolWarning)
+        hp.glmm("y ~ x + z + (1 | g)", data, family="binomial", nAGQ=0)

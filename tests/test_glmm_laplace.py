@@ -241,3 +241,38 @@ def test_crossed_binary_verbagg_is_lme4s_converged_deviance_function():
     joint = converged["nAGQ0"]
     mode = conditional_mode(np.asarray(joint["theta"]), np.zeros(design.p), design, fam, joint=True)
     assert mode.laplace == pytest.approx(joint["value"], abs=1e-5)
+
+
+def test_compiled_pirls_is_the_hosts():
+    # the program (laplace_program) takes the host's steps: same modes, criterion and step count, both
+    # stages, a fit through it, and a negative binomial's shape as an argument (one program for every shape)
+    from hierpool.algebra.laplace import pirls_patterns
+    from hierpool.algebra.laplace_program import conditional_mode_in_program, program_data
+
+    designs = _designs()
+    design, _ = designs["cbpp_binomial_logit_laplace"]
+    fam = family(family_spec("binomial"))
+    patterns = pirls_patterns(design)
+    theta, beta = np.array([0.8]), np.array([-1.3, -0.9, -1.1, -1.7])
+    for joint in (False, True):
+        host = conditional_mode(theta, beta, design, fam, joint=joint, patterns=patterns)
+        program = conditional_mode_in_program(theta, beta, design, fam, program_data(design, patterns[joint]),
+                                              joint=joint)
+        assert program.laplace == pytest.approx(host.laplace, rel=1e-11)
+        assert program.log_likelihood == pytest.approx(host.log_likelihood, rel=1e-11)
+        assert program.steps == host.steps and program.converged
+        for a, b in zip(program.u, host.u):
+            np.testing.assert_allclose(a, b, atol=1e-9)
+        np.testing.assert_allclose(program.beta, host.beta, atol=1e-9)
+    host, program = fit_laplace(design, fam, compiled=False), fit_laplace(design, fam, compiled=True)
+    assert program.deviance == pytest.approx(host.deviance, rel=1e-10)
+    np.testing.assert_allclose(program.beta, host.beta, rtol=1e-6)
+    np.testing.assert_allclose(program.theta, host.theta, rtol=1e-6)
+    design, shape = designs["epil_negbin_laplace"]
+    data = program_data(design, pirls_patterns(design)[False])
+    beta = np.linalg.lstsq(design.X, np.log(design.y + 0.5), rcond=None)[0]
+    for value in (shape, 2.0 * shape):
+        fam = family(family_spec("negative_binomial"), shape=value)
+        host = conditional_mode([0.5], beta, design, fam)
+        assert conditional_mode_in_program([0.5], beta, design, fam, data).laplace == pytest.approx(host.laplace,
+                                                                                                   rel=1e-11)

@@ -7,15 +7,24 @@ by glmer's two stages (:func:`hierpool.closedform.glmm_optimize.fit_laplace`) an
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import pandas as pd
 
 from ..algebra.family import family as make_family
 from ..algebra.quadrature import MAX_NODES
-from ..errors import ArgumentError
+from ..algebra.separation import separating_columns
+from ..errors import ArgumentError, ConvergenceWarning, HierpoolWarning
 from ..spec.design import build_design
 from ..spec.family import family_spec
+from .glmm_convergence import check_convergence
 from .glmm_optimize import fit_laplace
 from .glmm_results import GLMMResult
+
+#: Distinct (row of X, response) pairs up to which the fixed-effect columns are checked for separation
+#: (a linear programme over them; beyond, the check is skipped).
+SEPARATION_MAX_ROWS = 200_000
 
 #: Where a negative binomial's shape search starts (glmer.nb starts from a Poisson fit's estimate).
 NB_START_SHAPE = 1.0
@@ -63,10 +72,38 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
         terms = ", ".join(f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms)
         raise ArgumentError(f"nAGQ={nAGQ} needs exactly one scalar random-effect term such as (1 | g); "
                             f"this model has {terms}")
+    _warn_if_separated(design, spec.name)
     negative_binomial = spec.name == "negative_binomial"
     fam = make_family(spec, shape=NB_START_SHAPE if negative_binomial else None)
     stages = 1 if nAGQ == 0 else 2
     optimum = fit_laplace(design, fam, stages=stages, nodes=max(nAGQ, 1), estimate_shape=negative_binomial)
     if negative_binomial:
         fam = make_family(spec, shape=optimum.shape)
-    return GLMMResult(design, fam, optimum, max(nAGQ, 1), stages)
+    report = check_convergence(design, optimum.theta, optimum.gradient, optimum.hessian, optimum.mode.converged)
+    for message in report.messages:
+        warnings.warn(message, ConvergenceWarning, stacklevel=2)
+    return GLMMResult(design, fam, optimum, max(nAGQ, 1), stages, report)
+
+
+def _warn_if_separated(design, family_name: str) -> None:
+    """Warn, naming the columns, when X's columns separate the outcomes (:mod:`hierpool.algebra.separation`).
+
+    Then the likelihood rises without end along those columns: their estimates are not finite, and
+    what the optimizer returns for them is where it stopped (a "plausible wrong fit" if unannounced).
+    """
+    rows = design.row_weights > 0
+    if not design.p:
+        return
+    pairs = np.unique(np.column_stack([design.X[rows], design.y[rows]]), axis=0)
+    if len(pairs) > SEPARATION_MAX_ROWS:
+        return
+    involved = separating_columns(pairs[:, :-1], pairs[:, -1], family_name)
+    if not involved:
+        return
+    columns = [design.fixed_names[j] for j in involved]
+    outcome = "0/1 outcomes" if family_name == "binomial" else "zero counts"
+    warnings.warn(
+        f"complete separation: the fixed-effect column(s) {', '.join(columns)} separate the {outcome}, so their "
+        "maximum-likelihood estimates are infinite and the values reported are where the optimizer stopped; "
+        "drop or merge those columns (or levels), or give them a prior with hp.bayes",
+        HierpoolWarning, stacklevel=3)

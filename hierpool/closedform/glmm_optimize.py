@@ -19,10 +19,18 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..algebra.family import Family
-from ..algebra.laplace import ConditionalMode, conditional_mode
+from ..algebra.laplace import ConditionalMode, conditional_mode, pirls_patterns
+from ..algebra.laplace_program import (
+    compile_conditional_mode,
+    conditional_mode_in_program,
+    in_program,
+    program_data,
+    saturated_deviance,
+)
 from ..algebra.linalg import theta_lower_bounds
 from ..algebra.quadrature import quadrature_deviance
 from ..spec.design import Design
+from .glmm_convergence import finite_differences
 
 #: BOBYQA's stopping rule on the criterion (absolute, in deviance units) and on the parameters (relative).
 FTOL_ABS = 1e-10
@@ -34,6 +42,40 @@ THETA_STEP = 0.25
 BETA_STEP = 0.05
 #: First step of a negative binomial's log shape.
 SHAPE_STEP = 0.25
+#: Rows from which PIRLS runs in a compiled program (:mod:`hierpool.algebra.laplace_program`) rather than on
+#: the host: a fit evaluates the criterion hundreds of times, and the host's per-operation overhead grows
+#: with the rows less than the program's compilation costs.
+COMPILE_MIN_ROWS = 1000
+
+
+def mode_finder(design: Design, family: Family, compiled: bool | None = None):
+    """``(theta, beta, family, joint=, start_u=) -> ConditionalMode`` for repeated calls on one design.
+
+    On the host (:func:`hierpool.algebra.laplace.conditional_mode`) with the system patterns found
+    once, or in the compiled program (``compiled``; by default from :data:`COMPILE_MIN_ROWS` rows,
+    where the program's log-likelihood is exact, :func:`hierpool.algebra.laplace_program.in_program`).
+    Both programs start compiling here, side by side.
+    """
+    patterns = pirls_patterns(design)
+    if compiled is None:
+        compiled = design.n >= COMPILE_MIN_ROWS
+    if not (compiled and in_program(design, family)):
+        def on_host(theta, beta, family, joint=False, start_u=None):
+            return conditional_mode(theta, beta, design, family, joint=joint, start_u=start_u, patterns=patterns)
+
+        return on_host
+    data = {joint: program_data(design, patterns[joint]) for joint in (True, False)}
+    for joint in (True, False):
+        compile_conditional_mode(data[joint], family, joint)
+    saturated = {}
+
+    def in_compiled_program(theta, beta, family, joint=False, start_u=None):
+        if family.shape not in saturated:  # one value per negative binomial shape
+            saturated[family.shape] = saturated_deviance(design, family)
+        return conditional_mode_in_program(theta, beta, design, family, data[joint], joint=joint, start_u=start_u,
+                                           saturated=saturated[family.shape])
+
+    return in_compiled_program
 
 
 @dataclass(frozen=True)
@@ -52,6 +94,10 @@ class GLMMOptimum:
         Criterion evaluations of each stage.
     shape : float or None
         A negative binomial's shape (estimated with ``estimate_shape``).
+    gradient, hessian : numpy.ndarray or None
+        Finite differences of the deviance in (theta, beta) at the optimum, the shape held
+        (:func:`hierpool.closedform.glmm_convergence.finite_differences`; glmer's ``calc.derivs``);
+        None with ``stages=1`` or ``derivatives=False``.
     """
 
     theta: np.ndarray
@@ -60,6 +106,8 @@ class GLMMOptimum:
     mode: ConditionalMode
     evaluations: tuple[int, ...]
     shape: float | None = None
+    gradient: np.ndarray | None = None
+    hessian: np.ndarray | None = None
 
 
 def _minimize(criterion, start, lower, step):
@@ -91,7 +139,7 @@ def _minimize(criterion, start, lower, step):
 
 
 def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
-                estimate_shape: bool = False) -> GLMMOptimum:
+                estimate_shape: bool = False, compiled: bool | None = None, derivatives: bool = True) -> GLMMOptimum:
     """Fit a GLMM by the Laplace approximation (``stages=2``, glmer's ``nAGQ = 1``), by adaptive
     quadrature (``nodes > 1``, glmer's ``nAGQ = nodes``), or at the joint mode (``stages=1``, ``nAGQ = 0``).
 
@@ -109,6 +157,11 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
         A negative binomial's shape is a parameter of stage 2 too (on the log scale), from the
         family's shape as the start; stage 1 holds it there.  glmer.nb alternates a shape search
         with glmer fits; one joint stage maximizes the same Laplace likelihood.
+    compiled : bool, optional
+        PIRLS in a compiled program or on the host (:func:`mode_finder`; None decides by size).
+    derivatives : bool
+        Compute the gradient and Hessian at the optimum (stage 2 only), as glmer does for its
+        convergence checks and its standard errors.
 
     Returns
     -------
@@ -117,21 +170,22 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
     ks = tuple(t.k for t in design.terms)
     lower = theta_lower_bounds(ks)
     state = {"u": None, "beta": np.zeros(design.p)}
+    find_mode = mode_finder(design, family, compiled)
 
     def joint(theta):
-        mode = conditional_mode(theta, state["beta"], design, family, joint=True, start_u=state["u"])
+        mode = find_mode(theta, state["beta"], family, joint=True, start_u=state["u"])
         state["u"], state["beta"] = mode.u, mode.beta
         return mode.laplace
 
     theta, first = _minimize(joint, np.where(np.isfinite(lower), 1.0, 0.0), lower, np.full(len(lower), THETA_STEP))
-    mode = conditional_mode(theta, state["beta"], design, family, joint=True)
+    mode = find_mode(theta, state["beta"], family, joint=True)
     if stages == 1:
         return GLMMOptimum(theta, mode.beta, mode.laplace, mode, (first,), family.shape)
     state["u"] = mode.u
     n_theta = len(theta)
 
     def laplace(parameters):
-        at = conditional_mode(parameters[:n_theta], parameters[n_theta:], design, family, start_u=state["u"])
+        at = find_mode(parameters[:n_theta], parameters[n_theta:], family, start_u=state["u"])
         state["u"] = at.u
         if nodes > 1:
             return quadrature_deviance(parameters[:n_theta], parameters[n_theta:], design, family, nodes, at)[0]
@@ -157,6 +211,14 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
     theta, beta = parameters[:n_theta], parameters[n_theta : n_theta + design.p]
     if estimate_shape:
         family = replace(family, shape=float(np.exp(parameters[-1])))
-    mode = conditional_mode(theta, beta, design, family)
+    mode = find_mode(theta, beta, family)
     deviance = quadrature_deviance(theta, beta, design, family, nodes, mode)[0] if nodes > 1 else mode.laplace
-    return GLMMOptimum(theta, beta, deviance, mode, (first, second), family.shape)
+    gradient = hessian = None
+    if derivatives:
+        def deviance_at(point):
+            at = find_mode(point[:n_theta], point[n_theta:], family, start_u=mode.u)
+            return quadrature_deviance(point[:n_theta], point[n_theta:], design, family, nodes, at)[0] if nodes > 1 \
+                else at.laplace
+
+        gradient, hessian = finite_differences(deviance_at, np.concatenate([theta, beta]))
+    return GLMMOptimum(theta, beta, deviance, mode, (first, second), family.shape, gradient, hessian)
