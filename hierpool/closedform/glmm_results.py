@@ -15,18 +15,15 @@ import pandas as pd
 
 from ..algebra.family import Family
 from ..algebra.henderson import solve
-from ..algebra.laplace import conditional_mode, working_design
+from ..algebra.laplace import working_design
 from ..algebra.linalg import theta_to_factors
-from ..algebra.quadrature import quadrature_deviance
 from ..algebra.system import build_system
 from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError
 from ..spec.design import Design
+from .glmm_convergence import ConvergenceReport
 from .glmm_optimize import GLMMOptimum
 from .optimize import is_singular
-
-#: Relative step of the finite-difference Hessian of the deviance in (theta, beta) (lme4's deriv12: 1e-4).
-HESSIAN_STEP = 1e-4
 
 
 class GLMMResult:
@@ -49,15 +46,26 @@ class GLMMResult:
         The approximate log-likelihood (normalizing constants included) and its criteria.
     deviance : float
         lme4's ``deviance(fit)``: the sum of the family's unit deviances at the conditional modes.
+    converged, is_singular : bool
+        lme4's convergence checks (:mod:`hierpool.closedform.glmm_convergence`; the messages in
+        ``convergence.messages``) and ``isSingular``.
     """
 
-    def __init__(self, design: Design, family: Family, optimum: GLMMOptimum, nodes: int, stages: int):
+    def __init__(self, design: Design, family: Family, optimum: GLMMOptimum, nodes: int, stages: int,
+                 convergence: ConvergenceReport | None = None):
         self.design = design
+        self.convergence = convergence
         self.family = family
         self.optimum = optimum
         self.nodes = nodes
         self.stages = stages
         self.theta = optimum.theta
+
+    @property
+    def converged(self) -> bool:
+        """False when lme4's checks failed at the optimum (gradient, Hessian) or PIRLS did not reach the mode;
+        :attr:`convergence` holds the messages (each also warned when the fit was made)."""
+        return True if self.convergence is None else self.convergence.converged
 
     @property
     def nobs(self) -> int:
@@ -112,32 +120,12 @@ class GLMMResult:
         vcov = np.asarray(self._solution_at_mode.vcov_beta)
         return pd.Series(np.sqrt(np.diag(vcov)), index=self.fixef.index, name="se")
 
-    @cached_property
+    @property
     def _hessian(self) -> np.ndarray:
-        """Central finite differences of the deviance in (theta, beta) at the optimum (lme4's deriv12)."""
-        point = np.concatenate([self.theta, self.optimum.beta])
-        n_theta = len(self.theta)
-        start = self.optimum.mode.u
-
-        def deviance(x):
-            mode = conditional_mode(x[:n_theta], x[n_theta:], self.design, self.family, start_u=start)
-            if self.nodes > 1:
-                return quadrature_deviance(x[:n_theta], x[n_theta:], self.design, self.family, self.nodes, mode)[0]
-            return mode.laplace
-
-        size = len(point)
-        steps = HESSIAN_STEP * np.maximum(np.abs(point), 1.0)
-        centre = deviance(point)
-        hessian = np.empty((size, size))
-        for i in range(size):
-            ei = np.eye(size)[i] * steps[i]
-            hessian[i, i] = (deviance(point + ei) - 2.0 * centre + deviance(point - ei)) / steps[i] ** 2
-            for j in range(i):
-                ej = np.eye(size)[j] * steps[j]
-                hessian[i, j] = hessian[j, i] = (
-                    deviance(point + ei + ej) - deviance(point + ei - ej) - deviance(point - ei + ej)
-                    + deviance(point - ei - ej)) / (4.0 * steps[i] * steps[j])
-        return hessian
+        """The finite-difference Hessian of the deviance in (theta, beta) at the optimum (lme4's deriv12)."""
+        if self.optimum.hessian is None:
+            raise ArgumentError("this fit has no Hessian (nAGQ = 0 computes none)")
+        return self.optimum.hessian
 
     @property
     def vcov(self) -> pd.DataFrame:
