@@ -333,6 +333,25 @@ def prediction_covariance(theta: jax.Array, system: MixedModelSystem) -> Predict
     return PredictionCovariance(term0=term0, cross=cross, rest=s_a_inv)
 
 
+def row_quadratic_forms(covariance: PredictionCovariance, v0: jax.Array, level0: jax.Array, v_rest: jax.Array,
+                        index_rest: jax.Array) -> jax.Array:
+    """v_i^T C^-1 v_i for each row i, v_i a sparse coefficient row of the mixed-model matrix C.
+
+    Row i has ``v0[i]`` (k0) at term 0's level ``level0[i]`` and ``v_rest[i]`` at the rest columns
+    ``index_rest[i]`` (its levels of the other terms and X's columns), so the form reads only the
+    blocks :func:`prediction_covariance` keeps: term 0's diagonal block of its level, that level's
+    cross block at the row's rest columns, and the rest block at them.  With v the rows of Z Lambda
+    (and X) this is each row's conditional (prediction) variance over sigma^2, and on a GLMM's
+    working system its leverage in the Laplace approximation's log-determinant.
+    """
+    xp = array_namespace(v0, v_rest)
+    rest = xp.einsum("na,nab,nb->n", v_rest, covariance.rest[index_rest[:, :, None], index_rest[:, None, :]], v_rest)
+    cross_rows = xp.swapaxes(covariance.cross[level0[:, None], :, index_rest], 1, 2)  # (n, k0, m)
+    cross = xp.einsum("ni,nia,na->n", v0, cross_rows, v_rest)
+    own = xp.einsum("ni,nij,nj->n", v0, covariance.term0[level0], v0)
+    return own + 2.0 * cross + rest
+
+
 @functools.cache
 def _compiled() -> dict:
     return {

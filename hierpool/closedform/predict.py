@@ -30,6 +30,7 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
+from ..algebra.henderson import row_quadratic_forms
 from ..errors import ArgumentError
 from ..spec.arguments import probability_argument
 from ..spec.newdata import model_rows, new_row_weights
@@ -83,10 +84,7 @@ def _conditional_variance(result, X, terms, known):
     index.append(np.broadcast_to(layout.q_rest + np.arange(layout.p)[None, :], X.shape))
     v = np.concatenate(values, axis=1)
     idx = np.concatenate(index, axis=1)
-    rest = np.einsum("na,nab,nb->n", v, cov.rest[idx[:, :, None], idx[:, None, :]], v)
-    cross = np.einsum("ni,nia,na->n", v0, cov.cross[safe0[:, None], :, idx].transpose(0, 2, 1), v)
-    own = np.einsum("ni,nij,nj->n", v0, cov.term0[safe0], v0)
-    return own + 2.0 * cross + rest
+    return row_quadratic_forms(cov, v0, safe0, v, idx)
 
 
 def predict(result, newdata=None, re: bool = True, interval: str | None = None, level: float = 0.95):
