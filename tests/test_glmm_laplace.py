@@ -243,31 +243,40 @@ def test_crossed_binary_verbagg_is_lme4s_converged_deviance_function():
     assert mode.laplace == pytest.approx(joint["value"], abs=1e-5)
 
 
-def test_compiled_pirls_is_the_hosts():
-    # the program (laplace_program) takes the host's steps: same modes, criterion and step count, both
-    # stages, a fit through it, and a negative binomial's shape as an argument (one program for every shape)
+def test_compiled_pirls_and_its_gradient_are_the_hosts():
+    # the programs (laplace_program) take the host's steps: same modes, criterion and step count; the
+    # gradient program's Laplace gradient is the criterion's (central differences of the host's); a fit
+    # through it reaches the host's optimum; a negative binomial's shape is an argument (one program)
     from hierpool.algebra.laplace import pirls_patterns
-    from hierpool.algebra.laplace_program import conditional_mode_in_program, program_data
+    from hierpool.algebra.laplace_program import conditional_mode_in_program, laplace_and_gradient, program_data
 
     designs = _designs()
     design, _ = designs["cbpp_binomial_logit_laplace"]
     fam = family(family_spec("binomial"))
     patterns = pirls_patterns(design)
     theta, beta = np.array([0.8]), np.array([-1.3, -0.9, -1.1, -1.7])
-    for joint in (False, True):
-        host = conditional_mode(theta, beta, design, fam, joint=joint, patterns=patterns)
-        program = conditional_mode_in_program(theta, beta, design, fam, program_data(design, patterns[joint]),
-                                              joint=joint)
+    host = conditional_mode(theta, beta, design, fam, joint=True, patterns=patterns)
+    program = conditional_mode_in_program(theta, beta, design, fam, program_data(design, patterns[True]), joint=True)
+    host_mode = conditional_mode(theta, beta, design, fam, patterns=patterns)
+    mode, gradient = laplace_and_gradient(theta, beta, design, fam, program_data(design, patterns[False]))
+    for program, host in ((program, host), (mode, host_mode)):
         assert program.laplace == pytest.approx(host.laplace, rel=1e-11)
         assert program.log_likelihood == pytest.approx(host.log_likelihood, rel=1e-11)
         assert program.steps == host.steps and program.converged
         for a, b in zip(program.u, host.u):
             np.testing.assert_allclose(a, b, atol=1e-9)
         np.testing.assert_allclose(program.beta, host.beta, atol=1e-9)
+    point = np.concatenate([theta, beta])
+    steps = 1e-5 * np.eye(len(point))
+    central = [(conditional_mode(*np.split(point + h, [1]), design, fam).laplace
+                - conditional_mode(*np.split(point - h, [1]), design, fam).laplace) / 2e-5 for h in steps]
+    np.testing.assert_allclose(gradient, central, rtol=1e-6, atol=1e-7)
     host, program = fit_laplace(design, fam, compiled=False), fit_laplace(design, fam, compiled=True)
-    assert program.deviance == pytest.approx(host.deviance, rel=1e-10)
-    np.testing.assert_allclose(program.beta, host.beta, rtol=1e-6)
-    np.testing.assert_allclose(program.theta, host.theta, rtol=1e-6)
+    assert program.evaluations[0] == 1  # the gradient stage, from lme4's start
+    assert program.deviance <= host.deviance + 1e-8
+    np.testing.assert_allclose(program.beta, host.beta, rtol=1e-5)
+    np.testing.assert_allclose(program.theta, host.theta, rtol=1e-5)
+    np.testing.assert_allclose(program.hessian, host.hessian, rtol=1e-3)
     design, shape = designs["epil_negbin_laplace"]
     data = program_data(design, pirls_patterns(design)[False])
     beta = np.linalg.lstsq(design.X, np.log(design.y + 0.5), rcond=None)[0]

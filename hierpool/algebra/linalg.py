@@ -226,6 +226,8 @@ def cholesky(a: jax.Array) -> jax.Array:
     arithmetic.
     """
     xp = array_namespace(a)
+    if a.shape[-1] == 0:  # no columns (a model with one term and no fixed effects has an empty rest)
+        return a
     if a.shape[-1] == 1:
         return xp.sqrt(a)
     if xp is np and np.iscomplexobj(a):  # LAPACK's is Hermitian (L L^H); the complex step needs L L^T
@@ -247,6 +249,8 @@ NUMPY_INVERSE_MAX_SIZE = 128
 def tri_inverse(lower: jax.Array) -> jax.Array:
     """Inverses of lower-triangular matrices, shape (..., k, k) (unrolled when small, as :func:`cholesky`)."""
     k = lower.shape[-1]
+    if k == 0:
+        return lower
     if k == 1:
         return 1.0 / lower
     if array_namespace(lower) is np:

@@ -21,9 +21,12 @@ import numpy as np
 from ..algebra.family import Family
 from ..algebra.laplace import ConditionalMode, conditional_mode, pirls_patterns
 from ..algebra.laplace_program import (
+    canonical,
     compile_conditional_mode,
+    compile_value_and_gradient,
     conditional_mode_in_program,
     in_program,
+    laplace_and_gradient,
     program_data,
     saturated_deviance,
 )
@@ -31,6 +34,7 @@ from ..algebra.linalg import theta_lower_bounds
 from ..algebra.quadrature import quadrature_deviance
 from ..spec.design import Design
 from .glmm_convergence import finite_differences
+from .optimize import hessian_from_gradients
 
 #: BOBYQA's stopping rule on the criterion (absolute, in deviance units) and on the parameters (relative).
 FTOL_ABS = 1e-10
@@ -42,40 +46,60 @@ THETA_STEP = 0.25
 BETA_STEP = 0.05
 #: First step of a negative binomial's log shape.
 SHAPE_STEP = 0.25
+#: L-BFGS-B's stopping rules in the gradient stage: relative reduction of the deviance, and max |projected gradient|.
+LBFGS_FTOL = 1e-14
+LBFGS_GTOL = 1e-7
 #: Rows from which PIRLS runs in a compiled program (:mod:`hierpool.algebra.laplace_program`) rather than on
 #: the host: a fit evaluates the criterion hundreds of times, and the host's per-operation overhead grows
 #: with the rows less than the program's compilation costs.
 COMPILE_MIN_ROWS = 1000
 
 
-def mode_finder(design: Design, family: Family, compiled: bool | None = None):
-    """``(theta, beta, family, joint=, start_u=) -> ConditionalMode`` for repeated calls on one design.
+class ModeFinder:
+    """Conditional modes (and, where available, the criterion's gradient) for repeated calls on one design.
 
-    On the host (:func:`hierpool.algebra.laplace.conditional_mode`) with the system patterns found
-    once, or in the compiled program (``compiled``; by default from :data:`COMPILE_MIN_ROWS` rows,
-    where the program's log-likelihood is exact, :func:`hierpool.algebra.laplace_program.in_program`).
-    Both programs start compiling here, side by side.
+    ``finder(theta, beta, family, joint=, start_u=)`` is a :class:`ConditionalMode`: on the host
+    (:func:`hierpool.algebra.laplace.conditional_mode`) with the system patterns found once, or in the
+    compiled program (``compiled``; by default from :data:`COMPILE_MIN_ROWS` rows, where the program's
+    log-likelihood is exact, :func:`hierpool.algebra.laplace_program.in_program`).  In the program,
+    with a canonical link, :meth:`with_gradient` gives the Laplace criterion's exact gradient in
+    (theta, beta) too (:func:`hierpool.algebra.laplace_program.laplace_and_gradient`).  The programs
+    start compiling here, side by side.
     """
-    patterns = pirls_patterns(design)
-    if compiled is None:
-        compiled = design.n >= COMPILE_MIN_ROWS
-    if not (compiled and in_program(design, family)):
-        def on_host(theta, beta, family, joint=False, start_u=None):
-            return conditional_mode(theta, beta, design, family, joint=joint, start_u=start_u, patterns=patterns)
 
-        return on_host
-    data = {joint: program_data(design, patterns[joint]) for joint in (True, False)}
-    for joint in (True, False):
-        compile_conditional_mode(data[joint], family, joint)
-    saturated = {}
+    def __init__(self, design: Design, family: Family, compiled: bool | None = None):
+        self.design = design
+        self.patterns = pirls_patterns(design)
+        if compiled is None:
+            compiled = design.n >= COMPILE_MIN_ROWS
+        self.compiled = compiled and in_program(design, family)
+        self.gradient_available = self.compiled and canonical(family)
+        self._saturated: dict = {}
+        if self.compiled:
+            self.data = {joint: program_data(design, self.patterns[joint]) for joint in (True, False)}
+            if self.gradient_available:
+                compile_value_and_gradient(self.data[False], family)
+            else:
+                compile_conditional_mode(self.data[True], family, True)
+                compile_conditional_mode(self.data[False], family, False)
 
-    def in_compiled_program(theta, beta, family, joint=False, start_u=None):
-        if family.shape not in saturated:  # one value per negative binomial shape
-            saturated[family.shape] = saturated_deviance(design, family)
-        return conditional_mode_in_program(theta, beta, design, family, data[joint], joint=joint, start_u=start_u,
-                                           saturated=saturated[family.shape])
+    def _saturated_deviance(self, family: Family) -> float:
+        if family.shape not in self._saturated:  # one value per negative binomial shape
+            self._saturated[family.shape] = saturated_deviance(self.design, family)
+        return self._saturated[family.shape]
 
-    return in_compiled_program
+    def __call__(self, theta, beta, family: Family, joint: bool = False, start_u=None) -> ConditionalMode:
+        if not self.compiled:
+            return conditional_mode(theta, beta, self.design, family, joint=joint, start_u=start_u,
+                                    patterns=self.patterns)
+        if not joint and self.gradient_available:  # the one program stage 2 compiled
+            return self.with_gradient(theta, beta, family, start_u)[0]
+        return conditional_mode_in_program(theta, beta, self.design, family, self.data[joint], joint=joint,
+                                           start_u=start_u, saturated=self._saturated_deviance(family))
+
+    def with_gradient(self, theta, beta, family: Family, start_u=None) -> tuple[ConditionalMode, np.ndarray]:
+        return laplace_and_gradient(theta, beta, self.design, family, self.data[False], start_u=start_u,
+                                    saturated=self._saturated_deviance(family))
 
 
 @dataclass(frozen=True)
@@ -170,14 +194,20 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
     ks = tuple(t.k for t in design.terms)
     lower = theta_lower_bounds(ks)
     state = {"u": None, "beta": np.zeros(design.p)}
-    find_mode = mode_finder(design, family, compiled)
+    find_mode = ModeFinder(design, family, compiled)
 
     def joint(theta):
         mode = find_mode(theta, state["beta"], family, joint=True, start_u=state["u"])
         state["u"], state["beta"] = mode.u, mode.beta
         return mode.laplace
 
-    theta, first = _minimize(joint, np.where(np.isfinite(lower), 1.0, 0.0), lower, np.full(len(lower), THETA_STEP))
+    theta = np.where(np.isfinite(lower), 1.0, 0.0)  # lme4's start: each T_j the identity
+    if stages == 2 and nodes == 1 and not estimate_shape and find_mode.gradient_available:
+        # with the exact gradient, stage 2 starts from lme4's theta and the joint mode there: stage 1's
+        # search only found a start for a derivative-free stage 2 (glmer's reason for it)
+        mode = conditional_mode(theta, state["beta"], design, family, joint=True, patterns=find_mode.patterns)
+        return _gradient_stage(find_mode, family, np.concatenate([theta, mode.beta]), lower, 1, mode.u, derivatives)
+    theta, first = _minimize(joint, theta, lower, np.full(len(lower), THETA_STEP))
     mode = find_mode(theta, state["beta"], family, joint=True)
     if stages == 1:
         return GLMMOptimum(theta, mode.beta, mode.laplace, mode, (first,), family.shape)
@@ -222,3 +252,38 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
 
         gradient, hessian = finite_differences(deviance_at, np.concatenate([theta, beta]))
     return GLMMOptimum(theta, beta, deviance, mode, (first, second), family.shape, gradient, hessian)
+
+
+def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: int, start_u,
+                    derivatives: bool) -> GLMMOptimum:
+    """Stage 2 with the criterion's exact gradient: L-BFGS-B in (theta, beta) from stage 1's end, and the
+    Hessian at the optimum by central differences of the gradient (one-sided at a bound)."""
+    import scipy.optimize
+
+    n_theta = len(lower)
+    state = {"u": start_u, "count": 0}
+
+    def value_and_gradient(x):
+        state["count"] += 1
+        at, gradient = find_mode.with_gradient(x[:n_theta], x[n_theta:], family, start_u=state["u"])
+        if not np.isfinite(at.laplace) or not np.all(np.isfinite(gradient)):
+            return np.inf, np.zeros_like(x)
+        state["u"] = at.u
+        return at.laplace, gradient
+
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower] + [(None, None)] * (len(start) - n_theta)
+    result = scipy.optimize.minimize(value_and_gradient, start, jac=True, method="L-BFGS-B", bounds=bounds,
+                                     options=dict(maxiter=MAX_EVALUATIONS, ftol=LBFGS_FTOL, gtol=LBFGS_GTOL))
+    x = np.asarray(result.x, dtype=float)
+    mode, gradient = find_mode.with_gradient(x[:n_theta], x[n_theta:], family, start_u=state["u"])
+    hessian = None
+    if derivatives:
+        lower_all = np.concatenate([lower, np.full(len(x) - n_theta, -np.inf)])
+
+        def gradients_at(points):
+            return np.stack([find_mode.with_gradient(p[:n_theta], p[n_theta:], family, start_u=mode.u)[1]
+                             for p in points])
+
+        hessian = hessian_from_gradients(gradients_at, x, lower_all)
+    return GLMMOptimum(x[:n_theta], x[n_theta:], mode.laplace, mode, (first, state["count"]), family.shape,
+                       gradient if derivatives else None, hessian)

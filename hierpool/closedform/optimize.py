@@ -192,7 +192,8 @@ def is_singular(theta: np.ndarray, ks: tuple[int, ...], tol: float = Control.sin
 HESSIAN_STEP = 1e-4
 
 
-def _hessian_fd(gradients_at, theta: np.ndarray, lower: np.ndarray, step: float = HESSIAN_STEP) -> np.ndarray:
+def hessian_from_gradients(gradients_at, theta: np.ndarray, lower: np.ndarray,
+                           step: float = HESSIAN_STEP) -> np.ndarray:
     """Central differences of the analytic gradient (one-sided at an active bound).
 
     ``gradients_at`` maps points (m, n_theta) to their gradients (m, n_theta): the one-term
@@ -231,7 +232,7 @@ class _HessianCache:
         # one-sided differences where the bound is within a step: reuse only with the same sides
         same_sides = near and np.array_equal(theta - HESSIAN_STEP < self.lower, self.theta - HESSIAN_STEP < self.lower)
         if not same_sides:
-            self.theta, self.hessian = theta.copy(), _hessian_fd(self.gradients_at, theta, self.lower)
+            self.theta, self.hessian = theta.copy(), hessian_from_gradients(self.gradients_at, theta, self.lower)
         return self.hessian
 
 
