@@ -7,6 +7,7 @@ which they all passed.
 """
 
 import ast
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +17,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 def _images(book) -> int:
-    return sum("image/png" in out.get("data", {}) for cell in book.cells if cell.cell_type == "code" for out in cell.outputs)
+    return sum("image/png" in out.get("data", {})
+               for cell in book.cells if cell.cell_type == "code" for out in cell.outputs)
 
 
 def _python(source: str) -> str:
@@ -62,16 +64,32 @@ def _execute(path: Path):
     return book, None
 
 
+def _recorded_seconds(path: Path) -> float:
+    """The committed run's time in its code cells (nbclient's timing metadata; 0 where there is none)."""
+    from datetime import datetime
+
+    seconds = 0.0
+    for cell in json.loads(path.read_text())["cells"]:
+        timing = cell.get("metadata", {}).get("execution", {})
+        start, end = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
+        if start and end:
+            elapsed = datetime.fromisoformat(end.rstrip("Z")) - datetime.fromisoformat(start.rstrip("Z"))
+            seconds += elapsed.total_seconds()
+    return seconds
+
+
 @pytest.fixture(scope="module")
 def executed():
     """Every notebook, run two at a time: each kernel is its own process, and most of a notebook's
     time is single-threaded (kernel start, imports, XLA compilation), so two kernels use the
-    machine's two cores where one at a time leaves one idle."""
+    machine's two cores where one at a time leaves one idle.  The longest (by the committed run's
+    cell times) start first: started last, one long notebook runs on alone after the others are done."""
     pytest.importorskip("nbformat")
     pytest.importorskip("nbclient")
+    longest_first = sorted(NOTEBOOKS, key=_recorded_seconds, reverse=True)
     with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(max_workers=2) as pool:
         patch.setenv("HIERPOOL_NOTEBOOK_QUICK", "1")  # the kernels inherit it: fewer draws
-        return dict(zip(NOTEBOOKS, pool.map(_execute, NOTEBOOKS)))
+        return dict(zip(longest_first, pool.map(_execute, longest_first)))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
