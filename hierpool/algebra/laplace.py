@@ -35,8 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..spec.design import Design
+from .criterion import host_objective_and_gradient
 from .family import Family
-from .henderson import point_estimates
+from .henderson import point_estimates, prediction_covariance
+from .laplace_gradient import laplace_gradient, leverages
 from .linalg import theta_to_factors
 from .system import SystemPattern, build_system, system_pattern
 
@@ -205,3 +207,35 @@ def _effects(theta, design: Design, u) -> tuple:
 def laplace_deviance(theta, beta, design: Design, family: Family) -> float:
     """The Laplace approximation of -2 log L(theta, beta): lme4's glmer deviance function at c(theta, beta)."""
     return conditional_mode(theta, beta, design, family).laplace
+
+
+def laplace_and_gradient_on_host(theta, beta, design: Design, family: Family, *, start_u=None,
+                                 patterns: dict[bool, SystemPattern] | None = None):
+    """(:func:`conditional_mode` at (theta, beta), the gradient of its Laplace criterion in (theta, beta)).
+
+    :func:`hierpool.algebra.laplace_gradient.laplace_gradient` in NumPy, with log |H|'s gradient in
+    theta at fixed weights from the linear mixed model's host gradient (canonical links only).
+    """
+    if patterns is None:
+        patterns = pirls_patterns(design)
+    theta = np.asarray(theta, dtype=float)
+    mode = conditional_mode(theta, beta, design, family, start_u=start_u, patterns=patterns)
+    weights = mode.working_weights
+
+    def system_with(response):
+        return build_system(working_design(design, response, weights, False), host=True, pattern=patterns[False])
+
+    # the cross-products at the mode's weights; the response is any non-zero one (log |H| and H^-1 do not
+    # read it, and a zero one would make the penalized RSS, whose cotangent is 0, 0 / 0 in the adjoint)
+    system = system_with(np.ones(design.n))
+    layout = system.layout
+    rows = tuple((t.index.astype(np.int64), t.z) for t in design.terms)
+    leverage = leverages(theta, rows, prediction_covariance(theta, system), layout.n_levels, layout.ks)
+    logdet_gradient = host_objective_and_gradient(system, reml=False, logdet_only=True)(theta)[1]
+
+    def solve(response):
+        return [np.asarray(x) for x in point_estimates(theta, system_with(response))[1]]
+
+    gradient = laplace_gradient(theta, family, design.y, design.row_weights, design.X, rows, mode.u, mode.eta,
+                                leverage, solve, logdet_gradient)
+    return mode, np.asarray(gradient)

@@ -26,9 +26,10 @@ from ..spec.design import Design
 from .compiler_options import ProgramCache, compile_in_background, shape_signature
 from .criterion import objective_parts
 from .family import Family
-from .henderson import point_estimates, prediction_covariance, row_quadratic_forms
+from .henderson import point_estimates, prediction_covariance
 from .jax_runtime import jax, jnp, pytree_dataclass
 from .laplace import PIRLS_MAX_HALVINGS, PIRLS_MAX_STEPS, PIRLS_TOL, ConditionalMode
+from .laplace_gradient import laplace_gradient, leverages
 from .linalg import theta_to_factors
 from .system import SystemPattern, fill_in_program
 
@@ -206,78 +207,25 @@ def _as_mode(out: dict) -> ConditionalMode:
     )
 
 
-# --- the gradient of the Laplace criterion in (theta, beta) -------------------------------------------------------
+# --- the gradient of the Laplace criterion in (theta, beta) (:mod:`hierpool.algebra.laplace_gradient`) ----------
 
-def canonical(family: Family) -> bool:
-    """Whether the link is the family's canonical one (logit binomial, log Poisson): then the Hessian of
-    the penalized deviance in u is the Laplace log-determinant's own matrix, which :func:`_gradient` solves with."""
-    return (family.name, family.link.name) in (("binomial", "logit"), ("poisson", "log"))
-
-
-def _score_term(data: ProgramData, factors, s) -> tuple:
-    """Lambda^T Z^T s per term: T_j^T sum over each level's rows of z_i s_i, shape (ell_j, k_j)."""
-    out = []
-    for (index, z), factor, ell in zip(data.term_rows, factors, data.pattern.layout.n_levels):
-        out.append(jax.ops.segment_sum(z * s[:, None], index, num_segments=ell) @ factor)
-    return tuple(out)
-
-
-def _gradient(theta, beta, mode, family: Family, data: ProgramData):
-    """d/d(theta, beta) of the Laplace criterion P(u*) + log |H| (u* the conditional mode, H = I + L'Z'WZL).
-
-    With s = -1/2 dd/deta (the score: working weight times working residual), v_i = h_i dw_i/deta_i
-    (h_i = z_i' L H^-1 L' z_i, row i's leverage, :func:`hierpool.algebra.henderson.row_quadratic_forms`)
-    and g = H^-1 L'Z' v, the implicit function theorem on the mode's equation G = -L'Z's + u = 0 gives
-
-        dL/dphi = dP/dphi|_u + dlog|H|/dtheta|_(W, u) + v' deta/dphi|_u - g' dG/dphi|_u,
-
-    the first by the envelope theorem (dP/du = 0 at u*), the rest the log-determinant's dependence
-    through the weights W(eta(phi, u*(phi))).  dG/du = H holds for a canonical link (Fisher weights
-    are the observed information), where this is exact.  Each piece is reverse-mode autodiff of a
-    small function with the others held (u*, v, g), plus the linear mixed model's own gradient of
-    log |L_Z|^2 in theta at fixed weights (:func:`hierpool.algebra.criterion.objective_parts`).
-    """
+def _gradient(theta, mode, family: Family, data: ProgramData):
+    """:func:`hierpool.algebra.laplace_gradient.laplace_gradient` in the program; log |H|'s gradient in theta
+    at fixed weights by reverse mode through the linear mixed model's criterion."""
     layout = data.pattern.layout
     u = jax.lax.stop_gradient(tuple(mode["u"]))
     eta = jax.lax.stop_gradient(mode["eta"])
     _, weights, _ = family.working(data.y, eta, data.trials)
-    weight_slope = jax.jvp(lambda e: family.working(data.y, e, data.trials)[1], (eta,), (jnp.ones_like(eta),))[1]
-    fixed = data.offset + data.X @ beta
-    system = fill_in_program(data.pattern, weights, eta - fixed)
+    # any non-zero response: log |H| and H^-1 do not read it (a zero one makes the adjoint's r^2 zero)
+    system = fill_in_program(data.pattern, weights, jnp.ones_like(eta))
+    leverage = leverages(theta, data.term_rows, prediction_covariance(theta, system), layout.n_levels, layout.ks)
 
-    def logdet(theta):
-        return objective_parts(theta, system).logdet_lz
+    def solve(response):
+        return point_estimates(theta, fill_in_program(data.pattern, weights, response))[1]
 
-    factors = theta_to_factors(theta, layout.ks)
-    covariance = prediction_covariance(theta, system)
-    (index0, z0), rest_rows = data.term_rows[0], data.term_rows[1:]
-    v_rest, index_rest, offset = [], [], 0
-    for (index, z), factor, (ell, k) in zip(rest_rows, factors[1:], zip(layout.n_levels[1:], layout.ks[1:])):
-        v_rest.append(z @ factor)
-        index_rest.append(offset + index[:, None] * k + jnp.arange(k)[None, :])
-        offset += ell * k
-    n = eta.shape[0]
-    v_rest = jnp.concatenate(v_rest, axis=1) if v_rest else jnp.zeros((n, 0))
-    index_rest = jnp.concatenate(index_rest, axis=1) if index_rest else jnp.zeros((n, 0), dtype=jnp.int32)
-    leverage = row_quadratic_forms(covariance, z0 @ factors[0], index0, v_rest, index_rest)
-    v = jax.lax.stop_gradient(leverage * weight_slope)
-    g = jax.lax.stop_gradient(tuple(point_estimates(theta, fill_in_program(data.pattern, weights, v / weights))[1]))
-
-    def eta_at(theta, beta):
-        return data.offset + data.X @ beta + _random_part(data, _effects(theta_to_factors(theta, layout.ks), u))
-
-    def envelope(theta, beta):
-        mu = family.link.inverse(eta_at(theta, beta))
-        return jnp.sum(family.unit_deviances(data.y, mu, data.trials)) + jnp.dot(v, eta_at(theta, beta))
-
-    def implicit(theta, beta):
-        _, w, r = family.working(data.y, eta_at(theta, beta), data.trials)
-        score = _score_term(data, theta_to_factors(theta, layout.ks), w * r)
-        return sum(jnp.sum(gj * (sj - uj)) for gj, sj, uj in zip(g, score, u))
-
-    d_theta, d_beta = jax.grad(envelope, argnums=(0, 1))(theta, beta)
-    i_theta, i_beta = jax.grad(implicit, argnums=(0, 1))(theta, beta)
-    return jnp.concatenate([d_theta + i_theta + jax.grad(logdet)(theta), d_beta + i_beta])
+    logdet_gradient = jax.grad(lambda t: objective_parts(t, system).logdet_lz)(theta)
+    return laplace_gradient(theta, family, data.y, data.trials, data.X, data.term_rows, u, eta, leverage, solve,
+                            logdet_gradient)
 
 
 def _value_and_gradient(theta, beta, u, shape, saturated, data: ProgramData, family: Family, tol: float,
@@ -285,7 +233,7 @@ def _value_and_gradient(theta, beta, u, shape, saturated, data: ProgramData, fam
     mode = _conditional_mode(theta, beta, u, shape, saturated, data, family, False, tol, max_steps, max_halvings)
     if family.name == "negative_binomial":
         family = dataclasses.replace(family, shape=shape)
-    return mode, _gradient(theta, beta, mode, family, data)
+    return mode, _gradient(theta, mode, family, data)
 
 
 def compile_value_and_gradient(data: ProgramData, family: Family, tol: float = PIRLS_TOL, quick: bool = False):

@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..algebra.family import Family
-from ..algebra.laplace import ConditionalMode, conditional_mode, pirls_patterns
+from ..algebra.laplace import ConditionalMode, conditional_mode, laplace_and_gradient_on_host, pirls_patterns
+from ..algebra.laplace_gradient import canonical
 from ..algebra.laplace_program import (
-    canonical,
     compile_conditional_mode,
     compile_value_and_gradient,
     conditional_mode_in_program,
@@ -61,10 +61,10 @@ class ModeFinder:
     ``finder(theta, beta, family, joint=, start_u=)`` is a :class:`ConditionalMode`: on the host
     (:func:`hierpool.algebra.laplace.conditional_mode`) with the system patterns found once, or in the
     compiled program (``compiled``; by default from :data:`COMPILE_MIN_ROWS` rows, where the program's
-    log-likelihood is exact, :func:`hierpool.algebra.laplace_program.in_program`).  In the program,
-    with a canonical link, :meth:`with_gradient` gives the Laplace criterion's exact gradient in
-    (theta, beta) too (:func:`hierpool.algebra.laplace_program.laplace_and_gradient`).  The programs
-    start compiling here, side by side.
+    log-likelihood is exact, :func:`hierpool.algebra.laplace_program.in_program`).  With a canonical
+    link, :meth:`with_gradient` gives the Laplace criterion's exact gradient in (theta, beta) too
+    (:mod:`hierpool.algebra.laplace_gradient`, on the host or in the program).  The programs start
+    compiling here, side by side.
     """
 
     def __init__(self, design: Design, family: Family, compiled: bool | None = None):
@@ -72,8 +72,9 @@ class ModeFinder:
         self.patterns = pirls_patterns(design)
         if compiled is None:
             compiled = design.n >= COMPILE_MIN_ROWS
-        self.compiled = compiled and in_program(design, family)
-        self.gradient_available = self.compiled and canonical(family)
+        exact = in_program(design, family)  # the criterion's mu-dependence is the deviance's (no rounding)
+        self.compiled = compiled and exact
+        self.gradient_available = exact and canonical(family)
         self._saturated: dict = {}
         if self.compiled:
             self.data = {joint: program_data(design, self.patterns[joint]) for joint in (True, False)}
@@ -98,6 +99,9 @@ class ModeFinder:
                                            start_u=start_u, saturated=self._saturated_deviance(family))
 
     def with_gradient(self, theta, beta, family: Family, start_u=None) -> tuple[ConditionalMode, np.ndarray]:
+        if not self.compiled:
+            return laplace_and_gradient_on_host(theta, beta, self.design, family, start_u=start_u,
+                                                patterns=self.patterns)
         return laplace_and_gradient(theta, beta, self.design, family, self.data[False], start_u=start_u,
                                     saturated=self._saturated_deviance(family))
 

@@ -1,0 +1,101 @@
+"""The exact gradient of a GLMM's Laplace criterion in (theta, beta), for a canonical link.
+
+The criterion (:mod:`hierpool.algebra.laplace`) is
+
+    L(phi) = P(u*) + log |H| + const,   P(u) = sum_i a_i d(y_i, mu_i) + |u|^2,   H = I + Lambda' Z' W Z Lambda,
+
+u* the conditional mode (dP/du = 0), W the Fisher weights at eta* = offset + X beta + Z Lambda u*,
+phi = (theta, beta).  With s = W r the score (r the working residual; -1/2 dd/deta), the rows'
+leverages h_i = z_i' Lambda H^-1 Lambda' z_i (:func:`hierpool.algebra.henderson.row_quadratic_forms`),
+v_i = h_i dw_i/deta_i and g = H^-1 Lambda' Z' v (one Henderson solve), the envelope theorem (for P)
+and the implicit function theorem on the mode's equation G(u, phi) = -Lambda' Z' s + u = 0 (for
+log |H|, which depends on phi through W(eta*(phi))) give
+
+    dL/dbeta    = X' e,                           e = v - 2 s - W (Z Lambda g),
+    dL/dT_j     = sum_i z_ij (e_i u*_l(i) + s_i g_l(i))'       (row i's level l(i) of term j),
+    dL/dtheta   = those entries of dL/dT_j that theta holds, + d log |H| / dtheta at fixed W,
+
+the last being the linear mixed model's gradient of log |L_Z|^2 (:mod:`hierpool.algebra.criterion`).
+dG/du = H needs the Fisher weights to be the observed information, which holds for a canonical
+link (logit binomial, log Poisson) and only there.  The same function runs on NumPy arrays on the
+host and on traced arrays in a compiled program (the GLMM's fit uses both; the tests check it
+against central differences of the criterion).
+"""
+
+from __future__ import annotations
+
+from .family import Family
+from .henderson import PredictionCovariance, row_quadratic_forms
+from .linalg import array_namespace, factor_gradients_to_theta, theta_to_factors
+
+#: The canonical (family, link) pairs, where the gradient is exact.
+CANONICAL = (("binomial", "logit"), ("poisson", "log"))
+
+
+def canonical(family: Family) -> bool:
+    """Whether ``family``'s link is its canonical one (where :func:`laplace_gradient` applies)."""
+    return (family.name, family.link.name) in CANONICAL
+
+
+def fisher_weight_slope(family: Family, mu, trials):
+    """dw/deta of the Fisher weights of a canonical link: a mu (1 - mu)(1 - 2 mu) (logit), a mu (log)."""
+    if family.name == "binomial":
+        return trials * mu * (1.0 - mu) * (1.0 - 2.0 * mu)
+    return trials * mu
+
+
+def _rows_of(term_rows, factors, n_levels, ks, xp):
+    """Term 0's rows of Z Lambda with their levels, and the other terms' rows with their columns."""
+    (index0, z0), rest = term_rows[0], term_rows[1:]
+    values, columns, offset = [], [], 0
+    for (index, z), factor, ell, k in zip(rest, factors[1:], n_levels[1:], ks[1:]):
+        values.append(z @ factor)
+        columns.append(offset + index[:, None] * k + xp.arange(k)[None, :])
+        offset += ell * k
+    n = z0.shape[0]
+    v_rest = xp.concatenate(values, axis=1) if values else xp.zeros((n, 0))
+    index_rest = xp.concatenate(columns, axis=1) if columns else xp.zeros((n, 0), dtype=index0.dtype)
+    return z0 @ factors[0], index0, v_rest, index_rest
+
+
+def leverages(theta, term_rows, covariance: PredictionCovariance, n_levels, ks):
+    """h_i = z_i' Lambda H^-1 Lambda' z_i for every row (``covariance``: the blocks of H^-1 on the working system)."""
+    xp = array_namespace(theta)
+    factors = theta_to_factors(theta, ks)
+    return row_quadratic_forms(covariance, *_rows_of(term_rows, factors, n_levels, ks, xp))
+
+
+def laplace_gradient(theta, family: Family, y, trials, X, term_rows, u, eta, leverage, solve, logdet_gradient):
+    """dL/d(theta, beta) at the conditional mode (see the module's docstring).
+
+    Parameters
+    ----------
+    theta : array
+    family : Family
+        With a canonical link (:func:`canonical`).
+    y, trials, X : arrays
+        The response, the prior weights (binomial trials) and the fixed-effect columns.
+    term_rows : tuple of (index, z)
+        Each term's level per row and row values.
+    u, eta : the conditional mode's spherical effects (per term) and linear predictor.
+    leverage : array
+        :func:`leverages` at the mode's weights.
+    solve : callable
+        ``solve(response)``: the spherical solution u of the Henderson equations with the mode's
+        weights and ``response`` (so that ``solve(v / w)`` is H^-1 Lambda' Z' v).
+    logdet_gradient : array
+        d log |H| / dtheta at the mode's weights held.
+    """
+    xp = array_namespace(eta)
+    ks = tuple(z.shape[1] for _, z in term_rows)
+    factors = theta_to_factors(theta, ks)
+    mu, weights, residual = family.working(y, eta, trials)
+    score = weights * residual
+    v = leverage * fisher_weight_slope(family, mu, trials)
+    g = tuple(solve(v / weights))
+    lambda_g = sum(xp.sum(z * (gj[index] @ t.T), axis=1) for (index, z), gj, t in zip(term_rows, g, factors))
+    e = v - 2.0 * score - weights * lambda_g
+    per_factor = [xp.einsum("ni,nj->ij", z, e[:, None] * uj[index] + score[:, None] * gj[index])
+                  for (index, z), uj, gj in zip(term_rows, u, g)]
+    return xp.concatenate([factor_gradients_to_theta(per_factor) + logdet_gradient, X.T @ e])
+
