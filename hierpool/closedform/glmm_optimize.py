@@ -64,7 +64,8 @@ class ModeFinder:
     log-likelihood is exact, :func:`hierpool.algebra.laplace_program.in_program`).  With a canonical
     link, :meth:`with_gradient` gives the Laplace criterion's exact gradient in (theta, beta) too
     (:mod:`hierpool.algebra.laplace_gradient`, on the host or in the program).  The programs start
-    compiling here, side by side.
+    compiling here, in the background; until the gradient program is ready the host evaluates (the
+    two agree to rounding), so a fresh process fits while it compiles.
     """
 
     def __init__(self, design: Design, family: Family, compiled: bool | None = None):
@@ -79,7 +80,7 @@ class ModeFinder:
         if self.compiled:
             self.data = {joint: program_data(design, self.patterns[joint]) for joint in (True, False)}
             if self.gradient_available:
-                compile_value_and_gradient(self.data[False], family)
+                self._gradient_program = compile_value_and_gradient(self.data[False], family)
             else:
                 compile_conditional_mode(self.data[True], family, True)
                 compile_conditional_mode(self.data[False], family, False)
@@ -99,7 +100,8 @@ class ModeFinder:
                                            start_u=start_u, saturated=self._saturated_deviance(family))
 
     def with_gradient(self, theta, beta, family: Family, start_u=None) -> tuple[ConditionalMode, np.ndarray]:
-        if not self.compiled:
+        # until its program has compiled (in the background), the host computes the same values
+        if not self.compiled or not self._gradient_program.done():
             return laplace_and_gradient_on_host(theta, beta, self.design, family, start_u=start_u,
                                                 patterns=self.patterns)
         return laplace_and_gradient(theta, beta, self.design, family, self.data[False], start_u=start_u,
