@@ -287,15 +287,17 @@ def test_compiled_pirls_and_its_gradient_are_the_hosts():
                                                                                                    rel=1e-11)
 
 
-@pytest.mark.parametrize("model_id", ["grouseticks_poisson_laplace", "contraception_bernoulli_urban_slope_laplace"])
+@pytest.mark.parametrize("model_id", ["grouseticks_poisson_laplace", "contraception_bernoulli_urban_slope_laplace",
+                                      "cbpp_binomial_probit_laplace", "epil_negbin_laplace"])
 def test_the_host_gradient_is_the_criterions(model_id):
-    # laplace_gradient on the host (three nested scalar terms; a correlated slope), against central
-    # differences of the criterion: the implicit-function-theorem terms are all there
+    # laplace_gradient on the host (three nested scalar terms; a correlated slope; non-canonical links,
+    # where the observed information replaces the Fisher weights), against central differences of the
+    # criterion: the implicit-function-theorem terms are all there
     from hierpool.algebra.laplace import laplace_and_gradient_on_host
 
-    design, _ = _designs()[model_id]
+    design, shape = _designs()[model_id]
     model = MODELS[model_id]
-    fam = family(family_spec(model["family"]))
+    fam = family(family_spec(model["family"], model.get("link")), shape=shape)
     theta = np.asarray(model["theta"]) * 0.9
     beta = _beta(design, model["fixef"]) * 0.95
     _, gradient = laplace_and_gradient_on_host(theta, beta, design, fam)

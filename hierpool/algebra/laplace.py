@@ -214,7 +214,7 @@ def laplace_and_gradient_on_host(theta, beta, design: Design, family: Family, *,
     """(:func:`conditional_mode` at (theta, beta), the gradient of its Laplace criterion in (theta, beta)).
 
     :func:`hierpool.algebra.laplace_gradient.laplace_gradient` in NumPy, with log |H|'s gradient in
-    theta at fixed weights from the linear mixed model's host gradient (canonical links only).
+    theta at fixed weights from the linear mixed model's host gradient.
     """
     if patterns is None:
         patterns = pirls_patterns(design)
@@ -222,7 +222,7 @@ def laplace_and_gradient_on_host(theta, beta, design: Design, family: Family, *,
     mode = conditional_mode(theta, beta, design, family, start_u=start_u, patterns=patterns)
     weights = mode.working_weights
 
-    def system_with(response):
+    def system_with(response, weights=weights):
         return build_system(working_design(design, response, weights, False), host=True, pattern=patterns[False])
 
     # the cross-products at the mode's weights; the response is any non-zero one (log |H| and H^-1 do not
@@ -233,8 +233,8 @@ def laplace_and_gradient_on_host(theta, beta, design: Design, family: Family, *,
     leverage = leverages(theta, rows, prediction_covariance(theta, system), layout.n_levels, layout.ks)
     logdet_gradient = host_objective_and_gradient(system, reml=False, logdet_only=True)(theta)[1]
 
-    def solve(response):
-        return [np.asarray(x) for x in point_estimates(theta, system_with(response))[1]]
+    def solve(response, weights):
+        return [np.asarray(x) for x in point_estimates(theta, system_with(response, weights))[1]]
 
     gradient = laplace_gradient(theta, family, design.y, design.row_weights, design.X, rows, mode.u, mode.eta,
                                 leverage, solve, logdet_gradient)

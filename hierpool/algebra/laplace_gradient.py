@@ -1,4 +1,4 @@
-"""The exact gradient of a GLMM's Laplace criterion in (theta, beta), for a canonical link.
+"""The exact gradient of a GLMM's Laplace criterion in (theta, beta).
 
 The criterion (:mod:`hierpool.algebra.laplace`) is
 
@@ -16,32 +16,72 @@ log |H|, which depends on phi through W(eta*(phi))) give
     dL/dtheta   = those entries of dL/dT_j that theta holds, + d log |H| / dtheta at fixed W,
 
 the last being the linear mixed model's gradient of log |L_Z|^2 (:mod:`hierpool.algebra.criterion`).
-dG/du = H needs the Fisher weights to be the observed information, which holds for a canonical
-link (logit binomial, log Poisson) and only there.  The same function runs on NumPy arrays on the
+For a canonical link (logit binomial, log Poisson) dG/du = H.  Otherwise (probit, cloglog, the
+negative binomial's log) dG/du = H_o = I + Lambda' Z' W_o Z Lambda with the observed information
+W_o = -ds/deta in place of the Fisher weights, and W_o replaces W in e and in the solve for g
+(:func:`weight_derivatives`; H_o is positive definite at the mode, its rows' weights need not be).
+The same function runs on NumPy arrays on the
 host and on traced arrays in a compiled program (the GLMM's fit uses both; the tests check it
 against central differences of the criterion).
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from .family import Family
 from .henderson import PredictionCovariance, row_quadratic_forms
 from .linalg import array_namespace, factor_gradients_to_theta, theta_to_factors
 
-#: The canonical (family, link) pairs, where the gradient is exact.
+#: The canonical (family, link) pairs, where the Fisher weights are the observed information.
 CANONICAL = (("binomial", "logit"), ("poisson", "log"))
 
 
 def canonical(family: Family) -> bool:
-    """Whether ``family``'s link is its canonical one (where :func:`laplace_gradient` applies)."""
+    """Whether ``family``'s link is its canonical one (the Fisher weights are then the observed information)."""
     return (family.name, family.link.name) in CANONICAL
 
 
-def fisher_weight_slope(family: Family, mu, trials):
-    """dw/deta of the Fisher weights of a canonical link: a mu (1 - mu)(1 - 2 mu) (logit), a mu (log)."""
+def _link_derivatives(family: Family, eta, mu):
+    """(d mu / d eta, d^2 mu / d eta^2) of the link, R's clamps aside."""
+    xp = array_namespace(eta)
+    name = family.link.name
+    if name == "logit":
+        first = mu * (1.0 - mu)
+        return first, first * (1.0 - 2.0 * mu)
+    if name == "probit":
+        first = xp.exp(-0.5 * eta**2) / np.sqrt(2.0 * np.pi)
+        return first, -eta * first
+    if name == "cloglog":
+        rate = xp.exp(xp.minimum(eta, 700.0))
+        first = rate * xp.exp(-rate)
+        return first, first * (1.0 - rate)
+    return mu, mu  # log
+
+
+def _variance_slope(family: Family, mu):
+    """d V / d mu."""
     if family.name == "binomial":
-        return trials * mu * (1.0 - mu) * (1.0 - 2.0 * mu)
-    return trials * mu
+        return 1.0 - 2.0 * mu
+    if family.name == "poisson":
+        return 1.0 + 0.0 * mu
+    return 1.0 + 2.0 * mu / family.shape
+
+
+def weight_derivatives(family: Family, y, eta, trials):
+    """(d w / d eta, the observed information -d s / d eta) at eta.
+
+    w = a mu'^2 / V is the Fisher weight and s = a mu' (y - mu) / V the score (-1/2 d d / d eta).  For
+    a canonical link the observed information is w itself."""
+    mu = family.link.inverse(eta)
+    first, second = _link_derivatives(family, eta, mu)
+    variance, slope = family.variance(mu), _variance_slope(family, mu)
+    weight = trials * first**2 / variance
+    weight_slope = trials * (2.0 * first * second / variance - first**3 * slope / variance**2)
+    if canonical(family):
+        return weight_slope, weight
+    observed = weight - trials * (y - mu) * (second / variance - first**2 * slope / variance**2)
+    return weight_slope, observed
 
 
 def _rows_of(term_rows, factors, n_levels, ks, xp):
@@ -72,7 +112,6 @@ def laplace_gradient(theta, family: Family, y, trials, X, term_rows, u, eta, lev
     ----------
     theta : array
     family : Family
-        With a canonical link (:func:`canonical`).
     y, trials, X : arrays
         The response, the prior weights (binomial trials) and the fixed-effect columns.
     term_rows : tuple of (index, z)
@@ -81,20 +120,22 @@ def laplace_gradient(theta, family: Family, y, trials, X, term_rows, u, eta, lev
     leverage : array
         :func:`leverages` at the mode's weights.
     solve : callable
-        ``solve(response)``: the spherical solution u of the Henderson equations with the mode's
-        weights and ``response`` (so that ``solve(v / w)`` is H^-1 Lambda' Z' v).
+        ``solve(response, weights)``: the spherical solution u of the Henderson equations with these
+        weights and response (so that ``solve(v / w_o, w_o)`` is H_o^-1 Lambda' Z' v, H_o = I + Lambda' Z'
+        W_o Z Lambda with W_o the observed information: dG/du).
     logdet_gradient : array
         d log |H| / dtheta at the mode's weights held.
     """
     xp = array_namespace(eta)
     ks = tuple(z.shape[1] for _, z in term_rows)
     factors = theta_to_factors(theta, ks)
-    mu, weights, residual = family.working(y, eta, trials)
+    _, weights, residual = family.working(y, eta, trials)
     score = weights * residual
-    v = leverage * fisher_weight_slope(family, mu, trials)
-    g = tuple(solve(v / weights))
+    weight_slope, observed = weight_derivatives(family, y, eta, trials)
+    v = leverage * weight_slope
+    g = tuple(solve(v / observed, observed))
     lambda_g = sum(xp.sum(z * (gj[index] @ t.T), axis=1) for (index, z), gj, t in zip(term_rows, g, factors))
-    e = v - 2.0 * score - weights * lambda_g
+    e = v - 2.0 * score - observed * lambda_g
     per_factor = [xp.einsum("ni,nj->ij", z, e[:, None] * uj[index] + score[:, None] * gj[index])
                   for (index, z), uj, gj in zip(term_rows, u, g)]
     return xp.concatenate([factor_gradients_to_theta(per_factor) + logdet_gradient, X.T @ e])

@@ -220,7 +220,7 @@ def _gradient(theta, mode, family: Family, data: ProgramData):
     system = fill_in_program(data.pattern, weights, jnp.ones_like(eta))
     leverage = leverages(theta, data.term_rows, prediction_covariance(theta, system), layout.n_levels, layout.ks)
 
-    def solve(response):
+    def solve(response, weights):
         return point_estimates(theta, fill_in_program(data.pattern, weights, response))[1]
 
     logdet_gradient = jax.grad(lambda t: objective_parts(t, system).logdet_lz)(theta)
@@ -240,7 +240,7 @@ def compile_value_and_gradient(data: ProgramData, family: Family, tol: float = P
     """Start compiling ``(theta, beta, u, shape, saturated, data) -> (mode, gradient)`` (cached): a Future.
 
     The mode is :func:`conditional_mode_in_program`'s (at ``joint=False``), the gradient that of its
-    Laplace criterion in (theta, beta) (:func:`_gradient`; canonical links only)."""
+    Laplace criterion in (theta, beta) (:func:`_gradient`)."""
     layout = data.pattern.layout
     u = tuple(jax.ShapeDtypeStruct((ell, k), np.float64) for ell, k in zip(layout.n_levels, layout.ks))
     theta = jax.ShapeDtypeStruct((layout.n_theta,), np.float64)

@@ -20,7 +20,6 @@ import numpy as np
 
 from ..algebra.family import Family
 from ..algebra.laplace import ConditionalMode, conditional_mode, laplace_and_gradient_on_host, pirls_patterns
-from ..algebra.laplace_gradient import canonical
 from ..algebra.laplace_program import (
     compile_conditional_mode,
     compile_value_and_gradient,
@@ -46,6 +45,8 @@ THETA_STEP = 0.25
 BETA_STEP = 0.05
 #: First step of a negative binomial's log shape.
 SHAPE_STEP = 0.25
+#: Step in a negative binomial's log shape of the central difference that gives its derivative.
+SHAPE_DIFFERENCE = 1e-3
 #: L-BFGS-B's stopping rules in the gradient stage: relative reduction of the deviance, and max |projected gradient|.
 LBFGS_FTOL = 1e-14
 LBFGS_GTOL = 1e-7
@@ -61,8 +62,8 @@ class ModeFinder:
     ``finder(theta, beta, family, joint=, start_u=)`` is a :class:`ConditionalMode`: on the host
     (:func:`hierpool.algebra.laplace.conditional_mode`) with the system patterns found once, or in the
     compiled program (``compiled``; by default from :data:`COMPILE_MIN_ROWS` rows, where the program's
-    log-likelihood is exact, :func:`hierpool.algebra.laplace_program.in_program`).  With a canonical
-    link, :meth:`with_gradient` gives the Laplace criterion's exact gradient in (theta, beta) too
+    log-likelihood is exact, :func:`hierpool.algebra.laplace_program.in_program`).  There,
+    :meth:`with_gradient` gives the Laplace criterion's exact gradient in (theta, beta) too
     (:mod:`hierpool.algebra.laplace_gradient`, on the host or in the program).  The programs start
     compiling here, in the background; until the gradient program is ready the host evaluates (the
     two agree to rounding), so a fresh process fits while it compiles.
@@ -75,7 +76,7 @@ class ModeFinder:
             compiled = design.n >= COMPILE_MIN_ROWS
         exact = in_program(design, family)  # the criterion's mu-dependence is the deviance's (no rounding)
         self.compiled = compiled and exact
-        self.gradient_available = exact and canonical(family)
+        self.gradient_available = exact
         self._saturated: dict = {}
         if self.compiled:
             self.data = {joint: program_data(design, self.patterns[joint]) for joint in (True, False)}
@@ -208,11 +209,12 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
         return mode.laplace
 
     theta = np.where(np.isfinite(lower), 1.0, 0.0)  # lme4's start: each T_j the identity
-    if stages == 2 and nodes == 1 and not estimate_shape and find_mode.gradient_available:
+    if stages == 2 and nodes == 1 and find_mode.gradient_available:
         # with the exact gradient, stage 2 starts from lme4's theta and the joint mode there: stage 1's
         # search only found a start for a derivative-free stage 2 (glmer's reason for it)
         mode = conditional_mode(theta, state["beta"], design, family, joint=True, patterns=find_mode.patterns)
-        return _gradient_stage(find_mode, family, np.concatenate([theta, mode.beta]), lower, 1, mode.u, derivatives)
+        return _gradient_stage(find_mode, family, np.concatenate([theta, mode.beta]), lower, 1, mode.u, derivatives,
+                               estimate_shape)
     theta, first = _minimize(joint, theta, lower, np.full(len(lower), THETA_STEP))
     mode = find_mode(theta, state["beta"], family, joint=True)
     if stages == 1:
@@ -261,17 +263,32 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
 
 
 def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: int, start_u,
-                    derivatives: bool) -> GLMMOptimum:
+                    derivatives: bool, estimate_shape: bool = False) -> GLMMOptimum:
     """Stage 2 with the criterion's exact gradient: L-BFGS-B in (theta, beta) from stage 1's end, and the
-    Hessian at the optimum by central differences of the gradient (one-sided at a bound)."""
+    Hessian at the optimum by central differences of the gradient (one-sided at a bound).
+
+    ``estimate_shape``: a negative binomial's log shape is a parameter too, its derivative by central
+    differences of the criterion (two more conditional modes); the Hessian is then in (theta, beta) at
+    the estimated shape, as glmer.nb's final glmer fit has it.
+    """
     import scipy.optimize
 
-    n_theta = len(lower)
+    n_theta, n_fixed = len(lower), len(start) - len(lower)
     state = {"u": start_u, "count": 0}
+    if estimate_shape:
+        start = np.append(start, np.log(family.shape))
+
+    def family_at(x):
+        return replace(family, shape=float(np.exp(x[-1]))) if estimate_shape else family
 
     def value_and_gradient(x):
         state["count"] += 1
-        at, gradient = find_mode.with_gradient(x[:n_theta], x[n_theta:], family, start_u=state["u"])
+        theta, beta, fam = x[:n_theta], x[n_theta : n_theta + n_fixed], family_at(x)
+        at, gradient = find_mode.with_gradient(theta, beta, fam, start_u=state["u"])
+        if estimate_shape and np.isfinite(at.laplace):
+            sides = [find_mode(theta, beta, replace(fam, shape=float(np.exp(x[-1] + h))), start_u=at.u).laplace
+                     for h in (SHAPE_DIFFERENCE, -SHAPE_DIFFERENCE)]
+            gradient = np.append(gradient, (sides[0] - sides[1]) / (2.0 * SHAPE_DIFFERENCE))
         if not np.isfinite(at.laplace) or not np.all(np.isfinite(gradient)):
             return np.inf, np.zeros_like(x)
         state["u"] = at.u
@@ -280,11 +297,12 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower] + [(None, None)] * (len(start) - n_theta)
     result = scipy.optimize.minimize(value_and_gradient, start, jac=True, method="L-BFGS-B", bounds=bounds,
                                      options=dict(maxiter=MAX_EVALUATIONS, ftol=LBFGS_FTOL, gtol=LBFGS_GTOL))
-    x = np.asarray(result.x, dtype=float)
+    family = family_at(np.asarray(result.x, dtype=float))
+    x = np.asarray(result.x, dtype=float)[: n_theta + n_fixed]
     mode, gradient = find_mode.with_gradient(x[:n_theta], x[n_theta:], family, start_u=state["u"])
     hessian = None
     if derivatives:
-        lower_all = np.concatenate([lower, np.full(len(x) - n_theta, -np.inf)])
+        lower_all = np.concatenate([lower, np.full(n_fixed, -np.inf)])
 
         def gradients_at(points):
             return np.stack([find_mode.with_gradient(p[:n_theta], p[n_theta:], family, start_u=mode.u)[1]
