@@ -12,7 +12,10 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
   (``henderson``), the collapsed marginal likelihood (``marginal``), the one-term specialisation
   (``one_term``, ``one_term_marginal``), starts and checks (``start``, ``checks``), the VarCorr
   table (``varcorr``), compiler settings and caches (``compiler_options``), JAX loading
-  (``jax_runtime``);
+  (``jax_runtime``); for GLMMs the families (``family``), PIRLS and the Laplace criterion on the host
+  (``laplace``) and as one compiled program (``laplace_program``), its exact gradient written once for
+  both (``laplace_gradient``), adaptive quadrature (``quadrature``), population-average means
+  (``marginal_mean``) and the separation check (``separation``);
 - ``closedform`` (REML/ML optimizer, results), then ``bayesian`` (NumPyro models, NUTS driver;
   it may read a closed-form fit, e.g. variances held at their REML values): the two engines,
   reading the same Design and the same algebra;
@@ -40,12 +43,14 @@ gradient on the host), ending in the same formula
 Extension points (where the next model classes plug in; each is one seam, named here so that no
 engine grows an ``if`` for it):
 
-- **family** -- the response distribution.  Gaussian today: the criterion profiles sigma out of
-  the penalized residual sum of squares (:func:`~hierpool.algebra.criterion.profiled_criterion`).
-  A GLMM family replaces the prior weights W and the response in ``A = [Z X y]^T W [Z X y]``
-  (:func:`~hierpool.algebra.system.build_system`) by PIRLS working weights and working response at
-  each step, factors the same blocked matrix, and adds its own deviance in place of the profiled
-  Gaussian term.
+- **family** -- the response distribution.  Gaussian: the criterion profiles sigma out of the
+  penalized residual sum of squares (:func:`~hierpool.algebra.criterion.profiled_criterion`).  A
+  GLMM family (:mod:`~hierpool.algebra.family`) replaces the prior weights W and the response in
+  ``A = [Z X y]^T W [Z X y]`` by PIRLS working weights and working response at each step, refilling
+  one :class:`~hierpool.algebra.system.SystemPattern` (:func:`~hierpool.algebra.system.build_system`,
+  or :func:`~hierpool.algebra.system.fill_in_program` in a compiled program), factors the same
+  blocked matrix, and adds its own deviance in place of the profiled Gaussian term
+  (:mod:`~hierpool.algebra.laplace`).
 - **residual covariance** -- independent today: W is diagonal (prior weights, or 1 / se^2).
   A within-group correlation (AR(1), CAR1) enters as a precision that whitens each group's
   rows before the cross-products are formed (:func:`~hierpool.algebra.system.build_system`);
