@@ -79,11 +79,13 @@ def test_marginal_likelihood_equals_general_engine(sleepstudy, formula, weighted
     scale = jnp.asarray([50.0] + [np.inf] * (p - 1))  # one Normal prior, the rest flat
     rng = np.random.default_rng(0)
     k = design.terms[0].k
+    # compiled once each, not run op by op (which dispatches, and compiles, every operation on its own)
+    ours_at, reference_at = jax.jit(one_term.log_marginal_likelihood), jax.jit(general.log_marginal_likelihood)
     for _ in range(5):
         theta = jnp.asarray(rng.uniform(0.05, 1.5, size=k * (k + 1) // 2))
         sigma = jnp.asarray(rng.uniform(10, 40))
-        ours = one_term.log_marginal_likelihood(theta, sigma, stats, loc, scale)
-        reference = general.log_marginal_likelihood(theta, sigma, system, loc, scale)
+        ours = ours_at(theta, sigma, stats, loc, scale)
+        reference = reference_at(theta, sigma, system, loc, scale)
         assert float(ours) == pytest.approx(float(reference), rel=1e-11)
 
 
@@ -135,12 +137,13 @@ def test_conditional_draw_has_henderson_mean_and_covariance(sleepstudy):
         beta, b = conditional_draw(theta, system, sigma, noise, prior)
         return jnp.concatenate([beta, b[0].ravel()])
 
-    mean_ours, mean_ref = ours(jnp.zeros(p + ell * k)), reference(jnp.zeros(noise_size(system.layout)))
+    mean_ours = jax.jit(ours)(jnp.zeros(p + ell * k))
+    mean_ref = jax.jit(reference)(jnp.zeros(noise_size(system.layout)))
     assert abs(float(mean_ours[0]) - LOCATION) < 1e3  # the user's scale
     np.testing.assert_allclose(mean_ours, mean_ref, rtol=1e-10, atol=1e-8)
     # both are linear in the noise: equal covariances J J^T mean equal Gaussian laws
-    jac_ours = jax.jacfwd(ours)(jnp.zeros(p + ell * k))
-    jac_ref = jax.jacfwd(reference)(jnp.zeros(noise_size(system.layout)))
+    jac_ours = jax.jit(jax.jacfwd(ours))(jnp.zeros(p + ell * k))
+    jac_ref = jax.jit(jax.jacfwd(reference))(jnp.zeros(noise_size(system.layout)))
     np.testing.assert_allclose(jac_ours @ jac_ours.T, jac_ref @ jac_ref.T, rtol=1e-9, atol=1e-9)
 
 
@@ -186,10 +189,10 @@ def test_one_term_path_with_weights_and_offset_agrees_with_the_closed_form(repli
         beta, b = one_term.conditional_draw(theta, sigma, stats, loc, scale, noise[:2], noise[2:].reshape(ell, 2))
         return jnp.concatenate([beta, b.T.ravel()])  # b in lme4's order: intercepts, then slopes
 
-    mean = draw(jnp.zeros(2 + 2 * ell))
+    mean = jax.jit(draw)(jnp.zeros(2 + 2 * ell))
     np.testing.assert_allclose(mean[:2], fit.fixef, rtol=1e-8)
     np.testing.assert_allclose(mean[2:], fit.ranef.condval, atol=1e-6 * np.abs(fit.ranef.condval).max())
-    jac = jax.jacfwd(draw)(jnp.zeros(2 + 2 * ell))[:2]
+    jac = jax.jit(jax.jacfwd(draw))(jnp.zeros(2 + 2 * ell))[:2]
     np.testing.assert_allclose(jac @ jac.T, fit.vcov, rtol=1e-6)
     # hp.bayes exact mode (variance held at the fit, general engine) against the BLUPs and BLUE, in MC units
     exact = hp.bayes(SLEEP, frame, variance=fit, priors=hp.validate.flat_beta_priors(fit), draws=250, seed=4,
