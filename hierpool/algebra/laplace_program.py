@@ -80,7 +80,7 @@ def _at(family: Family, data: ProgramData, factors, beta, u):
 
 
 def _conditional_mode(theta, beta, u, shape, saturated, data: ProgramData, family: Family, joint: bool, tol: float,
-                      max_steps: int, max_halvings: int):
+                      max_steps: int, max_halvings: int, logdet_at=None):
     if family.name == "negative_binomial":  # the shape is an argument: one program for every value of it
         family = dataclasses.replace(family, shape=shape)
     factors = theta_to_factors(theta, data.pattern.layout.ks[: len(data.term_rows)])
@@ -117,8 +117,11 @@ def _conditional_mode(theta, beta, u, shape, saturated, data: ProgramData, famil
     _, weights, _ = family.working(data.y, eta, data.trials)
     # the log-determinant with the weights at the mode: Z's system only (X's block, when present, has no effect
     # on log |L_Z|, which is the factor of the random-effect columns eliminated first)
-    fixed = data.offset + data.X @ beta
-    logdet = point_estimates(theta, fill_in_program(data.pattern, weights, eta - fixed))[3]
+    if logdet_at is None:
+        fixed = data.offset + data.X @ beta
+        logdet = point_estimates(theta, fill_in_program(data.pattern, weights, eta - fixed))[3]
+    else:  # the caller's (with its gradient)
+        logdet = logdet_at(weights)
     # -2 log p(y | mu) = the deviance + -2 log p(y | y) (``saturated``, from the host): no log Gamma in the program
     squared_u = sum(jnp.sum(jnp.square(x)) for x in u)
     log_likelihood = -0.5 * (deviance - squared_u + saturated)
@@ -209,31 +212,42 @@ def _as_mode(out: dict) -> ConditionalMode:
 
 # --- the gradient of the Laplace criterion in (theta, beta) (:mod:`hierpool.algebra.laplace_gradient`) ----------
 
-def _gradient(theta, mode, family: Family, data: ProgramData):
-    """:func:`hierpool.algebra.laplace_gradient.laplace_gradient` in the program; log |H|'s gradient in theta
-    at fixed weights by reverse mode through the linear mixed model's criterion."""
+def _working_system(data: ProgramData, weights):
+    """The working system at ``weights`` with a response of ones: log |H| and H^-1 do not read the response
+    (and a zero one would make the adjoint's penalized RSS zero)."""
+    return fill_in_program(data.pattern, weights, jnp.ones_like(weights))
+
+
+def _gradient(theta, mode, family: Family, data: ProgramData, system, logdet_gradient):
+    """:func:`hierpool.algebra.laplace_gradient.laplace_gradient` in the program, on the working ``system`` at
+    the mode's weights, with log |H|'s gradient in theta there (reverse mode through the linear mixed
+    model's criterion)."""
     layout = data.pattern.layout
     u = jax.lax.stop_gradient(tuple(mode["u"]))
     eta = jax.lax.stop_gradient(mode["eta"])
-    _, weights, _ = family.working(data.y, eta, data.trials)
-    # any non-zero response: log |H| and H^-1 do not read it (a zero one makes the adjoint's r^2 zero)
-    system = fill_in_program(data.pattern, weights, jnp.ones_like(eta))
     leverage = leverages(theta, data.term_rows, prediction_covariance(theta, system), layout.n_levels, layout.ks)
 
     def solve(response, weights):
         return point_estimates(theta, fill_in_program(data.pattern, weights, response))[1]
 
-    logdet_gradient = jax.grad(lambda t: objective_parts(t, system).logdet_lz)(theta)
     return laplace_gradient(theta, family, data.y, data.trials, data.X, data.term_rows, u, eta, leverage, solve,
                             logdet_gradient)
 
 
 def _value_and_gradient(theta, beta, u, shape, saturated, data: ProgramData, family: Family, tol: float,
                         max_steps: int, max_halvings: int):
-    mode = _conditional_mode(theta, beta, u, shape, saturated, data, family, False, tol, max_steps, max_halvings)
+    held = {}
+
+    def logdet_at(weights):  # log |H| at the mode's weights, with its theta-gradient, computed once
+        held["system"] = system = _working_system(data, jax.lax.stop_gradient(weights))
+        value, held["gradient"] = jax.value_and_grad(lambda t: objective_parts(t, system).logdet_lz)(theta)
+        return value
+
+    mode = _conditional_mode(theta, beta, u, shape, saturated, data, family, False, tol, max_steps, max_halvings,
+                             logdet_at)
     if family.name == "negative_binomial":
         family = dataclasses.replace(family, shape=shape)
-    return mode, _gradient(theta, mode, family, data)
+    return mode, _gradient(theta, mode, family, data, held["system"], held["gradient"])
 
 
 def compile_value_and_gradient(data: ProgramData, family: Family, tol: float = PIRLS_TOL, quick: bool = False):
