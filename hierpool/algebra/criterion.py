@@ -144,8 +144,8 @@ def _schur_update(system: MixedModelSystem, m_levels: jax.Array) -> jax.Array:
     gather of the small M_l, a multiply and a sorted segment-sum per pair of rest blocks.
     """
     xp = array_namespace(m_levels)
-    if xp is not np and dense_coupling_pays(system):
-        return _schur_update_dense(coupling_in_program(system), m_levels)
+    if dense_coupling_pays(system):  # on the host the dense coupling is formed per call (a system used once)
+        return _schur_update_dense(dense_coupling(system) if xp is np else coupling_in_program(system), m_levels)
     blocks = system.layout.rest_blocks
     grid = [[None] * len(blocks) for _ in blocks]
     for (r, s), pairs in zip(system.layout.pair_keys(), system.pairs):

@@ -244,7 +244,7 @@ class SystemPattern:
     z0: jax.Array  # (n, k0) term 0's row values
     rest_rows: tuple  # per rest block except y: (level index per row, row values (n, k))
     coupling_cells: tuple  # per rest block: (coupling cell of each row, level0 of each cell, level of each cell)
-    pair_indices: tuple  # per Layout.pair_keys(): (a, b, target), the couplings paired and their grid cell
+    pair_indices: tuple  # per Layout.pair_keys(): (a, b, target, level0): the couplings paired, their grid cell and level
     layout: Layout = field(metadata=dict(static=True))
 
 
@@ -267,7 +267,8 @@ def system_pattern(design: Design) -> SystemPattern:
     pairs = []
     for r, s in layout.pair_keys():
         (_, level0_r, level_r), (_, level0_s, level_s) = cells[r], cells[s]
-        pairs.append(_pairs(level0_r, level_r, level0_s, level_s, rows[s][2], ell0, diagonal=r == s))
+        a, b, target = _pairs(level0_r, level_r, level0_s, level_s, rows[s][2], ell0, diagonal=r == s)
+        pairs.append((a, b, target, level0_r.astype(np.int32)[a]))
     rest_rows = tuple((index, values) for index, values, _ in rows[:-1])
     return SystemPattern(index0, term0.z, rest_rows, tuple(cells), tuple(pairs), layout)
 
@@ -298,11 +299,11 @@ def build_system(design: Design, host: bool = False, pattern: SystemPattern | No
         for (inverse, level0, level), (_, values, _) in zip(pattern.coupling_cells, blocks)
     ]
     pairs = []
-    for (r, s), (a, b, target) in zip(layout.pair_keys(), pattern.pair_indices):
+    for (r, s), (a, b, target, level0) in zip(layout.pair_keys(), pattern.pair_indices):
         products = _pair_products(couplings[r][2], couplings[s][2], a, b)
         if r == s:
             products[a == b] *= 0.5  # a diagonal block is the sum of its pairs plus its transpose
-        pairs.append((couplings[r][0].astype(np.int32)[a], target, products))
+        pairs.append((level0, target, products))
     as_jax = np.asarray if host else _to_device
     return MixedModelSystem(
         a00=as_jax(a00),
@@ -343,11 +344,11 @@ def fill_in_program(pattern: SystemPattern, weights: jax.Array, y_column: jax.Ar
     couplings = tuple(Coupling(level0.astype(jnp.int32), level.astype(jnp.int32), v)
                       for (_, level0, level), v in zip(pattern.coupling_cells, values))
     pairs = []
-    for (r, s), (a, b, target) in zip(layout.pair_keys(), pattern.pair_indices):
+    for (r, s), (a, b, target, level0) in zip(layout.pair_keys(), pattern.pair_indices):
         products = values[r][a][:, :, None, :, None] * values[s][b][:, None, :, None, :]
         if r == s:  # a diagonal block is the sum of its pairs plus its transpose
             products = jnp.where((a == b)[:, None, None, None, None], 0.5 * products, products)
-        pairs.append(Pairs(couplings[r].level0[a], target.astype(jnp.int32), products))
+        pairs.append(Pairs(level0, target.astype(jnp.int32), products))
     sizes = [ell * rows.shape[1] for _, rows, ell in blocks]
     grid = [[None] * len(blocks) for _ in blocks]
     for r, (index_r, rows_r, ell_r) in enumerate(blocks):
