@@ -412,7 +412,7 @@ jax.distributed.initialize(coordinator_address="localhost:" + sys.argv[2], num_p
 import hierpool as hp
 data = hp.datasets.sleepstudy_replicates(60, seed=4)
 result = hp.fit_batch("Reaction ~ Days + (Days | Subject)", data[data.dataset < 16], chunk_size=4)
-posterior = hp.bayes_batch("Reaction ~ Days + (Days | Subject)", data[data.dataset < 2], draws=300, tune=300, seed=2,
+posterior = hp.bayes_batch("Reaction ~ Days + (1 | Subject)", data[data.dataset < 2], draws=300, tune=300, seed=2,
                            progress=False)
 print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(),
                   "objective": result.objective.tolist(), "beta": result.beta.tolist(),
@@ -421,7 +421,7 @@ print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count
 """
 
 
-def test_two_processes_through_jax_distributed_give_the_same_fits(batch):
+def test_two_processes_through_jax_distributed_give_the_same_fits(replicates, batch):
     # two hosts simulated on this one: jax.distributed over localhost, 2 CPU devices each, gloo collectives
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
@@ -440,10 +440,12 @@ def test_two_processes_through_jax_distributed_give_the_same_fits(batch):
     # every process holds every dataset's posterior (gathered), the same on both
     assert results[0]["posterior"] == results[1]["posterior"]
     # and it is each dataset's own: on these balanced datasets the posterior mean of beta is the REML
-    # estimate up to the weak prior's pull (~0.03 sd) and Monte Carlo error (~0.03 sd); the other
-    # dataset's estimates lie 2.6 and 1.0 sd away
+    # estimate up to the weak prior's pull and Monte Carlo error (0.07 sd at most); the other dataset's
+    # estimates lie 1.4 to 2.4 sd away.  (A random-intercept model: its sampler compiles in less time than
+    # the correlated slope's, which the single-process tests sample.)
+    reml = [hp.lmm("Reaction ~ Days + (1 | Subject)", replicates[replicates.dataset == i]).fixef for i in (0, 1)]
     mean, sd = np.asarray(results[0]["posterior"]).T
-    distance = np.abs(mean - batch.beta[:2].ravel()) / sd
+    distance = np.abs(mean - np.concatenate(reml)) / sd
     assert np.max(distance) < 0.2, distance
 
 
