@@ -172,11 +172,11 @@ def _crossed_sbc_design():
 
 
 def test_sbc_quick_mode_finds_uniform_ranks_on_a_crossed_model():
-    # quick mode (100 replications, 2 x 150 draws each, 99 ranked); the random-intercept and
-    # correlated-slope models, and 1000 replications of each, are in the validation report
-    # (python -m validation), which the suite's time does not afford
-    result = hp.validate.sbc("y ~ x + (1 | a) + (1 | b)", _crossed_sbc_design(), n_reps=100, draws_per_chain=150,
-                             tune=150, seed=1)
+    # quick mode (100 replications, 2 x 100 draws each after 100 warm-up iterations, 99 ranked: every
+    # other draw); the random-intercept and correlated-slope models, and 1000 replications of each, are in
+    # the validation report (python -m validation), which the suite's time does not afford
+    result = hp.validate.sbc("y ~ x + (1 | a) + (1 | b)", _crossed_sbc_design(), n_reps=100, draws_per_chain=100,
+                             tune=100, seed=1)
     assert result.passed, result.tests
     assert result.ranks.shape[0] == 100 and result.ranks.to_numpy().max() <= result.n_draws
     # both crossed factors are ranked: their sds and one effect each
