@@ -5,6 +5,9 @@
 * :func:`sampler_agreement`: the default collapsed sampler against the independent full model.
 * :func:`sbc`: simulation-based calibration (Talts et al. 2018).
 * :func:`coverage`: frequentist coverage of closed-form and Bayesian intervals.
+* GLMMs: :func:`mode_agreement` (posterior mode = conditional modes, exact), :func:`mode_mean_gap`
+  and :func:`mode_mean_gap_series` (posterior means vs conditional modes), :func:`glmm_sbc`,
+  :func:`glmm_coverage`.
 """
 
 from .agreement import (
@@ -16,11 +19,16 @@ from .agreement import (
     flat_beta_priors,
 )
 from .coverage import coverage, simulate_study
+from .glmm_agreement import ModeAgreement, ModeMeanGap, mode_agreement, mode_mean_gap, mode_mean_gap_series
+from .glmm_coverage import glmm_coverage
+from .glmm_sbc import glmm_sbc
 from .samplers import SamplerAgreement, compare_samplers, sampler_agreement
 from .sbc import SBCResult, ecdf_band, sbc
 
 __all__ = [
     "AgreementReport",
+    "ModeAgreement",
+    "ModeMeanGap",
     "SBCResult",
     "SamplerAgreement",
     "agreement_series",
@@ -30,6 +38,11 @@ __all__ = [
     "compare_samplers",
     "coverage",
     "flat_beta_priors",
+    "glmm_coverage",
+    "glmm_sbc",
+    "mode_agreement",
+    "mode_mean_gap",
+    "mode_mean_gap_series",
     "ecdf_band",
     "sampler_agreement",
     "sbc",

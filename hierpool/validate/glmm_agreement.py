@@ -1,12 +1,13 @@
 """A GLMM's Bayesian posterior against its Laplace fit: the mode (exact) and the mean (a gap that shrinks).
 
-The posterior is the one ``hp.bayes(..., family=...)`` samples: the non-centered NumPyro model
+The posterior is the one ``hp.bayes(..., family=...)`` samples: the NumPyro model
 :func:`hierpool.bayesian.glmm.glmm_model`,
 
-    eta = o + X beta + sum_j Z_j b_j,   b_j = F_j u_j,   u_j ~ Normal(0, I),   y ~ family(g^-1(eta)),
+    eta = o + X beta + sum_j Z_j b_j,   b_j[l] ~ Normal(0, Sigma_j),   y ~ family(g^-1(eta)),
 
+(each level sampled centered, as b, or non-centered, as u with b = F_j u, as its sampler chooses),
 here with the variance parameters *held* at the Laplace fit's (F_j = T_j(theta-hat), lme4's
-relative covariance factor; the unit-scale GLMM has no residual sd).  Its log density,
+relative covariance factor; the unit-scale GLMM has no residual sd).  Its log density, in u,
 
     log p(beta, u | y) = sum_i log p(y_i | eta_i) - |u|^2 / 2 + log p(beta) + const,
 
@@ -32,12 +33,15 @@ Both are found by Newton's method on the model's log density (its gradient and H
 to a gradient below 1e-10, and compared effect by effect; the bound is 1e-6 absolute.
 
 Mean (:func:`mode_mean_gap`, :func:`mode_mean_gap_series`).  The posterior *mean* of b (variance
-held, flat beta; NUTS, as ``hp.bayes`` samples it) differs from the conditional mode, because the
-posterior of b given few binomial or Poisson observations is skewed; the Laplace approximation is
-the Gaussian centred at the mode.  The gap is reported per effect in posterior-sd units,
-gap = (post_mean - condval) / post_sd, with its Monte-Carlo error mcse / post_sd.  As the
-observations per group grow the posterior of each b_g approaches a Gaussian (Bernstein-von Mises)
-and the gap goes to 0, which the series shows on simulated binomial data.
+held; NUTS, as ``hp.bayes`` samples it) differs from the conditional mode, because the posterior of
+b given few binomial or Poisson observations is skewed; the Laplace approximation is the Gaussian
+centred at the mode.  The gap is reported per effect in posterior-sd units,
+gap = (post_mean - condval) / post_sd, with its Monte-Carlo error mcse / post_sd.  With beta held
+at beta-hat (the default; ``hp.bayes`` holds it by a prior of sd 1e-4 standard errors) the gap is
+the skewness of b's posterior given (theta-hat, beta-hat), which goes to 0 as the observations per
+group grow (Bernstein-von Mises); the series shows it on simulated binomial data.  With a flat
+prior on beta the posterior mean also averages over beta, whose own mean - mode difference is of
+order 1 / groups and does not shrink with the observations per group.
 
 References
 ----------
@@ -58,8 +62,9 @@ import pandas as pd
 from ..algebra.laplace import conditional_mode
 from ..algebra.linalg import theta_to_factors
 from ..bayesian import bayes, resolve_priors
-from ..bayesian.glmm import glmm_data, glmm_model
+from ..bayesian.glmm import centered_levels, glmm_data, glmm_model
 from ..bayesian.model import HeldVariance
+from ..bayesian.results import summarize_draws
 from ..closedform import glmm
 from ..closedform.glmm_results import GLMMResult
 from ..errors import ArgumentError
@@ -140,30 +145,51 @@ class ModeAgreement:
                 f"{self.newton_steps} Newton steps")
 
 
-def _log_density_function(design, held: HeldVariance, priors):
-    """u (and beta) -> the log density of :func:`glmm_model` with the variance held, via NumPyro."""
+def _log_density_function(design, held: HeldVariance, priors, parameterization: str):
+    """(log density of :func:`glmm_model` with the variance held, v -> b, the sampled coordinates of b).
+
+    v is the model's site ``z__j`` per term: each level's effect itself where the level is sampled
+    centered, its standardized u (b = F u) elsewhere; ``parameterization`` chooses the levels as
+    ``hp.bayes``'s sampler does (:func:`hierpool.bayesian.glmm.centered_levels`, with the held
+    variances).  b is read from the model's own ``b__j`` sites (a NumPyro trace), so this module
+    does not re-derive the model's map from v to b.
+    """
     import jax.numpy as jnp
+    from numpyro import handlers
     from numpyro.infer.util import log_density
 
-    data = glmm_data(design)
+    variances = [np.sum(np.square(np.asarray(f)), axis=1) for f in held.cov_factors]
+    centered = centered_levels(design, parameterization, variances)
+    data = glmm_data(design, centered)
     ks = tuple(t.k for t in design.terms)
     n_levels = tuple(t.n_levels for t in design.terms)
     kwargs = dict(ks=ks, n_levels=n_levels, family=design.family.name, link=design.family.link)
     normal_beta = bool(priors.beta) and priors.beta_all_normal()
     sizes = [ell * k for ell, k in zip(n_levels, ks)]
 
-    def params_of(beta, u_flat):
+    def params_of(beta, v_flat):
+        beta = jnp.asarray(beta)
         params = {"beta": beta} if normal_beta else {f"beta__{i}": beta[i] for i in range(design.p)}
         start = 0
         for j, (ell, k) in enumerate(zip(n_levels, ks)):
-            params[f"z__{j}"] = u_flat[start:start + sizes[j]].reshape(ell, k)
+            params[f"z__{j}"] = jnp.asarray(v_flat)[start:start + sizes[j]].reshape(ell, k)
             start += sizes[j]
         return params
 
-    def log_p(beta, u_flat):
-        return log_density(glmm_model, (data, priors, held), kwargs, params_of(jnp.asarray(beta), u_flat))[0]
+    def log_p(beta, v_flat):
+        return log_density(glmm_model, (data, priors, held), kwargs, params_of(beta, v_flat))[0]
 
-    return log_p, sum(sizes)
+    def b_of(beta, v_flat):
+        model = handlers.substitute(glmm_model, data=params_of(beta, v_flat))
+        trace = handlers.trace(model).get_trace(data, priors, held, **kwargs)
+        return np.concatenate([np.asarray(trace[f"b__{j}"]["value"], dtype=float).ravel() for j in range(len(ks))])
+
+    def v_of(u_flat, b_flat):
+        """The sampled coordinates of the effects whose spherical form is u and whose values are b."""
+        mask = np.concatenate([np.repeat(np.asarray(c, dtype=bool), k) for c, k in zip(centered, ks)])
+        return np.where(mask, b_flat, u_flat)
+
+    return log_p, b_of, v_of, sum(sizes)
 
 
 def _newton_maximize(f, x0, max_steps: int = 100):
@@ -193,7 +219,8 @@ def _newton_maximize(f, x0, max_steps: int = 100):
     return x, max_steps
 
 
-def mode_agreement(fit: GLMMResult, beta: str = "held", tolerance: float = MODE_TOLERANCE) -> ModeAgreement:
+def mode_agreement(fit: GLMMResult, beta: str = "held", tolerance: float = MODE_TOLERANCE,
+                   parameterization: str = "auto") -> ModeAgreement:
     """The posterior mode of the random effects, by optimization, against the conditional modes.
 
     The variance parameters (theta, and a negative binomial's shape) are held at ``fit``'s; the
@@ -212,6 +239,12 @@ def mode_agreement(fit: GLMMResult, beta: str = "held", tolerance: float = MODE_
         the joint mode of the penalized deviance at theta-hat (glmer's nAGQ = 0 mode).
     tolerance : float
         Bound on the largest absolute difference.
+    parameterization : {"auto", "centered", "non-centered"}
+        Which levels' effects are optimized in their own coordinates and which in standardized
+        ones, as the sampler's :func:`hierpool.bayesian.glmm.centered_levels` chooses them
+        (``"auto"``: as ``hp.bayes`` samples).  With the variances held, the map from the sampled
+        coordinates to b is linear with a constant Jacobian, so the mode in b is the same in
+        every parameterization; the choice only says whose log density is optimized.
 
     Returns
     -------
@@ -221,42 +254,34 @@ def mode_agreement(fit: GLMMResult, beta: str = "held", tolerance: float = MODE_
 
     if beta not in ("held", "flat"):
         raise ArgumentError(f"beta must be 'held' or 'flat', got {beta!r}")
+    if parameterization not in ("auto", "centered", "non-centered"):
+        raise ArgumentError(f"parameterization must be 'auto', 'centered' or 'non-centered', got {parameterization!r}")
     held = held_variance(fit)
     design = fit.design
     priors = resolve_priors(design, flat_beta_priors(fit))
-    log_p, n_u = _log_density_function(design, held, priors)
+    log_p, b_of, v_of, n_v = _log_density_function(design, held, priors, parameterization)
     beta_hat = np.asarray(fit.fixef, dtype=float)
-    keys = _effect_keys(design)
-    table = _conditional_modes(fit, keys)
-    factors = held.cov_factors
+    table = _conditional_modes(fit, _effect_keys(design))
 
-    def to_b(u_flat):
-        out, start = [], 0
-        for t, factor in zip(design.terms, factors):
-            size = t.n_levels * t.k
-            out.append(np.asarray(u_flat[start:start + size]).reshape(t.n_levels, t.k) @ np.asarray(factor).T)
-            start += size
-        return np.concatenate([b.ravel() for b in out]) if out else np.zeros(0)
-
-    def u_of(mode):
-        return np.concatenate([np.asarray(u, dtype=float).ravel() for u in mode.u])
+    def flat(mode):
+        return np.concatenate([np.asarray(x, dtype=float).ravel() for x in mode])
 
     if beta == "held":
-        u_mode, steps = _newton_maximize(lambda u: log_p(beta_hat, u), np.zeros(n_u))
-        reference_b = table.condval.to_numpy()
-        reference_u = u_of(fit.optimum.mode)
-        gradient = np.asarray(_grad(lambda u: log_p(beta_hat, u))(jnp.asarray(reference_u)))
+        v_mode, steps = _newton_maximize(lambda v: log_p(beta_hat, v), np.zeros(n_v))
         beta_mode, reference_beta = beta_hat, beta_hat
+        reference_b = table.condval.to_numpy()
+        reference_v = v_of(flat(fit.optimum.mode.u), flat(fit.optimum.mode.b))
+        gradient = np.asarray(_grad(lambda v: log_p(beta_hat, v))(jnp.asarray(reference_v)))
     else:
         p = design.p
-        x_mode, steps = _newton_maximize(lambda x: log_p(x[:p], x[p:]), np.concatenate([beta_hat, np.zeros(n_u)]))
-        beta_mode, u_mode = x_mode[:p], x_mode[p:]
+        x_mode, steps = _newton_maximize(lambda x: log_p(x[:p], x[p:]), np.concatenate([beta_hat, np.zeros(n_v)]))
+        beta_mode, v_mode = x_mode[:p], x_mode[p:]
         joint = conditional_mode(fit.theta, beta_hat, design, fit.family, joint=True)
-        reference_u, reference_beta = u_of(joint), np.asarray(joint.beta, dtype=float)
-        reference_b = to_b(reference_u)
-        x_ref = jnp.asarray(np.concatenate([reference_beta, reference_u]))
+        reference_beta, reference_b = np.asarray(joint.beta, dtype=float), flat(joint.b)
+        reference_v = v_of(flat(joint.u), reference_b)
+        x_ref = jnp.asarray(np.concatenate([reference_beta, reference_v]))
         gradient = np.asarray(_grad(lambda x: log_p(x[:p], x[p:]))(x_ref))
-    b_mode = to_b(u_mode)
+    b_mode = b_of(beta_mode, v_mode)
     table = table[["grpvar", "term", "grp", "condval"]].assign(
         reference=reference_b, posterior_mode=b_mode, difference=b_mode - reference_b)
     beta_table = pd.DataFrame({"laplace": beta_hat, "reference": reference_beta, "posterior_mode": beta_mode,
@@ -285,13 +310,18 @@ class ModeMeanGap:
         r_hat, gap (= (post_mean - condval) / post_sd), gap_mcse (= mcse / post_sd), z
         (= (post_mean - condval) / mcse: the gap in Monte-Carlo units).
     fit, posterior
+        The Laplace fit, and ``hp.bayes``'s result (beta flat) or the draws of b, (chain, draw,
+        effect) in the table's order (beta held).
     divergences : int
+    beta : str
+        ``"held"`` or ``"flat"`` (:func:`mode_mean_gap`).
     """
 
     table: pd.DataFrame
     fit: object
     posterior: object
     divergences: int
+    beta: str = "held"
 
     @property
     def mean_abs_gap(self) -> float:
@@ -314,7 +344,7 @@ class ModeMeanGap:
 
     def summary(self) -> str:
         ms, se = self.mean_squared_gap
-        return (f"posterior mean - conditional mode (variance held, flat beta), in posterior sds: "
+        return (f"posterior mean - conditional mode (variance held, beta {self.beta}), in posterior sds: "
                 f"mean |gap| {self.mean_abs_gap:.3f}, max |gap| {np.max(np.abs(self.table.gap)):.3f}, "
                 f"rms gap (noise removed) {np.sqrt(max(ms, 0.0)):.3f} (mean square {ms:.4f} +/- {se:.4f}); "
                 f"max |z| {np.max(np.abs(self.table.z)):.1f}, {self.divergences} divergent transitions")
@@ -332,14 +362,14 @@ def mode_mean_gap(
     tune: int = 1000,
     seed: int = 0,
     target_accept: float = 0.8,
+    beta: str = "held",
 ) -> ModeMeanGap:
     """How far the posterior means of the random effects are from the conditional modes.
 
     Fits ``hp.glmm`` (Laplace) and samples ``hp.bayes`` with the variance parameters held at its
-    theta (``variance=fit``) and a flat prior on beta: the posterior whose *mode* is the
-    conditional mode (:func:`mode_agreement`).  The difference of its *mean* is real, not
-    Monte-Carlo noise (the table's z), and shrinks with the observations per group
-    (:func:`mode_mean_gap_series`).
+    theta (``variance=fit``): the posterior whose *mode* is the conditional mode
+    (:func:`mode_agreement`).  The difference of its *mean* is real, not Monte-Carlo noise (the
+    table's z).
 
     Parameters
     ----------
@@ -347,6 +377,16 @@ def mode_mean_gap(
         As :func:`hierpool.glmm`; both engines get the same.
     chains, draws, tune, seed, target_accept
         Sampler settings.
+    beta : {"held", "flat"}
+        ``"held"``: beta conditioned at the Laplace estimate (``numpyro.handlers.condition`` on the
+        model's fixed-effect sites: ``hp.bayes`` has no way to hold beta) and the same model
+        sampled by NumPyro's NUTS: the posterior of b given (theta-hat, beta-hat, y), whose mode
+        *is* the conditional mode; the gap is that posterior's mean - mode (its skewness), which
+        vanishes as the observations per group grow (:func:`mode_mean_gap_series`).  ``"flat"``:
+        ``hp.bayes(..., variance=fit)`` with a flat prior on beta; the posterior mean of b then
+        also averages over beta, whose marginal posterior (the likelihood in beta at theta-hat) has
+        its own mean - mode difference, of order 1 / groups: that part of the gap does not shrink
+        with the observations per group.
 
     Returns
     -------
@@ -354,31 +394,83 @@ def mode_mean_gap(
     """
     if chains < 2:
         raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
+    if beta not in ("held", "flat"):
+        raise ArgumentError(f"beta must be 'held' or 'flat', got {beta!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # boundary or separation warnings of small simulated data sets
         fit = glmm(formula, data, family=family, link=link, weights=weights, offset=offset)
-    post = bayes(formula, data, family=family, link=link, weights=weights, offset=offset, variance=fit,
-                 priors=flat_beta_priors(fit), chains=chains, draws=draws, tune=tune, seed=seed,
-                 target_accept=target_accept)
     keys = _effect_keys(fit.design)
     table = _conditional_modes(fit, keys)
-    ranef = post.ranef.assign(grp=post.ranef.grp.astype(str))
-    table = table.merge(ranef[["grpvar", "term", "grp", "mean", "sd", "mcse_mean", "ess_bulk", "r_hat"]],
-                        on=["grpvar", "term", "grp"], how="left", validate="one_to_one")
+    if beta == "flat":
+        post = bayes(formula, data, family=family, link=link, weights=weights, offset=offset, variance=fit,
+                     priors=flat_beta_priors(fit), chains=chains, draws=draws, tune=tune, seed=seed,
+                     target_accept=target_accept)
+        ranef = post.ranef.assign(grp=post.ranef.grp.astype(str))
+        table = table.merge(ranef[["grpvar", "term", "grp", "mean", "sd", "mcse_mean", "ess_bulk", "r_hat"]],
+                            on=["grpvar", "term", "grp"], how="left", validate="one_to_one")
+        divergences = post.divergences
+    else:
+        post, divergences = _held_beta_draws(fit, chains, draws, tune, seed, target_accept)
+        summary = summarize_draws(post, 0.95)
+        table = table.assign(**{name: np.asarray(summary[name]) for name in
+                                ("mean", "sd", "mcse_mean", "ess_bulk", "r_hat")})
     table = table.rename(columns={"mean": "post_mean", "sd": "post_sd", "mcse_mean": "mcse", "ess_bulk": "ess"})
     difference = table.post_mean - table.condval
-    table["gap"] = difference / table.post_sd
-    table["gap_mcse"] = table.mcse / table.post_sd
-    table["z"] = difference / table.mcse
-    return ModeMeanGap(table=table, fit=fit, posterior=post, divergences=post.divergences)
+    # a zero variance (singular fit) pins an effect at exactly 0 in both engines: no gap, not 0 / 0
+    pinned = ((table.condsd == 0) & (table.post_sd < 1e-12) & (table.condval.abs() < 1e-12)
+              & (table.post_mean.abs() < 1e-12)).to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["gap"] = np.where(pinned, 0.0, difference / table.post_sd)
+        table["gap_mcse"] = np.where(pinned, 0.0, table.mcse / table.post_sd)
+        table["z"] = np.where(pinned, 0.0, difference / table.mcse)
+    return ModeMeanGap(table=table, fit=fit, posterior=post, divergences=divergences, beta=beta)
 
 
-def simulate_binomial_groups(trials: int, rng, n_groups: int = 20, beta=(-1.0, 0.5), sd: float = 1.0):
-    """One data set: ``n_groups`` groups of ``trials`` Bernoulli rows each, y ~ x + (1 | g), logit link.
+def _held_beta_draws(fit: GLMMResult, chains: int, draws: int, tune: int, seed: int, target_accept: float):
+    """NUTS draws of b (chain, draw, effect) of :func:`glmm_model`, theta held and beta conditioned at beta-hat."""
+    import jax
+    from numpyro import handlers
+    from numpyro.infer import MCMC, NUTS
+
+    design = fit.design
+    held = held_variance(fit)
+    priors = resolve_priors(design, flat_beta_priors(fit))
+    variances = [np.sum(np.square(np.asarray(f)), axis=1) for f in held.cov_factors]
+    data = glmm_data(design, centered_levels(design, "auto", variances))
+    beta_hat = np.asarray(fit.fixef, dtype=float)
+    normal_beta = bool(priors.beta) and priors.beta_all_normal()
+    fixed = {"beta": beta_hat} if normal_beta else {f"beta__{i}": beta_hat[i] for i in range(design.p)}
+    model = handlers.condition(glmm_model, data=fixed)
+    kernel = NUTS(model, target_accept_prob=target_accept, dense_mass=True)
+    mcmc = MCMC(kernel, num_warmup=tune, num_samples=draws, num_chains=chains, chain_method="sequential",
+                progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(seed), data, priors, held, ks=tuple(t.k for t in design.terms),
+             n_levels=tuple(t.n_levels for t in design.terms), family=design.family.name, link=design.family.link,
+             extra_fields=("diverging",))
+    samples = mcmc.get_samples(group_by_chain=True)
+    b = np.concatenate([np.asarray(samples[f"b__{j}"], dtype=float).reshape(chains, draws, -1)
+                        for j in range(len(design.terms))], axis=-1)
+    divergences = int(np.sum(np.asarray(mcmc.get_extra_fields()["diverging"])))
+    return b, divergences
+
+
+def simulate_binomial_groups(trials: int, rng, n_groups: int = 20, beta=(-1.0, 0.5), sd: float = 1.0,
+                             aggregate: bool = False):
+    """One data set: ``n_groups`` groups of ``trials`` Bernoulli observations each, y ~ x + (1 | g), logit link.
+
+    ``aggregate=False``: one 0/1 row per observation, x per row.  ``aggregate=True``: one row per
+    group, y the proportion of successes and ``n`` the trials (fit with ``weights="n"``), x per
+    group; every size then has the same rows, so one compiled sampler serves the whole series.
 
     Returns ``(formula, data)``; the ``simulate`` argument of :func:`mode_mean_gap_series`
     (``functools.partial`` sets the other arguments).
     """
+    if aggregate:
+        x = rng.normal(size=n_groups)
+        b = rng.normal(0.0, sd, n_groups)
+        successes = rng.binomial(trials, 1.0 / (1.0 + np.exp(-(beta[0] + beta[1] * x + b))))
+        return "y ~ x + (1 | g)", pd.DataFrame({"y": successes / trials, "n": float(trials), "x": x,
+                                                 "g": [f"g{i:03d}" for i in range(n_groups)]})
     g = np.repeat(np.arange(n_groups), trials)
     x = rng.normal(size=g.size)
     b = rng.normal(0.0, sd, n_groups)
@@ -407,7 +499,11 @@ def mode_mean_gap_series(simulate=simulate_binomial_groups, sizes=(2, 5, 20, 100
         Per size: mean_abs_gap (posterior sds), mean_squared_gap with its standard error
         mean_squared_gap_se (the Monte-Carlo noise removed; :attr:`ModeMeanGap.mean_squared_gap`),
         rms_gap (its square root, 0 when the estimate is negative), max_abs_z (the largest gap in
-        Monte-Carlo units), mean_sd_ratio (posterior sd / condsd) and divergences.
+        Monte-Carlo units), mean_sd_ratio (posterior sd / condsd: near 1 with beta held, above 1
+        with beta flat, whose uncertainty condsd does not carry), divergences and
+        singular (the Laplace fit's variance is 0: every effect pinned at 0, no gap to measure) and
+        theta (the fit's first theta: the gap is small where theta^2 times a group's information is
+        small, the prior then dominating b's posterior, which is nearly Gaussian).
     """
     rng = np.random.default_rng(seed)
     rows = []
@@ -420,5 +516,6 @@ def mode_mean_gap_series(simulate=simulate_binomial_groups, sizes=(2, 5, 20, 100
                      "mean_squared_gap": ms, "mean_squared_gap_se": se, "rms_gap": float(np.sqrt(max(ms, 0.0))),
                      "max_abs_z": float(np.max(np.abs(table.z))),
                      "mean_sd_ratio": float(np.mean(table.post_sd / table.condsd)),
-                     "divergences": report.divergences})
+                     "divergences": report.divergences, "singular": bool(report.fit.is_singular),
+                     "theta": float(np.asarray(report.fit.theta)[0])})
     return pd.DataFrame(rows)
