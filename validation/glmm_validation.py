@@ -9,7 +9,8 @@ Sections (hierpool.validate.glmm_agreement, glmm_sbc, glmm_coverage):
 * ``mode``: posterior mode of the random effects (variance held, beta held / flat) against the
   conditional modes / the nAGQ = 0 joint mode, on cbpp (binomial) and epil (Poisson with an offset);
 * ``gap``: posterior mean - conditional mode, in posterior sds, as the trials per group grow
-  (simulated binomial data, beta held and flat);
+  (simulated binomial data, one row of 20 ... 20000 trials per group, the same covariate and group
+  effects at every size; beta held and flat);
 * ``sbc``: simulation-based calibration of ``hp.bayes`` for a binomial and a Poisson model;
 * ``coverage``: 95% intervals (conditional modes +/- 1.96 condsd, posterior, ``marginal()``) in a
   simulation study, binomial and Poisson.
@@ -69,13 +70,13 @@ def mode_section(quick: bool) -> dict:
 
 
 def gap_section(quick: bool) -> dict:
-    settings = dict(sizes=(5, 20, 100) if quick else (5, 20, 100, 500), n_groups=20, beta=(0.0, 0.5), sd=1.5,
-                    chains=2 if quick else 4, draws=500 if quick else 1000, tune=500, seed=2)
+    settings = dict(sizes=(20, 200, 2000, 20000), n_groups=20, beta=(0.0, 0.5), sd=1.5, truth_seed=4,
+                    chains=2 if quick else 4, draws=1000 if quick else 2000, tune=500, seed=2)
     out = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
     for beta in ("held", "flat"):
         def simulate(size, rng):
             return simulate_binomial_groups(size, rng, n_groups=settings["n_groups"], beta=settings["beta"],
-                                            sd=settings["sd"], aggregate=True)
+                                            sd=settings["sd"], aggregate=True, truth_seed=settings["truth_seed"])
 
         series = mode_mean_gap_series(simulate, sizes=settings["sizes"], seed=settings["seed"], weights="n",
                                       chains=settings["chains"], draws=settings["draws"], tune=settings["tune"],

@@ -5,7 +5,7 @@ The posterior is the one ``hp.bayes(..., family=...)`` samples: the NumPyro mode
 
     eta = o + X beta + sum_j Z_j b_j,   b_j[l] ~ Normal(0, Sigma_j),   y ~ family(g^-1(eta)),
 
-(each level sampled centered, as b, or non-centered, as u with b = F_j u, as its sampler chooses),
+(with the variance held its sampler draws the spherical u of b_j = F_j u_j, u_j ~ Normal(0, I)),
 here with the variance parameters *held* at the Laplace fit's (F_j = T_j(theta-hat), lme4's
 relative covariance factor; the unit-scale GLMM has no residual sd).  Its log density, in u,
 
@@ -62,8 +62,9 @@ import pandas as pd
 from ..algebra.laplace import conditional_mode
 from ..algebra.linalg import theta_to_factors
 from ..bayesian import bayes, resolve_priors
-from ..bayesian.glmm import centered_levels, glmm_data, glmm_model
+from ..bayesian.glmm import centering_weights, glmm_data, glmm_model
 from ..bayesian.model import HeldVariance
+from ..bayesian.nuts import sample_nuts
 from ..bayesian.results import summarize_draws
 from ..closedform import glmm
 from ..closedform.glmm_results import GLMMResult
@@ -145,22 +146,23 @@ class ModeAgreement:
                 f"{self.newton_steps} Newton steps")
 
 
-def _log_density_function(design, held: HeldVariance, priors, parameterization: str):
-    """(log density of :func:`glmm_model` with the variance held, v -> b, the sampled coordinates of b).
+def _model_data(design):
+    """The model's data as ``hp.bayes``'s sampler builds it with the variance parameters held (non-centered)."""
+    return glmm_data(design, centering_weights(design, "non-centered"))
 
-    v is the model's site ``z__j`` per term: each level's effect itself where the level is sampled
-    centered, its standardized u (b = F u) elsewhere; ``parameterization`` chooses the levels as
-    ``hp.bayes``'s sampler does (:func:`hierpool.bayesian.glmm.centered_levels`, with the held
-    variances).  b is read from the model's own ``b__j`` sites (a NumPyro trace), so this module
-    does not re-derive the model's map from v to b.
+
+def _log_density_function(design, held: HeldVariance, priors):
+    """(log density of :func:`glmm_model` with the variance held, (beta, u) -> b, the model's u of (u, b)).
+
+    With the variance parameters held the model samples the spherical u of b = F u (site ``z__j``).
+    b is read from the model's own ``b__j`` sites (a NumPyro trace), so this module does not
+    re-derive the model's map from u to b.
     """
     import jax.numpy as jnp
     from numpyro import handlers
     from numpyro.infer.util import log_density
 
-    variances = [np.sum(np.square(np.asarray(f)), axis=1) for f in held.cov_factors]
-    centered = centered_levels(design, parameterization, variances)
-    data = glmm_data(design, centered)
+    data = _model_data(design)
     ks = tuple(t.k for t in design.terms)
     n_levels = tuple(t.n_levels for t in design.terms)
     kwargs = dict(ks=ks, n_levels=n_levels, family=design.family.name, link=design.family.link)
@@ -186,8 +188,7 @@ def _log_density_function(design, held: HeldVariance, priors, parameterization: 
 
     def v_of(u_flat, b_flat):
         """The sampled coordinates of the effects whose spherical form is u and whose values are b."""
-        mask = np.concatenate([np.repeat(np.asarray(c, dtype=bool), k) for c, k in zip(centered, ks)])
-        return np.where(mask, b_flat, u_flat)
+        return u_flat
 
     return log_p, b_of, v_of, sum(sizes)
 
@@ -219,8 +220,7 @@ def _newton_maximize(f, x0, max_steps: int = 100):
     return x, max_steps
 
 
-def mode_agreement(fit: GLMMResult, beta: str = "held", tolerance: float = MODE_TOLERANCE,
-                   parameterization: str = "auto") -> ModeAgreement:
+def mode_agreement(fit: GLMMResult, beta: str = "held", tolerance: float = MODE_TOLERANCE) -> ModeAgreement:
     """The posterior mode of the random effects, by optimization, against the conditional modes.
 
     The variance parameters (theta, and a negative binomial's shape) are held at ``fit``'s; the
@@ -239,12 +239,6 @@ def mode_agreement(fit: GLMMResult, beta: str = "held", tolerance: float = MODE_
         the joint mode of the penalized deviance at theta-hat (glmer's nAGQ = 0 mode).
     tolerance : float
         Bound on the largest absolute difference.
-    parameterization : {"auto", "centered", "non-centered"}
-        Which levels' effects are optimized in their own coordinates and which in standardized
-        ones, as the sampler's :func:`hierpool.bayesian.glmm.centered_levels` chooses them
-        (``"auto"``: as ``hp.bayes`` samples).  With the variances held, the map from the sampled
-        coordinates to b is linear with a constant Jacobian, so the mode in b is the same in
-        every parameterization; the choice only says whose log density is optimized.
 
     Returns
     -------
@@ -254,12 +248,10 @@ def mode_agreement(fit: GLMMResult, beta: str = "held", tolerance: float = MODE_
 
     if beta not in ("held", "flat"):
         raise ArgumentError(f"beta must be 'held' or 'flat', got {beta!r}")
-    if parameterization not in ("auto", "centered", "non-centered"):
-        raise ArgumentError(f"parameterization must be 'auto', 'centered' or 'non-centered', got {parameterization!r}")
     held = held_variance(fit)
     design = fit.design
     priors = resolve_priors(design, flat_beta_priors(fit))
-    log_p, b_of, v_of, n_v = _log_density_function(design, held, priors, parameterization)
+    log_p, b_of, v_of, n_v = _log_density_function(design, held, priors)
     beta_hat = np.asarray(fit.fixef, dtype=float)
     table = _conditional_modes(fit, _effect_keys(design))
 
@@ -379,14 +371,14 @@ def mode_mean_gap(
         Sampler settings.
     beta : {"held", "flat"}
         ``"held"``: beta conditioned at the Laplace estimate (``numpyro.handlers.condition`` on the
-        model's fixed-effect sites: ``hp.bayes`` has no way to hold beta) and the same model
-        sampled by NumPyro's NUTS: the posterior of b given (theta-hat, beta-hat, y), whose mode
-        *is* the conditional mode; the gap is that posterior's mean - mode (its skewness), which
-        vanishes as the observations per group grow (:func:`mode_mean_gap_series`).  ``"flat"``:
-        ``hp.bayes(..., variance=fit)`` with a flat prior on beta; the posterior mean of b then
-        also averages over beta, whose marginal posterior (the likelihood in beta at theta-hat) has
-        its own mean - mode difference, of order 1 / groups: that part of the gap does not shrink
-        with the observations per group.
+        model's fixed-effect sites, :func:`beta_held_model`: ``hp.bayes`` has no way to hold beta)
+        and the same model sampled by ``hp.bayes``'s NUTS driver: the posterior of b given
+        (theta-hat, beta-hat, y), whose mode *is* the conditional mode; the gap is that
+        posterior's mean - mode (its skewness), which vanishes as the observations per group
+        grow (:func:`mode_mean_gap_series`).  ``"flat"``: ``hp.bayes(..., variance=fit)`` with a
+        flat prior on beta; the posterior mean of b then also averages over beta, whose marginal
+        posterior (the likelihood in beta at theta-hat) has its own mean - mode difference, of
+        order 1 / groups: that part of the gap does not shrink with the observations per group.
 
     Returns
     -------
@@ -426,48 +418,55 @@ def mode_mean_gap(
     return ModeMeanGap(table=table, fit=fit, posterior=post, divergences=divergences, beta=beta)
 
 
-def _held_beta_draws(fit: GLMMResult, chains: int, draws: int, tune: int, seed: int, target_accept: float):
-    """NUTS draws of b (chain, draw, effect) of :func:`glmm_model`, theta held and beta conditioned at beta-hat."""
-    import jax
+def beta_held_model(data, priors, held, beta, *, ks, n_levels, family, link):
+    """:func:`glmm_model` with its fixed-effect sites conditioned at ``beta`` (flat priors: sites ``beta__i``)."""
     from numpyro import handlers
-    from numpyro.infer import MCMC, NUTS
+
+    with handlers.condition(data={f"beta__{i}": beta[i] for i in range(beta.shape[0])}):
+        glmm_model(data, priors, held, ks=ks, n_levels=n_levels, family=family, link=link)
+
+
+def _held_beta_draws(fit: GLMMResult, chains: int, draws: int, tune: int, seed: int, target_accept: float):
+    """NUTS draws of b (chain, draw, effect) of :func:`glmm_model`, theta held and beta conditioned at beta-hat.
+
+    Sampled by hierpool's NUTS driver (:func:`hierpool.bayesian.nuts.sample_nuts`, as ``hp.bayes``),
+    with beta-hat an argument of the compiled program, not a constant of it: one program per shape.
+    """
+    import jax
 
     design = fit.design
-    held = held_variance(fit)
     priors = resolve_priors(design, flat_beta_priors(fit))
-    variances = [np.sum(np.square(np.asarray(f)), axis=1) for f in held.cov_factors]
-    data = glmm_data(design, centered_levels(design, "auto", variances))
-    beta_hat = np.asarray(fit.fixef, dtype=float)
-    normal_beta = bool(priors.beta) and priors.beta_all_normal()
-    fixed = {"beta": beta_hat} if normal_beta else {f"beta__{i}": beta_hat[i] for i in range(design.p)}
-    model = handlers.condition(glmm_model, data=fixed)
-    kernel = NUTS(model, target_accept_prob=target_accept, dense_mass=True)
-    mcmc = MCMC(kernel, num_warmup=tune, num_samples=draws, num_chains=chains, chain_method="sequential",
-                progress_bar=False)
-    mcmc.run(jax.random.PRNGKey(seed), data, priors, held, ks=tuple(t.k for t in design.terms),
-             n_levels=tuple(t.n_levels for t in design.terms), family=design.family.name, link=design.family.link,
-             extra_fields=("diverging",))
-    samples = mcmc.get_samples(group_by_chain=True)
-    b = np.concatenate([np.asarray(samples[f"b__{j}"], dtype=float).reshape(chains, draws, -1)
-                        for j in range(len(design.terms))], axis=-1)
-    divergences = int(np.sum(np.asarray(mcmc.get_extra_fields()["diverging"])))
-    return b, divergences
+    ks = tuple(t.k for t in design.terms)
+    n_levels = tuple(t.n_levels for t in design.terms)
+    out, stats = sample_nuts(
+        beta_held_model,
+        (_model_data(design), priors, held_variance(fit), jax.device_put(np.asarray(fit.fixef, dtype=float))),
+        static=(("ks", ks), ("n_levels", n_levels), ("family", design.family.name), ("link", design.family.link)),
+        chains=chains, tune=tune, draws=draws, seed=seed, target_accept=target_accept, dense_mass=True,
+    )
+    b = np.concatenate([np.asarray(out[f"b__{j}"], dtype=float).reshape(chains, draws, -1) for j in range(len(ks))],
+                       axis=-1)
+    return b, int(np.sum(np.asarray(stats["diverging"])))
 
 
 def simulate_binomial_groups(trials: int, rng, n_groups: int = 20, beta=(-1.0, 0.5), sd: float = 1.0,
-                             aggregate: bool = False):
+                             aggregate: bool = False, truth_seed: int | None = None):
     """One data set: ``n_groups`` groups of ``trials`` Bernoulli observations each, y ~ x + (1 | g), logit link.
 
     ``aggregate=False``: one 0/1 row per observation, x per row.  ``aggregate=True``: one row per
     group, y the proportion of successes and ``n`` the trials (fit with ``weights="n"``), x per
     group; every size then has the same rows, so one compiled sampler serves the whole series.
+    ``truth_seed``: the covariate and the group effects b are drawn from this seed, the same for
+    every size (with ``aggregate=True``), so that a series varies the trials alone; None draws them
+    from ``rng`` too.
 
     Returns ``(formula, data)``; the ``simulate`` argument of :func:`mode_mean_gap_series`
     (``functools.partial`` sets the other arguments).
     """
     if aggregate:
-        x = rng.normal(size=n_groups)
-        b = rng.normal(0.0, sd, n_groups)
+        source = rng if truth_seed is None else np.random.default_rng(truth_seed)
+        x = source.normal(size=n_groups)
+        b = source.normal(0.0, sd, n_groups)
         successes = rng.binomial(trials, 1.0 / (1.0 + np.exp(-(beta[0] + beta[1] * x + b))))
         return "y ~ x + (1 | g)", pd.DataFrame({"y": successes / trials, "n": float(trials), "x": x,
                                                  "g": [f"g{i:03d}" for i in range(n_groups)]})
