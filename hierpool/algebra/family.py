@@ -164,3 +164,72 @@ def family(spec: FamilySpec, shape: float | None = None) -> Family:
     if (spec.name == "negative_binomial") != (shape is not None):
         raise ValueError("a negative binomial family needs its shape, and only it has one")
     return Family(spec.name, Link(spec.link), None if shape is None else float(shape))
+
+
+# --- log-likelihoods as functions of the linear predictor (the Bayesian engine's target) ----------------------------
+#
+# The functions above follow R's clamps, so that deviances match glmer; their gradients vanish where a clamp
+# binds.  NUTS needs the log-likelihood and its gradient everywhere, so these are written on eta with the
+# usual stable forms (log-sigmoid, log Phi, logaddexp) and no clamps.  Pure functions of arrays (the family
+# and link by name, NB2's shape an array that may be traced), on NumPy arrays on the host and on JAX arrays
+# in a compiled program.
+
+#: cloglog's linear predictor is clipped to this range (exp overflows beyond; mu is 0 or 1 to double precision).
+CLOGLOG_ETA_RANGE = (-700.0, 100.0)
+
+
+def log_mean_and_complement(link: str, eta):
+    """(log mu, log(1 - mu)) of a binomial mean mu = g^-1(eta), without cancellation.
+
+    logit: (-softplus(-eta), -softplus(eta)); probit: (log Phi(eta), log Phi(-eta));
+    cloglog: (log(1 - exp(-exp(eta))), -exp(eta)).
+    """
+    xp = array_namespace(eta)
+    if link == "logit":
+        return -xp.logaddexp(0.0, -eta), -xp.logaddexp(0.0, eta)
+    if link == "probit":
+        log_ndtr = _special(xp).log_ndtr
+        return log_ndtr(eta), log_ndtr(-eta)
+    if link == "cloglog":
+        rate = xp.exp(xp.clip(eta, *CLOGLOG_ETA_RANGE))
+        return xp.log(-xp.expm1(-rate)), -rate
+    raise ValueError(f"link {link!r} is not a binomial link")
+
+
+def log_likelihood_eta(name: str, link: str, y, eta, weights, shape=None, constant: bool = True):
+    """log p(y_i | eta_i) per row, the family's log-likelihood written on the linear predictor.
+
+    * ``binomial`` (y a proportion, a_i its trials or prior weight):
+      a_i [y_i log mu_i + (1 - y_i) log(1 - mu_i)] + log C(a_i, a_i y_i);
+    * ``poisson`` (log link): a_i [y_i eta_i - exp(eta_i) - log y_i!];
+    * ``negative_binomial`` (NB2, log link, shape theta):
+      a_i [log Gamma(y + theta) - log Gamma(theta) - log y! + theta log theta + y eta - (theta + y) log(theta + e^eta)].
+
+    ``constant=False`` leaves out the terms free of eta and theta (the binomial coefficient, log y!),
+    as a sampler's target may.  With integer trials this is :meth:`Family.log_likelihood` without
+    its clamps; the binomial coefficient of non-integer a_i is read through log Gamma (R's ``aic``
+    rounds instead).  ``shape`` broadcasts against ``eta`` (one per posterior draw, say).
+    """
+    xp = array_namespace(y, eta, weights, shape)
+    gammaln = _special(xp).gammaln
+    if name == "binomial":
+        successes = weights * y
+        if link == "logit":  # the canonical form a (y eta - log(1 + e^eta)): one exp and one log per row
+            value = successes * eta - weights * (xp.maximum(eta, 0.0) + xp.log1p(xp.exp(-xp.abs(eta))))
+        else:
+            log_mu, log_complement = log_mean_and_complement(link, eta)
+            value = successes * log_mu + (weights - successes) * log_complement
+        if constant:
+            value = value + gammaln(weights + 1.0) - gammaln(successes + 1.0) - gammaln(weights - successes + 1.0)
+        return value
+    if link != "log":
+        raise ValueError(f"link {link!r} is not available for family {name!r}")
+    if name == "poisson":
+        value = y * eta - xp.exp(eta)
+        return weights * (value - gammaln(y + 1.0) if constant else value)
+    if name != "negative_binomial":
+        raise ValueError(f"unknown family {name!r}")
+    log_shape = xp.log(shape)
+    value = (gammaln(y + shape) - gammaln(shape) + shape * log_shape + y * eta
+             - (shape + y) * xp.logaddexp(log_shape, eta))
+    return weights * (value - gammaln(y + 1.0) if constant else value)

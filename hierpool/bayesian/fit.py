@@ -1,4 +1,4 @@
-"""``hp.bayes``: the Bayesian linear mixed model from an lme4 formula, sampled with NumPyro."""
+"""``hp.bayes``: the Bayesian linear or generalized linear mixed model from an lme4 formula, sampled with NumPyro."""
 
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ import numpy as np
 import pandas as pd
 
 from ..algebra import one_term_marginal as one_term
+from ..algebra.linalg import theta_to_factors
 from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
 from ..algebra.statistics import one_dataset_statistics
 from ..algebra.system import build_system
+from ..closedform.glmm_results import GLMMResult
 from ..closedform.results import LMMResult
 from ..errors import ArgumentError, HierpoolWarning
 from ..spec.arguments import sampler_arguments
 from ..spec.design import Design, build_design
+from ..spec.family import family_spec
+from . import glmm
 from .model import HeldVariance, collapsed_model, full_model, model_data, one_term_collapsed_model, variance_draws
 from .nuts import sample_nuts
 from .posterior import build_inference_data, pointwise_log_likelihood
@@ -53,6 +57,23 @@ def _held_variance(design: Design, variance: LMMResult) -> HeldVariance:
         raise ArgumentError("variance: the lmm fit has another offset than this model")
     sigma = float(variance.sigma)
     return HeldVariance(cov_factors=tuple(sigma * np.asarray(t) for t in variance.solution.factors), sigma=sigma)
+
+
+def _held_glmm_variance(design: Design, variance) -> HeldVariance:
+    """The variance parameters (and a negative binomial's shape) of an ``hp.glmm`` fit of this model, to hold."""
+    if not isinstance(variance, GLMMResult):
+        raise ArgumentError(f"variance must be a fitted hp.glmm result (GLMMResult) for a model with a family, "
+                            f"got {type(variance).__name__}")
+    fitted = variance.design
+    same = fitted.n == design.n and [(t.group, t.coef_names, t.n_levels) for t in fitted.terms] == [
+        (t.group, t.coef_names, t.n_levels) for t in design.terms
+    ]
+    if not same or (fitted.family.name, fitted.family.link) != (design.family.name, design.family.link):
+        raise ArgumentError("variance: the glmm fit is of a different model, family or data set than this one")
+    if not np.array_equal(fitted.row_weights, design.row_weights) or not np.array_equal(fitted.offset, design.offset):
+        raise ArgumentError("variance: the glmm fit has other trials, prior weights or offset than this model")
+    factors = theta_to_factors(np.asarray(variance.theta, dtype=float), tuple(t.k for t in design.terms))
+    return HeldVariance(cov_factors=tuple(np.asarray(f) for f in factors), sigma=1.0, shape=variance.shape)
 
 
 def _choose_method(method: str, priors: Priors) -> str:
@@ -209,8 +230,10 @@ def bayes(
     progress: bool | None = None,
     weights=None,
     offset=None,
+    family: str | None = None,
+    link: str | None = None,
 ) -> BayesResult:
-    """Fit a Bayesian linear mixed model: full posteriors of every fixed and random effect.
+    """Fit a Bayesian linear or generalized linear mixed model: full posteriors of every fixed and random effect.
 
     Parameters
     ----------
@@ -230,15 +253,18 @@ def bayes(
         Column of known residual sds (meta-analysis).
     method : {"auto", "collapsed", "full"}
         ``collapsed``: NUTS on the variance parameters with beta and b integrated out,
-        then exact conditional draws of (beta, b) (needs Normal or flat priors on beta);
-        ``full``: NUTS on everything, non-centered.  ``auto`` picks collapsed when it applies.
-    variance : LMMResult, optional
+        then exact conditional draws of (beta, b) (needs Normal or flat priors on beta,
+        and a Gaussian response); ``full``: NUTS on everything, non-centered.  ``auto``
+        picks collapsed when it applies.
+    variance : LMMResult or GLMMResult, optional
         Hold the variance parameters at this closed-form fit's values.  The
         posterior of (beta, b) is then Gaussian.  The default method draws it
         exactly from the closed form's own factorization (fast, but no check of
         the closed form); ``method="full"`` samples it by NUTS on the plain
         model, independently of the mixed-model equations: the posterior of
-        :func:`hierpool.validate.blup_agreement`'s exact mode.
+        :func:`hierpool.validate.blup_agreement`'s exact mode.  With a ``family``: an
+        ``hp.glmm`` fit of the same model, its theta (and a negative binomial's shape) held
+        while NUTS samples (beta, b).
     level : float
         Coverage of the equal-tailed intervals in the summary tables.
     target_accept : float
@@ -255,7 +281,17 @@ def bayes(
         added to any ``offset(expr)`` terms of the formula: y = offset + X beta +
         Z b + e in both samplers, the exact draws, the pointwise log-likelihood
         and every prediction.  The default priors ignore weights and offset, as
-        rstanarm's autoscaling does (see :mod:`hierpool.bayesian.priors`).
+        rstanarm's autoscaling does (see :mod:`hierpool.bayesian.priors`).  With a
+        binomial ``family`` the weights are the trials of proportions (as glmer's).
+    family : str, optional
+        None (or ``"gaussian"``): the linear mixed model.  Otherwise a generalized linear
+        mixed model, as :func:`hierpool.glmm` reads it: ``"binomial"`` (0/1, a two-level
+        factor, proportions with ``weights=`` as trials, or ``cbind(successes, failures)``),
+        ``"bernoulli"``, ``"poisson"`` or ``"negative_binomial"`` (NB2, its shape sampled
+        with the prior ``shape``).
+    link : str, optional
+        The family's canonical link when None; the binomial also takes ``"probit"`` and
+        ``"cloglog"``.
 
     Returns
     -------
@@ -266,9 +302,18 @@ def bayes(
     NUTS: Hoffman & Gelman (2014), as implemented by NumPyro (Phan et al. 2019).
     The collapsed sampler integrates the Gaussian effects out (the marginal
     likelihood of Bates et al. 2015 with the prior on beta as pseudo-data) and
-    draws them given each variance draw (Rue 2001).
+    draws them given each variance draw (Rue 2001).  A generalized linear mixed
+    model has no such closed form: NUTS samples every parameter, each level's random
+    effect partially non-centered by the information its data carry (Papaspiliopoulos,
+    Roberts & Skold 2007; :mod:`hierpool.bayesian.glmm`).
     """
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept)
+    if family is not None and not (isinstance(family, str) and family.strip().lower() == "gaussian"):
+        return _bayes_glmm(formula, data, family_spec(family, link), chains, draws, tune, seed, priors, se, method,
+                           variance, level, target_accept, progress, weights, offset)
+    if link not in (None, "identity"):
+        raise ArgumentError(f"link {link!r} given for a Gaussian model, whose link is the identity; "
+                            "give family= for a generalized linear mixed model")
     design = build_design(formula, data, se=se, weights=weights, offset=offset)
     resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
     method = _choose_method(method, resolved)
@@ -316,4 +361,47 @@ def bayes(
     )
     if stats is not None:
         result.diagnostics(warn=True)
+    return result
+
+
+def _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, method, variance, level, target_accept,
+                progress, weights, offset) -> BayesResult:
+    """``hp.bayes`` with a family: NUTS on every parameter (:mod:`hierpool.bayesian.glmm`)."""
+    if method not in METHODS:
+        raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "collapsed":
+        raise ArgumentError(
+            f"method='collapsed' integrates the effects out in closed form, which needs a Gaussian response; "
+            f"a {spec.name} model has no closed-form marginal likelihood: use method='full' (or 'auto')"
+        )
+    design = build_design(formula, data, se=se, weights=weights, offset=offset, family=spec)
+    resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
+    held = None if variance is None else _held_glmm_variance(design, variance)
+    progress = sys.stderr.isatty() if progress is None else bool(progress)
+    beta, b, sds, cors, shape, stats = glmm.sample_glmm(
+        design, resolved, held, chains, draws, tune, seed, target_accept, progress
+    )
+    log_lik = None
+    if chains * draws * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
+        log_lik = glmm.pointwise_log_likelihood(
+            design, beta, b, shape if held is None or held.shape is None else np.full((chains, draws), held.shape)
+        )
+    else:
+        warnings.warn(
+            f"the pointwise log-likelihood ({chains} x {draws} x {design.n} values) is not stored: "
+            f"more than {LOG_LIKELIHOOD_MAX_VALUES:.0e}; idata has no log_likelihood group",
+            HierpoolWarning,
+            stacklevel=3,
+        )
+    idata = build_inference_data(design, beta, b, sds, cors, None, stats, log_lik, shape=shape)
+    result = BayesResult(
+        idata=idata,
+        design=design,
+        priors=resolved,
+        method="full",
+        level=level,
+        held=held,
+        held_varcorr=None if variance is None else variance.varcorr,
+    )
+    result.diagnostics(warn=True)
     return result

@@ -53,7 +53,8 @@ class HeldVariance:
     """Variance parameters held fixed (the validation's exact mode): per-term Cholesky factors of Sigma_j."""
 
     cov_factors: tuple  # lower-triangular (k_j, k_j), Sigma_j = F F^T
-    sigma: float  # residual sd (1.0 with known residual sds)
+    sigma: float  # residual sd (1.0 with known residual sds, and in a GLMM, which has none)
+    shape: float | None = None  # a negative binomial's shape (None for every other model)
 
 
 def model_data(design) -> ModelData:

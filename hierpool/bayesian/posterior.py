@@ -8,7 +8,8 @@ Variables of the posterior group:
 * ``sd_<group>`` (dim ``<group>_coef``): random-effect standard deviations;
 * ``cor_<group>`` (dims ``<group>_coef_row``, ``<group>_coef_col``): the correlation matrix of a
   correlated term (a second correlated term of the same factor gets ``cor_<group>_2``);
-* ``sigma``: residual sd (absent with known residual sds or held variance parameters).
+* ``sigma``: residual sd (absent with known residual sds, held variance parameters, and in a GLMM);
+* ``shape``: a negative binomial GLMM's shape (NB2: variance mu + mu^2 / shape).
 
 ``<group>`` is the grouping factor as lme4 prints it, made an identifier (``cask:batch`` ->
 ``cask_batch``).  No name contains ``|``, brackets or spaces.
@@ -72,6 +73,7 @@ def build_inference_data(
     sigma: np.ndarray | None,
     sample_stats: dict | None,
     log_likelihood: np.ndarray | None,
+    shape: np.ndarray | None = None,
 ) -> az.InferenceData:
     """Assemble InferenceData from per-term draws shaped (chain, draw, ...)."""
     slots, coefs = term_slots(design)
@@ -101,6 +103,8 @@ def build_inference_data(
             dims[slot.cor_name] = [f"{slot.cor_name}_row", f"{slot.cor_name}_col"]
     if sigma is not None:
         posterior["sigma"] = sigma
+    if shape is not None:
+        posterior["shape"] = shape
     response = identifier(design.spec.response)
     groups = {"posterior": posterior, "observed_data": {response: design.y}, "coords": coords, "dims": dims}
     coords["obs"] = np.arange(design.n)

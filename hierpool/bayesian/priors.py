@@ -27,6 +27,25 @@ denominator throughout):
   prior on each covariance matrix instead; ``cor`` = LKJ(1) is the correlation part
   of ``decov(regularization = 1)``.
 
+Generalized linear mixed models (``family=``): the same table on the link scale with s_y = 1
+and m_y = 0, which is rstanarm's rule for every family but the Gaussian (its ``normal(0, 2.5)``
+on the intercept, ``normal(0, 2.5, autoscale = TRUE)`` on the other coefficients; on the logit
+scale a coefficient of 2.5 / s_x moves a probability of 0.5 to 0.92 over one sd of its column):
+
+==================  =====================================================
+``Intercept``        Normal(0, 2.5)
+other fixed effect   Normal(0, 2.5 / s_x)
+random-effect sd     HalfNormal(2.5) for intercepts, HalfNormal(2.5 / s_z) for slopes
+``shape``            Exponential(rate = 1), the negative binomial's shape theta (NB2:
+                     variance mu + mu^2 / theta); rstanarm's ``prior_aux`` for
+                     ``neg_binomial_2``, on its ``reciprocal_dispersion``
+``cor``              LKJ(1)
+==================  =====================================================
+
+There is no ``sigma``.  As for the Gaussian, the intercept's prior is on the model's own
+intercept, not rstanarm's intercept of centred predictors, and the sds' are hierpool's own
+(rstanarm's ``decov()`` gives a scalar term's sd an Exponential(1) prior).
+
 Prior weights and offsets (``weights=``, ``offset=``) do not enter the scales: as in
 rstanarm (``stan_glm.fit`` takes ``sd(y)`` and ``mean(y)`` of the response itself,
 whatever its ``weights`` and ``offset``), s_y and m_y are the unweighted sd and mean
@@ -37,7 +56,7 @@ Keys of ``priors=`` (later keys in this list win over earlier ones):
 ``b`` (all fixed effects except the intercept), a fixed-effect term name
 (``"Intercept"``, ``"Days"``, ``"Sex[Male]"``), ``sd`` (every random-effect sd),
 ``sd_<group>`` (the sds of one grouping factor, ``<group>`` as in ``varcorr.grp``),
-``sigma``, ``cor`` (the LKJ concentration, a positive number).  Values are
+``sigma``, ``shape`` (a negative binomial's), ``cor`` (the LKJ concentration, a positive number).  Values are
 NumPyro distributions with scalar batch shape, applied independently to every
 coefficient they cover, or the string ``"flat"`` for an improper uniform prior
 on a fixed effect.
@@ -73,13 +92,16 @@ class Priors:
     cor : tuple of float
         LKJ concentration of each term (used where k_j > 1).
     sigma : numpyro.distributions.Distribution or None
-        None when residual sds are known.
+        None when residual sds are known, and in a generalized linear mixed model.
+    shape : numpyro.distributions.Distribution or None
+        The negative binomial's shape; None for every other family.
     """
 
     beta: tuple
     sd: tuple
     cor: tuple
     sigma: object
+    shape: object = None
 
     def beta_all_normal(self) -> bool:
         """Every fixed effect has a Normal prior (none flat): one vector-valued sample site."""
@@ -192,15 +214,20 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
     if not all(isinstance(key, str) for key in priors):
         raise ArgumentError(f"prior keys must be strings, got {list(priors)!r}")
     scales = DataScales.of(design) if scales is None else scales
-    s_y, m_y = scales.y_sd, scales.y_mean
+    glmm = design.family is not None
+    s_y, m_y = (1.0, 0.0) if glmm else (scales.y_sd, scales.y_mean)  # a GLMM's priors are on the link scale
+    negative_binomial = glmm and design.family.name == "negative_binomial"
     fixed = list(design.fixed_names)
     groups = {key: term.group for term in design.terms for key in group_keys(term.group)}
-    known = {"b", "sd", "sigma", "cor"} | set(fixed) | {f"sd_{key}" for key in groups}
+    own = ("b", "sd", "sigma", "cor") if not glmm else ("b", "sd", "cor") + (("shape",) if negative_binomial else ())
+    known = set(own) | set(fixed) | {f"sd_{key}" for key in groups}
     unknown = [key for key in priors if key not in known]
     if unknown:
+        what = "" if not glmm else (
+            f" (a {design.family.name} model has no residual sd" + ("" if negative_binomial else " and no shape") + ")")
         raise ArgumentError(
             f"unknown prior key(s) {unknown}: this model has fixed effects {fixed}, "
-            f"sd_<group> keys {sorted(f'sd_{g}' for g in groups)}, and 'b', 'sd', 'sigma', 'cor'"
+            f"sd_<group> keys {sorted(f'sd_{g}' for g in groups)}, and {', '.join(map(repr, own))}{what}"
         )
     if "sigma" in priors and design.sigma_known:
         raise ArgumentError("prior 'sigma' given, but residual sds are known (se=): there is no sigma")
@@ -244,10 +271,15 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
         )
     cor = tuple(float(concentration) for _ in design.terms)
 
-    sigma = None
-    if not design.sigma_known:
+    sigma = shape = None
+    if not design.sigma_known and not glmm:
         sigma = dist.Exponential(1.0 / s_y)
         if "sigma" in priors:
             sigma = _check_distribution("sigma", priors["sigma"], allow_flat=False)
             _check_positive_support("sigma", sigma)
-    return Priors(beta=tuple(beta), sd=tuple(sd), cor=cor, sigma=sigma)
+    if negative_binomial:
+        shape = dist.Exponential(1.0)
+        if "shape" in priors:
+            shape = _check_distribution("shape", priors["shape"], allow_flat=False)
+            _check_positive_support("shape", shape)
+    return Priors(beta=tuple(beta), sd=tuple(sd), cor=cor, sigma=sigma, shape=shape)

@@ -10,8 +10,9 @@ import arviz as az
 import numpy as np
 import pandas as pd
 
+from ..algebra.family import Link
 from ..algebra.varcorr import varcorr_table
-from ..errors import ArgumentError, HierpoolWarning
+from ..errors import ArgumentError, DataError, HierpoolWarning
 from ..spec.arguments import probability_argument
 from ..spec.design import Design
 from ..spec.newdata import model_rows, new_row_weights
@@ -50,7 +51,7 @@ def summarize_draws(draws: np.ndarray, level: float) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True, eq=False)
 class BayesResult:
-    """Posterior of a linear mixed model.
+    """Posterior of a linear or generalized linear mixed model (``design.family`` None for the linear one).
 
     Attributes
     ----------
@@ -101,8 +102,17 @@ class BayesResult:
         """Residual sd per draw (chain, draw); None with known residual sds."""
         if "sigma" in self.idata.posterior:
             return self._values("sigma")
-        if self.held is not None and not self.design.sigma_known:
+        if self.held is not None and not self.design.sigma_known and self.design.family is None:
             return np.full(self.beta_draws.shape[:2], float(self.held.sigma))
+        return None
+
+    @property
+    def shape_draws(self) -> np.ndarray | None:
+        """A negative binomial's shape per draw (chain, draw); None for every other model."""
+        if "shape" in self.idata.posterior:
+            return self._values("shape")
+        if self.held is not None and getattr(self.held, "shape", None) is not None:
+            return np.full(self.beta_draws.shape[:2], float(self.held.shape))
         return None
 
     def term_covariance_draws(self, j: int) -> np.ndarray:
@@ -181,14 +191,38 @@ class BayesResult:
 
     # --- predictions ---------------------------------------------------------------------
     def predict(
-        self, newdata: pd.DataFrame | None = None, kind: str = "mean", level: float = 0.95, seed: int = 0
+        self, newdata: pd.DataFrame | None = None, kind: str = "mean", level: float = 0.95, seed: int = 0,
+        type: str | None = None, trials=None,
     ) -> pd.DataFrame:
         """Posterior (``kind="mean"``) or posterior predictive (``"predictive"``) summaries per row.
 
-        For each draw: x beta + sum_j z_j b_j[level]; a level never seen in fitting
-        gets b drawn from N(0, Sigma_j) of that draw (a new group from the
-        population).  ``"predictive"`` adds N(0, sigma^2) noise (with known
-        residual sds, the ``se`` column of ``newdata``, or the fitted rows' se).
+        For each draw: eta = offset + x beta + sum_j z_j b_j[level]; a level never seen in
+        fitting gets b drawn from N(0, Sigma_j) of that draw (a new group from the
+        population).  A linear mixed model's ``"predictive"`` adds N(0, sigma^2) noise
+        (with known residual sds, the ``se`` column of ``newdata``, or the fitted rows' se).
+
+        A generalized linear mixed model's ``kind="mean"`` summarizes eta (``type="link"``)
+        or the mean mu = g^-1(eta) (``type="response"``: a probability, or a count's
+        expected value); ``kind="predictive"`` draws a new response from the family at
+        each draw's mu (and shape): the binomial's as the proportion of successes out of
+        the row's trials, as the model reads its response; it is on the response scale only.
+
+        Parameters
+        ----------
+        newdata : pandas.DataFrame, optional
+            Rows to predict; the fitted rows when None.
+        kind : {"mean", "predictive"}
+        level : float
+        seed : int
+            Seeds the new levels' effects and the predictive draws.
+        type : {"link", "response"}, optional
+            The scale of a GLMM's predictions; None: ``"link"`` for ``kind="mean"``,
+            ``"response"`` for ``"predictive"``.  A linear mixed model's link is the
+            identity, so both are the same.
+        trials : array-like, optional
+            A binomial model's trials of each row of ``newdata``, for ``kind="predictive"``
+            (default: the fitted rows' trials when ``newdata`` is None; one per row for a
+            model fitted with one trial per row).
 
         Returns
         -------
@@ -197,6 +231,14 @@ class BayesResult:
         """
         if kind not in ("mean", "predictive"):
             raise ArgumentError(f"kind must be 'mean' or 'predictive', got {kind!r}")
+        if type not in (None, "link", "response"):
+            raise ArgumentError(f"type must be 'link' or 'response', got {type!r}")
+        family = self.design.family
+        if family is not None and kind == "predictive" and type == "link":
+            raise ArgumentError("kind='predictive' draws new responses, which are on the response scale: "
+                                "use type='response' (or kind='mean' for the linear predictor)")
+        if trials is not None and (family is None or family.name != "binomial"):
+            raise ArgumentError("trials= is for a binomial model's predictive draws")
         probability_argument("level", level)
         rng = np.random.default_rng(seed)
         X, terms, offset = model_rows(self.design, newdata)
@@ -213,7 +255,12 @@ class BayesResult:
                 new = np.einsum("skl,snl->snk", chol, rng.standard_normal((cov.shape[0], X.shape[0], z.shape[1])))
                 contribution = np.where(known, contribution, np.einsum("nk,snk->sn", z, new))
             mu = mu + contribution
-        if kind == "predictive":
+        if family is not None:
+            if kind == "predictive":
+                mu = self._family_draws(mu, newdata, trials, rng)
+            elif type == "response":
+                mu = Link(family.link).inverse(mu)
+        elif kind == "predictive":
             mu = mu + rng.standard_normal(mu.shape) * self._noise_scale(newdata, mu.shape)
         tail = (1 - level) / 2
         return pd.DataFrame(
@@ -224,6 +271,31 @@ class BayesResult:
                 "upper": np.quantile(mu, 1 - tail, axis=0),
             }
         )
+
+    def _family_draws(self, eta: np.ndarray, newdata, trials, rng) -> np.ndarray:
+        """A new response per draw and row (draws, rows) from the family at eta = the linear predictor."""
+        family = self.design.family
+        mu = Link(family.link).inverse(eta)
+        if family.name == "binomial":
+            if trials is not None:
+                count = np.asarray(trials, dtype=float).reshape(-1)
+                if count.shape != (eta.shape[1],):
+                    raise ArgumentError(f"trials has {count.size} values for {eta.shape[1]} rows to predict")
+                if not np.all(count >= 1) or not np.all(count == np.round(count)):
+                    raise DataError("trials must be whole numbers of at least 1")
+            elif newdata is None:
+                count = np.maximum(np.round(self.design.row_weights), 1.0)
+            elif self.design.weights is None:
+                count = np.ones(eta.shape[1])
+            else:
+                raise ArgumentError("the model was fitted with trials (cbind or weights=): predictive draws for "
+                                    "newdata need each row's trials, as trials=")
+            return rng.binomial(count.astype(np.int64), mu) / count
+        if family.name == "poisson":
+            return rng.poisson(mu).astype(float)
+        # NB2 as a gamma mixture of Poissons: rate ~ Gamma(shape, scale mu / shape)
+        shape = self.shape_draws.reshape(-1)[:, None]
+        return rng.poisson(rng.gamma(shape, mu / shape)).astype(float)
 
     def _noise_scale(self, newdata, shape) -> np.ndarray:
         if not self.design.sigma_known:
@@ -279,8 +351,10 @@ class BayesResult:
 
     def summary(self) -> str:
         """A printed summary: fixed effects, variance components, sampler diagnostics."""
+        family = self.design.family
+        model = "linear" if family is None else f"generalized linear ({family.name}, {family.link} link)"
         lines = [
-            f"Bayesian linear mixed model ({self.method} sampler): {self.design.spec.formula}",
+            f"Bayesian {model} mixed model ({self.method} sampler): {self.design.spec.formula}",
             f"Data: {self.design.n} observations; "
             + ", ".join(f"{t.group}: {t.n_levels} levels" for t in self.design.terms),
             f"Draws: {self.idata.posterior.sizes['chain']} chains x {self.idata.posterior.sizes['draw']}; "
@@ -289,9 +363,15 @@ class BayesResult:
             "Fixed effects:",
             self.fixef.to_string(float_format=lambda v: f"{v:.4g}"),
             "",
-            "Random-effect sds, correlations and residual sd:",
+            "Random-effect sds, correlations and residual sd:" if family is None
+            else "Random-effect sds and correlations:",
             self.varcorr.fillna("").to_string(index=False, float_format=lambda v: f"{v:.4g}"),
         ]
+        if "shape" in self.idata.posterior:
+            stats = summarize_draws(self.shape_draws[..., None], self.level)
+            table = pd.DataFrame(stats, index=pd.Index(["shape"]))[SUMMARY_COLUMNS]
+            lines += ["", "Negative binomial shape (variance mu + mu^2 / shape):",
+                      table.to_string(float_format=lambda v: f"{v:.4g}")]
         if "sample_stats" in self.idata:
             lines += ["", f"Divergent transitions: {int(self.idata.sample_stats['diverging'].values.sum())}"]
         return "\n".join(lines)
