@@ -26,7 +26,7 @@ VALIDATION = Path(__file__).resolve().parents[1] / "validation"
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
 EPIL = "y ~ post * trt + offset(log(weeks)) + (1 | subject)"
 SBC_PRIORS = {"Intercept": dist.Normal(0.0, 1.0), "b": dist.Normal(0.0, 0.5), "sd": dist.HalfNormal(1.0)}
-SBC_SETTINGS = dict(n_reps=10, n_draws=49, chains=2, draws_per_chain=100, tune=100, seed=3)
+SBC_SETTINGS = dict(n_reps=6, bins=5, n_draws=39, chains=2, draws_per_chain=60, tune=60, seed=3)
 
 
 @pytest.fixture(scope="module")
