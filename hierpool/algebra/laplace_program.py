@@ -250,7 +250,11 @@ def _value_and_gradient(theta, beta, u, shape, saturated, data: ProgramData, fam
     return mode, _gradient(theta, mode, family, data, held["system"], held["gradient"])
 
 
-def compile_value_and_gradient(data: ProgramData, family: Family, tol: float = PIRLS_TOL, quick: bool = False):
+#: Compile the gradient program without LLVM's optimization (:mod:`hierpool.algebra.compiler_options`).
+GRADIENT_QUICK = False
+
+
+def compile_value_and_gradient(data: ProgramData, family: Family, tol: float = PIRLS_TOL, quick: bool | None = None):
     """Start compiling ``(theta, beta, u, shape, saturated, data) -> (mode, gradient)`` (cached): a Future.
 
     The mode is :func:`conditional_mode_in_program`'s (at ``joint=False``), the gradient that of its
@@ -261,6 +265,7 @@ def compile_value_and_gradient(data: ProgramData, family: Family, tol: float = P
     beta = jax.ShapeDtypeStruct((data.X.shape[1],), np.float64)
     scalar = jax.ShapeDtypeStruct((), np.float64)
     family = dataclasses.replace(family, shape=None)
+    quick = GRADIENT_QUICK if quick is None else quick
     key = ("gradient", shape_signature(data), family, tol, quick)
 
     def build():
