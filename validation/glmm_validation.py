@@ -3,6 +3,7 @@
     python -m validation.glmm_validation                      # every section, full size
     python -m validation.glmm_validation --quick              # every section, small (minutes)
     python -m validation.glmm_validation --only sbc coverage  # some sections (the others kept in the JSON)
+    python -m validation.glmm_validation --only sbc --sbc-reps 200
 
 Sections (hierpool.validate.glmm_agreement, glmm_sbc, glmm_coverage):
 
@@ -94,9 +95,9 @@ def _sbc_design(family: str, rng) -> tuple[pd.DataFrame, dict]:
     return data.assign(y=rng.integers(0, 4, g.size).astype(float)), {}
 
 
-def sbc_section(quick: bool) -> dict:
-    settings = dict(n_reps=100 if quick else 500, n_draws=99, chains=2, draws_per_chain=250, tune=250, bins=10,
-                    alpha=0.01, seed=5)
+def sbc_section(quick: bool, n_reps: int | None = None) -> dict:
+    settings = dict(n_reps=n_reps or (100 if quick else 500), n_draws=99, chains=2, draws_per_chain=250, tune=250,
+                    bins=10, alpha=0.01, seed=5)
     out = {"settings": {**settings, "priors": SBC_PRIORS_TEXT, "formula": "y ~ x + (1 | g)",
                         "design": "8 groups x 4 rows; binomial rows of 5 trials"}}
     rng = np.random.default_rng(0)
@@ -128,13 +129,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=sorted(SECTIONS))
+    parser.add_argument("--sbc-reps", type=int, default=None, help="SBC replications (100 quick, 500 full)")
     args = parser.parse_args(argv)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     for name in args.only:
         started = time.time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            section = SECTIONS[name](args.quick)
+            section = SECTIONS[name](args.quick, args.sbc_reps) if name == "sbc" else SECTIONS[name](args.quick)
         results[name] = {**section, "quick": args.quick, "seconds": time.time() - started,
                          "platform": platform.platform(), "hierpool": hp.__version__ if hasattr(hp, "__version__")
                          else "dev"}
