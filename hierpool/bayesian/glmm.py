@@ -1,7 +1,7 @@
 """The Bayesian generalized linear mixed model: a NumPyro model of a Design with a family, sampled by NUTS.
 
     eta_i = o_i + x_i beta + sum_j z_ij b_j[l_ij],    y_i ~ family(g^-1(eta_i); a_i, theta)
-    b_j[l] = F_j u_j[l],   u_j[l] ~ Normal(0, I),   F_j = diag(sd_j) R_j   (Sigma_j = F_j F_j^T)
+    b_j[l] ~ Normal(0, Sigma_j),    Sigma_j = F_j F_j^T,    F_j = diag(sd_j) R_j
 
 with g the link, a_i the prior weight (the binomial's trials), o_i the offset, theta a negative
 binomial's shape and R_j R_j^T ~ LKJ(cor).  The log-likelihood is
@@ -18,11 +18,13 @@ so w = 1 samples b itself (centered) and w = 0 its sd-standardized form (non-cen
 depends on how much the data say about the level against its prior: with little information the centered
 form ties b to its sd in a funnel that no single step size fits (Betancourt & Girolami 2015), with much the
 data pin b down and the non-centered form ties v to the sd instead.  For a Gaussian likelihood with
-information I about b and variance sd^2, w = I sd^2 / (1 + I sd^2) (one minus the shrinkage factor) makes v
-and sd a posteriori uncorrelated (Papaspiliopoulos et al. 2003), and so each level and coefficient gets that
-w, with I and sd^2 from a pilot computed on the host in milliseconds (:func:`centering_weights`): the
-working weights of a GLM fit without the random effects, and DerSimonian & Laird's moment estimate of each
-coefficient's variance.  The pilot only chooses coordinates: the posterior is the same whatever it says.
+information I about b and prior variance sd^2, w = I sd^2 / (1 + I sd^2) (one minus the shrinkage factor)
+is the weight that leaves a partially non-centered effect a posteriori uncorrelated with its population
+mean (Papaspiliopoulos et al. 2003); Gorinova, Moore & Hoffman (2020) give location and scale one weight,
+as here, where each level and coefficient gets that w, with I and sd^2 from a pilot computed on the host
+(:func:`centering_weights`): the working weights of a GLM fit without the random effects, and
+DerSimonian & Laird's moment estimate of each coefficient's variance.  The pilot only chooses
+coordinates: the posterior is the same whatever it says.
 :data:`PARAMETERIZATION` forces w = 0 or 1 everywhere (for comparisons: benchmarks/glmm_bayes.py prints
 each).  With the variance parameters held there is no funnel, and the effects are non-centered, b = F u.
 The Laplace-marginalised alternative (NUTS on the variance parameters over the Laplace approximation)
@@ -50,6 +52,10 @@ from .priors import Priors
 PARAMETERIZATION = "auto"
 #: Iterations of the pilot's GLM fit (iteratively reweighted least squares).
 PILOT_ITERATIONS = 25
+#: A negative binomial's log Gamma(y + theta) - log Gamma(theta) is summed as logs, sum_{k < y} log(theta + k),
+#: when the largest count is at most this many times the number of distinct counts: a log Gamma and its
+#: derivative cost about as much as this many logs and reciprocals.
+LOG_SUM_PER_GAMMA = 20
 #: Adapt a dense mass matrix up to this many sampled coefficients (fixed effects, random effects, variance
 #: parameters), a diagonal one beyond: the fixed effects are a-posteriori correlated (the intercept with each
 #: factor level's contrast), which a diagonal mass cannot undo; its adaptation costs O(d^2) per draw.
@@ -68,11 +74,28 @@ class GLMMData:
     index: tuple  # per term, (n,) int32
     z: tuple  # per term, (n, k_j)
     centering: tuple  # per term, (ell_j, k_j) in [0, 1]: each level's and coefficient's centering weight w
+    # a negative binomial's sum_i a_i [log Gamma(y_i + theta) - log Gamma(theta)] as sum_v A_v [...] over its
+    # distinct responses v, or as sum_k C_k log(theta + k), k < max y; one of the two is empty (so are both
+    # for the other families): see negative_binomial_target
+    count_values: jax.Array  # v
+    count_weights: jax.Array  # A_v = sum of a_i over the rows with y_i = v
+    count_steps: jax.Array  # k = 0, 1, ..., max y - 1
+    count_above: jax.Array  # C_k = sum of a_i over the rows with y_i > k
 
 
 def glmm_data(design, centering: list[np.ndarray]) -> GLMMData:
     # device_put, not jnp.asarray: on a NumPy array jnp.asarray compiles a conversion program per shape
     put = jax.device_put
+    values = weights = steps = above = np.zeros(0)
+    if design.family.name == "negative_binomial":
+        values, inverse = np.unique(design.y, return_inverse=True)
+        weights = np.bincount(inverse.reshape(-1), weights=design.row_weights, minlength=values.size)
+        top = int(round(values[-1]))
+        if top <= LOG_SUM_PER_GAMMA * values.size:
+            steps = np.arange(top, dtype=float)
+            above = np.cumsum(weights[::-1])[::-1]  # sum of a_i over y_i >= values[m]
+            above = above[np.searchsorted(values, steps, side="right")] if top else steps
+            values = weights = np.zeros(0)
     return GLMMData(
         y=put(np.asarray(design.y, dtype=float)),
         weights=put(np.asarray(design.row_weights, dtype=float)),
@@ -81,6 +104,10 @@ def glmm_data(design, centering: list[np.ndarray]) -> GLMMData:
         index=tuple(put(np.asarray(t.index, dtype=np.int32)) for t in design.terms),
         z=tuple(put(np.asarray(t.z, dtype=float)) for t in design.terms),
         centering=tuple(put(np.asarray(w, dtype=float)) for w in centering),
+        count_values=put(np.asarray(values, dtype=float)),
+        count_weights=put(np.asarray(weights, dtype=float)),
+        count_steps=put(np.asarray(steps, dtype=float)),
+        count_above=put(np.asarray(above, dtype=float)),
     )
 
 
@@ -106,7 +133,12 @@ def centering_weights(design, parameterization: str = "auto") -> list[np.ndarray
             root = np.sqrt(weights)
             new = offset.copy()
             if design.p:
-                new += X @ np.linalg.lstsq(root[:, None] * X, root * (eta - offset + residual), rcond=None)[0]
+                try:
+                    new += X @ np.linalg.lstsq(root[:, None] * X, root * (eta - offset + residual), rcond=None)[0]
+                except np.linalg.LinAlgError:  # a degenerate pilot: every level non-centered
+                    return centering_weights(design, "non-centered")
+            if not np.all(np.isfinite(new)):
+                break
             done = np.max(np.abs(new - eta)) < 1e-8
             eta = new
             if done:
@@ -167,8 +199,27 @@ def glmm_model(data: GLMMData, priors: Priors, held: HeldVariance | None, *, ks:
             v = numpyro.sample(f"z__{j}", dist.MultivariateNormal(jnp.zeros(k), scale_tril=tril).to_event(1))
             b = numpyro.deterministic(f"b__{j}", v * sd ** (1.0 - w))
         eta = eta + jnp.sum(data.z[j] * b[data.index[j]], axis=1)
-    # the terms free of the parameters (binomial coefficients, log y!) are left out of the target
-    numpyro.factor("y", jnp.sum(log_likelihood_eta(family, link, data.y, eta, data.weights, shape, constant=False)))
+    if family == "negative_binomial":
+        numpyro.factor("y", negative_binomial_target(data, eta, shape))
+    else:  # the terms free of the parameters (binomial coefficients, log y!) are left out of the target
+        numpyro.factor("y", jnp.sum(log_likelihood_eta(family, link, data.y, eta, data.weights, shape, constant=False)))
+
+
+def negative_binomial_target(data: GLMMData, eta, shape):
+    """sum_i of :func:`~hierpool.algebra.family.log_likelihood_eta` of a negative binomial, less the terms in y alone.
+
+    Its log Gamma(y_i + theta) - log Gamma(theta) terms, most of a row's cost with their derivative, are
+    taken once per distinct count v (weighted by the sum A_v of its rows' weights), or, with counts small
+    against their number of distinct values (:data:`LOG_SUM_PER_GAMMA`), as
+    sum_k C_k log(theta + k) over k < max y, C_k the weights of the rows with y_i > k
+    (log Gamma(y + theta) - log Gamma(theta) = sum_{k < y} log(theta + k) for whole y).
+    """
+    log_shape = jnp.log(shape)
+    per_row = shape * log_shape + data.y * eta - (shape + data.y) * jnp.log(shape + jnp.exp(eta))
+    gammaln = jax.scipy.special.gammaln
+    return (jnp.sum(data.weights * per_row)
+            + jnp.sum(data.count_weights * (gammaln(data.count_values + shape) - gammaln(shape)))
+            + jnp.sum(data.count_above * jnp.log(shape + data.count_steps)))
 
 
 def sample_glmm(design, priors: Priors, held: HeldVariance | None, chains, draws, tune, seed, target_accept, progress):
@@ -194,6 +245,7 @@ def sample_glmm(design, priors: Priors, held: HeldVariance | None, chains, draws
         target_accept=target_accept,
         dense_mass=dimension <= DENSE_MASS_MAX_DIMENSION,
         progress=progress,
+        mass_dimension=dimension,
     )
     if "beta" in out:
         beta = out["beta"]

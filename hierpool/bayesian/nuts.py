@@ -260,19 +260,21 @@ QUICK_COMPILE_MAX_WORK = 8e6
 FINISH_WORK_PER_DRAW = 0.25
 
 
-def quick_compile(model_args, chains: int, iterations: int) -> bool:
+def quick_compile(model_args, chains: int, iterations: int, extra_values: int = 0) -> bool:
     """Whether the chains are short enough that compiling without LLVM's optimization pays (see QUICK_COMPILE_MAX_WORK).
 
     A model's cross-products count as the values its program reads (``algebra.system.program_values``:
-    a small crossed model's dense coupling, not its pair products).
+    a small crossed model's dense coupling, not its pair products); ``extra_values`` are read besides
+    the arguments (a GLMM's dense mass matrix: :func:`sample_nuts`).
     """
     leaves = jax.tree_util.tree_leaves(model_args, is_leaf=lambda leaf: isinstance(leaf, MixedModelSystem))
     values = sum(program_values(leaf) if isinstance(leaf, MixedModelSystem) else int(np.size(leaf)) for leaf in leaves)
-    return values * chains * iterations <= QUICK_COMPILE_MAX_WORK
+    return (values + extra_values) * chains * iterations <= QUICK_COMPILE_MAX_WORK
 
 
 def _build_programs(
-    model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, progress
+    model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, progress,
+    extra_values=0,
 ):
     bound = partial(model, **dict(static))
     potential = potential_function(bound)
@@ -287,7 +289,7 @@ def _build_programs(
         return jax.tree_util.tree_map(lambda x: x.reshape((chains, draws) + x.shape[1:]), out)
 
     seed, chain = np.uint32(0), np.int32(0)
-    quick = quick_compile(model_args, chains, tune + draws)
+    quick = quick_compile(model_args, chains, tune + draws, extra_values)
     # XLA compiles outside the GIL: the chain program, the longest to compile, is lowered and compiling
     # first; the start (and finish) programs are lowered while it compiles and compile beside it.  The start
     # program evaluates the potential once per chain, so LLVM's optimization of it never pays: always quick,
@@ -320,6 +322,7 @@ def sample_nuts(
     dense_mass: bool = False,
     postprocess=None,
     progress: bool = False,
+    mass_dimension: int = 0,
 ):
     """Run ``chains`` NUTS chains of ``model(*model_args, **dict(static))``.
 
@@ -346,6 +349,12 @@ def sample_nuts(
         host is best done there, after sampling, rather than compiled.
     progress : bool
         Show a progress bar.
+    mass_dimension : int
+        With ``dense_mass``, the number d of sampled coefficients, whose d x d mass matrix then counts
+        among the values the chain program reads when deciding whether to compile it quick
+        (:func:`quick_compile`): each leapfrog step reads it.  The full GLMM passes it (it samples every
+        effect with a dense mass, which unoptimized code pays for at every step); 0, the default,
+        counts nothing (the collapsed sampler's few variance parameters).
 
     Returns
     -------
@@ -360,12 +369,14 @@ def sample_nuts(
     shape (another data set, other prior values) in the same process does not compile.
     """
     cache_key = (model, static, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, progress,
-                 shape_signature(model_args))
+                 shape_signature(model_args), mass_dimension)
+    extra_values = mass_dimension**2 if dense_mass else 0
 
     def build():
         bar = _Progress(tune + draws, chains) if progress else None
         return _build_programs(
-            model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, bar
+            model, static, model_args, chains, tune, draws, target_accept, max_tree_depth, dense_mass, postprocess, bar,
+            extra_values,
         ), bar
 
     programs, bar = _PROGRAMS.get(cache_key, build)
