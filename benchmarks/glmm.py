@@ -49,7 +49,7 @@ MODELS = {
     "verbagg": dict(
         data=("lme4", "VerbAgg"),
         formula="r2 ~ Anger + Gender + btype + situ + (1|id) + (1|item)",
-        family="binomial", r_family="binomial",
+        family="binomial", r_family="binomial", factors=("r2", "Gender", "btype", "situ", "id", "item"),
     ),
     "cbpp": dict(
         data=("lme4", "cbpp"),
