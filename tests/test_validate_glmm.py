@@ -1,7 +1,6 @@
 """The GLMM validation (hierpool.validate.glmm_*): posterior mode = conditional modes (exact), the posterior mean's
 gap from them shrinking with the data (Monte-Carlo units), SBC that can fail, and the coverage study's pieces."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ from hierpool.validate.glmm_sbc import glmm_sbc
 
 VALIDATION = Path(__file__).resolve().parents[1] / "validation"
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
-EPIL = "y ~ post * trt + offset(log(weeks)) + (1 | subject)"
 SBC_PRIORS = {"Intercept": dist.Normal(0.0, 1.0), "b": dist.Normal(0.0, 0.5), "sd": dist.HalfNormal(1.0)}
 SBC_SETTINGS = dict(n_reps=6, bins=5, n_draws=39, chains=2, draws_per_chain=60, tune=60, seed=3)
 
@@ -37,12 +35,6 @@ def cbpp_fit():
 
 
 @pytest.fixture(scope="module")
-def epil_fit():
-    rows = json.loads((VALIDATION / "glmm_reference.json").read_text())["datasets"]["epil_exposure"]["rows"]
-    return hp.glmm(EPIL, pd.DataFrame(rows), family="poisson")
-
-
-@pytest.fixture(scope="module")
 def sbc_design():
     rng = np.random.default_rng(1)
     g = np.repeat(np.arange(6), 4)
@@ -50,9 +42,9 @@ def sbc_design():
                          "g": [f"g{i}" for i in g], "n": 5})
 
 
-@pytest.mark.parametrize("which", ["cbpp", "epil"])
-def test_posterior_mode_with_beta_held_is_the_conditional_mode(which, cbpp_fit, epil_fit):
-    fit = cbpp_fit if which == "cbpp" else epil_fit
+def test_posterior_mode_with_beta_held_is_the_conditional_mode(cbpp_fit):
+    # (a Poisson model with an offset, epil, is in validation/glmm_validation.py's mode section: 3.9e-13)
+    fit = cbpp_fit
     report = mode_agreement(fit, beta="held")
     assert report.passed, report.summary()
     assert np.max(np.abs(report.table.posterior_mode - report.table.condval)) < MODE_TOLERANCE
