@@ -118,9 +118,10 @@ def level_contractions(system: MixedModelSystem, matrix: jax.Array, n_blocks: in
     layout = system.layout
     k0 = layout.ks[0]
     offsets = np.concatenate([[0], np.cumsum([ell * k for ell, k in layout.rest_blocks])])
-    if array_namespace(matrix) is not np and dense_coupling_pays(system):
+    if dense_coupling_pays(system):  # on the host the dense coupling is formed per call, as in _schur_update
         width = int(offsets[n_blocks])
-        return _level_contractions_dense(coupling_in_program(system)[:, :, :width], matrix[:width, :width])
+        coupling = dense_coupling(system) if array_namespace(matrix) is np else coupling_in_program(system)
+        return _level_contractions_dense(coupling[:, :, :width], matrix[:width, :width])
     total = array_namespace(matrix).zeros((layout.n_levels[0], k0, k0), matrix.dtype)
     for (r, s), pairs in zip(layout.pair_keys(), system.pairs):
         if s >= n_blocks:

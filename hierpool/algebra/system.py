@@ -37,6 +37,7 @@ import numpy as np
 
 from ..spec.design import Design
 from .jax_runtime import jax, pytree_dataclass
+from .linalg import host_product
 
 
 @pytree_dataclass
@@ -128,6 +129,8 @@ class MixedModelSystem:
 
 def _bincount_products(keys, left, right, weights, size):
     """sum over rows with the same key of w * left[:, a] * right[:, b]; shape (size, ka, kb)."""
+    if size == 1:  # one cell (the X and y blocks): one matrix product, not ka kb bincounts
+        return host_product(left * weights[:, None], right, transpose_a=True)[None]
     out = np.empty((size, left.shape[1], right.shape[1]))
     for a in range(left.shape[1]):
         wl = weights * left[:, a]
@@ -273,7 +276,8 @@ def system_pattern(design: Design) -> SystemPattern:
     return SystemPattern(index0, term0.z, rest_rows, tuple(cells), tuple(pairs), layout)
 
 
-def build_system(design: Design, host: bool = False, pattern: SystemPattern | None = None) -> MixedModelSystem:
+def build_system(design: Design, host: bool = False, pattern: SystemPattern | None = None,
+                 host_only: bool = False) -> MixedModelSystem:
     """Compute the cross-products and the coupling pattern of ``design`` (host side, once).
 
     Cost O(n k^2) for the cross-products plus the number of coupling pairs,
@@ -282,6 +286,8 @@ def build_system(design: Design, host: bool = False, pattern: SystemPattern | No
     uncompiled algebra's input; :func:`on_device` converts them later if needed).
     ``pattern`` is :func:`system_pattern` of a design with the same terms, levels and X
     (only the response and the prior weights may differ); it is computed when None.
+    ``host_only``: the system is used by the host algebra only (a PIRLS step's), which reads the pair
+    products only where the dense coupling does not pay; where it does, they are not formed.
     """
     if pattern is None:
         pattern = system_pattern(design)
@@ -299,10 +305,18 @@ def build_system(design: Design, host: bool = False, pattern: SystemPattern | No
         for (inverse, level0, level), (_, values, _) in zip(pattern.coupling_cells, blocks)
     ]
     pairs = []
+    # the host algebra uses the dense coupling where it pays (criterion._schur_update, level_contractions)
+    # and then never reads the pair products: unformed, they stand as NaN views of their shape (no memory),
+    # which decide dense_coupling_pays as the real ones would (and would poison any use)
+    unread = host and host_only and _dense_pays(layout, _pattern_pair_elements(pattern))
     for (r, s), (a, b, target, level0) in zip(layout.pair_keys(), pattern.pair_indices):
-        products = _pair_products(couplings[r][2], couplings[s][2], a, b)
-        if r == s:
-            products[a == b] *= 0.5  # a diagonal block is the sum of its pairs plus its transpose
+        if unread:
+            k0, k_r, k_s = couplings[r][2].shape[1], couplings[r][2].shape[2], couplings[s][2].shape[2]
+            products = np.broadcast_to(np.float64(np.nan), (len(a), k0, k0, k_r, k_s))
+        else:
+            products = _pair_products(couplings[r][2], couplings[s][2], a, b)
+            if r == s:
+                products[a == b] *= 0.5  # a diagonal block is the sum of its pairs plus its transpose
         pairs.append((level0, target, products))
     as_jax = np.asarray if host else _to_device
     return MixedModelSystem(
@@ -405,13 +419,24 @@ def dense_coupling_pays(system: MixedModelSystem) -> bool:
     of tens of levels, a vector term's coupling with X) or every term-0 level meets most of
     them, the pairs when a large crossed factor meets each term-0 level in a few columns.
     """
-    layout = system.layout
+    return _dense_pays(system.layout, sum(float(np.prod(pairs.products.shape)) for pairs in system.pairs))
+
+
+def _dense_pays(layout: Layout, pair_elements: float) -> bool:
+    """:func:`dense_coupling_pays` from the layout and the pair products' element count."""
     ell0, k0 = layout.n_levels[0], layout.ks[0]
     m = sum(ell * k for ell, k in layout.rest_blocks)
     if ell0 * k0 * m > DENSE_COUPLING_MAX_ENTRIES:
         return False
-    pair_elements = sum(float(np.prod(pairs.products.shape)) for pairs in system.pairs)
     return 1.5 * ell0 * k0 * m**2 <= DENSE_COUPLING_FLOPS_PER_PAIR_ELEMENT * 2.0 * pair_elements
+
+
+def _pattern_pair_elements(pattern: SystemPattern) -> float:
+    """The pair products' element count of systems filled from ``pattern`` (k0^2 k_r k_s per pair)."""
+    ks = [k for _, k in pattern.layout.rest_blocks]
+    k0 = pattern.layout.ks[0]
+    return sum(float(len(a)) * k0 * k0 * ks[r] * ks[s]
+               for (r, s), (a, _, _, _) in zip(pattern.layout.pair_keys(), pattern.pair_indices))
 
 
 def program_values(system: MixedModelSystem) -> int:
