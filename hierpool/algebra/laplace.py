@@ -37,7 +37,7 @@ import numpy as np
 from ..spec.design import Design
 from .criterion import host_objective_and_gradient
 from .family import Family
-from .henderson import point_estimates, prediction_covariance
+from .henderson import point_estimates, prediction_covariance, solve
 from .laplace_gradient import laplace_gradient, leverages
 from .linalg import theta_to_factors
 from .system import SystemPattern, build_system, system_pattern
@@ -113,6 +113,13 @@ def pirls_patterns(design: Design) -> dict[bool, SystemPattern]:
     return {joint: system_pattern(working_design(design, ones, ones, joint)) for joint in (False, True)}
 
 
+def _working_system(design: Design, response, weights, joint: bool, patterns: dict):
+    """The host system of a working design (:func:`working_design`), refilled from its pattern; used by the
+    host algebra only, so the pair products it would not read are not formed."""
+    return build_system(working_design(design, response, weights, joint), host=True, host_only=True,
+                        pattern=patterns[joint])
+
+
 def _penalized_deviance(family: Family, design: Design, trials, mu, u) -> float:
     return float(np.sum(family.unit_deviances(design.y, mu, trials)) + sum(np.sum(np.square(x)) for x in u))
 
@@ -169,7 +176,7 @@ def conditional_mode(
         _, weights, residual = family.working(design.y, eta, trials)
         # the working response of the solved part: X beta + Z b (joint) or Z b, plus the working residual
         response = (eta - design.offset if joint else eta - fixed) + residual
-        system = build_system(working_design(design, response, weights, joint), host=True, pattern=patterns[joint])
+        system = _working_system(design, response, weights, joint, patterns)
         solved_beta, solved_u, _, _ = point_estimates(theta, system)
         new_u = tuple(np.asarray(x) for x in solved_u)
         new_beta = np.asarray(solved_beta) if joint else beta
@@ -189,7 +196,7 @@ def conditional_mode(
         eta, mu, deviance = trial_eta, trial_mu, trial_deviance
     _, weights, _ = family.working(design.y, eta, trials)
     # the log-determinant with the weights at the mode: one more factorization, of Z only
-    at_mode = build_system(working_design(design, eta - fixed, weights, False), host=True, pattern=patterns[False])
+    at_mode = _working_system(design, eta - fixed, weights, False, patterns)
     logdet = float(point_estimates(theta, at_mode)[3])
     log_likelihood = float(np.sum(family.log_likelihood(design.y, mu, trials)))
     squared_u = sum(float(np.sum(np.square(x))) for x in u)
@@ -223,7 +230,7 @@ def laplace_and_gradient_on_host(theta, beta, design: Design, family: Family, *,
     weights = mode.working_weights
 
     def system_with(response, weights=weights):
-        return build_system(working_design(design, response, weights, False), host=True, pattern=patterns[False])
+        return _working_system(design, response, weights, False, patterns)
 
     # the cross-products at the mode's weights; the response is any non-zero one (log |H| and H^-1 do not
     # read it, and a zero one would make the penalized RSS, whose cotangent is 0, 0 / 0 in the adjoint)
@@ -239,3 +246,21 @@ def laplace_and_gradient_on_host(theta, beta, design: Design, family: Family, *,
     gradient = laplace_gradient(theta, family, design.y, design.row_weights, design.X, rows, mode.u, mode.eta,
                                 leverage, solve, logdet_gradient)
     return mode, np.asarray(gradient)
+
+
+def fixed_effect_information(theta, mode: ConditionalMode, design: Design, family: Family,
+                             joint_pattern: SystemPattern | None = None) -> np.ndarray:
+    """2 R_X^T R_X: the fixed effects' block of the penalized system at a mode, in deviance units.
+
+    R_X is the fixed-effect block of the Cholesky factor of the joint (beta, u) penalized weighted
+    least-squares system at the mode's working weights (lme4's ``RX``); 2 R_X^T R_X approximates the
+    Hessian of the Laplace deviance in beta (exact for a linear mixed model; for a GLMM it omits the
+    weights' dependence on beta through log |H|).  ``joint_pattern``: :func:`pirls_patterns`'s ``True``.
+    """
+    if joint_pattern is None:
+        joint_pattern = pirls_patterns(design)[True]
+    _, weights, residual = family.working(design.y, mode.eta, design.row_weights)
+    # any response will do (R_X does not read it) but one in X's span, whose zero residual would not factor
+    response = mode.eta - design.offset + residual
+    system = _working_system(design, response, weights, True, {True: joint_pattern})
+    return 2.0 * np.linalg.inv(np.asarray(solve(theta, system).vcov_beta))

@@ -19,7 +19,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..algebra.family import Family
-from ..algebra.laplace import ConditionalMode, conditional_mode, laplace_and_gradient_on_host, pirls_patterns
+from ..algebra.host_blas import one_blas_thread
+from ..algebra.laplace import (
+    ConditionalMode,
+    conditional_mode,
+    fixed_effect_information,
+    laplace_and_gradient_on_host,
+    pirls_patterns,
+)
 from ..algebra.laplace_program import (
     compile_conditional_mode,
     compile_value_and_gradient,
@@ -33,6 +40,7 @@ from ..algebra.linalg import theta_lower_bounds
 from ..algebra.quadrature import quadrature_deviance
 from ..spec.design import Design
 from .glmm_convergence import finite_differences
+from .glmm_scaling import block_scaling
 from .optimize import hessian_from_gradients
 
 #: BOBYQA's stopping rule on the criterion (absolute, in deviance units) and on the parameters (relative).
@@ -47,13 +55,24 @@ BETA_STEP = 0.05
 SHAPE_STEP = 0.25
 #: Step in a negative binomial's log shape of the central difference that gives its derivative.
 SHAPE_DIFFERENCE = 1e-3
-#: L-BFGS-B's stopping rules in the gradient stage: relative reduction of the deviance, and max |projected gradient|.
-LBFGS_FTOL = 1e-14
-LBFGS_GTOL = 1e-7
+#: L-BFGS-B's stopping rules in the gradient stage: relative reduction of the deviance, and max |projected gradient|
+#: in the scaled variables (:mod:`hierpool.closedform.glmm_scaling`, where the Hessian is near the identity, so
+#: that 1e-5 is ~1e-10 of deviance from the optimum); a Newton step with the final Hessian follows.
+LBFGS_FTOL = 1e-12
+LBFGS_GTOL = 1e-3
+#: Forward-difference step of the start's Hessian rows in theta (the scaling needs only its order of magnitude).
+START_STEP = 1e-4
+#: A variable within this of its lower bound is held there by the Newton polish.
+POLISH_BOUND_MARGIN = 1e-8
+#: The Newton polish stops when the predicted decrease of the deviance, half the Newton decrement, is below this.
+POLISH_DECREMENT = 1e-10
+POLISH_MAX_STEPS = 5
 #: Rows from which PIRLS runs in a compiled program (:mod:`hierpool.algebra.laplace_program`) rather than on
-#: the host: a fit evaluates the criterion hundreds of times, and the host's per-operation overhead grows
-#: with the rows less than the program's compilation costs.
-COMPILE_MIN_ROWS = 1000
+#: the host.  A fit evaluates the criterion 20-60 times (the scaled search), the host's cost grows with the
+#: rows, and the program's compilation (seconds) pays only when the host's fit would take longer: a
+#: Bernoulli model with 100 rows a group took 2.8 s on the host against 9.2 s compiled (first fit, fresh
+#: process) at 200,000 rows, 15.9 s against 10.5 s at 1,000,000 (benchmarks/RESULTS.md, "GLMMs on the host").
+COMPILE_MIN_ROWS = 500_000
 
 
 class ModeFinder:
@@ -198,10 +217,18 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
     -------
     GLMMOptimum
     """
+    find_mode = ModeFinder(design, family, compiled)
+    with one_blas_thread(sum(ell * k for ell, k in find_mode.patterns[True].layout.rest_blocks)):
+        return _fit(find_mode, family, stages, nodes, estimate_shape, derivatives)
+
+
+def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimate_shape: bool,
+         derivatives: bool) -> GLMMOptimum:
+    """:func:`fit_laplace`'s stages with the mode finder made."""
+    design = find_mode.design
     ks = tuple(t.k for t in design.terms)
     lower = theta_lower_bounds(ks)
     state = {"u": None, "beta": np.zeros(design.p)}
-    find_mode = ModeFinder(design, family, compiled)
 
     def joint(theta):
         mode = find_mode(theta, state["beta"], family, joint=True, start_u=state["u"])
@@ -264,8 +291,10 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
 
 def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: int, start_u,
                     derivatives: bool, estimate_shape: bool = False) -> GLMMOptimum:
-    """Stage 2 with the criterion's exact gradient: L-BFGS-B in (theta, beta) from stage 1's end, and the
-    Hessian at the optimum by central differences of the gradient (one-sided at a bound).
+    """Stage 2 with the criterion's exact gradient: L-BFGS-B in (theta, beta) from ``start``, in variables
+    scaled by the start's approximate Hessian (:mod:`hierpool.closedform.glmm_scaling`), then the Hessian at
+    its end by differences of the gradient and Newton steps with it (:func:`_newton_polish`): the Hessian
+    glmer computes for its checks and standard errors also finishes the search, which can therefore stop early.
 
     ``estimate_shape``: a negative binomial's log shape is a parameter too, its derivative by central
     differences of the criterion (two more conditional modes); the Hessian is then in (theta, beta) at
@@ -282,6 +311,8 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
         return replace(family, shape=float(np.exp(x[-1]))) if estimate_shape else family
 
     def value_and_gradient(x):
+        if state.get("x") is not None and np.array_equal(x, state["x"]):  # L-BFGS-B starts where the scaling was made
+            return state["value"], state["gradient"]
         state["count"] += 1
         theta, beta, fam = x[:n_theta], x[n_theta : n_theta + n_fixed], family_at(x)
         at, gradient = find_mode.with_gradient(theta, beta, fam, start_u=state["u"])
@@ -291,23 +322,95 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
             gradient = np.append(gradient, (sides[0] - sides[1]) / (2.0 * SHAPE_DIFFERENCE))
         if not np.isfinite(at.laplace) or not np.all(np.isfinite(gradient)):
             return np.inf, np.zeros_like(x)
-        state["u"] = at.u
+        state.update(u=at.u, mode=at, x=np.array(x), value=at.laplace, gradient=gradient)
         return at.laplace, gradient
 
-    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower] + [(None, None)] * (len(start) - n_theta)
-    result = scipy.optimize.minimize(value_and_gradient, start, jac=True, method="L-BFGS-B", bounds=bounds,
-                                     options=dict(maxiter=MAX_EVALUATIONS, ftol=LBFGS_FTOL, gtol=LBFGS_GTOL))
-    family = family_at(np.asarray(result.x, dtype=float))
-    x = np.asarray(result.x, dtype=float)[: n_theta + n_fixed]
+    scaling = _start_scaling(find_mode, family, start, n_theta, n_fixed, value_and_gradient, state)
+    lower_x = np.concatenate([lower, np.full(len(start) - n_theta, -np.inf)])
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in scaling.lower_y(lower_x)]
+
+    def in_scaled_variables(y):
+        value, gradient = value_and_gradient(scaling.to_x(y))
+        return value, scaling.gradient_to_y(gradient)
+
+    result = scipy.optimize.minimize(in_scaled_variables, np.zeros(len(start)), jac=True, method="L-BFGS-B",
+                                     bounds=bounds, options=dict(maxiter=MAX_EVALUATIONS, ftol=LBFGS_FTOL,
+                                                                 gtol=LBFGS_GTOL))
+    end = np.maximum(scaling.to_x(result.x), lower_x)  # rounding in to_x must not cross a bound
+    family = family_at(end)
+    x = end[: n_theta + n_fixed]
     mode, gradient = find_mode.with_gradient(x[:n_theta], x[n_theta:], family, start_u=state["u"])
     hessian = None
     if derivatives:
-        lower_all = np.concatenate([lower, np.full(n_fixed, -np.inf)])
+        lower_all = lower_x[: n_theta + n_fixed]
 
         def gradients_at(points):
             return np.stack([find_mode.with_gradient(p[:n_theta], p[n_theta:], family, start_u=mode.u)[1]
                              for p in points])
 
-        hessian = hessian_from_gradients(gradients_at, x, lower_all)
+        # forward differences from the gradient in hand: the Hessian is glmer's standard errors' and the polish's
+        hessian = hessian_from_gradients(gradients_at, x, lower_all, gradient=gradient)
+        state["count"] += len(x)
+        polished = _newton_polish(x, gradient, hessian, lower_all, mode.laplace,
+                                  lambda p: find_mode.with_gradient(p[:n_theta], p[n_theta:], family, start_u=mode.u))
+        if polished is not None:
+            x, mode, gradient, steps = polished
+            state["count"] += steps
     return GLMMOptimum(x[:n_theta], x[n_theta:], mode.laplace, mode, (first, state["count"]), family.shape,
                        gradient if derivatives else None, hessian)
+
+
+def _start_scaling(find_mode: ModeFinder, family: Family, start, n_theta: int, n_fixed: int, value_and_gradient,
+                   state: dict):
+    """The :class:`~hierpool.closedform.glmm_scaling.BlockScaling` of the criterion's Hessian at ``start``,
+    approximated: beta's block from the fixed effects' information at the mode
+    (:func:`hierpool.algebra.laplace.fixed_effect_information`), the rows of theta (and of a negative
+    binomial's log shape) by forward differences of the gradient, one evaluation each."""
+    n = len(start)
+    scaled = np.r_[np.arange(n_theta), np.arange(n_theta + n_fixed, n)]
+    free = np.arange(n_theta, n_theta + n_fixed)
+    value, gradient = value_and_gradient(start)
+    at_start = dict(state)  # restored below: the search starts here, from this mode and with this value cached
+    at_family = replace(family, shape=float(np.exp(start[-1]))) if n > n_theta + n_fixed else family
+    hessian = np.zeros((n, n))
+    hessian[np.ix_(free, free)] = fixed_effect_information(start[:n_theta], at_start["mode"], find_mode.design,
+                                                           at_family, find_mode.patterns[True])
+    for i in scaled:
+        moved = start.copy()
+        moved[i] += START_STEP
+        row = (value_and_gradient(moved)[1] - gradient) / START_STEP
+        hessian[i, :] = row
+        hessian[:, i] = row
+    state.update({key: at_start[key] for key in ("u", "mode", "x", "value", "gradient")})
+    if not np.all(np.isfinite(hessian)) or not np.isfinite(value):
+        hessian = np.eye(n)
+    return block_scaling(hessian, start, free, scaled)
+
+
+def _newton_polish(x, gradient, hessian, lower, value: float, evaluate):
+    """Newton steps with the one Hessian from where the search ended (a chord method: the Hessian is not
+    recomputed), over the variables off their bounds, until the Newton decrement g^T H^-1 g falls below
+    :data:`POLISH_DECREMENT`: (x, mode, gradient, steps) at the last accepted point, or None when the first
+    step would cross a bound, the Hessian is not positive definite there, or the criterion does not
+    decrease (the search's end is then kept)."""
+    free = ~(x <= lower + POLISH_BOUND_MARGIN)
+    try:
+        chol = np.linalg.cholesky(hessian[np.ix_(free, free)])
+    except np.linalg.LinAlgError:
+        return None
+    best = None
+    for steps in range(1, POLISH_MAX_STEPS + 1):
+        direction = np.linalg.solve(chol, gradient[free])
+        if direction @ direction < POLISH_DECREMENT:
+            break
+        step = np.zeros_like(x)
+        step[free] = -np.linalg.solve(chol.T, direction)
+        new = x + step
+        if not np.all(np.isfinite(new)) or np.any(new < lower):
+            break
+        mode, new_gradient = evaluate(new)
+        if not np.isfinite(mode.laplace) or mode.laplace > value:
+            break
+        x, gradient, value = new, new_gradient, mode.laplace
+        best = (x, mode, gradient, steps)
+    return best

@@ -193,14 +193,19 @@ HESSIAN_STEP = 1e-4
 
 
 def hessian_from_gradients(gradients_at, theta: np.ndarray, lower: np.ndarray,
-                           step: float = HESSIAN_STEP) -> np.ndarray:
+                           step: float = HESSIAN_STEP, gradient: np.ndarray | None = None) -> np.ndarray:
     """Central differences of the analytic gradient (one-sided at an active bound).
 
     ``gradients_at`` maps points (m, n_theta) to their gradients (m, n_theta): the one-term
-    specialisation evaluates them all at once.
+    specialisation evaluates them all at once.  With ``gradient``, the gradient at ``theta``,
+    forward differences: half the evaluations, an error O(step) rather than O(step^2) (relative
+    ~1e-4 with the default step, below what standard errors are reported to).
     """
     size = theta.size
     h = step * np.eye(size)
+    if gradient is not None:
+        hessian = ((gradients_at(theta[None, :] + h) - gradient[None, :]) / step).T
+        return 0.5 * (hessian + hessian.T)
     one_sided = theta - step < lower
     backward = np.where(one_sided[:, None], theta[None, :], theta[None, :] - h)
     gradients = gradients_at(np.concatenate([theta[None, :] + h, backward]))
