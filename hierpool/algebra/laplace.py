@@ -154,10 +154,25 @@ def conditional_mode(
     -------
     ConditionalMode
     """
-    theta = np.asarray(theta, dtype=float)
-    beta = np.asarray(beta, dtype=float).reshape(-1)
     if patterns is None:
         patterns = pirls_patterns(design)
+    mode = _pirls(theta, beta, design, family, joint, start_u, tol, patterns)
+    # the log-determinant with the weights at the mode: one more factorization, of Z only
+    at_mode = _working_system(design, np.ones(design.n), mode.working_weights, False, patterns)
+    return _with_logdet(mode, float(point_estimates(np.asarray(theta, dtype=float), at_mode)[3]))
+
+
+def _with_logdet(mode: ConditionalMode, logdet: float) -> ConditionalMode:
+    """The mode with log |H| at its weights, and so its Laplace criterion."""
+    squared_u = sum(float(np.sum(np.square(x))) for x in mode.u)
+    return dataclasses.replace(mode, logdet=logdet, laplace=-2.0 * mode.log_likelihood + squared_u + logdet)
+
+
+def _pirls(theta, beta, design: Design, family: Family, joint: bool, start_u, tol: float,
+           patterns: dict[bool, SystemPattern]) -> ConditionalMode:
+    """PIRLS's iterations: the mode, its weights and log-likelihood (logdet and laplace NaN)."""
+    theta = np.asarray(theta, dtype=float)
+    beta = np.asarray(beta, dtype=float).reshape(-1)
     trials = design.row_weights
     fixed = design.offset + design.X @ beta
     if start_u is None:
@@ -195,14 +210,10 @@ def conditional_mode(
         u, b, beta, fixed = new_u, trial_b, new_beta, trial_fixed
         eta, mu, deviance = trial_eta, trial_mu, trial_deviance
     _, weights, _ = family.working(design.y, eta, trials)
-    # the log-determinant with the weights at the mode: one more factorization, of Z only
-    at_mode = _working_system(design, eta - fixed, weights, False, patterns)
-    logdet = float(point_estimates(theta, at_mode)[3])
     log_likelihood = float(np.sum(family.log_likelihood(design.y, mu, trials)))
-    squared_u = sum(float(np.sum(np.square(x))) for x in u)
     return ConditionalMode(u=u, b=b, beta=beta, eta=eta, mu=mu, working_weights=weights,
-                           log_likelihood=log_likelihood, logdet=logdet,
-                           laplace=-2.0 * log_likelihood + squared_u + logdet, steps=steps, converged=converged)
+                           log_likelihood=log_likelihood, logdet=np.nan, laplace=np.nan, steps=steps,
+                           converged=converged)
 
 
 def _effects(theta, design: Design, u) -> tuple:
@@ -226,7 +237,7 @@ def laplace_and_gradient_on_host(theta, beta, design: Design, family: Family, *,
     if patterns is None:
         patterns = pirls_patterns(design)
     theta = np.asarray(theta, dtype=float)
-    mode = conditional_mode(theta, beta, design, family, start_u=start_u, patterns=patterns)
+    mode = _pirls(theta, beta, design, family, False, start_u, PIRLS_TOL, patterns)
     weights = mode.working_weights
 
     def system_with(response, weights=weights):
@@ -238,7 +249,9 @@ def laplace_and_gradient_on_host(theta, beta, design: Design, family: Family, *,
     layout = system.layout
     rows = tuple((t.index.astype(np.int64), t.z) for t in design.terms)
     leverage = leverages(theta, rows, prediction_covariance(theta, system), layout.n_levels, layout.ks)
-    logdet_gradient = host_objective_and_gradient(system, reml=False, logdet_only=True)(theta)[1]
+    # log |H| and its gradient in theta at the mode's weights, from one factorization
+    logdet, logdet_gradient = host_objective_and_gradient(system, reml=False, logdet_only=True)(theta)
+    mode = _with_logdet(mode, float(logdet))
 
     def solve(response, weights):
         return [np.asarray(x) for x in point_estimates(theta, system_with(response, weights))[1]]

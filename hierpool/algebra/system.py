@@ -266,7 +266,8 @@ def system_pattern(design: Design) -> SystemPattern:
     cells = []
     for index_r, _, ell_r in rows:
         unique, inverse = np.unique(index0 * ell_r + index_r, return_inverse=True)
-        cells.append((inverse.reshape(-1), unique // ell_r, unique % ell_r))
+        # the cells' levels in int32, the stored width (build_system then converts nothing per fill)
+        cells.append((inverse.reshape(-1), (unique // ell_r).astype(np.int32), (unique % ell_r).astype(np.int32)))
     pairs = []
     for r, s in layout.pair_keys():
         (_, level0_r, level_r), (_, level0_s, level_s) = cells[r], cells[s]
@@ -322,9 +323,11 @@ def build_system(design: Design, host: bool = False, pattern: SystemPattern | No
     return MixedModelSystem(
         a00=as_jax(a00),
         couplings=tuple(
-            Coupling(as_jax(l0.astype(np.int32)), as_jax(lr.astype(np.int32)), as_jax(v)) for l0, lr, v in couplings
+            Coupling(as_jax(l0.astype(np.int32, copy=False)), as_jax(lr.astype(np.int32, copy=False)), as_jax(v))
+            for l0, lr, v in couplings
         ),
-        pairs=tuple(Pairs(as_jax(l0.astype(np.int32)), as_jax(t.astype(np.int32)), as_jax(v)) for l0, t, v in pairs),
+        pairs=tuple(Pairs(as_jax(l0.astype(np.int32, copy=False)), as_jax(t.astype(np.int32, copy=False)), as_jax(v))
+                    for l0, t, v in pairs),
         rest=as_jax(_dense_rest(blocks, weights)),
         log_weights=as_jax(np.sum(np.log(weights))),
         beta_shift=as_jax(beta_shift),
