@@ -1,4 +1,5 @@
-"""The GLMM search's change of variables (hierpool.closedform.glmm_scaling) and its forward-difference Hessian."""
+"""The GLMM search's change of variables (hierpool.closedform.glmm_scaling), its forward-difference Hessian, and the
+separation check's deduplication of rows."""
 
 import numpy as np
 import pytest
@@ -63,3 +64,13 @@ def test_forward_difference_hessian_of_a_quadratic_equals_the_central_one():
     forward = hessian_from_gradients(gradients_at, x, lower, gradient=x @ h)
     np.testing.assert_allclose(forward, h, rtol=1e-8)
     np.testing.assert_allclose(central, h, rtol=1e-8)
+
+
+def test_distinct_rows_are_numpys_unique_rows():
+    """The separation check's deduplication (hierpool.algebra.separation.distinct_rows)."""
+    from hierpool.algebra.separation import distinct_rows
+
+    a = np.random.default_rng(6).integers(0, 3, (500, 4)).astype(float)
+    a[:, 1] += 0.5 * np.random.default_rng(7).integers(0, 2, 500)
+    np.testing.assert_array_equal(distinct_rows(a), np.unique(a, axis=0))
+    assert distinct_rows(np.zeros((0, 3))).shape == (0, 3)

@@ -82,6 +82,16 @@ def separating_columns(z: np.ndarray, y: np.ndarray, family_name: str) -> list[i
     return involved
 
 
+def distinct_rows(a: np.ndarray) -> np.ndarray:
+    """The distinct rows of a 2-d array, sorted lexicographically (``np.unique(a, axis=0)``, whose sort of a
+    structured view took 17 ms on VerbAgg's 7,584 x 7 where a lexsort takes 1)."""
+    if a.shape[0] == 0:
+        return a
+    ordered = a[np.lexsort(a.T[::-1])]
+    keep = np.concatenate([[True], np.any(ordered[1:] != ordered[:-1], axis=1)])
+    return ordered[keep]
+
+
 def is_separated(z: np.ndarray, y: np.ndarray, family_name: str) -> bool:
     """Whether some direction of the columns ``z`` separates the rows (:func:`separating_direction`)."""
     return separating_direction(z, y, family_name) is not None

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..algebra.family import family as make_family
 from ..algebra.quadrature import MAX_NODES
-from ..algebra.separation import separating_columns
+from ..algebra.separation import distinct_rows, separating_columns
 from ..errors import ArgumentError, ConvergenceWarning, HierpoolWarning
 from ..spec.design import build_design
 from ..spec.family import family_spec
@@ -95,7 +95,7 @@ def _warn_if_separated(design, family_name: str) -> None:
     rows = design.row_weights > 0
     if not design.p:
         return
-    pairs = np.unique(np.column_stack([design.X[rows], design.y[rows]]), axis=0)
+    pairs = distinct_rows(np.column_stack([design.X[rows], design.y[rows]]))
     if len(pairs) > SEPARATION_MAX_ROWS:
         return
     involved = separating_columns(pairs[:, :-1], pairs[:, -1], family_name)
