@@ -310,3 +310,19 @@ def test_the_host_gradient_is_the_criterions(model_id):
         down = conditional_mode(point[:m] - h[:m], point[m:] - h[m:], design, fam).laplace
         central.append((up - down) / (2 * h[i]))
     np.testing.assert_allclose(gradient, central, rtol=1e-5, atol=1e-5 * np.max(np.abs(central)))
+
+
+def test_host_or_compiled_is_decided_by_rows_and_by_the_work_of_an_evaluation(designs, monkeypatch):
+    """The PIRLS program is compiled for many rows or a large system, the host fits the rest (nothing compiles here)."""
+    from hierpool.closedform import glmm_optimize
+
+    monkeypatch.setattr(glmm_optimize, "compile_value_and_gradient", lambda data, family: None)
+    monkeypatch.setattr(glmm_optimize, "program_data", lambda design, pattern: None)
+    design, _ = designs["grouseticks_poisson_laplace"]
+    poisson = family(family_spec("poisson"))
+    assert not glmm_optimize.ModeFinder(design, poisson).compiled
+    monkeypatch.setattr(glmm_optimize, "COMPILE_MIN_FLOPS", 1e7)  # grouseticks: ~5e7 flops an evaluation
+    assert glmm_optimize.ModeFinder(design, poisson).compiled
+    monkeypatch.setattr(glmm_optimize, "COMPILE_MIN_FLOPS", 1e12)
+    monkeypatch.setattr(glmm_optimize, "COMPILE_MIN_ROWS", design.n)
+    assert glmm_optimize.ModeFinder(design, poisson).compiled

@@ -495,7 +495,14 @@ def evaluation_flops(system: MixedModelSystem) -> float:
     term 0's blocks cost ell0 k0^3 a few times over.  Used to choose between the
     host and a compiled program (:func:`hierpool.algebra.compiler_options.compile_pays`).
     """
-    layout = system.layout
+    return _evaluation_flops(system.layout, sum(float(np.prod(pairs.products.shape)) for pairs in system.pairs))
+
+
+def pattern_evaluation_flops(pattern: SystemPattern) -> float:
+    """:func:`evaluation_flops` of the systems :func:`build_system` fills from ``pattern`` (none is built)."""
+    return _evaluation_flops(pattern.layout, _pattern_pair_elements(pattern))
+
+
+def _evaluation_flops(layout: Layout, pair_elements: float) -> float:
     m = layout.q_rest + layout.p + 1
-    pair_work = sum(float(np.prod(pairs.products.shape)) for pairs in system.pairs)
-    return 1.5 * m**3 + 4.0 * pair_work + 10.0 * layout.n_levels[0] * layout.ks[0] ** 3
+    return 1.5 * m**3 + 4.0 * pair_elements + 10.0 * layout.n_levels[0] * layout.ks[0] ** 3

@@ -23,7 +23,15 @@ from ..spec.arguments import sampler_arguments
 from ..spec.design import Design, build_design
 from ..spec.family import family_spec
 from . import glmm
-from .model import HeldVariance, collapsed_model, full_model, model_data, one_term_collapsed_model, variance_draws
+from .model import (
+    HeldVariance,
+    collapsed_model,
+    effect_draws,
+    full_model,
+    model_data,
+    one_term_collapsed_model,
+    variance_draws,
+)
 from .nuts import sample_nuts
 from .posterior import build_inference_data, pointwise_log_likelihood
 from .priors import Priors, resolve_priors
@@ -201,13 +209,7 @@ def _sample_full(design, resolved, held, chains, draws, tune, seed, target_accep
         dense_mass=held is not None and design.p + sum(t.n_levels * t.k for t in design.terms) <= DENSE_MASS_MAX_DIMENSION,
         progress=progress,
     )
-    if "beta" in out:
-        beta = out["beta"]
-    elif design.p:
-        beta = np.stack([out[f"beta__{i}"] for i in range(design.p)], axis=-1)
-    else:
-        beta = np.zeros((chains, draws, 0))
-    b = [out[f"b__{j}"] for j in range(len(ks))]
+    beta, b = effect_draws(out, design.p, len(ks), chains, draws)
     if held is not None:
         return beta, b, None, None, None, stats
     sds, cors, _ = variance_draws(out, ks, True)

@@ -42,7 +42,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from ..algebra.family import Family, Link, log_likelihood_eta
-from .model import HeldVariance, _fixed_effects, variance_draws, variance_parameters
+from .model import HeldVariance, _fixed_effects, effect_draws, variance_draws, variance_parameters
 from .nuts import sample_nuts
 from .priors import Priors
 
@@ -247,13 +247,7 @@ def sample_glmm(design, priors: Priors, held: HeldVariance | None, chains, draws
         progress=progress,
         mass_dimension=dimension,
     )
-    if "beta" in out:
-        beta = out["beta"]
-    elif design.p:
-        beta = np.stack([out[f"beta__{i}"] for i in range(design.p)], axis=-1)
-    else:
-        beta = np.zeros((chains, draws, 0))
-    b = [np.asarray(out[f"b__{j}"]) for j in range(len(ks))]
+    beta, b = effect_draws(out, design.p, len(ks), chains, draws)
     if held is not None:
         return beta, b, None, None, None, stats
     sds, cors, _ = variance_draws(out, ks, True)

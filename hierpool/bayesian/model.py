@@ -128,6 +128,21 @@ def variance_draws(draws: dict, ks: tuple[int, ...], sigma_known: bool):
     return sds, cors, sigma
 
 
+def effect_draws(draws: dict, p: int, n_terms: int, chains: int, n_draws: int):
+    """(beta (chains, draws, p), b per term) from the constrained draws of a full model's sites.
+
+    beta is one vector site ``beta`` where every fixed-effect prior is normal (:func:`_fixed_effects`),
+    otherwise one site ``beta__i`` per column; b is ``b__j`` per term.
+    """
+    if "beta" in draws:
+        beta = draws["beta"]
+    elif p:
+        beta = np.stack([draws[f"beta__{i}"] for i in range(p)], axis=-1)
+    else:
+        beta = np.zeros((chains, n_draws, 0))
+    return beta, [np.asarray(draws[f"b__{j}"]) for j in range(n_terms)]
+
+
 def _two_by_two_factor(rho: jax.Array) -> jax.Array:
     """Cholesky factor [[1, 0], [rho, sqrt(1 - rho^2)]] of the correlation matrix."""
     return jnp.stack([jnp.stack([jnp.ones_like(rho), jnp.zeros_like(rho)]), jnp.stack([rho, jnp.sqrt(1 - rho**2)])])

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..algebra.compiler_options import COMPILE_MIN_FLOPS
 from ..algebra.family import Family
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import (
@@ -38,6 +39,7 @@ from ..algebra.laplace_program import (
 )
 from ..algebra.linalg import theta_lower_bounds
 from ..algebra.quadrature import quadrature_deviance
+from ..algebra.system import pattern_evaluation_flops
 from ..spec.design import Design
 from .glmm_convergence import finite_differences
 from .glmm_scaling import block_scaling
@@ -73,6 +75,11 @@ POLISH_MAX_STEPS = 5
 #: Bernoulli model with 100 rows a group took 2.8 s on the host against 9.2 s compiled (first fit, fresh
 #: process) at 200,000 rows, 15.9 s against 10.5 s at 1,000,000 (benchmarks/RESULTS.md, "GLMMs on the host").
 COMPILE_MIN_ROWS = 500_000
+#: Factorizations of the working system per evaluation of the criterion and its gradient (PIRLS's steps, the
+#: mode's and the gradient's), with which a fit's work per evaluation is compared with the linear model's
+#: threshold for compiling (:data:`hierpool.algebra.compiler_options.COMPILE_MIN_FLOPS`): a large crossed
+#: factor (a dense rest of a thousand columns) is compiled whatever the rows.
+PIRLS_STEPS_PER_EVALUATION = 5
 
 
 class ModeFinder:
@@ -80,7 +87,8 @@ class ModeFinder:
 
     ``finder(theta, beta, family, joint=, start_u=)`` is a :class:`ConditionalMode`: on the host
     (:func:`hierpool.algebra.laplace.conditional_mode`) with the system patterns found once, or in the
-    compiled program (``compiled``; by default from :data:`COMPILE_MIN_ROWS` rows, where the program's
+    compiled program (``compiled``; by default from :data:`COMPILE_MIN_ROWS` rows or a system of
+    :data:`~hierpool.algebra.compiler_options.COMPILE_MIN_FLOPS` per evaluation, where the program's
     log-likelihood is exact, :func:`hierpool.algebra.laplace_program.in_program`).  There,
     :meth:`with_gradient` gives the Laplace criterion's exact gradient in (theta, beta) too
     (:mod:`hierpool.algebra.laplace_gradient`, on the host or in the program).  The programs start
@@ -92,7 +100,9 @@ class ModeFinder:
         self.design = design
         self.patterns = pirls_patterns(design)
         if compiled is None:
-            compiled = design.n >= COMPILE_MIN_ROWS
+            # a PIRLS step factors the system as the linear model's criterion does, several steps an evaluation
+            flops = PIRLS_STEPS_PER_EVALUATION * pattern_evaluation_flops(self.patterns[False])
+            compiled = design.n >= COMPILE_MIN_ROWS or flops >= COMPILE_MIN_FLOPS
         exact = in_program(design, family)  # the criterion's mu-dependence is the deviance's (no rounding)
         self.compiled = compiled and exact
         self.gradient_available = exact
