@@ -43,7 +43,7 @@ from ..algebra.system import pattern_evaluation_flops
 from ..spec.design import Design
 from .glmm_convergence import finite_differences
 from .glmm_scaling import block_scaling
-from .optimize import hessian_from_gradients
+from .optimize import hessian_from_gradients, newton_polish
 
 #: BOBYQA's stopping rule on the criterion (absolute, in deviance units) and on the parameters (relative).
 FTOL_ABS = 1e-10
@@ -64,11 +64,11 @@ LBFGS_FTOL = 1e-12
 LBFGS_GTOL = 1e-3
 #: Forward-difference step of the start's Hessian rows in theta (the scaling needs only its order of magnitude).
 START_STEP = 1e-4
-#: A variable within this of its lower bound is held there by the Newton polish.
-POLISH_BOUND_MARGIN = 1e-8
-#: The Newton polish stops when the predicted decrease of the deviance, half the Newton decrement, is below this.
-POLISH_DECREMENT = 1e-10
+#: Newton steps, at most, with the Hessian of the search's end (:func:`hierpool.closedform.optimize.newton_polish`),
+#: until the largest free |gradient| of the deviance is below POLISH_GRADIENT: a step from there would change
+#: the deviance by ~1e-12 (PIRLS's own tolerance), so the linear model's 1e-9 would only spend evaluations.
 POLISH_MAX_STEPS = 5
+POLISH_GRADIENT = 1e-6
 #: Rows from which PIRLS runs in a compiled program (:mod:`hierpool.algebra.laplace_program`) rather than on
 #: the host.  A fit evaluates the criterion 20-60 times (the scaled search), the host's cost grows with the
 #: rows, and the program's compilation (seconds) pays only when the host's fit would take longer: a
@@ -303,8 +303,9 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
                     derivatives: bool, estimate_shape: bool = False) -> GLMMOptimum:
     """Stage 2 with the criterion's exact gradient: L-BFGS-B in (theta, beta) from ``start``, in variables
     scaled by the start's approximate Hessian (:mod:`hierpool.closedform.glmm_scaling`), then the Hessian at
-    its end by differences of the gradient and Newton steps with it (:func:`_newton_polish`): the Hessian
-    glmer computes for its checks and standard errors also finishes the search, which can therefore stop early.
+    its end by differences of the gradient and Newton steps with it
+    (:func:`~hierpool.closedform.optimize.newton_polish`): the Hessian glmer computes for its checks and
+    standard errors also finishes the search, which can therefore stop early.
 
     ``estimate_shape``: a negative binomial's log shape is a parameter too, its derivative by central
     differences of the criterion (two more conditional modes); the Hessian is then in (theta, beta) at
@@ -361,11 +362,18 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
         # forward differences from the gradient in hand: the Hessian is glmer's standard errors' and the polish's
         hessian = hessian_from_gradients(gradients_at, x, lower_all, gradient=gradient)
         state["count"] += len(x)
-        polished = _newton_polish(x, gradient, hessian, lower_all, mode.laplace,
-                                  lambda p: find_mode.with_gradient(p[:n_theta], p[n_theta:], family, start_u=mode.u))
-        if polished is not None:
-            x, mode, gradient, steps = polished
-            state["count"] += steps
+        # Newton steps with this one Hessian (a chord method) finish the search, which stopped early
+        modes = {x.tobytes(): (mode, gradient)}
+
+        def evaluate(point):
+            state["count"] += 1
+            at, point_gradient = find_mode.with_gradient(point[:n_theta], point[n_theta:], family, start_u=mode.u)
+            modes[point.tobytes()] = (at, point_gradient)
+            return at.laplace, point_gradient
+
+        x = newton_polish(evaluate, lambda _: hessian, x, lower_all, rounds=POLISH_MAX_STEPS,
+                          start=(mode.laplace, gradient), gradient_tol=POLISH_GRADIENT)
+        mode, gradient = modes[x.tobytes()]
     return GLMMOptimum(x[:n_theta], x[n_theta:], mode.laplace, mode, (first, state["count"]), family.shape,
                        gradient if derivatives else None, hessian)
 
@@ -395,32 +403,3 @@ def _start_scaling(find_mode: ModeFinder, family: Family, start, n_theta: int, n
     if not np.all(np.isfinite(hessian)) or not np.isfinite(value):
         hessian = np.eye(n)
     return block_scaling(hessian, start, free, scaled)
-
-
-def _newton_polish(x, gradient, hessian, lower, value: float, evaluate):
-    """Newton steps with the one Hessian from where the search ended (a chord method: the Hessian is not
-    recomputed), over the variables off their bounds, until the Newton decrement g^T H^-1 g falls below
-    :data:`POLISH_DECREMENT`: (x, mode, gradient, steps) at the last accepted point, or None when the first
-    step would cross a bound, the Hessian is not positive definite there, or the criterion does not
-    decrease (the search's end is then kept)."""
-    free = ~(x <= lower + POLISH_BOUND_MARGIN)
-    try:
-        chol = np.linalg.cholesky(hessian[np.ix_(free, free)])
-    except np.linalg.LinAlgError:
-        return None
-    best = None
-    for steps in range(1, POLISH_MAX_STEPS + 1):
-        direction = np.linalg.solve(chol, gradient[free])
-        if direction @ direction < POLISH_DECREMENT:
-            break
-        step = np.zeros_like(x)
-        step[free] = -np.linalg.solve(chol.T, direction)
-        new = x + step
-        if not np.all(np.isfinite(new)) or np.any(new < lower):
-            break
-        mode, new_gradient = evaluate(new)
-        if not np.isfinite(mode.laplace) or mode.laplace > value:
-            break
-        x, gradient, value = new, new_gradient, mode.laplace
-        best = (x, mode, gradient, steps)
-    return best

@@ -340,7 +340,7 @@ def optimize_theta(
         # gradient and Hessian checks below decide whether that is an optimum.
         optimizer_ok = bool(result.success) or result.nit < control.max_iter
         if polish:
-            theta = _newton_polish(evaluate, hessian_at, theta, lower)
+            theta = newton_polish(evaluate, hessian_at, theta, lower)
     value, gradient = evaluate(theta)
     converged, singular, messages = check_optimum(theta, gradient, optimizer_ok, hessian_at, system, control)
     return Optimum(theta, value, gradient, count[0], converged, singular, messages)
@@ -372,7 +372,7 @@ def _interior_optimum(evaluate, hessian_at, start: np.ndarray, system: MixedMode
     if found is None or not (found.within_limit and np.isfinite(found.value)) or is_singular(
             found.theta, system.layout.ks, control.singular_tol):
         return None
-    theta = _newton_polish(evaluate, hessian_at, found.theta, lower)
+    theta = newton_polish(evaluate, hessian_at, found.theta, lower)
     if is_singular(theta, system.layout.ks, control.singular_tol):
         return None
     if np.max(np.abs(evaluate(theta)[1]), initial=0.0) > CERTIFIED_GRADIENT:
@@ -437,8 +437,15 @@ def _minimize_nlopt(evaluate, start: np.ndarray, ks: tuple[int, ...], control: C
     return Minimum(canonical_theta(best.theta, ks), best.value, within_limit)
 
 
-def _newton_polish(evaluate, hessian_at, theta: np.ndarray, lower: np.ndarray, rounds: int = 2) -> np.ndarray:
-    """Newton steps on the free coordinates while the projected gradient exceeds ``POLISH_GRADIENT``.
+def newton_polish(evaluate, hessian_at, theta: np.ndarray, lower: np.ndarray, rounds: int = 2,
+                  start: tuple | None = None, gradient_tol: float | None = None) -> np.ndarray:
+    """Newton steps on the free coordinates while the projected gradient exceeds ``gradient_tol``
+    (``POLISH_GRADIENT`` when None).
+
+    ``evaluate(theta)`` is (criterion, gradient); ``start`` is that at ``theta`` when the caller has it.
+    Used by the linear model's optimizer (a Newton step or two after L-BFGS-B) and by the GLMM's
+    (:func:`hierpool.closedform.glmm_optimize._gradient_stage`, chord steps: ``hessian_at`` returning the
+    one Hessian of the search's end).
 
     L-BFGS-B stops on its relative-reduction test (``ftol``) once steps change the criterion
     by ~1e-13 of itself, which can leave |gradient| ~1e-6 and theta ~1e-8 from the optimum:
@@ -448,10 +455,11 @@ def _newton_polish(evaluate, hessian_at, theta: np.ndarray, lower: np.ndarray, r
     it shrinks the gradient without raising the criterion beyond its rounding.  ``hessian_at``
     (a :class:`_HessianCache`) reuses the first round's Hessian in the second, a Newton step away.
     """
-    value, gradient = evaluate(theta)
+    value, gradient = evaluate(theta) if start is None else start
+    gradient_tol = POLISH_GRADIENT if gradient_tol is None else gradient_tol
     for _ in range(rounds):
         free = ~((theta <= lower) & (gradient > 0))
-        if not free.any() or np.max(np.abs(gradient[free])) <= POLISH_GRADIENT:
+        if not free.any() or np.max(np.abs(gradient[free])) <= gradient_tol:
             break
         hessian = hessian_at(theta)[np.ix_(free, free)]
         try:
