@@ -54,6 +54,7 @@ def _designs():
         "cbpp_binomial_probit_laplace": (build_design(counts, cbpp, family=binomial), None),
         "cbpp_binomial_cloglog_laplace": (build_design(counts, cbpp, family=binomial), None),
         "cbpp_binomial_logit_obs_laplace": (build_design(counts + " + (1 | obs)", cbpp, family=binomial), None),
+        "cbpp_singular_aliased_period": (build_design(counts + " + (1 | period)", cbpp, family=binomial), None),
         "contraception_bernoulli_urban_slope_laplace": (build_design(
             "use ~ age + age2 + urban + livch + (urban | district)", contraception, family=binomial), None),
         "grouseticks_poisson_laplace": (build_design(
@@ -164,6 +165,19 @@ def test_laplace_fit_reaches_lme4s(designs, model_id):
     np.testing.assert_allclose(optimum.beta, _beta(design, model["fixef"]), rtol=1e-3)
     np.testing.assert_allclose(optimum.theta, model["theta"], rtol=2e-3)
     assert len(optimum.evaluations) == 2
+
+
+def test_a_fit_whose_search_reaches_theta_zero_everywhere_is_lme4s(designs):
+    """(1 | period) is aliased with the fixed effect period: the search steps onto theta = 0 for both terms,
+    where no random effect is left (every leverage zero), and must step back, not fail."""
+    model = MODELS["cbpp_singular_aliased_period"]
+    design, _ = designs["cbpp_singular_aliased_period"]
+    optimum = fit_laplace(design, family(family_spec("binomial")))
+    assert -0.5 * optimum.deviance >= model["loglik"] - 1e-4
+    np.testing.assert_allclose(optimum.beta, _beta(design, model["fixef"]), rtol=1e-4)
+    np.testing.assert_allclose(optimum.theta, model["theta"], rtol=1e-3, atol=1e-6)
+    se = np.sqrt(np.diag(np.linalg.inv(0.5 * optimum.hessian)))[len(optimum.theta):]
+    np.testing.assert_allclose(se, _beta(design, model["fixef_se"]), rtol=1e-3)
 
 
 def test_the_first_stage_alone_is_lme4s_nagq0_fit(designs):

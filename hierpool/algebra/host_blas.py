@@ -28,7 +28,16 @@ def one_blas_thread(size: int = 0):
         Rows of the largest dense matrix the block factors; above :data:`ONE_THREAD_MAX_SIZE` the
         limit is not applied.
 
-    Uses ``threadpoolctl`` (the limit is restored on exit).
+    Yields
+    ------
+    None
+        Inside the block BLAS runs on the calling thread.
+
+    Notes
+    -----
+    ``threadpoolctl`` sets the BLAS libraries' thread count, which is process-wide: other Python
+    threads' BLAS calls run single-threaded too while a host fit is inside the block.  The previous
+    count is restored on exit.
     """
     if size > ONE_THREAD_MAX_SIZE:
         yield

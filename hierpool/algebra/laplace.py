@@ -268,7 +268,23 @@ def fixed_effect_information(theta, mode: ConditionalMode, design: Design, famil
     R_X is the fixed-effect block of the Cholesky factor of the joint (beta, u) penalized weighted
     least-squares system at the mode's working weights (lme4's ``RX``); 2 R_X^T R_X approximates the
     Hessian of the Laplace deviance in beta (exact for a linear mixed model; for a GLMM it omits the
-    weights' dependence on beta through log |H|).  ``joint_pattern``: :func:`pirls_patterns`'s ``True``.
+    weights' dependence on beta through log |H|).
+
+    Parameters
+    ----------
+    theta : array-like
+        Relative covariance factors (lme4's order).
+    mode : ConditionalMode
+        The conditional mode at ``theta`` (its linear predictor gives the working weights).
+    design : Design
+    family : Family
+    joint_pattern : SystemPattern, optional
+        :func:`pirls_patterns`' ``True`` pattern of ``design`` (found here when None).
+
+    Returns
+    -------
+    numpy.ndarray
+        (p, p), symmetric positive definite.
     """
     if joint_pattern is None:
         joint_pattern = pirls_patterns(design)[True]

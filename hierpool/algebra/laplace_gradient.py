@@ -133,7 +133,13 @@ def laplace_gradient(theta, family: Family, y, trials, X, term_rows, u, eta, lev
     score = weights * residual
     weight_slope, observed = weight_derivatives(family, y, eta, trials)
     v = leverage * weight_slope
-    g = tuple(solve(v / observed, observed))
+    # with every leverage zero (all of theta at 0: no random effect) the solve's response would be zero,
+    # whose penalized system does not factor; its solution is zero (on the host; a compiled program's
+    # NaN there makes the search step back, as from any non-finite evaluation)
+    if xp is np and not np.any(v):
+        g = tuple(np.zeros_like(uj) for uj in u)
+    else:
+        g = tuple(solve(v / observed, observed))
     lambda_g = sum(xp.sum(z * (gj[index] @ t.T), axis=1) for (index, z), gj, t in zip(term_rows, g, factors))
     e = v - 2.0 * score - observed * lambda_g
     per_factor = [xp.einsum("ni,nj->ij", z, e[:, None] * uj[index] + score[:, None] * gj[index])

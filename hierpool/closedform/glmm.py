@@ -22,10 +22,14 @@ from .glmm_convergence import check_convergence
 from .glmm_optimize import fit_laplace
 from .glmm_results import GLMMResult
 
-#: Distinct (row of X, response) pairs up to which the fixed-effect columns are checked for separation
-#: (a linear programme over them; beyond, the check is skipped): HiGHS took 5 s on 200,000 of them, twice
-#: the host's Laplace fit of that model.
+#: Distinct (row of X, response) pairs up to which the fixed-effect columns are checked for separation before
+#: the fit (a linear programme over them: HiGHS took 5 s on 200,000, twice the host's Laplace fit of that
+#: model).  Beyond, the check runs after the fit when the fit looks like a separated one
+#: (:data:`SEPARATION_SUSPECT_ETA`, or the convergence checks failed), on all the pairs.
 SEPARATION_MAX_ROWS = 50_000
+#: A fixed effect whose column moves the linear predictor by more than this (|beta_j| max |x_j|; a probability
+#: of 3e-7 on the logit scale) marks a fit as possibly separated.
+SEPARATION_SUSPECT_ETA = 15.0
 
 #: Where a negative binomial's shape search starts (glmer.nb starts from a Poisson fit's estimate).
 NB_START_SHAPE = 1.0
@@ -73,7 +77,7 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
         terms = ", ".join(f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms)
         raise ArgumentError(f"nAGQ={nAGQ} needs exactly one scalar random-effect term such as (1 | g); "
                             f"this model has {terms}")
-    _warn_if_separated(design, spec.name)
+    separation_checked = _warn_if_separated(design, spec.name, SEPARATION_MAX_ROWS)
     negative_binomial = spec.name == "negative_binomial"
     fam = make_family(spec, shape=NB_START_SHAPE if negative_binomial else None)
     stages = 1 if nAGQ == 0 else 2
@@ -81,26 +85,37 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     if negative_binomial:
         fam = make_family(spec, shape=optimum.shape)
     report = check_convergence(design, optimum.theta, optimum.gradient, optimum.hessian, optimum.mode.converged)
+    if not separation_checked and (not report.converged or _moves_eta_far(design, optimum.beta)):
+        _warn_if_separated(design, spec.name, None)
     for message in report.messages:
         warnings.warn(message, ConvergenceWarning, stacklevel=2)
     return GLMMResult(design, fam, optimum, max(nAGQ, 1), stages, report)
 
 
-def _warn_if_separated(design, family_name: str) -> None:
+def _moves_eta_far(design, beta) -> bool:
+    """Whether some fixed effect moves the linear predictor by more than :data:`SEPARATION_SUSPECT_ETA`."""
+    if not design.p:
+        return False
+    return bool(np.any(np.abs(beta) * np.max(np.abs(design.X), axis=0) > SEPARATION_SUSPECT_ETA))
+
+
+def _warn_if_separated(design, family_name: str, max_rows: int | None) -> bool:
     """Warn, naming the columns, when X's columns separate the outcomes (:mod:`hierpool.algebra.separation`).
 
     Then the likelihood rises without end along those columns: their estimates are not finite, and
     what the optimizer returns for them is where it stopped (a "plausible wrong fit" if unannounced).
+    Returns whether the check ran: not when there are more than ``max_rows`` distinct (X row, response)
+    pairs (None: no limit).
     """
     rows = design.row_weights > 0
     if not design.p:
-        return
+        return True
     pairs = distinct_rows(np.column_stack([design.X[rows], design.y[rows]]))
-    if len(pairs) > SEPARATION_MAX_ROWS:
-        return
+    if max_rows is not None and len(pairs) > max_rows:
+        return False
     involved = separating_columns(pairs[:, :-1], pairs[:, -1], family_name)
     if not involved:
-        return
+        return True
     columns = [design.fixed_names[j] for j in involved]
     outcome = "0/1 outcomes" if family_name == "binomial" else "zero counts"
     warnings.warn(
@@ -108,3 +123,4 @@ def _warn_if_separated(design, family_name: str) -> None:
         "maximum-likelihood estimates are infinite and the values reported are where the optimizer stopped; "
         "drop or merge those columns (or levels), or give them a prior with hp.bayes",
         HierpoolWarning, stacklevel=3)
+    return True

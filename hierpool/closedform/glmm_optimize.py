@@ -40,6 +40,7 @@ from ..algebra.laplace_program import (
 from ..algebra.linalg import theta_lower_bounds
 from ..algebra.quadrature import quadrature_deviance
 from ..algebra.system import pattern_evaluation_flops
+from ..errors import ConvergenceError
 from ..spec.design import Design
 from .glmm_convergence import finite_differences
 from .glmm_scaling import block_scaling
@@ -62,6 +63,8 @@ SHAPE_DIFFERENCE = 1e-3
 #: that 1e-5 is ~1e-10 of deviance from the optimum); a Newton step with the final Hessian follows.
 LBFGS_FTOL = 1e-12
 LBFGS_GTOL = 1e-3
+#: Forward-difference step of the final Hessian, in the scaled variables (where the deviance's curvature is ~1).
+HESSIAN_STEP_SCALED = 1e-4
 #: Forward-difference step of the start's Hessian rows in theta (the scaling needs only its order of magnitude).
 START_STEP = 1e-4
 #: Newton steps, at most, with the Hessian of the search's end (:func:`hierpool.closedform.optimize.newton_polish`),
@@ -155,9 +158,13 @@ class GLMMOptimum:
     shape : float or None
         A negative binomial's shape (estimated with ``estimate_shape``).
     gradient, hessian : numpy.ndarray or None
-        Finite differences of the deviance in (theta, beta) at the optimum, the shape held
-        (:func:`hierpool.closedform.glmm_convergence.finite_differences`; glmer's ``calc.derivs``);
-        None with ``stages=1`` or ``derivatives=False``.
+        The deviance's derivatives in (theta, beta), the shape held (glmer's ``calc.derivs``).  With the
+        exact gradient (Laplace): the gradient at the optimum, and the Hessian by forward differences of
+        it along the scaled search's directions where the search ended, before the Newton steps that
+        finish it (a point ~1e-4 away in theta, ~1e-4 relative in the standard errors).  Otherwise
+        (quadrature, nAGQ = 0's none) central differences of the deviance at the optimum
+        (:func:`hierpool.closedform.glmm_convergence.finite_differences`).  None with ``stages=1`` or
+        ``derivatives=False``.
     """
 
     theta: np.ndarray
@@ -221,7 +228,9 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
         PIRLS in a compiled program or on the host (:func:`mode_finder`; None decides by size).
     derivatives : bool
         Compute the gradient and Hessian at the optimum (stage 2 only), as glmer does for its
-        convergence checks and its standard errors.
+        convergence checks and its standard errors.  With the exact gradient the Hessian also finishes
+        the search (Newton steps); without it the fit stops where L-BFGS-B did, within ~1e-6 of the
+        optimum's deviance.
 
     Returns
     -------
@@ -326,7 +335,10 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
             return state["value"], state["gradient"]
         state["count"] += 1
         theta, beta, fam = x[:n_theta], x[n_theta : n_theta + n_fixed], family_at(x)
-        at, gradient = find_mode.with_gradient(theta, beta, fam, start_u=state["u"])
+        try:
+            at, gradient = find_mode.with_gradient(theta, beta, fam, start_u=state["u"])
+        except np.linalg.LinAlgError:  # a system that does not factor there: the search steps back
+            return np.inf, np.zeros_like(x)
         if estimate_shape and np.isfinite(at.laplace):
             sides = [find_mode(theta, beta, replace(fam, shape=float(np.exp(x[-1] + h))), start_u=at.u).laplace
                      for h in (SHAPE_DIFFERENCE, -SHAPE_DIFFERENCE)]
@@ -359,8 +371,12 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
             return np.stack([find_mode.with_gradient(p[:n_theta], p[n_theta:], family, start_u=mode.u)[1]
                              for p in points])
 
-        # forward differences from the gradient in hand: the Hessian is glmer's standard errors' and the polish's
-        hessian = hessian_from_gradients(gradients_at, x, lower_all, gradient=gradient)
+        # forward differences from the gradient in hand, along the scaled variables' directions (unit curvature
+        # at the start, so that the differences' error is small on every one): the Hessian of glmer's standard
+        # errors and checks, and of the polish
+        directions = scaling.jacobian()[: len(x), : len(x)]  # at a fixed NB shape: its row and column left out
+        hessian = hessian_from_gradients(gradients_at, x, lower_all, step=HESSIAN_STEP_SCALED, gradient=gradient,
+                                         directions=directions)
         state["count"] += len(x)
         # Newton steps with this one Hessian (a chord method) finish the search, which stopped early
         modes = {x.tobytes(): (mode, gradient)}
@@ -388,6 +404,11 @@ def _start_scaling(find_mode: ModeFinder, family: Family, start, n_theta: int, n
     scaled = np.r_[np.arange(n_theta), np.arange(n_theta + n_fixed, n)]
     free = np.arange(n_theta, n_theta + n_fixed)
     value, gradient = value_and_gradient(start)
+    if not np.isfinite(value):
+        raise ConvergenceError(
+            "the Laplace approximation is not finite at lme4's start (each T_j the identity, the fixed effects at "
+            "the joint conditional mode): PIRLS found no finite mode there; look for extreme responses or "
+            "covariates (rescale them) or a fixed effect that separates the outcomes")
     at_start = dict(state)  # restored below: the search starts here, from this mode and with this value cached
     at_family = replace(family, shape=float(np.exp(start[-1]))) if n > n_theta + n_fixed else family
     hessian = np.zeros((n, n))
@@ -396,10 +417,10 @@ def _start_scaling(find_mode: ModeFinder, family: Family, start, n_theta: int, n
     for i in scaled:
         moved = start.copy()
         moved[i] += START_STEP
-        row = (value_and_gradient(moved)[1] - gradient) / START_STEP
+        moved_value, moved_gradient = value_and_gradient(moved)
+        # a step off the finite region leaves this variable unscaled (unit curvature, no coupling)
+        row = (moved_gradient - gradient) / START_STEP if np.isfinite(moved_value) else np.eye(n)[i]
         hessian[i, :] = row
         hessian[:, i] = row
     state.update({key: at_start[key] for key in ("u", "mode", "x", "value", "gradient")})
-    if not np.all(np.isfinite(hessian)) or not np.isfinite(value):
-        hessian = np.eye(n)
     return block_scaling(hessian, start, free, scaled)
