@@ -32,6 +32,7 @@ _LAZY = {
     "GLMMResult": "closedform", "glmm": "closedform",
     "PoolingComparison": "pooling_comparison", "pooling": "pooling_comparison",
     "RidgeView": "ridge", "ridge_view": "ridge",
+    "ar1": "spec.correlation", "car1": "spec.correlation",
 }
 
 
@@ -58,6 +59,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .closedform import Control, GLMMResult, MixedModel, glmm, lmm
     from .pooling_comparison import PoolingComparison, pooling
     from .ridge import RidgeView, ridge_view
+    from .spec.correlation import ar1, car1
 
 __version__ = "0.1.0"
 
@@ -76,9 +78,11 @@ __all__ = [
     "HierpoolWarning",
     "MixedModel",
     "SamplingWarning",
+    "ar1",
     "bayes",
     "bayes_batch",
     "batch",
+    "car1",
     "bayesian",
     "closedform",
     "datasets",

@@ -39,9 +39,8 @@ DERIVATIVE_STEP = 1e-4
 
 
 def term_label(term) -> str:
-    """A random-effect term as the formula writes it: ``(1 + x | g)``."""
-    names = ["1" if name == "Intercept" else name for name in term.coef_names]
-    return f"({' + '.join(names)} | {term.group})"
+    """A random-effect term as the formula writes it: ``(1 + x | g)`` (:attr:`RandomEffectTerm.label`)."""
+    return term.label
 
 
 def parameter_labels(design: Design) -> list[str]:

@@ -20,6 +20,7 @@ from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.design import Design, build_design
+from .ar1 import fit_ar1
 from .optimize import Control, criterion_value, moment_start, optimize_theta, runs_on_host, value_and_gradient
 from .results import LMMResult
 
@@ -158,6 +159,7 @@ def lmm(
     control: Control | None = None,
     weights=None,
     offset=None,
+    correlation=None,
 ) -> LMMResult:
     """Fit a linear mixed model by REML (default) or maximum likelihood, as ``lme4::lmer``.
 
@@ -184,10 +186,16 @@ def lmm(
         A known term of the linear predictor, a column name or one value per
         row, as lmer's ``offset``; added to any ``offset(expr)`` terms of the
         formula: y = offset + X beta + Z b + e.
+    correlation : AR1, optional
+        A residual correlation within series, ``hp.ar1(group, time=None)`` (nlme's corAR1) or
+        ``hp.car1(group, time)`` (corCAR1), as nlme's ``lme(..., correlation=)``: phi is estimated
+        with the rest (:mod:`hierpool.closedform.ar1`; the result's ``correlation`` and ``phi``).
+        Every random-effect term must be constant within a series.
 
     Returns
     -------
     LMMResult
+        An :class:`~hierpool.closedform.ar1.AR1Result` with a ``correlation``.
 
     Notes
     -----
@@ -195,6 +203,9 @@ def lmm(
     Walker (2015), "Fitting linear mixed-effects models using lme4", J. Stat.
     Softw. 67(1); blocked factorization as in MixedModels.jl.
     """
+    if correlation is not None:
+        design = build_design(formula, data, se=se, weights=weights, offset=offset)
+        return fit_ar1(design, correlation, data, reml=reml, control=control)
     return MixedModel(formula, data, se=se, weights=weights, offset=offset, control=control).fit(
         reml=reml, control=control
     )

@@ -86,6 +86,12 @@ class RandomEffectTerm:
         return self.z.shape[1]
 
     @property
+    def label(self) -> str:
+        """The term as a formula writes it: ``(1 + x | g)``."""
+        names = ["1" if name == "Intercept" else name for name in self.coef_names]
+        return f"({' + '.join(names)} | {self.group})"
+
+    @property
     def n_levels(self) -> int:
         return len(self.levels)
 

@@ -1,0 +1,47 @@
+"""AR(1) residuals by whitening: the linear mixed model with C = AR(1) correlation is an independent-residual one.
+
+Within a series, residuals e_t with Var(e_t) = sigma^2 and Corr(e_t, e_s) = phi^|t - s| (corAR1 at
+integer positions, corCAR1 at continuous times) are a Markov chain: given e_(t-1), e_t has mean
+c_t e_(t-1) and variance sigma^2 (1 - c_t^2), c_t = phi^(lag_t).  So the rows
+
+    w_1 = v_1,      w_t = (v_t - c_t v_(t-1)) / sqrt(1 - c_t^2)        (Prais & Winsten 1954)
+
+of any column v (y, X's columns, Z's values) are the columns of the same model with independent
+residuals of variance sigma^2: W C W^T = I for the bidiagonal W.  The cost is linear in the series'
+length (never a dense n x n matrix), and the closed form's system, criterion and Henderson solution
+then apply unchanged to the whitened columns.  The likelihood of the original data is that of the
+whitened data times |W| (the Jacobian), so
+
+    -2 log L(theta, phi) = -2 log L_whitened(theta) + log |C(phi)|,   log |C| = sum_t log(1 - c_t^2)
+
+for ML and REML alike (REML's log |X^T V^-1 X| is the whitened X's).  A random-effect term keeps one
+level per row only if its level does not change within a series (it is the series' group or coarser):
+the caller checks that (:func:`hierpool.closedform.ar1.fit_ar1`).
+"""
+
+from __future__ import annotations
+
+from .linalg import array_namespace
+
+
+def carried(phi, previous, lag):
+    """c_t = phi^lag_t for rows with a predecessor in their series, 0 for first rows; shape (n,)."""
+    xp = array_namespace(phi, lag)
+    first = previous < 0
+    return xp.where(first, 0.0, xp.power(phi, xp.where(first, 1.0, lag)))
+
+
+def whiten(values, previous, c):
+    """The rows w_t = (v_t - c_t v_(t-1)) / sqrt(1 - c_t^2) of ``values`` (n,) or (n, k)."""
+    xp = array_namespace(values, c)
+    before = values[xp.maximum(previous, 0)]
+    scale = 1.0 / xp.sqrt(1.0 - c * c)
+    if values.ndim == 1:
+        return scale * (values - c * before)
+    return scale[:, None] * (values - c[:, None] * before)
+
+
+def log_det_correlation(c):
+    """log |C| = sum_t log(1 - c_t^2) (the first rows' c_t = 0 add nothing)."""
+    xp = array_namespace(c)
+    return xp.sum(xp.log1p(-c * c))

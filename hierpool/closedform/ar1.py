@@ -1,0 +1,183 @@
+"""``hp.lmm(..., correlation=hp.ar1(...))``: REML/ML with AR(1) residuals within each series, as nlme's lme.
+
+For a given phi the model is whitened (:mod:`hierpool.algebra.ar1`) and fitted by the closed form's own
+optimizer over theta; phi is the one-dimensional minimum of the profiled criterion
+
+    d(phi) = min_theta [ -2 log L_whitened(theta; phi) ] + log |C(phi)|
+
+by Brent's method on nlme's unconstrained scale (log((1 + phi) / (1 - phi)) for corAR1, log(phi / (1 - phi))
+for corCAR1), each evaluation's theta search starting from the last one's optimum.  phi's interval is
+nlme's kind: a Wald interval on that scale, its variance the inverse curvature of d / 2 (the other
+parameters profiled out), mapped back.  Fixed effects, their covariance, sigma, the random effects'
+covariances and the BLUPs with their conditional variances are the whitened model's at phi-hat: exact,
+since whitening is an invertible map of the data.  Fitted values and residuals are on the data's scale.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from ..algebra.ar1 import carried, log_det_correlation, whiten
+from ..algebra.henderson import solve
+from ..algebra.system import build_system
+from ..errors import ArgumentError, ConvergenceWarning, DataError
+from ..spec.correlation import AR1, Series, series_of
+from ..spec.design import Design
+from .optimize import Control, moment_start, optimize_theta
+from .results import LMMResult
+
+#: Brent's tolerance on phi's unconstrained scale (phi to ~1e-8 near 0).
+PHI_XTOL = 1e-8
+#: The search's interval on the unconstrained scale: |phi| up to 1 - 1e-5.
+UNCONSTRAINED_LIMIT = 12.0
+#: Central-difference step (unconstrained scale) of the curvature that gives phi's interval.
+INTERVAL_STEP = 1e-3
+#: Normal quantile of the 95% interval.
+Z_95 = 1.959963984540054
+
+
+def unconstrained(phi: float, continuous: bool) -> float:
+    """nlme's unconstrained coefficient of phi: log((1 + phi) / (1 - phi)), or log(phi / (1 - phi)) for corCAR1."""
+    return float(np.log(phi / (1.0 - phi))) if continuous else float(np.log((1.0 + phi) / (1.0 - phi)))
+
+
+def constrained(u: float, continuous: bool) -> float:
+    """phi from :func:`unconstrained`'s coefficient."""
+    return float(1.0 / (1.0 + np.exp(-u))) if continuous else float(np.tanh(u / 2.0))
+
+
+def whitened_design(design: Design, series: Series, phi: float) -> tuple[Design, float]:
+    """(the design with y - offset, X and every term's values whitened at ``phi``, log |C(phi)|)."""
+    c = carried(float(phi), series.previous, series.lag)
+    terms = tuple(replace(term, z=whiten(term.z, series.previous, c)) for term in design.terms)
+    whitened = replace(design, y=whiten(design.y_less_offset, series.previous, c), offset=np.zeros(design.n),
+                       X=whiten(design.X, series.previous, c) if design.p else design.X, terms=terms)
+    return whitened, float(log_det_correlation(c))
+
+
+def check_nested(design: Design, series: Series, correlation: AR1) -> None:
+    """Each random-effect term must keep its level within a series (whitening mixes consecutive rows)."""
+    has_previous = series.previous >= 0
+    for term in design.terms:
+        if np.any(term.index[has_previous] != term.index[series.previous[has_previous]]):
+            raise DataError(
+                f"the random-effect term {term.label} changes level within a "
+                f"series of the AR(1) group {correlation.group!r}: hp.ar1 needs every random-effect term to be "
+                f"constant within each series (its grouping nested in, or equal to, {correlation.group!r})")
+
+
+@dataclass(frozen=True, eq=False)
+class AR1Result(LMMResult):
+    """A linear mixed model with AR(1) residuals (``hp.lmm(..., correlation=hp.ar1(...))``).
+
+    As :class:`~hierpool.closedform.results.LMMResult`, with ``system`` and ``solution`` those of the
+    whitened model at phi-hat, and:
+
+    Attributes
+    ----------
+    structure : AR1
+        The correlation structure asked for.
+    phi : float
+        Its estimate (nlme's ``coef(fit$modelStruct$corStruct, unconstrained = FALSE)``).
+    phi_interval : tuple of float
+        Approximate 95% interval (nlme's ``intervals(fit, which = "var-cov")$corStruct``).
+    log_det_correlation : float
+        log |C(phi-hat)|, the Jacobian term of the criterion.
+    """
+
+    structure: AR1 | None = None
+    phi: float = float("nan")
+    phi_interval: tuple[float, float] = (float("nan"), float("nan"))
+    log_det_correlation: float = 0.0
+
+    @property
+    def objective(self) -> float:
+        """-2 log L (REML or ML) of the data: the whitened model's criterion plus log |C(phi)|."""
+        return super().objective + self.log_det_correlation
+
+    @property
+    def n_params(self) -> int:
+        """As lme's: fixed effects, covariance parameters, sigma and phi."""
+        return super().n_params + 1
+
+    @property
+    def correlation(self) -> pd.DataFrame:
+        """phi with its approximate 95% interval, one row named by nlme's spelling of the structure."""
+        lower, upper = self.phi_interval
+        return pd.DataFrame({"estimate": [self.phi], "lower": [lower], "upper": [upper]},
+                            index=pd.Index([self.structure.describe()], name="structure"))
+
+    def summary(self) -> str:
+        lower, upper = self.phi_interval
+        return (super().summary() + f"\n\nCorrelation structure: {self.structure.describe()}\n"
+                f"  phi = {self.phi:.6g}  (95% interval {lower:.4g} to {upper:.4g})")
+
+
+def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = True,
+            control: Control | None = None) -> AR1Result:
+    """Fit ``design`` with AR(1) residuals in the series of ``correlation`` (see the module docstring).
+
+    Parameters
+    ----------
+    design : Design
+        The model without the correlation (:func:`hierpool.spec.design.build_design`).
+    correlation : AR1
+        From :func:`hierpool.spec.correlation.ar1` or :func:`~hierpool.spec.correlation.car1`.
+    data : pandas.DataFrame
+        The data the design was built from (the group and time columns are read from it).
+    reml : bool
+    control : Control, optional
+
+    Returns
+    -------
+    AR1Result
+    """
+    import scipy.optimize
+
+    if not isinstance(correlation, AR1):
+        raise ArgumentError(f"correlation must be hp.ar1(...) or hp.car1(...), got {type(correlation).__name__}")
+    if design.weights is not None:
+        raise ArgumentError("weights= and se= cannot be combined with an AR(1) correlation (not supported yet)")
+    series = series_of(correlation, data, design.rows)
+    check_nested(design, series, correlation)
+    continuous = correlation.continuous
+    # on the host: each phi is a new system (its whitened cross-products), fitted in a few evaluations
+    control = replace(control or Control(), compile=False)
+
+    def profile(u: float):
+        whitened, logdet = whitened_design(design, series, constrained(u, continuous))
+        system = build_system(whitened, host=True)
+        # from the moment start each time: a previous phi's optimum can sit on a boundary (theta = 0, where
+        # the correlation takes the random effects' variance) that the search in theta would not leave
+        optimum = optimize_theta(system, reml, control, start=moment_start(whitened))
+        return optimum.objective + logdet, (whitened, system, optimum, logdet)
+
+    with warnings.catch_warnings():  # the search's inner fits; the final one's messages are warned below
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        result = scipy.optimize.minimize_scalar(
+            lambda u: profile(u)[0], bounds=(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT), method="bounded",
+            options=dict(xatol=PHI_XTOL))
+        u_hat = float(result.x)
+        sides = [profile(u_hat + h)[0] for h in (INTERVAL_STEP, -INTERVAL_STEP)]
+        value, (whitened, system, optimum, logdet) = profile(u_hat)
+    curvature = (sides[0] - 2.0 * value + sides[1]) / INTERVAL_STEP**2  # of -2 log L on the unconstrained scale
+    if curvature > 0:
+        half = Z_95 * np.sqrt(2.0 / curvature)
+        interval = (constrained(u_hat - half, continuous), constrained(u_hat + half, continuous))
+    else:
+        interval = (float("nan"), float("nan"))
+        warnings.warn(f"{correlation.describe()}: the criterion is not convex in phi at its estimate; no interval",
+                      ConvergenceWarning, stacklevel=3)
+    if abs(u_hat) >= UNCONSTRAINED_LIMIT - 1e-3:
+        warnings.warn(f"{correlation.describe()}: phi = {constrained(u_hat, continuous):.6g} is at the edge of "
+                      "its range (a unit-root or vanishing correlation): the fit is not reliable",
+                      ConvergenceWarning, stacklevel=3)
+    for message in optimum.messages:
+        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+    solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=reml)  # the host's Henderson solve
+    return AR1Result(design, system, solution, optimum, reml, True, structure=correlation,
+                     phi=constrained(u_hat, continuous), phi_interval=interval, log_det_correlation=logdet)

