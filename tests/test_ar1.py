@@ -126,3 +126,32 @@ def test_bad_input_is_refused_by_name():
         hp.lmm("follicles ~ s + c + (1 | Mare)", data.assign(w=1.0), weights="w", correlation=hp.ar1("Mare"))
     with pytest.raises(hp.ArgumentError, match="column name"):
         hp.ar1(3)
+
+
+def test_a_new_row_of_a_series_is_the_dense_kriging_predictor():
+    """A new row after a series' last fitted row: its prediction and prediction se equal the dense GLS
+    ("universal kriging") formulas at the fit's theta, sigma and phi, with Cov(y_new, y) from C and Z."""
+    rng = np.random.default_rng(5)
+    t = np.r_[1, 2, 4, 7, 8, 1, 3, 4, 6, 0.5, 1, 2, 5, 6, 9.5]
+    data = pd.DataFrame({"g": np.repeat(list("abc"), [5, 4, 6]), "t": t, "x": rng.normal(size=15)})
+    data["y"] = 1 + data["x"] + rng.normal(size=3)[np.repeat([0, 1, 2], [5, 4, 6])] + rng.normal(size=15)
+    fit = hp.lmm("y ~ x + (1 | g)", data, correlation=hp.car1("g", "t"))
+    new = pd.DataFrame({"g": ["a", "b", "c", "d"], "t": [9.0, 6.5, 10.0, 1.0], "x": [0.3, -1.0, 0.5, 0.0]})
+    got = fit.predict(new, interval="prediction")
+    theta, phi, sigma2 = fit.theta[0], fit.phi, fit.sigma**2
+    g = data["g"].to_numpy()
+    X, y = np.column_stack([np.ones(15), data["x"]]), data["y"].to_numpy()
+    v0 = np.where(g[:, None] == g[None, :], phi ** np.abs(t[:, None] - t[None, :]) + theta**2, 0.0)
+    v_inv = np.linalg.inv(v0)
+    precision = X.T @ v_inv @ X
+    beta = np.linalg.solve(precision, X.T @ v_inv @ y)
+    for i, row in new.iterrows():
+        same = g == row["g"]
+        k0 = np.where(same, phi ** np.abs(row["t"] - t) + theta**2, 0.0)
+        x = np.array([1.0, row["x"]])
+        mean = x @ beta + k0 @ v_inv @ (y - X @ beta)
+        d = x - X.T @ v_inv @ k0
+        new_variance = 1.0 + (theta**2 if same.any() else theta**2)  # a new group's intercept is its whole variance
+        variance = sigma2 * (new_variance - k0 @ v_inv @ k0 + d @ np.linalg.solve(precision, d))
+        assert got["fit"][i] == pytest.approx(mean, rel=1e-8)
+        assert got["se"][i] == pytest.approx(np.sqrt(variance), rel=1e-6)

@@ -26,7 +26,7 @@ from ..algebra.henderson import solve
 from ..algebra.system import build_system
 from ..errors import ArgumentError, ConvergenceWarning, DataError
 from ..spec.correlation import AR1, Series, series_of
-from ..spec.design import Design
+from ..spec.design import Design, check_columns
 from .optimize import Control, moment_start, optimize_theta
 from .results import LMMResult
 
@@ -93,6 +93,46 @@ class AR1Result(LMMResult):
     phi: float = float("nan")
     phi_interval: tuple[float, float] = (float("nan"), float("nan"))
     log_det_correlation: float = 0.0
+    series_ends: pd.DataFrame | None = None  # per series label: its last fitted row and that row's time (or position)
+
+    def predict(self, newdata: pd.DataFrame | None = None, re: bool = True, interval: str | None = None,
+                level: float = 0.95):
+        """Predictions (as :meth:`LMMResult.predict`); a new row of a fitted series, after its last fitted row,
+        also carries that row's residual forward: + phi^lag (y_last - fitted_last), with its interval.
+
+        ``lag`` is the time since the last fitted row (corCAR1), or the new row's step after it: its rank
+        among the series' new rows, by ``time`` or by their order in ``newdata`` (corAR1).  Rows of new
+        series, rows at or before a series' last fitted time, ``re=False`` and ``newdata=None`` carry nothing.
+        """
+        from .predict import predict
+
+        carry = None if newdata is None or not re else self._carry(newdata)
+        return predict(self, newdata=newdata, re=re, interval=interval, level=level, carry=carry)
+
+    def _carry(self, newdata: pd.DataFrame):
+        """(c, last) of each new row (see :func:`hierpool.closedform.predict.predict`)."""
+        structure = self.structure
+        check_columns(newdata, [structure.group] + ([structure.time] if structure.time else []),
+                      "prediction data (newdata) of an AR(1) model")
+        labels = newdata[structure.group].to_numpy()
+        ends = self.series_ends
+        found = pd.Index(ends.index).get_indexer(labels)
+        last = np.where(found >= 0, ends["row"].to_numpy()[np.maximum(found, 0)], -1)
+        end_key = np.where(found >= 0, ends["key"].to_numpy()[np.maximum(found, 0)], np.inf)
+        if structure.time:
+            key = newdata[structure.time].to_numpy(dtype=float)
+            after = (found >= 0) & (key > end_key)
+        else:  # without a time every new row of a fitted series follows it, in newdata's order
+            key = np.arange(len(newdata), dtype=float)
+            after = found >= 0
+        if structure.continuous:
+            lag = key - end_key
+        else:  # steps: the row's rank among its series' new rows after the last fitted one
+            frame = pd.DataFrame({"series": labels, "key": np.where(after, key, np.nan)})
+            lag = frame.groupby("series")["key"].rank(method="first").to_numpy()
+        lag = np.where(after, lag, 1.0)
+        c = np.where(after, self.phi ** lag, 0.0)
+        return c, np.where(after, last, -1)
 
     @property
     def objective(self) -> float:
@@ -180,4 +220,15 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
     solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=reml)  # the host's Henderson solve
     return AR1Result(design, system, solution, optimum, reml, True, structure=correlation,
-                     phi=constrained(u_hat, continuous), phi_interval=interval, log_det_correlation=logdet)
+                     phi=constrained(u_hat, continuous), phi_interval=interval, log_det_correlation=logdet,
+                     series_ends=_series_ends(correlation, data, design, series))
+
+
+def _series_ends(correlation: AR1, data: pd.DataFrame, design: Design, series: Series) -> pd.DataFrame:
+    """Per series label: its last fitted row (index into the design's rows) and that row's time (or position)."""
+    used = data.loc[design.rows]
+    key = (used[correlation.time].to_numpy(dtype=float) if correlation.time
+           else np.arange(design.n, dtype=float))
+    frame = pd.DataFrame({"label": used[correlation.group].to_numpy(), "key": key, "row": np.arange(design.n)})
+    last = frame.sort_values(["label", "key"]).groupby("label", sort=False).tail(1)
+    return last.set_index("label")[["row", "key"]]

@@ -87,7 +87,8 @@ def _conditional_variance(result, X, terms, known):
     return row_quadratic_forms(cov, v0, safe0, v, idx)
 
 
-def predict(result, newdata=None, re: bool = True, interval: str | None = None, level: float = 0.95):
+def predict(result, newdata=None, re: bool = True, interval: str | None = None, level: float = 0.95,
+            carry=None):
     """Predict from a fitted :class:`~hierpool.closedform.results.LMMResult`.
 
     Parameters
@@ -100,6 +101,12 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
     interval : {None, "confidence", "prediction"}
     level : float
         Coverage of the interval.
+    carry : tuple of numpy.ndarray, optional
+        AR(1) residuals (:meth:`hierpool.closedform.ar1.AR1Result.predict`): (c, last), per new row the
+        fitted row ``last`` it follows in its series (-1: none) and c = phi^lag.  The row then predicts
+        x'beta + z'b + c (y_last - x_last'beta - z_last'b), the conditional mean given the series' last
+        residual, and its error variance is that of the whitened row (x - c x_last, z - c z_last) plus
+        sigma^2 (1 - c^2) (Markov property: e_new - c e_last is independent of the data).
 
     Returns
     -------
@@ -116,6 +123,15 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
     known = [lvl >= 0 for _, lvl in terms] if re else [np.zeros(len(fit), dtype=bool) for _ in terms]
     for (z, lvl), b, ok in zip(terms, result.solution.b, known):
         fit = fit + np.where(ok, np.einsum("nk,nk->n", z, np.asarray(b)[np.where(ok, lvl, 0)]), 0.0)
+    if carry is not None:
+        c, last = carry
+        c = np.where(last >= 0, c, 0.0)
+        fit = fit + c * result.residuals[np.maximum(last, 0)]
+        # the errors of beta-hat and b-hat enter through the whitened row (the levels are the series')
+        design = result.design
+        X = X - c[:, None] * design.X[np.maximum(last, 0)]
+        terms = [(z - c[:, None] * term.z[np.maximum(last, 0)], lvl) for (z, lvl), term in zip(terms, design.terms)]
+        noise = noise * (1.0 - c**2)
     if interval is None:
         return fit
     sigma2 = result.sigma**2
