@@ -45,3 +45,41 @@ def log_det_correlation(c):
     """log |C| = sum_t log(1 - c_t^2) (the first rows' c_t = 0 add nothing)."""
     xp = array_namespace(c)
     return xp.sum(xp.log1p(-c * c))
+
+
+def whitened_system(pattern, previous, lag, y_less_offset, phi):
+    """The mixed-model system of the data whitened at ``phi``, filled inside a traced program.
+
+    ``pattern`` is :func:`hierpool.algebra.system.system_pattern` of the unwhitened design (its rows'
+    levels and values; X is one of its rest blocks); whitening replaces the values (term 0's, the other
+    terms' and X's) and the response, and :func:`hierpool.algebra.system.fill_in_program` forms the
+    cross-products with unit weights.  The collapsed sampler's marginal likelihood and exact draws read it
+    at every phi (:mod:`hierpool.bayesian.model`).
+    """
+    import dataclasses
+
+    from .system import fill_in_program  # here: the closed form's whitening above runs without JAX
+
+    xp = array_namespace(phi, y_less_offset)
+    c = carried(phi, previous, lag)
+    rows = tuple((index, whiten(values, previous, c)) for index, values in pattern.rest_rows)
+    whitened = dataclasses.replace(pattern, z0=whiten(pattern.z0, previous, c), rest_rows=rows)
+    return fill_in_program(whitened, xp.ones(y_less_offset.shape[0]), whiten(y_less_offset, previous, c))
+
+
+def draw_effects_whitened(thetas, sigmas, phis, pattern, previous, lag, y_less_offset, loc, scale, key,
+                          batch_size: int):
+    """Exact draws of (beta, b) given each (theta, sigma, phi) draw: the conditional draw on the system
+    whitened at that draw's phi (:func:`whitened_system`), ``batch_size`` draws at a time."""
+    import jax  # (as in whitened_system: the host's whitening imports no JAX)
+
+    from .henderson import conditional_draw, noise_size
+    from .marginal import beta_prior_block, map_in_batches
+
+    noise = jax.random.normal(key, (thetas.shape[0], noise_size(pattern.layout)), dtype=thetas.dtype)
+
+    def one(theta, sigma, phi, e):
+        system = whitened_system(pattern, previous, lag, y_less_offset, phi)
+        return conditional_draw(theta, system, sigma, e, beta_prior_block(loc, scale, sigma, system))
+
+    return map_in_batches(one, (thetas, sigmas, phis, noise), batch_size)

@@ -12,19 +12,24 @@ import numpy as np
 import pandas as pd
 
 from ..algebra import one_term_marginal as one_term
+from ..algebra.ar1 import draw_effects_whitened
 from ..algebra.linalg import theta_to_factors
 from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
 from ..algebra.statistics import one_dataset_statistics
-from ..algebra.system import build_system
+from ..algebra.system import build_system, on_device, system_pattern
+from ..closedform.ar1 import AR1Result, check_nested
 from ..closedform.glmm_results import GLMMResult
 from ..closedform.results import LMMResult
 from ..errors import ArgumentError, HierpoolWarning
 from ..spec.arguments import sampler_arguments
+from ..spec.correlation import AR1, series_of
 from ..spec.design import Design, build_design
 from ..spec.family import family_spec
 from . import glmm
 from .model import (
     HeldVariance,
+    SeriesData,
+    ar1_collapsed_model,
     collapsed_model,
     effect_draws,
     full_model,
@@ -33,7 +38,7 @@ from .model import (
     variance_draws,
 )
 from .nuts import sample_nuts
-from .posterior import build_inference_data, pointwise_log_likelihood
+from .posterior import ar1_pointwise_log_likelihood, build_inference_data, pointwise_log_likelihood
 from .priors import Priors, resolve_priors
 from .results import BayesResult
 
@@ -234,6 +239,7 @@ def bayes(
     offset=None,
     family: str | None = None,
     link: str | None = None,
+    correlation=None,
 ) -> BayesResult:
     """Fit a Bayesian linear or generalized linear mixed model: full posteriors of every fixed and random effect.
 
@@ -294,6 +300,14 @@ def bayes(
     link : str, optional
         The family's canonical link when None; the binomial also takes ``"probit"`` and
         ``"cloglog"``.
+    correlation : AR1, optional
+        AR(1) residuals within series (``hp.ar1``, ``hp.car1``), a Gaussian model only, as
+        :func:`hierpool.lmm` takes it.  The collapsed sampler then samples phi (Uniform on its
+        interval) with the variance parameters, each evaluation whitening the data at phi
+        (:func:`hierpool.algebra.ar1.whitened_system`), and (beta, b) are drawn exactly given each
+        (theta, sigma, phi); ``idata.posterior["phi"]``, :attr:`BayesResult.correlation`.  With
+        ``variance=`` an ``hp.lmm`` AR(1) fit, its phi is held too.  The pointwise log-likelihood is
+        each row's density given the one before it in its series (their sum is the joint one).
 
     Returns
     -------
@@ -321,6 +335,9 @@ def bayes(
     method = _choose_method(method, resolved)
     held = None if variance is None else _held_variance(design, variance)
     progress = sys.stderr.isatty() if progress is None else bool(progress)
+    if correlation is not None:
+        return _bayes_ar1(design, data, correlation, resolved, method, variance, held, chains, draws, tune, seed,
+                          level, target_accept, progress)
 
     sds = cors = sigma = stats = None
     if method == "full":
@@ -364,6 +381,78 @@ def bayes(
     if stats is not None:
         result.diagnostics(warn=True)
     return result
+
+
+def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chains, draws, tune, seed, level,
+               target_accept, progress) -> BayesResult:
+    """hp.bayes with AR(1) residuals: the collapsed sampler over (variance parameters, phi), or exact draws with
+    an ``hp.lmm`` AR(1) fit's variance parameters and phi held."""
+    if not isinstance(correlation, AR1):
+        raise ArgumentError(f"correlation must be hp.ar1(...) or hp.car1(...), got {type(correlation).__name__}")
+    if design.weights is not None:
+        raise ArgumentError("weights= and se= cannot be combined with an AR(1) correlation (not supported yet)")
+    if method == "full":
+        raise ArgumentError("method='full' with an AR(1) correlation is not supported: the collapsed sampler "
+                            "(method='collapsed', Normal or flat priors on the fixed effects) samples it")
+    series = series_of(correlation, data, design.rows)
+    check_nested(design, series, correlation)
+    loc, scale = (np.asarray(a, dtype=float) for a in resolved.beta_gaussian())
+    stats = sds = cors = None
+    if variance is not None:
+        if not isinstance(variance, AR1Result) or variance.structure != correlation:
+            raise ArgumentError("variance: hold an hp.lmm fit with the same correlation= (an AR1Result)")
+        method = "exact"
+        system = on_device(variance.system)  # the data whitened at the fit's phi
+        count = chains * draws
+        beta, b = _draw_effects_jit(
+            jnp.broadcast_to(jnp.asarray(variance.theta), (count, variance.theta.size)), jnp.full(count, variance.sigma),
+            system, jnp.asarray(loc), jnp.asarray(scale), jax.random.PRNGKey(seed),
+            batch_size=draw_batch_size(system.layout))
+        shape = (chains, draws)
+        beta = np.asarray(beta).reshape(shape + (design.p,))
+        b = [np.asarray(x).reshape(shape + x.shape[1:]) for x in b]
+        sigma = np.full(shape, variance.sigma)
+        phi = np.full(shape, variance.phi)
+    else:
+        ks = tuple(t.k for t in design.terms)
+        pattern = jax.tree_util.tree_map(jax.device_put, system_pattern(design))
+        series_data = SeriesData(previous=jax.device_put(series.previous.astype(np.int32)),
+                                 lag=jax.device_put(series.lag.astype(float)),
+                                 y_less_offset=jax.device_put(np.asarray(design.y_less_offset, dtype=float)))
+        out, stats = sample_nuts(
+            ar1_collapsed_model, (pattern, series_data, loc, scale, resolved),
+            static=(("phi_bounds", correlation.bounds),), chains=chains, tune=tune, draws=draws, seed=seed,
+            target_accept=target_accept, dense_mass=True,
+            postprocess=_ExactDrawsAR1(ks, draw_batch_size(pattern.layout)), progress=progress)
+        beta, b = out["beta"], list(out["b"])
+        sds, cors, _ = variance_draws(out["variance"], ks, True)
+        sigma, phi = out["variance"]["sigma"], np.asarray(out["variance"]["phi"])
+    log_lik = None
+    if chains * draws * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
+        log_lik = ar1_pointwise_log_likelihood(design, beta, b, sigma, phi, series.previous, series.lag)
+    idata = build_inference_data(design, beta, b, sds, cors, None if variance is not None else sigma, stats, log_lik)
+    idata.posterior["phi"] = (("chain", "draw"), phi)
+    result = BayesResult(idata=idata, design=design, priors=resolved, method=method, level=level, held=held,
+                         held_varcorr=None if variance is None else variance.varcorr)
+    if stats is not None:
+        result.diagnostics(warn=True)
+    return result
+
+
+@dataclass(frozen=True)
+class _ExactDrawsAR1:
+    """Inside the compiled post-processing: exact (beta, b) given each (theta, sigma, phi) draw of an AR(1) model
+    (:func:`hierpool.algebra.ar1.draw_effects_whitened`).  A frozen dataclass: it keys the program cache by value."""
+
+    ks: tuple[int, ...]
+    batch_size: int
+
+    def __call__(self, draws, key, pattern, series, loc, scale, priors):
+        sds, cors, sigma = variance_draws(draws, self.ks, False)
+        thetas = jax.vmap(theta_from_components)(sds, cors, sigma)
+        beta, b = draw_effects_whitened(thetas, sigma, draws["phi"], pattern, series.previous, series.lag,
+                                        series.y_less_offset, loc, scale, key, self.batch_size)
+        return {"variance": draws, "beta": beta, "b": tuple(b)}
 
 
 def _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, method, variance, level, target_accept,

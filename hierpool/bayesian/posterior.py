@@ -125,9 +125,31 @@ def pointwise_log_likelihood(
     part of the mean and the prior weight w_i (or 1/se_i^2) divides the variance, so
     that LOO and WAIC compare models on the likelihood they were fitted with.
     """
-    mu = design.offset + np.einsum("np,cdp->cdn", design.X, beta)
-    for term, b_term in zip(design.terms, b):
-        mu = mu + np.einsum("nk,cdnk->cdn", term.z, b_term[:, :, term.index, :])
+    mu = _mean(design, beta, b)
     scale = 1.0 / np.sqrt(design.row_weights)
     scale = scale if sigma is None else sigma[..., None] * scale
     return -0.5 * np.log(2 * np.pi) - np.log(scale) - 0.5 * ((design.y - mu) / scale) ** 2
+
+
+def _mean(design: Design, beta: np.ndarray, b: list[np.ndarray]) -> np.ndarray:
+    """o + X beta + Z b per draw and row, shape (chain, draw, n)."""
+    mu = design.offset + np.einsum("np,cdp->cdn", design.X, beta)
+    for term, b_term in zip(design.terms, b):
+        mu = mu + np.einsum("nk,cdnk->cdn", term.z, b_term[:, :, term.index, :])
+    return mu
+
+
+def ar1_pointwise_log_likelihood(design: Design, beta: np.ndarray, b: list[np.ndarray], sigma: np.ndarray,
+                                 phi: np.ndarray, previous: np.ndarray, lag: np.ndarray) -> np.ndarray:
+    """log p(y_t | y_(t-1), beta, b, sigma, phi) per draw and row of a model with AR(1) residuals, (chain, draw, n).
+
+    Given the residual before it in its series, a row's residual is Normal(c_t r_(t-1), sigma^2 (1 - c_t^2)),
+    c_t = phi^lag_t (0 for a series' first row): the factors of the joint density, so that the rows' values
+    sum to log p(y | beta, b, sigma, phi) (the whitening's densities with its Jacobian).
+    """
+    residual = design.y - _mean(design, beta, b)
+    first = previous < 0
+    c = np.where(first, 0.0, np.asarray(phi)[..., None] ** np.where(first, 1.0, lag))
+    before = residual[..., np.maximum(previous, 0)]
+    scale = np.asarray(sigma)[..., None] * np.sqrt(1.0 - c**2)
+    return -0.5 * np.log(2 * np.pi) - np.log(scale) - 0.5 * ((residual - c * before) / scale) ** 2

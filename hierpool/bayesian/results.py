@@ -115,6 +115,20 @@ class BayesResult:
             return np.full(self.beta_draws.shape[:2], float(self.held.shape))
         return None
 
+    @property
+    def phi_draws(self) -> np.ndarray | None:
+        """An AR(1) correlation's phi, shape (chain, draw); None without a correlation."""
+        return self._values("phi") if "phi" in self.idata.posterior else None
+
+    @cached_property
+    def correlation(self) -> pd.DataFrame | None:
+        """An AR(1) correlation's phi: mean, sd, lower, upper, mcse_mean, ess_bulk, r_hat (None without one)."""
+        draws = self.phi_draws
+        if draws is None:
+            return None
+        return pd.DataFrame(summarize_draws(draws[..., None], self.level),
+                            index=pd.Index(["phi"], name="parameter"))[SUMMARY_COLUMNS]
+
     def term_covariance_draws(self, j: int) -> np.ndarray:
         """Sigma_j per draw, shape (chain, draw, k_j, k_j)."""
         slot = term_slots(self.design)[0][j]

