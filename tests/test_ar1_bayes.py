@@ -107,3 +107,13 @@ def _positions(series) -> np.ndarray:
         if series.previous[row] >= 0:
             position[row] = position[series.previous[row]] + series.lag[row]
     return position
+
+
+def test_blup_agreement_holds_with_ar1_residuals(ovary):
+    """The validation's exact mode with an AR(1) correlation: NUTS on the plain model, its AR(1) likelihood written
+    on the residuals (independent of the whitening), reproduces the whitened Henderson solution."""
+    report = hp.validate.blup_agreement(FORMULA, ovary, correlation=hp.ar1("Mare"), chains=2, draws=500, tune=500,
+                                        seed=1)
+    assert report.passed
+    assert report.posterior.method == "full"
+    np.testing.assert_array_equal(report.posterior.phi_draws, report.fit.phi)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -391,16 +391,35 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
         raise ArgumentError(f"correlation must be hp.ar1(...) or hp.car1(...), got {type(correlation).__name__}")
     if design.weights is not None:
         raise ArgumentError("weights= and se= cannot be combined with an AR(1) correlation (not supported yet)")
-    if method == "full":
-        raise ArgumentError("method='full' with an AR(1) correlation is not supported: the collapsed sampler "
-                            "(method='collapsed', Normal or flat priors on the fixed effects) samples it")
     series = series_of(correlation, data, design.rows)
     check_nested(design, series, correlation)
-    loc, scale = (np.asarray(a, dtype=float) for a in resolved.beta_gaussian())
     stats = sds = cors = None
+    series_data = SeriesData(previous=jax.device_put(series.previous.astype(np.int32)),
+                             lag=jax.device_put(series.lag.astype(float)),
+                             y_less_offset=jax.device_put(np.asarray(design.y_less_offset, dtype=float)))
+    if variance is not None and not (isinstance(variance, AR1Result) and variance.structure == correlation):
+        raise ArgumentError("variance: hold an hp.lmm fit with the same correlation= (an AR1Result)")
+    if method == "full":  # NUTS on the plain non-centered model, its likelihood on the residuals
+        held = None if held is None else replace(held, phi=variance.phi)
+        ks = tuple(t.k for t in design.terms)
+        out, stats = sample_nuts(
+            full_model, (model_data(design), resolved, held, series_data),
+            static=(("ks", ks), ("n_levels", tuple(t.n_levels for t in design.terms)),
+                    ("phi_bounds", correlation.bounds)),
+            chains=chains, tune=tune, draws=draws, seed=seed, target_accept=target_accept,
+            dense_mass=held is not None and design.p + sum(t.n_levels * t.k for t in design.terms)
+            <= DENSE_MASS_MAX_DIMENSION,
+            progress=progress)
+        beta, b = effect_draws(out, design.p, len(ks), chains, draws)
+        if held is None:
+            sds, cors, _ = variance_draws(out, ks, True)
+            sigma, phi = out["sigma"], np.asarray(out["phi"])
+        else:
+            sigma, phi = np.full((chains, draws), held.sigma), np.full((chains, draws), held.phi)
+        return _ar1_result(design, correlation, series, resolved, method, variance, held, beta, b, sds, cors,
+                           sigma, phi, stats, level)
+    loc, scale = (np.asarray(a, dtype=float) for a in resolved.beta_gaussian())
     if variance is not None:
-        if not isinstance(variance, AR1Result) or variance.structure != correlation:
-            raise ArgumentError("variance: hold an hp.lmm fit with the same correlation= (an AR1Result)")
         method = "exact"
         system = on_device(variance.system)  # the data whitened at the fit's phi
         count = chains * draws
@@ -416,9 +435,6 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
     else:
         ks = tuple(t.k for t in design.terms)
         pattern = jax.tree_util.tree_map(jax.device_put, system_pattern(design))
-        series_data = SeriesData(previous=jax.device_put(series.previous.astype(np.int32)),
-                                 lag=jax.device_put(series.lag.astype(float)),
-                                 y_less_offset=jax.device_put(np.asarray(design.y_less_offset, dtype=float)))
         out, stats = sample_nuts(
             ar1_collapsed_model, (pattern, series_data, loc, scale, resolved),
             static=(("phi_bounds", correlation.bounds),), chains=chains, tune=tune, draws=draws, seed=seed,
@@ -427,11 +443,19 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
         beta, b = out["beta"], list(out["b"])
         sds, cors, _ = variance_draws(out["variance"], ks, True)
         sigma, phi = out["variance"]["sigma"], np.asarray(out["variance"]["phi"])
+    return _ar1_result(design, correlation, series, resolved, method, variance, held, beta, b, sds, cors, sigma, phi,
+                       stats, level)
+
+
+def _ar1_result(design, correlation, series, resolved, method, variance, held, beta, b, sds, cors, sigma, phi, stats,
+                level) -> BayesResult:
+    """An AR(1) model's BayesResult: phi in the posterior, the pointwise log-likelihood of each row given the
+    one before it."""
     log_lik = None
-    if chains * draws * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
+    if beta.shape[0] * beta.shape[1] * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
         log_lik = ar1_pointwise_log_likelihood(design, beta, b, sigma, phi, series.previous, series.lag)
     idata = build_inference_data(design, beta, b, sds, cors, None if variance is not None else sigma, stats, log_lik)
-    idata.posterior["phi"] = (("chain", "draw"), phi)
+    idata.posterior["phi"] = (("chain", "draw"), np.asarray(phi))
     result = BayesResult(idata=idata, design=design, priors=resolved, method=method, level=level, held=held,
                          held_varcorr=None if variance is None else variance.varcorr)
     if stats is not None:

@@ -56,6 +56,7 @@ class HeldVariance:
     cov_factors: tuple  # lower-triangular (k_j, k_j), Sigma_j = F F^T
     sigma: float  # residual sd (1.0 with known residual sds, and in a GLMM, which has none)
     shape: float | None = None  # a negative binomial's shape (None for every other model)
+    phi: float | None = None  # an AR(1) correlation's phi (None without one)
 
 
 def model_data(design) -> ModelData:
@@ -159,8 +160,24 @@ def _fixed_effects(priors: Priors) -> jax.Array:
     return jnp.stack(draws) if draws else jnp.zeros(0)
 
 
-def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, *, ks: tuple[int, ...], n_levels: tuple[int, ...]):
-    """The non-centered NumPyro model; with ``held`` the variance parameters are fixed at its values."""
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SeriesData:
+    """An AR(1) model's series as JAX arrays: each row's predecessor (-1: none), the lag, and y - offset."""
+
+    previous: jax.Array  # (n,) int32
+    lag: jax.Array  # (n,)
+    y_less_offset: jax.Array  # (n,)
+
+
+def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, series: SeriesData | None = None, *,
+               ks: tuple[int, ...], n_levels: tuple[int, ...], phi_bounds: tuple[float, float] | None = None):
+    """The non-centered NumPyro model; with ``held`` the variance parameters are fixed at its values.
+
+    With ``series`` the residuals are AR(1) within series: each row's residual given the one before it is
+    Normal(c_t r_(t-1), sigma^2 (1 - c_t^2)), c_t = phi^lag_t (phi held, or Uniform on ``phi_bounds``); the
+    likelihood is written on the residuals directly, independently of the whitened mixed-model equations.
+    """
     beta = _fixed_effects(priors)
     if held is None:
         sigma, sds, cors = variance_parameters(priors, ks)
@@ -172,7 +189,14 @@ def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, *, ks
         z = numpyro.sample(f"z__{j}", dist.Normal(0.0, 1.0).expand((ell, k)).to_event(2))
         b = numpyro.deterministic(f"b__{j}", z @ factor.T)
         mu = mu + jnp.sum(data.z[j] * b[data.index[j]], axis=1)
-    numpyro.sample("y", dist.Normal(mu, sigma * data.noise_scale), obs=data.y)
+    if series is None:
+        numpyro.sample("y", dist.Normal(mu, sigma * data.noise_scale), obs=data.y)
+        return
+    phi = numpyro.sample("phi", dist.Uniform(*phi_bounds)) if held is None else jnp.asarray(held.phi)
+    residual = data.y - mu
+    c = carried(phi, series.previous, series.lag)
+    before = residual[jnp.maximum(series.previous, 0)]
+    numpyro.factor("y", jnp.sum(dist.Normal(c * before, sigma * jnp.sqrt(1.0 - c * c)).log_prob(residual)))
 
 
 def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, priors: Priors):
@@ -183,16 +207,6 @@ def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, 
         "marginal_likelihood",
         lambda: log_marginal_likelihood(theta_from_components(sds, cors, sigma), sigma, system, loc, scale),
     )
-
-
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class SeriesData:
-    """An AR(1) model's series as JAX arrays: each row's predecessor (-1: none), the lag, and y - offset."""
-
-    previous: jax.Array  # (n,) int32
-    lag: jax.Array  # (n,)
-    y_less_offset: jax.Array  # (n,)
 
 
 def ar1_collapsed_model(pattern, series: SeriesData, loc: jax.Array, scale: jax.Array, priors: Priors, *,

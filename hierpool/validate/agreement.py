@@ -256,13 +256,16 @@ def blup_agreement(
     r_hat_max: float = 1.05,
     weights=None,
     offset=None,
+    correlation=None,
 ) -> AgreementReport:
     """Compare an independent posterior of every effect with the closed-form BLUPs.
 
     Parameters
     ----------
-    formula, data, se, weights, offset
-        As :func:`hierpool.lmm`; both engines get the same ones.
+    formula, data, se, weights, offset, correlation
+        As :func:`hierpool.lmm`; both engines get the same ones.  With an AR(1) ``correlation`` the
+        closed form fits the whitened model (:mod:`hierpool.closedform.ar1`) and the posterior is NUTS
+        on the plain model with the AR(1) likelihood written on its residuals (phi held in exact mode).
     mode : {"exact", "full"}
         ``exact``: variance parameters held at their REML estimates and a flat prior
         on beta, so the posterior must reproduce the BLUPs and sigma^2 C^-1.
@@ -286,13 +289,14 @@ def blup_agreement(
         raise ArgumentError("priors apply to mode='full'; exact mode uses a flat prior on the fixed effects")
     if chains < 2:
         raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
-    fit = lmm(formula, data, se=se, weights=weights, offset=offset)
+    fit = lmm(formula, data, se=se, weights=weights, offset=offset, correlation=correlation)
     post = bayes(
         formula,
         data,
         se=se,
         weights=weights,
         offset=offset,
+        correlation=correlation,
         priors=flat_beta_priors(fit) if mode == "exact" else priors,
         variance=fit if mode == "exact" else None,
         method="full",
