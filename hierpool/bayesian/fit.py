@@ -424,7 +424,8 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
         system = on_device(variance.system)  # the data whitened at the fit's phi
         count = chains * draws
         beta, b = _draw_effects_jit(
-            jnp.broadcast_to(jnp.asarray(variance.theta), (count, variance.theta.size)), jnp.full(count, variance.sigma),
+            jnp.broadcast_to(jnp.asarray(variance.theta), (count, variance.theta.size)),
+            jnp.full(count, variance.sigma),
             system, jnp.asarray(loc), jnp.asarray(scale), jax.random.PRNGKey(seed),
             batch_size=draw_batch_size(system.layout))
         shape = (chains, draws)
