@@ -118,3 +118,19 @@ def test_blup_agreement_holds_with_ar1_residuals(ovary):
     assert report.passed
     assert report.posterior.method == "full"
     np.testing.assert_array_equal(report.posterior.phi_draws, report.fit.phi)
+
+
+def test_sbc_of_an_ar1_model_passes():
+    """validation/ar1_validation.json (200 replications) passed, phi ranked with the rest; and a short live run
+    of the same study on the same design passes too."""
+    import json
+    from pathlib import Path
+
+    from validation.ar1_validation import SETTINGS, sbc_data
+
+    study = json.loads((Path(__file__).parents[1] / "validation" / "ar1_validation.json").read_text())["sbc"]
+    assert study["n_reps"] >= 200 and study["passed"]
+    assert {"phi", "sigma", "sd[g:Intercept]"} <= {row["parameter"] for row in study["tests"]}
+    live = hp.validate.sbc("y ~ x + (1 | g)", sbc_data(), n_reps=10, correlation=hp.ar1("g"), **SETTINGS)
+    assert live.passed and "phi" in live.ranks.columns
+    assert live.ranks["phi"].between(0, SETTINGS["n_draws"]).all()

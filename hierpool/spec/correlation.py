@@ -105,11 +105,14 @@ class Series:
         (n,) float: steps (or time) since that row; 0 for a first row.
     group_codes : numpy.ndarray
         (n,) int: each row's series.
+    order : numpy.ndarray
+        (n,) int: the rows series by series, each series in order, so that a row's predecessor comes first.
     """
 
     previous: np.ndarray
     lag: np.ndarray
     group_codes: np.ndarray
+    order: np.ndarray  # (n,) the rows series by series, each in its time (or row) order: predecessors first
 
     @property
     def first(self) -> np.ndarray:
@@ -157,4 +160,4 @@ def series_of(correlation: AR1, data: pd.DataFrame, rows: pd.Index) -> Series:
         lag[order[1:][same]] = key[order][1:][same] - key[order][:-1][same]
     else:
         lag[order[1:][same]] = 1.0
-    return Series(previous=previous, lag=lag, group_codes=codes)
+    return Series(previous=previous, lag=lag, group_codes=codes, order=order)

@@ -63,12 +63,16 @@ class SBCResult:
         return sbc_figure(self)
 
 
-def _simulate_parameters(priors, design, rng_key):
-    """One draw of (beta, b per term, sigma) from the priors, and the response it implies."""
+def _simulate_parameters(priors, design, rng_key, correlation=None, series=None):
+    """One draw of (beta, b per term, sigma) from the priors, and the response it implies.
+
+    With an AR(1) ``correlation`` (and its ``series``), phi too, from the sampler's Uniform prior on its
+    interval, and the residuals are an AR(1) chain in each series: e_t = c_t e_(t-1) + sqrt(1 - c_t^2) sigma nu_t.
+    """
     import jax
     import numpyro.distributions as dist
 
-    keys = iter(jax.random.split(rng_key, 4 + 2 * len(design.terms) + design.p))
+    keys = iter(jax.random.split(rng_key, 6 + 2 * len(design.terms) + design.p))
     beta = np.array([float(prior.sample(next(keys))) for prior in priors.beta])
     truth = {f"beta[{name}]": value for name, value in zip(design.fixed_names, beta)}
     mu = design.X @ beta
@@ -86,6 +90,18 @@ def _simulate_parameters(priors, design, rng_key):
     sigma = float(priors.sigma.sample(next(keys)))
     truth["sigma"] = sigma
     noise = np.asarray(jax.random.normal(next(keys), (design.n,)))
+    if correlation is not None:
+        low, high = correlation.bounds
+        phi = float(dist.Uniform(low, high).sample(next(keys)))
+        truth["phi"] = phi
+        chained = np.empty(design.n)
+        for row in series.order:  # each series in order: its predecessor is already drawn
+            if series.previous[row] < 0:
+                chained[row] = noise[row]
+            else:
+                c = phi ** series.lag[row]
+                chained[row] = c * chained[series.previous[row]] + np.sqrt(1.0 - c * c) * noise[row]
+        noise = chained
     return truth, mu + sigma * noise
 
 
@@ -100,6 +116,8 @@ def _posterior_draws(post, design) -> dict[str, np.ndarray]:
         if term.k > 1:
             draws[f"cor[{term.group}]"] = (cov[..., 0, 1] / np.sqrt(cov[..., 0, 0] * cov[..., 1, 1])).ravel()
     draws["sigma"] = post.sigma_draws.ravel()
+    if post.phi_draws is not None:
+        draws["phi"] = post.phi_draws.ravel()
     return draws
 
 
@@ -149,6 +167,7 @@ def sbc(
     bins: int = 10,
     alpha: float = 0.01,
     seed: int = 0,
+    correlation=None,
 ) -> SBCResult:
     """Simulation-based calibration of :func:`hierpool.bayes` on the design of ``data``.
 
@@ -167,6 +186,9 @@ def sbc(
         which reduces autocorrelation so the ranks are not over-dispersed).
     bins, alpha
         Histogram bins of the chi-square test; level of both tests.
+    correlation : AR1, optional
+        AR(1) residuals within series (``hp.ar1``, ``hp.car1``): phi is drawn from the sampler's prior,
+        the residuals simulated as an AR(1) chain, and phi's rank tested with the rest.
 
     Returns
     -------
@@ -184,14 +206,20 @@ def sbc(
         raise ArgumentError("SBC simulates from the prior: flat priors on fixed effects are not allowed")
     response = design.spec.response
     frame = data.loc[design.rows].copy()
+    series = None
+    if correlation is not None:
+        from ..spec.correlation import series_of
+
+        series = series_of(correlation, data, design.rows)
     keys = jax.random.split(jax.random.PRNGKey(seed), n_reps)
     ranks = []
     for rep in range(n_reps):
-        truth, y = _simulate_parameters(frozen, design, keys[rep])
+        truth, y = _simulate_parameters(frozen, design, keys[rep], correlation, series)
         frame[response] = y
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # short chains: diagnostics warnings are expected noise here
-            post = bayes(formula, frame, priors=frozen, chains=chains, draws=draws_per_chain, tune=tune, seed=seed + rep)
+            post = bayes(formula, frame, priors=frozen, chains=chains, draws=draws_per_chain, tune=tune, seed=seed + rep,
+                         correlation=correlation)
         draws = _posterior_draws(post, design)
         keep = np.linspace(0, chains * draws_per_chain - 1, n_draws).astype(int)
         ranks.append({name: int(np.sum(draws[name][keep] < value)) for name, value in truth.items()})
