@@ -218,8 +218,8 @@ def sbc(
         frame[response] = y
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # short chains: diagnostics warnings are expected noise here
-            post = bayes(formula, frame, priors=frozen, chains=chains, draws=draws_per_chain, tune=tune, seed=seed + rep,
-                         correlation=correlation)
+            post = bayes(formula, frame, priors=frozen, chains=chains, draws=draws_per_chain, tune=tune,
+                         seed=seed + rep, correlation=correlation)
         draws = _posterior_draws(post, design)
         keep = np.linspace(0, chains * draws_per_chain - 1, n_draws).astype(int)
         ranks.append({name: int(np.sum(draws[name][keep] < value)) for name, value in truth.items()})
