@@ -155,3 +155,21 @@ def test_a_new_row_of_a_series_is_the_dense_kriging_predictor():
         variance = sigma2 * (new_variance - k0 @ v_inv @ k0 + d @ np.linalg.solve(precision, d))
         assert got["fit"][i] == pytest.approx(mean, rel=1e-8)
         assert got["se"][i] == pytest.approx(np.sqrt(variance), rel=1e-6)
+
+
+def test_coverage_study_of_ar1_intervals():
+    """validation/ar1_validation.json's coverage section (200 replications): the AR(1) fit's intervals are
+    near nominal, the fixed-effect interval that takes the residuals as independent is not; and a short live
+    run of the same study."""
+    import json
+
+    study = json.loads((Path(__file__).parents[1] / "validation" / "ar1_validation.json").read_text())["coverage"]
+    assert study["n_reps"] >= 200
+    table = {row["interval"]: row for row in study["table"]}
+    for name in ("fixed effect x", "phi", "blup", "next step"):
+        row = table[name]
+        assert abs(row["coverage"] - 0.95) < max(3 * row["mcse"], 0.025), (name, row["coverage"])
+    assert table["fixed effect x, residuals taken as independent"]["coverage"] < 0.85
+    live = hp.validate.ar1_coverage(n_reps=6, seed=2).set_index("interval")
+    assert live.loc["blup", "n"] == 120 and 0.85 <= live.loc["blup", "coverage"] <= 1.0
+    assert 0.85 <= live.loc["next step", "coverage"] <= 1.0

@@ -1,14 +1,20 @@
 """The AR(1) validation studies, run and written to validation/ar1_validation.json.
 
-    python -m validation.ar1_validation               # full size (200 replications, ~4 minutes)
-    python -m validation.ar1_validation --reps 40     # smaller
+    python -m validation.ar1_validation                   # both sections, 200 replications each (~4 minutes)
+    python -m validation.ar1_validation --reps 40         # smaller
+    python -m validation.ar1_validation --only coverage   # one section (the other kept in the JSON)
 
 Section ``sbc``: simulation-based calibration of ``hp.bayes(..., correlation=hp.ar1("g"))`` (the collapsed
 sampler over sd, sigma and phi, exact draws of beta and b) on a small design: 6 groups x 8 steps, a
 covariate, default priors frozen from the data.  Each replication draws every parameter (phi from its
 Uniform(-1, 1) prior), simulates the residuals as an AR(1) chain in each group, and ranks the truth
-among 49 thinned posterior draws (hierpool.validate.sbc).  Every number in the JSON is computed by
-the run that wrote it, with its settings beside it.
+among 49 thinned posterior draws (hierpool.validate.sbc).
+
+Section ``coverage``: :func:`hierpool.validate.ar1_coverage` (20 series of 30 steps, phi 0.6, a covariate
+in blocks of 5 steps): the fixed effect's Wald interval with and without the AR(1) correlation, phi's
+interval, the BLUPs' and each series' next-step prediction interval.
+
+Every number in the JSON is computed by the run that wrote it, with its settings beside it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import hierpool as hp
 
 OUT = Path(__file__).resolve().parent / "ar1_validation.json"
 SETTINGS = dict(n_draws=49, chains=2, draws_per_chain=250, tune=250, bins=5, seed=3)
+COVERAGE_SETTINGS = dict(level=0.95, n_groups=20, steps=30, phi=0.6, seed=0)
 
 
 def sbc_data() -> pd.DataFrame:
@@ -46,14 +53,28 @@ def sbc_section(n_reps: int) -> dict:
     }
 
 
+def coverage_section(n_reps: int) -> dict:
+    start = time.perf_counter()
+    table = hp.validate.ar1_coverage(n_reps=n_reps, **COVERAGE_SETTINGS)
+    return {"n_reps": n_reps, **COVERAGE_SETTINGS, "table": table.to_dict(orient="records"),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+SECTIONS = {"sbc": sbc_section, "coverage": coverage_section}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=sorted(SECTIONS))
     args = parser.parse_args()
-    out = {"generated_by": "validation/ar1_validation.py", "hierpool": hp.__version__,
-           "python": platform.python_version(), "machine": platform.machine(), "sbc": sbc_section(args.reps)}
+    out = json.loads(OUT.read_text()) if OUT.exists() else {}
+    out.update({"generated_by": "validation/ar1_validation.py", "hierpool": hp.__version__,
+                "python": platform.python_version(), "machine": platform.machine()})
+    for name in args.only:
+        out[name] = SECTIONS[name](args.reps)
+        print(name, json.dumps(out[name], indent=1, default=float))
     OUT.write_text(json.dumps(out, indent=1, default=float) + "\n")
-    print(json.dumps(out["sbc"], indent=1, default=float))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
   from the independent full NUTS model (:func:`compare` for a fit and posterior you have).
 * :func:`sampler_agreement`: the default collapsed sampler against the independent full model.
 * :func:`sbc`: simulation-based calibration (Talts et al. 2018).
-* :func:`coverage`: frequentist coverage of closed-form and Bayesian intervals.
+* :func:`coverage`: frequentist coverage of closed-form and Bayesian intervals; :func:`ar1_coverage` under
+  AR(1) residuals.
 * GLMMs: :func:`mode_agreement` (posterior mode = conditional modes, exact), :func:`mode_mean_gap`
   and :func:`mode_mean_gap_series` (posterior means vs conditional modes), :func:`glmm_sbc`,
   :func:`glmm_coverage`.
@@ -18,6 +19,7 @@ from .agreement import (
     compare,
     flat_beta_priors,
 )
+from .ar1_coverage import ar1_coverage, simulate_ar1_study
 from .coverage import coverage, simulate_study
 from .glmm_agreement import ModeAgreement, ModeMeanGap, mode_agreement, mode_mean_gap, mode_mean_gap_series
 from .glmm_coverage import glmm_coverage
@@ -32,6 +34,7 @@ __all__ = [
     "SBCResult",
     "SamplerAgreement",
     "agreement_series",
+    "ar1_coverage",
     "blup_agreement",
     "bonferroni_threshold",
     "compare",
@@ -46,5 +49,6 @@ __all__ = [
     "ecdf_band",
     "sampler_agreement",
     "sbc",
+    "simulate_ar1_study",
     "simulate_study",
 ]

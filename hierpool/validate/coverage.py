@@ -94,12 +94,17 @@ def coverage(
             order = np.argsort(table.grp.to_numpy())
             lower, upper = table.lower.to_numpy()[order], table.upper.to_numpy()[order]
             record("posterior", sparse, (lower <= b) & (b <= upper))
-    rows = []
-    for (name, flag), per_rep in hits.items():
-        covered, counts = np.asarray(per_rep, dtype=float).T
-        p = covered.sum() / counts.sum()
-        # ratio estimator's standard error over replications (clustered hits)
-        spread = np.sum((covered - p * counts) ** 2) / (len(counts) * (len(counts) - 1)) if len(counts) > 1 else np.nan
-        rows.append({"interval": name, "groups": "sparse (1-2 obs)" if flag else "rich", "n": int(counts.sum()),
-                     "coverage": p, "mcse": float(np.sqrt(spread) / counts.mean())})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"interval": name, "groups": "sparse (1-2 obs)" if flag else "rich",
+                          **coverage_of(per_rep)} for (name, flag), per_rep in hits.items()])
+
+
+def coverage_of(per_rep) -> dict:
+    """n, coverage and its Monte-Carlo se from (intervals that covered, intervals) per replication.
+
+    The se is the ratio estimator's over replications: one data set's intervals share its estimates,
+    so their hits are correlated (see the module docstring).
+    """
+    covered, counts = np.asarray(per_rep, dtype=float).T
+    p = covered.sum() / counts.sum()
+    spread = np.sum((covered - p * counts) ** 2) / (len(counts) * (len(counts) - 1)) if len(counts) > 1 else np.nan
+    return {"n": int(counts.sum()), "coverage": p, "mcse": float(np.sqrt(spread) / counts.mean())}
