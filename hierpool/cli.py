@@ -155,12 +155,62 @@ def _glmm_fitted(comparison):
     return response.join(link)
 
 
+def _correlation(option: str):
+    """hp.ar1 from ``--ar1 GROUP[:TIME]``."""
+    from .spec.correlation import ar1
+
+    group, _, time = option.partition(":")
+    if not group:
+        raise _UserError(f"--ar1 takes GROUP or GROUP:TIME (columns), got {option!r}")
+    return ar1(group, time or None)
+
+
+def _fit_ar1(args, data, out: Path) -> int:
+    """``hierpool fit --ar1``: the AR(1) fit's tables (no pooling comparison: its no-pooling fits and shrinkage
+    weights take the residuals as independent)."""
+    from . import bayes, lmm
+
+    if args.family is not None:
+        raise _UserError("--ar1 is for a linear mixed model (AR(1) residuals); it cannot be combined with --family")
+    if args.plots:
+        raise _UserError("--plots draws the pooling comparison, which --ar1 does not make")
+    correlation = _correlation(args.ar1)
+    fit = lmm(args.formula, data, se=args.se, weights=args.weights, offset=args.offset, correlation=correlation)
+    out.mkdir(parents=True, exist_ok=True)
+    print(fit.summary())
+    fixef = fit.fixef.rename("estimate").to_frame()
+    fixef["se"] = fit.fixef_se
+    fitted = data.loc[fit.design.rows].assign(fitted=fit.fitted, residual=fit.residuals)
+    written = [
+        _write_table(fixef.rename_axis("term").reset_index(), out / "fixef.csv"),
+        _write_table(fit.varcorr, out / "varcorr.csv"),
+        _write_table(fit.correlation.reset_index(), out / "correlation.csv"),
+        _write_table(_ranef_with_intervals(fit, args.level), out / "ranef.csv"),
+        _write_table(fitted.rename_axis("row").reset_index(), out / "fitted.csv"),
+    ]
+    if args.bayes:
+        posterior = bayes(args.formula, data, chains=args.chains, draws=args.draws, tune=args.tune, seed=args.seed,
+                          level=args.level, correlation=correlation, progress=None)
+        print("\nPosterior (hp.bayes)")
+        print(posterior.summary())
+        written += [
+            _write_table(posterior.fixef.rename_axis("term").reset_index(), out / "posterior_fixef.csv"),
+            _write_table(posterior.varcorr, out / "posterior_varcorr.csv"),
+            _write_table(posterior.correlation.reset_index(), out / "posterior_correlation.csv"),
+            _write_table(posterior.ranef, out / "posterior_ranef.csv"),
+        ]
+    print(f"\nWrote {', '.join(p.name for p in written)} to {out}/")
+    return 0
+
+
 def _fit(args) -> int:
     from .pooling_comparison import pooling
 
     _check_family_options(args)
     data = _read_csv(args.data)
     out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}-hierpool")
+    if args.ar1 is not None:
+        return _fit_ar1(args, data, out)
     # one call fits every engine the command runs (hp.lmm or hp.glmm, and hp.bayes with --bayes): each gets se,
     # weights, offset
     comparison = pooling(args.formula, data, family=args.family, link=args.link, nAGQ=args.nagq or 1,
@@ -246,6 +296,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--offset", metavar="COL",
                      help="column of a known offset added to the linear predictor, as lmer's offset "
                           "(offset(expr) terms in the formula work too)")
+    fit.add_argument("--ar1", metavar="GROUP[:TIME]",
+                     help="AR(1) residuals within each GROUP's series, ordered by TIME (or the rows' order), as "
+                          "nlme's corAR1 (hp.ar1); writes correlation.csv (phi) instead of the pooling comparison")
     fit.add_argument("--level", type=float, default=0.95, help="interval level (default: %(default)s)")
     plots = fit.add_mutually_exclusive_group()
     plots.add_argument("--plots", action="store_true", dest="plots",

