@@ -1,0 +1,71 @@
+"""hp.pedigree: A by the tabular method, inbreeding by Meuwissen & Luo, A^-1 by Henderson's rules; checks."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hierpool as hp
+
+# Mrode (2014), "Linear Models for the Prediction of Animal Breeding Values", example 2.1
+MRODE = pd.DataFrame({"id": [1, 2, 3, 4, 5, 6], "sire": [0, 0, 1, 1, 4, 5], "dam": [0, 0, 2, 0, 3, 2]})
+MRODE_A = np.array([
+    [1.0, 0.0, 0.5, 0.5, 0.5, 0.25],
+    [0.0, 1.0, 0.5, 0.0, 0.25, 0.625],
+    [0.5, 0.5, 1.0, 0.25, 0.625, 0.5625],
+    [0.5, 0.0, 0.25, 1.0, 0.625, 0.3125],
+    [0.5, 0.25, 0.625, 0.625, 1.125, 0.6875],
+    [0.25, 0.625, 0.5625, 0.3125, 0.6875, 1.125],
+])
+
+
+def _random_pedigree(seed: int, generations: int = 8, size: int = 40) -> pd.DataFrame:
+    """Small closed population with random mating (so relatives mate: inbreeding), some parents unknown."""
+    rng = np.random.default_rng(seed)
+    rows, previous = [], [f"f{i}" for i in range(size)]
+    rows += [(a, None, None) for a in previous]
+    for g in range(generations):
+        current = [f"g{g}_{i}" for i in range(size)]
+        for animal in current:
+            sire, dam = rng.choice(previous, 2, replace=False)
+            rows.append((animal, sire if rng.random() > 0.05 else None, dam if rng.random() > 0.05 else np.nan))
+        previous = current
+    shuffled = [rows[i] for i in rng.permutation(len(rows))]  # offspring before parents in places
+    return pd.DataFrame(shuffled, columns=["id", "sire", "dam"])
+
+
+def test_the_textbook_example():
+    a = hp.pedigree.relationship_matrix(MRODE)
+    np.testing.assert_allclose(a.loc[[str(i) for i in range(1, 7)], [str(i) for i in range(1, 7)]], MRODE_A,
+                               atol=1e-15)
+    np.testing.assert_allclose(hp.pedigree.inbreeding(MRODE).loc[["5", "6"]], [0.125, 0.125], atol=1e-15)
+
+
+def test_inbreeding_and_the_sparse_inverse_agree_with_the_tabular_a():
+    ped = _random_pedigree(1)
+    a = hp.pedigree.relationship_matrix(ped)
+    f = hp.pedigree.inbreeding(ped)
+    assert f.max() > 0.1  # the check has inbreeding to get right
+    np.testing.assert_allclose(f.loc[a.index].to_numpy(), np.diag(a.to_numpy()) - 1.0, atol=1e-12)
+    inverse, ids = hp.pedigree.inverse_relationship_matrix(ped)
+    dense = a.loc[ids, ids].to_numpy()
+    np.testing.assert_allclose(inverse @ dense, np.eye(len(ids)), atol=1e-9)
+    assert inverse.nnz <= 7 * len(ids)  # sparse: each animal touches itself, its parents and their pair
+
+
+def test_parents_come_first_and_parent_only_animals_are_founders():
+    ped = pd.DataFrame({"id": ["calf", "cow"], "sire": ["bull", np.nan], "dam": ["cow", None]})
+    a = hp.pedigree.relationship_matrix(ped)
+    order = list(a.index)
+    assert order.index("calf") > max(order.index("cow"), order.index("bull"))
+    assert a.loc["calf", "cow"] == 0.5 and a.loc["calf", "bull"] == 0.5 and a.loc["calf", "calf"] == 1.0
+
+
+@pytest.mark.parametrize("frame,message", [
+    (pd.DataFrame({"id": ["a", "a"], "sire": [0, 0], "dam": [0, 0]}), "'a' more than once"),
+    (pd.DataFrame({"id": ["a", "b"], "sire": ["b", "a"], "dam": [0, 0]}), "loop"),
+    (pd.DataFrame({"id": ["a"], "sire": ["a"], "dam": [0]}), "its own parent"),
+    (pd.DataFrame({"id": ["a"], "father": [0], "dam": [0]}), "no column 'sire'"),
+])
+def test_bad_pedigrees_are_refused_by_name(frame, message):
+    with pytest.raises(hp.DataError, match=message):
+        hp.pedigree.relationship_matrix(frame)
