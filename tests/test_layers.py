@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hierpool"
 # lowest first: a module may import from its own layer's package or from the layers below it
 LAYERS = [
     {"hierpool.errors", "hierpool.datasets"},
-    {"hierpool.spec"},
+    {"hierpool.spec", "hierpool.pedigree"},
     {"hierpool.algebra"},
     {"hierpool.closedform"},
     {"hierpool.bayesian"},

@@ -6,7 +6,9 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
 - ``errors``, ``datasets``;
 - ``spec``: formula -> :class:`~hierpool.spec.design.Design` (checks, missing rows, transforms);
   what the user asked for, no numerics.  formulae reads the formula parts; a part that only names
-  numeric columns is read by ``spec.columns`` instead (tested equal), so such formulae never import it;
+  numeric columns is read by ``spec.columns`` instead (tested equal), so such formulae never import it.
+  ``spec.correlation`` reads an AR(1) structure's series; ``pedigree`` (beside ``spec``) turns a pedigree
+  into A, inbreeding and the sparse A^-1 (NumPy and SciPy only);
 - ``algebra`` (here): cross-products (``system``, ``statistics``), the blocked factorization and
   the profiled criterion (``criterion``), Henderson's solution, prediction blocks and exact draws
   (``henderson``), the collapsed marginal likelihood (``marginal``), the one-term specialisation
@@ -15,7 +17,8 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
   (``jax_runtime``); for GLMMs the families (``family``), PIRLS and the Laplace criterion on the host
   (``laplace``) and as one compiled program (``laplace_program``), its exact gradient written once for
   both (``laplace_gradient``), adaptive quadrature (``quadrature``), population-average means
-  (``marginal_mean``) and the separation check (``separation``);
+  (``marginal_mean``) and the separation check (``separation``); AR(1) residuals by whitening, on the host
+  and in programs (``ar1``);
 - ``closedform`` (REML/ML optimizer, results), then ``bayesian`` (NumPyro models, NUTS driver;
   it may read a closed-form fit, e.g. variances held at their REML values): the two engines,
   reading the same Design and the same algebra;
