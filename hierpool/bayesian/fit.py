@@ -17,12 +17,11 @@ from ..algebra.linalg import theta_to_factors
 from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
 from ..algebra.statistics import one_dataset_statistics
 from ..algebra.system import build_system, on_device, system_pattern
-from ..closedform.ar1 import AR1Result, check_nested
+from ..closedform.ar1 import AR1Result, checked_series
 from ..closedform.glmm_results import GLMMResult
 from ..closedform.results import LMMResult
 from ..errors import ArgumentError, HierpoolWarning
 from ..spec.arguments import sampler_arguments
-from ..spec.correlation import AR1, series_of
 from ..spec.design import Design, build_design
 from ..spec.family import family_spec
 from . import glmm
@@ -387,12 +386,7 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
                target_accept, progress) -> BayesResult:
     """hp.bayes with AR(1) residuals: the collapsed sampler over (variance parameters, phi), or exact draws with
     an ``hp.lmm`` AR(1) fit's variance parameters and phi held."""
-    if not isinstance(correlation, AR1):
-        raise ArgumentError(f"correlation must be hp.ar1(...) or hp.car1(...), got {type(correlation).__name__}")
-    if design.weights is not None:
-        raise ArgumentError("weights= and se= cannot be combined with an AR(1) correlation (not supported yet)")
-    series = series_of(correlation, data, design.rows)
-    check_nested(design, series, correlation)
+    series = checked_series(design, correlation, data)
     stats = sds = cors = None
     series_data = SeriesData(previous=jax.device_put(series.previous.astype(np.int32)),
                              lag=jax.device_put(series.lag.astype(float)),

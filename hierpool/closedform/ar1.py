@@ -70,6 +70,18 @@ def check_nested(design: Design, series: Series, correlation: AR1) -> None:
                 f"constant within each series (its grouping nested in, or equal to, {correlation.group!r})")
 
 
+def checked_series(design: Design, correlation, data: pd.DataFrame) -> Series:
+    """The :class:`~hierpool.spec.correlation.Series` of an AR(1) model, after the checks both engines make:
+    an :class:`AR1` structure, no prior weights or known sds, every random-effect term nested in the series."""
+    if not isinstance(correlation, AR1):
+        raise ArgumentError(f"correlation must be hp.ar1(...) or hp.car1(...), got {type(correlation).__name__}")
+    if design.weights is not None:
+        raise ArgumentError("weights= and se= cannot be combined with an AR(1) correlation (not supported yet)")
+    series = series_of(correlation, data, design.rows)
+    check_nested(design, series, correlation)
+    return series
+
+
 @dataclass(frozen=True, eq=False)
 class AR1Result(LMMResult):
     """A linear mixed model with AR(1) residuals (``hp.lmm(..., correlation=hp.ar1(...))``).
@@ -178,12 +190,7 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     """
     import scipy.optimize
 
-    if not isinstance(correlation, AR1):
-        raise ArgumentError(f"correlation must be hp.ar1(...) or hp.car1(...), got {type(correlation).__name__}")
-    if design.weights is not None:
-        raise ArgumentError("weights= and se= cannot be combined with an AR(1) correlation (not supported yet)")
-    series = series_of(correlation, data, design.rows)
-    check_nested(design, series, correlation)
+    series = checked_series(design, correlation, data)
     continuous = correlation.continuous
     # on the host: each phi is a new system (its whitened cross-products), fitted in a few evaluations
     control = replace(control or Control(), compile=False)
