@@ -23,6 +23,7 @@ import pandas as pd
 
 from ..algebra.ar1 import carried, log_det_correlation, whiten
 from ..algebra.henderson import solve
+from ..algebra.linalg import theta_lower_bounds
 from ..algebra.system import build_system
 from ..errors import ArgumentError, ConvergenceWarning, DataError
 from ..spec.correlation import AR1, Series, series_of
@@ -30,8 +31,12 @@ from ..spec.design import Design, check_columns
 from .optimize import Control, moment_start, optimize_theta
 from .results import LMMResult
 
-#: Brent's tolerance on phi's unconstrained scale (phi to ~1e-8 near 0).
-PHI_XTOL = 1e-8
+#: Brent's tolerance on phi's unconstrained scale (phi to ~1e-6 near 0, far below its standard error).
+PHI_XTOL = 1e-6
+#: Half-width (unconstrained scale) of the first search window, around the residuals' lag-1 correlation.
+SEARCH_WINDOW = 2.5
+#: An inner fit starts from the last phi's theta when every diagonal element exceeds this.
+WARM_START_MIN = 0.05
 #: The search's interval on the unconstrained scale: |phi| up to 1 - 1e-5.
 UNCONSTRAINED_LIMIT = 12.0
 #: Central-difference step (unconstrained scale) of the curvature that gives phi's interval.
@@ -57,6 +62,24 @@ def whitened_design(design: Design, series: Series, phi: float) -> tuple[Design,
     whitened = replace(design, y=whiten(design.y_less_offset, series.previous, c), offset=np.zeros(design.n),
                        X=whiten(design.X, series.previous, c) if design.p else design.X, terms=terms)
     return whitened, float(log_det_correlation(c))
+
+
+def _moment_phi(design: Design, series: Series, at_zero, continuous: bool) -> float:
+    """phi's starting value: the lag-1 correlation of the residuals of a fit with (nearly) independent residuals,
+    per unit of lag (its lag-th root), kept inside (-0.9, 0.9) (and above 0.05 in continuous time)."""
+    whitened, system, optimum, _ = at_zero
+    solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=True)
+    fitted = design.X @ np.asarray(solution.beta) + sum(
+        np.einsum("nk,nk->n", t.z, np.asarray(b)[t.index]) for t, b in zip(design.terms, solution.b))
+    residual = design.y_less_offset - fitted
+    has = series.previous >= 0
+    if not has.any():
+        return 0.1
+    r, before = residual[has], residual[series.previous[has]]
+    correlation = float(np.sum(r * before) / max(np.sqrt(np.sum(r * r) * np.sum(before * before)), 1e-300))
+    lag = float(np.median(series.lag[has]))
+    phi = np.sign(correlation) * abs(correlation) ** (1.0 / lag)
+    return float(np.clip(phi, 0.05 if continuous else -0.9, 0.9))
 
 
 def check_nested(design: Design, series: Series, correlation: AR1) -> None:
@@ -195,22 +218,39 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     # on the host: each phi is a new system (its whitened cross-products), fitted in a few evaluations
     control = replace(control or Control(), compile=False)
 
-    def profile(u: float):
+    diagonal = np.isfinite(theta_lower_bounds(tuple(t.k for t in design.terms)))
+    last = {"theta": None}
+
+    # the search's fits skip the Hessian checks (finite differences of the gradient); the final fit makes them
+    search_control = replace(control, hessian_max_n=0)
+
+    def profile(u: float, checked: bool = False):
         whitened, logdet = whitened_design(design, series, constrained(u, continuous))
         system = build_system(whitened, host=True)
-        # from the moment start each time: a previous phi's optimum can sit on a boundary (theta = 0, where
-        # the correlation takes the random effects' variance) that the search in theta would not leave
-        optimum = optimize_theta(system, reml, control, start=moment_start(whitened))
+        # from the last phi's theta, unless that sat near a boundary (theta = 0, where the correlation takes
+        # the random effects' variance), which the search in theta might not leave: then the moment start
+        theta = last["theta"]
+        start = theta if theta is not None and np.all(theta[diagonal] > WARM_START_MIN) else moment_start(whitened)
+        optimum = optimize_theta(system, reml, control if checked else search_control, start=start)
+        last["theta"] = optimum.theta
         return optimum.objective + logdet, (whitened, system, optimum, logdet)
+
+    def search(low: float, high: float) -> float:
+        return float(scipy.optimize.minimize_scalar(lambda u: profile(u)[0], bounds=(low, high), method="bounded",
+                                                    options=dict(xatol=PHI_XTOL)).x)
 
     with warnings.catch_warnings():  # the search's inner fits; the final one's messages are warned below
         warnings.simplefilter("ignore", ConvergenceWarning)
-        result = scipy.optimize.minimize_scalar(
-            lambda u: profile(u)[0], bounds=(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT), method="bounded",
-            options=dict(xatol=PHI_XTOL))
-        u_hat = float(result.x)
+        # Brent in a window around the residuals' lag-1 correlation, the whole range if it ends at an edge
+        nearly_independent = profile(-3.0 if continuous else 0.0)[1]
+        u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
+        low = max(u_start - SEARCH_WINDOW, -UNCONSTRAINED_LIMIT)
+        high = min(u_start + SEARCH_WINDOW, UNCONSTRAINED_LIMIT)
+        u_hat = search(low, high)
+        if min(u_hat - low, high - u_hat) < 1e-3:
+            u_hat = search(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT)
         sides = [profile(u_hat + h)[0] for h in (INTERVAL_STEP, -INTERVAL_STEP)]
-        value, (whitened, system, optimum, logdet) = profile(u_hat)
+        value, (whitened, system, optimum, logdet) = profile(u_hat, checked=True)
     curvature = (sides[0] - 2.0 * value + sides[1]) / INTERVAL_STEP**2  # of -2 log L on the unconstrained scale
     if curvature > 0:
         half = Z_95 * np.sqrt(2.0 / curvature)
