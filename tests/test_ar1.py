@@ -60,6 +60,9 @@ def test_fit_is_nlmes(fits, model_id):
     np.testing.assert_allclose(fit.phi_interval, [model["phi_interval"]["lower"], model["phi_interval"]["upper"]],
                                atol=2e-3)
     assert fit.correlation.index[0].startswith("corCAR1" if "car1" in model_id else "corAR1")
+    last = fit.varcorr.iloc[-1]  # phi in varcorr too, as the issue asks; the summary prints it with its structure
+    assert (last["grp"], last["var1"], last["sdcor"]) == ("Residual", "phi", fit.phi)
+    assert "phi = " in fit.summary()
     assert fit.n_params == len(model["fixef"]) + len(model["sd"]) + (1 if model.get("cor") is not None else 0) + 2
 
 

@@ -75,6 +75,7 @@ def test_with_the_reml_variances_and_phi_held_posterior_means_are_the_blups(ovar
     z_b = (post.ranef["mean"].to_numpy() - reml.ranef["condval"].to_numpy()) / post.ranef["mcse_mean"].to_numpy()
     assert np.max(np.abs(z_b)) < 4.5
     assert np.all(post.phi_draws == reml.phi)
+    assert post.varcorr.iloc[-1]["var1"] == "phi" and post.varcorr.iloc[-1]["mean"] == reml.phi
 
 
 def test_collapsed_sampler_samples_phi_with_the_rest(ovary, reml):
@@ -82,6 +83,7 @@ def test_collapsed_sampler_samples_phi_with_the_rest(ovary, reml):
     assert post.divergences == 0
     summary = post.correlation
     assert summary.loc["phi", "r_hat"] < 1.01
+    assert post.varcorr.iloc[-1]["mean"] == pytest.approx(summary.loc["phi", "mean"])  # phi's row in varcorr
     # a posterior with a flat prior on phi and weak others: centred near the REML estimate
     assert abs(summary.loc["phi", "mean"] - reml.phi) < 2 * summary.loc["phi", "sd"]
     assert np.all(np.abs(post.fixef["mean"] - reml.fixef) < 2 * post.fixef["sd"])

@@ -201,7 +201,12 @@ class BayesResult:
         table = varcorr_table(terms, sigma, form="sdcor")
         shape = self.beta_draws.shape[:2]
         rows = len(table) // int(np.prod(shape))
-        return table.iloc[:rows][["grp", "var1", "var2"]], table["sdcor"].to_numpy().reshape(shape + (rows,))
+        keys, draws = table.iloc[:rows][["grp", "var1", "var2"]], table["sdcor"].to_numpy().reshape(shape + (rows,))
+        if self.phi_draws is not None:  # an AR(1) correlation's phi: a last row, as the closed form's varcorr has it
+            keys = pd.concat([keys, pd.DataFrame({"grp": ["Residual"], "var1": ["phi"], "var2": [None]})],
+                             ignore_index=True)
+            draws = np.concatenate([draws, self.phi_draws[..., None]], axis=-1)
+        return keys, draws
 
     # --- predictions ---------------------------------------------------------------------
     def predict(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -178,6 +179,14 @@ class AR1Result(LMMResult):
     def n_params(self) -> int:
         """As lme's: fixed effects, covariance parameters, sigma and phi."""
         return super().n_params + 1
+
+    @cached_property
+    def varcorr(self) -> pd.DataFrame:
+        """lme4's VarCorr rows, and a last row for phi (grp "Residual", var1 "phi"; its value in sdcor)."""
+        table = LMMResult.varcorr.func(self)
+        row = pd.DataFrame({"grp": ["Residual"], "var1": ["phi"], "var2": [None], "vcov": [np.nan],
+                            "sdcor": [self.phi]})
+        return pd.concat([table, row], ignore_index=True)
 
     @property
     def correlation(self) -> pd.DataFrame:

@@ -26,6 +26,8 @@ def _varcorr_block(result) -> list[str]:
             variance, sd = block.vcov.iloc[i], block.sdcor.iloc[i]
             rows.append((term.group if i == 0 else "", name, f"{variance:.4g}", f"{sd:.4g}", " ".join(corr)))
     for residual in table.iloc[start:].itertuples():  # the Residual row, unless residual sds were known
+        if residual.var1 == "phi":  # an AR(1) phi: printed with its structure below the table
+            continue
         rows.append((residual.grp, "", f"{residual.vcov:.4g}", f"{residual.sdcor:.4g}", ""))
     frame = pd.DataFrame(rows, columns=["Groups", "Name", "Variance", "Std.Dev.", "Corr"])
     if not frame["Corr"].str.strip().any():
