@@ -6,7 +6,9 @@ optimizer over theta; phi is the one-dimensional minimum of the profiled criteri
     d(phi) = min_theta [ -2 log L_whitened(theta; phi) ] + log |C(phi)|
 
 by Brent's method on nlme's unconstrained scale (log((1 + phi) / (1 - phi)) for corAR1, log(phi / (1 - phi))
-for corCAR1), each evaluation's theta search starting from the last one's optimum.  phi's interval is
+for corCAR1), in a window around the lag-1 correlation of a nearly independent fit's residuals (the whole
+range when the minimum lies on the window's edge), each evaluation's theta search starting from the last
+one's optimum unless that sat near a boundary (then from the moment start).  phi's interval is
 nlme's kind: a Wald interval on that scale, its variance the inverse curvature of d / 2 (the other
 parameters profiled out), mapped back.  Fixed effects, their covariance, sigma, the random effects'
 covariances and the BLUPs with their conditional variances are the whitened model's at phi-hat: exact,
