@@ -49,7 +49,7 @@ def test_collapsed_target_is_the_dense_gaussian_marginal_and_its_phi_derivative(
     loc, scale = np.array([0.5, 0.0]), np.array([3.0, 2.0])
     theta, sigma, phi = 0.8, 1.3, 0.45
 
-    @jax.jit  # one program: run op by op, the eager calls took 20 s
+    @jax.jit  # one program: op by op, every eager call would compile a kernel of its own
     def target(p):
         return ar1_log_marginal_likelihood(p, jnp.array([theta]), jnp.asarray(sigma), pattern, arrays, loc, scale)
 

@@ -2,9 +2,9 @@
 
 The host algebra's matrices are small (tens to a few hundred rows), and a fit factors them
 hundreds of times.  OpenBLAS threads such calls, and on a machine whose cores are shared its
-worker threads, once woken, spin and sleep between calls: a 182 x 182 Cholesky factor that takes
-0.5 ms on the calling thread took up to 130 ms inside a three-term GLMM fit (grouseticks; the
-fit fell from 2.9 s to 1.0 s on one thread, benchmarks/RESULTS.md, "GLMMs on the host").
+worker threads, once woken, spin and sleep between calls, so that some small factorizations take
+hundreds of times their arithmetic (measured on a three-term GLMM in benchmarks/RESULTS.md, "GLMMs
+on the host").
 :mod:`hierpool.algebra.linalg` keeps its own products below OpenBLAS's threading threshold; this
 context covers what it does not reach (LAPACK factorizations, SciPy's optimizers).
 """

@@ -83,8 +83,8 @@ def separating_columns(z: np.ndarray, y: np.ndarray, family_name: str) -> list[i
 
 
 def distinct_rows(a: np.ndarray) -> np.ndarray:
-    """The distinct rows of a 2-d array, sorted lexicographically: ``np.unique(a, axis=0)``, whose sort of a
-    structured view took 17 ms on VerbAgg's 7,584 x 7 where a lexsort takes 1.
+    """The distinct rows of a 2-d array, sorted lexicographically: ``np.unique(a, axis=0)`` by a lexsort of the
+    columns rather than numpy's sort of a structured view of the rows, which costs many times more.
 
     Parameters
     ----------

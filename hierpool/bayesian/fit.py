@@ -182,9 +182,12 @@ def _sample_collapsed(design, resolved, chains, draws, tune, seed, target_accept
 _draw_effects_jit = jax.jit(draw_effects, static_argnames="batch_size")
 
 
-def _sample_exact(design, resolved, variance, chains, draws, seed):
-    """Variance parameters held: (beta, b) is Gaussian, drawn exactly (no MCMC)."""
-    system = build_system(design)
+def _sample_exact(design, resolved, variance, chains, draws, seed, system=None):
+    """Variance parameters held: (beta, b) is Gaussian, drawn exactly (no MCMC).
+
+    ``system``: the mixed-model system to draw from, the design's when None (an AR(1) fit's whitened one).
+    """
+    system = build_system(design) if system is None else system
     loc, scale = (jnp.asarray(a) for a in resolved.beta_gaussian())
     count = chains * draws
     thetas = jnp.broadcast_to(jnp.asarray(variance.theta), (count, variance.theta.size))
@@ -196,12 +199,20 @@ def _sample_exact(design, resolved, variance, chains, draws, seed):
     return np.asarray(beta).reshape(shape + (design.p,)), [np.asarray(x).reshape(shape + x.shape[1:]) for x in b]
 
 
-def _sample_full(design, resolved, held, chains, draws, tune, seed, target_accept, progress):
+def _sample_full(design, resolved, held, chains, draws, tune, seed, target_accept, progress, series=None,
+                 phi_bounds=None):
+    """NUTS on the plain non-centered model: (beta, b, sds, cors, sigma, sampler statistics, phi).
+
+    With ``series`` (:class:`~hierpool.bayesian.model.SeriesData`) the residuals are AR(1) (phi held in
+    ``held``, or sampled on ``phi_bounds``); phi is None without.
+    """
     ks = tuple(t.k for t in design.terms)
+    ar1 = () if series is None else (series,)
     out, stats = sample_nuts(
         full_model,
-        (model_data(design), resolved, held),
-        static=(("ks", ks), ("n_levels", tuple(t.n_levels for t in design.terms))),
+        (model_data(design), resolved, held, *ar1),
+        static=(("ks", ks), ("n_levels", tuple(t.n_levels for t in design.terms)))
+        + ((("phi_bounds", phi_bounds),) if ar1 else ()),
         chains=chains,
         tune=tune,
         draws=draws,
@@ -214,10 +225,13 @@ def _sample_full(design, resolved, held, chains, draws, tune, seed, target_accep
         progress=progress,
     )
     beta, b = effect_draws(out, design.p, len(ks), chains, draws)
+    phi = None
+    if ar1:
+        phi = np.full((chains, draws), held.phi) if held is not None else np.asarray(out["phi"])
     if held is not None:
-        return beta, b, None, None, None, stats
+        return beta, b, None, None, None, stats, phi
     sds, cors, _ = variance_draws(out, ks, True)
-    return beta, b, sds, cors, (None if design.sigma_known else out["sigma"]), stats
+    return beta, b, sds, cors, (None if design.sigma_known else out["sigma"]), stats, phi
 
 
 def bayes(
@@ -340,7 +354,7 @@ def bayes(
 
     sds = cors = sigma = stats = None
     if method == "full":
-        beta, b, sds, cors, sigma, stats = _sample_full(
+        beta, b, sds, cors, sigma, stats, _ = _sample_full(
             design, resolved, held, chains, draws, tune, seed, target_accept, progress
         )
     elif held is None:
@@ -357,17 +371,29 @@ def bayes(
         sigma_rows = np.full((chains, draws), held.sigma)
     else:
         sigma_rows = None
+    return _result(design, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats,
+                   lambda: pointwise_log_likelihood(design, beta, b, sigma_rows))
+
+
+def _result(design, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats, pointwise,
+            extra: dict | None = None) -> BayesResult:
+    """A linear mixed model's BayesResult from its draws: ``pointwise()`` the pointwise log-likelihood (stored
+    up to :data:`LOG_LIKELIHOOD_MAX_VALUES` values, warned beyond), ``extra`` more posterior variables (an
+    AR(1) model's phi), sampler diagnostics warned."""
+    chains, draws = beta.shape[:2]
     log_lik = None
     if chains * draws * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
-        log_lik = pointwise_log_likelihood(design, beta, b, sigma_rows)
+        log_lik = pointwise()
     else:
         warnings.warn(
             f"the pointwise log-likelihood ({chains} x {draws} x {design.n} values) is not stored: "
             f"more than {LOG_LIKELIHOOD_MAX_VALUES:.0e}; idata has no log_likelihood group",
             HierpoolWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     idata = build_inference_data(design, beta, b, sds, cors, sigma, stats, log_lik)
+    for name, values in (extra or {}).items():
+        idata.posterior[name] = (("chain", "draw"), np.asarray(values))
     result = BayesResult(
         idata=idata,
         design=design,
@@ -395,40 +421,16 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
         raise ArgumentError("variance: hold an hp.lmm fit with the same correlation= (an AR1Result)")
     if method == "full":  # NUTS on the plain non-centered model, its likelihood on the residuals
         held = None if held is None else replace(held, phi=variance.phi)
-        ks = tuple(t.k for t in design.terms)
-        out, stats = sample_nuts(
-            full_model, (model_data(design), resolved, held, series_data),
-            static=(("ks", ks), ("n_levels", tuple(t.n_levels for t in design.terms)),
-                    ("phi_bounds", correlation.bounds)),
-            chains=chains, tune=tune, draws=draws, seed=seed, target_accept=target_accept,
-            dense_mass=held is not None and design.p + sum(t.n_levels * t.k for t in design.terms)
-            <= DENSE_MASS_MAX_DIMENSION,
-            progress=progress)
-        beta, b = effect_draws(out, design.p, len(ks), chains, draws)
-        if held is None:
-            sds, cors, _ = variance_draws(out, ks, True)
-            sigma, phi = out["sigma"], np.asarray(out["phi"])
-        else:
-            sigma, phi = np.full((chains, draws), held.sigma), np.full((chains, draws), held.phi)
-        return _ar1_result(design, correlation, series, resolved, method, variance, held, beta, b, sds, cors,
-                           sigma, phi, stats, level)
-    loc, scale = (np.asarray(a, dtype=float) for a in resolved.beta_gaussian())
-    if variance is not None:
+        beta, b, sds, cors, sigma, stats, phi = _sample_full(
+            design, resolved, held, chains, draws, tune, seed, target_accept, progress, series_data,
+            correlation.bounds)
+    elif variance is not None:
         method = "exact"
-        system = on_device(variance.system)  # the data whitened at the fit's phi
-        count = chains * draws
-        beta, b = _draw_effects_jit(
-            jnp.broadcast_to(jnp.asarray(variance.theta), (count, variance.theta.size)),
-            jnp.full(count, variance.sigma),
-            system, jnp.asarray(loc), jnp.asarray(scale), jax.random.PRNGKey(seed),
-            batch_size=draw_batch_size(system.layout))
-        shape = (chains, draws)
-        beta = np.asarray(beta).reshape(shape + (design.p,))
-        b = [np.asarray(x).reshape(shape + x.shape[1:]) for x in b]
-        sigma = np.full(shape, variance.sigma)
-        phi = np.full(shape, variance.phi)
+        beta, b = _sample_exact(design, resolved, variance, chains, draws, seed,
+                                system=on_device(variance.system))  # the data whitened at the fit's phi
     else:
         ks = tuple(t.k for t in design.terms)
+        loc, scale = (np.asarray(a, dtype=float) for a in resolved.beta_gaussian())
         pattern = jax.tree_util.tree_map(jax.device_put, system_pattern(design))
         out, stats = sample_nuts(
             ar1_collapsed_model, (pattern, series_data, loc, scale, resolved),
@@ -438,24 +440,13 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
         beta, b = out["beta"], list(out["b"])
         sds, cors, _ = variance_draws(out["variance"], ks, True)
         sigma, phi = out["variance"]["sigma"], np.asarray(out["variance"]["phi"])
-    return _ar1_result(design, correlation, series, resolved, method, variance, held, beta, b, sds, cors, sigma, phi,
-                       stats, level)
-
-
-def _ar1_result(design, correlation, series, resolved, method, variance, held, beta, b, sds, cors, sigma, phi, stats,
-                level) -> BayesResult:
-    """An AR(1) model's BayesResult: phi in the posterior, the pointwise log-likelihood of each row given the
-    one before it."""
-    log_lik = None
-    if beta.shape[0] * beta.shape[1] * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
-        log_lik = ar1_pointwise_log_likelihood(design, beta, b, sigma, phi, series.previous, series.lag)
-    idata = build_inference_data(design, beta, b, sds, cors, None if variance is not None else sigma, stats, log_lik)
-    idata.posterior["phi"] = (("chain", "draw"), np.asarray(phi))
-    result = BayesResult(idata=idata, design=design, priors=resolved, method=method, level=level, held=held,
-                         held_varcorr=None if variance is None else variance.varcorr)
-    if stats is not None:
-        result.diagnostics(warn=True)
-    return result
+    if variance is not None:  # held: no sigma or phi draws, their values in every row
+        sigma, phi = None, np.full((chains, draws), variance.phi)
+    sigma_rows = np.full((chains, draws), variance.sigma) if variance is not None else sigma
+    return _result(design, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats,
+                   lambda: ar1_pointwise_log_likelihood(design, beta, b, sigma_rows, phi, series.previous,
+                                                        series.lag),
+                   extra={"phi": phi})
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from .glmm_optimize import fit_laplace
 from .glmm_results import GLMMResult
 
 #: Distinct (row of X, response) pairs up to which the fixed-effect columns are checked for separation before
-#: the fit (a linear programme over them: HiGHS took 5 s on 200,000, twice the host's Laplace fit of that
-#: model).  Beyond, the check runs after the fit when the fit looks like a separated one
+#: the fit (a linear programme over them, which at 200,000 cost twice the host's Laplace fit of that model:
+#: benchmarks/RESULTS.md, "GLMMs on the host").  Beyond, the check runs after the fit when the fit looks like a separated one
 #: (:data:`SEPARATION_SUSPECT_ETA`, or the convergence checks failed), on all the pairs.
 SEPARATION_MAX_ROWS = 50_000
 #: A fixed effect whose column moves the linear predictor by more than this (|beta_j| max |x_j|; a probability

@@ -60,7 +60,7 @@ SHAPE_STEP = 0.25
 SHAPE_DIFFERENCE = 1e-3
 #: L-BFGS-B's stopping rules in the gradient stage: relative reduction of the deviance, and max |projected gradient|
 #: in the scaled variables (:mod:`hierpool.closedform.glmm_scaling`, where the Hessian is near the identity, so
-#: that 1e-5 is ~1e-10 of deviance from the optimum); a Newton step with the final Hessian follows.
+#: that 1e-3 is ~1e-6 of deviance from the optimum): loose, because Newton steps with the final Hessian follow.
 LBFGS_FTOL = 1e-12
 LBFGS_GTOL = 1e-3
 #: Forward-difference step of the final Hessian, in the scaled variables (where the deviance's curvature is ~1).
@@ -74,9 +74,9 @@ POLISH_MAX_STEPS = 5
 POLISH_GRADIENT = 1e-6
 #: Rows from which PIRLS runs in a compiled program (:mod:`hierpool.algebra.laplace_program`) rather than on
 #: the host.  A fit evaluates the criterion 20-60 times (the scaled search), the host's cost grows with the
-#: rows, and the program's compilation (seconds) pays only when the host's fit would take longer: a
-#: Bernoulli model with 100 rows a group took 2.8 s on the host against 9.2 s compiled (first fit, fresh
-#: process) at 200,000 rows, 15.9 s against 10.5 s at 1,000,000 (benchmarks/RESULTS.md, "GLMMs on the host").
+#: rows, and the program's compilation (seconds) pays only when the host's fit would take longer: on a
+#: Bernoulli model with 100 rows a group the host won at 200,000 rows and lost at 1,000,000 (benchmarks/
+#: RESULTS.md, "GLMMs on the host").
 COMPILE_MIN_ROWS = 500_000
 #: Factorizations of the working system per evaluation of the criterion and its gradient (PIRLS's steps, the
 #: mode's and the gradient's), with which a fit's work per evaluation is compared with the linear model's
