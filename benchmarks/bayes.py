@@ -282,7 +282,7 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _run(command: list[str], source: str) -> dict:
+def run_fit(command: list[str], source: str) -> dict:
     """Run one fit in a fresh process.  Besides the tool's own figures, records the 1-minute load
     before it and the CPU seconds that other processes on the machine used while it ran
     (``other_cpu_s``: machine busy time minus this run's own, its worker processes included;
@@ -302,17 +302,23 @@ def _run(command: list[str], source: str) -> dict:
     return {**result, **contention}
 
 
+def rstanarm_missing() -> str | None:
+    """Why rstanarm cannot run here (Rscript, or the R package rstanarm or jsonlite, missing), or None."""
+    if shutil.which("Rscript") is None:
+        return "Rscript not found"
+    check = 'quit(status = !all(sapply(c("rstanarm", "jsonlite"), requireNamespace, quietly = TRUE)))'
+    if subprocess.run(["Rscript", "-e", check], capture_output=True).returncode:
+        return "R package rstanarm or jsonlite missing"
+    return None
+
+
 def _tools(bambi_python: str) -> dict[str, tuple[list[str], str] | str]:
     """Each tool's (command, source template), or a string saying why it is skipped."""
     tools: dict[str, tuple[list[str], str] | str] = {}
     for name, source in (("hierpool", HIERPOOL), ("numpyro", NUMPYRO)):
         tools[name] = ([sys.executable, "-"], source) if importlib.util.find_spec(name) else f"{name} not importable"
-    if shutil.which("Rscript") is None:
-        tools["rstanarm"] = "Rscript not found"
-    else:
-        check = 'quit(status = !all(sapply(c("rstanarm", "jsonlite"), requireNamespace, quietly = TRUE)))'
-        ok = subprocess.run(["Rscript", "-e", check], capture_output=True).returncode == 0
-        tools["rstanarm"] = (["Rscript", "-"], RSTANARM) if ok else "R package rstanarm or jsonlite missing"
+    missing = rstanarm_missing()
+    tools["rstanarm"] = (["Rscript", "-"], RSTANARM) if missing is None else missing
     if not Path(bambi_python).exists():
         tools["bambi"] = f"no Python at {bambi_python} (pass --bambi-python)"
     else:
@@ -363,7 +369,7 @@ def main() -> None:
             section[name] = {}
             for setting, accept in (("matched", MATCHED), ("default", None)):
                 print(f"{model}: {name} ({setting})", file=sys.stderr, flush=True)
-                run = _run(command, _fill(source, model, accept, r=command[0] == "Rscript"))
+                run = run_fit(command, _fill(source, model, accept, r=command[0] == "Rscript"))
                 if "error" in run:
                     print(f"note: {name} failed on {model} ({setting}): {run['error']}", file=sys.stderr)
                 if "priors" in run:

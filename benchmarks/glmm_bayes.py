@@ -30,7 +30,7 @@ Sampler variants of hierpool, each in a fresh process (``--skip-variants`` leave
 * ``centered``: w = 1, b ~ N(0, sd^2) itself;
 * ``auto, diagonal mass``: ``hierpool.bayesian.glmm.DENSE_MASS_MAX_DIMENSION = 0``.
 
-Each run also records the machine's contention (benchmarks/bayes.py's ``_run``): the CPU seconds other
+Each run also records the machine's contention (benchmarks/bayes.py's ``run_fit``): the CPU seconds other
 processes used while it ran.  Compare ratios within one run of this script.
 """
 
@@ -40,14 +40,12 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bayes import _run, commit  # noqa: E402  (the contention record and the commit, as in the other benchmark)
+from bayes import commit, rstanarm_missing, run_fit  # noqa: E402  (the contention record and the commit, as in the other benchmark)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
@@ -148,18 +146,18 @@ def main() -> None:
         print(f"hierpool ({name})", file=sys.stderr, flush=True)
         source = (HIERPOOL.replace("SETUP", setup).replace("DATA", repr(str(DATA))).replace("FORMULA", repr(FORMULA))
                   .replace("ACCEPT", repr(args.accept)))
-        results["hierpool"][name] = _run([sys.executable, "-"], source)
+        results["hierpool"][name] = run_fit([sys.executable, "-"], source)
 
-    check = 'quit(status = !all(sapply(c("rstanarm", "jsonlite"), requireNamespace, quietly = TRUE)))'
-    if shutil.which("Rscript") is None or subprocess.run(["Rscript", "-e", check], capture_output=True).returncode:
-        results["rstanarm"] = "skipped: Rscript, or the R package rstanarm or jsonlite, is missing"
+    missing = rstanarm_missing()
+    if missing is not None:
+        results["rstanarm"] = f"skipped: {missing}"
         print(f"note: {results['rstanarm']}", file=sys.stderr)
     else:
         for cores in args.rstanarm_cores:
             print(f"rstanarm (cores = {cores})", file=sys.stderr, flush=True)
             source = (RSTANARM.replace("DATA", f'"{DATA}"').replace("FORMULA", FORMULA)
                       .replace("CORES", str(cores)).replace("ACCEPT", str(args.accept)))
-            results["rstanarm"][f"cores={cores}"] = _run(["Rscript", "-"], source)
+            results["rstanarm"][f"cores={cores}"] = run_fit(["Rscript", "-"], source)
 
     ours = results["hierpool"]["auto"].get("ess_per_s")
     results["ratios"] = {

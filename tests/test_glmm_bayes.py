@@ -117,6 +117,9 @@ def test_cbpp_predictions_on_both_scales(cbpp, cbpp_post):
         cbpp_post.predict(new, kind="predictive")
     counts = cbpp_post.predict(new, kind="predictive", trials=[20, 20])
     assert ((0 <= counts["lower"]) & (counts["lower"] <= counts["upper"]) & (counts["upper"] <= 1)).all()
+    # proportions of the trials given: binomial noise shrinks with them (ignoring trials= would not change them)
+    many = cbpp_post.predict(new, kind="predictive", trials=[2000, 2000])
+    assert ((counts["upper"] - counts["lower"]) > (many["upper"] - many["lower"])).all()
     with pytest.raises(hp.ArgumentError, match="response scale"):
         cbpp_post.predict(kind="predictive", type="link")
 
@@ -129,7 +132,10 @@ def test_poisson_with_an_offset_matches_rstanarm():
     rows = EPIL_EXPOSURE.iloc[[1]]
     twice = post.predict(rows.assign(weeks=2 * rows["weeks"]), type="link")["mean"].iloc[0]
     assert twice - post.predict(rows, type="link")["mean"].iloc[0] == pytest.approx(np.log(2.0), abs=1e-12)
-    assert (post.predict(kind="predictive")["mean"] >= 0).all()
+    predictive, mean = post.predict(kind="predictive"), post.predict(type="response")
+    assert (predictive["mean"] >= 0).all()
+    # Poisson noise on top of the means' uncertainty: every predictive interval is wider than the mean's
+    assert ((predictive["upper"] - predictive["lower"]) > (mean["upper"] - mean["lower"])).all()
 
 
 def test_negative_binomial_samples_its_shape():
@@ -166,7 +172,10 @@ def test_negative_binomial_target_is_the_log_likelihood(log_sums, monkeypatch):
     data = glmm.glmm_data(design, glmm.centering_weights(design))
     assert (data.count_steps.size > 0) == log_sums and (data.count_values.size > 0) != log_sums
     eta, shape = jnp.asarray(np.random.default_rng(0).normal(1.0, 1.0, design.n)), jnp.asarray(3.7)
+    # a few rows far out on the log scale, where e^eta overflows: the target must stay finite there too
+    eta = eta.at[:3].set(jnp.array([720.0, -720.0, 50.0]))
     expected = jnp.sum(log_likelihood_eta("negative_binomial", "log", data.y, eta, data.weights, shape, constant=False))
+    assert np.isfinite(float(expected))
     assert float(glmm.negative_binomial_target(data, eta, shape)) == pytest.approx(float(expected), rel=1e-13)
 
 

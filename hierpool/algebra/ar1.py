@@ -21,6 +21,8 @@ the caller checks that (:func:`hierpool.closedform.ar1.fit_ar1`).
 
 from __future__ import annotations
 
+import numpy as np
+
 from .linalg import array_namespace
 
 
@@ -39,6 +41,18 @@ def whiten(values, previous, c):
     if values.ndim == 1:
         return scale * (values - c * before)
     return scale[:, None] * (values - c[:, None] * before)
+
+
+def unwhiten(innovations, previous, c, order):
+    """The inverse of :func:`whiten` on a vector (host): e_t = c_t e_(t-1) + sqrt(1 - c_t^2) w_t, computed along
+    ``order`` (each series in order, a row's predecessor first).  With standard normal ``innovations`` it draws
+    unit-variance AR(1) chains (simulation studies)."""
+    out = np.empty(len(innovations))
+    scale = np.sqrt(1.0 - c * c)
+    for row in order:
+        before = previous[row]
+        out[row] = innovations[row] if before < 0 else c[row] * out[before] + scale[row] * innovations[row]
+    return out
 
 
 def log_det_correlation(c):

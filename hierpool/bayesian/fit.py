@@ -7,7 +7,6 @@ import warnings
 from dataclasses import dataclass, replace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -188,10 +187,11 @@ def _sample_exact(design, resolved, variance, chains, draws, seed, system=None):
     ``system``: the mixed-model system to draw from, the design's when None (an AR(1) fit's whitened one).
     """
     system = build_system(design) if system is None else system
-    loc, scale = (jnp.asarray(a) for a in resolved.beta_gaussian())
+    # NumPy arguments of the one jitted program: eager jnp conversions would compile programs of their own
+    loc, scale = (np.asarray(a, dtype=float) for a in resolved.beta_gaussian())
     count = chains * draws
-    thetas = jnp.broadcast_to(jnp.asarray(variance.theta), (count, variance.theta.size))
-    sigmas = jnp.full(count, variance.sigma)  # 1.0 with known residual sds
+    thetas = np.broadcast_to(np.asarray(variance.theta, dtype=float), (count, variance.theta.size))
+    sigmas = np.full(count, float(variance.sigma))  # 1.0 with known residual sds
     beta, b = _draw_effects_jit(
         thetas, sigmas, system, loc, scale, jax.random.PRNGKey(seed), batch_size=draw_batch_size(system.layout)
     )

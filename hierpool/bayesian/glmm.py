@@ -42,8 +42,9 @@ import numpyro
 import numpyro.distributions as dist
 
 from ..algebra.family import Family, Link, log_likelihood_eta
-from .model import HeldVariance, _fixed_effects, effect_draws, variance_draws, variance_parameters
+from .model import HeldVariance, effect_draws, fixed_effects, variance_draws, variance_parameters
 from .nuts import sample_nuts
+from .posterior import linear_predictor_draws
 from .priors import Priors
 
 #: ``"auto"``: each level's centering weight w from :func:`centering_weights`; ``"centered"`` (w = 1) or
@@ -177,7 +178,7 @@ def glmm_model(data: GLMMData, priors: Priors, held: HeldVariance | None, *, ks:
     Term j's site ``z__j`` holds the v_l of its levels, partially non-centered with the weights
     ``data.centering[j]``; with held variance parameters, the u of b = F u, u ~ N(0, I).
     """
-    beta = _fixed_effects(priors)
+    beta = fixed_effects(priors)
     if held is None:
         _, sds, cors = variance_parameters(priors, ks)  # no sigma: priors.sigma is None
         shape = numpyro.sample("shape", priors.shape) if family == "negative_binomial" else None
@@ -215,7 +216,8 @@ def negative_binomial_target(data: GLMMData, eta, shape):
     (log Gamma(y + theta) - log Gamma(theta) = sum_{k < y} log(theta + k) for whole y).
     """
     log_shape = jnp.log(shape)
-    per_row = shape * log_shape + data.y * eta - (shape + data.y) * jnp.log(shape + jnp.exp(eta))
+    # log(theta + e^eta) as a logaddexp: e^eta overflows at eta ~ 710 (as family.log_likelihood_eta writes it)
+    per_row = shape * log_shape + data.y * eta - (shape + data.y) * jnp.logaddexp(log_shape, eta)
     gammaln = jax.scipy.special.gammaln
     return (jnp.sum(data.weights * per_row)
             + jnp.sum(data.count_weights * (gammaln(data.count_values + shape) - gammaln(shape)))
@@ -252,14 +254,6 @@ def sample_glmm(design, priors: Priors, held: HeldVariance | None, chains, draws
         return beta, b, None, None, None, stats
     sds, cors, _ = variance_draws(out, ks, True)
     return beta, b, sds, cors, out.get("shape"), stats
-
-
-def linear_predictor_draws(design, beta: np.ndarray, b: list[np.ndarray]) -> np.ndarray:
-    """eta per draw and fitted row, shape (chain, draw, n): offset + X beta + sum_j z_j b_j[level]."""
-    eta = design.offset + np.einsum("np,cdp->cdn", design.X, beta)
-    for term, b_term in zip(design.terms, b):
-        eta = eta + np.einsum("nk,cdnk->cdn", term.z, b_term[:, :, term.index, :])
-    return eta
 
 
 def pointwise_log_likelihood(design, beta: np.ndarray, b: list[np.ndarray], shape: np.ndarray | None) -> np.ndarray:

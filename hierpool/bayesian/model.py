@@ -133,7 +133,7 @@ def variance_draws(draws: dict, ks: tuple[int, ...], sigma_known: bool):
 def effect_draws(draws: dict, p: int, n_terms: int, chains: int, n_draws: int):
     """(beta (chains, draws, p), b per term) from the constrained draws of a full model's sites.
 
-    beta is one vector site ``beta`` where every fixed-effect prior is normal (:func:`_fixed_effects`),
+    beta is one vector site ``beta`` where every fixed-effect prior is normal (:func:`fixed_effects`),
     otherwise one site ``beta__i`` per column; b is ``b__j`` per term.
     """
     if "beta" in draws:
@@ -150,7 +150,9 @@ def _two_by_two_factor(rho: jax.Array) -> jax.Array:
     return jnp.stack([jnp.stack([jnp.ones_like(rho), jnp.zeros_like(rho)]), jnp.stack([rho, jnp.sqrt(1 - rho**2)])])
 
 
-def _fixed_effects(priors: Priors) -> jax.Array:
+def fixed_effects(priors: Priors) -> jax.Array:
+    """beta's sample sites: one vector ``beta`` when every prior is normal, else ``beta__i`` per column
+    (flat where a prior is None)."""
     if priors.beta and priors.beta_all_normal():
         loc = jnp.stack([jnp.asarray(prior.loc) for prior in priors.beta])
         scale = jnp.stack([jnp.asarray(prior.scale) for prior in priors.beta])
@@ -178,7 +180,7 @@ def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, serie
     Normal(c_t r_(t-1), sigma^2 (1 - c_t^2)), c_t = phi^lag_t (phi held, or Uniform on ``phi_bounds``); the
     likelihood is written on the residuals directly, independently of the whitened mixed-model equations.
     """
-    beta = _fixed_effects(priors)
+    beta = fixed_effects(priors)
     if held is None:
         sigma, sds, cors = variance_parameters(priors, ks)
         cov_factors = [sd[:, None] * cor if cor is not None else jnp.diag(sd) for sd, cor in zip(sds, cors)]

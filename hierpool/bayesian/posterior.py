@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import arviz as az
 import numpy as np
 
+from ..algebra.ar1 import carried
 from ..spec.design import Design
 from .priors import identifier
 
@@ -125,14 +126,15 @@ def pointwise_log_likelihood(
     part of the mean and the prior weight w_i (or 1/se_i^2) divides the variance, so
     that LOO and WAIC compare models on the likelihood they were fitted with.
     """
-    mu = _mean(design, beta, b)
+    mu = linear_predictor_draws(design, beta, b)
     scale = 1.0 / np.sqrt(design.row_weights)
     scale = scale if sigma is None else sigma[..., None] * scale
     return -0.5 * np.log(2 * np.pi) - np.log(scale) - 0.5 * ((design.y - mu) / scale) ** 2
 
 
-def _mean(design: Design, beta: np.ndarray, b: list[np.ndarray]) -> np.ndarray:
-    """o + X beta + Z b per draw and row, shape (chain, draw, n)."""
+def linear_predictor_draws(design: Design, beta: np.ndarray, b: list[np.ndarray]) -> np.ndarray:
+    """o + X beta + sum_j z_j b_j[level] per draw and fitted row, shape (chain, draw, n): the linear model's mean,
+    a GLMM's eta."""
     mu = design.offset + np.einsum("np,cdp->cdn", design.X, beta)
     for term, b_term in zip(design.terms, b):
         mu = mu + np.einsum("nk,cdnk->cdn", term.z, b_term[:, :, term.index, :])
@@ -147,9 +149,8 @@ def ar1_pointwise_log_likelihood(design: Design, beta: np.ndarray, b: list[np.nd
     c_t = phi^lag_t (0 for a series' first row): the factors of the joint density, so that the rows' values
     sum to log p(y | beta, b, sigma, phi) (the whitening's densities with its Jacobian).
     """
-    residual = design.y - _mean(design, beta, b)
-    first = previous < 0
-    c = np.where(first, 0.0, np.asarray(phi)[..., None] ** np.where(first, 1.0, lag))
+    residual = design.y - linear_predictor_draws(design, beta, b)
+    c = carried(np.asarray(phi)[..., None], previous, lag)
     before = residual[..., np.maximum(previous, 0)]
     scale = np.asarray(sigma)[..., None] * np.sqrt(1.0 - c**2)
     return -0.5 * np.log(2 * np.pi) - np.log(scale) - 0.5 * ((residual - c * before) / scale) ** 2

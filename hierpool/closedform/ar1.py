@@ -26,6 +26,7 @@ import pandas as pd
 
 from ..algebra.ar1 import carried, log_det_correlation, whiten
 from ..algebra.henderson import solve
+from ..algebra.laplace import random_part
 from ..algebra.linalg import theta_lower_bounds
 from ..algebra.system import build_system
 from ..errors import ArgumentError, ConvergenceWarning, DataError
@@ -72,9 +73,7 @@ def _moment_phi(design: Design, series: Series, at_zero, continuous: bool) -> fl
     per unit of lag (its lag-th root), kept inside (-0.9, 0.9) (and above 0.05 in continuous time)."""
     whitened, system, optimum, _ = at_zero
     solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=True)
-    fitted = design.X @ np.asarray(solution.beta) + sum(
-        np.einsum("nk,nk->n", t.z, np.asarray(b)[t.index]) for t, b in zip(design.terms, solution.b))
-    residual = design.y_less_offset - fitted
+    residual = design.y_less_offset - design.X @ np.asarray(solution.beta) - random_part(design, solution.b)
     has = series.previous >= 0
     if not has.any():
         return 0.1

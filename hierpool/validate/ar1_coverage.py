@@ -24,9 +24,10 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from ..algebra.ar1 import carried, unwhiten
 from ..closedform import lmm
 from ..closedform.predict import normal_quantile
-from ..spec.correlation import ar1
+from ..spec.correlation import ar1, series_of
 from .coverage import coverage_of
 
 BETA = (1.0, 0.5)
@@ -40,13 +41,12 @@ def simulate_ar1_study(rng, n_groups: int = 20, steps: int = 30, phi: float = 0.
     blocks = rng.normal(size=(n_groups, steps // block + 2))
     x = blocks[g, t // block]
     b = rng.normal(0, sd_b, n_groups)
-    noise = np.empty((n_groups, steps))
-    noise[:, 0] = rng.normal(0, sigma, n_groups)
-    for step in range(1, steps):
-        noise[:, step] = phi * noise[:, step - 1] + np.sqrt(1 - phi**2) * rng.normal(0, sigma, n_groups)
-    y = BETA[0] + BETA[1] * x + b[g] + noise.reshape(-1)
-    data = pd.DataFrame({"y": y, "x": x, "t": t.astype(float), "g": [f"g{i:02d}" for i in g]})
-    return data, b, noise[:, -1], blocks[np.arange(n_groups), steps // block]
+    data = pd.DataFrame({"x": x, "t": t.astype(float), "g": [f"g{i:02d}" for i in g]})
+    series = series_of(ar1("g", time="t"), data, data.index)
+    noise = sigma * unwhiten(rng.normal(size=len(g)), series.previous, carried(phi, series.previous, series.lag),
+                             series.order)
+    data.insert(0, "y", BETA[0] + BETA[1] * x + b[g] + noise)
+    return data, b, noise.reshape(n_groups, steps)[:, -1], blocks[np.arange(n_groups), steps // block]
 
 
 def ar1_coverage(n_reps: int = 100, level: float = 0.95, n_groups: int = 20, steps: int = 30, phi: float = 0.6,

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from ..algebra.ar1 import carried, unwhiten
 from ..bayesian import bayes, resolve_priors
 from ..errors import ArgumentError
 from ..spec.design import build_design
@@ -94,14 +95,7 @@ def _simulate_parameters(priors, design, rng_key, correlation=None, series=None)
         low, high = correlation.bounds
         phi = float(dist.Uniform(low, high).sample(next(keys)))
         truth["phi"] = phi
-        chained = np.empty(design.n)
-        for row in series.order:  # each series in order: its predecessor is already drawn
-            if series.previous[row] < 0:
-                chained[row] = noise[row]
-            else:
-                c = phi ** series.lag[row]
-                chained[row] = c * chained[series.previous[row]] + np.sqrt(1.0 - c * c) * noise[row]
-        noise = chained
+        noise = unwhiten(noise, series.previous, carried(phi, series.previous, series.lag), series.order)
     return truth, mu + sigma * noise
 
 
