@@ -52,18 +52,36 @@ def test_with_the_exact_hessian_the_free_block_becomes_the_identity():
     np.testing.assert_allclose(jacobian.T @ h @ jacobian, np.eye(4), atol=1e-10)
 
 
-def test_forward_difference_hessian_of_a_quadratic_equals_the_central_one():
+def test_forward_differences_along_directions_recover_the_hessian():
+    """H D = G: along any basis D the forward differences of a quadratic's gradient give H exactly; and on a
+    cubic, differences along directions of unit curvature are accurate where raw coordinates of very
+    different scales are not (the uncentred-covariate case)."""
     h = _spd(3, 5)
-
-    def gradients_at(points):
-        return points @ h
-
     x = np.array([0.2, 1.0, -0.5])
     lower = np.full(3, -np.inf)
-    central = hessian_from_gradients(gradients_at, x, lower)
-    forward = hessian_from_gradients(gradients_at, x, lower, gradient=x @ h)
+    directions = np.random.default_rng(9).normal(size=(3, 3))
+    forward = hessian_from_gradients(lambda points: points @ h, x, lower, gradient=x @ h, directions=directions)
     np.testing.assert_allclose(forward, h, rtol=1e-8)
-    np.testing.assert_allclose(central, h, rtol=1e-8)
+    # f = 0.5 x'Hx + c (s x_2)^3 / 6 with s = 1000: the x_2 curvature s^2 (1 + c s x_2) is far above the others
+    s, c = 1000.0, 1e-3
+    scaled = np.diag([1.0, 1.0, s])
+
+    def gradient(points):
+        g = points @ h
+        g[:, 2] += c * s**3 * points[:, 2] ** 2 / 2
+        return g
+
+    point = np.array([0.1, 0.2, 1e-3])
+    exact = h.copy()
+    exact[2, 2] += c * s**3 * point[2]
+    raw = hessian_from_gradients(gradient, point, lower, step=1e-4, gradient=gradient(point[None])[0],
+                                 directions=np.eye(3))
+    unit = hessian_from_gradients(gradient, point, lower, step=1e-4, gradient=gradient(point[None])[0],
+                                  directions=np.linalg.inv(scaled))
+    # the O(step) error: 5e-5 relative along the unit direction, 1,000 times that along the raw coordinate
+    assert abs(unit[2, 2] - exact[2, 2]) < 1e-4 * exact[2, 2] < 0.1 * abs(raw[2, 2] - exact[2, 2])
+    with pytest.raises(ValueError, match="gradient"):
+        hessian_from_gradients(gradient, point, lower, directions=np.eye(3))
 
 
 def test_distinct_rows_are_numpys_unique_rows():
