@@ -12,7 +12,6 @@ import pandas as pd
 
 from ..algebra import one_term_marginal as one_term
 from ..algebra.ar1 import draw_effects_whitened
-from ..algebra.linalg import theta_to_factors
 from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
 from ..algebra.statistics import one_dataset_statistics
 from ..algebra.system import build_system, on_device, system_pattern
@@ -83,8 +82,7 @@ def _held_glmm_variance(design: Design, variance) -> HeldVariance:
         raise ArgumentError("variance: the glmm fit is of a different model, family or data set than this one")
     if not np.array_equal(fitted.row_weights, design.row_weights) or not np.array_equal(fitted.offset, design.offset):
         raise ArgumentError("variance: the glmm fit has other trials, prior weights or offset than this model")
-    factors = theta_to_factors(np.asarray(variance.theta, dtype=float), tuple(t.k for t in design.terms))
-    return HeldVariance(cov_factors=tuple(np.asarray(f) for f in factors), sigma=1.0, shape=variance.shape)
+    return glmm.held_variance(variance)
 
 
 def _choose_method(method: str, priors: Priors) -> str:

@@ -42,6 +42,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from ..algebra.family import Family, Link, log_likelihood_eta
+from ..algebra.linalg import theta_to_factors
 from .model import HeldVariance, effect_draws, fixed_effects, variance_draws, variance_parameters
 from .nuts import sample_nuts
 from .posterior import linear_predictor_draws
@@ -204,6 +205,13 @@ def glmm_model(data: GLMMData, priors: Priors, held: HeldVariance | None, *, ks:
         numpyro.factor("y", negative_binomial_target(data, eta, shape))
     else:  # the terms free of the parameters (binomial coefficients, log y!) are left out of the target
         numpyro.factor("y", jnp.sum(log_likelihood_eta(family, link, data.y, eta, data.weights, shape, constant=False)))
+
+
+def held_variance(fit) -> HeldVariance:
+    """The variance parameters of an ``hp.glmm`` fit as ``hp.bayes(variance=fit)`` holds them: F_j = T_j(theta-hat)
+    per term (lme4's relative covariance factor; a GLMM's scale is 1), and a negative binomial's shape."""
+    factors = theta_to_factors(np.asarray(fit.theta, dtype=float), tuple(t.k for t in fit.design.terms))
+    return HeldVariance(cov_factors=tuple(np.asarray(f, dtype=float) for f in factors), sigma=1.0, shape=fit.shape)
 
 
 def negative_binomial_target(data: GLMMData, eta, shape):

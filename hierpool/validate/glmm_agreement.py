@@ -60,9 +60,8 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.laplace import conditional_mode
-from ..algebra.linalg import theta_to_factors
 from ..bayesian import bayes, resolve_priors
-from ..bayesian.glmm import centering_weights, glmm_data, glmm_model
+from ..bayesian.glmm import centering_weights, glmm_data, glmm_model, held_variance
 from ..bayesian.model import HeldVariance
 from ..bayesian.nuts import sample_nuts
 from ..bayesian.results import summarize_draws
@@ -75,18 +74,6 @@ from .agreement import flat_beta_priors
 MODE_TOLERANCE = 1e-6
 #: Newton's method on the log density stops when its gradient's largest entry is below this.
 GRADIENT_TOLERANCE = 1e-10
-
-
-def held_variance(fit: GLMMResult) -> HeldVariance:
-    """The variance parameters of a Laplace fit, as ``hp.bayes(variance=fit)`` holds them.
-
-    F_j = T_j(theta-hat) per term (lme4's relative covariance factor; a GLMM's scale is 1), and a
-    negative binomial's shape.
-    """
-    if not isinstance(fit, GLMMResult):
-        raise ArgumentError(f"fit must be a fitted hp.glmm result (GLMMResult), got {type(fit).__name__}")
-    factors = theta_to_factors(np.asarray(fit.theta, dtype=float), tuple(t.k for t in fit.design.terms))
-    return HeldVariance(cov_factors=tuple(np.asarray(f, dtype=float) for f in factors), sigma=1.0, shape=fit.shape)
 
 
 def _effect_keys(design) -> pd.DataFrame:
