@@ -111,7 +111,7 @@ class BayesResult:
         """A negative binomial's shape per draw (chain, draw); None for every other model."""
         if "shape" in self.idata.posterior:
             return self._values("shape")
-        if self.held is not None and getattr(self.held, "shape", None) is not None:
+        if self.held is not None and self.held.shape is not None:
             return np.full(self.beta_draws.shape[:2], float(self.held.shape))
         return None
 
@@ -123,11 +123,12 @@ class BayesResult:
     @cached_property
     def correlation(self) -> pd.DataFrame | None:
         """An AR(1) correlation's phi: mean, sd, lower, upper, mcse_mean, ess_bulk, r_hat (None without one)."""
-        draws = self.phi_draws
-        if draws is None:
-            return None
+        return None if self.phi_draws is None else self._scalar_summary("phi", self.phi_draws)
+
+    def _scalar_summary(self, name: str, draws: np.ndarray) -> pd.DataFrame:
+        """One parameter's posterior summary (draws (chain, draw)) as a one-row table named ``name``."""
         return pd.DataFrame(summarize_draws(draws[..., None], self.level),
-                            index=pd.Index(["phi"], name="parameter"))[SUMMARY_COLUMNS]
+                            index=pd.Index([name], name="parameter"))[SUMMARY_COLUMNS]
 
     def term_covariance_draws(self, j: int) -> np.ndarray:
         """Sigma_j per draw, shape (chain, draw, k_j, k_j)."""
@@ -387,8 +388,7 @@ class BayesResult:
             self.varcorr.fillna("").to_string(index=False, float_format=lambda v: f"{v:.4g}"),
         ]
         if "shape" in self.idata.posterior:
-            stats = summarize_draws(self.shape_draws[..., None], self.level)
-            table = pd.DataFrame(stats, index=pd.Index(["shape"]))[SUMMARY_COLUMNS]
+            table = self._scalar_summary("shape", self.shape_draws)
             lines += ["", "Negative binomial shape (variance mu + mu^2 / shape):",
                       table.to_string(float_format=lambda v: f"{v:.4g}")]
         if "sample_stats" in self.idata:
