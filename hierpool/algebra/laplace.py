@@ -24,7 +24,8 @@ and log-determinant as the linear mixed model, nothing written twice.  A step th
 penalized deviance is halved, as lme4's PIRLS does.  With ``joint=True`` beta is a working
 coefficient too (X stays in the solve): the joint mode of (beta, u), lme4's ``nAGQ = 0`` stage.
 
-Host (NumPy) only for now: each step rebuilds the cross-products with the new weights.
+This module is the host (NumPy) path: each step refills the design's system pattern with the new weights
+(:func:`pirls_patterns`); :mod:`hierpool.algebra.laplace_program` runs the same steps as one compiled program.
 """
 
 from __future__ import annotations

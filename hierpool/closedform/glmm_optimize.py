@@ -7,9 +7,13 @@ lme4's ``glmer`` fits in two stages (Bates et al. 2015, sec. 5.2; ``?glmerContro
 2. (theta, beta) together from there, each value's criterion the Laplace approximation with u
    at its conditional mode given beta: lme4's ``nAGQ = 1``.
 
-Both stages are derivative-free, as glmer's: NLopt's BOBYQA (Powell 2009), the algorithm of lme4's
-default ``bobyqa`` and of its ``nloptwrap``, with the diagonal of each T_j bounded below by 0.  Each
-evaluation starts PIRLS from the previous evaluation's mode.  Host (NumPy) only for now.
+With the criterion's exact gradient (nAGQ = 1; :mod:`hierpool.algebra.laplace_gradient`) stage 1 is not
+needed: stage 2 starts from lme4's theta and the joint mode there and runs L-BFGS-B in variables scaled by
+an approximate Hessian (:mod:`hierpool.closedform.glmm_scaling`), finished by Newton steps on the final
+Hessian (:func:`_gradient_stage`).  Adaptive quadrature (nAGQ > 1) and nAGQ = 0 keep glmer's
+derivative-free stages: NLopt's BOBYQA (Powell 2009), the algorithm of lme4's default ``bobyqa`` and of
+its ``nloptwrap``, with the diagonal of each T_j bounded below by 0.  Each evaluation starts PIRLS from the
+previous evaluation's mode, on the host or in a compiled program (:class:`ModeFinder`).
 """
 
 from __future__ import annotations
