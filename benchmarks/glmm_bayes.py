@@ -23,12 +23,15 @@ for any user) and, for comparison, ``cores = 1`` (chains one after another in th
 
 Sampler variants of hierpool, each in a fresh process (``--skip-variants`` leaves them out):
 
-* ``auto`` (the default): each herd's effect partially non-centered, v ~ N(0, sd^(2w)), b = sd^(1-w) v,
-  with w from the information its data carry (``hierpool.bayesian.glmm.centering_weights``), dense
-  mass matrix;
-* ``non-centered``: w = 0 for every herd, b = sd u, u ~ N(0, 1) (``hierpool.bayesian.glmm.PARAMETERIZATION``);
-* ``centered``: w = 1, b ~ N(0, sd^2) itself;
-* ``auto, diagonal mass``: ``hierpool.bayesian.glmm.DENSE_MASS_MAX_DIMENSION = 0``.
+* ``auto`` (the default): for this one-scalar-term model, independence Metropolis-Hastings with the adapted
+  Laplace approximation as its proposal (``hierpool.bayesian.independence``); "steps / draw" are its
+  Metropolis-Hastings steps per kept draw;
+* ``NUTS`` (``method="full"``): NUTS on every parameter, each herd's effect partially non-centered,
+  v ~ N(0, sd^(2w)), b = sd^(1-w) v, with w from the information its data carry
+  (``hierpool.bayesian.glmm.centering_weights``), dense mass matrix; "steps / draw" are leapfrog steps;
+* ``NUTS non-centered``: w = 0 for every herd, b = sd u, u ~ N(0, 1) (``hierpool.bayesian.glmm.PARAMETERIZATION``);
+* ``NUTS centered``: w = 1, b ~ N(0, sd^2) itself;
+* ``NUTS, diagonal mass``: ``hierpool.bayesian.glmm.DENSE_MASS_MAX_DIMENSION = 0``.
 
 Each run also records the machine's contention (benchmarks/bayes.py's ``run_fit``): the CPU seconds other
 processes used while it ran.  Compare ratios within one run of this script.
@@ -64,23 +67,24 @@ HIERPOOL = textwrap.dedent(
     priors = {"Intercept": "flat", "b": "flat", "sd": dist.Exponential(1.0)}
     t0 = time.perf_counter()
     post = hp.bayes(FORMULA, data, family="binomial", priors=priors, chains=4, draws=1000, tune=1000, seed=1,
-                    target_accept=ACCEPT)
+                    target_accept=ACCEPT, method=METHOD)
     wall = time.perf_counter() - t0
     ranef, table = post.ranef, post.diagnostics(warn=False)
     print(json.dumps(dict(wall_s=wall, min_ess_bulk=float(ranef.ess_bulk.min()), max_r_hat=float(table.max_r_hat.max()),
                           max_r_hat_herd=float(ranef.r_hat.max()), divergences=post.divergences,
                           steps_per_draw=float(post.idata.sample_stats.n_steps.mean()), n_effects=len(ranef),
                           herd_sd_mean=float(post.varcorr["mean"].iloc[0]), target_accept=ACCEPT,
-                          parameterization=glmm.PARAMETERIZATION,
+                          parameterization=glmm.PARAMETERIZATION, method=post.method,
                           dense_mass_max_dimension=glmm.DENSE_MASS_MAX_DIMENSION)))
     """
 )
 
-VARIANTS = {
-    "auto": "",
-    "non-centered": "glmm.PARAMETERIZATION = 'non-centered'",
-    "centered": "glmm.PARAMETERIZATION = 'centered'",
-    "auto, diagonal mass": "glmm.DENSE_MASS_MAX_DIMENSION = 0",
+VARIANTS = {  # name: (setup, method)
+    "auto": ("", "auto"),
+    "NUTS": ("", "full"),
+    "NUTS non-centered": ("glmm.PARAMETERIZATION = 'non-centered'", "full"),
+    "NUTS centered": ("glmm.PARAMETERIZATION = 'centered'", "full"),
+    "NUTS, diagonal mass": ("glmm.DENSE_MASS_MAX_DIMENSION = 0", "full"),
 }
 
 RSTANARM = textwrap.dedent(
@@ -142,9 +146,9 @@ def main() -> None:
         "rstanarm": {},
     }
     variants = {"auto": VARIANTS["auto"]} if args.skip_variants else VARIANTS
-    for name, setup in variants.items():
+    for name, (setup, method) in variants.items():
         print(f"hierpool ({name})", file=sys.stderr, flush=True)
-        source = (HIERPOOL.replace("SETUP", setup).replace("DATA", repr(str(DATA))).replace("FORMULA", repr(FORMULA))
+        source = (HIERPOOL.replace("SETUP", setup).replace("METHOD", repr(method)).replace("DATA", repr(str(DATA))).replace("FORMULA", repr(FORMULA))
                   .replace("ACCEPT", repr(args.accept)))
         results["hierpool"][name] = run_fit([sys.executable, "-"], source)
 
@@ -172,7 +176,7 @@ def main() -> None:
 
 
 def _table(results: dict) -> str:
-    rows = ["", "| run | wall | min bulk ESS (herd) | ESS/s | leapfrog steps / draw | divergences | max R-hat |",
+    rows = ["", "| run | wall | min bulk ESS (herd) | ESS/s | steps / draw | divergences | max R-hat |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     runs = [(f"hierpool {name}", run) for name, run in results["hierpool"].items()]
     if isinstance(results["rstanarm"], dict):

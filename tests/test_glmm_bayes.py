@@ -42,7 +42,13 @@ def cbpp():
 
 @pytest.fixture(scope="module")
 def cbpp_post(cbpp):
+    """The default sampler: for one scalar term, independence Metropolis-Hastings (hierpool.bayesian.independence)."""
     return hp.bayes(CBPP, cbpp, family="binomial", priors=MATCHED, seed=1, **SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def cbpp_nuts(cbpp):
+    return hp.bayes(CBPP, cbpp, family="binomial", priors=MATCHED, seed=1, method="full", **SETTINGS)
 
 
 def _lme4_name(name: str) -> str:
@@ -63,7 +69,9 @@ def _z_scores(post, reference) -> dict[str, float]:
     return scores
 
 
-def test_cbpp_posterior_matches_rstanarm(cbpp_post):
+@pytest.mark.parametrize("sampler,method", [("cbpp_post", "independence"), ("cbpp_nuts", "full")])
+def test_cbpp_posterior_matches_rstanarm(sampler, method, request):
+    cbpp_post = request.getfixturevalue(sampler)
     reference = REFERENCE["cbpp_binomial"]
     scores = _z_scores(cbpp_post, reference)
     ranef = cbpp_post.ranef.assign(grp=cbpp_post.ranef["grp"].astype(str)).set_index("grp")
@@ -72,7 +80,7 @@ def test_cbpp_posterior_matches_rstanarm(cbpp_post):
                                                                                         ref["mcse_mean"])
     assert len(scores) == 4 + 1 + 15
     assert max(abs(z) for z in scores.values()) < Z_MAX, scores
-    assert cbpp_post.divergences == 0 and cbpp_post.method == "full"
+    assert cbpp_post.divergences == 0 and cbpp_post.method == method
     assert list(cbpp_post.varcorr["grp"]) == ["herd"]  # no residual row
     assert "sigma" not in cbpp_post.idata.posterior and cbpp_post.sigma_draws is None
 
@@ -126,6 +134,7 @@ def test_cbpp_predictions_on_both_scales(cbpp, cbpp_post):
 
 def test_poisson_with_an_offset_matches_rstanarm():
     post = hp.bayes(POISSON, EPIL_EXPOSURE, family="poisson", priors=MATCHED, seed=2, **SETTINGS)
+    assert post.method == "independence"
     scores = _z_scores(post, REFERENCE["epil_exposure_poisson_offset"])
     assert max(abs(z) for z in scores.values()) < Z_MAX, scores
     # the offset is part of the linear predictor: twice the weeks, log 2 more on the link scale

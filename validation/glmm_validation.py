@@ -105,9 +105,11 @@ def sbc_section(quick: bool, n_reps: int | None = None) -> dict:
         data, extra = _sbc_design(family, rng)
         started = time.time()
         result = glmm_sbc("y ~ x + (1 | g)", data, family=family, priors=SBC_PRIORS, **extra, **settings)
-        print(f"SBC {family}: passed={result.passed} ({time.time() - started:.0f} s)\n{result.tests.to_string()}")
+        print(f"SBC {family}: passed={result.passed} ({time.time() - started:.0f} s, samplers {result.samplers})\n"
+              f"{result.tests.to_string()}")
         tests = result.tests.reset_index()
-        out[family] = {"passed": result.passed, "tests": _records(tests), "seconds": time.time() - started}
+        out[family] = {"passed": result.passed, "tests": _records(tests), "seconds": time.time() - started,
+                       "samplers": result.samplers}
     return out
 
 

@@ -22,7 +22,7 @@ from ..errors import ArgumentError, HierpoolWarning
 from ..spec.arguments import sampler_arguments
 from ..spec.design import Design, build_design
 from ..spec.family import family_spec
-from . import glmm
+from . import glmm, independence
 from .model import (
     HeldVariance,
     SeriesData,
@@ -39,7 +39,7 @@ from .posterior import ar1_pointwise_log_likelihood, build_inference_data, point
 from .priors import Priors, resolve_priors
 from .results import BayesResult
 
-METHODS = ("auto", "collapsed", "full")
+METHODS = ("auto", "collapsed", "full", "independence")
 #: The full model with held variance parameters adapts a dense mass matrix up to this many coefficients.
 DENSE_MASS_MAX_DIMENSION = 1000
 #: Pointwise log-likelihood is stored up to this many values (chains x draws x rows).
@@ -88,6 +88,11 @@ def _held_glmm_variance(design: Design, variance) -> HeldVariance:
 def _choose_method(method: str, priors: Priors) -> str:
     if method not in METHODS:
         raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "independence":
+        raise ArgumentError(
+            "method='independence' samples a generalized linear mixed model (it needs a family=); a Gaussian "
+            "model's default, method='collapsed', draws (beta, b) exactly"
+        )
     gaussian = priors.beta_gaussian() is not None
     if method == "collapsed" and not gaussian:
         raise ArgumentError(
@@ -270,11 +275,16 @@ def bayes(
         studies freeze the priors once, so they do not follow each simulated response).
     se : str, optional
         Column of known residual sds (meta-analysis).
-    method : {"auto", "collapsed", "full"}
+    method : {"auto", "collapsed", "full", "independence"}
         ``collapsed``: NUTS on the variance parameters with beta and b integrated out,
         then exact conditional draws of (beta, b) (needs Normal or flat priors on beta,
         and a Gaussian response); ``full``: NUTS on everything, non-centered.  ``auto``
-        picks collapsed when it applies.
+        picks collapsed when it applies.  With a ``family`` and one scalar random-effect
+        term (binomial or Poisson), ``independence`` is independence Metropolis-Hastings
+        whose proposal is the Laplace approximation, adapted once
+        (:mod:`hierpool.bayesian.independence`): exact, no compilation of a sampler;
+        ``auto`` uses it when its proposals' importance-sampling efficiency is at least
+        0.3, NUTS otherwise (``full`` forces NUTS).
     variance : LMMResult or GLMMResult, optional
         Hold the variance parameters at this closed-form fit's values.  The
         posterior of (beta, b) is then Gaussian.  The default method draws it
@@ -477,9 +487,26 @@ def _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, meth
     resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
     held = None if variance is None else _held_glmm_variance(design, variance)
     progress = sys.stderr.isatty() if progress is None else bool(progress)
-    beta, b, sds, cors, shape, stats = glmm.sample_glmm(
-        design, resolved, held, chains, draws, tune, seed, target_accept, progress
-    )
+    drawn = None
+    if method in ("auto", "independence"):
+        if independence.applicable(design, held):
+            drawn = independence.sample_independence(design, resolved, chains, draws, tune, seed,
+                                                     force=method == "independence")
+        elif method == "independence":
+            raise ArgumentError(
+                "method='independence' samples a binomial or Poisson model with one scalar random-effect term and "
+                "its variance parameter free; this model has "
+                + ", ".join(t.label for t in design.terms)
+                + f", family {spec.name}" + (", variance held" if held is not None else "") + ": use method='full'"
+            )
+    if drawn is not None:
+        beta, b, sds, cors, shape, stats, _ = drawn
+        method = "independence"
+    else:
+        beta, b, sds, cors, shape, stats = glmm.sample_glmm(
+            design, resolved, held, chains, draws, tune, seed, target_accept, progress
+        )
+        method = "full"
     log_lik = None
     if chains * draws * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
         log_lik = glmm.pointwise_log_likelihood(
@@ -497,7 +524,7 @@ def _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, meth
         idata=idata,
         design=design,
         priors=resolved,
-        method="full",
+        method=method,
         level=level,
         held=held,
         held_varcorr=None if variance is None else variance.varcorr,

@@ -28,7 +28,9 @@ coordinates: the posterior is the same whatever it says.
 :data:`PARAMETERIZATION` forces w = 0 or 1 everywhere (for comparisons: benchmarks/glmm_bayes.py prints
 each).  With the variance parameters held there is no funnel, and the effects are non-centered, b = F u.
 The Laplace-marginalised alternative (NUTS on the variance parameters over the Laplace approximation)
-samples an approximate posterior unless it is corrected, where this one is exact.
+samples an approximate posterior unless it is corrected, where this one is exact.  For a model with one scalar
+term ``hp.bayes`` first tries :mod:`hierpool.bayesian.independence` (the Laplace approximation as the proposal of
+independence Metropolis-Hastings, which corrects it exactly, with no compiled program); this model is its fallback.
 """
 
 from __future__ import annotations

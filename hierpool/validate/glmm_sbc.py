@@ -102,6 +102,7 @@ def glmm_sbc(
     bins: int = 10,
     alpha: float = 0.01,
     seed: int = 0,
+    method: str = "auto",
 ) -> SBCResult:
     """Simulation-based calibration of :func:`hierpool.bayes` with a ``family`` on the design of ``data``.
 
@@ -122,6 +123,9 @@ def glmm_sbc(
         miscalibrated check); ``priors`` when None.
     n_reps, n_draws, chains, draws_per_chain, tune, bins, alpha, seed
         As :func:`hierpool.validate.sbc`.
+    method : str
+        ``hp.bayes``'s sampler: ``"auto"`` (independence Metropolis-Hastings for one scalar term where its
+        proposal is good, NUTS otherwise: the result's ``samplers`` counts each), ``"independence"`` or ``"full"``.
 
     Returns
     -------
@@ -152,7 +156,7 @@ def glmm_sbc(
     rng = np.random.default_rng(seed)
     keys = jax.random.split(jax.random.PRNGKey(seed), n_reps)
     keep = np.linspace(0, chains * draws_per_chain - 1, n_draws).astype(int)
-    ranks = []
+    ranks, samplers = [], {}
     for rep in range(n_reps):
         truth, eta = simulate_glmm_parameters(frozen, design, keys[rep])
         mean = _inverse_link(spec.link, eta)
@@ -164,8 +168,10 @@ def glmm_sbc(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # short chains: diagnostics warnings are expected noise here
             post = bayes(formula, frame, family=spec.name, link=spec.link, priors=analysis, weights=weights,
-                         offset=offset, chains=chains, draws=draws_per_chain, tune=tune, seed=seed + rep)
+                         offset=offset, chains=chains, draws=draws_per_chain, tune=tune, seed=seed + rep, method=method)
+        samplers[post.method] = samplers.get(post.method, 0) + 1
         draws = _posterior_draws(post, design)
         ranks.append({name: int(np.sum(draws[name][keep] < value)) for name, value in truth.items()})
     ranks = pd.DataFrame(ranks)
-    return SBCResult(ranks=ranks, n_draws=n_draws, tests=_uniformity(ranks, n_draws, bins, alpha), alpha=alpha)
+    return SBCResult(ranks=ranks, n_draws=n_draws, tests=_uniformity(ranks, n_draws, bins, alpha), alpha=alpha,
+                     samplers=samplers)

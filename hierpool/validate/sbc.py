@@ -45,12 +45,16 @@ class SBCResult:
         Bonferroni, so that ``passed`` wrongly fails a calibrated sampler with
         probability at most ``alpha``).
     alpha : float
+    samplers : dict or None
+        How many replications each sampler ran (``BayesResult.method``), where the fitting call chooses
+        (:func:`hierpool.validate.glmm_sbc`); None otherwise.
     """
 
     ranks: pd.DataFrame
     n_draws: int
     tests: pd.DataFrame
     alpha: float
+    samplers: dict | None = None
 
     @property
     def passed(self) -> bool:
