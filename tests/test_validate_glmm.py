@@ -76,6 +76,7 @@ def test_mean_gap_shrinks_as_groups_grow():
 def test_sbc_poisson_passes_and_a_wrong_prior_fails(sbc_design):
     right = glmm_sbc("y ~ x + (1 | g)", sbc_design, family="poisson", priors=SBC_PRIORS, **SBC_SETTINGS)
     assert right.passed, right.tests
+    assert sum(right.samplers.get(name, 0) for name in ("independence", "full")) == SBC_SETTINGS["n_reps"]
     # the analysis's intercept prior is not the one that simulated: the ranks must show it
     wrong = glmm_sbc("y ~ x + (1 | g)", sbc_design, family="poisson", priors=SBC_PRIORS,
                      fit_priors={**SBC_PRIORS, "Intercept": dist.Normal(3.0, 0.3)}, **SBC_SETTINGS)
@@ -90,6 +91,10 @@ def test_sbc_refuses_what_it_cannot_simulate(sbc_design, cbpp_fit):
         glmm_sbc("y ~ x + (1 | g)", sbc_design, family="negative_binomial", priors=SBC_PRIORS, **SBC_SETTINGS)
     with pytest.raises(ArgumentError, match="beta"):
         mode_agreement(cbpp_fit, beta="joint")
+    # priors under which every simulated count is 0: each replication is drawn again, then refused by name
+    zeros = {**SBC_PRIORS, "Intercept": dist.Normal(-30.0, 0.1)}
+    with pytest.raises(ArgumentError, match="21 simulated responses in a row were constant"):
+        glmm_sbc("y ~ x + (1 | g)", sbc_design, family="poisson", priors=zeros, **SBC_SETTINGS)
 
 
 def test_population_mean_is_the_average_over_groups():

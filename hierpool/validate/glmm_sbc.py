@@ -85,6 +85,10 @@ def _posterior_draws(post, design) -> dict[str, np.ndarray]:
     return draws
 
 
+#: A replication whose simulated response is constant is drawn again, at most this many times in a row.
+MAX_REDRAWS = 20
+
+
 def glmm_sbc(
     formula: str,
     data: pd.DataFrame,
@@ -126,6 +130,9 @@ def glmm_sbc(
     method : str
         ``hp.bayes``'s sampler: ``"auto"`` (independence Metropolis-Hastings for one scalar term where its
         proposal is good, NUTS otherwise: the result's ``samplers`` counts each), ``"independence"`` or ``"full"``.
+        A replication whose simulated response is constant (which no fit accepts) is simulated again
+        (``samplers["constant response, drawn again"]`` counts them): selection by the data alone leaves the
+        ranks uniform.
 
     Returns
     -------
@@ -158,12 +165,22 @@ def glmm_sbc(
     keep = np.linspace(0, chains * draws_per_chain - 1, n_draws).astype(int)
     ranks, samplers = [], {}
     for rep in range(n_reps):
-        truth, eta = simulate_glmm_parameters(frozen, design, keys[rep])
-        mean = _inverse_link(spec.link, eta)
-        if spec.name == "binomial":
-            y = rng.binomial(trials.astype(np.int64), np.clip(mean, 0.0, 1.0)) / trials
+        for attempt in range(MAX_REDRAWS + 1):
+            # a constant response (all zeros, say) cannot be fitted (hp.bayes refuses it): draw the replication
+            # anew.  Selecting replications by the data alone keeps the ranks uniform (each is uniform given y).
+            key = keys[rep] if attempt == 0 else jax.random.fold_in(keys[rep], attempt)
+            truth, eta = simulate_glmm_parameters(frozen, design, key)
+            mean = _inverse_link(spec.link, eta)
+            if spec.name == "binomial":
+                y = rng.binomial(trials.astype(np.int64), np.clip(mean, 0.0, 1.0)) / trials
+            else:
+                y = rng.poisson(mean).astype(float)
+            if np.ptp(y) > 0:
+                break
+            samplers["constant response, drawn again"] = samplers.get("constant response, drawn again", 0) + 1
         else:
-            y = rng.poisson(mean).astype(float)
+            raise ArgumentError(f"glmm_sbc: {MAX_REDRAWS + 1} simulated responses in a row were constant: the priors "
+                                f"put most of their mass where this design has no variation to model")
         frame[response] = y
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # short chains: diagnostics warnings are expected noise here
