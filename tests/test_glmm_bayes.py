@@ -211,3 +211,49 @@ def test_held_variance_must_be_a_glmm_fit_of_the_model(cbpp):
     other = hp.glmm(CBPP, cbpp, family="binomial", link="probit")
     with pytest.raises(hp.ArgumentError, match="different model, family"):
         hp.bayes(CBPP, cbpp, family="binomial", variance=other)
+
+
+@pytest.mark.parametrize("name,link", [("binomial", "logit"), ("binomial", "probit"), ("binomial", "cloglog"),
+                                       ("poisson", "log"), ("negative_binomial", "log")])
+def test_log_likelihood_on_eta_is_scipys_pmf(name, link):
+    # the samplers' target (constant=False) differs from the full pmf by terms free of eta and the shape only
+    from hierpool.algebra.family import log_likelihood_eta
+
+    rng = np.random.default_rng(4)
+    eta = rng.normal(-0.3, 1.2, 50)
+    trials = rng.integers(1, 12, 50).astype(float)
+    if name == "binomial":
+        mu = {"logit": special.expit, "probit": stats.norm.cdf, "cloglog": lambda e: -np.expm1(-np.exp(e))}[link](eta)
+        counts = rng.binomial(trials.astype(int), mu)
+        y, weights, shape = counts / trials, trials, None
+        expected = stats.binom.logpmf(counts, trials, mu)
+    elif name == "poisson":
+        y, weights, shape = rng.poisson(np.exp(eta)).astype(float), np.ones(50), None
+        expected = stats.poisson.logpmf(y, np.exp(eta))
+    else:
+        shape = 2.7
+        y, weights = rng.negative_binomial(shape, shape / (shape + np.exp(eta))).astype(float), np.ones(50)
+        expected = stats.nbinom.logpmf(y, shape, shape / (shape + np.exp(eta)))
+    full = log_likelihood_eta(name, link, y, eta, weights, shape)
+    np.testing.assert_allclose(full, expected, rtol=1e-10, atol=1e-10)
+    # without the constants: the difference does not depend on eta (nor, for the negative binomial, on the shape)
+    other_eta = eta + rng.normal(0, 0.5, 50)
+    gap = full - log_likelihood_eta(name, link, y, eta, weights, shape, constant=False)
+    other = (log_likelihood_eta(name, link, y, other_eta, weights, shape)
+             - log_likelihood_eta(name, link, y, other_eta, weights, shape, constant=False))
+    np.testing.assert_allclose(gap, other, rtol=1e-12, atol=1e-12)
+
+
+def test_held_variance_samples_the_effects_given_the_laplace_sd(cbpp):
+    fit = hp.glmm(CBPP, cbpp, family="binomial")
+    post = hp.bayes(CBPP, cbpp, family="binomial", variance=fit, priors={"Intercept": "flat", "b": "flat"},
+                    seed=4, **SETTINGS)
+    assert post.method == "full" and post.divergences == 0
+    assert not any(name.startswith("sd__") for name in post.idata.posterior.data_vars)
+    assert post.held_varcorr is not None
+    # b = sd-hat u: the effects' posterior is centred near the conditional modes (the gap is small for cbpp)
+    ranef = post.ranef.assign(grp=post.ranef["grp"].astype(str)).set_index("grp")
+    modes = fit.ranef.assign(grp=fit.ranef["grp"].astype(str)).set_index("grp")
+    difference = ranef["mean"] - modes.loc[ranef.index, "condval"]
+    assert np.corrcoef(ranef["mean"], modes.loc[ranef.index, "condval"])[0, 1] > 0.98
+    assert np.max(np.abs(difference)) < 0.25 and ranef["r_hat"].max() < 1.05
