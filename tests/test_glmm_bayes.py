@@ -249,7 +249,7 @@ def test_held_variance_samples_the_effects_given_the_laplace_sd(cbpp):
     post = hp.bayes(CBPP, cbpp, family="binomial", variance=fit, priors={"Intercept": "flat", "b": "flat"},
                     seed=4, **SETTINGS)
     assert post.method == "full" and post.divergences == 0
-    assert not any(name.startswith("sd__") for name in post.idata.posterior.data_vars)
+    assert not any(name.startswith("sd_") for name in post.idata.posterior.data_vars)
     assert post.held_varcorr is not None
     # b = sd-hat u: the effects' posterior is centred near the conditional modes (the gap is small for cbpp)
     ranef = post.ranef.assign(grp=post.ranef["grp"].astype(str)).set_index("grp")

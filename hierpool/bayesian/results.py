@@ -334,7 +334,7 @@ class BayesResult:
         ``ESS_MIN_PER_CHAIN`` per chain, or any transition diverged (Vehtari et al. 2021; Betancourt 2017).
         """
         posterior = self.idata.posterior
-        names = list(posterior.data_vars)
+        names = [name for name in posterior.data_vars if posterior[name].size]  # no beta in y ~ 0 + (1 | g)
         blocks = [np.asarray(posterior[name].values, dtype=float) for name in names]
         columns = np.concatenate([b.reshape(b.shape[0], b.shape[1], -1) for b in blocks], axis=-1)
         owner = np.repeat(np.arange(len(names)), [int(np.prod(b.shape[2:])) for b in blocks])

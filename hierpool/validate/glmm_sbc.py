@@ -131,7 +131,7 @@ def glmm_sbc(
         ``hp.bayes``'s sampler: ``"auto"`` (independence Metropolis-Hastings for one scalar term where its
         proposal is good, NUTS otherwise: the result's ``samplers`` counts each), ``"independence"`` or ``"full"``.
         A replication whose simulated response is constant (which no fit accepts) is simulated again
-        (``samplers["constant response, drawn again"]`` counts them): selection by the data alone leaves the
+        (the result's ``redrawn`` counts them): selection by the data alone leaves the
         ranks uniform.
 
     Returns
@@ -163,7 +163,7 @@ def glmm_sbc(
     rng = np.random.default_rng(seed)
     keys = jax.random.split(jax.random.PRNGKey(seed), n_reps)
     keep = np.linspace(0, chains * draws_per_chain - 1, n_draws).astype(int)
-    ranks, samplers = [], {}
+    ranks, samplers, redrawn = [], {}, 0
     for rep in range(n_reps):
         for attempt in range(MAX_REDRAWS + 1):
             # a constant response (all zeros, say) cannot be fitted (hp.bayes refuses it): draw the replication
@@ -177,7 +177,7 @@ def glmm_sbc(
                 y = rng.poisson(mean).astype(float)
             if np.ptp(y) > 0:
                 break
-            samplers["constant response, drawn again"] = samplers.get("constant response, drawn again", 0) + 1
+            redrawn += 1
         else:
             raise ArgumentError(f"glmm_sbc: {MAX_REDRAWS + 1} simulated responses in a row were constant: the priors "
                                 f"put most of their mass where this design has no variation to model")
@@ -191,4 +191,4 @@ def glmm_sbc(
         ranks.append({name: int(np.sum(draws[name][keep] < value)) for name, value in truth.items()})
     ranks = pd.DataFrame(ranks)
     return SBCResult(ranks=ranks, n_draws=n_draws, tests=_uniformity(ranks, n_draws, bins, alpha), alpha=alpha,
-                     samplers=samplers)
+                     samplers=samplers, redrawn=redrawn)

@@ -48,6 +48,8 @@ class SBCResult:
     samplers : dict or None
         How many replications each sampler ran (``BayesResult.method``), where the fitting call chooses
         (:func:`hierpool.validate.glmm_sbc`); None otherwise.
+    redrawn : int
+        Replications simulated again because their response was constant (:func:`hierpool.validate.glmm_sbc`).
     """
 
     ranks: pd.DataFrame
@@ -55,6 +57,7 @@ class SBCResult:
     tests: pd.DataFrame
     alpha: float
     samplers: dict | None = None
+    redrawn: int = 0
 
     @property
     def passed(self) -> bool:
