@@ -20,8 +20,10 @@ from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.design import Design, build_design
+from ..spec.relationship import relationships
 from .ar1 import fit_ar1
 from .optimize import Control, criterion_value, moment_start, optimize_theta, runs_on_host, value_and_gradient
+from .relmat import fit_relmat
 from .results import LMMResult
 
 
@@ -160,6 +162,8 @@ def lmm(
     weights=None,
     offset=None,
     correlation=None,
+    relmat: dict | None = None,
+    relmat_inverse: dict | None = None,
 ) -> LMMResult:
     """Fit a linear mixed model by REML (default) or maximum likelihood, as ``lme4::lmer``.
 
@@ -191,6 +195,14 @@ def lmm(
         ``hp.car1(group, time)`` (corCAR1), as nlme's ``lme(..., correlation=)``: phi is estimated
         with the rest (:mod:`hierpool.closedform.ar1`; the result's ``correlation`` and ``phi``).
         Every random-effect term must be constant within a series.
+    relmat, relmat_inverse : dict, optional
+        A known relationship matrix A, or its inverse, for a term ``(1 | g)``: ``{"g": A}``, A a labelled
+        pandas DataFrame or a ``(matrix, labels)`` tuple (sparse for an inverse from a pedigree:
+        :func:`hierpool.pedigree.inverse_relationship_matrix`).  The term's effects are then
+        b ~ N(0, sigma_A^2 A) over every label of A, with or without records (breeding values), fitted
+        by the sparse mixed-model equations of :mod:`hierpool.closedform.relmat`; the result's
+        ``heritability()`` is sigma_A^2 / (sigma_A^2 + sigma^2) with a profile interval.  For now the
+        relationship term must be the only random-effect term.
 
     Returns
     -------
@@ -203,6 +215,14 @@ def lmm(
     Walker (2015), "Fitting linear mixed-effects models using lme4", J. Stat.
     Softw. 67(1); blocked factorization as in MixedModels.jl.
     """
+    if relmat is not None or relmat_inverse is not None:
+        if correlation is not None:
+            raise ArgumentError("relmat= with correlation= is not supported yet: give one of them")
+        given = relationships(relmat, relmat_inverse)
+        if len(given) != 1:
+            raise ArgumentError(f"one relationship matrix per model for now, got {sorted(given)}")
+        design = build_design(formula, data, se=se, weights=weights, offset=offset, related=tuple(given))
+        return fit_relmat(design, next(iter(given.values())), reml=reml)
     if correlation is not None:
         design = build_design(formula, data, se=se, weights=weights, offset=offset)
         return fit_ar1(design, correlation, data, reml=reml, control=control)

@@ -413,15 +413,17 @@ def lme4_term_order(n_levels: list[int]) -> list[int]:
     return list(range(len(n_levels)))
 
 
-def _check_identifiable(terms: list[RandomEffectTerm], n: int, sigma_known: bool) -> None:
+def _check_identifiable(terms: list[RandomEffectTerm], n: int, sigma_known: bool, related: tuple = ()) -> None:
     for term in terms:
         if term.n_levels < 2:
             raise DataError(
                 f"grouping factor {term.group!r} has only one level ({term.levels[0]!r}); "
                 "a random effect needs at least two groups"
             )
-        if sigma_known:
-            continue  # with known residual sds one observation per group is identifiable (meta-analysis)
+        if sigma_known or term.group in related:
+            # with known residual sds one observation per group is identifiable (meta-analysis), and so it is
+            # with a relationship matrix (the animal model: relatives' records tell sigma_A^2 from sigma^2)
+            continue
         if term.n_levels >= n:
             raise DataError(
                 f"grouping factor {term.group!r} has {term.n_levels} levels for {n} observations; "
@@ -486,6 +488,7 @@ def build_design(
     weights=None,
     offset=None,
     family: FamilySpec | None = None,
+    related: tuple[str, ...] = (),
 ) -> Design:
     """Check the data against the formula and build the :class:`Design`.
 
@@ -508,6 +511,9 @@ def build_design(
         A GLMM's family (:func:`hierpool.spec.family.family_spec`): the response may then be
         ``cbind(successes, failures)`` or a two-level factor (binomial), is checked against the
         family, and a term may have one level per observation (no residual to confound it with).
+    related : tuple of str
+        Grouping factors with a known relationship matrix (``relmat=``): they may have one level per
+        observation too.
 
     Returns
     -------
@@ -596,7 +602,7 @@ def build_design(
             row_weights = trials if row_weights is None else trials * row_weights
         # a binomial's trials are its prior weights (proportions with weights=, or cbind)
         check_response(family, y, row_weights, spec.response)
-    _check_identifiable(terms, len(y), sigma_known=se is not None or family is not None)
+    _check_identifiable(terms, len(y), sigma_known=se is not None or family is not None, related=related)
     return Design(
         spec=spec,
         y=y,

@@ -1,0 +1,96 @@
+"""hp.lmm(..., relmat= / relmat_inverse=): the animal model against lme4 fitted with A's Cholesky factor pushed into Z
+(validation/relmat_reference.R and its JSON), and its bad input refused by name."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hierpool as hp
+
+VALIDATION = Path(__file__).resolve().parents[1] / "validation"
+REFERENCE = json.loads((VALIDATION / "relmat_reference.json").read_text())
+FORMULA = "y ~ sex + (1 | animal)"
+
+
+@pytest.fixture(scope="module")
+def pedigree():
+    return pd.read_csv(VALIDATION / "relmat_pedigree.csv", dtype=str)
+
+
+@pytest.fixture(scope="module")
+def phenotypes():
+    return pd.read_csv(VALIDATION / "relmat_phenotypes.csv", dtype={"animal": str, "sex": str})
+
+
+@pytest.fixture(scope="module")
+def A(pedigree):
+    return hp.pedigree.relationship_matrix(pedigree)
+
+
+@pytest.fixture(scope="module")
+def fits(pedigree, phenotypes, A):
+    inverse = hp.pedigree.inverse_relationship_matrix(pedigree)
+    return {(reml, form): hp.lmm(FORMULA, phenotypes, reml=reml, **({"relmat": {"animal": A}} if form == "A" else
+                                                                   {"relmat_inverse": {"animal": inverse}}))
+            for reml in (True, False) for form in ("A", "inverse")}
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("form", ["A", "inverse"])
+def test_matches_lme4_with_the_cholesky_factor_in_z(fits, reml, form):
+    fit, ref = fits[(reml, form)], REFERENCE["fits"]["REML" if reml else "ML"]
+    assert fit.objective == pytest.approx(ref["criterion"], rel=1e-8)
+    assert fit.sigma_a**2 == pytest.approx(ref["sigma2_A"], rel=1e-5)
+    assert fit.sigma**2 == pytest.approx(ref["sigma2_E"], rel=1e-5)
+    names = {"Intercept": "(Intercept)", "sex[M]": "sexM"}
+    for name, value in fit.fixef.items():
+        assert value == pytest.approx(ref["fixef"][names[name]], rel=1e-6)
+        assert fit.fixef_se[name] == pytest.approx(ref["fixef_se"][names[name]], rel=1e-5)
+    assert fit.heritability().estimate.iloc[0] == pytest.approx(ref["h2"], rel=1e-5)
+    # breeding values of every animal of the pedigree, with records or without, in units of sigma_A
+    bv = pd.DataFrame(ref["breeding_values"]).set_index("id")
+    ranef = fit.ranef.set_index("grp")
+    assert set(ranef.index) == set(bv.index) and (~ranef.recorded).sum() == REFERENCE["data"]["n_unrecorded_animals"]
+    sigma_a = np.sqrt(ref["sigma2_A"])
+    assert np.max(np.abs(ranef.loc[bv.index, "condval"] - bv["value"])) < 1e-4 * sigma_a
+    assert np.max(np.abs(ranef.loc[bv.index, "condsd"] - np.sqrt(bv["pev"]))) < 1e-4 * sigma_a
+
+
+def test_heritability_interval_is_the_profile_likelihoods(fits):
+    fit = fits[(True, "inverse")]
+    h2 = fit.heritability(level=0.9)
+    assert 0 < h2.lower.iloc[0] < h2.estimate.iloc[0] < h2.upper.iloc[0] < 1
+    # at each end the profiled criterion is the chi-square(1) 90% quantile above its minimum
+    for end in (h2.lower.iloc[0], h2.upper.iloc[0]):
+        theta = np.sqrt(end / (1 - end))
+        value = fit._equations.evaluate(theta, True)[0]
+        assert value - fit.objective == pytest.approx(2.705543454095404, abs=1e-5)
+    assert "Heritability" in fit.summary() and "with records" in fit.summary()
+
+
+def test_bad_relationships_are_refused_by_name(phenotypes, A):
+    missing = phenotypes.assign(animal=phenotypes["animal"].where(phenotypes.index != 0, "stranger"))
+    with pytest.raises(hp.DataError, match="stranger"):
+        hp.lmm(FORMULA, missing, relmat={"animal": A})
+    singular = A.copy()
+    singular.iloc[:, 1] = singular.iloc[:, 0]
+    singular.iloc[1, :] = singular.iloc[0, :]
+    with pytest.raises(hp.DataError, match="not positive definite"):
+        hp.lmm(FORMULA, phenotypes, relmat={"animal": singular})
+    skew = A.copy()
+    skew.iloc[0, 1] += 0.1
+    with pytest.raises(hp.DataError, match="not symmetric"):
+        hp.lmm(FORMULA, phenotypes, relmat={"animal": skew})
+    labels = list(A.index[:-1]) + [A.index[0]]
+    twice = pd.DataFrame(A.to_numpy(), index=labels, columns=labels)
+    with pytest.raises(hp.DataError, match="duplicated labels"):
+        hp.lmm(FORMULA, phenotypes, relmat={"animal": twice})
+    with pytest.raises(hp.ArgumentError, match=r"only random-effect term to be \(1 \| animal\)"):
+        hp.lmm("y ~ sex + (1 | animal) + (1 | sex)", phenotypes, relmat={"animal": A})
+    with pytest.raises(hp.ArgumentError, match="dict keyed by grouping factor"):
+        hp.lmm(FORMULA, phenotypes, relmat=A)
+    with pytest.raises(hp.ArgumentError, match="correlation"):
+        hp.lmm(FORMULA, phenotypes, relmat={"animal": A}, correlation=hp.ar1("animal"))
