@@ -264,9 +264,9 @@ class RelmatResult:
     # --- heritability -------------------------------------------------------------------------------
     def heritability(self, level: float = 0.95) -> pd.DataFrame:
         """h^2 = sigma_A^2 / (sigma_A^2 + sigma^2) (the intra-class correlation of the term), with its
-        profile-likelihood interval: h^2 = theta^2 / (1 + theta^2) is monotone in theta, so the interval is the theta where the
-        profiled criterion is within the chi-square(1) quantile of its minimum (exact for the profile likelihood,
-        no delta method)."""
+        profile-likelihood interval: h^2 = theta^2 / (1 + theta^2) is monotone in theta, so the interval is the
+        theta where the profiled criterion is within the chi-square(1) quantile of its minimum (exact for the
+        profile likelihood, no delta method)."""
         if not 0 < level < 1:
             raise ArgumentError(f"level must be in (0, 1), got {level!r}")
         cut = self.objective + stats.chi2.ppf(level, 1)
