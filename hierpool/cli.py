@@ -203,12 +203,60 @@ def _fit_ar1(args, data, out: Path) -> int:
     return 0
 
 
+def _relationship(option: str, formula: str) -> tuple[str, dict]:
+    """(``relmat`` or ``relmat_inverse``, its dict) from ``--relmat [GROUP=]FILE.csv``: a pedigree (columns id, sire,
+    dam: A^-1 by Henderson's rules) or a square labelled matrix (first column the labels, header the same)."""
+    from . import pedigree
+    from .spec.formula import parse_formula
+
+    group, _, path = option.rpartition("=")
+    if not group:
+        terms = parse_formula(formula).random
+        if len(terms) != 1:
+            raise _UserError(f"--relmat FILE needs one random-effect term in the formula (or --relmat GROUP=FILE), "
+                             f"got {len(terms)}")
+        group = terms[0].name
+    table = _read_csv(path)
+    if [str(c).lower() for c in table.columns] == ["id", "sire", "dam"]:
+        table.columns = ["id", "sire", "dam"]
+        return "relmat_inverse", {group: pedigree.inverse_relationship_matrix(table.astype(object))}
+    matrix = table.set_index(table.columns[0])
+    return "relmat", {group: matrix.set_axis([str(c) for c in matrix.columns], axis=1)
+                      .set_axis([str(i) for i in matrix.index], axis=0)}
+
+
+def _fit_relmat(args, data, out: Path) -> int:
+    """``hierpool fit --relmat``: the animal model's tables (breeding values of every level of A, heritability)."""
+    from . import lmm
+
+    for option, given in (("--family", args.family is not None), ("--bayes", args.bayes), ("--plots", args.plots),
+                          ("--ar1", args.ar1 is not None), ("--se", args.se is not None)):
+        if given:
+            raise _UserError(f"--relmat cannot be combined with {option} yet")
+    argument, given = _relationship(args.relmat, args.formula)
+    fit = lmm(args.formula, data, weights=args.weights, offset=args.offset, **{argument: given})
+    out.mkdir(parents=True, exist_ok=True)
+    print(fit.summary())
+    fixef = fit.fixef.rename("estimate").to_frame()
+    fixef["se"] = fit.fixef_se
+    written = [
+        _write_table(fixef.rename_axis("term").reset_index(), out / "fixef.csv"),
+        _write_table(fit.varcorr, out / "varcorr.csv"),
+        _write_table(fit.heritability(level=args.level).reset_index(), out / "heritability.csv"),
+        _write_table(fit.ranef, out / "ranef.csv"),
+    ]
+    print(f"\nWrote {', '.join(p.name for p in written)} to {out}/")
+    return 0
+
+
 def _fit(args) -> int:
     from .pooling_comparison import pooling
 
     _check_family_options(args)
     data = _read_csv(args.data)
     out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}-hierpool")
+    if args.relmat is not None:
+        return _fit_relmat(args, data, out)
     if args.ar1 is not None:
         return _fit_ar1(args, data, out)
     # one call fits every engine the command runs (hp.lmm or hp.glmm, and hp.bayes with --bayes): each gets se,
@@ -299,6 +347,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--ar1", metavar="GROUP[:TIME]",
                      help="AR(1) residuals within each GROUP's series, ordered by TIME (or the rows' order), as "
                           "nlme's corAR1 (hp.ar1); writes correlation.csv (phi) instead of the pooling comparison")
+    fit.add_argument("--relmat", metavar="[GROUP=]FILE.csv",
+                     help="a known relationship matrix for the term (1 | GROUP): a pedigree CSV (id, sire, dam) or a "
+                          "square labelled matrix CSV; writes heritability.csv and every level's breeding value")
     fit.add_argument("--level", type=float, default=0.95, help="interval level (default: %(default)s)")
     plots = fit.add_mutually_exclusive_group()
     plots.add_argument("--plots", action="store_true", dest="plots",

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import arviz as az
 import numpy as np
@@ -304,3 +305,23 @@ def test_bad_ar1_options_are_one_line_errors(options, message, ovary_csv, tmp_pa
     assert main(["fit", str(ovary_csv), "follicles ~ s + c + (1 | Mare)", *options, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hierpool: error:") and message in err[0], err
+
+
+def test_fit_with_a_pedigree_writes_breeding_values_and_heritability(tmp_path):
+    """hierpool fit --relmat PEDIGREE.csv: the animal model of validation/relmat_reference.json."""
+    import json
+
+    validation = Path(__file__).resolve().parents[1] / "validation"
+    reference = json.loads((validation / "relmat_reference.json").read_text())["fits"]["REML"]
+    assert main(["fit", str(validation / "relmat_phenotypes.csv"), "y ~ sex + (1 | animal)", "--relmat",
+                 str(validation / "relmat_pedigree.csv"), "--out", str(tmp_path)]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"fixef.csv", "varcorr.csv", "heritability.csv", "ranef.csv"}
+    assert pd.read_csv(tmp_path / "heritability.csv")["estimate"].iloc[0] == pytest.approx(reference["h2"], rel=1e-5)
+    assert len(pd.read_csv(tmp_path / "ranef.csv")) == 400  # every animal of the pedigree, with records or not
+
+
+def test_bad_relmat_options_are_one_line_errors(tmp_path, capsys):
+    validation = Path(__file__).resolve().parents[1] / "validation"
+    code = main(["fit", str(validation / "relmat_phenotypes.csv"), "y ~ sex + (1 | animal)", "--relmat",
+                 str(validation / "relmat_pedigree.csv"), "--bayes", "--out", str(tmp_path)])
+    assert code != 0 and "--relmat cannot be combined with --bayes" in capsys.readouterr().err
