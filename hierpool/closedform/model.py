@@ -20,10 +20,8 @@ from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.design import Design, build_design
-from ..spec.relationship import relationships
 from .ar1 import fit_ar1
 from .optimize import Control, criterion_value, moment_start, optimize_theta, runs_on_host, value_and_gradient
-from .relmat import fit_relmat
 from .results import LMMResult
 
 
@@ -216,6 +214,9 @@ def lmm(
     Softw. 67(1); blocked factorization as in MixedModels.jl.
     """
     if relmat is not None or relmat_inverse is not None:
+        from ..spec.relationship import relationships  # SciPy's sparse LU: loaded only for this model
+        from .relmat import fit_relmat
+
         if correlation is not None:
             raise ArgumentError("relmat= with correlation= is not supported yet: give one of them")
         given = relationships(relmat, relmat_inverse)
