@@ -33,7 +33,8 @@ def _asserts(cell) -> list[ast.Assert]:
 def test_there_are_the_teaching_notebooks():
     names = {p.stem for p in NOTEBOOKS}
     for topic in ("pooling_and_shrinkage", "blup_as_penalized_regression", "blup_vs_posterior",
-                  "prediction_uncertainty", "batch_fitting", "binary_outcomes", "autocorrelated_trials"):
+                  "prediction_uncertainty", "batch_fitting", "binary_outcomes", "autocorrelated_trials",
+                  "heritability_and_breeding_values"):
         assert any(topic in name for name in names), topic
 
 
