@@ -63,5 +63,9 @@ engine grows an ``if`` for it):
   and every kernel applies Lambda = I_ell (x) T_j through ``scale_columns`` and the term-0 blocks.
   A known relationship matrix A makes Lambda = T_j (x) L_A (L_A its Cholesky factor, or A^-1 as a
   sparse precision), and a spatial term a sparse precision (graph Laplacian): both change how
-  Lambda acts on a term's columns, not the factorization around it.
+  Lambda acts on a term's columns, not the factorization around it.  Today a relationship matrix
+  is fitted outside this algebra, by :mod:`hierpool.closedform.relmat` (Henderson's equations with
+  A^-1 factored by SciPy's sparse LU; one relationship term, no other), because the blocked
+  factorization's term 0 is block diagonal and a dense rest block would be q x q; bringing it in means
+  a sparse precision block in the factorization (the same one a spatial term needs).
 """
