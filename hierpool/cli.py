@@ -209,7 +209,7 @@ def _relationship(option: str, formula: str) -> tuple[str, dict]:
     from . import pedigree
     from .spec.formula import parse_formula
 
-    group, _, path = option.rpartition("=")
+    group, path = option.split("=", 1) if "=" in option and not Path(option).exists() else ("", option)
     if not group:
         terms = parse_formula(formula).random
         if len(terms) != 1:
@@ -217,9 +217,10 @@ def _relationship(option: str, formula: str) -> tuple[str, dict]:
                              f"got {len(terms)}")
         group = terms[0].name
     table = _read_csv(path)
-    if [str(c).lower() for c in table.columns] == ["id", "sire", "dam"]:
-        table.columns = ["id", "sire", "dam"]
-        return "relmat_inverse", {group: pedigree.inverse_relationship_matrix(table.astype(object))}
+    if sorted(str(c).lower() for c in table.columns) == ["dam", "id", "sire"]:
+        # (a parent column with blanks is read as floats: hp.pedigree reads 12.0 as animal 12)
+        table = table.rename(columns=str.lower)
+        return "relmat_inverse", {group: pedigree.inverse_relationship_matrix(table)}
     matrix = table.set_index(table.columns[0])
     return "relmat", {group: matrix.set_axis([str(c) for c in matrix.columns], axis=1)
                       .set_axis([str(i) for i in matrix.index], axis=0)}

@@ -60,8 +60,16 @@ class Pedigree:
 
 
 def _unknown(value) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or (
+    return value is None or (isinstance(value, (float, np.floating)) and (np.isnan(value) or value == 0)) or (
         isinstance(value, (str, int, np.integer)) and str(value).strip() in ("", "0", "NA"))
+
+
+def label(value) -> str:
+    """An animal's label as a string: a whole-number float (an integer id column that pandas read as floats because
+    a parent was missing) is written as the integer, so that parent 12.0 is animal 12."""
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def prepare(pedigree: pd.DataFrame, id: str = "id", sire: str = "sire", dam: str = "dam") -> Pedigree:
@@ -87,22 +95,22 @@ def prepare(pedigree: pd.DataFrame, id: str = "id", sire: str = "sire", dam: str
     if missing:
         raise DataError(f"the pedigree has no column {', '.join(map(repr, missing))} (columns: "
                         f"{list(pedigree.columns)})")
-    labels = [str(v) for v in pedigree[id]]
+    labels = [label(v) for v in pedigree[id]]
     if any(_unknown(v) for v in pedigree[id]):
         raise DataError(f"the pedigree's {id!r} column has a missing or zero animal label")
     duplicated = pd.Index(labels)[pd.Index(labels).duplicated()].unique()
     if len(duplicated):
         raise DataError(f"the pedigree lists animal(s) {', '.join(map(repr, list(duplicated)[:5]))} more than once")
-    parents = {label: tuple(None if _unknown(p) else str(p) for p in (s, d))
-               for label, s, d in zip(labels, pedigree[sire], pedigree[dam])}
-    for label, (s, d) in parents.items():
-        if label in (s, d):
-            raise DataError(f"animal {label!r} is listed as its own parent")
+    parents = {animal: tuple(None if _unknown(p) else label(p) for p in (s, d))
+               for animal, s, d in zip(labels, pedigree[sire], pedigree[dam])}
+    for animal, (s, d) in parents.items():
+        if animal in (s, d):
+            raise DataError(f"animal {animal!r} is listed as its own parent")
     founders = [p for pair in parents.values() for p in pair if p is not None and p not in parents]
     for founder in dict.fromkeys(founders):
         parents[founder] = (None, None)
     order = _parents_first(parents)
-    position = {label: i for i, label in enumerate(order)}
+    position = {animal: i for i, animal in enumerate(order)}
     sires = np.array([-1 if parents[a][0] is None else position[parents[a][0]] for a in order], dtype=np.int64)
     dams = np.array([-1 if parents[a][1] is None else position[parents[a][1]] for a in order], dtype=np.int64)
     return Pedigree(ids=np.array(order, dtype=object), sire=sires, dam=dams)

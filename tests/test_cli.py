@@ -325,3 +325,22 @@ def test_bad_relmat_options_are_one_line_errors(tmp_path, capsys):
     code = main(["fit", str(validation / "relmat_phenotypes.csv"), "y ~ sex + (1 | animal)", "--relmat",
                  str(validation / "relmat_pedigree.csv"), "--bayes", "--out", str(tmp_path)])
     assert code != 0 and "--relmat cannot be combined with --bayes" in capsys.readouterr().err
+
+
+def test_fit_with_a_pedigree_of_integer_ids_and_blank_parents(tmp_path):
+    # read back from CSV, a parent column with blanks is floats: parent 12.0 must be animal 12, not a new founder
+    import json
+
+    validation = Path(__file__).resolve().parents[1] / "validation"
+    reference = json.loads((validation / "relmat_reference.json").read_text())["fits"]["REML"]
+    pedigree = pd.read_csv(validation / "relmat_pedigree.csv", dtype=str)
+    number = {label: i + 1 for i, label in enumerate(pedigree["id"])}
+    pedigree.apply(lambda column: column.map(number)).to_csv(tmp_path / "ped.csv", index=False)
+    pheno = pd.read_csv(validation / "relmat_phenotypes.csv")
+    pheno.assign(animal=pheno["animal"].map(number)).to_csv(tmp_path / "pheno.csv", index=False)
+    relmat = f"animal={tmp_path / 'ped.csv'}"
+    assert main(["fit", str(tmp_path / "pheno.csv"), "y ~ sex + (1 | animal)", "--relmat", relmat,
+                 "--out", str(tmp_path / "out")]) == 0
+    assert len(pd.read_csv(tmp_path / "out" / "ranef.csv")) == 400
+    assert pd.read_csv(tmp_path / "out" / "heritability.csv")["estimate"].iloc[0] == pytest.approx(reference["h2"],
+                                                                                                   rel=1e-5)

@@ -94,3 +94,34 @@ def test_bad_relationships_are_refused_by_name(phenotypes, A):
         hp.lmm(FORMULA, phenotypes, relmat=A)
     with pytest.raises(hp.ArgumentError, match="correlation"):
         hp.lmm(FORMULA, phenotypes, relmat={"animal": A}, correlation=hp.ar1("animal"))
+
+
+def test_unidentifiable_and_misnamed_relationships_are_refused(phenotypes, A):
+    # unrelated animals with one record each: sigma_A^2 and sigma^2 cannot be told apart
+    rng = np.random.default_rng(3)
+    data = pd.DataFrame({"animal": [f"u{i}" for i in range(60)], "y": rng.normal(size=60)})
+    identity = pd.DataFrame(np.eye(60), index=data.animal, columns=data.animal)
+    with pytest.raises(hp.DataError, match="cannot tell the variance of 'animal' from the residual"):
+        hp.lmm("y ~ 1 + (1 | animal)", data, relmat={"animal": identity})
+    with pytest.raises(hp.ArgumentError, match="'aminal', which is not a grouping factor"):
+        hp.lmm(FORMULA, phenotypes, relmat={"aminal": A})
+    # an indefinite inverse with a zero pivot (SuperLU would swap rows and show positive pivots)
+    import scipy.sparse
+
+    swapped = scipy.sparse.csc_matrix(np.array([[0.0, 1.0], [1.0, 0.0]]))
+    with pytest.raises(hp.DataError, match="not positive definite"):
+        hp.lmm("y ~ 1 + (1 | animal)", data.iloc[:2], relmat_inverse={"animal": (swapped, ["u0", "u1"])})
+
+
+def test_integer_ids_with_missing_parents(pedigree, phenotypes):
+    # ids 1..400: read back from CSV, a parent column with blanks is floats (12.0), which must still be animal 12
+    number = {label: i + 1 for i, label in enumerate(pedigree["id"])}
+    numeric = pd.DataFrame({"id": pedigree["id"].map(number),
+                            "sire": pedigree["sire"].map(number).astype(float),
+                            "dam": pedigree["dam"].map(number).astype(float).fillna(0.0)})  # 0.0: unknown too
+    assert numeric["sire"].dtype == float
+    ped = hp.pedigree.prepare(numeric)
+    assert ped.n == 400 and set(ped.ids) == {str(i) for i in range(1, 401)}
+    fit = hp.lmm(FORMULA, phenotypes.assign(animal=phenotypes["animal"].map(number)),
+                 relmat_inverse={"animal": hp.pedigree.inverse_relationship_matrix(numeric)})
+    assert fit.heritability().estimate.iloc[0] == pytest.approx(REFERENCE["fits"]["REML"]["h2"], rel=1e-5)

@@ -54,6 +54,8 @@ from ..spec.relationship import Relationship
 LOG_THETA_BOUNDS = (np.log(1e-4), np.log(1e4))
 #: Brent's tolerance on log theta (relative; theta and sigma_A^2 to about 1e-7).
 LOG_THETA_TOL = 1e-7
+#: A profiled criterion that changes by less than this over the whole theta interval is flat: not identifiable.
+FLAT_PROFILE = 1e-3
 #: Prediction error variances (condsd) are computed up to this many levels of A.
 PEV_MAX_LEVELS = 5_000
 #: Columns of C^-1 solved for at once (memory: (p + q) x this many numbers).
@@ -89,7 +91,7 @@ class _Equations:
         K = scipy.sparse.csc_matrix(scipy.sparse.diags(diagonal) + inverse / theta**2)
         lu = scipy.sparse.linalg.splu(K, permc_spec="NATURAL", **options)
         pivots = lu.U.diagonal()
-        if not np.all(pivots > 0):
+        if not (np.array_equal(lu.perm_r, lu.perm_c) and np.all(pivots > 0)):  # rows swapped: a zero pivot
             return None
         order, back = self._order, np.argsort(self._order)
 
@@ -180,6 +182,19 @@ def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatRe
                                            options=dict(xtol=LOG_THETA_TOL, maxiter=200))
     log_theta = float(np.clip(found.x, *LOG_THETA_BOUNDS))
     value, pieces = equations.evaluate(float(np.exp(log_theta)), reml)
+    # the two ends of the interval: an optimum at a bound that the descent from the bracket missed (a second,
+    # interior minimum), and a profile too flat to tell sigma_A^2 from sigma^2 (unrelated animals with one
+    # record each: A = I and Z = I make the model a sum of two variances)
+    ends = [equations.evaluate(float(np.exp(bound)), reml)[0] for bound in LOG_THETA_BOUNDS]
+    if max(ends) - value < FLAT_PROFILE:
+        raise DataError(
+            f"the data cannot tell the variance of {rel.group!r} from the residual variance: the profiled criterion "
+            f"changes by less than {FLAT_PROFILE} over theta from 1e-4 to 1e4 (are the animals with records "
+            f"related?  With one record each and no relatives among them the two variances are not identifiable)")
+    best = int(np.argmin(ends))
+    if ends[best] < value - 1e-9:
+        log_theta = LOG_THETA_BOUNDS[best]
+        value, pieces = equations.evaluate(float(np.exp(log_theta)), reml)
     if not np.isfinite(value):
         raise DataError("the animal model's equations are not positive definite at the optimum: check the "
                         "relationship matrix and the fixed effects")
@@ -187,6 +202,9 @@ def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatRe
     if singular:
         warnings.warn(f"boundary (singular) fit: the variance of {rel.group!r} is (near) zero (theta below 1e-4)",
                       ConvergenceWarning, stacklevel=3)
+    if log_theta >= LOG_THETA_BOUNDS[1] - 1e-3:
+        warnings.warn(f"boundary fit: the residual variance is (near) zero against that of {rel.group!r} (theta "
+                      f"above 1e4)", ConvergenceWarning, stacklevel=3)
     return RelmatResult(design=design, relationship=rel, equations=equations, reml=reml, log_theta=log_theta,
                         objective=value, pieces=pieces, recorded=np.isin(np.arange(len(rel.labels)), position),
                         converged=bool(found.success), evaluations=int(found.nfev), is_singular=singular)

@@ -28,8 +28,9 @@ import scipy.sparse.linalg
 
 from ..errors import ArgumentError, DataError
 
-#: ``relmat=`` (A itself) is inverted densely up to this many levels; beyond, give ``relmat_inverse=``.
-DENSE_MAX_LEVELS = 20_000
+#: ``relmat=`` (A itself) is inverted densely up to this many levels; beyond, give ``relmat_inverse=``: a dense
+#: A^-1 makes every factorization of the mixed-model equations dense too (2,000 levels: ~20 s a fit).
+DENSE_MAX_LEVELS = 3_000
 #: Relative asymmetry tolerated, max |M - M'| / max |M|.
 SYMMETRY_TOL = 1e-10
 
@@ -137,6 +138,7 @@ def _sparse_log_det(matrix: scipy.sparse.csc_matrix, name: str) -> float:
     except RuntimeError:
         raise DataError(f"{name}: the matrix is singular") from None
     pivots = lu.U.diagonal()
-    if not np.all(pivots > 0):
+    # a zero pivot makes SuperLU swap rows even with diag_pivot_thresh=0: then the pivots no longer tell
+    if not (np.array_equal(lu.perm_r, lu.perm_c) and np.all(pivots > 0)):
         raise DataError(f"{name}: the matrix is not positive definite")
     return float(np.sum(np.log(pivots)))
