@@ -69,3 +69,22 @@ def test_parents_come_first_and_parent_only_animals_are_founders():
 def test_bad_pedigrees_are_refused_by_name(frame, message):
     with pytest.raises(hp.DataError, match=message):
         hp.pedigree.relationship_matrix(frame)
+
+
+def test_both_inbreeding_methods_agree(monkeypatch):
+    # generation by generation (triangular solves) and Meuwissen & Luo's ancestor loop: the same F, exactly, on
+    # a pedigree with unknown parents, selfing and several overlapping generations
+    from hierpool import pedigree
+
+    rng = np.random.default_rng(3)
+    ids = [f"x{i}" for i in range(500)]
+    parent = [[None] * 30 + [ids[rng.integers(0, i)] if rng.uniform() < 0.9 else None for i in range(30, 500)]
+              for _ in range(2)]
+    frame = pd.DataFrame({"id": ids, "sire": parent[0], "dam": parent[1]})
+    generations = hp.pedigree.inbreeding(frame)
+    monkeypatch.setattr(pedigree, "GENERATION_MAX_COLUMNS", 0)  # the loop
+    ancestors = hp.pedigree.inbreeding(frame)
+    assert generations.max() > 0.25 and generations.index.equals(ancestors.index)
+    np.testing.assert_allclose(generations, ancestors, rtol=0, atol=1e-13)
+    tabular = hp.pedigree.relationship_matrix(frame)
+    np.testing.assert_allclose(np.diag(tabular.loc[generations.index, generations.index]) - 1, generations, atol=1e-13)
