@@ -11,8 +11,9 @@ coefficient of coancestry of i and j, so that Cov(a_i, a_j) = A_ij sigma_A^2 for
   columns for the generation's sires (or dams) by two sparse triangular solves with T = L^-1 = I - P / 2
   (Colleau 2002's indirect method): 100,000 animals in 10 generations take ~7 s.  Where a pedigree's
   generations have very many distinct parents (:data:`GENERATION_MAX_COLUMNS`), by Meuwissen & Luo (1992):
-  A = L D L^T with L_ij = (L_sj + L_dj) / 2 (the expected share of j's Mendelian sampling in i) and D_i the variance of i's
-  Mendelian sampling, 1/2 - (F_s + F_d) / 4 with both parents known (3/4 - F_p / 4 with one, 1 with none);
+  A = L D L^T with L_ij = (L_sj + L_dj) / 2 (the expected share of j's Mendelian sampling in i) and D_i the
+  variance of i's Mendelian sampling, 1/2 - (F_s + F_d) / 4 with both parents known (3/4 - F_p / 4 with one,
+  1 with none);
   each animal's row of L is traced through its ancestors only.
 * :func:`inverse_relationship_matrix`: A^-1 = (L^-1)^T D^-1 L^-1, sparse, by Henderson's (1976) rules with
   inbreeding (Quaas 1976): animal i adds 1 / D_i to (i, i), -1 / (2 D_i) to (i, p) and (p, i) for each known
