@@ -178,12 +178,9 @@ def _fit_ar1(args, data, out: Path) -> int:
     fit = lmm(args.formula, data, se=args.se, weights=args.weights, offset=args.offset, correlation=correlation)
     out.mkdir(parents=True, exist_ok=True)
     print(fit.summary())
-    fixef = fit.fixef.rename("estimate").to_frame()
-    fixef["se"] = fit.fixef_se
     fitted = data.loc[fit.design.rows].assign(fitted=fit.fitted, residual=fit.residuals)
     written = [
-        _write_table(fixef.rename_axis("term").reset_index(), out / "fixef.csv"),
-        _write_table(fit.varcorr, out / "varcorr.csv"),
+        *_fixef_and_varcorr(fit, out),
         _write_table(fit.correlation.reset_index(), out / "correlation.csv"),
         _write_table(_ranef_with_intervals(fit, args.level), out / "ranef.csv"),
         _write_table(fitted.rename_axis("row").reset_index(), out / "fitted.csv"),
@@ -201,6 +198,14 @@ def _fit_ar1(args, data, out: Path) -> int:
         ]
     print(f"\nWrote {', '.join(p.name for p in written)} to {out}/")
     return 0
+
+
+def _fixef_and_varcorr(fit, out: Path) -> list[Path]:
+    """fixef.csv (estimates and SEs) and varcorr.csv of a closed-form fit."""
+    fixef = fit.fixef.rename("estimate").to_frame()
+    fixef["se"] = fit.fixef_se
+    return [_write_table(fixef.rename_axis("term").reset_index(), out / "fixef.csv"),
+            _write_table(fit.varcorr, out / "varcorr.csv")]
 
 
 def _relationship(option: str, formula: str) -> tuple[str, dict]:
@@ -238,11 +243,8 @@ def _fit_relmat(args, data, out: Path) -> int:
     fit = lmm(args.formula, data, weights=args.weights, offset=args.offset, **{argument: given})
     out.mkdir(parents=True, exist_ok=True)
     print(fit.summary())
-    fixef = fit.fixef.rename("estimate").to_frame()
-    fixef["se"] = fit.fixef_se
     written = [
-        _write_table(fixef.rename_axis("term").reset_index(), out / "fixef.csv"),
-        _write_table(fit.varcorr, out / "varcorr.csv"),
+        *_fixef_and_varcorr(fit, out),
         _write_table(fit.heritability(level=args.level).reset_index(), out / "heritability.csv"),
         _write_table(fit.ranef, out / "ranef.csv"),
     ]
@@ -269,11 +271,8 @@ def _fit(args) -> int:
     fit = comparison.fit
     out.mkdir(parents=True, exist_ok=True)
     print(fit.summary())
-    fixef = fit.fixef.rename("estimate").to_frame()
-    fixef["se"] = fit.fixef_se
     written = [
-        _write_table(fixef.rename_axis("term").reset_index(), out / "fixef.csv"),
-        _write_table(fit.varcorr, out / "varcorr.csv"),
+        *_fixef_and_varcorr(fit, out),
         _write_table(_ranef_with_intervals(fit, args.level), out / "ranef.csv"),
         _write_table(comparison.table, out / "pooling.csv"),
         _write_table((_glmm_fitted(comparison) if comparison.is_glmm else comparison.fitted())

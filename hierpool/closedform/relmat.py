@@ -49,6 +49,7 @@ from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
 from ..spec.design import Design
 from ..spec.relationship import Relationship
+from .results import Likelihood
 
 #: log theta is searched in this interval (theta from 1e-4 to 1e4).
 LOG_THETA_BOUNDS = (np.log(1e-4), np.log(1e4))
@@ -210,7 +211,7 @@ def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatRe
                         converged=bool(found.success), evaluations=int(found.nfev), is_singular=singular)
 
 
-class RelmatResult:
+class RelmatResult(Likelihood):
     """A fitted animal model (:func:`fit_relmat`): lme4's accessors, breeding values for every level of A, h^2."""
 
     def __init__(self, *, design, relationship, equations, reml, log_theta, objective, pieces, recorded, converged,
@@ -238,12 +239,7 @@ class RelmatResult:
         term = self.design.terms[0]
         return varcorr_table([(term.group, term.coef_names, np.array([[self.sigma_a**2]]))], self.sigma)
 
-    # --- likelihood ---------------------------------------------------------------------------
-    @property
-    def loglik(self) -> float:
-        """Log-likelihood (restricted for a REML fit), ``-objective / 2``."""
-        return -0.5 * self.objective
-
+    # --- likelihood (loglik, aic, bic: Likelihood) ----------------------------------------------
     @property
     def nobs(self) -> int:
         return self.design.n
@@ -251,14 +247,6 @@ class RelmatResult:
     @property
     def n_params(self) -> int:
         return self.design.p + 2
-
-    @property
-    def aic(self) -> float:
-        return -2.0 * self.loglik + 2.0 * self.n_params
-
-    @property
-    def bic(self) -> float:
-        return -2.0 * self.loglik + np.log(self.nobs) * self.n_params
 
     # --- fixed effects ----------------------------------------------------------------------------
     @property

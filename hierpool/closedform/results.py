@@ -16,8 +16,26 @@ from ..spec.design import Design
 from .optimize import Optimum
 
 
+class Likelihood:
+    """``loglik``, ``aic`` and ``bic`` of a Gaussian fit from its ``objective`` (REML criterion or deviance),
+    ``n_params`` and ``nobs``, as lme4's ``logLik``, ``AIC`` and ``BIC``."""
+
+    @property
+    def loglik(self) -> float:
+        """Log-likelihood (restricted log-likelihood for a REML fit), ``-objective / 2``."""
+        return -0.5 * self.objective
+
+    @property
+    def aic(self) -> float:
+        return -2.0 * self.loglik + 2.0 * self.n_params
+
+    @property
+    def bic(self) -> float:
+        return -2.0 * self.loglik + np.log(self.nobs) * self.n_params
+
+
 @dataclass(frozen=True, eq=False)
-class LMMResult:
+class LMMResult(Likelihood):
     """A linear mixed model fitted by REML or ML (or evaluated at a given theta).
 
     Attributes mirror lme4: ``fixef``, ``fixef_se``, ``vcov``, ``varcorr``,
@@ -59,19 +77,6 @@ class LMMResult:
     def n_params(self) -> int:
         """Fixed effects + covariance parameters (+ sigma unless known), as lme4's ``df`` of logLik."""
         return self.design.p + self.theta.size + (0 if self.design.sigma_known else 1)
-
-    @property
-    def loglik(self) -> float:
-        """Log-likelihood (restricted log-likelihood for a REML fit), ``-objective / 2``."""
-        return -0.5 * self.objective
-
-    @property
-    def aic(self) -> float:
-        return -2.0 * self.loglik + 2.0 * self.n_params
-
-    @property
-    def bic(self) -> float:
-        return -2.0 * self.loglik + np.log(self.nobs) * self.n_params
 
     @property
     def is_singular(self) -> bool:
