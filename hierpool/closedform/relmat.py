@@ -24,8 +24,10 @@ levels: beyond, selected inversion would be needed, and the conditional sds are 
 
 This is the one place hierpool solves mixed-model equations by a general sparse factorization: the blocked
 factorization of :mod:`hierpool.algebra.criterion` has one level per row and term (Lambda = I (x) T), which A
-breaks.  Not yet: other random-effect terms beside the relationship term, random slopes with a relationship
-matrix, a family, the Bayesian engine's ``relmat=``.
+breaks.  Other intercept terms (1 | g) may stand beside the relationship term (a permanent environment: the
+repeatability model), each with an identity block I / theta_j^2 in P(theta) (and q log theta^2 becomes
+sum_j q_j log theta_j^2); theta is then found by L-BFGS-B.
+Not yet: random slopes, a family, the Bayesian engine's ``relmat=``.
 
 References: Henderson, C. R. (1976), Biometrics 32, 69-83; Meyer, K. (1989), Genet. Sel. Evol. 21, 317-340
 (REML by the mixed-model equations); Bates, Maechler, Bolker & Walker (2015), J. Stat. Softw. 67(1);
@@ -64,33 +66,38 @@ PEV_CHUNK = 256
 
 
 class _Equations:
-    """The theta-free blocks of the mixed-model equations, and K(theta) = Z'WZ + A^-1 / theta^2 factored.
+    """The theta-free blocks of the mixed-model equations, and K(theta) = Z'WZ + P(theta) factored.
 
-    X's block is eliminated by its Schur complement S = X'WX - X'WZ K^-1 Z'WX (p x p): SuperLU then factors
-    K alone, whose pattern (A^-1's plus a diagonal) is the same at every theta, so its fill-reducing ordering
-    (minimum degree on K + K') is found once and reused (about 70% of a factorization's time otherwise);
-    X's columns, each touching every animal with records, would be dense rows in that ordering.
-    |C| = |K| |S| and (C^-1)_beta beta = S^-1.
+    Z = [Z_1 ... Z_T] holds one column block per random-effect term (the relationship term's columns are A's
+    labels, the others' their levels), and P(theta) = blockdiag(A^-1 / theta_1^2, I / theta_2^2, ...).  X's
+    block is eliminated by its Schur complement S = X'WX - X'WZ K^-1 Z'WX (p x p): SuperLU then factors K alone,
+    whose pattern is the same at every theta, so its fill-reducing ordering (minimum degree on K + K') is found
+    once and reused (about 70% of a factorization's time otherwise); X's columns, each touching every animal
+    with records, would be dense rows in that ordering.  |C| = |K| |S| and (C^-1)_beta beta = S^-1.
     """
 
-    def __init__(self, *, XtX, ZtX, ZtZ, Xty, Zty, yty, inverse, n, log_det_a, log_det_w):
-        self.XtX, self.ZtX, self.ZtZ, self.Xty, self.Zty, self.yty = XtX, ZtX, ZtZ, Xty, Zty, yty
-        self.inverse, self.n, self.p, self.q = inverse, n, XtX.shape[0], inverse.shape[0]
+    def __init__(self, *, XtX, ZtX, ZtWZ, Xty, Zty, yty, penalty, block, sizes, n, log_det_a, log_det_w):
+        self.XtX, self.ZtX, self.ZtWZ, self.Xty, self.Zty, self.yty = XtX, ZtX, ZtWZ, Xty, Zty, yty
+        self.penalty, self.block, self.sizes = penalty, block, np.asarray(sizes)  # block: each column's term
+        self.n, self.p, self.q = n, XtX.shape[0], ZtWZ.shape[0]
         self.log_det_a, self.log_det_w = log_det_a, log_det_w
         self._order = None  # K's fill-reducing ordering, from the first factorization
 
-    def factor(self, theta: float):
+    def _k(self, theta, order=None) -> scipy.sparse.csc_matrix:
+        ZtWZ, penalty, block = (self.ZtWZ, self.penalty, self.block) if order is None else self._permuted
+        scaled = penalty.copy()
+        scaled.data = scaled.data / np.asarray(theta, dtype=float)[block[scaled.indices]] ** 2
+        return scipy.sparse.csc_matrix(ZtWZ + scaled)
+
+    def factor(self, theta):
         """(a solve v -> K^-1 v, log|K|), or None where K is not positive definite."""
         options = dict(diag_pivot_thresh=0.0, options=dict(SymmetricMode=True))
         if self._order is None:
-            K = scipy.sparse.csc_matrix(scipy.sparse.diags(self.ZtZ) + self.inverse / theta**2)
-            lu = scipy.sparse.linalg.splu(K, permc_spec="MMD_AT_PLUS_A", **options)
-            self._order = np.argsort(lu.perm_c)  # the symmetric ordering SuperLU chose, as row/column indices
-            self._permuted = (self.ZtZ[self._order],
-                              scipy.sparse.csc_matrix(self.inverse[self._order][:, self._order]))
-        diagonal, inverse = self._permuted
-        K = scipy.sparse.csc_matrix(scipy.sparse.diags(diagonal) + inverse / theta**2)
-        lu = scipy.sparse.linalg.splu(K, permc_spec="NATURAL", **options)
+            lu = scipy.sparse.linalg.splu(self._k(theta), permc_spec="MMD_AT_PLUS_A", **options)
+            order = self._order = np.argsort(lu.perm_c)  # the symmetric ordering SuperLU chose, as indices
+            self._permuted = (scipy.sparse.csc_matrix(self.ZtWZ[order][:, order]),
+                              scipy.sparse.csc_matrix(self.penalty[order][:, order]), self.block[order])
+        lu = scipy.sparse.linalg.splu(self._k(theta, self._order), permc_spec="NATURAL", **options)
         pivots = lu.U.diagonal()
         if not (np.array_equal(lu.perm_r, lu.perm_c) and np.all(pivots > 0)):  # rows swapped: a zero pivot
             return None
@@ -101,8 +108,9 @@ class _Equations:
 
         return solve, float(np.sum(np.log(pivots)))
 
-    def evaluate(self, theta: float, reml: bool) -> tuple[float, dict]:
-        """The criterion at theta, and the pieces of the fit there."""
+    def evaluate(self, theta, reml: bool) -> tuple[float, dict]:
+        """The criterion at theta (one per term), and the pieces of the fit there."""
+        theta = np.atleast_1d(np.asarray(theta, dtype=float))
         factored = self.factor(theta)
         if factored is None:
             return np.inf, {}
@@ -120,7 +128,7 @@ class _Equations:
         pwrss = float(self.yty - beta @ self.Xty - b @ self.Zty)
         beta_block = scipy.linalg.cho_solve((factor, True), np.eye(self.p)) if self.p else np.zeros((0, 0))
         log_det_s = 2.0 * float(np.sum(np.log(np.diag(factor))))
-        constant = self.q * np.log(theta**2) + self.log_det_a - self.log_det_w
+        constant = float(self.sizes @ np.log(theta**2)) + self.log_det_a - self.log_det_w
         if reml:
             dof = self.n - self.p
             value = dof * (1.0 + np.log(2.0 * np.pi * pwrss / dof)) + log_det_k + log_det_s + constant
@@ -130,97 +138,137 @@ class _Equations:
                                   beta_block=beta_block)
 
 
-def _equations(design: Design, rel: Relationship) -> tuple[_Equations, np.ndarray]:
-    """The blocks of the equations, and each design level's position among A's labels."""
-    term = design.terms[0]
-    position = pd.Index(rel.labels).get_indexer([str(level) for level in term.levels])
-    if np.any(position < 0):
-        missing = [str(level) for level, at in zip(term.levels, position) if at < 0]
-        raise DataError(f"{len(missing)} level(s) of {term.group!r} in the data are not labels of its relationship "
-                        f"matrix: {missing[:5]}")
-    n, p, q = design.n, design.p, len(rel.labels)
+def _equations(design: Design, rel: Relationship):
+    """The blocks of the equations; each term's column labels, and which of A's labels have records."""
+    n, p = design.n, design.p
     w = np.ones(n) if design.weights is None else np.asarray(design.weights, dtype=float)
-    column = position[term.index]
     y = np.asarray(design.y, dtype=float) - np.asarray(design.offset, dtype=float)
     X = np.asarray(design.X, dtype=float)
-    ZtX = np.stack([np.bincount(column, w * X[:, c], q) for c in range(p)], axis=1) if p else np.zeros((q, 0))
-    equations = _Equations(XtX=X.T @ (w[:, None] * X), ZtX=ZtX, ZtZ=np.bincount(column, w, q),
-                           Xty=X.T @ (w * y), Zty=np.bincount(column, w * y, q), yty=float(y @ (w * y)),
-                           inverse=rel.inverse, n=n, log_det_a=rel.log_det, log_det_w=float(np.sum(np.log(w))))
-    return equations, position
+    columns, penalties, labels, sizes, start = [], [], [], [], 0
+    recorded = None
+    for term in design.terms:
+        if term.group == rel.group:
+            position = pd.Index(rel.labels).get_indexer([str(level) for level in term.levels])
+            if np.any(position < 0):
+                missing = [str(level) for level, at in zip(term.levels, position) if at < 0]
+                raise DataError(f"{len(missing)} level(s) of {term.group!r} in the data are not labels of its "
+                                f"relationship matrix: {missing[:5]}")
+            size, penalty, names = len(rel.labels), rel.inverse, rel.labels
+            recorded = np.isin(np.arange(size), position)
+        else:
+            position = np.arange(term.n_levels)
+            size, penalty, names = term.n_levels, scipy.sparse.identity(term.n_levels), np.asarray(term.levels)
+        columns.append(start + position[term.index])
+        penalties.append(penalty)
+        labels.append(names)
+        sizes.append(size)
+        start += size
+    q = start
+    rows = np.repeat(np.arange(n), len(columns))
+    Z = scipy.sparse.csr_matrix((np.ones(rows.size), (rows, np.stack(columns, axis=1).ravel())), shape=(n, q))
+    ZtW = scipy.sparse.csr_matrix(Z.T.multiply(w[None, :]))
+    block = np.repeat(np.arange(len(sizes)), sizes)
+    equations = _Equations(XtX=X.T @ (w[:, None] * X), ZtX=np.asarray(ZtW @ X) if p else np.zeros((q, 0)),
+                           ZtWZ=scipy.sparse.csc_matrix(ZtW @ Z), Xty=X.T @ (w * y), Zty=np.asarray(ZtW @ y).ravel(),
+                           yty=float(y @ (w * y)), penalty=scipy.sparse.block_diag(penalties, format="csc"),
+                           block=block, sizes=sizes, n=n, log_det_a=rel.log_det, log_det_w=float(np.sum(np.log(w))))
+    return equations, labels, recorded
 
 
 def check_design(design: Design, rel: Relationship) -> None:
-    """One random-effect term, an intercept on ``rel.group``; no known residual sds, no family."""
+    """The relationship term is ``(1 | rel.group)`` and every other random-effect term an intercept ``(1 | g)``
+    too; no known residual sds, no family."""
     if design.family is not None:
         raise ArgumentError("relmat= is not yet available with a family (a GLMM): a Gaussian response only")
     if design.sigma_known:
         raise ArgumentError("relmat= cannot be combined with se= (known residual sds)")
     labels = [term.label for term in design.terms]
-    term = design.terms[0] if len(design.terms) == 1 else None
-    if term is None or term.group != rel.group or tuple(term.coef_names) != ("Intercept",):
+    related = [term for term in design.terms if term.group == rel.group]
+    slopes = [term.label for term in design.terms if tuple(term.coef_names) != ("Intercept",)]
+    if len(related) != 1 or slopes:
         raise ArgumentError(
-            f"relmat= for {rel.group!r} needs the formula's only random-effect term to be (1 | {rel.group}); got "
-            f"{', '.join(labels) or 'none'}.  Other terms beside a relationship term (a permanent environment "
-            f"(1 | id2), say) and random slopes with a relationship matrix are not supported yet")
+            f"relmat= for {rel.group!r} needs the random-effect term (1 | {rel.group}) and other terms of the form "
+            f"(1 | g) only (a permanent environment, say); got {', '.join(labels) or 'none'}.  Random slopes, with "
+            f"a relationship matrix or beside it, are not supported yet")
 
 
-def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatResult:
-    """REML or ML fit of the animal model of the module docstring."""
-    check_design(design, rel)
-    if design.n <= design.p:
-        raise DataError(f"{design.n} rows for {design.p} fixed effects: nothing is left to estimate the variances")
-    equations, position = _equations(design, rel)
+def _minimize(equations: _Equations, reml: bool, terms: int, group: str):
+    """log theta at the criterion's minimum, and the number of criterion evaluations.
+
+    One term: Brent's method from a bracket, and both ends of the interval checked (a boundary optimum that the
+    descent missed; a flat profile).  Several: L-BFGS-B on log theta within the bounds, from theta = 1, with
+    central-difference gradients."""
+    count = [0]
+
+    def criterion(log_theta):
+        count[0] += 1
+        return equations.evaluate(np.exp(np.asarray(log_theta, dtype=float)), reml)[0]
+
+    if terms > 1:
+        found = scipy.optimize.minimize(criterion, np.zeros(terms), method="L-BFGS-B", jac="3-point",
+                                        bounds=[LOG_THETA_BOUNDS] * terms,
+                                        options=dict(ftol=1e-15, gtol=1e-8, maxiter=500))
+        return np.asarray(found.x, dtype=float), count[0], bool(found.success)
 
     def objective(log_theta: float) -> float:
         # outside the bounds, the bound's value plus a quadratic wall: Brent's bracketing stays finite
         clipped = float(np.clip(log_theta, *LOG_THETA_BOUNDS))
-        return equations.evaluate(float(np.exp(clipped)), reml)[0] + (log_theta - clipped) ** 2
+        return criterion([clipped]) + (log_theta - clipped) ** 2
 
     # Brent's method from a bracket at h^2 = 0.12 and 0.5: ~15 factorizations, where the bounded variant's golden
     # sections over the whole interval took ~45
     found = scipy.optimize.minimize_scalar(objective, bracket=(np.log(0.37), 0.0), method="brent",
                                            options=dict(xtol=LOG_THETA_TOL, maxiter=200))
     log_theta = float(np.clip(found.x, *LOG_THETA_BOUNDS))
-    value, pieces = equations.evaluate(float(np.exp(log_theta)), reml)
-    # the two ends of the interval: an optimum at a bound that the descent from the bracket missed (a second,
-    # interior minimum), and a profile too flat to tell sigma_A^2 from sigma^2 (unrelated animals with one
-    # record each: A = I and Z = I make the model a sum of two variances)
-    ends = [equations.evaluate(float(np.exp(bound)), reml)[0] for bound in LOG_THETA_BOUNDS]
+    value = criterion([log_theta])
+    # unrelated animals with one record each (A = I and Z = I) make the model a sum of two variances: flat
+    ends = [criterion([bound]) for bound in LOG_THETA_BOUNDS]
     if max(ends) - value < FLAT_PROFILE:
         raise DataError(
-            f"the data cannot tell the variance of {rel.group!r} from the residual variance: the profiled criterion "
+            f"the data cannot tell the variance of {group!r} from the residual variance: the profiled criterion "
             f"changes by less than {FLAT_PROFILE} over theta from 1e-4 to 1e4 (are the animals with records "
             f"related?  With one record each and no relatives among them the two variances are not identifiable)")
     best = int(np.argmin(ends))
     if ends[best] < value - 1e-9:
         log_theta = LOG_THETA_BOUNDS[best]
-        value, pieces = equations.evaluate(float(np.exp(log_theta)), reml)
+    return np.array([log_theta]), count[0], bool(found.success)
+
+
+def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatResult:
+    """REML or ML fit of the animal model of the module docstring (with other intercept terms beside it)."""
+    check_design(design, rel)
+    if design.n <= design.p:
+        raise DataError(f"{design.n} rows for {design.p} fixed effects: nothing is left to estimate the variances")
+    equations, labels, recorded = _equations(design, rel)
+    log_theta, evaluations, converged = _minimize(equations, reml, len(design.terms), rel.group)
+    value, pieces = equations.evaluate(np.exp(log_theta), reml)
     if not np.isfinite(value):
         raise DataError("the animal model's equations are not positive definite at the optimum: check the "
                         "relationship matrix and the fixed effects")
-    singular = log_theta <= LOG_THETA_BOUNDS[0] + 1e-3
-    if singular:
-        warnings.warn(f"boundary (singular) fit: the variance of {rel.group!r} is (near) zero (theta below 1e-4)",
-                      ConvergenceWarning, stacklevel=3)
-    if log_theta >= LOG_THETA_BOUNDS[1] - 1e-3:
-        warnings.warn(f"boundary fit: the residual variance is (near) zero against that of {rel.group!r} (theta "
-                      f"above 1e4)", ConvergenceWarning, stacklevel=3)
+    low = log_theta <= LOG_THETA_BOUNDS[0] + 1e-3
+    for term, at_zero in zip(design.terms, low):
+        if at_zero:
+            warnings.warn(f"boundary (singular) fit: the variance of {term.group!r} is (near) zero (theta below "
+                          f"1e-4)", ConvergenceWarning, stacklevel=3)
+    if np.any(log_theta >= LOG_THETA_BOUNDS[1] - 1e-3):
+        warnings.warn("boundary fit: the residual variance is (near) zero against a random effect's (theta above "
+                      "1e4)", ConvergenceWarning, stacklevel=3)
     return RelmatResult(design=design, relationship=rel, equations=equations, reml=reml, log_theta=log_theta,
-                        objective=value, pieces=pieces, recorded=np.isin(np.arange(len(rel.labels)), position),
-                        converged=bool(found.success), evaluations=int(found.nfev), is_singular=singular)
+                        objective=value, pieces=pieces, labels=labels, recorded=recorded, converged=converged,
+                        evaluations=evaluations, is_singular=bool(np.any(low)))
 
 
 class RelmatResult(Likelihood):
     """A fitted animal model (:func:`fit_relmat`): lme4's accessors, breeding values for every level of A, h^2."""
 
-    def __init__(self, *, design, relationship, equations, reml, log_theta, objective, pieces, recorded, converged,
-                 evaluations, is_singular):
+    def __init__(self, *, design, relationship, equations, reml, log_theta, objective, pieces, labels, recorded,
+                 converged, evaluations, is_singular):
         self.design, self.relationship, self._equations = design, relationship, equations
         self.reml, self.objective, self._pieces = reml, objective, pieces
-        self.theta = np.array([np.exp(log_theta)])
-        self.recorded, self.converged, self.evaluations, self.is_singular = recorded, converged, evaluations, \
-            is_singular
+        self.theta = np.exp(np.asarray(log_theta, dtype=float))
+        self._labels, self.recorded = labels, recorded
+        self.converged, self.evaluations, self.is_singular = converged, evaluations, is_singular
+        self._related = next(j for j, term in enumerate(design.terms) if term.group == relationship.group)
 
     # --- variance components ------------------------------------------------------------
     @property
@@ -230,14 +278,22 @@ class RelmatResult(Likelihood):
 
     @property
     def sigma_a(self) -> float:
-        """sd of the term's effects (sigma_A, the additive genetic sd for a pedigree)."""
-        return float(self.theta[0] * self.sigma)
+        """sd of the relationship term's effects (sigma_A, the additive genetic sd for a pedigree)."""
+        return float(self.theta[self._related] * self.sigma)
 
     @property
     def varcorr(self) -> pd.DataFrame:
-        """lme4's ``as.data.frame(VarCorr(fit))``: the term's variance sigma_A^2, then the residual's."""
-        term = self.design.terms[0]
-        return varcorr_table([(term.group, term.coef_names, np.array([[self.sigma_a**2]]))], self.sigma)
+        """lme4's ``as.data.frame(VarCorr(fit))``: each term's variance (sigma_A^2 for the relationship term),
+        then the residual's."""
+        return varcorr_table([(term.group, term.coef_names, np.array([[(t * self.sigma) ** 2]]))
+                              for term, t in zip(self.design.terms, self.theta)], self.sigma)
+
+    def variance_shares(self) -> pd.Series:
+        """Each variance's share of the total (random effects' and the residual's): the relationship term's is
+        h^2; with a permanent-environment term beside it, the two together are the repeatability."""
+        variances = np.append(self.theta**2, 1.0) * self.sigma**2
+        return pd.Series(variances / variances.sum(), index=[t.group for t in self.design.terms] + ["Residual"],
+                         name="share")
 
     # --- likelihood (loglik, aic, bic: Likelihood) ----------------------------------------------
     @property
@@ -246,7 +302,7 @@ class RelmatResult(Likelihood):
 
     @property
     def n_params(self) -> int:
-        return self.design.p + 2
+        return self.design.p + len(self.theta) + 1
 
     # --- fixed effects ----------------------------------------------------------------------------
     @property
@@ -265,9 +321,10 @@ class RelmatResult(Likelihood):
     # --- breeding values ------------------------------------------------------------------------
     @cached_property
     def ranef(self) -> pd.DataFrame:
-        """The BLUPs (breeding values) of every level of A, with their conditional sds (prediction error sds,
-        sigma * sqrt((C^-1)_ii); NaN above :data:`PEV_MAX_LEVELS` levels) and whether the level has records."""
-        eq, term = self._equations, self.design.terms[0]
+        """The BLUPs of every term's levels: the relationship term's for every level of A (its breeding values,
+        with ``recorded``: whether the level has records), with their conditional sds (prediction error sds,
+        sigma * sqrt((C^-1)_ii); NaN above :data:`PEV_MAX_LEVELS` columns in all)."""
+        eq = self._equations
         values = self._pieces["solution"][eq.p:]
         condsd = np.full(eq.q, np.nan)
         if eq.q <= PEV_MAX_LEVELS:
@@ -281,35 +338,54 @@ class RelmatResult(Likelihood):
                 variance[columns] += solve(unit)[columns, np.arange(columns.size)]
             condsd = self.sigma * np.sqrt(np.maximum(variance, 0.0))
         else:
-            warnings.warn(f"conditional sds of the {eq.q} levels of {term.group!r} are not computed (above "
-                          f"{PEV_MAX_LEVELS} levels); the BLUPs are", HierpoolWarning, stacklevel=2)
-        return pd.DataFrame({"grpvar": term.group, "term": "(Intercept)", "grp": self.relationship.labels,
-                             "condval": values, "condsd": condsd, "recorded": self.recorded})
+            warnings.warn(f"conditional sds of the {eq.q} random effects are not computed (above {PEV_MAX_LEVELS}); "
+                          f"the BLUPs are", HierpoolWarning, stacklevel=2)
+        frames, start = [], 0
+        for j, (term, labels) in enumerate(zip(self.design.terms, self._labels)):
+            part = slice(start, start + len(labels))
+            frames.append(pd.DataFrame({"grpvar": term.group, "term": "(Intercept)", "grp": labels,
+                                        "condval": values[part], "condsd": condsd[part],
+                                        "recorded": self.recorded if j == self._related else True}))
+            start += len(labels)
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
     # --- heritability -------------------------------------------------------------------------------
     def heritability(self, level: float = 0.95) -> pd.DataFrame:
-        """h^2 = sigma_A^2 / (sigma_A^2 + sigma^2) (the intra-class correlation of the term), with its
-        profile-likelihood interval: h^2 = theta^2 / (1 + theta^2) is monotone in theta, so the interval is the
-        theta where the profiled criterion is within the chi-square(1) quantile of its minimum (exact for the
-        profile likelihood, no delta method)."""
+        """h^2 = sigma_A^2 / (sum of the random effects' variances + sigma^2), with its profile-likelihood interval.
+
+        With r_j = theta_j^2 (each variance over sigma^2), h^2 = r_A / (1 + sum_j r_j).  The interval is the set of
+        h^2 whose profiled criterion (minimized over the other terms' r_j, with r_A = h^2 (1 + sum_others r_j) /
+        (1 - h^2)) is within the chi-square(1) quantile of the minimum: exact for the profile likelihood, no delta
+        method.  With the relationship term alone h^2 = theta^2 / (1 + theta^2) is monotone in theta and the
+        profile is the criterion itself.
+        """
         if not 0 < level < 1:
             raise ArgumentError(f"level must be in (0, 1), got {level!r}")
         cut = self.objective + stats.chi2.ppf(level, 1)
-        log_theta = float(np.log(self.theta[0]))
+        r = self.theta**2
+        estimate = float(r[self._related] / (1 + r.sum()))
+        others = [j for j in range(len(r)) if j != self._related]
+        start = np.log(r[others]) / 2
 
-        def excess(t):
-            return self._equations.evaluate(float(np.exp(t)), self.reml)[0] - cut
+        def profile(h2):
+            def criterion(log_theta_others):
+                theta = np.empty(len(r))
+                theta[others] = np.exp(log_theta_others)
+                theta[self._related] = np.sqrt(h2 * (1 + np.sum(theta[others] ** 2)) / (1 - h2))
+                return self._equations.evaluate(theta, self.reml)[0]
 
-        low, high = LOG_THETA_BOUNDS
-        lower = low if excess(low) <= 0 else scipy.optimize.brentq(excess, low, log_theta, xtol=1e-8)
-        upper = high if excess(high) <= 0 else scipy.optimize.brentq(excess, log_theta, high, xtol=1e-8)
+            if not others:
+                return criterion(np.zeros(0))
+            return scipy.optimize.minimize(criterion, start, method="L-BFGS-B", bounds=[LOG_THETA_BOUNDS] * len(others),
+                                           jac="3-point", options=dict(ftol=1e-12)).fun
 
-        def h2(t):
-            return float(np.exp(2 * t) / (1 + np.exp(2 * t)))
-
-        return pd.DataFrame({"estimate": [h2(log_theta)], "lower": [0.0 if lower == low else h2(lower)],
-                             "upper": [1.0 if upper == high else h2(upper)], "level": [level]},
-                            index=pd.Index([self.design.terms[0].group], name="term"))
+        low, high = 1e-8, 1 - 1e-8
+        lower = 0.0 if profile(low) <= cut else scipy.optimize.brentq(lambda h: profile(h) - cut, low, estimate,
+                                                                       xtol=1e-7)
+        upper = 1.0 if profile(high) <= cut else scipy.optimize.brentq(lambda h: profile(h) - cut, estimate, high,
+                                                                        xtol=1e-7)
+        return pd.DataFrame({"estimate": [estimate], "lower": [lower], "upper": [upper], "level": [level]},
+                            index=pd.Index([self.relationship.group], name="term"))
 
     def summary(self) -> str:
         """A text summary: criterion, variance components with h^2, fixed effects."""
@@ -322,6 +398,7 @@ class RelmatResult(Likelihood):
                  "", "Random effects:", self.varcorr.to_string(index=False),
                  f"Heritability h^2 = {h2.estimate.iloc[0]:.4f}, {h2.level.iloc[0]:.0%} profile interval "
                  f"[{h2.lower.iloc[0]:.4f}, {h2.upper.iloc[0]:.4f}]",
+                 "Variance shares: " + ", ".join(f"{k} {v:.4f}" for k, v in self.variance_shares().items()),
                  f"Number of obs: {self.nobs}; levels of A: {len(self.relationship.labels)} "
                  f"({int(self.recorded.sum())} with records)",
                  "", "Fixed effects:",
