@@ -125,3 +125,55 @@ def test_integer_ids_with_missing_parents(pedigree, phenotypes):
     fit = hp.lmm(FORMULA, phenotypes.assign(animal=phenotypes["animal"].map(number)),
                  relmat_inverse={"animal": hp.pedigree.inverse_relationship_matrix(numeric)})
     assert fit.heritability().estimate.iloc[0] == pytest.approx(REFERENCE["fits"]["REML"]["h2"], rel=1e-5)
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_permanent_environment_beside_the_relationship_term(pedigree, phenotypes, reml):
+    # lme4 with the same two terms (validation/relmat_reference.R, "fits_pe"): sigma_PE^2 is at its bound 0 there
+    ref = REFERENCE["fits_pe"]["REML" if reml else "ML"]
+    with pytest.warns(hp.ConvergenceWarning, match="'pe' is \\(near\\) zero"):
+        fit = hp.lmm("y ~ sex + (1 | animal) + (1 | pe)", phenotypes.assign(pe=phenotypes["animal"]), reml=reml,
+                     relmat_inverse={"animal": hp.pedigree.inverse_relationship_matrix(pedigree)})
+    assert fit.objective == pytest.approx(ref["criterion"], rel=1e-8)
+    variances = fit.varcorr.set_index("grp")["vcov"]
+    assert variances["animal"] == pytest.approx(ref["sigma2_A"], rel=1e-5)
+    assert variances["Residual"] == pytest.approx(ref["sigma2_E"], rel=1e-5)
+    assert variances["pe"] < 1e-6 * ref["sigma2_E"]
+    shares = fit.variance_shares()
+    assert shares["animal"] + shares["pe"] == pytest.approx(ref["repeatability"], rel=1e-5)
+    bv = pd.DataFrame(ref["breeding_values"]).set_index("id")["value"]
+    ranef = fit.ranef[fit.ranef.grpvar == "animal"].set_index("grp")["condval"]
+    assert np.max(np.abs(ranef.loc[bv.index] - bv)) < 1e-4 * np.sqrt(ref["sigma2_A"])
+
+
+def test_two_terms_at_an_interior_optimum_equal_the_dense_likelihood(pedigree, A):
+    # a permanent environment that is there (sigma_PE^2 = 1): the criterion at the fit equals the dense REML one
+    # from V = sigma_A^2 Z_a A Z_a' + sigma_PE^2 Z_p Z_p' + sigma^2 I, and the dense criterion is at its minimum
+    rng = np.random.default_rng(11)
+    animals = rng.choice(A.index, 150, replace=False)
+    a = pd.Series(np.linalg.cholesky(A.to_numpy()) @ rng.normal(0, 1.2, len(A)), index=A.index)
+    pe = pd.Series(rng.normal(0, 1.0, 150), index=animals)
+    data = pd.DataFrame({"animal": np.repeat(animals, 3)})
+    data["y"] = 5 + a.loc[data.animal].to_numpy() + pe.loc[data.animal].to_numpy() + rng.normal(0, 1.0, len(data))
+    data["pe"] = data["animal"]
+    fit = hp.lmm("y ~ 1 + (1 | animal) + (1 | pe)", data, relmat={"animal": A})
+    Za = (data.animal.to_numpy()[:, None] == A.index.to_numpy()[None, :]).astype(float)
+    Zp = (data.animal.to_numpy()[:, None] == animals[None, :]).astype(float)
+    X, y, n = np.ones((len(data), 1)), data.y.to_numpy(), len(data)
+
+    def dense(log_ratios):  # REML criterion with sigma^2 profiled, at (sigma_A / sigma, sigma_PE / sigma)
+        ra, rp = np.exp(2 * np.asarray(log_ratios))
+        V0 = ra * Za @ A.to_numpy() @ Za.T + rp * Zp @ Zp.T + np.eye(n)
+        Vi = np.linalg.inv(V0)
+        beta = np.linalg.solve(X.T @ Vi @ X, X.T @ Vi @ y)
+        r = y - X @ beta
+        return ((n - 1) * (1 + np.log(2 * np.pi * (r @ Vi @ r) / (n - 1))) + np.linalg.slogdet(V0)[1]
+                + np.linalg.slogdet(X.T @ Vi @ X)[1])
+
+    theta = fit.theta[[t.group for t in fit.design.terms].index("animal")], \
+        fit.theta[[t.group for t in fit.design.terms].index("pe")]
+    at = np.log(theta)
+    assert fit.objective == pytest.approx(dense(at), rel=1e-10)
+    for step in (np.array([1e-3, 0]), np.array([0, 1e-3])):
+        assert (dense(at + step) - dense(at - step)) / 2e-3 == pytest.approx(0, abs=2e-3)
+    assert fit.variance_shares()["pe"] > 0.1
