@@ -1,4 +1,4 @@
-"""The animal model: a linear mixed model whose one random-effect term has a known relationship matrix A.
+"""The animal model: a linear mixed model in which one random-effect term has a known relationship matrix A.
 
     y = X beta + Z b + e,    b ~ N(0, sigma_A^2 A),    e ~ N(0, sigma^2 W^-1),
 
@@ -259,7 +259,9 @@ def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatRe
 
 
 class RelmatResult(Likelihood):
-    """A fitted animal model (:func:`fit_relmat`): lme4's accessors, breeding values for every level of A, h^2."""
+    """A fitted animal model (:func:`fit_relmat`): lme4's accessors (``fixef``, ``fixef_se``, ``vcov``, ``varcorr``,
+    ``sigma``, ``theta``, ``objective``, ``loglik``, ``aic``, ``bic``, ``ranef``), breeding values for every level
+    of A, ``heritability()`` and ``variance_shares()``."""
 
     def __init__(self, *, design, relationship, equations, reml, log_theta, objective, pieces, labels, recorded,
                  converged, evaluations, is_singular):
