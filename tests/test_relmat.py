@@ -69,6 +69,11 @@ def test_heritability_interval_is_the_profile_likelihoods(fits):
         value = fit._equations.evaluate(theta, True)[0]
         assert value - fit.objective == pytest.approx(2.705543454095404, abs=1e-5)
     assert "Heritability" in fit.summary() and "with records" in fit.summary()
+    # one term: the repeatability is h^2, with the same interval
+    pd.testing.assert_frame_equal(fit.repeatability(level=0.9).reset_index(drop=True), h2.reset_index(drop=True),
+                                  rtol=1e-6)
+    with pytest.raises(hp.ArgumentError, match="groups must be among"):
+        fit.share(["sire"])
 
 
 def test_bad_relationships_are_refused_by_name(phenotypes, A):
@@ -156,7 +161,8 @@ def test_two_terms_at_an_interior_optimum_equal_the_dense_likelihood(pedigree, A
     data = pd.DataFrame({"animal": np.repeat(animals, 3)})
     data["y"] = 5 + a.loc[data.animal].to_numpy() + pe.loc[data.animal].to_numpy() + rng.normal(0, 1.0, len(data))
     data["pe"] = data["animal"]
-    fit = hp.lmm("y ~ 1 + (1 | animal) + (1 | pe)", data, relmat={"animal": A})
+    fit = hp.lmm("y ~ 1 + (1 | animal) + (1 | pe)", data,
+                 relmat_inverse={"animal": hp.pedigree.inverse_relationship_matrix(pedigree)})
     Za = (data.animal.to_numpy()[:, None] == A.index.to_numpy()[None, :]).astype(float)
     Zp = (data.animal.to_numpy()[:, None] == animals[None, :]).astype(float)
     X, y, n = np.ones((len(data), 1)), data.y.to_numpy(), len(data)
@@ -177,3 +183,9 @@ def test_two_terms_at_an_interior_optimum_equal_the_dense_likelihood(pedigree, A
     for step in (np.array([1e-3, 0]), np.array([0, 1e-3])):
         assert (dense(at + step) - dense(at - step)) / 2e-3 == pytest.approx(0, abs=2e-3)
     assert fit.variance_shares()["pe"] > 0.1
+    # the repeatability (animal + permanent environment) with its profile interval: at each end the criterion,
+    # minimized over how the two variances split, is the chi-square(1) quantile above its minimum
+    rep = fit.repeatability()
+    shares = fit.variance_shares()
+    assert rep.estimate.iloc[0] == pytest.approx(shares["animal"] + shares["pe"], rel=1e-12)
+    assert 0 < rep.lower.iloc[0] < rep.estimate.iloc[0] < rep.upper.iloc[0] < 1

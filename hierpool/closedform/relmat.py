@@ -353,41 +353,61 @@ class RelmatResult(Likelihood):
 
     # --- heritability -------------------------------------------------------------------------------
     def heritability(self, level: float = 0.95) -> pd.DataFrame:
-        """h^2 = sigma_A^2 / (sum of the random effects' variances + sigma^2), with its profile-likelihood interval.
+        """h^2 = sigma_A^2 / (sum of the random effects' variances + sigma^2), with its profile-likelihood interval
+        (:meth:`share`; with the relationship term alone, h^2 = theta^2 / (1 + theta^2))."""
+        return self.share([self.relationship.group], level, name=self.relationship.group)
 
-        With r_j = theta_j^2 (each variance over sigma^2), h^2 = r_A / (1 + sum_j r_j).  The interval is the set of
-        h^2 whose profiled criterion (minimized over the other terms' r_j, with r_A = h^2 (1 + sum_others r_j) /
-        (1 - h^2)) is within the chi-square(1) quantile of the minimum: exact for the profile likelihood, no delta
-        method.  With the relationship term alone h^2 = theta^2 / (1 + theta^2) is monotone in theta and the
-        profile is the criterion itself.
+    def repeatability(self, level: float = 0.95) -> pd.DataFrame:
+        """The share of every random effect's variance together (animal + permanent environment: the
+        repeatability; with one term, h^2), with its profile-likelihood interval (:meth:`share`)."""
+        return self.share([term.group for term in self.design.terms], level, name="repeatability")
+
+    def share(self, groups, level: float = 0.95, name: str | None = None) -> pd.DataFrame:
+        """s = sum_{j in groups} sigma_j^2 / (sum_j sigma_j^2 + sigma^2), with its profile-likelihood interval.
+
+        With r_j = theta_j^2 (each variance over sigma^2), s = R_S / (1 + R_S + R_O), R_S the sum over the terms in
+        ``groups``, R_O over the others.  The profile at s minimizes the criterion over the other terms' r_j and
+        over how R_S = s (1 + R_O) / (1 - s) splits among the terms in ``groups`` (softmax weights); the interval is
+        where that profile is within the chi-square(1) quantile of the minimum: exact for the profile likelihood,
+        no delta method.
         """
         if not 0 < level < 1:
             raise ArgumentError(f"level must be in (0, 1), got {level!r}")
+        names = [term.group for term in self.design.terms]
+        unknown = [g for g in groups if g not in names]
+        if unknown or not groups:
+            raise ArgumentError(f"share: groups must be among the model's terms {names}, got {list(groups)}")
         cut = self.objective + stats.chi2.ppf(level, 1)
         r = self.theta**2
-        estimate = float(r[self._related] / (1 + r.sum()))
-        others = [j for j in range(len(r)) if j != self._related]
-        start = np.log(r[others]) / 2
+        inside = np.array([names.index(g) for g in dict.fromkeys(groups)])
+        outside = np.array([j for j in range(len(r)) if j not in inside], dtype=int)
+        estimate = float(r[inside].sum() / (1 + r.sum()))
+        weights = np.maximum(r[inside] / max(r[inside].sum(), 1e-300), 1e-12)
+        start = np.concatenate([np.log(r[outside]) / 2, np.log(weights[1:] / weights[0])])
 
-        def profile(h2):
-            def criterion(log_theta_others):
+        def profile(s):
+            def criterion(free):
                 theta = np.empty(len(r))
-                theta[others] = np.exp(log_theta_others)
-                theta[self._related] = np.sqrt(h2 * (1 + np.sum(theta[others] ** 2)) / (1 - h2))
+                theta[outside] = np.exp(free[: outside.size])
+                logits = np.concatenate([[0.0], free[outside.size:]])
+                split = np.exp(logits - logits.max())
+                total = s * (1 + np.sum(theta[outside] ** 2)) / (1 - s)
+                theta[inside] = np.sqrt(np.maximum(total * split / split.sum(), 1e-300))
                 return self._equations.evaluate(theta, self.reml)[0]
 
-            if not others:
+            if not start.size:
                 return criterion(np.zeros(0))
-            return scipy.optimize.minimize(criterion, start, method="L-BFGS-B", bounds=[LOG_THETA_BOUNDS] * len(others),
-                                           jac="3-point", options=dict(ftol=1e-12)).fun
+            bounds = [LOG_THETA_BOUNDS] * outside.size + [(-30.0, 30.0)] * (inside.size - 1)
+            return scipy.optimize.minimize(criterion, np.clip(start, *zip(*bounds)), method="L-BFGS-B", bounds=bounds,
+                                           options=dict(ftol=1e-10)).fun
 
         low, high = 1e-8, 1 - 1e-8
         lower = 0.0 if profile(low) <= cut else scipy.optimize.brentq(lambda h: profile(h) - cut, low, estimate,
-                                                                       xtol=1e-7)
+                                                                       xtol=1e-6)
         upper = 1.0 if profile(high) <= cut else scipy.optimize.brentq(lambda h: profile(h) - cut, estimate, high,
-                                                                        xtol=1e-7)
+                                                                        xtol=1e-6)
         return pd.DataFrame({"estimate": [estimate], "lower": [lower], "upper": [upper], "level": [level]},
-                            index=pd.Index([self.relationship.group], name="term"))
+                            index=pd.Index([name or " + ".join(groups)], name="term"))
 
     def summary(self) -> str:
         """A text summary: criterion, variance components with h^2, fixed effects."""
