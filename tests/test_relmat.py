@@ -189,3 +189,27 @@ def test_two_terms_at_an_interior_optimum_equal_the_dense_likelihood(pedigree, A
     shares = fit.variance_shares()
     assert rep.estimate.iloc[0] == pytest.approx(shares["animal"] + shares["pe"], rel=1e-12)
     assert 0 < rep.lower.iloc[0] < rep.estimate.iloc[0] < rep.upper.iloc[0] < 1
+
+
+def test_share_profiles_leave_a_variance_estimated_at_zero():
+    # 12 animals, a permanent environment estimated at 0 and a herd term: at h^2 near 0 the profile (over pe, herd
+    # and the residual) is below the cut once pe is let off its bound (a dense profile: 1.29 below), so the h^2
+    # interval reaches 0; a descent started at pe's bound stayed there and reported 0.20
+    rng = np.random.default_rng(1)
+    ids = [f"a{i:02d}" for i in range(12)]
+    ped = pd.DataFrame({"id": ids, "sire": [None] * 4 + [ids[rng.integers(0, 2)] for _ in ids[4:]],
+                        "dam": [None] * 4 + [ids[rng.integers(2, 4)] for _ in ids[4:]]})
+    A = hp.pedigree.relationship_matrix(ped)
+    rec = rng.choice(ids[2:], 60)
+    d = pd.DataFrame({"animal": rec, "pe": rec, "herd": [f"h{i}" for i in rng.integers(0, 4, 60)],
+                      "pen": [f"p{i:02d}" for i in rng.integers(0, 30, 60)], "x": rng.normal(size=60)})
+    a = pd.Series(np.linalg.cholesky(A.to_numpy()) @ rng.normal(size=12) * 1.2, index=A.index)
+    herd = dict(zip([f"h{i}" for i in range(4)], rng.normal(0, 1, 4)))
+    pen = dict(zip([f"p{i:02d}" for i in range(30)], rng.normal(0, 0.8, 30)))
+    pe = dict(zip(ids, rng.normal(0, 0.7, 12)))
+    d["y"] = (2 + 0.5 * d.x + a.loc[d.animal].to_numpy() + d.herd.map(herd) + d.pen.map(pen) + d.pe.map(pe)
+              + rng.normal(0, 1, 60))
+    with pytest.warns(hp.ConvergenceWarning, match="'pe' is \\(near\\) zero"):
+        fit = hp.lmm("y ~ x + (1 | animal) + (1 | pe) + (1 | herd)", d, relmat={"animal": A})
+    h2 = fit.heritability()
+    assert h2.lower.iloc[0] == 0.0 and h2.estimate.iloc[0] < h2.upper.iloc[0] < 1

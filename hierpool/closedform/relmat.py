@@ -59,6 +59,8 @@ LOG_THETA_BOUNDS = (np.log(1e-4), np.log(1e4))
 LOG_THETA_TOL = 1e-7
 #: A profiled criterion that changes by less than this over the whole theta interval is flat: not identifiable.
 FLAT_PROFILE = 1e-3
+#: share()'s profiles also start each other term at theta = at least this (see there).
+PROFILE_LIFT = 0.3
 #: Prediction error variances (condsd) are computed up to this many levels of A.
 PEV_MAX_LEVELS = 5_000
 #: Columns of C^-1 solved for at once (memory: (p + q) x this many numbers).
@@ -398,8 +400,13 @@ class RelmatResult(Likelihood):
             if not start.size:
                 return criterion(np.zeros(0))
             bounds = [LOG_THETA_BOUNDS] * outside.size + [(-30.0, 30.0)] * (inside.size - 1)
-            return scipy.optimize.minimize(criterion, np.clip(start, *zip(*bounds)), method="L-BFGS-B", bounds=bounds,
-                                           options=dict(ftol=1e-10)).fun
+            # two starts: the estimate, and the outside terms lifted off their bound (a variance estimated at 0 sits
+            # where the criterion is flat in log theta, so a descent from there never leaves it)
+            lifted = start.copy()
+            lifted[: outside.size] = np.maximum(lifted[: outside.size], np.log(PROFILE_LIFT))
+            return min(scipy.optimize.minimize(criterion, np.clip(x0, *zip(*bounds)), method="L-BFGS-B",
+                                               bounds=bounds, options=dict(ftol=1e-10)).fun
+                       for x0 in ((start,) if np.array_equal(lifted, start) else (start, lifted)))
 
         low, high = 1e-8, 1 - 1e-8
         lower = 0.0 if profile(low) <= cut else scipy.optimize.brentq(lambda h: profile(h) - cut, low, estimate,
