@@ -9,7 +9,7 @@ coefficient of coancestry of i and j, so that Cov(a_i, a_j) = A_ij sigma_A^2 for
   pedigrees of up to some thousands of animals (and for checking the others).
 * :func:`inbreeding`: F_i = A_ii - 1 without forming A.  Generation by generation, F_i = A_sd / 2 with A's
   columns for the generation's sires (or dams) by two sparse triangular solves with T = L^-1 = I - P / 2
-  (Colleau 2002's indirect method): 100,000 animals in 10 generations take ~7 s.  Where a pedigree's
+  (Colleau 2002's indirect method; timings in benchmarks/RESULTS.md).  Where a pedigree's
   generations have very many distinct parents (:data:`GENERATION_MAX_COLUMNS`), by Meuwissen & Luo (1992):
   A = L D L^T with L_ij = (L_sj + L_dj) / 2 (the expected share of j's Mendelian sampling in i) and D_i the
   variance of i's Mendelian sampling, 1/2 - (F_s + F_d) / 4 with both parents known (3/4 - F_p / 4 with one,

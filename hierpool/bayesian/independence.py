@@ -108,7 +108,8 @@ def applicable(design, held, priors) -> bool:
 
 def _host_log_prob(distribution, x: np.ndarray) -> np.ndarray | None:
     """A scalar NumPyro distribution's log density at x (> 0 for the sd priors) by SciPy, for the kinds hierpool's
-    priors use; None for other kinds (then :func:`_priors_log_density` compiles NumPyro's own, ~0.15 s)."""
+    priors use; None for other kinds (then :func:`_priors_log_density` compiles NumPyro's own: a compilation per
+    model, benchmarks/RESULTS.md)."""
     if type(distribution).__name__ == "ExpandedDistribution":  # an sd prior broadcast to the term's k_j = 1
         distribution = distribution.base_dist
     kind = type(distribution).__name__
@@ -545,7 +546,7 @@ def _metropolis(log_weights: np.ndarray, log_u: np.ndarray, current_w: float | N
     Returns (the index in the block of the state after each step, -1 while still at the state the block started
     from; each step's acceptance probability).  NaN or -inf weights are never accepted.
     """
-    row, u = log_weights.tolist(), log_u.tolist()  # plain floats: ~0.2 us a step, where NumPy scalars cost ~2 us
+    row, u = log_weights.tolist(), log_u.tolist()  # plain floats: NumPy scalars cost ~10x per step
     total = len(row)
     states, probs = [-1] * total, [1.0] * total
     current = -1

@@ -47,6 +47,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 from scipy import stats
 
+from ..algebra.criterion import profiled_criterion
 from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
 from ..spec.design import Design
@@ -74,7 +75,7 @@ class _Equations:
     labels, the others' their levels), and P(theta) = blockdiag(A^-1 / theta_1^2, I / theta_2^2, ...).  X's
     block is eliminated by its Schur complement S = X'WX - X'WZ K^-1 Z'WX (p x p): SuperLU then factors K alone,
     whose pattern is the same at every theta, so its fill-reducing ordering (minimum degree on K + K') is found
-    once and reused (about 70% of a factorization's time otherwise); X's columns, each touching every animal
+    once and reused (the ordering is most of a factorization's cost); X's columns, each touching every animal
     with records, would be dense rows in that ordering.  |C| = |K| |S| and (C^-1)_beta beta = S^-1.
     """
 
@@ -130,12 +131,10 @@ class _Equations:
         pwrss = float(self.yty - beta @ self.Xty - b @ self.Zty)
         beta_block = scipy.linalg.cho_solve((factor, True), np.eye(self.p)) if self.p else np.zeros((0, 0))
         log_det_s = 2.0 * float(np.sum(np.log(np.diag(factor))))
-        constant = float(self.sizes @ np.log(theta**2)) + self.log_det_a - self.log_det_w
-        if reml:
-            dof = self.n - self.p
-            value = dof * (1.0 + np.log(2.0 * np.pi * pwrss / dof)) + log_det_k + log_det_s + constant
-        else:
-            value = self.n * (1.0 + np.log(2.0 * np.pi * pwrss / self.n)) + log_det_k + constant
+        # lme4's log|L_Z|^2 = log|Lambda'Z'WZ Lambda + I| with Lambda = blockdiag(theta_j L_j), A = L_A L_A'
+        log_det_lz = log_det_k + float(self.sizes @ np.log(theta**2)) + self.log_det_a
+        value = profiled_criterion(log_det_lz, log_det_s, pwrss, self.n, self.p, self.log_det_w, reml,
+                                   sigma_known=False)
         return float(value), dict(solve=solve, k_zx=k_zx, solution=np.concatenate([beta, b]), pwrss=pwrss,
                                   beta_block=beta_block)
 
@@ -247,14 +246,15 @@ def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatRe
     if not np.isfinite(value):
         raise DataError("the animal model's equations are not positive definite at the optimum: check the "
                         "relationship matrix and the fixed effects")
-    low = log_theta <= LOG_THETA_BOUNDS[0] + 1e-3
+    # within a factor 10 of a bound: the criterion is flat there, and the search stops wherever it lands
+    low = log_theta <= LOG_THETA_BOUNDS[0] + np.log(10.0)
     for term, at_zero in zip(design.terms, low):
         if at_zero:
             warnings.warn(f"boundary (singular) fit: the variance of {term.group!r} is (near) zero (theta below "
-                          f"1e-4)", ConvergenceWarning, stacklevel=3)
-    if np.any(log_theta >= LOG_THETA_BOUNDS[1] - 1e-3):
+                          f"1e-3)", ConvergenceWarning, stacklevel=3)
+    if np.any(log_theta >= LOG_THETA_BOUNDS[1] - np.log(10.0)):
         warnings.warn("boundary fit: the residual variance is (near) zero against a random effect's (theta above "
-                      "1e4)", ConvergenceWarning, stacklevel=3)
+                      "1e3)", ConvergenceWarning, stacklevel=3)
     return RelmatResult(design=design, relationship=rel, equations=equations, reml=reml, log_theta=log_theta,
                         objective=value, pieces=pieces, labels=labels, recorded=recorded, converged=converged,
                         evaluations=evaluations, is_singular=bool(np.any(low)))

@@ -29,7 +29,7 @@ import scipy.sparse.linalg
 from ..errors import ArgumentError, DataError
 
 #: ``relmat=`` (A itself) is inverted densely up to this many levels; beyond, give ``relmat_inverse=``: a dense
-#: A^-1 makes every factorization of the mixed-model equations dense too (2,000 levels: ~20 s a fit).
+#: A^-1 makes every factorization of the mixed-model equations dense too (benchmarks/RESULTS.md).
 DENSE_MAX_LEVELS = 3_000
 #: Relative asymmetry tolerated, max |M - M'| / max |M|.
 SYMMETRY_TOL = 1e-10
