@@ -95,18 +95,22 @@ class _Equations:
     def factor(self, theta):
         """(a solve v -> K^-1 v, log|K|), or None where K is not positive definite."""
         options = dict(diag_pivot_thresh=0.0, options=dict(SymmetricMode=True))
-        if self._order is None:
+        if self._order is None:  # the first factorization finds the ordering, and serves this theta too
             lu = scipy.sparse.linalg.splu(self._k(theta), permc_spec="MMD_AT_PLUS_A", **options)
             order = self._order = np.argsort(lu.perm_c)  # the symmetric ordering SuperLU chose, as indices
             self._permuted = (scipy.sparse.csc_matrix(self.ZtWZ[order][:, order]),
                               scipy.sparse.csc_matrix(self.penalty[order][:, order]), self.block[order])
-        lu = scipy.sparse.linalg.splu(self._k(theta, self._order), permc_spec="NATURAL", **options)
+            order = back = None  # lu.solve applies the permutation itself
+        else:
+            lu = scipy.sparse.linalg.splu(self._k(theta, self._order), permc_spec="NATURAL", **options)
+            order, back = self._order, np.argsort(self._order)
         pivots = lu.U.diagonal()
         if not (np.array_equal(lu.perm_r, lu.perm_c) and np.all(pivots > 0)):  # rows swapped: a zero pivot
             return None
-        order, back = self._order, np.argsort(self._order)
 
         def solve(v):
+            if order is None:
+                return lu.solve(np.ascontiguousarray(v))
             return lu.solve(np.ascontiguousarray(v[order]))[back]
 
         return solve, float(np.sum(np.log(pivots)))
