@@ -257,6 +257,24 @@ def test_crossed_binary_verbagg_is_lme4s_converged_deviance_function():
     assert mode.laplace == pytest.approx(joint["value"], abs=1e-5)
 
 
+def test_the_em_step_moves_the_start_towards_the_optimum_and_saves_evaluations(designs, monkeypatch):
+    import hierpool.closedform.glmm_optimize as optimize
+
+    design, shape = designs["epil_poisson_laplace"]
+    fam = family(family_spec("poisson"))
+    with_em = fit_laplace(design, fam)
+    starts = []
+    em_step = optimize._em_step
+    monkeypatch.setattr(optimize, "_em_step", lambda *args: starts.append(em_step(*args)[0]) or em_step(*args))
+    fit_laplace(design, fam)
+    assert abs(starts[0][0] - with_em.theta[0]) < 0.5 * abs(1.0 - with_em.theta[0])
+    monkeypatch.setattr(optimize, "_em_step", lambda find_mode, family, theta, mode: (theta, mode))
+    without = fit_laplace(design, fam)
+    assert with_em.deviance <= without.deviance + 1e-8
+    np.testing.assert_allclose(with_em.theta, without.theta, rtol=1e-5)
+    assert with_em.evaluations[1] < without.evaluations[1]
+
+
 def test_compiled_pirls_and_its_gradient_are_the_hosts():
     # the programs (laplace_program) take the host's steps: same modes, criterion and step count; the
     # gradient program's Laplace gradient is the criterion's (central differences of the host's); a fit

@@ -15,7 +15,7 @@ from hierpool.algebra import one_term_marginal as one_term
 from hierpool.algebra import statistics
 from hierpool.algebra.checks import singular_rows
 from hierpool.algebra.compiler_options import PROGRAMS_KEPT, ProgramCache
-from hierpool.algebra.start import moment_theta
+from hierpool.algebra.start import em_theta, moment_theta
 from hierpool.algebra.system import build_system, location_shift
 from hierpool.closedform.optimize import Control, is_singular
 from hierpool.closedform.optimize import moment_start as closed_form_start
@@ -104,6 +104,21 @@ def test_moment_theta_falls_back_to_the_identity():
     one_level = moment_theta(np.full((1, 1, 1, 1), 5.0), np.full((1, 1, 1), 3.0), np.array([2.0]), np.array([5.0]),
                              p=0, floor=1e-4)
     assert one_level[0, 0] == 1.0  # one level: lme4's start
+
+
+def test_em_theta_is_the_cholesky_factor_of_the_mean_second_moment():
+    rng = np.random.default_rng(3)
+    b2, b1 = rng.normal(size=(40, 2)), rng.normal(size=(7, 1))
+    v2 = np.einsum("lij,lkj->lik", *(2 * [0.1 * rng.normal(size=(40, 2, 2))]))
+    v1 = np.full((7, 1, 1), 0.25)
+    sigma2 = (b2.T @ b2 + v2.sum(axis=0)) / 40
+    chol = np.linalg.cholesky(sigma2)
+    theta = em_theta([b2, b1], [v2, v1], floor=1e-2)
+    # lme4's order: the lower triangle column by column, then the next term
+    np.testing.assert_allclose(theta, [chol[0, 0], chol[1, 0], chol[1, 1], np.sqrt(np.mean(b1**2) + 0.25)],
+                               rtol=1e-12)
+    # a term whose effects and variances vanish starts at the floor, not at theta's boundary
+    assert em_theta([np.zeros((5, 1))], [np.zeros((5, 1, 1))], floor=1e-2) == pytest.approx([0.1])
 
 
 # --- one compiled-program cache policy ---

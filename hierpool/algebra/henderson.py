@@ -327,9 +327,11 @@ def prediction_covariance(theta: jax.Array, system: MixedModelSystem) -> Predict
         else:
             dense = dense.at[coupling.level0[:, None], cols].add(jnp.swapaxes(block, 1, 2))
         offset += ell * k
-    projected = xp.einsum("lai,ab->lib", dense, s_a_inv)  # C S_A^-1 per level
-    term0 = _term0_inverse_blocks(chol0_inv, xp.eye(k0)[None], xp.einsum("lia,laj->lij", projected, dense))
-    cross = -xp.einsum("lji,ljb->lib", chol0_inv, projected)
+    # C S_A^-1 per level, as one matrix product (an einsum here is a naive loop on the host: a fifth of a
+    # nested three-term GLMM's fit at 400 levels and 180 rest columns)
+    projected = (xp.swapaxes(dense, 1, 2).reshape(ell0 * k0, size) @ s_a_inv).reshape(ell0, k0, size)
+    term0 = _term0_inverse_blocks(chol0_inv, xp.eye(k0)[None], projected @ dense)
+    cross = -(xp.swapaxes(chol0_inv, 1, 2) @ projected)
     return PredictionCovariance(term0=term0, cross=cross, rest=s_a_inv)
 
 

@@ -38,13 +38,15 @@ import numpy as np
 from ..spec.design import Design
 from .criterion import host_objective_and_gradient
 from .family import Family
-from .henderson import point_estimates, prediction_covariance, solve
+from .henderson import Solution, point_estimates, prediction_covariance, solve
 from .laplace_gradient import laplace_gradient, leverages
 from .linalg import theta_to_factors
 from .system import SystemPattern, build_system, system_pattern
 
 #: Relative change of the penalized deviance at which PIRLS has converged (lme4's tolPwrss is 1e-7;
-#: the references in validation/glmm_reference.json were made with 1e-10).
+#: the references in validation/glmm_reference.json were made with 1e-10).  Not looser for Newton's quadratic
+#: convergence (canonical links): log |H| in the criterion, and so its gradient, moves at first order with
+#: the mode's remaining error, so a skipped last step costs ~1e-11 relative (measured on Contraception).
 PIRLS_TOL = 1e-12
 #: PIRLS steps, and halvings of one step, before giving up.
 PIRLS_MAX_STEPS = 50
@@ -107,6 +109,31 @@ def working_design(design: Design, response: np.ndarray, weights: np.ndarray, jo
     )
 
 
+def saturated_deviance(design: Design, family: Family) -> float:
+    """-2 log p(y | mu) - sum_i a_i d(y_i, mu_i), the same at every mu (the deviance's definition): -2 log p(y | y).
+
+    Computed at the family's starting means, where both sides are finite.  With it, PIRLS's log-likelihood at
+    each mode is -(deviance + saturated) / 2, without the log Gamma terms (where
+    :func:`deviance_gives_likelihood` holds).
+    """
+    mu = family.starting_mean(design.y, design.row_weights)
+    trials = design.row_weights
+    return float(-2.0 * np.sum(family.log_likelihood(design.y, mu, trials))
+                 - np.sum(family.unit_deviances(design.y, mu, trials)))
+
+
+def deviance_gives_likelihood(design: Design, family: Family) -> bool:
+    """Whether the log-likelihood is -(deviance + :func:`saturated_deviance`) / 2 at every mu for this data.
+
+    Not for binomial rows with a non-integer number of successes: R's log-likelihood rounds them,
+    and the deviance does not, so their difference depends on mu there.
+    """
+    if family.name != "binomial":
+        return True
+    successes = design.y * design.row_weights
+    return bool(np.all(np.abs(successes - np.round(successes)) <= 1e-8 * np.maximum(1.0, successes)))
+
+
 def pirls_patterns(design: Design) -> dict[bool, SystemPattern]:
     """The system patterns of PIRLS's working designs (keyed by ``joint``): found once per design, refilled
     with new working weights and response at every step (:func:`hierpool.algebra.system.build_system`)."""
@@ -127,7 +154,7 @@ def _penalized_deviance(family: Family, design: Design, trials, mu, u) -> float:
 
 def conditional_mode(
     theta, beta, design: Design, family: Family, *, joint: bool = False, start_u=None, tol: float = PIRLS_TOL,
-    patterns: dict[bool, SystemPattern] | None = None,
+    patterns: dict[bool, SystemPattern] | None = None, saturated: float | None = None,
 ) -> ConditionalMode:
     """u* (and beta with ``joint``) by PIRLS at ``theta`` and ``beta``, with the Laplace approximation there.
 
@@ -150,6 +177,9 @@ def conditional_mode(
     patterns : dict, optional
         :func:`pirls_patterns` of ``design`` (found here when None): pass them when calling
         repeatedly on one design.
+    saturated : float, optional
+        :func:`saturated_deviance` of ``design``, where :func:`deviance_gives_likelihood` holds: the
+        log-likelihood is then the deviance's, without evaluating the family's (log Gamma) constants again.
 
     Returns
     -------
@@ -157,7 +187,7 @@ def conditional_mode(
     """
     if patterns is None:
         patterns = pirls_patterns(design)
-    mode = _pirls(theta, beta, design, family, joint, start_u, tol, patterns)
+    mode = _pirls(theta, beta, design, family, joint, start_u, tol, patterns, saturated)
     # the log-determinant with the weights at the mode: one more factorization, of Z only
     at_mode = _working_system(design, np.ones(design.n), mode.working_weights, False, patterns)
     return _with_logdet(mode, float(point_estimates(np.asarray(theta, dtype=float), at_mode)[3]))
@@ -170,7 +200,7 @@ def _with_logdet(mode: ConditionalMode, logdet: float) -> ConditionalMode:
 
 
 def _pirls(theta, beta, design: Design, family: Family, joint: bool, start_u, tol: float,
-           patterns: dict[bool, SystemPattern]) -> ConditionalMode:
+           patterns: dict[bool, SystemPattern], saturated: float | None = None) -> ConditionalMode:
     """PIRLS's iterations: the mode, its weights and log-likelihood (logdet and laplace NaN)."""
     theta = np.asarray(theta, dtype=float)
     beta = np.asarray(beta, dtype=float).reshape(-1)
@@ -211,7 +241,10 @@ def _pirls(theta, beta, design: Design, family: Family, joint: bool, start_u, to
         u, b, beta, fixed = new_u, trial_b, new_beta, trial_fixed
         eta, mu, deviance = trial_eta, trial_mu, trial_deviance
     _, weights, _ = family.working(design.y, eta, trials)
-    log_likelihood = float(np.sum(family.log_likelihood(design.y, mu, trials)))
+    if saturated is None:
+        log_likelihood = float(np.sum(family.log_likelihood(design.y, mu, trials)))
+    else:  # -2 log p(y | mu) = the deviance (|u|^2 taken out) + -2 log p(y | y)
+        log_likelihood = -0.5 * (deviance - sum(float(np.sum(np.square(x))) for x in u) + saturated)
     return ConditionalMode(u=u, b=b, beta=beta, eta=eta, mu=mu, working_weights=weights,
                            log_likelihood=log_likelihood, logdet=np.nan, laplace=np.nan, steps=steps,
                            converged=converged)
@@ -229,16 +262,17 @@ def laplace_deviance(theta, beta, design: Design, family: Family) -> float:
 
 
 def laplace_and_gradient_on_host(theta, beta, design: Design, family: Family, *, start_u=None,
-                                 patterns: dict[bool, SystemPattern] | None = None):
+                                 patterns: dict[bool, SystemPattern] | None = None, saturated: float | None = None):
     """(:func:`conditional_mode` at (theta, beta), the gradient of its Laplace criterion in (theta, beta)).
 
     :func:`hierpool.algebra.laplace_gradient.laplace_gradient` in NumPy, with log |H|'s gradient in
-    theta at fixed weights from the linear mixed model's host gradient.
+    theta at fixed weights from the linear mixed model's host gradient.  ``patterns`` and ``saturated`` as in
+    :func:`conditional_mode`.
     """
     if patterns is None:
         patterns = pirls_patterns(design)
     theta = np.asarray(theta, dtype=float)
-    mode = _pirls(theta, beta, design, family, False, start_u, PIRLS_TOL, patterns)
+    mode = _pirls(theta, beta, design, family, False, start_u, PIRLS_TOL, patterns, saturated)
     weights = mode.working_weights
 
     def system_with(response, weights=weights):
@@ -287,10 +321,22 @@ def fixed_effect_information(theta, mode: ConditionalMode, design: Design, famil
     numpy.ndarray
         (p, p), symmetric positive definite.
     """
+    return 2.0 * np.linalg.inv(np.asarray(mode_solution(theta, mode, design, family, joint_pattern).vcov_beta))
+
+
+def mode_solution(theta, mode: ConditionalMode, design: Design, family: Family,
+                  joint_pattern: SystemPattern | None = None) -> Solution:
+    """The Henderson solution of the joint (beta, u) penalized system at a mode's working weights.
+
+    Its ``vcov_beta`` is (R_X^T R_X)^-1 and its ``cond_var`` lme4's ``condVar`` of the GLMM at ``theta``
+    (the Laplace approximation's conditional covariances of b, beta estimated with them); its estimates
+    are those of the step PIRLS would take from the mode (the mode itself, where PIRLS converged).
+    ``joint_pattern`` as in :func:`fixed_effect_information`.
+    """
     if joint_pattern is None:
         joint_pattern = pirls_patterns(design)[True]
     _, weights, residual = family.working(design.y, mode.eta, design.row_weights)
     # any response will do (R_X does not read it) but one in X's span, whose zero residual would not factor
     response = mode.eta - design.offset + residual
     system = _working_system(design, response, weights, True, {True: joint_pattern})
-    return 2.0 * np.linalg.inv(np.asarray(solve(theta, system).vcov_beta))
+    return solve(np.asarray(theta, dtype=float), system)

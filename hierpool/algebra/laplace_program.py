@@ -28,7 +28,7 @@ from .criterion import objective_parts
 from .family import Family
 from .henderson import point_estimates, prediction_covariance
 from .jax_runtime import jax, jnp, pytree_dataclass
-from .laplace import PIRLS_MAX_HALVINGS, PIRLS_MAX_STEPS, PIRLS_TOL, ConditionalMode
+from .laplace import PIRLS_MAX_HALVINGS, PIRLS_MAX_STEPS, PIRLS_TOL, ConditionalMode, saturated_deviance
 from .laplace_gradient import laplace_gradient, leverages
 from .linalg import theta_to_factors
 from .system import SystemPattern, fill_in_program
@@ -157,29 +157,6 @@ def compile_conditional_mode(data: ProgramData, family: Family, joint: bool, tol
     return PROGRAMS.get(key, build)
 
 
-def saturated_deviance(design: Design, family: Family) -> float:
-    """-2 log p(y | mu) - sum_i a_i d(y_i, mu_i), the same at every mu (the deviance's definition): -2 log p(y | y).
-
-    Computed at the family's starting means, where both sides are finite.
-    """
-    mu = family.starting_mean(design.y, design.row_weights)
-    trials = design.row_weights
-    return float(-2.0 * np.sum(family.log_likelihood(design.y, mu, trials))
-                 - np.sum(family.unit_deviances(design.y, mu, trials)))
-
-
-def in_program(design: Design, family: Family) -> bool:
-    """Whether the program's log-likelihood (the deviance plus :func:`saturated_deviance`) is exact for this data.
-
-    Not for binomial rows with a non-integer number of successes: R's log-likelihood rounds them,
-    and the deviance does not, so their difference depends on mu there.
-    """
-    if family.name != "binomial":
-        return True
-    successes = design.y * design.row_weights
-    return bool(np.all(np.abs(successes - np.round(successes)) <= 1e-8 * np.maximum(1.0, successes)))
-
-
 def conditional_mode_in_program(theta, beta, design: Design, family: Family, data: ProgramData, *,
                                 joint: bool = False, start_u=None, tol: float = PIRLS_TOL,
                                 saturated: float | None = None) -> ConditionalMode:
@@ -187,7 +164,8 @@ def conditional_mode_in_program(theta, beta, design: Design, family: Family, dat
 
     ``data`` is :func:`program_data` of ``design`` with the pattern of its working design
     (:func:`hierpool.algebra.laplace.pirls_patterns`, ``joint`` as here); ``saturated`` is
-    :func:`saturated_deviance` (computed when None).  Only where :func:`in_program` holds.
+    :func:`~hierpool.algebra.laplace.saturated_deviance` (computed when None).  Only where
+    :func:`~hierpool.algebra.laplace.deviance_gives_likelihood` holds.
     """
     if saturated is None:
         saturated = saturated_deviance(design, family)

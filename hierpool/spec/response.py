@@ -80,10 +80,11 @@ def two_level_indicator(frame: pd.DataFrame, response: str) -> np.ndarray | None
     if pd.api.types.is_numeric_dtype(column):
         return None
     if isinstance(column.dtype, pd.CategoricalDtype):
-        levels = [c for c in column.cat.categories if c in set(column)]
+        codes = column.cat.codes.to_numpy()
+        levels = list(column.cat.categories[np.unique(codes[codes >= 0])])
     else:
-        levels = sorted(set(column.astype(str)))
         column = column.astype(str)
+        levels = sorted(pd.unique(column))
     if len(levels) != 2:
         raise FormulaError(f"response {response!r} has {len(levels)} levels; a binomial factor response needs two "
                            "(the first is failure)")
