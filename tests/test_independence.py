@@ -11,7 +11,7 @@ from scipy import stats
 
 import hierpool as hp
 from hierpool.bayesian import independence
-from hierpool.bayesian.priors import resolve_priors
+from hierpool.bayesian.priors import host_log_prob, resolve_priors
 from hierpool.spec.design import build_design
 from hierpool.spec.family import family_spec
 
@@ -97,20 +97,20 @@ def test_the_kernel_leaves_the_target_invariant():
     rng = np.random.default_rng(2)
     proposals = rng.integers(0, 5, size=200_000)
     log_w, log_u = np.log(pi * 5)[proposals], np.log(rng.uniform(size=proposals.size))
-    state, accept = independence._metropolis(log_w, log_u, None)
+    state, accept = independence.metropolis_states(log_w, log_u, None)
     visited = proposals[state]
     frequency = np.bincount(visited, minlength=5) / visited.size
     assert np.all(np.abs(frequency - pi) < 5 * np.sqrt(pi * (1 - pi) / visited.size * 20))
     assert np.all((0 <= accept) & (accept <= 1))
     assert np.all(np.diff(state) >= 0)  # a chain moves only to proposals, and only forward in time
     # in blocks: the second block starts from the first's last state (-1 until it moves), the same chain
-    head, tail = independence._metropolis(log_w[:777], log_u[:777], None), None
-    tail = independence._metropolis(log_w[777:], log_u[777:], log_w[head[0][-1]])
+    head, tail = independence.metropolis_states(log_w[:777], log_u[:777], None), None
+    tail = independence.metropolis_states(log_w[777:], log_u[777:], log_w[head[0][-1]])
     joined = np.concatenate([head[0], np.where(tail[0] >= 0, tail[0] + 777, head[0][-1])])
     np.testing.assert_array_equal(joined, state)
     np.testing.assert_array_equal(np.concatenate([head[1], tail[1]]), accept)
     # a NaN or -inf weight is never moved to
-    state, _ = independence._metropolis(np.array([0.0, np.nan, -np.inf, 1.0]), np.full(4, -50.0), None)
+    state, _ = independence.metropolis_states(np.array([0.0, np.nan, -np.inf, 1.0]), np.full(4, -50.0), None)
     np.testing.assert_array_equal(state, [0, 0, 0, 3])
 
 
@@ -119,9 +119,9 @@ def test_host_priors_equal_numpyros():
     for prior in (dist.Normal(0.3, 2.0), dist.HalfNormal(1.7).expand((1,)), dist.HalfCauchy(2.0),
                   dist.Exponential(1.5), dist.Gamma(2.0, 3.0), dist.StudentT(3.0, 0.2, 1.5), dist.LogNormal(0.1, 0.8)):
         values = x[:, None] if prior.batch_shape else x
-        np.testing.assert_allclose(independence._host_log_prob(prior, x),
+        np.testing.assert_allclose(host_log_prob(prior, x),
                                    np.asarray(prior.log_prob(values)).reshape(-1), rtol=1e-12)
-    assert independence._host_log_prob(dist.InverseGamma(2.0, 1.0), x) is None  # then NumPyro's, compiled
+    assert host_log_prob(dist.InverseGamma(2.0, 1.0), x) is None  # then NumPyro's, compiled
 
 
 def test_target_is_the_posterior_of_the_numpyro_model(cbpp_model, cbpp_design):

@@ -213,3 +213,101 @@ def test_share_profiles_leave_a_variance_estimated_at_zero():
         fit = hp.lmm("y ~ x + (1 | animal) + (1 | pe) + (1 | herd)", d, relmat={"animal": A})
     h2 = fit.heritability()
     assert h2.lower.iloc[0] == 0.0 and h2.estimate.iloc[0] < h2.upper.iloc[0] < 1
+
+
+# --- hp.bayes(..., relmat=): the collapsed posterior and its exact effect draws -----------------------------------
+
+@pytest.fixture(scope="module")
+def inverse(pedigree):
+    return hp.pedigree.inverse_relationship_matrix(pedigree)
+
+
+@pytest.fixture(scope="module")
+def posterior(phenotypes, inverse):
+    return hp.bayes(FORMULA, phenotypes, relmat_inverse={"animal": inverse}, chains=2, draws=600, seed=3)
+
+
+def test_the_collapsed_density_is_the_dense_marginal_likelihood(phenotypes, A):
+    import scipy.stats
+
+    from hierpool.bayesian.priors import resolve_priors
+    from hierpool.bayesian.relmat import AnimalPosterior
+    from hierpool.closedform.relmat import relmat_equations
+    from hierpool.spec.design import build_design
+    from hierpool.spec.relationship import relationships
+
+    data = phenotypes.iloc[:60]
+    rel = relationships({"animal": A}, None)["animal"]
+    design = build_design(FORMULA, data, related=("animal",))
+    priors = resolve_priors(design, None)
+    post = AnimalPosterior(relmat_equations(design, rel)[0], priors)
+    loc, scale = priors.beta_gaussian()
+    # y ~ N(X m, sigma^2 I + sigma_A^2 Z A Z' + X diag(s^2) X'), every level of A in Z's columns
+    Z = np.zeros((design.n, len(rel.labels)))
+    Z[np.arange(design.n), pd.Index(rel.labels).get_indexer(design.terms[0].levels[design.terms[0].index])] = 1.0
+    dense_a = A.loc[rel.labels, rel.labels].to_numpy()
+    for psi in ([0.1, 0.5], [-1.0, 0.2], [0.8, -0.3]):
+        sd_a, sigma = np.exp(psi)
+        cov = sigma**2 * np.eye(design.n) + sd_a**2 * Z @ dense_a @ Z.T + design.X @ np.diag(scale**2) @ design.X.T
+        dense = scipy.stats.multivariate_normal(design.X @ loc, cov).logpdf(design.y)
+        assert post.evaluate(psi).log_pi - float(post.log_prior(np.asarray(psi))) == pytest.approx(dense, abs=1e-8)
+
+
+def test_with_variances_held_the_posterior_is_the_blups(phenotypes, inverse, fits):
+    # flat priors on beta and the REML variances held: the exact draws' means and sds are the BLUPs and their
+    # prediction error sds (Monte-Carlo units), for every animal of A, recorded or not
+    fit = fits[(True, "inverse")]
+    held = hp.bayes(FORMULA, phenotypes, relmat_inverse={"animal": inverse}, variance=fit, chains=2, draws=1000,
+                    priors={"Intercept": "flat", "b": "flat"}, seed=4)
+    assert held.method == "exact" and "sd_animal" not in held.idata.posterior
+    ours, closed = held.ranef.set_index("grp"), fit.ranef.set_index("grp")
+    assert len(ours) == len(closed) == 400
+    z = (ours["mean"] - closed.loc[ours.index, "condval"]) / ours["mcse_mean"]
+    assert np.max(np.abs(z)) < 4.5
+    np.testing.assert_allclose(ours["sd"], closed.loc[ours.index, "condsd"], rtol=0.12)
+    zf = (held.fixef["mean"] - fit.fixef) / held.fixef["mcse_mean"]
+    assert np.max(np.abs(zf)) < 4.0
+    np.testing.assert_allclose(held.fixef["sd"], fit.fixef_se, rtol=0.08)
+
+
+def test_the_collapsed_sampler_draws_the_posterior_of_psi(posterior, phenotypes, inverse, A):
+    # the sampler's mean of (log sd_A, log sigma) against a quadrature of the same density on a fine grid
+    from hierpool.bayesian.priors import resolve_priors
+    from hierpool.bayesian.relmat import AnimalPosterior
+    from hierpool.closedform.relmat import relmat_equations
+    from hierpool.spec.design import build_design
+    from hierpool.spec.relationship import relationships
+
+    rel = relationships(None, {"animal": inverse})["animal"]
+    design = build_design(FORMULA, phenotypes, related=("animal",))
+    post = AnimalPosterior(relmat_equations(design, rel)[0], resolve_priors(design, None))
+    psi_a = np.log(posterior.idata.posterior["sd_animal"].values[..., 0]).ravel()
+    psi_e = np.log(posterior.idata.posterior["sigma"].values).ravel()
+    grid_a = np.linspace(psi_a.mean() - 6 * psi_a.std(), psi_a.mean() + 6 * psi_a.std(), 61)
+    grid_e = np.linspace(psi_e.mean() - 6 * psi_e.std(), psi_e.mean() + 6 * psi_e.std(), 41)
+    log_pi = np.array([[post.log_density([a, e]) for e in grid_e] for a in grid_a])
+    weight = np.exp(log_pi - log_pi.max())
+    weight /= weight.sum()
+    exact_a, exact_e = (weight.sum(axis=1) @ grid_a), (weight.sum(axis=0) @ grid_e)
+    import arviz as az
+
+    for draws, exact in ((psi_a, exact_a), (psi_e, exact_e)):
+        mcse = float(az.mcse(draws.reshape(2, -1)))
+        assert abs(draws.mean() - exact) < 4 * mcse
+    summary = posterior.diagnostics()
+    assert summary["max_r_hat"].max() < 1.01 and summary.loc["sd_animal", "min_ess_bulk"] > 300
+    h2 = posterior.idata.posterior["heritability"].values
+    sd_a, sigma = posterior.idata.posterior["sd_animal"].values[..., 0], posterior.idata.posterior["sigma"].values
+    np.testing.assert_allclose(h2, sd_a**2 / (sd_a**2 + sigma**2))
+    # every animal of the pedigree has a posterior, those without records too
+    assert posterior.ranef.shape[0] == 400 and posterior.method == "collapsed"
+
+
+def test_bayes_relmat_refuses_what_it_does_not_sample(phenotypes, inverse, fits):
+    import numpyro.distributions as dist
+
+    for kwargs, message in (({"method": "full"}, "collapsed sampler"), ({"family": "poisson"}, "Gaussian response"),
+                            ({"variance": 1.0}, "RelmatResult"),
+                            ({"priors": {"b": dist.StudentT(3.0, 0.0, 1.0)}}, "Normal or 'flat'")):
+        with pytest.raises(hp.HierpoolError, match=message):
+            hp.bayes(FORMULA, phenotypes, relmat_inverse={"animal": inverse}, chains=1, draws=10, **kwargs)

@@ -256,6 +256,8 @@ def bayes(
     family: str | None = None,
     link: str | None = None,
     correlation=None,
+    relmat: dict | None = None,
+    relmat_inverse: dict | None = None,
 ) -> BayesResult:
     """Fit a Bayesian linear or generalized linear mixed model: full posteriors of every fixed and random effect.
 
@@ -329,6 +331,14 @@ def bayes(
         (theta, sigma, phi); ``idata.posterior["phi"]``, :attr:`BayesResult.correlation`.  With
         ``variance=`` an ``hp.lmm`` AR(1) fit, its phi is held too.  The pointwise log-likelihood is
         each row's density given the one before it in its series (their sum is the joint one).
+    relmat, relmat_inverse : dict, optional
+        A known relationship matrix (or its inverse) for one scalar term ``(1 | g)``, as :func:`hierpool.lmm`
+        takes it (a Gaussian model; other terms ``(1 | h)`` beside it).  The posterior of the sds and sigma,
+        beta and b integrated out, is sampled by independence Metropolis-Hastings from its mode, and (beta, b)
+        are drawn exactly given each draw (:mod:`hierpool.bayesian.relmat`): ``b_<g>`` has every level of A,
+        with records or not (breeding values), and ``idata.posterior["heritability"]`` is sigma_A^2 over the sum
+        of all variances.  ``variance=`` an ``hp.lmm`` fit with the same relationship holds its variances (exact
+        draws).
 
     Returns
     -------
@@ -345,6 +355,9 @@ def bayes(
     Roberts & Skold 2007; :mod:`hierpool.bayesian.glmm`).
     """
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept)
+    if relmat is not None or relmat_inverse is not None:
+        return _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, seed, priors, se, method,
+                             variance, level, weights, offset, family, correlation)
     if family is not None and not (isinstance(family, str) and family.strip().lower() == "gaussian"):
         return _bayes_glmm(formula, data, family_spec(family, link), chains, draws, tune, seed, priors, se, method,
                            variance, level, target_accept, progress, weights, offset)
@@ -533,3 +546,80 @@ def _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, meth
     )
     result.diagnostics(warn=True)
     return result
+
+
+def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, seed, priors, se, method, variance,
+                  level, weights, offset, family, correlation) -> BayesResult:
+    """hp.bayes with a relationship matrix (:mod:`hierpool.bayesian.relmat`): the collapsed posterior of the sds and
+    sigma by independence Metropolis-Hastings, or ``variance=``'s held, with exact (beta, b) draws."""
+    from ..closedform.relmat import RelmatResult, check_design, fit_relmat, relmat_equations
+    from ..spec.relationship import model_relationship
+    from .relmat import AnimalPosterior, sample_animal_model
+
+    if family is not None and not (isinstance(family, str) and family.strip().lower() == "gaussian"):
+        raise ArgumentError("relmat= is not yet available with a family (a GLMM): a Gaussian response only")
+    if correlation is not None:
+        raise ArgumentError("relmat= with correlation= is not supported yet: give one of them")
+    if method not in ("auto", "collapsed"):
+        raise ArgumentError(f"relmat= is sampled by the collapsed sampler (method='auto' or 'collapsed'), "
+                            f"got method={method!r}")
+    rel = model_relationship(formula, relmat, relmat_inverse)
+    design = build_design(formula, data, se=se, weights=weights, offset=offset, related=(rel.group,))
+    check_design(design, rel)
+    resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
+    equations, labels, _ = relmat_equations(design, rel)
+    posterior = AnimalPosterior(equations, resolved)
+    terms = len(design.terms)
+    stats = None
+    if variance is not None:
+        if not isinstance(variance, RelmatResult) or not _same_relmat_model(variance, design, rel):
+            raise ArgumentError("variance: hold an hp.lmm fit of this model with the same relationship matrix "
+                                "(a RelmatResult)")
+        psi = np.log(np.append(variance.theta * variance.sigma, variance.sigma))
+        state = posterior.evaluate(psi)
+        beta, b_all = posterior.draw_effects(state, np.random.default_rng([seed, 5]), chains * draws)
+        beta, b_all = beta.reshape(chains, draws, -1), b_all.reshape(chains, draws, -1)
+        psi_draws = np.broadcast_to(psi, (chains, draws, terms + 1))
+        method = "exact"
+        held = HeldVariance(cov_factors=tuple(np.array([[s]]) for s in np.exp(psi[:-1])), sigma=float(variance.sigma))
+    else:
+        fit = fit_relmat(design, rel)  # the start of the posterior's mode search
+        out = sample_animal_model(posterior, np.log(np.append(fit.theta * fit.sigma, fit.sigma)), chains, draws,
+                                  tune, seed)
+        beta, b_all, psi_draws = out["beta"], out["b"], out["psi"]
+        stats = {"diverging": np.zeros((chains, draws), dtype=bool), "acceptance_rate": out["acceptance"],
+                 "n_steps": np.full((chains, draws), out["thin"], dtype=np.int64), "lp": out["lp"]}
+        method, held = "collapsed", None
+    expanded = _with_relationship_levels(design, rel)
+    edges = np.cumsum([0] + [len(names) for names in labels])
+    b = [b_all[..., start:stop, None] for start, stop in zip(edges[:-1], edges[1:])]
+    variances = np.exp(2.0 * psi_draws)
+    related = next(j for j, term in enumerate(design.terms) if term.group == rel.group)
+    heritability = variances[..., related] / variances.sum(axis=-1)
+    sds = None if variance is not None else [np.exp(psi_draws[..., j:j + 1]) for j in range(terms)]
+    sigma = None if variance is not None else np.exp(psi_draws[..., -1])
+    sigma_rows = np.exp(psi_draws[..., -1])
+    return _result(expanded, resolved, method, level, variance, held, beta, b, sds,
+                   None if sds is None else [None] * terms, sigma, stats,
+                   lambda: pointwise_log_likelihood(expanded, beta, b, sigma_rows),
+                   extra={"heritability": heritability})
+
+
+def _same_relmat_model(fit, design: Design, rel) -> bool:
+    fitted = fit.design
+    return (fitted.n == design.n and fit.relationship.group == rel.group
+            and np.array_equal(fit.relationship.labels, rel.labels)
+            and [(t.group, t.n_levels) for t in fitted.terms] == [(t.group, t.n_levels) for t in design.terms]
+            and np.array_equal(fitted.row_weights, design.row_weights) and np.array_equal(fitted.offset, design.offset))
+
+
+def _with_relationship_levels(design: Design, rel) -> Design:
+    """The design with the relationship term's levels all of A's labels (those without records have no rows): the
+    posterior's effects, summaries and predictions then cover every level of A."""
+    terms = []
+    for term in design.terms:
+        if term.group == rel.group:
+            position = pd.Index(rel.labels).get_indexer([str(level) for level in term.levels])
+            term = replace(term, levels=np.asarray(rel.labels), index=position[term.index].astype(term.index.dtype))
+        terms.append(term)
+    return replace(design, terms=tuple(terms))

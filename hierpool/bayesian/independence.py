@@ -50,12 +50,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 from scipy.linalg import cho_solve, solve_triangular
 from scipy.special import gammaln
 
 from ..algebra.family import Family, Link, log_likelihood_eta
 from ..errors import ConvergenceError
+from .priors import host_log_prob
 
 #: Student t degrees of freedom of q(x | psi).
 DEGREES_OF_FREEDOM = 30.0
@@ -106,33 +106,6 @@ def applicable(design, held, priors) -> bool:
             and all(prior is None or type(prior).__name__ == "Normal" for prior in priors.beta))
 
 
-def _host_log_prob(distribution, x: np.ndarray) -> np.ndarray | None:
-    """A scalar NumPyro distribution's log density at x (> 0 for the sd priors) by SciPy, for the kinds hierpool's
-    priors use; None for other kinds (then :func:`_priors_log_density` compiles NumPyro's own: a compilation per
-    model, benchmarks/RESULTS.md)."""
-    if type(distribution).__name__ == "ExpandedDistribution":  # an sd prior broadcast to the term's k_j = 1
-        distribution = distribution.base_dist
-    kind = type(distribution).__name__
-    get = lambda name: np.asarray(getattr(distribution, name), dtype=float)  # noqa: E731
-    if distribution.batch_shape not in ((), (1,)):
-        return None
-    if kind == "Normal":
-        return stats.norm.logpdf(x, get("loc").reshape(()), get("scale").reshape(()))
-    if kind == "HalfNormal":
-        return stats.halfnorm.logpdf(x, scale=get("scale").reshape(()))
-    if kind == "HalfCauchy":
-        return stats.halfcauchy.logpdf(x, scale=get("scale").reshape(()))
-    if kind == "Exponential":
-        return stats.expon.logpdf(x, scale=1.0 / get("rate").reshape(()))
-    if kind == "Gamma":
-        return stats.gamma.logpdf(x, get("concentration").reshape(()), scale=1.0 / get("rate").reshape(()))
-    if kind == "StudentT":
-        return stats.t.logpdf(x, get("df").reshape(()), get("loc").reshape(()), get("scale").reshape(()))
-    if kind == "LogNormal":
-        return stats.lognorm.logpdf(x, get("scale").reshape(()), scale=np.exp(get("loc").reshape(())))
-    return None
-
-
 def _log_prior(priors, psi, beta):
     """log p_sd(e^psi) + sum_c log p(beta_c) per proposal: the priors of :func:`~hierpool.bayesian.glmm.glmm_model`."""
     import jax.numpy as jnp
@@ -151,14 +124,14 @@ _log_prior_program = None
 
 
 def _priors_log_density(priors, psi: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """:func:`_log_prior` on the host (:func:`_host_log_prob`) or else in one compiled program, each call padded to
-    :data:`PRIOR_CHUNK` proposals.
+    """:func:`_log_prior` on the host (:func:`~hierpool.bayesian.priors.host_log_prob`) or else in one compiled program,
+    each call padded to :data:`PRIOR_CHUNK` proposals.
 
     Compiled, the priors are passed as the program's arguments (a pytree), so a model with the same kinds of
     priors reuses the program; evaluated eagerly, each of their operations would compile once per shape.
     """
-    host = [_host_log_prob(priors.sd[0], np.exp(psi))] + [
-        np.zeros(psi.shape) if prior is None else _host_log_prob(prior, beta[:, c])
+    host = [host_log_prob(priors.sd[0], np.exp(psi))] + [
+        np.zeros(psi.shape) if prior is None else host_log_prob(prior, beta[:, c])
         for c, prior in enumerate(priors.beta)]
     if all(part is not None for part in host):
         return np.sum(host, axis=0)
@@ -516,7 +489,8 @@ def _run_chain(model: _Model, proposal: "_Proposal", burn_in: int, draws: int, t
         psi, beta, b, log_q = proposal.draw(draw_rng, m)
         log_pi = model.log_target(psi, beta, b)
         log_w = np.where(np.isnan(log_pi - log_q), -np.inf, log_pi - log_q)
-        states, probs = _metropolis(log_w, np.log(accept_rng.uniform(size=m)), None if current is None else current[3])
+        states, probs = metropolis_states(log_w, np.log(accept_rng.uniform(size=m)),
+                                          None if current is None else current[3])
         t = np.arange(start, start + m)
         kept = (t >= first_kept) & ((t - first_kept) % thin == thin - 1)
         slots = (t[kept] - first_kept) // thin
@@ -539,7 +513,7 @@ def _run_chain(model: _Model, proposal: "_Proposal", burn_in: int, draws: int, t
             current = (psi[last], np.concatenate([beta[last], b[last]]), log_pi[last], log_w[last])
 
 
-def _metropolis(log_weights: np.ndarray, log_u: np.ndarray, current_w: float | None):
+def metropolis_states(log_weights: np.ndarray, log_u: np.ndarray, current_w: float | None):
     """Independence Metropolis-Hastings over one block of proposals: from a state of log weight ``current_w`` (None:
     the chain starts at the block's first proposal), move to proposal t with probability min(1, w_t / w_current).
 

@@ -71,6 +71,7 @@ import jax
 import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
+from scipy import stats
 
 from ..errors import ArgumentError
 from ..spec.design import Design
@@ -283,3 +284,31 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
             shape = _check_distribution("shape", priors["shape"], allow_flat=False)
             _check_positive_support("shape", shape)
     return Priors(beta=tuple(beta), sd=tuple(sd), cor=cor, sigma=sigma, shape=shape)
+
+
+def host_log_prob(distribution, x: np.ndarray) -> np.ndarray | None:
+    """A scalar NumPyro distribution's log density at x (> 0 for the sd priors) by SciPy, for the kinds hierpool's
+    priors use; None for other kinds, whose density the host samplers take from NumPyro itself.  The host samplers
+    (:mod:`hierpool.bayesian.independence`, :mod:`hierpool.bayesian.relmat`) evaluate priors here: NumPyro's
+    log_prob on the host dispatches a small program per call (benchmarks/RESULTS.md)."""
+    if type(distribution).__name__ == "ExpandedDistribution":  # an sd prior broadcast to the term's k_j = 1
+        distribution = distribution.base_dist
+    kind = type(distribution).__name__
+    get = lambda name: np.asarray(getattr(distribution, name), dtype=float)  # noqa: E731
+    if distribution.batch_shape not in ((), (1,)):
+        return None
+    if kind == "Normal":
+        return stats.norm.logpdf(x, get("loc").reshape(()), get("scale").reshape(()))
+    if kind == "HalfNormal":
+        return stats.halfnorm.logpdf(x, scale=get("scale").reshape(()))
+    if kind == "HalfCauchy":
+        return stats.halfcauchy.logpdf(x, scale=get("scale").reshape(()))
+    if kind == "Exponential":
+        return stats.expon.logpdf(x, scale=1.0 / get("rate").reshape(()))
+    if kind == "Gamma":
+        return stats.gamma.logpdf(x, get("concentration").reshape(()), scale=1.0 / get("rate").reshape(()))
+    if kind == "StudentT":
+        return stats.t.logpdf(x, get("df").reshape(()), get("loc").reshape(()), get("scale").reshape(()))
+    if kind == "LogNormal":
+        return stats.lognorm.logpdf(x, get("scale").reshape(()), scale=np.exp(get("loc").reshape(())))
+    return None

@@ -215,24 +215,16 @@ def lmm(
     Softw. 67(1); blocked factorization as in MixedModels.jl.
     """
     if relmat is not None or relmat_inverse is not None:
-        from ..spec.formula import parse_formula
-        from ..spec.relationship import relationships  # SciPy's sparse LU: loaded only for this model
+        from ..spec.relationship import model_relationship  # SciPy's sparse LU: loaded only for this model
         from .relmat import fit_relmat
 
         if correlation is not None:
             raise ArgumentError("relmat= with correlation= is not supported yet: give one of them")
         if control is not None:
             raise ArgumentError("control= is not used by the relationship-matrix fit (Brent's method on theta)")
-        given = relationships(relmat, relmat_inverse)
-        if len(given) != 1:
-            raise ArgumentError(f"one relationship matrix per model for now, got {sorted(given)}")
-        groups = [term.name for term in parse_formula(formula).random]
-        unknown = [group for group in given if group not in groups]
-        if unknown:
-            raise ArgumentError(f"relationship matrix for {unknown[0]!r}, which is not a grouping factor of the "
-                                f"formula's random-effect terms ({', '.join(groups) or 'none'})")
-        design = build_design(formula, data, se=se, weights=weights, offset=offset, related=tuple(given))
-        return fit_relmat(design, next(iter(given.values())), reml=reml)
+        rel = model_relationship(formula, relmat, relmat_inverse)
+        design = build_design(formula, data, se=se, weights=weights, offset=offset, related=(rel.group,))
+        return fit_relmat(design, rel, reml=reml)
     if correlation is not None:
         design = build_design(formula, data, se=se, weights=weights, offset=offset)
         return fit_ar1(design, correlation, data, reml=reml, control=control)

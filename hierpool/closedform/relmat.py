@@ -27,7 +27,8 @@ factorization of :mod:`hierpool.algebra.criterion` has one level per row and ter
 breaks.  Other intercept terms (1 | g) may stand beside the relationship term (a permanent environment: the
 repeatability model), each with an identity block I / theta_j^2 in P(theta) (and q log theta^2 becomes
 sum_j q_j log theta_j^2); theta is then found by L-BFGS-B.
-Not yet: random slopes, a family, the Bayesian engine's ``relmat=``.
+Not yet: random slopes, a family.  The Bayesian engine's ``relmat=`` (:mod:`hierpool.bayesian.relmat`) factors
+the same K(theta) (:meth:`RelmatEquations.factor`, whose :class:`KFactor` also draws from N(0, K^-1)).
 
 References: Henderson, C. R. (1976), Biometrics 32, 69-83; Meyer, K. (1989), Genet. Sel. Evol. 21, 317-340
 (REML by the mixed-model equations); Bates, Maechler, Bolker & Walker (2015), J. Stat. Softw. 67(1);
@@ -37,6 +38,8 @@ Vazquez et al. (2010), pedigreemm, J. Dairy Sci. 93.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -68,7 +71,27 @@ PEV_MAX_LEVELS = 5_000
 PEV_CHUNK = 256
 
 
-class _Equations:
+@dataclass(frozen=True)
+class KFactor:
+    """K(theta) = Z'WZ + P(theta) factored (:meth:`RelmatEquations.factor`).
+
+    Attributes
+    ----------
+    solve : callable
+        v (q,) or (q, m) -> K^-1 v.
+    log_det : float
+        log|K|.
+    draw : callable
+        z (q,) or (q, m) standard normal -> draws from N(0, K^-1), one per column: the Gaussian part of the
+        Bayesian engine's exact effect draws (Rue 2001), from the same factor.
+    """
+
+    solve: Callable
+    log_det: float
+    draw: Callable
+
+
+class RelmatEquations:
     """The theta-free blocks of the mixed-model equations, and K(theta) = Z'WZ + P(theta) factored.
 
     Z = [Z_1 ... Z_T] holds one column block per random-effect term (the relationship term's columns are A's
@@ -84,26 +107,45 @@ class _Equations:
         self.penalty, self.block, self.sizes = penalty, block, np.asarray(sizes)  # block: each column's term
         self.n, self.p, self.q = n, XtX.shape[0], ZtWZ.shape[0]
         self.log_det_a, self.log_det_w = log_det_a, log_det_w
-        self._order = None  # K's fill-reducing ordering, from the first factorization
+        self._order = self._back = None  # K's fill-reducing ordering (and its inverse), from the first factorization
+        self._patterns = {}  # K's pattern in each ordering (:meth:`_k`)
 
     def _k(self, theta, order=None) -> scipy.sparse.csc_matrix:
-        ZtWZ, penalty, block = (self.ZtWZ, self.penalty, self.block) if order is None else self._permuted
-        scaled = penalty.copy()
-        scaled.data = scaled.data / np.asarray(theta, dtype=float)[block[scaled.indices]] ** 2
-        return scipy.sparse.csc_matrix(ZtWZ + scaled)
+        # K's entries on the union of Z'WZ's and P's patterns, found once per ordering: each theta refills the values
+        key = "natural" if order is None else "ordered"
+        if key not in self._patterns:
+            ZtWZ, penalty, block = (self.ZtWZ, self.penalty, self.block) if order is None else self._permuted
+            parts = [scipy.sparse.csc_matrix(m, copy=True) for m in (ZtWZ, penalty)]
+            for part in parts:
+                part.sum_duplicates()  # sorted indices, no duplicate entries
+            ones = [scipy.sparse.csc_matrix((np.ones(m.nnz), m.indices, m.indptr), shape=m.shape) for m in parts]
+            union = scipy.sparse.csc_matrix(ones[0] + ones[1])  # positive entries: no cancellation drops one
+            union.sort_indices()
+            keys = np.repeat(np.arange(self.q, dtype=np.int64), np.diff(union.indptr)) * self.q + union.indices
+            values = []
+            for part in parts:  # each matrix's values on the union's entries (zero where it has none)
+                part_keys = np.repeat(np.arange(self.q, dtype=np.int64), np.diff(part.indptr)) * self.q + part.indices
+                on_union = np.zeros(union.nnz)
+                on_union[np.searchsorted(keys, part_keys)] = part.data
+                values.append(on_union)
+            self._patterns[key] = (values[0], values[1], block[union.indices], union.indices, union.indptr)
+        data, penalty, entry_block, indices, indptr = self._patterns[key]
+        values = data + penalty / np.asarray(theta, dtype=float)[entry_block] ** 2
+        return scipy.sparse.csc_matrix((values, indices, indptr), shape=(self.q, self.q))
 
-    def factor(self, theta):
-        """(a solve v -> K^-1 v, log|K|), or None where K is not positive definite."""
+    def factor(self, theta) -> KFactor | None:
+        """K(theta) factored (:class:`KFactor`), or None where K is not positive definite."""
         options = dict(diag_pivot_thresh=0.0, options=dict(SymmetricMode=True))
         if self._order is None:  # the first factorization finds the ordering, and serves this theta too
             lu = scipy.sparse.linalg.splu(self._k(theta), permc_spec="MMD_AT_PLUS_A", **options)
             order = self._order = np.argsort(lu.perm_c)  # the symmetric ordering SuperLU chose, as indices
+            self._back = np.argsort(order)
             self._permuted = (scipy.sparse.csc_matrix(self.ZtWZ[order][:, order]),
                               scipy.sparse.csc_matrix(self.penalty[order][:, order]), self.block[order])
             order = back = None  # lu.solve applies the permutation itself
         else:
             lu = scipy.sparse.linalg.splu(self._k(theta, self._order), permc_spec="NATURAL", **options)
-            order, back = self._order, np.argsort(self._order)
+            order, back = self._order, self._back
         pivots = lu.U.diagonal()
         if not (np.array_equal(lu.perm_r, lu.perm_c) and np.all(pivots > 0)):  # rows swapped: a zero pivot
             return None
@@ -113,7 +155,14 @@ class _Equations:
                 return lu.solve(np.ascontiguousarray(v))
             return lu.solve(np.ascontiguousarray(v[order]))[back]
 
-        return solve, float(np.sum(np.log(pivots)))
+        def draw(z):
+            # with no pivoting, Pr K Pr' = L U = L D L' (U = D L'), so x = Pr' U^-1 D^(1/2) z ~ N(0, K^-1); SuperLU's
+            # solve is Pr' U^-1 L^-1 Pr, hence x = lu.solve(Pr' L D^(1/2) z), Pr' v = v[perm_r] (SciPy's convention)
+            scaled = np.sqrt(pivots).reshape((-1,) + (1,) * (np.ndim(z) - 1)) * z
+            x = lu.solve(np.ascontiguousarray((lu.L @ scaled)[lu.perm_r]))
+            return x if order is None else x[back]
+
+        return KFactor(solve=solve, log_det=float(np.sum(np.log(pivots))), draw=draw)
 
     def evaluate(self, theta, reml: bool) -> tuple[float, dict]:
         """The criterion at theta (one per term), and the pieces of the fit there."""
@@ -121,7 +170,7 @@ class _Equations:
         factored = self.factor(theta)
         if factored is None:
             return np.inf, {}
-        solve, log_det_k = factored
+        solve, log_det_k = factored.solve, factored.log_det
         k_zy = solve(self.Zty)
         k_zx = solve(self.ZtX) if self.p else np.zeros((self.q, 0))
         schur = self.XtX - self.ZtX.T @ k_zx
@@ -143,8 +192,8 @@ class _Equations:
                                   beta_block=beta_block)
 
 
-def _equations(design: Design, rel: Relationship):
-    """The blocks of the equations; each term's column labels, and which of A's labels have records."""
+def relmat_equations(design: Design, rel: Relationship):
+    """(:class:`RelmatEquations` of the design, each term's column labels, which of A's labels have records)."""
     n, p = design.n, design.p
     w = np.ones(n) if design.weights is None else np.asarray(design.weights, dtype=float)
     y = np.asarray(design.y, dtype=float) - np.asarray(design.offset, dtype=float)
@@ -173,7 +222,7 @@ def _equations(design: Design, rel: Relationship):
     Z = scipy.sparse.csr_matrix((np.ones(rows.size), (rows, np.stack(columns, axis=1).ravel())), shape=(n, q))
     ZtW = scipy.sparse.csr_matrix(Z.T.multiply(w[None, :]))
     block = np.repeat(np.arange(len(sizes)), sizes)
-    equations = _Equations(XtX=X.T @ (w[:, None] * X), ZtX=np.asarray(ZtW @ X) if p else np.zeros((q, 0)),
+    equations = RelmatEquations(XtX=X.T @ (w[:, None] * X), ZtX=np.asarray(ZtW @ X) if p else np.zeros((q, 0)),
                            ZtWZ=scipy.sparse.csc_matrix(ZtW @ Z), Xty=X.T @ (w * y), Zty=np.asarray(ZtW @ y).ravel(),
                            yty=float(y @ (w * y)), penalty=scipy.sparse.block_diag(penalties, format="csc"),
                            block=block, sizes=sizes, n=n, log_det_a=rel.log_det, log_det_w=float(np.sum(np.log(w))))
@@ -197,7 +246,7 @@ def check_design(design: Design, rel: Relationship) -> None:
             f"a relationship matrix or beside it, are not supported yet")
 
 
-def _minimize(equations: _Equations, reml: bool, terms: int, group: str):
+def _minimize(equations: RelmatEquations, reml: bool, terms: int, group: str):
     """log theta at the criterion's minimum, and the number of criterion evaluations.
 
     One term: Brent's method from a bracket, and both ends of the interval checked (a boundary optimum that the
@@ -244,7 +293,7 @@ def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatRe
     check_design(design, rel)
     if design.n <= design.p:
         raise DataError(f"{design.n} rows for {design.p} fixed effects: nothing is left to estimate the variances")
-    equations, labels, recorded = _equations(design, rel)
+    equations, labels, recorded = relmat_equations(design, rel)
     log_theta, evaluations, converged = _minimize(equations, reml, len(design.terms), rel.group)
     value, pieces = equations.evaluate(np.exp(log_theta), reml)
     if not np.isfinite(value):

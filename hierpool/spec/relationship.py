@@ -73,6 +73,22 @@ def relationships(relmat: dict | None, relmat_inverse: dict | None) -> dict[str,
     return out
 
 
+def model_relationship(formula: str, relmat: dict | None, relmat_inverse: dict | None) -> Relationship:
+    """The one :class:`Relationship` of a model (``hp.lmm`` and ``hp.bayes``), its group a grouping factor of
+    ``formula``'s random-effect terms."""
+    from .formula import parse_formula
+
+    given = relationships(relmat, relmat_inverse)
+    if len(given) != 1:
+        raise ArgumentError(f"one relationship matrix per model for now, got {sorted(given)}")
+    groups = [term.name for term in parse_formula(formula).random]
+    unknown = [group for group in given if group not in groups]
+    if unknown:
+        raise ArgumentError(f"relationship matrix for {unknown[0]!r}, which is not a grouping factor of the "
+                            f"formula's random-effect terms ({', '.join(groups) or 'none'})")
+    return next(iter(given.values()))
+
+
 def _relationship(group: str, value, inverted: bool, name: str) -> Relationship:
     matrix, labels = _matrix_and_labels(value, name)
     q = len(labels)
