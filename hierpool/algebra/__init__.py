@@ -65,7 +65,8 @@ engine grows an ``if`` for it):
   sparse precision), and a spatial term a sparse precision (graph Laplacian): both change how
   Lambda acts on a term's columns, not the factorization around it.  Today a relationship matrix
   is fitted outside this algebra, by :mod:`hierpool.closedform.relmat` (Henderson's equations with
-  A^-1 factored by SciPy's sparse LU; one relationship term, no other), because the blocked
+  A^-1 factored by SciPy's sparse LU; one relationship term, intercept terms beside it; the Bayesian
+  engine's :mod:`hierpool.bayesian.relmat` samples from the same factorization), because the blocked
   factorization's term 0 is block diagonal and a dense rest block would be q x q; bringing it in means
   a sparse precision block in the factorization (the same one a spatial term needs).
 """

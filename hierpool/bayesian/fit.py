@@ -203,17 +203,18 @@ def _sample_exact(design, resolved, variance, chains, draws, seed, system=None):
 
 
 def _sample_full(design, resolved, held, chains, draws, tune, seed, target_accept, progress, series=None,
-                 phi_bounds=None):
+                 phi_bounds=None, data=None):
     """NUTS on the plain non-centered model: (beta, b, sds, cors, sigma, sampler statistics, phi).
 
     With ``series`` (:class:`~hierpool.bayesian.model.SeriesData`) the residuals are AR(1) (phi held in
-    ``held``, or sampled on ``phi_bounds``); phi is None without.
+    ``held``, or sampled on ``phi_bounds``); phi is None without.  ``data``: the model's arrays
+    (:func:`~hierpool.bayesian.model.model_data` of the design when None).
     """
     ks = tuple(t.k for t in design.terms)
     ar1 = () if series is None else (series,)
     out, stats = sample_nuts(
         full_model,
-        (model_data(design), resolved, held, *ar1),
+        (model_data(design) if data is None else data, resolved, held, *ar1),
         static=(("ks", ks), ("n_levels", tuple(t.n_levels for t in design.terms)))
         + ((("phi_bounds", phi_bounds),) if ar1 else ()),
         chains=chains,
@@ -357,7 +358,8 @@ def bayes(
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept)
     if relmat is not None or relmat_inverse is not None:
         return _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, seed, priors, se, method,
-                             variance, level, weights, offset, family, correlation)
+                             variance, level, weights, offset, family, correlation, target_accept,
+                             sys.stderr.isatty() if progress is None else bool(progress))
     if family is not None and not (isinstance(family, str) and family.strip().lower() == "gaussian"):
         return _bayes_glmm(formula, data, family_spec(family, link), chains, draws, tune, seed, priors, se, method,
                            variance, level, target_accept, progress, weights, offset)
@@ -549,7 +551,7 @@ def _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, meth
 
 
 def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, seed, priors, se, method, variance,
-                  level, weights, offset, family, correlation) -> BayesResult:
+                  level, weights, offset, family, correlation, target_accept, progress) -> BayesResult:
     """hp.bayes with a relationship matrix (:mod:`hierpool.bayesian.relmat`): the collapsed posterior of the sds and
     sigma by independence Metropolis-Hastings, or ``variance=``'s held, with exact (beta, b) draws."""
     from ..closedform.relmat import RelmatResult, check_design, fit_relmat, relmat_equations
@@ -560,28 +562,47 @@ def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, se
         raise ArgumentError("relmat= is not yet available with a family (a GLMM): a Gaussian response only")
     if correlation is not None:
         raise ArgumentError("relmat= with correlation= is not supported yet: give one of them")
-    if method not in ("auto", "collapsed"):
-        raise ArgumentError(f"relmat= is sampled by the collapsed sampler (method='auto' or 'collapsed'), "
-                            f"got method={method!r}")
+    if method not in ("auto", "collapsed", "full"):
+        raise ArgumentError(f"relmat= is sampled by the collapsed sampler (method='auto' or 'collapsed') or NUTS on "
+                            f"the plain model (method='full'), got method={method!r}")
     rel = model_relationship(formula, relmat, relmat_inverse)
     design = build_design(formula, data, se=se, weights=weights, offset=offset, related=(rel.group,))
     check_design(design, rel)
     resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
     equations, labels, _ = relmat_equations(design, rel)
-    posterior = AnimalPosterior(equations, resolved)
     terms = len(design.terms)
-    stats = None
+    expanded = _with_relationship_levels(design, rel)
+    related = next(j for j, term in enumerate(design.terms) if term.group == rel.group)
+    stats = held = None
+    if variance is not None and (not isinstance(variance, RelmatResult) or not _same_relmat_model(variance, design,
+                                                                                                   rel)):
+        raise ArgumentError("variance: hold an hp.lmm fit of this model with the same relationship matrix "
+                            "(a RelmatResult)")
     if variance is not None:
-        if not isinstance(variance, RelmatResult) or not _same_relmat_model(variance, design, rel):
-            raise ArgumentError("variance: hold an hp.lmm fit of this model with the same relationship matrix "
-                                "(a RelmatResult)")
+        held = HeldVariance(cov_factors=tuple(np.array([[s]]) for s in variance.theta * variance.sigma),
+                            sigma=float(variance.sigma))
+    if method == "full":
+        # NUTS on the plain model, b = sd L_A z with A's dense Cholesky factor: independent of the sparse equations
+        factor = _relationship_cholesky(rel)
+        data_arrays = model_data(expanded, tuple(factor if j == related else None for j in range(terms)))
+        beta, b, sds, cors, sigma, stats, _ = _sample_full(expanded, resolved, held, chains, draws, tune, seed,
+                                                           target_accept, progress, data=data_arrays)
+        if variance is not None:
+            sds, sigma = None, None
+            psi_draws = np.broadcast_to(np.log(np.append(variance.theta * variance.sigma, variance.sigma)),
+                                        (chains, draws, terms + 1))
+        else:
+            psi_draws = np.log(np.concatenate([np.concatenate(sds, axis=-1), np.asarray(sigma)[..., None]], axis=-1))
+        return _relmat_result(expanded, resolved, "full", level, variance, held, beta, b, sds, cors, sigma, stats,
+                              psi_draws, related)
+    posterior = AnimalPosterior(equations, resolved)
+    if variance is not None:
         psi = np.log(np.append(variance.theta * variance.sigma, variance.sigma))
         state = posterior.evaluate(psi)
         beta, b_all = posterior.draw_effects(state, np.random.default_rng([seed, 5]), chains * draws)
         beta, b_all = beta.reshape(chains, draws, -1), b_all.reshape(chains, draws, -1)
         psi_draws = np.broadcast_to(psi, (chains, draws, terms + 1))
         method = "exact"
-        held = HeldVariance(cov_factors=tuple(np.array([[s]]) for s in np.exp(psi[:-1])), sigma=float(variance.sigma))
     else:
         fit = fit_relmat(design, rel)  # the start of the posterior's mode search
         out = sample_animal_model(posterior, np.log(np.append(fit.theta * fit.sigma, fit.sigma)), chains, draws,
@@ -589,20 +610,33 @@ def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, se
         beta, b_all, psi_draws = out["beta"], out["b"], out["psi"]
         stats = {"diverging": np.zeros((chains, draws), dtype=bool), "acceptance_rate": out["acceptance"],
                  "n_steps": np.full((chains, draws), out["thin"], dtype=np.int64), "lp": out["lp"]}
-        method, held = "collapsed", None
-    expanded = _with_relationship_levels(design, rel)
+        method = "collapsed"
     edges = np.cumsum([0] + [len(names) for names in labels])
     b = [b_all[..., start:stop, None] for start, stop in zip(edges[:-1], edges[1:])]
-    variances = np.exp(2.0 * psi_draws)
-    related = next(j for j, term in enumerate(design.terms) if term.group == rel.group)
-    heritability = variances[..., related] / variances.sum(axis=-1)
     sds = None if variance is not None else [np.exp(psi_draws[..., j:j + 1]) for j in range(terms)]
     sigma = None if variance is not None else np.exp(psi_draws[..., -1])
-    sigma_rows = np.exp(psi_draws[..., -1])
-    return _result(expanded, resolved, method, level, variance, held, beta, b, sds,
-                   None if sds is None else [None] * terms, sigma, stats,
+    return _relmat_result(expanded, resolved, method, level, variance, held, beta, b, sds,
+                          None if sds is None else [None] * terms, sigma, stats, psi_draws, related)
+
+
+def _relmat_result(expanded, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats, psi_draws,
+                   related: int) -> BayesResult:
+    """The animal model's BayesResult, h^2 = sigma_A^2 / (sum of the sds^2 + sigma^2) in ``heritability``."""
+    variances = np.exp(2.0 * np.asarray(psi_draws))
+    sigma_rows = np.exp(np.asarray(psi_draws)[..., -1])
+    return _result(expanded, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats,
                    lambda: pointwise_log_likelihood(expanded, beta, b, sigma_rows),
-                   extra={"heritability": heritability})
+                   extra={"heritability": variances[..., related] / variances.sum(axis=-1)})
+
+
+def _relationship_cholesky(rel) -> np.ndarray:
+    """The lower Cholesky factor of A (dense, from A^-1), up to the dense size relmat= takes A in."""
+    from ..spec.relationship import DENSE_MAX_LEVELS
+
+    if len(rel.labels) > DENSE_MAX_LEVELS:
+        raise ArgumentError(f"method='full' with relmat= writes A's Cholesky factor densely: up to {DENSE_MAX_LEVELS} "
+                            f"levels, {rel.group!r} has {len(rel.labels)}; use the default collapsed sampler")
+    return np.linalg.cholesky(np.linalg.inv(rel.inverse.toarray()))
 
 
 def _same_relmat_model(fit, design: Design, rel) -> bool:

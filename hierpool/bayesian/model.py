@@ -46,6 +46,7 @@ class ModelData:
     index: tuple  # per term, (n,) int32
     z: tuple  # per term, (n, k_j)
     noise_scale: jax.Array  # 1 / sqrt(w_i): prior weights or 1/se^2, else ones
+    relationship: tuple = ()  # per term, None or the lower Cholesky factor of its relationship matrix A (ell, ell)
 
 
 @jax.tree_util.register_dataclass
@@ -59,7 +60,8 @@ class HeldVariance:
     phi: float | None = None  # an AR(1) correlation's phi (None without one)
 
 
-def model_data(design) -> ModelData:
+def model_data(design, relationship: tuple = ()) -> ModelData:
+    """The design's arrays on the device; ``relationship``: per term None or the Cholesky factor of its A."""
     # device_put, not jnp.asarray: on a NumPy array jnp.asarray compiles a conversion program per shape
     noise = 1.0 / np.sqrt(design.row_weights)
     put = jax.device_put
@@ -70,6 +72,7 @@ def model_data(design) -> ModelData:
         index=tuple(put(np.asarray(t.index, dtype=np.int32)) for t in design.terms),
         z=tuple(put(np.asarray(t.z, dtype=float)) for t in design.terms),
         noise_scale=put(np.asarray(noise, dtype=float)),
+        relationship=tuple(None if factor is None else put(np.asarray(factor, dtype=float)) for factor in relationship),
     )
 
 
@@ -176,6 +179,9 @@ def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, serie
                ks: tuple[int, ...], n_levels: tuple[int, ...], phi_bounds: tuple[float, float] | None = None):
     """The non-centered NumPyro model; with ``held`` the variance parameters are fixed at its values.
 
+    A term with a relationship matrix (``data.relationship[j]``, the Cholesky factor L_A of A) has b_j = sd_j L_A z_j:
+    b_j ~ N(0, sd_j^2 A), written independently of the sparse mixed-model equations (the animal model's check).
+
     With ``series`` the residuals are AR(1) within series: each row's residual given the one before it is
     Normal(c_t r_(t-1), sigma^2 (1 - c_t^2)), c_t = phi^lag_t (phi held, or Uniform on ``phi_bounds``); the
     likelihood is written on the residuals directly, independently of the whitened mixed-model equations.
@@ -189,6 +195,8 @@ def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, serie
     mu = data.offset + data.X @ beta
     for j, (k, ell, factor) in enumerate(zip(ks, n_levels, cov_factors)):
         z = numpyro.sample(f"z__{j}", dist.Normal(0.0, 1.0).expand((ell, k)).to_event(2))
+        if data.relationship and data.relationship[j] is not None:  # b ~ N(0, sd^2 A): b = sd L_A z
+            z = data.relationship[j] @ z
         b = numpyro.deterministic(f"b__{j}", z @ factor.T)
         mu = mu + jnp.sum(data.z[j] * b[data.index[j]], axis=1)
     if series is None:

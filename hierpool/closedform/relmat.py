@@ -400,11 +400,17 @@ class RelmatResult(Likelihood):
         frames, start = [], 0
         for j, (term, labels) in enumerate(zip(self.design.terms, self._labels)):
             part = slice(start, start + len(labels))
-            frames.append(pd.DataFrame({"grpvar": term.group, "term": "(Intercept)", "grp": labels,
+            frames.append(pd.DataFrame({"grpvar": term.group, "term": term.coef_names[0], "grp": labels,
                                         "condval": values[part], "condsd": condsd[part],
                                         "recorded": self.recorded if j == self._related else True}))
             start += len(labels)
         return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+    def ranef_joint_sd(self) -> np.ndarray:
+        """Each random effect's prediction error sd, in ``ranef``'s row order: its ``condsd``, which already counts
+        the uncertainty of beta-hat (sigma^2 (C^-1)_bb of the whole equations, Henderson 1975): the posterior sd of
+        b under a flat prior on beta with the variances held (:func:`hierpool.validate.blup_agreement`)."""
+        return self.ranef.condsd.to_numpy()
 
     # --- heritability -------------------------------------------------------------------------------
     def heritability(self, level: float = 0.95) -> pd.DataFrame:

@@ -257,6 +257,8 @@ def blup_agreement(
     weights=None,
     offset=None,
     correlation=None,
+    relmat: dict | None = None,
+    relmat_inverse: dict | None = None,
 ) -> AgreementReport:
     """Compare an independent posterior of every effect with the closed-form BLUPs.
 
@@ -266,6 +268,10 @@ def blup_agreement(
         As :func:`hierpool.lmm`; both engines get the same ones.  With an AR(1) ``correlation`` the
         closed form fits the whitened model (:mod:`hierpool.closedform.ar1`) and the posterior is NUTS
         on the plain model with the AR(1) likelihood written on its residuals (phi held in exact mode).
+    relmat, relmat_inverse
+        A known relationship matrix of one term, as :func:`hierpool.lmm`: the closed form solves the sparse
+        mixed-model equations (:mod:`hierpool.closedform.relmat`), the posterior is NUTS on the plain model
+        with b = sd L_A z (A's dense Cholesky factor), every level of A compared (breeding values).
     mode : {"exact", "full"}
         ``exact``: variance parameters held at their REML estimates and a flat prior
         on beta, so the posterior must reproduce the BLUPs and sigma^2 C^-1.
@@ -289,7 +295,8 @@ def blup_agreement(
         raise ArgumentError("priors apply to mode='full'; exact mode uses a flat prior on the fixed effects")
     if chains < 2:
         raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
-    fit = lmm(formula, data, se=se, weights=weights, offset=offset, correlation=correlation)
+    related = {} if relmat is None and relmat_inverse is None else dict(relmat=relmat, relmat_inverse=relmat_inverse)
+    fit = lmm(formula, data, se=se, weights=weights, offset=offset, correlation=correlation, **related)
     post = bayes(
         formula,
         data,
@@ -297,6 +304,7 @@ def blup_agreement(
         weights=weights,
         offset=offset,
         correlation=correlation,
+        **related,
         priors=flat_beta_priors(fit) if mode == "exact" else priors,
         variance=fit if mode == "exact" else None,
         method="full",
