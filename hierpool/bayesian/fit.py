@@ -555,7 +555,7 @@ def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, se
     """hp.bayes with a relationship matrix (:mod:`hierpool.bayesian.relmat`): the collapsed posterior of the sds and
     sigma by independence Metropolis-Hastings, or ``variance=``'s held, with exact (beta, b) draws."""
     from ..closedform.relmat import RelmatResult, check_design, fit_relmat, relmat_equations
-    from ..spec.relationship import model_relationship
+    from ..spec.relationship import model_relationship, with_relationship_levels
     from .relmat import AnimalPosterior, sample_animal_model
 
     if family is not None and not (isinstance(family, str) and family.strip().lower() == "gaussian"):
@@ -571,7 +571,7 @@ def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, se
     resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
     equations, labels, _ = relmat_equations(design, rel)
     terms = len(design.terms)
-    expanded = _with_relationship_levels(design, rel)
+    expanded = with_relationship_levels(design, rel)
     related = next(j for j, term in enumerate(design.terms) if term.group == rel.group)
     stats = held = None
     if variance is not None and (not isinstance(variance, RelmatResult) or not _same_relmat_model(variance, design,
@@ -583,7 +583,7 @@ def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, se
                             sigma=float(variance.sigma))
     if method == "full":
         # NUTS on the plain model, b = sd L_A z with A's dense Cholesky factor: independent of the sparse equations
-        factor = _relationship_cholesky(rel)
+        factor = rel.cholesky_factor("method='full' with relmat= (use the default collapsed sampler beyond)")
         data_arrays = model_data(expanded, tuple(factor if j == related else None for j in range(terms)))
         beta, b, sds, cors, sigma, stats, _ = _sample_full(expanded, resolved, held, chains, draws, tune, seed,
                                                            target_accept, progress, data=data_arrays)
@@ -629,31 +629,9 @@ def _relmat_result(expanded, resolved, method, level, variance, held, beta, b, s
                    extra={"heritability": variances[..., related] / variances.sum(axis=-1)})
 
 
-def _relationship_cholesky(rel) -> np.ndarray:
-    """The lower Cholesky factor of A (dense, from A^-1), up to the dense size relmat= takes A in."""
-    from ..spec.relationship import DENSE_MAX_LEVELS
-
-    if len(rel.labels) > DENSE_MAX_LEVELS:
-        raise ArgumentError(f"method='full' with relmat= writes A's Cholesky factor densely: up to {DENSE_MAX_LEVELS} "
-                            f"levels, {rel.group!r} has {len(rel.labels)}; use the default collapsed sampler")
-    return np.linalg.cholesky(np.linalg.inv(rel.inverse.toarray()))
-
-
 def _same_relmat_model(fit, design: Design, rel) -> bool:
     fitted = fit.design
     return (fitted.n == design.n and fit.relationship.group == rel.group
             and np.array_equal(fit.relationship.labels, rel.labels)
             and [(t.group, t.n_levels) for t in fitted.terms] == [(t.group, t.n_levels) for t in design.terms]
             and np.array_equal(fitted.row_weights, design.row_weights) and np.array_equal(fitted.offset, design.offset))
-
-
-def _with_relationship_levels(design: Design, rel) -> Design:
-    """The design with the relationship term's levels all of A's labels (those without records have no rows): the
-    posterior's effects, summaries and predictions then cover every level of A."""
-    terms = []
-    for term in design.terms:
-        if term.group == rel.group:
-            position = pd.Index(rel.labels).get_indexer([str(level) for level in term.levels])
-            term = replace(term, levels=np.asarray(rel.labels), index=position[term.index].astype(term.index.dtype))
-        terms.append(term)
-    return replace(design, terms=tuple(terms))

@@ -56,6 +56,14 @@ class Relationship:
     inverse: scipy.sparse.csc_matrix
     log_det: float
 
+    def cholesky_factor(self, purpose: str) -> np.ndarray:
+        """The lower Cholesky factor L_A of A (A = L_A L_A'), dense, from A^-1: for writing b = sd L_A z (NUTS on the
+        plain model, simulation); up to :data:`DENSE_MAX_LEVELS` levels (``purpose`` names the caller in the error)."""
+        if len(self.labels) > DENSE_MAX_LEVELS:
+            raise ArgumentError(f"{purpose} writes A's Cholesky factor densely: up to {DENSE_MAX_LEVELS} levels, "
+                                f"{self.group!r} has {len(self.labels)}")
+        return np.linalg.cholesky(np.linalg.inv(self.inverse.toarray()))
+
 
 def relationships(relmat: dict | None, relmat_inverse: dict | None) -> dict[str, Relationship]:
     """The :class:`Relationship` of each grouping factor named in ``relmat`` or ``relmat_inverse``."""
@@ -158,3 +166,17 @@ def _sparse_log_det(matrix: scipy.sparse.csc_matrix, name: str) -> float:
     if not (np.array_equal(lu.perm_r, lu.perm_c) and np.all(pivots > 0)):
         raise DataError(f"{name}: the matrix is not positive definite")
     return float(np.sum(np.log(pivots)))
+
+
+def with_relationship_levels(design, rel: Relationship):
+    """The design with the relationship term's levels all of A's labels (those without records have no rows): the
+    Bayesian engine's effects, summaries and predictions then cover every level of A (breeding values of ancestors)."""
+    from dataclasses import replace
+
+    terms = []
+    for term in design.terms:
+        if term.group == rel.group:
+            position = pd.Index(rel.labels).get_indexer([str(level) for level in term.levels])
+            term = replace(term, levels=np.asarray(rel.labels), index=position[term.index].astype(term.index.dtype))
+        terms.append(term)
+    return replace(design, terms=tuple(terms))

@@ -5,7 +5,7 @@
 * :func:`sampler_agreement`: the default collapsed sampler against the independent full model.
 * :func:`sbc`: simulation-based calibration (Talts et al. 2018).
 * :func:`coverage`: frequentist coverage of closed-form and Bayesian intervals; :func:`ar1_coverage` under
-  AR(1) residuals.
+  AR(1) residuals; :func:`relmat_coverage` of the animal model (h^2, breeding values).
 * GLMMs: :func:`mode_agreement` (posterior mode = conditional modes, exact), :func:`mode_mean_gap`
   and :func:`mode_mean_gap_series` (posterior means vs conditional modes), :func:`glmm_sbc`,
   :func:`glmm_coverage`.
@@ -24,6 +24,7 @@ from .coverage import coverage, simulate_study
 from .glmm_agreement import ModeAgreement, ModeMeanGap, mode_agreement, mode_mean_gap, mode_mean_gap_series
 from .glmm_coverage import glmm_coverage
 from .glmm_sbc import glmm_sbc
+from .relmat_coverage import relmat_coverage, simulate_pedigree
 from .samplers import SamplerAgreement, compare_samplers, sampler_agreement
 from .sbc import SBCResult, ecdf_band, sbc
 
@@ -35,6 +36,8 @@ __all__ = [
     "SamplerAgreement",
     "agreement_series",
     "ar1_coverage",
+    "relmat_coverage",
+    "simulate_pedigree",
     "blup_agreement",
     "bonferroni_threshold",
     "compare",

@@ -71,8 +71,11 @@ class SBCResult:
         return sbc_figure(self)
 
 
-def _simulate_parameters(priors, design, rng_key, correlation=None, series=None):
+def _simulate_parameters(priors, design, rng_key, correlation=None, series=None, relationship: dict | None = None):
     """One draw of (beta, b per term, sigma) from the priors, and the response it implies.
+
+    ``relationship``: term index -> the Cholesky factor L_A of its relationship matrix; that term's effects are
+    L_A z scaled by the sd (b ~ N(0, sd^2 A)), over every level of A (the design's term has A's labels).
 
     With an AR(1) ``correlation`` (and its ``series``), phi too, from the sampler's Uniform prior on its
     interval, and the residuals are an AR(1) chain in each series: e_t = c_t e_(t-1) + sqrt(1 - c_t^2) sigma nu_t.
@@ -88,7 +91,10 @@ def _simulate_parameters(priors, design, rng_key, correlation=None, series=None)
         sd = np.asarray(priors.sd[j].sample(next(keys)))
         cor = np.eye(term.k) if term.k == 1 else np.asarray(dist.LKJCholesky(term.k, priors.cor[j]).sample(next(keys)))
         factor = sd[:, None] * cor
-        b = np.asarray(jax.random.normal(next(keys), (term.n_levels, term.k))) @ factor.T
+        z = np.asarray(jax.random.normal(next(keys), (term.n_levels, term.k)))
+        if relationship and j in relationship:
+            z = relationship[j] @ z
+        b = z @ factor.T
         mu = mu + np.einsum("nk,nk->n", term.z, b[term.index])
         for i, coef in enumerate(term.coef_names):
             truth[f"sd[{term.group}:{coef}]"] = sd[i]
@@ -169,6 +175,8 @@ def sbc(
     alpha: float = 0.01,
     seed: int = 0,
     correlation=None,
+    relmat: dict | None = None,
+    relmat_inverse: dict | None = None,
 ) -> SBCResult:
     """Simulation-based calibration of :func:`hierpool.bayes` on the design of ``data``.
 
@@ -190,6 +198,9 @@ def sbc(
     correlation : AR1, optional
         AR(1) residuals within series (``hp.ar1``, ``hp.car1``): phi is drawn from the sampler's prior,
         the residuals simulated as an AR(1) chain, and phi's rank tested with the rest.
+    relmat, relmat_inverse : dict, optional
+        A known relationship matrix of one term (as :func:`hierpool.bayes`): its effects are simulated as
+        sd L_A z over every level of A, and the collapsed animal-model sampler is calibrated.
 
     Returns
     -------
@@ -201,7 +212,17 @@ def sbc(
         raise ArgumentError("n_draws must be below chains x draws_per_chain")
     import jax
 
-    design = build_design(formula, data)
+    related, relationship = {}, None
+    if relmat is not None or relmat_inverse is not None:
+        from ..spec.relationship import model_relationship, with_relationship_levels
+
+        rel = model_relationship(formula, relmat, relmat_inverse)
+        related = dict(relmat=relmat, relmat_inverse=relmat_inverse)
+        design = with_relationship_levels(build_design(formula, data, related=(rel.group,)), rel)
+        relationship = {j: rel.cholesky_factor("hp.validate.sbc with relmat=")
+                        for j, term in enumerate(design.terms) if term.group == rel.group}
+    else:
+        design = build_design(formula, data)
     frozen = resolve_priors(design, priors)
     if any(prior is None for prior in frozen.beta):
         raise ArgumentError("SBC simulates from the prior: flat priors on fixed effects are not allowed")
@@ -215,12 +236,12 @@ def sbc(
     keys = jax.random.split(jax.random.PRNGKey(seed), n_reps)
     ranks = []
     for rep in range(n_reps):
-        truth, y = _simulate_parameters(frozen, design, keys[rep], correlation, series)
+        truth, y = _simulate_parameters(frozen, design, keys[rep], correlation, series, relationship)
         frame[response] = y
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # short chains: diagnostics warnings are expected noise here
             post = bayes(formula, frame, priors=frozen, chains=chains, draws=draws_per_chain, tune=tune,
-                         seed=seed + rep, correlation=correlation)
+                         seed=seed + rep, correlation=correlation, **related)
         draws = _posterior_draws(post, design)
         keep = np.linspace(0, chains * draws_per_chain - 1, n_draws).astype(int)
         ranks.append({name: int(np.sum(draws[name][keep] < value)) for name, value in truth.items()})
