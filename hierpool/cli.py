@@ -182,9 +182,12 @@ def _fit_ar1(args, data, out: Path) -> int:
     written = [
         *_fixef_and_varcorr(fit, out),
         _write_table(fit.correlation.reset_index(), out / "correlation.csv"),
-        _write_table(_ranef_with_intervals(fit, args.level), out / "ranef.csv"),
         _write_table(fitted.rename_axis("row").reset_index(), out / "fitted.csv"),
     ]
+    if fit.design.terms:  # generalized least squares (no random-effect term) has no ranef
+        written.append(_write_table(_ranef_with_intervals(fit, args.level), out / "ranef.csv"))
+    elif args.bayes:
+        raise _UserError("--bayes needs a random-effect term: hp.bayes does not fit generalized least squares")
     if args.bayes:
         posterior = bayes(args.formula, data, chains=args.chains, draws=args.draws, tune=args.tune, seed=args.seed,
                           level=args.level, correlation=correlation, progress=None)

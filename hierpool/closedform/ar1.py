@@ -74,6 +74,12 @@ def _moment_phi(design: Design, series: Series, at_zero, continuous: bool) -> fl
     whitened, system, optimum, _ = at_zero
     solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=True)
     residual = design.y_less_offset - design.X @ np.asarray(solution.beta) - random_part(design, solution.b)
+    return lag_one_phi(residual, series, continuous)
+
+
+def lag_one_phi(residual: np.ndarray, series: Series, continuous: bool) -> float:
+    """The lag-1 correlation of residuals within their series, per unit of lag (its lag-th root), kept inside
+    (-0.9, 0.9) (and above 0.05 in continuous time): where the search for phi starts."""
     has = series.previous >= 0
     if not has.any():
         return 0.1
@@ -202,6 +208,49 @@ class AR1Result(LMMResult):
                 f"  phi = {self.phi:.6g}  (95% interval {lower:.4g} to {upper:.4g})")
 
 
+def search_phi(profile, u_start: float, correlation: AR1):
+    """phi's estimate on nlme's unconstrained scale by Brent's method, with its interval: (u_hat, interval,
+    the profiled criterion there, the pieces ``profile`` returned there).
+
+    ``profile(u, checked=False)`` is (-2 log L profiled over the other parameters at phi = constrained(u), pieces);
+    the last call, at u_hat, has ``checked=True`` (the fit whose messages are kept).  The search runs in a window
+    around ``u_start`` (the residuals' lag-1 correlation), over the whole range if it ends at the window's edge.
+    The interval is nlme's: Wald on the unconstrained scale, its variance the inverse curvature of the
+    criterion / 2.  One home for the mixed model (:func:`fit_ar1`) and generalized least squares
+    (:func:`hierpool.closedform.gls.fit_gls`).
+    """
+    import scipy.optimize
+
+    continuous = correlation.continuous
+
+    def search(low: float, high: float) -> float:
+        return float(scipy.optimize.minimize_scalar(lambda u: profile(u)[0], bounds=(low, high), method="bounded",
+                                                    options=dict(xatol=PHI_XTOL)).x)
+
+    with warnings.catch_warnings():  # the search's inner fits; the final one's messages are the caller's to warn
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        low = max(u_start - SEARCH_WINDOW, -UNCONSTRAINED_LIMIT)
+        high = min(u_start + SEARCH_WINDOW, UNCONSTRAINED_LIMIT)
+        u_hat = search(low, high)
+        if min(u_hat - low, high - u_hat) < 1e-3:
+            u_hat = search(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT)
+        sides = [profile(u_hat + h)[0] for h in (INTERVAL_STEP, -INTERVAL_STEP)]
+        value, pieces = profile(u_hat, checked=True)
+    curvature = (sides[0] - 2.0 * value + sides[1]) / INTERVAL_STEP**2  # of -2 log L on the unconstrained scale
+    if curvature > 0:
+        half = Z_95 * np.sqrt(2.0 / curvature)
+        interval = (constrained(u_hat - half, continuous), constrained(u_hat + half, continuous))
+    else:
+        interval = (float("nan"), float("nan"))
+        warnings.warn(f"{correlation.describe()}: the criterion is not convex in phi at its estimate; no interval",
+                      ConvergenceWarning, stacklevel=4)
+    if abs(u_hat) >= UNCONSTRAINED_LIMIT - 1e-3:
+        warnings.warn(f"{correlation.describe()}: phi = {constrained(u_hat, continuous):.6g} is at the edge of "
+                      "its range (a unit-root or vanishing correlation): the fit is not reliable",
+                      ConvergenceWarning, stacklevel=4)
+    return u_hat, interval, value, pieces
+
+
 def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = True,
             control: Control | None = None) -> AR1Result:
     """Fit ``design`` with AR(1) residuals in the series of ``correlation`` (see the module docstring).
@@ -221,8 +270,6 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     -------
     AR1Result
     """
-    import scipy.optimize
-
     series = checked_series(design, correlation, data)
     continuous = correlation.continuous
     # on the host: each phi is a new system (its whitened cross-products), fitted in a few evaluations
@@ -245,34 +292,11 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         last["theta"] = optimum.theta
         return optimum.objective + logdet, (whitened, system, optimum, logdet)
 
-    def search(low: float, high: float) -> float:
-        return float(scipy.optimize.minimize_scalar(lambda u: profile(u)[0], bounds=(low, high), method="bounded",
-                                                    options=dict(xatol=PHI_XTOL)).x)
-
     with warnings.catch_warnings():  # the search's inner fits; the final one's messages are warned below
         warnings.simplefilter("ignore", ConvergenceWarning)
-        # Brent in a window around the residuals' lag-1 correlation, the whole range if it ends at an edge
         nearly_independent = profile(-3.0 if continuous else 0.0)[1]
-        u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
-        low = max(u_start - SEARCH_WINDOW, -UNCONSTRAINED_LIMIT)
-        high = min(u_start + SEARCH_WINDOW, UNCONSTRAINED_LIMIT)
-        u_hat = search(low, high)
-        if min(u_hat - low, high - u_hat) < 1e-3:
-            u_hat = search(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT)
-        sides = [profile(u_hat + h)[0] for h in (INTERVAL_STEP, -INTERVAL_STEP)]
-        value, (whitened, system, optimum, logdet) = profile(u_hat, checked=True)
-    curvature = (sides[0] - 2.0 * value + sides[1]) / INTERVAL_STEP**2  # of -2 log L on the unconstrained scale
-    if curvature > 0:
-        half = Z_95 * np.sqrt(2.0 / curvature)
-        interval = (constrained(u_hat - half, continuous), constrained(u_hat + half, continuous))
-    else:
-        interval = (float("nan"), float("nan"))
-        warnings.warn(f"{correlation.describe()}: the criterion is not convex in phi at its estimate; no interval",
-                      ConvergenceWarning, stacklevel=3)
-    if abs(u_hat) >= UNCONSTRAINED_LIMIT - 1e-3:
-        warnings.warn(f"{correlation.describe()}: phi = {constrained(u_hat, continuous):.6g} is at the edge of "
-                      "its range (a unit-root or vanishing correlation): the fit is not reliable",
-                      ConvergenceWarning, stacklevel=3)
+    u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
+    u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation)
     for message in optimum.messages:
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
     solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=reml)  # the host's Henderson solve

@@ -192,20 +192,23 @@ def lmm(
         A residual correlation within series, ``hp.ar1(group, time=None)`` (nlme's corAR1) or
         ``hp.car1(group, time)`` (corCAR1), as nlme's ``lme(..., correlation=)``: phi is estimated
         with the rest (:mod:`hierpool.closedform.ar1`; the result's ``correlation`` and ``phi``).
-        Every random-effect term must be constant within a series.
+        Every random-effect term must be constant within a series.  With a correlation the formula may
+        have no random-effect term: generalized least squares, nlme's ``gls``
+        (:mod:`hierpool.closedform.gls`).
     relmat, relmat_inverse : dict, optional
         A known relationship matrix A, or its inverse, for a term ``(1 | g)``: ``{"g": A}``, A a labelled
         pandas DataFrame or a ``(matrix, labels)`` tuple (sparse for an inverse from a pedigree:
         :func:`hierpool.pedigree.inverse_relationship_matrix`).  The term's effects are then
         b ~ N(0, sigma_A^2 A) over every label of A, with or without records (breeding values), fitted
         by the sparse mixed-model equations of :mod:`hierpool.closedform.relmat`; the result's
-        ``heritability()`` is sigma_A^2 / (sigma_A^2 + sigma^2) with a profile interval.  For now the
-        relationship term must be the only random-effect term.
+        ``heritability()`` is sigma_A^2 / (sigma_A^2 + sigma^2) with a profile interval.  Other terms beside
+        the relationship term must be intercepts ``(1 | h)`` (a permanent environment).
 
     Returns
     -------
     LMMResult
-        An :class:`~hierpool.closedform.ar1.AR1Result` with a ``correlation``; a
+        An :class:`~hierpool.closedform.ar1.AR1Result` with a ``correlation`` (a
+        :class:`~hierpool.closedform.gls.GLSResult` without random-effect terms); a
         :class:`~hierpool.closedform.relmat.RelmatResult` with a relationship matrix.
 
     Notes
@@ -226,7 +229,13 @@ def lmm(
         design = build_design(formula, data, se=se, weights=weights, offset=offset, related=(rel.group,))
         return fit_relmat(design, rel, reml=reml)
     if correlation is not None:
-        design = build_design(formula, data, se=se, weights=weights, offset=offset)
+        design = build_design(formula, data, se=se, weights=weights, offset=offset, random_optional=True)
+        if not design.terms:  # no random effect: generalized least squares, nlme's gls
+            from .gls import fit_gls
+
+            if control is not None:
+                raise ArgumentError("control= is not used by a model without random effects (Brent's method on phi)")
+            return fit_gls(design, correlation, data, reml=reml)
         return fit_ar1(design, correlation, data, reml=reml, control=control)
     return MixedModel(formula, data, se=se, weights=weights, offset=offset, control=control).fit(
         reml=reml, control=control

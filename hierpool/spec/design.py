@@ -489,6 +489,7 @@ def build_design(
     offset=None,
     family: FamilySpec | None = None,
     related: tuple[str, ...] = (),
+    random_optional: bool = False,
 ) -> Design:
     """Check the data against the formula and build the :class:`Design`.
 
@@ -514,6 +515,9 @@ def build_design(
     related : tuple of str
         Grouping factors with a known relationship matrix (``relmat=``): they may have one level per
         observation too.
+    random_optional : bool
+        Accept a formula without random-effect terms (``terms`` is then empty): a generalized
+        least-squares model with correlated residuals (:mod:`hierpool.closedform.gls`).
 
     Returns
     -------
@@ -523,7 +527,8 @@ def build_design(
     if family is not None and family.name != "binomial" and counts_response:
         raise FormulaError(f"the response of {formula!r} is cbind(successes, failures), a binomial count; "
                            f"family {family.name!r} takes counts (use family='binomial')")
-    spec = parse_formula(formula, binomial_counts=family is not None and family.name == "binomial")
+    spec = parse_formula(formula, binomial_counts=family is not None and family.name == "binomial",
+                         random_optional=random_optional)
     _check_frame(data)
     columns = formula_columns(spec, data)
     if family is not None and se is not None:

@@ -226,7 +226,7 @@ def _variable_names(text: str) -> set[str]:
     return set(_parse_with_formulae(text, "formula part").var_names)
 
 
-def parse_formula(formula: str, binomial_counts: bool = False) -> ModelSpec:
+def parse_formula(formula: str, binomial_counts: bool = False, random_optional: bool = False) -> ModelSpec:
     """Parse an lme4-style mixed-model formula.
 
     Parameters
@@ -235,6 +235,9 @@ def parse_formula(formula: str, binomial_counts: bool = False) -> ModelSpec:
         E.g. ``"Reaction ~ Days + (Days | Subject)"``.
     binomial_counts : bool
         Accept a ``cbind(successes, failures)`` response (a binomial GLMM's).
+    random_optional : bool
+        Accept a formula without random-effect terms (a generalized least-squares model with correlated
+        residuals, nlme's ``gls``); its ``random`` is then empty.
 
     Returns
     -------
@@ -243,15 +246,15 @@ def parse_formula(formula: str, binomial_counts: bool = False) -> ModelSpec:
     Raises
     ------
     FormulaError
-        On a syntax error, a missing ``~``, or a formula with no random-effect term.
+        On a syntax error, a missing ``~``, or a formula with no random-effect term (unless ``random_optional``).
     """
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
-    return _parse(formula, binomial_counts)
+    return _parse(formula, binomial_counts, random_optional)
 
 
 @functools.lru_cache(maxsize=256)  # a ModelSpec is immutable: refitting a formula need not re-parse it
-def _parse(formula: str, binomial_counts: bool = False) -> ModelSpec:
+def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = False) -> ModelSpec:
     parts = _split_top_level(to_formulae(formula), "~")
     if len(parts) != 2:
         raise FormulaError(f"formula {formula!r} must have exactly one '~' with the response on its left")
@@ -284,7 +287,7 @@ def _parse(formula: str, binomial_counts: bool = False) -> ModelSpec:
             raise FormulaError(f"random-effect term {text!r} in {formula!r} cannot be subtracted")
         random.extend(_random_terms_of_bar(*bar, full=formula))
 
-    if not random:
+    if not random and not random_optional:
         raise FormulaError(
             f"formula {formula!r} has no random-effect term such as (1 | group); "
             "for a model without random effects use an ordinary regression"

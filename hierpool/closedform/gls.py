@@ -1,0 +1,176 @@
+"""``hp.lmm(formula, data, correlation=hp.ar1(...))`` without random-effect terms: generalized least squares with
+AR(1) residuals, nlme's ``gls(..., correlation = corAR1())`` / ``corCAR1()``.
+
+    y = X beta + e,   e ~ N(0, sigma^2 C(phi)),   C(phi) block diagonal by series, C_st = phi^|t_s - t_t|.
+
+For a given phi the data are whitened (:func:`hierpool.closedform.ar1.whitened_design`: each row minus c_t times
+the one before it, over sqrt(1 - c_t^2)), after which the model is ordinary least squares: beta-hat = (X~'X~)^-1
+X~'y~, r^2 = |y~ - X~ beta-hat|^2, and the profiled criteria are
+
+    REML: (n - p) [1 + log(2 pi r^2 / (n - p))] + log|X~'X~| + log|C(phi)|,
+    ML:   n [1 + log(2 pi r^2 / n)] + log|C(phi)|,
+
+the linear mixed model's (Bates et al. 2015, eqs. 34 and 41) with no random effects, plus the whitening's
+Jacobian.  phi is found, with its interval, by the mixed model's own search
+(:func:`hierpool.closedform.ar1.search_phi`); sigma^2 = r^2 / (n - p) (REML) or r^2 / n (ML) and
+vcov(beta) = sigma^2 (X~'X~)^-1 at phi-hat.
+
+Reference: Pinheiro & Bates (2000), Mixed-Effects Models in S and S-PLUS, sec. 5.1 (gls).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..algebra.criterion import profiled_criterion
+from ..errors import DataError
+from ..spec.correlation import AR1
+from ..spec.design import Design
+from .ar1 import checked_series, constrained, lag_one_phi, search_phi, unconstrained, whitened_design
+from .results import Likelihood
+
+
+@dataclass(frozen=True, eq=False)
+class GLSResult(Likelihood):
+    """A generalized least-squares fit with AR(1) residuals (:func:`fit_gls`).
+
+    Attributes
+    ----------
+    design : Design
+        The model (no random-effect terms).
+    structure : AR1
+    reml : bool
+    phi : float
+    phi_interval : tuple of float
+        nlme's approximate 95% interval.
+    objective : float
+        -2 log L (REML or ML) at the estimates.
+    beta : numpy.ndarray
+    unscaled_vcov : numpy.ndarray
+        (X~'X~)^-1 at phi-hat.
+    pwrss : float
+        r^2, the whitened residual sum of squares.
+    log_det_correlation : float
+        log |C(phi-hat)|.
+    """
+
+    design: Design
+    structure: AR1
+    reml: bool
+    phi: float
+    phi_interval: tuple[float, float]
+    objective: float
+    beta: np.ndarray
+    unscaled_vcov: np.ndarray
+    pwrss: float
+    log_det_correlation: float
+
+    @property
+    def nobs(self) -> int:
+        return self.design.n
+
+    @property
+    def n_params(self) -> int:
+        """As gls's: fixed effects, phi and sigma."""
+        return self.design.p + 2
+
+    @property
+    def sigma(self) -> float:
+        dof = self.design.n - self.design.p if self.reml else self.design.n
+        return float(np.sqrt(self.pwrss / dof))
+
+    @property
+    def fixef(self) -> pd.Series:
+        return pd.Series(self.beta, index=list(self.design.fixed_names), name="fixef")
+
+    @property
+    def vcov(self) -> pd.DataFrame:
+        names = list(self.design.fixed_names)
+        return pd.DataFrame(self.sigma**2 * self.unscaled_vcov, index=names, columns=names)
+
+    @property
+    def fixef_se(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.diag(self.vcov.to_numpy())), index=list(self.design.fixed_names), name="se")
+
+    @property
+    def fitted(self) -> np.ndarray:
+        """offset + X beta-hat, on the data's scale."""
+        return self.design.offset + self.design.X @ self.beta
+
+    @property
+    def residuals(self) -> np.ndarray:
+        """y - fitted (correlated within series; the whitened ones are the independent ones)."""
+        return self.design.y - self.fitted
+
+    @property
+    def correlation(self) -> pd.DataFrame:
+        """phi with its approximate 95% interval, one row named by nlme's spelling of the structure."""
+        lower, upper = self.phi_interval
+        return pd.DataFrame({"estimate": [self.phi], "lower": [lower], "upper": [upper]},
+                            index=pd.Index([self.structure.describe()], name="structure"))
+
+    @property
+    def varcorr(self) -> pd.DataFrame:
+        """The residual's variance and sd, and phi (grp "Residual", var1 "phi"; its value in sdcor)."""
+        return pd.DataFrame({"grp": ["Residual", "Residual"], "var1": [None, "phi"], "var2": [None, None],
+                             "vcov": [self.sigma**2, np.nan], "sdcor": [self.sigma, self.phi]})
+
+    def summary(self) -> str:
+        lower, upper = self.phi_interval
+        table = pd.DataFrame({"Estimate": self.fixef, "Std. Error": self.fixef_se})
+        return "\n".join([
+            f"Generalized least squares fit by {'REML' if self.reml else 'maximum likelihood'}",
+            f"Formula: {self.design.spec.formula}",
+            f"{'REML criterion' if self.reml else 'Deviance'}: {self.objective:.4f}   logLik: {self.loglik:.4f}   "
+            f"AIC: {self.aic:.2f}   BIC: {self.bic:.2f}",
+            "", f"Correlation structure: {self.structure.describe()}",
+            f"  phi = {self.phi:.6g}  (95% interval {lower:.4g} to {upper:.4g})",
+            f"Residual standard error: {self.sigma:.6g}   Number of obs: {self.nobs}",
+            "", "Coefficients:", table.to_string()])
+
+
+def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = True) -> GLSResult:
+    """Fit ``design`` (no random-effect terms) with AR(1) residuals in the series of ``correlation``.
+
+    Parameters
+    ----------
+    design : Design
+        From :func:`hierpool.spec.design.build_design` with ``random_optional=True``.
+    correlation : AR1
+    data : pandas.DataFrame
+        The data the design was built from (the group and time columns are read from it).
+    reml : bool
+
+    Returns
+    -------
+    GLSResult
+    """
+    series = checked_series(design, correlation, data)
+    n, p = design.n, design.p
+    if n <= p + 1:
+        raise DataError(f"{n} rows for {p} fixed effects and phi: nothing is left to estimate the residual variance")
+
+    def profile(u: float, checked: bool = False):
+        whitened, logdet = whitened_design(design, series, constrained(u, correlation.continuous))
+        X, y = whitened.X, whitened.y
+        q, r = np.linalg.qr(X)
+        beta = np.linalg.solve(r, q.T @ y)
+        pwrss = float(np.sum((y - X @ beta) ** 2))
+        log_det_xtx = 2.0 * float(np.sum(np.log(np.abs(np.diag(r)))))
+        value = profiled_criterion(0.0, log_det_xtx, pwrss, n, p, 0.0, reml, sigma_known=False) + logdet
+        return float(value), (beta, r, pwrss, logdet)
+
+    ordinary = np.linalg.lstsq(design.X, design.y_less_offset, rcond=None)[0]
+    u_start = unconstrained(lag_one_phi(design.y_less_offset - design.X @ ordinary, series, correlation.continuous),
+                            correlation.continuous)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # log 0 of a zero residual at phi's edge: the search moves on
+        u_hat, interval, value, (beta, r, pwrss, logdet) = search_phi(profile, u_start, correlation)
+    r_inverse = np.linalg.inv(r)
+    return GLSResult(design=design, structure=correlation, reml=reml, phi=constrained(u_hat, correlation.continuous),
+                     phi_interval=interval, objective=value, beta=beta, unscaled_vcov=r_inverse @ r_inverse.T,
+                     pwrss=pwrss, log_det_correlation=logdet)
