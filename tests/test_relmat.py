@@ -362,3 +362,50 @@ def test_coverage_study_of_the_animal_model():
     assert 0.85 < table["breeding value (BLUP)"]["coverage"] < table["breeding value (posterior)"]["coverage"]
     live = hp.validate.relmat_coverage(n_reps=2, seed=4).set_index("interval")
     assert live.loc["breeding value (BLUP)", "n"] == 220 and 0.85 <= live.loc["breeding value (BLUP)", "coverage"]
+
+
+def test_a_scalar_slope_with_an_identity_relationship_is_the_ordinary_mixed_model():
+    # (0 + x | g) with A = I beside (1 | h): the sparse equations' fit equals the blocked algebra's, REML and ML
+    rng = np.random.default_rng(8)
+    g, h = rng.integers(0, 30, 400), rng.integers(0, 12, 400)
+    x = rng.normal(size=400)
+    data = pd.DataFrame({"g": [f"g{i:02d}" for i in g], "h": [f"h{i:02d}" for i in h], "x": x,
+                         "y": 1 + 0.5 * x + rng.normal(0, 0.8, 30)[g] * x + rng.normal(0, 0.6, 12)[h]
+                         + rng.normal(size=400)})
+    labels = sorted(set(data.g))
+    identity = pd.DataFrame(np.eye(len(labels)), index=labels, columns=labels)
+    formula = "y ~ x + (0 + x | g) + (1 | h)"
+    for reml in (True, False):
+        ours = hp.lmm(formula, data, reml=reml, relmat={"g": identity})
+        plain = hp.lmm(formula, data, reml=reml)
+        assert ours.objective == pytest.approx(plain.objective, rel=1e-8)
+        np.testing.assert_allclose(ours.fixef.to_numpy(), plain.fixef.to_numpy(), rtol=1e-6)
+        ours_ranef = ours.ranef.set_index(["grpvar", "grp"])
+        plain_ranef = plain.ranef.set_index(["grpvar", "grp"])
+        np.testing.assert_allclose(ours_ranef.loc[plain_ranef.index, "condval"], plain_ranef.condval, atol=1e-5)
+        assert set(ours.ranef.term) == {"x", "Intercept"}
+    with pytest.raises(hp.HierpoolError, match="scalar"):
+        hp.lmm("y ~ x + (x | g)", data, relmat={"g": identity})
+
+
+def test_the_animal_model_sampler_with_an_identity_relationship_is_the_collapsed_samplers_posterior():
+    # A = I: hp.bayes(relmat=) (independence MH on the sparse equations' marginal) and hp.bayes without it (NUTS on
+    # the blocked algebra's marginal) sample one posterior: their means agree in Monte-Carlo units
+    import arviz as az
+
+    rng = np.random.default_rng(9)
+    g = rng.integers(0, 25, 200)
+    x = rng.normal(size=200)
+    data = pd.DataFrame({"g": [f"g{i:02d}" for i in g], "x": x,
+                         "y": 1 + 0.5 * x + rng.normal(0, 1.0, 25)[g] + rng.normal(size=200)})
+    labels = sorted(set(data.g))
+    identity = pd.DataFrame(np.eye(len(labels)), index=labels, columns=labels)
+    formula = "y ~ x + (1 | g)"
+    ours = hp.bayes(formula, data, relmat={"g": identity}, chains=2, draws=1000, seed=1)
+    theirs = hp.bayes(formula, data, chains=2, draws=1000, seed=2)
+    for name in ("beta", "sd_g", "sigma"):
+        a, b = ours.idata.posterior[name], theirs.idata.posterior[name]
+        se = np.sqrt(np.asarray(az.mcse(ours.idata, var_names=[name])[name]) ** 2
+                     + np.asarray(az.mcse(theirs.idata, var_names=[name])[name]) ** 2)
+        z = (a.mean(("chain", "draw")).values - b.mean(("chain", "draw")).values) / se
+        assert np.all(np.abs(z) < 4.5), (name, z)

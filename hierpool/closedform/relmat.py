@@ -24,10 +24,11 @@ levels: beyond, selected inversion would be needed, and the conditional sds are 
 
 This is the one place hierpool solves mixed-model equations by a general sparse factorization: the blocked
 factorization of :mod:`hierpool.algebra.criterion` has one level per row and term (Lambda = I (x) T), which A
-breaks.  Other intercept terms (1 | g) may stand beside the relationship term (a permanent environment: the
-repeatability model), each with an identity block I / theta_j^2 in P(theta) (and q log theta^2 becomes
+breaks.  The terms are scalar: intercepts (1 | g) or scalar slopes (0 + x | g), whose Z column holds x.  Other such
+terms may stand beside the relationship term (a permanent environment: the repeatability model), each with an
+identity block I / theta_j^2 in P(theta) (and q log theta^2 becomes
 sum_j q_j log theta_j^2); theta is then found by L-BFGS-B.
-Not yet: random slopes, a family.  The Bayesian engine's ``relmat=`` (:mod:`hierpool.bayesian.relmat`) factors
+Not yet: correlated (vector) terms, a family.  The Bayesian engine's ``relmat=`` (:mod:`hierpool.bayesian.relmat`) factors
 the same K(theta) (:meth:`RelmatEquations.factor`, whose :class:`KFactor` also draws from N(0, K^-1)).
 
 References: Henderson, C. R. (1976), Biometrics 32, 69-83; Meyer, K. (1989), Genet. Sel. Evol. 21, 317-340
@@ -219,7 +220,9 @@ def relmat_equations(design: Design, rel: Relationship):
         start += size
     q = start
     rows = np.repeat(np.arange(n), len(columns))
-    Z = scipy.sparse.csr_matrix((np.ones(rows.size), (rows, np.stack(columns, axis=1).ravel())), shape=(n, q))
+    # each row's value of each scalar term (1 for an intercept, x for (0 + x | g)) in the column of its level
+    values = np.stack([np.asarray(term.z[:, 0], dtype=float) for term in design.terms], axis=1).ravel()
+    Z = scipy.sparse.csr_matrix((values, (rows, np.stack(columns, axis=1).ravel())), shape=(n, q))
     ZtW = scipy.sparse.csr_matrix(Z.T.multiply(w[None, :]))
     block = np.repeat(np.arange(len(sizes)), sizes)
     equations = RelmatEquations(XtX=X.T @ (w[:, None] * X), ZtX=np.asarray(ZtW @ X) if p else np.zeros((q, 0)),
@@ -230,20 +233,21 @@ def relmat_equations(design: Design, rel: Relationship):
 
 
 def check_design(design: Design, rel: Relationship) -> None:
-    """The relationship term is ``(1 | rel.group)`` and every other random-effect term an intercept ``(1 | g)``
-    too; no known residual sds, no family."""
+    """One scalar random-effect term of ``rel.group`` (``(1 | g)``, or a scalar slope ``(0 + x | g)``), every other
+    term scalar too; no known residual sds, no family."""
     if design.family is not None:
         raise ArgumentError("relmat= is not yet available with a family (a GLMM): a Gaussian response only")
     if design.sigma_known:
         raise ArgumentError("relmat= cannot be combined with se= (known residual sds)")
     labels = [term.label for term in design.terms]
     related = [term for term in design.terms if term.group == rel.group]
-    slopes = [term.label for term in design.terms if tuple(term.coef_names) != ("Intercept",)]
-    if len(related) != 1 or slopes:
+    vectors = [term.label for term in design.terms if term.k != 1]
+    if len(related) != 1 or vectors:
         raise ArgumentError(
-            f"relmat= for {rel.group!r} needs the random-effect term (1 | {rel.group}) and other terms of the form "
-            f"(1 | g) only (a permanent environment, say); got {', '.join(labels) or 'none'}.  Random slopes, with "
-            f"a relationship matrix or beside it, are not supported yet")
+            f"relmat= for {rel.group!r} needs one scalar random-effect term of {rel.group!r} ((1 | {rel.group}) or "
+            f"(0 + x | {rel.group})) and other scalar terms only ((1 | g): a permanent environment, say); got "
+            f"{', '.join(labels) or 'none'}.  Correlated (vector) terms, with a relationship matrix or beside it, are "
+            f"not supported yet")
 
 
 def _minimize(equations: RelmatEquations, reml: bool, terms: int, group: str):
