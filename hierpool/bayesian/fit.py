@@ -333,13 +333,14 @@ def bayes(
         ``variance=`` an ``hp.lmm`` AR(1) fit, its phi is held too.  The pointwise log-likelihood is
         each row's density given the one before it in its series (their sum is the joint one).
     relmat, relmat_inverse : dict, optional
-        A known relationship matrix (or its inverse) for one scalar term ``(1 | g)``, as :func:`hierpool.lmm`
-        takes it (a Gaussian model; other terms ``(1 | h)`` beside it).  The posterior of the sds and sigma,
-        beta and b integrated out, is sampled by independence Metropolis-Hastings from its mode, and (beta, b)
-        are drawn exactly given each draw (:mod:`hierpool.bayesian.relmat`): ``b_<g>`` has every level of A,
-        with records or not (breeding values), and ``idata.posterior["heritability"]`` is sigma_A^2 over the sum
-        of all variances.  ``variance=`` an ``hp.lmm`` fit with the same relationship holds its variances (exact
-        draws).
+        A known relationship matrix (or its inverse) for one scalar term (``(1 | g)`` or ``(0 + x | g)``), as
+        :func:`hierpool.lmm` takes it (a Gaussian model; other scalar terms beside it).  The posterior of the sds
+        and sigma, beta and b integrated out, is sampled by independence Metropolis-Hastings from its mode, and
+        (beta, b) are drawn exactly given each draw (:mod:`hierpool.bayesian.relmat`; ``method="full"``: NUTS on
+        the plain model with A's dense Cholesky factor): ``b_<g>`` has every level of A, with records or not
+        (breeding values), and ``idata.posterior["heritability"]`` is the relationship term's variance over the
+        sum of all variances (sds squared and sigma squared: h^2 for an intercept term and unweighted rows).
+        ``variance=`` an ``hp.lmm`` fit with the same relationship holds its variances (exact draws).
 
     Returns
     -------
@@ -554,9 +555,9 @@ def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, se
                   level, weights, offset, family, correlation, target_accept, progress) -> BayesResult:
     """hp.bayes with a relationship matrix (:mod:`hierpool.bayesian.relmat`): the collapsed posterior of the sds and
     sigma by independence Metropolis-Hastings, or ``variance=``'s held, with exact (beta, b) draws."""
-    from ..closedform.relmat import RelmatResult, check_design, fit_relmat, relmat_equations
+    from ..closedform.relmat import RelmatResult, check_design, relmat_equations
     from ..spec.relationship import model_relationship, with_relationship_levels
-    from .relmat import AnimalPosterior, sample_animal_model
+    from .relmat import DRAW_CHUNK, EFFECT_DRAWS_MAX_VALUES, AnimalPosterior, sample_animal_model
 
     if family is not None and not (isinstance(family, str) and family.strip().lower() == "gaussian"):
         raise ArgumentError("relmat= is not yet available with a family (a GLMM): a Gaussian response only")
@@ -596,17 +597,25 @@ def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, se
         return _relmat_result(expanded, resolved, "full", level, variance, held, beta, b, sds, cors, sigma, stats,
                               psi_draws, related)
     posterior = AnimalPosterior(equations, resolved)
+    if chains * draws * equations.q > EFFECT_DRAWS_MAX_VALUES:
+        raise ArgumentError(
+            f"hp.bayes with relmat= keeps every effect draw: {chains} chains x {draws} draws x {equations.q} levels "
+            f"is more than {EFFECT_DRAWS_MAX_VALUES:.0e} numbers; ask for fewer draws (or use hp.lmm's closed form)")
     if variance is not None:
         psi = np.log(np.append(variance.theta * variance.sigma, variance.sigma))
-        state = posterior.evaluate(psi)
-        beta, b_all = posterior.draw_effects(state, np.random.default_rng([seed, 5]), chains * draws)
-        beta, b_all = beta.reshape(chains, draws, -1), b_all.reshape(chains, draws, -1)
+        state = posterior.evaluate(psi, log_prior=0.0)  # held: the priors of the variances play no part
+        if state is None:
+            raise ArgumentError("variance: the mixed-model equations do not factor at the held variances (a variance "
+                                "of 0?); hold a fit whose variances are positive")
+        rng = np.random.default_rng([seed, 5])
+        parts = [posterior.draw_effects(state, rng, min(DRAW_CHUNK, chains * draws - start))
+                 for start in range(0, chains * draws, DRAW_CHUNK)]
+        beta = np.concatenate([part[0] for part in parts]).reshape(chains, draws, -1)
+        b_all = np.concatenate([part[1] for part in parts]).reshape(chains, draws, -1)
         psi_draws = np.broadcast_to(psi, (chains, draws, terms + 1))
         method = "exact"
     else:
-        fit = fit_relmat(design, rel)  # the start of the posterior's mode search
-        out = sample_animal_model(posterior, np.log(np.append(fit.theta * fit.sigma, fit.sigma)), chains, draws,
-                                  tune, seed)
+        out = sample_animal_model(posterior, _relmat_start(design, rel), chains, draws, tune, seed)
         beta, b_all, psi_draws = out["beta"], out["b"], out["psi"]
         stats = {"diverging": np.zeros((chains, draws), dtype=bool), "acceptance_rate": out["acceptance"],
                  "n_steps": np.full((chains, draws), out["thin"], dtype=np.int64), "lp": out["lp"]}
@@ -629,9 +638,31 @@ def _relmat_result(expanded, resolved, method, level, variance, held, beta, b, s
                    extra={"heritability": variances[..., related] / variances.sum(axis=-1)})
 
 
+def _relmat_start(design: Design, rel) -> np.ndarray:
+    """Where the posterior's mode search starts: the REML fit's (log sds, log sigma), or, where REML has no
+    interior optimum (a flat profile: the posterior is proper all the same), every sd at sd(y) / sqrt(terms + 1)."""
+    from ..closedform.relmat import fit_relmat
+    from ..errors import ConvergenceWarning, DataError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # a boundary REML fit is only a start here
+            fit = fit_relmat(design, rel)
+        return np.log(np.append(fit.theta * fit.sigma, fit.sigma))
+    except DataError:
+        spread = float(np.std(design.y_less_offset)) or 1.0
+        return np.full(len(design.terms) + 1, np.log(spread / np.sqrt(len(design.terms) + 1)))
+
+
 def _same_relmat_model(fit, design: Design, rel) -> bool:
     fitted = fit.design
-    return (fitted.n == design.n and fit.relationship.group == rel.group
-            and np.array_equal(fit.relationship.labels, rel.labels)
-            and [(t.group, t.n_levels) for t in fitted.terms] == [(t.group, t.n_levels) for t in design.terms]
+    relationship = fit.relationship
+    return (fitted.n == design.n and relationship.group == rel.group
+            and np.array_equal(relationship.labels, rel.labels)
+            and relationship.inverse.shape == rel.inverse.shape
+            and abs(relationship.inverse - rel.inverse).max() <= 1e-12 * max(abs(rel.inverse).max(), 1.0)
+            and [(t.group, t.coef_names, t.n_levels) for t in fitted.terms]
+            == [(t.group, t.coef_names, t.n_levels) for t in design.terms]
+            and list(fitted.fixed_names) == list(design.fixed_names)
+            and np.array_equal(fitted.y, design.y) and np.array_equal(fitted.X, design.X)
             and np.array_equal(fitted.row_weights, design.row_weights) and np.array_equal(fitted.offset, design.offset))

@@ -14,8 +14,10 @@ theta_j^2) the sparse matrix :class:`~hierpool.closedform.relmat.RelmatEquations
 
 with S = X'WX + sigma^2 diag(1 / s^2) - X'WZ K^-1 Z'WX the fixed effects' Schur complement (1 / s^2 = 0 for a
 flat prior) and r^2 the penalized residual sum of squares of the equations with the prior as pseudo-data, of
-y - X m (the sum over the Normal priors' coefficients c: with them it is the density of y itself).  With flat
-priors on beta this is, up to a constant, the REML likelihood, whose maximum is the closed form's fit.
+y - X m (the sum over the Normal priors' coefficients c).  With a Normal prior on every coefficient this is the
+density of y itself; each flat coefficient leaves it -log(2 pi) / 2 (in log p) above the restricted likelihood's
+usual constant, which no sampler sees.  With flat priors on beta this is, up to a constant, the REML likelihood,
+whose maximum is the closed form's fit.
 
 psi has T + 1 coordinates (2 for the animal model), so it is sampled by independence Metropolis-Hastings
 (Tierney 1994): proposals from a multivariate Student t around the posterior mode, scaled by the inverse
@@ -34,6 +36,7 @@ Sorensen & Gianola (2002), Likelihood, Bayesian and MCMC methods in quantitative
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +48,7 @@ from ..closedform.relmat import KFactor, RelmatEquations
 from ..errors import ArgumentError, ConvergenceError
 from .independence import importance_efficiency, metropolis_states
 from .priors import Priors, host_log_prob
+from .results import SamplingWarning
 
 #: Degrees of freedom of the Student t proposal.
 DEGREES_OF_FREEDOM = 7.0
@@ -56,10 +60,17 @@ PILOT_DRAWS = 300
 BURN_IN = 20
 #: Metropolis-Hastings steps per kept draw: about 1 / efficiency, at most this many.
 MAX_STEPS_PER_DRAW = 10
+#: Below this importance-sampling efficiency of the proposal a SamplingWarning says the chains may stick.
+LOW_EFFICIENCY = 0.1
 #: Central-difference step in psi of the mode's Hessian.
 HESSIAN_STEP = 1e-2
 #: Effect draws kept in memory at most (chains x draws x levels of all terms).
 EFFECT_DRAWS_MAX_VALUES = 5e7
+#: The pilot's importance-sampling effective size below which the proposal is not adapted (its weighted
+#: moments would rest on a handful of draws and could collapse the proposal).
+ADAPTATION_MIN_ESS = 50.0
+#: Exact draws with the variances held are made in chunks of this many.
+DRAW_CHUNK = 500
 
 
 @dataclass
@@ -179,6 +190,7 @@ def posterior_mode(posterior: AnimalPosterior, start: np.ndarray) -> tuple[np.nd
     """(psi at the posterior's maximum, the covariance -H^-1 there by central differences of log pi)."""
     found = scipy.optimize.minimize(lambda psi: -posterior.log_density(psi), start, method="Nelder-Mead",
                                     options=dict(xatol=1e-6, fatol=1e-9, maxiter=2000))
+    # not converged (a flat ridge) is no error here: the mode only centres the proposal, the weights correct it
     mode = np.asarray(found.x, dtype=float)
     d, h = mode.size, HESSIAN_STEP
     center = posterior.log_density(mode)
@@ -197,6 +209,8 @@ def posterior_mode(posterior: AnimalPosterior, start: np.ndarray) -> tuple[np.nd
                          + at(mode - unit[i] - unit[j])) / (4 * h**2)
             hessian[i, j] = hessian[j, i] = value
     try:
+        if not np.all(np.isfinite(hessian)):  # a neighbour of the mode with zero density
+            raise np.linalg.LinAlgError
         covariance = np.linalg.inv(-hessian)
         np.linalg.cholesky(covariance)
     except np.linalg.LinAlgError:  # a mode on a flat ridge: a broad proposal, the weights correct it
@@ -205,11 +219,14 @@ def posterior_mode(posterior: AnimalPosterior, start: np.ndarray) -> tuple[np.nd
 
 
 def _adapted(proposal: _Proposal, psi: np.ndarray, log_w: np.ndarray) -> _Proposal:
-    """The proposal moved to the importance-weighted mean and covariance of the pilot (when the weights allow)."""
+    """The proposal moved to the importance-weighted mean and covariance of the pilot, where the weights' effective
+    size is at least :data:`ADAPTATION_MIN_ESS` (else the proposal as it is)."""
     finite = np.isfinite(log_w)
     if finite.sum() < 2 * psi.shape[1] + 10:
         return proposal
     w = np.where(finite, np.exp(log_w - np.max(log_w[finite])), 0.0)
+    if w.sum() ** 2 / np.sum(w**2) < ADAPTATION_MIN_ESS:
+        return proposal
     w = w / w.sum()
     mean = w @ psi
     centred = psi - mean
@@ -239,8 +256,19 @@ def sample_animal_model(posterior: AnimalPosterior, start: np.ndarray, chains: i
     proposal = _Proposal(mode, SCALE_INFLATION**2 * covariance)
     pilot, log_q = proposal.draw(np.random.default_rng([seed, 1]), PILOT_DRAWS)
     log_w = np.array([posterior.log_density(psi) for psi in pilot]) - log_q  # (300 evaluations)
+    adapted = _adapted(proposal, pilot, log_w)
+    if adapted is not proposal:  # the efficiency, and so the steps per draw, of the proposal the chains use
+        proposal = adapted
+        pilot, log_q = proposal.draw(np.random.default_rng([seed, 5]), PILOT_DRAWS)
+        log_w = np.array([posterior.log_density(psi) for psi in pilot]) - log_q
     efficiency = importance_efficiency(log_w)
-    proposal = _adapted(proposal, pilot, log_w)
+    if efficiency < LOW_EFFICIENCY:
+        warnings.warn(f"hp.bayes with relmat=: the proposal's importance-sampling efficiency is {efficiency:.2f}; "
+                      f"each draw takes {MAX_STEPS_PER_DRAW} steps at most and the chains may stick (check ESS and "
+                      f"R-hat)", SamplingWarning, stacklevel=4)
+    start_state = posterior.evaluate(mode)  # where every chain starts: a state of finite density
+    start_w = start_state.log_pi - float(np.ravel(stats.multivariate_t(
+        proposal.location, proposal.scale, df=DEGREES_OF_FREEDOM).logpdf(mode))[0])
     if thin is None:
         thin = int(np.clip(np.round(1.0 / max(efficiency, 1e-3)), 1, MAX_STEPS_PER_DRAW))
     burn_in = min(tune, BURN_IN)
@@ -254,7 +282,7 @@ def sample_animal_model(posterior: AnimalPosterior, start: np.ndarray, chains: i
         psi, log_q = proposal.draw(np.random.default_rng([seed, 2, chain]), steps)
         log_prior = posterior.log_prior(psi)  # at once: SciPy's densities cost ~0.1 ms a call
         log_u = np.log(np.random.default_rng([seed, 4, chain]).uniform(size=steps))
-        current, current_w = None, None
+        current, current_w = start_state, start_w
         probabilities = np.empty(steps)
         for t in range(steps):
             candidate = posterior.evaluate(psi[t], float(log_prior[t])) if np.isfinite(log_prior[t]) else None
@@ -264,8 +292,6 @@ def sample_animal_model(posterior: AnimalPosterior, start: np.ndarray, chains: i
             probabilities[t] = probability[0]
             if moved[0] == 0 and candidate is not None:
                 current, current_w = candidate, candidate_w
-            if current is None:
-                continue
             kept = t - burn_in * thin
             if kept >= 0 and kept % thin == thin - 1:
                 slot = kept // thin
@@ -273,7 +299,5 @@ def sample_animal_model(posterior: AnimalPosterior, start: np.ndarray, chains: i
                 out["psi"][chain, slot], out["beta"][chain, slot], out["b"][chain, slot] = current.psi, beta[0], b[0]
                 out["lp"][chain, slot] = current.log_pi
                 out["acceptance"][chain, slot] = probabilities[t - thin + 1:t + 1].mean()
-        if current is None:
-            raise ConvergenceError("hp.bayes with relmat=: no proposal had a finite posterior density")
     out["thin"], out["efficiency"] = thin, efficiency
     return out

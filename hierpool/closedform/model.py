@@ -196,13 +196,14 @@ def lmm(
         have no random-effect term: generalized least squares, nlme's ``gls``
         (:mod:`hierpool.closedform.gls`).
     relmat, relmat_inverse : dict, optional
-        A known relationship matrix A, or its inverse, for a term ``(1 | g)``: ``{"g": A}``, A a labelled
+        A known relationship matrix A, or its inverse, for a scalar term (``(1 | g)`` or ``(0 + x | g)``):
+        ``{"g": A}``, A a labelled
         pandas DataFrame or a ``(matrix, labels)`` tuple (sparse for an inverse from a pedigree:
         :func:`hierpool.pedigree.inverse_relationship_matrix`).  The term's effects are then
         b ~ N(0, sigma_A^2 A) over every label of A, with or without records (breeding values), fitted
         by the sparse mixed-model equations of :mod:`hierpool.closedform.relmat`; the result's
         ``heritability()`` is sigma_A^2 / (sigma_A^2 + sigma^2) with a profile interval.  Other terms beside
-        the relationship term must be intercepts ``(1 | h)`` (a permanent environment).
+        the relationship term must be scalar too (``(1 | h)``: a permanent environment).
 
     Returns
     -------
