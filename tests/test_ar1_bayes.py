@@ -78,6 +78,24 @@ def test_with_the_reml_variances_and_phi_held_posterior_means_are_the_blups(ovar
     assert post.varcorr.iloc[-1]["var1"] == "phi" and post.varcorr.iloc[-1]["mean"] == reml.phi
 
 
+def test_posterior_predictions_carry_each_series_last_residual(ovary, reml):
+    """With the REML variances and phi held, the posterior's predictions of new rows of fitted mares are the closed
+    form's (which carry phi^lag (y_last - fitted_last)): means in Monte-Carlo units, predictive intervals to a few
+    percent; a new mare carries nothing."""
+    post = hp.bayes(FORMULA, ovary, correlation=hp.ar1("Mare"), variance=reml, chains=2, draws=2000, seed=4,
+                    priors={"Intercept": "flat", "b": "flat"})
+    time = np.array([1.05, 1.10, 1.05, 0.5])
+    new = pd.DataFrame({"Mare": ["1", "1", "7", "new"], "s": np.sin(2 * np.pi * time), "c": np.cos(2 * np.pi * time)})
+    closed = reml.predict(new, interval="prediction")
+    mean = post.predict(new, kind="mean")
+    assert np.all(np.abs(mean["mean"] - closed["fit"]) < 4 * mean["sd"] / np.sqrt(4000))
+    plain = reml.predict(new.assign(Mare="new"))  # what the same rows would be without their series' residuals
+    assert np.all(np.abs(closed["fit"].to_numpy()[:3] - np.asarray(plain)[:3]) > 0.1)
+    predictive = post.predict(new, kind="predictive", seed=5)
+    width, closed_width = predictive["upper"] - predictive["lower"], closed["upper"] - closed["lower"]
+    np.testing.assert_allclose(width[:3], closed_width[:3], rtol=0.06)
+
+
 def test_collapsed_sampler_samples_phi_with_the_rest(ovary, reml):
     post = hp.bayes(FORMULA, ovary, correlation=hp.ar1("Mare"), chains=2, draws=500, tune=500, seed=1)
     assert post.divergences == 0

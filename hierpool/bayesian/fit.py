@@ -15,7 +15,7 @@ from ..algebra.ar1 import draw_effects_whitened
 from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
 from ..algebra.statistics import one_dataset_statistics
 from ..algebra.system import build_system, on_device, system_pattern
-from ..closedform.ar1 import AR1Result, checked_series
+from ..closedform.ar1 import AR1Result, checked_series, series_ends
 from ..closedform.glmm_results import GLMMResult
 from ..closedform.results import LMMResult
 from ..errors import ArgumentError, HierpoolWarning
@@ -400,7 +400,7 @@ def bayes(
 
 
 def _result(design, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats, pointwise,
-            extra: dict | None = None) -> BayesResult:
+            extra: dict | None = None, series: tuple | None = None) -> BayesResult:
     """A linear mixed model's BayesResult from its draws: ``pointwise()`` the pointwise log-likelihood (stored
     up to :data:`LOG_LIKELIHOOD_MAX_VALUES` values, warned beyond), ``extra`` more posterior variables (an
     AR(1) model's phi), sampler diagnostics warned."""
@@ -426,6 +426,7 @@ def _result(design, resolved, method, level, variance, held, beta, b, sds, cors,
         level=level,
         held=held,
         held_varcorr=None if variance is None else variance.varcorr,
+        series=series,
     )
     if stats is not None:
         result.diagnostics(warn=True)
@@ -470,7 +471,7 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
     return _result(design, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats,
                    lambda: ar1_pointwise_log_likelihood(design, beta, b, sigma_rows, phi, series.previous,
                                                         series.lag),
-                   extra={"phi": phi})
+                   extra={"phi": phi}, series=(correlation, series_ends(correlation, data, design, series)))
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ class BayesResult:
     level: float
     held: object | None = None  # HeldVariance when the variance parameters were held fixed
     held_varcorr: pd.DataFrame | None = None  # the closed-form fit's varcorr they came from
+    series: tuple | None = None  # an AR(1) model's (structure, series_ends): predictions carry residuals forward
 
     # --- draws ---------------------------------------------------------------------------
     def _values(self, name: str) -> np.ndarray:
@@ -221,6 +222,11 @@ class BayesResult:
         population).  A linear mixed model's ``"predictive"`` adds N(0, sigma^2) noise
         (with known residual sds, the ``se`` column of ``newdata``, or the fitted rows' se).
 
+        With AR(1) residuals a new row of a fitted series, after its last fitted row, also carries that row's
+        residual forward in each draw: + phi^lag (y_last - fitted_last), and its predictive noise has sd
+        sigma sqrt(1 - phi^(2 lag)) (lags as the closed form's,
+        :func:`hierpool.closedform.ar1.carried_lags`).
+
         A generalized linear mixed model's ``kind="mean"`` summarizes eta (``type="link"``)
         or the mean mu = g^-1(eta) (``type="response"``: a probability, or a count's
         expected value); ``kind="predictive"`` draws a new response from the family at
@@ -275,13 +281,20 @@ class BayesResult:
                 new = np.einsum("skl,snl->snk", chol, rng.standard_normal((cov.shape[0], X.shape[0], z.shape[1])))
                 contribution = np.where(known, contribution, np.einsum("nk,snk->sn", z, new))
             mu = mu + contribution
+        carry = None
+        if self.series is not None and newdata is not None:
+            carry = self._carried(newdata)
+            mu = mu + carry[0]
         if family is not None:
             if kind == "predictive":
                 mu = self._family_draws(mu, newdata, trials, rng)
             elif type == "response":
                 mu = Link(family.link).inverse(mu)
         elif kind == "predictive":
-            mu = mu + rng.standard_normal(mu.shape) * self._noise_scale(newdata, mu.shape)
+            scale = self._noise_scale(newdata, mu.shape)
+            if carry is not None:  # given the carried residual, what is left of a row's AR(1) noise
+                scale = scale * np.sqrt(1.0 - carry[1] ** 2)
+            mu = mu + rng.standard_normal(mu.shape) * scale
         tail = (1 - level) / 2
         return pd.DataFrame(
             {
@@ -316,6 +329,25 @@ class BayesResult:
         # NB2 as a gamma mixture of Poissons: rate ~ Gamma(shape, scale mu / shape)
         shape = self.shape_draws.reshape(-1)[:, None]
         return rng.poisson(rng.gamma(shape, mu / shape)).astype(float)
+
+    def _carried(self, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(the carried residual phi^lag (y_last - fitted_last), c = phi^lag), each (draws, new rows); 0 where a
+        row carries nothing."""
+        from ..closedform.ar1 import carried_lags
+
+        structure, ends = self.series
+        lag, last = carried_lags(structure, ends, newdata)
+        phi = self.phi_draws.reshape(-1)
+        c = np.where(last >= 0, phi[:, None] ** lag[None, :], 0.0)
+        rows = np.maximum(last, 0)
+        design = self.design
+        beta = self.beta_draws.reshape(-1, design.p)
+        fitted = design.offset[rows] + beta @ design.X[rows].T
+        for j, term in enumerate(design.terms):
+            b = self.term_draws(j)
+            b = b.reshape((-1,) + b.shape[2:])
+            fitted = fitted + np.einsum("nk,snk->sn", term.z[rows], b[:, term.index[rows], :])
+        return c * (design.y[rows][None, :] - fitted), c
 
     def _noise_scale(self, newdata, shape) -> np.ndarray:
         if not self.design.sigma_known:

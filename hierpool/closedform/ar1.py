@@ -154,28 +154,8 @@ class AR1Result(LMMResult):
 
     def _carry(self, newdata: pd.DataFrame):
         """(c, last) of each new row (see :func:`hierpool.closedform.predict.predict`)."""
-        structure = self.structure
-        check_columns(newdata, [structure.group] + ([structure.time] if structure.time else []),
-                      "prediction data (newdata) of an AR(1) model")
-        labels = newdata[structure.group].to_numpy()
-        ends = self.series_ends
-        found = pd.Index(ends.index).get_indexer(labels)
-        last = np.where(found >= 0, ends["row"].to_numpy()[np.maximum(found, 0)], -1)
-        end_key = np.where(found >= 0, ends["key"].to_numpy()[np.maximum(found, 0)], np.inf)
-        if structure.time:
-            key = newdata[structure.time].to_numpy(dtype=float)
-            after = (found >= 0) & (key > end_key)
-        else:  # without a time every new row of a fitted series follows it, in newdata's order
-            key = np.arange(len(newdata), dtype=float)
-            after = found >= 0
-        if structure.continuous:
-            lag = key - end_key
-        else:  # steps: the row's rank among its series' new rows after the last fitted one
-            frame = pd.DataFrame({"series": labels, "key": np.where(after, key, np.nan)})
-            lag = frame.groupby("series")["key"].rank(method="first").to_numpy()
-        lag = np.where(after, lag, 1.0)
-        c = np.where(after, self.phi ** lag, 0.0)
-        return c, np.where(after, last, -1)
+        lag, last = carried_lags(self.structure, self.series_ends, newdata)
+        return np.where(last >= 0, self.phi ** lag, 0.0), last
 
     @property
     def objective(self) -> float:
@@ -302,10 +282,38 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=reml)  # the host's Henderson solve
     return AR1Result(design, system, solution, optimum, reml, True, structure=correlation,
                      phi=constrained(u_hat, continuous), phi_interval=interval, log_det_correlation=logdet,
-                     series_ends=_series_ends(correlation, data, design, series))
+                     series_ends=series_ends(correlation, data, design, series))
 
 
-def _series_ends(correlation: AR1, data: pd.DataFrame, design: Design, series: Series) -> pd.DataFrame:
+def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(lag, last) of each new row: the fitted row whose residual it carries (-1: none) and its lag after it.
+
+    ``lag`` is the time since the last fitted row (corCAR1), or the new row's step after it: its rank among the
+    series' new rows, by ``time`` or by their order in ``newdata`` (corAR1).  Rows of new series and rows at or
+    before a series' last fitted time carry nothing (last -1, lag 1).  The carried residual is then
+    phi^lag (y_last - fitted_last), for the closed form's phi-hat or each posterior draw's phi.
+    """
+    check_columns(newdata, [structure.group] + ([structure.time] if structure.time else []),
+                  "prediction data (newdata) of an AR(1) model")
+    labels = newdata[structure.group].to_numpy()
+    found = pd.Index(series_ends.index).get_indexer(labels)
+    last = np.where(found >= 0, series_ends["row"].to_numpy()[np.maximum(found, 0)], -1)
+    end_key = np.where(found >= 0, series_ends["key"].to_numpy()[np.maximum(found, 0)], np.inf)
+    if structure.time:
+        key = newdata[structure.time].to_numpy(dtype=float)
+        after = (found >= 0) & (key > end_key)
+    else:  # without a time every new row of a fitted series follows it, in newdata's order
+        key = np.arange(len(newdata), dtype=float)
+        after = found >= 0
+    if structure.continuous:
+        lag = key - end_key
+    else:  # steps: the row's rank among its series' new rows after the last fitted one
+        frame = pd.DataFrame({"series": labels, "key": np.where(after, key, np.nan)})
+        lag = frame.groupby("series")["key"].rank(method="first").to_numpy()
+    return np.where(after, lag, 1.0), np.where(after, last, -1)
+
+
+def series_ends(correlation: AR1, data: pd.DataFrame, design: Design, series: Series) -> pd.DataFrame:
     """Per series label: its last fitted row (index into the design's rows) and that row's time (or position)."""
     used = data.loc[design.rows]
     key = (used[correlation.time].to_numpy(dtype=float) if correlation.time
