@@ -1,7 +1,9 @@
-"""Data sets: the embedded default study (simulated in code) and the classic tables (shipped CSVs)."""
+"""Data sets: the embedded default study (simulated in code), the classic tables (shipped CSVs) and areal data."""
 
 from .biomarker import biomarker
 from .classic import dyestuff, eight_schools, pastes, penicillin, radon, sleepstudy
+from .nc_sids import AreaData, nc_sids
 from .replicates import sleepstudy_replicates
 
-__all__ = ["biomarker", "dyestuff", "eight_schools", "pastes", "penicillin", "radon", "sleepstudy", "sleepstudy_replicates"]
+__all__ = ["AreaData", "biomarker", "dyestuff", "eight_schools", "nc_sids", "pastes", "penicillin", "radon",
+           "sleepstudy", "sleepstudy_replicates"]

@@ -1,0 +1,130 @@
+"""The neighbourhood graph of areas (``adjacency=`` of a spatial term), read and checked.
+
+Accepted forms (issue 19):
+
+* an edge list: a pandas DataFrame of two columns of area labels, one row per neighbouring pair (either order,
+  each pair once or twice);
+* a labelled 0/1 matrix: a square pandas DataFrame whose index and columns are the same labels, symmetric, zero
+  on the diagonal.
+
+Each is refused by name where it is not a graph of areas: a self-neighbour, an asymmetric matrix, values other
+than 0 and 1, labels of the matrix's rows and columns that differ, duplicated labels, a missing label.
+Labels are strings (as the design's levels are).  The graph keeps its connected components, which the
+intrinsic CAR's constraints and the BYM2 scaling need (:mod:`hierpool.algebra.icar`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse
+import scipy.sparse.csgraph
+
+from ..errors import ArgumentError, DataError
+
+
+@dataclass(frozen=True)
+class Graph:
+    """An undirected graph of labelled areas.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray of str
+        The areas, in the order of every per-area array.
+    edges : numpy.ndarray of int, shape (m, 2)
+        Each neighbouring pair once, i < j.
+    component : numpy.ndarray of int
+        Each area's connected component (0, 1, ...).
+    """
+
+    labels: np.ndarray
+    edges: np.ndarray
+    component: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    @property
+    def degree(self) -> np.ndarray:
+        """Number of neighbours of each area (0: an island)."""
+        return np.bincount(self.edges.ravel(), minlength=self.n)
+
+    def adjacency_matrix(self) -> scipy.sparse.csr_matrix:
+        """W: w_ij = 1 for neighbours, sparse and symmetric."""
+        i, j = self.edges[:, 0], self.edges[:, 1]
+        ones = np.ones(2 * len(i))
+        return scipy.sparse.csr_matrix((ones, (np.r_[i, j], np.r_[j, i])), shape=(self.n, self.n))
+
+
+def _unique_labels(labels, name: str) -> np.ndarray:
+    labels = np.asarray([str(label) for label in labels])
+    values, counts = np.unique(labels, return_counts=True)
+    if np.any(counts > 1):
+        raise DataError(f"{name}: duplicated area labels {[str(v) for v in values[counts > 1][:5]]}")
+    return labels
+
+
+def graph(adjacency, labels=None, name: str = "adjacency") -> Graph:
+    """The :class:`Graph` of an edge list or a labelled 0/1 matrix (module docstring).
+
+    ``labels``: the areas in the order wanted (e.g. every area of a map, some with no data); by default the
+    matrix's labels, or the edge list's in sorted order.  Every label of the edges must be among them.
+    """
+    if not isinstance(adjacency, pd.DataFrame):
+        raise ArgumentError(f"{name} must be a pandas DataFrame: an edge list (two columns of area labels) or a "
+                            f"labelled 0/1 matrix, got {type(adjacency).__name__}")
+    # a matrix is labelled alike on both sides; an edge list has two columns of labels (and a row index)
+    if adjacency.shape[0] == adjacency.shape[1] and set(map(str, adjacency.index)) == set(map(str, adjacency.columns)):
+        return _from_matrix(adjacency, labels, name)
+    if adjacency.shape[1] != 2:
+        raise ArgumentError(f"{name}: an edge list has two columns of area labels, this one has {adjacency.shape[1]}")
+    a, b = (adjacency.iloc[:, k].astype(str).to_numpy() for k in (0, 1))
+    if adjacency.isna().to_numpy().any():
+        raise DataError(f"{name}: the edge list has missing labels")
+    selves = a == b
+    if np.any(selves):
+        raise DataError(f"{name}: area {str(a[selves][0])!r} is listed as its own neighbour")
+    names = np.unique(np.r_[a, b]) if labels is None else _unique_labels(labels, f"{name} labels")
+    index = pd.Index(names)
+    i, j = index.get_indexer(a), index.get_indexer(b)
+    unknown = np.r_[a[i < 0], b[j < 0]]
+    if unknown.size:
+        missing = [str(v) for v in np.unique(unknown)[:5]]
+        raise DataError(f"{name}: areas {missing} of the edge list are not among the labels")
+    return _graph(names, i, j)
+
+
+def _from_matrix(matrix: pd.DataFrame, labels, name: str) -> Graph:
+    rows, columns = _unique_labels(matrix.index, name), _unique_labels(matrix.columns, name)  # the same set
+    values = matrix.loc[:, matrix.columns[pd.Index(columns).get_indexer(rows)]].to_numpy(dtype=float)
+    if not np.all(np.isin(values, (0.0, 1.0))):
+        raise DataError(f"{name}: a 0/1 adjacency matrix has entries other than 0 and 1")
+    diagonal = np.flatnonzero(np.diag(values))
+    if diagonal.size:
+        raise DataError(f"{name}: area {str(rows[diagonal[0]])!r} is its own neighbour (a 1 on the diagonal)")
+    i, j = np.nonzero(values != values.T)
+    if i.size:
+        first, second = str(rows[i[0]]), str(rows[j[0]])
+        raise DataError(f"{name}: the matrix is not symmetric: {first!r} -> {second!r} is "
+                        f"{values[i[0], j[0]]:g} but {second!r} -> {first!r} is {values[j[0], i[0]]:g}")
+    i, j = np.nonzero(np.triu(values))
+    if labels is None:
+        return _graph(rows, i, j)
+    names = _unique_labels(labels, f"{name} labels")
+    position = pd.Index(names).get_indexer(rows)
+    if np.any(position < 0):
+        missing = [str(v) for v in rows[position < 0][:5]]
+        raise DataError(f"{name}: areas {missing} of the matrix are not among the labels")
+    return _graph(names, position[i], position[j])
+
+
+def _graph(labels: np.ndarray, i: np.ndarray, j: np.ndarray) -> Graph:
+    low, high = np.minimum(i, j), np.maximum(i, j)
+    edges = np.unique(np.stack([low, high], axis=1), axis=0) if len(low) else np.zeros((0, 2), dtype=int)
+    n = len(labels)
+    w = scipy.sparse.csr_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, component = scipy.sparse.csgraph.connected_components(w, directed=False)
+    return Graph(labels=np.asarray(labels, dtype=str), edges=edges.astype(np.int64), component=component)

@@ -1,0 +1,80 @@
+"""Areal data for disease mapping (issue 19), first pieces: the North Carolina SIDS data set, the neighbourhood graph
+read and checked (hierpool.spec.adjacency), the ICAR precision and the BYM2 scaling factor (hierpool.algebra.icar)
+against an independent R computation (validation/spatial_reference.R and its JSON)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hierpool as hp
+from hierpool.algebra.icar import icar_precision, scaling_factors
+from hierpool.spec.adjacency import graph
+
+REFERENCE = json.loads((Path(__file__).resolve().parents[1] / "validation" / "spatial_reference.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def nc():
+    return hp.datasets.nc_sids()
+
+
+def test_nc_sids_loads_counts_expected_counts_adjacency_and_polygons(nc):
+    data = nc.data
+    assert len(data) == 100 and data.county.is_unique
+    assert data.sid74.sum() == 667 and data.births74.sum() == 329962
+    assert data.expected.sum() == pytest.approx(data.sid74.sum())  # internally standardised
+    np.testing.assert_allclose(data.sir, data.sid74 / data.expected)
+    assert len(nc.adjacency) == REFERENCE["nc_sids"]["n_edges"] == 245
+    assert set(nc.geometry) == set(data.county)
+    ring = nc.geometry["Ashe"][0][0]
+    assert ring.shape[1] == 2 and -85 < ring[:, 0].min() < -75 and 33 < ring[:, 1].min() < 37  # lon/lat
+
+
+def test_the_icar_precision_and_bym2_scaling_equal_rs(nc):
+    g = graph(nc.adjacency, labels=nc.data.county)
+    q = icar_precision(g).toarray()
+    np.testing.assert_allclose(q.sum(axis=1), 0.0, atol=1e-12)  # each row: degree minus its neighbours
+    assert np.linalg.matrix_rank(q) == REFERENCE["nc_sids"]["rank"] == 99  # one component: one constraint
+    degree = pd.Series(REFERENCE["nc_sids"]["degree"])
+    np.testing.assert_array_equal(pd.Series(g.degree, index=g.labels)[degree.index], degree)
+    np.testing.assert_allclose(scaling_factors(g), REFERENCE["nc_sids"]["scaling_factor"], rtol=1e-10)
+
+
+def test_the_scaling_is_per_connected_component_and_an_island_has_none():
+    toy = REFERENCE["toy"]
+    g = graph(pd.DataFrame({"a": toy["a"], "b": toy["b"]}), labels=toy["labels"])
+    assert len(np.unique(g.component)) == 3 and g.degree[-1] == 0
+    s = scaling_factors(g)
+    np.testing.assert_allclose(s[:4], toy["scaling_path"], rtol=1e-10)
+    np.testing.assert_allclose(s[4:7], toy["scaling_triangle"], rtol=1e-10)
+    assert s[7] == 1.0
+
+
+def test_an_edge_list_and_a_labelled_matrix_are_the_same_graph(nc):
+    g = graph(nc.adjacency)
+    w = pd.DataFrame(g.adjacency_matrix().toarray().astype(int), index=g.labels, columns=g.labels)
+    shuffled = w.sample(frac=1.0, random_state=1)  # rows in another order than the columns
+    h = graph(shuffled, labels=g.labels)
+    np.testing.assert_array_equal(h.edges, g.edges)
+    both_ways = pd.concat([nc.adjacency, nc.adjacency.rename(columns={"a": "b", "b": "a"})], ignore_index=True)
+    np.testing.assert_array_equal(graph(both_ways).edges, g.edges)
+
+
+def test_bad_adjacency_is_refused_by_name():
+    labels = ["x", "y", "z"]
+    with pytest.raises(hp.DataError, match="'x' is listed as its own neighbour"):
+        graph(pd.DataFrame({"a": ["x"], "b": ["x"]}))
+    with pytest.raises(hp.DataError, match="not among the labels"):
+        graph(pd.DataFrame({"a": ["x"], "b": ["w"]}), labels=labels)
+    asymmetric = pd.DataFrame([[0, 1, 0], [0, 0, 1], [0, 1, 0]], index=labels, columns=labels)
+    with pytest.raises(hp.DataError, match="not symmetric: 'x' -> 'y'"):
+        graph(asymmetric)
+    with pytest.raises(hp.DataError, match="own neighbour"):
+        graph(pd.DataFrame(np.eye(3, dtype=int), index=labels, columns=labels))
+    with pytest.raises(hp.DataError, match="other than 0 and 1"):
+        graph(pd.DataFrame([[0, 2, 0], [2, 0, 0], [0, 0, 0]], index=labels, columns=labels))
+    with pytest.raises(hp.ArgumentError, match="pandas DataFrame"):
+        graph(np.zeros((3, 3)))
