@@ -78,3 +78,25 @@ def test_bad_adjacency_is_refused_by_name():
         graph(pd.DataFrame([[0, 2, 0], [2, 0, 0], [0, 0, 0]], index=labels, columns=labels))
     with pytest.raises(hp.ArgumentError, match="pandas DataFrame"):
         graph(np.zeros((3, 3)))
+
+
+def test_queen_contiguity_of_the_polygons_is_the_shipped_edge_list(nc):
+    from hierpool.spec.adjacency import queen_contiguity
+
+    computed = queen_contiguity(nc.geometry)
+    as_pairs = {tuple(sorted(row)) for row in computed.itertuples(index=False)}
+    assert as_pairs == {tuple(sorted(row)) for row in nc.adjacency.itertuples(index=False)}
+    np.testing.assert_array_equal(graph(nc.geometry, labels=nc.data.county).edges,
+                                  graph(nc.adjacency, labels=nc.data.county).edges)
+
+    class Shape:  # a shapely-like geometry: only __geo_interface__
+        def __init__(self, coordinates):
+            self.__geo_interface__ = {"type": "Polygon", "coordinates": coordinates}
+
+    squares = {"left": Shape([[(0, 0), (1, 0), (1, 1), (0, 1), (0, 0)]]),
+               "right": Shape([[(1, 0), (2, 0), (2, 1), (1, 1), (1, 0)]]),
+               "corner": Shape([[(2, 1), (3, 1), (3, 2), (2, 2), (2, 1)]]),
+               "far": Shape([[(5, 5), (6, 5), (6, 6), (5, 5)]])}
+    g = graph(squares)
+    assert {tuple(g.labels[e]) for e in g.edges} == {("left", "right"), ("right", "corner")}  # a corner is queen
+    assert g.degree[list(g.labels).index("far")] == 0  # an island

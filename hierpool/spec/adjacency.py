@@ -5,7 +5,10 @@ Accepted forms (issue 19):
 * an edge list: a pandas DataFrame of two columns of area labels, one row per neighbouring pair (either order,
   each pair once or twice);
 * a labelled 0/1 matrix: a square pandas DataFrame whose index and columns are the same labels, symmetric, zero
-  on the diagonal.
+  on the diagonal;
+* polygons: a dict of area label -> polygons (each a list of rings, each ring an (m, 2) array of coordinates, as
+  :func:`hierpool.datasets.nc_sids` gives them), or objects with a ``__geo_interface__`` (shapely geometries, a
+  geopandas GeoSeries' values): neighbours by queen contiguity (:func:`queen_contiguity`).
 
 Each is refused by name where it is not a graph of areas: a self-neighbour, an asymmetric matrix, values other
 than 0 and 1, labels of the matrix's rows and columns that differ, duplicated labels, a missing label.
@@ -73,9 +76,11 @@ def graph(adjacency, labels=None, name: str = "adjacency") -> Graph:
     ``labels``: the areas in the order wanted (e.g. every area of a map, some with no data); by default the
     matrix's labels, or the edge list's in sorted order.  Every label of the edges must be among them.
     """
+    if isinstance(adjacency, dict):
+        return graph(queen_contiguity(adjacency), labels=list(adjacency) if labels is None else labels, name=name)
     if not isinstance(adjacency, pd.DataFrame):
-        raise ArgumentError(f"{name} must be a pandas DataFrame: an edge list (two columns of area labels) or a "
-                            f"labelled 0/1 matrix, got {type(adjacency).__name__}")
+        raise ArgumentError(f"{name} must be a pandas DataFrame (an edge list of two columns of area labels, or a "
+                            f"labelled 0/1 matrix) or a dict of area polygons, got {type(adjacency).__name__}")
     # a matrix is labelled alike on both sides; an edge list has two columns of labels (and a row index)
     if adjacency.shape[0] == adjacency.shape[1] and set(map(str, adjacency.index)) == set(map(str, adjacency.columns)):
         return _from_matrix(adjacency, labels, name)
@@ -128,3 +133,46 @@ def _graph(labels: np.ndarray, i: np.ndarray, j: np.ndarray) -> Graph:
     w = scipy.sparse.csr_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
     _, component = scipy.sparse.csgraph.connected_components(w, directed=False)
     return Graph(labels=np.asarray(labels, dtype=str), edges=edges.astype(np.int64), component=component)
+
+
+def _rings(shape) -> list[np.ndarray]:
+    """Every ring of an area's shape: nested lists/arrays of polygons (rings of (x, y) points), or an object with a
+    ``__geo_interface__`` (Polygon or MultiPolygon)."""
+    if hasattr(shape, "__geo_interface__"):
+        interface = shape.__geo_interface__
+        kind, coordinates = interface["type"], interface["coordinates"]
+        if kind not in ("Polygon", "MultiPolygon"):
+            raise DataError(f"an area's geometry is a {kind}, not a Polygon or MultiPolygon")
+        shape = [coordinates] if kind == "Polygon" else coordinates
+    rings = []
+    for polygon in shape:
+        for ring in polygon:
+            ring = np.asarray(ring, dtype=float)
+            if ring.ndim != 2 or ring.shape[1] < 2:
+                raise DataError("an area's polygon ring is not a list of (x, y) points")
+            rings.append(ring[:, :2])
+    return rings
+
+
+def queen_contiguity(geometry: dict, tolerance: float = 1e-7) -> pd.DataFrame:
+    """The edge list (columns a, b) of areas whose boundaries share a point: queen contiguity.
+
+    Two areas are neighbours when a vertex of one's boundary coincides with a vertex of the other's, coordinates
+    snapped to a grid of ``tolerance`` (1e-7: about a centimetre in degrees of lon/lat).  This is the contiguity
+    of polygons digitised on a common topology (a shapefile's counties: it reproduces the shipped North Carolina
+    edge list exactly); a vertex of one area lying inside an edge of another, without a vertex there, is not seen.
+    """
+    if not geometry:
+        raise ArgumentError("geometry: no areas")
+    owners: dict = {}
+    for label, shape in geometry.items():
+        for ring in _rings(shape):
+            for key in map(tuple, np.round(ring / tolerance).astype(np.int64)):
+                owners.setdefault(key, set()).add(str(label))
+    pairs = set()
+    for areas in owners.values():
+        if len(areas) > 1:
+            ordered = sorted(areas)
+            pairs.update((ordered[i], ordered[j]) for i in range(len(ordered)) for j in range(i + 1, len(ordered)))
+    pairs = sorted(pairs)
+    return pd.DataFrame({"a": [p[0] for p in pairs], "b": [p[1] for p in pairs]})
