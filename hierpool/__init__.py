@@ -25,7 +25,8 @@ from .errors import (
 # formulae, NumPyro, ArviZ or matplotlib), and a closed-form fit never pays for the Bayesian
 # engine's imports.  Each public name maps to the module that defines it.
 _LAZY = {
-    "bayesian": None, "batch": None, "closedform": None, "datasets": None, "pedigree": None, "validate": None,
+    "bayesian": None, "batch": None, "closedform": None, "datasets": None, "pedigree": None, "plots": None,
+    "validate": None,
     "BatchResult": "batch", "BayesBatchResult": "batch", "bayes_batch": "batch", "fit_batch": "batch",
     "BayesResult": "bayesian", "SamplingWarning": "bayesian", "bayes": "bayesian",
     "Control": "closedform", "MixedModel": "closedform", "lmm": "closedform",
@@ -53,7 +54,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # what static tools and IDEs see
-    from . import batch, bayesian, closedform, datasets, pedigree, validate
+    from . import batch, bayesian, closedform, datasets, pedigree, plots, validate
     from .batch import BatchResult, BayesBatchResult, bayes_batch, fit_batch
     from .bayesian import BayesResult, SamplingWarning, bayes
     from .closedform import Control, GLMMResult, MixedModel, glmm, lmm
@@ -90,6 +91,7 @@ __all__ = [
     "glmm",
     "lmm",
     "pedigree",
+    "plots",
     "pooling",
     "PoolingComparison",
     "ridge_view",

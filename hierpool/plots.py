@@ -198,3 +198,78 @@ def ridge_path_figure(view, term: str | None = None, group: str | None = None):
            title="BLUPs on the ridge path: no pooling (t→0) to complete pooling (t→∞)")
     ax.legend(frameon=False, fontsize=8)
     return fig
+
+
+# --- maps of areas (disease mapping) ------------------------------------------------------------
+
+
+def _area_patches(geometry: dict, labels):
+    """One matplotlib PathCollection path per area (its polygons and holes), in ``labels``' order."""
+    from matplotlib.path import Path
+
+    from .spec.adjacency import shape_rings
+
+    paths = []
+    for label in labels:
+        if label not in geometry:
+            from .errors import DataError
+
+            raise DataError(f"area {label!r} has no polygon in the geometry")
+        vertices, codes = [], []
+        for ring in shape_rings(geometry[label]):
+            vertices.append(ring)
+            codes.append(np.r_[Path.MOVETO, np.full(len(ring) - 2, Path.LINETO), Path.CLOSEPOLY])
+        paths.append(Path(np.concatenate(vertices), np.concatenate(codes).astype(np.uint8)))
+    return paths
+
+
+def area_map_axes(ax, geometry: dict, values, norm=None, cmap: str = "RdBu_r", label: str | None = None):
+    """Fill each area's polygons on ``ax`` by its value (a pandas Series indexed by area label); returns the
+    collection (for a colour bar).  Areas of ``geometry`` without a value are drawn empty; a value of an area
+    without a polygon is refused by name.  Rings are closed (their last point repeats the first, as GeoJSON's)."""
+    import pandas as pd
+    from matplotlib.collections import PathCollection
+
+    values = pd.Series(values)
+    labels = [str(area) for area in geometry]
+    given = pd.Series(values.to_numpy(dtype=float), index=[str(i) for i in values.index])
+    missing = given.index.difference(labels)
+    if len(missing):
+        from .errors import DataError
+
+        raise DataError(f"areas {list(missing[:5])} have values but no polygon in the geometry")
+    shown = given.reindex(labels)
+    collection = PathCollection(_area_patches(geometry, labels), cmap=cmap, norm=norm, edgecolor="0.3",
+                                linewidth=0.3)
+    collection.set_array(np.ma.masked_invalid(shown.to_numpy()))
+    ax.add_collection(collection)
+    ax.autoscale_view()
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    if label:
+        ax.set_title(label)
+    return collection
+
+
+def risk_map(smoothed, geometry: dict, raw=None, label: str = "relative risk"):
+    """The smoothed relative risk of each area beside its raw standardised incidence ratio, one colour scale.
+
+    ``smoothed`` and ``raw``: pandas Series of ratios (1 = the expected risk) indexed by area label.  The scale is
+    logarithmic and centred at 1, from the smallest to the largest positive value of both maps (a zero SIR, an area
+    with no cases, is drawn at the scale's low end), so that the raw map's extremes, small areas' noise, show
+    against the smoothed map's shrinkage.
+    """
+    import pandas as pd
+    from matplotlib.colors import LogNorm
+
+    panels = [("smoothed " + label, pd.Series(smoothed))]
+    if raw is not None:
+        panels.insert(0, ("raw SIR (observed / expected)", pd.Series(raw)))
+    positive = np.concatenate([p[1].to_numpy(dtype=float)[p[1].to_numpy(dtype=float) > 0] for p in panels])
+    spread = max(np.max(np.abs(np.log(positive))), 1e-3) if positive.size else 1.0
+    norm = LogNorm(vmin=np.exp(-spread), vmax=np.exp(spread))
+    fig, axes = _figure(len(panels), width=5.0, height=3.2)
+    for ax, (title, values) in zip(axes, panels):
+        collection = area_map_axes(ax, geometry, values.clip(lower=np.exp(-spread)), norm=norm, label=title)
+    fig.colorbar(collection, ax=list(axes), shrink=0.8, label=label)
+    return fig

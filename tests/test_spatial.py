@@ -100,3 +100,21 @@ def test_queen_contiguity_of_the_polygons_is_the_shipped_edge_list(nc):
     g = graph(squares)
     assert {tuple(g.labels[e]) for e in g.edges} == {("left", "right"), ("right", "corner")}  # a corner is queen
     assert g.degree[list(g.labels).index("far")] == 0  # an island
+
+
+def test_the_risk_map_draws_every_county_on_one_colour_scale(nc):
+    sir = nc.data.set_index("county").sir
+    smoothed = 0.5 + 0.5 * sir  # any shrunk ratio
+    fig = hp.plots.risk_map(smoothed, nc.geometry, raw=sir)
+    raw_axes, smooth_axes = fig.axes[:2]
+    (raw,), (shrunk,) = raw_axes.collections, smooth_axes.collections
+    assert len(raw.get_paths()) == len(shrunk.get_paths()) == 100
+    assert raw.norm is shrunk.norm  # one scale for both maps
+    assert raw.norm.vmin == pytest.approx(1 / raw.norm.vmax) and raw.norm.vmax >= sir.max()
+    counties = list(nc.geometry)
+    # a county with no case is drawn at the scale's low end, not left empty
+    zero = counties.index(sir[sir == 0].index[0])
+    assert raw.get_array()[zero] == pytest.approx(raw.norm.vmin)
+    assert shrunk.get_array()[counties.index("Ashe")] == pytest.approx(smoothed["Ashe"])
+    with pytest.raises(hp.DataError, match="Atlantis.*no polygon"):
+        hp.plots.risk_map(pd.Series({"Atlantis": 1.0}), {"Atlantis_": nc.geometry["Ashe"]})

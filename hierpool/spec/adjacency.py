@@ -135,7 +135,7 @@ def _graph(labels: np.ndarray, i: np.ndarray, j: np.ndarray) -> Graph:
     return Graph(labels=np.asarray(labels, dtype=str), edges=edges.astype(np.int64), component=component)
 
 
-def _rings(shape) -> list[np.ndarray]:
+def shape_rings(shape) -> list[np.ndarray]:
     """Every ring of an area's shape: nested lists/arrays of polygons (rings of (x, y) points), or an object with a
     ``__geo_interface__`` (Polygon or MultiPolygon)."""
     if hasattr(shape, "__geo_interface__"):
@@ -166,7 +166,7 @@ def queen_contiguity(geometry: dict, tolerance: float = 1e-7) -> pd.DataFrame:
         raise ArgumentError("geometry: no areas")
     owners: dict = {}
     for label, shape in geometry.items():
-        for ring in _rings(shape):
+        for ring in shape_rings(shape):
             for key in map(tuple, np.round(ring / tolerance).astype(np.int64)):
                 owners.setdefault(key, set()).add(str(label))
     pairs = set()
