@@ -236,9 +236,9 @@ def _relationship(option: str, formula: str) -> tuple[str, dict]:
 
 def _fit_relmat(args, data, out: Path) -> int:
     """``hierpool fit --relmat``: the animal model's tables (breeding values of every level of A, heritability)."""
-    from . import lmm
+    from . import bayes, lmm
 
-    for option, given in (("--family", args.family is not None), ("--bayes", args.bayes), ("--plots", args.plots),
+    for option, given in (("--family", args.family is not None), ("--plots", args.plots),
                           ("--ar1", args.ar1 is not None), ("--se", args.se is not None)):
         if given:
             raise _UserError(f"--relmat cannot be combined with {option} yet")
@@ -251,6 +251,18 @@ def _fit_relmat(args, data, out: Path) -> int:
         _write_table(fit.heritability(level=args.level).reset_index(), out / "heritability.csv"),
         _write_table(fit.ranef, out / "ranef.csv"),
     ]
+    if args.bayes:  # the animal model's posterior: h^2 and every breeding value with their intervals
+        posterior = bayes(args.formula, data, chains=args.chains, draws=args.draws, tune=args.tune, seed=args.seed,
+                          level=args.level, weights=args.weights, offset=args.offset, progress=None,
+                          **{argument: given})
+        print("\nPosterior (hp.bayes)")
+        print(posterior.summary())
+        written += [
+            _write_table(posterior.fixef.rename_axis("term").reset_index(), out / "posterior_fixef.csv"),
+            _write_table(posterior.varcorr, out / "posterior_varcorr.csv"),
+            _write_table(posterior.heritability.reset_index(), out / "posterior_heritability.csv"),
+            _write_table(posterior.ranef, out / "posterior_ranef.csv"),
+        ]
     print(f"\nWrote {', '.join(p.name for p in written)} to {out}/")
     return 0
 

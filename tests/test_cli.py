@@ -332,8 +332,21 @@ def test_fit_with_a_pedigree_writes_breeding_values_and_heritability(tmp_path):
 def test_bad_relmat_options_are_one_line_errors(tmp_path, capsys):
     validation = Path(__file__).resolve().parents[1] / "validation"
     code = main(["fit", str(validation / "relmat_phenotypes.csv"), "y ~ sex + (1 | animal)", "--relmat",
-                 str(validation / "relmat_pedigree.csv"), "--bayes", "--out", str(tmp_path)])
-    assert code != 0 and "--relmat cannot be combined with --bayes" in capsys.readouterr().err
+                 str(validation / "relmat_pedigree.csv"), "--plots", "--out", str(tmp_path)])
+    assert code != 0 and "--relmat cannot be combined with --plots" in capsys.readouterr().err
+
+
+def test_fit_with_a_pedigree_and_bayes_writes_the_posterior_of_h2(tmp_path):
+    """hierpool fit --relmat ... --bayes: the animal model's posterior beside the REML fit."""
+    validation = Path(__file__).resolve().parents[1] / "validation"
+    assert main(["fit", str(validation / "relmat_phenotypes.csv"), "y ~ sex + (1 | animal)", "--relmat",
+                 str(validation / "relmat_pedigree.csv"), "--bayes", "--chains", "2", "--draws", "300",
+                 "--out", str(tmp_path)]) == 0
+    h2 = pd.read_csv(tmp_path / "posterior_heritability.csv")
+    reml = pd.read_csv(tmp_path / "heritability.csv")
+    assert h2["parameter"].iloc[0] == "heritability"
+    assert reml["lower"].iloc[0] < h2["mean"].iloc[0] < reml["upper"].iloc[0]
+    assert len(pd.read_csv(tmp_path / "posterior_ranef.csv")) == 400
 
 
 def test_fit_with_a_pedigree_of_integer_ids_and_blank_parents(tmp_path):

@@ -126,6 +126,14 @@ class BayesResult:
         """An AR(1) correlation's phi: mean, sd, lower, upper, mcse_mean, ess_bulk, r_hat (None without one)."""
         return None if self.phi_draws is None else self._scalar_summary("phi", self.phi_draws)
 
+    @cached_property
+    def heritability(self) -> pd.DataFrame | None:
+        """An animal model's h^2 (``hp.bayes(..., relmat=)``): mean, sd, lower, upper, mcse_mean, ess_bulk, r_hat
+        (None for other models)."""
+        if "heritability" not in self.idata.posterior:
+            return None
+        return self._scalar_summary("heritability", self._values("heritability"))
+
     def _scalar_summary(self, name: str, draws: np.ndarray) -> pd.DataFrame:
         """One parameter's posterior summary (draws (chain, draw)) as a one-row table named ``name``."""
         return pd.DataFrame(summarize_draws(draws[..., None], self.level),
