@@ -273,3 +273,23 @@ def risk_map(smoothed, geometry: dict, raw=None, label: str = "relative risk"):
         collection = area_map_axes(ax, geometry, values.clip(lower=np.exp(-spread)), norm=norm, label=title)
     fig.colorbar(collection, ax=list(axes), shrink=0.8, label=label)
     return fig
+
+
+def exceedance_map(probabilities, geometry: dict, threshold: float = 1.0):
+    """Each area's posterior probability that its relative risk exceeds ``threshold`` (P(RR > 1) by default), on a
+    fixed 0-1 scale: areas near 1 are confidently above the expected risk, near 0 confidently below, and the
+    middle is where the data do not tell.  ``probabilities``: a pandas Series indexed by area label."""
+    import pandas as pd
+    from matplotlib.colors import Normalize
+
+    probabilities = pd.Series(probabilities)
+    values = probabilities.to_numpy(dtype=float)
+    if np.any((values < 0) | (values > 1)):
+        from .errors import DataError
+
+        raise DataError("exceedance probabilities must lie between 0 and 1")
+    fig, (ax,) = _figure(1, width=5.0, height=3.2)
+    collection = area_map_axes(ax, geometry, probabilities, norm=Normalize(0.0, 1.0), cmap="PuOr_r",
+                               label=f"P(relative risk > {threshold:g})")
+    fig.colorbar(collection, ax=ax, shrink=0.8, label="posterior probability")
+    return fig

@@ -118,3 +118,12 @@ def test_the_risk_map_draws_every_county_on_one_colour_scale(nc):
     assert shrunk.get_array()[counties.index("Ashe")] == pytest.approx(smoothed["Ashe"])
     with pytest.raises(hp.DataError, match="Atlantis.*no polygon"):
         hp.plots.risk_map(pd.Series({"Atlantis": 1.0}), {"Atlantis_": nc.geometry["Ashe"]})
+
+
+def test_the_exceedance_map_is_on_a_fixed_probability_scale(nc):
+    probability = (nc.data.set_index("county").sir > 1).astype(float) * 0.9 + 0.05
+    fig = hp.plots.exceedance_map(probability, nc.geometry)
+    (collection,) = fig.axes[0].collections
+    assert (collection.norm.vmin, collection.norm.vmax) == (0.0, 1.0) and len(collection.get_paths()) == 100
+    with pytest.raises(hp.DataError, match="between 0 and 1"):
+        hp.plots.exceedance_map(probability * 2, nc.geometry)
