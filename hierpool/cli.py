@@ -175,6 +175,11 @@ def _fit_ar1(args, data, out: Path) -> int:
     if args.plots:
         raise _UserError("--plots draws the pooling comparison, which --ar1 does not make")
     correlation = _correlation(args.ar1)
+    if args.bayes:
+        from .spec.formula import parse_formula
+
+        if not parse_formula(args.formula, random_optional=True).random:  # refused before anything is written
+            raise _UserError("--bayes needs a random-effect term: hp.bayes does not fit generalized least squares")
     fit = lmm(args.formula, data, se=args.se, weights=args.weights, offset=args.offset, correlation=correlation)
     out.mkdir(parents=True, exist_ok=True)
     print(fit.summary())
@@ -186,11 +191,10 @@ def _fit_ar1(args, data, out: Path) -> int:
     ]
     if fit.design.terms:  # generalized least squares (no random-effect term) has no ranef
         written.append(_write_table(_ranef_with_intervals(fit, args.level), out / "ranef.csv"))
-    elif args.bayes:
-        raise _UserError("--bayes needs a random-effect term: hp.bayes does not fit generalized least squares")
     if args.bayes:
         posterior = bayes(args.formula, data, chains=args.chains, draws=args.draws, tune=args.tune, seed=args.seed,
-                          level=args.level, correlation=correlation, progress=None)
+                          level=args.level, correlation=correlation, se=args.se, weights=args.weights,
+                          offset=args.offset, progress=None)
         print("\nPosterior (hp.bayes)")
         print(posterior.summary())
         written += [

@@ -203,22 +203,34 @@ def ridge_path_figure(view, term: str | None = None, group: str | None = None):
 # --- maps of areas (disease mapping) ------------------------------------------------------------
 
 
-def _area_patches(geometry: dict, labels):
-    """One matplotlib PathCollection path per area (its polygons and holes), in ``labels``' order."""
+def _signed_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
+
+
+def _area_patches(shapes: list):
+    """One matplotlib path per area (its polygons, holes cut out), from each area's polygons.
+
+    matplotlib fills by the non-zero winding rule, so every outer ring is drawn counter-clockwise and every hole
+    clockwise, whatever their order in the data (GeoJSON asks for that winding, shapely and older files do not
+    enforce it); an open ring is closed (its first point appended).
+    """
     from matplotlib.path import Path
 
-    from .spec.adjacency import shape_rings
+    from .spec.adjacency import shape_polygons
 
     paths = []
-    for label in labels:
-        if label not in geometry:
-            from .errors import DataError
-
-            raise DataError(f"area {label!r} has no polygon in the geometry")
+    for shape in shapes:
         vertices, codes = [], []
-        for ring in shape_rings(geometry[label]):
-            vertices.append(ring)
-            codes.append(np.r_[Path.MOVETO, np.full(len(ring) - 2, Path.LINETO), Path.CLOSEPOLY])
+        for polygon in shape_polygons(shape):
+            for k, ring in enumerate(polygon):
+                if not np.array_equal(ring[0], ring[-1]):
+                    ring = np.vstack([ring, ring[:1]])
+                outer = k == 0
+                if (_signed_area(ring) > 0) != outer:  # outer rings counter-clockwise, holes clockwise
+                    ring = ring[::-1]
+                vertices.append(ring)
+                codes.append(np.r_[Path.MOVETO, np.full(len(ring) - 2, Path.LINETO), Path.CLOSEPOLY])
         paths.append(Path(np.concatenate(vertices), np.concatenate(codes).astype(np.uint8)))
     return paths
 
@@ -231,7 +243,8 @@ def area_map_axes(ax, geometry: dict, values, norm=None, cmap: str = "RdBu_r", l
     from matplotlib.collections import PathCollection
 
     values = pd.Series(values)
-    labels = [str(area) for area in geometry]
+    shapes = {str(area): shape for area, shape in geometry.items()}  # labels as strings, as the data's
+    labels = list(shapes)
     given = pd.Series(values.to_numpy(dtype=float), index=[str(i) for i in values.index])
     missing = given.index.difference(labels)
     if len(missing):
@@ -239,7 +252,7 @@ def area_map_axes(ax, geometry: dict, values, norm=None, cmap: str = "RdBu_r", l
 
         raise DataError(f"areas {list(missing[:5])} have values but no polygon in the geometry")
     shown = given.reindex(labels)
-    collection = PathCollection(_area_patches(geometry, labels), cmap=cmap, norm=norm, edgecolor="0.3",
+    collection = PathCollection(_area_patches(list(shapes.values())), cmap=cmap, norm=norm, edgecolor="0.3",
                                 linewidth=0.3)
     collection.set_array(np.ma.masked_invalid(shown.to_numpy()))
     ax.add_collection(collection)

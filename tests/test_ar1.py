@@ -94,6 +94,22 @@ def test_gls_without_random_effects_is_nlmes_gls():
         hp.lmm("follicles ~ s + c", ovary, correlation=hp.ar1("Mare"), control=hp.Control())
 
 
+def test_new_rows_at_one_time_carry_the_same_residual(fits):
+    """Two scenarios of one future time of a series (rows at the same time): the same lag, the same carry."""
+    ovary = _ovary()
+    ovary = ovary.assign(t=ovary.groupby("Mare").cumcount().astype(float))  # corAR1 steps by a time column
+    fit = hp.lmm("follicles ~ s + c + (1 | Mare)", ovary, correlation=hp.ar1("Mare", "t"))
+    last = ovary[ovary.Mare == "1"].t.max()
+    new = pd.DataFrame({"Mare": "1", "t": [last + 1, last + 1, last + 2], "s": [0.0, 0.5, 0.0], "c": 1.0})
+    predicted = fit.predict(new, interval="prediction")
+    plain = np.asarray(fit.predict(new.assign(Mare="other")))  # without the series' residual
+    b1 = fit.ranef.set_index("grp").loc["1", "condval"]
+    carried = predicted["fit"].to_numpy() - plain - b1  # the carried residual alone
+    # the first two rows are one step on (two scenarios of s), the third two steps: phi, phi, phi^2 of one residual
+    np.testing.assert_allclose(carried[1], carried[0], rtol=1e-10)
+    np.testing.assert_allclose(carried[2], fit.phi * carried[0], rtol=1e-10)
+
+
 def test_the_whitened_criterion_is_a_dense_gls_computation():
     """-2 REML log L(theta, phi) through the whitening equals the dense formula with V = sigma^2 (Z L L'Z' + C)."""
     from hierpool.algebra.criterion import objective_and_gradient_on_host

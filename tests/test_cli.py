@@ -303,6 +303,9 @@ def test_fit_with_ar1_and_no_random_effect_is_gls(ovary_csv, tmp_path):
     assert main(["fit", str(ovary_csv), "follicles ~ s + c", "--ar1", "Mare", "--out", str(tmp_path)]) == 0
     assert pd.read_csv(tmp_path / "correlation.csv")["estimate"].iloc[0] == pytest.approx(0.75321, abs=1e-4)
     assert {p.name for p in tmp_path.iterdir()} == {"fixef.csv", "varcorr.csv", "correlation.csv", "fitted.csv"}
+    refused = tmp_path / "refused"
+    assert main(["fit", str(ovary_csv), "follicles ~ s + c", "--ar1", "Mare", "--bayes", "--out", str(refused)]) == 2
+    assert not refused.exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("options,message", [

@@ -127,3 +127,29 @@ def test_the_exceedance_map_is_on_a_fixed_probability_scale(nc):
     assert (collection.norm.vmin, collection.norm.vmax) == (0.0, 1.0) and len(collection.get_paths()) == 100
     with pytest.raises(hp.DataError, match="between 0 and 1"):
         hp.plots.exceedance_map(probability * 2, nc.geometry)
+
+
+def test_maps_cut_holes_whatever_their_winding_and_read_any_labels():
+    from hierpool.plots import _area_patches
+
+    outer = [(0, 0), (4, 0), (4, 4), (0, 4), (0, 0)]  # counter-clockwise
+    hole = [(1, 1), (3, 1), (3, 3), (1, 3)]  # counter-clockwise too (wrong for GeoJSON), and not closed
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.collections import PathCollection
+    from matplotlib.figure import Figure
+
+    def centre_and_corner(paths):  # rendered (matplotlib fills by the non-zero winding rule): is (2, 2) painted?
+        fig = Figure(figsize=(1, 1), dpi=40)
+        ax = fig.add_axes([0, 0, 1, 1])
+        ax.add_collection(PathCollection(paths, facecolor="k", edgecolor="none"))
+        ax.set_xlim(0, 4), ax.set_ylim(0, 4), ax.set_axis_off()
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        pixels = np.asarray(canvas.buffer_rgba())[..., 0]
+        return pixels[20, 20] < 128, pixels[35, 5] < 128
+
+    assert centre_and_corner(_area_patches([[[outer, hole]]])) == (False, True)
+    fig = hp.plots.exceedance_map(pd.Series({37001: 0.2}), {37001: [[outer]]})  # integer area codes
+    assert len(fig.axes[0].collections[0].get_paths()) == 1
+    edges = graph(pd.DataFrame([[1, 0], [0, 1]]), labels=[0, 1])  # two pairs 1-0 and 0-1 of a 2 x 2 edge list
+    assert edges.edges.tolist() == [[0, 1]]

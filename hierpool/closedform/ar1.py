@@ -289,7 +289,8 @@ def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFram
     """(lag, last) of each new row: the fitted row whose residual it carries (-1: none) and its lag after it.
 
     ``lag`` is the time since the last fitted row (corCAR1), or the new row's step after it: its rank among the
-    series' new rows, by ``time`` or by their order in ``newdata`` (corAR1).  Rows of new series and rows at or
+    series' new rows, by ``time`` (rows at the same time share their step) or by their order in ``newdata``
+    (corAR1).  Rows of new series and rows at or
     before a series' last fitted time carry nothing (last -1, lag 1).  The carried residual is then
     phi^lag (y_last - fitted_last), for the closed form's phi-hat or each posterior draw's phi.
     """
@@ -307,9 +308,9 @@ def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFram
         after = found >= 0
     if structure.continuous:
         lag = key - end_key
-    else:  # steps: the row's rank among its series' new rows after the last fitted one
+    else:  # steps: the row's rank among its series' new rows after the last fitted one (rows at one time, one step)
         frame = pd.DataFrame({"series": labels, "key": np.where(after, key, np.nan)})
-        lag = frame.groupby("series")["key"].rank(method="first").to_numpy()
+        lag = frame.groupby("series")["key"].rank(method="dense").to_numpy()
     return np.where(after, lag, 1.0), np.where(after, last, -1)
 
 

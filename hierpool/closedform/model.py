@@ -202,7 +202,8 @@ def lmm(
         :func:`hierpool.pedigree.inverse_relationship_matrix`).  The term's effects are then
         b ~ N(0, sigma_A^2 A) over every label of A, with or without records (breeding values), fitted
         by the sparse mixed-model equations of :mod:`hierpool.closedform.relmat`; the result's
-        ``heritability()`` is sigma_A^2 / (sigma_A^2 + sigma^2) with a profile interval.  Other terms beside
+        ``heritability()`` is sigma_A^2 over the sum of all variances (sigma_A^2 + sigma^2 for the animal term
+        alone) with a profile interval.  Other terms beside
         the relationship term must be scalar too (``(1 | h)``: a permanent environment).
 
     Returns

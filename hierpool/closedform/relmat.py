@@ -28,8 +28,8 @@ breaks.  The terms are scalar: intercepts (1 | g) or scalar slopes (0 + x | g), 
 terms may stand beside the relationship term (a permanent environment: the repeatability model), each with an
 identity block I / theta_j^2 in P(theta) (and q log theta^2 becomes
 sum_j q_j log theta_j^2); theta is then found by L-BFGS-B.
-Not yet: correlated (vector) terms, a family.  The Bayesian engine's ``relmat=`` (:mod:`hierpool.bayesian.relmat`) factors
-the same K(theta) (:meth:`RelmatEquations.factor`, whose :class:`KFactor` also draws from N(0, K^-1)).
+Not yet: correlated (vector) terms, a family.  The Bayesian engine's ``relmat=`` (:mod:`hierpool.bayesian.relmat`)
+factors the same K(theta) (:meth:`RelmatEquations.factor`, whose :class:`KFactor` also draws from N(0, K^-1)).
 
 References: Henderson, C. R. (1976), Biometrics 32, 69-83; Meyer, K. (1989), Genet. Sel. Evol. 21, 317-340
 (REML by the mixed-model equations); Bates, Maechler, Bolker & Walker (2015), J. Stat. Softw. 67(1);
@@ -419,7 +419,8 @@ class RelmatResult(Likelihood):
     # --- heritability -------------------------------------------------------------------------------
     def heritability(self, level: float = 0.95) -> pd.DataFrame:
         """h^2 = sigma_A^2 / (sum of the random effects' variances + sigma^2), with its profile-likelihood interval
-        (:meth:`share`; with the relationship term alone, h^2 = theta^2 / (1 + theta^2))."""
+        (:meth:`share`; with the relationship term alone, h^2 = theta^2 / (1 + theta^2)).  For a slope term
+        (0 + x | g) sigma_A^2 is a variance per unit of x squared: the ratio is then the share at x = 1."""
         return self.share([self.relationship.group], level, name=self.relationship.group)
 
     def repeatability(self, level: float = 0.95) -> pd.DataFrame:

@@ -81,8 +81,11 @@ def graph(adjacency, labels=None, name: str = "adjacency") -> Graph:
     if not isinstance(adjacency, pd.DataFrame):
         raise ArgumentError(f"{name} must be a pandas DataFrame (an edge list of two columns of area labels, or a "
                             f"labelled 0/1 matrix) or a dict of area polygons, got {type(adjacency).__name__}")
-    # a matrix is labelled alike on both sides; an edge list has two columns of labels (and a row index)
-    if adjacency.shape[0] == adjacency.shape[1] and set(map(str, adjacency.index)) == set(map(str, adjacency.columns)):
+    # a matrix is labelled alike on both sides; an edge list has two columns of labels (and a row index: a 2 x 2
+    # frame with default integer index and columns is read as an edge list of two pairs)
+    default = isinstance(adjacency.index, pd.RangeIndex) and isinstance(adjacency.columns, pd.RangeIndex)
+    if (adjacency.shape[0] == adjacency.shape[1] and set(map(str, adjacency.index)) == set(map(str, adjacency.columns))
+            and not (default and adjacency.shape == (2, 2))):
         return _from_matrix(adjacency, labels, name)
     if adjacency.shape[1] != 2:
         raise ArgumentError(f"{name}: an edge list has two columns of area labels, this one has {adjacency.shape[1]}")
@@ -135,23 +138,30 @@ def _graph(labels: np.ndarray, i: np.ndarray, j: np.ndarray) -> Graph:
     return Graph(labels=np.asarray(labels, dtype=str), edges=edges.astype(np.int64), component=component)
 
 
-def shape_rings(shape) -> list[np.ndarray]:
-    """Every ring of an area's shape: nested lists/arrays of polygons (rings of (x, y) points), or an object with a
-    ``__geo_interface__`` (Polygon or MultiPolygon)."""
+def shape_polygons(shape) -> list[list[np.ndarray]]:
+    """An area's polygons, each a list of rings (the outer ring first, then its holes) of (x, y) points: from nested
+    lists/arrays of polygons, or an object with a ``__geo_interface__`` (Polygon or MultiPolygon)."""
     if hasattr(shape, "__geo_interface__"):
         interface = shape.__geo_interface__
         kind, coordinates = interface["type"], interface["coordinates"]
         if kind not in ("Polygon", "MultiPolygon"):
             raise DataError(f"an area's geometry is a {kind}, not a Polygon or MultiPolygon")
         shape = [coordinates] if kind == "Polygon" else coordinates
-    rings = []
+    polygons = []
     for polygon in shape:
+        rings = []
         for ring in polygon:
             ring = np.asarray(ring, dtype=float)
             if ring.ndim != 2 or ring.shape[1] < 2:
                 raise DataError("an area's polygon ring is not a list of (x, y) points")
             rings.append(ring[:, :2])
-    return rings
+        polygons.append(rings)
+    return polygons
+
+
+def shape_rings(shape) -> list[np.ndarray]:
+    """Every ring of an area's shape (:func:`shape_polygons`, flattened)."""
+    return [ring for polygon in shape_polygons(shape) for ring in polygon]
 
 
 def queen_contiguity(geometry: dict, tolerance: float = 1e-7) -> pd.DataFrame:
