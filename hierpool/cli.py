@@ -195,16 +195,22 @@ def _fit_ar1(args, data, out: Path) -> int:
         posterior = bayes(args.formula, data, chains=args.chains, draws=args.draws, tune=args.tune, seed=args.seed,
                           level=args.level, correlation=correlation, se=args.se, weights=args.weights,
                           offset=args.offset, progress=None)
-        print("\nPosterior (hp.bayes)")
-        print(posterior.summary())
-        written += [
-            _write_table(posterior.fixef.rename_axis("term").reset_index(), out / "posterior_fixef.csv"),
-            _write_table(posterior.varcorr, out / "posterior_varcorr.csv"),
-            _write_table(posterior.correlation.reset_index(), out / "posterior_correlation.csv"),
-            _write_table(posterior.ranef, out / "posterior_ranef.csv"),
-        ]
+        written += _posterior_tables(posterior, out, correlation=posterior.correlation.reset_index())
     print(f"\nWrote {', '.join(p.name for p in written)} to {out}/")
     return 0
+
+
+def _posterior_tables(posterior, out: Path, **extra) -> list[Path]:
+    """Print the posterior's summary; write posterior_fixef.csv, posterior_varcorr.csv, posterior_<name>.csv for
+    each ``extra`` table (an AR(1) model's correlation, an animal model's heritability) and posterior_ranef.csv."""
+    print("\nPosterior (hp.bayes)")
+    print(posterior.summary())
+    return [
+        _write_table(posterior.fixef.rename_axis("term").reset_index(), out / "posterior_fixef.csv"),
+        _write_table(posterior.varcorr, out / "posterior_varcorr.csv"),
+        *(_write_table(table, out / f"posterior_{name}.csv") for name, table in extra.items()),
+        _write_table(posterior.ranef, out / "posterior_ranef.csv"),
+    ]
 
 
 def _fixef_and_varcorr(fit, out: Path) -> list[Path]:
@@ -259,14 +265,7 @@ def _fit_relmat(args, data, out: Path) -> int:
         posterior = bayes(args.formula, data, chains=args.chains, draws=args.draws, tune=args.tune, seed=args.seed,
                           level=args.level, weights=args.weights, offset=args.offset, progress=None,
                           **{argument: given})
-        print("\nPosterior (hp.bayes)")
-        print(posterior.summary())
-        written += [
-            _write_table(posterior.fixef.rename_axis("term").reset_index(), out / "posterior_fixef.csv"),
-            _write_table(posterior.varcorr, out / "posterior_varcorr.csv"),
-            _write_table(posterior.heritability.reset_index(), out / "posterior_heritability.csv"),
-            _write_table(posterior.ranef, out / "posterior_ranef.csv"),
-        ]
+        written += _posterior_tables(posterior, out, heritability=posterior.heritability.reset_index())
     print(f"\nWrote {', '.join(p.name for p in written)} to {out}/")
     return 0
 

@@ -19,9 +19,6 @@ Every number in the JSON is computed by the run that wrote it, with its settings
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -29,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 import hierpool as hp
+
+from . import studies
 
 OUT = Path(__file__).resolve().parent / "ar1_validation.json"
 SETTINGS = dict(n_draws=49, chains=2, draws_per_chain=250, tune=250, bins=5, seed=3)
@@ -54,27 +53,14 @@ def sbc_section(n_reps: int) -> dict:
 
 
 def coverage_section(n_reps: int) -> dict:
-    start = time.perf_counter()
-    table = hp.validate.ar1_coverage(n_reps=n_reps, **COVERAGE_SETTINGS)
-    return {"n_reps": n_reps, **COVERAGE_SETTINGS, "table": table.to_dict(orient="records"),
-            "seconds": round(time.perf_counter() - start, 1)}
+    return studies.coverage_section(hp.validate.ar1_coverage, n_reps, COVERAGE_SETTINGS)
 
 
 SECTIONS = {"sbc": sbc_section, "coverage": coverage_section}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=200)
-    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=sorted(SECTIONS))
-    args = parser.parse_args()
-    out = json.loads(OUT.read_text()) if OUT.exists() else {}
-    out.update({"generated_by": "validation/ar1_validation.py", "hierpool": hp.__version__,
-                "python": platform.python_version(), "machine": platform.machine()})
-    for name in args.only:
-        out[name] = SECTIONS[name](args.reps)
-        print(name, json.dumps(out[name], indent=1, default=float))
-    OUT.write_text(json.dumps(out, indent=1, default=float) + "\n")
+def main(argv=None) -> None:
+    studies.run_sections(__doc__, OUT, SECTIONS, "validation/ar1_validation.py", argv)
 
 
 if __name__ == "__main__":

@@ -327,8 +327,8 @@ def prediction_covariance(theta: jax.Array, system: MixedModelSystem) -> Predict
         else:
             dense = dense.at[coupling.level0[:, None], cols].add(jnp.swapaxes(block, 1, 2))
         offset += ell * k
-    # C S_A^-1 per level, as one matrix product (an einsum here is a naive loop on the host: a fifth of a
-    # nested three-term GLMM's fit at 400 levels and 180 rest columns)
+    # C S_A^-1 per level, as one matrix product: NumPy's einsum here is a naive loop, not BLAS (benchmarks/RESULTS.md,
+    # "GLMMs: one EM step before the gradient search")
     projected = (xp.swapaxes(dense, 1, 2).reshape(ell0 * k0, size) @ s_a_inv).reshape(ell0, k0, size)
     term0 = _term0_inverse_blocks(chol0_inv, xp.eye(k0)[None], projected @ dense)
     cross = -(xp.swapaxes(chol0_inv, 1, 2) @ projected)

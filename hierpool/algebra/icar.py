@@ -12,7 +12,7 @@ structured part has unit typical variance and rho is the share of spatial varian
 component (Freni-Sterrantino, Ventrucci & Rue 2018): for a component of n_c > 1 areas,
 Q_c^- = (Q_c + 1 1' / n_c)^-1 - 1 1' / n_c (the inverse on the complement of the constant vector); an island
 (n_c = 1) has no ICAR part, and its effect is the unstructured one alone (its scaling factor is reported as 1).
-Dense per component: O(n_c^3), a few seconds at 3,000 areas; only the scaling needs it, never the fitted path.
+Dense per component: O(n_c^3); only the scaling needs it, never the fitted path.
 """
 
 from __future__ import annotations

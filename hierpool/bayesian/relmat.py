@@ -280,7 +280,7 @@ def sample_animal_model(posterior: AnimalPosterior, start: np.ndarray, chains: i
     for chain in range(chains):
         steps = (burn_in + draws) * thin
         psi, log_q = proposal.draw(np.random.default_rng([seed, 2, chain]), steps)
-        log_prior = posterior.log_prior(psi)  # at once: SciPy's densities cost ~0.1 ms a call
+        log_prior = posterior.log_prior(psi)  # at once: SciPy's per-call overhead, paid once per chain
         log_u = np.log(np.random.default_rng([seed, 4, chain]).uniform(size=steps))
         current, current_w = start_state, start_w
         probabilities = np.empty(steps)
