@@ -42,3 +42,156 @@ def scaling_factors(graph: Graph) -> np.ndarray:
         variances = np.diag(np.linalg.inv(block)) - 1.0 / size
         out[members] = np.exp(np.mean(np.log(variances)))
     return out
+
+
+def constraint_matrix(graph: Graph) -> scipy.sparse.csc_matrix:
+    """C (n x k): one column per connected component of more than one area, its members' indicator; the ICAR's
+    sum-to-zero constraints are C' phi = 0.  An island has none: its ICAR row is empty, and its effect is given
+    another prior (the BYM2's unstructured one, or an independent one)."""
+    sizes = np.bincount(graph.component)
+    kept = np.flatnonzero(sizes > 1)
+    column = np.full(sizes.size, -1)
+    column[kept] = np.arange(kept.size)
+    rows = np.flatnonzero(sizes[graph.component] > 1)
+    return scipy.sparse.csc_matrix((np.ones(rows.size), (rows, column[graph.component[rows]])),
+                                   shape=(graph.n, kept.size))
+
+
+def island_completed_precision(graph: Graph) -> scipy.sparse.csc_matrix:
+    """Q~ = Q + diag(islands): the ICAR precision with each island given a unit-variance normal of its own
+    (Freni-Sterrantino et al. 2018), so that Q~ is positive definite on {C' phi = 0}."""
+    islands = (graph.degree == 0).astype(float)
+    return (icar_precision(graph) + scipy.sparse.diags(islands)).tocsc()
+
+
+def log_constrained_determinant(matrix, constraints) -> float:
+    """log det(V' M V), V an orthonormal basis of {x : C' x = 0}, for M symmetric and positive definite there.
+
+    With C = U R (U orthonormal; R = diag(sqrt(n_c)) for indicators of disjoint sets, :func:`constraint_matrix`)
+    the bordered matrix B = [[M, C], [C', 0]] has |det B| = det(V' M V) det(R)^2 (in the basis [V, U]), so
+    log det(V' M V) = log |det B| - sum log n_c: one sparse LU of B (SuperLU, partial pivoting: B is indefinite),
+    never a dense basis V (Rue & Held 2005, sec. 2.3.3, condition on a linear constraint).  With C of no columns,
+    log det M.  Also the log pseudo-determinant of the ICAR precision (its product of non-zero eigenvalues) when M
+    is a graph Laplacian and C its component indicators.
+    """
+    factor = bordered_factor(matrix, constraints)
+    sizes = np.asarray(constraints.sum(axis=0)).ravel() if constraints.shape[1] else np.zeros(0)
+    return factor_log_abs_det(factor) - float(np.sum(np.log(sizes)))
+
+
+def bordered_matrix(matrix, constraints) -> scipy.sparse.csc_matrix:
+    """[[M, C], [C', 0]] (sparse): the KKT matrix of a quadratic form under C' x = 0."""
+    if constraints.shape[1] == 0:
+        return scipy.sparse.csc_matrix(matrix)
+    return scipy.sparse.bmat([[matrix, constraints], [constraints.T, None]], format="csc")
+
+
+def bordered_factor(matrix, constraints):
+    """SuperLU factor of :func:`bordered_matrix`."""
+    import scipy.sparse.linalg
+
+    return scipy.sparse.linalg.splu(bordered_matrix(matrix, constraints))
+
+
+def factor_log_abs_det(factor) -> float:
+    """log |det| of a SuperLU factor (L has a unit diagonal; the permutations change only the sign)."""
+    return float(np.sum(np.log(np.abs(factor.U.diagonal()))))
+
+
+class CarPrior:
+    """The prior of a spatial term's latent vector x, as a sparse precision under linear constraints.
+
+    For each type, with sd = sigma and mix the type's second parameter (:data:`hierpool.spec.formula.CAR_TYPES`),
+    b = x[:n] the area effects:
+
+    * ``icar``: x = b, precision Q~ / sigma^2, constraints C' b = 0 (Q~ = Q with islands given unit variance:
+      :func:`island_completed_precision`; C: :func:`constraint_matrix`);
+    * ``proper``: x = b, precision (D - alpha W) / sigma^2, alpha = mix in (0, 1), no constraint (brms's and
+      CARBayes's proper CAR; positive definite for alpha < 1 when no area is an island);
+    * ``bym2``: x = (b, v), v the scaled-to-be ICAR part, b | v ~ N(sigma sqrt(rho) S v, sigma^2 (1 - rho) I), v with
+      precision Q~ under C' v = 0, S = diag(1 / sqrt(scaling factor)), rho = mix: b = sigma (sqrt(1 - rho) u +
+      sqrt(rho) S v) with u ~ N(0, I) (Riebler et al. 2016), the joint precision of (b, v)
+      [[I / (sigma^2 (1 - rho)), -sqrt(rho) S / (sigma (1 - rho))], [., rho S^2 / (1 - rho) + Q~]] (sparse: INLA's
+      latent representation of bym2).
+
+    :meth:`latent` gives (precision, constraints, log det_c(precision)) with det_c the determinant on the
+    constrained subspace (:func:`log_constrained_determinant`), the prior's normalizing constant.
+    """
+
+    def __init__(self, graph: Graph, type: str):
+        self.graph, self.type, self.n = graph, type, graph.n
+        self.q = island_completed_precision(graph)
+        self.constraints = constraint_matrix(graph)
+        self.log_det_q = log_constrained_determinant(self.q, self.constraints) if type != "proper" else 0.0
+        self.scaling = scaling_factors(graph) if type == "bym2" else np.ones(graph.n)
+        self.degree = graph.degree.astype(float)
+        self.adjacency = graph.adjacency_matrix().tocsc()
+        n, q = self.n, self.q.tocoo()
+        diagonal = np.arange(n)
+        edges = graph.edges
+        if type == "icar":
+            self._rows, self._cols = q.row, q.col
+        elif type == "proper":  # D, then -W (both triangles)
+            self._rows = np.r_[diagonal, edges[:, 0], edges[:, 1]]
+            self._cols = np.r_[diagonal, edges[:, 1], edges[:, 0]]
+        else:  # the unstructured diagonal, the coupling (both triangles), Q~ shifted, the structured diagonal
+            self._rows = np.r_[diagonal, diagonal, n + diagonal, n + q.row, n + diagonal]
+            self._cols = np.r_[diagonal, n + diagonal, diagonal, n + q.col, n + diagonal]
+        self._q_values = q.data
+
+    @property
+    def n_latent(self) -> int:
+        return 2 * self.n if self.type == "bym2" else self.n
+
+    @property
+    def latent_constraints(self) -> scipy.sparse.csc_matrix:
+        if self.type == "proper":
+            return scipy.sparse.csc_matrix((self.n, 0))
+        if self.type == "icar":
+            return self.constraints
+        return scipy.sparse.vstack([scipy.sparse.csc_matrix(self.constraints.shape), self.constraints]).tocsc()
+
+    @property
+    def has_mix(self) -> bool:
+        """Whether the type has a second parameter (proper's alpha, bym2's rho)."""
+        return self.type != "icar"
+
+    def precision_entries(self, sd: float, mix: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, columns, values) of the precision at (sd, mix), duplicates summed; rows and columns are the same
+        arrays at every (sd, mix), so that a caller can place the values into a fixed sparse pattern."""
+        n, variance = self.n, sd * sd
+        if self.type == "icar":
+            values = self._q_values / variance
+        elif self.type == "proper":
+            m = self.graph.edges.shape[0]
+            values = np.r_[self.degree, np.full(2 * m, -mix)] / variance
+        else:
+            root = 1.0 / np.sqrt(self.scaling)
+            coupling = -np.sqrt(mix) * root / (sd * (1.0 - mix))
+            values = np.r_[np.full(n, 1.0 / (variance * (1.0 - mix))), coupling, coupling, self._q_values,
+                           (mix / (1.0 - mix)) * root**2]
+        return self._rows, self._cols, values
+
+    def latent(self, sd: float, mix: float = 0.0):
+        """(precision, log det_c(precision)) of x at (sd, mix) (class docstring)."""
+        rows, cols, values = self.precision_entries(sd, mix)
+        precision = scipy.sparse.csc_matrix((values, (rows, cols)), shape=(self.n_latent, self.n_latent))
+        return precision, self.log_det(sd, mix, precision)
+
+    def log_det(self, sd: float, mix: float = 0.0, precision=None) -> float:
+        """log det_c of the precision at (sd, mix): closed form for ICAR and BYM2, one sparse LU for a proper CAR."""
+        n, variance = self.n, sd * sd
+        if self.type == "icar":
+            return self.log_det_q - (n - self.constraints.shape[1]) * np.log(variance)
+        if self.type == "bym2":
+            return self.log_det_q - n * np.log(variance * (1.0 - mix))
+        if precision is None:
+            precision = self.latent(sd, mix)[0]
+        return log_constrained_determinant(precision, self.latent_constraints)
+
+    def proper_eigenvalues(self) -> np.ndarray:
+        """Eigenvalues lambda of D^-1/2 W D^-1/2, so that log det(D - alpha W) = sum log d_i + sum log(1 - alpha
+        lambda) (brms's and Jin, Carlin & Banerjee's (2005) device for the sampler); dense, once per graph."""
+        root = 1.0 / np.sqrt(self.degree)
+        scaled = self.adjacency.multiply(root[:, None]).multiply(root[None, :]).toarray()
+        return np.linalg.eigvalsh(scaled)

@@ -36,7 +36,7 @@ NB_START_SHAPE = 1.0
 
 
 def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str | None = None, nAGQ: int = 1,
-         weights=None, offset=None) -> GLMMResult:
+         weights=None, offset=None, adjacency=None, reml: bool = False) -> GLMMResult:
     """Fit a generalized linear mixed model (lme4's ``glmer``, ``glmer.nb``).
 
     The conditional modes u* of the spherical effects (b = Lambda(theta) u) are found by PIRLS, and
@@ -64,6 +64,13 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
         (one scalar random-effect term only).
     weights, offset : str or array-like, optional
         Prior weights (the binomial's trials for proportions) and a known part of the linear predictor.
+    adjacency : optional
+        The neighbourhood graph of a spatial term ``car(area, type='icar' | 'proper' | 'bym2')``
+        (:mod:`hierpool.spec.spatial`): the model is then fitted by the Laplace approximation on the sparse
+        precision of the area effects (:mod:`hierpool.closedform.spatial`; binomial or Poisson; nAGQ 0 or 1),
+        a :class:`~hierpool.closedform.spatial.SpatialFit`.
+    reml : bool
+        With a spatial term only: integrate beta out under a flat prior (glmmTMB's ``REML = TRUE``).
 
     Returns
     -------
@@ -72,6 +79,16 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     if isinstance(nAGQ, bool) or not isinstance(nAGQ, int) or not 0 <= nAGQ <= MAX_NODES:
         raise ArgumentError(f"nAGQ must be an integer from 0 to {MAX_NODES}, got {nAGQ!r}")
     spec = family_spec(family, link)
+    if adjacency is not None:
+        from ..spec.spatial import spatial_design  # SciPy's sparse LU: loaded only for this model
+        from .spatial import fit_spatial
+
+        if nAGQ > 1:
+            raise ArgumentError(f"nAGQ={nAGQ}: a spatial model is fitted by the Laplace approximation (nAGQ 0 or 1)")
+        sdesign = spatial_design(formula, data, adjacency, family=spec, weights=weights, offset=offset)
+        return fit_spatial(sdesign, reml=bool(reml), stages=1 if nAGQ == 0 else 2)
+    if reml:
+        raise ArgumentError("reml=True is for a spatial model (adjacency=); glmer's GLMM fit is maximum likelihood")
     design = build_design(formula, data, weights=weights, offset=offset, family=spec)
     if nAGQ > 1 and (len(design.terms) != 1 or design.terms[0].k != 1):
         terms = ", ".join(f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms)

@@ -162,6 +162,7 @@ def lmm(
     correlation=None,
     relmat: dict | None = None,
     relmat_inverse: dict | None = None,
+    adjacency=None,
 ):
     """Fit a linear mixed model by REML (default) or maximum likelihood, as ``lme4::lmer``.
 
@@ -205,6 +206,11 @@ def lmm(
         ``heritability()`` is sigma_A^2 over the sum of all variances (sigma_A^2 + sigma^2 for the animal term
         alone) with a profile interval.  Other terms beside
         the relationship term must be scalar too (``(1 | h)``: a permanent environment).
+    adjacency : optional
+        The neighbourhood graph of a spatial term ``car(area, type='icar' | 'proper' | 'bym2')``: an edge list
+        (two columns of area labels), a labelled 0/1 matrix, polygons, or a dict keyed by the area column
+        (:mod:`hierpool.spec.spatial`).  Fitted exactly on the sparse precision (:mod:`hierpool.closedform.spatial`;
+        a :class:`~hierpool.closedform.spatial.SpatialFit`).
 
     Returns
     -------
@@ -219,6 +225,9 @@ def lmm(
     Walker (2015), "Fitting linear mixed-effects models using lme4", J. Stat.
     Softw. 67(1); blocked factorization as in MixedModels.jl.
     """
+    if adjacency is not None:
+        return _spatial_lmm(formula, data, reml, se, control, weights, offset, correlation, relmat, relmat_inverse,
+                            adjacency)
     if relmat is not None or relmat_inverse is not None:
         from ..spec.relationship import model_relationship  # SciPy's sparse LU: loaded only for this model
         from .relmat import fit_relmat
@@ -242,3 +251,16 @@ def lmm(
     return MixedModel(formula, data, se=se, weights=weights, offset=offset, control=control).fit(
         reml=reml, control=control
     )
+
+
+def _spatial_lmm(formula, data, reml, se, control, weights, offset, correlation, relmat, relmat_inverse, adjacency):
+    """``hp.lmm(..., adjacency=)``: a Gaussian model with a spatial term (:mod:`hierpool.closedform.spatial`)."""
+    from ..spec.spatial import spatial_design  # SciPy's sparse LU: loaded only for this model
+    from .spatial import fit_spatial
+
+    given = {"se": se, "control": control, "correlation": correlation, "relmat": relmat,
+             "relmat_inverse": relmat_inverse}
+    for name, value in given.items():
+        if value is not None:
+            raise ArgumentError(f"{name}= is not supported with a spatial term (adjacency=) yet")
+    return fit_spatial(spatial_design(formula, data, adjacency, weights=weights, offset=offset), reml=reml)

@@ -299,6 +299,13 @@ def _split_offsets(names: list[str], values: np.ndarray, formula: str):
     for name in names:
         if "offset(" in name and not _is_offset_call(name):
             raise FormulaError(f"offset term {name!r} in {formula!r} cannot interact with other terms")
+    for j in offsets:  # log(expected) of a zero or negative count: -inf or NaN, never a silent fit
+        bad = np.flatnonzero(~np.isfinite(values[:, j]))
+        if bad.size:
+            hint = " (the log of a zero or negative value: expected counts and exposures must be positive)" \
+                if "log(" in names[j] else ""
+            raise DataError(f"offset term {names[j]!r} in {formula!r} is not finite in {bad.size} row(s), "
+                            f"the first at position {bad[0]}{hint}")
     offset = values[:, offsets].sum(axis=1) if offsets else np.zeros(values.shape[0])
     keep = [j for j in range(len(names)) if j not in offsets]
     return values[:, keep], [names[j] for j in keep], offset, tuple(names[j] for j in offsets)
@@ -490,6 +497,7 @@ def build_design(
     family: FamilySpec | None = None,
     related: tuple[str, ...] = (),
     random_optional: bool = False,
+    spatial: bool = False,
 ) -> Design:
     """Check the data against the formula and build the :class:`Design`.
 
@@ -518,6 +526,9 @@ def build_design(
     random_optional : bool
         Accept a formula without random-effect terms (``terms`` is then empty): a generalized
         least-squares model with correlated residuals (:mod:`hierpool.closedform.gls`).
+    spatial : bool
+        Accept ``car(...)`` terms (:mod:`hierpool.spec.spatial` builds them; here their area columns are only read,
+        so that rows missing an area are dropped with the rest).  Without it a ``car(...)`` term is refused.
 
     Returns
     -------
@@ -529,6 +540,9 @@ def build_design(
                            f"family {family.name!r} takes counts (use family='binomial')")
     spec = parse_formula(formula, binomial_counts=family is not None and family.name == "binomial",
                          random_optional=random_optional)
+    if spec.spatial and not spatial:
+        raise FormulaError(f"{spec.spatial[0].label} in {formula!r} is a spatial term: give the areas' neighbourhood "
+                           "graph as adjacency= (hp.lmm, hp.glmm and hp.bayes take it)")
     _check_frame(data)
     columns = formula_columns(spec, data)
     if family is not None and se is not None:

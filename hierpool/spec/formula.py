@@ -26,6 +26,7 @@ terms of the fixed part are kept apart from X by :mod:`hierpool.spec.design`.
 
 from __future__ import annotations
 
+import ast
 import functools
 import re
 from dataclasses import dataclass
@@ -64,6 +65,60 @@ class RandomTermSpec:
     name: str
 
 
+#: The spatial terms ``car(area, type=...)`` (:mod:`hierpool.spec.spatial`): intrinsic CAR, proper CAR, BYM2.
+CAR_TYPES = ("icar", "proper", "bym2")
+#: What an ICAR term does with an area that has no neighbours: refuse it, or give it an independent effect.
+CAR_ISLANDS = ("error", "independent")
+_CAR_CALL = re.compile(r"^car\s*\(")
+
+
+@dataclass(frozen=True)
+class SpatialTermSpec:
+    """A spatial random effect ``car(area, type=..., islands=...)``: one effect per area of a neighbourhood graph.
+
+    Attributes
+    ----------
+    factor : str
+        The data column of area labels.
+    type : str
+        ``"icar"``, ``"proper"`` or ``"bym2"`` (:data:`CAR_TYPES`).
+    islands : str
+        ``"error"`` or ``"independent"``: an ICAR's treatment of areas without neighbours (:data:`CAR_ISLANDS`).
+    """
+
+    factor: str
+    type: str = "bym2"
+    islands: str = "error"
+
+    @property
+    def label(self) -> str:
+        return f"car({self.factor}, type='{self.type}')"
+
+
+def _car_term(text: str, full: str) -> SpatialTermSpec:
+    """``car(county, type='bym2')`` -> SpatialTermSpec; every other argument is refused by name."""
+    try:
+        call = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise FormulaError(f"cannot read the spatial term {text!r} of {full!r}") from None
+    if not isinstance(call, ast.Call) or len(call.args) != 1 or not isinstance(call.args[0], ast.Name):
+        raise FormulaError(f"the spatial term {text!r} of {full!r} takes one column of area labels first: "
+                           "car(area, type='bym2')")
+    options = {"type": "bym2", "islands": "error"}
+    for keyword in call.keywords:
+        if keyword.arg not in options:
+            raise FormulaError(f"the spatial term {text!r} of {full!r} has an unknown argument {keyword.arg!r}; "
+                               f"it takes {sorted(options)}")
+        if not (isinstance(keyword.value, ast.Constant) and isinstance(keyword.value.value, str)):
+            raise FormulaError(f"argument {keyword.arg!r} of {text!r} must be a quoted string")
+        options[keyword.arg] = keyword.value.value
+    if options["type"] not in CAR_TYPES:
+        raise FormulaError(f"type {options['type']!r} of {text!r} is not one of {CAR_TYPES}")
+    if options["islands"] not in CAR_ISLANDS:
+        raise FormulaError(f"islands {options['islands']!r} of {text!r} is not one of {CAR_ISLANDS}")
+    return SpatialTermSpec(factor=call.args[0].id, type=options["type"], islands=options["islands"])
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A parsed mixed-model formula; no data involved.
@@ -81,6 +136,8 @@ class ModelSpec:
         reorders them by number of levels, which :mod:`hierpool.spec.design` does).
     variables : tuple of str
         Every data column the formula uses.
+    spatial : tuple of SpatialTermSpec
+        The ``car(...)`` terms (:mod:`hierpool.spec.spatial` builds their design; the other model paths refuse them).
     """
 
     formula: str
@@ -88,6 +145,7 @@ class ModelSpec:
     fixed: str
     random: tuple[RandomTermSpec, ...]
     variables: tuple[str, ...]
+    spatial: tuple[SpatialTermSpec, ...] = ()
 
 
 def _scan_top_level(text: str):
@@ -271,10 +329,16 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
 
     fixed_pieces: list[str] = []
     random: list[RandomTermSpec] = []
+    spatial: list[SpatialTermSpec] = []
     for sign, piece in _split_top_level(rhs, "+-"):
         text = piece.strip()
         if not text:
             raise FormulaError(f"formula {formula!r} has an empty term (a dangling '{sign}')")
+        if _CAR_CALL.match(text):
+            if sign != "+":
+                raise FormulaError(f"spatial term {text!r} in {formula!r} cannot be subtracted")
+            spatial.append(_car_term(text, formula))
+            continue
         bar = None
         if text.startswith("(") and text.endswith(")"):
             bar = _split_bar(text[1:-1])
@@ -287,7 +351,7 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
             raise FormulaError(f"random-effect term {text!r} in {formula!r} cannot be subtracted")
         random.extend(_random_terms_of_bar(*bar, full=formula))
 
-    if not random and not random_optional:
+    if not random and not spatial and not random_optional:
         raise FormulaError(
             f"formula {formula!r} has no random-effect term such as (1 | group); "
             "for a model without random effects use an ordinary regression"
@@ -301,8 +365,8 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
         for v in sorted(_variable_names(desc_text)):
             if v and v not in variables:
                 variables.append(v)
-    for term in random:
-        for v in term.factor:
-            if v not in variables:
-                variables.append(v)
-    return ModelSpec(formula=formula, response=response, fixed=fixed, random=tuple(random), variables=tuple(variables))
+    for v in [v for term in random for v in term.factor] + [term.factor for term in spatial]:
+        if v not in variables:
+            variables.append(v)
+    return ModelSpec(formula=formula, response=response, fixed=fixed, random=tuple(random), variables=tuple(variables),
+                     spatial=tuple(spatial))

@@ -1,0 +1,463 @@
+"""Closed-form disease mapping: the Laplace approximation on the sparse precision of a spatial term (INLA's idea,
+without INLA), exact for a Gaussian response.
+
+The model (:mod:`hierpool.spec.spatial`) is y_i ~ family(mu_i), g(mu_i) = x_i' beta + offset_i + b[area(i)], with
+the latent x of the spatial term Gaussian with sparse precision P(psi) under constraints C' x = 0 and b = x[:n]
+(:class:`hierpool.algebra.icar.CarPrior`: ICAR, proper CAR, BYM2).  psi holds log sd, the type's logit mixing
+parameter (proper CAR's alpha, BYM2's rho) and, for a Gaussian response, log sigma.  With
+f(beta, x) = -sum_i l_i(eta_i) + x' P x / 2 and (beta^, x^) its constrained minimum, found by Fisher scoring
+(PIRLS, lme4's; one step for a Gaussian), H = [[X'WX, X'WZ], [Z'WX, Z'WZ + P]] at the mode (W the working weights),
+the criteria (-2 log, lme4's convention) are
+
+    ML:   -2 [sum l^ - x^' P x^ / 2 + log det_c P / 2 - log det_c H_xx / 2]
+    REML: -2 [sum l^ - x^' P x^ / 2 + log det_c P / 2 - log det_c H / 2 + p log(2 pi) / 2]
+
+with det_c the determinant on {C' x = 0} (:func:`hierpool.algebra.icar.log_constrained_determinant`): ML with
+beta at the joint mode (exact profiling for a Gaussian; for a GLMM lme4's ``nAGQ = 0``), REML with beta integrated
+out under a flat prior (for a GLMM glmmTMB's ``REML = TRUE``).  For a Gaussian response both are exact: the fitted
+values equal the dense generalised least squares with V = sigma^2 W^-1 + Z Cov(b) Z' (tested to 1e-8).  psi is
+found by L-BFGS-B.  Every solve is one sparse LU of the bordered (KKT) matrix [[H, C], [C', 0]]; the conditional
+variances of the effects are the diagonal of its inverse's x block, V (V' H_xx V)^-1 V' (conditional on beta^, as
+lme4's ``condVar``), and vcov(beta) is its inverse's beta block.  No dense area x area matrix is formed.
+
+References: Rue, Martino & Chopin (2009), JRSS B 71 (the Laplace approximation of latent Gaussian models);
+Rue & Held (2005), Gaussian Markov random fields, sec. 2.3.3 (linear constraints); Riebler et al. (2016), Stat.
+Methods Med. Res. 25 (BYM2); Bates et al. (2015), J. Stat. Softw. 67(1) (PIRLS, the criteria's convention).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+import scipy.optimize
+import scipy.sparse
+import scipy.sparse.linalg
+from scipy import stats
+from scipy.special import expit
+
+from ..algebra.family import family
+from ..algebra.icar import CarPrior, factor_log_abs_det
+from ..errors import ArgumentError, ConvergenceWarning
+from ..spec.spatial import SpatialDesign
+
+#: Bounds of log sd and log sigma, and of the logit of the mixing parameter.
+LOG_SD_BOUNDS = (np.log(1e-5), np.log(1e4))
+LOGIT_BOUNDS = (-12.0, 12.0)
+#: PIRLS stops when no coordinate of (beta, x) moves by more than this (relative): the criterion's log det H moves
+#: at first order with the mode's error, and L-BFGS-B's finite differences need it smooth to ~1e-10.
+PIRLS_TOL = 1e-11
+PIRLS_MAX_STEPS = 60
+#: The spatial sds (on the link scale; times sd(y) for a Gaussian) whose best starts the search.
+START_SDS = (0.05, 0.15, 0.4, 1.0)
+#: L-BFGS-B's finite-difference step on psi: the criterion is smooth to about 1e-10 (absolute) where BYM2's rho
+#: nears 1 (precision entries ~ 1 / (1 - rho)), so scipy's default step (1e-8) gives gradients of noise there.
+FD_STEP = 1e-6
+#: L-BFGS-B restarts at most (:func:`_minimize`).
+RESTARTS = 5
+#: Right-hand sides solved at once for the conditional variances.
+SOLVE_CHUNK = 512
+#: Families the Laplace fit takes (a negative binomial's shape would be one more parameter: not yet).
+FAMILIES = ("gaussian", "poisson", "binomial")
+
+
+@dataclass
+class _Mode:
+    theta: np.ndarray  # (beta, x)
+    eta: np.ndarray
+    weights: np.ndarray  # working weights at the mode
+    loglik: float  # sum of l_i at the mode
+    quadratic: float  # x' P x
+
+
+class _Bordered:
+    """The bordered matrix [[H, C], [C', 0]] on a sparse pattern found once, refilled at each (W, P): H is
+    [[X'WX, X'WZ], [Z'WX, Z'WZ + P]] (``with_beta``) or its x block Z'WZ + P.  Building a sparse matrix by
+    scipy's block operations costs more than factoring it on a small map; here one ``bincount`` fills it."""
+
+    def __init__(self, laplace: SpatialLaplace, with_beta: bool):
+        prior, area = laplace.prior, laplace.sdesign.area
+        p = laplace.p if with_beta else 0
+        n, m, k = prior.n, laplace.m, laplace.sizes.size
+        self.p, self.n, self.area, self.size = p, n, area, p + m + k
+        fixed, areas = np.arange(p), np.arange(n)
+        pr, pc, _ = prior.precision_entries(1.0, 0.5)
+        c = laplace.constraints_x.tocoo()
+        parts = [
+            (np.repeat(fixed, p), np.tile(fixed, p)),  # X'WX, row-major
+            (np.repeat(fixed, n), p + np.tile(areas, p)),  # X'WZ, (p, n) row-major
+            (p + np.tile(areas, p), np.repeat(fixed, n)),  # Z'WX, the same values
+            (p + areas, p + areas),  # Z'WZ
+            (p + pr, p + pc),  # P
+            (p + c.row, p + m + c.col), (p + m + c.col, p + c.row),  # C and C'
+        ]
+        rows = np.concatenate([r for r, _ in parts])
+        cols = np.concatenate([col for _, col in parts])
+        pattern = scipy.sparse.csc_matrix((np.ones(rows.size), (rows, cols)), shape=(self.size, self.size))
+        pattern.sum_duplicates()
+        pattern.sort_indices()
+        self.indices, self.indptr, self.nnz = pattern.indices, pattern.indptr, pattern.nnz
+        keys = np.repeat(np.arange(self.size), np.diff(pattern.indptr)) * self.size + pattern.indices
+        self.positions = np.searchsorted(keys, cols * self.size + rows)
+        self.ones = np.ones(2 * c.nnz)
+
+    def factor(self, X: np.ndarray, w: np.ndarray, precision_values: np.ndarray):
+        """SuperLU factor of the bordered matrix at working weights w and the precision's values."""
+        p, n = self.p, self.n
+        if p:
+            Xw = X * w[:, None]
+            cross = np.stack([np.bincount(self.area, weights=Xw[:, j], minlength=n) for j in range(p)])
+            head = [(X.T @ Xw).ravel(), cross.ravel(), cross.ravel()]
+        else:
+            head = []
+        values = np.concatenate(head + [np.bincount(self.area, weights=w, minlength=n), precision_values, self.ones])
+        data = np.bincount(self.positions, weights=values, minlength=self.nnz)
+        matrix = scipy.sparse.csc_matrix((data, self.indices, self.indptr), shape=(self.size, self.size))
+        return scipy.sparse.linalg.splu(matrix)
+
+
+class SpatialLaplace:
+    """The criterion of the module docstring as a function of psi, with the mode carried from one psi to the next."""
+
+    def __init__(self, sdesign: SpatialDesign, reml: bool):
+        design = sdesign.design
+        self.sdesign, self.reml = sdesign, reml
+        self.gaussian = design.family is None
+        if not self.gaussian and design.family.name not in FAMILIES:
+            raise ArgumentError(f"the closed-form spatial fit takes families {FAMILIES[1:]} (and a Gaussian "
+                                f"response); {design.family.name!r} is sampled by hp.bayes")
+        self.family = None if self.gaussian else family(design.family)
+        self.prior = CarPrior(sdesign.graph, sdesign.term.type)
+        self.X = np.asarray(design.X, dtype=float)
+        self.y = np.asarray(design.y, dtype=float)
+        self.offset = np.asarray(design.offset, dtype=float)
+        self.prior_weights = np.asarray(design.row_weights, dtype=float)
+        self.p, self.m, rows = self.X.shape[1], self.prior.n_latent, len(self.y)
+        self.area = sdesign.area
+        cx = self.prior.latent_constraints
+        self.constraints_x = cx
+        self.sizes = np.asarray(cx.sum(axis=0)).ravel()
+        self.full = _Bordered(self, with_beta=True)
+        self.latent_only = _Bordered(self, with_beta=False)
+        self._theta = np.zeros(self.p + self.m)
+        self._started = False
+        self.evaluations = 0
+
+    # -- parameters ------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return ["log_sd"] + (["logit_mix"] if self.prior.has_mix else []) + (["log_sigma"] if self.gaussian else [])
+
+    def bounds(self) -> list[tuple[float, float]]:
+        return [LOG_SD_BOUNDS] + ([LOGIT_BOUNDS] if self.prior.has_mix else []) + (
+            [LOG_SD_BOUNDS] if self.gaussian else [])
+
+    def unpack(self, psi) -> tuple[float, float, float]:
+        """(sd, mix, sigma) of psi (mix 0 without one, sigma 1 for a GLMM)."""
+        psi = np.asarray(psi, dtype=float)
+        sd = float(np.exp(psi[0]))
+        mix = float(expit(psi[1])) if self.prior.has_mix else 0.0
+        sigma = float(np.exp(psi[-1])) if self.gaussian else 1.0
+        return sd, mix, sigma
+
+    def start(self) -> np.ndarray:
+        """psi's start: the best of a coarse grid of sds (:data:`START_SDS`, times sd(y) for a Gaussian, whose
+        sigma starts at half sd(y)), mix 1/2.  The criterion need not be convex in psi (a small sd can be a
+        local minimum), and L-BFGS-B's first line search from a poor start can run to a bound."""
+        scale = float(np.std(self.y)) if self.gaussian else 1.0
+        scale = scale if scale > 0 else 1.0
+        rest = ([0.0] if self.prior.has_mix else []) + ([np.log(0.5 * scale)] if self.gaussian else [])
+        grid = [np.array([np.log(sd * scale)] + rest) for sd in START_SDS]
+        return min(grid, key=self.criterion)
+
+    # -- the mode ----------------------------------------------------------------------------------------------
+    def _loglik_and_working(self, eta, sigma):
+        """(sum l_i, working weights, working residuals) at eta."""
+        if self.gaussian:
+            a = self.prior_weights
+            r = self.y - eta
+            loglik = float(np.sum(-0.5 * np.log(2 * np.pi * sigma**2 / a) - a * r**2 / (2 * sigma**2)))
+            return loglik, a / sigma**2, r
+        mu, w, residual = self.family.working(self.y, eta, self.prior_weights)
+        return float(np.sum(self.family.log_likelihood(self.y, mu, self.prior_weights))), w, residual
+
+    def _eta(self, theta):
+        return self.X @ theta[: self.p] + self.offset + theta[self.p:][self.area]
+
+    def _penalty(self, x, entries) -> float:
+        rows, cols, values = entries
+        return float(np.sum(values * x[rows] * x[cols]))
+
+    def mode(self, psi, beta=None) -> _Mode:
+        """The constrained joint mode of (beta, x) at psi, or of x alone at a given beta (Fisher scoring with step
+        halving, from the last mode)."""
+        sd, mix, sigma = self.unpack(psi)
+        entries = self.prior.precision_entries(sd, mix)
+        theta = self._theta.copy()
+        if beta is not None:
+            theta[: self.p] = beta
+        if not self._started and not self.gaussian:  # glm-style start: the family's starting mean on the link scale
+            eta0 = self.family.link(self.family.starting_mean(self.y, self.prior_weights)) - self.offset
+            theta[: self.p] = np.linalg.lstsq(self.X, eta0, rcond=None)[0] if self.p else theta[: self.p]
+        objective, previous = None, theta
+        for _ in range(PIRLS_MAX_STEPS):
+            eta = self._eta(theta)
+            loglik, w, residual = self._loglik_and_working(eta, sigma)
+            current = -loglik + 0.5 * self._penalty(theta[self.p:], entries)
+            if objective is not None and current > objective + 1e-10 * (1 + abs(objective)):
+                theta = 0.5 * (theta + previous)  # step halving
+                continue
+            if objective is not None and (
+                    np.max(np.abs(theta - previous)) <= PIRLS_TOL * (1 + np.max(np.abs(theta)))
+                    or objective - current <= 1e-15 * (1 + abs(current))):  # at the floating-point floor
+                break
+            objective, previous = current, theta
+            working = w * (eta - self.offset + residual)
+            if beta is None:
+                factor = self.full.factor(self.X, w, entries[2])
+                rhs = np.concatenate([self.X.T @ working, np.bincount(self.area, weights=working, minlength=self.m),
+                                      np.zeros(self.sizes.size)])
+                theta = factor.solve(rhs)[: self.p + self.m]
+            else:  # x alone: the working response less X beta
+                factor = self.latent_only.factor(self.X, w, entries[2])
+                working = working - w * (self.X @ beta)
+                rhs = np.concatenate([np.bincount(self.area, weights=working, minlength=self.m),
+                                      np.zeros(self.sizes.size)])
+                theta = np.concatenate([beta, factor.solve(rhs)[: self.m]])
+            if self.gaussian:  # the quadratic is exact: one step is the mode
+                break
+        else:
+            warnings.warn("PIRLS did not converge in the spatial Laplace fit", ConvergenceWarning, stacklevel=3)
+        self._theta, self._started = theta, True
+        eta = self._eta(theta)
+        loglik, w, _ = self._loglik_and_working(eta, sigma)
+        return _Mode(theta, eta, w, loglik, self._penalty(theta[self.p:], entries))
+
+    def criterion(self, psi, beta=None) -> float:
+        """-2 log of the (restricted) marginal likelihood's Laplace approximation at psi (module docstring); with
+        ``beta``, the ML criterion at that beta (the mode of x alone: glmer's second stage)."""
+        self.evaluations += 1
+        sd, mix, _ = self.unpack(psi)
+        mode = self.mode(psi, beta)
+        values = self.prior.precision_entries(sd, mix)[2]
+        log_det_prior = self.prior.log_det(sd, mix)
+        assembly = self.full if self.reml and beta is None else self.latent_only
+        log_det_h = factor_log_abs_det(assembly.factor(self.X, mode.weights, values)) - np.sum(np.log(self.sizes))
+        extra = self.p * np.log(2 * np.pi) if self.reml and beta is None else 0.0
+        return -2.0 * mode.loglik + mode.quadratic - log_det_prior + log_det_h - extra
+
+
+def fit_spatial(sdesign: SpatialDesign, reml: bool, stages: int = 2) -> SpatialFit:
+    """Fit a spatial model by the Laplace approximation (module docstring); psi by L-BFGS-B.
+
+    A GLMM's ML fit has glmer's two stages: psi with beta at the joint mode (``stages=1``, glmer's ``nAGQ = 0``),
+    then (psi, beta) together with the mode of x alone at each beta (``stages=2``, glmer's Laplace,
+    ``nAGQ = 1``).  A Gaussian response or REML needs one: beta's profile is then exact (Gaussian) or beta is
+    integrated out (REML).
+    """
+    laplace = SpatialLaplace(sdesign, reml)
+
+    def objective(psi):
+        value = laplace.criterion(psi)
+        return value if np.isfinite(value) else 1e300
+
+    bounds = laplace.bounds()
+    result = _minimize(objective, laplace.start(), bounds)
+    psi, beta = result.x, None
+    if stages == 2 and not reml and not laplace.gaussian:
+        laplace.mode(psi)
+        k = len(psi)
+
+        def joint(values):
+            value = laplace.criterion(values[:k], values[k:])
+            return value if np.isfinite(value) else 1e300
+
+        start = np.concatenate([psi, laplace._theta[: laplace.p]])
+        result = _minimize(joint, start, bounds + [(None, None)] * laplace.p)
+        psi, beta = result.x[:k], result.x[k:]
+    at_bound = [name for name, value, (low, high) in zip(laplace.names(), psi, bounds)
+                if min(value - low, high - value) < 1e-2]
+    if at_bound:
+        warnings.warn(f"the spatial fit's {', '.join(at_bound)} is at its bound: the maximum of the likelihood "
+                      "is at a spatial sd of zero, or a mixing parameter of 0 or 1 (a singular fit)",
+                      ConvergenceWarning, stacklevel=3)
+    return SpatialFit(laplace=laplace, psi=psi, beta=beta, optimizer=result, stages=stages)
+
+
+def _minimize(objective, start, bounds):
+    """L-BFGS-B, restarted from where it stopped while a restart still lowers the criterion (up to
+    :data:`RESTARTS` times): its line search gives up on a criterion that flattens towards a bound (BYM2's
+    rho -> 1 when the effects are all spatial), and a fresh start's first step goes on."""
+    options = {"ftol": 1e-15, "gtol": 1e-9, "maxiter": 500, "eps": FD_STEP}
+    result = scipy.optimize.minimize(objective, start, method="L-BFGS-B", bounds=bounds, options=options)
+    for _ in range(RESTARTS):
+        again = scipy.optimize.minimize(objective, result.x, method="L-BFGS-B", bounds=bounds, options=options)
+        improved = again.fun < result.fun - 1e-12 * abs(result.fun)
+        result = again if again.fun <= result.fun else result
+        if not improved:
+            break
+    return result
+
+
+class SpatialFit:
+    """A spatial model fitted by the Laplace approximation (:func:`fit_spatial`): ``hp.lmm`` / ``hp.glmm`` with a
+    ``car(...)`` term and ``adjacency=``.
+
+    Attributes
+    ----------
+    sd, mix, sigma : float
+        The spatial sd, the type's mixing parameter (BYM2's rho, proper CAR's alpha; 0 for ICAR), the residual sd
+        (1 for a GLMM).
+    objective : float
+        The criterion at the optimum (-2 log likelihood, restricted for REML).
+    """
+
+    def __init__(self, *, laplace: SpatialLaplace, psi, beta, optimizer, stages: int):
+        self.laplace, self.psi, self.optimizer, self.stages = laplace, np.asarray(psi), optimizer, stages
+        self.objective = float(laplace.criterion(psi, beta))  # leaves the mode at the optimum
+        self.sdesign = laplace.sdesign
+        self.design = self.sdesign.design
+        self.reml = laplace.reml
+        self.sd, self.mix, self.sigma = laplace.unpack(psi)
+        self._mode = laplace.mode(psi, beta)
+        self._precision_values = laplace.prior.precision_entries(self.sd, self.mix)[2]
+
+    @property
+    def loglik(self) -> float:
+        return -0.5 * self.objective
+
+    @property
+    def n_params(self) -> int:
+        return self.design.p + len(self.psi)
+
+    @property
+    def aic(self) -> float:
+        return self.objective + 2 * self.n_params
+
+    @property
+    def beta(self) -> np.ndarray:
+        return self._mode.theta[: self.design.p]
+
+    @property
+    def latent(self) -> np.ndarray:
+        return self._mode.theta[self.design.p:]
+
+    @property
+    def fixef(self) -> pd.Series:
+        return pd.Series(self.beta, index=list(self.design.fixed_names), name="estimate")
+
+    def _factor(self, assembly):
+        return assembly.factor(self.laplace.X, self._mode.weights, self._precision_values)
+
+    @cached_property
+    def _factor_full(self):
+        return self._factor(self.laplace.full)
+
+    @cached_property
+    def vcov(self) -> pd.DataFrame:
+        """(H^-1)_beta beta under the constraints: the fixed effects' covariance given psi."""
+        p, total = self.design.p, self._factor_full.shape[0]
+        rhs = np.zeros((total, p))
+        rhs[np.arange(p), np.arange(p)] = 1.0
+        cov = self._factor_full.solve(rhs)[:p]
+        names = list(self.design.fixed_names)
+        return pd.DataFrame(0.5 * (cov + cov.T), index=names, columns=names)
+
+    @property
+    def fixef_se(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.diag(self.vcov.to_numpy())), index=self.vcov.index, name="se")
+
+    @cached_property
+    def _latent_variances(self) -> np.ndarray:
+        """diag of the constrained (H_xx)^-1: each latent coordinate's conditional variance given beta^."""
+        laplace = self.laplace
+        factor = self._factor(laplace.latent_only)
+        total, m = factor.shape[0], laplace.m
+        out = np.empty(m)
+        for start in range(0, m, SOLVE_CHUNK):
+            stop = min(m, start + SOLVE_CHUNK)
+            rhs = np.zeros((total, stop - start))
+            rhs[np.arange(start, stop), np.arange(stop - start)] = 1.0
+            out[start:stop] = factor.solve(rhs)[np.arange(start, stop), np.arange(stop - start)]
+        return out
+
+    def _spatial_part(self) -> np.ndarray | None:
+        """BYM2's structured part sigma sqrt(rho) S v of each area's effect (None for the other types)."""
+        prior = self.laplace.prior
+        if prior.type != "bym2":
+            return None
+        v = self.latent[prior.n:]
+        return self.sd * np.sqrt(self.mix) * v / np.sqrt(prior.scaling)
+
+    def ranef(self) -> pd.DataFrame:
+        """Each area's effect b (its conditional mode), conditional sd, and for BYM2 the spatial part
+        sd sqrt(rho) S v and the unstructured rest; for a log link its relative risk exp(b), the area's risk
+        against the covariates' expectation; ``rows`` the area's number of data rows."""
+        prior = self.laplace.prior
+        b = self.latent[: prior.n]
+        table = pd.DataFrame({"effect": b, "condsd": np.sqrt(self._latent_variances[: prior.n])},
+                             index=pd.Index(self.sdesign.graph.labels, name=self.sdesign.term.factor))
+        spatial = self._spatial_part()
+        if spatial is not None:
+            table["spatial"] = spatial
+            table["unstructured"] = b - spatial
+        if self._log_link:
+            table["relative_risk"] = np.exp(b)
+        table["rows"] = self.sdesign.area_rows()
+        return table
+
+    @property
+    def _log_link(self) -> bool:
+        return self.design.family is not None and self.design.family.link == "log"
+
+    def relative_risk(self, level: float = 0.95) -> pd.DataFrame:
+        """Per area with data (log link): observed and expected counts (expected = exp(offset), summed over the
+        area's rows), the raw SIR observed / expected, and the smoothed relative risk sum mu^ / expected with an
+        interval exp(log RR +- z condsd) from the effect's conditional sd (beta held at beta^)."""
+        if not self._log_link:
+            raise ArgumentError("relative risks are for a count model with a log link (family='poisson')")
+        expected = np.exp(self.design.offset)
+        mu = np.exp(self._mode.eta)
+        return area_risk_table(self.sdesign, self.design.y * self.design.row_weights, expected, mu,
+                               self.ranef()["condsd"].to_numpy(), level)
+
+    def hyperparameters(self) -> pd.Series:
+        """sd, the mixing parameter (named rho for BYM2, alpha for a proper CAR) and sigma (Gaussian)."""
+        out = {"sd": self.sd}
+        if self.laplace.prior.has_mix:
+            out["rho" if self.laplace.prior.type == "bym2" else "alpha"] = self.mix
+        if self.laplace.gaussian:
+            out["sigma"] = self.sigma
+        return pd.Series(out)
+
+    def summary(self) -> str:
+        kind = "REML" if self.reml else "ML"
+        engine = "Gaussian" if self.laplace.gaussian else f"{self.design.family.name}, Laplace"
+        lines = [f"Spatial model ({self.sdesign.term.label}; {engine}, {kind}), {self.design.n} rows, "
+                 f"{self.sdesign.n_areas} areas",
+                 f"formula: {self.design.spec.formula}", f"criterion: {self.objective:.4f}  logLik: {self.loglik:.4f}",
+                 "", "Fixed effects:", pd.DataFrame({"estimate": self.fixef, "se": self.fixef_se}).to_string(),
+                 "", "Spatial term:", self.hyperparameters().to_string()]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+
+def area_risk_table(sdesign: SpatialDesign, observed: np.ndarray, expected: np.ndarray, fitted: np.ndarray,
+                    log_sd: np.ndarray | None, level: float) -> pd.DataFrame:
+    """Per area with rows: observed, expected, SIR and the smoothed risk sum fitted / sum expected, with an
+    interval from each area's log-scale sd where given (one per area of the graph)."""
+    n = sdesign.n_areas
+    sums = [np.bincount(sdesign.area, weights=v, minlength=n) for v in (observed, expected, fitted)]
+    has = sdesign.area_rows() > 0
+    table = pd.DataFrame({"observed": sums[0], "expected": sums[1], "sir": sums[0] / np.where(has, sums[1], np.nan),
+                          "relative_risk": sums[2] / np.where(has, sums[1], np.nan)},
+                         index=pd.Index(sdesign.graph.labels, name=sdesign.term.factor))
+    if log_sd is not None:
+        z = stats.norm.ppf(0.5 + level / 2)
+        table["lower"] = table["relative_risk"] * np.exp(-z * log_sd)
+        table["upper"] = table["relative_risk"] * np.exp(z * log_sd)
+    return table.loc[has]

@@ -1,0 +1,130 @@
+"""The design of a disease-mapping model: a formula with one spatial term ``car(area, type=...)`` and its graph.
+
+    y_i ~ family(mu_i),   g(mu_i) = x_i' beta + offset_i + b[area(i)],
+
+b one effect per area of the neighbourhood graph (:class:`hierpool.spec.adjacency.Graph`), every area of the
+graph (areas without rows get an effect too, predicted from their neighbours), with the prior of the term's type
+(:mod:`hierpool.algebra.icar`).  ``adjacency=`` is what :func:`hierpool.spec.adjacency.graph` reads (an edge list,
+a labelled 0/1 matrix, polygons), or a dict keyed by the term's area column, or None when ``data`` is a geopandas
+GeoDataFrame (neighbours by queen contiguity of its geometry, one row per area).
+
+Refused by name: an area of the data that is not in the graph; an island (an area without neighbours) under an
+intrinsic CAR unless ``islands='independent'``, or under a proper CAR; a formula with several spatial terms, or a
+spatial term beside ``(... | g)`` terms (not built yet); adjacency= without a spatial term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ArgumentError, DataError, FormulaError
+from .adjacency import Graph, graph
+from .design import Design, build_design
+from .family import FamilySpec
+from .formula import SpatialTermSpec, parse_formula
+
+
+@dataclass(frozen=True)
+class SpatialDesign:
+    """A spatial model's design.
+
+    Attributes
+    ----------
+    design : Design
+        The fixed part, offsets, weights and family (no ``(... | g)`` terms).
+    term : SpatialTermSpec
+    graph : Graph
+    area : numpy.ndarray of int
+        Each row's area, an index into ``graph.labels``.
+    """
+
+    design: Design
+    term: SpatialTermSpec
+    graph: Graph
+    area: np.ndarray
+
+    @property
+    def n_areas(self) -> int:
+        return self.graph.n
+
+    @property
+    def islands(self) -> np.ndarray:
+        """Areas without neighbours."""
+        return self.graph.degree == 0
+
+    def area_rows(self) -> np.ndarray:
+        """Number of data rows of each area."""
+        return np.bincount(self.area, minlength=self.graph.n)
+
+
+def _geometry_of(frame, factor: str, what: str) -> dict:
+    """Area label -> geometry of a GeoDataFrame (anything with a ``geometry`` column of ``__geo_interface__``)."""
+    if factor not in frame.columns:
+        raise DataError(f"{what} has no column {factor!r} of area labels")
+    shapes = {}
+    for label, shape in zip(frame[factor].astype(str), frame.geometry):
+        shapes.setdefault(label, shape)  # one area may have several rows (strata): its geometry once
+    return shapes
+
+
+def _has_geometry(frame) -> bool:
+    return isinstance(frame, pd.DataFrame) and hasattr(frame, "geometry") and "geometry" in frame.columns
+
+
+def resolve_graph(adjacency, data: pd.DataFrame, term: SpatialTermSpec) -> Graph:
+    """The term's :class:`Graph` from ``adjacency=`` (module docstring)."""
+    if isinstance(adjacency, dict) and term.factor in adjacency and not _polygons(adjacency[term.factor]):
+        adjacency = adjacency[term.factor]
+    if adjacency is None:
+        if not _has_geometry(data):
+            raise ArgumentError(f"{term.label} needs the areas' neighbourhood graph: give adjacency= (an edge list, a "
+                                "labelled 0/1 matrix or polygons), or data as a GeoDataFrame")
+        return graph(_geometry_of(data, term.factor, "data"), name="data's geometry")
+    if _has_geometry(adjacency):
+        return graph(_geometry_of(adjacency, term.factor, "adjacency"), name="adjacency")
+    return graph(adjacency, name="adjacency")
+
+
+def _polygons(value) -> bool:
+    """Whether a dict value is one area's polygons (so the dict is label -> polygons, not factor -> adjacency)."""
+    return isinstance(value, list) or hasattr(value, "__geo_interface__")
+
+
+def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: FamilySpec | None = None,
+                   weights=None, offset=None) -> SpatialDesign:
+    """Check a spatial formula, its data and its graph; build the :class:`SpatialDesign`."""
+    binomial = family is not None and family.name == "binomial"
+    spec = parse_formula(formula, binomial_counts=binomial, random_optional=True)
+    if not spec.spatial:
+        raise ArgumentError(f"adjacency= is given but {formula!r} has no spatial term such as car(area, type='bym2')")
+    if len(spec.spatial) > 1:
+        raise FormulaError(f"{formula!r} has {len(spec.spatial)} spatial terms: one car(...) term per model for now")
+    if spec.random:
+        raise FormulaError(f"{formula!r} has a spatial term beside (... | g) terms: not built yet (one car(...) term, "
+                           "whose BYM2 type has its own unstructured effect)")
+    term = spec.spatial[0]
+    if isinstance(data, pd.DataFrame) and term.factor not in data.columns:
+        raise DataError(f"{term.label}: data has no column {term.factor!r}")
+    area_graph = resolve_graph(adjacency, data, term)
+    design = build_design(formula, data, weights=weights, offset=offset, family=family, random_optional=True,
+                          spatial=True)
+    labels = data.loc[design.rows, term.factor].astype(str).to_numpy()
+    area = pd.Index(area_graph.labels).get_indexer(labels)
+    if np.any(area < 0):
+        missing = [str(v) for v in pd.unique(labels[area < 0])[:5]]
+        raise DataError(f"areas {missing} of column {term.factor!r} are not in the adjacency graph "
+                        f"({area_graph.n} areas; an edge list names only areas with neighbours: give an island by a "
+                        "0/1 matrix or polygons)")
+    islands = area_graph.labels[area_graph.degree == 0]
+    if islands.size and term.type == "proper":
+        raise DataError(f"area {str(islands[0])!r} of column {term.factor!r} has no neighbours: a proper CAR "
+                        "gives it no prior (its precision row is zero); use type='bym2' or give its neighbours")
+    if islands.size and term.type == "icar" and term.islands == "error":
+        raise DataError(f"area {str(islands[0])!r} of column {term.factor!r} has no neighbours (an island, "
+                        f"{islands.size} in all): an intrinsic CAR gives it no prior; use "
+                        f"car({term.factor}, type='icar', islands='independent') for an independent effect "
+                        "(Freni-Sterrantino et al. 2018), type='bym2', or give its neighbours")
+    return SpatialDesign(design=design, term=term, graph=area_graph, area=area.astype(np.int64))

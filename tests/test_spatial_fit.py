@@ -1,0 +1,123 @@
+"""The closed-form spatial fit (hierpool.closedform.spatial): a Gaussian CAR model equals dense generalised least
+squares, V = sigma^2 I + Z Cov(b) Z' with Cov(b) the type's dense covariance (ICAR's and BYM2's through the
+Moore-Penrose inverse of the graph Laplacian), to 1e-8; the Poisson Laplace fit's pieces are checked against their
+dense definitions."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.optimize
+
+import hierpool as hp
+from hierpool.algebra.icar import scaling_factors
+from hierpool.closedform.spatial import SpatialFit
+from hierpool.errors import DataError
+from hierpool.spec.adjacency import graph as make_graph
+
+
+@pytest.fixture(scope="module")
+def nc():
+    return hp.datasets.nc_sids()
+
+
+@pytest.fixture(scope="module")
+def gaussian_data(nc):
+    """A Gaussian response on the North Carolina graph: three rows in most counties, none in five (predicted from
+    their neighbours), one in the rest; area effects half spatial, half not (BYM2's rho inside (0, 1))."""
+    rng = np.random.default_rng(19)
+    g = make_graph(nc.adjacency)
+    q = np.diag(g.degree) - g.adjacency_matrix().toarray()
+    spatial = rng.multivariate_normal(np.zeros(g.n), np.linalg.pinv(q)) * 1.0 + rng.normal(scale=0.5, size=g.n)
+    rows = np.repeat(np.arange(g.n), np.where(np.arange(g.n) % 3 == 0, 1, 3))
+    rows = rows[~np.isin(rows, [4, 17, 33, 58, 90])]
+    x = rng.normal(size=rows.size)
+    y = 1.0 + 0.5 * x + spatial[rows] + rng.normal(scale=0.4, size=rows.size)
+    return pd.DataFrame({"y": y, "x": x, "county": g.labels[rows]})
+
+
+def dense_covariance(g, type_, sd, mix):
+    """Cov(b) of the spatial term, dense: the definitions, not the sparse algebra."""
+    q = np.diag(g.degree).astype(float) - g.adjacency_matrix().toarray()
+    if type_ == "proper":
+        return sd**2 * np.linalg.inv(np.diag(g.degree) - mix * g.adjacency_matrix().toarray())
+    structured = np.linalg.pinv(q + np.diag((g.degree == 0).astype(float)))
+    if type_ == "icar":
+        return sd**2 * structured
+    s = np.diag(1 / np.sqrt(scaling_factors(g)))
+    return sd**2 * ((1 - mix) * np.eye(g.n) + mix * s @ structured @ s)
+
+
+def dense_gls(fit: SpatialFit, sd=None, mix=None, sigma=None):
+    """(-2 log likelihood, beta, BLUPs, conditional sds given beta) by dense GLS at (sd, mix, sigma)."""
+    sd, mix, sigma = (fit.sd if sd is None else sd), (fit.mix if mix is None else mix), (fit.sigma if sigma is None
+                                                                                       else sigma)
+    g, design = fit.sdesign.graph, fit.design
+    Z = np.zeros((design.n, g.n))
+    Z[np.arange(design.n), fit.sdesign.area] = 1.0
+    cov = dense_covariance(g, fit.sdesign.term.type, sd, mix)
+    V = sigma**2 * np.eye(design.n) + Z @ cov @ Z.T
+    Vi = np.linalg.inv(V)
+    X, y = design.X, design.y
+    beta = np.linalg.solve(X.T @ Vi @ X, X.T @ Vi @ y)
+    r = y - X @ beta
+    n, p = X.shape
+    value = np.linalg.slogdet(V)[1] + r @ Vi @ r
+    value += (n - p) * np.log(2 * np.pi) + np.linalg.slogdet(X.T @ Vi @ X)[1] if fit.reml else n * np.log(2 * np.pi)
+    blup = cov @ Z.T @ Vi @ r
+    condsd = np.sqrt(np.diag(cov - cov @ Z.T @ Vi @ Z @ cov))
+    return value, beta, blup, condsd
+
+
+CASES = [("icar", True), ("icar", False), ("bym2", True), ("proper", False)]
+
+
+@pytest.fixture(scope="module")
+def gaussian_fits(nc, gaussian_data):
+    out = {}
+    for type_, reml in CASES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a mixing parameter at its bound is the data's, not the test's
+            out[type_, reml] = hp.lmm(f"y ~ x + car(county, type='{type_}')", gaussian_data, reml=reml,
+                                      adjacency=nc.adjacency)
+    return out
+
+
+@pytest.mark.parametrize("type_,reml", CASES)
+def test_gaussian_car_fit_equals_dense_generalised_least_squares(gaussian_fits, type_, reml):
+    fit = gaussian_fits[type_, reml]
+    value, beta, blup, condsd = dense_gls(fit)
+    assert fit.objective == pytest.approx(value, rel=1e-10), "criterion differs from the dense GLS one"
+    np.testing.assert_allclose(fit.beta, beta, rtol=1e-8, atol=1e-10, err_msg="fixed effects differ from GLS")
+    ranef = fit.ranef()
+    np.testing.assert_allclose(ranef["effect"], blup, rtol=1e-8, atol=1e-10, err_msg="BLUPs differ")
+    np.testing.assert_allclose(ranef["condsd"], condsd, rtol=1e-8, err_msg="conditional sds differ")
+    np.testing.assert_allclose(fit.vcov.to_numpy(), _dense_vcov(fit), rtol=1e-8, err_msg="vcov(beta) differs")
+    # the fit is the dense criterion's optimum: no direction from it lowers it by more than 1e-8 (relative)
+    psi0 = np.log([fit.sd, fit.sigma]) if type_ == "icar" else np.r_[np.log(fit.sd), fit.psi[1], np.log(fit.sigma)]
+
+    def dense(psi):
+        if type_ == "icar":
+            return dense_gls(fit, sd=np.exp(psi[0]), sigma=np.exp(psi[1]))[0]
+        logit = np.clip(psi[1], -12, 12)  # the fit's bounds on the mixing parameter's logit
+        return dense_gls(fit, sd=np.exp(psi[0]), mix=1 / (1 + np.exp(-logit)), sigma=np.exp(psi[2]))[0]
+
+    best = scipy.optimize.minimize(dense, psi0, method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-12}).fun
+    assert best >= fit.objective - 1e-8 * abs(fit.objective), f"dense optimum {best} below the fit's {fit.objective}"
+
+
+def _dense_vcov(fit):
+    g, design = fit.sdesign.graph, fit.design
+    Z = np.zeros((design.n, g.n))
+    Z[np.arange(design.n), fit.sdesign.area] = 1.0
+    V = fit.sigma**2 * np.eye(design.n) + Z @ dense_covariance(g, fit.sdesign.term.type, fit.sd, fit.mix) @ Z.T
+    return np.linalg.inv(design.X.T @ np.linalg.solve(V, design.X))
+
+
+def test_areas_without_rows_are_predicted_from_their_neighbours(gaussian_fits, gaussian_data):
+    ranef = gaussian_fits["icar", True].ranef()
+    empty = ranef.index[ranef["rows"] == 0]
+    assert len(empty) == 5 and set(empty).isdisjoint(gaussian_data["county"]), "the five counties without rows"
+    assert np.all(ranef.loc[empty, "effect"] != 0), "an area without rows borrows from its neighbours"
+    assert np.all(ranef.loc[empty, "condsd"] > ranef["condsd"].drop(empty).median()), "and is less certain"
