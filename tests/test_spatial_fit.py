@@ -13,7 +13,6 @@ import scipy.optimize
 import hierpool as hp
 from hierpool.algebra.icar import scaling_factors
 from hierpool.closedform.spatial import SpatialFit
-from hierpool.errors import DataError
 from hierpool.spec.adjacency import graph as make_graph
 
 

@@ -135,7 +135,7 @@ class SpatialLaplace:
         self.y = np.asarray(design.y, dtype=float)
         self.offset = np.asarray(design.offset, dtype=float)
         self.prior_weights = np.asarray(design.row_weights, dtype=float)
-        self.p, self.m, rows = self.X.shape[1], self.prior.n_latent, len(self.y)
+        self.p, self.m = self.X.shape[1], self.prior.n_latent
         self.area = sdesign.area
         cx = self.prior.latent_constraints
         self.constraints_x = cx
