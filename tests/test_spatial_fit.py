@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.optimize
+import scipy.special
+import scipy.stats
 
 import hierpool as hp
 from hierpool.algebra.icar import scaling_factors
@@ -93,17 +95,20 @@ def test_gaussian_car_fit_equals_dense_generalised_least_squares(gaussian_fits, 
     np.testing.assert_allclose(ranef["effect"], blup, rtol=1e-8, atol=1e-10, err_msg="BLUPs differ")
     np.testing.assert_allclose(ranef["condsd"], condsd, rtol=1e-8, err_msg="conditional sds differ")
     np.testing.assert_allclose(fit.vcov.to_numpy(), _dense_vcov(fit), rtol=1e-8, err_msg="vcov(beta) differs")
-    # the fit is the dense criterion's optimum: no direction from it lowers it by more than 1e-8 (relative)
+    # the fit is the dense criterion's optimum: its central-difference gradient there is nil, and no step of 1e-3
+    # along a parameter lowers it (the mixing parameter's logit is bounded at +-12, where it may rest)
     psi0 = np.log([fit.sd, fit.sigma]) if type_ == "icar" else np.r_[np.log(fit.sd), fit.psi[1], np.log(fit.sigma)]
 
     def dense(psi):
         if type_ == "icar":
             return dense_gls(fit, sd=np.exp(psi[0]), sigma=np.exp(psi[1]))[0]
-        logit = np.clip(psi[1], -12, 12)  # the fit's bounds on the mixing parameter's logit
-        return dense_gls(fit, sd=np.exp(psi[0]), mix=1 / (1 + np.exp(-logit)), sigma=np.exp(psi[2]))[0]
+        return dense_gls(fit, sd=np.exp(psi[0]), mix=1 / (1 + np.exp(-psi[1])), sigma=np.exp(psi[2]))[0]
 
-    best = scipy.optimize.minimize(dense, psi0, method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-12}).fun
-    assert best >= fit.objective - 1e-8 * abs(fit.objective), f"dense optimum {best} below the fit's {fit.objective}"
+    for k in range(len(psi0)):
+        step = np.eye(len(psi0))[k] * 1e-3
+        up, down = dense(psi0 + step), dense(psi0 - step)
+        assert abs(up - down) / 2e-3 < 1e-3, f"the dense criterion's gradient along {k} is not nil at the fit"
+        assert min(up, down) > fit.objective - 1e-8 * abs(fit.objective), f"a step along {k} lowers it"
 
 
 def _dense_vcov(fit):
@@ -120,3 +125,55 @@ def test_areas_without_rows_are_predicted_from_their_neighbours(gaussian_fits, g
     assert len(empty) == 5 and set(empty).isdisjoint(gaussian_data["county"]), "the five counties without rows"
     assert np.all(ranef.loc[empty, "effect"] != 0), "an area without rows borrows from its neighbours"
     assert np.all(ranef.loc[empty, "condsd"] > ranef["condsd"].drop(empty).median()), "and is less certain"
+
+
+@pytest.fixture(scope="module")
+def poisson_fit(nc):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hp.glmm("sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type='bym2')", nc.data,
+                       family="poisson", adjacency=nc.adjacency)
+
+
+def test_the_poisson_laplace_criterion_is_the_dense_laplace_approximation(poisson_fit):
+    """At a beta and psi of our choosing, the sparse criterion (the joint (b, phi) latent under the constraint)
+    equals the Laplace approximation written densely on b alone, b ~ N(0, Cov(b)): integrating phi out of a
+    Gaussian prior is exact, so the two are the same number."""
+    fit = poisson_fit
+    laplace, design, area = fit.laplace, fit.design, fit.sdesign.area
+    beta, sd, mix = np.array([-0.6, 1.8]), 0.35, 0.6
+    psi = np.array([np.log(sd), np.log(mix / (1 - mix))])
+    value = laplace.criterion(psi, beta)
+    cov = dense_covariance(fit.sdesign.graph, "bym2", sd, mix)
+    precision = np.linalg.inv(cov)
+    y, offset, X = design.y, design.offset, design.X
+    b = np.zeros(100)
+    for _ in range(50):  # Newton on the dense log posterior of b
+        mu = np.exp(offset + X @ beta + b[area])
+        gradient = np.bincount(area, y - mu, minlength=100) - precision @ b
+        b = b + np.linalg.solve(precision + np.diag(np.bincount(area, mu, minlength=100)), gradient)
+    mu = np.exp(offset + X @ beta + b[area])
+    loglik = np.sum(y * np.log(mu) - mu - scipy.special.gammaln(y + 1))
+    dense = (-2 * loglik + b @ precision @ b + np.linalg.slogdet(cov)[1]
+             + np.linalg.slogdet(precision + np.diag(np.bincount(area, mu, minlength=100)))[1])
+    assert value == pytest.approx(dense, rel=1e-9), "the sparse Laplace criterion is not the dense one"
+
+
+def test_the_poisson_fit_reports_modes_relative_risks_and_parts(poisson_fit, nc):
+    fit = poisson_fit
+    ranef = fit.ranef()
+    np.testing.assert_allclose(ranef["spatial"] + ranef["unstructured"], ranef["effect"], atol=1e-12,
+                               err_msg="BYM2's parts add up to the effect")
+    np.testing.assert_allclose(ranef["relative_risk"], np.exp(ranef["effect"]), err_msg="exp(b)")
+    risk = fit.relative_risk()
+    np.testing.assert_allclose(risk["expected"].to_numpy(), nc.data.set_index("county").loc[risk.index, "expected"],
+                               err_msg="expected counts come from the offset")
+    np.testing.assert_allclose(risk["sir"], risk["observed"] / risk["expected"], err_msg="raw SIR")
+    assert np.all((risk["lower"] < risk["relative_risk"]) & (risk["relative_risk"] < risk["upper"])), "intervals"
+    # shrinkage: the smoothed risks spread less than the raw ratios, most of all where little is expected
+    raw = np.log(risk["sir"] + 0.5 / risk["expected"])  # a zero count's log SIR, as 0.5 deaths
+    assert np.std(np.log(risk["relative_risk"])) < 0.8 * np.std(raw), "smoothing shrinks the spread"
+    moved = np.abs(np.log(risk["relative_risk"]) - raw)
+    assert scipy.stats.spearmanr(risk["expected"], moved)[0] < -0.3, "small counties move the most"
+    assert fit.loglik > -220 and 0.1 < fit.sd < 0.6, "a plausible fit of NC SIDS (brms: sd 0.28)"
+    assert fit.summary().startswith("Spatial model (car(county, type='bym2'); poisson, Laplace, ML)")

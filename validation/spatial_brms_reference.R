@@ -48,7 +48,9 @@ chained <- function(m) {  # keep the chains for MCSE: rebuild a draws_array with
   a <- array(as.numeric(m), dim = c(iter - warmup, chains, ncol(m)), dimnames = list(NULL, NULL, colnames(m)))
   as_draws_array(a)
 }
-log_rr_chains <- chained(beta %*% t(X) + rcar)
+# rcar is indexed by brms's locations (the grouping factor's levels, W's rows matched by name): standata's Jloc
+# gives each county's location
+log_rr_chains <- chained(beta %*% t(X) + rcar[, standata(fit)$Jloc])
 dimnames(log_rr_chains)$variable <- nc$county
 sampler <- nuts_params(fit)
 out <- list(

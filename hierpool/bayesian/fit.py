@@ -259,6 +259,7 @@ def bayes(
     correlation=None,
     relmat: dict | None = None,
     relmat_inverse: dict | None = None,
+    adjacency=None,
 ) -> BayesResult:
     """Fit a Bayesian linear or generalized linear mixed model: full posteriors of every fixed and random effect.
 
@@ -341,6 +342,12 @@ def bayes(
         (breeding values), and ``idata.posterior["heritability"]`` is the relationship term's variance over the
         sum of all variances (sds squared and sigma squared: h^2 for an intercept term and unweighted rows).
         ``variance=`` an ``hp.lmm`` fit with the same relationship holds its variances (exact draws).
+    adjacency : optional
+        The neighbourhood graph of a spatial term ``car(area, type='icar' | 'proper' | 'bym2')`` (disease mapping),
+        as :func:`hierpool.lmm` takes it: NUTS on every parameter, the ICAR's sum-to-zero constraint exact
+        (:mod:`hierpool.bayesian.spatial`; priors ``sd``, ``rho``, ``alpha`` there).  Returns a
+        :class:`~hierpool.bayesian.spatial.SpatialBayesResult`: each area's effect, BYM2's spatial and unstructured
+        parts, and for counts each area's relative risk with its exceedance probability.
 
     Returns
     -------
@@ -357,6 +364,11 @@ def bayes(
     Roberts & Skold 2007; :mod:`hierpool.bayesian.glmm`).
     """
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept)
+    if adjacency is not None:
+        return _bayes_spatial(formula, data, adjacency, chains, draws, tune, seed, priors, level, target_accept,
+                              progress, weights, offset, family, link,
+                              {"se": se, "variance": variance, "correlation": correlation, "relmat": relmat,
+                               "relmat_inverse": relmat_inverse}, method)
     if relmat is not None or relmat_inverse is not None:
         return _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, seed, priors, se, method,
                              variance, level, weights, offset, family, correlation, target_accept,
@@ -431,6 +443,27 @@ def _result(design, resolved, method, level, variance, held, beta, b, sds, cors,
     if stats is not None:
         result.diagnostics(warn=True)
     return result
+
+
+def _bayes_spatial(formula, data, adjacency, chains, draws, tune, seed, priors, level, target_accept, progress,
+                   weights, offset, family, link, unsupported: dict, method: str):
+    """``hp.bayes(..., adjacency=)``: NUTS on a spatial model (:mod:`hierpool.bayesian.spatial`)."""
+    from ..spec.spatial import spatial_design
+    from .spatial import bayes_spatial
+
+    for name, value in unsupported.items():
+        if value is not None:
+            raise ArgumentError(f"{name}= is not supported with a spatial term (adjacency=) yet")
+    if method not in ("auto", "full"):
+        raise ArgumentError(f"method={method!r}: a spatial model is sampled by NUTS on every parameter "
+                            "(method='auto' or 'full')")
+    gaussian = family is None or (isinstance(family, str) and family.strip().lower() == "gaussian")
+    if gaussian and link not in (None, "identity"):
+        raise ArgumentError(f"link {link!r} given for a Gaussian model, whose link is the identity")
+    spec = None if gaussian else family_spec(family, link)
+    sdesign = spatial_design(formula, data, adjacency, family=spec, weights=weights, offset=offset)
+    progress = sys.stderr.isatty() if progress is None else bool(progress)
+    return bayes_spatial(sdesign, priors, chains, draws, tune, seed, target_accept, progress, level)
 
 
 def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chains, draws, tune, seed, level,

@@ -49,6 +49,49 @@ def summarize_draws(draws: np.ndarray, level: float) -> dict[str, np.ndarray]:
     }
 
 
+def posterior_diagnostics(idata, warn: bool = True) -> pd.DataFrame:
+    """Worst R-hat and bulk/tail ESS per variable of a posterior, and divergent transitions.
+
+    Warns (``SamplingWarning``) when R-hat > ``R_HAT_MAX``, bulk or tail ESS <
+    ``ESS_MIN_PER_CHAIN`` per chain, or any transition diverged (Vehtari et al. 2021; Betancourt 2017).
+    """
+    posterior = idata.posterior
+    names = [name for name in posterior.data_vars if posterior[name].size]  # no beta in y ~ 0 + (1 | g)
+    blocks = [np.asarray(posterior[name].values, dtype=float) for name in names]
+    columns = np.concatenate([b.reshape(b.shape[0], b.shape[1], -1) for b in blocks], axis=-1)
+    owner = np.repeat(np.arange(len(names)), [int(np.prod(b.shape[2:])) for b in blocks])
+    stacked = np.moveaxis(columns, -1, 0)
+    # constant entries (a correlation matrix's diagonal) give NaN, skipped; a variable with no
+    # finite value (one chain: no R-hat) stays NaN
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        diagnosed = diagnose(stacked)  # R-hat and bulk ESS share one rank normalization
+        per_column = {"max_r_hat": (diagnosed["r_hat"], np.nanmax), "min_ess_bulk": (diagnosed["ess_bulk"], np.nanmin),
+                      "min_ess_tail": (ess_tail(stacked), np.nanmin)}
+        table = pd.DataFrame(
+            {key: [float(reduce(values[owner == i])) for i in range(len(names))]
+             for key, (values, reduce) in per_column.items()},
+            index=pd.Index(names, name="variable"),
+        )
+    divergences = int(idata.sample_stats["diverging"].values.sum()) if "sample_stats" in idata else 0
+    table.attrs["divergences"] = divergences
+    if warn:
+        chains = posterior.sizes["chain"]
+        problems = []
+        if chains > 1 and table["max_r_hat"].max() > R_HAT_MAX:
+            problems.append(f"R-hat up to {table['max_r_hat'].max():.3f} (> {R_HAT_MAX})")
+        if min(table["min_ess_bulk"].min(), table["min_ess_tail"].min()) < ESS_MIN_PER_CHAIN * chains:
+            problems.append(
+                f"ESS as low as {min(table['min_ess_bulk'].min(), table['min_ess_tail'].min()):.0f} "
+                f"(< {ESS_MIN_PER_CHAIN} per chain)"
+            )
+        if divergences:
+            problems.append(f"{divergences} divergent transitions")
+        if problems:
+            warnings.warn("sampling diagnostics: " + "; ".join(problems), SamplingWarning, stacklevel=3)
+    return table
+
+
 @dataclass(frozen=True, eq=False)
 class BayesResult:
     """Posterior of a linear or generalized linear mixed model (``design.family`` None for the linear one).
@@ -368,46 +411,8 @@ class BayesResult:
 
     # --- diagnostics ---------------------------------------------------------------------
     def diagnostics(self, warn: bool = True) -> pd.DataFrame:
-        """Worst R-hat and bulk/tail ESS per variable, and divergent transitions.
-
-        Warns (``SamplingWarning``) when R-hat > ``R_HAT_MAX``, bulk or tail ESS <
-        ``ESS_MIN_PER_CHAIN`` per chain, or any transition diverged (Vehtari et al. 2021; Betancourt 2017).
-        """
-        posterior = self.idata.posterior
-        names = [name for name in posterior.data_vars if posterior[name].size]  # no beta in y ~ 0 + (1 | g)
-        blocks = [np.asarray(posterior[name].values, dtype=float) for name in names]
-        columns = np.concatenate([b.reshape(b.shape[0], b.shape[1], -1) for b in blocks], axis=-1)
-        owner = np.repeat(np.arange(len(names)), [int(np.prod(b.shape[2:])) for b in blocks])
-        stacked = np.moveaxis(columns, -1, 0)
-        # constant entries (a correlation matrix's diagonal) give NaN, skipped; a variable with no
-        # finite value (one chain: no R-hat) stays NaN
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            diagnosed = diagnose(stacked)  # R-hat and bulk ESS share one rank normalization
-            per_column = {"max_r_hat": (diagnosed["r_hat"], np.nanmax), "min_ess_bulk": (diagnosed["ess_bulk"], np.nanmin),
-                          "min_ess_tail": (ess_tail(stacked), np.nanmin)}
-            table = pd.DataFrame(
-                {key: [float(reduce(values[owner == i])) for i in range(len(names))]
-                 for key, (values, reduce) in per_column.items()},
-                index=pd.Index(names, name="variable"),
-            )
-        divergences = self.divergences
-        table.attrs["divergences"] = divergences
-        if warn:
-            chains = posterior.sizes["chain"]
-            problems = []
-            if chains > 1 and table["max_r_hat"].max() > R_HAT_MAX:
-                problems.append(f"R-hat up to {table['max_r_hat'].max():.3f} (> {R_HAT_MAX})")
-            if min(table["min_ess_bulk"].min(), table["min_ess_tail"].min()) < ESS_MIN_PER_CHAIN * chains:
-                problems.append(
-                    f"ESS as low as {min(table['min_ess_bulk'].min(), table['min_ess_tail'].min()):.0f} "
-                    f"(< {ESS_MIN_PER_CHAIN} per chain)"
-                )
-            if divergences:
-                problems.append(f"{divergences} divergent transitions")
-            if problems:
-                warnings.warn("sampling diagnostics: " + "; ".join(problems), SamplingWarning, stacklevel=2)
-        return table
+        """Worst R-hat and bulk/tail ESS per variable, and divergent transitions (:func:`posterior_diagnostics`)."""
+        return posterior_diagnostics(self.idata, warn)
 
     def summary(self) -> str:
         """A printed summary: fixed effects, variance components, sampler diagnostics."""

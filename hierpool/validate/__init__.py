@@ -9,6 +9,7 @@
 * GLMMs: :func:`mode_agreement` (posterior mode = conditional modes, exact), :func:`mode_mean_gap`
   and :func:`mode_mean_gap_series` (posterior means vs conditional modes), :func:`glmm_sbc`,
   :func:`glmm_coverage`.
+* Spatial terms (disease mapping): :func:`spatial_sbc`.
 """
 
 from .agreement import (
@@ -27,6 +28,7 @@ from .glmm_sbc import glmm_sbc
 from .relmat_coverage import relmat_coverage, simulate_pedigree
 from .samplers import SamplerAgreement, compare_samplers, sampler_agreement
 from .sbc import SBCResult, ecdf_band, sbc
+from .spatial_sbc import spatial_sbc
 
 __all__ = [
     "AgreementReport",
@@ -53,5 +55,6 @@ __all__ = [
     "sampler_agreement",
     "sbc",
     "simulate_ar1_study",
+    "spatial_sbc",
     "simulate_study",
 ]

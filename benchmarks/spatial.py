@@ -1,0 +1,181 @@
+"""Disease-mapping benchmark: min bulk ESS of the county effects per second, hierpool against brms, and a large map.
+
+    python benchmarks/spatial.py [--skip-brms] [--large 3000]     # writes benchmarks/out/spatial.json
+
+Model: North Carolina's SIDS deaths 1974-78 (``hp.datasets.nc_sids()``, 100 counties),
+``sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type = "bym2")``, Poisson, the same priors on both sides
+(validation/spatial_brms_reference.R's: Normal(0, 2.5) intercept, Normal(0, 2.5 / sd(nwbir_rate)) slope,
+HalfNormal(2.5) sd, Beta(1, 1) rho; hierpool's defaults).  4 chains x 1000 draws after 1000 warm-up on both sides
+(brms's defaults), seed 1, target acceptance 0.8; brms with ``cores = 2`` (this machine's cores; its default is
+one chain after another).  The clock covers the fitting call only, compilation included (brms's Stan model is
+compiled inside ``brm``; hierpool's NUTS program inside ``hp.bayes``); imports and data loading are outside it on
+both sides.  Each fit runs in a fresh process.  ESS is the rank-normalized bulk ESS (Vehtari et al. 2021) of each
+county's effect (brms ``rcar``, hierpool ``b``); the minimum over the 100 counties.
+
+``--large N``: a synthetic map of N areas on a grid (rook neighbours, one row per area, Poisson counts with a BYM2
+field), fitted by the Laplace approximation (``hp.glmm``) and sampled (``hp.bayes``, 4 chains x 500 draws after
+500 warm-up), in one process each: the seconds of each, the sampler's min bulk ESS of the area effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bayes import commit, run_fit  # noqa: E402  (the contention record and the commit, as in the other benchmarks)
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"
+FORMULA = "sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type='bym2')"
+
+HIERPOOL = textwrap.dedent(
+    """
+    import json, time, numpy as np
+    import hierpool as hp
+    hp.bayes  # the Bayesian engine's imports (loaded on first use), outside the clock as library(brms) is
+    nc = hp.datasets.nc_sids()
+    t0 = time.perf_counter()
+    post = hp.bayes(FORMULA, nc.data, family="poisson", adjacency=nc.adjacency, chains=4, draws=1000, tune=1000,
+                    seed=1, progress=False)
+    wall = time.perf_counter() - t0
+    table = post.diagnostics(warn=False)
+    ranef = post.ranef
+    print(json.dumps(dict(wall_s=wall, min_ess_bulk=float(ranef.ess_bulk.min()), max_r_hat=float(table.max_r_hat.max()),
+                          divergences=post.divergences, steps_per_draw=float(post.idata.sample_stats.n_steps.mean()),
+                          n_effects=len(ranef))))
+    """
+)
+
+BRMS = textwrap.dedent(
+    """
+    suppressMessages({library(brms); library(posterior); library(jsonlite)})
+    edges <- read.csv("hierpool/datasets/data/nc_sids_adjacency.csv", colClasses = "character")
+    features <- fromJSON("hierpool/datasets/data/nc_sids.geojson", simplifyVector = FALSE)$features
+    nc <- do.call(rbind, lapply(features, function(f) with(f$properties, data.frame(
+      county = NAME, births74 = BIR74, sid74 = SID74, nwbir74 = NWBIR74))))
+    nc$expected <- nc$births74 * sum(nc$sid74) / sum(nc$births74)
+    nc$nwbir_rate <- nc$nwbir74 / nc$births74
+    W <- matrix(0, nrow(nc), nrow(nc), dimnames = list(nc$county, nc$county))
+    W[cbind(edges$a, edges$b)] <- 1
+    W[cbind(edges$b, edges$a)] <- 1
+    s_x <- sqrt(mean((nc$nwbir_rate - mean(nc$nwbir_rate))^2))
+    priors <- c(prior(normal(0, 2.5), class = b, coef = Intercept),
+                prior_string(sprintf("normal(0, %.17g)", 2.5 / s_x), class = "b", coef = "nwbir_rate"),
+                prior(normal(0, 2.5), class = sdcar), prior(beta(1, 1), class = rhocar))
+    formula <- sid74 ~ 0 + Intercept + nwbir_rate + offset(log(expected)) + car(W, gr = county, type = "bym2")
+    t0 <- proc.time()[["elapsed"]]
+    fit <- brm(formula, data = nc, data2 = list(W = W), family = poisson(), prior = priors, chains = 4,
+               iter = 2000, warmup = 1000, cores = 2, seed = 1, refresh = 0, silent = 2)
+    wall <- proc.time()[["elapsed"]] - t0
+    draws <- as_draws_array(fit)
+    rcar <- subset_draws(draws, variable = sprintf("rcar[%d]", seq_len(nrow(nc))))
+    ess <- summarise_draws(rcar, ess_bulk)$ess_bulk
+    rhat <- summarise_draws(draws, rhat)$rhat
+    sampler <- nuts_params(fit)
+    cat(toJSON(list(wall_s = wall, min_ess_bulk = min(ess), max_r_hat = max(rhat, na.rm = TRUE),
+                    divergences = sum(subset(sampler, Parameter == "divergent__")$Value),
+                    steps_per_draw = mean(subset(sampler, Parameter == "n_leapfrog__")$Value),
+                    n_effects = length(ess), version = as.character(packageVersion("brms"))),
+               auto_unbox = TRUE, digits = NA), "\\n")
+    """
+)
+
+LARGE = textwrap.dedent(
+    """
+    import json, time, warnings, numpy as np, pandas as pd
+    import hierpool as hp
+    from hierpool.algebra.icar import scaling_factors
+    from hierpool.spec.adjacency import graph
+    hp.bayes
+    side = int(np.ceil(np.sqrt(N)))
+    labels = [f"a{i}" for i in range(N)]
+    pairs = [(i, i + 1) for i in range(N - 1) if (i + 1) % side] + [(i, i + side) for i in range(N - side)]
+    edges = pd.DataFrame({"a": [labels[i] for i, _ in pairs], "b": [labels[j] for _, j in pairs]})
+    g = graph(edges, labels=labels)
+    rng = np.random.default_rng(1)
+    # a smooth field (a random walk along both grid axes) and noise: BYM2-like, rho about 0.5
+    rows, cols = np.arange(N) // side, np.arange(N) % side
+    smooth = np.cumsum(rng.normal(size=side))[rows] * 0.1 + np.cumsum(rng.normal(size=side))[cols] * 0.1
+    effect = 0.3 * (smooth - smooth.mean()) / smooth.std() + 0.2 * rng.normal(size=N)
+    expected = rng.uniform(2, 20, size=N)
+    x = rng.normal(size=N)
+    data = pd.DataFrame({"area": labels, "x": x, "expected": expected,
+                         "y": rng.poisson(expected * np.exp(-0.1 + 0.2 * x + effect))})
+    formula = "y ~ x + offset(log(expected)) + car(area, type='bym2')"
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.glmm(formula, data, family="poisson", adjacency=edges)
+    laplace = time.perf_counter() - t0
+    ranef = fit.ranef()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        post = hp.bayes(formula, data, family="poisson", adjacency=edges, chains=4, draws=500, tune=500, seed=1,
+                        progress=False)
+    sampling = time.perf_counter() - t0
+    print(json.dumps(dict(areas=N, edges=len(edges), laplace_s=laplace, laplace_sd=fit.sd, laplace_rho=fit.mix,
+                          sampling_s=sampling, min_ess_bulk=float(post.ranef.ess_bulk.min()),
+                          max_r_hat=float(post.diagnostics(warn=False).max_r_hat.max()),
+                          divergences=post.divergences, posterior_sd=float(post.hyperparameters().loc["sd", "mean"]),
+                          posterior_rho=float(post.hyperparameters().loc["rho", "mean"]),
+                          wall_s=sampling)))
+    """
+)
+
+
+def brms_missing() -> str | None:
+    if shutil.which("Rscript") is None:
+        return "Rscript not found"
+    check = 'quit(status = !all(sapply(c("brms", "posterior", "jsonlite"), requireNamespace, quietly = TRUE)))'
+    if subprocess.run(["Rscript", "-e", check], capture_output=True).returncode:
+        return "R package brms, posterior or jsonlite missing"
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-brms", action="store_true")
+    parser.add_argument("--skip-nc", action="store_true", help="only the large map")
+    parser.add_argument("--large", type=int, default=0, help="areas of the synthetic map (0: none)")
+    args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
+    os.chdir(ROOT)  # the fits run from the repository root, with this checkout first on the path
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    results: dict = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "commit": commit(), "load_1min_at_start": os.getloadavg()[0], "formula": FORMULA,
+        "protocol": "4 chains x 1000 draws after 1000 warm-up, seed 1, the same priors, target acceptance 0.8; min "
+                    "bulk ESS of the 100 county effects per second of the fitting call (compilation included, imports "
+                    "and data loading excluded), each fit in a fresh process; brms with cores = 2",
+    }
+    if not args.skip_nc:
+        print("hierpool", file=sys.stderr, flush=True)
+        results["hierpool"] = run_fit([sys.executable, "-"], HIERPOOL.replace("FORMULA", repr(FORMULA)))
+        missing = "skipped (--skip-brms)" if args.skip_brms else brms_missing()
+        if missing is None:
+            print("brms", file=sys.stderr, flush=True)
+            results["brms"] = run_fit(["Rscript", "-"], BRMS)
+        else:
+            results["brms"] = f"skipped: {missing}"
+        ours, theirs = results["hierpool"], results["brms"]
+        if isinstance(theirs, dict) and "ess_per_s" in theirs and "ess_per_s" in ours:
+            results["ratio_ess_per_s"] = ours["ess_per_s"] / theirs["ess_per_s"]
+    if args.large:
+        print(f"large map ({args.large} areas)", file=sys.stderr, flush=True)
+        results["large"] = run_fit([sys.executable, "-"], LARGE.replace("N = ", "").replace("N", str(args.large)))
+    results["load_1min_at_end"] = os.getloadavg()[0]
+    (OUT / "spatial.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

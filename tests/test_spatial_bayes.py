@@ -1,0 +1,76 @@
+"""The Bayesian spatial model (hp.bayes(..., adjacency=)): the Poisson BYM2 posterior on nc_sids against a long
+Stan run of brms's car(type = "bym2") in Monte-Carlo units, the relative-risk tables, and the calibration study."""
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hierpool as hp
+from hierpool.bayesian.results import summarize_draws
+
+VALIDATION = Path(__file__).resolve().parents[1] / "validation"
+FORMULA = "sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type='bym2')"
+
+
+@pytest.fixture(scope="module")
+def nc():
+    return hp.datasets.nc_sids()
+
+
+@pytest.fixture(scope="module")
+def post(nc):
+    return hp.bayes(FORMULA, nc.data, family="poisson", adjacency=nc.adjacency, seed=3, progress=False)
+
+
+def test_the_bym2_posterior_matches_brms_in_monte_carlo_units(post):
+    """Fixed effects, sd, rho and every county's log relative risk x'beta + b: |z| < 4 with both runs' MCSEs
+    (validation/spatial_brms_reference.R: 4 x 10,000 Stan draws; brms constrains sum(phi) softly, hierpool exactly)."""
+    reference = json.loads((VALIDATION / "spatial_brms_reference.json").read_text())
+    fixef, hyper = post.fixef(), post.hyperparameters()
+    ours = {"b_Intercept": fixef.loc["Intercept"], "b_nwbir_rate": fixef.loc["nwbir_rate"],
+            "sdcar": hyper.loc["sd"], "rhocar": hyper.loc["rho"]}
+    z = {name: (ours[name]["mean"] - ref["mean"]) / np.hypot(ours[name]["mcse_mean"], ref["mcse"])
+         for name, ref in reference["parameters"].items()}
+    stats = summarize_draws(post.draws("log_relative_risk"), 0.95)
+    for i, county in enumerate(post.idata.posterior["area_with_data"].values):
+        ref = reference["log_relative_risk"][str(county)]
+        z[county] = (stats["mean"][i] - ref["mean"]) / np.hypot(stats["mcse_mean"][i], ref["mcse"])
+    assert len(z) == 104, "two fixed effects, sd, rho and 100 counties"
+    worst = max(z, key=lambda k: abs(z[k]))
+    assert abs(z[worst]) < 4, f"{worst}: z = {z[worst]:.2f}"
+    for name in ("sd", "rho"):  # and the spread, loosely: a posterior sd within 10% of Stan's
+        ref = reference["parameters"][{"sd": "sdcar", "rho": "rhocar"}[name]]
+        assert hyper.loc[name, "sd"] == pytest.approx(ref["sd"], rel=0.1), f"posterior sd of {name}"
+    assert post.divergences == 0, "no divergent transitions"
+
+
+def test_relative_risks_exceedance_and_the_parts_of_each_effect(post, nc):
+    risk = post.relative_risk()
+    assert len(risk) == 100 and set(risk.columns) >= {"sir", "relative_risk", "lower", "upper", "exceedance"}
+    log_rr = post.draws("log_relative_risk").reshape(-1, 100)
+    np.testing.assert_allclose(risk["exceedance"], (log_rr > 0).mean(axis=0), err_msg="P(RR > 1) from the draws")
+    np.testing.assert_allclose(post.relative_risk(threshold=1.5)["exceedance"], (log_rr > np.log(1.5)).mean(axis=0))
+    assert risk.loc["Anson", "exceedance"] > 0.99 and risk.loc["Alleghany", "exceedance"] < 0.1, \
+        "Anson (15 deaths, 3.2 expected) is a high-risk county, Alleghany (0 of 1.0) not"
+    np.testing.assert_allclose(risk["sir"], nc.data.set_index("county").loc[risk.index, "sir"], err_msg="raw SIR")
+    b, spatial, unstructured = (post.draws(name) for name in ("b", "spatial", "unstructured"))
+    np.testing.assert_allclose(spatial + unstructured, b, atol=1e-12, err_msg="BYM2's parts add up")
+    np.testing.assert_allclose(spatial.sum(axis=-1), 0, atol=1e-10, err_msg="the spatial part sums to zero exactly")
+    ranef = post.ranef
+    assert list(ranef.columns[:7]) == ["mean", "sd", "lower", "upper", "mcse_mean", "ess_bulk", "r_hat"]
+    assert (ranef["rows"] == 1).all() and ranef["exceedance"].between(0, 1).all()
+    assert "Bayesian spatial model (car(county, type='bym2')" in post.summary()
+    with pytest.raises(hp.HierpoolError, match="threshold must be a positive"):
+        post.relative_risk(threshold=0)
+
+
+def test_the_calibration_study_passes_and_can_fail():
+    """validation/spatial_validation.py: SBC of the ICAR and BYM2 Poisson models on a 20-area grid passes; the
+    ICAR analysed under a wrong sd prior fails (the check can fail)."""
+    study = json.loads((VALIDATION / "spatial_validation.json").read_text())
+    for section in ("sbc_icar", "sbc_bym2"):
+        assert study[section]["passed"] and study[section]["n_reps"] >= 200, f"{section} passes"
+    assert not study["sbc_icar_wrong_prior"]["passed"], "a miscalibrated analysis is caught"

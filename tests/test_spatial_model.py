@@ -1,0 +1,157 @@
+"""Spatial terms at the model level: the formula term, the design's checks (bad input refused by name), the
+constrained ICAR's coordinates, and the log density the Bayesian sampler uses against the closed form's sparse
+precision (one algebra: the same quadratic form)."""
+
+import warnings
+
+import numpy as np
+import numpyro.distributions as dist
+import pandas as pd
+import pytest
+from numpyro.infer.util import log_density
+
+import hierpool as hp
+from hierpool.algebra.icar import CarPrior, constraint_matrix, sum_to_zero, sum_to_zero_layout
+from hierpool.bayesian.priors import resolve_priors
+from hierpool.bayesian.spatial import car_priors, spatial_data, spatial_model
+from hierpool.errors import ArgumentError, DataError, FormulaError
+from hierpool.spec.adjacency import graph
+from hierpool.spec.family import family_spec
+from hierpool.spec.formula import parse_formula
+from hierpool.spec.spatial import spatial_design
+
+FORMULA = "sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type='{}')"
+
+
+@pytest.fixture(scope="module")
+def nc():
+    return hp.datasets.nc_sids()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A path a-b-c-d, a triangle e-f-g and an island h, one row per area."""
+    edges = pd.DataFrame({"a": list("abcefe"), "b": list("bcdfgg")})
+    labels = list("abcdefgh")
+    adjacency = pd.DataFrame(0, index=labels, columns=labels)
+    for a, b in zip(edges.a, edges.b):
+        adjacency.loc[a, b] = adjacency.loc[b, a] = 1
+    rng = np.random.default_rng(0)
+    data = pd.DataFrame({"area": labels, "x": rng.normal(size=8), "expected": rng.uniform(2, 6, size=8),
+                         "y": rng.poisson(4, size=8)})
+    return data, edges, adjacency
+
+
+def test_the_car_term_is_parsed_with_its_type_and_island_treatment():
+    spec = parse_formula("y ~ x + car(area, type='icar', islands='independent')")
+    assert spec.random == () and spec.fixed == "y ~ x", "the car term is neither fixed nor a bar term"
+    term = spec.spatial[0]
+    assert (term.factor, term.type, term.islands) == ("area", "icar", "independent"), "parsed arguments"
+    assert parse_formula("y ~ car(area)").spatial[0].type == "bym2", "BYM2 is the default type"
+    assert "area" in spec.variables, "the area column is a variable of the formula"
+
+
+@pytest.mark.parametrize("formula,message", [
+    ("y ~ x + car(area, type='besag')", "is not one of"),
+    ("y ~ x + car(area, kind='icar')", "unknown argument 'kind'"),
+    ("y ~ x + car(area, type=icar)", "quoted string"),
+    ("y ~ x + car('area')", "one column of area labels"),
+    ("y ~ x - car(area)", "cannot be subtracted"),
+])
+def test_a_malformed_car_term_is_refused_by_name(formula, message):
+    with pytest.raises(FormulaError, match=message):
+        parse_formula(formula)
+
+
+def test_bad_spatial_input_is_refused_by_name(nc, toy):
+    data, edges, adjacency = toy
+    poisson = family_spec("poisson")
+    f = "y ~ x + offset(log(expected)) + car(area, type='{}')"
+    with pytest.raises(DataError, match=r"areas \['h'\] of column 'area' are not in the adjacency graph"):
+        spatial_design(f.format("bym2"), data, edges, family=poisson)  # h is in no edge: not in the edge list's graph
+    with pytest.raises(DataError, match="'h' of column 'area' has no neighbours .*islands='independent'"):
+        spatial_design(f.format("icar"), data, adjacency, family=poisson)
+    with pytest.raises(DataError, match="'h' of column 'area' has no neighbours: a proper CAR"):
+        spatial_design(f.format("proper"), data, adjacency, family=poisson)
+    negative = data.assign(expected=data.expected.where(data.area != "c", -1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's log of a negative number, before the check
+        with pytest.raises(DataError, match=r"offset\(log\(expected\)\).*not finite in 1 row.*must be positive"):
+            hp.glmm(f.format("bym2"), negative, family="poisson", adjacency=adjacency)
+    asymmetric = adjacency.copy()
+    asymmetric.loc["a", "b"] = 0
+    with pytest.raises(DataError, match="not symmetric: 'a' -> 'b'"):
+        hp.glmm(f.format("bym2"), data, family="poisson", adjacency=asymmetric)
+    selfish = pd.concat([edges, pd.DataFrame({"a": ["d"], "b": ["d"]})])
+    with pytest.raises(DataError, match="'d' is listed as its own neighbour"):
+        hp.bayes(f.format("bym2"), data, family="poisson", adjacency=selfish)
+    with pytest.raises(FormulaError, match="spatial term: give the areas' neighbourhood graph as adjacency="):
+        hp.glmm(f.format("bym2"), data, family="poisson")
+    with pytest.raises(ArgumentError, match="has no spatial term"):
+        hp.glmm("y ~ x + (1 | area)", data, family="poisson", adjacency=edges)
+    with pytest.raises(FormulaError, match="2 spatial terms"):
+        spatial_design("y ~ car(area) + car(x)", data, adjacency, family=poisson)
+    with pytest.raises(FormulaError, match=r"beside \(... \| g\) terms"):
+        spatial_design("y ~ car(area) + (1 | x)", data, adjacency, family=poisson)
+    with pytest.raises(ArgumentError, match="prior 'alpha' given, but car\\(area, type='bym2'\\) has 'rho'"):
+        car_priors(spatial_design(f.format("bym2"), data, adjacency, family=poisson), {"alpha": dist.Beta(2, 2)})
+    with pytest.raises(ArgumentError, match="support in \\(0, 1\\)"):
+        car_priors(spatial_design(f.format("bym2"), data, adjacency, family=poisson), {"rho": dist.HalfNormal(1)})
+    with pytest.raises(ArgumentError, match="se= is not supported with a spatial term"):
+        hp.lmm("x ~ car(area)", data, se="expected", adjacency=adjacency)
+    assert spatial_design(f.format("icar").replace("'icar'", "'icar', islands='independent'"), data, adjacency,
+                          family=poisson).islands.sum() == 1, "with the island treatment the island is accepted"
+
+
+def test_the_sum_to_zero_coordinates_are_an_isometry_onto_the_constraints(toy):
+    _, _, adjacency = toy
+    g = graph(adjacency)
+    layout = sum_to_zero_layout(g)
+    basis = sum_to_zero(np.eye(layout.n_free), layout).T
+    assert basis.shape == (8, 6), "8 areas less one constraint per component of more than one area (2)"
+    np.testing.assert_allclose(basis.T @ basis, np.eye(6), atol=1e-14, err_msg="orthonormal columns")
+    np.testing.assert_allclose(constraint_matrix(g).T @ basis, 0, atol=1e-14, err_msg="each component sums to 0")
+    assert np.allclose(basis[list(g.labels).index("h")], np.eye(6)[-1]), "the island is a free coordinate of its own"
+
+
+@pytest.mark.parametrize("type_", ["icar", "bym2", "proper"])
+def test_the_samplers_log_density_is_the_sparse_precisions(nc, type_):
+    """NumPyro's log joint of the spatial model at a random point equals the priors plus -x' P x / 2 with P the
+    closed form's sparse precision (CarPrior), log det included for the proper CAR, plus the Poisson likelihood."""
+    sdesign = spatial_design(FORMULA.format(type_), nc.data, nc.adjacency, family=family_spec("poisson"))
+    others, car = car_priors(sdesign, None)
+    priors = resolve_priors(sdesign.design, others)
+    prior = CarPrior(sdesign.graph, type_)
+    layout = sum_to_zero_layout(sdesign.graph)
+    rng = np.random.default_rng(1)
+    beta, sd, mix = np.array([-0.5, 1.5]), 0.3, 0.4
+    params = {"beta": beta, "sd": sd}
+    if type_ == "proper":
+        field = rng.normal(size=100)
+        params.update(alpha=mix, w=field)
+        b = sd * field
+    else:
+        z = rng.normal(size=layout.n_free)
+        field = sum_to_zero(z, layout)
+        params["z"] = z
+        b = sd * field
+        if type_ == "bym2":
+            u = rng.normal(size=100)
+            params.update(rho=mix, u=u)
+            b = sd * (np.sqrt(1 - mix) * u + np.sqrt(mix) * field / np.sqrt(prior.scaling))
+    value, _ = log_density(spatial_model, (spatial_data(sdesign, prior), layout, priors, car),
+                           dict(type=type_, family="poisson", link="log", n_areas=100, n_free=layout.n_free), params)
+    # BYM2: x = (b, phi), whose quadratic form at (sd, rho) is |u|^2 + phi' Q phi
+    x, at = (np.r_[b, field], (sd, mix)) if type_ == "bym2" else (field, (1.0, mix if type_ == "proper" else 0.0))
+    rows, cols, values = prior.precision_entries(*at)
+    quadratic = float(np.sum(values * x[rows] * x[cols]))
+    expected = float(np.sum(dist.Normal(0, 2.5).log_prob(beta[0]) + priors.beta[1].log_prob(beta[1]))
+                     + car.sd.log_prob(sd)) - 0.5 * quadratic
+    if type_ == "proper":  # the normalizing constant's alpha part: log det(D - alpha W) less sum log d
+        expected += float(car.mix.log_prob(mix)) + 0.5 * (prior.log_det(1.0, mix) - np.sum(np.log(prior.degree)))
+    if type_ == "bym2":
+        expected += float(car.mix.log_prob(mix)) - 50 * np.log(2 * np.pi)  # u's normalizing constant
+    eta = sdesign.design.offset + sdesign.design.X @ beta + b[sdesign.area]
+    y = sdesign.design.y
+    expected += float(np.sum(y * eta - np.exp(eta)))
+    assert float(value) == pytest.approx(expected, rel=1e-10), f"{type_}: the sampler's density is not the model's"
