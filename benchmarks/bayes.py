@@ -302,14 +302,20 @@ def run_fit(command: list[str], source: str) -> dict:
     return {**result, **contention}
 
 
-def rstanarm_missing() -> str | None:
-    """Why rstanarm cannot run here (Rscript, or the R package rstanarm or jsonlite, missing), or None."""
+def r_packages_missing(*packages: str) -> str | None:
+    """Why R cannot run these packages here (Rscript, or one of the R packages, missing), or None."""
     if shutil.which("Rscript") is None:
         return "Rscript not found"
-    check = 'quit(status = !all(sapply(c("rstanarm", "jsonlite"), requireNamespace, quietly = TRUE)))'
+    names = ", ".join(f'"{p}"' for p in packages)
+    check = f"quit(status = !all(sapply(c({names}), requireNamespace, quietly = TRUE)))"
     if subprocess.run(["Rscript", "-e", check], capture_output=True).returncode:
-        return "R package rstanarm or jsonlite missing"
+        return f"one of the R packages {', '.join(packages)} missing"
     return None
+
+
+def rstanarm_missing() -> str | None:
+    """Why rstanarm cannot run here (Rscript, or the R package rstanarm or jsonlite, missing), or None."""
+    return r_packages_missing("rstanarm", "jsonlite")
 
 
 def _tools(bambi_python: str) -> dict[str, tuple[list[str], str] | str]:

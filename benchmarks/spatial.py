@@ -23,14 +23,12 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bayes import commit, run_fit  # noqa: E402  (the contention record and the commit, as in the other benchmarks)
+from bayes import commit, r_packages_missing, run_fit  # noqa: E402  (the contention record and the commit, as in the other benchmarks)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
@@ -56,21 +54,8 @@ HIERPOOL = textwrap.dedent(
 
 BRMS = textwrap.dedent(
     """
-    suppressMessages({library(brms); library(posterior); library(jsonlite)})
-    edges <- read.csv("hierpool/datasets/data/nc_sids_adjacency.csv", colClasses = "character")
-    features <- fromJSON("hierpool/datasets/data/nc_sids.geojson", simplifyVector = FALSE)$features
-    nc <- do.call(rbind, lapply(features, function(f) with(f$properties, data.frame(
-      county = NAME, births74 = BIR74, sid74 = SID74, nwbir74 = NWBIR74))))
-    nc$expected <- nc$births74 * sum(nc$sid74) / sum(nc$births74)
-    nc$nwbir_rate <- nc$nwbir74 / nc$births74
-    W <- matrix(0, nrow(nc), nrow(nc), dimnames = list(nc$county, nc$county))
-    W[cbind(edges$a, edges$b)] <- 1
-    W[cbind(edges$b, edges$a)] <- 1
-    s_x <- sqrt(mean((nc$nwbir_rate - mean(nc$nwbir_rate))^2))
-    priors <- c(prior(normal(0, 2.5), class = b, coef = Intercept),
-                prior_string(sprintf("normal(0, %.17g)", 2.5 / s_x), class = "b", coef = "nwbir_rate"),
-                prior(normal(0, 2.5), class = sdcar), prior(beta(1, 1), class = rhocar))
-    formula <- sid74 ~ 0 + Intercept + nwbir_rate + offset(log(expected)) + car(W, gr = county, type = "bym2")
+    suppressMessages(library(posterior))
+    source("validation/nc_sids.R")  # nc, W, s_x, priors, formula: the reference run's
     t0 <- proc.time()[["elapsed"]]
     fit <- brm(formula, data = nc, data2 = list(W = W), family = poisson(), prior = priors, chains = 4,
                iter = 2000, warmup = 1000, cores = 2, seed = 1, refresh = 0, silent = 2)
@@ -132,15 +117,6 @@ LARGE = textwrap.dedent(
 )
 
 
-def brms_missing() -> str | None:
-    if shutil.which("Rscript") is None:
-        return "Rscript not found"
-    check = 'quit(status = !all(sapply(c("brms", "posterior", "jsonlite"), requireNamespace, quietly = TRUE)))'
-    if subprocess.run(["Rscript", "-e", check], capture_output=True).returncode:
-        return "R package brms, posterior or jsonlite missing"
-    return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-brms", action="store_true")
@@ -160,7 +136,7 @@ def main() -> None:
     if not args.skip_nc:
         print("hierpool", file=sys.stderr, flush=True)
         results["hierpool"] = run_fit([sys.executable, "-"], HIERPOOL.replace("FORMULA", repr(FORMULA)))
-        missing = "skipped (--skip-brms)" if args.skip_brms else brms_missing()
+        missing = "skipped (--skip-brms)" if args.skip_brms else r_packages_missing("brms", "posterior", "jsonlite")
         if missing is None:
             print("brms", file=sys.stderr, flush=True)
             results["brms"] = run_fit(["Rscript", "-"], BRMS)

@@ -264,10 +264,18 @@ def area_map_axes(ax, geometry: dict, values, norm=None, cmap: str = "RdBu_r", l
     return collection
 
 
+def _risk_table(result):
+    """A spatial fit's per-area relative-risk table (``relative_risk()``), or None for anything else."""
+    table = getattr(result, "relative_risk", None)
+    return table() if callable(table) else None
+
+
 def risk_map(smoothed, geometry: dict, raw=None, label: str = "relative risk"):
     """The smoothed relative risk of each area beside its raw standardised incidence ratio, one colour scale.
 
-    ``smoothed`` and ``raw``: pandas Series of ratios (1 = the expected risk) indexed by area label.  The scale is
+    ``smoothed``: a spatial fit (``hp.bayes`` or ``hp.glmm`` with ``adjacency=``: its ``relative_risk()`` table's
+    posterior mean or mode, with its raw SIR beside it), or a pandas Series of ratios (1 = the expected risk) indexed
+    by area label, with ``raw`` the raw ratios (optional).  The scale is
     logarithmic and centred at 1, from the smallest to the largest positive value of both maps (a zero SIR, an area
     with no cases, is drawn at the scale's low end), so that the raw map's extremes, small areas' noise, show
     against the smoothed map's shrinkage.
@@ -275,6 +283,9 @@ def risk_map(smoothed, geometry: dict, raw=None, label: str = "relative risk"):
     import pandas as pd
     from matplotlib.colors import LogNorm
 
+    table = _risk_table(smoothed)
+    if table is not None:
+        smoothed, raw = table["relative_risk"], table["sir"] if raw is None else raw
     panels = [("smoothed " + label, pd.Series(smoothed))]
     if raw is not None:
         panels.insert(0, ("raw SIR (observed / expected)", pd.Series(raw)))
@@ -284,17 +295,35 @@ def risk_map(smoothed, geometry: dict, raw=None, label: str = "relative risk"):
     fig, axes = _figure(len(panels), width=5.0, height=3.2)
     for ax, (title, values) in zip(axes, panels):
         collection = area_map_axes(ax, geometry, values.clip(lower=np.exp(-spread)), norm=norm, label=title)
-    fig.colorbar(collection, ax=list(axes), shrink=0.8, label=label)
+    bar = fig.colorbar(collection, ax=list(axes), shrink=0.8, label=label)
+    _plain_log_ticks(bar.ax.yaxis)
     return fig
+
+
+def _plain_log_ticks(axis) -> None:
+    """Ratios on a log axis as plain numbers (0.5, 1, 2), not powers of ten, and no minor-tick labels."""
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def exceedance_map(probabilities, geometry: dict, threshold: float = 1.0):
     """Each area's posterior probability that its relative risk exceeds ``threshold`` (P(RR > 1) by default), on a
     fixed 0-1 scale: areas near 1 are confidently above the expected risk, near 0 confidently below, and the
-    middle is where the data do not tell.  ``probabilities``: a pandas Series indexed by area label."""
+    middle is where the data do not tell.  ``probabilities``: a Bayesian spatial fit (its ``relative_risk(threshold)``
+    table's exceedance) or a pandas Series indexed by area label."""
     import pandas as pd
     from matplotlib.colors import Normalize
 
+    if callable(getattr(probabilities, "relative_risk", None)):
+        table = probabilities.relative_risk(threshold)
+        if "exceedance" not in table:
+            from .errors import ArgumentError
+
+            raise ArgumentError("exceedance probabilities are a posterior's: give an hp.bayes fit")
+        probabilities = table["exceedance"]
     probabilities = pd.Series(probabilities)
     values = probabilities.to_numpy(dtype=float)
     if np.any((values < 0) | (values > 1)):
@@ -305,4 +334,42 @@ def exceedance_map(probabilities, geometry: dict, threshold: float = 1.0):
     collection = area_map_axes(ax, geometry, probabilities, norm=Normalize(0.0, 1.0), cmap="PuOr_r",
                                label=f"P(relative risk > {threshold:g})")
     fig.colorbar(collection, ax=ax, shrink=0.8, label="posterior probability")
+    return fig
+
+
+def shrinkage_map(result, geometry: dict):
+    """The teaching picture of disease mapping: how far each area's estimate moved from its raw SIR.
+
+    Left, the map of the move log(smoothed RR) - log(raw SIR) (blue: pulled down, red: pulled up; a zero count's
+    log SIR taken at half a case); right, raw SIR against smoothed relative risk, each area a point sized by its
+    expected count, on log axes with the identity line: the small counties (small points) are pulled far towards
+    their neighbours and the state, the large ones stay near their own ratio.  ``result``: a spatial fit
+    (``hp.bayes`` or ``hp.glmm`` with ``adjacency=``) of counts with an offset of log expected counts.
+    """
+    from matplotlib.colors import TwoSlopeNorm
+
+    table = _risk_table(result)
+    if table is None:
+        from .errors import ArgumentError
+
+        raise ArgumentError("shrinkage_map draws a spatial fit's relative_risk() table: give hp.bayes or hp.glmm's "
+                            "result with adjacency=")
+    raw = np.log(np.maximum(table["sir"], 0.5 / table["expected"]))
+    move = np.log(table["relative_risk"]) - raw
+    fig, (left, right) = _figure(2, width=5.0, height=3.4)
+    spread = max(float(np.max(np.abs(move))), 1e-3)
+    collection = area_map_axes(left, geometry, move, norm=TwoSlopeNorm(0.0, -spread, spread), cmap="RdBu_r",
+                               label="log(smoothed RR) - log(raw SIR)")
+    fig.colorbar(collection, ax=left, shrink=0.7)
+    right.scatter(np.exp(raw), table["relative_risk"], s=_point_sizes(table["expected"].to_numpy()), alpha=0.6,
+                  edgecolor="0.2", linewidth=0.4)
+    right.set_xscale("log")
+    right.set_yscale("log")
+    _plain_log_ticks(right.xaxis)
+    _plain_log_ticks(right.yaxis)
+    _identity_line(right, np.r_[np.exp(raw), table["relative_risk"]])
+    right.axhline(1.0, color="0.6", linewidth=0.6)
+    right.set_xlabel("raw SIR (a zero count at half a case)")
+    right.set_ylabel("smoothed relative risk")
+    right.set_title("shrinkage: point size ~ expected count")
     return fig

@@ -34,7 +34,7 @@ def test_there_are_the_teaching_notebooks():
     names = {p.stem for p in NOTEBOOKS}
     for topic in ("pooling_and_shrinkage", "blup_as_penalized_regression", "blup_vs_posterior",
                   "prediction_uncertainty", "batch_fitting", "binary_outcomes", "autocorrelated_trials",
-                  "heritability_and_breeding_values"):
+                  "heritability_and_breeding_values", "disease_mapping"):
         assert any(topic in name for name in names), topic
 
 

@@ -74,3 +74,44 @@ def test_the_calibration_study_passes_and_can_fail():
     for section in ("sbc_icar", "sbc_bym2"):
         assert study[section]["passed"] and study[section]["n_reps"] >= 200, f"{section} passes"
     assert not study["sbc_icar_wrong_prior"]["passed"], "a miscalibrated analysis is caught"
+
+
+def test_with_the_variances_held_the_gaussian_posterior_mean_is_the_blup():
+    """A Gaussian ICAR model: hp.bayes(variance=fit, flat fixed-effect priors) samples (beta, b) given the REML
+    fit's sd and sigma; its posterior means are the closed form's BLUPs and beta-hat, in Monte-Carlo units, and its
+    posterior sds the square roots of the diagonal of the constrained H^-1 (dense: the GLS covariance of b - b^)."""
+    rng = np.random.default_rng(4)
+    rows, cols = 6, 5
+    n = rows * cols
+    labels = [f"a{i}" for i in range(n)]
+    pairs = [(i, i + 1) for i in range(n) if (i + 1) % cols] + [(i, i + cols) for i in range(n - cols)]
+    edges = {"a": [labels[i] for i, _ in pairs], "b": [labels[j] for _, j in pairs]}
+    import pandas as pd
+
+    area = np.repeat(np.arange(n), 2)[: 2 * n - 6]
+    data = pd.DataFrame({"area": np.array(labels)[area], "x": rng.normal(size=area.size)})
+    data["y"] = 1 + 0.5 * data.x + rng.normal(size=n)[area] + rng.normal(scale=0.5, size=area.size)
+    formula = "y ~ x + car(area, type='icar')"
+    fit = hp.lmm(formula, data, adjacency=pd.DataFrame(edges))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        post = hp.bayes(formula, data, adjacency=pd.DataFrame(edges), variance=fit, seed=2, progress=False,
+                        priors={"Intercept": "flat", "b": "flat"})
+    ranef = post.ranef
+    z = (ranef["mean"] - fit.ranef()["effect"]) / ranef["mcse_mean"]
+    assert np.abs(z).max() < 4.5, f"posterior means vs BLUPs: max |z| {np.abs(z).max():.2f}"
+    fixef = post.fixef()
+    assert np.abs((fixef["mean"] - fit.fixef) / fixef["mcse_mean"]).max() < 4, "posterior means vs beta-hat"
+    assert post.hyperparameters().empty and post.held is not None, "nothing but beta and b was sampled"
+    # the posterior sd of b, beta integrated out: the GLS covariance of b - b^ (dense, 30 areas)
+    g = fit.sdesign.graph
+    Z = np.zeros((len(data), n))
+    Z[np.arange(len(data)), fit.sdesign.area] = 1
+    Q = np.diag(g.degree) - g.adjacency_matrix().toarray()
+    C = fit.sd**2 * np.linalg.pinv(Q)
+    V = fit.sigma**2 * np.eye(len(data)) + Z @ C @ Z.T
+    Vi = np.linalg.inv(V)
+    X = fit.design.X
+    P = Vi - Vi @ X @ np.linalg.solve(X.T @ Vi @ X, X.T @ Vi)
+    sd = np.sqrt(np.diag(C - C @ Z.T @ P @ Z @ C))
+    np.testing.assert_allclose(ranef["sd"], sd, rtol=0.08, err_msg="posterior sds vs the exact conditional sds")

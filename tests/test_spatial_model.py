@@ -155,3 +155,35 @@ def test_the_samplers_log_density_is_the_sparse_precisions(nc, type_):
     y = sdesign.design.y
     expected += float(np.sum(y * eta - np.exp(eta)))
     assert float(value) == pytest.approx(expected, rel=1e-10), f"{type_}: the sampler's density is not the model's"
+
+
+class _Shape:
+    """A stand-in for a shapely (Multi)Polygon: only its __geo_interface__, as geopandas's geometries have."""
+
+    def __init__(self, polygons):
+        self.__geo_interface__ = {"type": "MultiPolygon",
+                                  "coordinates": [[ring.tolist() for ring in polygon] for polygon in polygons]}
+
+
+def test_a_geodataframe_as_data_gives_the_graph_by_queen_contiguity(nc):
+    """data with a geometry column (a geopandas GeoDataFrame's shape) needs no adjacency=: the graph is its
+    polygons' queen contiguity, the shipped edge list's."""
+    frame = nc.data.assign(geometry=[_Shape(nc.geometry[c]) for c in nc.data.county])
+    f = FORMULA.format("icar")
+    from_geometry = spatial_design(f, frame, None, family=family_spec("poisson")).graph
+    from_edges = spatial_design(f, nc.data, nc.adjacency, family=family_spec("poisson")).graph
+    order = np.argsort(from_geometry.labels)
+    assert list(from_geometry.labels[order]) == list(from_edges.labels), "the same areas"
+    same = {frozenset(from_geometry.labels[e]) for e in from_geometry.edges}
+    assert same == {frozenset(from_edges.labels[e]) for e in from_edges.edges}, "the same neighbours"
+    with pytest.raises(ArgumentError, match="needs the areas' neighbourhood graph"):
+        spatial_design(f, nc.data, None, family=family_spec("poisson"))
+
+
+def test_the_model_functions_take_a_geodataframe_without_adjacency(nc):
+    frame = nc.data.assign(geometry=[_Shape(nc.geometry[c]) for c in nc.data.county])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.glmm(FORMULA.format("icar"), frame, family="poisson")
+        same = hp.glmm(FORMULA.format("icar"), nc.data, family="poisson", adjacency=nc.adjacency)
+    assert fit.objective == pytest.approx(same.objective, rel=1e-10), "the same model from the polygons"

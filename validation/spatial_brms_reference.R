@@ -2,7 +2,7 @@
 #
 #   sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type = "bym2"),   Poisson, North Carolina 1974-78
 #
-# with hierpool's default priors for a Poisson GLMM (hierpool/bayesian/priors.py) set explicitly here:
+# with hierpool's default priors for a Poisson GLMM (hierpool/bayesian/priors.py) set explicitly (validation/nc_sids.R):
 # Intercept ~ Normal(0, 2.5), nwbir_rate ~ Normal(0, 2.5 / sd(nwbir_rate)) (sd with the n denominator),
 # sdcar ~ HalfNormal(2.5), rhocar ~ Beta(1, 1).  brms's BYM2 is hierpool's: rcar = sdcar (sqrt(1 - rho) u +
 # sqrt(rho / s) v), u iid N(0, 1), v ICAR with brms's soft sum-to-zero constraint sum(v) ~ N(0, 0.001 n), s the
@@ -13,24 +13,9 @@
 # posterior to it in Monte-Carlo units (|z| < 4 with both runs' MCSEs).  About 6 minutes with 2 cores.
 #
 #   Rscript validation/spatial_brms_reference.R
-suppressMessages({library(brms); library(posterior); library(jsonlite)})
+suppressMessages(library(posterior))
+source("validation/nc_sids.R")  # nc, W, s_x, priors, formula
 
-edges <- read.csv("hierpool/datasets/data/nc_sids_adjacency.csv", colClasses = "character")
-features <- fromJSON("hierpool/datasets/data/nc_sids.geojson", simplifyVector = FALSE)$features
-nc <- do.call(rbind, lapply(features, function(f) with(f$properties, data.frame(
-  county = NAME, births74 = BIR74, sid74 = SID74, nwbir74 = NWBIR74))))
-nc$expected <- nc$births74 * sum(nc$sid74) / sum(nc$births74)
-nc$nwbir_rate <- nc$nwbir74 / nc$births74
-W <- matrix(0, nrow(nc), nrow(nc), dimnames = list(nc$county, nc$county))
-W[cbind(edges$a, edges$b)] <- 1
-W[cbind(edges$b, edges$a)] <- 1
-
-s_x <- sqrt(mean((nc$nwbir_rate - mean(nc$nwbir_rate))^2))
-priors <- c(prior(normal(0, 2.5), class = b, coef = Intercept),
-            prior_string(sprintf("normal(0, %.17g)", 2.5 / s_x), class = "b", coef = "nwbir_rate"),
-            prior(normal(0, 2.5), class = sdcar),
-            prior(beta(1, 1), class = rhocar))
-formula <- sid74 ~ 0 + Intercept + nwbir_rate + offset(log(expected)) + car(W, gr = county, type = "bym2")
 chains <- 4; iter <- 12000; warmup <- 2000
 seconds <- system.time(fit <- brm(formula, data = nc, data2 = list(W = W), family = poisson(), prior = priors,
                                   chains = chains, iter = iter, warmup = warmup, cores = 2, seed = 20261202,

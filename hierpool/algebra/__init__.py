@@ -14,7 +14,9 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
   (``henderson``), the collapsed marginal likelihood (``marginal``), the one-term specialisation
   (``one_term``, ``one_term_marginal``), starts and checks (``start``, ``checks``), the VarCorr
   table (``varcorr``), compiler settings and caches (``compiler_options``), JAX loading
-  (``jax_runtime``); for GLMMs the families (``family``), PIRLS and the Laplace criterion on the host
+  (``jax_runtime``); spatial terms' graph algebra (``icar``: the ICAR precision, BYM2 scaling, the sparse
+  precision of each CAR type with its constraints and constrained log determinant, the sum-to-zero
+  coordinates); for GLMMs the families (``family``), PIRLS and the Laplace criterion on the host
   (``laplace``) and as one compiled program (``laplace_program``), its exact gradient written once for
   both (``laplace_gradient``), adaptive quadrature (``quadrature``), population-average means
   (``marginal_mean``) and the separation check (``separation``); AR(1) residuals by whitening, on the host
@@ -68,5 +70,11 @@ engine grows an ``if`` for it):
   A^-1 factored by SciPy's sparse LU; one relationship term, intercept terms beside it; the Bayesian
   engine's :mod:`hierpool.bayesian.relmat` samples from the same factorization), because the blocked
   factorization's term 0 is block diagonal and a dense rest block would be q x q; bringing it in means
-  a sparse precision block in the factorization (the same one a spatial term needs).
+  a sparse precision block in the factorization (the same one a spatial term needs).  Spatial terms
+  (``car(area, type=...)``) are likewise fitted outside the blocked factorization: the closed form by
+  :mod:`hierpool.closedform.spatial` (the Laplace approximation on the sparse precision of
+  :class:`~hierpool.algebra.icar.CarPrior`, one bordered sparse LU per solve for the sum-to-zero
+  constraints), the Bayesian engine by :mod:`hierpool.bayesian.spatial` (NUTS, the same quadratic form over
+  the graph's edges, the constraint exact through :func:`~hierpool.algebra.icar.sum_to_zero`); one spatial
+  term per model, no ``(... | g)`` term beside it yet.
 """

@@ -22,6 +22,7 @@ from ..errors import ArgumentError, HierpoolWarning
 from ..spec.arguments import sampler_arguments
 from ..spec.design import Design, build_design
 from ..spec.family import family_spec
+from ..spec.formula import has_spatial_term
 from . import glmm, independence
 from .model import (
     HeldVariance,
@@ -347,7 +348,9 @@ def bayes(
         as :func:`hierpool.lmm` takes it: NUTS on every parameter, the ICAR's sum-to-zero constraint exact
         (:mod:`hierpool.bayesian.spatial`; priors ``sd``, ``rho``, ``alpha`` there).  Returns a
         :class:`~hierpool.bayesian.spatial.SpatialBayesResult`: each area's effect, BYM2's spatial and unstructured
-        parts, and for counts each area's relative risk with its exceedance probability.
+        parts, and for counts each area's relative risk with its exceedance probability.  ``variance=`` an
+        ``hp.lmm`` / ``hp.glmm`` fit of the same spatial model holds its sd, mixing parameter and sigma (with flat
+        fixed-effect priors and a Gaussian response, the posterior mean of b is then the fit's BLUP).
 
     Returns
     -------
@@ -364,11 +367,11 @@ def bayes(
     Roberts & Skold 2007; :mod:`hierpool.bayesian.glmm`).
     """
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept)
-    if adjacency is not None:
+    if adjacency is not None or has_spatial_term(formula):
         return _bayes_spatial(formula, data, adjacency, chains, draws, tune, seed, priors, level, target_accept,
                               progress, weights, offset, family, link,
-                              {"se": se, "variance": variance, "correlation": correlation, "relmat": relmat,
-                               "relmat_inverse": relmat_inverse}, method)
+                              {"se": se, "correlation": correlation, "relmat": relmat,
+                               "relmat_inverse": relmat_inverse}, method, variance)
     if relmat is not None or relmat_inverse is not None:
         return _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, seed, priors, se, method,
                              variance, level, weights, offset, family, correlation, target_accept,
@@ -446,7 +449,7 @@ def _result(design, resolved, method, level, variance, held, beta, b, sds, cors,
 
 
 def _bayes_spatial(formula, data, adjacency, chains, draws, tune, seed, priors, level, target_accept, progress,
-                   weights, offset, family, link, unsupported: dict, method: str):
+                   weights, offset, family, link, unsupported: dict, method: str, variance):
     """``hp.bayes(..., adjacency=)``: NUTS on a spatial model (:mod:`hierpool.bayesian.spatial`)."""
     from ..spec.spatial import spatial_design
     from .spatial import bayes_spatial
@@ -463,7 +466,7 @@ def _bayes_spatial(formula, data, adjacency, chains, draws, tune, seed, priors, 
     spec = None if gaussian else family_spec(family, link)
     sdesign = spatial_design(formula, data, adjacency, family=spec, weights=weights, offset=offset)
     progress = sys.stderr.isatty() if progress is None else bool(progress)
-    return bayes_spatial(sdesign, priors, chains, draws, tune, seed, target_accept, progress, level)
+    return bayes_spatial(sdesign, priors, chains, draws, tune, seed, target_accept, progress, level, variance)
 
 
 def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chains, draws, tune, seed, level,

@@ -125,13 +125,14 @@ def spatial_data(sdesign: SpatialDesign, prior: CarPrior) -> SpatialData:
         eigenvalues=put(eigenvalues))
 
 
-def spatial_model(data: SpatialData, layout: SumToZeroLayout, priors: Priors, car: CarPriors, *, type: str,
-                  family: str, link: str, n_areas: int, n_free: int):
-    """The NumPyro model of the module docstring."""
+def spatial_model(data: SpatialData, layout: SumToZeroLayout, priors: Priors, car: CarPriors, held=None, *,
+                  type: str, family: str, link: str, n_areas: int, n_free: int):
+    """The NumPyro model of the module docstring; with ``held`` = (sd, mix, sigma) those are fixed (a closed-form
+    fit's: the posterior of beta and b given the variance parameters, whose mean is the BLUP for a Gaussian)."""
     beta = fixed_effects(priors)
-    sd = numpyro.sample("sd", car.sd)
+    sd = numpyro.sample("sd", car.sd) if held is None else held[0]
     if type == "proper":
-        alpha = numpyro.sample("alpha", car.mix)
+        alpha = numpyro.sample("alpha", car.mix) if held is None else held[1]
         w = numpyro.sample("w", dist.ImproperUniform(constraints.real, (), (n_areas,)))
         quadratic = jnp.sum(data.degree * w**2) - 2.0 * alpha * jnp.sum(w[data.edge_i] * w[data.edge_j])
         numpyro.factor("car", 0.5 * jnp.sum(jnp.log1p(-alpha * data.eigenvalues)) - 0.5 * quadratic)
@@ -144,12 +145,12 @@ def spatial_model(data: SpatialData, layout: SumToZeroLayout, priors: Priors, ca
         if type == "icar":
             b = sd * phi
         else:
-            rho = numpyro.sample("rho", car.mix)
+            rho = numpyro.sample("rho", car.mix) if held is None else held[1]
             u = numpyro.sample("u", dist.Normal(0.0, 1.0).expand((n_areas,)).to_event(1))
             b = sd * (jnp.sqrt(1.0 - rho) * u + jnp.sqrt(rho) * data.root_scaling * phi)
     eta = data.offset + data.X @ beta + b[data.area]
     if family == "gaussian":
-        sigma = numpyro.sample("sigma", priors.sigma)
+        sigma = numpyro.sample("sigma", priors.sigma) if held is None else held[2]
         numpyro.factor("y", jnp.sum(-0.5 * data.weights * ((data.y - eta) / sigma) ** 2
                                     - jnp.log(sigma) + 0.5 * jnp.log(data.weights)))
     else:
@@ -159,7 +160,8 @@ def spatial_model(data: SpatialData, layout: SumToZeroLayout, priors: Priors, ca
 
 
 def area_effects(draws: dict, prior: CarPrior, layout: SumToZeroLayout) -> dict[str, np.ndarray]:
-    """b (and BYM2's spatial and unstructured parts) per draw, on the host, from the sampled sites."""
+    """b (and BYM2's spatial and unstructured parts) per draw, on the host, from the sampled sites (and the held
+    sd and rho, where ``draws`` has them filled in)."""
     sd = np.asarray(draws["sd"])[..., None]
     if prior.type == "proper":
         return {"b": sd * np.asarray(draws["w"])}
@@ -172,9 +174,20 @@ def area_effects(draws: dict, prior: CarPrior, layout: SumToZeroLayout) -> dict[
     return {"b": spatial + unstructured, "spatial": spatial, "unstructured": unstructured}
 
 
+def held_values(sdesign: SpatialDesign, fit) -> np.ndarray:
+    """(sd, mix, sigma) of a closed-form spatial fit of the same model, for ``hp.bayes(..., variance=fit)``."""
+    same = (getattr(fit, "sdesign", None) is not None and fit.sdesign.term == sdesign.term
+            and fit.design.spec.formula == sdesign.design.spec.formula and fit.design.n == sdesign.design.n
+            and np.array_equal(fit.sdesign.graph.labels, sdesign.graph.labels))
+    if not same:
+        raise ArgumentError("variance= must be an hp.lmm / hp.glmm fit of the same spatial model, data and graph")
+    return np.array([fit.sd, fit.mix, fit.sigma])
+
+
 def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draws: int, tune: int, seed: int,
-                  target_accept: float, progress: bool, level: float) -> SpatialBayesResult:
-    """NUTS draws of the spatial model (module docstring) as a :class:`SpatialBayesResult`."""
+                  target_accept: float, progress: bool, level: float, variance=None) -> SpatialBayesResult:
+    """NUTS draws of the spatial model (module docstring) as a :class:`SpatialBayesResult`; with ``variance`` a
+    closed-form fit of the same model, its sd, mixing parameter and sigma held."""
     design, term = sdesign.design, sdesign.term
     others, car = car_priors(sdesign, priors)
     resolved = resolve_priors(design, others)
@@ -182,12 +195,19 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
     layout = sum_to_zero_layout(sdesign.graph)
     family = "gaussian" if design.family is None else design.family.name
     link = "identity" if design.family is None else design.family.link
+    held = None if variance is None else held_values(sdesign, variance)
     out, stats = sample_nuts(
-        spatial_model, (spatial_data(sdesign, prior), layout, resolved, car),
+        spatial_model, (spatial_data(sdesign, prior), layout, resolved, car, held),
         static=(("type", term.type), ("family", family), ("link", link), ("n_areas", sdesign.n_areas),
                 ("n_free", layout.n_free)),
         chains=chains, tune=tune, draws=draws, seed=seed, target_accept=target_accept, progress=progress)
-    effects = area_effects(out, prior, layout)
+    filled = dict(out)
+    if held is not None:  # the held values as constant draws, so that what follows reads them as any draw
+        shape = np.shape(out["w" if "w" in out else "z"])[:2]
+        for name, value in zip(("sd", {"bym2": "rho", "proper": "alpha"}.get(term.type), "sigma"), held):
+            if name is not None and (name != "sigma" or family == "gaussian"):
+                filled[name] = np.full(shape, value)
+    effects = area_effects(filled, prior, layout)
     if "beta" in out:
         beta = np.asarray(out["beta"])
     elif design.p:
@@ -195,8 +215,8 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
     else:
         beta = np.zeros((chains, draws, 0))
     eta = design.offset + np.einsum("cdp,np->cdn", beta, design.X) + effects["b"][..., sdesign.area]
-    posterior = {"beta": beta, "sd": np.asarray(out["sd"])}
-    for name in ("rho", "alpha", "sigma", "shape"):
+    posterior = {"beta": beta}
+    for name in ("sd", "rho", "alpha", "sigma", "shape"):  # the sampled ones (not those held)
         if name in out:
             posterior[name] = np.asarray(out[name])
     areas = [str(label) for label in sdesign.graph.labels]
@@ -219,7 +239,7 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
               "sample_stats": {key: np.asarray(value) for key, value in stats.items()}}
     if chains * draws * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
         if family == "gaussian":
-            sigma = posterior["sigma"][..., None]
+            sigma = np.asarray(filled["sigma"])[..., None]
             w = design.row_weights
             pointwise = -0.5 * w * ((design.y - eta) / sigma) ** 2 - np.log(sigma) + 0.5 * np.log(w) - 0.5 * np.log(
                 2 * np.pi)
@@ -234,7 +254,8 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
                       f"more than {LOG_LIKELIHOOD_MAX_VALUES:.0e}; idata has no log_likelihood group",
                       HierpoolWarning, stacklevel=3)
     idata = az.from_dict(**groups, coords=coords, dims=dims)
-    result = SpatialBayesResult(idata=idata, sdesign=sdesign, priors=resolved, car_priors=car, level=level)
+    result = SpatialBayesResult(idata=idata, sdesign=sdesign, priors=resolved, car_priors=car, level=level,
+                                held=held)
     result.diagnostics(warn=True)
     return result
 
@@ -253,6 +274,8 @@ class SpatialBayesResult:
     priors : Priors
     car_priors : CarPriors
     level : float
+    held : numpy.ndarray or None
+        (sd, mix, sigma) held at a closed-form fit's values (``variance=``), or None.
     """
 
     idata: az.InferenceData
@@ -260,6 +283,7 @@ class SpatialBayesResult:
     priors: Priors
     car_priors: CarPriors
     level: float
+    held: np.ndarray | None = None
 
     @property
     def design(self):
@@ -282,8 +306,10 @@ class SpatialBayesResult:
         return pd.DataFrame(stats, index=pd.Index(list(self.design.fixed_names), name="term"))[SUMMARY_COLUMNS]
 
     def hyperparameters(self) -> pd.DataFrame:
-        """sd, rho or alpha, and sigma or shape where the model has them."""
+        """sd, rho or alpha, and sigma or shape where the model has them (sampled: none when all are held)."""
         names = [n for n in ("sd", "rho", "alpha", "sigma", "shape") if n in self.idata.posterior]
+        if not names:
+            return pd.DataFrame(columns=SUMMARY_COLUMNS, index=pd.Index([], name="parameter"))
         draws = np.stack([self.draws(n) for n in names], axis=-1)
         return pd.DataFrame(summarize_draws(draws, self.level), index=pd.Index(names, name="parameter"))[
             SUMMARY_COLUMNS]

@@ -18,6 +18,7 @@ from ..algebra.separation import distinct_rows, separating_columns
 from ..errors import ArgumentError, ConvergenceWarning, HierpoolWarning
 from ..spec.design import build_design
 from ..spec.family import family_spec
+from ..spec.formula import has_spatial_term
 from .glmm_convergence import check_convergence
 from .glmm_optimize import fit_laplace
 from .glmm_results import GLMMResult
@@ -79,7 +80,7 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     if isinstance(nAGQ, bool) or not isinstance(nAGQ, int) or not 0 <= nAGQ <= MAX_NODES:
         raise ArgumentError(f"nAGQ must be an integer from 0 to {MAX_NODES}, got {nAGQ!r}")
     spec = family_spec(family, link)
-    if adjacency is not None:
+    if adjacency is not None or has_spatial_term(formula):
         from ..spec.spatial import spatial_design  # SciPy's sparse LU: loaded only for this model
         from .spatial import fit_spatial
 

@@ -20,6 +20,7 @@ from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.design import Design, build_design
+from ..spec.formula import has_spatial_term
 from .ar1 import fit_ar1
 from .optimize import Control, criterion_value, moment_start, optimize_theta, runs_on_host, value_and_gradient
 from .results import LMMResult
@@ -225,7 +226,7 @@ def lmm(
     Walker (2015), "Fitting linear mixed-effects models using lme4", J. Stat.
     Softw. 67(1); blocked factorization as in MixedModels.jl.
     """
-    if adjacency is not None:
+    if adjacency is not None or has_spatial_term(formula):
         return _spatial_lmm(formula, data, reml, se, control, weights, offset, correlation, relmat, relmat_inverse,
                             adjacency)
     if relmat is not None or relmat_inverse is not None:

@@ -370,3 +370,14 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
             variables.append(v)
     return ModelSpec(formula=formula, response=response, fixed=fixed, random=tuple(random), variables=tuple(variables),
                      spatial=tuple(spatial))
+
+
+def has_spatial_term(formula) -> bool:
+    """Whether ``formula`` has a ``car(...)`` term (False for anything the formula parser refuses: the caller's own
+    path then reports it)."""
+    if not isinstance(formula, str) or "car" not in formula:
+        return False
+    try:
+        return bool(parse_formula(formula, binomial_counts=True, random_optional=True).spatial)
+    except FormulaError:
+        return False

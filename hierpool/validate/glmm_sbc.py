@@ -26,7 +26,7 @@ from ..bayesian import bayes, resolve_priors
 from ..errors import ArgumentError
 from ..spec.design import build_design
 from ..spec.family import family_spec
-from .sbc import SBCResult, _uniformity
+from .sbc import SBCResult, _uniformity, check_sbc_sizes
 
 #: Families whose response :func:`glmm_sbc` simulates.
 FAMILIES = ("binomial", "poisson")
@@ -141,10 +141,7 @@ def glmm_sbc(
     spec = family_spec(family, link)
     if spec.name not in FAMILIES:
         raise ArgumentError(f"glmm_sbc simulates the families {FAMILIES}, got {spec.name!r}")
-    if n_reps < bins:
-        raise ArgumentError(f"n_reps ({n_reps}) must be at least bins ({bins})")
-    if n_draws + 1 > chains * draws_per_chain:
-        raise ArgumentError("n_draws must be below chains x draws_per_chain")
+    check_sbc_sizes(n_reps, n_draws, chains, draws_per_chain, bins)
     import jax
 
     design = build_design(formula, data, weights=weights, offset=offset, family=spec)

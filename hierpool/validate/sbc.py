@@ -143,6 +143,14 @@ def ecdf_band(n_reps: int, n_draws: int, alpha: float, n_sim: int = 20000, seed:
     return float(np.quantile(np.max(np.abs(ecdf - grid), axis=1), 1 - alpha))
 
 
+def check_sbc_sizes(n_reps: int, n_draws: int, chains: int, draws_per_chain: int, bins: int) -> None:
+    """Refuse replications too few for the histogram's bins, or more ranked draws than the chains keep."""
+    if n_reps < bins:
+        raise ArgumentError(f"n_reps ({n_reps}) must be at least bins ({bins})")
+    if n_draws + 1 > chains * draws_per_chain:
+        raise ArgumentError("n_draws must be below chains x draws_per_chain")
+
+
 def _uniformity(ranks: pd.DataFrame, n_draws: int, bins: int, alpha: float) -> pd.DataFrame:
     # Bonferroni over the two tests of every parameter: a calibrated sampler fails the
     # whole check with probability at most alpha, however many parameters are tracked
@@ -206,10 +214,7 @@ def sbc(
     -------
     SBCResult
     """
-    if n_reps < bins:
-        raise ArgumentError(f"n_reps ({n_reps}) must be at least bins ({bins})")
-    if n_draws + 1 > chains * draws_per_chain:
-        raise ArgumentError("n_draws must be below chains x draws_per_chain")
+    check_sbc_sizes(n_reps, n_draws, chains, draws_per_chain, bins)
     import jax
 
     related, relationship = {}, None

@@ -21,7 +21,7 @@ from ..bayesian.spatial import car_priors
 from ..errors import ArgumentError
 from ..spec.family import family_spec
 from ..spec.spatial import spatial_design
-from .sbc import SBCResult, _uniformity
+from .sbc import SBCResult, _uniformity, check_sbc_sizes
 
 #: Families spatial_sbc simulates (their default priors do not depend on the response, so one frozen set serves
 #: every replication).
@@ -77,10 +77,7 @@ def spatial_sbc(formula: str, data: pd.DataFrame, adjacency, family: str = "pois
     spec = family_spec(family)
     if spec.name not in FAMILIES:
         raise ArgumentError(f"spatial_sbc simulates the families {FAMILIES}, got {spec.name!r}")
-    if n_reps < bins:
-        raise ArgumentError(f"n_reps ({n_reps}) must be at least bins ({bins})")
-    if n_draws + 1 > chains * draws_per_chain:
-        raise ArgumentError("n_draws must be below chains x draws_per_chain")
+    check_sbc_sizes(n_reps, n_draws, chains, draws_per_chain, bins)
     sdesign = spatial_design(formula, data, adjacency, family=spec, weights=weights, offset=offset)
     if sdesign.n_areas > MAX_AREAS:
         raise ArgumentError(f"spatial_sbc draws the field densely: at most {MAX_AREAS} areas, got {sdesign.n_areas}")
