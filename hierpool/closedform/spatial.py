@@ -45,7 +45,7 @@ from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.spatial import SpatialDesign
 
 #: Bounds of log sd and log sigma, and of the logit of the mixing parameter.
-LOG_SD_BOUNDS = (np.log(1e-5), np.log(1e4))
+LOG_SD_BOUNDS = (np.log(1e-5), np.log(1e3))
 LOGIT_BOUNDS = (-12.0, 12.0)
 #: PIRLS stops when no coordinate of (beta, x) moves by more than this (relative): the criterion's log det H moves
 #: at first order with the mode's error, and L-BFGS-B's finite differences need it smooth to ~1e-10.
@@ -56,8 +56,8 @@ START_SDS = (0.05, 0.15, 0.4, 1.0)
 #: L-BFGS-B's finite-difference step on psi: the criterion is smooth to about 1e-10 (absolute) where BYM2's rho
 #: nears 1 (precision entries ~ 1 / (1 - rho)), so scipy's default step (1e-8) gives gradients of noise there.
 FD_STEP = 1e-6
-#: L-BFGS-B restarts at most (:func:`_minimize`).
-RESTARTS = 5
+#: SuperLU's threshold for taking a pivot off the diagonal (0: never; 1: partial pivoting).
+PIVOT_THRESHOLD = 1e-3
 #: Right-hand sides solved at once for the conditional variances.
 SOLVE_CHUNK = 512
 #: Families the Laplace fit takes (a negative binomial's shape would be one more parameter: not yet).
@@ -73,10 +73,32 @@ class _Mode:
     quadratic: float  # x' P x
 
 
+class _OrderedFactor:
+    """A SuperLU factor of B[order][:, order], solving B v = r in the original order."""
+
+    def __init__(self, lu, order: np.ndarray):
+        self.lu, self.order, self.shape = lu, order, lu.shape
+
+    @property
+    def U(self):
+        return self.lu.U
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        out = np.empty_like(rhs, dtype=float)
+        out[self.order] = self.lu.solve(np.ascontiguousarray(rhs[self.order]))
+        return out
+
+
 class _Bordered:
     """The bordered matrix [[H, C], [C', 0]] on a sparse pattern found once, refilled at each (W, P): H is
     [[X'WX, X'WZ], [Z'WX, Z'WZ + P]] (``with_beta``) or its x block Z'WZ + P.  Building a sparse matrix by
-    scipy's block operations costs more than factoring it on a small map; here one ``bincount`` fills it."""
+    scipy's block operations costs more than factoring it on a small map; here one ``bincount`` fills it.
+
+    The elimination order is found once too (the ordering is most of a factorization's cost on a large map): x by
+    minimum degree on its own pattern, then beta (dense rows: last, they add no fill), then the constraints (their
+    zero diagonal last, where the Schur complement -C' H^-1 C has filled it).  SuperLU then factors in that order,
+    preferring diagonal pivots (:data:`PIVOT_THRESHOLD`) and pivoting off the diagonal only where one vanishes (a
+    component without data under ICAR)."""
 
     def __init__(self, laplace: SpatialLaplace, with_beta: bool):
         prior, area = laplace.prior, laplace.sdesign.area
@@ -84,7 +106,7 @@ class _Bordered:
         n, m, k = prior.n, laplace.m, laplace.sizes.size
         self.p, self.n, self.area, self.size = p, n, area, p + m + k
         fixed, areas = np.arange(p), np.arange(n)
-        pr, pc, _ = prior.precision_entries(1.0, 0.5)
+        pr, pc, pv = prior.precision_entries(1.0, 0.5)
         c = laplace.constraints_x.tocoo()
         parts = [
             (np.repeat(fixed, p), np.tile(fixed, p)),  # X'WX, row-major
@@ -94,8 +116,17 @@ class _Bordered:
             (p + pr, p + pc),  # P
             (p + c.row, p + m + c.col), (p + m + c.col, p + c.row),  # C and C'
         ]
-        rows = np.concatenate([r for r, _ in parts])
-        cols = np.concatenate([col for _, col in parts])
+        # the elimination order (class docstring): x's by minimum degree on Z'WZ + P's pattern (values that make
+        # it diagonally dominant: only the pattern matters), then beta, then the constraints
+        x_pattern = scipy.sparse.csc_matrix((np.r_[np.abs(pv), np.full(m, 1e3)], (np.r_[pr, np.arange(m)],
+                                                                                  np.r_[pc, np.arange(m)])),
+                                            shape=(m, m))
+        x_order = np.argsort(scipy.sparse.linalg.splu(x_pattern, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                                                      options={"SymmetricMode": True}).perm_c)
+        self.order = np.r_[p + x_order, fixed, p + m + np.arange(k)]
+        rank = np.argsort(self.order)
+        rows = rank[np.concatenate([r for r, _ in parts])]
+        cols = rank[np.concatenate([col for _, col in parts])]
         pattern = scipy.sparse.csc_matrix((np.ones(rows.size), (rows, cols)), shape=(self.size, self.size))
         pattern.sum_duplicates()
         pattern.sort_indices()
@@ -116,7 +147,9 @@ class _Bordered:
         values = np.concatenate(head + [np.bincount(self.area, weights=w, minlength=n), precision_values, self.ones])
         data = np.bincount(self.positions, weights=values, minlength=self.nnz)
         matrix = scipy.sparse.csc_matrix((data, self.indices, self.indptr), shape=(self.size, self.size))
-        return scipy.sparse.linalg.splu(matrix)
+        lu = scipy.sparse.linalg.splu(matrix, permc_spec="NATURAL", diag_pivot_thresh=PIVOT_THRESHOLD,
+                                      options={"SymmetricMode": True})
+        return _OrderedFactor(lu, self.order)
 
 
 class SpatialLaplace:
@@ -151,8 +184,15 @@ class SpatialLaplace:
         return ["log_sd"] + (["logit_mix"] if self.prior.has_mix else []) + (["log_sigma"] if self.gaussian else [])
 
     def bounds(self) -> list[tuple[float, float]]:
-        return [LOG_SD_BOUNDS] + ([LOGIT_BOUNDS] if self.prior.has_mix else []) + (
-            [LOG_SD_BOUNDS] if self.gaussian else [])
+        """log sd and log sigma within :data:`LOG_SD_BOUNDS` of the response's scale (sd(y) for a Gaussian, 1 on
+        a GLMM's link scale), the mixing parameter's logit within :data:`LOGIT_BOUNDS`."""
+        scale = np.log(self._scale())
+        sd = (LOG_SD_BOUNDS[0] + scale, LOG_SD_BOUNDS[1] + scale)
+        return [sd] + ([LOGIT_BOUNDS] if self.prior.has_mix else []) + ([sd] if self.gaussian else [])
+
+    def _scale(self) -> float:
+        scale = float(np.std(self.y)) if self.gaussian else 1.0
+        return scale if scale > 0 else 1.0
 
     def unpack(self, psi) -> tuple[float, float, float]:
         """(sd, mix, sigma) of psi (mix 0 without one, sigma 1 for a GLMM)."""
@@ -166,8 +206,7 @@ class SpatialLaplace:
         """psi's start: the best of a coarse grid of sds (:data:`START_SDS`, times sd(y) for a Gaussian, whose
         sigma starts at half sd(y)), mix 1/2.  The criterion need not be convex in psi (a small sd can be a
         local minimum), and L-BFGS-B's first line search from a poor start can run to a bound."""
-        scale = float(np.std(self.y)) if self.gaussian else 1.0
-        scale = scale if scale > 0 else 1.0
+        scale = self._scale()
         rest = ([0.0] if self.prior.has_mix else []) + ([np.log(0.5 * scale)] if self.gaussian else [])
         grid = [np.array([np.log(sd * scale)] + rest) for sd in START_SDS]
         return min(grid, key=self.criterion)
@@ -275,7 +314,9 @@ def fit_spatial(sdesign: SpatialDesign, reml: bool, stages: int = 2) -> SpatialF
             return value if np.isfinite(value) else 1e300
 
         start = np.concatenate([psi, laplace._theta[: laplace.p]])
-        result = _minimize(joint, start, bounds + [(None, None)] * laplace.p)
+        # from stage 1's optimum, which is close: no restarts (each costs a gradient, p + 3 evaluations of a
+        # criterion whose mode at each beta is a PIRLS of its own)
+        result = _minimize(joint, start, bounds + [(None, None)] * laplace.p, restarts=0)
         psi, beta = result.x[:k], result.x[k:]
     at_bound = [name for name, value, (low, high) in zip(laplace.names(), psi, bounds)
                 if min(value - low, high - value) < 1e-2]
@@ -286,18 +327,32 @@ def fit_spatial(sdesign: SpatialDesign, reml: bool, stages: int = 2) -> SpatialF
     return SpatialFit(laplace=laplace, psi=psi, beta=beta, optimizer=result, stages=stages)
 
 
-def _minimize(objective, start, bounds):
-    """L-BFGS-B, restarted from where it stopped while a restart still lowers the criterion (up to
-    :data:`RESTARTS` times): its line search gives up on a criterion that flattens towards a bound (BYM2's
-    rho -> 1 when the effects are all spatial), and a fresh start's first step goes on."""
-    options = {"ftol": 1e-15, "gtol": 1e-9, "maxiter": 500, "eps": FD_STEP}
-    result = scipy.optimize.minimize(objective, start, method="L-BFGS-B", bounds=bounds, options=options)
-    for _ in range(RESTARTS):
-        again = scipy.optimize.minimize(objective, result.x, method="L-BFGS-B", bounds=bounds, options=options)
+def _minimize(objective, start, bounds, restarts: int = 5):
+    """L-BFGS-B on the criterion divided by its gradient's norm at the start, restarted from where it stopped while
+    a restart still lowers the criterion (up to :data:`RESTARTS` times).
+
+    L-BFGS-B's first step is the Cauchy point of a model with unit curvature, x - g: with a gradient of 100 (a
+    criterion in the hundreds, steep in log sd) it lands on the bounds, where the criterion is ill-conditioned
+    (weights of 1e10), and its line search gives up there; scaled, the first step has unit length.  And its line
+    search gives up on a criterion that flattens towards a bound (BYM2's rho -> 1 when the effects are all spatial),
+    where a fresh start's first step goes on."""
+    base = objective(start)
+    steps = np.eye(len(start)) * FD_STEP
+    gradient = np.array([(objective(start + step) - base) / FD_STEP for step in steps])
+    scale = max(float(np.linalg.norm(gradient)), 1.0)
+
+    def scaled(x):
+        return objective(x) / scale
+
+    options = {"ftol": 1e-15, "gtol": 1e-9 / scale, "maxiter": 500, "eps": FD_STEP}
+    result = scipy.optimize.minimize(scaled, start, method="L-BFGS-B", bounds=bounds, options=options)
+    for _ in range(restarts):
+        again = scipy.optimize.minimize(scaled, result.x, method="L-BFGS-B", bounds=bounds, options=options)
         improved = again.fun < result.fun - 1e-12 * abs(result.fun)
         result = again if again.fun <= result.fun else result
         if not improved:
             break
+    result.fun = result.fun * scale
     return result
 
 
