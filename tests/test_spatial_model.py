@@ -13,6 +13,7 @@ from numpyro.infer.util import log_density
 import hierpool as hp
 from hierpool.algebra.icar import CarPrior, constraint_matrix, sum_to_zero, sum_to_zero_layout
 from hierpool.bayesian.priors import resolve_priors
+from hierpool.bayesian import spatial as spatial_module
 from hierpool.bayesian.spatial import car_priors, spatial_data, spatial_model
 from hierpool.errors import ArgumentError, DataError, FormulaError
 from hierpool.spec.adjacency import graph
@@ -114,12 +115,19 @@ def test_the_sum_to_zero_coordinates_are_an_isometry_onto_the_constraints(toy):
     np.testing.assert_allclose(basis.T @ basis, np.eye(6), atol=1e-14, err_msg="orthonormal columns")
     np.testing.assert_allclose(constraint_matrix(g).T @ basis, 0, atol=1e-14, err_msg="each component sums to 0")
     assert np.allclose(basis[list(g.labels).index("h")], np.eye(6)[-1]), "the island is a free coordinate of its own"
+    whitening = spatial_module.icar_whitening(CarPrior(g, "bym2"), layout)
+    q = np.diag(g.degree) - g.adjacency_matrix().toarray() + np.diag(g.degree == 0)
+    np.testing.assert_allclose(whitening @ whitening.T, np.linalg.pinv(q), atol=1e-12,
+                               err_msg="M M' is the constrained ICAR covariance (per component; the island's 1)")
 
 
-@pytest.mark.parametrize("type_", ["icar", "bym2", "proper"])
-def test_the_samplers_log_density_is_the_sparse_precisions(nc, type_):
+@pytest.mark.parametrize("type_,whiten", [("icar", False), ("icar", True), ("bym2", False), ("bym2", True),
+                                          ("proper", False)])
+def test_the_samplers_log_density_is_the_sparse_precisions(nc, type_, whiten, monkeypatch):
     """NumPyro's log joint of the spatial model at a random point equals the priors plus -x' P x / 2 with P the
-    closed form's sparse precision (CarPrior), log det included for the proper CAR, plus the Poisson likelihood."""
+    closed form's sparse precision (CarPrior), log det included for the proper CAR, plus the Poisson likelihood;
+    in the Helmert coordinates of large maps and the whitened ones of small maps (with z's N(0, I) constant)."""
+    monkeypatch.setattr(spatial_module, "WHITEN_MAX_AREAS", 1000 if whiten else 0)
     sdesign = spatial_design(FORMULA.format(type_), nc.data, nc.adjacency, family=family_spec("poisson"))
     others, car = car_priors(sdesign, None)
     priors = resolve_priors(sdesign.design, others)
@@ -134,14 +142,14 @@ def test_the_samplers_log_density_is_the_sparse_precisions(nc, type_):
         b = sd * field
     else:
         z = rng.normal(size=layout.n_free)
-        field = sum_to_zero(z, layout)
+        field = spatial_module.icar_whitening(prior, layout) @ z if whiten else sum_to_zero(z, layout)
         params["z"] = z
         b = sd * field
         if type_ == "bym2":
             u = rng.normal(size=100)
             params.update(rho=mix, u=u)
             b = sd * (np.sqrt(1 - mix) * u + np.sqrt(mix) * field / np.sqrt(prior.scaling))
-    value, _ = log_density(spatial_model, (spatial_data(sdesign, prior), layout, priors, car),
+    value, _ = log_density(spatial_model, (spatial_data(sdesign, prior, layout), layout, priors, car),
                            dict(type=type_, family="poisson", link="log", n_areas=100, n_free=layout.n_free), params)
     # BYM2: x = (b, phi), whose quadratic form at (sd, rho) is |u|^2 + phi' Q phi
     x, at = (np.r_[b, field], (sd, mix)) if type_ == "bym2" else (field, (1.0, mix if type_ == "proper" else 0.0))
@@ -153,6 +161,8 @@ def test_the_samplers_log_density_is_the_sparse_precisions(nc, type_):
         expected += float(car.mix.log_prob(mix)) + 0.5 * (prior.log_det(1.0, mix) - np.sum(np.log(prior.degree)))
     if type_ == "bym2":
         expected += float(car.mix.log_prob(mix)) - 50 * np.log(2 * np.pi)  # u's normalizing constant
+    if whiten:
+        expected -= 0.5 * layout.n_free * np.log(2 * np.pi)  # z's
     eta = sdesign.design.offset + sdesign.design.X @ beta + b[sdesign.area]
     y = sdesign.design.y
     expected += float(np.sum(y * eta - np.exp(eta)))

@@ -14,7 +14,8 @@ with the area effects b of the term's type (:mod:`hierpool.spec.spatial`, :class
 
 phi is sampled in free coordinates z, phi = H z (:func:`hierpool.algebra.icar.sum_to_zero`: Helmert's
 orthonormal contrasts per component, O(n)): the constraint is exact (brms imposes it softly, sum(phi) ~
-N(0, 0.001 n)) and H is an isometry, so z's density is phi's.  The model is non-centered in every type (b = sd
+N(0, 0.001 n)) and H is an isometry, so z's density is phi's.  On small maps (:data:`WHITEN_MAX_AREAS`) phi = M z
+with M M' the constrained ICAR covariance (:func:`icar_whitening`), z ~ N(0, I): the same prior, isotropic.  The model is non-centered in every type (b = sd
 times a unit-scale field).  The quadratic form of the ICAR is the Laplacian's, x' Q x, as the closed form's
 sparse precision has it (tests/test_spatial_bayes.py checks the two agree).
 
@@ -54,6 +55,12 @@ from .nuts import sample_nuts
 from .priors import Priors, _check_distribution, _check_positive_support, resolve_priors
 from .results import SUMMARY_COLUMNS, posterior_diagnostics, summarize_draws
 
+#: Maps up to this many areas sample the ICAR in whitened coordinates (a dense n x n product per gradient, where the
+#: Laplacian's quadratic form is O(edges)): its prior is then isotropic, which the sampler's diagonal mass matrix
+#: cannot make it otherwise (the long-wavelength modes of an elongated map have ~100x the variance of the shortest).
+#: On nc_sids (100 areas) it more than doubles the county effects' ESS per second (benchmarks/RESULTS.md, "Disease
+#: mapping"); the bound keeps the dense product below the cost of a NUTS step's own bookkeeping.
+WHITEN_MAX_AREAS = 200
 #: Pointwise log-likelihood values kept in idata at most (chains x draws x rows), as hp.bayes.
 LOG_LIKELIHOOD_MAX_VALUES = 5e7
 
@@ -77,6 +84,7 @@ class SpatialData:
     root_scaling: jax.Array  # 1 / sqrt(scaling factor)
     degree: jax.Array
     eigenvalues: jax.Array  # of D^-1/2 W D^-1/2 (proper CAR only; empty otherwise)
+    whitening: jax.Array  # (n, n_free) M with phi = M z, z ~ N(0, I): the ICAR's exact square root (small maps)
 
 
 @jax.tree_util.register_dataclass
@@ -112,17 +120,31 @@ def car_priors(sdesign: SpatialDesign, priors: dict | None) -> tuple[dict, CarPr
     return priors, CarPriors(sd=sd, mix=mix)
 
 
-def spatial_data(sdesign: SpatialDesign, prior: CarPrior) -> SpatialData:
+def icar_whitening(prior: CarPrior, layout: SumToZeroLayout) -> np.ndarray:
+    """M (n x n_free) with M M' the ICAR's covariance under its constraints (Q~'s inverse on {C' phi = 0}): the
+    symmetric square root H V L^-1/2 V' of (H' Q~ H)^-1 in the Helmert coordinates H (:func:`sum_to_zero`), dense."""
+    basis = sum_to_zero(np.eye(layout.n_free), layout).T
+    values, vectors = np.linalg.eigh(basis.T @ prior.q.toarray() @ basis)
+    return basis @ (vectors / np.sqrt(values)) @ vectors.T
+
+
+def whitens(prior: CarPrior) -> bool:
+    """Whether the sampler takes the ICAR in whitened coordinates (:data:`WHITEN_MAX_AREAS`)."""
+    return prior.type != "proper" and prior.n <= WHITEN_MAX_AREAS
+
+
+def spatial_data(sdesign: SpatialDesign, prior: CarPrior, layout: SumToZeroLayout) -> SpatialData:
     put = jax.device_put
     design, g = sdesign.design, sdesign.graph
     eigenvalues = prior.proper_eigenvalues() if prior.type == "proper" else np.zeros(0)
+    whitening = icar_whitening(prior, layout) if whitens(prior) else np.zeros((0, 0))
     return SpatialData(
         y=put(np.asarray(design.y, dtype=float)), weights=put(np.asarray(design.row_weights, dtype=float)),
         offset=put(np.asarray(design.offset, dtype=float)), X=put(np.asarray(design.X, dtype=float)),
         area=put(sdesign.area.astype(np.int32)), edge_i=put(g.edges[:, 0].astype(np.int32)),
         edge_j=put(g.edges[:, 1].astype(np.int32)), island=put((g.degree == 0).astype(float)),
         root_scaling=put(1.0 / np.sqrt(prior.scaling)), degree=put(g.degree.astype(float)),
-        eigenvalues=put(eigenvalues))
+        eigenvalues=put(eigenvalues), whitening=put(whitening))
 
 
 def spatial_model(data: SpatialData, layout: SumToZeroLayout, priors: Priors, car: CarPriors, held=None, *,
@@ -138,10 +160,14 @@ def spatial_model(data: SpatialData, layout: SumToZeroLayout, priors: Priors, ca
         numpyro.factor("car", 0.5 * jnp.sum(jnp.log1p(-alpha * data.eigenvalues)) - 0.5 * quadratic)
         b = sd * w
     else:
-        z = numpyro.sample("z", dist.ImproperUniform(constraints.real, (), (n_free,)))
-        phi = sum_to_zero(z, layout)
-        difference = phi[data.edge_i] - phi[data.edge_j]
-        numpyro.factor("icar", -0.5 * (jnp.sum(difference**2) + jnp.sum(data.island * phi**2)))
+        if data.whitening.size:  # phi = M z is exactly ICAR-distributed: its prior is z's N(0, I)
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand((n_free,)).to_event(1))
+            phi = data.whitening @ z
+        else:
+            z = numpyro.sample("z", dist.ImproperUniform(constraints.real, (), (n_free,)))
+            phi = sum_to_zero(z, layout)
+            difference = phi[data.edge_i] - phi[data.edge_j]
+            numpyro.factor("icar", -0.5 * (jnp.sum(difference**2) + jnp.sum(data.island * phi**2)))
         if type == "icar":
             b = sd * phi
         else:
@@ -165,7 +191,8 @@ def area_effects(draws: dict, prior: CarPrior, layout: SumToZeroLayout) -> dict[
     sd = np.asarray(draws["sd"])[..., None]
     if prior.type == "proper":
         return {"b": sd * np.asarray(draws["w"])}
-    phi = sum_to_zero(np.asarray(draws["z"], dtype=float), layout)
+    z = np.asarray(draws["z"], dtype=float)
+    phi = z @ icar_whitening(prior, layout).T if whitens(prior) else sum_to_zero(z, layout)
     if prior.type == "icar":
         return {"b": sd * phi}
     rho = np.asarray(draws["rho"])[..., None]
@@ -197,7 +224,7 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
     link = "identity" if design.family is None else design.family.link
     held = None if variance is None else held_values(sdesign, variance)
     out, stats = sample_nuts(
-        spatial_model, (spatial_data(sdesign, prior), layout, resolved, car, held),
+        spatial_model, (spatial_data(sdesign, prior, layout), layout, resolved, car, held),
         static=(("type", term.type), ("family", family), ("link", link), ("n_areas", sdesign.n_areas),
                 ("n_free", layout.n_free)),
         chains=chains, tune=tune, draws=draws, seed=seed, target_accept=target_accept, progress=progress)
