@@ -12,8 +12,8 @@ from numpyro.infer.util import log_density
 
 import hierpool as hp
 from hierpool.algebra.icar import CarPrior, constraint_matrix, sum_to_zero, sum_to_zero_layout
-from hierpool.bayesian.priors import resolve_priors
 from hierpool.bayesian import spatial as spatial_module
+from hierpool.bayesian.priors import resolve_priors
 from hierpool.bayesian.spatial import car_priors, spatial_data, spatial_model
 from hierpool.errors import ArgumentError, DataError, FormulaError
 from hierpool.spec.adjacency import graph
