@@ -15,9 +15,10 @@ with the area effects b of the term's type (:mod:`hierpool.spec.spatial`, :class
 phi is sampled in free coordinates z, phi = H z (:func:`hierpool.algebra.icar.sum_to_zero`: Helmert's
 orthonormal contrasts per component, O(n)): the constraint is exact (brms imposes it softly, sum(phi) ~
 N(0, 0.001 n)) and H is an isometry, so z's density is phi's.  On small maps (:data:`WHITEN_MAX_AREAS`) phi = M z
-with M M' the constrained ICAR covariance (:func:`icar_whitening`), z ~ N(0, I): the same prior, isotropic.  The model is non-centered in every type (b = sd
-times a unit-scale field).  The quadratic form of the ICAR is the Laplacian's, x' Q x, as the closed form's
-sparse precision has it (tests/test_spatial_bayes.py checks the two agree).
+with M M' the constrained ICAR covariance (:func:`icar_whitening`), z ~ N(0, I): the same prior, isotropic.
+The model is non-centered in every type (b = sd times a unit-scale field).  The quadratic form of the ICAR is the
+Laplacian's, x' Q x, as the closed form's sparse precision has it (tests/test_spatial_model.py checks the two
+agree, in both coordinates).
 
 Priors (keys of ``priors=``): the fixed effects', ``sigma``'s and ``shape``'s as :mod:`hierpool.bayesian.priors`
 (on the link scale for a GLMM); ``sd`` (or ``sd_<area column>``) HalfNormal(2.5) on the link scale (2.5 sd(y) for a
