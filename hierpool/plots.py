@@ -318,12 +318,11 @@ def exceedance_map(probabilities, geometry: dict, threshold: float = 1.0):
     from matplotlib.colors import Normalize
 
     if callable(getattr(probabilities, "relative_risk", None)):
-        table = probabilities.relative_risk(threshold)
-        if "exceedance" not in table:
+        if not hasattr(probabilities, "idata"):
             from .errors import ArgumentError
 
             raise ArgumentError("exceedance probabilities are a posterior's: give an hp.bayes fit")
-        probabilities = table["exceedance"]
+        probabilities = probabilities.relative_risk(threshold=threshold)["exceedance"]
     probabilities = pd.Series(probabilities)
     values = probabilities.to_numpy(dtype=float)
     if np.any((values < 0) | (values > 1)):

@@ -13,7 +13,6 @@ import scipy.special
 import scipy.stats
 
 import hierpool as hp
-from hierpool.algebra.icar import scaling_factors
 from hierpool.closedform.spatial import SpatialFit
 from hierpool.spec.adjacency import graph as make_graph
 
@@ -39,26 +38,33 @@ def gaussian_data(nc):
 
 
 def dense_covariance(g, type_, sd, mix):
-    """Cov(b) of the spatial term, dense: the definitions, not the sparse algebra."""
+    """Cov(b) of the spatial term, dense: the definitions, not the sparse algebra (the BYM2 scaling too: the
+    geometric mean of each component's pseudo-inverse diagonal, an island's 1)."""
     q = np.diag(g.degree).astype(float) - g.adjacency_matrix().toarray()
     if type_ == "proper":
         return sd**2 * np.linalg.inv(np.diag(g.degree) - mix * g.adjacency_matrix().toarray())
     structured = np.linalg.pinv(q + np.diag((g.degree == 0).astype(float)))
     if type_ == "icar":
         return sd**2 * structured
-    s = np.diag(1 / np.sqrt(scaling_factors(g)))
+    scaling = np.ones(g.n)
+    for c in np.unique(g.component):
+        members = np.flatnonzero(g.component == c)
+        if members.size > 1:
+            scaling[members] = np.exp(np.mean(np.log(np.diag(np.linalg.pinv(q[np.ix_(members, members)])))))
+    s = np.diag(1 / np.sqrt(scaling))
     return sd**2 * ((1 - mix) * np.eye(g.n) + mix * s @ structured @ s)
 
 
 def dense_gls(fit: SpatialFit, sd=None, mix=None, sigma=None):
-    """(-2 log likelihood, beta, BLUPs, conditional sds given beta) by dense GLS at (sd, mix, sigma)."""
+    """(-2 log likelihood, beta, BLUPs, conditional sds given beta) by dense GLS at (sd, mix, sigma), residual
+    variances sigma^2 / w_i."""
     sd, mix, sigma = (fit.sd if sd is None else sd), (fit.mix if mix is None else mix), (fit.sigma if sigma is None
                                                                                        else sigma)
     g, design = fit.sdesign.graph, fit.design
     Z = np.zeros((design.n, g.n))
     Z[np.arange(design.n), fit.sdesign.area] = 1.0
     cov = dense_covariance(g, fit.sdesign.term.type, sd, mix)
-    V = sigma**2 * np.eye(design.n) + Z @ cov @ Z.T
+    V = sigma**2 * np.diag(1 / design.row_weights) + Z @ cov @ Z.T
     Vi = np.linalg.inv(V)
     X, y = design.X, design.y
     beta = np.linalg.solve(X.T @ Vi @ X, X.T @ Vi @ y)
@@ -115,7 +121,8 @@ def _dense_vcov(fit):
     g, design = fit.sdesign.graph, fit.design
     Z = np.zeros((design.n, g.n))
     Z[np.arange(design.n), fit.sdesign.area] = 1.0
-    V = fit.sigma**2 * np.eye(design.n) + Z @ dense_covariance(g, fit.sdesign.term.type, fit.sd, fit.mix) @ Z.T
+    V = fit.sigma**2 * np.diag(1 / design.row_weights) + Z @ dense_covariance(g, fit.sdesign.term.type, fit.sd,
+                                                                               fit.mix) @ Z.T
     return np.linalg.inv(design.X.T @ np.linalg.solve(V, design.X))
 
 
@@ -177,3 +184,59 @@ def test_the_poisson_fit_reports_modes_relative_risks_and_parts(poisson_fit, nc)
     assert scipy.stats.spearmanr(risk["expected"], moved)[0] < -0.3, "small counties move the most"
     assert fit.loglik > -220 and 0.1 < fit.sd < 0.6, "a plausible fit of NC SIDS (brms: sd 0.28)"
     assert fit.summary().startswith("Spatial model (car(county, type='bym2'); poisson, Laplace, ML)")
+
+
+@pytest.fixture(scope="module")
+def islands_data():
+    """A graph of three components and two islands (a 5-area path, a triangle, a 4-cycle, islands i1 and i2), one
+    area of the path and the whole 4-cycle without rows, prior weights on the rows."""
+    path, triangle, cycle = list("abcde"), list("fgh"), list("jklm")
+    edges = pd.DataFrame({"a": path[:-1] + triangle + cycle, "b": path[1:] + triangle[1:] + triangle[:1]
+                          + cycle[1:] + cycle[:1]})
+    labels = path + triangle + cycle + ["i1", "i2"]
+    matrix = pd.DataFrame(0, index=labels, columns=labels)
+    for a, b in zip(edges.a, edges.b):
+        matrix.loc[a, b] = matrix.loc[b, a] = 1
+    rng = np.random.default_rng(7)
+    areas = np.repeat(["a", "b", "c", "e", "f", "g", "h", "i1", "i2"], 3)
+    data = pd.DataFrame({"area": areas, "x": rng.normal(size=areas.size), "w": rng.uniform(0.5, 2, size=areas.size)})
+    data["y"] = 1 + 0.5 * data.x + rng.normal(size=areas.size)
+    return data, matrix
+
+
+@pytest.mark.parametrize("formula,reml", [("y ~ x + car(area, type='icar', islands='independent')", True),
+                                          ("y ~ x + car(area, type='bym2')", False)])
+def test_components_islands_areas_without_rows_and_weights_equal_dense_gls(islands_data, formula, reml):
+    data, matrix = islands_data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm(formula, data, reml=reml, adjacency=matrix, weights="w")
+    value, beta, blup, condsd = dense_gls(fit)
+    assert fit.objective == pytest.approx(value, rel=1e-10), "criterion differs from the dense GLS one"
+    np.testing.assert_allclose(fit.beta, beta, rtol=1e-8, err_msg="fixed effects")
+    np.testing.assert_allclose(fit.ranef()["effect"], blup, rtol=1e-7, atol=1e-10, err_msg="BLUPs")
+    np.testing.assert_allclose(fit.ranef()["condsd"], condsd, rtol=1e-7, err_msg="conditional sds")
+    empty = fit.ranef().loc[list("djklm")]
+    assert (empty["rows"] == 0).all(), "the path's d and the whole cycle have no rows"
+    np.testing.assert_allclose(empty.loc[list("jklm"), "effect"], 0, atol=1e-10,
+                               err_msg="a component without data keeps its prior mean")
+
+
+def test_prior_weights_count_rows_in_the_relative_risks(nc):
+    """A Poisson row of weight 2 is the row twice: the same fit and the same risk table."""
+    data = nc.data.iloc[:40].copy()
+    edges = nc.adjacency[nc.adjacency.a.isin(data.county) & nc.adjacency.b.isin(data.county)]
+    keep = set(edges.a) | set(edges.b)
+    data = data[data.county.isin(keep)].assign(w=lambda d: np.where(np.arange(len(d)) % 3 == 0, 2.0, 1.0))
+    twice = pd.concat([data, data[data.w == 2]]).assign(w=1.0)
+    f = "sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type='icar')"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weighted = hp.glmm(f, data, family="poisson", adjacency=edges, weights="w")
+        repeated = hp.glmm(f, twice, family="poisson", adjacency=edges)
+    assert weighted.objective == pytest.approx(repeated.objective, rel=1e-8), "the same likelihood"
+    np.testing.assert_allclose(weighted.beta, repeated.beta, rtol=1e-6, err_msg="the same fit")
+    a, b = weighted.relative_risk(), repeated.relative_risk()
+    np.testing.assert_allclose(a[["observed", "expected", "sir", "relative_risk"]].to_numpy(),
+                               b[["observed", "expected", "sir", "relative_risk"]].to_numpy(), rtol=1e-6,
+                               err_msg="weights count rows in observed, expected and fitted counts")

@@ -11,7 +11,7 @@ import pytest
 from numpyro.infer.util import log_density
 
 import hierpool as hp
-from hierpool.algebra.icar import CarPrior, constraint_matrix, sum_to_zero, sum_to_zero_layout
+from hierpool.algebra.icar import CarPrior, constrained_square_root, constraint_matrix, sum_to_zero, sum_to_zero_layout
 from hierpool.bayesian import spatial as spatial_module
 from hierpool.bayesian.priors import resolve_priors
 from hierpool.bayesian.spatial import car_priors, spatial_data, spatial_model
@@ -115,7 +115,7 @@ def test_the_sum_to_zero_coordinates_are_an_isometry_onto_the_constraints(toy):
     np.testing.assert_allclose(basis.T @ basis, np.eye(6), atol=1e-14, err_msg="orthonormal columns")
     np.testing.assert_allclose(constraint_matrix(g).T @ basis, 0, atol=1e-14, err_msg="each component sums to 0")
     assert np.allclose(basis[list(g.labels).index("h")], np.eye(6)[-1]), "the island is a free coordinate of its own"
-    whitening = spatial_module.icar_whitening(CarPrior(g, "bym2"), layout)
+    whitening = constrained_square_root(CarPrior(g, "bym2"), layout)
     q = np.diag(g.degree) - g.adjacency_matrix().toarray() + np.diag(g.degree == 0)
     np.testing.assert_allclose(whitening @ whitening.T, np.linalg.pinv(q), atol=1e-12,
                                err_msg="M M' is the constrained ICAR covariance (per component; the island's 1)")
@@ -142,7 +142,7 @@ def test_the_samplers_log_density_is_the_sparse_precisions(nc, type_, whiten, mo
         b = sd * field
     else:
         z = rng.normal(size=layout.n_free)
-        field = spatial_module.icar_whitening(prior, layout) @ z if whiten else sum_to_zero(z, layout)
+        field = constrained_square_root(prior, layout) @ z if whiten else sum_to_zero(z, layout)
         params["z"] = z
         b = sd * field
         if type_ == "bym2":
@@ -199,3 +199,74 @@ def test_the_model_functions_take_a_geodataframe_without_adjacency(nc):
         fit = hp.glmm(FORMULA.format("icar"), frame, family="poisson")
         same = hp.glmm(FORMULA.format("icar"), nc.data, family="poisson", adjacency=nc.adjacency)
     assert fit.objective == pytest.approx(same.objective, rel=1e-10), "the same model from the polygons"
+
+
+def test_more_refusals_by_name_and_a_repeated_index(toy):
+    data, edges, adjacency = toy
+    poisson = family_spec("poisson")
+    f = "y ~ x + offset(log(expected)) + car(area, type='{}')"
+    with pytest.raises(FormulaError, match="islands='independent' is for type='icar'"):
+        spatial_design("y ~ car(area, type='bym2', islands='independent')", data, adjacency, family=poisson)
+    with pytest.raises(ArgumentError, match="dict of graphs keyed by \\['county'\\].*area column is 'area'"):
+        spatial_design(f.format("bym2"), data, {"county": edges}, family=poisson)
+    assert spatial_design(f.format("bym2"), data, {"area": adjacency}, family=poisson).n_areas == 8, "keyed right"
+    with pytest.raises(ArgumentError, match="prior 'cor' given"):
+        car_priors(spatial_design(f.format("bym2"), data, adjacency, family=poisson), {"cor": 5.0})
+    repeated = data.set_index(pd.Index([0, 0, 1, 1, 2, 2, 3, 3]))
+    design = spatial_design(f.format("bym2"), repeated, adjacency, family=poisson)
+    assert design.design.n == 8 and list(design.graph.labels[design.area]) == list(data.area), \
+        "a repeated index does not repeat rows: each row keeps its own area"
+
+
+def test_variance_must_be_a_fit_of_the_same_model(toy):
+    data, _, adjacency = toy
+    f = "y ~ x + offset(log(expected)) + car(area, type='bym2')"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        poisson = hp.glmm(f, data, family="poisson", adjacency=adjacency, nAGQ=0)
+        other = hp.glmm(f, data.assign(y=data.y + 1), family="poisson", adjacency=adjacency, nAGQ=0)
+        gaussian = hp.lmm("x ~ car(area, type='bym2')", data, adjacency=adjacency)
+    with pytest.raises(ArgumentError, match="differs from this model in its spatial term, family"):
+        hp.bayes("x ~ car(area, type='bym2')", data, adjacency=adjacency, variance=poisson)
+    with pytest.raises(ArgumentError, match="differs from this model in its data"):
+        hp.bayes(f, data, family="poisson", adjacency=adjacency, variance=other)
+    with pytest.raises(ArgumentError, match="differs from this model in its weights"):
+        hp.bayes(f, data.assign(w=2.0), family="poisson", adjacency=adjacency, variance=poisson, weights="w")
+    with pytest.raises(ArgumentError, match="must be an hp.lmm / hp.glmm fit with adjacency="):
+        hp.bayes(f, data, family="poisson", adjacency=adjacency, variance=gaussian.design)
+    assert gaussian.sigma > 0, "the Gaussian fit itself is fine"
+
+
+def test_the_calibration_check_runs_live():
+    """A short live run of spatial_sbc (the 200-replication study is validation/spatial_validation.json's): every
+    rank lies in 0..L, the fields are drawn from the prior (sums to zero per component), the tests are reported."""
+    from hierpool.validate.spatial_sbc import draw_field
+
+    edges = pd.DataFrame({"a": ["a", "b", "c", "e"], "b": ["b", "c", "d", "f"]})
+    data = pd.DataFrame({"area": list("abcdef"), "x": np.linspace(-1, 1, 6), "expected": np.full(6, 5.0),
+                         "y": [3, 5, 4, 6, 2, 7]})
+    result = hp.validate.spatial_sbc("y ~ x + offset(log(expected)) + car(area, type='icar')", data, edges,
+                                     priors={"Intercept": dist.Normal(0, 1), "b": dist.Normal(0, 1),
+                                             "sd": dist.HalfNormal(1)}, n_reps=5, n_draws=19, chains=1,
+                                     draws_per_chain=100, tune=100, bins=5, seed=1)
+    assert list(result.ranks.columns) == ["beta[Intercept]", "beta[x]", "sd", "b[a]", "b[f]"]
+    assert result.ranks.to_numpy().min() >= 0 and result.ranks.to_numpy().max() <= 19, "ranks in 0..L"
+    assert len(result.tests) == 5, "a uniformity test per parameter"
+    g = graph(edges)
+    field = draw_field(CarPrior(g, "icar"), 1.0, 0.0, np.random.default_rng(0))
+    np.testing.assert_allclose([field[:4].sum(), field[4:].sum()], 0, atol=1e-12, err_msg="zero sum per component")
+
+
+def test_the_maps_take_a_fit(nc):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.glmm(FORMULA.format("bym2"), nc.data, family="poisson", adjacency=nc.adjacency, nAGQ=0)
+    figure = hp.plots.risk_map(fit, nc.geometry)
+    assert len(figure.axes) == 3, "raw SIR, smoothed risk and one colour bar"
+    figure = hp.plots.shrinkage_map(fit, nc.geometry)
+    moved = figure.axes[1].collections[0].get_offsets()
+    assert len(moved) == 100, "one point per county in the shrinkage panel"
+    with pytest.raises(ArgumentError, match="exceedance probabilities are a posterior's"):
+        hp.plots.exceedance_map(fit, nc.geometry)
+    with pytest.raises(ArgumentError, match="shrinkage_map draws a spatial fit"):
+        hp.plots.shrinkage_map(nc.data, nc.geometry)

@@ -281,3 +281,25 @@ def _set(array: np.ndarray, index: np.ndarray, values: np.ndarray) -> np.ndarray
     out = array.copy()
     out[..., index] = values
     return out
+
+
+def compose_bym2(sd, rho, u, phi, scaling):
+    """b = sd (sqrt(1 - rho) u + sqrt(rho / s) phi): a BYM2 term's area effects from its unstructured part u and its
+    ICAR part phi (s the per-area scaling factor); on NumPy arrays or traced ones, with leading draw axes (sd and
+    rho then carry a trailing axis of 1).  Returns (b, spatial part, unstructured part)."""
+    from .linalg import array_namespace
+
+    xp = array_namespace(sd, rho, u, phi)
+    spatial = sd * xp.sqrt(rho) * phi / xp.sqrt(scaling)
+    unstructured = sd * xp.sqrt(1.0 - rho) * u
+    return spatial + unstructured, spatial, unstructured
+
+
+def constrained_square_root(prior: CarPrior, layout: SumToZeroLayout) -> np.ndarray:
+    """M (n x n_free) with M M' the ICAR's covariance under its constraints (Q~'s inverse on {C' phi = 0}): the
+    symmetric square root H V L^-1/2 V' of (H' Q~ H)^-1 in the Helmert coordinates H (:func:`sum_to_zero`), so that
+    phi = M z with z ~ N(0, I) is ICAR-distributed.  Dense, O(n^3): for small maps (the sampler's whitened
+    coordinates, the calibration study's draws)."""
+    basis = sum_to_zero(np.eye(layout.n_free), layout).T
+    values, vectors = np.linalg.eigh(basis.T @ prior.q.toarray() @ basis)
+    return basis @ (vectors / np.sqrt(values)) @ vectors.T

@@ -126,7 +126,12 @@ def pointwise_log_likelihood(
     part of the mean and the prior weight w_i (or 1/se_i^2) divides the variance, so
     that LOO and WAIC compare models on the likelihood they were fitted with.
     """
-    mu = linear_predictor_draws(design, beta, b)
+    return gaussian_pointwise(design, linear_predictor_draws(design, beta, b), sigma)
+
+
+def gaussian_pointwise(design: Design, mu: np.ndarray, sigma: np.ndarray | None) -> np.ndarray:
+    """log N(y_i | mu_i, sigma^2 / w_i) per draw and row, mu shaped (chain, draw, n), sigma (chain, draw) or None
+    (known residual sds: 1 / sqrt(w_i))."""
     scale = 1.0 / np.sqrt(design.row_weights)
     scale = scale if sigma is None else sigma[..., None] * scale
     return -0.5 * np.log(2 * np.pi) - np.log(scale) - 0.5 * ((design.y - mu) / scale) ** 2

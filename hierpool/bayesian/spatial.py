@@ -15,7 +15,8 @@ with the area effects b of the term's type (:mod:`hierpool.spec.spatial`, :class
 phi is sampled in free coordinates z, phi = H z (:func:`hierpool.algebra.icar.sum_to_zero`: Helmert's
 orthonormal contrasts per component, O(n)): the constraint is exact (brms imposes it softly, sum(phi) ~
 N(0, 0.001 n)) and H is an isometry, so z's density is phi's.  On small maps (:data:`WHITEN_MAX_AREAS`) phi = M z
-with M M' the constrained ICAR covariance (:func:`icar_whitening`), z ~ N(0, I): the same prior, isotropic.
+with M M' the constrained ICAR covariance (:func:`hierpool.algebra.icar.constrained_square_root`), z ~ N(0, I):
+the same prior, isotropic.
 The model is non-centered in every type (b = sd times a unit-scale field).  The quadratic form of the ICAR is the
 Laplacian's, x' Q x, as the closed form's sparse precision has it (tests/test_spatial_model.py checks the two
 agree, in both coordinates).
@@ -47,12 +48,20 @@ import scipy.sparse
 from numpyro.distributions import constraints
 
 from ..algebra.family import log_likelihood_eta
-from ..algebra.icar import CarPrior, SumToZeroLayout, sum_to_zero, sum_to_zero_layout
+from ..algebra.icar import (
+    CarPrior,
+    SumToZeroLayout,
+    compose_bym2,
+    constrained_square_root,
+    sum_to_zero,
+    sum_to_zero_layout,
+)
 from ..closedform.spatial import area_risk_table
 from ..errors import ArgumentError, HierpoolWarning
 from ..spec.spatial import SpatialDesign
 from .model import fixed_effects
 from .nuts import sample_nuts
+from .posterior import gaussian_pointwise
 from .priors import Priors, _check_distribution, _check_positive_support, resolve_priors
 from .results import SUMMARY_COLUMNS, posterior_diagnostics, summarize_draws
 
@@ -82,7 +91,7 @@ class SpatialData:
     edge_i: jax.Array
     edge_j: jax.Array
     island: jax.Array  # 1.0 for an area without neighbours
-    root_scaling: jax.Array  # 1 / sqrt(scaling factor)
+    scaling: jax.Array  # BYM2's scaling factor of each area
     degree: jax.Array
     eigenvalues: jax.Array  # of D^-1/2 W D^-1/2 (proper CAR only; empty otherwise)
     whitening: jax.Array  # (n, n_free) M with phi = M z, z ~ N(0, I): the ICAR's exact square root (small maps)
@@ -101,6 +110,8 @@ def car_priors(sdesign: SpatialDesign, priors: dict | None) -> tuple[dict, CarPr
     """(the other priors, the spatial term's): defaults of the module docstring, overridden by key."""
     priors = dict(priors or {})
     design, term = sdesign.design, sdesign.term
+    if "cor" in priors:
+        raise ArgumentError(f"prior 'cor' given, but {term.label} has no correlation (it is for (x | g) terms)")
     s_y = 1.0 if design.family is not None else float(np.std(design.y)) or 1.0
     sd = dist.HalfNormal(2.5 * s_y)
     for key in ("sd", f"sd_{term.factor}"):
@@ -121,14 +132,6 @@ def car_priors(sdesign: SpatialDesign, priors: dict | None) -> tuple[dict, CarPr
     return priors, CarPriors(sd=sd, mix=mix)
 
 
-def icar_whitening(prior: CarPrior, layout: SumToZeroLayout) -> np.ndarray:
-    """M (n x n_free) with M M' the ICAR's covariance under its constraints (Q~'s inverse on {C' phi = 0}): the
-    symmetric square root H V L^-1/2 V' of (H' Q~ H)^-1 in the Helmert coordinates H (:func:`sum_to_zero`), dense."""
-    basis = sum_to_zero(np.eye(layout.n_free), layout).T
-    values, vectors = np.linalg.eigh(basis.T @ prior.q.toarray() @ basis)
-    return basis @ (vectors / np.sqrt(values)) @ vectors.T
-
-
 def whitens(prior: CarPrior) -> bool:
     """Whether the sampler takes the ICAR in whitened coordinates (:data:`WHITEN_MAX_AREAS`)."""
     return prior.type != "proper" and prior.n <= WHITEN_MAX_AREAS
@@ -138,13 +141,13 @@ def spatial_data(sdesign: SpatialDesign, prior: CarPrior, layout: SumToZeroLayou
     put = jax.device_put
     design, g = sdesign.design, sdesign.graph
     eigenvalues = prior.proper_eigenvalues() if prior.type == "proper" else np.zeros(0)
-    whitening = icar_whitening(prior, layout) if whitens(prior) else np.zeros((0, 0))
+    whitening = constrained_square_root(prior, layout) if whitens(prior) else np.zeros((0, 0))
     return SpatialData(
         y=put(np.asarray(design.y, dtype=float)), weights=put(np.asarray(design.row_weights, dtype=float)),
         offset=put(np.asarray(design.offset, dtype=float)), X=put(np.asarray(design.X, dtype=float)),
         area=put(sdesign.area.astype(np.int32)), edge_i=put(g.edges[:, 0].astype(np.int32)),
         edge_j=put(g.edges[:, 1].astype(np.int32)), island=put((g.degree == 0).astype(float)),
-        root_scaling=put(1.0 / np.sqrt(prior.scaling)), degree=put(g.degree.astype(float)),
+        scaling=put(prior.scaling), degree=put(g.degree.astype(float)),
         eigenvalues=put(eigenvalues), whitening=put(whitening))
 
 
@@ -174,7 +177,7 @@ def spatial_model(data: SpatialData, layout: SumToZeroLayout, priors: Priors, ca
         else:
             rho = numpyro.sample("rho", car.mix) if held is None else held[1]
             u = numpyro.sample("u", dist.Normal(0.0, 1.0).expand((n_areas,)).to_event(1))
-            b = sd * (jnp.sqrt(1.0 - rho) * u + jnp.sqrt(rho) * data.root_scaling * phi)
+            b = compose_bym2(sd, rho, u, phi, data.scaling)[0]
     eta = data.offset + data.X @ beta + b[data.area]
     if family == "gaussian":
         sigma = numpyro.sample("sigma", priors.sigma) if held is None else held[2]
@@ -193,22 +196,37 @@ def area_effects(draws: dict, prior: CarPrior, layout: SumToZeroLayout) -> dict[
     if prior.type == "proper":
         return {"b": sd * np.asarray(draws["w"])}
     z = np.asarray(draws["z"], dtype=float)
-    phi = z @ icar_whitening(prior, layout).T if whitens(prior) else sum_to_zero(z, layout)
+    phi = z @ constrained_square_root(prior, layout).T if whitens(prior) else sum_to_zero(z, layout)
     if prior.type == "icar":
         return {"b": sd * phi}
-    rho = np.asarray(draws["rho"])[..., None]
-    spatial = sd * np.sqrt(rho) * phi / np.sqrt(prior.scaling)
-    unstructured = sd * np.sqrt(1.0 - rho) * np.asarray(draws["u"])
-    return {"b": spatial + unstructured, "spatial": spatial, "unstructured": unstructured}
+    b, spatial, unstructured = compose_bym2(sd, np.asarray(draws["rho"])[..., None], np.asarray(draws["u"]), phi,
+                                            prior.scaling)
+    return {"b": b, "spatial": spatial, "unstructured": unstructured}
 
 
 def held_values(sdesign: SpatialDesign, fit) -> np.ndarray:
-    """(sd, mix, sigma) of a closed-form spatial fit of the same model, for ``hp.bayes(..., variance=fit)``."""
-    same = (getattr(fit, "sdesign", None) is not None and fit.sdesign.term == sdesign.term
-            and fit.design.spec.formula == sdesign.design.spec.formula and fit.design.n == sdesign.design.n
-            and np.array_equal(fit.sdesign.graph.labels, sdesign.graph.labels))
-    if not same:
-        raise ArgumentError("variance= must be an hp.lmm / hp.glmm fit of the same spatial model, data and graph")
+    """(sd, mix, sigma) of a closed-form spatial fit of the same model, for ``hp.bayes(..., variance=fit)``: the same
+    term, family and link, graph, rows, response, weights and offset, or an error saying which differs."""
+    other = getattr(fit, "sdesign", None)
+    if other is None:
+        raise ArgumentError(f"variance= must be an hp.lmm / hp.glmm fit with adjacency=, got {type(fit).__name__}")
+    mine, theirs = sdesign.design, other.design
+    family = (None if mine.family is None else (mine.family.name, mine.family.link),
+              None if theirs.family is None else (theirs.family.name, theirs.family.link))
+    checks = [
+        ("spatial term", other.term == sdesign.term and theirs.spec.formula == mine.spec.formula),
+        ("family", family[0] == family[1]),
+        ("graph", np.array_equal(other.graph.labels, sdesign.graph.labels)
+         and np.array_equal(other.graph.edges, sdesign.graph.edges)),
+        ("data", theirs.n == mine.n and np.array_equal(other.area, sdesign.area) and np.array_equal(theirs.y, mine.y)
+         and np.array_equal(theirs.X, mine.X)),
+        ("weights", np.array_equal(theirs.row_weights, mine.row_weights)),
+        ("offset", np.array_equal(theirs.offset, mine.offset)),
+    ]
+    differing = [name for name, same in checks if not same]
+    if differing:
+        raise ArgumentError(f"variance: the closed-form fit differs from this model in its {', '.join(differing)}: "
+                            "give an hp.lmm / hp.glmm fit of the same spatial model, family, data and graph")
     return np.array([fit.sd, fit.mix, fit.sigma])
 
 
@@ -257,8 +275,10 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
         observed_areas = sdesign.area_rows() > 0
         indicator = scipy.sparse.csr_matrix((np.ones(design.n), (sdesign.area, np.arange(design.n))),
                                             shape=(sdesign.n_areas, design.n))
-        fitted = (indicator @ np.exp(eta).reshape(-1, design.n).T).T.reshape(chains, draws, -1)
-        expected = indicator @ np.exp(design.offset)
+        # a Poisson row's prior weight counts it that many times (its log-likelihood's multiplier)
+        weights = design.row_weights
+        fitted = (indicator @ (weights * np.exp(eta)).reshape(-1, design.n).T).T.reshape(chains, draws, -1)
+        expected = indicator @ (weights * np.exp(design.offset))
         log_rr = np.log(fitted[..., observed_areas]) - np.log(expected[observed_areas])
         posterior["log_relative_risk"] = log_rr
         coords["area_with_data"] = [a for a, kept in zip(areas, observed_areas) if kept]
@@ -267,10 +287,7 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
               "sample_stats": {key: np.asarray(value) for key, value in stats.items()}}
     if chains * draws * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
         if family == "gaussian":
-            sigma = np.asarray(filled["sigma"])[..., None]
-            w = design.row_weights
-            pointwise = -0.5 * w * ((design.y - eta) / sigma) ** 2 - np.log(sigma) + 0.5 * np.log(w) - 0.5 * np.log(
-                2 * np.pi)
+            pointwise = gaussian_pointwise(design, eta, np.asarray(filled["sigma"]))
         else:
             shape = posterior.get("shape")
             pointwise = log_likelihood_eta(family, link, design.y, eta, design.row_weights,
@@ -373,7 +390,7 @@ class SpatialBayesResult:
         log_rr = self.draws("log_relative_risk").reshape(-1, self.idata.posterior.sizes["area_with_data"])
         rr = np.exp(log_rr)
         expected = np.exp(design.offset)
-        table = area_risk_table(self.sdesign, design.y * design.row_weights, expected, expected, None, self.level)
+        table = area_risk_table(self.sdesign, design.y, expected, expected, design.row_weights, None, self.level)
         tail = (1 - self.level) / 2
         table["relative_risk"] = rr.mean(axis=0)
         table["lower"] = np.quantile(rr, tail, axis=0)

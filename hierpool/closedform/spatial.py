@@ -40,7 +40,7 @@ from scipy import stats
 from scipy.special import expit
 
 from ..algebra.family import family
-from ..algebra.icar import CarPrior, factor_log_abs_det
+from ..algebra.icar import CarPrior, compose_bym2, factor_log_abs_det
 from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.spatial import SpatialDesign
 
@@ -443,8 +443,8 @@ class SpatialFit:
         prior = self.laplace.prior
         if prior.type != "bym2":
             return None
-        v = self.latent[prior.n:]
-        return self.sd * np.sqrt(self.mix) * v / np.sqrt(prior.scaling)
+        # b = sd sqrt(1 - rho) u + its spatial part, and the mode of u is (b - spatial part) / (sd sqrt(1 - rho))
+        return compose_bym2(self.sd, self.mix, np.zeros(prior.n), self.latent[prior.n:], prior.scaling)[1]
 
     def ranef(self) -> pd.DataFrame:
         """Each area's effect b (its conditional mode), conditional sd, and for BYM2 the spatial part
@@ -473,10 +473,8 @@ class SpatialFit:
         interval exp(log RR +- z condsd) from the effect's conditional sd (beta held at beta^)."""
         if not self._log_link:
             raise ArgumentError("relative risks are for a count model with a log link (family='poisson')")
-        expected = np.exp(self.design.offset)
-        mu = np.exp(self._mode.eta)
-        return area_risk_table(self.sdesign, self.design.y * self.design.row_weights, expected, mu,
-                               self.ranef()["condsd"].to_numpy(), level)
+        return area_risk_table(self.sdesign, self.design.y, np.exp(self.design.offset), np.exp(self._mode.eta),
+                               self.design.row_weights, self.ranef()["condsd"].to_numpy(), level)
 
     def hyperparameters(self) -> pd.Series:
         """sd, the mixing parameter (named rho for BYM2, alpha for a proper CAR) and sigma (Gaussian)."""
@@ -502,11 +500,12 @@ class SpatialFit:
 
 
 def area_risk_table(sdesign: SpatialDesign, observed: np.ndarray, expected: np.ndarray, fitted: np.ndarray,
-                    log_sd: np.ndarray | None, level: float) -> pd.DataFrame:
-    """Per area with rows: observed, expected, SIR and the smoothed risk sum fitted / sum expected, with an
-    interval from each area's log-scale sd where given (one per area of the graph)."""
+                    weights: np.ndarray, log_sd: np.ndarray | None, level: float) -> pd.DataFrame:
+    """Per area with rows: observed, expected, SIR and the smoothed risk sum fitted / sum expected, each row counted
+    ``weights`` times (a Poisson row's prior weight multiplies its log-likelihood: a frequency), with an interval
+    from each area's log-scale sd where given (one per area of the graph)."""
     n = sdesign.n_areas
-    sums = [np.bincount(sdesign.area, weights=v, minlength=n) for v in (observed, expected, fitted)]
+    sums = [np.bincount(sdesign.area, weights=weights * v, minlength=n) for v in (observed, expected, fitted)]
     has = sdesign.area_rows() > 0
     table = pd.DataFrame({"observed": sums[0], "expected": sums[1], "sir": sums[0] / np.where(has, sums[1], np.nan),
                           "relative_risk": sums[2] / np.where(has, sums[1], np.nan)},

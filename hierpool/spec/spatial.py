@@ -78,6 +78,9 @@ def resolve_graph(adjacency, data: pd.DataFrame, term: SpatialTermSpec) -> Graph
     """The term's :class:`Graph` from ``adjacency=`` (module docstring)."""
     if isinstance(adjacency, dict) and term.factor in adjacency and not _polygons(adjacency[term.factor]):
         adjacency = adjacency[term.factor]
+    elif isinstance(adjacency, dict) and any(isinstance(v, (pd.DataFrame, dict)) for v in adjacency.values()):
+        raise ArgumentError(f"adjacency is a dict of graphs keyed by {sorted(map(str, adjacency))}, but the spatial "
+                            f"term's area column is {term.factor!r}")
     if adjacency is None:
         if not _has_geometry(data):
             raise ArgumentError(f"{term.label} needs the areas' neighbourhood graph: give adjacency= (an edge list, a "
@@ -106,8 +109,13 @@ def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: Famil
         raise FormulaError(f"{formula!r} has a spatial term beside (... | g) terms: not built yet (one car(...) term, "
                            "whose BYM2 type has its own unstructured effect)")
     term = spec.spatial[0]
+    if term.islands != "error" and term.type != "icar":
+        raise FormulaError(f"islands={term.islands!r} is for type='icar'; {term.label} gives an island the "
+                           + ("unstructured effect alone" if term.type == "bym2" else "no prior: it is refused"))
     if isinstance(data, pd.DataFrame) and term.factor not in data.columns:
         raise DataError(f"{term.label}: data has no column {term.factor!r}")
+    if isinstance(data, pd.DataFrame) and not data.index.is_unique:
+        data = data.reset_index(drop=True)  # rows are matched to areas by label: a repeated label would repeat rows
     area_graph = resolve_graph(adjacency, data, term)
     design = build_design(formula, data, weights=weights, offset=offset, family=family, random_optional=True,
                           spatial=True)

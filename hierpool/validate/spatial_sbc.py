@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from ..algebra.icar import CarPrior, sum_to_zero, sum_to_zero_layout
+from ..algebra.icar import CarPrior, compose_bym2, constrained_square_root, sum_to_zero_layout
 from ..bayesian import bayes, resolve_priors
 from ..bayesian.spatial import car_priors
 from ..errors import ArgumentError
@@ -45,12 +45,10 @@ def draw_field(prior: CarPrior, sd: float, mix: float, rng) -> np.ndarray:
         precision = prior.latent(1.0, mix)[0].toarray()
         return sd * np.linalg.solve(np.linalg.cholesky(precision).T, rng.normal(size=n))
     layout = sum_to_zero_layout(prior.graph)
-    basis = sum_to_zero(np.eye(layout.n_free), layout).T  # n x n_free, orthonormal
-    values, vectors = np.linalg.eigh(basis.T @ prior.q.toarray() @ basis)
-    phi = basis @ (vectors @ (rng.normal(size=layout.n_free) / np.sqrt(values)))
+    phi = constrained_square_root(prior, layout) @ rng.normal(size=layout.n_free)
     if prior.type == "icar":
         return sd * phi
-    return sd * (np.sqrt(1.0 - mix) * rng.normal(size=n) + np.sqrt(mix) * phi / np.sqrt(prior.scaling))
+    return compose_bym2(sd, mix, rng.normal(size=n), phi, prior.scaling)[0]
 
 
 def spatial_sbc(formula: str, data: pd.DataFrame, adjacency, family: str = "poisson", priors: dict | None = None,
