@@ -14,7 +14,8 @@ county's effect (brms ``rcar``, hierpool ``b``); the minimum over the 100 counti
 
 ``--large N``: a synthetic map of N areas on a grid (rook neighbours, one row per area, Poisson counts with a BYM2
 field), fitted by the Laplace approximation (``hp.glmm``) and sampled (``hp.bayes``, 4 chains x 500 draws after
-500 warm-up), in one process each: the seconds of each, the sampler's min bulk ESS of the area effects.
+500 warm-up; ``--large-draws``), in one process each: the seconds of each, the sampler's min bulk ESS of the area
+effects.
 """
 
 from __future__ import annotations
@@ -77,21 +78,18 @@ LARGE = textwrap.dedent(
     """
     import json, time, warnings, numpy as np, pandas as pd
     import hierpool as hp
-    from hierpool.algebra.icar import scaling_factors
-    from hierpool.spec.adjacency import graph
     hp.bayes
-    side = int(np.ceil(np.sqrt(N)))
-    labels = [f"a{i}" for i in range(N)]
-    pairs = [(i, i + 1) for i in range(N - 1) if (i + 1) % side] + [(i, i + side) for i in range(N - side)]
+    side = int(np.ceil(np.sqrt(AREAS)))
+    labels = [f"a{i}" for i in range(AREAS)]
+    pairs = [(i, i + 1) for i in range(AREAS - 1) if (i + 1) % side] + [(i, i + side) for i in range(AREAS - side)]
     edges = pd.DataFrame({"a": [labels[i] for i, _ in pairs], "b": [labels[j] for _, j in pairs]})
-    g = graph(edges, labels=labels)
     rng = np.random.default_rng(1)
     # a smooth field (a random walk along both grid axes) and noise: BYM2-like, rho about 0.5
-    rows, cols = np.arange(N) // side, np.arange(N) % side
+    rows, cols = np.arange(AREAS) // side, np.arange(AREAS) % side
     smooth = np.cumsum(rng.normal(size=side))[rows] * 0.1 + np.cumsum(rng.normal(size=side))[cols] * 0.1
-    effect = 0.3 * (smooth - smooth.mean()) / smooth.std() + 0.2 * rng.normal(size=N)
-    expected = rng.uniform(2, 20, size=N)
-    x = rng.normal(size=N)
+    effect = 0.3 * (smooth - smooth.mean()) / smooth.std() + 0.2 * rng.normal(size=AREAS)
+    expected = rng.uniform(2, 20, size=AREAS)
+    x = rng.normal(size=AREAS)
     data = pd.DataFrame({"area": labels, "x": x, "expected": expected,
                          "y": rng.poisson(expected * np.exp(-0.1 + 0.2 * x + effect))})
     formula = "y ~ x + offset(log(expected)) + car(area, type='bym2')"
@@ -104,10 +102,11 @@ LARGE = textwrap.dedent(
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        post = hp.bayes(formula, data, family="poisson", adjacency=edges, chains=4, draws=500, tune=500, seed=1,
+        post = hp.bayes(formula, data, family="poisson", adjacency=edges, chains=4, draws=DRAWS, tune=DRAWS, seed=1,
                         progress=False)
     sampling = time.perf_counter() - t0
-    print(json.dumps(dict(areas=N, edges=len(edges), laplace_s=laplace, laplace_sd=fit.sd, laplace_rho=fit.mix,
+    print(json.dumps(dict(areas=AREAS, edges=len(edges), draws=DRAWS, laplace_s=laplace, laplace_sd=fit.sd,
+                          laplace_rho=fit.mix,
                           sampling_s=sampling, min_ess_bulk=float(post.ranef.ess_bulk.min()),
                           max_r_hat=float(post.diagnostics(warn=False).max_r_hat.max()),
                           divergences=post.divergences, posterior_sd=float(post.hyperparameters().loc["sd", "mean"]),
@@ -122,6 +121,7 @@ def main() -> None:
     parser.add_argument("--skip-brms", action="store_true")
     parser.add_argument("--skip-nc", action="store_true", help="only the large map")
     parser.add_argument("--large", type=int, default=0, help="areas of the synthetic map (0: none)")
+    parser.add_argument("--large-draws", type=int, default=500, help="draws (and warm-up) per chain on that map")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     os.chdir(ROOT)  # the fits run from the repository root, with this checkout first on the path
@@ -147,7 +147,8 @@ def main() -> None:
             results["ratio_ess_per_s"] = ours["ess_per_s"] / theirs["ess_per_s"]
     if args.large:
         print(f"large map ({args.large} areas)", file=sys.stderr, flush=True)
-        results["large"] = run_fit([sys.executable, "-"], LARGE.replace("N = ", "").replace("N", str(args.large)))
+        source = LARGE.replace("DRAWS", str(args.large_draws)).replace("AREAS", str(args.large))
+        results["large"] = run_fit([sys.executable, "-"], source)
     results["load_1min_at_end"] = os.getloadavg()[0]
     (OUT / "spatial.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
