@@ -98,7 +98,7 @@ LARGE = textwrap.dedent(
         warnings.simplefilter("ignore")
         fit = hp.glmm(formula, data, family="poisson", adjacency=edges)
     laplace = time.perf_counter() - t0
-    ranef = fit.ranef()
+    ranef = fit.ranef
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -29,7 +29,7 @@ def test_the_bym2_posterior_matches_brms_in_monte_carlo_units(post):
     """Fixed effects, sd, rho and every county's log relative risk x'beta + b: |z| < 4 with both runs' MCSEs
     (validation/spatial_brms_reference.R: 4 x 10,000 Stan draws; brms constrains sum(phi) softly, hierpool exactly)."""
     reference = json.loads((VALIDATION / "spatial_brms_reference.json").read_text())
-    fixef, hyper = post.fixef(), post.hyperparameters()
+    fixef, hyper = post.fixef, post.hyperparameters()
     ours = {"b_Intercept": fixef.loc["Intercept"], "b_nwbir_rate": fixef.loc["nwbir_rate"],
             "sdcar": hyper.loc["sd"], "rhocar": hyper.loc["rho"]}
     z = {name: (ours[name]["mean"] - ref["mean"]) / np.hypot(ours[name]["mcse_mean"], ref["mcse"])
@@ -98,9 +98,9 @@ def test_with_the_variances_held_the_gaussian_posterior_mean_is_the_blup():
         post = hp.bayes(formula, data, adjacency=pd.DataFrame(edges), variance=fit, seed=2, progress=False,
                         priors={"Intercept": "flat", "b": "flat"})
     ranef = post.ranef
-    z = (ranef["mean"] - fit.ranef()["effect"]) / ranef["mcse_mean"]
+    z = (ranef["mean"] - fit.ranef["effect"]) / ranef["mcse_mean"]
     assert np.abs(z).max() < 4.5, f"posterior means vs BLUPs: max |z| {np.abs(z).max():.2f}"
-    fixef = post.fixef()
+    fixef = post.fixef
     assert np.abs((fixef["mean"] - fit.fixef) / fixef["mcse_mean"]).max() < 4, "posterior means vs beta-hat"
     assert post.hyperparameters().empty and post.held is not None, "nothing but beta and b was sampled"
     # the posterior sd of b, beta integrated out: the GLS covariance of b - b^ (dense, 30 areas)

@@ -97,7 +97,7 @@ def test_gaussian_car_fit_equals_dense_generalised_least_squares(gaussian_fits, 
     value, beta, blup, condsd = dense_gls(fit)
     assert fit.objective == pytest.approx(value, rel=1e-10), "criterion differs from the dense GLS one"
     np.testing.assert_allclose(fit.beta, beta, rtol=1e-8, atol=1e-10, err_msg="fixed effects differ from GLS")
-    ranef = fit.ranef()
+    ranef = fit.ranef
     np.testing.assert_allclose(ranef["effect"], blup, rtol=1e-8, atol=1e-10, err_msg="BLUPs differ")
     np.testing.assert_allclose(ranef["condsd"], condsd, rtol=1e-8, err_msg="conditional sds differ")
     np.testing.assert_allclose(fit.vcov.to_numpy(), _dense_vcov(fit), rtol=1e-8, err_msg="vcov(beta) differs")
@@ -127,7 +127,7 @@ def _dense_vcov(fit):
 
 
 def test_areas_without_rows_are_predicted_from_their_neighbours(gaussian_fits, gaussian_data):
-    ranef = gaussian_fits["icar", True].ranef()
+    ranef = gaussian_fits["icar", True].ranef
     empty = ranef.index[ranef["rows"] == 0]
     assert len(empty) == 5 and set(empty).isdisjoint(gaussian_data["county"]), "the five counties without rows"
     assert np.all(ranef.loc[empty, "effect"] != 0), "an area without rows borrows from its neighbours"
@@ -168,7 +168,7 @@ def test_the_poisson_laplace_criterion_is_the_dense_laplace_approximation(poisso
 
 def test_the_poisson_fit_reports_modes_relative_risks_and_parts(poisson_fit, nc):
     fit = poisson_fit
-    ranef = fit.ranef()
+    ranef = fit.ranef
     np.testing.assert_allclose(ranef["spatial"] + ranef["unstructured"], ranef["effect"], atol=1e-12,
                                err_msg="BYM2's parts add up to the effect")
     np.testing.assert_allclose(ranef["relative_risk"], np.exp(ranef["effect"]), err_msg="exp(b)")
@@ -214,9 +214,9 @@ def test_components_islands_areas_without_rows_and_weights_equal_dense_gls(islan
     value, beta, blup, condsd = dense_gls(fit)
     assert fit.objective == pytest.approx(value, rel=1e-10), "criterion differs from the dense GLS one"
     np.testing.assert_allclose(fit.beta, beta, rtol=1e-8, err_msg="fixed effects")
-    np.testing.assert_allclose(fit.ranef()["effect"], blup, rtol=1e-7, atol=1e-10, err_msg="BLUPs")
-    np.testing.assert_allclose(fit.ranef()["condsd"], condsd, rtol=1e-7, err_msg="conditional sds")
-    empty = fit.ranef().loc[list("djklm")]
+    np.testing.assert_allclose(fit.ranef["effect"], blup, rtol=1e-7, atol=1e-10, err_msg="BLUPs")
+    np.testing.assert_allclose(fit.ranef["condsd"], condsd, rtol=1e-7, err_msg="conditional sds")
+    empty = fit.ranef.loc[list("djklm")]
     assert (empty["rows"] == 0).all(), "the path's d and the whole cycle have no rows"
     np.testing.assert_allclose(empty.loc[list("jklm"), "effect"], 0, atol=1e-10,
                                err_msg="a component without data keeps its prior mean")

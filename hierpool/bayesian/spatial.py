@@ -346,7 +346,9 @@ class SpatialBayesResult:
         """Worst R-hat and bulk/tail ESS per variable, and divergent transitions."""
         return posterior_diagnostics(self.idata, warn)
 
+    @cached_property
     def fixef(self) -> pd.DataFrame:
+        """Fixed effects: mean, sd, lower, upper, mcse_mean, ess_bulk, r_hat, indexed by term."""
         stats = summarize_draws(self.draws("beta"), self.level)
         return pd.DataFrame(stats, index=pd.Index(list(self.design.fixed_names), name="term"))[SUMMARY_COLUMNS]
 
@@ -405,7 +407,7 @@ class SpatialBayesResult:
         lines = [f"Bayesian spatial model ({self.sdesign.term.label}; {family}): {design.spec.formula}",
                  f"Data: {design.n} rows, {self.sdesign.n_areas} areas; draws: {posterior.sizes['chain']} chains x "
                  f"{posterior.sizes['draw']}", "", "Fixed effects:",
-                 self.fixef().to_string(float_format=lambda v: f"{v:.4g}"), "", "Spatial term:",
+                 self.fixef.to_string(float_format=lambda v: f"{v:.4g}"), "", "Spatial term:",
                  self.hyperparameters().to_string(float_format=lambda v: f"{v:.4g}"), "",
                  f"Divergent transitions: {self.divergences}"]
         return "\n".join(lines)

@@ -446,6 +446,7 @@ class SpatialFit:
         # b = sd sqrt(1 - rho) u + its spatial part, and the mode of u is (b - spatial part) / (sd sqrt(1 - rho))
         return compose_bym2(self.sd, self.mix, np.zeros(prior.n), self.latent[prior.n:], prior.scaling)[1]
 
+    @cached_property
     def ranef(self) -> pd.DataFrame:
         """Each area's effect b (its conditional mode), conditional sd, and for BYM2 the spatial part
         sd sqrt(rho) S v and the unstructured rest; for a log link its relative risk exp(b), the area's risk
@@ -474,7 +475,7 @@ class SpatialFit:
         if not self._log_link:
             raise ArgumentError("relative risks are for a count model with a log link (family='poisson')")
         return area_risk_table(self.sdesign, self.design.y, np.exp(self.design.offset), np.exp(self._mode.eta),
-                               self.design.row_weights, self.ranef()["condsd"].to_numpy(), level)
+                               self.design.row_weights, self.ranef["condsd"].to_numpy(), level)
 
     def hyperparameters(self) -> pd.Series:
         """sd, the mixing parameter (named rho for BYM2, alpha for a proper CAR) and sigma (Gaussian)."""
