@@ -232,8 +232,28 @@ def held_values(sdesign: SpatialDesign, fit) -> np.ndarray:
 
 def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draws: int, tune: int, seed: int,
                   target_accept: float, progress: bool, level: float, variance=None) -> SpatialBayesResult:
-    """NUTS draws of the spatial model (module docstring) as a :class:`SpatialBayesResult`; with ``variance`` a
-    closed-form fit of the same model, its sd, mixing parameter and sigma held."""
+    """NUTS draws of the spatial model (module docstring) as a :class:`SpatialBayesResult`.
+
+    Parameters
+    ----------
+    sdesign : SpatialDesign
+        The model (:func:`hierpool.spec.spatial.spatial_design`).
+    priors : dict, optional
+        Overrides by key (module docstring, and :mod:`hierpool.bayesian.priors` for the fixed effects, sigma, shape).
+    chains, draws, tune, seed, target_accept, progress, level
+        As :func:`hierpool.bayes`.
+    variance : SpatialFit, optional
+        A closed-form fit of the same model, data and graph: its sd, mixing parameter and sigma are held.
+
+    Returns
+    -------
+    SpatialBayesResult
+
+    References
+    ----------
+    Riebler, Sorbye, Simpson & Rue (2016), Stat. Methods Med. Res. 25; Morris et al. (2019), Spatial and
+    Spatio-temporal Epidemiology 31; Hoffman & Gelman (2014), JMLR 15 (NUTS).
+    """
     design, term = sdesign.design, sdesign.term
     others, car = car_priors(sdesign, priors)
     resolved = resolve_priors(design, others)

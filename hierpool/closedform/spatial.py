@@ -295,6 +295,24 @@ def fit_spatial(sdesign: SpatialDesign, reml: bool, stages: int = 2) -> SpatialF
     then (psi, beta) together with the mode of x alone at each beta (``stages=2``, glmer's Laplace,
     ``nAGQ = 1``).  A Gaussian response or REML needs one: beta's profile is then exact (Gaussian) or beta is
     integrated out (REML).
+
+    Parameters
+    ----------
+    sdesign : SpatialDesign
+        The model (:func:`hierpool.spec.spatial.spatial_design`).
+    reml : bool
+        Integrate beta out under a flat prior (REML for a Gaussian response) instead of maximizing over it.
+    stages : int
+        1 or 2: glmer's stages of a GLMM's ML fit (above); ignored otherwise.
+
+    Returns
+    -------
+    SpatialFit
+        With the optimum's criterion, fixed effects and their covariance, each area's conditional mode and sd.
+
+    References
+    ----------
+    Rue, Martino & Chopin (2009), JRSS B 71; Bates, Maechler, Bolker & Walker (2015), J. Stat. Softw. 67(1), sec. 5.
     """
     laplace = SpatialLaplace(sdesign, reml)
 
