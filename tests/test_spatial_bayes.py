@@ -76,42 +76,49 @@ def test_the_calibration_study_passes_and_can_fail():
     assert not study["sbc_icar_wrong_prior"]["passed"], "a miscalibrated analysis is caught"
 
 
-def test_with_the_variances_held_the_gaussian_posterior_mean_is_the_blup():
-    """A Gaussian ICAR model: hp.bayes(variance=fit, flat fixed-effect priors) samples (beta, b) given the REML
-    fit's sd and sigma; its posterior means are the closed form's BLUPs and beta-hat, in Monte-Carlo units, and its
-    posterior sds the square roots of the diagonal of the constrained H^-1 (dense: the GLS covariance of b - b^)."""
+def test_blup_agreement_of_a_gaussian_car_model():
+    """hp.validate.blup_agreement(..., adjacency=): with the REML fit's sd and sigma held and flat priors on beta, the
+    NUTS posterior of (beta, b) reproduces the BLUPs and the joint sds in Monte-Carlo units; the joint sds (beta's
+    uncertainty included, from the sparse bordered factor) equal the dense GLS ones; and a posterior held at another
+    sd fails the comparison."""
+    import pandas as pd
+
+    from hierpool.validate import compare_spatial
+
     rng = np.random.default_rng(4)
     rows, cols = 6, 5
     n = rows * cols
     labels = [f"a{i}" for i in range(n)]
     pairs = [(i, i + 1) for i in range(n) if (i + 1) % cols] + [(i, i + cols) for i in range(n - cols)]
-    edges = {"a": [labels[i] for i, _ in pairs], "b": [labels[j] for _, j in pairs]}
-    import pandas as pd
-
+    edges = pd.DataFrame({"a": [labels[i] for i, _ in pairs], "b": [labels[j] for _, j in pairs]})
     area = np.repeat(np.arange(n), 2)[: 2 * n - 6]
     data = pd.DataFrame({"area": np.array(labels)[area], "x": rng.normal(size=area.size)})
     data["y"] = 1 + 0.5 * data.x + rng.normal(size=n)[area] + rng.normal(scale=0.5, size=area.size)
     formula = "y ~ x + car(area, type='icar')"
-    fit = hp.lmm(formula, data, adjacency=pd.DataFrame(edges))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        post = hp.bayes(formula, data, adjacency=pd.DataFrame(edges), variance=fit, seed=2, progress=False,
-                        priors={"Intercept": "flat", "b": "flat"})
-    ranef = post.ranef
-    z = (ranef["mean"] - fit.ranef["effect"]) / ranef["mcse_mean"]
-    assert np.abs(z).max() < 4.5, f"posterior means vs BLUPs: max |z| {np.abs(z).max():.2f}"
-    fixef = post.fixef
-    assert np.abs((fixef["mean"] - fit.fixef) / fixef["mcse_mean"]).max() < 4, "posterior means vs beta-hat"
-    assert post.hyperparameters().empty and post.held is not None, "nothing but beta and b was sampled"
-    # the posterior sd of b, beta integrated out: the GLS covariance of b - b^ (dense, 30 areas)
+        report = hp.validate.blup_agreement(formula, data, adjacency=edges, seed=2)
+    assert report.passed, report.summary()
+    fit = report.fit
+    # the joint sds against dense GLS: Cov(b - b^) with beta integrated out
     g = fit.sdesign.graph
     Z = np.zeros((len(data), n))
     Z[np.arange(len(data)), fit.sdesign.area] = 1
-    Q = np.diag(g.degree) - g.adjacency_matrix().toarray()
-    C = fit.sd**2 * np.linalg.pinv(Q)
-    V = fit.sigma**2 * np.eye(len(data)) + Z @ C @ Z.T
-    Vi = np.linalg.inv(V)
+    C = fit.sd**2 * np.linalg.pinv(np.diag(g.degree) - g.adjacency_matrix().toarray())
+    Vi = np.linalg.inv(fit.sigma**2 * np.eye(len(data)) + Z @ C @ Z.T)
     X = fit.design.X
     P = Vi - Vi @ X @ np.linalg.solve(X.T @ Vi @ X, X.T @ Vi)
-    sd = np.sqrt(np.diag(C - C @ Z.T @ P @ Z @ C))
-    np.testing.assert_allclose(ranef["sd"], sd, rtol=0.08, err_msg="posterior sds vs the exact conditional sds")
+    np.testing.assert_allclose(fit.ranef_joint_sd(), np.sqrt(np.diag(C - C @ Z.T @ P @ Z @ C)), rtol=1e-8,
+                               err_msg="joint sds differ from dense GLS")
+    assert report.posterior.hyperparameters().empty, "nothing but beta and b was sampled"
+    # the check can fail: the same comparison against a posterior held at twice the sd
+    import dataclasses
+
+    wrong_fit = hp.lmm(formula, data, adjacency=edges)
+    wrong_fit.sd = 2 * fit.sd
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrong = hp.bayes(formula, data, adjacency=edges, variance=wrong_fit, seed=2, progress=False,
+                         priors={"Intercept": "flat", "b": "flat"})
+    wrong = dataclasses.replace(wrong, held=np.array([fit.sd, fit.mix, fit.sigma]))  # as if held at fit's
+    assert not compare_spatial(fit, wrong).passed, "a posterior at another sd must fail"

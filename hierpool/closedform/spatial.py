@@ -442,19 +442,28 @@ class SpatialFit:
     def fixef_se(self) -> pd.Series:
         return pd.Series(np.sqrt(np.diag(self.vcov.to_numpy())), index=self.vcov.index, name="se")
 
+    def _diagonal_of_inverse(self, factor, offset: int, count: int) -> np.ndarray:
+        """diag of a bordered factor's inverse at rows offset .. offset + count - 1 (solves in chunks)."""
+        total = factor.shape[0]
+        out = np.empty(count)
+        for start in range(0, count, SOLVE_CHUNK):
+            stop = min(count, start + SOLVE_CHUNK)
+            rows = offset + np.arange(start, stop)
+            rhs = np.zeros((total, stop - start))
+            rhs[rows, np.arange(stop - start)] = 1.0
+            out[start:stop] = factor.solve(rhs)[rows, np.arange(stop - start)]
+        return out
+
     @cached_property
     def _latent_variances(self) -> np.ndarray:
         """diag of the constrained (H_xx)^-1: each latent coordinate's conditional variance given beta^."""
-        laplace = self.laplace
-        factor = self._factor(laplace.latent_only)
-        total, m = factor.shape[0], laplace.m
-        out = np.empty(m)
-        for start in range(0, m, SOLVE_CHUNK):
-            stop = min(m, start + SOLVE_CHUNK)
-            rhs = np.zeros((total, stop - start))
-            rhs[np.arange(start, stop), np.arange(stop - start)] = 1.0
-            out[start:stop] = factor.solve(rhs)[np.arange(start, stop), np.arange(stop - start)]
-        return out
+        return self._diagonal_of_inverse(self._factor(self.laplace.latent_only), 0, self.laplace.m)
+
+    def ranef_joint_sd(self) -> np.ndarray:
+        """Each area effect's sd with beta's uncertainty too: sqrt of the x block's diagonal of the constrained H^-1
+        (for a Gaussian response with REML, the posterior sd of b given the variance parameters and a flat prior on
+        beta; lme4's ``condsd``, :attr:`ranef`'s, holds beta at its estimate and is smaller)."""
+        return np.sqrt(self._diagonal_of_inverse(self._factor_full, self.design.p, self.laplace.prior.n))
 
     def _spatial_part(self) -> np.ndarray | None:
         """BYM2's structured part sigma sqrt(rho) S v of each area's effect (None for the other types)."""

@@ -9,7 +9,8 @@
 * GLMMs: :func:`mode_agreement` (posterior mode = conditional modes, exact), :func:`mode_mean_gap`
   and :func:`mode_mean_gap_series` (posterior means vs conditional modes), :func:`glmm_sbc`,
   :func:`glmm_coverage`.
-* Spatial terms (disease mapping): :func:`spatial_sbc`.
+* Spatial terms (disease mapping): :func:`spatial_sbc`; :func:`blup_agreement` with ``adjacency=``
+  (:func:`compare_spatial`).
 """
 
 from .agreement import (
@@ -18,6 +19,7 @@ from .agreement import (
     blup_agreement,
     bonferroni_threshold,
     compare,
+    compare_spatial,
     flat_beta_priors,
 )
 from .ar1_coverage import ar1_coverage, simulate_ar1_study
@@ -44,6 +46,7 @@ __all__ = [
     "bonferroni_threshold",
     "compare",
     "compare_samplers",
+    "compare_spatial",
     "coverage",
     "flat_beta_priors",
     "glmm_coverage",

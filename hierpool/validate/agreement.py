@@ -259,6 +259,7 @@ def blup_agreement(
     correlation=None,
     relmat: dict | None = None,
     relmat_inverse: dict | None = None,
+    adjacency=None,
 ) -> AgreementReport:
     """Compare an independent posterior of every effect with the closed-form BLUPs.
 
@@ -272,6 +273,10 @@ def blup_agreement(
         A known relationship matrix of one term, as :func:`hierpool.lmm`: the closed form solves the sparse
         mixed-model equations (:mod:`hierpool.closedform.relmat`), the posterior is NUTS on the plain model
         with b = sd L_A z (A's dense Cholesky factor), every level of A compared (breeding values).
+    adjacency : optional
+        The graph of a spatial term ``car(area, type=...)`` (:func:`hierpool.lmm`): exact mode only; the closed
+        form is the sparse Laplace fit (exact for a Gaussian response), the posterior NUTS on the spatial model
+        with sd, the mixing parameter and sigma held (:func:`compare_spatial`), every area of the graph compared.
     mode : {"exact", "full"}
         ``exact``: variance parameters held at their REML estimates and a flat prior
         on beta, so the posterior must reproduce the BLUPs and sigma^2 C^-1.
@@ -295,6 +300,15 @@ def blup_agreement(
         raise ArgumentError("priors apply to mode='full'; exact mode uses a flat prior on the fixed effects")
     if chains < 2:
         raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
+    if adjacency is not None:
+        if mode != "exact" or se is not None or correlation is not None or relmat is not None or relmat_inverse:
+            raise ArgumentError("a spatial term (adjacency=) is compared in exact mode, without se=, correlation= or "
+                                "relmat=")
+        fit = lmm(formula, data, weights=weights, offset=offset, adjacency=adjacency)
+        post = bayes(formula, data, weights=weights, offset=offset, adjacency=adjacency, variance=fit,
+                     priors=flat_beta_priors(fit), chains=chains, draws=draws, tune=tune, seed=seed,
+                     target_accept=target_accept, progress=False)
+        return compare_spatial(fit, post, alpha=alpha, r_hat_max=r_hat_max)
     related = {} if relmat is None and relmat_inverse is None else dict(relmat=relmat, relmat_inverse=relmat_inverse)
     fit = lmm(formula, data, se=se, weights=weights, offset=offset, correlation=correlation, **related)
     post = bayes(
@@ -315,6 +329,47 @@ def blup_agreement(
         target_accept=target_accept,
     )
     return compare(fit, post, alpha=alpha, r_hat_max=r_hat_max)
+
+
+def compare_spatial(fit, posterior, alpha: float = 0.01, r_hat_max: float = 1.05) -> AgreementReport:
+    """:func:`compare` for a spatial model: a Gaussian :class:`~hierpool.closedform.spatial.SpatialFit` (REML) against
+    a posterior of the same model with its variance parameters held (``hp.bayes(..., variance=fit)``) and flat priors
+    on beta.  The posterior of (beta, b) is then Gaussian with mean (beta-hat, BLUP) and covariance H^-1 under the
+    ICAR's constraints: every mean must be its BLUP and every sd its joint sd, in Monte-Carlo units."""
+    probability_argument("alpha", alpha)
+    if fit.design.family is not None or not fit.reml:
+        raise ArgumentError("fit: exact agreement needs a Gaussian spatial fit by REML (hp.lmm(..., adjacency=))")
+    if posterior.held is None or not np.allclose(posterior.held, [fit.sd, fit.mix, fit.sigma], rtol=1e-12):
+        raise ArgumentError("posterior: its variance parameters were not held at fit's (hp.bayes(variance=fit))")
+    if any(prior is not None for prior in posterior.priors.beta):
+        raise ArgumentError("posterior: exact mode compares with the BLUE of beta and needs flat priors on every "
+                            "fixed effect")
+    ranef, post_ranef, fixef = fit.ranef, posterior.ranef, posterior.fixef
+    b, beta = posterior.draws("b"), posterior.draws("beta")
+    table = pd.DataFrame({
+        "effect": ["fixef"] * len(fixef) + ["ranef"] * len(ranef),
+        "grpvar": [""] * len(fixef) + [fit.sdesign.term.factor] * len(ranef),
+        "term": list(fixef.index) + ["(Intercept)"] * len(ranef),
+        "grp": [""] * len(fixef) + [str(area) for area in ranef.index],
+        "blup": np.r_[fit.fixef.to_numpy(), ranef["effect"].to_numpy()],
+        "condsd": np.r_[fit.fixef_se.to_numpy(), ranef["condsd"].to_numpy()],
+        "joint_sd": np.r_[fit.fixef_se.to_numpy(), fit.ranef_joint_sd()],
+        "post_mean": np.r_[fixef["mean"].to_numpy(), post_ranef["mean"].to_numpy()],
+        "post_sd": np.r_[fixef["sd"].to_numpy(), post_ranef["sd"].to_numpy()],
+        "mcse": np.r_[fixef["mcse_mean"].to_numpy(), post_ranef["mcse_mean"].to_numpy()],
+        "mcse_sd": np.r_[mcse_sd_by_column(beta), mcse_sd_by_column(b)],
+        "ess": np.r_[fixef["ess_bulk"].to_numpy(), post_ranef["ess_bulk"].to_numpy()],
+        "r_hat": np.r_[fixef["r_hat"].to_numpy(), post_ranef["r_hat"].to_numpy()],
+    })
+    table["z"] = (table.post_mean - table.blup) / table.mcse
+    table["sd_ratio"] = table.post_sd / table.joint_sd
+    table["sd_z"] = (table.post_sd - table.joint_sd) / table.mcse_sd
+    threshold = bonferroni_threshold(2 * len(table), alpha)
+    divergences = posterior.divergences
+    passed = bool(np.all(np.abs(table.z) < threshold) and np.all(np.abs(table.sd_z) < threshold)
+                  and np.all(table.r_hat < r_hat_max) and divergences == 0)
+    return AgreementReport(mode="exact", table=table, threshold=threshold, passed=passed, fit=fit,
+                           posterior=posterior, divergences=divergences)
 
 
 def agreement_series(simulate, sizes, seed: int = 0, **kwargs) -> pd.DataFrame:
