@@ -303,13 +303,7 @@ def _fit(args) -> int:
         ]
     posterior = comparison.posterior
     if posterior is not None:
-        print("\nPosterior (hp.bayes)")
-        print(posterior.summary())
-        written += [
-            _write_table(posterior.fixef.rename_axis("term").reset_index(), out / "posterior_fixef.csv"),
-            _write_table(posterior.varcorr, out / "posterior_varcorr.csv"),
-            _write_table(posterior.ranef, out / "posterior_ranef.csv"),
-        ]
+        written += _posterior_tables(posterior, out)
         netcdf = out / "posterior.nc"
         posterior.idata.to_netcdf(str(netcdf))
         written.append(netcdf)

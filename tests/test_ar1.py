@@ -94,7 +94,7 @@ def test_gls_without_random_effects_is_nlmes_gls():
         hp.lmm("follicles ~ s + c", ovary, correlation=hp.ar1("Mare"), control=hp.Control())
 
 
-def test_new_rows_at_one_time_carry_the_same_residual(fits):
+def test_new_rows_at_one_time_carry_the_same_residual():
     """Two scenarios of one future time of a series (rows at the same time): the same lag, the same carry."""
     ovary = _ovary()
     ovary = ovary.assign(t=ovary.groupby("Mare").cumcount().astype(float))  # corAR1 steps by a time column
@@ -105,9 +105,16 @@ def test_new_rows_at_one_time_carry_the_same_residual(fits):
     plain = np.asarray(fit.predict(new.assign(Mare="other")))  # without the series' residual
     b1 = fit.ranef.set_index("grp").loc["1", "condval"]
     carried = predicted["fit"].to_numpy() - plain - b1  # the carried residual alone
-    # the first two rows are one step on (two scenarios of s), the third two steps: phi, phi, phi^2 of one residual
-    np.testing.assert_allclose(carried[1], carried[0], rtol=1e-10)
-    np.testing.assert_allclose(carried[2], fit.phi * carried[0], rtol=1e-10)
+    # the first two rows are one step on (two scenarios of s), the third two steps: phi, phi, phi^2 of one residual,
+    # the series' last residual y - fitted (beta and its b) on its last fitted row, computed here independently
+    series = ovary[ovary.Mare == "1"]
+    row = series.index[series.t.argmax()]
+    beta = fit.fixef
+    fitted_last = beta["Intercept"] + beta["s"] * series.loc[row, "s"] + beta["c"] * series.loc[row, "c"] + b1
+    residual = series.loc[row, "follicles"] - fitted_last
+    assert abs(residual) > 0.1, "a residual worth carrying (else the check below proves nothing)"
+    np.testing.assert_allclose(carried, fit.phi ** np.array([1, 1, 2]) * residual, rtol=1e-8,
+                               err_msg="phi^lag times the last residual")
 
 
 def test_the_whitened_criterion_is_a_dense_gls_computation():

@@ -10,9 +10,9 @@ b = sigma (sqrt(rho / s) phi + sqrt(1 - rho) theta), with s the *scaling factor*
 marginal variances of the ICAR under its constraints, diag(Q^-) with Q^- the generalised inverse, so that the
 structured part has unit typical variance and rho is the share of spatial variance.  It is computed per connected
 component (Freni-Sterrantino, Ventrucci & Rue 2018): for a component of n_c > 1 areas,
-Q_c^- = (Q_c + 1 1' / n_c)^-1 - 1 1' / n_c (the inverse on the complement of the constant vector); an island
-(n_c = 1) has no ICAR part, and its effect is the unstructured one alone (its scaling factor is reported as 1).
-Dense per component: O(n_c^3); only the scaling needs it, never the fitted path.
+Q_c^- the inverse on the complement of the constant vector (the constrained covariance), whose diagonal comes from
+one sparse LU of the bordered matrix [[Q, C], [C', 0]]; an island (n_c = 1) has no ICAR part, and its effect is the
+unstructured one alone (its scaling factor is reported as 1).
 """
 
 from __future__ import annotations
@@ -32,17 +32,35 @@ def icar_precision(graph: Graph) -> scipy.sparse.csr_matrix:
 
 
 def scaling_factors(graph: Graph) -> np.ndarray:
-    """Each area's BYM2 scaling factor: the geometric mean of diag(Q_c^-) over its component c (1 for an island)."""
-    q = icar_precision(graph).toarray()
+    """Each area's BYM2 scaling factor: the geometric mean of diag(Q_c^-) over its component c (1 for an island).
+
+    diag(Q^-) under the constraints is the diagonal of the x block of the bordered matrix's inverse
+    (:func:`bordered_factor`, :func:`inverse_diagonal`): one sparse LU and n solves, no dense n x n matrix."""
+    variances = inverse_diagonal(bordered_factor(island_completed_precision(graph), constraint_matrix(graph)), 0,
+                                 graph.n)
     out = np.ones(graph.n)
-    for c in np.unique(graph.component):
-        members = np.flatnonzero(graph.component == c)
-        size = members.size
-        if size == 1:
-            continue
-        block = q[np.ix_(members, members)] + 1.0 / size
-        variances = np.diag(np.linalg.inv(block)) - 1.0 / size
-        out[members] = np.exp(np.mean(np.log(variances)))
+    sizes = np.bincount(graph.component)
+    for c in np.flatnonzero(sizes > 1):
+        members = graph.component == c
+        out[members] = np.exp(np.mean(np.log(variances[members])))
+    return out
+
+
+#: Right-hand sides solved at once by :func:`inverse_diagonal` (memory: the factor's size times this many numbers).
+DIAGONAL_CHUNK = 512
+
+
+def inverse_diagonal(factor, offset: int, count: int) -> np.ndarray:
+    """diag(B^-1) at rows offset .. offset + count - 1 of a factored matrix B (anything with ``solve`` and
+    ``shape``), by solving for those unit vectors in chunks of :data:`DIAGONAL_CHUNK`."""
+    total = factor.shape[0]
+    out = np.empty(count)
+    for start in range(0, count, DIAGONAL_CHUNK):
+        stop = min(count, start + DIAGONAL_CHUNK)
+        rows = offset + np.arange(start, stop)
+        rhs = np.zeros((total, stop - start))
+        rhs[rows, np.arange(stop - start)] = 1.0
+        out[start:stop] = factor.solve(rhs)[rows, np.arange(stop - start)]
     return out
 
 
@@ -92,7 +110,10 @@ def bordered_factor(matrix, constraints):
     """SuperLU factor of :func:`bordered_matrix`."""
     import scipy.sparse.linalg
 
-    return scipy.sparse.linalg.splu(bordered_matrix(matrix, constraints))
+    # minimum degree on the symmetric pattern, diagonal pivots preferred (the matrix is symmetric): a fraction of
+    # the fill of SuperLU's default column ordering with partial pivoting on a map's Laplacian
+    return scipy.sparse.linalg.splu(bordered_matrix(matrix, constraints), permc_spec="MMD_AT_PLUS_A",
+                                    diag_pivot_thresh=1e-3, options={"SymmetricMode": True})
 
 
 def factor_log_abs_det(factor) -> float:

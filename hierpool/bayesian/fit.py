@@ -59,6 +59,8 @@ def _held_variance(design: Design, variance: LMMResult) -> HeldVariance:
     ]
     if not same:
         raise ArgumentError("variance: the lmm fit is of a different model or data set than this formula and data")
+    if not (np.array_equal(variance.design.y, design.y) and np.array_equal(variance.design.X, design.X)):
+        raise ArgumentError("variance: the lmm fit has another response or fixed-effect columns (another data set)")
     # sigma is the residual sd of a weight-1 row: held with other weights (or se=) it would mean another noise
     if variance.design.sigma_known != design.sigma_known or not np.array_equal(
         variance.design.row_weights, design.row_weights
@@ -81,6 +83,8 @@ def _held_glmm_variance(design: Design, variance) -> HeldVariance:
     ]
     if not same or (fitted.family.name, fitted.family.link) != (design.family.name, design.family.link):
         raise ArgumentError("variance: the glmm fit is of a different model, family or data set than this one")
+    if not (np.array_equal(fitted.y, design.y) and np.array_equal(fitted.X, design.X)):
+        raise ArgumentError("variance: the glmm fit has another response or fixed-effect columns (another data set)")
     if not np.array_equal(fitted.row_weights, design.row_weights) or not np.array_equal(fitted.offset, design.offset):
         raise ArgumentError("variance: the glmm fit has other trials, prior weights or offset than this model")
     return glmm.held_variance(variance)

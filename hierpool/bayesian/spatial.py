@@ -68,9 +68,9 @@ from .results import SUMMARY_COLUMNS, posterior_diagnostics, summarize_draws
 #: Maps up to this many areas sample the ICAR in whitened coordinates (a dense n x n product per gradient, where the
 #: Laplacian's quadratic form is O(edges)): its prior is then isotropic, which the sampler's diagonal mass matrix
 #: cannot make it otherwise (the long-wavelength modes of an elongated map have ~100x the variance of the shortest).
-#: On nc_sids (100 areas) it more than doubles the county effects' ESS per second (benchmarks/RESULTS.md, "Disease
-#: mapping"); the bound keeps the dense product below the cost of a NUTS step's own bookkeeping.
-WHITEN_MAX_AREAS = 200
+#: The measurements behind the bound are in benchmarks/RESULTS.md ("Disease mapping": 100-, 196- and 400-area maps,
+#: whitened ahead at each); beyond it untried: the dense product grows as n^2 per gradient, the sparse form as n.
+WHITEN_MAX_AREAS = 400
 #: Pointwise log-likelihood values kept in idata at most (chains x draws x rows), as hp.bayes.
 LOG_LIKELIHOOD_MAX_VALUES = 5e7
 
@@ -189,14 +189,14 @@ def spatial_model(data: SpatialData, layout: SumToZeroLayout, priors: Priors, ca
                                                        constant=False)))
 
 
-def area_effects(draws: dict, prior: CarPrior, layout: SumToZeroLayout) -> dict[str, np.ndarray]:
+def area_effects(draws: dict, prior: CarPrior, layout: SumToZeroLayout, whitening: np.ndarray) -> dict[str, np.ndarray]:
     """b (and BYM2's spatial and unstructured parts) per draw, on the host, from the sampled sites (and the held
     sd and rho, where ``draws`` has them filled in)."""
     sd = np.asarray(draws["sd"])[..., None]
     if prior.type == "proper":
         return {"b": sd * np.asarray(draws["w"])}
     z = np.asarray(draws["z"], dtype=float)
-    phi = z @ constrained_square_root(prior, layout).T if whitens(prior) else sum_to_zero(z, layout)
+    phi = z @ whitening.T if whitening.size else sum_to_zero(z, layout)  # the sampler's coordinates (spatial_data)
     if prior.type == "icar":
         return {"b": sd * phi}
     b, spatial, unstructured = compose_bym2(sd, np.asarray(draws["rho"])[..., None], np.asarray(draws["u"]), phi,
@@ -262,8 +262,9 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
     family = "gaussian" if design.family is None else design.family.name
     link = "identity" if design.family is None else design.family.link
     held = None if variance is None else held_values(sdesign, variance)
+    data = spatial_data(sdesign, prior, layout)
     out, stats = sample_nuts(
-        spatial_model, (spatial_data(sdesign, prior, layout), layout, resolved, car, held),
+        spatial_model, (data, layout, resolved, car, held),
         static=(("type", term.type), ("family", family), ("link", link), ("n_areas", sdesign.n_areas),
                 ("n_free", layout.n_free)),
         chains=chains, tune=tune, draws=draws, seed=seed, target_accept=target_accept, progress=progress)
@@ -273,7 +274,7 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
         for name, value in zip(("sd", {"bym2": "rho", "proper": "alpha"}.get(term.type), "sigma"), held):
             if name is not None and (name != "sigma" or family == "gaussian"):
                 filled[name] = np.full(shape, value)
-    effects = area_effects(filled, prior, layout)
+    effects = area_effects(filled, prior, layout, np.asarray(data.whitening))
     if "beta" in out:
         beta = np.asarray(out["beta"])
     elif design.p:

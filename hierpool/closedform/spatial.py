@@ -40,7 +40,7 @@ from scipy import stats
 from scipy.special import expit
 
 from ..algebra.family import family
-from ..algebra.icar import CarPrior, compose_bym2, factor_log_abs_det
+from ..algebra.icar import CarPrior, compose_bym2, factor_log_abs_det, inverse_diagonal
 from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.spatial import SpatialDesign
 
@@ -58,8 +58,6 @@ START_SDS = (0.05, 0.15, 0.4, 1.0)
 FD_STEP = 1e-6
 #: SuperLU's threshold for taking a pivot off the diagonal (0: never; 1: partial pivoting).
 PIVOT_THRESHOLD = 1e-3
-#: Right-hand sides solved at once for the conditional variances.
-SOLVE_CHUNK = 512
 #: Families the Laplace fit takes (a negative binomial's shape would be one more parameter: not yet).
 FAMILIES = ("gaussian", "poisson", "binomial")
 
@@ -442,28 +440,16 @@ class SpatialFit:
     def fixef_se(self) -> pd.Series:
         return pd.Series(np.sqrt(np.diag(self.vcov.to_numpy())), index=self.vcov.index, name="se")
 
-    def _diagonal_of_inverse(self, factor, offset: int, count: int) -> np.ndarray:
-        """diag of a bordered factor's inverse at rows offset .. offset + count - 1 (solves in chunks)."""
-        total = factor.shape[0]
-        out = np.empty(count)
-        for start in range(0, count, SOLVE_CHUNK):
-            stop = min(count, start + SOLVE_CHUNK)
-            rows = offset + np.arange(start, stop)
-            rhs = np.zeros((total, stop - start))
-            rhs[rows, np.arange(stop - start)] = 1.0
-            out[start:stop] = factor.solve(rhs)[rows, np.arange(stop - start)]
-        return out
-
     @cached_property
     def _latent_variances(self) -> np.ndarray:
         """diag of the constrained (H_xx)^-1: each latent coordinate's conditional variance given beta^."""
-        return self._diagonal_of_inverse(self._factor(self.laplace.latent_only), 0, self.laplace.m)
+        return inverse_diagonal(self._factor(self.laplace.latent_only), 0, self.laplace.m)
 
     def ranef_joint_sd(self) -> np.ndarray:
         """Each area effect's sd with beta's uncertainty too: sqrt of the x block's diagonal of the constrained H^-1
         (for a Gaussian response with REML, the posterior sd of b given the variance parameters and a flat prior on
         beta; lme4's ``condsd``, :attr:`ranef`'s, holds beta at its estimate and is smaller)."""
-        return np.sqrt(self._diagonal_of_inverse(self._factor_full, self.design.p, self.laplace.prior.n))
+        return np.sqrt(inverse_diagonal(self._factor_full, self.design.p, self.laplace.prior.n))
 
     def _spatial_part(self) -> np.ndarray | None:
         """BYM2's structured part sigma sqrt(rho) S v of each area's effect (None for the other types)."""
