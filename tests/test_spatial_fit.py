@@ -1,7 +1,9 @@
 """The closed-form spatial fit (hierpool.closedform.spatial): a Gaussian CAR model equals dense generalised least
 squares, V = sigma^2 I + Z Cov(b) Z' with Cov(b) the type's dense covariance (ICAR's and BYM2's through the
 Moore-Penrose inverse of the graph Laplacian), to 1e-8; the Poisson Laplace fit's pieces are checked against their
-dense definitions."""
+dense definitions.  With several random terms (two car() terms on two graphs and a (1 + x | g) term; the BYM model
+car(area, type='icar') + (1 | area)) the stacked latent blocks equal dense GLS, V = sigma^2 W^-1 + sum_t Z_t Cov_t
+Z_t', and the dense Laplace approximation."""
 
 import warnings
 
@@ -240,3 +242,157 @@ def test_prior_weights_count_rows_in_the_relative_risks(nc):
     np.testing.assert_allclose(a[["observed", "expected", "sir", "relative_risk"]].to_numpy(),
                                b[["observed", "expected", "sir", "relative_risk"]].to_numpy(), rtol=1e-6,
                                err_msg="weights count rows in observed, expected and fitted counts")
+
+
+# -- several random terms ------------------------------------------------------------------------------------
+
+def grid_edges(side: int) -> pd.DataFrame:
+    """A side x side grid's rook neighbours, labelled z0, z1, ..."""
+    pairs = [(r * side + c, r * side + c + 1) for r in range(side) for c in range(side - 1)]
+    pairs += [(r * side + c, (r + 1) * side + c) for r in range(side - 1) for c in range(side)]
+    return pd.DataFrame({"a": [f"z{i}" for i, _ in pairs], "b": [f"z{j}" for _, j in pairs]})
+
+
+@pytest.fixture(scope="module")
+def three_terms(nc):
+    """(data, adjacency dict): y by county (ICAR on the NC graph), by zone (BYM2 on a 4 x 4 grid) and a clinic's
+    intercept and slope (correlated), 240 rows."""
+    rng = np.random.default_rng(20)
+    counties = make_graph(nc.adjacency).labels
+    n = 240
+    data = pd.DataFrame({"county": rng.choice(counties, n), "zone": [f"z{i}" for i in rng.integers(0, 16, n)],
+                         "clinic": [f"c{i}" for i in rng.integers(0, 12, n)], "x": rng.normal(size=n),
+                         "w": rng.uniform(0.5, 2.0, n)})
+    clinic = rng.normal(size=(12, 2)) * [0.8, 0.3]
+    k = data.clinic.str[1:].astype(int).to_numpy()
+    z = data.zone.str[1:].astype(int).to_numpy()
+    g = make_graph(nc.adjacency)
+    county = rng.multivariate_normal(np.zeros(g.n), np.linalg.pinv(np.diag(g.degree) - g.adjacency_matrix().toarray()))
+    c = pd.Index(g.labels).get_indexer(data.county)
+    zone = 0.2 * (np.arange(16) // 4 + np.arange(16) % 4 - 3) + 0.3 * rng.normal(size=16)  # a gradient and noise
+    data["y"] = (1 + 0.5 * data.x + clinic[k, 0] + clinic[k, 1] * data.x + zone[z] + 0.7 * county[c]
+                 + rng.normal(scale=0.5, size=n))
+    return data, {"county": nc.adjacency, "zone": grid_edges(4)}
+
+
+FORMULA = "y ~ x + car(county, type='icar') + car(zone, type='bym2') + (1 + x | clinic)"
+
+
+@pytest.fixture(scope="module")
+def three_term_fit(three_terms):
+    data, adjacency = three_terms
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an sd near zero is the data's, not the test's
+        return hp.lmm(FORMULA, data, adjacency=adjacency, weights="w")
+
+
+def dense_terms(fit, psi):
+    """[(Z_t, Cov_t)] of every term at psi, dense, from the definitions."""
+    laplace, out = fit.laplace, []
+    for t, area_term in enumerate(fit.sdesign.areas):
+        Z = np.zeros((fit.design.n, area_term.n_areas))
+        Z[np.arange(fit.design.n), area_term.area] = 1.0
+        sd, mix = laplace.blocks[t].natural(laplace.block_psi(psi, t))
+        out.append((Z, dense_covariance(area_term.graph, area_term.term.type, sd, mix)))
+    for j, term in enumerate(fit.design.terms):
+        t = len(fit.sdesign.areas) + j
+        factor = laplace.blocks[t].factor(laplace.block_psi(psi, t))
+        out.append((term.dense_columns(), np.kron(np.eye(term.n_levels), factor @ factor.T)))
+    return out
+
+
+def dense_gls_terms(fit, psi):
+    """(-2 log restricted likelihood, beta, BLUPs of all terms, their conditional sds given beta) at psi."""
+    design = fit.design
+    sigma = np.exp(psi[-1])
+    terms = dense_terms(fit, psi)
+    V = sigma**2 * np.diag(1 / design.row_weights) + sum(Z @ cov @ Z.T for Z, cov in terms)
+    Vi = np.linalg.inv(V)
+    X, y = design.X, design.y
+    n, p = X.shape
+    beta = np.linalg.solve(X.T @ Vi @ X, X.T @ Vi @ y)
+    r = y - X @ beta
+    value = (np.linalg.slogdet(V)[1] + r @ Vi @ r + np.linalg.slogdet(X.T @ Vi @ X)[1]
+             + (n - p) * np.log(2 * np.pi))
+    blups = [cov @ Z.T @ Vi @ r for Z, cov in terms]
+    condsds = [np.sqrt(np.diag(cov - cov @ Z.T @ Vi @ Z @ cov)) for Z, cov in terms]
+    return value, beta, blups, condsds
+
+
+def test_three_terms_equal_dense_generalised_least_squares(three_term_fit):
+    fit = three_term_fit
+    value, beta, blups, condsds = dense_gls_terms(fit, fit.psi)
+    assert fit.objective == pytest.approx(value, rel=1e-10), "criterion differs from the dense GLS one"
+    np.testing.assert_allclose(fit.beta, beta, rtol=1e-8, err_msg="fixed effects differ from GLS")
+    tables = fit.ranef
+    assert list(tables) == ["car(county, type='icar')", "car(zone, type='bym2')", "(1 + x | clinic)"], \
+        "ranef is a dict keyed by each term's label"
+    for table, blup, condsd in zip(tables.values(), blups, condsds):
+        np.testing.assert_allclose(table["effect"], blup, rtol=1e-7, atol=1e-9, err_msg="BLUPs differ")
+        np.testing.assert_allclose(table["condsd"], condsd, rtol=1e-7, err_msg="conditional sds differ")
+    # the criterion is the dense one away from the optimum too, and the fit is the dense criterion's minimum
+    shifted = fit.psi + np.random.default_rng(1).normal(scale=0.3, size=fit.psi.size)
+    assert fit.laplace.criterion(shifted) == pytest.approx(dense_gls_terms(fit, shifted)[0], rel=1e-10), \
+        "the criterion at another psi differs from the dense one"
+    for k in range(fit.psi.size):
+        step = np.eye(fit.psi.size)[k] * 1e-3
+        lowest = min(dense_gls_terms(fit, fit.psi + step)[0], dense_gls_terms(fit, fit.psi - step)[0])
+        assert lowest > fit.objective - 1e-7 * abs(fit.objective), f"a step along {fit.laplace.names()[k]} lowers it"
+
+
+def test_three_terms_report_every_term(three_term_fit, three_terms):
+    fit = three_term_fit
+    hyper = fit.hyperparameters()
+    assert list(hyper.index) == ["sd_car_county", "sd_car_zone", "rho_car_zone", "sd_clinic_Intercept",
+                                 "sd_clinic_x", "cor_clinic_Intercept_x", "sigma"], "each term's parameters, named"
+    assert -1 < hyper["cor_clinic_Intercept_x"] < 1 and hyper["sd_clinic_Intercept"] > 0.3, "the clinics' intercepts"
+    clinic = fit.ranef["(1 + x | clinic)"]
+    assert clinic.index.names == ["clinic", "term"] and len(clinic) == 24, "12 clinics x 2 coefficients"
+    assert clinic["rows"].sum() == 2 * len(three_terms[0]), "each row counted once per coefficient"
+    zone = fit.ranef["car(zone, type='bym2')"]
+    np.testing.assert_allclose(zone["spatial"] + zone["unstructured"], zone["effect"], atol=1e-12,
+                               err_msg="BYM2's parts add up")
+    with pytest.raises(hp.HierpoolError, match="2 spatial terms"):
+        fit.sd  # noqa: B018: which term's sd is ambiguous
+    assert fit.ranef_joint_sd("zone").shape == (16,), "a term's joint sds, by its area column"
+    assert "car(zone, type='bym2')" in fit.summary()
+
+
+def test_bym_model_for_counts_is_the_dense_laplace_approximation(nc):
+    """car(county, type='icar') + (1 | county): Besag, York & Mollie's (1991) two-term model; the sparse criterion at
+    a psi and beta of our choosing equals the Laplace approximation written densely on b = phi + u."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.glmm("sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type='icar') + (1 | county)",
+                      nc.data, family="poisson", adjacency=nc.adjacency)
+    assert set(fit.hyperparameters().index) == {"sd_car_county", "sd_county"}, "both terms' sds"
+    laplace, design = fit.laplace, fit.design
+    beta, psi = np.array([-0.5, 1.5]), np.log([0.3, 0.2])
+    value = laplace.criterion(psi, beta)
+    (z1, c1), (z2, c2) = dense_terms(fit, psi)
+    Z = np.hstack([z1, z2])
+    cov = np.block([[c1, np.zeros_like(c1)], [np.zeros_like(c2), c2]])
+    # the ICAR block is singular (its sum is constrained to 0): on b = phi + u, the covariance c1 + c2 is regular
+    area_cov = c1 + c2
+    assert np.allclose(z1, z2) and Z.shape[1] == 200 and cov.shape == (200, 200)
+    precision = np.linalg.inv(area_cov)
+    area = fit.sdesign.area
+    y, offset, X = design.y, design.offset, design.X
+    b = np.zeros(100)
+    for _ in range(50):  # Newton on the dense log posterior of b
+        mu = np.exp(offset + X @ beta + b[area])
+        gradient = np.bincount(area, y - mu, minlength=100) - precision @ b
+        b = b + np.linalg.solve(precision + np.diag(np.bincount(area, mu, minlength=100)), gradient)
+    mu = np.exp(offset + X @ beta + b[area])
+    loglik = np.sum(y * np.log(mu) - mu - scipy.special.gammaln(y + 1))
+    dense = (-2 * loglik + b @ precision @ b + np.linalg.slogdet(area_cov)[1]
+             + np.linalg.slogdet(precision + np.diag(np.bincount(area, mu, minlength=100)))[1])
+    assert value == pytest.approx(dense, rel=1e-9), "the two-term sparse criterion is not the dense one"
+
+
+def test_several_spatial_terms_need_a_dict_of_graphs_and_distinct_columns(three_terms):
+    data, adjacency = three_terms
+    with pytest.raises(hp.HierpoolError, match="dict keyed by those columns"):
+        hp.lmm(FORMULA, data, adjacency=adjacency["county"])
+    with pytest.raises(hp.HierpoolError, match="two spatial terms on area column 'county'"):
+        hp.lmm("y ~ car(county, type='icar') + car(county, type='bym2')", data, adjacency=adjacency)

@@ -41,8 +41,9 @@ from scipy.special import expit
 
 from ..algebra.family import family
 from ..algebra.icar import CarPrior, compose_bym2, factor_log_abs_det, inverse_diagonal
+from ..algebra.latent_blocks import GroupPrior, stack_constraints, stack_rows
 from ..errors import ArgumentError, ConvergenceWarning
-from ..spec.spatial import SpatialDesign
+from ..spec.spatial import AreaTerm, SpatialDesign
 
 #: Bounds of log sd and log sigma, and of the logit of the mixing parameter.
 LOG_SD_BOUNDS = (np.log(1e-5), np.log(1e3))
@@ -89,8 +90,10 @@ class _OrderedFactor:
 
 class _Bordered:
     """The bordered matrix [[H, C], [C', 0]] on a sparse pattern found once, refilled at each (W, P): H is
-    [[X'WX, X'WZ], [Z'WX, Z'WZ + P]] (``with_beta``) or its x block Z'WZ + P.  Building a sparse matrix by
-    scipy's block operations costs more than factoring it on a small map; here one ``bincount`` fills it.
+    [[X'WX, X'WZ], [Z'WX, Z'WZ + P]] (``with_beta``) or its x block Z'WZ + P, Z the rows' random part
+    (:class:`hierpool.algebra.latent_blocks.RowStructure`: one column per term a row has effects in).  Building a
+    sparse matrix by scipy's block operations costs more than factoring it on a small map; here one ``bincount``
+    fills it.
 
     The elimination order is found once too (the ordering is most of a factorization's cost on a large map): x by
     minimum degree on its own pattern, then beta (dense rows: last, they add no fill), then the constraints (their
@@ -99,32 +102,38 @@ class _Bordered:
     component without data under ICAR)."""
 
     def __init__(self, laplace: SpatialLaplace, with_beta: bool):
-        prior, area = laplace.prior, laplace.sdesign.area
+        rows_z = laplace.rows
         p = laplace.p if with_beta else 0
-        n, m, k = prior.n, laplace.m, laplace.sizes.size
-        self.p, self.n, self.area, self.size = p, n, area, p + m + k
-        fixed, areas = np.arange(p), np.arange(n)
-        pr, pc, pv = prior.precision_entries(1.0, 0.5)
+        m, k = laplace.m, laplace.sizes.size
+        self.p, self.size, self.rows_z = p, p + m + k, rows_z
+        n_rows, slots = rows_z.columns.shape
+        fixed = np.arange(p)
+        pr, pc = laplace.entry_rows, laplace.entry_cols
         c = laplace.constraints_x.tocoo()
+        # Z'WZ: slots a, b of every row, (a, b) row-major per row
+        za = p + np.repeat(rows_z.columns, slots, axis=1).ravel()
+        zb = p + np.tile(rows_z.columns, (1, slots)).ravel()
+        # X'WZ: (fixed j, slot a of row i), ordered (i, j, a)
+        xj = np.tile(np.repeat(fixed, slots), n_rows)
+        xa = p + np.repeat(rows_z.columns, p, axis=0).ravel() if p else np.zeros(0, dtype=np.int64)
         parts = [
             (np.repeat(fixed, p), np.tile(fixed, p)),  # X'WX, row-major
-            (np.repeat(fixed, n), p + np.tile(areas, p)),  # X'WZ, (p, n) row-major
-            (p + np.tile(areas, p), np.repeat(fixed, n)),  # Z'WX, the same values
-            (p + areas, p + areas),  # Z'WZ
+            (xj, xa), (xa, xj),  # X'WZ and Z'WX, the same values
+            (za, zb),  # Z'WZ
             (p + pr, p + pc),  # P
             (p + c.row, p + m + c.col), (p + m + c.col, p + c.row),  # C and C'
         ]
         # the elimination order (class docstring): x's by minimum degree on Z'WZ + P's pattern (values that make
         # it diagonally dominant: only the pattern matters), then beta, then the constraints
-        x_pattern = scipy.sparse.csc_matrix((np.r_[np.abs(pv), np.full(m, 1e3)], (np.r_[pr, np.arange(m)],
-                                                                                  np.r_[pc, np.arange(m)])),
+        x_pattern = scipy.sparse.csc_matrix((np.r_[np.ones(pr.size), np.ones(za.size), np.full(m, 1e6)],
+                                             (np.r_[pr, za - p, np.arange(m)], np.r_[pc, zb - p, np.arange(m)])),
                                             shape=(m, m))
         x_order = np.argsort(scipy.sparse.linalg.splu(x_pattern, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
                                                       options={"SymmetricMode": True}).perm_c)
         self.order = np.r_[p + x_order, fixed, p + m + np.arange(k)]
         rank = np.argsort(self.order)
-        rows = rank[np.concatenate([r for r, _ in parts])]
-        cols = rank[np.concatenate([col for _, col in parts])]
+        rows = rank[np.concatenate([r for r, _ in parts]).astype(np.int64)]
+        cols = rank[np.concatenate([col for _, col in parts]).astype(np.int64)]
         pattern = scipy.sparse.csc_matrix((np.ones(rows.size), (rows, cols)), shape=(self.size, self.size))
         pattern.sum_duplicates()
         pattern.sort_indices()
@@ -132,17 +141,17 @@ class _Bordered:
         keys = np.repeat(np.arange(self.size), np.diff(pattern.indptr)) * self.size + pattern.indices
         self.positions = np.searchsorted(keys, cols * self.size + rows)
         self.ones = np.ones(2 * c.nnz)
+        self.zz = (rows_z.values[:, :, None] * rows_z.values[:, None, :]).reshape(n_rows, -1)  # v_ia v_ib
 
     def factor(self, X: np.ndarray, w: np.ndarray, precision_values: np.ndarray):
         """SuperLU factor of the bordered matrix at working weights w and the precision's values."""
-        p, n = self.p, self.n
-        if p:
+        if self.p:
             Xw = X * w[:, None]
-            cross = np.stack([np.bincount(self.area, weights=Xw[:, j], minlength=n) for j in range(p)])
-            head = [(X.T @ Xw).ravel(), cross.ravel(), cross.ravel()]
+            cross = (Xw[:, :, None] * self.rows_z.values[:, None, :]).ravel()  # (i, j, a): x_ij w_i v_ia
+            head = [(X.T @ Xw).ravel(), cross, cross]
         else:
             head = []
-        values = np.concatenate(head + [np.bincount(self.area, weights=w, minlength=n), precision_values, self.ones])
+        values = np.concatenate(head + [(w[:, None] * self.zz).ravel(), precision_values, self.ones])
         data = np.bincount(self.positions, weights=values, minlength=self.nnz)
         matrix = scipy.sparse.csc_matrix((data, self.indices, self.indptr), shape=(self.size, self.size))
         lu = scipy.sparse.linalg.splu(matrix, permc_spec="NATURAL", diag_pivot_thresh=PIVOT_THRESHOLD,
@@ -150,8 +159,107 @@ class _Bordered:
         return _OrderedFactor(lu, self.order)
 
 
+class _CarBlock:
+    """A spatial term in psi: log sd and, for BYM2 and the proper CAR, the logit of its mixing parameter."""
+
+    def __init__(self, area_term: AreaTerm, single: bool):
+        self.area_term, self.term = area_term, area_term.term
+        self.prior = CarPrior(area_term.graph, self.term.type)
+        self.n_latent, self.n_effects = self.prior.n_latent, self.prior.n
+        self.n_params = 2 if self.prior.has_mix else 1
+        self.entry_rows, self.entry_cols, _ = self.prior.precision_entries(1.0, 0.5)
+        self.constraints = self.prior.latent_constraints
+        self.mix_name = {"bym2": "rho", "proper": "alpha"}.get(self.term.type)
+        self.suffix = "" if single else f"_car_{self.term.factor}"
+
+    def natural(self, psi) -> tuple[float, float]:
+        """(sd, mix) at the block's psi (mix 0 for ICAR)."""
+        return float(np.exp(psi[0])), float(expit(psi[1])) if self.prior.has_mix else 0.0
+
+    def precision_values(self, psi) -> np.ndarray:
+        return self.prior.precision_entries(*self.natural(psi))[2]
+
+    def log_det(self, psi) -> float:
+        return self.prior.log_det(*self.natural(psi))
+
+    def names(self) -> list[str]:
+        return [f"log_sd{self.suffix}"] + ([f"logit_{self.mix_name}{self.suffix}"] if self.prior.has_mix else [])
+
+    def bounds(self, sd_bounds) -> list[tuple[float, float]]:
+        return [sd_bounds] + ([LOGIT_BOUNDS] if self.prior.has_mix else [])
+
+    def start(self, log_sd: float) -> list[float]:
+        return [log_sd] + ([0.0] if self.prior.has_mix else [])
+
+    def row_part(self) -> tuple[np.ndarray, np.ndarray]:
+        area = self.area_term.area
+        return area[:, None], np.ones((area.size, 1))
+
+    def hyperparameters(self, psi) -> dict[str, float]:
+        sd, mix = self.natural(psi)
+        return {f"sd{self.suffix}": sd} | ({f"{self.mix_name}{self.suffix}": mix} if self.prior.has_mix else {})
+
+
+class _GroupBlock:
+    """A ``(lhs | g)`` term in psi: its covariance's lower Cholesky factor L, the diagonal by its log, row-wise."""
+
+    def __init__(self, term):
+        self.term = term
+        self.prior = GroupPrior(term.n_levels, term.k)
+        self.n_latent = self.n_effects = self.prior.n_latent
+        k = term.k
+        self.n_params = k * (k + 1) // 2
+        self.lower = np.tril_indices(k)
+        self.diagonal = self.lower[0] == self.lower[1]
+        self.entry_rows, self.entry_cols = self.prior.rows, self.prior.cols
+        self.constraints = self.prior.latent_constraints
+
+    def factor(self, psi) -> np.ndarray:
+        out = np.zeros((self.term.k, self.term.k))
+        out[self.lower] = np.where(self.diagonal, np.exp(psi), psi)
+        return out
+
+    def precision_values(self, psi) -> np.ndarray:
+        return self.prior.precision_entries(self.factor(psi))[2]
+
+    def log_det(self, psi) -> float:
+        return self.prior.log_det(self.factor(psi))
+
+    def names(self) -> list[str]:
+        coefs = self.term.coef_names
+        return [f"log_sd_{self.term.group}_{coefs[i]}" if i == j else f"L_{self.term.group}_{coefs[i]}_{coefs[j]}"
+                for i, j in zip(*self.lower)]
+
+    def bounds(self, sd_bounds) -> list[tuple[float | None, float | None]]:
+        return [sd_bounds if d else (None, None) for d in self.diagonal]
+
+    def start(self, log_sd: float) -> list[float]:
+        return [log_sd if d else 0.0 for d in self.diagonal]
+
+    def row_part(self) -> tuple[np.ndarray, np.ndarray]:
+        k = self.term.k
+        return self.term.index[:, None].astype(np.int64) * k + np.arange(k)[None, :], np.asarray(self.term.z, float)
+
+    def covariance(self, psi) -> np.ndarray:
+        factor = self.factor(psi)
+        return factor @ factor.T
+
+    def hyperparameters(self, psi) -> dict[str, float]:
+        cov, names, group = self.covariance(psi), self.term.coef_names, self.term.group
+        sds = np.sqrt(np.diag(cov))
+        if self.term.k == 1:
+            return {f"sd_{group}": float(sds[0])}
+        out = {f"sd_{group}_{name}": float(sd) for name, sd in zip(names, sds)}
+        for i, j in zip(*np.tril_indices(self.term.k, -1)):
+            out[f"cor_{group}_{names[j]}_{names[i]}"] = float(cov[i, j] / (sds[i] * sds[j]))
+        return out
+
+
 class SpatialLaplace:
-    """The criterion of the module docstring as a function of psi, with the mode carried from one psi to the next."""
+    """The criterion of the module docstring as a function of psi, with the mode carried from one psi to the next.
+
+    psi holds each term's parameters in turn (:class:`_CarBlock`, :class:`_GroupBlock`: the spatial terms in the
+    formula's order, then the ``(lhs | g)`` terms), then log sigma for a Gaussian response."""
 
     def __init__(self, sdesign: SpatialDesign, reml: bool):
         design = sdesign.design
@@ -161,14 +269,19 @@ class SpatialLaplace:
             raise ArgumentError(f"the closed-form spatial fit takes families {FAMILIES[1:]} (and a Gaussian "
                                 f"response); {design.family.name!r} is sampled by hp.bayes")
         self.family = None if self.gaussian else family(design.family)
-        self.prior = CarPrior(sdesign.graph, sdesign.term.type)
+        self.blocks = [_CarBlock(a, sdesign.single) for a in sdesign.areas] + [_GroupBlock(t) for t in design.terms]
+        sizes = [b.n_latent for b in self.blocks]
+        self.latent_offsets = np.r_[0, np.cumsum(sizes)[:-1]].astype(int)
+        self.param_offsets = np.r_[0, np.cumsum([b.n_params for b in self.blocks])].astype(int)
         self.X = np.asarray(design.X, dtype=float)
         self.y = np.asarray(design.y, dtype=float)
         self.offset = np.asarray(design.offset, dtype=float)
         self.prior_weights = np.asarray(design.row_weights, dtype=float)
-        self.p, self.m = self.X.shape[1], self.prior.n_latent
-        self.area = sdesign.area
-        cx = self.prior.latent_constraints
+        self.p, self.m = self.X.shape[1], int(np.sum(sizes))
+        self.rows = stack_rows([b.row_part() for b in self.blocks], list(self.latent_offsets), self.m)
+        self.entry_rows = np.concatenate([b.entry_rows + o for b, o in zip(self.blocks, self.latent_offsets)])
+        self.entry_cols = np.concatenate([b.entry_cols + o for b, o in zip(self.blocks, self.latent_offsets)])
+        cx = stack_constraints([b.constraints for b in self.blocks])
         self.constraints_x = cx
         self.sizes = np.asarray(cx.sum(axis=0)).ravel()
         self.full = _Bordered(self, with_beta=True)
@@ -178,36 +291,56 @@ class SpatialLaplace:
         self.evaluations = 0
 
     # -- parameters ------------------------------------------------------------------------------------------
+    def block_psi(self, psi, t: int) -> np.ndarray:
+        """Term t's part of psi."""
+        return np.asarray(psi, dtype=float)[self.param_offsets[t]:self.param_offsets[t + 1]]
+
+    def block_latent(self, x, t: int) -> np.ndarray:
+        """Term t's part of the latent vector x."""
+        start = self.latent_offsets[t]
+        return x[start:start + self.blocks[t].n_latent]
+
     def names(self) -> list[str]:
-        return ["log_sd"] + (["logit_mix"] if self.prior.has_mix else []) + (["log_sigma"] if self.gaussian else [])
+        return [name for b in self.blocks for name in b.names()] + (["log_sigma"] if self.gaussian else [])
 
     def bounds(self) -> list[tuple[float, float]]:
-        """log sd and log sigma within :data:`LOG_SD_BOUNDS` of the response's scale (sd(y) for a Gaussian, 1 on
-        a GLMM's link scale), the mixing parameter's logit within :data:`LOGIT_BOUNDS`."""
+        """Log sds (and the diagonal of a covariance factor, and log sigma) within :data:`LOG_SD_BOUNDS` of the
+        response's scale (sd(y) for a Gaussian, 1 on a GLMM's link scale), mixing parameters' logits within
+        :data:`LOGIT_BOUNDS`, a covariance factor's off-diagonal free."""
         scale = np.log(self._scale())
         sd = (LOG_SD_BOUNDS[0] + scale, LOG_SD_BOUNDS[1] + scale)
-        return [sd] + ([LOGIT_BOUNDS] if self.prior.has_mix else []) + ([sd] if self.gaussian else [])
+        return [bound for b in self.blocks for bound in b.bounds(sd)] + ([sd] if self.gaussian else [])
 
     def _scale(self) -> float:
         scale = float(np.std(self.y)) if self.gaussian else 1.0
         return scale if scale > 0 else 1.0
 
+    def sigma(self, psi) -> float:
+        """The residual sd (1 for a GLMM)."""
+        return float(np.exp(psi[-1])) if self.gaussian else 1.0
+
     def unpack(self, psi) -> tuple[float, float, float]:
-        """(sd, mix, sigma) of psi (mix 0 without one, sigma 1 for a GLMM)."""
-        psi = np.asarray(psi, dtype=float)
-        sd = float(np.exp(psi[0]))
-        mix = float(expit(psi[1])) if self.prior.has_mix else 0.0
-        sigma = float(np.exp(psi[-1])) if self.gaussian else 1.0
-        return sd, mix, sigma
+        """(sd, mix, sigma) of a model whose one random term is spatial (mix 0 without one, sigma 1 for a GLMM)."""
+        sd, mix = self.blocks[0].natural(self.block_psi(psi, 0))
+        return sd, mix, self.sigma(psi)
 
     def start(self) -> np.ndarray:
-        """psi's start: the best of a coarse grid of sds (:data:`START_SDS`, times sd(y) for a Gaussian, whose
-        sigma starts at half sd(y)), mix 1/2.  The criterion need not be convex in psi (a small sd can be a
-        local minimum), and L-BFGS-B's first line search from a poor start can run to a bound."""
+        """psi's start: the best of a coarse grid of sds, one for every term (:data:`START_SDS`, times sd(y) for a
+        Gaussian, whose sigma starts at half sd(y)), mixing parameters 1/2, correlations 0.  The criterion need not
+        be convex in psi (a small sd can be a local minimum), and L-BFGS-B's first line search from a poor start
+        can run to a bound."""
         scale = self._scale()
-        rest = ([0.0] if self.prior.has_mix else []) + ([np.log(0.5 * scale)] if self.gaussian else [])
-        grid = [np.array([np.log(sd * scale)] + rest) for sd in START_SDS]
+        rest = [np.log(0.5 * scale)] if self.gaussian else []
+        grid = [np.array([v for b in self.blocks for v in b.start(np.log(sd * scale))] + rest) for sd in START_SDS]
         return min(grid, key=self.criterion)
+
+    def precision_values(self, psi) -> np.ndarray:
+        """The values of the latent vector's block-diagonal precision at psi (at ``entry_rows``, ``entry_cols``)."""
+        return np.concatenate([b.precision_values(self.block_psi(psi, t)) for t, b in enumerate(self.blocks)])
+
+    def log_det_prior(self, psi) -> float:
+        """log det_c of the precision: the sum over the terms'."""
+        return float(sum(b.log_det(self.block_psi(psi, t)) for t, b in enumerate(self.blocks)))
 
     # -- the mode ----------------------------------------------------------------------------------------------
     def _loglik_and_working(self, eta, sigma):
@@ -221,17 +354,16 @@ class SpatialLaplace:
         return float(np.sum(self.family.log_likelihood(self.y, mu, self.prior_weights))), w, residual
 
     def _eta(self, theta):
-        return self.X @ theta[: self.p] + self.offset + theta[self.p:][self.area]
+        return self.X @ theta[: self.p] + self.offset + self.rows.apply(theta[self.p:])
 
-    def _penalty(self, x, entries) -> float:
-        rows, cols, values = entries
-        return float(np.sum(values * x[rows] * x[cols]))
+    def _penalty(self, x, values) -> float:
+        return float(np.sum(values * x[self.entry_rows] * x[self.entry_cols]))
 
     def mode(self, psi, beta=None) -> _Mode:
         """The constrained joint mode of (beta, x) at psi, or of x alone at a given beta (Fisher scoring with step
         halving, from the last mode)."""
-        sd, mix, sigma = self.unpack(psi)
-        entries = self.prior.precision_entries(sd, mix)
+        sigma = self.sigma(psi)
+        values = self.precision_values(psi)
         theta = self._theta.copy()
         if beta is not None:
             theta[: self.p] = beta
@@ -239,10 +371,11 @@ class SpatialLaplace:
             eta0 = self.family.link(self.family.starting_mean(self.y, self.prior_weights)) - self.offset
             theta[: self.p] = np.linalg.lstsq(self.X, eta0, rcond=None)[0] if self.p else theta[: self.p]
         objective, previous = None, theta
+        zeros = np.zeros(self.sizes.size)
         for _ in range(PIRLS_MAX_STEPS):
             eta = self._eta(theta)
             loglik, w, residual = self._loglik_and_working(eta, sigma)
-            current = -loglik + 0.5 * self._penalty(theta[self.p:], entries)
+            current = -loglik + 0.5 * self._penalty(theta[self.p:], values)
             if objective is not None and current > objective + 1e-10 * (1 + abs(objective)):
                 theta = 0.5 * (theta + previous)  # step halving
                 continue
@@ -253,15 +386,12 @@ class SpatialLaplace:
             objective, previous = current, theta
             working = w * (eta - self.offset + residual)
             if beta is None:
-                factor = self.full.factor(self.X, w, entries[2])
-                rhs = np.concatenate([self.X.T @ working, np.bincount(self.area, weights=working, minlength=self.m),
-                                      np.zeros(self.sizes.size)])
+                factor = self.full.factor(self.X, w, values)
+                rhs = np.concatenate([self.X.T @ working, self.rows.transpose_apply(working), zeros])
                 theta = factor.solve(rhs)[: self.p + self.m]
             else:  # x alone: the working response less X beta
-                factor = self.latent_only.factor(self.X, w, entries[2])
-                working = working - w * (self.X @ beta)
-                rhs = np.concatenate([np.bincount(self.area, weights=working, minlength=self.m),
-                                      np.zeros(self.sizes.size)])
+                factor = self.latent_only.factor(self.X, w, values)
+                rhs = np.concatenate([self.rows.transpose_apply(working - w * (self.X @ beta)), zeros])
                 theta = np.concatenate([beta, factor.solve(rhs)[: self.m]])
             if self.gaussian:  # the quadratic is exact: one step is the mode
                 break
@@ -270,20 +400,18 @@ class SpatialLaplace:
         self._theta, self._started = theta, True
         eta = self._eta(theta)
         loglik, w, _ = self._loglik_and_working(eta, sigma)
-        return _Mode(theta, eta, w, loglik, self._penalty(theta[self.p:], entries))
+        return _Mode(theta, eta, w, loglik, self._penalty(theta[self.p:], values))
 
     def criterion(self, psi, beta=None) -> float:
         """-2 log of the (restricted) marginal likelihood's Laplace approximation at psi (module docstring); with
         ``beta``, the ML criterion at that beta (the mode of x alone: glmer's second stage)."""
         self.evaluations += 1
-        sd, mix, _ = self.unpack(psi)
         mode = self.mode(psi, beta)
-        values = self.prior.precision_entries(sd, mix)[2]
-        log_det_prior = self.prior.log_det(sd, mix)
         assembly = self.full if self.reml and beta is None else self.latent_only
-        log_det_h = factor_log_abs_det(assembly.factor(self.X, mode.weights, values)) - np.sum(np.log(self.sizes))
+        factor = assembly.factor(self.X, mode.weights, self.precision_values(psi))
+        log_det_h = factor_log_abs_det(factor) - np.sum(np.log(self.sizes))
         extra = self.p * np.log(2 * np.pi) if self.reml and beta is None else 0.0
-        return -2.0 * mode.loglik + mode.quadratic - log_det_prior + log_det_h - extra
+        return -2.0 * mode.loglik + mode.quadratic - self.log_det_prior(psi) + log_det_h - extra
 
 
 def fit_spatial(sdesign: SpatialDesign, reml: bool, stages: int = 2) -> SpatialFit:
@@ -335,10 +463,10 @@ def fit_spatial(sdesign: SpatialDesign, reml: bool, stages: int = 2) -> SpatialF
         result = _minimize(joint, start, bounds + [(None, None)] * laplace.p, restarts=0)
         psi, beta = result.x[:k], result.x[k:]
     at_bound = [name for name, value, (low, high) in zip(laplace.names(), psi, bounds)
-                if min(value - low, high - value) < 1e-2]
+                if low is not None and min(value - low, high - value) < 1e-2]
     if at_bound:
         warnings.warn(f"the spatial fit's {', '.join(at_bound)} is at its bound: the maximum of the likelihood "
-                      "is at a spatial sd of zero, or a mixing parameter of 0 or 1 (a singular fit)",
+                      "is at an sd of zero, or a mixing parameter of 0 or 1 (a singular fit)",
                       ConvergenceWarning, stacklevel=3)
     return SpatialFit(laplace=laplace, psi=psi, beta=beta, optimizer=result, stages=stages)
 
@@ -373,14 +501,16 @@ def _minimize(objective, start, bounds, restarts: int = 5):
 
 
 class SpatialFit:
-    """A spatial model fitted by the Laplace approximation (:func:`fit_spatial`): ``hp.lmm`` / ``hp.glmm`` with a
-    ``car(...)`` term and ``adjacency=``.
+    """A spatial model fitted by the Laplace approximation (:func:`fit_spatial`): ``hp.lmm`` / ``hp.glmm`` with
+    ``car(...)`` terms (and any ``(lhs | g)`` terms) and ``adjacency=``.
 
     Attributes
     ----------
-    sd, mix, sigma : float
-        The spatial sd, the type's mixing parameter (BYM2's rho, proper CAR's alpha; 0 for ICAR), the residual sd
-        (1 for a GLMM).
+    sd, mix : float
+        The spatial term's sd and mixing parameter (BYM2's rho, proper CAR's alpha; 0 for ICAR), in a model with one
+        spatial term (:meth:`hyperparameters` has every term's).
+    sigma : float
+        The residual sd (1 for a GLMM).
     objective : float
         The criterion at the optimum (-2 log likelihood, restricted for REML).
     """
@@ -391,9 +521,32 @@ class SpatialFit:
         self.sdesign = laplace.sdesign
         self.design = self.sdesign.design
         self.reml = laplace.reml
-        self.sd, self.mix, self.sigma = laplace.unpack(psi)
+        self.sigma = laplace.sigma(self.psi)
         self._mode = laplace.mode(psi, beta)
-        self._precision_values = laplace.prior.precision_entries(self.sd, self.mix)[2]
+        self._precision_values = laplace.precision_values(self.psi)
+
+    def _car_index(self, term: str | None) -> int:
+        """The block of the spatial term ``term`` (its area column; None: the model's only one)."""
+        return self.sdesign.areas.index(self.sdesign.area_term(term))
+
+    @property
+    def sd(self) -> float:
+        return float(self.car_parameters()[self._car_index(None), 0])
+
+    @property
+    def mix(self) -> float:
+        return float(self.car_parameters()[self._car_index(None), 1])
+
+    def covariance_factors(self) -> list[np.ndarray]:
+        """Each ``(lhs | g)`` term's covariance factor L (Sigma = L L'), in ``design.terms``' order."""
+        laplace, first = self.laplace, len(self.sdesign.areas)
+        return [laplace.blocks[t].factor(laplace.block_psi(self.psi, t)) for t in range(first, len(laplace.blocks))]
+
+    def car_parameters(self) -> np.ndarray:
+        """(sd, mix) of each spatial term, shape (terms, 2)."""
+        laplace = self.laplace
+        return np.array([laplace.blocks[t].natural(laplace.block_psi(self.psi, t))
+                         for t in range(len(self.sdesign.areas))])
 
     @property
     def loglik(self) -> float:
@@ -445,56 +598,87 @@ class SpatialFit:
         """diag of the constrained (H_xx)^-1: each latent coordinate's conditional variance given beta^."""
         return inverse_diagonal(self._factor(self.laplace.latent_only), 0, self.laplace.m)
 
-    def ranef_joint_sd(self) -> np.ndarray:
+    def _effects_slice(self, t: int) -> slice:
+        """Where term t's effects (a spatial term's b, a (lhs | g) term's u) lie in the latent vector."""
+        start = int(self.laplace.latent_offsets[t])
+        return slice(start, start + self.laplace.blocks[t].n_effects)
+
+    def ranef_joint_sd(self, term: str | None = None) -> np.ndarray:
         """Each area effect's sd with beta's uncertainty too: sqrt of the x block's diagonal of the constrained H^-1
         (for a Gaussian response with REML, the posterior sd of b given the variance parameters and a flat prior on
-        beta; lme4's ``condsd``, :attr:`ranef`'s, holds beta at its estimate and is smaller)."""
-        return np.sqrt(inverse_diagonal(self._factor_full, self.design.p, self.laplace.prior.n))
+        beta; lme4's ``condsd``, :attr:`ranef`'s, holds beta at its estimate and is smaller).  ``term``: the spatial
+        term's area column (None: the model's only one)."""
+        where = self._effects_slice(self._car_index(term))
+        return np.sqrt(inverse_diagonal(self._factor_full, self.design.p + where.start, where.stop - where.start))
 
-    def _spatial_part(self) -> np.ndarray | None:
-        """BYM2's structured part sigma sqrt(rho) S v of each area's effect (None for the other types)."""
-        prior = self.laplace.prior
-        if prior.type != "bym2":
-            return None
-        # b = sd sqrt(1 - rho) u + its spatial part, and the mode of u is (b - spatial part) / (sd sqrt(1 - rho))
-        return compose_bym2(self.sd, self.mix, np.zeros(prior.n), self.latent[prior.n:], prior.scaling)[1]
-
-    @cached_property
-    def ranef(self) -> pd.DataFrame:
-        """Each area's effect b (its conditional mode), conditional sd, and for BYM2 the spatial part
-        sd sqrt(rho) S v and the unstructured rest; for a log link its relative risk exp(b), the area's risk
-        against the covariates' expectation; ``rows`` the area's number of data rows."""
-        prior = self.laplace.prior
-        b = self.latent[: prior.n]
-        table = pd.DataFrame({"effect": b, "condsd": np.sqrt(self._latent_variances[: prior.n])},
-                             index=pd.Index(self.sdesign.graph.labels, name=self.sdesign.term.factor))
-        spatial = self._spatial_part()
-        if spatial is not None:
+    def _car_table(self, t: int) -> pd.DataFrame:
+        """Spatial term t's table (:attr:`ranef`)."""
+        block = self.laplace.blocks[t]
+        prior, where = block.prior, self._effects_slice(t)
+        b = self.latent[where]
+        table = pd.DataFrame({"effect": b, "condsd": np.sqrt(self._latent_variances[where])},
+                             index=pd.Index(block.area_term.graph.labels, name=block.term.factor))
+        if prior.type == "bym2":
+            sd, mix = block.natural(self.laplace.block_psi(self.psi, t))
+            v = self.laplace.block_latent(self.latent, t)[prior.n:]
+            # b = sd sqrt(1 - rho) u + its spatial part, and the mode of u is (b - spatial part) / (sd sqrt(1 - rho))
+            spatial = compose_bym2(sd, mix, np.zeros(prior.n), v, prior.scaling)[1]
             table["spatial"] = spatial
             table["unstructured"] = b - spatial
         if self._log_link:
             table["relative_risk"] = np.exp(b)
-        table["rows"] = self.sdesign.area_rows()
+        table["rows"] = block.area_term.area_rows()
         return table
+
+    def _group_table(self, t: int) -> pd.DataFrame:
+        """A (lhs | g) term's conditional modes and sds, by level (and coefficient, for k > 1)."""
+        term, where = self.laplace.blocks[t].term, self._effects_slice(t)
+        if term.k == 1:
+            index = pd.Index(term.levels, name=term.group)
+        else:
+            index = pd.MultiIndex.from_product([term.levels, list(term.coef_names)], names=[term.group, "term"])
+        table = pd.DataFrame({"effect": self.latent[where], "condsd": np.sqrt(self._latent_variances[where])},
+                             index=index)
+        table["rows"] = np.repeat(np.bincount(term.index, minlength=term.n_levels), term.k)
+        return table
+
+    @cached_property
+    def ranef(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
+        """Each area's effect b (its conditional mode), conditional sd, and for BYM2 the spatial part
+        sd sqrt(rho) S v and the unstructured rest; for a log link its relative risk exp(b), the area's risk
+        against the covariates' expectation; ``rows`` the area's number of data rows.
+
+        A model with several random terms gets a dict of such tables keyed by each term's label
+        (``"car(county, type='icar')"``, ``"(1 | county)"``); a ``(lhs | g)`` term's has its levels' conditional
+        modes and sds."""
+        tables = {self.laplace.blocks[t].term.label: (self._car_table(t) if t < len(self.sdesign.areas)
+                                                       else self._group_table(t))
+                  for t in range(len(self.laplace.blocks))}
+        return next(iter(tables.values())) if self.sdesign.single else tables
 
     @property
     def _log_link(self) -> bool:
         return self.design.family is not None and self.design.family.link == "log"
 
-    def relative_risk(self, level: float = 0.95) -> pd.DataFrame:
+    def relative_risk(self, level: float = 0.95, term: str | None = None) -> pd.DataFrame:
         """Per area with data (log link): observed and expected counts (expected = exp(offset), summed over the
         area's rows), the raw SIR observed / expected, and the smoothed relative risk sum mu^ / expected with an
-        interval exp(log RR +- z condsd) from the effect's conditional sd (beta held at beta^)."""
+        interval exp(log RR +- z condsd) from the effect's conditional sd (beta held at beta^).  ``term``: the
+        spatial term's area column, where the model has several."""
         if not self._log_link:
             raise ArgumentError("relative risks are for a count model with a log link (family='poisson')")
-        return area_risk_table(self.sdesign, self.design.y, np.exp(self.design.offset), np.exp(self._mode.eta),
-                               self.design.row_weights, self.ranef["condsd"].to_numpy(), level)
+        t = self._car_index(term)
+        return area_risk_table(self.sdesign.areas[t], self.design.y, np.exp(self.design.offset),
+                               np.exp(self._mode.eta), self.design.row_weights,
+                               np.sqrt(self._latent_variances[self._effects_slice(t)]), level)
 
     def hyperparameters(self) -> pd.Series:
-        """sd, the mixing parameter (named rho for BYM2, alpha for a proper CAR) and sigma (Gaussian)."""
-        out = {"sd": self.sd}
-        if self.laplace.prior.has_mix:
-            out["rho" if self.laplace.prior.type == "bym2" else "alpha"] = self.mix
+        """Each term's sd (``sd`` and ``rho`` (BYM2) or ``alpha`` (proper CAR) where the model's one random term is
+        spatial; else suffixed ``_car_<area column>``, and a ``(lhs | g)`` term's ``sd_<group>`` or
+        ``sd_<group>_<coefficient>`` and ``cor_<group>_<a>_<b>``), and sigma (Gaussian)."""
+        out = {}
+        for t, block in enumerate(self.laplace.blocks):
+            out |= block.hyperparameters(self.laplace.block_psi(self.psi, t))
         if self.laplace.gaussian:
             out["sigma"] = self.sigma
         return pd.Series(out)
@@ -502,28 +686,29 @@ class SpatialFit:
     def summary(self) -> str:
         kind = "REML" if self.reml else "ML"
         engine = "Gaussian" if self.laplace.gaussian else f"{self.design.family.name}, Laplace"
-        lines = [f"Spatial model ({self.sdesign.term.label}; {engine}, {kind}), {self.design.n} rows, "
-                 f"{self.sdesign.n_areas} areas",
+        labels = ", ".join(b.term.label for b in self.laplace.blocks)
+        areas = ", ".join(str(a.n_areas) for a in self.sdesign.areas)
+        lines = [f"Spatial model ({labels}; {engine}, {kind}), {self.design.n} rows, {areas} areas",
                  f"formula: {self.design.spec.formula}", f"criterion: {self.objective:.4f}  logLik: {self.loglik:.4f}",
                  "", "Fixed effects:", pd.DataFrame({"estimate": self.fixef, "se": self.fixef_se}).to_string(),
-                 "", "Spatial term:", self.hyperparameters().to_string()]
+                 "", "Random terms:", self.hyperparameters().to_string()]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return self.summary()
 
 
-def area_risk_table(sdesign: SpatialDesign, observed: np.ndarray, expected: np.ndarray, fitted: np.ndarray,
+def area_risk_table(area_term: AreaTerm, observed: np.ndarray, expected: np.ndarray, fitted: np.ndarray,
                     weights: np.ndarray, log_sd: np.ndarray | None, level: float) -> pd.DataFrame:
     """Per area with rows: observed, expected, SIR and the smoothed risk sum fitted / sum expected, each row counted
     ``weights`` times (a Poisson row's prior weight multiplies its log-likelihood: a frequency), with an interval
     from each area's log-scale sd where given (one per area of the graph)."""
-    n = sdesign.n_areas
-    sums = [np.bincount(sdesign.area, weights=weights * v, minlength=n) for v in (observed, expected, fitted)]
-    has = sdesign.area_rows() > 0
+    n = area_term.n_areas
+    sums = [np.bincount(area_term.area, weights=weights * v, minlength=n) for v in (observed, expected, fitted)]
+    has = area_term.area_rows() > 0
     table = pd.DataFrame({"observed": sums[0], "expected": sums[1], "sir": sums[0] / np.where(has, sums[1], np.nan),
                           "relative_risk": sums[2] / np.where(has, sums[1], np.nan)},
-                         index=pd.Index(sdesign.graph.labels, name=sdesign.term.factor))
+                         index=pd.Index(area_term.graph.labels, name=area_term.term.factor))
     if log_sd is not None:
         z = stats.norm.ppf(0.5 + level / 2)
         table["lower"] = table["relative_risk"] * np.exp(-z * log_sd)

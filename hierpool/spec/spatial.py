@@ -1,16 +1,21 @@
-"""The design of a disease-mapping model: a formula with one spatial term ``car(area, type=...)`` and its graph.
+"""The design of a disease-mapping model: a formula with spatial terms ``car(area, type=...)``, their graphs, and
+any ``(... | g)`` terms beside them.
 
-    y_i ~ family(mu_i),   g(mu_i) = x_i' beta + offset_i + b[area(i)],
+    y_i ~ family(mu_i),   g(mu_i) = x_i' beta + offset_i + sum_t b_t[area_t(i)] + sum_j z_ij' u_j[g_j(i)],
 
-b one effect per area of the neighbourhood graph (:class:`hierpool.spec.adjacency.Graph`), every area of the
+b_t one effect per area of term t's neighbourhood graph (:class:`hierpool.spec.adjacency.Graph`), every area of the
 graph (areas without rows get an effect too, predicted from their neighbours), with the prior of the term's type
-(:mod:`hierpool.algebra.icar`).  ``adjacency=`` is what :func:`hierpool.spec.adjacency.graph` reads (an edge list,
-a labelled 0/1 matrix, polygons), or a dict keyed by the term's area column, or None when ``data`` is a geopandas
-GeoDataFrame (neighbours by queen contiguity of its geometry, one row per area).
+(:mod:`hierpool.algebra.icar`); u_j the ``(... | g)`` terms' effects, N(0, Sigma_j) per level (``design.terms``).
+``adjacency=`` is what :func:`hierpool.spec.adjacency.graph` reads (an edge list, a labelled 0/1 matrix, polygons),
+or a dict keyed by the terms' area columns (needed when the model has several spatial terms), or None when ``data``
+is a geopandas GeoDataFrame (neighbours by queen contiguity of its geometry, one row per area).
+
+A BYM model in the 1991 form is ``car(area, type='icar') + (1 | area)``; BYM2's one term is that model
+reparametrized (a share rho of one sd).
 
 Refused by name: an area of the data that is not in the graph; an island (an area without neighbours) under an
-intrinsic CAR unless ``islands='independent'``, or under a proper CAR; a formula with several spatial terms, or a
-spatial term beside ``(... | g)`` terms (not built yet); adjacency= without a spatial term.
+intrinsic CAR unless ``islands='independent'``, or under a proper CAR; two spatial terms on one area column;
+several spatial terms with one graph that is not a dict keyed by their columns; adjacency= without a spatial term.
 """
 
 from __future__ import annotations
@@ -28,20 +33,17 @@ from .formula import SpatialTermSpec, parse_formula
 
 
 @dataclass(frozen=True)
-class SpatialDesign:
-    """A spatial model's design.
+class AreaTerm:
+    """One spatial term with its graph.
 
     Attributes
     ----------
-    design : Design
-        The fixed part, offsets, weights and family (no ``(... | g)`` terms).
     term : SpatialTermSpec
     graph : Graph
     area : numpy.ndarray of int
         Each row's area, an index into ``graph.labels``.
     """
 
-    design: Design
     term: SpatialTermSpec
     graph: Graph
     area: np.ndarray
@@ -58,6 +60,66 @@ class SpatialDesign:
     def area_rows(self) -> np.ndarray:
         """Number of data rows of each area."""
         return np.bincount(self.area, minlength=self.graph.n)
+
+
+@dataclass(frozen=True)
+class SpatialDesign:
+    """A spatial model's design.
+
+    Attributes
+    ----------
+    design : Design
+        The fixed part, offsets, weights and family, and the ``(... | g)`` terms (``design.terms``).
+    areas : tuple of AreaTerm
+        The spatial terms, in the formula's order.
+
+    ``term``, ``graph``, ``area``, ``n_areas``, ``islands`` and ``area_rows()`` are those of the model's one spatial
+    term (:meth:`area_term` picks one of several).
+    """
+
+    design: Design
+    areas: tuple[AreaTerm, ...]
+
+    @property
+    def single(self) -> bool:
+        """Whether the model's random part is one spatial term (no other spatial or ``(... | g)`` term)."""
+        return len(self.areas) == 1 and not self.design.terms
+
+    def area_term(self, term: str | None = None) -> AreaTerm:
+        """The spatial term on area column ``term`` (or written ``term``); None: the model's only one."""
+        if term is None:
+            if len(self.areas) > 1:
+                raise ArgumentError(f"the model has {len(self.areas)} spatial terms "
+                                    f"{[a.term.label for a in self.areas]}: say which by term= (its area column)")
+            return self.areas[0]
+        for candidate in self.areas:
+            if term in (candidate.term.factor, candidate.term.label):
+                return candidate
+        raise ArgumentError(f"term={term!r} is none of the model's spatial terms "
+                            f"{[a.term.factor for a in self.areas]}")
+
+    @property
+    def term(self) -> SpatialTermSpec:
+        return self.area_term().term
+
+    @property
+    def graph(self) -> Graph:
+        return self.area_term().graph
+
+    @property
+    def area(self) -> np.ndarray:
+        return self.area_term().area
+
+    @property
+    def n_areas(self) -> int:
+        return self.area_term().n_areas
+
+    @property
+    def islands(self) -> np.ndarray:
+        return self.area_term().islands
+
+    def area_rows(self) -> np.ndarray:
+        return self.area_term().area_rows()
 
 
 def _geometry_of(frame, factor: str, what: str) -> dict:
@@ -98,28 +160,39 @@ def _polygons(value) -> bool:
 
 def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: FamilySpec | None = None,
                    weights=None, offset=None) -> SpatialDesign:
-    """Check a spatial formula, its data and its graph; build the :class:`SpatialDesign`."""
+    """Check a spatial formula, its data and its graphs; build the :class:`SpatialDesign`."""
     binomial = family is not None and family.name == "binomial"
     spec = parse_formula(formula, binomial_counts=binomial, random_optional=True)
     if not spec.spatial:
         raise ArgumentError(f"adjacency= is given but {formula!r} has no spatial term such as car(area, type='bym2')")
-    if len(spec.spatial) > 1:
-        raise FormulaError(f"{formula!r} has {len(spec.spatial)} spatial terms: one car(...) term per model for now")
-    if spec.random:
-        raise FormulaError(f"{formula!r} has a spatial term beside (... | g) terms: not built yet (one car(...) term, "
-                           "whose BYM2 type has its own unstructured effect)")
-    term = spec.spatial[0]
-    if term.islands != "error" and term.type != "icar":
-        raise FormulaError(f"islands={term.islands!r} is for type='icar'; {term.label} gives an island the "
-                           + ("unstructured effect alone" if term.type == "bym2" else "no prior: it is refused"))
-    if isinstance(data, pd.DataFrame) and term.factor not in data.columns:
-        raise DataError(f"{term.label}: data has no column {term.factor!r}")
+    factors = [term.factor for term in spec.spatial]
+    repeated = sorted({f for f in factors if factors.count(f) > 1})
+    if repeated:
+        raise FormulaError(f"{formula!r} has two spatial terms on area column {repeated[0]!r}: one car(...) term per "
+                           "column (BYM2's one term mixes a spatial and an unstructured effect; or add (1 | "
+                           f"{repeated[0]}))")
+    if len(factors) > 1 and not (isinstance(adjacency, dict) and all(f in adjacency for f in factors)):
+        raise ArgumentError(f"{formula!r} has spatial terms on columns {factors}: give adjacency= as a dict keyed by "
+                            "those columns, each its term's graph")
+    for term in spec.spatial:
+        if term.islands != "error" and term.type != "icar":
+            raise FormulaError(f"islands={term.islands!r} is for type='icar'; {term.label} gives an island the "
+                               + ("unstructured effect alone" if term.type == "bym2" else "no prior: it is refused"))
+        if isinstance(data, pd.DataFrame) and term.factor not in data.columns:
+            raise DataError(f"{term.label}: data has no column {term.factor!r}")
     if isinstance(data, pd.DataFrame) and not data.index.is_unique:
         data = data.reset_index(drop=True)  # rows are matched to areas by label: a repeated label would repeat rows
-    area_graph = resolve_graph(adjacency, data, term)
+    graphs = [resolve_graph(adjacency, data, term) for term in spec.spatial]
     design = build_design(formula, data, weights=weights, offset=offset, family=family, random_optional=True,
                           spatial=True)
-    labels = data.loc[design.rows, term.factor].astype(str).to_numpy()
+    areas = tuple(_area_term(term, area_graph, data.loc[design.rows, term.factor])
+                  for term, area_graph in zip(spec.spatial, graphs))
+    return SpatialDesign(design=design, areas=areas)
+
+
+def _area_term(term: SpatialTermSpec, area_graph: Graph, column: pd.Series) -> AreaTerm:
+    """Each row's area in the term's graph, with the refusals of the module docstring."""
+    labels = column.astype(str).to_numpy()
     area = pd.Index(area_graph.labels).get_indexer(labels)
     if np.any(area < 0):
         missing = [str(v) for v in pd.unique(labels[area < 0])[:5]]
@@ -135,4 +208,4 @@ def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: Famil
                         f"{islands.size} in all): an intrinsic CAR gives it no prior; use "
                         f"car({term.factor}, type='icar', islands='independent') for an independent effect "
                         "(Freni-Sterrantino et al. 2018), type='bym2', or give its neighbours")
-    return SpatialDesign(design=design, term=term, graph=area_graph, area=area.astype(np.int64))
+    return AreaTerm(term=term, graph=area_graph, area=area.astype(np.int64))
