@@ -264,13 +264,14 @@ def area_map_axes(ax, geometry: dict, values, norm=None, cmap: str = "RdBu_r", l
     return collection
 
 
-def _risk_table(result):
-    """A spatial fit's per-area relative-risk table (``relative_risk()``), or None for anything else."""
+def _risk_table(result, term: str | None = None):
+    """A spatial fit's per-area relative-risk table (``relative_risk(term=term)``: ``term`` the spatial term's area
+    column where the model has several), or None for anything else."""
     table = getattr(result, "relative_risk", None)
-    return table() if callable(table) else None
+    return table(term=term) if callable(table) else None
 
 
-def risk_map(smoothed, geometry: dict, raw=None, label: str = "relative risk"):
+def risk_map(smoothed, geometry: dict, raw=None, label: str = "relative risk", term: str | None = None):
     """The smoothed relative risk of each area beside its raw standardised incidence ratio, one colour scale.
 
     ``smoothed``: a spatial fit (``hp.bayes`` or ``hp.glmm`` with ``adjacency=``: its ``relative_risk()`` table's
@@ -278,12 +279,12 @@ def risk_map(smoothed, geometry: dict, raw=None, label: str = "relative risk"):
     by area label, with ``raw`` the raw ratios (optional).  The scale is
     logarithmic and centred at 1, from the smallest to the largest positive value of both maps (a zero SIR, an area
     with no cases, is drawn at the scale's low end), so that the raw map's extremes, small areas' noise, show
-    against the smoothed map's shrinkage.
+    against the smoothed map's shrinkage.  ``term``: the spatial term's area column, where a fit has several.
     """
     import pandas as pd
     from matplotlib.colors import LogNorm
 
-    table = _risk_table(smoothed)
+    table = _risk_table(smoothed, term)
     if table is not None:
         smoothed, raw = table["relative_risk"], table["sir"] if raw is None else raw
     panels = [("smoothed " + label, pd.Series(smoothed))]
@@ -309,11 +310,12 @@ def _plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def exceedance_map(probabilities, geometry: dict, threshold: float = 1.0):
+def exceedance_map(probabilities, geometry: dict, threshold: float = 1.0, term: str | None = None):
     """Each area's posterior probability that its relative risk exceeds ``threshold`` (P(RR > 1) by default), on a
     fixed 0-1 scale: areas near 1 are confidently above the expected risk, near 0 confidently below, and the
     middle is where the data do not tell.  ``probabilities``: a Bayesian spatial fit (its ``relative_risk(threshold)``
-    table's exceedance) or a pandas Series indexed by area label."""
+    table's exceedance; ``term`` its spatial term's area column where it has several) or a pandas Series indexed by
+    area label."""
     import pandas as pd
     from matplotlib.colors import Normalize
 
@@ -322,7 +324,7 @@ def exceedance_map(probabilities, geometry: dict, threshold: float = 1.0):
             from .errors import ArgumentError
 
             raise ArgumentError("exceedance probabilities are a posterior's: give an hp.bayes fit")
-        probabilities = probabilities.relative_risk(threshold=threshold)["exceedance"]
+        probabilities = probabilities.relative_risk(threshold=threshold, term=term)["exceedance"]
     probabilities = pd.Series(probabilities)
     values = probabilities.to_numpy(dtype=float)
     if np.any((values < 0) | (values > 1)):
@@ -336,18 +338,19 @@ def exceedance_map(probabilities, geometry: dict, threshold: float = 1.0):
     return fig
 
 
-def shrinkage_map(result, geometry: dict):
+def shrinkage_map(result, geometry: dict, term: str | None = None):
     """The teaching picture of disease mapping: how far each area's estimate moved from its raw SIR.
 
     Left, the map of the move log(smoothed RR) - log(raw SIR) (blue: pulled down, red: pulled up; a zero count's
     log SIR taken at half a case); right, raw SIR against smoothed relative risk, each area a point sized by its
     expected count, on log axes with the identity line: the small counties (small points) are pulled far towards
     their neighbours and the state, the large ones stay near their own ratio.  ``result``: a spatial fit
-    (``hp.bayes`` or ``hp.glmm`` with ``adjacency=``) of counts with an offset of log expected counts.
+    (``hp.bayes`` or ``hp.glmm`` with ``adjacency=``) of counts with an offset of log expected counts; ``term`` its
+    spatial term's area column where it has several.
     """
     from matplotlib.colors import TwoSlopeNorm
 
-    table = _risk_table(result)
+    table = _risk_table(result, term)
     if table is None:
         from .errors import ArgumentError
 

@@ -77,10 +77,10 @@ def test_the_calibration_study_passes_and_can_fail():
 
 
 def test_blup_agreement_of_a_gaussian_car_model():
-    """hp.validate.blup_agreement(..., adjacency=): with the REML fit's sd and sigma held and flat priors on beta, the
-    NUTS posterior of (beta, b) reproduces the BLUPs and the joint sds in Monte-Carlo units; the joint sds (beta's
-    uncertainty included, from the sparse bordered factor) equal the dense GLS ones; and a posterior held at another
-    sd fails the comparison."""
+    """hp.validate.blup_agreement(..., adjacency=) on a Gaussian model with an ICAR term and a (1 | site) term: with
+    the REML fit's variance parameters held and flat priors on beta, the NUTS posterior of (beta, b, u) reproduces
+    every BLUP and joint sd in Monte-Carlo units; the joint sds (beta's uncertainty included, from the sparse
+    bordered factor) equal the dense GLS ones; and a posterior held at another sd fails the comparison."""
     import pandas as pd
 
     from hierpool.validate import compare_spatial
@@ -92,33 +92,38 @@ def test_blup_agreement_of_a_gaussian_car_model():
     pairs = [(i, i + 1) for i in range(n) if (i + 1) % cols] + [(i, i + cols) for i in range(n - cols)]
     edges = pd.DataFrame({"a": [labels[i] for i, _ in pairs], "b": [labels[j] for _, j in pairs]})
     area = np.repeat(np.arange(n), 2)[: 2 * n - 6]
-    data = pd.DataFrame({"area": np.array(labels)[area], "x": rng.normal(size=area.size)})
-    data["y"] = 1 + 0.5 * data.x + rng.normal(size=n)[area] + rng.normal(scale=0.5, size=area.size)
-    formula = "y ~ x + car(area, type='icar')"
+    site = rng.integers(0, 4, size=area.size)
+    data = pd.DataFrame({"area": np.array(labels)[area], "x": rng.normal(size=area.size), "site": site})
+    data["y"] = (1 + 0.5 * data.x + rng.normal(size=n)[area] + rng.normal(size=4)[site]
+                 + rng.normal(scale=0.5, size=area.size))
+    formula = "y ~ x + car(area, type='icar') + (1 | site)"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = hp.validate.blup_agreement(formula, data, adjacency=edges, seed=2)
     assert report.passed, report.summary()
+    assert set(report.table.grpvar) == {"", "area", "site"} and len(report.table) == 2 + n + 4, "every effect compared"
     fit = report.fit
     # the joint sds against dense GLS: Cov(b - b^) with beta integrated out
     g = fit.sdesign.graph
     Z = np.zeros((len(data), n))
     Z[np.arange(len(data)), fit.sdesign.area] = 1
     C = fit.sd**2 * np.linalg.pinv(np.diag(g.degree) - g.adjacency_matrix().toarray())
-    Vi = np.linalg.inv(fit.sigma**2 * np.eye(len(data)) + Z @ C @ Z.T)
+    site_sd = fit.hyperparameters()["sd_site"]
+    S = (site[:, None] == site[None, :]) * site_sd**2
+    Vi = np.linalg.inv(fit.sigma**2 * np.eye(len(data)) + Z @ C @ Z.T + S)
     X = fit.design.X
     P = Vi - Vi @ X @ np.linalg.solve(X.T @ Vi @ X, X.T @ Vi)
     np.testing.assert_allclose(fit.ranef_joint_sd(), np.sqrt(np.diag(C - C @ Z.T @ P @ Z @ C)), rtol=1e-8,
                                err_msg="joint sds differ from dense GLS")
-    assert report.posterior.hyperparameters().empty, "nothing but beta and b was sampled"
-    # the check can fail: the same comparison against a posterior held at twice the sd
+    assert report.posterior.hyperparameters().empty, "nothing but beta and the effects was sampled"
+    # the check can fail: the same comparison against a posterior held at twice the spatial sd
     import dataclasses
 
     wrong_fit = hp.lmm(formula, data, adjacency=edges)
-    wrong_fit.sd = 2 * fit.sd
+    wrong_fit.psi = wrong_fit.psi + np.r_[np.log(2.0), np.zeros(wrong_fit.psi.size - 1)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrong = hp.bayes(formula, data, adjacency=edges, variance=wrong_fit, seed=2, progress=False,
                          priors={"Intercept": "flat", "b": "flat"})
-    wrong = dataclasses.replace(wrong, held=np.array([fit.sd, fit.mix, fit.sigma]))  # as if held at fit's
+    wrong = dataclasses.replace(wrong, held=report.posterior.held)  # as if held at fit's
     assert not compare_spatial(fit, wrong).passed, "a posterior at another sd must fail"

@@ -353,7 +353,7 @@ def test_three_terms_report_every_term(three_term_fit, three_terms):
     np.testing.assert_allclose(zone["spatial"] + zone["unstructured"], zone["effect"], atol=1e-12,
                                err_msg="BYM2's parts add up")
     with pytest.raises(hp.HierpoolError, match="2 spatial terms"):
-        fit.sd  # noqa: B018: which term's sd is ambiguous
+        fit.sd  # noqa: B018 (which term's sd is ambiguous)
     assert fit.ranef_joint_sd("zone").shape == (16,), "a term's joint sds, by its area column"
     assert "car(zone, type='bym2')" in fit.summary()
 

@@ -349,12 +349,13 @@ def bayes(
         ``variance=`` an ``hp.lmm`` fit with the same relationship holds its variances (exact draws).
     adjacency : optional
         The neighbourhood graph of a spatial term ``car(area, type='icar' | 'proper' | 'bym2')`` (disease mapping),
-        as :func:`hierpool.lmm` takes it: NUTS on every parameter, the ICAR's sum-to-zero constraint exact
+        (a dict of graphs keyed by area column for several ``car()`` terms, with any ``(lhs | g)`` terms beside
+        them), as :func:`hierpool.lmm` takes it: NUTS on every parameter, the ICAR's sum-to-zero constraint exact
         (:mod:`hierpool.bayesian.spatial`; priors ``sd``, ``rho``, ``alpha`` there).  Returns a
         :class:`~hierpool.bayesian.spatial.SpatialBayesResult`: each area's effect, BYM2's spatial and unstructured
         parts, and for counts each area's relative risk with its exceedance probability.  ``variance=`` an
-        ``hp.lmm`` / ``hp.glmm`` fit of the same spatial model holds its sd, mixing parameter and sigma (with flat
-        fixed-effect priors and a Gaussian response, the posterior mean of b is then the fit's BLUP).
+        ``hp.lmm`` / ``hp.glmm`` fit of the same spatial model holds its variance parameters (with flat
+        fixed-effect priors and a Gaussian response, the posterior mean of the effects is then the fit's BLUP).
 
     Returns
     -------

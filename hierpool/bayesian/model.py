@@ -175,6 +175,25 @@ class SeriesData:
     y_less_offset: jax.Array  # (n,)
 
 
+def group_effects(mu, index: tuple, z: tuple, cov_factors, ks: tuple[int, ...], n_levels: tuple[int, ...],
+                  relationship: tuple = ()):
+    """mu plus the ``(lhs | g)`` terms' contributions z_ij' b_j[level], non-centered: sites ``z__j`` ~ N(0, I)
+    (ell_j, k_j) and b_j = z_j L_j' (``b__j``, deterministic), L_j the term's covariance factor; with a relationship
+    factor L_A (``relationship[j]``), b_j = L_A z_j L_j' (b ~ N(0, sd^2 A))."""
+    for j, (k, ell, factor) in enumerate(zip(ks, n_levels, cov_factors)):
+        u = numpyro.sample(f"z__{j}", dist.Normal(0.0, 1.0).expand((ell, k)).to_event(2))
+        if relationship and relationship[j] is not None:
+            u = relationship[j] @ u
+        b = numpyro.deterministic(f"b__{j}", u @ factor.T)
+        mu = mu + jnp.sum(z[j] * b[index[j]], axis=1)
+    return mu
+
+
+def cov_factors_of(sds, cors) -> list:
+    """Each term's covariance factor diag(sd) R (R the correlation's Cholesky factor; diag(sd) for k = 1)."""
+    return [sd[:, None] * cor if cor is not None else jnp.diag(sd) for sd, cor in zip(sds, cors)]
+
+
 def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, series: SeriesData | None = None, *,
                ks: tuple[int, ...], n_levels: tuple[int, ...], phi_bounds: tuple[float, float] | None = None):
     """The non-centered NumPyro model; with ``held`` the variance parameters are fixed at its values.
@@ -189,16 +208,10 @@ def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, serie
     beta = fixed_effects(priors)
     if held is None:
         sigma, sds, cors = variance_parameters(priors, ks)
-        cov_factors = [sd[:, None] * cor if cor is not None else jnp.diag(sd) for sd, cor in zip(sds, cors)]
+        cov_factors = cov_factors_of(sds, cors)
     else:
         sigma, cov_factors = jnp.asarray(held.sigma), [jnp.asarray(f) for f in held.cov_factors]
-    mu = data.offset + data.X @ beta
-    for j, (k, ell, factor) in enumerate(zip(ks, n_levels, cov_factors)):
-        z = numpyro.sample(f"z__{j}", dist.Normal(0.0, 1.0).expand((ell, k)).to_event(2))
-        if data.relationship and data.relationship[j] is not None:  # b ~ N(0, sd^2 A): b = sd L_A z
-            z = data.relationship[j] @ z
-        b = numpyro.deterministic(f"b__{j}", z @ factor.T)
-        mu = mu + jnp.sum(data.z[j] * b[data.index[j]], axis=1)
+    mu = group_effects(data.offset + data.X @ beta, data.index, data.z, cov_factors, ks, n_levels, data.relationship)
     if series is None:
         numpyro.sample("y", dist.Normal(mu, sigma * data.noise_scale), obs=data.y)
         return

@@ -65,31 +65,21 @@ def correlation_from_factor(cor_factor: np.ndarray) -> np.ndarray:
     return cor_factor @ np.swapaxes(cor_factor, -1, -2)
 
 
-def build_inference_data(
-    design: Design,
-    beta: np.ndarray,
-    b: list[np.ndarray],
-    sds: list[np.ndarray] | None,
-    cor_factors: list[np.ndarray | None] | None,
-    sigma: np.ndarray | None,
-    sample_stats: dict | None,
-    log_likelihood: np.ndarray | None,
-    shape: np.ndarray | None = None,
-) -> az.InferenceData:
-    """Assemble InferenceData from per-term draws shaped (chain, draw, ...)."""
+def group_posterior(design: Design, b: list[np.ndarray], sds: list[np.ndarray] | None,
+                    cor_factors: list[np.ndarray | None] | None, posterior: dict, coords: dict, dims: dict) -> None:
+    """Add the ``(lhs | g)`` terms' draws (chain, draw, ...) to an InferenceData's posterior, coords and dims:
+    ``b_<group>`` (level, coefficient), ``sd_<group>`` (coefficient) and ``cor_<group>`` (k > 1), per
+    :func:`term_slots`."""
     slots, coefs = term_slots(design)
-    chains, draws = beta.shape[:2]
-    posterior = {"beta": beta}
-    coords = {"fixef": list(design.fixed_names)}
-    dims = {"beta": ["fixef"]}
     for name, labels in coefs.items():
-        term = next(t for t, s in zip(design.terms, slots) if s.name == name)
-        posterior[f"b_{name}"] = np.zeros((chains, draws, term.n_levels, len(labels)))
+        j = next(j for j, s in enumerate(slots) if s.name == name)
+        term, leading = design.terms[j], np.shape(b[j])[:-2]
+        posterior[f"b_{name}"] = np.zeros(leading + (term.n_levels, len(labels)))
         coords[name] = [str(level) for level in term.levels]
         coords[f"{name}_coef"] = labels
         dims[f"b_{name}"] = [name, f"{name}_coef"]
         if sds is not None:
-            posterior[f"sd_{name}"] = np.zeros((chains, draws, len(labels)))
+            posterior[f"sd_{name}"] = np.zeros(leading + (len(labels),))
             dims[f"sd_{name}"] = [f"{name}_coef"]
     for j, slot in enumerate(slots):
         positions = list(slot.coef_positions)
@@ -102,6 +92,24 @@ def build_inference_data(
             coords[f"{slot.cor_name}_row"] = list(term.coef_names)
             coords[f"{slot.cor_name}_col"] = list(term.coef_names)
             dims[slot.cor_name] = [f"{slot.cor_name}_row", f"{slot.cor_name}_col"]
+
+
+def build_inference_data(
+    design: Design,
+    beta: np.ndarray,
+    b: list[np.ndarray],
+    sds: list[np.ndarray] | None,
+    cor_factors: list[np.ndarray | None] | None,
+    sigma: np.ndarray | None,
+    sample_stats: dict | None,
+    log_likelihood: np.ndarray | None,
+    shape: np.ndarray | None = None,
+) -> az.InferenceData:
+    """Assemble InferenceData from per-term draws shaped (chain, draw, ...)."""
+    posterior = {"beta": beta}
+    coords = {"fixef": list(design.fixed_names)}
+    dims = {"beta": ["fixef"]}
+    group_posterior(design, b, sds, cor_factors, posterior, coords, dims)
     if sigma is not None:
         posterior["sigma"] = sigma
     if shape is not None:

@@ -1,8 +1,10 @@
-"""Bayesian disease mapping: NUTS on a model with a spatial term ``car(area, type=...)`` (issue 19).
+"""Bayesian disease mapping: NUTS on a model with spatial terms ``car(area, type=...)`` (issue 19).
 
-    y_i ~ family(mu_i),   g(mu_i) = offset_i + x_i' beta + b[area(i)],
+    y_i ~ family(mu_i),   g(mu_i) = offset_i + x_i' beta + sum_t b_t[area_t(i)] + sum_j z_ij' u_j[g_j(i)],
 
-with the area effects b of the term's type (:mod:`hierpool.spec.spatial`, :class:`hierpool.algebra.icar.CarPrior`):
+with any ``(lhs | g)`` terms u_j as :func:`hierpool.bayes` samples them (:func:`hierpool.bayesian.model.group_effects`,
+non-centered, their sds' and correlations' priors as :mod:`hierpool.bayesian.priors`), and each spatial term's area
+effects b of its type (:mod:`hierpool.spec.spatial`, :class:`hierpool.algebra.icar.CarPrior`):
 
 * ``icar``: b = sd phi, phi ~ ICAR: log p(phi) = -sum over neighbours (phi_i - phi_j)^2 / 2 under an exact
   sum-to-zero constraint per connected component (an island, with ``islands='independent'``, N(0, 1));
@@ -21,10 +23,12 @@ The model is non-centered in every type (b = sd times a unit-scale field).  The 
 Laplacian's, x' Q x, as the closed form's sparse precision has it (tests/test_spatial_model.py checks the two
 agree, in both coordinates).
 
-Priors (keys of ``priors=``): the fixed effects', ``sigma``'s and ``shape``'s as :mod:`hierpool.bayesian.priors`
-(on the link scale for a GLMM); ``sd`` (or ``sd_<area column>``) HalfNormal(2.5) on the link scale (2.5 sd(y) for a
-Gaussian response), ``rho`` Beta(1, 1) (BYM2), ``alpha`` Uniform(0, 1) (proper CAR): brms's defaults for rho and
-alpha, the sd's as hierpool's other sds.
+Priors (keys of ``priors=``): the fixed effects', ``sigma``'s, ``shape``'s and the ``(lhs | g)`` terms' as
+:mod:`hierpool.bayesian.priors` (on the link scale for a GLMM); ``sd`` (or ``sd_<area column>``) HalfNormal(2.5) on
+the link scale (2.5 sd(y) for a Gaussian response), ``rho`` Beta(1, 1) (BYM2), ``alpha`` Uniform(0, 1) (proper CAR):
+brms's defaults for rho and alpha, the sd's as hierpool's other sds.  Where the model has more than one random term,
+each spatial term's sites and keys end in ``_car_<area column>`` (``sd_car_county``, ``rho_car_county``;
+:func:`site_suffix`), and ``sd`` is every sd's prior.
 
 References: Besag, York & Mollie (1991), Ann. Inst. Stat. Math. 43; Riebler, Sorbye, Simpson & Rue (2016), Stat.
 Methods Med. Res. 25; Freni-Sterrantino, Ventrucci & Rue (2018), Spatial and Spatio-temporal Epidemiology 26;
@@ -58,10 +62,10 @@ from ..algebra.icar import (
 )
 from ..closedform.spatial import area_risk_table
 from ..errors import ArgumentError, HierpoolWarning
-from ..spec.spatial import SpatialDesign
-from .model import fixed_effects
+from ..spec.spatial import AreaTerm, SpatialDesign
+from .model import cov_factors_of, fixed_effects, group_effects, variance_parameters
 from .nuts import sample_nuts
-from .posterior import gaussian_pointwise
+from .posterior import gaussian_pointwise, group_posterior, linear_predictor_draws, term_slots
 from .priors import Priors, _check_distribution, _check_positive_support, resolve_priors
 from .results import SUMMARY_COLUMNS, posterior_diagnostics, summarize_draws
 
@@ -80,13 +84,9 @@ jax.tree_util.register_dataclass(SumToZeroLayout, data_fields=[f.name for f in f
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
-class SpatialData:
-    """The design's arrays and the graph's, as JAX arrays (a pytree, traced by the compiled sampler)."""
+class AreaData:
+    """One spatial term's arrays, as JAX arrays."""
 
-    y: jax.Array
-    weights: jax.Array
-    offset: jax.Array
-    X: jax.Array
     area: jax.Array  # (rows,) int32
     edge_i: jax.Array
     edge_j: jax.Array
@@ -99,37 +99,73 @@ class SpatialData:
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
+class SpatialData:
+    """The design's arrays, each spatial term's and each ``(lhs | g)`` term's, as JAX arrays (a pytree, traced by
+    the compiled sampler)."""
+
+    y: jax.Array
+    weights: jax.Array
+    offset: jax.Array
+    X: jax.Array
+    areas: tuple  # AreaData per spatial term
+    group_index: tuple  # per (lhs | g) term, (rows,) int32
+    group_z: tuple  # per (lhs | g) term, (rows, k)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
 class CarPriors:
-    """The spatial term's priors: its sd, and its mixing parameter's (rho or alpha; None for ICAR)."""
+    """A spatial term's priors: its sd, and its mixing parameter's (rho or alpha; None for ICAR)."""
 
     sd: object
     mix: object
 
 
-def car_priors(sdesign: SpatialDesign, priors: dict | None) -> tuple[dict, CarPriors]:
-    """(the other priors, the spatial term's): defaults of the module docstring, overridden by key."""
+def site_suffix(sdesign: SpatialDesign, area_term: AreaTerm) -> str:
+    """The suffix of a spatial term's sites and posterior variables: none where the model's one random term is
+    spatial (``sd``, ``rho``, ``b``), else ``_car_<area column>`` (``sd_car_county``, ``b_car_county``)."""
+    return "" if sdesign.single else f"_car_{area_term.term.factor}"
+
+
+def _mix_name(type_: str) -> str | None:
+    return {"bym2": "rho", "proper": "alpha"}.get(type_)
+
+
+def car_priors(sdesign: SpatialDesign, priors: dict | None) -> tuple[dict, tuple[CarPriors, ...]]:
+    """(the other priors, each spatial term's): defaults of the module docstring, overridden by key (``sd`` and each
+    term's site names; ``sd_<area column>`` too where the model's one random term is spatial)."""
     priors = dict(priors or {})
-    design, term = sdesign.design, sdesign.term
-    if "cor" in priors:
-        raise ArgumentError(f"prior 'cor' given, but {term.label} has no correlation (it is for (x | g) terms)")
+    design = sdesign.design
+    if "cor" in priors and not design.terms:
+        raise ArgumentError(f"prior 'cor' given, but {sdesign.areas[0].term.label} has no correlation (it is for "
+                            "(x | g) terms)")
     s_y = 1.0 if design.family is not None else float(np.std(design.y)) or 1.0
-    sd = dist.HalfNormal(2.5 * s_y)
-    for key in ("sd", f"sd_{term.factor}"):
-        if key in priors:
-            sd = _check_distribution(key, priors.pop(key), allow_flat=False)
-            _check_positive_support(key, sd)
-    mix_key = {"bym2": "rho", "proper": "alpha"}.get(term.type)
-    mix = None if mix_key is None else (dist.Beta(1.0, 1.0) if term.type == "bym2" else dist.Uniform(0.0, 1.0))
-    for key in ("rho", "alpha"):
-        if key in priors:
-            if key != mix_key:
-                raise ArgumentError(f"prior {key!r} given, but {term.label} has " +
-                                    (f"{mix_key!r}" if mix_key else "no mixing parameter"))
-            mix = _check_distribution(key, priors.pop(key), allow_flat=False)
-            if mix.support is not constraints.unit_interval and not (
-                    isinstance(mix, dist.Uniform) and float(mix.low) >= 0 and float(mix.high) <= 1):
-                raise ArgumentError(f"prior {key!r} must have its support in (0, 1), such as Beta(a, b)")
-    return priors, CarPriors(sd=sd, mix=mix)
+    used, out = set(), []
+    for area_term in sdesign.areas:
+        term, suffix = area_term.term, site_suffix(sdesign, area_term)
+        sd = dist.HalfNormal(2.5 * s_y)
+        for key in ("sd", f"sd{suffix}") + ((f"sd_{term.factor}",) if sdesign.single else ()):
+            if key in priors:
+                sd = _check_distribution(key, priors[key], allow_flat=False)
+                _check_positive_support(key, sd)
+                used.add(key)
+        mix_key = _mix_name(term.type)
+        mix = None if mix_key is None else (dist.Beta(1.0, 1.0) if term.type == "bym2" else dist.Uniform(0.0, 1.0))
+        for name in ("rho", "alpha"):
+            key = f"{name}{suffix}"
+            if key in priors:
+                if name != mix_key:
+                    raise ArgumentError(f"prior {key!r} given, but {term.label} has " +
+                                        (f"{mix_key + suffix!r}" if mix_key else "no mixing parameter"))
+                mix = _check_distribution(key, priors[key], allow_flat=False)
+                if mix.support is not constraints.unit_interval and not (
+                        isinstance(mix, dist.Uniform) and float(mix.low) >= 0 and float(mix.high) <= 1):
+                    raise ArgumentError(f"prior {key!r} must have its support in (0, 1), such as Beta(a, b)")
+                used.add(key)
+        out.append(CarPriors(sd=sd, mix=mix))
+    if design.terms:
+        used.discard("sd")  # 'sd' is every sd's prior: the (lhs | g) terms' too (resolve_priors)
+    return {key: value for key, value in priors.items() if key not in used}, tuple(out)
 
 
 def whitens(prior: CarPrior) -> bool:
@@ -137,50 +173,69 @@ def whitens(prior: CarPrior) -> bool:
     return prior.type != "proper" and prior.n <= WHITEN_MAX_AREAS
 
 
-def spatial_data(sdesign: SpatialDesign, prior: CarPrior, layout: SumToZeroLayout) -> SpatialData:
-    put = jax.device_put
-    design, g = sdesign.design, sdesign.graph
+def area_data(area_term: AreaTerm, prior: CarPrior, layout: SumToZeroLayout) -> AreaData:
+    put, g = jax.device_put, area_term.graph
     eigenvalues = prior.proper_eigenvalues() if prior.type == "proper" else np.zeros(0)
     whitening = constrained_square_root(prior, layout) if whitens(prior) else np.zeros((0, 0))
+    return AreaData(area=put(area_term.area.astype(np.int32)), edge_i=put(g.edges[:, 0].astype(np.int32)),
+                    edge_j=put(g.edges[:, 1].astype(np.int32)), island=put((g.degree == 0).astype(float)),
+                    scaling=put(prior.scaling), degree=put(g.degree.astype(float)), eigenvalues=put(eigenvalues),
+                    whitening=put(whitening))
+
+
+def spatial_data(sdesign: SpatialDesign, priors: list[CarPrior], layouts: list[SumToZeroLayout]) -> SpatialData:
+    put, design = jax.device_put, sdesign.design
     return SpatialData(
         y=put(np.asarray(design.y, dtype=float)), weights=put(np.asarray(design.row_weights, dtype=float)),
         offset=put(np.asarray(design.offset, dtype=float)), X=put(np.asarray(design.X, dtype=float)),
-        area=put(sdesign.area.astype(np.int32)), edge_i=put(g.edges[:, 0].astype(np.int32)),
-        edge_j=put(g.edges[:, 1].astype(np.int32)), island=put((g.degree == 0).astype(float)),
-        scaling=put(prior.scaling), degree=put(g.degree.astype(float)),
-        eigenvalues=put(eigenvalues), whitening=put(whitening))
+        areas=tuple(area_data(a, prior, layout) for a, prior, layout in zip(sdesign.areas, priors, layouts)),
+        group_index=tuple(put(np.asarray(t.index, dtype=np.int32)) for t in design.terms),
+        group_z=tuple(put(np.asarray(t.z, dtype=float)) for t in design.terms))
 
 
-def spatial_model(data: SpatialData, layout: SumToZeroLayout, priors: Priors, car: CarPriors, held=None, *,
-                  type: str, family: str, link: str, n_areas: int, n_free: int):
-    """The NumPyro model of the module docstring; with ``held`` = (sd, mix, sigma) those are fixed (a closed-form
-    fit's: the posterior of beta and b given the variance parameters, whose mean is the BLUP for a Gaussian)."""
-    beta = fixed_effects(priors)
-    sd = numpyro.sample("sd", car.sd) if held is None else held[0]
+def car_effect(data: AreaData, layout: SumToZeroLayout, car: CarPriors, held, *, type: str, n_areas: int,
+               n_free: int, suffix: str):
+    """One spatial term's area effects b (module docstring), its sites suffixed; ``held`` its (sd, mix) or None."""
+    sd = numpyro.sample(f"sd{suffix}", car.sd) if held is None else held[0]
     if type == "proper":
-        alpha = numpyro.sample("alpha", car.mix) if held is None else held[1]
-        w = numpyro.sample("w", dist.ImproperUniform(constraints.real, (), (n_areas,)))
+        alpha = numpyro.sample(f"alpha{suffix}", car.mix) if held is None else held[1]
+        w = numpyro.sample(f"w{suffix}", dist.ImproperUniform(constraints.real, (), (n_areas,)))
         quadratic = jnp.sum(data.degree * w**2) - 2.0 * alpha * jnp.sum(w[data.edge_i] * w[data.edge_j])
-        numpyro.factor("car", 0.5 * jnp.sum(jnp.log1p(-alpha * data.eigenvalues)) - 0.5 * quadratic)
-        b = sd * w
+        numpyro.factor(f"car{suffix}", 0.5 * jnp.sum(jnp.log1p(-alpha * data.eigenvalues)) - 0.5 * quadratic)
+        return sd * w
+    if data.whitening.size:  # phi = M z is exactly ICAR-distributed: its prior is z's N(0, I)
+        z = numpyro.sample(f"z{suffix}", dist.Normal(0.0, 1.0).expand((n_free,)).to_event(1))
+        phi = data.whitening @ z
     else:
-        if data.whitening.size:  # phi = M z is exactly ICAR-distributed: its prior is z's N(0, I)
-            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand((n_free,)).to_event(1))
-            phi = data.whitening @ z
-        else:
-            z = numpyro.sample("z", dist.ImproperUniform(constraints.real, (), (n_free,)))
-            phi = sum_to_zero(z, layout)
-            difference = phi[data.edge_i] - phi[data.edge_j]
-            numpyro.factor("icar", -0.5 * (jnp.sum(difference**2) + jnp.sum(data.island * phi**2)))
-        if type == "icar":
-            b = sd * phi
-        else:
-            rho = numpyro.sample("rho", car.mix) if held is None else held[1]
-            u = numpyro.sample("u", dist.Normal(0.0, 1.0).expand((n_areas,)).to_event(1))
-            b = compose_bym2(sd, rho, u, phi, data.scaling)[0]
-    eta = data.offset + data.X @ beta + b[data.area]
+        z = numpyro.sample(f"z{suffix}", dist.ImproperUniform(constraints.real, (), (n_free,)))
+        phi = sum_to_zero(z, layout)
+        difference = phi[data.edge_i] - phi[data.edge_j]
+        numpyro.factor(f"icar{suffix}", -0.5 * (jnp.sum(difference**2) + jnp.sum(data.island * phi**2)))
+    if type == "icar":
+        return sd * phi
+    rho = numpyro.sample(f"rho{suffix}", car.mix) if held is None else held[1]
+    u = numpyro.sample(f"u{suffix}", dist.Normal(0.0, 1.0).expand((n_areas,)).to_event(1))
+    return compose_bym2(sd, rho, u, phi, data.scaling)[0]
+
+
+def spatial_model(data: SpatialData, layouts: tuple, priors: Priors, cars: tuple, held=None, *, types: tuple,
+                  family: str, link: str, n_areas: tuple, n_free: tuple, suffixes: tuple, ks: tuple = (),
+                  n_levels: tuple = ()):
+    """The NumPyro model of the module docstring; with ``held`` = (each spatial term's (sd, mix) (terms, 2), each
+    ``(lhs | g)`` term's covariance factor, sigma) those are fixed (a closed-form fit's: the posterior of beta and
+    the effects given the variance parameters, whose mean is the BLUP for a Gaussian)."""
+    eta = data.offset + data.X @ fixed_effects(priors)
+    for t, (area, layout, car) in enumerate(zip(data.areas, layouts, cars)):
+        b = car_effect(area, layout, car, None if held is None else held[0][t], type=types[t], n_areas=n_areas[t],
+                       n_free=n_free[t], suffix=suffixes[t])
+        eta = eta + b[area.area]
+    if held is None:  # sigma (a Gaussian response) and the (lhs | g) terms' sds and correlations
+        sigma, sds, cors = variance_parameters(priors, ks)
+        cov_factors = cov_factors_of(sds, cors)
+    else:
+        sigma, cov_factors = held[2], held[1]
+    eta = group_effects(eta, data.group_index, data.group_z, cov_factors, ks, n_levels)
     if family == "gaussian":
-        sigma = numpyro.sample("sigma", priors.sigma) if held is None else held[2]
         numpyro.factor("y", jnp.sum(-0.5 * data.weights * ((data.y - eta) / sigma) ** 2
                                     - jnp.log(sigma) + 0.5 * jnp.log(data.weights)))
     else:
@@ -189,37 +244,45 @@ def spatial_model(data: SpatialData, layout: SumToZeroLayout, priors: Priors, ca
                                                        constant=False)))
 
 
-def area_effects(draws: dict, prior: CarPrior, layout: SumToZeroLayout, whitening: np.ndarray) -> dict[str, np.ndarray]:
-    """b (and BYM2's spatial and unstructured parts) per draw, on the host, from the sampled sites (and the held
-    sd and rho, where ``draws`` has them filled in)."""
-    sd = np.asarray(draws["sd"])[..., None]
+def area_effects(draws: dict, prior: CarPrior, layout: SumToZeroLayout, whitening: np.ndarray,
+                 suffix: str = "") -> dict[str, np.ndarray]:
+    """b (and BYM2's spatial and unstructured parts) per draw, on the host, from a spatial term's sampled sites
+    (and the held sd and rho, where ``draws`` has them filled in)."""
+    sd = np.asarray(draws[f"sd{suffix}"])[..., None]
     if prior.type == "proper":
-        return {"b": sd * np.asarray(draws["w"])}
-    z = np.asarray(draws["z"], dtype=float)
-    phi = z @ whitening.T if whitening.size else sum_to_zero(z, layout)  # the sampler's coordinates (spatial_data)
+        return {"b": sd * np.asarray(draws[f"w{suffix}"])}
+    z = np.asarray(draws[f"z{suffix}"], dtype=float)
+    phi = z @ whitening.T if whitening.size else sum_to_zero(z, layout)  # the sampler's coordinates (area_data)
     if prior.type == "icar":
         return {"b": sd * phi}
-    b, spatial, unstructured = compose_bym2(sd, np.asarray(draws["rho"])[..., None], np.asarray(draws["u"]), phi,
-                                            prior.scaling)
+    b, spatial, unstructured = compose_bym2(sd, np.asarray(draws[f"rho{suffix}"])[..., None],
+                                            np.asarray(draws[f"u{suffix}"]), phi, prior.scaling)
     return {"b": b, "spatial": spatial, "unstructured": unstructured}
 
 
-def held_values(sdesign: SpatialDesign, fit) -> np.ndarray:
-    """(sd, mix, sigma) of a closed-form spatial fit of the same model, for ``hp.bayes(..., variance=fit)``: the same
-    term, family and link, graph, rows, response, weights and offset, or an error saying which differs."""
+def held_values(sdesign: SpatialDesign, fit) -> tuple:
+    """(each spatial term's (sd, mix), each (lhs | g) term's covariance factor, sigma) of a closed-form spatial fit
+    of the same model, for ``hp.bayes(..., variance=fit)``: the same terms, family and link, graphs, rows,
+    response, weights and offset, or an error saying which differs."""
     other = getattr(fit, "sdesign", None)
     if other is None:
         raise ArgumentError(f"variance= must be an hp.lmm / hp.glmm fit with adjacency=, got {type(fit).__name__}")
     mine, theirs = sdesign.design, other.design
     family = (None if mine.family is None else (mine.family.name, mine.family.link),
               None if theirs.family is None else (theirs.family.name, theirs.family.link))
+    same_graphs = len(other.areas) == len(sdesign.areas) and all(
+        np.array_equal(a.graph.labels, b.graph.labels) and np.array_equal(a.graph.edges, b.graph.edges)
+        for a, b in zip(other.areas, sdesign.areas))
     checks = [
-        ("spatial term", other.term == sdesign.term and theirs.spec.formula == mine.spec.formula),
+        ("terms", [a.term for a in other.areas] == [a.term for a in sdesign.areas]
+         and theirs.spec.formula == mine.spec.formula),
         ("family", family[0] == family[1]),
-        ("graph", np.array_equal(other.graph.labels, sdesign.graph.labels)
-         and np.array_equal(other.graph.edges, sdesign.graph.edges)),
-        ("data", theirs.n == mine.n and np.array_equal(other.area, sdesign.area) and np.array_equal(theirs.y, mine.y)
-         and np.array_equal(theirs.X, mine.X)),
+        ("graph", same_graphs),
+        ("data", theirs.n == mine.n and same_graphs and all(np.array_equal(a.area, b.area) for a, b in
+                                                             zip(other.areas, sdesign.areas))
+         and np.array_equal(theirs.y, mine.y) and np.array_equal(theirs.X, mine.X)
+         and all(np.array_equal(a.index, b.index) and np.array_equal(a.z, b.z)
+                 for a, b in zip(theirs.terms, mine.terms))),
         ("weights", np.array_equal(theirs.row_weights, mine.row_weights)),
         ("offset", np.array_equal(theirs.offset, mine.offset)),
     ]
@@ -227,7 +290,8 @@ def held_values(sdesign: SpatialDesign, fit) -> np.ndarray:
     if differing:
         raise ArgumentError(f"variance: the closed-form fit differs from this model in its {', '.join(differing)}: "
                             "give an hp.lmm / hp.glmm fit of the same spatial model, family, data and graph")
-    return np.array([fit.sd, fit.mix, fit.sigma])
+    return (np.asarray(fit.car_parameters(), dtype=float), tuple(np.asarray(f) for f in fit.covariance_factors()),
+            np.asarray(fit.sigma, dtype=float))
 
 
 def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draws: int, tune: int, seed: int,
@@ -239,11 +303,12 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
     sdesign : SpatialDesign
         The model (:func:`hierpool.spec.spatial.spatial_design`).
     priors : dict, optional
-        Overrides by key (module docstring, and :mod:`hierpool.bayesian.priors` for the fixed effects, sigma, shape).
+        Overrides by key (module docstring, and :mod:`hierpool.bayesian.priors` for the fixed effects, sigma, shape
+        and any ``(lhs | g)`` terms).
     chains, draws, tune, seed, target_accept, progress, level
         As :func:`hierpool.bayes`.
     variance : SpatialFit, optional
-        A closed-form fit of the same model, data and graph: its sd, mixing parameter and sigma are held.
+        A closed-form fit of the same model, data and graphs: its variance parameters are held.
 
     Returns
     -------
@@ -254,65 +319,83 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
     Riebler, Sorbye, Simpson & Rue (2016), Stat. Methods Med. Res. 25; Morris et al. (2019), Spatial and
     Spatio-temporal Epidemiology 31; Hoffman & Gelman (2014), JMLR 15 (NUTS).
     """
-    design, term = sdesign.design, sdesign.term
-    others, car = car_priors(sdesign, priors)
+    design = sdesign.design
+    others, cars = car_priors(sdesign, priors)
     resolved = resolve_priors(design, others)
-    prior = CarPrior(sdesign.graph, term.type)
-    layout = sum_to_zero_layout(sdesign.graph)
+    car_list = [CarPrior(a.graph, a.term.type) for a in sdesign.areas]
+    layouts = tuple(sum_to_zero_layout(a.graph) for a in sdesign.areas)
+    suffixes = tuple(site_suffix(sdesign, a) for a in sdesign.areas)
     family = "gaussian" if design.family is None else design.family.name
     link = "identity" if design.family is None else design.family.link
     held = None if variance is None else held_values(sdesign, variance)
-    data = spatial_data(sdesign, prior, layout)
+    data = spatial_data(sdesign, car_list, list(layouts))
+    ks, n_levels = tuple(t.k for t in design.terms), tuple(t.n_levels for t in design.terms)
     out, stats = sample_nuts(
-        spatial_model, (data, layout, resolved, car, held),
-        static=(("type", term.type), ("family", family), ("link", link), ("n_areas", sdesign.n_areas),
-                ("n_free", layout.n_free)),
+        spatial_model, (data, layouts, resolved, cars, held),
+        static=(("types", tuple(a.term.type for a in sdesign.areas)), ("family", family), ("link", link),
+                ("n_areas", tuple(a.n_areas for a in sdesign.areas)), ("n_free", tuple(x.n_free for x in layouts)),
+                ("suffixes", suffixes), ("ks", ks), ("n_levels", n_levels)),
         chains=chains, tune=tune, draws=draws, seed=seed, target_accept=target_accept, progress=progress)
     filled = dict(out)
+    shape = (chains, draws)
     if held is not None:  # the held values as constant draws, so that what follows reads them as any draw
-        shape = np.shape(out["w" if "w" in out else "z"])[:2]
-        for name, value in zip(("sd", {"bym2": "rho", "proper": "alpha"}.get(term.type), "sigma"), held):
-            if name is not None and (name != "sigma" or family == "gaussian"):
-                filled[name] = np.full(shape, value)
-    effects = area_effects(filled, prior, layout, np.asarray(data.whitening))
+        for area_term, suffix, (sd, mix) in zip(sdesign.areas, suffixes, held[0]):
+            filled[f"sd{suffix}"] = np.full(shape, sd)
+            if _mix_name(area_term.term.type):
+                filled[f"{_mix_name(area_term.term.type)}{suffix}"] = np.full(shape, mix)
+        if family == "gaussian":
+            filled["sigma"] = np.full(shape, float(held[2]))
     if "beta" in out:
         beta = np.asarray(out["beta"])
     elif design.p:
         beta = np.stack([np.asarray(out[f"beta__{i}"]) for i in range(design.p)], axis=-1)
     else:
         beta = np.zeros((chains, draws, 0))
-    eta = design.offset + np.einsum("cdp,np->cdn", beta, design.X) + effects["b"][..., sdesign.area]
-    posterior = {"beta": beta}
-    for name in ("sd", "rho", "alpha", "sigma", "shape"):  # the sampled ones (not those held)
+    groups_b = [np.asarray(out[f"b__{j}"]) for j in range(len(design.terms))]
+    eta = linear_predictor_draws(design, beta, groups_b)
+    posterior, coords, dims = {"beta": beta}, {"fixef": list(design.fixed_names)}, {"beta": ["fixef"]}
+    for area_term, suffix, prior, layout, adata in zip(sdesign.areas, suffixes, car_list, layouts, data.areas):
+        effects = area_effects(filled, prior, layout, np.asarray(adata.whitening), suffix)
+        eta = eta + effects["b"][..., area_term.area]
+        areas = [str(label) for label in area_term.graph.labels]
+        coords[f"area{suffix}"] = areas
+        for name, values in effects.items():
+            posterior[f"{name}{suffix}"] = values
+            dims[f"{name}{suffix}"] = [f"area{suffix}"]
+        for name in (f"sd{suffix}", f"rho{suffix}", f"alpha{suffix}"):  # the sampled ones (not those held)
+            if name in out:
+                posterior[name] = np.asarray(out[name])
+    if design.terms:
+        sampled = held is None
+        sds = [np.asarray(out[f"sd__{j}"]) for j in range(len(ks))] if sampled else None
+        cors = [np.asarray(out[f"cor__{j}"]) if k > 1 else None for j, k in enumerate(ks)] if sampled else None
+        group_posterior(design, groups_b, sds, cors, posterior, coords, dims)
+    for name in ("sigma", "shape"):
         if name in out:
             posterior[name] = np.asarray(out[name])
-    areas = [str(label) for label in sdesign.graph.labels]
-    coords = {"fixef": list(design.fixed_names), "area": areas}
-    dims = {"beta": ["fixef"]}
-    for name, values in effects.items():
-        posterior[name] = values
-        dims[name] = ["area"]
     if link == "log":  # each area's log relative risk: log(sum of mu over its rows / sum of expected)
-        observed_areas = sdesign.area_rows() > 0
-        indicator = scipy.sparse.csr_matrix((np.ones(design.n), (sdesign.area, np.arange(design.n))),
-                                            shape=(sdesign.n_areas, design.n))
         # a Poisson row's prior weight counts it that many times (its log-likelihood's multiplier)
-        weights = design.row_weights
-        fitted = (indicator @ (weights * np.exp(eta)).reshape(-1, design.n).T).T.reshape(chains, draws, -1)
-        expected = indicator @ (weights * np.exp(design.offset))
-        log_rr = np.log(fitted[..., observed_areas]) - np.log(expected[observed_areas])
-        posterior["log_relative_risk"] = log_rr
-        coords["area_with_data"] = [a for a, kept in zip(areas, observed_areas) if kept]
-        dims["log_relative_risk"] = ["area_with_data"]
+        weighted_mu = (design.row_weights * np.exp(eta)).reshape(-1, design.n).T
+        for area_term, suffix in zip(sdesign.areas, suffixes):
+            observed_areas = area_term.area_rows() > 0
+            indicator = scipy.sparse.csr_matrix((np.ones(design.n), (area_term.area, np.arange(design.n))),
+                                                shape=(area_term.n_areas, design.n))
+            fitted = (indicator @ weighted_mu).T.reshape(chains, draws, -1)
+            expected = indicator @ (design.row_weights * np.exp(design.offset))
+            posterior[f"log_relative_risk{suffix}"] = (np.log(fitted[..., observed_areas])
+                                                       - np.log(expected[observed_areas]))
+            coords[f"area_with_data{suffix}"] = [a for a, kept in zip(coords[f"area{suffix}"], observed_areas)
+                                                 if kept]
+            dims[f"log_relative_risk{suffix}"] = [f"area_with_data{suffix}"]
     groups = {"posterior": posterior,
               "sample_stats": {key: np.asarray(value) for key, value in stats.items()}}
     if chains * draws * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
         if family == "gaussian":
             pointwise = gaussian_pointwise(design, eta, np.asarray(filled["sigma"]))
         else:
-            shape = posterior.get("shape")
+            shape_draws = posterior.get("shape")
             pointwise = log_likelihood_eta(family, link, design.y, eta, design.row_weights,
-                                           None if shape is None else shape[..., None])
+                                           None if shape_draws is None else shape_draws[..., None])
         groups["log_likelihood"] = {"y": pointwise}
         dims["y"] = ["row"]
     else:
@@ -320,7 +403,7 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
                       f"more than {LOG_LIKELIHOOD_MAX_VALUES:.0e}; idata has no log_likelihood group",
                       HierpoolWarning, stacklevel=3)
     idata = az.from_dict(**groups, coords=coords, dims=dims)
-    result = SpatialBayesResult(idata=idata, sdesign=sdesign, priors=resolved, car_priors=car, level=level,
+    result = SpatialBayesResult(idata=idata, sdesign=sdesign, priors=resolved, car_priors=cars, level=level,
                                 held=held)
     result.diagnostics(warn=True)
     return result
@@ -335,21 +418,24 @@ class SpatialBayesResult:
     idata : arviz.InferenceData
         posterior: ``beta``, ``sd``, ``rho`` (BYM2) or ``alpha`` (proper CAR), ``sigma`` (Gaussian) or ``shape``
         (negative binomial), ``b`` (each area's effect), BYM2's ``spatial`` and ``unstructured`` parts, and, for a
-        log link, ``log_relative_risk`` of each area with data; sample_stats; log_likelihood (per row).
+        log link, ``log_relative_risk`` of each area with data; with several random terms each spatial term's
+        names end in ``_car_<area column>``, and a ``(lhs | g)`` term's are ``b_<group>``, ``sd_<group>`` and
+        ``cor_<group>`` (as :func:`hierpool.bayes`'s); sample_stats; log_likelihood (per row).
     sdesign : SpatialDesign
     priors : Priors
-    car_priors : CarPriors
+    car_priors : tuple of CarPriors
+        Each spatial term's.
     level : float
-    held : numpy.ndarray or None
-        (sd, mix, sigma) held at a closed-form fit's values (``variance=``), or None.
+    held : tuple or None
+        The variance parameters held at a closed-form fit's values (``variance=``; :func:`held_values`), or None.
     """
 
     idata: az.InferenceData
     sdesign: SpatialDesign
     priors: Priors
-    car_priors: CarPriors
+    car_priors: tuple
     level: float
-    held: np.ndarray | None = None
+    held: tuple | None = None
 
     @property
     def design(self):
@@ -373,47 +459,108 @@ class SpatialBayesResult:
         stats = summarize_draws(self.draws("beta"), self.level)
         return pd.DataFrame(stats, index=pd.Index(list(self.design.fixed_names), name="term"))[SUMMARY_COLUMNS]
 
+    def _hyper_draws(self) -> dict[str, np.ndarray]:
+        """Each sampled hyperparameter's draws (chain, draw), named as :meth:`SpatialFit.hyperparameters` names
+        them."""
+        posterior, out = self.idata.posterior, {}
+        for area_term in self.sdesign.areas:
+            suffix = site_suffix(self.sdesign, area_term)
+            for name in ("sd", "rho", "alpha"):
+                if f"{name}{suffix}" in posterior:
+                    out[f"{name}{suffix}"] = self.draws(f"{name}{suffix}")
+        slots, _ = term_slots(self.design)
+        for term, slot in zip(self.design.terms, slots):
+            if f"sd_{slot.name}" not in posterior:
+                continue  # held
+            sds = self.draws(f"sd_{slot.name}")[..., list(slot.coef_positions)]
+            if term.k == 1:
+                out[f"sd_{term.group}"] = sds[..., 0]
+                continue
+            for i, coef in enumerate(term.coef_names):
+                out[f"sd_{term.group}_{coef}"] = sds[..., i]
+            cor = self.draws(slot.cor_name)
+            for i, j in zip(*np.tril_indices(term.k, -1)):
+                out[f"cor_{term.group}_{term.coef_names[j]}_{term.coef_names[i]}"] = cor[..., i, j]
+        for name in ("sigma", "shape"):
+            if name in posterior:
+                out[name] = self.draws(name)
+        return out
+
     def hyperparameters(self) -> pd.DataFrame:
-        """sd, rho or alpha, and sigma or shape where the model has them (sampled: none when all are held)."""
-        names = [n for n in ("sd", "rho", "alpha", "sigma", "shape") if n in self.idata.posterior]
-        if not names:
+        """Each term's sd, rho or alpha (spatial), sd and correlation (``(lhs | g)``), and sigma or shape where the
+        model has them (sampled: none when all are held), named as the closed form's."""
+        hyper = self._hyper_draws()
+        if not hyper:
             return pd.DataFrame(columns=SUMMARY_COLUMNS, index=pd.Index([], name="parameter"))
-        draws = np.stack([self.draws(n) for n in names], axis=-1)
-        return pd.DataFrame(summarize_draws(draws, self.level), index=pd.Index(names, name="parameter"))[
+        draws = np.stack(list(hyper.values()), axis=-1)
+        return pd.DataFrame(summarize_draws(draws, self.level), index=pd.Index(list(hyper), name="parameter"))[
             SUMMARY_COLUMNS]
 
-    @cached_property
-    def ranef(self) -> pd.DataFrame:
-        """Each area's effect b: posterior mean, sd, interval, MCSE, ESS, R-hat; BYM2's spatial and unstructured
-        parts' means; for a log link exp(b)'s mean (``relative_risk``, against the covariates' expectation) and
-        P(exp(b) > 1); ``rows`` the area's number of data rows (0: predicted from its neighbours)."""
-        b = self.draws("b")
+    def _car_table(self, area_term: AreaTerm) -> pd.DataFrame:
+        suffix = site_suffix(self.sdesign, area_term)
+        b = self.draws(f"b{suffix}")
         table = pd.DataFrame(summarize_draws(b, self.level),
-                             index=pd.Index(self.idata.posterior["area"].values, name=self.sdesign.term.factor))
+                             index=pd.Index(self.idata.posterior[f"area{suffix}"].values, name=area_term.term.factor))
         table = table[SUMMARY_COLUMNS]
         for part in ("spatial", "unstructured"):
-            if part in self.idata.posterior:
-                table[f"{part}_mean"] = self.draws(part).reshape(-1, b.shape[-1]).mean(axis=0)
+            if f"{part}{suffix}" in self.idata.posterior:
+                table[f"{part}_mean"] = self.draws(f"{part}{suffix}").reshape(-1, b.shape[-1]).mean(axis=0)
         if self.design.family is not None and self.design.family.link == "log":
             flat = b.reshape(-1, b.shape[-1])
             table["relative_risk"] = np.exp(flat).mean(axis=0)
             table["exceedance"] = (flat > 0).mean(axis=0)
-        table["rows"] = self.sdesign.area_rows()
+        table["rows"] = area_term.area_rows()
         return table
 
-    def relative_risk(self, threshold: float = 1.0) -> pd.DataFrame:
+    def _group_table(self, j: int) -> pd.DataFrame:
+        term = self.design.terms[j]
+        if term.k == 1:
+            index = pd.Index(term.levels, name=term.group)
+        else:
+            index = pd.MultiIndex.from_product([term.levels, list(term.coef_names)], names=[term.group, "term"])
+        table = pd.DataFrame(summarize_draws(self.effect_draws(term.label), self.level), index=index)
+        table = table[SUMMARY_COLUMNS]
+        table["rows"] = np.repeat(np.bincount(term.index, minlength=term.n_levels), term.k)
+        return table
+
+    def effect_draws(self, term: str | None = None) -> np.ndarray:
+        """Draws (chain, draw, effects) of a term's effects, in :attr:`ranef`'s order: a spatial term's b by its
+        area column or label (None: the model's only one), a ``(lhs | g)`` term's by its label."""
+        for j, group_term in enumerate(self.design.terms):
+            if term == group_term.label:
+                slot = term_slots(self.design)[0][j]
+                b = self.draws(f"b_{slot.name}")[..., list(slot.coef_positions)]
+                return b.reshape(b.shape[:2] + (-1,))
+        return self.draws(f"b{site_suffix(self.sdesign, self.sdesign.area_term(term))}")
+
+    @cached_property
+    def ranef(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
+        """Each area's effect b: posterior mean, sd, interval, MCSE, ESS, R-hat; BYM2's spatial and unstructured
+        parts' means; for a log link exp(b)'s mean (``relative_risk``, against the covariates' expectation) and
+        P(exp(b) > 1); ``rows`` the area's number of data rows (0: predicted from its neighbours).
+
+        A model with several random terms gets a dict of such tables keyed by each term's label; a ``(lhs | g)``
+        term's has its levels' (and coefficients') effects."""
+        tables = {a.term.label: self._car_table(a) for a in self.sdesign.areas}
+        tables |= {term.label: self._group_table(j) for j, term in enumerate(self.design.terms)}
+        return next(iter(tables.values())) if self.sdesign.single else tables
+
+    def relative_risk(self, threshold: float = 1.0, term: str | None = None) -> pd.DataFrame:
         """Per area with data: observed and expected counts (expected = exp(offset)), the raw SIR, and the posterior
         of the smoothed relative risk RR = sum mu / sum expected: mean, equal-tailed interval, and the exceedance
-        probability P(RR > threshold)."""
-        if "log_relative_risk" not in self.idata.posterior:
+        probability P(RR > threshold).  ``term``: the spatial term's area column, where the model has several."""
+        area_term = self.sdesign.area_term(term)
+        suffix = site_suffix(self.sdesign, area_term)
+        if f"log_relative_risk{suffix}" not in self.idata.posterior:
             raise ArgumentError("relative risks are for a count model with a log link (family='poisson')")
         if not threshold > 0:
             raise ArgumentError(f"threshold must be a positive relative risk, got {threshold!r}")
         design = self.design
-        log_rr = self.draws("log_relative_risk").reshape(-1, self.idata.posterior.sizes["area_with_data"])
+        log_rr = self.draws(f"log_relative_risk{suffix}")
+        log_rr = log_rr.reshape(-1, log_rr.shape[-1])
         rr = np.exp(log_rr)
         expected = np.exp(design.offset)
-        table = area_risk_table(self.sdesign, design.y, expected, expected, design.row_weights, None, self.level)
+        table = area_risk_table(area_term, design.y, expected, expected, design.row_weights, None, self.level)
         tail = (1 - self.level) / 2
         table["relative_risk"] = rr.mean(axis=0)
         table["lower"] = np.quantile(rr, tail, axis=0)
@@ -425,10 +572,12 @@ class SpatialBayesResult:
         design = self.design
         family = "Gaussian" if design.family is None else f"{design.family.name}, {design.family.link} link"
         posterior = self.idata.posterior
-        lines = [f"Bayesian spatial model ({self.sdesign.term.label}; {family}): {design.spec.formula}",
-                 f"Data: {design.n} rows, {self.sdesign.n_areas} areas; draws: {posterior.sizes['chain']} chains x "
+        labels = ", ".join([a.term.label for a in self.sdesign.areas] + [t.label for t in design.terms])
+        areas = ", ".join(str(a.n_areas) for a in self.sdesign.areas)
+        lines = [f"Bayesian spatial model ({labels}; {family}): {design.spec.formula}",
+                 f"Data: {design.n} rows, {areas} areas; draws: {posterior.sizes['chain']} chains x "
                  f"{posterior.sizes['draw']}", "", "Fixed effects:",
-                 self.fixef.to_string(float_format=lambda v: f"{v:.4g}"), "", "Spatial term:",
+                 self.fixef.to_string(float_format=lambda v: f"{v:.4g}"), "", "Random terms:",
                  self.hyperparameters().to_string(float_format=lambda v: f"{v:.4g}"), "",
                  f"Divergent transitions: {self.divergences}"]
         return "\n".join(lines)

@@ -66,8 +66,9 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     weights, offset : str or array-like, optional
         Prior weights (the binomial's trials for proportions) and a known part of the linear predictor.
     adjacency : optional
-        The neighbourhood graph of a spatial term ``car(area, type='icar' | 'proper' | 'bym2')``
-        (:mod:`hierpool.spec.spatial`): the model is then fitted by the Laplace approximation on the sparse
+        The neighbourhood graph of a spatial term ``car(area, type='icar' | 'proper' | 'bym2')``, or a dict of graphs
+        keyed by the area columns of several (:mod:`hierpool.spec.spatial`; ``(lhs | g)`` terms may stand beside
+        them, as in the BYM model ``car(area, type='icar') + (1 | area)``): the model is then fitted by the Laplace approximation on the sparse
         precision of the area effects (:mod:`hierpool.closedform.spatial`; binomial or Poisson; nAGQ 0 or 1),
         a :class:`~hierpool.closedform.spatial.SpatialFit`.
     reml : bool

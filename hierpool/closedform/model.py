@@ -209,7 +209,8 @@ def lmm(
         the relationship term must be scalar too (``(1 | h)``: a permanent environment).
     adjacency : optional
         The neighbourhood graph of a spatial term ``car(area, type='icar' | 'proper' | 'bym2')``: an edge list
-        (two columns of area labels), a labelled 0/1 matrix, polygons, or a dict keyed by the area column
+        (two columns of area labels), a labelled 0/1 matrix, polygons, or a dict keyed by the area column (needed
+        when the formula has several ``car()`` terms, one graph each; ``(lhs | g)`` terms may stand beside them)
         (:mod:`hierpool.spec.spatial`).  Fitted exactly on the sparse precision (:mod:`hierpool.closedform.spatial`;
         a :class:`~hierpool.closedform.spatial.SpatialFit`).
 

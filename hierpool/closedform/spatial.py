@@ -603,12 +603,20 @@ class SpatialFit:
         start = int(self.laplace.latent_offsets[t])
         return slice(start, start + self.laplace.blocks[t].n_effects)
 
+    def _block_index(self, term: str | None) -> int:
+        """The block of a term: a spatial term by its area column or label (None: the model's only one), a
+        ``(lhs | g)`` term by its label."""
+        labels = [b.term.label for b in self.laplace.blocks]
+        first = len(self.sdesign.areas)
+        return labels.index(term, first) if term in labels[first:] else self._car_index(term)
+
     def ranef_joint_sd(self, term: str | None = None) -> np.ndarray:
-        """Each area effect's sd with beta's uncertainty too: sqrt of the x block's diagonal of the constrained H^-1
-        (for a Gaussian response with REML, the posterior sd of b given the variance parameters and a flat prior on
-        beta; lme4's ``condsd``, :attr:`ranef`'s, holds beta at its estimate and is smaller).  ``term``: the spatial
-        term's area column (None: the model's only one)."""
-        where = self._effects_slice(self._car_index(term))
+        """Each effect's sd with beta's uncertainty too: sqrt of the x block's diagonal of the constrained H^-1
+        (for a Gaussian response with REML, the posterior sd of the effects given the variance parameters and a
+        flat prior on beta; lme4's ``condsd``, :attr:`ranef`'s, holds beta at its estimate and is smaller).
+        ``term``: a spatial term's area column or a term's label (None: the model's only spatial term), in
+        :attr:`ranef`'s order."""
+        where = self._effects_slice(self._block_index(term))
         return np.sqrt(inverse_diagonal(self._factor_full, self.design.p + where.start, where.stop - where.start))
 
     def _car_table(self, t: int) -> pd.DataFrame:

@@ -331,35 +331,65 @@ def blup_agreement(
     return compare(fit, post, alpha=alpha, r_hat_max=r_hat_max)
 
 
+def _held_at(held, fit) -> bool:
+    """Whether a spatial posterior's held variance parameters (:func:`hierpool.bayesian.spatial.held_values`) are
+    ``fit``'s."""
+    cars, factors, sigma = held
+    return (np.allclose(cars, fit.car_parameters(), rtol=1e-12)
+            and all(np.allclose(a, b, rtol=1e-12) for a, b in zip(factors, fit.covariance_factors()))
+            and np.isclose(float(sigma), fit.sigma, rtol=1e-12))
+
+
 def compare_spatial(fit, posterior, alpha: float = 0.01, r_hat_max: float = 1.05) -> AgreementReport:
     """:func:`compare` for a spatial model: a Gaussian :class:`~hierpool.closedform.spatial.SpatialFit` (REML) against
     a posterior of the same model with its variance parameters held (``hp.bayes(..., variance=fit)``) and flat priors
     on beta.  The posterior of (beta, b) is then Gaussian with mean (beta-hat, BLUP) and covariance H^-1 under the
-    ICAR's constraints: every mean must be its BLUP and every sd its joint sd, in Monte-Carlo units."""
+    ICAR's constraints: every mean must be its BLUP and every sd its joint sd, in Monte-Carlo units; every term's
+    effects where the model has several (spatial and ``(lhs | g)``)."""
     probability_argument("alpha", alpha)
     if fit.design.family is not None or not fit.reml:
         raise ArgumentError("fit: exact agreement needs a Gaussian spatial fit by REML (hp.lmm(..., adjacency=))")
-    if posterior.held is None or not np.allclose(posterior.held, [fit.sd, fit.mix, fit.sigma], rtol=1e-12):
+    if posterior.held is None or not _held_at(posterior.held, fit):
         raise ArgumentError("posterior: its variance parameters were not held at fit's (hp.bayes(variance=fit))")
     if any(prior is not None for prior in posterior.priors.beta):
         raise ArgumentError("posterior: exact mode compares with the BLUE of beta and needs flat priors on every "
                             "fixed effect")
-    ranef, post_ranef, fixef = fit.ranef, posterior.ranef, posterior.fixef
-    b, beta = posterior.draws("b"), posterior.draws("beta")
+    fixef, beta = posterior.fixef, posterior.draws("beta")
+    fit_tables = {fit.sdesign.areas[0].term.label: fit.ranef} if fit.sdesign.single else fit.ranef
+    post_tables = {fit.sdesign.areas[0].term.label: posterior.ranef} if fit.sdesign.single else posterior.ranef
+    rows = {key: [] for key in ("grpvar", "term", "grp", "blup", "condsd", "joint_sd", "post_mean", "post_sd",
+                                "mcse", "mcse_sd", "ess", "r_hat")}
+    spatial = {a.term.label: a.term.factor for a in fit.sdesign.areas}
+    for label, ranef in fit_tables.items():
+        post_ranef, group = post_tables[label], spatial.get(label)
+        if group is None:  # a (lhs | g) term: its levels (and coefficients)
+            group = ranef.index.names[0]
+            terms = ["(Intercept)"] * len(ranef) if ranef.index.nlevels == 1 else list(ranef.index.get_level_values(1))
+        else:
+            terms = ["(Intercept)"] * len(ranef)
+        rows["grpvar"] += [group] * len(ranef)
+        rows["term"] += terms
+        rows["grp"] += [str(level) for level in ranef.index.get_level_values(0)]
+        rows["blup"].append(ranef["effect"].to_numpy())
+        rows["condsd"].append(ranef["condsd"].to_numpy())
+        rows["joint_sd"].append(fit.ranef_joint_sd(label))
+        rows["post_mean"].append(post_ranef["mean"].to_numpy())
+        rows["post_sd"].append(post_ranef["sd"].to_numpy())
+        rows["mcse"].append(post_ranef["mcse_mean"].to_numpy())
+        rows["mcse_sd"].append(mcse_sd_by_column(posterior.effect_draws(label)))
+        rows["ess"].append(post_ranef["ess_bulk"].to_numpy())
+        rows["r_hat"].append(post_ranef["r_hat"].to_numpy())
+    n_fixed = len(fixef)
+    head = {"blup": fit.fixef.to_numpy(), "condsd": fit.fixef_se.to_numpy(), "joint_sd": fit.fixef_se.to_numpy(),
+            "post_mean": fixef["mean"].to_numpy(), "post_sd": fixef["sd"].to_numpy(),
+            "mcse": fixef["mcse_mean"].to_numpy(), "mcse_sd": mcse_sd_by_column(beta),
+            "ess": fixef["ess_bulk"].to_numpy(), "r_hat": fixef["r_hat"].to_numpy()}
     table = pd.DataFrame({
-        "effect": ["fixef"] * len(fixef) + ["ranef"] * len(ranef),
-        "grpvar": [""] * len(fixef) + [fit.sdesign.term.factor] * len(ranef),
-        "term": list(fixef.index) + ["(Intercept)"] * len(ranef),
-        "grp": [""] * len(fixef) + [str(area) for area in ranef.index],
-        "blup": np.r_[fit.fixef.to_numpy(), ranef["effect"].to_numpy()],
-        "condsd": np.r_[fit.fixef_se.to_numpy(), ranef["condsd"].to_numpy()],
-        "joint_sd": np.r_[fit.fixef_se.to_numpy(), fit.ranef_joint_sd()],
-        "post_mean": np.r_[fixef["mean"].to_numpy(), post_ranef["mean"].to_numpy()],
-        "post_sd": np.r_[fixef["sd"].to_numpy(), post_ranef["sd"].to_numpy()],
-        "mcse": np.r_[fixef["mcse_mean"].to_numpy(), post_ranef["mcse_mean"].to_numpy()],
-        "mcse_sd": np.r_[mcse_sd_by_column(beta), mcse_sd_by_column(b)],
-        "ess": np.r_[fixef["ess_bulk"].to_numpy(), post_ranef["ess_bulk"].to_numpy()],
-        "r_hat": np.r_[fixef["r_hat"].to_numpy(), post_ranef["r_hat"].to_numpy()],
+        "effect": ["fixef"] * n_fixed + ["ranef"] * len(rows["grp"]),
+        "grpvar": [""] * n_fixed + rows["grpvar"],
+        "term": list(fixef.index) + rows["term"],
+        "grp": [""] * n_fixed + rows["grp"],
+        **{key: np.concatenate([head[key]] + rows[key]) for key in head},
     })
     table["z"] = (table.post_mean - table.blup) / table.mcse
     table["sd_ratio"] = table.post_sd / table.joint_sd

@@ -77,13 +77,16 @@ def spatial_sbc(formula: str, data: pd.DataFrame, adjacency, family: str = "pois
         raise ArgumentError(f"spatial_sbc simulates the families {FAMILIES}, got {spec.name!r}")
     check_sbc_sizes(n_reps, n_draws, chains, draws_per_chain, bins)
     sdesign = spatial_design(formula, data, adjacency, family=spec, weights=weights, offset=offset)
+    if not sdesign.single:
+        raise ArgumentError(f"spatial_sbc simulates a model whose one random term is a car() term; {formula!r} has "
+                            "more (not built)")
     if sdesign.n_areas > MAX_AREAS:
         raise ArgumentError(f"spatial_sbc draws the field densely: at most {MAX_AREAS} areas, got {sdesign.n_areas}")
     design, term = sdesign.design, sdesign.term
     response = design.spec.response
     if response not in data.columns:
         raise ArgumentError(f"the formula's response must be a column of data, got {response!r}")
-    others, car = car_priors(sdesign, priors)
+    others, (car,) = car_priors(sdesign, priors)
     frozen = resolve_priors(design, others)
     if any(prior is None for prior in frozen.beta):
         raise ArgumentError("SBC simulates from the prior: flat priors on fixed effects are not allowed")
