@@ -599,7 +599,8 @@ def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, se
     sigma by independence Metropolis-Hastings, or ``variance=``'s held, with exact (beta, b) draws."""
     from ..closedform.relmat import RelmatResult, check_design, relmat_equations
     from ..spec.relationship import model_relationship, with_relationship_levels
-    from .relmat import DRAW_CHUNK, EFFECT_DRAWS_MAX_VALUES, AnimalPosterior, sample_animal_model
+    from .psi_sampler import EFFECT_DRAWS_MAX_VALUES, sample_exact
+    from .relmat import DRAW_CHUNK, AnimalPosterior
 
     if family is not None and not (isinstance(family, str) and family.strip().lower() == "gaussian"):
         raise ArgumentError("relmat= is not yet available with a family (a GLMM): a Gaussian response only")
@@ -657,7 +658,7 @@ def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, se
         psi_draws = np.broadcast_to(psi, (chains, draws, terms + 1))
         method = "exact"
     else:
-        out = sample_animal_model(posterior, _relmat_start(design, rel), chains, draws, tune, seed)
+        out = sample_exact(posterior, _relmat_start(design, rel), chains, draws, tune, seed)
         beta, b_all, psi_draws = out["beta"], out["b"], out["psi"]
         stats = {"diverging": np.zeros((chains, draws), dtype=bool), "acceptance_rate": out["acceptance"],
                  "n_steps": np.full((chains, draws), out["thin"], dtype=np.int64), "lp": out["lp"]}
