@@ -212,6 +212,39 @@ class CarPrior:
             precision = self.latent(sd, mix)[0]
         return log_constrained_determinant(precision, self.latent_constraints)
 
+    def precision_root_draw(self, sd: float, mix: float, normal: np.ndarray) -> np.ndarray:
+        """R' e for e = ``normal`` (the first :meth:`root_size` standard normals), with R' R the precision at
+        (sd, mix): a draw of N(0, precision), from the Laplacian's factorization Q~ = B'B + diag(islands) (B the
+        edge incidence matrix, a row e_i - e_j per edge), without factoring anything:
+
+        * ``icar``: (B' e_E + islands e_n) / sd;
+        * ``proper``: D - alpha W = (1 - alpha) D + alpha B'B: (sqrt((1 - alpha) d) e_n + sqrt(alpha) B' e_E) / sd;
+        * ``bym2``: the precision of (b, v) is A'A + blockdiag(0, Q~), A = [I, -sd sqrt(rho) S] /
+          (sd sqrt(1 - rho)): A' e_n + (0, B' e_E + islands e_n').
+
+        With it, N(mode, H^-1) under the constraints is drawn by one solve of the bordered system (Rue & Held 2005,
+        sec. 2.3.3: the right-hand side J'W^(1/2) e + R' e has covariance H)."""
+        n, edges = self.n, self.graph.edges
+        e_edges, e_areas = normal[: edges.shape[0]], normal[edges.shape[0]:edges.shape[0] + n]
+
+        def incidence_transpose(values):  # B' e: +e at an edge's first area, -e at its second
+            return (np.bincount(edges[:, 0], weights=values, minlength=n)
+                    - np.bincount(edges[:, 1], weights=values, minlength=n))
+
+        island = (self.degree == 0).astype(float)
+        if self.type == "icar":
+            return (incidence_transpose(e_edges) + island * e_areas) / sd
+        if self.type == "proper":
+            return (np.sqrt((1.0 - mix) * self.degree) * e_areas + np.sqrt(mix) * incidence_transpose(e_edges)) / sd
+        e_unstructured = normal[edges.shape[0] + n:edges.shape[0] + 2 * n]
+        scaled = e_unstructured / (sd * np.sqrt(1.0 - mix))
+        structured = -sd * np.sqrt(mix) / np.sqrt(self.scaling) * scaled
+        return np.r_[scaled, structured + incidence_transpose(e_edges) + island * e_areas]
+
+    def root_size(self) -> int:
+        """How many standard normals :meth:`precision_root_draw` takes."""
+        return self.graph.edges.shape[0] + (2 if self.type == "bym2" else 1) * self.n
+
     def proper_eigenvalues(self) -> np.ndarray:
         """Eigenvalues lambda of D^-1/2 W D^-1/2, so that log det(D - alpha W) = sum log d_i + sum log(1 - alpha
         lambda) (brms's and Jin, Carlin & Banerjee's (2005) device for the sampler); dense, once per graph."""

@@ -49,6 +49,15 @@ class GroupPrior:
     def log_det(self, factor: np.ndarray) -> float:
         return -2.0 * self.n_levels * float(np.sum(np.log(np.abs(np.diag(factor)))))
 
+    def precision_root_draw(self, factor: np.ndarray, normal: np.ndarray) -> np.ndarray:
+        """A draw of N(0, precision) from ``normal`` (:meth:`root_size` standard normals): L^-T e per level
+        (Sigma^-1 = L^-T L^-1)."""
+        e = normal[: self.n_latent].reshape(self.n_levels, self.k)
+        return np.linalg.solve(factor.T, e.T).T.ravel()
+
+    def root_size(self) -> int:
+        return self.n_latent
+
 
 @dataclass(frozen=True)
 class RowStructure:

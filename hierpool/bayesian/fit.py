@@ -455,22 +455,37 @@ def _result(design, resolved, method, level, variance, held, beta, b, sds, cors,
 
 def _bayes_spatial(formula, data, adjacency, chains, draws, tune, seed, priors, level, target_accept, progress,
                    weights, offset, family, link, unsupported: dict, method: str, variance):
-    """``hp.bayes(..., adjacency=)``: NUTS on a spatial model (:mod:`hierpool.bayesian.spatial`)."""
+    """``hp.bayes(..., adjacency=)``: a Gaussian spatial model by its exact sampler (:mod:`hierpool.bayesian
+    .spatial_exact`, method 'auto' or 'collapsed'), any other (and ``method='full'``, and ``variance=``) by NUTS on
+    every parameter (:mod:`hierpool.bayesian.spatial`)."""
     from ..spec.spatial import spatial_design
-    from .spatial import bayes_spatial
+    from .spatial import bayes_spatial, car_priors
 
     for name, value in unsupported.items():
         if value is not None:
             raise ArgumentError(f"{name}= is not supported with a spatial term (adjacency=) yet")
-    if method not in ("auto", "full"):
+    if method not in ("auto", "collapsed", "full"):
         raise ArgumentError(f"method={method!r}: a spatial model is sampled by NUTS on every parameter "
-                            "(method='auto' or 'full')")
+                            "(method='full'), or a Gaussian one exactly (method='collapsed'; 'auto' chooses)")
     gaussian = family is None or (isinstance(family, str) and family.strip().lower() == "gaussian")
     if gaussian and link not in (None, "identity"):
         raise ArgumentError(f"link {link!r} given for a Gaussian model, whose link is the identity")
     spec = None if gaussian else family_spec(family, link)
     sdesign = spatial_design(formula, data, adjacency, family=spec, weights=weights, offset=offset)
     progress = sys.stderr.isatty() if progress is None else bool(progress)
+    if method != "full" and variance is None:
+        from .spatial_exact import exact_sampler_refusal, sample_spatial_exact
+
+        others, cars = car_priors(sdesign, priors)
+        resolved = resolve_priors(sdesign.design, others)
+        refusal = exact_sampler_refusal(sdesign, resolved)
+        if refusal is None:
+            return sample_spatial_exact(sdesign, resolved, cars, chains, draws, tune, seed, level)
+        if method == "collapsed":
+            raise ArgumentError(f"method='collapsed': {refusal} (method='full' samples it by NUTS)")
+    elif method == "collapsed":
+        raise ArgumentError("method='collapsed' with variance=: the variances are held, and NUTS samples the rest "
+                            "(method='auto' or 'full')")
     return bayes_spatial(sdesign, priors, chains, draws, tune, seed, target_accept, progress, level, variance)
 
 

@@ -289,7 +289,7 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
 def host_log_prob(distribution, x: np.ndarray) -> np.ndarray | None:
     """A scalar NumPyro distribution's log density at x (> 0 for the sd priors) by SciPy, for the kinds hierpool's
     priors use; None for other kinds, whose density the host samplers take from NumPyro itself.  The host samplers
-    (:mod:`hierpool.bayesian.independence`, :mod:`hierpool.bayesian.relmat`) evaluate priors here: NumPyro's
+    (:mod:`hierpool.bayesian.independence`, :mod:`hierpool.bayesian.psi_sampler`) evaluate priors here: NumPyro's
     log_prob on the host dispatches a small program per call (benchmarks/RESULTS.md)."""
     if type(distribution).__name__ == "ExpandedDistribution":  # an sd prior broadcast to the term's k_j = 1
         distribution = distribution.base_dist
@@ -311,4 +311,9 @@ def host_log_prob(distribution, x: np.ndarray) -> np.ndarray | None:
         return stats.t.logpdf(x, get("df").reshape(()), get("loc").reshape(()), get("scale").reshape(()))
     if kind == "LogNormal":
         return stats.lognorm.logpdf(x, get("scale").reshape(()), scale=np.exp(get("loc").reshape(())))
+    if kind == "Beta":  # a mixing parameter's (BYM2's rho)
+        return stats.beta.logpdf(x, get("concentration1").reshape(()), get("concentration0").reshape(()))
+    if kind == "Uniform":  # a proper CAR's alpha
+        low, high = get("low").reshape(()), get("high").reshape(())
+        return stats.uniform.logpdf(x, low, high - low)
     return None

@@ -352,27 +352,41 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
     else:
         beta = np.zeros((chains, draws, 0))
     groups_b = [np.asarray(out[f"b__{j}"]) for j in range(len(design.terms))]
+    effects = [area_effects(filled, prior, layout, np.asarray(adata.whitening), suffix)
+               for suffix, prior, layout, adata in zip(suffixes, car_list, layouts, data.areas)]
+    hyper_names = {"sigma", "shape"} | {f"{h}{s}" for s in suffixes for h in ("sd", "rho", "alpha")}
+    sampled = {name: np.asarray(out[name]) for name in out if name in hyper_names}  # (not those held)
+    sds = cors = None
+    if design.terms and held is None:
+        sds = [np.asarray(out[f"sd__{j}"]) for j in range(len(ks))]
+        cors = [np.asarray(out[f"cor__{j}"]) if k > 1 else None for j, k in enumerate(ks)]
+    return spatial_result(sdesign, resolved, cars, level, held, beta=beta, effects=effects, groups_b=groups_b,
+                          sds=sds, cors=cors, sampled=sampled, sigma=filled.get("sigma"), stats=stats)
+
+
+def spatial_result(sdesign: SpatialDesign, resolved: Priors, cars: tuple, level: float, held, *, beta: np.ndarray,
+                   effects: list[dict], groups_b: list[np.ndarray], sds, cors, sampled: dict, sigma, stats: dict,
+                   method: str = "nuts") -> SpatialBayesResult:
+    """A :class:`SpatialBayesResult` from draws (chain, draw, ...): ``effects`` each spatial term's b (and BYM2's
+    parts), ``groups_b`` each ``(lhs | g)`` term's effects (ell, k) with their ``sds`` and correlation factors
+    ``cors`` (None when held), ``sampled`` the sampled hyperparameters by name, ``sigma`` the residual sd's draws
+    (held or not; a Gaussian response), ``stats`` the sampler's statistics."""
+    design = sdesign.design
+    chains, draws = beta.shape[:2]
+    family = "gaussian" if design.family is None else design.family.name
+    link = "identity" if design.family is None else design.family.link
+    suffixes = [site_suffix(sdesign, a) for a in sdesign.areas]
     eta = linear_predictor_draws(design, beta, groups_b)
     posterior, coords, dims = {"beta": beta}, {"fixef": list(design.fixed_names)}, {"beta": ["fixef"]}
-    for area_term, suffix, prior, layout, adata in zip(sdesign.areas, suffixes, car_list, layouts, data.areas):
-        effects = area_effects(filled, prior, layout, np.asarray(adata.whitening), suffix)
-        eta = eta + effects["b"][..., area_term.area]
-        areas = [str(label) for label in area_term.graph.labels]
-        coords[f"area{suffix}"] = areas
-        for name, values in effects.items():
+    for area_term, suffix, term_effects in zip(sdesign.areas, suffixes, effects):
+        eta = eta + term_effects["b"][..., area_term.area]
+        coords[f"area{suffix}"] = [str(label) for label in area_term.graph.labels]
+        for name, values in term_effects.items():
             posterior[f"{name}{suffix}"] = values
             dims[f"{name}{suffix}"] = [f"area{suffix}"]
-        for name in (f"sd{suffix}", f"rho{suffix}", f"alpha{suffix}"):  # the sampled ones (not those held)
-            if name in out:
-                posterior[name] = np.asarray(out[name])
     if design.terms:
-        sampled = held is None
-        sds = [np.asarray(out[f"sd__{j}"]) for j in range(len(ks))] if sampled else None
-        cors = [np.asarray(out[f"cor__{j}"]) if k > 1 else None for j, k in enumerate(ks)] if sampled else None
         group_posterior(design, groups_b, sds, cors, posterior, coords, dims)
-    for name in ("sigma", "shape"):
-        if name in out:
-            posterior[name] = np.asarray(out[name])
+    posterior.update(sampled)
     if link == "log":  # each area's log relative risk: log(sum of mu over its rows / sum of expected)
         # a Poisson row's prior weight counts it that many times (its log-likelihood's multiplier)
         weighted_mu = (design.row_weights * np.exp(eta)).reshape(-1, design.n).T
@@ -391,7 +405,7 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
               "sample_stats": {key: np.asarray(value) for key, value in stats.items()}}
     if chains * draws * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
         if family == "gaussian":
-            pointwise = gaussian_pointwise(design, eta, np.asarray(filled["sigma"]))
+            pointwise = gaussian_pointwise(design, eta, np.asarray(sigma))
         else:
             shape_draws = posterior.get("shape")
             pointwise = log_likelihood_eta(family, link, design.y, eta, design.row_weights,
@@ -401,10 +415,10 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
     else:
         warnings.warn(f"the pointwise log-likelihood ({chains} x {draws} x {design.n} values) is not stored: "
                       f"more than {LOG_LIKELIHOOD_MAX_VALUES:.0e}; idata has no log_likelihood group",
-                      HierpoolWarning, stacklevel=3)
+                      HierpoolWarning, stacklevel=4)
     idata = az.from_dict(**groups, coords=coords, dims=dims)
     result = SpatialBayesResult(idata=idata, sdesign=sdesign, priors=resolved, car_priors=cars, level=level,
-                                held=held)
+                                held=held, method=method)
     result.diagnostics(warn=True)
     return result
 
@@ -428,6 +442,9 @@ class SpatialBayesResult:
     level : float
     held : tuple or None
         The variance parameters held at a closed-form fit's values (``variance=``; :func:`held_values`), or None.
+    method : str
+        ``"nuts"`` (NUTS on every parameter) or ``"collapsed"`` (a Gaussian response's exact sampler,
+        :mod:`hierpool.bayesian.spatial_exact`).
     """
 
     idata: az.InferenceData
@@ -436,6 +453,7 @@ class SpatialBayesResult:
     car_priors: tuple
     level: float
     held: tuple | None = None
+    method: str = "nuts"
 
     @property
     def design(self):

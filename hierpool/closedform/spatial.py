@@ -141,6 +141,7 @@ class _Bordered:
         keys = np.repeat(np.arange(self.size), np.diff(pattern.indptr)) * self.size + pattern.indices
         self.positions = np.searchsorted(keys, cols * self.size + rows)
         self.ones = np.ones(2 * c.nnz)
+        self.beta_precision = np.diag(laplace.beta_precision) if p else np.zeros((0, 0))
         self.zz = (rows_z.values[:, :, None] * rows_z.values[:, None, :]).reshape(n_rows, -1)  # v_ia v_ib
 
     def factor(self, X: np.ndarray, w: np.ndarray, precision_values: np.ndarray):
@@ -148,7 +149,7 @@ class _Bordered:
         if self.p:
             Xw = X * w[:, None]
             cross = (Xw[:, :, None] * self.rows_z.values[:, None, :]).ravel()  # (i, j, a): x_ij w_i v_ia
-            head = [(X.T @ Xw).ravel(), cross, cross]
+            head = [(X.T @ Xw + self.beta_precision).ravel(), cross, cross]
         else:
             head = []
         values = np.concatenate(head + [(w[:, None] * self.zz).ravel(), precision_values, self.ones])
@@ -261,7 +262,7 @@ class SpatialLaplace:
     psi holds each term's parameters in turn (:class:`_CarBlock`, :class:`_GroupBlock`: the spatial terms in the
     formula's order, then the ``(lhs | g)`` terms), then log sigma for a Gaussian response."""
 
-    def __init__(self, sdesign: SpatialDesign, reml: bool):
+    def __init__(self, sdesign: SpatialDesign, reml: bool, beta_prior: tuple[np.ndarray, np.ndarray] | None = None):
         design = sdesign.design
         self.sdesign, self.reml = sdesign, reml
         self.gaussian = design.family is None
@@ -278,6 +279,10 @@ class SpatialLaplace:
         self.offset = np.asarray(design.offset, dtype=float)
         self.prior_weights = np.asarray(design.row_weights, dtype=float)
         self.p, self.m = self.X.shape[1], int(np.sum(sizes))
+        # beta ~ N(mean, diag(1 / precision)) a priori, precision 0 where flat (the Bayesian exact sampler's; a fit's
+        # beta is flat: integrated out by REML, or maximized over)
+        mean, precision = (np.zeros(self.p), np.zeros(self.p)) if beta_prior is None else beta_prior
+        self.beta_mean, self.beta_precision = np.asarray(mean, dtype=float), np.asarray(precision, dtype=float)
         self.rows = stack_rows([b.row_part() for b in self.blocks], list(self.latent_offsets), self.m)
         self.entry_rows = np.concatenate([b.entry_rows + o for b, o in zip(self.blocks, self.latent_offsets)])
         self.entry_cols = np.concatenate([b.entry_cols + o for b, o in zip(self.blocks, self.latent_offsets)])
@@ -287,6 +292,7 @@ class SpatialLaplace:
         self.full = _Bordered(self, with_beta=True)
         self.latent_only = _Bordered(self, with_beta=False)
         self._theta = np.zeros(self.p + self.m)
+        self._gaussian_factor = None  # a Gaussian mode's factor of the bordered matrix, which evaluate reuses
         self._started = False
         self.evaluations = 0
 
@@ -359,11 +365,16 @@ class SpatialLaplace:
     def _penalty(self, x, values) -> float:
         return float(np.sum(values * x[self.entry_rows] * x[self.entry_cols]))
 
+    def _beta_penalty(self, beta) -> float:
+        """(beta - m)' diag(precision) (beta - m): the fixed effects' prior (0 when flat)."""
+        return float(np.sum(self.beta_precision * (beta - self.beta_mean) ** 2))
+
     def mode(self, psi, beta=None) -> _Mode:
         """The constrained joint mode of (beta, x) at psi, or of x alone at a given beta (Fisher scoring with step
         halving, from the last mode)."""
         sigma = self.sigma(psi)
         values = self.precision_values(psi)
+        self._gaussian_factor = None
         theta = self._theta.copy()
         if beta is not None:
             theta[: self.p] = beta
@@ -375,7 +386,7 @@ class SpatialLaplace:
         for _ in range(PIRLS_MAX_STEPS):
             eta = self._eta(theta)
             loglik, w, residual = self._loglik_and_working(eta, sigma)
-            current = -loglik + 0.5 * self._penalty(theta[self.p:], values)
+            current = -loglik + 0.5 * (self._penalty(theta[self.p:], values) + self._beta_penalty(theta[: self.p]))
             if objective is not None and current > objective + 1e-10 * (1 + abs(objective)):
                 theta = 0.5 * (theta + previous)  # step halving
                 continue
@@ -387,7 +398,9 @@ class SpatialLaplace:
             working = w * (eta - self.offset + residual)
             if beta is None:
                 factor = self.full.factor(self.X, w, values)
-                rhs = np.concatenate([self.X.T @ working, self.rows.transpose_apply(working), zeros])
+                self._gaussian_factor = factor if self.gaussian else None
+                rhs = np.concatenate([self.X.T @ working + self.beta_precision * self.beta_mean,
+                                      self.rows.transpose_apply(working), zeros])
                 theta = factor.solve(rhs)[: self.p + self.m]
             else:  # x alone: the working response less X beta
                 factor = self.latent_only.factor(self.X, w, values)
@@ -405,13 +418,24 @@ class SpatialLaplace:
     def criterion(self, psi, beta=None) -> float:
         """-2 log of the (restricted) marginal likelihood's Laplace approximation at psi (module docstring); with
         ``beta``, the ML criterion at that beta (the mode of x alone: glmer's second stage)."""
+        return self.evaluate(psi, beta)[0]
+
+    def evaluate(self, psi, beta=None):
+        """(:meth:`criterion`, the mode, the factor of the bordered matrix whose determinant it holds)."""
         self.evaluations += 1
         mode = self.mode(psi, beta)
-        assembly = self.full if self.reml and beta is None else self.latent_only
-        factor = assembly.factor(self.X, mode.weights, self.precision_values(psi))
+        if self._gaussian_factor is not None and self.reml and beta is None:
+            factor = self._gaussian_factor  # the mode's own: a Gaussian's working weights do not move with it
+        else:
+            assembly = self.full if self.reml and beta is None else self.latent_only
+            factor = assembly.factor(self.X, mode.weights, self.precision_values(psi))
         log_det_h = factor_log_abs_det(factor) - np.sum(np.log(self.sizes))
-        extra = self.p * np.log(2 * np.pi) if self.reml and beta is None else 0.0
-        return -2.0 * mode.loglik + mode.quadratic - self.log_det_prior(psi) + log_det_h - extra
+        value = -2.0 * mode.loglik + mode.quadratic - self.log_det_prior(psi) + log_det_h
+        if self.reml and beta is None:  # beta integrated out: flat coefficients leave 2 pi's, normal ones their prior
+            normal = self.beta_precision > 0
+            value += (self._beta_penalty(mode.theta[: self.p]) - np.sum(np.log(self.beta_precision[normal]))
+                      - np.sum(~normal) * np.log(2 * np.pi))
+        return value, mode, factor
 
 
 def fit_spatial(sdesign: SpatialDesign, reml: bool, stages: int = 2) -> SpatialFit:
