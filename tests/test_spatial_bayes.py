@@ -1,5 +1,6 @@
-"""The Bayesian spatial model (hp.bayes(..., adjacency=)): the Poisson BYM2 posterior on nc_sids against a long
-Stan run of brms's car(type = "bym2") in Monte-Carlo units, the relative-risk tables, and the calibration study."""
+"""The Bayesian spatial model (hp.bayes(..., adjacency=)): the Poisson BYM2 posterior on nc_sids, and the two-term
+BYM model car(county, type='icar') + (1 | county), against long Stan runs of brms in Monte-Carlo units, the
+relative-risk tables, the calibration study, and the BLUP <-> posterior agreement of a Gaussian model."""
 
 import json
 import warnings
@@ -45,6 +46,41 @@ def test_the_bym2_posterior_matches_brms_in_monte_carlo_units(post):
         ref = reference["parameters"][{"sd": "sdcar", "rho": "rhocar"}[name]]
         assert hyper.loc[name, "sd"] == pytest.approx(ref["sd"], rel=0.1), f"posterior sd of {name}"
     assert post.divergences == 0, "no divergent transitions"
+
+
+BYM = "sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type='icar') + (1 | county)"
+
+
+@pytest.fixture(scope="module")
+def bym_post(nc):
+    return hp.bayes(BYM, nc.data, family="poisson", adjacency=nc.adjacency, seed=2, progress=False)
+
+
+def test_the_two_term_bym_posterior_matches_brms_in_monte_carlo_units(bym_post):
+    """Besag, York & Mollie's model, an ICAR term and an unstructured county term, each with its sd: fixed effects,
+    both sds and every county's log relative risk x'beta + phi + u, |z| < 4 with both runs' MCSEs
+    (validation/spatial_bym_brms_reference.R: 4 x 10,000 Stan draws)."""
+    reference = json.loads((VALIDATION / "spatial_bym_brms_reference.json").read_text())
+    post = bym_post
+    fixef, hyper = post.fixef, post.hyperparameters()
+    assert list(hyper.index) == ["sd_car_county", "sd_county"], "each term's sd, named by term"
+    ours = {"b_Intercept": fixef.loc["Intercept"], "b_nwbir_rate": fixef.loc["nwbir_rate"],
+            "sdcar": hyper.loc["sd_car_county"], "sd_county__Intercept": hyper.loc["sd_county"]}
+    z = {name: (ours[name]["mean"] - ref["mean"]) / np.hypot(ours[name]["mcse_mean"], ref["mcse"])
+         for name, ref in reference["parameters"].items()}
+    stats = summarize_draws(post.draws("log_relative_risk_car_county"), 0.95)
+    for i, county in enumerate(post.idata.posterior["area_with_data_car_county"].values):
+        ref = reference["log_relative_risk"][str(county)]
+        z[county] = (stats["mean"][i] - ref["mean"]) / np.hypot(stats["mcse_mean"][i], ref["mcse"])
+    worst = max(z, key=lambda k: abs(z[k]))
+    assert abs(z[worst]) < 4, f"{worst}: z = {z[worst]:.2f}"
+    assert post.divergences == 0 and reference["divergences"] == 0
+    tables = post.ranef
+    assert list(tables) == ["car(county, type='icar')", "(1 | county)"], "ranef: a table per term"
+    risk = post.relative_risk(term="county")
+    np.testing.assert_allclose(np.log(risk["relative_risk"]), np.log(np.exp(post.draws(
+        "log_relative_risk_car_county")).reshape(-1, 100).mean(axis=0)), err_msg="the risk table's posterior means")
+    assert post.summary().startswith("Bayesian spatial model (car(county, type='icar'), (1 | county); poisson")
 
 
 def test_relative_risks_exceedance_and_the_parts_of_each_effect(post, nc):
