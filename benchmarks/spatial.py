@@ -1,6 +1,6 @@
 """Disease-mapping benchmark: min bulk ESS of the county effects per second, hierpool against brms, and a large map.
 
-    python benchmarks/spatial.py [--skip-brms] [--large 3000]     # writes benchmarks/out/spatial.json
+    python benchmarks/spatial.py [--skip-brms] [--large 3000] [--gaussian]     # writes benchmarks/out/spatial.json
 
 Model: North Carolina's SIDS deaths 1974-78 (``hp.datasets.nc_sids()``, 100 counties),
 ``sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type = "bym2")``, Poisson, the same priors on both sides
@@ -16,6 +16,12 @@ county's effect (brms ``rcar``, hierpool ``b``); the minimum over the 100 counti
 field), fitted by the Laplace approximation (``hp.glmm``) and sampled (``hp.bayes``, 4 chains x 500 draws after
 500 warm-up; ``--large-draws``), in one process each: the seconds of each, the sampler's min bulk ESS of the area
 effects.
+
+``--gaussian``: a Gaussian response on the same counties (two rows each, ``y ~ x + car(county, type='bym2')``,
+data written to benchmarks/out/spatial_gaussian.csv for both sides), hierpool's default exact sampler
+(``method="auto"``: independence Metropolis-Hastings on the variance parameters, the effects drawn exactly) against
+its NUTS (``method="full"``) and brms, hierpool's default priors on every side, 4 x 1000 draws, min bulk ESS of the
+county effects per second.
 """
 
 from __future__ import annotations
@@ -115,6 +121,76 @@ LARGE = textwrap.dedent(
     """
 )
 
+GAUSSIAN_FORMULA = "y ~ x + car(county, type='bym2')"
+GAUSSIAN_DATA = OUT / "spatial_gaussian.csv"
+
+GAUSSIAN = textwrap.dedent(
+    """
+    import json, time, warnings, numpy as np, pandas as pd
+    import hierpool as hp
+    hp.bayes
+    nc = hp.datasets.nc_sids()
+    data = pd.read_csv(DATA)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        post = hp.bayes(FORMULA, data, adjacency=nc.adjacency, chains=4, draws=1000, tune=1000, seed=1,
+                        progress=False, method=METHOD)
+    wall = time.perf_counter() - t0
+    ranef = post.ranef
+    print(json.dumps(dict(method=post.method, wall_s=wall, min_ess_bulk=float(ranef.ess_bulk.min()),
+                          max_r_hat=float(post.diagnostics(warn=False).max_r_hat.max()), divergences=post.divergences,
+                          hyperparameters=post.hyperparameters()["mean"].to_dict())))
+    """
+)
+
+GAUSSIAN_BRMS = textwrap.dedent(
+    """
+    suppressMessages({library(brms); library(posterior); library(jsonlite)})
+    source("validation/nc_sids.R")  # W, the counties' adjacency
+    data <- read.csv(DATA)
+    sd_n <- function(v) sqrt(mean((v - mean(v))^2))
+    s_y <- sd_n(data$y)
+    # hierpool's defaults for a Gaussian model (hierpool/bayesian/priors.py, spatial.py), written for brms
+    priors <- c(prior_string(sprintf("normal(%.17g, %.17g)", mean(data$y), 2.5 * s_y), class = "b", coef = "Intercept"),
+                prior_string(sprintf("normal(0, %.17g)", 2.5 * s_y / sd_n(data$x)), class = "b", coef = "x"),
+                prior_string(sprintf("normal(0, %.17g)", 2.5 * s_y), class = "sdcar"),
+                prior(beta(1, 1), class = rhocar),
+                prior_string(sprintf("exponential(%.17g)", 1 / s_y), class = "sigma"))
+    t0 <- proc.time()[["elapsed"]]
+    fit <- brm(y ~ 0 + Intercept + x + car(W, gr = county, type = "bym2"), data = data, data2 = list(W = W),
+               prior = priors, chains = 4, iter = 2000, warmup = 1000, cores = 2, seed = 1, refresh = 0, silent = 2)
+    wall <- proc.time()[["elapsed"]] - t0
+    draws <- as_draws_array(fit)
+    rcar <- subset_draws(draws, variable = sprintf("rcar[%d]", seq_len(nrow(W))))
+    ess <- summarise_draws(rcar, ess_bulk)$ess_bulk
+    sampler <- nuts_params(fit)
+    cat(toJSON(list(wall_s = wall, min_ess_bulk = min(ess), max_r_hat = max(summarise_draws(draws, rhat)$rhat,
+                                                                            na.rm = TRUE),
+                    divergences = sum(subset(sampler, Parameter == "divergent__")$Value)),
+               auto_unbox = TRUE, digits = NA), "\\n")
+    """
+)
+
+
+def gaussian_data() -> None:
+    """A Gaussian response on North Carolina's counties (two rows each; a BYM2-like field), written for both sides."""
+    import numpy as np
+    import pandas as pd
+
+    import hierpool as hp
+
+    nc = hp.datasets.nc_sids()
+    rng = np.random.default_rng(19)
+    counties = nc.data.county.to_numpy()
+    smooth = nc.data.nwbir_rate.to_numpy()  # a spatially smooth covariate's pattern as the structured part
+    field = 0.8 * (smooth - smooth.mean()) / smooth.std() + 0.5 * rng.normal(size=counties.size)
+    rows = np.repeat(np.arange(counties.size), 2)
+    x = rng.normal(size=rows.size)
+    y = 1.0 + 0.5 * x + field[rows] + rng.normal(scale=0.7, size=rows.size)
+    OUT.mkdir(exist_ok=True)
+    pd.DataFrame({"county": counties[rows], "x": x, "y": y}).to_csv(GAUSSIAN_DATA, index=False)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -122,6 +198,8 @@ def main() -> None:
     parser.add_argument("--skip-nc", action="store_true", help="only the large map")
     parser.add_argument("--large", type=int, default=0, help="areas of the synthetic map (0: none)")
     parser.add_argument("--large-draws", type=int, default=500, help="draws (and warm-up) per chain on that map")
+    parser.add_argument("--gaussian", action="store_true",
+                        help="a Gaussian BYM2 model on the NC counties: the exact sampler against NUTS and brms")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     os.chdir(ROOT)  # the fits run from the repository root, with this checkout first on the path
@@ -145,6 +223,20 @@ def main() -> None:
         ours, theirs = results["hierpool"], results["brms"]
         if isinstance(theirs, dict) and "ess_per_s" in theirs and "ess_per_s" in ours:
             results["ratio_ess_per_s"] = ours["ess_per_s"] / theirs["ess_per_s"]
+    if args.gaussian:
+        gaussian_data()
+        section = results["gaussian"] = {"formula": GAUSSIAN_FORMULA, "data": str(GAUSSIAN_DATA.relative_to(ROOT))}
+        for method in ("auto", "full"):
+            print(f"gaussian, hierpool method={method}", file=sys.stderr, flush=True)
+            source = (GAUSSIAN.replace("FORMULA", repr(GAUSSIAN_FORMULA)).replace("METHOD", repr(method))
+                      .replace("DATA", repr(str(GAUSSIAN_DATA))))
+            section[f"hierpool_{method}"] = run_fit([sys.executable, "-"], source)
+        missing = "skipped (--skip-brms)" if args.skip_brms else r_packages_missing("brms", "posterior", "jsonlite")
+        if missing is None:
+            print("gaussian, brms", file=sys.stderr, flush=True)
+            section["brms"] = run_fit(["Rscript", "-"], GAUSSIAN_BRMS.replace("DATA", repr(str(GAUSSIAN_DATA))))
+        else:
+            section["brms"] = f"skipped: {missing}"
     if args.large:
         print(f"large map ({args.large} areas)", file=sys.stderr, flush=True)
         source = LARGE.replace("DRAWS", str(args.large_draws)).replace("AREAS", str(args.large))

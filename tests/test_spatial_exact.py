@@ -75,6 +75,35 @@ def test_the_target_is_the_dense_marginal_likelihood_times_the_priors(model):
         assert state.log_pi == pytest.approx(marginal + log_prior, rel=1e-10), "log pi(psi) is not the dense one"
 
 
+def test_the_target_with_a_proper_car_and_a_flat_intercept_is_the_restricted_likelihood():
+    """A flat coefficient is integrated out as REML does: (2 pi)^(p_flat / 2) |X_f' V^-1 X_f|^(-1/2) times the rest;
+    the Normal one's prior is in V; the proper CAR's alpha has a Uniform(0, 1) prior on its logit's scale."""
+    rng = np.random.default_rng(5)
+    area = np.repeat(np.arange(20), 2)
+    data = pd.DataFrame({"area": [f"a{i}" for i in area], "x": rng.normal(size=40)})
+    data["y"] = 0.5 * data.x + rng.normal(size=20)[area] + rng.normal(size=40)
+    sdesign = spatial_design("y ~ x + car(area, type='proper')", data, grid(5, 4))
+    others, cars = car_priors(sdesign, {"Intercept": "flat"})
+    priors = resolve_priors(sdesign.design, others)
+    posterior = SpatialPosterior(sdesign, priors, cars)
+    design, g = sdesign.design, sdesign.graph
+    psi = np.array([0.2, 0.8, -0.3])
+    sd, alpha, sigma = np.exp(psi[0]), 1 / (1 + np.exp(-psi[1])), np.exp(psi[2])
+    Z = np.zeros((40, 20))
+    Z[np.arange(40), sdesign.area] = 1
+    cov = sd**2 * np.linalg.inv(np.diag(g.degree) - alpha * g.adjacency_matrix().toarray())
+    x_scale = priors.beta[1].scale
+    V = sigma**2 * np.eye(40) + Z @ cov @ Z.T + x_scale**2 * np.outer(design.X[:, 1], design.X[:, 1])
+    Vi, one = np.linalg.inv(V), design.X[:, :1]
+    mean = float(np.sum(Vi @ one * design.y[:, None]) / (one.T @ Vi @ one)[0, 0])
+    r = design.y - mean
+    minus_two = (39 * np.log(2 * np.pi) + np.linalg.slogdet(V)[1] + np.log((one.T @ Vi @ one)[0, 0]) + r @ Vi @ r)
+    log_prior = (float(cars[0].sd.log_prob(sd)) + psi[0] + np.log(alpha * (1 - alpha))
+                 + float(priors.sigma.log_prob(sigma)) + psi[2])
+    assert posterior.evaluate(psi).log_pi == pytest.approx(-0.5 * minus_two + log_prior, rel=1e-10), \
+        "log pi(psi) is not the restricted dense one"
+
+
 def test_the_draws_given_psi_have_the_dense_posterior_mean_and_covariance(model):
     sdesign, posterior = model
     design = sdesign.design
@@ -140,6 +169,16 @@ def test_hp_bayes_samples_a_gaussian_spatial_model_exactly_by_default():
     assert hyper["ess_bulk"].min() > 1000, "independence Metropolis-Hastings mixes well here"
     # the posterior median of the sd lies near the REML estimate (flat-ish priors, 20 areas)
     assert abs(np.log(np.median(post.draws("sd")) / fit.sd)) < 0.3, "the sd's posterior sits near REML's"
+    # a (1 + x | g) term beside: NUTS (the exact sampler takes scalar terms), its parameters named as the closed form's
+    data["site"] = np.repeat(np.arange(4), 10)
+    two = "y ~ x + car(area, type='icar') + (1 + x | site)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nuts = hp.bayes(two, data, adjacency=grid(5, 4), seed=1, progress=False, chains=2, draws=100, tune=100)
+        closed = hp.lmm(two, data, adjacency=grid(5, 4))
+    assert nuts.method == "nuts", "NUTS samples a term with several coefficients"
+    assert list(nuts.hyperparameters().index) == list(closed.hyperparameters().index), "the two engines' names"
+    assert list(nuts.ranef["(1 + x | site)"].index) == list(closed.ranef["(1 + x | site)"].index), "the same effects"
     with pytest.raises(hp.HierpoolError, match="method='collapsed': the exact sampler is for a Gaussian"):
         hp.bayes("y ~ car(area, type='icar')", data.assign(y=rng.poisson(3, 40)), family="poisson",
                  adjacency=grid(5, 4), method="collapsed")

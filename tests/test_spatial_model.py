@@ -211,6 +211,13 @@ def test_more_refusals_by_name_and_a_repeated_index(toy):
     assert spatial_design(f.format("bym2"), data, {"area": adjacency}, family=poisson).n_areas == 8, "keyed right"
     with pytest.raises(ArgumentError, match="prior 'cor' given"):
         car_priors(spatial_design(f.format("bym2"), data, adjacency, family=poisson), {"cor": 5.0})
+    two = spatial_design("y ~ x + offset(log(expected)) + car(area, type='bym2') + (1 | x)", data.assign(
+        x=np.repeat([0, 1], 4)), adjacency, family=poisson)
+    for key in ("rho", "sd_area"):  # a one-term model's keys: in a model of several terms they would name nothing
+        with pytest.raises(ArgumentError, match=rf"prior '{key}'.*end in _car_<area column>: \['sd_car_area', "
+                                                r"'rho_car_area'\]"):
+            car_priors(two, {key: dist.Beta(2, 2)})
+    assert car_priors(two, {"rho_car_area": dist.Beta(2, 2)})[1][0].mix.concentration1 == 2, "the suffixed key"
     repeated = data.set_index(pd.Index([0, 0, 1, 1, 2, 2, 3, 3]))
     design = spatial_design(f.format("bym2"), repeated, adjacency, family=poisson)
     assert design.design.n == 8 and list(design.graph.labels[design.area]) == list(data.area), \

@@ -16,9 +16,11 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
   table (``varcorr``), compiler settings and caches (``compiler_options``), JAX loading
   (``jax_runtime``); spatial terms' graph algebra (``icar``: the ICAR precision, BYM2 scaling, the sparse
   precision of each CAR type with its constraints and constrained log determinant, the sum-to-zero
-  coordinates); for GLMMs the families (``family``), PIRLS and the Laplace criterion on the host
-  (``laplace``) and as one compiled program (``laplace_program``), its exact gradient written once for
-  both (``laplace_gradient``), adaptive quadrature (``quadrature``), population-average means
+  coordinates, a draw of N(0, precision) from the Laplacian's edge factorization) and the stacking of several
+  terms' latent blocks (``latent_blocks``: a ``(lhs | g)`` term's kron(I, Sigma^-1), block-diagonal
+  constraints, each row's random part as slots); for GLMMs the families (``family``), PIRLS and the Laplace
+  criterion on the host (``laplace``) and as one compiled program (``laplace_program``), its exact gradient
+  written once for both (``laplace_gradient``), adaptive quadrature (``quadrature``), population-average means
   (``marginal_mean``) and the separation check (``separation``); AR(1) residuals by whitening, on the host
   and in programs (``ar1``);
 - ``closedform`` (REML/ML optimizer, results), then ``bayesian`` (NumPyro models, NUTS driver;
@@ -75,6 +77,9 @@ engine grows an ``if`` for it):
   :mod:`hierpool.closedform.spatial` (the Laplace approximation on the sparse precision of
   :class:`~hierpool.algebra.icar.CarPrior`, one bordered sparse LU per solve for the sum-to-zero
   constraints), the Bayesian engine by :mod:`hierpool.bayesian.spatial` (NUTS, the same quadratic form over
-  the graph's edges, the constraint exact through :func:`~hierpool.algebra.icar.sum_to_zero`); one spatial
-  term per model, no ``(... | g)`` term beside it yet.
+  the graph's edges, the constraint exact through :func:`~hierpool.algebra.icar.sum_to_zero`) and, for a
+  Gaussian response, :mod:`hierpool.bayesian.spatial_exact` (the closed form's exact marginal likelihood and
+  bordered factor, sampled by :mod:`hierpool.bayesian.psi_sampler`, the animal model's sampler too).  Several
+  spatial terms, and ``(lhs | g)`` terms beside them, are stacked latent blocks
+  (:mod:`hierpool.algebra.latent_blocks`) in that same sparse system, not in the blocked factorization.
 """

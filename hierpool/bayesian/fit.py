@@ -351,7 +351,9 @@ def bayes(
         The neighbourhood graph of a spatial term ``car(area, type='icar' | 'proper' | 'bym2')`` (disease mapping),
         (a dict of graphs keyed by area column for several ``car()`` terms, with any ``(lhs | g)`` terms beside
         them), as :func:`hierpool.lmm` takes it: NUTS on every parameter, the ICAR's sum-to-zero constraint exact
-        (:mod:`hierpool.bayesian.spatial`; priors ``sd``, ``rho``, ``alpha`` there).  Returns a
+        (:mod:`hierpool.bayesian.spatial`; priors ``sd``, ``rho``, ``alpha`` there); a Gaussian response by its exact
+        sampler (``method='auto'`` or ``'collapsed'``: the variance parameters by independence Metropolis-Hastings,
+        the effects drawn exactly, :mod:`hierpool.bayesian.spatial_exact`; ``method='full'``: NUTS).  Returns a
         :class:`~hierpool.bayesian.spatial.SpatialBayesResult`: each area's effect, BYM2's spatial and unstructured
         parts, and for counts each area's relative risk with its exceedance probability.  ``variance=`` an
         ``hp.lmm`` / ``hp.glmm`` fit of the same spatial model holds its variance parameters (with flat

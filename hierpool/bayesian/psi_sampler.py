@@ -51,6 +51,8 @@ EFFECT_DRAWS_MAX_VALUES = 5e7
 #: The pilot's importance-sampling effective size below which the proposal is not adapted (its weighted
 #: moments would rest on a handful of draws and could collapse the proposal).
 ADAPTATION_MIN_ESS = 50.0
+
+
 def scalar_log_density(prior, values: np.ndarray) -> np.ndarray:
     """A scalar prior's log density at each value: SciPy's where :func:`host_log_prob` knows the kind, else NumPyro's
     (an sd prior has batch shape (1,): its one component)."""
@@ -128,8 +130,8 @@ def _adapted(proposal: _Proposal, psi: np.ndarray, log_w: np.ndarray) -> _Propos
     return _Proposal(mean, SCALE_INFLATION**2 * covariance * (DEGREES_OF_FREEDOM - 2) / DEGREES_OF_FREEDOM)
 
 
-def sample_exact(posterior, start: np.ndarray, chains: int, draws: int, tune: int,
-                        seed: int, thin: int | None = None) -> dict:
+def sample_exact(posterior, start: np.ndarray, chains: int, draws: int, tune: int, seed: int,
+                 thin: int | None = None) -> dict:
     """Independence Metropolis-Hastings over psi with exact (beta, b) draws at every kept state (module docstring).
 
     Returns a dict of ``psi`` (chains, draws, T + 1), ``beta`` (chains, draws, p), ``b`` (chains, draws, q),

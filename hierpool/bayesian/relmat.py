@@ -21,7 +21,8 @@ whose maximum is the closed form's fit.
 
 psi has T + 1 coordinates (2 for the animal model), so it is sampled by independence Metropolis-Hastings
 (:func:`hierpool.bayesian.psi_sampler.sample_exact`: a Student t proposal around the posterior mode, adapted once
-to a pilot sample's importance weights).  Each evaluation is one sparse factorization of K; the draw of (beta, b) given each kept psi is exact from that factorization:
+to a pilot sample's importance weights).  Each evaluation is one sparse factorization of K; the draw of (beta, b)
+given each kept psi is exact from that factorization:
 
     beta - m ~ N(delta^, sigma^2 S^-1),   b | beta ~ N(b^ - K^-1 Z'WX (beta - m - delta^), sigma^2 K^-1),
 

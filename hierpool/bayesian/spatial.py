@@ -28,7 +28,7 @@ Priors (keys of ``priors=``): the fixed effects', ``sigma``'s, ``shape``'s and t
 the link scale (2.5 sd(y) for a Gaussian response), ``rho`` Beta(1, 1) (BYM2), ``alpha`` Uniform(0, 1) (proper CAR):
 brms's defaults for rho and alpha, the sd's as hierpool's other sds.  Where the model has more than one random term,
 each spatial term's sites and keys end in ``_car_<area column>`` (``sd_car_county``, ``rho_car_county``;
-:func:`site_suffix`), and ``sd`` is every sd's prior.
+:meth:`~hierpool.spec.spatial.SpatialDesign.suffix`), and ``sd`` is every sd's prior.
 
 References: Besag, York & Mollie (1991), Ann. Inst. Stat. Math. 43; Riebler, Sorbye, Simpson & Rue (2016), Stat.
 Methods Med. Res. 25; Freni-Sterrantino, Ventrucci & Rue (2018), Spatial and Spatio-temporal Epidemiology 26;
@@ -62,7 +62,7 @@ from ..algebra.icar import (
 )
 from ..closedform.spatial import area_risk_table
 from ..errors import ArgumentError, HierpoolWarning
-from ..spec.spatial import AreaTerm, SpatialDesign
+from ..spec.spatial import AreaTerm, SpatialDesign, group_effect_index, group_parameter_names
 from .model import cov_factors_of, fixed_effects, group_effects, variance_parameters
 from .nuts import sample_nuts
 from .posterior import gaussian_pointwise, group_posterior, linear_predictor_draws, term_slots
@@ -121,16 +121,6 @@ class CarPriors:
     mix: object
 
 
-def site_suffix(sdesign: SpatialDesign, area_term: AreaTerm) -> str:
-    """The suffix of a spatial term's sites and posterior variables: none where the model's one random term is
-    spatial (``sd``, ``rho``, ``b``), else ``_car_<area column>`` (``sd_car_county``, ``b_car_county``)."""
-    return "" if sdesign.single else f"_car_{area_term.term.factor}"
-
-
-def _mix_name(type_: str) -> str | None:
-    return {"bym2": "rho", "proper": "alpha"}.get(type_)
-
-
 def car_priors(sdesign: SpatialDesign, priors: dict | None) -> tuple[dict, tuple[CarPriors, ...]]:
     """(the other priors, each spatial term's): defaults of the module docstring, overridden by key (``sd`` and each
     term's site names; ``sd_<area column>`` too where the model's one random term is spatial)."""
@@ -140,16 +130,24 @@ def car_priors(sdesign: SpatialDesign, priors: dict | None) -> tuple[dict, tuple
         raise ArgumentError(f"prior 'cor' given, but {sdesign.areas[0].term.label} has no correlation (it is for "
                             "(x | g) terms)")
     s_y = 1.0 if design.family is not None else float(np.std(design.y)) or 1.0
+    if not sdesign.single:  # the keys of a one-term model name nothing here, or another term: refused by name
+        valid = [f"{name}{sdesign.suffix(a)}" for a in sdesign.areas for name in ("sd", a.term.mix_name) if name]
+        groups = {term.group for term in design.terms}
+        stray = [key for key in priors if key in ("rho", "alpha")
+                 or (key.startswith("sd_") and key[3:] in {a.term.factor for a in sdesign.areas} - groups)]
+        if stray:
+            raise ArgumentError(f"prior {stray[0]!r}: in a model with several random terms a spatial term's prior "
+                                f"keys end in _car_<area column>: {valid}")
     used, out = set(), []
     for area_term in sdesign.areas:
-        term, suffix = area_term.term, site_suffix(sdesign, area_term)
+        term, suffix = area_term.term, sdesign.suffix(area_term)
         sd = dist.HalfNormal(2.5 * s_y)
         for key in ("sd", f"sd{suffix}") + ((f"sd_{term.factor}",) if sdesign.single else ()):
             if key in priors:
                 sd = _check_distribution(key, priors[key], allow_flat=False)
                 _check_positive_support(key, sd)
                 used.add(key)
-        mix_key = _mix_name(term.type)
+        mix_key = term.mix_name
         mix = None if mix_key is None else (dist.Beta(1.0, 1.0) if term.type == "bym2" else dist.Uniform(0.0, 1.0))
         for name in ("rho", "alpha"):
             key = f"{name}{suffix}"
@@ -324,7 +322,7 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
     resolved = resolve_priors(design, others)
     car_list = [CarPrior(a.graph, a.term.type) for a in sdesign.areas]
     layouts = tuple(sum_to_zero_layout(a.graph) for a in sdesign.areas)
-    suffixes = tuple(site_suffix(sdesign, a) for a in sdesign.areas)
+    suffixes = tuple(sdesign.suffix(a) for a in sdesign.areas)
     family = "gaussian" if design.family is None else design.family.name
     link = "identity" if design.family is None else design.family.link
     held = None if variance is None else held_values(sdesign, variance)
@@ -341,8 +339,8 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
     if held is not None:  # the held values as constant draws, so that what follows reads them as any draw
         for area_term, suffix, (sd, mix) in zip(sdesign.areas, suffixes, held[0]):
             filled[f"sd{suffix}"] = np.full(shape, sd)
-            if _mix_name(area_term.term.type):
-                filled[f"{_mix_name(area_term.term.type)}{suffix}"] = np.full(shape, mix)
+            if area_term.term.mix_name:
+                filled[f"{area_term.term.mix_name}{suffix}"] = np.full(shape, mix)
         if family == "gaussian":
             filled["sigma"] = np.full(shape, float(held[2]))
     if "beta" in out:
@@ -375,7 +373,7 @@ def spatial_result(sdesign: SpatialDesign, resolved: Priors, cars: tuple, level:
     chains, draws = beta.shape[:2]
     family = "gaussian" if design.family is None else design.family.name
     link = "identity" if design.family is None else design.family.link
-    suffixes = [site_suffix(sdesign, a) for a in sdesign.areas]
+    suffixes = [sdesign.suffix(a) for a in sdesign.areas]
     eta = linear_predictor_draws(design, beta, groups_b)
     posterior, coords, dims = {"beta": beta}, {"fixef": list(design.fixed_names)}, {"beta": ["fixef"]}
     for area_term, suffix, term_effects in zip(sdesign.areas, suffixes, effects):
@@ -482,7 +480,7 @@ class SpatialBayesResult:
         them."""
         posterior, out = self.idata.posterior, {}
         for area_term in self.sdesign.areas:
-            suffix = site_suffix(self.sdesign, area_term)
+            suffix = self.sdesign.suffix(area_term)
             for name in ("sd", "rho", "alpha"):
                 if f"{name}{suffix}" in posterior:
                     out[f"{name}{suffix}"] = self.draws(f"{name}{suffix}")
@@ -491,14 +489,11 @@ class SpatialBayesResult:
             if f"sd_{slot.name}" not in posterior:
                 continue  # held
             sds = self.draws(f"sd_{slot.name}")[..., list(slot.coef_positions)]
-            if term.k == 1:
-                out[f"sd_{term.group}"] = sds[..., 0]
-                continue
-            for i, coef in enumerate(term.coef_names):
-                out[f"sd_{term.group}_{coef}"] = sds[..., i]
-            cor = self.draws(slot.cor_name)
-            for i, j in zip(*np.tril_indices(term.k, -1)):
-                out[f"cor_{term.group}_{term.coef_names[j]}_{term.coef_names[i]}"] = cor[..., i, j]
+            sd_names, cor_names = group_parameter_names(term)
+            out |= {name: sds[..., i] for i, name in enumerate(sd_names)}
+            if cor_names:
+                cor = self.draws(slot.cor_name)
+                out |= {name: cor[..., i, j] for (i, j), name in cor_names.items()}
         for name in ("sigma", "shape"):
             if name in posterior:
                 out[name] = self.draws(name)
@@ -515,7 +510,7 @@ class SpatialBayesResult:
             SUMMARY_COLUMNS]
 
     def _car_table(self, area_term: AreaTerm) -> pd.DataFrame:
-        suffix = site_suffix(self.sdesign, area_term)
+        suffix = self.sdesign.suffix(area_term)
         b = self.draws(f"b{suffix}")
         table = pd.DataFrame(summarize_draws(b, self.level),
                              index=pd.Index(self.idata.posterior[f"area{suffix}"].values, name=area_term.term.factor))
@@ -532,11 +527,7 @@ class SpatialBayesResult:
 
     def _group_table(self, j: int) -> pd.DataFrame:
         term = self.design.terms[j]
-        if term.k == 1:
-            index = pd.Index(term.levels, name=term.group)
-        else:
-            index = pd.MultiIndex.from_product([term.levels, list(term.coef_names)], names=[term.group, "term"])
-        table = pd.DataFrame(summarize_draws(self.effect_draws(term.label), self.level), index=index)
+        table = pd.DataFrame(summarize_draws(self.effect_draws(term.label), self.level), index=group_effect_index(term))
         table = table[SUMMARY_COLUMNS]
         table["rows"] = np.repeat(np.bincount(term.index, minlength=term.n_levels), term.k)
         return table
@@ -549,7 +540,7 @@ class SpatialBayesResult:
                 slot = term_slots(self.design)[0][j]
                 b = self.draws(f"b_{slot.name}")[..., list(slot.coef_positions)]
                 return b.reshape(b.shape[:2] + (-1,))
-        return self.draws(f"b{site_suffix(self.sdesign, self.sdesign.area_term(term))}")
+        return self.draws(f"b{self.sdesign.suffix(self.sdesign.area_term(term))}")
 
     @cached_property
     def ranef(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
@@ -568,7 +559,7 @@ class SpatialBayesResult:
         of the smoothed relative risk RR = sum mu / sum expected: mean, equal-tailed interval, and the exceedance
         probability P(RR > threshold).  ``term``: the spatial term's area column, where the model has several."""
         area_term = self.sdesign.area_term(term)
-        suffix = site_suffix(self.sdesign, area_term)
+        suffix = self.sdesign.suffix(area_term)
         if f"log_relative_risk{suffix}" not in self.idata.posterior:
             raise ArgumentError("relative risks are for a count model with a log link (family='poisson')")
         if not threshold > 0:

@@ -39,8 +39,8 @@ from ..closedform.spatial import SpatialLaplace
 from ..errors import ArgumentError
 from ..spec.spatial import SpatialDesign
 from .priors import Priors
-from .psi_sampler import scalar_log_density, sample_exact
-from .spatial import CarPriors, site_suffix, spatial_result
+from .psi_sampler import sample_exact, scalar_log_density
+from .spatial import CarPriors, spatial_result
 
 #: Where a mixing parameter's logit goes past this, the proposal is rejected (1 - rho rounds to 0 near 37).
 MAX_LOGIT = 30.0
@@ -186,7 +186,7 @@ def sample_spatial_exact(sdesign: SpatialDesign, priors: Priors, cars: tuple[Car
             groups_b.append(latent[..., None])  # (chain, draw, ell, 1)
             sds.append(sd[..., None])
             continue
-        suffix = site_suffix(sdesign, sdesign.areas[t])
+        suffix = sdesign.suffix(sdesign.areas[t])
         sampled[f"sd{suffix}"] = sd
         prior = block.prior
         if prior.type == "bym2":

@@ -68,8 +68,9 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     adjacency : optional
         The neighbourhood graph of a spatial term ``car(area, type='icar' | 'proper' | 'bym2')``, or a dict of graphs
         keyed by the area columns of several (:mod:`hierpool.spec.spatial`; ``(lhs | g)`` terms may stand beside
-        them, as in the BYM model ``car(area, type='icar') + (1 | area)``): the model is then fitted by the Laplace approximation on the sparse
-        precision of the area effects (:mod:`hierpool.closedform.spatial`; binomial or Poisson; nAGQ 0 or 1),
+        them, as in the BYM model ``car(area, type='icar') + (1 | area)``): the model is then fitted by the Laplace
+        approximation on the sparse precision of the effects (:mod:`hierpool.closedform.spatial`; binomial or
+        Poisson; nAGQ 0 or 1),
         a :class:`~hierpool.closedform.spatial.SpatialFit`.
     reml : bool
         With a spatial term only: integrate beta out under a flat prior (glmmTMB's ``REML = TRUE``).

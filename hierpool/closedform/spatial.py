@@ -1,10 +1,12 @@
-"""Closed-form disease mapping: the Laplace approximation on the sparse precision of a spatial term (INLA's idea,
+"""Closed-form disease mapping: the Laplace approximation on the sparse precision of spatial terms (INLA's idea,
 without INLA), exact for a Gaussian response.
 
-The model (:mod:`hierpool.spec.spatial`) is y_i ~ family(mu_i), g(mu_i) = x_i' beta + offset_i + b[area(i)], with
-the latent x of the spatial term Gaussian with sparse precision P(psi) under constraints C' x = 0 and b = x[:n]
-(:class:`hierpool.algebra.icar.CarPrior`: ICAR, proper CAR, BYM2).  psi holds log sd, the type's logit mixing
-parameter (proper CAR's alpha, BYM2's rho) and, for a Gaussian response, log sigma.  With
+The model (:mod:`hierpool.spec.spatial`) is y_i ~ family(mu_i), g(mu_i) = x_i' beta + offset_i + (Z x)_i, with the
+latent x the stacked blocks of its random terms (:mod:`hierpool.algebra.latent_blocks`): each spatial term's
+(:class:`hierpool.algebra.icar.CarPrior`: ICAR, proper CAR, BYM2; its area effects b = x_t[:n]) and each
+``(lhs | g)`` term's, Gaussian with the block-diagonal sparse precision P(psi) under constraints C' x = 0.  psi
+holds each spatial term's log sd and the type's logit mixing parameter (proper CAR's alpha, BYM2's rho), each
+``(lhs | g)`` term's covariance factor (the log of its diagonal), and, for a Gaussian response, log sigma.  With
 f(beta, x) = -sum_i l_i(eta_i) + x' P x / 2 and (beta^, x^) its constrained minimum, found by Fisher scoring
 (PIRLS, lme4's; one step for a Gaussian), H = [[X'WX, X'WZ], [Z'WX, Z'WZ + P]] at the mode (W the working weights),
 the criteria (-2 log, lme4's convention) are
@@ -14,11 +16,13 @@ the criteria (-2 log, lme4's convention) are
 
 with det_c the determinant on {C' x = 0} (:func:`hierpool.algebra.icar.log_constrained_determinant`): ML with
 beta at the joint mode (exact profiling for a Gaussian; for a GLMM lme4's ``nAGQ = 0``), REML with beta integrated
-out under a flat prior (for a GLMM glmmTMB's ``REML = TRUE``).  For a Gaussian response both are exact: the fitted
-values equal the dense generalised least squares with V = sigma^2 W^-1 + Z Cov(b) Z' (tested to 1e-8).  psi is
-found by L-BFGS-B.  Every solve is one sparse LU of the bordered (KKT) matrix [[H, C], [C', 0]]; the conditional
-variances of the effects are the diagonal of its inverse's x block, V (V' H_xx V)^-1 V' (conditional on beta^, as
-lme4's ``condVar``), and vcov(beta) is its inverse's beta block.  No dense area x area matrix is formed.
+out under a flat prior (for a GLMM glmmTMB's ``REML = TRUE``; a Normal prior on some coefficients, the Bayesian
+exact sampler's, adds its precision to H's beta block and its density to the criterion:
+:class:`SpatialLaplace`'s ``beta_prior``).  For a Gaussian response both are exact: the fitted values equal the
+dense generalised least squares with V = sigma^2 W^-1 + sum_t Z_t Cov_t Z_t' (tested to 1e-8).  psi is found by
+L-BFGS-B.  Every solve is one sparse LU of the bordered (KKT) matrix [[H, C], [C', 0]]; the conditional variances
+of the effects are the diagonal of its inverse's x block, V (V' H_xx V)^-1 V' (conditional on beta^, as lme4's
+``condVar``), and vcov(beta) is its inverse's beta block.  No dense area x area matrix is formed.
 
 References: Rue, Martino & Chopin (2009), JRSS B 71 (the Laplace approximation of latent Gaussian models);
 Rue & Held (2005), Gaussian Markov random fields, sec. 2.3.3 (linear constraints); Riebler et al. (2016), Stat.
@@ -40,10 +44,10 @@ from scipy import stats
 from scipy.special import expit
 
 from ..algebra.family import family
-from ..algebra.icar import CarPrior, compose_bym2, factor_log_abs_det, inverse_diagonal
+from ..algebra.icar import DIAGONAL_CHUNK, CarPrior, compose_bym2, factor_log_abs_det, inverse_diagonal
 from ..algebra.latent_blocks import GroupPrior, stack_constraints, stack_rows
 from ..errors import ArgumentError, ConvergenceWarning
-from ..spec.spatial import AreaTerm, SpatialDesign
+from ..spec.spatial import AreaTerm, SpatialDesign, group_effect_index, group_parameter_names
 
 #: Bounds of log sd and log sigma, and of the logit of the mixing parameter.
 LOG_SD_BOUNDS = (np.log(1e-5), np.log(1e3))
@@ -91,9 +95,9 @@ class _OrderedFactor:
 class _Bordered:
     """The bordered matrix [[H, C], [C', 0]] on a sparse pattern found once, refilled at each (W, P): H is
     [[X'WX, X'WZ], [Z'WX, Z'WZ + P]] (``with_beta``) or its x block Z'WZ + P, Z the rows' random part
-    (:class:`hierpool.algebra.latent_blocks.RowStructure`: one column per term a row has effects in).  Building a
-    sparse matrix by scipy's block operations costs more than factoring it on a small map; here one ``bincount``
-    fills it.
+    (:class:`hierpool.algebra.latent_blocks.RowStructure`: one slot per term coefficient a row has an effect in).
+    Building a sparse matrix by scipy's block operations costs more than factoring it on a small map; here one
+    ``bincount`` fills it.
 
     The elimination order is found once too (the ordering is most of a factorization's cost on a large map): x by
     minimum degree on its own pattern, then beta (dense rows: last, they add no fill), then the constraints (their
@@ -163,15 +167,14 @@ class _Bordered:
 class _CarBlock:
     """A spatial term in psi: log sd and, for BYM2 and the proper CAR, the logit of its mixing parameter."""
 
-    def __init__(self, area_term: AreaTerm, single: bool):
+    def __init__(self, area_term: AreaTerm, suffix: str):
         self.area_term, self.term = area_term, area_term.term
         self.prior = CarPrior(area_term.graph, self.term.type)
         self.n_latent, self.n_effects = self.prior.n_latent, self.prior.n
         self.n_params = 2 if self.prior.has_mix else 1
         self.entry_rows, self.entry_cols, _ = self.prior.precision_entries(1.0, 0.5)
         self.constraints = self.prior.latent_constraints
-        self.mix_name = {"bym2": "rho", "proper": "alpha"}.get(self.term.type)
-        self.suffix = "" if single else f"_car_{self.term.factor}"
+        self.mix_name, self.suffix = self.term.mix_name, suffix
 
     def natural(self, psi) -> tuple[float, float]:
         """(sd, mix) at the block's psi (mix 0 for ICAR)."""
@@ -246,21 +249,20 @@ class _GroupBlock:
         return factor @ factor.T
 
     def hyperparameters(self, psi) -> dict[str, float]:
-        cov, names, group = self.covariance(psi), self.term.coef_names, self.term.group
+        cov = self.covariance(psi)
         sds = np.sqrt(np.diag(cov))
-        if self.term.k == 1:
-            return {f"sd_{group}": float(sds[0])}
-        out = {f"sd_{group}_{name}": float(sd) for name, sd in zip(names, sds)}
-        for i, j in zip(*np.tril_indices(self.term.k, -1)):
-            out[f"cor_{group}_{names[j]}_{names[i]}"] = float(cov[i, j] / (sds[i] * sds[j]))
-        return out
+        sd_names, cor_names = group_parameter_names(self.term)
+        out = {name: float(sd) for name, sd in zip(sd_names, sds)}
+        return out | {name: float(cov[i, j] / (sds[i] * sds[j])) for (i, j), name in cor_names.items()}
 
 
 class SpatialLaplace:
     """The criterion of the module docstring as a function of psi, with the mode carried from one psi to the next.
 
     psi holds each term's parameters in turn (:class:`_CarBlock`, :class:`_GroupBlock`: the spatial terms in the
-    formula's order, then the ``(lhs | g)`` terms), then log sigma for a Gaussian response."""
+    formula's order, then the ``(lhs | g)`` terms), then log sigma for a Gaussian response.  ``beta_prior`` (mean,
+    precision), precision 0 where flat, is for REML only: beta ~ N(mean, diag(1 / precision)) integrated out, the
+    criterion then -2 log p(y | psi) of the Bayesian exact sampler (:mod:`hierpool.bayesian.spatial_exact`)."""
 
     def __init__(self, sdesign: SpatialDesign, reml: bool, beta_prior: tuple[np.ndarray, np.ndarray] | None = None):
         design = sdesign.design
@@ -270,7 +272,8 @@ class SpatialLaplace:
             raise ArgumentError(f"the closed-form spatial fit takes families {FAMILIES[1:]} (and a Gaussian "
                                 f"response); {design.family.name!r} is sampled by hp.bayes")
         self.family = None if self.gaussian else family(design.family)
-        self.blocks = [_CarBlock(a, sdesign.single) for a in sdesign.areas] + [_GroupBlock(t) for t in design.terms]
+        self.blocks = ([_CarBlock(a, sdesign.suffix(a)) for a in sdesign.areas]
+                       + [_GroupBlock(t) for t in design.terms])
         sizes = [b.n_latent for b in self.blocks]
         self.latent_offsets = np.r_[0, np.cumsum(sizes)[:-1]].astype(int)
         self.param_offsets = np.r_[0, np.cumsum([b.n_params for b in self.blocks])].astype(int)
@@ -281,6 +284,8 @@ class SpatialLaplace:
         self.p, self.m = self.X.shape[1], int(np.sum(sizes))
         # beta ~ N(mean, diag(1 / precision)) a priori, precision 0 where flat (the Bayesian exact sampler's; a fit's
         # beta is flat: integrated out by REML, or maximized over)
+        if beta_prior is not None and not reml:
+            raise ArgumentError("a prior on beta is for the restricted criterion (beta integrated out): reml=True")
         mean, precision = (np.zeros(self.p), np.zeros(self.p)) if beta_prior is None else beta_prior
         self.beta_mean, self.beta_precision = np.asarray(mean, dtype=float), np.asarray(precision, dtype=float)
         self.rows = stack_rows([b.row_part() for b in self.blocks], list(self.latent_offsets), self.m)
@@ -324,11 +329,6 @@ class SpatialLaplace:
     def sigma(self, psi) -> float:
         """The residual sd (1 for a GLMM)."""
         return float(np.exp(psi[-1])) if self.gaussian else 1.0
-
-    def unpack(self, psi) -> tuple[float, float, float]:
-        """(sd, mix, sigma) of a model whose one random term is spatial (mix 0 without one, sigma 1 for a GLMM)."""
-        sd, mix = self.blocks[0].natural(self.block_psi(psi, 0))
-        return sd, mix, self.sigma(psi)
 
     def start(self) -> np.ndarray:
         """psi's start: the best of a coarse grid of sds, one for every term (:data:`START_SDS`, times sd(y) for a
@@ -665,12 +665,8 @@ class SpatialFit:
     def _group_table(self, t: int) -> pd.DataFrame:
         """A (lhs | g) term's conditional modes and sds, by level (and coefficient, for k > 1)."""
         term, where = self.laplace.blocks[t].term, self._effects_slice(t)
-        if term.k == 1:
-            index = pd.Index(term.levels, name=term.group)
-        else:
-            index = pd.MultiIndex.from_product([term.levels, list(term.coef_names)], names=[term.group, "term"])
         table = pd.DataFrame({"effect": self.latent[where], "condsd": np.sqrt(self._latent_variances[where])},
-                             index=index)
+                             index=group_effect_index(term))
         table["rows"] = np.repeat(np.bincount(term.index, minlength=term.n_levels), term.k)
         return table
 
@@ -692,17 +688,43 @@ class SpatialFit:
     def _log_link(self) -> bool:
         return self.design.family is not None and self.design.family.link == "log"
 
+    def _log_risk_sd(self, t: int) -> np.ndarray:
+        """Each area's sd of log RR_a = log sum_(i in a) w_i mu_i - log E_a given beta^, by the delta method:
+        sqrt(g_a' H_xx^-1 g_a) under the constraints, g_a = Z' (w mu 1[area(i) = a]) / sum_(i in a) w_i mu_i, every
+        term's effects counted (in BYM's car(a, type='icar') + (1 | a), phi_a + u_a with their covariance).  Where
+        the spatial term is the model's one random term, g_a is the area's unit vector: its effect's conditional
+        sd.  NaN for an area without rows."""
+        area_term, laplace = self.sdesign.areas[t], self.laplace
+        weighted_mu = self.design.row_weights * np.exp(self._mode.eta)
+        totals = np.bincount(area_term.area, weights=weighted_mu, minlength=area_term.n_areas)
+        factor = self._factor(laplace.latent_only)
+        areas = np.flatnonzero(area_term.area_rows() > 0)
+        out = np.full(area_term.n_areas, np.nan)
+        for start in range(0, areas.size, DIAGONAL_CHUNK):
+            chunk = areas[start:start + DIAGONAL_CHUNK]
+            position = np.full(area_term.n_areas, -1)
+            position[chunk] = np.arange(chunk.size)
+            column = position[area_term.area]
+            rows = np.flatnonzero(column >= 0)
+            share = weighted_mu[rows] / totals[area_term.area[rows]]
+            gradient = np.zeros((factor.shape[0], chunk.size))
+            for slot in range(laplace.rows.columns.shape[1]):
+                np.add.at(gradient, (laplace.rows.columns[rows, slot], column[rows]),
+                          laplace.rows.values[rows, slot] * share)
+            solved = factor.solve(gradient)
+            out[chunk] = np.sqrt(np.einsum("ij,ij->j", gradient[: laplace.m], solved[: laplace.m]))
+        return out
+
     def relative_risk(self, level: float = 0.95, term: str | None = None) -> pd.DataFrame:
         """Per area with data (log link): observed and expected counts (expected = exp(offset), summed over the
         area's rows), the raw SIR observed / expected, and the smoothed relative risk sum mu^ / expected with an
-        interval exp(log RR +- z condsd) from the effect's conditional sd (beta held at beta^).  ``term``: the
-        spatial term's area column, where the model has several."""
+        interval exp(log RR +- z sd) from log RR's conditional sd (beta held at beta^; every term's effects counted,
+        :meth:`_log_risk_sd`).  ``term``: the spatial term's area column, where the model has several."""
         if not self._log_link:
             raise ArgumentError("relative risks are for a count model with a log link (family='poisson')")
         t = self._car_index(term)
         return area_risk_table(self.sdesign.areas[t], self.design.y, np.exp(self.design.offset),
-                               np.exp(self._mode.eta), self.design.row_weights,
-                               np.sqrt(self._latent_variances[self._effects_slice(t)]), level)
+                               np.exp(self._mode.eta), self.design.row_weights, self._log_risk_sd(t), level)
 
     def hyperparameters(self) -> pd.Series:
         """Each term's sd (``sd`` and ``rho`` (BYM2) or ``alpha`` (proper CAR) where the model's one random term is

@@ -94,6 +94,11 @@ class SpatialTermSpec:
     def label(self) -> str:
         return f"car({self.factor}, type='{self.type}')"
 
+    @property
+    def mix_name(self) -> str | None:
+        """The name of the type's second parameter: BYM2's ``rho``, the proper CAR's ``alpha`` (ICAR: None)."""
+        return {"bym2": "rho", "proper": "alpha"}.get(self.type)
+
 
 def _car_term(text: str, full: str) -> SpatialTermSpec:
     """``car(county, type='bym2')`` -> SpatialTermSpec; every other argument is refused by name."""

@@ -121,6 +121,28 @@ class SpatialDesign:
     def area_rows(self) -> np.ndarray:
         return self.area_term().area_rows()
 
+    def suffix(self, area_term: AreaTerm) -> str:
+        """The suffix of a spatial term's parameter names (both engines): none where the model's one random term is
+        spatial (``sd``, ``rho``, ``b``), else ``_car_<area column>`` (``sd_car_county``, ``b_car_county``)."""
+        return "" if self.single else f"_car_{area_term.term.factor}"
+
+
+def group_parameter_names(term) -> tuple[list[str], dict[tuple[int, int], str]]:
+    """A ``(lhs | g)`` term's parameter names beside spatial terms (both engines): its sds (``sd_<group>`` for one
+    coefficient, else ``sd_<group>_<coefficient>``) and its correlations (``cor_<group>_<a>_<b>`` keyed by (i, j),
+    i > j)."""
+    names, group = term.coef_names, term.group
+    sds = [f"sd_{group}"] if term.k == 1 else [f"sd_{group}_{name}" for name in names]
+    cors = {(i, j): f"cor_{group}_{names[j]}_{names[i]}" for i, j in zip(*np.tril_indices(term.k, -1))}
+    return sds, cors
+
+
+def group_effect_index(term) -> pd.Index:
+    """The index of a ``(lhs | g)`` term's effects, level-major: its levels (one coefficient), or (level, term)."""
+    if term.k == 1:
+        return pd.Index(term.levels, name=term.group)
+    return pd.MultiIndex.from_product([term.levels, list(term.coef_names)], names=[term.group, "term"])
+
 
 def _geometry_of(frame, factor: str, what: str) -> dict:
     """Area label -> geometry of a GeoDataFrame (anything with a ``geometry`` column of ``__geo_interface__``)."""
@@ -182,9 +204,19 @@ def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: Famil
             raise DataError(f"{term.label}: data has no column {term.factor!r}")
     if isinstance(data, pd.DataFrame) and not data.index.is_unique:
         data = data.reset_index(drop=True)  # rows are matched to areas by label: a repeated label would repeat rows
+    keyed = isinstance(adjacency, dict) and any(f in adjacency and not _polygons(adjacency[f]) for f in factors)
+    if keyed and set(map(str, adjacency)) - set(factors):
+        raise ArgumentError(f"adjacency is a dict of graphs keyed by area column, but "
+                            f"{sorted(set(map(str, adjacency)) - set(factors))} name no car() term of {formula!r} "
+                            f"(its area columns: {factors})")
     graphs = [resolve_graph(adjacency, data, term) for term in spec.spatial]
     design = build_design(formula, data, weights=weights, offset=offset, family=family, random_optional=True,
                           spatial=True)
+    groups = [term.group for term in design.terms]
+    repeated = sorted({g for g in groups if groups.count(g) > 1})
+    if repeated:
+        raise FormulaError(f"{formula!r} has two (... | {repeated[0]}) terms beside a spatial term: not built (write "
+                           f"them as one term, (1 + x | {repeated[0]}))")
     areas = tuple(_area_term(term, area_graph, data.loc[design.rows, term.factor])
                   for term, area_graph in zip(spec.spatial, graphs))
     return SpatialDesign(design=design, areas=areas)

@@ -276,7 +276,8 @@ def blup_agreement(
     adjacency : optional
         The graph of a spatial term ``car(area, type=...)`` (:func:`hierpool.lmm`): exact mode only; the closed
         form is the sparse Laplace fit (exact for a Gaussian response), the posterior NUTS on the spatial model
-        with sd, the mixing parameter and sigma held (:func:`compare_spatial`), every area of the graph compared.
+        with every variance parameter held (:func:`compare_spatial`), every area of the graph (and every level of a
+        ``(1 | g)`` term beside) compared.
     mode : {"exact", "full"}
         ``exact``: variance parameters held at their REML estimates and a flat prior
         on beta, so the posterior must reproduce the BLUPs and sigma^2 C^-1.

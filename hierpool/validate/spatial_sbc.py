@@ -91,7 +91,7 @@ def spatial_sbc(formula: str, data: pd.DataFrame, adjacency, family: str = "pois
     if any(prior is None for prior in frozen.beta):
         raise ArgumentError("SBC simulates from the prior: flat priors on fixed effects are not allowed")
     prior = CarPrior(sdesign.graph, term.type)
-    mix_name = {"bym2": "rho", "proper": "alpha"}.get(term.type)
+    mix_name = term.mix_name
     rng = np.random.default_rng(seed)
     frame = data.loc[design.rows].copy()
     trials = np.asarray(design.row_weights, dtype=float)
