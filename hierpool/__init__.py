@@ -30,7 +30,7 @@ _LAZY = {
     "BatchResult": "batch", "BayesBatchResult": "batch", "bayes_batch": "batch", "fit_batch": "batch",
     "BayesResult": "bayesian", "SamplingWarning": "bayesian", "bayes": "bayesian",
     "Control": "closedform", "MixedModel": "closedform", "lmm": "closedform",
-    "GLMMResult": "closedform", "glmm": "closedform",
+    "GLMMResult": "closedform", "glmm": "closedform", "simulate": "closedform",
     "PoolingComparison": "pooling_comparison", "pooling": "pooling_comparison",
     "RidgeView": "ridge", "ridge_view": "ridge",
     "ar1": "spec.correlation", "car1": "spec.correlation",
@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from . import batch, bayesian, closedform, datasets, pedigree, plots, validate
     from .batch import BatchResult, BayesBatchResult, bayes_batch, fit_batch
     from .bayesian import BayesResult, SamplingWarning, bayes
-    from .closedform import Control, GLMMResult, MixedModel, glmm, lmm
+    from .closedform import Control, GLMMResult, MixedModel, glmm, lmm, simulate
     from .pooling_comparison import PoolingComparison, pooling
     from .ridge import RidgeView, ridge_view
     from .spec.correlation import ar1, car1
@@ -96,5 +96,6 @@ __all__ = [
     "PoolingComparison",
     "ridge_view",
     "RidgeView",
+    "simulate",
     "validate",
 ]

@@ -14,6 +14,7 @@ from .glmm_results import GLMMResult
 from .model import MixedModel, lmm
 from .optimize import Control
 from .results import LMMResult
+from .simulate import simulate
 
 __all__ = [
     "Control",
@@ -27,5 +28,6 @@ __all__ = [
     "lmm",
     "objective",
     "prediction_covariance",
+    "simulate",
     "solve",
 ]

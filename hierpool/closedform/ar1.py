@@ -137,6 +137,7 @@ class AR1Result(LMMResult):
     phi_interval: tuple[float, float] = (float("nan"), float("nan"))
     log_det_correlation: float = 0.0
     series_ends: pd.DataFrame | None = None  # per series label: its last fitted row and that row's time (or position)
+    series: Series | None = None  # each fitted row's predecessor in its series and the lag (hp.simulate draws along it)
 
     def predict(self, newdata: pd.DataFrame | None = None, re: bool = True, interval: str | None = None,
                 level: float = 0.95):
@@ -282,7 +283,7 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=reml)  # the host's Henderson solve
     return AR1Result(design, system, solution, optimum, reml, True, structure=correlation,
                      phi=constrained(u_hat, continuous), phi_interval=interval, log_det_correlation=logdet,
-                     series_ends=series_ends(correlation, data, design, series))
+                     series_ends=series_ends(correlation, data, design, series), series=series)
 
 
 def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

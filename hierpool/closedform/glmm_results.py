@@ -142,11 +142,14 @@ class GLMMResult:
     def fixef_se(self) -> pd.Series:
         return pd.Series(np.sqrt(np.diag(self.vcov.to_numpy())), index=self.fixef.index, name="se")
 
+    def term_covariances(self) -> list[np.ndarray]:
+        """Sigma_j = T_j T_j' of each random-effect term (on the link scale), as :meth:`LMMResult.term_covariances`."""
+        factors = theta_to_factors(np.asarray(self.theta, dtype=float), tuple(t.k for t in self.design.terms))
+        return [np.asarray(f) @ np.asarray(f).T for f in factors]
+
     @property
     def varcorr(self) -> pd.DataFrame:
-        factors = theta_to_factors(self.theta, tuple(t.k for t in self.design.terms))
-        terms = [(t.group, list(t.coef_names), np.asarray(f) @ np.asarray(f).T)
-                 for t, f in zip(self.design.terms, factors)]
+        terms = [(t.group, list(t.coef_names), cov) for t, cov in zip(self.design.terms, self.term_covariances())]
         return varcorr_table(terms, None)
 
     @property

@@ -1,0 +1,128 @@
+"""``hp.simulate(fit, n)``: responses drawn from a fitted mixed model, lme4's ``simulate.merMod``.
+
+For a linear mixed model y* = o + X beta^ + Z b* + e*, e*_i ~ N(0, sigma^2 / w_i) (independent; with AR(1)
+residuals, e* drawn along each series with the fit's phi, e*_t = c_t e*_(t-1) + sigma sqrt(1 - c_t^2) z_t,
+c_t = phi^lag_t); for a GLMM y*_i ~ family(g^-1(o_i + x_i' beta^ + z_i' b*)), a binomial's count of successes
+out of its trials (w_i) returned as the proportion, as its response was given.  b* is drawn anew from
+N(0, Sigma^) per term (``use_u=False``, lme4's default ``re.form = NA``: the unconditional distribution, what a
+parametric bootstrap needs), or held at the fitted conditional modes (``use_u=True``, lme4's ``re.form = NULL``).
+
+References: Bates, Maechler, Bolker & Walker (2015), lme4's ``simulate.merMod``; Davison & Hinkley (1997),
+Bootstrap methods and their application, ch. 2 (the parametric bootstrap).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ArgumentError, integer_argument
+from .ar1 import AR1Result
+from .glmm_results import GLMMResult
+from .results import LMMResult
+
+#: Families :func:`simulate` draws from.
+FAMILIES = ("binomial", "poisson", "negative_binomial")
+
+
+def _linear_predictor(fit, rng: np.random.Generator, n: int, use_u: bool) -> np.ndarray:
+    """(rows, n): o + X beta^ + sum_j z_ij' b*_j[level] per row, b* new draws from N(0, Sigma_j), or the fitted
+    conditional modes (``use_u``: the fit's own linear predictor)."""
+    design = fit.design
+    if use_u:
+        eta = fit.fitted if isinstance(fit, LMMResult) else fit.optimum.mode.eta
+        return np.repeat(np.asarray(eta, dtype=float)[:, None], n, axis=1)
+    out = (design.offset + design.X @ np.asarray(fit.fixef, dtype=float))[:, None] + np.zeros((1, n))
+    for term, cov in zip(design.terms, fit.term_covariances()):
+        b = rng.standard_normal((n, term.n_levels, term.k)) @ _root(np.asarray(cov, dtype=float)).T  # (n, ell, k)
+        out += np.einsum("ik,nik->in", term.z, b[:, term.index, :])
+    return out
+
+
+def _root(cov: np.ndarray) -> np.ndarray:
+    """R with R R' = cov, for a positive semi-definite covariance (a singular fit's too: an sd of 0)."""
+    values, vectors = np.linalg.eigh(cov)
+    return vectors * np.sqrt(np.clip(values, 0.0, None))
+
+
+def _ar1_residuals(fit: AR1Result, rng: np.random.Generator, n: int, sigma: float, scale: np.ndarray) -> np.ndarray:
+    """(rows, n): AR(1) residuals along each series of the fit: a series' first row N(0, sigma^2), each next one
+    c_t times the one before plus N(0, sigma^2 (1 - c_t^2)), drawn in rounds (a row once its predecessor is)."""
+    from ..algebra.ar1 import carried
+
+    previous, lag = np.asarray(fit.series.previous), np.asarray(fit.series.lag)
+    c = np.asarray(carried(fit.phi, previous, lag), dtype=float)
+    innovation = sigma * (scale * np.sqrt(1.0 - c**2))[:, None] * rng.standard_normal((len(c), n))
+    e = np.zeros((len(c), n))
+    done = np.zeros(len(c), dtype=bool)
+    while not done.all():
+        ready = ~done & ((previous < 0) | done[np.maximum(previous, 0)])
+        rows = np.flatnonzero(ready)
+        before = np.where((previous[rows] >= 0)[:, None], e[np.maximum(previous[rows], 0)], 0.0)
+        e[rows] = c[rows, None] * before + innovation[rows]
+        done[rows] = True
+    return e
+
+
+def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> pd.DataFrame:
+    """Draw ``n`` responses from a fitted model (lme4's ``simulate(fit, nsim = n)``).
+
+    Parameters
+    ----------
+    fit : LMMResult or GLMMResult
+        ``hp.lmm`` (independent or AR(1) residuals, prior weights or known residual sds, offsets) or ``hp.glmm``
+        (binomial, Poisson, negative binomial) fit.
+    n : int
+        Number of simulated responses.
+    seed : int, optional
+        Seed of NumPy's generator (None: fresh entropy).
+    use_u : bool
+        Keep the fitted conditional modes of the random effects (lme4's ``re.form = NULL``) instead of drawing
+        new ones from their fitted distribution (``re.form = NA``, the default).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One column per simulation (``sim_1`` ... ``sim_n``), indexed by the fitted rows of the data (rows dropped
+        for missing values are absent), on the response's scale as the fit read it (a binomial's proportion of its
+        trials).
+
+    References
+    ----------
+    Bates, Maechler, Bolker & Walker (2015), J. Stat. Softw. 67(1); lme4's ``simulate.merMod``.
+    """
+    n = integer_argument("n", n, minimum=1)
+    if not isinstance(fit, (LMMResult, GLMMResult)):
+        raise ArgumentError(f"hp.simulate takes an hp.lmm or hp.glmm fit, got {type(fit).__name__} (a relationship "
+                            "matrix's or a spatial model's simulation is not built yet)")
+    rng = np.random.default_rng(seed)
+    design = fit.design
+    eta = _linear_predictor(fit, rng, n, use_u)
+    weights = np.asarray(design.row_weights, dtype=float)
+    if isinstance(fit, LMMResult):
+        sigma = 1.0 if design.sigma_known else float(fit.sigma)
+        scale = 1.0 / np.sqrt(weights)
+        if isinstance(fit, AR1Result):
+            y = eta + _ar1_residuals(fit, rng, n, sigma, scale)
+        else:
+            y = eta + sigma * scale[:, None] * rng.standard_normal((design.n, n))
+    else:
+        family = fit.family
+        if family.name not in FAMILIES:
+            raise ArgumentError(f"hp.simulate draws the families {FAMILIES}, not {family.name!r}")
+        mu = np.asarray(family.link.inverse(eta), dtype=float)
+        if family.name == "binomial":
+            trials = np.rint(weights).astype(np.int64)
+            if not np.allclose(trials, weights):
+                raise ArgumentError("hp.simulate draws a binomial's successes out of whole trials: the fit's prior "
+                                    "weights are not whole numbers")
+            y = rng.binomial(trials[:, None], np.clip(mu, 0.0, 1.0)) / trials[:, None]
+        elif not np.allclose(weights, 1.0):
+            raise ArgumentError(f"hp.simulate: a {family.name} fit with prior weights (a weighted log-likelihood) "
+                                "has no distribution to draw from")
+        elif family.name == "poisson":
+            y = rng.poisson(mu).astype(float)
+        else:  # NB2: Poisson with a Gamma(shape, shape / mu) mean
+            shape = float(family.shape)
+            y = rng.poisson(rng.gamma(shape, mu / shape)).astype(float)
+    return pd.DataFrame(y, index=design.rows, columns=[f"sim_{i + 1}" for i in range(n)])

