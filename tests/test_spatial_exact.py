@@ -177,8 +177,11 @@ def test_hp_bayes_samples_a_gaussian_spatial_model_exactly_by_default():
         nuts = hp.bayes(two, data, adjacency=grid(5, 4), seed=1, progress=False, chains=2, draws=100, tune=100)
         closed = hp.lmm(two, data, adjacency=grid(5, 4))
     assert nuts.method == "nuts", "NUTS samples a term with several coefficients"
-    assert list(nuts.hyperparameters().index) == list(closed.hyperparameters().index), "the two engines' names"
-    assert list(nuts.ranef["(1 + x | site)"].index) == list(closed.ranef["(1 + x | site)"].index), "the same effects"
+    names = ["sd_car_area", "sd_site_Intercept", "sd_site_x", "cor_site_Intercept_x", "sigma"]
+    assert list(nuts.hyperparameters().index) == names == list(closed.hyperparameters().index), "both engines' names"
+    for ranef in (nuts.ranef["(1 + x | site)"], closed.ranef["(1 + x | site)"]):
+        assert ranef.index.names == ["site", "term"] and list(ranef.index[:2]) == [("0", "Intercept"), ("0", "x")], \
+            "a (1 + x | g) term's effects by (level, coefficient)"
     with pytest.raises(hp.HierpoolError, match="method='collapsed': the exact sampler is for a Gaussian"):
         hp.bayes("y ~ car(area, type='icar')", data.assign(y=rng.poisson(3, 40)), family="poisson",
                  adjacency=grid(5, 4), method="collapsed")

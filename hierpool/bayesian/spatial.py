@@ -28,7 +28,9 @@ Priors (keys of ``priors=``): the fixed effects', ``sigma``'s, ``shape``'s and t
 the link scale (2.5 sd(y) for a Gaussian response), ``rho`` Beta(1, 1) (BYM2), ``alpha`` Uniform(0, 1) (proper CAR):
 brms's defaults for rho and alpha, the sd's as hierpool's other sds.  Where the model has more than one random term,
 each spatial term's sites and keys end in ``_car_<area column>`` (``sd_car_county``, ``rho_car_county``;
-:meth:`~hierpool.spec.spatial.SpatialDesign.suffix`), and ``sd`` is every sd's prior.
+:meth:`~hierpool.spec.spatial.SpatialDesign.suffix`), ``sd`` is every sd's prior, and ``sd_<group>`` a ``(lhs | g)``
+term's (in ``car(area, type='icar') + (1 | area)``, ``sd_area`` is the unstructured term's, ``sd_car_area`` the
+spatial one's); a one-term model's ``rho`` or ``sd_<area column>`` naming nothing there is refused by name.
 
 References: Besag, York & Mollie (1991), Ann. Inst. Stat. Math. 43; Riebler, Sorbye, Simpson & Rue (2016), Stat.
 Methods Med. Res. 25; Freni-Sterrantino, Ventrucci & Rue (2018), Spatial and Spatio-temporal Epidemiology 26;
@@ -66,7 +68,7 @@ from ..spec.spatial import AreaTerm, SpatialDesign, group_effect_index, group_pa
 from .model import cov_factors_of, fixed_effects, group_effects, variance_parameters
 from .nuts import sample_nuts
 from .posterior import gaussian_pointwise, group_posterior, linear_predictor_draws, term_slots
-from .priors import Priors, _check_distribution, _check_positive_support, resolve_priors
+from .priors import Priors, _check_distribution, _check_positive_support, group_keys, resolve_priors
 from .results import SUMMARY_COLUMNS, posterior_diagnostics, summarize_draws
 
 #: Maps up to this many areas sample the ICAR in whitened coordinates (a dense n x n product per gradient, where the
@@ -132,7 +134,7 @@ def car_priors(sdesign: SpatialDesign, priors: dict | None) -> tuple[dict, tuple
     s_y = 1.0 if design.family is not None else float(np.std(design.y)) or 1.0
     if not sdesign.single:  # the keys of a one-term model name nothing here, or another term: refused by name
         valid = [f"{name}{sdesign.suffix(a)}" for a in sdesign.areas for name in ("sd", a.term.mix_name) if name]
-        groups = {term.group for term in design.terms}
+        groups = {key for term in design.terms for key in group_keys(term.group)}  # resolve_priors' sd_<g> keys
         stray = [key for key in priors if key in ("rho", "alpha")
                  or (key.startswith("sd_") and key[3:] in {a.term.factor for a in sdesign.areas} - groups)]
         if stray:

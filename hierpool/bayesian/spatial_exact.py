@@ -189,16 +189,15 @@ def sample_spatial_exact(sdesign: SpatialDesign, priors: Priors, cars: tuple[Car
         suffix = sdesign.suffix(sdesign.areas[t])
         sampled[f"sd{suffix}"] = sd
         prior = block.prior
+        if prior.has_mix:
+            sampled[f"{block.mix_name}{suffix}"] = expit(psi[..., at + 1])
         if prior.type == "bym2":
-            rho = expit(psi[..., at + 1])
-            sampled[f"rho{suffix}"] = rho
+            rho = sampled[f"rho{suffix}"]
             b = latent[..., : prior.n]
             spatial = compose_bym2(sd[..., None], rho[..., None], np.zeros_like(b), latent[..., prior.n:],
                                    prior.scaling)[1]
             effects.append({"b": b, "spatial": spatial, "unstructured": b - spatial})
         else:
-            if prior.type == "proper":
-                sampled[f"alpha{suffix}"] = expit(psi[..., at + 1])
             effects.append({"b": latent})
     sigma = np.exp(psi[..., -1])
     sampled["sigma"] = sigma

@@ -160,9 +160,9 @@ def _has_geometry(frame) -> bool:
 
 def resolve_graph(adjacency, data: pd.DataFrame, term: SpatialTermSpec) -> Graph:
     """The term's :class:`Graph` from ``adjacency=`` (module docstring)."""
-    if isinstance(adjacency, dict) and term.factor in adjacency and not _polygons(adjacency[term.factor]):
+    if isinstance(adjacency, dict) and term.factor in adjacency and _is_graph(adjacency[term.factor]):
         adjacency = adjacency[term.factor]
-    elif isinstance(adjacency, dict) and any(isinstance(v, (pd.DataFrame, dict)) for v in adjacency.values()):
+    elif isinstance(adjacency, dict) and any(_is_graph(v) for v in adjacency.values()):
         raise ArgumentError(f"adjacency is a dict of graphs keyed by {sorted(map(str, adjacency))}, but the spatial "
                             f"term's area column is {term.factor!r}")
     if adjacency is None:
@@ -175,9 +175,10 @@ def resolve_graph(adjacency, data: pd.DataFrame, term: SpatialTermSpec) -> Graph
     return graph(adjacency, name="adjacency")
 
 
-def _polygons(value) -> bool:
-    """Whether a dict value is one area's polygons (so the dict is label -> polygons, not factor -> adjacency)."""
-    return isinstance(value, list) or hasattr(value, "__geo_interface__")
+def _is_graph(value) -> bool:
+    """Whether a dict value is a whole graph (an edge list, a 0/1 matrix or a GeoDataFrame, or a dict of polygons),
+    so that the dict is area column -> graph, not area label -> polygons (a list, an array, a geometry)."""
+    return isinstance(value, (pd.DataFrame, dict))
 
 
 def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: FamilySpec | None = None,
@@ -204,7 +205,7 @@ def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: Famil
             raise DataError(f"{term.label}: data has no column {term.factor!r}")
     if isinstance(data, pd.DataFrame) and not data.index.is_unique:
         data = data.reset_index(drop=True)  # rows are matched to areas by label: a repeated label would repeat rows
-    keyed = isinstance(adjacency, dict) and any(f in adjacency and not _polygons(adjacency[f]) for f in factors)
+    keyed = isinstance(adjacency, dict) and any(f in adjacency and _is_graph(adjacency[f]) for f in factors)
     if keyed and set(map(str, adjacency)) - set(factors):
         raise ArgumentError(f"adjacency is a dict of graphs keyed by area column, but "
                             f"{sorted(set(map(str, adjacency)) - set(factors))} name no car() term of {formula!r} "
@@ -215,8 +216,8 @@ def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: Famil
     groups = [term.group for term in design.terms]
     repeated = sorted({g for g in groups if groups.count(g) > 1})
     if repeated:
-        raise FormulaError(f"{formula!r} has two (... | {repeated[0]}) terms beside a spatial term: not built (write "
-                           f"them as one term, (1 + x | {repeated[0]}))")
+        raise FormulaError(f"{formula!r}: (x || {repeated[0]}), or several (... | {repeated[0]}) terms on one group, "
+                           f"is not built beside a spatial term ((1 + x | {repeated[0]}) fits them correlated)")
     areas = tuple(_area_term(term, area_graph, data.loc[design.rows, term.factor])
                   for term, area_graph in zip(spec.spatial, graphs))
     return SpatialDesign(design=design, areas=areas)
