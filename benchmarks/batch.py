@@ -2,6 +2,7 @@
 
     python benchmarks/batch.py [--datasets 2000] [--statsmodels-datasets N]   # writes benchmarks/out/batch.json
     python benchmarks/batch.py --datasets 100000 --hierpool-only              # on a GPU machine (no R there)
+    python benchmarks/batch.py --bootstrap 1000     # hp.bootstrap against lme4's bootMer: benchmarks/out/bootstrap.json
 
 Each contender runs in a fresh process on the same simulated data
 (``hp.datasets.sleepstudy_replicates``: 18 subjects x 10 days, correlated slopes);
@@ -14,6 +15,12 @@ components and BLUPs (data generation and imports excluded):
 
 ``--statsmodels-datasets`` times statsmodels on the first N datasets only and
 scales its time to all of them (it needs ~0.09 s per fit here); the report says so.
+
+``--bootstrap N``: the parametric bootstrap of sleepstudy's ``Reaction ~ Days + (Days | Subject)`` (REML), N
+replicates: ``hp.bootstrap`` (simulation and ``hp.fit_batch``, compilation included) against lme4's
+``bootMer(fit, FUN, nsim = N)`` with FUN the fixed effects, sds, correlation and sigma; each in a fresh process,
+the clock around the bootstrap call only (the original fit outside it on both sides); the percentile intervals of
+both are reported side by side (they agree up to Monte-Carlo error, the simulations differing).
 """
 
 from __future__ import annotations
@@ -89,6 +96,51 @@ LME4 = textwrap.dedent(
 )
 
 
+HIERPOOL_BOOT = textwrap.dedent(
+    """
+    import json, sys, time, warnings, jax
+    import hierpool as hp
+    hp.bootstrap
+    warnings.simplefilter("ignore")
+    fit = hp.lmm("Reaction ~ Days + (Days | Subject)", hp.datasets.sleepstudy())
+    t0 = time.perf_counter()
+    boot = hp.bootstrap(fit, NSIM, seed=1, progress=False)
+    wall = time.perf_counter() - t0
+    ci = boot.confint()
+    print(json.dumps(dict(wall_s=wall, n=NSIM, failed=boot.failed, refitted=int(boot.batch.refit.sum()),
+                          device=str(jax.devices()[0]), lower=ci["lower"].tolist(), upper=ci["upper"].tolist(),
+                          names=list(ci.index))))
+    """
+)
+
+LME4_BOOT = textwrap.dedent(
+    """
+    suppressMessages(library(lme4))
+    fit <- lmer(Reaction ~ Days + (Days | Subject), sleepstudy, REML = TRUE)
+    params <- function(m) { v <- as.data.frame(VarCorr(m)); c(fixef(m), v$sdcor) }  # sd, sd, cor, sigma
+    t0 <- proc.time()[["elapsed"]]
+    b <- bootMer(fit, params, nsim = NSIM, seed = 1)
+    wall <- proc.time()[["elapsed"]] - t0
+    q <- apply(b$t, 2, quantile, probs = c(0.025, 0.975), na.rm = TRUE)
+    cat(sprintf('{"wall_s": %.4f, "n": %d, "failed": %d, "lower": [%s], "upper": [%s]}\\n', wall, NSIM,
+                sum(!complete.cases(b$t)), paste(sprintf("%.8g", q[1, ]), collapse = ","),
+                paste(sprintf("%.8g", q[2, ]), collapse = ",")))
+    """
+)
+
+
+def bootstrap_benchmark(n: int) -> None:
+    """hp.bootstrap against lme4's bootMer on sleepstudy (module docstring); writes benchmarks/out/bootstrap.json."""
+    results = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
+                   replicates=n, load_1min_at_start=os.getloadavg()[0])
+    results["hierpool"] = _json_from([sys.executable, "-"], HIERPOOL_BOOT.replace("NSIM", str(n)))
+    results["lme4"] = _json_from(["Rscript", "-"], LME4_BOOT.replace("NSIM", str(n)))
+    results["ratio_vs_lme4"] = results["lme4"]["wall_s"] / results["hierpool"]["wall_s"]
+    results["load_1min_at_end"] = os.getloadavg()[0]
+    (OUT / "bootstrap.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
 def _json_from(command, script: str) -> dict:
     run = subprocess.run(command, input=script.replace("DATA", str(DATA)), capture_output=True, text=True)
     if run.returncode != 0:
@@ -101,8 +153,13 @@ def main() -> None:
     parser.add_argument("--datasets", type=int, default=2000)
     parser.add_argument("--statsmodels-datasets", type=int, default=None)
     parser.add_argument("--hierpool-only", action="store_true", help="time hierpool alone (fits per second)")
+    parser.add_argument("--bootstrap", type=int, default=0, help="replicates of hp.bootstrap against bootMer")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if args.bootstrap:
+        OUT.mkdir(exist_ok=True)
+        bootstrap_benchmark(args.bootstrap)
+        return
     import numpy as np
 
     import hierpool as hp

@@ -28,6 +28,7 @@ _LAZY = {
     "bayesian": None, "batch": None, "closedform": None, "datasets": None, "pedigree": None, "plots": None,
     "validate": None,
     "BatchResult": "batch", "BayesBatchResult": "batch", "bayes_batch": "batch", "fit_batch": "batch",
+    "BootstrapResult": "batch", "bootstrap": "batch",
     "BayesResult": "bayesian", "SamplingWarning": "bayesian", "bayes": "bayesian",
     "Control": "closedform", "MixedModel": "closedform", "lmm": "closedform",
     "GLMMResult": "closedform", "glmm": "closedform", "simulate": "closedform",
@@ -55,7 +56,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # what static tools and IDEs see
     from . import batch, bayesian, closedform, datasets, pedigree, plots, validate
-    from .batch import BatchResult, BayesBatchResult, bayes_batch, fit_batch
+    from .batch import BatchResult, BayesBatchResult, BootstrapResult, bayes_batch, bootstrap, fit_batch
     from .bayesian import BayesResult, SamplingWarning, bayes
     from .closedform import Control, GLMMResult, MixedModel, glmm, lmm, simulate
     from .pooling_comparison import PoolingComparison, pooling
@@ -69,6 +70,7 @@ __all__ = [
     "BatchResult",
     "BayesBatchResult",
     "BayesResult",
+    "BootstrapResult",
     "Control",
     "ConvergenceError",
     "ConvergenceWarning",
@@ -82,6 +84,7 @@ __all__ = [
     "ar1",
     "bayes",
     "bayes_batch",
+    "bootstrap",
     "batch",
     "car1",
     "bayesian",

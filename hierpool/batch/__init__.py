@@ -1,9 +1,11 @@
-"""Batch fitting: one model, many datasets, one compiled and vmapped call (``hp.fit_batch``, ``hp.bayes_batch``).
+"""Batch fitting: one model, many datasets, one compiled and vmapped call (``hp.fit_batch``, ``hp.bayes_batch``,
+and the parametric bootstrap on it, ``hp.bootstrap``).
 
 ``bayes_batch`` and its result are imported on first use (PEP 562): ``hp.fit_batch`` does not
 load the Bayesian stack (NumPyro, ArviZ: seconds of imports).
 """
 
+from .bootstrap import BootstrapResult, bootstrap
 from .fit import fit_batch
 from .results import BatchResult
 
@@ -24,4 +26,4 @@ def __dir__():
     return sorted(set(globals()) | set(_BAYESIAN))
 
 
-__all__ = ["BatchResult", "BayesBatchResult", "bayes_batch", "fit_batch"]
+__all__ = ["BatchResult", "BayesBatchResult", "BootstrapResult", "bayes_batch", "bootstrap", "fit_batch"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -137,6 +137,9 @@ class Design:
         A GLMM's family (None: the Gaussian linear mixed model).  Then ``y`` is the response
         as the family reads it (proportions for the binomial) and ``weights`` its prior weights
         (the binomial's trials times any ``weights=``); there is no residual variance.
+    frame : pandas.DataFrame or None
+        The model frame (lme4's ``model.frame``): the formula's columns (and the weights', offset's, se's) of the
+        fitted rows, as the data gave them; an internal copy, never the caller's frame.
     """
 
     spec: ModelSpec
@@ -157,6 +160,7 @@ class Design:
     aliased: tuple[str, ...]
     fixed_matrix: object  # formulae CommonEffectsMatrix (or a PlainPart), to encode new data the same way
     family: FamilySpec | None = None
+    frame: pd.DataFrame | None = field(default=None, compare=False, repr=False)  # the used columns of the fitted rows
 
     @property
     def n(self) -> int:
@@ -585,6 +589,7 @@ def build_design(
             frame[RESPONSE_COLUMN] = proportions
             rhs = spec.fixed.split("~", 1)[1]
             fixed_spec = replace(spec, response=RESPONSE_COLUMN, fixed=f"{RESPONSE_COLUMN} ~{rhs}")
+    model_frame = frame  # lme4's model.frame: the used columns of the fitted rows (hp.bootstrap refits from it)
     frame = _plain_numeric(frame)
     _check_finite(frame)
 
@@ -641,4 +646,5 @@ def build_design(
         aliased=aliased,
         fixed_matrix=fixed_matrix,
         family=family,
+        frame=model_frame,
     )

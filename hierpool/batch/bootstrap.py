@@ -1,0 +1,172 @@
+"""``hp.bootstrap(fit, n)``: the parametric bootstrap of a fitted linear mixed model (lme4's ``bootMer``), its
+replicates fitted by ``hp.fit_batch`` in compiled, vmapped chunks.
+
+Each replicate is a response drawn from the fitted model (:func:`hierpool.closedform.simulate.simulate`: new random
+effects and residuals at the estimates) on the fit's own rows (its model frame, ``Design.frame``), refitted by the
+same criterion (REML or ML); the replicates' spread around the estimate is the estimate's sampling distribution under
+the model.  ``confint`` gives lme4's ``confint(fit, method = "boot")`` intervals: percentile (``boot.type = "perc"``,
+the default), basic, or normal (bias-corrected, the replicates' sd).
+
+Today ``hp.fit_batch`` fits linear mixed models with one random-effect term (sleepstudy's ``(Days | Subject)``,
+any width), with weights, offsets or known residual sds; other fits are refused by name.
+
+References: Davison & Hinkley (1997), Bootstrap methods and their application, ch. 2 and 5; Bates et al. (2015),
+lme4's ``bootMer`` and ``confint.merMod``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ..algebra.varcorr import coef_pairs
+from ..closedform.ar1 import AR1Result
+from ..closedform.results import LMMResult
+from ..closedform.simulate import simulate
+from ..errors import ArgumentError, integer_argument
+from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
+from .fit import fit_batch
+from .results import BatchResult
+
+#: The replicate column of the long frame handed to ``hp.fit_batch``.
+REPLICATE_COLUMN = "(replicate)"
+#: The known residual sds' column (``se=``) of that frame.
+SE_COLUMN = "(se)"
+METHODS = ("percentile", "basic", "normal")
+
+
+def parameter_estimates(fit: LMMResult) -> pd.Series:
+    """The fit's parameters named as :meth:`BatchResult.to_frame` names them: fixed effects, ``sd_<group>_<coef>``,
+    ``cor_<group>_<a>_<b>``, ``sigma``."""
+    term = fit.design.terms[0]
+    cov = np.asarray(fit.term_covariances()[0], dtype=float)
+    sds = np.sqrt(np.diag(cov))
+    out = dict(zip(fit.design.fixed_names, np.asarray(fit.fixef, dtype=float)))
+    out |= {f"sd_{term.group}_{name}": sd for name, sd in zip(term.coef_names, sds)}
+    for i, j in coef_pairs(term.k):
+        correlation = cov[i, j] / (sds[i] * sds[j]) if sds[i] > 0 and sds[j] > 0 else np.nan
+        out[f"cor_{term.group}_{term.coef_names[i]}_{term.coef_names[j]}"] = correlation
+    if not fit.design.sigma_known:
+        out["sigma"] = float(fit.sigma)
+    return pd.Series(out, name="estimate")
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """A parametric bootstrap (:func:`bootstrap`).
+
+    Attributes
+    ----------
+    estimate : pandas.Series
+        The fit's parameters (fixed effects, sds, correlations, sigma).
+    replicates : pandas.DataFrame
+        One row per replicate, the same columns (NaN where a replicate's fit failed).
+    batch : BatchResult
+        The replicates' fits (``converged``, ``refit``, ``messages`` per replicate).
+    level : float
+    """
+
+    estimate: pd.Series
+    replicates: pd.DataFrame
+    batch: BatchResult
+    level: float = 0.95
+
+    @property
+    def failed(self) -> int:
+        """Replicates whose fit failed (left out of the intervals)."""
+        return int(self.replicates.isna().all(axis=1).sum())
+
+    def confint(self, level: float | None = None, method: str = "percentile") -> pd.DataFrame:
+        """Bootstrap confidence intervals of every parameter: ``estimate``, ``lower``, ``upper``, the replicates'
+        ``se`` (sd) and ``bias`` (mean less the estimate).
+
+        ``percentile``: the replicates' alpha/2 and 1 - alpha/2 quantiles (lme4's ``boot.type = "perc"``);
+        ``basic``: 2 estimate - those quantiles, reversed; ``normal``: estimate - bias -+ z se.
+        """
+        level = self.level if level is None else float(level)
+        if not 0 < level < 1:
+            raise ArgumentError(f"level must lie in (0, 1), got {level!r}")
+        if method not in METHODS:
+            raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
+        values = self.replicates.to_numpy(dtype=float)
+        tail = (1 - level) / 2
+        low, high = np.nanquantile(values, tail, axis=0), np.nanquantile(values, 1 - tail, axis=0)
+        estimate = self.estimate.to_numpy(dtype=float)
+        se, bias = np.nanstd(values, axis=0, ddof=1), np.nanmean(values, axis=0) - estimate
+        if method == "basic":
+            low, high = 2 * estimate - high, 2 * estimate - low
+        elif method == "normal":
+            z = stats.norm.ppf(1 - tail)
+            low, high = estimate - bias - z * se, estimate - bias + z * se
+        return pd.DataFrame({"estimate": estimate, "lower": low, "upper": high, "se": se, "bias": bias},
+                            index=self.estimate.index)
+
+    def __repr__(self) -> str:
+        return (f"BootstrapResult: {len(self.replicates)} replicates ({self.failed} failed), level {self.level}\n"
+                + self.confint().to_string(float_format=lambda v: f"{v:.4g}"))
+
+
+def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, *, chunk_size: int | None = None,
+              progress: bool | None = None) -> BootstrapResult:
+    """Parametric bootstrap of a fitted linear mixed model (lme4's ``bootMer(fit, FUN, nsim = n)`` with
+    ``use.u = FALSE``, the default ``type = "parametric"``), every replicate refitted by ``hp.fit_batch``.
+
+    Parameters
+    ----------
+    fit : LMMResult
+        An ``hp.lmm`` fit with one random-effect term (independent residuals; weights, offsets or known residual
+        sds allowed).
+    n : int
+        Replicates.
+    seed : int, optional
+        Seed of the simulations (:func:`hierpool.simulate`).
+    level : float
+        The intervals' level (:meth:`BootstrapResult.confint`).
+    chunk_size, progress
+        As :func:`hierpool.fit_batch`.
+
+    Returns
+    -------
+    BootstrapResult
+        ``estimate``, ``replicates``, ``confint(level, method)``, ``failed``, and the replicates' ``batch``.
+
+    References
+    ----------
+    Davison & Hinkley (1997), Bootstrap methods and their application, ch. 2 and 5.
+    """
+    n = integer_argument("n", n, minimum=2)
+    if not 0 < float(level) < 1:
+        raise ArgumentError(f"level must lie in (0, 1), got {level!r}")
+    if not isinstance(fit, LMMResult) or isinstance(fit, AR1Result) or len(fit.design.terms) != 1:
+        raise ArgumentError("hp.bootstrap refits its replicates with hp.fit_batch, which takes hp.lmm fits with one "
+                            "random-effect term and independent residuals today: "
+                            f"got {type(fit).__name__} with {len(fit.design.terms)} term(s)")
+    design = fit.design
+    frame, response = design.frame, design.spec.response
+    if frame is None or response not in frame.columns:
+        raise ArgumentError(f"hp.bootstrap replaces the response column of the model frame: the response "
+                            f"{response!r} must be a plain column of data (not an expression)")
+    sims = simulate(fit, n, seed=seed).to_numpy()  # (rows, n)
+    rows = len(frame)
+    long = frame.iloc[np.tile(np.arange(rows), n)].reset_index(drop=True)
+    long[response] = sims.T.ravel()  # replicate-major, as the tiled rows
+    long[REPLICATE_COLUMN] = np.repeat(np.arange(n), rows)
+    arguments = {}
+    if design.sigma_known:
+        long[SE_COLUMN] = np.tile(1.0 / np.sqrt(design.row_weights), n)
+        arguments["se"] = SE_COLUMN
+    elif design.weights is not None:
+        arguments["weights"] = design.weights_column or WEIGHTS_COLUMN
+    if design.offset_argument is not None:
+        arguments["offset"] = design.offset_column or OFFSET_COLUMN
+    batch = fit_batch(design.spec.formula, long, by=REPLICATE_COLUMN, reml=fit.reml, chunk_size=chunk_size,
+                      progress=progress, **arguments)
+    estimate = parameter_estimates(fit)
+    table = batch.to_frame().set_index("dataset")
+    replicates = table.reindex(columns=estimate.index)
+    replicates.loc[~batch.converged.to_numpy()] = np.nan
+    replicates.index.name = "replicate"
+    return BootstrapResult(estimate=estimate, replicates=replicates, batch=batch, level=float(level))

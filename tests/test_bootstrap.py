@@ -1,0 +1,74 @@
+"""hp.bootstrap (lme4's bootMer, confint(method = "boot")): each replicate's fit equals hp.lmm on that replicate's
+simulated response, the intervals are the replicates' quantiles, and fits outside hp.fit_batch's class are refused
+by name."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import hierpool as hp
+from hierpool.batch.bootstrap import parameter_estimates
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def sleep():
+    return hp.datasets.sleepstudy()
+
+
+@pytest.fixture(scope="module")
+def boot(sleep):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("Reaction ~ Days + (Days | Subject)", sleep)
+        return fit, hp.bootstrap(fit, N, seed=7, progress=False)
+
+
+def test_each_replicate_is_hp_lmm_on_its_simulated_response(boot, sleep):
+    fit, result = boot
+    assert result.replicates.shape == (N, 6) and result.failed == 0, "every replicate fitted"
+    assert list(result.estimate.index) == ["Intercept", "Days", "sd_Subject_Intercept", "sd_Subject_Days",
+                                           "cor_Subject_Intercept_Days", "sigma"], "lme4's parameters, named"
+    np.testing.assert_allclose(result.estimate["sigma"], fit.sigma, err_msg="the estimate is the fit's")
+    sims = hp.simulate(fit, N, seed=7)  # the replicates' responses: the same seed, the same draws
+    for replicate in (0, 17, N - 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            one = hp.lmm("Reaction ~ Days + (Days | Subject)", sleep.assign(Reaction=sims.iloc[:, replicate]))
+        expected = parameter_estimates(one)
+        np.testing.assert_allclose(result.replicates.loc[replicate].to_numpy(), expected.to_numpy(), rtol=1e-5,
+                                   atol=1e-6, err_msg=f"replicate {replicate} differs from hp.lmm's fit")
+
+
+def test_the_intervals_are_the_replicates_quantiles(boot):
+    _, result = boot
+    table = result.confint()
+    values = result.replicates.to_numpy()
+    np.testing.assert_allclose(table["lower"], np.quantile(values, 0.025, axis=0), err_msg="percentile lower")
+    np.testing.assert_allclose(table["upper"], np.quantile(values, 0.975, axis=0), err_msg="percentile upper")
+    basic = result.confint(method="basic")
+    np.testing.assert_allclose(basic["lower"], 2 * table["estimate"] - table["upper"], err_msg="basic")
+    normal = result.confint(level=0.9, method="normal")
+    centre = 2 * table["estimate"] - values.mean(axis=0)
+    np.testing.assert_allclose(normal["upper"], centre + 1.6448536269514722 * values.std(axis=0, ddof=1),
+                               err_msg="normal: bias-corrected estimate + z se")
+    # the slope's interval covers the estimate and is about its standard error wide (sleepstudy: se 1.55)
+    days = table.loc["Days"]
+    assert days.lower < days.estimate < days.upper and 3.0 < days.upper - days.lower < 9.0, "Days' interval"
+    with pytest.raises(hp.HierpoolError, match="method must be one of"):
+        result.confint(method="bca")
+
+
+def test_fits_outside_fit_batchs_class_are_refused_by_name(sleep):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        crossed = hp.lmm("Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)", sleep)
+        logged = hp.lmm("log(Reaction) ~ Days + (Days | Subject)", sleep)
+    with pytest.raises(hp.HierpoolError, match="one random-effect term"):
+        hp.bootstrap(crossed, 10)
+    with pytest.raises(hp.HierpoolError, match="must be a plain column"):
+        hp.bootstrap(logged, 10)
+    with pytest.raises(hp.HierpoolError, match="n"):
+        hp.bootstrap(logged, 1)
