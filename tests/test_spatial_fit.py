@@ -153,19 +153,26 @@ def test_the_poisson_laplace_criterion_is_the_dense_laplace_approximation(poisso
     beta, sd, mix = np.array([-0.6, 1.8]), 0.35, 0.6
     psi = np.array([np.log(sd), np.log(mix / (1 - mix))])
     value = laplace.criterion(psi, beta)
-    cov = dense_covariance(fit.sdesign.graph, "bym2", sd, mix)
+    dense = dense_poisson_laplace(design, area, dense_covariance(fit.sdesign.graph, "bym2", sd, mix), beta)[0]
+    assert value == pytest.approx(dense, rel=1e-9), "the sparse Laplace criterion is not the dense one"
+
+
+def dense_poisson_laplace(design, area, cov, beta):
+    """(the Laplace criterion, each area's sd of b given y) of a Poisson model with area effects b ~ N(0, cov), at
+    beta, written densely on b (Newton on b's log posterior)."""
+    n = cov.shape[0]
     precision = np.linalg.inv(cov)
     y, offset, X = design.y, design.offset, design.X
-    b = np.zeros(100)
-    for _ in range(50):  # Newton on the dense log posterior of b
+    b = np.zeros(n)
+    for _ in range(50):
         mu = np.exp(offset + X @ beta + b[area])
-        gradient = np.bincount(area, y - mu, minlength=100) - precision @ b
-        b = b + np.linalg.solve(precision + np.diag(np.bincount(area, mu, minlength=100)), gradient)
+        gradient = np.bincount(area, y - mu, minlength=n) - precision @ b
+        b = b + np.linalg.solve(precision + np.diag(np.bincount(area, mu, minlength=n)), gradient)
     mu = np.exp(offset + X @ beta + b[area])
     loglik = np.sum(y * np.log(mu) - mu - scipy.special.gammaln(y + 1))
-    dense = (-2 * loglik + b @ precision @ b + np.linalg.slogdet(cov)[1]
-             + np.linalg.slogdet(precision + np.diag(np.bincount(area, mu, minlength=100)))[1])
-    assert value == pytest.approx(dense, rel=1e-9), "the sparse Laplace criterion is not the dense one"
+    hessian = precision + np.diag(np.bincount(area, mu, minlength=n))
+    value = -2 * loglik + b @ precision @ b + np.linalg.slogdet(cov)[1] + np.linalg.slogdet(hessian)[1]
+    return value, np.sqrt(np.diag(np.linalg.inv(hessian)))
 
 
 def test_the_poisson_fit_reports_modes_relative_risks_and_parts(poisson_fit, nc):
@@ -359,23 +366,10 @@ def test_three_terms_report_every_term(three_term_fit, three_terms):
 
 
 def dense_bym_laplace(fit, psi, beta):
-    """(the Laplace criterion, the sd of each area's b = phi + u given y) of the BYM model at (psi, beta), written
-    densely on b: the ICAR block is singular (its sum is constrained to 0), but b's covariance c1 + c2 is regular."""
-    design, area = fit.design, fit.sdesign.area
+    """:func:`dense_poisson_laplace` of the BYM model at (psi, beta), on b = phi + u: the ICAR block is singular (its
+    sum is constrained to 0), but b's covariance c1 + c2 is regular."""
     (_, c1), (_, c2) = dense_terms(fit, psi)
-    area_cov = c1 + c2
-    precision = np.linalg.inv(area_cov)
-    y, offset, X = design.y, design.offset, design.X
-    b = np.zeros(100)
-    for _ in range(50):  # Newton on the dense log posterior of b
-        mu = np.exp(offset + X @ beta + b[area])
-        gradient = np.bincount(area, y - mu, minlength=100) - precision @ b
-        b = b + np.linalg.solve(precision + np.diag(np.bincount(area, mu, minlength=100)), gradient)
-    mu = np.exp(offset + X @ beta + b[area])
-    loglik = np.sum(y * np.log(mu) - mu - scipy.special.gammaln(y + 1))
-    hessian = precision + np.diag(np.bincount(area, mu, minlength=100))
-    value = -2 * loglik + b @ precision @ b + np.linalg.slogdet(area_cov)[1] + np.linalg.slogdet(hessian)[1]
-    return value, np.sqrt(np.diag(np.linalg.inv(hessian)))
+    return dense_poisson_laplace(fit.design, fit.sdesign.area, c1 + c2, beta)
 
 
 def test_bym_model_for_counts_is_the_dense_laplace_approximation(nc):

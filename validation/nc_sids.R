@@ -23,3 +23,16 @@ priors <- c(prior(normal(0, 2.5), class = b, coef = Intercept),
             prior_string(sprintf("normal(0, %.17g)", 2.5 / s_x), class = "b", coef = "nwbir_rate"),
             prior(normal(0, 2.5), class = sdcar), prior(beta(1, 1), class = rhocar))
 formula <- sid74 ~ 0 + Intercept + nwbir_rate + offset(log(expected)) + car(W, gr = county, type = "bym2")
+
+# the reference scripts' summaries (posterior package): mean, sd, MCSE of the mean, bulk ESS and R-hat of each
+# variable of a draws object; chained() rebuilds a draws_array from a matrix of draws of `chains` chains of
+# `iter - warmup` draws each (the calling script's variables), so that the MCSEs see the chains
+summary_of <- function(x) {
+  s <- summarise_draws(x, mean, sd, mcse_mean, ess_bulk, rhat)
+  setNames(lapply(seq_len(nrow(s)), function(i) list(mean = s$mean[i], sd = s$sd[i], mcse = s$mcse_mean[i],
+                                                      ess_bulk = s$ess_bulk[i], rhat = s$rhat[i])), s$variable)
+}
+chained <- function(m) {
+  a <- array(as.numeric(m), dim = c(iter - warmup, chains, ncol(m)), dimnames = list(NULL, NULL, colnames(m)))
+  as_draws_array(a)
+}

@@ -24,15 +24,6 @@ draws <- as_draws_matrix(fit)
 X <- cbind(1, nc$nwbir_rate)
 beta <- draws[, c("b_Intercept", "b_nwbir_rate")]
 rcar <- draws[, sprintf("rcar[%d]", seq_len(nrow(nc)))]
-summary_of <- function(x) {
-  s <- summarise_draws(x, mean, sd, mcse_mean, ess_bulk, rhat)
-  setNames(lapply(seq_len(nrow(s)), function(i) list(mean = s$mean[i], sd = s$sd[i], mcse = s$mcse_mean[i],
-                                                      ess_bulk = s$ess_bulk[i], rhat = s$rhat[i])), s$variable)
-}
-chained <- function(m) {  # keep the chains for MCSE: rebuild a draws_array with chain ids
-  a <- array(as.numeric(m), dim = c(iter - warmup, chains, ncol(m)), dimnames = list(NULL, NULL, colnames(m)))
-  as_draws_array(a)
-}
 # rcar is indexed by brms's locations (the grouping factor's levels, W's rows matched by name): standata's Jloc
 # gives each county's location
 log_rr_chains <- chained(beta %*% t(X) + rcar[, standata(fit)$Jloc])

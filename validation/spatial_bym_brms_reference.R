@@ -32,15 +32,6 @@ county_columns <- grep("^r_county\\[", colnames(draws), value = TRUE)
 county_levels <- sub("^r_county\\[(.*),Intercept\\]$", "\\1", county_columns)
 county <- draws[, county_columns[match(gsub(" ", ".", nc$county), gsub(" ", ".", county_levels))]]
 stopifnot(!anyNA(colnames(county)))
-summary_of <- function(x) {
-  s <- summarise_draws(x, mean, sd, mcse_mean, ess_bulk, rhat)
-  setNames(lapply(seq_len(nrow(s)), function(i) list(mean = s$mean[i], sd = s$sd[i], mcse = s$mcse_mean[i],
-                                                      ess_bulk = s$ess_bulk[i], rhat = s$rhat[i])), s$variable)
-}
-chained <- function(m) {  # keep the chains for MCSE: rebuild a draws_array with chain ids
-  a <- array(as.numeric(m), dim = c(iter - warmup, chains, ncol(m)), dimnames = list(NULL, NULL, colnames(m)))
-  as_draws_array(a)
-}
 # rcar is indexed by brms's locations (standata's Jloc gives each county's)
 log_rr_chains <- chained(beta %*% t(X) + rcar[, standata(fit)$Jloc] + county)
 dimnames(log_rr_chains)$variable <- nc$county
