@@ -49,11 +49,13 @@ def test_the_intervals_are_the_replicates_quantiles(boot):
     np.testing.assert_allclose(table["lower"], np.quantile(values, 0.025, axis=0), err_msg="percentile lower")
     np.testing.assert_allclose(table["upper"], np.quantile(values, 0.975, axis=0), err_msg="percentile upper")
     basic = result.confint(method="basic")
-    np.testing.assert_allclose(basic["lower"], 2 * table["estimate"] - table["upper"], err_msg="basic")
+    np.testing.assert_allclose(basic["lower"], 2 * table["estimate"] - table["upper"], err_msg="basic lower")
+    np.testing.assert_allclose(basic["upper"], 2 * table["estimate"] - table["lower"], err_msg="basic upper")
     normal = result.confint(level=0.9, method="normal")
     centre = 2 * table["estimate"] - values.mean(axis=0)
-    np.testing.assert_allclose(normal["upper"], centre + 1.6448536269514722 * values.std(axis=0, ddof=1),
-                               err_msg="normal: bias-corrected estimate + z se")
+    for side, sign in (("upper", 1), ("lower", -1)):
+        np.testing.assert_allclose(normal[side], centre + sign * 1.6448536269514722 * values.std(axis=0, ddof=1),
+                                   err_msg=f"normal {side}: bias-corrected estimate -+ z se")
     # the slope's interval covers the estimate and is about its standard error wide (sleepstudy: se 1.55)
     days = table.loc["Days"]
     assert days.lower < days.estimate < days.upper and 3.0 < days.upper - days.lower < 9.0, "Days' interval"
@@ -70,5 +72,33 @@ def test_fits_outside_fit_batchs_class_are_refused_by_name(sleep):
         hp.bootstrap(crossed, 10)
     with pytest.raises(hp.HierpoolError, match="must be a plain column"):
         hp.bootstrap(logged, 10)
-    with pytest.raises(hp.HierpoolError, match="n"):
+    with pytest.raises(hp.HierpoolError, match="n must be an integer >= 2"):
         hp.bootstrap(logged, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scaled = hp.lmm("Reaction ~ scale(Days) + (1 | Subject)", sleep)
+    with pytest.raises(hp.HierpoolError, match=r"scale\(\) in a formula: transform the column"):
+        hp.bootstrap(scaled, 10)
+
+
+def test_array_weights_an_offset_and_dropped_rows_are_refitted_alike(sleep):
+    """Weights given as an array, an offset column and a row with a missing value (dropped, and counted): replicate 0
+    equals hp.lmm on its simulated response; the model frame is the fit's own copy."""
+    rng = np.random.default_rng(3)
+    data = sleep.assign(o=rng.normal(size=180))
+    data.loc[5, "Days"] = np.nan
+    weights = rng.uniform(0.5, 2.0, 180)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("Reaction ~ Days + (1 | Subject)", data, weights=weights, offset="o")
+    assert fit.design.frame is not data and len(fit.design.frame) == 179, "an internal copy of the fitted rows"
+    data.loc[0, "Reaction"] = -1.0  # the caller's frame changes after the fit: the fit's copy does not
+    assert fit.design.frame.loc[0, "Reaction"] != -1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = hp.bootstrap(fit, 3, seed=2, progress=False)
+        sims = hp.simulate(fit, 3, seed=2)
+        kept = data.drop(index=5).assign(Reaction=sims["sim_1"])
+        one = hp.lmm("Reaction ~ Days + (1 | Subject)", kept, weights=np.delete(weights, 5), offset="o")
+    np.testing.assert_allclose(result.replicates.loc[0].to_numpy(), parameter_estimates(one).to_numpy(), rtol=1e-5,
+                               atol=1e-6, err_msg="replicate 0 differs from hp.lmm with the same weights and offset")

@@ -84,9 +84,35 @@ def test_other_fits_and_weighted_counts_are_refused_by_name():
                           adjacency=nc.adjacency)
         weighted = hp.glmm("sid74 ~ offset(log(expected)) + (1 | county)", nc.data.assign(w=2.0), family="poisson",
                            weights="w")
-    with pytest.raises(hp.HierpoolError, match="spatial model's simulation is not built"):
+    with pytest.raises(hp.HierpoolError, match="a spatial model's or a model without random terms' simulation"):
         hp.simulate(spatial, 2)
     with pytest.raises(hp.HierpoolError, match="prior weights"):
         hp.simulate(weighted, 2)
-    with pytest.raises(hp.HierpoolError, match="n"):
+    with pytest.raises(hp.HierpoolError, match="n must be an integer >= 1"):
         hp.simulate(weighted, 0)
+
+
+def test_weights_offsets_and_poisson_draws_have_their_distribution():
+    """use_u=True: a Gaussian row's simulations have mean o + x'beta + z'b and variance sigma^2 / w (weights and an
+    offset given); a Poisson row's, mean and variance mu (NC SIDS, one row per county)."""
+    rng = np.random.default_rng(6)
+    sleep = hp.datasets.sleepstudy().assign(w=rng.uniform(0.5, 3.0, 180), o=rng.normal(size=180))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("Reaction ~ Days + (1 | Subject)", sleep, weights="w", offset="o")
+    sims = hp.simulate(fit, N, seed=8, use_u=True).to_numpy()
+    variance = fit.sigma**2 / sleep.w.to_numpy()
+    z = (sims.mean(axis=1) - fit.fitted) / np.sqrt(variance / N)
+    assert np.max(np.abs(z)) < 4.5, "mean o + x'beta + z'b (the offset included)"
+    ratio = sims.var(axis=1, ddof=1) / variance
+    assert np.max(np.abs(ratio - 1)) < 5 * np.sqrt(2 / N), "variance sigma^2 / w per row"
+    nc = hp.datasets.nc_sids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        poisson = hp.glmm("sid74 ~ nwbir_rate + offset(log(expected)) + (1 | county)", nc.data, family="poisson")
+    counts = hp.simulate(poisson, N, seed=9, use_u=True).to_numpy()
+    mu = np.exp(poisson.optimum.mode.eta)
+    assert np.all(counts == np.rint(counts)) and counts.min() >= 0, "counts"
+    z = (counts.mean(axis=1) - mu) / np.sqrt(mu / N)
+    assert np.max(np.abs(z)) < 4.5, "Poisson mean mu"
+    assert abs(np.mean(counts.var(axis=1, ddof=1) / mu) - 1) < 0.03, "Poisson variance mu"

@@ -1,11 +1,11 @@
 """``hp.bootstrap(fit, n)``: the parametric bootstrap of a fitted linear mixed model (lme4's ``bootMer``), its
 replicates fitted by ``hp.fit_batch`` in compiled, vmapped chunks.
 
-Each replicate is a response drawn from the fitted model (:func:`hierpool.closedform.simulate.simulate`: new random
-effects and residuals at the estimates) on the fit's own rows (its model frame, ``Design.frame``), refitted by the
-same criterion (REML or ML); the replicates' spread around the estimate is the estimate's sampling distribution under
-the model.  ``confint`` gives lme4's ``confint(fit, method = "boot")`` intervals: percentile (``boot.type = "perc"``,
-the default), basic, or normal (bias-corrected, the replicates' sd).
+Each replicate is a response drawn from the fitted model (``hp.simulate``, :mod:`hierpool.closedform.simulate`:
+new random effects and residuals at the estimates) on the fit's own rows (its model frame, ``Design.frame``),
+refitted by the same criterion (REML or ML); the replicates' spread around the estimate is the estimate's sampling
+distribution under the model.  ``confint`` gives lme4's ``confint(fit, method = "boot")`` intervals: percentile
+(``boot.type = "perc"``, the default), basic, or normal (bias-corrected, the replicates' sd).
 
 Today ``hp.fit_batch`` fits linear mixed models with one random-effect term (sleepstudy's ``(Days | Subject)``,
 any width), with weights, offsets or known residual sds; other fits are refused by name.
@@ -28,6 +28,7 @@ from ..closedform.results import LMMResult
 from ..closedform.simulate import simulate
 from ..errors import ArgumentError, integer_argument
 from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
+from ..spec.transforms import stateful_calls
 from .fit import fit_batch
 from .results import BatchResult
 
@@ -54,7 +55,7 @@ def parameter_estimates(fit: LMMResult) -> pd.Series:
     return pd.Series(out, name="estimate")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BootstrapResult:
     """A parametric bootstrap (:func:`bootstrap`).
 
@@ -83,7 +84,9 @@ class BootstrapResult:
         """Bootstrap confidence intervals of every parameter: ``estimate``, ``lower``, ``upper``, the replicates'
         ``se`` (sd) and ``bias`` (mean less the estimate).
 
-        ``percentile``: the replicates' alpha/2 and 1 - alpha/2 quantiles (lme4's ``boot.type = "perc"``);
+        ``percentile``: the replicates' alpha/2 and 1 - alpha/2 quantiles (lme4's ``boot.type = "perc"``; NumPy's
+        linear interpolation between order statistics, where the boot package interpolates on the normal scale:
+        they differ slightly at small n);
         ``basic``: 2 estimate - those quantiles, reversed; ``normal``: estimate - bias -+ z se.
         """
         level = self.level if level is None else float(level)
@@ -122,7 +125,7 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     n : int
         Replicates.
     seed : int, optional
-        Seed of the simulations (:func:`hierpool.simulate`).
+        Seed of the simulations (``hp.simulate``, :mod:`hierpool.closedform.simulate`).
     level : float
         The intervals' level (:meth:`BootstrapResult.confint`).
     chunk_size, progress
@@ -145,6 +148,12 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
                             "random-effect term and independent residuals today: "
                             f"got {type(fit).__name__} with {len(fit.design.terms)} term(s)")
     design = fit.design
+    stateful = stateful_calls(design.spec.formula)
+    if stateful:  # fit_batch refuses them on a long frame (one mean over all datasets); here every replicate has the
+        # same covariates, but fit_batch cannot tell: refused by name, with what to do
+        raise ArgumentError(f"hp.bootstrap refits with hp.fit_batch, which does not take "
+                            f"{', '.join(n + '()' for n in stateful)} in a formula: transform the column in the data "
+                            "before fitting")
     frame, response = design.frame, design.spec.response
     if frame is None or response not in frame.columns:
         raise ArgumentError(f"hp.bootstrap replaces the response column of the model frame: the response "
@@ -166,7 +175,10 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
                       progress=progress, **arguments)
     estimate = parameter_estimates(fit)
     table = batch.to_frame().set_index("dataset")
-    replicates = table.reindex(columns=estimate.index)
+    missing = [name for name in estimate.index if name not in table.columns]
+    if missing:  # one naming for both (parameter_estimates, BatchResult.to_frame): a mismatch is a bug, not a NaN
+        raise RuntimeError(f"hp.bootstrap: the batch fits have no column(s) {missing}")
+    replicates = table.loc[:, list(estimate.index)].copy()
     replicates.loc[~batch.converged.to_numpy()] = np.nan
     replicates.index.name = "replicate"
     return BootstrapResult(estimate=estimate, replicates=replicates, batch=batch, level=float(level))

@@ -38,7 +38,7 @@ import dataclasses
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import numpy as np
@@ -295,7 +295,8 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         raise ArgumentError(f"se must be the name of the column of known residual sds, got {type(se).__name__}")
     # positions as labels (the user's frame is not modified): a dataset's rows are then found by position
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)
-    design = build_design(formula, frame, se=se, weights=weights, offset=offset)
+    # the long frame's model frame would be held for the whole batch run: the plan keeps the frame itself
+    design = replace(build_design(formula, frame, se=se, weights=weights, offset=offset), frame=None)
     if len(design.terms) != 1:
         terms = [f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms]
         raise ArgumentError(f"{caller} fits models with one random-effect term; this formula has {len(terms)}: "

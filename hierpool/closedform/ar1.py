@@ -18,7 +18,7 @@ since whitening is an invertible map of the data.  Fitted values and residuals a
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -137,7 +137,8 @@ class AR1Result(LMMResult):
     phi_interval: tuple[float, float] = (float("nan"), float("nan"))
     log_det_correlation: float = 0.0
     series_ends: pd.DataFrame | None = None  # per series label: its last fitted row and that row's time (or position)
-    series: Series | None = None  # each fitted row's predecessor in its series and the lag (hp.simulate draws along it)
+    # each fitted row's predecessor in its series and the lag (hp.simulate draws along it)
+    series: Series | None = field(default=None, repr=False)
 
     def predict(self, newdata: pd.DataFrame | None = None, re: bool = True, interval: str | None = None,
                 level: float = 0.95):

@@ -46,22 +46,22 @@ def _root(cov: np.ndarray) -> np.ndarray:
 
 
 def _ar1_residuals(fit: AR1Result, rng: np.random.Generator, n: int, sigma: float, scale: np.ndarray) -> np.ndarray:
-    """(rows, n): AR(1) residuals along each series of the fit: a series' first row N(0, sigma^2), each next one
-    c_t times the one before plus N(0, sigma^2 (1 - c_t^2)), drawn in rounds (a row once its predecessor is)."""
+    """(rows, n): AR(1) residuals along each series of the fit, sigma scale_i times a unit chain u (a series' first
+    u N(0, 1), each next c_t times the one before plus N(0, 1 - c_t^2)), drawn in rounds (a row once its predecessor
+    is): each residual's variance is sigma^2 scale_i^2."""
     from ..algebra.ar1 import carried
 
     previous, lag = np.asarray(fit.series.previous), np.asarray(fit.series.lag)
     c = np.asarray(carried(fit.phi, previous, lag), dtype=float)
-    innovation = sigma * (scale * np.sqrt(1.0 - c**2))[:, None] * rng.standard_normal((len(c), n))
-    e = np.zeros((len(c), n))
+    innovation = np.sqrt(1.0 - c**2)[:, None] * rng.standard_normal((len(c), n))
+    unit = np.zeros((len(c), n))
     done = np.zeros(len(c), dtype=bool)
     while not done.all():
-        ready = ~done & ((previous < 0) | done[np.maximum(previous, 0)])
-        rows = np.flatnonzero(ready)
-        before = np.where((previous[rows] >= 0)[:, None], e[np.maximum(previous[rows], 0)], 0.0)
-        e[rows] = c[rows, None] * before + innovation[rows]
+        rows = np.flatnonzero(~done & ((previous < 0) | done[np.maximum(previous, 0)]))
+        before = np.where((previous[rows] >= 0)[:, None], unit[np.maximum(previous[rows], 0)], 0.0)
+        unit[rows] = c[rows, None] * before + innovation[rows]
         done[rows] = True
-    return e
+    return sigma * scale[:, None] * unit
 
 
 def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> pd.DataFrame:
@@ -93,8 +93,9 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
     """
     n = integer_argument("n", n, minimum=1)
     if not isinstance(fit, (LMMResult, GLMMResult)):
-        raise ArgumentError(f"hp.simulate takes an hp.lmm or hp.glmm fit, got {type(fit).__name__} (a relationship "
-                            "matrix's or a spatial model's simulation is not built yet)")
+        raise ArgumentError(f"hp.simulate takes an hp.lmm or hp.glmm fit with random-effect terms, got "
+                            f"{type(fit).__name__} (a relationship matrix's, a spatial model's or a model without "
+                            "random terms' simulation is not built yet)")
     rng = np.random.default_rng(seed)
     design = fit.design
     eta = _linear_predictor(fit, rng, n, use_u)

@@ -139,7 +139,8 @@ class Design:
         (the binomial's trials times any ``weights=``); there is no residual variance.
     frame : pandas.DataFrame or None
         The model frame (lme4's ``model.frame``): the formula's columns (and the weights', offset's, se's) of the
-        fitted rows, as the data gave them; an internal copy, never the caller's frame.
+        fitted rows, as the data gave them, with ``(weights)`` / ``(offset)`` columns for arguments given as arrays
+        and a binomial's proportions in ``(response)``; an internal copy, never the caller's frame.
     """
 
     spec: ModelSpec
