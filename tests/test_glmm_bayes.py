@@ -209,7 +209,7 @@ def test_held_variance_must_be_a_glmm_fit_of_the_model(cbpp):
     with pytest.raises(hp.ArgumentError, match="GLMMResult"):
         hp.bayes(CBPP, cbpp, family="binomial", variance=lmm)
     other = hp.glmm(CBPP, cbpp, family="binomial", link="probit")
-    with pytest.raises(hp.ArgumentError, match="different model, family"):
+    with pytest.raises(hp.ArgumentError, match="differs from this model in its family"):
         hp.bayes(CBPP, cbpp, family="binomial", variance=other)
 
 

@@ -20,7 +20,7 @@ from ..closedform.glmm_results import GLMMResult
 from ..closedform.results import LMMResult
 from ..errors import ArgumentError, HierpoolWarning
 from ..spec.arguments import sampler_arguments
-from ..spec.design import Design, build_design
+from ..spec.design import Design, build_design, model_differences
 from ..spec.family import family_spec
 from ..spec.formula import has_spatial_term
 from . import glmm, independence
@@ -54,20 +54,10 @@ ONE_TERM_STATISTICS = True
 def _held_variance(design: Design, variance: LMMResult) -> HeldVariance:
     if not isinstance(variance, LMMResult):
         raise ArgumentError(f"variance must be a fitted hp.lmm result (LMMResult), got {type(variance).__name__}")
-    same = variance.design.n == design.n and [(t.group, t.coef_names, t.n_levels) for t in variance.design.terms] == [
-        (t.group, t.coef_names, t.n_levels) for t in design.terms
-    ]
-    if not same:
-        raise ArgumentError("variance: the lmm fit is of a different model or data set than this formula and data")
-    if not (np.array_equal(variance.design.y, design.y) and np.array_equal(variance.design.X, design.X)):
-        raise ArgumentError("variance: the lmm fit has another response or fixed-effect columns (another data set)")
-    # sigma is the residual sd of a weight-1 row: held with other weights (or se=) it would mean another noise
-    if variance.design.sigma_known != design.sigma_known or not np.array_equal(
-        variance.design.row_weights, design.row_weights
-    ):
-        raise ArgumentError("variance: the lmm fit has other prior weights (or residual sds) than this model")
-    if not np.array_equal(variance.design.offset, design.offset):
-        raise ArgumentError("variance: the lmm fit has another offset than this model")
+    differing = model_differences(variance.design, design)  # sigma held with other weights is another noise
+    if differing:
+        raise ArgumentError(f"variance: the lmm fit differs from this model in its {', '.join(differing)}: hold an "
+                            "hp.lmm fit of the same model and data")
     sigma = float(variance.sigma)
     return HeldVariance(cov_factors=tuple(sigma * np.asarray(t) for t in variance.solution.factors), sigma=sigma)
 
@@ -77,16 +67,10 @@ def _held_glmm_variance(design: Design, variance) -> HeldVariance:
     if not isinstance(variance, GLMMResult):
         raise ArgumentError(f"variance must be a fitted hp.glmm result (GLMMResult) for a model with a family, "
                             f"got {type(variance).__name__}")
-    fitted = variance.design
-    same = fitted.n == design.n and [(t.group, t.coef_names, t.n_levels) for t in fitted.terms] == [
-        (t.group, t.coef_names, t.n_levels) for t in design.terms
-    ]
-    if not same or (fitted.family.name, fitted.family.link) != (design.family.name, design.family.link):
-        raise ArgumentError("variance: the glmm fit is of a different model, family or data set than this one")
-    if not (np.array_equal(fitted.y, design.y) and np.array_equal(fitted.X, design.X)):
-        raise ArgumentError("variance: the glmm fit has another response or fixed-effect columns (another data set)")
-    if not np.array_equal(fitted.row_weights, design.row_weights) or not np.array_equal(fitted.offset, design.offset):
-        raise ArgumentError("variance: the glmm fit has other trials, prior weights or offset than this model")
+    differing = model_differences(variance.design, design)
+    if differing:
+        raise ArgumentError(f"variance: the glmm fit differs from this model in its {', '.join(differing)}: hold an "
+                            "hp.glmm fit of the same model, family and data")
     return glmm.held_variance(variance)
 
 
@@ -715,14 +699,8 @@ def _relmat_start(design: Design, rel) -> np.ndarray:
 
 
 def _same_relmat_model(fit, design: Design, rel) -> bool:
-    fitted = fit.design
     relationship = fit.relationship
-    return (fitted.n == design.n and relationship.group == rel.group
-            and np.array_equal(relationship.labels, rel.labels)
+    return (relationship.group == rel.group and np.array_equal(relationship.labels, rel.labels)
             and relationship.inverse.shape == rel.inverse.shape
             and abs(relationship.inverse - rel.inverse).max() <= 1e-12 * max(abs(rel.inverse).max(), 1.0)
-            and [(t.group, t.coef_names, t.n_levels) for t in fitted.terms]
-            == [(t.group, t.coef_names, t.n_levels) for t in design.terms]
-            and list(fitted.fixed_names) == list(design.fixed_names)
-            and np.array_equal(fitted.y, design.y) and np.array_equal(fitted.X, design.X)
-            and np.array_equal(fitted.row_weights, design.row_weights) and np.array_equal(fitted.offset, design.offset))
+            and not model_differences(fit.design, design))

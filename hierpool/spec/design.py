@@ -186,6 +186,28 @@ class Design:
         return self.y - self.offset
 
 
+def model_differences(fitted: Design, design: Design) -> list[str]:
+    """What differs between two designs that should be one model of one data set (``variance=`` holds a fit's
+    variances for another call): among ``terms`` (groups, coefficients, levels), ``family`` (and link),
+    ``fixed effects``, ``data`` (rows and response), ``weights`` (prior weights, trials or known sds) and
+    ``offset``; empty when they are the same."""
+    def family(d):
+        return None if d.family is None else (d.family.name, d.family.link)
+
+    checks = [
+        ("terms", [(t.group, t.coef_names, t.n_levels) for t in fitted.terms]
+         == [(t.group, t.coef_names, t.n_levels) for t in design.terms]),
+        ("family", family(fitted) == family(design)),
+        ("fixed effects", list(fitted.fixed_names) == list(design.fixed_names)
+         and fitted.X.shape == design.X.shape and np.array_equal(fitted.X, design.X)),
+        ("data", fitted.n == design.n and np.array_equal(fitted.y, design.y)),
+        ("weights", fitted.sigma_known == design.sigma_known and fitted.n == design.n
+         and np.array_equal(fitted.row_weights, design.row_weights)),
+        ("offset", fitted.n == design.n and np.array_equal(fitted.offset, design.offset)),
+    ]
+    return [name for name, same in checks if not same]
+
+
 def _check_frame(data) -> None:
     if not isinstance(data, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
