@@ -178,6 +178,22 @@ def family(spec: FamilySpec, shape: float | None = None) -> Family:
 CLOGLOG_ETA_RANGE = (-700.0, 100.0)
 
 
+def draw_responses(name: str, mu, rng: np.random.Generator, trials=None, shape=None) -> np.ndarray:
+    """New responses at means ``mu`` (NumPy, any shape; ``trials`` and ``shape`` broadcast against it): a binomial's
+    successes out of whole ``trials`` as the proportion of them (the response as the family reads it), Poisson
+    counts, or NB2 counts as a gamma mixture of Poissons, rate ~ Gamma(shape, scale mu / shape) (variance
+    mu + mu^2 / shape).  Used by ``hp.simulate`` and the Bayesian engine's predictive draws."""
+    mu = np.asarray(mu, dtype=float)
+    if name == "binomial":
+        count = np.asarray(trials, dtype=float)
+        return rng.binomial(count.astype(np.int64), np.clip(mu, 0.0, 1.0)) / count
+    if name == "poisson":
+        return rng.poisson(mu).astype(float)
+    if name == "negative_binomial":
+        return rng.poisson(rng.gamma(shape, mu / shape)).astype(float)
+    raise ValueError(f"no response draws for family {name!r}")
+
+
 def log_mean_and_complement(link: str, eta):
     """(log mu, log(1 - mu)) of a binomial mean mu = g^-1(eta), without cancellation.
 

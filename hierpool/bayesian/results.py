@@ -10,7 +10,7 @@ import arviz as az
 import numpy as np
 import pandas as pd
 
-from ..algebra.family import Link
+from ..algebra.family import Link, draw_responses
 from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError, DataError, HierpoolWarning
 from ..spec.arguments import probability_argument
@@ -374,12 +374,9 @@ class BayesResult:
             else:
                 raise ArgumentError("the model was fitted with trials (cbind or weights=): predictive draws for "
                                     "newdata need each row's trials, as trials=")
-            return rng.binomial(count.astype(np.int64), mu) / count
-        if family.name == "poisson":
-            return rng.poisson(mu).astype(float)
-        # NB2 as a gamma mixture of Poissons: rate ~ Gamma(shape, scale mu / shape)
-        shape = self.shape_draws.reshape(-1)[:, None]
-        return rng.poisson(rng.gamma(shape, mu / shape)).astype(float)
+            return draw_responses("binomial", mu, rng, trials=count)
+        shape = self.shape_draws.reshape(-1)[:, None] if family.name == "negative_binomial" else None
+        return draw_responses(family.name, mu, rng, shape=shape)
 
     def _carried(self, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(the carried residual phi^lag (y_last - fitted_last), c = phi^lag), each (draws, new rows); 0 where a

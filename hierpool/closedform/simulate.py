@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..algebra.family import draw_responses
 from ..errors import ArgumentError, integer_argument
 from .ar1 import AR1Result
 from .glmm_results import GLMMResult
@@ -117,13 +118,10 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
             if not np.allclose(trials, weights):
                 raise ArgumentError("hp.simulate draws a binomial's successes out of whole trials: the fit's prior "
                                     "weights are not whole numbers")
-            y = rng.binomial(trials[:, None], np.clip(mu, 0.0, 1.0)) / trials[:, None]
+            y = draw_responses("binomial", mu, rng, trials=trials[:, None])
         elif not np.allclose(weights, 1.0):
             raise ArgumentError(f"hp.simulate: a {family.name} fit with prior weights (a weighted log-likelihood) "
                                 "has no distribution to draw from")
-        elif family.name == "poisson":
-            y = rng.poisson(mu).astype(float)
-        else:  # NB2: Poisson with a Gamma(shape, shape / mu) mean
-            shape = float(family.shape)
-            y = rng.poisson(rng.gamma(shape, mu / shape)).astype(float)
+        else:
+            y = draw_responses(family.name, mu, rng, shape=None if family.shape is None else float(family.shape))
     return pd.DataFrame(y, index=design.rows, columns=[f"sim_{i + 1}" for i in range(n)])
