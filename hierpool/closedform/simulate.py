@@ -6,6 +6,8 @@ c_t = phi^lag_t); for a GLMM y*_i ~ family(g^-1(o_i + x_i' beta^ + z_i' b*)), a 
 out of its trials (w_i) returned as the proportion, as its response was given.  b* is drawn anew from
 N(0, Sigma^) per term (``use_u=False``, lme4's default ``re.form = NA``: the unconditional distribution, what a
 parametric bootstrap needs), or held at the fitted conditional modes (``use_u=True``, lme4's ``re.form = NULL``).
+A spatial term's field is drawn from its prior under its sum-to-zero constraints (one sparse LU of the bordered
+prior precision; :func:`_spatial_linear_predictor`).
 
 References: Bates, Maechler, Bolker & Walker (2015), lme4's ``simulate.merMod``; Davison & Hinkley (1997),
 Bootstrap methods and their application, ch. 2 (the parametric bootstrap).
@@ -17,10 +19,12 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.family import draw_responses
+from ..algebra.icar import bordered_factor
 from ..errors import ArgumentError, integer_argument
 from .ar1 import AR1Result
 from .glmm_results import GLMMResult
 from .results import LMMResult
+from .spatial import SpatialFit
 
 #: Families :func:`simulate` draws from.
 FAMILIES = ("binomial", "poisson", "negative_binomial")
@@ -36,6 +40,31 @@ def _linear_predictor(fit, rng: np.random.Generator, n: int, use_u: bool) -> np.
     out = (design.offset + design.X @ np.asarray(fit.fixef, dtype=float))[:, None] + np.zeros((1, n))
     for term, cov in zip(design.terms, fit.term_covariances()):
         b = rng.standard_normal((n, term.n_levels, term.k)) @ _root(np.asarray(cov, dtype=float)).T  # (n, ell, k)
+        out += np.einsum("ik,nik->in", term.z, b[:, term.index, :])
+    return out
+
+
+def _spatial_linear_predictor(fit: SpatialFit, rng: np.random.Generator, n: int, use_u: bool) -> np.ndarray:
+    """(rows, n): a spatial fit's o + X beta^ + its terms' effects, each spatial term's latent x drawn from its prior
+    under the constraints: x = B^-1 (R'e, 0) with B the bordered prior precision [[P, C], [C', 0]] (one sparse LU)
+    and R'R = P (:meth:`~hierpool.algebra.icar.CarPrior.precision_root_draw`), whose covariance is V (V'PV)^-1 V',
+    the constrained prior's; a ``(lhs | g)`` term's effects from N(0, Sigma) (``use_u``: the fit's modes)."""
+    design, laplace = fit.design, fit.laplace
+    if use_u:
+        return np.repeat(np.asarray(fit._mode.eta, dtype=float)[:, None], n, axis=1)
+    out = (design.offset + design.X @ np.asarray(fit.beta, dtype=float))[:, None] + np.zeros((1, n))
+    for t, area_term in enumerate(fit.sdesign.areas):
+        block = laplace.blocks[t]
+        sd, mix = block.natural(laplace.block_psi(fit.psi, t))
+        prior = block.prior
+        factor = bordered_factor(prior.latent(sd, mix)[0], prior.latent_constraints)
+        roots = np.stack([prior.precision_root_draw(sd, mix, rng.standard_normal(prior.root_size()))
+                          for _ in range(n)], axis=1)
+        rhs = np.vstack([roots, np.zeros((prior.latent_constraints.shape[1], n))])
+        out += factor.solve(rhs)[: prior.n][area_term.area]
+    for term, cov in zip(design.terms, [laplace.blocks[t].covariance(laplace.block_psi(fit.psi, t))
+                                        for t in range(len(fit.sdesign.areas), len(laplace.blocks))]):
+        b = rng.standard_normal((n, term.n_levels, term.k)) @ _root(cov).T
         out += np.einsum("ik,nik->in", term.z, b[:, term.index, :])
     return out
 
@@ -70,9 +99,10 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
 
     Parameters
     ----------
-    fit : LMMResult or GLMMResult
+    fit : LMMResult, GLMMResult or SpatialFit
         ``hp.lmm`` (independent or AR(1) residuals, prior weights or known residual sds, offsets) or ``hp.glmm``
-        (binomial, Poisson, negative binomial) fit.
+        (binomial, Poisson, negative binomial) fit, or either with spatial terms (``adjacency=``: each spatial
+        term's field drawn from its prior under its constraints).
     n : int
         Number of simulated responses.
     seed : int, optional
@@ -93,15 +123,16 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
     Bates, Maechler, Bolker & Walker (2015), J. Stat. Softw. 67(1); lme4's ``simulate.merMod``.
     """
     n = integer_argument("n", n, minimum=1)
-    if not isinstance(fit, (LMMResult, GLMMResult)):
-        raise ArgumentError(f"hp.simulate takes an hp.lmm or hp.glmm fit with random-effect terms, got "
-                            f"{type(fit).__name__} (a relationship matrix's, a spatial model's or a model without "
-                            "random terms' simulation is not built yet)")
+    if not isinstance(fit, (LMMResult, GLMMResult, SpatialFit)):
+        raise ArgumentError(f"hp.simulate takes an hp.lmm or hp.glmm fit with random-effect terms (or spatial ones), "
+                            f"got {type(fit).__name__} (a relationship matrix's or a model without random terms' "
+                            "simulation is not built yet)")
     rng = np.random.default_rng(seed)
     design = fit.design
-    eta = _linear_predictor(fit, rng, n, use_u)
+    spatial = isinstance(fit, SpatialFit)
+    eta = _spatial_linear_predictor(fit, rng, n, use_u) if spatial else _linear_predictor(fit, rng, n, use_u)
     weights = np.asarray(design.row_weights, dtype=float)
-    if isinstance(fit, LMMResult):
+    if design.family is None:  # a Gaussian response
         sigma = 1.0 if design.sigma_known else float(fit.sigma)
         scale = 1.0 / np.sqrt(weights)
         if isinstance(fit, AR1Result):
@@ -109,7 +140,7 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
         else:
             y = eta + sigma * scale[:, None] * rng.standard_normal((design.n, n))
     else:
-        family = fit.family
+        family = fit.laplace.family if spatial else fit.family
         if family.name not in FAMILIES:
             raise ArgumentError(f"hp.simulate draws the families {FAMILIES}, not {family.name!r}")
         mu = np.asarray(family.link.inverse(eta), dtype=float)
