@@ -19,12 +19,10 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.family import draw_responses
-from ..algebra.icar import bordered_factor
 from ..errors import ArgumentError, integer_argument
 from .ar1 import AR1Result
 from .glmm_results import GLMMResult
 from .results import LMMResult
-from .spatial import SpatialFit
 
 #: Families :func:`simulate` draws from.
 FAMILIES = ("binomial", "poisson", "negative_binomial")
@@ -44,11 +42,13 @@ def _linear_predictor(fit, rng: np.random.Generator, n: int, use_u: bool) -> np.
     return out
 
 
-def _spatial_linear_predictor(fit: SpatialFit, rng: np.random.Generator, n: int, use_u: bool) -> np.ndarray:
+def _spatial_linear_predictor(fit, rng: np.random.Generator, n: int, use_u: bool) -> np.ndarray:
     """(rows, n): a spatial fit's o + X beta^ + its terms' effects, each spatial term's latent x drawn from its prior
     under the constraints: x = B^-1 (R'e, 0) with B the bordered prior precision [[P, C], [C', 0]] (one sparse LU)
     and R'R = P (:meth:`~hierpool.algebra.icar.CarPrior.precision_root_draw`), whose covariance is V (V'PV)^-1 V',
     the constrained prior's; a ``(lhs | g)`` term's effects from N(0, Sigma) (``use_u``: the fit's modes)."""
+    from ..algebra.icar import bordered_factor  # SciPy's sparse LU: loaded for a spatial fit only
+
     design, laplace = fit.design, fit.laplace
     if use_u:
         return np.repeat(np.asarray(fit._mode.eta, dtype=float)[:, None], n, axis=1)
@@ -123,13 +123,14 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
     Bates, Maechler, Bolker & Walker (2015), J. Stat. Softw. 67(1); lme4's ``simulate.merMod``.
     """
     n = integer_argument("n", n, minimum=1)
-    if not isinstance(fit, (LMMResult, GLMMResult, SpatialFit)):
+    # a SpatialFit by its parts, not by importing closedform.spatial (SciPy), which a small fit never loads
+    spatial = hasattr(fit, "sdesign") and hasattr(fit, "laplace")
+    if not (spatial or isinstance(fit, (LMMResult, GLMMResult))):
         raise ArgumentError(f"hp.simulate takes an hp.lmm or hp.glmm fit with random-effect terms (or spatial ones), "
                             f"got {type(fit).__name__} (a relationship matrix's or a model without random terms' "
                             "simulation is not built yet)")
     rng = np.random.default_rng(seed)
     design = fit.design
-    spatial = isinstance(fit, SpatialFit)
     eta = _spatial_linear_predictor(fit, rng, n, use_u) if spatial else _linear_predictor(fit, rng, n, use_u)
     weights = np.asarray(design.row_weights, dtype=float)
     if design.family is None:  # a Gaussian response
