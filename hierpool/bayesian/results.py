@@ -10,6 +10,7 @@ import arviz as az
 import numpy as np
 import pandas as pd
 
+from ..algebra.ar1 import carried
 from ..algebra.family import Link, draw_responses
 from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError, DataError, HierpoolWarning
@@ -17,7 +18,7 @@ from ..spec.arguments import probability_argument
 from ..spec.design import Design
 from ..spec.newdata import model_rows, new_row_weights
 from .convergence import diagnose, ess_tail
-from .posterior import term_slots
+from .posterior import linear_predictor_draws, term_slots
 from .priors import Priors
 
 SUMMARY_COLUMNS = ["mean", "sd", "lower", "upper", "mcse_mean", "ess_bulk", "r_hat"]
@@ -386,15 +387,12 @@ class BayesResult:
         structure, ends = self.series
         lag, last = carried_lags(structure, ends, newdata)
         phi = self.phi_draws.reshape(-1)
-        c = np.where(last >= 0, phi[:, None] ** lag[None, :], 0.0)
+        c = np.asarray(carried(phi[:, None], last[None, :], np.asarray(lag, dtype=float)[None, :]))
         rows = np.maximum(last, 0)
         design = self.design
-        beta = self.beta_draws.reshape(-1, design.p)
-        fitted = design.offset[rows] + beta @ design.X[rows].T
-        for j, term in enumerate(design.terms):
-            b = self.term_draws(j)
-            b = b.reshape((-1,) + b.shape[2:])
-            fitted = fitted + np.einsum("nk,snk->sn", term.z[rows], b[:, term.index[rows], :])
+        draws = self.beta_draws.reshape(1, -1, design.p)  # one "chain" of every draw: linear_predictor_draws' axes
+        effects = [b.reshape((1, -1) + b.shape[2:]) for b in (self.term_draws(j) for j in range(len(design.terms)))]
+        fitted = linear_predictor_draws(design, draws, effects)[0][:, rows]
         return c * (design.y[rows][None, :] - fitted), c
 
     def _noise_scale(self, newdata, shape) -> np.ndarray:

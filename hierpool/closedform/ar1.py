@@ -157,7 +157,7 @@ class AR1Result(LMMResult):
     def _carry(self, newdata: pd.DataFrame):
         """(c, last) of each new row (see :func:`hierpool.closedform.predict.predict`)."""
         lag, last = carried_lags(self.structure, self.series_ends, newdata)
-        return np.where(last >= 0, self.phi ** lag, 0.0), last
+        return np.asarray(carried(float(self.phi), last, np.asarray(lag, dtype=float))), last
 
     @property
     def objective(self) -> float:
