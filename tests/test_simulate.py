@@ -95,13 +95,11 @@ def test_other_fits_and_weighted_counts_are_refused_by_name():
 def test_a_spatial_models_simulations_have_its_covariance():
     """An ICAR term on a 5 x 4 grid and a (1 | site) term, two rows per area: the simulations' covariance is
     Z (sd^2 Q^+) Z' + Zs sd_site^2 Zs' + sigma^2 I (Q^+ the Laplacian's pseudo-inverse: the constrained ICAR's)."""
-    from hierpool.spec.adjacency import graph
-
-    pairs = [(i, i + 1) for i in range(20) if (i + 1) % 4] + [(i, i + 4) for i in range(16)]
-    edges = {"a": [f"a{i}" for i, _ in pairs], "b": [f"a{j}" for _, j in pairs]}
     import pandas as pd
 
-    edges = pd.DataFrame(edges)
+    from hierpool.spec.adjacency import graph, lattice_edges
+
+    edges = lattice_edges(5, 4)
     rng = np.random.default_rng(12)
     area = np.repeat(np.arange(20), 2)
     site = rng.integers(0, 4, 40)

@@ -26,19 +26,27 @@ def post(nc):
     return hp.bayes(FORMULA, nc.data, family="poisson", adjacency=nc.adjacency, seed=3, progress=False)
 
 
+def z_against_brms(post, reference_file: str, hyper_names: dict[str, str], suffix: str):
+    """(the reference, z of every quantity): the fixed effects, the hyperparameters (brms name -> hierpool's) and
+    every county's log relative risk, (our mean - Stan's) / sqrt(our MCSE^2 + Stan's MCSE^2)."""
+    reference = json.loads((VALIDATION / reference_file).read_text())
+    fixef, hyper = post.fixef, post.hyperparameters()
+    ours = {"b_Intercept": fixef.loc["Intercept"], "b_nwbir_rate": fixef.loc["nwbir_rate"]}
+    ours |= {brms: hyper.loc[name] for brms, name in hyper_names.items()}
+    z = {name: (ours[name]["mean"] - ref["mean"]) / np.hypot(ours[name]["mcse_mean"], ref["mcse"])
+         for name, ref in reference["parameters"].items()}
+    stats = summarize_draws(post.draws(f"log_relative_risk{suffix}"), 0.95)
+    for i, county in enumerate(post.idata.posterior[f"area_with_data{suffix}"].values):
+        ref = reference["log_relative_risk"][str(county)]
+        z[county] = (stats["mean"][i] - ref["mean"]) / np.hypot(stats["mcse_mean"][i], ref["mcse"])
+    return reference, z
+
+
 def test_the_bym2_posterior_matches_brms_in_monte_carlo_units(post):
     """Fixed effects, sd, rho and every county's log relative risk x'beta + b: |z| < 4 with both runs' MCSEs
     (validation/spatial_brms_reference.R: 4 x 10,000 Stan draws; brms constrains sum(phi) softly, hierpool exactly)."""
-    reference = json.loads((VALIDATION / "spatial_brms_reference.json").read_text())
-    fixef, hyper = post.fixef, post.hyperparameters()
-    ours = {"b_Intercept": fixef.loc["Intercept"], "b_nwbir_rate": fixef.loc["nwbir_rate"],
-            "sdcar": hyper.loc["sd"], "rhocar": hyper.loc["rho"]}
-    z = {name: (ours[name]["mean"] - ref["mean"]) / np.hypot(ours[name]["mcse_mean"], ref["mcse"])
-         for name, ref in reference["parameters"].items()}
-    stats = summarize_draws(post.draws("log_relative_risk"), 0.95)
-    for i, county in enumerate(post.idata.posterior["area_with_data"].values):
-        ref = reference["log_relative_risk"][str(county)]
-        z[county] = (stats["mean"][i] - ref["mean"]) / np.hypot(stats["mcse_mean"][i], ref["mcse"])
+    hyper = post.hyperparameters()
+    reference, z = z_against_brms(post, "spatial_brms_reference.json", {"sdcar": "sd", "rhocar": "rho"}, "")
     assert len(z) == 104, "two fixed effects, sd, rho and 100 counties"
     worst = max(z, key=lambda k: abs(z[k]))
     assert abs(z[worst]) < 4, f"{worst}: z = {z[worst]:.2f}"
@@ -56,30 +64,26 @@ def bym_post(nc):
     return hp.bayes(BYM, nc.data, family="poisson", adjacency=nc.adjacency, seed=2, progress=False)
 
 
-def test_the_two_term_bym_posterior_matches_brms_in_monte_carlo_units(bym_post):
+def test_the_two_term_bym_posterior_matches_brms_in_monte_carlo_units(bym_post, nc):
     """Besag, York & Mollie's model, an ICAR term and an unstructured county term, each with its sd: fixed effects,
     both sds and every county's log relative risk x'beta + phi + u, |z| < 4 with both runs' MCSEs
     (validation/spatial_bym_brms_reference.R: 4 x 10,000 Stan draws)."""
-    reference = json.loads((VALIDATION / "spatial_bym_brms_reference.json").read_text())
     post = bym_post
-    fixef, hyper = post.fixef, post.hyperparameters()
-    assert list(hyper.index) == ["sd_car_county", "sd_county"], "each term's sd, named by term"
-    ours = {"b_Intercept": fixef.loc["Intercept"], "b_nwbir_rate": fixef.loc["nwbir_rate"],
-            "sdcar": hyper.loc["sd_car_county"], "sd_county__Intercept": hyper.loc["sd_county"]}
-    z = {name: (ours[name]["mean"] - ref["mean"]) / np.hypot(ours[name]["mcse_mean"], ref["mcse"])
-         for name, ref in reference["parameters"].items()}
-    stats = summarize_draws(post.draws("log_relative_risk_car_county"), 0.95)
-    for i, county in enumerate(post.idata.posterior["area_with_data_car_county"].values):
-        ref = reference["log_relative_risk"][str(county)]
-        z[county] = (stats["mean"][i] - ref["mean"]) / np.hypot(stats["mcse_mean"][i], ref["mcse"])
+    assert list(post.hyperparameters().index) == ["sd_car_county", "sd_county"], "each term's sd, named by term"
+    reference, z = z_against_brms(post, "spatial_bym_brms_reference.json",
+                                  {"sdcar": "sd_car_county", "sd_county__Intercept": "sd_county"}, "_car_county")
+    assert len(z) == 104, "two fixed effects, two sds and 100 counties"
     worst = max(z, key=lambda k: abs(z[k]))
     assert abs(z[worst]) < 4, f"{worst}: z = {z[worst]:.2f}"
     assert post.divergences == 0 and reference["divergences"] == 0
     tables = post.ranef
     assert list(tables) == ["car(county, type='icar')", "(1 | county)"], "ranef: a table per term"
     risk = post.relative_risk(term="county")
-    np.testing.assert_allclose(np.log(risk["relative_risk"]), np.log(np.exp(post.draws(
-        "log_relative_risk_car_county")).reshape(-1, 100).mean(axis=0)), err_msg="the risk table's posterior means")
+    counties = nc.data.set_index("county").loc[risk.index]
+    np.testing.assert_allclose(risk["sir"], counties.sid74 / counties.expected, err_msg="the raw SIR from the data")
+    # smoothing: the smoothed risks follow the raw ratios but spread less (a zero count's log SIR at half a death)
+    raw, smoothed = np.log(risk.sir + 0.5 / risk.expected), np.log(risk.relative_risk)
+    assert np.corrcoef(raw, smoothed)[0, 1] > 0.6 and smoothed.std() < 0.8 * raw.std(), "shrinkage of the raw SIRs"
     assert post.summary().startswith("Bayesian spatial model (car(county, type='icar'), (1 | county); poisson")
 
 
@@ -119,14 +123,14 @@ def test_blup_agreement_of_a_gaussian_car_model():
     bordered factor) equal the dense GLS ones; and a posterior held at another sd fails the comparison."""
     import pandas as pd
 
+    from hierpool.spec.adjacency import lattice_edges
     from hierpool.validate import compare_spatial
 
     rng = np.random.default_rng(4)
     rows, cols = 6, 5
     n = rows * cols
     labels = [f"a{i}" for i in range(n)]
-    pairs = [(i, i + 1) for i in range(n) if (i + 1) % cols] + [(i, i + cols) for i in range(n - cols)]
-    edges = pd.DataFrame({"a": [labels[i] for i, _ in pairs], "b": [labels[j] for _, j in pairs]})
+    edges = lattice_edges(rows, cols)
     area = np.repeat(np.arange(n), 2)[: 2 * n - 6]
     site = rng.integers(0, 4, size=area.size)
     data = pd.DataFrame({"area": np.array(labels)[area], "x": rng.normal(size=area.size), "site": site})

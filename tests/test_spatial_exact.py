@@ -17,14 +17,8 @@ from hierpool.algebra.latent_blocks import GroupPrior
 from hierpool.bayesian.priors import resolve_priors
 from hierpool.bayesian.spatial import car_priors
 from hierpool.bayesian.spatial_exact import SpatialPosterior
-from hierpool.spec.adjacency import graph
+from hierpool.spec.adjacency import graph, lattice_edges
 from hierpool.spec.spatial import spatial_design
-
-
-def grid(rows: int, cols: int) -> pd.DataFrame:
-    n = rows * cols
-    pairs = [(i, i + 1) for i in range(n) if (i + 1) % cols] + [(i, i + cols) for i in range(n - cols)]
-    return pd.DataFrame({"a": [f"a{i}" for i, _ in pairs], "b": [f"a{j}" for _, j in pairs]})
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,7 @@ def model():
     data = pd.DataFrame({"area": [f"a{i}" for i in area], "site": site, "x": rng.normal(size=area.size),
                          "w": rng.uniform(0.5, 2.0, size=area.size)})
     data["y"] = 1 + 0.5 * data.x + rng.normal(size=20)[area] + rng.normal(size=4)[site] + rng.normal(size=area.size)
-    sdesign = spatial_design("y ~ x + car(area, type='bym2') + (1 | site)", data, grid(5, 4), weights="w")
+    sdesign = spatial_design("y ~ x + car(area, type='bym2') + (1 | site)", data, lattice_edges(5, 4), weights="w")
     others, cars = car_priors(sdesign, None)
     return sdesign, SpatialPosterior(sdesign, resolve_priors(sdesign.design, others), cars)
 
@@ -82,7 +76,7 @@ def test_the_target_with_a_proper_car_and_a_flat_intercept_is_the_restricted_lik
     area = np.repeat(np.arange(20), 2)
     data = pd.DataFrame({"area": [f"a{i}" for i in area], "x": rng.normal(size=40)})
     data["y"] = 0.5 * data.x + rng.normal(size=20)[area] + rng.normal(size=40)
-    sdesign = spatial_design("y ~ x + car(area, type='proper')", data, grid(5, 4))
+    sdesign = spatial_design("y ~ x + car(area, type='proper')", data, lattice_edges(5, 4))
     others, cars = car_priors(sdesign, {"Intercept": "flat"})
     priors = resolve_priors(sdesign.design, others)
     posterior = SpatialPosterior(sdesign, priors, cars)
@@ -128,7 +122,8 @@ def test_the_draws_given_psi_have_the_dense_posterior_mean_and_covariance(model)
     z = (drawn.mean(axis=0) - mean) / se
     assert np.max(np.abs(z)) < 4.5, f"posterior means differ: max |z| {np.max(np.abs(z)):.2f}"
     sd_ratio = drawn.std(axis=0) / np.sqrt(np.diag(post_cov))
-    assert np.max(np.abs(sd_ratio - 1)) < 0.07, "posterior sds differ"  # sd's relative MC error ~ 1 / sqrt(2 N)
+    # an sd's relative Monte-Carlo error is about 1 / sqrt(2 N): 4.5 of them over some 60 coordinates
+    assert np.max(np.abs(sd_ratio - 1)) < 4.5 / np.sqrt(2 * drawn.shape[0]), "posterior sds differ"
     corr = np.corrcoef(drawn[:, [0, 2, 3]].T)[0, 1:]
     dense_corr = post_cov[0, [2, 3]] / np.sqrt(post_cov[0, 0] * np.diag(post_cov)[[2, 3]])
     np.testing.assert_allclose(corr, dense_corr, atol=0.07, err_msg="beta's correlation with the effects")
@@ -161,8 +156,8 @@ def test_hp_bayes_samples_a_gaussian_spatial_model_exactly_by_default():
     data["y"] = 0.5 * data.x + rng.normal(size=20)[area] + rng.normal(scale=0.5, size=40)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        post = hp.bayes("y ~ x + car(area, type='icar')", data, adjacency=grid(5, 4), seed=1, progress=False)
-        fit = hp.lmm("y ~ x + car(area, type='icar')", data, adjacency=grid(5, 4))
+        post = hp.bayes("y ~ x + car(area, type='icar')", data, adjacency=lattice_edges(5, 4), seed=1, progress=False)
+        fit = hp.lmm("y ~ x + car(area, type='icar')", data, adjacency=lattice_edges(5, 4))
     assert post.method == "collapsed" and post.divergences == 0, "the exact sampler, without divergences"
     hyper = post.hyperparameters()
     assert list(hyper.index) == ["sd", "sigma"] and hyper["r_hat"].max() < 1.01, "converged"
@@ -174,8 +169,8 @@ def test_hp_bayes_samples_a_gaussian_spatial_model_exactly_by_default():
     two = "y ~ x + car(area, type='icar') + (1 + x | site)"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        nuts = hp.bayes(two, data, adjacency=grid(5, 4), seed=1, progress=False, chains=2, draws=100, tune=100)
-        closed = hp.lmm(two, data, adjacency=grid(5, 4))
+        nuts = hp.bayes(two, data, adjacency=lattice_edges(5, 4), seed=1, progress=False, chains=2, draws=100, tune=100)
+        closed = hp.lmm(two, data, adjacency=lattice_edges(5, 4))
     assert nuts.method == "nuts", "NUTS samples a term with several coefficients"
     names = ["sd_car_area", "sd_site_Intercept", "sd_site_x", "cor_site_Intercept_x", "sigma"]
     assert list(nuts.hyperparameters().index) == names == list(closed.hyperparameters().index), "both engines' names"
@@ -184,4 +179,4 @@ def test_hp_bayes_samples_a_gaussian_spatial_model_exactly_by_default():
             "a (1 + x | g) term's effects by (level, coefficient)"
     with pytest.raises(hp.HierpoolError, match="method='collapsed': the exact sampler is for a Gaussian"):
         hp.bayes("y ~ car(area, type='icar')", data.assign(y=rng.poisson(3, 40)), family="poisson",
-                 adjacency=grid(5, 4), method="collapsed")
+                 adjacency=lattice_edges(5, 4), method="collapsed")

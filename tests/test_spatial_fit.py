@@ -17,6 +17,7 @@ import scipy.stats
 import hierpool as hp
 from hierpool.closedform.spatial import SpatialFit
 from hierpool.spec.adjacency import graph as make_graph
+from hierpool.spec.adjacency import lattice_edges
 
 
 @pytest.fixture(scope="module")
@@ -253,13 +254,6 @@ def test_prior_weights_count_rows_in_the_relative_risks(nc):
 
 # -- several random terms ------------------------------------------------------------------------------------
 
-def grid_edges(side: int) -> pd.DataFrame:
-    """A side x side grid's rook neighbours, labelled z0, z1, ..."""
-    pairs = [(r * side + c, r * side + c + 1) for r in range(side) for c in range(side - 1)]
-    pairs += [(r * side + c, (r + 1) * side + c) for r in range(side - 1) for c in range(side)]
-    return pd.DataFrame({"a": [f"z{i}" for i, _ in pairs], "b": [f"z{j}" for _, j in pairs]})
-
-
 @pytest.fixture(scope="module")
 def three_terms(nc):
     """(data, adjacency dict): y by county (ICAR on the NC graph), by zone (BYM2 on a 4 x 4 grid) and a clinic's
@@ -279,7 +273,7 @@ def three_terms(nc):
     zone = 0.2 * (np.arange(16) // 4 + np.arange(16) % 4 - 3) + 0.3 * rng.normal(size=16)  # a gradient and noise
     data["y"] = (1 + 0.5 * data.x + clinic[k, 0] + clinic[k, 1] * data.x + zone[z] + 0.7 * county[c]
                  + rng.normal(scale=0.5, size=n))
-    return data, {"county": nc.adjacency, "zone": grid_edges(4)}
+    return data, {"county": nc.adjacency, "zone": lattice_edges(4, 4, labels=lambda i: f"z{i}")}
 
 
 FORMULA = "y ~ x + car(county, type='icar') + car(zone, type='bym2') + (1 + x | clinic)"
@@ -408,7 +402,7 @@ def test_log_risk_sds_with_several_rows_areas_without_rows_and_chunks(monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit = hp.glmm("y ~ offset(log(expected)) + car(area, type='bym2') + (1 | site)", data, family="poisson",
-                      adjacency=grid_edges(4), weights="w")
+                      adjacency=lattice_edges(4, 4, labels=lambda i: f"z{i}"), weights="w")
     risk = fit.relative_risk()
     assert len(risk) == 14, "the two areas without rows have no risk"
     sd = np.log(risk["upper"] / risk["relative_risk"]) / scipy.stats.norm.ppf(0.975)

@@ -27,6 +27,7 @@ import numpyro.distributions as dist
 import pandas as pd
 
 import hierpool as hp
+from hierpool.spec.adjacency import lattice_edges
 
 from . import studies
 
@@ -41,8 +42,7 @@ def grid_data(rows: int = 5, cols: int = 4) -> tuple[pd.DataFrame, pd.DataFrame]
     rng = np.random.default_rng(0)
     n = rows * cols
     labels = [f"r{i // cols}c{i % cols}" for i in range(n)]
-    pairs = [(i, i + 1) for i in range(n) if (i + 1) % cols] + [(i, i + cols) for i in range(n - cols)]
-    edges = pd.DataFrame({"a": [labels[i] for i, _ in pairs], "b": [labels[j] for _, j in pairs]})
+    edges = lattice_edges(rows, cols, labels=lambda i: labels[i])
     expected = rng.uniform(2, 12, size=n)
     data = pd.DataFrame({"area": labels, "x": rng.normal(size=n), "expected": expected, "y": rng.poisson(expected)})
     return data, edges

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from ..algebra.varcorr import coef_pairs
 from ..closedform.ar1 import AR1Result
+from ..closedform.predict import normal_quantile
 from ..closedform.results import LMMResult
 from ..closedform.simulate import simulate
 from ..errors import ArgumentError, integer_argument
@@ -102,7 +102,7 @@ class BootstrapResult:
         if method == "basic":
             low, high = 2 * estimate - high, 2 * estimate - low
         elif method == "normal":
-            z = stats.norm.ppf(1 - tail)
+            z = normal_quantile(level)
             low, high = estimate - bias - z * se, estimate - bias + z * se
         return pd.DataFrame({"estimate": estimate, "lower": low, "upper": high, "se": se, "bias": bias},
                             index=self.estimate.index)

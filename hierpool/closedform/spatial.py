@@ -127,21 +127,18 @@ class _Bordered:
             (p + pr, p + pc),  # P
             (p + c.row, p + m + c.col), (p + m + c.col, p + c.row),  # C and C'
         ]
-        # the elimination order (class docstring): x's by minimum degree on Z'WZ + P's pattern (values that make
-        # it diagonally dominant: only the pattern matters), then beta, then the constraints
-        x_pattern = scipy.sparse.csc_matrix((np.r_[np.ones(pr.size), np.ones(za.size), np.full(m, 1e6)],
-                                             (np.r_[pr, za - p, np.arange(m)], np.r_[pc, zb - p, np.arange(m)])),
-                                            shape=(m, m))
-        x_order = np.argsort(scipy.sparse.linalg.splu(x_pattern, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                                                      options={"SymmetricMode": True}).perm_c)
-        self.order = np.r_[p + x_order, fixed, p + m + np.arange(k)]
+        # the elimination order (class docstring): x's (found once for both matrices), then beta, then the constraints
+        self.order = np.r_[p + laplace.latent_order, fixed, p + m + np.arange(k)]
         rank = np.argsort(self.order)
         rows = rank[np.concatenate([r for r, _ in parts]).astype(np.int64)]
         cols = rank[np.concatenate([col for _, col in parts]).astype(np.int64)]
         pattern = scipy.sparse.csc_matrix((np.ones(rows.size), (rows, cols)), shape=(self.size, self.size))
         pattern.sum_duplicates()
         pattern.sort_indices()
-        self.indices, self.indptr, self.nnz = pattern.indices, pattern.indptr, pattern.nnz
+        self.nnz = pattern.nnz
+        # one matrix on the pattern, its values overwritten at each factorization: a new csc_matrix would check
+        # its indices at every step of a sampler (benchmarks/RESULTS.md, "the exact sampler on a second model")
+        self.matrix = pattern
         keys = np.repeat(np.arange(self.size), np.diff(pattern.indptr)) * self.size + pattern.indices
         self.positions = np.searchsorted(keys, cols * self.size + rows)
         self.ones = np.ones(2 * c.nnz)
@@ -157,9 +154,8 @@ class _Bordered:
         else:
             head = []
         values = np.concatenate(head + [(w[:, None] * self.zz).ravel(), precision_values, self.ones])
-        data = np.bincount(self.positions, weights=values, minlength=self.nnz)
-        matrix = scipy.sparse.csc_matrix((data, self.indices, self.indptr), shape=(self.size, self.size))
-        lu = scipy.sparse.linalg.splu(matrix, permc_spec="NATURAL", diag_pivot_thresh=PIVOT_THRESHOLD,
+        self.matrix.data[:] = np.bincount(self.positions, weights=values, minlength=self.nnz)
+        lu = scipy.sparse.linalg.splu(self.matrix, permc_spec="NATURAL", diag_pivot_thresh=PIVOT_THRESHOLD,
                                       options={"SymmetricMode": True})
         return _OrderedFactor(lu, self.order)
 
@@ -294,12 +290,26 @@ class SpatialLaplace:
         cx = stack_constraints([b.constraints for b in self.blocks])
         self.constraints_x = cx
         self.sizes = np.asarray(cx.sum(axis=0)).ravel()
+        self.latent_order = self._latent_order()
         self.full = _Bordered(self, with_beta=True)
         self.latent_only = _Bordered(self, with_beta=False)
         self._theta = np.zeros(self.p + self.m)
         self._gaussian_factor = None  # a Gaussian mode's factor of the bordered matrix, which evaluate reuses
         self._started = False
         self.evaluations = 0
+
+    def _latent_order(self) -> np.ndarray:
+        """x's elimination order: minimum degree on the pattern of Z'WZ + P (values that make it diagonally dominant:
+        only the pattern matters), the same in the bordered matrix with beta and without."""
+        slots = self.rows.columns.shape[1]
+        za = np.repeat(self.rows.columns, slots, axis=1).ravel()
+        zb = np.tile(self.rows.columns, (1, slots)).ravel()
+        m = self.m
+        pattern = scipy.sparse.csc_matrix((np.r_[np.ones(self.entry_rows.size), np.ones(za.size), np.full(m, 1e6)],
+                                           (np.r_[self.entry_rows, za, np.arange(m)],
+                                            np.r_[self.entry_cols, zb, np.arange(m)])), shape=(m, m))
+        return np.argsort(scipy.sparse.linalg.splu(pattern, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                                                   options={"SymmetricMode": True}).perm_c)
 
     # -- parameters ------------------------------------------------------------------------------------------
     def block_psi(self, psi, t: int) -> np.ndarray:
@@ -541,12 +551,12 @@ class SpatialFit:
 
     def __init__(self, *, laplace: SpatialLaplace, psi, beta, optimizer, stages: int):
         self.laplace, self.psi, self.optimizer, self.stages = laplace, np.asarray(psi), optimizer, stages
-        self.objective = float(laplace.criterion(psi, beta))  # leaves the mode at the optimum
+        value, self._mode, _ = laplace.evaluate(psi, beta)
+        self.objective = float(value)
         self.sdesign = laplace.sdesign
         self.design = self.sdesign.design
         self.reml = laplace.reml
         self.sigma = laplace.sigma(self.psi)
-        self._mode = laplace.mode(psi, beta)
         self._precision_values = laplace.precision_values(self.psi)
 
     def _car_index(self, term: str | None) -> int:

@@ -186,3 +186,14 @@ def queen_contiguity(geometry: dict, tolerance: float = 1e-7) -> pd.DataFrame:
             pairs.update((ordered[i], ordered[j]) for i in range(len(ordered)) for j in range(i + 1, len(ordered)))
     pairs = sorted(pairs)
     return pd.DataFrame({"a": [p[0] for p in pairs], "b": [p[1] for p in pairs]})
+
+
+def lattice_edges(rows: int, cols: int, labels=None) -> pd.DataFrame:
+    """The edge list of a rows x cols lattice with rook neighbours (spdep's ``cell2nb``): area i = r cols + c
+    neighbours its right and lower cells, each pair once.  ``labels``: a function of i giving each area's label
+    (default ``a<i>``).  A graph for simulation studies and tests, in the form :func:`graph` reads."""
+    label = (lambda i: f"a{i}") if labels is None else labels
+    n = rows * cols
+    pairs = [(i, i + 1) for i in range(n) if (i + 1) % cols] + [(i, i + cols) for i in range(n - cols)]
+    return pd.DataFrame({"a": [label(i) for i, _ in pairs], "b": [label(j) for _, j in pairs]})
+
