@@ -370,14 +370,23 @@ def profiled_criterion(logdet_lz, logdet_rx, pwrss, n, p: int, log_weights, reml
     return logdet + dof * (1.0 + xp.log(2 * np.pi * pwrss / dof)) - log_weights
 
 
-def criterion(parts: ObjectiveParts, system: MixedModelSystem, reml: bool) -> jax.Array:
-    """REML criterion (``reml=True``) or deviance (-2 log-likelihood) from the parts."""
+def row_count(system: MixedModelSystem, n=None):
+    """The system's number of rows: ``n`` when given (a batch's per-dataset count, data), else the layout's."""
+    if n is None:
+        n = system.layout.n
+    if n is None:
+        raise ValueError("a batch of systems (Layout.n None) needs each dataset's row count n")
+    return n
+
+
+def criterion(parts: ObjectiveParts, system: MixedModelSystem, reml: bool, n=None) -> jax.Array:
+    """REML criterion (``reml=True``) or deviance (-2 log-likelihood) from the parts (``n``: :func:`row_count`)."""
     layout = system.layout
-    return profiled_criterion(parts.logdet_lz, parts.logdet_rx, parts.pwrss, layout.n, layout.p, system.log_weights,
-                              reml, layout.sigma_known)
+    return profiled_criterion(parts.logdet_lz, parts.logdet_rx, parts.pwrss, row_count(system, n), layout.p,
+                              system.log_weights, reml, layout.sigma_known)
 
 
-def objective(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> jax.Array:
+def objective(theta: jax.Array, system: MixedModelSystem, reml: bool = True, n=None) -> jax.Array:
     """Profiled REML criterion or deviance at ``theta``: the function the optimizer minimizes.
 
     Parameters
@@ -389,13 +398,16 @@ def objective(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> 
         From :func:`hierpool.algebra.system.build_system`.
     reml : bool
         REML criterion if True, else deviance.
+    n : int or jax.Array, optional
+        The number of rows, where the layout does not hold it (a batch of systems, in which each
+        dataset's n is data: :mod:`hierpool.algebra.batched_systems`).
 
     Returns
     -------
     jax.Array
         Scalar, equal to lme4's ``devfun(theta)``.
     """
-    return criterion(objective_parts(theta, system), system, reml)
+    return criterion(objective_parts(theta, system), system, reml, n)
 
 
 @functools.cache
@@ -434,10 +446,15 @@ def _term0_adjoint(t0, a00, chol0, left, c_logdet, grad_m):
 def coupling_in_program(system: MixedModelSystem) -> jax.Array:
     """:func:`hierpool.algebra.system.dense_coupling` inside a traced program: one scatter per rest block.
 
-    Built from the system's arrays (not stored beside them), so batches of systems vmap it too.
+    Built from the system's arrays (not stored beside them), so batches of systems vmap it too.  A batch's
+    systems (``Layout.dense_only``) store every cell of the (term-0 level, rest level) grid in order
+    (:mod:`hierpool.algebra.batched_systems`), so their dense coupling is a reshape of the values.
     """
     layout = system.layout
     ell0, k0 = layout.n_levels[0], layout.ks[0]
+    if layout.dense_only:  # couplings on the full (term-0 level, level) grid, level-major: a reshape, no scatter
+        return jnp.concatenate([c.values.reshape(ell0, ell, k0, k).transpose(0, 2, 1, 3).reshape(ell0, k0, ell * k)
+                                for (ell, k), c in zip(layout.rest_blocks, system.couplings)], axis=2)
     out = jnp.zeros((ell0, k0, sum(ell * k for ell, k in layout.rest_blocks)), system.a00.dtype)
     offset = 0
     for (ell, k), coupling in zip(layout.rest_blocks, system.couplings):

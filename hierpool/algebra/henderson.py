@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .criterion import level_contractions, reduced_rest, term0_factor
+from .criterion import level_contractions, reduced_rest, row_count, term0_factor
 from .jax_runtime import jax, jnp, pytree_dataclass
 from .linalg import (
     array_namespace,
@@ -217,7 +217,7 @@ def point_estimates(theta: jax.Array, system: MixedModelSystem) -> tuple:
     return shift_beta(beta, system), tuple(u), b, _logdet_lz(chol0, chol_rest, system.layout.q_rest)
 
 
-def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solution:
+def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True, n=None) -> Solution:
     """Solve the mixed-model equations at ``theta``.
 
     Parameters
@@ -227,6 +227,9 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solu
     system : MixedModelSystem
     reml : bool
         Only changes sigma: r^2 / (n - p) for REML, r^2 / n for ML (lme4).
+    n : int or jax.Array, optional
+        The number of rows where the layout does not hold it (a batch of systems:
+        :func:`hierpool.algebra.criterion.row_count`).
 
     Returns
     -------
@@ -246,7 +249,8 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True) -> Solu
     if layout.sigma_known:
         sigma = xp.asarray(1.0)
     else:
-        sigma = xp.sqrt(pwrss / (layout.n - p if reml else layout.n))
+        n = row_count(system, n)
+        sigma = xp.sqrt(pwrss / (n - p if reml else n))
 
     # lme4's condVar: Var(u | y) = sigma^2 (L_Z L_Z^T)^-1, diagonal blocks.
     if q:

@@ -72,13 +72,22 @@ class Pairs:
 
 @dataclass(frozen=True)
 class Layout:
-    """Static shape information (hashable; a jit-compile key)."""
+    """Static shape information (hashable; a jit-compile key).
 
-    n: int
+    ``n`` is None in a batch of systems (:func:`hierpool.algebra.batched_systems.batched_systems`), whose
+    datasets differ in rows: the criterion then takes each dataset's n as data (``objective(..., n=)``).
+    ``dense_only``: the system carries no coupling pairs (a batch's, whose datasets meet different cells), so
+    the algebra uses the dense coupling (:func:`dense_coupling_pays`); its couplings then list every cell of the
+    (term-0 level, rest level) grid, level-major, so the dense coupling is a reshape of their values
+    (:func:`hierpool.algebra.criterion.coupling_in_program`).
+    """
+
+    n: int | None
     p: int
     ks: tuple[int, ...]  # width of each random-effect term, term 0 first
     n_levels: tuple[int, ...]  # levels of each random-effect term
     sigma_known: bool
+    dense_only: bool = False
 
     @cached_property
     def rest_blocks(self) -> tuple[tuple[int, int], ...]:
@@ -422,6 +431,8 @@ def dense_coupling_pays(system: MixedModelSystem) -> bool:
     of tens of levels, a vector term's coupling with X) or every term-0 level meets most of
     them, the pairs when a large crossed factor meets each term-0 level in a few columns.
     """
+    if system.layout.dense_only:
+        return True
     return _dense_pays(system.layout, sum(float(np.prod(pairs.products.shape)) for pairs in system.pairs))
 
 

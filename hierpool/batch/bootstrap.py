@@ -7,8 +7,8 @@ refitted by the same criterion (REML or ML); the replicates' spread around the e
 distribution under the model.  ``confint`` gives lme4's ``confint(fit, method = "boot")`` intervals: percentile
 (``boot.type = "perc"``, the default), basic, or normal (bias-corrected, the replicates' sd).
 
-Today ``hp.fit_batch`` fits linear mixed models with one random-effect term (sleepstudy's ``(Days | Subject)``,
-any width), with weights, offsets or known residual sds; other fits are refused by name.
+Today ``hp.fit_batch`` fits linear mixed models with any random-effect terms (one, crossed, nested; any width),
+with weights, offsets or known residual sds; other fits (AR(1) residuals, GLMMs) are refused by name.
 
 References: Davison & Hinkley (1997), Bootstrap methods and their application, ch. 2 and 5; Bates et al. (2015),
 lme4's ``bootMer`` and ``confint.merMod``.
@@ -30,7 +30,7 @@ from ..errors import ArgumentError, integer_argument
 from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
 from ..spec.transforms import stateful_calls
 from .fit import fit_batch
-from .results import BatchResult
+from .results import BatchResult, term_parameter_names
 
 #: The replicate column of the long frame handed to ``hp.fit_batch``.
 REPLICATE_COLUMN = "(replicate)"
@@ -40,16 +40,16 @@ METHODS = ("percentile", "basic", "normal")
 
 
 def parameter_estimates(fit: LMMResult) -> pd.Series:
-    """The fit's parameters named as :meth:`BatchResult.to_frame` names them: fixed effects, ``sd_<group>_<coef>``,
-    ``cor_<group>_<a>_<b>``, ``sigma``."""
-    term = fit.design.terms[0]
-    cov = np.asarray(fit.term_covariances()[0], dtype=float)
-    sds = np.sqrt(np.diag(cov))
+    """The fit's parameters named as :meth:`BatchResult.to_frame` names them (:func:`term_parameter_names`): fixed
+    effects, then per term ``sd_<group>_<coef>`` and ``cor_<group>_<a>_<b>``, then ``sigma``."""
     out = dict(zip(fit.design.fixed_names, np.asarray(fit.fixef, dtype=float)))
-    out |= {f"sd_{term.group}_{name}": sd for name, sd in zip(term.coef_names, sds)}
-    for i, j in coef_pairs(term.k):
-        correlation = cov[i, j] / (sds[i] * sds[j]) if sds[i] > 0 and sds[j] > 0 else np.nan
-        out[f"cor_{term.group}_{term.coef_names[i]}_{term.coef_names[j]}"] = correlation
+    for term, cov in zip(fit.design.terms, fit.term_covariances()):
+        cov = np.asarray(cov, dtype=float)
+        sds = np.sqrt(np.diag(cov))
+        sd_names, cor_names = term_parameter_names(term.group, term.coef_names)
+        out |= dict(zip(sd_names, sds))
+        for name, (i, j) in zip(cor_names, coef_pairs(term.k)):
+            out[name] = cov[i, j] / (sds[i] * sds[j]) if sds[i] > 0 and sds[j] > 0 else np.nan
     if not fit.design.sigma_known:
         out["sigma"] = float(fit.sigma)
     return pd.Series(out, name="estimate")
@@ -120,7 +120,7 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     Parameters
     ----------
     fit : LMMResult
-        An ``hp.lmm`` fit with one random-effect term (independent residuals; weights, offsets or known residual
+        An ``hp.lmm`` fit (independent residuals; any random-effect terms; weights, offsets or known residual
         sds allowed).
     n : int
         Replicates.
@@ -143,10 +143,9 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     n = integer_argument("n", n, minimum=2)
     if not 0 < float(level) < 1:
         raise ArgumentError(f"level must lie in (0, 1), got {level!r}")
-    if not isinstance(fit, LMMResult) or isinstance(fit, AR1Result) or len(fit.design.terms) != 1:
-        raise ArgumentError("hp.bootstrap refits its replicates with hp.fit_batch, which takes hp.lmm fits with one "
-                            "random-effect term and independent residuals today: "
-                            f"got {type(fit).__name__} with {len(fit.design.terms)} term(s)")
+    if not isinstance(fit, LMMResult) or isinstance(fit, AR1Result):
+        raise ArgumentError("hp.bootstrap refits its replicates with hp.fit_batch, which takes hp.lmm fits with "
+                            f"independent residuals today: got {type(fit).__name__}")
     design = fit.design
     stateful = stateful_calls(design.spec.formula)
     if stateful:  # fit_batch refuses them on a long frame (one mean over all datasets); here every replicate has the

@@ -87,12 +87,19 @@ def moment_start(stats, sigma_known: bool = False) -> np.ndarray:
     return moment_theta(ztz, cross, rss, np.asarray(stats.n), p=xtx.shape[-1], floor=MOMENT_FLOOR)
 
 
-def canonical_theta(theta: jax.Array, k: int) -> jax.Array:
-    """Flip columns of Lambda so that its diagonal is non-negative (the same Sigma)."""
-    lam = theta_to_factors(theta, (k,))[0]
-    lam = lam * jnp.where(jnp.diagonal(lam) < 0, -1.0, 1.0)[None, :]
-    rows, cols = tril_positions(k)
-    return lam[rows, cols]
+def canonical_theta(theta: jax.Array, ks) -> jax.Array:
+    """Flip columns of each term's Lambda_j so that its diagonal is non-negative (the same Sigma_j).
+
+    ``ks``: the terms' widths (an int for one term).  The traced counterpart of
+    :func:`hierpool.algebra.linalg.canonical_theta`.
+    """
+    ks = (ks,) if isinstance(ks, int) else tuple(ks)
+    out = []
+    for k, lam in zip(ks, theta_to_factors(theta, ks)):
+        lam = lam * jnp.where(jnp.diagonal(lam) < 0, -1.0, 1.0)[None, :]
+        rows, cols = tril_positions(k)
+        out.append(lam[rows, cols])
+    return jnp.concatenate(out)
 
 
 def _solve_spd(matrix, vector):
@@ -127,10 +134,20 @@ def _probe(f, points, width):
 
 @partial(jax.jit, static_argnames=("reml", "max_iterations", "sigma_known"))
 def minimize(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITERATIONS, sigma_known: bool = False):
-    """Minimize the criterion of one dataset.
+    """Minimize the one-term criterion of one dataset (:func:`newton` on
+    :func:`hierpool.algebra.one_term.objective`).
 
     ``sigma_known``: the residual sds are known (``se=``), carried by the statistics' weights
-    1 / se^2, and sigma is 1 (:func:`hierpool.algebra.one_term.objective`, ``hp.lmm``'s criterion).
+    1 / se^2, and sigma is 1 (``hp.lmm``'s criterion).
+    """
+    return newton(partial(objective, stats=stats, reml=reml, sigma_known=sigma_known), theta0, max_iterations)
+
+
+def newton(f, theta0, max_iterations: int = MAX_ITERATIONS):
+    """Minimize ``f`` (a pure, differentiable function of theta) from ``theta0``: one dataset's optimizer.
+
+    Any criterion of theta: the one-term specialisation (:func:`minimize`) or the general blocked
+    criterion of a batch of systems (:mod:`hierpool.batch.fit_terms`).  Pure: vmap it over datasets.
 
     Returns
     -------
@@ -139,7 +156,6 @@ def minimize(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITERATI
         the last quadratic model predicts; ``converged`` when it is below 1e-6, or
         the decrease it predicts is below 1e-12 of the criterion (float64).
     """
-    f = partial(objective, stats=stats, reml=reml, sigma_known=sigma_known)
     m = theta0.shape[0]
     eye = jnp.eye(m, dtype=theta0.dtype)
     fd_width, step_tol, rounding_step_tol, (converged_step, converged_decrease) = _tolerances(theta0.dtype)

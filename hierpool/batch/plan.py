@@ -167,6 +167,7 @@ class BatchPlan:
     n_levels: np.ndarray
     n_obs: np.ndarray
     levels: list  # each dataset's level labels, in hp.lmm's order
+    term_levels: tuple = ()  # per term: (level of each row, levels per dataset, level labels per dataset)
     weights: object = None  # the weights= argument as given: a column name, or an array aligned with frame's rows
     offset: object = None  # the offset= argument, likewise
     se: str | None = None  # the se= argument: the column of known residual sds
@@ -261,8 +262,20 @@ def _row_argument(value, name: str, data, frame: pd.DataFrame):
     return values
 
 
+def _local_levels(dataset: np.ndarray, n_datasets: int, term: RandomEffectTerm):
+    """(level of each row within its dataset, levels per dataset, each dataset's level labels) of one term.
+
+    A dataset's levels are the global level order restricted to it: hp.lmm's order on that dataset.
+    """
+    cell, cell_of_row = np.unique(dataset.astype(np.int64) * term.n_levels + term.index, return_inverse=True)
+    cell_dataset = cell // term.n_levels
+    first_cell = np.searchsorted(cell_dataset, np.arange(n_datasets))
+    return (cell_of_row.reshape(-1) - first_cell[dataset], np.bincount(cell_dataset, minlength=n_datasets),
+            np.split(np.asarray(term.levels)[cell % term.n_levels], first_cell[1:]))
+
+
 def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=None, offset=None,
-               se: str | None = None) -> BatchPlan:
+               se: str | None = None, one_term: bool = True) -> BatchPlan:
     """Parse ``formula`` on the long frame and locate every dataset's rows and levels.
 
     ``weights`` and ``offset`` are column names, or (with ``data`` one DataFrame)
@@ -272,8 +285,8 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     Raises
     ------
     ArgumentError
-        For a formula with other than one random-effect term (naming ``caller`` and
-        the one-dataset function ``single`` to loop over instead), for weights
+        With ``one_term``, for a formula with other than one random-effect term (naming ``caller``
+        and the one-dataset function ``single`` to loop over instead), for weights
         combined with known sds, for ``se`` not a column name, or for a weights or offset
         array of the wrong length.
     DataError
@@ -297,30 +310,28 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)
     # the long frame's model frame would be held for the whole batch run: the plan keeps the frame itself
     design = replace(build_design(formula, frame, se=se, weights=weights, offset=offset), frame=None)
-    if len(design.terms) != 1:
+    if one_term and len(design.terms) != 1:
         terms = [f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms]
         raise ArgumentError(f"{caller} fits models with one random-effect term; this formula has {len(terms)}: "
                             f"{', '.join(terms)}.  Fit it per dataset with {single}.")
-    term = design.terms[0]
     labels = frame.loc[design.rows, by]
     if labels.isna().any():
         raise DataError(f"column {by!r} has missing values: every row must name its dataset")
     dataset, dataset_labels = pd.factorize(labels, sort=False)
     n_datasets = len(dataset_labels)
-    # levels of each dataset, in hp.lmm's order (the global level order restricted to the dataset)
-    cell, cell_of_row = np.unique(dataset.astype(np.int64) * term.n_levels + term.index, return_inverse=True)
-    cell_dataset = cell // term.n_levels
-    first_cell = np.searchsorted(cell_dataset, np.arange(n_datasets))
+    local = tuple(_local_levels(dataset, n_datasets, term) for term in design.terms)
+    level, n_levels, levels = local[0]
     return BatchPlan(
         frame=frame,
         design=design,
         by=by,
         dataset=dataset,
         labels=pd.Index(dataset_labels, name=by),
-        level=cell_of_row - first_cell[dataset],
-        n_levels=np.bincount(cell_dataset, minlength=n_datasets),
+        level=level,
+        n_levels=n_levels,
         n_obs=np.bincount(dataset, minlength=n_datasets),
-        levels=np.split(np.asarray(term.levels)[cell % term.n_levels], first_cell[1:]),
+        levels=levels,
+        term_levels=local,
         weights=weights,
         offset=offset,
         se=se,

@@ -10,6 +10,57 @@ import pandas as pd
 from ..algebra.varcorr import coef_pairs, varcorr_table
 
 
+def term_parameter_names(group: str, coef_names) -> tuple[list[str], list[str]]:
+    """A term's parameter columns in :meth:`BatchResult.to_frame` (and ``hp.bootstrap``): ``sd_<group>_<coef>`` per
+    coefficient, ``cor_<group>_<a>_<b>`` per pair in R's ``lower.tri`` order (:func:`coef_pairs`)."""
+    sds = [f"sd_{group}_{name}" for name in coef_names]
+    cors = [f"cor_{group}_{coef_names[i]}_{coef_names[j]}" for i, j in coef_pairs(len(coef_names))]
+    return sds, cors
+
+
+@dataclass(frozen=True)
+class BatchTerm:
+    """One random-effect term's results over a batch.
+
+    Attributes
+    ----------
+    group : str
+        The grouping factor.
+    coef_names : tuple of str
+    covariance : (B, k, k) ndarray
+        The random-effect covariance Sigma per dataset (NaN where the fit failed).
+    levels : list of ndarray
+        Each dataset's level labels.
+    b, cond_sd : list of (ell_d, k) ndarrays
+        BLUPs and lme4's conditional sds per dataset.
+    """
+
+    group: str
+    coef_names: tuple[str, ...]
+    covariance: np.ndarray
+    levels: list
+    b: list
+    cond_sd: list
+
+    @property
+    def k(self) -> int:
+        return len(self.coef_names)
+
+    def ranef(self, datasets) -> pd.DataFrame:
+        """This term's rows of :attr:`BatchResult.ranef`."""
+        k = self.k
+        counts = np.array([len(levels) for levels in self.levels])
+        # per dataset: the levels of coefficient 0, then of coefficient 1, ... (hp.lmm's order)
+        return pd.DataFrame({
+            "dataset": np.repeat(np.asarray(datasets), counts * k),
+            "grpvar": self.group,
+            "term": np.concatenate([np.repeat(np.asarray(self.coef_names, dtype=object), n) for n in counts]),
+            "grp": np.concatenate([np.tile(np.asarray(levels, dtype=object), k) for levels in self.levels]),
+            "condval": np.concatenate([b.T.ravel() for b in self.b]),
+            "condsd": np.concatenate([sd.T.ravel() for sd in self.cond_sd]),
+        })
+
+
 @dataclass(frozen=True)
 class BatchResult:
     """Per-dataset fits of one model (``hp.fit_batch``).
@@ -18,35 +69,30 @@ class BatchResult:
     ----------
     datasets : pandas.Index
         The dataset labels, in result order.
-    fixed_names, coef_names : tuple of str
-    group : str
-        The grouping factor.
+    fixed_names : tuple of str
+    terms : tuple of BatchTerm
+        Per random-effect term, in the batch's order (the long frame's, lme4's by level count):
+        grouping factor, coefficients, covariances, levels, BLUPs and conditional sds per dataset.
+        With one term, ``group``, ``coef_names``, ``covariance``, ``levels``, ``b`` and ``cond_sd``
+        are its.
     theta : (B, m) ndarray
-        lme4's theta per dataset (NaN where the fit failed).
+        lme4's theta per dataset, term by term in the order of ``terms`` (NaN where the fit failed).
     objective : pandas.Series
         REML criterion (or -2 log-likelihood) per dataset.
     converged : pandas.Series of bool
         Whether the dataset's optimizer converged: the batched one's, or, where
         ``refit`` is True, ``hp.lmm``'s.
     refit : pandas.Series of bool
-        True where the batched optimizer did not converge and the row holds a
-        refit by ``hp.lmm`` (``polish=True``) instead of the batched results.
-        ``refit.any()`` says the batched optimizer failed somewhere even when
-        ``converged.all()``.
+        True where the batched optimizer did not converge (or, with several terms, a dataset was too
+        large to batch) and the row holds a refit by ``hp.lmm`` (``polish=True``) instead of the batched
+        results.  ``refit.any()`` says the batched optimizer failed somewhere even when ``converged.all()``.
     is_singular : pandas.Series of bool
     messages : pandas.Series of str
         Why a dataset failed or was refitted; empty when all went well.
     beta, beta_se : (B, p) ndarrays
     sigma : (B,) ndarray
-        The residual sd per dataset (NaN where the fit failed).  With known residual
-        sds (``sigma_known``) it is not estimated: 1 for every fitted dataset, as
-        ``hp.lmm(..., se=)``'s ``sigma``.
-    covariance : (B, k, k) ndarray
-        The random-effect covariance Sigma per dataset.
-    levels : list of ndarray
-        Each dataset's level labels.
-    b, cond_sd : list of (ell_d, k) ndarrays
-        BLUPs and lme4's conditional sds per dataset.
+        The residual sd per dataset (NaN where the fit failed).  With known residual sds (``sigma_known``)
+        it is not estimated: 1 for every fitted dataset, as ``hp.lmm(..., se=)``'s ``sigma``.
     reml : bool
     sigma_known : bool
         The residual sds are known (``se=``): ``varcorr`` has no ``Residual`` rows and
@@ -55,8 +101,7 @@ class BatchResult:
 
     datasets: pd.Index
     fixed_names: tuple[str, ...]
-    coef_names: tuple[str, ...]
-    group: str
+    terms: tuple[BatchTerm, ...]
     theta: np.ndarray
     objective: pd.Series
     converged: pd.Series
@@ -66,12 +111,23 @@ class BatchResult:
     beta: np.ndarray
     beta_se: np.ndarray
     sigma: np.ndarray
-    covariance: np.ndarray
-    levels: list
-    b: list
-    cond_sd: list
     reml: bool
     sigma_known: bool = False
+
+    def _only_term(self) -> BatchTerm:
+        if len(self.terms) != 1:
+            from ..errors import ArgumentError
+
+            raise ArgumentError(f"this batch has {len(self.terms)} random-effect terms "
+                                f"({', '.join(t.group for t in self.terms)}): use result.terms[j]")
+        return self.terms[0]
+
+    group = property(lambda self: self._only_term().group, doc="The grouping factor (one-term batches).")
+    coef_names = property(lambda self: self._only_term().coef_names, doc="The term's coefficients (one term).")
+    covariance = property(lambda self: self._only_term().covariance, doc="(B, k, k) Sigma per dataset (one term).")
+    levels = property(lambda self: self._only_term().levels, doc="Each dataset's level labels (one term).")
+    b = property(lambda self: self._only_term().b, doc="BLUPs per dataset (one term).")
+    cond_sd = property(lambda self: self._only_term().cond_sd, doc="Conditional sds per dataset (one term).")
 
     @property
     def fixef(self) -> pd.DataFrame:
@@ -88,31 +144,23 @@ class BatchResult:
         """``as.data.frame(VarCorr(fit))`` of every dataset, with a ``dataset`` column.
 
         ``hp.lmm``'s table (:func:`~hierpool.algebra.varcorr.varcorr_table`) per dataset, one after
-        another; ``var1`` and ``var2`` are object columns holding None where empty.  No ``Residual``
-        rows with known residual sds (``sigma_known``).
+        another, every term's rows in the order of ``terms``; ``var1`` and ``var2`` are object columns
+        holding None where empty.  No ``Residual`` rows with known residual sds (``sigma_known``).
         """
         sigma = None if self.sigma_known else self.sigma
-        return varcorr_table([(self.group, self.coef_names, self.covariance)], sigma,
+        return varcorr_table([(t.group, t.coef_names, t.covariance) for t in self.terms], sigma,
                              by=("dataset", self.datasets), object_keys=True)
 
     @property
     def ranef(self) -> pd.DataFrame:
-        """BLUPs and conditional sds, as ``LMMResult.ranef``, with a ``dataset`` column."""
-        k = len(self.coef_names)
-        counts = np.array([len(levels) for levels in self.levels])
-        datasets = np.repeat(np.asarray(self.datasets), counts * k)
-        # per dataset: the levels of coefficient 0, then of coefficient 1, ... (hp.lmm's order)
-        terms = np.concatenate([np.repeat(np.asarray(self.coef_names, dtype=object), n) for n in counts])
-        groups = np.concatenate([np.tile(np.asarray(levels, dtype=object), k) for levels in self.levels])
-        condval = np.concatenate([b.T.ravel() for b in self.b])
-        condsd = np.concatenate([sd.T.ravel() for sd in self.cond_sd])
-        return pd.DataFrame({"dataset": datasets, "grpvar": self.group, "term": terms, "grp": groups,
-                             "condval": condval, "condsd": condsd})
+        """BLUPs and conditional sds, as ``LMMResult.ranef``, with a ``dataset`` column (term by term)."""
+        return pd.concat([t.ranef(self.datasets) for t in self.terms], ignore_index=True)
 
     def to_frame(self) -> pd.DataFrame:
         """One tidy row per dataset: status, criterion, fixed effects and their ses, sds, correlations, sigma.
 
-        No ``sigma`` column with known residual sds (``sigma_known``): sigma is not a parameter then.
+        The sds and correlations of every term are named by :func:`term_parameter_names`.  No ``sigma``
+        column with known residual sds (``sigma_known``): sigma is not a parameter then.
         """
         frame = pd.DataFrame({"dataset": self.datasets, "objective": self.objective.to_numpy(),
                               "converged": self.converged.to_numpy(), "refit": self.refit.to_numpy(),
@@ -121,12 +169,14 @@ class BatchResult:
         for j, name in enumerate(self.fixed_names):
             frame[name] = self.beta[:, j]
             frame[f"se_{name}"] = self.beta_se[:, j]
-        k = len(self.coef_names)
-        sdcor = self.varcorr["sdcor"].to_numpy().reshape(len(self.datasets), -1)  # sds, correlations[, sigma]
-        for i, name in enumerate(self.coef_names):
-            frame[f"sd_{self.group}_{name}"] = sdcor[:, i]
-        for n, (i, j) in enumerate(coef_pairs(k)):
-            frame[f"cor_{self.group}_{self.coef_names[i]}_{self.coef_names[j]}"] = sdcor[:, k + n]
+        # sds, correlations of each term in turn[, sigma], as varcorr's rows
+        sdcor = self.varcorr["sdcor"].to_numpy().reshape(len(self.datasets), -1)
+        column = 0
+        for term in self.terms:
+            sd_names, cor_names = term_parameter_names(term.group, term.coef_names)
+            for name in sd_names + cor_names:
+                frame[name] = sdcor[:, column]
+                column += 1
         if not self.sigma_known:
             frame["sigma"] = self.sigma
         return frame

@@ -1,0 +1,126 @@
+"""The cross-products of many datasets' mixed-model systems at once, padded to common shapes (host, NumPy).
+
+:func:`hierpool.algebra.system.build_system` computes one dataset's ``A = [Z X y]^T W [Z X y]`` blocks; a batch
+of datasets of one model (``hp.fit_batch``) needs the same blocks for each, stacked along a leading axis so that
+one compiled program vmaps the criterion (:func:`hierpool.algebra.criterion.objective`) over them.  Building them
+one by one costs a few milliseconds each (the coupling pairs' sorting and ``unique``); here every block of every
+dataset is one weighted ``bincount`` over the long frame's rows, its key prefixed by the dataset.
+
+**Padding.**  Datasets differ in rows and in levels.  Rows never enter a shape (cross-products); each term's
+levels are padded to a common width per batch (``widths``).  A padded level has no rows, so its blocks are zero:
+
+* in term 0, D_l = T0^T 0 T0 + I = I adds log 1 = 0 and couples to nothing;
+* in a rest term, the scaled rest gets a unit diagonal entry and zero off-diagonals: log 1 = 0 again,
+
+so a padded system's criterion, estimates and BLUPs are the dataset's own (the padded BLUPs are zero), exactly.
+
+**Couplings.**  A dataset meets its own (term-0 level, rest level) cells; the batch stores every cell of the
+padded grid (zero where a dataset has no rows), so all datasets share one coupling pattern and no coupling pairs
+are formed: the systems are ``Layout.dense_only``, and the algebra uses the dense coupling (ell0 x k0 x m, small
+for the models batched: :data:`MAX_DENSE_ENTRIES`).
+
+**Rows.**  ``Layout.n`` is None: each dataset's n is data (``objective(..., n=)``, ``solve(..., n=)``).
+
+The y column is each dataset's y - offset - X beta0_d (:func:`hierpool.algebra.statistics.location_shifts`), as
+:func:`~hierpool.algebra.system.build_system`'s one-dataset shift.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .statistics import location_shifts
+from .system import Coupling, Layout, MixedModelSystem
+
+#: Largest dense coupling (ell0 k0 m values) per dataset of a batch: beyond it a dataset is better fitted alone.
+MAX_DENSE_ENTRIES = 2**18
+
+
+def _grouped_products(keys, left, right, weights, size) -> np.ndarray:
+    """sum over rows with the same key of w * left[:, a] * right[:, b]: (size, ka, kb), one bincount per (a, b)."""
+    out = np.empty((size, left.shape[1], right.shape[1]))
+    for a in range(left.shape[1]):
+        wl = weights * left[:, a]
+        for b in range(right.shape[1]):
+            out[:, a, b] = np.bincount(keys, weights=wl * right[:, b], minlength=size)
+    return out
+
+
+def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, y: np.ndarray,
+                    weights: np.ndarray | None, offset: np.ndarray | None, sigma_known: bool = False):
+    """Every dataset's system, stacked: (MixedModelSystem with a leading dataset axis, n per dataset).
+
+    Parameters
+    ----------
+    dataset : (N,) int
+        Dataset of each row, 0 .. n_datasets - 1.
+    terms : list of (level (N,) int, z (N, k), width)
+        Each random-effect term, term 0 first: the level of each row within its dataset, the term's
+        row values and the padded number of levels (every dataset's level count at most ``width``).
+    X : (N, p), y : (N,)
+    weights : (N,), optional
+        Prior weights (residual variance sigma^2 / w), or 1 / se^2 with known residual sds.
+    offset : (N,), optional
+    sigma_known : bool
+        Residual sds known (``se=``): sigma is 1.
+
+    Returns
+    -------
+    (MixedModelSystem, (n_datasets,) float array)
+        The systems' arrays have a leading axis of length ``n_datasets`` (vmap them); their layout has
+        ``n=None`` and ``dense_only=True`` (module notes).
+    """
+    n_rows, p = X.shape
+    w = np.ones(n_rows) if weights is None else np.asarray(weights, dtype=float)
+    target = y if offset is None else y - offset
+    beta_shift, y_column = location_shifts(dataset, X, target, w, n_datasets)
+    dataset = dataset.astype(np.int64)
+    level0, z0, ell0 = terms[0]
+    level0 = level0.astype(np.int64)
+    k0 = z0.shape[1]
+    rest = [(level.astype(np.int64), z, ell) for level, z, ell in terms[1:]]
+    zeros = np.zeros(n_rows, dtype=np.int64)
+    if p:
+        rest.append((zeros, X, 1))
+    rest.append((zeros, y_column[:, None], 1))
+
+    a00 = _grouped_products(dataset * ell0 + level0, z0, z0, w, n_datasets * ell0).reshape(n_datasets, ell0, k0, k0)
+    couplings = []
+    for level, values, ell in rest:
+        cells = ell0 * ell  # every (term-0 level, rest level) cell of the padded grid
+        products = _grouped_products(dataset * cells + level0 * ell + level, z0, values, w, n_datasets * cells)
+        grid_level0 = np.broadcast_to(np.repeat(np.arange(ell0, dtype=np.int32), ell), (n_datasets, cells))
+        grid_level = np.broadcast_to(np.tile(np.arange(ell, dtype=np.int32), ell0), (n_datasets, cells))
+        couplings.append(Coupling(grid_level0, grid_level, products.reshape(n_datasets, cells, k0, values.shape[1])))
+
+    sizes = [ell * values.shape[1] for _, values, ell in rest]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    dense = np.zeros((n_datasets, offsets[-1], offsets[-1]))
+    for r, (level_r, values_r, ell_r) in enumerate(rest):
+        for s in range(r, len(rest)):
+            level_s, values_s, ell_s = rest[s]
+            keys = dataset * (ell_r * ell_s) + level_r * ell_s + level_s
+            grid = _grouped_products(keys, values_r, values_s, w, n_datasets * ell_r * ell_s)
+            k_r, k_s = values_r.shape[1], values_s.shape[1]
+            block = (grid.reshape(n_datasets, ell_r, ell_s, k_r, k_s).transpose(0, 1, 3, 2, 4)
+                     .reshape(n_datasets, sizes[r], sizes[s]))
+            dense[:, offsets[r] : offsets[r + 1], offsets[s] : offsets[s + 1]] = block
+            dense[:, offsets[s] : offsets[s + 1], offsets[r] : offsets[r + 1]] = np.swapaxes(block, 1, 2)
+    layout = Layout(n=None, p=p, ks=tuple(z.shape[1] for _, z, _ in terms),
+                    n_levels=tuple(int(ell) for _, _, ell in terms), sigma_known=sigma_known, dense_only=True)
+    system = MixedModelSystem(
+        a00=a00,
+        couplings=tuple(couplings),
+        pairs=(),
+        rest=dense,
+        log_weights=np.bincount(dataset, weights=np.log(w), minlength=n_datasets),
+        beta_shift=beta_shift,
+        layout=layout,
+    )
+    return system, np.bincount(dataset, minlength=n_datasets).astype(float)
+
+
+def dense_entries(layout_widths, ks, p: int) -> int:
+    """The dense coupling's values per dataset (ell0 k0 m) for term widths ``layout_widths`` and widths ``ks``."""
+    m = sum(ell * k for ell, k in zip(layout_widths[1:], ks[1:])) + p + 1
+    return int(layout_widths[0] * ks[0] * m)

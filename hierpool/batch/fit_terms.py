@@ -1,0 +1,191 @@
+"""``hp.fit_batch`` for models with several random-effect terms (crossed, nested): the general blocked criterion,
+vmapped over datasets.
+
+The one-term path (:mod:`hierpool.batch.fit`) works on per-level sufficient statistics; with several terms the
+levels of one term meet those of another, so each dataset's algebra is the general one
+(:func:`hierpool.algebra.criterion.objective`, :func:`hierpool.algebra.henderson.solve`), run on its system of
+cross-products.  The systems of a whole batch are built at once on the host, padded to common level counts per
+bucket (:func:`hierpool.algebra.batched_systems.batched_systems`: a padded level changes no number), and one
+compiled program per bucket shape vmaps Newton's method (:func:`hierpool.batch.optimize.newton`) over them, the
+solve in a second program.  Every dataset starts at lme4's start, Lambda_j = I.
+
+Buckets: each term's level count is padded as the one-term path pads it (:func:`hierpool.batch.plan.bucket_width`),
+so datasets whose counts differ share a few shapes.  A dataset whose dense coupling would be too large
+(:data:`hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`: hundreds of levels on two terms) is fitted alone by
+``hp.lmm`` (``refit`` True, its reason in ``messages``).
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import jax
+import numpy as np
+
+from ..algebra.batched_systems import MAX_DENSE_ENTRIES, batched_systems, dense_entries
+from ..algebra.checks import singular_rows
+from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
+from ..algebra.criterion import objective
+from ..algebra.henderson import solve
+from ..algebra.linalg import theta_start
+from ..closedform.optimize import Control
+from .optimize import canonical_theta, newton
+from .plan import BatchPlan, bucket_width, chunks, dataset_problems, fetch, place, progress_bar
+
+#: Values of a bucket's systems up to which its programs compile without LLVM's optimization (as the one-term
+#: path's ``QUICK_COMPILE_MAX_VALUES``: a small batch runs for less time than LLVM takes to optimize).
+QUICK_COMPILE_MAX_VALUES = 1e6
+
+
+def term_problems(plan: BatchPlan) -> list[str]:
+    """Why each dataset cannot be fitted ("" when it can): hp.lmm's checks, term by term, and X's rank."""
+    design, n_datasets = plan.design, plan.n_datasets
+    p = design.p
+    X = design.X
+    xtx = np.zeros((n_datasets, p, p))
+    for a in range(p):
+        for b in range(p):
+            xtx[:, a, b] = np.bincount(plan.dataset, weights=X[:, a] * X[:, b], minlength=n_datasets)
+    rank = np.atleast_1d(np.linalg.matrix_rank(xtx, hermitian=True)) if p else np.zeros(n_datasets, int)
+    messages = [""] * n_datasets
+    for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
+        found = dataset_problems(plan.n_obs, n_levels, rank, p, term.k, term.group, design.sigma_known)
+        messages = [old or new for old, new in zip(messages, found)]
+    if not design.sigma_known:  # hp.lmm: a factor with as many levels as rows cannot be told from the residual
+        for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
+            messages = [old or (f"{ell} levels of {term.group!r} for {n} observations" if ell >= n else "")
+                        for old, ell, n in zip(messages, n_levels, plan.n_obs)]
+    return messages
+
+
+def _widths(plan: BatchPlan) -> np.ndarray:
+    """(datasets, terms) padded level counts: each term's as the one-term path pads its only term."""
+    return np.stack([bucket_width(n_levels) for _, n_levels, _ in plan.term_levels], axis=1)
+
+
+def _optimize_rows(systems, n, start, reml: bool, max_iterations: int):
+    ks = systems.layout.ks
+
+    def one(system, rows, theta0):
+        theta, value, newton_step, iterations, converged = newton(
+            partial(objective, system=system, reml=reml, n=rows), theta0, max_iterations)
+        return {"theta": canonical_theta(theta, ks), "objective": value, "newton_step": newton_step,
+                "iterations": iterations, "converged": converged}
+
+    return jax.vmap(one)(systems, n, start)
+
+
+def _solve_rows(theta, systems, n, reml: bool):
+    def one(t, system, rows):
+        out = solve(t, system, reml=reml, n=rows)
+        return {"beta": out.beta, "vcov": out.vcov_beta, "sigma": out.sigma, "b": out.b, "cond_var": out.cond_var,
+                "factors": out.factors}
+
+    return jax.vmap(one)(theta, systems, n)
+
+
+#: (optimize, solve) program futures by chunk shape and settings (the last 8 used).
+_COMPILED = ProgramCache()
+
+
+def _programs(systems, n, reml: bool, max_iterations: int, sharding, quick: bool):
+    """Futures of the (optimize, solve) programs for one chunk shape (compiled in the background, cached)."""
+    def build():
+        def spec(a):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+        placed, rows = jax.tree_util.tree_map(spec, systems), spec(n)
+        theta = jax.ShapeDtypeStruct((n.shape[0], systems.layout.n_theta), systems.rest.dtype, sharding=sharding)
+        platform = jax.devices()[0].platform if sharding is None else sharding.mesh.devices.flat[0].platform
+        optimize = partial(_optimize_rows, reml=reml, max_iterations=max_iterations)
+        if sharding is not None:  # each device runs its own rows' Newton loop (hierpool.batch.fit._optimize_chunk)
+            optimize = jax.shard_map(optimize, mesh=sharding.mesh, in_specs=(sharding.spec,) * 3,
+                                     out_specs=sharding.spec, check_vma=False)
+        optimizer = compile_in_background(jax.jit(optimize).lower(placed, rows, theta), platform, quick)
+        solver = compile_in_background(jax.jit(partial(_solve_rows, reml=reml)).lower(theta, placed, rows),
+                                       platform, quick)
+        return optimizer, solver
+
+    return _COMPILED.get((shape_signature((systems, n)), reml, max_iterations, sharding, quick), build)
+
+
+def _take(tree, index):
+    return jax.tree_util.tree_map(lambda a: np.ascontiguousarray(a[index]), tree)
+
+
+def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int, progress, max_iterations: int,
+              sharding, workers: int) -> dict:
+    """Fit every dataset of ``plan`` (several random-effect terms); per-dataset results as :func:`fit_batch` needs.
+
+    Returns a dict of per-dataset arrays (``theta``, ``objective``, ``beta``, ``vcov``, ``sigma``,
+    ``converged``, ``newton_step``), per-term lists (``factors``, ``b``, ``cond_var``: one array per dataset,
+    sliced to its own levels), ``messages`` and ``too_large`` (dataset indices to fit alone).
+    """
+    design = plan.design
+    ks = tuple(t.k for t in design.terms)
+    n_datasets, p, n_theta = plan.n_datasets, design.p, sum(k * (k + 1) // 2 for k in ks)
+    n_devices = 1 if sharding is None else len(jax.devices())
+    messages = term_problems(plan)
+    widths = _widths(plan)
+    usable = np.array([not m for m in messages])
+    too_large = [d for d in np.flatnonzero(usable) if dense_entries(widths[d], ks, p) > MAX_DENSE_ENTRIES]
+    usable[too_large] = False
+    out = {"theta": np.full((n_datasets, n_theta), np.nan), "objective": np.full(n_datasets, np.nan),
+           "beta": np.full((n_datasets, p), np.nan), "vcov": np.full((n_datasets, p, p), np.nan),
+           "sigma": np.full(n_datasets, np.nan), "converged": np.zeros(n_datasets, bool),
+           "newton_step": np.full(n_datasets, np.nan),
+           "factors": [[np.full((k, k), np.nan)] * n_datasets for k in ks],
+           "b": [[np.full((ell, k), np.nan) for ell in n_levels] for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
+           "cond_var": [[np.full((ell, k, k), np.nan) for ell in n_levels]
+                        for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
+           "messages": messages, "too_large": too_large}
+    keys = [tuple(row) for row in widths]
+    buckets = {}
+    for d in np.flatnonzero(usable):
+        buckets.setdefault(keys[d], []).append(d)
+    weights = design.weights
+    jobs = []
+    for key, members in buckets.items():
+        members = np.asarray(members)
+        rows = np.isin(plan.dataset, members)
+        local = np.searchsorted(members, plan.dataset[rows])
+        terms = [(level[rows], term.z[rows], int(width))
+                 for (level, _, _), term, width in zip(plan.term_levels, design.terms, key)]
+        systems, n = batched_systems(local, len(members), terms, design.X[rows], design.y[rows],
+                                     None if weights is None else weights[rows], design.offset[rows],
+                                     design.sigma_known)
+        systems = jax.tree_util.tree_map(
+            lambda a: a.astype(float_type) if np.issubdtype(a.dtype, np.floating) else a, systems)
+        n = n.astype(float_type)
+        size = min(chunk_size, math.ceil(len(members) / workers))
+        bucket_chunks = chunks(0, np.arange(len(members)), size, n_devices)
+        values = sum(a.size for a in jax.tree_util.tree_leaves(systems)) / len(members) * bucket_chunks[0].index.size
+        shape = _take((systems, n), bucket_chunks[0].index)
+        programs = _programs(*shape, reml, max_iterations, sharding, values <= QUICK_COMPILE_MAX_VALUES)
+        start = np.tile(theta_start(ks).astype(float_type), (bucket_chunks[0].index.size, 1))
+        for chunk in bucket_chunks:
+            jobs.append((members[chunk.members], _take((systems, n), chunk.index), start, chunk.count, programs))
+
+    def run(job):
+        _, (systems, n), start, count, (optimize, solver) = job
+        systems, n, start = place((systems, n, start), sharding)
+        optimized = optimize.result()(systems, n, start)
+        solved = solver.result()(optimized["theta"], systems, n)
+        return jax.tree_util.tree_map(lambda a: a[:count], fetch({**optimized, **solved}))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, n_datasets, "fit_batch") as bar:
+        for job, result in zip(jobs, pool.map(run, jobs)):
+            members = job[0]
+            bar.update(len(members))
+            for name in ("theta", "objective", "beta", "vcov", "sigma", "converged", "newton_step"):
+                out[name][members] = result[name]
+            for row, d in enumerate(members):
+                for t, (_, n_levels, _) in enumerate(plan.term_levels):
+                    ell = n_levels[d]
+                    out["factors"][t][d] = result["factors"][t][row]
+                    out["b"][t][d] = result["b"][t][row, :ell]
+                    out["cond_var"][t][d] = result["cond_var"][t][row, :ell]
+    out["is_singular"] = np.isfinite(out["objective"]) & singular_rows(out["theta"], ks, Control.singular_tol)
+    return out

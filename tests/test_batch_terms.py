@@ -1,0 +1,186 @@
+"""hp.fit_batch with several random-effect terms (crossed, nested, slopes): each dataset equals hp.lmm on it."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hierpool as hp
+from hierpool.errors import ArgumentError
+
+CROSSED = "diameter ~ 1 + (1 | plate) + (1 | sample)"
+NESTED = "y ~ x + (1 + x | school) + (1 | school:class)"
+
+
+@pytest.fixture(scope="module")
+def crossed():
+    """Eight Penicillin-shaped replicates; one lacks a plate, one a sample, one has a single sample (unfittable)."""
+    pen = hp.datasets.penicillin()
+    sims = hp.simulate(hp.lmm(CROSSED, pen), 8, seed=3).to_numpy()
+    frames = []
+    for j in range(8):
+        frame = pen.assign(diameter=sims[:, j])
+        if j == 2:
+            frame = frame[frame["plate"] != "c"]
+        if j == 5:
+            frame = frame[frame["sample"] != "F"]
+        if j == 6:
+            frame = frame[frame["sample"] == "A"]
+        frames.append(frame)
+    return frames, hp.fit_batch(CROSSED, frames, by="rep", progress=False)
+
+
+@pytest.fixture(scope="module")
+def nested():
+    """Schools with classes, correlated slopes per school, prior weights and an offset; datasets differ in size."""
+    rng = np.random.default_rng(11)
+    frames = []
+    for d in range(6):
+        n_schools = 5 + d % 3
+        rows = []
+        for s in range(n_schools):
+            slope = rng.normal(0, 0.5)
+            intercept = rng.normal(0, 1.0)
+            for c in range(2 + (s + d) % 2):
+                class_effect = rng.normal(0, 0.7)
+                for _ in range(4 + (c % 2)):
+                    x = rng.normal()
+                    rows.append(dict(school=f"s{s}", cls=f"c{c}", x=x, w=rng.uniform(0.5, 2.0),
+                                     o=0.1 * rng.normal(),
+                                     y=1.0 + 0.5 * x + intercept + slope * x + class_effect + rng.normal()))
+        frame = pd.DataFrame(rows).rename(columns={"cls": "class"})
+        frames.append(frame)
+    formula = NESTED.replace("y ~ x", "y ~ x + offset(o)")
+    return frames, formula, hp.fit_batch(formula, frames, by="rep", weights="w", progress=False)
+
+
+def _single(formula, frame, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hp.lmm(formula, frame, **kwargs)
+
+
+def _check_against_single(batch, d, fit):
+    assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"criterion of dataset {d}"
+    np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-6, atol=1e-8,
+                               err_msg=f"fixed effects of dataset {d}")
+    np.testing.assert_allclose(batch.beta_se[d], np.sqrt(np.diag(fit.vcov.to_numpy())), rtol=1e-5,
+                               err_msg=f"fixed-effect ses of dataset {d}")
+    assert batch.sigma[d] == pytest.approx(fit.sigma, rel=1e-6), f"sigma of dataset {d}"
+    # per term, matched by name (hp.lmm orders a dataset's terms by its own level counts)
+    covariances = dict(zip([t.group for t in fit.design.terms], fit.term_covariances()))
+    ranef = fit.ranef
+    for term in batch.terms:
+        scale = max(np.abs(covariances[term.group]).max(), fit.sigma**2)
+        np.testing.assert_allclose(term.covariance[d], covariances[term.group], rtol=1e-5, atol=1e-6 * scale,
+                                   err_msg=f"covariance of {term.group} in dataset {d}")
+        rows = ranef[ranef["grpvar"] == term.group]
+        for c, coef in enumerate(term.coef_names):
+            expected = rows[rows["term"] == coef].set_index("grp")
+            assert list(expected.index.astype(str)) == list(np.asarray(term.levels[d]).astype(str)), \
+                f"levels of {term.group} in dataset {d}"
+            np.testing.assert_allclose(term.b[d][:, c], expected["condval"].to_numpy(), rtol=1e-5,
+                                       atol=1e-6 * np.sqrt(scale), err_msg=f"BLUPs of {term.group} in dataset {d}")
+            np.testing.assert_allclose(term.cond_sd[d][:, c], expected["condsd"].to_numpy(), rtol=1e-5,
+                                       atol=1e-7 * np.sqrt(scale), err_msg=f"cond. sds of {term.group}, dataset {d}")
+
+
+def test_crossed_datasets_equal_their_single_fits(crossed):
+    frames, batch = crossed
+    assert [t.group for t in batch.terms] == ["plate", "sample"]
+    assert not batch.refit.any(), batch.messages[batch.refit].tolist()
+    for d, frame in enumerate(frames):
+        if d == 6:
+            continue
+        _check_against_single(batch, d, _single(CROSSED, frame))
+    # levels differ between datasets (a missing plate, a missing sample): their own, in hp.lmm's order
+    assert [len(levels) for levels in batch.terms[0].levels] == [24, 24, 23, 24, 24, 24, 24, 24]
+    assert [len(levels) for levels in batch.terms[1].levels] == [6, 6, 6, 6, 6, 5, 1, 6]
+
+
+def test_a_dataset_that_cannot_be_fitted_keeps_its_reason(crossed):
+    _, batch = crossed
+    assert np.isnan(batch.objective.iloc[6]) and not batch.converged.iloc[6]
+    assert "24 random effects for 24 observations" in batch.messages.iloc[6]  # plate, with one sample
+    assert batch.converged.drop(batch.datasets[6]).all()
+
+
+def test_nested_slopes_with_weights_and_offset_equal_their_single_fits(nested):
+    frames, formula, batch = nested
+    assert {t.group for t in batch.terms} == {"school", "school:class"}
+    assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
+    for d, frame in enumerate(frames):
+        _check_against_single(batch, d, _single(formula, frame, weights="w"))
+
+
+def test_ml_criterion_equals_the_single_fit(nested):
+    frames, formula, _ = nested
+    batch = hp.fit_batch(formula, frames[:2], by="rep", weights="w", reml=False, progress=False)
+    for d in range(2):
+        fit = _single(formula, frames[d], weights="w", reml=False)
+        assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"ML criterion of dataset {d}"
+
+
+def test_tables_name_every_term(crossed):
+    frames, batch = crossed
+    table = batch.to_frame()
+    for column in ("sd_plate_Intercept", "sd_sample_Intercept", "sigma", "Intercept"):
+        assert column in table.columns, column
+    fit = _single(CROSSED, frames[0])
+    expected = fit.varcorr.set_index(["grp", "var1"])["sdcor"]
+    mine = batch.varcorr[batch.varcorr["dataset"] == batch.datasets[0]].set_index(["grp", "var1"])["sdcor"]
+    np.testing.assert_allclose(mine.loc[expected.index].to_numpy(), expected.to_numpy(), rtol=1e-5)
+    assert table["sd_sample_Intercept"].iloc[0] == pytest.approx(expected.loc[("sample", "Intercept")], rel=1e-5)
+    ranef = batch.ranef
+    assert set(ranef["grpvar"]) == {"plate", "sample"}
+    assert len(ranef) == sum(len(levels) for t in batch.terms for levels in t.levels)
+    with pytest.raises(ArgumentError, match="2 random-effect terms"):
+        batch.covariance
+
+
+def test_bootstrap_of_a_crossed_model_refits_every_replicate():
+    pen = hp.datasets.penicillin()
+    fit = _single(CROSSED, pen)
+    boot = hp.bootstrap(fit, 6, seed=2, progress=False)
+    assert list(boot.estimate.index) == ["Intercept", "sd_plate_Intercept", "sd_sample_Intercept", "sigma"]
+    assert boot.failed == 0
+    sims = hp.simulate(fit, 6, seed=2).to_numpy()
+    for j in (0, 5):  # each replicate is hp.lmm's fit of that simulated response
+        single = _single(CROSSED, pen.assign(diameter=sims[:, j]))
+        assert boot.batch.objective.iloc[j] == pytest.approx(single.objective, rel=1e-8)
+
+
+def test_a_padded_batched_system_has_the_criterion_and_solution_of_the_dataset_s_own_system():
+    """The batch's systems (full coupling grid, padded levels, n as data) against build_system, away from the optimum
+    (on the host: the compiled path is checked against hp.lmm above)."""
+    from hierpool.algebra.batched_systems import batched_systems
+    from hierpool.algebra.criterion import objective
+    from hierpool.algebra.henderson import solve
+    from hierpool.algebra.system import build_system
+    from hierpool.spec.design import build_design
+
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame({"g": rng.integers(0, 7, 60).astype(str), "h": rng.integers(0, 4, 60).astype(str),
+                          "x": rng.normal(size=60), "w": rng.uniform(0.5, 2, 60)})
+    frame["y"] = 3 + frame["x"] + rng.normal(size=60)
+    design = build_design("y ~ x + (1 + x | g) + (1 | h)", frame, weights="w")
+    system = build_system(design, host=True)
+    terms = [(t.index, t.z, width) for t, width in zip(design.terms, (9, 6))]  # both terms padded
+    batch, n = batched_systems(np.zeros(design.n, int), 1, terms, design.X, design.y, design.weights,
+                               design.offset)
+    one = jax_tree_first(batch)
+    for theta in (np.array([0.8, 0.3, 0.5, 1.2]), np.array([0.1, -0.4, 2.0, 0.0])):
+        expected = float(objective(theta, system))
+        assert float(objective(theta, one, n=n[0])) == pytest.approx(expected, rel=1e-12)
+        mine, single = solve(theta, one, n=n[0]), solve(theta, system)
+        np.testing.assert_allclose(mine.beta, single.beta, rtol=1e-10)
+        np.testing.assert_allclose(mine.b[0][:7], single.b[0], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(mine.b[0][7:], 0.0, atol=0)  # padded levels: no effect
+        np.testing.assert_allclose(mine.cond_var[1][:4], single.cond_var[1], rtol=1e-9)
+
+
+def jax_tree_first(tree):
+    from hierpool.algebra.system import map_arrays
+
+    return map_arrays(lambda a: np.asarray(a)[0], tree)
