@@ -139,7 +139,9 @@ def laplace_gradient(theta, family: Family, y, trials, X, term_rows, u, eta, lev
     if xp is np and not np.any(v):
         g = tuple(np.zeros_like(uj) for uj in u)
     else:
-        g = tuple(solve(v / observed, observed))
+        # a row without information (w_o = 0: trials 0, as a batch's padded rows) adds nothing to H_o; its
+        # response is then immaterial, and 0 / 0 would poison the cross-products
+        g = tuple(solve(xp.where(observed != 0, v / xp.where(observed != 0, observed, 1.0), 0.0), observed))
     lambda_g = sum(xp.sum(z * (gj[index] @ t.T), axis=1) for (index, z), gj, t in zip(term_rows, g, factors))
     e = v - 2.0 * score - observed * lambda_g
     per_factor = [xp.einsum("ni,nj->ij", z, e[:, None] * uj[index] + score[:, None] * gj[index])

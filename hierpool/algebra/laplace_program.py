@@ -228,6 +228,22 @@ def _value_and_gradient(theta, beta, u, shape, saturated, data: ProgramData, fam
     return mode, _gradient(theta, mode, family, data, held["system"], held["gradient"])
 
 
+def laplace_value_and_gradient(theta, beta, saturated, data: ProgramData, family: Family, u=None):
+    """(Laplace deviance, its gradient in (theta, beta)) at (theta, beta): the mode by PIRLS from ``u`` (zeros when
+    None), traced (a pure function of arrays: jit or vmap it; a batch's datasets in ``hp.fit_batch``).
+
+    ``data`` is a working pattern's :class:`ProgramData` without X (``joint=False``); binomial or Poisson (the
+    negative binomial's shape is not an argument here).  Also returns the mode's dict (``u``, ``b``, ``eta``,
+    ``working_weights``, ``converged``, ...) as the third element.
+    """
+    layout = data.pattern.layout
+    if u is None:
+        u = tuple(jnp.zeros((ell, k), theta.dtype) for ell, k in zip(layout.n_levels, layout.ks))
+    mode, gradient = _value_and_gradient(theta, beta, u, jnp.ones((), theta.dtype), saturated, data, family,
+                                         PIRLS_TOL, PIRLS_MAX_STEPS, PIRLS_MAX_HALVINGS)
+    return mode["laplace"], gradient, mode
+
+
 #: Compile the gradient program without LLVM's optimization (:mod:`hierpool.algebra.compiler_options`).
 GRADIENT_QUICK = False
 

@@ -26,16 +26,22 @@ import pandas as pd
 
 from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
+from ..algebra.family import family as make_family
 from ..algebra.one_term import solution
-from ..closedform import lmm
+from ..closedform import glmm, lmm
 from ..closedform.optimize import Control
 from ..errors import ArgumentError, HierpoolWarning, integer_argument
+from ..spec.family import family_spec
+from .fit_glmm import fit_glmm
 from .fit_terms import fit_terms
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize, moment_start
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 from .results import BatchResult, BatchTerm
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
+# a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
+# less (1,000 cbpp replicates: warm 0.65 s per 200 in calls of 16, 1.56 s in calls of 100)
+GLMM_CPU_CHUNK = 16
 # Up to this many values of (padded) sufficient statistics (5,000 sleepstudy-shaped datasets of ~200) the
 # programs compile without LLVM's optimization (CPU): the compilation saved outweighs the slower
 # run of that many datasets (measured in benchmarks/RESULTS.md, "Batch fitting, fifth session").
@@ -110,7 +116,9 @@ def fit_batch(
     data,
     by: str = "dataset",
     *,
-    reml: bool = True,
+    family: str | None = None,
+    link: str | None = None,
+    reml: bool | None = None,
     dtype: str = "float64",
     chunk_size: int | None = None,
     polish: bool = True,
@@ -133,8 +141,16 @@ def fit_batch(
         list position or dict key becomes the ``by`` label).
     by : str
         The column that names the dataset of each row.
-    reml : bool
-        REML (default) or maximum likelihood.
+    family : {None, "binomial", "bernoulli", "poisson"}
+        None: the linear mixed model (``hp.lmm``).  Otherwise a GLMM fitted as ``hp.glmm`` fits it (the
+        Laplace approximation, glmer's ``nAGQ = 1``; the response as ``hp.glmm`` reads it, e.g.
+        ``cbind(successes, failures)``, with ``weights=`` the trials of proportions), per
+        :mod:`hierpool.batch.fit_glmm`; ``objective`` is then -2 log L and ``sigma`` 1.
+    link : str, optional
+        The GLMM's link (``hp.glmm``'s ``link``).
+    reml : bool, optional
+        REML (the default for a linear mixed model) or maximum likelihood; a GLMM is fitted by
+        maximum likelihood (``reml=True`` is refused with a family).
     dtype : {"float64", "float32"}
         float32 halves memory and is faster on GPUs; the criterion then agrees
         with float64 to about 1e-5 relative.
@@ -194,18 +210,39 @@ def fit_batch(
     if dtype not in ("float64", "float32"):
         raise ArgumentError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     if chunk_size is None:
-        chunk_size = CPU_CHUNK if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK
+        cpu = GLMM_CPU_CHUNK if family is not None else CPU_CHUNK
+        chunk_size = cpu if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK
     chunk_size = integer_argument("chunk_size", chunk_size)
-    plan = plan_batch(formula, data, by, "fit_batch", "hp.lmm", weights=weights, offset=offset, se=se, one_term=False)
+    spec = None
+    if family is not None:
+        spec = family_spec(family, link)
+        if spec.name == "negative_binomial":
+            raise ArgumentError("fit_batch fits binomial and Poisson GLMMs; a negative binomial's shape is a further "
+                                "parameter it does not estimate: fit those with hp.glmm per dataset")
+        if reml:
+            raise ArgumentError("reml=True with family=: a GLMM is fitted by maximum likelihood (glmer's Laplace)")
+        if se is not None:
+            raise ArgumentError("se= gives a Gaussian model's known residual sds: not with family=")
+    elif link is not None:
+        raise ArgumentError("link= needs family= (a GLMM)")
+    reml = family is None if reml is None else bool(reml)
+    plan = plan_batch(formula, data, by, "fit_batch", "hp.glmm" if spec else "hp.lmm", weights=weights,
+                      offset=offset, se=se, one_term=False, family=spec)
     sharding = mesh_sharding()
     settings = dict(reml=reml, float_type=np.float64 if dtype == "float64" else np.float32, chunk_size=chunk_size,
                     progress=progress, max_iterations=max_iterations, sharding=sharding,
                     workers=thread_count(sharding))
-    if len(plan.design.terms) == 1:
+    if spec is not None:
+        settings.pop("reml")
+        out = fit_glmm(plan, make_family(spec), **settings)
+        fitter = partial(glmm, family=family, link=link)
+    elif len(plan.design.terms) == 1:
         out = _fit_one_term(plan, **settings)
+        fitter = partial(lmm, reml=reml)
     else:
         out = fit_terms(plan, **settings)
-    return _result(plan, out, formula, reml, polish)
+        fitter = partial(lmm, reml=reml)
+    return _result(plan, out, formula, reml, polish, fitter)
 
 
 def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int, progress, max_iterations: int, sharding,
@@ -273,34 +310,40 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int, progress, ma
     return out | {"factors": [factors], "b": [b], "cond_var": [cond_var], "messages": messages, "too_large": []}
 
 
-def _refit(plan, index: int, formula: str, reml: bool, out: dict) -> str:
-    """Fit dataset ``index`` alone with ``hp.lmm`` into ``out``'s rows; what to add to its message."""
+def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
+    """Fit dataset ``index`` alone (``fitter``: ``hp.lmm`` or ``hp.glmm``) into ``out``'s rows; what to add to its
+    message."""
     frame, arguments = plan.dataset_frame(index)
+    name = "hp.glmm" if fitter.func is glmm else "hp.lmm"
     try:
         with warnings.catch_warnings():  # a singular refit is reported in is_singular
             warnings.simplefilter("ignore", HierpoolWarning)
-            single = lmm(formula, frame, reml=reml, **arguments)
+            single = fitter(formula, frame, **arguments)
     except Exception as exc:  # reported in the dataset's row, never raised for the batch
-        return f"refit by hp.lmm failed: {exc}"
+        return f"refit by {name} failed: {exc}"
     # hp.lmm orders a dataset's terms by its own level counts: match them to the batch's
     position = {(t.group, t.coef_names): j for j, t in enumerate(single.design.terms)}
     order = [position[(t.group, t.coef_names)] for t in plan.design.terms]
     ks = [t.k for t in single.design.terms]
     pieces = np.split(np.asarray(single.theta, dtype=float), np.cumsum([k * (k + 1) // 2 for k in ks])[:-1])
-    solution = single.solution
+    if name == "hp.glmm":  # -2 log L, unit scale, the modes' b and the conditional variances at the mode
+        solution, objective, sigma, b = single._solution_at_mode, single.optimum.deviance, 1.0, single.optimum.mode.b
+    else:
+        solution, objective, sigma = single.solution, single.objective, single.sigma
+        b = solution.b
     out["theta"][index] = np.concatenate([pieces[j] for j in order])
-    for name, value in (("objective", single.objective), ("converged", single.converged),
-                        ("beta", single.fixef.to_numpy()), ("vcov", single.vcov.to_numpy()), ("sigma", single.sigma),
-                        ("is_singular", single.is_singular)):
-        out[name][index] = value
+    for key, value in (("objective", objective), ("converged", single.converged),
+                       ("beta", single.fixef.to_numpy()), ("vcov", single.vcov.to_numpy()), ("sigma", sigma),
+                       ("is_singular", single.is_singular)):
+        out[key][index] = value
     for t, j in enumerate(order):
         out["factors"][t][index] = np.asarray(solution.factors[j])
-        out["b"][t][index] = np.asarray(solution.b[j])
+        out["b"][t][index] = np.asarray(b[j])
         out["cond_var"][t][index] = np.asarray(solution.cond_var[j])
-    return "refitted by hp.lmm"
+    return f"refitted by {name}"
 
 
-def _result(plan, out: dict, formula: str, reml: bool, polish: bool) -> BatchResult:
+def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter) -> BatchResult:
     """Polish what the batch could not fit, then the :class:`BatchResult`."""
     design, n_datasets = plan.design, plan.n_datasets
     messages = list(out["messages"])
@@ -310,10 +353,10 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool) -> BatchRes
         messages[index] = f"batched optimizer stopped with Newton step {float(out['newton_step'][index]):.1e}"
         to_polish.append(index)
     for index in out["too_large"]:
-        messages[index] = "too large to batch (its dense coupling): fitted by hp.lmm alone"
+        messages[index] = "too large to batch (its dense coupling): fitted alone"
     for index in list(out["too_large"]) + (to_polish if polish else []):
-        note = _refit(plan, index, formula, reml, out)
-        refitted[index] = note == "refitted by hp.lmm"
+        note = _refit(plan, index, formula, fitter, out)
+        refitted[index] = note.startswith("refitted")
         messages[index] += "; " + note
     sigma = out["sigma"]
     terms = []

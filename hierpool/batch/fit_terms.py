@@ -39,9 +39,14 @@ from .plan import BatchPlan, bucket_width, chunks, dataset_problems, fetch, plac
 QUICK_COMPILE_MAX_VALUES = 1e6
 
 
-def term_problems(plan: BatchPlan) -> list[str]:
-    """Why each dataset cannot be fitted ("" when it can): hp.lmm's checks, term by term, and X's rank."""
+def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]:
+    """Why each dataset cannot be fitted ("" when it can): hp.lmm's checks, term by term, and X's rank.
+
+    ``sigma_known`` (default: the design's): no residual variance to tell the effects from (known residual
+    sds, or a GLMM), so a term may have as many levels as the dataset has rows.
+    """
     design, n_datasets = plan.design, plan.n_datasets
+    sigma_known = design.sigma_known if sigma_known is None else sigma_known
     p = design.p
     X = design.X
     xtx = np.zeros((n_datasets, p, p))
@@ -51,9 +56,9 @@ def term_problems(plan: BatchPlan) -> list[str]:
     rank = np.atleast_1d(np.linalg.matrix_rank(xtx, hermitian=True)) if p else np.zeros(n_datasets, int)
     messages = [""] * n_datasets
     for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
-        found = dataset_problems(plan.n_obs, n_levels, rank, p, term.k, term.group, design.sigma_known)
+        found = dataset_problems(plan.n_obs, n_levels, rank, p, term.k, term.group, sigma_known)
         messages = [old or new for old, new in zip(messages, found)]
-    if not design.sigma_known:  # hp.lmm: a factor with as many levels as rows cannot be told from the residual
+    if not sigma_known:  # hp.lmm: a factor with as many levels as rows cannot be told from the residual
         for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
             messages = [old or (f"{ell} levels of {term.group!r} for {n} observations" if ell >= n else "")
                         for old, ell, n in zip(messages, n_levels, plan.n_obs)]

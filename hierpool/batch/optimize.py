@@ -114,7 +114,7 @@ def _definite_shift(hessian):
     return jnp.where(definite, 0.0, jnp.maximum(0.0, -gershgorin))
 
 
-def _probe(f, points, width):
+def _probe(value_and_grad, points, width):
     """Value, gradient and forward-difference Hessian of f at each point, in one vmapped gradient call.
 
     Differencing the exact gradient costs m extra gradients per point and, unlike
@@ -125,7 +125,7 @@ def _probe(f, points, width):
     steps = width * (1 + jnp.abs(points))  # (P, m)
     shifted = points[:, None, :] + jnp.eye(m, dtype=points.dtype)[None] * steps[:, None, :]
     every = jnp.concatenate([points[:, None, :], shifted], axis=1).reshape(-1, m)
-    values, gradients = jax.vmap(jax.value_and_grad(f))(every)
+    values, gradients = jax.vmap(value_and_grad)(every)
     values = values.reshape(-1, m + 1)[:, 0]
     gradients = gradients.reshape(-1, m + 1, m)
     hessians = (gradients[:, 1:, :] - gradients[:, :1, :]) / steps[:, :, None]
@@ -143,22 +143,33 @@ def minimize(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITERATI
     return newton(partial(objective, stats=stats, reml=reml, sigma_known=sigma_known), theta0, max_iterations)
 
 
-def newton(f, theta0, max_iterations: int = MAX_ITERATIONS):
+def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None, fd_width=None,
+           with_curvature: bool = False, step_tol=None, damping_growth: float = 10.0):
     """Minimize ``f`` (a pure, differentiable function of theta) from ``theta0``: one dataset's optimizer.
 
-    Any criterion of theta: the one-term specialisation (:func:`minimize`) or the general blocked
-    criterion of a batch of systems (:mod:`hierpool.batch.fit_terms`).  Pure: vmap it over datasets.
+    Any criterion: the one-term specialisation (:func:`minimize`), the general blocked criterion of a
+    batch of systems (:mod:`hierpool.batch.fit_terms`), or a GLMM's Laplace deviance in (theta, beta)
+    (:mod:`hierpool.batch.fit_glmm`), whose exact gradient comes from its own program
+    (``value_and_grad``, in place of ``jax.value_and_grad(f)``; ``f`` is then unused).  ``fd_width``:
+    the Hessian's forward-difference width (default sqrt(eps)); ``step_tol``: the relative Newton step at
+    which the search stops (default 1e-9, float64); ``damping_growth``: the Levenberg-Marquardt shift's factor
+    after a rejected step.  Pure: vmap it over datasets.
 
     Returns
     -------
-    (theta, value, newton_step, iterations, converged)
+    (theta, value, newton_step, iterations, converged[, curvature])
         ``newton_step`` is max |H^-1 g| at the end, the distance to the optimum
         the last quadratic model predicts; ``converged`` when it is below 1e-6, or
-        the decrease it predicts is below 1e-12 of the criterion (float64).
+        the decrease it predicts is below 1e-12 of the criterion (float64).  ``with_curvature``:
+        the last forward-difference Hessian too.
     """
+    if value_and_grad is None:
+        value_and_grad = jax.value_and_grad(f)
     m = theta0.shape[0]
     eye = jnp.eye(m, dtype=theta0.dtype)
-    fd_width, step_tol, rounding_step_tol, (converged_step, converged_decrease) = _tolerances(theta0.dtype)
+    width, step_tol_default, rounding_step_tol, (converged_step, converged_decrease) = _tolerances(theta0.dtype)
+    fd_width = width if fd_width is None else fd_width
+    step_tol = step_tol or step_tol_default
     step_lengths = jnp.asarray(STEP_LENGTHS, theta0.dtype)
 
     def body(state):
@@ -167,14 +178,14 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS):
         shift = damping + _definite_shift(curvature) + jnp.where(damping > 0, 0.0, 1e-12 * scale)
         step = -_solve_spd(curvature + shift * eye, gradient)
         trials = theta[None, :] + step_lengths[:, None] * step[None, :]
-        values, gradients, hessians = _probe(f, trials, fd_width)
+        values, gradients, hessians = _probe(value_and_grad, trials, fd_width)
         values = jnp.where(jnp.isfinite(values), values, jnp.inf)
         best = jnp.argmin(values)
         improved = values[best] < value
         keep = lambda new, old: jnp.where(improved, new, old)  # noqa: E731
         # Levenberg-Marquardt: trust the quadratic model more after a success, less after a failure
         new_damping = jnp.where(improved, jnp.where(damping > 1e-8 * scale, damping / 10, 0.0),
-                                jnp.maximum(10 * damping, 1e-4 * scale))
+                                jnp.maximum(damping_growth * damping, 1e-4 * scale))
         step_size = jnp.max(jnp.abs(step)) / (1 + jnp.max(jnp.abs(theta)))
         # the quadratic model has nothing left to give, or what it promises is below rounding
         at_optimum = (iteration > 0) & ((step_size <= step_tol) | (~improved & (step_size <= rounding_step_tol)))
@@ -195,4 +206,6 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS):
     newton_step = jnp.max(jnp.abs(newton))
     flat = 0.5 * gradient @ newton <= converged_decrease * (1 + jnp.abs(value))
     converged = jnp.isfinite(value) & ((newton_step < converged_step) | flat)
+    if with_curvature:
+        return theta, value, newton_step, iterations - 1, converged, curvature
     return theta, value, newton_step, iterations - 1, converged

@@ -275,12 +275,13 @@ def _local_levels(dataset: np.ndarray, n_datasets: int, term: RandomEffectTerm):
 
 
 def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=None, offset=None,
-               se: str | None = None, one_term: bool = True) -> BatchPlan:
+               se: str | None = None, one_term: bool = True, family=None) -> BatchPlan:
     """Parse ``formula`` on the long frame and locate every dataset's rows and levels.
 
     ``weights`` and ``offset`` are column names, or (with ``data`` one DataFrame)
     arrays with one value per row of it; ``se`` names the column of known residual sds
-    (their weights 1 / se^2 enter the statistics as prior weights do, and sigma is 1).
+    (their weights 1 / se^2 enter the statistics as prior weights do, and sigma is 1).  ``family``: a
+    GLMM's :class:`~hierpool.spec.family.FamilySpec` (the design's response and trials as ``hp.glmm`` reads them).
 
     Raises
     ------
@@ -309,7 +310,7 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     # positions as labels (the user's frame is not modified): a dataset's rows are then found by position
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)
     # the long frame's model frame would be held for the whole batch run: the plan keeps the frame itself
-    design = replace(build_design(formula, frame, se=se, weights=weights, offset=offset), frame=None)
+    design = replace(build_design(formula, frame, se=se, weights=weights, offset=offset, family=family), frame=None)
     if one_term and len(design.terms) != 1:
         terms = [f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms]
         raise ArgumentError(f"{caller} fits models with one random-effect term; this formula has {len(terms)}: "

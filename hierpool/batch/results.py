@@ -184,5 +184,5 @@ class BatchResult:
     def __repr__(self) -> str:
         failed = int((~self.converged).sum())
         return (f"BatchResult: {len(self.datasets)} datasets, {'REML' if self.reml else 'ML'}; "
-                f"{failed} not converged, {int(self.refit.sum())} refitted by hp.lmm, "
+                f"{failed} not converged, {int(self.refit.sum())} refitted alone, "
                 f"{int(self.is_singular.sum())} singular")

