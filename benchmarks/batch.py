@@ -3,6 +3,8 @@
     python benchmarks/batch.py [--datasets 2000] [--statsmodels-datasets N]   # writes benchmarks/out/batch.json
     python benchmarks/batch.py --datasets 100000 --hierpool-only              # on a GPU machine (no R there)
     python benchmarks/batch.py --bootstrap 1000     # hp.bootstrap against lme4's bootMer: benchmarks/out/bootstrap.json
+    python benchmarks/batch.py --crossed 1000       # Penicillin-shaped crossed LMMs against a lmer loop: out/crossed.json
+    python benchmarks/batch.py --glmm 1000          # cbpp-shaped binomial GLMMs against a glmer loop: out/glmm.json
 
 Each contender runs in a fresh process on the same simulated data
 (``hp.datasets.sleepstudy_replicates``: 18 subjects x 10 days, correlated slopes);
@@ -129,6 +131,100 @@ LME4_BOOT = textwrap.dedent(
 )
 
 
+# --crossed / --glmm: N replicates simulated from the model's fit to its data (lme4's simulate, in R, written to a
+# CSV both sides read); each side fits every replicate and extracts fixed effects, variance components and
+# conditional modes with their sds, the clock around that only.
+MODELS = {
+    "crossed": dict(formula="diameter ~ 1 + (1 | plate) + (1 | sample)", data="Penicillin", response="diameter",
+                    r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)", family=None),
+    "glmm": dict(formula="cbind(incidence, size - incidence) ~ period + (1 | herd)", data="cbpp",
+                 response="incidence", r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))",
+                 family="binomial"),
+}
+
+SIMULATE_R = textwrap.dedent(
+    """
+    suppressMessages(library(lme4))
+    d0 <- DATA_NAME
+    fit0 <- FIT0
+    ys <- simulate(fit0, NSIM, seed = 1)
+    out <- d0[rep(seq_len(nrow(d0)), NSIM), ]
+    out$RESPONSE <- if (is.matrix(ys[[1]])) unlist(lapply(ys, function(m) m[, 1])) else unlist(ys)
+    out$dataset <- rep(seq_len(NSIM), each = nrow(d0))
+    write.csv(out, "OUT_CSV", row.names = FALSE)
+    """
+)
+
+LOOP_R = textwrap.dedent(
+    """
+    suppressMessages(library(lme4))
+    d <- read.csv("OUT_CSV")
+    FACTORS
+    sets <- split(d, d$dataset)
+    t0 <- proc.time()[["elapsed"]]
+    crit <- numeric(length(sets))
+    for (i in seq_along(sets)) {
+      d <- sets[[i]]
+      fit <- suppressMessages(suppressWarnings(FIT))
+      fixef(fit); as.data.frame(VarCorr(fit)); ranef(fit, condVar = TRUE)
+      crit[i] <- CRIT
+    }
+    wall <- proc.time()[["elapsed"]] - t0
+    cat(sprintf('{"wall_s": %.4f, "n": %d, "objective": [%s]}\\n', wall, length(sets),
+                paste(sprintf("%.10f", crit), collapse = ",")))
+    """
+)
+
+HIERPOOL_MODEL = textwrap.dedent(
+    """
+    import json, time, jax, pandas as pd
+    import hierpool as hp
+    hp.fit_batch, jax.devices()  # imports and the XLA backend's start (R's library()), outside the clock
+    data = pd.read_csv("OUT_CSV")
+    for column in FACTORS:
+        data[column] = data[column].astype(str)
+    t0 = time.perf_counter()
+    res = hp.fit_batch("FORMULA", data, by="dataset", family=FAMILY, progress=False)
+    res.fixef, res.varcorr, res.ranef
+    wall = time.perf_counter() - t0
+    print(json.dumps(dict(wall_s=wall, n=len(res.datasets), device=str(jax.devices()[0]),
+                          converged=int(res.converged.sum()), refitted=int(res.refit.sum()),
+                          singular=int(res.is_singular.sum()), objective=res.objective.tolist())))
+    """
+)
+
+
+def model_benchmark(name: str, n: int) -> None:
+    """hp.fit_batch against a loop of lmer/glmer over N replicates of a model (above); writes out/<name>.json."""
+    import numpy as np
+
+    model = MODELS[name]
+    csv = OUT / f"{name}_datasets.csv"
+    factors = {"crossed": ["plate", "sample"], "glmm": ["herd", "period"]}[name]
+    fit0 = model["r_fit"].replace("FORMULA", model["formula"]).replace(", d", ", d0").replace("(d)", "(d0)")
+    script = (SIMULATE_R.replace("DATA_NAME", model["data"]).replace("FIT0", fit0).replace("NSIM", str(n))
+              .replace("RESPONSE", model["response"]).replace("OUT_CSV", str(csv)))
+    run = subprocess.run(["Rscript", "-"], input=script, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(run.stderr[-3000:])
+    r_factors = "; ".join(f"d${f} <- factor(d${f})" for f in factors)
+    loop = (LOOP_R.replace("OUT_CSV", str(csv)).replace("FACTORS", r_factors)
+            .replace("FIT", model["r_fit"].replace("FORMULA", model["formula"])).replace("CRIT", model["r_crit"]))
+    hierpool = (HIERPOOL_MODEL.replace("OUT_CSV", str(csv)).replace("FACTORS", repr(factors))
+                .replace("FORMULA", model["formula"]).replace("FAMILY", repr(model["family"])))
+    results = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
+                   model=model["formula"], datasets=n, load_1min_at_start=os.getloadavg()[0])
+    results["hierpool"] = _json_from([sys.executable, "-"], hierpool)
+    results["lme4"] = _json_from(["Rscript", "-"], loop)
+    mine, theirs = np.array(results["hierpool"].pop("objective")), np.array(results["lme4"].pop("objective"))
+    results["max_rel_objective_diff_vs_lme4"] = float(np.nanmax(np.abs(mine - theirs) / np.abs(theirs)))
+    results["hierpool_minus_lme4_max"] = float(np.nanmax(mine - theirs))
+    results["ratio_vs_lme4"] = results["lme4"]["wall_s"] / results["hierpool"]["wall_s"]
+    results["load_1min_at_end"] = os.getloadavg()[0]
+    (OUT / f"{name}.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
 def bootstrap_benchmark(n: int) -> None:
     """hp.bootstrap against lme4's bootMer on sleepstudy (module docstring); writes benchmarks/out/bootstrap.json."""
     results = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
@@ -154,8 +250,15 @@ def main() -> None:
     parser.add_argument("--statsmodels-datasets", type=int, default=None)
     parser.add_argument("--hierpool-only", action="store_true", help="time hierpool alone (fits per second)")
     parser.add_argument("--bootstrap", type=int, default=0, help="replicates of hp.bootstrap against bootMer")
+    parser.add_argument("--crossed", type=int, default=0, help="Penicillin-shaped datasets against a lmer loop")
+    parser.add_argument("--glmm", type=int, default=0, help="cbpp-shaped binomial datasets against a glmer loop")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    for name in ("crossed", "glmm"):
+        if getattr(args, name):
+            OUT.mkdir(exist_ok=True)
+            model_benchmark(name, getattr(args, name))
+            return
     if args.bootstrap:
         OUT.mkdir(exist_ok=True)
         bootstrap_benchmark(args.bootstrap)

@@ -35,7 +35,7 @@ from ..spec.family import family_spec
 from .fit_glmm import fit_glmm
 from .fit_terms import fit_terms
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize, moment_start
-from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
+from .plan import bucket_width, chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 from .results import BatchResult, BatchTerm
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
@@ -231,7 +231,7 @@ def fit_batch(
     sharding = mesh_sharding()
     settings = dict(reml=reml, float_type=np.float64 if dtype == "float64" else np.float32, chunk_size=chunk_size,
                     progress=progress, max_iterations=max_iterations, sharding=sharding,
-                    workers=thread_count(sharding))
+                    workers=thread_count(sharding, _dense_size(plan, spec is not None)))
     if spec is not None:
         settings.pop("reml")
         out = fit_glmm(plan, make_family(spec), **settings)
@@ -243,6 +243,19 @@ def fit_batch(
         out = fit_terms(plan, **settings)
         fitter = partial(lmm, reml=reml)
     return _result(plan, out, formula, reml, polish, fitter)
+
+
+def _dense_size(plan, glmm: bool) -> int:
+    """The largest dense matrix the batch's programs factor in their loops (:func:`thread_count`): Newton's
+    (theta[, beta]) Hessian, and with several terms the rest block (the other terms' levels, X, y; a GLMM's
+    working system has no X)."""
+    design = plan.design
+    ks = [t.k for t in design.terms]
+    size = sum(k * (k + 1) // 2 for k in ks) + (design.p if glmm else 0)
+    if len(ks) > 1 or glmm:
+        widths = [int(bucket_width(n_levels).max()) for _, n_levels, _ in plan.term_levels]
+        size = max(size, sum(w * k for w, k in zip(widths[1:], ks[1:])) + (0 if glmm else design.p) + 1)
+    return size
 
 
 def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int, progress, max_iterations: int, sharding,

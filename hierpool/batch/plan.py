@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 from jax.experimental import multihost_utils
 
+from ..algebra.linalg import UNROLL_MAX_SIZE
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError
 from ..spec.design import Design, RandomEffectTerm, build_design
@@ -136,9 +137,18 @@ def progress_bar(progress: bool | None, total: int, name: str):
     return tqdm(total=total, desc=name, unit="datasets", disable=not show, file=sys.stderr)
 
 
-def thread_count(sharding) -> int:
-    """Parallel chunk threads: one per core on a single CPU device, else 1 (the mesh parallelizes)."""
-    return 1 if sharding is not None or jax.default_backend() != "cpu" else max(1, os.cpu_count() or 1)
+def thread_count(sharding, dense_size: int = 0) -> int:
+    """Parallel chunk threads: one per core on a single CPU device, else 1 (the mesh parallelizes).
+
+    ``dense_size``: the largest dense matrix the program factors inside its loops.  Above the unrolled
+    size (:data:`hierpool.algebra.linalg.UNROLL_MAX_SIZE`) it is LAPACK's or XLA's batched kernel, and two
+    threads each running such a program (a while loop around a vmap of those kernels) deadlocked on a
+    2-core CPU: 40 crossed datasets (16 subjects x 16 items, a 19 x 19 rest block) hung in two chunks at once
+    and ran in 1.2 s one chunk at a time.  Such programs run their chunks one after another.
+    """
+    if sharding is not None or jax.default_backend() != "cpu" or dense_size > UNROLL_MAX_SIZE:
+        return 1
+    return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
