@@ -9,7 +9,8 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
   numeric columns is read by ``spec.columns`` instead (tested equal), so such formulae never import it.
   ``spec.correlation`` reads an AR(1) structure's series; ``pedigree`` (beside ``spec``) turns a pedigree
   into A, inbreeding and the sparse A^-1 (NumPy and SciPy only);
-- ``algebra`` (here): cross-products (``system``, ``statistics``), the blocked factorization and
+- ``algebra`` (here): cross-products (``system``, ``statistics``; ``batched_systems``: many datasets'
+  systems at once, padded to common shapes, for the batch layer), the blocked factorization and
   the profiled criterion (``criterion``), Henderson's solution, prediction blocks and exact draws
   (``henderson``), the collapsed marginal likelihood (``marginal``), the one-term specialisation
   (``one_term``, ``one_term_marginal``), starts and checks (``start``, ``checks``), the VarCorr

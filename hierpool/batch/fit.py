@@ -1,11 +1,20 @@
-"""``hp.fit_batch``: one model fitted to many datasets as one jit-compiled, vmapped call.
+"""``hp.fit_batch``: one model fitted to many datasets as one jit-compiled, vmapped call (one random-effect
+term here; several terms in :mod:`hierpool.batch.fit_terms`, GLMMs in :mod:`hierpool.batch.fit_glmm`).
 
 The layout of the work (one parse, sufficient statistics, buckets by level
 count, equal-shape chunks compiled once, a device mesh or a thread per core,
 failures kept in their row) is :mod:`hierpool.batch.plan`'s.  Device memory is
-bounded by the chunk: about ``chunk_size * 40 * ell * k * (k + p + 1) * 8`` bytes
-of working set (the statistics and the optimizer's probes), whatever the number
-of datasets.  A dataset whose batched optimizer did not converge is refitted
+bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
+
+* one term: about ``40 * ell * k * (k + p + 1) * 8`` of working set (the statistics
+  and the optimizer's probes);
+* several terms (:mod:`hierpool.batch.fit_terms`): its system, ``8 * (ell0 k0^2 +
+  ell0 k0 m + m^2)`` with ``m = sum_(j>0) ell_j k_j + p + 1`` (the padded levels), held
+  by each of the optimizer's ``n_theta + 1`` probes;
+* a GLMM (:mod:`hierpool.batch.fit_glmm`): its padded rows, ``8 * n * (3 + p + sum k_j)``
+  plus the working system's, per probe of (theta, beta).
+
+A dataset whose batched optimizer did not converge is refitted
 alone by ``hp.lmm`` (``polish=True``); each is marked in ``refit`` and explained
 in ``messages``, so a batched optimizer that fails is seen, not papered over.
 On a CPU, batches of up to ``QUICK_COMPILE_MAX_VALUES`` statistics compile with
