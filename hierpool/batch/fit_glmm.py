@@ -33,10 +33,11 @@ from ..algebra.family import Family
 from ..algebra.henderson import solve
 from ..algebra.laplace_program import ProgramData, laplace_value_and_gradient
 from ..algebra.linalg import theta_start
+from ..algebra.start import moment_theta
 from ..algebra.system import Layout, SystemPattern, fill_in_program
 from ..closedform.optimize import Control
 from .fit_terms import QUICK_COMPILE_MAX_VALUES, term_problems
-from .optimize import canonical_theta, newton
+from .optimize import MOMENT_FLOOR, canonical_theta, newton
 from .plan import BatchPlan, bucket_width, chunks, fetch, place, progress_bar
 
 #: The Hessian's forward-difference width in (theta, beta): PIRLS's mode is exact to ~1e-10, so its gradient
@@ -51,8 +52,9 @@ DAMPING_GROWTH = 100.0
 GLM_ITERATIONS = 25
 
 
-def glm_start(plan: BatchPlan, family: Family) -> np.ndarray:
-    """(D, p) each dataset's GLM fit without random effects by IRLS (the batch's starting beta), on the host."""
+def glm_start(plan: BatchPlan, family: Family) -> tuple[np.ndarray, np.ndarray]:
+    """((D, p) each dataset's GLM fit without random effects by IRLS, the linear predictor of every row), on the
+    host: the batch's starting beta."""
     design, n_datasets, dataset = plan.design, plan.n_datasets, plan.dataset
     X, y, trials, offset = design.X, design.y, design.row_weights, design.offset
     p = design.p
@@ -71,7 +73,28 @@ def glm_start(plan: BatchPlan, family: Family) -> np.ndarray:
         eta = offset + np.einsum("np,np->n", X, beta[dataset])
         if converged:
             break
-    return beta
+    return beta, eta
+
+
+def moment_start_theta(plan: BatchPlan, family: Family, eta: np.ndarray) -> np.ndarray:
+    """(D, n_theta) a one-term GLMM's starting theta: the method of moments (the linear mixed model's batch start,
+    :func:`hierpool.algebra.start.moment_theta`) on the GLM fit's working residuals, weighted by its working
+    weights, whose residual variance is 1 when the family's variance holds.  Several terms: lme4's identity."""
+    design, n_datasets = plan.design, plan.n_datasets
+    ks = tuple(t.k for t in design.terms)
+    if len(ks) != 1:
+        return np.tile(theta_start(ks), (n_datasets, 1))
+    term, (level, n_levels, _) = design.terms[0], plan.term_levels[0]
+    _, weights, residual = family.working(design.y, eta, design.row_weights)
+    ell, k = int(n_levels.max()), term.k
+    cell = plan.dataset.astype(np.int64) * ell + level
+    z, size = term.z, n_datasets * ell
+    ztz = np.stack([np.bincount(cell, weights=weights * z[:, a] * z[:, b], minlength=size)
+                    for a in range(k) for b in range(k)], axis=1).reshape(n_datasets, ell, k, k)
+    cross = np.stack([np.bincount(cell, weights=weights * z[:, a] * residual, minlength=size)
+                      for a in range(k)], axis=1).reshape(n_datasets, ell, k)
+    rss = np.bincount(plan.dataset, weights=weights * residual**2, minlength=n_datasets)
+    return moment_theta(ztz, cross, rss, plan.n_obs.astype(float), p=design.p, floor=MOMENT_FLOOR)
 
 
 def saturated_deviances(plan: BatchPlan, family: Family) -> np.ndarray:
@@ -195,7 +218,8 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     if not usable.any():
         out["is_singular"] = np.zeros(n_datasets, bool)
         return out
-    beta0 = glm_start(plan, family)
+    beta0, eta0 = glm_start(plan, family)
+    theta0 = moment_start_theta(plan, family, eta0)
     saturated = saturated_deviances(plan, family)
     buckets = {}
     for d in np.flatnonzero(usable):
@@ -206,7 +230,7 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
         data = bucket_data(plan, members, key[:-1], int(key[-1]))
         data = jax.tree_util.tree_map(
             lambda a: a.astype(float_type) if np.issubdtype(a.dtype, np.floating) else a, data)
-        start = np.concatenate([np.tile(theta_start(ks), (len(members), 1)), beta0[members]], axis=1)
+        start = np.concatenate([theta0[members], beta0[members]], axis=1)
         size = min(chunk_size, math.ceil(len(members) / workers))
         bucket_chunks = chunks(0, np.arange(len(members)), size, n_devices)
         first = _take((data, saturated[members].astype(float_type), start.astype(float_type)),
