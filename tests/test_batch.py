@@ -452,8 +452,10 @@ def test_two_processes_through_jax_distributed_give_the_same_fits(replicates, ba
 def test_bad_input_names_the_culprit(replicates):
     with pytest.raises(hp.DataError, match="'study'"):
         hp.fit_batch(SLEEP, replicates, by="study")
-    with pytest.raises(hp.ArgumentError, match="one random-effect term"):
-        hp.fit_batch("Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)", replicates)
+    with pytest.raises(hp.ArgumentError, match="a GLMM batch is fitted in float64"):
+        hp.fit_batch("Reaction ~ Days + (1 | Subject)", replicates, family="poisson", dtype="float32")
+    with pytest.raises(hp.ArgumentError, match="not with family="):
+        hp.fit_batch("Reaction ~ Days + (1 | Subject)", replicates, family="poisson", se="Days")
     with pytest.raises(hp.ArgumentError, match="already has a column 'dataset'"):
         hp.fit_batch(SLEEP, [replicates])
     with pytest.raises(hp.ArgumentError, match="dtype"):

@@ -91,3 +91,19 @@ def test_glmm_arguments_are_refused_by_name():
         hp.fit_batch("y ~ 1 + (1 | g)", frame, by="rep", family="binomial", reml=True)
     with pytest.raises(ArgumentError, match="link= needs family="):
         hp.fit_batch("y ~ 1 + (1 | g)", frame, by="rep", link="probit")
+
+
+def test_rows_of_a_dataset_need_not_be_contiguous(cbpp_batch):
+    """A long frame whose datasets' rows interleave gives each dataset its own rows (as the list of frames)."""
+    frames, batch = cbpp_batch
+    long = pd.concat([frame.assign(rep=j) for j, frame in enumerate(frames[:2])], ignore_index=True)
+    shuffled = long.sample(frac=1.0, random_state=3)
+    again = hp.fit_batch(CBPP, shuffled, by="rep", family="binomial", progress=False)
+    order = [list(again.datasets).index(j) for j in range(2)]
+    np.testing.assert_allclose(again.objective.to_numpy()[order], batch.objective.to_numpy()[:2], rtol=1e-10)
+
+
+def test_a_glmm_batch_has_no_residual_variance(cbpp_batch):
+    _, batch = cbpp_batch
+    assert "Residual" not in set(batch.varcorr["grp"]) and "sigma" not in batch.to_frame().columns
+

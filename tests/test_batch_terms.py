@@ -93,7 +93,9 @@ def test_crossed_datasets_equal_their_single_fits(crossed):
     for d, frame in enumerate(frames):
         if d == 6:
             continue
-        _check_against_single(batch, d, _single(CROSSED, frame))
+        fit = _single(CROSSED, frame)
+        _check_against_single(batch, d, fit)
+        np.testing.assert_allclose(batch.theta[d], fit.theta, rtol=1e-5, err_msg=f"theta of dataset {d}")
     # levels differ between datasets (a missing plate, a missing sample): their own, in hp.lmm's order
     assert [len(levels) for levels in batch.terms[0].levels] == [24, 24, 23, 24, 24, 24, 24, 24]
     assert [len(levels) for levels in batch.terms[1].levels] == [6, 6, 6, 6, 6, 5, 1, 6]
@@ -117,6 +119,7 @@ def test_nested_slopes_with_weights_and_offset_equal_their_single_fits(nested):
 def test_ml_criterion_equals_the_single_fit(nested):
     frames, formula, _ = nested
     batch = hp.fit_batch(formula, frames[:2], by="rep", weights="w", reml=False, progress=False)
+    assert not batch.refit.any(), batch.messages.tolist()  # the batch's numbers, not hp.lmm's refits
     for d in range(2):
         fit = _single(formula, frames[d], weights="w", reml=False)
         assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"ML criterion of dataset {d}"
@@ -143,6 +146,7 @@ def test_bootstrap_of_a_crossed_model_refits_every_replicate():
     pen = hp.datasets.penicillin()
     fit = _single(CROSSED, pen)
     boot = hp.bootstrap(fit, 6, seed=2, progress=False)
+    assert not boot.batch.refit.any(), boot.batch.messages.tolist()
     assert list(boot.estimate.index) == ["Intercept", "sd_plate_Intercept", "sd_sample_Intercept", "sigma"]
     assert boot.failed == 0
     sims = hp.simulate(fit, 6, seed=2).to_numpy()
@@ -184,3 +188,26 @@ def jax_tree_first(tree):
     from hierpool.algebra.system import map_arrays
 
     return map_arrays(lambda a: np.asarray(a)[0], tree)
+
+
+def test_a_refit_maps_the_single_fit_s_terms_to_the_batch_s_order():
+    """Datasets the batched optimizer stops on (one Newton iteration) are refitted by hp.lmm; a dataset whose own
+    level counts order its terms otherwise (more samples than plates) lands in the batch's term order."""
+    pen = hp.datasets.penicillin()
+    few_plates = pen[pen["plate"].isin(list("abcd"))]  # 4 plates, 6 samples: hp.lmm puts sample first
+    batch = hp.fit_batch(CROSSED, [pen, few_plates], by="rep", max_iterations=1, progress=False)
+    assert batch.refit.all() and batch.converged.all(), batch.messages.tolist()
+    assert "refitted by hp.lmm" in batch.messages.iloc[1]
+    fit = _single(CROSSED, few_plates)
+    assert [t.group for t in fit.design.terms] == ["sample", "plate"]
+    assert [t.group for t in batch.terms] == ["plate", "sample"]
+    np.testing.assert_allclose(batch.theta[1], fit.theta[::-1], rtol=1e-12)
+    _check_against_single(batch, 1, fit)
+
+
+def test_float32_keeps_a_large_location_and_agrees_with_float64(crossed):
+    frames, batch = crossed
+    shifted = [frame.assign(diameter=frame["diameter"] + 1e4) for frame in frames[:2]]
+    single = hp.fit_batch(CROSSED, shifted, by="rep", dtype="float32", progress=False)
+    np.testing.assert_allclose(single.beta[:, 0], batch.beta[:2, 0] + 1e4, rtol=1e-6)
+    np.testing.assert_allclose(single.objective.to_numpy(), batch.objective.to_numpy()[:2], rtol=1e-4)

@@ -66,10 +66,11 @@ def test_the_intervals_are_the_replicates_quantiles(boot):
 def test_fits_outside_fit_batchs_class_are_refused_by_name(sleep):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        crossed = hp.lmm("Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)", sleep)
+        counts = hp.glmm("y ~ 1 + (1 | Subject)", sleep.assign(y=(sleep["Reaction"] > 300).astype(int)),
+                         family="binomial")
         logged = hp.lmm("log(Reaction) ~ Days + (Days | Subject)", sleep)
-    with pytest.raises(hp.HierpoolError, match="one random-effect term"):
-        hp.bootstrap(crossed, 10)
+    with pytest.raises(hp.HierpoolError, match="takes hp.lmm fits with independent residuals"):
+        hp.bootstrap(counts, 10)
     with pytest.raises(hp.HierpoolError, match="must be a plain column"):
         hp.bootstrap(logged, 10)
     with pytest.raises(hp.HierpoolError, match="n must be an integer >= 2"):

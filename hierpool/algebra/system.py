@@ -386,7 +386,9 @@ def fill_in_program(pattern: SystemPattern, weights: jax.Array, y_column: jax.Ar
             grid[r][s], grid[s][r] = block, block.T
     return MixedModelSystem(
         a00=a00, couplings=couplings, pairs=tuple(pairs), rest=jnp.block(grid),
-        log_weights=jnp.sum(jnp.log(weights)), beta_shift=jnp.zeros(layout.p), layout=layout,
+        # a zero weight (a batch's padded row: no information) adds log 1, not log 0: the sum of the others
+        log_weights=jnp.sum(jnp.where(weights > 0, jnp.log(jnp.where(weights > 0, weights, 1.0)), 0.0)),
+        beta_shift=jnp.zeros(layout.p), layout=layout,
     )
 
 

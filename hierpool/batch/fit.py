@@ -44,17 +44,22 @@ from ..spec.family import family_spec
 from .fit_glmm import fit_glmm
 from .fit_terms import fit_terms
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize, moment_start
-from .plan import bucket_width, chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
+from .plan import (
+    QUICK_COMPILE_MAX_VALUES,
+    chunks,
+    fetch,
+    mesh_sharding,
+    place,
+    plan_batch,
+    progress_bar,
+    thread_count,
+)
 from .results import BatchResult, BatchTerm
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
 # less (1,000 cbpp replicates: warm 0.65 s per 200 in calls of 16, 1.56 s in calls of 100)
 GLMM_CPU_CHUNK = 16
-# Up to this many values of (padded) sufficient statistics (5,000 sleepstudy-shaped datasets of ~200) the
-# programs compile without LLVM's optimization (CPU): the compilation saved outweighs the slower
-# run of that many datasets (measured in benchmarks/RESULTS.md, "Batch fitting, fifth session").
-QUICK_COMPILE_MAX_VALUES = 1e6
 
 
 def _optimize_rows(stats, start, reml: bool, max_iterations: int, sigma_known: bool):
@@ -232,6 +237,9 @@ def fit_batch(
             raise ArgumentError("reml=True with family=: a GLMM is fitted by maximum likelihood (glmer's Laplace)")
         if se is not None:
             raise ArgumentError("se= gives a Gaussian model's known residual sds: not with family=")
+        if dtype != "float64":
+            # the Hessian's differences of the exact gradient and PIRLS's 1e-12 tolerance need float64's digits
+            raise ArgumentError(f"dtype={dtype!r} with family=: a GLMM batch is fitted in float64")
     elif link is not None:
         raise ArgumentError("link= needs family= (a GLMM)")
     reml = family is None if reml is None else bool(reml)
@@ -240,7 +248,7 @@ def fit_batch(
     sharding = mesh_sharding()
     settings = dict(reml=reml, float_type=np.float64 if dtype == "float64" else np.float32, chunk_size=chunk_size,
                     progress=progress, max_iterations=max_iterations, sharding=sharding,
-                    workers=thread_count(sharding, _dense_size(plan, spec is not None)))
+                    workers=thread_count(sharding, serial=len(plan.design.terms) > 1))
     if spec is not None:
         settings.pop("reml")
         out = fit_glmm(plan, make_family(spec), **settings)
@@ -252,19 +260,6 @@ def fit_batch(
         out = fit_terms(plan, **settings)
         fitter = partial(lmm, reml=reml)
     return _result(plan, out, formula, reml, polish, fitter)
-
-
-def _dense_size(plan, glmm: bool) -> int:
-    """The largest dense matrix the batch's programs factor in their loops (:func:`thread_count`): Newton's
-    (theta[, beta]) Hessian, and with several terms the rest block (the other terms' levels, X, y; a GLMM's
-    working system has no X)."""
-    design = plan.design
-    ks = [t.k for t in design.terms]
-    size = sum(k * (k + 1) // 2 for k in ks) + (design.p if glmm else 0)
-    if len(ks) > 1 or glmm:
-        widths = [int(bucket_width(n_levels).max()) for _, n_levels, _ in plan.term_levels]
-        size = max(size, sum(w * k for w, k in zip(widths[1:], ks[1:])) + (0 if glmm else design.p) + 1)
-    return size
 
 
 def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int, progress, max_iterations: int, sharding,
@@ -329,7 +324,9 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int, progress, ma
                 b[index], cond_var[index] = result["b"][row, :ell], result["cond_var"][row, :ell]
     # hp.lmm's rule and tolerance (lme4's isSingular), on every dataset's (canonical, diagonal >= 0) theta
     out["is_singular"] = np.isfinite(out["objective"]) & singular_rows(out["theta"], (k,), Control.singular_tol)
-    return out | {"factors": [factors], "b": [b], "cond_var": [cond_var], "messages": messages, "too_large": []}
+    attempted = np.array([not message for message in messages])
+    return out | {"factors": [factors], "b": [b], "cond_var": [cond_var], "messages": messages, "alone": {},
+                  "attempted": attempted}
 
 
 def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
@@ -341,11 +338,11 @@ def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
         with warnings.catch_warnings():  # a singular refit is reported in is_singular
             warnings.simplefilter("ignore", HierpoolWarning)
             single = fitter(formula, frame, **arguments)
+        # hp.lmm orders a dataset's terms by its own level counts: match them to the batch's
+        position = {(t.group, t.coef_names): j for j, t in enumerate(single.design.terms)}
+        order = [position[(t.group, t.coef_names)] for t in plan.design.terms]
     except Exception as exc:  # reported in the dataset's row, never raised for the batch
-        return f"refit by {name} failed: {exc}"
-    # hp.lmm orders a dataset's terms by its own level counts: match them to the batch's
-    position = {(t.group, t.coef_names): j for j, t in enumerate(single.design.terms)}
-    order = [position[(t.group, t.coef_names)] for t in plan.design.terms]
+        return f"refit by {name} failed: {type(exc).__name__}: {exc}"
     ks = [t.k for t in single.design.terms]
     pieces = np.split(np.asarray(single.theta, dtype=float), np.cumsum([k * (k + 1) // 2 for k in ks])[:-1])
     if name == "hp.glmm":  # -2 log L, unit scale, the modes' b and the conditional variances at the mode
@@ -371,12 +368,12 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter) -> 
     messages = list(out["messages"])
     refitted = np.zeros(n_datasets, dtype=bool)  # rows whose numbers are hp.lmm's, not the batched optimizer's
     to_polish = []
-    for index in np.flatnonzero(np.isfinite(out["objective"]) & ~out["converged"]):
+    for index in np.flatnonzero(out["attempted"] & ~out["converged"]):
         messages[index] = f"batched optimizer stopped with Newton step {float(out['newton_step'][index]):.1e}"
         to_polish.append(index)
-    for index in out["too_large"]:
-        messages[index] = "too large to batch (its dense coupling): fitted alone"
-    for index in list(out["too_large"]) + (to_polish if polish else []):
+    for index, reason in out["alone"].items():
+        messages[index] = reason
+    for index in list(out["alone"]) + (to_polish if polish else []):
         note = _refit(plan, index, formula, fitter, out)
         refitted[index] = note.startswith("refitted")
         messages[index] += "; " + note
@@ -401,7 +398,7 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter) -> 
         messages=pd.Series(messages, index=index, name="message"),
         beta=out["beta"],
         beta_se=_diagonal_sd(out["vcov"]),
-        sigma=sigma,  # 1 with known residual sds (the solution's and hp.lmm's), NaN where the fit failed
+        sigma=sigma,  # 1 with known residual sds or a GLMM (hp.lmm's, hp.glmm's), NaN where the fit failed
         reml=reml,
-        sigma_known=design.sigma_known,
+        sigma_known=design.sigma_known or design.family is not None,  # no Residual row in a GLMM's VarCorr
     )

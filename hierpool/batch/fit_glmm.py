@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import jax
@@ -27,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..algebra.batched_systems import MAX_DENSE_ENTRIES, dense_entries
-from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import Family
 from ..algebra.henderson import solve
@@ -35,10 +33,9 @@ from ..algebra.laplace_program import ProgramData, laplace_value_and_gradient
 from ..algebra.linalg import theta_start
 from ..algebra.start import moment_theta
 from ..algebra.system import Layout, SystemPattern, fill_in_program
-from ..closedform.optimize import Control
-from .fit_terms import QUICK_COMPILE_MAX_VALUES, term_problems
+from .fit_terms import empty_results, padded_widths, run_jobs, take, term_problems
 from .optimize import MOMENT_FLOOR, canonical_theta, newton
-from .plan import BatchPlan, bucket_width, chunks, fetch, place, progress_bar
+from .plan import QUICK_COMPILE_MAX_VALUES, BatchPlan, bucket_width, chunks, fetch, place
 
 #: The Hessian's forward-difference width in (theta, beta): PIRLS's mode is exact to ~1e-10, so its gradient
 #: is too, and sqrt(eps) (1.5e-8) differences would be half rounding.
@@ -117,6 +114,10 @@ def bucket_data(plan: BatchPlan, members: np.ndarray, widths, row_width: int) ->
     design = plan.design
     rows = np.flatnonzero(np.isin(plan.dataset, members))
     local = np.searchsorted(members, plan.dataset[rows])
+    # each row's position within its dataset, whatever the order of the long frame's rows (a dataset's
+    # rows need not be contiguous): a stable sort by dataset keeps each dataset's own row order
+    order = np.argsort(local, kind="stable")
+    rows, local = rows[order], local[order]
     first = np.searchsorted(local, np.arange(len(members)))
     position = np.arange(len(rows)) - first[local]
     count = len(members)
@@ -186,43 +187,33 @@ def _program(data, saturated, start, family: Family, max_iterations: int, shardi
     return _COMPILED.get((shape_signature((data, saturated, start)), family, max_iterations, sharding, quick), build)
 
 
-def _take(tree, index):
-    return jax.tree_util.tree_map(lambda a: np.ascontiguousarray(np.asarray(a)[index]), tree)
-
-
 def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, progress, max_iterations: int,
              sharding, workers: int) -> dict:
     """Fit every dataset of ``plan`` by the Laplace approximation: :func:`hierpool.batch.fit_terms.fit_terms`'s
-    dict of per-dataset results (``objective`` the Laplace -2 log-likelihood, ``sigma`` 1)."""
+    dict of per-dataset results (``objective`` the Laplace -2 log-likelihood, ``sigma`` 1).
+
+    The program's log-likelihood is the deviance plus each dataset's saturated constant, which holds for
+    binomial rows with whole numbers of successes: the design refuses others (:mod:`hierpool.spec.family`).
+    """
     design = plan.design
     family = dataclasses.replace(family, shape=None)
     ks = tuple(t.k for t in design.terms)
-    n_datasets, p, n_theta = plan.n_datasets, design.p, sum(k * (k + 1) // 2 for k in ks)
     n_devices = 1 if sharding is None else len(jax.devices())
     # hp.glmm's checks: levels, X's rank and rows (a GLMM's level count may reach its row count: no sigma)
     messages = term_problems(plan, sigma_known=True)
-    widths = np.stack([bucket_width(n_levels) for _, n_levels, _ in plan.term_levels], axis=1)
+    widths = padded_widths(plan)
     row_widths = bucket_width(plan.n_obs)
-    usable = np.array([not m for m in messages])
-    too_large = [d for d in np.flatnonzero(usable) if dense_entries(widths[d], ks, 0) > MAX_DENSE_ENTRIES]
-    usable[too_large] = False
-    out = {"theta": np.full((n_datasets, n_theta), np.nan), "objective": np.full(n_datasets, np.nan),
-           "beta": np.full((n_datasets, p), np.nan), "vcov": np.full((n_datasets, p, p), np.nan),
-           "sigma": np.where(usable, 1.0, np.nan), "converged": np.zeros(n_datasets, bool),
-           "newton_step": np.full(n_datasets, np.nan), "iterations": np.zeros(n_datasets, int),
-           "factors": [[np.full((k, k), np.nan)] * n_datasets for k in ks],
-           "b": [[np.full((ell, k), np.nan) for ell in n_levels] for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
-           "cond_var": [[np.full((ell, k, k), np.nan) for ell in n_levels]
-                        for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
-           "messages": messages, "too_large": too_large}
-    if not usable.any():
-        out["is_singular"] = np.zeros(n_datasets, bool)
+    alone = {d: "too large to batch (its dense coupling)" for d in range(plan.n_datasets)
+             if not messages[d] and dense_entries(widths[d], ks, 0) > MAX_DENSE_ENTRIES}
+    out = empty_results(plan, messages, alone)
+    if not out["attempted"].any():
+        out["is_singular"] = np.zeros(plan.n_datasets, bool)
         return out
     beta0, eta0 = glm_start(plan, family)
     theta0 = moment_start_theta(plan, family, eta0)
     saturated = saturated_deviances(plan, family)
     buckets = {}
-    for d in np.flatnonzero(usable):
+    for d in np.flatnonzero(out["attempted"]):
         buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
     jobs = []
     for key, members in buckets.items():
@@ -233,30 +224,17 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
         start = np.concatenate([theta0[members], beta0[members]], axis=1)
         size = min(chunk_size, math.ceil(len(members) / workers))
         bucket_chunks = chunks(0, np.arange(len(members)), size, n_devices)
-        first = _take((data, saturated[members].astype(float_type), start.astype(float_type)),
-                      bucket_chunks[0].index)
+        arguments = (data, saturated[members].astype(float_type), start.astype(float_type))
+        first = take(arguments, bucket_chunks[0].index)
         values = sum(a.size for a in jax.tree_util.tree_leaves(first))
         program = _program(*first, family, max_iterations, sharding, values <= QUICK_COMPILE_MAX_VALUES)
         for chunk in bucket_chunks:
-            arguments = _take((data, saturated[members].astype(float_type), start.astype(float_type)), chunk.index)
-            jobs.append((members[chunk.members], arguments, chunk.count, program))
+            jobs.append((members[chunk.members], take(arguments, chunk.index), chunk.count, program))
 
     def run(job):
         _, arguments, count, program = job
-        result = program.result()(*place(arguments, sharding))
-        return jax.tree_util.tree_map(lambda a: a[:count], fetch(result))
+        result = jax.tree_util.tree_map(lambda a: a[:count], fetch(program.result()(*place(arguments, sharding))))
+        result["sigma"] = np.ones(count)  # the unit scale of a GLMM (hp.glmm's)
+        return result
 
-    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, n_datasets, "fit_batch") as bar:
-        for job, result in zip(jobs, pool.map(run, jobs)):
-            members = job[0]
-            bar.update(len(members))
-            for name in ("theta", "objective", "beta", "vcov", "converged", "newton_step", "iterations"):
-                out[name][members] = result[name]
-            for row, d in enumerate(members):
-                for t, (_, n_levels, _) in enumerate(plan.term_levels):
-                    ell = n_levels[d]
-                    out["factors"][t][d] = result["factors"][t][row]
-                    out["b"][t][d] = result["b"][t][row, :ell]
-                    out["cond_var"][t][d] = result["cond_var"][t][row, :ell]
-    out["is_singular"] = np.isfinite(out["objective"]) & singular_rows(out["theta"], ks, Control.singular_tol)
-    return out
+    return run_jobs(jobs, run, out, plan, workers=workers, progress=progress)

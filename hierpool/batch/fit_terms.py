@@ -17,6 +17,7 @@ so datasets whose counts differ share a few shapes.  A dataset whose dense coupl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -32,11 +33,16 @@ from ..algebra.henderson import solve
 from ..algebra.linalg import theta_start
 from ..closedform.optimize import Control
 from .optimize import canonical_theta, newton
-from .plan import BatchPlan, bucket_width, chunks, dataset_problems, fetch, place, progress_bar
-
-#: Values of a bucket's systems up to which its programs compile without LLVM's optimization (as the one-term
-#: path's ``QUICK_COMPILE_MAX_VALUES``: a small batch runs for less time than LLVM takes to optimize).
-QUICK_COMPILE_MAX_VALUES = 1e6
+from .plan import (
+    QUICK_COMPILE_MAX_VALUES,
+    BatchPlan,
+    bucket_width,
+    chunks,
+    dataset_problems,
+    fetch,
+    place,
+    progress_bar,
+)
 
 
 def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]:
@@ -65,17 +71,70 @@ def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]
     return messages
 
 
-def _widths(plan: BatchPlan) -> np.ndarray:
+def padded_widths(plan: BatchPlan) -> np.ndarray:
     """(datasets, terms) padded level counts: each term's as the one-term path pads its only term."""
     return np.stack([bucket_width(n_levels) for _, n_levels, _ in plan.term_levels], axis=1)
+
+
+def take(tree, index):
+    """Rows ``index`` of every array of a batch's tree (a chunk's, contiguous for the device)."""
+    return jax.tree_util.tree_map(lambda a: np.ascontiguousarray(np.asarray(a)[index]), tree)
+
+
+def empty_results(plan: BatchPlan, messages: list[str], alone: dict) -> dict:
+    """Per-dataset results, NaN until a fit fills them: the dict :func:`fit_terms` and
+    :func:`hierpool.batch.fit_glmm.fit_glmm` return.  ``alone``: dataset -> why it is fitted by itself."""
+    design, n_datasets = plan.design, plan.n_datasets
+    ks, p = tuple(t.k for t in design.terms), design.p
+    n_theta = sum(k * (k + 1) // 2 for k in ks)
+    usable = np.array([not m for m in messages])
+    usable[list(alone)] = False
+    return {"theta": np.full((n_datasets, n_theta), np.nan), "objective": np.full(n_datasets, np.nan),
+            "beta": np.full((n_datasets, p), np.nan), "vcov": np.full((n_datasets, p, p), np.nan),
+            "sigma": np.full(n_datasets, np.nan), "converged": np.zeros(n_datasets, bool),
+            "newton_step": np.full(n_datasets, np.nan), "attempted": usable,
+            "factors": [[np.full((k, k), np.nan)] * n_datasets for k in ks],
+            "b": [[np.full((ell, k), np.nan) for ell in n_levels] for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
+            "cond_var": [[np.full((ell, k, k), np.nan) for ell in n_levels]
+                         for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
+            "messages": messages, "alone": alone}
+
+
+def run_jobs(jobs, run, out: dict, plan: BatchPlan, *, workers: int, progress) -> dict:
+    """Run the chunks (``run(job)`` -> a chunk's results; ``job[0]`` its datasets) and store each dataset's results
+    in ``out``, each term's effects cut to the dataset's own levels; then ``is_singular`` (lme4's rule)."""
+    names = ("theta", "objective", "beta", "vcov", "sigma", "converged", "newton_step")
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            progress_bar(progress, plan.n_datasets, "fit_batch") as bar:
+        for job, result in zip(jobs, pool.map(run, jobs)):
+            members = job[0]
+            bar.update(len(members))
+            for name in names:
+                if name in result:
+                    out[name][members] = result[name]
+            for row, d in enumerate(members):
+                for t, (_, n_levels, _) in enumerate(plan.term_levels):
+                    ell = n_levels[d]
+                    out["factors"][t][d] = result["factors"][t][row]
+                    out["b"][t][d] = result["b"][t][row, :ell]
+                    out["cond_var"][t][d] = result["cond_var"][t][row, :ell]
+    ks = tuple(t.k for t in plan.design.terms)
+    out["is_singular"] = np.isfinite(out["objective"]) & singular_rows(out["theta"], ks, Control.singular_tol)
+    return out
 
 
 def _optimize_rows(systems, n, start, reml: bool, max_iterations: int):
     ks = systems.layout.ks
 
     def one(system, rows, theta0):
-        theta, value, newton_step, iterations, converged = newton(
-            partial(objective, system=system, reml=reml, n=rows), theta0, max_iterations)
+        gradient = jax.value_and_grad(partial(objective, system=system, reml=reml, n=rows))
+
+        def value_and_grad(theta):  # in theta's dtype: some of the algebra's constants are float64 (float32 batches)
+            value, grad = gradient(theta)
+            return value.astype(theta.dtype), grad.astype(theta.dtype)
+
+        theta, value, newton_step, iterations, converged = newton(None, theta0, max_iterations,
+                                                                  value_and_grad=value_and_grad)
         return {"theta": canonical_theta(theta, ks), "objective": value, "newton_step": newton_step,
                 "iterations": iterations, "converged": converged}
 
@@ -116,40 +175,27 @@ def _programs(systems, n, reml: bool, max_iterations: int, sharding, quick: bool
     return _COMPILED.get((shape_signature((systems, n)), reml, max_iterations, sharding, quick), build)
 
 
-def _take(tree, index):
-    return jax.tree_util.tree_map(lambda a: np.ascontiguousarray(a[index]), tree)
-
-
 def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int, progress, max_iterations: int,
               sharding, workers: int) -> dict:
     """Fit every dataset of ``plan`` (several random-effect terms); per-dataset results as :func:`fit_batch` needs.
 
     Returns a dict of per-dataset arrays (``theta``, ``objective``, ``beta``, ``vcov``, ``sigma``,
-    ``converged``, ``newton_step``), per-term lists (``factors``, ``b``, ``cond_var``: one array per dataset,
-    sliced to its own levels), ``messages`` and ``too_large`` (dataset indices to fit alone).
+    ``converged``, ``newton_step``, ``attempted``: sent to a compiled program), per-term lists
+    (``factors``, ``b``, ``cond_var``: one array per dataset, sliced to its own levels), ``messages`` and
+    ``alone`` (dataset -> why it is fitted by itself instead).
     """
     design = plan.design
     ks = tuple(t.k for t in design.terms)
-    n_datasets, p, n_theta = plan.n_datasets, design.p, sum(k * (k + 1) // 2 for k in ks)
+    p = design.p
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = term_problems(plan)
-    widths = _widths(plan)
-    usable = np.array([not m for m in messages])
-    too_large = [d for d in np.flatnonzero(usable) if dense_entries(widths[d], ks, p) > MAX_DENSE_ENTRIES]
-    usable[too_large] = False
-    out = {"theta": np.full((n_datasets, n_theta), np.nan), "objective": np.full(n_datasets, np.nan),
-           "beta": np.full((n_datasets, p), np.nan), "vcov": np.full((n_datasets, p, p), np.nan),
-           "sigma": np.full(n_datasets, np.nan), "converged": np.zeros(n_datasets, bool),
-           "newton_step": np.full(n_datasets, np.nan),
-           "factors": [[np.full((k, k), np.nan)] * n_datasets for k in ks],
-           "b": [[np.full((ell, k), np.nan) for ell in n_levels] for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
-           "cond_var": [[np.full((ell, k, k), np.nan) for ell in n_levels]
-                        for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
-           "messages": messages, "too_large": too_large}
-    keys = [tuple(row) for row in widths]
+    widths = padded_widths(plan)
+    alone = {d: "too large to batch (its dense coupling)" for d in range(plan.n_datasets)
+             if not messages[d] and dense_entries(widths[d], ks, p) > MAX_DENSE_ENTRIES}
+    out = empty_results(plan, messages, alone)
     buckets = {}
-    for d in np.flatnonzero(usable):
-        buckets.setdefault(keys[d], []).append(d)
+    for d in np.flatnonzero(out["attempted"]):
+        buckets.setdefault(tuple(widths[d]), []).append(d)
     weights = design.weights
     jobs = []
     for key, members in buckets.items():
@@ -161,36 +207,28 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int, progr
         systems, n = batched_systems(local, len(members), terms, design.X[rows], design.y[rows],
                                      None if weights is None else weights[rows], design.offset[rows],
                                      design.sigma_known)
+        # beta0 stays float64 and is added on the host: in float32 a large common location of y would lose digits
+        shift, systems = systems.beta_shift, dataclasses.replace(systems, beta_shift=np.zeros((len(members), p)))
         systems = jax.tree_util.tree_map(
             lambda a: a.astype(float_type) if np.issubdtype(a.dtype, np.floating) else a, systems)
         n = n.astype(float_type)
         size = min(chunk_size, math.ceil(len(members) / workers))
         bucket_chunks = chunks(0, np.arange(len(members)), size, n_devices)
         values = sum(a.size for a in jax.tree_util.tree_leaves(systems)) / len(members) * bucket_chunks[0].index.size
-        shape = _take((systems, n), bucket_chunks[0].index)
+        shape = take((systems, n), bucket_chunks[0].index)
         programs = _programs(*shape, reml, max_iterations, sharding, values <= QUICK_COMPILE_MAX_VALUES)
         start = np.tile(theta_start(ks).astype(float_type), (bucket_chunks[0].index.size, 1))
         for chunk in bucket_chunks:
-            jobs.append((members[chunk.members], _take((systems, n), chunk.index), start, chunk.count, programs))
+            jobs.append((members[chunk.members], take((systems, n), chunk.index), start, chunk.count, programs,
+                         shift[chunk.members]))
 
     def run(job):
-        _, (systems, n), start, count, (optimize, solver) = job
+        _, (systems, n), start, count, (optimize, solver), shift = job
         systems, n, start = place((systems, n, start), sharding)
         optimized = optimize.result()(systems, n, start)
         solved = solver.result()(optimized["theta"], systems, n)
-        return jax.tree_util.tree_map(lambda a: a[:count], fetch({**optimized, **solved}))
+        result = jax.tree_util.tree_map(lambda a: a[:count], fetch({**optimized, **solved}))
+        result["beta"] = result["beta"] + shift
+        return result
 
-    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, n_datasets, "fit_batch") as bar:
-        for job, result in zip(jobs, pool.map(run, jobs)):
-            members = job[0]
-            bar.update(len(members))
-            for name in ("theta", "objective", "beta", "vcov", "sigma", "converged", "newton_step"):
-                out[name][members] = result[name]
-            for row, d in enumerate(members):
-                for t, (_, n_levels, _) in enumerate(plan.term_levels):
-                    ell = n_levels[d]
-                    out["factors"][t][d] = result["factors"][t][row]
-                    out["b"][t][d] = result["b"][t][row, :ell]
-                    out["cond_var"][t][d] = result["cond_var"][t][row, :ell]
-    out["is_singular"] = np.isfinite(out["objective"]) & singular_rows(out["theta"], ks, Control.singular_tol)
-    return out
+    return run_jobs(jobs, run, out, plan, workers=workers, progress=progress)

@@ -45,11 +45,16 @@ import numpy as np
 import pandas as pd
 from jax.experimental import multihost_utils
 
-from ..algebra.linalg import UNROLL_MAX_SIZE
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError
 from ..spec.design import Design, RandomEffectTerm, build_design
 from ..spec.transforms import stateful_calls
+
+# Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
+# datasets' sufficient statistics of ~200) the programs compile without LLVM's optimization (CPU): the
+# compilation saved outweighs the slower run of that many datasets (measured in benchmarks/RESULTS.md,
+# "Batch fitting, fifth session").  Every batch path (one term, several, GLMM) uses it.
+QUICK_COMPILE_MAX_VALUES = 1e6
 
 
 def long_frame(data, by: str) -> pd.DataFrame:
@@ -137,16 +142,18 @@ def progress_bar(progress: bool | None, total: int, name: str):
     return tqdm(total=total, desc=name, unit="datasets", disable=not show, file=sys.stderr)
 
 
-def thread_count(sharding, dense_size: int = 0) -> int:
+def thread_count(sharding, serial: bool = False) -> int:
     """Parallel chunk threads: one per core on a single CPU device, else 1 (the mesh parallelizes).
 
-    ``dense_size``: the largest dense matrix the program factors inside its loops.  Above the unrolled
-    size (:data:`hierpool.algebra.linalg.UNROLL_MAX_SIZE`) it is LAPACK's or XLA's batched kernel, and two
-    threads each running such a program (a while loop around a vmap of those kernels) deadlocked on a
-    2-core CPU: 40 crossed datasets (16 subjects x 16 items, a 19 x 19 rest block) hung in two chunks at once
-    and ran in 1.2 s one chunk at a time.  Such programs run their chunks one after another.
+    ``serial``: the chunks run one after another.  For programs with several random-effect terms: two
+    threads each running one (the general blocked criterion under vmap inside Newton's while loop)
+    deadlocked XLA on this project's 2-core CPU, e.g. 40 crossed datasets (16 subjects x 16 items) in two
+    chunks, which ran in 1.2 s one chunk at a time.  The same while loop around a vmap of the criterion's
+    gradient at three points hung alike, one point or no loop did not; the cause inside XLA is not
+    established, so every several-term program runs serially.  The one-term programs have run in threads
+    since the batch layer's first session.
     """
-    if sharding is not None or jax.default_backend() != "cpu" or dense_size > UNROLL_MAX_SIZE:
+    if serial or sharding is not None or jax.default_backend() != "cpu":
         return 1
     return max(1, os.cpu_count() or 1)
 
