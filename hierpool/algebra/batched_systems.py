@@ -30,20 +30,10 @@ from __future__ import annotations
 import numpy as np
 
 from .statistics import location_shifts
-from .system import Coupling, Layout, MixedModelSystem
+from .system import Coupling, Layout, MixedModelSystem, grouped_products
 
 #: Largest dense coupling (ell0 k0 m values) per dataset of a batch: beyond it a dataset is better fitted alone.
 MAX_DENSE_ENTRIES = 2**18
-
-
-def _grouped_products(keys, left, right, weights, size) -> np.ndarray:
-    """sum over rows with the same key of w * left[:, a] * right[:, b]: (size, ka, kb), one bincount per (a, b)."""
-    out = np.empty((size, left.shape[1], right.shape[1]))
-    for a in range(left.shape[1]):
-        wl = weights * left[:, a]
-        for b in range(right.shape[1]):
-            out[:, a, b] = np.bincount(keys, weights=wl * right[:, b], minlength=size)
-    return out
 
 
 def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, y: np.ndarray,
@@ -84,11 +74,11 @@ def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, 
         rest.append((zeros, X, 1))
     rest.append((zeros, y_column[:, None], 1))
 
-    a00 = _grouped_products(dataset * ell0 + level0, z0, z0, w, n_datasets * ell0).reshape(n_datasets, ell0, k0, k0)
+    a00 = grouped_products(dataset * ell0 + level0, z0, z0, w, n_datasets * ell0).reshape(n_datasets, ell0, k0, k0)
     couplings = []
     for level, values, ell in rest:
         cells = ell0 * ell  # every (term-0 level, rest level) cell of the padded grid
-        products = _grouped_products(dataset * cells + level0 * ell + level, z0, values, w, n_datasets * cells)
+        products = grouped_products(dataset * cells + level0 * ell + level, z0, values, w, n_datasets * cells)
         grid_level0 = np.broadcast_to(np.repeat(np.arange(ell0, dtype=np.int32), ell), (n_datasets, cells))
         grid_level = np.broadcast_to(np.tile(np.arange(ell, dtype=np.int32), ell0), (n_datasets, cells))
         couplings.append(Coupling(grid_level0, grid_level, products.reshape(n_datasets, cells, k0, values.shape[1])))
@@ -100,7 +90,7 @@ def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, 
         for s in range(r, len(rest)):
             level_s, values_s, ell_s = rest[s]
             keys = dataset * (ell_r * ell_s) + level_r * ell_s + level_s
-            grid = _grouped_products(keys, values_r, values_s, w, n_datasets * ell_r * ell_s)
+            grid = grouped_products(keys, values_r, values_s, w, n_datasets * ell_r * ell_s)
             k_r, k_s = values_r.shape[1], values_s.shape[1]
             block = (grid.reshape(n_datasets, ell_r, ell_s, k_r, k_s).transpose(0, 1, 3, 2, 4)
                      .reshape(n_datasets, sizes[r], sizes[s]))

@@ -136,7 +136,7 @@ class MixedModelSystem:
     layout: Layout = field(metadata=dict(static=True))
 
 
-def _bincount_products(keys, left, right, weights, size):
+def grouped_products(keys, left, right, weights, size):
     """sum over rows with the same key of w * left[:, a] * right[:, b]; shape (size, ka, kb)."""
     if size == 1:  # one cell (the X and y blocks): one matrix product, not ka kb bincounts
         return host_product(left * weights[:, None], right, transpose_a=True)[None]
@@ -233,7 +233,7 @@ def _dense_rest(blocks, weights) -> np.ndarray:
         for s in range(r, len(blocks)):
             index_s, values_s, ell_s = blocks[s]
             keys = index_r * ell_s + index_s
-            grid = _bincount_products(keys, values_r, values_s, weights, ell_r * ell_s)
+            grid = grouped_products(keys, values_r, values_s, weights, ell_r * ell_s)
             k_r, k_s = values_r.shape[1], values_s.shape[1]
             block = grid.reshape(ell_r, ell_s, k_r, k_s).transpose(0, 2, 1, 3).reshape(ell_r * k_r, ell_s * k_s)
             rest[offsets[r] : offsets[r + 1], offsets[s] : offsets[s + 1]] = block
@@ -309,9 +309,9 @@ def build_system(design: Design, host: bool = False, pattern: SystemPattern | No
     beta_shift, y_column = location_shift(design)
     blocks = [(index, values, ell) for (index, values), (ell, _) in zip(pattern.rest_rows, layout.rest_blocks)]
     blocks.append((np.zeros(design.n, dtype=np.int64), y_column[:, None], 1))
-    a00 = _bincount_products(index0, z0, z0, weights, ell0)
+    a00 = grouped_products(index0, z0, z0, weights, ell0)
     couplings = [
-        (level0, level, _bincount_products(inverse, z0, values, weights, len(level0)))
+        (level0, level, grouped_products(inverse, z0, values, weights, len(level0)))
         for (inverse, level0, level), (_, values, _) in zip(pattern.coupling_cells, blocks)
     ]
     pairs = []
@@ -345,7 +345,7 @@ def build_system(design: Design, host: bool = False, pattern: SystemPattern | No
 
 
 def _products_in_program(keys, left, right, weights, size):
-    """:func:`_bincount_products` in a compiled program: a segment-sum of the rows' weighted outer products."""
+    """:func:`grouped_products` in a compiled program: a segment-sum of the rows' weighted outer products."""
     import jax.numpy as jnp
 
     rows = weights[:, None, None] * left[:, :, None] * right[:, None, :]
