@@ -107,3 +107,11 @@ def test_a_glmm_batch_has_no_residual_variance(cbpp_batch):
     _, batch = cbpp_batch
     assert "Residual" not in set(batch.varcorr["grp"]) and "sigma" not in batch.to_frame().columns
 
+
+
+def test_a_dataset_without_successes_keeps_its_reason(cbpp_batch):
+    frames, _ = cbpp_batch
+    batch = hp.fit_batch(CBPP, [frames[0], frames[0].assign(incidence=0)], by="rep", family="binomial",
+                         progress=False)
+    assert batch.converged.iloc[0] and np.isnan(batch.objective.iloc[1])
+    assert "no successes" in batch.messages.iloc[1]

@@ -201,6 +201,12 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     n_devices = 1 if sharding is None else len(jax.devices())
     # hp.glmm's checks: levels, X's rank and rows (a GLMM's level count may reach its row count: no sigma)
     messages = term_problems(plan, sigma_known=True)
+    if family.name == "binomial":  # all failures or all successes: the intercept runs off to -+inf (separation)
+        successes = np.bincount(plan.dataset, weights=design.y * design.row_weights, minlength=plan.n_datasets)
+        trials = np.bincount(plan.dataset, weights=design.row_weights, minlength=plan.n_datasets)
+        for d in np.flatnonzero((successes == 0) | (successes == trials)):
+            if not messages[d]:
+                messages[d] = f"{'no' if successes[d] == 0 else 'only'} successes: the model is not estimable"
     widths = padded_widths(plan)
     row_widths = bucket_width(plan.n_obs)
     alone = {d: "too large to batch (its dense coupling)" for d in range(plan.n_datasets)
