@@ -211,3 +211,22 @@ def test_float32_keeps_a_large_location_and_agrees_with_float64(crossed):
     single = hp.fit_batch(CROSSED, shifted, by="rep", dtype="float32", progress=False)
     np.testing.assert_allclose(single.beta[:, 0], batch.beta[:2, 0] + 1e4, rtol=1e-6)
     np.testing.assert_allclose(single.objective.to_numpy(), batch.objective.to_numpy()[:2], rtol=1e-4)
+
+
+def test_known_residual_sds_with_several_terms_equal_the_single_fits(crossed):
+    frames, _ = crossed
+    rng = np.random.default_rng(2)
+    known = [frame.assign(sd=rng.uniform(0.3, 0.8, len(frame))) for frame in frames[:2]]
+    batch = hp.fit_batch(CROSSED, known, by="rep", se="sd", progress=False)
+    assert batch.sigma_known and not batch.refit.any(), batch.messages.tolist()
+    for d, frame in enumerate(known):
+        fit = _single(CROSSED, frame, se="sd")
+        assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"criterion of dataset {d}"
+        np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-6)
+    assert "Residual" not in set(batch.varcorr["grp"])
+
+
+def test_spatial_terms_are_refused_by_name():
+    with pytest.raises(ArgumentError, match=r"does not fit spatial terms"):
+        hp.fit_batch("y ~ 1 + car(area)", pd.DataFrame({"y": [1.0, 2.0], "area": ["a", "b"], "rep": [0, 0]}),
+                     by="rep")
