@@ -115,3 +115,10 @@ def test_a_dataset_without_successes_keeps_its_reason(cbpp_batch):
                          progress=False)
     assert batch.converged.iloc[0] and np.isnan(batch.objective.iloc[1])
     assert "no successes" in batch.messages.iloc[1]
+
+
+def test_a_dataset_the_batch_stops_on_is_refitted_by_hp_glmm(cbpp_batch):
+    frames, _ = cbpp_batch
+    batch = hp.fit_batch(CBPP, frames[:1], by="rep", family="binomial", max_iterations=1, progress=False)
+    assert batch.refit.iloc[0] and "refitted by hp.glmm" in batch.messages.iloc[0], batch.messages.tolist()
+    _check(batch, 0, _glmm(CBPP, frames[0]))

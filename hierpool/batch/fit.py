@@ -346,7 +346,7 @@ def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
     ks = [t.k for t in single.design.terms]
     pieces = np.split(np.asarray(single.theta, dtype=float), np.cumsum([k * (k + 1) // 2 for k in ks])[:-1])
     if name == "hp.glmm":  # -2 log L, unit scale, the modes' b and the conditional variances at the mode
-        solution, objective, sigma, b = single._solution_at_mode, single.optimum.deviance, 1.0, single.optimum.mode.b
+        solution, objective, sigma, b = single.solution_at_mode, single.optimum.deviance, 1.0, single.optimum.mode.b
     else:
         solution, objective, sigma = single.solution, single.objective, single.sigma
         b = solution.b

@@ -111,13 +111,16 @@ class GLMMResult:
                                            joint=True), host=True)
 
     @cached_property
-    def _solution_at_mode(self):
+    def solution_at_mode(self):
+        """Henderson's solution of the penalized system at the mode (:attr:`system_at_mode`, unit scale, theta
+        known): its ``factors`` (T_j), ``cond_var`` (lme4's conditional variances of b) and theta-known
+        ``vcov_beta``; the modes themselves are ``optimum.mode.b``."""
         return solve(self.theta, self.system_at_mode)
 
     @property
     def fixef_se_known_theta(self) -> pd.Series:
         """SEs from the fixed-effect block at the mode, theta taken as known (lme4's ``use.hessian = FALSE``)."""
-        vcov = np.asarray(self._solution_at_mode.vcov_beta)
+        vcov = np.asarray(self.solution_at_mode.vcov_beta)
         return pd.Series(np.sqrt(np.diag(vcov)), index=self.fixef.index, name="se")
 
     @property
@@ -131,7 +134,7 @@ class GLMMResult:
     def vcov(self) -> pd.DataFrame:
         """Covariance of the fixed effects (lme4's ``vcov``; see :attr:`fixef_se`)."""
         if self.stages == 1:
-            matrix = np.asarray(self._solution_at_mode.vcov_beta)
+            matrix = np.asarray(self.solution_at_mode.vcov_beta)
         else:
             n_theta = len(self.theta)
             matrix = np.linalg.inv(0.5 * self._hessian)[n_theta:, n_theta:]
@@ -156,7 +159,7 @@ class GLMMResult:
     def ranef(self) -> pd.DataFrame:
         """Conditional modes (``condval``) and conditional sds (``condsd``) of every effect, lme4's layout."""
         rows = []
-        solution = self._solution_at_mode
+        solution = self.solution_at_mode
         for term, b, cond_var in zip(self.design.terms, self.optimum.mode.b, solution.cond_var):
             b, cond_var = np.asarray(b), np.asarray(cond_var)
             for c, name in enumerate(term.coef_names):
@@ -305,7 +308,7 @@ class _LinkScale:
     def __init__(self, result: GLMMResult):
         from ..algebra.henderson import prediction_covariance
 
-        at_mode = result._solution_at_mode
+        at_mode = result.solution_at_mode
         self.design = result.design
         self.system = result.system_at_mode
         self.solution = replace(at_mode, beta=result.optimum.beta, b=result.optimum.mode.b,
