@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -103,43 +104,70 @@ def saturated_deviances(plan: BatchPlan, family: Family) -> np.ndarray:
     return np.bincount(plan.dataset, weights=rows, minlength=plan.n_datasets)
 
 
-def _padded(values, dataset, position, count, width, fill=0.0):
-    out = np.full((count, width) + values.shape[1:], fill, dtype=values.dtype)
-    out[dataset, position] = values
-    return out
+@dataclass(frozen=True)
+class BucketRows:
+    """A bucket's rows laid out (datasets, padded rows): where each of the long frame's rows goes.
+
+    A dataset's rows need not be contiguous in the long frame: a stable sort by dataset keeps each
+    dataset's own row order, and a row's position is its rank within its dataset.
+    """
+
+    rows: np.ndarray  # the long design's rows of the bucket, dataset by dataset
+    local: np.ndarray  # each of those rows' dataset within the bucket
+    position: np.ndarray  # its position within its dataset
+    count: int
+    width: int
+
+    @classmethod
+    def of(cls, plan: BatchPlan, members: np.ndarray, width: int) -> "BucketRows":
+        rows = np.flatnonzero(np.isin(plan.dataset, members))
+        local = np.searchsorted(members, plan.dataset[rows])
+        order = np.argsort(local, kind="stable")
+        rows, local = rows[order], local[order]
+        first = np.searchsorted(local, np.arange(len(members)))
+        return cls(rows, local, np.arange(len(rows)) - first[local], len(members), width)
+
+    def pad(self, values, fill=0.0) -> np.ndarray:
+        """(count, width, ...) values of the design's rows (``values`` over all of them), ``fill`` where padded."""
+        values = np.asarray(values)[self.rows]
+        out = np.full((self.count, self.width) + values.shape[1:], fill, dtype=values.dtype)
+        out[self.local, self.position] = values
+        return out
+
+
+def bucket_pattern(plan: BatchPlan, layout_rows: BucketRows, widths, fixed: bool, sigma_known: bool):
+    """(each term's padded (levels, values), the :class:`SystemPattern` of the bucket's working designs): the
+    terms' rows, then X's when ``fixed`` (a linear mixed model's system; a GLMM's working system has none), each
+    rest block's couplings on the full (term-0 level, level) grid (``Layout.dense_only``)."""
+    design, count = plan.design, layout_rows.count
+    levels = [layout_rows.pad(level.astype(np.int32)) for level, _, _ in plan.term_levels]
+    zs = [layout_rows.pad(term.z) for term in design.terms]
+    rest_rows = list(zip(levels[1:], zs[1:]))
+    rest_widths = [int(w) for w in widths[1:]]
+    if fixed and design.p:
+        rest_rows.append((np.zeros_like(levels[0]), layout_rows.pad(design.X)))
+        rest_widths.append(1)
+    ell0 = int(widths[0])
+    cells = []
+    for (level, _), ell in list(zip(rest_rows, rest_widths)) + [((np.zeros_like(levels[0]), None), 1)]:
+        grid0 = np.broadcast_to(np.repeat(np.arange(ell0, dtype=np.int32), ell), (count, ell0 * ell))
+        grid = np.broadcast_to(np.tile(np.arange(ell, dtype=np.int32), ell0), (count, ell0 * ell))
+        cells.append((levels[0] * ell + level, np.ascontiguousarray(grid0), np.ascontiguousarray(grid)))
+    layout = Layout(n=layout_rows.width, p=design.p if fixed else 0, ks=tuple(term.k for term in design.terms),
+                    n_levels=tuple(int(w) for w in widths), sigma_known=sigma_known, dense_only=True)
+    pattern = SystemPattern(index0=levels[0], z0=zs[0], rest_rows=tuple(rest_rows), coupling_cells=tuple(cells),
+                            pair_indices=(), layout=layout)
+    return tuple(zip(levels, zs)), pattern
 
 
 def bucket_data(plan: BatchPlan, members: np.ndarray, widths, row_width: int) -> ProgramData:
     """The bucket's datasets as one :class:`ProgramData` with a leading dataset axis, rows and levels padded."""
     design = plan.design
-    rows = np.flatnonzero(np.isin(plan.dataset, members))
-    local = np.searchsorted(members, plan.dataset[rows])
-    # each row's position within its dataset, whatever the order of the long frame's rows (a dataset's
-    # rows need not be contiguous): a stable sort by dataset keeps each dataset's own row order
-    order = np.argsort(local, kind="stable")
-    rows, local = rows[order], local[order]
-    first = np.searchsorted(local, np.arange(len(members)))
-    position = np.arange(len(rows)) - first[local]
-    count = len(members)
-
-    def pad(values, fill=0.0):
-        return _padded(np.asarray(values)[rows], local, position, count, row_width, fill)
-
-    levels = [pad(level.astype(np.int32)) for level, _, _ in plan.term_levels]
-    zs = [pad(term.z) for term in design.terms]
-    ks = tuple(term.k for term in design.terms)
-    ell0 = int(widths[0])
-    cells = []
-    for level, ell in [(lv, int(w)) for lv, w in zip(levels[1:], widths[1:])] + [(np.zeros_like(levels[0]), 1)]:
-        grid0 = np.broadcast_to(np.repeat(np.arange(ell0, dtype=np.int32), ell), (count, ell0 * ell))
-        grid = np.broadcast_to(np.tile(np.arange(ell, dtype=np.int32), ell0), (count, ell0 * ell))
-        cells.append((levels[0] * ell + level, np.ascontiguousarray(grid0), np.ascontiguousarray(grid)))
-    layout = Layout(n=row_width, p=0, ks=ks, n_levels=tuple(int(w) for w in widths), sigma_known=True,
-                    dense_only=True)
-    pattern = SystemPattern(index0=levels[0], z0=zs[0], rest_rows=tuple(zip(levels[1:], zs[1:])),
-                            coupling_cells=tuple(cells), pair_indices=(), layout=layout)
+    layout_rows = BucketRows.of(plan, members, row_width)
+    term_rows, pattern = bucket_pattern(plan, layout_rows, widths, fixed=False, sigma_known=True)
+    pad = layout_rows.pad
     return ProgramData(y=pad(design.y), trials=pad(design.row_weights), offset=pad(design.offset), X=pad(design.X),
-                       term_rows=tuple(zip(levels, zs)), pattern=pattern)
+                       term_rows=term_rows, pattern=pattern)
 
 
 def _optimize_rows(data, saturated, start, family: Family, max_iterations: int):
