@@ -69,7 +69,7 @@ def test_fits_outside_fit_batchs_class_are_refused_by_name(sleep):
         counts = hp.glmm("y ~ 1 + (1 | Subject)", sleep.assign(y=(sleep["Reaction"] > 300).astype(int)),
                          family="binomial")
         logged = hp.lmm("log(Reaction) ~ Days + (Days | Subject)", sleep)
-    with pytest.raises(hp.HierpoolError, match="takes hp.lmm fits with independent residuals"):
+    with pytest.raises(hp.HierpoolError, match="takes hp.lmm fits \\(with independent or AR\\(1\\) residuals\\)"):
         hp.bootstrap(counts, 10)
     with pytest.raises(hp.HierpoolError, match="must be a plain column"):
         hp.bootstrap(logged, 10)

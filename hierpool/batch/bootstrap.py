@@ -8,7 +8,7 @@ distribution under the model.  ``confint`` gives lme4's ``confint(fit, method = 
 (``boot.type = "perc"``, the default), basic, or normal (bias-corrected, the replicates' sd).
 
 Today ``hp.fit_batch`` fits linear mixed models with any random-effect terms (one, crossed, nested; any width),
-with weights, offsets or known residual sds; other fits (AR(1) residuals, GLMMs) are refused by name.
+with weights, offsets or known residual sds, or with AR(1) residuals; other fits (GLMMs) are refused by name.
 
 References: Davison & Hinkley (1997), Bootstrap methods and their application, ch. 2 and 5; Bates et al. (2015),
 lme4's ``bootMer`` and ``confint.merMod``.
@@ -52,6 +52,8 @@ def parameter_estimates(fit: LMMResult) -> pd.Series:
             out[name] = cov[i, j] / (sds[i] * sds[j]) if sds[i] > 0 and sds[j] > 0 else np.nan
     if not fit.design.sigma_known:
         out["sigma"] = float(fit.sigma)
+    if isinstance(fit, AR1Result):
+        out["phi"] = float(fit.phi)
     return pd.Series(out, name="estimate")
 
 
@@ -120,8 +122,8 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     Parameters
     ----------
     fit : LMMResult
-        An ``hp.lmm`` fit (independent residuals; any random-effect terms; weights, offsets or known residual
-        sds allowed).
+        An ``hp.lmm`` fit (any random-effect terms; weights, offsets or known residual sds allowed; or AR(1)
+        residuals, ``correlation=``, whose phi is then a parameter too).
     n : int
         Replicates.
     seed : int, optional
@@ -143,9 +145,9 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     n = integer_argument("n", n, minimum=2)
     if not 0 < float(level) < 1:
         raise ArgumentError(f"level must lie in (0, 1), got {level!r}")
-    if not isinstance(fit, LMMResult) or isinstance(fit, AR1Result):
-        raise ArgumentError("hp.bootstrap refits its replicates with hp.fit_batch, which takes hp.lmm fits with "
-                            f"independent residuals today: got {type(fit).__name__}")
+    if not isinstance(fit, LMMResult):
+        raise ArgumentError("hp.bootstrap refits its replicates with hp.fit_batch, which takes hp.lmm fits (with "
+                            f"independent or AR(1) residuals) today: got {type(fit).__name__}")
     design = fit.design
     stateful = stateful_calls(design.spec.formula)
     if stateful:  # fit_batch refuses them on a long frame (one mean over all datasets); here every replicate has the
@@ -168,6 +170,8 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
         arguments["se"] = SE_COLUMN
     elif design.weights is not None:
         arguments["weights"] = design.weights_column or WEIGHTS_COLUMN
+    if isinstance(fit, AR1Result):  # each replicate's series within it (fit_batch keys them by replicate)
+        arguments["correlation"] = fit.structure
     if design.offset_argument is not None:
         arguments["offset"] = design.offset_column or OFFSET_COLUMN
     batch = fit_batch(design.spec.formula, long, by=REPLICATE_COLUMN, reml=fit.reml, chunk_size=chunk_size,

@@ -1,5 +1,6 @@
 """``hp.fit_batch``: one model fitted to many datasets as one jit-compiled, vmapped call (one random-effect
-term here; several terms in :mod:`hierpool.batch.fit_terms`, GLMMs in :mod:`hierpool.batch.fit_glmm`).
+term here; several terms in :mod:`hierpool.batch.fit_terms`, GLMMs in :mod:`hierpool.batch.fit_glmm`, AR(1)
+residuals in :mod:`hierpool.batch.fit_ar1`).
 
 The layout of the work (one parse, sufficient statistics, buckets by level
 count, equal-shape chunks compiled once, a device mesh or a thread per core,
@@ -12,7 +13,9 @@ bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
   ell0 k0 m + m^2)`` with ``m = sum_(j>0) ell_j k_j + p + 1`` (the padded levels), held
   by each of the optimizer's ``n_theta + 1`` probes;
 * a GLMM (:mod:`hierpool.batch.fit_glmm`): its padded rows, ``8 * n * (3 + p + sum k_j)``
-  plus the working system's, per probe of (theta, beta).
+  plus the working system's, per probe of (theta, beta);
+* AR(1) residuals (:mod:`hierpool.batch.fit_ar1`): its padded rows, ``8 * n * (4 + p + sum k_j)``,
+  plus the whitened system's per probe of theta.
 
 A dataset whose batched optimizer did not converge is refitted
 alone by ``hp.lmm`` (``polish=True``); each is marked in ``refit`` and explained
@@ -41,6 +44,7 @@ from ..closedform import glmm, lmm
 from ..closedform.optimize import Control
 from ..errors import ArgumentError, HierpoolWarning, integer_argument
 from ..spec.family import family_spec
+from .fit_ar1 import fit_ar1
 from .fit_glmm import fit_glmm
 from .fit_terms import fit_terms
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize, moment_start
@@ -132,6 +136,7 @@ def fit_batch(
     *,
     family: str | None = None,
     link: str | None = None,
+    correlation=None,
     reml: bool | None = None,
     dtype: str = "float64",
     chunk_size: int | None = None,
@@ -162,6 +167,10 @@ def fit_batch(
         :mod:`hierpool.batch.fit_glmm`; ``objective`` is then -2 log L and ``sigma`` 1.
     link : str, optional
         The GLMM's link (``hp.glmm``'s ``link``).
+    correlation : AR1, optional
+        AR(1) residuals within each series, ``hp.ar1(group, time=None)`` or ``hp.car1(group, time)``, as
+        ``hp.lmm``'s ``correlation=`` (each dataset's series its own; :mod:`hierpool.batch.fit_ar1`); the
+        result's ``phi`` holds each dataset's estimate.  Not with ``family=``, ``weights=`` or ``se=``.
     reml : bool, optional
         REML (the default for a linear mixed model) or maximum likelihood; a GLMM is fitted by
         maximum likelihood (``reml=True`` is refused with a family).
@@ -242,17 +251,25 @@ def fit_batch(
             raise ArgumentError(f"dtype={dtype!r} with family=: a GLMM batch is fitted in float64")
     elif link is not None:
         raise ArgumentError("link= needs family= (a GLMM)")
+    if correlation is not None:
+        if family is not None:
+            raise ArgumentError("correlation= with family=: AR(1) residuals are for the linear mixed model")
+        if dtype != "float64":
+            raise ArgumentError(f"dtype={dtype!r} with correlation=: an AR(1) batch is fitted in float64")
     reml = family is None if reml is None else bool(reml)
     plan = plan_batch(formula, data, by, "fit_batch", "hp.glmm" if spec else "hp.lmm", weights=weights,
                       offset=offset, se=se, one_term=False, family=spec)
     sharding = mesh_sharding()
     settings = dict(reml=reml, float_type=np.float64 if dtype == "float64" else np.float32, chunk_size=chunk_size,
                     progress=progress, max_iterations=max_iterations, sharding=sharding,
-                    workers=thread_count(sharding, serial=len(plan.design.terms) > 1))
+                    workers=thread_count(sharding, serial=len(plan.design.terms) > 1 or correlation is not None))
     if spec is not None:
         settings.pop("reml")
         out = fit_glmm(plan, make_family(spec), **settings)
         fitter = partial(glmm, family=family, link=link)
+    elif correlation is not None:
+        out = fit_ar1(plan, correlation, **settings)
+        fitter = partial(lmm, reml=reml, correlation=correlation)
     elif len(plan.design.terms) == 1:
         out = _fit_one_term(plan, **settings)
         fitter = partial(lmm, reml=reml)
@@ -351,6 +368,8 @@ def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
         solution, objective, sigma = single.solution, single.objective, single.sigma
         b = solution.b
     out["theta"][index] = np.concatenate([pieces[j] for j in order])
+    if "phi" in out:
+        out["phi"][index] = single.phi
     for key, value in (("objective", objective), ("converged", single.converged),
                        ("beta", single.fixef.to_numpy()), ("vcov", single.vcov.to_numpy()), ("sigma", sigma),
                        ("is_singular", single.is_singular)):
@@ -401,4 +420,5 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter) -> 
         sigma=sigma,  # 1 with known residual sds or a GLMM (hp.lmm's, hp.glmm's), NaN where the fit failed
         reml=reml,
         sigma_known=design.sigma_known or design.family is not None,  # no Residual row in a GLMM's VarCorr
+        phi=out.get("phi"),
     )

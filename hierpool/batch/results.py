@@ -97,6 +97,8 @@ class BatchResult:
     sigma_known : bool
         The residual sds are known (``se=``): ``varcorr`` has no ``Residual`` rows and
         ``to_frame()`` no ``sigma`` column, as ``hp.lmm``'s ``varcorr`` has no ``Residual`` row.
+    phi : (B,) ndarray or None
+        Each dataset's AR(1) correlation (``correlation=``; a ``phi`` column of ``to_frame()``), else None.
     """
 
     datasets: pd.Index
@@ -113,6 +115,7 @@ class BatchResult:
     sigma: np.ndarray
     reml: bool
     sigma_known: bool = False
+    phi: np.ndarray | None = None
 
     def _only_term(self) -> BatchTerm:
         if len(self.terms) != 1:
@@ -179,6 +182,8 @@ class BatchResult:
                 column += 1
         if not self.sigma_known:
             frame["sigma"] = self.sigma
+        if self.phi is not None:
+            frame["phi"] = self.phi
         return frame
 
     def __repr__(self) -> str:

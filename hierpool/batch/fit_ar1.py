@@ -1,0 +1,183 @@
+"""``hp.fit_batch(..., correlation=hp.ar1(...) | hp.car1(...))``: linear mixed models with AR(1) residuals over many
+datasets, vmapped.
+
+Each dataset's criterion is ``hp.lmm``'s with ``correlation=`` (:mod:`hierpool.closedform.ar1`): the data whitened
+at phi (:func:`hierpool.algebra.ar1.whitened_system`, in the program) give an independent-residual model, whose
+profiled criterion plus log |C(phi)| is -2 log L (or the REML criterion).  As ``hp.lmm`` does, phi is found by a
+one-dimensional search of that criterion profiled over theta, on nlme's unconstrained scale u: here a golden-section
+search of fixed length (every dataset in lockstep; the bracket ends below 1e-7 in u), each of its points the
+batch's Newton method in theta (:func:`hierpool.batch.optimize.newton`) from lme4's start (a neighbour's theta
+would be a worse one: a singular theta has a zero gradient in its vanishing direction).
+The search covers u in [-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT] (hp.lmm's whole range); like hp.lmm's Brent
+search it assumes the profile has one minimum there.
+
+Series are each dataset's own: the long frame's series are keyed by (dataset, group).  Datasets are padded as a
+GLMM batch's (:class:`hierpool.batch.fit_glmm.BucketRows`): a padded row is the first of its own series with zero
+values, so it whitens to zeros and adds nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..algebra.ar1 import carried, log_det_correlation, whitened_system
+from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
+from ..algebra.criterion import objective
+from ..algebra.henderson import solve
+from ..algebra.linalg import theta_start
+from ..closedform.ar1 import UNCONSTRAINED_LIMIT, check_nested
+from ..errors import ArgumentError
+from ..spec.correlation import AR1, series_of
+from .fit_glmm import BucketRows, bucket_pattern
+from .fit_terms import empty_results, padded_widths, run_jobs, take, term_problems
+from .optimize import canonical_theta, newton
+from .plan import QUICK_COMPILE_MAX_VALUES, BatchPlan, bucket_width, chunks, fetch, place
+
+#: Golden-section steps of the search in u: the bracket shrinks to 2 UNCONSTRAINED_LIMIT 0.618^steps (< 1e-7).
+GOLDEN_STEPS = 45
+#: The series column added to the long frame: (dataset, group).
+SERIES_COLUMN = "(series)"
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def phi_of(u, continuous: bool):
+    """phi from nlme's unconstrained coefficient (:func:`hierpool.closedform.ar1.constrained`, traced)."""
+    return jax.nn.sigmoid(u) if continuous else jnp.tanh(u / 2.0)
+
+
+def batch_series(plan: BatchPlan, structure: AR1):
+    """Each design row's series (previous row, lag) with series keyed by (dataset, group): no series spans datasets."""
+    if not isinstance(structure, AR1):
+        raise ArgumentError(f"correlation must be hp.ar1(...) or hp.car1(...), got {type(structure).__name__}")
+    if plan.design.weights is not None:
+        raise ArgumentError("weights= and se= cannot be combined with an AR(1) correlation (not supported yet)")
+    frame = plan.frame
+    if structure.group not in frame.columns:
+        from ..errors import DataError
+
+        raise DataError(f"correlation's group {structure.group!r} is not a column of the data")
+    keyed = frame.assign(**{SERIES_COLUMN: list(zip(frame[plan.by], frame[structure.group]))})
+    keyed[SERIES_COLUMN] = keyed[SERIES_COLUMN].astype(str)
+    combined = dataclasses.replace(structure, group=SERIES_COLUMN)
+    series = series_of(combined, keyed, plan.design.rows)
+    check_nested(plan.design, series, combined)
+    return series
+
+
+def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool, max_iterations: int):
+    ks = pattern.layout.ks
+
+    def one(pat, prev, lg, yy, rows, theta0):
+        def profile(u, theta_start_):
+            phi = phi_of(u, continuous)
+            system = whitened_system(pat, prev, lg, yy, phi)
+            theta, value, _, _, converged = newton(partial(objective, system=system, reml=reml, n=rows),
+                                                   theta_start_, max_iterations)
+            return value + log_det_correlation(carried(phi, prev, lg)), theta, converged
+
+        low, high = -UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT
+        c = high - GOLDEN * (high - low)
+        d = low + GOLDEN * (high - low)
+        fc, theta_c, _ = profile(jnp.asarray(c, yy.dtype), theta0)
+        fd, theta_d, _ = profile(jnp.asarray(d, yy.dtype), theta0)
+
+        def step(_, state):
+            low, high, c, d, fc, fd, theta_c, theta_d = state
+            left = fc < fd  # the minimum lies in [low, d]
+            new_low, new_high = jnp.where(left, low, c), jnp.where(left, d, high)
+            # the kept point becomes the new inner point on its side; one new point is evaluated
+            point = jnp.where(left, new_high - GOLDEN * (new_high - new_low), new_low + GOLDEN * (new_high - new_low))
+            # every inner fit starts at lme4's identity: from a neighbour's singular theta (0 on a diagonal, where
+            # the criterion's gradient vanishes by symmetry) Newton's method would stay on the boundary
+            value, theta, _ = profile(point, theta0)
+            new_c = jnp.where(left, point, d)
+            new_d = jnp.where(left, c, point)
+            new_fc, new_fd = jnp.where(left, value, fd), jnp.where(left, fc, value)
+            new_theta_c = jnp.where(left, theta, theta_d)
+            new_theta_d = jnp.where(left, theta_c, theta)
+            return new_low, new_high, new_c, new_d, new_fc, new_fd, new_theta_c, new_theta_d
+
+        state = (jnp.asarray(low, yy.dtype), jnp.asarray(high, yy.dtype), jnp.asarray(c, yy.dtype),
+                 jnp.asarray(d, yy.dtype), fc, fd, theta_c, theta_d)
+        low, high, c, d, fc, fd, theta_c, theta_d = jax.lax.fori_loop(0, GOLDEN_STEPS, step, state)
+        u = jnp.where(fc < fd, c, d)
+        value, theta, converged = profile(u, theta0)
+        theta = canonical_theta(theta, ks)
+        phi = phi_of(u, continuous)
+        solved = solve(theta, whitened_system(pat, prev, lg, yy, phi), reml, rows)
+        # converged: the last inner fit, and phi inside its range (hp.lmm warns at the edge)
+        inside = jnp.abs(u) < UNCONSTRAINED_LIMIT - 1e-3
+        return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inside,
+                "newton_step": jnp.where(inside, 0.0, jnp.inf), "beta": solved.beta, "vcov": solved.vcov_beta,
+                "sigma": solved.sigma, "b": solved.b, "cond_var": solved.cond_var, "factors": solved.factors}
+
+    return jax.vmap(one)(pattern, previous, lag, y, n, start)
+
+
+_COMPILED = ProgramCache()
+
+
+def _program(arguments, reml: bool, continuous: bool, max_iterations: int, sharding, quick: bool):
+    def build():
+        def spec(a):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+        shapes = jax.tree_util.tree_map(spec, arguments)
+        platform = jax.devices()[0].platform if sharding is None else sharding.mesh.devices.flat[0].platform
+        function = partial(_ar1_rows, reml=reml, continuous=continuous, max_iterations=max_iterations)
+        if sharding is not None:
+            function = jax.shard_map(function, mesh=sharding.mesh, in_specs=(sharding.spec,) * 6,
+                                     out_specs=sharding.spec, check_vma=False)
+        return compile_in_background(jax.jit(function).lower(*shapes), platform, quick)
+
+    return _COMPILED.get((shape_signature(arguments), reml, continuous, max_iterations, sharding, quick), build)
+
+
+def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_size: int, progress,
+            max_iterations: int, sharding, workers: int) -> dict:
+    """Fit every dataset of ``plan`` with AR(1) residuals: :func:`hierpool.batch.fit_terms.fit_terms`'s dict of
+    per-dataset results, with ``phi``."""
+    design = plan.design
+    series = batch_series(plan, structure)
+    ks = tuple(t.k for t in design.terms)
+    n_devices = 1 if sharding is None else len(jax.devices())
+    out = empty_results(plan, term_problems(plan), {})
+    out["phi"] = np.full(plan.n_datasets, np.nan)
+    widths = padded_widths(plan)
+    row_widths = bucket_width(plan.n_obs)
+    buckets = {}
+    for d in np.flatnonzero(out["attempted"]):
+        buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
+    position_of = np.full(design.n, -1)
+    jobs = []
+    for key, members in buckets.items():
+        members = np.asarray(members)
+        layout_rows = BucketRows.of(plan, members, int(key[-1]))
+        _, pattern = bucket_pattern(plan, layout_rows, key[:-1], fixed=True, sigma_known=False)
+        position_of[layout_rows.rows] = layout_rows.position
+        previous = np.where(series.previous >= 0, position_of[np.maximum(series.previous, 0)], -1)
+        arguments = (pattern, layout_rows.pad(previous.astype(np.int32), fill=-1), layout_rows.pad(series.lag, 1.0),
+                     layout_rows.pad(design.y - design.offset), plan.n_obs[members].astype(float),
+                     np.tile(theta_start(ks), (len(members), 1)))
+        size = min(chunk_size, math.ceil(len(members) / workers))
+        bucket_chunks = chunks(0, np.arange(len(members)), size, n_devices)
+        first = take(arguments, bucket_chunks[0].index)
+        values = sum(a.size for a in jax.tree_util.tree_leaves(first))
+        program = _program(first, reml, structure.continuous, max_iterations, sharding,
+                           values <= QUICK_COMPILE_MAX_VALUES)
+        for chunk in bucket_chunks:
+            jobs.append((members[chunk.members], take(arguments, chunk.index), chunk.count, program))
+
+    def run(job):
+        members, arguments, count, program = job
+        result = jax.tree_util.tree_map(lambda a: a[:count], fetch(program.result()(*place(arguments, sharding))))
+        out["phi"][members] = result["phi"]
+        return result
+
+    return run_jobs(jobs, run, out, plan, workers=workers, progress=progress)

@@ -1,0 +1,71 @@
+"""hp.fit_batch(..., correlation=): AR(1) residuals, each dataset equal to hp.lmm(..., correlation=) on it."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import hierpool as hp
+from hierpool.errors import ArgumentError
+
+FORMULA = "Reaction ~ Days + (1 | Subject)"
+
+
+@pytest.fixture(scope="module")
+def replicates():
+    """sleepstudy with noise added; one replicate lacks a subject (fewer rows: padded)."""
+    sleep = hp.datasets.sleepstudy()
+    rng = np.random.default_rng(1)
+    frames = []
+    for j in range(3):
+        frame = sleep.assign(Reaction=sleep["Reaction"] + rng.normal(0, 20, len(sleep)))
+        frames.append(frame[frame["Subject"] != frame["Subject"].iloc[0]] if j == 2 else frame)
+    return frames
+
+
+def _single(frame, structure, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hp.lmm(FORMULA, frame, correlation=structure, **kwargs)
+
+
+@pytest.mark.parametrize("structure", [hp.ar1("Subject", time="Days"), hp.car1("Subject", time="Days")],
+                         ids=["corAR1", "corCAR1"])
+def test_each_dataset_equals_its_single_ar1_fit(replicates, structure):
+    batch = hp.fit_batch(FORMULA, replicates, by="rep", correlation=structure, progress=False)
+    assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
+    table = batch.to_frame()
+    for d, frame in enumerate(replicates):
+        fit = _single(frame, structure)
+        assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"criterion of dataset {d}"
+        assert batch.phi[d] == pytest.approx(fit.phi, abs=1e-5), f"phi of dataset {d}"
+        assert table["phi"].iloc[d] == batch.phi[d]
+        np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-6, err_msg=f"beta of {d}")
+        np.testing.assert_allclose(batch.sigma[d], fit.sigma, rtol=1e-6, err_msg=f"sigma of {d}")
+        np.testing.assert_allclose(batch.terms[0].b[d][:, 0], fit.ranef["condval"].to_numpy(), rtol=1e-5,
+                                   atol=1e-6, err_msg=f"BLUPs of {d}")
+
+
+def test_ml_and_the_arguments_it_refuses(replicates):
+    structure = hp.ar1("Subject", time="Days")
+    batch = hp.fit_batch(FORMULA, replicates[:1], by="rep", correlation=structure, reml=False, progress=False)
+    assert batch.objective.iloc[0] == pytest.approx(_single(replicates[0], structure, reml=False).objective,
+                                                     rel=1e-8)
+    with pytest.raises(ArgumentError, match="AR\\(1\\) residuals are for the linear mixed model"):
+        hp.fit_batch(FORMULA, replicates, by="rep", correlation=structure, family="poisson")
+    with pytest.raises(ArgumentError, match="an AR\\(1\\) batch is fitted in float64"):
+        hp.fit_batch(FORMULA, replicates, by="rep", correlation=structure, dtype="float32")
+    with pytest.raises(ArgumentError, match="weights= and se= cannot be combined"):
+        hp.fit_batch(FORMULA, [f.assign(w=1.0) for f in replicates], by="rep", correlation=structure, weights="w")
+
+
+def test_bootstrap_of_an_ar1_fit_refits_each_replicate_with_its_own_series(replicates):
+    structure = hp.ar1("Subject", time="Days")
+    fit = _single(replicates[0], structure)
+    boot = hp.bootstrap(fit, 4, seed=3, progress=False)
+    assert "phi" in boot.estimate.index and boot.estimate["phi"] == fit.phi
+    assert not boot.batch.refit.any(), boot.batch.messages.tolist()
+    sims = hp.simulate(fit, 4, seed=3).to_numpy()
+    single = _single(replicates[0].assign(Reaction=sims[:, 2]), structure)
+    assert boot.batch.objective.iloc[2] == pytest.approx(single.objective, rel=1e-8)
+    assert boot.replicates["phi"].iloc[2] == pytest.approx(single.phi, abs=1e-5)
