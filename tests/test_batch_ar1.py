@@ -13,12 +13,16 @@ FORMULA = "Reaction ~ Days + (1 | Subject)"
 
 @pytest.fixture(scope="module")
 def replicates():
-    """sleepstudy with noise added; one replicate lacks a subject (fewer rows: padded)."""
+    """sleepstudy with noise added; one replicate lacks a subject (fewer rows: padded), one has 8 subjects with
+    some days missing (another bucket of rows and levels, irregular lags)."""
     sleep = hp.datasets.sleepstudy()
     rng = np.random.default_rng(1)
     frames = []
     for j in range(3):
         frame = sleep.assign(Reaction=sleep["Reaction"] + rng.normal(0, 20, len(sleep)))
+        if j == 1:
+            frame = frame[frame["Subject"].isin(frame["Subject"].unique()[:8])]
+            frame = frame[rng.uniform(size=len(frame)) > 0.25]
         frames.append(frame[frame["Subject"] != frame["Subject"].iloc[0]] if j == 2 else frame)
     return frames
 
@@ -34,12 +38,11 @@ def _single(frame, structure, **kwargs):
 def test_each_dataset_equals_its_single_ar1_fit(replicates, structure):
     batch = hp.fit_batch(FORMULA, replicates, by="rep", correlation=structure, progress=False)
     assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
-    table = batch.to_frame()
+    assert [len(levels) for levels in batch.terms[0].levels] == [18, 8, 17]
     for d, frame in enumerate(replicates):
         fit = _single(frame, structure)
         assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"criterion of dataset {d}"
         assert batch.phi[d] == pytest.approx(fit.phi, abs=1e-5), f"phi of dataset {d}"
-        assert table["phi"].iloc[d] == batch.phi[d]
         np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-6, err_msg=f"beta of {d}")
         np.testing.assert_allclose(batch.sigma[d], fit.sigma, rtol=1e-6, err_msg=f"sigma of {d}")
         np.testing.assert_allclose(batch.terms[0].b[d][:, 0], fit.ranef["condval"].to_numpy(), rtol=1e-5,
@@ -63,9 +66,30 @@ def test_bootstrap_of_an_ar1_fit_refits_each_replicate_with_its_own_series(repli
     structure = hp.ar1("Subject", time="Days")
     fit = _single(replicates[0], structure)
     boot = hp.bootstrap(fit, 4, seed=3, progress=False)
-    assert "phi" in boot.estimate.index and boot.estimate["phi"] == fit.phi
+    assert list(boot.estimate.index)[-1] == "phi"
     assert not boot.batch.refit.any(), boot.batch.messages.tolist()
     sims = hp.simulate(fit, 4, seed=3).to_numpy()
     single = _single(replicates[0].assign(Reaction=sims[:, 2]), structure)
     assert boot.batch.objective.iloc[2] == pytest.approx(single.objective, rel=1e-8)
     assert boot.replicates["phi"].iloc[2] == pytest.approx(single.phi, abs=1e-5)
+
+
+def test_bootstrap_with_the_series_columns_outside_the_formula(replicates):
+    """The model frame lacks the correlation's time column: the replicates' series come from the fit's own."""
+    structure = hp.car1("Subject", time="Days")
+    frame = replicates[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("Reaction ~ 1 + (1 | Subject)", frame, correlation=structure)
+    boot = hp.bootstrap(fit, 3, seed=5, progress=False)
+    sims = hp.simulate(fit, 3, seed=5).to_numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = hp.lmm("Reaction ~ 1 + (1 | Subject)", frame.assign(Reaction=sims[:, 1]), correlation=structure)
+    assert boot.batch.objective.iloc[1] == pytest.approx(single.objective, rel=1e-8)
+
+
+def test_a_missing_series_label_is_refused_by_name(replicates):
+    frame = replicates[0].assign(visit=replicates[0]["Subject"].where(replicates[0]["Days"] != 3))
+    with pytest.raises(hp.DataError, match="missing"):
+        hp.fit_batch(FORMULA, [frame], by="rep", correlation=hp.ar1("visit", time="Days"))

@@ -27,6 +27,7 @@ from ..closedform.predict import normal_quantile
 from ..closedform.results import LMMResult
 from ..closedform.simulate import simulate
 from ..errors import ArgumentError, integer_argument
+from ..spec.correlation import AR1
 from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
 from ..spec.transforms import stateful_calls
 from .fit import fit_batch
@@ -37,6 +38,18 @@ REPLICATE_COLUMN = "(replicate)"
 #: The known residual sds' column (``se=``) of that frame.
 SE_COLUMN = "(se)"
 METHODS = ("percentile", "basic", "normal")
+#: An AR(1) fit's series and times on the replicates' frame (the model frame may lack the correlation's columns).
+SERIES_GROUP, SERIES_TIME = "(series)", "(series time)"
+
+
+def _series_columns(series) -> tuple[np.ndarray, np.ndarray]:
+    """(series code, time) of each fitted row from the fit's series: times rebuilt from the lags along each series
+    (0 at its first row), which give every row the predecessor and lag it had."""
+    time = np.zeros(len(series.previous))
+    for row in series.order:  # predecessors first
+        if series.previous[row] >= 0:
+            time[row] = time[series.previous[row]] + series.lag[row]
+    return series.group_codes, time
 
 
 def parameter_estimates(fit: LMMResult) -> pd.Series:
@@ -171,7 +184,8 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     elif design.weights is not None:
         arguments["weights"] = design.weights_column or WEIGHTS_COLUMN
     if isinstance(fit, AR1Result):  # each replicate's series within it (fit_batch keys them by replicate)
-        arguments["correlation"] = fit.structure
+        long[SERIES_GROUP], long[SERIES_TIME] = (np.tile(column, n) for column in _series_columns(fit.series))
+        arguments["correlation"] = AR1(group=SERIES_GROUP, time=SERIES_TIME, continuous=fit.structure.continuous)
     if design.offset_argument is not None:
         arguments["offset"] = design.offset_column or OFFSET_COLUMN
     batch = fit_batch(design.spec.formula, long, by=REPLICATE_COLUMN, reml=fit.reml, chunk_size=chunk_size,

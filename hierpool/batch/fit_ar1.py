@@ -62,8 +62,9 @@ def batch_series(plan: BatchPlan, structure: AR1):
         from ..errors import DataError
 
         raise DataError(f"correlation's group {structure.group!r} is not a column of the data")
-    keyed = frame.assign(**{SERIES_COLUMN: list(zip(frame[plan.by], frame[structure.group]))})
-    keyed[SERIES_COLUMN] = keyed[SERIES_COLUMN].astype(str)
+    # one code per (dataset, group); a missing group stays missing, for series_of to refuse as hp.lmm does
+    codes = frame.groupby([plan.by, structure.group], sort=False, dropna=False).ngroup()
+    keyed = frame.assign(**{SERIES_COLUMN: codes.where(frame[structure.group].notna())})
     combined = dataclasses.replace(structure, group=SERIES_COLUMN)
     series = series_of(combined, keyed, plan.design.rows)
     check_nested(plan.design, series, combined)
@@ -74,12 +75,13 @@ def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool,
     ks = pattern.layout.ks
 
     def one(pat, prev, lg, yy, rows, theta0):
-        def profile(u, theta_start_):
+        def profile(u, theta_start_, with_step=False):
             phi = phi_of(u, continuous)
             system = whitened_system(pat, prev, lg, yy, phi)
-            theta, value, _, _, converged = newton(partial(objective, system=system, reml=reml, n=rows),
-                                                   theta_start_, max_iterations)
-            return value + log_det_correlation(carried(phi, prev, lg)), theta, converged
+            theta, value, step, _, converged = newton(partial(objective, system=system, reml=reml, n=rows),
+                                                      theta_start_, max_iterations)
+            value = value + log_det_correlation(carried(phi, prev, lg))
+            return (value, theta, converged, step) if with_step else (value, theta, converged)
 
         low, high = -UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT
         c = high - GOLDEN * (high - low)
@@ -107,14 +109,14 @@ def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool,
                  jnp.asarray(d, yy.dtype), fc, fd, theta_c, theta_d)
         low, high, c, d, fc, fd, theta_c, theta_d = jax.lax.fori_loop(0, GOLDEN_STEPS, step, state)
         u = jnp.where(fc < fd, c, d)
-        value, theta, converged = profile(u, theta0)
+        value, theta, converged, newton_step = profile(u, theta0, with_step=True)
         theta = canonical_theta(theta, ks)
         phi = phi_of(u, continuous)
         solved = solve(theta, whitened_system(pat, prev, lg, yy, phi), reml, rows)
         # converged: the last inner fit, and phi inside its range (hp.lmm warns at the edge)
         inside = jnp.abs(u) < UNCONSTRAINED_LIMIT - 1e-3
-        return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inside,
-                "newton_step": jnp.where(inside, 0.0, jnp.inf), "beta": solved.beta, "vcov": solved.vcov_beta,
+        return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inside, "edge": ~inside,
+                "newton_step": newton_step, "beta": solved.beta, "vcov": solved.vcov_beta,
                 "sigma": solved.sigma, "b": solved.b, "cond_var": solved.cond_var, "factors": solved.factors}
 
     return jax.vmap(one)(pattern, previous, lag, y, n, start)
@@ -178,6 +180,10 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         members, arguments, count, program = job
         result = jax.tree_util.tree_map(lambda a: a[:count], fetch(program.result()(*place(arguments, sharding))))
         out["phi"][members] = result["phi"]
+        for d in members[result["edge"]]:  # as hp.lmm, which warns there: its own fit, with its message
+            out["alone"][d] = "phi at the edge of its range (a unit-root or vanishing correlation)"
         return result
 
-    return run_jobs(jobs, run, out, plan, workers=workers, progress=progress)
+    out = run_jobs(jobs, run, out, plan, workers=workers, progress=progress)
+    out["attempted"][list(out["alone"])] = False  # fitted alone instead (fit_batch's refit)
+    return out
