@@ -35,11 +35,12 @@ def cbpp_batch():
 
 @pytest.fixture(scope="module")
 def count_batch():
-    """Poisson counts on crossed sites and years with an exposure offset; datasets differ in sites."""
+    """Poisson counts on crossed sites and years with an exposure offset; datasets differ in sites (one bucket,
+    padded: one compiled program)."""
     rng = np.random.default_rng(8)
     frames = []
-    for d in range(3):
-        n_sites = 8 + 2 * d
+    for d in range(2):
+        n_sites = 8 - d
         site = rng.normal(0, 0.5, n_sites)
         year = rng.normal(0, 0.3, 4)
         rows = [dict(site=f"s{s}", year=f"y{t}", x=rng.normal(), exposure=rng.uniform(1, 3))
@@ -63,7 +64,7 @@ def _check(batch, d, fit):
         rows = ranef[ranef["grpvar"] == term.group]
         np.testing.assert_allclose(mine.b[d][:, 0], rows["condval"].to_numpy(), rtol=1e-5, atol=1e-7,
                                    err_msg=f"modes of {term.group}, {d}")
-        np.testing.assert_allclose(mine.cond_sd[d][:, 0], rows["condsd"].to_numpy(), rtol=1e-5, atol=1e-9,
+        np.testing.assert_allclose(mine.cond_sd[d][:, 0], rows["condsd"].to_numpy(), rtol=1e-5, atol=1e-7,
                                    err_msg=f"conditional sds of {term.group}, {d}")
 
 
@@ -109,16 +110,11 @@ def test_a_glmm_batch_has_no_residual_variance(cbpp_batch):
 
 
 
-def test_a_dataset_without_successes_keeps_its_reason(cbpp_batch):
+def test_a_dataset_the_batch_stops_on_is_refitted_by_hp_glmm_and_one_without_successes_keeps_its_reason(cbpp_batch):
     frames, _ = cbpp_batch
     batch = hp.fit_batch(CBPP, [frames[0], frames[0].assign(incidence=0)], by="rep", family="binomial",
-                         progress=False)
-    assert batch.converged.iloc[0] and np.isnan(batch.objective.iloc[1])
-    assert "no successes" in batch.messages.iloc[1]
-
-
-def test_a_dataset_the_batch_stops_on_is_refitted_by_hp_glmm(cbpp_batch):
-    frames, _ = cbpp_batch
-    batch = hp.fit_batch(CBPP, frames[:1], by="rep", family="binomial", max_iterations=1, progress=False)
+                         max_iterations=1, progress=False)
     assert batch.refit.iloc[0] and "refitted by hp.glmm" in batch.messages.iloc[0], batch.messages.tolist()
     _check(batch, 0, _glmm(CBPP, frames[0]))
+    assert np.isnan(batch.objective.iloc[1]) and not batch.refit.iloc[1]
+    assert "no successes" in batch.messages.iloc[1]
