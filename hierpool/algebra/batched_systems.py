@@ -3,7 +3,7 @@
 :func:`hierpool.algebra.system.build_system` computes one dataset's ``A = [Z X y]^T W [Z X y]`` blocks; a batch
 of datasets of one model (``hp.fit_batch``) needs the same blocks for each, stacked along a leading axis so that
 one compiled program vmaps the criterion (:func:`hierpool.algebra.criterion.objective`) over them.  Building them
-one by one costs a few milliseconds each (the coupling pairs' sorting and ``unique``); here every block of every
+one by one sorts and ``unique``s each dataset's coupling pairs; here every block of every
 dataset is one weighted ``bincount`` over the long frame's rows, its key prefixed by the dataset.
 
 **Padding.**  Datasets differ in rows and in levels.  Rows never enter a shape (cross-products); each term's

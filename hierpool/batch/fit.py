@@ -62,7 +62,7 @@ from .results import BatchResult, BatchTerm
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
-# less (1,000 cbpp replicates: warm 0.65 s per 200 in calls of 16, 1.56 s in calls of 100)
+# less (benchmarks/RESULTS.md, "Batch fitting for every model")
 GLMM_CPU_CHUNK = 16
 
 

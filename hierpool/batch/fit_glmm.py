@@ -175,8 +175,8 @@ def _optimize_rows(data, saturated, start, family: Family, max_iterations: int):
     n_theta = sum(k * (k + 1) // 2 for k in ks)
 
     def one(d, sat, params0):
-        # PIRLS starts every evaluation from u = 0: carrying the current mode to the probes as a warm start
-        # made 600 cbpp replicates 1.23x slower (median of 3 paired runs), the loops in lockstep over datasets
+        # PIRLS starts every evaluation from u = 0: carrying the current mode to the probes as a warm start was
+        # slower, the loops running in lockstep over datasets (benchmarks/RESULTS.md, "Batch fitting for every model")
         def value_and_grad(params):
             value, gradient, _ = laplace_value_and_gradient(params[:n_theta], params[n_theta:], sat, d, family)
             return value, gradient

@@ -149,7 +149,8 @@ def thread_count(sharding, serial: bool = False) -> int:
     ``serial``: the chunks run one after another.  For programs with several random-effect terms: two
     threads each running one (the general blocked criterion under vmap inside Newton's while loop)
     deadlocked XLA on this project's 2-core CPU, e.g. 40 crossed datasets (16 subjects x 16 items) in two
-    chunks, which ran in 1.2 s one chunk at a time.  The same while loop around a vmap of the criterion's
+    chunks, which ran one chunk at a time (benchmarks/RESULTS.md, "Batch fitting for every model").  The same
+    while loop around a vmap of the criterion's
     gradient at three points hung alike, one point or no loop did not; the cause inside XLA is not
     established, so every several-term program runs serially.  The one-term programs have run in threads
     since the batch layer's first session.
