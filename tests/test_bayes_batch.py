@@ -233,8 +233,8 @@ def test_unusable_dataset_stays_in_its_row(replicates, posterior):
 
 
 def test_bad_arguments_name_themselves(replicates):
-    with pytest.raises(hp.ArgumentError, match="one random-effect term"):
-        hp.bayes_batch("Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)", replicates)
+    with pytest.raises(hp.ArgumentError, match="does not fit spatial terms"):
+        hp.bayes_batch("Reaction ~ Days + car(Subject)", replicates)
     with pytest.raises(hp.ArgumentError, match="chains"):
         hp.bayes_batch(SLEEP, replicates, chains=0)
     with pytest.raises(hp.ArgumentError, match="Normal or 'flat'"):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .criterion import dense_parts, reduced_rest
+from .criterion import dense_parts, reduced_rest, row_count
 from .henderson import conditional_draw, noise_size
 from .linalg import array_namespace, factors_to_theta
 from .system import Layout, MixedModelSystem
@@ -106,19 +106,20 @@ def beta_prior_block(loc: jax.Array, scale: jax.Array, sigma: jax.Array, system:
 
 
 def log_marginal_likelihood(
-    theta: jax.Array, sigma: jax.Array, system: MixedModelSystem, loc: jax.Array, scale: jax.Array
+    theta: jax.Array, sigma: jax.Array, system: MixedModelSystem, loc: jax.Array, scale: jax.Array, n=None
 ) -> jax.Array:
     """log p(y | theta, sigma) with beta and b integrated out (see the module docstring).
 
     Pure and differentiable in (theta, sigma) through the closed-form engine's
-    custom adjoints; ``sigma`` is 1 for known residual sds.
+    custom adjoints; ``sigma`` is 1 for known residual sds.  ``n``: the row count of a batch's system
+    (``Layout.n`` None; :func:`hierpool.algebra.criterion.row_count`), else the layout's.
     """
     layout = system.layout
     rest, _, logdet0 = reduced_rest(theta, system)
     rest = rest + beta_prior_block(loc, scale, sigma, system)
     logdet_rest, logdet_rx, pwrss = dense_parts(rest, layout.q_rest, layout.p)
-    return collapsed_log_likelihood(logdet0 + logdet_rest + logdet_rx, pwrss, sigma, layout.n, layout.p, scale,
-                                    system.log_weights)
+    return collapsed_log_likelihood(logdet0 + logdet_rest + logdet_rx, pwrss, sigma, row_count(system, n), layout.p,
+                                    scale, system.log_weights)
 
 
 def draw_effects(

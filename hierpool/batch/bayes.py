@@ -4,15 +4,15 @@ Each dataset gets what ``hp.bayes(formula, dataset)`` would give it: its own
 default priors scaled to its own data (or the user's ``priors`` keys), NUTS on
 its variance parameters with beta and b integrated out (dense mass matrix, as
 ``hp.bayes``'s collapsed sampler), then one exact draw of (beta, b) per variance
-draw.  The model is written on the dataset's sufficient statistics
-(:mod:`hierpool.algebra.one_term_marginal`), so datasets of any size share one shape; the
-layout (buckets, chunks, mesh or threads, failures in their row) is
-:mod:`hierpool.batch.plan`'s.
+draw.  With one random-effect term the model is written on the dataset's sufficient statistics
+(:mod:`hierpool.algebra.one_term_marginal`), so datasets of any size share one shape; with several it is
+hp.bayes's general target on each dataset's padded system (:mod:`hierpool.batch.bayes_terms`).  The
+layout (buckets, chunks, mesh or threads, failures in their row) is :mod:`hierpool.batch.plan`'s.
 
 Memory: a chunk holds ``chunk_size x chains x draws x (ell k + p + k(k+1)/2 + 1)``
-float64 draws on the device and, while its summaries are computed, about five
-times that on the host; nothing else grows with the number of datasets unless
-``keep_draws=True``.
+float64 draws on the device (several terms: :mod:`hierpool.batch.bayes_terms`' bytes per
+dataset) and, while its summaries are computed, about five times that on the host; nothing
+else grows with the number of datasets unless ``keep_draws=True``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from ..bayesian.priors import DataScales, Priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
 from ..errors import ArgumentError, integer_argument
 from ..spec.arguments import sampler_arguments
-from .bayes_results import BayesBatchResult, summarize_blocks
+from .bayes_results import BayesBatchResult, BayesBatchTerm, summarize_blocks
+from .bayes_terms import chain_and_draw_terms, term_chunks
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 
 #: Compiled chunk programs by settings, argument shapes and sharding (the last 8 used).
@@ -62,25 +63,26 @@ def _chain_and_draw(k: int, sigma_known: bool, tune: int, draws: int, target_acc
         noise = jax.random.normal(key, (draws, loc.shape[-1] + stats.zty.size), dtype=thetas.dtype)
         # all of a chain's draws at once: the chunk already bounds memory
         beta, b = draw_effects(thetas, sigma, stats, loc, scale, noise, batch_size=draws)
-        out = {"beta": beta, "b": b, "sd": sd, "diverging": sample_stats["diverging"]}
+        # correlation matrices from their Cholesky factors; one entry per term, as the several-term path's
+        out = {"beta": beta, "b": [b], "sd": [sd], "diverging": sample_stats["diverging"],
+               "cor": [cor @ jnp.swapaxes(cor, -1, -2) if k > 1 else None]}
         if not sigma_known:
             out["sigma"] = sigma
-        if k > 1:
-            out["cor"] = cor @ jnp.swapaxes(cor, -1, -2)  # correlation matrices from their Cholesky factors
         return out
 
     return jax.vmap(run, in_axes=(None, 0, 0))
 
 
-def _compiled(settings: tuple, seed, chain_ids, args, sharding, quick: bool = False):
-    """The compiled program of a chunk of this shape, kept in :data:`_PROGRAMS`."""
+def _compiled(factory, settings: tuple, seed, chain_ids, args, sharding, quick: bool = False):
+    """The compiled program of ``factory(*settings)`` (:func:`_chain_and_draw` or
+    :func:`~hierpool.batch.bayes_terms.chain_and_draw_terms`) for a chunk of this shape, kept in :data:`_PROGRAMS`."""
     def build():
         platform = jax.devices()[0].platform
         ids, arrays = chain_ids, args
         if sharding is not None:
             ids, arrays = jax.tree_util.tree_map(
                 lambda a: jax.ShapeDtypeStruct(np.shape(a), np.result_type(a), sharding=sharding), (ids, arrays))
-        function = _chain_and_draw(*settings)
+        function = factory(*settings)
         if sharding is not None:
             # each device runs its own rows' loops: vmapped over a sharded axis, the NUTS while loops would
             # synchronize every device (a collective per tree-building step) until the slowest chain is done
@@ -89,7 +91,7 @@ def _compiled(settings: tuple, seed, chain_ids, args, sharding, quick: bool = Fa
                                      check_vma=False)
         return jax.jit(function).lower(seed, ids, arrays).compile(compiler_options(platform, quick))
 
-    return _PROGRAMS.get((settings, shape_signature(args), sharding, quick), build)
+    return _PROGRAMS.get((factory, settings, shape_signature(args), sharding, quick), build)
 
 
 def _stack(trees: list):
@@ -121,8 +123,8 @@ def bayes_batch(
     Parameters
     ----------
     formula : str
-        An lme4-style formula with one random-effect term, e.g.
-        ``"Reaction ~ Days + (Days | Subject)"``.
+        An lme4-style formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``; several random-effect
+        terms (crossed, nested) are sampled on the general algebra (:mod:`hierpool.batch.bayes_terms`).
     data : DataFrame, or list or dict of DataFrames
         A long frame with a ``by`` column, or the datasets themselves.
     by : str
@@ -145,7 +147,9 @@ def bayes_batch(
     chunk_size : int
         Most datasets per compiled call (bounds memory; see the module notes).
     keep_draws : bool
-        Keep every dataset's draws in ``result.draws`` (memory grows with the batch).
+        Keep every dataset's draws in ``result.draws`` (memory grows with the batch): ``beta``
+        (chain, draw, p), ``b`` (chain, draw, ell, k), ``sd``, ``cor`` (k > 1) and ``sigma``; with several
+        terms ``b``, ``sd`` and ``cor`` are lists, one entry per term of ``result.terms`` (``cor`` None where k = 1).
     progress : bool, optional
         A progress bar over chunks (default: when stderr is a terminal).
     weights : str or array-like, optional
@@ -174,14 +178,16 @@ def bayes_batch(
     ``hp.bayes`` samples; the tests compare the two in Monte Carlo error units.
     Known residual sds enter each dataset's statistics as the weights 1 / se^2 with
     sigma fixed at 1: the target and exact draws of ``hp.bayes``'s one-term path with
-    ``se=``.  Models with several random-effect terms are not batched.
+    ``se=``.  With several terms the target is hp.bayes's general collapsed target on each dataset's
+    system of cross-products, padded as ``hp.fit_batch``'s (a padded level changes no number).
     """
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept, min_draws=4,
                                                   min_tune=1)
     chunk_size = integer_argument("chunk_size", chunk_size)
-    plan = plan_batch(formula, data, by, "bayes_batch", "hp.bayes", weights=weights, offset=offset, se=se)
-    design, term = plan.design, plan.term
-    p, k, sigma_known = design.p, term.k, design.sigma_known
+    plan = plan_batch(formula, data, by, "bayes_batch", "hp.bayes", weights=weights, offset=offset, se=se,
+                      one_term=False)
+    design = plan.design
+    p, ks, sigma_known = design.p, tuple(t.k for t in design.terms), design.sigma_known
 
     if isinstance(priors, Priors):
         resolved = [priors] * plan.n_datasets
@@ -195,19 +201,31 @@ def bayes_batch(
 
     sharding = mesh_sharding()
     n_devices = 1 if sharding is None else len(jax.devices())
-    workers = thread_count(sharding)
-    buckets, messages = plan.buckets(np.float64)
-    jobs = []
-    for bucket, usable, stats in buckets:
-        for chunk in chunks(bucket, usable, min(chunk_size, math.ceil(len(usable) / workers)), n_devices):
-            members = usable[chunk.index]  # padded with copies of the first
-            args = (stats.take(chunk.index), np.stack([gaussian[d][0] for d in members]),
-                    np.stack([gaussian[d][1] for d in members]), _stack([resolved[d] for d in members]))
-            repeated = jax.tree_util.tree_map(lambda a: np.repeat(np.asarray(a), chains, axis=0), args)
-            chain_ids = (members[:, None] * chains + np.arange(chains)).ravel().astype(np.uint32)
-            jobs.append((chunk, repeated, chain_ids))
+    several = len(ks) > 1
+    # several terms: the chunks run one after another, as fit_batch's (plan.thread_count: two threads running
+    # general-algebra programs have deadlocked XLA on a CPU)
+    workers = thread_count(sharding, serial=several)
 
-    settings = (k, sigma_known, tune, draws, float(target_accept), max_tree_depth)
+    def size_of(count: int) -> int:
+        return min(chunk_size, math.ceil(count / workers))
+
+    if several:
+        messages, parts = term_chunks(plan, size_of, n_devices)
+        factory = chain_and_draw_terms
+    else:
+        buckets, messages = plan.buckets(np.float64)
+        parts = [(chunk, usable[chunk.index], (stats.take(chunk.index),)) for bucket, usable, stats in buckets
+                 for chunk in chunks(bucket, usable, size_of(len(usable)), n_devices)]
+        factory = _chain_and_draw
+    jobs = []
+    for chunk, members, data in parts:  # members: the chunk's datasets, padded with copies of the first
+        args = (*data, np.stack([gaussian[d][0] for d in members]), np.stack([gaussian[d][1] for d in members]),
+                _stack([resolved[d] for d in members]))
+        repeated = jax.tree_util.tree_map(lambda a: np.repeat(np.asarray(a), chains, axis=0), args)
+        chain_ids = (members[:, None] * chains + np.arange(chains)).ravel().astype(np.uint32)
+        jobs.append((chunk, repeated, chain_ids))
+
+    settings = ((ks if several else ks[0]), sigma_known, tune, draws, float(target_accept), max_tree_depth)
     key_seed = np.uint32(seed % 2**32)
     # a small batch's chains run for less time than LLVM takes to optimize their program: compile it without
     # (hp.bayes' rule, over every chain of the batch).  Up to 4 sleepstudy-sized datasets x 4 chains x 1000
@@ -216,21 +234,22 @@ def bayes_batch(
     quick = quick_compile([args for _, args, _ in jobs], chains=1, iterations=tune + draws)
     # compile each chunk shape once, before the threads start (they would each compile it); each job holds its
     # program, so the cache dropping one while this call runs never compiles it twice
-    jobs = [(chunk, args, chain_ids, _compiled(settings, key_seed, chain_ids, args, sharding, quick))
+    jobs = [(chunk, args, chain_ids, _compiled(factory, settings, key_seed, chain_ids, args, sharding, quick))
             for chunk, args, chain_ids in jobs]
 
     def run(job):
         chunk, args, chain_ids, program = job
         chain_ids, args = place((chain_ids, args), sharding)
         out = fetch(program(key_seed, chain_ids, args))
-        out = {name: value[: chunk.count * chains].reshape((chunk.count, chains) + value.shape[1:])
-               for name, value in out.items()}
-        return chunk, out, summarize_blocks(out, k, level)
+        out = jax.tree_util.tree_map(
+            lambda value: value[: chunk.count * chains].reshape((chunk.count, chains) + value.shape[1:]), out)
+        return chunk, out, summarize_blocks(out, ks, level)
 
-    n_pairs = len(coef_pairs(k))
+    n_varcorr = sum(k + len(coef_pairs(k)) for k in ks) + (0 if sigma_known else 1)
     fixef = np.full((plan.n_datasets, p, len(SUMMARY_COLUMNS)), np.nan)
-    varcorr = np.full((plan.n_datasets, k + n_pairs + (0 if sigma_known else 1), len(SUMMARY_COLUMNS)), np.nan)
-    ranef = [np.full((k, ell, len(SUMMARY_COLUMNS)), np.nan) for ell in plan.n_levels]
+    varcorr = np.full((plan.n_datasets, n_varcorr, len(SUMMARY_COLUMNS)), np.nan)
+    ranef = [[np.full((k, ell, len(SUMMARY_COLUMNS)), np.nan) for ell in n_levels]
+             for k, (_, n_levels, _) in zip(ks, plan.term_levels)]
     divergences = np.zeros(plan.n_datasets, dtype=int)
     kept = {} if keep_draws else None
     with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, plan.n_datasets, "bayes_batch") as bar:
@@ -239,22 +258,21 @@ def bayes_batch(
             fixef[members], varcorr[members] = summary["fixef"], summary["varcorr"]
             divergences[members] = out["diverging"].sum(axis=(1, 2))
             for row, index in enumerate(members):
-                ell = plan.n_levels[index]
-                ranef[index] = summary["ranef"][row][:, :ell]
+                ells = [n_levels[index] for _, n_levels, _ in plan.term_levels]
+                for t, ell in enumerate(ells):
+                    ranef[t][index] = summary["ranef"][t][row][:, :ell]
                 if kept is not None:
-                    kept[plan.labels[index]] = {name: (value[row][..., :ell, :] if name == "b" else value[row])
-                                                for name, value in out.items() if name != "diverging"}
+                    kept[plan.labels[index]] = _kept_draws(out, row, ells, several)
             bar.update(len(members))
 
+    terms = tuple(BayesBatchTerm(group=term.group, coef_names=term.coef_names, levels=labels, ranef_summary=summary)
+                  for term, (_, _, labels), summary in zip(design.terms, plan.term_levels, ranef))
     return BayesBatchResult(
         datasets=plan.labels,
         fixed_names=design.fixed_names,
-        coef_names=term.coef_names,
-        group=term.group,
-        levels=plan.levels,
+        terms=terms,
         fixef_summary=fixef,
         varcorr_summary=varcorr,
-        ranef_summary=ranef,
         divergences=divergences,
         messages=messages,
         chains=chains,
@@ -263,3 +281,21 @@ def bayes_batch(
         draws=kept,
         sigma_known=sigma_known,
     )
+
+
+def _kept_draws(out: dict, row: int, ells: list, several: bool) -> dict:
+    """One dataset's draws (``keep_draws=True``): each term's ``b`` cut to its own levels; with one term ``b``,
+    ``sd`` and ``cor`` are that term's arrays (``cor`` only where k > 1), with several a list per term."""
+    b = [value[row][..., :ell, :] for value, ell in zip(out["b"], ells)]
+    sd = [value[row] for value in out["sd"]]
+    cor = [None if value is None else value[row] for value in out["cor"]]
+    kept = {"beta": out["beta"][row]}
+    if several:
+        kept.update(b=b, sd=sd, cor=cor)
+    else:
+        kept.update(b=b[0], sd=sd[0])
+        if cor[0] is not None:
+            kept["cor"] = cor[0]
+    if "sigma" in out:
+        kept["sigma"] = out["sigma"][row]
+    return kept

@@ -20,23 +20,47 @@ def summarize(block: np.ndarray, level: float) -> np.ndarray:
     return np.stack([values[name] for name in SUMMARY_COLUMNS], axis=-1).reshape(n_sets, m, len(SUMMARY_COLUMNS))
 
 
-def summarize_blocks(out: dict, k: int, level: float) -> dict:
-    """Summaries of one chunk's draws: fixef (D, p, .), varcorr (D, k + pairs [+ 1], .), ranef (D, k, ell, .).
+def summarize_blocks(out: dict, ks: tuple, level: float) -> dict:
+    """Summaries of one chunk's draws: fixef (D, p, .), varcorr (D, sum_j (k_j + pairs) [+ 1], .), and per term
+    ranef (D, k_j, ell_j, .).
 
-    varcorr's last column is sigma's, where the draws have one (not with known residual sds).
+    ``out``'s ``sd``, ``cor`` and ``b`` hold one entry per term (``cor`` None where k = 1); varcorr's rows are
+    each term's sds then correlations, as hp.lmm's table, and last sigma's, where the draws have one (not with
+    known residual sds).
     """
-    columns = [out["sd"][..., i] for i in range(k)]
-    columns += [out["cor"][..., i, j] for i, j in coef_pairs(k)]
+    columns = []
+    for k, sd, cor in zip(ks, out["sd"], out["cor"]):
+        columns += [sd[..., i] for i in range(k)]
+        columns += [cor[..., i, j] for i, j in coef_pairs(k)]
     if "sigma" in out:
         columns.append(out["sigma"])
-    b = out["b"]  # (D, chain, draw, ell, k)
-    n_sets, chains, draws, ell, _ = b.shape
-    by_coefficient = np.swapaxes(b, 3, 4).reshape(n_sets, chains, draws, k * ell)
-    return {
-        "fixef": summarize(out["beta"], level),
-        "varcorr": summarize(np.stack(columns, axis=-1), level),
-        "ranef": summarize(by_coefficient, level).reshape(n_sets, k, ell, len(SUMMARY_COLUMNS)),
-    }
+    ranef = []
+    for b in out["b"]:  # (D, chain, draw, ell, k)
+        n_sets, chains, draws, ell, k = b.shape
+        by_coefficient = np.swapaxes(b, 3, 4).reshape(n_sets, chains, draws, k * ell)
+        ranef.append(summarize(by_coefficient, level).reshape(n_sets, k, ell, len(SUMMARY_COLUMNS)))
+    return {"fixef": summarize(out["beta"], level), "varcorr": summarize(np.stack(columns, axis=-1), level),
+            "ranef": ranef}
+
+
+@dataclass(frozen=True)
+class BayesBatchTerm:
+    """One random-effect term's posterior summaries over a batch.
+
+    Attributes
+    ----------
+    group : str
+    coef_names : tuple of str
+    levels : list of ndarray
+        Each dataset's level labels of this term.
+    ranef_summary : list of (k, ell_d, 7) ndarrays
+        Each dataset's random-effect summaries (NaN where it was not sampled).
+    """
+
+    group: str
+    coef_names: tuple
+    levels: list
+    ranef_summary: list
 
 
 @dataclass(frozen=True)
@@ -46,14 +70,13 @@ class BayesBatchResult:
     Attributes
     ----------
     datasets : pandas.Index
-    fixed_names, coef_names : tuple of str
-    group : str
-    levels : list of ndarray
-        Each dataset's level labels.
+    fixed_names : tuple of str
+    terms : tuple of BayesBatchTerm
+        The random-effect terms, in the model's order: group, coefficients, each dataset's levels and
+        random-effect summaries.
     fixef_summary : (B, p, 7) ndarray
-    varcorr_summary : (B, k + k(k-1)/2 + 1, 7) ndarray
-        sds, correlations, residual sd (no residual sd with ``sigma_known``: (B, k + k(k-1)/2, 7)).
-    ranef_summary : list of (k, ell_d, 7) ndarrays
+    varcorr_summary : (B, sum_j (k_j + k_j(k_j-1)/2) + 1, 7) ndarray
+        Each term's sds and correlations, then the residual sd (none with ``sigma_known``).
     divergences : (B,) ndarray of int
     messages : list of str
         Why a dataset was not sampled ("" when it was).
@@ -61,7 +84,8 @@ class BayesBatchResult:
     level : float
     draws : dict or None
         With ``keep_draws=True``: per dataset label, the draws ``beta`` (chain, draw, p),
-        ``b`` (chain, draw, ell, k), ``sd``, ``cor`` (k > 1) and ``sigma`` (not with ``sigma_known``).
+        ``b`` (chain, draw, ell, k), ``sd``, ``cor`` (k > 1) and ``sigma`` (not with ``sigma_known``);
+        with several terms ``b``, ``sd`` and ``cor`` are lists, one entry per term (``cor`` None where k = 1).
     sigma_known : bool
         The residual sds are known (``se=``): sigma is 1, not sampled, and ``varcorr`` has no
         ``Residual`` rows, as ``hp.bayes``'s.
@@ -69,12 +93,9 @@ class BayesBatchResult:
 
     datasets: pd.Index
     fixed_names: tuple
-    coef_names: tuple
-    group: str
-    levels: list
+    terms: tuple
     fixef_summary: np.ndarray
     varcorr_summary: np.ndarray
-    ranef_summary: list
     divergences: np.ndarray
     messages: list
     chains: int
@@ -82,6 +103,28 @@ class BayesBatchResult:
     level: float
     draws: dict | None = None
     sigma_known: bool = False
+
+    def _only_term(self, name: str) -> BayesBatchTerm:
+        if len(self.terms) != 1:
+            groups = ", ".join(t.group for t in self.terms)
+            raise AttributeError(f"{name}: this model has {len(self.terms)} random-effect terms ({groups}); "
+                                 f"read it from result.terms[j]")
+        return self.terms[0]
+
+    @property
+    def group(self) -> str:
+        """The grouping factor of a one-term model (several terms: ``terms[j].group``)."""
+        return self._only_term("group").group
+
+    @property
+    def coef_names(self) -> tuple:
+        """The coefficients of a one-term model's term (several terms: ``terms[j].coef_names``)."""
+        return self._only_term("coef_names").coef_names
+
+    @property
+    def levels(self) -> list:
+        """Each dataset's level labels of a one-term model (several terms: ``terms[j].levels``)."""
+        return self._only_term("levels").levels
 
     def _long(self, keys: pd.DataFrame, summaries: np.ndarray) -> pd.DataFrame:
         return pd.concat([keys.reset_index(drop=True), pd.DataFrame(summaries, columns=SUMMARY_COLUMNS)], axis=1)
@@ -101,9 +144,9 @@ class BayesBatchResult:
         No ``Residual`` rows with known residual sds (``sigma_known``), as hp.bayes's.
         """
         # the rows of hp.lmm's table (varcorr_table) for one dataset; the values are the summaries
-        k = len(self.coef_names)
         sigma = None if self.sigma_known else np.nan
-        template = varcorr_table([(self.group, self.coef_names, np.full((k, k), np.nan))], sigma)
+        template = varcorr_table([(t.group, t.coef_names, np.full((len(t.coef_names),) * 2, np.nan))
+                                  for t in self.terms], sigma)
         template = template[["grp", "var1", "var2"]]
         keys = pd.concat([template] * len(self.datasets), ignore_index=True)
         keys.insert(0, self.datasets.name, np.repeat(np.asarray(self.datasets), len(template)))
@@ -111,25 +154,31 @@ class BayesBatchResult:
 
     @property
     def ranef(self) -> pd.DataFrame:
-        """Random effects per dataset, as hp.bayes's ranef (grpvar, term, grp), with a dataset column."""
-        k = len(self.coef_names)
-        counts = np.array([len(levels) for levels in self.levels])
-        keys = pd.DataFrame({
-            self.datasets.name: np.repeat(np.asarray(self.datasets), counts * k),
-            "grpvar": self.group,
-            "term": np.concatenate([np.repeat(np.asarray(self.coef_names, dtype=object), n) for n in counts]),
-            "grp": np.concatenate([np.tile(np.asarray(levels, dtype=object), k) for levels in self.levels]),
-        })
-        values = np.concatenate([summary.reshape(-1, len(SUMMARY_COLUMNS)) for summary in self.ranef_summary])
-        return self._long(keys, values)
+        """Random effects per dataset, as hp.bayes's ranef (grpvar, term, grp), with a dataset column: each
+        dataset's rows term by term, coefficient by coefficient."""
+        keys, values, position = [], [], []
+        for term in self.terms:  # vectorized per term; then each dataset's rows gathered, terms in order
+            k = len(term.coef_names)
+            counts = np.array([len(levels) for levels in term.levels])
+            keys.append(pd.DataFrame({
+                self.datasets.name: np.repeat(np.asarray(self.datasets), counts * k),
+                "grpvar": term.group,
+                "term": np.concatenate([np.repeat(np.asarray(term.coef_names, dtype=object), n) for n in counts]),
+                "grp": np.concatenate([np.tile(np.asarray(levels, dtype=object), k) for levels in term.levels]),
+            }))
+            values.append(np.concatenate([summary.reshape(-1, len(SUMMARY_COLUMNS)) for summary in term.ranef_summary]))
+            position.append(np.repeat(np.arange(len(self.datasets)), counts * k))
+        order = np.argsort(np.concatenate(position), kind="stable")
+        return self._long(pd.concat(keys, ignore_index=True).iloc[order], np.concatenate(values)[order])
 
     @property
     def diagnostics(self) -> pd.DataFrame:
         """Per dataset: divergent transitions, the worst R-hat and bulk ESS over all its quantities, and ``ok``."""
         r_hat_at, ess_at = SUMMARY_COLUMNS.index("r_hat"), SUMMARY_COLUMNS.index("ess_bulk")
         worst_r_hat, least_ess = [], []
-        for fixef, varcorr, ranef in zip(self.fixef_summary, self.varcorr_summary, self.ranef_summary):
-            every = np.concatenate([fixef, varcorr, ranef.reshape(-1, len(SUMMARY_COLUMNS))])
+        for d, (fixef, varcorr) in enumerate(zip(self.fixef_summary, self.varcorr_summary)):
+            ranef = [t.ranef_summary[d].reshape(-1, len(SUMMARY_COLUMNS)) for t in self.terms]
+            every = np.concatenate([fixef, varcorr, *ranef])
             sampled = np.isfinite(every[:, ess_at]).any()
             worst_r_hat.append(np.nanmax(every[:, r_hat_at]) if sampled else np.nan)
             least_ess.append(np.nanmin(every[:, ess_at]) if sampled else np.nan)

@@ -222,13 +222,14 @@ def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, serie
     numpyro.factor("y", jnp.sum(dist.Normal(c * before, sigma * jnp.sqrt(1.0 - c * c)).log_prob(residual)))
 
 
-def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, priors: Priors):
-    """NUTS target over the variance parameters only: prior times the marginal likelihood."""
+def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, priors: Priors, n=None):
+    """NUTS target over the variance parameters only: prior times the marginal likelihood (``n``: a batch's row
+    count, :func:`hierpool.algebra.marginal.log_marginal_likelihood`)."""
     ks = system.layout.ks
     sigma, sds, cors = variance_parameters(priors, ks)
     deferred_factor(
         "marginal_likelihood",
-        lambda: log_marginal_likelihood(theta_from_components(sds, cors, sigma), sigma, system, loc, scale),
+        lambda: log_marginal_likelihood(theta_from_components(sds, cors, sigma), sigma, system, loc, scale, n),
     )
 
 
