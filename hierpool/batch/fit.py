@@ -71,7 +71,7 @@ def _optimize_rows(stats, start, reml: bool, max_iterations: int, sigma_known: b
     k = stats.ztz.shape[-1]
 
     def one(s, theta0):
-        theta, value, newton_step, iterations, converged = minimize(
+        theta, value, newton_step, iterations, converged = minimize.__wrapped__(
             s, theta0, reml=reml, max_iterations=max_iterations, sigma_known=sigma_known)
         return {"theta": canonical_theta(theta, k), "objective": value, "newton_step": newton_step,
                 "iterations": iterations, "converged": converged}

@@ -198,9 +198,12 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
         *_, iteration, done = state
         return (~done) & (iteration < max_iterations)
 
-    # the first pass has a zero step: it only probes theta0, so the loop holds the one gradient program
-    inf = jnp.asarray(jnp.inf, theta0.dtype)
-    initial = (theta0, inf, jnp.zeros_like(theta0), eye, jnp.zeros((), theta0.dtype), jnp.asarray(0), jnp.asarray(False))
+    # the first pass has a zero step: it only probes theta0, so the loop holds the one gradient program.  Every
+    # carry is computed from theta0, so that under vmap each is batched from the start (a constant carry is not,
+    # and vmap batches the loop's body again for each carry it finds batched after a pass)
+    zero = jnp.where(jnp.isfinite(theta0[0]), 0.0, 0.0).astype(theta0.dtype)  # 0, from theta0 (never NaN)
+    initial = (theta0, zero + jnp.inf, jnp.zeros_like(theta0) + zero, eye + zero, zero, zero.astype(jnp.int32),
+               zero != 0)
     theta, value, gradient, curvature, _, iterations, _ = jax.lax.while_loop(keep_going, body, initial)
     newton = _solve_spd(curvature + _definite_shift(curvature) * eye, gradient)
     newton_step = jnp.max(jnp.abs(newton))
