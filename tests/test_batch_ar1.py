@@ -89,7 +89,22 @@ def test_bootstrap_with_the_series_columns_outside_the_formula(replicates):
     assert boot.batch.objective.iloc[1] == pytest.approx(single.objective, rel=1e-8)
 
 
-def test_a_missing_series_label_is_refused_by_name(replicates):
-    frame = replicates[0].assign(visit=replicates[0]["Subject"].where(replicates[0]["Days"] != 3))
-    with pytest.raises(hp.DataError, match="missing"):
-        hp.fit_batch(FORMULA, [frame], by="rep", correlation=hp.ar1("visit", time="Days"))
+def test_a_dataset_whose_series_hp_lmm_refuses_keeps_its_reason_and_spares_the_others(replicates):
+    good = replicates[0].assign(visit=replicates[0]["Subject"])
+    missing = good.assign(visit=good["visit"].where(good["Days"] != 3))
+    repeated = good.assign(Days=good["Days"].where(good.index != good.index[1], good["Days"].iloc[0]))
+    # two subjects in one series, their days apart: the times are distinct, but Subject changes within the series
+    first, second = good["Subject"].unique()[:2]
+    merged = good[~((good["Subject"] == first) & (good["Days"] > 4)) & ~((good["Subject"] == second)
+                                                                         & (good["Days"] <= 4))]
+    merged = merged.assign(visit=merged["visit"].where(merged["Subject"] != second, first))
+    frames = [good, missing, repeated, merged]
+    structure = hp.ar1("visit", time="Days")
+    batch = hp.fit_batch(FORMULA, frames, by="rep", correlation=structure, progress=False)
+    for d, expected in ((1, "missing"), (2, "repeats the value"), (3, "changes level within a series")):
+        with pytest.raises(hp.DataError, match=expected) as refused:
+            _single(frames[d], structure)
+        assert batch.messages.iloc[d] == str(refused.value)  # hp.lmm's own message, naming the user's columns
+        assert np.isnan(batch.objective.iloc[d]) and not batch.refit.iloc[d]
+    assert batch.messages.iloc[0] == "" and batch.converged.iloc[0]
+    assert batch.objective.iloc[0] == pytest.approx(_single(good, structure).objective, rel=1e-8)

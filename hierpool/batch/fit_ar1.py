@@ -25,6 +25,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 
 from ..algebra.ar1 import carried, log_det_correlation, whitened_system
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
@@ -32,7 +33,7 @@ from ..algebra.criterion import objective
 from ..algebra.henderson import solve
 from ..algebra.linalg import theta_start
 from ..closedform.ar1 import UNCONSTRAINED_LIMIT, check_nested
-from ..errors import ArgumentError
+from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
 from .fit_glmm import BucketRows, bucket_pattern
 from .fit_terms import empty_results, padded_widths, run_jobs, take, term_problems
@@ -52,23 +53,52 @@ def phi_of(u, continuous: bool):
 
 
 def batch_series(plan: BatchPlan, structure: AR1):
-    """Each design row's series (previous row, lag) with series keyed by (dataset, group): no series spans datasets."""
+    """Each design row's series (previous row, lag) with series keyed by (dataset, group): no series spans datasets.
+
+    Returns ``(series, problems)``: ``problems`` maps a dataset whose series ``hp.lmm`` would refuse (a missing
+    group or time, a time repeated within a series, a random-effect term not nested in the series) to
+    ``hp.lmm``'s message; that dataset keeps it in its row, and its rows are each their own series here (they
+    are not fitted).  Only a column that is missing, or a time column that is not numeric, stops the batch.
+    """
     if not isinstance(structure, AR1):
         raise ArgumentError(f"correlation must be hp.ar1(...) or hp.car1(...), got {type(structure).__name__}")
     if plan.design.weights is not None:
         raise ArgumentError("weights= and se= cannot be combined with an AR(1) correlation (not supported yet)")
-    frame = plan.frame
-    if structure.group not in frame.columns:
-        from ..errors import DataError
-
-        raise DataError(f"correlation's group {structure.group!r} is not a column of the data")
+    frame, rows = plan.frame, plan.design.rows
+    for column in (structure.group, structure.time):
+        if column is not None and column not in frame.columns:
+            raise DataError(f"the AR(1) correlation uses column {column!r}, which is not in the data "
+                            f"(columns: {list(frame.columns)})")
+    if structure.time is not None and not pd.api.types.is_numeric_dtype(frame[structure.time]):
+        raise DataError(f"the AR(1) time column {structure.time!r} must be numeric")
     # one code per (dataset, group); a missing group stays missing, for series_of to refuse as hp.lmm does
     codes = frame.groupby([plan.by, structure.group], sort=False, dropna=False).ngroup()
     keyed = frame.assign(**{SERIES_COLUMN: codes.where(frame[structure.group].notna())})
     combined = dataclasses.replace(structure, group=SERIES_COLUMN)
-    series = series_of(combined, keyed, plan.design.rows)
-    check_nested(plan.design, series, combined)
-    return series
+    try:
+        series = series_of(combined, keyed, rows)
+        check_nested(plan.design, series, combined)
+        return series, {}
+    except DataError:
+        pass
+    # some dataset's series would be refused: find each one, with hp.lmm's message (its own data, its own names)
+    problems = {}
+    for d in range(plan.n_datasets):
+        positions = np.flatnonzero(plan.dataset == d)
+        try:
+            check_nested(plan.design, series_of(structure, frame, rows[positions]), structure, positions)
+        except DataError as error:
+            problems[d] = str(error)
+    # their rows each their own series, at time 0: the whole batch's series are then well formed
+    at = keyed.index.get_indexer(rows[np.isin(plan.dataset, list(problems))])
+    labels = keyed[SERIES_COLUMN].to_numpy(dtype=float, copy=True)
+    labels[at] = codes.max() + 1 + np.arange(len(at))
+    isolated = {SERIES_COLUMN: labels}
+    if structure.time is not None:
+        times = keyed[structure.time].to_numpy(dtype=float, copy=True)
+        times[at] = 0.0
+        isolated[structure.time] = times
+    return series_of(combined, keyed.assign(**isolated), rows), problems
 
 
 def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool, max_iterations: int):
@@ -146,10 +176,11 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     """Fit every dataset of ``plan`` with AR(1) residuals: :func:`hierpool.batch.fit_terms.fit_terms`'s dict of
     per-dataset results, with ``phi``."""
     design = plan.design
-    series = batch_series(plan, structure)
+    series, series_problems = batch_series(plan, structure)
     ks = tuple(t.k for t in design.terms)
     n_devices = 1 if sharding is None else len(jax.devices())
-    out = empty_results(plan, term_problems(plan), {})
+    messages = [message or series_problems.get(d, "") for d, message in enumerate(term_problems(plan))]
+    out = empty_results(plan, messages, {})
     out["phi"] = np.full(plan.n_datasets, np.nan)
     widths = padded_widths(plan)
     row_widths = bucket_width(plan.n_obs)

@@ -90,11 +90,16 @@ def lag_one_phi(residual: np.ndarray, series: Series, continuous: bool) -> float
     return float(np.clip(phi, 0.05 if continuous else -0.9, 0.9))
 
 
-def check_nested(design: Design, series: Series, correlation: AR1) -> None:
-    """Each random-effect term must keep its level within a series (whitening mixes consecutive rows)."""
+def check_nested(design: Design, series: Series, correlation: AR1, rows: np.ndarray | None = None) -> None:
+    """Each random-effect term must keep its level within a series (whitening mixes consecutive rows).
+
+    ``rows``: the design rows ``series`` covers, in its order (default: every row; ``hp.fit_batch`` checks
+    one dataset's rows at a time).
+    """
     has_previous = series.previous >= 0
     for term in design.terms:
-        if np.any(term.index[has_previous] != term.index[series.previous[has_previous]]):
+        index = term.index if rows is None else term.index[rows]
+        if np.any(index[has_previous] != index[series.previous[has_previous]]):
             raise DataError(
                 f"the random-effect term {term.label} changes level within a "
                 f"series of the AR(1) group {correlation.group!r}: hp.ar1 needs every random-effect term to be "
