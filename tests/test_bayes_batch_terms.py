@@ -1,5 +1,5 @@
-"""hp.bayes_batch with several random-effect terms: a padded system's target is the dataset's own, exactly, and each
-dataset's posterior is the one hp.bayes samples, in Monte Carlo units."""
+"""hp.bayes_batch with several random-effect terms, or AR(1) residuals: a padded system's target is the dataset's
+own, exactly, and each dataset's posterior is the one hp.bayes samples, in Monte Carlo units."""
 
 import arviz as az
 import jax
@@ -118,3 +118,28 @@ def test_results_name_every_term(frames, posterior):
     with pytest.raises(AttributeError, match="result.terms"):
         batch.group
     assert isinstance(batch.ranef, pd.DataFrame) and batch.ranef["rep"].is_monotonic_increasing
+
+
+def test_ar1_residuals_sample_each_datasets_hp_bayes_posterior():
+    # two noisy sleepstudy replicates, one without a subject (padded rows and levels), one whose series hp.lmm
+    # refuses (a repeated day): each posterior, phi's included, is hp.bayes's in Monte Carlo units
+    sleep = hp.datasets.sleepstudy()
+    rng = np.random.default_rng(8)
+    frames = [sleep.assign(Reaction=sleep["Reaction"] + rng.normal(0, 25, len(sleep))) for _ in range(3)]
+    frames[1] = frames[1][frames[1]["Subject"] != frames[1]["Subject"].iloc[0]]
+    frames[2] = frames[2].assign(Days=frames[2]["Days"].where(frames[2].index != 1, 0))
+    formula, structure = "Reaction ~ Days + (1 | Subject)", hp.ar1("Subject", time="Days")
+    batch = hp.bayes_batch(formula, frames, by="rep", draws=DRAWS, tune=DRAWS, seed=2, correlation=structure,
+                           keep_draws=True, progress=False)
+    assert "repeats the value" in batch.diagnostics.message.iloc[2] and np.isnan(batch.phi["mean"].iloc[2])
+    assert batch.draws[1]["phi"].shape == (4, DRAWS) and batch.draws[1]["b"].shape == (4, DRAWS, 17, 1)
+    single = hp.bayes(formula, frames[1], draws=DRAWS, tune=DRAWS, seed=5, correlation=structure, progress=False)
+    for table, names in (("fixef", ["term"]), ("varcorr", ["grp", "var1"])):
+        ours = getattr(batch, table).query("rep == 1").drop(columns="rep")
+        theirs = getattr(single, table)
+        theirs = theirs.reset_index() if table == "fixef" else theirs
+        merged = ours.fillna({n: "" for n in names}).merge(theirs.fillna({n: "" for n in names}), on=names,
+                                                            suffixes=("", "_single"))
+        assert len(merged) == len(theirs) == len(ours), table  # varcorr: phi's row (Residual, phi) too
+        z = (merged["mean"] - merged["mean_single"]) / np.hypot(merged["mcse_mean"], merged["mcse_mean_single"])
+        assert np.max(np.abs(z)) < Z_MAX, (table, z.tolist())

@@ -36,6 +36,7 @@ from ..bayesian.priors import DataScales, Priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
 from ..errors import ArgumentError, integer_argument
 from ..spec.arguments import sampler_arguments
+from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
 from .bayes_results import BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, term_chunks
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
@@ -117,6 +118,7 @@ def bayes_batch(
     weights=None,
     offset=None,
     se: str | None = None,
+    correlation=None,
 ) -> BayesBatchResult:
     """Posteriors of one Bayesian linear mixed model fitted to many datasets at once.
 
@@ -162,6 +164,11 @@ def bayes_batch(
         Column of known residual sds, as ``hp.bayes``'s (meta-analysis): row i has
         residual variance se_i^2 and sigma is not a parameter (1).  Cannot be combined
         with ``weights``.
+    correlation : AR1, optional
+        AR(1) residuals within each series, ``hp.ar1(group, time=None)`` or ``hp.car1(group, time)``, as
+        ``hp.bayes``'s ``correlation=`` (each dataset's series its own; :mod:`hierpool.batch.bayes_ar1`): phi is
+        sampled with the variance parameters, Uniform on its interval, and summarized in ``result.phi``.
+        Not with ``weights=`` or ``se=``.
 
     Returns
     -------
@@ -202,14 +209,17 @@ def bayes_batch(
     sharding = mesh_sharding()
     n_devices = 1 if sharding is None else len(jax.devices())
     several = len(ks) > 1
-    # several terms: the chunks run one after another, as fit_batch's (plan.thread_count: two threads running
-    # general-algebra programs have deadlocked XLA on a CPU)
-    workers = thread_count(sharding, serial=several)
+    # several terms or AR(1) residuals: the chunks run one after another, as fit_batch's (plan.thread_count: two
+    # threads running general-algebra programs have deadlocked XLA on a CPU)
+    workers = thread_count(sharding, serial=several or correlation is not None)
 
     def size_of(count: int) -> int:
         return min(chunk_size, math.ceil(count / workers))
 
-    if several:
+    if correlation is not None:
+        messages, parts = ar1_chunks(plan, correlation, size_of, n_devices)
+        factory = chain_and_draw_ar1
+    elif several:
         messages, parts = term_chunks(plan, size_of, n_devices)
         factory = chain_and_draw_terms
     else:
@@ -225,7 +235,9 @@ def bayes_batch(
         chain_ids = (members[:, None] * chains + np.arange(chains)).ravel().astype(np.uint32)
         jobs.append((chunk, repeated, chain_ids))
 
-    settings = ((ks if several else ks[0]), sigma_known, tune, draws, float(target_accept), max_tree_depth)
+    shape = ks if several or correlation is not None else ks[0]
+    second = correlation.bounds if correlation is not None else sigma_known  # phi's interval, or sigma known
+    settings = (shape, second, tune, draws, float(target_accept), max_tree_depth)
     key_seed = np.uint32(seed % 2**32)
     # a small batch's chains run for less time than LLVM takes to optimize their program: compile it without
     # (hp.bayes' rule, over every chain of the batch).  Up to 4 sleepstudy-sized datasets x 4 chains x 1000
@@ -251,12 +263,15 @@ def bayes_batch(
     ranef = [[np.full((k, ell, len(SUMMARY_COLUMNS)), np.nan) for ell in n_levels]
              for k, (_, n_levels, _) in zip(ks, plan.term_levels)]
     divergences = np.zeros(plan.n_datasets, dtype=int)
+    phi = None if correlation is None else np.full((plan.n_datasets, len(SUMMARY_COLUMNS)), np.nan)
     kept = {} if keep_draws else None
     with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, plan.n_datasets, "bayes_batch") as bar:
         for chunk, out, summary in pool.map(run, jobs):
             members = chunk.members
             fixef[members], varcorr[members] = summary["fixef"], summary["varcorr"]
             divergences[members] = out["diverging"].sum(axis=(1, 2))
+            if phi is not None:
+                phi[members] = summary["phi"]
             for row, index in enumerate(members):
                 ells = [n_levels[index] for _, n_levels, _ in plan.term_levels]
                 for t, ell in enumerate(ells):
@@ -280,6 +295,7 @@ def bayes_batch(
         level=level,
         draws=kept,
         sigma_known=sigma_known,
+        phi_summary=phi,
     )
 
 
@@ -296,6 +312,7 @@ def _kept_draws(out: dict, row: int, ells: list, several: bool) -> dict:
         kept.update(b=b[0], sd=sd[0])
         if cor[0] is not None:
             kept["cor"] = cor[0]
-    if "sigma" in out:
-        kept["sigma"] = out["sigma"][row]
+    for name in ("sigma", "phi"):
+        if name in out:
+            kept[name] = out[name][row]
     return kept

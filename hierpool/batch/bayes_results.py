@@ -39,8 +39,11 @@ def summarize_blocks(out: dict, ks: tuple, level: float) -> dict:
         n_sets, chains, draws, ell, k = b.shape
         by_coefficient = np.swapaxes(b, 3, 4).reshape(n_sets, chains, draws, k * ell)
         ranef.append(summarize(by_coefficient, level).reshape(n_sets, k, ell, len(SUMMARY_COLUMNS)))
-    return {"fixef": summarize(out["beta"], level), "varcorr": summarize(np.stack(columns, axis=-1), level),
-            "ranef": ranef}
+    summary = {"fixef": summarize(out["beta"], level), "varcorr": summarize(np.stack(columns, axis=-1), level),
+               "ranef": ranef}
+    if "phi" in out:  # an AR(1) correlation's
+        summary["phi"] = summarize(out["phi"][..., None], level)[:, 0]
+    return summary
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class BayesBatchResult:
     sigma_known : bool
         The residual sds are known (``se=``): sigma is 1, not sampled, and ``varcorr`` has no
         ``Residual`` rows, as ``hp.bayes``'s.
+    phi_summary : (B, 7) ndarray, optional
+        An AR(1) correlation's phi per dataset (``correlation=``); None without one.
     """
 
     datasets: pd.Index
@@ -103,6 +108,7 @@ class BayesBatchResult:
     level: float
     draws: dict | None = None
     sigma_known: bool = False
+    phi_summary: np.ndarray | None = None
 
     def _only_term(self, name: str) -> BayesBatchTerm:
         if len(self.terms) != 1:
@@ -148,9 +154,14 @@ class BayesBatchResult:
         template = varcorr_table([(t.group, t.coef_names, np.full((len(t.coef_names),) * 2, np.nan))
                                   for t in self.terms], sigma)
         template = template[["grp", "var1", "var2"]]
+        values = self.varcorr_summary
+        if self.phi_summary is not None:  # hp.bayes's row of an AR(1) correlation's phi
+            template = pd.concat([template, pd.DataFrame({"grp": ["Residual"], "var1": ["phi"], "var2": [None]})],
+                                 ignore_index=True)
+            values = np.concatenate([values, self.phi_summary[:, None]], axis=1)
         keys = pd.concat([template] * len(self.datasets), ignore_index=True)
         keys.insert(0, self.datasets.name, np.repeat(np.asarray(self.datasets), len(template)))
-        return self._long(keys, self.varcorr_summary.reshape(-1, len(SUMMARY_COLUMNS)))
+        return self._long(keys, values.reshape(-1, len(SUMMARY_COLUMNS)))
 
     @property
     def ranef(self) -> pd.DataFrame:
@@ -172,13 +183,21 @@ class BayesBatchResult:
         return self._long(pd.concat(keys, ignore_index=True).iloc[order], np.concatenate(values)[order])
 
     @property
+    def phi(self) -> pd.DataFrame:
+        """An AR(1) correlation's phi per dataset (hp.bayes's summary columns); None without one."""
+        if self.phi_summary is None:
+            return None
+        return pd.DataFrame(self.phi_summary, columns=SUMMARY_COLUMNS, index=self.datasets)
+
+    @property
     def diagnostics(self) -> pd.DataFrame:
         """Per dataset: divergent transitions, the worst R-hat and bulk ESS over all its quantities, and ``ok``."""
         r_hat_at, ess_at = SUMMARY_COLUMNS.index("r_hat"), SUMMARY_COLUMNS.index("ess_bulk")
         worst_r_hat, least_ess = [], []
         for d, (fixef, varcorr) in enumerate(zip(self.fixef_summary, self.varcorr_summary)):
             ranef = [t.ranef_summary[d].reshape(-1, len(SUMMARY_COLUMNS)) for t in self.terms]
-            every = np.concatenate([fixef, varcorr, *ranef])
+            phi = [] if self.phi_summary is None else [self.phi_summary[d][None]]
+            every = np.concatenate([fixef, varcorr, *ranef, *phi])
             sampled = np.isfinite(every[:, ess_at]).any()
             worst_r_hat.append(np.nanmax(every[:, r_hat_at]) if sampled else np.nan)
             least_ess.append(np.nanmin(every[:, ess_at]) if sampled else np.nan)

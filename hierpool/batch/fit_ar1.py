@@ -101,6 +101,30 @@ def batch_series(plan: BatchPlan, structure: AR1):
     return series_of(combined, keyed.assign(**isolated), rows), problems
 
 
+def series_buckets(plan: BatchPlan, series, datasets: np.ndarray):
+    """``datasets`` bucketed by padded level counts and rows: per bucket ``(members, (pattern, previous, lag,
+    y - offset, n))``, each array with a leading dataset axis (the padding of :class:`BucketRows`; a padded
+    row is the first of its own series, with zero values).  ``hp.fit_batch``'s and ``hp.bayes_batch``'s."""
+    design = plan.design
+    widths = padded_widths(plan)
+    row_widths = bucket_width(plan.n_obs)
+    buckets = {}
+    for d in datasets:
+        buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
+    position_of = np.full(design.n, -1)
+    out = []
+    for key, members in buckets.items():
+        members = np.asarray(members)
+        layout_rows = BucketRows.of(plan, members, int(key[-1]))
+        _, pattern = bucket_pattern(plan, layout_rows, key[:-1], fixed=True, sigma_known=False)
+        position_of[layout_rows.rows] = layout_rows.position
+        previous = np.where(series.previous >= 0, position_of[np.maximum(series.previous, 0)], -1)
+        out.append((members, (pattern, layout_rows.pad(previous.astype(np.int32), fill=-1),
+                              layout_rows.pad(series.lag, 1.0), layout_rows.pad(design.y - design.offset),
+                              plan.n_obs[members].astype(float))))
+    return out
+
+
 def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool, max_iterations: int):
     ks = pattern.layout.ks
 
@@ -182,22 +206,9 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     messages = [message or series_problems.get(d, "") for d, message in enumerate(term_problems(plan))]
     out = empty_results(plan, messages, {})
     out["phi"] = np.full(plan.n_datasets, np.nan)
-    widths = padded_widths(plan)
-    row_widths = bucket_width(plan.n_obs)
-    buckets = {}
-    for d in np.flatnonzero(out["attempted"]):
-        buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
-    position_of = np.full(design.n, -1)
     jobs = []
-    for key, members in buckets.items():
-        members = np.asarray(members)
-        layout_rows = BucketRows.of(plan, members, int(key[-1]))
-        _, pattern = bucket_pattern(plan, layout_rows, key[:-1], fixed=True, sigma_known=False)
-        position_of[layout_rows.rows] = layout_rows.position
-        previous = np.where(series.previous >= 0, position_of[np.maximum(series.previous, 0)], -1)
-        arguments = (pattern, layout_rows.pad(previous.astype(np.int32), fill=-1), layout_rows.pad(series.lag, 1.0),
-                     layout_rows.pad(design.y - design.offset), plan.n_obs[members].astype(float),
-                     np.tile(theta_start(ks), (len(members), 1)))
+    for members, data in series_buckets(plan, series, np.flatnonzero(out["attempted"])):
+        arguments = (*data, np.tile(theta_start(ks), (len(members), 1)))
         size = min(chunk_size, math.ceil(len(members) / workers))
         bucket_chunks = chunks(0, np.arange(len(members)), size, n_devices)
         first = take(arguments, bucket_chunks[0].index)

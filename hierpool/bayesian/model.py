@@ -233,49 +233,51 @@ def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, 
     )
 
 
-def ar1_collapsed_model(pattern, series: SeriesData, loc: jax.Array, scale: jax.Array, priors: Priors, *,
+def ar1_collapsed_model(pattern, series: SeriesData, loc: jax.Array, scale: jax.Array, priors: Priors, n=None, *,
                         phi_bounds: tuple[float, float]):
     """NUTS target over the variance parameters and an AR(1) correlation's phi (Uniform on its interval, brms's
     default for ``ar``): prior times the marginal likelihood of the data whitened at phi
-    (:func:`hierpool.algebra.ar1.whitened_system`), times the whitening's Jacobian |C(phi)|^-1/2."""
+    (:func:`hierpool.algebra.ar1.whitened_system`), times the whitening's Jacobian |C(phi)|^-1/2.  ``n``: a
+    batch's row count (``hp.bayes_batch``), else the pattern's."""
     ks = pattern.layout.ks
     phi = numpyro.sample("phi", dist.Uniform(*phi_bounds))
     sigma, sds, cors = variance_parameters(priors, ks)
 
     deferred_factor("marginal_likelihood", lambda: ar1_log_marginal_likelihood(
-        phi, theta_from_components(sds, cors, sigma), sigma, pattern, series, loc, scale))
+        phi, theta_from_components(sds, cors, sigma), sigma, pattern, series, loc, scale, n))
 
 
 #: Central-difference step in phi of :func:`ar1_log_marginal_likelihood`'s derivative.
 PHI_DIFFERENCE = 1e-5
 
 
-def _ar1_value(phi, theta, sigma, pattern, series, loc, scale):
+def _ar1_value(phi, theta, sigma, pattern, series, loc, scale, n=None):
     system = whitened_system(pattern, series.previous, series.lag, series.y_less_offset, phi)
     jacobian = -0.5 * log_det_correlation(carried(phi, series.previous, series.lag))
-    return log_marginal_likelihood(theta, sigma, system, loc, scale) + jacobian
+    return log_marginal_likelihood(theta, sigma, system, loc, scale, n) + jacobian
 
 
 @jax.custom_jvp
-def ar1_log_marginal_likelihood(phi, theta, sigma, pattern, series: SeriesData, loc, scale):
+def ar1_log_marginal_likelihood(phi, theta, sigma, pattern, series: SeriesData, loc, scale, n=None):
     """log p(y | theta, sigma, phi) of an AR(1) model, beta and b integrated out: the whitened data's marginal
     likelihood (:func:`hierpool.algebra.marginal.log_marginal_likelihood`) plus the Jacobian -log |C(phi)| / 2.
 
     Differentiable in (phi, theta, sigma): in (theta, sigma) by the closed form's adjoints, which hold the
     system (the data's cross-products) fixed; phi enters through the system, so its derivative is a central
     difference (:data:`PHI_DIFFERENCE`; two more evaluations, ~1e-6 relative error at these magnitudes,
-    far below what NUTS's energy error notices).
+    far below what NUTS's energy error notices).  ``n``: a batch's row count (the pattern's by default).
     """
-    return _ar1_value(phi, theta, sigma, pattern, series, loc, scale)
+    return _ar1_value(phi, theta, sigma, pattern, series, loc, scale, n)
 
 
 @ar1_log_marginal_likelihood.defjvp
 def _ar1_log_marginal_likelihood_jvp(primals, tangents):
-    phi, theta, sigma, pattern, series, loc, scale = primals
+    phi, theta, sigma, pattern, series, loc, scale, n = primals
     d_phi, d_theta, d_sigma = tangents[:3]  # the data's tangents are zero: they are not sampled
     value, (g_theta, g_sigma) = jax.value_and_grad(_ar1_value, argnums=(1, 2))(
-        phi, theta, sigma, pattern, series, loc, scale)
-    sides = [_ar1_value(phi + h, theta, sigma, pattern, series, loc, scale) for h in (PHI_DIFFERENCE, -PHI_DIFFERENCE)]
+        phi, theta, sigma, pattern, series, loc, scale, n)
+    sides = [_ar1_value(phi + h, theta, sigma, pattern, series, loc, scale, n)
+             for h in (PHI_DIFFERENCE, -PHI_DIFFERENCE)]
     g_phi = (sides[0] - sides[1]) / (2.0 * PHI_DIFFERENCE)
     return value, g_phi * d_phi + jnp.sum(g_theta * d_theta) + g_sigma * d_sigma
 

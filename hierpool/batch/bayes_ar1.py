@@ -1,0 +1,69 @@
+"""``hp.bayes_batch(..., correlation=hp.ar1(...) | hp.car1(...))``: hp.bayes's collapsed sampler of a model with
+AR(1) residuals, vmapped over datasets and chains.
+
+Each dataset's target is hp.bayes's (:func:`hierpool.bayesian.model.ar1_collapsed_model`): NUTS on the variance
+parameters and phi (Uniform on its interval), the data whitened at phi (:func:`hierpool.algebra.ar1.whitened_system`)
+giving the marginal likelihood, then exact (beta, b) draws on the system whitened at each draw's phi
+(:func:`hierpool.algebra.ar1.draw_effects_whitened`).  Series, padding and buckets are ``hp.fit_batch``'s
+(:func:`hierpool.batch.fit_ar1.batch_series`, :func:`hierpool.batch.fit_ar1.series_buckets`): each dataset's
+series are its own, and a padded row is the first of its own series with zero values, so it adds nothing.
+
+Memory per dataset and chain: the draws, as :mod:`hierpool.batch.bayes_terms`' plus one phi per draw, and the
+padded rows, ``8 x n x (4 + p + sum_j k_j)`` bytes, besides the whitened system.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from ..algebra.ar1 import draw_effects_whitened
+from ..algebra.marginal import draw_batch_size, theta_from_components
+from ..bayesian.model import SeriesData, ar1_collapsed_model, variance_draws
+from ..bayesian.nuts import chain_function
+from .fit_ar1 import batch_series, series_buckets
+from .fit_terms import take, term_problems
+from .plan import BatchPlan, chunks
+
+
+def ar1_chunks(plan: BatchPlan, structure, size_of, n_devices: int):
+    """The chunks of an AR(1) batch: ``(messages, [(chunk, padded members, (pattern, previous, lag, y, n)), ...])``.
+
+    ``messages``: hp.lmm's checks (:func:`~hierpool.batch.fit_terms.term_problems`) and each refused dataset's
+    series message (:func:`~hierpool.batch.fit_ar1.batch_series`).
+    """
+    series, problems = batch_series(plan, structure)
+    messages = [message or problems.get(d, "") for d, message in enumerate(term_problems(plan))]
+    usable = np.array([d for d, message in enumerate(messages) if not message], dtype=int)
+    out = []
+    for members, data in series_buckets(plan, series, usable):
+        for chunk in chunks(0, members, size_of(len(members)), n_devices):  # chunk.index: rows of the bucket
+            out.append((chunk, members[chunk.index], take(data, chunk.index)))
+    return messages, out
+
+
+def chain_and_draw_ar1(ks: tuple, phi_bounds: tuple, tune: int, draws: int, target_accept: float,
+                       max_tree_depth: int):
+    """One (dataset, chain) of an AR(1) model: NUTS on (variance parameters, phi), then exact (beta, b) draws;
+    vmapped over both.  The arguments are ``(pattern, previous, lag, y - offset, n, loc, scale, priors)``; the draws
+    are :func:`hierpool.batch.bayes_terms.chain_and_draw_terms`' with ``phi``."""
+    def model(pattern, series, loc, scale, priors, n):
+        return ar1_collapsed_model(pattern, series, loc, scale, priors, n, phi_bounds=phi_bounds)
+
+    one_chain = chain_function(model, tune=tune, draws=draws, target_accept=target_accept,
+                               max_tree_depth=max_tree_depth, dense_mass=True)
+
+    def run(seed, chain, args):
+        pattern, previous, lag, y, n, loc, scale, priors = args
+        series = SeriesData(previous=previous, lag=lag, y_less_offset=y)
+        constrained, sample_stats = one_chain(seed, chain, (pattern, series, loc, scale, priors, n))
+        sds, cors, sigma = variance_draws(constrained, ks, False)
+        thetas = theta_from_components(sds, cors, sigma)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chain), 1)  # not the chain's keys
+        beta, b = draw_effects_whitened(thetas, sigma, constrained["phi"], pattern, previous, lag, y, loc, scale, key,
+                                        min(draws, draw_batch_size(pattern.layout)))
+        return {"beta": beta, "b": list(b), "sd": sds, "sigma": sigma, "phi": constrained["phi"],
+                "diverging": sample_stats["diverging"],
+                "cor": [None if cor is None else cor @ jax.numpy.swapaxes(cor, -1, -2) for cor in cors]}
+
+    return jax.vmap(run, in_axes=(None, 0, 0))
