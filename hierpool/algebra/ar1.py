@@ -26,6 +26,13 @@ import numpy as np
 from .linalg import array_namespace
 
 
+def constrained_phi(u, continuous: bool):
+    """phi from nlme's unconstrained coefficient u: tanh(u / 2) (the inverse of log((1 + phi) / (1 - phi)), corAR1),
+    or 1 / (1 + exp(-u)) (of log(phi / (1 - phi)), corCAR1).  NumPy or JAX (traced in ``hp.fit_batch``'s search)."""
+    xp = array_namespace(u)
+    return 1.0 / (1.0 + xp.exp(-u)) if continuous else xp.tanh(u / 2.0)
+
+
 def carried(phi, previous, lag):
     """c_t = phi^lag_t for rows with a predecessor in their series, 0 for first rows; shape (n,)."""
     xp = array_namespace(phi, lag)

@@ -36,7 +36,9 @@ from ..bayesian.priors import DataScales, Priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
 from ..errors import ArgumentError, integer_argument
 from ..spec.arguments import sampler_arguments
+from ..spec.family import family_spec
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
+from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
 from .bayes_results import BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, term_chunks
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
@@ -119,6 +121,8 @@ def bayes_batch(
     offset=None,
     se: str | None = None,
     correlation=None,
+    family: str | None = None,
+    link: str | None = None,
 ) -> BayesBatchResult:
     """Posteriors of one Bayesian linear mixed model fitted to many datasets at once.
 
@@ -151,7 +155,8 @@ def bayes_batch(
     keep_draws : bool
         Keep every dataset's draws in ``result.draws`` (memory grows with the batch): ``beta``
         (chain, draw, p), ``b`` (chain, draw, ell, k), ``sd``, ``cor`` (k > 1) and ``sigma``; with several
-        terms ``b``, ``sd`` and ``cor`` are lists, one entry per term of ``result.terms`` (``cor`` None where k = 1).
+        terms ``b``, ``sd`` and ``cor`` are lists, one entry per term of ``result.terms`` (``cor`` None where k = 1);
+        with ``correlation=`` ``phi`` (chain, draw) too.
     progress : bool, optional
         A progress bar over chunks (default: when stderr is a terminal).
     weights : str or array-like, optional
@@ -169,12 +174,20 @@ def bayes_batch(
         ``hp.bayes``'s ``correlation=`` (each dataset's series its own; :mod:`hierpool.batch.bayes_ar1`): phi is
         sampled with the variance parameters, Uniform on its interval, and summarized in ``result.phi``.
         Not with ``weights=`` or ``se=``.
+    family : {None, "binomial", "bernoulli", "poisson"}
+        A GLMM, sampled as ``hp.bayes`` samples it with ``family=`` (NUTS on every parameter, each level's
+        effect partially non-centered; :mod:`hierpool.batch.bayes_glmm`); its priors on the fixed effects may
+        be any.  ``varcorr`` then has no ``Residual`` rows.  Negative binomial models are not batched.
+    link : str, optional
+        The GLMM's link (``hp.bayes``'s ``link``).
 
     Returns
     -------
     BayesBatchResult
         ``fixef``, ``ranef``, ``varcorr`` (long tables with a ``by`` column and
-        hp.bayes's summary columns), ``diagnostics`` and ``messages``; with ``se=``
+        hp.bayes's summary columns), ``diagnostics``, ``messages``, ``terms`` (one
+        :class:`~hierpool.batch.bayes_results.BayesBatchTerm` per random-effect term) and, with
+        ``correlation=``, ``phi``; with ``se=``
         ``varcorr`` has no ``Residual`` rows and the kept draws no ``sigma``, as ``hp.bayes``'s.
 
     Notes
@@ -191,18 +204,33 @@ def bayes_batch(
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept, min_draws=4,
                                                   min_tune=1)
     chunk_size = integer_argument("chunk_size", chunk_size)
+    spec = None
+    if family is not None:
+        spec = family_spec(family, link)
+        if correlation is not None or se is not None:
+            raise ArgumentError(f"family= with {'correlation=' if correlation is not None else 'se='}: "
+                                f"{'AR(1) residuals' if correlation is not None else 'known residual sds'} are for "
+                                "the linear mixed model")
+    elif link is not None:
+        raise ArgumentError("link= needs family= (a GLMM)")
     plan = plan_batch(formula, data, by, "bayes_batch", "hp.bayes", weights=weights, offset=offset, se=se,
-                      one_term=False)
+                      one_term=False, family=spec)
     design = plan.design
-    p, ks, sigma_known = design.p, tuple(t.k for t in design.terms), design.sigma_known
+    p, ks = design.p, tuple(t.k for t in design.terms)
+    sigma_known = design.sigma_known or spec is not None  # no residual sd: known, or a GLMM's
 
     if isinstance(priors, Priors):
+        # by position: one sd prior per term of result.terms (the long frame's order), of the term's width
+        if len(priors.sd) != len(ks) or any(getattr(sd, "batch_shape", ()) not in ((), (k,))
+                                             for sd, k in zip(priors.sd, ks)):
+            raise ArgumentError(f"priors: a resolved Priors needs one sd prior per random-effect term, in the batch's "
+                                f"order ({', '.join(t.group for t in design.terms)}), each for the term's width")
         resolved = [priors] * plan.n_datasets
     else:
         scales = DataScales.per_group(design, plan.dataset, plan.n_datasets)
         resolved = [resolve_priors(design, priors, each) for each in scales]
     gaussian = [r.beta_gaussian() for r in resolved]
-    if any(g is None for g in gaussian):
+    if spec is None and any(g is None for g in gaussian):
         raise ArgumentError("priors: bayes_batch runs the collapsed sampler, which integrates the fixed effects "
                             "out and needs Normal or 'flat' priors on them")
 
@@ -211,12 +239,15 @@ def bayes_batch(
     several = len(ks) > 1
     # several terms or AR(1) residuals: the chunks run one after another, as fit_batch's (plan.thread_count: two
     # threads running general-algebra programs have deadlocked XLA on a CPU)
-    workers = thread_count(sharding, serial=several or correlation is not None)
+    workers = thread_count(sharding, serial=several or correlation is not None or spec is not None)
 
     def size_of(count: int) -> int:
         return min(chunk_size, math.ceil(count / workers))
 
-    if correlation is not None:
+    if spec is not None:
+        messages, parts = glmm_chunks(plan, size_of, n_devices)
+        factory = chain_and_draw_glmm
+    elif correlation is not None:
         messages, parts = ar1_chunks(plan, correlation, size_of, n_devices)
         factory = chain_and_draw_ar1
     elif several:
@@ -229,15 +260,19 @@ def bayes_batch(
         factory = _chain_and_draw
     jobs = []
     for chunk, members, data in parts:  # members: the chunk's datasets, padded with copies of the first
-        args = (*data, np.stack([gaussian[d][0] for d in members]), np.stack([gaussian[d][1] for d in members]),
-                _stack([resolved[d] for d in members]))
+        priors_of = _stack([resolved[d] for d in members])
+        args = (*data, priors_of) if spec is not None else (
+            *data, np.stack([gaussian[d][0] for d in members]), np.stack([gaussian[d][1] for d in members]), priors_of)
         repeated = jax.tree_util.tree_map(lambda a: np.repeat(np.asarray(a), chains, axis=0), args)
         chain_ids = (members[:, None] * chains + np.arange(chains)).ravel().astype(np.uint32)
         jobs.append((chunk, repeated, chain_ids))
 
-    shape = ks if several or correlation is not None else ks[0]
-    second = correlation.bounds if correlation is not None else sigma_known  # phi's interval, or sigma known
-    settings = (shape, second, tune, draws, float(target_accept), max_tree_depth)
+    if spec is not None:
+        settings = (ks, spec.name, spec.link, p, tune, draws, float(target_accept), max_tree_depth)
+    else:
+        shape = ks if several or correlation is not None else ks[0]
+        second = correlation.bounds if correlation is not None else sigma_known  # phi's interval, or sigma known
+        settings = (shape, second, tune, draws, float(target_accept), max_tree_depth)
     key_seed = np.uint32(seed % 2**32)
     # a small batch's chains run for less time than LLVM takes to optimize their program: compile it without
     # (hp.bayes' rule, over every chain of the batch).  Up to 4 sleepstudy-sized datasets x 4 chains x 1000
@@ -246,7 +281,10 @@ def bayes_batch(
     quick = quick_compile([args for _, args, _ in jobs], chains=1, iterations=tune + draws)
     # compile each chunk shape once, before the threads start (they would each compile it); each job holds its
     # program, so the cache dropping one while this call runs never compiles it twice
-    jobs = [(chunk, args, chain_ids, _compiled(factory, settings, key_seed, chain_ids, args, sharding, quick))
+    # the general paths' exact draws share a memory budget over the program's (dataset, chain) pairs
+    per_job = (lambda ids: (len(ids),)) if factory in (chain_and_draw_terms, chain_and_draw_ar1) else (lambda ids: ())
+    jobs = [(chunk, args, chain_ids,
+             _compiled(factory, settings + per_job(chain_ids), key_seed, chain_ids, args, sharding, quick))
             for chunk, args, chain_ids in jobs]
 
     def run(job):

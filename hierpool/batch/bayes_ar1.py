@@ -21,7 +21,8 @@ from ..algebra.ar1 import draw_effects_whitened
 from ..algebra.marginal import draw_batch_size, theta_from_components
 from ..bayesian.model import SeriesData, ar1_collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function
-from .fit_ar1 import batch_series, series_buckets
+from .bayes_terms import DRAW_BUDGET
+from .fit_ar1 import batch_series, series_buckets, too_large
 from .fit_terms import take, term_problems
 from .plan import BatchPlan, chunks
 
@@ -34,6 +35,8 @@ def ar1_chunks(plan: BatchPlan, structure, size_of, n_devices: int):
     """
     series, problems = batch_series(plan, structure)
     messages = [message or problems.get(d, "") for d, message in enumerate(term_problems(plan))]
+    for d, reason in too_large(plan, messages).items():
+        messages[d] = f"{reason}: sample it with hp.bayes"
     usable = np.array([d for d, message in enumerate(messages) if not message], dtype=int)
     out = []
     for members, data in series_buckets(plan, series, usable):
@@ -43,10 +46,11 @@ def ar1_chunks(plan: BatchPlan, structure, size_of, n_devices: int):
 
 
 def chain_and_draw_ar1(ks: tuple, phi_bounds: tuple, tune: int, draws: int, target_accept: float,
-                       max_tree_depth: int):
+                       max_tree_depth: int, rows: int):
     """One (dataset, chain) of an AR(1) model: NUTS on (variance parameters, phi), then exact (beta, b) draws;
     vmapped over both.  The arguments are ``(pattern, previous, lag, y - offset, n, loc, scale, priors)``; the draws
-    are :func:`hierpool.batch.bayes_terms.chain_and_draw_terms`' with ``phi``."""
+    are :func:`hierpool.batch.bayes_terms.chain_and_draw_terms`' with ``phi``; ``rows`` as there (each draw
+    whitens the padded rows again, which counts against the budget too)."""
     def model(pattern, series, loc, scale, priors, n):
         return ar1_collapsed_model(pattern, series, loc, scale, priors, n, phi_bounds=phi_bounds)
 
@@ -60,8 +64,11 @@ def chain_and_draw_ar1(ks: tuple, phi_bounds: tuple, tune: int, draws: int, targ
         sds, cors, sigma = variance_draws(constrained, ks, False)
         thetas = theta_from_components(sds, cors, sigma)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chain), 1)  # not the chain's keys
+        budget = DRAW_BUDGET / rows
+        whitening = 24.0 * y.shape[0] * (sum(ks) + loc.shape[0] + 1)  # bytes per draw: the whitened rows
+        size = max(1, min(draws, draw_batch_size(pattern.layout, budget), int(budget // whitening)))
         beta, b = draw_effects_whitened(thetas, sigma, constrained["phi"], pattern, previous, lag, y, loc, scale, key,
-                                        min(draws, draw_batch_size(pattern.layout)))
+                                        size)
         return {"beta": beta, "b": list(b), "sd": sds, "sigma": sigma, "phi": constrained["phi"],
                 "diverging": sample_stats["diverging"],
                 "cor": [None if cor is None else cor @ jax.numpy.swapaxes(cor, -1, -2) for cor in cors]}

@@ -88,7 +88,8 @@ class BayesBatchResult:
     draws : dict or None
         With ``keep_draws=True``: per dataset label, the draws ``beta`` (chain, draw, p),
         ``b`` (chain, draw, ell, k), ``sd``, ``cor`` (k > 1) and ``sigma`` (not with ``sigma_known``);
-        with several terms ``b``, ``sd`` and ``cor`` are lists, one entry per term (``cor`` None where k = 1).
+        with several terms ``b``, ``sd`` and ``cor`` are lists, one entry per term (``cor`` None where k = 1); with
+        an AR(1) correlation ``phi`` (chain, draw) too.
     sigma_known : bool
         The residual sds are known (``se=``): sigma is 1, not sampled, and ``varcorr`` has no
         ``Residual`` rows, as ``hp.bayes``'s.
@@ -131,6 +132,11 @@ class BayesBatchResult:
     def levels(self) -> list:
         """Each dataset's level labels of a one-term model (several terms: ``terms[j].levels``)."""
         return self._only_term("levels").levels
+
+    @property
+    def ranef_summary(self) -> list:
+        """Each dataset's (k, ell, 7) random-effect summaries of a one-term model (several: ``terms[j]``)."""
+        return self._only_term("ranef_summary").ranef_summary
 
     def _long(self, keys: pd.DataFrame, summaries: np.ndarray) -> pd.DataFrame:
         return pd.concat([keys.reset_index(drop=True), pd.DataFrame(summaries, columns=SUMMARY_COLUMNS)], axis=1)

@@ -20,12 +20,15 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from ..algebra.batched_systems import MAX_DENSE_ENTRIES, batched_systems, dense_entries
+from ..algebra.batched_systems import batched_systems
 from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
 from ..bayesian.model import collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function
-from .fit_terms import padded_widths, take, term_problems
+from .fit_terms import padded_widths, take, term_problems, too_large
 from .plan import BatchPlan, chunks
+
+#: Bytes the exact (beta, b) draws of one program may hold at once, over all its (dataset, chain) pairs.
+DRAW_BUDGET = 2e8
 
 
 def term_chunks(plan: BatchPlan, size_of, n_devices: int):
@@ -35,12 +38,10 @@ def term_chunks(plan: BatchPlan, size_of, n_devices: int):
     dense coupling too large to batch.  ``size_of(count)``: datasets per chunk for a bucket of ``count``.
     """
     design = plan.design
-    ks = tuple(t.k for t in design.terms)
     messages = term_problems(plan)
+    for d, reason in too_large(plan, messages).items():
+        messages[d] = f"{reason}: sample it with hp.bayes"
     widths = padded_widths(plan)
-    messages = [m or ("too large to batch (its dense coupling): sample it with hp.bayes"
-                      if dense_entries(widths[d], ks, design.p) > MAX_DENSE_ENTRIES else "")
-                for d, m in enumerate(messages)]
     buckets = {}
     for d in range(plan.n_datasets):
         if not messages[d]:
@@ -62,12 +63,13 @@ def term_chunks(plan: BatchPlan, size_of, n_devices: int):
 
 
 def chain_and_draw_terms(ks: tuple, sigma_known: bool, tune: int, draws: int, target_accept: float,
-                         max_tree_depth: int):
+                         max_tree_depth: int, rows: int):
     """One (dataset, chain) of a several-term model: NUTS on the variance parameters of
     :func:`~hierpool.bayesian.model.collapsed_model`, then exact (beta, b) draws; vmapped over both.
 
     The arguments are ``(systems, n, loc, scale, priors)``; the draws are those of the one-term path
     (:mod:`hierpool.batch.bayes`), with one entry per term in ``b``, ``sd`` and ``cor`` (None where k = 1).
+    ``rows``: the (dataset, chain) pairs the program vmaps over, which share the exact draws' memory budget.
     """
     one_chain = chain_function(collapsed_model, tune=tune, draws=draws, target_accept=target_accept,
                                max_tree_depth=max_tree_depth, dense_mass=True)
@@ -79,7 +81,7 @@ def chain_and_draw_terms(ks: tuple, sigma_known: bool, tune: int, draws: int, ta
         thetas = theta_from_components(sds, cors, sigma)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chain), 1)  # not the chain's keys
         beta, b = draw_effects(thetas, sigma, system, loc, scale, key,
-                               batch_size=min(draws, draw_batch_size(system.layout)))
+                               batch_size=min(draws, draw_batch_size(system.layout, DRAW_BUDGET / rows)))
         out = {"beta": beta, "b": list(b), "sd": sds, "diverging": sample_stats["diverging"],
                "cor": [None if cor is None else cor @ jax.numpy.swapaxes(cor, -1, -2) for cor in cors]}
         if not sigma_known:

@@ -47,7 +47,7 @@ from ..spec.family import family_spec
 from .fit_ar1 import fit_ar1
 from .fit_glmm import fit_glmm
 from .fit_terms import fit_terms
-from .optimize import MAX_ITERATIONS, canonical_theta, minimize, moment_start
+from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     chunks,
@@ -71,7 +71,7 @@ def _optimize_rows(stats, start, reml: bool, max_iterations: int, sigma_known: b
     k = stats.ztz.shape[-1]
 
     def one(s, theta0):
-        theta, value, newton_step, iterations, converged = minimize.__wrapped__(
+        theta, value, newton_step, iterations, converged = minimize_one(
             s, theta0, reml=reml, max_iterations=max_iterations, sigma_known=sigma_known)
         return {"theta": canonical_theta(theta, k), "objective": value, "newton_step": newton_step,
                 "iterations": iterations, "converged": converged}

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ..algebra.ar1 import carried, log_det_correlation, whitened_system
+from ..algebra.ar1 import carried, constrained_phi, log_det_correlation, whitened_system
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.criterion import objective
 from ..algebra.henderson import solve
@@ -36,7 +36,7 @@ from ..closedform.ar1 import UNCONSTRAINED_LIMIT, check_nested
 from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
 from .fit_glmm import BucketRows, bucket_pattern
-from .fit_terms import empty_results, padded_widths, run_jobs, take, term_problems
+from .fit_terms import empty_results, padded_widths, run_jobs, take, term_problems, too_large
 from .optimize import canonical_theta, newton
 from .plan import QUICK_COMPILE_MAX_VALUES, BatchPlan, bucket_width, chunks, fetch, place
 
@@ -45,11 +45,6 @@ GOLDEN_STEPS = 45
 #: The series column added to the long frame: (dataset, group).
 SERIES_COLUMN = "(series)"
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
-
-
-def phi_of(u, continuous: bool):
-    """phi from nlme's unconstrained coefficient (:func:`hierpool.closedform.ar1.constrained`, traced)."""
-    return jax.nn.sigmoid(u) if continuous else jnp.tanh(u / 2.0)
 
 
 def batch_series(plan: BatchPlan, structure: AR1):
@@ -79,16 +74,18 @@ def batch_series(plan: BatchPlan, structure: AR1):
         series = series_of(combined, keyed, rows)
         check_nested(plan.design, series, combined)
         return series, {}
-    except DataError:
-        pass
+    except DataError as error:
+        refused = error
     # some dataset's series would be refused: find each one, with hp.lmm's message (its own data, its own names)
     problems = {}
-    for d in range(plan.n_datasets):
-        positions = np.flatnonzero(plan.dataset == d)
+    order = np.argsort(plan.dataset, kind="stable")
+    for d, positions in enumerate(np.split(order, np.searchsorted(plan.dataset[order], np.arange(1, plan.n_datasets)))):
         try:
             check_nested(plan.design, series_of(structure, frame, rows[positions]), structure, positions)
         except DataError as error:
             problems[d] = str(error)
+    if not problems:  # the long frame's series failed where no dataset's does: a bug of this function, not the data
+        raise RuntimeError("fit_batch: the batch's AR(1) series were refused, but no dataset's own") from refused
     # their rows each their own series, at time 0: the whole batch's series are then well formed
     at = keyed.index.get_indexer(rows[np.isin(plan.dataset, list(problems))])
     labels = keyed[SERIES_COLUMN].to_numpy(dtype=float, copy=True)
@@ -130,7 +127,7 @@ def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool,
 
     def one(pat, prev, lg, yy, rows, theta0):
         def profile(u, theta_start_, with_step=False):
-            phi = phi_of(u, continuous)
+            phi = constrained_phi(u, continuous)
             system = whitened_system(pat, prev, lg, yy, phi)
             theta, value, step, _, converged = newton(partial(objective, system=system, reml=reml, n=rows),
                                                       theta_start_, max_iterations)
@@ -165,7 +162,7 @@ def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool,
         u = jnp.where(fc < fd, c, d)
         value, theta, converged, newton_step = profile(u, theta0, with_step=True)
         theta = canonical_theta(theta, ks)
-        phi = phi_of(u, continuous)
+        phi = constrained_phi(u, continuous)
         solved = solve(theta, whitened_system(pat, prev, lg, yy, phi), reml, rows)
         # converged: the last inner fit, and phi inside its range (hp.lmm warns at the edge)
         inside = jnp.abs(u) < UNCONSTRAINED_LIMIT - 1e-3
@@ -204,7 +201,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     ks = tuple(t.k for t in design.terms)
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = [message or series_problems.get(d, "") for d, message in enumerate(term_problems(plan))]
-    out = empty_results(plan, messages, {})
+    out = empty_results(plan, messages, too_large(plan, messages))
     out["phi"] = np.full(plan.n_datasets, np.nan)
     jobs = []
     for members, data in series_buckets(plan, series, np.flatnonzero(out["attempted"])):

@@ -76,6 +76,14 @@ def padded_widths(plan: BatchPlan) -> np.ndarray:
     return np.stack([bucket_width(n_levels) for _, n_levels, _ in plan.term_levels], axis=1)
 
 
+def too_large(plan: BatchPlan, messages: list[str]) -> dict:
+    """dataset -> why it is not batched, for the usable datasets (no message) whose dense coupling grid
+    (``Layout.dense_only``) would exceed :data:`~hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`."""
+    ks, widths = tuple(t.k for t in plan.design.terms), padded_widths(plan)
+    return {d: "too large to batch (its dense coupling)" for d in range(plan.n_datasets)
+            if not messages[d] and dense_entries(widths[d], ks, plan.design.p) > MAX_DENSE_ENTRIES}
+
+
 def take(tree, index):
     """Rows ``index`` of every array of a batch's tree (a chunk's, contiguous for the device)."""
     return jax.tree_util.tree_map(lambda a: np.ascontiguousarray(np.asarray(a)[index]), tree)
@@ -190,9 +198,7 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int, progr
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = term_problems(plan)
     widths = padded_widths(plan)
-    alone = {d: "too large to batch (its dense coupling)" for d in range(plan.n_datasets)
-             if not messages[d] and dense_entries(widths[d], ks, p) > MAX_DENSE_ENTRIES}
-    out = empty_results(plan, messages, alone)
+    out = empty_results(plan, messages, too_large(plan, messages))
     buckets = {}
     for d in np.flatnonzero(out["attempted"]):
         buckets.setdefault(tuple(widths[d]), []).append(d)

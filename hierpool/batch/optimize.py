@@ -132,10 +132,10 @@ def _probe(value_and_grad, points, width):
     return values, gradients[:, 0], 0.5 * (hessians + jnp.swapaxes(hessians, 1, 2))
 
 
-@partial(jax.jit, static_argnames=("reml", "max_iterations", "sigma_known"))
-def minimize(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITERATIONS, sigma_known: bool = False):
+def minimize_one(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITERATIONS, sigma_known: bool = False):
     """Minimize the one-term criterion of one dataset (:func:`newton` on
-    :func:`hierpool.algebra.one_term.objective`).
+    :func:`hierpool.algebra.one_term.objective`).  Pure, not jitted: the batch calls it inside its vmapped
+    program (a nested jit would be traced to a jaxpr that vmap then batches again: more tracing, the same program).
 
     ``sigma_known``: the residual sds are known (``se=``), carried by the statistics' weights
     1 / se^2, and sigma is 1 (``hp.lmm``'s criterion).
@@ -147,7 +147,7 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
            with_curvature: bool = False, step_tol=None, damping_growth: float = 10.0):
     """Minimize ``f`` (a pure, differentiable function of theta) from ``theta0``: one dataset's optimizer.
 
-    Any criterion: the one-term specialisation (:func:`minimize`), the general blocked criterion of a
+    Any criterion: the one-term specialisation (:func:`minimize_one`), the general blocked criterion of a
     batch of systems (:mod:`hierpool.batch.fit_terms`), or a GLMM's Laplace deviance in (theta, beta)
     (:mod:`hierpool.batch.fit_glmm`), whose exact gradient comes from its own program
     (``value_and_grad``, in place of ``jax.value_and_grad(f)``; ``f`` is then unused).  ``fd_width``:

@@ -148,17 +148,21 @@ def centering_weights(design, parameterization: str = "auto") -> list[np.ndarray
             if done:
                 break
         _, weights, residual = family.working(y, eta, trials)
-        centering = []
-        for term in design.terms:
-            w = np.zeros((term.n_levels, term.k))
-            for c in range(term.k):
-                z = term.z[:, c]
-                info = np.bincount(term.index, weights=weights * z**2, minlength=term.n_levels)
-                score = np.bincount(term.index, weights=weights * z * residual, minlength=term.n_levels)
-                ratio = info * _moment_variance(info, score)
-                w[:, c] = np.where(np.isfinite(ratio) & (ratio > 0), ratio / (1.0 + ratio), 0.0)
-            centering.append(np.clip(w, 0.0, 1.0))
-    return centering
+        return [level_centering(term.index, term.z, term.n_levels, weights, residual) for term in design.terms]
+
+
+def level_centering(index: np.ndarray, z: np.ndarray, n_levels: int, weights: np.ndarray,
+                    residual: np.ndarray) -> np.ndarray:
+    """One term's centering weights (n_levels, k) from the pilot's working weights and residuals at its rows
+    (:func:`centering_weights`; ``hp.bayes_batch`` calls it dataset by dataset)."""
+    w = np.zeros((n_levels, z.shape[1]))
+    with np.errstate(all="ignore"):
+        for c in range(z.shape[1]):
+            info = np.bincount(index, weights=weights * z[:, c] ** 2, minlength=n_levels)
+            score = np.bincount(index, weights=weights * z[:, c] * residual, minlength=n_levels)
+            ratio = info * _moment_variance(info, score)
+            w[:, c] = np.where(np.isfinite(ratio) & (ratio > 0), ratio / (1.0 + ratio), 0.0)
+    return np.clip(w, 0.0, 1.0)
 
 
 def _moment_variance(info: np.ndarray, score: np.ndarray) -> float:

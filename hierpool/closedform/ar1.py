@@ -24,7 +24,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from ..algebra.ar1 import carried, log_det_correlation, whiten
+from ..algebra.ar1 import carried, constrained_phi, log_det_correlation, whiten
 from ..algebra.henderson import solve
 from ..algebra.laplace import random_part
 from ..algebra.linalg import theta_lower_bounds
@@ -55,8 +55,8 @@ def unconstrained(phi: float, continuous: bool) -> float:
 
 
 def constrained(u: float, continuous: bool) -> float:
-    """phi from :func:`unconstrained`'s coefficient."""
-    return float(1.0 / (1.0 + np.exp(-u))) if continuous else float(np.tanh(u / 2.0))
+    """phi from :func:`unconstrained`'s coefficient (:func:`hierpool.algebra.ar1.constrained_phi`), a float."""
+    return float(constrained_phi(np.asarray(float(u)), continuous))
 
 
 def whitened_design(design: Design, series: Series, phi: float) -> tuple[Design, float]:

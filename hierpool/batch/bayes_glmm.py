@@ -1,0 +1,126 @@
+"""``hp.bayes_batch(..., family=)``: hp.bayes's NUTS sampler of a binomial or Poisson GLMM, vmapped over datasets and
+chains.
+
+Each dataset's target is hp.bayes's (:func:`hierpool.bayesian.glmm.glmm_model`): every parameter sampled, each
+level's effect partially non-centered with the weight of the pilot GLM fit (:func:`hierpool.bayesian.glmm.
+level_centering`, computed dataset by dataset at the batch's GLM start, :func:`hierpool.batch.fit_glmm.glm_start`),
+a dense mass matrix up to hp.bayes's dimension.  (For a model with one scalar term ``hp.bayes`` first tries its
+independence sampler, which draws the same posterior; the batch always runs NUTS.)
+
+Rows and levels are padded as ``hp.fit_batch``'s GLMM batch pads them (:func:`hierpool.batch.fit_glmm.bucket_data`):
+a padded row has zero trials (weight), so it adds nothing to the likelihood; a padded level has no rows, so its
+effect is drawn from its prior alone and is cut from the results.  The posterior of the rest is the dataset's own.
+
+Memory per dataset and chain: the draws, ``8 x draws x (sum_j ell_j k_j + p + sum_j k_j (k_j + 1) / 2)`` bytes,
+the padded rows, ``8 x n x (4 + p + sum_j k_j)``, and the dense mass matrix, ``8 x d^2`` with d the number of
+sampled coefficients (padded levels included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from ..algebra.family import Family
+from ..algebra.family import family as make_family
+from ..bayesian.glmm import DENSE_MASS_MAX_DIMENSION, PARAMETERIZATION, GLMMData, glmm_model, level_centering
+from ..bayesian.model import variance_draws
+from ..bayesian.nuts import chain_function
+from ..errors import ArgumentError
+from .fit_glmm import bucket_data, glm_start
+from .fit_terms import padded_widths, take, term_problems
+from .plan import BatchPlan, bucket_width, chunks
+
+
+def glmm_problems(plan: BatchPlan) -> list[str]:
+    """Why each dataset cannot be sampled ("" when it can): hp.glmm's checks (a GLMM's level count may reach its
+    row count), and a binomial dataset with no successes or only successes (no finite posterior mode under flat
+    priors; hp.fit_batch's rule)."""
+    design = plan.design
+    messages = term_problems(plan, sigma_known=True)
+    if design.family.name == "binomial":
+        successes = np.bincount(plan.dataset, weights=design.y * design.row_weights, minlength=plan.n_datasets)
+        trials = np.bincount(plan.dataset, weights=design.row_weights, minlength=plan.n_datasets)
+        for d in np.flatnonzero((successes == 0) | (successes == trials)):
+            if not messages[d]:
+                messages[d] = f"{'no' if successes[d] == 0 else 'only'} successes: the model is not estimable"
+    return messages
+
+
+def _centering(plan: BatchPlan, family: Family, eta: np.ndarray, members: np.ndarray, widths) -> list[np.ndarray]:
+    """Per term, (datasets, padded levels, k) centering weights of ``members``: each dataset's pilot at ``eta``."""
+    design = plan.design
+    _, weights, residual = family.working(design.y, eta, design.row_weights)
+    out = [np.zeros((len(members), int(width), term.k)) for term, width in zip(design.terms, widths)]
+    for row, d in enumerate(members):
+        rows = plan.dataset == d
+        for j, (term, (level, n_levels, _)) in enumerate(zip(design.terms, plan.term_levels)):
+            if PARAMETERIZATION == "auto":
+                out[j][row, : n_levels[d]] = level_centering(level[rows], term.z[rows], int(n_levels[d]),
+                                                             weights[rows], residual[rows])
+            else:
+                out[j][row] = float(PARAMETERIZATION == "centered")
+    return out
+
+
+def glmm_chunks(plan: BatchPlan, size_of, n_devices: int):
+    """The chunks of a GLMM batch: ``(messages, [(chunk, padded members, (GLMMData,)), ...])``."""
+    design = plan.design
+    spec = design.family
+    if spec.name == "negative_binomial":
+        raise ArgumentError("bayes_batch samples binomial and Poisson GLMMs; a negative binomial's shape is not "
+                            "batched: sample those with hp.bayes per dataset")
+    family = dataclasses.replace(make_family(spec), shape=None)
+    messages = glmm_problems(plan)
+    usable = np.array([d for d, message in enumerate(messages) if not message], dtype=int)
+    out = []
+    if not usable.size:
+        return messages, out
+    _, eta = glm_start(plan, family)
+    widths, row_widths = padded_widths(plan), bucket_width(plan.n_obs)
+    buckets = {}
+    for d in usable:
+        buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
+    empty = np.zeros((0,))
+    for key, members in buckets.items():
+        members = np.asarray(members)
+        program = bucket_data(plan, members, key[:-1], int(key[-1]))
+        count = len(members)
+        data = GLMMData(y=program.y, weights=program.trials, offset=program.offset, X=program.X,
+                        index=tuple(level for level, _ in program.term_rows),
+                        z=tuple(z for _, z in program.term_rows),
+                        centering=tuple(_centering(plan, family, eta, members, key[:-1])),
+                        count_values=np.tile(empty, (count, 1)), count_weights=np.tile(empty, (count, 1)),
+                        count_steps=np.tile(empty, (count, 1)), count_above=np.tile(empty, (count, 1)))
+        for chunk in chunks(0, members, size_of(count), n_devices):  # chunk.index: rows of the bucket
+            out.append((chunk, members[chunk.index], (take(data, chunk.index),)))
+    return messages, out
+
+
+def chain_and_draw_glmm(ks: tuple, family: str, link: str, p: int, tune: int, draws: int, target_accept: float,
+                        max_tree_depth: int):
+    """One (dataset, chain) of a GLMM: NUTS on every parameter of :func:`~hierpool.bayesian.glmm.glmm_model`;
+    vmapped over both.  The arguments are ``(GLMMData, priors)`` (the padded level counts are the centering
+    weights' shapes); the draws are :func:`hierpool.batch.bayes_terms.chain_and_draw_terms`' without sigma."""
+    def run(seed, chain, args):
+        n_levels = tuple(int(w.shape[0]) for w in args[0].centering)
+        dimension = p + sum(k * ell for k, ell in zip(ks, n_levels)) + sum(k * (k + 1) // 2 for k in ks)
+
+        def model(data, priors):
+            return glmm_model(data, priors, None, ks=ks, n_levels=n_levels, family=family, link=link)
+
+        one_chain = chain_function(model, tune=tune, draws=draws, target_accept=target_accept,
+                                   max_tree_depth=max_tree_depth, dense_mass=dimension <= DENSE_MASS_MAX_DIMENSION)
+        constrained, sample_stats = one_chain(seed, chain, args)
+        if "beta" in constrained or not p:  # one vector site, or one site per column (glmm_model's fixed_effects)
+            beta = constrained["beta"] if p else jax.numpy.zeros((draws, 0))
+        else:
+            beta = jax.numpy.stack([constrained[f"beta__{i}"] for i in range(p)], axis=-1)
+        sds, cors, _ = variance_draws(constrained, ks, True)
+        return {"beta": beta, "b": [constrained[f"b__{j}"] for j in range(len(ks))], "sd": sds,
+                "diverging": sample_stats["diverging"],
+                "cor": [None if cor is None else cor @ jax.numpy.swapaxes(cor, -1, -2) for cor in cors]}
+
+    return jax.vmap(run, in_axes=(None, 0, 0))

