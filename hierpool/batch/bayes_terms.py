@@ -18,13 +18,11 @@ levels); the exact draws factor ``min(draws, draw_batch_size)`` rest matrices (m
 from __future__ import annotations
 
 import jax
-import numpy as np
 
-from ..algebra.batched_systems import batched_systems
 from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
 from ..bayesian.model import collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function
-from .fit_terms import padded_widths, take, term_problems, too_large
+from .fit_terms import bucket_systems, take, term_problems, too_large
 from .plan import BatchPlan, chunks
 
 #: Bytes the exact (beta, b) draws of one program may hold at once, over all its (dataset, chain) pairs.
@@ -37,26 +35,11 @@ def term_chunks(plan: BatchPlan, size_of, n_devices: int):
     ``messages``: why a dataset is not sampled ("" when it is): hp.lmm's checks (:func:`term_problems`), or a
     dense coupling too large to batch.  ``size_of(count)``: datasets per chunk for a bucket of ``count``.
     """
-    design = plan.design
     messages = term_problems(plan)
     for d, reason in too_large(plan, messages).items():
         messages[d] = f"{reason}: sample it with hp.bayes"
-    widths = padded_widths(plan)
-    buckets = {}
-    for d in range(plan.n_datasets):
-        if not messages[d]:
-            buckets.setdefault(tuple(widths[d]), []).append(d)
     out = []
-    for key, members in buckets.items():
-        members = np.asarray(members)
-        rows = np.isin(plan.dataset, members)
-        local = np.searchsorted(members, plan.dataset[rows])
-        terms = [(level[rows], term.z[rows], int(width))
-                 for (level, _, _), term, width in zip(plan.term_levels, design.terms, key)]
-        weights = design.weights
-        systems, n = batched_systems(local, len(members), terms, design.X[rows], design.y[rows],
-                                     None if weights is None else weights[rows], design.offset[rows],
-                                     design.sigma_known)
+    for members, systems, n in bucket_systems(plan, [d for d, message in enumerate(messages) if not message]):
         for chunk in chunks(0, members, size_of(len(members)), n_devices):  # chunk.index: rows of the bucket
             out.append((chunk, members[chunk.index], take((systems, n), chunk.index)))
     return messages, out

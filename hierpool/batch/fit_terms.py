@@ -84,6 +84,29 @@ def too_large(plan: BatchPlan, messages: list[str]) -> dict:
             if not messages[d] and dense_entries(widths[d], ks, plan.design.p) > MAX_DENSE_ENTRIES}
 
 
+def bucket_systems(plan: BatchPlan, datasets) -> list:
+    """``datasets`` bucketed by padded level counts (:func:`padded_widths`): per bucket ``(members, systems, n)``,
+    the members' systems built at once (:func:`hierpool.algebra.batched_systems.batched_systems`) and their row
+    counts.  ``hp.fit_batch``'s and ``hp.bayes_batch``'s several-term paths."""
+    design, widths = plan.design, padded_widths(plan)
+    buckets = {}
+    for d in datasets:
+        buckets.setdefault(tuple(widths[d]), []).append(d)
+    weights = design.weights
+    out = []
+    for key, members in buckets.items():
+        members = np.asarray(members)
+        rows = np.isin(plan.dataset, members)
+        local = np.searchsorted(members, plan.dataset[rows])
+        terms = [(level[rows], term.z[rows], int(width))
+                 for (level, _, _), term, width in zip(plan.term_levels, design.terms, key)]
+        systems, n = batched_systems(local, len(members), terms, design.X[rows], design.y[rows],
+                                     None if weights is None else weights[rows], design.offset[rows],
+                                     design.sigma_known)
+        out.append((members, systems, n))
+    return out
+
+
 def take(tree, index):
     """Rows ``index`` of every array of a batch's tree (a chunk's, contiguous for the device)."""
     return jax.tree_util.tree_map(lambda a: np.ascontiguousarray(np.asarray(a)[index]), tree)
@@ -197,22 +220,9 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int, progr
     p = design.p
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = term_problems(plan)
-    widths = padded_widths(plan)
     out = empty_results(plan, messages, too_large(plan, messages))
-    buckets = {}
-    for d in np.flatnonzero(out["attempted"]):
-        buckets.setdefault(tuple(widths[d]), []).append(d)
-    weights = design.weights
     jobs = []
-    for key, members in buckets.items():
-        members = np.asarray(members)
-        rows = np.isin(plan.dataset, members)
-        local = np.searchsorted(members, plan.dataset[rows])
-        terms = [(level[rows], term.z[rows], int(width))
-                 for (level, _, _), term, width in zip(plan.term_levels, design.terms, key)]
-        systems, n = batched_systems(local, len(members), terms, design.X[rows], design.y[rows],
-                                     None if weights is None else weights[rows], design.offset[rows],
-                                     design.sigma_known)
+    for members, systems, n in bucket_systems(plan, np.flatnonzero(out["attempted"])):
         # beta0 stays float64 and is added on the host: in float32 a large common location of y would lose digits
         shift, systems = systems.beta_shift, dataclasses.replace(systems, beta_shift=np.zeros((len(members), p)))
         systems = jax.tree_util.tree_map(
