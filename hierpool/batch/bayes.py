@@ -84,7 +84,7 @@ def _compiled(factory, settings: tuple, seed, chain_ids, args, sharding, quick: 
         ids, arrays = chain_ids, args
         if sharding is not None:
             ids, arrays = jax.tree_util.tree_map(
-                lambda a: jax.ShapeDtypeStruct(np.shape(a), np.result_type(a), sharding=sharding), (ids, arrays))
+                lambda a: jax.ShapeDtypeStruct(np.shape(a), np.dtype(a.dtype), sharding=sharding), (ids, arrays))
         function = factory(*settings)
         if sharding is not None:
             # each device runs its own rows' loops: vmapped over a sharded axis, the NUTS while loops would
@@ -95,6 +95,11 @@ def _compiled(factory, settings: tuple, seed, chain_ids, args, sharding, quick: 
         return jax.jit(function).lower(seed, ids, arrays).compile(compiler_options(platform, quick))
 
     return _PROGRAMS.get((factory, settings, shape_signature(args), sharding, quick), build)
+
+
+def _repeated_shapes(args, chains: int):
+    """The shapes of ``args`` with each dataset's row repeated for its ``chains`` (what the program is called with)."""
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((a.shape[0] * chains,) + a.shape[1:], a.dtype), args)
 
 
 def _stack(trees: list):
@@ -263,9 +268,10 @@ def bayes_batch(
         priors_of = _stack([resolved[d] for d in members])
         args = (*data, priors_of) if spec is not None else (
             *data, np.stack([gaussian[d][0] for d in members]), np.stack([gaussian[d][1] for d in members]), priors_of)
-        repeated = jax.tree_util.tree_map(lambda a: np.repeat(np.asarray(a), chains, axis=0), args)
+        # repeated for the chains only when the chunk runs (run below): the jobs of a large batch hold one copy
+        args = jax.tree_util.tree_map(np.asarray, args)
         chain_ids = (members[:, None] * chains + np.arange(chains)).ravel().astype(np.uint32)
-        jobs.append((chunk, repeated, chain_ids))
+        jobs.append((chunk, args, chain_ids))
 
     if spec is not None:
         settings = (ks, spec.name, spec.link, p, tune, draws, float(target_accept), max_tree_depth)
@@ -278,17 +284,19 @@ def bayes_batch(
     # (hp.bayes' rule, over every chain of the batch).  Up to 4 sleepstudy-sized datasets x 4 chains x 1000
     # draws (the most this rule takes) the compile time saved outweighs the slower unoptimized chains; the
     # timings are in benchmarks/RESULTS.md, "Measurements the code cites"
-    quick = quick_compile([args for _, args, _ in jobs], chains=1, iterations=tune + draws)
+    quick = quick_compile([args for _, args, _ in jobs], chains=chains, iterations=tune + draws)
     # compile each chunk shape once, before the threads start (they would each compile it); each job holds its
     # program, so the cache dropping one while this call runs never compiles it twice
     # the general paths' exact draws share a memory budget over the program's (dataset, chain) pairs
     per_job = (lambda ids: (len(ids),)) if factory in (chain_and_draw_terms, chain_and_draw_ar1) else (lambda ids: ())
     jobs = [(chunk, args, chain_ids,
-             _compiled(factory, settings + per_job(chain_ids), key_seed, chain_ids, args, sharding, quick))
+             _compiled(factory, settings + per_job(chain_ids), key_seed, chain_ids, _repeated_shapes(args, chains),
+                       sharding, quick))
             for chunk, args, chain_ids in jobs]
 
     def run(job):
         chunk, args, chain_ids, program = job
+        args = jax.tree_util.tree_map(lambda a: np.repeat(a, chains, axis=0), args)  # one row per (dataset, chain)
         chain_ids, args = place((chain_ids, args), sharding)
         out = fetch(program(key_seed, chain_ids, args))
         out = jax.tree_util.tree_map(
