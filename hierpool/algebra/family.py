@@ -141,7 +141,9 @@ class Family:
         if self.name == "poisson":
             return weights * (xp.where(y > 0, y * xp.log(mu), 0.0) - mu - gammaln(y + 1.0))
         theta = self.shape
-        return weights * (gammaln(theta + y) - gammaln(theta) - gammaln(y + 1.0) + theta * np.log(theta)
+        xp = array_namespace(y, mu, weights, theta)  # the shape may be traced (hp.fit_batch's negative binomial)
+        gammaln = _special(xp).gammaln
+        return weights * (gammaln(theta + y) - gammaln(theta) - gammaln(y + 1.0) + theta * xp.log(theta)
                           + y * xp.log(mu + (y == 0)) - (theta + y) * xp.log(theta + mu))
 
     def working(self, y, eta, weights):

@@ -228,18 +228,19 @@ def _value_and_gradient(theta, beta, u, shape, saturated, data: ProgramData, fam
     return mode, _gradient(theta, mode, family, data, held["system"], held["gradient"])
 
 
-def laplace_value_and_gradient(theta, beta, saturated, data: ProgramData, family: Family, u=None):
+def laplace_value_and_gradient(theta, beta, saturated, data: ProgramData, family: Family, u=None, shape=None):
     """(Laplace deviance, its gradient in (theta, beta)) at (theta, beta): the mode by PIRLS from ``u`` (zeros when
     None), traced (a pure function of arrays: jit or vmap it; a batch's datasets in ``hp.fit_batch``).
 
-    ``data`` is a working pattern's :class:`ProgramData` without X (``joint=False``); binomial or Poisson (the
-    negative binomial's shape is not an argument here).  Also returns the mode's dict (``u``, ``b``, ``eta``,
-    ``working_weights``, ``converged``, ...) as the third element.
+    ``data`` is a working pattern's :class:`ProgramData` without X (``joint=False``); ``shape``: a negative
+    binomial's (an array, may be traced; ``saturated`` must then be its own), held in the gradient.  Also returns
+    the mode's dict (``u``, ``b``, ``eta``, ``working_weights``, ``converged``, ...) as the third element.
     """
     layout = data.pattern.layout
     if u is None:
         u = tuple(jnp.zeros((ell, k), theta.dtype) for ell, k in zip(layout.n_levels, layout.ks))
-    mode, gradient = _value_and_gradient(theta, beta, u, jnp.ones((), theta.dtype), saturated, data, family,
+    shape = jnp.ones((), theta.dtype) if shape is None else shape
+    mode, gradient = _value_and_gradient(theta, beta, u, shape, saturated, data, family,
                                          PIRLS_TOL, PIRLS_MAX_STEPS, PIRLS_MAX_HALVINGS)
     return mode["laplace"], gradient, mode
 

@@ -160,11 +160,12 @@ def fit_batch(
         list position or dict key becomes the ``by`` label).
     by : str
         The column that names the dataset of each row.
-    family : {None, "binomial", "bernoulli", "poisson"}
+    family : {None, "binomial", "bernoulli", "poisson", "negative_binomial"}
         None: the linear mixed model (``hp.lmm``).  Otherwise a GLMM fitted as ``hp.glmm`` fits it (the
         Laplace approximation, glmer's ``nAGQ = 1``; the response as ``hp.glmm`` reads it, e.g.
         ``cbind(successes, failures)``, with ``weights=`` the trials of proportions), per
-        :mod:`hierpool.batch.fit_glmm`; ``objective`` is then -2 log L and ``sigma`` 1.
+        :mod:`hierpool.batch.fit_glmm`; ``objective`` is then -2 log L and ``sigma`` 1.  A negative
+        binomial's shape is estimated with the rest (``result.shape``, a ``shape`` column of ``to_frame()``).
     link : str, optional
         The GLMM's link (``hp.glmm``'s ``link``).
     correlation : AR1, optional
@@ -239,9 +240,6 @@ def fit_batch(
     spec = None
     if family is not None:
         spec = family_spec(family, link)
-        if spec.name == "negative_binomial":
-            raise ArgumentError("fit_batch fits binomial and Poisson GLMMs; a negative binomial's shape is a further "
-                                "parameter it does not estimate: fit those with hp.glmm per dataset")
         if reml:
             raise ArgumentError("reml=True with family=: a GLMM is fitted by maximum likelihood (glmer's Laplace)")
         if se is not None:
@@ -265,7 +263,8 @@ def fit_batch(
                     workers=thread_count(sharding, serial=len(plan.design.terms) > 1 or correlation is not None))
     if spec is not None:
         settings.pop("reml")
-        out = fit_glmm(plan, make_family(spec), **settings)
+        # a negative binomial's shape is estimated (the 1.0 only makes the family; the batch starts from moments)
+        out = fit_glmm(plan, make_family(spec, shape=1.0 if spec.name == "negative_binomial" else None), **settings)
         fitter = partial(glmm, family=family, link=link)
     elif correlation is not None:
         out = fit_ar1(plan, correlation, **settings)
@@ -370,6 +369,8 @@ def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
     out["theta"][index] = np.concatenate([pieces[j] for j in order])
     if "phi" in out:
         out["phi"][index] = single.phi
+    if "shape" in out:
+        out["shape"][index] = single.shape
     for key, value in (("objective", objective), ("converged", single.converged),
                        ("beta", single.fixef.to_numpy()), ("vcov", single.vcov.to_numpy()), ("sigma", sigma),
                        ("is_singular", single.is_singular)):
@@ -421,4 +422,5 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter) -> 
         reml=reml,
         sigma_known=design.sigma_known or design.family is not None,  # no Residual row in a GLMM's VarCorr
         phi=out.get("phi"),
+        shape=out.get("shape"),
     )

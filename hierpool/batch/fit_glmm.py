@@ -12,7 +12,9 @@ conditional variances come from the penalized system at the mode's weights (``hp
 Padding: a bucket's datasets share level counts per term (padded as :mod:`hierpool.batch.fit_terms` pads them)
 and a row count (the next power of two); a padded row has trials 0, which zeroes its deviance and its PIRLS
 weight, so it changes no number.  The working systems are filled on the full coupling grid
-(``Layout.dense_only``).  Negative binomial batches are refused (their shape is a further parameter).
+(``Layout.dense_only``).  A negative binomial's log shape is a further parameter of Newton's method, last, as in
+``hp.glmm``'s second stage: its derivative a central difference (PIRLS run again at each side), the saturated
+constant computed in the program at each shape, the start the Poisson GLM's moments (:func:`moment_shape`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..algebra.laplace_program import ProgramData, laplace_value_and_gradient
 from ..algebra.linalg import theta_start
 from ..algebra.start import moment_theta
 from ..algebra.system import Layout, SystemPattern, fill_in_program
+from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
 from .fit_terms import empty_results, padded_widths, run_jobs, take, term_problems
 from .optimize import MOMENT_FLOOR, canonical_theta, newton
 from .plan import QUICK_COMPILE_MAX_VALUES, BatchPlan, bucket_width, chunks, fetch, place
@@ -93,6 +96,19 @@ def moment_start_theta(plan: BatchPlan, family: Family, eta: np.ndarray) -> np.n
                       for a in range(k)], axis=1).reshape(n_datasets, ell, k)
     rss = np.bincount(plan.dataset, weights=weights * residual**2, minlength=n_datasets)
     return moment_theta(ztz, cross, rss, plan.n_obs.astype(float), p=design.p, floor=MOMENT_FLOOR)
+
+
+def moment_shape(plan: BatchPlan, eta: np.ndarray, link) -> np.ndarray:
+    """(D,) a negative binomial's starting shape per dataset: the method of moments on its Poisson GLM fit at
+    ``eta``, 1 / theta = sum w ((y - mu)^2 - mu) / sum w mu^2 (NB2's variance mu + mu^2 / theta), kept in
+    [1e-2, 1e4]."""
+    design = plan.design
+    mu, weights = Family("poisson", link).link.inverse(eta), design.row_weights
+    excess = np.bincount(plan.dataset, weights=weights * ((design.y - mu) ** 2 - mu), minlength=plan.n_datasets)
+    scale = np.bincount(plan.dataset, weights=weights * mu**2, minlength=plan.n_datasets)
+    with np.errstate(all="ignore"):
+        inverse = np.where(scale > 0, excess / scale, 1.0)
+    return 1.0 / np.clip(np.nan_to_num(inverse, nan=1.0), 1e-4, 1e2)
 
 
 def saturated_deviances(plan: BatchPlan, family: Family) -> np.ndarray:
@@ -170,28 +186,58 @@ def bucket_data(plan: BatchPlan, members: np.ndarray, widths, row_width: int) ->
                        term_rows=term_rows, pattern=pattern)
 
 
+def saturated_in_program(data: ProgramData, family: Family):
+    """-2 log p(y | y) of one dataset's rows, traced (a negative binomial's depends on its shape, a parameter):
+    :func:`saturated_deviances`' rows, summed; padded rows (zero weight) add 0."""
+    mu = family.starting_mean(data.y, data.trials)
+    rows = -2.0 * family.log_likelihood(data.y, mu, data.trials) - family.unit_deviances(data.y, mu, data.trials)
+    return jnp.sum(rows)
+
+
+def _laplace(params, saturated, data, family: Family, n_theta: int, negative_binomial: bool):
+    """(Laplace -2 log L, its gradient, the mode) at ``params``: (theta, beta), and a negative binomial's log shape
+    last (its saturated constant computed at that shape; the gradient then in (theta, beta) alone)."""
+    if not negative_binomial:
+        return laplace_value_and_gradient(params[:n_theta], params[n_theta:], saturated, data, family)
+    shape = jnp.exp(params[-1])
+    saturated = saturated_in_program(data, dataclasses.replace(family, shape=shape))
+    return laplace_value_and_gradient(params[:n_theta], params[n_theta:-1], saturated, data, family, shape=shape)
+
+
 def _optimize_rows(data, saturated, start, family: Family, max_iterations: int):
     ks = data.pattern.layout.ks
     n_theta = sum(k * (k + 1) // 2 for k in ks)
+    negative_binomial = family.name == "negative_binomial"
+    laplace = partial(_laplace, family=family, n_theta=n_theta, negative_binomial=negative_binomial)
 
     def one(d, sat, params0):
         # PIRLS starts every evaluation from u = 0: carrying the current mode to the probes as a warm start was
         # slower, the loops running in lockstep over datasets (benchmarks/RESULTS.md, "Batch fitting for every model")
         def value_and_grad(params):
-            value, gradient, _ = laplace_value_and_gradient(params[:n_theta], params[n_theta:], sat, d, family)
+            value, gradient, _ = laplace(params, sat, d)
+            if negative_binomial:  # the log shape's derivative: a central difference, as hp.glmm's
+                step = jnp.zeros_like(params).at[-1].set(SHAPE_DIFFERENCE)
+                sides = laplace(params + step, sat, d)[0] - laplace(params - step, sat, d)[0]
+                gradient = jnp.concatenate([gradient, (sides / (2 * SHAPE_DIFFERENCE))[None]])
             return value, gradient
 
         params, value, newton_step, iterations, converged, curvature = newton(
             None, params0, max_iterations, value_and_grad=value_and_grad, fd_width=FD_WIDTH, with_curvature=True,
             step_tol=STEP_TOL, damping_growth=DAMPING_GROWTH)
-        theta, beta = canonical_theta(params[:n_theta], ks), params[n_theta:]
-        _, _, mode = laplace_value_and_gradient(theta, beta, sat, d, family)
+        params = params.at[:n_theta].set(canonical_theta(params[:n_theta], ks))
+        _, _, mode = laplace(params, sat, d)
+        theta = params[:n_theta]
         system = fill_in_program(d.pattern, mode["working_weights"], jnp.ones_like(d.y))
         solved = solve(theta, system)
-        covariance = jnp.linalg.inv(0.5 * curvature)[n_theta:, n_theta:]
-        return {"theta": theta, "beta": beta, "objective": value, "newton_step": newton_step,
-                "iterations": iterations, "converged": converged & mode["converged"], "vcov": covariance,
-                "b": mode["b"], "cond_var": solved.cond_var, "factors": solved.factors}
+        fixed = slice(n_theta, n_theta + d.X.shape[-1])
+        # beta's covariance with the shape held (hp.glmm's, glmer's calc.derivs)
+        covariance = jnp.linalg.inv(0.5 * curvature[: fixed.stop, : fixed.stop])[fixed, fixed]
+        out = {"theta": theta, "beta": params[fixed], "objective": value, "newton_step": newton_step,
+               "iterations": iterations, "converged": converged & mode["converged"], "vcov": covariance,
+               "b": mode["b"], "cond_var": solved.cond_var, "factors": solved.factors}
+        if negative_binomial:
+            out["shape"] = jnp.exp(params[-1])
+        return out
 
     return jax.vmap(one)(data, saturated, start)
 
@@ -224,7 +270,7 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     binomial rows with whole numbers of successes: the design refuses others (:mod:`hierpool.spec.family`).
     """
     design = plan.design
-    family = dataclasses.replace(family, shape=None)
+    family = dataclasses.replace(family, shape=None)  # a negative binomial's is a parameter, traced
     ks = tuple(t.k for t in design.terms)
     n_devices = 1 if sharding is None else len(jax.devices())
     # hp.glmm's checks: levels, X's rank and rows (a GLMM's level count may reach its row count: no sigma)
@@ -243,9 +289,18 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     if not out["attempted"].any():
         out["is_singular"] = np.zeros(plan.n_datasets, bool)
         return out
-    beta0, eta0 = glm_start(plan, family)
-    theta0 = moment_start_theta(plan, family, eta0)
-    saturated = saturated_deviances(plan, family)
+    negative_binomial = family.name == "negative_binomial"
+    # a negative binomial starts from its Poisson GLM (glmer.nb's start), its shape from that fit's moments
+    pilot = Family("poisson", family.link) if negative_binomial else family
+    beta0, eta0 = glm_start(plan, pilot)
+    theta0 = moment_start_theta(plan, pilot, eta0)
+    if negative_binomial:
+        # the log shape last
+        theta0 = np.concatenate([theta0, np.log(moment_shape(plan, eta0, family.link))[:, None]], axis=1)
+        out["shape"] = np.full(plan.n_datasets, np.nan)
+        saturated = np.zeros(plan.n_datasets)  # computed in the program, at each shape
+    else:
+        saturated = saturated_deviances(plan, family)
     buckets = {}
     for d in np.flatnonzero(out["attempted"]):
         buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
@@ -255,7 +310,8 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
         data = bucket_data(plan, members, key[:-1], int(key[-1]))
         data = jax.tree_util.tree_map(
             lambda a: a.astype(float_type) if np.issubdtype(a.dtype, np.floating) else a, data)
-        start = np.concatenate([theta0[members], beta0[members]], axis=1)
+        n_theta = sum(k * (k + 1) // 2 for k in ks)
+        start = np.concatenate([theta0[members, :n_theta], beta0[members], theta0[members, n_theta:]], axis=1)
         size = min(chunk_size, math.ceil(len(members) / workers))
         bucket_chunks = chunks(0, np.arange(len(members)), size, n_devices)
         arguments = (data, saturated[members].astype(float_type), start.astype(float_type))
@@ -266,9 +322,11 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
             jobs.append((members[chunk.members], take(arguments, chunk.index), chunk.count, program))
 
     def run(job):
-        _, arguments, count, program = job
+        members, arguments, count, program = job
         result = jax.tree_util.tree_map(lambda a: a[:count], fetch(program.result()(*place(arguments, sharding))))
         result["sigma"] = np.ones(count)  # the unit scale of a GLMM (hp.glmm's)
+        if "shape" in result:
+            out["shape"][members] = result["shape"]
         return result
 
     return run_jobs(jobs, run, out, plan, workers=workers, progress=progress)

@@ -99,6 +99,9 @@ class BatchResult:
         ``to_frame()`` no ``sigma`` column, as ``hp.lmm``'s ``varcorr`` has no ``Residual`` row.
     phi : (B,) ndarray or None
         Each dataset's AR(1) correlation (``correlation=``; a ``phi`` column of ``to_frame()``), else None.
+    shape : (B,) ndarray or None
+        Each dataset's negative binomial shape (``family="negative_binomial"``; a ``shape`` column of
+        ``to_frame()``), else None.
     """
 
     datasets: pd.Index
@@ -116,6 +119,7 @@ class BatchResult:
     reml: bool
     sigma_known: bool = False
     phi: np.ndarray | None = None
+    shape: np.ndarray | None = None
 
     def _only_term(self) -> BatchTerm:
         if len(self.terms) != 1:
@@ -184,6 +188,8 @@ class BatchResult:
             frame["sigma"] = self.sigma
         if self.phi is not None:
             frame["phi"] = self.phi
+        if self.shape is not None:
+            frame["shape"] = self.shape
         return frame
 
     def __repr__(self) -> str:
