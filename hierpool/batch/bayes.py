@@ -39,7 +39,7 @@ from ..spec.arguments import sampler_arguments
 from ..spec.family import family_spec
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
 from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
-from .bayes_results import BayesBatchResult, BayesBatchTerm, summarize_blocks
+from .bayes_results import SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, term_chunks
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 
@@ -179,10 +179,10 @@ def bayes_batch(
         ``hp.bayes``'s ``correlation=`` (each dataset's series its own; :mod:`hierpool.batch.bayes_ar1`): phi is
         sampled with the variance parameters, Uniform on its interval, and summarized in ``result.phi``.
         Not with ``weights=`` or ``se=``.
-    family : {None, "binomial", "bernoulli", "poisson"}
+    family : {None, "binomial", "bernoulli", "poisson", "negative_binomial"}
         A GLMM, sampled as ``hp.bayes`` samples it with ``family=`` (NUTS on every parameter, each level's
         effect partially non-centered; :mod:`hierpool.batch.bayes_glmm`); its priors on the fixed effects may
-        be any.  ``varcorr`` then has no ``Residual`` rows.  Negative binomial models are not batched.
+        be any.  ``varcorr`` then has no ``Residual`` rows; a negative binomial's shape is in ``result.shape``.
     link : str, optional
         The GLMM's link (``hp.bayes``'s ``link``).
 
@@ -309,15 +309,17 @@ def bayes_batch(
     ranef = [[np.full((k, ell, len(SUMMARY_COLUMNS)), np.nan) for ell in n_levels]
              for k, (_, n_levels, _) in zip(ks, plan.term_levels)]
     divergences = np.zeros(plan.n_datasets, dtype=int)
-    phi = None if correlation is None else np.full((plan.n_datasets, len(SUMMARY_COLUMNS)), np.nan)
+    scalars = {}  # phi, shape: filled where a chunk's draws have them
     kept = {} if keep_draws else None
     with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, plan.n_datasets, "bayes_batch") as bar:
         for chunk, out, summary in pool.map(run, jobs):
             members = chunk.members
             fixef[members], varcorr[members] = summary["fixef"], summary["varcorr"]
             divergences[members] = out["diverging"].sum(axis=(1, 2))
-            if phi is not None:
-                phi[members] = summary["phi"]
+            for name in SCALARS:
+                if name in summary:
+                    scalars.setdefault(name, np.full((plan.n_datasets, len(SUMMARY_COLUMNS)), np.nan))[members] = \
+                        summary[name]
             for row, index in enumerate(members):
                 ells = [n_levels[index] for _, n_levels, _ in plan.term_levels]
                 for t, ell in enumerate(ells):
@@ -341,7 +343,7 @@ def bayes_batch(
         level=level,
         draws=kept,
         sigma_known=sigma_known,
-        phi_summary=phi,
+        scalars=scalars,
     )
 
 
@@ -358,7 +360,7 @@ def _kept_draws(out: dict, row: int, ells: list, several: bool) -> dict:
         kept.update(b=b[0], sd=sd[0])
         if cor[0] is not None:
             kept["cor"] = cor[0]
-    for name in ("sigma", "phi"):
+    for name in ("sigma", *SCALARS):
         if name in out:
             kept[name] = out[name][row]
     return kept

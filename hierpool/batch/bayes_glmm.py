@@ -1,5 +1,5 @@
-"""``hp.bayes_batch(..., family=)``: hp.bayes's NUTS sampler of a binomial or Poisson GLMM, vmapped over datasets and
-chains.
+"""``hp.bayes_batch(..., family=)``: hp.bayes's NUTS sampler of a binomial, Poisson or negative binomial GLMM, vmapped
+over datasets and chains.
 
 Each dataset's target is hp.bayes's (:func:`hierpool.bayesian.glmm.glmm_model`): every parameter sampled, each
 level's effect partially non-centered with the weight of the pilot GLM fit (:func:`hierpool.bayesian.glmm.
@@ -18,17 +18,15 @@ sampled coefficients (padded levels included).
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import numpy as np
 
-from ..algebra.family import Family
+from ..algebra.family import Family, Link
 from ..algebra.family import family as make_family
 from ..bayesian.glmm import DENSE_MASS_MAX_DIMENSION, PARAMETERIZATION, GLMMData, glmm_model, level_centering
 from ..bayesian.model import variance_draws
 from ..bayesian.nuts import chain_function
-from ..errors import ArgumentError
 from .fit_glmm import bucket_data, glm_start
 from .fit_terms import padded_widths, take, term_problems
 from .plan import BatchPlan, bucket_width, chunks
@@ -69,10 +67,9 @@ def glmm_chunks(plan: BatchPlan, size_of, n_devices: int):
     """The chunks of a GLMM batch: ``(messages, [(chunk, padded members, (GLMMData,)), ...])``."""
     design = plan.design
     spec = design.family
-    if spec.name == "negative_binomial":
-        raise ArgumentError("bayes_batch samples binomial and Poisson GLMMs; a negative binomial's shape is not "
-                            "batched: sample those with hp.bayes per dataset")
-    family = dataclasses.replace(make_family(spec), shape=None)
+    negative_binomial = spec.name == "negative_binomial"
+    # the pilot of a negative binomial is its Poisson GLM, as hp.bayes's (centering_weights)
+    family = Family("poisson", Link(spec.link)) if negative_binomial else make_family(spec)
     messages = glmm_problems(plan)
     usable = np.array([d for d, message in enumerate(messages) if not message], dtype=int)
     out = []
@@ -88,11 +85,14 @@ def glmm_chunks(plan: BatchPlan, size_of, n_devices: int):
         members = np.asarray(members)
         program = bucket_data(plan, members, key[:-1], int(key[-1]))
         count = len(members)
+        # a negative binomial's log Gamma terms row by row (count values the rows' own, weighted by theirs: a
+        # padded row's weight is 0); hp.bayes groups them by distinct count, the same sum
+        values, weights = (program.y, program.trials) if negative_binomial else (np.tile(empty, (count, 1)),) * 2
         data = GLMMData(y=program.y, weights=program.trials, offset=program.offset, X=program.X,
                         index=tuple(level for level, _ in program.term_rows),
                         z=tuple(z for _, z in program.term_rows),
                         centering=tuple(_centering(plan, family, eta, members, key[:-1])),
-                        count_values=np.tile(empty, (count, 1)), count_weights=np.tile(empty, (count, 1)),
+                        count_values=values, count_weights=weights,
                         count_steps=np.tile(empty, (count, 1)), count_above=np.tile(empty, (count, 1)))
         for chunk in chunks(0, members, size_of(count), n_devices):  # chunk.index: rows of the bucket
             out.append((chunk, members[chunk.index], (take(data, chunk.index),)))
@@ -119,8 +119,11 @@ def chain_and_draw_glmm(ks: tuple, family: str, link: str, p: int, tune: int, dr
         else:
             beta = jax.numpy.stack([constrained[f"beta__{i}"] for i in range(p)], axis=-1)
         sds, cors, _ = variance_draws(constrained, ks, True)
-        return {"beta": beta, "b": [constrained[f"b__{j}"] for j in range(len(ks))], "sd": sds,
-                "diverging": sample_stats["diverging"],
-                "cor": [None if cor is None else cor @ jax.numpy.swapaxes(cor, -1, -2) for cor in cors]}
+        out = {"beta": beta, "b": [constrained[f"b__{j}"] for j in range(len(ks))], "sd": sds,
+               "diverging": sample_stats["diverging"],
+               "cor": [None if cor is None else cor @ jax.numpy.swapaxes(cor, -1, -2) for cor in cors]}
+        if family == "negative_binomial":
+            out["shape"] = constrained["shape"]
+        return out
 
     return jax.vmap(run, in_axes=(None, 0, 0))

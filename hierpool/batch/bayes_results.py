@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from ..algebra.varcorr import coef_pairs, varcorr_table
 from ..bayesian.results import ESS_MIN_PER_CHAIN, R_HAT_MAX, SUMMARY_COLUMNS, summarize_draws
+
+#: The further scalar parameters a batch may sample, each summarized per dataset (BayesBatchResult.scalars).
+SCALARS = ("phi", "shape")
 
 
 def summarize(block: np.ndarray, level: float) -> np.ndarray:
@@ -41,8 +44,9 @@ def summarize_blocks(out: dict, ks: tuple, level: float) -> dict:
         ranef.append(summarize(by_coefficient, level).reshape(n_sets, k, ell, len(SUMMARY_COLUMNS)))
     summary = {"fixef": summarize(out["beta"], level), "varcorr": summarize(np.stack(columns, axis=-1), level),
                "ranef": ranef}
-    if "phi" in out:  # an AR(1) correlation's
-        summary["phi"] = summarize(out["phi"][..., None], level)[:, 0]
+    for name in SCALARS:  # an AR(1) correlation's phi, a negative binomial's shape
+        if name in out:
+            summary[name] = summarize(out[name][..., None], level)[:, 0]
     return summary
 
 
@@ -89,12 +93,13 @@ class BayesBatchResult:
         With ``keep_draws=True``: per dataset label, the draws ``beta`` (chain, draw, p),
         ``b`` (chain, draw, ell, k), ``sd``, ``cor`` (k > 1) and ``sigma`` (not with ``sigma_known``);
         with several terms ``b``, ``sd`` and ``cor`` are lists, one entry per term (``cor`` None where k = 1); with
-        an AR(1) correlation ``phi`` (chain, draw) too.
+        an AR(1) correlation ``phi`` (chain, draw) too, with a negative binomial ``shape``.
     sigma_known : bool
         The residual sds are known (``se=``): sigma is 1, not sampled, and ``varcorr`` has no
         ``Residual`` rows, as ``hp.bayes``'s.
-    phi_summary : (B, 7) ndarray, optional
-        An AR(1) correlation's phi per dataset (``correlation=``); None without one.
+    scalars : dict
+        Per-dataset summaries (B, 7) of the model's further scalar parameters, by name: an AR(1) correlation's
+        ``phi`` (``correlation=``), a negative binomial's ``shape``.
     """
 
     datasets: pd.Index
@@ -109,7 +114,7 @@ class BayesBatchResult:
     level: float
     draws: dict | None = None
     sigma_known: bool = False
-    phi_summary: np.ndarray | None = None
+    scalars: dict = field(default_factory=dict)
 
     def _only_term(self, name: str) -> BayesBatchTerm:
         if len(self.terms) != 1:
@@ -161,10 +166,10 @@ class BayesBatchResult:
                                   for t in self.terms], sigma)
         template = template[["grp", "var1", "var2"]]
         values = self.varcorr_summary
-        if self.phi_summary is not None:  # hp.bayes's row of an AR(1) correlation's phi
+        if "phi" in self.scalars:  # hp.bayes's row of an AR(1) correlation's phi
             template = pd.concat([template, pd.DataFrame({"grp": ["Residual"], "var1": ["phi"], "var2": [None]})],
                                  ignore_index=True)
-            values = np.concatenate([values, self.phi_summary[:, None]], axis=1)
+            values = np.concatenate([values, self.scalars["phi"][:, None]], axis=1)
         keys = pd.concat([template] * len(self.datasets), ignore_index=True)
         keys.insert(0, self.datasets.name, np.repeat(np.asarray(self.datasets), len(template)))
         return self._long(keys, values.reshape(-1, len(SUMMARY_COLUMNS)))
@@ -189,11 +194,19 @@ class BayesBatchResult:
         return self._long(pd.concat(keys, ignore_index=True).iloc[order], np.concatenate(values)[order])
 
     @property
-    def phi(self) -> pd.DataFrame:
+    def phi(self) -> pd.DataFrame | None:
         """An AR(1) correlation's phi per dataset (hp.bayes's summary columns); None without one."""
-        if self.phi_summary is None:
+        return self._scalar("phi")
+
+    @property
+    def shape(self) -> pd.DataFrame | None:
+        """A negative binomial's shape per dataset (hp.bayes's summary columns); None for other models."""
+        return self._scalar("shape")
+
+    def _scalar(self, name: str) -> pd.DataFrame | None:
+        if name not in self.scalars:
             return None
-        return pd.DataFrame(self.phi_summary, columns=SUMMARY_COLUMNS, index=self.datasets)
+        return pd.DataFrame(self.scalars[name], columns=SUMMARY_COLUMNS, index=self.datasets)
 
     @property
     def diagnostics(self) -> pd.DataFrame:
@@ -202,8 +215,8 @@ class BayesBatchResult:
         worst_r_hat, least_ess = [], []
         for d, (fixef, varcorr) in enumerate(zip(self.fixef_summary, self.varcorr_summary)):
             ranef = [t.ranef_summary[d].reshape(-1, len(SUMMARY_COLUMNS)) for t in self.terms]
-            phi = [] if self.phi_summary is None else [self.phi_summary[d][None]]
-            every = np.concatenate([fixef, varcorr, *ranef, *phi])
+            scalars = [summary[d][None] for summary in self.scalars.values()]
+            every = np.concatenate([fixef, varcorr, *ranef, *scalars])
             sampled = np.isfinite(every[:, ess_at]).any()
             worst_r_hat.append(np.nanmax(every[:, r_hat_at]) if sampled else np.nan)
             least_ess.append(np.nanmin(every[:, ess_at]) if sampled else np.nan)
