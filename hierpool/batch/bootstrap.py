@@ -7,8 +7,11 @@ refitted by the same criterion (REML or ML); the replicates' spread around the e
 distribution under the model.  ``confint`` gives lme4's ``confint(fit, method = "boot")`` intervals: percentile
 (``boot.type = "perc"``, the default), basic, or normal (bias-corrected, the replicates' sd).
 
-Today ``hp.fit_batch`` fits linear mixed models with any random-effect terms (one, crossed, nested; any width),
-with weights, offsets or known residual sds, or with AR(1) residuals; other fits (GLMMs) are refused by name.
+``hp.fit_batch`` fits linear mixed models with any random-effect terms (one, crossed, nested; any width), with
+weights, offsets or known residual sds, or with AR(1) residuals, and GLMMs (binomial, Poisson, negative binomial)
+by the Laplace approximation: the bootstrap takes those fits (an ``hp.glmm`` fit at nAGQ = 1; a spatial fit or
+adaptive quadrature is refused by name).  A GLMM's simulated response gets its own column (a binomial's
+proportions, with its trials as weights), whatever form the fit's response had (``cbind``, proportions, counts).
 
 References: Davison & Hinkley (1997), Bootstrap methods and their application, ch. 2 and 5; Bates et al. (2015),
 lme4's ``bootMer`` and ``confint.merMod``.
@@ -23,6 +26,7 @@ import pandas as pd
 
 from ..algebra.varcorr import coef_pairs
 from ..closedform.ar1 import AR1Result
+from ..closedform.glmm_results import GLMMResult
 from ..closedform.predict import normal_quantile
 from ..closedform.results import LMMResult
 from ..closedform.simulate import simulate
@@ -37,6 +41,9 @@ from .results import BatchResult, term_parameter_names
 REPLICATE_COLUMN = "(replicate)"
 #: The known residual sds' column (``se=``) of that frame.
 SE_COLUMN = "(se)"
+#: A GLMM's simulated response, and a binomial's trials (its weights), on that frame: the formula names the
+#: response, so it is an identifier.
+GLMM_RESPONSE_COLUMN, TRIALS_COLUMN = "bootstrap_response_", "(trials)"
 METHODS = ("percentile", "basic", "normal")
 #: An AR(1) fit's series and times on the replicates' frame (the model frame may lack the correlation's columns).
 SERIES_GROUP, SERIES_TIME = "(series)", "(series time)"
@@ -54,7 +61,8 @@ def _series_columns(series) -> tuple[np.ndarray, np.ndarray]:
 
 def parameter_estimates(fit: LMMResult) -> pd.Series:
     """The fit's parameters named as :meth:`BatchResult.to_frame` names them (:func:`term_parameter_names`): fixed
-    effects, then per term ``sd_<group>_<coef>`` and ``cor_<group>_<a>_<b>``, then ``sigma``."""
+    effects, then per term ``sd_<group>_<coef>`` and ``cor_<group>_<a>_<b>``, then ``sigma`` (a linear mixed
+    model's), ``shape`` (a negative binomial's) or ``phi`` (an AR(1) correlation's)."""
     out = dict(zip(fit.design.fixed_names, np.asarray(fit.fixef, dtype=float)))
     for term, cov in zip(fit.design.terms, fit.term_covariances()):
         cov = np.asarray(cov, dtype=float)
@@ -63,7 +71,10 @@ def parameter_estimates(fit: LMMResult) -> pd.Series:
         out |= dict(zip(sd_names, sds))
         for name, (i, j) in zip(cor_names, coef_pairs(term.k)):
             out[name] = cov[i, j] / (sds[i] * sds[j]) if sds[i] > 0 and sds[j] > 0 else np.nan
-    if not fit.design.sigma_known:
+    if isinstance(fit, GLMMResult):
+        if fit.shape is not None:  # a negative binomial's
+            out["shape"] = float(fit.shape)
+    elif not fit.design.sigma_known:
         out["sigma"] = float(fit.sigma)
     if isinstance(fit, AR1Result):
         out["phi"] = float(fit.phi)
@@ -129,14 +140,15 @@ class BootstrapResult:
 
 def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, *, chunk_size: int | None = None,
               progress: bool | None = None) -> BootstrapResult:
-    """Parametric bootstrap of a fitted linear mixed model (lme4's ``bootMer(fit, FUN, nsim = n)`` with
+    """Parametric bootstrap of a fitted mixed model (lme4's ``bootMer(fit, FUN, nsim = n)`` with
     ``use.u = FALSE``, the default ``type = "parametric"``), every replicate refitted by ``hp.fit_batch``.
 
     Parameters
     ----------
-    fit : LMMResult
+    fit : LMMResult or GLMMResult
         An ``hp.lmm`` fit (any random-effect terms; weights, offsets or known residual sds allowed; or AR(1)
-        residuals, ``correlation=``, whose phi is then a parameter too).
+        residuals, ``correlation=``, whose phi is then a parameter too), or an ``hp.glmm`` fit by the Laplace
+        approximation (binomial, Poisson, negative binomial, whose shape is then a parameter too).
     n : int
         Replicates.
     seed : int, optional
@@ -158,9 +170,12 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     n = integer_argument("n", n, minimum=2)
     if not 0 < float(level) < 1:
         raise ArgumentError(f"level must lie in (0, 1), got {level!r}")
-    if not isinstance(fit, LMMResult):
+    if not isinstance(fit, (LMMResult, GLMMResult)):
         raise ArgumentError("hp.bootstrap refits its replicates with hp.fit_batch, which takes hp.lmm fits (with "
-                            f"independent or AR(1) residuals) today: got {type(fit).__name__}")
+                            f"independent or AR(1) residuals) and hp.glmm fits: got {type(fit).__name__}")
+    if isinstance(fit, GLMMResult) and (fit.nodes != 1 or fit.stages != 2):
+        raise ArgumentError(f"hp.bootstrap refits with hp.fit_batch, which fits a GLMM by the Laplace approximation "
+                            f"(nAGQ=1): this fit has nAGQ={0 if fit.stages == 1 else fit.nodes}")
     design = fit.design
     stateful = stateful_calls(design.spec.formula)
     if stateful:  # fit_batch refuses them on a long frame (one mean over all datasets); here every replicate has the
@@ -169,7 +184,14 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
                             f"{', '.join(n + '()' for n in stateful)} in a formula: transform the column in the data "
                             "before fitting")
     frame, response = design.frame, design.spec.response
-    if frame is None or response not in frame.columns:
+    glmm_fit = isinstance(fit, GLMMResult)
+    formula = design.spec.formula
+    if glmm_fit and frame is not None:
+        # the response as the batch reads it whatever its form (cbind, proportions, counts): its own column,
+        # the binomial's trials as weights
+        response = GLMM_RESPONSE_COLUMN
+        formula = f"{response} ~ {formula.split('~', 1)[1]}"
+    elif frame is None or response not in frame.columns:
         raise ArgumentError(f"hp.bootstrap replaces the response column of the model frame: the response "
                             f"{response!r} must be a plain column of data (not an expression)")
     sims = simulate(fit, n, seed=seed).to_numpy()  # (rows, n)
@@ -178,7 +200,14 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     long[response] = sims.T.ravel()  # replicate-major, as the tiled rows
     long[REPLICATE_COLUMN] = np.repeat(np.arange(n), rows)
     arguments = {}
-    if design.sigma_known:
+    if glmm_fit:
+        arguments.update(family=design.family.name, link=design.family.link)
+        if design.family.name == "binomial":  # trials (times any prior weights): the design's row weights
+            long[TRIALS_COLUMN] = np.tile(design.row_weights, n)
+            arguments["weights"] = TRIALS_COLUMN
+        elif design.weights is not None:
+            arguments["weights"] = design.weights_column or WEIGHTS_COLUMN
+    elif design.sigma_known:
         long[SE_COLUMN] = np.tile(1.0 / np.sqrt(design.row_weights), n)
         arguments["se"] = SE_COLUMN
     elif design.weights is not None:
@@ -188,8 +217,9 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
         arguments["correlation"] = AR1(group=SERIES_GROUP, time=SERIES_TIME, continuous=fit.structure.continuous)
     if design.offset_argument is not None:
         arguments["offset"] = design.offset_column or OFFSET_COLUMN
-    batch = fit_batch(design.spec.formula, long, by=REPLICATE_COLUMN, reml=fit.reml, chunk_size=chunk_size,
-                      progress=progress, **arguments)
+    if not glmm_fit:
+        arguments["reml"] = fit.reml
+    batch = fit_batch(formula, long, by=REPLICATE_COLUMN, chunk_size=chunk_size, progress=progress, **arguments)
     estimate = parameter_estimates(fit)
     table = batch.to_frame().set_index("dataset")
     missing = [name for name in estimate.index if name not in table.columns]
