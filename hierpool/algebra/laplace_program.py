@@ -239,7 +239,10 @@ def laplace_value_and_gradient(theta, beta, saturated, data: ProgramData, family
     layout = data.pattern.layout
     if u is None:
         u = tuple(jnp.zeros((ell, k), theta.dtype) for ell, k in zip(layout.n_levels, layout.ks))
-    shape = jnp.ones((), theta.dtype) if shape is None else shape
+    if shape is None:
+        if family.name == "negative_binomial":
+            raise ValueError("laplace_value_and_gradient: a negative binomial needs its shape")
+        shape = jnp.ones((), theta.dtype)  # unused by the other families
     mode, gradient = _value_and_gradient(theta, beta, u, shape, saturated, data, family,
                                          PIRLS_TOL, PIRLS_MAX_STEPS, PIRLS_MAX_HALVINGS)
     return mode["laplace"], gradient, mode

@@ -309,17 +309,17 @@ def bayes_batch(
     ranef = [[np.full((k, ell, len(SUMMARY_COLUMNS)), np.nan) for ell in n_levels]
              for k, (_, n_levels, _) in zip(ks, plan.term_levels)]
     divergences = np.zeros(plan.n_datasets, dtype=int)
-    scalars = {}  # phi, shape: filled where a chunk's draws have them
+    # the model's further scalar parameters (NaN rows until a chunk fills them, as every summary)
+    names = ["phi"] * (correlation is not None) + ["shape"] * (spec is not None and spec.name == "negative_binomial")
+    scalars = {name: np.full((plan.n_datasets, len(SUMMARY_COLUMNS)), np.nan) for name in names}
     kept = {} if keep_draws else None
     with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, plan.n_datasets, "bayes_batch") as bar:
         for chunk, out, summary in pool.map(run, jobs):
             members = chunk.members
             fixef[members], varcorr[members] = summary["fixef"], summary["varcorr"]
             divergences[members] = out["diverging"].sum(axis=(1, 2))
-            for name in SCALARS:
-                if name in summary:
-                    scalars.setdefault(name, np.full((plan.n_datasets, len(SUMMARY_COLUMNS)), np.nan))[members] = \
-                        summary[name]
+            for name in scalars:
+                scalars[name][members] = summary[name]
             for row, index in enumerate(members):
                 ells = [n_levels[index] for _, n_levels, _ in plan.term_levels]
                 for t, ell in enumerate(ells):

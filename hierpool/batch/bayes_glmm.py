@@ -18,7 +18,6 @@ sampled coefficients (padded levels included).
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 

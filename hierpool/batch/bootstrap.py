@@ -1,17 +1,17 @@
-"""``hp.bootstrap(fit, n)``: the parametric bootstrap of a fitted linear mixed model (lme4's ``bootMer``), its
-replicates fitted by ``hp.fit_batch`` in compiled, vmapped chunks.
+"""``hp.bootstrap(fit, n)``: the parametric bootstrap of a fitted mixed model (lme4's ``bootMer``), its replicates
+fitted by ``hp.fit_batch`` in compiled, vmapped chunks.
 
-Each replicate is a response drawn from the fitted model (``hp.simulate``, :mod:`hierpool.closedform.simulate`:
-new random effects and residuals at the estimates) on the fit's own rows (its model frame, ``Design.frame``),
-refitted by the same criterion (REML or ML); the replicates' spread around the estimate is the estimate's sampling
-distribution under the model.  ``confint`` gives lme4's ``confint(fit, method = "boot")`` intervals: percentile
-(``boot.type = "perc"``, the default), basic, or normal (bias-corrected, the replicates' sd).
+Each replicate is a response drawn from the fitted model (``hp.simulate``, :mod:`hierpool.closedform.simulate`: new
+random effects and residuals at the estimates) on the fit's own rows (its model frame, ``Design.frame``), refitted
+by the same criterion (REML or ML; a GLMM's Laplace -2 log L); the replicates' spread around the estimate is the
+estimate's sampling distribution under the model. ``confint`` gives lme4's ``confint(fit, method = "boot")``
+intervals: percentile (``boot.type = "perc"``, the default), basic, or normal (bias-corrected, the replicates' sd).
 
 ``hp.fit_batch`` fits linear mixed models with any random-effect terms (one, crossed, nested; any width), with
-weights, offsets or known residual sds, or with AR(1) residuals, and GLMMs (binomial, Poisson, negative binomial)
-by the Laplace approximation: the bootstrap takes those fits (an ``hp.glmm`` fit at nAGQ = 1; a spatial fit or
-adaptive quadrature is refused by name).  A GLMM's simulated response gets its own column (a binomial's
-proportions, with its trials as weights), whatever form the fit's response had (``cbind``, proportions, counts).
+weights, offsets or known residual sds, or with AR(1) residuals, and GLMMs (binomial, Poisson, negative binomial) by
+the Laplace approximation: the bootstrap takes those fits (an ``hp.glmm`` fit at nAGQ = 1; a spatial fit or adaptive
+quadrature is refused by name). A GLMM's simulated response gets its own column (a binomial's proportions, with its
+trials as weights), whatever form the fit's response had (``cbind``, proportions, counts).
 
 References: Davison & Hinkley (1997), Bootstrap methods and their application, ch. 2 and 5; Bates et al. (2015),
 lme4's ``bootMer`` and ``confint.merMod``.
@@ -30,6 +30,7 @@ from ..closedform.glmm_results import GLMMResult
 from ..closedform.predict import normal_quantile
 from ..closedform.results import LMMResult
 from ..closedform.simulate import simulate
+from ..closedform.spatial import SpatialFit
 from ..errors import ArgumentError, integer_argument
 from ..spec.correlation import AR1
 from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
@@ -59,7 +60,7 @@ def _series_columns(series) -> tuple[np.ndarray, np.ndarray]:
     return series.group_codes, time
 
 
-def parameter_estimates(fit: LMMResult) -> pd.Series:
+def parameter_estimates(fit: LMMResult | GLMMResult) -> pd.Series:
     """The fit's parameters named as :meth:`BatchResult.to_frame` names them (:func:`term_parameter_names`): fixed
     effects, then per term ``sd_<group>_<coef>`` and ``cor_<group>_<a>_<b>``, then ``sigma`` (a linear mixed
     model's), ``shape`` (a negative binomial's) or ``phi`` (an AR(1) correlation's)."""
@@ -88,7 +89,8 @@ class BootstrapResult:
     Attributes
     ----------
     estimate : pandas.Series
-        The fit's parameters (fixed effects, sds, correlations, sigma).
+        The fit's parameters (fixed effects, sds, correlations, then sigma, a negative binomial's shape or an AR(1)
+        correlation's phi: :func:`parameter_estimates`).
     replicates : pandas.DataFrame
         One row per replicate, the same columns (NaN where a replicate's fit failed).
     batch : BatchResult
@@ -170,6 +172,9 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     n = integer_argument("n", n, minimum=2)
     if not 0 < float(level) < 1:
         raise ArgumentError(f"level must lie in (0, 1), got {level!r}")
+    if isinstance(fit, SpatialFit):
+        raise ArgumentError("hp.bootstrap refits with hp.fit_batch, which does not fit spatial terms (car()): "
+                            "simulate with hp.simulate and fit each replicate with hp.glmm(..., adjacency=)")
     if not isinstance(fit, (LMMResult, GLMMResult)):
         raise ArgumentError("hp.bootstrap refits its replicates with hp.fit_batch, which takes hp.lmm fits (with "
                             f"independent or AR(1) residuals) and hp.glmm fits: got {type(fit).__name__}")
@@ -186,10 +191,14 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     frame, response = design.frame, design.spec.response
     glmm_fit = isinstance(fit, GLMMResult)
     formula = design.spec.formula
-    if glmm_fit and frame is not None:
-        # the response as the batch reads it whatever its form (cbind, proportions, counts): its own column,
-        # the binomial's trials as weights
+    if glmm_fit and frame is None:
+        raise ArgumentError("hp.bootstrap refits on the fit's model frame, which this hp.glmm fit does not keep")
+    if glmm_fit:
+        # the response as the batch reads it whatever its form (cbind, proportions, counts): its own column (a name
+        # no column of the model frame has), the binomial's trials as weights
         response = GLMM_RESPONSE_COLUMN
+        while response in frame.columns:
+            response += "_"
         formula = f"{response} ~ {formula.split('~', 1)[1]}"
     elif frame is None or response not in frame.columns:
         raise ArgumentError(f"hp.bootstrap replaces the response column of the model frame: the response "

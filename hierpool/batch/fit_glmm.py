@@ -32,6 +32,7 @@ from ..algebra.batched_systems import MAX_DENSE_ENTRIES, dense_entries
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import Family
 from ..algebra.henderson import solve
+from ..algebra.laplace import saturated_rows
 from ..algebra.laplace_program import ProgramData, laplace_value_and_gradient
 from ..algebra.linalg import theta_start
 from ..algebra.start import moment_theta
@@ -114,9 +115,7 @@ def moment_shape(plan: BatchPlan, eta: np.ndarray, link) -> np.ndarray:
 def saturated_deviances(plan: BatchPlan, family: Family) -> np.ndarray:
     """Each dataset's -2 log p(y | y) (:func:`hierpool.algebra.laplace.saturated_deviance`), summed per dataset."""
     design = plan.design
-    trials = design.row_weights
-    mu = family.starting_mean(design.y, trials)
-    rows = -2.0 * family.log_likelihood(design.y, mu, trials) - family.unit_deviances(design.y, mu, trials)
+    rows = saturated_rows(family, design.y, design.row_weights)
     return np.bincount(plan.dataset, weights=rows, minlength=plan.n_datasets)
 
 
@@ -189,9 +188,7 @@ def bucket_data(plan: BatchPlan, members: np.ndarray, widths, row_width: int) ->
 def saturated_in_program(data: ProgramData, family: Family):
     """-2 log p(y | y) of one dataset's rows, traced (a negative binomial's depends on its shape, a parameter):
     :func:`saturated_deviances`' rows, summed; padded rows (zero weight) add 0."""
-    mu = family.starting_mean(data.y, data.trials)
-    rows = -2.0 * family.log_likelihood(data.y, mu, data.trials) - family.unit_deviances(data.y, mu, data.trials)
-    return jnp.sum(rows)
+    return jnp.sum(saturated_rows(family, data.y, data.trials))
 
 
 def _laplace(params, saturated, data, family: Family, n_theta: int, negative_binomial: bool):
@@ -219,6 +216,7 @@ def _optimize_rows(data, saturated, start, family: Family, max_iterations: int):
                 step = jnp.zeros_like(params).at[-1].set(SHAPE_DIFFERENCE)
                 sides = laplace(params + step, sat, d)[0] - laplace(params - step, sat, d)[0]
                 gradient = jnp.concatenate([gradient, (sides / (2 * SHAPE_DIFFERENCE))[None]])
+                value = jnp.where(jnp.all(jnp.isfinite(gradient)), value, jnp.inf)  # a side overflowed: not a step
             return value, gradient
 
         params, value, newton_step, iterations, converged, curvature = newton(
@@ -286,10 +284,12 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     alone = {d: "too large to batch (its dense coupling)" for d in range(plan.n_datasets)
              if not messages[d] and dense_entries(widths[d], ks, 0) > MAX_DENSE_ENTRIES}
     out = empty_results(plan, messages, alone)
+    negative_binomial = family.name == "negative_binomial"
+    if negative_binomial:
+        out["shape"] = np.full(plan.n_datasets, np.nan)  # filled by the chunks, or by hp.glmm's refits
     if not out["attempted"].any():
         out["is_singular"] = np.zeros(plan.n_datasets, bool)
         return out
-    negative_binomial = family.name == "negative_binomial"
     # a negative binomial starts from its Poisson GLM (glmer.nb's start), its shape from that fit's moments
     pilot = Family("poisson", family.link) if negative_binomial else family
     beta0, eta0 = glm_start(plan, pilot)
@@ -297,7 +297,6 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     if negative_binomial:
         # the log shape last
         theta0 = np.concatenate([theta0, np.log(moment_shape(plan, eta0, family.link))[:, None]], axis=1)
-        out["shape"] = np.full(plan.n_datasets, np.nan)
         saturated = np.zeros(plan.n_datasets)  # computed in the program, at each shape
     else:
         saturated = saturated_deviances(plan, family)
@@ -305,12 +304,12 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     for d in np.flatnonzero(out["attempted"]):
         buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
     jobs = []
+    n_theta = sum(k * (k + 1) // 2 for k in ks)
     for key, members in buckets.items():
         members = np.asarray(members)
         data = bucket_data(plan, members, key[:-1], int(key[-1]))
         data = jax.tree_util.tree_map(
             lambda a: a.astype(float_type) if np.issubdtype(a.dtype, np.floating) else a, data)
-        n_theta = sum(k * (k + 1) // 2 for k in ks)
         start = np.concatenate([theta0[members, :n_theta], beta0[members], theta0[members, n_theta:]], axis=1)
         size = min(chunk_size, math.ceil(len(members) / workers))
         bucket_chunks = chunks(0, np.arange(len(members)), size, n_devices)
@@ -322,11 +321,9 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
             jobs.append((members[chunk.members], take(arguments, chunk.index), chunk.count, program))
 
     def run(job):
-        members, arguments, count, program = job
+        _, arguments, count, program = job
         result = jax.tree_util.tree_map(lambda a: a[:count], fetch(program.result()(*place(arguments, sharding))))
         result["sigma"] = np.ones(count)  # the unit scale of a GLMM (hp.glmm's)
-        if "shape" in result:
-            out["shape"][members] = result["shape"]
         return result
 
     return run_jobs(jobs, run, out, plan, workers=workers, progress=progress)

@@ -134,7 +134,7 @@ def empty_results(plan: BatchPlan, messages: list[str], alone: dict) -> dict:
 def run_jobs(jobs, run, out: dict, plan: BatchPlan, *, workers: int, progress) -> dict:
     """Run the chunks (``run(job)`` -> a chunk's results; ``job[0]`` its datasets) and store each dataset's results
     in ``out``, each term's effects cut to the dataset's own levels; then ``is_singular`` (lme4's rule)."""
-    names = ("theta", "objective", "beta", "vcov", "sigma", "converged", "newton_step")
+    names = ("theta", "objective", "beta", "vcov", "sigma", "converged", "newton_step", "shape")
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             progress_bar(progress, plan.n_datasets, "fit_batch") as bar:
         for job, result in zip(jobs, pool.map(run, jobs)):

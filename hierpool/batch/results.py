@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.varcorr import coef_pairs, varcorr_table
+from ..errors import ArgumentError
 
 
 def term_parameter_names(group: str, coef_names) -> tuple[list[str], list[str]]:
@@ -173,6 +174,11 @@ class BatchResult:
                               "converged": self.converged.to_numpy(), "refit": self.refit.to_numpy(),
                               "is_singular": self.is_singular.to_numpy(),
                               "message": self.messages.to_numpy()})
+        taken = set(frame.columns) | {"sigma", "phi", "shape"}
+        clash = [name for name in self.fixed_names if name in taken or f"se_{name}" in taken]
+        if clash:  # one column per name: a fixed effect would be overwritten by a status column or a parameter
+            raise ArgumentError(f"to_frame: the fixed effect(s) {clash} share a name with a column of the table "
+                                f"({sorted(taken)}); rename the data's column")
         for j, name in enumerate(self.fixed_names):
             frame[name] = self.beta[:, j]
             frame[f"se_{name}"] = self.beta_se[:, j]
