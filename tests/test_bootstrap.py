@@ -94,6 +94,12 @@ def test_glmm_replicates_equal_hp_glmm_on_their_simulated_responses():
         np.testing.assert_allclose(result.replicates.iloc[0, : fit.design.p], single.fixef.to_numpy(), rtol=1e-4)
         if family == "negative_binomial":
             assert result.replicates["shape"].iloc[0] == pytest.approx(single.shape, rel=2e-4)
+    # replicate 1 of the negative binomial, with the batch stopped early: hp.glmm's refit ends higher (257.820) than
+    # where the batch stopped (257.196), so the row keeps the batch's numbers and says why
+    early = hp.fit_batch(formula, [data.assign(y=sims[:, 1])], by="rep", family=family, max_iterations=3,
+                         progress=False)
+    assert "the batch's estimates kept" in early.messages.iloc[0] and not early.refit.iloc[0]
+    assert early.objective.iloc[0] == pytest.approx(257.196, abs=1e-3)
 
 
 def test_fits_outside_fit_batchs_class_are_refused_by_name(sleep):

@@ -186,10 +186,12 @@ def fit_batch(
         fits in calls of 125 and of 1,000: benchmarks/RESULTS.md, "Batch fitting,
         fourth session").
     polish : bool
-        Refit, one by one with ``hp.lmm``, the datasets whose batched optimizer
+        Refit, one by one with ``hp.lmm`` (``hp.glmm``), the datasets whose batched optimizer
         did not converge (rare: flat criteria near a zero variance).  Their rows
-        then hold ``hp.lmm``'s results (``converged`` included) and have
-        ``refit`` True.
+        then hold the single fit's results (``converged`` included) and have
+        ``refit`` True, unless the single fit stopped at a higher criterion than the
+        batch had reached: the row then keeps the batch's numbers, not converged, and
+        its message says so.
     progress : bool, optional
         A progress bar over chunks (default: when stderr is a terminal).
     max_iterations : int
@@ -382,6 +384,26 @@ def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
     return f"refitted by {name}"
 
 
+_ROW_ARRAYS = ("theta", "objective", "converged", "beta", "vcov", "sigma", "is_singular", "phi", "shape")
+_ROW_LISTS = ("factors", "b", "cond_var")
+
+
+def _row(out: dict, index: int) -> dict:
+    """Dataset ``index``'s results in ``out`` (copies), to restore with :func:`_restore`."""
+    row = {name: np.copy(out[name][index]) for name in _ROW_ARRAYS if name in out}
+    row.update({name: [np.copy(per_term[index]) for per_term in out[name]] for name in _ROW_LISTS})
+    return row
+
+
+def _restore(out: dict, index: int, row: dict) -> None:
+    for name in _ROW_ARRAYS:
+        if name in row:
+            out[name][index] = row[name]
+    for name in _ROW_LISTS:
+        for per_term, value in zip(out[name], row[name]):
+            per_term[index] = value
+
+
 def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter) -> BatchResult:
     """Polish what the batch could not fit, then the :class:`BatchResult`."""
     design, n_datasets = plan.design, plan.n_datasets
@@ -394,7 +416,15 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter) -> 
     for index, reason in out["alone"].items():
         messages[index] = reason
     for index in list(out["alone"]) + (to_polish if polish else []):
+        batch_row = _row(out, index)
         note = _refit(plan, index, formula, fitter, out)
+        if (note.startswith("refitted") and np.isfinite(batch_row["objective"])
+                and out["objective"][index] > batch_row["objective"] + 1e-8 * abs(batch_row["objective"])):
+            # the lone fit stopped higher than where the batch had got to (a local optimum of its own): a lower
+            # criterion is not replaced by a higher one; the row keeps the batch's numbers, not converged
+            note = (f"the refit stopped at a higher criterion ({float(out['objective'][index]):.6g} > "
+                    f"{float(batch_row['objective']):.6g}): the batch's estimates kept")
+            _restore(out, index, batch_row)
         refitted[index] = note.startswith("refitted")
         messages[index] += "; " + note
     sigma = out["sigma"]
