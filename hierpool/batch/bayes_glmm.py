@@ -26,24 +26,9 @@ from ..algebra.family import family as make_family
 from ..bayesian.glmm import DENSE_MASS_MAX_DIMENSION, PARAMETERIZATION, GLMMData, glmm_model, level_centering
 from ..bayesian.model import variance_draws
 from ..bayesian.nuts import chain_function
-from .fit_glmm import bucket_data, glm_start
-from .fit_terms import padded_widths, take, term_problems
+from .fit_glmm import bucket_data, glm_start, glmm_problems
+from .fit_terms import padded_widths, take
 from .plan import BatchPlan, bucket_width, chunks
-
-
-def glmm_problems(plan: BatchPlan) -> list[str]:
-    """Why each dataset cannot be sampled ("" when it can): hp.glmm's checks (a GLMM's level count may reach its
-    row count), and a binomial dataset with no successes or only successes (no finite posterior mode under flat
-    priors; hp.fit_batch's rule)."""
-    design = plan.design
-    messages = term_problems(plan, sigma_known=True)
-    if design.family.name == "binomial":
-        successes = np.bincount(plan.dataset, weights=design.y * design.row_weights, minlength=plan.n_datasets)
-        trials = np.bincount(plan.dataset, weights=design.row_weights, minlength=plan.n_datasets)
-        for d in np.flatnonzero((successes == 0) | (successes == trials)):
-            if not messages[d]:
-                messages[d] = f"{'no' if successes[d] == 0 else 'only'} successes: the model is not estimable"
-    return messages
 
 
 def _centering(plan: BatchPlan, family: Family, eta: np.ndarray, members: np.ndarray, widths) -> list[np.ndarray]:

@@ -54,6 +54,21 @@ DAMPING_GROWTH = 100.0
 GLM_ITERATIONS = 25
 
 
+def glmm_problems(plan: BatchPlan) -> list[str]:
+    """Why each dataset of a GLMM batch cannot be fitted or sampled ("" when it can): hp.glmm's checks (levels, X's
+    rank and rows; a GLMM's level count may reach its row count: no sigma), and a binomial dataset with no successes
+    or only successes (its intercept runs off to -+inf: separation)."""
+    design = plan.design
+    messages = term_problems(plan, sigma_known=True)
+    if design.family.name == "binomial":
+        successes = np.bincount(plan.dataset, weights=design.y * design.row_weights, minlength=plan.n_datasets)
+        trials = np.bincount(plan.dataset, weights=design.row_weights, minlength=plan.n_datasets)
+        for d in np.flatnonzero((successes == 0) | (successes == trials)):
+            if not messages[d]:
+                messages[d] = f"{'no' if successes[d] == 0 else 'only'} successes: the model is not estimable"
+    return messages
+
+
 def glm_start(plan: BatchPlan, family: Family) -> tuple[np.ndarray, np.ndarray]:
     """((D, p) each dataset's GLM fit without random effects by IRLS, the linear predictor of every row), on the
     host: the batch's starting beta."""
@@ -271,14 +286,7 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     family = dataclasses.replace(family, shape=None)  # a negative binomial's is a parameter, traced
     ks = tuple(t.k for t in design.terms)
     n_devices = 1 if sharding is None else len(jax.devices())
-    # hp.glmm's checks: levels, X's rank and rows (a GLMM's level count may reach its row count: no sigma)
-    messages = term_problems(plan, sigma_known=True)
-    if family.name == "binomial":  # all failures or all successes: the intercept runs off to -+inf (separation)
-        successes = np.bincount(plan.dataset, weights=design.y * design.row_weights, minlength=plan.n_datasets)
-        trials = np.bincount(plan.dataset, weights=design.row_weights, minlength=plan.n_datasets)
-        for d in np.flatnonzero((successes == 0) | (successes == trials)):
-            if not messages[d]:
-                messages[d] = f"{'no' if successes[d] == 0 else 'only'} successes: the model is not estimable"
+    messages = glmm_problems(plan)
     widths = padded_widths(plan)
     row_widths = bucket_width(plan.n_obs)
     alone = {d: "too large to batch (its dense coupling)" for d in range(plan.n_datasets)
