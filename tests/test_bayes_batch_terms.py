@@ -75,6 +75,19 @@ def _mcse_sd(draws):
     return az.mcse(az.convert_to_dataset(draws), method="sd")["x"].values
 
 
+def _compare(batch, single, label, tables):
+    """Each quantity of dataset ``label`` (matched by name) against hp.bayes's, in Monte Carlo units."""
+    for table, names in tables:
+        ours = getattr(batch, table).query("rep == @label").drop(columns="rep")
+        theirs = getattr(single, table)
+        theirs = theirs.reset_index() if table == "fixef" else theirs
+        merged = ours.fillna({n: "" for n in names}).merge(theirs.fillna({n: "" for n in names}), on=names,
+                                                            suffixes=("", "_single"), validate="one_to_one")
+        assert len(merged) == len(ours) == len(theirs), table  # every quantity, matched by name
+        z = (merged["mean"] - merged["mean_single"]) / np.hypot(merged["mcse_mean"], merged["mcse_mean_single"])
+        assert np.max(np.abs(z)) < Z_MAX, (label, table, merged.loc[np.abs(z).idxmax(), names].tolist())
+
+
 def test_posteriors_equal_hp_bayes_per_dataset(frames, posterior):
     batch = posterior
     diagnostics = batch.diagnostics
@@ -83,19 +96,11 @@ def test_posteriors_equal_hp_bayes_per_dataset(frames, posterior):
     for table in ("fixef", "varcorr", "ranef"):
         assert getattr(batch, table).query("rep == 2")["mean"].isna().all()
     assert (diagnostics.divergences[:2] == 0).all() and (diagnostics.max_r_hat[:2] < 1.02).all()
-    keys = {"fixef": ["term"], "varcorr": ["grp", "var1", "var2"], "ranef": ["grpvar", "term", "grp"]}
+    tables = (("fixef", ["term"]), ("varcorr", ["grp", "var1", "var2"]), ("ranef", ["grpvar", "term", "grp"]))
     for label in (1,):  # the padded dataset (dataset 0 runs in the same program, unpadded)
         single = hp.bayes(SLOPES, frames[label], draws=DRAWS, tune=DRAWS, seed=11 + label, weights="w",
                           progress=False)
-        for table, names in keys.items():
-            ours = getattr(batch, table).query("rep == @label").drop(columns="rep")
-            theirs = getattr(single, table)
-            theirs = theirs.reset_index() if table == "fixef" else theirs
-            merged = ours.fillna({n: "" for n in names}).merge(theirs.fillna({n: "" for n in names}), on=names,
-                                                                suffixes=("", "_single"), validate="one_to_one")
-            assert len(merged) == len(ours) == len(theirs), table  # every quantity, matched by name
-            z = (merged["mean"] - merged["mean_single"]) / np.hypot(merged["mcse_mean"], merged["mcse_mean_single"])
-            assert np.max(np.abs(z)) < Z_MAX, (label, table, merged.loc[np.abs(z).idxmax(), names].tolist())
+        _compare(batch, single, label, tables)
         # the posterior sds of the plate slopes, in sd-MCSE units
         draws = batch.draws[label]["b"][0][..., 1]  # (chain, draw, ell): the plate term's x coefficient
         ours_sd = draws.reshape(-1, draws.shape[-1]).std(axis=0, ddof=1)
@@ -134,12 +139,18 @@ def test_ar1_residuals_sample_each_datasets_hp_bayes_posterior():
     assert "repeats the value" in batch.diagnostics.message.iloc[2] and np.isnan(batch.phi["mean"].iloc[2])
     assert batch.draws[1]["phi"].shape == (4, DRAWS) and batch.draws[1]["b"].shape == (4, DRAWS, 17, 1)
     single = hp.bayes(formula, frames[1], draws=DRAWS, tune=DRAWS, seed=5, correlation=structure, progress=False)
-    for table, names in (("fixef", ["term"]), ("varcorr", ["grp", "var1"])):
-        ours = getattr(batch, table).query("rep == 1").drop(columns="rep")
-        theirs = getattr(single, table)
-        theirs = theirs.reset_index() if table == "fixef" else theirs
-        merged = ours.fillna({n: "" for n in names}).merge(theirs.fillna({n: "" for n in names}), on=names,
-                                                            suffixes=("", "_single"))
-        assert len(merged) == len(theirs) == len(ours), table  # varcorr: phi's row (Residual, phi) too
-        z = (merged["mean"] - merged["mean_single"]) / np.hypot(merged["mcse_mean"], merged["mcse_mean_single"])
-        assert np.max(np.abs(z)) < Z_MAX, (table, z.tolist())
+    _compare(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"])))  # varcorr: (Residual, phi) too
+
+
+def test_known_residual_sds_with_several_terms_sample_hp_bayes_posterior():
+    # meta-analysis style: each row's residual sd known (se=), sigma not a parameter; one dataset padded
+    pen = hp.datasets.penicillin()
+    rng = np.random.default_rng(6)
+    frames = [pen.assign(diameter=pen["diameter"] + rng.normal(0, 0.4, len(pen)), se=rng.uniform(0.3, 0.8, len(pen)))
+              for _ in range(2)]
+    frames[1] = frames[1][frames[1]["plate"] != "a"]
+    formula = "diameter ~ 1 + (1 | plate) + (1 | sample)"
+    batch = hp.bayes_batch(formula, frames, by="rep", se="se", draws=DRAWS, tune=DRAWS, seed=2, progress=False)
+    assert "Residual" not in set(batch.varcorr["grp"])
+    single = hp.bayes(formula, frames[1], se="se", draws=DRAWS, tune=DRAWS, seed=7, progress=False)
+    _compare(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"])))
