@@ -70,3 +70,35 @@ def simulated(seed=0, n_groups=12, per_group=6):
     x = rng.normal(size=g.size)
     y = 2 + 0.5 * x + rng.normal(0, 1.0, n_groups)[g] + rng.normal(0, 0.7, n_groups)[g] * x + rng.normal(size=g.size)
     return pd.DataFrame({"y": y, "x": x, "g": [f"g{i}" for i in g], "h": rng.integers(0, 4, g.size)})
+
+
+def negative_binomial_frames(seed: int, groups, shape: float, intercept: float, slope: float, sd: float,
+                             per_group: int = 6) -> list[pd.DataFrame]:
+    """Datasets of overdispersed counts, dataset d with ``groups[d]`` groups of ``per_group`` rows:
+    y ~ NB2(mean exp(intercept + slope x + u_g), shape), u_g ~ N(0, sd^2), x ~ N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for n_groups in groups:
+        rows = []
+        for j in range(n_groups):
+            u = rng.normal(0, sd)
+            for _ in range(per_group):
+                x = rng.normal()
+                mu = np.exp(intercept + slope * x + u)
+                rows.append(dict(g=f"g{j}", x=x, y=rng.negative_binomial(shape, shape / (shape + mu))))
+        frames.append(pd.DataFrame(rows))
+    return frames
+
+
+def compare_posteriors(batch, single, label, tables, z_max: float = 4.0) -> None:
+    """hp.bayes_batch's dataset ``label`` (its ``rep`` column) against hp.bayes's fit of it: every quantity of each
+    (table, key columns) in ``tables`` matched by name, the means within ``z_max`` Monte Carlo errors."""
+    for table, names in tables:
+        ours = getattr(batch, table).query("rep == @label").drop(columns="rep")
+        theirs = getattr(single, table)
+        theirs = theirs.reset_index() if table == "fixef" else theirs
+        merged = ours.fillna({n: "" for n in names}).merge(theirs.fillna({n: "" for n in names}), on=names,
+                                                            suffixes=("", "_single"), validate="one_to_one")
+        assert len(merged) == len(ours) == len(theirs), table  # every quantity, matched by name
+        z = (merged["mean"] - merged["mean_single"]) / np.hypot(merged["mcse_mean"], merged["mcse_mean_single"])
+        assert np.max(np.abs(z)) < z_max, (label, table, merged.loc[np.abs(z).idxmax(), names].tolist())

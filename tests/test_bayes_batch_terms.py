@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import compare_posteriors
 
 import hierpool as hp
 from hierpool.algebra import marginal
@@ -75,19 +76,6 @@ def _mcse_sd(draws):
     return az.mcse(az.convert_to_dataset(draws), method="sd")["x"].values
 
 
-def _compare(batch, single, label, tables):
-    """Each quantity of dataset ``label`` (matched by name) against hp.bayes's, in Monte Carlo units."""
-    for table, names in tables:
-        ours = getattr(batch, table).query("rep == @label").drop(columns="rep")
-        theirs = getattr(single, table)
-        theirs = theirs.reset_index() if table == "fixef" else theirs
-        merged = ours.fillna({n: "" for n in names}).merge(theirs.fillna({n: "" for n in names}), on=names,
-                                                            suffixes=("", "_single"), validate="one_to_one")
-        assert len(merged) == len(ours) == len(theirs), table  # every quantity, matched by name
-        z = (merged["mean"] - merged["mean_single"]) / np.hypot(merged["mcse_mean"], merged["mcse_mean_single"])
-        assert np.max(np.abs(z)) < Z_MAX, (label, table, merged.loc[np.abs(z).idxmax(), names].tolist())
-
-
 def test_posteriors_equal_hp_bayes_per_dataset(frames, posterior):
     batch = posterior
     diagnostics = batch.diagnostics
@@ -100,7 +88,7 @@ def test_posteriors_equal_hp_bayes_per_dataset(frames, posterior):
     for label in (1,):  # the padded dataset (dataset 0 runs in the same program, unpadded)
         single = hp.bayes(SLOPES, frames[label], draws=DRAWS, tune=DRAWS, seed=11 + label, weights="w",
                           progress=False)
-        _compare(batch, single, label, tables)
+        compare_posteriors(batch, single, label, tables)
         # the posterior sds of the plate slopes, in sd-MCSE units
         draws = batch.draws[label]["b"][0][..., 1]  # (chain, draw, ell): the plate term's x coefficient
         ours_sd = draws.reshape(-1, draws.shape[-1]).std(axis=0, ddof=1)
@@ -139,7 +127,8 @@ def test_ar1_residuals_sample_each_datasets_hp_bayes_posterior():
     assert "repeats the value" in batch.diagnostics.message.iloc[2] and np.isnan(batch.phi["mean"].iloc[2])
     assert batch.draws[1]["phi"].shape == (4, DRAWS) and batch.draws[1]["b"].shape == (4, DRAWS, 17, 1)
     single = hp.bayes(formula, frames[1], draws=DRAWS, tune=DRAWS, seed=5, correlation=structure, progress=False)
-    _compare(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"])))  # varcorr: (Residual, phi) too
+    # varcorr: the (Residual, phi) row too
+    compare_posteriors(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"])))
 
 
 def test_known_residual_sds_with_several_terms_sample_hp_bayes_posterior():
@@ -153,4 +142,4 @@ def test_known_residual_sds_with_several_terms_sample_hp_bayes_posterior():
     batch = hp.bayes_batch(formula, frames, by="rep", se="se", draws=DRAWS, tune=DRAWS, seed=2, progress=False)
     assert "Residual" not in set(batch.varcorr["grp"])
     single = hp.bayes(formula, frames[1], se="se", draws=DRAWS, tune=DRAWS, seed=7, progress=False)
-    _compare(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"])))
+    compare_posteriors(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"])))

@@ -36,8 +36,9 @@ def _centering(plan: BatchPlan, family: Family, eta: np.ndarray, members: np.nda
     design = plan.design
     _, weights, residual = family.working(design.y, eta, design.row_weights)
     out = [np.zeros((len(members), int(width), term.k)) for term, width in zip(design.terms, widths)]
+    positions = plan.dataset_rows()
     for row, d in enumerate(members):
-        rows = plan.dataset == d
+        rows = positions[d]
         for j, (term, (level, n_levels, _)) in enumerate(zip(design.terms, plan.term_levels)):
             if PARAMETERIZATION == "auto":
                 out[j][row, : n_levels[d]] = level_centering(level[rows], term.z[rows], int(n_levels[d]),

@@ -78,8 +78,7 @@ def batch_series(plan: BatchPlan, structure: AR1):
         refused = error
     # some dataset's series would be refused: find each one, with hp.lmm's message (its own data, its own names)
     problems = {}
-    order = np.argsort(plan.dataset, kind="stable")
-    for d, positions in enumerate(np.split(order, np.searchsorted(plan.dataset[order], np.arange(1, plan.n_datasets)))):
+    for d, positions in enumerate(plan.dataset_rows()):
         try:
             check_nested(plan.design, series_of(structure, frame, rows[positions]), structure, positions)
         except DataError as error:

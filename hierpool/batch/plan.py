@@ -236,6 +236,12 @@ class BatchPlan:
                 out.append((bucket, members[valid], stats.take(np.flatnonzero(valid)).astype(dtype)))
         return out, messages
 
+    def dataset_rows(self) -> list[np.ndarray]:
+        """Each dataset's design rows (positions, in order), found with one sort: not a scan of every row per
+        dataset."""
+        order = np.argsort(self.dataset, kind="stable")
+        return np.split(order, np.searchsorted(self.dataset[order], np.arange(1, self.n_datasets)))
+
     def dataset_frame(self, index: int) -> tuple[pd.DataFrame, dict]:
         """(rows, weights/offset/se keyword arguments) to fit dataset ``index`` alone, as the user would.
 
