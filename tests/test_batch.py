@@ -485,3 +485,11 @@ def test_moment_start_is_near_the_optimum_and_falls_back_to_the_identity(replica
     few = stats.take(np.arange(3))
     few = dataclasses.replace(few, ztz=few.ztz[:, :2], ztx=few.ztx[:, :2], zty=few.zty[:, :2])
     np.testing.assert_array_equal(moment_start(few), np.tile([1.0, 0.0, 1.0], (3, 1)))
+
+
+def test_to_frame_refuses_a_fixed_effect_named_like_one_of_its_columns():
+    # a fixed effect called "sigma" would be overwritten by the residual sd's column: refused, by name
+    data = hp.datasets.sleepstudy_replicates(2, seed=3).rename(columns={"Days": "sigma"})
+    batch = hp.fit_batch("Reaction ~ sigma + (1 | Subject)", data, progress=False)
+    with pytest.raises(hp.ArgumentError, match=r"fixed effect\(s\) \['sigma'\]"):
+        batch.to_frame()

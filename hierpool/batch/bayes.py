@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
@@ -40,7 +39,7 @@ from ..spec.family import family_spec
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
 from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
 from .bayes_results import SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
-from .bayes_terms import chain_and_draw_terms, term_chunks
+from .bayes_terms import chain_and_draw_terms, correlation_matrices, effect_key, term_chunks
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 
 #: Compiled chunk programs by settings, argument shapes and sharding (the last 8 used).
@@ -62,13 +61,12 @@ def _chain_and_draw(k: int, sigma_known: bool, tune: int, draws: int, target_acc
         constrained, sample_stats = one_chain(seed, chain, args)
         (sd,), (cor,), sigma = variance_draws(constrained, (k,), sigma_known)
         thetas = theta_from_components([sd], [cor], sigma)
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chain), 1)  # not the chain's keys
-        noise = jax.random.normal(key, (draws, loc.shape[-1] + stats.zty.size), dtype=thetas.dtype)
+        noise = jax.random.normal(effect_key(seed, chain), (draws, loc.shape[-1] + stats.zty.size), dtype=thetas.dtype)
         # all of a chain's draws at once: the chunk already bounds memory
         beta, b = draw_effects(thetas, sigma, stats, loc, scale, noise, batch_size=draws)
         # correlation matrices from their Cholesky factors; one entry per term, as the several-term path's
         out = {"beta": beta, "b": [b], "sd": [sd], "diverging": sample_stats["diverging"],
-               "cor": [cor @ jnp.swapaxes(cor, -1, -2) if k > 1 else None]}
+               "cor": correlation_matrices([cor if k > 1 else None])}
         if not sigma_known:
             out["sigma"] = sigma
         return out

@@ -21,7 +21,7 @@ from ..algebra.ar1 import draw_effects_whitened
 from ..algebra.marginal import draw_batch_size, theta_from_components
 from ..bayesian.model import SeriesData, ar1_collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function
-from .bayes_terms import DRAW_BUDGET
+from .bayes_terms import DRAW_BUDGET, correlation_matrices, effect_key
 from .fit_ar1 import batch_series, series_buckets, too_large
 from .fit_terms import take, term_problems
 from .plan import BatchPlan, chunks
@@ -63,14 +63,13 @@ def chain_and_draw_ar1(ks: tuple, phi_bounds: tuple, tune: int, draws: int, targ
         constrained, sample_stats = one_chain(seed, chain, (pattern, series, loc, scale, priors, n))
         sds, cors, sigma = variance_draws(constrained, ks, False)
         thetas = theta_from_components(sds, cors, sigma)
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chain), 1)  # not the chain's keys
         budget = DRAW_BUDGET / rows
         whitening = 24.0 * y.shape[0] * (sum(ks) + loc.shape[0] + 1)  # bytes per draw: the whitened rows
         size = max(1, min(draws, draw_batch_size(pattern.layout, budget), int(budget // whitening)))
-        beta, b = draw_effects_whitened(thetas, sigma, constrained["phi"], pattern, previous, lag, y, loc, scale, key,
-                                        size)
+        beta, b = draw_effects_whitened(thetas, sigma, constrained["phi"], pattern, previous, lag, y, loc, scale,
+                                        effect_key(seed, chain), size)
         return {"beta": beta, "b": list(b), "sd": sds, "sigma": sigma, "phi": constrained["phi"],
                 "diverging": sample_stats["diverging"],
-                "cor": [None if cor is None else cor @ jax.numpy.swapaxes(cor, -1, -2) for cor in cors]}
+                "cor": correlation_matrices(cors)}
 
     return jax.vmap(run, in_axes=(None, 0, 0))

@@ -26,6 +26,7 @@ from ..algebra.family import family as make_family
 from ..bayesian.glmm import DENSE_MASS_MAX_DIMENSION, PARAMETERIZATION, GLMMData, glmm_model, level_centering
 from ..bayesian.model import variance_draws
 from ..bayesian.nuts import chain_function
+from .bayes_terms import correlation_matrices
 from .fit_glmm import bucket_data, glm_start, glmm_problems
 from .fit_terms import padded_widths, take
 from .plan import BatchPlan, bucket_width, chunks
@@ -106,7 +107,7 @@ def chain_and_draw_glmm(ks: tuple, family: str, link: str, p: int, tune: int, dr
         sds, cors, _ = variance_draws(constrained, ks, True)
         out = {"beta": beta, "b": [constrained[f"b__{j}"] for j in range(len(ks))], "sd": sds,
                "diverging": sample_stats["diverging"],
-               "cor": [None if cor is None else cor @ jax.numpy.swapaxes(cor, -1, -2) for cor in cors]}
+               "cor": correlation_matrices(cors)}
         if family == "negative_binomial":
             out["shape"] = constrained["shape"]
         return out

@@ -45,6 +45,16 @@ def term_chunks(plan: BatchPlan, size_of, n_devices: int):
     return messages, out
 
 
+def effect_key(seed, chain):
+    """The key of a chain's exact (beta, b) draws: folded from the chain's own, so that it is none of its keys."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chain), 1)
+
+
+def correlation_matrices(cors) -> list:
+    """Per term, the correlation matrices R R^T of its Cholesky-factor draws (None for a one-coefficient term)."""
+    return [None if cor is None else cor @ jax.numpy.swapaxes(cor, -1, -2) for cor in cors]
+
+
 def chain_and_draw_terms(ks: tuple, sigma_known: bool, tune: int, draws: int, target_accept: float,
                          max_tree_depth: int, rows: int):
     """One (dataset, chain) of a several-term model: NUTS on the variance parameters of
@@ -62,11 +72,10 @@ def chain_and_draw_terms(ks: tuple, sigma_known: bool, tune: int, draws: int, ta
         constrained, sample_stats = one_chain(seed, chain, (system, loc, scale, priors, n))
         sds, cors, sigma = variance_draws(constrained, ks, sigma_known)
         thetas = theta_from_components(sds, cors, sigma)
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chain), 1)  # not the chain's keys
-        beta, b = draw_effects(thetas, sigma, system, loc, scale, key,
+        beta, b = draw_effects(thetas, sigma, system, loc, scale, effect_key(seed, chain),
                                batch_size=min(draws, draw_batch_size(system.layout, DRAW_BUDGET / rows)))
         out = {"beta": beta, "b": list(b), "sd": sds, "diverging": sample_stats["diverging"],
-               "cor": [None if cor is None else cor @ jax.numpy.swapaxes(cor, -1, -2) for cor in cors]}
+               "cor": correlation_matrices(cors)}
         if not sigma_known:
             out["sigma"] = sigma
         return out
