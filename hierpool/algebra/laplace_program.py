@@ -104,7 +104,7 @@ def _conditional_mode(theta, beta, u, shape, saturated, data: ProgramData, famil
         def rises(inner):
             return (inner[4] > deviance * (1 + 1e-14)) & (inner[5] < max_halvings)
 
-        trial = (new_u, new_beta, *_at(family, data, factors, new_beta, new_u), 0)
+        trial = (new_u, new_beta, *_at(family, data, factors, new_beta, new_u), steps * 0)
         new_u, new_beta, new_eta, new_mu, new_deviance, _ = jax.lax.while_loop(rises, halve, trial)
         converged = jnp.abs(deviance - new_deviance) <= tol * jnp.maximum(jnp.abs(new_deviance), 1.0)
         return new_u, new_beta, new_eta, new_mu, new_deviance, steps + 1, converged
@@ -112,7 +112,11 @@ def _conditional_mode(theta, beta, u, shape, saturated, data: ProgramData, famil
     def going(state):
         return (state[5] < max_steps) & ~state[6]
 
-    state = (tuple(u), beta, eta, mu, deviance, 0, False)
+    # the counter and flag are computed from the deviance, not constants: under vmap each carry is then batched
+    # from the start (a constant carry is not, and vmap batches the loop's body again for each carry it finds
+    # batched after a pass, the halving loop's with it)
+    zero = jnp.where(jnp.isfinite(deviance), 0, 0)
+    state = (tuple(u), beta, eta, mu, deviance, zero, zero != 0)
     u, beta, eta, mu, deviance, steps, converged = jax.lax.while_loop(going, step, state)
     _, weights, _ = family.working(data.y, eta, data.trials)
     # the log-determinant with the weights at the mode: Z's system only (X's block, when present, has no effect

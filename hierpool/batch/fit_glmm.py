@@ -40,7 +40,7 @@ from ..algebra.system import Layout, SystemPattern, fill_in_program
 from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
 from .fit_terms import empty_results, padded_widths, run_jobs, take, term_problems
 from .optimize import MOMENT_FLOOR, canonical_theta, newton
-from .plan import QUICK_COMPILE_MAX_VALUES, BatchPlan, bucket_width, chunks, fetch, place
+from .plan import BatchPlan, bucket_width, chunks, fetch, place
 
 #: The Hessian's forward-difference width in (theta, beta): PIRLS's mode is exact to ~1e-10, so its gradient
 #: is too, and sqrt(eps) (1.5e-8) differences would be half rounding.
@@ -52,6 +52,11 @@ STEP_TOL = 1e-7
 DAMPING_GROWTH = 100.0
 #: IRLS iterations of the starting GLM fits.
 GLM_ITERATIONS = 25
+#: Padded rows of the whole batch up to which its program compiles without LLVM's optimization (on a CPU).  A GLMM
+#: runs PIRLS inside every probe of every Newton step, so its run outgrows the optimization sooner than a linear
+#: model's statistics do (``QUICK_COMPILE_MAX_VALUES``): set between 500 cbpp-shaped datasets (28,000 rows), as fast
+#: either way, and 1,000, faster optimized (benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
+QUICK_COMPILE_MAX_ROWS = 40_000
 
 
 def glmm_problems(plan: BatchPlan) -> list[str]:
@@ -216,6 +221,11 @@ def _laplace(params, saturated, data, family: Family, n_theta: int, negative_bin
     return laplace_value_and_gradient(params[:n_theta], params[n_theta:-1], saturated, data, family, shape=shape)
 
 
+#: What the optimizer keeps of the mode at its optimum: the BLUPs, the working weights of the conditional variances,
+#: and whether PIRLS converged there.
+MODE_KEPT = ("b", "working_weights", "converged")
+
+
 def _optimize_rows(data, saturated, start, family: Family, max_iterations: int):
     ks = data.pattern.layout.ks
     n_theta = sum(k * (k + 1) // 2 for k in ks)
@@ -226,19 +236,23 @@ def _optimize_rows(data, saturated, start, family: Family, max_iterations: int):
         # PIRLS starts every evaluation from u = 0: carrying the current mode to the probes as a warm start was
         # slower, the loops running in lockstep over datasets (benchmarks/RESULTS.md, "Batch fitting for every model")
         def value_and_grad(params):
-            value, gradient, _ = laplace(params, sat, d)
+            value, gradient, mode = laplace(params, sat, d)
             if negative_binomial:  # the log shape's derivative: a central difference, as hp.glmm's
                 step = jnp.zeros_like(params).at[-1].set(SHAPE_DIFFERENCE)
                 sides = laplace(params + step, sat, d)[0] - laplace(params - step, sat, d)[0]
                 gradient = jnp.concatenate([gradient, (sides / (2 * SHAPE_DIFFERENCE))[None]])
                 value = jnp.where(jnp.all(jnp.isfinite(gradient)), value, jnp.inf)  # a side overflowed: not a step
-            return value, gradient
+            return value, gradient, {name: mode[name] for name in MODE_KEPT}
 
-        params, value, newton_step, iterations, converged, curvature = newton(
+        # the mode at the optimum is carried by Newton's loop (its aux), not computed again after it: a second copy
+        # of the Laplace program would double the tracing and compiling
+        aux0 = {"b": tuple(jnp.zeros((ell, k)) for ell, k in zip(d.pattern.layout.n_levels, ks)),
+                "working_weights": jnp.zeros_like(d.y), "converged": jnp.zeros((), bool)}
+        params, value, newton_step, iterations, converged, curvature, mode = newton(
             None, params0, max_iterations, value_and_grad=value_and_grad, fd_width=FD_WIDTH, with_curvature=True,
-            step_tol=STEP_TOL, damping_growth=DAMPING_GROWTH)
+            step_tol=STEP_TOL, damping_growth=DAMPING_GROWTH, aux0=aux0)
+        # the flipped columns of canonical theta leave Lambda Lambda^T, and so the mode's b and weights, unchanged
         params = params.at[:n_theta].set(canonical_theta(params[:n_theta], ks))
-        _, _, mode = laplace(params, sat, d)
         theta = params[:n_theta]
         system = fill_in_program(d.pattern, mode["working_weights"], jnp.ones_like(d.y))
         solved = solve(theta, system)
@@ -298,6 +312,25 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     if not out["attempted"].any():
         out["is_singular"] = np.zeros(plan.n_datasets, bool)
         return out
+    buckets = {}
+    for d in np.flatnonzero(out["attempted"]):
+        buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
+    n_theta = sum(k * (k + 1) // 2 for k in ks)
+    n_params = n_theta + design.p + negative_binomial
+    quick = sum(len(members) * key[-1] for key, members in buckets.items()) <= QUICK_COMPILE_MAX_ROWS
+    prepared = []
+    for key, members in buckets.items():
+        members = np.asarray(members)
+        data = bucket_data(plan, members, key[:-1], int(key[-1]))
+        data = jax.tree_util.tree_map(
+            lambda a: a.astype(float_type) if np.issubdtype(a.dtype, np.floating) else a, data)
+        size = min(chunk_size, math.ceil(len(members) / workers))
+        bucket_chunks = chunks(0, np.arange(len(members)), size, n_devices)
+        # the program needs the shapes alone: it compiles (in the background) while the starts are computed
+        rows = bucket_chunks[0].index.size
+        program = _program(take(data, bucket_chunks[0].index), np.zeros(rows, float_type),
+                           np.zeros((rows, n_params), float_type), family, max_iterations, sharding, quick)
+        prepared.append((members, data, bucket_chunks, program))
     # a negative binomial starts from its Poisson GLM (glmer.nb's start), its shape from that fit's moments
     pilot = Family("poisson", family.link) if negative_binomial else family
     beta0, eta0 = glm_start(plan, pilot)
@@ -308,23 +341,10 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
         saturated = np.zeros(plan.n_datasets)  # computed in the program, at each shape
     else:
         saturated = saturated_deviances(plan, family)
-    buckets = {}
-    for d in np.flatnonzero(out["attempted"]):
-        buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
     jobs = []
-    n_theta = sum(k * (k + 1) // 2 for k in ks)
-    for key, members in buckets.items():
-        members = np.asarray(members)
-        data = bucket_data(plan, members, key[:-1], int(key[-1]))
-        data = jax.tree_util.tree_map(
-            lambda a: a.astype(float_type) if np.issubdtype(a.dtype, np.floating) else a, data)
+    for members, data, bucket_chunks, program in prepared:
         start = np.concatenate([theta0[members, :n_theta], beta0[members], theta0[members, n_theta:]], axis=1)
-        size = min(chunk_size, math.ceil(len(members) / workers))
-        bucket_chunks = chunks(0, np.arange(len(members)), size, n_devices)
         arguments = (data, saturated[members].astype(float_type), start.astype(float_type))
-        first = take(arguments, bucket_chunks[0].index)
-        values = sum(a.size for a in jax.tree_util.tree_leaves(first))
-        program = _program(*first, family, max_iterations, sharding, values <= QUICK_COMPILE_MAX_VALUES)
         for chunk in bucket_chunks:
             jobs.append((members[chunk.members], take(arguments, chunk.index), chunk.count, program))
 

@@ -54,7 +54,8 @@ from ..spec.transforms import stateful_calls
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
 # datasets' sufficient statistics of ~200) the programs compile without LLVM's optimization (CPU): the
 # compilation saved outweighs the slower run of that many datasets (measured in benchmarks/RESULTS.md,
-# "Batch fitting, fifth session").  Every batch path (one term, several, GLMM) uses it.
+# "Batch fitting, fifth session").  The linear models' batch paths (one term, several, AR(1)) use it; a GLMM's
+# run costs more per value (PIRLS in every probe) and has its own rule (``fit_glmm.QUICK_COMPILE_MAX_ROWS``).
 QUICK_COMPILE_MAX_VALUES = 1e6
 
 
