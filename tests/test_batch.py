@@ -370,6 +370,26 @@ def test_a_singular_dataset_is_flagged_with_a_zero_variance():
             assert result.varcorr.query("dataset == @i and grp == 'g'").sdcor.iloc[0] < 1e-4 * fit.sigma
 
 
+def test_the_host_optimizer_equals_the_compiled_program(replicates, batch, monkeypatch):
+    from hierpool.batch import fit as fit_module
+    from hierpool.batch.plan import plan_batch
+
+    # the batch fixture ran on the host (a one-term, two-coefficient batch that would compile quick, on a CPU)
+    plan = plan_batch(SLEEP, replicates, "dataset", "fit_batch", "hp.lmm", one_term=False)
+    assert fit_module._on_host(plan, np.float64, None, True)
+    assert not fit_module._on_host(plan, np.float32, None, True) and not fit_module._on_host(plan, np.float64, None,
+                                                                                              False)
+    monkeypatch.setattr(fit_module, "_on_host", lambda *args: False)
+    compiled = hp.fit_batch(SLEEP, replicates, by="dataset")
+    assert_not_refitted(compiled)
+    assert_not_refitted(batch)
+    np.testing.assert_allclose(batch.objective, compiled.objective, rtol=1e-12)
+    np.testing.assert_allclose(batch.beta, compiled.beta, rtol=1e-8)
+    np.testing.assert_allclose(batch.theta, compiled.theta, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(batch.ranef.condsd, compiled.ranef.condsd, rtol=1e-6)
+    assert (batch.converged == compiled.converged).all() and (batch.is_singular == compiled.is_singular).all()
+
+
 def test_float32_agrees_with_float64(replicates, batch):
     single = hp.fit_batch(SLEEP, replicates, dtype="float32")
     assert_not_refitted(single)

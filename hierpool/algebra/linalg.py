@@ -61,17 +61,17 @@ def canonical_theta(theta: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
     Negating a column of T_j leaves T_j T_j^T, hence the model, as it is; lme4 bounds the
     diagonal at 0 only to pick one of these equivalent factors.  So an unconstrained
     optimizer may wander through negative diagonals, and its optimum is mapped back here
-    by negating each column whose diagonal is negative.
+    by negating each column whose diagonal is negative.  Leading axes of ``theta`` (many thetas) are kept.
     """
     theta = np.array(theta, dtype=float)
     offset = 0
     for k in ks:
         rows, cols = tril_positions(k)
-        block = theta[offset : offset + len(rows)]  # a view: column-major lower triangle of T_j
+        block = theta[..., offset : offset + len(rows)]  # a view: column-major lower triangle of T_j
         for column in range(k):
             entries = cols == column
-            if block[entries & (rows == column)][0] < 0:
-                block[entries] *= -1.0
+            diagonal = block[..., np.flatnonzero(entries & (rows == column))[0]]
+            block[..., entries] *= np.where(diagonal < 0, -1.0, 1.0)[..., None]
         offset += len(rows)
     return theta
 

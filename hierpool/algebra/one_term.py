@@ -68,10 +68,11 @@ def _profiled(theta, stats):
     # c_l = L_l^-1 Lambda^T Z_l^T y and C_l = L_l^-1 Lambda^T Z_l^T X, by forward substitution
     cz = forward_solve_entries(chol, [sum_of(lam_l[a][i] * stats.zty[..., a] for a in range(i, k)) for i in range(k)])
     cx = forward_solve_entries(chol, [sum_of(lam_lp[a][i] * stats.ztx[..., a, :] for a in range(i, k)) for i in range(k)])
-    schur = stats.xtx - sum_of(xp.einsum("...lp,...lq->...pq", c, c) for c in cx)
+    # sums over levels as matrix products (NumPy's einsum is several times slower on the host's stacks)
+    schur = stats.xtx - sum_of(xp.swapaxes(c, -1, -2) @ c for c in cx)
     chol_x = cholesky(schur)
     chol_x_inv = tri_inverse(chol_x)  # p is small: unrolled, no LAPACK call inside the vmapped loop
-    rhs = stats.xty - sum_of(xp.einsum("...lp,...l->...p", c, z) for c, z in zip(cx, cz))
+    rhs = stats.xty - sum_of((xp.swapaxes(c, -1, -2) @ z[..., None])[..., 0] for c, z in zip(cx, cz))
     r = xp.einsum("...pq,...q->...p", chol_x_inv, rhs)
     pwrss = stats.yty - sum_of(xp.sum(z**2, axis=-1) for z in cz) - xp.sum(r**2, axis=-1)
     logdet_z = 2 * sum_of(xp.sum(xp.log(chol[i][i]), axis=-1) for i in range(k))
@@ -161,24 +162,26 @@ def solution(theta: jax.Array, stats, reml: bool = True, sigma_known: bool = Fal
     :func:`hierpool.algebra.henderson.solve` gives them for the same model (tested equal).
     ``fixed_map`` (p x p) maps the statistics' beta to the user's, beta = M beta_s and
     Cov = M Cov_s M^T (statistics of centred columns, :func:`hierpool.algebra.statistics.centred_statistics`).
+    Leading axes of ``theta`` and the statistics are datasets (a batch on the host, ``hp.fit_batch``).
     """
     lam, chol_inv, cz, cx, chol_x_inv, r, pwrss, logdet_z, logdet_x = factor_blocks(theta, stats)
     xp = array_namespace(theta, stats.ztz)
     p = stats.xtx.shape[-1]
     sigma2 = xp.ones_like(pwrss) if sigma_known else pwrss / (stats.n - p if reml else stats.n)
-    beta = chol_x_inv.T @ r
-    u = xp.einsum("lji,lj->li", chol_inv, cz - xp.einsum("lip,p->li", cx, beta))
-    inner_inv = xp.einsum("lki,lkj->lij", chol_inv, chol_inv)  # (L L^T)^-1
-    beta, vcov = beta + stats.beta_shift, sigma2 * chol_x_inv.T @ chol_x_inv
+    beta = xp.einsum("...qp,...q->...p", chol_x_inv, r)
+    u = xp.einsum("...lji,...lj->...li", chol_inv, cz - xp.einsum("...lip,...p->...li", cx, beta))
+    inner_inv = xp.einsum("...lki,...lkj->...lij", chol_inv, chol_inv)  # (L L^T)^-1
+    vcov = sigma2[..., None, None] * xp.einsum("...qp,...qr->...pr", chol_x_inv, chol_x_inv)
+    beta = beta + stats.beta_shift
     if fixed_map is not None:
-        beta, vcov = fixed_map @ beta, fixed_map @ vcov @ fixed_map.T
+        beta, vcov = xp.einsum("pq,...q->...p", fixed_map, beta), fixed_map @ vcov @ fixed_map.T
     return Solution(
         theta=theta,
         factors=(lam,),
         beta=beta,
         u=(u,),
-        b=(u @ lam.T,),
-        cond_var=(sigma2 * lam[None] @ inner_inv @ lam.T[None],),
+        b=(xp.einsum("...li,...ji->...lj", u, lam),),
+        cond_var=(sigma2[..., None, None, None] * xp.einsum("...ia,...lab,...jb->...lij", lam, inner_inv, lam),),
         vcov_beta=vcov,
         sigma=xp.sqrt(sigma2),
         pwrss=pwrss,

@@ -22,14 +22,18 @@ alone by ``hp.lmm`` (``polish=True``); each is marked in ``refit`` and explained
 in ``messages``, so a batched optimizer that fails is seen, not papered over.
 On a CPU, batches of up to ``QUICK_COMPILE_MAX_VALUES`` statistics compile with
 :mod:`hierpool.algebra.compiler_options`' quick options: their run is shorter than
-LLVM's optimization of the programs.
+LLVM's optimization of the programs.  One-term batches of that size with at most
+``HOST_MAX_THETA`` parameters compile nothing: the same Newton's method runs on the
+host (:func:`hierpool.batch.optimize.newton_on_host`, NumPy over the datasets still
+searching, the criterion's gradient by the complex step), in less time than XLA
+would take to compile it ("compile only where compiling pays").
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 import jax
@@ -39,7 +43,8 @@ import pandas as pd
 from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
-from ..algebra.one_term import solution
+from ..algebra.linalg import canonical_theta as canonical_rows
+from ..algebra.one_term import solution, value_and_gradient
 from ..closedform import glmm, lmm
 from ..closedform.optimize import Control
 from ..errors import ArgumentError, HierpoolWarning, integer_argument
@@ -47,7 +52,7 @@ from ..spec.family import family_spec
 from .fit_ar1 import fit_ar1
 from .fit_glmm import fit_glmm
 from .fit_terms import fit_terms
-from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
+from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start, newton_on_host
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     chunks,
@@ -61,6 +66,13 @@ from .plan import (
 from .results import BatchResult, BatchTerm
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
+#: Default datasets per call of the one-term optimizer on the host (see :func:`_on_host`): no lockstep to waste,
+#: and fewer NumPy calls per dataset the more datasets each call holds.
+HOST_CHUNK = 2048
+#: Most parameters (k(k+1)/2: one or two coefficients per level) of a one-term batch optimized on the host: its
+#: complex-step gradient costs one evaluation per parameter, where the compiled reverse mode costs a few whatever
+#: their number, so wider terms compile.
+HOST_MAX_THETA = 3
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
 # less (benchmarks/RESULTS.md, "Batch fitting for every model")
 GLMM_CPU_CHUNK = 16
@@ -103,25 +115,79 @@ def _solve_chunk(theta, stats, reml: bool, sigma_known: bool):
 _COMPILED = ProgramCache()
 
 
-def _programs(stats, reml: bool, max_iterations: int, sigma_known: bool, sharding, quick: bool = False):
+def _programs(stats, reml: bool, max_iterations: int, sigma_known: bool, sharding, quick: bool = False,
+              host: bool = False):
     """Futures of the (optimize, solve) programs for this chunk shape, kept in :data:`_COMPILED`.
 
     Two programs, not one: the solve program is traced while the optimizer
     compiles, and compiles while the first chunks are optimized.  ``quick``:
     compile without LLVM's optimization (:func:`hierpool.algebra.compiler_options.compiler_options`).
+    ``host``: both run on the host (:func:`_optimize_on_host`, and :func:`hierpool.algebra.one_term.solution`
+    over the chunk's leading axis), nothing is compiled, and the futures hold those functions.
     """
     def build():
         placed = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), stats)
         platform = jax.devices()[0].platform if sharding is None else sharding.mesh.devices.flat[0].platform
         k = stats.ztz.shape[-1]
         theta = jax.ShapeDtypeStruct((stats.n.shape[0], k * (k + 1) // 2), stats.ztz.dtype, sharding=sharding)
+        if host:
+            return (_done(partial(_optimize_on_host, reml=reml, max_iterations=max_iterations,
+                                  sigma_known=sigma_known)),
+                    _done(partial(_solve_on_host, reml=reml, sigma_known=sigma_known)))
         optimize = compile_in_background(
             _optimize_chunk(reml, max_iterations, sigma_known, sharding).lower(placed, theta), platform, quick)
         solve = compile_in_background(_solve_chunk.lower(theta, placed, reml=reml, sigma_known=sigma_known), platform,
                                       quick)
         return optimize, solve
 
-    return _COMPILED.get((shape_signature(stats), reml, max_iterations, sigma_known, sharding, quick), build)
+    return _COMPILED.get((shape_signature(stats), reml, max_iterations, sigma_known, sharding, quick, host), build)
+
+
+def _optimize_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: int, sigma_known: bool) -> dict:
+    """:func:`_optimize_rows` on the host: Newton's method of every dataset of a chunk
+    (:func:`hierpool.batch.optimize.newton_on_host`) on the criterion of
+    :func:`hierpool.algebra.one_term.value_and_gradient` (NumPy; its gradient the complex step)."""
+    stats = jax.tree_util.tree_map(np.asarray, stats)
+
+    def value_and_grad(points, rows):
+        # (A, Q) points of datasets ``rows``: their statistics broadcast over the points and the complex steps
+        return value_and_gradient(points, jax.tree_util.tree_map(lambda a: a[rows][:, None, None], stats),
+                                  reml=reml, sigma_known=sigma_known)
+
+    with np.errstate(all="ignore"):  # a probe off the criterion's domain is a value of inf: not a step
+        theta, value, newton_step, iterations, converged = newton_on_host(value_and_grad, start, max_iterations)
+    return {"theta": canonical_rows(theta, (stats.ztz.shape[-1],)), "objective": value, "newton_step": newton_step,
+            "iterations": iterations, "converged": converged}
+
+
+def _solve_on_host(theta: np.ndarray, stats, *, reml: bool, sigma_known: bool):
+    """:func:`_solve_chunk` on the host: the one-term solution of every dataset at once (its leading axis)."""
+    with np.errstate(all="ignore"):  # a dataset whose theta is NaN gets NaN, as in the compiled program
+        return solution(theta, jax.tree_util.tree_map(np.asarray, stats), reml=reml, sigma_known=sigma_known)
+
+
+def _done(value) -> Future:
+    future = Future()
+    future.set_result(value)
+    return future
+
+
+def _on_host(plan, float_type, sharding, quick: bool) -> bool:
+    """Whether a one-term batch is optimized on the host rather than by a compiled program: on one CPU device, in
+    float64 (the complex step), where its programs would compile quick (their run is short: a NumPy loop over
+    the datasets still searching wastes nothing on those that have stopped, and compiles nothing), and with at
+    most :data:`HOST_MAX_THETA` parameters ("compile only where compiling pays";
+    benchmarks/RESULTS.md, "Batch fitting for every model, tenth session")."""
+    k = plan.term.k
+    return (sharding is None and jax.default_backend() == "cpu" and float_type == np.float64 and quick
+            and k * (k + 1) // 2 <= HOST_MAX_THETA)
+
+
+def _default_chunk(family) -> int:
+    """Datasets per compiled call when ``chunk_size`` is not given (module notes)."""
+    if jax.default_backend() != "cpu":
+        return ACCELERATOR_CHUNK
+    return GLMM_CPU_CHUNK if family is not None else CPU_CHUNK
 
 
 def _diagonal_sd(covariances: np.ndarray) -> np.ndarray:
@@ -180,7 +246,8 @@ def fit_batch(
         with float64 to about 1e-5 relative.
     chunk_size : int, optional
         Most datasets per compiled call (bounds memory; see the module notes).
-        Default: 128 on a CPU, 4096 on an accelerator.  The datasets of a call
+        Default: 128 on a CPU (16 for a GLMM; 2048 for a one-term batch optimized on the
+        host, module notes), 4096 on an accelerator.  The datasets of a call
         iterate in lockstep until the slowest converges, so on a CPU, where a
         wide call buys no parallelism, small calls waste less (2,000 sleepstudy
         fits in calls of 125 and of 1,000: benchmarks/RESULTS.md, "Batch fitting,
@@ -235,10 +302,8 @@ def fit_batch(
     """
     if dtype not in ("float64", "float32"):
         raise ArgumentError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
-    if chunk_size is None:
-        cpu = GLMM_CPU_CHUNK if family is not None else CPU_CHUNK
-        chunk_size = cpu if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK
-    chunk_size = integer_argument("chunk_size", chunk_size)
+    if chunk_size is not None:
+        chunk_size = integer_argument("chunk_size", chunk_size)
     spec = None
     if family is not None:
         spec = family_spec(family, link)
@@ -263,6 +328,8 @@ def fit_batch(
     settings = dict(reml=reml, float_type=np.float64 if dtype == "float64" else np.float32, chunk_size=chunk_size,
                     progress=progress, max_iterations=max_iterations, sharding=sharding,
                     workers=thread_count(sharding, serial=len(plan.design.terms) > 1 or correlation is not None))
+    if len(plan.design.terms) > 1 or spec is not None or correlation is not None:  # the one-term path picks its own
+        settings["chunk_size"] = chunk_size or _default_chunk(spec)
     if spec is not None:
         settings.pop("reml")
         # a negative binomial's shape is estimated (the 1.0 only makes the family; the batch starts from moments)
@@ -280,7 +347,7 @@ def fit_batch(
     return _result(plan, out, formula, reml, polish, fitter)
 
 
-def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int, progress, max_iterations: int, sharding,
+def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progress, max_iterations: int, sharding,
                   workers: int) -> dict:
     """The one-term specialisation: Newton's method on each dataset's sufficient statistics (module notes).
 
@@ -304,6 +371,10 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int, progress, ma
     values = sum(math.prod(leaf.shape) for bucket, members in members_by_bucket
                  for leaf in jax.tree_util.tree_leaves(plan.statistics_shape(bucket, len(members))))
     quick = values <= QUICK_COMPILE_MAX_VALUES
+    host = _on_host(plan, float_type, sharding, quick)
+    if host and chunk_size is None:
+        chunk_size = HOST_CHUNK
+    chunk_size = chunk_size or _default_chunk(None)
     # chunk shapes follow from the level counts alone: start compiling (in the background) before
     # the statistics are computed, and before the threads start (they would each compile)
     # (this call holds its programs: the cache may drop them while it runs, but they are not compiled twice)
@@ -312,7 +383,7 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int, progress, ma
         sizes[bucket] = min(chunk_size, math.ceil(len(members) / workers))
         rows = chunks(bucket, members[:1], sizes[bucket], n_devices)[0].index.size
         programs[bucket] = _programs(plan.statistics_shape(bucket, rows, float_type), reml, max_iterations,
-                                     sigma_known, sharding, quick)
+                                     sigma_known, sharding, quick, host)
     buckets, messages = plan.buckets(float_type)
     jobs = []
     for bucket, usable, stats in buckets:
@@ -323,7 +394,8 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int, progress, ma
 
     def run(job):
         _, chunk, start, count, (optimize, solve) = job
-        chunk, start = place((chunk, start), sharding)
+        if not host:
+            chunk, start = place((chunk, start), sharding)
         optimized = optimize.result()(chunk, start)
         solved = solve.result()(optimized["theta"], chunk)  # a Solution per dataset (one term)
         result = {**optimized, "beta": solved.beta, "vcov": solved.vcov_beta, "sigma": solved.sigma,

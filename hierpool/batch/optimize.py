@@ -103,19 +103,69 @@ def canonical_theta(theta: jax.Array, ks) -> jax.Array:
 
 
 def _solve_spd(matrix, vector):
+    """matrix^-1 vector for symmetric positive definite matrices: JAX's Cholesky, or NumPy's solve on the host
+    (leading axes: datasets)."""
+    if isinstance(matrix, np.ndarray):
+        return np.linalg.solve(matrix, vector[..., None])[..., 0]
     return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(matrix), True), vector)
 
 
 def _definite_shift(hessian):
-    """0 where the Hessian is positive definite, else a shift that makes it so (Gershgorin)."""
-    chol = jnp.linalg.cholesky(hessian)
-    definite = jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.diagonal(chol) > 0)
-    gershgorin = jnp.min(2 * jnp.diagonal(hessian) - jnp.sum(jnp.abs(hessian), axis=1))
-    return jnp.where(definite, 0.0, jnp.maximum(0.0, -gershgorin))
+    """0 where the Hessian is positive definite, else a shift that makes it so (Gershgorin).  JAX (one Hessian) or
+    NumPy (a stack of them, on the host)."""
+    if isinstance(hessian, np.ndarray):
+        finite = np.all(np.isfinite(hessian), axis=(-2, -1))
+        safe = np.where(finite[..., None, None], hessian, np.eye(hessian.shape[-1]))  # eigvalsh refuses NaN
+        xp, definite = np, finite & (np.linalg.eigvalsh(safe)[..., 0] > 0)
+    else:
+        chol = jnp.linalg.cholesky(hessian)
+        xp, definite = jnp, jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.diagonal(chol) > 0)
+    diagonal = xp.diagonal(hessian, axis1=-2, axis2=-1)
+    gershgorin = xp.min(2 * diagonal - xp.sum(xp.abs(hessian), axis=-1), axis=-1)
+    return xp.where(definite, 0.0, xp.maximum(0.0, -gershgorin))
 
 
-def _probe(value_and_grad, points, width):
-    """Value, gradient and forward-difference Hessian of f at each point, in one vmapped gradient call.
+def _scale_and_shift(curvature, damping, xp):
+    """The curvature's scale (its largest diagonal, at least 1) and the step's Levenberg-Marquardt shift: the
+    damping, what makes the curvature positive definite, and a 1e-12 ridge when undamped."""
+    scale = xp.maximum(xp.max(xp.abs(xp.diagonal(curvature, axis1=-2, axis2=-1)), axis=-1), 1.0)
+    return scale, damping + _definite_shift(curvature) + xp.where(damping > 0, 0.0, 1e-12 * scale)
+
+
+def _damping_after(improved, damping, scale, growth: float, xp):
+    """Levenberg-Marquardt: trust the quadratic model more after a success, less after a failure."""
+    return xp.where(improved, xp.where(damping > 1e-8 * scale, damping / 10, 0.0),
+                    xp.maximum(growth * damping, 1e-4 * scale))
+
+
+def _finite_difference_hessians(gradients, steps, xp):
+    """Symmetrized forward differences of the gradients (..., m + 1, m) (the point's first, then its m shifts by
+    ``steps`` (..., m))."""
+    hessians = (gradients[..., 1:, :] - gradients[..., :1, :]) / steps[..., :, None]
+    return 0.5 * (hessians + xp.swapaxes(hessians, -1, -2))
+
+
+def _stops(first, step, theta, improved, new_gradient, new_damping, scale, step_tol, rounding_step_tol, xp):
+    """Whether the search ends after this pass: the quadratic model has nothing left to give, or what it promises
+    is below rounding; the gradient vanishes; or the damping has grown past any use."""
+    step_size = xp.max(xp.abs(step), axis=-1) / (1 + xp.max(xp.abs(theta), axis=-1))
+    at_optimum = ~first & ((step_size <= step_tol) | (~improved & (step_size <= rounding_step_tol)))
+    return (at_optimum | (xp.max(xp.abs(new_gradient), axis=-1) < GRADIENT_TOL)
+            | (~improved & (new_damping > 1e10 * scale)))
+
+
+def _final_step(value, gradient, curvature, converged_step, converged_decrease, xp):
+    """(max |H^-1 g|, converged) at the end of the search (:func:`newton`'s Returns)."""
+    eye = xp.eye(gradient.shape[-1], dtype=gradient.dtype)
+    newton = _solve_spd(curvature + _definite_shift(curvature)[..., None, None] * eye, gradient)
+    newton_step = xp.max(xp.abs(newton), axis=-1)
+    flat = 0.5 * xp.sum(gradient * newton, axis=-1) <= converged_decrease * (1 + xp.abs(value))
+    return newton_step, xp.isfinite(value) & ((newton_step < converged_step) | flat)
+
+
+def _probe(value_and_grad, points, width, has_aux: bool = False):
+    """Value, gradient and forward-difference Hessian of f at each point, in one vmapped gradient call (and,
+    ``has_aux``, the auxiliary output at each point: ``value_and_grad`` then returns (value, gradient, aux)).
 
     Differencing the exact gradient costs m extra gradients per point and, unlike
     ``jax.hessian``, adds no second derivative program to compile (which made the
@@ -125,11 +175,13 @@ def _probe(value_and_grad, points, width):
     steps = width * (1 + jnp.abs(points))  # (P, m)
     shifted = points[:, None, :] + jnp.eye(m, dtype=points.dtype)[None] * steps[:, None, :]
     every = jnp.concatenate([points[:, None, :], shifted], axis=1).reshape(-1, m)
-    values, gradients = jax.vmap(value_and_grad)(every)
+    values, gradients, *aux = jax.vmap(value_and_grad)(every)
     values = values.reshape(-1, m + 1)[:, 0]
     gradients = gradients.reshape(-1, m + 1, m)
-    hessians = (gradients[:, 1:, :] - gradients[:, :1, :]) / steps[:, :, None]
-    return values, gradients[:, 0], 0.5 * (hessians + jnp.swapaxes(hessians, 1, 2))
+    out = (values, gradients[:, 0], _finite_difference_hessians(gradients, steps, jnp))
+    if has_aux:  # at the points themselves, not their shifts
+        out += (jax.tree_util.tree_map(lambda a: a.reshape((-1, m + 1) + a.shape[1:])[:, 0], aux[0]),)
+    return out
 
 
 def minimize_one(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITERATIONS, sigma_known: bool = False):
@@ -144,7 +196,7 @@ def minimize_one(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITE
 
 
 def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None, fd_width=None,
-           with_curvature: bool = False, step_tol=None, damping_growth: float = 10.0):
+           with_curvature: bool = False, step_tol=None, damping_growth: float = 10.0, aux0=None):
     """Minimize ``f`` (a pure, differentiable function of theta) from ``theta0``: one dataset's optimizer.
 
     Any criterion: the one-term specialisation (:func:`minimize_one`), the general blocked criterion of a
@@ -153,11 +205,13 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     (``value_and_grad``, in place of ``jax.value_and_grad(f)``; ``f`` is then unused).  ``fd_width``:
     the Hessian's forward-difference width (default sqrt(eps)); ``step_tol``: the relative Newton step at
     which the search stops (default 1e-9, float64); ``damping_growth``: the Levenberg-Marquardt shift's factor
-    after a rejected step.  Pure: vmap it over datasets.
+    after a rejected step.  ``aux0`` (a pytree of arrays, the shapes of an auxiliary output): ``value_and_grad``
+    returns (value, gradient, aux), and the aux at the returned theta comes back last (a GLMM's mode there,
+    without tracing its program again; ``aux0`` where no step improved on +inf).  Pure: vmap it over datasets.
 
     Returns
     -------
-    (theta, value, newton_step, iterations, converged[, curvature])
+    (theta, value, newton_step, iterations, converged[, curvature][, aux])
         ``newton_step`` is max |H^-1 g| at the end, the distance to the optimum
         the last quadratic model predicts; ``converged`` when it is below 1e-6, or
         the decrease it predicts is below 1e-12 of the criterion (float64).  ``with_curvature``:
@@ -171,44 +225,93 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     fd_width = width if fd_width is None else fd_width
     step_tol = step_tol or step_tol_default
     step_lengths = jnp.asarray(STEP_LENGTHS, theta0.dtype)
+    has_aux = aux0 is not None
 
     def body(state):
-        theta, value, gradient, curvature, damping, iteration, _ = state
-        scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(curvature))), 1.0)
-        shift = damping + _definite_shift(curvature) + jnp.where(damping > 0, 0.0, 1e-12 * scale)
+        theta, value, gradient, curvature, damping, iteration, _, aux = state
+        scale, shift = _scale_and_shift(curvature, damping, jnp)
         step = -_solve_spd(curvature + shift * eye, gradient)
         trials = theta[None, :] + step_lengths[:, None] * step[None, :]
-        values, gradients, hessians = _probe(value_and_grad, trials, fd_width)
+        values, gradients, hessians, *trial_aux = _probe(value_and_grad, trials, fd_width, has_aux)
         values = jnp.where(jnp.isfinite(values), values, jnp.inf)
         best = jnp.argmin(values)
         improved = values[best] < value
         keep = lambda new, old: jnp.where(improved, new, old)  # noqa: E731
-        # Levenberg-Marquardt: trust the quadratic model more after a success, less after a failure
-        new_damping = jnp.where(improved, jnp.where(damping > 1e-8 * scale, damping / 10, 0.0),
-                                jnp.maximum(damping_growth * damping, 1e-4 * scale))
-        step_size = jnp.max(jnp.abs(step)) / (1 + jnp.max(jnp.abs(theta)))
-        # the quadratic model has nothing left to give, or what it promises is below rounding
-        at_optimum = (iteration > 0) & ((step_size <= step_tol) | (~improved & (step_size <= rounding_step_tol)))
+        new_damping = _damping_after(improved, damping, scale, damping_growth, jnp)
         new_gradient = keep(gradients[best], gradient)
-        done = at_optimum | (jnp.max(jnp.abs(new_gradient)) < GRADIENT_TOL) | (~improved & (new_damping > 1e10 * scale))
+        done = _stops(iteration == 0, step, theta, improved, new_gradient, new_damping, scale, step_tol,
+                      rounding_step_tol, jnp)
+        if has_aux:
+            aux = jax.tree_util.tree_map(lambda new, old: keep(new[best], old), trial_aux[0], aux)
         return (keep(trials[best], theta), keep(values[best], value), new_gradient, keep(hessians[best], curvature),
-                new_damping, iteration + 1, done)
+                new_damping, iteration + 1, done, aux)
 
     def keep_going(state):
-        *_, iteration, done = state
+        *_, iteration, done, _ = state
         return (~done) & (iteration < max_iterations)
 
     # the first pass has a zero step: it only probes theta0, so the loop holds the one gradient program.  Every
     # carry is computed from theta0, so that under vmap each is batched from the start (a constant carry is not,
     # and vmap batches the loop's body again for each carry it finds batched after a pass)
     zero = jnp.where(jnp.isfinite(theta0[0]), 0.0, 0.0).astype(theta0.dtype)  # 0, from theta0 (never NaN)
+    aux = None if aux0 is None else jax.tree_util.tree_map(lambda a: a + zero.astype(a.dtype), aux0)
     initial = (theta0, zero + jnp.inf, jnp.zeros_like(theta0) + zero, eye + zero, zero, zero.astype(jnp.int32),
-               zero != 0)
-    theta, value, gradient, curvature, _, iterations, _ = jax.lax.while_loop(keep_going, body, initial)
-    newton = _solve_spd(curvature + _definite_shift(curvature) * eye, gradient)
-    newton_step = jnp.max(jnp.abs(newton))
-    flat = 0.5 * gradient @ newton <= converged_decrease * (1 + jnp.abs(value))
-    converged = jnp.isfinite(value) & ((newton_step < converged_step) | flat)
-    if with_curvature:
-        return theta, value, newton_step, iterations - 1, converged, curvature
-    return theta, value, newton_step, iterations - 1, converged
+               zero != 0, aux)
+    theta, value, gradient, curvature, _, iterations, _, aux = jax.lax.while_loop(keep_going, body, initial)
+    newton_step, converged = _final_step(value, gradient, curvature, converged_step, converged_decrease, jnp)
+    out = (theta, value, newton_step, iterations - 1, converged)
+    return out + (curvature,) * with_curvature + (aux,) * has_aux
+
+
+def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX_ITERATIONS,
+                   damping_growth: float = 10.0):
+    """:func:`newton` for a batch of datasets at once on the host (NumPy): the same steps, shift, damping and
+    stopping rules (one home each, above), with each dataset leaving the batch when its search stops.
+
+    ``value_and_grad(points, rows)`` gives the criterion's values (A, Q) and gradients (A, Q, m) of datasets
+    ``rows`` (A,) at ``points`` (A, Q, m).  ``theta0`` (B, m).  Where :func:`newton` runs every dataset of a
+    vmapped call until the slowest stops, this one evaluates only those still searching.
+
+    Returns
+    -------
+    (theta, value, newton_step, iterations, converged)
+        Each (B, ...), as :func:`newton`'s.
+    """
+    theta = np.array(theta0, dtype=float)
+    n, m = theta.shape
+    width, step_tol, rounding_step_tol, (converged_step, converged_decrease) = _tolerances(theta.dtype)
+    lengths = np.asarray(STEP_LENGTHS, dtype=float)
+    value, gradient = np.full(n, np.inf), np.zeros((n, m))
+    curvature, damping = np.tile(np.eye(m), (n, 1, 1)), np.zeros(n)
+    passes = np.zeros(n, dtype=np.int64)
+    active = np.arange(n)
+    for iteration in range(max_iterations):
+        if not active.size:
+            break
+        th, v, g, h, d = theta[active], value[active], gradient[active], curvature[active], damping[active]
+        scale, shift = _scale_and_shift(h, d, np)
+        # the first pass only probes theta0 (a zero step), as newton's
+        step = -_solve_spd(h + shift[:, None, None] * np.eye(m), g) if iteration else np.zeros_like(th)
+        trials = th[:, None, :] + lengths[None, :, None] * step[:, None, :]  # (A, P, m)
+        steps = width * (1 + np.abs(trials))
+        every = np.concatenate([trials[:, :, None, :], trials[:, :, None, :] + np.eye(m) * steps[:, :, None, :]],
+                               axis=2)  # (A, P, m + 1, m): each trial, then its shifts
+        values, gradients = value_and_grad(every.reshape(len(active), -1, m), active)
+        values = values.reshape(len(active), -1, m + 1)[..., 0]
+        gradients = gradients.reshape(len(active), -1, m + 1, m)
+        values = np.where(np.isfinite(values), values, np.inf)
+        best = np.argmin(values, axis=1)
+        rows = np.arange(len(active))
+        improved = values[rows, best] < v
+        new_damping = _damping_after(improved, d, scale, damping_growth, np)
+        new_gradient = np.where(improved[:, None], gradients[rows, best, 0], g)
+        done = _stops(np.bool_(iteration == 0), step, th, improved, new_gradient, new_damping, scale, step_tol,
+                      rounding_step_tol, np)
+        kept = active[improved]
+        theta[kept], value[kept] = trials[rows, best][improved], values[rows, best][improved]
+        curvature[kept] = _finite_difference_hessians(gradients[rows, best], steps[rows, best], np)[improved]
+        gradient[active], damping[active] = new_gradient, new_damping
+        passes[active] += 1
+        active = active[~done]
+    newton_step, converged = _final_step(value, gradient, curvature, converged_step, converged_decrease, np)
+    return theta, value, newton_step, passes - 1, converged
