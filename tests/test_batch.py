@@ -390,6 +390,29 @@ def test_the_host_optimizer_equals_the_compiled_program(replicates, batch, monke
     assert (batch.converged == compiled.converged).all() and (batch.is_singular == compiled.is_singular).all()
 
 
+def test_a_dataset_whose_criterion_ignores_a_parameter_fails_alone_on_the_host(monkeypatch):
+    # x is 0 throughout dataset 2: its criterion does not depend on the slope's theta, and its final Newton system is
+    # singular.  The compiled program's Cholesky gives that dataset NaN; the host's solve must too, not raise for all
+    from hierpool.batch import fit as fit_module
+
+    rng = np.random.default_rng(3)
+    frames = []
+    for d in range(6):
+        x = np.zeros(40) if d == 2 else rng.normal(size=40)
+        g = np.repeat(np.arange(8), 5)
+        frames.append(pd.DataFrame({"dataset": d, "g": g.astype(str), "x": x,
+                                    "y": x * rng.normal(0, 1, 8)[g] + rng.normal(size=40)}))
+    data = pd.concat(frames, ignore_index=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        host = hp.fit_batch("y ~ 1 + (0 + x | g)", data, polish=False)
+        monkeypatch.setattr(fit_module, "_on_host", lambda *args: False)
+        compiled = hp.fit_batch("y ~ 1 + (0 + x | g)", data, polish=False)
+    assert host.converged.drop(index=2).all() and compiled.converged.drop(index=2).all()
+    assert host.converged.tolist() == compiled.converged.tolist()
+    np.testing.assert_allclose(host.objective.drop(index=2), compiled.objective.drop(index=2), rtol=1e-12)
+
+
 def test_float32_agrees_with_float64(replicates, batch):
     single = hp.fit_batch(SLEEP, replicates, dtype="float32")
     assert_not_refitted(single)

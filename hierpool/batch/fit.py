@@ -66,9 +66,10 @@ from .plan import (
 from .results import BatchResult, BatchTerm
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
-#: Default datasets per call of the one-term optimizer on the host (see :func:`_on_host`): no lockstep to waste,
-#: and fewer NumPy calls per dataset the more datasets each call holds.
-HOST_CHUNK = 2048
+#: Default datasets per call of the one-term optimizer on the host (see :func:`_on_host`): enough to spread each NumPy
+#: call's cost over many datasets, few enough that a call's arrays stay small (its complex-step probes hold about
+#: 60 arrays of (m + 1) m ell complex values per dataset, m = k(k+1)/2: ~200 kB for a sleepstudy-sized one).
+HOST_CHUNK = 256
 #: Most parameters (k(k+1)/2: one or two coefficients per level) of a one-term batch optimized on the host: its
 #: complex-step gradient costs one evaluation per parameter, where the compiled reverse mode costs a few whatever
 #: their number, so wider terms compile.
@@ -246,7 +247,7 @@ def fit_batch(
         with float64 to about 1e-5 relative.
     chunk_size : int, optional
         Most datasets per compiled call (bounds memory; see the module notes).
-        Default: 128 on a CPU (16 for a GLMM; 2048 for a one-term batch optimized on the
+        Default: 128 on a CPU (16 for a GLMM; 256 for a one-term batch optimized on the
         host, module notes), 4096 on an accelerator.  The datasets of a call
         iterate in lockstep until the slowest converges, so on a CPU, where a
         wide call buys no parallelism, small calls waste less (2,000 sleepstudy
@@ -388,7 +389,9 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     jobs = []
     for bucket, usable, stats in buckets:
         for chunk in chunks(bucket, usable, sizes[bucket], n_devices):
-            chunk_stats = stats.take(chunk.index)
+            # a compiled program has one shape, so its chunks are padded; the host's are not (a padded row would be
+            # a whole fit, wasted)
+            chunk_stats = stats.take(chunk.index[:chunk.count] if host else chunk.index)
             start = moment_start(chunk_stats, sigma_known).astype(float_type)
             jobs.append((chunk.members, chunk_stats, start, chunk.count, programs[bucket]))
 

@@ -246,8 +246,9 @@ def _optimize_rows(data, saturated, start, family: Family, max_iterations: int):
 
         # the mode at the optimum is carried by Newton's loop (its aux), not computed again after it: a second copy
         # of the Laplace program would double the tracing and compiling
-        aux0 = {"b": tuple(jnp.zeros((ell, k)) for ell, k in zip(d.pattern.layout.n_levels, ks)),
-                "working_weights": jnp.zeros_like(d.y), "converged": jnp.zeros((), bool)}
+        # (NaN where no step ever improved on +inf: a dataset with no finite criterion has no mode)
+        aux0 = {"b": tuple(jnp.full((ell, k), jnp.nan, params0.dtype) for ell, k in zip(d.pattern.layout.n_levels, ks)),
+                "working_weights": jnp.full_like(d.y, jnp.nan), "converged": jnp.zeros((), bool)}
         params, value, newton_step, iterations, converged, curvature, mode = newton(
             None, params0, max_iterations, value_and_grad=value_and_grad, fd_width=FD_WIDTH, with_curvature=True,
             step_tol=STEP_TOL, damping_growth=DAMPING_GROWTH, aux0=aux0)

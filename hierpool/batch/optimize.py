@@ -104,19 +104,28 @@ def canonical_theta(theta: jax.Array, ks) -> jax.Array:
 
 def _solve_spd(matrix, vector):
     """matrix^-1 vector for symmetric positive definite matrices: JAX's Cholesky, or NumPy's solve on the host
-    (leading axes: datasets)."""
+    (leading axes: datasets).  A matrix that is not positive definite gives NaN, as the Cholesky factor does, for
+    its own dataset alone (NumPy's solve would raise for the whole stack)."""
     if isinstance(matrix, np.ndarray):
-        return np.linalg.solve(matrix, vector[..., None])[..., 0]
+        definite = _positive_definite(matrix) & np.all(np.isfinite(vector), axis=-1)
+        safe = np.where(definite[..., None, None], matrix, np.eye(matrix.shape[-1]))
+        solved = np.linalg.solve(safe, np.where(definite[..., None], vector, 0.0)[..., None])[..., 0]
+        return np.where(definite[..., None], solved, np.nan)
     return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(matrix), True), vector)
+
+
+def _positive_definite(matrices: np.ndarray) -> np.ndarray:
+    """Whether each of a stack of symmetric matrices (NumPy) is finite and positive definite."""
+    finite = np.all(np.isfinite(matrices), axis=(-2, -1))
+    safe = np.where(finite[..., None, None], matrices, np.eye(matrices.shape[-1]))  # eigvalsh refuses NaN
+    return finite & (np.linalg.eigvalsh(safe)[..., 0] > 0)
 
 
 def _definite_shift(hessian):
     """0 where the Hessian is positive definite, else a shift that makes it so (Gershgorin).  JAX (one Hessian) or
     NumPy (a stack of them, on the host)."""
     if isinstance(hessian, np.ndarray):
-        finite = np.all(np.isfinite(hessian), axis=(-2, -1))
-        safe = np.where(finite[..., None, None], hessian, np.eye(hessian.shape[-1]))  # eigvalsh refuses NaN
-        xp, definite = np, finite & (np.linalg.eigvalsh(safe)[..., 0] > 0)
+        xp, definite = np, _positive_definite(hessian)
     else:
         chol = jnp.linalg.cholesky(hessian)
         xp, definite = jnp, jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.diagonal(chol) > 0)
