@@ -1,5 +1,5 @@
 """``hp.bootstrap(fit, n)``: the parametric bootstrap of a fitted mixed model (lme4's ``bootMer``), its replicates
-fitted by ``hp.fit_batch`` in compiled, vmapped chunks.
+fitted by ``hp.fit_batch`` (in compiled, vmapped chunks; on a CPU a small one-term batch on the host).
 
 Each replicate is a response drawn from the fitted model (``hp.simulate``, :mod:`hierpool.closedform.simulate`: new
 random effects and residuals at the estimates) on the fit's own rows (its model frame, ``Design.frame``), refitted

@@ -1,4 +1,4 @@
-"""``hp.fit_batch``: one model fitted to many datasets as one jit-compiled, vmapped call (one random-effect
+"""``hp.fit_batch``: one model fitted to many datasets as jit-compiled, vmapped calls (one random-effect
 term here; several terms in :mod:`hierpool.batch.fit_terms`, GLMMs in :mod:`hierpool.batch.fit_glmm`, AR(1)
 residuals in :mod:`hierpool.batch.fit_ar1`).
 
@@ -8,7 +8,8 @@ failures kept in their row) is :mod:`hierpool.batch.plan`'s.  Device memory is
 bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
 
 * one term: about ``40 * ell * k * (k + p + 1) * 8`` of working set (the statistics
-  and the optimizer's probes);
+  and the optimizer's probes); on the host (below), about ``60 * (m + 1) * m * ell * 16``
+  with ``m = k(k+1)/2`` (the complex-step probes of the datasets still searching);
 * several terms (:mod:`hierpool.batch.fit_terms`): its system, ``8 * (ell0 k0^2 +
   ell0 k0 m + m^2)`` with ``m = sum_(j>0) ell_j k_j + p + 1`` (the padded levels), held
   by each of the optimizer's ``n_theta + 1`` probes;
@@ -70,10 +71,10 @@ CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 #: call's cost over many datasets, few enough that a call's arrays stay small (its complex-step probes hold about
 #: 60 arrays of (m + 1) m ell complex values per dataset, m = k(k+1)/2: ~200 kB for a sleepstudy-sized one).
 HOST_CHUNK = 256
-#: Most parameters (k(k+1)/2: one or two coefficients per level) of a one-term batch optimized on the host: its
+#: Most parameters (k(k+1)/2: up to three coefficients per level) of a one-term batch optimized on the host: its
 #: complex-step gradient costs one evaluation per parameter, where the compiled reverse mode costs a few whatever
-#: their number, so wider terms compile.
-HOST_MAX_THETA = 3
+#: their number, so wider terms compile (benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
+HOST_MAX_THETA = 6
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
 # less (benchmarks/RESULTS.md, "Batch fitting for every model")
 GLMM_CPU_CHUNK = 16
