@@ -150,11 +150,13 @@ def thread_count(sharding, serial: bool = False) -> int:
     ``serial``: the chunks run one after another.  For programs with several random-effect terms: two
     threads each running one (the general blocked criterion under vmap inside Newton's while loop)
     deadlocked XLA on this project's 2-core CPU, e.g. 40 crossed datasets (16 subjects x 16 items) in two
-    chunks, which ran one chunk at a time (benchmarks/RESULTS.md, "Batch fitting for every model").  The same
-    while loop around a vmap of the criterion's
-    gradient at three points hung alike, one point or no loop did not; the cause inside XLA is not
-    established, so every several-term program runs serially.  The one-term programs have run in threads
-    since the batch layer's first session.
+    chunks, which ran one chunk at a time (benchmarks/RESULTS.md, "Batch fitting for every model").  The
+    cause (tenth session): jaxlib's batched LAPACK kernels (here the triangular solves of the dense systems)
+    split a large batch into tasks on XLA's CPU pool and block for them, and with asynchronous dispatch the
+    executions themselves run on that pool: two executions inside such calls hold every pool thread and wait
+    for tasks nothing can run.  Whether a call splits depends on its batch and system sizes, so every
+    several-term program runs serially.  The one-term programs' LAPACK calls (3 x 3 Newton systems) are too
+    small to split: they have run in threads since the batch layer's first session.
     """
     if serial or sharding is not None or jax.default_backend() != "cpu":
         return 1
