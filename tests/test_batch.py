@@ -9,6 +9,7 @@ import sys
 import warnings
 from concurrent.futures import Future
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -370,31 +371,101 @@ def test_a_singular_dataset_is_flagged_with_a_zero_variance():
             assert result.varcorr.query("dataset == @i and grp == 'g'").sdcor.iloc[0] < 1e-4 * fit.sigma
 
 
-def test_the_host_optimizer_equals_the_compiled_program(replicates, batch, monkeypatch):
+def _host_and_compiled(monkeypatch, *args, **kwargs):
+    """fit_batch(*args, **kwargs) with its one-term optimizer forced onto the host, then forced to compile; each
+    run asserted to have taken its path (the host optimizer's calls counted)."""
+    from hierpool.batch import fit as fit_module
+
+    calls = []
+    on_host = fit_module._optimize_on_host
+
+    def counted(*a, **k):
+        calls.append(1)
+        return on_host(*a, **k)
+
+    monkeypatch.setattr(fit_module, "_optimize_on_host", counted)
+    monkeypatch.setattr(fit_module, "_on_host", lambda *a: True)
+    host = hp.fit_batch(*args, **kwargs)
+    assert calls, "the host path did not run"
+    calls.clear()
+    monkeypatch.setattr(fit_module, "_on_host", lambda *a: False)
+    compiled = hp.fit_batch(*args, **kwargs)
+    assert not calls, "the compiled path ran the host optimizer"
+    monkeypatch.undo()
+    return host, compiled
+
+
+def _assert_same_fits(host, compiled):
+    assert_not_refitted(host)
+    assert_not_refitted(compiled)
+    np.testing.assert_allclose(host.objective, compiled.objective, rtol=1e-12)
+    np.testing.assert_allclose(host.beta, compiled.beta, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(host.theta, compiled.theta, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(host.beta_se, compiled.beta_se, rtol=1e-6)
+    np.testing.assert_allclose(host.ranef.condval, compiled.ranef.condval, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(host.ranef.condsd, compiled.ranef.condsd, rtol=1e-6, atol=1e-9)
+    assert (host.converged == compiled.converged).all() and (host.is_singular == compiled.is_singular).all()
+
+
+def test_the_rule_puts_small_float64_batches_on_the_host(replicates):
     from hierpool.batch import fit as fit_module
     from hierpool.batch.plan import plan_batch
 
-    # the batch fixture ran on the host (a one-term, two-coefficient batch that would compile quick, on a CPU)
     plan = plan_batch(SLEEP, replicates, "dataset", "fit_batch", "hp.lmm", one_term=False)
-    assert fit_module._on_host(plan, np.float64, None, True)
-    assert not fit_module._on_host(plan, np.float32, None, True) and not fit_module._on_host(plan, np.float64, None,
-                                                                                              False)
-    monkeypatch.setattr(fit_module, "_on_host", lambda *args: False)
-    compiled = hp.fit_batch(SLEEP, replicates, by="dataset")
-    assert_not_refitted(compiled)
-    assert_not_refitted(batch)
-    np.testing.assert_allclose(batch.objective, compiled.objective, rtol=1e-12)
-    np.testing.assert_allclose(batch.beta, compiled.beta, rtol=1e-8)
-    np.testing.assert_allclose(batch.theta, compiled.theta, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(batch.ranef.condsd, compiled.ranef.condsd, rtol=1e-6)
-    assert (batch.converged == compiled.converged).all() and (batch.is_singular == compiled.is_singular).all()
+    if jax.default_backend() == "cpu":  # the host path is for a CPU
+        assert fit_module._on_host(plan, np.float64, None, True)
+    assert not fit_module._on_host(plan, np.float32, None, True)
+    assert not fit_module._on_host(plan, np.float64, None, False)
+    wide = hp.datasets.sleepstudy_replicates(2, seed=1).assign(d2=lambda f: (f.Days - 4.5) ** 2, d3=lambda f: f.Days**3)
+    plan4 = plan_batch("Reaction ~ Days + (Days + d2 + d3 | Subject)", wide, "dataset", "fit_batch", "hp.lmm",
+                       one_term=False)
+    assert not fit_module._on_host(plan4, np.float64, None, True)  # 10 parameters: compiled
+
+
+def test_the_host_optimizer_equals_the_compiled_program(replicates, monkeypatch):
+    _assert_same_fits(*_host_and_compiled(monkeypatch, SLEEP, replicates, by="dataset"))
+
+
+def test_the_host_optimizer_equals_the_compiled_program_with_weights_offset_and_ml(replicates, monkeypatch):
+    data = weighted(replicates[replicates.dataset < 20])
+    _assert_same_fits(*_host_and_compiled(monkeypatch, SLEEP, data, weights="w", offset="off", reml=False))
+
+
+def test_the_host_optimizer_equals_the_compiled_program_with_known_sds(meta, monkeypatch):
+    host, compiled = _host_and_compiled(monkeypatch, META, {k: v for k, v in meta[1].items() if k != "one"},
+                                        se="se")
+    _assert_same_fits(host, compiled)
+
+
+def test_canonical_theta_of_many_rows_equals_row_by_row():
+    from hierpool.algebra.linalg import canonical_theta
+
+    rng = np.random.default_rng(5)
+    thetas = rng.normal(size=(7, 3, 10))  # terms of widths 2, 1, 3: 3 + 1 + 6 parameters
+    many = canonical_theta(thetas, (2, 1, 3))
+    for index in np.ndindex(7, 3):
+        np.testing.assert_array_equal(many[index], canonical_theta(thetas[index], (2, 1, 3)))
+    assert (thetas != many).any() and np.all(np.abs(thetas) == np.abs(many))  # flipped somewhere, nothing else
+
+
+def test_a_stack_of_cholesky_factors_gives_nan_for_its_indefinite_matrix_alone():
+    from hierpool.algebra.linalg import cholesky
+
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(4, 9, 9))
+    stack = a @ np.swapaxes(a, 1, 2) + np.eye(9)
+    stack[1] -= 50 * np.eye(9)  # indefinite
+    factors = cholesky(stack)
+    assert np.isnan(factors[1]).any()
+    for i in (0, 2, 3):
+        np.testing.assert_allclose(factors[i], np.linalg.cholesky(stack[i]), rtol=1e-12)
+    with pytest.raises(np.linalg.LinAlgError):  # one matrix: NumPy's refusal, as before
+        cholesky(stack[1])
 
 
 def test_a_dataset_whose_criterion_ignores_a_parameter_fails_alone_on_the_host(monkeypatch):
     # x is 0 throughout dataset 2: its criterion does not depend on the slope's theta, and its final Newton system is
     # singular.  The compiled program's Cholesky gives that dataset NaN; the host's solve must too, not raise for all
-    from hierpool.batch import fit as fit_module
-
     rng = np.random.default_rng(3)
     frames = []
     for d in range(6):
@@ -405,9 +476,7 @@ def test_a_dataset_whose_criterion_ignores_a_parameter_fails_alone_on_the_host(m
     data = pd.concat(frames, ignore_index=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        host = hp.fit_batch("y ~ 1 + (0 + x | g)", data, polish=False)
-        monkeypatch.setattr(fit_module, "_on_host", lambda *args: False)
-        compiled = hp.fit_batch("y ~ 1 + (0 + x | g)", data, polish=False)
+        host, compiled = _host_and_compiled(monkeypatch, "y ~ 1 + (0 + x | g)", data, polish=False)
     assert host.converged.drop(index=2).all() and compiled.converged.drop(index=2).all()
     assert host.converged.tolist() == compiled.converged.tolist()
     np.testing.assert_allclose(host.objective.drop(index=2), compiled.objective.drop(index=2), rtol=1e-12)

@@ -27,7 +27,8 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
 - ``closedform`` (REML/ML optimizer, results), then ``bayesian`` (NumPyro models, NUTS driver;
   it may read a closed-form fit, e.g. variances held at their REML values): the two engines,
   reading the same Design and the same algebra;
-- ``batch``: many datasets per compiled call (buckets, chunks, vmap, shards);
+- ``batch``: many datasets per compiled call (buckets, chunks, vmap, shards), or on the host for small one-term
+  batches on a CPU;
 - ``plots``, then ``pooling_comparison``, ``ridge``, ``validate``, then ``cli``.
 
 Host or compiled.  The algebra is written once against an array namespace

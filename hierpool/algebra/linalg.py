@@ -233,7 +233,15 @@ def cholesky(a: jax.Array) -> jax.Array:
     if xp is np and np.iscomplexobj(a):  # LAPACK's is Hermitian (L L^H); the complex step needs L L^T
         return _cholesky_by_columns(a)
     if xp is np:  # on the host one batched LAPACK call beats the unrolled arithmetic
-        return np.linalg.cholesky(a)
+        try:
+            return np.linalg.cholesky(a)
+        except np.linalg.LinAlgError:
+            if a.ndim == 2:
+                raise
+            # a stack (a batch's datasets): NaN for the matrices that are not positive definite, each on its own,
+            # as the compiled factor gives, where NumPy refuses the whole stack
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return _cholesky_by_columns(a)
     if a.shape[-1] <= UNROLL_MAX_SIZE:
         return _cholesky_unrolled(a)
     return xp.linalg.cholesky(a)

@@ -122,7 +122,8 @@ def objective(theta: jax.Array, stats, reml: bool = True, sigma_known: bool = Fa
 COMPLEX_STEP = 1e-30
 
 
-def value_and_gradient(theta: np.ndarray, stats, reml: bool = True, sigma_known: bool = False):
+def value_and_gradient(theta: np.ndarray, stats, reml: bool = True, sigma_known: bool = False,
+                       domain_checked: bool = False):
     """The criterion and its gradient on the host, in one NumPy evaluation.
 
     The gradient is the complex step (Squire & Trapp 1998; Martins et al. 2003):
@@ -139,13 +140,26 @@ def value_and_gradient(theta: np.ndarray, stats, reml: bool = True, sigma_known:
 
     ``theta`` of shape (n_theta,) gives (float, (n_theta,) array); leading axes
     (..., n_theta) give values (...) and gradients (..., n_theta), all in one evaluation.
+
+    ``domain_checked``: NaN where the real criterion is undefined (a penalized residual sum of squares
+    or a pivot of X's block not positive, by rounding at a degenerate theta), where the complex logarithm
+    and square root would still give a finite real part (``hp.fit_batch``'s Newton search on the host,
+    which must reject such a step as the compiled program's NaN does).
     """
     theta = np.asarray(theta, dtype=float)
     size = theta.shape[-1]
     directions = theta[..., None, :] + 1j * COMPLEX_STEP * np.eye(size)  # (..., n_theta, n_theta)
     if not size:
         directions = theta[..., None, :].astype(complex)
-    values = objective(directions, stats, reml, sigma_known)
+    if domain_checked:
+        *_, chol_x_inv, _, pwrss, logdet_z, logdet_x = _profiled(directions, stats)
+        p = stats.xtx.shape[-1]
+        values = profiled_criterion(logdet_z, logdet_x, pwrss, stats.n, p, stats.log_weights, reml, sigma_known)
+        pivots = np.diagonal(chol_x_inv, axis1=-2, axis2=-1).real  # 1 / L_X's pivots: the same signs
+        outside = (pwrss.real <= 0) | np.any(~(pivots > 0), axis=-1)
+        values = np.where(outside, np.nan, values)
+    else:
+        values = objective(directions, stats, reml, sigma_known)
     value = values[..., 0].real
     gradient = values.imag / COMPLEX_STEP if size else np.zeros(theta.shape)
     if theta.ndim == 1:

@@ -1,4 +1,4 @@
-"""Batch fitting: one model, many datasets, one compiled and vmapped call (``hp.fit_batch``, ``hp.bayes_batch``,
+"""Batch fitting: one model, many datasets, in compiled and vmapped calls (``hp.fit_batch``, ``hp.bayes_batch``,
 and the parametric bootstrap on it, ``hp.bootstrap``).
 
 ``bayes_batch`` and its result are imported on first use (PEP 562): ``hp.fit_batch`` does not

@@ -21,7 +21,7 @@ bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
 A dataset whose batched optimizer did not converge is refitted
 alone by ``hp.lmm`` (``polish=True``); each is marked in ``refit`` and explained
 in ``messages``, so a batched optimizer that fails is seen, not papered over.
-On a CPU, batches of up to ``QUICK_COMPILE_MAX_VALUES`` statistics compile with
+On a CPU, linear-model batches of up to ``QUICK_COMPILE_MAX_VALUES`` statistics compile with
 :mod:`hierpool.algebra.compiler_options`' quick options: their run is shorter than
 LLVM's optimization of the programs.  One-term batches of that size with at most
 ``HOST_MAX_THETA`` parameters compile nothing: the same Newton's method runs on the
@@ -58,6 +58,7 @@ from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     chunks,
     fetch,
+    lapack_may_split,
     mesh_sharding,
     place,
     plan_batch,
@@ -67,10 +68,12 @@ from .plan import (
 from .results import BatchResult, BatchTerm
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
-#: Default datasets per call of the one-term optimizer on the host (see :func:`_on_host`): enough to spread each NumPy
-#: call's cost over many datasets, few enough that a call's arrays stay small (its complex-step probes hold about
-#: 60 arrays of (m + 1) m ell complex values per dataset, m = k(k+1)/2: ~200 kB for a sleepstudy-sized one).
+#: Most datasets per call of the one-term optimizer on the host (see :func:`_on_host`) by default: enough to spread
+#: each NumPy call's cost over many datasets, few enough that a call's arrays stay small.
 HOST_CHUNK = 256
+#: Bytes a default host call may hold: its complex-step probes hold about 60 arrays of (m + 1) m ell complex values
+#: per dataset, m = k(k+1)/2 (~200 kB for a sleepstudy-sized dataset; 40 MB for three coefficients at 1,000 levels).
+HOST_CHUNK_BYTES = 64 * 2**20
 #: Most parameters (k(k+1)/2: up to three coefficients per level) of a one-term batch optimized on the host: its
 #: complex-step gradient costs one evaluation per parameter, where the compiled reverse mode costs a few whatever
 #: their number, so wider terms compile (benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
@@ -127,22 +130,22 @@ def _programs(stats, reml: bool, max_iterations: int, sigma_known: bool, shardin
     ``host``: both run on the host (:func:`_optimize_on_host`, and :func:`hierpool.algebra.one_term.solution`
     over the chunk's leading axis), nothing is compiled, and the futures hold those functions.
     """
+    if host:  # nothing to compile or to cache
+        return (_done(partial(_optimize_on_host, reml=reml, max_iterations=max_iterations, sigma_known=sigma_known)),
+                _done(partial(_solve_on_host, reml=reml, sigma_known=sigma_known)))
+
     def build():
         placed = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), stats)
         platform = jax.devices()[0].platform if sharding is None else sharding.mesh.devices.flat[0].platform
         k = stats.ztz.shape[-1]
         theta = jax.ShapeDtypeStruct((stats.n.shape[0], k * (k + 1) // 2), stats.ztz.dtype, sharding=sharding)
-        if host:
-            return (_done(partial(_optimize_on_host, reml=reml, max_iterations=max_iterations,
-                                  sigma_known=sigma_known)),
-                    _done(partial(_solve_on_host, reml=reml, sigma_known=sigma_known)))
         optimize = compile_in_background(
             _optimize_chunk(reml, max_iterations, sigma_known, sharding).lower(placed, theta), platform, quick)
         solve = compile_in_background(_solve_chunk.lower(theta, placed, reml=reml, sigma_known=sigma_known), platform,
                                       quick)
         return optimize, solve
 
-    return _COMPILED.get((shape_signature(stats), reml, max_iterations, sigma_known, sharding, quick, host), build)
+    return _COMPILED.get((shape_signature(stats), reml, max_iterations, sigma_known, sharding, quick), build)
 
 
 def _optimize_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: int, sigma_known: bool) -> dict:
@@ -154,9 +157,9 @@ def _optimize_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: i
     def value_and_grad(points, rows):
         # (A, Q) points of datasets ``rows``: their statistics broadcast over the points and the complex steps
         return value_and_gradient(points, jax.tree_util.tree_map(lambda a: a[rows][:, None, None], stats),
-                                  reml=reml, sigma_known=sigma_known)
+                                  reml=reml, sigma_known=sigma_known, domain_checked=True)
 
-    with np.errstate(all="ignore"):  # a probe off the criterion's domain is a value of inf: not a step
+    with np.errstate(all="ignore"):  # a probe off the criterion's domain is NaN, so +inf: not a step
         theta, value, newton_step, iterations, converged = newton_on_host(value_and_grad, start, max_iterations)
     return {"theta": canonical_rows(theta, (stats.ztz.shape[-1],)), "objective": value, "newton_step": newton_step,
             "iterations": iterations, "converged": converged}
@@ -247,10 +250,12 @@ def fit_batch(
         float32 halves memory and is faster on GPUs; the criterion then agrees
         with float64 to about 1e-5 relative.
     chunk_size : int, optional
-        Most datasets per compiled call (bounds memory; see the module notes).
-        Default: 128 on a CPU (16 for a GLMM; 256 for a one-term batch optimized on the
-        host, module notes), 4096 on an accelerator.  The datasets of a call
-        iterate in lockstep until the slowest converges, so on a CPU, where a
+        Most datasets per compiled call, or per call of the host's optimizer (bounds
+        memory; see the module notes).
+        Default: 128 on a CPU (16 for a GLMM; 256 for a one-term batch optimized on
+        the host, fewer where its datasets are large: module notes), 4096 on an
+        accelerator.  The datasets of a compiled call iterate in lockstep until the
+        slowest converges, so on a CPU, where a
         wide call buys no parallelism, small calls waste less (2,000 sleepstudy
         fits in calls of 125 and of 1,000: benchmarks/RESULTS.md, "Batch fitting,
         fourth session").
@@ -306,6 +311,7 @@ def fit_batch(
         raise ArgumentError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     if chunk_size is not None:
         chunk_size = integer_argument("chunk_size", chunk_size)
+    max_iterations = integer_argument("max_iterations", max_iterations)
     spec = None
     if family is not None:
         spec = family_spec(family, link)
@@ -327,9 +333,15 @@ def fit_batch(
     plan = plan_batch(formula, data, by, "fit_batch", "hp.glmm" if spec else "hp.lmm", weights=weights,
                       offset=offset, se=se, one_term=False, family=spec)
     sharding = mesh_sharding()
+    # Newton's m x m systems, one per dataset of a call, go to a batched LAPACK call: serial where it may split
+    # (plan.thread_count); several terms and AR(1) always run serially
+    newton_size = sum(t.k * (t.k + 1) // 2 for t in plan.design.terms) + (
+        plan.design.p + (spec.name == "negative_binomial") if spec is not None else 0)
+    serial = (len(plan.design.terms) > 1 or correlation is not None
+              or lapack_may_split(newton_size, chunk_size or _default_chunk(spec)))
     settings = dict(reml=reml, float_type=np.float64 if dtype == "float64" else np.float32, chunk_size=chunk_size,
                     progress=progress, max_iterations=max_iterations, sharding=sharding,
-                    workers=thread_count(sharding, serial=len(plan.design.terms) > 1 or correlation is not None))
+                    workers=thread_count(sharding, serial=serial))
     if len(plan.design.terms) > 1 or spec is not None or correlation is not None:  # the one-term path picks its own
         settings["chunk_size"] = chunk_size or _default_chunk(spec)
     if spec is not None:
@@ -375,7 +387,8 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     quick = values <= QUICK_COMPILE_MAX_VALUES
     host = _on_host(plan, float_type, sharding, quick)
     if host and chunk_size is None:
-        chunk_size = HOST_CHUNK
+        m = k * (k + 1) // 2
+        chunk_size = max(1, min(HOST_CHUNK, HOST_CHUNK_BYTES // (60 * (m + 1) * m * int(n_levels.max()) * 16)))
     chunk_size = chunk_size or _default_chunk(None)
     # chunk shapes follow from the level counts alone: start compiling (in the background) before
     # the statistics are computed, and before the threads start (they would each compile)

@@ -1,4 +1,5 @@
-"""A vmappable optimizer for the one-term criterion: Newton's method with a modified Hessian.
+"""A vmappable optimizer for the one-term criterion: Newton's method with a modified Hessian (and its host twin,
+:func:`newton_on_host`, the same rules in NumPy over a batch of datasets).
 
 The criterion has k(k+1)/2 parameters (3 for correlated slopes), so the exact
 Hessian is cheap and Newton's method converges in a handful of steps.  Where the
@@ -277,9 +278,22 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     """:func:`newton` for a batch of datasets at once on the host (NumPy): the same steps, shift, damping and
     stopping rules (one home each, above), with each dataset leaving the batch when its search stops.
 
-    ``value_and_grad(points, rows)`` gives the criterion's values (A, Q) and gradients (A, Q, m) of datasets
-    ``rows`` (A,) at ``points`` (A, Q, m).  ``theta0`` (B, m).  Where :func:`newton` runs every dataset of a
-    vmapped call until the slowest stops, this one evaluates only those still searching.
+    Where :func:`newton` runs every dataset of a vmapped call until the slowest stops, this one evaluates only
+    those still searching.  Positive definiteness is decided by the smallest eigenvalue and the Newton systems are
+    solved by LU (:func:`_solve_spd`), where the compiled program uses Cholesky: NumPy's Cholesky refuses a whole
+    stack for one indefinite matrix.
+
+    Parameters
+    ----------
+    value_and_grad : callable
+        ``value_and_grad(points, rows)``: the criterion's values (A, Q) and gradients (A, Q, m) of datasets
+        ``rows`` (A,) at ``points`` (A, Q, m).
+    theta0 : ndarray
+        (B, m) starts.
+    max_iterations : int
+        Passes per dataset (the first probes ``theta0``), as :func:`newton`'s.
+    damping_growth : float
+        As :func:`newton`'s.
 
     Returns
     -------

@@ -144,6 +144,18 @@ def progress_bar(progress: bool | None, total: int, name: str):
     return tqdm(total=total, desc=name, unit="datasets", disable=not show, file=sys.stderr)
 
 
+#: The largest size^3 x batch of a batched LAPACK call (Cholesky, triangular solve) that jaxlib 0.10.2 was seen to run
+#: unsplit on this project's CPU (16 x 16 systems, 128 of them); 24 x 24 x 64 split, and hung two threads
+#: (:func:`thread_count`; benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
+LAPACK_UNSPLIT_WORK = 16**3 * 128
+
+
+def lapack_may_split(size: int, batch: int) -> bool:
+    """Whether jaxlib may split a batched LAPACK call of ``batch`` ``size`` x ``size`` systems over XLA's CPU pool
+    (then two threads running such programs can hang: :func:`thread_count`)."""
+    return size**3 * batch > LAPACK_UNSPLIT_WORK
+
+
 def thread_count(sharding, serial: bool = False) -> int:
     """Parallel chunk threads: one per core on a single CPU device, else 1 (the mesh parallelizes).
 
@@ -154,9 +166,11 @@ def thread_count(sharding, serial: bool = False) -> int:
     cause (tenth session): jaxlib's batched LAPACK kernels (here the triangular solves of the dense systems)
     split a large batch into tasks on XLA's CPU pool and block for them, and with asynchronous dispatch the
     executions themselves run on that pool: two executions inside such calls hold every pool thread and wait
-    for tasks nothing can run.  Whether a call splits depends on its batch and system sizes, so every
-    several-term program runs serially.  The one-term programs' LAPACK calls (3 x 3 Newton systems) are too
-    small to split: they have run in threads since the batch layer's first session.
+    for tasks nothing can run.  Whether a call splits depends on its batch and system sizes (measured:
+    :data:`LAPACK_UNSPLIT_WORK`), and a several-term program's dense systems grow with the levels, so every
+    several-term program runs serially.  A one-term or GLMM program's LAPACK calls are on its Newton systems
+    (its parameters square, one per dataset of a call; a term's k x k blocks are unrolled arithmetic): it runs
+    in threads unless those may split (:func:`lapack_may_split`, decided in ``fit_batch``).
     """
     if serial or sharding is not None or jax.default_backend() != "cpu":
         return 1
