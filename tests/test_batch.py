@@ -605,3 +605,26 @@ def test_to_frame_refuses_a_fixed_effect_named_like_one_of_its_columns():
     batch = hp.fit_batch("Reaction ~ sigma + (1 | Subject)", data, progress=False)
     with pytest.raises(hp.ArgumentError, match=r"fixed effect\(s\) \['sigma'\]"):
         batch.to_frame()
+
+
+def test_chunks_run_serially_where_their_newton_systems_lapack_call_may_split(monkeypatch):
+    # jaxlib 0.10.2 splits a large batched LAPACK call over XLA's CPU pool, which hangs two threads running such
+    # programs (plan.thread_count): a GLMM with 40 fixed effects (41 x 41 Newton systems, 16 per call) runs serially,
+    # one with 4 in threads.  The decision is read where fit_batch makes it, before anything is fitted
+    from hierpool.batch import fit as fit_module
+
+    class Decided(Exception):
+        pass
+
+    def spy(sharding, serial=False):
+        raise Decided(serial)
+
+    monkeypatch.setattr(fit_module, "thread_count", spy)
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(rng.normal(size=(60, 40)), columns=[f"x{i}" for i in range(40)])
+    frame = frame.assign(y=rng.integers(0, 2, 60), g=np.repeat(np.arange(6), 10).astype(str), dataset=0)
+    for p, serial in ((40, True), (4, False)):
+        formula = "y ~ " + " + ".join(f"x{i}" for i in range(p)) + " + (1 | g)"
+        with pytest.raises(Decided) as decided:
+            hp.fit_batch(formula, frame, family="bernoulli")
+        assert decided.value.args[0] is serial
