@@ -144,16 +144,18 @@ def progress_bar(progress: bool | None, total: int, name: str):
     return tqdm(total=total, desc=name, unit="datasets", disable=not show, file=sys.stderr)
 
 
-#: The largest size^3 x batch of a batched LAPACK call (Cholesky, triangular solve) that jaxlib 0.10.2 was seen to run
-#: unsplit on this project's CPU (16 x 16 systems, 128 of them); 24 x 24 x 64 split, and hung two threads
-#: (:func:`thread_count`; benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
-LAPACK_UNSPLIT_WORK = 16**3 * 128
+#: Batched LAPACK calls (Cholesky, a triangular solve of one right-hand side) that two threads of jaxlib 0.10.2
+#: programs ran on this project's CPU, as (size, batch): 16 x 16 systems 128 at a time, 6 x 6 1,024 at a time.
+#: 20 x 20 x 128 and 24 x 24 x 64 were split and hung (:func:`thread_count`; benchmarks/RESULTS.md, "Batch
+#: fitting for every model, tenth session").  jaxlib's own rule is not known, so a call is taken as safe only
+#: within both bounds: its size^3 x batch and its size^2 x batch.
+LAPACK_UNSPLIT = ((16, 128), (6, 1024))
 
 
 def lapack_may_split(size: int, batch: int) -> bool:
     """Whether jaxlib may split a batched LAPACK call of ``batch`` ``size`` x ``size`` systems over XLA's CPU pool
     (then two threads running such programs can hang: :func:`thread_count`)."""
-    return size**3 * batch > LAPACK_UNSPLIT_WORK
+    return any(size**power * batch > max(s**power * b for s, b in LAPACK_UNSPLIT) for power in (2, 3))
 
 
 def thread_count(sharding, serial: bool = False) -> int:
@@ -167,7 +169,7 @@ def thread_count(sharding, serial: bool = False) -> int:
     split a large batch into tasks on XLA's CPU pool and block for them, and with asynchronous dispatch the
     executions themselves run on that pool: two executions inside such calls hold every pool thread and wait
     for tasks nothing can run.  Whether a call splits depends on its batch and system sizes (measured:
-    :data:`LAPACK_UNSPLIT_WORK`), and a several-term program's dense systems grow with the levels, so every
+    :data:`LAPACK_UNSPLIT`), and a several-term program's dense systems grow with the levels, so every
     several-term program runs serially.  A one-term or GLMM program's LAPACK calls are on its Newton systems
     (its parameters square, one per dataset of a call; a term's k x k blocks are unrolled arithmetic): it runs
     in threads unless those may split (:func:`lapack_may_split`, decided in ``fit_batch``).
