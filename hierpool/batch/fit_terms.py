@@ -27,7 +27,12 @@ import numpy as np
 
 from ..algebra.batched_systems import MAX_DENSE_ENTRIES, batched_systems, dense_entries
 from ..algebra.checks import singular_rows
-from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
+from ..algebra.compiler_options import (
+    ProgramCache,
+    compile_in_background,
+    shape_signature,
+    trace_and_compile_in_background,
+)
 from ..algebra.criterion import objective
 from ..algebra.henderson import solve
 from ..algebra.linalg import theta_start
@@ -199,8 +204,9 @@ def _programs(systems, n, reml: bool, max_iterations: int, sharding, quick: bool
             optimize = jax.shard_map(optimize, mesh=sharding.mesh, in_specs=(sharding.spec,) * 3,
                                      out_specs=sharding.spec, check_vma=False)
         optimizer = compile_in_background(jax.jit(optimize).lower(placed, rows, theta), platform, quick)
-        solver = compile_in_background(jax.jit(partial(_solve_rows, reml=reml)).lower(theta, placed, rows),
-                                       platform, quick)
+        # the solver is traced in the background: the chunks' optimization starts meanwhile (fit_terms)
+        solver = trace_and_compile_in_background(
+            lambda: jax.jit(partial(_solve_rows, reml=reml)).lower(theta, placed, rows), platform, quick)
         return optimizer, solver
 
     return _COMPILED.get((shape_signature((systems, n)), reml, max_iterations, sharding, quick), build)
@@ -238,12 +244,21 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int, progr
             jobs.append((members[chunk.members], take((systems, n), chunk.index), start, chunk.count, programs,
                          shift[chunk.members]))
 
+    def optimize(job):
+        _, (systems, n), start, _, (optimizer, _), _ = job
+        placed = place((systems, n, start), sharding)
+        return placed, optimizer.result()(*placed)
+
+    # every chunk is optimized first, then solved: the solver, traced and compiled in the background, is ready by
+    # then, where solving each chunk after its optimization would wait for it
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        optimized = dict(zip(map(id, jobs), pool.map(optimize, jobs)))
+
     def run(job):
-        _, (systems, n), start, count, (optimize, solver), shift = job
-        systems, n, start = place((systems, n, start), sharding)
-        optimized = optimize.result()(systems, n, start)
-        solved = solver.result()(optimized["theta"], systems, n)
-        result = jax.tree_util.tree_map(lambda a: a[:count], fetch({**optimized, **solved}))
+        _, _, _, count, (_, solver), shift = job
+        (systems, n, _), result = optimized.pop(id(job))
+        solved = solver.result()(result["theta"], systems, n)
+        result = jax.tree_util.tree_map(lambda a: a[:count], fetch({**result, **solved}))
         result["beta"] = result["beta"] + shift
         return result
 
