@@ -246,17 +246,19 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int, progr
 
     def optimize(job):
         _, (systems, n), start, _, (optimizer, _), _ = job
-        placed = place((systems, n, start), sharding)
-        return placed, optimizer.result()(*placed)
+        # waited for: one execution per thread in flight, as plan.thread_count requires (dispatch is asynchronous)
+        return jax.block_until_ready(optimizer.result()(*place((systems, n, start), sharding)))
 
     # every chunk is optimized first, then solved: the solver, traced and compiled in the background, is ready by
-    # then, where solving each chunk after its optimization would wait for it
+    # then, where solving each chunk after its optimization would wait for it.  Only the optimizer's small outputs
+    # are held between the two: each chunk's systems are placed again for its solve, so a device holds one chunk's
     with ThreadPoolExecutor(max_workers=workers) as pool:
         optimized = dict(zip(map(id, jobs), pool.map(optimize, jobs)))
 
     def run(job):
-        _, _, _, count, (_, solver), shift = job
-        (systems, n, _), result = optimized.pop(id(job))
+        _, (systems, n), _, count, (_, solver), shift = job
+        result = optimized.pop(id(job))
+        systems, n = place((systems, n), sharding)
         solved = solver.result()(result["theta"], systems, n)
         result = jax.tree_util.tree_map(lambda a: a[:count], fetch({**result, **solved}))
         result["beta"] = result["beta"] + shift
