@@ -147,3 +147,21 @@ def test_a_dataset_the_batch_stops_on_is_refitted_by_hp_glmm_and_one_without_suc
     _check(batch, 0, _glmm(CBPP, frames[0]))
     assert np.isnan(batch.objective.iloc[1]) and not batch.refit.iloc[1]
     assert "no successes" in batch.messages.iloc[1]
+
+
+def test_a_dataset_with_no_finite_criterion_has_no_mode(cbpp_batch, monkeypatch):
+    # no step of Newton's search improves on +inf from a non-finite start: the mode carried by the loop is then its
+    # placeholder, NaN, never a plausible zero (and the other dataset of the chunk is fitted as ever)
+    frames, batch = cbpp_batch
+    start = fit_glmm_module.glm_start
+
+    def broken_start(plan, family):
+        beta, eta = start(plan, family)
+        beta[1] = np.nan
+        return beta, eta
+
+    monkeypatch.setattr(fit_glmm_module, "glm_start", broken_start)
+    broken = hp.fit_batch(CBPP, frames[:2], by="rep", family="binomial", polish=False, progress=False)
+    assert not broken.converged.iloc[1] and not np.isfinite(broken.objective.iloc[1])
+    assert broken.ranef.query("dataset == 1").condval.isna().all()
+    assert broken.converged.iloc[0] and broken.objective.iloc[0] == pytest.approx(batch.objective.iloc[0], rel=1e-8)
