@@ -438,14 +438,25 @@ def test_the_host_optimizer_equals_the_compiled_program_with_known_sds(meta, mon
 
 
 def test_canonical_theta_of_many_rows_equals_row_by_row():
-    from hierpool.algebra.linalg import canonical_theta
+    from hierpool.algebra.linalg import canonical_theta, tril_positions
 
     rng = np.random.default_rng(5)
+    ks = (2, 1, 3)
     thetas = rng.normal(size=(7, 3, 10))  # terms of widths 2, 1, 3: 3 + 1 + 6 parameters
-    many = canonical_theta(thetas, (2, 1, 3))
+    many = canonical_theta(thetas, ks)
+    offset = 0
+    for k in ks:  # each term's factor: its diagonal made non-negative, Lambda Lambda^T unchanged
+        rows, cols = tril_positions(k)
+        factor_of = lambda t: np.zeros(t.shape[:-1] + (k, k)) + 0.0  # noqa: E731
+        before, after = factor_of(thetas), factor_of(many)
+        before[..., rows, cols] = thetas[..., offset : offset + len(rows)]
+        after[..., rows, cols] = many[..., offset : offset + len(rows)]
+        assert np.all(np.diagonal(after, axis1=-2, axis2=-1) >= 0)
+        np.testing.assert_allclose(after @ np.swapaxes(after, -1, -2), before @ np.swapaxes(before, -1, -2),
+                                   atol=1e-14)
+        offset += len(rows)
     for index in np.ndindex(7, 3):
-        np.testing.assert_array_equal(many[index], canonical_theta(thetas[index], (2, 1, 3)))
-    assert (thetas != many).any() and np.all(np.abs(thetas) == np.abs(many))  # flipped somewhere, nothing else
+        np.testing.assert_array_equal(many[index], canonical_theta(thetas[index], ks))
 
 
 def test_a_stack_of_cholesky_factors_gives_nan_for_its_indefinite_matrix_alone():
@@ -609,15 +620,16 @@ def test_to_frame_refuses_a_fixed_effect_named_like_one_of_its_columns():
 
 def test_chunks_run_serially_where_their_newton_systems_lapack_call_may_split(monkeypatch):
     # jaxlib 0.10.2 splits a large batched LAPACK call over XLA's CPU pool, which hangs two threads running such
-    # programs (plan.thread_count): a GLMM with 40 fixed effects (41 x 41 Newton systems, 16 per call) runs serially,
-    # one with 4 in threads.  The decision is read where fit_batch makes it, before anything is fitted
+    # programs (plan.thread_count, on a CPU): a GLMM with 40 fixed effects (41 x 41 Newton systems, 16 per call on a
+    # CPU) may split, one with 4 may not.  The sizes fit_batch hands thread_count are read before anything is fitted
     from hierpool.batch import fit as fit_module
+    from hierpool.batch.plan import lapack_may_split
 
     class Decided(Exception):
         pass
 
-    def spy(sharding, serial=False):
-        raise Decided(serial)
+    def spy(sharding, serial=False, newton_systems=None):
+        raise Decided(lapack_may_split(*newton_systems))
 
     monkeypatch.setattr(fit_module, "thread_count", spy)
     rng = np.random.default_rng(1)
@@ -626,5 +638,5 @@ def test_chunks_run_serially_where_their_newton_systems_lapack_call_may_split(mo
     for p, serial in ((40, True), (4, False)):
         formula = "y ~ " + " + ".join(f"x{i}" for i in range(p)) + " + (1 | g)"
         with pytest.raises(Decided) as decided:
-            hp.fit_batch(formula, frame, family="bernoulli")
+            hp.fit_batch(formula, frame, family="bernoulli", chunk_size=16)
         assert decided.value.args[0] is serial

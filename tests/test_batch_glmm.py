@@ -10,6 +10,7 @@ from conftest import negative_binomial_frames
 
 import hierpool as hp
 import hierpool.batch.fit_glmm as fit_glmm_module
+import hierpool.batch.fit_terms as fit_terms_module
 from hierpool.errors import ArgumentError
 
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
@@ -108,7 +109,7 @@ def test_negative_binomial_replicates_equal_their_single_fits(monkeypatch):
         np.testing.assert_allclose(batch.terms[0].covariance[d], fit.term_covariances()[0], rtol=1e-4, atol=1e-9,
                                    err_msg=f"variance, {d}")
     # every dataset fitted alone (as a too-large one is): hp.glmm's shapes fill the rows
-    monkeypatch.setattr(fit_glmm_module, "MAX_DENSE_ENTRIES", -1)
+    monkeypatch.setattr(fit_terms_module, "MAX_DENSE_ENTRIES", -1)
     alone = hp.fit_batch("y ~ x + (1 | g)", frames[:1], by="rep", family="negative_binomial", progress=False)
     assert alone.refit.all() and alone.shape[0] == pytest.approx(_glmm("y ~ x + (1 | g)", frames[0],
                                                                        family="negative_binomial").shape)

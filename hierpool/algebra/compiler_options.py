@@ -101,13 +101,6 @@ def compile_in_background(lowered, platform: str | None = None, quick: bool = Fa
     return _COMPILER.submit(lowered.compile, compiler_options(platform, quick))
 
 
-def trace_and_compile_in_background(lower: Callable[[], object], platform: str | None = None,
-                                    quick: bool = False) -> Future:
-    """Trace, lower (``lower()``, a ``jax.stages.Lowered``) and compile a program in the background: for a program
-    needed after another has started running, whose tracing (Python) would otherwise hold up that start."""
-    return _COMPILER.submit(lambda: lower().compile(compiler_options(platform, quick)))
-
-
 def shape_signature(tree) -> tuple:
     """What a compiled program depends on in its arguments: their tree structure and each leaf's shape and dtype.
 

@@ -58,7 +58,6 @@ from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     chunks,
     fetch,
-    lapack_may_split,
     mesh_sharding,
     place,
     plan_batch,
@@ -152,8 +151,6 @@ def _optimize_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: i
     """:func:`_optimize_rows` on the host: Newton's method of every dataset of a chunk
     (:func:`hierpool.batch.optimize.newton_on_host`) on the criterion of
     :func:`hierpool.algebra.one_term.value_and_gradient` (NumPy; its gradient the complex step)."""
-    stats = jax.tree_util.tree_map(np.asarray, stats)
-
     def value_and_grad(points, rows):
         # (A, Q) points of datasets ``rows``: their statistics broadcast over the points and the complex steps
         return value_and_gradient(points, jax.tree_util.tree_map(lambda a: a[rows][:, None, None], stats),
@@ -168,7 +165,7 @@ def _optimize_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: i
 def _solve_on_host(theta: np.ndarray, stats, *, reml: bool, sigma_known: bool):
     """:func:`_solve_chunk` on the host: the one-term solution of every dataset at once (its leading axis)."""
     with np.errstate(all="ignore"):  # a dataset whose theta is NaN gets NaN, as in the compiled program
-        return solution(theta, jax.tree_util.tree_map(np.asarray, stats), reml=reml, sigma_known=sigma_known)
+        return solution(theta, stats, reml=reml, sigma_known=sigma_known)
 
 
 def _done(value) -> Future:
@@ -333,15 +330,14 @@ def fit_batch(
     plan = plan_batch(formula, data, by, "fit_batch", "hp.glmm" if spec else "hp.lmm", weights=weights,
                       offset=offset, se=se, one_term=False, family=spec)
     sharding = mesh_sharding()
-    # Newton's m x m systems, one per dataset of a call, go to a batched LAPACK call: serial where it may split
-    # (plan.thread_count); several terms and AR(1) always run serially
+    # Newton's m x m systems, one per dataset of a call, go to a batched LAPACK call: serial on a CPU where it may
+    # split (plan.thread_count); several terms and AR(1) always run serially
     newton_size = sum(t.k * (t.k + 1) // 2 for t in plan.design.terms) + (
         plan.design.p + (spec.name == "negative_binomial") if spec is not None else 0)
-    serial = (len(plan.design.terms) > 1 or correlation is not None
-              or lapack_may_split(newton_size, chunk_size or _default_chunk(spec)))
+    workers = thread_count(sharding, serial=len(plan.design.terms) > 1 or correlation is not None,
+                           newton_systems=(newton_size, chunk_size or _default_chunk(spec)))
     settings = dict(reml=reml, float_type=np.float64 if dtype == "float64" else np.float32, chunk_size=chunk_size,
-                    progress=progress, max_iterations=max_iterations, sharding=sharding,
-                    workers=thread_count(sharding, serial=serial))
+                    progress=progress, max_iterations=max_iterations, sharding=sharding, workers=workers)
     if len(plan.design.terms) > 1 or spec is not None or correlation is not None:  # the one-term path picks its own
         settings["chunk_size"] = chunk_size or _default_chunk(spec)
     if spec is not None:
@@ -411,8 +407,7 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
 
     def run(job):
         _, chunk, start, count, (optimize, solve) = job
-        if not host:
-            chunk, start = place((chunk, start), sharding)
+        chunk, start = place((chunk, start), sharding)  # on the host (no sharding) the arrays as they are
         optimized = optimize.result()(chunk, start)
         solved = solve.result()(optimized["theta"], chunk)  # a Solution per dataset (one term)
         result = {**optimized, "beta": solved.beta, "vcov": solved.vcov_beta, "sigma": solved.sigma,

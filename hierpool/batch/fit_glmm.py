@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..algebra.batched_systems import MAX_DENSE_ENTRIES, dense_entries
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import Family
 from ..algebra.henderson import solve
@@ -38,7 +37,7 @@ from ..algebra.linalg import theta_start
 from ..algebra.start import moment_theta
 from ..algebra.system import Layout, SystemPattern, fill_in_program
 from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
-from .fit_terms import empty_results, padded_widths, run_jobs, take, term_problems
+from .fit_terms import empty_results, padded_widths, run_jobs, take, term_problems, too_large
 from .optimize import MOMENT_FLOOR, canonical_theta, newton
 from .plan import BatchPlan, bucket_width, chunks, fetch, place
 
@@ -304,8 +303,7 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     messages = glmm_problems(plan)
     widths = padded_widths(plan)
     row_widths = bucket_width(plan.n_obs)
-    alone = {d: "too large to batch (its dense coupling)" for d in range(plan.n_datasets)
-             if not messages[d] and dense_entries(widths[d], ks, 0) > MAX_DENSE_ENTRIES}
+    alone = too_large(plan, messages, p=0)  # the working system has no fixed-effect columns
     out = empty_results(plan, messages, alone)
     negative_binomial = family.name == "negative_binomial"
     if negative_binomial:

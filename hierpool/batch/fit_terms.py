@@ -27,12 +27,7 @@ import numpy as np
 
 from ..algebra.batched_systems import MAX_DENSE_ENTRIES, batched_systems, dense_entries
 from ..algebra.checks import singular_rows
-from ..algebra.compiler_options import (
-    ProgramCache,
-    compile_in_background,
-    shape_signature,
-    trace_and_compile_in_background,
-)
+from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.criterion import objective
 from ..algebra.henderson import solve
 from ..algebra.linalg import theta_start
@@ -81,12 +76,14 @@ def padded_widths(plan: BatchPlan) -> np.ndarray:
     return np.stack([bucket_width(n_levels) for _, n_levels, _ in plan.term_levels], axis=1)
 
 
-def too_large(plan: BatchPlan, messages: list[str]) -> dict:
+def too_large(plan: BatchPlan, messages: list[str], p: int | None = None) -> dict:
     """dataset -> why it is not batched, for the usable datasets (no message) whose dense coupling grid
-    (``Layout.dense_only``) would exceed :data:`~hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`."""
+    (``Layout.dense_only``) would exceed :data:`~hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`.  ``p``: the
+    system's fixed-effect columns (default the design's; a GLMM's working system has none)."""
     ks, widths = tuple(t.k for t in plan.design.terms), padded_widths(plan)
+    p = plan.design.p if p is None else p
     return {d: "too large to batch (its dense coupling)" for d in range(plan.n_datasets)
-            if not messages[d] and dense_entries(widths[d], ks, plan.design.p) > MAX_DENSE_ENTRIES}
+            if not messages[d] and dense_entries(widths[d], ks, p) > MAX_DENSE_ENTRIES}
 
 
 def bucket_systems(plan: BatchPlan, datasets) -> list:
@@ -204,9 +201,8 @@ def _programs(systems, n, reml: bool, max_iterations: int, sharding, quick: bool
             optimize = jax.shard_map(optimize, mesh=sharding.mesh, in_specs=(sharding.spec,) * 3,
                                      out_specs=sharding.spec, check_vma=False)
         optimizer = compile_in_background(jax.jit(optimize).lower(placed, rows, theta), platform, quick)
-        # the solver is traced in the background: the chunks' optimization starts meanwhile (fit_terms)
-        solver = trace_and_compile_in_background(
-            lambda: jax.jit(partial(_solve_rows, reml=reml)).lower(theta, placed, rows), platform, quick)
+        solver = compile_in_background(jax.jit(partial(_solve_rows, reml=reml)).lower(theta, placed, rows),
+                                       platform, quick)
         return optimizer, solver
 
     return _COMPILED.get((shape_signature((systems, n)), reml, max_iterations, sharding, quick), build)
@@ -244,23 +240,12 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int, progr
             jobs.append((members[chunk.members], take((systems, n), chunk.index), start, chunk.count, programs,
                          shift[chunk.members]))
 
-    def optimize(job):
-        _, (systems, n), start, _, (optimizer, _), _ = job
-        # waited for: one execution per thread in flight, as plan.thread_count requires (dispatch is asynchronous)
-        return jax.block_until_ready(optimizer.result()(*place((systems, n, start), sharding)))
-
-    # every chunk is optimized first, then solved: the solver, traced and compiled in the background, is ready by
-    # then, where solving each chunk after its optimization would wait for it.  Only the optimizer's small outputs
-    # are held between the two: each chunk's systems are placed again for its solve, so a device holds one chunk's
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        optimized = dict(zip(map(id, jobs), pool.map(optimize, jobs)))
-
     def run(job):
-        _, (systems, n), _, count, (_, solver), shift = job
-        result = optimized.pop(id(job))
-        systems, n = place((systems, n), sharding)
-        solved = solver.result()(result["theta"], systems, n)
-        result = jax.tree_util.tree_map(lambda a: a[:count], fetch({**result, **solved}))
+        _, (systems, n), start, count, (optimize, solver), shift = job
+        systems, n, start = place((systems, n, start), sharding)
+        optimized = optimize.result()(systems, n, start)
+        solved = solver.result()(optimized["theta"], systems, n)
+        result = jax.tree_util.tree_map(lambda a: a[:count], fetch({**optimized, **solved}))
         result["beta"] = result["beta"] + shift
         return result
 

@@ -158,7 +158,7 @@ def lapack_may_split(size: int, batch: int) -> bool:
     return any(size**power * batch > max(s**power * b for s, b in LAPACK_UNSPLIT) for power in (2, 3))
 
 
-def thread_count(sharding, serial: bool = False) -> int:
+def thread_count(sharding, serial: bool = False, newton_systems: tuple[int, int] | None = None) -> int:
     """Parallel chunk threads: one per core on a single CPU device, else 1 (the mesh parallelizes).
 
     ``serial``: the chunks run one after another.  For programs with several random-effect terms: two
@@ -172,9 +172,11 @@ def thread_count(sharding, serial: bool = False) -> int:
     :data:`LAPACK_UNSPLIT`), and a several-term program's dense systems grow with the levels, so every
     several-term program runs serially.  A one-term or GLMM program's LAPACK calls are on its Newton systems
     (its parameters square, one per dataset of a call; a term's k x k blocks are unrolled arithmetic): it runs
-    in threads unless those may split (:func:`lapack_may_split`, decided in ``fit_batch``).
+    in threads unless those may split: ``newton_systems`` (size, systems per call), :func:`lapack_may_split`.
     """
     if serial or sharding is not None or jax.default_backend() != "cpu":
+        return 1
+    if newton_systems is not None and lapack_may_split(*newton_systems):
         return 1
     return max(1, os.cpu_count() or 1)
 
