@@ -7,7 +7,7 @@ level_centering`, computed dataset by dataset at the batch's GLM start, :func:`h
 a dense mass matrix up to hp.bayes's dimension.  (For a model with one scalar term ``hp.bayes`` first tries its
 independence sampler, which draws the same posterior; the batch always runs NUTS.)
 
-Rows and levels are padded as ``hp.fit_batch``'s GLMM batch pads them (:func:`hierpool.batch.fit_glmm.bucket_data`):
+Rows and levels are padded as ``hp.fit_batch``'s GLMM batch pads them (:class:`hierpool.batch.fit_glmm.BucketRows`):
 a padded row has zero trials (weight), so it adds nothing to the likelihood; a padded level has no rows, so its
 effect is drawn from its prior alone and is cut from the results.  The posterior of the rest is the dataset's own.
 
@@ -27,7 +27,7 @@ from ..bayesian.glmm import DENSE_MASS_MAX_DIMENSION, PARAMETERIZATION, GLMMData
 from ..bayesian.model import variance_draws
 from ..bayesian.nuts import chain_function
 from .bayes_terms import correlation_matrices
-from .fit_glmm import bucket_data, glm_start, glmm_problems
+from .fit_glmm import BucketRows, glm_start, glmm_problems, padded_terms
 from .fit_terms import padded_widths, take
 from .plan import BatchPlan, bucket_width, chunks
 
@@ -69,14 +69,17 @@ def glmm_chunks(plan: BatchPlan, size_of, n_devices: int):
     empty = np.zeros((0,))
     for key, members in buckets.items():
         members = np.asarray(members)
-        program = bucket_data(plan, members, key[:-1], int(key[-1]))
+        # the rows padded as fit_batch's GLMM batch pads them, without its working systems' pattern (NUTS has none)
+        layout_rows = BucketRows.of(plan, members, int(key[-1]))
+        term_rows, pad = padded_terms(plan, layout_rows), layout_rows.pad
+        y, trials = pad(plan.design.y), pad(plan.design.row_weights)
         count = len(members)
         # a negative binomial's log Gamma terms row by row (count values the rows' own, weighted by theirs: a
         # padded row's weight is 0); hp.bayes groups them by distinct count, the same sum
-        values, weights = (program.y, program.trials) if negative_binomial else (np.tile(empty, (count, 1)),) * 2
-        data = GLMMData(y=program.y, weights=program.trials, offset=program.offset, X=program.X,
-                        index=tuple(level for level, _ in program.term_rows),
-                        z=tuple(z for _, z in program.term_rows),
+        values, weights = (y, trials) if negative_binomial else (np.tile(empty, (count, 1)),) * 2
+        data = GLMMData(y=y, weights=trials, offset=pad(plan.design.offset), X=pad(plan.design.X),
+                        index=tuple(level for level, _ in term_rows),
+                        z=tuple(z for _, z in term_rows),
                         centering=tuple(_centering(plan, family, eta, members, key[:-1])),
                         count_values=values, count_weights=weights,
                         count_steps=np.tile(empty, (count, 1)), count_above=np.tile(empty, (count, 1)))

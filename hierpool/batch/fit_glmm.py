@@ -169,13 +169,19 @@ class BucketRows:
         return out
 
 
+def padded_terms(plan: BatchPlan, layout_rows: BucketRows) -> tuple:
+    """Each term's padded (levels, values) of a bucket's rows (a padded row: level 0, values 0)."""
+    return tuple((layout_rows.pad(level.astype(np.int32)), layout_rows.pad(term.z))
+                 for (level, _, _), term in zip(plan.term_levels, plan.design.terms))
+
+
 def bucket_pattern(plan: BatchPlan, layout_rows: BucketRows, widths, fixed: bool, sigma_known: bool):
     """(each term's padded (levels, values), the :class:`SystemPattern` of the bucket's working designs): the
     terms' rows, then X's when ``fixed`` (a linear mixed model's system; a GLMM's working system has none), each
     rest block's couplings on the full (term-0 level, level) grid (``Layout.dense_only``)."""
     design, count = plan.design, layout_rows.count
-    levels = [layout_rows.pad(level.astype(np.int32)) for level, _, _ in plan.term_levels]
-    zs = [layout_rows.pad(term.z) for term in design.terms]
+    term_rows = padded_terms(plan, layout_rows)
+    levels, zs = [level for level, _ in term_rows], [z for _, z in term_rows]
     rest_rows = list(zip(levels[1:], zs[1:]))
     rest_widths = [int(w) for w in widths[1:]]
     if fixed and design.p:
@@ -191,7 +197,7 @@ def bucket_pattern(plan: BatchPlan, layout_rows: BucketRows, widths, fixed: bool
                     n_levels=tuple(int(w) for w in widths), sigma_known=sigma_known, dense_only=True)
     pattern = SystemPattern(index0=levels[0], z0=zs[0], rest_rows=tuple(rest_rows), coupling_cells=tuple(cells),
                             pair_indices=(), layout=layout)
-    return tuple(zip(levels, zs)), pattern
+    return term_rows, pattern
 
 
 def bucket_data(plan: BatchPlan, members: np.ndarray, widths, row_width: int) -> ProgramData:
