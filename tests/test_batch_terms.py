@@ -226,6 +226,94 @@ def test_known_residual_sds_with_several_terms_equal_the_single_fits(crossed):
     assert "Residual" not in set(batch.varcorr["grp"])
 
 
+def _host_and_compiled(monkeypatch, *args, **kwargs):
+    """fit_batch(*args, **kwargs) with its several-term path forced onto the host, then forced to compile; each run
+    asserted to have taken its path (the host optimizer's calls counted)."""
+    from hierpool.batch import fit_terms
+
+    calls = []
+    on_host = fit_terms._optimize_on_host
+    monkeypatch.setattr(fit_terms, "_optimize_on_host", lambda *a, **k: calls.append(1) or on_host(*a, **k))
+    monkeypatch.setattr(fit_terms, "_on_host", lambda *a: True)
+    host = hp.fit_batch(*args, progress=False, **kwargs)
+    assert calls, "the host path did not run"
+    calls.clear()
+    monkeypatch.setattr(fit_terms, "_on_host", lambda *a: False)
+    compiled = hp.fit_batch(*args, progress=False, **kwargs)
+    assert not calls, "the compiled path ran the host optimizer"
+    monkeypatch.undo()
+    return host, compiled
+
+
+@pytest.mark.parametrize("case", ["crossed", "weights_offset_ml", "known_sds"])
+def test_the_host_path_equals_the_compiled_programs(case, crossed, nested, monkeypatch):
+    if case == "crossed":  # with a dataset that cannot be fitted (NaN on both paths) and padded levels
+        host, compiled = _host_and_compiled(monkeypatch, CROSSED, crossed[0], by="rep")
+    elif case == "weights_offset_ml":  # correlated slopes in term 0
+        frames, formula, _ = nested
+        host, compiled = _host_and_compiled(monkeypatch, formula, frames[:3], by="rep", weights="w", reml=False)
+    else:
+        rng = np.random.default_rng(4)
+        known = [frame.assign(sd=rng.uniform(0.3, 0.8, len(frame))) for frame in crossed[0][:3]]
+        host, compiled = _host_and_compiled(monkeypatch, CROSSED, known, by="rep", se="sd")
+    assert not host.refit.any() and not compiled.refit.any(), host.messages.tolist()
+    np.testing.assert_allclose(host.objective, compiled.objective, rtol=1e-12)
+    np.testing.assert_allclose(host.beta, compiled.beta, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(host.theta, compiled.theta, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(host.beta_se, compiled.beta_se, rtol=1e-6)
+    np.testing.assert_allclose(host.sigma, compiled.sigma, rtol=1e-7)
+    np.testing.assert_allclose(host.ranef.condval, compiled.ranef.condval, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(host.ranef.condsd, compiled.ranef.condsd, rtol=1e-6, atol=1e-9)
+    assert (host.converged == compiled.converged).all() and (host.is_singular == compiled.is_singular).all()
+
+
+def test_a_stack_of_systems_on_the_host_evaluates_as_each_system_alone():
+    """The host algebra over leading axes (datasets, points: hp.fit_batch's host path) against each dataset's
+    compiled criterion, its reverse-mode gradient and its solution, away from the optimum."""
+    import jax
+
+    from hierpool.algebra.batched_systems import batched_systems, shared_grid
+    from hierpool.algebra.criterion import host_objective_and_gradient, objective
+    from hierpool.algebra.henderson import solve
+    from hierpool.spec.design import build_design
+
+    rng = np.random.default_rng(8)
+    frame = pd.DataFrame({"g": rng.integers(0, 6, 90).astype(str), "h": rng.integers(0, 4, 90).astype(str),
+                          "x": rng.normal(size=90), "w": rng.uniform(0.5, 2, 90), "d": np.repeat([0, 1, 2], 30)})
+    frame["y"] = 3 + frame["x"] + rng.normal(size=90)
+    design = build_design("y ~ x + (1 + x | g) + (1 | h)", frame, weights="w")
+    terms = [(t.index, t.z, width) for t, width in zip(design.terms, (7, 5))]  # padded
+    systems, n = batched_systems(frame["d"].to_numpy(), 3, terms, design.X, design.y, design.weights, design.offset)
+    thetas = rng.uniform(-0.5, 1.5, size=(3, 2, 4))  # two points per dataset
+    for reml in (True, False):
+        values, gradients = host_objective_and_gradient(shared_grid(systems, np.arange(3), points=True), reml,
+                                                        n=n[:, None])(thetas)
+        for d in range(3):
+            one = jax_tree_first(jax.tree_util.tree_map(lambda a: np.asarray(a)[d:d + 1], systems))
+            for j in range(2):
+                value, gradient = jax.value_and_grad(objective)(thetas[d, j], one, reml, n[d])
+                assert values[d, j] == pytest.approx(float(value), rel=1e-12)
+                np.testing.assert_allclose(gradients[d, j], gradient, rtol=1e-8, atol=1e-9)
+    solved = solve(thetas[:, 0], shared_grid(systems, np.arange(3)), n=n)
+    for d in range(3):
+        one = jax_tree_first(jax.tree_util.tree_map(lambda a: np.asarray(a)[d:d + 1], systems))
+        single = solve(thetas[d, 0], one, n=n[d])
+        for name in ("beta", "vcov_beta", "sigma", "logdet_lz", "logdet_rx"):
+            np.testing.assert_allclose(np.asarray(getattr(solved, name))[d], getattr(single, name), rtol=1e-10)
+        for t in range(2):
+            np.testing.assert_allclose(solved.b[t][d], single.b[t], rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(solved.cond_var[t][d], single.cond_var[t], rtol=1e-9, atol=1e-14)
+
+
+def test_the_rule_puts_small_float64_batches_on_the_host():
+    import jax
+
+    from hierpool.batch import fit_terms
+
+    assert fit_terms._on_host(np.float64, None) == (jax.default_backend() == "cpu")
+    assert not fit_terms._on_host(np.float32, None)
+
+
 def test_spatial_terms_are_refused_by_name():
     with pytest.raises(ArgumentError, match=r"does not fit spatial terms"):
         hp.fit_batch("y ~ 1 + car(area)", pd.DataFrame({"y": [1.0, 2.0], "area": ["a", "b"], "rep": [0, 0]}),

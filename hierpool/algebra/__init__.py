@@ -27,8 +27,8 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
 - ``closedform`` (REML/ML optimizer, results), then ``bayesian`` (NumPyro models, NUTS driver;
   it may read a closed-form fit, e.g. variances held at their REML values): the two engines,
   reading the same Design and the same algebra;
-- ``batch``: many datasets per compiled call (buckets, chunks, vmap, shards), or on the host for small one-term
-  batches on a CPU;
+- ``batch``: many datasets per compiled call (buckets, chunks, vmap, shards), or on the host on a CPU (small
+  one-term batches; several-term batches in float64);
 - ``plots``, then ``pooling_comparison``, ``ridge``, ``validate``, then ``cli``.
 
 Host or compiled.  The algebra is written once against an array namespace
@@ -41,7 +41,10 @@ enough that the memory JAX's runtime and XLA's buffers add matters more than the
 (:func:`~hierpool.algebra.compiler_options.compile_pays`); then JAX is not imported
 (:mod:`~hierpool.algebra.jax_runtime`; only a large fit on a machine with an accelerator plugin asks
 JAX for its backend).  A compiled closed-form fit on CPU still solves at its
-optimum on the host (one solve costs less than compiling it).
+optimum on the host (one solve costs less than compiling it).  On the host the blocked criterion, its
+gradient and the solution also take a batch of ``Layout.dense_only`` systems with leading axes (a chunk of
+datasets at once, their level grids shared: :func:`~hierpool.algebra.batched_systems.shared_grid`), where
+a compiled program would vmap them.
 
 Specialise, don't fork.  A model with one random-effect term is evaluated from per-level
 sufficient statistics (:mod:`~hierpool.algebra.one_term`: k x k blocks per level, complex-step

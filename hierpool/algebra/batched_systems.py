@@ -27,6 +27,8 @@ The y column is each dataset's y - offset - X beta0_d (:func:`hierpool.algebra.s
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .statistics import location_shifts
@@ -114,3 +116,22 @@ def dense_entries(layout_widths, ks, p: int) -> int:
     """The dense coupling's values per dataset (ell0 k0 m) for term widths ``layout_widths`` and widths ``ks``."""
     m = sum(ell * k for ell, k in zip(layout_widths[1:], ks[1:])) + p + 1
     return int(layout_widths[0] * ks[0] * m)
+
+
+def shared_grid(systems: MixedModelSystem, rows, points: bool = False) -> MixedModelSystem:
+    """Datasets ``rows`` of a batch of systems in the form the host algebra takes with leading axes: each array
+    has the datasets' axis first, and the couplings' level indices, the same grid for every dataset of a batch, are
+    held once (1-D).  ``points``: an axis of length 1 follows the datasets', so that each dataset's system
+    broadcasts over its own points (thetas (datasets, points, n_theta)).
+    """
+    def pick(a):
+        a = np.asarray(a)[rows]
+        return a[:, None] if points else a
+
+    def grid(level):
+        return level if level.ndim == 1 else level[0]
+
+    return dataclasses.replace(
+        systems, a00=pick(systems.a00), rest=pick(systems.rest), log_weights=pick(systems.log_weights),
+        beta_shift=pick(systems.beta_shift),
+        couplings=tuple(Coupling(grid(c.level0), grid(c.level), pick(c.values)) for c in systems.couplings))

@@ -50,22 +50,25 @@ from .linalg import (
     theta_to_factors,
     tri_inverse,
 )
-from .system import MixedModelSystem, dense_coupling, dense_coupling_pays
+from .system import MixedModelSystem, dense_coupling, dense_coupling_pays, grid_coupling
 
 
 def term0_factor(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Cholesky factors L0_l of D_l = T0^T A00_l T0 + I and the products L0_l^-1 T0^T, per term-0 level."""
+    """Cholesky factors L0_l of D_l = T0^T A00_l T0 + I and the products L0_l^-1 T0^T, per term-0 level.
+
+    Leading axes of t0 (..., k0, k0) and a00 (..., ell0, k0, k0) broadcast (a batch of systems on the host).
+    """
     xp = array_namespace(t0)
-    diag0 = xp.einsum("ji,ljk,km->lim", t0, a00, t0) + xp.eye(t0.shape[0])
+    diag0 = xp.einsum("...ji,...ljk,...km->...lim", t0, a00, t0) + xp.eye(t0.shape[-1])
     chol0 = cholesky(diag0)
-    return chol0, tri_inverse(chol0) @ t0.T
+    return chol0, tri_inverse(chol0) @ xp.swapaxes(t0, -1, -2)[..., None, :, :]
 
 
 def _term0_values(t0, a00):
     chol0, left = term0_factor(t0, a00)
     xp = array_namespace(left)
-    logdet0 = logdet_from_cholesky_diagonal(xp.diagonal(chol0, axis1=1, axis2=2))
-    return (logdet0, xp.einsum("lij,lik->ljk", left, left)), (t0, a00, chol0, left)
+    logdet0 = logdet_from_cholesky_diagonal(xp.diagonal(chol0, axis1=-2, axis2=-1), axis=(-2, -1))
+    return (logdet0, xp.einsum("...lij,...lik->...ljk", left, left)), (t0, a00, chol0, left)
 
 
 def _term0_value(t0, a00):
@@ -121,7 +124,7 @@ def level_contractions(system: MixedModelSystem, matrix: jax.Array, n_blocks: in
     if dense_coupling_pays(system):  # on the host the dense coupling is formed per call, as in _schur_update
         width = int(offsets[n_blocks])
         coupling = dense_coupling(system) if array_namespace(matrix) is np else coupling_in_program(system)
-        return _level_contractions_dense(coupling[:, :, :width], matrix[:width, :width])
+        return _level_contractions_dense(coupling[..., :width], matrix[..., :width, :width])
     total = array_namespace(matrix).zeros((layout.n_levels[0], k0, k0), matrix.dtype)
     for (r, s), pairs in zip(layout.pair_keys(), system.pairs):
         if s >= n_blocks:
@@ -190,9 +193,9 @@ def _scale_reduced(rest_factors, reduced, system):
     layout = system.layout
     padded = tuple(rest_factors) + (None,) * (len(layout.rest_blocks) - len(rest_factors))
     scale = _scaling_blocks(system, padded)
-    rest = scale_columns(scale_columns(reduced, scale).T, scale)
     xp = array_namespace(reduced)
-    identity = xp.concatenate([xp.ones(layout.q_rest), xp.zeros(rest.shape[0] - layout.q_rest)])
+    rest = scale_columns(xp.swapaxes(scale_columns(reduced, scale), -1, -2), scale)
+    identity = xp.concatenate([xp.ones(layout.q_rest), xp.zeros(rest.shape[-1] - layout.q_rest)])
     return rest + xp.diag(identity), (rest_factors, reduced, system)
 
 
@@ -211,20 +214,20 @@ def _reduce_adjoint(rest_factors, reduced, system, cotangent, contractions):
     layout = system.layout
     padded = tuple(rest_factors) + (None,) * (len(layout.rest_blocks) - len(rest_factors))
     scale = _scaling_blocks(system, padded)
-    lam_g = scale_columns(cotangent, scale, transpose=True).T  # Lambda G (G symmetric)
+    xp = array_namespace(cotangent)
+    lam_g = xp.swapaxes(scale_columns(cotangent, scale, transpose=True), -1, -2)  # Lambda G (G symmetric)
     lam_g_lam = scale_columns(lam_g, scale, transpose=True)  # Lambda G Lambda^T
     # materialize both once: otherwise XLA re-fuses the scaling into every consumer below
-    xp = array_namespace(cotangent)
     if xp is not np:
         lam_g, lam_g_lam = jax.lax.optimization_barrier((lam_g, lam_g_lam))
-    size = reduced.shape[0]
+    size = reduced.shape[-1]
     factor_grads = []
     offset = 0
     for (ell, k), factor in zip(layout.rest_blocks[: len(rest_factors)], rest_factors):
         cols = slice(offset, offset + ell * k)
-        left = reduced[:, cols].reshape(size, ell, k)
-        right = lam_g[:, cols].reshape(size, ell, k)
-        factor_grads.append(2.0 * xp.einsum("blc,bld->cd", left, right))
+        left = reduced[..., cols].reshape(reduced.shape[:-2] + (size, ell, k))
+        right = lam_g[..., cols].reshape(lam_g.shape[:-2] + (size, ell, k))
+        factor_grads.append(2.0 * xp.einsum("...blc,...bld->...cd", left, right))
         offset += ell * k
     grad_m = -contractions(lam_g_lam)
     return tuple(factor_grads), grad_m, None
@@ -278,11 +281,11 @@ def _dense_parts_value(rest: jax.Array, q: int, p: int) -> tuple[jax.Array, jax.
 
 def _dense_parts_forward(rest, q, p):
     chol = cholesky(rest)
-    diag = array_namespace(chol).diagonal(chol)
+    diag = array_namespace(chol).diagonal(chol, axis1=-2, axis2=-1)
     parts = (
-        logdet_from_cholesky_diagonal(diag[:q]),
-        logdet_from_cholesky_diagonal(diag[q : q + p]),
-        diag[-1] ** 2,
+        logdet_from_cholesky_diagonal(diag[..., :q], axis=-1),
+        logdet_from_cholesky_diagonal(diag[..., q : q + p], axis=-1),
+        diag[..., -1] ** 2,
     )
     return parts, chol
 
@@ -299,27 +302,30 @@ def _dense_parts_bwd(q, p, chol, cotangent):
     # so the cotangent is c_rx S^-1 + (c_r2 r^4 - c_rx r^2) v v^T + (c_lz - c_rx) pad(S_ZZ^-1 - (S^-1)_ZZ + ...).
     c_lz, c_rx, c_r2 = cotangent
     xp = array_namespace(chol)
-    size = chol.shape[0]
-    if xp is np and UNROLL_MAX_SIZE < size <= HOST_SINGLE_THREAD_MAX_SIZE:
+    size = chol.shape[-1]
+    if xp is np and (UNROLL_MAX_SIZE < size <= HOST_SINGLE_THREAD_MAX_SIZE or chol.ndim > 2):
         # on the host L^-1 (LAPACK trtri) gives both S^-1 and the tail, without potri or trtrs
-        # (which wake OpenBLAS's threads: linalg.host_product)
+        # (which wake OpenBLAS's threads: linalg.host_product); a stack of them (a batch) by NumPy's inverse
         inverse_factor = tri_inverse(chol)
         s_inv = spd_inverse_from_inverse_factor(inverse_factor)
-        tail = inverse_factor[q:, :]
+        tail = inverse_factor[..., q:, :]
     elif size <= UNROLL_MAX_SIZE:
         s_inv = spd_inverse_from_cholesky(chol)
-        tail = tri_inverse(chol)[q:, :]
+        tail = tri_inverse(chol)[..., q:, :]
     else:
         s_inv = spd_inverse_from_cholesky(chol)
         # rows q.. of L^-1 are columns q.. of L^-T: one solve with p + 1 right-hand sides
         unit_tail = xp.eye(size, dtype=chol.dtype)[:, q:]
         tail = solve_triangular(chol, unit_tail, lower=True, trans="T").T
-    r2 = chol[-1, -1] ** 2
-    v = s_inv[:, -1]
+    r2 = chol[..., -1, -1] ** 2
+    v = s_inv[..., :, -1]
     in_z = xp.arange(size) < q
     tail = xp.where(in_z[None, :], tail, 0.0)  # R_Z padded with zeros
+    # the cotangents are scalars, or per system of a batch (leading axes)
+    c_lz, c_rx, c_r2 = (xp.asarray(c)[..., None, None] for c in (c_lz, c_rx, c_r2))
     grad = xp.where(in_z[:, None] & in_z[None, :], c_lz, c_rx) * s_inv
-    grad = grad + (c_r2 * r2**2 - c_rx * r2) * xp.outer(v, v) - (c_lz - c_rx) * (tail.T @ tail)
+    grad = (grad + (c_r2 * r2[..., None, None] ** 2 - c_rx * r2[..., None, None]) * (v[..., :, None] * v[..., None, :])
+            - (c_lz - c_rx) * (xp.swapaxes(tail, -1, -2) @ tail))
     return (grad,)
 
 
@@ -435,12 +441,12 @@ def _term0_adjoint(t0, a00, chol0, left, c_logdet, grad_m):
     """
     xp = array_namespace(chol0)
     chol0_inv = tri_inverse(chol0)
-    t_d_inv = xp.swapaxes(left, 1, 2) @ chol0_inv  # T0 D_l^-1 = left^T L0^-1
-    g = 0.5 * (grad_m + xp.swapaxes(grad_m, 1, 2))
-    h = xp.swapaxes(t_d_inv, 1, 2) @ g @ t_d_inv
-    a_t = a00 @ t0
-    return xp.sum(2.0 * c_logdet * a_t @ xp.swapaxes(chol0_inv, 1, 2) @ chol0_inv
-                  + 2.0 * (g @ t_d_inv - a_t @ h), axis=0)
+    t_d_inv = xp.swapaxes(left, -1, -2) @ chol0_inv  # T0 D_l^-1 = left^T L0^-1
+    g = 0.5 * (grad_m + xp.swapaxes(grad_m, -1, -2))
+    h = xp.swapaxes(t_d_inv, -1, -2) @ g @ t_d_inv
+    a_t = a00 @ t0[..., None, :, :]
+    return xp.sum(2.0 * c_logdet * a_t @ xp.swapaxes(chol0_inv, -1, -2) @ chol0_inv
+                  + 2.0 * (g @ t_d_inv - a_t @ h), axis=-3)
 
 
 def coupling_in_program(system: MixedModelSystem) -> jax.Array:
@@ -453,8 +459,7 @@ def coupling_in_program(system: MixedModelSystem) -> jax.Array:
     layout = system.layout
     ell0, k0 = layout.n_levels[0], layout.ks[0]
     if layout.dense_only:  # couplings on the full (term-0 level, level) grid, level-major: a reshape, no scatter
-        return jnp.concatenate([c.values.reshape(ell0, ell, k0, k).transpose(0, 2, 1, 3).reshape(ell0, k0, ell * k)
-                                for (ell, k), c in zip(layout.rest_blocks, system.couplings)], axis=2)
+        return grid_coupling(system)
     out = jnp.zeros((ell0, k0, sum(ell * k for ell, k in layout.rest_blocks)), system.a00.dtype)
     offset = 0
     for (ell, k), coupling in zip(layout.rest_blocks, system.couplings):
@@ -476,29 +481,38 @@ def _schur_update_dense(coupling: jax.Array, m_levels: jax.Array) -> jax.Array:
 
     sum_l C_l^T M_l C_l = (M C)^T C over all levels at once: one matrix product in place of a
     gather and a segment-sum per coupling pair.  Symmetrized: the two triangles round differently.
+    Leading axes of C and of M (..., ell0, k0, k0) broadcast (a batch of systems on the host).
     """
     xp = array_namespace(coupling, m_levels)
-    ell0, k0, m = coupling.shape
+    ell0, k0, m = coupling.shape[-3:]
     if k0 == 1:
-        weighted = coupling[:, 0, :] * m_levels[:, 0, 0][:, None]
+        weighted = coupling[..., :, 0, :] * m_levels[..., :, 0, 0][..., None]
     else:
-        weighted = xp.matmul(m_levels, coupling).reshape(ell0 * k0, m)
-    update = _product(weighted, coupling.reshape(ell0 * k0, m), transpose_a=True)
+        weighted = xp.matmul(m_levels, coupling)
+        weighted = weighted.reshape(weighted.shape[:-3] + (ell0 * k0, m))
+    flat = coupling.reshape(coupling.shape[:-3] + (ell0 * k0, m))
+    if weighted.ndim > 2:
+        update = xp.swapaxes(weighted, -1, -2) @ flat
+        return 0.5 * (update + xp.swapaxes(update, -1, -2))
+    update = _product(weighted, flat, transpose_a=True)
     return 0.5 * (update + update.T)
 
 
 def _level_contractions_dense(coupling: jax.Array, matrix: jax.Array) -> jax.Array:
-    """:func:`level_contractions` over all rest blocks with the dense coupling: C_l H C_l^T per level."""
+    """:func:`level_contractions` over all rest blocks with the dense coupling: C_l H C_l^T per level (leading axes
+    of C and H broadcast, as :func:`_schur_update_dense`'s)."""
     xp = array_namespace(coupling, matrix)
-    ell0, k0, m = coupling.shape
-    ch = _product(coupling.reshape(ell0 * k0, m), matrix).reshape(ell0, k0, m)
+    ell0, k0, m = coupling.shape[-3:]
+    flat = coupling.reshape(coupling.shape[:-3] + (ell0 * k0, m))
+    product = flat @ matrix if flat.ndim > 2 or matrix.ndim > 2 else _product(flat, matrix)
+    ch = product.reshape(product.shape[:-2] + (ell0, k0, m))
     if k0 == 1:
-        return xp.einsum("lm,lm->l", ch[:, 0, :], coupling[:, 0, :])[:, None, None]
-    return xp.einsum("lim,ljm->lij", ch, coupling)
+        return xp.einsum("...lm,...lm->...l", ch[..., :, 0, :], coupling[..., :, 0, :])[..., None, None]
+    return xp.einsum("...lim,...ljm->...lij", ch, coupling)
 
 
 def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, dense: bool | None = None,
-                                logdet_only: bool = False):
+                                logdet_only: bool = False, n=None):
     """theta -> (:func:`objective`, its gradient) in NumPy, with no compilation.
 
     The same forward functions as the compiled objective, and the same written-out
@@ -512,10 +526,16 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
     choice), the Schur update and its adjoint are BLAS products with it, otherwise the pair
     products' gathers and segment-sums.  ``logdet_only``: the function and gradient of log |L_Z|^2
     alone (a GLMM's Laplace log-determinant at fixed weights).
+
+    A batch of ``Layout.dense_only`` systems (:mod:`hierpool.algebra.batched_systems`) whose arrays carry leading
+    axes, with ``n`` their row counts (:func:`row_count`), is evaluated at once: thetas (..., n_theta) whose
+    leading axes broadcast against the systems' give values (...) and gradients (..., n_theta)
+    (``hp.fit_batch``'s several-term path on the host).
     """
     layout = system.layout
     q, p = layout.q_rest, layout.p
-    dof = layout.n - p if reml else layout.n
+    n = row_count(system, n)
+    dof = n - p if reml else n
     c_rx = 1.0 if reml else 0.0
     if dense is None:
         dense = dense_coupling_pays(system)
@@ -532,12 +552,13 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
         rest, (_, reduced, _) = _scale_reduced(tuple(factors[1:]), system.rest - update, system)
         (logdet_rest, logdet_rx, pwrss), chol = _dense_parts_forward(rest, q, p)
         parts = ObjectiveParts(logdet0 + logdet_rest, logdet_rx, pwrss)
-        value = parts.logdet_lz if logdet_only else criterion(parts, system, reml)
+        value = parts.logdet_lz if logdet_only else criterion(parts, system, reml, n)
         c_r2 = 1.0 if layout.sigma_known else dof / pwrss
         (grad_rest,) = _dense_parts_bwd(q, p, chol, (1.0, 0.0, 0.0) if logdet_only else (1.0, c_rx, c_r2))
         rest_factor_grads, grad_m, _ = _reduce_adjoint(tuple(factors[1:]), reduced, system, grad_rest, contractions)
         grad_t0 = _term0_adjoint(factors[0], system.a00, chol0, left, 1.0, grad_m)
-        return float(value), factor_gradients_to_theta([grad_t0, *rest_factor_grads])
+        gradient = factor_gradients_to_theta([grad_t0, *rest_factor_grads])
+        return (float(value) if np.ndim(value) == 0 else value), gradient
 
     return evaluate
 

@@ -91,15 +91,15 @@ def _couplings(system: MixedModelSystem, factors, left) -> list[jax.Array]:
     rest_factors = list(factors[1:]) + [None] * (len(system.layout.rest_blocks) - len(factors) + 1)
     out = []
     for coupling, factor in zip(system.couplings, rest_factors):
-        block = left[coupling.level0] @ coupling.values
-        out.append(block if factor is None else block @ factor)
+        block = left[..., coupling.level0, :, :] @ coupling.values
+        out.append(block if factor is None else block @ factor[..., None, :, :])
     return out
 
 
 def diagonal_blocks(matrix: jax.Array, offset: int, ell: int, k: int) -> jax.Array:
     """The ell diagonal k x k blocks of ``matrix`` starting at row/column ``offset``."""
     idx = offset + np.arange(ell)[:, None] * k + np.arange(k)[None, :]
-    return matrix[idx[:, :, None], idx[:, None, :]]
+    return matrix[..., idx[:, :, None], idx[:, None, :]]
 
 
 def _scaled_inverse(inverse: jax.Array, system: MixedModelSystem, factors, n_blocks: int) -> jax.Array:
@@ -107,14 +107,15 @@ def _scaled_inverse(inverse: jax.Array, system: MixedModelSystem, factors, n_blo
     blocks = system.layout.rest_blocks[:n_blocks]
     rest_factors = list(factors[1:]) + [None] * n_blocks
     scale = [(ell, k, f) for (ell, k), f in zip(blocks, rest_factors)]
-    return scale_columns(scale_columns(inverse, scale, transpose=True).T, scale, transpose=True)
+    swap = array_namespace(inverse).swapaxes
+    return scale_columns(swap(scale_columns(inverse, scale, transpose=True), -1, -2), scale, transpose=True)
 
 
 def _term0_inverse_blocks(chol0_inv, left, correction):
     """Diagonal blocks of the inverse for term 0: L0^-T (I + left Q left^T) L0^-1."""
     xp = array_namespace(chol0_inv)
-    middle = xp.eye(chol0_inv.shape[-1]) + left @ correction @ xp.swapaxes(left, 1, 2)
-    return xp.swapaxes(chol0_inv, 1, 2) @ middle @ chol0_inv
+    middle = xp.eye(chol0_inv.shape[-1]) + left @ correction @ xp.swapaxes(left, -1, -2)
+    return xp.swapaxes(chol0_inv, -1, -2) @ middle @ chol0_inv
 
 
 def _back_substitute(system: MixedModelSystem, factors, chol0, left, chol_rest, noise=None):
@@ -128,34 +129,36 @@ def _back_substitute(system: MixedModelSystem, factors, chol0, left, chol_rest, 
     posterior of (u, beta) when s = sigma (Rue 2001, "Fast sampling of Gaussian
     Markov random fields").
 
-    Returns (u, beta): u per term with shape (ell_j, k_j).
+    Returns (u, beta): u per term with shape (ell_j, k_j).  A batch of systems on the host (leading axes, their
+    couplings' level indices shared: :func:`solve`) gives leading axes to both.
     """
     layout = system.layout
     q, p = layout.q_rest, layout.p
     size = q + p
-    rhs_rest = chol_rest[size, :size]
+    rhs_rest = chol_rest[..., size, :size]
     if noise is not None:
         rhs_rest = rhs_rest + noise[1]
     xp = array_namespace(chol_rest)
-    x_rest = solve_triangular(chol_rest[:size, :size], rhs_rest, lower=True, trans="T")
+    x_rest = solve_triangular(chol_rest[..., :size, :size], rhs_rest, lower=True, trans="T")
+    lead = x_rest.shape[:-1]
     chol0_inv = tri_inverse(chol0)
     couplings = _couplings(system, factors, left)
     ell0 = layout.n_levels[0]
-    rhs0 = segment_sum(couplings[-1][:, :, 0], system.couplings[-1].level0, ell0)
+    rhs0 = segment_sum(couplings[-1][..., 0], system.couplings[-1].level0, ell0, axis=-2)
     if noise is not None:
         rhs0 = rhs0 + noise[0]
     offset = 0
     for (ell, k), coupling, block in zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1]):
-        x_block = x_rest[offset : offset + ell * k].reshape(ell, k)
-        contribution = xp.einsum("bij,bj->bi", block, x_block[coupling.level])
-        rhs0 = rhs0 - segment_sum(contribution, coupling.level0, ell0)
+        x_block = x_rest[..., offset : offset + ell * k].reshape(lead + (ell, k))
+        contribution = xp.einsum("...bij,...bj->...bi", block, x_block[..., coupling.level, :])
+        rhs0 = rhs0 - segment_sum(contribution, coupling.level0, ell0, axis=-2)
         offset += ell * k
-    u = [xp.einsum("lji,lj->li", chol0_inv, rhs0)]
+    u = [xp.einsum("...lji,...lj->...li", chol0_inv, rhs0)]
     offset = 0
     for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
-        u.append(x_rest[offset : offset + ell * k].reshape(ell, k))
+        u.append(x_rest[..., offset : offset + ell * k].reshape(lead + (ell, k)))
         offset += ell * k
-    return u, x_rest[q:size]
+    return u, x_rest[..., q:size]
 
 
 def conditional_draw(
@@ -202,7 +205,8 @@ def noise_size(layout) -> int:
 def _logdet_lz(chol0, chol_rest, q: int):
     """log |L_Z|^2 from term 0's blocks and the rest factor's first q diagonal entries."""
     xp = array_namespace(chol0, chol_rest)
-    return 2.0 * (xp.sum(xp.log(xp.diagonal(chol0, axis1=1, axis2=2))) + xp.sum(xp.log(xp.diagonal(chol_rest)[:q])))
+    return 2.0 * (xp.sum(xp.log(xp.diagonal(chol0, axis1=-2, axis2=-1)), axis=(-2, -1))
+                  + xp.sum(xp.log(xp.diagonal(chol_rest, axis1=-2, axis2=-1)[..., :q]), axis=-1))
 
 
 def point_estimates(theta: jax.Array, system: MixedModelSystem) -> tuple:
@@ -243,18 +247,20 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True, n=None)
     chol0_inv = tri_inverse(chol0)
     ell0, k0 = layout.n_levels[0], layout.ks[0]
     u, beta = _back_substitute(system, factors, chol0, left, chol_rest)
-    b = [uj @ t.T for uj, t in zip(u, factors)]
+    swap = functools.partial(xp.swapaxes, axis1=-1, axis2=-2)
+    b = [uj @ swap(t) for uj, t in zip(u, factors)]
 
-    pwrss = chol_rest[size, size] ** 2
+    pwrss = chol_rest[..., size, size] ** 2
     if layout.sigma_known:
-        sigma = xp.asarray(1.0)
+        sigma = xp.ones_like(pwrss)
     else:
         n = row_count(system, n)
         sigma = xp.sqrt(pwrss / (n - p if reml else n))
+    variance = (sigma**2)[..., None, None]
 
     # lme4's condVar: Var(u | y) = sigma^2 (L_Z L_Z^T)^-1, diagonal blocks.
     if q:
-        s_zz_inv = spd_inverse_from_cholesky(chol_rest[:q, :q])
+        s_zz_inv = spd_inverse_from_cholesky(chol_rest[..., :q, :q])
         correction = level_contractions(
             system, _scaled_inverse(s_zz_inv, system, factors, layout.n_random_rest), layout.n_random_rest
         )
@@ -266,13 +272,17 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True, n=None)
     for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
         var_u.append(diagonal_blocks(s_zz_inv, offset, ell, k))
         offset += ell * k
-    cond_var = [sigma**2 * (t @ v @ t.T) for v, t in zip(var_u, factors)]
+    cond_var = [variance[..., None] * (t[..., None, :, :] @ v @ swap(t)[..., None, :, :])
+                for v, t in zip(var_u, factors)]
 
-    r_x_inv = solve_triangular(chol_rest[q:size, q:size], xp.eye(p), lower=True)
-    vcov_beta = sigma**2 * (r_x_inv.T @ r_x_inv)
-    diag_rest = xp.diagonal(chol_rest)
+    if chol_rest.ndim > 2:  # a batch of systems on the host
+        r_x_inv = tri_inverse(chol_rest[..., q:size, q:size])
+    else:
+        r_x_inv = solve_triangular(chol_rest[q:size, q:size], xp.eye(p), lower=True)
+    vcov_beta = variance * (swap(r_x_inv) @ r_x_inv)
+    diag_rest = xp.diagonal(chol_rest, axis1=-2, axis2=-1)
     logdet_lz = _logdet_lz(chol0, chol_rest, q)
-    logdet_rx = 2.0 * xp.sum(xp.log(diag_rest[q:size]))
+    logdet_rx = 2.0 * xp.sum(xp.log(diag_rest[..., q:size]), axis=-1)
     return Solution(
         theta=theta,
         factors=tuple(factors),

@@ -86,7 +86,8 @@ def theta_start(ks: tuple[int, ...]) -> np.ndarray:
 
 
 def theta_to_factors(theta: jax.Array, ks: tuple[int, ...]) -> list[jax.Array]:
-    """Split theta into the lower-triangular k_j x k_j factors T_j (NumPy in, NumPy out)."""
+    """Split theta into the lower-triangular k_j x k_j factors T_j (NumPy in, NumPy out; on the host, leading axes
+    of theta (many thetas) give factors (..., k_j, k_j))."""
     xp = array_namespace(theta)
     factors = []
     offset = 0
@@ -94,8 +95,8 @@ def theta_to_factors(theta: jax.Array, ks: tuple[int, ...]) -> list[jax.Array]:
         rows, cols = tril_positions(k)
         size = len(rows)
         if xp is np:
-            factor = np.zeros((k, k), dtype=theta.dtype)
-            factor[rows, cols] = theta[offset : offset + size]
+            factor = np.zeros(theta.shape[:-1] + (k, k), dtype=theta.dtype)
+            factor[..., rows, cols] = theta[..., offset : offset + size]
         else:
             factor = jnp.zeros((k, k), theta.dtype).at[rows, cols].set(theta[offset : offset + size])
         factors.append(factor)
@@ -107,11 +108,11 @@ def factor_gradients_to_theta(gradients) -> np.ndarray:
     """The gradient with respect to theta from gradients with respect to each full factor T_j.
 
     theta's entries are T_j's lower triangles (column-major), so its gradient is the
-    gradient of T_j at those positions.
+    gradient of T_j at those positions.  Leading axes of the gradients (..., k_j, k_j) are kept.
     """
     xp = array_namespace(*gradients)
-    pieces = [g[tril_positions(g.shape[-1])] for g in gradients]
-    return xp.concatenate(pieces) if pieces else xp.zeros(0)
+    pieces = [g[(..., *tril_positions(g.shape[-1]))] for g in gradients]
+    return xp.concatenate(pieces, axis=-1) if pieces else xp.zeros(0)
 
 
 def factors_to_theta(factors) -> jax.Array:
@@ -277,21 +278,23 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
 def scale_columns(matrix: jax.Array, blocks, transpose: bool = False) -> jax.Array:
     """``matrix @ blockdiag(I_ell (x) F)`` without forming it, F = T (or T^T with ``transpose``).
 
-    ``blocks`` lists (ell, k, T) for consecutive column blocks; T None means identity.
+    ``blocks`` lists (ell, k, T) for consecutive column blocks; T None means identity.  Leading axes of
+    ``matrix`` (..., rows, columns) and of the factors (..., k, k) broadcast (a batch of systems on the host).
     """
+    xp = array_namespace(matrix)
     pieces = []
     offset = 0
-    rows = matrix.shape[0]
+    lead = matrix.shape[:-1]
     for ell, k, factor in blocks:
-        piece = matrix[:, offset : offset + ell * k]
+        piece = matrix[..., offset : offset + ell * k]
         if factor is not None and k == 1:
-            piece = piece * factor[0, 0]
+            piece = piece * factor[..., :1, :1]
         elif factor is not None:
-            right = factor.T if transpose else factor
-            piece = (piece.reshape(rows, ell, k) @ right).reshape(rows, ell * k)
+            right = xp.swapaxes(factor, -1, -2) if transpose else factor
+            piece = (piece.reshape(lead + (ell, k)) @ right[..., None, :, :]).reshape(lead + (ell * k,))
         pieces.append(piece)
         offset += ell * k
-    return array_namespace(matrix).concatenate(pieces, axis=1)
+    return xp.concatenate(pieces, axis=-1)
 
 
 #: Multiply-adds up to which OpenBLAS runs a gemm on the calling thread (m n k <= 65536 * 4, its
@@ -325,10 +328,11 @@ def host_product(a: np.ndarray, b: np.ndarray, transpose_a: bool = False) -> np.
     return out
 
 
-def logdet_from_cholesky_diagonal(diagonal: jax.Array) -> jax.Array:
-    """log det(L L^T) from the diagonal of L."""
+def logdet_from_cholesky_diagonal(diagonal: jax.Array, axis=None) -> jax.Array:
+    """log det(L L^T) from the diagonal of L (summed over ``axis``, default all: leading axes of a batch keep theirs
+    with ``axis=-1``)."""
     xp = array_namespace(diagonal)
-    return 2.0 * xp.sum(xp.log(diagonal))
+    return 2.0 * xp.sum(xp.log(diagonal), axis=axis)
 
 
 # Below this size two triangular solves are as fast as a host LAPACK call and vmap well.
@@ -359,7 +363,11 @@ def _trtri_host(lower: np.ndarray) -> np.ndarray:
 
 
 def spd_inverse_from_inverse_factor(inverse_factor: np.ndarray) -> np.ndarray:
-    """(L L^T)^-1 = L^-T L^-1 from L^-1 on the host, symmetric (the product's two triangles round differently)."""
+    """(L L^T)^-1 = L^-T L^-1 from L^-1 on the host, symmetric (the product's two triangles round differently).
+    Leading axes: a stack of them."""
+    if inverse_factor.ndim > 2:
+        product = np.swapaxes(inverse_factor, -1, -2) @ inverse_factor
+        return 0.5 * (product + np.swapaxes(product, -1, -2))
     product = host_product(inverse_factor, inverse_factor.copy(), transpose_a=True)  # a copy: not syrk
     return 0.5 * (product + product.T)
 
@@ -412,19 +420,40 @@ def spd_inverse_from_cholesky(chol: jax.Array) -> jax.Array:
 
 
 def solve_triangular(a, b, lower: bool = True, trans: str = "N"):
-    """x with op(a) x = b, ``a`` triangular: SciPy on NumPy arrays, ``jax.scipy`` otherwise."""
+    """x with op(a) x = b, ``a`` triangular: SciPy on NumPy arrays, ``jax.scipy`` otherwise.  On the host a stack
+    of them (``a`` (..., k, k), ``b`` (..., k)) is solved at once, NaN for each matrix with a zero pivot."""
     if array_namespace(a, b) is np:
+        if a.ndim > 2:
+            return _solve_triangular_stack(a, b, lower, trans)
         return _solve_triangular_host(a, b, lower, trans)
     return jax.scipy.linalg.solve_triangular(a, b, lower=lower, trans=trans)
 
 
-def segment_sum(values, segments, num_segments: int, sorted_segments: bool = False):
+def _solve_triangular_stack(a: np.ndarray, b: np.ndarray, lower: bool, trans: str) -> np.ndarray:
+    """:func:`solve_triangular` of a stack of matrices (..., k, k) and vectors (..., k), by NumPy's batched LU."""
+    k = a.shape[-1]
+    a = np.tril(a) if lower else np.triu(a)  # only the named triangle is read, as LAPACK's
+    if trans in ("T", "C", 1, 2):
+        a = np.swapaxes(a, -1, -2)
+    zero_pivot = np.any(np.diagonal(a, axis1=-2, axis2=-1) == 0, axis=-1)
+    a = np.where(zero_pivot[..., None, None], np.eye(k), a)
+    solved = np.linalg.solve(a, np.broadcast_to(b, a.shape[:-1])[..., None])[..., 0]
+    return np.where(zero_pivot[..., None], np.nan, solved)
+
+
+def segment_sum(values, segments, num_segments: int, sorted_segments: bool = False, axis: int = 0):
     """Sums of ``values`` (N, ...) over rows with equal ``segments`` (N,): (num_segments, ...).
 
     ``jax.ops.segment_sum`` in a compiled program; on the host a sorted segment list
     is reduced with ``np.add.reduceat`` and an unsorted one with one ``bincount``
-    per trailing column (both far faster than ``np.add.at``).
+    per trailing column (both far faster than ``np.add.at``).  ``axis``: the summed axis, where ``values`` has
+    leading axes (a batch of systems on the host).
     """
+    axis = axis % values.ndim
+    if axis:
+        moved = segment_sum(np.moveaxis(values, axis, 0) if array_namespace(values) is np
+                            else jnp.moveaxis(values, axis, 0), segments, num_segments, sorted_segments)
+        return array_namespace(moved).moveaxis(moved, 0, axis)
     if array_namespace(values) is not np:
         return jax.ops.segment_sum(values, segments, num_segments=num_segments, indices_are_sorted=sorted_segments)
     out = np.zeros((num_segments,) + values.shape[1:], dtype=values.dtype)

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..spec.design import Design
 from .jax_runtime import jax, pytree_dataclass
-from .linalg import host_product
+from .linalg import array_namespace, host_product
 
 
 @pytree_dataclass
@@ -402,6 +402,8 @@ def dense_coupling(system: MixedModelSystem) -> np.ndarray:
     """
     layout = system.layout
     ell0, k0 = layout.n_levels[0], layout.ks[0]
+    if layout.dense_only:
+        return grid_coupling(system)
     out = np.zeros((ell0, k0, sum(ell * k for ell, k in layout.rest_blocks)))
     offset = 0
     for (ell, k), coupling in zip(layout.rest_blocks, system.couplings):
@@ -410,6 +412,23 @@ def dense_coupling(system: MixedModelSystem) -> np.ndarray:
         out[level0[:, None, None], np.arange(k0)[None, :, None], cols[:, None, :]] = np.asarray(coupling.values)
         offset += ell * k
     return out
+
+
+def grid_coupling(system: MixedModelSystem):
+    """:func:`dense_coupling` of a ``Layout.dense_only`` system, whose couplings hold every cell of the (term-0
+    level, rest level) grid in order, level-major (:mod:`hierpool.algebra.batched_systems`): a reshape, no scatter.
+
+    NumPy or traced arrays; leading axes of the values (a batch of systems) give (..., ell0, k0, m).
+    """
+    layout = system.layout
+    ell0, k0 = layout.n_levels[0], layout.ks[0]
+    xp = array_namespace(system.couplings[0].values)
+    pieces = []
+    for (ell, k), coupling in zip(layout.rest_blocks, system.couplings):
+        values = coupling.values
+        grid = xp.swapaxes(values.reshape(values.shape[:-3] + (ell0, ell, k0, k)), -3, -2)
+        pieces.append(grid.reshape(values.shape[:-3] + (ell0, k0, ell * k)))
+    return xp.concatenate(pieces, axis=-1)
 
 
 #: Largest dense coupling (ell0 * k0 * m entries, 8 bytes each) the algebra forms (on the host, or in a program).

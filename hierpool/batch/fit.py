@@ -12,7 +12,9 @@ bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
   with ``m = k(k+1)/2`` (the complex-step probes of the datasets still searching);
 * several terms (:mod:`hierpool.batch.fit_terms`): its system, ``8 * (ell0 k0^2 +
   ell0 k0 m + m^2)`` with ``m = sum_(j>0) ell_j k_j + p + 1`` (the padded levels), held
-  by each of the optimizer's ``n_theta + 1`` probes;
+  by each of the optimizer's ``n_theta + 1`` probes; on the host (below), about
+  ``8 * (n_theta + 1) * (10 m^2 + 3 ell0 k0 m)`` (the temporaries of every probe, a call's
+  default chunk bounded by ``fit_terms.HOST_CHUNK_BYTES``);
 * a GLMM (:mod:`hierpool.batch.fit_glmm`): its padded rows, ``8 * n * (3 + p + sum k_j)``
   plus the working system's, per probe of (theta, beta);
 * AR(1) residuals (:mod:`hierpool.batch.fit_ar1`): its padded rows, ``8 * n * (4 + p + sum k_j)``,
@@ -27,7 +29,10 @@ LLVM's optimization of the programs.  One-term batches of that size with at most
 ``HOST_MAX_THETA`` parameters compile nothing: the same Newton's method runs on the
 host (:func:`hierpool.batch.optimize.newton_on_host`, NumPy over the datasets still
 searching, the criterion's gradient by the complex step), in less time than XLA
-would take to compile it ("compile only where compiling pays").
+would take to compile it ("compile only where compiling pays").  Several-term batches
+in float64 on one CPU device compile nothing at any size: the same Newton's method on
+the blocked criterion and its written-out gradient, a chunk's datasets at once
+(:mod:`hierpool.batch.fit_terms`, "On the host").
 """
 
 from __future__ import annotations
@@ -249,8 +254,8 @@ def fit_batch(
     chunk_size : int, optional
         Most datasets per compiled call, or per call of the host's optimizer (bounds
         memory; see the module notes).
-        Default: 128 on a CPU (16 for a GLMM; 256 for a one-term batch optimized on
-        the host, fewer where its datasets are large: module notes), 4096 on an
+        Default: 128 on a CPU (16 for a GLMM; 256 for a one-term or several-term batch
+        fitted on the host, fewer where its datasets are large: module notes), 4096 on an
         accelerator.  The datasets of a compiled call iterate in lockstep until the
         slowest converges, so on a CPU, where a
         wide call buys no parallelism, small calls waste less (2,000 sleepstudy
@@ -338,8 +343,10 @@ def fit_batch(
                            newton_systems=(newton_size, chunk_size or _default_chunk(spec)))
     settings = dict(reml=reml, float_type=np.float64 if dtype == "float64" else np.float32, chunk_size=chunk_size,
                     progress=progress, max_iterations=max_iterations, sharding=sharding, workers=workers)
-    if len(plan.design.terms) > 1 or spec is not None or correlation is not None:  # the one-term path picks its own
+    if spec is not None or correlation is not None:  # the one-term path picks its own
         settings["chunk_size"] = chunk_size or _default_chunk(spec)
+    elif len(plan.design.terms) > 1:  # the compiled programs' default; the host path picks its own
+        settings["default_chunk"] = _default_chunk(None)
     if spec is not None:
         settings.pop("reml")
         # a negative binomial's shape is estimated (the 1.0 only makes the family; the batch starts from moments)

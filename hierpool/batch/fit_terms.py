@@ -9,6 +9,13 @@ bucket (:func:`hierpool.algebra.batched_systems.batched_systems`: a padded level
 compiled program per bucket shape vmaps Newton's method (:func:`hierpool.batch.optimize.newton`) over them, the
 solve in a second program.  Every dataset starts at lme4's start, Lambda_j = I.
 
+**On the host.**  On one CPU device in float64 nothing is compiled ("compile only where compiling pays"): the
+same Newton's method runs in NumPy (:func:`hierpool.batch.optimize.newton_on_host`) on the same criterion
+and gradient, evaluated for a whole chunk of datasets at once
+(:func:`hierpool.algebra.criterion.host_objective_and_gradient` over leading axes), and the solution is
+:func:`hierpool.algebra.henderson.solve` over the chunk (:func:`_on_host` says why).  Accelerators,
+float32 and sharded batches keep the compiled programs.
+
 Buckets: each term's level count is padded as the one-term path pads it (:func:`hierpool.batch.plan.bucket_width`),
 so datasets whose counts differ share a few shapes.  A dataset whose dense coupling would be too large
 (:data:`hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`: hundreds of levels on two terms) is fitted alone by
@@ -25,14 +32,15 @@ from functools import partial
 import jax
 import numpy as np
 
-from ..algebra.batched_systems import MAX_DENSE_ENTRIES, batched_systems, dense_entries
+from ..algebra.batched_systems import MAX_DENSE_ENTRIES, batched_systems, dense_entries, shared_grid
 from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
-from ..algebra.criterion import objective
+from ..algebra.criterion import host_objective_and_gradient, objective
 from ..algebra.henderson import solve
+from ..algebra.linalg import canonical_theta as canonical_rows
 from ..algebra.linalg import theta_start
 from ..closedform.optimize import Control
-from .optimize import canonical_theta, newton
+from .optimize import canonical_theta, newton, newton_on_host
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
@@ -42,7 +50,15 @@ from .plan import (
     fetch,
     place,
     progress_bar,
+    thread_count,
 )
+
+#: Most datasets per call on the host (:func:`_on_host`): enough to spread each NumPy call's cost over many
+#: datasets; :data:`HOST_CHUNK_BYTES` bounds it for large systems.
+HOST_CHUNK = 256
+#: Bytes of temporaries a host call may hold: about ten (size x size) matrices and three (ell0 k0 x m) products per
+#: point, m + 1 points per dataset (the probe and its forward differences).
+HOST_CHUNK_BYTES = 64 * 2**20
 
 
 def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]:
@@ -208,18 +224,63 @@ def _programs(systems, n, reml: bool, max_iterations: int, sharding, quick: bool
     return _COMPILED.get((shape_signature((systems, n)), reml, max_iterations, sharding, quick), build)
 
 
-def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int, progress, max_iterations: int,
-              sharding, workers: int) -> dict:
+def _on_host(float_type, sharding) -> bool:
+    """Whether a batch is fitted on the host rather than by compiled programs: on one CPU device, in float64.
+
+    Measured faster there at every size tried, from Penicillin's 24 x 6 levels to 200 x 100 (benchmarks/RESULTS.md,
+    "Batch fitting for every model, eleventh session"): the programs' tracing and compiling cost more than a small
+    batch's whole NumPy run, and a large batch's run goes to two threads on the host, where the compiled
+    several-term programs run serially (:func:`hierpool.batch.plan.thread_count`).
+    """
+    return sharding is None and jax.default_backend() == "cpu" and float_type == np.float64
+
+
+def host_chunk(systems, n_theta: int) -> int:
+    """Datasets per host call: :data:`HOST_CHUNK`, fewer where a call's temporaries would pass
+    :data:`HOST_CHUNK_BYTES`."""
+    size = systems.rest.shape[-1]
+    ell0, k0, m = systems.layout.n_levels[0], systems.layout.ks[0], systems.rest.shape[-1]
+    per_dataset = 8 * (n_theta + 1) * (10 * size * size + 3 * ell0 * k0 * m)
+    return max(1, min(HOST_CHUNK, HOST_CHUNK_BYTES // per_dataset))
+
+
+def _optimize_on_host(systems, n, start: np.ndarray, *, reml: bool, max_iterations: int) -> dict:
+    """:func:`_optimize_rows` on the host: Newton's method of every dataset of a chunk
+    (:func:`hierpool.batch.optimize.newton_on_host`) on the blocked criterion and its written-out gradient,
+    evaluated for the datasets still searching at once (``systems``: :func:`shared_grid`'s)."""
+    def value_and_grad(points, rows):
+        # (A, Q) points of datasets ``rows``: each dataset's system broadcast over its points
+        chunk = shared_grid(systems, rows, points=True)
+        return host_objective_and_gradient(chunk, reml, n=n[rows][:, None])(points)
+
+    with np.errstate(all="ignore"):  # an indefinite system gives NaN, so +inf: not a step
+        theta, value, newton_step, iterations, converged = newton_on_host(value_and_grad, start, max_iterations)
+    return {"theta": canonical_rows(theta, systems.layout.ks), "objective": value, "newton_step": newton_step,
+            "iterations": iterations, "converged": converged}
+
+
+def _solve_on_host(theta: np.ndarray, systems, n, *, reml: bool) -> dict:
+    """:func:`_solve_rows` on the host: :func:`hierpool.algebra.henderson.solve` over the chunk's leading axis."""
+    with np.errstate(all="ignore"):  # a dataset whose theta is NaN gets NaN, as in the compiled program
+        out = solve(theta, systems, reml=reml, n=n)
+    return {"beta": out.beta, "vcov": out.vcov_beta, "sigma": out.sigma, "b": out.b, "cond_var": out.cond_var,
+            "factors": out.factors}
+
+
+def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None, progress, max_iterations: int,
+              sharding, workers: int, default_chunk: int) -> dict:
     """Fit every dataset of ``plan`` (several random-effect terms); per-dataset results as :func:`fit_batch` needs.
 
     Returns a dict of per-dataset arrays (``theta``, ``objective``, ``beta``, ``vcov``, ``sigma``,
-    ``converged``, ``newton_step``, ``attempted``: sent to a compiled program), per-term lists
-    (``factors``, ``b``, ``cond_var``: one array per dataset, sliced to its own levels), ``messages`` and
-    ``alone`` (dataset -> why it is fitted by itself instead).
+    ``converged``, ``newton_step``, ``attempted``: sent to a compiled program or fitted on the host), per-term
+    lists (``factors``, ``b``, ``cond_var``: one array per dataset, sliced to its own levels), ``messages`` and
+    ``alone`` (dataset -> why it is fitted by itself instead).  ``chunk_size`` None: :func:`host_chunk` on the host,
+    else ``default_chunk``.
     """
     design = plan.design
     ks = tuple(t.k for t in design.terms)
     p = design.p
+    n_theta = sum(k * (k + 1) // 2 for k in ks)
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = term_problems(plan)
     out = empty_results(plan, messages, too_large(plan, messages))
@@ -227,26 +288,41 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int, progr
     for members, systems, n in bucket_systems(plan, np.flatnonzero(out["attempted"])):
         # beta0 stays float64 and is added on the host: in float32 a large common location of y would lose digits
         shift, systems = systems.beta_shift, dataclasses.replace(systems, beta_shift=np.zeros((len(members), p)))
+        if _on_host(float_type, sharding):  # unpadded chunks, threads (NumPy), nothing compiled
+            size = min(chunk_size or host_chunk(systems, n_theta), math.ceil(len(members) / thread_count(None)))
+            for chunk in chunks(0, np.arange(len(members)), size, 1):
+                rows = chunk.index[:chunk.count]
+                jobs.append((members[chunk.members], (shared_grid(systems, rows), n[rows]),
+                             np.tile(theta_start(ks), (chunk.count, 1)), chunk.count, None, shift[chunk.members]))
+            continue
         systems = jax.tree_util.tree_map(
             lambda a: a.astype(float_type) if np.issubdtype(a.dtype, np.floating) else a, systems)
         n = n.astype(float_type)
-        size = min(chunk_size, math.ceil(len(members) / workers))
+        per_dataset = sum(a.size for a in jax.tree_util.tree_leaves(systems)) / len(members)
+        size = min(chunk_size or default_chunk, math.ceil(len(members) / workers))
         bucket_chunks = chunks(0, np.arange(len(members)), size, n_devices)
-        values = sum(a.size for a in jax.tree_util.tree_leaves(systems)) / len(members) * bucket_chunks[0].index.size
         shape = take((systems, n), bucket_chunks[0].index)
-        programs = _programs(*shape, reml, max_iterations, sharding, values <= QUICK_COMPILE_MAX_VALUES)
+        programs = _programs(*shape, reml, max_iterations, sharding, per_dataset * bucket_chunks[0].index.size
+                             <= QUICK_COMPILE_MAX_VALUES)
         start = np.tile(theta_start(ks).astype(float_type), (bucket_chunks[0].index.size, 1))
         for chunk in bucket_chunks:
             jobs.append((members[chunk.members], take((systems, n), chunk.index), start, chunk.count, programs,
                          shift[chunk.members]))
 
     def run(job):
-        _, (systems, n), start, count, (optimize, solver), shift = job
-        systems, n, start = place((systems, n, start), sharding)
-        optimized = optimize.result()(systems, n, start)
-        solved = solver.result()(optimized["theta"], systems, n)
-        result = jax.tree_util.tree_map(lambda a: a[:count], fetch({**optimized, **solved}))
+        _, (systems, n), start, count, programs, shift = job
+        if programs is None:  # on the host
+            optimized = _optimize_on_host(systems, n, start, reml=reml, max_iterations=max_iterations)
+            result = {**optimized, **_solve_on_host(optimized["theta"], systems, n, reml=reml)}
+        else:
+            optimize, solver = programs
+            systems, n, start = place((systems, n, start), sharding)
+            optimized = optimize.result()(systems, n, start)
+            solved = solver.result()(optimized["theta"], systems, n)
+            result = jax.tree_util.tree_map(lambda a: a[:count], fetch({**optimized, **solved}))
         result["beta"] = result["beta"] + shift
         return result
 
-    return run_jobs(jobs, run, out, plan, workers=workers, progress=progress)
+    # the compiled several-term programs run serially (plan.thread_count); the host's chunks in threads
+    threads = thread_count(None) if jobs and all(job[4] is None for job in jobs) else workers
+    return run_jobs(jobs, run, out, plan, workers=threads, progress=progress)
