@@ -318,3 +318,11 @@ def test_spatial_terms_are_refused_by_name():
     with pytest.raises(ArgumentError, match=r"does not fit spatial terms"):
         hp.fit_batch("y ~ 1 + car(area)", pd.DataFrame({"y": [1.0, 2.0], "area": ["a", "b"], "rep": [0, 0]}),
                      by="rep")
+
+
+def test_progress_across_chunks_only_when_asked(crossed, capsys):
+    frames, _ = crossed
+    hp.fit_batch(CROSSED, frames[:3], by="rep", chunk_size=1, progress=False)
+    assert "fit_batch" not in capsys.readouterr().err
+    hp.fit_batch(CROSSED, frames[:3], by="rep", chunk_size=1, progress=True)
+    assert "3/3" in capsys.readouterr().err
