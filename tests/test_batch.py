@@ -474,6 +474,17 @@ def test_a_stack_of_cholesky_factors_gives_nan_for_its_indefinite_matrix_alone()
         cholesky(stack[1])
 
 
+def test_the_host_newton_decides_definiteness_matrix_by_matrix_as_the_compiled_one():
+    from hierpool.batch.optimize import _definite_shift, _positive_definite
+
+    stack = np.array([[[2.0, 1.0], [1.0, 2.0]], [[1.0, 2.0], [2.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]],
+                      [[np.nan, 0.0], [0.0, 1.0]], [[1e-300, 0.0], [0.0, 1.0]]])  # definite, indefinite, singular
+    np.testing.assert_array_equal(_positive_definite(stack), [True, False, False, False, True])
+    assert _positive_definite(stack[0]) and not _positive_definite(stack[1])  # one matrix too
+    for matrix in stack[[0, 1, 2, 4]]:
+        assert float(_definite_shift(jax.numpy.asarray(matrix))) == pytest.approx(_definite_shift(matrix[None])[0])
+
+
 def test_a_dataset_whose_criterion_ignores_a_parameter_fails_alone_on_the_host(monkeypatch):
     # x is 0 throughout dataset 2: its criterion does not depend on the slope's theta, and its final Newton system is
     # singular.  The compiled program's Cholesky gives that dataset NaN; the host's solve must too, not raise for all

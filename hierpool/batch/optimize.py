@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..algebra.linalg import theta_to_factors, tril_positions
+from ..algebra.linalg import cholesky, theta_to_factors, tril_positions
 from ..algebra.one_term import objective
 from ..algebra.start import moment_theta
 
@@ -116,10 +116,13 @@ def _solve_spd(matrix, vector):
 
 
 def _positive_definite(matrices: np.ndarray) -> np.ndarray:
-    """Whether each of a stack of symmetric matrices (NumPy) is finite and positive definite."""
+    """Whether each of a stack of symmetric matrices (NumPy) is finite and positive definite: its Cholesky factor
+    exists, the compiled path's test (:func:`_definite_shift`), so both paths decide alike."""
     finite = np.all(np.isfinite(matrices), axis=(-2, -1))
-    safe = np.where(finite[..., None, None], matrices, np.eye(matrices.shape[-1]))  # eigvalsh refuses NaN
-    return finite & (np.linalg.eigvalsh(safe)[..., 0] > 0)
+    safe = np.where(finite[..., None, None], matrices, np.eye(matrices.shape[-1]))
+    with np.errstate(invalid="ignore", divide="ignore"):  # linalg.cholesky: NaN for each indefinite one of a stack
+        pivots = np.diagonal(cholesky(safe[None] if safe.ndim == 2 else safe), axis1=-2, axis2=-1)
+    return finite & np.all(pivots.reshape(finite.shape + pivots.shape[-1:]) > 0, axis=-1)
 
 
 def _definite_shift(hessian):
@@ -173,6 +176,13 @@ def _final_step(value, gradient, curvature, converged_step, converged_decrease, 
     return newton_step, xp.isfinite(value) & ((newton_step < converged_step) | flat)
 
 
+def _probe_points(points, width, xp):
+    """Each point (..., m), then its m forward-difference shifts: (..., m + 1, m), and the steps (..., m)."""
+    steps = width * (1 + xp.abs(points))
+    shifted = points[..., None, :] + xp.eye(points.shape[-1], dtype=points.dtype) * steps[..., None, :]
+    return xp.concatenate([points[..., None, :], shifted], axis=-2), steps
+
+
 def _probe(value_and_grad, points, width, has_aux: bool = False):
     """Value, gradient and forward-difference Hessian of f at each point, in one vmapped gradient call (and,
     ``has_aux``, the auxiliary output at each point: ``value_and_grad`` then returns (value, gradient, aux)).
@@ -182,10 +192,8 @@ def _probe(value_and_grad, points, width, has_aux: bool = False):
     program much longer to compile: benchmarks/RESULTS.md, "Measurements the code cites").
     """
     m = points.shape[-1]
-    steps = width * (1 + jnp.abs(points))  # (P, m)
-    shifted = points[:, None, :] + jnp.eye(m, dtype=points.dtype)[None] * steps[:, None, :]
-    every = jnp.concatenate([points[:, None, :], shifted], axis=1).reshape(-1, m)
-    values, gradients, *aux = jax.vmap(value_and_grad)(every)
+    every, steps = _probe_points(points, width, jnp)
+    values, gradients, *aux = jax.vmap(value_and_grad)(every.reshape(-1, m))
     values = values.reshape(-1, m + 1)[:, 0]
     gradients = gradients.reshape(-1, m + 1, m)
     out = (values, gradients[:, 0], _finite_difference_hessians(gradients, steps, jnp))
@@ -279,9 +287,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     stopping rules (one home each, above), with each dataset leaving the batch when its search stops.
 
     Where :func:`newton` runs every dataset of a vmapped call until the slowest stops, this one evaluates only
-    those still searching.  Positive definiteness is decided by the smallest eigenvalue and the Newton systems are
-    solved by LU (:func:`_solve_spd`), where the compiled program uses Cholesky: NumPy's Cholesky refuses a whole
-    stack for one indefinite matrix.
+    those still searching.  Positive definiteness is decided by the Cholesky factor, as in the compiled program
+    (:func:`_positive_definite`), and the Newton systems of the definite ones are solved by LU (:func:`_solve_spd`).
 
     Parameters
     ----------
@@ -316,9 +323,7 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         # the first pass only probes theta0 (a zero step), as newton's
         step = -_solve_spd(h + shift[:, None, None] * np.eye(m), g) if iteration else np.zeros_like(th)
         trials = th[:, None, :] + lengths[None, :, None] * step[:, None, :]  # (A, P, m)
-        steps = width * (1 + np.abs(trials))
-        every = np.concatenate([trials[:, :, None, :], trials[:, :, None, :] + np.eye(m) * steps[:, :, None, :]],
-                               axis=2)  # (A, P, m + 1, m): each trial, then its shifts
+        every, steps = _probe_points(trials, width, np)  # (A, P, m + 1, m): each trial, then its shifts
         values, gradients = value_and_grad(every.reshape(len(active), -1, m), active)
         values = values.reshape(len(active), -1, m + 1)[..., 0]
         gradients = gradients.reshape(len(active), -1, m + 1, m)
