@@ -285,8 +285,10 @@ def bayes_batch(
     quick = quick_compile([args for _, args, _ in jobs], chains=chains, iterations=tune + draws)
     # compile each chunk shape once, before the threads start (they would each compile it); each job holds its
     # program, so the cache dropping one while this call runs never compiles it twice
-    # the general paths' exact draws share a memory budget over the program's (dataset, chain) pairs
-    per_job = (lambda ids: (len(ids),)) if factory in (chain_and_draw_terms, chain_and_draw_ar1) else (lambda ids: ())
+    # the general paths' exact draws share a memory budget over the (dataset, chain) pairs of a device (under
+    # shard_map each device runs its own share of the chunk's)
+    per_job = ((lambda ids: (len(ids) // n_devices,)) if factory in (chain_and_draw_terms, chain_and_draw_ar1)
+               else (lambda ids: ()))
     jobs = [(chunk, args, chain_ids,
              _compiled(factory, settings + per_job(chain_ids), key_seed, chain_ids, _repeated_shapes(args, chains),
                        sharding, quick))

@@ -62,7 +62,8 @@ def chain_and_draw_terms(ks: tuple, sigma_known: bool, tune: int, draws: int, ta
 
     The arguments are ``(systems, n, loc, scale, priors)``; the draws are those of the one-term path
     (:mod:`hierpool.batch.bayes`), with one entry per term in ``b``, ``sd`` and ``cor`` (None where k = 1).
-    ``rows``: the (dataset, chain) pairs the program vmaps over, which share the exact draws' memory budget.
+    ``rows``: the (dataset, chain) pairs the program vmaps over on one device, which share the exact draws' memory
+    budget.
     """
     one_chain = chain_function(collapsed_model, tune=tune, draws=draws, target_accept=target_accept,
                                max_tree_depth=max_tree_depth, dense_mass=True)
