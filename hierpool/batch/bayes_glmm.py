@@ -28,8 +28,8 @@ from ..bayesian.model import variance_draws
 from ..bayesian.nuts import chain_function
 from .bayes_terms import correlation_matrices
 from .fit_glmm import BucketRows, glm_start, glmm_problems, padded_terms
-from .fit_terms import padded_widths, take
-from .plan import BatchPlan, bucket_width, chunks
+from .fit_terms import row_buckets, take
+from .plan import BatchPlan, chunks
 
 
 def _centering(plan: BatchPlan, family: Family, eta: np.ndarray, members: np.ndarray, widths) -> list[np.ndarray]:
@@ -62,13 +62,8 @@ def glmm_chunks(plan: BatchPlan, size_of, n_devices: int):
     if not usable.size:
         return messages, out
     _, eta = glm_start(plan, family)
-    widths, row_widths = padded_widths(plan), bucket_width(plan.n_obs)
-    buckets = {}
-    for d in usable:
-        buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
     empty = np.zeros((0,))
-    for key, members in buckets.items():
-        members = np.asarray(members)
+    for key, members in row_buckets(plan, usable).items():
         # the rows padded as fit_batch's GLMM batch pads them, without its working systems' pattern (NUTS has none)
         layout_rows = BucketRows.of(plan, members, int(key[-1]))
         term_rows, pad = padded_terms(plan, layout_rows), layout_rows.pad

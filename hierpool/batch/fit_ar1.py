@@ -36,9 +36,9 @@ from ..closedform.ar1 import UNCONSTRAINED_LIMIT, check_nested
 from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
 from .fit_glmm import BucketRows, bucket_pattern
-from .fit_terms import empty_results, padded_widths, run_jobs, take, term_problems, too_large
+from .fit_terms import empty_results, row_buckets, run_jobs, take, term_problems, too_large
 from .optimize import canonical_theta, newton
-from .plan import QUICK_COMPILE_MAX_VALUES, BatchPlan, bucket_width, chunks, fetch, place
+from .plan import QUICK_COMPILE_MAX_VALUES, BatchPlan, chunks, fetch, place
 
 #: Golden-section steps of the search in u: the bracket shrinks to 2 UNCONSTRAINED_LIMIT 0.618^steps (< 1e-7).
 GOLDEN_STEPS = 45
@@ -102,15 +102,9 @@ def series_buckets(plan: BatchPlan, series, datasets: np.ndarray):
     y - offset, n))``, each array with a leading dataset axis (the padding of :class:`BucketRows`; a padded
     row is the first of its own series, with zero values).  ``hp.fit_batch``'s and ``hp.bayes_batch``'s."""
     design = plan.design
-    widths = padded_widths(plan)
-    row_widths = bucket_width(plan.n_obs)
-    buckets = {}
-    for d in datasets:
-        buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
     position_of = np.full(design.n, -1)
     out = []
-    for key, members in buckets.items():
-        members = np.asarray(members)
+    for key, members in row_buckets(plan, datasets).items():
         layout_rows = BucketRows.of(plan, members, int(key[-1]))
         _, pattern = bucket_pattern(plan, layout_rows, key[:-1], fixed=True, sigma_known=False)
         position_of[layout_rows.rows] = layout_rows.position

@@ -37,9 +37,9 @@ from ..algebra.linalg import theta_start
 from ..algebra.start import moment_theta
 from ..algebra.system import Layout, SystemPattern, fill_in_program
 from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
-from .fit_terms import empty_results, padded_widths, run_jobs, take, term_problems, too_large
+from .fit_terms import empty_results, row_buckets, run_jobs, take, term_problems, too_large
 from .optimize import MOMENT_FLOOR, canonical_theta, newton
-from .plan import BatchPlan, bucket_width, chunks, fetch, place
+from .plan import BatchPlan, chunks, fetch, place
 
 #: The Hessian's forward-difference width in (theta, beta): PIRLS's mode is exact to ~1e-10, so its gradient
 #: is too, and sqrt(eps) (1.5e-8) differences would be half rounding.
@@ -307,8 +307,6 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     ks = tuple(t.k for t in design.terms)
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = glmm_problems(plan)
-    widths = padded_widths(plan)
-    row_widths = bucket_width(plan.n_obs)
     alone = too_large(plan, messages, p=0)  # the working system has no fixed-effect columns
     out = empty_results(plan, messages, alone)
     negative_binomial = family.name == "negative_binomial"
@@ -317,15 +315,12 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     if not out["attempted"].any():
         out["is_singular"] = np.zeros(plan.n_datasets, bool)
         return out
-    buckets = {}
-    for d in np.flatnonzero(out["attempted"]):
-        buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
+    buckets = row_buckets(plan, np.flatnonzero(out["attempted"]))
     n_theta = sum(k * (k + 1) // 2 for k in ks)
     n_params = n_theta + design.p + negative_binomial
     quick = sum(len(members) * key[-1] for key, members in buckets.items()) <= QUICK_COMPILE_MAX_ROWS
     prepared = []
     for key, members in buckets.items():
-        members = np.asarray(members)
         data = bucket_data(plan, members, key[:-1], int(key[-1]))
         data = jax.tree_util.tree_map(
             lambda a: a.astype(float_type) if np.issubdtype(a.dtype, np.floating) else a, data)

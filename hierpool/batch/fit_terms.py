@@ -92,6 +92,16 @@ def padded_widths(plan: BatchPlan) -> np.ndarray:
     return np.stack([bucket_width(n_levels) for _, n_levels, _ in plan.term_levels], axis=1)
 
 
+def row_buckets(plan: BatchPlan, datasets) -> dict:
+    """``datasets`` grouped by their padded level counts (:func:`padded_widths`) and padded row count (the key's
+    last entry), each group an array: the buckets of the paths whose programs hold every row (GLMM, AR(1))."""
+    widths, row_widths = padded_widths(plan), bucket_width(plan.n_obs)
+    buckets = {}
+    for d in datasets:
+        buckets.setdefault((*widths[d], row_widths[d]), []).append(d)
+    return {key: np.asarray(members) for key, members in buckets.items()}
+
+
 def too_large(plan: BatchPlan, messages: list[str], p: int | None = None) -> dict:
     """dataset -> why it is not batched, for the usable datasets (no message) whose dense coupling grid
     (``Layout.dense_only``) would exceed :data:`~hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`.  ``p``: the
