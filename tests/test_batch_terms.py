@@ -1,5 +1,6 @@
 """hp.fit_batch with several random-effect terms (crossed, nested, slopes): each dataset equals hp.lmm on it."""
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -247,7 +248,7 @@ def _host_and_compiled(monkeypatch, *args, **kwargs):
 
 @pytest.mark.parametrize("case", ["crossed", "weights_offset_ml", "known_sds"])
 def test_the_host_path_equals_the_compiled_programs(case, crossed, nested, monkeypatch):
-    if case == "crossed":  # with a dataset that cannot be fitted (NaN on both paths) and padded levels
+    if case == "crossed":  # datasets of different level counts (padded levels); one not fitted (by either path)
         host, compiled = _host_and_compiled(monkeypatch, CROSSED, crossed[0], by="rep")
     elif case == "weights_offset_ml":  # correlated slopes in term 0
         frames, formula, _ = nested
@@ -305,13 +306,45 @@ def test_a_stack_of_systems_on_the_host_evaluates_as_each_system_alone():
             np.testing.assert_allclose(solved.cond_var[t][d], single.cond_var[t], rtol=1e-9, atol=1e-14)
 
 
-def test_the_rule_puts_small_float64_batches_on_the_host():
+def test_the_rule_puts_float64_batches_on_one_cpu_device_on_the_host():
     import jax
 
     from hierpool.batch import fit_terms
 
     assert fit_terms._on_host(np.float64, None) == (jax.default_backend() == "cpu")
     assert not fit_terms._on_host(np.float32, None)
+    assert not fit_terms._on_host(np.float64, object())  # a mesh's sharding: compiled, each device its rows
+
+
+@pytest.mark.parametrize("fault", ["nan", "indefinite"])
+def test_a_dataset_whose_system_is_broken_fails_alone_on_the_host(crossed, fault):
+    """The host optimizer and solve of a chunk in which one dataset's system is NaN, or indefinite at every theta:
+    that dataset has no estimates (not a NumPy error for the whole chunk), the others exactly those they have
+    without it (a stack's Cholesky factors do not depend on their neighbours)."""
+    from hierpool.algebra.batched_systems import shared_grid
+    from hierpool.algebra.linalg import theta_start
+    from hierpool.batch import fit_terms
+    from hierpool.batch.plan import plan_batch
+
+    plan = plan_batch(CROSSED, crossed[0], "rep", "fit_batch", "hp.lmm", one_term=False)
+    (members, systems, n), = fit_terms.bucket_systems(plan, [0, 1, 3, 4])
+    chunk = shared_grid(systems, np.arange(len(members)))
+    broken = dataclasses.replace(chunk, rest=chunk.rest.copy())
+    broken.rest[1] = np.nan if fault == "nan" else -1e6 * np.eye(broken.rest.shape[-1])
+    start = np.tile(theta_start((1, 1)), (len(members), 1))
+    results = []
+    for system in (chunk, broken):
+        optimized = fit_terms._optimize_on_host(system, n, start, reml=True, max_iterations=60)
+        results.append({**optimized, **fit_terms._solve_on_host(optimized["theta"], system, n, reml=True)})
+    good, bad = results
+    # no step improves on +inf (the compiled newton's start value too): not converged, no estimates
+    assert not np.isfinite(bad["objective"][1]) and not bad["converged"][1] and np.isnan(bad["beta"][1]).all()
+    others = [0, 2, 3]
+    assert good["converged"].all()
+    for name in ("objective", "theta", "beta", "sigma", "vcov"):
+        np.testing.assert_array_equal(bad[name][others], good[name][others], err_msg=name)
+    for t in range(2):
+        np.testing.assert_array_equal(bad["b"][t][others], good["b"][t][others])
 
 
 def test_spatial_terms_are_refused_by_name():
@@ -320,9 +353,34 @@ def test_spatial_terms_are_refused_by_name():
                      by="rep")
 
 
-def test_progress_across_chunks_only_when_asked(crossed, capsys):
+def test_progress_across_chunks_only_when_asked(crossed, capsys, monkeypatch):
+    import sys
+
+    from hierpool.batch import fit_terms, plan
+
     frames, _ = crossed
-    hp.fit_batch(CROSSED, frames[:3], by="rep", chunk_size=1, progress=False)
+    updates = []
+
+    class Bar:
+        def __init__(self, *args):
+            self.bar = plan.progress_bar(*args)
+
+        def __enter__(self):
+            self.bar.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.bar.__exit__(*exc)
+
+        def update(self, n):
+            updates.append(n)
+            self.bar.update(n)
+
+    monkeypatch.setattr(fit_terms, "progress_bar", Bar)
+    with monkeypatch.context() as patched:  # a bar not shown imports no tqdm: its import would fail here
+        patched.setitem(sys.modules, "tqdm.auto", None)
+        hp.fit_batch(CROSSED, frames[:3], by="rep", chunk_size=1, progress=False)
     assert "fit_batch" not in capsys.readouterr().err
     hp.fit_batch(CROSSED, frames[:3], by="rep", chunk_size=1, progress=True)
     assert "3/3" in capsys.readouterr().err
+    assert updates == [1, 1, 1] * 2  # chunk by chunk

@@ -129,7 +129,11 @@ def shared_grid(systems: MixedModelSystem, rows, points: bool = False) -> MixedM
         return a[:, None] if points else a
 
     def grid(level):
-        return level if level.ndim == 1 else level[0]
+        if level.ndim == 1:
+            return level
+        if not np.array_equal(level, np.broadcast_to(level[0], level.shape)):
+            raise ValueError("shared_grid needs a batch whose datasets share one coupling grid (batched_systems')")
+        return level[0]
 
     return dataclasses.replace(
         systems, a00=pick(systems.a00), rest=pick(systems.rest), log_weights=pick(systems.log_weights),

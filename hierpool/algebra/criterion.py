@@ -545,8 +545,13 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
     else:
         contractions = functools.partial(level_contractions, system, n_blocks=len(layout.rest_blocks))
 
+    lead = system.a00.ndim - 3  # the systems' leading axes (none for one system)
+
     def evaluate(theta):
-        factors = theta_to_factors(np.asarray(theta, dtype=float), layout.ks)
+        theta = np.asarray(theta, dtype=float)
+        if theta.ndim - 1 != lead:  # thetas broadcast against the systems from the right: a misaligned axis would
+            raise ValueError(f"thetas with {theta.ndim - 1} leading axes for systems with {lead}")  # mix datasets
+        factors = theta_to_factors(theta, layout.ks)
         (logdet0, m_levels), (_, _, chol0, left) = _term0_values(factors[0], system.a00)
         update = _schur_update(system, m_levels) if coupling is None else _schur_update_dense(coupling, m_levels)
         rest, (_, reduced, _) = _scale_reduced(tuple(factors[1:]), system.rest - update, system)

@@ -27,6 +27,7 @@ from .jax_runtime import jax, jnp, pytree_dataclass
 from .linalg import (
     array_namespace,
     cholesky,
+    logdet_from_cholesky_diagonal,
     scale_columns,
     segment_sum,
     solve_triangular,
@@ -205,8 +206,8 @@ def noise_size(layout) -> int:
 def _logdet_lz(chol0, chol_rest, q: int):
     """log |L_Z|^2 from term 0's blocks and the rest factor's first q diagonal entries."""
     xp = array_namespace(chol0, chol_rest)
-    return 2.0 * (xp.sum(xp.log(xp.diagonal(chol0, axis1=-2, axis2=-1)), axis=(-2, -1))
-                  + xp.sum(xp.log(xp.diagonal(chol_rest, axis1=-2, axis2=-1)[..., :q]), axis=-1))
+    return (logdet_from_cholesky_diagonal(xp.diagonal(chol0, axis1=-2, axis2=-1), axis=(-2, -1))
+            + logdet_from_cholesky_diagonal(xp.diagonal(chol_rest, axis1=-2, axis2=-1)[..., :q], axis=-1))
 
 
 def point_estimates(theta: jax.Array, system: MixedModelSystem) -> tuple:
@@ -233,7 +234,9 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True, n=None)
         Only changes sigma: r^2 / (n - p) for REML, r^2 / n for ML (lme4).
     n : int or jax.Array, optional
         The number of rows where the layout does not hold it (a batch of systems:
-        :func:`hierpool.algebra.criterion.row_count`).
+        :func:`hierpool.algebra.criterion.row_count`).  On the host a batch is solved at once: thetas
+        (datasets, n_theta) and a system with a leading datasets axis whose couplings share one level grid
+        (:func:`hierpool.algebra.batched_systems.shared_grid`) give a Solution with that leading axis.
 
     Returns
     -------

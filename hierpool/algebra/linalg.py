@@ -240,9 +240,16 @@ def cholesky(a: jax.Array) -> jax.Array:
             if a.ndim == 2:
                 raise
             # a stack (a batch's datasets): NaN for the matrices that are not positive definite, each on its own,
-            # as the compiled factor gives, where NumPy refuses the whole stack
+            # as the compiled factor gives, where NumPy refuses the whole stack; the others by LAPACK, so that a
+            # matrix's factor does not depend on its neighbours
             with np.errstate(invalid="ignore", divide="ignore"):
-                return _cholesky_by_columns(a)
+                out = _cholesky_by_columns(a)
+            definite = np.all(np.isfinite(np.diagonal(out, axis1=-2, axis2=-1)), axis=-1)
+            try:
+                out[definite] = np.linalg.cholesky(a[definite])
+            except np.linalg.LinAlgError:  # a pivot at rounding's edge, which the two orders decide differently
+                pass
+            return out
     if a.shape[-1] <= UNROLL_MAX_SIZE:
         return _cholesky_unrolled(a)
     return xp.linalg.cholesky(a)
@@ -405,8 +412,7 @@ def spd_inverse_from_cholesky(chol: jax.Array) -> jax.Array:
         if chol.ndim == 2:
             lower = _potri_host(chol)
             return np.where(np.tri(chol.shape[-1], dtype=bool), lower, lower.T)
-        inverse_factor = np.linalg.inv(chol)
-        return np.swapaxes(inverse_factor, -1, -2) @ inverse_factor
+        return spd_inverse_from_inverse_factor(tri_inverse(chol))  # a stack: NaN for each zero pivot alone
     if chol.ndim != 2 or chol.shape[-1] < _LAPACK_INVERSE_MIN_SIZE:
         return _inverse_by_solves(chol)
 
@@ -431,6 +437,8 @@ def solve_triangular(a, b, lower: bool = True, trans: str = "N"):
 
 def _solve_triangular_stack(a: np.ndarray, b: np.ndarray, lower: bool, trans: str) -> np.ndarray:
     """:func:`solve_triangular` of a stack of matrices (..., k, k) and vectors (..., k), by NumPy's batched LU."""
+    if b.ndim != a.ndim - 1:
+        raise ValueError(f"a stack of {a.shape[:-2]} triangular matrices takes one vector each, got b {b.shape}")
     k = a.shape[-1]
     a = np.tril(a) if lower else np.triu(a)  # only the named triangle is read, as LAPACK's
     if trans in ("T", "C", 1, 2):

@@ -79,7 +79,7 @@ class Layout:
     ``dense_only``: the system carries no coupling pairs (a batch's, whose datasets meet different cells), so
     the algebra uses the dense coupling (:func:`dense_coupling_pays`); its couplings then list every cell of the
     (term-0 level, rest level) grid, level-major, so the dense coupling is a reshape of their values
-    (:func:`hierpool.algebra.criterion.coupling_in_program`).
+    (:func:`grid_coupling`).
     """
 
     n: int | None

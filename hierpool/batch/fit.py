@@ -14,7 +14,8 @@ bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
   ell0 k0 m + m^2)`` with ``m = sum_(j>0) ell_j k_j + p + 1`` (the padded levels), held
   by each of the optimizer's ``n_theta + 1`` probes; on the host (below), about
   ``8 * (n_theta + 1) * (10 m^2 + 3 ell0 k0 m)`` (the temporaries of every probe, a call's
-  default chunk bounded by ``fit_terms.HOST_CHUNK_BYTES``);
+  default chunk bounded by ``plan.HOST_CHUNK_BYTES``; one call per core at a time, so
+  about ``os.cpu_count()`` times that at the peak);
 * a GLMM (:mod:`hierpool.batch.fit_glmm`): its padded rows, ``8 * n * (3 + p + sum k_j)``
   plus the working system's, per probe of (theta, beta);
 * AR(1) residuals (:mod:`hierpool.batch.fit_ar1`): its padded rows, ``8 * n * (4 + p + sum k_j)``,
@@ -60,6 +61,8 @@ from .fit_glmm import fit_glmm
 from .fit_terms import fit_terms
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start, newton_on_host
 from .plan import (
+    HOST_CHUNK,
+    HOST_CHUNK_BYTES,
     QUICK_COMPILE_MAX_VALUES,
     chunks,
     fetch,
@@ -72,12 +75,9 @@ from .plan import (
 from .results import BatchResult, BatchTerm
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
-#: Most datasets per call of the one-term optimizer on the host (see :func:`_on_host`) by default: enough to spread
-#: each NumPy call's cost over many datasets, few enough that a call's arrays stay small.
-HOST_CHUNK = 256
-#: Bytes a default host call may hold: its complex-step probes hold about 60 arrays of (m + 1) m ell complex values
-#: per dataset, m = k(k+1)/2 (~200 kB for a sleepstudy-sized dataset; 40 MB for three coefficients at 1,000 levels).
-HOST_CHUNK_BYTES = 64 * 2**20
+# a one-term host call's bytes (plan.HOST_CHUNK_BYTES): its complex-step probes hold about 60 arrays of (m + 1) m ell
+# complex values per dataset, m = k(k+1)/2 (~200 kB for a sleepstudy-sized dataset; 40 MB for three coefficients
+# at 1,000 levels)
 #: Most parameters (k(k+1)/2: up to three coefficients per level) of a one-term batch optimized on the host: its
 #: complex-step gradient costs one evaluation per parameter, where the compiled reverse mode costs a few whatever
 #: their number, so wider terms compile (benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
@@ -343,9 +343,9 @@ def fit_batch(
                            newton_systems=(newton_size, chunk_size or _default_chunk(spec)))
     settings = dict(reml=reml, float_type=np.float64 if dtype == "float64" else np.float32, chunk_size=chunk_size,
                     progress=progress, max_iterations=max_iterations, sharding=sharding, workers=workers)
-    if spec is not None or correlation is not None:  # the one-term path picks its own
+    if spec is not None or correlation is not None:  # compiled programs: their default chunk
         settings["chunk_size"] = chunk_size or _default_chunk(spec)
-    elif len(plan.design.terms) > 1:  # the compiled programs' default; the host path picks its own
+    elif len(plan.design.terms) > 1:  # the compiled programs' default; the host path (and one term) picks its own
         settings["default_chunk"] = _default_chunk(None)
     if spec is not None:
         settings.pop("reml")

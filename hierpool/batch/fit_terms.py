@@ -42,6 +42,8 @@ from ..algebra.linalg import theta_start
 from ..closedform.optimize import Control
 from .optimize import canonical_theta, newton, newton_on_host
 from .plan import (
+    HOST_CHUNK,
+    HOST_CHUNK_BYTES,
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
     bucket_width,
@@ -52,13 +54,6 @@ from .plan import (
     progress_bar,
     thread_count,
 )
-
-#: Most datasets per call on the host (:func:`_on_host`): enough to spread each NumPy call's cost over many
-#: datasets; :data:`HOST_CHUNK_BYTES` bounds it for large systems.
-HOST_CHUNK = 256
-#: Bytes of temporaries a host call may hold: about ten (size x size) matrices and three (ell0 k0 x m) products per
-#: point, m + 1 points per dataset (the probe and its forward differences).
-HOST_CHUNK_BYTES = 64 * 2**20
 
 
 def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]:
@@ -200,13 +195,14 @@ def _optimize_rows(systems, n, start, reml: bool, max_iterations: int):
     return jax.vmap(one)(systems, n, start)
 
 
-def _solve_rows(theta, systems, n, reml: bool):
-    def one(t, system, rows):
-        out = solve(t, system, reml=reml, n=rows)
-        return {"beta": out.beta, "vcov": out.vcov_beta, "sigma": out.sigma, "b": out.b, "cond_var": out.cond_var,
-                "factors": out.factors}
+def _solved(solution) -> dict:
+    """The batch's entries of a :class:`~hierpool.algebra.henderson.Solution` (one dataset's, or a chunk's)."""
+    return {"beta": solution.beta, "vcov": solution.vcov_beta, "sigma": solution.sigma, "b": solution.b,
+            "cond_var": solution.cond_var, "factors": solution.factors}
 
-    return jax.vmap(one)(theta, systems, n)
+
+def _solve_rows(theta, systems, n, reml: bool):
+    return jax.vmap(lambda t, system, rows: _solved(solve(t, system, reml=reml, n=rows)))(theta, systems, n)
 
 
 #: (optimize, solve) program futures by chunk shape and settings (the last 8 used).
@@ -239,18 +235,18 @@ def _on_host(float_type, sharding) -> bool:
 
     Measured faster there at every size tried, from Penicillin's 24 x 6 levels to 200 x 100 (benchmarks/RESULTS.md,
     "Batch fitting for every model, eleventh session"): the programs' tracing and compiling cost more than a small
-    batch's whole NumPy run, and a large batch's run goes to two threads on the host, where the compiled
+    batch's whole NumPy run, and a large batch's run goes to a thread per core on the host, where the compiled
     several-term programs run serially (:func:`hierpool.batch.plan.thread_count`).
     """
     return sharding is None and jax.default_backend() == "cpu" and float_type == np.float64
 
 
 def host_chunk(systems, n_theta: int) -> int:
-    """Datasets per host call: :data:`HOST_CHUNK`, fewer where a call's temporaries would pass
-    :data:`HOST_CHUNK_BYTES`."""
-    size = systems.rest.shape[-1]
+    """Datasets per host call: ``plan.HOST_CHUNK``, fewer where a call's temporaries would pass
+    ``plan.HOST_CHUNK_BYTES``: about ten (m x m) matrices and three (ell0 k0 x m) products per probe (m the rest's
+    columns), n_theta + 1 probes per dataset (a point and its forward differences)."""
     ell0, k0, m = systems.layout.n_levels[0], systems.layout.ks[0], systems.rest.shape[-1]
-    per_dataset = 8 * (n_theta + 1) * (10 * size * size + 3 * ell0 * k0 * m)
+    per_dataset = 8 * (n_theta + 1) * (10 * m * m + 3 * ell0 * k0 * m)
     return max(1, min(HOST_CHUNK, HOST_CHUNK_BYTES // per_dataset))
 
 
@@ -272,9 +268,7 @@ def _optimize_on_host(systems, n, start: np.ndarray, *, reml: bool, max_iteratio
 def _solve_on_host(theta: np.ndarray, systems, n, *, reml: bool) -> dict:
     """:func:`_solve_rows` on the host: :func:`hierpool.algebra.henderson.solve` over the chunk's leading axis."""
     with np.errstate(all="ignore"):  # a dataset whose theta is NaN gets NaN, as in the compiled program
-        out = solve(theta, systems, reml=reml, n=n)
-    return {"beta": out.beta, "vcov": out.vcov_beta, "sigma": out.sigma, "b": out.b, "cond_var": out.cond_var,
-            "factors": out.factors}
+        return _solved(solve(theta, systems, reml=reml, n=n))
 
 
 def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None, progress, max_iterations: int,

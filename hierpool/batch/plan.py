@@ -58,6 +58,13 @@ from ..spec.transforms import stateful_calls
 # "Batch fitting, fifth session").  The linear models' batch paths (one term, several, AR(1)) use it; a GLMM's
 # run costs more per value (PIRLS in every probe) and has its own rule (``fit_glmm.QUICK_COMPILE_MAX_ROWS``).
 QUICK_COMPILE_MAX_VALUES = 1e6
+#: Most datasets per call of a batch fitted on the host (one term: ``fit._on_host``; several:
+#: ``fit_terms._on_host``) by default: enough to spread each NumPy call's cost over many datasets, few enough that a
+#: call's arrays stay small.
+HOST_CHUNK = 256
+#: Bytes of temporaries a default host call may hold (fewer datasets per call where each would hold more than
+#: ``HOST_CHUNK_BYTES / HOST_CHUNK``); each path states its bytes per dataset.  One call per core runs at a time.
+HOST_CHUNK_BYTES = 64 * 2**20
 
 
 def long_frame(data, by: str) -> pd.DataFrame:
