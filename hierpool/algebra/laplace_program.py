@@ -252,6 +252,14 @@ def laplace_value_and_gradient(theta, beta, saturated, data: ProgramData, family
     return mode["laplace"], gradient, mode
 
 
+def laplace_value(theta, beta, saturated, data: ProgramData, family: Family, u, shape):
+    """The Laplace deviance alone at (theta, beta), PIRLS from ``u`` (traced; :func:`laplace_value_and_gradient`'s
+    value without its gradient program): a negative binomial's shape derivative, a central difference whose sides
+    start from the centre's mode, as ``hp.glmm``'s do on the host."""
+    return _conditional_mode(theta, beta, u, shape, saturated, data, family, False, PIRLS_TOL, PIRLS_MAX_STEPS,
+                             PIRLS_MAX_HALVINGS)["laplace"]
+
+
 #: Compile the gradient program without LLVM's optimization (:mod:`hierpool.algebra.compiler_options`).
 GRADIENT_QUICK = False
 

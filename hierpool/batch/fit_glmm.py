@@ -32,7 +32,7 @@ from ..algebra.compiler_options import ProgramCache, compile_in_background, shap
 from ..algebra.family import Family
 from ..algebra.henderson import solve
 from ..algebra.laplace import saturated_rows
-from ..algebra.laplace_program import ProgramData, laplace_value_and_gradient
+from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
 from ..algebra.linalg import theta_start
 from ..algebra.start import moment_theta
 from ..algebra.system import Layout, SystemPattern, fill_in_program
@@ -226,6 +226,17 @@ def _laplace(params, saturated, data, family: Family, n_theta: int, negative_bin
     return laplace_value_and_gradient(params[:n_theta], params[n_theta:-1], saturated, data, family, shape=shape)
 
 
+def _shape_derivative(params, data, family: Family, n_theta: int, u):
+    """A negative binomial's derivative in its log shape (``params[-1]``): a central difference of the Laplace
+    deviance alone, each side's PIRLS starting from the centre's mode ``u`` (as ``hp.glmm``'s)."""
+    def side(log_shape):
+        shape = jnp.exp(log_shape)
+        saturated = saturated_in_program(data, dataclasses.replace(family, shape=shape))
+        return laplace_value(params[:n_theta], params[n_theta:-1], saturated, data, family, u, shape)
+
+    return (side(params[-1] + SHAPE_DIFFERENCE) - side(params[-1] - SHAPE_DIFFERENCE)) / (2 * SHAPE_DIFFERENCE)
+
+
 #: What the optimizer keeps of the mode at its optimum: the BLUPs, the working weights of the conditional variances,
 #: and whether PIRLS converged there.
 MODE_KEPT = ("b", "working_weights", "converged")
@@ -243,9 +254,8 @@ def _optimize_rows(data, saturated, start, family: Family, max_iterations: int):
         def value_and_grad(params):
             value, gradient, mode = laplace(params, sat, d)
             if negative_binomial:  # the log shape's derivative: a central difference, as hp.glmm's
-                step = jnp.zeros_like(params).at[-1].set(SHAPE_DIFFERENCE)
-                sides = laplace(params + step, sat, d)[0] - laplace(params - step, sat, d)[0]
-                gradient = jnp.concatenate([gradient, (sides / (2 * SHAPE_DIFFERENCE))[None]])
+                slope = _shape_derivative(params, d, family, n_theta, tuple(mode["u"]))
+                gradient = jnp.concatenate([gradient, slope[None]])
                 value = jnp.where(jnp.all(jnp.isfinite(gradient)), value, jnp.inf)  # a side overflowed: not a step
             return value, gradient, {name: mode[name] for name in MODE_KEPT}
 
