@@ -472,6 +472,12 @@ def test_a_stack_of_cholesky_factors_gives_nan_for_its_indefinite_matrix_alone()
         np.testing.assert_allclose(factors[i], np.linalg.cholesky(stack[i]), rtol=1e-12)
     with pytest.raises(np.linalg.LinAlgError):  # one matrix: NumPy's refusal, as before
         cholesky(stack[1])
+    # a singular neighbour (its last pivot exactly 0) fails alone too: the others keep LAPACK's own factors
+    singular = np.stack([stack[0], np.diag([1.0] * 8 + [0.0]), stack[2]])
+    factors = cholesky(singular)
+    assert factors[1, -1, -1] == 0 or np.isnan(factors[1]).any()
+    for i in (0, 2):
+        np.testing.assert_array_equal(factors[i], np.linalg.cholesky(singular[i]))
 
 
 def test_the_host_newton_decides_definiteness_matrix_by_matrix_as_the_compiled_one():

@@ -122,7 +122,8 @@ def shared_grid(systems: MixedModelSystem, rows, points: bool = False) -> MixedM
     """Datasets ``rows`` of a batch of systems in the form the host algebra takes with leading axes: each array
     has the datasets' axis first, and the couplings' level indices, the same grid for every dataset of a batch, are
     held once (1-D).  ``points``: an axis of length 1 follows the datasets', so that each dataset's system
-    broadcasts over its own points (thetas (datasets, points, n_theta)).
+    broadcasts over its own points (thetas (datasets, points, n_theta)).  ``rows``: an index array (copies of
+    those datasets' arrays) or a slice (views).
     """
     def pick(a):
         a = np.asarray(a)[rows]

@@ -244,11 +244,15 @@ def cholesky(a: jax.Array) -> jax.Array:
             # matrix's factor does not depend on its neighbours
             with np.errstate(invalid="ignore", divide="ignore"):
                 out = _cholesky_by_columns(a)
-            definite = np.all(np.isfinite(np.diagonal(out, axis1=-2, axis2=-1)), axis=-1)
+            definite = np.all(np.diagonal(out, axis1=-2, axis2=-1) > 0, axis=-1)  # the compiled path's test
             try:
                 out[definite] = np.linalg.cholesky(a[definite])
             except np.linalg.LinAlgError:  # a pivot at rounding's edge, which the two orders decide differently
-                pass
+                for index in zip(*np.nonzero(definite)):
+                    try:
+                        out[index] = np.linalg.cholesky(a[index])
+                    except np.linalg.LinAlgError:
+                        pass  # that matrix keeps its column-by-column factor
             return out
     if a.shape[-1] <= UNROLL_MAX_SIZE:
         return _cholesky_unrolled(a)

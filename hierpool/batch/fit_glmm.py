@@ -249,8 +249,9 @@ def _optimize_rows(data, saturated, start, family: Family, max_iterations: int):
     laplace = partial(_laplace, family=family, n_theta=n_theta, negative_binomial=negative_binomial)
 
     def one(d, sat, params0):
-        # PIRLS starts every evaluation from u = 0: carrying the current mode to the probes as a warm start was
-        # slower, the loops running in lockstep over datasets (benchmarks/RESULTS.md, "Batch fitting for every model")
+        # PIRLS starts every probe from u = 0: carrying the current mode to the probes as a warm start was slower,
+        # the loops running in lockstep over datasets (benchmarks/RESULTS.md, "Batch fitting for every model"); a
+        # negative binomial's shape sides start from their probe's mode (_shape_derivative)
         def value_and_grad(params):
             value, gradient, mode = laplace(params, sat, d)
             if negative_binomial:  # the log shape's derivative: a central difference, as hp.glmm's

@@ -294,7 +294,7 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
         shift, systems = systems.beta_shift, dataclasses.replace(systems, beta_shift=np.zeros((len(members), p)))
         if _on_host(float_type, sharding):  # unpadded chunks, threads (NumPy), nothing compiled
             size = min(chunk_size or host_chunk(systems, n_theta), math.ceil(len(members) / thread_count(None)))
-            systems = shared_grid(systems, np.arange(len(members)))  # the grid checked and held once per bucket
+            systems = shared_grid(systems, slice(None))  # the grid checked and held once per bucket (views)
             for chunk in chunks(0, np.arange(len(members)), size, 1):
                 rows = chunk.index[:chunk.count]
                 jobs.append((members[chunk.members], (shared_grid(systems, rows), n[rows]),
