@@ -277,7 +277,7 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
         if lower.ndim == 2 and k > NUMPY_INVERSE_MAX_SIZE and not np.iscomplexobj(lower):
             return _trtri_host(lower)
         # a zero pivot gives NaN, as trtri and the compiled solves do (LU would pivot past it to garbage)
-        zero_pivot = np.any(np.diagonal(lower, axis1=-2, axis2=-1) == 0, axis=-1)[..., None, None]
+        zero_pivot = _zero_pivots(lower)[..., None, None]
         inverse = np.tril(np.linalg.inv(np.where(zero_pivot, np.eye(k, dtype=lower.dtype), lower)))
         return np.where(zero_pivot, np.nan, inverse)  # the inverse of a lower-triangular matrix is lower-triangular
     if k <= UNROLL_MAX_SIZE:
@@ -434,23 +434,32 @@ def solve_triangular(a, b, lower: bool = True, trans: str = "N"):
     of them (``a`` (..., k, k), ``b`` (..., k)) is solved at once, NaN for each matrix with a zero pivot."""
     if array_namespace(a, b) is np:
         if a.ndim > 2:
-            return _solve_triangular_stack(a, b, lower, trans)
+            return _solve_triangular_by_lu(a, b, lower, trans)
         return _solve_triangular_host(a, b, lower, trans)
     return jax.scipy.linalg.solve_triangular(a, b, lower=lower, trans=trans)
 
 
-def _solve_triangular_stack(a: np.ndarray, b: np.ndarray, lower: bool, trans: str) -> np.ndarray:
-    """:func:`solve_triangular` of a stack of matrices (..., k, k) and vectors (..., k), by NumPy's batched LU."""
-    if b.ndim != a.ndim - 1:
+def _zero_pivots(a: np.ndarray) -> np.ndarray:
+    """Whether each triangular matrix of ``a`` (..., k, k) has a zero on its diagonal (host)."""
+    return np.any(np.diagonal(a, axis1=-2, axis2=-1) == 0, axis=-1)
+
+
+def _solve_triangular_by_lu(a: np.ndarray, b: np.ndarray, lower: bool, trans) -> np.ndarray:
+    """op(a) x = b by NumPy's LU, reading only ``a``'s named triangle, as LAPACK does; NaN for a matrix with a zero
+    pivot, as trsm and the compiled solves give (LU would pivot past it).  ``a`` one matrix (``b`` a vector or
+    columns), or a stack (..., k, k) with one vector (..., k) each."""
+    stacked = a.ndim > 2
+    if stacked and b.ndim != a.ndim - 1:
         raise ValueError(f"a stack of {a.shape[:-2]} triangular matrices takes one vector each, got b {b.shape}")
-    k = a.shape[-1]
-    a = np.tril(a) if lower else np.triu(a)  # only the named triangle is read, as LAPACK's
-    if trans in ("T", "C", 1, 2):
-        a = np.swapaxes(a, -1, -2)
-    zero_pivot = np.any(np.diagonal(a, axis1=-2, axis2=-1) == 0, axis=-1)
-    a = np.where(zero_pivot[..., None, None], np.eye(k), a)
-    solved = np.linalg.solve(a, np.broadcast_to(b, a.shape[:-1])[..., None])[..., 0]
-    return np.where(zero_pivot[..., None], np.nan, solved)
+    a = np.tril(a) if lower else np.triu(a)
+    op = {"N": 0, "T": 1, "C": 2}[trans] if isinstance(trans, str) else int(trans)
+    if op:
+        a = np.swapaxes(a.conj() if op == 2 else a, -1, -2)
+    zero = _zero_pivots(a)
+    if not stacked:
+        return np.full(np.shape(b), np.nan, dtype=np.result_type(a, b)) if zero else np.linalg.solve(a, b)
+    safe = np.where(zero[..., None, None], np.eye(a.shape[-1]), a)
+    return np.where(zero[..., None], np.nan, np.linalg.solve(safe, b[..., None])[..., 0])
 
 
 def segment_sum(values, segments, num_segments: int, sorted_segments: bool = False, axis: int = 0):
@@ -492,11 +501,7 @@ def _solve_triangular_host(a: np.ndarray, b: np.ndarray, lower: bool, trans: str
     at any size (see :func:`host_product`).
     """
     if 0 < a.shape[0] <= NUMPY_INVERSE_MAX_SIZE:  # as tri_inverse: a small fit imports no SciPy
-        a = np.tril(a) if lower else np.triu(a)  # only the named triangle is read, as LAPACK's
-        if np.any(np.diagonal(a) == 0):  # a zero pivot: NaN, as trsm and the compiled solves give
-            return np.full(np.shape(b), np.nan, dtype=np.result_type(a, b))
-        transposed = {"N": a, "T": a.T, "C": a.conj().T}[trans] if isinstance(trans, str) else (a, a.T, a.conj().T)[trans]
-        return np.linalg.solve(transposed, b)
+        return _solve_triangular_by_lu(a, b, lower, trans)
     import scipy.linalg
     import scipy.linalg.blas
 
