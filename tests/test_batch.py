@@ -420,6 +420,9 @@ def test_the_rule_puts_small_float64_batches_on_the_host(replicates):
     plan4 = plan_batch("Reaction ~ Days + (Days + d2 + d3 | Subject)", wide, "dataset", "fit_batch", "hp.lmm",
                        one_term=False)
     assert not fit_module._on_host(plan4, np.float64, None, True)  # 10 parameters: compiled
+    plan3 = plan_batch("Reaction ~ Days + (Days + d2 | Subject)", wide, "dataset", "fit_batch", "hp.lmm",
+                       one_term=False)
+    assert fit_module._on_host(plan3, np.float64, None, True) == (jax.default_backend() == "cpu")  # 6: the host
 
 
 def test_the_host_optimizer_equals_the_compiled_program(replicates, monkeypatch):
@@ -475,7 +478,7 @@ def test_a_stack_of_cholesky_factors_gives_nan_for_its_indefinite_matrix_alone()
     # a singular neighbour (its last pivot exactly 0) fails alone too: the others keep LAPACK's own factors
     singular = np.stack([stack[0], np.diag([1.0] * 8 + [0.0]), stack[2]])
     factors = cholesky(singular)
-    assert factors[1, -1, -1] == 0 or np.isnan(factors[1]).any()
+    assert factors[1, -1, -1] == 0 and np.all(np.isfinite(factors[1]))  # its column-by-column factor, pivot 0
     for i in (0, 2):
         np.testing.assert_array_equal(factors[i], np.linalg.cholesky(singular[i]))
 
@@ -492,8 +495,9 @@ def test_the_host_newton_decides_definiteness_matrix_by_matrix_as_the_compiled_o
 
 
 def test_a_dataset_whose_criterion_ignores_a_parameter_fails_alone_on_the_host(monkeypatch):
-    # x is 0 throughout dataset 2: its criterion does not depend on the slope's theta, and its final Newton system is
-    # singular.  The compiled program's Cholesky gives that dataset NaN; the host's solve must too, not raise for all
+    # x is 0 throughout dataset 2: its criterion does not depend on the slope's theta, so its Newton systems are
+    # singular.  The host's solve must not raise for the whole chunk, and that dataset ends where the compiled
+    # program's does (the criterion at lme4's start, not converged)
     rng = np.random.default_rng(3)
     frames = []
     for d in range(6):
@@ -508,6 +512,8 @@ def test_a_dataset_whose_criterion_ignores_a_parameter_fails_alone_on_the_host(m
     assert host.converged.drop(index=2).all() and compiled.converged.drop(index=2).all()
     assert host.converged.tolist() == compiled.converged.tolist()
     np.testing.assert_allclose(host.objective.drop(index=2), compiled.objective.drop(index=2), rtol=1e-12)
+    assert host.objective.iloc[2] == pytest.approx(compiled.objective.iloc[2], rel=1e-12)
+    np.testing.assert_allclose(host.theta[2], compiled.theta[2], rtol=1e-12)
 
 
 def test_float32_agrees_with_float64(replicates, batch):
@@ -657,3 +663,9 @@ def test_chunks_run_serially_where_their_newton_systems_lapack_call_may_split(mo
         with pytest.raises(Decided) as decided:
             hp.fit_batch(formula, frame, family="bernoulli", chunk_size=16)
         assert decided.value.args[0] is serial
+    monkeypatch.undo()
+    if jax.default_backend() == "cpu":  # and thread_count acts on it: one thread where the call may split
+        from hierpool.batch.plan import thread_count
+
+        assert thread_count(None, newton_systems=(41, 16)) == 1
+        assert thread_count(None, newton_systems=(5, 16)) == thread_count(None)

@@ -285,7 +285,7 @@ def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True, n=None)
     vcov_beta = variance * (swap(r_x_inv) @ r_x_inv)
     diag_rest = xp.diagonal(chol_rest, axis1=-2, axis2=-1)
     logdet_lz = _logdet_lz(chol0, chol_rest, q)
-    logdet_rx = 2.0 * xp.sum(xp.log(diag_rest[..., q:size]), axis=-1)
+    logdet_rx = logdet_from_cholesky_diagonal(diag_rest[..., q:size], axis=-1)
     return Solution(
         theta=theta,
         factors=tuple(factors),

@@ -68,7 +68,8 @@ def _profiled(theta, stats):
     # c_l = L_l^-1 Lambda^T Z_l^T y and C_l = L_l^-1 Lambda^T Z_l^T X, by forward substitution
     cz = forward_solve_entries(chol, [sum_of(lam_l[a][i] * stats.zty[..., a] for a in range(i, k)) for i in range(k)])
     cx = forward_solve_entries(chol, [sum_of(lam_lp[a][i] * stats.ztx[..., a, :] for a in range(i, k)) for i in range(k)])
-    # sums over levels as matrix products (NumPy's einsum is several times slower on the host's stacks)
+    # sums over levels as matrix products, not einsum (timed on the host's stacks: benchmarks/RESULTS.md, "Batch
+    # fitting for every model, tenth session")
     schur = stats.xtx - sum_of(xp.swapaxes(c, -1, -2) @ c for c in cx)
     chol_x = cholesky(schur)
     chol_x_inv = tri_inverse(chol_x)  # p is small: unrolled, no LAPACK call inside the vmapped loop

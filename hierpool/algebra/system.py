@@ -422,7 +422,7 @@ def grid_coupling(system: MixedModelSystem):
     """
     layout = system.layout
     ell0, k0 = layout.n_levels[0], layout.ks[0]
-    xp = array_namespace(system.couplings[0].values)
+    xp = array_namespace(system.a00)
     pieces = []
     for (ell, k), coupling in zip(layout.rest_blocks, system.couplings):
         values = coupling.values

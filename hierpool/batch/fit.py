@@ -8,7 +8,7 @@ failures kept in their row) is :mod:`hierpool.batch.plan`'s.  Device memory is
 bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
 
 * one term: about ``40 * ell * k * (k + p + 1) * 8`` of working set (the statistics
-  and the optimizer's probes); on the host (below), about ``60 * (m + 1) * m * ell * 16``
+  and the optimizer's probes); on the host (below), about ``HOST_PROBE_ARRAYS * (m + 1) * m * ell * 16``
   with ``m = k(k+1)/2`` (the complex-step probes of the datasets still searching);
 * several terms (:mod:`hierpool.batch.fit_terms`): its system, ``8 * (ell0 k0^2 +
   ell0 k0 m + m^2)`` with ``m = sum_(j>0) ell_j k_j + p + 1`` (the padded levels), held
@@ -50,7 +50,6 @@ import pandas as pd
 from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
-from ..algebra.linalg import canonical_theta as canonical_rows
 from ..algebra.one_term import solution, value_and_gradient
 from ..closedform import glmm, lmm
 from ..closedform.optimize import Control
@@ -59,13 +58,13 @@ from ..spec.family import family_spec
 from .fit_ar1 import fit_ar1
 from .fit_glmm import fit_glmm
 from .fit_terms import fit_terms
-from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start, newton_on_host
+from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start, optimize_on_host
 from .plan import (
-    HOST_CHUNK,
-    HOST_CHUNK_BYTES,
     QUICK_COMPILE_MAX_VALUES,
     chunks,
     fetch,
+    host_chunk,
+    host_fits,
     mesh_sharding,
     place,
     plan_batch,
@@ -75,9 +74,9 @@ from .plan import (
 from .results import BatchResult, BatchTerm
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
-# a one-term host call's bytes (plan.HOST_CHUNK_BYTES): its complex-step probes hold about 60 arrays of (m + 1) m ell
-# complex values per dataset, m = k(k+1)/2 (~200 kB for a sleepstudy-sized dataset; 40 MB for three coefficients
-# at 1,000 levels)
+#: A one-term host call's temporaries per dataset (plan.host_chunk): its complex-step probes hold about this many
+#: arrays of (m + 1) m ell complex values, m = k(k+1)/2.
+HOST_PROBE_ARRAYS = 60
 #: Most parameters (k(k+1)/2: up to three coefficients per level) of a one-term batch optimized on the host: its
 #: complex-step gradient costs one evaluation per parameter, where the compiled reverse mode costs a few whatever
 #: their number, so wider terms compile (benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
@@ -161,10 +160,7 @@ def _optimize_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: i
         return value_and_gradient(points, jax.tree_util.tree_map(lambda a: a[rows][:, None, None], stats),
                                   reml=reml, sigma_known=sigma_known, domain_checked=True)
 
-    with np.errstate(all="ignore"):  # a probe off the criterion's domain is NaN, so +inf: not a step
-        theta, value, newton_step, iterations, converged = newton_on_host(value_and_grad, start, max_iterations)
-    return {"theta": canonical_rows(theta, (stats.ztz.shape[-1],)), "objective": value, "newton_step": newton_step,
-            "iterations": iterations, "converged": converged}
+    return optimize_on_host(value_and_grad, start, max_iterations, (stats.ztz.shape[-1],))
 
 
 def _solve_on_host(theta: np.ndarray, stats, *, reml: bool, sigma_known: bool):
@@ -186,8 +182,7 @@ def _on_host(plan, float_type, sharding, quick: bool) -> bool:
     most :data:`HOST_MAX_THETA` parameters ("compile only where compiling pays";
     benchmarks/RESULTS.md, "Batch fitting for every model, tenth session")."""
     k = plan.term.k
-    return (sharding is None and jax.default_backend() == "cpu" and float_type == np.float64 and quick
-            and k * (k + 1) // 2 <= HOST_MAX_THETA)
+    return host_fits(float_type, sharding) and quick and k * (k + 1) // 2 <= HOST_MAX_THETA
 
 
 def _default_chunk(family) -> int:
@@ -335,8 +330,9 @@ def fit_batch(
     plan = plan_batch(formula, data, by, "fit_batch", "hp.glmm" if spec else "hp.lmm", weights=weights,
                       offset=offset, se=se, one_term=False, family=spec)
     sharding = mesh_sharding()
-    # Newton's m x m systems, one per dataset of a call, go to a batched LAPACK call: serial on a CPU where it may
-    # split (plan.thread_count); several terms and AR(1) always run serially
+    # compiled programs: Newton's m x m systems, one per dataset of a call, go to a batched LAPACK call, serial on a
+    # CPU where it may split (plan.thread_count); several terms and AR(1) always run serially.  A path that runs on
+    # the host sets its own threads (NumPy has no such split)
     newton_size = sum(t.k * (t.k + 1) // 2 for t in plan.design.terms) + (
         plan.design.p + (spec.name == "negative_binomial") if spec is not None else 0)
     workers = thread_count(sharding, serial=len(plan.design.terms) > 1 or correlation is not None,
@@ -389,9 +385,11 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
                  for leaf in jax.tree_util.tree_leaves(plan.statistics_shape(bucket, len(members))))
     quick = values <= QUICK_COMPILE_MAX_VALUES
     host = _on_host(plan, float_type, sharding, quick)
-    if host and chunk_size is None:
-        m = k * (k + 1) // 2
-        chunk_size = max(1, min(HOST_CHUNK, HOST_CHUNK_BYTES // (60 * (m + 1) * m * int(n_levels.max()) * 16)))
+    if host:
+        workers = thread_count(None)  # NumPy: no jaxlib LAPACK split to guard against (plan.thread_count)
+        if chunk_size is None:
+            m = k * (k + 1) // 2
+            chunk_size = host_chunk(HOST_PROBE_ARRAYS * (m + 1) * m * int(n_levels.max()) * 16)
     chunk_size = chunk_size or _default_chunk(None)
     # chunk shapes follow from the level counts alone: start compiling (in the background) before
     # the statistics are computed, and before the threads start (they would each compile)

@@ -221,17 +221,21 @@ def _laplace(params, saturated, data, family: Family, n_theta: int, negative_bin
     last (its saturated constant computed at that shape; the gradient then in (theta, beta) alone)."""
     if not negative_binomial:
         return laplace_value_and_gradient(params[:n_theta], params[n_theta:], saturated, data, family)
-    shape = jnp.exp(params[-1])
-    saturated = saturated_in_program(data, dataclasses.replace(family, shape=shape))
+    shape, saturated = _at_log_shape(params[-1], data, family)
     return laplace_value_and_gradient(params[:n_theta], params[n_theta:-1], saturated, data, family, shape=shape)
+
+
+def _at_log_shape(log_shape, data, family: Family):
+    """A negative binomial's (shape, saturated constant) at its log shape."""
+    shape = jnp.exp(log_shape)
+    return shape, saturated_in_program(data, dataclasses.replace(family, shape=shape))
 
 
 def _shape_derivative(params, data, family: Family, n_theta: int, u):
     """A negative binomial's derivative in its log shape (``params[-1]``): a central difference of the Laplace
     deviance alone, each side's PIRLS starting from the centre's mode ``u`` (as ``hp.glmm``'s)."""
     def side(log_shape):
-        shape = jnp.exp(log_shape)
-        saturated = saturated_in_program(data, dataclasses.replace(family, shape=shape))
+        shape, saturated = _at_log_shape(log_shape, data, family)
         return laplace_value(params[:n_theta], params[n_theta:-1], saturated, data, family, u, shape)
 
     return (side(params[-1] + SHAPE_DIFFERENCE) - side(params[-1] - SHAPE_DIFFERENCE)) / (2 * SHAPE_DIFFERENCE)

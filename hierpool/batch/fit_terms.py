@@ -37,19 +37,18 @@ from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.criterion import host_objective_and_gradient, objective
 from ..algebra.henderson import solve
-from ..algebra.linalg import canonical_theta as canonical_rows
 from ..algebra.linalg import theta_start
 from ..closedform.optimize import Control
-from .optimize import canonical_theta, newton, newton_on_host
+from .optimize import canonical_theta, newton, optimize_on_host
 from .plan import (
-    HOST_CHUNK,
-    HOST_CHUNK_BYTES,
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
     bucket_width,
     chunks,
     dataset_problems,
     fetch,
+    host_chunk,
+    host_fits,
     place,
     progress_bar,
     thread_count,
@@ -231,23 +230,24 @@ def _programs(systems, n, reml: bool, max_iterations: int, sharding, quick: bool
 
 
 def _on_host(float_type, sharding) -> bool:
-    """Whether a batch is fitted on the host rather than by compiled programs: on one CPU device, in float64.
+    """Whether a batch is fitted on the host rather than by compiled programs: on one CPU device, in float64
+    (:func:`hierpool.batch.plan.host_fits`), at any size.
 
     Measured faster there at every size tried, from Penicillin's 24 x 6 levels to 200 x 100 (benchmarks/RESULTS.md,
     "Batch fitting for every model, eleventh session"): the programs' tracing and compiling cost more than a small
     batch's whole NumPy run, and a large batch's run goes to a thread per core on the host, where the compiled
     several-term programs run serially (:func:`hierpool.batch.plan.thread_count`).
     """
-    return sharding is None and jax.default_backend() == "cpu" and float_type == np.float64
+    return host_fits(float_type, sharding)
 
 
-def host_chunk(systems, n_theta: int) -> int:
-    """Datasets per host call: ``plan.HOST_CHUNK``, fewer where a call's temporaries would pass
-    ``plan.HOST_CHUNK_BYTES``: about ten (m x m) matrices and three (ell0 k0 x m) products per probe (m the rest's
-    columns), n_theta + 1 probes per dataset (a point and its forward differences)."""
-    ell0, k0, m = systems.layout.n_levels[0], systems.layout.ks[0], systems.rest.shape[-1]
-    per_dataset = 8 * (n_theta + 1) * (10 * m * m + 3 * ell0 * k0 * m)
-    return max(1, min(HOST_CHUNK, HOST_CHUNK_BYTES // per_dataset))
+def host_bytes(systems) -> int:
+    """A host call's temporaries per dataset (:func:`hierpool.batch.plan.host_chunk`): about ten (m x m) matrices
+    and three (ell0 k0 x m) products per probe (m the rest's columns), n_theta + 1 probes per dataset (a point and
+    its forward differences)."""
+    layout = systems.layout
+    ell0, k0, m = layout.n_levels[0], layout.ks[0], systems.rest.shape[-1]
+    return 8 * (layout.n_theta + 1) * (10 * m * m + 3 * ell0 * k0 * m)
 
 
 def _optimize_on_host(systems, n, start: np.ndarray, *, reml: bool, max_iterations: int) -> dict:
@@ -259,10 +259,7 @@ def _optimize_on_host(systems, n, start: np.ndarray, *, reml: bool, max_iteratio
         chunk = shared_grid(systems, rows, points=True)
         return host_objective_and_gradient(chunk, reml, n=n[rows][:, None])(points)
 
-    with np.errstate(all="ignore"):  # an indefinite system gives NaN, so +inf: not a step
-        theta, value, newton_step, iterations, converged = newton_on_host(value_and_grad, start, max_iterations)
-    return {"theta": canonical_rows(theta, systems.layout.ks), "objective": value, "newton_step": newton_step,
-            "iterations": iterations, "converged": converged}
+    return optimize_on_host(value_and_grad, start, max_iterations, systems.layout.ks)
 
 
 def _solve_on_host(theta: np.ndarray, systems, n, *, reml: bool) -> dict:
@@ -284,7 +281,7 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     design = plan.design
     ks = tuple(t.k for t in design.terms)
     p = design.p
-    n_theta = sum(k * (k + 1) // 2 for k in ks)
+    host = _on_host(float_type, sharding)
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = term_problems(plan)
     out = empty_results(plan, messages, too_large(plan, messages))
@@ -292,8 +289,8 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     for members, systems, n in bucket_systems(plan, np.flatnonzero(out["attempted"])):
         # beta0 stays float64 and is added on the host: in float32 a large common location of y would lose digits
         shift, systems = systems.beta_shift, dataclasses.replace(systems, beta_shift=np.zeros((len(members), p)))
-        if _on_host(float_type, sharding):  # unpadded chunks, threads (NumPy), nothing compiled
-            size = min(chunk_size or host_chunk(systems, n_theta), math.ceil(len(members) / thread_count(None)))
+        if host:  # unpadded chunks, threads (NumPy), nothing compiled
+            size = min(chunk_size or host_chunk(host_bytes(systems)), math.ceil(len(members) / thread_count(None)))
             systems = shared_grid(systems, slice(None))  # the grid checked and held once per bucket (views)
             for chunk in chunks(0, np.arange(len(members)), size, 1):
                 rows = chunk.index[:chunk.count]
@@ -329,5 +326,4 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
         return result
 
     # the compiled several-term programs run serially (plan.thread_count); the host's chunks in threads
-    threads = thread_count(None) if jobs and all(job[4] is None for job in jobs) else workers
-    return run_jobs(jobs, run, out, plan, workers=threads, progress=progress)
+    return run_jobs(jobs, run, out, plan, workers=thread_count(None) if host else workers, progress=progress)

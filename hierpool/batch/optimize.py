@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..algebra.linalg import canonical_theta as canonical_rows
 from ..algebra.linalg import cholesky, theta_to_factors, tril_positions
 from ..algebra.one_term import objective
 from ..algebra.start import moment_theta
@@ -279,6 +280,16 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     newton_step, converged = _final_step(value, gradient, curvature, converged_step, converged_decrease, jnp)
     out = (theta, value, newton_step, iterations - 1, converged)
     return out + (curvature,) * with_curvature + (aux,) * has_aux
+
+
+def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks) -> dict:
+    """A host chunk's optimization (:func:`newton_on_host`), as the compiled programs return it: canonical thetas
+    (``ks``: the terms' widths), criterion, last Newton step, iterations, converged.  A probe off the criterion's
+    domain, or a system that is not positive definite there, is NaN, so +inf: not a step (NumPy's warnings off)."""
+    with np.errstate(all="ignore"):
+        theta, value, newton_step, iterations, converged = newton_on_host(value_and_grad, theta0, max_iterations)
+    return {"theta": canonical_rows(theta, tuple(ks)), "objective": value, "newton_step": newton_step,
+            "iterations": iterations, "converged": converged}
 
 
 def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX_ITERATIONS,

@@ -67,6 +67,18 @@ HOST_CHUNK = 256
 HOST_CHUNK_BYTES = 64 * 2**20
 
 
+def host_fits(float_type, sharding) -> bool:
+    """Whether a batch may be fitted on the host (NumPy, nothing compiled): on one CPU device, in float64.  Each
+    path adds its own conditions (``fit._on_host``, ``fit_terms``)."""
+    return sharding is None and jax.default_backend() == "cpu" and float_type == np.float64
+
+
+def host_chunk(bytes_per_dataset: float) -> int:
+    """Datasets per host call by default: :data:`HOST_CHUNK`, fewer where a call's temporaries would pass
+    :data:`HOST_CHUNK_BYTES` (``bytes_per_dataset``: what the path states for one dataset)."""
+    return max(1, min(HOST_CHUNK, int(HOST_CHUNK_BYTES // max(bytes_per_dataset, 1))))
+
+
 def long_frame(data, by: str) -> pd.DataFrame:
     """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked)."""
     if isinstance(data, pd.DataFrame):
@@ -145,7 +157,11 @@ def fetch(tree):
 
 
 class _NoBar(contextlib.nullcontext):
-    """A progress bar not shown: tqdm is not imported for it (its import, asyncio's with it, costs ~35 ms)."""
+    """A progress bar not shown: tqdm is not imported for it (its import pulls in asyncio; timed in
+    benchmarks/RESULTS.md, "Batch fitting for every model, eleventh session")."""
+
+    def __enter__(self):
+        return self
 
     def update(self, n: int = 1) -> None:
         pass
@@ -155,7 +171,7 @@ def progress_bar(progress: bool | None, total: int, name: str):
     """A tqdm bar over datasets; ``progress=None``: shown when stderr is a terminal (a bar not shown does nothing)."""
     show = sys.stderr.isatty() if progress is None else bool(progress)
     if not show:
-        return _NoBar(_NoBar())
+        return _NoBar()
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=name, unit="datasets", file=sys.stderr)
