@@ -51,13 +51,16 @@ from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
 from ..algebra.one_term import solution, value_and_gradient
+from ..algebra.quadrature import MAX_NODES
 from ..closedform import glmm, lmm
 from ..closedform.optimize import Control
 from ..errors import ArgumentError, HierpoolWarning, integer_argument
 from ..spec.family import family_spec
+from ..spec.formula import has_spatial_term
 from .fit_ar1 import fit_ar1
+from .fit_each import fit_batch_each
 from .fit_glmm import fit_glmm
-from .fit_terms import fit_terms
+from .fit_terms import empty_results, fit_terms
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start, optimize_on_host
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
@@ -214,6 +217,10 @@ def fit_batch(
     weights=None,
     offset=None,
     se: str | None = None,
+    nAGQ: int = 1,
+    relmat: dict | None = None,
+    relmat_inverse: dict | None = None,
+    adjacency=None,
 ) -> BatchResult:
     """Fit one linear mixed model to many datasets at once.
 
@@ -279,6 +286,19 @@ def fit_batch(
         Column of known residual sds, as ``hp.lmm``'s (meta-analysis): row i has
         residual variance se_i^2, sigma is not estimated (1), and the random-effect
         sds are absolute.  Cannot be combined with ``weights``.
+    nAGQ : int
+        A GLMM's quadrature, as ``hp.glmm``'s: 1 (the Laplace approximation) is batched; 0 (glmer's
+        first stage alone) and adaptive Gauss-Hermite quadrature (> 1, one scalar term) fit each dataset
+        with ``hp.glmm`` (their rows have ``refit`` True and say so).
+    relmat, relmat_inverse : dict, optional
+        A relationship matrix for one term's levels (the animal model), as ``hp.lmm``'s, shared by every
+        dataset: built once, then each dataset fitted by ``hp.lmm`` on its sparse mixed-model equations
+        (:mod:`hierpool.batch.fit_each`).  The relationship term's ``b`` covers every level of A.
+    adjacency : optional
+        The neighbourhood graph(s) of the formula's ``car()`` spatial terms, as ``hp.lmm``'s and
+        ``hp.glmm``'s, shared by every dataset: built once, then each dataset fitted by ``hp.lmm`` /
+        ``hp.glmm`` (:mod:`hierpool.batch.fit_each`); the result's ``hyperparameters`` hold each fit's
+        parameters, and a GLMM's ``reml=True`` is glmmTMB's REML, as ``hp.glmm``'s.
 
     Returns
     -------
@@ -306,6 +326,20 @@ def fit_batch(
     """
     if dtype not in ("float64", "float32"):
         raise ArgumentError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    if isinstance(nAGQ, bool) or not isinstance(nAGQ, int) or not 0 <= nAGQ <= MAX_NODES:
+        raise ArgumentError(f"nAGQ must be an integer from 0 to {MAX_NODES}, got {nAGQ!r}")
+    if (relmat is not None or relmat_inverse is not None or adjacency is not None
+            or (isinstance(formula, str) and has_spatial_term(formula))):
+        # the sparse single fits, dataset by dataset (fit_each's module notes)
+        for name, value, default in (("correlation", correlation, None), ("dtype", dtype, "float64")):
+            if value != default:
+                raise ArgumentError(f"{name}={value!r} with a relationship matrix or spatial terms: their fits are "
+                                    "float64, with independent residuals")
+        return fit_batch_each(formula, data, by, family=family, link=link, reml=reml, nAGQ=nAGQ, weights=weights,
+                              offset=offset, se=se, relmat=relmat, relmat_inverse=relmat_inverse,
+                              adjacency=adjacency, progress=progress)
+    if nAGQ != 1 and family is None:
+        raise ArgumentError(f"nAGQ={nAGQ} needs family= (a GLMM's quadrature)")
     if chunk_size is not None:
         chunk_size = integer_argument("chunk_size", chunk_size)
     max_iterations = integer_argument("max_iterations", max_iterations)
@@ -343,6 +377,15 @@ def fit_batch(
         settings["chunk_size"] = chunk_size or _default_chunk(spec)
     elif len(plan.design.terms) > 1:  # the compiled programs' default; the host path (and one term) picks its own
         settings["default_chunk"] = _default_chunk(None)
+    if spec is not None and nAGQ != 1:
+        # nAGQ 0 and adaptive quadrature have no batched form: every dataset fitted alone by hp.glmm, into the
+        # batch's rows (the refit of _result), after the model is checked once on the long frame
+        if nAGQ > 1 and (len(plan.design.terms) != 1 or plan.design.terms[0].k != 1):
+            raise ArgumentError(f"nAGQ={nAGQ} needs exactly one scalar random-effect term such as (1 | g)")
+        alone = {index: f"nAGQ={nAGQ}: fitted alone (no batched form)" for index in range(plan.n_datasets)}
+        out = empty_results(plan, [""] * plan.n_datasets, alone) | {"is_singular": np.zeros(plan.n_datasets, bool)}
+        return _result(plan, out, formula, False, polish, partial(glmm, family=family, link=link, nAGQ=nAGQ),
+                       progress=progress)
     if spec is not None:
         settings.pop("reml")
         # a negative binomial's shape is estimated (the 1.0 only makes the family; the batch starts from moments)
@@ -493,8 +536,24 @@ def _restore(out: dict, index: int, row: dict) -> None:
             per_term[index] = value
 
 
-def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter) -> BatchResult:
-    """Polish what the batch could not fit, then the :class:`BatchResult`."""
+def _polish(plan, index: int, formula: str, fitter, out: dict, messages: list, refitted: np.ndarray) -> None:
+    """Refit dataset ``index`` alone into ``out`` (:func:`_refit`), unless that stops higher than the batch had got."""
+    batch_row = _row(out, index)
+    note = _refit(plan, index, formula, fitter, out)
+    if (note.startswith("refitted") and np.isfinite(batch_row["objective"])
+            and out["objective"][index] > batch_row["objective"] + 1e-8 * abs(batch_row["objective"])):
+        # the lone fit stopped higher than where the batch had got to (a local optimum of its own): a lower
+        # criterion is not replaced by a higher one; the row keeps the batch's numbers, not converged
+        note = (f"the refit stopped at a higher criterion ({float(out['objective'][index]):.6g} > "
+                f"{float(batch_row['objective']):.6g}): the batch's estimates kept")
+        _restore(out, index, batch_row)
+    refitted[index] = note.startswith("refitted")
+    messages[index] += "; " + note
+
+
+def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, progress=False) -> BatchResult:
+    """Polish what the batch could not fit, then the :class:`BatchResult` (``progress``: a bar over the datasets
+    fitted alone)."""
     design, n_datasets = plan.design, plan.n_datasets
     messages = list(out["messages"])
     refitted = np.zeros(n_datasets, dtype=bool)  # rows whose numbers are hp.lmm's, not the batched optimizer's
@@ -504,18 +563,11 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter) -> 
         to_polish.append(index)
     for index, reason in out["alone"].items():
         messages[index] = reason
-    for index in list(out["alone"]) + (to_polish if polish else []):
-        batch_row = _row(out, index)
-        note = _refit(plan, index, formula, fitter, out)
-        if (note.startswith("refitted") and np.isfinite(batch_row["objective"])
-                and out["objective"][index] > batch_row["objective"] + 1e-8 * abs(batch_row["objective"])):
-            # the lone fit stopped higher than where the batch had got to (a local optimum of its own): a lower
-            # criterion is not replaced by a higher one; the row keeps the batch's numbers, not converged
-            note = (f"the refit stopped at a higher criterion ({float(out['objective'][index]):.6g} > "
-                    f"{float(batch_row['objective']):.6g}): the batch's estimates kept")
-            _restore(out, index, batch_row)
-        refitted[index] = note.startswith("refitted")
-        messages[index] += "; " + note
+    refits = list(out["alone"]) + (to_polish if polish else [])
+    with progress_bar(progress if len(refits) > 1 else False, len(refits), "fit_batch") as bar:
+        for index in refits:
+            _polish(plan, index, formula, fitter, out, messages, refitted)
+            bar.update(1)
     sigma = out["sigma"]
     terms = []
     for t, term in enumerate(design.terms):

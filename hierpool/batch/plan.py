@@ -303,14 +303,27 @@ class BatchPlan:
         included (a fit of the dataset drops them again); array arguments are cut to them.
         """
         rows = np.flatnonzero(self.frame[self.by].to_numpy() == self.labels[index])
-        kwargs = {}
-        for name in ("weights", "offset"):
-            value = getattr(self, name)
-            if value is not None:
-                kwargs[name] = value if isinstance(value, str) else value[rows]
-        if self.se is not None:
-            kwargs["se"] = self.se
-        return self.frame.iloc[rows], kwargs
+        return self.frame.iloc[rows], dataset_arguments(rows, self.weights, self.offset, self.se)
+
+
+def dataset_arguments(rows: np.ndarray, weights, offset, se: str | None = None) -> dict:
+    """The weights/offset/se keyword arguments of one dataset's single fit (its frame's ``rows`` of the long frame):
+    a column name as given, an array argument cut to the rows."""
+    kwargs = {}
+    for name, value in (("weights", weights), ("offset", offset)):
+        if value is not None:
+            kwargs[name] = value if isinstance(value, str) else value[rows]
+    if se is not None:
+        kwargs["se"] = se
+    return kwargs
+
+
+def dataset_codes(labels: pd.Series, by: str) -> tuple[np.ndarray, pd.Index]:
+    """(each row's dataset code, the dataset labels in order of first appearance) of the ``by`` column's values."""
+    if labels.isna().any():
+        raise DataError(f"column {by!r} has missing values: every row must name its dataset")
+    codes, unique = pd.factorize(labels, sort=False)
+    return codes, pd.Index(unique, name=by)
 
 
 def chunks(bucket: int, usable: np.ndarray, size: int, n_devices: int) -> list[Chunk]:
@@ -324,7 +337,7 @@ def chunks(bucket: int, usable: np.ndarray, size: int, n_devices: int) -> list[C
     return out
 
 
-def _row_argument(value, name: str, data, frame: pd.DataFrame):
+def row_argument(value, name: str, data, frame: pd.DataFrame):
     """``weights=`` / ``offset=`` as build_design takes it: a column name, or a float array with one value per row."""
     if value is None or isinstance(value, str):
         return value
@@ -353,6 +366,18 @@ def _local_levels(dataset: np.ndarray, n_datasets: int, term: RandomEffectTerm):
             np.split(np.asarray(term.levels)[cell % term.n_levels], first_cell[1:]))
 
 
+def refuse_stateful(formula: str, caller: str, single: str) -> None:
+    """Refuse, by name, a formula's stateful transforms (``scale(x)``, ``center(x)``, splines)."""
+    stateful = stateful_calls(formula)
+    if stateful:
+        # on the long frame they would take one mean/sd/basis over all datasets, which is not the
+        # per-dataset fit {single} gives: a plausible, wrong number
+        raise ArgumentError(
+            f"{caller} cannot use {', '.join(n + '()' for n in stateful)} in the formula: it would be computed over "
+            f"all datasets together, not per dataset as {single} does; transform each dataset's columns first"
+        )
+
+
 def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=None, offset=None,
                se: str | None = None, one_term: bool = True, family=None) -> BatchPlan:
     """Parse ``formula`` on the long frame and locate every dataset's rows and levels.
@@ -376,17 +401,10 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     if isinstance(formula, str) and has_spatial_term(formula):
         raise ArgumentError(f"{caller} does not fit spatial terms (car()): fit each dataset with {single}(..., "
                             "adjacency=)")
-    stateful = stateful_calls(formula)
-    if stateful:
-        # on the long frame they would take one mean/sd/basis over all datasets, which is not the
-        # per-dataset fit {single} gives: a plausible, wrong number
-        raise ArgumentError(
-            f"{caller} cannot use {', '.join(n + '()' for n in stateful)} in the formula: it would be computed over "
-            f"all datasets together, not per dataset as {single} does; transform each dataset's columns first"
-        )
+    refuse_stateful(formula, caller, single)
     frame = long_frame(data, by)
-    weights = _row_argument(weights, "weights", data, frame)
-    offset = _row_argument(offset, "offset", data, frame)
+    weights = row_argument(weights, "weights", data, frame)
+    offset = row_argument(offset, "offset", data, frame)
     if se is not None and not isinstance(se, str):
         raise ArgumentError(f"se must be the name of the column of known residual sds, got {type(se).__name__}")
     # positions as labels (the user's frame is not modified): a dataset's rows are then found by position
@@ -397,10 +415,7 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         terms = [f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms]
         raise ArgumentError(f"{caller} fits models with one random-effect term; this formula has {len(terms)}: "
                             f"{', '.join(terms)}.  Fit it per dataset with {single}.")
-    labels = frame.loc[design.rows, by]
-    if labels.isna().any():
-        raise DataError(f"column {by!r} has missing values: every row must name its dataset")
-    dataset, dataset_labels = pd.factorize(labels, sort=False)
+    dataset, dataset_labels = dataset_codes(frame.loc[design.rows, by], by)
     n_datasets = len(dataset_labels)
     local = tuple(_local_levels(dataset, n_datasets, term) for term in design.terms)
     level, n_levels, levels = local[0]
@@ -409,7 +424,7 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         design=design,
         by=by,
         dataset=dataset,
-        labels=pd.Index(dataset_labels, name=by),
+        labels=dataset_labels,
         level=level,
         n_levels=n_levels,
         n_obs=np.bincount(dataset, minlength=n_datasets),

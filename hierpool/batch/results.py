@@ -103,6 +103,13 @@ class BatchResult:
     shape : (B,) ndarray or None
         Each dataset's negative binomial shape (``family="negative_binomial"``; a ``shape`` column of
         ``to_frame()``), else None.
+    hyperparameters : pandas.DataFrame or None
+        A spatial batch's parameters (``car()`` terms), one row per dataset: each fit's
+        ``hyperparameters()`` (the spatial terms' sd and mixing parameter, the ``(lhs | g)`` terms' sds and
+        correlations, sigma for a Gaussian response), which ``to_frame()`` gives in place of the sds and
+        correlations; else None.  ``theta`` then holds each fit's psi, ``terms`` the spatial terms (their
+        areas' effects, covariance sd^2) before the ``(lhs | g)`` terms, and there is no ``varcorr`` (as
+        the single spatial fit has none).
     """
 
     datasets: pd.Index
@@ -121,6 +128,7 @@ class BatchResult:
     sigma_known: bool = False
     phi: np.ndarray | None = None
     shape: np.ndarray | None = None
+    hyperparameters: pd.DataFrame | None = None
 
     def _only_term(self) -> BatchTerm:
         if len(self.terms) != 1:
@@ -155,6 +163,9 @@ class BatchResult:
         another, every term's rows in the order of ``terms``; ``var1`` and ``var2`` are object columns
         holding None where empty.  No ``Residual`` rows with known residual sds (``sigma_known``).
         """
+        if self.hyperparameters is not None:
+            raise ArgumentError("a spatial batch (car() terms) has no VarCorr table, as hp.lmm's spatial fit has "
+                                "none: its parameters are result.hyperparameters (and columns of to_frame())")
         sigma = None if self.sigma_known else self.sigma
         return varcorr_table([(t.group, t.coef_names, t.covariance) for t in self.terms], sigma,
                              by=("dataset", self.datasets), object_keys=True)
@@ -182,6 +193,12 @@ class BatchResult:
         for j, name in enumerate(self.fixed_names):
             frame[name] = self.beta[:, j]
             frame[f"se_{name}"] = self.beta_se[:, j]
+        if self.hyperparameters is not None:  # a spatial batch: the single fits' named parameters
+            clash = [name for name in self.hyperparameters.columns if name in frame.columns]
+            if clash:
+                raise ArgumentError(f"to_frame: the parameter(s) {clash} share a name with a column of the table; "
+                                    "rename the data's column")
+            return pd.concat([frame, self.hyperparameters.reset_index(drop=True)], axis=1)
         # sds, correlations of each term in turn[, sigma], as varcorr's rows
         sdcor = self.varcorr["sdcor"].to_numpy().reshape(len(self.datasets), -1)
         column = 0

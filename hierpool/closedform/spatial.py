@@ -496,13 +496,12 @@ def fit_spatial(sdesign: SpatialDesign, reml: bool, stages: int = 2) -> SpatialF
         # criterion whose mode at each beta is a PIRLS of its own)
         result = _minimize(joint, start, bounds + [(None, None)] * laplace.p, restarts=0)
         psi, beta = result.x[:k], result.x[k:]
-    at_bound = [name for name, value, (low, high) in zip(laplace.names(), psi, bounds)
-                if low is not None and min(value - low, high - value) < 1e-2]
-    if at_bound:
-        warnings.warn(f"the spatial fit's {', '.join(at_bound)} is at its bound: the maximum of the likelihood "
+    fit = SpatialFit(laplace=laplace, psi=psi, beta=beta, optimizer=result, stages=stages)
+    if fit.at_bound:
+        warnings.warn(f"the spatial fit's {', '.join(fit.at_bound)} is at its bound: the maximum of the likelihood "
                       "is at an sd of zero, or a mixing parameter of 0 or 1 (a singular fit)",
                       ConvergenceWarning, stacklevel=3)
-    return SpatialFit(laplace=laplace, psi=psi, beta=beta, optimizer=result, stages=stages)
+    return fit
 
 
 def _minimize(objective, start, bounds, restarts: int = 5):
@@ -558,6 +557,18 @@ class SpatialFit:
         self.reml = laplace.reml
         self.sigma = laplace.sigma(self.psi)
         self._precision_values = laplace.precision_values(self.psi)
+
+    @property
+    def at_bound(self) -> list[str]:
+        """The parameters of psi within 0.01 of a bound (an sd of zero, a mixing parameter of 0 or 1): a singular
+        fit, warned of by :func:`fit_spatial`."""
+        return [name for name, value, (low, high) in zip(self.laplace.names(), self.psi, self.laplace.bounds())
+                if low is not None and min(value - low, high - value) < 1e-2]
+
+    @property
+    def is_singular(self) -> bool:
+        """Whether some parameter is at its bound (:attr:`at_bound`), as lme4's ``isSingular``."""
+        return bool(self.at_bound)
 
     def _car_index(self, term: str | None) -> int:
         """The block of the spatial term ``term`` (its area column; None: the model's only one)."""

@@ -8,7 +8,9 @@ Accepted forms of either argument, per grouping factor (``{"animal": A}``):
 
 * a pandas DataFrame, its index the labels (its columns the same labels, in any order);
 * a tuple ``(matrix, labels)`` with a NumPy array or a SciPy sparse matrix (what
-  :func:`hierpool.pedigree.inverse_relationship_matrix` returns).
+  :func:`hierpool.pedigree.inverse_relationship_matrix` returns);
+* a :class:`Relationship` already built (``hp.fit_batch`` and ``hp.bayes_batch`` build theirs once and hand it to
+  every dataset's fit), used as it is; its group must be the key it is given under.
 
 A given as ``relmat`` is inverted densely (a Cholesky factorization: up to :data:`DENSE_MAX_LEVELS` levels, a
 phylogeny's or a small pedigree's size); larger relationships are given by their sparse inverse.
@@ -98,6 +100,10 @@ def model_relationship(formula: str, relmat: dict | None, relmat_inverse: dict |
 
 
 def _relationship(group: str, value, inverted: bool, name: str) -> Relationship:
+    if isinstance(value, Relationship):
+        if value.group != group:
+            raise ArgumentError(f"{name} is the relationship of {value.group!r}, given for {group!r}")
+        return value
     matrix, labels = _matrix_and_labels(value, name)
     q = len(labels)
     if matrix.shape != (q, q):

@@ -6,8 +6,9 @@ any ``(... | g)`` terms beside them.
 b_t one effect per area of term t's neighbourhood graph (:class:`hierpool.spec.adjacency.Graph`), every area of the
 graph (areas without rows get an effect too, predicted from their neighbours), with the prior of the term's type
 (:mod:`hierpool.algebra.icar`); u_j the ``(... | g)`` terms' effects, N(0, Sigma_j) per level (``design.terms``).
-``adjacency=`` is what :func:`hierpool.spec.adjacency.graph` reads (an edge list, a labelled 0/1 matrix, polygons),
-or a dict keyed by the terms' area columns (needed when the model has several spatial terms), or None when ``data``
+``adjacency=`` is what :func:`hierpool.spec.adjacency.graph` reads (an edge list, a labelled 0/1 matrix, polygons)
+or a :class:`~hierpool.spec.adjacency.Graph` already built (a batch's, built once for all its datasets), or a dict
+keyed by the terms' area columns (needed when the model has several spatial terms), or None when ``data``
 is a geopandas GeoDataFrame (neighbours by queen contiguity of its geometry, one row per area).
 
 A BYM model in the 1991 form is ``car(area, type='icar') + (1 | area)``; BYM2's one term is that model
@@ -160,6 +161,10 @@ def _has_geometry(frame) -> bool:
 
 def resolve_graph(adjacency, data: pd.DataFrame, term: SpatialTermSpec) -> Graph:
     """The term's :class:`Graph` from ``adjacency=`` (module docstring)."""
+    if isinstance(adjacency, dict) and isinstance(adjacency.get(term.factor), Graph):
+        adjacency = adjacency[term.factor]
+    if isinstance(adjacency, Graph):
+        return adjacency
     if isinstance(adjacency, dict) and term.factor in adjacency and _is_graph(adjacency[term.factor]):
         adjacency = adjacency[term.factor]
     elif isinstance(adjacency, dict) and any(_is_graph(v) for v in adjacency.values()):
@@ -178,7 +183,7 @@ def resolve_graph(adjacency, data: pd.DataFrame, term: SpatialTermSpec) -> Graph
 def _is_graph(value) -> bool:
     """Whether a dict value is a whole graph (an edge list, a 0/1 matrix or a GeoDataFrame, or a dict of polygons),
     so that the dict is area column -> graph, not area label -> polygons (a list, an array, a geometry)."""
-    return isinstance(value, (pd.DataFrame, dict))
+    return isinstance(value, (pd.DataFrame, dict, Graph))
 
 
 def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: FamilySpec | None = None,

@@ -1,0 +1,148 @@
+"""hp.fit_batch of the models fitted dataset by dataset (hierpool.batch.fit_each, and nAGQ != 1): a relationship
+matrix, spatial car() terms, adaptive quadrature.  Each row must be the single fit of its dataset, failures stay in
+their rows, and what the batch cannot take is refused by name, once."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hierpool as hp
+from hierpool.errors import ArgumentError
+from hierpool.spec.adjacency import lattice_edges
+
+VALIDATION = Path(__file__).resolve().parents[1] / "validation"
+ANIMAL = "y ~ sex + (1 | animal)"
+AREAS = lattice_edges(4, 4)
+
+
+def _quiet(function, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return function(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pedigree_data():
+    pedigree = pd.read_csv(VALIDATION / "relmat_pedigree.csv", dtype=str)
+    phenotypes = pd.read_csv(VALIDATION / "relmat_phenotypes.csv", dtype={"animal": str, "sex": str})
+    inverse = hp.pedigree.inverse_relationship_matrix(pedigree)
+    rng = np.random.default_rng(5)
+    sets = {f"trait{d}": phenotypes.assign(y=phenotypes["y"] + rng.normal(scale=2.0, size=len(phenotypes)))
+            for d in range(3)}
+    sets["trait1"] = sets["trait1"].iloc[40:]  # fewer animals with records
+    sets["tiny"] = phenotypes.iloc[:3]  # 3 unrelated animals: the variances are not identifiable, its fit fails
+    return sets, inverse
+
+
+@pytest.fixture(scope="module")
+def animal_batch(pedigree_data):
+    sets, inverse = pedigree_data
+    return _quiet(hp.fit_batch, ANIMAL, sets, by="trait", relmat_inverse={"animal": inverse}, progress=False)
+
+
+def test_an_animal_model_batch_is_each_datasets_lmm(pedigree_data, animal_batch):
+    sets, inverse = pedigree_data
+    batch = animal_batch
+    for label in ("trait0", "trait1", "trait2"):
+        single = _quiet(hp.lmm, ANIMAL, sets[label], relmat_inverse={"animal": inverse})
+        assert batch.objective[label] == pytest.approx(single.objective, rel=1e-12)
+        np.testing.assert_allclose(batch.fixef.loc[label], single.fixef, rtol=1e-10)
+        np.testing.assert_allclose(batch.fixef_se.loc[label], single.fixef_se, rtol=1e-10)
+        assert batch.sigma[batch.datasets.get_loc(label)] == pytest.approx(single.sigma, rel=1e-12)
+        assert batch.theta[batch.datasets.get_loc(label)] == pytest.approx(single.theta, rel=1e-12)
+        row = batch.varcorr.query("dataset == @label and grp == 'animal'")
+        assert row["vcov"].iloc[0] == pytest.approx(single.sigma_a**2, rel=1e-10)
+        # breeding values of every animal of the pedigree, with records or not, and their prediction error sds
+        ranef = batch.ranef.query("dataset == @label")
+        assert len(ranef) == len(inverse[1])
+        np.testing.assert_allclose(ranef["condval"], single.ranef["condval"], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(ranef["condsd"], single.ranef["condsd"], rtol=1e-10)
+    assert batch.converged[["trait0", "trait1", "trait2"]].all() and not batch.refit.any()
+
+
+def test_a_failing_dataset_keeps_its_reason_in_its_row(animal_batch):
+    assert not animal_batch.converged["tiny"] and np.isnan(animal_batch.objective["tiny"])
+    assert "DataError" in animal_batch.messages["tiny"] and "not identifiable" in animal_batch.messages["tiny"]
+    assert np.isnan(animal_batch.fixef.loc["tiny"]).all()
+    frame = animal_batch.to_frame()
+    assert list(frame["dataset"]) == ["trait0", "trait1", "trait2", "tiny"]
+
+
+@pytest.fixture(scope="module")
+def area_counts():
+    """Three count datasets on a 4 x 4 lattice, two rows per area, with exposures (an offset)."""
+    rng = np.random.default_rng(11)
+    areas = np.repeat([f"a{i}" for i in range(16)], 2)
+    frames = []
+    for _ in range(3):
+        exposure = rng.uniform(5, 15, size=areas.size)
+        x = rng.normal(size=areas.size)
+        risk = np.exp(0.3 * x + np.repeat(rng.normal(scale=0.4, size=16), 2))
+        frames.append(pd.DataFrame({"area": areas, "x": x, "exposure": exposure, "y": rng.poisson(exposure * risk)}))
+    return frames
+
+
+@pytest.mark.parametrize("family", [None, "poisson"])
+def test_a_spatial_batch_is_each_datasets_single_fit(area_counts, family):
+    formula = ("y ~ x + offset(log(exposure)) + car(area, type='bym2')" if family else
+               "y ~ x + car(area, type='icar') + (1 | area)")
+    frames = area_counts if family else [f.assign(y=np.log1p(f["y"] / f["exposure"])) for f in area_counts]
+    batch = _quiet(hp.fit_batch, formula, frames, by="map", family=family, adjacency=AREAS, progress=False)
+    single_fit = hp.glmm if family else hp.lmm
+    extra = {"family": family} if family else {}
+    for d, frame in enumerate(frames):
+        single = _quiet(single_fit, formula, frame, adjacency=AREAS, **extra)
+        assert batch.objective[d] == pytest.approx(single.objective, rel=1e-12)
+        np.testing.assert_allclose(batch.fixef.loc[d], single.fixef, rtol=1e-10)
+        np.testing.assert_allclose(batch.fixef_se.loc[d], single.fixef_se, rtol=1e-10)
+        pd.testing.assert_series_equal(batch.hyperparameters.loc[d], single.hyperparameters(), check_names=False)
+        tables = single.ranef if isinstance(single.ranef, dict) else {"car(area, type='bym2')": single.ranef}
+        spatial = batch.ranef.query("dataset == @d and grpvar == 'area' and term.str.startswith('car')")
+        np.testing.assert_allclose(spatial["condval"], next(iter(tables.values()))["effect"], rtol=1e-10)
+        assert batch.is_singular[d] == single.is_singular
+    frame = batch.to_frame()
+    assert list(batch.hyperparameters.columns) == [c for c in frame.columns if c in batch.hyperparameters.columns]
+    with pytest.raises(ArgumentError, match="no VarCorr"):
+        batch.varcorr
+
+
+def test_adaptive_quadrature_fits_each_dataset_alone():
+    rng = np.random.default_rng(2)
+    frames = []
+    for _ in range(2):
+        herd = np.repeat(np.arange(12), 4)
+        p = 1 / (1 + np.exp(-(-1.0 + np.repeat(rng.normal(size=12), 4))))
+        frames.append(pd.DataFrame({"herd": herd, "size": 10, "k": rng.binomial(10, p)}))
+    formula = "cbind(k, size - k) ~ 1 + (1 | herd)"
+    batch = _quiet(hp.fit_batch, formula, frames, family="binomial", nAGQ=5, progress=False)
+    for d, frame in enumerate(frames):
+        single = _quiet(hp.glmm, formula, frame, family="binomial", nAGQ=5)
+        assert batch.objective[d] == pytest.approx(single.optimum.deviance, rel=1e-12)
+        assert batch.refit[d] and "nAGQ=5" in batch.messages[d]
+    laplace = _quiet(hp.fit_batch, formula, frames, family="binomial", progress=False)
+    assert not np.allclose(laplace.objective, batch.objective, rtol=1e-6)  # the quadrature is not Laplace's
+
+
+def test_what_the_batch_cannot_take_is_refused_by_name(pedigree_data, area_counts):
+    sets, inverse = pedigree_data
+    relmat = {"relmat_inverse": {"animal": inverse}}
+    with pytest.raises(ArgumentError, match="correlation"):
+        hp.fit_batch(ANIMAL, sets, correlation=hp.ar1("animal"), **relmat)
+    with pytest.raises(ArgumentError, match="dtype"):
+        hp.fit_batch(ANIMAL, sets, dtype="float32", **relmat)
+    with pytest.raises(ArgumentError, match="Correlated"):  # hp.lmm's own check, once, on the long frame
+        hp.fit_batch("y ~ 1 + (1 + sex | animal)", sets, **relmat)
+    with pytest.raises(ArgumentError, match="spatial"):
+        hp.fit_batch("y ~ 1 + car(area) + (1 | animal)", sets, adjacency=AREAS, **relmat)
+    with pytest.raises(ArgumentError, match="nAGQ=3"):
+        hp.fit_batch("y ~ x + car(area, type='bym2')", area_counts, family="poisson", nAGQ=3, adjacency=AREAS)
+    with pytest.raises(ArgumentError, match="nAGQ=2 needs exactly one scalar"):
+        hp.fit_batch("y ~ x + (1 | area) + (1 | x)", area_counts, family="poisson", nAGQ=2)
+    with pytest.raises(ArgumentError, match="nAGQ=2 needs family"):
+        hp.fit_batch("y ~ x + (1 | area)", area_counts, nAGQ=2)
+    with pytest.raises(hp.HierpoolError, match="area"):  # an area outside the graph: once, for the batch
+        hp.fit_batch("y ~ x + car(area, type='bym2')", [area_counts[0].assign(area="nowhere")], family="poisson",
+                     adjacency=AREAS)
