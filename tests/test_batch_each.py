@@ -34,6 +34,7 @@ def pedigree_data():
             for d in range(3)}
     sets["trait1"] = sets["trait1"].iloc[40:]  # fewer animals with records
     sets["tiny"] = phenotypes.iloc[:3]  # 3 unrelated animals: the variances are not identifiable, its fit fails
+    sets["stranger"] = phenotypes.iloc[:60].assign(animal=["stranger"] + list(phenotypes["animal"].iloc[1:60]))
     return sets, inverse
 
 
@@ -68,7 +69,8 @@ def test_a_failing_dataset_keeps_its_reason_in_its_row(animal_batch):
     assert "DataError" in animal_batch.messages["tiny"] and "not identifiable" in animal_batch.messages["tiny"]
     assert np.isnan(animal_batch.fixef.loc["tiny"]).all()
     frame = animal_batch.to_frame()
-    assert list(frame["dataset"]) == ["trait0", "trait1", "trait2", "tiny"]
+    assert list(frame["dataset"]) == ["trait0", "trait1", "trait2", "tiny", "stranger"]
+    assert "not labels of its relationship matrix" in animal_batch.messages["stranger"]
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +148,42 @@ def test_what_the_batch_cannot_take_is_refused_by_name(pedigree_data, area_count
     with pytest.raises(hp.HierpoolError, match="area"):  # an area outside the graph: once, for the batch
         hp.fit_batch("y ~ x + car(area, type='bym2')", [area_counts[0].assign(area="nowhere")], family="poisson",
                      adjacency=AREAS)
+
+
+SAMPLER = dict(chains=2, draws=60, tune=60)
+
+
+def test_an_animal_model_bayes_batch_is_each_datasets_bayes(pedigree_data):
+    sets, inverse = pedigree_data
+    chosen = {label: sets[label] for label in ("trait0", "trait1", "stranger")}
+    batch = _quiet(hp.bayes_batch, ANIMAL, chosen, by="trait", relmat_inverse={"animal": inverse}, seed=7,
+                   progress=False, **SAMPLER)
+    for d, label in enumerate(("trait0", "trait1")):  # dataset d is hp.bayes with seed + d: the same draws
+        single = _quiet(hp.bayes, ANIMAL, sets[label], relmat_inverse={"animal": inverse}, seed=7 + d, **SAMPLER)
+        np.testing.assert_allclose(batch.fixef.query("trait == @label")["mean"], single.fixef["mean"], rtol=1e-12)
+        np.testing.assert_allclose(batch.varcorr.query("trait == @label")["mean"], single.varcorr["mean"],
+                                   rtol=1e-12)
+        np.testing.assert_allclose(batch.ranef.query("trait == @label")["mean"], single.ranef["mean"], rtol=1e-12)
+        assert batch.heritability.loc[label, "mean"] == pytest.approx(single.heritability["mean"].iloc[0],
+                                                                      rel=1e-12)
+        assert batch.diagnostics.loc[label, "divergences"] == single.divergences
+    assert batch.messages[:2] == ["", ""] and "not labels of its relationship matrix" in batch.messages[2]
+    assert np.isnan(batch.fixef.query("trait == 'stranger'")["mean"]).all()
+    assert len(batch.ranef.query("trait == 'trait1'")) == len(inverse[1])  # every animal of the pedigree
+
+
+def test_a_spatial_bayes_batch_is_each_datasets_bayes(area_counts):
+    frames = [f.assign(y=np.log1p(f["y"] / f["exposure"])) for f in area_counts[:2]]
+    formula = "y ~ x + car(area, type='bym2')"
+    batch = _quiet(hp.bayes_batch, formula, frames, adjacency=AREAS, seed=3, progress=False, **SAMPLER)
+    for d, frame in enumerate(frames):
+        single = _quiet(hp.bayes, formula, frame, adjacency=AREAS, seed=3 + d, **SAMPLER)
+        np.testing.assert_allclose(batch.fixef.query("dataset == @d")["mean"], single.fixef["mean"], rtol=1e-12)
+        hyper = batch.hyperparameters.query("dataset == @d")
+        assert list(hyper["parameter"]) == list(single.hyperparameters().index)
+        np.testing.assert_allclose(hyper["mean"], single.hyperparameters()["mean"], rtol=1e-12)
+        np.testing.assert_allclose(batch.ranef.query("dataset == @d")["mean"], single.ranef["mean"], rtol=1e-12)
+    with pytest.raises(ArgumentError, match="no varcorr"):
+        batch.varcorr
+    with pytest.raises(ArgumentError, match="keep_draws"):
+        hp.bayes_batch(formula, frames, adjacency=AREAS, keep_draws=True)

@@ -36,7 +36,9 @@ from ..bayesian.results import SUMMARY_COLUMNS
 from ..errors import ArgumentError, integer_argument
 from ..spec.arguments import sampler_arguments
 from ..spec.family import family_spec
+from ..spec.formula import has_spatial_term
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
+from .bayes_each import bayes_batch_each
 from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
 from .bayes_results import SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, correlation_matrices, effect_key, term_chunks
@@ -126,6 +128,9 @@ def bayes_batch(
     correlation=None,
     family: str | None = None,
     link: str | None = None,
+    relmat: dict | None = None,
+    relmat_inverse: dict | None = None,
+    adjacency=None,
 ) -> BayesBatchResult:
     """Posteriors of one Bayesian linear mixed model fitted to many datasets at once.
 
@@ -183,6 +188,14 @@ def bayes_batch(
         be any.  ``varcorr`` then has no ``Residual`` rows; a negative binomial's shape is in ``result.shape``.
     link : str, optional
         The GLMM's link (``hp.bayes``'s ``link``).
+    relmat, relmat_inverse : dict, optional
+        A relationship matrix for one term's levels (the animal model), as ``hp.bayes``'s, shared by every
+        dataset; ``adjacency``: the graph(s) of the formula's ``car()`` spatial terms, as ``hp.bayes``'s.  Built
+        once, then each dataset sampled by ``hp.bayes(..., seed=seed + d)`` itself (dataset ``d`` in order;
+        :mod:`hierpool.batch.bayes_each`): ``result.heritability`` holds an animal model's h^2, and a spatial
+        batch's parameters are ``result.hyperparameters`` (it has no ``varcorr``).  Not with ``keep_draws``,
+        ``correlation=`` or another ``max_tree_depth`` (hp.bayes's samplers for these models take none);
+        ``chunk_size`` does not apply (one dataset's posterior is held at a time).
 
     Returns
     -------
@@ -206,6 +219,17 @@ def bayes_batch(
     """
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept, min_draws=4,
                                                   min_tune=1)
+    if (relmat is not None or relmat_inverse is not None or adjacency is not None
+            or (isinstance(formula, str) and has_spatial_term(formula))):
+        for name, value, default in (("keep_draws", keep_draws, False), ("correlation", correlation, None),
+                                     ("max_tree_depth", max_tree_depth, 10)):
+            if value != default:
+                raise ArgumentError(f"{name}={value!r} with a relationship matrix or spatial terms: each dataset is "
+                                    "sampled by hp.bayes, which takes no such argument for these models")
+        return bayes_batch_each(formula, data, by, chains=chains, draws=draws, tune=tune, seed=seed, priors=priors,
+                                level=level, target_accept=target_accept, progress=progress, weights=weights,
+                                offset=offset, se=se, family=family, link=link, relmat=relmat,
+                                relmat_inverse=relmat_inverse, adjacency=adjacency)
     chunk_size = integer_argument("chunk_size", chunk_size)
     spec = None
     if family is not None:

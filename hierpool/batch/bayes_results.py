@@ -9,6 +9,7 @@ import pandas as pd
 
 from ..algebra.varcorr import coef_pairs, varcorr_table
 from ..bayesian.results import ESS_MIN_PER_CHAIN, R_HAT_MAX, SUMMARY_COLUMNS, summarize_draws
+from ..errors import ArgumentError
 
 #: The further scalar parameters a batch may sample, each summarized per dataset (BayesBatchResult.scalars).
 SCALARS = ("phi", "shape")
@@ -99,7 +100,13 @@ class BayesBatchResult:
         ``Residual`` rows, as ``hp.bayes``'s.
     scalars : dict
         Per-dataset summaries (B, 7) of the model's further scalar parameters, by name: an AR(1) correlation's
-        ``phi`` (``correlation=``), a negative binomial's ``shape``.
+        ``phi`` (``correlation=``), a negative binomial's ``shape``, an animal model's ``heritability``
+        (``relmat=``).
+    hyperparameter_names : tuple of str or None
+        A spatial batch's (``car()`` terms): the names of ``hp.bayes``'s ``hyperparameters()`` rows, whose
+        summaries ``varcorr_summary`` then holds (:attr:`hyperparameters`); such a batch has no ``varcorr``,
+        as its single posterior has none.  The spatial terms come first in ``terms``, their coefficient the
+        term's label.
     """
 
     datasets: pd.Index
@@ -115,6 +122,7 @@ class BayesBatchResult:
     draws: dict | None = None
     sigma_known: bool = False
     scalars: dict = field(default_factory=dict)
+    hyperparameter_names: tuple | None = None
 
     def _only_term(self, name: str) -> BayesBatchTerm:
         if len(self.terms) != 1:
@@ -160,6 +168,9 @@ class BayesBatchResult:
 
         No ``Residual`` rows with known residual sds (``sigma_known``), as hp.bayes's.
         """
+        if self.hyperparameter_names is not None:
+            raise ArgumentError("a spatial batch (car() terms) has no varcorr table, as hp.bayes's spatial posterior "
+                                "has none: its parameters are result.hyperparameters")
         # the rows of hp.lmm's table (varcorr_table) for one dataset; the values are the summaries
         sigma = None if self.sigma_known else np.nan
         template = varcorr_table([(t.group, t.coef_names, np.full((len(t.coef_names),) * 2, np.nan))
@@ -192,6 +203,23 @@ class BayesBatchResult:
             position.append(np.repeat(np.arange(len(self.datasets)), counts * k))
         order = np.argsort(np.concatenate(position), kind="stable")
         return self._long(pd.concat(keys, ignore_index=True).iloc[order], np.concatenate(values)[order])
+
+    @property
+    def hyperparameters(self) -> pd.DataFrame | None:
+        """A spatial batch's parameters per dataset (``hp.bayes``'s ``hyperparameters()`` rows: sd, rho or alpha,
+        the ``(lhs | g)`` terms' sds and correlations, sigma or shape) with the summary columns; None for other
+        models."""
+        if self.hyperparameter_names is None:
+            return None
+        names = self.hyperparameter_names
+        keys = pd.DataFrame({self.datasets.name: np.repeat(np.asarray(self.datasets), len(names)),
+                             "parameter": np.tile(np.asarray(names, dtype=object), len(self.datasets))})
+        return self._long(keys, self.varcorr_summary.reshape(-1, len(SUMMARY_COLUMNS)))
+
+    @property
+    def heritability(self) -> pd.DataFrame | None:
+        """An animal model's h^2 per dataset (``relmat=``; hp.bayes's summary columns); None for other models."""
+        return self._scalar("heritability")
 
     @property
     def phi(self) -> pd.DataFrame | None:

@@ -112,33 +112,101 @@ def term_keys(sdesign=None, design=None) -> list[tuple]:
     return areas + [(t.group, tuple(t.coef_names)) for t in design.terms]
 
 
-def fit_each(formula: str, data, by: str, *, fitter, row, weights=None, offset=None, progress=None):
-    """Fit each dataset with ``fitter(formula, frame, **arguments)`` and take its numbers out with ``row(fit)``.
+@dataclass(frozen=True)
+class EachModel:
+    """A model checked on the long frame, with what its datasets' fits share (:func:`each_model`).
 
-    Returns (dataset labels, per dataset a :class:`DatasetFit` or None, per dataset its message).  The model was
-    checked on the long frame by the caller (module notes).
+    Attributes
+    ----------
+    frame : DataFrame
+        The long frame, positions as its row labels (a copy's index: the user's frame is untouched).
+    by : str
+    arguments : dict
+        ``weights`` and ``offset`` as given: column names, or arrays aligned with ``frame``'s rows.
+    shared : dict
+        The keyword argument every dataset's single fit gets: ``relmat_inverse={group: Relationship}`` or
+        ``adjacency={area column: Graph}``, built once.
+    keys : list of tuple
+        The random terms, in the batch's order (:func:`term_keys`).
+    fixed_names : tuple of str
+    spatial : bool
+        Spatial terms (else a relationship matrix).
     """
+
+    frame: pd.DataFrame
+    by: str
+    arguments: dict
+    shared: dict
+    keys: list
+    fixed_names: tuple
+    spatial: bool
+
+
+def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offset, se, relmat, relmat_inverse,
+               adjacency) -> EachModel:
+    """Check a relationship-matrix or spatial model on the long frame (once, for every dataset) and build what its
+    datasets' fits share.  ``spec``: a GLMM's family (None: Gaussian).
+
+    Raises
+    ------
+    ArgumentError, DataError, FormulaError
+        What the single fit would raise on every dataset: a relationship matrix with spatial terms, known residual
+        sds with spatial terms, and the single fit's own checks (``check_design``, ``spatial_design``).
+    """
+    from ..spec.relationship import model_relationship
+    from ..spec.spatial import spatial_design  # SciPy's sparse algebra: loaded only for these models
+
     frame = long_frame(data, by)
+    refuse_stateful(formula, caller, "hp.bayes" if caller == "bayes_batch" else "hp.glmm" if spec else "hp.lmm")
+    arguments = dict(weights=row_argument(weights, "weights", data, frame),
+                     offset=row_argument(offset, "offset", data, frame))
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)  # positions as labels: the user's frame untouched
-    codes, labels = dataset_codes(frame[by], by)
+    if relmat is not None or relmat_inverse is not None:
+        from ..closedform.relmat import check_design
+
+        if adjacency is not None or has_spatial_term(formula):
+            raise ArgumentError("relmat= with a spatial term (car(), adjacency=) is not supported: give one of them")
+        rel = model_relationship(formula, relmat, relmat_inverse)
+        design = build_design(formula, frame, se=se, family=spec, related=(rel.group,), **arguments)
+        check_design(design, rel)  # refuses a family, known sds, vector terms: by name, once
+        return EachModel(frame=frame, by=by, arguments=arguments, shared={"relmat_inverse": {rel.group: rel}},
+                         keys=term_keys(design=design), fixed_names=design.fixed_names, spatial=False)
+    if se is not None:
+        raise ArgumentError("se= is not supported with a spatial term (adjacency=) yet")
+    sdesign = spatial_design(formula, frame, adjacency, family=spec, **arguments)
+    graphs = {area.term.factor: area.graph for area in sdesign.areas}
+    return EachModel(frame=frame, by=by, arguments=arguments, shared={"adjacency": graphs},
+                     keys=term_keys(sdesign=sdesign), fixed_names=sdesign.design.fixed_names, spatial=True)
+
+
+def run_each(model: EachModel, call, progress, caller: str, keep_warnings: bool = True
+             ) -> tuple[pd.Index, list, list[str]]:
+    """``call(index, frame, arguments)`` on each dataset (its rows of the long frame, its weights/offset arguments),
+    in order.
+
+    Returns (dataset labels, per dataset what ``call`` returned or None where it raised, per dataset its message:
+    its error, after its fit's warnings with ``keep_warnings``).
+    """
+    frame = model.frame
+    codes, labels = dataset_codes(frame[model.by], model.by)
     order = np.argsort(codes, kind="stable")
     rows = np.split(order, np.searchsorted(codes[order], np.arange(1, len(labels))))
-    fits, messages = [], []
-    with progress_bar(progress, len(labels), "fit_batch") as bar:
-        for dataset_rows in rows:
-            arguments = dataset_arguments(dataset_rows, weights, offset)
+    out, messages = [], []
+    with progress_bar(progress, len(labels), caller) as bar:
+        for index, dataset_rows in enumerate(rows):
+            arguments = dataset_arguments(dataset_rows, **model.arguments)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", HierpoolWarning)
                 try:
-                    fits.append(row(fitter(formula, frame.iloc[dataset_rows], **arguments)))
+                    out.append(call(index, frame.iloc[dataset_rows], arguments))
                     message = ""
                 except Exception as exc:  # kept in the dataset's row, never raised for the batch
-                    fits.append(None)
+                    out.append(None)
                     message = f"{type(exc).__name__}: {exc}"
-            said = [str(w.message) for w in caught if issubclass(w.category, HierpoolWarning)]
+            said = [str(w.message) for w in caught if keep_warnings and issubclass(w.category, HierpoolWarning)]
             messages.append("; ".join(dict.fromkeys(said + ([message] if message else []))))
             bar.update(1)
-    return labels, fits, messages
+    return labels, out, messages
 
 
 def each_result(labels: pd.Index, fits: list, messages: list, *, fixed_names, terms: list[tuple], reml: bool,
@@ -196,44 +264,24 @@ def each_result(labels: pd.Index, fits: list, messages: list, *, fixed_names, te
 def fit_batch_each(formula: str, data, by: str, *, family, link, reml: bool | None, nAGQ: int, weights, offset,
                    se, relmat, relmat_inverse, adjacency, progress) -> BatchResult:
     """``hp.fit_batch`` of a model with a relationship matrix or spatial terms (module notes): the model checked
-    on the long frame, its relationship or graphs built once, then each dataset's ``hp.lmm`` / ``hp.glmm``."""
+    on the long frame, its relationship or graphs built once (:func:`each_model`), then each dataset's ``hp.lmm`` /
+    ``hp.glmm``."""
     from ..closedform import glmm, lmm
     from ..spec.family import family_spec
-    from ..spec.relationship import model_relationship
-    from ..spec.spatial import spatial_design  # SciPy's sparse algebra: loaded only for these models
 
-    frame = long_frame(data, by)
-    refuse_stateful(formula, "fit_batch", "hp.glmm" if family else "hp.lmm")
-    arguments = dict(weights=row_argument(weights, "weights", data, frame),
-                     offset=row_argument(offset, "offset", data, frame))
-    if relmat is not None or relmat_inverse is not None:
-        from ..closedform.relmat import check_design
-
-        if adjacency is not None or has_spatial_term(formula):
-            raise ArgumentError("relmat= with a spatial term (car(), adjacency=) is not supported: give one of them")
-        reml = True if reml is None else bool(reml)
-        rel = model_relationship(formula, relmat, relmat_inverse)
-        spec = None if family is None else family_spec(family, link)
-        design = build_design(formula, frame, se=se, family=spec, related=(rel.group,), **arguments)
-        check_design(design, rel)  # refuses a family, known sds, vector terms: by name, once
-        keys = term_keys(design=design)
-        fitter = partial(lmm, reml=reml, relmat_inverse={rel.group: rel})
-        row = partial(relmat_row, order=keys)
-        fixed_names, sigma_known = design.fixed_names, False
-    else:
-        if se is not None:
-            raise ArgumentError("se= is not supported with a spatial term (adjacency=) yet")
-        spec = None if family is None else family_spec(family, link)
+    spec = None if family is None else family_spec(family, link)
+    model = each_model(formula, data, by, "fit_batch", spec=spec, weights=weights, offset=offset, se=se,
+                       relmat=relmat, relmat_inverse=relmat_inverse, adjacency=adjacency)
+    reml = (spec is None) if reml is None else bool(reml)
+    if model.spatial:
         if nAGQ > 1:
             raise ArgumentError(f"nAGQ={nAGQ}: a spatial model is fitted by the Laplace approximation (nAGQ 0 or 1)")
-        reml = (spec is None) if reml is None else bool(reml)
-        sdesign = spatial_design(formula, frame, adjacency, family=spec, **arguments)
-        keys = term_keys(sdesign=sdesign)
-        graphs = {area.term.factor: area.graph for area in sdesign.areas}  # built once, for every dataset
-        fitter = (partial(lmm, reml=reml, adjacency=graphs) if spec is None else
-                  partial(glmm, family=family, link=link, nAGQ=nAGQ, reml=reml, adjacency=graphs))
-        row = partial(spatial_row, order=keys)
-        fixed_names, sigma_known = sdesign.design.fixed_names, spec is not None
-    labels, fits, messages = fit_each(formula, frame, by, fitter=fitter, row=row, progress=progress, **arguments)
-    return each_result(labels, fits, messages, fixed_names=fixed_names, terms=keys, reml=reml,
-                       sigma_known=sigma_known)
+        fitter = (partial(lmm, reml=reml, **model.shared) if spec is None else
+                  partial(glmm, family=family, link=link, nAGQ=nAGQ, reml=reml, **model.shared))
+        row = partial(spatial_row, order=model.keys)
+    else:
+        fitter, row = partial(lmm, reml=reml, **model.shared), partial(relmat_row, order=model.keys)
+    labels, fits, messages = run_each(model, lambda index, frame, arguments: row(fitter(formula, frame, **arguments)),
+                                      progress, "fit_batch")
+    return each_result(labels, fits, messages, fixed_names=model.fixed_names, terms=model.keys, reml=reml,
+                       sigma_known=model.spatial and spec is not None)

@@ -1,0 +1,111 @@
+"""``hp.bayes_batch`` of the models whose posterior has no batched sampler here: a relationship matrix
+(``relmat=``) and spatial ``car()`` terms, each dataset sampled by ``hp.bayes`` itself.
+
+``hp.bayes`` samples them on the host's sparse algebra (:mod:`hierpool.bayesian.relmat`'s collapsed sampler with
+exact (beta, b) draws from SuperLU factors; :mod:`hierpool.bayesian.spatial_exact` for a Gaussian spatial model) or
+by NUTS on the spatial model (:mod:`hierpool.bayesian.spatial`), none of which is written over a leading dataset
+axis.  So each dataset's posterior is ``hp.bayes(formula, dataset, seed=seed + d, ...)``'s, dataset ``d`` in order
+of first appearance: the same code, and any row can be reproduced alone.  The model is checked, and its
+relationship or graphs built, once on the long frame (:func:`hierpool.batch.fit_each.each_model`); each dataset's
+summaries are taken out of its result, which is then dropped (one posterior is held at a time); a dataset whose
+sampling raises keeps the error in its message, its summaries NaN.  Sampler warnings are not repeated in the
+messages: ``diagnostics`` gives each dataset's divergences, R-hat and ESS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..algebra.varcorr import varcorr_table
+from ..bayesian.results import SUMMARY_COLUMNS
+from .bayes_results import BayesBatchResult, BayesBatchTerm
+from .fit_each import each_model, run_each
+
+_WIDTH = len(SUMMARY_COLUMNS)
+
+
+def _relmat_summaries(result, keys: list, fixed_names, template: pd.DataFrame) -> dict:
+    """An animal model's posterior (a :class:`~hierpool.bayesian.results.BayesResult`) as the batch's arrays:
+    ``template`` the batch's varcorr rows (grp, var1, var2), matched by name (the dataset's own fit may order its
+    terms otherwise)."""
+    varcorr = result.varcorr.set_index(["grp", "var1"])[SUMMARY_COLUMNS]
+    ranef = result.ranef
+    terms = []
+    for group, _ in keys:
+        part = ranef[ranef["grpvar"] == group]
+        terms.append((part["grp"].to_numpy(), part[SUMMARY_COLUMNS].to_numpy()[None]))
+    return {"fixef": result.fixef.reindex(list(fixed_names))[SUMMARY_COLUMNS].to_numpy(),
+            "varcorr": varcorr.loc[list(zip(template["grp"], template["var1"]))].to_numpy(),
+            "terms": terms, "divergences": result.divergences,
+            "scalars": {"heritability": result.heritability[SUMMARY_COLUMNS].to_numpy()[0]}}
+
+
+def _spatial_summaries(result, keys: list, fixed_names) -> dict:
+    """A spatial posterior (:class:`~hierpool.bayesian.spatial.SpatialBayesResult`) as the batch's arrays: its
+    hyperparameters in place of varcorr's rows, each term's effects (a ``(lhs | g)`` term's table is level-major)."""
+    tables = result.ranef
+    if not isinstance(tables, dict):
+        tables = {keys[0][1][0]: tables}
+    n_spatial = len(result.sdesign.areas)
+    group_terms = {(t.group, tuple(t.coef_names)): t for t in result.design.terms}
+    terms = []
+    for t, key in enumerate(keys):
+        # a spatial term's key carries its label; a (lhs | g) term's table is keyed by the term's label
+        label, k = (key[1][0], 1) if t < n_spatial else (group_terms[key].label, group_terms[key].k)
+        table = tables[label]
+        values = table[SUMMARY_COLUMNS].to_numpy().reshape(-1, k, _WIDTH).transpose(1, 0, 2)
+        terms.append((table.index.get_level_values(0).to_numpy()[::k], values))
+    hyper = result.hyperparameters()
+    return {"fixef": result.fixef.reindex(list(fixed_names))[SUMMARY_COLUMNS].to_numpy(),
+            "varcorr": hyper[SUMMARY_COLUMNS].to_numpy(), "names": tuple(hyper.index),
+            "terms": terms, "divergences": result.divergences, "scalars": {}}
+
+
+def bayes_batch_each(formula: str, data, by: str, *, chains: int, draws: int, tune: int, seed: int, priors,
+                     level: float, target_accept: float, progress, weights, offset, se, family, link, relmat,
+                     relmat_inverse, adjacency) -> BayesBatchResult:
+    """Each dataset's ``hp.bayes`` posterior (module notes), summarized as :class:`BayesBatchResult`'s."""
+    from ..bayesian.fit import bayes
+    from ..spec.family import family_spec
+
+    gaussian = family is None or (isinstance(family, str) and family.strip().lower() == "gaussian")
+    spec = None if gaussian else family_spec(family, link)
+    model = each_model(formula, data, by, "bayes_batch", spec=spec, weights=weights, offset=offset, se=se,
+                       relmat=relmat, relmat_inverse=relmat_inverse, adjacency=adjacency)
+    keys, fixed_names = model.keys, model.fixed_names
+    template = varcorr_table([(group, coefs, np.full((len(coefs),) * 2, np.nan)) for group, coefs in keys], np.nan)
+    settings = dict(chains=chains, draws=draws, tune=tune, priors=priors, level=level, target_accept=target_accept,
+                    progress=False, family=family, link=link, **model.shared)
+
+    def sample(index: int, frame: pd.DataFrame, arguments: dict) -> dict:
+        result = bayes(formula, frame, seed=seed + index, **settings, **arguments)
+        if model.spatial:
+            return _spatial_summaries(result, keys, fixed_names)
+        return _relmat_summaries(result, keys, fixed_names, template)
+
+    labels, out, messages = run_each(model, sample, progress, "bayes_batch", keep_warnings=False)
+    n, p = len(labels), len(fixed_names)
+    done = [o for o in out if o is not None]
+    names = done[0]["names"] if model.spatial and done else None
+    rows = len(names) if names is not None else (len(template) if not model.spatial else 0)
+    fixef = np.full((n, p, _WIDTH), np.nan)
+    varcorr = np.full((n, rows, _WIDTH), np.nan)
+    divergences = np.zeros(n, dtype=int)
+    scalars = {} if model.spatial else {"heritability": np.full((n, _WIDTH), np.nan)}
+    term_levels = [[np.array([], dtype=object)] * n for _ in keys]
+    term_summaries = [[np.zeros((len(coefs), 0, _WIDTH))] * n for _, coefs in keys]
+    for d, summary in enumerate(out):
+        if summary is None:
+            continue
+        fixef[d], varcorr[d], divergences[d] = summary["fixef"], summary["varcorr"], summary["divergences"]
+        for name, value in summary["scalars"].items():
+            scalars[name][d] = value
+        for t, (levels, values) in enumerate(summary["terms"]):
+            term_levels[t][d], term_summaries[t][d] = levels, values
+    terms = tuple(BayesBatchTerm(group=group, coef_names=tuple(coefs), levels=levels, ranef_summary=summaries)
+                  for (group, coefs), levels, summaries in zip(keys, term_levels, term_summaries))
+    return BayesBatchResult(datasets=labels, fixed_names=tuple(fixed_names), terms=terms, fixef_summary=fixef,
+                            varcorr_summary=varcorr, divergences=divergences, messages=messages, chains=chains,
+                            draws_per_chain=draws, level=level, sigma_known=spec is not None, scalars=scalars,
+                            hyperparameter_names=names if model.spatial else None)
