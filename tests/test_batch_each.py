@@ -126,6 +126,12 @@ def test_adaptive_quadrature_fits_each_dataset_alone():
         assert batch.refit[d] and "nAGQ=5" in batch.messages[d]
     laplace = _quiet(hp.fit_batch, formula, frames, family="binomial", progress=False)
     assert not np.allclose(laplace.objective, batch.objective, rtol=1e-6)  # the quadrature is not Laplace's
+    # the bootstrap refits at the fit's own quadrature
+    boot = _quiet(hp.bootstrap, single, 2, seed=6, progress=False)
+    replicate = frame.assign(k=np.rint(hp.simulate(single, 2, seed=6)["sim_2"].to_numpy() * 10).astype(int))
+    again = _quiet(hp.glmm, formula, replicate, family="binomial", nAGQ=5)
+    np.testing.assert_allclose(boot.replicates.iloc[1], [*again.fixef, np.sqrt(again.term_covariances()[0][0, 0])],
+                               rtol=1e-10)
 
 
 def test_what_the_batch_cannot_take_is_refused_by_name(pedigree_data, area_counts):
@@ -187,3 +193,38 @@ def test_a_spatial_bayes_batch_is_each_datasets_bayes(area_counts):
         batch.varcorr
     with pytest.raises(ArgumentError, match="keep_draws"):
         hp.bayes_batch(formula, frames, adjacency=AREAS, keep_draws=True)
+
+
+def test_an_animal_models_simulations_have_its_covariance(pedigree_data):
+    sets, inverse = pedigree_data
+    frame = sets["trait0"]
+    fit = _quiet(hp.lmm, ANIMAL, frame, relmat_inverse={"animal": inverse})
+    sims = hp.simulate(fit, 3000, seed=4).to_numpy()
+    labels = list(inverse[1])
+    A = np.linalg.inv(inverse[0].toarray())
+    rows = [labels.index(a) for a in frame["animal"]]
+    V = fit.sigma_a**2 * A[np.ix_(rows, rows)] + fit.sigma**2 * np.eye(len(rows))
+    C = np.cov(sims)
+    related = np.triu(A[np.ix_(rows, rows)] > 0.2, 1)  # relatives' records: covariance sigma_A^2 A_ij only
+    # each entry's Monte-Carlo sd is about V_ii sqrt(2 / 3000); over hundreds of pairs their mean is within 1%
+    assert C[related].mean() / V[related].mean() == pytest.approx(1.0, abs=0.05)
+    assert np.diag(C).mean() / np.diag(V).mean() == pytest.approx(1.0, abs=0.03)
+    np.testing.assert_allclose(sims.mean(axis=1), fit.design.X @ fit.fixef.to_numpy(), atol=5 * np.sqrt(V.max() / 3000))
+
+
+def test_the_bootstrap_refits_an_animal_model_and_a_spatial_glmm(pedigree_data, area_counts):
+    sets, inverse = pedigree_data
+    fit = _quiet(hp.lmm, ANIMAL, sets["trait0"], relmat_inverse={"animal": inverse})
+    boot = _quiet(hp.bootstrap, fit, 2, seed=8, progress=False)
+    assert list(boot.estimate.index) == ["Intercept", "sex[M]", "sd_animal_Intercept", "sigma"]
+    replicate = sets["trait0"].assign(y=hp.simulate(fit, 2, seed=8)["sim_2"].to_numpy())
+    single = _quiet(hp.lmm, ANIMAL, replicate, relmat_inverse={"animal": inverse})
+    np.testing.assert_allclose(boot.replicates.iloc[1], [*single.fixef, single.sigma_a, single.sigma], rtol=1e-10)
+
+    formula = "y ~ x + offset(log(exposure)) + car(area, type='bym2')"
+    spatial = _quiet(hp.glmm, formula, area_counts[0], family="poisson", adjacency=AREAS)
+    boot = _quiet(hp.bootstrap, spatial, 2, seed=3, progress=False)
+    assert list(boot.estimate.index) == ["Intercept", "x", "sd", "rho"]
+    replicate = area_counts[0].assign(y=hp.simulate(spatial, 2, seed=3)["sim_1"].to_numpy())
+    single = _quiet(hp.glmm, formula, replicate, family="poisson", adjacency=AREAS)
+    np.testing.assert_allclose(boot.replicates.iloc[0], [*single.fixef, single.sd, single.mix], rtol=1e-10)

@@ -347,8 +347,8 @@ def test_a_dataset_whose_system_is_broken_fails_alone_on_the_host(crossed, fault
         np.testing.assert_array_equal(bad["b"][t][others], good["b"][t][others])
 
 
-def test_spatial_terms_are_refused_by_name():
-    with pytest.raises(ArgumentError, match=r"does not fit spatial terms"):
+def test_spatial_terms_without_their_graph_are_refused_by_name():
+    with pytest.raises(ArgumentError, match=r"car\(area, type='bym2'\) needs the areas' neighbourhood graph"):
         hp.fit_batch("y ~ 1 + car(area)", pd.DataFrame({"y": [1.0, 2.0], "area": ["a", "b"], "rep": [0, 0]}),
                      by="rep")
 

@@ -233,7 +233,7 @@ def test_unusable_dataset_stays_in_its_row(replicates, posterior):
 
 
 def test_bad_arguments_name_themselves(replicates):
-    with pytest.raises(hp.ArgumentError, match="does not fit spatial terms"):
+    with pytest.raises(hp.ArgumentError, match="needs the areas' neighbourhood graph"):
         hp.bayes_batch("Reaction ~ Days + car(Subject)", replicates)
     with pytest.raises(hp.ArgumentError, match="chains"):
         hp.bayes_batch(SLEEP, replicates, chains=0)

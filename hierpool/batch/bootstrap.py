@@ -9,9 +9,10 @@ intervals: percentile (``boot.type = "perc"``, the default), basic, or normal (b
 
 ``hp.fit_batch`` fits linear mixed models with any random-effect terms (one, crossed, nested; any width), with
 weights, offsets or known residual sds, or with AR(1) residuals, and GLMMs (binomial, Poisson, negative binomial) by
-the Laplace approximation: the bootstrap takes those fits (an ``hp.glmm`` fit at nAGQ = 1; a spatial fit or adaptive
-quadrature is refused by name). A GLMM's simulated response gets its own column (a binomial's proportions, with its
-trials as weights), whatever form the fit's response had (``cbind``, proportions, counts).
+the Laplace approximation (other nAGQ, a relationship matrix and spatial terms dataset by dataset,
+:mod:`hierpool.batch.fit_each`): the bootstrap takes every such fit.  A GLMM's simulated response gets its own
+column (a binomial's proportions, with its trials as weights), whatever form the fit's response had (``cbind``,
+proportions, counts).
 
 References: Davison & Hinkley (1997), Bootstrap methods and their application, ch. 2 and 5; Bates et al. (2015),
 lme4's ``bootMer`` and ``confint.merMod``.
@@ -28,6 +29,7 @@ from ..algebra.varcorr import coef_pairs
 from ..closedform.ar1 import AR1Result
 from ..closedform.glmm_results import GLMMResult
 from ..closedform.predict import normal_quantile
+from ..closedform.relmat import RelmatResult
 from ..closedform.results import LMMResult
 from ..closedform.simulate import simulate
 from ..closedform.spatial import SpatialFit
@@ -60,11 +62,14 @@ def _series_columns(series) -> tuple[np.ndarray, np.ndarray]:
     return series.group_codes, time
 
 
-def parameter_estimates(fit: LMMResult | GLMMResult) -> pd.Series:
+def parameter_estimates(fit) -> pd.Series:
     """The fit's parameters named as :meth:`BatchResult.to_frame` names them (:func:`term_parameter_names`): fixed
     effects, then per term ``sd_<group>_<coef>`` and ``cor_<group>_<a>_<b>``, then ``sigma`` (a linear mixed
-    model's), ``shape`` (a negative binomial's) or ``phi`` (an AR(1) correlation's)."""
+    model's), ``shape`` (a negative binomial's) or ``phi`` (an AR(1) correlation's); a spatial fit's fixed effects
+    and its ``hyperparameters()``."""
     out = dict(zip(fit.design.fixed_names, np.asarray(fit.fixef, dtype=float)))
+    if isinstance(fit, SpatialFit):  # its parameters as named by the fit and by a spatial batch's to_frame
+        return pd.Series(out | dict(fit.hyperparameters()), name="estimate", dtype=float)
     for term, cov in zip(fit.design.terms, fit.term_covariances()):
         cov = np.asarray(cov, dtype=float)
         sds = np.sqrt(np.diag(cov))
@@ -147,10 +152,12 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
 
     Parameters
     ----------
-    fit : LMMResult or GLMMResult
+    fit : LMMResult, GLMMResult, SpatialFit or RelmatResult
         An ``hp.lmm`` fit (any random-effect terms; weights, offsets or known residual sds allowed; or AR(1)
-        residuals, ``correlation=``, whose phi is then a parameter too), or an ``hp.glmm`` fit by the Laplace
-        approximation (binomial, Poisson, negative binomial, whose shape is then a parameter too).
+        residuals, ``correlation=``, whose phi is then a parameter too; or a relationship matrix, ``relmat=``), or
+        an ``hp.glmm`` fit (binomial, Poisson, negative binomial, whose shape is then a parameter too; refitted
+        at its own nAGQ), or either with spatial terms (``adjacency=``: its parameters are its
+        ``hyperparameters()``, refitted by the same REML or ML).
     n : int
         Replicates.
     seed : int, optional
@@ -172,15 +179,10 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     n = integer_argument("n", n, minimum=2)
     if not 0 < float(level) < 1:
         raise ArgumentError(f"level must lie in (0, 1), got {level!r}")
-    if isinstance(fit, SpatialFit):
-        raise ArgumentError("hp.bootstrap refits with hp.fit_batch, which does not fit spatial terms (car()): "
-                            "simulate with hp.simulate and fit each replicate with hp.glmm(..., adjacency=)")
-    if not isinstance(fit, (LMMResult, GLMMResult)):
+    if not isinstance(fit, (LMMResult, GLMMResult, SpatialFit, RelmatResult)):
         raise ArgumentError("hp.bootstrap refits its replicates with hp.fit_batch, which takes hp.lmm fits (with "
-                            f"independent or AR(1) residuals) and hp.glmm fits: got {type(fit).__name__}")
-    if isinstance(fit, GLMMResult) and (fit.nodes != 1 or fit.stages != 2):
-        raise ArgumentError(f"hp.bootstrap refits with hp.fit_batch, which fits a GLMM by the Laplace approximation "
-                            f"(nAGQ=1): this fit has nAGQ={0 if fit.stages == 1 else fit.nodes}")
+                            "independent or AR(1) residuals, a relationship matrix or spatial terms) and hp.glmm "
+                            f"fits: got {type(fit).__name__}")
     design = fit.design
     stateful = stateful_calls(design.spec.formula)
     if stateful:  # fit_batch refuses them on a long frame (one mean over all datasets); here every replicate has the
@@ -189,7 +191,8 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
                             f"{', '.join(n + '()' for n in stateful)} in a formula: transform the column in the data "
                             "before fitting")
     frame, response = design.frame, design.spec.response
-    glmm_fit = isinstance(fit, GLMMResult)
+    spatial = isinstance(fit, SpatialFit)
+    glmm_fit = design.family is not None  # hp.glmm's, with or without spatial terms
     formula = design.spec.formula
     if glmm_fit and frame is None:
         raise ArgumentError("hp.bootstrap refits on the fit's model frame, which this hp.glmm fit does not keep")
@@ -210,7 +213,9 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     long[REPLICATE_COLUMN] = np.repeat(np.arange(n), rows)
     arguments = {}
     if glmm_fit:
-        arguments.update(family=design.family.name, link=design.family.link)
+        # the fit's quadrature (glmer's nAGQ: 0 its first stage alone)
+        nAGQ = 0 if fit.stages == 1 else 1 if spatial else fit.nodes
+        arguments.update(family=design.family.name, link=design.family.link, nAGQ=nAGQ)
         if design.family.name == "binomial":  # trials (times any prior weights): the design's row weights
             long[TRIALS_COLUMN] = np.tile(design.row_weights, n)
             arguments["weights"] = TRIALS_COLUMN
@@ -226,8 +231,12 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
         arguments["correlation"] = AR1(group=SERIES_GROUP, time=SERIES_TIME, continuous=fit.structure.continuous)
     if design.offset_argument is not None:
         arguments["offset"] = design.offset_column or OFFSET_COLUMN
-    if not glmm_fit:
+    if not glmm_fit or spatial:  # a spatial GLMM may be fitted by REML (glmmTMB's)
         arguments["reml"] = fit.reml
+    if spatial:  # the fit's graphs, as built
+        arguments["adjacency"] = {area.term.factor: area.graph for area in fit.sdesign.areas}
+    if isinstance(fit, RelmatResult):
+        arguments["relmat_inverse"] = {fit.relationship.group: fit.relationship}
     batch = fit_batch(formula, long, by=REPLICATE_COLUMN, chunk_size=chunk_size, progress=progress, **arguments)
     estimate = parameter_estimates(fit)
     table = batch.to_frame().set_index("dataset")

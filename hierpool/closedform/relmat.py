@@ -92,6 +92,35 @@ class KFactor:
     draw: Callable
 
 
+def factor_spd(matrix: scipy.sparse.csc_matrix, order: tuple | None = None) -> tuple[KFactor | None, object]:
+    """A sparse symmetric positive definite matrix K factored by SuperLU without pivoting (a symmetric elimination's
+    pivots), as a :class:`KFactor` (None where K is not positive definite), with SuperLU's factor itself.
+
+    ``order``: (ordering, its inverse) of a matrix already permuted by it (its pattern's minimum-degree ordering,
+    found once); None: SuperLU finds one (``MMD_AT_PLUS_A``) and applies it itself.
+    """
+    options = dict(diag_pivot_thresh=0.0, options=dict(SymmetricMode=True))
+    lu = scipy.sparse.linalg.splu(matrix, permc_spec="MMD_AT_PLUS_A" if order is None else "NATURAL", **options)
+    pivots = lu.U.diagonal()
+    if not (np.array_equal(lu.perm_r, lu.perm_c) and np.all(pivots > 0)):  # rows swapped: a zero pivot
+        return None, None
+    permutation, back = (None, None) if order is None else order
+
+    def solve(v):
+        if permutation is None:
+            return lu.solve(np.ascontiguousarray(v))
+        return lu.solve(np.ascontiguousarray(v[permutation]))[back]
+
+    def draw(z):
+        # with no pivoting, Pr K Pr' = L U = L D L' (U = D L'), so x = Pr' U^-1 D^(1/2) z ~ N(0, K^-1); SuperLU's
+        # solve is Pr' U^-1 L^-1 Pr, hence x = lu.solve(Pr' L D^(1/2) z), Pr' v = v[perm_r] (SciPy's convention)
+        scaled = np.sqrt(pivots).reshape((-1,) + (1,) * (np.ndim(z) - 1)) * z
+        x = lu.solve(np.ascontiguousarray((lu.L @ scaled)[lu.perm_r]))
+        return x if permutation is None else x[back]
+
+    return KFactor(solve=solve, log_det=float(np.sum(np.log(pivots))), draw=draw), lu
+
+
 class RelmatEquations:
     """The theta-free blocks of the mixed-model equations, and K(theta) = Z'WZ + P(theta) factored.
 
@@ -136,34 +165,15 @@ class RelmatEquations:
 
     def factor(self, theta) -> KFactor | None:
         """K(theta) factored (:class:`KFactor`), or None where K is not positive definite."""
-        options = dict(diag_pivot_thresh=0.0, options=dict(SymmetricMode=True))
         if self._order is None:  # the first factorization finds the ordering, and serves this theta too
-            lu = scipy.sparse.linalg.splu(self._k(theta), permc_spec="MMD_AT_PLUS_A", **options)
-            order = self._order = np.argsort(lu.perm_c)  # the symmetric ordering SuperLU chose, as indices
-            self._back = np.argsort(order)
-            self._permuted = (scipy.sparse.csc_matrix(self.ZtWZ[order][:, order]),
-                              scipy.sparse.csc_matrix(self.penalty[order][:, order]), self.block[order])
-            order = back = None  # lu.solve applies the permutation itself
-        else:
-            lu = scipy.sparse.linalg.splu(self._k(theta, self._order), permc_spec="NATURAL", **options)
-            order, back = self._order, self._back
-        pivots = lu.U.diagonal()
-        if not (np.array_equal(lu.perm_r, lu.perm_c) and np.all(pivots > 0)):  # rows swapped: a zero pivot
-            return None
-
-        def solve(v):
-            if order is None:
-                return lu.solve(np.ascontiguousarray(v))
-            return lu.solve(np.ascontiguousarray(v[order]))[back]
-
-        def draw(z):
-            # with no pivoting, Pr K Pr' = L U = L D L' (U = D L'), so x = Pr' U^-1 D^(1/2) z ~ N(0, K^-1); SuperLU's
-            # solve is Pr' U^-1 L^-1 Pr, hence x = lu.solve(Pr' L D^(1/2) z), Pr' v = v[perm_r] (SciPy's convention)
-            scaled = np.sqrt(pivots).reshape((-1,) + (1,) * (np.ndim(z) - 1)) * z
-            x = lu.solve(np.ascontiguousarray((lu.L @ scaled)[lu.perm_r]))
-            return x if order is None else x[back]
-
-        return KFactor(solve=solve, log_det=float(np.sum(np.log(pivots))), draw=draw)
+            factored, lu = factor_spd(self._k(theta))
+            if lu is not None:
+                order = self._order = np.argsort(lu.perm_c)  # the symmetric ordering SuperLU chose, as indices
+                self._back = np.argsort(order)
+                self._permuted = (scipy.sparse.csc_matrix(self.ZtWZ[order][:, order]),
+                                  scipy.sparse.csc_matrix(self.penalty[order][:, order]), self.block[order])
+            return factored
+        return factor_spd(self._k(theta, self._order), (self._order, self._back))[0]
 
     def evaluate(self, theta, reml: bool) -> tuple[float, dict]:
         """The criterion at theta (one per term), and the pieces of the fit there."""
@@ -348,6 +358,11 @@ class RelmatResult(Likelihood):
         then the residual's."""
         return varcorr_table([(term.group, term.coef_names, np.array([[(t * self.sigma) ** 2]]))
                               for term, t in zip(self.design.terms, self.theta)], self.sigma)
+
+    def term_covariances(self) -> list[np.ndarray]:
+        """Each term's 1 x 1 covariance (theta_j sigma)^2, in ``design.terms``' order (``LMMResult``'s accessor):
+        the relationship term's is sigma_A^2, its effects' covariance sigma_A^2 A."""
+        return [np.array([[(t * self.sigma) ** 2]]) for t in self.theta]
 
     def variance_shares(self) -> pd.Series:
         """Each variance's share of the total (random effects' and the residual's): the relationship term's is

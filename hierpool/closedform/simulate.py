@@ -7,7 +7,8 @@ out of its trials (w_i) returned as the proportion, as its response was given.  
 N(0, Sigma^) per term (``use_u=False``, lme4's default ``re.form = NA``: the unconditional distribution, what a
 parametric bootstrap needs), or held at the fitted conditional modes (``use_u=True``, lme4's ``re.form = NULL``).
 A spatial term's field is drawn from its prior under its sum-to-zero constraints (one sparse LU of the bordered
-prior precision; :func:`_spatial_linear_predictor`).
+prior precision; :func:`_spatial_linear_predictor`); a relationship matrix's effects from N(0, sigma_A^2 A) over
+every level of A (one sparse LU of A^-1; :func:`_relmat_linear_predictor`).
 
 References: Bates, Maechler, Bolker & Walker (2015), lme4's ``simulate.merMod``; Davison & Hinkley (1997),
 Bootstrap methods and their application, ch. 2 (the parametric bootstrap).
@@ -69,6 +70,32 @@ def _spatial_linear_predictor(fit, rng: np.random.Generator, n: int, use_u: bool
     return out
 
 
+def _relmat_linear_predictor(fit, rng: np.random.Generator, n: int, use_u: bool) -> np.ndarray:
+    """(rows, n): an animal model's o + X beta^ + sum_j z_ij b*_j[level], the relationship term's b* drawn from
+    N(0, sigma_A^2 A) over every level of A (one sparse LU of A^-1, :func:`~hierpool.closedform.relmat.factor_spd`,
+    whose draw is N(0, (A^-1)^-1)), the other terms' from N(0, sigma_j^2 I) (``use_u``: the fitted BLUPs)."""
+    from .relmat import factor_spd  # SciPy's sparse LU: loaded for a relationship-matrix fit only
+
+    design, rel = fit.design, fit.relationship
+    out = (design.offset + design.X @ np.asarray(fit.fixef, dtype=float))[:, None] + np.zeros((1, n))
+    ranef = fit.ranef if use_u else None
+    for term, cov in zip(design.terms, fit.term_covariances()):
+        related = term.group == rel.group
+        labels = rel.labels if related else np.asarray(term.levels)
+        # each level of the data among the term's effects (A's labels are strings, as the design's levels)
+        position = pd.Index(labels).get_indexer([str(v) for v in term.levels] if related else term.levels)
+        sd = float(np.sqrt(cov[0, 0]))
+        if use_u:
+            part = ranef[ranef["grpvar"] == term.group]
+            b = np.repeat(part["condval"].to_numpy()[:, None], n, axis=1)
+        elif related:
+            b = sd * factor_spd(rel.inverse)[0].draw(rng.standard_normal((len(labels), n)))
+        else:
+            b = sd * rng.standard_normal((len(labels), n))
+        out += np.asarray(term.z[:, :1], dtype=float) * b[position[term.index]]
+    return out
+
+
 def _root(cov: np.ndarray) -> np.ndarray:
     """R with R R' = cov, for a positive semi-definite covariance (a singular fit's too: an sd of 0)."""
     values, vectors = np.linalg.eigh(cov)
@@ -99,10 +126,11 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
 
     Parameters
     ----------
-    fit : LMMResult, GLMMResult or SpatialFit
+    fit : LMMResult, GLMMResult, SpatialFit or RelmatResult
         ``hp.lmm`` (independent or AR(1) residuals, prior weights or known residual sds, offsets) or ``hp.glmm``
         (binomial, Poisson, negative binomial) fit, or either with spatial terms (``adjacency=``: each spatial
-        term's field drawn from its prior under its constraints).
+        term's field drawn from its prior under its constraints), or an ``hp.lmm`` fit with a relationship matrix
+        (``relmat=``: the term's effects drawn from N(0, sigma_A^2 A) over every level of A).
     n : int
         Number of simulated responses.
     seed : int, optional
@@ -125,13 +153,16 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
     n = integer_argument("n", n, minimum=1)
     # a SpatialFit by its parts, not by importing closedform.spatial (SciPy), which a small fit never loads
     spatial = hasattr(fit, "sdesign") and hasattr(fit, "laplace")
-    if not (spatial or isinstance(fit, (LMMResult, GLMMResult))):
-        raise ArgumentError(f"hp.simulate takes an hp.lmm or hp.glmm fit with random-effect terms (or spatial ones), "
-                            f"got {type(fit).__name__} (a relationship matrix's or a model without random terms' "
+    relmat = hasattr(fit, "relationship") and hasattr(fit, "heritability")  # a RelmatResult: SciPy not loaded here
+    if not (spatial or relmat or isinstance(fit, (LMMResult, GLMMResult))):
+        raise ArgumentError(f"hp.simulate takes an hp.lmm or hp.glmm fit with random-effect terms (or spatial ones, "
+                            f"or a relationship matrix), got {type(fit).__name__} (a model without random terms' "
                             "simulation is not built yet)")
     rng = np.random.default_rng(seed)
     design = fit.design
-    eta = _spatial_linear_predictor(fit, rng, n, use_u) if spatial else _linear_predictor(fit, rng, n, use_u)
+    linear_predictor = (_spatial_linear_predictor if spatial else _relmat_linear_predictor if relmat else
+                        _linear_predictor)
+    eta = linear_predictor(fit, rng, n, use_u)
     weights = np.asarray(design.row_weights, dtype=float)
     if design.family is None:  # a Gaussian response
         sigma = 1.0 if design.sigma_known else float(fit.sigma)
