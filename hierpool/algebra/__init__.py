@@ -28,7 +28,9 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
   it may read a closed-form fit, e.g. variances held at their REML values): the two engines,
   reading the same Design and the same algebra;
 - ``batch``: many datasets per compiled call (buckets, chunks, vmap, shards), or on the host on a CPU (small
-  one-term batches; several-term batches in float64);
+  one-term batches; several-term batches in float64); the models whose single fit has no batched form (a
+  relationship matrix, spatial terms, adaptive quadrature) dataset by dataset through that single fit
+  (``batch.fit_each``, ``batch.bayes_each``);
 - ``plots``, then ``pooling_comparison``, ``ridge``, ``validate``, then ``cli``.
 
 Host or compiled.  The algebra is written once against an array namespace
