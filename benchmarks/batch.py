@@ -5,6 +5,8 @@
     python benchmarks/batch.py --bootstrap 1000     # hp.bootstrap against lme4's bootMer: benchmarks/out/bootstrap.json
     python benchmarks/batch.py --crossed 1000       # Penicillin-shaped crossed LMMs against a lmer loop: out/crossed.json
     python benchmarks/batch.py --glmm 1000          # cbpp-shaped binomial GLMMs against a glmer loop: out/glmm.json
+    python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
+                                                    # hp.lmm loop: out/animal.json
 
 Each contender runs in a fresh process on the same simulated data
 (``hp.datasets.sleepstudy_replicates``: 18 subjects x 10 days, correlated slopes);
@@ -237,8 +239,122 @@ def bootstrap_benchmark(n: int) -> None:
     print(json.dumps(results, indent=2))
 
 
-def _json_from(command, script: str) -> dict:
-    run = subprocess.run(command, input=script.replace("DATA", str(DATA)), capture_output=True, text=True)
+# --animal: N traits on the validation pedigree (400 animals, 330 records: validation/relmat_*.csv), each simulated
+# from hp.lmm's fit of y ~ sex + (1 | animal) (hp.simulate); each side fits every trait and extracts the fixed
+# effects, variances and every animal's breeding value, the clock around that only.  lme4 as pedigreemm / lme4qtl
+# fit it (validation/relmat_reference.R): lFormula, then Zt* = t(L_A) Zt over all pedigree animals, mkLmerDevfun,
+# optimizeLmer, mkMerMod, a = L_A b*; A (Henderson's tabular method) is built once, outside the clock, as hierpool's
+# A^-1 is.  lme4's conditional sds are not computed (they would need L_A Var(b*) L_A'); hierpool's prediction error
+# sds are, inside its clock.
+ANIMAL_SIMULATE = textwrap.dedent(
+    """
+    import sys, warnings, pandas as pd
+    import hierpool as hp
+    warnings.simplefilter("ignore")
+    pedigree = pd.read_csv("validation/relmat_pedigree.csv", dtype=str)
+    phenotypes = pd.read_csv("validation/relmat_phenotypes.csv", dtype={"animal": str, "sex": str})
+    fit = hp.lmm("y ~ sex + (1 | animal)", phenotypes,
+                 relmat_inverse={"animal": hp.pedigree.inverse_relationship_matrix(pedigree)})
+    sims = hp.simulate(fit, NSIM, seed=1)
+    frames = [phenotypes.assign(y=sims.iloc[:, j].to_numpy(), dataset=j + 1) for j in range(NSIM)]
+    pd.concat(frames, ignore_index=True).to_csv("OUT_CSV", index=False)
+    """
+)
+
+ANIMAL_HIERPOOL = textwrap.dedent(
+    """
+    import json, sys, time, warnings, pandas as pd
+    import hierpool as hp
+    hp.fit_batch, hp.lmm  # imports, outside the clock (R's library())
+    warnings.simplefilter("ignore")
+    pedigree = pd.read_csv("validation/relmat_pedigree.csv", dtype=str)
+    inverse = hp.pedigree.inverse_relationship_matrix(pedigree)
+    data = pd.read_csv("OUT_CSV", dtype={"animal": str, "sex": str})
+    t0 = time.perf_counter()
+    res = hp.fit_batch("y ~ sex + (1 | animal)", data, by="dataset", relmat_inverse={"animal": inverse},
+                       progress=False)
+    res.fixef, res.varcorr, res.ranef
+    wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _, frame in data.groupby("dataset", sort=False):
+        fit = hp.lmm("y ~ sex + (1 | animal)", frame, relmat_inverse={"animal": inverse})
+        fit.fixef, fit.varcorr, fit.ranef
+    loop = time.perf_counter() - t0
+    print(json.dumps(dict(wall_s=wall, lmm_loop_s=loop, n=len(res.datasets), converged=int(res.converged.sum()),
+                          objective=res.objective.tolist())))
+    """
+)
+
+ANIMAL_LME4 = textwrap.dedent(
+    """
+    suppressMessages({library(lme4); library(Matrix)})
+    ped <- read.csv("validation/relmat_pedigree.csv", colClasses = "character", na.strings = "")
+    ids <- ped$id
+    sire <- match(ped$sire, ids); dam <- match(ped$dam, ids)
+    n <- length(ids); A <- matrix(0, n, n)
+    for (i in seq_len(n)) {
+      s <- sire[i]; d <- dam[i]
+      if (i > 1) { j <- seq_len(i - 1)
+        row <- 0.5 * ((if (is.na(s)) 0 else A[j, s]) + (if (is.na(d)) 0 else A[j, d])); A[i, j] <- row; A[j, i] <- row }
+      A[i, i] <- 1 + (if (!is.na(s) && !is.na(d)) 0.5 * A[s, d] else 0)
+    }
+    L <- Matrix(t(chol(A)), sparse = TRUE)
+    d <- read.csv("OUT_CSV", colClasses = c(animal = "character", sex = "character"))
+    sets <- split(d, d$dataset)
+    t0 <- proc.time()[["elapsed"]]
+    crit <- numeric(length(sets))
+    for (i in seq_along(sets)) {
+      phen <- sets[[i]]
+      lf <- lFormula(y ~ sex + (1 | animal), data = phen, REML = TRUE)
+      fac <- factor(phen$animal, levels = ids)
+      Zt <- as(as(t(L) %*% fac2sparse(fac, drop.unused.levels = FALSE), "generalMatrix"), "CsparseMatrix")
+      rt <- lf$reTrms
+      rt$Zt <- Zt; rt$Ztlist <- list(`1 | animal` = Zt)
+      rt$Lambdat <- as(as(Diagonal(n, x = rep(1, n)), "generalMatrix"), "CsparseMatrix")
+      rt$Lind <- rep(1L, n); rt$theta <- 1; rt$lower <- 0
+      rt$flist <- structure(list(animal = fac), assign = 1L); rt$Gp <- c(0L, as.integer(n)); rt$nl <- c(animal = n)
+      rt$cnms <- list(animal = "(Intercept)")
+      lf$reTrms <- rt
+      devfun <- do.call(mkLmerDevfun, lf)
+      opt <- optimizeLmer(devfun)
+      fit <- mkMerMod(environment(devfun), opt, lf$reTrms, fr = lf$fr)
+      fixef(fit); as.data.frame(VarCorr(fit)); a <- as.numeric(L %*% getME(fit, "b"))
+      crit[i] <- REMLcrit(fit)
+    }
+    wall <- proc.time()[["elapsed"]] - t0
+    cat(sprintf('{"wall_s": %.4f, "n": %d, "objective": [%s]}\\n', wall, length(sets),
+                paste(sprintf("%.10f", crit), collapse = ",")))
+    """
+)
+
+
+def animal_benchmark(n: int) -> None:
+    """fit_batch(relmat_inverse=) against lme4 with L_A in Z and a loop of hp.lmm (above); writes out/animal.json."""
+    import numpy as np
+
+    csv = OUT / "animal_datasets.csv"
+    root = Path(__file__).resolve().parents[1]
+    simulate = ANIMAL_SIMULATE.replace("NSIM", str(n)).replace("OUT_CSV", str(csv))
+    run = subprocess.run([sys.executable, "-"], input=simulate, capture_output=True, text=True, cwd=root)
+    if run.returncode != 0:
+        raise RuntimeError(run.stderr[-3000:])
+    results = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
+                   model="y ~ sex + (1 | animal), relmat_inverse (400 animals, 330 records)", datasets=n,
+                   load_1min_at_start=os.getloadavg()[0])
+    results["hierpool"] = _json_from([sys.executable, "-"], ANIMAL_HIERPOOL.replace("OUT_CSV", str(csv)), cwd=root)
+    results["lme4"] = _json_from(["Rscript", "-"], ANIMAL_LME4.replace("OUT_CSV", str(csv)), cwd=root)
+    mine, theirs = np.array(results["hierpool"].pop("objective")), np.array(results["lme4"].pop("objective"))
+    results["max_rel_objective_diff_vs_lme4"] = float(np.nanmax(np.abs(mine - theirs) / np.abs(theirs)))
+    results["hierpool_minus_lme4_max"] = float(np.nanmax(mine - theirs))
+    results["ratio_vs_lme4"] = results["lme4"]["wall_s"] / results["hierpool"]["wall_s"]
+    results["ratio_vs_lmm_loop"] = results["hierpool"]["lmm_loop_s"] / results["hierpool"]["wall_s"]
+    results["load_1min_at_end"] = os.getloadavg()[0]
+    (OUT / "animal.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+def _json_from(command, script: str, cwd=None) -> dict:
+    run = subprocess.run(command, input=script.replace("DATA", str(DATA)), capture_output=True, text=True, cwd=cwd)
     if run.returncode != 0:
         raise RuntimeError(f"{command[0]} failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -252,8 +368,13 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=0, help="replicates of hp.bootstrap against bootMer")
     parser.add_argument("--crossed", type=int, default=0, help="Penicillin-shaped datasets against a lmer loop")
     parser.add_argument("--glmm", type=int, default=0, help="cbpp-shaped binomial datasets against a glmer loop")
+    parser.add_argument("--animal", type=int, default=0, help="animal models on one pedigree against lme4 (L_A in Z)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if args.animal:
+        OUT.mkdir(exist_ok=True)
+        animal_benchmark(args.animal)
+        return
     for name in ("crossed", "glmm"):
         if getattr(args, name):
             OUT.mkdir(exist_ok=True)

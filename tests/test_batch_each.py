@@ -228,3 +228,76 @@ def test_the_bootstrap_refits_an_animal_model_and_a_spatial_glmm(pedigree_data, 
     replicate = area_counts[0].assign(y=hp.simulate(spatial, 2, seed=3)["sim_1"].to_numpy())
     single = _quiet(hp.glmm, formula, replicate, family="poisson", adjacency=AREAS)
     np.testing.assert_allclose(boot.replicates.iloc[0], [*single.fixef, single.sd, single.mix], rtol=1e-10)
+
+
+def test_terms_whose_order_differs_between_datasets_are_matched_by_name():
+    """Two (1 | g) terms beside a spatial one, their level counts swapped between the datasets (each dataset's fit
+    orders them by its own counts): every number must land under its own term's name."""
+    rng = np.random.default_rng(21)
+    areas = np.repeat([f"a{i}" for i in range(16)], 3)
+    frames = []
+    for levels_a, levels_b in ((8, 3), (3, 8)):
+        a, b = rng.integers(levels_a, size=areas.size), rng.integers(levels_b, size=areas.size)
+        y = (rng.normal(size=levels_a)[a] * 1.5 + rng.normal(size=levels_b)[b] * 0.5
+             + np.repeat(rng.normal(size=16), 3) + rng.normal(scale=0.3, size=areas.size))
+        frames.append(pd.DataFrame({"area": areas, "a": a.astype(str), "b": b.astype(str), "y": y}))
+    formula = "y ~ 1 + car(area, type='icar') + (1 | a) + (1 | b)"
+    batch = _quiet(hp.fit_batch, formula, frames, adjacency=AREAS, progress=False)
+    assert [t.group for t in batch.terms] == ["area", "a", "b"]
+    for d, frame in enumerate(frames):
+        single = _quiet(hp.lmm, formula, frame, adjacency=AREAS)
+        pd.testing.assert_series_equal(batch.hyperparameters.loc[d], single.hyperparameters()[
+            batch.hyperparameters.columns], check_names=False, rtol=1e-12)
+        for term in batch.terms[1:]:
+            table = single.ranef[f"(1 | {term.group})"]
+            np.testing.assert_allclose(term.b[d][:, 0], table["effect"], rtol=1e-12)
+            np.testing.assert_allclose(term.cond_sd[d][:, 0], table["condsd"], rtol=1e-12)
+            assert term.covariance[d][0, 0] == pytest.approx(single.hyperparameters()[f"sd_{term.group}"] ** 2)
+        # theta: psi block by block in the batch's term order, then log sigma
+        assert batch.theta[d][1:3] == pytest.approx(np.log([single.hyperparameters()["sd_a"],
+                                                             single.hyperparameters()["sd_b"]]))
+    posterior = _quiet(hp.bayes_batch, formula, frames, adjacency=AREAS, seed=2, progress=False, **SAMPLER)
+    for d, frame in enumerate(frames):
+        single = _quiet(hp.bayes, formula, frame, adjacency=AREAS, seed=2 + d, **SAMPLER)
+        mine = posterior.hyperparameters.query("dataset == @d").set_index("parameter")["mean"]
+        np.testing.assert_allclose(mine, single.hyperparameters()["mean"].reindex(mine.index), rtol=1e-12)
+
+
+def test_a_dataset_whose_fixed_effects_differ_is_refused_in_its_row(pedigree_data):
+    sets, inverse = pedigree_data
+    males = sets["trait0"].query("sex == 'M'")  # no F: its intercept would be the males' mean
+    weights = np.linspace(0.5, 2.0, len(sets["trait0"]))
+    frame = pd.concat([sets["trait0"].assign(trait="all"), males.assign(trait="males")], ignore_index=True)
+    batch = _quiet(hp.fit_batch, ANIMAL, frame, by="trait", weights=np.r_[weights, np.ones(len(males))],
+                   relmat_inverse={"animal": inverse}, progress=False)
+    assert "fixed effects are ['Intercept'], not the batch's" in batch.messages["males"]
+    assert np.isnan(batch.fixef.loc["males"]).all()
+    single = _quiet(hp.lmm, ANIMAL, sets["trait0"], weights=weights, relmat_inverse={"animal": inverse})
+    assert batch.objective["all"] == pytest.approx(single.objective, rel=1e-12)  # an array's rows cut per dataset
+
+
+def test_quadrature_rows_keep_the_batchs_checks_and_columns():
+    rng = np.random.default_rng(8)
+    herd = np.repeat(np.arange(10), 4)
+    good = pd.DataFrame({"herd": herd, "x": rng.normal(size=40), "size": 8})
+    good["k"] = rng.binomial(8, 0.3, size=40)
+    frames = {"good": good, "none": good.assign(k=0), "flat": good.assign(x=1.0)}
+    formula = "cbind(k, size - k) ~ x + (1 | herd)"
+    batch = _quiet(hp.fit_batch, formula, frames, family="binomial", nAGQ=0, progress=False)
+    assert batch.refit["good"] and np.isfinite(batch.objective["good"])
+    assert "no successes" in batch.messages["none"] and np.isnan(batch.objective["none"])
+    assert "rank" in batch.messages["flat"] and np.isnan(batch.objective["flat"])
+    counts = {d: pd.DataFrame({"herd": herd, "x": rng.normal(size=40), "y": rng.negative_binomial(3, 0.4, 40)})
+              for d in range(2)}
+    nb = _quiet(hp.fit_batch, "y ~ x + (1 | herd)", counts, family="negative_binomial", nAGQ=0, progress=False)
+    single = _quiet(hp.glmm, "y ~ x + (1 | herd)", counts[1], family="negative_binomial", nAGQ=0)
+    assert nb.shape[1] == pytest.approx(single.shape, rel=1e-10) and "shape" in nb.to_frame().columns
+
+
+def test_an_animal_models_simulations_can_keep_the_fitted_breeding_values(pedigree_data):
+    sets, inverse = pedigree_data
+    fit = _quiet(hp.lmm, ANIMAL, sets["trait0"], relmat_inverse={"animal": inverse})
+    sims = hp.simulate(fit, 2000, seed=1, use_u=True).to_numpy()
+    rows = pd.Index(fit.ranef["grp"]).get_indexer(sets["trait0"]["animal"])
+    fitted = fit.design.X @ fit.fixef.to_numpy() + fit.ranef["condval"].to_numpy()[rows]
+    np.testing.assert_allclose(sims.mean(axis=1), fitted, atol=5 * fit.sigma / np.sqrt(2000))

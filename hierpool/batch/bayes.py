@@ -36,12 +36,12 @@ from ..bayesian.results import SUMMARY_COLUMNS
 from ..errors import ArgumentError, integer_argument
 from ..spec.arguments import sampler_arguments
 from ..spec.family import family_spec
-from ..spec.formula import has_spatial_term
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
 from .bayes_each import bayes_batch_each
 from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
 from .bayes_results import SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, correlation_matrices, effect_key, term_chunks
+from .fit_each import fits_each, refuse_on_each
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 
 #: Compiled chunk programs by settings, argument shapes and sharding (the last 8 used).
@@ -194,8 +194,8 @@ def bayes_batch(
         once, then each dataset sampled by ``hp.bayes(..., seed=seed + d)`` itself (dataset ``d`` in order;
         :mod:`hierpool.batch.bayes_each`): ``result.heritability`` holds an animal model's h^2, and a spatial
         batch's parameters are ``result.hyperparameters`` (it has no ``varcorr``).  Not with ``keep_draws``,
-        ``correlation=`` or another ``max_tree_depth`` (hp.bayes's samplers for these models take none);
-        ``chunk_size`` does not apply (one dataset's posterior is held at a time).
+        ``correlation=``, another ``max_tree_depth`` or ``chunk_size`` (hp.bayes's samplers for these models take
+        none; one dataset's posterior is held at a time).
 
     Returns
     -------
@@ -219,13 +219,9 @@ def bayes_batch(
     """
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept, min_draws=4,
                                                   min_tune=1)
-    if (relmat is not None or relmat_inverse is not None or adjacency is not None
-            or (isinstance(formula, str) and has_spatial_term(formula))):
-        for name, value, default in (("keep_draws", keep_draws, False), ("correlation", correlation, None),
-                                     ("max_tree_depth", max_tree_depth, 10)):
-            if value != default:
-                raise ArgumentError(f"{name}={value!r} with a relationship matrix or spatial terms: each dataset is "
-                                    "sampled by hp.bayes, which takes no such argument for these models")
+    if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (bayes_each's module notes)
+        refuse_on_each(keep_draws=(keep_draws, False), correlation=(correlation, None),
+                       max_tree_depth=(max_tree_depth, 10), chunk_size=(chunk_size, 256))
         return bayes_batch_each(formula, data, by, chains=chains, draws=draws, tune=tune, seed=seed, priors=priors,
                                 level=level, target_accept=target_accept, progress=progress, weights=weights,
                                 offset=offset, se=se, family=family, link=link, relmat=relmat,

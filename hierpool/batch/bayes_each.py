@@ -19,8 +19,10 @@ import pandas as pd
 
 from ..algebra.varcorr import varcorr_table
 from ..bayesian.results import SUMMARY_COLUMNS
+from ..closedform.results import term_rows
+from ..errors import ArgumentError
 from .bayes_results import BayesBatchResult, BayesBatchTerm
-from .fit_each import each_model, run_each
+from .fit_each import by_coefficient, check_fixed_effects, each_model, run_each
 
 _WIDTH = len(SUMMARY_COLUMNS)
 
@@ -30,10 +32,9 @@ def _relmat_summaries(result, keys: list, fixed_names, template: pd.DataFrame) -
     ``template`` the batch's varcorr rows (grp, var1, var2), matched by name (the dataset's own fit may order its
     terms otherwise)."""
     varcorr = result.varcorr.set_index(["grp", "var1"])[SUMMARY_COLUMNS]
-    ranef = result.ranef
     terms = []
-    for group, _ in keys:
-        part = ranef[ranef["grpvar"] == group]
+    for group, coefs in keys:
+        part = term_rows(result.ranef, group, coefs[0])
         terms.append((part["grp"].to_numpy(), part[SUMMARY_COLUMNS].to_numpy()[None]))
     return {"fixef": result.fixef.reindex(list(fixed_names))[SUMMARY_COLUMNS].to_numpy(),
             "varcorr": varcorr.loc[list(zip(template["grp"], template["var1"]))].to_numpy(),
@@ -54,11 +55,11 @@ def _spatial_summaries(result, keys: list, fixed_names) -> dict:
         # a spatial term's key carries its label; a (lhs | g) term's table is keyed by the term's label
         label, k = (key[1][0], 1) if t < n_spatial else (group_terms[key].label, group_terms[key].k)
         table = tables[label]
-        values = table[SUMMARY_COLUMNS].to_numpy().reshape(-1, k, _WIDTH).transpose(1, 0, 2)
+        values = by_coefficient(table[SUMMARY_COLUMNS].to_numpy(), k).transpose(1, 0, 2)
         terms.append((table.index.get_level_values(0).to_numpy()[::k], values))
-    hyper = result.hyperparameters()
+    # by name: a (lhs | g) term's rows may come in another order in another dataset
     return {"fixef": result.fixef.reindex(list(fixed_names))[SUMMARY_COLUMNS].to_numpy(),
-            "varcorr": hyper[SUMMARY_COLUMNS].to_numpy(), "names": tuple(hyper.index),
+            "hyperparameters": result.hyperparameters()[SUMMARY_COLUMNS],
             "terms": terms, "divergences": result.divergences, "scalars": {}}
 
 
@@ -70,6 +71,9 @@ def bayes_batch_each(formula: str, data, by: str, *, chains: int, draws: int, tu
     from ..spec.family import family_spec
 
     gaussian = family is None or (isinstance(family, str) and family.strip().lower() == "gaussian")
+    if gaussian and link not in (None, "identity"):
+        raise ArgumentError(f"link {link!r} given for a Gaussian model, whose link is the identity; give family= for "
+                            "a generalized linear mixed model")
     spec = None if gaussian else family_spec(family, link)
     model = each_model(formula, data, by, "bayes_batch", spec=spec, weights=weights, offset=offset, se=se,
                        relmat=relmat, relmat_inverse=relmat_inverse, adjacency=adjacency)
@@ -80,6 +84,7 @@ def bayes_batch_each(formula: str, data, by: str, *, chains: int, draws: int, tu
 
     def sample(index: int, frame: pd.DataFrame, arguments: dict) -> dict:
         result = bayes(formula, frame, seed=seed + index, **settings, **arguments)
+        check_fixed_effects(result, fixed_names)
         if model.spatial:
             return _spatial_summaries(result, keys, fixed_names)
         return _relmat_summaries(result, keys, fixed_names, template)
@@ -87,8 +92,8 @@ def bayes_batch_each(formula: str, data, by: str, *, chains: int, draws: int, tu
     labels, out, messages = run_each(model, sample, progress, "bayes_batch", keep_warnings=False)
     n, p = len(labels), len(fixed_names)
     done = [o for o in out if o is not None]
-    names = done[0]["names"] if model.spatial and done else None
-    rows = len(names) if names is not None else (len(template) if not model.spatial else 0)
+    names = tuple(dict.fromkeys(name for o in done for name in o["hyperparameters"].index)) if model.spatial else None
+    rows = len(names) if model.spatial else len(template)
     fixef = np.full((n, p, _WIDTH), np.nan)
     varcorr = np.full((n, rows, _WIDTH), np.nan)
     divergences = np.zeros(n, dtype=int)
@@ -98,7 +103,8 @@ def bayes_batch_each(formula: str, data, by: str, *, chains: int, draws: int, tu
     for d, summary in enumerate(out):
         if summary is None:
             continue
-        fixef[d], varcorr[d], divergences[d] = summary["fixef"], summary["varcorr"], summary["divergences"]
+        fixef[d], divergences[d] = summary["fixef"], summary["divergences"]
+        varcorr[d] = summary["hyperparameters"].reindex(list(names)).to_numpy() if model.spatial else summary["varcorr"]
         for name, value in summary["scalars"].items():
             scalars[name][d] = value
         for t, (levels, values) in enumerate(summary["terms"]):
@@ -108,4 +114,4 @@ def bayes_batch_each(formula: str, data, by: str, *, chains: int, draws: int, tu
     return BayesBatchResult(datasets=labels, fixed_names=tuple(fixed_names), terms=terms, fixef_summary=fixef,
                             varcorr_summary=varcorr, divergences=divergences, messages=messages, chains=chains,
                             draws_per_chain=draws, level=level, sigma_known=spec is not None, scalars=scalars,
-                            hyperparameter_names=names if model.spatial else None)
+                            hyperparameter_names=names)

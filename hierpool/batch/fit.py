@@ -51,15 +51,14 @@ from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
 from ..algebra.one_term import solution, value_and_gradient
-from ..algebra.quadrature import MAX_NODES
 from ..closedform import glmm, lmm
+from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
 from ..errors import ArgumentError, HierpoolWarning, integer_argument
 from ..spec.family import family_spec
-from ..spec.formula import has_spatial_term
 from .fit_ar1 import fit_ar1
-from .fit_each import fit_batch_each
-from .fit_glmm import fit_glmm
+from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
+from .fit_glmm import fit_glmm, glmm_problems
 from .fit_terms import empty_results, fit_terms
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start, optimize_on_host
 from .plan import (
@@ -249,7 +248,8 @@ def fit_batch(
         result's ``phi`` holds each dataset's estimate.  Not with ``family=``, ``weights=`` or ``se=``.
     reml : bool, optional
         REML (the default for a linear mixed model) or maximum likelihood; a GLMM is fitted by
-        maximum likelihood (``reml=True`` is refused with a family).
+        maximum likelihood (``reml=True`` is refused with a family, except with spatial terms:
+        glmmTMB's REML, as ``hp.glmm``'s).
     dtype : {"float64", "float32"}
         float32 halves memory and is faster on GPUs; the criterion then agrees
         with float64 to about 1e-5 relative.
@@ -293,7 +293,9 @@ def fit_batch(
     relmat, relmat_inverse : dict, optional
         A relationship matrix for one term's levels (the animal model), as ``hp.lmm``'s, shared by every
         dataset: built once, then each dataset fitted by ``hp.lmm`` on its sparse mixed-model equations
-        (:mod:`hierpool.batch.fit_each`).  The relationship term's ``b`` covers every level of A.
+        (:mod:`hierpool.batch.fit_each`).  The relationship term's ``b`` covers every level of A.  These
+        fits (and spatial ones) are the single fits: ``chunk_size``, ``max_iterations``, ``dtype`` and
+        ``correlation`` are refused with them, ``polish`` has nothing to do.
     adjacency : optional
         The neighbourhood graph(s) of the formula's ``car()`` spatial terms, as ``hp.lmm``'s and
         ``hp.glmm``'s, shared by every dataset: built once, then each dataset fitted by ``hp.lmm`` /
@@ -326,20 +328,15 @@ def fit_batch(
     """
     if dtype not in ("float64", "float32"):
         raise ArgumentError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
-    if isinstance(nAGQ, bool) or not isinstance(nAGQ, int) or not 0 <= nAGQ <= MAX_NODES:
-        raise ArgumentError(f"nAGQ must be an integer from 0 to {MAX_NODES}, got {nAGQ!r}")
-    if (relmat is not None or relmat_inverse is not None or adjacency is not None
-            or (isinstance(formula, str) and has_spatial_term(formula))):
-        # the sparse single fits, dataset by dataset (fit_each's module notes)
-        for name, value, default in (("correlation", correlation, None), ("dtype", dtype, "float64")):
-            if value != default:
-                raise ArgumentError(f"{name}={value!r} with a relationship matrix or spatial terms: their fits are "
-                                    "float64, with independent residuals")
+    check_quadrature(nAGQ)
+    if family is None and (nAGQ != 1 or link is not None):
+        raise ArgumentError(f"{'link=' if link is not None else f'nAGQ={nAGQ}'} needs family= (a GLMM)")
+    if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (fit_each's module notes)
+        refuse_on_each(correlation=(correlation, None), dtype=(dtype, "float64"), chunk_size=(chunk_size, None),
+                       max_iterations=(max_iterations, MAX_ITERATIONS))
         return fit_batch_each(formula, data, by, family=family, link=link, reml=reml, nAGQ=nAGQ, weights=weights,
                               offset=offset, se=se, relmat=relmat, relmat_inverse=relmat_inverse,
                               adjacency=adjacency, progress=progress)
-    if nAGQ != 1 and family is None:
-        raise ArgumentError(f"nAGQ={nAGQ} needs family= (a GLMM's quadrature)")
     if chunk_size is not None:
         chunk_size = integer_argument("chunk_size", chunk_size)
     max_iterations = integer_argument("max_iterations", max_iterations)
@@ -353,8 +350,6 @@ def fit_batch(
         if dtype != "float64":
             # the Hessian's differences of the exact gradient and PIRLS's 1e-12 tolerance need float64's digits
             raise ArgumentError(f"dtype={dtype!r} with family=: a GLMM batch is fitted in float64")
-    elif link is not None:
-        raise ArgumentError("link= needs family= (a GLMM)")
     if correlation is not None:
         if family is not None:
             raise ArgumentError("correlation= with family=: AR(1) residuals are for the linear mixed model")
@@ -380,10 +375,13 @@ def fit_batch(
     if spec is not None and nAGQ != 1:
         # nAGQ 0 and adaptive quadrature have no batched form: every dataset fitted alone by hp.glmm, into the
         # batch's rows (the refit of _result), after the model is checked once on the long frame
-        if nAGQ > 1 and (len(plan.design.terms) != 1 or plan.design.terms[0].k != 1):
-            raise ArgumentError(f"nAGQ={nAGQ} needs exactly one scalar random-effect term such as (1 | g)")
-        alone = {index: f"nAGQ={nAGQ}: fitted alone (no batched form)" for index in range(plan.n_datasets)}
-        out = empty_results(plan, [""] * plan.n_datasets, alone) | {"is_singular": np.zeros(plan.n_datasets, bool)}
+        check_quadrature(nAGQ, terms=plan.design.terms)
+        messages = glmm_problems(plan)  # hp.glmm's checks, and separation: as the batched path's
+        alone = {index: f"nAGQ={nAGQ}: fitted alone (no batched form)"
+                 for index in range(plan.n_datasets) if not messages[index]}
+        out = empty_results(plan, messages, alone) | {"is_singular": np.zeros(plan.n_datasets, bool)}
+        if spec.name == "negative_binomial":
+            out["shape"] = np.full(plan.n_datasets, np.nan)  # each refit's
         return _result(plan, out, formula, False, polish, partial(glmm, family=family, link=link, nAGQ=nAGQ),
                        progress=progress)
     if spec is not None:
@@ -488,6 +486,7 @@ def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
         with warnings.catch_warnings():  # a singular refit is reported in is_singular
             warnings.simplefilter("ignore", HierpoolWarning)
             single = fitter(formula, frame, **arguments)
+        check_fixed_effects(single, plan.design.fixed_names)  # its row holds the batch's columns, by position
         # hp.lmm orders a dataset's terms by its own level counts: match them to the batch's
         position = {(t.group, t.coef_names): j for j, t in enumerate(single.design.terms)}
         order = [position[(t.group, t.coef_names)] for t in plan.design.terms]

@@ -18,7 +18,10 @@ by the same code (not a second implementation to keep equal).  What the batch ad
   is dropped: one fit is held at a time.
 
 The loop is serial: the fits are mostly Python around small sparse factorizations, and warnings are recorded by
-``warnings.catch_warnings``, which is process-wide (threads would mix their datasets' warnings).
+``warnings.catch_warnings``, which is process-wide (threads would mix their datasets' warnings).  A dataset's
+hierpool warnings go to its message; others (NumPy's, SciPy's) are not kept.  A dataset whose own fixed-effect
+columns differ from the batch's (a factor level missing from it) is refused in its row
+(:func:`check_fixed_effects`), as the batched paths refuse it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from ..errors import ArgumentError, HierpoolWarning
+from ..closedform.glmm import check_quadrature
+from ..closedform.results import term_rows
+from ..errors import ArgumentError, DataError, HierpoolWarning
 from ..spec.design import build_design
 from ..spec.formula import has_spatial_term
 from .plan import dataset_arguments, dataset_codes, long_frame, progress_bar, refuse_stateful, row_argument
@@ -62,45 +67,52 @@ def relmat_row(fit, order: list[tuple]) -> DatasetFit:
     relationship term's effects cover every level of A (breeding values of animals without records too)."""
     ranef = fit.ranef
     position = {(t.group, tuple(t.coef_names)): j for j, t in enumerate(fit.design.terms)}
+    covariances = fit.term_covariances()
     terms, theta = [], []
     for key in order:
         j = position[key]
-        part = ranef[ranef["grpvar"] == key[0]]
+        part = term_rows(ranef, key[0], key[1][0])
         theta.append(fit.theta[j])
         terms.append((part["grp"].to_numpy(), part["condval"].to_numpy()[:, None], part["condsd"].to_numpy()[:, None],
-                      np.array([[(fit.theta[j] * fit.sigma) ** 2]])))
+                      covariances[j]))
     return DatasetFit(theta=np.asarray(theta), objective=fit.objective, converged=fit.converged,
-                      beta=fit.fixef, vcov=fit.vcov, sigma=fit.sigma,
-                      is_singular=fit.is_singular, terms=terms)
+                      beta=fit.fixef, vcov=fit.vcov, sigma=fit.sigma, is_singular=fit.is_singular, terms=terms)
+
+
+def by_coefficient(values: np.ndarray, k: int) -> np.ndarray:
+    """A spatial fit's or posterior's per-effect rows of a ``(lhs | g)`` term, level-major (level 0's k
+    coefficients, then level 1's), as (ell, k, ...)."""
+    return values.reshape((-1, k) + values.shape[1:])
 
 
 def spatial_row(fit, order: list[tuple]) -> DatasetFit:
     """A :class:`~hierpool.closedform.spatial.SpatialFit`'s numbers, its terms in ``order`` (:func:`term_keys`):
     each spatial term's areas' effects and conditional sds (covariance sd^2), each ``(lhs | g)`` term's levels'.
-    ``theta`` is the fit's psi (log sds, logits of mixing parameters, covariance factors' entries)."""
+    ``theta`` is the fit's psi, block by block in ``order`` (log sd and the logit of a mixing parameter per spatial
+    term, a covariance factor's entries per ``(lhs | g)`` term), then a Gaussian response's log sigma."""
     tables = fit.ranef
-    blocks = fit.laplace.blocks
+    laplace = fit.laplace
     if not isinstance(tables, dict):
-        tables = {blocks[0].term.label: tables}
+        tables = {laplace.blocks[0].term.label: tables}
     n_spatial = len(fit.sdesign.areas)
-    factors = fit.covariance_factors()
-    pieces = {}
-    for t, block in enumerate(blocks):
+    factors, cars = fit.covariance_factors(), fit.car_parameters()
+    pieces, psi = {}, {}
+    for t, block in enumerate(laplace.blocks):
         table = tables[block.term.label]
+        effect, condsd = table["effect"].to_numpy(), table["condsd"].to_numpy()
         if t < n_spatial:
-            sd = block.natural(fit.laplace.block_psi(fit.psi, t))[0]
-            pieces[(block.term.factor, (block.term.label,))] = (
-                table.index.to_numpy(), table["effect"].to_numpy()[:, None], table["condsd"].to_numpy()[:, None],
-                np.array([[sd**2]]))
+            key = (block.term.factor, (block.term.label,))
+            pieces[key] = (table.index.to_numpy(), effect[:, None], condsd[:, None], np.array([[cars[t, 0] ** 2]]))
         else:
             term, factor = block.term, factors[t - n_spatial]
-            shape = (term.n_levels, term.k)  # the table is level-major: level 0's coefficients, then level 1's
-            pieces[(term.group, tuple(term.coef_names))] = (
-                np.asarray(term.levels), table["effect"].to_numpy().reshape(shape),
-                table["condsd"].to_numpy().reshape(shape), factor @ factor.T)
-    return DatasetFit(theta=np.asarray(fit.psi, dtype=float), objective=fit.objective,
-                      converged=bool(fit.optimizer.success), beta=fit.fixef, vcov=fit.vcov, sigma=float(fit.sigma),
-                      is_singular=fit.is_singular, terms=[pieces[key] for key in order],
+            key = (term.group, tuple(term.coef_names))
+            pieces[key] = (np.asarray(term.levels), by_coefficient(effect, term.k), by_coefficient(condsd, term.k),
+                           factor @ factor.T)
+        psi[key] = laplace.block_psi(fit.psi, t)
+    rest = np.asarray(fit.psi)[sum(block.n_params for block in laplace.blocks):]  # log sigma (Gaussian)
+    return DatasetFit(theta=np.concatenate([psi[key] for key in order] + [rest]).astype(float),
+                      objective=fit.objective, converged=bool(fit.optimizer.success), beta=fit.fixef, vcov=fit.vcov,
+                      sigma=float(fit.sigma), is_singular=fit.is_singular, terms=[pieces[key] for key in order],
                       hyperparameters=dict(fit.hyperparameters()))
 
 
@@ -140,6 +152,30 @@ class EachModel:
     keys: list
     fixed_names: tuple
     spatial: bool
+
+
+def fits_each(formula, relmat, relmat_inverse, adjacency) -> bool:
+    """Whether a batch is fitted dataset by dataset here: a relationship matrix, or spatial terms."""
+    return (relmat is not None or relmat_inverse is not None or adjacency is not None
+            or (isinstance(formula, str) and has_spatial_term(formula)))
+
+
+def refuse_on_each(**given: tuple) -> None:
+    """Refuse, by name, an argument (name=(value, default)) that the dataset-by-dataset fits do not take."""
+    for name, (value, default) in given.items():
+        if value is not default and value != default:
+            raise ArgumentError(f"{name}={value!r} with a relationship matrix or spatial terms: each dataset is fitted "
+                                f"by the single fit itself, which takes no such argument (or only {default!r})")
+
+
+def check_fixed_effects(single, fixed_names) -> None:
+    """Refuse a dataset whose own fixed-effect columns differ from the batch's: a factor level missing from it
+    changes the meaning of the others (its intercept a different level's mean), not a number to put beside the
+    other datasets' under the same name (the batched paths refuse such a dataset by X's rank)."""
+    names = tuple(single.design.fixed_names)
+    if names != tuple(fixed_names):
+        raise DataError(f"this dataset's fixed effects are {list(names)}, not the batch's {list(fixed_names)} "
+                        "(a factor level or a column's variation missing from it)")
 
 
 def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offset, se, relmat, relmat_inverse,
@@ -210,9 +246,11 @@ def run_each(model: EachModel, call, progress, caller: str, keep_warnings: bool 
 
 
 def each_result(labels: pd.Index, fits: list, messages: list, *, fixed_names, terms: list[tuple], reml: bool,
-                sigma_known: bool) -> BatchResult:
-    """The :class:`BatchResult` of :func:`fit_each`'s rows.  ``terms``: per random term (group, coefficients),
-    in the rows' order; a failed dataset's numbers are NaN and its levels empty."""
+                sigma_known: bool, spatial: bool) -> BatchResult:
+    """The :class:`BatchResult` of :func:`run_each`'s rows (:class:`DatasetFit` or None).  ``terms``: per random
+    term (group, coefficients), in the rows' order; a failed dataset's numbers are NaN and its levels empty.  A
+    ``spatial`` batch's hyperparameters are matched by name (a table with no columns where every dataset
+    failed)."""
     n, p = len(labels), len(fixed_names)
     done = [f for f in fits if f is not None]
     m = done[0].theta.size if done else 0
@@ -231,9 +269,10 @@ def each_result(labels: pd.Index, fits: list, messages: list, *, fixed_names, te
                                      levels=[piece[0] for piece in pieces], b=[piece[1] for piece in pieces],
                                      cond_sd=[piece[2] for piece in pieces]))
     hyperparameters = None
-    if done and done[0].hyperparameters is not None:
+    if spatial:  # by name: a (lhs | g) term's may come in another order in another dataset
+        names = list(dict.fromkeys(name for f in done for name in f.hyperparameters))
         hyperparameters = pd.DataFrame([{} if f is None else f.hyperparameters for f in fits], index=labels,
-                                       columns=list(done[0].hyperparameters))
+                                       columns=names, dtype=float)
     converged = np.array([f is not None and bool(f.converged) for f in fits], dtype=bool)
     singular = np.array([f is not None and bool(f.is_singular) for f in fits], dtype=bool)
     names = list(fixed_names)
@@ -274,14 +313,18 @@ def fit_batch_each(formula: str, data, by: str, *, family, link, reml: bool | No
                        relmat=relmat, relmat_inverse=relmat_inverse, adjacency=adjacency)
     reml = (spec is None) if reml is None else bool(reml)
     if model.spatial:
-        if nAGQ > 1:
-            raise ArgumentError(f"nAGQ={nAGQ}: a spatial model is fitted by the Laplace approximation (nAGQ 0 or 1)")
+        check_quadrature(nAGQ, spatial=True)
         fitter = (partial(lmm, reml=reml, **model.shared) if spec is None else
                   partial(glmm, family=family, link=link, nAGQ=nAGQ, reml=reml, **model.shared))
         row = partial(spatial_row, order=model.keys)
     else:
         fitter, row = partial(lmm, reml=reml, **model.shared), partial(relmat_row, order=model.keys)
-    labels, fits, messages = run_each(model, lambda index, frame, arguments: row(fitter(formula, frame, **arguments)),
-                                      progress, "fit_batch")
+
+    def fit(index: int, frame: pd.DataFrame, arguments: dict) -> DatasetFit:
+        single = fitter(formula, frame, **arguments)
+        check_fixed_effects(single, model.fixed_names)
+        return row(single)
+
+    labels, fits, messages = run_each(model, fit, progress, "fit_batch")
     return each_result(labels, fits, messages, fixed_names=model.fixed_names, terms=model.keys, reml=reml,
-                       sigma_known=model.spatial and spec is not None)
+                       sigma_known=model.spatial and spec is not None, spatial=model.spatial)

@@ -49,7 +49,6 @@ from jax.experimental import multihost_utils
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError
 from ..spec.design import Design, RandomEffectTerm, build_design
-from ..spec.formula import has_spatial_term
 from ..spec.transforms import stateful_calls
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
@@ -398,9 +397,7 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         For a missing ``by``, weights, offset or se column, missing dataset labels,
         or weights or sds that are not positive.
     """
-    if isinstance(formula, str) and has_spatial_term(formula):
-        raise ArgumentError(f"{caller} does not fit spatial terms (car()): fit each dataset with {single}(..., "
-                            "adjacency=)")
+    # (a formula with spatial terms, or a relationship matrix, is fitted dataset by dataset: fit_each, not here)
     refuse_stateful(formula, caller, single)
     frame = long_frame(data, by)
     weights = row_argument(weights, "weights", data, frame)

@@ -59,6 +59,20 @@ def _negative_binomial_restarts(design, spec, optimum, stages: int, nodes: int):
     return optimum
 
 
+def check_quadrature(nAGQ, terms=None, spatial: bool = False) -> None:
+    """Refuse, by name, a quadrature ``hp.glmm`` cannot use: nAGQ not an integer from 0 to :data:`MAX_NODES`;
+    adaptive quadrature (> 1) of a spatial model (``spatial``) or of random-effect ``terms`` other than one scalar
+    term (glmer's rule)."""
+    if isinstance(nAGQ, bool) or not isinstance(nAGQ, int) or not 0 <= nAGQ <= MAX_NODES:
+        raise ArgumentError(f"nAGQ must be an integer from 0 to {MAX_NODES}, got {nAGQ!r}")
+    if nAGQ > 1 and spatial:
+        raise ArgumentError(f"nAGQ={nAGQ}: a spatial model is fitted by the Laplace approximation (nAGQ 0 or 1)")
+    if nAGQ > 1 and terms is not None and (len(terms) != 1 or terms[0].k != 1):
+        described = ", ".join(f"({' + '.join(t.coef_names)} | {t.group})" for t in terms)
+        raise ArgumentError(f"nAGQ={nAGQ} needs exactly one scalar random-effect term such as (1 | g); "
+                            f"this model has {described}")
+
+
 def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str | None = None, nAGQ: int = 1,
          weights=None, offset=None, adjacency=None, reml: bool = False) -> GLMMResult:
     """Fit a generalized linear mixed model (lme4's ``glmer``, ``glmer.nb``).
@@ -102,24 +116,19 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     -------
     GLMMResult
     """
-    if isinstance(nAGQ, bool) or not isinstance(nAGQ, int) or not 0 <= nAGQ <= MAX_NODES:
-        raise ArgumentError(f"nAGQ must be an integer from 0 to {MAX_NODES}, got {nAGQ!r}")
+    check_quadrature(nAGQ)
     spec = family_spec(family, link)
     if adjacency is not None or has_spatial_term(formula):
         from ..spec.spatial import spatial_design  # SciPy's sparse LU: loaded only for this model
         from .spatial import fit_spatial
 
-        if nAGQ > 1:
-            raise ArgumentError(f"nAGQ={nAGQ}: a spatial model is fitted by the Laplace approximation (nAGQ 0 or 1)")
+        check_quadrature(nAGQ, spatial=True)
         sdesign = spatial_design(formula, data, adjacency, family=spec, weights=weights, offset=offset)
         return fit_spatial(sdesign, reml=bool(reml), stages=1 if nAGQ == 0 else 2)
     if reml:
         raise ArgumentError("reml=True is for a spatial model (adjacency=); glmer's GLMM fit is maximum likelihood")
     design = build_design(formula, data, weights=weights, offset=offset, family=spec)
-    if nAGQ > 1 and (len(design.terms) != 1 or design.terms[0].k != 1):
-        terms = ", ".join(f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms)
-        raise ArgumentError(f"nAGQ={nAGQ} needs exactly one scalar random-effect term such as (1 | g); "
-                            f"this model has {terms}")
+    check_quadrature(nAGQ, terms=design.terms)
     separation_checked = _warn_if_separated(design, spec.name, SEPARATION_MAX_ROWS)
     negative_binomial = spec.name == "negative_binomial"
     fam = make_family(spec, shape=NB_START_SHAPE if negative_binomial else None)

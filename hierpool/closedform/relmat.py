@@ -203,6 +203,17 @@ class RelmatEquations:
                                   beta_block=beta_block)
 
 
+def relationship_positions(term, rel: Relationship) -> np.ndarray:
+    """Each of the relationship term's levels in the data, as a position among A's labels (the design's levels
+    and A's labels are strings); a level that is not among them is refused, by name."""
+    position = pd.Index(rel.labels).get_indexer([str(level) for level in term.levels])
+    if np.any(position < 0):
+        missing = [str(level) for level, at in zip(term.levels, position) if at < 0]
+        raise DataError(f"{len(missing)} level(s) of {term.group!r} in the data are not labels of its "
+                        f"relationship matrix: {missing[:5]}")
+    return position
+
+
 def relmat_equations(design: Design, rel: Relationship):
     """(:class:`RelmatEquations` of the design, each term's column labels, which of A's labels have records)."""
     n, p = design.n, design.p
@@ -213,11 +224,7 @@ def relmat_equations(design: Design, rel: Relationship):
     recorded = None
     for term in design.terms:
         if term.group == rel.group:
-            position = pd.Index(rel.labels).get_indexer([str(level) for level in term.levels])
-            if np.any(position < 0):
-                missing = [str(level) for level, at in zip(term.levels, position) if at < 0]
-                raise DataError(f"{len(missing)} level(s) of {term.group!r} in the data are not labels of its "
-                                f"relationship matrix: {missing[:5]}")
+            position = relationship_positions(term, rel)
             size, penalty, names = len(rel.labels), rel.inverse, rel.labels
             recorded = np.isin(np.arange(size), position)
         else:
@@ -356,8 +363,8 @@ class RelmatResult(Likelihood):
     def varcorr(self) -> pd.DataFrame:
         """lme4's ``as.data.frame(VarCorr(fit))``: each term's variance (sigma_A^2 for the relationship term),
         then the residual's."""
-        return varcorr_table([(term.group, term.coef_names, np.array([[(t * self.sigma) ** 2]]))
-                              for term, t in zip(self.design.terms, self.theta)], self.sigma)
+        return varcorr_table([(term.group, term.coef_names, cov)
+                              for term, cov in zip(self.design.terms, self.term_covariances())], self.sigma)
 
     def term_covariances(self) -> list[np.ndarray]:
         """Each term's 1 x 1 covariance (theta_j sigma)^2, in ``design.terms``' order (``LMMResult``'s accessor):

@@ -16,6 +16,12 @@ from ..spec.design import Design
 from .optimize import Optimum
 
 
+def term_rows(ranef: pd.DataFrame, group: str, coef: str) -> pd.DataFrame:
+    """One term's rows of an lme4-style ``ranef`` table (``grpvar``, ``term``, ``grp``): two terms may share a
+    grouping factor, ``(1 | g) + (0 + x | g)``, so the group alone does not pick them."""
+    return ranef[(ranef["grpvar"] == group) & (ranef["term"] == coef)]
+
+
 class Likelihood:
     """``loglik``, ``aic`` and ``bic`` of a Gaussian fit from its ``objective`` (REML criterion or deviance),
     ``n_params`` and ``nobs``, as lme4's ``logLik``, ``AIC`` and ``BIC``."""

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.family import draw_responses
-from ..errors import ArgumentError, integer_argument
+from ..errors import ArgumentError, DataError, integer_argument
 from .ar1 import AR1Result
 from .glmm_results import GLMMResult
-from .results import LMMResult
+from .results import LMMResult, term_rows
 
 #: Families :func:`simulate` draws from.
 FAMILIES = ("binomial", "poisson", "negative_binomial")
@@ -74,24 +74,26 @@ def _relmat_linear_predictor(fit, rng: np.random.Generator, n: int, use_u: bool)
     """(rows, n): an animal model's o + X beta^ + sum_j z_ij b*_j[level], the relationship term's b* drawn from
     N(0, sigma_A^2 A) over every level of A (one sparse LU of A^-1, :func:`~hierpool.closedform.relmat.factor_spd`,
     whose draw is N(0, (A^-1)^-1)), the other terms' from N(0, sigma_j^2 I) (``use_u``: the fitted BLUPs)."""
-    from .relmat import factor_spd  # SciPy's sparse LU: loaded for a relationship-matrix fit only
+    from .relmat import factor_spd, relationship_positions  # SciPy's sparse LU: for a relationship matrix only
 
     design, rel = fit.design, fit.relationship
     out = (design.offset + design.X @ np.asarray(fit.fixef, dtype=float))[:, None] + np.zeros((1, n))
     ranef = fit.ranef if use_u else None
     for term, cov in zip(design.terms, fit.term_covariances()):
         related = term.group == rel.group
-        labels = rel.labels if related else np.asarray(term.levels)
-        # each level of the data among the term's effects (A's labels are strings, as the design's levels)
-        position = pd.Index(labels).get_indexer([str(v) for v in term.levels] if related else term.levels)
+        # each level of the data among the term's effects: A's labels, or the term's own levels
+        position = relationship_positions(term, rel) if related else np.arange(term.n_levels)
+        size = len(rel.labels) if related else term.n_levels
         sd = float(np.sqrt(cov[0, 0]))
         if use_u:
-            part = ranef[ranef["grpvar"] == term.group]
-            b = np.repeat(part["condval"].to_numpy()[:, None], n, axis=1)
+            b = np.repeat(term_rows(ranef, term.group, term.coef_names[0])["condval"].to_numpy()[:, None], n, axis=1)
         elif related:
-            b = sd * factor_spd(rel.inverse)[0].draw(rng.standard_normal((len(labels), n)))
+            factored = factor_spd(rel.inverse)[0]
+            if factored is None:  # Relationship checked A^-1 when it was built: not reached with one of its own
+                raise DataError(f"the relationship matrix of {rel.group!r} is not positive definite")
+            b = sd * factored.draw(rng.standard_normal((size, n)))
         else:
-            b = sd * rng.standard_normal((len(labels), n))
+            b = sd * rng.standard_normal((size, n))
         out += np.asarray(term.z[:, :1], dtype=float) * b[position[term.index]]
     return out
 

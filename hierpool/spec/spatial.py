@@ -161,15 +161,13 @@ def _has_geometry(frame) -> bool:
 
 def resolve_graph(adjacency, data: pd.DataFrame, term: SpatialTermSpec) -> Graph:
     """The term's :class:`Graph` from ``adjacency=`` (module docstring)."""
-    if isinstance(adjacency, dict) and isinstance(adjacency.get(term.factor), Graph):
-        adjacency = adjacency[term.factor]
-    if isinstance(adjacency, Graph):
-        return adjacency
     if isinstance(adjacency, dict) and term.factor in adjacency and _is_graph(adjacency[term.factor]):
         adjacency = adjacency[term.factor]
     elif isinstance(adjacency, dict) and any(_is_graph(v) for v in adjacency.values()):
         raise ArgumentError(f"adjacency is a dict of graphs keyed by {sorted(map(str, adjacency))}, but the spatial "
                             f"term's area column is {term.factor!r}")
+    if isinstance(adjacency, Graph):  # built already (a batch's, once for all its datasets)
+        return adjacency
     if adjacency is None:
         if not _has_geometry(data):
             raise ArgumentError(f"{term.label} needs the areas' neighbourhood graph: give adjacency= (an edge list, a "
