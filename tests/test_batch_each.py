@@ -34,6 +34,11 @@ def pedigree_data():
             for d in range(3)}
     sets["trait1"] = sets["trait1"].iloc[40:]  # fewer animals with records
     sets["tiny"] = phenotypes.iloc[:3]  # 3 unrelated animals: the variances are not identifiable, its fit fails
+    sets["noise"] = phenotypes.assign(y=rng.normal(size=len(phenotypes)))  # no genetic variance: a boundary fit
+    founders = set(pedigree.id[pedigree.sire.isna() & pedigree.dam.isna()])
+    unrelated = phenotypes[phenotypes["animal"].isin(founders)].drop_duplicates("animal")
+    for label in ("flat1", "flat2"):  # unrelated animals, one record each: flat, on one shared design
+        sets[label] = unrelated.assign(y=rng.normal(size=len(unrelated)))
     sets["stranger"] = phenotypes.iloc[:60].assign(animal=["stranger"] + list(phenotypes["animal"].iloc[1:60]))
     return sets, inverse
 
@@ -44,24 +49,65 @@ def animal_batch(pedigree_data):
     return _quiet(hp.fit_batch, ANIMAL, sets, by="trait", relmat_inverse={"animal": inverse}, progress=False)
 
 
-def test_an_animal_model_batch_is_each_datasets_lmm(pedigree_data, animal_batch):
+# trait0, trait2 and noise share their rows (the spectral path, theta by its own search: to the optimum's
+# tolerance, 1e-7 in log theta, like the single fit's Brent search); trait1 is fitted alone by hp.lmm (exact)
+SHARED = ("trait0", "trait2", "noise")
+
+
+@pytest.mark.parametrize("label", ["trait0", "trait1", "trait2", "noise"])
+def test_an_animal_model_batch_is_each_datasets_lmm(pedigree_data, animal_batch, label):
     sets, inverse = pedigree_data
     batch = animal_batch
-    for label in ("trait0", "trait1", "trait2"):
-        single = _quiet(hp.lmm, ANIMAL, sets[label], relmat_inverse={"animal": inverse})
-        assert batch.objective[label] == pytest.approx(single.objective, rel=1e-12)
-        np.testing.assert_allclose(batch.fixef.loc[label], single.fixef, rtol=1e-10)
-        np.testing.assert_allclose(batch.fixef_se.loc[label], single.fixef_se, rtol=1e-10)
-        assert batch.sigma[batch.datasets.get_loc(label)] == pytest.approx(single.sigma, rel=1e-12)
-        assert batch.theta[batch.datasets.get_loc(label)] == pytest.approx(single.theta, rel=1e-12)
-        row = batch.varcorr.query("dataset == @label and grp == 'animal'")
-        assert row["vcov"].iloc[0] == pytest.approx(single.sigma_a**2, rel=1e-10)
-        # breeding values of every animal of the pedigree, with records or not, and their prediction error sds
-        ranef = batch.ranef.query("dataset == @label")
-        assert len(ranef) == len(inverse[1])
-        np.testing.assert_allclose(ranef["condval"], single.ranef["condval"], rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(ranef["condsd"], single.ranef["condsd"], rtol=1e-10)
-    assert batch.converged[["trait0", "trait1", "trait2"]].all() and not batch.refit.any()
+    single = _quiet(hp.lmm, ANIMAL, sets[label], relmat_inverse={"animal": inverse})
+    rel = 1e-6 if label in SHARED else 1e-12
+    assert batch.objective[label] == pytest.approx(single.objective, rel=1e-11)
+    np.testing.assert_allclose(batch.fixef.loc[label], single.fixef, rtol=rel)
+    np.testing.assert_allclose(batch.fixef_se.loc[label], single.fixef_se, rtol=rel)
+    assert batch.sigma[batch.datasets.get_loc(label)] == pytest.approx(single.sigma, rel=rel)
+    row = batch.varcorr.query("dataset == @label and grp == 'animal'")
+    assert row["sdcor"].iloc[0] == pytest.approx(single.sigma_a, rel=rel, abs=1e-6 * single.sigma)
+    # breeding values of every animal of the pedigree, with records or not, and their prediction error sds
+    ranef = batch.ranef.query("dataset == @label")
+    assert len(ranef) == len(inverse[1])
+    scale = 1e-5 * max(single.sigma_a, 1e-3 * single.sigma) if label in SHARED else 1e-12
+    np.testing.assert_allclose(ranef["condval"], single.ranef["condval"], rtol=rel, atol=scale)
+    np.testing.assert_allclose(ranef["condsd"], single.ranef["condsd"], rtol=rel, atol=scale)
+    assert batch.converged[label] and not batch.refit[label]
+    assert batch.is_singular[label] == single.is_singular
+
+
+def test_datasets_sharing_their_rows_take_the_spectral_path(pedigree_data, animal_batch):
+    from hierpool.batch.fit_each import each_model, spectral_fits
+
+    sets, inverse = pedigree_data
+    model = each_model(ANIMAL, sets, "trait", "fit_batch", spec=None, weights=None, offset=None, se=None,
+                       relmat=None, relmat_inverse={"animal": inverse}, adjacency=None)
+    labels = list(sets)
+    shared = spectral_fits(model, reml=True)
+    assert sorted(labels[d] for d in shared) == sorted([*SHARED, "flat1", "flat2"])
+    # its boundary and flat cases say what hp.lmm says
+    assert animal_batch.is_singular["noise"] and "boundary (singular) fit" in animal_batch.messages["noise"]
+    for label in ("flat1", "flat2"):
+        assert "not identifiable" in animal_batch.messages[label] and np.isnan(animal_batch.objective[label])
+    with pytest.raises(hp.DataError, match="not identifiable"):
+        hp.lmm(ANIMAL, sets["flat1"], relmat_inverse={"animal": inverse})
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_the_spectral_criterion_is_the_sparse_equations(pedigree_data, reml):
+    from hierpool.closedform import relmat_spectral as spectral
+    from hierpool.closedform.relmat import relationship_positions, relmat_equations
+
+    sets, inverse = pedigree_data
+    fit = _quiet(hp.lmm, ANIMAL, sets["trait1"], relmat_inverse={"animal": inverse}, reml=reml)
+    design, term = fit.design, fit.design.terms[0]
+    sd = spectral.spectral_design(relationship_positions(term, fit.relationship)[term.index],
+                                  np.asarray(term.z[:, 0], float), np.asarray(design.X, float), fit.relationship)
+    y = (np.asarray(design.y, float) - design.offset) @ sd.vectors
+    equations = relmat_equations(design, fit.relationship)[0]
+    thetas = np.array([1e-3, 0.3, 1.0, 7.0, 300.0])
+    mine = spectral.criterion(np.log(thetas)[None], y[None], sd, reml)[0]
+    np.testing.assert_allclose(mine, [equations.evaluate(np.array([t]), reml)[0] for t in thetas], rtol=1e-12)
 
 
 def test_a_failing_dataset_keeps_its_reason_in_its_row(animal_batch):
@@ -69,7 +115,7 @@ def test_a_failing_dataset_keeps_its_reason_in_its_row(animal_batch):
     assert "DataError" in animal_batch.messages["tiny"] and "not identifiable" in animal_batch.messages["tiny"]
     assert np.isnan(animal_batch.fixef.loc["tiny"]).all()
     frame = animal_batch.to_frame()
-    assert list(frame["dataset"]) == ["trait0", "trait1", "trait2", "tiny", "stranger"]
+    assert list(frame["dataset"]) == ["trait0", "trait1", "trait2", "tiny", "noise", "flat1", "flat2", "stranger"]
     assert "not labels of its relationship matrix" in animal_batch.messages["stranger"]
 
 
@@ -219,7 +265,9 @@ def test_the_bootstrap_refits_an_animal_model_and_a_spatial_glmm(pedigree_data, 
     assert list(boot.estimate.index) == ["Intercept", "sex[M]", "sd_animal_Intercept", "sigma"]
     replicate = sets["trait0"].assign(y=hp.simulate(fit, 2, seed=8)["sim_2"].to_numpy())
     single = _quiet(hp.lmm, ANIMAL, replicate, relmat_inverse={"animal": inverse})
-    np.testing.assert_allclose(boot.replicates.iloc[1], [*single.fixef, single.sigma_a, single.sigma], rtol=1e-10)
+    # the replicates share their rows: the spectral path, to the optimum's tolerance
+    np.testing.assert_allclose(boot.replicates.iloc[1], [*single.fixef, single.sigma_a, single.sigma], rtol=1e-6)
+    assert boot.batch.objective.iloc[1] == pytest.approx(single.objective, rel=1e-11)
 
     formula = "y ~ x + offset(log(exposure)) + car(area, type='bym2')"
     spatial = _quiet(hp.glmm, formula, area_counts[0], family="poisson", adjacency=AREAS)

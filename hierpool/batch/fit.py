@@ -293,7 +293,9 @@ def fit_batch(
     relmat, relmat_inverse : dict, optional
         A relationship matrix for one term's levels (the animal model), as ``hp.lmm``'s, shared by every
         dataset: built once, then each dataset fitted by ``hp.lmm`` on its sparse mixed-model equations
-        (:mod:`hierpool.batch.fit_each`).  The relationship term's ``b`` covers every level of A.  These
+        (:mod:`hierpool.batch.fit_each`), or, for datasets that share their rows (traits of one herd), by the
+        spectral specialisation (:mod:`hierpool.closedform.relmat_spectral`).  The relationship term's ``b``
+        covers every level of A.  These
         fits (and spatial ones) are the single fits: ``chunk_size``, ``max_iterations``, ``dtype`` and
         ``correlation`` are refused with them, ``polish`` has nothing to do.
     adjacency : optional

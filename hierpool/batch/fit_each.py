@@ -1,5 +1,6 @@
 """Batches of the models whose single fit has no batched form: a relationship matrix (``relmat=``) and spatial
-``car()`` terms, fitted dataset by dataset by the single fit itself.
+``car()`` terms, fitted dataset by dataset by the single fit itself (and animal models on a shared design by
+their spectral specialisation).
 
 Their single fits run on the host's sparse algebra: :mod:`hierpool.closedform.relmat` (SuperLU on the mixed-model
 equations, Brent's method or L-BFGS-B on theta) and :mod:`hierpool.closedform.spatial` (the sparse Laplace
@@ -16,6 +17,11 @@ by the same code (not a second implementation to keep equal).  What the batch ad
   NaN); its fit's warnings (a boundary fit, say) are kept in its message too.
 * **Memory per dataset.**  Each fit's numbers are taken out (:func:`relmat_row`, :func:`spatial_row`) and the fit
   is dropped: one fit is held at a time.
+* **One specialisation, where it pays.**  Animal-model datasets that share their rows (many traits of one herd:
+  the same animals and covariates, only the response differs), with one relationship term and no weights, are
+  fitted together by :mod:`hierpool.closedform.relmat_spectral` (:func:`spectral_fits`: one eigendecomposition of
+  Z A Z' per shared design, then every dataset's criterion over theta at once); their criterion is the sparse
+  equations' (tested equal), theta found to the same tolerance.
 
 The loop is serial: the fits are mostly Python around small sparse factorizations, and warnings are recorded by
 ``warnings.catch_warnings``, which is process-wide (threads would mix their datasets' warnings).  A dataset's
@@ -35,10 +41,18 @@ import pandas as pd
 
 from ..closedform.glmm import check_quadrature
 from ..closedform.results import term_rows
-from ..errors import ArgumentError, DataError, HierpoolWarning
+from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
 from ..spec.design import build_design
 from ..spec.formula import has_spatial_term
-from .plan import dataset_arguments, dataset_codes, long_frame, progress_bar, refuse_stateful, row_argument
+from .plan import (
+    dataset_arguments,
+    dataset_codes,
+    host_chunk,
+    long_frame,
+    progress_bar,
+    refuse_stateful,
+    row_argument,
+)
 from .results import BatchResult, BatchTerm
 
 
@@ -143,6 +157,8 @@ class EachModel:
     fixed_names : tuple of str
     spatial : bool
         Spatial terms (else a relationship matrix).
+    design : Design or None
+        A relationship matrix's design of the long frame (:func:`spectral_fits` reads it), else None.
     """
 
     frame: pd.DataFrame
@@ -152,6 +168,7 @@ class EachModel:
     keys: list
     fixed_names: tuple
     spatial: bool
+    design: object = None
 
 
 def fits_each(formula, relmat, relmat_inverse, adjacency) -> bool:
@@ -206,7 +223,7 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
         design = build_design(formula, frame, se=se, family=spec, related=(rel.group,), **arguments)
         check_design(design, rel)  # refuses a family, known sds, vector terms: by name, once
         return EachModel(frame=frame, by=by, arguments=arguments, shared={"relmat_inverse": {rel.group: rel}},
-                         keys=term_keys(design=design), fixed_names=design.fixed_names, spatial=False)
+                         keys=term_keys(design=design), fixed_names=design.fixed_names, spatial=False, design=design)
     if se is not None:
         raise ArgumentError("se= is not supported with a spatial term (adjacency=) yet")
     sdesign = spatial_design(formula, frame, adjacency, family=spec, **arguments)
@@ -300,6 +317,67 @@ def each_result(labels: pd.Index, fits: list, messages: list, *, fixed_names, te
     )
 
 
+def spectral_fits(model: EachModel, reml: bool) -> dict[int, tuple]:
+    """The datasets of an animal-model batch that share their rows (the same animals and covariates, in the same
+    order; only the responses differ: many traits of one herd), fitted together by
+    :mod:`hierpool.closedform.relmat_spectral` (one eigendecomposition per shared design): dataset -> (its
+    :class:`DatasetFit` or None, its warnings, its error or "").  Only with one relationship term and no prior
+    weights, for designs of at least two datasets, of full rank, up to
+    :data:`~hierpool.closedform.relmat_spectral.SPECTRAL_MAX_ROWS` records; every other dataset is left to its
+    single fit."""
+    from ..closedform import relmat_spectral as spectral
+    from ..closedform.relmat import at_bound, boundary_messages, flat_profile, relationship_positions, singular_theta
+
+    design = model.design
+    if len(design.terms) != 1 or design.weights is not None or design.sigma_known:
+        return {}
+    term, rel = design.terms[0], next(iter(model.shared["relmat_inverse"].values()))
+    animal = relationship_positions(term, rel, strict=False)[term.index]  # -1: not in A (that dataset's error)
+    z, X = np.asarray(term.z[:, 0], dtype=float), np.asarray(design.X, dtype=float)
+    y = np.asarray(design.y, dtype=float) - np.asarray(design.offset, dtype=float)
+    codes = dataset_codes(model.frame[model.by], model.by)[0][np.asarray(design.rows)]
+    order = np.argsort(codes, kind="stable")
+    groups: dict[bytes, list] = {}
+    for rows in np.split(order, np.flatnonzero(np.diff(codes[order])) + 1):
+        if rows.size and animal[rows].min() >= 0:
+            key = animal[rows].tobytes() + z[rows].tobytes() + X[rows].tobytes()  # exact: the design itself
+            groups.setdefault(key, []).append(rows)
+    out = {}
+    for members in groups.values():
+        rows = members[0]
+        n, p = rows.size, X.shape[1]
+        if len(members) < 2 or not p < n <= spectral.SPECTRAL_MAX_ROWS or np.linalg.matrix_rank(X[rows]) < p:
+            continue
+        sd = spectral.spectral_design(animal[rows], z[rows], X[rows], rel)
+        responses = np.stack([y[r] for r in members])
+        shift = np.linalg.lstsq(X[rows], responses.T, rcond=None)[0].T  # centred on least squares: no digits lost
+        rotated = (responses - shift @ X[rows].T) @ sd.vectors
+        size = host_chunk(spectral.GRID_POINTS * n * 8 * 4)  # the grid's (datasets, points, n) arrays
+        for start in range(0, len(members), size):
+            part = slice(start, start + size)
+            log_theta, value, ends = spectral.minimize(rotated[part], sd, reml)
+            error = [flat_profile(v, e, term.group) for v, e in zip(value, ends)]
+            log_theta = np.array([at_bound(t, v, e) for t, v, e in zip(log_theta, value, ends)])
+            value = spectral.criterion(log_theta[:, None], rotated[part], sd, reml)[:, 0]
+            solved = spectral.solution(log_theta, rotated[part], sd, reml)
+            for j, rows_d in enumerate(members[part]):
+                index = int(codes[rows_d[0]])
+                if error[j]:
+                    out[index] = (None, [], error[j])
+                    continue
+                theta, sigma = np.exp(log_theta[j]), solved["sigma"][j]
+                fit = DatasetFit(
+                    theta=np.array([theta]), objective=float(value[j]), converged=True,
+                    beta=pd.Series(solved["beta"][j] + shift[start + j], index=list(design.fixed_names)),
+                    vcov=pd.DataFrame(solved["vcov"][j], index=list(design.fixed_names),
+                                      columns=list(design.fixed_names)),
+                    sigma=float(sigma), is_singular=singular_theta(log_theta[j : j + 1]),
+                    terms=[(np.asarray(rel.labels), solved["b"][j][:, None], solved["condsd"][j][:, None],
+                            np.array([[(theta * sigma) ** 2]]))])
+                out[index] = (fit, boundary_messages(design.terms, log_theta[j : j + 1]), "")
+    return out
+
+
 def fit_batch_each(formula: str, data, by: str, *, family, link, reml: bool | None, nAGQ: int, weights, offset,
                    se, relmat, relmat_inverse, adjacency, progress) -> BatchResult:
     """``hp.fit_batch`` of a model with a relationship matrix or spatial terms (module notes): the model checked
@@ -319,8 +397,16 @@ def fit_batch_each(formula: str, data, by: str, *, family, link, reml: bool | No
         row = partial(spatial_row, order=model.keys)
     else:
         fitter, row = partial(lmm, reml=reml, **model.shared), partial(relmat_row, order=model.keys)
+    shared_rows = {} if model.spatial else spectral_fits(model, reml)
 
     def fit(index: int, frame: pd.DataFrame, arguments: dict) -> DatasetFit:
+        if index in shared_rows:  # fitted with the datasets that share its rows: its warnings and error as hp.lmm's
+            done, said, error = shared_rows[index]
+            for message in said:
+                warnings.warn(message, ConvergenceWarning, stacklevel=2)
+            if error:
+                raise DataError(error)
+            return done
         single = fitter(formula, frame, **arguments)
         check_fixed_effects(single, model.fixed_names)
         return row(single)

@@ -203,11 +203,11 @@ class RelmatEquations:
                                   beta_block=beta_block)
 
 
-def relationship_positions(term, rel: Relationship) -> np.ndarray:
+def relationship_positions(term, rel: Relationship, strict: bool = True) -> np.ndarray:
     """Each of the relationship term's levels in the data, as a position among A's labels (the design's levels
-    and A's labels are strings); a level that is not among them is refused, by name."""
+    and A's labels are strings); a level that is not among them is refused, by name (``strict``), or -1."""
     position = pd.Index(rel.labels).get_indexer([str(level) for level in term.levels])
-    if np.any(position < 0):
+    if strict and np.any(position < 0):
         missing = [str(level) for level, at in zip(term.levels, position) if at < 0]
         raise DataError(f"{len(missing)} level(s) of {term.group!r} in the data are not labels of its "
                         f"relationship matrix: {missing[:5]}")
@@ -296,17 +296,39 @@ def _minimize(equations: RelmatEquations, reml: bool, terms: int, group: str):
                                            options=dict(xtol=LOG_THETA_TOL, maxiter=200))
     log_theta = float(np.clip(found.x, *LOG_THETA_BOUNDS))
     value = criterion([log_theta])
-    # unrelated animals with one record each (A = I and Z = I) make the model a sum of two variances: flat
     ends = [criterion([bound]) for bound in LOG_THETA_BOUNDS]
-    if max(ends) - value < FLAT_PROFILE:
-        raise DataError(
-            f"the data cannot tell the variance of {group!r} from the residual variance: the profiled criterion "
+    problem = flat_profile(value, ends, group)
+    if problem:
+        raise DataError(problem)
+    return np.array([at_bound(log_theta, value, ends)]), count[0], bool(found.success)
+
+
+def flat_profile(value: float, ends, group: str) -> str:
+    """Why one term's profile cannot be fitted ("" when it can): the criterion at its minimum ``value`` within
+    :data:`FLAT_PROFILE` of both ``ends`` (at :data:`LOG_THETA_BOUNDS`).  Unrelated animals with one record each
+    (A = I and Z = I) make the model a sum of two variances: flat."""
+    if max(ends) - value >= FLAT_PROFILE:
+        return ""
+    return (f"the data cannot tell the variance of {group!r} from the residual variance: the profiled criterion "
             f"changes by less than {FLAT_PROFILE} over theta from 1e-4 to 1e4 (are the animals with records "
             f"related?  With one record each and no relatives among them the two variances are not identifiable)")
+
+
+def at_bound(log_theta: float, value: float, ends) -> float:
+    """One term's log theta, or the bound whose criterion (``ends``) is lower than the descent's ``value`` (a
+    boundary optimum that the descent missed)."""
     best = int(np.argmin(ends))
-    if ends[best] < value - 1e-9:
-        log_theta = LOG_THETA_BOUNDS[best]
-    return np.array([log_theta]), count[0], bool(found.success)
+    return LOG_THETA_BOUNDS[best] if ends[best] < value - 1e-9 else log_theta
+
+
+def boundary_messages(terms, log_theta: np.ndarray) -> list[str]:
+    """The warnings of a fit whose log theta lies within a factor 10 of a bound (the criterion is flat there, and
+    the search stops wherever it lands): a term's variance (near) zero, or the residual's against a term's."""
+    out = [f"boundary (singular) fit: the variance of {term.group!r} is (near) zero (theta below 1e-3)"
+           for term, value in zip(terms, log_theta) if value <= LOG_THETA_BOUNDS[0] + np.log(10.0)]
+    if np.any(log_theta >= LOG_THETA_BOUNDS[1] - np.log(10.0)):
+        out.append("boundary fit: the residual variance is (near) zero against a random effect's (theta above 1e3)")
+    return out
 
 
 def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatResult:
@@ -320,18 +342,16 @@ def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatRe
     if not np.isfinite(value):
         raise DataError("the animal model's equations are not positive definite at the optimum: check the "
                         "relationship matrix and the fixed effects")
-    # within a factor 10 of a bound: the criterion is flat there, and the search stops wherever it lands
-    low = log_theta <= LOG_THETA_BOUNDS[0] + np.log(10.0)
-    for term, at_zero in zip(design.terms, low):
-        if at_zero:
-            warnings.warn(f"boundary (singular) fit: the variance of {term.group!r} is (near) zero (theta below "
-                          f"1e-3)", ConvergenceWarning, stacklevel=3)
-    if np.any(log_theta >= LOG_THETA_BOUNDS[1] - np.log(10.0)):
-        warnings.warn("boundary fit: the residual variance is (near) zero against a random effect's (theta above "
-                      "1e3)", ConvergenceWarning, stacklevel=3)
+    for message in boundary_messages(design.terms, log_theta):
+        warnings.warn(message, ConvergenceWarning, stacklevel=3)
     return RelmatResult(design=design, relationship=rel, equations=equations, reml=reml, log_theta=log_theta,
                         objective=value, pieces=pieces, labels=labels, recorded=recorded, converged=converged,
-                        evaluations=evaluations, is_singular=bool(np.any(low)))
+                        evaluations=evaluations, is_singular=singular_theta(log_theta))
+
+
+def singular_theta(log_theta: np.ndarray) -> bool:
+    """Some term's theta within a factor 10 of the lower bound (:func:`boundary_messages`'s first case)."""
+    return bool(np.any(np.asarray(log_theta) <= LOG_THETA_BOUNDS[0] + np.log(10.0)))
 
 
 class RelmatResult(Likelihood):
