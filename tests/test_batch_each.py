@@ -83,7 +83,7 @@ def test_datasets_sharing_their_rows_take_the_spectral_path(pedigree_data, anima
     model = each_model(ANIMAL, sets, "trait", "fit_batch", spec=None, weights=None, offset=None, se=None,
                        relmat=None, relmat_inverse={"animal": inverse}, adjacency=None)
     labels = list(sets)
-    shared = spectral_fits(model, reml=True)
+    shared = spectral_fits(model, ANIMAL, reml=True)
     assert sorted(labels[d] for d in shared) == sorted([*SHARED, "flat1", "flat2"])
     # its boundary and flat cases say what hp.lmm says
     assert animal_batch.is_singular["noise"] and "boundary (singular) fit" in animal_batch.messages["noise"]
@@ -94,20 +94,63 @@ def test_datasets_sharing_their_rows_take_the_spectral_path(pedigree_data, anima
 
 
 @pytest.mark.parametrize("reml", [True, False])
-def test_the_spectral_criterion_is_the_sparse_equations(pedigree_data, reml):
+@pytest.mark.parametrize("slope", [False, True])
+def test_the_spectral_criterion_and_solution_are_the_sparse_equations(pedigree_data, reml, slope):
+    """A scalar slope (0 + x | animal) makes Z's entries x_i, not 1; an offset moves y."""
     from hierpool.closedform import relmat_spectral as spectral
     from hierpool.closedform.relmat import relationship_positions, relmat_equations
 
     sets, inverse = pedigree_data
-    fit = _quiet(hp.lmm, ANIMAL, sets["trait1"], relmat_inverse={"animal": inverse}, reml=reml)
+    frame = sets["trait1"].assign(x=np.linspace(0.5, 2.0, len(sets["trait1"])), o=0.3)
+    formula = "y ~ sex + offset(o) + (0 + x | animal)" if slope else ANIMAL
+    fit = _quiet(hp.lmm, formula, frame, relmat_inverse={"animal": inverse}, reml=reml)
     design, term = fit.design, fit.design.terms[0]
     sd = spectral.spectral_design(relationship_positions(term, fit.relationship)[term.index],
-                                  np.asarray(term.z[:, 0], float), np.asarray(design.X, float), fit.relationship)
+                                  np.asarray(term.z[:, 0], float), np.asarray(design.X, float),
+                                  spectral.relationship_parts(fit.relationship))
     y = (np.asarray(design.y, float) - design.offset) @ sd.vectors
     equations = relmat_equations(design, fit.relationship)[0]
     thetas = np.array([1e-3, 0.3, 1.0, 7.0, 300.0])
     mine = spectral.criterion(np.log(thetas)[None], y[None], sd, reml)[0]
-    np.testing.assert_allclose(mine, [equations.evaluate(np.array([t]), reml)[0] for t in thetas], rtol=1e-12)
+    np.testing.assert_allclose(mine, [equations.evaluate(np.array([t]), reml)[0] for t in thetas], rtol=1e-10)
+    # at the fit's own theta: its fixed effects, sigma, covariance, every BLUP and prediction error sd
+    solved = spectral.solution(np.log(fit.theta), y[None], sd, reml)
+    np.testing.assert_allclose(solved["beta"][0], fit.fixef, rtol=1e-10)
+    assert solved["sigma"][0] == pytest.approx(fit.sigma, rel=1e-10)
+    np.testing.assert_allclose(solved["vcov"][0], fit.vcov, rtol=1e-9)
+    np.testing.assert_allclose(solved["b"][0], fit.ranef["condval"], rtol=1e-8, atol=1e-10 * fit.sigma)
+    np.testing.assert_allclose(solved["condsd"][0], fit.ranef["condsd"], rtol=1e-8)
+
+
+def test_shared_designs_in_chunks_and_the_cases_left_to_the_single_fit(pedigree_data, monkeypatch):
+    """More traits than a chunk (the chunk forced to 2), ML; traits on one design that hp.lmm would refuse or warn
+    about are left to it: an animal outside A, a covariate with a missing value, a constant trait, a design
+    whose own columns differ (males only)."""
+    import hierpool.batch.fit_each as fit_each
+
+    sets, inverse = pedigree_data
+    rng = np.random.default_rng(3)
+    base = sets["trait0"]
+    traits = {f"t{d}": base.assign(y=base["y"] + rng.normal(scale=2.0, size=len(base))) for d in range(5)}
+    stranger = base.assign(animal=["stranger"] + list(base["animal"].iloc[1:]))
+    traits |= {"stranger1": stranger, "stranger2": stranger.assign(y=stranger["y"] + 1.0)}
+    missing = base.assign(sex=[None] + list(base["sex"].iloc[1:]))
+    traits |= {"missing1": missing, "missing2": missing.assign(y=missing["y"] * 2.0)}
+    traits |= {"constant": base.assign(y=3.0)}
+    males = base.query("sex == 'M'")
+    traits |= {"males1": males, "males2": males.assign(y=males["y"] + 1.0)}
+    monkeypatch.setattr(fit_each, "host_chunk", lambda _: 2)
+    batch = _quiet(hp.fit_batch, ANIMAL, traits, by="trait", relmat_inverse={"animal": inverse}, reml=False,
+                   progress=False)
+    for label in [f"t{d}" for d in range(5)] + ["missing1"]:
+        single = _quiet(hp.lmm, ANIMAL, traits[label], relmat_inverse={"animal": inverse}, reml=False)
+        assert batch.objective[label] == pytest.approx(single.objective, rel=1e-11)
+        np.testing.assert_allclose(batch.fixef.loc[label], single.fixef, rtol=1e-6)
+        assert batch.sigma[batch.datasets.get_loc(label)] == pytest.approx(single.sigma, rel=1e-6)
+    assert "dropped 1 of 330 rows" in batch.messages["missing1"]
+    assert "not labels of its relationship matrix" in batch.messages["stranger1"]
+    assert "constant" in batch.messages["constant"]
+    assert "fixed effects are ['Intercept']" in batch.messages["males1"]
 
 
 def test_a_failing_dataset_keeps_its_reason_in_its_row(animal_batch):

@@ -21,7 +21,9 @@ by the same code (not a second implementation to keep equal).  What the batch ad
   the same animals and covariates, only the response differs), with one relationship term and no weights, are
   fitted together by :mod:`hierpool.closedform.relmat_spectral` (:func:`spectral_fits`: one eigendecomposition of
   Z A Z' per shared design, then every dataset's criterion over theta at once); their criterion is the sparse
-  equations' (tested equal), theta found to the same tolerance.
+  equations' (tested equal), theta found by a grid and golden sections to 1e-10 in log theta: the profile's
+  lowest point (where it has two local minima, the single fit's Brent search may stop at the other, higher one).
+  Datasets the single fit would refuse or warn about are left to it (:func:`spectral_fits`).
 
 The loop is serial: the fits are mostly Python around small sparse factorizations, and warnings are recorded by
 ``warnings.catch_warnings``, which is process-wide (threads would mix their datasets' warnings).  A dataset's
@@ -317,16 +319,21 @@ def each_result(labels: pd.Index, fits: list, messages: list, *, fixed_names, te
     )
 
 
-def spectral_fits(model: EachModel, reml: bool) -> dict[int, tuple]:
+def spectral_fits(model: EachModel, formula: str, reml: bool) -> dict[int, tuple]:
     """The datasets of an animal-model batch that share their rows (the same animals and covariates, in the same
     order; only the responses differ: many traits of one herd), fitted together by
     :mod:`hierpool.closedform.relmat_spectral` (one eigendecomposition per shared design): dataset -> (its
-    :class:`DatasetFit` or None, its warnings, its error or "").  Only with one relationship term and no prior
-    weights, for designs of at least two datasets, of full rank, up to
-    :data:`~hierpool.closedform.relmat_spectral.SPECTRAL_MAX_ROWS` records; every other dataset is left to its
-    single fit."""
+    :class:`DatasetFit` or None, its warnings, its error or "": the single fit's, word for word).
+
+    Only with one relationship term and no prior weights, for designs of at least two datasets, within
+    :mod:`~hierpool.closedform.relmat_spectral`'s size limits; a shared design must be what ``hp.lmm`` builds on one
+    of its datasets (its own ``build_design``, without a warning: the same columns, nothing aliased or dropped).
+    A dataset with rows dropped for missing values, a constant response, or a criterion that is not finite, and
+    any group whose fit raises, are left to their single fits, which say why."""
     from ..closedform import relmat_spectral as spectral
-    from ..closedform.relmat import at_bound, boundary_messages, flat_profile, relationship_positions, singular_theta
+    from ..closedform.relmat import (
+        relationship_positions,
+    )
 
     design = model.design
     if len(design.terms) != 1 or design.weights is not None or design.sigma_known:
@@ -335,46 +342,83 @@ def spectral_fits(model: EachModel, reml: bool) -> dict[int, tuple]:
     animal = relationship_positions(term, rel, strict=False)[term.index]  # -1: not in A (that dataset's error)
     z, X = np.asarray(term.z[:, 0], dtype=float), np.asarray(design.X, dtype=float)
     y = np.asarray(design.y, dtype=float) - np.asarray(design.offset, dtype=float)
-    codes = dataset_codes(model.frame[model.by], model.by)[0][np.asarray(design.rows)]
+    all_codes = dataset_codes(model.frame[model.by], model.by)[0]
+    frame_rows = np.bincount(all_codes)  # each dataset's rows, before any was dropped for a missing value
+    codes = all_codes[np.asarray(design.rows)]
     order = np.argsort(codes, kind="stable")
     groups: dict[bytes, list] = {}
     for rows in np.split(order, np.flatnonzero(np.diff(codes[order])) + 1):
-        if rows.size and animal[rows].min() >= 0:
+        if (rows.size and rows.size == frame_rows[codes[rows[0]]] and animal[rows].min() >= 0
+                and np.ptp(y[rows]) > 0):
             key = animal[rows].tobytes() + z[rows].tobytes() + X[rows].tobytes()  # exact: the design itself
             groups.setdefault(key, []).append(rows)
-    out = {}
+    q, parts, out = len(rel.labels), None, {}
     for members in groups.values():
         rows = members[0]
-        n, p = rows.size, X.shape[1]
-        if len(members) < 2 or not p < n <= spectral.SPECTRAL_MAX_ROWS or np.linalg.matrix_rank(X[rows]) < p:
+        n = rows.size
+        if len(members) < 2 or n > spectral.SPECTRAL_MAX_ROWS or q * n > spectral.SPECTRAL_MAX_ENTRIES:
             continue
-        sd = spectral.spectral_design(animal[rows], z[rows], X[rows], rel)
-        responses = np.stack([y[r] for r in members])
-        shift = np.linalg.lstsq(X[rows], responses.T, rcond=None)[0].T  # centred on least squares: no digits lost
-        rotated = (responses - shift @ X[rows].T) @ sd.vectors
-        size = host_chunk(spectral.GRID_POINTS * n * 8 * 4)  # the grid's (datasets, points, n) arrays
-        for start in range(0, len(members), size):
-            part = slice(start, start + size)
-            log_theta, value, ends = spectral.minimize(rotated[part], sd, reml)
-            error = [flat_profile(v, e, term.group) for v, e in zip(value, ends)]
-            log_theta = np.array([at_bound(t, v, e) for t, v, e in zip(log_theta, value, ends)])
-            value = spectral.criterion(log_theta[:, None], rotated[part], sd, reml)[:, 0]
-            solved = spectral.solution(log_theta, rotated[part], sd, reml)
-            for j, rows_d in enumerate(members[part]):
-                index = int(codes[rows_d[0]])
-                if error[j]:
-                    out[index] = (None, [], error[j])
-                    continue
-                theta, sigma = np.exp(log_theta[j]), solved["sigma"][j]
-                fit = DatasetFit(
-                    theta=np.array([theta]), objective=float(value[j]), converged=True,
-                    beta=pd.Series(solved["beta"][j] + shift[start + j], index=list(design.fixed_names)),
-                    vcov=pd.DataFrame(solved["vcov"][j], index=list(design.fixed_names),
-                                      columns=list(design.fixed_names)),
-                    sigma=float(sigma), is_singular=singular_theta(log_theta[j : j + 1]),
-                    terms=[(np.asarray(rel.labels), solved["b"][j][:, None], solved["condsd"][j][:, None],
-                            np.array([[(theta * sigma) ** 2]]))])
-                out[index] = (fit, boundary_messages(design.terms, log_theta[j : j + 1]), "")
+        try:
+            if not _single_design_agrees(model, formula, rows, rel, X[rows]):
+                continue
+            parts = parts or spectral.relationship_parts(rel)  # A^-1's LU and diag A: once for the batch
+            out |= _shared_design_fits(spectral.spectral_design(animal[rows], z[rows], X[rows], parts), members,
+                                       codes, y, X[rows], design, rel, reml)
+        except Exception:  # noqa: BLE001 - this group's datasets are left to their single fits, which report it
+            continue
+    return out
+
+
+def _single_design_agrees(model: EachModel, formula: str, rows: np.ndarray, rel, X: np.ndarray) -> bool:
+    """Whether ``hp.lmm``'s own design of the dataset at design ``rows`` is the shared one: built without a
+    warning (nothing dropped), the batch's fixed-effect columns (nothing aliased at its tolerance), the same X."""
+    positions = np.asarray(model.design.rows)[rows]
+    arguments = dataset_arguments(positions, **model.arguments)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        own = build_design(formula, model.frame.iloc[positions], related=(rel.group,), **arguments)
+    return (not caught and tuple(own.fixed_names) == tuple(model.fixed_names) and own.X.shape == X.shape
+            and np.array_equal(np.asarray(own.X, dtype=float), X))
+
+
+def _shared_design_fits(sd, members: list, codes: np.ndarray, y: np.ndarray, X: np.ndarray, design, rel,
+                        reml: bool) -> dict[int, tuple]:
+    """:func:`spectral_fits` of one shared design ``sd``: its datasets (``members``, their design rows) in chunks
+    whose arrays stay within the host's budget (:func:`~hierpool.batch.plan.host_chunk`)."""
+    from ..closedform import relmat_spectral as spectral
+    from ..closedform.relmat import at_bound, boundary_messages, flat_profile, pev_not_computed, singular_theta
+
+    term, names = design.terms[0], list(design.fixed_names)
+    n, q = sd.n, sd.effects.shape[0]
+    responses = np.stack([y[r] for r in members])
+    shift = np.linalg.lstsq(X, responses.T, rcond=None)[0].T  # centred on least squares: no digits lost
+    rotated = (responses - shift @ X.T) @ sd.vectors
+    size = host_chunk(8 * max(spectral.GRID_POINTS * n * 4, q * n))  # the grid's and the PEV's arrays
+    said_always = [] if np.isfinite(sd.a_diagonal).all() else [pev_not_computed(q)]
+    out = {}
+    for start in range(0, len(members), size):
+        part = slice(start, start + size)
+        log_theta, value, ends = spectral.minimize(rotated[part], sd, reml)
+        log_theta = np.array([at_bound(t, v, e) for t, v, e in zip(log_theta, value, ends)])
+        value = spectral.criterion(log_theta[:, None], rotated[part], sd, reml)[:, 0]
+        solved = spectral.solution(log_theta, rotated[part], sd, reml)
+        for j, rows in enumerate(members[part]):
+            index = int(codes[rows[0]])
+            error = flat_profile(value[j], ends[j], term.group)
+            if error:  # the single fit's error, word for word
+                out[index] = (None, [], error)
+                continue
+            if not (np.isfinite(value[j]) and np.isfinite(solved["beta"][j]).all()):
+                continue  # left to the single fit
+            theta, sigma = float(np.exp(log_theta[j])), float(solved["sigma"][j])
+            fit = DatasetFit(
+                theta=np.array([theta]), objective=float(value[j]), converged=True,
+                beta=pd.Series(solved["beta"][j] + shift[start + j], index=names),
+                vcov=pd.DataFrame(solved["vcov"][j], index=names, columns=names), sigma=sigma,
+                is_singular=singular_theta(log_theta[j:j + 1]),
+                terms=[(np.asarray(rel.labels), solved["b"][j][:, None], solved["condsd"][j][:, None],
+                        np.array([[(theta * sigma) ** 2]]))])
+            out[index] = (fit, boundary_messages(design.terms, log_theta[j:j + 1]) + said_always, "")
     return out
 
 
@@ -397,7 +441,7 @@ def fit_batch_each(formula: str, data, by: str, *, family, link, reml: bool | No
         row = partial(spatial_row, order=model.keys)
     else:
         fitter, row = partial(lmm, reml=reml, **model.shared), partial(relmat_row, order=model.keys)
-    shared_rows = {} if model.spatial else spectral_fits(model, reml)
+    shared_rows = {} if model.spatial else spectral_fits(model, formula, reml)
 
     def fit(index: int, frame: pd.DataFrame, arguments: dict) -> DatasetFit:
         if index in shared_rows:  # fitted with the datasets that share its rows: its warnings and error as hp.lmm's

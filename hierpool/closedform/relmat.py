@@ -349,6 +349,11 @@ def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatRe
                         evaluations=evaluations, is_singular=singular_theta(log_theta))
 
 
+def pev_not_computed(q: int) -> str:
+    """The warning of a fit whose q random effects are too many for their prediction error variances."""
+    return f"conditional sds of the {q} random effects are not computed (above {PEV_MAX_LEVELS}); the BLUPs are"
+
+
 def singular_theta(log_theta: np.ndarray) -> bool:
     """Some term's theta within a factor 10 of the lower bound (:func:`boundary_messages`'s first case)."""
     return bool(np.any(np.asarray(log_theta) <= LOG_THETA_BOUNDS[0] + np.log(10.0)))
@@ -441,8 +446,7 @@ class RelmatResult(Likelihood):
                 variance[columns] += solve(unit)[columns, np.arange(columns.size)]
             condsd = self.sigma * np.sqrt(np.maximum(variance, 0.0))
         else:
-            warnings.warn(f"conditional sds of the {eq.q} random effects are not computed (above {PEV_MAX_LEVELS}); "
-                          f"the BLUPs are", HierpoolWarning, stacklevel=2)
+            warnings.warn(pev_not_computed(eq.q), HierpoolWarning, stacklevel=2)
         frames, start = [], 0
         for j, (term, labels) in enumerate(zip(self.design.terms, self._labels)):
             part = slice(start, start + len(labels))

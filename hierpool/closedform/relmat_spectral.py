@@ -38,10 +38,12 @@ from .relmat import LOG_THETA_BOUNDS, PEV_CHUNK, PEV_MAX_LEVELS, factor_spd
 
 #: Records (n) up to which the n x n eigendecomposition is used (O(n^3) once, n^2 numbers held).
 SPECTRAL_MAX_ROWS = 4_000
+#: Levels of A times records (q n) up to which it is used: A Z' U is held dense (q x n; 160 MB at the limit).
+SPECTRAL_MAX_ENTRIES = 20_000_000
 #: Points of the grid over log theta (both bounds among them).
 GRID_POINTS = 161
 #: Golden-section steps around each response's best grid point: the bracket (two grid steps, 0.23 in log theta)
-#: shrinks by 0.618 per step, to 2e-10.
+#: shrinks by 0.618 per step, to 1e-10.
 GOLDEN_STEPS = 45
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 
@@ -79,17 +81,13 @@ class SpectralDesign:
         return self.x_rotated.shape[1]
 
 
-def spectral_design(animal: np.ndarray, z: np.ndarray, X: np.ndarray, rel: Relationship) -> SpectralDesign:
-    """The rotation of one design (module docstring): each record's ``animal`` (its position among A's labels),
-    its value ``z`` of the term's coefficient (1 for an intercept), the fixed effects' ``X``.  A's columns of the
-    records' animals come from one sparse LU of A^-1 (:func:`~hierpool.closedform.relmat.factor_spd`), diag A
-    (for the prediction error variances) from the same LU, column block by column block."""
-    q, n = len(rel.labels), animal.size
-    factored = factor_spd(rel.inverse)[0]  # A^-1 is positive definite (Relationship checks it)
-    unit = np.zeros((q, n))
-    unit[animal, np.arange(n)] = z
-    a_z = factored.solve(unit)  # A Z' (q x n)
-    values, vectors = np.linalg.eigh(z[:, None] * a_z[animal])  # K = Z A Z'
+def relationship_parts(rel: Relationship) -> tuple:
+    """What every design of one relationship shares: A^-1's sparse LU (:func:`~hierpool.closedform.relmat
+    .factor_spd`; A^-1 is positive definite, as :class:`Relationship` checks) and diag A for the prediction error
+    variances (column block by column block; NaN above :data:`~hierpool.closedform.relmat.PEV_MAX_LEVELS` levels,
+    where none are computed)."""
+    q = len(rel.labels)
+    factored = factor_spd(rel.inverse)[0]
     a_diagonal = np.full(q, np.nan)
     if q <= PEV_MAX_LEVELS:
         for start in range(0, q, PEV_CHUNK):
@@ -97,6 +95,19 @@ def spectral_design(animal: np.ndarray, z: np.ndarray, X: np.ndarray, rel: Relat
             block = np.zeros((q, columns.size))
             block[columns, np.arange(columns.size)] = 1.0
             a_diagonal[columns] = factored.solve(block)[columns, np.arange(columns.size)]
+    return factored, a_diagonal
+
+
+def spectral_design(animal: np.ndarray, z: np.ndarray, X: np.ndarray, parts: tuple) -> SpectralDesign:
+    """The rotation of one design (module docstring): each record's ``animal`` (its position among A's labels),
+    its value ``z`` of the term's coefficient (1 for an intercept), the fixed effects' ``X``; ``parts`` the
+    relationship's (:func:`relationship_parts`).  A's columns of the records' animals from A^-1's LU."""
+    factored, a_diagonal = parts
+    q, n = a_diagonal.size, animal.size
+    unit = np.zeros((q, n))
+    unit[animal, np.arange(n)] = z
+    a_z = factored.solve(unit)  # A Z' (q x n)
+    values, vectors = np.linalg.eigh(z[:, None] * a_z[animal])  # K = Z A Z': K_ij = z_i z_j A[a_i, a_j]
     return SpectralDesign(values=np.maximum(values, 0.0),  # K is semi-definite: rounding below 0 is 0
                           vectors=vectors, x_rotated=vectors.T @ X, effects=a_z @ vectors, a_diagonal=a_diagonal)
 
@@ -133,7 +144,8 @@ def minimize(y_rotated: np.ndarray, sd: SpectralDesign, reml: bool):
     low, high = grid[np.maximum(best - 1, 0)], grid[np.minimum(best + 1, grid.size - 1)]
 
     def at(x):
-        return criterion(x[:, None], y_rotated, sd, reml)[:, 0]
+        value = criterion(x[:, None], y_rotated, sd, reml)[:, 0]
+        return np.where(np.isfinite(value), value, np.inf)  # (a constant response's: its caller refuses it)
 
     c, d = high - _GOLDEN * (high - low), low + _GOLDEN * (high - low)
     fc, fd = at(c), at(d)
@@ -163,10 +175,12 @@ def solution(log_theta: np.ndarray, y_rotated: np.ndarray, sd: SpectralDesign, r
     theta2 = np.exp(2.0 * log_theta)
     residual = y_rotated - beta @ sd.x_rotated.T  # U'r
     b = theta2[:, None] * ((residual * inverse_d) @ sd.effects.T)
-    # PEV / sigma^2 = theta^2 diag A - theta^4 [diag(N D^-1 N') - diag(Q S^-1 Q')], Q = N D^-1 X~
-    nn = inverse_d @ (sd.effects**2).T  # (B, q)
-    q_rows = np.einsum("qn,bn,np->bqp", sd.effects, inverse_d, sd.x_rotated)
-    qsq = np.einsum("bqp,bpr,bqr->bq", q_rows, s_inverse, q_rows)
-    pev = theta2[:, None] * sd.a_diagonal - theta2[:, None] ** 2 * (nn - qsq)
-    return {"beta": beta, "sigma": sigma, "vcov": sigma[:, None, None] ** 2 * s_inverse, "b": b,
-            "condsd": sigma[:, None] * np.sqrt(np.maximum(pev, 0.0))}
+    condsd = np.full(b.shape, np.nan)
+    if np.isfinite(sd.a_diagonal).all():  # (none above PEV_MAX_LEVELS levels, as the sparse path)
+        # PEV / sigma^2 = theta^2 diag A - theta^4 [diag(N D^-1 N') - diag(Q S^-1 Q')], Q = N D^-1 X~
+        nn = inverse_d @ (sd.effects**2).T  # (B, q)
+        q_rows = (sd.effects[None] * inverse_d[:, None, :]) @ sd.x_rotated  # (B, q, p)
+        qsq = np.sum((q_rows @ s_inverse) * q_rows, axis=-1)
+        pev = theta2[:, None] * sd.a_diagonal - theta2[:, None] ** 2 * (nn - qsq)
+        condsd = sigma[:, None] * np.sqrt(np.maximum(pev, 0.0))
+    return {"beta": beta, "sigma": sigma, "vcov": sigma[:, None, None] ** 2 * s_inverse, "b": b, "condsd": condsd}
