@@ -1,6 +1,7 @@
 """hp.glmm against lme4's glmer and glmer.nb (validation/glmm_reference.json): the fit's tables."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,22 @@ def test_standard_errors_do_not_depend_on_centring_a_covariate():
     np.testing.assert_allclose(raw.fixef.to_numpy(), to_raw @ scaled.fixef.to_numpy(), rtol=1e-5)
     se = np.sqrt(np.diag(to_raw @ scaled.vcov.to_numpy() @ to_raw.T))
     np.testing.assert_allclose(raw.fixef_se.to_numpy(), se, rtol=1e-3)
+
+
+def test_a_singular_fits_conditional_variances_are_computed():
+    """A binomial fit whose herd variance is (near) zero: the penalized system at the mode took eta - o as its
+    response, which lies in the span of [X, Z], and its Cholesky factor failed on rounding (LinAlgError)."""
+    rng = np.random.default_rng(1)
+    for _ in range(12):  # the 12th of these draws is the one that failed
+        herd, period = np.repeat(np.arange(15), 4), np.tile(np.arange(4), 15)
+        eta = -1.5 - 0.5 * (period > 0) + rng.normal(size=15)[herd] * 0.7
+        size = rng.integers(5, 25, size=60)
+        frame = pd.DataFrame({"herd": herd.astype(str), "period": period.astype(str), "size": size,
+                              "k": rng.binomial(size, 1 / (1 + np.exp(-eta)))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.glmm("cbind(k, size - k) ~ period + (1 | herd)", frame, family="binomial")
+    assert fit.theta[0] < 1e-8 and fit.is_singular
+    ranef = fit.ranef
+    assert np.isfinite(ranef["condsd"]).all() and np.all(np.abs(ranef["condval"]) < 1e-8)
+    assert np.isfinite(fit.fixef_se_known_theta).all()

@@ -107,8 +107,12 @@ class GLMMResult:
         """The penalized system at the mode's working weights, X included (unit scale, theta known): the
         conditional variances of the effects, the theta-known vcov of beta and the prediction blocks."""
         mode = self.optimum.mode
-        return build_system(working_design(self.design, mode.eta - self.design.offset, mode.working_weights,
-                                           joint=True), host=True)
+        # the response is PIRLS's working response at the mode, eta - o + (y - mu) / (d mu / d eta): the factors,
+        # cond_var and vcov_beta do not depend on it, but with eta - o alone it would lie in the span of [X, Z] (a
+        # zero residual), and a singular fit's rounding then made the reduced system's last pivot negative
+        _, _, residual = self.family.working(self.design.y, mode.eta, self.design.row_weights)
+        response = mode.eta - self.design.offset + residual
+        return build_system(working_design(self.design, response, mode.working_weights, joint=True), host=True)
 
     @cached_property
     def solution_at_mode(self):
