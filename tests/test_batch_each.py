@@ -18,6 +18,11 @@ ANIMAL = "y ~ sex + (1 | animal)"
 AREAS = lattice_edges(4, 4)
 
 
+def scaled(values):
+    """A response transform over the whole dataset (the formula's own function)."""
+    return values / np.max(values)
+
+
 def _quiet(function, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -139,11 +144,19 @@ def test_shared_designs_in_chunks_and_the_cases_left_to_the_single_fit(pedigree_
     traits |= {"constant": base.assign(y=3.0)}
     males = base.query("sex == 'M'")
     traits |= {"males1": males, "males2": males.assign(y=males["y"] + 1.0)}
+    exact = base.assign(y=2.0 + 3.0 * (base["sex"] == "M"))  # the fixed effects fit it exactly: hp.lmm fails
+    traits |= {"exact1": exact, "exact2": exact.assign(y=exact["y"] * 2.0)}
+    offset = base.assign(y=3.0, o=rng.normal(size=len(base)))  # a constant response (a varying offset beside it)
+    traits = {k: v.assign(o=0.0) for k, v in traits.items()} | {"offset1": offset, "offset2": offset.assign(o=1.0)}
     monkeypatch.setattr(fit_each, "host_chunk", lambda _: 2)
+    model = _quiet(fit_each.each_model, ANIMAL, traits, "trait", "fit_batch", spec=None, weights=None, offset="o",
+                   se=None, relmat=None, relmat_inverse={"animal": inverse}, adjacency=None)
+    labels = list(traits)
+    assert sorted(labels[d] for d in fit_each.spectral_fits(model, ANIMAL, reml=False)) == [f"t{d}" for d in range(5)]
     batch = _quiet(hp.fit_batch, ANIMAL, traits, by="trait", relmat_inverse={"animal": inverse}, reml=False,
-                   progress=False)
+                   offset="o", progress=False)
     for label in [f"t{d}" for d in range(5)] + ["missing1"]:
-        single = _quiet(hp.lmm, ANIMAL, traits[label], relmat_inverse={"animal": inverse}, reml=False)
+        single = _quiet(hp.lmm, ANIMAL, traits[label], relmat_inverse={"animal": inverse}, reml=False, offset="o")
         assert batch.objective[label] == pytest.approx(single.objective, rel=1e-11)
         np.testing.assert_allclose(batch.fixef.loc[label], single.fixef, rtol=1e-6)
         assert batch.sigma[batch.datasets.get_loc(label)] == pytest.approx(single.sigma, rel=1e-6)
@@ -151,6 +164,22 @@ def test_shared_designs_in_chunks_and_the_cases_left_to_the_single_fit(pedigree_
     assert "not labels of its relationship matrix" in batch.messages["stranger1"]
     assert "constant" in batch.messages["constant"]
     assert "fixed effects are ['Intercept']" in batch.messages["males1"]
+    assert np.isnan(batch.objective["exact1"]) and batch.messages["exact1"]  # hp.lmm's own failure
+    with pytest.raises(Exception) as single_error:
+        _quiet(hp.lmm, ANIMAL, exact, relmat_inverse={"animal": inverse}, reml=False)
+    assert type(single_error.value).__name__ in batch.messages["exact1"]
+    assert "constant" in batch.messages["offset1"] and np.isnan(batch.objective["offset2"])
+
+
+def test_a_response_transform_leaves_each_dataset_to_its_single_fit(pedigree_data):
+    """rel(y) = y / max(y) over each dataset is not the long frame's transform: no shared design for it."""
+    sets, inverse = pedigree_data
+    traits = {k: sets[k] for k in ("trait0", "trait2")}
+    formula = "scaled(y) ~ sex + (1 | animal)"
+    batch = _quiet(hp.fit_batch, formula, traits, by="trait", relmat_inverse={"animal": inverse}, progress=False)
+    for label, frame in traits.items():
+        single = _quiet(hp.lmm, formula, frame, relmat_inverse={"animal": inverse})
+        assert batch.objective[label] == pytest.approx(single.objective, rel=1e-12)
 
 
 def test_a_failing_dataset_keeps_its_reason_in_its_row(animal_batch):

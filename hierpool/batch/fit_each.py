@@ -328,15 +328,16 @@ def spectral_fits(model: EachModel, formula: str, reml: bool) -> dict[int, tuple
     Only with one relationship term and no prior weights, for designs of at least two datasets, within
     :mod:`~hierpool.closedform.relmat_spectral`'s size limits; a shared design must be what ``hp.lmm`` builds on one
     of its datasets (its own ``build_design``, without a warning: the same columns, nothing aliased or dropped).
-    A dataset with rows dropped for missing values, a constant response, or a criterion that is not finite, and
-    any group whose fit raises, are left to their single fits, which say why."""
+    A dataset with rows dropped for missing values, a constant response or one the fixed effects fit exactly, or a
+    criterion that is not finite, a response that is not a plain column (:func:`_plain_response`), and any group
+    whose fit raises, are left to their single fits, which say why."""
     from ..closedform import relmat_spectral as spectral
     from ..closedform.relmat import (
         relationship_positions,
     )
 
     design = model.design
-    if len(design.terms) != 1 or design.weights is not None or design.sigma_known:
+    if len(design.terms) != 1 or design.weights is not None or design.sigma_known or not _plain_response(model):
         return {}
     term, rel = design.terms[0], next(iter(model.shared["relmat_inverse"].values()))
     animal = relationship_positions(term, rel, strict=False)[term.index]  # -1: not in A (that dataset's error)
@@ -349,24 +350,37 @@ def spectral_fits(model: EachModel, formula: str, reml: bool) -> dict[int, tuple
     groups: dict[bytes, list] = {}
     for rows in np.split(order, np.flatnonzero(np.diff(codes[order])) + 1):
         if (rows.size and rows.size == frame_rows[codes[rows[0]]] and animal[rows].min() >= 0
-                and np.ptp(y[rows]) > 0):
+                and np.ptp(design.y[rows]) > 0):  # hp.lmm's own refusal of a constant response
             key = animal[rows].tobytes() + z[rows].tobytes() + X[rows].tobytes()  # exact: the design itself
             groups.setdefault(key, []).append(rows)
     q, parts, out = len(rel.labels), None, {}
     for members in groups.values():
         rows = members[0]
-        n = rows.size
-        if len(members) < 2 or n > spectral.SPECTRAL_MAX_ROWS or q * n > spectral.SPECTRAL_MAX_ENTRIES:
+        n, p = rows.size, X.shape[1]
+        if (len(members) < 2 or not p < n <= spectral.SPECTRAL_MAX_ROWS
+                or q * n > spectral.SPECTRAL_MAX_ENTRIES):
             continue
         try:
             if not _single_design_agrees(model, formula, rows, rel, X[rows]):
                 continue
             parts = parts or spectral.relationship_parts(rel)  # A^-1's LU and diag A: once for the batch
-            out |= _shared_design_fits(spectral.spectral_design(animal[rows], z[rows], X[rows], parts), members,
-                                       codes, y, X[rows], design, rel, reml)
+            with np.errstate(all="ignore"):  # a degenerate dataset's infinities: it is left to its single fit
+                out |= _shared_design_fits(spectral.spectral_design(animal[rows], z[rows], X[rows], parts),
+                                           members, codes, y, X[rows], design, rel, reml)
         except Exception:  # noqa: BLE001 - this group's datasets are left to their single fits, which report it
             continue
     return out
+
+
+def _plain_response(model: EachModel) -> bool:
+    """Whether every dataset's response is the long frame's own: a plain column, no ``offset(...)`` term.  A
+    transform of the response (or an offset term) may depend on the whole dataset (``y / max(y)``), so that one
+    dataset's design, built on the long frame, would not be the design ``hp.lmm`` builds on that dataset."""
+    design, name = model.design, model.design.spec.response
+    if design.offset_terms or name not in model.frame.columns:
+        return False
+    column = model.frame[name].to_numpy()[np.asarray(design.rows)]
+    return np.issubdtype(column.dtype, np.number) and np.array_equal(column.astype(float), design.y)
 
 
 def _single_design_agrees(model: EachModel, formula: str, rows: np.ndarray, rel, X: np.ndarray) -> bool:
@@ -396,6 +410,8 @@ def _shared_design_fits(sd, members: list, codes: np.ndarray, y: np.ndarray, X: 
     size = host_chunk(8 * max(spectral.GRID_POINTS * n * 4, q * n))  # the grid's and the PEV's arrays
     said_always = [] if np.isfinite(sd.a_diagonal).all() else [pev_not_computed(q)]
     out = {}
+    # a response the fixed effects fit (almost) exactly: its single fit fails on the singular equations
+    fitted_exactly = np.linalg.norm(rotated, axis=1) <= 1e-10 * np.linalg.norm(responses, axis=1)
     for start in range(0, len(members), size):
         part = slice(start, start + size)
         log_theta, value, ends = spectral.minimize(rotated[part], sd, reml)
@@ -404,11 +420,13 @@ def _shared_design_fits(sd, members: list, codes: np.ndarray, y: np.ndarray, X: 
         solved = spectral.solution(log_theta, rotated[part], sd, reml)
         for j, rows in enumerate(members[part]):
             index = int(codes[rows[0]])
+            if fitted_exactly[start + j] or not (np.isfinite(value[j]) and np.isfinite(ends[j]).all()):
+                continue  # left to the single fit, which says why
             error = flat_profile(value[j], ends[j], term.group)
             if error:  # the single fit's error, word for word
                 out[index] = (None, [], error)
                 continue
-            if not (np.isfinite(value[j]) and np.isfinite(solved["beta"][j]).all()):
+            if not np.isfinite(solved["beta"][j]).all():
                 continue  # left to the single fit
             theta, sigma = float(np.exp(log_theta[j])), float(solved["sigma"][j])
             fit = DatasetFit(
