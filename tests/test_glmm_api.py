@@ -218,3 +218,10 @@ def test_a_singular_fits_conditional_variances_are_computed():
     ranef = fit.ranef
     assert np.isfinite(ranef["condsd"]).all() and np.all(np.abs(ranef["condval"]) < 1e-8)
     assert np.isfinite(fit.fixef_se_known_theta).all()
+
+
+def test_a_response_the_fixed_effects_fit_exactly_is_refused_by_name():
+    herd, period = np.repeat(np.arange(10), 4), np.tile(np.arange(4), 10)
+    frame = pd.DataFrame({"herd": herd.astype(str), "period": period.astype(str), "y": np.array([2, 4, 7, 1])[period]})
+    with pytest.raises(hp.DataError, match="fit the response exactly"):
+        hp.glmm("y ~ period + (1 | herd)", frame, family="poisson")

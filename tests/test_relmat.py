@@ -411,3 +411,9 @@ def test_the_animal_model_sampler_with_an_identity_relationship_is_the_collapsed
                      + np.asarray(az.mcse(theirs.idata, var_names=[name])[name]) ** 2)
         z = (a.mean(("chain", "draw")).values - b.mean(("chain", "draw")).values) / se
         assert np.all(np.abs(z) < 4.5), (name, z)
+
+
+def test_a_response_the_fixed_effects_fit_exactly_is_refused_by_name(phenotypes, A):
+    exact = phenotypes.assign(y=2.0 + 3.0 * (phenotypes["sex"] == "M"))  # SuperLU's RuntimeError before
+    with pytest.raises(hp.DataError, match="fit the response exactly"):
+        hp.lmm(FORMULA, exact, relmat={"animal": A})

@@ -15,7 +15,7 @@ import pandas as pd
 from ..algebra.family import family as make_family
 from ..algebra.quadrature import MAX_NODES
 from ..algebra.separation import distinct_rows, separating_columns
-from ..errors import ArgumentError, ConvergenceWarning, HierpoolWarning
+from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
 from ..spec.design import build_design
 from ..spec.family import family_spec
 from ..spec.formula import has_spatial_term
@@ -133,9 +133,17 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     negative_binomial = spec.name == "negative_binomial"
     fam = make_family(spec, shape=NB_START_SHAPE if negative_binomial else None)
     stages = 1 if nAGQ == 0 else 2
-    optimum = fit_laplace(design, fam, stages=stages, nodes=max(nAGQ, 1), estimate_shape=negative_binomial)
+    try:
+        optimum = fit_laplace(design, fam, stages=stages, nodes=max(nAGQ, 1), estimate_shape=negative_binomial)
+        if negative_binomial:
+            optimum = _negative_binomial_restarts(design, spec, optimum, stages, max(nAGQ, 1))
+    except np.linalg.LinAlgError:
+        # PIRLS's penalized system borders [X, Z] with the working response: with a zero working residual at every
+        # row (the fixed effects fit the response exactly) its last pivot is 0, and rounding makes it negative
+        raise DataError("the penalized system of a PIRLS step is not positive definite: do the fixed effects fit "
+                        f"the response exactly (every row's mean equal to its {design.spec.response!r})? Then the "
+                        "random effects have nothing to model") from None
     if negative_binomial:
-        optimum = _negative_binomial_restarts(design, spec, optimum, stages, max(nAGQ, 1))
         fam = make_family(spec, shape=optimum.shape)
     report = check_convergence(design, optimum.theta, optimum.gradient, optimum.hessian, optimum.mode.converged)
     if not separation_checked and (not report.converged or _moves_eta_far(design, optimum.beta)):

@@ -100,7 +100,10 @@ def factor_spd(matrix: scipy.sparse.csc_matrix, order: tuple | None = None) -> t
     found once); None: SuperLU finds one (``MMD_AT_PLUS_A``) and applies it itself.
     """
     options = dict(diag_pivot_thresh=0.0, options=dict(SymmetricMode=True))
-    lu = scipy.sparse.linalg.splu(matrix, permc_spec="MMD_AT_PLUS_A" if order is None else "NATURAL", **options)
+    try:
+        lu = scipy.sparse.linalg.splu(matrix, permc_spec="MMD_AT_PLUS_A" if order is None else "NATURAL", **options)
+    except RuntimeError:  # SuperLU's "Factor is exactly singular": not positive definite
+        return None, None
     pivots = lu.U.diagonal()
     if not (np.array_equal(lu.perm_r, lu.perm_c) and np.all(pivots > 0)):  # rows swapped: a zero pivot
         return None, None
@@ -307,7 +310,7 @@ def flat_profile(value: float, ends, group: str) -> str:
     """Why one term's profile cannot be fitted ("" when it can): the criterion at its minimum ``value`` within
     :data:`FLAT_PROFILE` of both ``ends`` (at :data:`LOG_THETA_BOUNDS`).  Unrelated animals with one record each
     (A = I and Z = I) make the model a sum of two variances: flat."""
-    if max(ends) - value >= FLAT_PROFILE:
+    if not np.isfinite(value) or max(ends) - value >= FLAT_PROFILE:  # (not finite: the caller's error)
         return ""
     return (f"the data cannot tell the variance of {group!r} from the residual variance: the profiled criterion "
             f"changes by less than {FLAT_PROFILE} over theta from 1e-4 to 1e4 (are the animals with records "
@@ -341,7 +344,7 @@ def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatRe
     value, pieces = equations.evaluate(np.exp(log_theta), reml)
     if not np.isfinite(value):
         raise DataError("the animal model's equations are not positive definite at the optimum: check the "
-                        "relationship matrix and the fixed effects")
+                        "relationship matrix and the fixed effects (do they fit the response exactly?)")
     for message in boundary_messages(design.terms, log_theta):
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
     return RelmatResult(design=design, relationship=rel, equations=equations, reml=reml, log_theta=log_theta,
