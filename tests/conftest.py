@@ -102,3 +102,37 @@ def compare_posteriors(batch, single, label, tables, z_max: float = 4.0) -> None
         assert len(merged) == len(ours) == len(theirs), table  # every quantity, matched by name
         z = (merged["mean"] - merged["mean_single"]) / np.hypot(merged["mcse_mean"], merged["mcse_mean_single"])
         assert np.max(np.abs(z)) < z_max, (label, table, merged.loc[np.abs(z).idxmax(), names].tolist())
+
+
+def host_and_compiled(monkeypatch, module, *args, **kwargs):
+    """hp.fit_batch(*args, **kwargs) with ``module``'s path (``hierpool.batch.fit`` one term, ``fit_terms`` several)
+    forced onto the host, then forced to compile; each run asserted to have taken its path (the module's host
+    optimizer's calls counted)."""
+    import hierpool as hp
+
+    calls = []
+    on_host = module._optimize_on_host
+    monkeypatch.setattr(module, "_optimize_on_host", lambda *a, **k: calls.append(1) or on_host(*a, **k))
+    monkeypatch.setattr(module, "_on_host", lambda *a: True)
+    host = hp.fit_batch(*args, **kwargs)
+    assert calls, "the host path did not run"
+    calls.clear()
+    monkeypatch.setattr(module, "_on_host", lambda *a: False)
+    compiled = hp.fit_batch(*args, **kwargs)
+    assert not calls, "the compiled path ran the host optimizer"
+    monkeypatch.undo()
+    return host, compiled
+
+
+def assert_same_fits(host, compiled):
+    """Two batch results of the same datasets, neither refitted, equal to the optimizer's tolerances."""
+    for batch in (host, compiled):
+        assert not batch.refit.any(), batch.messages.tolist()
+    np.testing.assert_allclose(host.objective, compiled.objective, rtol=1e-12)
+    np.testing.assert_allclose(host.beta, compiled.beta, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(host.theta, compiled.theta, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(host.beta_se, compiled.beta_se, rtol=1e-6)
+    np.testing.assert_allclose(host.sigma, compiled.sigma, rtol=1e-7)
+    np.testing.assert_allclose(host.ranef.condval, compiled.ranef.condval, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(host.ranef.condsd, compiled.ranef.condsd, rtol=1e-6, atol=1e-9)
+    assert (host.converged == compiled.converged).all() and (host.is_singular == compiled.is_singular).all()

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REFERENCE
+from conftest import REFERENCE, assert_same_fits, host_and_compiled
 
 import hierpool as hp
 
@@ -372,39 +372,10 @@ def test_a_singular_dataset_is_flagged_with_a_zero_variance():
 
 
 def _host_and_compiled(monkeypatch, *args, **kwargs):
-    """fit_batch(*args, **kwargs) with its one-term optimizer forced onto the host, then forced to compile; each
-    run asserted to have taken its path (the host optimizer's calls counted)."""
+    """conftest.host_and_compiled on the one-term path."""
     from hierpool.batch import fit as fit_module
 
-    calls = []
-    on_host = fit_module._optimize_on_host
-
-    def counted(*a, **k):
-        calls.append(1)
-        return on_host(*a, **k)
-
-    monkeypatch.setattr(fit_module, "_optimize_on_host", counted)
-    monkeypatch.setattr(fit_module, "_on_host", lambda *a: True)
-    host = hp.fit_batch(*args, **kwargs)
-    assert calls, "the host path did not run"
-    calls.clear()
-    monkeypatch.setattr(fit_module, "_on_host", lambda *a: False)
-    compiled = hp.fit_batch(*args, **kwargs)
-    assert not calls, "the compiled path ran the host optimizer"
-    monkeypatch.undo()
-    return host, compiled
-
-
-def _assert_same_fits(host, compiled):
-    assert_not_refitted(host)
-    assert_not_refitted(compiled)
-    np.testing.assert_allclose(host.objective, compiled.objective, rtol=1e-12)
-    np.testing.assert_allclose(host.beta, compiled.beta, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(host.theta, compiled.theta, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(host.beta_se, compiled.beta_se, rtol=1e-6)
-    np.testing.assert_allclose(host.ranef.condval, compiled.ranef.condval, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(host.ranef.condsd, compiled.ranef.condsd, rtol=1e-6, atol=1e-9)
-    assert (host.converged == compiled.converged).all() and (host.is_singular == compiled.is_singular).all()
+    return host_and_compiled(monkeypatch, fit_module, *args, **kwargs)
 
 
 def test_the_rule_puts_small_float64_batches_on_the_host(replicates):
@@ -426,18 +397,18 @@ def test_the_rule_puts_small_float64_batches_on_the_host(replicates):
 
 
 def test_the_host_optimizer_equals_the_compiled_program(replicates, monkeypatch):
-    _assert_same_fits(*_host_and_compiled(monkeypatch, SLEEP, replicates, by="dataset"))
+    assert_same_fits(*_host_and_compiled(monkeypatch, SLEEP, replicates, by="dataset"))
 
 
 def test_the_host_optimizer_equals_the_compiled_program_with_weights_offset_and_ml(replicates, monkeypatch):
     data = weighted(replicates[replicates.dataset < 20])
-    _assert_same_fits(*_host_and_compiled(monkeypatch, SLEEP, data, weights="w", offset="off", reml=False))
+    assert_same_fits(*_host_and_compiled(monkeypatch, SLEEP, data, weights="w", offset="off", reml=False))
 
 
 def test_the_host_optimizer_equals_the_compiled_program_with_known_sds(meta, monkeypatch):
     host, compiled = _host_and_compiled(monkeypatch, META, {k: v for k, v in meta[1].items() if k != "one"},
                                         se="se")
-    _assert_same_fits(host, compiled)
+    assert_same_fits(host, compiled)
 
 
 def test_canonical_theta_of_many_rows_equals_row_by_row():

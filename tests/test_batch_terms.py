@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_same_fits, host_and_compiled
 
 import hierpool as hp
 from hierpool.errors import ArgumentError
@@ -228,22 +229,10 @@ def test_known_residual_sds_with_several_terms_equal_the_single_fits(crossed):
 
 
 def _host_and_compiled(monkeypatch, *args, **kwargs):
-    """fit_batch(*args, **kwargs) with its several-term path forced onto the host, then forced to compile; each run
-    asserted to have taken its path (the host optimizer's calls counted)."""
+    """conftest.host_and_compiled on the several-term path."""
     from hierpool.batch import fit_terms
 
-    calls = []
-    on_host = fit_terms._optimize_on_host
-    monkeypatch.setattr(fit_terms, "_optimize_on_host", lambda *a, **k: calls.append(1) or on_host(*a, **k))
-    monkeypatch.setattr(fit_terms, "_on_host", lambda *a: True)
-    host = hp.fit_batch(*args, progress=False, **kwargs)
-    assert calls, "the host path did not run"
-    calls.clear()
-    monkeypatch.setattr(fit_terms, "_on_host", lambda *a: False)
-    compiled = hp.fit_batch(*args, progress=False, **kwargs)
-    assert not calls, "the compiled path ran the host optimizer"
-    monkeypatch.undo()
-    return host, compiled
+    return host_and_compiled(monkeypatch, fit_terms, *args, progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("case", ["crossed", "weights_offset_ml", "known_sds"])
@@ -257,15 +246,7 @@ def test_the_host_path_equals_the_compiled_programs(case, crossed, nested, monke
         rng = np.random.default_rng(4)
         known = [frame.assign(sd=rng.uniform(0.3, 0.8, len(frame))) for frame in crossed[0][:3]]
         host, compiled = _host_and_compiled(monkeypatch, CROSSED, known, by="rep", se="sd")
-    assert not host.refit.any() and not compiled.refit.any(), host.messages.tolist()
-    np.testing.assert_allclose(host.objective, compiled.objective, rtol=1e-12)
-    np.testing.assert_allclose(host.beta, compiled.beta, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(host.theta, compiled.theta, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(host.beta_se, compiled.beta_se, rtol=1e-6)
-    np.testing.assert_allclose(host.sigma, compiled.sigma, rtol=1e-7)
-    np.testing.assert_allclose(host.ranef.condval, compiled.ranef.condval, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(host.ranef.condsd, compiled.ranef.condsd, rtol=1e-6, atol=1e-9)
-    assert (host.converged == compiled.converged).all() and (host.is_singular == compiled.is_singular).all()
+    assert_same_fits(host, compiled)
 
 
 def test_a_stack_of_systems_on_the_host_evaluates_as_each_system_alone():

@@ -17,6 +17,7 @@ unstructured one alone (its scaling factor is reported as 1).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,6 +120,28 @@ def bordered_factor(matrix, constraints):
 def factor_log_abs_det(factor) -> float:
     """log |det| of a SuperLU factor (L has a unit diagonal; the permutations change only the sign)."""
     return float(np.sum(np.log(np.abs(factor.U.diagonal()))))
+
+
+#: Graphs whose priors :func:`car_prior` keeps (the most recent ones; a batch hands one Graph to every dataset).
+PRIOR_CACHE_GRAPHS = 8
+_PRIOR_CACHE: dict = {}  # id(graph) -> (weak reference to the graph, {type: CarPrior})
+
+
+def car_prior(graph: Graph, type: str) -> "CarPrior":
+    """The :class:`CarPrior` of ``graph`` and ``type``, built once per Graph object: its BYM2 scaling factors and
+    constrained log-determinant cost a sparse factorization of the whole graph, the same for every dataset of a
+    batch (``hp.fit_batch``, ``hp.bayes_batch`` with ``adjacency=``, each dataset's fit given the batch's Graph).
+    A CarPrior is not modified after it is built, so one may serve every fit of its graph."""
+    key = id(graph)
+    entry = _PRIOR_CACHE.get(key)
+    if entry is None or entry[0]() is not graph:  # a new graph, or another object at a recycled address
+        while len(_PRIOR_CACHE) >= PRIOR_CACHE_GRAPHS:
+            _PRIOR_CACHE.pop(next(iter(_PRIOR_CACHE)))
+        entry = _PRIOR_CACHE[key] = (weakref.ref(graph), {})
+    priors = entry[1]
+    if type not in priors:
+        priors[type] = CarPrior(graph, type)
+    return priors[type]
 
 
 class CarPrior:

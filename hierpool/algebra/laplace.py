@@ -328,6 +328,15 @@ def fixed_effect_information(theta, mode: ConditionalMode, design: Design, famil
     return 2.0 * np.linalg.inv(np.asarray(mode_solution(theta, mode, design, family, joint_pattern).vcov_beta))
 
 
+def mode_working(mode: ConditionalMode, design: Design, family: Family):
+    """(PIRLS's working response eta - o + (y - mu) / (d mu / d eta), its working weights) at a mode: the joint
+    penalized system there.  Its factors, conditional variances and vcov_beta do not read the response, but a
+    response in the span of [X, Z] (eta - o alone: a zero residual) would not factor: its last pivot is 0, and
+    rounding makes it negative."""
+    _, weights, residual = family.working(design.y, mode.eta, design.row_weights)
+    return mode.eta - design.offset + residual, weights
+
+
 def mode_solution(theta, mode: ConditionalMode, design: Design, family: Family,
                   joint_pattern: SystemPattern | None = None) -> Solution:
     """The Henderson solution of the joint (beta, u) penalized system at a mode's working weights.
@@ -339,8 +348,6 @@ def mode_solution(theta, mode: ConditionalMode, design: Design, family: Family,
     """
     if joint_pattern is None:
         joint_pattern = pirls_patterns(design)[True]
-    _, weights, residual = family.working(design.y, mode.eta, design.row_weights)
-    # any response will do (R_X does not read it) but one in X's span, whose zero residual would not factor
-    response = mode.eta - design.offset + residual
+    response, weights = mode_working(mode, design, family)
     system = _working_system(design, response, weights, True, {True: joint_pattern})
     return solve(np.asarray(theta, dtype=float), system)

@@ -48,6 +48,10 @@ from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar,
 _PROGRAMS = ProgramCache()
 
 
+#: ``bayes_batch``'s defaults (named: the dataset-by-dataset paths refuse any other value by name).
+MAX_TREE_DEPTH = 10
+CHUNK_SIZE = 256
+
 def _chain_and_draw(k: int, sigma_known: bool, tune: int, draws: int, target_accept: float, max_tree_depth: int):
     """One (dataset, chain): NUTS on the variance parameters, then exact (beta, b) draws; vmapped over both.
 
@@ -118,8 +122,8 @@ def bayes_batch(
     priors: dict | Priors | None = None,
     level: float = 0.95,
     target_accept: float = 0.8,
-    max_tree_depth: int = 10,
-    chunk_size: int = 256,
+    max_tree_depth: int = MAX_TREE_DEPTH,
+    chunk_size: int = CHUNK_SIZE,
     keep_draws: bool = False,
     progress: bool | None = None,
     weights=None,
@@ -221,7 +225,7 @@ def bayes_batch(
                                                   min_tune=1)
     if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (bayes_each's module notes)
         refuse_on_each(keep_draws=(keep_draws, False), correlation=(correlation, None),
-                       max_tree_depth=(max_tree_depth, 10), chunk_size=(chunk_size, 256))
+                       max_tree_depth=(max_tree_depth, MAX_TREE_DEPTH), chunk_size=(chunk_size, CHUNK_SIZE))
         return bayes_batch_each(formula, data, by, chains=chains, draws=draws, tune=tune, seed=seed, priors=priors,
                                 level=level, target_accept=target_accept, progress=progress, weights=weights,
                                 offset=offset, se=se, family=family, link=link, relmat=relmat,

@@ -20,7 +20,6 @@ import pandas as pd
 from ..algebra.varcorr import varcorr_table
 from ..bayesian.results import SUMMARY_COLUMNS
 from ..closedform.results import term_rows
-from ..errors import ArgumentError
 from .bayes_results import BayesBatchResult, BayesBatchTerm
 from .fit_each import by_coefficient, check_fixed_effects, each_model, run_each
 
@@ -68,13 +67,9 @@ def bayes_batch_each(formula: str, data, by: str, *, chains: int, draws: int, tu
                      relmat_inverse, adjacency) -> BayesBatchResult:
     """Each dataset's ``hp.bayes`` posterior (module notes), summarized as :class:`BayesBatchResult`'s."""
     from ..bayesian.fit import bayes
-    from ..spec.family import family_spec
+    from ..spec.family import optional_family_spec
 
-    gaussian = family is None or (isinstance(family, str) and family.strip().lower() == "gaussian")
-    if gaussian and link not in (None, "identity"):
-        raise ArgumentError(f"link {link!r} given for a Gaussian model, whose link is the identity; give family= for "
-                            "a generalized linear mixed model")
-    spec = None if gaussian else family_spec(family, link)
+    spec = optional_family_spec(family, link)
     model = each_model(formula, data, by, "bayes_batch", spec=spec, weights=weights, offset=offset, se=se,
                        relmat=relmat, relmat_inverse=relmat_inverse, adjacency=adjacency)
     keys, fixed_names = model.keys, model.fixed_names

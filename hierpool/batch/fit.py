@@ -360,6 +360,18 @@ def fit_batch(
     reml = family is None if reml is None else bool(reml)
     plan = plan_batch(formula, data, by, "fit_batch", "hp.glmm" if spec else "hp.lmm", weights=weights,
                       offset=offset, se=se, one_term=False, family=spec)
+    if spec is not None and nAGQ != 1:
+        # nAGQ 0 and adaptive quadrature have no batched form: every dataset fitted alone by hp.glmm, into the
+        # batch's rows (the refit of _result), after the model is checked once on the long frame
+        check_quadrature(nAGQ, terms=plan.design.terms)
+        messages = glmm_problems(plan)  # hp.glmm's checks, and separation: as the batched path's
+        alone = {index: f"nAGQ={nAGQ}: fitted alone (no batched form)"
+                 for index in range(plan.n_datasets) if not messages[index]}
+        out = empty_results(plan, messages, alone) | {"is_singular": np.zeros(plan.n_datasets, bool)}
+        if spec.name == "negative_binomial":
+            out["shape"] = np.full(plan.n_datasets, np.nan)  # each refit's
+        return _result(plan, out, formula, False, polish, partial(glmm, family=family, link=link, nAGQ=nAGQ),
+                       progress=progress)
     sharding = mesh_sharding()
     # compiled programs: Newton's m x m systems, one per dataset of a call, go to a batched LAPACK call, serial on a
     # CPU where it may split (plan.thread_count); several terms and AR(1) always run serially.  A path that runs on
@@ -374,18 +386,6 @@ def fit_batch(
         settings["chunk_size"] = chunk_size or _default_chunk(spec)
     elif len(plan.design.terms) > 1:  # the compiled programs' default; the host path (and one term) picks its own
         settings["default_chunk"] = _default_chunk(None)
-    if spec is not None and nAGQ != 1:
-        # nAGQ 0 and adaptive quadrature have no batched form: every dataset fitted alone by hp.glmm, into the
-        # batch's rows (the refit of _result), after the model is checked once on the long frame
-        check_quadrature(nAGQ, terms=plan.design.terms)
-        messages = glmm_problems(plan)  # hp.glmm's checks, and separation: as the batched path's
-        alone = {index: f"nAGQ={nAGQ}: fitted alone (no batched form)"
-                 for index in range(plan.n_datasets) if not messages[index]}
-        out = empty_results(plan, messages, alone) | {"is_singular": np.zeros(plan.n_datasets, bool)}
-        if spec.name == "negative_binomial":
-            out["shape"] = np.full(plan.n_datasets, np.nan)  # each refit's
-        return _result(plan, out, formula, False, polish, partial(glmm, family=family, link=link, nAGQ=nAGQ),
-                       progress=progress)
     if spec is not None:
         settings.pop("reml")
         # a negative binomial's shape is estimated (the 1.0 only makes the family; the batch starts from moments)

@@ -54,6 +54,7 @@ from .plan import (
     progress_bar,
     refuse_stateful,
     row_argument,
+    rows_by_code,
 )
 from .results import BatchResult, BatchTerm
 
@@ -161,6 +162,9 @@ class EachModel:
         Spatial terms (else a relationship matrix).
     design : Design or None
         A relationship matrix's design of the long frame (:func:`spectral_fits` reads it), else None.
+    codes, labels : ndarray, pandas.Index
+        Each row's dataset code, and the dataset labels in order of first appearance
+        (:func:`~hierpool.batch.plan.dataset_codes`).
     """
 
     frame: pd.DataFrame
@@ -170,6 +174,8 @@ class EachModel:
     keys: list
     fixed_names: tuple
     spatial: bool
+    codes: np.ndarray
+    labels: pd.Index
     design: object = None
 
 
@@ -216,6 +222,7 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
     arguments = dict(weights=row_argument(weights, "weights", data, frame),
                      offset=row_argument(offset, "offset", data, frame))
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)  # positions as labels: the user's frame untouched
+    codes, labels = dataset_codes(frame[by], by)
     if relmat is not None or relmat_inverse is not None:
         from ..closedform.relmat import check_design
 
@@ -225,13 +232,15 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
         design = build_design(formula, frame, se=se, family=spec, related=(rel.group,), **arguments)
         check_design(design, rel)  # refuses a family, known sds, vector terms: by name, once
         return EachModel(frame=frame, by=by, arguments=arguments, shared={"relmat_inverse": {rel.group: rel}},
-                         keys=term_keys(design=design), fixed_names=design.fixed_names, spatial=False, design=design)
+                         keys=term_keys(design=design), fixed_names=design.fixed_names, spatial=False, design=design,
+                         codes=codes, labels=labels)
     if se is not None:
         raise ArgumentError("se= is not supported with a spatial term (adjacency=) yet")
     sdesign = spatial_design(formula, frame, adjacency, family=spec, **arguments)
     graphs = {area.term.factor: area.graph for area in sdesign.areas}
     return EachModel(frame=frame, by=by, arguments=arguments, shared={"adjacency": graphs},
-                     keys=term_keys(sdesign=sdesign), fixed_names=sdesign.design.fixed_names, spatial=True)
+                     keys=term_keys(sdesign=sdesign), fixed_names=sdesign.design.fixed_names, spatial=True,
+                     codes=codes, labels=labels)
 
 
 def run_each(model: EachModel, call, progress, caller: str, keep_warnings: bool = True
@@ -242,10 +251,8 @@ def run_each(model: EachModel, call, progress, caller: str, keep_warnings: bool 
     Returns (dataset labels, per dataset what ``call`` returned or None where it raised, per dataset its message:
     its error, after its fit's warnings with ``keep_warnings``).
     """
-    frame = model.frame
-    codes, labels = dataset_codes(frame[model.by], model.by)
-    order = np.argsort(codes, kind="stable")
-    rows = np.split(order, np.searchsorted(codes[order], np.arange(1, len(labels))))
+    frame, labels = model.frame, model.labels
+    rows = rows_by_code(model.codes, len(labels))
     out, messages = [], []
     with progress_bar(progress, len(labels), caller) as bar:
         for index, dataset_rows in enumerate(rows):
@@ -330,11 +337,9 @@ def spectral_fits(model: EachModel, formula: str, reml: bool) -> dict[int, tuple
     of its datasets (its own ``build_design``, without a warning: the same columns, nothing aliased or dropped).
     A dataset with rows dropped for missing values, a constant response or one the fixed effects fit exactly, or a
     criterion that is not finite, a response that is not a plain column (:func:`_plain_response`), and any group
-    whose fit raises, are left to their single fits, which say why."""
+    whose algebra fails (a factorization, memory), are left to their single fits, which say why."""
     from ..closedform import relmat_spectral as spectral
-    from ..closedform.relmat import (
-        relationship_positions,
-    )
+    from ..closedform.relmat import relationship_positions
 
     design = model.design
     if len(design.terms) != 1 or design.weights is not None or design.sigma_known or not _plain_response(model):
@@ -343,12 +348,10 @@ def spectral_fits(model: EachModel, formula: str, reml: bool) -> dict[int, tuple
     animal = relationship_positions(term, rel, strict=False)[term.index]  # -1: not in A (that dataset's error)
     z, X = np.asarray(term.z[:, 0], dtype=float), np.asarray(design.X, dtype=float)
     y = np.asarray(design.y, dtype=float) - np.asarray(design.offset, dtype=float)
-    all_codes = dataset_codes(model.frame[model.by], model.by)[0]
-    frame_rows = np.bincount(all_codes)  # each dataset's rows, before any was dropped for a missing value
-    codes = all_codes[np.asarray(design.rows)]
-    order = np.argsort(codes, kind="stable")
+    frame_rows = np.bincount(model.codes, minlength=len(model.labels))  # each dataset's rows, before any dropped
+    codes = model.codes[np.asarray(design.rows)]
     groups: dict[bytes, list] = {}
-    for rows in np.split(order, np.flatnonzero(np.diff(codes[order])) + 1):
+    for rows in rows_by_code(codes, len(model.labels)):
         if (rows.size and rows.size == frame_rows[codes[rows[0]]] and animal[rows].min() >= 0
                 and np.ptp(design.y[rows]) > 0):  # hp.lmm's own refusal of a constant response
             key = animal[rows].tobytes() + z[rows].tobytes() + X[rows].tobytes()  # exact: the design itself
@@ -367,7 +370,7 @@ def spectral_fits(model: EachModel, formula: str, reml: bool) -> dict[int, tuple
             with np.errstate(all="ignore"):  # a degenerate dataset's infinities: it is left to its single fit
                 out |= _shared_design_fits(spectral.spectral_design(animal[rows], z[rows], X[rows], parts),
                                            members, codes, y, X[rows], design, rel, reml)
-        except Exception:  # noqa: BLE001 - this group's datasets are left to their single fits, which report it
+        except (np.linalg.LinAlgError, MemoryError):  # this group's datasets are left to their single fits
             continue
     return out
 
@@ -400,7 +403,7 @@ def _shared_design_fits(sd, members: list, codes: np.ndarray, y: np.ndarray, X: 
     """:func:`spectral_fits` of one shared design ``sd``: its datasets (``members``, their design rows) in chunks
     whose arrays stay within the host's budget (:func:`~hierpool.batch.plan.host_chunk`)."""
     from ..closedform import relmat_spectral as spectral
-    from ..closedform.relmat import at_bound, boundary_messages, flat_profile, pev_not_computed, singular_theta
+    from ..closedform.relmat import boundary_messages, flat_profile, pev_not_computed, singular_theta
 
     term, names = design.terms[0], list(design.fixed_names)
     n, q = sd.n, sd.effects.shape[0]
@@ -414,9 +417,8 @@ def _shared_design_fits(sd, members: list, codes: np.ndarray, y: np.ndarray, X: 
     fitted_exactly = np.linalg.norm(rotated, axis=1) <= 1e-10 * np.linalg.norm(responses, axis=1)
     for start in range(0, len(members), size):
         part = slice(start, start + size)
+        # (the grid holds both bounds, so the single fit's at_bound rule never moves this minimum)
         log_theta, value, ends = spectral.minimize(rotated[part], sd, reml)
-        log_theta = np.array([at_bound(t, v, e) for t, v, e in zip(log_theta, value, ends)])
-        value = spectral.criterion(log_theta[:, None], rotated[part], sd, reml)[:, 0]
         solved = spectral.solution(log_theta, rotated[part], sd, reml)
         for j, rows in enumerate(members[part]):
             index = int(codes[rows[0]])

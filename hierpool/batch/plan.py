@@ -40,6 +40,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import jax
 import numpy as np
@@ -290,10 +291,15 @@ class BatchPlan:
         return out, messages
 
     def dataset_rows(self) -> list[np.ndarray]:
-        """Each dataset's design rows (positions, in order), found with one sort: not a scan of every row per
-        dataset."""
-        order = np.argsort(self.dataset, kind="stable")
-        return np.split(order, np.searchsorted(self.dataset[order], np.arange(1, self.n_datasets)))
+        """Each dataset's design rows (positions, in order)."""
+        return rows_by_code(self.dataset, self.n_datasets)
+
+    @cached_property
+    def _frame_rows(self) -> dict:
+        """Each dataset label's rows of the frame (those dropped for missing values included), found once."""
+        codes, labels = pd.factorize(self.frame[self.by], sort=False)  # a row without a label (-1): in no dataset
+        labelled = np.flatnonzero(codes >= 0)
+        return {label: labelled[rows] for label, rows in zip(labels, rows_by_code(codes[labelled], len(labels)))}
 
     def dataset_frame(self, index: int) -> tuple[pd.DataFrame, dict]:
         """(rows, weights/offset/se keyword arguments) to fit dataset ``index`` alone, as the user would.
@@ -301,8 +307,14 @@ class BatchPlan:
         All of the dataset's rows, those ``build_design`` dropped for missing values
         included (a fit of the dataset drops them again); array arguments are cut to them.
         """
-        rows = np.flatnonzero(self.frame[self.by].to_numpy() == self.labels[index])
+        rows = self._frame_rows[self.labels[index]]
         return self.frame.iloc[rows], dataset_arguments(rows, self.weights, self.offset, self.se)
+
+
+def rows_by_code(codes: np.ndarray, n: int) -> list[np.ndarray]:
+    """Each of ``n`` codes' positions in ``codes`` (in order), found with one sort, not a scan per code."""
+    order = np.argsort(codes, kind="stable")
+    return np.split(order, np.searchsorted(codes[order], np.arange(1, n)))
 
 
 def dataset_arguments(rows: np.ndarray, weights, offset, se: str | None = None) -> dict:

@@ -21,7 +21,7 @@ from ..closedform.results import LMMResult
 from ..errors import ArgumentError, HierpoolWarning
 from ..spec.arguments import sampler_arguments
 from ..spec.design import Design, build_design, model_differences
-from ..spec.family import family_spec
+from ..spec.family import optional_family_spec
 from ..spec.formula import has_spatial_term
 from . import glmm, independence
 from .model import (
@@ -363,16 +363,14 @@ def bayes(
                               progress, weights, offset, family, link,
                               {"se": se, "correlation": correlation, "relmat": relmat,
                                "relmat_inverse": relmat_inverse}, method, variance)
+    spec = optional_family_spec(family, link)  # a Gaussian model's link= refused here, for every path below
     if relmat is not None or relmat_inverse is not None:
         return _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, seed, priors, se, method,
                              variance, level, weights, offset, family, correlation, target_accept,
                              sys.stderr.isatty() if progress is None else bool(progress))
-    if family is not None and not (isinstance(family, str) and family.strip().lower() == "gaussian"):
-        return _bayes_glmm(formula, data, family_spec(family, link), chains, draws, tune, seed, priors, se, method,
+    if spec is not None:
+        return _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, method,
                            variance, level, target_accept, progress, weights, offset)
-    if link not in (None, "identity"):
-        raise ArgumentError(f"link {link!r} given for a Gaussian model, whose link is the identity; "
-                            "give family= for a generalized linear mixed model")
     design = build_design(formula, data, se=se, weights=weights, offset=offset)
     resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
     method = _choose_method(method, resolved)
@@ -453,10 +451,7 @@ def _bayes_spatial(formula, data, adjacency, chains, draws, tune, seed, priors, 
     if method not in ("auto", "collapsed", "full"):
         raise ArgumentError(f"method={method!r}: a spatial model is sampled by NUTS on every parameter "
                             "(method='full'), or a Gaussian one exactly (method='collapsed'; 'auto' chooses)")
-    gaussian = family is None or (isinstance(family, str) and family.strip().lower() == "gaussian")
-    if gaussian and link not in (None, "identity"):
-        raise ArgumentError(f"link {link!r} given for a Gaussian model, whose link is the identity")
-    spec = None if gaussian else family_spec(family, link)
+    spec = optional_family_spec(family, link)
     sdesign = spatial_design(formula, data, adjacency, family=spec, weights=weights, offset=offset)
     progress = sys.stderr.isatty() if progress is None else bool(progress)
     if method != "full" and variance is None:

@@ -57,6 +57,7 @@ from ..algebra.family import log_likelihood_eta
 from ..algebra.icar import (
     CarPrior,
     SumToZeroLayout,
+    car_prior,
     compose_bym2,
     constrained_square_root,
     sum_to_zero,
@@ -312,7 +313,7 @@ def bayes_spatial(sdesign: SpatialDesign, priors: dict | None, chains: int, draw
     design = sdesign.design
     others, cars = car_priors(sdesign, priors)
     resolved = resolve_priors(design, others)
-    car_list = [CarPrior(a.graph, a.term.type) for a in sdesign.areas]
+    car_list = [car_prior(a.graph, a.term.type) for a in sdesign.areas]
     layouts = tuple(sum_to_zero_layout(a.graph) for a in sdesign.areas)
     suffixes = tuple(sdesign.suffix(a) for a in sdesign.areas)
     family = "gaussian" if design.family is None else design.family.name

@@ -116,13 +116,13 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     -------
     GLMMResult
     """
-    check_quadrature(nAGQ)
+    spatial = adjacency is not None or has_spatial_term(formula)
+    check_quadrature(nAGQ, spatial=spatial)
     spec = family_spec(family, link)
-    if adjacency is not None or has_spatial_term(formula):
+    if spatial:
         from ..spec.spatial import spatial_design  # SciPy's sparse LU: loaded only for this model
         from .spatial import fit_spatial
 
-        check_quadrature(nAGQ, spatial=True)
         sdesign = spatial_design(formula, data, adjacency, family=spec, weights=weights, offset=offset)
         return fit_spatial(sdesign, reml=bool(reml), stages=1 if nAGQ == 0 else 2)
     if reml:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..algebra.family import Family
 from ..algebra.henderson import solve
-from ..algebra.laplace import working_design
+from ..algebra.laplace import mode_working, working_design
 from ..algebra.linalg import theta_to_factors
 from ..algebra.system import build_system
 from ..algebra.varcorr import varcorr_table
@@ -106,13 +106,8 @@ class GLMMResult:
     def system_at_mode(self):
         """The penalized system at the mode's working weights, X included (unit scale, theta known): the
         conditional variances of the effects, the theta-known vcov of beta and the prediction blocks."""
-        mode = self.optimum.mode
-        # the response is PIRLS's working response at the mode, eta - o + (y - mu) / (d mu / d eta): the factors,
-        # cond_var and vcov_beta do not depend on it, but with eta - o alone it would lie in the span of [X, Z] (a
-        # zero residual), and a singular fit's rounding then made the reduced system's last pivot negative
-        _, _, residual = self.family.working(self.design.y, mode.eta, self.design.row_weights)
-        response = mode.eta - self.design.offset + residual
-        return build_system(working_design(self.design, response, mode.working_weights, joint=True), host=True)
+        response, weights = mode_working(self.optimum.mode, self.design, self.family)
+        return build_system(working_design(self.design, response, weights, joint=True), host=True)
 
     @cached_property
     def solution_at_mode(self):

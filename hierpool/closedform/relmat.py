@@ -62,6 +62,9 @@ from .results import Likelihood
 LOG_THETA_BOUNDS = (np.log(1e-4), np.log(1e4))
 #: Brent's tolerance on log theta (relative; theta and sigma_A^2 to about 1e-7).
 LOG_THETA_TOL = 1e-7
+#: log theta within this of a bound (a factor 10) is a boundary fit: the criterion is flat there, and the search
+#: stops wherever it lands (:func:`boundary_messages`, :func:`singular_theta`).
+BOUNDARY_BAND = float(np.log(10.0))
 #: A profiled criterion that changes by less than this over the whole theta interval is flat: not identifiable.
 FLAT_PROFILE = 1e-3
 #: share()'s profiles also start each other term at theta = at least this (see there).
@@ -328,8 +331,8 @@ def boundary_messages(terms, log_theta: np.ndarray) -> list[str]:
     """The warnings of a fit whose log theta lies within a factor 10 of a bound (the criterion is flat there, and
     the search stops wherever it lands): a term's variance (near) zero, or the residual's against a term's."""
     out = [f"boundary (singular) fit: the variance of {term.group!r} is (near) zero (theta below 1e-3)"
-           for term, value in zip(terms, log_theta) if value <= LOG_THETA_BOUNDS[0] + np.log(10.0)]
-    if np.any(log_theta >= LOG_THETA_BOUNDS[1] - np.log(10.0)):
+           for term, value in zip(terms, log_theta) if value <= LOG_THETA_BOUNDS[0] + BOUNDARY_BAND]
+    if np.any(log_theta >= LOG_THETA_BOUNDS[1] - BOUNDARY_BAND):
         out.append("boundary fit: the residual variance is (near) zero against a random effect's (theta above 1e3)")
     return out
 
@@ -349,7 +352,19 @@ def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatRe
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
     return RelmatResult(design=design, relationship=rel, equations=equations, reml=reml, log_theta=log_theta,
                         objective=value, pieces=pieces, labels=labels, recorded=recorded, converged=converged,
-                        evaluations=evaluations, is_singular=singular_theta(log_theta))
+                        evaluations=evaluations)
+
+
+def inverse_diagonal(solve, q: int) -> np.ndarray:
+    """diag(K^-1) of a q x q matrix given its ``solve`` (v -> K^-1 v), from unit columns in blocks of
+    :data:`PEV_CHUNK` (memory q x PEV_CHUNK)."""
+    out = np.empty(q)
+    for start in range(0, q, PEV_CHUNK):
+        columns = np.arange(start, min(start + PEV_CHUNK, q))
+        unit = np.zeros((q, columns.size))
+        unit[columns, np.arange(columns.size)] = 1.0
+        out[columns] = solve(unit)[columns, np.arange(columns.size)]
+    return out
 
 
 def pev_not_computed(q: int) -> str:
@@ -359,7 +374,7 @@ def pev_not_computed(q: int) -> str:
 
 def singular_theta(log_theta: np.ndarray) -> bool:
     """Some term's theta within a factor 10 of the lower bound (:func:`boundary_messages`'s first case)."""
-    return bool(np.any(np.asarray(log_theta) <= LOG_THETA_BOUNDS[0] + np.log(10.0)))
+    return bool(np.any(np.asarray(log_theta) <= LOG_THETA_BOUNDS[0] + BOUNDARY_BAND))
 
 
 class RelmatResult(Likelihood):
@@ -368,13 +383,25 @@ class RelmatResult(Likelihood):
     of A, ``heritability()`` and ``variance_shares()``."""
 
     def __init__(self, *, design, relationship, equations, reml, log_theta, objective, pieces, labels, recorded,
-                 converged, evaluations, is_singular):
+                 converged, evaluations):
         self.design, self.relationship, self._equations = design, relationship, equations
         self.reml, self.objective, self._pieces = reml, objective, pieces
         self.theta = np.exp(np.asarray(log_theta, dtype=float))
         self._labels, self.recorded = labels, recorded
-        self.converged, self.evaluations, self.is_singular = converged, evaluations, is_singular
+        self.converged, self.evaluations = converged, evaluations
         self._related = next(j for j, term in enumerate(design.terms) if term.group == relationship.group)
+
+    @property
+    def is_singular(self) -> bool:
+        """A boundary fit: some theta within a factor 10 of its lower bound (:func:`singular_theta`)."""
+        return singular_theta(np.log(self.theta))
+
+    @property
+    def blups(self) -> list[np.ndarray]:
+        """Each term's BLUPs in ``design.terms``' order (the relationship term's over every level of A), without
+        :attr:`ranef`'s prediction error variances."""
+        values = self._pieces["solution"][self._equations.p:]
+        return np.split(values, np.cumsum([len(labels) for labels in self._labels])[:-1])
 
     # --- variance components ------------------------------------------------------------
     @property
@@ -442,11 +469,7 @@ class RelmatResult(Likelihood):
             # (C^-1)_bb = K^-1 + K^-1 Z'WX S^-1 X'WZ K^-1: diag(K^-1) column block by column block
             solve, k_zx = self._pieces["solve"], self._pieces["k_zx"]
             variance = np.einsum("ij,jk,ik->i", k_zx, self._pieces["beta_block"], k_zx)
-            for start in range(0, eq.q, PEV_CHUNK):
-                columns = np.arange(start, min(start + PEV_CHUNK, eq.q))
-                unit = np.zeros((eq.q, columns.size))
-                unit[columns, np.arange(columns.size)] = 1.0
-                variance[columns] += solve(unit)[columns, np.arange(columns.size)]
+            variance += inverse_diagonal(solve, eq.q)
             condsd = self.sigma * np.sqrt(np.maximum(variance, 0.0))
         else:
             warnings.warn(pev_not_computed(eq.q), HierpoolWarning, stacklevel=2)

@@ -29,12 +29,13 @@ References: Kang et al. (2008), Genetics 178, 1709-1723 (EMMA); Lippert et al. (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from ..algebra.criterion import profiled_criterion
 from ..spec.relationship import Relationship
-from .relmat import LOG_THETA_BOUNDS, PEV_CHUNK, PEV_MAX_LEVELS, factor_spd
+from .relmat import LOG_THETA_BOUNDS, PEV_MAX_LEVELS, factor_spd, inverse_diagonal
 
 #: Records (n) up to which the n x n eigendecomposition is used (O(n^3) once, n^2 numbers held).
 SPECTRAL_MAX_ROWS = 4_000
@@ -80,21 +81,19 @@ class SpectralDesign:
     def p(self) -> int:
         return self.x_rotated.shape[1]
 
+    @cached_property
+    def x_outer(self) -> np.ndarray:
+        """Each rotated row's x~ x~' (n, p^2): S(theta) = sum_i x~_i x~_i' / d_i at every theta from it."""
+        return (self.x_rotated[:, :, None] * self.x_rotated[:, None, :]).reshape(self.n, self.p**2)
+
 
 def relationship_parts(rel: Relationship) -> tuple:
-    """What every design of one relationship shares: A^-1's sparse LU (:func:`~hierpool.closedform.relmat
-    .factor_spd`; A^-1 is positive definite, as :class:`Relationship` checks) and diag A for the prediction error
-    variances (column block by column block; NaN above :data:`~hierpool.closedform.relmat.PEV_MAX_LEVELS` levels,
-    where none are computed)."""
+    """What every design of one relationship shares: A^-1's sparse LU (``relmat.factor_spd``; A^-1 is positive
+    definite, as :class:`Relationship` checks) and diag A for the prediction error variances
+    (``relmat.inverse_diagonal``; NaN above ``relmat.PEV_MAX_LEVELS`` levels, where none are computed)."""
     q = len(rel.labels)
     factored = factor_spd(rel.inverse)[0]
-    a_diagonal = np.full(q, np.nan)
-    if q <= PEV_MAX_LEVELS:
-        for start in range(0, q, PEV_CHUNK):
-            columns = np.arange(start, min(start + PEV_CHUNK, q))
-            block = np.zeros((q, columns.size))
-            block[columns, np.arange(columns.size)] = 1.0
-            a_diagonal[columns] = factored.solve(block)[columns, np.arange(columns.size)]
+    a_diagonal = inverse_diagonal(factored.solve, q) if q <= PEV_MAX_LEVELS else np.full(q, np.nan)
     return factored, a_diagonal
 
 
@@ -115,10 +114,9 @@ def spectral_design(animal: np.ndarray, z: np.ndarray, X: np.ndarray, parts: tup
 def _parts(log_theta: np.ndarray, y_rotated: np.ndarray, sd: SpectralDesign):
     """(1 / d, S = X~'D^-1 X~, beta^, pwrss) at log theta (B, G) of responses y~ (B, n), leading axes (B, G).
     pwrss = y~'D^-1 y~ - beta^' X~'D^-1 y~ (the caller centres y on its least-squares fit first: no digits lost)."""
-    n, p = sd.n, sd.p
+    p = sd.p
     inverse_d = 1.0 / (1.0 + np.exp(2.0 * log_theta)[..., None] * sd.values)  # (B, G, n)
-    outer = (sd.x_rotated[:, :, None] * sd.x_rotated[:, None, :]).reshape(n, p * p)
-    s = (inverse_d @ outer).reshape(inverse_d.shape[:-1] + (p, p))
+    s = (inverse_d @ sd.x_outer).reshape(inverse_d.shape[:-1] + (p, p))
     weighted_y = inverse_d * y_rotated[:, None, :]
     rhs = weighted_y @ sd.x_rotated  # (B, G, p)
     beta = np.linalg.solve(s, rhs[..., None])[..., 0]

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.family import draw_responses
-from ..errors import ArgumentError, DataError, integer_argument
+from ..errors import ArgumentError, integer_argument
 from .ar1 import AR1Result
 from .glmm_results import GLMMResult
-from .results import LMMResult, term_rows
+from .results import LMMResult
 
 #: Families :func:`simulate` draws from.
 FAMILIES = ("binomial", "poisson", "negative_binomial")
@@ -78,20 +78,17 @@ def _relmat_linear_predictor(fit, rng: np.random.Generator, n: int, use_u: bool)
 
     design, rel = fit.design, fit.relationship
     out = (design.offset + design.X @ np.asarray(fit.fixef, dtype=float))[:, None] + np.zeros((1, n))
-    ranef = fit.ranef if use_u else None
-    for term, cov in zip(design.terms, fit.term_covariances()):
+    blups = fit.blups if use_u else None
+    for j, (term, cov) in enumerate(zip(design.terms, fit.term_covariances())):
         related = term.group == rel.group
         # each level of the data among the term's effects: A's labels, or the term's own levels
         position = relationship_positions(term, rel) if related else np.arange(term.n_levels)
         size = len(rel.labels) if related else term.n_levels
         sd = float(np.sqrt(cov[0, 0]))
         if use_u:
-            b = np.repeat(term_rows(ranef, term.group, term.coef_names[0])["condval"].to_numpy()[:, None], n, axis=1)
-        elif related:
-            factored = factor_spd(rel.inverse)[0]
-            if factored is None:  # Relationship checked A^-1 when it was built: not reached with one of its own
-                raise DataError(f"the relationship matrix of {rel.group!r} is not positive definite")
-            b = sd * factored.draw(rng.standard_normal((size, n)))
+            b = blups[j][:, None]  # the same for every simulation
+        elif related:  # A^-1 is positive definite (Relationship checked it when it was built)
+            b = sd * factor_spd(rel.inverse)[0].draw(rng.standard_normal((size, n)))
         else:
             b = sd * rng.standard_normal((size, n))
         out += np.asarray(term.z[:, :1], dtype=float) * b[position[term.index]]

@@ -44,7 +44,7 @@ from scipy import stats
 from scipy.special import expit
 
 from ..algebra.family import family
-from ..algebra.icar import DIAGONAL_CHUNK, CarPrior, compose_bym2, factor_log_abs_det, inverse_diagonal
+from ..algebra.icar import DIAGONAL_CHUNK, car_prior, compose_bym2, factor_log_abs_det, inverse_diagonal
 from ..algebra.latent_blocks import GroupPrior, stack_constraints, stack_rows
 from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.spatial import AreaTerm, SpatialDesign, group_effect_index, group_parameter_names
@@ -165,7 +165,7 @@ class _CarBlock:
 
     def __init__(self, area_term: AreaTerm, suffix: str):
         self.area_term, self.term = area_term, area_term.term
-        self.prior = CarPrior(area_term.graph, self.term.type)
+        self.prior = car_prior(area_term.graph, self.term.type)
         self.n_latent, self.n_effects = self.prior.n_latent, self.prior.n
         self.n_params = 2 if self.prior.has_mix else 1
         self.entry_rows, self.entry_cols, _ = self.prior.precision_entries(1.0, 0.5)
@@ -497,8 +497,9 @@ def fit_spatial(sdesign: SpatialDesign, reml: bool, stages: int = 2) -> SpatialF
         result = _minimize(joint, start, bounds + [(None, None)] * laplace.p, restarts=0)
         psi, beta = result.x[:k], result.x[k:]
     fit = SpatialFit(laplace=laplace, psi=psi, beta=beta, optimizer=result, stages=stages)
-    if fit.at_bound:
-        warnings.warn(f"the spatial fit's {', '.join(fit.at_bound)} is at its bound: the maximum of the likelihood "
+    at_bound = fit.at_bound
+    if at_bound:
+        warnings.warn(f"the spatial fit's {', '.join(at_bound)} is at its bound: the maximum of the likelihood "
                       "is at an sd of zero, or a mixing parameter of 0 or 1 (a singular fit)",
                       ConvergenceWarning, stacklevel=3)
     return fit

@@ -40,6 +40,17 @@ class FamilySpec:
     bernoulli: bool = False
 
 
+def optional_family_spec(family, link: str | None = None) -> FamilySpec | None:
+    """``hp.bayes``'s ``family=``: None (or ``"gaussian"``) is the linear mixed model, whose link must be the identity
+    (None returned); any other, :func:`family_spec`."""
+    if family is None or (isinstance(family, str) and family.strip().lower() == "gaussian"):
+        if link not in (None, "identity"):
+            raise ArgumentError(f"link {link!r} given for a Gaussian model, whose link is the identity; "
+                                "give family= for a generalized linear mixed model")
+        return None
+    return family_spec(family, link)
+
+
 def family_spec(family, link: str | None = None) -> FamilySpec:
     """The :class:`FamilySpec` of ``family=`` and ``link=`` (the family's canonical link when None)."""
     if isinstance(family, FamilySpec):
