@@ -5,6 +5,8 @@
     python benchmarks/batch.py --bootstrap 1000     # hp.bootstrap against lme4's bootMer: benchmarks/out/bootstrap.json
     python benchmarks/batch.py --crossed 1000       # Penicillin-shaped crossed LMMs against a lmer loop: out/crossed.json
     python benchmarks/batch.py --glmm 1000          # cbpp-shaped binomial GLMMs against a glmer loop: out/glmm.json
+    python benchmarks/batch.py --glmm-crossed 1000  # Bernoulli, 20 subjects x 10 items crossed: out/glmm_crossed.json
+    python benchmarks/batch.py --glmm-slopes 1000   # Poisson, correlated slopes, 12 groups x 8: out/glmm_slopes.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
                                                     # hp.lmm loop: out/animal.json
 
@@ -135,14 +137,27 @@ LME4_BOOT = textwrap.dedent(
 
 # --crossed / --glmm: N replicates simulated from the model's fit to its data (lme4's simulate, in R, written to a
 # CSV both sides read); each side fits every replicate and extracts fixed effects, variance components and
-# conditional modes with their sds, the clock around that only.
+# conditional modes with their sds, the clock around that only.  --glmm-crossed / --glmm-slopes: the same, the
+# replicates simulated by lme4 from a design and parameters (``DESIGN``, ``PARAMS``) instead of a fit: GLMMs other
+# than the issue's cbpp, so that the class is measured, not one benchmark model.
 MODELS = {
     "crossed": dict(formula="diameter ~ 1 + (1 | plate) + (1 | sample)", data="Penicillin", response="diameter",
                     r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)", family=None),
     "glmm": dict(formula="cbind(incidence, size - incidence) ~ period + (1 | herd)", data="cbpp",
                  response="incidence", r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))",
                  family="binomial"),
+    "glmm_crossed": dict(formula="y ~ x + (1 | subj) + (1 | item)", response="y", family="binomial",
+                         design="d0 <- expand.grid(subj = factor(1:20), item = factor(1:10)); set.seed(2); "
+                                "d0$x <- rnorm(nrow(d0))",
+                         params="list(beta = c(-0.3, 0.5), theta = c(0.8, 0.5))",
+                         r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))"),
+    "glmm_slopes": dict(formula="y ~ t + (1 + t | g)", response="y", family="poisson",
+                        design="d0 <- expand.grid(t = (0:7) / 8, g = factor(1:12))",
+                        params="list(beta = c(1, 0.4), theta = c(0.5, 0, 0.3))",
+                        r_fit="glmer(FORMULA, d, poisson)", r_crit="-2 * as.numeric(logLik(fit))"),
 }
+FACTORS = {"crossed": ["plate", "sample"], "glmm": ["herd", "period"], "glmm_crossed": ["subj", "item"],
+           "glmm_slopes": ["g"]}
 
 SIMULATE_R = textwrap.dedent(
     """
@@ -150,6 +165,21 @@ SIMULATE_R = textwrap.dedent(
     d0 <- DATA_NAME
     fit0 <- FIT0
     ys <- simulate(fit0, NSIM, seed = 1)
+    WRITE
+    """
+)
+
+SIMULATE_DESIGN_R = textwrap.dedent(
+    """
+    suppressMessages(library(lme4))
+    DESIGN
+    ys <- simulate(RHS, newdata = d0, newparams = PARAMS, family = FAMILY, nsim = NSIM, seed = 1)
+    WRITE
+    """
+)
+
+WRITE_R = textwrap.dedent(
+    """
     out <- d0[rep(seq_len(nrow(d0)), NSIM), ]
     out$RESPONSE <- if (is.matrix(ys[[1]])) unlist(lapply(ys, function(m) m[, 1])) else unlist(ys)
     out$dataset <- rep(seq_len(NSIM), each = nrow(d0))
@@ -202,10 +232,15 @@ def model_benchmark(name: str, n: int) -> None:
 
     model = MODELS[name]
     csv = OUT / f"{name}_datasets.csv"
-    factors = {"crossed": ["plate", "sample"], "glmm": ["herd", "period"]}[name]
-    fit0 = model["r_fit"].replace("FORMULA", model["formula"]).replace(", d", ", d0").replace("(d)", "(d0)")
-    script = (SIMULATE_R.replace("DATA_NAME", model["data"]).replace("FIT0", fit0).replace("NSIM", str(n))
-              .replace("RESPONSE", model["response"]).replace("OUT_CSV", str(csv)))
+    factors = FACTORS[name]
+    if "design" in model:
+        script = (SIMULATE_DESIGN_R.replace("DESIGN", model["design"]).replace("PARAMS", model["params"])
+                  .replace("RHS", "~" + model["formula"].split("~", 1)[1]).replace("FAMILY", model["family"]))
+    else:
+        fit0 = model["r_fit"].replace("FORMULA", model["formula"]).replace(", d", ", d0").replace("(d)", "(d0)")
+        script = SIMULATE_R.replace("DATA_NAME", model["data"]).replace("FIT0", fit0)
+    script = (script.replace("WRITE", WRITE_R).replace("NSIM", str(n)).replace("RESPONSE", model["response"])
+              .replace("OUT_CSV", str(csv)))
     run = subprocess.run(["Rscript", "-"], input=script, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(run.stderr[-3000:])
@@ -368,6 +403,10 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=0, help="replicates of hp.bootstrap against bootMer")
     parser.add_argument("--crossed", type=int, default=0, help="Penicillin-shaped datasets against a lmer loop")
     parser.add_argument("--glmm", type=int, default=0, help="cbpp-shaped binomial datasets against a glmer loop")
+    parser.add_argument("--glmm-crossed", type=int, default=0,
+                        help="Bernoulli datasets, 20 subjects x 10 items crossed, against a glmer loop")
+    parser.add_argument("--glmm-slopes", type=int, default=0,
+                        help="Poisson datasets with correlated slopes (12 groups x 8) against a glmer loop")
     parser.add_argument("--animal", type=int, default=0, help="animal models on one pedigree against lme4 (L_A in Z)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -375,7 +414,7 @@ def main() -> None:
         OUT.mkdir(exist_ok=True)
         animal_benchmark(args.animal)
         return
-    for name in ("crossed", "glmm"):
+    for name in ("crossed", "glmm", "glmm_crossed", "glmm_slopes"):
         if getattr(args, name):
             OUT.mkdir(exist_ok=True)
             model_benchmark(name, getattr(args, name))

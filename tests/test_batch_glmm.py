@@ -150,11 +150,13 @@ def test_a_dataset_the_batch_stops_on_is_refitted_by_hp_glmm_and_one_without_suc
     assert "no successes" in batch.messages.iloc[1]
 
 
-def test_a_dataset_with_no_finite_criterion_has_no_mode(cbpp_batch, monkeypatch):
+@pytest.mark.parametrize("on_host", [True, False], ids=["host", "compiled"])
+def test_a_dataset_with_no_finite_criterion_has_no_mode(cbpp_batch, monkeypatch, on_host):
     # no step of Newton's search improves on +inf from a non-finite start: the mode carried by the loop is then its
     # placeholder, NaN, never a plausible zero (and the other dataset of the chunk is fitted as ever)
     frames, batch = cbpp_batch
     start = fit_glmm_module.glm_start
+    monkeypatch.setattr(fit_glmm_module, "_on_host", lambda *a: on_host)
 
     def broken_start(plan, family):
         beta, eta = start(plan, family)

@@ -20,15 +20,16 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
   coordinates, a draw of N(0, precision) from the Laplacian's edge factorization) and the stacking of several
   terms' latent blocks (``latent_blocks``: a ``(lhs | g)`` term's kron(I, Sigma^-1), block-diagonal
   constraints, each row's random part as slots); for GLMMs the families (``family``), PIRLS and the Laplace
-  criterion on the host (``laplace``) and as one compiled program (``laplace_program``), its exact gradient
-  written once for both (``laplace_gradient``), adaptive quadrature (``quadrature``), population-average means
+  criterion on the host (``laplace``), over many datasets at once on the host (``laplace_batch``: the same
+  shared pieces over a leading datasets axis) and as one compiled program (``laplace_program``), its exact
+  gradient written once for all three (``laplace_gradient``), adaptive quadrature (``quadrature``), population-average means
   (``marginal_mean``) and the separation check (``separation``); AR(1) residuals by whitening, on the host
   and in programs (``ar1``);
 - ``closedform`` (REML/ML optimizer, results), then ``bayesian`` (NumPyro models, NUTS driver;
   it may read a closed-form fit, e.g. variances held at their REML values): the two engines,
   reading the same Design and the same algebra;
 - ``batch``: many datasets per compiled call (buckets, chunks, vmap, shards), or on the host on a CPU (small
-  one-term batches; several-term batches in float64); the models whose single fit has no batched form (a
+  one-term batches; several-term batches and binomial or Poisson GLMM batches in float64); the models whose single fit has no batched form (a
   relationship matrix, spatial terms, adaptive quadrature) dataset by dataset through that single fit
   (``batch.fit_each``, ``batch.bayes_each``);
 - ``plots``, then ``pooling_comparison``, ``ridge``, ``validate``, then ``cli``.
@@ -44,9 +45,10 @@ enough that the memory JAX's runtime and XLA's buffers add matters more than the
 (:mod:`~hierpool.algebra.jax_runtime`; only a large fit on a machine with an accelerator plugin asks
 JAX for its backend).  A compiled closed-form fit on CPU still solves at its
 optimum on the host (one solve costs less than compiling it).  On the host the blocked criterion, its
-gradient and the solution also take a batch of ``Layout.dense_only`` systems with leading axes (a chunk of
-datasets at once, their level grids shared: :func:`~hierpool.algebra.batched_systems.shared_grid`), where
-a compiled program would vmap them.
+gradient, the solution, the prediction blocks and a GLMM's Laplace gradient also take a batch of
+``Layout.dense_only`` systems with leading axes (a chunk of datasets at once, their level grids shared:
+:func:`~hierpool.algebra.batched_systems.shared_grid`; a GLMM's rows marked by dataset:
+:mod:`~hierpool.algebra.laplace_batch`), where a compiled program would vmap them.
 
 Specialise, don't fork.  A model with one random-effect term is evaluated from per-level
 sufficient statistics (:mod:`~hierpool.algebra.one_term`: k x k blocks per level, complex-step

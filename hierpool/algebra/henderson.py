@@ -218,7 +218,7 @@ def point_estimates(theta: jax.Array, system: MixedModelSystem) -> tuple:
     """
     factors, chol0, left, chol_rest = _blocked_factor(theta, system)
     u, beta = _back_substitute(system, factors, chol0, left, chol_rest)
-    b = tuple(uj @ t.T for uj, t in zip(u, factors))
+    b = tuple(uj @ array_namespace(t).swapaxes(t, -1, -2) for uj, t in zip(u, factors))  # leading axes: a batch
     return shift_beta(beta, system), tuple(u), b, _logdet_lz(chol0, chol_rest, system.layout.q_rest)
 
 
@@ -324,36 +324,41 @@ def prediction_covariance(theta: jax.Array, system: MixedModelSystem) -> Predict
     """Inverse of the mixed-model coefficient matrix in the blocks predictions need.
 
     Memory ell0 * k0 * (q + p) for the cross block; computed only when
-    prediction intervals are asked for.
+    prediction intervals are asked for.  On the host a batch of systems (leading axes, their couplings' level
+    indices shared: :func:`hierpool.algebra.batched_systems.shared_grid`) gives blocks with those leading axes
+    (a GLMM batch's leverages: :mod:`hierpool.algebra.laplace_batch`).
     """
     layout = system.layout
     q, p = layout.q_rest, layout.p
     size = q + p
     xp = array_namespace(theta)
     factors, chol0, left, chol_rest = _blocked_factor(theta, system)
-    s_a_inv = spd_inverse_from_cholesky(chol_rest[:size, :size])
+    lead = chol0.shape[:-3]
+    s_a_inv = spd_inverse_from_cholesky(chol_rest[..., :size, :size])
     chol0_inv = tri_inverse(chol0)
     couplings = _couplings(system, factors, left)
     ell0, k0 = layout.n_levels[0], layout.ks[0]
-    dense = xp.zeros((ell0, size, k0))
+    dense = xp.zeros(lead + (ell0, size, k0))
     offset = 0
     for (ell, k), coupling, block in zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1]):
         cols = offset + coupling.level[:, None] * k + xp.arange(k)[None, :]
+        at = (*(slice(None),) * len(lead), coupling.level0[:, None], cols)  # a batch's leading axes kept
         if xp is np:
-            np.add.at(dense, (coupling.level0[:, None], cols), np.swapaxes(block, 1, 2))
+            np.add.at(dense, at, np.swapaxes(block, -2, -1))
         else:
-            dense = dense.at[coupling.level0[:, None], cols].add(jnp.swapaxes(block, 1, 2))
+            dense = dense.at[at].add(jnp.swapaxes(block, -2, -1))
         offset += ell * k
     # C S_A^-1 per level, as one matrix product: NumPy's einsum here is a naive loop, not BLAS (benchmarks/RESULTS.md,
     # "GLMMs: one EM step before the gradient search")
-    projected = (xp.swapaxes(dense, 1, 2).reshape(ell0 * k0, size) @ s_a_inv).reshape(ell0, k0, size)
+    projected = (xp.swapaxes(dense, -2, -1).reshape(lead + (ell0 * k0, size)) @ s_a_inv).reshape(
+        lead + (ell0, k0, size))
     term0 = _term0_inverse_blocks(chol0_inv, xp.eye(k0)[None], projected @ dense)
-    cross = -(xp.swapaxes(chol0_inv, 1, 2) @ projected)
+    cross = -(xp.swapaxes(chol0_inv, -2, -1) @ projected)
     return PredictionCovariance(term0=term0, cross=cross, rest=s_a_inv)
 
 
 def row_quadratic_forms(covariance: PredictionCovariance, v0: jax.Array, level0: jax.Array, v_rest: jax.Array,
-                        index_rest: jax.Array) -> jax.Array:
+                        index_rest: jax.Array, group=None) -> jax.Array:
     """v_i^T C^-1 v_i for each row i, v_i a sparse coefficient row of the mixed-model matrix C.
 
     Row i has ``v0[i]`` (k0) at term 0's level ``level0[i]`` and ``v_rest[i]`` at the rest columns
@@ -361,13 +366,17 @@ def row_quadratic_forms(covariance: PredictionCovariance, v0: jax.Array, level0:
     blocks :func:`prediction_covariance` keeps: term 0's diagonal block of its level, that level's
     cross block at the row's rest columns, and the rest block at them.  With v the rows of Z Lambda
     (and X) this is each row's conditional (prediction) variance over sigma^2, and on a GLMM's
-    working system its leverage in the Laplace approximation's log-determinant.
+    working system its leverage in the Laplace approximation's log-determinant.  ``group`` (on the host): each
+    row's dataset, the leading axis of a batch's ``covariance``.
     """
     xp = array_namespace(v0, v_rest)
-    rest = xp.einsum("na,nab,nb->n", v_rest, covariance.rest[index_rest[:, :, None], index_rest[:, None, :]], v_rest)
-    cross_rows = xp.swapaxes(covariance.cross[level0[:, None], :, index_rest], 1, 2)  # (n, k0, m)
+    at = () if group is None else (group[:, None],)  # a row's own dataset's blocks
+    square = () if group is None else (group[:, None, None],)
+    rest_rows = covariance.rest[(*square, index_rest[:, :, None], index_rest[:, None, :])]
+    rest = xp.einsum("na,nab,nb->n", v_rest, rest_rows, v_rest)
+    cross_rows = xp.swapaxes(covariance.cross[(*at, level0[:, None], slice(None), index_rest)], 1, 2)  # (n, k0, m)
     cross = xp.einsum("ni,nia,na->n", v0, cross_rows, v_rest)
-    own = xp.einsum("ni,nij,nj->n", v0, covariance.term0[level0], v0)
+    own = xp.einsum("ni,nij,nj->n", v0, covariance.term0[(*(() if group is None else (group,)), level0)], v0)
     return own + 2.0 * cross + rest
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from .family import Family
 from .henderson import PredictionCovariance, row_quadratic_forms
 from .linalg import array_namespace, factor_gradients_to_theta, theta_to_factors
+from .system import grouped_products
 
 #: The canonical (family, link) pairs, where the Fisher weights are the observed information.
 CANONICAL = (("binomial", "logit"), ("poisson", "log"))
@@ -84,28 +85,49 @@ def weight_derivatives(family: Family, y, eta, trials):
     return weight_slope, observed
 
 
-def _rows_of(term_rows, factors, n_levels, ks, xp):
+def _row_values(z, factor, group):
+    """Each row's z_i' T (``group``: each row's dataset, ``factor`` then one T per dataset)."""
+    return z @ factor if group is None else np.einsum("ni,nij->nj", z, factor[group])
+
+
+def _row_effects(effects, index, group):
+    """Each row's level's effects (``group``: ``effects`` per dataset, leading axis)."""
+    return effects[index] if group is None else effects[group, index]
+
+
+def _rows_of(term_rows, factors, n_levels, ks, xp, group=None):
     """Term 0's rows of Z Lambda with their levels, and the other terms' rows with their columns."""
     (index0, z0), rest = term_rows[0], term_rows[1:]
     values, columns, offset = [], [], 0
     for (index, z), factor, ell, k in zip(rest, factors[1:], n_levels[1:], ks[1:]):
-        values.append(z @ factor)
+        values.append(_row_values(z, factor, group))
         columns.append(offset + index[:, None] * k + xp.arange(k)[None, :])
         offset += ell * k
     n = z0.shape[0]
     v_rest = xp.concatenate(values, axis=1) if values else xp.zeros((n, 0))
     index_rest = xp.concatenate(columns, axis=1) if columns else xp.zeros((n, 0), dtype=index0.dtype)
-    return z0 @ factors[0], index0, v_rest, index_rest
+    return _row_values(z0, factors[0], group), index0, v_rest, index_rest
 
 
-def leverages(theta, term_rows, covariance: PredictionCovariance, n_levels, ks):
-    """h_i = z_i' Lambda H^-1 Lambda' z_i for every row (``covariance``: the blocks of H^-1 on the working system)."""
+def leverages(theta, term_rows, covariance: PredictionCovariance, n_levels, ks, group=None):
+    """h_i = z_i' Lambda H^-1 Lambda' z_i for every row (``covariance``: the blocks of H^-1 on the working system).
+
+    ``group`` (on the host): each row's dataset, for a batch's thetas (datasets, n_theta) and ``covariance``
+    (leading datasets axis)."""
     xp = array_namespace(theta)
     factors = theta_to_factors(theta, ks)
-    return row_quadratic_forms(covariance, *_rows_of(term_rows, factors, n_levels, ks, xp))
+    return row_quadratic_forms(covariance, *_rows_of(term_rows, factors, n_levels, ks, xp, group), group=group)
 
 
-def laplace_gradient(theta, family: Family, y, trials, X, term_rows, u, eta, leverage, solve, logdet_gradient):
+def _group_sums(values, left, group, n_groups):
+    """sum_i left_i values_i' per dataset: (k_l, k_v), or (datasets, k_l, k_v) with ``group``."""
+    if group is None:
+        return array_namespace(values).einsum("ni,nj->ij", left, values)
+    return grouped_products(group, left, values, np.ones(len(group)), n_groups)
+
+
+def laplace_gradient(theta, family: Family, y, trials, X, term_rows, u, eta, leverage, solve, logdet_gradient,
+                     group=None):
     """dL/d(theta, beta) at the conditional mode (see the module's docstring).
 
     Parameters
@@ -125,10 +147,14 @@ def laplace_gradient(theta, family: Family, y, trials, X, term_rows, u, eta, lev
         W_o Z Lambda with W_o the observed information: dG/du).
     logdet_gradient : array
         d log |H| / dtheta at the mode's weights held.
+    group : array, optional
+        On the host, many datasets at once: each row's dataset (0, ..., D - 1); theta (D, n_theta), each u_j
+        (D, ell_j, k_j), ``logdet_gradient`` (D, n_theta), and ``solve`` gives each dataset's u.  Returns (D, n).
     """
     xp = array_namespace(eta)
     ks = tuple(z.shape[1] for _, z in term_rows)
     factors = theta_to_factors(theta, ks)
+    n_groups = None if group is None else theta.shape[0]
     _, weights, residual = family.working(y, eta, trials)
     score = weights * residual
     weight_slope, observed = weight_derivatives(family, y, eta, trials)
@@ -136,15 +162,24 @@ def laplace_gradient(theta, family: Family, y, trials, X, term_rows, u, eta, lev
     # with every leverage zero (all of theta at 0: no random effect) the solve's response would be zero,
     # whose penalized system does not factor; its solution is zero (on the host; a compiled program's
     # NaN there makes the search step back, as from any non-finite evaluation)
-    if xp is np and not np.any(v):
+    if xp is np:
+        flat = ~np.any(v != 0) if group is None else np.bincount(group, weights=v != 0, minlength=n_groups) == 0
+    if xp is np and np.all(flat):
         g = tuple(np.zeros_like(uj) for uj in u)
     else:
         # a row without information (w_o = 0: trials 0, as a batch's padded rows) adds nothing to H_o; its
         # response is then immaterial, and 0 / 0 would poison the cross-products
         g = tuple(solve(xp.where(observed != 0, v / xp.where(observed != 0, observed, 1.0), 0.0), observed))
-    lambda_g = sum(xp.sum(z * (gj[index] @ t.T), axis=1) for (index, z), gj, t in zip(term_rows, g, factors))
+        if xp is np and group is not None and np.any(flat):
+            g = tuple(np.where(flat[:, None, None], 0.0, gj) for gj in g)
+    lambda_g = sum(xp.sum(z * (_row_effects(gj, index, group) @ t.T if group is None
+                               else _row_values(_row_effects(gj, index, group), np.swapaxes(t, -1, -2), group)),
+                          axis=1)
+                   for (index, z), gj, t in zip(term_rows, g, factors))
     e = v - 2.0 * score - observed * lambda_g
-    per_factor = [xp.einsum("ni,nj->ij", z, e[:, None] * uj[index] + score[:, None] * gj[index])
+    per_factor = [_group_sums(e[:, None] * _row_effects(uj, index, group)
+                              + score[:, None] * _row_effects(gj, index, group), z, group, n_groups)
                   for (index, z), uj, gj in zip(term_rows, u, g)]
-    return xp.concatenate([factor_gradients_to_theta(per_factor) + logdet_gradient, X.T @ e])
-
+    return xp.concatenate([factor_gradients_to_theta(per_factor) + logdet_gradient,
+                           _group_sums(e[:, None], X, group, n_groups)[..., 0] if group is not None else X.T @ e],
+                          axis=-1)

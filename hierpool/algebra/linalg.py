@@ -278,6 +278,9 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
             return _trtri_host(lower)
         # a zero pivot gives NaN, as trtri and the compiled solves do (LU would pivot past it to garbage)
         zero_pivot = _zero_pivots(lower)[..., None, None]
+        if lower.ndim > 2 and k <= UNROLL_MAX_SIZE:  # a stack of small blocks: the written-out inverse, 10x LAPACK's
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.where(zero_pivot, np.nan, _tri_inverse_unrolled(lower))
         inverse = np.tril(np.linalg.inv(np.where(zero_pivot, np.eye(k, dtype=lower.dtype), lower)))
         return np.where(zero_pivot, np.nan, inverse)  # the inverse of a lower-triangular matrix is lower-triangular
     if k <= UNROLL_MAX_SIZE:
@@ -480,7 +483,10 @@ def segment_sum(values, segments, num_segments: int, sorted_segments: bool = Fal
     out = np.zeros((num_segments,) + values.shape[1:], dtype=values.dtype)
     if not len(segments):
         return out
-    if sorted_segments and values[0].size > 1:  # one bincount beats reduceat for a single column
+    # one bincount beats reduceat for a single column; many columns (a batch's systems) want reduceat, when the
+    # segments are in order (a batch's shared coupling grid), rather than a bincount per column
+    sorted_segments = sorted_segments or (values[0].size > 1 and bool(np.all(segments[1:] >= segments[:-1])))
+    if sorted_segments and values[0].size > 1:
         starts = np.flatnonzero(np.r_[True, segments[1:] != segments[:-1]])
         out[segments[starts]] = np.add.reduceat(values, starts, axis=0)
         return out

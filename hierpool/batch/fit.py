@@ -17,7 +17,10 @@ bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
   default chunk bounded by ``plan.HOST_CHUNK_BYTES``; one call per core at a time, so
   about ``os.cpu_count()`` times that at the peak);
 * a GLMM (:mod:`hierpool.batch.fit_glmm`): its padded rows, ``8 * n * (3 + p + sum k_j)``
-  plus the working system's, per probe of (theta, beta);
+  plus the working system's, per probe of (theta, beta); on the host (binomial and Poisson in float64 on one
+  CPU), about ``8 * n * m * (20 + p + sum_j (k_j + 1))`` with ``m = n_theta + p`` (its rows copied for each
+  forward-difference shift, ``fit_glmm.host_bytes``; a call's default chunk bounded by
+  ``fit_glmm.HOST_CHUNK_BYTES``, one call per core at a time);
 * AR(1) residuals (:mod:`hierpool.batch.fit_ar1`): its padded rows, ``8 * n * (4 + p + sum k_j)``,
   plus the whitened system's per probe of theta.
 
@@ -33,7 +36,8 @@ searching, the criterion's gradient by the complex step), in less time than XLA
 would take to compile it ("compile only where compiling pays").  Several-term batches
 in float64 on one CPU device compile nothing at any size: the same Newton's method on
 the blocked criterion and its written-out gradient, a chunk's datasets at once
-(:mod:`hierpool.batch.fit_terms`, "On the host").
+(:mod:`hierpool.batch.fit_terms`, "On the host"); so do binomial and Poisson GLMM batches
+(:mod:`hierpool.batch.fit_glmm`, Laplace by :mod:`hierpool.algebra.laplace_batch`).
 """
 
 from __future__ import annotations
@@ -382,10 +386,10 @@ def fit_batch(
                            newton_systems=(newton_size, chunk_size or _default_chunk(spec)))
     settings = dict(reml=reml, float_type=np.float64 if dtype == "float64" else np.float32, chunk_size=chunk_size,
                     progress=progress, max_iterations=max_iterations, sharding=sharding, workers=workers)
-    if spec is not None or correlation is not None:  # compiled programs: their default chunk
+    if correlation is not None:  # compiled programs: their default chunk
         settings["chunk_size"] = chunk_size or _default_chunk(spec)
-    elif len(plan.design.terms) > 1:  # the compiled programs' default; the host path (and one term) picks its own
-        settings["default_chunk"] = _default_chunk(None)
+    elif spec is not None or len(plan.design.terms) > 1:  # the compiled programs' default; a host path picks its own
+        settings["default_chunk"] = _default_chunk(spec)
     if spec is not None:
         settings.pop("reml")
         # a negative binomial's shape is estimated (the 1.0 only makes the family; the batch starts from moments)

@@ -1,20 +1,29 @@
-"""``hp.fit_batch(..., family=)``: generalized linear mixed models (binomial, Poisson) over many datasets, by the
-Laplace approximation, vmapped.
+"""``hp.fit_batch(..., family=)``: generalized linear mixed models (binomial, Poisson, negative binomial) over many
+datasets, by the Laplace approximation: on the host, or vmapped in compiled programs.
 
 Each dataset's criterion is ``hp.glmm``'s: the Laplace deviance -2 log L(theta, beta) with the conditional mode u*
-found by PIRLS, in the compiled program of :func:`hierpool.algebra.laplace_program.laplace_value_and_gradient`
-(PIRLS, the log-determinant and the exact gradient in (theta, beta)).  Newton's method with a forward-difference
-Hessian of that gradient (:func:`hierpool.batch.optimize.newton`) minimizes it in (theta, beta) jointly, glmer's
-second stage, from theta = I and beta the dataset's GLM fit without random effects.  At the optimum the
-conditional variances come from the penalized system at the mode's weights (``hp.glmm``'s
-``ranef``), and beta's covariance from half the final Hessian, inverted (lme4's ``vcov`` with ``use.hessian``).
+found by PIRLS, and its exact gradient in (theta, beta).  Newton's method with a forward-difference Hessian of that
+gradient minimizes it in (theta, beta) jointly, glmer's second stage, from the method-of-moments theta of each term
+(:func:`moment_start_theta`) and beta the dataset's GLM fit without random effects.  At the optimum the conditional
+variances come from the penalized system at the mode's weights (``hp.glmm``'s ``ranef``), and beta's covariance
+from half the final Hessian, inverted (lme4's ``vcov`` with ``use.hessian``).
 
-Padding: a bucket's datasets share level counts per term (padded as :mod:`hierpool.batch.fit_terms` pads them)
-and a row count (the next power of two); a padded row has trials 0, which zeroes its deviance and its PIRLS
-weight, so it changes no number.  The working systems are filled on the full coupling grid
-(``Layout.dense_only``).  A negative binomial's log shape is a further parameter of Newton's method, last, as in
-``hp.glmm``'s second stage: its derivative a central difference (PIRLS run again at each side), the saturated
-constant computed in the program at each shape, the start the Poisson GLM's moments (:func:`moment_shape`).
+**On the host** (:func:`_on_host`: binomial and Poisson, float64, one CPU device) nothing is compiled: the
+criterion and gradient of every point of a chunk's datasets are evaluated at once in NumPy
+(:mod:`hierpool.algebra.laplace_batch`), and :func:`hierpool.batch.optimize.newton_on_host` runs the compiled
+path's steps and rules, each dataset leaving when its own search stops.  Two things the lockstep of a vmapped
+program cannot do: the Hessian's forward-difference shifts are evaluated only around accepted trials, and PIRLS
+starts from the accepted point's mode (``hp.glmm``'s warm start), at a shift from its trial's mode.
+
+**Compiled** (a negative binomial, float32, an accelerator or a mesh): the program of
+:func:`hierpool.algebra.laplace_program.laplace_value_and_gradient` (PIRLS, the log-determinant and the exact
+gradient) under :func:`hierpool.batch.optimize.newton`, vmapped.  Padding: a bucket's datasets share level counts
+per term (padded as :mod:`hierpool.batch.fit_terms` pads them) and a row count (the next power of two); a padded
+row has trials 0, which zeroes its deviance and its PIRLS weight, so it changes no number.  The working systems
+are filled on the full coupling grid (``Layout.dense_only``).  A negative binomial's log shape is a further
+parameter of Newton's method, last, as in ``hp.glmm``'s second stage: its derivative a central difference (PIRLS
+run again at each side), the saturated constant computed in the program at each shape, the start the Poisson
+GLM's moments (:func:`moment_shape`).
 """
 
 from __future__ import annotations
@@ -31,15 +40,17 @@ import numpy as np
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import Family
 from ..algebra.henderson import solve
+from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import saturated_rows
+from ..algebra.laplace_batch import GroupedRows, conditional_modes, laplace_and_gradient, solution_at_mode
 from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
-from ..algebra.linalg import theta_start
+from ..algebra.linalg import canonical_theta as canonical_rows
 from ..algebra.start import moment_theta
 from ..algebra.system import Layout, SystemPattern, fill_in_program
 from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
-from .fit_terms import empty_results, row_buckets, run_jobs, take, term_problems, too_large
-from .optimize import MOMENT_FLOOR, canonical_theta, newton
-from .plan import BatchPlan, chunks, fetch, place
+from .fit_terms import empty_results, padded_widths, row_buckets, run_jobs, take, term_problems, too_large
+from .optimize import MOMENT_FLOOR, canonical_theta, newton, newton_on_host
+from .plan import BatchPlan, chunks, fetch, host_fits, place, thread_count
 
 #: The Hessian's forward-difference width in (theta, beta): PIRLS's mode is exact to ~1e-10, so its gradient
 #: is too, and sqrt(eps) (1.5e-8) differences would be half rounding.
@@ -98,24 +109,29 @@ def glm_start(plan: BatchPlan, family: Family) -> tuple[np.ndarray, np.ndarray]:
 
 
 def moment_start_theta(plan: BatchPlan, family: Family, eta: np.ndarray) -> np.ndarray:
-    """(D, n_theta) a one-term GLMM's starting theta: the method of moments (the linear mixed model's batch start,
+    """(D, n_theta) a GLMM's starting theta: the method of moments (the linear mixed model's batch start,
     :func:`hierpool.algebra.start.moment_theta`) on the GLM fit's working residuals, weighted by its working
-    weights, whose residual variance is 1 when the family's variance holds.  Several terms: lme4's identity."""
+    weights, whose residual variance is 1 when the family's variance holds.
+
+    Several terms: each term's own moments on the same residuals (the other terms' variation left in them, so a
+    start only).  From lme4's identity the first Newton steps of a crossed model overshoot and are rejected:
+    1,000 crossed Bernoulli datasets took 6.7 s from the identity and 2.6 s from these starts, at the same optima
+    (benchmarks/RESULTS.md, "The GLMM class on the host").
+    """
     design, n_datasets = plan.design, plan.n_datasets
-    ks = tuple(t.k for t in design.terms)
-    if len(ks) != 1:
-        return np.tile(theta_start(ks), (n_datasets, 1))
-    term, (level, n_levels, _) = design.terms[0], plan.term_levels[0]
     _, weights, residual = family.working(design.y, eta, design.row_weights)
-    ell, k = int(n_levels.max()), term.k
-    cell = plan.dataset.astype(np.int64) * ell + level
-    z, size = term.z, n_datasets * ell
-    ztz = np.stack([np.bincount(cell, weights=weights * z[:, a] * z[:, b], minlength=size)
-                    for a in range(k) for b in range(k)], axis=1).reshape(n_datasets, ell, k, k)
-    cross = np.stack([np.bincount(cell, weights=weights * z[:, a] * residual, minlength=size)
-                      for a in range(k)], axis=1).reshape(n_datasets, ell, k)
     rss = np.bincount(plan.dataset, weights=weights * residual**2, minlength=n_datasets)
-    return moment_theta(ztz, cross, rss, plan.n_obs.astype(float), p=design.p, floor=MOMENT_FLOOR)
+    thetas = []
+    for term, (level, n_levels, _) in zip(design.terms, plan.term_levels):
+        ell, k = int(n_levels.max()), term.k
+        cell = plan.dataset.astype(np.int64) * ell + level
+        z, size = term.z, n_datasets * ell
+        ztz = np.stack([np.bincount(cell, weights=weights * z[:, a] * z[:, b], minlength=size)
+                        for a in range(k) for b in range(k)], axis=1).reshape(n_datasets, ell, k, k)
+        cross = np.stack([np.bincount(cell, weights=weights * z[:, a] * residual, minlength=size)
+                          for a in range(k)], axis=1).reshape(n_datasets, ell, k)
+        thetas.append(moment_theta(ztz, cross, rss, plan.n_obs.astype(float), p=design.p, floor=MOMENT_FLOOR))
+    return np.concatenate(thetas, axis=1)
 
 
 def moment_shape(plan: BatchPlan, eta: np.ndarray, link) -> np.ndarray:
@@ -309,8 +325,94 @@ def _program(data, saturated, start, family: Family, max_iterations: int, shardi
     return _COMPILED.get((shape_signature((data, saturated, start)), family, max_iterations, sharding, quick), build)
 
 
-def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, progress, max_iterations: int,
-             sharding, workers: int) -> dict:
+def _on_host(float_type, sharding, family: Family) -> bool:
+    """Whether a GLMM batch is fitted on the host (NumPy, nothing compiled): on one CPU device in float64
+    (:func:`hierpool.batch.plan.host_fits`), binomial and Poisson.  Each Newton pass runs many small PIRLS
+    solves, whose tracing and compiling cost more than the NumPy run: seconds for a crossed or correlated-slope
+    model, at any batch size (benchmarks/RESULTS.md, "The GLMM class on the host").  A negative binomial, whose
+    shape is a further parameter with its own central difference, stays compiled."""
+    return host_fits(float_type, sharding) and family.name != "negative_binomial"
+
+
+def grouped_rows(plan: BatchPlan, members: np.ndarray, widths) -> GroupedRows:
+    """The rows of datasets ``members`` (increasing) as one :class:`GroupedRows`, levels padded to ``widths``."""
+    design = plan.design
+    rows = np.flatnonzero(np.isin(plan.dataset, members))
+    terms = tuple((level[rows].astype(np.int64), term.z[rows], int(width))
+                  for (level, _, _), term, width in zip(plan.term_levels, design.terms, widths))
+    return GroupedRows(np.searchsorted(members, plan.dataset[rows]), len(members), design.y[rows],
+                       design.row_weights[rows], design.offset[rows], design.X[rows], terms)
+
+
+#: Most datasets per host call by default, and the bytes a call's rows may take (:func:`host_bytes`): a call's
+#: Python overhead is spread over more datasets than the linear models' (``plan.HOST_CHUNK``): 1,000 crossed
+#: Bernoulli datasets took 7.1 s in calls of 500 and 8.1 s in calls of 250 (benchmarks/RESULTS.md, "The GLMM
+#: class on the host").
+HOST_CHUNK = 512
+HOST_CHUNK_BYTES = 128 * 2**20
+
+
+def host_bytes(plan: BatchPlan) -> float:
+    """A host call's bytes per dataset: the largest dataset's rows, copied for each of the m forward-difference
+    shifts of (theta, beta) evaluated at once, each row holding about 20 + p + sum_j (k_j + 1) numbers (its data
+    and PIRLS's and the gradient's temporaries)."""
+    design = plan.design
+    m = sum(t.k * (t.k + 1) // 2 for t in design.terms) + design.p
+    return 8.0 * int(plan.n_obs.max()) * m * (20 + design.p + sum(t.k + 1 for t in design.terms))
+
+
+def _optimize_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarray, family: Family,
+                 max_iterations: int) -> dict:
+    """A chunk's fits on the host: :func:`hierpool.batch.optimize.newton_on_host` (the compiled path's rules, width
+    and tolerances) on :func:`hierpool.algebra.laplace_batch.laplace_and_gradient`, every point of every dataset
+    still searching evaluated at once; then each dataset's mode, conditional variances and vcov at its optimum, as
+    :func:`_optimize_rows` returns them."""
+    ks, p = rows.ks, rows.X.shape[1]
+    n_theta = sum(k * (k + 1) // 2 for k in ks)
+
+    def evaluate(points, active, start_u):
+        count, copies, m = points.shape
+        flat = points.reshape(count * copies, m)
+        sub, _ = rows.subset(active)
+        value, gradient, mode = laplace_and_gradient(
+            flat[:, :n_theta], flat[:, n_theta:], sub.repeated(copies), family, np.repeat(saturated[active], copies),
+            [np.repeat(x, copies, axis=0) for x in start_u])
+        return (value.reshape(count, copies), gradient.reshape(count, copies, m),
+                [x.reshape((count, copies) + x.shape[1:]) for x in mode.u])
+
+    def shift_gradients(points, active, start_u):
+        return evaluate(points, active, start_u)[1]
+
+    # PIRLS starts from the mode at the accepted point (hp.glmm's start: the previous evaluation's mode), at a
+    # shift 1e-6 away from its trial's mode, which it then polishes in a step or two
+    start_u = [np.zeros((rows.n_groups, width, k)) for (_, _, width), k in zip(rows.terms, ks)]
+    with np.errstate(all="ignore"):
+        params, value, newton_step, iterations, converged, curvature, mode_u = newton_on_host(
+            evaluate, start, max_iterations, damping_growth=DAMPING_GROWTH, fd_width=FD_WIDTH, step_tol=STEP_TOL,
+            with_curvature=True, shift_gradients=shift_gradients, aux0=start_u)
+    theta = canonical_rows(params[:, :n_theta], ks)
+    beta = params[:, n_theta:]
+    finite = np.isfinite(value)
+    safe_theta = np.where(finite[:, None], theta, 1.0)
+    mode = conditional_modes(safe_theta, np.where(finite[:, None], beta, 0.0), rows, family,
+                             start_u=[np.where(finite[:, None, None], x, 0.0) for x in mode_u])
+    solved = solution_at_mode(safe_theta, rows, mode)
+    fixed = slice(n_theta, n_theta + p)
+    with np.errstate(all="ignore"):
+        information = 0.5 * curvature[:, : fixed.stop, : fixed.stop]
+        definite = np.all(np.isfinite(information), axis=(-2, -1)) & (np.linalg.matrix_rank(
+            np.where(np.isfinite(information), information, 0.0)) == fixed.stop)
+        covariance = np.linalg.inv(np.where(definite[:, None, None], information, np.eye(fixed.stop)))[:, fixed, fixed]
+    nan = lambda a: np.where(finite.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, np.nan)  # noqa: E731
+    return {"theta": nan(theta), "beta": nan(beta), "objective": np.where(finite, value, np.nan),
+            "newton_step": newton_step, "iterations": iterations, "converged": converged & mode.converged & finite,
+            "vcov": np.where(definite[:, None, None], covariance, np.nan),
+            "b": [nan(x) for x in mode.b], "cond_var": [nan(np.asarray(x)) for x in solved.cond_var],
+            "factors": [nan(np.asarray(x)) for x in solved.factors]}
+
+
+def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | None, progress, max_iterations: int,
+             sharding, workers: int, default_chunk: int) -> dict:
     """Fit every dataset of ``plan`` by the Laplace approximation: :func:`hierpool.batch.fit_terms.fit_terms`'s
     dict of per-dataset results (``objective`` the Laplace -2 log-likelihood, ``sigma`` 1).
 
@@ -334,12 +436,13 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
     n_theta = sum(k * (k + 1) // 2 for k in ks)
     n_params = n_theta + design.p + negative_binomial
     quick = sum(len(members) * key[-1] for key, members in buckets.items()) <= QUICK_COMPILE_MAX_ROWS
+    host = _on_host(float_type, sharding, family)
     prepared = []
-    for key, members in buckets.items():
+    for key, members in ({} if host else buckets).items():
         data = bucket_data(plan, members, key[:-1], int(key[-1]))
         data = jax.tree_util.tree_map(
             lambda a: a.astype(float_type) if np.issubdtype(a.dtype, np.floating) else a, data)
-        size = min(chunk_size, math.ceil(len(members) / workers))
+        size = min(chunk_size or default_chunk, math.ceil(len(members) / workers))
         bucket_chunks = chunks(0, np.arange(len(members)), size, n_devices)
         # the program needs the shapes alone: it compiles (in the background) while the starts are computed
         rows = bucket_chunks[0].index.size
@@ -356,6 +459,9 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
         saturated = np.zeros(plan.n_datasets)  # computed in the program, at each shape
     else:
         saturated = saturated_deviances(plan, family)
+    if host:
+        return _fit_glmm_on_host(plan, family, out, theta0, beta0, saturated, n_theta, chunk_size=chunk_size,
+                                 progress=progress, max_iterations=max_iterations)
     jobs = []
     for members, data, bucket_chunks, program in prepared:
         start = np.concatenate([theta0[members, :n_theta], beta0[members], theta0[members, n_theta:]], axis=1)
@@ -370,3 +476,33 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int, pr
         return result
 
     return run_jobs(jobs, run, out, plan, workers=workers, progress=progress)
+
+
+def _fit_glmm_on_host(plan: BatchPlan, family: Family, out: dict, theta0, beta0, saturated, n_theta: int, *,
+                      chunk_size: int | None, progress, max_iterations: int) -> dict:
+    """:func:`fit_glmm`'s datasets on the host (:func:`_optimize_on_host`), bucketed by padded level counts and cut into
+    chunks of :data:`HOST_CHUNK`, a thread per core (NumPy: no compiled program to guard)."""
+    widths = padded_widths(plan)
+    buckets = {}
+    for d in np.flatnonzero(out["attempted"]):
+        buckets.setdefault(tuple(widths[d]), []).append(d)
+    workers = thread_count(None)
+    default = min(HOST_CHUNK, max(1, int(HOST_CHUNK_BYTES // host_bytes(plan))))
+    jobs = []
+    for key, members in buckets.items():
+        members = np.asarray(members)
+        # calls of equal size, as many as a multiple of the threads (none idles while another runs two)
+        calls = math.ceil(len(members) / (chunk_size or default))
+        calls = calls if chunk_size else workers * math.ceil(calls / workers)
+        size = math.ceil(len(members) / calls)
+        jobs += [(members[first : first + size], key) for first in range(0, len(members), size)]
+
+    def run(job):
+        chunk, key = job
+        start = np.concatenate([theta0[chunk, :n_theta], beta0[chunk]], axis=1)
+        result = _optimize_on_host(grouped_rows(plan, chunk, key), saturated[chunk], start, family, max_iterations)
+        result["sigma"] = np.ones(len(chunk))
+        return result
+
+    with one_blas_thread():  # many small products and factors: OpenBLAS's threads would only spin between them
+        return run_jobs(jobs, run, out, plan, workers=workers, progress=progress)

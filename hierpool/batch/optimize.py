@@ -293,7 +293,8 @@ def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks
 
 
 def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX_ITERATIONS,
-                   damping_growth: float = 10.0):
+                   damping_growth: float = 10.0, fd_width=None, step_tol=None, with_curvature: bool = False,
+                   shift_gradients=None, aux0=None):
     """:func:`newton` for a batch of datasets at once on the host (NumPy): the same steps, shift, damping and
     stopping rules (one home each, above), with each dataset leaving the batch when its search stops.
 
@@ -305,26 +306,38 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     ----------
     value_and_grad : callable
         ``value_and_grad(points, rows)``: the criterion's values (A, Q) and gradients (A, Q, m) of datasets
-        ``rows`` (A,) at ``points`` (A, Q, m).
+        ``rows`` (A,) at ``points`` (A, Q, m).  With ``shift_gradients``: ``value_and_grad(points, rows, aux)``
+        at the trials alone, returning an auxiliary state per point too (a list of arrays (A, Q, ...)).
     theta0 : ndarray
         (B, m) starts.
     max_iterations : int
         Passes per dataset (the first probes ``theta0``), as :func:`newton`'s.
-    damping_growth : float
+    damping_growth, fd_width, step_tol, with_curvature
         As :func:`newton`'s.
+    shift_gradients : callable, optional
+        ``shift_gradients(points, rows, aux)``: the gradients (K, m, m) at the forward-difference shifts
+        (K, m, m) of an accepted trial of datasets ``rows``, ``aux`` its state (a list of arrays (K, ...)).  The
+        shifts are then evaluated only around accepted trials, whose Hessians alone are kept (a rejected trial's
+        shifts are wasted work: a GLMM's Laplace deviance, far from quadratic at the start, rejects several), and
+        they can start from the trial's state (a GLMM's mode).  ``aux0`` (a list of arrays (B, ...)): each
+        dataset's state at ``theta0``; the state of the accepted point is what ``value_and_grad`` receives.
 
     Returns
     -------
-    (theta, value, newton_step, iterations, converged)
-        Each (B, ...), as :func:`newton`'s.
+    (theta, value, newton_step, iterations, converged[, curvature][, aux])
+        Each (B, ...), as :func:`newton`'s; ``aux`` (with ``shift_gradients``): the state at ``theta``.
     """
     theta = np.array(theta0, dtype=float)
     n, m = theta.shape
-    width, step_tol, rounding_step_tol, (converged_step, converged_decrease) = _tolerances(theta.dtype)
+    width, step_tol_default, rounding_step_tol, (converged_step, converged_decrease) = _tolerances(theta.dtype)
+    width = width if fd_width is None else fd_width
+    step_tol = step_tol or step_tol_default
     lengths = np.asarray(STEP_LENGTHS, dtype=float)
     value, gradient = np.full(n, np.inf), np.zeros((n, m))
     curvature, damping = np.tile(np.eye(m), (n, 1, 1)), np.zeros(n)
     passes = np.zeros(n, dtype=np.int64)
+    lazy = shift_gradients is not None
+    aux = [np.array(a) for a in aux0] if lazy else None
     active = np.arange(n)
     for iteration in range(max_iterations):
         if not active.size:
@@ -334,10 +347,14 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         # the first pass only probes theta0 (a zero step), as newton's
         step = -_solve_spd(h + shift[:, None, None] * np.eye(m), g) if iteration else np.zeros_like(th)
         trials = th[:, None, :] + lengths[None, :, None] * step[:, None, :]  # (A, P, m)
-        every, steps = _probe_points(trials, width, np)  # (A, P, m + 1, m): each trial, then its shifts
-        values, gradients = value_and_grad(every.reshape(len(active), -1, m), active)
-        values = values.reshape(len(active), -1, m + 1)[..., 0]
-        gradients = gradients.reshape(len(active), -1, m + 1, m)
+        if lazy:
+            values, gradients, trial_aux = value_and_grad(trials, active, [a[active] for a in aux])
+            gradients = gradients[:, :, None, :]  # (A, P, 1, m): the shifts come after the choice
+        else:
+            every, steps = _probe_points(trials, width, np)  # (A, P, m + 1, m): each trial, then its shifts
+            values, gradients = value_and_grad(every.reshape(len(active), -1, m), active)
+            values = values.reshape(len(active), -1, m + 1)[..., 0]
+            gradients = gradients.reshape(len(active), -1, m + 1, m)
         values = np.where(np.isfinite(values), values, np.inf)
         best = np.argmin(values, axis=1)
         rows = np.arange(len(active))
@@ -348,9 +365,18 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
                       rounding_step_tol, np)
         kept = active[improved]
         theta[kept], value[kept] = trials[rows, best][improved], values[rows, best][improved]
-        curvature[kept] = _finite_difference_hessians(gradients[rows, best], steps[rows, best], np)[improved]
+        if not lazy:
+            curvature[kept] = _finite_difference_hessians(gradients[rows, best], steps[rows, best], np)[improved]
+        elif kept.size:
+            every, steps = _probe_points(theta[kept], width, np)  # (K, m + 1, m)
+            kept_aux = [a[rows, best][improved] for a in trial_aux]
+            shifted = shift_gradients(every[:, 1:], kept, kept_aux)
+            curvature[kept] = _finite_difference_hessians(
+                np.concatenate([gradients[rows, best][improved], shifted], axis=1), steps, np)
+            for a, new in zip(aux, kept_aux):
+                a[kept] = new
         gradient[active], damping[active] = new_gradient, new_damping
         passes[active] += 1
         active = active[~done]
     newton_step, converged = _final_step(value, gradient, curvature, converged_step, converged_decrease, np)
-    return theta, value, newton_step, passes - 1, converged
+    return (theta, value, newton_step, passes - 1, converged) + (curvature,) * with_curvature + (aux,) * lazy

@@ -1,0 +1,226 @@
+"""The Laplace approximation of many GLMM datasets at once on the host (NumPy): PIRLS, the criterion and its exact
+gradient in (theta, beta), over a leading datasets axis.
+
+The same steps as one dataset's host path (:func:`hierpool.algebra.laplace.laplace_and_gradient_on_host`): PIRLS's
+Henderson solves, halvings and stopping rule (:mod:`hierpool.algebra.laplace`), log |H| and its theta-gradient at
+the mode's weights (:func:`hierpool.algebra.criterion.host_objective_and_gradient`), the leverages and the
+implicit-function gradient (:func:`hierpool.algebra.laplace_gradient.laplace_gradient`), each the shared function
+called over leading axes.  What is batched here is only the bookkeeping: every dataset's working system is built at
+once by weighted ``bincount``s keyed by dataset (:func:`hierpool.algebra.batched_systems.batched_systems`), each
+dataset's levels padded to the batch's widths (a padded level has no rows: its effect is 0 and it adds log 1), and
+a dataset leaves PIRLS when its own deviance has converged, so the slowest dataset costs only its own steps.
+
+Nothing is compiled: a batch of small GLMMs (``hp.fit_batch(..., family=)`` on one CPU) spends its time in many
+small solves, where a compiled program's tracing and compiling cost more than the NumPy run
+(benchmarks/RESULTS.md, "The GLMM class on the host").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .batched_systems import batched_systems, shared_grid
+from .criterion import host_objective_and_gradient
+from .family import Family
+from .henderson import Solution, point_estimates, prediction_covariance, solve
+from .laplace import PIRLS_MAX_HALVINGS, PIRLS_MAX_STEPS, PIRLS_TOL
+from .laplace_gradient import laplace_gradient, leverages
+from .linalg import theta_to_factors
+
+
+@dataclass(frozen=True)
+class GroupedRows:
+    """The rows of many datasets of one GLMM, each row marked with its dataset.
+
+    Attributes
+    ----------
+    group : (N,) int64
+        Each row's dataset, 0 .. n_groups - 1.
+    n_groups : int
+    y, trials, offset : (N,)
+        The response (binomial proportions), the prior weights (trials) and the offset.
+    X : (N, p)
+    terms : tuple of (level (N,) int64, z (N, k), width)
+        Each random-effect term: the row's level within its dataset, its values, the batch's level count.
+    """
+
+    group: np.ndarray
+    n_groups: int
+    y: np.ndarray
+    trials: np.ndarray
+    offset: np.ndarray
+    X: np.ndarray
+    terms: tuple
+
+    @property
+    def ks(self) -> tuple:
+        return tuple(z.shape[1] for _, z, _ in self.terms)
+
+    def _rows(self, rows: np.ndarray, group: np.ndarray, n_groups: int) -> "GroupedRows":
+        return GroupedRows(group, n_groups, self.y[rows], self.trials[rows], self.offset[rows], self.X[rows],
+                           tuple((level[rows], z[rows], width) for level, z, width in self.terms))
+
+    def subset(self, groups: np.ndarray) -> tuple["GroupedRows", np.ndarray]:
+        """(the rows of datasets ``groups`` (increasing), renumbered 0 .. len - 1; their indices here)."""
+        keep = np.zeros(self.n_groups, bool)
+        keep[groups] = True
+        rows = np.flatnonzero(keep[self.group])
+        renumber = np.cumsum(keep) - 1
+        return self._rows(rows, renumber[self.group[rows]], len(groups)), rows
+
+    def repeated(self, copies: int) -> "GroupedRows":
+        """Each dataset ``copies`` times: dataset g's copy c is dataset g * copies + c (one per point of a probe)."""
+        rows = np.repeat(np.arange(len(self.group)), copies)
+        copy = np.tile(np.arange(copies), len(self.group))
+        return self._rows(rows, self.group[rows] * copies + copy, self.n_groups * copies)
+
+    def term_rows(self) -> tuple:
+        return tuple((level, z) for level, z, _ in self.terms)
+
+
+def random_part(rows: GroupedRows, b) -> np.ndarray:
+    """Z b: each row's sum over terms of z_i . b[its dataset, its level]."""
+    out = np.zeros(len(rows.group))
+    for (level, z, _), effects in zip(rows.terms, b):
+        out += np.einsum("nk,nk->n", z, effects[rows.group, level])
+    return out
+
+
+def effects(factors, u) -> list:
+    """b = T_j u per term and dataset (u_j (D, ell_j, k_j), T_j (D, k_j, k_j))."""
+    return [uj @ np.swapaxes(t, -1, -2) for uj, t in zip(u, factors)]
+
+
+def working_system(rows: GroupedRows, response, weights):
+    """Every dataset's working system (the Gaussian mixed-model equations of a PIRLS step: unit residual sd, no
+    fixed effects), stacked (:func:`shared_grid`), and its row counts."""
+    n = len(rows.group)
+    with np.errstate(divide="ignore"):  # a zero weight's log enters only the linear model's criterion, unused here
+        systems, counts = batched_systems(rows.group, rows.n_groups, rows.terms, np.zeros((n, 0)), response,
+                                          weights, None, sigma_known=True)
+    return shared_grid(systems, slice(None)), counts
+
+
+def _penalized_deviances(rows: GroupedRows, family: Family, mu, u) -> np.ndarray:
+    """sum_i a_i d(y_i, mu_i) + |u|^2 per dataset."""
+    deviance = np.bincount(rows.group, weights=family.unit_deviances(rows.y, mu, rows.trials),
+                           minlength=rows.n_groups)
+    return deviance + sum(np.sum(np.square(uj), axis=(-2, -1)) for uj in u)
+
+
+@dataclass(frozen=True)
+class BatchMode:
+    """PIRLS's modes of a batch of datasets (:func:`conditional_modes`): per dataset u, b (D, ell_j, k_j), the
+    penalized deviance, steps and convergence; per row eta and the working weights at the mode."""
+
+    u: list
+    b: list
+    eta: np.ndarray
+    working_weights: np.ndarray
+    penalized_deviance: np.ndarray
+    steps: np.ndarray
+    converged: np.ndarray
+
+
+def conditional_modes(theta, beta, rows: GroupedRows, family: Family, tol: float = PIRLS_TOL,
+                      start_u=None) -> BatchMode:
+    """u* of every dataset by PIRLS at its own (theta, beta) ((D, n_theta), (D, p)) from ``start_u`` (per term
+    (D, ell_j, k_j); zeros when None): the steps of :func:`hierpool.algebra.laplace.conditional_mode`
+    (``joint=False``), each dataset stopping on its own."""
+    n_groups = rows.n_groups
+    theta, beta = np.asarray(theta, dtype=float), np.asarray(beta, dtype=float)
+    factors = theta_to_factors(theta, rows.ks)
+    fixed = rows.offset + np.einsum("np,np->n", rows.X, beta[rows.group])
+    if start_u is None:
+        u = [np.zeros((n_groups, width, k)) for (_, _, width), k in zip(rows.terms, rows.ks)]
+    else:
+        u = [np.array(x, dtype=float) for x in start_u]
+    b = effects(factors, u)
+    eta = fixed + random_part(rows, b)
+    deviance = _penalized_deviances(rows, family, family.link.inverse(eta), u)
+    steps = np.zeros(n_groups, dtype=np.int64)
+    converged = np.zeros(n_groups, bool)
+    active = np.arange(n_groups)
+    for _ in range(PIRLS_MAX_STEPS):
+        if not active.size:
+            break
+        sub, taken = (rows, np.arange(len(rows.group))) if active.size == n_groups else rows.subset(active)
+        sub_factors = [t[active] for t in factors]
+        sub_eta, sub_fixed = eta[taken], fixed[taken]
+        _, weights, residual = family.working(sub.y, sub_eta, sub.trials)
+        system, _ = working_system(sub, sub_eta - sub_fixed + residual, weights)
+        _, solved, _, _ = point_estimates(theta[active], system)
+        old_u = [uj[active] for uj in u]
+        old_deviance = deviance[active]
+        new_u = [np.asarray(x) for x in solved]
+        at = effects(sub_factors, new_u)
+        trial_b, trial_eta = at, sub_fixed + random_part(sub, at)
+        trial_deviance = _penalized_deviances(sub, family, family.link.inverse(trial_eta), new_u)
+        rising = trial_deviance > old_deviance * (1 + 1e-14)
+        for _ in range(PIRLS_MAX_HALVINGS):  # halve the step while it raises the penalized deviance (lme4's PIRLS)
+            if not rising.any():
+                break
+            # only the rising datasets' rows: near the mode rounding alone can raise the deviance by 1e-14, and
+            # those few datasets then halve many times
+            which = np.flatnonzero(rising)
+            part, part_rows = sub.subset(which)
+            halved = [0.5 * (a[which] + c[which]) for a, c in zip(old_u, new_u)]
+            part_b = effects([t[which] for t in sub_factors], halved)
+            part_eta = sub_fixed[part_rows] + random_part(part, part_b)
+            part_deviance = _penalized_deviances(part, family, family.link.inverse(part_eta), halved)
+            for j in range(len(new_u)):
+                new_u[j][which], trial_b[j][which] = halved[j], part_b[j]
+            trial_eta[part_rows] = part_eta
+            trial_deviance[which] = part_deviance
+            rising[which] = part_deviance > old_deviance[which] * (1 + 1e-14)
+        done = np.abs(old_deviance - trial_deviance) <= tol * np.maximum(np.abs(trial_deviance), 1.0)
+        for j in range(len(u)):
+            u[j][active], b[j][active] = new_u[j], trial_b[j]
+        eta[taken] = trial_eta
+        deviance[active] = trial_deviance
+        steps[active] += 1
+        converged[active] = done
+        active = active[~done]
+    _, weights, _ = family.working(rows.y, eta, rows.trials)
+    return BatchMode(u=u, b=b, eta=eta, working_weights=weights, penalized_deviance=deviance, steps=steps,
+                     converged=converged)
+
+
+def laplace_and_gradient(theta, beta, rows: GroupedRows, family: Family, saturated, start_u=None) -> tuple:
+    """(Laplace -2 log L (D,), its gradient in (theta, beta) (D, n_theta + p), the modes) of every dataset at its
+    own (theta, beta): :func:`hierpool.algebra.laplace.laplace_and_gradient_on_host` over a batch.
+
+    ``saturated`` (D,): each dataset's -2 log p(y | y) (:func:`hierpool.algebra.laplace.saturated_deviance`);
+    ``start_u``: where each PIRLS starts (zeros when None).  A dataset whose system does not factor at its point
+    gets NaN (no step goes there).
+    """
+    theta = np.asarray(theta, dtype=float)
+    with np.errstate(all="ignore"):
+        mode = conditional_modes(theta, beta, rows, family, start_u=start_u)
+        weights = mode.working_weights
+        # the cross-products at the mode's weights; the response is any non-zero one (log |H| and H^-1 do not
+        # read it, and a zero one would make the penalized RSS, whose cotangent is 0, 0 / 0 in the adjoint)
+        system, counts = working_system(rows, np.ones(len(rows.group)), weights)
+        layout = system.layout
+        term_rows = rows.term_rows()
+        leverage = leverages(theta, term_rows, prediction_covariance(theta, system), layout.n_levels, layout.ks,
+                             group=rows.group)
+        logdet, logdet_gradient = host_objective_and_gradient(system, reml=False, logdet_only=True, n=counts)(theta)
+
+        def solve_u(response, weights):
+            return [np.asarray(x) for x in point_estimates(theta, working_system(rows, response, weights)[0])[1]]
+
+        gradient = laplace_gradient(theta, family, rows.y, rows.trials, rows.X, term_rows, mode.u, mode.eta,
+                                    leverage, solve_u, logdet_gradient, group=rows.group)
+    value = mode.penalized_deviance + np.asarray(saturated) + logdet
+    return value, gradient, mode
+
+
+def solution_at_mode(theta, rows: GroupedRows, mode: BatchMode) -> Solution:
+    """The Henderson solution of every dataset's working system at its mode's weights (its ``cond_var``: lme4's
+    ``condVar`` of the GLMM, as ``hp.glmm``'s ``ranef``)."""
+    system, counts = working_system(rows, np.ones(len(rows.group)), mode.working_weights)
+    with np.errstate(all="ignore"):
+        return solve(np.asarray(theta, dtype=float), system, n=counts)

@@ -1,0 +1,126 @@
+"""A GLMM's Laplace criterion and gradient over many datasets at once on the host (algebra.laplace_batch) equal one
+dataset's host path (algebra.laplace) at each dataset's own point; newton_on_host's lazy shifts take the same steps
+as its eager ones; hp.fit_batch's GLMM host path equals its compiled one."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import assert_same_fits, host_and_compiled
+
+import hierpool.batch.fit_glmm as fit_glmm_module
+from hierpool.algebra.family import family
+from hierpool.algebra.laplace import laplace_and_gradient_on_host, saturated_deviance
+from hierpool.algebra.laplace_batch import GroupedRows, laplace_and_gradient
+from hierpool.batch.optimize import newton_on_host
+from hierpool.spec.design import build_design
+from hierpool.spec.family import family_spec
+
+
+def _crossed(seed, subjects, items=4):
+    rng = np.random.default_rng(seed)
+    s, i = np.repeat(np.arange(subjects), items), np.tile(np.arange(items), subjects)
+    x = rng.normal(size=s.size)
+    eta = -0.2 + 0.6 * x + rng.normal(0, 0.9, subjects)[s] + rng.normal(0, 0.5, items)[i]
+    return pd.DataFrame({"y": rng.binomial(1, 1 / (1 + np.exp(-eta))), "x": x, "s": s.astype(str),
+                         "i": i.astype(str)})
+
+
+def _slopes(seed, groups, times=5):
+    rng = np.random.default_rng(seed)
+    g, t = np.repeat(np.arange(groups), times), np.tile(np.arange(times), groups) / times
+    exposure = rng.uniform(1, 3, g.size)
+    eta = 0.5 + 0.3 * t + np.log(exposure) + rng.normal(0, 0.5, groups)[g] + rng.normal(0, 0.3, groups)[g] * t
+    return pd.DataFrame({"y": rng.poisson(np.exp(eta)), "t": t, "g": g.astype(str), "e": exposure})
+
+
+def _proportions(seed, groups):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(groups), 3)
+    x, n = rng.normal(size=g.size), rng.integers(2, 9, g.size)
+    k = rng.binomial(n, 1 / (1 + np.exp(-(0.2 + 0.5 * x + rng.normal(0, 0.8, groups)[g]))))
+    return pd.DataFrame({"k": k, "n": n, "x": x, "g": g.astype(str)})
+
+
+# (formula, family, link, frames: datasets whose level counts differ, so the batch pads them)
+MODELS = {
+    "crossed Bernoulli, logit": ("y ~ x + (1 | s) + (1 | i)", "binomial", "logit",
+                                 [_crossed(1, 6), _crossed(2, 5), _crossed(3, 6)]),
+    "correlated slopes, Poisson with an offset": ("y ~ t + offset(log(e)) + (1 + t | g)", "poisson", "log",
+                                                  [_slopes(4, 6), _slopes(5, 4)]),
+    "proportions, probit (observed information)": ("cbind(k, n - k) ~ x + (1 | g)", "binomial", "probit",
+                                                   [_proportions(6, 7), _proportions(7, 5)]),
+}
+
+
+def _batch(formula, family_name, link, frames):
+    spec = family_spec(family_name, link)
+    designs = [build_design(formula, frame, family=spec) for frame in frames]
+    widths = [max(d.terms[j].n_levels for d in designs) for j in range(len(designs[0].terms))]
+    terms = tuple((np.concatenate([d.terms[j].index for d in designs]).astype(np.int64),
+                   np.concatenate([d.terms[j].z for d in designs]), widths[j]) for j in range(len(widths)))
+    rows = GroupedRows(np.concatenate([np.full(d.n, g) for g, d in enumerate(designs)]), len(designs),
+                       np.concatenate([d.y for d in designs]), np.concatenate([d.row_weights for d in designs]),
+                       np.concatenate([d.offset for d in designs]), np.concatenate([d.X for d in designs]), terms)
+    return designs, rows, family(spec)
+
+
+def _points(designs, rows, seed):
+    rng = np.random.default_rng(seed)
+    n_theta = sum(k * (k + 1) // 2 for k in rows.ks)
+    theta = np.tile(np.concatenate([np.eye(k)[np.tril_indices(k)] for k in rows.ks]), (len(designs), 1))
+    theta = theta * rng.uniform(0.5, 1.2, theta.shape) + 0.1 * rng.normal(size=theta.shape) * (theta == 0)
+    beta = rng.normal(0, 0.3, (len(designs), designs[0].p))
+    assert theta.shape[1] == n_theta
+    return theta, beta
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_batch_s_laplace_criterion_and_gradient_equal_each_dataset_s_own(model):
+    designs, rows, fam = _batch(*MODELS[model])
+    theta, beta = _points(designs, rows, 11)
+    saturated = np.array([saturated_deviance(d, fam) for d in designs])
+    value, gradient, mode = laplace_and_gradient(theta, beta, rows, fam, saturated)
+    for g, design in enumerate(designs):
+        single, single_gradient = laplace_and_gradient_on_host(theta[g], beta[g], design, fam)
+        assert value[g] == pytest.approx(single.laplace, rel=1e-11), f"criterion of dataset {g}"
+        np.testing.assert_allclose(gradient[g], single_gradient, rtol=1e-7, atol=1e-8, err_msg=f"gradient, {g}")
+        for j, term in enumerate(design.terms):  # the dataset's own levels; its padded ones have no rows: 0
+            np.testing.assert_allclose(mode.u[j][g, : term.n_levels], single.u[j], rtol=1e-7, atol=1e-9)
+            assert not mode.u[j][g, term.n_levels :].any()
+    # PIRLS from another start (the mode at a nearby point, as at a forward-difference shift) reaches the same mode
+    again, again_gradient, _ = laplace_and_gradient(theta * (1 + 1e-6), beta, rows, fam, saturated, start_u=mode.u)
+    cold, cold_gradient, _ = laplace_and_gradient(theta * (1 + 1e-6), beta, rows, fam, saturated)
+    # (PIRLS stops on the penalized deviance's change, 1e-12 relative: with a non-canonical link, Fisher scoring
+    # converges linearly, and the two starts stop a few 1e-10 apart)
+    np.testing.assert_allclose(again, cold, rtol=1e-9)
+    np.testing.assert_allclose(again_gradient, cold_gradient, rtol=1e-5, atol=1e-7)
+
+
+def test_newton_on_host_s_lazy_shifts_take_the_eager_search_s_steps():
+    # a batch of smooth convex criteria: the shifts evaluated only around accepted trials give the same Hessians
+    rng = np.random.default_rng(3)
+    scales, targets = rng.uniform(0.5, 2.0, (6, 3)), rng.normal(size=(6, 3))
+
+    def value_and_grad(points, rows):
+        a, c = scales[rows][:, None, :], targets[rows][:, None, :]
+        return np.sum(np.exp(a * (points - c)) - a * points, axis=-1), a * np.exp(a * (points - c)) - a
+
+    def lazy(points, rows, aux):
+        value, gradient = value_and_grad(points, rows)
+        return value, gradient, [np.repeat(aux[0][:, None], points.shape[1], axis=1) + 1]
+
+    start = np.full((6, 3), 2.0)
+    eager = newton_on_host(value_and_grad, start, with_curvature=True)
+    shifted = newton_on_host(lazy, start, with_curvature=True, aux0=[np.zeros(6)],
+                             shift_gradients=lambda points, rows, aux: value_and_grad(points, rows)[1])
+    for a, b in zip(eager, shifted[:-1]):
+        np.testing.assert_array_equal(a, b)
+    assert np.all(shifted[-1][0] >= 1)  # the state of the accepted points came back (one per accepted pass)
+    np.testing.assert_allclose(eager[0], targets, atol=1e-6)  # the minimum: exp(a (x - c)) = 1
+
+
+def test_fit_batch_s_glmm_host_path_equals_its_compiled_path(monkeypatch):
+    frames = [_crossed(8, 6), _crossed(9, 5), _crossed(10, 6)]
+    host, compiled = host_and_compiled(monkeypatch, fit_glmm_module, "y ~ x + (1 | s) + (1 | i)", frames, by="rep",
+                                       family="binomial", progress=False)
+    assert_same_fits(host, compiled)
