@@ -5,7 +5,7 @@ as its eager ones; hp.fit_batch's GLMM host path equals its compiled one."""
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_same_fits, host_and_compiled
+from conftest import host_and_compiled
 
 import hierpool.batch.fit_glmm as fit_glmm_module
 from hierpool.algebra.family import family
@@ -97,30 +97,70 @@ def test_a_batch_s_laplace_criterion_and_gradient_equal_each_dataset_s_own(model
 
 
 def test_newton_on_host_s_lazy_shifts_take_the_eager_search_s_steps():
-    # a batch of smooth convex criteria: the shifts evaluated only around accepted trials give the same Hessians
+    # a batch of smooth convex criteria: the shifts evaluated only around accepted trials give the same Hessians,
+    # and each accepted trial's state is what its shifts, and the next trial, receive
     rng = np.random.default_rng(3)
     scales, targets = rng.uniform(0.5, 2.0, (6, 3)), rng.normal(size=(6, 3))
+    accepted = np.zeros(6)
 
     def value_and_grad(points, rows):
         a, c = scales[rows][:, None, :], targets[rows][:, None, :]
         return np.sum(np.exp(a * (points - c)) - a * points, axis=-1), a * np.exp(a * (points - c)) - a
 
-    def lazy(points, rows, aux):
+    def lazy(points, rows, aux):  # the state: how many trials were accepted before this one, plus one
+        np.testing.assert_array_equal(aux[0], accepted[rows])
         value, gradient = value_and_grad(points, rows)
         return value, gradient, [np.repeat(aux[0][:, None], points.shape[1], axis=1) + 1]
 
+    def shift_gradients(points, rows, aux):
+        accepted[rows] += 1
+        np.testing.assert_array_equal(aux[0], accepted[rows])
+        return value_and_grad(points, rows)[1]
+
     start = np.full((6, 3), 2.0)
     eager = newton_on_host(value_and_grad, start, with_curvature=True)
-    shifted = newton_on_host(lazy, start, with_curvature=True, aux0=[np.zeros(6)],
-                             shift_gradients=lambda points, rows, aux: value_and_grad(points, rows)[1])
+    shifted = newton_on_host(lazy, start, with_curvature=True, aux0=[np.zeros(6)], shift_gradients=shift_gradients)
     for a, b in zip(eager, shifted[:-1]):
         np.testing.assert_array_equal(a, b)
-    assert np.all(shifted[-1][0] >= 1)  # the state of the accepted points came back (one per accepted pass)
+    np.testing.assert_array_equal(shifted[-1][0], accepted)
+    assert np.all(accepted >= 3)
     np.testing.assert_allclose(eager[0], targets, atol=1e-6)  # the minimum: exp(a (x - c)) = 1
 
 
-def test_fit_batch_s_glmm_host_path_equals_its_compiled_path(monkeypatch):
-    frames = [_crossed(8, 6), _crossed(9, 5), _crossed(10, 6)]
-    host, compiled = host_and_compiled(monkeypatch, fit_glmm_module, "y ~ x + (1 | s) + (1 | i)", frames, by="rep",
-                                       family="binomial", progress=False)
-    assert_same_fits(host, compiled)
+def test_pirls_from_far_off_halves_as_the_single_path_does_and_a_dataset_at_theta_zero_has_no_effects():
+    designs, rows, fam = _batch(*MODELS["crossed Bernoulli, logit"])
+    theta = np.array([[4.0, 4.0], [0.0, 0.0], [1.0, 0.5]])
+    beta = np.zeros((3, designs[0].p))
+    start = [np.full((3, width, 1), 3.0) for _, _, width in rows.terms]
+    saturated = np.array([saturated_deviance(d, fam) for d in designs])
+    value, gradient, mode = laplace_and_gradient(theta, beta, rows, fam, saturated, start_u=start)
+    assert mode.steps[0] > 3 and mode.converged.all()
+    for g, design in enumerate(designs):
+        own = [x[g, : t.n_levels] for x, t in zip(start, design.terms)]
+        single, single_gradient = laplace_and_gradient_on_host(theta[g], beta[g], design, fam, start_u=own)
+        assert mode.steps[g] == single.steps, f"PIRLS steps of dataset {g}"
+        assert value[g] == pytest.approx(single.laplace, rel=1e-11)
+        np.testing.assert_allclose(gradient[g], single_gradient, rtol=1e-7, atol=1e-8)
+        for j, term in enumerate(design.terms):
+            np.testing.assert_allclose(mode.u[j][g, : term.n_levels], single.u[j], rtol=1e-7, atol=1e-9)
+    assert not any(x[1].any() for x in mode.b)  # theta = 0: no random effects, whatever PIRLS's u
+
+
+@pytest.mark.parametrize("formula, family_name, frames", [
+    ("y ~ x + (1 | s) + (1 | i)", "binomial", [_crossed(8, 6), _crossed(9, 5), _crossed(10, 6)]),
+    ("y ~ t + offset(log(e)) + (1 + t | g)", "poisson", [_slopes(11, 8), _slopes(12, 7)]),
+], ids=["crossed Bernoulli", "correlated slopes"])
+def test_fit_batch_s_glmm_host_path_equals_its_compiled_path(monkeypatch, formula, family_name, frames):
+    host, compiled = host_and_compiled(monkeypatch, fit_glmm_module, formula, frames, by="rep", family=family_name,
+                                       progress=False)
+    # both searches stop at a relative Newton step of 1e-7 (fit_glmm.STEP_TOL), from different PIRLS starts: the
+    # criteria agree to rounding, the estimates to the step
+    for batch in (host, compiled):
+        assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
+    np.testing.assert_allclose(host.objective, compiled.objective, rtol=1e-11)
+    np.testing.assert_allclose(host.beta, compiled.beta, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(host.beta_se, compiled.beta_se, rtol=1e-4)
+    np.testing.assert_allclose(host.theta, compiled.theta, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(host.ranef.condval, compiled.ranef.condval, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(host.ranef.condsd, compiled.ranef.condsd, rtol=1e-5, atol=1e-7)
+    assert (host.is_singular == compiled.is_singular).all()

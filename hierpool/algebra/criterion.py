@@ -59,8 +59,8 @@ def term0_factor(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
     Leading axes of t0 (..., k0, k0) and a00 (..., ell0, k0, k0) broadcast (a batch of systems on the host).
     """
     xp = array_namespace(t0)
-    # NumPy's einsum of three operands is a naive loop unless it is told to pair them (10x slower for k0 = 2 on a
-    # batch's stack); for scalar blocks the plain loop is the fastest
+    # NumPy's einsum of three operands is a naive loop unless it is told to pair them (far slower for k0 >= 2 on a
+    # batch's stack: benchmarks/RESULTS.md, "The GLMM class on the host"); for scalar blocks the plain loop is faster
     paired = {"optimize": True} if xp is np and t0.shape[-1] > 1 else {}
     diag0 = xp.einsum("...ji,...ljk,...km->...lim", t0, a00, t0, **paired) + xp.eye(t0.shape[-1])
     chol0 = cholesky(diag0)

@@ -40,7 +40,7 @@ from .criterion import host_objective_and_gradient
 from .family import Family
 from .henderson import Solution, point_estimates, prediction_covariance, solve
 from .laplace_gradient import laplace_gradient, leverages
-from .linalg import theta_to_factors
+from .linalg import array_namespace, theta_to_factors
 from .system import SystemPattern, build_system, system_pattern
 
 #: Relative change of the penalized deviance at which PIRLS has converged (lme4's tolPwrss is 1e-7;
@@ -92,10 +92,47 @@ class ConditionalMode:
 
 def random_part(design: Design, b) -> np.ndarray:
     """Z b: each row's sum over terms of z_i . b[level of i]."""
-    out = np.zeros(design.n)
-    for term, effects in zip(design.terms, b):
-        out += np.einsum("nk,nk->n", term.z, np.asarray(effects)[term.index])
+    return rows_random_part(tuple((t.index, t.z) for t in design.terms), tuple(np.asarray(x) for x in b))
+
+
+# --- one PIRLS's pieces, shared by the host path here, the batch's (laplace_batch) and the compiled program's -------
+
+def rows_random_part(term_rows, b, group=None):
+    """Z b from each term's (level per row, row values) and effects b_j (ell_j, k_j); ``group`` (NumPy): each row's
+    dataset, with b_j (datasets, ell_j, k_j).  NumPy or traced."""
+    xp = array_namespace(*b)
+    out = 0.0
+    for (index, z), effects in zip(term_rows, b):
+        out = out + xp.sum(z * (effects[index] if group is None else effects[group, index]), axis=1)
     return out
+
+
+def effects(factors, u) -> tuple:
+    """b_j = u_j T_j^T per term (u_j (..., ell_j, k_j), T_j (..., k_j, k_j): leading axes, a batch's datasets)."""
+    return tuple(uj @ array_namespace(t).swapaxes(t, -1, -2) for uj, t in zip(u, factors))
+
+
+def penalized_deviance(family: Family, y, trials, mu, u, group=None, n_groups: int = 1):
+    """sum_i a_i d(y_i, mu_i) + |u|^2, PIRLS's objective (``group``: per dataset, (n_groups,), u_j with a leading
+    datasets axis).  NumPy or traced."""
+    xp = array_namespace(mu)
+    rows = family.unit_deviances(y, mu, trials)
+    if group is None:
+        return xp.sum(rows) + sum(xp.sum(xp.square(x)) for x in u)
+    return np.bincount(group, weights=rows, minlength=n_groups) + sum(np.sum(np.square(x), axis=(-2, -1)) for x in u)
+
+
+def step_rises(trial, current):
+    """Whether a PIRLS step (or halving) from a penalized deviance ``current`` to ``trial`` is to be halved: it
+    raises the deviance beyond rounding, or the trial is not a number (an overflowed eta: halving brings it back).
+    lme4's rule."""
+    return array_namespace(trial).logical_not(trial <= current * (1 + 1e-14))
+
+
+def pirls_converged(previous, deviance, tol: float):
+    """PIRLS has converged: the penalized deviance changed by at most ``tol`` relative in the last step."""
+    xp = array_namespace(deviance)
+    return xp.abs(previous - deviance) <= tol * xp.maximum(xp.abs(deviance), 1.0)
 
 
 def working_design(design: Design, response: np.ndarray, weights: np.ndarray, joint: bool) -> Design:
@@ -152,10 +189,6 @@ def _working_system(design: Design, response, weights, joint: bool, patterns: di
                         pattern=patterns[joint])
 
 
-def _penalized_deviance(family: Family, design: Design, trials, mu, u) -> float:
-    return float(np.sum(family.unit_deviances(design.y, mu, trials)) + sum(np.sum(np.square(x)) for x in u))
-
-
 def conditional_mode(
     theta, beta, design: Design, family: Family, *, joint: bool = False, start_u=None, tol: float = PIRLS_TOL,
     patterns: dict[bool, SystemPattern] | None = None, saturated: float | None = None,
@@ -210,17 +243,25 @@ def _pirls(theta, beta, design: Design, family: Family, joint: bool, start_u, to
     beta = np.asarray(beta, dtype=float).reshape(-1)
     trials = design.row_weights
     fixed = design.offset + design.X @ beta
+    factors = theta_to_factors(theta, tuple(t.k for t in design.terms))
     if start_u is None:
         u = tuple(np.zeros((t.n_levels, t.k)) for t in design.terms)
-        b = u
     else:
         u = tuple(np.asarray(x, dtype=float) for x in start_u)
-        b = tuple(np.asarray(x) for x in _effects(theta, design, u))
+    b = effects(factors, u)
     eta = fixed + random_part(design, b)
     mu = family.link.inverse(eta)
-    deviance = _penalized_deviance(family, design, trials, mu, u)
+    deviance = float(penalized_deviance(family, design.y, trials, mu, u))
     converged = False
     steps = 0
+
+    def at(new_u, new_beta):
+        new_b = effects(factors, new_u)
+        new_fixed = design.offset + design.X @ new_beta
+        new_eta = new_fixed + random_part(design, new_b)
+        new_mu = family.link.inverse(new_eta)
+        return new_b, new_fixed, new_eta, new_mu, float(penalized_deviance(family, design.y, trials, new_mu, new_u))
+
     while steps < PIRLS_MAX_STEPS and not converged:
         steps += 1
         _, weights, residual = family.working(design.y, eta, trials)
@@ -230,18 +271,16 @@ def _pirls(theta, beta, design: Design, family: Family, joint: bool, start_u, to
         solved_beta, solved_u, _, _ = point_estimates(theta, system)
         new_u = tuple(np.asarray(x) for x in solved_u)
         new_beta = np.asarray(solved_beta) if joint else beta
-        # halve the step while it raises the penalized deviance (lme4's PIRLS)
+        trial = at(new_u, new_beta)
+        # halve the step while it raises the penalized deviance (lme4's PIRLS), each halving evaluated
         for _ in range(PIRLS_MAX_HALVINGS):
-            trial_b = _effects(theta, design, new_u)
-            trial_fixed = design.offset + design.X @ new_beta
-            trial_eta = trial_fixed + random_part(design, trial_b)
-            trial_mu = family.link.inverse(trial_eta)
-            trial_deviance = _penalized_deviance(family, design, trials, trial_mu, new_u)
-            if trial_deviance <= deviance * (1 + 1e-14):
+            if not step_rises(trial[-1], deviance):
                 break
             new_u = tuple(0.5 * (a + c) for a, c in zip(u, new_u))
             new_beta = 0.5 * (beta + new_beta)
-        converged = abs(deviance - trial_deviance) <= tol * max(abs(trial_deviance), 1.0)
+            trial = at(new_u, new_beta)
+        trial_b, trial_fixed, trial_eta, trial_mu, trial_deviance = trial
+        converged = bool(pirls_converged(deviance, trial_deviance, tol))
         u, b, beta, fixed = new_u, trial_b, new_beta, trial_fixed
         eta, mu, deviance = trial_eta, trial_mu, trial_deviance
     _, weights, _ = family.working(design.y, eta, trials)
@@ -252,12 +291,6 @@ def _pirls(theta, beta, design: Design, family: Family, joint: bool, start_u, to
     return ConditionalMode(u=u, b=b, beta=beta, eta=eta, mu=mu, working_weights=weights,
                            log_likelihood=log_likelihood, logdet=np.nan, laplace=np.nan, steps=steps,
                            converged=converged)
-
-
-def _effects(theta, design: Design, u) -> tuple:
-    """b = T_j u per term from theta (lme4's order)."""
-    factors = theta_to_factors(np.asarray(theta, dtype=float), tuple(t.k for t in design.terms))
-    return tuple(np.asarray(x) @ np.asarray(t).T for x, t in zip(u, factors))
 
 
 def laplace_deviance(theta, beta, design: Design, family: Family) -> float:

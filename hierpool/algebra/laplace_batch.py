@@ -25,7 +25,16 @@ from .batched_systems import batched_systems, shared_grid
 from .criterion import host_objective_and_gradient
 from .family import Family
 from .henderson import Solution, point_estimates, prediction_covariance, solve
-from .laplace import PIRLS_MAX_HALVINGS, PIRLS_MAX_STEPS, PIRLS_TOL
+from .laplace import (
+    PIRLS_MAX_HALVINGS,
+    PIRLS_MAX_STEPS,
+    PIRLS_TOL,
+    effects,
+    penalized_deviance,
+    pirls_converged,
+    rows_random_part,
+    step_rises,
+)
 from .laplace_gradient import laplace_gradient, leverages
 from .linalg import theta_to_factors
 
@@ -80,19 +89,6 @@ class GroupedRows:
         return tuple((level, z) for level, z, _ in self.terms)
 
 
-def random_part(rows: GroupedRows, b) -> np.ndarray:
-    """Z b: each row's sum over terms of z_i . b[its dataset, its level]."""
-    out = np.zeros(len(rows.group))
-    for (level, z, _), effects in zip(rows.terms, b):
-        out += np.einsum("nk,nk->n", z, effects[rows.group, level])
-    return out
-
-
-def effects(factors, u) -> list:
-    """b = T_j u per term and dataset (u_j (D, ell_j, k_j), T_j (D, k_j, k_j))."""
-    return [uj @ np.swapaxes(t, -1, -2) for uj, t in zip(u, factors)]
-
-
 def working_system(rows: GroupedRows, response, weights):
     """Every dataset's working system (the Gaussian mixed-model equations of a PIRLS step: unit residual sd, no
     fixed effects), stacked (:func:`shared_grid`), and its row counts."""
@@ -103,11 +99,12 @@ def working_system(rows: GroupedRows, response, weights):
     return shared_grid(systems, slice(None)), counts
 
 
-def _penalized_deviances(rows: GroupedRows, family: Family, mu, u) -> np.ndarray:
-    """sum_i a_i d(y_i, mu_i) + |u|^2 per dataset."""
-    deviance = np.bincount(rows.group, weights=family.unit_deviances(rows.y, mu, rows.trials),
-                           minlength=rows.n_groups)
-    return deviance + sum(np.sum(np.square(uj), axis=(-2, -1)) for uj in u)
+def _at(rows: GroupedRows, family: Family, factors, fixed, u):
+    """(b, eta, penalized deviance per dataset) at each dataset's u (``fixed``: offset + X beta per row)."""
+    b = effects(factors, u)
+    eta = fixed + rows_random_part(rows.term_rows(), b, rows.group)
+    return b, eta, penalized_deviance(family, rows.y, rows.trials, family.link.inverse(eta), u, rows.group,
+                                      rows.n_groups)
 
 
 @dataclass(frozen=True)
@@ -127,19 +124,23 @@ class BatchMode:
 def conditional_modes(theta, beta, rows: GroupedRows, family: Family, tol: float = PIRLS_TOL,
                       start_u=None) -> BatchMode:
     """u* of every dataset by PIRLS at its own (theta, beta) ((D, n_theta), (D, p)) from ``start_u`` (per term
-    (D, ell_j, k_j); zeros when None): the steps of :func:`hierpool.algebra.laplace.conditional_mode`
-    (``joint=False``), each dataset stopping on its own."""
+    (D, ell_j, k_j); zeros when None): the steps and rules of :func:`hierpool.algebra.laplace.conditional_mode`
+    (``joint=False``; :func:`~hierpool.algebra.laplace.step_rises`,
+    :func:`~hierpool.algebra.laplace.pirls_converged`), each dataset stopping on its own."""
+    with np.errstate(all="ignore"):  # a step off the domain is NaN, and is halved
+        return _pirls(np.asarray(theta, dtype=float), np.asarray(beta, dtype=float), rows, family, tol, start_u)
+
+
+def _pirls(theta, beta, rows: GroupedRows, family: Family, tol: float, start_u) -> BatchMode:
     n_groups = rows.n_groups
-    theta, beta = np.asarray(theta, dtype=float), np.asarray(beta, dtype=float)
     factors = theta_to_factors(theta, rows.ks)
     fixed = rows.offset + np.einsum("np,np->n", rows.X, beta[rows.group])
     if start_u is None:
         u = [np.zeros((n_groups, width, k)) for (_, _, width), k in zip(rows.terms, rows.ks)]
     else:
         u = [np.array(x, dtype=float) for x in start_u]
-    b = effects(factors, u)
-    eta = fixed + random_part(rows, b)
-    deviance = _penalized_deviances(rows, family, family.link.inverse(eta), u)
+    b, eta, deviance = _at(rows, family, factors, fixed, u)
+    b = list(b)
     steps = np.zeros(n_groups, dtype=np.int64)
     converged = np.zeros(n_groups, bool)
     active = np.arange(n_groups)
@@ -151,35 +152,32 @@ def conditional_modes(theta, beta, rows: GroupedRows, family: Family, tol: float
         sub_eta, sub_fixed = eta[taken], fixed[taken]
         _, weights, residual = family.working(sub.y, sub_eta, sub.trials)
         system, _ = working_system(sub, sub_eta - sub_fixed + residual, weights)
-        _, solved, _, _ = point_estimates(theta[active], system)
-        old_u = [uj[active] for uj in u]
-        old_deviance = deviance[active]
-        new_u = [np.asarray(x) for x in solved]
-        at = effects(sub_factors, new_u)
-        trial_b, trial_eta = at, sub_fixed + random_part(sub, at)
-        trial_deviance = _penalized_deviances(sub, family, family.link.inverse(trial_eta), new_u)
-        rising = trial_deviance > old_deviance * (1 + 1e-14)
-        for _ in range(PIRLS_MAX_HALVINGS):  # halve the step while it raises the penalized deviance (lme4's PIRLS)
-            if not rising.any():
+        old_u, old_deviance = [uj[active] for uj in u], deviance[active]
+        new_u = [np.asarray(x) for x in point_estimates(theta[active], system)[1]]
+        trial_b, trial_eta, trial_deviance = _at(sub, family, sub_factors, sub_fixed, new_u)
+        trial_b = list(trial_b)
+        # halve the step while it raises the penalized deviance (lme4's PIRLS), each halving evaluated; only the
+        # rising datasets' rows, narrowed as they stop rising: near the mode rounding alone can raise the deviance
+        # by 1e-14, and those few datasets then halve many times
+        which = np.flatnonzero(step_rises(trial_deviance, old_deviance))
+        part, part_rows = sub.subset(which)
+        for _ in range(PIRLS_MAX_HALVINGS):
+            if not which.size:
                 break
-            # only the rising datasets' rows: near the mode rounding alone can raise the deviance by 1e-14, and
-            # those few datasets then halve many times
-            which = np.flatnonzero(rising)
-            part, part_rows = sub.subset(which)
             halved = [0.5 * (a[which] + c[which]) for a, c in zip(old_u, new_u)]
-            part_b = effects([t[which] for t in sub_factors], halved)
-            part_eta = sub_fixed[part_rows] + random_part(part, part_b)
-            part_deviance = _penalized_deviances(part, family, family.link.inverse(part_eta), halved)
+            part_b, part_eta, part_deviance = _at(part, family, [t[which] for t in sub_factors],
+                                                  sub_fixed[part_rows], halved)
             for j in range(len(new_u)):
                 new_u[j][which], trial_b[j][which] = halved[j], part_b[j]
-            trial_eta[part_rows] = part_eta
-            trial_deviance[which] = part_deviance
-            rising[which] = part_deviance > old_deviance[which] * (1 + 1e-14)
-        done = np.abs(old_deviance - trial_deviance) <= tol * np.maximum(np.abs(trial_deviance), 1.0)
+            trial_eta[part_rows], trial_deviance[which] = part_eta, part_deviance
+            still = step_rises(part_deviance, old_deviance[which])
+            if not still.all():
+                part, kept_rows = part.subset(np.flatnonzero(still))
+                which, part_rows = which[still], part_rows[kept_rows]
+        done = pirls_converged(old_deviance, trial_deviance, tol)
         for j in range(len(u)):
             u[j][active], b[j][active] = new_u[j], trial_b[j]
-        eta[taken] = trial_eta
-        deviance[active] = trial_deviance
+        eta[taken], deviance[active] = trial_eta, trial_deviance
         steps[active] += 1
         converged[active] = done
         active = active[~done]

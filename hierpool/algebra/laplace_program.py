@@ -28,7 +28,18 @@ from .criterion import objective_parts
 from .family import Family
 from .henderson import point_estimates, prediction_covariance
 from .jax_runtime import jax, jnp, pytree_dataclass
-from .laplace import PIRLS_MAX_HALVINGS, PIRLS_MAX_STEPS, PIRLS_TOL, ConditionalMode, saturated_deviance
+from .laplace import (
+    PIRLS_MAX_HALVINGS,
+    PIRLS_MAX_STEPS,
+    PIRLS_TOL,
+    ConditionalMode,
+    effects,
+    penalized_deviance,
+    pirls_converged,
+    rows_random_part,
+    saturated_deviance,
+    step_rises,
+)
 from .laplace_gradient import laplace_gradient, leverages
 from .linalg import theta_to_factors
 from .system import SystemPattern, fill_in_program
@@ -57,26 +68,11 @@ def program_data(design: Design, pattern: SystemPattern) -> ProgramData:
     )
 
 
-def _random_part(data: ProgramData, b) -> jax.Array:
-    out = jnp.zeros(data.y.shape[0])
-    for (index, z), effects in zip(data.term_rows, b):
-        out = out + jnp.sum(z * effects[index], axis=1)
-    return out
-
-
-def _effects(factors, u) -> tuple:
-    return tuple(x @ t.T for x, t in zip(u, factors))
-
-
-def _penalized_deviance(family: Family, data: ProgramData, mu, u) -> jax.Array:
-    return jnp.sum(family.unit_deviances(data.y, mu, data.trials)) + sum(jnp.sum(jnp.square(x)) for x in u)
-
-
 def _at(family: Family, data: ProgramData, factors, beta, u):
     """(eta, mu, penalized deviance) at (beta, u)."""
-    eta = data.offset + data.X @ beta + _random_part(data, _effects(factors, u))
+    eta = data.offset + data.X @ beta + rows_random_part(data.term_rows, effects(factors, u))
     mu = family.link.inverse(eta)
-    return eta, mu, _penalized_deviance(family, data, mu, u)
+    return eta, mu, penalized_deviance(family, data.y, data.trials, mu, u)
 
 
 def _conditional_mode(theta, beta, u, shape, saturated, data: ProgramData, family: Family, joint: bool, tol: float,
@@ -102,11 +98,11 @@ def _conditional_mode(theta, beta, u, shape, saturated, data: ProgramData, famil
             return (trial_u, trial_beta, *_at(family, data, factors, trial_beta, trial_u), halvings + 1)
 
         def rises(inner):
-            return (inner[4] > deviance * (1 + 1e-14)) & (inner[5] < max_halvings)
+            return step_rises(inner[4], deviance) & (inner[5] < max_halvings)
 
         trial = (new_u, new_beta, *_at(family, data, factors, new_beta, new_u), steps * 0)
         new_u, new_beta, new_eta, new_mu, new_deviance, _ = jax.lax.while_loop(rises, halve, trial)
-        converged = jnp.abs(deviance - new_deviance) <= tol * jnp.maximum(jnp.abs(new_deviance), 1.0)
+        converged = pirls_converged(deviance, new_deviance, tol)
         return new_u, new_beta, new_eta, new_mu, new_deviance, steps + 1, converged
 
     def going(state):
@@ -129,7 +125,7 @@ def _conditional_mode(theta, beta, u, shape, saturated, data: ProgramData, famil
     # -2 log p(y | mu) = the deviance + -2 log p(y | y) (``saturated``, from the host): no log Gamma in the program
     squared_u = sum(jnp.sum(jnp.square(x)) for x in u)
     log_likelihood = -0.5 * (deviance - squared_u + saturated)
-    return dict(u=u, b=_effects(factors, u), beta=beta, eta=eta, mu=mu, working_weights=weights,
+    return dict(u=u, b=effects(factors, u), beta=beta, eta=eta, mu=mu, working_weights=weights,
                 log_likelihood=log_likelihood, logdet=logdet, laplace=deviance + saturated + logdet,
                 steps=steps, converged=converged)
 

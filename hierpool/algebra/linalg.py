@@ -278,7 +278,9 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
             return _trtri_host(lower)
         # a zero pivot gives NaN, as trtri and the compiled solves do (LU would pivot past it to garbage)
         zero_pivot = _zero_pivots(lower)[..., None, None]
-        if lower.ndim > 2 and k <= UNROLL_MAX_SIZE:  # a stack of small blocks: the written-out inverse, 10x LAPACK's
+        # a stack of small blocks: the written-out inverse, far faster than LAPACK's per block (benchmarks/RESULTS.md,
+        # "The GLMM class on the host")
+        if lower.ndim > 2 and k <= UNROLL_MAX_SIZE:
             with np.errstate(divide="ignore", invalid="ignore"):
                 return np.where(zero_pivot, np.nan, _tri_inverse_unrolled(lower))
         inverse = np.tril(np.linalg.inv(np.where(zero_pivot, np.eye(k, dtype=lower.dtype), lower)))

@@ -44,13 +44,14 @@ from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import saturated_rows
 from ..algebra.laplace_batch import GroupedRows, conditional_modes, laplace_and_gradient, solution_at_mode
 from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
+from ..algebra.linalg import array_namespace, cholesky, theta_to_factors
 from ..algebra.linalg import canonical_theta as canonical_rows
 from ..algebra.start import moment_theta
 from ..algebra.system import Layout, SystemPattern, fill_in_program
 from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
 from .fit_terms import empty_results, padded_widths, row_buckets, run_jobs, take, term_problems, too_large
 from .optimize import MOMENT_FLOOR, canonical_theta, newton, newton_on_host
-from .plan import BatchPlan, chunks, fetch, host_fits, place, thread_count
+from .plan import BatchPlan, chunks, fetch, host_chunk, host_fits, place, thread_count
 
 #: The Hessian's forward-difference width in (theta, beta): PIRLS's mode is exact to ~1e-10, so its gradient
 #: is too, and sqrt(eps) (1.5e-8) differences would be half rounding.
@@ -114,9 +115,9 @@ def moment_start_theta(plan: BatchPlan, family: Family, eta: np.ndarray) -> np.n
     weights, whose residual variance is 1 when the family's variance holds.
 
     Several terms: each term's own moments on the same residuals (the other terms' variation left in them, so a
-    start only).  From lme4's identity the first Newton steps of a crossed model overshoot and are rejected:
-    1,000 crossed Bernoulli datasets took 6.7 s from the identity and 2.6 s from these starts, at the same optima
-    (benchmarks/RESULTS.md, "The GLMM class on the host").
+    start only).  From lme4's identity the first Newton steps of a crossed model overshoot and are rejected, and
+    the search takes several times as long to the same optima (benchmarks/RESULTS.md, "The GLMM class on the
+    host").
     """
     design, n_datasets = plan.design, plan.n_datasets
     _, weights, residual = family.working(design.y, eta, design.row_weights)
@@ -257,6 +258,21 @@ def _shape_derivative(params, data, family: Family, n_theta: int, u):
     return (side(params[-1] + SHAPE_DIFFERENCE) - side(params[-1] - SHAPE_DIFFERENCE)) / (2 * SHAPE_DIFFERENCE)
 
 
+def beta_covariance(curvature, value, n_theta: int, p: int):
+    """beta's covariance from the last forward-difference Hessian H in the parameters (theta, beta[, log shape]):
+    the beta block of (H_(theta, beta) / 2)^-1, the shape held (lme4's ``vcov`` with ``use.hessian``; hp.glmm's).
+    NaN where the criterion is not finite (no step was ever taken: H is the search's placeholder) or H / 2 is not
+    positive definite (its Cholesky factor does not exist).  One dataset traced, or a stack (NumPy) on the host."""
+    xp = array_namespace(curvature)
+    stop = n_theta + p
+    information = 0.5 * curvature[..., :stop, :stop]
+    chol = cholesky(information)
+    definite = (xp.all(xp.isfinite(chol), axis=(-2, -1))
+                & xp.all(xp.diagonal(chol, axis1=-2, axis2=-1) > 0, axis=-1) & xp.isfinite(value))
+    safe = xp.where(definite[..., None, None], information, xp.eye(stop))
+    return xp.where(definite[..., None, None], xp.linalg.inv(safe)[..., n_theta:stop, n_theta:stop], xp.nan)
+
+
 #: What the optimizer keeps of the mode at its optimum: the BLUPs, the working weights of the conditional variances,
 #: and whether PIRLS converged there.
 MODE_KEPT = ("b", "working_weights", "converged")
@@ -294,10 +310,9 @@ def _optimize_rows(data, saturated, start, family: Family, max_iterations: int):
         system = fill_in_program(d.pattern, mode["working_weights"], jnp.ones_like(d.y))
         solved = solve(theta, system)
         fixed = slice(n_theta, n_theta + d.X.shape[-1])
-        # beta's covariance with the shape held (hp.glmm's, glmer's calc.derivs)
-        covariance = jnp.linalg.inv(0.5 * curvature[: fixed.stop, : fixed.stop])[fixed, fixed]
         out = {"theta": theta, "beta": params[fixed], "objective": value, "newton_step": newton_step,
-               "iterations": iterations, "converged": converged & mode["converged"], "vcov": covariance,
+               "iterations": iterations, "converged": converged & mode["converged"],
+               "vcov": beta_covariance(curvature, value, n_theta, d.X.shape[-1]),
                "b": mode["b"], "cond_var": solved.cond_var, "factors": solved.factors}
         if negative_binomial:
             out["shape"] = jnp.exp(params[-1])
@@ -344,10 +359,10 @@ def grouped_rows(plan: BatchPlan, members: np.ndarray, widths) -> GroupedRows:
                        design.row_weights[rows], design.offset[rows], design.X[rows], terms)
 
 
-#: Most datasets per host call by default, and the bytes a call's rows may take (:func:`host_bytes`): a call's
-#: Python overhead is spread over more datasets than the linear models' (``plan.HOST_CHUNK``): 1,000 crossed
-#: Bernoulli datasets took 7.1 s in calls of 500 and 8.1 s in calls of 250 (benchmarks/RESULTS.md, "The GLMM
-#: class on the host").
+#: Most datasets per host call by default, and the bytes a call's rows may take (:func:`host_bytes`): more than the
+#: linear models' (``plan.HOST_CHUNK``), as a GLMM call runs many more NumPy operations per pass (PIRLS's steps,
+#: the gradient's solves), whose Python overhead is then spread over more datasets (benchmarks/RESULTS.md, "The
+#: GLMM class on the host").  One call per core runs at a time.
 HOST_CHUNK = 512
 HOST_CHUNK_BYTES = 128 * 2**20
 
@@ -393,20 +408,20 @@ def _optimize_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
     theta = canonical_rows(params[:, :n_theta], ks)
     beta = params[:, n_theta:]
     finite = np.isfinite(value)
+    # canonical theta flips columns of T_j (the same Lambda Lambda^T): the mode's u_j flips with them (b unchanged),
+    # so that PIRLS at the optimum starts from its own mode
+    flips = [np.where(np.diagonal(t, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
+             for t in theta_to_factors(params[:, :n_theta], ks)]
+    start_u = [np.where(finite[:, None, None], u * flip[:, None, :], 0.0) for u, flip in zip(mode_u, flips)]
     safe_theta = np.where(finite[:, None], theta, 1.0)
-    mode = conditional_modes(safe_theta, np.where(finite[:, None], beta, 0.0), rows, family,
-                             start_u=[np.where(finite[:, None, None], x, 0.0) for x in mode_u])
-    solved = solution_at_mode(safe_theta, rows, mode)
-    fixed = slice(n_theta, n_theta + p)
+    mode = conditional_modes(safe_theta, np.where(finite[:, None], beta, 0.0), rows, family, start_u=start_u)
     with np.errstate(all="ignore"):
-        information = 0.5 * curvature[:, : fixed.stop, : fixed.stop]
-        definite = np.all(np.isfinite(information), axis=(-2, -1)) & (np.linalg.matrix_rank(
-            np.where(np.isfinite(information), information, 0.0)) == fixed.stop)
-        covariance = np.linalg.inv(np.where(definite[:, None, None], information, np.eye(fixed.stop)))[:, fixed, fixed]
+        solved = solution_at_mode(safe_theta, rows, mode)
+        covariance = beta_covariance(curvature, value, n_theta, p)
     nan = lambda a: np.where(finite.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, np.nan)  # noqa: E731
     return {"theta": nan(theta), "beta": nan(beta), "objective": np.where(finite, value, np.nan),
             "newton_step": newton_step, "iterations": iterations, "converged": converged & mode.converged & finite,
-            "vcov": np.where(definite[:, None, None], covariance, np.nan),
+            "vcov": covariance,
             "b": [nan(x) for x in mode.b], "cond_var": [nan(np.asarray(x)) for x in solved.cond_var],
             "factors": [nan(np.asarray(x)) for x in solved.factors]}
 
@@ -432,13 +447,13 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
     if not out["attempted"].any():
         out["is_singular"] = np.zeros(plan.n_datasets, bool)
         return out
-    buckets = row_buckets(plan, np.flatnonzero(out["attempted"]))
     n_theta = sum(k * (k + 1) // 2 for k in ks)
     n_params = n_theta + design.p + negative_binomial
-    quick = sum(len(members) * key[-1] for key, members in buckets.items()) <= QUICK_COMPILE_MAX_ROWS
     host = _on_host(float_type, sharding, family)
+    buckets = {} if host else row_buckets(plan, np.flatnonzero(out["attempted"]))
+    quick = sum(len(members) * key[-1] for key, members in buckets.items()) <= QUICK_COMPILE_MAX_ROWS
     prepared = []
-    for key, members in ({} if host else buckets).items():
+    for key, members in buckets.items():
         data = bucket_data(plan, members, key[:-1], int(key[-1]))
         data = jax.tree_util.tree_map(
             lambda a: a.astype(float_type) if np.issubdtype(a.dtype, np.floating) else a, data)
@@ -481,20 +496,18 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
 def _fit_glmm_on_host(plan: BatchPlan, family: Family, out: dict, theta0, beta0, saturated, n_theta: int, *,
                       chunk_size: int | None, progress, max_iterations: int) -> dict:
     """:func:`fit_glmm`'s datasets on the host (:func:`_optimize_on_host`), bucketed by padded level counts and cut into
-    chunks of :data:`HOST_CHUNK`, a thread per core (NumPy: no compiled program to guard)."""
+    chunks (``chunk_size``, or :data:`HOST_CHUNK` bounded by :data:`HOST_CHUNK_BYTES`), a thread per core (NumPy: no
+    compiled program to guard)."""
     widths = padded_widths(plan)
     buckets = {}
     for d in np.flatnonzero(out["attempted"]):
         buckets.setdefault(tuple(widths[d]), []).append(d)
     workers = thread_count(None)
-    default = min(HOST_CHUNK, max(1, int(HOST_CHUNK_BYTES // host_bytes(plan))))
+    default = host_chunk(host_bytes(plan), most=HOST_CHUNK, budget=HOST_CHUNK_BYTES)
     jobs = []
-    for key, members in buckets.items():
+    for key, members in buckets.items():  # as fit_terms' host path: at most a chunk, and a call per thread at least
         members = np.asarray(members)
-        # calls of equal size, as many as a multiple of the threads (none idles while another runs two)
-        calls = math.ceil(len(members) / (chunk_size or default))
-        calls = calls if chunk_size else workers * math.ceil(calls / workers)
-        size = math.ceil(len(members) / calls)
+        size = min(chunk_size or default, math.ceil(len(members) / workers))
         jobs += [(members[first : first + size], key) for first in range(0, len(members), size)]
 
     def run(job):

@@ -73,10 +73,10 @@ def host_fits(float_type, sharding) -> bool:
     return sharding is None and jax.default_backend() == "cpu" and float_type == np.float64
 
 
-def host_chunk(bytes_per_dataset: float) -> int:
-    """Datasets per host call by default: :data:`HOST_CHUNK`, fewer where a call's temporaries would pass
-    :data:`HOST_CHUNK_BYTES` (``bytes_per_dataset``: what the path states for one dataset)."""
-    return max(1, min(HOST_CHUNK, int(HOST_CHUNK_BYTES // max(bytes_per_dataset, 1))))
+def host_chunk(bytes_per_dataset: float, most: int = HOST_CHUNK, budget: float = HOST_CHUNK_BYTES) -> int:
+    """Datasets per host call by default: ``most`` (:data:`HOST_CHUNK`), fewer where a call's temporaries would
+    pass ``budget`` (:data:`HOST_CHUNK_BYTES`; ``bytes_per_dataset``: what the path states for one dataset)."""
+    return max(1, min(most, int(budget // max(bytes_per_dataset, 1))))
 
 
 def long_frame(data, by: str) -> pd.DataFrame:
