@@ -153,7 +153,7 @@ MODELS = {
                          r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))"),
     "glmm_slopes": dict(formula="y ~ t + (1 + t | g)", response="y", family="poisson",
                         design="d0 <- expand.grid(t = (0:7) / 8, g = factor(1:12))",
-                        params="list(beta = c(1, 0.4), theta = c(0.5, 0, 0.3))",
+                        params="list(beta = c(1, 0.4), theta = c(0.5, -0.2, 0.25))",
                         r_fit="glmer(FORMULA, d, poisson)", r_crit="-2 * as.numeric(logLik(fit))"),
 }
 FACTORS = {"crossed": ["plate", "sample"], "glmm": ["herd", "period"], "glmm_crossed": ["subj", "item"],

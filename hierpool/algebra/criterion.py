@@ -251,6 +251,15 @@ def reduced_rest(theta: jax.Array, system: MixedModelSystem):
     return _reduce(tuple(factors[1:]), m_levels, system), factors, logdet0
 
 
+def host_reduced_rest(theta: np.ndarray, system: MixedModelSystem):
+    """:func:`reduced_rest` on the host for a solution, not a criterion: ``(rest, factors, chol0, left)``, term 0's
+    factors (:func:`term0_factor`) from the same factorization that reduced the rest (nothing to differentiate
+    there, so term 0 is factored once, where the traced solution factors it again beside its adjoint)."""
+    factors = theta_to_factors(theta, system.layout.ks)
+    (_, m_levels), (_, _, chol0, left) = _term0_values(factors[0], system.a00)
+    return _reduce(tuple(factors[1:]), m_levels, system), factors, chol0, left
+
+
 @pytree_dataclass
 @dataclass(frozen=True)
 class ObjectiveParts:

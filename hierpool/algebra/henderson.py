@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .criterion import level_contractions, reduced_rest, row_count, term0_factor
+from .criterion import host_reduced_rest, level_contractions, reduced_rest, row_count, term0_factor
 from .jax_runtime import jax, jnp, pytree_dataclass
 from .linalg import (
     array_namespace,
@@ -80,8 +80,11 @@ def _blocked_factor(theta, system: MixedModelSystem, rest_prior=None):
 
     ``rest_prior`` (pseudo-observations of a prior on beta) is added to the reduced rest before it is factored.
     """
-    rest, factors, _ = reduced_rest(theta, system)
-    chol0, left = term0_factor(factors[0], system.a00)  # not differentiated here: recomputed, ell0 k0^3
+    if array_namespace(theta) is np:  # term 0 factored once
+        rest, factors, chol0, left = host_reduced_rest(theta, system)
+    else:
+        rest, factors, _ = reduced_rest(theta, system)
+        chol0, left = term0_factor(factors[0], system.a00)  # not differentiated here: recomputed, ell0 k0^3
     if rest_prior is not None:
         rest = rest + rest_prior
     return factors, chol0, left, cholesky(rest)
