@@ -113,8 +113,8 @@ def effects(factors, u) -> tuple:
 
 
 def penalized_deviance(family: Family, y, trials, mu, u, group=None, n_groups: int = 1):
-    """sum_i a_i d(y_i, mu_i) + |u|^2, PIRLS's objective (``group``: per dataset, (n_groups,), u_j with a leading
-    datasets axis).  NumPy or traced."""
+    """sum_i a_i d(y_i, mu_i) + |u|^2, PIRLS's objective: NumPy or traced; with ``group`` (NumPy only: each row's
+    dataset) one per dataset, (n_groups,), u_j with a leading datasets axis."""
     xp = array_namespace(mu)
     rows = family.unit_deviances(y, mu, trials)
     if group is None:
@@ -124,14 +124,15 @@ def penalized_deviance(family: Family, y, trials, mu, u, group=None, n_groups: i
 
 def step_rises(trial, current):
     """Whether a PIRLS step (or halving) from a penalized deviance ``current`` to ``trial`` is to be halved: it
-    raises the deviance beyond rounding, or the trial is not a number (an overflowed eta: halving brings it back).
-    lme4's rule."""
-    return array_namespace(trial).logical_not(trial <= current * (1 + 1e-14))
+    raises the deviance beyond rounding (lme4's ``pdev > oldpdev``), or the trial is not a number (an overflowed
+    eta, which halving brings back; lme4 would keep it).  NumPy or traced."""
+    xp = array_namespace(trial, current)
+    return xp.isnan(trial) | (trial > current * (1 + 1e-14))
 
 
 def pirls_converged(previous, deviance, tol: float):
     """PIRLS has converged: the penalized deviance changed by at most ``tol`` relative in the last step."""
-    xp = array_namespace(deviance)
+    xp = array_namespace(previous, deviance)
     return xp.abs(previous - deviance) <= tol * xp.maximum(xp.abs(deviance), 1.0)
 
 

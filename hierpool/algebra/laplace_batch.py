@@ -160,7 +160,8 @@ def _pirls(theta, beta, rows: GroupedRows, family: Family, tol: float, start_u) 
         # rising datasets' rows, narrowed as they stop rising: near the mode rounding alone can raise the deviance
         # by 1e-14, and those few datasets then halve many times
         which = np.flatnonzero(step_rises(trial_deviance, old_deviance))
-        part, part_rows = sub.subset(which)
+        if which.size:
+            part, part_rows = sub.subset(which)
         for _ in range(PIRLS_MAX_HALVINGS):
             if not which.size:
                 break

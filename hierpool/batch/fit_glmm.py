@@ -260,17 +260,20 @@ def _shape_derivative(params, data, family: Family, n_theta: int, u):
 
 def beta_covariance(curvature, value, n_theta: int, p: int):
     """beta's covariance from the last forward-difference Hessian H in the parameters (theta, beta[, log shape]):
-    the beta block of (H_(theta, beta) / 2)^-1, the shape held (lme4's ``vcov`` with ``use.hessian``; hp.glmm's).
-    NaN where the criterion is not finite (no step was ever taken: H is the search's placeholder) or H / 2 is not
-    positive definite (its Cholesky factor does not exist).  One dataset traced, or a stack (NumPy) on the host."""
+    the beta block of (H_(theta, beta) / 2)^-1, the shape held (``hp.glmm``'s, lme4's ``vcov`` with
+    ``use.hessian``).  NaN where the criterion is not finite (no step was ever taken: H is the search's
+    placeholder) or that block is not positive definite (lme4 then falls back to R_X; here no number is given).
+    One dataset traced, or a stack (NumPy) on the host."""
     xp = array_namespace(curvature)
     stop = n_theta + p
     information = 0.5 * curvature[..., :stop, :stop]
-    chol = cholesky(information)
-    definite = (xp.all(xp.isfinite(chol), axis=(-2, -1))
-                & xp.all(xp.diagonal(chol, axis1=-2, axis2=-1) > 0, axis=-1) & xp.isfinite(value))
-    safe = xp.where(definite[..., None, None], information, xp.eye(stop))
-    return xp.where(definite[..., None, None], xp.linalg.inv(safe)[..., n_theta:stop, n_theta:stop], xp.nan)
+    usable = xp.all(xp.isfinite(information), axis=(-2, -1)) & xp.isfinite(value)
+    safe = xp.where(usable[..., None, None], information, xp.eye(stop, dtype=information.dtype))
+    block = xp.linalg.inv(safe)[..., n_theta:stop, n_theta:stop]
+    chol = cholesky(block)
+    definite = (usable & xp.all(xp.isfinite(chol), axis=(-2, -1))
+                & xp.all(xp.diagonal(chol, axis1=-2, axis2=-1) > 0, axis=-1))
+    return xp.where(definite[..., None, None], block, xp.nan)
 
 
 #: What the optimizer keeps of the mode at its optimum: the BLUPs, the working weights of the conditional variances,
