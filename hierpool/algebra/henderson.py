@@ -213,6 +213,11 @@ def _logdet_lz(chol0, chol_rest, q: int):
             + logdet_from_cholesky_diagonal(xp.diagonal(chol_rest, axis1=-2, axis2=-1)[..., :q], axis=-1))
 
 
+def effects(factors, u) -> tuple:
+    """b_j = u_j T_j^T per term (u_j (..., ell_j, k_j), T_j (..., k_j, k_j): leading axes, a batch's datasets)."""
+    return tuple(uj @ array_namespace(t).swapaxes(t, -1, -2) for uj, t in zip(u, factors))
+
+
 def point_estimates(theta: jax.Array, system: MixedModelSystem) -> tuple:
     """(beta, u, b, log |L_Z|^2) at ``theta``: :func:`solve`'s estimates without their variances.
 
@@ -221,8 +226,7 @@ def point_estimates(theta: jax.Array, system: MixedModelSystem) -> tuple:
     """
     factors, chol0, left, chol_rest = _blocked_factor(theta, system)
     u, beta = _back_substitute(system, factors, chol0, left, chol_rest)
-    b = tuple(uj @ array_namespace(t).swapaxes(t, -1, -2) for uj, t in zip(u, factors))  # leading axes: a batch
-    return shift_beta(beta, system), tuple(u), b, _logdet_lz(chol0, chol_rest, system.layout.q_rest)
+    return shift_beta(beta, system), tuple(u), effects(factors, u), _logdet_lz(chol0, chol_rest, system.layout.q_rest)
 
 
 def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True, n=None) -> Solution:

@@ -24,6 +24,7 @@ import numpy as np
 import scipy.sparse
 
 from ..spec.adjacency import Graph
+from .linalg import inverse_diagonal
 
 
 def icar_precision(graph: Graph) -> scipy.sparse.csr_matrix:
@@ -37,31 +38,13 @@ def scaling_factors(graph: Graph) -> np.ndarray:
 
     diag(Q^-) under the constraints is the diagonal of the x block of the bordered matrix's inverse
     (:func:`bordered_factor`, :func:`inverse_diagonal`): one sparse LU and n solves, no dense n x n matrix."""
-    variances = inverse_diagonal(bordered_factor(island_completed_precision(graph), constraint_matrix(graph)), 0,
-                                 graph.n)
+    factor = bordered_factor(island_completed_precision(graph), constraint_matrix(graph))
+    variances = inverse_diagonal(factor.solve, factor.shape[0], 0, graph.n)
     out = np.ones(graph.n)
     sizes = np.bincount(graph.component)
     for c in np.flatnonzero(sizes > 1):
         members = graph.component == c
         out[members] = np.exp(np.mean(np.log(variances[members])))
-    return out
-
-
-#: Right-hand sides solved at once by :func:`inverse_diagonal` (memory: the factor's size times this many numbers).
-DIAGONAL_CHUNK = 512
-
-
-def inverse_diagonal(factor, offset: int, count: int) -> np.ndarray:
-    """diag(B^-1) at rows offset .. offset + count - 1 of a factored matrix B (anything with ``solve`` and
-    ``shape``), by solving for those unit vectors in chunks of :data:`DIAGONAL_CHUNK`."""
-    total = factor.shape[0]
-    out = np.empty(count)
-    for start in range(0, count, DIAGONAL_CHUNK):
-        stop = min(count, start + DIAGONAL_CHUNK)
-        rows = offset + np.arange(start, stop)
-        rhs = np.zeros((total, stop - start))
-        rhs[rows, np.arange(stop - start)] = 1.0
-        out[start:stop] = factor.solve(rhs)[rows, np.arange(stop - start)]
     return out
 
 

@@ -38,8 +38,8 @@ import numpy as np
 from ..spec.design import Design
 from .criterion import host_objective_and_gradient
 from .family import Family
-from .henderson import Solution, point_estimates, prediction_covariance, solve
-from .laplace_gradient import laplace_gradient, leverages
+from .henderson import Solution, effects, point_estimates, prediction_covariance, solve
+from .laplace_gradient import laplace_gradient, leverages, rows_random_part
 from .linalg import array_namespace, theta_to_factors
 from .system import SystemPattern, build_system, system_pattern
 
@@ -95,22 +95,8 @@ def random_part(design: Design, b) -> np.ndarray:
     return rows_random_part(tuple((t.index, t.z) for t in design.terms), tuple(np.asarray(x) for x in b))
 
 
-# --- one PIRLS's pieces, shared by the host path here, the batch's (laplace_batch) and the compiled program's -------
-
-def rows_random_part(term_rows, b, group=None):
-    """Z b from each term's (level per row, row values) and effects b_j (ell_j, k_j); ``group`` (NumPy): each row's
-    dataset, with b_j (datasets, ell_j, k_j).  NumPy or traced."""
-    xp = array_namespace(*b)
-    out = 0.0
-    for (index, z), effects in zip(term_rows, b):
-        out = out + xp.sum(z * (effects[index] if group is None else effects[group, index]), axis=1)
-    return out
-
-
-def effects(factors, u) -> tuple:
-    """b_j = u_j T_j^T per term (u_j (..., ell_j, k_j), T_j (..., k_j, k_j): leading axes, a batch's datasets)."""
-    return tuple(uj @ array_namespace(t).swapaxes(t, -1, -2) for uj, t in zip(u, factors))
-
+# --- one PIRLS's pieces, shared by the host path here, the batch's (laplace_batch) and the compiled program's
+# (with henderson.effects and laplace_gradient.rows_random_part) ----------------------------------------------------
 
 def penalized_deviance(family: Family, y, trials, mu, u, group=None, n_groups: int = 1):
     """sum_i a_i d(y_i, mu_i) + |u|^2, PIRLS's objective: NumPy or traced; with ``group`` (NumPy only: each row's

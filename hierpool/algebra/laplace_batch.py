@@ -24,18 +24,16 @@ import numpy as np
 from .batched_systems import batched_systems, shared_grid
 from .criterion import host_objective_and_gradient
 from .family import Family
-from .henderson import Solution, point_estimates, prediction_covariance, solve
+from .henderson import Solution, effects, point_estimates, prediction_covariance, solve
 from .laplace import (
     PIRLS_MAX_HALVINGS,
     PIRLS_MAX_STEPS,
     PIRLS_TOL,
-    effects,
     penalized_deviance,
     pirls_converged,
-    rows_random_part,
     step_rises,
 )
-from .laplace_gradient import laplace_gradient, leverages
+from .laplace_gradient import laplace_gradient, leverages, rows_random_part
 from .linalg import theta_to_factors
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from .family import Family
-from .henderson import PredictionCovariance, row_quadratic_forms
+from .henderson import PredictionCovariance, effects, row_quadratic_forms
 from .linalg import array_namespace, factor_gradients_to_theta, theta_to_factors
 from .system import grouped_products
 
@@ -83,6 +83,16 @@ def weight_derivatives(family: Family, y, eta, trials):
         return weight_slope, weight
     observed = weight - trials * (y - mu) * (second / variance - first**2 * slope / variance**2)
     return weight_slope, observed
+
+
+def rows_random_part(term_rows, b, group=None):
+    """Z b from each term's (level per row, row values) and effects b_j (ell_j, k_j); ``group`` (NumPy): each row's
+    dataset, with b_j (datasets, ell_j, k_j).  NumPy or traced."""
+    xp = array_namespace(*b)
+    out = 0.0
+    for (index, z), effects_j in zip(term_rows, b):
+        out = out + xp.sum(z * _row_effects(effects_j, index, group), axis=1)
+    return out
 
 
 def _row_values(z, factor, group):
@@ -172,14 +182,10 @@ def laplace_gradient(theta, family: Family, y, trials, X, term_rows, u, eta, lev
         g = tuple(solve(xp.where(observed != 0, v / xp.where(observed != 0, observed, 1.0), 0.0), observed))
         if xp is np and group is not None and np.any(flat):
             g = tuple(np.where(flat[:, None, None], 0.0, gj) for gj in g)
-    lambda_g = sum(xp.sum(z * (_row_effects(gj, index, group) @ t.T if group is None
-                               else _row_values(_row_effects(gj, index, group), np.swapaxes(t, -1, -2), group)),
-                          axis=1)
-                   for (index, z), gj, t in zip(term_rows, g, factors))
+    lambda_g = rows_random_part(term_rows, effects(factors, g), group)  # Z Lambda g
     e = v - 2.0 * score - observed * lambda_g
     per_factor = [_group_sums(e[:, None] * _row_effects(uj, index, group)
                               + score[:, None] * _row_effects(gj, index, group), z, group, n_groups)
                   for (index, z), uj, gj in zip(term_rows, u, g)]
     return xp.concatenate([factor_gradients_to_theta(per_factor) + logdet_gradient,
-                           _group_sums(e[:, None], X, group, n_groups)[..., 0] if group is not None else X.T @ e],
-                          axis=-1)
+                           _group_sums(e[:, None], X, group, n_groups)[..., 0]], axis=-1)

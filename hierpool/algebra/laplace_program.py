@@ -26,21 +26,19 @@ from ..spec.design import Design
 from .compiler_options import ProgramCache, compile_in_background, shape_signature
 from .criterion import objective_parts
 from .family import Family
-from .henderson import point_estimates, prediction_covariance
+from .henderson import effects, point_estimates, prediction_covariance
 from .jax_runtime import jax, jnp, pytree_dataclass
 from .laplace import (
     PIRLS_MAX_HALVINGS,
     PIRLS_MAX_STEPS,
     PIRLS_TOL,
     ConditionalMode,
-    effects,
     penalized_deviance,
     pirls_converged,
-    rows_random_part,
     saturated_deviance,
     step_rises,
 )
-from .laplace_gradient import laplace_gradient, leverages
+from .laplace_gradient import laplace_gradient, leverages, rows_random_part
 from .linalg import theta_to_factors
 from .system import SystemPattern, fill_in_program
 

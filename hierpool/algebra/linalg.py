@@ -531,3 +531,22 @@ def _solve_triangular_host(a: np.ndarray, b: np.ndarray, lower: bool, trans: str
     pieces = [trsm(1.0, a, b[:, start : start + width], lower=int(lower), trans_a=transposed)
               for start in range(0, b.shape[1], width)]
     return np.concatenate(pieces, axis=1) if pieces else np.zeros_like(b)
+
+
+#: Right-hand sides solved at once by :func:`inverse_diagonal` (memory: the matrix's size times this many numbers).
+DIAGONAL_CHUNK = 512
+
+
+def inverse_diagonal(solve, size: int, offset: int = 0, count: int | None = None) -> np.ndarray:
+    """diag(B^-1) at rows ``offset`` .. ``offset + count - 1`` (all when ``count`` is None) of a size x size matrix B
+    given its ``solve`` (V -> B^-1 V, a factor's), by solving for those unit vectors in chunks of
+    :data:`DIAGONAL_CHUNK`: n solves, no dense inverse (a sparse factor's prediction error variances)."""
+    count = size - offset if count is None else count
+    out = np.empty(count)
+    for start in range(0, count, DIAGONAL_CHUNK):
+        stop = min(count, start + DIAGONAL_CHUNK)
+        rows = offset + np.arange(start, stop)
+        rhs = np.zeros((size, stop - start))
+        rhs[rows, np.arange(stop - start)] = 1.0
+        out[start:stop] = solve(rhs)[rows, np.arange(stop - start)]
+    return out

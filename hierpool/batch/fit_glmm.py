@@ -12,8 +12,8 @@ from half the final Hessian, inverted (lme4's ``vcov`` with ``use.hessian``).
 criterion and gradient of every point of a chunk's datasets are evaluated at once in NumPy
 (:mod:`hierpool.algebra.laplace_batch`), and :func:`hierpool.batch.optimize.newton_on_host` runs the compiled
 path's steps and rules, each dataset leaving when its own search stops.  Two things the lockstep of a vmapped
-program cannot do: the Hessian's forward-difference shifts are evaluated only around accepted trials, and PIRLS
-starts from the accepted point's mode (``hp.glmm``'s warm start), at a shift from its trial's mode.
+program cannot do: the Hessian's forward-difference shifts are evaluated only around accepted trials, and PIRLS at
+a shift starts from its trial's mode (at a trial from u = 0, as in the program).
 
 **Compiled** (a negative binomial, float32, an accelerator or a mesh): the program of
 :func:`hierpool.algebra.laplace_program.laplace_value_and_gradient` (PIRLS, the log-determinant and the exact
@@ -43,8 +43,9 @@ from ..algebra.henderson import solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import saturated_rows
 from ..algebra.laplace_batch import GroupedRows, conditional_modes, laplace_and_gradient, solution_at_mode
+from ..algebra.laplace_gradient import canonical
 from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
-from ..algebra.linalg import array_namespace, cholesky, theta_to_factors
+from ..algebra.linalg import array_namespace, cholesky
 from ..algebra.linalg import canonical_theta as canonical_rows
 from ..algebra.start import moment_theta
 from ..algebra.system import Layout, SystemPattern, fill_in_program
@@ -346,8 +347,8 @@ def _program(data, saturated, start, family: Family, max_iterations: int, shardi
 def _on_host(float_type, sharding, family: Family) -> bool:
     """Whether a GLMM batch is fitted on the host (NumPy, nothing compiled): on one CPU device in float64
     (:func:`hierpool.batch.plan.host_fits`), binomial and Poisson.  Each Newton pass runs many small PIRLS
-    solves, whose tracing and compiling cost more than the NumPy run: seconds for a crossed or correlated-slope
-    model, at any batch size (benchmarks/RESULTS.md, "The GLMM class on the host").  A negative binomial, whose
+    solves, whose tracing and compiling cost more than the NumPy run, for a crossed or correlated-slope model at
+    any batch size (benchmarks/RESULTS.md, "The GLMM class on the host").  A negative binomial, whose
     shape is a further parameter with its own central difference, stays compiled."""
     return host_fits(float_type, sharding) and family.name != "negative_binomial"
 
@@ -388,36 +389,37 @@ def _optimize_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
     ks, p = rows.ks, rows.X.shape[1]
     n_theta = sum(k * (k + 1) // 2 for k in ks)
 
-    def evaluate(points, active, start_u):
+    def evaluate(points, active, start_u=None):
         count, copies, m = points.shape
         flat = points.reshape(count * copies, m)
         sub, _ = rows.subset(active)
-        value, gradient, mode = laplace_and_gradient(
-            flat[:, :n_theta], flat[:, n_theta:], sub.repeated(copies), family, np.repeat(saturated[active], copies),
-            [np.repeat(x, copies, axis=0) for x in start_u])
+        if start_u is not None:
+            start_u = [np.repeat(x, copies, axis=0) for x in start_u]
+        value, gradient, mode = laplace_and_gradient(flat[:, :n_theta], flat[:, n_theta:], sub.repeated(copies),
+                                                     family, np.repeat(saturated[active], copies), start_u)
         return (value.reshape(count, copies), gradient.reshape(count, copies, m),
                 [x.reshape((count, copies) + x.shape[1:]) for x in mode.u])
 
-    def shift_gradients(points, active, start_u):
-        return evaluate(points, active, start_u)[1]
+    def shift_gradients(points, active, trial_u):
+        return evaluate(points, active, trial_u if polished_shifts else None)[1]
 
-    # PIRLS starts from the mode at the accepted point (hp.glmm's start: the previous evaluation's mode), at a
-    # shift 1e-6 away from its trial's mode, which it then polishes in a step or two
-    start_u = [np.zeros((rows.n_groups, width, k)) for (_, _, width), k in zip(rows.terms, ks)]
+    # PIRLS starts from u = 0 at a trial, as the compiled path's does.  At a shift (1e-6 away) it starts from its
+    # trial's mode where PIRLS is Newton's method (a canonical link): a step or two then give the shift's mode to
+    # rounding.  With a non-canonical link PIRLS is Fisher scoring and converges linearly, so a polished mode keeps
+    # part of its start's error: the forward differences, and beta's standard errors with them, moved by 1.6%.
+    # Starting the trials from the accepted point's mode (hp.glmm's start) made the criterion's value depend on the
+    # path to it at PIRLS's tolerance, and with a non-canonical link the searches stalled short of their optimum
+    # (benchmarks/RESULTS.md, "The GLMM class on the host")
+    polished_shifts = canonical(family)
     with np.errstate(all="ignore"):
-        params, value, newton_step, iterations, converged, curvature, mode_u = newton_on_host(
+        params, value, newton_step, iterations, converged, curvature = newton_on_host(
             evaluate, start, max_iterations, damping_growth=DAMPING_GROWTH, fd_width=FD_WIDTH, step_tol=STEP_TOL,
-            with_curvature=True, shift_gradients=shift_gradients, aux0=start_u)
+            with_curvature=True, shift_gradients=shift_gradients)
     theta = canonical_rows(params[:, :n_theta], ks)
     beta = params[:, n_theta:]
     finite = np.isfinite(value)
-    # canonical theta flips columns of T_j (the same Lambda Lambda^T): the mode's u_j flips with them (b unchanged),
-    # so that PIRLS at the optimum starts from its own mode
-    flips = [np.where(np.diagonal(t, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
-             for t in theta_to_factors(params[:, :n_theta], ks)]
-    start_u = [np.where(finite[:, None, None], u * flip[:, None, :], 0.0) for u, flip in zip(mode_u, flips)]
     safe_theta = np.where(finite[:, None], theta, 1.0)
-    mode = conditional_modes(safe_theta, np.where(finite[:, None], beta, 0.0), rows, family, start_u=start_u)
+    mode = conditional_modes(safe_theta, np.where(finite[:, None], beta, 0.0), rows, family)
     with np.errstate(all="ignore"):
         solved = solution_at_mode(safe_theta, rows, mode)
         covariance = beta_covariance(curvature, value, n_theta, p)

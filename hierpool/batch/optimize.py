@@ -294,7 +294,7 @@ def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks
 
 def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX_ITERATIONS,
                    damping_growth: float = 10.0, fd_width=None, step_tol=None, with_curvature: bool = False,
-                   shift_gradients=None, aux0=None):
+                   shift_gradients=None):
     """:func:`newton` for a batch of datasets at once on the host (NumPy): the same steps, shift, damping and
     stopping rules (one home each, above), with each dataset leaving the batch when its search stops.
 
@@ -306,8 +306,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     ----------
     value_and_grad : callable
         ``value_and_grad(points, rows)``: the criterion's values (A, Q) and gradients (A, Q, m) of datasets
-        ``rows`` (A,) at ``points`` (A, Q, m).  With ``shift_gradients``: ``value_and_grad(points, rows, aux)``
-        at the trials alone, returning an auxiliary state per point too (a list of arrays (A, Q, ...)).
+        ``rows`` (A,) at ``points`` (A, Q, m).  With ``shift_gradients``: at the trials alone, returning a state
+        per point too (a list of arrays (A, Q, ...)).
     theta0 : ndarray
         (B, m) starts.
     max_iterations : int
@@ -319,13 +319,12 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         (K, m, m) of an accepted trial of datasets ``rows``, ``aux`` its state (a list of arrays (K, ...)).  The
         shifts are then evaluated only around accepted trials, whose Hessians alone are kept (a rejected trial's
         shifts are wasted work: a GLMM's Laplace deviance, far from quadratic at the start, rejects several), and
-        they can start from the trial's state (a GLMM's mode).  ``aux0`` (a list of arrays (B, ...)): each
-        dataset's state at ``theta0``; the state of the accepted point is what ``value_and_grad`` receives.
+        they can start from the trial's state (a GLMM's mode there).
 
     Returns
     -------
-    (theta, value, newton_step, iterations, converged[, curvature][, aux])
-        Each (B, ...), as :func:`newton`'s; ``aux`` (with ``shift_gradients``): the state at ``theta``.
+    (theta, value, newton_step, iterations, converged[, curvature])
+        Each (B, ...), as :func:`newton`'s.
     """
     theta = np.array(theta0, dtype=float)
     n, m = theta.shape
@@ -337,7 +336,6 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     curvature, damping = np.tile(np.eye(m), (n, 1, 1)), np.zeros(n)
     passes = np.zeros(n, dtype=np.int64)
     lazy = shift_gradients is not None
-    aux = [np.array(a) for a in aux0] if lazy else None
     active = np.arange(n)
     for iteration in range(max_iterations):
         if not active.size:
@@ -348,7 +346,7 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         step = -_solve_spd(h + shift[:, None, None] * np.eye(m), g) if iteration else np.zeros_like(th)
         trials = th[:, None, :] + lengths[None, :, None] * step[:, None, :]  # (A, P, m)
         if lazy:
-            values, gradients, trial_aux = value_and_grad(trials, active, [a[active] for a in aux])
+            values, gradients, trial_aux = value_and_grad(trials, active)
             gradients = gradients[:, :, None, :]  # (A, P, 1, m): the shifts come after the choice
         else:
             every, steps = _probe_points(trials, width, np)  # (A, P, m + 1, m): each trial, then its shifts
@@ -369,14 +367,11 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
             curvature[kept] = _finite_difference_hessians(gradients[rows, best], steps[rows, best], np)[improved]
         elif kept.size:
             every, steps = _probe_points(theta[kept], width, np)  # (K, m + 1, m)
-            kept_aux = [a[rows, best][improved] for a in trial_aux]
-            shifted = shift_gradients(every[:, 1:], kept, kept_aux)
+            shifted = shift_gradients(every[:, 1:], kept, [a[rows, best][improved] for a in trial_aux])
             curvature[kept] = _finite_difference_hessians(
                 np.concatenate([gradients[rows, best][improved], shifted], axis=1), steps, np)
-            for a, new in zip(aux, kept_aux):
-                a[kept] = new
         gradient[active], damping[active] = new_gradient, new_damping
         passes[active] += 1
         active = active[~done]
     newton_step, converged = _final_step(value, gradient, curvature, converged_step, converged_decrease, np)
-    return (theta, value, newton_step, passes - 1, converged) + (curvature,) * with_curvature + (aux,) * lazy
+    return (theta, value, newton_step, passes - 1, converged) + (curvature,) * with_curvature

@@ -52,6 +52,7 @@ import scipy.sparse.linalg
 from scipy import stats
 
 from ..algebra.criterion import profiled_criterion
+from ..algebra.linalg import inverse_diagonal
 from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
 from ..spec.design import Design
@@ -71,8 +72,6 @@ FLAT_PROFILE = 1e-3
 PROFILE_LIFT = 0.3
 #: Prediction error variances (condsd) are computed up to this many levels of A.
 PEV_MAX_LEVELS = 5_000
-#: Columns of C^-1 solved for at once (memory: (p + q) x this many numbers).
-PEV_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -353,18 +352,6 @@ def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatRe
     return RelmatResult(design=design, relationship=rel, equations=equations, reml=reml, log_theta=log_theta,
                         objective=value, pieces=pieces, labels=labels, recorded=recorded, converged=converged,
                         evaluations=evaluations)
-
-
-def inverse_diagonal(solve, q: int) -> np.ndarray:
-    """diag(K^-1) of a q x q matrix given its ``solve`` (v -> K^-1 v), from unit columns in blocks of
-    :data:`PEV_CHUNK` (memory q x PEV_CHUNK)."""
-    out = np.empty(q)
-    for start in range(0, q, PEV_CHUNK):
-        columns = np.arange(start, min(start + PEV_CHUNK, q))
-        unit = np.zeros((q, columns.size))
-        unit[columns, np.arange(columns.size)] = 1.0
-        out[columns] = solve(unit)[columns, np.arange(columns.size)]
-    return out
 
 
 def pev_not_computed(q: int) -> str:

@@ -34,8 +34,9 @@ from functools import cached_property
 import numpy as np
 
 from ..algebra.criterion import profiled_criterion
+from ..algebra.linalg import inverse_diagonal
 from ..spec.relationship import Relationship
-from .relmat import LOG_THETA_BOUNDS, PEV_MAX_LEVELS, factor_spd, inverse_diagonal
+from .relmat import LOG_THETA_BOUNDS, PEV_MAX_LEVELS, factor_spd
 
 #: Records (n) up to which the n x n eigendecomposition is used (O(n^3) once, n^2 numbers held).
 SPECTRAL_MAX_ROWS = 4_000
@@ -90,7 +91,7 @@ class SpectralDesign:
 def relationship_parts(rel: Relationship) -> tuple:
     """What every design of one relationship shares: A^-1's sparse LU (``relmat.factor_spd``; A^-1 is positive
     definite, as :class:`Relationship` checks) and diag A for the prediction error variances
-    (``relmat.inverse_diagonal``; NaN above ``relmat.PEV_MAX_LEVELS`` levels, where none are computed)."""
+    (``algebra.linalg.inverse_diagonal``; NaN above ``relmat.PEV_MAX_LEVELS`` levels, where none are computed)."""
     q = len(rel.labels)
     factored = factor_spd(rel.inverse)[0]
     a_diagonal = inverse_diagonal(factored.solve, q) if q <= PEV_MAX_LEVELS else np.full(q, np.nan)

@@ -44,8 +44,9 @@ from scipy import stats
 from scipy.special import expit
 
 from ..algebra.family import family
-from ..algebra.icar import DIAGONAL_CHUNK, car_prior, compose_bym2, factor_log_abs_det, inverse_diagonal
+from ..algebra.icar import car_prior, compose_bym2, factor_log_abs_det
 from ..algebra.latent_blocks import GroupPrior, stack_constraints, stack_rows
+from ..algebra.linalg import DIAGONAL_CHUNK, inverse_diagonal
 from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.spatial import AreaTerm, SpatialDesign, group_effect_index, group_parameter_names
 
@@ -642,7 +643,8 @@ class SpatialFit:
     @cached_property
     def _latent_variances(self) -> np.ndarray:
         """diag of the constrained (H_xx)^-1: each latent coordinate's conditional variance given beta^."""
-        return inverse_diagonal(self._factor(self.laplace.latent_only), 0, self.laplace.m)
+        factor = self._factor(self.laplace.latent_only)
+        return inverse_diagonal(factor.solve, factor.shape[0], 0, self.laplace.m)
 
     def _effects_slice(self, t: int) -> slice:
         """Where term t's effects (a spatial term's b, a (lhs | g) term's u) lie in the latent vector."""
@@ -663,7 +665,9 @@ class SpatialFit:
         ``term``: a spatial term's area column or a term's label (None: the model's only spatial term), in
         :attr:`ranef`'s order."""
         where = self._effects_slice(self._block_index(term))
-        return np.sqrt(inverse_diagonal(self._factor_full, self.design.p + where.start, where.stop - where.start))
+        factor = self._factor_full
+        return np.sqrt(inverse_diagonal(factor.solve, factor.shape[0], self.design.p + where.start,
+                                        where.stop - where.start))
 
     def _car_table(self, t: int) -> pd.DataFrame:
         """Spatial term t's table (:attr:`ranef`)."""
