@@ -39,7 +39,7 @@ from ..spec.design import Design
 from .criterion import host_objective_and_gradient
 from .family import Family
 from .henderson import Solution, effects, point_estimates, prediction_covariance, solve
-from .laplace_gradient import laplace_gradient, leverages, rows_random_part
+from .laplace_gradient import canonical, laplace_gradient, leverages, rows_random_part, weight_derivatives
 from .linalg import array_namespace, theta_to_factors
 from .system import SystemPattern, build_system, system_pattern
 
@@ -106,6 +106,31 @@ def penalized_deviance(family: Family, y, trials, mu, u, group=None, n_groups: i
     if group is None:
         return xp.sum(rows) + sum(xp.sum(xp.square(x)) for x in u)
     return np.bincount(group, weights=rows, minlength=n_groups) + sum(np.sum(np.square(x), axis=(-2, -1)) for x in u)
+
+
+def newton_working(family: Family, y, eta, trials):
+    """(weights, working response's residual) of one PIRLS step at eta: Newton's method on the penalized deviance.
+
+    The step solves the weighted Henderson equations with weights c and residual s / c, s = w r the score (w, r:
+    :meth:`~hierpool.algebra.family.Family.working`'s Fisher weights and working residual).  lme4 takes c = w,
+    Fisher scoring; here c is the observed information W_o = -ds/deta
+    (:func:`~hierpool.algebra.laplace_gradient.weight_derivatives`), the penalized deviance's own curvature in
+    eta, so that the step is Newton's.  For a canonical link (logit binomial, log Poisson) W_o = w and the two are
+    the same step.  For the others (probit, cloglog, the negative binomial) Fisher scoring converges linearly --
+    from u = 0, 8 steps on average to PIRLS's tolerance for a nested probit model -- and Newton's method
+    quadratically.  Both stop at the same mode (s = 0 there; the criterion's log |H| still takes the Fisher
+    weights at it, lme4's Laplace approximation).  A row whose W_o is not positive (the log-likelihood need not be
+    concave in eta far from the mode) keeps its Fisher weight: the system stays positive definite, the step a
+    descent direction, and a step that raises the deviance is halved as any other.  NumPy or traced.
+    """
+    _, weights, residual = family.working(y, eta, trials)
+    if canonical(family):
+        return weights, residual
+    xp = array_namespace(eta)
+    observed = weight_derivatives(family, y, eta, trials)[1]
+    newton = observed > 0  # False where NaN
+    safe = xp.where(newton, observed, 1.0)
+    return xp.where(newton, observed, weights), xp.where(newton, weights * residual / safe, residual)
 
 
 def step_rises(trial, current):
@@ -251,7 +276,7 @@ def _pirls(theta, beta, design: Design, family: Family, joint: bool, start_u, to
 
     while steps < PIRLS_MAX_STEPS and not converged:
         steps += 1
-        _, weights, residual = family.working(design.y, eta, trials)
+        weights, residual = newton_working(family, design.y, eta, trials)
         # the working response of the solved part: X beta + Z b (joint) or Z b, plus the working residual
         response = (eta - design.offset if joint else eta - fixed) + residual
         system = _working_system(design, response, weights, joint, patterns)

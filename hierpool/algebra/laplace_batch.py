@@ -29,6 +29,7 @@ from .laplace import (
     PIRLS_MAX_HALVINGS,
     PIRLS_MAX_STEPS,
     PIRLS_TOL,
+    newton_working,
     penalized_deviance,
     pirls_converged,
     step_rises,
@@ -148,7 +149,7 @@ def _pirls(theta, beta, rows: GroupedRows, family: Family, tol: float, start_u) 
         sub, taken = (rows, np.arange(len(rows.group))) if active.size == n_groups else rows.subset(active)
         sub_factors = [t[active] for t in factors]
         sub_eta, sub_fixed = eta[taken], fixed[taken]
-        _, weights, residual = family.working(sub.y, sub_eta, sub.trials)
+        weights, residual = newton_working(family, sub.y, sub_eta, sub.trials)
         system, _ = working_system(sub, sub_eta - sub_fixed + residual, weights)
         old_u, old_deviance = [uj[active] for uj in u], deviance[active]
         new_u = [np.asarray(x) for x in point_estimates(theta[active], system)[1]]

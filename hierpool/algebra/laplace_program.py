@@ -33,6 +33,7 @@ from .laplace import (
     PIRLS_MAX_STEPS,
     PIRLS_TOL,
     ConditionalMode,
+    newton_working,
     penalized_deviance,
     pirls_converged,
     saturated_deviance,
@@ -82,7 +83,7 @@ def _conditional_mode(theta, beta, u, shape, saturated, data: ProgramData, famil
 
     def step(state):
         u, beta, eta, mu, deviance, steps, _ = state
-        _, weights, residual = family.working(data.y, eta, data.trials)
+        weights, residual = newton_working(family, data.y, eta, data.trials)
         fixed = data.offset + data.X @ beta
         response = (eta - data.offset if joint else eta - fixed) + residual
         solved_beta, solved_u, _, _ = point_estimates(theta, fill_in_program(data.pattern, weights, response))

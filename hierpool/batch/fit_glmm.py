@@ -43,7 +43,6 @@ from ..algebra.henderson import solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import saturated_rows
 from ..algebra.laplace_batch import GroupedRows, conditional_modes, laplace_and_gradient, solution_at_mode
-from ..algebra.laplace_gradient import canonical
 from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
 from ..algebra.linalg import array_namespace, cholesky
 from ..algebra.linalg import canonical_theta as canonical_rows
@@ -401,16 +400,15 @@ def _optimize_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
                 [x.reshape((count, copies) + x.shape[1:]) for x in mode.u])
 
     def shift_gradients(points, active, trial_u):
-        return evaluate(points, active, trial_u if polished_shifts else None)[1]
+        return evaluate(points, active, trial_u)[1]
 
-    # PIRLS starts from u = 0 at a trial, as the compiled path's does.  At a shift (1e-6 away) it starts from its
-    # trial's mode where PIRLS is Newton's method (a canonical link): a step or two then give the shift's mode to
-    # rounding.  With a non-canonical link PIRLS is Fisher scoring and converges linearly, so a polished mode keeps
-    # part of its start's error: the forward differences, and beta's standard errors with them, moved by 1.6%.
-    # Starting the trials from the accepted point's mode (hp.glmm's start) made the criterion's value depend on the
-    # path to it at PIRLS's tolerance, and with a non-canonical link the searches stalled short of their optimum
-    # (benchmarks/RESULTS.md, "The GLMM class on the host")
-    polished_shifts = canonical(family)
+    # PIRLS starts from u = 0 at a trial, as the compiled path's does, and at a shift (1e-6 away) from its trial's
+    # mode: PIRLS is Newton's method (algebra.laplace.newton_working), and a step or two give the shift's mode to
+    # rounding.  (With Fisher scoring's linear convergence, lme4's PIRLS for a non-canonical link, a polished mode
+    # kept part of its start's error and beta's standard errors moved by 1.6%.)  Starting the trials from the
+    # accepted point's mode (hp.glmm's start) made the criterion's value depend on the path to it at PIRLS's
+    # tolerance, and the searches stalled short of their optimum (benchmarks/RESULTS.md, "The GLMM class on the
+    # host")
     with np.errstate(all="ignore"):
         params, value, newton_step, iterations, converged, curvature = newton_on_host(
             evaluate, start, max_iterations, damping_growth=DAMPING_GROWTH, fd_width=FD_WIDTH, step_tol=STEP_TOL,
