@@ -69,6 +69,35 @@ def test_a_negative_binomial_estimates_its_shape():
     assert fit.aic == pytest.approx(model["aic"], abs=1e-3)  # theta, beta and the shape are counted
 
 
+def _no_overdispersion():
+    """Counts whose negative binomial fit runs its shape to the Poisson limit (glmer.nb: theta.ml's iteration limit at
+    95,524, -2 log L 281.283, the Poisson fit's)."""
+    rng = np.random.default_rng(1)
+    g, h, t = np.repeat(np.arange(8), 10), np.tile(np.repeat(np.arange(2), 5), 8), np.tile(np.arange(5) / 5, 16)
+    for _ in range(4):  # the fourth of a sequence of simulated datasets (its other columns drawn, not kept)
+        x, exposure = rng.normal(size=80), rng.uniform(1, 2, 80)
+        eta = (0.2 + 0.4 * x + rng.normal(0, 0.6, 8)[g] + rng.normal(0, 0.3, 8)[g] * t
+               + rng.normal(0, 0.3, 16)[2 * g + h])
+        trials = rng.integers(1, 8, 80)
+        rng.uniform(0.5, 2, 80)
+        counts = rng.poisson(np.exp(eta) * exposure)
+        chance = 1 / (1 + np.exp(-eta))
+        rng.binomial(trials, chance), rng.binomial(1, chance), rng.normal(0, 0.5, 80)
+    return pd.DataFrame({"c": counts, "x": x, "g": g.astype(str)})
+
+
+def test_a_negative_binomial_at_the_poisson_limit_has_the_poisson_s_likelihood():
+    # its shape ran to 4.5e25 for a log-likelihood 95 too high, read from two log Gammas of ~1e27 (no digit left)
+    data = _no_overdispersion()
+    poisson = hp.glmm("c ~ x + (1 | g)", data, family="poisson")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        negbin = hp.glmm("c ~ x + (1 | g)", data, family="negative_binomial")
+    assert negbin.shape > 1e4
+    assert -2 * poisson.loglik == pytest.approx(281.2828, abs=1e-4)  # glmer's
+    assert -2 * negbin.loglik == pytest.approx(-2 * poisson.loglik, abs=1e-4)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(nAGQ=26), "nAGQ must be an integer from 0 to 25"),
     (dict(nAGQ=1.0), "nAGQ must be an integer"),

@@ -131,3 +131,31 @@ def test_the_same_numbers_in_a_compiled_program():
 def test_a_negative_binomial_needs_its_shape():
     with pytest.raises(ValueError, match="needs its shape"):
         family(FamilySpec("negative_binomial", "log"))
+
+
+def test_a_negative_binomial_s_log_likelihood_holds_its_digits_at_any_shape():
+    # log Gamma(y + theta) - log Gamma(theta) kept no digit near theta = 1e25 (the Poisson limit, where a fit's
+    # shape can run): Stirling's series from STIRLING_FROM on, continuous there, and the Poisson's in the limit
+    from hierpool.algebra.family import STIRLING_FROM, log_likelihood_eta
+
+    counts = np.array([0.0, 1.0, 3.0, 7.0, 20.0, 150.0])
+    rates = np.array([0.5, 2.0, 3.3, 5.0, 18.0, 140.0])
+    ones = np.ones_like(counts)
+
+    def negbin(theta):
+        return family(FamilySpec("negative_binomial", "log"), shape=theta)
+
+    below, above = (negbin(STIRLING_FROM * (1 + s)).log_likelihood(counts, rates, ones) for s in (-1e-12, 1e-12))
+    np.testing.assert_allclose(below, above, rtol=1e-12, atol=1e-12)
+    for theta in (30.0, 3e4):  # either side: scipy's
+        np.testing.assert_allclose(negbin(theta).log_likelihood(counts, rates, ones),
+                                   scipy.stats.nbinom.logpmf(counts, theta, theta / (theta + rates)), rtol=1e-10)
+    poisson = scipy.stats.poisson.logpmf(counts, rates)
+    for theta in (1e12, 1e20, 4.5e25):  # NB2 - Poisson ~ (y - mu)^2 / (2 theta): nothing left at these shapes
+        np.testing.assert_allclose(negbin(theta).log_likelihood(counts, rates, ones), poisson, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(log_likelihood_eta("negative_binomial", "log", counts, np.log(rates), ones,
+                                                      shape=theta), poisson, rtol=1e-9, atol=1e-9)
+        # the unit deviances too (the ratio (y + theta) / (mu + theta) rounds to 1 there)
+        np.testing.assert_allclose(negbin(theta).unit_deviances(counts, rates, ones),
+                                   family(FamilySpec("poisson", "log")).unit_deviances(counts, rates, ones),
+                                   rtol=1e-8, atol=1e-10)

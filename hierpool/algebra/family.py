@@ -44,6 +44,48 @@ def _special(xp):
     return jax.scipy.special
 
 
+#: The shape from which log Gamma(theta + y) - log Gamma(theta) comes from Stirling's series (:func:`_log_gamma_ratio`).
+STIRLING_FROM = 1e3
+
+
+def _stirling_remainder(x, xp):
+    """log Gamma(x) - ((x - 1/2) log x - x + log(2 pi) / 2), for x >= :data:`STIRLING_FROM` (error below 1e-30)."""
+    inverse = 1.0 / x
+    squared = inverse * inverse
+    return inverse * (1.0 / 12.0 - squared * (1.0 / 360.0 - squared / 1260.0))
+
+
+def _log_gamma_ratio(shape, y, xp):
+    """log Gamma(shape + y) - log Gamma(shape) - y log(shape), without cancellation at a large shape.
+
+    log Gamma of a shape near 1e25 (a negative binomial's Poisson limit) is ~1e27, and the difference of two of them
+    kept no digit: a fit's log-likelihood came out 95 too high there, and its optimizer ran the shape to infinity
+    for it.  From :data:`STIRLING_FROM` on, Stirling's series gives the same quantity as
+    (shape + y - 1/2) log1p(y / shape) - y plus the series' remainders (R's ``dnbinom`` likewise avoids the
+    difference, through its binomial-deviance form)."""
+    gammaln = _special(xp).gammaln
+    large = shape >= STIRLING_FROM
+    small_shape = xp.where(large, 1.0, shape)
+    big_shape = xp.where(large, shape, STIRLING_FROM)
+    direct = gammaln(small_shape + y) - gammaln(small_shape) - y * xp.log(small_shape)
+    stirling = ((big_shape + y - 0.5) * xp.log1p(y / big_shape) - y
+                + _stirling_remainder(big_shape + y, xp) - _stirling_remainder(big_shape, xp))
+    return xp.where(large, stirling, direct)
+
+
+def negative_binomial_log_density(y, log_mu, shape, xp):
+    """log p(y | mu) of NB2 (variance mu + mu^2 / shape) on log mu, without the log y! term:
+
+        log Gamma(y + theta) - log Gamma(theta) + theta log theta + y log mu - (theta + y) log(theta + mu)
+        = [log Gamma(y + theta) - log Gamma(theta) - y log theta] + y log mu - (theta + y) log(1 + mu / theta),
+
+    the second form exact at any shape, the Poisson limit included (:func:`_log_gamma_ratio`).  ``y log mu`` is 0 at
+    y = 0 whatever mu."""
+    log_ratio = log_mu - xp.log(shape)
+    return (_log_gamma_ratio(shape, y, xp) + xp.where(y > 0, y * log_mu, 0.0)
+            - (shape + y) * xp.logaddexp(0.0, log_ratio))
+
+
 def _y_log_y(y, mu, xp):
     """y log(y / mu), 0 where y = 0 (R's ``y_log_y``)."""
     positive = y > 0
@@ -123,7 +165,8 @@ class Family:
         if self.name == "poisson":
             return 2.0 * weights * (_y_log_y(y, mu, xp) - (y - mu))
         theta = self.shape
-        return 2.0 * weights * (y * xp.log(xp.maximum(y, 1.0) / mu) - (y + theta) * xp.log((y + theta) / (mu + theta)))
+        # log((y + theta) / (mu + theta)) as log1p: at a large shape the ratio rounds to 1
+        return 2.0 * weights * (y * xp.log(xp.maximum(y, 1.0) / mu) - (y + theta) * xp.log1p((y - mu) / (mu + theta)))
 
     def log_likelihood(self, y, mu, weights):
         """log p(y_i | mu_i) per row, as R's ``aic`` counts it (-aic / 2 summed; zero-weight rows give 0)."""
@@ -143,8 +186,7 @@ class Family:
         theta = self.shape
         xp = array_namespace(y, mu, weights, theta)  # the shape may be traced (hp.fit_batch's negative binomial)
         gammaln = _special(xp).gammaln
-        return weights * (gammaln(theta + y) - gammaln(theta) - gammaln(y + 1.0) + theta * xp.log(theta)
-                          + y * xp.log(mu + (y == 0)) - (theta + y) * xp.log(theta + mu))
+        return weights * (negative_binomial_log_density(y, xp.log(mu), theta, xp) - gammaln(y + 1.0))
 
     def working(self, y, eta, weights):
         """(mu, PIRLS working weights w, working residual (y - mu) / (d mu / d eta)) at the linear predictor eta."""
@@ -247,7 +289,5 @@ def log_likelihood_eta(name: str, link: str, y, eta, weights, shape=None, consta
         return weights * (value - gammaln(y + 1.0) if constant else value)
     if name != "negative_binomial":
         raise ValueError(f"unknown family {name!r}")
-    log_shape = xp.log(shape)
-    value = (gammaln(y + shape) - gammaln(shape) + shape * log_shape + y * eta
-             - (shape + y) * xp.logaddexp(log_shape, eta))
+    value = negative_binomial_log_density(y, eta, shape, xp)
     return weights * (value - gammaln(y + 1.0) if constant else value)
