@@ -180,12 +180,19 @@ def test_negative_binomial_target_is_the_log_likelihood(log_sums, monkeypatch):
     design = build_design(NEGBIN, epil, weights=np.linspace(0.5, 2.0, len(epil)), family=family_spec("nbinom2"))
     data = glmm.glmm_data(design, glmm.centering_weights(design))
     assert (data.count_steps.size > 0) == log_sums and (data.count_values.size > 0) != log_sums
-    eta, shape = jnp.asarray(np.random.default_rng(0).normal(1.0, 1.0, design.n)), jnp.asarray(3.7)
+    eta = jnp.asarray(np.random.default_rng(0).normal(1.0, 1.0, design.n))
     # a few rows far out on the log scale, where e^eta overflows: the target must stay finite there too
     eta = eta.at[:3].set(jnp.array([720.0, -720.0, 50.0]))
-    expected = jnp.sum(log_likelihood_eta("negative_binomial", "log", data.y, eta, data.weights, shape, constant=False))
-    assert np.isfinite(float(expected))
-    assert float(glmm.negative_binomial_target(data, eta, shape)) == pytest.approx(float(expected), rel=1e-13)
+    for shape in (3.7, 1e15):  # and a shape near the Poisson limit, where log Gamma's differences kept no digit
+        expected = jnp.sum(log_likelihood_eta("negative_binomial", "log", data.y, eta, data.weights, jnp.asarray(shape),
+                                              constant=False))
+        assert np.isfinite(float(expected))
+        assert float(glmm.negative_binomial_target(data, eta, jnp.asarray(shape))) == pytest.approx(float(expected),
+                                                                                                  rel=1e-13)
+    poisson = jnp.sum(log_likelihood_eta("poisson", "log", data.y[3:], eta[3:], data.weights[3:], constant=False))
+    limit = jnp.sum(log_likelihood_eta("negative_binomial", "log", data.y[3:], eta[3:], data.weights[3:],
+                                       jnp.asarray(1e15), constant=False))
+    assert float(limit) == pytest.approx(float(poisson), rel=1e-9)
 
 
 @pytest.mark.parametrize("kwargs,error,message", [

@@ -155,7 +155,25 @@ def test_a_negative_binomial_s_log_likelihood_holds_its_digits_at_any_shape():
         np.testing.assert_allclose(negbin(theta).log_likelihood(counts, rates, ones), poisson, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(log_likelihood_eta("negative_binomial", "log", counts, np.log(rates), ones,
                                                       shape=theta), poisson, rtol=1e-9, atol=1e-9)
+    # a mean far above y + theta (a PIRLS trial far out): the deviance keeps mu's digits, and stays finite
+    means = np.array([1e8, 1e15, 2.35e17])
+    np.testing.assert_allclose(negbin(2.5).unit_deviances(np.zeros(3), means, np.ones(3)),
+                               2 * 2.5 * np.log1p(means / 2.5), rtol=1e-14)
+    for theta in (1e12, 1e20, 4.5e25):
         # the unit deviances too (the ratio (y + theta) / (mu + theta) rounds to 1 there)
         np.testing.assert_allclose(negbin(theta).unit_deviances(counts, rates, ones),
                                    family(FamilySpec("poisson", "log")).unit_deviances(counts, rates, ones),
                                    rtol=1e-8, atol=1e-10)
+    # traced, its derivative in the shape (a sampler's): finite everywhere, the difference quotient's, 0 in the limit
+    import jax
+
+    def total(log_shape):
+        return jax.numpy.sum(log_likelihood_eta("negative_binomial", "log", counts, np.log(rates), ones,
+                                                shape=jax.numpy.exp(log_shape)))
+
+    slope = jax.grad(total)
+    for theta in (3.7, 2e3):
+        h = 1e-4
+        central = (float(total(np.log(theta) + h)) - float(total(np.log(theta) - h))) / (2 * h)
+        assert float(slope(np.log(theta))) == pytest.approx(central, rel=1e-6)
+    assert abs(float(slope(np.log(1e200)))) < 1e-10

@@ -1,14 +1,16 @@
 """Response families of generalized linear mixed models: links, variances, deviances and log-likelihoods.
 
 The algebra's *family* seam (:mod:`hierpool.algebra`).  Given the linear predictor eta, a family
-gives the mean mu = g^-1(eta), the variance function V(mu), the PIRLS working weights and response
+gives the mean mu = g^-1(eta), the variance function V(mu), the Fisher weights and working response
 
     w_i = a_i (d mu_i / d eta_i)^2 / V(mu_i),     z_i = eta_i + (y_i - mu_i) / (d mu_i / d eta_i)
 
 (a_i the prior weights: binomial trials, or weights=), with which a penalized iteratively reweighted
 least-squares step is one weighted Henderson solve (McCullagh & Nelder 1989, sec. 2.5; Bates et al.
-2015, sec. 5 on lme4's PIRLS), and the conditional log-likelihood log p(y | mu) that the Laplace
-criterion -2 log p(y | mu(u)) + |u|^2 + log |L|^2 adds (lme4's ``glmResp::Laplace``).
+2015, sec. 5 on lme4's PIRLS; hierpool's PIRLS takes Newton's weights instead for a non-canonical
+link, :func:`hierpool.algebra.laplace.newton_working`, and these at the mode), and the conditional
+log-likelihood log p(y | mu) that the Laplace criterion -2 log p(y | mu(u)) + |u|^2 + log |L|^2
+adds (lme4's ``glmResp::Laplace``).
 
 Conventions are R's, so that numbers match glmer: the clamps of ``binomial()$linkinv`` and
 ``$mu.eta`` (``make.link``), the unit deviances of ``binomial()$dev.resids`` and
@@ -44,18 +46,18 @@ def _special(xp):
     return jax.scipy.special
 
 
-#: The shape from which log Gamma(theta + y) - log Gamma(theta) comes from Stirling's series (:func:`_log_gamma_ratio`).
+#: The shape from which log Gamma(theta + y) - log Gamma(theta) comes from Stirling's series (:func:`log_gamma_ratio`).
 STIRLING_FROM = 1e3
 
 
 def _stirling_remainder(x, xp):
-    """log Gamma(x) - ((x - 1/2) log x - x + log(2 pi) / 2), for x >= :data:`STIRLING_FROM` (error below 1e-30)."""
+    """log Gamma(x) - ((x - 1/2) log x - x + log(2 pi) / 2), for x >= :data:`STIRLING_FROM` (error below 1e-24)."""
     inverse = 1.0 / x
     squared = inverse * inverse
     return inverse * (1.0 / 12.0 - squared * (1.0 / 360.0 - squared / 1260.0))
 
 
-def _log_gamma_ratio(shape, y, xp):
+def log_gamma_ratio(shape, y, xp):
     """log Gamma(shape + y) - log Gamma(shape) - y log(shape), without cancellation at a large shape.
 
     log Gamma of a shape near 1e25 (a negative binomial's Poisson limit) is ~1e27, and the difference of two of them
@@ -66,7 +68,8 @@ def _log_gamma_ratio(shape, y, xp):
     gammaln = _special(xp).gammaln
     large = shape >= STIRLING_FROM
     small_shape = xp.where(large, 1.0, shape)
-    big_shape = xp.where(large, shape, STIRLING_FROM)
+    # (capped where the value no longer moves: y / shape's derivative squares the shape, which overflows past 1e154)
+    big_shape = xp.where(large, xp.minimum(shape, 1e150), STIRLING_FROM)
     direct = gammaln(small_shape + y) - gammaln(small_shape) - y * xp.log(small_shape)
     stirling = ((big_shape + y - 0.5) * xp.log1p(y / big_shape) - y
                 + _stirling_remainder(big_shape + y, xp) - _stirling_remainder(big_shape, xp))
@@ -79,10 +82,10 @@ def negative_binomial_log_density(y, log_mu, shape, xp):
         log Gamma(y + theta) - log Gamma(theta) + theta log theta + y log mu - (theta + y) log(theta + mu)
         = [log Gamma(y + theta) - log Gamma(theta) - y log theta] + y log mu - (theta + y) log(1 + mu / theta),
 
-    the second form exact at any shape, the Poisson limit included (:func:`_log_gamma_ratio`).  ``y log mu`` is 0 at
+    the second form exact at any shape, the Poisson limit included (:func:`log_gamma_ratio`).  ``y log mu`` is 0 at
     y = 0 whatever mu."""
     log_ratio = log_mu - xp.log(shape)
-    return (_log_gamma_ratio(shape, y, xp) + xp.where(y > 0, y * log_mu, 0.0)
+    return (log_gamma_ratio(shape, y, xp) + y * xp.where(y > 0, log_mu, 0.0)
             - (shape + y) * xp.logaddexp(0.0, log_ratio))
 
 
@@ -165,8 +168,10 @@ class Family:
         if self.name == "poisson":
             return 2.0 * weights * (_y_log_y(y, mu, xp) - (y - mu))
         theta = self.shape
-        # log((y + theta) / (mu + theta)) as log1p: at a large shape the ratio rounds to 1
-        return 2.0 * weights * (y * xp.log(xp.maximum(y, 1.0) / mu) - (y + theta) * xp.log1p((y - mu) / (mu + theta)))
+        # log((y + theta) / (mu + theta)) as a difference of log1p's: at a large shape the ratio rounds to 1, and
+        # one log1p of (y - mu) / (mu + theta) loses mu's digits where that is near -1 (mu >> y + theta)
+        return 2.0 * weights * (y * xp.log(xp.maximum(y, 1.0) / mu)
+                                - (y + theta) * (xp.log1p(y / theta) - xp.log1p(mu / theta)))
 
     def log_likelihood(self, y, mu, weights):
         """log p(y_i | mu_i) per row, as R's ``aic`` counts it (-aic / 2 summed; zero-weight rows give 0)."""
@@ -189,7 +194,8 @@ class Family:
         return weights * (negative_binomial_log_density(y, xp.log(mu), theta, xp) - gammaln(y + 1.0))
 
     def working(self, y, eta, weights):
-        """(mu, PIRLS working weights w, working residual (y - mu) / (d mu / d eta)) at the linear predictor eta."""
+        """(mu, Fisher weights w, working residual (y - mu) / (d mu / d eta)) at the linear predictor eta (lme4's PIRLS
+        weights; the Laplace log-determinant's at the mode)."""
         mu = self.link.inverse(eta)
         d = self.link.mu_eta(eta)
         return mu, weights * d**2 / self.variance(mu), (y - mu) / d

@@ -12,8 +12,10 @@ and the Laplace approximation of -2 log L(theta, beta) is
 
 (lme4's ``glmResp::Laplace``: its deviance function at ``c(theta, beta)``; Bates et al. 2015,
 sec. 5; Bates, "lme4: Mixed-effects modeling with R", ch. 6).  Penalized iteratively reweighted
-least squares finds u*: at each step the working weights w and working residual r of the family
-(:meth:`~hierpool.algebra.family.Family.working`) make the step one weighted Henderson solve
+least squares finds u*: at each step weights w and a working residual r (:func:`newton_working`: the
+observed information and the score over it, so that the step is Newton's; lme4's PIRLS takes the
+family's Fisher weights, :meth:`~hierpool.algebra.family.Family.working`, the same for a canonical
+link) make the step one weighted Henderson solve
 
     (Lambda^T Z^T W Z Lambda + I) u_new = Lambda^T Z^T W (Z Lambda u + r),
 
@@ -45,7 +47,7 @@ from .system import SystemPattern, build_system, system_pattern
 
 #: Relative change of the penalized deviance at which PIRLS has converged (lme4's tolPwrss is 1e-7;
 #: the references in validation/glmm_reference.json were made with 1e-10).  Not looser for Newton's quadratic
-#: convergence (canonical links): log |H| in the criterion, and so its gradient, moves at first order with
+#: convergence (:func:`newton_working`): log |H| in the criterion, and so its gradient, moves at first order with
 #: the mode's remaining error, so a skipped last step costs ~1e-11 relative (measured on Contraception).
 PIRLS_TOL = 1e-12
 #: PIRLS steps, and halvings of one step, before giving up.

@@ -1,11 +1,12 @@
 """PIRLS and the Laplace approximation as one compiled program: :func:`hierpool.algebra.laplace.conditional_mode`
 with every step inside XLA.
 
-The steps are the host's (:mod:`hierpool.algebra.laplace`): the family's working weights and
-residual, one weighted Henderson solve (:func:`hierpool.algebra.henderson.point_estimates`) on the
-system refilled in the program (:func:`hierpool.algebra.system.fill_in_program`, the pattern found
-once on the host), step halving while the penalized deviance rises, and at the mode the
-log-determinant with the weights there.  A glmer fit evaluates the criterion hundreds of times,
+The steps are the host's (:mod:`hierpool.algebra.laplace`): Newton's weights and working
+residual (:func:`~hierpool.algebra.laplace.newton_working`), one weighted Henderson solve
+(:func:`hierpool.algebra.henderson.point_estimates`) on the system refilled in the program
+(:func:`hierpool.algebra.system.fill_in_program`, the pattern found once on the host), step
+halving while the penalized deviance rises, and at the mode the log-determinant with the weights
+there.  A glmer fit evaluates the criterion hundreds of times,
 each a few PIRLS steps on small arrays, where the host's per-operation overhead is most of the
 time; in one program a step costs what its arithmetic costs.
 

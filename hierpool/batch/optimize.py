@@ -3,8 +3,8 @@
 
 The criterion has k(k+1)/2 parameters (3 for correlated slopes), so the exact
 Hessian is cheap and Newton's method converges in a handful of steps.  Where the
-Hessian is not positive definite the step uses H + mu I with mu from
-Gershgorin's bound on its smallest eigenvalue (a Levenberg-Marquardt shift;
+Hessian is not positive definite the step uses H + mu I with mu twice the size of
+its most negative eigenvalue (a Levenberg-Marquardt shift, modified Newton;
 Nocedal & Wright 2006, sec. 3.4), so it always descends; the line search
 evaluates a few step lengths at once and keeps the best (no data-dependent inner
 loop: vmap runs every dataset in lockstep).  The Newton step's m x m systems

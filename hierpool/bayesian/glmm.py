@@ -43,7 +43,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from ..algebra.family import Family, Link, log_likelihood_eta
+from ..algebra.family import Family, Link, log_gamma_ratio, log_likelihood_eta
 from ..algebra.linalg import theta_to_factors
 from .model import HeldVariance, effect_draws, fixed_effects, variance_draws, variance_parameters
 from .nuts import sample_nuts
@@ -229,13 +229,12 @@ def negative_binomial_target(data: GLMMData, eta, shape):
     sum_k C_k log(theta + k) over k < max y, C_k the weights of the rows with y_i > k
     (log Gamma(y + theta) - log Gamma(theta) = sum_{k < y} log(theta + k) for whole y).
     """
-    log_shape = jnp.log(shape)
-    # log(theta + e^eta) as a logaddexp: e^eta overflows at eta ~ 710 (as family.log_likelihood_eta writes it)
-    per_row = shape * log_shape + data.y * eta - (shape + data.y) * jnp.logaddexp(log_shape, eta)
-    gammaln = jax.scipy.special.gammaln
+    # theta log theta + y eta - (theta + y) log(theta + e^eta) with -y log theta taken into the log Gamma terms (as
+    # family.negative_binomial_log_density writes it): both then keep their digits at a large shape
+    per_row = data.y * eta - (shape + data.y) * jnp.logaddexp(0.0, eta - jnp.log(shape))
     return (jnp.sum(data.weights * per_row)
-            + jnp.sum(data.count_weights * (gammaln(data.count_values + shape) - gammaln(shape)))
-            + jnp.sum(data.count_above * jnp.log(shape + data.count_steps)))
+            + jnp.sum(data.count_weights * log_gamma_ratio(shape, data.count_values, jnp))
+            + jnp.sum(data.count_above * jnp.log1p(data.count_steps / shape)))
 
 
 def sample_glmm(design, priors: Priors, held: HeldVariance | None, chains, draws, tune, seed, target_accept, progress):
