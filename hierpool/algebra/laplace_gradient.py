@@ -96,18 +96,24 @@ def rows_random_part(term_rows, b, group=None):
     xp = array_namespace(*b)
     out = 0.0
     for (index, z), effects_j in zip(term_rows, b):
-        out = out + xp.sum(z * _row_effects(effects_j, index, group), axis=1)
+        rows = _row_effects(effects_j, index, group)
+        out = out + (xp.sum(z * rows, axis=1) if group is None else np.einsum("nk,nk->n", z, rows))
     return out
 
 
 def _row_values(z, factor, group):
     """Each row's z_i' T (``group``: each row's dataset, ``factor`` then one T per dataset)."""
-    return z @ factor if group is None else np.einsum("ni,nij->nj", z, factor[group])
+    return z @ factor if group is None else np.einsum("ni,nij->nj", z, factor.take(group, axis=0))
 
 
 def _row_effects(effects, index, group):
-    """Each row's level's effects (``group``: ``effects`` per dataset, leading axis)."""
-    return effects[index] if group is None else effects[group, index]
+    """Each row's level's effects (``group``: ``effects`` per dataset, leading axis).  A batch's are read as one
+    ``take`` of the flattened (dataset, level) cells: NumPy's two-axis fancy index was 10x slower on a batch's
+    millions of rows."""
+    if group is None:
+        return effects[index]
+    _, ell, k = effects.shape
+    return effects.reshape(-1, k).take(group * ell + index, axis=0)
 
 
 def _rows_of(term_rows, factors, n_levels, ks, xp, group=None):
