@@ -8,6 +8,8 @@
     python benchmarks/batch.py --glmm-crossed 1000  # Bernoulli, 20 subjects x 10 items crossed: out/glmm_crossed.json
     python benchmarks/batch.py --glmm-slopes 1000   # Poisson, correlated slopes, 12 groups x 8: out/glmm_slopes.json
     python benchmarks/batch.py --glmm-probit 1000   # binomial probit, nested (1|g) + (1|g:h): out/glmm_probit.json
+    python benchmarks/batch.py --glmm-long 1000     # Bernoulli, 600 rows, (1 + x | g), 40 groups: out/glmm_long.json
+    python benchmarks/batch.py --glmm-counts 1000   # Poisson, 30 x 8 crossed: out/glmm_counts.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
                                                     # hp.lmm loop: out/animal.json
 
@@ -164,9 +166,19 @@ MODELS = {
                         params="list(beta = c(-0.4, 0.5), theta = c(0.7, 0.4))", simulate_args=", weights = d0$n",
                         proportion_of="n",
                         r_fit="glmer(FORMULA, d, binomial('probit'))", r_crit="-2 * as.numeric(logLik(fit))"),
+    # more rows per dataset (600 Bernoulli, correlated slopes), and counts on a crossed design
+    "glmm_long": dict(formula="y ~ x + (1 + x | g)", response="y", family="binomial",
+                      design="d0 <- expand.grid(j = 1:15, g = factor(1:40)); set.seed(5); d0$x <- rnorm(nrow(d0))",
+                      params="list(beta = c(-0.2, 0.6), theta = c(0.7, 0.2, 0.4))",
+                      r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))"),
+    "glmm_counts": dict(formula="y ~ x + (1 | a) + (1 | b)", response="y", family="poisson",
+                        design="d0 <- expand.grid(a = factor(1:30), b = factor(1:8)); set.seed(6); "
+                               "d0$x <- rnorm(nrow(d0))",
+                        params="list(beta = c(0.5, 0.3), theta = c(0.4, 0.6))",
+                        r_fit="glmer(FORMULA, d, poisson)", r_crit="-2 * as.numeric(logLik(fit))"),
 }
 FACTORS = {"crossed": ["plate", "sample"], "glmm": ["herd", "period"], "glmm_crossed": ["subj", "item"],
-           "glmm_slopes": ["g"], "glmm_probit": ["g", "h"]}
+           "glmm_slopes": ["g"], "glmm_probit": ["g", "h"], "glmm_long": ["g"], "glmm_counts": ["a", "b"]}
 
 SIMULATE_R = textwrap.dedent(
     """
@@ -430,6 +442,10 @@ def main() -> None:
                         help="Poisson datasets with correlated slopes (12 groups x 8) against a glmer loop")
     parser.add_argument("--glmm-probit", type=int, default=0,
                         help="binomial probit datasets, 10 groups with 3 nested subgroups, against a glmer loop")
+    parser.add_argument("--glmm-long", type=int, default=0,
+                        help="Bernoulli datasets of 600 rows, correlated slopes over 40 groups, against a glmer loop")
+    parser.add_argument("--glmm-counts", type=int, default=0,
+                        help="Poisson datasets, 30 x 8 crossed, against a glmer loop")
     parser.add_argument("--animal", type=int, default=0, help="animal models on one pedigree against lme4 (L_A in Z)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -437,7 +453,7 @@ def main() -> None:
         OUT.mkdir(exist_ok=True)
         animal_benchmark(args.animal)
         return
-    for name in ("crossed", "glmm", "glmm_crossed", "glmm_slopes", "glmm_probit"):
+    for name in ("crossed", "glmm", "glmm_crossed", "glmm_slopes", "glmm_probit", "glmm_long", "glmm_counts"):
         if getattr(args, name):
             OUT.mkdir(exist_ok=True)
             model_benchmark(name, getattr(args, name))
