@@ -408,7 +408,7 @@ def _optimize_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
     # kept part of its start's error and beta's standard errors moved by 1.6%.)  Starting the trials from the
     # accepted point's mode (hp.glmm's start) made the criterion's value depend on the path to it at PIRLS's
     # tolerance, and the searches stalled short of their optimum (benchmarks/RESULTS.md, "The GLMM class on the
-    # host")
+    # host"; the shifts' start: "The GLMM class, fourteenth session")
     with np.errstate(all="ignore"):
         params, value, newton_step, iterations, converged, curvature = newton_on_host(
             evaluate, start, max_iterations, damping_growth=DAMPING_GROWTH, fd_width=FD_WIDTH, step_tol=STEP_TOL,
