@@ -646,3 +646,13 @@ def test_chunks_run_serially_where_their_newton_systems_lapack_call_may_split(mo
 
         assert thread_count(None, newton_systems=(41, 16)) == 1
         assert thread_count(None, newton_systems=(5, 16)) == thread_count(None)
+
+
+def test_host_calls_are_whole_rounds_of_the_threads_of_equal_lengths():
+    from hierpool.batch.plan import host_chunk_length
+
+    # 1,000 datasets in calls of at most 223 on two threads: six of 167, not four of 223 and one of 108
+    assert host_chunk_length(1000, 223, 2) == 167
+    assert host_chunk_length(1000, 512, 2) == 500  # a call per thread at least
+    assert host_chunk_length(3, 512, 2) == 2 and host_chunk_length(1, 512, 2) == 1
+    assert host_chunk_length(1000, 300, 1) == 250  # one thread: the fewest calls, equal

@@ -51,7 +51,7 @@ from ..algebra.system import Layout, SystemPattern, fill_in_program
 from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
 from .fit_terms import empty_results, padded_widths, row_buckets, run_jobs, take, term_problems, too_large
 from .optimize import MOMENT_FLOOR, canonical_theta, newton, newton_on_host
-from .plan import BatchPlan, chunks, fetch, host_chunk, host_fits, place, thread_count
+from .plan import BatchPlan, chunks, fetch, host_chunk, host_chunk_length, host_fits, place, thread_count
 
 #: The Hessian's forward-difference width in (theta, beta): PIRLS's mode is exact to ~1e-10, so its gradient
 #: is too, and sqrt(eps) (1.5e-8) differences would be half rounding.
@@ -510,7 +510,7 @@ def _fit_glmm_on_host(plan: BatchPlan, family: Family, out: dict, theta0, beta0,
     jobs = []
     for key, members in buckets.items():  # as fit_terms' host path: at most a chunk, and a call per thread at least
         members = np.asarray(members)
-        size = min(chunk_size or default, math.ceil(len(members) / workers))
+        size = host_chunk_length(len(members), chunk_size or default, workers)
         jobs += [(members[first : first + size], key) for first in range(0, len(members), size)]
 
     def run(job):

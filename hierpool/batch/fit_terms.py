@@ -48,6 +48,7 @@ from .plan import (
     dataset_problems,
     fetch,
     host_chunk,
+    host_chunk_length,
     host_fits,
     place,
     progress_bar,
@@ -290,7 +291,7 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
         # beta0 stays float64 and is added on the host: in float32 a large common location of y would lose digits
         shift, systems = systems.beta_shift, dataclasses.replace(systems, beta_shift=np.zeros((len(members), p)))
         if host:  # unpadded chunks, threads (NumPy), nothing compiled
-            size = min(chunk_size or host_chunk(host_bytes(systems)), math.ceil(len(members) / thread_count(None)))
+            size = host_chunk_length(len(members), chunk_size or host_chunk(host_bytes(systems)), thread_count(None))
             systems = shared_grid(systems, slice(None))  # the grid checked and held once per bucket (views)
             for chunk in chunks(0, np.arange(len(members)), size, 1):
                 rows = chunk.index[:chunk.count]

@@ -79,6 +79,16 @@ def host_chunk(bytes_per_dataset: float, most: int = HOST_CHUNK, budget: float =
     return max(1, min(most, int(budget // max(bytes_per_dataset, 1))))
 
 
+def host_chunk_length(count: int, most: int, workers: int) -> int:
+    """Datasets per host call for ``count`` datasets: at most ``most``, and as many calls as a whole number of rounds
+    of the ``workers`` threads, of equal lengths.  (``min(most, ceil(count / workers))`` left the last round
+    half idle: 1,000 datasets of a 600-row GLMM in calls of at most 223 made four of 223 and one of 108, and one
+    thread ran three of the five.)"""
+    calls = math.ceil(count / max(most, 1))
+    calls = math.ceil(calls / workers) * workers
+    return max(1, math.ceil(count / calls))
+
+
 def long_frame(data, by: str) -> pd.DataFrame:
     """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked)."""
     if isinstance(data, pd.DataFrame):
