@@ -381,7 +381,9 @@ def row_quadratic_forms(covariance: PredictionCovariance, v0: jax.Array, level0:
         rest_rows = covariance.rest[index_rest[:, :, None], index_rest[:, None, :]]
         cross_rows = xp.swapaxes(covariance.cross[level0[:, None], :, index_rest], 1, 2)  # (n, k0, m)
         own_rows = covariance.term0[level0]
-    else:  # a row's own dataset's blocks, read as one take of the flattened blocks (faster than a fancy index)
+    else:  # a row's own dataset's blocks, read as one take of the flattened blocks (faster than a fancy index;
+        # the flat positions in the platform's index type: dataset x size^2 passes int32's range on large batches)
+        group, level0, index_rest = (np.asarray(a, dtype=np.intp) for a in (group, level0, index_rest))
         size, (ell0, k0) = covariance.rest.shape[-1], covariance.term0.shape[1:3]
         rest_at = (group * size)[:, None, None] + index_rest[:, :, None]
         rest_rows = covariance.rest.reshape(-1).take(rest_at * size + index_rest[:, None, :])

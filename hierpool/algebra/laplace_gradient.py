@@ -113,7 +113,7 @@ def _row_effects(effects, index, group):
     if group is None:
         return effects[index]
     _, ell, k = effects.shape
-    return effects.reshape(-1, k).take(group * ell + index, axis=0)
+    return effects.reshape(-1, k).take(np.asarray(group, dtype=np.intp) * ell + index, axis=0)
 
 
 def _rows_of(term_rows, factors, n_levels, ks, xp, group=None):

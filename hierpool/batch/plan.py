@@ -80,10 +80,13 @@ def host_chunk(bytes_per_dataset: float, most: int = HOST_CHUNK, budget: float =
 
 
 def host_chunk_length(count: int, most: int, workers: int) -> int:
-    """Datasets per host call for ``count`` datasets: at most ``most``, and as many calls as a whole number of rounds
-    of the ``workers`` threads, of equal lengths.  (``min(most, ceil(count / workers))`` left the last round
-    half idle: 1,000 datasets of a 600-row GLMM in calls of at most 223 made four of 223 and one of 108, and one
-    thread ran three of the five.)"""
+    """Datasets per host call for ``count`` datasets: at most ``most``, the calls planned as a whole number of rounds
+    of the ``workers`` threads and as near equal as a common length allows (the last may be shorter).
+    (``min(most, ceil(count / workers))`` left the last round half idle: 1,000 datasets of a 600-row GLMM in
+    calls of at most 223 made four of 223 and one of 108, and one thread ran three of the five.)"""
+    if count <= 0:
+        return 1
+    workers = max(workers, 1)
     calls = math.ceil(count / max(most, 1))
     calls = math.ceil(calls / workers) * workers
     return max(1, math.ceil(count / calls))
