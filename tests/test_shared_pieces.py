@@ -217,3 +217,14 @@ def test_interval_levels_are_checked_alike_in_predict_and_pooling(sleepstudy):
     with pytest.raises(hp.ArgumentError) as pooling:
         hp.pooling("Reaction ~ Days + (1 | Subject)", sleepstudy, level=1.5, bayes=False)
     assert str(predict.value) == str(pooling.value) == "level must be between 0 and 1, got 1.5"
+
+
+def test_dataset_cells_is_the_two_axis_index_of_a_batch_s_blocks():
+    from hierpool.algebra.linalg import dataset_cells
+
+    rng = np.random.default_rng(4)
+    blocks = rng.normal(size=(5, 7, 2, 3))
+    dataset, level = rng.integers(0, 5, 40).astype(np.int32), rng.integers(0, 7, 40).astype(np.int32)
+    np.testing.assert_array_equal(dataset_cells(blocks, dataset, level), blocks[dataset, level])
+    transposed = np.swapaxes(rng.normal(size=(7, 5, 2)), 0, 1)  # not contiguous
+    np.testing.assert_array_equal(dataset_cells(transposed, dataset, level), transposed[dataset, level])

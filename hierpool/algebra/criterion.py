@@ -71,8 +71,7 @@ def _term0_values(t0, a00):
     chol0, left = term0_factor(t0, a00)
     xp = array_namespace(left)
     logdet0 = logdet_from_cholesky_diagonal(xp.diagonal(chol0, axis1=-2, axis2=-1), axis=(-2, -1))
-    # M_l = left_l' left_l: a matrix product on the host for k0 > 1 (NumPy's einsum here is a naive loop, half as fast
-    # on a batch's stack of levels)
+    # M_l = left_l' left_l: a matrix product on the host for k0 > 1 (NumPy's einsum here is a naive loop)
     m_levels = (xp.swapaxes(left, -1, -2) @ left if xp is np and left.shape[-1] > 1
                 else xp.einsum("...lij,...lik->...ljk", left, left))
     return (logdet0, m_levels), (t0, a00, chol0, left)

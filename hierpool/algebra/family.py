@@ -50,21 +50,22 @@ def _special(xp):
 STIRLING_FROM = 1e3
 
 
-def _stirling_remainder(x, xp):
+def _stirling_remainder(x):
     """log Gamma(x) - ((x - 1/2) log x - x + log(2 pi) / 2), for x >= :data:`STIRLING_FROM` (error below 1e-24)."""
     inverse = 1.0 / x
     squared = inverse * inverse
     return inverse * (1.0 / 12.0 - squared * (1.0 / 360.0 - squared / 1260.0))
 
 
-def log_gamma_ratio(shape, y, xp):
+def log_gamma_ratio(shape, y):
     """log Gamma(shape + y) - log Gamma(shape) - y log(shape), without cancellation at a large shape.
 
     log Gamma of a shape near 1e25 (a negative binomial's Poisson limit) is ~1e27, and the difference of two of them
     kept no digit: a fit's log-likelihood came out 95 too high there, and its optimizer ran the shape to infinity
     for it.  From :data:`STIRLING_FROM` on, Stirling's series gives the same quantity as
     (shape + y - 1/2) log1p(y / shape) - y plus the series' remainders (R's ``dnbinom`` likewise avoids the
-    difference, through its binomial-deviance form)."""
+    difference, through its binomial-deviance form).  NumPy or traced."""
+    xp = array_namespace(shape, y)
     gammaln = _special(xp).gammaln
     large = shape >= STIRLING_FROM
     small_shape = xp.where(large, 1.0, shape)
@@ -72,21 +73,26 @@ def log_gamma_ratio(shape, y, xp):
     big_shape = xp.where(large, xp.minimum(shape, 1e150), STIRLING_FROM)
     direct = gammaln(small_shape + y) - gammaln(small_shape) - y * xp.log(small_shape)
     stirling = ((big_shape + y - 0.5) * xp.log1p(y / big_shape) - y
-                + _stirling_remainder(big_shape + y, xp) - _stirling_remainder(big_shape, xp))
+                + _stirling_remainder(big_shape + y) - _stirling_remainder(big_shape))
     return xp.where(large, stirling, direct)
 
 
-def negative_binomial_log_density(y, log_mu, shape, xp):
+def negative_binomial_mean_terms(y, log_mu, shape):
+    """y log mu - (theta + y) log(1 + mu / theta): the terms of NB2's log p(y | mu) in mu, with -y log theta taken
+    out of theta log theta - (theta + y) log(theta + mu) (it stays with :func:`log_gamma_ratio`), so that neither
+    part loses digits at a large shape.  ``y log mu`` is 0 at y = 0 whatever mu.  NumPy or traced."""
+    xp = array_namespace(y, log_mu, shape)
+    return y * xp.where(y > 0, log_mu, 0.0) - (shape + y) * xp.logaddexp(0.0, log_mu - xp.log(shape))
+
+
+def negative_binomial_log_density(y, log_mu, shape):
     """log p(y | mu) of NB2 (variance mu + mu^2 / shape) on log mu, without the log y! term:
 
         log Gamma(y + theta) - log Gamma(theta) + theta log theta + y log mu - (theta + y) log(theta + mu)
         = [log Gamma(y + theta) - log Gamma(theta) - y log theta] + y log mu - (theta + y) log(1 + mu / theta),
 
-    the second form exact at any shape, the Poisson limit included (:func:`log_gamma_ratio`).  ``y log mu`` is 0 at
-    y = 0 whatever mu."""
-    log_ratio = log_mu - xp.log(shape)
-    return (log_gamma_ratio(shape, y, xp) + y * xp.where(y > 0, log_mu, 0.0)
-            - (shape + y) * xp.logaddexp(0.0, log_ratio))
+    the second form exact at any shape, the Poisson limit included."""
+    return log_gamma_ratio(shape, y) + negative_binomial_mean_terms(y, log_mu, shape)
 
 
 def _y_log_y(y, mu, xp):
@@ -191,7 +197,7 @@ class Family:
         theta = self.shape
         xp = array_namespace(y, mu, weights, theta)  # the shape may be traced (hp.fit_batch's negative binomial)
         gammaln = _special(xp).gammaln
-        return weights * (negative_binomial_log_density(y, xp.log(mu), theta, xp) - gammaln(y + 1.0))
+        return weights * (negative_binomial_log_density(y, xp.log(mu), theta) - gammaln(y + 1.0))
 
     def working(self, y, eta, weights):
         """(mu, Fisher weights w, working residual (y - mu) / (d mu / d eta)) at the linear predictor eta (lme4's PIRLS
@@ -295,5 +301,5 @@ def log_likelihood_eta(name: str, link: str, y, eta, weights, shape=None, consta
         return weights * (value - gammaln(y + 1.0) if constant else value)
     if name != "negative_binomial":
         raise ValueError(f"unknown family {name!r}")
-    value = negative_binomial_log_density(y, eta, shape, xp)
+    value = negative_binomial_log_density(y, eta, shape)
     return weights * (value - gammaln(y + 1.0) if constant else value)

@@ -27,6 +27,7 @@ from .jax_runtime import jax, jnp, pytree_dataclass
 from .linalg import (
     array_namespace,
     cholesky,
+    dataset_cells,
     logdet_from_cholesky_diagonal,
     scale_columns,
     segment_sum,
@@ -381,7 +382,7 @@ def row_quadratic_forms(covariance: PredictionCovariance, v0: jax.Array, level0:
         rest_rows = covariance.rest[index_rest[:, :, None], index_rest[:, None, :]]
         cross_rows = xp.swapaxes(covariance.cross[level0[:, None], :, index_rest], 1, 2)  # (n, k0, m)
         own_rows = covariance.term0[level0]
-    else:  # a row's own dataset's blocks, read as one take of the flattened blocks (faster than a fancy index;
+    else:  # a row's own dataset's blocks, each read as one take of the flattened blocks (as linalg.dataset_cells;
         # the flat positions in the platform's index type: dataset x size^2 passes int32's range on large batches)
         group, level0, index_rest = (np.asarray(a, dtype=np.intp) for a in (group, level0, index_rest))
         size, (ell0, k0) = covariance.rest.shape[-1], covariance.term0.shape[1:3]
@@ -389,14 +390,14 @@ def row_quadratic_forms(covariance: PredictionCovariance, v0: jax.Array, level0:
         rest_rows = covariance.rest.reshape(-1).take(rest_at * size + index_rest[:, None, :])
         cells = ((group * ell0 + level0)[:, None] * k0 + np.arange(k0)[None, :])  # (n, k0)
         cross_rows = covariance.cross.reshape(-1).take(cells[:, :, None] * size + index_rest[:, None, :])
-        own_rows = covariance.term0.reshape(-1, k0, k0).take(group * ell0 + level0, axis=0)
+        own_rows = dataset_cells(covariance.term0, group, level0)
     return (_row_forms(v0, own_rows, v0) + 2.0 * _row_forms(v0, cross_rows, v_rest)
             + _row_forms(v_rest, rest_rows, v_rest))
 
 
 def _row_forms(left, matrices, right):
-    """left_i' M_i right_i per row.  As two products where the blocks are wider than 1: NumPy's three-operand einsum
-    is a naive loop, twice as slow on a batch's millions of rows."""
+    """left_i' M_i right_i per row.  As two products where the blocks are wider than 1 (NumPy's three-operand einsum
+    is a naive loop there)."""
     xp = array_namespace(left, matrices, right)
     if left.shape[-1] == 1 or right.shape[-1] == 1:
         return xp.einsum("ni,nij,nj->n", left, matrices, right)

@@ -467,6 +467,16 @@ def _solve_triangular_by_lu(a: np.ndarray, b: np.ndarray, lower: bool, trans) ->
     return np.where(zero[..., None], np.nan, np.linalg.solve(safe, b[..., None])[..., 0])
 
 
+def dataset_cells(blocks: np.ndarray, dataset: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """``blocks[dataset, level]`` (blocks (D, ell, ...), one per dataset and level) for every row, on the host: one
+    ``take`` of the flattened (dataset, level) cells, which NumPy runs far faster than the two-axis fancy index
+    over a batch's rows (benchmarks/RESULTS.md, "The GLMM class, fourteenth session").  Positions in the platform's
+    index type."""
+    ell = blocks.shape[1]
+    cells = np.asarray(dataset, dtype=np.intp) * ell + np.asarray(level, dtype=np.intp)
+    return blocks.reshape((-1,) + blocks.shape[2:]).take(cells, axis=0)
+
+
 def segment_sum(values, segments, num_segments: int, sorted_segments: bool = False, axis: int = 0):
     """Sums of ``values`` (N, ...) over rows with equal ``segments`` (N,): (num_segments, ...).
 

@@ -43,7 +43,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from ..algebra.family import Family, Link, log_gamma_ratio, log_likelihood_eta
+from ..algebra.family import Family, Link, log_gamma_ratio, log_likelihood_eta, negative_binomial_mean_terms
 from ..algebra.linalg import theta_to_factors
 from .model import HeldVariance, effect_draws, fixed_effects, variance_draws, variance_parameters
 from .nuts import sample_nuts
@@ -223,17 +223,16 @@ def held_variance(fit) -> HeldVariance:
 def negative_binomial_target(data: GLMMData, eta, shape):
     """sum_i of :func:`~hierpool.algebra.family.log_likelihood_eta` of a negative binomial, less the terms in y alone.
 
-    Its log Gamma(y_i + theta) - log Gamma(theta) terms, most of a row's cost with their derivative, are
+    Its log Gamma(y_i + theta) - log Gamma(theta) - y_i log theta terms
+    (:func:`~hierpool.algebra.family.log_gamma_ratio`), most of a row's cost with their derivative, are
     taken once per distinct count v (weighted by the sum A_v of its rows' weights), or, with counts small
     against their number of distinct values (:data:`LOG_SUM_PER_GAMMA`), as
-    sum_k C_k log(theta + k) over k < max y, C_k the weights of the rows with y_i > k
-    (log Gamma(y + theta) - log Gamma(theta) = sum_{k < y} log(theta + k) for whole y).
+    sum_k C_k log(1 + k / theta) over k < max y, C_k the weights of the rows with y_i > k
+    (log Gamma(y + theta) - log Gamma(theta) - y log theta = sum_{k < y} log(1 + k / theta) for whole y).
     """
-    # theta log theta + y eta - (theta + y) log(theta + e^eta) with -y log theta taken into the log Gamma terms (as
-    # family.negative_binomial_log_density writes it): both then keep their digits at a large shape
-    per_row = data.y * eta - (shape + data.y) * jnp.logaddexp(0.0, eta - jnp.log(shape))
-    return (jnp.sum(data.weights * per_row)
-            + jnp.sum(data.count_weights * log_gamma_ratio(shape, data.count_values, jnp))
+    # family.negative_binomial_log_density's two parts, the log Gamma one per distinct count (or as sums of logs)
+    return (jnp.sum(data.weights * negative_binomial_mean_terms(data.y, eta, shape))
+            + jnp.sum(data.count_weights * log_gamma_ratio(shape, data.count_values))
             + jnp.sum(data.count_above * jnp.log1p(data.count_steps / shape)))
 
 
