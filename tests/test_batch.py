@@ -466,6 +466,48 @@ def test_the_host_newton_decides_definiteness_matrix_by_matrix_as_the_compiled_o
     assert _definite_shift(stack[0][None])[0] == 0.0 and _definite_shift(stack[1][None])[0] > 0
 
 
+def test_newton_stops_on_the_pass_whose_quadratic_model_puts_the_optimum_within_the_tolerance():
+    # a quadratic's forward-difference Hessian is exact to its width's rounding, so the first step lands within
+    # ~1e-8 of its minimum (a gradient of ~1e-5 there: the gradient rule does not stop it), where the next step the
+    # model predicts is within the 1e-6 tolerance: the search ends on that pass (one step), not on a pass that takes
+    # that step (two).  With a decrease tolerance, the search ends once the decrease the model still promises
+    # (g^T H^-1 g / 2) is below it, a pass or more sooner
+    import jax.numpy as jnp
+
+    from hierpool.batch.optimize import newton, newton_on_host
+
+    matrix, centre = 1e3 * np.array([[3.0, 1.0], [1.0, 2.0]]), np.array([0.7, -1.3])
+    rng = np.random.default_rng(4)
+    starts = rng.normal(size=(5, 2))
+
+    def quadratic(points, rows):
+        d = points - centre
+        return 0.5 * np.einsum("...i,ij,...j->...", d, matrix, d), d @ matrix
+
+    theta, value, step, iterations, converged = newton_on_host(quadratic, starts, step_tol=1e-6)
+    np.testing.assert_allclose(theta, np.broadcast_to(centre, theta.shape), atol=1e-7)
+    np.testing.assert_array_equal(iterations, 1)
+    assert converged.all()
+    compiled = [newton(lambda x: 0.5 * (x - centre) @ jnp.asarray(matrix) @ (x - centre), jnp.asarray(x0),
+                       step_tol=1e-6) for x0 in starts]
+    assert [int(out[3]) for out in compiled] == [1] * len(starts)
+
+    def smooth(points, rows):  # exp(a x) - a e x per coordinate, minimum at x = 1 / a
+        a = np.array([1.2, 1.9])
+        return np.sum(np.exp(a * points) - a * np.e * points, axis=-1), a * np.exp(a * points) - a * np.e
+
+    exact = newton_on_host(smooth, starts)
+    loose = newton_on_host(smooth, starts, decrease_tol=1e-4)
+    assert exact[3].min() >= 3 and np.all(loose[3] < exact[3])
+    np.testing.assert_allclose(exact[0], np.broadcast_to([1 / 1.2, 1 / 1.9], starts.shape), atol=1e-8)
+    remaining = loose[1] - exact[1]
+    assert np.all(remaining >= 0) and np.all(remaining <= 1e-4)  # the promised decrease bounds what was left
+    rates = jnp.array([1.2, 1.9])
+    traced = jax.value_and_grad(lambda x: jnp.sum(jnp.exp(rates * x) - rates * np.e * x))
+    for x0, passes in zip(starts, loose[3]):
+        assert int(newton(None, jnp.asarray(x0), value_and_grad=traced, decrease_tol=1e-4)[3]) == passes
+
+
 def test_a_dataset_whose_criterion_ignores_a_parameter_fails_alone_on_the_host(monkeypatch):
     # x is 0 throughout dataset 2: its criterion does not depend on the slope's theta, so its Newton systems are
     # singular.  The host's solve must not raise for the whole chunk, and that dataset ends where the compiled

@@ -52,6 +52,8 @@ def _tolerances(dtype):
     eps = float(jnp.finfo(dtype).eps)
     converged = (max(1e-6, 100 * eps**0.5), max(1e-12, 100 * eps))
     return eps**0.5, max(1e-9, 10 * eps), max(1e-6, 30 * eps**0.5), converged
+
+
 MAX_ITERATIONS = 60
 #: Smallest Sigma / sigma^2 eigenvalue of a batch start (see :func:`moment_start`).
 MOMENT_FLOOR = 1e-2
@@ -139,10 +141,15 @@ def _definite_shift(hessian):
     return xp.where(definite, 0.0, xp.maximum(0.0, -gershgorin))
 
 
+def _curvature_scale(curvature, xp):
+    """The curvature's scale: its largest diagonal, at least 1."""
+    return xp.maximum(xp.max(xp.abs(xp.diagonal(curvature, axis1=-2, axis2=-1)), axis=-1), 1.0)
+
+
 def _scale_and_shift(curvature, damping, xp):
-    """The curvature's scale (its largest diagonal, at least 1) and the step's Levenberg-Marquardt shift: the
-    damping, what makes the curvature positive definite, and a 1e-12 ridge when undamped."""
-    scale = xp.maximum(xp.max(xp.abs(xp.diagonal(curvature, axis1=-2, axis2=-1)), axis=-1), 1.0)
+    """The curvature's scale (:func:`_curvature_scale`) and the step's Levenberg-Marquardt shift: the damping, what
+    makes the curvature positive definite, and a 1e-12 ridge when undamped."""
+    scale = _curvature_scale(curvature, xp)
     return scale, damping + _definite_shift(curvature) + xp.where(damping > 0, 0.0, 1e-12 * scale)
 
 
@@ -159,12 +166,48 @@ def _finite_difference_hessians(gradients, steps, xp):
     return 0.5 * (hessians + xp.swapaxes(hessians, -1, -2))
 
 
-def _stops(first, step, theta, improved, new_gradient, new_damping, scale, step_tol, rounding_step_tol, xp):
+def _next_step(curvature, gradient, damping, xp):
+    """(the next pass's step, -(H + shift I)^-1 g (:func:`_scale_and_shift`); the quadratic model's own minimizer,
+    -(H + ridge I)^-1 g, undamped; whether H is positive definite, so that it is one)."""
+    scale = _curvature_scale(curvature, xp)
+    definite = _definite_shift(curvature) == 0
+    eye = xp.eye(gradient.shape[-1], dtype=gradient.dtype)
+    _, shift = _scale_and_shift(curvature, damping, xp)
+    ridge = 1e-12 * scale
+    model = -_solve_spd(curvature + ridge[..., None, None] * eye, gradient)
+    step = xp.where((shift <= ridge)[..., None], model, -_solve_spd(curvature + shift[..., None, None] * eye, gradient))
+    return step, model, definite
+
+
+def _relative_size(step, theta, xp):
+    return xp.max(xp.abs(step), axis=-1) / (1 + xp.max(xp.abs(theta), axis=-1))
+
+
+def _stops(first, step, theta, improved, new_gradient, new_damping, scale, tolerances, xp, new_theta, model_step,
+           definite):
     """Whether the search ends after this pass: the quadratic model has nothing left to give, or what it promises
-    is below rounding; the gradient vanishes; or the damping has grown past any use."""
-    step_size = xp.max(xp.abs(step), axis=-1) / (1 + xp.max(xp.abs(theta), axis=-1))
+    is below rounding; the gradient vanishes; or the damping has grown past any use.
+
+    ``tolerances``: (step, rounding step, decrease or None) (:func:`_tolerances`, ``decrease_tol``).
+
+    The model has nothing left to give when the step just taken was below the step tolerance (relative), or when
+    the new point's own quadratic model, positive definite (``definite``), puts its minimum within it
+    (``model_step``, the undamped Newton step: damping is distrust of a long step, not of where the model's
+    minimum is).  The optimum is then within the tolerance of the point (Newton's method converges quadratically
+    there, so the step it would take is the distance to the optimum to second order), and its pass, a probe and
+    its m shifts, would only confirm it.  Nor has the model anything to give when the decrease it promises,
+    g^T H^-1 g / 2 (half the squared Newton decrement), is below the decrease tolerance: for a criterion that is
+    -2 log L, whose estimates' covariance is 2 H^-1, that decrease is the squared distance of the model's optimum
+    in standard errors, (H^-1 g)^T (2 H^-1)^-1 (H^-1 g) (Boyd & Vandenberghe 2004, sec. 9.5.1, stop on the
+    decrement; Nocedal & Wright 2006, sec. 3.3).
+    """
+    step_tol, rounding_step_tol, decrease_tol = tolerances
+    step_size = _relative_size(step, theta, xp)
     at_optimum = ~first & ((step_size <= step_tol) | (~improved & (step_size <= rounding_step_tol)))
-    return (at_optimum | (xp.max(xp.abs(new_gradient), axis=-1) < GRADIENT_TOL)
+    predicted = _relative_size(model_step, new_theta, xp) <= step_tol
+    if decrease_tol is not None:
+        predicted = predicted | (-0.5 * xp.sum(new_gradient * model_step, axis=-1) <= decrease_tol)
+    return (at_optimum | (definite & predicted) | (xp.max(xp.abs(new_gradient), axis=-1) < GRADIENT_TOL)
             | (~improved & (new_damping > 1e10 * scale)))
 
 
@@ -215,7 +258,7 @@ def minimize_one(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITE
 
 
 def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None, fd_width=None,
-           with_curvature: bool = False, step_tol=None, damping_growth: float = 10.0, aux0=None):
+           with_curvature: bool = False, step_tol=None, damping_growth: float = 10.0, aux0=None, decrease_tol=None):
     """Minimize ``f`` (a pure, differentiable function of theta) from ``theta0``: one dataset's optimizer.
 
     Any criterion: the one-term specialisation (:func:`minimize_one`), the general blocked criterion of a
@@ -224,9 +267,11 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     (``value_and_grad``, in place of ``jax.value_and_grad(f)``; ``f`` is then unused).  ``fd_width``:
     the Hessian's forward-difference width (default sqrt(eps)); ``step_tol``: the relative Newton step at
     which the search stops (default 1e-9, float64); ``damping_growth``: the Levenberg-Marquardt shift's factor
-    after a rejected step.  ``aux0`` (a pytree of arrays, the shapes of an auxiliary output): ``value_and_grad``
-    returns (value, gradient, aux), and the aux at the returned theta comes back last (a GLMM's mode there,
-    without tracing its program again; ``aux0`` where no step improved on +inf).  Pure: vmap it over datasets.
+    after a rejected step; ``decrease_tol``: the search stops where the decrease the quadratic model still
+    promises is below it (:func:`_stops`; None: never on that rule).  ``aux0`` (a pytree of arrays, the shapes of an
+    auxiliary output): ``value_and_grad`` returns (value, gradient, aux), and the aux at the returned theta comes
+    back last (a GLMM's mode there, without tracing its program again; ``aux0`` where no step improved on +inf).
+    Pure: vmap it over datasets.
 
     Returns
     -------
@@ -242,14 +287,13 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     eye = jnp.eye(m, dtype=theta0.dtype)
     width, step_tol_default, rounding_step_tol, (converged_step, converged_decrease) = _tolerances(theta0.dtype)
     fd_width = width if fd_width is None else fd_width
-    step_tol = step_tol or step_tol_default
+    tolerances = (step_tol or step_tol_default, rounding_step_tol, decrease_tol)
     step_lengths = jnp.asarray(STEP_LENGTHS, theta0.dtype)
     has_aux = aux0 is not None
 
     def body(state):
-        theta, value, gradient, curvature, damping, iteration, _, aux = state
-        scale, shift = _scale_and_shift(curvature, damping, jnp)
-        step = -_solve_spd(curvature + shift * eye, gradient)
+        theta, value, gradient, curvature, damping, iteration, _, aux, step = state
+        scale = _curvature_scale(curvature, jnp)
         trials = theta[None, :] + step_lengths[:, None] * step[None, :]
         values, gradients, hessians, *trial_aux = _probe(value_and_grad, trials, fd_width, has_aux)
         values = jnp.where(jnp.isfinite(values), values, jnp.inf)
@@ -257,16 +301,19 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
         improved = values[best] < value
         keep = lambda new, old: jnp.where(improved, new, old)  # noqa: E731
         new_damping = _damping_after(improved, damping, scale, damping_growth, jnp)
+        new_theta, new_value = keep(trials[best], theta), keep(values[best], value)
         new_gradient = keep(gradients[best], gradient)
-        done = _stops(iteration == 0, step, theta, improved, new_gradient, new_damping, scale, step_tol,
-                      rounding_step_tol, jnp)
+        new_curvature = keep(hessians[best], curvature)
+        # the next pass's step, here, so that the stopping rule can read it
+        next_step, model_step, definite = _next_step(new_curvature, new_gradient, new_damping, jnp)
+        done = _stops(iteration == 0, step, theta, improved, new_gradient, new_damping, scale, tolerances, jnp,
+                      new_theta, model_step, definite)
         if has_aux:
             aux = jax.tree_util.tree_map(lambda new, old: keep(new[best], old), trial_aux[0], aux)
-        return (keep(trials[best], theta), keep(values[best], value), new_gradient, keep(hessians[best], curvature),
-                new_damping, iteration + 1, done, aux)
+        return (new_theta, new_value, new_gradient, new_curvature, new_damping, iteration + 1, done, aux, next_step)
 
     def keep_going(state):
-        *_, iteration, done, _ = state
+        *_, iteration, done, _, _ = state
         return (~done) & (iteration < max_iterations)
 
     # the first pass has a zero step: it only probes theta0, so the loop holds the one gradient program.  Every
@@ -275,8 +322,8 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     zero = jnp.where(jnp.isfinite(theta0[0]), 0.0, 0.0).astype(theta0.dtype)  # 0, from theta0 (never NaN)
     aux = None if aux0 is None else jax.tree_util.tree_map(lambda a: a + zero.astype(a.dtype), aux0)
     initial = (theta0, zero + jnp.inf, jnp.zeros_like(theta0) + zero, eye + zero, zero, zero.astype(jnp.int32),
-               zero != 0, aux)
-    theta, value, gradient, curvature, _, iterations, _, aux = jax.lax.while_loop(keep_going, body, initial)
+               zero != 0, aux, jnp.zeros_like(theta0) + zero)
+    theta, value, gradient, curvature, _, iterations, _, aux, _ = jax.lax.while_loop(keep_going, body, initial)
     newton_step, converged = _final_step(value, gradient, curvature, converged_step, converged_decrease, jnp)
     out = (theta, value, newton_step, iterations - 1, converged)
     return out + (curvature,) * with_curvature + (aux,) * has_aux
@@ -294,7 +341,7 @@ def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks
 
 def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX_ITERATIONS,
                    damping_growth: float = 10.0, fd_width=None, step_tol=None, with_curvature: bool = False,
-                   shift_gradients=None):
+                   shift_gradients=None, decrease_tol=None):
     """:func:`newton` for a batch of datasets at once on the host (NumPy): the same steps, shift, damping and
     stopping rules (one home each, above), with each dataset leaving the batch when its search stops.
 
@@ -312,7 +359,7 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         (B, m) starts.
     max_iterations : int
         Passes per dataset (the first probes ``theta0``), as :func:`newton`'s.
-    damping_growth, fd_width, step_tol, with_curvature
+    damping_growth, fd_width, step_tol, with_curvature, decrease_tol
         As :func:`newton`'s.
     shift_gradients : callable, optional
         ``shift_gradients(points, rows, aux)``: the gradients (K, m, m) at the forward-difference shifts
@@ -330,20 +377,19 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     n, m = theta.shape
     width, step_tol_default, rounding_step_tol, (converged_step, converged_decrease) = _tolerances(theta.dtype)
     width = width if fd_width is None else fd_width
-    step_tol = step_tol or step_tol_default
+    tolerances = (step_tol or step_tol_default, rounding_step_tol, decrease_tol)
     lengths = np.asarray(STEP_LENGTHS, dtype=float)
     value, gradient = np.full(n, np.inf), np.zeros((n, m))
     curvature, damping = np.tile(np.eye(m), (n, 1, 1)), np.zeros(n)
+    next_step = np.zeros((n, m))  # the first pass only probes theta0 (a zero step), as newton's
     passes = np.zeros(n, dtype=np.int64)
     lazy = shift_gradients is not None
     active = np.arange(n)
     for iteration in range(max_iterations):
         if not active.size:
             break
-        th, v, g, h, d = theta[active], value[active], gradient[active], curvature[active], damping[active]
-        scale, shift = _scale_and_shift(h, d, np)
-        # the first pass only probes theta0 (a zero step), as newton's
-        step = -_solve_spd(h + shift[:, None, None] * np.eye(m), g) if iteration else np.zeros_like(th)
+        th, v, g, d, step = theta[active], value[active], gradient[active], damping[active], next_step[active]
+        scale = _curvature_scale(curvature[active], np)
         trials = th[:, None, :] + lengths[None, :, None] * step[:, None, :]  # (A, P, m)
         if lazy:
             values, gradients, trial_aux = value_and_grad(trials, active)
@@ -359,10 +405,9 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         improved = values[rows, best] < v
         new_damping = _damping_after(improved, d, scale, damping_growth, np)
         new_gradient = np.where(improved[:, None], gradients[rows, best, 0], g)
-        done = _stops(np.bool_(iteration == 0), step, th, improved, new_gradient, new_damping, scale, step_tol,
-                      rounding_step_tol, np)
         kept = active[improved]
         theta[kept], value[kept] = trials[rows, best][improved], values[rows, best][improved]
+        gradient[active], damping[active] = new_gradient, new_damping
         if not lazy:
             curvature[kept] = _finite_difference_hessians(gradients[rows, best], steps[rows, best], np)[improved]
         elif kept.size:
@@ -370,7 +415,10 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
             shifted = shift_gradients(every[:, 1:], kept, [a[rows, best][improved] for a in trial_aux])
             curvature[kept] = _finite_difference_hessians(
                 np.concatenate([gradients[rows, best][improved], shifted], axis=1), steps, np)
-        gradient[active], damping[active] = new_gradient, new_damping
+        # the next pass's step, here, so that the stopping rule can read it
+        next_step[active], model_step, definite = _next_step(curvature[active], new_gradient, new_damping, np)
+        done = _stops(np.bool_(iteration == 0), step, th, improved, new_gradient, new_damping, scale, tolerances, np,
+                      theta[active], model_step, definite)
         passes[active] += 1
         active = active[~done]
     newton_step, converged = _final_step(value, gradient, curvature, converged_step, converged_decrease, np)
