@@ -52,6 +52,12 @@ from .linalg import (
 )
 from .system import MixedModelSystem, dense_coupling, dense_coupling_pays, grid_coupling
 
+#: Term-0 blocks (levels x datasets) up to which the host forms T0^T A00_l T0 by two matrix products: einsum's
+#: contraction-order search costs ~45 us a call, more than the products of a few hundred k0 x k0 blocks, and a
+#: GLMM's PIRLS forms them a few thousand times for one dataset (a single fit, or a batch's last searches); past
+#: ~1,000 blocks the paired einsum is faster (benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
+MATMUL_MAX_BLOCKS = 1024
+
 
 def term0_factor(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Cholesky factors L0_l of D_l = T0^T A00_l T0 + I and the products L0_l^-1 T0^T, per term-0 level.
@@ -59,10 +65,14 @@ def term0_factor(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
     Leading axes of t0 (..., k0, k0) and a00 (..., ell0, k0, k0) broadcast (a batch of systems on the host).
     """
     xp = array_namespace(t0)
-    # NumPy's einsum of three operands is a naive loop unless it is told to pair them (far slower for k0 >= 2 on a
-    # batch's stack: benchmarks/RESULTS.md, "The GLMM class on the host"); for scalar blocks the plain loop is faster
-    paired = {"optimize": True} if xp is np and t0.shape[-1] > 1 else {}
-    diag0 = xp.einsum("...ji,...ljk,...km->...lim", t0, a00, t0, **paired) + xp.eye(t0.shape[-1])
+    if xp is np and a00[..., 0, 0].size <= MATMUL_MAX_BLOCKS:
+        diag0 = np.swapaxes(t0, -1, -2)[..., None, :, :] @ a00 @ t0[..., None, :, :] + np.eye(t0.shape[-1])
+    else:
+        # NumPy's einsum of three operands is a naive loop unless it is told to pair them (far slower for k0 >= 2 on
+        # a batch's stack: benchmarks/RESULTS.md, "The GLMM class on the host"); for scalar blocks the plain loop is
+        # faster
+        paired = {"optimize": True} if xp is np and t0.shape[-1] > 1 else {}
+        diag0 = xp.einsum("...ji,...ljk,...km->...lim", t0, a00, t0, **paired) + xp.eye(t0.shape[-1])
     chol0 = cholesky(diag0)
     return chol0, tri_inverse(chol0) @ xp.swapaxes(t0, -1, -2)[..., None, :, :]
 
