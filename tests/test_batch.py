@@ -508,6 +508,33 @@ def test_newton_stops_on_the_pass_whose_quadratic_model_puts_the_optimum_within_
         assert int(newton(None, jnp.asarray(x0), value_and_grad=traced, decrease_tol=1e-4)[3]) == passes
 
 
+def test_a_rejected_step_is_shortened_to_the_interpolated_minimum_along_it():
+    # in one dimension the damped step -g / (h + shift) is exact: after a rejection the next step is alpha times the
+    # rejected one, alpha the minimum of the quadratic through f(0), f'(0) and f(s) (at most 0.5, as f(s) >= f(0);
+    # at least 0.1; 0.1 where f(s) is not finite); after a success the damping falls tenfold
+    import jax.numpy as jnp
+
+    from hierpool.batch.optimize import _damping_after
+
+    h, g, damping, scale = 4.0, -2.0, 0.5, 4.0
+    step = np.array([-g / (h + damping)])
+    slope = g * step[0]
+    for change, alpha in [(0.5, -slope / (2 * (0.5 - slope))), (50.0, 0.1), (np.inf, 0.1), (0.0, 0.5)]:
+        new = _damping_after(np.array(False), np.array(damping), np.array(scale), 10.0, np,
+                             (step[None], np.array(slope), np.array(change)))
+        assert 0.1 <= alpha <= 0.5
+        assert -g / (h + new) == pytest.approx(alpha * step[0], rel=1e-12), change
+        traced = _damping_after(jnp.asarray(False), jnp.asarray(damping), jnp.asarray(scale), 10.0, jnp,
+                                (jnp.asarray(step), jnp.asarray(slope), jnp.asarray(change)))
+        assert float(traced) == pytest.approx(new.item(), rel=1e-12)
+    assert _damping_after(np.array(True), np.array(damping), np.array(scale), 10.0, np,
+                          (step[None], np.array(slope), np.array(-1.0))) == pytest.approx(damping / 10)
+    # without the trial (and where no step was taken) the damping grows by its factor
+    assert _damping_after(np.array(False), np.array(damping), np.array(scale), 10.0, np) == pytest.approx(10 * damping)
+    assert _damping_after(np.array(False), np.array(damping), np.array(scale), 10.0, np,
+                          (np.zeros((1, 1)), np.array(0.0), np.array(np.inf))) == pytest.approx(10 * damping)
+
+
 def test_a_dataset_whose_criterion_ignores_a_parameter_fails_alone_on_the_host(monkeypatch):
     # x is 0 throughout dataset 2: its criterion does not depend on the slope's theta, so its Newton systems are
     # singular.  The host's solve must not raise for the whole chunk, and that dataset ends where the compiled

@@ -153,10 +153,35 @@ def _scale_and_shift(curvature, damping, xp):
     return scale, damping + _definite_shift(curvature) + xp.where(damping > 0, 0.0, 1e-12 * scale)
 
 
-def _damping_after(improved, damping, scale, growth: float, xp):
-    """Levenberg-Marquardt: trust the quadratic model more after a success, less after a failure."""
-    return xp.where(improved, xp.where(damping > 1e-8 * scale, damping / 10, 0.0),
-                    xp.maximum(growth * damping, 1e-4 * scale))
+def _damping_after(improved, damping, scale, growth: float, xp, rejected=None):
+    """Levenberg-Marquardt: trust the quadratic model more after a success, less after a failure.
+
+    After a success the damping falls tenfold (to 0 below 1e-8 of the curvature's scale).  After a failure it grows
+    ``growth``-fold (to at least 1e-4 of the scale), or, given the ``rejected`` trial (its step s, the slope
+    g^T s at the point and the change f(x + s) - f(x)), it is set from that trial.  The quadratic through the
+    criterion's value and slope at the point and its value at the trial has its minimum at alpha s,
+    alpha = -slope / (2 (change - slope)), kept within [0.1, 0.5] (+inf or NaN at the trial: 0.1), the
+    safeguarded interpolation of a backtracking line search (Nocedal & Wright 2006, sec. 3.5).  The damping that
+    shortens the step about alpha-fold along it follows from the step's own curvature, c = s^T (H + shift) s /
+    s^T s = -slope / |s|^2 (as (H + shift) s = -g): adding mu to the shift scales the step's length by about
+    c / (c + mu), so mu = c (1 / alpha - 1).  Where no step was taken (a start off the criterion's domain) it
+    grows as without the trial.
+    """
+    grown = growth * damping
+    if rejected is not None:
+        grown = _interpolated_damping(damping, grown, *rejected, xp)
+    return xp.where(improved, xp.where(damping > 1e-8 * scale, damping / 10, 0.0), xp.maximum(grown, 1e-4 * scale))
+
+
+def _interpolated_damping(damping, grown, step, slope, change, xp):
+    """:func:`_damping_after`'s damping after the rejected trial (step, slope, change); ``grown`` where no step."""
+    length2 = xp.sum(step * step, axis=-1)
+    moved = length2 > 0
+    curve = change - slope
+    alpha = xp.where(xp.isfinite(change) & (curve > 0), -slope / (2 * xp.where(curve > 0, curve, 1.0)), 0.1)
+    along = -slope / xp.where(moved, length2, 1.0)  # the step's curvature, c
+    interpolated = damping + along * (1 / xp.clip(alpha, 0.1, 0.5) - 1)
+    return xp.where(moved & (along > 0), interpolated, grown)
 
 
 def _finite_difference_hessians(gradients, steps, xp):
@@ -258,7 +283,8 @@ def minimize_one(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITE
 
 
 def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None, fd_width=None,
-           with_curvature: bool = False, step_tol=None, damping_growth: float = 10.0, aux0=None, decrease_tol=None):
+           with_curvature: bool = False, step_tol=None, damping_growth: float = 10.0, aux0=None, decrease_tol=None,
+           interpolated_damping: bool = False):
     """Minimize ``f`` (a pure, differentiable function of theta) from ``theta0``: one dataset's optimizer.
 
     Any criterion: the one-term specialisation (:func:`minimize_one`), the general blocked criterion of a
@@ -268,9 +294,12 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     the Hessian's forward-difference width (default sqrt(eps)); ``step_tol``: the relative Newton step at
     which the search stops (default 1e-9, float64); ``damping_growth``: the Levenberg-Marquardt shift's factor
     after a rejected step; ``decrease_tol``: the search stops where the decrease the quadratic model still
-    promises is below it (:func:`_stops`; None: never on that rule).  ``aux0`` (a pytree of arrays, the shapes of an
-    auxiliary output): ``value_and_grad`` returns (value, gradient, aux), and the aux at the returned theta comes
-    back last (a GLMM's mode there, without tracing its program again; ``aux0`` where no step improved on +inf).
+    promises is below it (:func:`_stops`; None: never on that rule); ``interpolated_damping``: after a rejected
+    step, the damping that shortens it to the interpolated minimum along it (:func:`_damping_after`), for a
+    criterion far from quadratic (a GLMM's Laplace deviance), in place of ``damping_growth``.  ``aux0`` (a pytree
+    of arrays, the shapes of an auxiliary output): ``value_and_grad`` returns (value, gradient, aux), and the aux
+    at the returned theta comes back last (a GLMM's mode there, without tracing its program again; ``aux0`` where
+    no step improved on +inf).
     Pure: vmap it over datasets.
 
     Returns
@@ -300,7 +329,8 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
         best = jnp.argmin(values)
         improved = values[best] < value
         keep = lambda new, old: jnp.where(improved, new, old)  # noqa: E731
-        new_damping = _damping_after(improved, damping, scale, damping_growth, jnp)
+        rejected = (step, jnp.dot(gradient, step), values[best] - value) if interpolated_damping else None
+        new_damping = _damping_after(improved, damping, scale, damping_growth, jnp, rejected)
         new_theta, new_value = keep(trials[best], theta), keep(values[best], value)
         new_gradient = keep(gradients[best], gradient)
         new_curvature = keep(hessians[best], curvature)
@@ -341,7 +371,7 @@ def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks
 
 def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX_ITERATIONS,
                    damping_growth: float = 10.0, fd_width=None, step_tol=None, with_curvature: bool = False,
-                   shift_gradients=None, decrease_tol=None):
+                   shift_gradients=None, decrease_tol=None, interpolated_damping: bool = False):
     """:func:`newton` for a batch of datasets at once on the host (NumPy): the same steps, shift, damping and
     stopping rules (one home each, above), with each dataset leaving the batch when its search stops.
 
@@ -359,7 +389,7 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         (B, m) starts.
     max_iterations : int
         Passes per dataset (the first probes ``theta0``), as :func:`newton`'s.
-    damping_growth, fd_width, step_tol, with_curvature, decrease_tol
+    damping_growth, fd_width, step_tol, with_curvature, decrease_tol, interpolated_damping
         As :func:`newton`'s.
     shift_gradients : callable, optional
         ``shift_gradients(points, rows, aux)``: the gradients (K, m, m) at the forward-difference shifts
@@ -403,7 +433,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         best = np.argmin(values, axis=1)
         rows = np.arange(len(active))
         improved = values[rows, best] < v
-        new_damping = _damping_after(improved, d, scale, damping_growth, np)
+        rejected = (step, np.sum(g * step, axis=-1), values[rows, best] - v) if interpolated_damping else None
+        new_damping = _damping_after(improved, d, scale, damping_growth, np, rejected)
         new_gradient = np.where(improved[:, None], gradients[rows, best, 0], g)
         kept = active[improved]
         theta[kept], value[kept] = trials[rows, best][improved], values[rows, best][improved]
