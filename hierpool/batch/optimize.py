@@ -120,7 +120,7 @@ def _solve_spd(matrix, vector):
 
 def _positive_definite(matrices: np.ndarray) -> np.ndarray:
     """Whether each of a stack of symmetric matrices (NumPy) is finite and positive definite: its Cholesky factor
-    exists, the compiled path's test (:func:`_definite_shift`), so both paths decide alike."""
+    exists, the compiled path's test (:func:`_definiteness`), so both paths decide alike."""
     finite = np.all(np.isfinite(matrices), axis=(-2, -1))
     safe = np.where(finite[..., None, None], matrices, np.eye(matrices.shape[-1]))
     with np.errstate(invalid="ignore", divide="ignore"):  # linalg.cholesky: NaN for each indefinite one of a stack
@@ -128,9 +128,9 @@ def _positive_definite(matrices: np.ndarray) -> np.ndarray:
     return finite & np.all(pivots.reshape(finite.shape + pivots.shape[-1:]) > 0, axis=-1)
 
 
-def _definite_shift(hessian):
-    """0 where the Hessian is positive definite, else a shift that makes it so (Gershgorin).  JAX (one Hessian) or
-    NumPy (a stack of them, on the host)."""
+def _definiteness(hessian):
+    """(whether the Hessian is finite and positive definite: its Cholesky factor exists; 0 where it is, else a shift
+    that makes it so (Gershgorin)).  JAX (one Hessian) or NumPy (a stack of them, on the host)."""
     if isinstance(hessian, np.ndarray):
         xp, definite = np, _positive_definite(hessian)
     else:
@@ -138,19 +138,17 @@ def _definite_shift(hessian):
         xp, definite = jnp, jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.diagonal(chol) > 0)
     diagonal = xp.diagonal(hessian, axis1=-2, axis2=-1)
     gershgorin = xp.min(2 * diagonal - xp.sum(xp.abs(hessian), axis=-1), axis=-1)
-    return xp.where(definite, 0.0, xp.maximum(0.0, -gershgorin))
+    return definite, xp.where(definite, 0.0, xp.maximum(0.0, -gershgorin))
+
+
+def _definite_shift(hessian):
+    """0 where the Hessian is positive definite, else a shift that makes it so (:func:`_definiteness`)."""
+    return _definiteness(hessian)[1]
 
 
 def _curvature_scale(curvature, xp):
     """The curvature's scale: its largest diagonal, at least 1."""
     return xp.maximum(xp.max(xp.abs(xp.diagonal(curvature, axis1=-2, axis2=-1)), axis=-1), 1.0)
-
-
-def _scale_and_shift(curvature, damping, xp):
-    """The curvature's scale (:func:`_curvature_scale`) and the step's Levenberg-Marquardt shift: the damping, what
-    makes the curvature positive definite, and a 1e-12 ridge when undamped."""
-    scale = _curvature_scale(curvature, xp)
-    return scale, damping + _definite_shift(curvature) + xp.where(damping > 0, 0.0, 1e-12 * scale)
 
 
 def _damping_after(improved, damping, scale, growth: float, xp, rejected=None):
@@ -192,13 +190,14 @@ def _finite_difference_hessians(gradients, steps, xp):
 
 
 def _next_step(curvature, gradient, damping, xp):
-    """(the next pass's step, -(H + shift I)^-1 g (:func:`_scale_and_shift`); the quadratic model's own minimizer,
-    -(H + ridge I)^-1 g, undamped; whether H is positive definite, so that it is one)."""
-    scale = _curvature_scale(curvature, xp)
-    definite = _definite_shift(curvature) == 0
+    """(the next pass's step, -(H + shift I)^-1 g, its Levenberg-Marquardt shift the damping, what makes H positive
+    definite (:func:`_definiteness`) and a 1e-12 ridge (of H's scale, :func:`_curvature_scale`) when undamped; the
+    quadratic model's own minimizer, -(H + ridge I)^-1 g, undamped; whether H is positive definite, so that it is
+    one)."""
+    definite, definite_shift = _definiteness(curvature)
+    ridge = 1e-12 * _curvature_scale(curvature, xp)
+    shift = damping + definite_shift + xp.where(damping > 0, 0.0, ridge)
     eye = xp.eye(gradient.shape[-1], dtype=gradient.dtype)
-    _, shift = _scale_and_shift(curvature, damping, xp)
-    ridge = 1e-12 * scale
     model = -_solve_spd(curvature + ridge[..., None, None] * eye, gradient)
     step = xp.where((shift <= ridge)[..., None], model, -_solve_spd(curvature + shift[..., None, None] * eye, gradient))
     return step, model, definite
@@ -226,23 +225,34 @@ def _stops(first, step, theta, improved, new_gradient, new_damping, scale, toler
     in standard errors, (H^-1 g)^T (2 H^-1)^-1 (H^-1 g) (Boyd & Vandenberghe 2004, sec. 9.5.1, stop on the
     decrement; Nocedal & Wright 2006, sec. 3.3).
     """
-    step_tol, rounding_step_tol, decrease_tol = tolerances
+    step_tol, rounding_step_tol, _ = tolerances
     step_size = _relative_size(step, theta, xp)
     at_optimum = ~first & ((step_size <= step_tol) | (~improved & (step_size <= rounding_step_tol)))
-    predicted = _relative_size(model_step, new_theta, xp) <= step_tol
+    return (at_optimum | _model_at_optimum(new_theta, new_gradient, model_step, definite, tolerances, xp)
+            | (xp.max(xp.abs(new_gradient), axis=-1) < GRADIENT_TOL) | (~improved & (new_damping > 1e10 * scale)))
+
+
+def _model_at_optimum(theta, gradient, model_step, definite, tolerances, xp):
+    """:func:`_stops`'s rule on the point's own quadratic model: positive definite (``definite``), its minimizer
+    ``model_step`` away within the step tolerance, or the decrease it promises below the decrease tolerance."""
+    step_tol, _, decrease_tol = tolerances
+    predicted = _relative_size(model_step, theta, xp) <= step_tol
     if decrease_tol is not None:
-        predicted = predicted | (-0.5 * xp.sum(new_gradient * model_step, axis=-1) <= decrease_tol)
-    return (at_optimum | (definite & predicted) | (xp.max(xp.abs(new_gradient), axis=-1) < GRADIENT_TOL)
-            | (~improved & (new_damping > 1e10 * scale)))
+        predicted = predicted | (-0.5 * xp.sum(gradient * model_step, axis=-1) <= decrease_tol)
+    return definite & predicted
 
 
-def _final_step(value, gradient, curvature, converged_step, converged_decrease, xp):
-    """(max |H^-1 g|, converged) at the end of the search (:func:`newton`'s Returns)."""
+def _final_step(theta, value, gradient, curvature, tolerances, converged_step, converged_decrease, xp):
+    """(max |H^-1 g|, converged) at the end of the search (:func:`newton`'s Returns): converged where the
+    stopping rule on the point's own model holds (:func:`_model_at_optimum`) too, so that a search is not reported
+    unconverged where it stopped on that rule."""
     eye = xp.eye(gradient.shape[-1], dtype=gradient.dtype)
-    newton = _solve_spd(curvature + _definite_shift(curvature)[..., None, None] * eye, gradient)
+    definite, definite_shift = _definiteness(curvature)
+    newton = _solve_spd(curvature + definite_shift[..., None, None] * eye, gradient)
     newton_step = xp.max(xp.abs(newton), axis=-1)
     flat = 0.5 * xp.sum(gradient * newton, axis=-1) <= converged_decrease * (1 + xp.abs(value))
-    return newton_step, xp.isfinite(value) & ((newton_step < converged_step) | flat)
+    model = _model_at_optimum(theta, gradient, -newton, definite, tolerances, xp)
+    return newton_step, xp.isfinite(value) & ((newton_step < converged_step) | flat | model)
 
 
 def _probe_points(points, width, xp):
@@ -307,7 +317,8 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     (theta, value, newton_step, iterations, converged[, curvature][, aux])
         ``newton_step`` is max |H^-1 g| at the end, the distance to the optimum
         the last quadratic model predicts; ``converged`` when it is below 1e-6, or
-        the decrease it predicts is below 1e-12 of the criterion (float64).  ``with_curvature``:
+        the decrease it predicts is below 1e-12 of the criterion (float64), or the search stopped on that
+        model (:func:`_model_at_optimum`).  ``with_curvature``:
         the last forward-difference Hessian too.
     """
     if value_and_grad is None:
@@ -354,7 +365,8 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     initial = (theta0, zero + jnp.inf, jnp.zeros_like(theta0) + zero, eye + zero, zero, zero.astype(jnp.int32),
                zero != 0, aux, jnp.zeros_like(theta0) + zero)
     theta, value, gradient, curvature, _, iterations, _, aux, _ = jax.lax.while_loop(keep_going, body, initial)
-    newton_step, converged = _final_step(value, gradient, curvature, converged_step, converged_decrease, jnp)
+    newton_step, converged = _final_step(theta, value, gradient, curvature, tolerances, converged_step,
+                                         converged_decrease, jnp)
     out = (theta, value, newton_step, iterations - 1, converged)
     return out + (curvature,) * with_curvature + (aux,) * has_aux
 
@@ -452,5 +464,6 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
                       theta[active], model_step, definite)
         passes[active] += 1
         active = active[~done]
-    newton_step, converged = _final_step(value, gradient, curvature, converged_step, converged_decrease, np)
+    newton_step, converged = _final_step(theta, value, gradient, curvature, tolerances, converged_step,
+                                         converged_decrease, np)
     return (theta, value, newton_step, passes - 1, converged) + (curvature,) * with_curvature
