@@ -219,6 +219,18 @@ def test_interval_levels_are_checked_alike_in_predict_and_pooling(sleepstudy):
     assert str(predict.value) == str(pooling.value) == "level must be between 0 and 1, got 1.5"
 
 
+def test_grouped_products_of_a_block_with_itself_are_its_general_products_mirrored():
+    from hierpool.algebra.system import grouped_products
+
+    rng = np.random.default_rng(5)
+    keys, z, w = rng.integers(0, 7, 200), rng.normal(size=(200, 3)), rng.uniform(0.5, 2.0, 200)
+    symmetric = grouped_products(keys, z, z, w, 7)  # the same array: the lower triangle summed, then mirrored
+    general = grouped_products(keys, z, z.copy(), w, 7)
+    np.testing.assert_allclose(symmetric, general, rtol=1e-14, atol=1e-14)
+    np.testing.assert_array_equal(symmetric, np.swapaxes(symmetric, -1, -2))
+    np.testing.assert_allclose(symmetric[2], (z[keys == 2] * w[keys == 2, None]).T @ z[keys == 2], rtol=1e-12)
+
+
 def test_dataset_cells_is_the_two_axis_index_of_a_batch_s_blocks():
     from hierpool.algebra.linalg import dataset_cells
 

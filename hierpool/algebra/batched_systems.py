@@ -66,11 +66,11 @@ def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, 
     w = np.ones(n_rows) if weights is None else np.asarray(weights, dtype=float)
     target = y if offset is None else y - offset
     beta_shift, y_column = location_shifts(dataset, X, target, w, n_datasets)
-    dataset = dataset.astype(np.int64)
+    dataset = dataset.astype(np.int64, copy=False)
     level0, z0, ell0 = terms[0]
-    level0 = level0.astype(np.int64)
+    level0 = level0.astype(np.int64, copy=False)
     k0 = z0.shape[1]
-    rest = [(level.astype(np.int64), z, ell) for level, z, ell in terms[1:]]
+    rest = [(level.astype(np.int64, copy=False), z, ell) for level, z, ell in terms[1:]]
     zeros = np.zeros(n_rows, dtype=np.int64)
     if p:
         rest.append((zeros, X, 1))

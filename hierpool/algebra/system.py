@@ -137,14 +137,20 @@ class MixedModelSystem:
 
 
 def grouped_products(keys, left, right, weights, size):
-    """sum over rows with the same key of w * left[:, a] * right[:, b]; shape (size, ka, kb)."""
+    """sum over rows with the same key of w * left[:, a] * right[:, b]; shape (size, ka, kb).
+
+    With ``right`` the same array as ``left`` the products are symmetric: the k (k + 1) / 2 on and below the
+    diagonal are summed and mirrored (a GLMM's PIRLS builds term 0's blocks at every step)."""
     if size == 1:  # one cell (the X and y blocks): one matrix product, not ka kb bincounts
         return host_product(left * weights[:, None], right, transpose_a=True)[None]
+    symmetric = right is left
     out = np.empty((size, left.shape[1], right.shape[1]))
     for a in range(left.shape[1]):
         wl = weights * left[:, a]
-        for b in range(right.shape[1]):
+        for b in range(a if symmetric else 0, right.shape[1]):
             out[:, a, b] = np.bincount(keys, weights=wl * right[:, b], minlength=size)
+            if symmetric:
+                out[:, b, a] = out[:, a, b]
     return out
 
 
