@@ -10,6 +10,7 @@
     python benchmarks/batch.py --glmm-probit 1000   # binomial probit, nested (1|g) + (1|g:h): out/glmm_probit.json
     python benchmarks/batch.py --glmm-long 1000     # Bernoulli, 600 rows, (1 + x | g), 40 groups: out/glmm_long.json
     python benchmarks/batch.py --glmm-counts 1000   # Poisson, 30 x 8 crossed: out/glmm_counts.json
+    python benchmarks/batch.py --glmm-covariates 400  # Poisson, 3 covariates, (1 | g) + (1 | g:h): glmm_covariates.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
                                                     # hp.lmm loop: out/animal.json
 
@@ -176,9 +177,16 @@ MODELS = {
                                "d0$x <- rnorm(nrow(d0))",
                         params="list(beta = c(0.5, 0.3), theta = c(0.4, 0.6))",
                         r_fit="glmer(FORMULA, d, poisson)", r_crit="-2 * as.numeric(logLik(fit))"),
+    # more fixed effects: the forward-difference Hessian in (theta, beta) takes a gradient per coefficient
+    "glmm_covariates": dict(formula="y ~ x1 + x2 + x3 + (1 | g) + (1 | g:h)", response="y", family="poisson",
+                            design="d0 <- expand.grid(j = 1:4, h = factor(1:3), g = factor(1:15)); set.seed(7); "
+                                   "d0$x1 <- rnorm(nrow(d0)); d0$x2 <- rnorm(nrow(d0)); d0$x3 <- rnorm(nrow(d0))",
+                            params="list(beta = c(0.3, 0.4, -0.2, 0.1), theta = c(0.5, 0.3))",
+                            r_fit="glmer(FORMULA, d, poisson)", r_crit="-2 * as.numeric(logLik(fit))"),
 }
 FACTORS = {"crossed": ["plate", "sample"], "glmm": ["herd", "period"], "glmm_crossed": ["subj", "item"],
-           "glmm_slopes": ["g"], "glmm_probit": ["g", "h"], "glmm_long": ["g"], "glmm_counts": ["a", "b"]}
+           "glmm_slopes": ["g"], "glmm_probit": ["g", "h"], "glmm_long": ["g"], "glmm_counts": ["a", "b"],
+           "glmm_covariates": ["g", "h"]}
 
 SIMULATE_R = textwrap.dedent(
     """
@@ -446,6 +454,8 @@ def main() -> None:
                         help="Bernoulli datasets of 600 rows, correlated slopes over 40 groups, against a glmer loop")
     parser.add_argument("--glmm-counts", type=int, default=0,
                         help="Poisson datasets, 30 x 8 crossed, against a glmer loop")
+    parser.add_argument("--glmm-covariates", type=int, default=0,
+                        help="Poisson datasets with 3 covariates, 15 groups with 3 nested subgroups, against glmer")
     parser.add_argument("--animal", type=int, default=0, help="animal models on one pedigree against lme4 (L_A in Z)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -453,7 +463,8 @@ def main() -> None:
         OUT.mkdir(exist_ok=True)
         animal_benchmark(args.animal)
         return
-    for name in ("crossed", "glmm", "glmm_crossed", "glmm_slopes", "glmm_probit", "glmm_long", "glmm_counts"):
+    for name in ("crossed", "glmm", "glmm_crossed", "glmm_slopes", "glmm_probit", "glmm_long", "glmm_counts",
+                 "glmm_covariates"):
         if getattr(args, name):
             OUT.mkdir(exist_ok=True)
             model_benchmark(name, getattr(args, name))
