@@ -10,7 +10,7 @@
     python benchmarks/batch.py --glmm-probit 1000   # binomial probit, nested (1|g) + (1|g:h): out/glmm_probit.json
     python benchmarks/batch.py --glmm-long 1000     # Bernoulli, 600 rows, (1 + x | g), 40 groups: out/glmm_long.json
     python benchmarks/batch.py --glmm-counts 1000   # Poisson, 30 x 8 crossed: out/glmm_counts.json
-    python benchmarks/batch.py --glmm-covariates 400  # Poisson, 3 covariates, (1 | g) + (1 | g:h): glmm_covariates.json
+    python benchmarks/batch.py --glmm-covariates 400  # Poisson, 3 covariates, (1 | g) + (1 | g:h): out/glmm_covariates.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
                                                     # hp.lmm loop: out/animal.json
 

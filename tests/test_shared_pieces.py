@@ -224,7 +224,7 @@ def test_grouped_products_of_a_block_with_itself_are_its_general_products_mirror
 
     rng = np.random.default_rng(5)
     keys, z, w = rng.integers(0, 7, 200), rng.normal(size=(200, 3)), rng.uniform(0.5, 2.0, 200)
-    symmetric = grouped_products(keys, z, z, w, 7)  # the same array: the lower triangle summed, then mirrored
+    symmetric = grouped_products(keys, z, z, w, 7)  # the same array: the upper triangle summed, then mirrored
     general = grouped_products(keys, z, z.copy(), w, 7)
     np.testing.assert_allclose(symmetric, general, rtol=1e-14, atol=1e-14)
     np.testing.assert_array_equal(symmetric, np.swapaxes(symmetric, -1, -2))

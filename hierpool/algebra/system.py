@@ -139,7 +139,7 @@ class MixedModelSystem:
 def grouped_products(keys, left, right, weights, size):
     """sum over rows with the same key of w * left[:, a] * right[:, b]; shape (size, ka, kb).
 
-    With ``right`` the same array as ``left`` the products are symmetric: the k (k + 1) / 2 on and below the
+    With ``right`` the same array as ``left`` the products are symmetric: the k (k + 1) / 2 on and above the
     diagonal are summed and mirrored (a GLMM's PIRLS builds term 0's blocks at every step)."""
     if size == 1:  # one cell (the X and y blocks): one matrix product, not ka kb bincounts
         return host_product(left * weights[:, None], right, transpose_a=True)[None]

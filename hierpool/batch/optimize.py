@@ -247,11 +247,11 @@ def _final_step(theta, value, gradient, curvature, tolerances, converged_step, c
     stopping rule on the point's own model holds (:func:`_model_at_optimum`) too, so that a search is not reported
     unconverged where it stopped on that rule."""
     eye = xp.eye(gradient.shape[-1], dtype=gradient.dtype)
-    definite, definite_shift = _definiteness(curvature)
-    newton = _solve_spd(curvature + definite_shift[..., None, None] * eye, gradient)
+    newton = _solve_spd(curvature + _definite_shift(curvature)[..., None, None] * eye, gradient)
     newton_step = xp.max(xp.abs(newton), axis=-1)
     flat = 0.5 * xp.sum(gradient * newton, axis=-1) <= converged_decrease * (1 + xp.abs(value))
-    model = _model_at_optimum(theta, gradient, -newton, definite, tolerances, xp)
+    _, model_step, definite = _next_step(curvature, gradient, xp.zeros_like(value), xp)  # as the search read it
+    model = _model_at_optimum(theta, gradient, model_step, definite, tolerances, xp)
     return newton_step, xp.isfinite(value) & ((newton_step < converged_step) | flat | model)
 
 
