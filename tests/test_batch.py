@@ -455,15 +455,18 @@ def test_a_stack_of_cholesky_factors_gives_nan_for_its_indefinite_matrix_alone()
 
 
 def test_the_host_newton_decides_definiteness_matrix_by_matrix_as_the_compiled_one():
-    from hierpool.batch.optimize import _definite_shift, _positive_definite
+    from hierpool.batch.optimize import _definiteness, _positive_definite
 
     stack = np.array([[[2.0, 1.0], [1.0, 2.0]], [[1.0, 2.0], [2.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]],
                       [[np.nan, 0.0], [0.0, 1.0]], [[1e-300, 0.0], [0.0, 1.0]]])  # definite, indefinite, singular
     np.testing.assert_array_equal(_positive_definite(stack), [True, False, False, False, True])
     assert _positive_definite(stack[0]) and not _positive_definite(stack[1])  # one matrix too
-    for matrix in stack[[0, 1, 2, 4]]:
-        assert float(_definite_shift(jax.numpy.asarray(matrix))) == pytest.approx(_definite_shift(matrix[None])[0])
-    assert _definite_shift(stack[0][None])[0] == 0.0 and _definite_shift(stack[1][None])[0] > 0
+    for matrix in stack[[0, 1, 2, 4]]:  # definiteness and the Gershgorin shift, alike on both paths
+        traced, host = _definiteness(jax.numpy.asarray(matrix)), _definiteness(matrix[None])
+        assert bool(traced[0]) == host[0][0] and float(traced[1]) == pytest.approx(host[1][0])
+    definite, shift = _definiteness(stack[:3])
+    np.testing.assert_array_equal(definite, [True, False, False])
+    assert shift[0] == 0.0 and shift[1] > 0 and shift[2] >= 0
 
 
 def test_newton_stops_on_the_pass_whose_quadratic_model_puts_the_optimum_within_the_tolerance():

@@ -240,3 +240,22 @@ def test_dataset_cells_is_the_two_axis_index_of_a_batch_s_blocks():
     np.testing.assert_array_equal(dataset_cells(blocks, dataset, level), blocks[dataset, level])
     transposed = np.swapaxes(rng.normal(size=(7, 5, 2)), 0, 1)  # not contiguous
     np.testing.assert_array_equal(dataset_cells(transposed, dataset, level), transposed[dataset, level])
+
+
+def test_term0_factor_s_matrix_products_and_its_paired_einsum_agree():
+    # the host forms T0^T A00_l T0 by matrix products up to MATMUL_MAX_BLOCKS blocks and by the paired einsum past
+    # them: a stack on either side of the bound, and its halves, give the same factors
+    from hierpool.algebra.criterion import MATMUL_MAX_BLOCKS, term0_factor
+
+    rng = np.random.default_rng(6)
+    for k in (1, 2, 3):
+        t0 = np.tril(rng.normal(size=(2, k, k)))
+        a = rng.normal(size=(2, MATMUL_MAX_BLOCKS // 2 + 1, k, 4))
+        a00 = a @ np.swapaxes(a, -1, -2)  # 2 x 513 blocks: the einsum
+        whole = term0_factor(t0, a00)
+        halves = [term0_factor(t0[i], a00[i]) for i in range(2)]  # 513 each: the matrix products
+        for j in range(2):
+            np.testing.assert_allclose(np.stack([h[j] for h in halves]), whole[j], rtol=1e-12, atol=1e-14)
+        chol, _ = halves[0]
+        expected = np.swapaxes(t0[0], -1, -2) @ a00[0] @ t0[0] + np.eye(k)
+        np.testing.assert_allclose(chol @ np.swapaxes(chol, -1, -2), expected, rtol=1e-12, atol=1e-12 * expected.max())

@@ -53,9 +53,9 @@ from .linalg import (
 from .system import MixedModelSystem, dense_coupling, dense_coupling_pays, grid_coupling
 
 #: Term-0 blocks (levels x datasets) up to which the host forms T0^T A00_l T0 by two matrix products: einsum's
-#: contraction-order search costs ~45 us a call, more than the products of a few hundred k0 x k0 blocks, and a
-#: GLMM's PIRLS forms them a few thousand times for one dataset (a single fit, or a batch's last searches); past
-#: ~1,000 blocks the paired einsum is faster (benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
+#: contraction-order search, paid on every call, costs more than the products of a few hundred k0 x k0 blocks, and
+#: a GLMM's PIRLS forms them a few thousand times for one dataset (a single fit, or a batch's last searches); past
+#: about a thousand blocks the paired einsum is faster (benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
 MATMUL_MAX_BLOCKS = 1024
 
 

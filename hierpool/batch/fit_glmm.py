@@ -61,7 +61,7 @@ FD_WIDTH = 1e-6
 STEP_TOL = 1e-7
 #: The decrease of -2 log L the last quadratic model must still promise for the search to go on
 #: (:func:`hierpool.batch.optimize.newton`'s ``decrease_tol``): below it that model's optimum is within 1e-5
-#: standard errors of the estimates (a pass more had lowered the criterion by < 1e-10 and moved beta by < 1e-6 on
+#: standard errors of the estimates (a pass more had lowered the criterion by < 1e-10 and moved beta by < 1.3e-6 on
 #: 300 datasets each of --glmm-long and --glmm-slopes: benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
 DECREASE_TOL = 1e-10
 #: The Levenberg-Marquardt shift's growth after a rejected trial that gives no interpolation (a non-finite step, or

@@ -141,11 +141,6 @@ def _definiteness(hessian):
     return definite, xp.where(definite, 0.0, xp.maximum(0.0, -gershgorin))
 
 
-def _definite_shift(hessian):
-    """0 where the Hessian is positive definite, else a shift that makes it so (:func:`_definiteness`)."""
-    return _definiteness(hessian)[1]
-
-
 def _curvature_scale(curvature, xp):
     """The curvature's scale: its largest diagonal, at least 1."""
     return xp.maximum(xp.max(xp.abs(xp.diagonal(curvature, axis1=-2, axis2=-1)), axis=-1), 1.0)
@@ -245,12 +240,10 @@ def _model_at_optimum(theta, gradient, model_step, definite, tolerances, xp):
 def _final_step(theta, value, gradient, curvature, tolerances, converged_step, converged_decrease, xp):
     """(max |H^-1 g|, converged) at the end of the search (:func:`newton`'s Returns): converged where the
     stopping rule on the point's own model holds (:func:`_model_at_optimum`) too, so that a search is not reported
-    unconverged where it stopped on that rule."""
-    eye = xp.eye(gradient.shape[-1], dtype=gradient.dtype)
-    newton = _solve_spd(curvature + _definite_shift(curvature)[..., None, None] * eye, gradient)
-    newton_step = xp.max(xp.abs(newton), axis=-1)
-    flat = 0.5 * xp.sum(gradient * newton, axis=-1) <= converged_decrease * (1 + xp.abs(value))
-    _, model_step, definite = _next_step(curvature, gradient, xp.zeros_like(value), xp)  # as the search read it
+    unconverged where it stopped on that rule.  The step is the search's own, undamped (:func:`_next_step`)."""
+    step, model_step, definite = _next_step(curvature, gradient, xp.zeros_like(value), xp)
+    newton_step = xp.max(xp.abs(step), axis=-1)
+    flat = -0.5 * xp.sum(gradient * step, axis=-1) <= converged_decrease * (1 + xp.abs(value))
     model = _model_at_optimum(theta, gradient, model_step, definite, tolerances, xp)
     return newton_step, xp.isfinite(value) & ((newton_step < converged_step) | flat | model)
 
