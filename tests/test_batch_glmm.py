@@ -65,8 +65,10 @@ def _check(batch, d, fit):
         mine = next(t for t in batch.terms if t.group == term.group)
         np.testing.assert_allclose(mine.covariance[d], cov, rtol=1e-5, atol=1e-9, err_msg=f"{term.group}, {d}")
         rows = ranef[ranef["grpvar"] == term.group]
-        np.testing.assert_allclose(mine.b[d][:, 0], rows["condval"].to_numpy(), rtol=1e-5, atol=1e-7,
-                                   err_msg=f"modes of {term.group}, {d}")
+        # the modes to 1e-5 of their conditional sds (a mode near 0 moves with beta and theta, each within its
+        # search's tolerance of the optimum)
+        gap = np.abs(mine.b[d][:, 0] - rows["condval"].to_numpy())
+        assert np.all(gap <= 1e-5 * rows["condsd"].to_numpy() + 1e-7), f"modes of {term.group}, {d}: {gap.max()}"
         np.testing.assert_allclose(mine.cond_sd[d][:, 0], rows["condsd"].to_numpy(), rtol=1e-5, atol=1e-7,
                                    err_msg=f"conditional sds of {term.group}, {d}")
 

@@ -230,6 +230,21 @@ def point_estimates(theta: jax.Array, system: MixedModelSystem) -> tuple:
     return shift_beta(beta, system), tuple(u), effects(factors, u), _logdet_lz(chol0, chol_rest, system.layout.q_rest)
 
 
+def fixed_effects_information(theta: jax.Array, system: MixedModelSystem) -> jax.Array:
+    """R_X^T R_X = X^T W X - X^T W Z Lambda (Lambda^T Z^T W Z Lambda + I)^-1 Lambda^T Z^T W X at ``theta``.
+
+    The Schur complement of the random effects' block in the mixed-model matrix (X^T V^-1 X with sigma^2 = 1): the
+    precision of beta-hat in units of sigma^2 (:func:`solve`'s ``vcov_beta`` is sigma^2 times its inverse), and the
+    curvature in beta of the penalized residual sum of squares minimized over u (Bates et al. 2015, eq. 15-18).
+    From the blocked factor's fixed-effect block R_X; a batch of systems on the host gives a leading axis.
+    """
+    layout = system.layout
+    q, p = layout.q_rest, layout.p
+    chol_rest = _blocked_factor(theta, system)[3]
+    r_x = chol_rest[..., q : q + p, q : q + p]
+    return r_x @ array_namespace(r_x).swapaxes(r_x, -1, -2)
+
+
 def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True, n=None) -> Solution:
     """Solve the mixed-model equations at ``theta``.
 

@@ -24,7 +24,7 @@ import numpy as np
 from .batched_systems import batched_systems, shared_grid
 from .criterion import host_objective_and_gradient
 from .family import Family
-from .henderson import Solution, effects, point_estimates, prediction_covariance, solve
+from .henderson import Solution, effects, fixed_effects_information, point_estimates, prediction_covariance, solve
 from .laplace import (
     PIRLS_MAX_HALVINGS,
     PIRLS_MAX_STEPS,
@@ -34,7 +34,7 @@ from .laplace import (
     pirls_converged,
     step_rises,
 )
-from .laplace_gradient import laplace_gradient, leverages, rows_random_part
+from .laplace_gradient import laplace_gradient, leverages, rows_random_part, weight_derivatives
 from .linalg import theta_to_factors
 
 
@@ -88,13 +88,13 @@ class GroupedRows:
         return tuple((level, z) for level, z, _ in self.terms)
 
 
-def working_system(rows: GroupedRows, response, weights):
+def working_system(rows: GroupedRows, response, weights, fixed: bool = False):
     """Every dataset's working system (the Gaussian mixed-model equations of a PIRLS step: unit residual sd, no
-    fixed effects), stacked (:func:`shared_grid`), and its row counts."""
+    fixed effects, or ``fixed`` the rows' X), stacked (:func:`shared_grid`), and its row counts."""
     n = len(rows.group)
-    with np.errstate(divide="ignore"):  # a zero weight's log enters only the linear model's criterion, unused here
-        systems, counts = batched_systems(rows.group, rows.n_groups, rows.terms, np.zeros((n, 0)), response,
-                                          weights, None, sigma_known=True)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a weight's log enters only the linear model's criterion
+        systems, counts = batched_systems(rows.group, rows.n_groups, rows.terms, rows.X if fixed else np.zeros((n, 0)),
+                                          response, weights, None, sigma_known=True)
     return shared_grid(systems, slice(None)), counts
 
 
@@ -214,6 +214,29 @@ def laplace_and_gradient(theta, beta, rows: GroupedRows, family: Family, saturat
                                     leverage, solve_u, logdet_gradient, group=rows.group)
     value = mode.penalized_deviance + np.asarray(saturated) + logdet
     return value, gradient, mode
+
+
+def fixed_effects_curvature(theta, beta, rows: GroupedRows, family: Family, u) -> np.ndarray:
+    """The curvature in beta (D, p, p) of every dataset's penalized deviance minimized over u, at its mode ``u``
+    (per term (D, ell_j, k_j)) for its own (theta, beta):
+
+        d^2/dbeta^2 min_u P(u, beta) = 2 (X' W_o X - X' W_o Z Lambda H_o^-1 Lambda' Z' W_o X),
+
+    the Schur complement of u's block in P's Hessian (:func:`hierpool.algebra.henderson.fixed_effects_information`
+    on the working system with the observed information W_o as weights:
+    :func:`hierpool.algebra.laplace_gradient.weight_derivatives`).  It is the Laplace criterion's curvature in beta
+    but for log |H|'s, which the weights' change with eta carries (third and fourth derivatives of the
+    log-likelihood): the Gauss-Newton part, of the order of the rows' information, where log |H|'s is of the order
+    of the levels'.
+    """
+    theta = np.asarray(theta, dtype=float)
+    with np.errstate(all="ignore"):
+        factors = theta_to_factors(theta, rows.ks)
+        fixed = rows.offset + np.einsum("np,np->n", rows.X, np.asarray(beta, dtype=float)[rows.group])
+        eta = fixed + rows_random_part(rows.term_rows(), effects(factors, u), rows.group)
+        observed = weight_derivatives(family, rows.y, eta, rows.trials)[1]
+        system, _ = working_system(rows, np.ones(len(rows.group)), observed, fixed=True)
+        return 2.0 * fixed_effects_information(theta, system)
 
 
 def solution_at_mode(theta, rows: GroupedRows, mode: BatchMode) -> Solution:

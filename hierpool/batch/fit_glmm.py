@@ -42,7 +42,13 @@ from ..algebra.family import Family
 from ..algebra.henderson import solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import saturated_rows
-from ..algebra.laplace_batch import GroupedRows, conditional_modes, laplace_and_gradient, solution_at_mode
+from ..algebra.laplace_batch import (
+    GroupedRows,
+    conditional_modes,
+    fixed_effects_curvature,
+    laplace_and_gradient,
+    solution_at_mode,
+)
 from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
 from ..algebra.linalg import array_namespace, cholesky
 from ..algebra.linalg import canonical_theta as canonical_rows
@@ -412,6 +418,9 @@ def _optimize_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
     def shift_gradients(points, active, trial_u):
         return evaluate(points, active, trial_u)[1]
 
+    def beta_curvature(points, active, u):
+        return fixed_effects_curvature(points[:, :n_theta], points[:, n_theta:], rows.subset(active)[0], family, u)
+
     # PIRLS starts from u = 0 at a trial, as the compiled path's does, and at a shift (1e-6 away) from its trial's
     # mode: PIRLS is Newton's method (algebra.laplace.newton_working), and a step or two give the shift's mode to
     # rounding.  (With Fisher scoring's linear convergence, lme4's PIRLS for a non-canonical link, a polished mode
@@ -423,7 +432,7 @@ def _optimize_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
         params, value, newton_step, iterations, converged, curvature = newton_on_host(
             evaluate, start, max_iterations, damping_growth=DAMPING_GROWTH, fd_width=FD_WIDTH, step_tol=STEP_TOL,
             with_curvature=True, shift_gradients=shift_gradients, decrease_tol=DECREASE_TOL,
-            interpolated_damping=True)
+            interpolated_damping=True, trailing_curvature=beta_curvature if p else None)
     theta = canonical_rows(params[:, :n_theta], ks)
     beta = params[:, n_theta:]
     finite = np.isfinite(value)
