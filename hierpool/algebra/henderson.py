@@ -76,10 +76,12 @@ class Solution:
     logdet_rx: jax.Array
 
 
-def _blocked_factor(theta, system: MixedModelSystem, rest_prior=None):
+def _blocked_factor(theta, system: MixedModelSystem, rest_prior=None, leading: int | None = None):
     """The blocked Cholesky factor at ``theta``: (factors T_j, L0 per term-0 level, L0^-1 T0^T, the rest's factor).
 
     ``rest_prior`` (pseudo-observations of a prior on beta) is added to the reduced rest before it is factored.
+    ``leading``: only the reduced rest's leading block of that size is factored (the y column left out, where the
+    response is immaterial and could make it singular).
     """
     if array_namespace(theta) is np:  # term 0 factored once
         rest, factors, chol0, left = host_reduced_rest(theta, system)
@@ -88,6 +90,8 @@ def _blocked_factor(theta, system: MixedModelSystem, rest_prior=None):
         chol0, left = term0_factor(factors[0], system.a00)  # not differentiated here: recomputed, ell0 k0^3
     if rest_prior is not None:
         rest = rest + rest_prior
+    if leading is not None:
+        rest = rest[..., :leading, :leading]
     return factors, chol0, left, cholesky(rest)
 
 
@@ -236,13 +240,13 @@ def fixed_effects_information(theta: jax.Array, system: MixedModelSystem) -> jax
     The Schur complement of the random effects' block in the mixed-model matrix (X^T V^-1 X with sigma^2 = 1): the
     precision of beta-hat in units of sigma^2 (:func:`solve`'s ``vcov_beta`` is sigma^2 times its inverse), and the
     curvature in beta of the penalized residual sum of squares minimized over u (Bates et al. 2015, eq. 15-18).
-    From the blocked factor's fixed-effect block R_X; a batch of systems on the host gives a leading axis.
+    From the blocked factor's fixed-effect block (lower: R_X^T), the y column left out (the response does not enter);
+    a batch of systems on the host gives a leading axis.
     """
     layout = system.layout
     q, p = layout.q_rest, layout.p
-    chol_rest = _blocked_factor(theta, system)[3]
-    r_x = chol_rest[..., q : q + p, q : q + p]
-    return r_x @ array_namespace(r_x).swapaxes(r_x, -1, -2)
+    r_x_t = _blocked_factor(theta, system, leading=q + p)[3][..., q:, q:]
+    return r_x_t @ array_namespace(r_x_t).swapaxes(r_x_t, -1, -2)
 
 
 def solve(theta: jax.Array, system: MixedModelSystem, reml: bool = True, n=None) -> Solution:

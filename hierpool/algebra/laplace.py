@@ -40,7 +40,7 @@ import numpy as np
 from ..spec.design import Design
 from .criterion import host_objective_and_gradient
 from .family import Family
-from .henderson import Solution, effects, point_estimates, prediction_covariance, solve
+from .henderson import Solution, effects, fixed_effects_information, point_estimates, prediction_covariance, solve
 from .laplace_gradient import canonical, laplace_gradient, leverages, rows_random_part, weight_derivatives
 from .linalg import array_namespace, theta_to_factors
 from .system import SystemPattern, build_system, system_pattern
@@ -352,7 +352,9 @@ def fixed_effect_information(theta, mode: ConditionalMode, design: Design, famil
     """2 R_X^T R_X: the fixed effects' block of the penalized system at a mode, in deviance units.
 
     R_X is the fixed-effect block of the Cholesky factor of the joint (beta, u) penalized weighted
-    least-squares system at the mode's working weights (lme4's ``RX``); 2 R_X^T R_X approximates the
+    least-squares system at the mode's working weights (lme4's ``RX``;
+    :func:`hierpool.algebra.henderson.fixed_effects_information`, as a batch's search takes it with the
+    observed information: :func:`hierpool.algebra.laplace_batch.fixed_effects_curvature`); 2 R_X^T R_X approximates the
     Hessian of the Laplace deviance in beta (exact for a linear mixed model; for a GLMM it omits the
     weights' dependence on beta through log |H|).
 
@@ -372,7 +374,8 @@ def fixed_effect_information(theta, mode: ConditionalMode, design: Design, famil
     numpy.ndarray
         (p, p), symmetric positive definite.
     """
-    return 2.0 * np.linalg.inv(np.asarray(mode_solution(theta, mode, design, family, joint_pattern).vcov_beta))
+    system = _mode_system(mode, design, family, joint_pattern)
+    return 2.0 * np.asarray(fixed_effects_information(np.asarray(theta, dtype=float), system))
 
 
 def mode_working(mode: ConditionalMode, design: Design, family: Family):
@@ -393,8 +396,12 @@ def mode_solution(theta, mode: ConditionalMode, design: Design, family: Family,
     are those of the step PIRLS would take from the mode (the mode itself, where PIRLS converged).
     ``joint_pattern`` as in :func:`fixed_effect_information`.
     """
+    return solve(np.asarray(theta, dtype=float), _mode_system(mode, design, family, joint_pattern))
+
+
+def _mode_system(mode: ConditionalMode, design: Design, family: Family, joint_pattern: SystemPattern | None):
+    """The joint (beta, u) penalized system at a mode's working weights (:func:`mode_working`)."""
     if joint_pattern is None:
         joint_pattern = pirls_patterns(design)[True]
     response, weights = mode_working(mode, design, family)
-    system = _working_system(design, response, weights, True, {True: joint_pattern})
-    return solve(np.asarray(theta, dtype=float), system)
+    return _working_system(design, response, weights, True, {True: joint_pattern})

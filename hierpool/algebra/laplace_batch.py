@@ -98,6 +98,11 @@ def working_system(rows: GroupedRows, response, weights, fixed: bool = False):
     return shared_grid(systems, slice(None)), counts
 
 
+def _fixed_part(rows: GroupedRows, beta):
+    """offset + X beta per row, each dataset's beta (D, p)."""
+    return rows.offset + np.einsum("np,np->n", rows.X, np.asarray(beta, dtype=float)[rows.group])
+
+
 def _at(rows: GroupedRows, family: Family, factors, fixed, u):
     """(b, eta, penalized deviance per dataset) at each dataset's u (``fixed``: offset + X beta per row)."""
     b = effects(factors, u)
@@ -133,7 +138,7 @@ def conditional_modes(theta, beta, rows: GroupedRows, family: Family, tol: float
 def _pirls(theta, beta, rows: GroupedRows, family: Family, tol: float, start_u) -> BatchMode:
     n_groups = rows.n_groups
     factors = theta_to_factors(theta, rows.ks)
-    fixed = rows.offset + np.einsum("np,np->n", rows.X, beta[rows.group])
+    fixed = _fixed_part(rows, beta)
     if start_u is None:
         u = [np.zeros((n_groups, width, k)) for (_, _, width), k in zip(rows.terms, rows.ks)]
     else:
@@ -231,10 +236,9 @@ def fixed_effects_curvature(theta, beta, rows: GroupedRows, family: Family, u) -
     """
     theta = np.asarray(theta, dtype=float)
     with np.errstate(all="ignore"):
-        factors = theta_to_factors(theta, rows.ks)
-        fixed = rows.offset + np.einsum("np,np->n", rows.X, np.asarray(beta, dtype=float)[rows.group])
-        eta = fixed + rows_random_part(rows.term_rows(), effects(factors, u), rows.group)
+        eta = _at(rows, family, theta_to_factors(theta, rows.ks), _fixed_part(rows, beta), u)[1]
         observed = weight_derivatives(family, rows.y, eta, rows.trials)[1]
+        # the response is immaterial (the information does not read it): ones
         system, _ = working_system(rows, np.ones(len(rows.group)), observed, fixed=True)
         return 2.0 * fixed_effects_information(theta, system)
 

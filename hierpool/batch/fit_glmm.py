@@ -11,9 +11,13 @@ from half the final Hessian, inverted (lme4's ``vcov`` with ``use.hessian``).
 **On the host** (:func:`_on_host`: binomial and Poisson, float64, one CPU device) nothing is compiled: the
 criterion and gradient of every point of a chunk's datasets are evaluated at once in NumPy
 (:mod:`hierpool.algebra.laplace_batch`), and :func:`hierpool.batch.optimize.newton_on_host` runs the compiled
-path's steps and rules, each dataset leaving when its own search stops.  Two things the lockstep of a vmapped
-program cannot do: the Hessian's forward-difference shifts are evaluated only around accepted trials, and PIRLS at
-a shift starts from its trial's mode (at a trial from u = 0, as in the program).
+path's rules, each dataset leaving when its own search stops.  Three things the lockstep of a vmapped program
+does not do: the Hessian's forward-difference shifts are evaluated only around accepted trials; PIRLS at a shift
+starts from its trial's mode (at a trial from u = 0, as in the program); and the shifts are in theta alone, the
+Hessian's beta block the profiled penalized deviance's curvature
+(:func:`hierpool.algebra.laplace_batch.fixed_effects_curvature`), beta differenced only where a search stops
+(``newton_on_host``'s ``trailing_curvature``), so that each fixed effect does not cost a gradient a pass.  The
+returned Hessian is the full forward-difference one either way.
 
 **Compiled** (a negative binomial, float32, an accelerator or a mesh): the program of
 :func:`hierpool.algebra.laplace_program.laplace_value_and_gradient` (PIRLS, the log-determinant and the exact
@@ -398,7 +402,8 @@ def host_bytes(plan: BatchPlan) -> float:
 def _optimize_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarray, family: Family,
                  max_iterations: int) -> dict:
     """A chunk's fits on the host: :func:`hierpool.batch.optimize.newton_on_host` (the compiled path's rules, width
-    and tolerances) on :func:`hierpool.algebra.laplace_batch.laplace_and_gradient`, every point of every dataset
+    and tolerances; the beta block from :func:`hierpool.algebra.laplace_batch.fixed_effects_curvature` during the
+    search) on :func:`hierpool.algebra.laplace_batch.laplace_and_gradient`, every point of every dataset
     still searching evaluated at once; then each dataset's mode, conditional variances and vcov at its optimum, as
     :func:`_optimize_rows` returns them."""
     ks, p = rows.ks, rows.X.shape[1]
