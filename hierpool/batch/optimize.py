@@ -512,7 +512,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         (K, m, m) of an accepted trial of datasets ``rows``, ``aux`` its state (a list of arrays (K, ...)).  The
         shifts are then evaluated only around accepted trials, whose Hessians alone are kept (a rejected trial's
         shifts are wasted work: a GLMM's Laplace deviance, far from quadratic at the start, rejects several), and
-        they can start from the trial's state (a GLMM's mode there).
+        they can start from the trial's state (a GLMM's mode there).  It is called at every accepted point, so that
+        a caller can keep each dataset's state at its current point (a GLMM's next trials start from that mode).
     trailing_curvature : callable, optional
         With ``shift_gradients``: ``trailing_curvature(points, rows, aux)``, the Hessian's trailing r x r block
         (K, r, r) at accepted points (K, m) of datasets ``rows``, ``aux`` their states: an approximation of the
