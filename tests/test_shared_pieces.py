@@ -259,3 +259,12 @@ def test_term0_factor_s_matrix_products_and_its_paired_einsum_agree():
         chol, _ = halves[0]
         expected = np.swapaxes(t0[0], -1, -2) @ a00[0] @ t0[0] + np.eye(k)
         np.testing.assert_allclose(chol @ np.swapaxes(chol, -1, -2), expected, rtol=1e-12, atol=1e-12 * expected.max())
+
+
+def test_block_product_is_matmul_with_one_column_blocks_taken_elementwise():
+    from hierpool.algebra.linalg import block_product
+
+    rng = np.random.default_rng(2)
+    for inner in (1, 2):
+        a, b = rng.normal(size=(4, 30, 3, inner)), rng.normal(size=(4, 1, inner, 5))
+        np.testing.assert_array_equal(block_product(a, b), a @ b)

@@ -26,6 +26,7 @@ from .criterion import host_reduced_rest, level_contractions, reduced_rest, row_
 from .jax_runtime import jax, jnp, pytree_dataclass
 from .linalg import (
     array_namespace,
+    block_product,
     cholesky,
     dataset_cells,
     logdet_from_cholesky_diagonal,
@@ -100,8 +101,8 @@ def _couplings(system: MixedModelSystem, factors, left) -> list[jax.Array]:
     rest_factors = list(factors[1:]) + [None] * (len(system.layout.rest_blocks) - len(factors) + 1)
     out = []
     for coupling, factor in zip(system.couplings, rest_factors):
-        block = left[..., coupling.level0, :, :] @ coupling.values
-        out.append(block if factor is None else block @ factor[..., None, :, :])
+        block = block_product(left[..., coupling.level0, :, :], coupling.values)
+        out.append(block if factor is None else block_product(block, factor[..., None, :, :]))
     return out
 
 

@@ -318,6 +318,16 @@ def scale_columns(matrix: jax.Array, blocks, transpose: bool = False) -> jax.Arr
 SINGLE_THREAD_GEMM = 2**18
 
 
+def block_product(a, b):
+    """``a @ b`` over stacks of blocks (..., i, j) @ (..., j, k); on the host, where j = 1, the elementwise product
+    a * b, the same numbers: NumPy's matmul loops once per block, and a stack of many small blocks (a batch's coupling
+    cells with one-column terms) spends its time in that loop (benchmarks/RESULTS.md, "The GLMM class, sixteenth
+    session")."""
+    if array_namespace(a, b) is np and a.shape[-1] == 1:
+        return a * b
+    return a @ b
+
+
 def host_product(a: np.ndarray, b: np.ndarray, transpose_a: bool = False) -> np.ndarray:
     """``a @ b`` (``a.T @ b`` with ``transpose_a``) as gemm calls small enough to stay on the calling thread.
 
