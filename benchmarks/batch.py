@@ -11,6 +11,8 @@
     python benchmarks/batch.py --glmm-long 1000     # Bernoulli, 600 rows, (1 + x | g), 40 groups: out/glmm_long.json
     python benchmarks/batch.py --glmm-counts 1000   # Poisson, 30 x 8 crossed: out/glmm_counts.json
     python benchmarks/batch.py --glmm-covariates 400  # Poisson, 3 covariates, (1 | g) + (1 | g:h): out/glmm_covariates.json
+    python benchmarks/batch.py --glmm-small-groups 1000  # Bernoulli, 40 groups of 3 rows: out/glmm_small_groups.json
+    python benchmarks/batch.py --glmm-cloglog 1000  # Bernoulli cloglog, 20 x 8 crossed: out/glmm_cloglog.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
                                                     # hp.lmm loop: out/animal.json
 
@@ -183,10 +185,23 @@ MODELS = {
                                    "d0$x1 <- rnorm(nrow(d0)); d0$x2 <- rnorm(nrow(d0)); d0$x3 <- rnorm(nrow(d0))",
                             params="list(beta = c(0.3, 0.4, -0.2, 0.1), theta = c(0.5, 0.3))",
                             r_fit="glmer(FORMULA, d, poisson)", r_crit="-2 * as.numeric(logLik(fit))"),
+    # little information a level (3 Bernoulli rows a group): log |H|'s curvature in beta is as large as the data's
+    "glmm_small_groups": dict(formula="y ~ x1 + x2 + (1 | g)", response="y", family="binomial",
+                              design="d0 <- expand.grid(j = 1:3, g = factor(1:40)); set.seed(8); "
+                                     "d0$x1 <- rnorm(nrow(d0)); d0$x2 <- rnorm(nrow(d0))",
+                              params="list(beta = c(-0.5, 0.8, -0.4), theta = 1)",
+                              r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))"),
+    # a non-canonical link on Bernoulli rows, crossed terms, three covariates
+    "glmm_cloglog": dict(formula="y ~ x1 + x2 + x3 + (1 | s) + (1 | i)", response="y", family="binomial",
+                         link="cloglog", r_family="binomial(link = 'cloglog')",
+                         design="d0 <- expand.grid(s = factor(1:20), i = factor(1:8)); set.seed(9); "
+                                "d0$x1 <- rnorm(nrow(d0)); d0$x2 <- rnorm(nrow(d0)); d0$x3 <- rnorm(nrow(d0))",
+                         params="list(beta = c(-0.8, 0.5, 0.3, -0.3), theta = c(0.7, 0.4))",
+                         r_fit="glmer(FORMULA, d, binomial('cloglog'))", r_crit="-2 * as.numeric(logLik(fit))"),
 }
 FACTORS = {"crossed": ["plate", "sample"], "glmm": ["herd", "period"], "glmm_crossed": ["subj", "item"],
            "glmm_slopes": ["g"], "glmm_probit": ["g", "h"], "glmm_long": ["g"], "glmm_counts": ["a", "b"],
-           "glmm_covariates": ["g", "h"]}
+           "glmm_covariates": ["g", "h"], "glmm_small_groups": ["g"], "glmm_cloglog": ["s", "i"]}
 
 SIMULATE_R = textwrap.dedent(
     """
@@ -456,6 +471,10 @@ def main() -> None:
                         help="Poisson datasets, 30 x 8 crossed, against a glmer loop")
     parser.add_argument("--glmm-covariates", type=int, default=0,
                         help="Poisson datasets with 3 covariates, 15 groups with 3 nested subgroups, against glmer")
+    parser.add_argument("--glmm-small-groups", type=int, default=0,
+                        help="Bernoulli datasets, 2 covariates, 40 groups of 3 rows, against a glmer loop")
+    parser.add_argument("--glmm-cloglog", type=int, default=0,
+                        help="Bernoulli cloglog datasets, 3 covariates, 20 x 8 crossed, against a glmer loop")
     parser.add_argument("--animal", type=int, default=0, help="animal models on one pedigree against lme4 (L_A in Z)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -464,7 +483,7 @@ def main() -> None:
         animal_benchmark(args.animal)
         return
     for name in ("crossed", "glmm", "glmm_crossed", "glmm_slopes", "glmm_probit", "glmm_long", "glmm_counts",
-                 "glmm_covariates"):
+                 "glmm_covariates", "glmm_small_groups", "glmm_cloglog"):
         if getattr(args, name):
             OUT.mkdir(exist_ok=True)
             model_benchmark(name, getattr(args, name))

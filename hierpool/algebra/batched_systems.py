@@ -39,7 +39,8 @@ MAX_DENSE_ENTRIES = 2**18
 
 
 def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, y: np.ndarray,
-                    weights: np.ndarray | None, offset: np.ndarray | None, sigma_known: bool = False):
+                    weights: np.ndarray | None, offset: np.ndarray | None, sigma_known: bool = False,
+                    shift: bool = True):
     """Every dataset's system, stacked: (MixedModelSystem with a leading dataset axis, n per dataset).
 
     Parameters
@@ -55,6 +56,9 @@ def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, 
     offset : (N,), optional
     sigma_known : bool
         Residual sds known (``se=``): sigma is 1.
+    shift : bool
+        The y column about each dataset's least-squares fit on X (module notes); False: y itself, beta_shift 0,
+        for a caller that reads only the Z and X blocks (the fit's p x p solves saved).
 
     Returns
     -------
@@ -65,7 +69,10 @@ def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, 
     n_rows, p = X.shape
     w = np.ones(n_rows) if weights is None else np.asarray(weights, dtype=float)
     target = y if offset is None else y - offset
-    beta_shift, y_column = location_shifts(dataset, X, target, w, n_datasets)
+    if shift:
+        beta_shift, y_column = location_shifts(dataset, X, target, w, n_datasets)
+    else:
+        beta_shift, y_column = np.zeros((n_datasets, p)), target
     dataset = dataset.astype(np.int64, copy=False)
     level0, z0, ell0 = terms[0]
     level0 = level0.astype(np.int64, copy=False)

@@ -90,11 +90,12 @@ class GroupedRows:
 
 def working_system(rows: GroupedRows, response, weights, fixed: bool = False):
     """Every dataset's working system (the Gaussian mixed-model equations of a PIRLS step: unit residual sd, no
-    fixed effects, or ``fixed`` the rows' X), stacked (:func:`shared_grid`), and its row counts."""
+    fixed effects), stacked (:func:`shared_grid`), and its row counts.  ``fixed``: with the rows' X, for its blocks
+    alone (the response's column unshifted: :func:`batched_systems`' ``shift``)."""
     n = len(rows.group)
     with np.errstate(divide="ignore", invalid="ignore"):  # a weight's log enters only the linear model's criterion
         systems, counts = batched_systems(rows.group, rows.n_groups, rows.terms, rows.X if fixed else np.zeros((n, 0)),
-                                          response, weights, None, sigma_known=True)
+                                          response, weights, None, sigma_known=True, shift=not fixed)
     return shared_grid(systems, slice(None)), counts
 
 
@@ -103,10 +104,15 @@ def _fixed_part(rows: GroupedRows, beta):
     return rows.offset + np.einsum("np,np->n", rows.X, np.asarray(beta, dtype=float)[rows.group])
 
 
+def _linear_predictor(rows: GroupedRows, factors, fixed, u):
+    """(b, eta) at each dataset's u (``fixed``: offset + X beta per row)."""
+    b = effects(factors, u)
+    return b, fixed + rows_random_part(rows.term_rows(), b, rows.group)
+
+
 def _at(rows: GroupedRows, family: Family, factors, fixed, u):
     """(b, eta, penalized deviance per dataset) at each dataset's u (``fixed``: offset + X beta per row)."""
-    b = effects(factors, u)
-    eta = fixed + rows_random_part(rows.term_rows(), b, rows.group)
+    b, eta = _linear_predictor(rows, factors, fixed, u)
     return b, eta, penalized_deviance(family, rows.y, rows.trials, family.link.inverse(eta), u, rows.group,
                                       rows.n_groups)
 
@@ -236,7 +242,7 @@ def fixed_effects_curvature(theta, beta, rows: GroupedRows, family: Family, u) -
     """
     theta = np.asarray(theta, dtype=float)
     with np.errstate(all="ignore"):
-        eta = _at(rows, family, theta_to_factors(theta, rows.ks), _fixed_part(rows, beta), u)[1]
+        eta = _linear_predictor(rows, theta_to_factors(theta, rows.ks), _fixed_part(rows, beta), u)[1]
         observed = weight_derivatives(family, rows.y, eta, rows.trials)[1]
         # the response is immaterial (the information does not read it): ones
         system, _ = working_system(rows, np.ones(len(rows.group)), observed, fixed=True)
