@@ -268,3 +268,8 @@ def test_block_product_is_matmul_with_one_column_blocks_taken_elementwise():
     for inner in (1, 2):
         a, b = rng.normal(size=(4, 30, 3, inner)), rng.normal(size=(4, 1, inner, 5))
         np.testing.assert_array_equal(block_product(a, b), a @ b)
+    # a coupling by its term's factor (one per dataset, broadcast over cells), one-column blocks throughout
+    block, factor = rng.normal(size=(4, 30, 1, 1)), rng.normal(size=(4, 1, 1))
+    np.testing.assert_array_equal(block_product(block, factor[..., None, :, :]), block @ factor[..., None, :, :])
+    with pytest.raises(ValueError):  # an inner size that does not match is refused, as by matmul
+        block_product(rng.normal(size=(3, 1)), rng.normal(size=(3, 5)))

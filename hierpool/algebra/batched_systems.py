@@ -22,7 +22,7 @@ for the models batched: :data:`MAX_DENSE_ENTRIES`).
 **Rows.**  ``Layout.n`` is None: each dataset's n is data (``objective(..., n=)``, ``solve(..., n=)``).
 
 The y column is each dataset's y - offset - X beta0_d (:func:`hierpool.algebra.statistics.location_shifts`), as
-:func:`~hierpool.algebra.system.build_system`'s one-dataset shift.
+:func:`~hierpool.algebra.system.build_system`'s one-dataset shift (unless ``shift=False``: y - offset).
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, 
     sigma_known : bool
         Residual sds known (``se=``): sigma is 1.
     shift : bool
-        The y column about each dataset's least-squares fit on X (module notes); False: y itself, beta_shift 0,
-        for a caller that reads only the Z and X blocks (the fit's p x p solves saved).
+        The y column about each dataset's least-squares fit on X (module notes); False: y - offset itself,
+        beta_shift 0, for a caller that reads only the Z and X blocks (the fit's p x p solves saved).
 
     Returns
     -------

@@ -323,7 +323,7 @@ def block_product(a, b):
     a * b, the same numbers: NumPy's matmul loops once per block, and a stack of many small blocks (a batch's coupling
     cells with one-column terms) spends its time in that loop (benchmarks/RESULTS.md, "The GLMM class, sixteenth
     session")."""
-    if array_namespace(a, b) is np and a.shape[-1] == 1:
+    if array_namespace(a, b) is np and a.shape[-1] == 1 and b.shape[-2] == 1:
         return a * b
     return a @ b
 

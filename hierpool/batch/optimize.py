@@ -225,10 +225,10 @@ def _model_failed(taken, step, gradient, curvature, value, new_value):
     error after the step is -e times the error before: the search converges linearly at rate |e| (an e near 1
     oscillates about the optimum).  The test is made where the model promises at most
     :data:`MODEL_NEAR` of the criterion: farther off the criterion's own departure from a quadratic moves the ratio
-    as much.  Over the steps there whose curvature had the approximate beta block, on 300 datasets each of five
-    GLMMs, the ratio's 1% and 99% quantiles were 0.37 and 1.21 at the worst; it was 0.02 on a Bernoulli dataset
-    with three rows a group whose search oscillated for 200 passes (benchmarks/RESULTS.md, "The GLMM class,
-    sixteenth session")."""
+    as much.  Over the steps there whose curvature had the approximate beta block, on the datasets of five GLMMs,
+    the ratio's 1% and 99% quantiles were 0.37 and 1.21 at the worst; it was 0.02 on a Bernoulli dataset with
+    three rows a group whose search oscillated for 200 passes (benchmarks/RESULTS.md, "The GLMM class, sixteenth
+    session")."""
     promised = -(np.sum(gradient * step, axis=-1) + 0.5 * np.einsum("ai,aij,aj->a", step, curvature, step))
     near = taken & (promised > 0) & (promised <= MODEL_NEAR * (1 + np.abs(value)))
     ratio = (value - new_value) / np.where(near, promised, 1.0)
@@ -508,12 +508,14 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     damping_growth, fd_width, step_tol, with_curvature, decrease_tol, interpolated_damping
         As :func:`newton`'s.
     shift_gradients : callable, optional
-        ``shift_gradients(points, rows, aux)``: the gradients (K, m, m) at the forward-difference shifts
-        (K, m, m) of an accepted trial of datasets ``rows``, ``aux`` its state (a list of arrays (K, ...)).  The
+        ``shift_gradients(points, rows, aux)``: the gradients (K, s, m) at s forward-difference shifts (K, s, m)
+        of an accepted trial of datasets ``rows`` (s = m, or fewer with ``trailing_curvature``), ``aux`` its state
+        (a list of arrays (K, ...)).  The
         shifts are then evaluated only around accepted trials, whose Hessians alone are kept (a rejected trial's
         shifts are wasted work: a GLMM's Laplace deviance, far from quadratic at the start, rejects several), and
-        they can start from the trial's state (a GLMM's mode there).  It is called at every accepted point, so that
-        a caller can keep each dataset's state at its current point (a GLMM's next trials start from that mode).
+        they can start from the trial's state (a GLMM's mode there).  It is called at every accepted point (and
+        again at a point whose last columns are differenced later, with the state kept there), so that a caller can
+        keep each dataset's state at its current point (a GLMM's next trials start from that mode).
     trailing_curvature : callable, optional
         With ``shift_gradients``: ``trailing_curvature(points, rows, aux)``, the Hessian's trailing r x r block
         (K, r, r) at accepted points (K, m) of datasets ``rows``, ``aux`` their states: an approximation of the
