@@ -199,9 +199,10 @@ def _coupled(points, rows, scales, targets):
     return value, gradient
 
 
-def _trailing_search(error, scales, targets, shifted, **options):
+def _trailing_search(error, scales, targets, shifted, current=None, **options):
     """newton_on_host on :func:`_coupled`, its trailing block ``error`` times the true one; ``shifted`` collects each
-    shift call's (width, datasets)."""
+    shift call's (width, datasets), ``current`` (B, 3) each dataset's state as the shift calls last passed it (as
+    fit_glmm keeps each dataset's mode at its current point)."""
 
     def lazy(points, rows):
         value, gradient = _coupled(points, rows, scales, targets)
@@ -216,6 +217,8 @@ def _trailing_search(error, scales, targets, shifted, **options):
         expected[np.arange(width), {2: [0, 1], 1: [2], 3: [0, 1, 2]}[width]] = True
         np.testing.assert_array_equal(moved != 0, np.broadcast_to(expected, moved.shape))
         shifted.append((width, tuple(rows)))
+        if current is not None:
+            current[rows] = state[0]
         return _coupled(points, rows, scales, targets)[1]
 
     def trailing(points, rows, state):
@@ -242,7 +245,8 @@ def test_newton_on_host_s_trailing_block_reaches_the_optimum_and_returns_the_ful
     plain = _trailing_search(None, scales, targets, shifted)
     plain_shifts = sum(w * len(rows) for w, rows in shifted)
     shifted.clear()
-    approximate = _trailing_search(error, scales, targets, shifted)
+    current = np.full((5, 3), np.nan)
+    approximate = _trailing_search(error, scales, targets, shifted, current)
     widths = {w for w, _ in shifted}
     if error == "nan":  # dataset 1 differenced from its first accepted point on
         assert all(1 not in rows for w, rows in shifted if w != 3)
@@ -254,6 +258,8 @@ def test_newton_on_host_s_trailing_block_reaches_the_optimum_and_returns_the_ful
         monkeypatch.setattr(optimize_module, "APPROXIMATE_PASSES", 10**9)
         assert not _trailing_search(error, scales, targets, [])[4].all()
     assert approximate[4].all()
+    # the shift calls carry every accepted point's state, the last one each dataset's optimum
+    np.testing.assert_array_equal(current, approximate[0])
     np.testing.assert_allclose(approximate[0], plain[0], atol=1e-7)
     every, steps = _probe_points(approximate[0], np.sqrt(np.finfo(float).eps), np)  # the default width
     values, gradients = _coupled(every, np.arange(5), scales, targets)
