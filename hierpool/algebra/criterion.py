@@ -52,10 +52,11 @@ from .linalg import (
 )
 from .system import MixedModelSystem, dense_coupling, dense_coupling_pays, grid_coupling
 
-#: Term-0 blocks (levels x datasets) up to which the host forms T0^T A00_l T0 by two matrix products: einsum's
-#: contraction-order search, paid on every call, costs more than the products of a few hundred k0 x k0 blocks, and
-#: a GLMM's PIRLS forms them a few thousand times for one dataset (a single fit, or a batch's last searches); past
-#: about a thousand blocks the paired einsum is faster (benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
+#: Term-0 blocks (levels x datasets) up to which the host forms T0^T A00_l T0 by two matrix products (k0 >= 2):
+#: einsum's contraction-order search, paid on every call, costs more than the products of a few hundred k0 x k0
+#: blocks, and a GLMM's PIRLS forms them a few thousand times for one dataset (a single fit, or a batch's last
+#: searches); past about a thousand blocks the paired einsum is faster (benchmarks/RESULTS.md, "The GLMM class,
+#: fifteenth session").  Scalar blocks (k0 = 1) take the plain einsum at any size, a loop faster than matmul's.
 MATMUL_MAX_BLOCKS = 1024
 
 
@@ -65,7 +66,7 @@ def term0_factor(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
     Leading axes of t0 (..., k0, k0) and a00 (..., ell0, k0, k0) broadcast (a batch of systems on the host).
     """
     xp = array_namespace(t0)
-    if xp is np and a00[..., 0, 0].size <= MATMUL_MAX_BLOCKS:
+    if xp is np and t0.shape[-1] > 1 and a00[..., 0, 0].size <= MATMUL_MAX_BLOCKS:
         diag0 = np.swapaxes(t0, -1, -2)[..., None, :, :] @ a00 @ t0[..., None, :, :] + np.eye(t0.shape[-1])
     else:
         # NumPy's einsum of three operands is a naive loop unless it is told to pair them (far slower for k0 >= 2 on

@@ -12,8 +12,9 @@ from half the final Hessian, inverted (lme4's ``vcov`` with ``use.hessian``).
 criterion and gradient of every point of a chunk's datasets are evaluated at once in NumPy
 (:mod:`hierpool.algebra.laplace_batch`), and :func:`hierpool.batch.optimize.newton_on_host` runs the compiled
 path's rules, each dataset leaving when its own search stops.  Three things the lockstep of a vmapped program
-does not do: the Hessian's forward-difference shifts are evaluated only around accepted trials; PIRLS at a shift
-starts from its trial's mode (at a trial from u = 0, as in the program); and the shifts are in theta alone, the
+does not do: the Hessian's forward-difference shifts are evaluated only around accepted trials; PIRLS starts at a
+shift from its trial's mode and at a trial from the mode at the dataset's current point (the program's from u = 0);
+and the shifts are in theta alone, the
 Hessian's beta block the profiled penalized deviance's curvature
 (:func:`hierpool.algebra.laplace_batch.fixed_effects_curvature`), beta differenced only where a search stops
 (``newton_on_host``'s ``trailing_curvature``), so that each fixed effect does not cost a gradient a pass.  The
