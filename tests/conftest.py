@@ -107,12 +107,13 @@ def compare_posteriors(batch, single, label, tables, z_max: float = 4.0) -> None
 def host_and_compiled(monkeypatch, module, *args, **kwargs):
     """hp.fit_batch(*args, **kwargs) with ``module``'s path (``hierpool.batch.fit`` one term, ``fit_terms`` several)
     forced onto the host, then forced to compile; each run asserted to have taken its path (the module's host
-    optimizer's calls counted)."""
+    optimizer's calls counted: ``_optimize_on_host``, or the GLMM path's ``optimize_on_host``)."""
     import hierpool as hp
 
     calls = []
-    on_host = module._optimize_on_host
-    monkeypatch.setattr(module, "_optimize_on_host", lambda *a, **k: calls.append(1) or on_host(*a, **k))
+    name = "optimize_on_host" if hasattr(module, "optimize_on_host") else "_optimize_on_host"
+    on_host = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or on_host(*a, **k))
     monkeypatch.setattr(module, "_on_host", lambda *a: True)
     host = hp.fit_batch(*args, **kwargs)
     assert calls, "the host path did not run"

@@ -34,16 +34,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..spec.design import Design
 from .criterion import host_objective_and_gradient
 from .family import Family
 from .henderson import Solution, effects, fixed_effects_information, point_estimates, prediction_covariance, solve
 from .laplace_gradient import canonical, laplace_gradient, leverages, rows_random_part, weight_derivatives
 from .linalg import array_namespace, theta_to_factors
 from .system import SystemPattern, build_system, system_pattern
+
+if TYPE_CHECKING:  # annotations only: the host algebra imports without pandas (a worker's start)
+    from ..spec.design import Design
 
 #: Relative change of the penalized deviance at which PIRLS has converged (lme4's tolPwrss is 1e-7;
 #: the references in validation/glmm_reference.json were made with 1e-10).  Not looser for Newton's quadratic

@@ -32,12 +32,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..spec.design import Design
 from .jax_runtime import jax, pytree_dataclass
 from .linalg import array_namespace, host_product
+
+if TYPE_CHECKING:  # annotations only: the host algebra imports without pandas (a worker's start)
+    from ..spec.design import Design
 
 
 @pytree_dataclass

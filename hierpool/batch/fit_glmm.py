@@ -49,38 +49,17 @@ from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import saturated_rows
 from ..algebra.laplace_batch import (
     GroupedRows,
-    conditional_modes,
-    fixed_effects_curvature,
-    laplace_and_gradient,
-    solution_at_mode,
 )
 from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
-from ..algebra.linalg import array_namespace, cholesky
-from ..algebra.linalg import canonical_theta as canonical_rows
 from ..algebra.start import moment_theta
-from ..algebra.system import Layout, SystemPattern, fill_in_program
+from ..algebra.system import Layout, SystemPattern, fill_in_program, grouped_products
 from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
+from . import host_processes
 from .fit_terms import empty_results, padded_widths, row_buckets, run_jobs, take, term_problems, too_large
-from .optimize import MOMENT_FLOOR, canonical_theta, newton, newton_on_host
+from .glmm_search import DAMPING_GROWTH, DECREASE_TOL, FD_WIDTH, STEP_TOL, beta_covariance, optimize_on_host
+from .optimize import MOMENT_FLOOR, canonical_theta, newton
 from .plan import BatchPlan, chunks, fetch, host_chunk, host_chunk_length, host_fits, place, thread_count
 
-#: The Hessian's forward-difference width in (theta, beta): PIRLS's mode is exact to ~1e-10, so its gradient
-#: is too, and sqrt(eps) (1.5e-8) differences would be half rounding.
-FD_WIDTH = 1e-6
-#: The relative Newton step, taken or the last quadratic model's, at which the search stops: the criterion is then
-#: within ~1e-12 of its minimum (the decrease tolerance below usually stops it first).
-STEP_TOL = 1e-7
-#: The decrease of -2 log L the last quadratic model must still promise for the search to go on
-#: (:func:`hierpool.batch.optimize.newton`'s ``decrease_tol``): below it that model's optimum is within 1e-5
-#: standard errors of the estimates (a pass more had lowered the criterion by < 1e-10 and moved beta by < 1.3e-6 on
-#: 300 datasets each of --glmm-long and --glmm-slopes: benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
-DECREASE_TOL = 1e-10
-#: The Levenberg-Marquardt shift's growth after a rejected trial that gives no interpolation (a non-finite step, or
-#: a slope >= 0); the others set it from the trial (``interpolated_damping``).  From theta = I the Laplace deviance
-#: is far from quadratic and the first full Newton step often overshoots: rejected trials per dataset were 0.78 on
-#: --glmm-slopes and 0.58 on --glmm with a fixed 100x growth, and are 0.33 and 0.22 with the interpolation
-#: (benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
-DAMPING_GROWTH = 100.0
 #: IRLS iterations of the starting GLM fits.
 GLM_ITERATIONS = 25
 #: Padded rows of the whole batch up to which its program compiles without LLVM's optimization (on a CPU).  A GLMM
@@ -107,25 +86,31 @@ def glmm_problems(plan: BatchPlan) -> list[str]:
 
 def glm_start(plan: BatchPlan, family: Family) -> tuple[np.ndarray, np.ndarray]:
     """((D, p) each dataset's GLM fit without random effects by IRLS, the linear predictor of every row), on the
-    host: the batch's starting beta."""
+    host: the batch's starting beta.  A dataset leaves the iterations once its coefficients change by < 1e-10 (a
+    separated one, whose coefficients run off, takes all :data:`GLM_ITERATIONS`, on its own rows once the others are
+    done)."""
     design, n_datasets, dataset = plan.design, plan.n_datasets, plan.dataset
     X, y, trials, offset = design.X, design.y, design.row_weights, design.offset
-    p = design.p
     eta = family.link(family.starting_mean(y, trials))
-    beta = np.zeros((n_datasets, p))
+    beta = np.zeros((n_datasets, design.p))
+    active = np.ones(n_datasets, bool)
+    rows = slice(None)  # every row (a view), until most are of datasets done
     for _ in range(GLM_ITERATIONS):
-        _, weights, residual = family.working(y, eta, trials)
-        response = eta - offset + residual
-        xtwx = np.stack([np.bincount(dataset, weights=weights * X[:, a] * X[:, b], minlength=n_datasets)
-                         for a in range(p) for b in range(p)], axis=1).reshape(n_datasets, p, p)
-        xtwz = np.stack([np.bincount(dataset, weights=weights * X[:, a] * response, minlength=n_datasets)
-                         for a in range(p)], axis=1)
-        new = np.linalg.solve(xtwx + 1e-10 * np.eye(p), xtwz[..., None])[..., 0]
-        converged = np.max(np.abs(new - beta)) < 1e-10
-        beta = new
-        eta = offset + np.einsum("np,np->n", X, beta[dataset])
-        if converged:
+        fitting, x = dataset[rows], X[rows]
+        _, weights, residual = family.working(y[rows], eta[rows], trials[rows])
+        xtwx = grouped_products(fitting, x, x, weights, n_datasets)
+        xtwz = grouped_products(fitting, x, (eta[rows] - offset[rows] + residual)[:, None], weights, n_datasets)
+        ids = np.flatnonzero(active)
+        new = np.linalg.solve(xtwx[ids] + 1e-10 * np.eye(design.p), xtwz[ids])[..., 0]
+        change = np.max(np.abs(new - beta[ids]), axis=1, initial=0.0)
+        beta[ids] = new
+        eta[rows] = offset[rows] + np.einsum("np,np->n", x, beta[fitting])
+        active[ids[change < 1e-10]] = False
+        if not active.any():
             break
+        remaining = np.flatnonzero(active[fitting])
+        if len(remaining) < len(fitting) // 2:
+            rows = np.arange(len(y))[rows][remaining]
     return beta, eta
 
 
@@ -278,24 +263,6 @@ def _shape_derivative(params, data, family: Family, n_theta: int, u):
     return (side(params[-1] + SHAPE_DIFFERENCE) - side(params[-1] - SHAPE_DIFFERENCE)) / (2 * SHAPE_DIFFERENCE)
 
 
-def beta_covariance(curvature, value, n_theta: int, p: int):
-    """beta's covariance from the last forward-difference Hessian H in the parameters (theta, beta[, log shape]):
-    the beta block of (H_(theta, beta) / 2)^-1, the shape held (``hp.glmm``'s, lme4's ``vcov`` with
-    ``use.hessian``).  NaN where the criterion is not finite (no step was ever taken: H is the search's
-    placeholder) or that block is not positive definite (lme4 then falls back to R_X; here no number is given).
-    One dataset traced, or a stack (NumPy) on the host."""
-    xp = array_namespace(curvature)
-    stop = n_theta + p
-    information = 0.5 * curvature[..., :stop, :stop]
-    usable = xp.all(xp.isfinite(information), axis=(-2, -1)) & xp.isfinite(value)
-    safe = xp.where(usable[..., None, None], information, xp.eye(stop, dtype=information.dtype))
-    block = xp.linalg.inv(safe)[..., n_theta:stop, n_theta:stop]
-    chol = cholesky(block)
-    definite = (usable & xp.all(xp.isfinite(chol), axis=(-2, -1))
-                & xp.all(xp.diagonal(chol, axis1=-2, axis2=-1) > 0, axis=-1))
-    return xp.where(definite[..., None, None], block, xp.nan)
-
-
 #: What the optimizer keeps of the mode at its optimum: the BLUPs, the working weights of the conditional variances,
 #: and whether PIRLS converged there.
 MODE_KEPT = ("b", "working_weights", "converged")
@@ -400,71 +367,6 @@ def host_bytes(plan: BatchPlan) -> float:
     return 8.0 * int(plan.n_obs.max()) * m * (20 + design.p + sum(t.k + 1 for t in design.terms))
 
 
-def _optimize_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarray, family: Family,
-                 max_iterations: int) -> dict:
-    """A chunk's fits on the host: :func:`hierpool.batch.optimize.newton_on_host` (the compiled path's rules, width
-    and tolerances; the beta block from :func:`hierpool.algebra.laplace_batch.fixed_effects_curvature` during the
-    search) on :func:`hierpool.algebra.laplace_batch.laplace_and_gradient`, every point of every dataset
-    still searching evaluated at once; then each dataset's mode, conditional variances and vcov at its optimum, as
-    :func:`_optimize_rows` returns them."""
-    ks, p = rows.ks, rows.X.shape[1]
-    n_theta = sum(k * (k + 1) // 2 for k in ks)
-
-    def evaluate(points, active, start_u=None):
-        count, copies, m = points.shape
-        flat = points.reshape(count * copies, m)
-        sub, _ = rows.subset(active)
-        if start_u is not None:
-            start_u = [np.repeat(x, copies, axis=0) for x in start_u]
-        value, gradient, mode = laplace_and_gradient(flat[:, :n_theta], flat[:, n_theta:], sub.repeated(copies),
-                                                     family, np.repeat(saturated[active], copies), start_u)
-        return (value.reshape(count, copies), gradient.reshape(count, copies, m),
-                [x.reshape((count, copies) + x.shape[1:]) for x in mode.u])
-
-    # each dataset's mode at its current point: shift_gradients is called at every accepted point with its mode
-    current_u = [np.zeros((len(start), width, k)) for (_, _, width), k in zip(rows.terms, ks)]
-
-    def trial_values(points, active):
-        return evaluate(points, active, [u[active] for u in current_u])
-
-    def shift_gradients(points, active, trial_u):
-        for kept, u in zip(current_u, trial_u):
-            kept[active] = u
-        return evaluate(points, active, trial_u)[1]
-
-    def beta_curvature(points, active, u):
-        return fixed_effects_curvature(points[:, :n_theta], points[:, n_theta:], rows.subset(active)[0], family, u)
-
-    # PIRLS starts at a trial from the mode at the dataset's current point (u = 0 at the first), and at a shift (1e-6
-    # away) from its trial's mode: PIRLS is Newton's method (algebra.laplace.newton_working), quadratic near the
-    # mode, so that where it stops the mode is exact to rounding whatever its start.  On 300 datasets each of eight
-    # GLMMs, trials from the current mode took 19-24% fewer PIRLS steps than from u = 0 (the compiled path's start),
-    # and every criterion came within 2.5e-11 of theirs (benchmarks/RESULTS.md, "The GLMM class, sixteenth
-    # session").  With Fisher scoring's linear convergence (lme4's PIRLS for a non-canonical link, and this path's
-    # before the fourteenth session) a stopped mode kept part of its start's error: trials from the current mode
-    # then made the criterion depend on the path to it, and searches stalled short of their optimum ("The GLMM
-    # class on the host"), and polished shifts moved beta's standard errors by 1.6% ("fourteenth session")
-    with np.errstate(all="ignore"):
-        params, value, newton_step, iterations, converged, curvature = newton_on_host(
-            trial_values, start, max_iterations, damping_growth=DAMPING_GROWTH, fd_width=FD_WIDTH, step_tol=STEP_TOL,
-            with_curvature=True, shift_gradients=shift_gradients, decrease_tol=DECREASE_TOL,
-            interpolated_damping=True, trailing_curvature=beta_curvature if p else None)
-    theta = canonical_rows(params[:, :n_theta], ks)
-    beta = params[:, n_theta:]
-    finite = np.isfinite(value)
-    safe_theta = np.where(finite[:, None], theta, 1.0)
-    mode = conditional_modes(safe_theta, np.where(finite[:, None], beta, 0.0), rows, family)
-    with np.errstate(all="ignore"):
-        solved = solution_at_mode(safe_theta, rows, mode)
-        covariance = beta_covariance(curvature, value, n_theta, p)
-    nan = lambda a: np.where(finite.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, np.nan)  # noqa: E731
-    return {"theta": nan(theta), "beta": nan(beta), "objective": np.where(finite, value, np.nan),
-            "newton_step": newton_step, "iterations": iterations, "converged": converged & mode.converged & finite,
-            "vcov": covariance,
-            "b": [nan(x) for x in mode.b], "cond_var": [nan(np.asarray(x)) for x in solved.cond_var],
-            "factors": [nan(np.asarray(x)) for x in solved.factors]}
-
-
 def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | None, progress, max_iterations: int,
              sharding, workers: int, default_chunk: int) -> dict:
     """Fit every dataset of ``plan`` by the Laplace approximation: :func:`hierpool.batch.fit_terms.fit_terms`'s
@@ -489,6 +391,9 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
     n_theta = sum(k * (k + 1) // 2 for k in ks)
     n_params = n_theta + design.p + negative_binomial
     host = _on_host(float_type, sharding, family)
+    processes = host and _uses_processes(plan, out["attempted"])
+    if processes:  # started now, their imports run while the starts below are computed
+        host_processes.start(thread_count(None) - 1, preload=(optimize_on_host.__module__,))
     buckets = {} if host else row_buckets(plan, np.flatnonzero(out["attempted"]))
     quick = sum(len(members) * key[-1] for key, members in buckets.items()) <= QUICK_COMPILE_MAX_ROWS
     prepared = []
@@ -515,7 +420,7 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
         saturated = saturated_deviances(plan, family)
     if host:
         return _fit_glmm_on_host(plan, family, out, theta0, beta0, saturated, n_theta, chunk_size=chunk_size,
-                                 progress=progress, max_iterations=max_iterations)
+                                 progress=progress, max_iterations=max_iterations, processes=processes)
     jobs = []
     for members, data, bucket_chunks, program in prepared:
         start = np.concatenate([theta0[members, :n_theta], beta0[members], theta0[members, n_theta:]], axis=1)
@@ -532,11 +437,23 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
     return run_jobs(jobs, run, out, plan, workers=workers, progress=progress)
 
 
+#: Rows of a host batch from which its chunks run in worker processes too (:mod:`hierpool.batch.host_processes`):
+#: a batch of fewer takes about as long as a worker's start.
+PROCESS_MIN_ROWS = 20_000
+
+
+def _uses_processes(plan: BatchPlan, attempted: np.ndarray) -> bool:
+    """Whether a host batch's chunks run in worker processes besides this one: several cores, and at least
+    :data:`PROCESS_MIN_ROWS` rows to fit."""
+    return thread_count(None) > 1 and plan.n_obs[attempted].sum() >= PROCESS_MIN_ROWS
+
+
 def _fit_glmm_on_host(plan: BatchPlan, family: Family, out: dict, theta0, beta0, saturated, n_theta: int, *,
-                      chunk_size: int | None, progress, max_iterations: int) -> dict:
-    """:func:`fit_glmm`'s datasets on the host (:func:`_optimize_on_host`), bucketed by padded level counts and cut into
-    chunks (``chunk_size``, or :data:`HOST_CHUNK` bounded by :data:`HOST_CHUNK_BYTES`), a thread per core (NumPy: no
-    compiled program to guard)."""
+                      chunk_size: int | None, progress, max_iterations: int, processes: bool) -> dict:
+    """:func:`fit_glmm`'s datasets on the host (:func:`hierpool.batch.glmm_search.optimize_on_host`), bucketed by
+    padded level counts and cut into chunks (``chunk_size``, or :data:`HOST_CHUNK` bounded by
+    :data:`HOST_CHUNK_BYTES`), a thread per core (NumPy: no compiled program to guard); with ``processes`` each
+    thread beyond the first runs its chunks in a worker process (:func:`hierpool.batch.host_processes.call`)."""
     widths = padded_widths(plan)
     buckets = {}
     for d in np.flatnonzero(out["attempted"]):
@@ -552,7 +469,8 @@ def _fit_glmm_on_host(plan: BatchPlan, family: Family, out: dict, theta0, beta0,
     def run(job):
         chunk, key = job
         start = np.concatenate([theta0[chunk, :n_theta], beta0[chunk]], axis=1)
-        result = _optimize_on_host(grouped_rows(plan, chunk, key), saturated[chunk], start, family, max_iterations)
+        arguments = (grouped_rows(plan, chunk, key), saturated[chunk], start, family, max_iterations)
+        result = host_processes.call(optimize_on_host, *arguments) if processes else optimize_on_host(*arguments)
         result["sigma"] = np.ones(len(chunk))
         return result
 

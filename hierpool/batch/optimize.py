@@ -24,10 +24,9 @@ from __future__ import annotations
 
 from functools import partial
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from ..algebra.jax_runtime import jax, jnp  # imported on first use: the host search runs without JAX
 from ..algebra.linalg import canonical_theta as canonical_rows
 from ..algebra.linalg import cholesky, theta_to_factors, tril_positions
 from ..algebra.one_term import objective
@@ -60,7 +59,7 @@ def _tolerances(dtype):
     relative (seen on 1 of 2,000 sleepstudy replicates).  float32 scales them
     with its machine epsilon.
     """
-    eps = float(jnp.finfo(dtype).eps)
+    eps = float(np.finfo(dtype).eps)
     converged = (max(1e-6, 100 * eps**0.5), max(1e-12, 100 * eps))
     return eps**0.5, max(1e-9, 10 * eps), max(1e-6, 30 * eps**0.5), converged
 
@@ -68,12 +67,6 @@ def _tolerances(dtype):
 MAX_ITERATIONS = 60
 #: Smallest Sigma / sigma^2 eigenvalue of a batch start (see :func:`moment_start`).
 MOMENT_FLOOR = 1e-2
-
-
-def start_theta(k: int, dtype=jnp.float64) -> jax.Array:
-    """lme4's start: Lambda = I."""
-    rows, cols = tril_positions(k)
-    return jnp.asarray(rows == cols, dtype=dtype)
 
 
 def moment_start(stats, sigma_known: bool = False) -> np.ndarray:

@@ -1,0 +1,124 @@
+"""The search of a GLMM batch's fits (``hp.fit_batch(..., family=)``): its rules, shared by the compiled and the host
+paths of :mod:`hierpool.batch.fit_glmm`, and the host path's search of one chunk of datasets
+(:func:`optimize_on_host`).
+
+Neither this module nor its imports load JAX: a host worker process (:mod:`hierpool.batch.host_processes`)
+imports it to fit chunks beside the main process, in a fraction of the time JAX's import takes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..algebra.family import Family
+from ..algebra.laplace_batch import (
+    GroupedRows,
+    conditional_modes,
+    fixed_effects_curvature,
+    laplace_and_gradient,
+    solution_at_mode,
+)
+from ..algebra.linalg import array_namespace, cholesky
+from ..algebra.linalg import canonical_theta as canonical_rows
+from .optimize import newton_on_host
+
+#: The Hessian's forward-difference width in (theta, beta): PIRLS's mode is exact to ~1e-10, so its gradient
+#: is too, and sqrt(eps) (1.5e-8) differences would be half rounding.
+FD_WIDTH = 1e-6
+#: The relative Newton step, taken or the last quadratic model's, at which the search stops: the criterion is then
+#: within ~1e-12 of its minimum (the decrease tolerance below usually stops it first).
+STEP_TOL = 1e-7
+#: The decrease of -2 log L the last quadratic model must still promise for the search to go on
+#: (:func:`hierpool.batch.optimize.newton`'s ``decrease_tol``): below it that model's optimum is within 1e-5
+#: standard errors of the estimates (a pass more had lowered the criterion by < 1e-10 and moved beta by < 1.3e-6 on
+#: 300 datasets each of --glmm-long and --glmm-slopes: benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
+DECREASE_TOL = 1e-10
+#: The Levenberg-Marquardt shift's growth after a rejected trial that gives no interpolation (a non-finite step, or
+#: a slope >= 0); the others set it from the trial (``interpolated_damping``).  From theta = I the Laplace deviance
+#: is far from quadratic and the first full Newton step often overshoots: rejected trials per dataset were 0.78 on
+#: --glmm-slopes and 0.58 on --glmm with a fixed 100x growth, and are 0.33 and 0.22 with the interpolation
+#: (benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
+DAMPING_GROWTH = 100.0
+
+
+def beta_covariance(curvature, value, n_theta: int, p: int):
+    """beta's covariance from the last forward-difference Hessian H in the parameters (theta, beta[, log shape]):
+    the beta block of (H_(theta, beta) / 2)^-1, the shape held (``hp.glmm``'s, lme4's ``vcov`` with
+    ``use.hessian``).  NaN where the criterion is not finite (no step was ever taken: H is the search's
+    placeholder) or that block is not positive definite (lme4 then falls back to R_X; here no number is given).
+    One dataset traced, or a stack (NumPy) on the host."""
+    xp = array_namespace(curvature)
+    stop = n_theta + p
+    information = 0.5 * curvature[..., :stop, :stop]
+    usable = xp.all(xp.isfinite(information), axis=(-2, -1)) & xp.isfinite(value)
+    safe = xp.where(usable[..., None, None], information, xp.eye(stop, dtype=information.dtype))
+    block = xp.linalg.inv(safe)[..., n_theta:stop, n_theta:stop]
+    chol = cholesky(block)
+    definite = (usable & xp.all(xp.isfinite(chol), axis=(-2, -1))
+                & xp.all(xp.diagonal(chol, axis1=-2, axis2=-1) > 0, axis=-1))
+    return xp.where(definite[..., None, None], block, xp.nan)
+
+
+def optimize_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarray, family: Family,
+                     max_iterations: int) -> dict:
+    """A chunk's fits on the host: :func:`hierpool.batch.optimize.newton_on_host` (the compiled path's rules, width
+    and tolerances; the beta block from :func:`hierpool.algebra.laplace_batch.fixed_effects_curvature` during the
+    search) on :func:`hierpool.algebra.laplace_batch.laplace_and_gradient`, every point of every dataset
+    still searching evaluated at once; then each dataset's mode, conditional variances and vcov at its optimum, as
+    :func:`hierpool.batch.fit_glmm`'s compiled program returns them."""
+    ks, p = rows.ks, rows.X.shape[1]
+    n_theta = sum(k * (k + 1) // 2 for k in ks)
+
+    def evaluate(points, active, start_u=None):
+        count, copies, m = points.shape
+        flat = points.reshape(count * copies, m)
+        sub, _ = rows.subset(active)
+        if start_u is not None:
+            start_u = [np.repeat(x, copies, axis=0) for x in start_u]
+        value, gradient, mode = laplace_and_gradient(flat[:, :n_theta], flat[:, n_theta:], sub.repeated(copies),
+                                                     family, np.repeat(saturated[active], copies), start_u)
+        return (value.reshape(count, copies), gradient.reshape(count, copies, m),
+                [x.reshape((count, copies) + x.shape[1:]) for x in mode.u])
+
+    # each dataset's mode at its current point: shift_gradients is called at every accepted point with its mode
+    current_u = [np.zeros((len(start), width, k)) for (_, _, width), k in zip(rows.terms, ks)]
+
+    def trial_values(points, active):
+        return evaluate(points, active, [u[active] for u in current_u])
+
+    def shift_gradients(points, active, trial_u):
+        for kept, u in zip(current_u, trial_u):
+            kept[active] = u
+        return evaluate(points, active, trial_u)[1]
+
+    def beta_curvature(points, active, u):
+        return fixed_effects_curvature(points[:, :n_theta], points[:, n_theta:], rows.subset(active)[0], family, u)
+
+    # PIRLS starts at a trial from the mode at the dataset's current point (u = 0 at the first), and at a shift (1e-6
+    # away) from its trial's mode: PIRLS is Newton's method (algebra.laplace.newton_working), quadratic near the
+    # mode, so that where it stops the mode is exact to rounding whatever its start.  On 300 datasets each of eight
+    # GLMMs, trials from the current mode took 19-24% fewer PIRLS steps than from u = 0 (the compiled path's start),
+    # and every criterion came within 2.5e-11 of theirs (benchmarks/RESULTS.md, "The GLMM class, sixteenth
+    # session").  With Fisher scoring's linear convergence (lme4's PIRLS for a non-canonical link, and this path's
+    # before the fourteenth session) a stopped mode kept part of its start's error: trials from the current mode
+    # then made the criterion depend on the path to it, and searches stalled short of their optimum ("The GLMM
+    # class on the host"), and polished shifts moved beta's standard errors by 1.6% ("fourteenth session")
+    with np.errstate(all="ignore"):
+        params, value, newton_step, iterations, converged, curvature = newton_on_host(
+            trial_values, start, max_iterations, damping_growth=DAMPING_GROWTH, fd_width=FD_WIDTH, step_tol=STEP_TOL,
+            with_curvature=True, shift_gradients=shift_gradients, decrease_tol=DECREASE_TOL,
+            interpolated_damping=True, trailing_curvature=beta_curvature if p else None)
+    theta = canonical_rows(params[:, :n_theta], ks)
+    beta = params[:, n_theta:]
+    finite = np.isfinite(value)
+    safe_theta = np.where(finite[:, None], theta, 1.0)
+    mode = conditional_modes(safe_theta, np.where(finite[:, None], beta, 0.0), rows, family)
+    with np.errstate(all="ignore"):
+        solved = solution_at_mode(safe_theta, rows, mode)
+        covariance = beta_covariance(curvature, value, n_theta, p)
+    nan = lambda a: np.where(finite.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, np.nan)  # noqa: E731
+    return {"theta": nan(theta), "beta": nan(beta), "objective": np.where(finite, value, np.nan),
+            "newton_step": newton_step, "iterations": iterations, "converged": converged & mode.converged & finite,
+            "vcov": covariance,
+            "b": [nan(x) for x in mode.b], "cond_var": [nan(np.asarray(x)) for x in solved.cond_var],
+            "factors": [nan(np.asarray(x)) for x in solved.factors]}

@@ -1,0 +1,213 @@
+"""Worker processes for the host paths of ``hp.fit_batch``: chunks of datasets fitted on the other cores.
+
+**Why processes.**  A host fit is NumPy on a chunk's stacked arrays: many operations, most of them small, and the
+interpreter holds the GIL between them.  Two threads fitted 400 datasets of ``--glmm-covariates`` in 2.4-2.5 s
+where one took 2.6 s; two processes, each fitting half, took 1.85 s (benchmarks/RESULTS.md, "The GLMM class,
+seventeenth session").  :func:`call` runs a chunk either here (one chunk at a time while workers run) or in an
+idle worker.
+
+**Why not multiprocessing.**  Its ``spawn`` and ``forkserver`` start methods run the parent's ``__main__`` script
+again in every worker (a user's script without a ``__main__`` guard would fit its batch again there), and
+``fork`` copies a process whose JAX threads may hold locks.  A worker here is ``python -c`` importing this
+module: nothing of the user's runs in it, and it loads NumPy and the host algebra, not JAX (the function it runs
+must be importable without JAX: :mod:`hierpool.batch.glmm_search`).
+
+**Protocol.**  Length-prefixed pickles on the worker's stdin and stdout (its own prints go to its stderr, the
+parent's): the function (by reference) and its arguments in, ``("ok", result)`` or ``("error", exception)`` out.
+
+**Lifetime.**  Workers start on first use (:func:`start`, by a batch large enough to pay for them) and stay for
+the process's life, their start (about half a second of imports) paid once; each exits when its stdin closes (the
+parent's exit).  A worker that dies has its chunk fitted here instead.  ``HIERPOOL_HOST_PROCESSES=0`` in the
+environment turns them off (chunks then run on threads only).
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
+import threading
+
+#: The environment variable that turns worker processes off ("0").
+SWITCH = "HIERPOOL_HOST_PROCESSES"
+_COMMAND = "import sys; from hierpool.batch.host_processes import serve; serve(sys.argv[1:])"
+_HEADER = struct.Struct("<Q")
+
+
+def _send(stream, message) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _receive(stream):
+    """The next message, or EOFError when the other end has closed."""
+    head = stream.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise EOFError
+    (size,) = _HEADER.unpack(head)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def serve(preload=()) -> None:
+    """A worker's loop: import the modules ``preload`` (those of the functions it will run: imported before the
+    first chunk arrives), then run each (function, arguments) received on stdin and send its outcome on stdout."""
+    inbox, outbox = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # prints of the worker's own go to stderr, not into the protocol
+    for module in preload:
+        importlib.import_module(module)
+    _send(outbox, "ready")
+    while True:
+        try:
+            function, arguments = _receive(inbox)
+        except EOFError:  # the parent has exited
+            return
+        except Exception as error:  # noqa: BLE001 - an unpicklable job: its error, to the caller
+            outcome = ("error", error)
+        else:
+            try:
+                outcome = ("ok", function(*arguments))
+            except Exception as error:  # noqa: BLE001 - the caller re-raises it
+                outcome = ("error", error)
+        try:
+            _send(outbox, outcome)
+        except Exception as error:  # noqa: BLE001 - an unpicklable result or error
+            _send(outbox, ("error", RuntimeError(f"host worker: {type(error).__name__}: {error}")))
+
+
+class _Lost(Exception):
+    """A worker's pipe closed: the process has died."""
+
+
+class _Worker:
+    """One worker process; it joins the idle queue once it has started."""
+
+    def __init__(self, preload):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path),
+                   OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        self.process = subprocess.Popen([sys.executable, "-c", _COMMAND, *preload], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=env)
+        self.alive = True
+        threading.Thread(target=self._await_start, daemon=True).start()
+
+    def _await_start(self) -> None:
+        try:
+            started = _receive(self.process.stdout) == "ready"
+        except Exception:  # noqa: BLE001 - it could not start (its stderr says why)
+            started = False
+        if started:
+            _IDLE.put(self)
+        else:
+            self.close()
+
+    def run(self, message: bytes):
+        """Send a pickled (function, arguments) and return the worker's (status, value); _Lost if it died."""
+        try:
+            self.process.stdin.write(_HEADER.pack(len(message)))
+            self.process.stdin.write(message)
+            self.process.stdin.flush()
+            return _receive(self.process.stdout)
+        except (EOFError, OSError) as error:
+            self.close()
+            raise _Lost from error
+        except BaseException:  # interrupted mid-message: the pipe's state is unknown
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.alive = False
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+
+
+_LOCK = threading.Lock()
+_WORKERS: list[_Worker] = []
+_IDLE: queue.SimpleQueue = queue.SimpleQueue()
+#: One chunk at a time runs in this process while workers exist: a second one would share its GIL.
+_HERE = threading.Lock()
+
+
+def enabled() -> bool:
+    """Whether worker processes may be used (``HIERPOOL_HOST_PROCESSES`` is not "0")."""
+    return os.environ.get(SWITCH, "1") != "0"
+
+
+def start(count: int, preload=()) -> None:
+    """Have ``count`` worker processes running or starting (none when :func:`enabled` is false); a new one imports
+    the modules ``preload`` before it takes a chunk."""
+    if not enabled():
+        return
+    with _LOCK:
+        _WORKERS[:] = [worker for worker in _WORKERS if worker.alive]
+        while len(_WORKERS) < count:
+            try:
+                _WORKERS.append(_Worker(preload))
+            except OSError:  # no process could be started: the chunks run here
+                return
+
+
+def _has_workers() -> bool:
+    with _LOCK:
+        return any(worker.alive for worker in _WORKERS)
+
+
+def call(function, *arguments):
+    """``function(*arguments)``: here if no chunk is running here, else in an idle worker (waiting for one that is
+    starting or busy), else here after all.  A worker that dies, or arguments that cannot be pickled, leave the
+    call to run here; the function's own error is raised here.  Called from the threads of a batch's chunks."""
+    if not _has_workers():
+        return function(*arguments)
+    message = None
+    while True:
+        if _HERE.acquire(blocking=False):
+            try:
+                return function(*arguments)
+            finally:
+                _HERE.release()
+        try:
+            worker = _IDLE.get(timeout=0.02)
+        except queue.Empty:
+            if _has_workers():
+                continue
+            with _HERE:
+                return function(*arguments)
+        if not worker.alive:
+            continue
+        if message is None:
+            try:
+                message = pickle.dumps((function, arguments), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # noqa: BLE001 - e.g. a function defined in a test: it runs here
+                _IDLE.put(worker)
+                with _HERE:
+                    return function(*arguments)
+        try:
+            status, value = worker.run(message)
+        except _Lost:
+            continue
+        _IDLE.put(worker)
+        if status == "error":
+            raise value
+        return value
+
+
+@atexit.register
+def _stop() -> None:
+    with _LOCK:
+        for worker in _WORKERS:
+            worker.close()
+        for worker in _WORKERS:
+            try:
+                worker.process.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
