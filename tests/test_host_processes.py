@@ -1,0 +1,104 @@
+"""Worker processes of the host paths (hierpool.batch.host_processes): where a chunk runs, what comes back, and a
+GLMM batch fitted with them equal to the same batch on threads alone."""
+
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hierpool as hp
+import hierpool.batch.fit_glmm as fit_glmm_module
+from hierpool.batch import host_processes
+
+
+def _ready_worker():
+    """A started worker, idle (waiting at most 60 s for its imports)."""
+    host_processes.start(1)
+    deadline = time.monotonic() + 60
+    while host_processes._IDLE.empty():
+        assert time.monotonic() < deadline, "no worker started"
+        time.sleep(0.01)
+
+
+def _with_a_chunk_running_here(function, *arguments, hold=0.0):
+    """host_processes.call(function, *arguments) from a thread while this thread holds the slot of chunks run here
+    (released after ``hold`` seconds): the call goes to a worker, or waits for the slot."""
+    out = {}
+
+    def caller():
+        try:
+            out["value"] = host_processes.call(function, *arguments)
+        except Exception as error:  # noqa: BLE001 - re-raised below
+            out["error"] = error
+
+    with host_processes._HERE:
+        thread = threading.Thread(target=caller)
+        thread.start()
+        time.sleep(hold)
+    thread.join(60)
+    assert not thread.is_alive()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_the_search_a_worker_runs_imports_without_jax_or_pandas():
+    check = ("import sys, hierpool.batch.glmm_search, hierpool.batch.host_processes; "
+             "print('jax' in sys.modules, 'pandas' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["False", "False"]
+
+
+def test_a_call_goes_to_a_worker_while_a_chunk_runs_here_and_its_errors_come_back():
+    _ready_worker()
+    assert _with_a_chunk_running_here(os.getpid) != os.getpid()
+    assert _with_a_chunk_running_here(math.sqrt, 6.25) == 2.5
+    with pytest.raises(ValueError, match="math domain"):
+        _with_a_chunk_running_here(math.sqrt, -1.0)
+    assert _with_a_chunk_running_here(os.getpid) != os.getpid()  # the worker outlived its error
+
+
+def test_a_function_that_cannot_be_pickled_runs_here():
+    _ready_worker()
+    assert _with_a_chunk_running_here(lambda: os.getpid(), hold=0.2) == os.getpid()
+
+
+def test_a_worker_that_died_leaves_its_chunk_here():
+    _ready_worker()
+    worker = next(w for w in host_processes._WORKERS if w.alive)
+    worker.process.kill()
+    worker.process.wait(10)
+    assert _with_a_chunk_running_here(os.getpid, hold=0.2) == os.getpid()
+    assert not worker.alive
+
+
+def test_a_glmm_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatch):
+    rng = np.random.default_rng(5)
+    frames = []
+    for d in range(8):
+        g = np.repeat(np.arange(12), 10)
+        x = rng.normal(size=g.size)
+        eta = -0.3 + 0.8 * x + rng.normal(0, 0.7, 12)[g]
+        frames.append(pd.DataFrame({"g": g.astype(str), "x": x, "y": rng.binomial(1, 1 / (1 + np.exp(-eta)))}))
+    remote = []
+    run = host_processes._Worker.run
+    monkeypatch.setattr(host_processes._Worker, "run", lambda self, message: remote.append(1) or run(self, message))
+    monkeypatch.setattr(fit_glmm_module, "thread_count", lambda *_: 2)
+    monkeypatch.setattr(fit_glmm_module, "PROCESS_MIN_ROWS", 0)
+    _ready_worker()
+    with_processes = hp.fit_batch("y ~ x + (1 | g)", frames, by="rep", family="binomial", progress=False)
+    assert remote, "no chunk ran in a worker"
+    remote.clear()
+    monkeypatch.setenv(host_processes.SWITCH, "0")
+    monkeypatch.setattr(host_processes, "_WORKERS", [])
+    threads = hp.fit_batch("y ~ x + (1 | g)", frames, by="rep", family="binomial", progress=False)
+    assert not remote
+    for name in ("objective", "beta", "theta", "beta_se"):
+        np.testing.assert_array_equal(getattr(with_processes, name), getattr(threads, name), err_msg=name)
+    pd.testing.assert_frame_equal(with_processes.ranef, threads.ranef)
