@@ -13,6 +13,8 @@
     python benchmarks/batch.py --glmm-covariates 400  # Poisson, 3 covariates, (1 | g) + (1 | g:h): out/glmm_covariates.json
     python benchmarks/batch.py --glmm-small-groups 1000  # Bernoulli, 40 groups of 3 rows: out/glmm_small_groups.json
     python benchmarks/batch.py --glmm-cloglog 1000  # Bernoulli cloglog, 20 x 8 crossed: out/glmm_cloglog.json
+    python benchmarks/batch.py --lmm-slopes-nested 1000   # Gaussian, (1 + x | g) + (1 | g:h): out/lmm_slopes_nested.json
+    python benchmarks/batch.py --lmm-crossed-slopes 1000  # Gaussian, 30 x 20 crossed with slopes: out/lmm_crossed_slopes.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
                                                     # hp.lmm loop: out/animal.json
 
@@ -147,22 +149,30 @@ LME4_BOOT = textwrap.dedent(
 # replicates simulated by lme4 from a design and parameters (``DESIGN``, ``PARAMS``) instead of a fit: GLMMs other
 # than the issue's cbpp, so that the class is measured, not one benchmark model.
 MODELS = {
-    "crossed": dict(formula="diameter ~ 1 + (1 | plate) + (1 | sample)", data="Penicillin", response="diameter",
+    "crossed": dict(help="Penicillin-shaped datasets against a lmer loop", factors=["plate", "sample"],
+                    formula="diameter ~ 1 + (1 | plate) + (1 | sample)", data="Penicillin", response="diameter",
                     r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)", family=None),
-    "glmm": dict(formula="cbind(incidence, size - incidence) ~ period + (1 | herd)", data="cbpp",
+    "glmm": dict(help="cbpp-shaped binomial datasets against a glmer loop", factors=["herd", "period"],
+                 formula="cbind(incidence, size - incidence) ~ period + (1 | herd)", data="cbpp",
                  response="incidence", r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))",
                  family="binomial"),
-    "glmm_crossed": dict(formula="y ~ x + (1 | subj) + (1 | item)", response="y", family="binomial",
+    "glmm_crossed": dict(help="Bernoulli datasets, 20 subjects x 10 items crossed, against a glmer loop",
+                         factors=["subj", "item"],
+                         formula="y ~ x + (1 | subj) + (1 | item)", response="y", family="binomial",
                          design="d0 <- expand.grid(subj = factor(1:20), item = factor(1:10)); set.seed(2); "
                                 "d0$x <- rnorm(nrow(d0))",
                          params="list(beta = c(-0.3, 0.5), theta = c(0.8, 0.5))",
                          r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))"),
-    "glmm_slopes": dict(formula="y ~ t + (1 + t | g)", response="y", family="poisson",
+    "glmm_slopes": dict(help="Poisson datasets with correlated slopes (12 groups x 8) against a glmer loop",
+                        factors=["g"],
+                        formula="y ~ t + (1 + t | g)", response="y", family="poisson",
                         design="d0 <- expand.grid(t = (0:7) / 8, g = factor(1:12))",
                         params="list(beta = c(1, 0.4), theta = c(0.5, -0.2, 0.25))",
                         r_fit="glmer(FORMULA, d, poisson)", r_crit="-2 * as.numeric(logLik(fit))"),
     # a non-canonical link (Fisher scoring is not Newton's method), nested terms, binomial trials
-    "glmm_probit": dict(formula="cbind(k, n - k) ~ x + (1 | g) + (1 | g:h)", response="k", family="binomial",
+    "glmm_probit": dict(help="binomial probit datasets, 10 groups with 3 nested subgroups, against a glmer loop",
+                        factors=["g", "h"],
+                        formula="cbind(k, n - k) ~ x + (1 | g) + (1 | g:h)", response="k", family="binomial",
                         link="probit", r_family="binomial(link = 'probit')",
                         design="d0 <- expand.grid(j = 1:4, h = factor(1:3), g = factor(1:10)); set.seed(3); "
                                "d0$x <- rnorm(nrow(d0)); d0$n <- sample(3:11, nrow(d0), TRUE)",
@@ -170,38 +180,59 @@ MODELS = {
                         proportion_of="n",
                         r_fit="glmer(FORMULA, d, binomial('probit'))", r_crit="-2 * as.numeric(logLik(fit))"),
     # more rows per dataset (600 Bernoulli, correlated slopes), and counts on a crossed design
-    "glmm_long": dict(formula="y ~ x + (1 + x | g)", response="y", family="binomial",
+    "glmm_long": dict(help="Bernoulli datasets of 600 rows, correlated slopes over 40 groups, against a glmer loop",
+                      factors=["g"],
+                      formula="y ~ x + (1 + x | g)", response="y", family="binomial",
                       design="d0 <- expand.grid(j = 1:15, g = factor(1:40)); set.seed(5); d0$x <- rnorm(nrow(d0))",
                       params="list(beta = c(-0.2, 0.6), theta = c(0.7, 0.2, 0.4))",
                       r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))"),
-    "glmm_counts": dict(formula="y ~ x + (1 | a) + (1 | b)", response="y", family="poisson",
+    "glmm_counts": dict(help="Poisson datasets, 30 x 8 crossed, against a glmer loop", factors=["a", "b"],
+                        formula="y ~ x + (1 | a) + (1 | b)", response="y", family="poisson",
                         design="d0 <- expand.grid(a = factor(1:30), b = factor(1:8)); set.seed(6); "
                                "d0$x <- rnorm(nrow(d0))",
                         params="list(beta = c(0.5, 0.3), theta = c(0.4, 0.6))",
                         r_fit="glmer(FORMULA, d, poisson)", r_crit="-2 * as.numeric(logLik(fit))"),
     # more fixed effects: the forward-difference Hessian in (theta, beta) takes a gradient per coefficient
-    "glmm_covariates": dict(formula="y ~ x1 + x2 + x3 + (1 | g) + (1 | g:h)", response="y", family="poisson",
+    "glmm_covariates": dict(help="Poisson datasets with 3 covariates, 15 groups with 3 nested subgroups, against glmer",
+                            factors=["g", "h"],
+                            formula="y ~ x1 + x2 + x3 + (1 | g) + (1 | g:h)", response="y", family="poisson",
                             design="d0 <- expand.grid(j = 1:4, h = factor(1:3), g = factor(1:15)); set.seed(7); "
                                    "d0$x1 <- rnorm(nrow(d0)); d0$x2 <- rnorm(nrow(d0)); d0$x3 <- rnorm(nrow(d0))",
                             params="list(beta = c(0.3, 0.4, -0.2, 0.1), theta = c(0.5, 0.3))",
                             r_fit="glmer(FORMULA, d, poisson)", r_crit="-2 * as.numeric(logLik(fit))"),
+    # linear mixed models beyond Penicillin: correlated slopes with a nested term, and slopes on a crossed design
+    "lmm_slopes_nested": dict(help="Gaussian datasets, (1 + x | g) + (1 | g:h), 12 groups x 4 x 4, against lmer",
+                              factors=["g", "h"], formula="y ~ x + (1 + x | g) + (1 | g:h)", response="y",
+                              family=None, r_family="gaussian",
+                              design="d0 <- expand.grid(j = 1:4, h = factor(1:4), g = factor(1:12)); set.seed(10); "
+                                     "d0$x <- rnorm(nrow(d0))",
+                              params="list(beta = c(1, 0.5), theta = c(0.8, 0.2, 0.5, 0.6), sigma = 1)",
+                              r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)"),
+    "lmm_crossed_slopes": dict(help="Gaussian datasets, (1 + x | subj) + (1 | item), 30 x 20 crossed, against lmer",
+                               factors=["subj", "item"], formula="y ~ x + (1 + x | subj) + (1 | item)", response="y",
+                               family=None, r_family="gaussian",
+                               design="d0 <- expand.grid(subj = factor(1:30), item = factor(1:20)); set.seed(11); "
+                                      "d0$x <- rnorm(nrow(d0))",
+                               params="list(beta = c(2, -0.4), theta = c(0.7, -0.1, 0.3, 0.5), sigma = 1)",
+                               r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)"),
     # little information a level (3 Bernoulli rows a group): log |H|'s curvature in beta is as large as the data's
-    "glmm_small_groups": dict(formula="y ~ x1 + x2 + (1 | g)", response="y", family="binomial",
+    "glmm_small_groups": dict(help="Bernoulli datasets, 2 covariates, 40 groups of 3 rows, against a glmer loop",
+                              factors=["g"],
+                              formula="y ~ x1 + x2 + (1 | g)", response="y", family="binomial",
                               design="d0 <- expand.grid(j = 1:3, g = factor(1:40)); set.seed(8); "
                                      "d0$x1 <- rnorm(nrow(d0)); d0$x2 <- rnorm(nrow(d0))",
                               params="list(beta = c(-0.5, 0.8, -0.4), theta = 1)",
                               r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))"),
     # a non-canonical link on Bernoulli rows, crossed terms, three covariates
-    "glmm_cloglog": dict(formula="y ~ x1 + x2 + x3 + (1 | s) + (1 | i)", response="y", family="binomial",
+    "glmm_cloglog": dict(help="Bernoulli cloglog datasets, 3 covariates, 20 x 8 crossed, against a glmer loop",
+                         factors=["s", "i"],
+                         formula="y ~ x1 + x2 + x3 + (1 | s) + (1 | i)", response="y", family="binomial",
                          link="cloglog", r_family="binomial(link = 'cloglog')",
                          design="d0 <- expand.grid(s = factor(1:20), i = factor(1:8)); set.seed(9); "
                                 "d0$x1 <- rnorm(nrow(d0)); d0$x2 <- rnorm(nrow(d0)); d0$x3 <- rnorm(nrow(d0))",
                          params="list(beta = c(-0.8, 0.5, 0.3, -0.3), theta = c(0.7, 0.4))",
                          r_fit="glmer(FORMULA, d, binomial('cloglog'))", r_crit="-2 * as.numeric(logLik(fit))"),
 }
-FACTORS = {"crossed": ["plate", "sample"], "glmm": ["herd", "period"], "glmm_crossed": ["subj", "item"],
-           "glmm_slopes": ["g"], "glmm_probit": ["g", "h"], "glmm_long": ["g"], "glmm_counts": ["a", "b"],
-           "glmm_covariates": ["g", "h"], "glmm_small_groups": ["g"], "glmm_cloglog": ["s", "i"]}
 
 SIMULATE_R = textwrap.dedent(
     """
@@ -277,7 +308,7 @@ def model_benchmark(name: str, n: int) -> None:
 
     model = MODELS[name]
     csv = OUT / f"{name}_datasets.csv"
-    factors = FACTORS[name]
+    factors = model["factors"]
     if "design" in model:
         script = (SIMULATE_DESIGN_R.replace("DESIGN", model["design"]).replace("PARAMS", model["params"])
                   .replace("RHS", "~" + model["formula"].split("~", 1)[1])
@@ -457,24 +488,8 @@ def main() -> None:
     parser.add_argument("--statsmodels-datasets", type=int, default=None)
     parser.add_argument("--hierpool-only", action="store_true", help="time hierpool alone (fits per second)")
     parser.add_argument("--bootstrap", type=int, default=0, help="replicates of hp.bootstrap against bootMer")
-    parser.add_argument("--crossed", type=int, default=0, help="Penicillin-shaped datasets against a lmer loop")
-    parser.add_argument("--glmm", type=int, default=0, help="cbpp-shaped binomial datasets against a glmer loop")
-    parser.add_argument("--glmm-crossed", type=int, default=0,
-                        help="Bernoulli datasets, 20 subjects x 10 items crossed, against a glmer loop")
-    parser.add_argument("--glmm-slopes", type=int, default=0,
-                        help="Poisson datasets with correlated slopes (12 groups x 8) against a glmer loop")
-    parser.add_argument("--glmm-probit", type=int, default=0,
-                        help="binomial probit datasets, 10 groups with 3 nested subgroups, against a glmer loop")
-    parser.add_argument("--glmm-long", type=int, default=0,
-                        help="Bernoulli datasets of 600 rows, correlated slopes over 40 groups, against a glmer loop")
-    parser.add_argument("--glmm-counts", type=int, default=0,
-                        help="Poisson datasets, 30 x 8 crossed, against a glmer loop")
-    parser.add_argument("--glmm-covariates", type=int, default=0,
-                        help="Poisson datasets with 3 covariates, 15 groups with 3 nested subgroups, against glmer")
-    parser.add_argument("--glmm-small-groups", type=int, default=0,
-                        help="Bernoulli datasets, 2 covariates, 40 groups of 3 rows, against a glmer loop")
-    parser.add_argument("--glmm-cloglog", type=int, default=0,
-                        help="Bernoulli cloglog datasets, 3 covariates, 20 x 8 crossed, against a glmer loop")
+    for name, model in MODELS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=0, help=model["help"])
     parser.add_argument("--animal", type=int, default=0, help="animal models on one pedigree against lme4 (L_A in Z)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -482,8 +497,7 @@ def main() -> None:
         OUT.mkdir(exist_ok=True)
         animal_benchmark(args.animal)
         return
-    for name in ("crossed", "glmm", "glmm_crossed", "glmm_slopes", "glmm_probit", "glmm_long", "glmm_counts",
-                 "glmm_covariates", "glmm_small_groups", "glmm_cloglog"):
+    for name in MODELS:
         if getattr(args, name):
             OUT.mkdir(exist_ok=True)
             model_benchmark(name, getattr(args, name))

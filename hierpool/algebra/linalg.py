@@ -76,6 +76,35 @@ def canonical_theta(theta: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
     return theta
 
 
+def rank_reduced_theta(theta: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
+    """theta with each term of k >= 2 coefficients moved to the rank-deficient covariance nearest its own: T_j T_j^T
+    less its smallest eigenvalue's part, factored again (its last diagonal 0: a correlation of +-1 where k = 2).
+    Terms of one coefficient are unchanged.  Leading axes of ``theta`` (many thetas) are kept (NumPy).
+
+    Where a term's T_j T_j^T is near singular, its Cholesky factor is ill-determined: with T_11 near 0 the
+    criterion barely depends on the direction of (T_21, T_22), and a gradient search crawls around that circle
+    towards the boundary optimum lme4's bounded optimizers reach (T_22 = 0).  This point is that boundary's, reached
+    in one move: a restart from it (:func:`hierpool.batch.fit_terms`'s stalled searches) converges where the search
+    did not.
+    """
+    theta = np.array(theta, dtype=float)
+    offset = 0
+    for k in ks:
+        rows, cols = tril_positions(k)
+        size = len(rows)
+        if k >= 2:
+            factor = np.zeros(theta.shape[:-1] + (k, k))
+            factor[..., rows, cols] = theta[..., offset : offset + size]
+            values, vectors = np.linalg.eigh(factor @ np.swapaxes(factor, -1, -2))
+            values[..., 0] = 0.0
+            reduced = np.einsum("...ij,...j,...kj->...ik", vectors, values, vectors)
+            # a ridge of 1e-14 of the largest eigenvalue: the Cholesky factor of the singular matrix exists
+            ridge = 1e-14 * np.maximum(values[..., -1], 1e-300)[..., None, None] * np.eye(k)
+            theta[..., offset : offset + size] = np.linalg.cholesky(reduced + ridge)[..., rows, cols]
+        offset += size
+    return theta
+
+
 def theta_start(ks: tuple[int, ...]) -> np.ndarray:
     """lme4's starting value: T_j = I for every term."""
     starts = []

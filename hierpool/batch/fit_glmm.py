@@ -51,13 +51,21 @@ from ..algebra.laplace_batch import (
     GroupedRows,
 )
 from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
-from ..algebra.start import moment_theta
 from ..algebra.system import Layout, SystemPattern, fill_in_program, grouped_products
 from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
 from . import host_processes
-from .fit_terms import empty_results, padded_widths, row_buckets, run_jobs, take, term_problems, too_large
+from .fit_terms import (
+    empty_results,
+    moment_start_terms,
+    padded_widths,
+    row_buckets,
+    run_jobs,
+    take,
+    term_problems,
+    too_large,
+)
 from .glmm_search import DAMPING_GROWTH, DECREASE_TOL, FD_WIDTH, STEP_TOL, beta_covariance, optimize_on_host
-from .optimize import MOMENT_FLOOR, canonical_theta, newton
+from .optimize import canonical_theta, newton
 from .plan import BatchPlan, chunks, fetch, host_chunk, host_chunk_length, host_fits, place, thread_count
 
 #: IRLS iterations of the starting GLM fits.
@@ -115,29 +123,16 @@ def glm_start(plan: BatchPlan, family: Family) -> tuple[np.ndarray, np.ndarray]:
 
 
 def moment_start_theta(plan: BatchPlan, family: Family, eta: np.ndarray) -> np.ndarray:
-    """(D, n_theta) a GLMM's starting theta: the method of moments (the linear mixed model's batch start,
-    :func:`hierpool.algebra.start.moment_theta`) on the GLM fit's working residuals, weighted by its working
-    weights, whose residual variance is 1 when the family's variance holds.
+    """(D, n_theta) a GLMM's starting theta: the method of moments of every term
+    (:func:`hierpool.batch.fit_terms.moment_start_terms`, the linear mixed models' several-term start) on the GLM
+    fit's working residuals, weighted by its working weights, whose residual variance is 1 when the family's
+    variance holds.
 
-    Several terms: each term's own moments on the same residuals (the other terms' variation left in them, so a
-    start only).  From lme4's identity the first Newton steps of a crossed model overshoot and are rejected, and
-    the search takes several times as long to the same optima (benchmarks/RESULTS.md, "The GLMM class on the
-    host").
+    From lme4's identity the first Newton steps of a crossed model overshoot and are rejected, and the search
+    takes several times as long to the same optima (benchmarks/RESULTS.md, "The GLMM class on the host").
     """
-    design, n_datasets = plan.design, plan.n_datasets
-    _, weights, residual = family.working(design.y, eta, design.row_weights)
-    rss = np.bincount(plan.dataset, weights=weights * residual**2, minlength=n_datasets)
-    thetas = []
-    for term, (level, n_levels, _) in zip(design.terms, plan.term_levels):
-        ell, k = int(n_levels.max()), term.k
-        cell = plan.dataset.astype(np.int64) * ell + level
-        z, size = term.z, n_datasets * ell
-        ztz = np.stack([np.bincount(cell, weights=weights * z[:, a] * z[:, b], minlength=size)
-                        for a in range(k) for b in range(k)], axis=1).reshape(n_datasets, ell, k, k)
-        cross = np.stack([np.bincount(cell, weights=weights * z[:, a] * residual, minlength=size)
-                          for a in range(k)], axis=1).reshape(n_datasets, ell, k)
-        thetas.append(moment_theta(ztz, cross, rss, plan.n_obs.astype(float), p=design.p, floor=MOMENT_FLOOR))
-    return np.concatenate(thetas, axis=1)
+    _, weights, residual = family.working(plan.design.y, eta, plan.design.row_weights)
+    return moment_start_terms(plan, weights, residual)
 
 
 def moment_shape(plan: BatchPlan, eta: np.ndarray, link) -> np.ndarray:
