@@ -104,16 +104,15 @@ def compare_posteriors(batch, single, label, tables, z_max: float = 4.0) -> None
         assert np.max(np.abs(z)) < z_max, (label, table, merged.loc[np.abs(z).idxmax(), names].tolist())
 
 
-def host_and_compiled(monkeypatch, module, *args, **kwargs):
+def host_and_compiled(monkeypatch, module, *args, host_function="_optimize_on_host", **kwargs):
     """hp.fit_batch(*args, **kwargs) with ``module``'s path (``hierpool.batch.fit`` one term, ``fit_terms`` several)
     forced onto the host, then forced to compile; each run asserted to have taken its path (the module's host
-    optimizer's calls counted: ``_optimize_on_host``, or the GLMM path's ``optimize_on_host``)."""
+    optimizer's calls counted: the function ``host_function`` of ``module``, which the module calls for a chunk)."""
     import hierpool as hp
 
     calls = []
-    name = "optimize_on_host" if hasattr(module, "optimize_on_host") else "_optimize_on_host"
-    on_host = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or on_host(*a, **k))
+    on_host = getattr(module, host_function)
+    monkeypatch.setattr(module, host_function, lambda *a, **k: calls.append(1) or on_host(*a, **k))
     monkeypatch.setattr(module, "_on_host", lambda *a: True)
     host = hp.fit_batch(*args, **kwargs)
     assert calls, "the host path did not run"

@@ -232,7 +232,7 @@ def _host_and_compiled(monkeypatch, *args, **kwargs):
     """conftest.host_and_compiled on the several-term path."""
     from hierpool.batch import fit_terms
 
-    return host_and_compiled(monkeypatch, fit_terms, *args, progress=False, **kwargs)
+    return host_and_compiled(monkeypatch, fit_terms, *args, progress=False, host_function="fit_on_host", **kwargs)
 
 
 @pytest.mark.parametrize("case", ["crossed", "weights_offset_ml", "known_sds"])
@@ -306,6 +306,7 @@ def test_a_dataset_whose_system_is_broken_fails_alone_on_the_host(crossed, fault
     from hierpool.algebra.linalg import theta_start
     from hierpool.batch import fit_terms
     from hierpool.batch.plan import plan_batch
+    from hierpool.batch.terms_search import fit_on_host
 
     plan = plan_batch(CROSSED, crossed[0], "rep", "fit_batch", "hp.lmm", one_term=False)
     (members, systems, n), = fit_terms.bucket_systems(plan, [0, 1, 3, 4])
@@ -315,8 +316,7 @@ def test_a_dataset_whose_system_is_broken_fails_alone_on_the_host(crossed, fault
     start = np.tile(theta_start((1, 1)), (len(members), 1))
     results = []
     for system in (chunk, broken):
-        optimized = fit_terms._optimize_on_host(system, n, start, reml=True, max_iterations=60)
-        results.append({**optimized, **fit_terms._solve_on_host(optimized["theta"], system, n, reml=True)})
+        results.append(fit_on_host(system, n, start, reml=True, max_iterations=60))
     good, bad = results
     # no step improves on +inf (the compiled newton's start value too): not converged, no estimates
     assert not np.isfinite(bad["objective"][1]) and not bad["converged"][1] and np.isnan(bad["beta"][1]).all()

@@ -433,7 +433,8 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
 
 
 #: Rows of a host batch from which its chunks run in worker processes too (:mod:`hierpool.batch.host_processes`):
-#: a batch of fewer takes about as long as a worker's start.
+#: a batch of fewer takes about as long as a worker's start (benchmarks/RESULTS.md, "Worker processes, seventeenth
+#: session").
 PROCESS_MIN_ROWS = 20_000
 
 

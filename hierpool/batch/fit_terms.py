@@ -35,14 +35,14 @@ import numpy as np
 from ..algebra.batched_systems import MAX_DENSE_ENTRIES, batched_systems, dense_entries, shared_grid
 from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
-from ..algebra.criterion import host_objective_and_gradient, objective
+from ..algebra.criterion import objective
 from ..algebra.henderson import solve
-from ..algebra.linalg import rank_reduced_theta, theta_start
+from ..algebra.linalg import theta_start
 from ..algebra.start import moment_theta
 from ..algebra.statistics import location_shifts
 from ..algebra.system import grouped_products
 from ..closedform.optimize import Control
-from .optimize import MOMENT_FLOOR, canonical_theta, newton, optimize_on_host
+from .optimize import MOMENT_FLOOR, canonical_theta, newton
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
@@ -57,6 +57,7 @@ from .plan import (
     progress_bar,
     thread_count,
 )
+from .terms_search import fit_on_host, solved_entries
 
 
 def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]:
@@ -231,14 +232,8 @@ def _optimize_rows(systems, n, start, reml: bool, max_iterations: int):
     return jax.vmap(one)(systems, n, start)
 
 
-def _solved(solution) -> dict:
-    """The batch's entries of a :class:`~hierpool.algebra.henderson.Solution` (one dataset's, or a chunk's)."""
-    return {"beta": solution.beta, "vcov": solution.vcov_beta, "sigma": solution.sigma, "b": solution.b,
-            "cond_var": solution.cond_var, "factors": solution.factors}
-
-
 def _solve_rows(theta, systems, n, reml: bool):
-    return jax.vmap(lambda t, system, rows: _solved(solve(t, system, reml=reml, n=rows)))(theta, systems, n)
+    return jax.vmap(lambda t, system, rows: solved_entries(solve(t, system, reml=reml, n=rows)))(theta, systems, n)
 
 
 #: (optimize, solve) program futures by chunk shape and settings (the last 8 used).
@@ -287,45 +282,6 @@ def host_bytes(systems) -> int:
     return 8 * (layout.n_theta + 1) * (10 * m * m + 3 * ell0 * k0 * m)
 
 
-def _optimize_on_host(systems, n, start: np.ndarray, *, reml: bool, max_iterations: int) -> dict:
-    """:func:`_optimize_rows` on the host: Newton's method of every dataset of a chunk
-    (:func:`hierpool.batch.optimize.newton_on_host`) on the blocked criterion and its written-out gradient,
-    evaluated for the datasets still searching at once (``systems``: :func:`shared_grid`'s), each trial alone and
-    its shifts only where it is accepted, the damping interpolated after a rejected trial.
-
-    A search that did not converge, in a model with a term of several coefficients, is run again from its end's
-    :func:`hierpool.algebra.linalg.rank_reduced_theta` (the boundary a near-singular term's search crawls towards,
-    reached in one move), and the lower criterion of the two kept: on 300 datasets of --lmm-slopes-nested, 15 of
-    the 17 searches that ended unconverged then converged, each to hp.lmm's optimum or below it
-    (benchmarks/RESULTS.md, "The class beyond the issue's models, seventeenth session")."""
-    ks = systems.layout.ks
-
-    def value_and_grad(points, rows):
-        # (A, Q) points of datasets ``rows``: each dataset's system broadcast over its points
-        chunk = shared_grid(systems, rows, points=True)
-        return host_objective_and_gradient(chunk, reml, n=n[rows][:, None])(points)
-
-    def search(start, datasets):
-        return optimize_on_host(lambda points, rows: value_and_grad(points, datasets[rows]), start, max_iterations,
-                                ks, shifts_after_trials=True, interpolated_damping=True)
-
-    result = search(start, np.arange(len(start)))
-    stalled = np.flatnonzero(~result["converged"] & np.isfinite(result["objective"]))
-    if stalled.size and max(ks) > 1:
-        again = search(rank_reduced_theta(result["theta"][stalled], ks), stalled)
-        better = again["objective"] < result["objective"][stalled]
-        again["iterations"] = again["iterations"] + result["iterations"][stalled]
-        for name, values in again.items():
-            result[name][stalled[better]] = values[better]
-    return result
-
-
-def _solve_on_host(theta: np.ndarray, systems, n, *, reml: bool) -> dict:
-    """:func:`_solve_rows` on the host: :func:`hierpool.algebra.henderson.solve` over the chunk's leading axis."""
-    with np.errstate(all="ignore"):  # a dataset whose theta is NaN gets NaN, as in the compiled program
-        return _solved(solve(theta, systems, reml=reml, n=n))
-
-
 def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None, progress, max_iterations: int,
               sharding, workers: int, default_chunk: int) -> dict:
     """Fit every dataset of ``plan`` (several random-effect terms); per-dataset results as :func:`fit_batch` needs.
@@ -371,9 +327,8 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
 
     def run(job):
         _, (systems, n, start), count, programs, shift = job
-        if programs is None:  # on the host
-            optimized = _optimize_on_host(systems, n, start, reml=reml, max_iterations=max_iterations)
-            result = {**optimized, **_solve_on_host(optimized["theta"], systems, n, reml=reml)}
+        if programs is None:  # on the host (threads: worker processes gave nothing here, unlike a GLMM's chunks)
+            result = fit_on_host(systems, n, start, reml, max_iterations)
         else:
             optimize, solver = programs
             systems, n, start = place((systems, n, start), sharding)
