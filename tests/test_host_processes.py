@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pandas as pd
@@ -57,11 +58,12 @@ def test_the_search_a_worker_runs_imports_without_jax_or_pandas():
 
 def test_a_call_goes_to_a_worker_while_a_chunk_runs_here_and_its_errors_come_back():
     _ready_worker()
-    assert _with_a_chunk_running_here(os.getpid) != os.getpid()
-    assert _with_a_chunk_running_here(math.sqrt, 6.25) == 2.5
-    with pytest.raises(ValueError, match="math domain"):
-        _with_a_chunk_running_here(math.sqrt, -1.0)
-    assert _with_a_chunk_running_here(os.getpid) != os.getpid()  # the worker outlived its error
+    assert _with_a_chunk_running_here(os.getpid, hold=0.2) != os.getpid()
+    assert _with_a_chunk_running_here(math.sqrt, 6.25, hold=0.2) == 2.5
+    with pytest.raises(ValueError, match="math domain") as raised:
+        _with_a_chunk_running_here(math.sqrt, -1.0, hold=0.2)
+    assert any("host worker process" in note for note in raised.value.__notes__)  # raised there, with its traceback
+    assert _with_a_chunk_running_here(os.getpid, hold=0.2) != os.getpid()  # the worker outlived its error
 
 
 def test_a_function_that_cannot_be_pickled_runs_here():
@@ -69,12 +71,24 @@ def test_a_function_that_cannot_be_pickled_runs_here():
     assert _with_a_chunk_running_here(lambda: os.getpid(), hold=0.2) == os.getpid()
 
 
+def test_a_function_a_worker_cannot_import_runs_here():
+    module = types.ModuleType("hierpool_test_only_in_this_process")
+    exec("import os\ndef pid():\n    return os.getpid()", module.__dict__)
+    sys.modules[module.__name__] = module  # pickled by reference here; no such module in the worker
+    try:
+        _ready_worker()
+        assert _with_a_chunk_running_here(module.pid, hold=0.2) == os.getpid()
+    finally:
+        del sys.modules[module.__name__]
+
+
 def test_a_worker_that_died_leaves_its_chunk_here():
     _ready_worker()
     worker = next(w for w in host_processes._WORKERS if w.alive)
     worker.process.kill()
     worker.process.wait(10)
-    assert _with_a_chunk_running_here(os.getpid, hold=0.2) == os.getpid()
+    with pytest.warns(RuntimeWarning, match="worker process died"):
+        assert _with_a_chunk_running_here(os.getpid, hold=0.2) == os.getpid()
     assert not worker.alive
 
 

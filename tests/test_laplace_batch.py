@@ -303,7 +303,7 @@ def test_fit_batch_s_glmm_host_path_equals_its_compiled_path(monkeypatch, formul
     # passes, so a call's rows, saturated constants and starts are taken for the ones still searching
     monkeypatch.setattr(fit_glmm_module, "thread_count", lambda *_: 1)
     host, compiled = host_and_compiled(monkeypatch, fit_glmm_module, formula, frames, by="rep", family=family_name,
-                                       link=link, progress=False, host_function="optimize_on_host")
+                                       link=link, progress=False, host_function="fit_chunk_on_host")
     # the host's search takes the Hessian's beta block from the profiled curvature (fixed_effects_curvature) and
     # differences it where it stops; the compiled one differences it at every pass.  Both stop where their last
     # model's optimum is within 1e-5 standard errors (sqrt(fit_glmm.DECREASE_TOL)): the criteria agree to rounding,

@@ -7,6 +7,7 @@ of a batch) is asserted equal to the general piece here; no test compiles a samp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 
 import hierpool as hp
@@ -273,3 +274,53 @@ def test_block_product_is_matmul_with_one_column_blocks_taken_elementwise():
     np.testing.assert_array_equal(block_product(block, factor[..., None, :, :]), block @ factor[..., None, :, :])
     with pytest.raises(ValueError):  # an inner size that does not match is refused, as by matmul
         block_product(rng.normal(size=(3, 1)), rng.normal(size=(3, 5)))
+
+
+def test_rank_reduced_theta_drops_the_smallest_eigenvalue_s_part_of_each_vector_term():
+    from hierpool.algebra.linalg import rank_reduced_theta, theta_to_factors
+
+    rng = np.random.default_rng(3)
+    ks = (1, 2, 3)
+    theta = rng.normal(size=(5, 1 + 3 + 6))
+    theta[2, 4:] = np.nan  # one dataset's third term not finite: NaN there alone
+    reduced = rank_reduced_theta(theta, ks)
+    np.testing.assert_array_equal(reduced[:, 0], theta[:, 0])  # a one-coefficient term is unchanged
+    for j, (before, after) in enumerate(zip(theta_to_factors(theta, ks)[1:], theta_to_factors(reduced, ks)[1:])):
+        for d in range(5):
+            if j == 1 and d == 2:
+                assert np.isnan(after[d]).all()
+                continue
+            values, vectors = np.linalg.eigh(before[d] @ before[d].T)
+            expected = before[d] @ before[d].T - values[0] * np.outer(vectors[:, 0], vectors[:, 0])
+            np.testing.assert_allclose(after[d] @ after[d].T, expected, atol=1e-10 * values[-1])
+            assert abs(after[d][-1, -1]) < 1e-6 * np.sqrt(values[-1])  # the last diagonal at the boundary
+
+
+def test_glm_start_fits_each_dataset_s_glm_and_keeps_its_linear_predictor():
+    """Datasets leave glm_start's IRLS once converged, a separated one runs on: each converged dataset's beta
+    solves its own score equations, and every row's eta is offset + X beta of its dataset's beta."""
+    from hierpool.algebra.family import family as make_family
+    from hierpool.batch.fit_glmm import glm_start
+    from hierpool.batch.plan import plan_batch
+    from hierpool.spec.family import family_spec
+
+    rng = np.random.default_rng(4)
+    frames = []
+    for d in range(6):
+        x = rng.normal(size=40)
+        y = rng.binomial(1, 1 / (1 + np.exp(-(0.3 * d - 0.5 + x))))
+        if d == 3:
+            y = (x > 0).astype(int)  # complete separation: beta runs off
+        frames.append(pd.DataFrame({"x": x, "y": y, "g": np.repeat(np.arange(8), 5).astype(str)}))
+    spec = family_spec("binomial", None)
+    plan = plan_batch("y ~ x + (1 | g)", frames, "rep", "fit_batch", "hp.glmm", one_term=False, family=spec)
+    design = plan.design
+    beta, eta = glm_start(plan, make_family(spec))
+    np.testing.assert_allclose(eta, design.offset + np.einsum("np,np->n", design.X, beta[plan.dataset]),
+                               rtol=1e-13, atol=1e-13)
+    mu = 1 / (1 + np.exp(-eta))
+    for d in (0, 1, 2, 4, 5):
+        rows = plan.dataset == d
+        score = design.X[rows].T @ (design.y[rows] - mu[rows])
+        assert np.max(np.abs(score)) < 1e-8, d
+    assert np.max(np.abs(beta[3])) > 10  # the separated dataset ran off, without holding the others

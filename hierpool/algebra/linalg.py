@@ -84,8 +84,9 @@ def rank_reduced_theta(theta: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
     Where a term's T_j T_j^T is near singular, its Cholesky factor is ill-determined: with T_11 near 0 the
     criterion barely depends on the direction of (T_21, T_22), and a gradient search crawls around that circle
     towards the boundary optimum lme4's bounded optimizers reach (T_22 = 0).  This point is that boundary's, reached
-    in one move: a restart from it (:func:`hierpool.batch.fit_terms`'s stalled searches) converges where the search
-    did not.
+    in one move: a restart from it (``hp.fit_batch``'s stalled several-term searches,
+    :func:`hierpool.batch.terms_search.search_on_host`) converges where the search did not.  A non-finite theta
+    gives NaN for its terms (the others' rows are unaffected).
     """
     theta = np.array(theta, dtype=float)
     offset = 0
@@ -93,14 +94,17 @@ def rank_reduced_theta(theta: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
         rows, cols = tril_positions(k)
         size = len(rows)
         if k >= 2:
+            block = theta[..., offset : offset + size]
+            finite = np.all(np.isfinite(block), axis=-1)
             factor = np.zeros(theta.shape[:-1] + (k, k))
-            factor[..., rows, cols] = theta[..., offset : offset + size]
+            factor[..., rows, cols] = np.where(finite[..., None], block, 0.0)  # eigh refuses a stack holding a NaN
             values, vectors = np.linalg.eigh(factor @ np.swapaxes(factor, -1, -2))
             values[..., 0] = 0.0
             reduced = np.einsum("...ij,...j,...kj->...ik", vectors, values, vectors)
             # a ridge of 1e-14 of the largest eigenvalue: the Cholesky factor of the singular matrix exists
             ridge = 1e-14 * np.maximum(values[..., -1], 1e-300)[..., None, None] * np.eye(k)
-            theta[..., offset : offset + size] = np.linalg.cholesky(reduced + ridge)[..., rows, cols]
+            reduced = np.linalg.cholesky(reduced + ridge)[..., rows, cols]
+            theta[..., offset : offset + size] = np.where(finite[..., None], reduced, np.nan)
         offset += size
     return theta
 

@@ -64,7 +64,7 @@ from .fit_terms import (
     term_problems,
     too_large,
 )
-from .glmm_search import DAMPING_GROWTH, DECREASE_TOL, FD_WIDTH, STEP_TOL, beta_covariance, optimize_on_host
+from .glmm_search import DAMPING_GROWTH, DECREASE_TOL, FD_WIDTH, STEP_TOL, beta_covariance, fit_chunk_on_host
 from .optimize import canonical_theta, newton
 from .plan import BatchPlan, chunks, fetch, host_chunk, host_chunk_length, host_fits, place, thread_count
 
@@ -122,8 +122,8 @@ def glm_start(plan: BatchPlan, family: Family) -> tuple[np.ndarray, np.ndarray]:
     return beta, eta
 
 
-def moment_start_theta(plan: BatchPlan, family: Family, eta: np.ndarray) -> np.ndarray:
-    """(D, n_theta) a GLMM's starting theta: the method of moments of every term
+def moment_start_theta(plan: BatchPlan, family: Family, eta: np.ndarray, datasets) -> np.ndarray:
+    """(D, n_theta) a GLMM's starting theta for datasets ``datasets``: the method of moments of every term
     (:func:`hierpool.batch.fit_terms.moment_start_terms`, the linear mixed models' several-term start) on the GLM
     fit's working residuals, weighted by its working weights, whose residual variance is 1 when the family's
     variance holds.
@@ -132,7 +132,7 @@ def moment_start_theta(plan: BatchPlan, family: Family, eta: np.ndarray) -> np.n
     takes several times as long to the same optima (benchmarks/RESULTS.md, "The GLMM class on the host").
     """
     _, weights, residual = family.working(plan.design.y, eta, plan.design.row_weights)
-    return moment_start_terms(plan, weights, residual)
+    return moment_start_terms(plan, weights, residual, datasets)
 
 
 def moment_shape(plan: BatchPlan, eta: np.ndarray, link) -> np.ndarray:
@@ -388,7 +388,7 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
     host = _on_host(float_type, sharding, family)
     processes = host and _uses_processes(plan, out["attempted"])
     if processes:  # started now, their imports run while the starts below are computed
-        host_processes.start(thread_count(None) - 1, preload=(optimize_on_host.__module__,))
+        host_processes.start(host_processes.worker_count(thread_count(None)), preload=(fit_chunk_on_host.__module__,))
     buckets = {} if host else row_buckets(plan, np.flatnonzero(out["attempted"]))
     quick = sum(len(members) * key[-1] for key, members in buckets.items()) <= QUICK_COMPILE_MAX_ROWS
     prepared = []
@@ -406,7 +406,7 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
     # a negative binomial starts from its Poisson GLM (glmer.nb's start), its shape from that fit's moments
     pilot = Family("poisson", family.link) if negative_binomial else family
     beta0, eta0 = glm_start(plan, pilot)
-    theta0 = moment_start_theta(plan, pilot, eta0)
+    theta0 = moment_start_theta(plan, pilot, eta0, np.flatnonzero(out["attempted"]))
     if negative_binomial:
         # the log shape last
         theta0 = np.concatenate([theta0, np.log(moment_shape(plan, eta0, family.link))[:, None]], axis=1)
@@ -439,14 +439,14 @@ PROCESS_MIN_ROWS = 20_000
 
 
 def _uses_processes(plan: BatchPlan, attempted: np.ndarray) -> bool:
-    """Whether a host batch's chunks run in worker processes besides this one: several cores, and at least
-    :data:`PROCESS_MIN_ROWS` rows to fit."""
-    return thread_count(None) > 1 and plan.n_obs[attempted].sum() >= PROCESS_MIN_ROWS
+    """Whether a host batch's chunks run in worker processes besides this one: a worker to run them
+    (:func:`hierpool.batch.host_processes.worker_count`), and at least :data:`PROCESS_MIN_ROWS` rows to fit."""
+    return host_processes.worker_count(thread_count(None)) > 0 and plan.n_obs[attempted].sum() >= PROCESS_MIN_ROWS
 
 
 def _fit_glmm_on_host(plan: BatchPlan, family: Family, out: dict, theta0, beta0, saturated, n_theta: int, *,
                       chunk_size: int | None, progress, max_iterations: int, processes: bool) -> dict:
-    """:func:`fit_glmm`'s datasets on the host (:func:`hierpool.batch.glmm_search.optimize_on_host`), bucketed by
+    """:func:`fit_glmm`'s datasets on the host (:func:`hierpool.batch.glmm_search.fit_chunk_on_host`), bucketed by
     padded level counts and cut into chunks (``chunk_size``, or :data:`HOST_CHUNK` bounded by
     :data:`HOST_CHUNK_BYTES`), a thread per core (NumPy: no compiled program to guard); with ``processes`` each
     thread beyond the first runs its chunks in a worker process (:func:`hierpool.batch.host_processes.call`)."""
@@ -466,7 +466,7 @@ def _fit_glmm_on_host(plan: BatchPlan, family: Family, out: dict, theta0, beta0,
         chunk, key = job
         start = np.concatenate([theta0[chunk, :n_theta], beta0[chunk]], axis=1)
         arguments = (grouped_rows(plan, chunk, key), saturated[chunk], start, family, max_iterations)
-        result = host_processes.call(optimize_on_host, *arguments) if processes else optimize_on_host(*arguments)
+        result = host_processes.call(fit_chunk_on_host, *arguments) if processes else fit_chunk_on_host(*arguments)
         result["sigma"] = np.ones(len(chunk))
         return result
 

@@ -7,13 +7,15 @@ levels of one term meet those of another, so each dataset's algebra is the gener
 cross-products.  The systems of a whole batch are built at once on the host, padded to common level counts per
 bucket (:func:`hierpool.algebra.batched_systems.batched_systems`: a padded level changes no number), and one
 compiled program per bucket shape vmaps Newton's method (:func:`hierpool.batch.optimize.newton`) over them, the
-solve in a second program.  Every dataset starts at lme4's start, Lambda_j = I.
+solve in a second program.  Every dataset starts from the method of moments of each term (:func:`linear_start`).
 
-**On the host.**  On one CPU device in float64 nothing is compiled ("compile only where compiling pays"): the
-same Newton's method runs in NumPy (:func:`hierpool.batch.optimize.newton_on_host`) on the same criterion
+**On the host.**  On one CPU device in float64 nothing is compiled ("compile only where compiling pays"):
+Newton's method runs in NumPy (:func:`hierpool.batch.optimize.newton_on_host`) on the same criterion
 and gradient, evaluated for a whole chunk of datasets at once
 (:func:`hierpool.algebra.criterion.host_objective_and_gradient` over leading axes), and the solution is
-:func:`hierpool.algebra.henderson.solve` over the chunk (:func:`_on_host` says why).  Accelerators,
+:func:`hierpool.algebra.henderson.solve` over the chunk (:func:`_on_host` says why;
+:mod:`hierpool.batch.terms_search`: the damping interpolated after a rejected trial, and a stalled search
+restarted from its rank-reduced theta, which the compiled one does not do).  Accelerators,
 float32 and sharded batches keep the compiled programs.
 
 Buckets: each term's level count is padded as the one-term path pads it (:func:`hierpool.batch.plan.bucket_width`),
@@ -134,37 +136,51 @@ def bucket_systems(plan: BatchPlan, datasets) -> list:
     return out
 
 
-def moment_start_terms(plan: BatchPlan, weights: np.ndarray, residual: np.ndarray) -> np.ndarray:
-    """(D, n_theta) each dataset's starting theta: the method of moments (:func:`hierpool.algebra.start.moment_theta`)
-    of every term on the rows' residuals from a fit of the fixed effects alone, weighted by ``weights`` (N,), each
-    term's own moments on the same residuals (the other terms' variation left in them: a start only, as the closed
-    form's term by term, :func:`hierpool.closedform.optimize.moment_start`).  A dataset moments cannot start (fewer
-    than k + 1 usable levels) starts at lme4's identity.  The linear models' several-term start (least-squares
-    residuals, prior weights) and a GLMM's (its GLM's working residuals and weights)."""
-    design, n_datasets = plan.design, plan.n_datasets
-    rss = np.bincount(plan.dataset, weights=weights * residual**2, minlength=n_datasets)
-    thetas = []
-    with np.errstate(all="ignore"):  # a dataset refused for its levels or rank gets a start nothing reads
-        for term, (level, n_levels, _) in zip(design.terms, plan.term_levels):
-            ell, k = int(n_levels.max()), term.k
-            cell = plan.dataset.astype(np.int64) * ell + level
-            ztz = grouped_products(cell, term.z, term.z, weights, n_datasets * ell).reshape(n_datasets, ell, k, k)
-            cross = grouped_products(cell, term.z, residual[:, None], weights, n_datasets * ell)
-            thetas.append(moment_theta(ztz, cross.reshape(n_datasets, ell, k), rss, plan.n_obs.astype(float),
-                                       p=design.p, floor=MOMENT_FLOOR))
-    return np.concatenate(thetas, axis=1)
-
-
-def linear_start(plan: BatchPlan) -> np.ndarray:
-    """(D, n_theta) a several-term linear mixed model's starting theta: :func:`moment_start_terms` on each dataset's
-    (weighted) least-squares residuals; lme4's identity with known residual sds (``se=``), as ``hp.lmm``'s."""
+def moment_start_terms(plan: BatchPlan, weights: np.ndarray, residual: np.ndarray, datasets) -> np.ndarray:
+    """(D, n_theta) the starting theta of datasets ``datasets`` (the others: lme4's identity): the method of moments
+    (:func:`hierpool.algebra.start.moment_theta`) of every term on the rows' residuals from a fit of the fixed
+    effects alone, weighted by ``weights`` (N,), each term's own moments on the same residuals (the other terms'
+    variation left in them: a start only).  A dataset moments cannot start (fewer than k + 1 usable levels) starts
+    at the identity too.  The linear models' several-term start (:func:`linear_start`) and a GLMM's (its GLM's
+    working residuals and weights).  The arrays are padded to the largest level count of ``datasets`` alone (a
+    dataset refused for its size would set it)."""
     design = plan.design
-    ks = tuple(t.k for t in design.terms)
+    datasets = np.asarray(datasets, dtype=np.int64)
+    start = np.tile(theta_start(tuple(t.k for t in design.terms)), (plan.n_datasets, 1))
+    if not datasets.size:
+        return start
+    rows = np.flatnonzero(np.isin(plan.dataset, datasets))
+    local, count = np.searchsorted(datasets, plan.dataset[rows]), len(datasets)
+    w, r = weights[rows], residual[rows]
+    rss = np.bincount(local, weights=w * r**2, minlength=count)
+    thetas = []
+    with np.errstate(all="ignore"):  # a dataset moments cannot start gets the identity (moment_theta)
+        for term, (level, n_levels, _) in zip(design.terms, plan.term_levels):
+            ell, k, z = int(n_levels[datasets].max()), term.k, term.z[rows]
+            cell = local * ell + level[rows]
+            ztz = grouped_products(cell, z, z, w, count * ell).reshape(count, ell, k, k)
+            cross = grouped_products(cell, z, r[:, None], w, count * ell).reshape(count, ell, k)
+            thetas.append(moment_theta(ztz, cross, rss, plan.n_obs[datasets].astype(float), p=design.p,
+                                       floor=MOMENT_FLOOR))
+    start[datasets] = np.concatenate(thetas, axis=1)
+    return start
+
+
+def linear_start(plan: BatchPlan, datasets) -> np.ndarray:
+    """(D, n_theta) a several-term linear mixed model's starting theta for datasets ``datasets``:
+    :func:`moment_start_terms` on each dataset's (weighted) least-squares residuals, every term's own moments.
+    ``hp.lmm`` starts a vector term of a several-term model at lme4's identity instead (L-BFGS-B from its moments
+    once reached a worse boundary optimum, :func:`hierpool.closedform.optimize.moment_start`); the batch's Newton
+    search restarts a stalled search from the boundary (:func:`hierpool.batch.terms_search.search_on_host`), and
+    from this start its criteria are at or below lmer's on every dataset of --lmm-slopes-nested and
+    --lmm-crossed-slopes (benchmarks/RESULTS.md, "The class beyond the issue's models, seventeenth session").
+    lme4's identity with known residual sds (``se=``), as ``hp.lmm``'s."""
+    design = plan.design
     if design.sigma_known:
-        return np.tile(theta_start(ks), (plan.n_datasets, 1))
-    weights = np.ones(design.n) if design.weights is None else np.asarray(design.weights, dtype=float)
-    _, residual = location_shifts(plan.dataset, design.X, design.y - design.offset, weights, plan.n_datasets)
-    return moment_start_terms(plan, weights, residual)
+        return np.tile(theta_start(tuple(t.k for t in design.terms)), (plan.n_datasets, 1))
+    weights = design.row_weights
+    _, residual = location_shifts(plan.dataset, design.X, design.y_less_offset, weights, plan.n_datasets)
+    return moment_start_terms(plan, weights, residual, datasets)
 
 
 def take(tree, index):
@@ -298,7 +314,7 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = term_problems(plan)
     out = empty_results(plan, messages, too_large(plan, messages))
-    start0 = linear_start(plan)
+    start0 = linear_start(plan, np.flatnonzero(out["attempted"]))
     jobs = []
     for members, systems, n in bucket_systems(plan, np.flatnonzero(out["attempted"])):
         # beta0 stays float64 and is added on the host: in float32 a large common location of y would lose digits

@@ -1,6 +1,6 @@
 """The search of a GLMM batch's fits (``hp.fit_batch(..., family=)``): its rules, shared by the compiled and the host
 paths of :mod:`hierpool.batch.fit_glmm`, and the host path's search of one chunk of datasets
-(:func:`optimize_on_host`).
+(:func:`fit_chunk_on_host`).
 
 Neither this module nor its imports load JAX: a host worker process (:mod:`hierpool.batch.host_processes`)
 imports it to fit chunks beside the main process, in a fraction of the time JAX's import takes.
@@ -59,8 +59,8 @@ def beta_covariance(curvature, value, n_theta: int, p: int):
     return xp.where(definite[..., None, None], block, xp.nan)
 
 
-def optimize_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarray, family: Family,
-                     max_iterations: int) -> dict:
+def fit_chunk_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarray, family: Family,
+                      max_iterations: int) -> dict:
     """A chunk's fits on the host: :func:`hierpool.batch.optimize.newton_on_host` (the compiled path's rules, width
     and tolerances; the beta block from :func:`hierpool.algebra.laplace_batch.fixed_effects_curvature` during the
     search) on :func:`hierpool.algebra.laplace_batch.laplace_and_gradient`, every point of every dataset

@@ -33,10 +33,14 @@ import struct
 import subprocess
 import sys
 import threading
+import traceback
+import warnings
 
 #: The environment variable that turns worker processes off ("0").
 SWITCH = "HIERPOOL_HOST_PROCESSES"
-_COMMAND = "import sys; from hierpool.batch.host_processes import serve; serve(sys.argv[1:])"
+# ``python -c`` puts the working directory first on the path: removed, so that the parent's own path (PYTHONPATH,
+# below) decides which hierpool and NumPy the worker imports
+_COMMAND = "import sys; del sys.path[0]; from hierpool.batch.host_processes import serve; serve(sys.argv[1:])"
 _HEADER = struct.Struct("<Q")
 
 
@@ -61,7 +65,9 @@ def _receive(stream):
 
 def serve(preload=()) -> None:
     """A worker's loop: import the modules ``preload`` (those of the functions it will run: imported before the
-    first chunk arrives), then run each (function, arguments) received on stdin and send its outcome on stdout."""
+    first chunk arrives), then run each (function, arguments) received on stdin and send its outcome on stdout:
+    ``("ok", result)``, ``("error", exception)`` (the worker's traceback added to it as a note), or
+    ``("unloadable", message)`` for a job it could not unpickle (the caller then runs it itself)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's to handle; the chunk in hand finishes
     inbox, outbox = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # prints of the worker's own go to stderr, not into the protocol
@@ -73,17 +79,31 @@ def serve(preload=()) -> None:
             function, arguments = _receive(inbox)
         except EOFError:  # the parent has exited
             return
-        except Exception as error:  # noqa: BLE001 - an unpicklable job: its error, to the caller
-            outcome = ("error", error)
+        except Exception as error:  # noqa: BLE001 - e.g. a function of the parent's __main__
+            outcome = ("unloadable", f"{type(error).__name__}: {error}")
         else:
             try:
                 outcome = ("ok", function(*arguments))
             except Exception as error:  # noqa: BLE001 - the caller re-raises it
-                outcome = ("error", error)
+                outcome = ("error", _portable(error))
         try:
             _send(outbox, outcome)
-        except Exception as error:  # noqa: BLE001 - an unpicklable result or error
+        except OSError:  # the parent has gone
+            return
+        except Exception as error:  # noqa: BLE001 - a result that cannot be pickled
             _send(outbox, ("error", RuntimeError(f"host worker: {type(error).__name__}: {error}")))
+
+
+def _portable(error: Exception) -> Exception:
+    """``error`` with the worker's traceback as a note, or, if it would not survive the trip to the parent (pickled
+    and unpickled), a RuntimeError carrying its type, message and traceback."""
+    text = "".join(traceback.format_exception(error))
+    try:
+        error.add_note(f"in a hierpool host worker process:\n{text}")
+        pickle.loads(pickle.dumps(error, protocol=pickle.HIGHEST_PROTOCOL))
+        return error
+    except Exception:  # noqa: BLE001 - any failure of the round trip
+        return RuntimeError(f"in a hierpool host worker process:\n{text}")
 
 
 class _Lost(Exception):
@@ -94,7 +114,8 @@ class _Worker:
     """One worker process; it joins the idle queue once it has started."""
 
     def __init__(self, preload):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path),
+        path = [entry or os.getcwd() for entry in sys.path]  # "" is the parent's working directory
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path),
                    OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         self.process = subprocess.Popen([sys.executable, "-c", _COMMAND, *preload], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env)
@@ -141,8 +162,21 @@ _HERE = threading.Lock()
 
 
 def enabled() -> bool:
-    """Whether worker processes may be used (``HIERPOOL_HOST_PROCESSES`` is not "0")."""
-    return os.environ.get(SWITCH, "1") != "0"
+    """Whether worker processes may be used: ``HIERPOOL_HOST_PROCESSES`` is not "0", and the interpreter is Python
+    itself (a frozen application's executable would start the application again)."""
+    return os.environ.get(SWITCH, "1") != "0" and not getattr(sys, "frozen", False)
+
+
+#: Most worker processes: each holds NumPy and the host algebra's modules for the process's life.
+MAX_WORKERS = 7
+
+
+def worker_count(threads: int) -> int:
+    """Workers for a batch run on ``threads`` threads: one thread's chunks run here, each other's in a worker, at
+    most as many as this process's usable cores less one (its CPU affinity, not the host's count: a container's
+    share), and :data:`MAX_WORKERS`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(threads, cores, MAX_WORKERS + 1) - 1)
 
 
 def start(count: int, preload=()) -> None:
@@ -166,8 +200,9 @@ def _has_workers() -> bool:
 
 def call(function, *arguments):
     """``function(*arguments)``: here if no chunk is running here, else in an idle worker (waiting for one that is
-    starting or busy), else here after all.  A worker that dies, or arguments that cannot be pickled, leave the
-    call to run here; the function's own error is raised here.  Called from the threads of a batch's chunks."""
+    starting or busy), else here after all.  Arguments that cannot be pickled, a job the worker cannot load, or a
+    worker that dies on it leave the call to run here (a chunk that killed one worker is not sent to another);
+    the function's own error is raised here.  Called from the threads of a batch's chunks."""
     if not _has_workers():
         return function(*arguments)
     message = None
@@ -182,8 +217,7 @@ def call(function, *arguments):
         except queue.Empty:
             if _has_workers():
                 continue
-            with _HERE:
-                return function(*arguments)
+            break
         if not worker.alive:
             continue
         if message is None:
@@ -191,16 +225,32 @@ def call(function, *arguments):
                 message = pickle.dumps((function, arguments), protocol=pickle.HIGHEST_PROTOCOL)
             except Exception:  # noqa: BLE001 - e.g. a function defined in a test: it runs here
                 _IDLE.put(worker)
-                with _HERE:
-                    return function(*arguments)
+                break
         try:
             status, value = worker.run(message)
         except _Lost:
-            continue
+            warnings.warn("a hierpool host worker process died; its chunk runs in this process",
+                          RuntimeWarning, stacklevel=2)
+            break
         _IDLE.put(worker)
+        if status == "ok":
+            return value
         if status == "error":
             raise value
-        return value
+        break  # unloadable there
+    with _HERE:
+        return function(*arguments)
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: the parent's workers are the parent's (their pipes shared): the child starts its own."""
+    global _LOCK, _HERE, _IDLE
+    _WORKERS.clear()
+    _LOCK, _HERE, _IDLE = threading.Lock(), threading.Lock(), queue.SimpleQueue()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 @atexit.register

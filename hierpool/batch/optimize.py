@@ -468,21 +468,14 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
 
 
 def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks, *,
-                     shifts_after_trials: bool = False, interpolated_damping: bool = False) -> dict:
+                     interpolated_damping: bool = False) -> dict:
     """A host chunk's optimization (:func:`newton_on_host`), as the compiled programs return it: canonical thetas
     (``ks``: the terms' widths), criterion, last Newton step, iterations, converged.  A probe off the criterion's
     domain, or a system that is not positive definite there, is NaN, so +inf: not a step (NumPy's warnings off).
-
-    ``shifts_after_trials``: each trial is evaluated alone and its forward-difference shifts only where it is
-    accepted (``newton_on_host``'s ``shift_gradients``); ``interpolated_damping`` as :func:`newton`'s."""
-    search, options = value_and_grad, {"interpolated_damping": interpolated_damping}
-    if shifts_after_trials:
-        def search(points, rows):
-            return (*value_and_grad(points, rows), [])
-
-        options["shift_gradients"] = lambda points, rows, _: value_and_grad(points, rows)[1]
+    ``interpolated_damping`` as :func:`newton`'s."""
     with np.errstate(all="ignore"):
-        theta, value, newton_step, iterations, converged = newton_on_host(search, theta0, max_iterations, **options)
+        theta, value, newton_step, iterations, converged = newton_on_host(
+            value_and_grad, theta0, max_iterations, interpolated_damping=interpolated_damping)
     return {"theta": canonical_rows(theta, tuple(ks)), "objective": value, "newton_step": newton_step,
             "iterations": iterations, "converged": converged}
 
