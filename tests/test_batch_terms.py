@@ -365,3 +365,36 @@ def test_progress_across_chunks_only_when_asked(crossed, capsys, monkeypatch):
     hp.fit_batch(CROSSED, frames[:3], by="rep", chunk_size=1, progress=True)
     assert "3/3" in capsys.readouterr().err
     assert updates == [1, 1, 1] * 2  # chunk by chunk
+
+
+def _nested_slope_frames(seed: int, count: int = 40) -> list:
+    """--lmm-slopes-nested's shape: y ~ x + (1 + x | g) + (1 | g:h), 12 groups x 4 subgroups x 4 rows, the
+    groups' intercept sd small against their slope's (near-singular fits, correlations near +-1)."""
+    rng = np.random.default_rng(seed)
+    g, h = np.repeat(np.arange(12), 16), np.tile(np.repeat(np.arange(4), 4), 12)
+    frames = []
+    for _ in range(count):
+        x = rng.normal(size=g.size)
+        b = rng.normal(size=(12, 2)) @ np.array([[0.2, 0.0], [0.5, 0.6]]).T
+        y = 1 + 0.5 * x + b[g, 0] + b[g, 1] * x + rng.normal(0, 0.8, 48)[g * 4 + h] + rng.normal(size=g.size)
+        frames.append(pd.DataFrame({"g": g.astype(str), "h": h.astype(str), "x": x, "y": y}))
+    return frames
+
+
+def test_a_stalled_search_restarts_from_its_rank_reduced_theta_to_hp_lmm_s_optimum(monkeypatch):
+    from hierpool.batch import terms_search
+
+    formula = "y ~ x + (1 + x | g) + (1 | g:h)"
+    frames = _nested_slope_frames(4)
+    restarted = hp.fit_batch(formula, frames, by="rep", progress=False, polish=False)
+    monkeypatch.setattr(terms_search, "rank_reduced_theta", lambda theta, ks: theta)  # restart where it stopped
+    stalled = hp.fit_batch(formula, frames, by="rep", progress=False, polish=False)
+    crawled = np.flatnonzero(~stalled.converged.to_numpy())
+    assert crawled.size, "no search stalled on these datasets: the test shows nothing"
+    assert restarted.converged.all() and not restarted.refit.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # singular fits
+        for d in crawled:
+            single = hp.lmm(formula, frames[d])
+            assert restarted.objective.iloc[d] <= single.objective + 1e-9 * abs(single.objective), d
+            assert stalled.objective.iloc[d] > restarted.objective.iloc[d]

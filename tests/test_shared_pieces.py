@@ -288,12 +288,14 @@ def test_rank_reduced_theta_drops_the_smallest_eigenvalue_s_part_of_each_vector_
     for j, (before, after) in enumerate(zip(theta_to_factors(theta, ks)[1:], theta_to_factors(reduced, ks)[1:])):
         for d in range(5):
             if j == 1 and d == 2:
-                assert np.isnan(after[d]).all()
+                assert np.isnan(after[d][np.tril_indices(3)]).all()
                 continue
             values, vectors = np.linalg.eigh(before[d] @ before[d].T)
             expected = before[d] @ before[d].T - values[0] * np.outer(vectors[:, 0], vectors[:, 0])
             np.testing.assert_allclose(after[d] @ after[d].T, expected, atol=1e-10 * values[-1])
-            assert abs(after[d][-1, -1]) < 1e-6 * np.sqrt(values[-1])  # the last diagonal at the boundary
+            # the last diagonal at the boundary, to rounding (a Schur complement of ~eps: its root ~1e-8 relative,
+            # larger for an ill-conditioned rest); not exactly 0, where the criterion's slope in it would be 0 too
+            assert abs(after[d][-1, -1]) < 1e-4 * np.sqrt(values[-1])
 
 
 def test_glm_start_fits_each_dataset_s_glm_and_keeps_its_linear_predictor():

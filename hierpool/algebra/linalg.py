@@ -78,7 +78,8 @@ def canonical_theta(theta: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
 
 def rank_reduced_theta(theta: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
     """theta with each term of k >= 2 coefficients moved to the rank-deficient covariance nearest its own: T_j T_j^T
-    less its smallest eigenvalue's part, factored again (its last diagonal 0: a correlation of +-1 where k = 2).
+    less its smallest eigenvalue's part, factored again (its last diagonal 0 to rounding, not exactly: a correlation
+    of +-1 where k = 2; at exactly 0 the criterion's slope in that diagonal would vanish, and no search leave it).
     Terms of one coefficient are unchanged.  Leading axes of ``theta`` (many thetas) are kept (NumPy).
 
     Where a term's T_j T_j^T is near singular, its Cholesky factor is ill-determined: with T_11 near 0 the
