@@ -31,7 +31,9 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
 - ``batch``: many datasets per compiled call (buckets, chunks, vmap, shards), or on the host on a CPU (small
   one-term batches; several-term batches and binomial or Poisson GLMM batches in float64); the models whose single fit has no batched form (a
   relationship matrix, spatial terms, adaptive quadrature) dataset by dataset through that single fit
-  (``batch.fit_each``, ``batch.bayes_each``);
+  (``batch.fit_each``, ``batch.bayes_each``).  The host searches of a chunk (``batch.glmm_search``,
+  ``batch.terms_search``) and ``batch.host_processes`` import no JAX, so that a worker process can run a GLMM
+  chunk beside the main one;
 - ``plots``, then ``pooling_comparison``, ``ridge``, ``validate``, then ``cli``.
 
 Host or compiled.  The algebra is written once against an array namespace
