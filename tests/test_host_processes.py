@@ -66,6 +66,13 @@ def test_a_call_goes_to_a_worker_while_a_chunk_runs_here_and_its_errors_come_bac
     assert _with_a_chunk_running_here(os.getpid, hold=0.2) != os.getpid()  # the worker outlived its error
 
 
+@pytest.mark.filterwarnings("error:a hierpool host worker process died")
+def test_a_large_result_comes_back_whole_from_a_worker():
+    """A pipe gives a large message in several reads: each is read to its length (20 MB, a chunk's order)."""
+    _ready_worker()
+    assert _with_a_chunk_running_here(bytes, 20_000_000, hold=0.2) == bytes(20_000_000)
+
+
 def test_a_function_that_cannot_be_pickled_runs_here():
     _ready_worker()
     assert _with_a_chunk_running_here(lambda: os.getpid(), hold=0.2) == os.getpid()
@@ -92,6 +99,7 @@ def test_a_worker_that_died_leaves_its_chunk_here():
     assert not worker.alive
 
 
+@pytest.mark.filterwarnings("error:a hierpool host worker process died")  # a chunk lost there is no fallback here
 def test_a_glmm_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatch):
     rng = np.random.default_rng(5)
     frames = []
@@ -104,6 +112,7 @@ def test_a_glmm_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatc
     run = host_processes._Worker.run
     monkeypatch.setattr(host_processes._Worker, "run", lambda self, message: remote.append(1) or run(self, message))
     monkeypatch.setattr(fit_glmm_module, "thread_count", lambda *_: 2)
+    monkeypatch.setattr(host_processes, "worker_count", lambda threads: 1)  # a worker even on one usable core
     monkeypatch.setattr(fit_glmm_module, "PROCESS_MIN_ROWS", 0)
     _ready_worker()
     with_processes = hp.fit_batch("y ~ x + (1 | g)", frames, by="rep", family="binomial", progress=False)

@@ -99,7 +99,8 @@ def rank_reduced_theta(theta: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
             finite = np.all(np.isfinite(block), axis=-1)
             factor = np.zeros(theta.shape[:-1] + (k, k))
             factor[..., rows, cols] = np.where(finite[..., None], block, 0.0)  # eigh refuses a stack holding a NaN
-            values, vectors = np.linalg.eigh(factor @ np.swapaxes(factor, -1, -2))
+            with np.errstate(all="ignore"):  # a huge theta overflows to NaN: not a restart
+                values, vectors = np.linalg.eigh(factor @ np.swapaxes(factor, -1, -2))
             values[..., 0] = 0.0
             reduced = np.einsum("...ij,...j,...kj->...ik", vectors, values, vectors)
             # a ridge of 1e-14 of the largest eigenvalue: the Cholesky factor of the singular matrix exists

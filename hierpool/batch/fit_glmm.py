@@ -433,8 +433,8 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
 
 
 #: Rows of a host batch from which its chunks run in worker processes too (:mod:`hierpool.batch.host_processes`):
-#: a batch of fewer takes about as long as a worker's start (benchmarks/RESULTS.md, "Worker processes, seventeenth
-#: session").
+#: on a first call a batch of fewer gains less than a worker's start costs (benchmarks/RESULTS.md, "Worker
+#: processes, and the class beyond the issue's models, seventeenth session").
 PROCESS_MIN_ROWS = 20_000
 
 

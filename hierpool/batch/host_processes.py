@@ -1,10 +1,10 @@
 """Worker processes for the host paths of ``hp.fit_batch``: chunks of datasets fitted on the other cores.
 
-**Why processes.**  A host fit is NumPy on a chunk's stacked arrays: many operations, most of them small, and the
-interpreter holds the GIL between them.  Two threads fitted 400 datasets of ``--glmm-covariates`` in 2.4-2.5 s
-where one took 2.6 s; two processes, each fitting half, took 1.85 s (benchmarks/RESULTS.md, "The GLMM class,
-seventeenth session").  :func:`call` runs a chunk either here (one chunk at a time while workers run) or in an
-idle worker.
+**Why processes.** A host fit is NumPy on a chunk's stacked arrays: many operations, most of them small, and the
+interpreter holds the GIL between them. Two threads fitted 400 datasets of ``--glmm-covariates`` in 2.4-2.5 s where
+one took 2.6 s; two processes, each fitting half, took 1.85 s (benchmarks/RESULTS.md, "Worker processes, and the
+class beyond the issue's models, seventeenth session"). :func:`call` runs a chunk either here (one chunk at a time
+while workers run) or in an idle worker.
 
 **Why not multiprocessing.**  Its ``spawn`` and ``forkserver`` start methods run the parent's ``__main__`` script
 again in every worker (a user's script without a ``__main__`` guard would fit its batch again there), and
@@ -13,7 +13,8 @@ module: nothing of the user's runs in it, and it loads NumPy and the host algebr
 must be importable without JAX: :mod:`hierpool.batch.glmm_search`).
 
 **Protocol.**  Length-prefixed pickles on the worker's stdin and stdout (its own prints go to its stderr, the
-parent's): the function (by reference) and its arguments in, ``("ok", result)`` or ``("error", exception)`` out.
+parent's): the function (by reference) and its arguments in, ``("ok", result)``, ``("error", exception)`` or
+``("unloadable", why)`` (a job the worker could not unpickle, which then runs here) out.
 
 **Lifetime.**  Workers start on first use (:func:`start`, by a batch large enough to pay for them) and stay for
 the process's life, their start (about half a second of imports) paid once; each exits when its stdin closes (the
@@ -38,9 +39,9 @@ import warnings
 
 #: The environment variable that turns worker processes off ("0").
 SWITCH = "HIERPOOL_HOST_PROCESSES"
-# ``python -c`` puts the working directory first on the path: removed, so that the parent's own path (PYTHONPATH,
-# below) decides which hierpool and NumPy the worker imports
-_COMMAND = "import sys; del sys.path[0]; from hierpool.batch.host_processes import serve; serve(sys.argv[1:])"
+# run with ``-P``: no working directory first on the path, so that the parent's own path (PYTHONPATH, below) decides
+# which hierpool and NumPy the worker imports
+_COMMAND = "import sys; from hierpool.batch.host_processes import serve; serve(sys.argv[1:])"
 _HEADER = struct.Struct("<Q")
 
 
@@ -51,16 +52,22 @@ def _send(stream, message) -> None:
     stream.flush()
 
 
+def _read_exactly(stream, size: int) -> bytes:
+    """``size`` bytes from ``stream`` (a pipe may return fewer a read), or EOFError when it closes first."""
+    chunks, left = [], size
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def _receive(stream):
     """The next message, or EOFError when the other end has closed."""
-    head = stream.read(_HEADER.size)
-    if len(head) < _HEADER.size:
-        raise EOFError
-    (size,) = _HEADER.unpack(head)
-    data = stream.read(size)
-    if len(data) < size:
-        raise EOFError
-    return pickle.loads(data)
+    (size,) = _HEADER.unpack(_read_exactly(stream, _HEADER.size))
+    return pickle.loads(_read_exactly(stream, size))
 
 
 def serve(preload=()) -> None:
@@ -117,7 +124,7 @@ class _Worker:
         path = [entry or os.getcwd() for entry in sys.path]  # "" is the parent's working directory
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path),
                    OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        self.process = subprocess.Popen([sys.executable, "-c", _COMMAND, *preload], stdin=subprocess.PIPE,
+        self.process = subprocess.Popen([sys.executable, "-P", "-c", _COMMAND, *preload], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env)
         self.alive = True
         threading.Thread(target=self._await_start, daemon=True).start()
@@ -135,8 +142,7 @@ class _Worker:
     def run(self, message: bytes):
         """Send a pickled (function, arguments) and return the worker's (status, value); _Lost if it died."""
         try:
-            self.process.stdin.write(_HEADER.pack(len(message)))
-            self.process.stdin.write(message)
+            self.process.stdin.write(_HEADER.pack(len(message)) + message)
             self.process.stdin.flush()
             return _receive(self.process.stdout)
         except (EOFError, OSError) as error:

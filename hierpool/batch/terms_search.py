@@ -3,7 +3,8 @@ chunk's search and solve, on :func:`hierpool.batch.fit_terms`' stacked systems.
 
 Its chunks run on threads, not in worker processes (:mod:`hierpool.batch.host_processes`): on this project's
 2-core machine the processes fitted --lmm-slopes-nested, --lmm-crossed-slopes and --crossed no faster than the
-threads (benchmarks/RESULTS.md, "Worker processes, seventeenth session").
+threads (benchmarks/RESULTS.md, "Worker processes, and the class beyond the issue's models, seventeenth
+session").
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     :func:`hierpool.algebra.linalg.rank_reduced_theta` (the boundary a near-singular term's search crawls towards,
     reached in one move), with up to ``max_iterations`` passes more, and the lower criterion of the two kept (or
     the restart's where it converged to the same): on 300 datasets of --lmm-slopes-nested, 15 of the 17 searches
-    that ended unconverged then converged, each to hp.lmm's optimum or below it (benchmarks/RESULTS.md, "The
-    class beyond the issue's models, seventeenth session")."""
+    that ended unconverged then converged, each to hp.lmm's optimum or below it (benchmarks/RESULTS.md, "Worker
+    processes, and the class beyond the issue's models, seventeenth session")."""
     ks = systems.layout.ks
 
     def value_and_grad(points, rows):
