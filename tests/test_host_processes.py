@@ -27,9 +27,10 @@ def _ready_worker():
         time.sleep(0.01)
 
 
-def _with_a_chunk_running_here(function, *arguments, hold=0.0):
+def _with_a_chunk_running_here(function, *arguments, hold=0.2):
     """host_processes.call(function, *arguments) from a thread while this thread holds the slot of chunks run here
-    (released after ``hold`` seconds): the call goes to a worker, or waits for the slot."""
+    (released after ``hold`` seconds, long enough that the caller's thread finds it held): the call goes to a
+    worker, or waits for the slot."""
     out = {}
 
     def caller():
@@ -58,24 +59,24 @@ def test_the_search_a_worker_runs_imports_without_jax_or_pandas():
 
 def test_a_call_goes_to_a_worker_while_a_chunk_runs_here_and_its_errors_come_back():
     _ready_worker()
-    assert _with_a_chunk_running_here(os.getpid, hold=0.2) != os.getpid()
-    assert _with_a_chunk_running_here(math.sqrt, 6.25, hold=0.2) == 2.5
+    assert _with_a_chunk_running_here(os.getpid) != os.getpid()
+    assert _with_a_chunk_running_here(math.sqrt, 6.25) == 2.5
     with pytest.raises(ValueError, match="math domain") as raised:
-        _with_a_chunk_running_here(math.sqrt, -1.0, hold=0.2)
+        _with_a_chunk_running_here(math.sqrt, -1.0)
     assert any("host worker process" in note for note in raised.value.__notes__)  # raised there, with its traceback
-    assert _with_a_chunk_running_here(os.getpid, hold=0.2) != os.getpid()  # the worker outlived its error
+    assert _with_a_chunk_running_here(os.getpid) != os.getpid()  # the worker outlived its error
 
 
 @pytest.mark.filterwarnings("error:a hierpool host worker process died")
 def test_a_large_result_comes_back_whole_from_a_worker():
     """A pipe gives a large message in several reads: each is read to its length (20 MB, a chunk's order)."""
     _ready_worker()
-    assert _with_a_chunk_running_here(bytes, 20_000_000, hold=0.2) == bytes(20_000_000)
+    assert _with_a_chunk_running_here(bytes, 20_000_000) == bytes(20_000_000)
 
 
 def test_a_function_that_cannot_be_pickled_runs_here():
     _ready_worker()
-    assert _with_a_chunk_running_here(lambda: os.getpid(), hold=0.2) == os.getpid()
+    assert _with_a_chunk_running_here(lambda: os.getpid()) == os.getpid()
 
 
 def test_a_function_a_worker_cannot_import_runs_here():
@@ -84,7 +85,7 @@ def test_a_function_a_worker_cannot_import_runs_here():
     sys.modules[module.__name__] = module  # pickled by reference here; no such module in the worker
     try:
         _ready_worker()
-        assert _with_a_chunk_running_here(module.pid, hold=0.2) == os.getpid()
+        assert _with_a_chunk_running_here(module.pid) == os.getpid()
     finally:
         del sys.modules[module.__name__]
 
@@ -95,7 +96,7 @@ def test_a_worker_that_died_leaves_its_chunk_here():
     worker.process.kill()
     worker.process.wait(10)
     with pytest.warns(RuntimeWarning, match="worker process died"):
-        assert _with_a_chunk_running_here(os.getpid, hold=0.2) == os.getpid()
+        assert _with_a_chunk_running_here(os.getpid) == os.getpid()
     assert not worker.alive
 
 

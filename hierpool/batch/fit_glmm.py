@@ -47,9 +47,7 @@ from ..algebra.family import Family
 from ..algebra.henderson import solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import saturated_rows
-from ..algebra.laplace_batch import (
-    GroupedRows,
-)
+from ..algebra.laplace_batch import GroupedRows
 from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
 from ..algebra.system import Layout, SystemPattern, fill_in_program, grouped_products
 from ..closedform.glmm_optimize import SHAPE_DIFFERENCE

@@ -1,14 +1,14 @@
-"""Worker processes for the host paths of ``hp.fit_batch``: chunks of datasets fitted on the other cores.
+"""Worker processes for the GLMM host path of ``hp.fit_batch``: chunks of datasets fitted on the other cores.
 
-**Why processes.** A host fit is NumPy on a chunk's stacked arrays: many operations, most of them small, and the
-interpreter holds the GIL between them. Two threads fitted 400 datasets of ``--glmm-covariates`` in 2.4-2.5 s where
-one took 2.6 s; two processes, each fitting half, took 1.85 s (benchmarks/RESULTS.md, "Worker processes, and the
-class beyond the issue's models, seventeenth session"). :func:`call` runs a chunk either here (one chunk at a time
-while workers run) or in an idle worker.
+**Why processes.**  A host fit is NumPy on a chunk's stacked arrays: many operations, most of them small, and the
+interpreter holds the GIL between them, so that a second thread adds little and a second process nearly doubles
+the throughput (benchmarks/RESULTS.md, "Worker processes, and the class beyond the issue's models, seventeenth
+session", measured there).  :func:`call` runs a chunk either here (one chunk at a time while workers run) or in an
+idle worker.
 
 **Why not multiprocessing.**  Its ``spawn`` and ``forkserver`` start methods run the parent's ``__main__`` script
 again in every worker (a user's script without a ``__main__`` guard would fit its batch again there), and
-``fork`` copies a process whose JAX threads may hold locks.  A worker here is ``python -c`` importing this
+``fork`` copies a process whose JAX threads may hold locks.  A worker here is ``python -P -c`` importing this
 module: nothing of the user's runs in it, and it loads NumPy and the host algebra, not JAX (the function it runs
 must be importable without JAX: :mod:`hierpool.batch.glmm_search`).
 
@@ -16,10 +16,10 @@ must be importable without JAX: :mod:`hierpool.batch.glmm_search`).
 parent's): the function (by reference) and its arguments in, ``("ok", result)``, ``("error", exception)`` or
 ``("unloadable", why)`` (a job the worker could not unpickle, which then runs here) out.
 
-**Lifetime.**  Workers start on first use (:func:`start`, by a batch large enough to pay for them) and stay for
-the process's life, their start (about half a second of imports) paid once; each exits when its stdin closes (the
-parent's exit).  A worker that dies has its chunk fitted here instead.  ``HIERPOOL_HOST_PROCESSES=0`` in the
-environment turns them off (chunks then run on threads only).
+**Lifetime.** Workers start on first use (:func:`start`, by a batch large enough to pay for them) and stay for the
+process's life, their start (the imports of NumPy and the host algebra) paid once; each exits when its stdin closes
+(the parent's exit). A worker that dies has its chunk fitted here instead, with a warning.
+``HIERPOOL_HOST_PROCESSES=0`` in the environment turns them off (chunks then run on threads only).
 """
 
 from __future__ import annotations
