@@ -242,9 +242,14 @@ def _reduce_adjoint(rest_factors, reduced, system, cotangent, contractions):
     offset = 0
     for (ell, k), factor in zip(layout.rest_blocks[: len(rest_factors)], rest_factors):
         cols = slice(offset, offset + ell * k)
-        left = reduced[..., cols].reshape(reduced.shape[:-2] + (size, ell, k))
-        right = lam_g[..., cols].reshape(lam_g.shape[:-2] + (size, ell, k))
-        factor_grads.append(2.0 * xp.einsum("...blc,...bld->...cd", left, right))
+        if xp is np:  # a matmul over the rows and levels at once: NumPy's einsum here is a naive loop
+            left = reduced[..., cols].reshape(reduced.shape[:-2] + (size * ell, k))
+            right = lam_g[..., cols].reshape(lam_g.shape[:-2] + (size * ell, k))
+            factor_grads.append(2.0 * (np.swapaxes(left, -1, -2) @ right))
+        else:
+            left = reduced[..., cols].reshape(reduced.shape[:-2] + (size, ell, k))
+            right = lam_g[..., cols].reshape(lam_g.shape[:-2] + (size, ell, k))
+            factor_grads.append(2.0 * xp.einsum("...blc,...bld->...cd", left, right))
         offset += ell * k
     grad_m = -contractions(lam_g_lam)
     return tuple(factor_grads), grad_m, None
@@ -534,6 +539,8 @@ def _level_contractions_dense(coupling: jax.Array, matrix: jax.Array) -> jax.Arr
     ch = product.reshape(product.shape[:-2] + (ell0, k0, m))
     if k0 == 1:
         return xp.einsum("...lm,...lm->...l", ch[..., :, 0, :], coupling[..., :, 0, :])[..., None, None]
+    if xp is np:  # a stacked matmul: NumPy's einsum of two operands with a batch axis is a naive loop (twice as slow)
+        return ch @ np.swapaxes(coupling, -1, -2)
     return xp.einsum("...lim,...ljm->...lij", ch, coupling)
 
 
