@@ -398,3 +398,30 @@ def test_a_stalled_search_restarts_from_its_rank_reduced_theta_to_hp_lmm_s_optim
             single = hp.lmm(formula, frames[d])
             assert restarted.objective.iloc[d] <= single.objective + 1e-9 * abs(single.objective), d
             assert stalled.objective.iloc[d] > restarted.objective.iloc[d]
+
+
+def test_a_stalled_search_goes_on_from_where_it_is_when_its_rank_reduced_theta_is_worse(monkeypatch):
+    # the restart is taken only where the criterion at the rank-reduced theta is no higher than where the search is
+    # (to RESTART_TOLERANCE): a far-off point is refused, and the second run starts from the first run's end
+    from hierpool.batch import terms_search
+
+    stopped_at, starts = [], []
+    real_search = terms_search.optimize_on_host
+
+    def far_off(theta, ks):
+        stopped_at.append(theta.copy())
+        return theta + 3.0
+
+    def recording(value_and_grad, theta0, passes, ks, **options):
+        starts.append(theta0.copy())
+        return real_search(value_and_grad, theta0, passes, ks, **options)
+
+    monkeypatch.setattr(terms_search, "rank_reduced_theta", far_off)
+    monkeypatch.setattr(terms_search, "optimize_on_host", recording)
+    fits = hp.fit_batch("y ~ x + (1 + x | g) + (1 | g:h)", _nested_slope_frames(4), by="rep", progress=False,
+                        polish=False)
+    assert stopped_at, "no search stalled on these datasets: the test shows nothing"
+    assert len(starts) == 2 * len(stopped_at)  # per chunk, the first run and the second (chunks run in threads)
+    for ended in stopped_at:
+        assert any(start.shape == ended.shape and np.array_equal(start, ended) for start in starts)
+    assert np.isfinite(fits.objective).all()

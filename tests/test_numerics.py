@@ -481,6 +481,69 @@ def test_host_products_and_solves_in_single_thread_pieces_are_the_plain_ones():
     assert np.isnan(tri_inverse(singular)).all() and np.isnan(solve_triangular(singular, rhs[:5], lower=True)).all()
 
 
+def test_stacks_of_triangular_inverses_by_halves_are_scipy_s_and_nan_at_a_zero_pivot():
+    # the host inverts a stack of lower-triangular matrices by halves down to the written-out kernel; sizes
+    # either side of the kernel's UNROLL_MAX_SIZE and odd ones (unequal halves)
+    from hierpool.algebra.linalg import UNROLL_MAX_SIZE, tri_inverse
+
+    rng = np.random.default_rng(7)
+    for size in (UNROLL_MAX_SIZE, UNROLL_MAX_SIZE + 1, 13, 27, 45):
+        a = rng.normal(size=(3, 4, size, size + 3))
+        chol = np.linalg.cholesky(a @ np.swapaxes(a, -1, -2) + np.eye(size))
+        stacked = tri_inverse(chol)
+        assert stacked.shape == chol.shape
+        for index in np.ndindex(chol.shape[:-2]):
+            np.testing.assert_allclose(stacked[index], scipy.linalg.solve_triangular(chol[index], np.eye(size),
+                                                                                     lower=True), rtol=1e-11,
+                                       atol=1e-13)
+        np.testing.assert_array_equal(np.triu(stacked, 1), 0.0)
+        chol[1, 2, size // 2, size // 2] = 0.0  # a zero pivot: that matrix NaN, the others untouched
+        broken = tri_inverse(chol)
+        assert np.isnan(broken[1, 2]).all()
+        np.testing.assert_array_equal(broken[0], stacked[0])
+
+
+def test_scaling_columns_by_blocks_on_the_host_is_the_dense_block_diagonal_product():
+    # scale_columns multiplies column blocks by I_ell (x) T without forming it; the host merges rows and levels
+    # into one matmul, checked here against the dense product with leading (batch) axes broadcasting
+    from hierpool.algebra.linalg import scale_columns
+
+    rng = np.random.default_rng(8)
+    factors = [rng.normal(size=(5, 1, 2, 2)), rng.normal(size=(5, 1, 1, 1)), None]
+    blocks = [(4, 2, factors[0]), (3, 1, factors[1]), (2, 2, None)]
+    matrix = rng.normal(size=(5, 6, 7, 4 * 2 + 3 + 4))
+    for transpose in (False, True):
+        scaled = scale_columns(matrix, blocks, transpose=transpose)
+        for d, q in np.ndindex(5, 6):
+            pieces = [np.kron(np.eye(ell), (f[d, 0].T if transpose else f[d, 0]) if f is not None else np.eye(k))
+                      for ell, k, f in blocks]
+            np.testing.assert_allclose(scaled[d, q], matrix[d, q] @ scipy.linalg.block_diag(*pieces), rtol=1e-13,
+                                       atol=1e-14)
+
+
+def test_a_saddle_free_step_descends_along_negative_curvature_the_same_on_the_host_and_compiled():
+    # at a saddle the step by |H| moves along the negative-curvature direction by its own length, where the
+    # Levenberg-Marquardt shift of the indefinite Hessian nearly cancels it; definite Hessians keep Newton's step
+    import jax.numpy as jnp
+
+    from hierpool.batch.optimize import _next_step
+
+    curvature = np.array([[[4.0, 0.0], [0.0, -1.0]], [[2.0, 0.5], [0.5, 1.0]]])
+    gradient = np.array([[1.0, 0.3], [0.4, -0.2]])
+    damping = np.zeros(2)
+    host, _, definite = _next_step(curvature, gradient, damping, np, saddle_free=True)
+    np.testing.assert_array_equal(definite, [False, True])
+    np.testing.assert_allclose(host[0], [-0.25, -0.3], rtol=1e-12)  # -|H|^-1 g: both directions descend
+    assert gradient[0] @ host[0] < 0
+    np.testing.assert_allclose(host[1], -np.linalg.solve(curvature[1], gradient[1]), rtol=1e-10)
+    shifted, _, _ = _next_step(curvature, gradient, damping, np)  # the shifted step: half as long along it
+    assert abs(shifted[0, 1]) < 0.6 * abs(host[0, 1])
+    for d in range(2):
+        compiled, _, _ = _next_step(jnp.asarray(curvature[d]), jnp.asarray(gradient[d]), jnp.asarray(0.0), jnp,
+                                    saddle_free=True)
+        np.testing.assert_allclose(np.asarray(compiled), host[d], rtol=1e-10)
+
+
 def test_negating_a_column_of_a_relative_factor_leaves_the_model_unchanged():
     # why NLopt may optimize theta unconstrained: canonical_theta maps its optimum back to lme4's
     from hierpool.algebra.linalg import canonical_theta

@@ -287,18 +287,46 @@ class _ShiftedCurvature:
         return _symmetrized(np.concatenate([self.columns[rows], rest], axis=-2), np)
 
 
-def _next_step(curvature, gradient, damping, xp):
+def _next_step(curvature, gradient, damping, xp, saddle_free: bool = False):
     """(the next pass's step, -(H + shift I)^-1 g, its Levenberg-Marquardt shift the damping, what makes H positive
     definite (:func:`_definiteness`) and a 1e-12 ridge (of H's scale, :func:`_curvature_scale`) when undamped; the
     quadratic model's own minimizer, -(H + ridge I)^-1 g, undamped; whether H is positive definite, so that it is
-    one)."""
+    one).  ``saddle_free``: where H is not positive definite, :func:`_saddle_free_step` instead."""
     definite, definite_shift = _definiteness(curvature)
     ridge = 1e-12 * _curvature_scale(curvature, xp)
     shift = damping + definite_shift + xp.where(damping > 0, 0.0, ridge)
     eye = xp.eye(gradient.shape[-1], dtype=gradient.dtype)
     model = -_solve_spd(curvature + ridge[..., None, None] * eye, gradient)
     step = xp.where((shift <= ridge)[..., None], model, -_solve_spd(curvature + shift[..., None, None] * eye, gradient))
+    if saddle_free:
+        if xp is np:  # the indefinite ones alone
+            indefinite = np.flatnonzero(~definite & np.all(np.isfinite(curvature), axis=(-2, -1)))
+            step[indefinite] = _saddle_free_step(curvature[indefinite], gradient[indefinite], damping[indefinite], np)
+        else:
+            step = xp.where(definite, step, _saddle_free_step(curvature, gradient, damping, xp))
     return step, model, definite
+
+
+#: :func:`_saddle_free_step`'s floor on |H|'s eigenvalues, relative to H's largest (at least 1).
+SADDLE_FREE_FLOOR = 1e-8
+
+
+def _saddle_free_step(curvature, gradient, damping, xp):
+    """-(|H| + damping I)^-1 g, |H| = V |Lambda| V^T from H = V Lambda V^T, each |lambda| at least
+    :data:`SADDLE_FREE_FLOOR` of the largest (at least 1) (Dauphin et al. 2014, "Identifying and attacking the
+    saddle point problem in high-dimensional non-convex optimization", NeurIPS; Nocedal & Wright 2006, sec. 3.4,
+    the modified Newton step by eigenvalues).
+
+    Where H is indefinite, the Levenberg-Marquardt shift of :func:`_next_step` adds |lambda_min| to every
+    eigenvalue: along a direction of negative curvature (a variance at 0, a stationary point by symmetry, or a
+    near-singular term's crawl) the step is then short and lengthens only by the damping's tenfold falls, one pass
+    each.  The absolute eigenvalues keep each direction's own scale and turn the negative-curvature ones into
+    descent at their own length.  Leading axes: a stack of them."""
+    values, vectors = xp.linalg.eigh(curvature)
+    scale = xp.maximum(xp.max(xp.abs(values), axis=-1, keepdims=True), 1.0)
+    magnitudes = xp.maximum(xp.abs(values), SADDLE_FREE_FLOOR * scale) + damping[..., None]
+    along = xp.einsum("...ji,...j->...i", vectors, gradient)
+    return -xp.einsum("...ij,...j->...i", vectors, along / magnitudes)
 
 
 def _relative_size(step, theta, xp):
@@ -390,7 +418,7 @@ def minimize_one(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITE
 
 def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None, fd_width=None,
            with_curvature: bool = False, step_tol=None, damping_growth: float = 10.0, aux0=None, decrease_tol=None,
-           interpolated_damping: bool = False):
+           interpolated_damping: bool = False, saddle_free: bool = False):
     """Minimize ``f`` (a pure, differentiable function of theta) from ``theta0``: one dataset's optimizer.
 
     Any criterion: the one-term specialisation (:func:`minimize_one`), the general blocked criterion of a
@@ -402,7 +430,9 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     after a rejected step; ``decrease_tol``: the search stops where the decrease the quadratic model still
     promises is below it (:func:`_stops`; None: never on that rule); ``interpolated_damping``: after a rejected
     step, the damping that shortens it to the interpolated minimum along it (:func:`_damping_after`), for a
-    criterion far from quadratic (a GLMM's Laplace deviance), in place of ``damping_growth``.  ``aux0`` (a pytree
+    criterion far from quadratic (a GLMM's Laplace deviance), in place of ``damping_growth``; ``saddle_free``: where
+    the curvature is not positive definite, the step by its absolute eigenvalues (:func:`_saddle_free_step`) in
+    place of the shifted Newton step.  ``aux0`` (a pytree
     of arrays, the shapes of an auxiliary output): ``value_and_grad`` returns (value, gradient, aux), and the aux
     at the returned theta comes back last (a GLMM's mode there, without tracing its program again; ``aux0`` where
     no step improved on +inf).
@@ -442,7 +472,7 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
         new_gradient = keep(gradients[best], gradient)
         new_curvature = keep(hessians[best], curvature)
         # the next pass's step, here, so that the stopping rule can read it
-        next_step, model_step, definite = _next_step(new_curvature, new_gradient, new_damping, jnp)
+        next_step, model_step, definite = _next_step(new_curvature, new_gradient, new_damping, jnp, saddle_free)
         done = _stops(iteration == 0, step, theta, improved, new_gradient, new_damping, scale, tolerances, jnp,
                       new_theta, model_step, definite)
         if has_aux:
@@ -468,14 +498,14 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
 
 
 def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks, *,
-                     interpolated_damping: bool = False) -> dict:
+                     interpolated_damping: bool = False, saddle_free: bool = False) -> dict:
     """A host chunk's optimization (:func:`newton_on_host`), as the compiled programs return it: canonical thetas
     (``ks``: the terms' widths), criterion, last Newton step, iterations, converged.  A probe off the criterion's
     domain, or a system that is not positive definite there, is NaN, so +inf: not a step (NumPy's warnings off).
-    ``interpolated_damping`` as :func:`newton`'s."""
+    ``interpolated_damping`` and ``saddle_free`` as :func:`newton`'s."""
     with np.errstate(all="ignore"):
         theta, value, newton_step, iterations, converged = newton_on_host(
-            value_and_grad, theta0, max_iterations, interpolated_damping=interpolated_damping)
+            value_and_grad, theta0, max_iterations, interpolated_damping=interpolated_damping, saddle_free=saddle_free)
     return {"theta": canonical_rows(theta, tuple(ks)), "objective": value, "newton_step": newton_step,
             "iterations": iterations, "converged": converged}
 
@@ -483,7 +513,7 @@ def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks
 def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX_ITERATIONS,
                    damping_growth: float = 10.0, fd_width=None, step_tol=None, with_curvature: bool = False,
                    shift_gradients=None, decrease_tol=None, interpolated_damping: bool = False,
-                   trailing_curvature=None):
+                   trailing_curvature=None, saddle_free: bool = False):
     """:func:`newton` for a batch of datasets at once on the host (NumPy): the same steps, shift, damping and
     stopping rules (one home each, above), with each dataset leaving the batch when its search stops.
 
@@ -501,7 +531,7 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         (B, m) starts.
     max_iterations : int
         Passes per dataset (the first probes ``theta0``), as :func:`newton`'s.
-    damping_growth, fd_width, step_tol, with_curvature, decrease_tol, interpolated_damping
+    damping_growth, fd_width, step_tol, with_curvature, decrease_tol, interpolated_damping, saddle_free
         As :func:`newton`'s.
     shift_gradients : callable, optional
         ``shift_gradients(points, rows, aux)``: the gradients (K, s, m) at s forward-difference shifts (K, s, m)
@@ -576,7 +606,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
             curvature[kept] = shifted.at(theta[kept], kept, [a[rows, best][improved] for a in trial_aux],
                                          gradients[rows, best, 0][improved])
         # the next pass's step, here, so that the stopping rule can read it
-        next_step[active], model_step, definite = _next_step(curvature[active], new_gradient, new_damping, np)
+        next_step[active], model_step, definite = _next_step(curvature[active], new_gradient, new_damping, np,
+                                                             saddle_free)
         done = _stops(np.bool_(iteration == 0), step, th, improved, new_gradient, new_damping, scale, tolerances, np,
                       theta[active], model_step, definite)
         # a stop on an approximate curvature: the stopping rule is read again on the full forward-difference
@@ -588,7 +619,7 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
             at = active[check]
             curvature[at] = shifted.complete(at, theta[at], gradient[at])
             next_step[at], model_step, definite = _next_step(curvature[at], new_gradient[check],
-                                                             new_damping[check], np)
+                                                             new_damping[check], np, saddle_free)
             done[check] = _stops(np.bool_(iteration == 0), step[check], th[check], improved[check],
                                  new_gradient[check], new_damping[check], scale[check], tolerances, np, theta[at],
                                  model_step, definite)
