@@ -40,7 +40,7 @@ MAX_DENSE_ENTRIES = 2**18
 
 def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, y: np.ndarray,
                     weights: np.ndarray | None, offset: np.ndarray | None, sigma_known: bool = False,
-                    shift: bool = True):
+                    shift: bool = True, shifts: tuple[np.ndarray, np.ndarray] | None = None):
     """Every dataset's system, stacked: (MixedModelSystem with a leading dataset axis, n per dataset).
 
     Parameters
@@ -59,6 +59,9 @@ def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, 
     shift : bool
         The y column about each dataset's least-squares fit on X (module notes); False: y - offset itself,
         beta_shift 0, for a caller that reads only the Z and X blocks (the fit's p x p solves saved).
+    shifts : (beta_shift (n_datasets, p), y_column (N,)), optional
+        :func:`hierpool.algebra.statistics.location_shifts` of these rows, already computed by the caller (who
+        needed the residuals for a start): taken as they are, not computed again.
 
     Returns
     -------
@@ -69,7 +72,9 @@ def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, 
     n_rows, p = X.shape
     w = np.ones(n_rows) if weights is None else np.asarray(weights, dtype=float)
     target = y if offset is None else y - offset
-    if shift:
+    if shifts is not None:
+        beta_shift, y_column = shifts
+    elif shift:
         beta_shift, y_column = location_shifts(dataset, X, target, w, n_datasets)
     else:
         beta_shift, y_column = np.zeros((n_datasets, p)), target

@@ -62,8 +62,8 @@ from .fit_terms import (
     term_problems,
     too_large,
 )
-from .glmm_search import DAMPING_GROWTH, DECREASE_TOL, FD_WIDTH, STEP_TOL, beta_covariance, fit_chunk_on_host
-from .optimize import canonical_theta, newton
+from .glmm_search import DAMPING_GROWTH, FD_WIDTH, STEP_TOL, beta_covariance, fit_chunk_on_host
+from .optimize import DECREASE_TOL, canonical_theta, newton
 from .plan import BatchPlan, chunks, fetch, host_chunk, host_chunk_length, host_fits, place, thread_count
 
 #: IRLS iterations of the starting GLM fits.

@@ -44,7 +44,7 @@ from ..algebra.start import moment_theta
 from ..algebra.statistics import location_shifts
 from ..algebra.system import grouped_products
 from ..closedform.optimize import Control
-from .optimize import MOMENT_FLOOR, canonical_theta, newton
+from .optimize import DECREASE_TOL, MOMENT_FLOOR, canonical_theta, newton
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
@@ -113,10 +113,12 @@ def too_large(plan: BatchPlan, messages: list[str], p: int | None = None) -> dic
             if not messages[d] and dense_entries(widths[d], ks, p) > MAX_DENSE_ENTRIES}
 
 
-def bucket_systems(plan: BatchPlan, datasets) -> list:
+def bucket_systems(plan: BatchPlan, datasets, shifts: tuple[np.ndarray, np.ndarray] | None = None) -> list:
     """``datasets`` bucketed by padded level counts (:func:`padded_widths`): per bucket ``(members, systems, n)``,
     the members' systems built at once (:func:`hierpool.algebra.batched_systems.batched_systems`) and their row
-    counts.  ``hp.fit_batch``'s and ``hp.bayes_batch``'s several-term paths."""
+    counts.  ``hp.fit_batch``'s and ``hp.bayes_batch``'s several-term paths.  ``shifts``: every dataset's
+    :func:`hierpool.algebra.statistics.location_shifts` (beta0 (D, p), residual (N,)), where the caller has them
+    (:func:`linear_shifts`)."""
     design, widths = plan.design, padded_widths(plan)
     buckets = {}
     for d in datasets:
@@ -131,7 +133,8 @@ def bucket_systems(plan: BatchPlan, datasets) -> list:
                  for (level, _, _), term, width in zip(plan.term_levels, design.terms, key)]
         systems, n = batched_systems(local, len(members), terms, design.X[rows], design.y[rows],
                                      None if weights is None else weights[rows], design.offset[rows],
-                                     design.sigma_known)
+                                     design.sigma_known,
+                                     shifts=None if shifts is None else (shifts[0][members], shifts[1][rows]))
         out.append((members, systems, n))
     return out
 
@@ -166,9 +169,18 @@ def moment_start_terms(plan: BatchPlan, weights: np.ndarray, residual: np.ndarra
     return start
 
 
-def linear_start(plan: BatchPlan, datasets) -> np.ndarray:
+def linear_shifts(plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(beta0 (D, p), residual (N,)): each dataset's (weighted) least-squares fit of y - offset on X and its
+    residuals (:func:`hierpool.algebra.statistics.location_shifts`), computed once for the start
+    (:func:`linear_start`) and the systems' y column (:func:`bucket_systems`)."""
+    design = plan.design
+    return location_shifts(plan.dataset, design.X, design.y_less_offset, design.row_weights, plan.n_datasets)
+
+
+def linear_start(plan: BatchPlan, datasets, residual: np.ndarray) -> np.ndarray:
     """(D, n_theta) a several-term linear mixed model's starting theta for datasets ``datasets``:
-    :func:`moment_start_terms` on each dataset's (weighted) least-squares residuals, every term's own moments.
+    :func:`moment_start_terms` on each dataset's (weighted) least-squares residuals (``residual``, N:
+    :func:`linear_shifts`'), every term's own moments.
     ``hp.lmm`` starts a vector term of a several-term model at lme4's identity instead (L-BFGS-B from its moments
     once reached a worse boundary optimum, :func:`hierpool.closedform.optimize.moment_start`); the batch's Newton
     search restarts a stalled search from the boundary (:func:`hierpool.batch.terms_search.search_on_host`), and
@@ -179,9 +191,7 @@ def linear_start(plan: BatchPlan, datasets) -> np.ndarray:
     design = plan.design
     if design.sigma_known:
         return np.tile(theta_start(tuple(t.k for t in design.terms)), (plan.n_datasets, 1))
-    weights = design.row_weights
-    _, residual = location_shifts(plan.dataset, design.X, design.y_less_offset, weights, plan.n_datasets)
-    return moment_start_terms(plan, weights, residual, datasets)
+    return moment_start_terms(plan, design.row_weights, residual, datasets)
 
 
 def take(tree, index):
@@ -241,8 +251,11 @@ def _optimize_rows(systems, n, start, reml: bool, max_iterations: int):
             value, grad = gradient(theta)
             return value.astype(theta.dtype), grad.astype(theta.dtype)
 
+        # the host search's stop on the decrease the model promises too (optimize.DECREASE_TOL), so that both paths
+        # stop by the same rules
         theta, value, newton_step, iterations, converged = newton(None, theta0, max_iterations,
-                                                                  value_and_grad=value_and_grad)
+                                                                  value_and_grad=value_and_grad,
+                                                                  decrease_tol=DECREASE_TOL)
         return {"theta": canonical_theta(theta, ks), "objective": value, "newton_step": newton_step,
                 "iterations": iterations, "converged": converged}
 
@@ -315,9 +328,10 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = term_problems(plan)
     out = empty_results(plan, messages, too_large(plan, messages))
-    start0 = linear_start(plan, np.flatnonzero(out["attempted"]))
+    shifts = linear_shifts(plan)
+    start0 = linear_start(plan, np.flatnonzero(out["attempted"]), shifts[1])
     jobs = []
-    for members, systems, n in bucket_systems(plan, np.flatnonzero(out["attempted"])):
+    for members, systems, n in bucket_systems(plan, np.flatnonzero(out["attempted"]), shifts):
         # beta0 stays float64 and is added on the host: in float32 a large common location of y would lose digits
         shift, systems = systems.beta_shift, dataclasses.replace(systems, beta_shift=np.zeros((len(members), p)))
         if host:  # unpadded chunks, threads (NumPy), nothing compiled

@@ -20,7 +20,7 @@ from ..algebra.laplace_batch import (
 )
 from ..algebra.linalg import array_namespace, cholesky
 from ..algebra.linalg import canonical_theta as canonical_rows
-from .optimize import newton_on_host
+from .optimize import DECREASE_TOL, newton_on_host
 
 #: The Hessian's forward-difference width in (theta, beta): PIRLS's mode is exact to ~1e-10, so its gradient
 #: is too, and sqrt(eps) (1.5e-8) differences would be half rounding.
@@ -28,11 +28,6 @@ FD_WIDTH = 1e-6
 #: The relative Newton step, taken or the last quadratic model's, at which the search stops: the criterion is then
 #: within ~1e-12 of its minimum (the decrease tolerance below usually stops it first).
 STEP_TOL = 1e-7
-#: The decrease of -2 log L the last quadratic model must still promise for the search to go on
-#: (:func:`hierpool.batch.optimize.newton`'s ``decrease_tol``): below it that model's optimum is within 1e-5
-#: standard errors of the estimates (a pass more had lowered the criterion by < 1e-10 and moved beta by < 1.3e-6 on
-#: 300 datasets each of --glmm-long and --glmm-slopes: benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
-DECREASE_TOL = 1e-10
 #: The Levenberg-Marquardt shift's growth after a rejected trial that gives no interpolation (a non-finite step, or
 #: a slope >= 0); the others set it from the trial (``interpolated_damping``).  From theta = I the Laplace deviance
 #: is far from quadratic and the first full Newton step often overshoots: rejected trials per dataset were 0.78 on

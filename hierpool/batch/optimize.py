@@ -65,6 +65,13 @@ def _tolerances(dtype):
 
 
 MAX_ITERATIONS = 60
+#: The decrease of -2 log L the last quadratic model must still promise for a GLMM or several-term search to go on
+#: (:func:`newton`'s ``decrease_tol``): below it that model's optimum is within 1e-5 standard errors of the
+#: estimates.  GLMMs: a pass more had lowered the criterion by < 1e-10 and moved beta by < 1.3e-6 on 300 datasets
+#: each of --glmm-long and --glmm-slopes (benchmarks/RESULTS.md, "The GLMM class, fifteenth session").  Several-term
+#: linear models: it saves the last pass of 12% of the evaluations on --lmm-crossed-slopes, each criterion within
+#: 1e-10 of the search's without it (benchmarks/RESULTS.md, "The several-term linear class, eighteenth session").
+DECREASE_TOL = 1e-10
 #: Smallest Sigma / sigma^2 eigenvalue of a batch start (see :func:`moment_start`).
 MOMENT_FLOOR = 1e-2
 
@@ -498,14 +505,15 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
 
 
 def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks, *,
-                     interpolated_damping: bool = False, saddle_free: bool = False) -> dict:
+                     interpolated_damping: bool = False, saddle_free: bool = False, decrease_tol=None) -> dict:
     """A host chunk's optimization (:func:`newton_on_host`), as the compiled programs return it: canonical thetas
     (``ks``: the terms' widths), criterion, last Newton step, iterations, converged.  A probe off the criterion's
     domain, or a system that is not positive definite there, is NaN, so +inf: not a step (NumPy's warnings off).
-    ``interpolated_damping`` and ``saddle_free`` as :func:`newton`'s."""
+    ``interpolated_damping``, ``saddle_free`` and ``decrease_tol`` as :func:`newton`'s."""
     with np.errstate(all="ignore"):
         theta, value, newton_step, iterations, converged = newton_on_host(
-            value_and_grad, theta0, max_iterations, interpolated_damping=interpolated_damping, saddle_free=saddle_free)
+            value_and_grad, theta0, max_iterations, interpolated_damping=interpolated_damping, saddle_free=saddle_free,
+            decrease_tol=decrease_tol)
     return {"theta": canonical_rows(theta, tuple(ks)), "objective": value, "newton_step": newton_step,
             "iterations": iterations, "converged": converged}
 

@@ -15,7 +15,7 @@ from ..algebra.batched_systems import shared_grid
 from ..algebra.criterion import host_objective_and_gradient
 from ..algebra.henderson import solve
 from ..algebra.linalg import rank_reduced_theta
-from .optimize import optimize_on_host
+from .optimize import DECREASE_TOL, optimize_on_host
 
 
 def solved_entries(solution) -> dict:
@@ -39,8 +39,10 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     written-out gradient, evaluated for the datasets still searching at once (``systems``:
     :func:`hierpool.algebra.batched_systems.shared_grid`'s), each trial with its shifts (evaluating the shifts
     only around accepted trials, as a GLMM's search does, was slower here: a second call a pass for a criterion
-    that costs little a point), the damping interpolated after a rejected trial, and saddle-free steps where the
-    curvature is indefinite (:func:`hierpool.batch.optimize._saddle_free_step`).
+    that costs little a point), the damping interpolated after a rejected trial, saddle-free steps where the
+    curvature is indefinite (:func:`hierpool.batch.optimize._saddle_free_step`), and a stop where the last quadratic
+    model promises less than :data:`hierpool.batch.optimize.DECREASE_TOL` (a GLMM search's rule, and the compiled
+    search's).
 
     In a model with a term of several coefficients, a search that has not converged after
     :data:`RESTART_PASSES` passes is looked at: the criterion at its :func:`hierpool.algebra.linalg.rank_reduced_theta`
@@ -53,8 +55,8 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     within 1.6e-12 (relative) of that search's or below it (benchmarks/RESULTS.md, "The several-term linear class,
     eighteenth session").
 
-    The compiled search (accelerators, float32) has none of the interpolated damping, the saddle-free steps and the
-    restart: a dataset it does not converge on is refitted by ``hp.lmm``, as before."""
+    The compiled search (accelerators, float32) shares the decrease stop (in float32 rounding reaches it first) but
+    has none of the interpolated damping, the saddle-free steps and the restart: a dataset it does not converge on is refitted by ``hp.lmm``, as before."""
     ks = systems.layout.ks
 
     def value_and_grad(points, rows):
@@ -64,7 +66,7 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
 
     def search(start, datasets, passes):
         return optimize_on_host(lambda points, rows: value_and_grad(points, datasets[rows]), start, passes,
-                                ks, interpolated_damping=True, saddle_free=True)
+                                ks, interpolated_damping=True, saddle_free=True, decrease_tol=DECREASE_TOL)
 
     vector_terms = max(ks) > 1
     result = search(start, np.arange(len(start)), min(RESTART_PASSES, max_iterations) if vector_terms
