@@ -56,7 +56,8 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     eighteenth session").
 
     The compiled search (accelerators, float32) shares the decrease stop (in float32 rounding reaches it first) but
-    has none of the interpolated damping, the saddle-free steps and the restart: a dataset it does not converge on is refitted by ``hp.lmm``, as before."""
+    has none of the interpolated damping, the saddle-free steps and the restart: a dataset it does not converge on
+    is refitted by ``hp.lmm``, as before."""
     ks = systems.layout.ks
 
     def value_and_grad(points, rows):
