@@ -38,6 +38,7 @@ from .linalg import (
     HOST_SINGLE_THREAD_MAX_SIZE,
     UNROLL_MAX_SIZE,
     array_namespace,
+    block_product,
     cholesky,
     factor_gradients_to_theta,
     host_product,
@@ -60,11 +61,8 @@ from .system import MixedModelSystem, dense_coupling, dense_coupling_pays, grid_
 MATMUL_MAX_BLOCKS = 1024
 
 
-def term0_factor(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Cholesky factors L0_l of D_l = T0^T A00_l T0 + I and the products L0_l^-1 T0^T, per term-0 level.
-
-    Leading axes of t0 (..., k0, k0) and a00 (..., ell0, k0, k0) broadcast (a batch of systems on the host).
-    """
+def _term0_factors(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`term0_factor`'s (L0_l, L0_l^-1 T0^T) with L0_l^-1 between them."""
     xp = array_namespace(t0)
     if xp is np and t0.shape[-1] > 1 and a00[..., 0, 0].size <= MATMUL_MAX_BLOCKS:
         diag0 = np.swapaxes(t0, -1, -2)[..., None, :, :] @ a00 @ t0[..., None, :, :] + np.eye(t0.shape[-1])
@@ -75,17 +73,29 @@ def term0_factor(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
         paired = {"optimize": True} if xp is np and t0.shape[-1] > 1 else {}
         diag0 = xp.einsum("...ji,...ljk,...km->...lim", t0, a00, t0, **paired) + xp.eye(t0.shape[-1])
     chol0 = cholesky(diag0)
-    return chol0, tri_inverse(chol0) @ xp.swapaxes(t0, -1, -2)[..., None, :, :]
+    chol0_inv = tri_inverse(chol0)
+    return chol0, chol0_inv, block_product(chol0_inv, xp.swapaxes(t0, -1, -2)[..., None, :, :])
+
+
+def term0_factor(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cholesky factors L0_l of D_l = T0^T A00_l T0 + I and the products L0_l^-1 T0^T, per term-0 level.
+
+    Leading axes of t0 (..., k0, k0) and a00 (..., ell0, k0, k0) broadcast (a batch of systems on the host).
+    """
+    chol0, _, left = _term0_factors(t0, a00)
+    return chol0, left
 
 
 def _term0_values(t0, a00):
-    chol0, left = term0_factor(t0, a00)
+    """((sum_l log|D_l|, M_l), residuals): :func:`term0_parts` and what its adjoint and a solution take, (A00_l,
+    M_l, P_l = T0 D_l^-1, L0_l, L0_l^-1 T0^T)."""
+    chol0, chol0_inv, left = _term0_factors(t0, a00)
     xp = array_namespace(left)
     logdet0 = logdet_from_cholesky_diagonal(xp.diagonal(chol0, axis1=-2, axis2=-1), axis=(-2, -1))
-    # M_l = left_l' left_l: a matrix product on the host for k0 > 1 (NumPy's einsum here is a naive loop)
-    m_levels = (xp.swapaxes(left, -1, -2) @ left if xp is np and left.shape[-1] > 1
-                else xp.einsum("...lij,...lik->...ljk", left, left))
-    return (logdet0, m_levels), (t0, a00, chol0, left)
+    transposed = xp.swapaxes(left, -1, -2)
+    # M_l = left_l' left_l and P_l = left_l' L0_l^-1: products over the stack (NumPy's einsum here is a naive loop)
+    m_levels, p_levels = block_product(transposed, left), block_product(transposed, chol0_inv)
+    return (logdet0, m_levels), (a00, m_levels, p_levels, chol0, left)
 
 
 def _term0_value(t0, a00):
@@ -93,10 +103,10 @@ def _term0_value(t0, a00):
 
 
 def _term0_bwd(residuals, cotangents):
-    t0, a00, chol0, left = residuals
+    a00, m_levels, p_levels, _, _ = residuals
     c_logdet, grad_m = cotangents
-    xp = array_namespace(chol0)
-    return _term0_adjoint(t0, a00, chol0, left, c_logdet, grad_m), xp.zeros_like(a00)
+    xp = array_namespace(a00)
+    return _term0_adjoint(a00, m_levels, p_levels, c_logdet, grad_m), xp.zeros_like(a00)
 
 
 def term0_parts(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -275,7 +285,7 @@ def host_reduced_rest(theta: np.ndarray, system: MixedModelSystem):
     factors (:func:`term0_factor`) from the same factorization that reduced the rest (nothing to differentiate
     there, so term 0 is factored once, where the traced solution factors it again beside its adjoint)."""
     factors = theta_to_factors(theta, system.layout.ks)
-    (_, m_levels), (_, _, chol0, left) = _term0_values(factors[0], system.a00)
+    (_, m_levels), (*_, chol0, left) = _term0_values(factors[0], system.a00)
     return _reduce(tuple(factors[1:]), m_levels, system), factors, chol0, left
 
 
@@ -463,21 +473,18 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _term0_adjoint(t0, a00, chol0, left, c_logdet, grad_m):
-    """Gradient with respect to T0 of c_logdet * log|D| + sum_l <G_l, M_l>.
+def _term0_adjoint(a00, m_levels, p_levels, c_logdet, grad_m):
+    """Gradient with respect to T0 of c_logdet * log|D| + sum_l <G_l, M_l>, from A00_l, M_l = T0 D_l^-1 T0^T and
+    P_l = T0 D_l^-1 (:func:`_term0_values`' residuals).
 
-    With D_l = T0^T A_l T0 + I (= L0_l L0_l^T) and M_l = T0 D_l^-1 T0^T (= left_l^T left_l):
-    d log|D_l| = 2 <A_l T0 D_l^-1, dT0> and, for symmetric G_l and H_l = D_l^-1 T0^T G_l T0 D_l^-1,
-    d <G_l, M_l> = 2 <G_l T0 D_l^-1 - A_l T0 H_l, dT0>.
+    With D_l = T0^T A_l T0 + I: d log|D_l| = 2 <A_l T0 D_l^-1, dT0> = 2 <A_l P_l, dT0> and, for symmetric G_l and
+    H_l = D_l^-1 T0^T G_l T0 D_l^-1 = P_l^T G_l P_l, d <G_l, M_l> = 2 <G_l P_l - A_l T0 H_l, dT0>; as
+    T0 P_l^T = M_l, the sum is 2 sum_l (c_logdet A_l + G_l - A_l M_l G_l) P_l, three products per level.
     """
-    xp = array_namespace(chol0)
-    chol0_inv = tri_inverse(chol0)
-    t_d_inv = xp.swapaxes(left, -1, -2) @ chol0_inv  # T0 D_l^-1 = left^T L0^-1
+    xp = array_namespace(m_levels)
     g = 0.5 * (grad_m + xp.swapaxes(grad_m, -1, -2))
-    h = xp.swapaxes(t_d_inv, -1, -2) @ g @ t_d_inv
-    a_t = a00 @ t0[..., None, :, :]
-    return xp.sum(2.0 * c_logdet * a_t @ xp.swapaxes(chol0_inv, -1, -2) @ chol0_inv
-                  + 2.0 * (g @ t_d_inv - a_t @ h), axis=-3)
+    inner = c_logdet * a00 + g - block_product(block_product(a00, m_levels), g)
+    return 2.0 * xp.sum(block_product(inner, p_levels), axis=-3)
 
 
 def coupling_in_program(system: MixedModelSystem) -> jax.Array:
@@ -585,7 +592,7 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
         if theta.ndim - 1 != lead:  # thetas broadcast against the systems from the right: a misaligned axis would
             raise ValueError(f"thetas with {theta.ndim - 1} leading axes for systems with {lead}")  # mix datasets
         factors = theta_to_factors(theta, layout.ks)
-        (logdet0, m_levels), (_, _, chol0, left) = _term0_values(factors[0], system.a00)
+        (logdet0, m_levels), (_, _, p_levels, _, _) = _term0_values(factors[0], system.a00)
         update = _schur_update(system, m_levels) if coupling is None else _schur_update_dense(coupling, m_levels)
         rest, (_, reduced, _) = _scale_reduced(tuple(factors[1:]), system.rest - update, system)
         (logdet_rest, logdet_rx, pwrss), chol = _dense_parts_forward(rest, q, p)
@@ -594,7 +601,7 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
         c_r2 = 1.0 if layout.sigma_known else dof / pwrss
         (grad_rest,) = _dense_parts_bwd(q, p, chol, (1.0, 0.0, 0.0) if logdet_only else (1.0, c_rx, c_r2))
         rest_factor_grads, grad_m, _ = _reduce_adjoint(tuple(factors[1:]), reduced, system, grad_rest, contractions)
-        grad_t0 = _term0_adjoint(factors[0], system.a00, chol0, left, 1.0, grad_m)
+        grad_t0 = _term0_adjoint(system.a00, m_levels, p_levels, 1.0, grad_m)
         gradient = factor_gradients_to_theta([grad_t0, *rest_factor_grads])
         return (float(value) if np.ndim(value) == 0 else value), gradient
 
