@@ -326,3 +326,23 @@ def test_glm_start_fits_each_dataset_s_glm_and_keeps_its_linear_predictor():
         score = design.X[rows].T @ (design.y[rows] - mu[rows])
         assert np.max(np.abs(score)) < 1e-8, d
     assert np.max(np.abs(beta[3])) > 10  # the separated dataset ran off, without holding the others
+
+
+def test_unique_codes_is_numpy_s_unique_by_counting_or_by_sorting():
+    # the grouping of a batch's rows: counting the codes present where their range is small, np.unique otherwise
+    from hierpool.spec.design import unique_codes
+
+    rng = np.random.default_rng(9)
+    for size in (50, 10**7):  # counted, then sorted (a range far beyond the codes' count)
+        codes = rng.choice(rng.choice(size, 30, replace=False), 400)
+        values, inverse = unique_codes(codes, size)
+        expected_values, expected_inverse = np.unique(codes, return_inverse=True)
+        np.testing.assert_array_equal(values, expected_values)
+        np.testing.assert_array_equal(inverse, expected_inverse)
+    # an interaction's levels as R's factor(a:b) orders them, unused combinations dropped
+    from hierpool.spec.design import group_index
+
+    frame = pd.DataFrame({"a": ["y", "x", "y", "x", "z"], "b": ["2", "1", "1", "1", "2"]})
+    index, labels = group_index(frame, ("a", "b"))
+    np.testing.assert_array_equal(labels, ["x:1", "y:1", "y:2", "z:2"])
+    np.testing.assert_array_equal(index, [2, 0, 1, 0, 3])

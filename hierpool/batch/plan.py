@@ -49,7 +49,7 @@ from jax.experimental import multihost_utils
 
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError
-from ..spec.design import Design, RandomEffectTerm, build_design
+from ..spec.design import Design, RandomEffectTerm, build_design, unique_codes
 from ..spec.transforms import stateful_calls
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
@@ -383,7 +383,8 @@ def _local_levels(dataset: np.ndarray, n_datasets: int, term: RandomEffectTerm):
 
     A dataset's levels are the global level order restricted to it: hp.lmm's order on that dataset.
     """
-    cell, cell_of_row = np.unique(dataset.astype(np.int64) * term.n_levels + term.index, return_inverse=True)
+    cell, cell_of_row = unique_codes(dataset.astype(np.int64) * term.n_levels + term.index,
+                                     n_datasets * term.n_levels)
     cell_dataset = cell // term.n_levels
     first_cell = np.searchsorted(cell_dataset, np.arange(n_datasets))
     return (cell_of_row.reshape(-1) - first_cell[dataset], np.bincount(cell_dataset, minlength=n_datasets),
