@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .jax_runtime import pytree_dataclass
+from .system import grouped_products
 
 if TYPE_CHECKING:
     import jax
@@ -82,11 +83,11 @@ class BatchStatistics:
 
 def _sums(index: np.ndarray, values: np.ndarray, count: int, weights: np.ndarray | None = None) -> np.ndarray:
     """Per-index sums of each column of ``values`` (N, ...) -> (count, prod(...)); one bincount per column."""
-    flat = values.reshape(len(values), -1)
+    columns = np.ascontiguousarray(values.reshape(len(values), -1).T)  # each column contiguous for its bincount
     if weights is not None:
-        flat = flat * weights[:, None]
+        columns = columns * weights
     # one bincount per column: several times faster than np.add.at
-    return np.stack([np.bincount(index, weights=column, minlength=count) for column in flat.T], axis=1)
+    return np.stack([np.bincount(index, weights=column, minlength=count) for column in columns], axis=1)
 
 
 def location_shifts(dataset: np.ndarray, X: np.ndarray, y: np.ndarray, weights: np.ndarray, n_datasets: int):
@@ -101,15 +102,19 @@ def location_shifts(dataset: np.ndarray, X: np.ndarray, y: np.ndarray, weights: 
     p = X.shape[1]
     if not p:
         return np.zeros((n_datasets, 0)), y.copy()
-    xtx = _sums(dataset, X[:, :, None] * X[:, None, :], n_datasets, weights).reshape(n_datasets, p, p)
+    weights = np.ones(len(y)) if weights is None else weights
+    # grouped_products: a bincount per (a <= b) column pair, with no (N, p, p) temporary
+    xtx = grouped_products(dataset, X, X, weights, n_datasets)
     inverse = np.linalg.pinv(xtx, hermitian=True)
     beta0 = np.zeros((n_datasets, p))
     residual = y
     for _ in range(2):  # the fit, then one refinement step
-        xtr = _sums(dataset, X * residual[:, None], n_datasets, weights)
+        xtr = grouped_products(dataset, X, residual[:, None], weights, n_datasets)[..., 0]
         step = np.einsum("dpq,dq->dp", inverse, xtr)
         beta0 = beta0 + step
-        residual = residual - np.einsum("np,np->n", X, step[dataset])
+        # column by column, each step gathered as one vector: NumPy's einsum over p here is a slow loop
+        for j in range(p):
+            residual = residual - X[:, j] * step[:, j][dataset]
     return beta0, residual
 
 
