@@ -425,3 +425,12 @@ def test_a_stalled_search_goes_on_from_where_it_is_when_its_rank_reduced_theta_i
     for ended in stopped_at:
         assert any(start.shape == ended.shape and np.array_equal(start, ended) for start in starts)
     assert np.isfinite(fits.objective).all()
+
+
+def test_a_restarted_search_that_stops_at_a_saddle_is_not_reported_converged():
+    # the restart starts next to the stationary points of T_kk = 0: a stop where the curvature has a negative
+    # direction (beyond the differences' error) is a saddle, and that dataset is left to hp.lmm's refit
+    from hierpool.batch.terms_search import _negative_curvature
+
+    curvature = np.array([np.diag([4.0, 1.0]), np.diag([4.0, -0.5]), np.diag([4.0, -1e-9]), np.full((2, 2), np.nan)])
+    np.testing.assert_array_equal(_negative_curvature(curvature), [False, True, False, False])

@@ -501,6 +501,8 @@ def test_stacks_of_triangular_inverses_by_halves_are_scipy_s_and_nan_at_a_zero_p
         broken = tri_inverse(chol)
         assert np.isnan(broken[1, 2]).all()
         np.testing.assert_array_equal(broken[0], stacked[0])
+    integers = np.tile(np.tril(np.full((8, 8), 2)) + 2 * np.eye(8, dtype=int), (2, 1, 1))  # not truncated to integers
+    np.testing.assert_allclose(tri_inverse(integers)[1], np.linalg.inv(integers[1]), rtol=1e-12, atol=1e-14)
 
 
 def test_scaling_columns_by_blocks_on_the_host_is_the_dense_block_diagonal_product():

@@ -86,24 +86,29 @@ def term0_factor(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
     return chol0, left
 
 
-def _term0_values(t0, a00):
-    """((sum_l log|D_l|, M_l), residuals): :func:`term0_parts` and what its adjoint and a solution take, (A00_l,
-    M_l, P_l = T0 D_l^-1, L0_l, L0_l^-1 T0^T)."""
+def _term0_forward(t0, a00):
+    """(sum_l log|D_l|, M_l = T0 D_l^-1 T0^T, L0_l, L0_l^-1, L0_l^-1 T0^T): term 0's value and its factors."""
     chol0, chol0_inv, left = _term0_factors(t0, a00)
     xp = array_namespace(left)
     logdet0 = logdet_from_cholesky_diagonal(xp.diagonal(chol0, axis1=-2, axis2=-1), axis=(-2, -1))
-    transposed = xp.swapaxes(left, -1, -2)
-    # M_l = left_l' left_l and P_l = left_l' L0_l^-1: products over the stack (NumPy's einsum here is a naive loop)
-    m_levels, p_levels = block_product(transposed, left), block_product(transposed, chol0_inv)
-    return (logdet0, m_levels), (a00, m_levels, p_levels, chol0, left)
+    # M_l = left_l' left_l: a product over the stack (NumPy's einsum here is a naive loop)
+    return logdet0, block_product(xp.swapaxes(left, -1, -2), left), chol0, chol0_inv, left
+
+
+def _term0_values(t0, a00):
+    """((sum_l log|D_l|, M_l), residuals): :func:`term0_parts` and what its adjoint takes, (A00_l, M_l,
+    P_l = T0 D_l^-1 = left_l' L0_l^-1)."""
+    logdet0, m_levels, _, chol0_inv, left = _term0_forward(t0, a00)
+    p_levels = block_product(array_namespace(left).swapaxes(left, -1, -2), chol0_inv)
+    return (logdet0, m_levels), (a00, m_levels, p_levels)
 
 
 def _term0_value(t0, a00):
-    return _term0_values(t0, a00)[0]
+    return _term0_forward(t0, a00)[:2]
 
 
 def _term0_bwd(residuals, cotangents):
-    a00, m_levels, p_levels, _, _ = residuals
+    a00, m_levels, p_levels = residuals
     c_logdet, grad_m = cotangents
     xp = array_namespace(a00)
     return _term0_adjoint(a00, m_levels, p_levels, c_logdet, grad_m), xp.zeros_like(a00)
@@ -252,14 +257,11 @@ def _reduce_adjoint(rest_factors, reduced, system, cotangent, contractions):
     offset = 0
     for (ell, k), factor in zip(layout.rest_blocks[: len(rest_factors)], rest_factors):
         cols = slice(offset, offset + ell * k)
-        if xp is np:  # a matmul over the rows and levels at once: NumPy's einsum here is a naive loop
-            left = reduced[..., cols].reshape(reduced.shape[:-2] + (size * ell, k))
-            right = lam_g[..., cols].reshape(lam_g.shape[:-2] + (size * ell, k))
-            factor_grads.append(2.0 * (np.swapaxes(left, -1, -2) @ right))
-        else:
-            left = reduced[..., cols].reshape(reduced.shape[:-2] + (size, ell, k))
-            right = lam_g[..., cols].reshape(lam_g.shape[:-2] + (size, ell, k))
-            factor_grads.append(2.0 * xp.einsum("...blc,...bld->...cd", left, right))
+        # sum over rows b and levels l of K[b, (l, c)] (Lambda G)[b, (l, d)]: one matmul over the rows and levels at
+        # once (NumPy's einsum here is a naive loop)
+        left = reduced[..., cols].reshape(reduced.shape[:-2] + (size * ell, k))
+        right = lam_g[..., cols].reshape(lam_g.shape[:-2] + (size * ell, k))
+        factor_grads.append(2.0 * (xp.swapaxes(left, -1, -2) @ right))
         offset += ell * k
     grad_m = -contractions(lam_g_lam)
     return tuple(factor_grads), grad_m, None
@@ -285,7 +287,7 @@ def host_reduced_rest(theta: np.ndarray, system: MixedModelSystem):
     factors (:func:`term0_factor`) from the same factorization that reduced the rest (nothing to differentiate
     there, so term 0 is factored once, where the traced solution factors it again beside its adjoint)."""
     factors = theta_to_factors(theta, system.layout.ks)
-    (_, m_levels), (*_, chol0, left) = _term0_values(factors[0], system.a00)
+    _, m_levels, chol0, _, left = _term0_forward(factors[0], system.a00)
     return _reduce(tuple(factors[1:]), m_levels, system), factors, chol0, left
 
 
@@ -546,9 +548,8 @@ def _level_contractions_dense(coupling: jax.Array, matrix: jax.Array) -> jax.Arr
     ch = product.reshape(product.shape[:-2] + (ell0, k0, m))
     if k0 == 1:
         return xp.einsum("...lm,...lm->...l", ch[..., :, 0, :], coupling[..., :, 0, :])[..., None, None]
-    if xp is np:  # a stacked matmul: NumPy's einsum of two operands with a batch axis is a naive loop (twice as slow)
-        return ch @ np.swapaxes(coupling, -1, -2)
-    return xp.einsum("...lim,...ljm->...lij", ch, coupling)
+    # a stacked matmul (NumPy's einsum of two operands with a batch axis is a naive loop, twice as slow)
+    return ch @ xp.swapaxes(coupling, -1, -2)
 
 
 def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, dense: bool | None = None,
@@ -592,7 +593,7 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
         if theta.ndim - 1 != lead:  # thetas broadcast against the systems from the right: a misaligned axis would
             raise ValueError(f"thetas with {theta.ndim - 1} leading axes for systems with {lead}")  # mix datasets
         factors = theta_to_factors(theta, layout.ks)
-        (logdet0, m_levels), (_, _, p_levels, _, _) = _term0_values(factors[0], system.a00)
+        (logdet0, m_levels), (_, _, p_levels) = _term0_values(factors[0], system.a00)
         update = _schur_update(system, m_levels) if coupling is None else _schur_update_dense(coupling, m_levels)
         rest, (_, reduced, _) = _scale_reduced(tuple(factors[1:]), system.rest - update, system)
         (logdet_rest, logdet_rx, pwrss), chol = _dense_parts_forward(rest, q, p)

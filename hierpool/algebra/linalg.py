@@ -340,7 +340,7 @@ def _tri_inverse_by_halves(lower: np.ndarray) -> np.ndarray:
     half = k // 2
     first = _tri_inverse_by_halves(lower[..., :half, :half])
     second = _tri_inverse_by_halves(lower[..., half:, half:])
-    out = np.zeros_like(lower)
+    out = np.zeros(lower.shape, dtype=np.result_type(first, second))  # an integer stack's inverse is not integer
     out[..., :half, :half] = first
     out[..., half:, half:] = second
     out[..., half:, :half] = -(second @ (lower[..., half:, :half] @ first))
@@ -361,14 +361,12 @@ def scale_columns(matrix: jax.Array, blocks, transpose: bool = False) -> jax.Arr
         piece = matrix[..., offset : offset + ell * k]
         if factor is not None and k == 1:
             piece = piece * factor[..., :1, :1]
-        elif factor is not None and xp is np and len(lead) > 0:
-            # the rows and levels as one axis: one matmul per leading index, where (rows, ell) @ (k, k) per row is a
-            # loop of tiny products in NumPy (twice as slow on a batch's stacks)
-            right = np.swapaxes(factor, -1, -2) if transpose else factor
-            piece = (piece.reshape(lead[:-1] + (lead[-1] * ell, k)) @ right).reshape(lead + (ell * k,))
         elif factor is not None:
+            # the rows and levels as one axis: one matmul per leading index, where (rows, ell) @ (k, k) per row is a
+            # loop of tiny products in NumPy (twice as slow on a batch's stacks); a vector is one row
             right = xp.swapaxes(factor, -1, -2) if transpose else factor
-            piece = (piece.reshape(lead + (ell, k)) @ right[..., None, :, :]).reshape(lead + (ell * k,))
+            rows = (lead or (1,))[-1] * ell
+            piece = (piece.reshape(lead[:-1] + (rows, k)) @ right).reshape(lead + (ell * k,))
         pieces.append(piece)
         offset += ell * k
     return xp.concatenate(pieces, axis=-1)

@@ -14,8 +14,9 @@ Newton's method runs in NumPy (:func:`hierpool.batch.optimize.newton_on_host`) o
 and gradient, evaluated for a whole chunk of datasets at once
 (:func:`hierpool.algebra.criterion.host_objective_and_gradient` over leading axes), and the solution is
 :func:`hierpool.algebra.henderson.solve` over the chunk (:func:`_on_host` says why;
-:mod:`hierpool.batch.terms_search`: the damping interpolated after a rejected trial, and a stalled search
-restarted from its rank-reduced theta, which the compiled one does not do).  Accelerators,
+:mod:`hierpool.batch.terms_search`: the damping interpolated after a rejected trial, saddle-free steps where the
+curvature is indefinite, and a search still unconverged after 12 passes restarted from its rank-reduced theta
+where the criterion there is no higher, which the compiled one does not do).  Accelerators,
 float32 and sharded batches keep the compiled programs.
 
 Buckets: each term's level count is padded as the one-term path pads it (:func:`hierpool.batch.plan.bucket_width`),
@@ -183,10 +184,10 @@ def linear_start(plan: BatchPlan, datasets, residual: np.ndarray) -> np.ndarray:
     :func:`linear_shifts`'), every term's own moments.
     ``hp.lmm`` starts a vector term of a several-term model at lme4's identity instead (L-BFGS-B from its moments
     once reached a worse boundary optimum, :func:`hierpool.closedform.optimize.moment_start`); the batch's Newton
-    search restarts a stalled search from the boundary (:func:`hierpool.batch.terms_search.search_on_host`), and
-    from this start its criteria are below lmer's or within 1e-11 of them on every dataset of --lmm-slopes-nested
-    and --lmm-crossed-slopes (benchmarks/RESULTS.md, "Worker processes, and the class beyond the issue's models,
-    seventeenth session").
+    search restarts a stalled search from the boundary where the criterion there is no higher
+    (:func:`hierpool.batch.terms_search.search_on_host`), and from this start its criteria are below lmer's or
+    within 1e-10 of them on every dataset of --lmm-slopes-nested and --lmm-crossed-slopes (benchmarks/RESULTS.md,
+    "The several-term linear class, eighteenth session").
     lme4's identity with known residual sds (``se=``), as ``hp.lmm``'s."""
     design = plan.design
     if design.sigma_known:

@@ -26,7 +26,8 @@ from .optimize import DECREASE_TOL, newton_on_host
 #: is too, and sqrt(eps) (1.5e-8) differences would be half rounding.
 FD_WIDTH = 1e-6
 #: The relative Newton step, taken or the last quadratic model's, at which the search stops: the criterion is then
-#: within ~1e-12 of its minimum (the decrease tolerance below usually stops it first).
+#: within ~1e-12 of its minimum (the decrease tolerance, :data:`hierpool.batch.optimize.DECREASE_TOL`, usually stops
+#: it first).
 STEP_TOL = 1e-7
 #: The Levenberg-Marquardt shift's growth after a rejected trial that gives no interpolation (a non-finite step, or
 #: a slope >= 0); the others set it from the trial (``interpolated_damping``).  From theta = I the Laplace deviance

@@ -505,17 +505,19 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
 
 
 def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks, *,
-                     interpolated_damping: bool = False, saddle_free: bool = False, decrease_tol=None) -> dict:
+                     interpolated_damping: bool = False, saddle_free: bool = False, decrease_tol=None,
+                     with_curvature: bool = False) -> dict:
     """A host chunk's optimization (:func:`newton_on_host`), as the compiled programs return it: canonical thetas
-    (``ks``: the terms' widths), criterion, last Newton step, iterations, converged.  A probe off the criterion's
-    domain, or a system that is not positive definite there, is NaN, so +inf: not a step (NumPy's warnings off).
+    (``ks``: the terms' widths), criterion, last Newton step, iterations, converged (and, ``with_curvature``, the
+    last forward-difference Hessian, in the search's own theta).  A probe off the criterion's domain, or a system
+    that is not positive definite there, is NaN, so +inf: not a step (NumPy's warnings off).
     ``interpolated_damping``, ``saddle_free`` and ``decrease_tol`` as :func:`newton`'s."""
     with np.errstate(all="ignore"):
-        theta, value, newton_step, iterations, converged = newton_on_host(
+        theta, value, newton_step, iterations, converged, *curvature = newton_on_host(
             value_and_grad, theta0, max_iterations, interpolated_damping=interpolated_damping, saddle_free=saddle_free,
-            decrease_tol=decrease_tol)
+            decrease_tol=decrease_tol, with_curvature=with_curvature)
     return {"theta": canonical_rows(theta, tuple(ks)), "objective": value, "newton_step": newton_step,
-            "iterations": iterations, "converged": converged}
+            "iterations": iterations, "converged": converged} | ({"curvature": curvature[0]} if curvature else {})
 
 
 def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX_ITERATIONS,

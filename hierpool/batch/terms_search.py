@@ -65,9 +65,10 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
         chunk = shared_grid(systems, rows, points=True)
         return host_objective_and_gradient(chunk, reml, n=n[rows][:, None])(points)
 
-    def search(start, datasets, passes):
+    def search(start, datasets, passes, with_curvature=False):
         return optimize_on_host(lambda points, rows: value_and_grad(points, datasets[rows]), start, passes,
-                                ks, interpolated_damping=True, saddle_free=True, decrease_tol=DECREASE_TOL)
+                                ks, interpolated_damping=True, saddle_free=True, decrease_tol=DECREASE_TOL,
+                                with_curvature=with_curvature)
 
     vector_terms = max(ks) > 1
     result = search(start, np.arange(len(start)), min(RESTART_PASSES, max_iterations) if vector_terms
@@ -80,14 +81,31 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
         with np.errstate(all="ignore"):
             there = value_and_grad(reduced[:, None, :], stalled)[0][:, 0]
         restart = there <= before + RESTART_TOLERANCE * np.abs(before)  # NaN there: go on
-        again = search(np.where(restart[:, None], reduced, at), stalled, max_iterations)
+        again = search(np.where(restart[:, None], reduced, at), stalled, max_iterations, with_curvature=True)
+        # a run that stopped where the curvature has a negative direction stopped at a saddle, not a minimum (a
+        # restart sits next to the stationary points of T_kk = 0): not converged, so that hp.lmm refits it
+        again["converged"] &= ~_negative_curvature(again.pop("curvature"))
         # the lower criterion, or the second run where it converged to the same one (to rounding)
         better = (again["objective"] < before) | (again["converged"]
                                                   & (again["objective"] <= before + 1e-12 * np.abs(before)))
-        again["iterations"] = again["iterations"] + result["iterations"][stalled]  # up to RESTART_PASSES more
+        result["iterations"][stalled] += again.pop("iterations")  # both runs' passes: up to RESTART_PASSES more
         for name, values in again.items():
             result[name][stalled[better]] = values[better]
     return result
+
+
+#: The smallest eigenvalue of a stopped search's forward-difference Hessian, relative to its largest (at least 1),
+#: below which :func:`search_on_host` takes the stop for a saddle (the differences' own error is ~1e-8 relative).
+NEGATIVE_CURVATURE = 1e-6
+
+
+def _negative_curvature(curvature: np.ndarray) -> np.ndarray:
+    """Whether each of a stack of Hessians (K, m, m) has a negative eigenvalue beyond :data:`NEGATIVE_CURVATURE` of its
+    scale (False where it is not finite: that search is not converged anyway)."""
+    finite = np.all(np.isfinite(curvature), axis=(-2, -1))
+    values = np.linalg.eigvalsh(np.where(finite[:, None, None], curvature, np.eye(curvature.shape[-1])))
+    scale = np.maximum(np.max(np.abs(values), axis=-1), 1.0)
+    return finite & (values[:, 0] < -NEGATIVE_CURVATURE * scale)
 
 
 def fit_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int) -> dict:

@@ -388,7 +388,7 @@ def unique_codes(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     most a few times the codes' count, by marking the codes present and counting them (linear time, where
     ``np.unique`` sorts: most of a large batch's grouping time), else by ``np.unique`` itself."""
     codes = np.asarray(codes, dtype=np.int64)
-    if size > 4 * codes.size + 1024:
+    if size > 4 * codes.size + 1024 or (codes.size and codes.min() < 0):  # a negative code would mark the last slot
         return np.unique(codes, return_inverse=True)
     present = np.zeros(size, dtype=bool)
     present[codes] = True
