@@ -362,13 +362,16 @@ def _dense_parts_bwd(q, p, chol, cotangent):
         tail = solve_triangular(chol, unit_tail, lower=True, trans="T").T
     r2 = chol[..., -1, -1] ** 2
     v = s_inv[..., :, -1]
+    # the host's REML criterion weighs log|L_Z|^2 and log|R_X|^2 alike (c_lz = c_rx, numbers): no R_Z term
+    alike = xp is np and np.ndim(c_lz) == 0 and np.ndim(c_rx) == 0 and c_lz == c_rx
     in_z = xp.arange(size) < q
-    tail = xp.where(in_z[None, :], tail, 0.0)  # R_Z padded with zeros
     # the cotangents are scalars, or per system of a batch (leading axes)
     c_lz, c_rx, c_r2 = (xp.asarray(c)[..., None, None] for c in (c_lz, c_rx, c_r2))
-    grad = xp.where(in_z[:, None] & in_z[None, :], c_lz, c_rx) * s_inv
-    grad = (grad + (c_r2 * r2[..., None, None] ** 2 - c_rx * r2[..., None, None]) * (v[..., :, None] * v[..., None, :])
-            - (c_lz - c_rx) * (xp.swapaxes(tail, -1, -2) @ tail))
+    grad = c_rx * s_inv if alike else xp.where(in_z[:, None] & in_z[None, :], c_lz, c_rx) * s_inv
+    grad = grad + (c_r2 * r2[..., None, None] ** 2 - c_rx * r2[..., None, None]) * (v[..., :, None] * v[..., None, :])
+    if not alike:
+        tail = xp.where(in_z[None, :], tail, 0.0)  # R_Z padded with zeros
+        grad = grad - (c_lz - c_rx) * (xp.swapaxes(tail, -1, -2) @ tail)
     return (grad,)
 
 
