@@ -333,8 +333,9 @@ def test_unique_codes_is_numpy_s_unique_by_counting_or_by_sorting():
     from hierpool.spec.design import unique_codes
 
     rng = np.random.default_rng(9)
-    # counted: a small range, and one just inside the limit (4 x 400 + 1024); a negative code is left to np.unique
-    for size, shift in ((50, 0), (2624, 0), (50, -7)):
+    # counted: a small range, and one just inside the limit (4 x 400 + 1024); a range far beyond it and a negative
+    # code are left to np.unique
+    for size, shift in ((50, 0), (2624, 0), (10**7, 0), (50, -7)):
         codes = rng.choice(rng.choice(size, 30, replace=False), 400) + shift
         values, inverse = unique_codes(codes, size)
         expected_values, expected_inverse = np.unique(codes, return_inverse=True)

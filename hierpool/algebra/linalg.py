@@ -350,8 +350,9 @@ def _tri_inverse_by_halves(lower: np.ndarray) -> np.ndarray:
 def scale_columns(matrix: jax.Array, blocks, transpose: bool = False) -> jax.Array:
     """``matrix @ blockdiag(I_ell (x) F)`` without forming it, F = T (or T^T with ``transpose``).
 
-    ``blocks`` lists (ell, k, T) for consecutive column blocks; T None means identity.  Leading axes of
-    ``matrix`` (..., rows, columns) and of the factors (..., k, k) broadcast (a batch of systems on the host).
+    ``blocks`` lists (ell, k, T) for consecutive column blocks; T None means identity.  The factors' leading axes
+    (..., k, k) broadcast against those of ``matrix`` (..., rows, columns), of which they have no more (a batch of
+    systems on the host).
     """
     xp = array_namespace(matrix)
     pieces = []
@@ -360,10 +361,10 @@ def scale_columns(matrix: jax.Array, blocks, transpose: bool = False) -> jax.Arr
     for ell, k, factor in blocks:
         piece = matrix[..., offset : offset + ell * k]
         if factor is not None and k == 1:
-            piece = piece * factor[..., :1, :1]
+            piece = piece * (factor[..., 0, :1] if matrix.ndim == 1 else factor[..., :1, :1])
         elif factor is not None:
             # the rows and levels as one axis: one matmul per leading index, where (rows, ell) @ (k, k) per row is a
-            # loop of tiny products in NumPy (twice as slow on a batch's stacks); a vector is one row
+            # loop of tiny products in NumPy (twice as slow on a batch's stacks); a vector (no rows axis) is one row
             right = xp.swapaxes(factor, -1, -2) if transpose else factor
             rows = (lead or (1,))[-1] * ell
             piece = (piece.reshape(lead[:-1] + (rows, k)) @ right).reshape(lead + (ell * k,))

@@ -49,11 +49,13 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     (each vector term's covariance less its smallest eigenvalue's part: the boundary a near-singular term's search
     crawls towards, reached in one move) is evaluated, and the search restarts there where it is no more than
     :data:`RESTART_TOLERANCE` (relative) above where the search is, and otherwise goes on from where it is; either
-    way with up to ``max_iterations`` passes more.  The lower criterion of the two runs is kept (or the second's,
-    where it converged to the same, to rounding).  On --lmm-slopes-nested the searches then took 45.7 evaluations a
-    dataset instead of 69.9 for the search that ran to ``max_iterations`` before restarting, with every criterion
-    within 1.6e-12 (relative) of that search's or below it (benchmarks/RESULTS.md, "The several-term linear class,
-    eighteenth session").
+    way with up to ``max_iterations`` passes more (``iterations`` counts both runs').  A second run that stops where
+    its forward-difference Hessian has a negative direction (:func:`_negative_curvature`: a saddle, next to which a
+    restart starts) is not converged.  The lower criterion of the two runs is kept (or the second's, where it
+    converged to the same, to rounding); one left unconverged is refitted by ``hp.lmm``.  On --lmm-slopes-nested the
+    searches then took 45.7 evaluations a dataset instead of 69.9 for the search that ran to ``max_iterations``
+    before restarting, with every criterion within 1.6e-12 (relative) of that search's or below it
+    (benchmarks/RESULTS.md, "The several-term linear class, eighteenth session").
 
     The compiled search (accelerators, float32) shares the decrease stop (in float32 rounding reaches it first) but
     has none of the interpolated damping, the saddle-free steps and the restart: a dataset it does not converge on

@@ -384,9 +384,9 @@ def aliased_columns(X: np.ndarray, tol: float = RANK_TOL) -> np.ndarray:
 
 
 def unique_codes(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(codes, return_inverse=True)`` for non-negative integer codes below ``size``: where ``size`` is at
-    most a few times the codes' count, by marking the codes present and counting them (linear time, where
-    ``np.unique`` sorts: most of a large batch's grouping time), else by ``np.unique`` itself."""
+    """``np.unique(codes, return_inverse=True)`` for integer codes below ``size``: where ``size`` is at most a few
+    times the codes' count and no code is negative, by marking the codes present and counting them (linear time,
+    where ``np.unique`` sorts: most of a large batch's grouping time), else by ``np.unique`` itself."""
     codes = np.asarray(codes, dtype=np.int64)
     if size > 4 * codes.size + 1024 or (codes.size and codes.min() < 0):  # a negative code would mark the last slot
         return np.unique(codes, return_inverse=True)
