@@ -551,7 +551,8 @@ def _level_contractions_dense(coupling: jax.Array, matrix: jax.Array) -> jax.Arr
     ch = product.reshape(product.shape[:-2] + (ell0, k0, m))
     if k0 == 1:
         return xp.einsum("...lm,...lm->...l", ch[..., :, 0, :], coupling[..., :, 0, :])[..., None, None]
-    # a stacked matmul (NumPy's einsum of two operands with a batch axis is a naive loop, twice as slow)
+    # a stacked matmul: NumPy's einsum of two operands with a batch axis is a naive loop (benchmarks/RESULTS.md,
+    # "The several-term linear class, eighteenth session")
     return ch @ xp.swapaxes(coupling, -1, -2)
 
 

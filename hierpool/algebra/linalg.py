@@ -331,8 +331,8 @@ def _tri_inverse_by_halves(lower: np.ndarray) -> np.ndarray:
     kernel: with L = [[A, 0], [C, D]], L^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]].
 
     NumPy's ``inv`` runs an LU factorization and k solves per matrix of the stack; the halves' products are stacked
-    matmuls, about five times faster on a batch's stacks of 20-45 columns (benchmarks/RESULTS.md, "The
-    several-term linear class, eighteenth session").
+    matmuls, several times faster on a batch's stacks (timed in benchmarks/RESULTS.md, "The several-term linear
+    class, eighteenth session").
     """
     k = lower.shape[-1]
     if k <= UNROLL_MAX_SIZE:
@@ -364,7 +364,8 @@ def scale_columns(matrix: jax.Array, blocks, transpose: bool = False) -> jax.Arr
             piece = piece * (factor[..., 0, :1] if matrix.ndim == 1 else factor[..., :1, :1])
         elif factor is not None:
             # the rows and levels as one axis: one matmul per leading index, where (rows, ell) @ (k, k) per row is a
-            # loop of tiny products in NumPy (twice as slow on a batch's stacks); a vector (no rows axis) is one row
+            # loop of tiny products in NumPy (slower on a batch's stacks: benchmarks/RESULTS.md, "The several-term
+            # linear class, eighteenth session"); a vector (no rows axis) is one row
             right = xp.swapaxes(factor, -1, -2) if transpose else factor
             rows = (lead or (1,))[-1] * ell
             piece = (piece.reshape(lead[:-1] + (rows, k)) @ right).reshape(lead + (ell * k,))

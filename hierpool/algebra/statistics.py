@@ -81,15 +81,6 @@ class BatchStatistics:
         return BatchStatistics(**{f.name: function(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
-def _sums(index: np.ndarray, values: np.ndarray, count: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """Per-index sums of each column of ``values`` (N, ...) -> (count, prod(...)); one bincount per column."""
-    columns = np.ascontiguousarray(values.reshape(len(values), -1).T)  # each column contiguous for its bincount
-    if weights is not None:
-        columns = columns * weights
-    # one bincount per column: several times faster than np.add.at
-    return np.stack([np.bincount(index, weights=column, minlength=count) for column in columns], axis=1)
-
-
 def location_shifts(dataset: np.ndarray, X: np.ndarray, y: np.ndarray, weights: np.ndarray, n_datasets: int):
     """(beta0 (D, p), residual (N,)): each dataset's weighted least-squares fit of y on X, and y - X beta0.
 
@@ -149,19 +140,16 @@ def sufficient_statistics(
     log_weights = (np.zeros(n_datasets) if weights is None
                    else np.bincount(dataset, weights=np.log(weights), minlength=n_datasets))
 
-    def per_cell(values: np.ndarray) -> np.ndarray:
-        return _sums(cell, values, size, weights)
-
-    def per_dataset(values: np.ndarray) -> np.ndarray:
-        return _sums(dataset, values, n_datasets, weights)
-
+    w = np.ones(len(y)) if weights is None else weights
+    y_column = y[:, None]
+    # the weighted cross-products per (dataset, level) cell and per dataset: grouped_products, the systems' own sums
     return BatchStatistics(
-        ztz=per_cell(z[:, :, None] * z[:, None, :]).reshape(n_datasets, ell, k, k),
-        ztx=per_cell(z[:, :, None] * X[:, None, :]).reshape(n_datasets, ell, k, p),
-        zty=per_cell(z * y[:, None]).reshape(n_datasets, ell, k),
-        xtx=per_dataset(X[:, :, None] * X[:, None, :]).reshape(n_datasets, p, p),
-        xty=per_dataset(X * y[:, None]).reshape(n_datasets, p),
-        yty=per_dataset(y**2).reshape(n_datasets),
+        ztz=grouped_products(cell, z, z, w, size).reshape(n_datasets, ell, k, k),
+        ztx=grouped_products(cell, z, X, w, size).reshape(n_datasets, ell, k, p),
+        zty=grouped_products(cell, z, y_column, w, size).reshape(n_datasets, ell, k),
+        xtx=grouped_products(dataset, X, X, w, n_datasets),
+        xty=grouped_products(dataset, X, y_column, w, n_datasets).reshape(n_datasets, p),
+        yty=grouped_products(dataset, y_column, y_column, w, n_datasets).reshape(n_datasets),
         n=np.bincount(dataset, minlength=n_datasets).astype(float),
         log_weights=log_weights,
         beta_shift=beta_shift,
