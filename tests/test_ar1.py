@@ -227,3 +227,69 @@ def test_coverage_study_of_ar1_intervals():
     live = hp.validate.ar1_coverage(n_reps=6, seed=2).set_index("interval")
     assert live.loc["blup", "n"] == 120 and 0.85 <= live.loc["blup", "coverage"] <= 1.0
     assert 0.85 <= live.loc["next step", "coverage"] <= 1.0
+
+
+def _irregular_series(seed: int = 0):
+    """Rows of 3 datasets x up to 4 levels, each level one series at irregular integer times, columns with an
+    intercept and a large level effect (what the moments' d = v - v_- form keeps from cancelling)."""
+    rng = np.random.default_rng(seed)
+    rows = [(d, level, t) for d in range(3) for level in range(4 if d < 2 else 3)
+            for t in np.sort(rng.choice(20, size=rng.integers(2, 7), replace=False))]
+    dataset, level, time = (np.array(c) for c in zip(*rows))
+    same = np.r_[False, (dataset[1:] == dataset[:-1]) & (level[1:] == level[:-1])]
+    previous = np.where(same, np.arange(len(rows)) - 1, -1)
+    lag = np.where(same, time - np.r_[0, time[:-1]], 1).astype(float)
+    columns = rng.normal(size=(len(rows), 4))
+    columns[:, 0] = 1.0
+    columns[:, 3] += 1e3 * level
+    return dataset, level, columns, previous, lag
+
+
+def test_lagged_moments_whiten_as_the_rows_do():
+    """The per-level moments at any phi (negative too, irregular lags) give the rows' own whitened cross-products and
+    log |C|; their complex step in phi is the derivative of the rows' (against a central difference)."""
+    from hierpool.algebra.ar1 import carried, lagged_moments, log_det_correlation, whiten, whitened_cross_products
+    from hierpool.algebra.system import grouped_products
+
+    dataset, level, columns, previous, lag = _irregular_series()
+    moments = lagged_moments(dataset, level, columns, previous, lag, 3, 4)
+    assert moments.lag.shape[2] > 1  # several lag classes in a level
+    phis = np.array([[0.3, -0.6, 0.97], [0.9, 0.0, -0.95], [-0.2, 0.5, 0.7]])
+    cross, log_det = whitened_cross_products(moments, phis)
+
+    def rows_whitened(phi, d):
+        c = carried(phi, previous, lag)
+        w = whiten(columns, previous, c)
+        keys = dataset * 4 + level
+        return (grouped_products(keys, w, w, np.ones(len(w)), 12).reshape(3, 4, 4, 4)[d],
+                log_det_correlation(c[dataset == d]))
+
+    for d in range(3):
+        for s, phi in enumerate(phis[d]):
+            expected, expected_log_det = rows_whitened(phi, d)
+            np.testing.assert_allclose(cross[d, s], expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
+            assert log_det[d, s] == pytest.approx(expected_log_det, rel=1e-12, abs=1e-14)
+    h = 1e-6
+    step = phis.astype(complex) + 1e-30j
+    derivative = whitened_cross_products(moments, step)[0].imag / 1e-30
+    for d in range(3):
+        central = (rows_whitened(phis[d, 0] + h, d)[0] - rows_whitened(phis[d, 0] - h, d)[0]) / (2 * h)
+        np.testing.assert_allclose(derivative[d, 0], central, rtol=1e-6, atol=1e-6 * np.abs(central).max())
+
+
+def test_lag_one_phis_of_many_datasets_are_each_ones():
+    """Each dataset's start: its residuals' lag-1 correlation, the root of its median lag, clipped (written out
+    here), and 0.1 for a dataset without a row that has a predecessor."""
+    from hierpool.closedform.ar1 import lag_one_phis
+
+    dataset, level, columns, previous, lag = _irregular_series(1)
+    residual = columns[:, 1] + 0.5 * np.r_[0.0, columns[:-1, 1]]
+    for continuous in (False, True):
+        many = lag_one_phis(residual, previous, lag, dataset, 4, continuous)  # a fourth dataset without rows
+        assert many[3] == 0.1
+        for d in range(3):
+            rows = np.flatnonzero((dataset == d) & (previous >= 0))
+            r, before = residual[rows], residual[previous[rows]]
+            correlation = np.sum(r * before) / np.sqrt(np.sum(r * r) * np.sum(before * before))
+            phi = np.sign(correlation) * np.abs(correlation) ** (1 / np.median(lag[rows]))
+            assert many[d] == pytest.approx(np.clip(phi, 0.05 if continuous else -0.9, 0.9), rel=1e-14)

@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import host_and_compiled
 
 import hierpool as hp
 from hierpool.errors import ArgumentError
@@ -108,3 +109,43 @@ def test_a_dataset_whose_series_hp_lmm_refuses_keeps_its_reason_and_spares_the_o
         assert np.isnan(batch.objective.iloc[d]) and not batch.refit.iloc[d]
     assert batch.messages.iloc[0] == "" and batch.converged.iloc[0]
     assert batch.objective.iloc[0] == pytest.approx(_single(good, structure).objective, rel=1e-8)
+
+
+def test_the_host_search_equals_the_compiled_golden_sections(replicates, monkeypatch):
+    """One term on a CPU in float64: (theta, phi) searched together on the host (hierpool.batch.ar1_search); forced
+    to compile, the golden-section search in phi of hp.fit_batch's programs.  corCAR1: irregular lags."""
+    from hierpool.batch import fit_ar1 as fit_ar1_module
+
+    structure = hp.car1("Subject", time="Days")
+    host, compiled = host_and_compiled(monkeypatch, fit_ar1_module, FORMULA, replicates, by="rep",
+                                       correlation=structure, progress=False, host_function="search_on_host")
+    # the golden sections end within 1e-7 of u-hat: beta and the effects agree to what that moves them by
+    for batch in (host, compiled):
+        assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
+    np.testing.assert_allclose(host.objective, compiled.objective, rtol=1e-12)
+    np.testing.assert_allclose(host.phi, compiled.phi, atol=1e-6)
+    np.testing.assert_allclose(host.beta, compiled.beta, rtol=1e-6)
+    np.testing.assert_allclose(host.theta, compiled.theta, rtol=1e-5)
+    np.testing.assert_allclose(host.sigma, compiled.sigma, rtol=1e-6)
+    np.testing.assert_allclose(host.ranef.condval, compiled.ranef.condval, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(host.ranef.condsd, compiled.ranef.condsd, rtol=1e-6)
+
+
+def test_correlated_slopes_and_a_phi_at_its_edge(replicates):
+    """(Days | Subject) with AR(1) residuals equals hp.lmm's fit; a dataset whose continuous-time phi runs to 0
+    (independent noise: u to the range's end) is fitted alone by hp.lmm, as the single fit warns there."""
+    structure = hp.car1("Subject", time="Days")
+    rng = np.random.default_rng(4)
+    independent = replicates[0].assign(Reaction=lambda f: 250 + 10 * f["Days"] + rng.normal(0, 30, len(f)))
+    frames = [replicates[0], replicates[2], independent]
+    formula = "Reaction ~ Days + (Days | Subject)"
+    batch = hp.fit_batch(formula, frames, by="rep", correlation=structure, progress=False)
+    assert batch.refit.tolist() == [False, False, True], batch.messages.tolist()
+    assert "edge of its range" in batch.messages.iloc[2]
+    for d, frame in enumerate(frames):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = hp.lmm(formula, frame, correlation=structure)
+        assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"criterion of dataset {d}"
+        assert batch.phi[d] == pytest.approx(fit.phi, abs=1e-5)
+        np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-6)

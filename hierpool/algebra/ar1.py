@@ -21,9 +21,12 @@ the caller checks that (:func:`hierpool.closedform.ar1.fit_ar1`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import numpy as np
 
 from .linalg import array_namespace
+from .statistics import BatchStatistics
 
 
 def constrained_phi(u, continuous: bool):
@@ -31,6 +34,13 @@ def constrained_phi(u, continuous: bool):
     or 1 / (1 + exp(-u)) (of log(phi / (1 - phi)), corCAR1).  NumPy or JAX (traced in ``hp.fit_batch``'s search)."""
     xp = array_namespace(u)
     return 1.0 / (1.0 + xp.exp(-u)) if continuous else xp.tanh(u / 2.0)
+
+
+def unconstrained_phi(phi, continuous: bool):
+    """nlme's unconstrained coefficient u of phi, the inverse of :func:`constrained_phi`: log((1 + phi) / (1 - phi))
+    (corAR1), or log(phi / (1 - phi)) (corCAR1).  NumPy."""
+    phi = np.asarray(phi, dtype=float)
+    return np.log(phi / (1.0 - phi)) if continuous else np.log((1.0 + phi) / (1.0 - phi))
 
 
 def carried(phi, previous, lag):
@@ -104,3 +114,110 @@ def draw_effects_whitened(thetas, sigmas, phis, pattern, previous, lag, y_less_o
         return conditional_draw(theta, system, sigma, e, beta_prior_block(loc, scale, sigma, system))
 
     return map_in_batches(one, (thetas, sigmas, phis, noise), batch_size)
+
+
+@dataclass(frozen=True)
+class LaggedMoments:
+    """Per-level cross-products of a one-term model's columns v = [z, X, y] in the form that gives their whitened
+    cross-products at any phi (:func:`lagged_moments`, :func:`whitened_cross_products`).  Leading axes
+    (datasets, ell levels); each level's rows with a predecessor are grouped by their lag, J classes a level
+    (padded with empty ones).
+
+    Attributes
+    ----------
+    sums : (D, ell, 3 J + 1, r, r)
+        per lag class, the sums of d d^T, of d v_-^T + v_- d^T and of v_- v_-^T over its rows (v_- a row's
+        predecessor, d = v - v_-), the J classes of each in turn; last, the sum of v v^T over the level's first
+        rows (which whiten to themselves).
+    lag : (D, ell, J)
+        each class's lag (1 where empty).
+    count : (D, ell, J)
+        each class's number of rows.
+    """
+
+    sums: np.ndarray
+    lag: np.ndarray
+    count: np.ndarray
+
+    def take(self, index) -> LaggedMoments:
+        """The moments of datasets ``index`` (the leading axis)."""
+        return LaggedMoments(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+def lagged_moments(dataset: np.ndarray, level: np.ndarray, columns: np.ndarray, previous: np.ndarray,
+                   lag: np.ndarray, n_datasets: int, ell: int) -> LaggedMoments:
+    """The :class:`LaggedMoments` of rows (N,) given each row's dataset, level within it (< ``ell``), columns
+    (N, r), predecessor in its series (a row index, -1 for a series' first row) and lag.
+
+    A row's whitened values are w = (v - c v_-) / sqrt(1 - c^2) = (d + (1 - c) v_-) / sqrt(1 - c^2), c = phi^lag
+    (:func:`whiten`), so a lag class's whitened cross-products are
+
+        (D D + (1 - c) (D V + (D V)^T) + (1 - c)^2 V V) / (1 - c^2)
+
+    from sums formed once.  Written in d = v - v_- rather than v, a column constant within a series (the
+    intercept, a level's random effect in y) adds nothing to D D and D V, so the sum does not cancel it away as
+    phi nears 1.  Each series must lie within one level (:func:`hierpool.closedform.ar1.check_nested`).
+    """
+    from .system import grouped_products  # (the module's whitening runs without the system's imports)
+
+    r = columns.shape[1]
+    has = previous >= 0
+    before = np.where(has[:, None], columns[np.maximum(previous, 0)], 0.0)
+    cell = dataset * ell + level
+    ones = np.ones(len(cell))
+    n_cells = n_datasets * ell
+    # the (cell, lag) classes of the other rows, each cell's numbered from 0 (sorted, so a cell's are together)
+    lags, lag_code = np.unique(lag[has], return_inverse=True)
+    classes, pair = np.unique(cell[has] * len(lags) + lag_code, return_inverse=True)
+    class_cell, class_lag = classes // max(len(lags), 1), lags[classes % max(len(lags), 1)]
+    within = np.arange(len(classes)) - np.searchsorted(class_cell, class_cell)
+    J = int(within.max()) + 1 if len(classes) else 1
+    d, v = (columns - before)[has], before[has]
+    sums = np.zeros((n_cells, 3 * J + 1, r, r))
+    dv = grouped_products(pair, d, v, ones[has], len(classes))
+    blocks = (grouped_products(pair, d, d, ones[has], len(classes)), dv + np.swapaxes(dv, -1, -2),
+              grouped_products(pair, v, v, ones[has], len(classes)))
+    for block, products in enumerate(blocks):
+        sums[class_cell, block * J + within] = products
+    sums[:, -1] = grouped_products(cell[~has], columns[~has], columns[~has], ones[~has], n_cells)
+    lag_of, count = np.ones((n_cells, J)), np.zeros((n_cells, J))
+    lag_of[class_cell, within] = class_lag
+    count[class_cell, within] = np.bincount(pair, minlength=len(classes))
+    return LaggedMoments(sums.reshape(n_datasets, ell, 3 * J + 1, r, r), lag_of.reshape(n_datasets, ell, J),
+                         count.reshape(n_datasets, ell, J))
+
+
+def whitened_cross_products(moments: LaggedMoments, phi: np.ndarray):
+    """Each level's cross-products of the columns whitened at ``phi``, and log |C(phi)|, from the moments (host).
+
+    ``phi`` (D, S): S values per dataset (complex ones too: the complex step in phi).  Returns the cross-products
+    (D, S, ell, r, r) and log |C| = sum_t log(1 - c_t^2) (D, S) (:func:`log_det_correlation`).  The rows' own
+    whitening (:func:`whiten`) and this give the same numbers (``tests/test_ar1.py``); this costs per level and
+    lag class, not per row.
+    """
+    D, ell, K, r, _ = moments.sums.shape
+    S = phi.shape[1]
+    c = phi[:, :, None, None] ** moments.lag[:, None]  # (D, S, ell, J); an integer lag: exact powers
+    one_minus = 1.0 - c
+    scale = 1.0 / (one_minus * (1.0 + c))  # 1 / (1 - c^2)
+    # each class's weight, then the first rows' 1: one product per level sums them
+    weights = np.concatenate([scale, one_minus * scale, one_minus * one_minus * scale, np.ones_like(c[..., :1])],
+                             axis=-1)  # (D, S, ell, K)
+    parts = [weights.real, weights.imag] if np.iscomplexobj(weights) else [weights]
+    # real products (the complex weights' parts stacked): NumPy would copy the sums to complex for each call
+    stacked = np.moveaxis(np.concatenate(parts, axis=1), 1, 2)  # (D, ell, S or 2 S, K)
+    products = np.moveaxis(stacked @ moments.sums.reshape(D, ell, K, r * r), 2, 1).reshape(D, -1, ell, r, r)
+    cross = products[:, :S] + 1j * products[:, S:] if len(parts) == 2 else products
+    log_det = np.einsum("dlj,dslj->ds", moments.count, np.log1p(-c * c))
+    return cross, log_det
+
+
+def whitened_statistics(cross: np.ndarray, k: int, n: np.ndarray, beta_shift: np.ndarray) -> BatchStatistics:
+    """The one-term :class:`~hierpool.algebra.statistics.BatchStatistics` of per-level cross-products (..., ell, r,
+    r) of [z (k columns), X, y]: the X and y blocks summed over the levels.  ``n`` and ``beta_shift`` broadcast
+    against the leading axes (no prior weights: an AR(1) model has none)."""
+    total = cross.sum(axis=-3)
+    p = cross.shape[-1] - k - 1
+    return BatchStatistics(ztz=cross[..., :k, :k], ztx=cross[..., :k, k:k + p], zty=cross[..., :k, k + p],
+                           xtx=total[..., k:k + p, k:k + p], xty=total[..., k:k + p, k + p],
+                           yty=total[..., k + p, k + p], n=n, log_weights=np.zeros_like(n), beta_shift=beta_shift)

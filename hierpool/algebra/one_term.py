@@ -152,20 +152,28 @@ def value_and_gradient(theta: np.ndarray, stats, reml: bool = True, sigma_known:
     directions = theta[..., None, :] + 1j * COMPLEX_STEP * np.eye(size)  # (..., n_theta, n_theta)
     if not size:
         directions = theta[..., None, :].astype(complex)
-    if domain_checked:
-        *_, chol_x_inv, _, pwrss, logdet_z, logdet_x = _profiled(directions, stats)
-        p = stats.xtx.shape[-1]
-        values = profiled_criterion(logdet_z, logdet_x, pwrss, stats.n, p, stats.log_weights, reml, sigma_known)
-        pivots = np.diagonal(chol_x_inv, axis1=-2, axis2=-1).real  # 1 / L_X's pivots: the same signs
-        outside = (pwrss.real <= 0) | np.any(~(pivots > 0), axis=-1)
-        values = np.where(outside, np.nan, values)
-    else:
-        values = objective(directions, stats, reml, sigma_known)
+    values = complex_objective(directions, stats, reml, sigma_known, domain_checked)
     value = values[..., 0].real
     gradient = values.imag / COMPLEX_STEP if size else np.zeros(theta.shape)
     if theta.ndim == 1:
         return float(value), gradient
     return value, gradient
+
+
+def complex_objective(theta: np.ndarray, stats, reml: bool = True, sigma_known: bool = False,
+                      domain_checked: bool = False) -> np.ndarray:
+    """:func:`objective` at complex points on the host (the complex step's evaluations, :func:`value_and_gradient`):
+    ``theta`` and the statistics may both be complex (a step in a parameter the statistics depend on, an AR(1)
+    correlation's: :mod:`hierpool.batch.ar1_search`), their leading axes broadcast.  ``domain_checked``: NaN where
+    the real criterion is undefined (:func:`value_and_gradient`)."""
+    if not domain_checked:
+        return objective(theta, stats, reml, sigma_known)
+    *_, chol_x_inv, _, pwrss, logdet_z, logdet_x = _profiled(theta, stats)
+    p = stats.xtx.shape[-1]
+    values = profiled_criterion(logdet_z, logdet_x, pwrss, stats.n, p, stats.log_weights, reml, sigma_known)
+    pivots = np.diagonal(chol_x_inv, axis1=-2, axis2=-1).real  # 1 / L_X's pivots: the same signs
+    outside = (pwrss.real <= 0) | np.any(~(pivots > 0), axis=-1)
+    return np.where(outside, np.nan, values)
 
 
 def solution(theta: jax.Array, stats, reml: bool = True, sigma_known: bool = False, fixed_map=None) -> Solution:

@@ -35,10 +35,21 @@ from ..algebra.linalg import theta_start
 from ..closedform.ar1 import UNCONSTRAINED_LIMIT, check_nested
 from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
+from .ar1_search import search_on_host
 from .fit_glmm import BucketRows, bucket_pattern
 from .fit_terms import empty_results, row_buckets, run_jobs, take, term_problems, too_large
-from .optimize import canonical_theta, newton
-from .plan import QUICK_COMPILE_MAX_VALUES, BatchPlan, chunks, fetch, place
+from .optimize import DECREASE_TOL, canonical_theta, newton
+from .plan import (
+    HOST_CHUNK,
+    QUICK_COMPILE_MAX_VALUES,
+    BatchPlan,
+    chunks,
+    fetch,
+    host_chunk_length,
+    host_fits,
+    place,
+    thread_count,
+)
 
 #: Golden-section steps of the search in u: the bracket shrinks to 2 UNCONSTRAINED_LIMIT 0.618^steps (< 1e-7).
 GOLDEN_STEPS = 45
@@ -196,6 +207,13 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     messages = [message or series_problems.get(d, "") for d, message in enumerate(term_problems(plan))]
     out = empty_results(plan, messages, too_large(plan, messages))
     out["phi"] = np.full(plan.n_datasets, np.nan)
+    if _on_host(plan, float_type, sharding):  # nothing compiled: the joint search in NumPy, chunks in threads
+        usable = np.flatnonzero(out["attempted"])
+        size = host_chunk_length(len(usable), chunk_size or HOST_CHUNK, thread_count(None))
+        jobs = [(usable[chunk.members], None, chunk.count, None) for chunk in chunks(0, usable, size, 1)]
+        run_chunk = partial(search_on_host, plan, series, continuous=structure.continuous, reml=reml,
+                            max_iterations=max_iterations, decrease_tol=DECREASE_TOL)
+        return _store(jobs, lambda job: run_chunk(job[0]), out, plan, workers=thread_count(None), progress=progress)
     jobs = []
     for members, data in series_buckets(plan, series, np.flatnonzero(out["attempted"])):
         arguments = (*data, np.tile(theta_start(ks), (len(members), 1)))
@@ -209,13 +227,28 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
             jobs.append((members[chunk.members], take(arguments, chunk.index), chunk.count, program))
 
     def run(job):
-        members, arguments, count, program = job
-        result = jax.tree_util.tree_map(lambda a: a[:count], fetch(program.result()(*place(arguments, sharding))))
+        _, arguments, count, program = job
+        return jax.tree_util.tree_map(lambda a: a[:count], fetch(program.result()(*place(arguments, sharding))))
+
+    return _store(jobs, run, out, plan, workers=workers, progress=progress)
+
+
+def _on_host(plan: BatchPlan, float_type, sharding) -> bool:
+    """Whether the batch is searched on the host (:mod:`hierpool.batch.ar1_search`): one random-effect term (its
+    per-level moments), on one CPU device in float64 (the complex step).  Several terms, accelerators and
+    sharded batches compile the golden-section search."""
+    return len(plan.design.terms) == 1 and host_fits(float_type, sharding)
+
+
+def _store(jobs, run, out: dict, plan: BatchPlan, *, workers: int, progress) -> dict:
+    """:func:`run_jobs`, with each chunk's phi, and a dataset whose phi ends at its range's edge fitted alone."""
+    def run_and_mark(job):
+        members, result = job[0], run(job)
         out["phi"][members] = result["phi"]
         for d in members[result["edge"]]:  # as hp.lmm, which warns there: its own fit, with its message
             out["alone"][d] = "phi at the edge of its range (a unit-root or vanishing correlation)"
         return result
 
-    out = run_jobs(jobs, run, out, plan, workers=workers, progress=progress)
+    out = run_jobs(jobs, run_and_mark, out, plan, workers=workers, progress=progress)
     out["attempted"][list(out["alone"])] = False  # fitted alone instead (fit_batch's refit)
     return out

@@ -24,7 +24,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from ..algebra.ar1 import carried, constrained_phi, log_det_correlation, whiten
+from ..algebra.ar1 import carried, constrained_phi, log_det_correlation, unconstrained_phi, whiten
 from ..algebra.henderson import solve
 from ..algebra.laplace import random_part
 from ..algebra.linalg import theta_lower_bounds
@@ -51,7 +51,7 @@ Z_95 = 1.959963984540054
 
 def unconstrained(phi: float, continuous: bool) -> float:
     """nlme's unconstrained coefficient of phi: log((1 + phi) / (1 - phi)), or log(phi / (1 - phi)) for corCAR1."""
-    return float(np.log(phi / (1.0 - phi))) if continuous else float(np.log((1.0 + phi) / (1.0 - phi)))
+    return float(unconstrained_phi(phi, continuous))
 
 
 def constrained(u: float, continuous: bool) -> float:
@@ -79,15 +79,29 @@ def _moment_phi(design: Design, series: Series, at_zero, continuous: bool) -> fl
 
 def lag_one_phi(residual: np.ndarray, series: Series, continuous: bool) -> float:
     """The lag-1 correlation of residuals within their series, per unit of lag (its lag-th root), kept inside
-    (-0.9, 0.9) (and above 0.05 in continuous time): where the search for phi starts."""
-    has = series.previous >= 0
-    if not has.any():
-        return 0.1
-    r, before = residual[has], residual[series.previous[has]]
-    correlation = float(np.sum(r * before) / max(np.sqrt(np.sum(r * r) * np.sum(before * before)), 1e-300))
-    lag = float(np.median(series.lag[has]))
-    phi = np.sign(correlation) * abs(correlation) ** (1.0 / lag)
-    return float(np.clip(phi, 0.05 if continuous else -0.9, 0.9))
+    (-0.9, 0.9) (and above 0.05 in continuous time): where the search for phi starts.  One dataset's
+    :func:`lag_one_phis`."""
+    return float(lag_one_phis(residual, series.previous, series.lag, np.zeros(len(residual), dtype=np.int64), 1,
+                              continuous)[0])
+
+
+def lag_one_phis(residual: np.ndarray, previous: np.ndarray, lag: np.ndarray, group: np.ndarray, n_groups: int,
+                 continuous: bool) -> np.ndarray:
+    """:func:`lag_one_phi` of each of ``n_groups`` datasets at once (``group``: each row's; ``previous`` indexes
+    the same rows): sum r_t r_(t-1) / sqrt(sum r_t^2 sum r_(t-1)^2) over the rows with a predecessor, its
+    root of the dataset's median lag, clipped; 0.1 for a dataset without such rows."""
+    has = previous >= 0
+    r, before, keys = residual[has], residual[previous[has]], group[has]
+    sums = [np.bincount(keys, weights=w, minlength=n_groups) for w in (r * before, r * r, before * before)]
+    correlation = sums[0] / np.maximum(np.sqrt(sums[1] * sums[2]), 1e-300)
+    # each group's median lag: its lags sorted, the middle one (or the mean of the middle two)
+    order = np.lexsort((lag[has], keys))
+    counts = np.bincount(keys, minlength=n_groups)
+    starts = np.cumsum(counts) - counts
+    sorted_lags = np.append(lag[has][order], 1.0)  # (a group without rows reads the appended 1)
+    middle = (sorted_lags[starts + np.maximum(counts - 1, 0) // 2] + sorted_lags[starts + counts // 2]) / 2.0
+    phi = np.sign(correlation) * np.abs(correlation) ** (1.0 / middle)
+    return np.where(counts > 0, np.clip(phi, 0.05 if continuous else -0.9, 0.9), 0.1)
 
 
 def check_nested(design: Design, series: Series, correlation: AR1, rows: np.ndarray | None = None) -> None:

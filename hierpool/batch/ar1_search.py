@@ -1,0 +1,187 @@
+"""``hp.fit_batch(..., correlation=)`` with one random-effect term on the host: (theta, phi) searched together over a
+chunk of datasets, from per-level moments, in NumPy.
+
+Each dataset's criterion is ``hp.lmm``'s with ``correlation=`` (:mod:`hierpool.closedform.ar1`): the one-term
+criterion of the data whitened at phi (:func:`hierpool.algebra.one_term.objective`) plus log |C(phi)|.  Its
+statistics at any phi come from the rows' lagged moments, formed once (:func:`hierpool.algebra.ar1.lagged_moments`,
+:func:`~hierpool.algebra.ar1.whitened_cross_products`): an evaluation costs per level and lag class, not per row.
+Where ``hp.lmm`` and the compiled batch (:mod:`hierpool.batch.fit_ar1`) search phi in one dimension, fitting theta
+at each point, this search moves (theta, u) together, u nlme's unconstrained coefficient of phi: the batch's
+Newton method on the host (:func:`hierpool.batch.optimize.newton_on_host`), its gradient the complex step in
+theta and u at once (:func:`hierpool.algebra.one_term.complex_objective` on complex statistics).  Both reach the
+profile's minimum; the joint search takes a few Newton steps where the profile takes a whole theta search per
+point of phi.
+
+It starts where ``hp.lmm`` starts: u at the lag-1 correlation of the residuals of a fit at phi = 0 (corAR1;
+u = -3 for corCAR1), :func:`hierpool.closedform.ar1.lag_one_phis`, and theta at the moments of the data whitened
+there.  A search that leaves u's range (``hp.lmm``'s, :data:`hierpool.closedform.ar1.UNCONSTRAINED_LIMIT`) sees
+NaN there, as outside any criterion's domain; a dataset whose phi ends at the range's edge is fitted alone by
+``hp.lmm``, as the compiled path does.  Imports no JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..algebra.ar1 import (
+    constrained_phi,
+    lagged_moments,
+    unconstrained_phi,
+    whitened_cross_products,
+    whitened_statistics,
+)
+from ..algebra.checks import singular_rows
+from ..algebra.linalg import canonical_theta
+from ..algebra.one_term import COMPLEX_STEP, complex_objective, solution, value_and_gradient
+from ..algebra.statistics import location_shifts
+from ..closedform.ar1 import UNCONSTRAINED_LIMIT, lag_one_phis
+from ..closedform.optimize import Control
+from .optimize import moment_start, newton_on_host, optimize_on_host
+
+#: Where the search starts in u for corCAR1 (hp.lmm's first fit, at phi = 0.047; phi = 0 is outside its range).
+CONTINUOUS_START = -3.0
+#: phi's range on the unconstrained scale: a dataset whose estimate ends this close to an end is fitted alone.
+EDGE = 1e-3
+
+
+class ChunkData:
+    """A chunk's rows, laid out for the search: the lagged moments of [z, X, y - offset - X beta0] per (dataset,
+    level), with what the start needs (the rows themselves, their datasets, levels and predecessors)."""
+
+    def __init__(self, plan, series, members: np.ndarray):
+        design = plan.design
+        level_of, n_levels, _ = plan.term_levels[0]
+        own = plan.dataset_rows()
+        rows = np.concatenate([own[d] for d in members])
+        counts = np.array([len(own[d]) for d in members])
+        position = np.full(design.n, -1)
+        position[rows] = np.arange(len(rows))
+        previous = series.previous[rows]
+        # a series lies within its dataset (batch_series keys them by dataset): its predecessor is in the chunk
+        self.previous = np.where(previous >= 0, position[np.maximum(previous, 0)], -1)
+        self.lag = series.lag[rows]
+        self.dataset = np.repeat(np.arange(len(members)), counts)
+        self.level = level_of[rows]
+        self.ell = int(n_levels[members].max())
+        self.k = design.terms[0].k
+        self.X, self.z = design.X[rows], design.terms[0].z[rows]
+        self.beta_shift, self.y = location_shifts(self.dataset, self.X, design.y_less_offset[rows], None, len(members))
+        self.n = plan.n_obs[members].astype(float)
+        self.moments = lagged_moments(self.dataset, self.level, np.column_stack([self.z, self.X, self.y]),
+                                      self.previous, self.lag, len(members), self.ell)
+
+    def statistics(self, phi: np.ndarray, rows=slice(None)):
+        """The one-term statistics of datasets ``rows`` whitened at ``phi`` (A, S): leading axes (A, S); and
+        log |C(phi)| (A, S)."""
+        cross, log_det = whitened_cross_products(self.moments.take(rows), phi)
+        return whitened_statistics(cross, self.k, self.n[rows][:, None], self.beta_shift[rows][:, None]), log_det
+
+    def residuals(self, beta: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """y - offset - X beta - z b per row, from each dataset's beta (the user's scale) and level effects b."""
+        fixed = np.einsum("np,np->n", self.X, beta[self.dataset] - self.beta_shift[self.dataset])
+        return self.y - fixed - np.einsum("nk,nk->n", self.z, b[self.dataset, self.level])
+
+
+def _map_statistics(stats, function):
+    """``function`` applied to each array of a :class:`~hierpool.algebra.statistics.BatchStatistics`."""
+    return dataclasses.replace(stats, **{f.name: function(getattr(stats, f.name)) for f in dataclasses.fields(stats)})
+
+
+def _at_one_phi(pair):
+    """The statistics of a (statistics, log |C|) pair evaluated at one phi per dataset (S = 1), that axis dropped."""
+    return _map_statistics(pair[0], lambda a: a[:, 0] if np.ndim(a) > 1 else a)
+
+
+def _theta_search(stats, start: np.ndarray, reml: bool, max_iterations: int, k: int) -> dict:
+    """The one-term host search in theta alone (as ``hp.fit_batch``'s one-term path's) on statistics with a
+    leading dataset axis."""
+    def value_and_grad(points, rows):
+        return value_and_gradient(points, _map_statistics(stats, lambda a: a[rows][:, None, None]), reml=reml,
+                                  domain_checked=True)
+
+    return optimize_on_host(value_and_grad, start, max_iterations, (k,))
+
+
+def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) -> np.ndarray:
+    """Each dataset's start (theta, u) (D, m + 1), where ``hp.lmm``'s search starts (the module notes)."""
+    D = len(data.n)
+    u_first = np.full((D, 1), CONTINUOUS_START if continuous else 0.0)
+    stats = _at_one_phi(data.statistics(constrained_phi(u_first, continuous)))
+    theta = _theta_search(stats, moment_start(stats), reml, max_iterations, data.k)["theta"]
+    solved = solution(theta, stats, reml=True)  # hp.lmm's residuals are the REML solution's
+    residual = data.residuals(np.asarray(solved.beta), np.asarray(solved.b[0]))
+    u = unconstrained_phi(lag_one_phis(residual, data.previous, data.lag, data.dataset, D, continuous), continuous)
+    # theta from that fit, as hp.lmm's next fit starts from the last one's, unless it is singular (a vanishing
+    # direction's gradient is zero there: the search would not leave it): then the moments at phi's start
+    singular = singular_rows(theta, (data.k,), Control.singular_tol)
+    if singular.any():
+        at_start = _at_one_phi(data.statistics(constrained_phi(u[singular, None], continuous), singular))
+        theta[singular] = moment_start(at_start)
+    return np.column_stack([theta, u])
+
+
+def _distinct_columns(u: np.ndarray):
+    """(the first of each set of equal columns of ``u`` (A, Q), each column's position among those)."""
+    first = []
+    column = np.empty(u.shape[1], dtype=np.int64)
+    for q in range(u.shape[1]):
+        match = next((i for i, f in enumerate(first) if np.array_equal(u[:, f], u[:, q])), None)
+        if match is None:
+            first.append(q)
+            match = len(first) - 1
+        column[q] = match
+    return np.array(first), column
+
+
+def joint_criterion(data: ChunkData, continuous: bool, reml: bool):
+    """``value_and_grad(points, rows)`` for :func:`newton_on_host`: the criterion at (theta, u) points (A, Q, m + 1)
+    of datasets ``rows``, and its gradient by the complex step, every direction in one evaluation: the m steps in
+    theta on the real statistics, the step in u on the statistics whitened at complex phi.  NaN outside u's range."""
+    def value_and_grad(points, rows):
+        A, Q, size = points.shape
+        theta, u = points[..., :-1], points[..., -1]
+        # a forward-difference shift in theta keeps its trial's u exactly: each distinct column of u whitened once
+        distinct, column = _distinct_columns(u)
+        stats, log_det = data.statistics(constrained_phi(u[:, distinct] + 1j * COMPLEX_STEP, continuous), rows)
+        if len(distinct) > 1:  # (n and beta0 have an axis of 1 there, broadcast as a single column's are)
+            stats = _map_statistics(stats, lambda a: a[:, column] if np.shape(a)[1:2] == (len(distinct),) else a)
+        log_det = log_det[:, column]
+
+        def per_direction(a):  # (A, Q, ...) -> (A, Q, m + 1, ...): the real part m times, then the complex array
+            a = np.broadcast_to(a, (A, Q) + np.shape(a)[2:]).astype(complex)
+            real = np.broadcast_to(a.real[:, :, None], (A, Q, size - 1) + a.shape[2:])
+            return np.concatenate([real, a[:, :, None]], axis=2)
+
+        directions = theta[..., None, :] + 1j * COMPLEX_STEP * np.eye(size)[:, :-1]  # the last: theta itself
+        values = complex_objective(directions, _map_statistics(stats, per_direction), reml=reml, domain_checked=True)
+        values = values + per_direction(log_det[..., None])[..., 0]
+        value = np.where(np.abs(u) > UNCONSTRAINED_LIMIT, np.nan, values[..., 0].real)
+        return value, values.imag / COMPLEX_STEP
+
+    return value_and_grad
+
+
+def search_on_host(plan, series, members: np.ndarray, *, continuous: bool, reml: bool, max_iterations: int,
+                   decrease_tol=None) -> dict:
+    """Fit datasets ``members`` (their AR(1) series ``series``, design-row indexed): a chunk's results as
+    :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them (per-term lists of factors, b and
+    conditional variances padded to the chunk's levels, ``phi`` and ``edge``)."""
+    data = ChunkData(plan, series, members)
+    k = data.k
+    value_and_grad = joint_criterion(data, continuous, reml)
+    with np.errstate(all="ignore"):
+        point, value, newton_step, iterations, converged = newton_on_host(
+            value_and_grad, start(data, continuous, reml, max_iterations), max_iterations, decrease_tol=decrease_tol,
+            saddle_free=True)
+    theta, u = canonical_theta(point[:, :-1], (k,)), point[:, -1]
+    phi = constrained_phi(u, continuous)
+    stats = _at_one_phi(data.statistics(phi[:, None]))
+    with np.errstate(all="ignore"):
+        solved = solution(theta, stats, reml=reml)
+    inside = np.abs(u) < UNCONSTRAINED_LIMIT - EDGE
+    return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inside, "edge": ~inside,
+            "newton_step": newton_step, "iterations": iterations, "beta": np.asarray(solved.beta),
+            "vcov": np.asarray(solved.vcov_beta), "sigma": np.asarray(solved.sigma), "b": [np.asarray(solved.b[0])],
+            "cond_var": [np.asarray(solved.cond_var[0])], "factors": [np.asarray(solved.factors[0])]}
