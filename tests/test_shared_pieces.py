@@ -107,6 +107,29 @@ def test_moment_theta_falls_back_to_the_identity():
     assert one_level[0, 0] == 1.0  # one level: lme4's start
 
 
+def test_moment_theta_floors_a_share_of_variance_whatever_the_units():
+    """A slope's column in other units (days as weeks: z / 7) gives the same start in those units (theta's rows scaled
+    by 7), also where the floor binds: the floor is on Sigma in Z's columns scaled to unit root-mean-square."""
+    rng = np.random.default_rng(5)
+    ell, rows = 12, 10
+    x = np.tile(np.arange(rows, dtype=float), ell)
+    level = np.repeat(np.arange(ell), rows)
+    for slope_sd in (0.5, 1e-3):  # the floor does not bind, then binds
+        r = rng.normal(size=ell)[level] + slope_sd * rng.normal(size=ell)[level] * x + rng.normal(size=len(x))
+        starts = []
+        for scale in (1.0, 1.0 / 7.0):
+            z = np.column_stack([np.ones(len(x)), x * scale])
+            ztz = np.stack([z[level == g].T @ z[level == g] for g in range(ell)])[None]
+            cross = np.stack([z[level == g].T @ r[level == g] for g in range(ell)])[None]
+            starts.append(moment_theta(ztz, cross, np.array([r @ r]), np.array([len(x) * 1.0]), p=0, floor=1e-2)[0])
+        lam = [np.array([[t[0], 0.0], [t[1], t[2]]]) for t in starts]
+        np.testing.assert_allclose(np.diag([1.0, 7.0]) @ lam[0], lam[1], rtol=1e-10, atol=1e-14)
+    # where it binds, the slope's share of an observation's variance is the floor's, not 1e-2 per unit of x squared
+    rms = np.sqrt(np.mean(x**2))
+    sigma = lam[0] @ lam[0].T
+    assert np.linalg.eigvalsh(sigma * np.outer([1.0, rms], [1.0, rms])).min() == pytest.approx(1e-2, rel=1e-8)
+
+
 def test_em_theta_is_the_cholesky_factor_of_the_mean_second_moment():
     rng = np.random.default_rng(3)
     b2, b1 = rng.normal(size=(40, 2)), rng.normal(size=(7, 1))

@@ -38,15 +38,18 @@ def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float) -> np.ndarray
         Fixed-effect coefficients the residuals were fitted with (degrees of freedom of sigma^2 spent;
         0 to count only the levels', as one-way ANOVA does).
     floor : float
-        Smallest eigenvalue of Sigma / sigma^2 a start takes (the largest is :data:`MAX_RELATIVE_VARIANCE`).
+        Smallest eigenvalue of Sigma / sigma^2 a start takes, in the units of Z's columns scaled to unit root-mean-
+        square (the largest is :data:`MAX_RELATIVE_VARIANCE`): a share of an observation's variance, whatever
+        the units of a slope's covariate.
 
     Returns
     -------
     numpy.ndarray
         Each level's own regression b_l = (Z_l^T Z_l)^-1 Z_l^T r where Z_l^T Z_l is well
         conditioned ("usable"); sigma^2 = (r^T r - sum_l b_l^T Z_l^T r) / (n - p - k * usable levels);
-        Sigma = cov(b_l) - sigma^2 mean_l (Z_l^T Z_l)^-1 (the sampling noise of b_l removed), its
-        eigenvalues relative to sigma^2 clipped to [floor, MAX_RELATIVE_VARIANCE]; theta =
+        Sigma = cov(b_l) - sigma^2 mean_l (Z_l^T Z_l)^-1 (the sampling noise of b_l removed), the
+        eigenvalues of S Sigma S / sigma^2 clipped to [floor, MAX_RELATIVE_VARIANCE] (S the diagonal of the
+        columns' root-mean-squares, sqrt(sum_l diag(Z_l^T Z_l) / n)); theta =
         chol(Sigma / sigma^2) in lme4's order.  Datasets with fewer than k + 1 usable levels, no
         residuals (r^T r = 0) or a non-finite result get lme4's identity start.  For k = 1 and Z = 1
         this is one-way ANOVA: b_l the level means of r, sigma^2 the within-level mean square,
@@ -71,8 +74,12 @@ def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float) -> np.ndarray
     cov = np.einsum("bli,blj->bij", centred, centred) / np.maximum(count - 1, 1)[:, None, None]
     noise = np.einsum("bl,blij->bij", weight, np.where(usable[..., None, None], inverse, 0.0))
     relative = (cov - sigma2[:, None, None] * noise) / sigma2[:, None, None]
-    values, vectors = np.linalg.eigh(relative)
-    relative = np.einsum("bij,bj,bkj->bik", vectors, np.clip(values, floor, MAX_RELATIVE_VARIANCE), vectors)
+    # clipped in the units of Z's columns scaled to unit root-mean-square: the floor is then a share of an
+    # observation's variance whatever the covariates' units (days or years of a slope)
+    rms = np.sqrt(np.maximum(np.einsum("blii->bi", ztz) / np.maximum(n, 1.0)[:, None], 1e-300))
+    values, vectors = np.linalg.eigh(relative * rms[:, :, None] * rms[:, None, :])
+    standard = np.einsum("bij,bj,bkj->bik", vectors, np.clip(values, floor, MAX_RELATIVE_VARIANCE), vectors)
+    relative = standard / (rms[:, :, None] * rms[:, None, :])
     rows, cols = tril_positions(k)
     theta = np.linalg.cholesky(relative)[:, rows, cols]
     identity = (rows == cols).astype(float)
