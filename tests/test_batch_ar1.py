@@ -99,9 +99,10 @@ def test_a_dataset_whose_series_hp_lmm_refuses_keeps_its_reason_and_spares_the_o
     merged = good[~((good["Subject"] == first) & (good["Days"] > 4)) & ~((good["Subject"] == second)
                                                                          & (good["Days"] <= 4))]
     merged = merged.assign(visit=merged["visit"].where(merged["Subject"] != second, first))
-    frames = [good, missing, repeated, merged]
+    frames = [good, missing, repeated, merged, good]  # a usable dataset after the refused ones too
     structure = hp.ar1("visit", time="Days")
     batch = hp.fit_batch(FORMULA, frames, by="rep", correlation=structure, progress=False)
+    assert batch.objective.iloc[4] == batch.objective.iloc[0]
     for d, expected in ((1, "missing"), (2, "repeats the value"), (3, "changes level within a series")):
         with pytest.raises(hp.DataError, match=expected) as refused:
             _single(frames[d], structure)

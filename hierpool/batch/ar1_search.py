@@ -39,11 +39,20 @@ from ..algebra.statistics import location_shifts
 from ..closedform.ar1 import UNCONSTRAINED_LIMIT, lag_one_phis
 from ..closedform.optimize import Control
 from .optimize import moment_start, newton_on_host, optimize_on_host
+from .plan import HOST_PROBE_ARRAYS
 
 #: Where the search starts in u for corCAR1 (hp.lmm's first fit, at phi = 0.047; phi = 0 is outside its range).
 CONTINUOUS_START = -3.0
 #: phi's range on the unconstrained scale: a dataset whose estimate ends this close to an end is fitted alone.
 EDGE = 1e-3
+
+
+def host_bytes(k: int, ell: int) -> int:
+    """A chunk's temporaries per dataset of ``ell`` levels (:func:`hierpool.batch.plan.host_chunk`): the complex-step
+    probes of (theta, u), m + 2 points (a trial and its forward differences) by m + 1 directions, m = k(k+1)/2 + 1
+    (peaks measured at about 60 arrays of that size: 470 KB a BodyWeight-shaped dataset)."""
+    m = k * (k + 1) // 2 + 1
+    return HOST_PROBE_ARRAYS * (m + 2) * (m + 1) * ell * 16
 
 
 class ChunkData:

@@ -22,7 +22,8 @@ bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
   forward-difference shift, ``fit_glmm.host_bytes``; a call's default chunk bounded by
   ``fit_glmm.HOST_CHUNK_BYTES``, one call per core at a time);
 * AR(1) residuals (:mod:`hierpool.batch.fit_ar1`): its padded rows, ``8 * n * (4 + p + sum k_j)``,
-  plus the whitened system's per probe of theta.
+  plus the whitened system's per probe of theta; on the host (one term, :mod:`hierpool.batch.ar1_search`), about
+  ``HOST_PROBE_ARRAYS * (m + 2) * (m + 1) * ell * 16`` with ``m = k(k+1)/2 + 1`` (theta and phi's probes).
 
 A dataset whose batched optimizer did not converge is refitted
 alone by ``hp.lmm`` (``polish=True``); each is marked in ``refit`` and explained
@@ -66,6 +67,7 @@ from .fit_glmm import fit_glmm, glmm_problems
 from .fit_terms import empty_results, fit_terms
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start, optimize_on_host
 from .plan import (
+    HOST_PROBE_ARRAYS,
     QUICK_COMPILE_MAX_VALUES,
     chunks,
     fetch,
@@ -80,9 +82,6 @@ from .plan import (
 from .results import BatchResult, BatchTerm
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
-#: A one-term host call's temporaries per dataset (plan.host_chunk): its complex-step probes hold about this many
-#: arrays of (m + 1) m ell complex values, m = k(k+1)/2.
-HOST_PROBE_ARRAYS = 60
 #: Most parameters (k(k+1)/2: up to three coefficients per level) of a one-term batch optimized on the host: its
 #: complex-step gradient costs one evaluation per parameter, where the compiled reverse mode costs a few whatever
 #: their number, so wider terms compile (benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
@@ -386,10 +385,8 @@ def fit_batch(
                            newton_systems=(newton_size, chunk_size or _default_chunk(spec)))
     settings = dict(reml=reml, float_type=np.float64 if dtype == "float64" else np.float32, chunk_size=chunk_size,
                     progress=progress, max_iterations=max_iterations, sharding=sharding, workers=workers)
-    if correlation is not None:  # compiled programs: their default chunk
-        settings["chunk_size"] = chunk_size or _default_chunk(spec)
-    elif spec is not None or len(plan.design.terms) > 1:  # the compiled programs' default; a host path picks its own
-        settings["default_chunk"] = _default_chunk(spec)
+    if spec is not None or len(plan.design.terms) > 1 or correlation is not None:
+        settings["default_chunk"] = _default_chunk(spec)  # the compiled programs' default; a host path picks its own
     if spec is not None:
         settings.pop("reml")
         # a negative binomial's shape is estimated (the 1.0 only makes the family; the batch starts from moments)

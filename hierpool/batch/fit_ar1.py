@@ -35,16 +35,16 @@ from ..algebra.linalg import theta_start
 from ..closedform.ar1 import UNCONSTRAINED_LIMIT, check_nested
 from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
-from .ar1_search import search_on_host
+from .ar1_search import host_bytes, search_on_host
 from .fit_glmm import BucketRows, bucket_pattern
-from .fit_terms import empty_results, row_buckets, run_jobs, take, term_problems, too_large
+from .fit_terms import empty_results, padded_widths, row_buckets, run_jobs, take, term_problems, too_large
 from .optimize import DECREASE_TOL, canonical_theta, newton
 from .plan import (
-    HOST_CHUNK,
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
     chunks,
     fetch,
+    host_chunk,
     host_chunk_length,
     host_fits,
     place,
@@ -196,10 +196,11 @@ def _program(arguments, reml: bool, continuous: bool, max_iterations: int, shard
     return _COMPILED.get((shape_signature(arguments), reml, continuous, max_iterations, sharding, quick), build)
 
 
-def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_size: int, progress,
-            max_iterations: int, sharding, workers: int) -> dict:
+def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_size: int | None, progress,
+            max_iterations: int, sharding, workers: int, default_chunk: int) -> dict:
     """Fit every dataset of ``plan`` with AR(1) residuals: :func:`hierpool.batch.fit_terms.fit_terms`'s dict of
-    per-dataset results, with ``phi``."""
+    per-dataset results, with ``phi``.  ``chunk_size`` None: :func:`host_chunk` on the host, else
+    ``default_chunk``."""
     design = plan.design
     series, series_problems = batch_series(plan, structure)
     ks = tuple(t.k for t in design.terms)
@@ -208,12 +209,20 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     out = empty_results(plan, messages, too_large(plan, messages))
     out["phi"] = np.full(plan.n_datasets, np.nan)
     if _on_host(plan, float_type, sharding):  # nothing compiled: the joint search in NumPy, chunks in threads
+        jobs = []
+        # per bucket of level counts (a chunk's levels are padded to its largest), chunks bounded in bytes
         usable = np.flatnonzero(out["attempted"])
-        size = host_chunk_length(len(usable), chunk_size or HOST_CHUNK, thread_count(None))
-        jobs = [(usable[chunk.members], None, chunk.count, None) for chunk in chunks(0, usable, size, 1)]
+        widths = padded_widths(plan)[usable, 0]
+        for width in np.unique(widths):
+            members = usable[widths == width]
+            most = chunk_size or host_chunk(host_bytes(ks[0], int(width)))
+            size = host_chunk_length(len(members), most, thread_count(None))
+            jobs += [(members[chunk.members], None, chunk.count, None)
+                     for chunk in chunks(0, np.arange(len(members)), size, 1)]
         run_chunk = partial(search_on_host, plan, series, continuous=structure.continuous, reml=reml,
                             max_iterations=max_iterations, decrease_tol=DECREASE_TOL)
         return _store(jobs, lambda job: run_chunk(job[0]), out, plan, workers=thread_count(None), progress=progress)
+    chunk_size = chunk_size or default_chunk
     jobs = []
     for members, data in series_buckets(plan, series, np.flatnonzero(out["attempted"])):
         arguments = (*data, np.tile(theta_start(ks), (len(members), 1)))

@@ -65,6 +65,9 @@ HOST_CHUNK = 256
 #: Bytes of temporaries a default host call may hold (fewer datasets per call where each would hold more than
 #: ``HOST_CHUNK_BYTES / HOST_CHUNK``); each path states its bytes per dataset.  One call per core runs at a time.
 HOST_CHUNK_BYTES = 64 * 2**20
+#: A one-term host call's temporaries per dataset (:func:`host_chunk`): its complex-step probes hold about this many
+#: arrays of (points x directions x ell) complex values (``fit._on_host``; ``ar1_search``).
+HOST_PROBE_ARRAYS = 60
 
 
 def host_fits(float_type, sharding) -> bool:
