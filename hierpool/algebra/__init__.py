@@ -24,7 +24,8 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
   shared pieces over a leading datasets axis) and as one compiled program (``laplace_program``), its exact
   gradient written once for all three (``laplace_gradient``), adaptive quadrature (``quadrature``),
   population-average means (``marginal_mean``) and the separation check (``separation``); AR(1) residuals by whitening, on the host
-  and in programs (``ar1``);
+  and in programs, and for one term from per-level lagged moments that give the whitened statistics at any phi
+  (``ar1``);
 - ``closedform`` (REML/ML optimizer, results), then ``bayesian`` (NumPyro models, NUTS driver;
   it may read a closed-form fit, e.g. variances held at their REML values): the two engines,
   reading the same Design and the same algebra;

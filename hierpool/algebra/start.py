@@ -21,7 +21,7 @@ from .linalg import tril_positions
 MAX_RELATIVE_VARIANCE = 1e4
 
 
-def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float) -> np.ndarray:
+def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float, rms=None) -> np.ndarray:
     """Starting thetas (B, k(k+1)/2) of one k-coefficient term from per-level sums of residuals, one per dataset.
 
     Parameters
@@ -41,6 +41,9 @@ def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float) -> np.ndarray
         Smallest eigenvalue of Sigma / sigma^2 a start takes, in the units of Z's columns scaled to unit root-mean-
         square (the largest is :data:`MAX_RELATIVE_VARIANCE`): a share of an observation's variance, whatever
         the units of a slope's covariate.
+    rms : (B, k), optional
+        The columns' root-mean-squares that scale the floor; by default from ``ztz`` (weighted as it is).  A
+        GLMM's start passes its columns' own, so that its working weights do not move the floor.
 
     Returns
     -------
@@ -49,7 +52,7 @@ def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float) -> np.ndarray
         conditioned ("usable"); sigma^2 = (r^T r - sum_l b_l^T Z_l^T r) / (n - p - k * usable levels);
         Sigma = cov(b_l) - sigma^2 mean_l (Z_l^T Z_l)^-1 (the sampling noise of b_l removed), the
         eigenvalues of S Sigma S / sigma^2 clipped to [floor, MAX_RELATIVE_VARIANCE] (S the diagonal of the
-        columns' root-mean-squares, sqrt(sum_l diag(Z_l^T Z_l) / n)); theta =
+        columns' root-mean-squares, sqrt(sum_l diag(Z_l^T Z_l) / n), or ``rms``); theta =
         chol(Sigma / sigma^2) in lme4's order.  Datasets with fewer than k + 1 usable levels, no
         residuals (r^T r = 0) or a non-finite result get lme4's identity start.  For k = 1 and Z = 1
         this is one-way ANOVA: b_l the level means of r, sigma^2 the within-level mean square,
@@ -76,7 +79,9 @@ def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float) -> np.ndarray
     relative = (cov - sigma2[:, None, None] * noise) / sigma2[:, None, None]
     # clipped in the units of Z's columns scaled to unit root-mean-square: the floor is then a share of an
     # observation's variance whatever the covariates' units (days or years of a slope)
-    rms = np.sqrt(np.maximum(np.einsum("blii->bi", ztz) / np.maximum(n, 1.0)[:, None], 1e-300))
+    if rms is None:
+        rms = np.sqrt(np.einsum("blii->bi", ztz) / np.maximum(n, 1.0)[:, None])
+    rms = np.maximum(np.asarray(rms, dtype=float), 1e-150)
     values, vectors = np.linalg.eigh(relative * rms[:, :, None] * rms[:, None, :])
     standard = np.einsum("bij,bj,bkj->bik", vectors, np.clip(values, floor, MAX_RELATIVE_VARIANCE), vectors)
     relative = standard / (rms[:, :, None] * rms[:, None, :])

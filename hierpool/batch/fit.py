@@ -38,7 +38,8 @@ would take to compile it ("compile only where compiling pays").  Several-term ba
 in float64 on one CPU device compile nothing at any size: the same Newton's method on
 the blocked criterion and its written-out gradient, a chunk's datasets at once
 (:mod:`hierpool.batch.fit_terms`, "On the host"); so do binomial and Poisson GLMM batches
-(:mod:`hierpool.batch.fit_glmm`, Laplace by :mod:`hierpool.algebra.laplace_batch`).
+(:mod:`hierpool.batch.fit_glmm`, Laplace by :mod:`hierpool.algebra.laplace_batch`) and one-term batches with AR(1)
+residuals (:mod:`hierpool.batch.ar1_search`: theta and phi searched together from per-level lagged moments).
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ would be a worse one: a singular theta has a zero gradient in its vanishing dire
 The search covers u in [-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT] (hp.lmm's whole range); like hp.lmm's Brent
 search it assumes the profile has one minimum there.
 
+**On the host.**  A one-term batch on one CPU device in float64 compiles nothing: (theta, u) are searched together
+from per-level lagged moments (:mod:`hierpool.batch.ar1_search`); several terms, accelerators and sharded
+batches run the golden-section program below.
+
 Series are each dataset's own: the long frame's series are keyed by (dataset, group).  Datasets are padded as a
 GLMM batch's (:class:`hierpool.batch.fit_glmm.BucketRows`): a padded row is the first of its own series with zero
 values, so it whitens to zeros and adds nothing.

@@ -164,8 +164,11 @@ def moment_start_terms(plan: BatchPlan, weights: np.ndarray, residual: np.ndarra
             cell = local * ell + level[rows]
             ztz = grouped_products(cell, z, z, w, count * ell).reshape(count, ell, k, k)
             cross = grouped_products(cell, z, r[:, None], w, count * ell).reshape(count, ell, k)
+            # the floor's scale: the columns' own root-mean-squares (a GLMM's working weights left out)
+            rms = np.sqrt(grouped_products(local, z, z, np.ones(len(rows)), count)[:, np.arange(k), np.arange(k)]
+                          / np.maximum(plan.n_obs[datasets], 1)[:, None])
             thetas.append(moment_theta(ztz, cross, rss, plan.n_obs[datasets].astype(float), p=design.p,
-                                       floor=MOMENT_FLOOR))
+                                       floor=MOMENT_FLOOR, rms=rms))
     start[datasets] = np.concatenate(thetas, axis=1)
     return start
 
