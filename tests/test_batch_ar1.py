@@ -150,3 +150,16 @@ def test_correlated_slopes_and_a_phi_at_its_edge(replicates):
         assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"criterion of dataset {d}"
         assert batch.phi[d] == pytest.approx(fit.phi, abs=1e-5)
         np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-6)
+
+
+def test_a_dataset_without_a_row_that_follows_another_is_fitted_alone(replicates):
+    """Series of one row each: phi is not identified.  The batch fits such a dataset alone by hp.lmm (which warns
+    that phi runs to its edge) and says why; the other datasets are searched as usual."""
+    structure = hp.ar1("visit")
+    frames = [replicates[0].assign(visit=replicates[0]["Subject"]),
+              replicates[2].assign(visit=np.arange(len(replicates[2])))]
+    batch = hp.fit_batch(FORMULA, frames, by="rep", correlation=structure, progress=False)
+    assert batch.refit.tolist() == [False, True]
+    assert "phi is not identified" in batch.messages.iloc[1]
+    for d, frame in enumerate(frames):
+        assert batch.objective.iloc[d] == pytest.approx(_single(frame, structure).objective, rel=1e-8)

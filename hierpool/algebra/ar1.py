@@ -179,7 +179,8 @@ def lagged_moments(dataset: np.ndarray, level: np.ndarray, columns: np.ndarray, 
               grouped_products(pair, v, v, ones[has], len(classes)))
     for block, products in enumerate(blocks):
         sums[class_cell, block * J + within] = products
-    sums[:, -1] = grouped_products(cell[~has], columns[~has], columns[~has], ones[~has], n_cells)
+    firsts = columns[~has]
+    sums[:, -1] = grouped_products(cell[~has], firsts, firsts, ones[~has], n_cells)
     lag_of, count = np.ones((n_cells, J)), np.zeros((n_cells, J))
     lag_of[class_cell, within] = class_lag
     count[class_cell, within] = np.bincount(pair, minlength=len(classes))
@@ -197,7 +198,9 @@ def whitened_cross_products(moments: LaggedMoments, phi: np.ndarray):
     """
     D, ell, K, r, _ = moments.sums.shape
     S = phi.shape[1]
-    c = phi[:, :, None, None] ** moments.lag[:, None]  # (D, S, ell, J); an integer lag: exact powers
+    # (D, S, ell, J); NumPy's complex power of an integer below 100 multiplies (exact: a negative phi's complex step
+    # is right); a larger or fractional lag goes through the logarithm, right for phi > 0 (corCAR1's range)
+    c = phi[:, :, None, None] ** moments.lag[:, None]
     one_minus = 1.0 - c
     scale = 1.0 / (one_minus * (1.0 + c))  # 1 / (1 - c^2)
     # each class's weight, then the first rows' 1: one product per level sums them

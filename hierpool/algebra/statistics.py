@@ -70,13 +70,13 @@ class BatchStatistics:
     beta_shift: jax.Array
 
     def astype(self, dtype) -> BatchStatistics:
-        cast = self._map(lambda a: np.asarray(a, dtype=dtype))
+        cast = self.map_arrays(lambda a: np.asarray(a, dtype=dtype))
         return dataclasses.replace(cast, beta_shift=np.asarray(self.beta_shift, dtype=np.float64))
 
     def take(self, index) -> BatchStatistics:
-        return self._map(lambda a: a[index])
+        return self.map_arrays(lambda a: a[index])
 
-    def _map(self, function) -> BatchStatistics:
+    def map_arrays(self, function) -> BatchStatistics:
         """``function`` applied to every array (JAX's tree_map without importing JAX)."""
         return BatchStatistics(**{f.name: function(getattr(self, f.name)) for f in dataclasses.fields(self)})
 

@@ -21,8 +21,6 @@ NaN there, as outside any criterion's domain; a dataset whose phi ends at the ra
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from ..algebra.ar1 import (
@@ -34,11 +32,11 @@ from ..algebra.ar1 import (
 )
 from ..algebra.checks import singular_rows
 from ..algebra.linalg import canonical_theta
-from ..algebra.one_term import COMPLEX_STEP, complex_objective, solution, value_and_gradient
+from ..algebra.one_term import COMPLEX_STEP, complex_objective, solution
 from ..algebra.statistics import location_shifts
 from ..closedform.ar1 import UNCONSTRAINED_LIMIT, lag_one_phis
 from ..closedform.optimize import Control
-from .optimize import moment_start, newton_on_host, optimize_on_host
+from .optimize import moment_start, newton_on_host, one_term_on_host
 from .plan import HOST_PROBE_ARRAYS
 
 #: Where the search starts in u for corCAR1 (hp.lmm's first fit, at phi = 0.047; phi = 0 is outside its range).
@@ -47,12 +45,18 @@ CONTINUOUS_START = -3.0
 EDGE = 1e-3
 
 
-def host_bytes(k: int, ell: int) -> int:
-    """A chunk's temporaries per dataset of ``ell`` levels (:func:`hierpool.batch.plan.host_chunk`): the complex-step
-    probes of (theta, u), m + 2 points (a trial and its forward differences) by m + 1 directions, m = k(k+1)/2 + 1
-    (peaks measured at about 60 arrays of that size: 470 KB a BodyWeight-shaped dataset)."""
-    m = k * (k + 1) // 2 + 1
-    return HOST_PROBE_ARRAYS * (m + 2) * (m + 1) * ell * 16
+def host_bytes(k: int, p: int, ell: int, lag_classes: int) -> int:
+    """A chunk's bytes per dataset of ``ell`` levels (:func:`hierpool.batch.plan.host_chunk`), k coefficients a level,
+    p fixed effects and at most ``lag_classes`` lags a level: the lagged moments it holds, (3 J + 1) ell r^2 values
+    (r = k + p + 1); the whitened cross-products of an evaluation's phis (two a trial: its own and its step in u);
+    and the complex-step probes of (theta, u), m + 1 points (a trial and its forward differences) by m directions,
+    m = k(k+1)/2 + 1, each about :data:`HOST_PROBE_ARRAYS` per-level arrays and a direction's statistics.  The peaks
+    measured with ``tracemalloc`` were 0.46-0.97 of it (p + 1 = 3 to 41, k = 1 and 2, up to 99 lag classes a level;
+    benchmarks/RESULTS.md, "AR(1) batches on the host")."""
+    m, r = k * (k + 1) // 2 + 1, k + p + 1
+    probes = (m + 1) * m
+    return (16 * probes * (HOST_PROBE_ARRAYS * ell + ell * k * r + r * r) + 16 * 8 * ell * r * r
+            + 16 * (3 * lag_classes + 1) * ell * (r * r + 10))
 
 
 class ChunkData:
@@ -93,24 +97,9 @@ class ChunkData:
         return self.y - fixed - np.einsum("nk,nk->n", self.z, b[self.dataset, self.level])
 
 
-def _map_statistics(stats, function):
-    """``function`` applied to each array of a :class:`~hierpool.algebra.statistics.BatchStatistics`."""
-    return dataclasses.replace(stats, **{f.name: function(getattr(stats, f.name)) for f in dataclasses.fields(stats)})
-
-
 def _at_one_phi(pair):
     """The statistics of a (statistics, log |C|) pair evaluated at one phi per dataset (S = 1), that axis dropped."""
-    return _map_statistics(pair[0], lambda a: a[:, 0] if np.ndim(a) > 1 else a)
-
-
-def _theta_search(stats, start: np.ndarray, reml: bool, max_iterations: int, k: int) -> dict:
-    """The one-term host search in theta alone (as ``hp.fit_batch``'s one-term path's) on statistics with a
-    leading dataset axis."""
-    def value_and_grad(points, rows):
-        return value_and_gradient(points, _map_statistics(stats, lambda a: a[rows][:, None, None]), reml=reml,
-                                  domain_checked=True)
-
-    return optimize_on_host(value_and_grad, start, max_iterations, (k,))
+    return pair[0].map_arrays(lambda a: a[:, 0] if np.ndim(a) > 1 else a)
 
 
 def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) -> np.ndarray:
@@ -118,12 +107,13 @@ def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) ->
     D = len(data.n)
     u_first = np.full((D, 1), CONTINUOUS_START if continuous else 0.0)
     stats = _at_one_phi(data.statistics(constrained_phi(u_first, continuous)))
-    theta = _theta_search(stats, moment_start(stats), reml, max_iterations, data.k)["theta"]
+    theta = one_term_on_host(stats, moment_start(stats), reml=reml, max_iterations=max_iterations)["theta"]
     solved = solution(theta, stats, reml=True)  # hp.lmm's residuals are the REML solution's
     residual = data.residuals(np.asarray(solved.beta), np.asarray(solved.b[0]))
     u = unconstrained_phi(lag_one_phis(residual, data.previous, data.lag, data.dataset, D, continuous), continuous)
-    # theta from that fit, as hp.lmm's next fit starts from the last one's, unless it is singular (a vanishing
-    # direction's gradient is zero there: the search would not leave it): then the moments at phi's start
+    # theta from that fit, as hp.lmm's next fit starts from the last one's, unless it is singular (lme4's rule;
+    # hp.lmm's own is a diagonal below 0.05, too coarse for a slope in small units): a vanishing direction's
+    # gradient is zero there, and the search would not leave it.  Then the moments at phi's start
     singular = singular_rows(theta, (data.k,), Control.singular_tol)
     if singular.any():
         at_start = _at_one_phi(data.statistics(constrained_phi(u[singular, None], continuous), singular))
@@ -155,7 +145,7 @@ def joint_criterion(data: ChunkData, continuous: bool, reml: bool):
         distinct, column = _distinct_columns(u)
         stats, log_det = data.statistics(constrained_phi(u[:, distinct] + 1j * COMPLEX_STEP, continuous), rows)
         if len(distinct) > 1:  # (n and beta0 have an axis of 1 there, broadcast as a single column's are)
-            stats = _map_statistics(stats, lambda a: a[:, column] if np.shape(a)[1:2] == (len(distinct),) else a)
+            stats = stats.map_arrays(lambda a: a[:, column] if np.shape(a)[1:2] == (len(distinct),) else a)
         log_det = log_det[:, column]
 
         def per_direction(a):  # (A, Q, ...) -> (A, Q, m + 1, ...): the real part m times, then the complex array
@@ -164,7 +154,7 @@ def joint_criterion(data: ChunkData, continuous: bool, reml: bool):
             return np.concatenate([real, a[:, :, None]], axis=2)
 
         directions = theta[..., None, :] + 1j * COMPLEX_STEP * np.eye(size)[:, :-1]  # the last: theta itself
-        values = complex_objective(directions, _map_statistics(stats, per_direction), reml=reml, domain_checked=True)
+        values = complex_objective(directions, stats.map_arrays(per_direction), reml=reml, domain_checked=True)
         values = values + per_direction(log_det[..., None])[..., 0]
         value = np.where(np.abs(u) > UNCONSTRAINED_LIMIT, np.nan, values[..., 0].real)
         return value, values.imag / COMPLEX_STEP

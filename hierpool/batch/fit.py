@@ -56,7 +56,7 @@ import pandas as pd
 from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
-from ..algebra.one_term import solution, value_and_gradient
+from ..algebra.one_term import solution
 from ..closedform import glmm, lmm
 from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
@@ -66,8 +66,9 @@ from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
 from .fit_glmm import fit_glmm, glmm_problems
 from .fit_terms import empty_results, fit_terms
-from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start, optimize_on_host
+from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start, one_term_on_host
 from .plan import (
+    HOST_MAX_THETA,
     HOST_PROBE_ARRAYS,
     QUICK_COMPILE_MAX_VALUES,
     chunks,
@@ -83,10 +84,6 @@ from .plan import (
 from .results import BatchResult, BatchTerm
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
-#: Most parameters (k(k+1)/2: up to three coefficients per level) of a one-term batch optimized on the host: its
-#: complex-step gradient costs one evaluation per parameter, where the compiled reverse mode costs a few whatever
-#: their number, so wider terms compile (benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
-HOST_MAX_THETA = 6
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
 # less (benchmarks/RESULTS.md, "Batch fitting for every model")
 GLMM_CPU_CHUNK = 16
@@ -158,15 +155,8 @@ def _programs(stats, reml: bool, max_iterations: int, sigma_known: bool, shardin
 
 
 def _optimize_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: int, sigma_known: bool) -> dict:
-    """:func:`_optimize_rows` on the host: Newton's method of every dataset of a chunk
-    (:func:`hierpool.batch.optimize.newton_on_host`) on the criterion of
-    :func:`hierpool.algebra.one_term.value_and_gradient` (NumPy; its gradient the complex step)."""
-    def value_and_grad(points, rows):
-        # (A, Q) points of datasets ``rows``: their statistics broadcast over the points and the complex steps
-        return value_and_gradient(points, jax.tree_util.tree_map(lambda a: a[rows][:, None, None], stats),
-                                  reml=reml, sigma_known=sigma_known, domain_checked=True)
-
-    return optimize_on_host(value_and_grad, start, max_iterations, (stats.ztz.shape[-1],))
+    """:func:`_optimize_rows` on the host (:func:`hierpool.batch.optimize.one_term_on_host`)."""
+    return one_term_on_host(stats, start, reml=reml, max_iterations=max_iterations, sigma_known=sigma_known)
 
 
 def _solve_on_host(theta: np.ndarray, stats, *, reml: bool, sigma_known: bool):

@@ -44,6 +44,7 @@ from .fit_glmm import BucketRows, bucket_pattern
 from .fit_terms import empty_results, padded_widths, row_buckets, run_jobs, take, term_problems, too_large
 from .optimize import DECREASE_TOL, canonical_theta, newton
 from .plan import (
+    HOST_MAX_THETA,
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
     chunks,
@@ -212,14 +213,23 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     messages = [message or series_problems.get(d, "") for d, message in enumerate(term_problems(plan))]
     out = empty_results(plan, messages, too_large(plan, messages))
     out["phi"] = np.full(plan.n_datasets, np.nan)
+    # phi is not identified where no row follows another in its series: fitted alone, as hp.lmm, which warns
+    has = series.previous >= 0
+    followed = np.bincount(plan.dataset[has], minlength=plan.n_datasets) > 0
+    for d in np.flatnonzero(out["attempted"] & ~followed):
+        out["alone"][d] = "no row follows another in its series: phi is not identified"
+        out["attempted"][d] = False
     if _on_host(plan, float_type, sharding):  # nothing compiled: the joint search in NumPy, chunks in threads
         jobs = []
         # per bucket of level counts (a chunk's levels are padded to its largest), chunks bounded in bytes
         usable = np.flatnonzero(out["attempted"])
         widths = padded_widths(plan)[usable, 0]
+        # each dataset's distinct lags: at most that many lag classes a level (the moments' J)
+        pairs = np.unique(np.column_stack([plan.dataset[has], series.lag[has]]), axis=0)
+        lags = np.bincount(pairs[:, 0].astype(np.int64), minlength=plan.n_datasets)
         for width in np.unique(widths):
             members = usable[widths == width]
-            most = chunk_size or host_chunk(host_bytes(ks[0], int(width)))
+            most = chunk_size or host_chunk(host_bytes(ks[0], design.p, int(width), int(lags[members].max())))
             size = host_chunk_length(len(members), most, thread_count(None))
             jobs += [(members[chunk.members], None, chunk.count, None)
                      for chunk in chunks(0, np.arange(len(members)), size, 1)]
@@ -248,9 +258,11 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
 
 def _on_host(plan: BatchPlan, float_type, sharding) -> bool:
     """Whether the batch is searched on the host (:mod:`hierpool.batch.ar1_search`): one random-effect term (its
-    per-level moments), on one CPU device in float64 (the complex step).  Several terms, accelerators and
-    sharded batches compile the golden-section search."""
-    return len(plan.design.terms) == 1 and host_fits(float_type, sharding)
+    per-level moments) of at most :data:`hierpool.batch.plan.HOST_MAX_THETA` parameters (as the one-term path's:
+    the complex step costs an evaluation per parameter), on one CPU device in float64.  Several terms, wider ones,
+    accelerators and sharded batches compile the golden-section search."""
+    terms = plan.design.terms
+    return len(terms) == 1 and terms[0].k * (terms[0].k + 1) // 2 <= HOST_MAX_THETA and host_fits(float_type, sharding)
 
 
 def _store(jobs, run, out: dict, plan: BatchPlan, *, workers: int, progress) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 from ..algebra.jax_runtime import jax, jnp  # imported on first use: the host search runs without JAX
 from ..algebra.linalg import canonical_theta as canonical_rows
 from ..algebra.linalg import cholesky, theta_to_factors, tril_positions
-from ..algebra.one_term import objective
+from ..algebra.one_term import objective, value_and_gradient
 from ..algebra.start import moment_theta
 
 STEP_LENGTHS = (1.0,)
@@ -72,7 +72,8 @@ MAX_ITERATIONS = 60
 #: linear models: it saves the last pass of 12% of the evaluations on --lmm-crossed-slopes, each criterion within
 #: 1e-10 of the search's without it (benchmarks/RESULTS.md, "The several-term linear class, eighteenth session").
 DECREASE_TOL = 1e-10
-#: Smallest Sigma / sigma^2 eigenvalue of a batch start (see :func:`moment_start`).
+#: Smallest eigenvalue of S Sigma S / sigma^2 of a batch start, S the Z columns' root-mean-squares (see
+#: :func:`moment_start`, :func:`hierpool.algebra.start.moment_theta`).
 MOMENT_FLOOR = 1e-2
 
 
@@ -81,12 +82,13 @@ def moment_start(stats, sigma_known: bool = False) -> np.ndarray:
 
     The method of moments on the statistics alone (:func:`hierpool.algebra.start.moment_theta`,
     the closed form's ANOVA start for any k): beta from OLS, then each level's own
-    regression on the residuals, the eigenvalues of Sigma / sigma^2 clipped to [1e-2, 1e4].
+    regression on the residuals, the eigenvalues of S Sigma S / sigma^2 clipped to [1e-2, 1e4] (S the Z
+    columns' root-mean-squares: the floor a share of an observation's variance, whatever a slope's units).
     Datasets with fewer than k + 1 usable levels start at lme4's identity.  Only a
     start: Newton's method takes it to the same optimum as from the identity, in fewer
     iterations (2,000 sleepstudy-shaped datasets: 3.2 on average instead of 11.1, at
-    most 16 instead of 59).  The floor keeps the start off the boundary: from a
-    near-singular Lambda (a floor of 1e-4, the closed form's) two of those datasets did
+    most 16 instead of 59, with the floor then in the covariates' units).  The floor keeps the start off the
+    boundary: from a near-singular Lambda (a floor of 1e-4, the closed form's) two of those datasets did
     not converge in 60 iterations.  With known residual sds (``sigma_known``) every dataset
     starts at the identity, as ``hp.lmm``'s fits with ``se=`` do
     (:func:`hierpool.closedform.optimize.moment_start`).
@@ -502,6 +504,18 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
                                          converged_decrease, jnp)
     out = (theta, value, newton_step, iterations - 1, converged)
     return out + (curvature,) * with_curvature + (aux,) * has_aux
+
+
+def one_term_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: int, sigma_known: bool = False) -> dict:
+    """A one-term chunk's search on the host (:func:`optimize_on_host`): Newton's method of every dataset of ``stats``
+    (a leading dataset axis) from ``start``, on the criterion of :func:`hierpool.algebra.one_term.value_and_gradient`
+    (NumPy; its gradient the complex step).  ``hp.fit_batch``'s one-term path and the AR(1) host search's start."""
+    def value_and_grad(points, rows):
+        # (A, Q) points of datasets ``rows``: their statistics broadcast over the points and the complex steps
+        return value_and_gradient(points, stats.map_arrays(lambda a: a[rows][:, None, None]), reml=reml,
+                                  sigma_known=sigma_known, domain_checked=True)
+
+    return optimize_on_host(value_and_grad, start, max_iterations, (stats.ztz.shape[-1],))
 
 
 def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks, *,

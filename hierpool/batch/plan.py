@@ -66,8 +66,12 @@ HOST_CHUNK = 256
 #: ``HOST_CHUNK_BYTES / HOST_CHUNK``); each path states its bytes per dataset.  One call per core runs at a time.
 HOST_CHUNK_BYTES = 64 * 2**20
 #: A one-term host call's temporaries per dataset (:func:`host_chunk`): its complex-step probes hold about this many
-#: arrays of (points x directions x ell) complex values (``fit._on_host``; ``ar1_search``).
+#: arrays of (points x directions x ell) complex values (``fit._fit_one_term``; ``ar1_search.host_bytes``).
 HOST_PROBE_ARRAYS = 60
+#: Most parameters (k(k+1)/2: up to three coefficients per level) of a one-term batch optimized on the host: its
+#: complex-step gradient costs one evaluation per parameter, where the compiled reverse mode costs a few whatever
+#: their number, so wider terms compile (benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
+HOST_MAX_THETA = 6
 
 
 def host_fits(float_type, sharding) -> bool:
