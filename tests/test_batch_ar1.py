@@ -163,3 +163,23 @@ def test_a_dataset_without_a_row_that_follows_another_is_fitted_alone(replicates
     assert "phi is not identified" in batch.messages.iloc[1]
     for d, frame in enumerate(frames):
         assert batch.objective.iloc[d] == pytest.approx(_single(frame, structure).objective, rel=1e-8)
+
+
+def test_the_compiled_search_reports_an_inner_fit_that_did_not_converge(replicates, monkeypatch):
+    """The golden sections compare inner fits in theta; one that stopped unconverged gives a value above the
+    profile's and may mislead the bracket, so the dataset is not reported converged (and hp.lmm refits it).  Here
+    every fit inside the loop (the third traced) is made to report no convergence."""
+    from hierpool.batch import fit_ar1 as fit_ar1_module
+
+    newton, traced = fit_ar1_module.newton, []
+
+    def failing_in_the_loop(*args, **kwargs):
+        out = newton(*args, **kwargs)
+        traced.append(1)
+        return out[:4] + (out[4] & (len(traced) != 3),) + out[5:]
+
+    monkeypatch.setattr(fit_ar1_module, "_on_host", lambda *a: False)
+    monkeypatch.setattr(fit_ar1_module, "newton", failing_in_the_loop)
+    batch = hp.fit_batch(FORMULA, replicates[:1], by="rep", correlation=hp.ar1("Subject", time="Days"), progress=False,
+                         max_iterations=59)  # a program of its own: the tests' other batches share theirs
+    assert len(traced) == 4 and batch.refit.tolist() == [True], batch.messages.tolist()

@@ -146,36 +146,39 @@ def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool,
         low, high = -UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT
         c = high - GOLDEN * (high - low)
         d = low + GOLDEN * (high - low)
-        fc, theta_c, _ = profile(jnp.asarray(c, yy.dtype), theta0)
-        fd, theta_d, _ = profile(jnp.asarray(d, yy.dtype), theta0)
+        fc, theta_c, ok_c = profile(jnp.asarray(c, yy.dtype), theta0)
+        fd, theta_d, ok_d = profile(jnp.asarray(d, yy.dtype), theta0)
 
         def step(_, state):
-            low, high, c, d, fc, fd, theta_c, theta_d = state
+            low, high, c, d, fc, fd, theta_c, theta_d, inner_ok = state
             left = fc < fd  # the minimum lies in [low, d]
             new_low, new_high = jnp.where(left, low, c), jnp.where(left, d, high)
             # the kept point becomes the new inner point on its side; one new point is evaluated
             point = jnp.where(left, new_high - GOLDEN * (new_high - new_low), new_low + GOLDEN * (new_high - new_low))
             # every inner fit starts at lme4's identity: from a neighbour's singular theta (0 on a diagonal, where
             # the criterion's gradient vanishes by symmetry) Newton's method would stay on the boundary
-            value, theta, _ = profile(point, theta0)
+            value, theta, converged = profile(point, theta0)
             new_c = jnp.where(left, point, d)
             new_d = jnp.where(left, c, point)
             new_fc, new_fd = jnp.where(left, value, fd), jnp.where(left, fc, value)
             new_theta_c = jnp.where(left, theta, theta_d)
             new_theta_d = jnp.where(left, theta_c, theta)
-            return new_low, new_high, new_c, new_d, new_fc, new_fd, new_theta_c, new_theta_d
+            # an inner fit that did not converge gives the comparisons a value above the profile's: the bracket
+            # may then leave the minimum (a BodyWeight-shaped dataset ended 0.58 above hp.lmm's optimum)
+            return new_low, new_high, new_c, new_d, new_fc, new_fd, new_theta_c, new_theta_d, inner_ok & converged
 
         state = (jnp.asarray(low, yy.dtype), jnp.asarray(high, yy.dtype), jnp.asarray(c, yy.dtype),
-                 jnp.asarray(d, yy.dtype), fc, fd, theta_c, theta_d)
-        low, high, c, d, fc, fd, theta_c, theta_d = jax.lax.fori_loop(0, GOLDEN_STEPS, step, state)
+                 jnp.asarray(d, yy.dtype), fc, fd, theta_c, theta_d, ok_c & ok_d)
+        low, high, c, d, fc, fd, theta_c, theta_d, inner_ok = jax.lax.fori_loop(0, GOLDEN_STEPS, step, state)
         u = jnp.where(fc < fd, c, d)
         value, theta, converged, newton_step = profile(u, theta0, with_step=True)
         theta = canonical_theta(theta, ks)
         phi = constrained_phi(u, continuous)
         solved = solve(theta, whitened_system(pat, prev, lg, yy, phi), reml, rows)
-        # converged: the last inner fit, and phi inside its range (hp.lmm warns at the edge)
+        # converged: every inner fit of the search, and phi inside its range (hp.lmm warns at the edge)
         inside = jnp.abs(u) < UNCONSTRAINED_LIMIT - 1e-3
-        return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inside, "edge": ~inside,
+        return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inner_ok & inside,
+                "edge": ~inside,
                 "newton_step": newton_step, "beta": solved.beta, "vcov": solved.vcov_beta,
                 "sigma": solved.sigma, "b": solved.b, "cond_var": solved.cond_var, "factors": solved.factors}
 
