@@ -13,10 +13,10 @@ profile's minimum; the joint search takes a few Newton steps where the profile t
 point of phi.
 
 It starts where ``hp.lmm`` starts: u at the lag-1 correlation of the residuals of a fit at phi = 0 (corAR1;
-u = -3 for corCAR1), :func:`hierpool.closedform.ar1.lag_one_phis`, and theta at the moments of the data whitened
-there.  A search that leaves u's range (``hp.lmm``'s, :data:`hierpool.closedform.ar1.UNCONSTRAINED_LIMIT`) sees
-NaN there, as outside any criterion's domain; a dataset whose phi ends at the range's edge is fitted alone by
-``hp.lmm``, as the compiled path does.  Imports no JAX.
+u = -3 for corCAR1), :func:`hierpool.closedform.ar1.lag_one_phis`, and theta at that fit's (or, where that fit
+is singular, at the moments of the data whitened at u's start).  A search that leaves u's range (``hp.lmm``'s,
+:data:`hierpool.closedform.ar1.UNCONSTRAINED_LIMIT`) sees NaN there, as outside any criterion's domain; a dataset
+whose phi ends at the range's edge is fitted alone by ``hp.lmm``, as the compiled path does.  Imports no JAX.
 """
 
 from __future__ import annotations
@@ -45,18 +45,19 @@ CONTINUOUS_START = -3.0
 EDGE = 1e-3
 
 
-def host_bytes(k: int, p: int, ell: int, lag_classes: int) -> int:
-    """A chunk's bytes per dataset of ``ell`` levels (:func:`hierpool.batch.plan.host_chunk`), k coefficients a level,
-    p fixed effects and at most ``lag_classes`` lags a level: the lagged moments it holds, (3 J + 1) ell r^2 values
+def host_bytes(k: int, p: int, ell: int, lag_classes: int, rows: int) -> int:
+    """A chunk's bytes per dataset of ``ell`` levels and at most ``rows`` rows (:func:`hierpool.batch.plan.host_chunk`),
+    k coefficients a level, p fixed effects and at most ``lag_classes`` lags a level: the rows it keeps (their
+    columns and differences, about 8 r + 4 values a row), the lagged moments, (3 J + 1) ell r^2 values
     (r = k + p + 1); the whitened cross-products of an evaluation's phis (two a trial: its own and its step in u);
     and the complex-step probes of (theta, u), m + 1 points (a trial and its forward differences) by m directions,
     m = k(k+1)/2 + 1, each about :data:`HOST_PROBE_ARRAYS` per-level arrays and a direction's statistics.  The peaks
-    measured with ``tracemalloc`` were 0.46-0.97 of it (p + 1 = 3 to 41, k = 1 and 2, up to 99 lag classes a level;
-    benchmarks/RESULTS.md, "AR(1) batches on the host")."""
+    measured with ``tracemalloc`` were 0.45-0.97 of it (p = 2 to 41, k = 1 and 2, up to 99 lag classes a level;
+    benchmarks/RESULTS.md, "AR(1) batches on the host, nineteenth session")."""
     m, r = k * (k + 1) // 2 + 1, k + p + 1
     probes = (m + 1) * m
     return (16 * probes * (HOST_PROBE_ARRAYS * ell + ell * k * r + r * r) + 16 * 8 * ell * r * r
-            + 16 * (3 * lag_classes + 1) * ell * (r * r + 10))
+            + 16 * (3 * lag_classes + 1) * ell * (r * r + 10) + 8 * (8 * r + 4) * rows)
 
 
 class ChunkData:

@@ -22,8 +22,8 @@ bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
   forward-difference shift, ``fit_glmm.host_bytes``; a call's default chunk bounded by
   ``fit_glmm.HOST_CHUNK_BYTES``, one call per core at a time);
 * AR(1) residuals (:mod:`hierpool.batch.fit_ar1`): its padded rows, ``8 * n * (4 + p + sum k_j)``,
-  plus the whitened system's per probe of theta; on the host (one term, :mod:`hierpool.batch.ar1_search`), about
-  ``HOST_PROBE_ARRAYS * (m + 2) * (m + 1) * ell * 16`` with ``m = k(k+1)/2 + 1`` (theta and phi's probes).
+  plus the whitened system's per probe of theta; on the host (one term, :mod:`hierpool.batch.ar1_search`),
+  :func:`hierpool.batch.ar1_search.host_bytes` (its rows, lagged moments and the probes of theta and phi).
 
 A dataset whose batched optimizer did not converge is refitted
 alone by ``hp.lmm`` (``polish=True``); each is marked in ``refit`` and explained
@@ -38,8 +38,9 @@ would take to compile it ("compile only where compiling pays").  Several-term ba
 in float64 on one CPU device compile nothing at any size: the same Newton's method on
 the blocked criterion and its written-out gradient, a chunk's datasets at once
 (:mod:`hierpool.batch.fit_terms`, "On the host"); so do binomial and Poisson GLMM batches
-(:mod:`hierpool.batch.fit_glmm`, Laplace by :mod:`hierpool.algebra.laplace_batch`) and one-term batches with AR(1)
-residuals (:mod:`hierpool.batch.ar1_search`: theta and phi searched together from per-level lagged moments).
+(:mod:`hierpool.batch.fit_glmm`, Laplace by :mod:`hierpool.algebra.laplace_batch`) and batches with AR(1) residuals
+and one term of at most ``HOST_MAX_THETA`` parameters (:mod:`hierpool.batch.ar1_search`: theta and phi searched
+together from per-level lagged moments).
 """
 
 from __future__ import annotations
@@ -552,7 +553,8 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
     refitted = np.zeros(n_datasets, dtype=bool)  # rows whose numbers are hp.lmm's, not the batched optimizer's
     to_polish = []
     for index in np.flatnonzero(out["attempted"] & ~out["converged"]):
-        messages[index] = f"batched optimizer stopped with Newton step {float(out['newton_step'][index]):.1e}"
+        messages[index] = out.get("reasons", {}).get(index) or \
+            f"batched optimizer stopped with Newton step {float(out['newton_step'][index]):.1e}"
         to_polish.append(index)
     for index, reason in out["alone"].items():
         messages[index] = reason

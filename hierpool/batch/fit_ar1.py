@@ -11,9 +11,11 @@ would be a worse one: a singular theta has a zero gradient in its vanishing dire
 The search covers u in [-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT] (hp.lmm's whole range); like hp.lmm's Brent
 search it assumes the profile has one minimum there.
 
-**On the host.**  A one-term batch on one CPU device in float64 compiles nothing: (theta, u) are searched together
-from per-level lagged moments (:mod:`hierpool.batch.ar1_search`); several terms, accelerators and sharded
-batches run the golden-section program below.
+**On the host.**  A batch of one term of at most three coefficients (:data:`hierpool.batch.plan.HOST_MAX_THETA`
+parameters), on one CPU device in float64, compiles nothing: (theta, u) are searched together from per-level lagged
+moments (:mod:`hierpool.batch.ar1_search`); several terms, wider ones, accelerators and sharded batches run the
+golden-section program below.  A dataset whose inner fit in theta did not converge at some point of that search is
+not reported converged (its message says so), and is refitted by ``hp.lmm``.
 
 Series are each dataset's own: the long frame's series are keyed by (dataset, group).  Datasets are padded as a
 GLMM batch's (:class:`hierpool.batch.fit_glmm.BucketRows`): a padded row is the first of its own series with zero
@@ -178,7 +180,7 @@ def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool,
         # converged: every inner fit of the search, and phi inside its range (hp.lmm warns at the edge)
         inside = jnp.abs(u) < UNCONSTRAINED_LIMIT - 1e-3
         return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inner_ok & inside,
-                "edge": ~inside,
+                "edge": ~inside, "inner_converged": inner_ok,
                 "newton_step": newton_step, "beta": solved.beta, "vcov": solved.vcov_beta,
                 "sigma": solved.sigma, "b": solved.b, "cond_var": solved.cond_var, "factors": solved.factors}
 
@@ -216,6 +218,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     messages = [message or series_problems.get(d, "") for d, message in enumerate(term_problems(plan))]
     out = empty_results(plan, messages, too_large(plan, messages))
     out["phi"] = np.full(plan.n_datasets, np.nan)
+    out["reasons"] = {}  # dataset -> why it is not converged, where the last Newton step does not say
     # phi is not identified where no row follows another in its series: fitted alone, as hp.lmm, which warns
     has = series.previous >= 0
     followed = np.bincount(plan.dataset[has], minlength=plan.n_datasets) > 0
@@ -227,12 +230,16 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         # per bucket of level counts (a chunk's levels are padded to its largest), chunks bounded in bytes
         usable = np.flatnonzero(out["attempted"])
         widths = padded_widths(plan)[usable, 0]
-        # each dataset's distinct lags: at most that many lag classes a level (the moments' J)
-        pairs = np.unique(np.column_stack([plan.dataset[has], series.lag[has]]), axis=0)
-        lags = np.bincount(pairs[:, 0].astype(np.int64), minlength=plan.n_datasets)
+        # each dataset's most lag classes in one level (the moments' J, as lagged_moments counts them)
+        level = plan.term_levels[0][0][has]
+        classes = np.unique(np.column_stack([plan.dataset[has], level, series.lag[has]]), axis=0)
+        cells, per_cell = np.unique(classes[:, :2], axis=0, return_counts=True)
+        lags = np.zeros(plan.n_datasets, dtype=np.int64)
+        np.maximum.at(lags, cells[:, 0].astype(np.int64), per_cell)
         for width in np.unique(widths):
             members = usable[widths == width]
-            most = chunk_size or host_chunk(host_bytes(ks[0], design.p, int(width), int(lags[members].max())))
+            most = chunk_size or host_chunk(host_bytes(ks[0], design.p, int(width), int(lags[members].max()),
+                                                       int(plan.n_obs[members].max())))
             size = host_chunk_length(len(members), most, thread_count(None))
             jobs += [(members[chunk.members], None, chunk.count, None)
                      for chunk in chunks(0, np.arange(len(members)), size, 1)]
@@ -253,8 +260,11 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
             jobs.append((members[chunk.members], take(arguments, chunk.index), chunk.count, program))
 
     def run(job):
-        _, arguments, count, program = job
-        return jax.tree_util.tree_map(lambda a: a[:count], fetch(program.result()(*place(arguments, sharding))))
+        members, arguments, count, program = job
+        result = jax.tree_util.tree_map(lambda a: a[:count], fetch(program.result()(*place(arguments, sharding))))
+        for d in members[~result.pop("inner_converged")]:
+            out["reasons"][d] = "an inner fit in theta of the search in phi did not converge"
+        return result
 
     return _store(jobs, run, out, plan, workers=workers, progress=progress)
 
