@@ -186,3 +186,57 @@ def test_the_compiled_search_reports_an_inner_fit_that_did_not_converge(replicat
                          polish=False)
     assert len(traced) == 4 and not batch.converged.iloc[0], batch.messages.tolist()
     assert batch.messages.iloc[0] == "an inner fit in theta of the search in phi did not converge"
+
+
+TERMS = "Reaction ~ Days + (Days || Subject)"
+
+
+def test_several_terms_on_the_host_equal_their_single_fits_and_the_compiled_search(replicates, monkeypatch):
+    """Two terms with AR(1) residuals: (theta, u) searched together on the whitened systems (hierpool.batch.
+    ar1_terms_search) equals hp.lmm on each dataset, and the compiled golden sections (forced)."""
+    from hierpool.batch import fit_ar1 as fit_ar1_module
+
+    structure = hp.ar1("Subject", time="Days")
+    calls = []
+    search = fit_ar1_module.terms_search_on_host
+    monkeypatch.setattr(fit_ar1_module, "terms_search_on_host", lambda *a, **k: calls.append(1) or search(*a, **k))
+    host = hp.fit_batch(TERMS, replicates, by="rep", correlation=structure, progress=False)
+    assert calls and host.converged.all() and not host.refit.any(), host.messages.tolist()
+    for d, frame in enumerate(replicates):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = hp.lmm(TERMS, frame, correlation=structure)
+        assert host.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"criterion of dataset {d}"
+        assert host.phi[d] == pytest.approx(fit.phi, abs=1e-5)
+        np.testing.assert_allclose(host.beta[d], fit.fixef.to_numpy(), rtol=1e-6)
+        for term in host.terms:
+            rows = fit.ranef[(fit.ranef["grpvar"] == term.group) & (fit.ranef["term"] == term.coef_names[0])]
+            np.testing.assert_allclose(term.b[d][:, 0], rows["condval"].to_numpy(), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(fit_ar1_module, "_terms_on_host", lambda *a: False)
+    compiled = hp.fit_batch(TERMS, replicates[:1], by="rep", correlation=structure, progress=False)
+    assert compiled.objective.iloc[0] == pytest.approx(host.objective.iloc[0], rel=1e-11)
+    assert compiled.phi[0] == pytest.approx(host.phi[0], abs=1e-6)
+
+
+def test_the_whitened_systems_step_in_phi_is_their_derivative(replicates):
+    """The complex system at phi + i h (its imaginary part from three real builds, (S(w + t) - S(w - t)) / 2) is h
+    times the derivative of the real systems in phi (against a central difference)."""
+    from hierpool.batch.ar1_terms_search import TermsChunk
+    from hierpool.batch.fit_ar1 import batch_series
+    from hierpool.batch.fit_terms import padded_widths
+    from hierpool.batch.plan import plan_batch
+
+    plan = plan_batch(TERMS, replicates[:2], "rep", "fit_batch", "hp.lmm", one_term=False)
+    series, _ = batch_series(plan, hp.car1("Subject", "Days"))
+    chunk = TermsChunk(plan, series, np.arange(2), padded_widths(plan).max(axis=0))
+    phi, h, datasets = np.array([0.3, 0.7]), 1e-6, np.arange(2)
+    stepped, log_det = chunk.systems(phi + 1e-30j, datasets)
+    above, below = chunk.systems(phi + h, datasets), chunk.systems(phi - h, datasets)
+    for name in ("a00", "rest"):
+        central = (getattr(above[0], name) - getattr(below[0], name)) / (2 * h)
+        np.testing.assert_allclose(getattr(stepped, name).imag / 1e-30, central, rtol=1e-5,
+                                   atol=1e-6 * np.abs(central).max())
+    central = (above[0].couplings[0].values - below[0].couplings[0].values) / (2 * h)
+    np.testing.assert_allclose(stepped.couplings[0].values.imag / 1e-30, central, rtol=1e-5,
+                               atol=1e-6 * np.abs(central).max())
+    np.testing.assert_allclose(log_det.imag / 1e-30, (above[1] - below[1]) / (2 * h), rtol=1e-6)

@@ -122,7 +122,7 @@ def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) ->
     return np.column_stack([theta, u])
 
 
-def _distinct_columns(u: np.ndarray):
+def distinct_columns(u: np.ndarray):
     """(the first of each set of equal columns of ``u`` (A, Q), each column's position among those)."""
     first = []
     column = np.empty(u.shape[1], dtype=np.int64)
@@ -143,7 +143,7 @@ def joint_criterion(data: ChunkData, continuous: bool, reml: bool):
         A, Q, size = points.shape
         theta, u = points[..., :-1], points[..., -1]
         # a forward-difference shift in theta keeps its trial's u exactly: each distinct column of u whitened once
-        distinct, column = _distinct_columns(u)
+        distinct, column = distinct_columns(u)
         stats, log_det = data.statistics(constrained_phi(u[:, distinct] + 1j * COMPLEX_STEP, continuous), rows)
         if len(distinct) > 1:  # (n and beta0 have an axis of 1 there, broadcast as a single column's are)
             stats = stats.map_arrays(lambda a: a[:, column] if np.shape(a)[1:2] == (len(distinct),) else a)

@@ -39,8 +39,8 @@ in float64 on one CPU device compile nothing at any size: the same Newton's meth
 the blocked criterion and its written-out gradient, a chunk's datasets at once
 (:mod:`hierpool.batch.fit_terms`, "On the host"); so do binomial and Poisson GLMM batches
 (:mod:`hierpool.batch.fit_glmm`, Laplace by :mod:`hierpool.algebra.laplace_batch`) and batches with AR(1) residuals
-and one term of at most ``HOST_MAX_THETA`` parameters (:mod:`hierpool.batch.ar1_search`: theta and phi searched
-together from per-level lagged moments).
+(theta and phi searched together: one term of at most ``HOST_MAX_THETA`` parameters from per-level lagged moments,
+:mod:`hierpool.batch.ar1_search`; several terms on their whitened systems, :mod:`hierpool.batch.ar1_terms_search`).
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ would be a worse one: a singular theta has a zero gradient in its vanishing dire
 The search covers u in [-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT] (hp.lmm's whole range); like hp.lmm's Brent
 search it assumes the profile has one minimum there.
 
-**On the host.**  A batch of one term of at most three coefficients (:data:`hierpool.batch.plan.HOST_MAX_THETA`
-parameters), on one CPU device in float64, compiles nothing: (theta, u) are searched together from per-level lagged
-moments (:mod:`hierpool.batch.ar1_search`); several terms, wider ones, accelerators and sharded batches run the
+**On the host.**  On one CPU device in float64 nothing is compiled: (theta, u) are searched together, for one
+term of at most three coefficients (:data:`hierpool.batch.plan.HOST_MAX_THETA` parameters) from per-level lagged
+moments (:mod:`hierpool.batch.ar1_search`), for several terms on the whitened systems
+(:mod:`hierpool.batch.ar1_terms_search`).  A wider single term, accelerators and sharded batches run the
 golden-section program below.  A dataset whose inner fit in theta did not converge at some point of that search is
 not reported converged (its message says so), and is refitted by ``hp.lmm``.
 
@@ -42,8 +43,20 @@ from ..closedform.ar1 import UNCONSTRAINED_LIMIT, check_nested
 from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
 from .ar1_search import host_bytes, search_on_host
+from .ar1_terms_search import host_bytes as terms_host_bytes
+from .ar1_terms_search import search_on_host as terms_search_on_host
 from .fit_glmm import BucketRows, bucket_pattern
-from .fit_terms import empty_results, padded_widths, row_buckets, run_jobs, take, term_problems, too_large
+from .fit_terms import (
+    empty_results,
+    linear_shifts,
+    linear_start,
+    padded_widths,
+    row_buckets,
+    run_jobs,
+    take,
+    term_problems,
+    too_large,
+)
 from .optimize import DECREASE_TOL, canonical_theta, newton
 from .plan import (
     HOST_MAX_THETA,
@@ -246,6 +259,24 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         run_chunk = partial(search_on_host, plan, series, continuous=structure.continuous, reml=reml,
                             max_iterations=max_iterations, decrease_tol=DECREASE_TOL)
         return _store(jobs, lambda job: run_chunk(job[0]), out, plan, workers=thread_count(None), progress=progress)
+    if _terms_on_host(plan, float_type, sharding):  # several terms: the joint search on the whitened systems
+        usable = np.flatnonzero(out["attempted"])
+        theta0 = linear_start(plan, usable, linear_shifts(plan)[1])
+        widths = padded_widths(plan)
+        jobs = []
+        for key in sorted({tuple(widths[d]) for d in usable}):
+            members = usable[np.all(widths[usable] == key, axis=1)]
+            most = chunk_size or host_chunk(terms_host_bytes(ks, key, design.p))
+            size = host_chunk_length(len(members), most, thread_count(None))
+            jobs += [(members[chunk.members], key, chunk.count, None)
+                     for chunk in chunks(0, np.arange(len(members)), size, 1)]
+
+        def run_terms(job):
+            members, key = job[0], job[1]
+            return terms_search_on_host(plan, series, members, key, theta0[members], continuous=structure.continuous,
+                                        reml=reml, max_iterations=max_iterations)
+
+        return _store(jobs, run_terms, out, plan, workers=thread_count(None), progress=progress)
     chunk_size = chunk_size or default_chunk
     jobs = []
     for members, data in series_buckets(plan, series, np.flatnonzero(out["attempted"])):
@@ -272,10 +303,16 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
 def _on_host(plan: BatchPlan, float_type, sharding) -> bool:
     """Whether the batch is searched on the host (:mod:`hierpool.batch.ar1_search`): one random-effect term (its
     per-level moments) of at most :data:`hierpool.batch.plan.HOST_MAX_THETA` parameters (as the one-term path's:
-    the complex step costs an evaluation per parameter), on one CPU device in float64.  Several terms, wider ones,
-    accelerators and sharded batches compile the golden-section search."""
+    the complex step costs an evaluation per parameter), on one CPU device in float64.  Several terms go to
+    :func:`_terms_on_host`; a wider term, accelerators and sharded batches compile the golden-section search."""
     terms = plan.design.terms
     return len(terms) == 1 and terms[0].k * (terms[0].k + 1) // 2 <= HOST_MAX_THETA and host_fits(float_type, sharding)
+
+
+def _terms_on_host(plan: BatchPlan, float_type, sharding) -> bool:
+    """Whether a batch of several terms is searched on the host (:mod:`hierpool.batch.ar1_terms_search`): on one CPU
+    device in float64 (the complex step), as the several-term linear path (:mod:`hierpool.batch.fit_terms`)."""
+    return len(plan.design.terms) > 1 and host_fits(float_type, sharding)
 
 
 def _store(jobs, run, out: dict, plan: BatchPlan, *, workers: int, progress) -> dict:
