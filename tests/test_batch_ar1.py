@@ -3,6 +3,7 @@
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import host_and_compiled
 
@@ -236,7 +237,45 @@ def test_the_whitened_systems_step_in_phi_is_their_derivative(replicates):
         central = (getattr(above[0], name) - getattr(below[0], name)) / (2 * h)
         np.testing.assert_allclose(getattr(stepped, name).imag / 1e-30, central, rtol=1e-5,
                                    atol=1e-6 * np.abs(central).max())
-    central = (above[0].couplings[0].values - below[0].couplings[0].values) / (2 * h)
-    np.testing.assert_allclose(stepped.couplings[0].values.imag / 1e-30, central, rtol=1e-5,
-                               atol=1e-6 * np.abs(central).max())
+    for coupling, up, down in zip(stepped.couplings, above[0].couplings, below[0].couplings):  # terms, X and y
+        central = (up.values - down.values) / (2 * h)
+        np.testing.assert_allclose(coupling.values.imag / 1e-30, central, rtol=1e-5, atol=1e-6 * np.abs(central).max())
     np.testing.assert_allclose(log_det.imag / 1e-30, (above[1] - below[1]) / (2 * h), rtol=1e-6)
+
+
+def _sites(seed, n_site, n_subj, continuous):
+    """Subjects within sites, each subject one AR(1) series at regular or irregular times (a fifth of the rows
+    dropped), a site's random slope in x."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for site in range(n_site):
+        a0, a1 = rng.normal(0, 1.0), rng.normal(0, 0.5)
+        for j in range(n_subj):
+            b = rng.normal(0, 0.7)
+            t = np.sort(rng.uniform(0, 12, 6)) if continuous else np.arange(6.0)
+            e = np.zeros(6)
+            e[0] = rng.normal()
+            for i in range(1, 6):
+                c = 0.6 ** (t[i] - t[i - 1])
+                e[i] = c * e[i - 1] + np.sqrt(1 - c * c) * rng.normal()
+            x = rng.normal(size=6)
+            rows += [dict(site=f"s{site}", subj=f"s{site}_{j}", t=t[i], x=x[i], y=2 + 0.5 * x[i] + a0 + a1 * x[i] + b
+                          + e[i]) for i in range(6)]
+    frame = pd.DataFrame(rows)
+    return frame[rng.uniform(size=len(frame)) > 0.2]
+
+
+def test_several_terms_with_a_correlated_slope_in_continuous_time_across_buckets():
+    """(1 + x | site) + (1 | subj) with corCAR1 within subjects, ML, datasets of 3 to 9 sites (padded to different
+    widths): each equals hp.lmm."""
+    structure, formula = hp.car1("subj", time="t"), "y ~ x + (1 + x | site) + (1 | subj)"
+    frames = [_sites(seed, n_site, n_subj, True) for seed, (n_site, n_subj) in enumerate([(3, 2), (9, 3), (6, 4)])]
+    batch = hp.fit_batch(formula, frames, by="rep", correlation=structure, reml=False, progress=False)
+    assert not batch.refit.any(), batch.messages.tolist()
+    for d, frame in enumerate(frames):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = hp.lmm(formula, frame, correlation=structure, reml=False)
+        assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"criterion of dataset {d}"
+        assert batch.phi[d] == pytest.approx(fit.phi, abs=1e-5)
+        np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-6, atol=1e-8)

@@ -130,6 +130,15 @@ def dense_entries(layout_widths, ks, p: int) -> int:
     return int(layout_widths[0] * ks[0] * m)
 
 
+def map_arrays(systems: MixedModelSystem, function) -> MixedModelSystem:
+    """``function`` applied to each per-dataset array of a batch of systems (A00, the couplings' values, the rest,
+    log_weights, beta_shift), the couplings' level grids kept: the one list of those fields for whoever maps them."""
+    return dataclasses.replace(
+        systems, a00=function(systems.a00), rest=function(systems.rest), log_weights=function(systems.log_weights),
+        beta_shift=function(systems.beta_shift),
+        couplings=tuple(dataclasses.replace(c, values=function(c.values)) for c in systems.couplings))
+
+
 def shared_grid(systems: MixedModelSystem, rows, points: bool = False) -> MixedModelSystem:
     """Datasets ``rows`` of a batch of systems in the form the host algebra takes with leading axes: each array
     has the datasets' axis first, and the couplings' level indices, the same grid for every dataset of a batch, are
@@ -148,7 +157,6 @@ def shared_grid(systems: MixedModelSystem, rows, points: bool = False) -> MixedM
             raise ValueError("shared_grid needs a batch whose datasets share one coupling grid (batched_systems')")
         return level[0]
 
-    return dataclasses.replace(
-        systems, a00=pick(systems.a00), rest=pick(systems.rest), log_weights=pick(systems.log_weights),
-        beta_shift=pick(systems.beta_shift),
-        couplings=tuple(Coupling(grid(c.level0), grid(c.level), pick(c.values)) for c in systems.couplings))
+    picked = map_arrays(systems, pick)
+    return dataclasses.replace(picked, couplings=tuple(Coupling(grid(c.level0), grid(c.level), c.values)
+                                                       for c in picked.couplings))

@@ -60,29 +60,46 @@ def host_bytes(k: int, p: int, ell: int, lag_classes: int, rows: int) -> int:
             + 16 * (3 * lag_classes + 1) * ell * (r * r + 10) + 8 * (8 * r + 4) * rows)
 
 
-class ChunkData:
-    """A chunk's rows, laid out for the search: the lagged moments of [z, X, y - offset - X beta0] per (dataset,
-    level), with what the start needs (the rows themselves, their datasets, levels and predecessors)."""
+class ChunkRows:
+    """A chunk's design rows (``rows``), each one's dataset among ``members``, predecessor in its series among the
+    rows and lag, X, y - offset - X beta0 (``beta_shift`` beta0) and the datasets' row counts: what both AR(1) host
+    searches read (this one and :mod:`hierpool.batch.ar1_terms_search`)."""
 
     def __init__(self, plan, series, members: np.ndarray):
         design = plan.design
-        level_of, n_levels, _ = plan.term_levels[0]
         own = plan.dataset_rows()
-        rows = np.concatenate([own[d] for d in members])
-        counts = np.array([len(own[d]) for d in members])
+        self.rows = rows = np.concatenate([own[d] for d in members])
         position = np.full(design.n, -1)
         position[rows] = np.arange(len(rows))
         previous = series.previous[rows]
         # a series lies within its dataset (batch_series keys them by dataset): its predecessor is in the chunk
         self.previous = np.where(previous >= 0, position[np.maximum(previous, 0)], -1)
         self.lag = series.lag[rows]
-        self.dataset = np.repeat(np.arange(len(members)), counts)
-        self.level = level_of[rows]
-        self.ell = int(n_levels[members].max())
-        self.k = design.terms[0].k
-        self.X, self.z = design.X[rows], design.terms[0].z[rows]
+        self.dataset = np.repeat(np.arange(len(members)), [len(own[d]) for d in members])
+        self.X = design.X[rows]
         self.beta_shift, self.y = location_shifts(self.dataset, self.X, design.y_less_offset[rows], None, len(members))
         self.n = plan.n_obs[members].astype(float)
+
+    def start_u(self, residual: np.ndarray, continuous: bool) -> np.ndarray:
+        """Each dataset's u where ``hp.lmm``'s search starts: its residuals' lag-1 correlation
+        (:func:`hierpool.closedform.ar1.lag_one_phis`) on the unconstrained scale; where that is not finite (a first
+        fit that failed), the first fit's own u."""
+        phi = lag_one_phis(residual, self.previous, self.lag, self.dataset, len(self.n), continuous)
+        u = unconstrained_phi(phi, continuous)
+        return np.where(np.isfinite(u), u, CONTINUOUS_START if continuous else 0.0)
+
+
+class ChunkData(ChunkRows):
+    """A chunk's rows (:class:`ChunkRows`) and the lagged moments of [z, X, y - offset - X beta0] per (dataset,
+    level)."""
+
+    def __init__(self, plan, series, members: np.ndarray):
+        super().__init__(plan, series, members)
+        level_of, n_levels, _ = plan.term_levels[0]
+        self.level = level_of[self.rows]
+        self.ell = int(n_levels[members].max())
+        self.k = plan.design.terms[0].k
+        self.z = plan.design.terms[0].z[self.rows]
         self.moments = lagged_moments(self.dataset, self.level, np.column_stack([self.z, self.X, self.y]),
                                       self.previous, self.lag, len(members), self.ell)
 
@@ -110,8 +127,7 @@ def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) ->
     stats = _at_one_phi(data.statistics(constrained_phi(u_first, continuous)))
     theta = one_term_on_host(stats, moment_start(stats), reml=reml, max_iterations=max_iterations)["theta"]
     solved = solution(theta, stats, reml=True)  # hp.lmm's residuals are the REML solution's
-    residual = data.residuals(np.asarray(solved.beta), np.asarray(solved.b[0]))
-    u = unconstrained_phi(lag_one_phis(residual, data.previous, data.lag, data.dataset, D, continuous), continuous)
+    u = data.start_u(data.residuals(np.asarray(solved.beta), np.asarray(solved.b[0])), continuous)
     # theta from that fit, as hp.lmm's next fit starts from the last one's, unless it is singular (lme4's rule;
     # hp.lmm's own is a diagonal below 0.05, too coarse for a slope in small units): a vanishing direction's
     # gradient is zero there, and the search would not leave it.  Then the moments at phi's start

@@ -20,21 +20,18 @@ that fit is singular.  A dataset whose phi ends at its range's edge is fitted al
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-from ..algebra.ar1 import carried, constrained_phi, unconstrained_phi, whiten
-from ..algebra.batched_systems import batched_systems, shared_grid
+from ..algebra.ar1 import carried, constrained_phi, whiten
+from ..algebra.batched_systems import batched_systems, map_arrays, shared_grid
 from ..algebra.checks import singular_rows
 from ..algebra.criterion import host_objective_and_gradient, objective
 from ..algebra.henderson import solve
 from ..algebra.linalg import canonical_theta
 from ..algebra.one_term import COMPLEX_STEP
-from ..algebra.statistics import location_shifts
-from ..closedform.ar1 import UNCONSTRAINED_LIMIT, lag_one_phis
+from ..closedform.ar1 import UNCONSTRAINED_LIMIT
 from ..closedform.optimize import Control
-from .ar1_search import CONTINUOUS_START, EDGE, distinct_columns
+from .ar1_search import CONTINUOUS_START, EDGE, ChunkRows, distinct_columns
 from .optimize import DECREASE_TOL, newton_on_host
 from .terms_search import search_on_host as theta_search
 from .terms_search import solved_entries
@@ -42,39 +39,29 @@ from .terms_search import solved_entries
 
 def host_bytes(ks, widths, p: int) -> int:
     """A chunk's bytes per dataset (:func:`hierpool.batch.plan.host_chunk`): the several-term host search's
-    (``8 (n_theta + 1) (10 m^2 + 3 ell0 k0 m)``, m = sum_(j>0) ell_j k_j + p + 1), times six for the complex systems
-    of the step in u and the three builds of each."""
+    (``8 (n_theta + 1) (10 m^2 + 3 ell0 k0 m)``, m = sum_(j>0) ell_j k_j + p + 1), two and a half times, for the
+    complex systems of the step in u and the three builds of each (the review measured peaks of 0.22-0.34 of six
+    times: widths (50, 10), (48, 4), (200, 10) and (60, 30), benchmarks/RESULTS.md, nineteenth session)."""
     n_theta = sum(k * (k + 1) // 2 for k in ks) + 1
     m = sum(w * k for w, k in zip(widths[1:], ks[1:])) + p + 1
-    return 6 * 8 * (n_theta + 1) * (10 * m * m + 3 * widths[0] * ks[0] * m)
+    return 20 * (n_theta + 1) * (10 * m * m + 3 * widths[0] * ks[0] * m)
 
 
-class TermsChunk:
-    """A chunk's rows for the search: each term's levels and values, X, y - offset - X beta0, each row's predecessor
-    in its series and lag, the datasets' row counts; ``widths`` the terms' padded level counts."""
+class TermsChunk(ChunkRows):
+    """A chunk's rows (:class:`~hierpool.batch.ar1_search.ChunkRows`) with each term's levels and values;
+    ``widths`` the terms' padded level counts."""
 
     def __init__(self, plan, series, members: np.ndarray, widths):
-        design = plan.design
-        own = plan.dataset_rows()
-        rows = np.concatenate([own[d] for d in members])
-        counts = np.array([len(own[d]) for d in members])
-        position = np.full(design.n, -1)
-        position[rows] = np.arange(len(rows))
-        previous = series.previous[rows]
-        self.previous = np.where(previous >= 0, position[np.maximum(previous, 0)], -1)
-        self.lag = series.lag[rows]
-        self.dataset = np.repeat(np.arange(len(members)), counts)
-        self.levels = [level[rows] for level, _, _ in plan.term_levels]
-        self.zs = [term.z[rows] for term in design.terms]
+        super().__init__(plan, series, members)
+        self.levels = [level[self.rows] for level, _, _ in plan.term_levels]
+        self.zs = [term.z[self.rows] for term in plan.design.terms]
         self.widths = [int(w) for w in widths]
-        self.ks = tuple(term.k for term in design.terms)
-        self.X = design.X[rows]
-        self.beta_shift, self.y = location_shifts(self.dataset, self.X, design.y_less_offset[rows], None, len(members))
-        self.n = plan.n_obs[members].astype(float)
+        self.ks = tuple(term.k for term in plan.design.terms)
 
     def _rows(self, datasets: np.ndarray):
         """The rows of ``datasets`` (increasing chunk positions, as the search's active datasets are), each row's
         dataset among those, and its predecessor among those rows."""
+        assert np.all(np.diff(datasets) > 0), "datasets in increasing order"
         take = np.flatnonzero(np.isin(self.dataset, datasets))
         position = np.full(len(self.dataset), -1)
         position[take] = np.arange(len(take))
@@ -83,8 +70,10 @@ class TermsChunk:
             np.where(before >= 0, position[np.maximum(before, 0)], -1)
 
     def systems(self, phi: np.ndarray, datasets: np.ndarray):
-        """The systems of ``datasets`` whitened at ``phi`` (one per dataset; complex for the step in u): the
-        :func:`shared_grid` form with a leading dataset axis; and log |C(phi)| per dataset."""
+        """The systems of ``datasets`` whitened at ``phi`` (one per dataset; complex for the step in u, its
+        imaginary part of the size of :data:`~hierpool.algebra.one_term.COMPLEX_STEP`: the rows' derivative is read
+        as Im / COMPLEX_STEP): the :func:`shared_grid` form with a leading dataset axis; and log |C(phi)| per
+        dataset."""
         take, local, previous = self._rows(datasets)
         c = carried(phi[local], previous, self.lag[take])
         columns = [whiten(z[take], previous, c) for z in self.zs] + [whiten(self.X[take], previous, c),
@@ -102,10 +91,8 @@ class TermsChunk:
         def combined(w, above, below):  # S(w) + i h (w t^T + t w^T), (S(w + t) - S(w - t)) / 2 the latter
             return w + 0.5j * COMPLEX_STEP * (above - below)
 
-        return dataclasses.replace(
-            real, a00=combined(real.a00, plus.a00, minus.a00), rest=combined(real.rest, plus.rest, minus.rest),
-            couplings=tuple(dataclasses.replace(r, values=combined(r.values, p.values, m.values))
-                            for r, p, m in zip(real.couplings, plus.couplings, minus.couplings))), log_det
+        above, below = iter(_arrays(plus)), iter(_arrays(minus))
+        return map_arrays(real, lambda w: combined(w, next(above), next(below))), log_det
 
     def _build(self, take, local, datasets, columns):
         """:func:`batched_systems` of rows ``take`` from their columns (each term's values, X, y)."""
@@ -124,28 +111,18 @@ class TermsChunk:
         return out
 
 
-def _points_systems(systems, column):
-    """Systems with a dataset axis (A, ...) as (A, Q, ...): point q's is column ``column[q]``'s of (A, S, ...)."""
-    def pick(a):
-        return np.asarray(a)[:, column]
-
-    return dataclasses.replace(systems, a00=pick(systems.a00), rest=pick(systems.rest),
-                               log_weights=pick(systems.log_weights), beta_shift=pick(systems.beta_shift),
-                               couplings=tuple(dataclasses.replace(c, values=pick(c.values))
-                                               for c in systems.couplings))
+def _arrays(systems) -> list:
+    """The per-dataset arrays of a batch of systems, in :func:`map_arrays`' order."""
+    out = []
+    map_arrays(systems, lambda a: out.append(a) or a)
+    return out
 
 
-def _stack_systems(systems):
-    """S systems of the same datasets, each with a leading dataset axis, as one with axes (A, S, ...)."""
-    def stack(name):
-        return np.stack([getattr(s, name) for s in systems], axis=1)
-
-    first = systems[0]
-    return dataclasses.replace(first, a00=stack("a00"), rest=stack("rest"), log_weights=stack("log_weights"),
-                               beta_shift=stack("beta_shift"),
-                               couplings=tuple(dataclasses.replace(c, values=np.stack(
-                                   [s.couplings[j].values for s in systems], axis=1))
-                                   for j, c in enumerate(first.couplings)))
+def _points_systems(built, column):
+    """S systems of the same datasets (each with a leading dataset axis) as one with axes (A, Q, ...): point q's is
+    system ``column[q]``."""
+    parts = [iter(_arrays(s)) for s in built]
+    return map_arrays(built[0], lambda _: np.stack([next(p) for p in parts], axis=1)[:, column])
 
 
 def joint_criterion(data: TermsChunk, continuous: bool, reml: bool):
@@ -156,11 +133,9 @@ def joint_criterion(data: TermsChunk, continuous: bool, reml: bool):
         theta, u = points[..., :-1], points[..., -1]
         distinct, column = distinct_columns(u)
         built = [data.systems(constrained_phi(u[:, s] + 1j * COMPLEX_STEP, continuous), rows) for s in distinct]
-        complex_systems = _points_systems(_stack_systems([b[0] for b in built]), column)
+        complex_systems = _points_systems([b[0] for b in built], column)
         log_det = np.stack([b[1] for b in built], axis=1)[:, column]
-        real_systems = dataclasses.replace(
-            complex_systems, a00=complex_systems.a00.real, rest=complex_systems.rest.real,
-            couplings=tuple(dataclasses.replace(c, values=c.values.real) for c in complex_systems.couplings))
+        real_systems = map_arrays(complex_systems, np.real)
         n = data.n[rows][:, None]
         value, gradient = host_objective_and_gradient(real_systems, reml, n=n)(theta)
         in_u = objective(theta.astype(complex), complex_systems, reml, n) + log_det
@@ -181,8 +156,7 @@ def start(data: TermsChunk, theta0: np.ndarray, continuous: bool, reml: bool, ma
     theta = fitted["theta"]
     with np.errstate(all="ignore"):
         solved = solve(theta, systems, reml=True, n=data.n)  # hp.lmm's residuals are the REML solution's
-    residual = data.residuals(solved)
-    u = unconstrained_phi(lag_one_phis(residual, data.previous, data.lag, data.dataset, D, continuous), continuous)
+    u = data.start_u(data.residuals(solved), continuous)
     # from that fit's theta unless it is singular (a vanishing direction's gradient is zero there): the moments'
     singular = singular_rows(theta, data.ks, Control.singular_tol) | ~np.all(np.isfinite(theta), axis=1)
     theta = np.where(singular[:, None], theta0, theta)
