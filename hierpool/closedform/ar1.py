@@ -8,7 +8,10 @@ optimizer over theta; phi is the one-dimensional minimum of the profiled criteri
 by Brent's method on nlme's unconstrained scale (log((1 + phi) / (1 - phi)) for corAR1, log(phi / (1 - phi))
 for corCAR1), in a window around the lag-1 correlation of a nearly independent fit's residuals (the whole
 range when the minimum lies on the window's edge), each evaluation's theta search starting from the last
-one's optimum unless that sat near a boundary (then from the moment start).  phi's interval is
+one's optimum unless that sat near a boundary (then from the moment start).  The search runs on the design with
+each vector term's non-intercept columns centred (:func:`centred_terms`: whitened, a covariate of large mean is
+nearly collinear with the intercept's column), and its optimum is mapped back and polished in the user's
+parametrization at phi-hat; the curvature for phi's interval differences polished fits.  phi's interval is
 nlme's kind: a Wald interval on that scale, its variance the inverse curvature of d / 2 (the other
 parameters profiled out), mapped back.  Fixed effects, their covariance, sigma, the random effects'
 covariances and the BLUPs with their conditional variances are the whitened model's at phi-hat: exact,
@@ -27,7 +30,7 @@ import pandas as pd
 from ..algebra.ar1 import carried, constrained_phi, log_det_correlation, unconstrained_phi, whiten
 from ..algebra.henderson import solve
 from ..algebra.laplace import random_part
-from ..algebra.linalg import theta_lower_bounds
+from ..algebra.linalg import factors_to_theta, theta_lower_bounds, theta_to_factors
 from ..algebra.system import build_system
 from ..errors import ArgumentError, ConvergenceWarning, DataError
 from ..spec.correlation import AR1, Series, series_of
@@ -66,6 +69,44 @@ def whitened_design(design: Design, series: Series, phi: float) -> tuple[Design,
     whitened = replace(design, y=whiten(design.y_less_offset, series.previous, c), offset=np.zeros(design.n),
                        X=whiten(design.X, series.previous, c) if design.p else design.X, terms=terms)
     return whitened, float(log_det_correlation(c))
+
+
+def centred_terms(design: Design) -> tuple[Design, list]:
+    """The design with each vector term's non-intercept columns centred at their means, and each term's map back.
+
+    Whitening makes the intercept's column non-constant (1 - c_t over sqrt(1 - c_t^2) after a series' first row),
+    and a slope's covariate of large mean then nearly collinear with it: the fits in theta stall, and the
+    profile in phi misleads the search (benchmarks/RESULTS.md, nineteenth session: 0.08 above the optimum at a
+    shift of 100).  Centring is a reparametrization: Z_c = Z A with A = I - e_int m^T, so the criterion is the same
+    at Sigma = A Sigma_c A^T, b = A b_c.  Returns (the centred design, per term A or None where nothing moved)."""
+    terms, maps = [], []
+    for term in design.terms:
+        ones = [j for j in range(term.k) if np.all(term.z[:, j] == 1.0)]
+        if term.k < 2 or not ones:
+            terms.append(term)
+            maps.append(None)
+            continue
+        means = term.z.mean(axis=0)
+        means[ones[0]] = 0.0
+        z = term.z - term.z[:, [ones[0]]] * means[None, :]
+        a = np.eye(term.k)
+        a[ones[0]] -= means
+        terms.append(replace(term, z=z))
+        maps.append(a)
+    return replace(design, terms=tuple(terms)), maps
+
+
+def theta_from_centred(theta: np.ndarray, ks: tuple, maps: list) -> np.ndarray:
+    """theta of the original design from the centred one's (:func:`centred_terms`): each term's factor A Lambda_c,
+    made lower triangular again (its QR: L L^T = A Lambda_c Lambda_c^T A^T), the diagonal non-negative."""
+    out = []
+    for factor, a in zip(theta_to_factors(np.asarray(theta, dtype=float), ks), maps):
+        factor = np.asarray(factor)
+        if a is not None:
+            r = np.linalg.qr((a @ factor).T, mode="r")
+            factor = r.T * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
+        out.append(factor)
+    return np.asarray(factors_to_theta(out), dtype=float)
 
 
 def _moment_phi(design: Design, series: Series, at_zero, continuous: bool) -> float:
@@ -235,7 +276,8 @@ def search_phi(profile, u_start: float, correlation: AR1):
         u_hat = search(low, high)
         if min(u_hat - low, high - u_hat) < 1e-3:
             u_hat = search(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT)
-        sides = [profile(u_hat + h)[0] for h in (INTERVAL_STEP, -INTERVAL_STEP)]
+        # the curvature differences the profile at 1e-3: its fits polished, as the estimate's (its values to ~1e-12)
+        sides = [profile(u_hat + h, checked=True)[0] for h in (INTERVAL_STEP, -INTERVAL_STEP)]
         value, pieces = profile(u_hat, checked=True)
     curvature = (sides[0] - 2.0 * value + sides[1]) / INTERVAL_STEP**2  # of -2 log L on the unconstrained scale
     if curvature > 0:
@@ -273,6 +315,7 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     """
     series = checked_series(design, correlation, data)
     continuous = correlation.continuous
+    original, (design, maps) = design, centred_terms(design)  # the search on the centred design; results on the user's
     # on the host: each phi is a new system (its whitened cross-products), fitted in a few evaluations
     control = replace(control or Control(), compile=False)
 
@@ -298,6 +341,12 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         nearly_independent = profile(-3.0 if continuous else 0.0)[1]
     u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
     u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation)
+    if any(a is not None for a in maps):  # the user's parametrization at phi-hat, from the centred optimum
+        ks = tuple(t.k for t in design.terms)
+        whitened, logdet = whitened_design(original, series, constrained(u_hat, continuous))
+        system = build_system(whitened, host=True)
+        optimum = optimize_theta(system, reml, control, start=theta_from_centred(optimum.theta, ks, maps))
+    design = original
     for message in optimum.messages:
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
     solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=reml)  # the host's Henderson solve
