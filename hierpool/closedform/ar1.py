@@ -10,8 +10,9 @@ for corCAR1), in a window around the lag-1 correlation of a nearly independent f
 range when the minimum lies on the window's edge), each evaluation's theta search starting from the last
 one's optimum unless that sat near a boundary (then from the moment start).  The search runs on the design with
 each vector term's non-intercept columns centred (:func:`centred_terms`: whitened, a covariate of large mean is
-nearly collinear with the intercept's column), and its optimum is mapped back and polished in the user's
-parametrization at phi-hat; the curvature for phi's interval differences polished fits.  phi's interval is
+nearly collinear with the intercept's column; X's columns likewise), and its optimum is mapped back to the user's
+parametrization at phi-hat, where it is solved; the centred fit's convergence checks stand, and lme4's singularity
+rule reads the user's theta.  The curvature for phi's interval differences polished fits.  phi's interval is
 nlme's kind: a Wald interval on that scale, its variance the inverse curvature of d / 2 (the other
 parameters profiled out), mapped back.  Fixed effects, their covariance, sigma, the random effects'
 covariances and the BLUPs with their conditional variances are the whitened model's at phi-hat: exact,
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.ar1 import carried, constrained_phi, log_det_correlation, unconstrained_phi, whiten
+from ..algebra.criterion import objective_and_gradient_on_host
 from ..algebra.henderson import solve
 from ..algebra.laplace import random_part
 from ..algebra.linalg import factors_to_theta, theta_lower_bounds, theta_to_factors
@@ -35,7 +37,7 @@ from ..algebra.system import build_system
 from ..errors import ArgumentError, ConvergenceWarning, DataError
 from ..spec.correlation import AR1, Series, series_of
 from ..spec.design import Design, check_columns
-from .optimize import Control, moment_start, optimize_theta
+from .optimize import SINGULAR_FIT, Control, is_singular, moment_start, optimize_theta
 from .results import LMMResult
 
 #: Brent's tolerance on phi's unconstrained scale (phi to ~1e-6 near 0, far below its standard error).
@@ -72,13 +74,17 @@ def whitened_design(design: Design, series: Series, phi: float) -> tuple[Design,
 
 
 def centred_terms(design: Design) -> tuple[Design, list]:
-    """The design with each vector term's non-intercept columns centred at their means, and each term's map back.
+    """The design with each vector term's non-intercept columns, and X's, centred at their means, and each term's map
+    back.
 
     Whitening makes the intercept's column non-constant (1 - c_t over sqrt(1 - c_t^2) after a series' first row),
     and a slope's covariate of large mean then nearly collinear with it: the fits in theta stall, and the
     profile in phi misleads the search (benchmarks/RESULTS.md, nineteenth session: 0.08 above the optimum at a
     shift of 100).  Centring is a reparametrization: Z_c = Z A with A = I - e_int m^T, so the criterion is the same
-    at Sigma = A Sigma_c A^T, b = A b_c.  Returns (the centred design, per term A or None where nothing moved)."""
+    at Sigma = A Sigma_c A^T, b = A b_c; X's columns likewise (a map of determinant 1: REML's |X^T V^-1 X| too).
+    A term without an intercept column, or of one column (``(1 + x || g)`` is two such), is left as it is: its
+    collinearity with another term's intercept remains.  Returns (the centred design, per term A or None where
+    nothing moved)."""
     terms, maps = [], []
     for term in design.terms:
         ones = [j for j in range(term.k) if np.all(term.z[:, j] == 1.0)]
@@ -93,7 +99,13 @@ def centred_terms(design: Design) -> tuple[Design, list]:
         a[ones[0]] -= means
         terms.append(replace(term, z=z))
         maps.append(a)
-    return replace(design, terms=tuple(terms)), maps
+    X = design.X
+    ones = [j for j in range(design.p) if np.all(X[:, j] == 1.0)]
+    if ones and design.p > 1:
+        means = X.mean(axis=0)
+        means[ones[0]] = 0.0
+        X = X - X[:, [ones[0]]] * means[None, :]
+    return replace(design, terms=tuple(terms), X=X), maps
 
 
 def theta_from_centred(theta: np.ndarray, ks: tuple, maps: list) -> np.ndarray:
@@ -255,7 +267,8 @@ def search_phi(profile, u_start: float, correlation: AR1):
     the profiled criterion there, the pieces ``profile`` returned there).
 
     ``profile(u, checked=False)`` is (-2 log L profiled over the other parameters at phi = constrained(u), pieces);
-    the last call, at u_hat, has ``checked=True`` (the fit whose messages are kept).  The search runs in a window
+    the interval's two fits and the last call, at u_hat, have ``checked=True`` (polished fits: the curvature
+    differences them at 1e-3; the last one's messages are kept).  The search runs in a window
     around ``u_start`` (the residuals' lag-1 correlation), over the whole range if it ends at the window's edge.
     The interval is nlme's: Wald on the unconstrained scale, its variance the inverse curvature of the
     criterion / 2.  One home for the mixed model (:func:`fit_ar1`) and generalized least squares
@@ -341,11 +354,18 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         nearly_independent = profile(-3.0 if continuous else 0.0)[1]
     u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
     u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation)
-    if any(a is not None for a in maps):  # the user's parametrization at phi-hat, from the centred optimum
+    if design is not original:  # the user's parametrization at phi-hat: the centred optimum, mapped back
         ks = tuple(t.k for t in design.terms)
         whitened, logdet = whitened_design(original, series, constrained(u_hat, continuous))
         system = build_system(whitened, host=True)
-        optimum = optimize_theta(system, reml, control, start=theta_from_centred(optimum.theta, ks, maps))
+        theta = theta_from_centred(optimum.theta, ks, maps)
+        # the centred fit's checks stand (there the problem is well conditioned: in the user's parametrization a
+        # covariate of large mean made its Hessian look indefinite); lme4's singularity rule reads the user's theta
+        singular = is_singular(theta, ks, control.singular_tol)
+        messages = tuple(m for m in optimum.messages if m != SINGULAR_FIT) + (SINGULAR_FIT,) * singular
+        gradient = objective_and_gradient_on_host(theta, system, reml)[1]
+        optimum = replace(optimum, theta=theta, gradient=np.asarray(gradient), is_singular=singular,
+                          messages=messages)
     design = original
     for message in optimum.messages:
         warnings.warn(message, ConvergenceWarning, stacklevel=3)

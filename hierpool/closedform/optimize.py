@@ -265,7 +265,7 @@ def check_optimum(
     messages: list[str] = []
     singular = is_singular(theta, layout.ks, control.singular_tol)
     if singular:
-        messages.append("boundary (singular) fit: some variance component is (near) zero or a correlation is +/-1")
+        messages.append(SINGULAR_FIT)
     if not optimizer_ok:
         messages.append("the optimizer stopped before meeting its tolerance")
     max_grad = float(np.max(np.abs(_projected_gradient(theta, gradient, lower)))) if theta.size else 0.0
@@ -277,6 +277,10 @@ def check_optimum(
             messages.append("Hessian is not positive definite at the optimum: the fit may not be a minimum")
     converged = optimizer_ok and max_grad <= control.grad_tol and not any(m.startswith("Hessian") for m in messages)
     return converged, singular, tuple(messages)
+
+
+#: The message of a fit at the boundary (lme4's isSingular), as lme4 words it.
+SINGULAR_FIT = "boundary (singular) fit: some variance component is (near) zero or a correlation is +/-1"
 
 
 def optimize_theta(
