@@ -294,12 +294,13 @@ HIERPOOL_MODEL = textwrap.dedent(
     for column in FACTORS:
         data[column] = data[column].astype(str)
     t0 = time.perf_counter()
-    res = hp.fit_batch("FORMULA", data, by="dataset", family=FAMILY, link=LINK, progress=False)
+    res = hp.fit_batch("FORMULA", data, by="dataset", ARGUMENTS, progress=False)
     res.fixef, res.varcorr, res.ranef
     wall = time.perf_counter() - t0
     print(json.dumps(dict(wall_s=wall, n=len(res.datasets), device=str(jax.devices()[0]),
                           converged=int(res.converged.sum()), refitted=int(res.refit.sum()),
-                          singular=int(res.is_singular.sum()), objective=res.objective.tolist())))
+                          singular=int(res.is_singular.sum()), objective=res.objective.tolist(),
+                          phi=None if res.phi is None else res.phi.tolist())))
     """
 )
 
@@ -332,24 +333,6 @@ AR1_SIMULATE = textwrap.dedent(
         fit = hp.lmm("FORMULA", d, correlation=CORRELATION)
     ys = hp.simulate(fit, NSIM, seed=1).to_numpy()
     pd.concat([d.assign(RESPONSE=ys[:, j], dataset=j + 1) for j in range(NSIM)]).to_csv("OUT_CSV", index=False)
-    """
-)
-
-AR1_HIERPOOL = textwrap.dedent(
-    """
-    import json, time, jax, pandas as pd
-    import hierpool as hp
-    hp.fit_batch, jax.devices()  # imports and the XLA backend's start (R's library()), outside the clock
-    data = pd.read_csv("OUT_CSV")
-    for column in FACTORS:
-        data[column] = data[column].astype(str)
-    t0 = time.perf_counter()
-    res = hp.fit_batch("FORMULA", data, by="dataset", correlation=CORRELATION, progress=False)
-    res.fixef, res.varcorr, res.ranef
-    wall = time.perf_counter() - t0
-    print(json.dumps(dict(wall_s=wall, n=len(res.datasets), device=str(jax.devices()[0]),
-                          converged=int(res.converged.sum()), refitted=int(res.refit.sum()),
-                          objective=res.objective.tolist(), phi=res.phi.tolist())))
     """
 )
 
@@ -399,7 +382,9 @@ def ar1_benchmark(name: str, n: int) -> None:
     results = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
                    model=f"{model['formula']}, {model['correlation']}", datasets=n,
                    load_1min_at_start=os.getloadavg()[0])
-    results["hierpool"] = _json_from([sys.executable, "-"], filled(AR1_HIERPOOL), cwd=root)
+    hierpool = (HIERPOOL_MODEL.replace("OUT_CSV", str(csv)).replace("FACTORS", repr(model["factors"]))
+                .replace("FORMULA", model["formula"]).replace("ARGUMENTS", f"correlation={model['correlation']}"))
+    results["hierpool"] = _json_from([sys.executable, "-"], hierpool, cwd=root)
     results["nlme"] = _json_from(["Rscript", "-"], loop)
     mine, theirs = np.array(results["hierpool"].pop("objective")), np.array(results["nlme"].pop("objective"))
     phis = np.array(results["hierpool"].pop("phi")), np.array(results["nlme"].pop("phi"))
@@ -441,11 +426,12 @@ def model_benchmark(name: str, n: int) -> None:
     loop = (LOOP_R.replace("OUT_CSV", str(csv)).replace("FACTORS", r_factors)
             .replace("FIT", model["r_fit"].replace("FORMULA", model["formula"])).replace("CRIT", model["r_crit"]))
     hierpool = (HIERPOOL_MODEL.replace("OUT_CSV", str(csv)).replace("FACTORS", repr(factors))
-                .replace("FORMULA", model["formula"]).replace("FAMILY", repr(model["family"]))
-                .replace("LINK", repr(model.get("link"))))
+                .replace("FORMULA", model["formula"])
+                .replace("ARGUMENTS", f"family={model['family']!r}, link={model.get('link')!r}"))
     results = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
                    model=model["formula"], datasets=n, load_1min_at_start=os.getloadavg()[0])
     results["hierpool"] = _json_from([sys.executable, "-"], hierpool)
+    results["hierpool"].pop("phi")
     results["lme4"] = _json_from(["Rscript", "-"], loop)
     mine, theirs = np.array(results["hierpool"].pop("objective")), np.array(results["lme4"].pop("objective"))
     results["max_rel_objective_diff_vs_lme4"] = float(np.nanmax(np.abs(mine - theirs) / np.abs(theirs)))
