@@ -316,8 +316,11 @@ def _sites_and_subjects(seed: int = 1) -> pd.DataFrame:
 def test_a_slope_covariate_of_large_mean_gives_the_same_fit():
     """The criterion is invariant to shifting a random slope's covariate.  Whitened, the intercept's column is not
     constant, and a covariate of large mean nearly collinear with it: the search runs on the columns centred
-    (closedform.ar1.centred_terms) and its checks stand.  Before, a shift of 100 ended 0.08 above the optimum, 1,000
-    ended 0.41 above (reported singular), and 10,000 raised numpy's LinAlgError."""
+    (algebra.conditioning.condition_terms, forced) and its checks stand.  Before, a shift of 100 ended 0.08 above
+    the optimum, 1,000 ended 0.41 above (reported singular), and 10,000 raised numpy's LinAlgError."""
+    from hierpool.algebra.criterion import objective_and_gradient_on_host
+    from hierpool.algebra.system import build_system
+
     data = _sites_and_subjects()
     formula, structure = "y ~ x + (1 + x | site) + (1 | subj)", hp.ar1("subj", time="t")
     fits = []
@@ -325,8 +328,12 @@ def test_a_slope_covariate_of_large_mean_gives_the_same_fit():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fits.append(hp.lmm(formula, data.assign(x=data["x"] + shift), correlation=structure))
-    for fit in fits:
+    for fit, shift in zip(fits, (0.0, 1e3, 1e4)):
         assert fit.converged, fit.optimum.messages
+        # the reported criterion is the user's theta's, on the user's whitened design (not only the search's)
+        whitened, logdet = whitened_design(fit.design, fit.series, fit.phi)
+        value = objective_and_gradient_on_host(fit.theta, build_system(whitened, host=True), reml=True)[0] + logdet
+        assert value == pytest.approx(fit.objective, rel=1e-8), f"shift {shift}"
         assert fit.objective == pytest.approx(fits[0].objective, rel=1e-8)
         assert fit.phi == pytest.approx(fits[0].phi, abs=1e-7)
         np.testing.assert_allclose(fit.phi_interval, fits[0].phi_interval, atol=1e-6)

@@ -37,9 +37,9 @@ def _single(frame, structure, formula=FORMULA, **kwargs):
 
 
 def _assert_each_is_its_single_fit(batch, frames, structure, formula=FORMULA, **kwargs):
-    """Every dataset's criterion (1e-8), phi (1e-5), beta (1e-6), sigma (1e-5) and every term's BLUPs (1e-5 of their scale) equal
-    hp.lmm's on that dataset alone (hp.lmm's Brent search stops within 1e-6 of phi-hat on nlme's scale, which moves
-    sigma by about as much)."""
+    """Every dataset's criterion (1e-8), phi (1e-5), beta (1e-6), sigma (1e-5) and every term's BLUPs (1e-5 of their
+    scale) equal hp.lmm's on that dataset alone (hp.lmm's Brent search stops within 1e-6 of phi-hat on nlme's
+    scale, which moves sigma by about as much)."""
     for d, frame in enumerate(frames):
         fit = _single(frame, structure, formula, **kwargs)
         assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"criterion of dataset {d}"
@@ -261,11 +261,18 @@ def _sites(seed, n_site, n_subj, continuous):
     return frame[rng.uniform(size=len(frame)) > 0.2]
 
 
-def test_several_terms_with_a_correlated_slope_in_continuous_time_across_buckets():
+def test_several_terms_with_a_correlated_slope_in_continuous_time_across_buckets(monkeypatch):
     """(1 + x | site) + (1 | subj) with corCAR1 within subjects, ML, datasets of 3 to 9 sites (padded to different
     widths): each equals hp.lmm."""
+    from hierpool.batch import fit_ar1 as fit_ar1_module
+
     structure, formula = hp.car1("subj", time="t"), "y ~ x + (1 + x | site) + (1 | subj)"
     frames = [_sites(seed, n_site, n_subj, True) for seed, (n_site, n_subj) in enumerate([(3, 2), (9, 3), (6, 4)])]
+    widths, search = [], fit_ar1_module.terms_search_on_host
+    monkeypatch.setattr(fit_ar1_module, "terms_search_on_host",
+                        lambda plan, series, members, key, *a, **k: widths.append(key) or search(plan, series, members,
+                                                                                                  key, *a, **k))
     batch = hp.fit_batch(formula, frames, by="rep", correlation=structure, reml=False, progress=False)
-    assert not batch.refit.any(), batch.messages.tolist()
+    assert len(set(widths)) == 3, widths  # the host search, once per bucket of padded level counts
+    assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
     _assert_each_is_its_single_fit(batch, frames, structure, formula, reml=False)

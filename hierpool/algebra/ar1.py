@@ -27,6 +27,7 @@ import numpy as np
 
 from .linalg import array_namespace
 from .statistics import BatchStatistics
+from .system import fill_in_program, grouped_products
 
 
 def constrained_phi(u, continuous: bool):
@@ -89,7 +90,6 @@ def whitened_system(pattern, previous, lag, y_less_offset, phi):
     """
     import dataclasses
 
-    from .system import fill_in_program  # here: the closed form's whitening above runs without JAX
 
     xp = array_namespace(phi, y_less_offset)
     c = carried(phi, previous, lag)
@@ -158,8 +158,6 @@ def lagged_moments(dataset: np.ndarray, level: np.ndarray, columns: np.ndarray, 
     intercept, a level's random effect in y) adds nothing to D D and D V, so the sum does not cancel it away as
     phi nears 1.  Each series must lie within one level (:func:`hierpool.closedform.ar1.check_nested`).
     """
-    from .system import grouped_products  # (the module's whitening runs without the system's imports)
-
     r = columns.shape[1]
     has = previous >= 0
     before = np.where(has[:, None], columns[np.maximum(previous, 0)], 0.0)

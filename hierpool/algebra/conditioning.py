@@ -113,9 +113,11 @@ class Conditioning:
         return replace(solution, theta=np.asarray(theta), factors=tuple(user_factors), b=tuple(b), cond_var=tuple(cond_var), u=tuple(u))
 
 
-def condition_terms(design: Design) -> Conditioning | None:
-    """The design with its random-effect columns centred and scaled, or None when they are fine as they are."""
-    if not any(_needs_conditioning(t.z) for t in design.terms):
+def condition_terms(design: Design, force: bool = False) -> Conditioning | None:
+    """The design with its random-effect columns centred and scaled, or None when they are fine as they are
+    (``force``: always; an AR(1) fit, whose whitening makes a covariate of moderate mean nearly collinear with the
+    intercept's column, :func:`hierpool.closedform.ar1.fit_ar1`)."""
+    if not force and not any(_needs_conditioning(t.z) for t in design.terms):
         return None
     transforms = tuple(term_transform(t.z) for t in design.terms)
     terms = tuple(replace(t, z=np.ascontiguousarray(t.z @ m)) for t, m in zip(design.terms, transforms))

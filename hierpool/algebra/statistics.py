@@ -175,13 +175,20 @@ def centred_statistics(design) -> tuple[BatchStatistics, np.ndarray]:
     beta = T^-1 beta_c and Cov(beta) = T^-1 Cov(beta_c) T^-T; the returned matrix is T^-1 (the
     identity without an intercept column).
     """
+    centred, fixed_map = centred_fixed_effects(design)
+    return one_dataset_statistics(centred), fixed_map
+
+
+def centred_fixed_effects(design):
+    """(the design with X's columns other than the intercept centred at their weighted means, T^-1): see
+    :func:`centred_statistics`; the design itself and the identity without an intercept column."""
     X = design.X
     fixed_map = np.eye(design.p)
     ones = np.flatnonzero(np.all(X == 1.0, axis=0)) if design.p else np.zeros(0, dtype=int)
     if design.p < 2 or not ones.size:
-        return one_dataset_statistics(design), fixed_map
+        return design, fixed_map
     weights = design.row_weights
     centres = weights @ X / weights.sum()
     centres[ones[0]] = 0.0
     fixed_map[ones[0]] -= centres  # T^-1 = I - e_int c^T
-    return one_dataset_statistics(dataclasses.replace(design, X=X - centres)), fixed_map
+    return dataclasses.replace(design, X=X - centres), fixed_map

@@ -16,7 +16,7 @@ It starts where ``hp.lmm`` starts: u at the lag-1 correlation of the residuals o
 u = -3 for corCAR1), :func:`hierpool.closedform.ar1.lag_one_phis`, and theta at that fit's (or, where that fit
 is singular, at the moments of the data whitened at u's start).  A search that leaves u's range (``hp.lmm``'s,
 :data:`hierpool.closedform.ar1.UNCONSTRAINED_LIMIT`) sees NaN there, as outside any criterion's domain; a dataset
-whose phi ends at the range's edge is fitted alone by ``hp.lmm``, as the compiled path does.  Imports no JAX.
+whose phi ends at the range's edge is fitted alone by ``hp.lmm``, as the compiled path does.
 """
 
 from __future__ import annotations
@@ -34,15 +34,10 @@ from ..algebra.checks import singular_rows
 from ..algebra.linalg import canonical_theta
 from ..algebra.one_term import COMPLEX_STEP, complex_objective, solution
 from ..algebra.statistics import location_shifts
-from ..closedform.ar1 import UNCONSTRAINED_LIMIT, lag_one_phis
+from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u, lag_one_phis
 from ..closedform.optimize import Control
 from .optimize import moment_start, newton_on_host, one_term_on_host
 from .plan import HOST_PROBE_ARRAYS
-
-#: Where the search starts in u for corCAR1 (hp.lmm's first fit, at phi = 0.047; phi = 0 is outside its range).
-CONTINUOUS_START = -3.0
-#: phi's range on the unconstrained scale: a dataset whose estimate ends this close to an end is fitted alone.
-EDGE = 1e-3
 
 
 def host_bytes(k: int, p: int, ell: int, lag_classes: int, rows: int) -> int:
@@ -86,7 +81,7 @@ class ChunkRows:
         fit that failed), the first fit's own u."""
         phi = lag_one_phis(residual, self.previous, self.lag, self.dataset, len(self.n), continuous)
         u = unconstrained_phi(phi, continuous)
-        return np.where(np.isfinite(u), u, CONTINUOUS_START if continuous else 0.0)
+        return np.where(np.isfinite(u), u, first_u(continuous))
 
 
 class ChunkData(ChunkRows):
@@ -123,7 +118,7 @@ def _at_one_phi(pair):
 def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) -> np.ndarray:
     """Each dataset's start (theta, u) (D, m + 1), where ``hp.lmm``'s search starts (the module notes)."""
     D = len(data.n)
-    u_first = np.full((D, 1), CONTINUOUS_START if continuous else 0.0)
+    u_first = np.full((D, 1), first_u(continuous))
     stats = _at_one_phi(data.statistics(constrained_phi(u_first, continuous)))
     theta = one_term_on_host(stats, moment_start(stats), reml=reml, max_iterations=max_iterations)["theta"]
     solved = solution(theta, stats, reml=True)  # hp.lmm's residuals are the REML solution's

@@ -15,7 +15,7 @@ real rows, h (w t^T + t w^T) with w the whitened rows and t their derivative in 
 It starts where ``hp.lmm`` starts: u at the lag-1 correlation of the residuals of a fit at phi = 0 (corAR1; u = -3 for
 corCAR1), :func:`hierpool.closedform.ar1.lag_one_phis`, and theta at that fit's (the several-term host search,
 :func:`hierpool.batch.terms_search.search_on_host`, from the linear models' moment start), or at that start where
-that fit is singular.  A dataset whose phi ends at its range's edge is fitted alone by ``hp.lmm``.  Imports no JAX.
+that fit is singular.  A dataset whose phi ends at its range's edge is fitted alone by ``hp.lmm``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from ..algebra.criterion import host_objective_and_gradient, objective
 from ..algebra.henderson import solve
 from ..algebra.linalg import canonical_theta
 from ..algebra.one_term import COMPLEX_STEP
-from ..closedform.ar1 import UNCONSTRAINED_LIMIT
+from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u
 from ..closedform.optimize import Control
-from .ar1_search import CONTINUOUS_START, EDGE, ChunkRows, distinct_columns
+from .ar1_search import ChunkRows, distinct_columns
 from .optimize import DECREASE_TOL, newton_on_host
 from .terms_search import search_on_host as theta_search
 from .terms_search import solved_entries
@@ -40,8 +40,8 @@ from .terms_search import solved_entries
 def host_bytes(ks, widths, p: int) -> int:
     """A chunk's bytes per dataset (:func:`hierpool.batch.plan.host_chunk`): the several-term host search's
     (``8 (n_theta + 1) (10 m^2 + 3 ell0 k0 m)``, m = sum_(j>0) ell_j k_j + p + 1), two and a half times, for the
-    complex systems of the step in u and the three builds of each (the review measured peaks of 0.22-0.34 of six
-    times: widths (50, 10), (48, 4), (200, 10) and (60, 30), benchmarks/RESULTS.md, nineteenth session)."""
+    complex systems of the step in u and the three builds of each (measured: benchmarks/RESULTS.md, nineteenth
+    session)."""
     n_theta = sum(k * (k + 1) // 2 for k in ks) + 1
     m = sum(w * k for w, k in zip(widths[1:], ks[1:])) + p + 1
     return 20 * (n_theta + 1) * (10 * m * m + 3 * widths[0] * ks[0] * m)
@@ -150,7 +150,7 @@ def start(data: TermsChunk, theta0: np.ndarray, continuous: bool, reml: bool, ma
     ``theta0`` the linear models' moment start."""
     D = len(data.n)
     everyone = np.arange(D)
-    u_first = np.full(D, CONTINUOUS_START if continuous else 0.0)
+    u_first = np.full(D, first_u(continuous))
     systems, _ = data.systems(constrained_phi(u_first, continuous), everyone)
     fitted = theta_search(systems, data.n, theta0, reml, max_iterations)
     theta = fitted["theta"]

@@ -39,7 +39,7 @@ from ..algebra.compiler_options import ProgramCache, compile_in_background, shap
 from ..algebra.criterion import objective
 from ..algebra.henderson import solve
 from ..algebra.linalg import theta_start
-from ..closedform.ar1 import UNCONSTRAINED_LIMIT, check_nested
+from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, check_nested
 from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
 from .ar1_search import host_bytes, search_on_host
@@ -179,7 +179,7 @@ def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool,
             new_theta_c = jnp.where(left, theta, theta_d)
             new_theta_d = jnp.where(left, theta_c, theta)
             # an inner fit that did not converge gives the comparisons a value above the profile's: the bracket
-            # may then leave the minimum (a BodyWeight-shaped dataset ended 0.58 above hp.lmm's optimum)
+            # may then leave the minimum (benchmarks/RESULTS.md, nineteenth session)
             return new_low, new_high, new_c, new_d, new_fc, new_fd, new_theta_c, new_theta_d, inner_ok & converged
 
         state = (jnp.asarray(low, yy.dtype), jnp.asarray(high, yy.dtype), jnp.asarray(c, yy.dtype),
@@ -191,7 +191,7 @@ def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool,
         phi = constrained_phi(u, continuous)
         solved = solve(theta, whitened_system(pat, prev, lg, yy, phi), reml, rows)
         # converged: every inner fit of the search, and phi inside its range (hp.lmm warns at the edge)
-        inside = jnp.abs(u) < UNCONSTRAINED_LIMIT - 1e-3
+        inside = jnp.abs(u) < UNCONSTRAINED_LIMIT - EDGE
         return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inner_ok & inside,
                 "edge": ~inside, "inner_converged": inner_ok,
                 "newton_step": newton_step, "beta": solved.beta, "vcov": solved.vcov_beta,

@@ -8,12 +8,12 @@ optimizer over theta; phi is the one-dimensional minimum of the profiled criteri
 by Brent's method on nlme's unconstrained scale (log((1 + phi) / (1 - phi)) for corAR1, log(phi / (1 - phi))
 for corCAR1), in a window around the lag-1 correlation of a nearly independent fit's residuals (the whole
 range when the minimum lies on the window's edge), each evaluation's theta search starting from the last
-one's optimum unless that sat near a boundary (then from the moment start).  The search runs on the design with
-each vector term's non-intercept columns centred (:func:`centred_terms`: whitened, a covariate of large mean is
-nearly collinear with the intercept's column; X's columns likewise), and its optimum is mapped back to the user's
-parametrization at phi-hat, where it is solved; the centred fit's convergence checks stand, and lme4's singularity
-rule reads the user's theta.  The curvature for phi's interval differences polished fits.  phi's interval is
-nlme's kind: a Wald interval on that scale, its variance the inverse curvature of d / 2 (the other
+one's optimum unless that sat near a boundary (then from the moment start).  The search runs on the random-effect
+columns centred and scaled (:func:`hierpool.algebra.conditioning.condition_terms`, always: whitened, a covariate
+of large mean is nearly collinear with the intercept's column) and X's centred, and its optimum is mapped back to
+the user's parametrization at phi-hat, where it is solved; the conditioned fit's convergence checks stand, and
+lme4's singularity rule reads the user's theta.  The curvature for phi's interval differences polished fits.
+phi's interval is nlme's kind: a Wald interval on that scale, its variance the inverse curvature of d / 2 (the other
 parameters profiled out), mapped back.  Fixed effects, their covariance, sigma, the random effects'
 covariances and the BLUPs with their conditional variances are the whitened model's at phi-hat: exact,
 since whitening is an invertible map of the data.  Fitted values and residuals are on the data's scale.
@@ -29,10 +29,12 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.ar1 import carried, constrained_phi, log_det_correlation, unconstrained_phi, whiten
+from ..algebra.conditioning import condition_terms
 from ..algebra.criterion import objective_and_gradient_on_host
 from ..algebra.henderson import solve
 from ..algebra.laplace import random_part
-from ..algebra.linalg import factors_to_theta, theta_lower_bounds, theta_to_factors
+from ..algebra.linalg import theta_lower_bounds
+from ..algebra.statistics import centred_fixed_effects
 from ..algebra.system import build_system
 from ..errors import ArgumentError, ConvergenceWarning, DataError
 from ..spec.correlation import AR1, Series, series_of
@@ -48,6 +50,16 @@ SEARCH_WINDOW = 2.5
 WARM_START_MIN = 0.05
 #: The search's interval on the unconstrained scale: |phi| up to 1 - 1e-5.
 UNCONSTRAINED_LIMIT = 12.0
+#: How near an end of that interval an estimate is "at the edge" (hp.lmm warns; the batch fits it alone).
+EDGE = 1e-3
+
+
+def first_u(continuous: bool) -> float:
+    """Where the search for phi starts its first fit: phi = 0 (corAR1), or u = -3, phi = 0.047 (corCAR1, whose
+    phi = 0 is outside its range)."""
+    return -3.0 if continuous else 0.0
+
+
 #: Central-difference step (unconstrained scale) of the curvature that gives phi's interval.
 INTERVAL_STEP = 1e-3
 #: Normal quantile of the 95% interval.
@@ -71,54 +83,6 @@ def whitened_design(design: Design, series: Series, phi: float) -> tuple[Design,
     whitened = replace(design, y=whiten(design.y_less_offset, series.previous, c), offset=np.zeros(design.n),
                        X=whiten(design.X, series.previous, c) if design.p else design.X, terms=terms)
     return whitened, float(log_det_correlation(c))
-
-
-def centred_terms(design: Design) -> tuple[Design, list]:
-    """The design with each vector term's non-intercept columns, and X's, centred at their means, and each term's map
-    back.
-
-    Whitening makes the intercept's column non-constant (1 - c_t over sqrt(1 - c_t^2) after a series' first row),
-    and a slope's covariate of large mean then nearly collinear with it: the fits in theta stall, and the
-    profile in phi misleads the search (benchmarks/RESULTS.md, nineteenth session: 0.08 above the optimum at a
-    shift of 100).  Centring is a reparametrization: Z_c = Z A with A = I - e_int m^T, so the criterion is the same
-    at Sigma = A Sigma_c A^T, b = A b_c; X's columns likewise (a map of determinant 1: REML's |X^T V^-1 X| too).
-    A term without an intercept column, or of one column (``(1 + x || g)`` is two such), is left as it is: its
-    collinearity with another term's intercept remains.  Returns (the centred design, per term A or None where
-    nothing moved)."""
-    terms, maps = [], []
-    for term in design.terms:
-        ones = [j for j in range(term.k) if np.all(term.z[:, j] == 1.0)]
-        if term.k < 2 or not ones:
-            terms.append(term)
-            maps.append(None)
-            continue
-        means = term.z.mean(axis=0)
-        means[ones[0]] = 0.0
-        z = term.z - term.z[:, [ones[0]]] * means[None, :]
-        a = np.eye(term.k)
-        a[ones[0]] -= means
-        terms.append(replace(term, z=z))
-        maps.append(a)
-    X = design.X
-    ones = [j for j in range(design.p) if np.all(X[:, j] == 1.0)]
-    if ones and design.p > 1:
-        means = X.mean(axis=0)
-        means[ones[0]] = 0.0
-        X = X - X[:, [ones[0]]] * means[None, :]
-    return replace(design, terms=tuple(terms), X=X), maps
-
-
-def theta_from_centred(theta: np.ndarray, ks: tuple, maps: list) -> np.ndarray:
-    """theta of the original design from the centred one's (:func:`centred_terms`): each term's factor A Lambda_c,
-    made lower triangular again (its QR: L L^T = A Lambda_c Lambda_c^T A^T), the diagonal non-negative."""
-    out = []
-    for factor, a in zip(theta_to_factors(np.asarray(theta, dtype=float), ks), maps):
-        factor = np.asarray(factor)
-        if a is not None:
-            r = np.linalg.qr((a @ factor).T, mode="r")
-            factor = r.T * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
-        out.append(factor)
-    return np.asarray(factors_to_theta(out), dtype=float)
 
 
 def _moment_phi(design: Design, series: Series, at_zero, continuous: bool) -> float:
@@ -300,7 +264,7 @@ def search_phi(profile, u_start: float, correlation: AR1):
         interval = (float("nan"), float("nan"))
         warnings.warn(f"{correlation.describe()}: the criterion is not convex in phi at its estimate; no interval",
                       ConvergenceWarning, stacklevel=4)
-    if abs(u_hat) >= UNCONSTRAINED_LIMIT - 1e-3:
+    if abs(u_hat) >= UNCONSTRAINED_LIMIT - EDGE:
         warnings.warn(f"{correlation.describe()}: phi = {constrained(u_hat, continuous):.6g} is at the edge of "
                       "its range (a unit-root or vanishing correlation): the fit is not reliable",
                       ConvergenceWarning, stacklevel=4)
@@ -328,7 +292,10 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     """
     series = checked_series(design, correlation, data)
     continuous = correlation.continuous
-    original, (design, maps) = design, centred_terms(design)  # the search on the centred design; results on the user's
+    # the search on the random-effect columns centred and scaled (algebra.conditioning, always: whitened, a covariate
+    # of large mean is nearly collinear with the intercept's non-constant column) and X's centred; results on the user's
+    original, conditioning = design, condition_terms(design, force=True)
+    design = centred_fixed_effects(conditioning.design)[0]
     # on the host: each phi is a new system (its whitened cross-products), fitted in a few evaluations
     control = replace(control or Control(), compile=False)
 
@@ -351,21 +318,19 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
 
     with warnings.catch_warnings():  # the search's inner fits; the final one's messages are warned below
         warnings.simplefilter("ignore", ConvergenceWarning)
-        nearly_independent = profile(-3.0 if continuous else 0.0)[1]
+        nearly_independent = profile(first_u(continuous))[1]
     u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
     u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation)
-    if design is not original:  # the user's parametrization at phi-hat: the centred optimum, mapped back
-        ks = tuple(t.k for t in design.terms)
-        whitened, logdet = whitened_design(original, series, constrained(u_hat, continuous))
-        system = build_system(whitened, host=True)
-        theta = theta_from_centred(optimum.theta, ks, maps)
-        # the centred fit's checks stand (there the problem is well conditioned: in the user's parametrization a
-        # covariate of large mean made its Hessian look indefinite); lme4's singularity rule reads the user's theta
-        singular = is_singular(theta, ks, control.singular_tol)
-        messages = tuple(m for m in optimum.messages if m != SINGULAR_FIT) + (SINGULAR_FIT,) * singular
-        gradient = objective_and_gradient_on_host(theta, system, reml)[1]
-        optimum = replace(optimum, theta=theta, gradient=np.asarray(gradient), is_singular=singular,
-                          messages=messages)
+    # the user's parametrization at phi-hat: the conditioned optimum mapped back, solved on the user's columns; the
+    # conditioned fit's checks stand (in the user's parametrization a covariate of large mean makes the Hessian look
+    # indefinite), and lme4's singularity rule reads the user's theta
+    whitened, logdet = whitened_design(original, series, constrained(u_hat, continuous))
+    system = build_system(whitened, host=True)
+    theta = conditioning.theta_to_user(np.asarray(optimum.theta, dtype=float))
+    singular = is_singular(theta, tuple(t.k for t in original.terms), control.singular_tol)
+    messages = tuple(m for m in optimum.messages if m != SINGULAR_FIT) + (SINGULAR_FIT,) * singular
+    gradient = objective_and_gradient_on_host(theta, system, reml)[1]
+    optimum = replace(optimum, theta=theta, gradient=np.asarray(gradient), is_singular=singular, messages=messages)
     design = original
     for message in optimum.messages:
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
