@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import term0_entries
 from .jax_runtime import jax, jnp, pytree_dataclass
 from .linalg import (
     HOST_SINGLE_THREAD_MAX_SIZE,
@@ -87,7 +88,10 @@ def term0_factor(t0: jax.Array, a00: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _term0_forward(t0, a00):
-    """(sum_l log|D_l|, M_l = T0 D_l^-1 T0^T, L0_l, L0_l^-1, L0_l^-1 T0^T): term 0's value and its factors."""
+    """(sum_l log|D_l|, M_l = T0 D_l^-1 T0^T, L0_l, L0_l^-1, L0_l^-1 T0^T): term 0's value and its factors (small
+    blocks on the host entry by entry, :mod:`hierpool.algebra.term0_entries`)."""
+    if term0_entries.applies(t0, a00):
+        return term0_entries.forward(t0, a00)
     chol0, chol0_inv, left = _term0_factors(t0, a00)
     xp = array_namespace(left)
     logdet0 = logdet_from_cholesky_diagonal(xp.diagonal(chol0, axis1=-2, axis2=-1), axis=(-2, -1))
@@ -98,6 +102,8 @@ def _term0_forward(t0, a00):
 def _term0_values(t0, a00):
     """((sum_l log|D_l|, M_l), residuals): :func:`term0_parts` and what its adjoint takes, (A00_l, M_l,
     P_l = T0 D_l^-1 = left_l' L0_l^-1)."""
+    if term0_entries.applies(t0, a00):
+        return term0_entries.values(t0, a00)
     logdet0, m_levels, _, chol0_inv, left = _term0_forward(t0, a00)
     p_levels = block_product(array_namespace(left).swapaxes(left, -1, -2), chol0_inv)
     return (logdet0, m_levels), (a00, m_levels, p_levels)
@@ -486,6 +492,8 @@ def _term0_adjoint(a00, m_levels, p_levels, c_logdet, grad_m):
     H_l = D_l^-1 T0^T G_l T0 D_l^-1 = P_l^T G_l P_l, d <G_l, M_l> = 2 <G_l P_l - A_l T0 H_l, dT0>; as
     T0 P_l^T = M_l, the sum is 2 sum_l (c_logdet A_l + G_l - A_l M_l G_l) P_l, three products per level.
     """
+    if term0_entries.applies(m_levels, a00):
+        return term0_entries.adjoint(a00, m_levels, p_levels, c_logdet, grad_m)
     xp = array_namespace(m_levels)
     g = 0.5 * (grad_m + xp.swapaxes(grad_m, -1, -2))
     inner = c_logdet * a00 + g - block_product(block_product(a00, m_levels), g)
