@@ -124,15 +124,21 @@ def host_and_compiled(monkeypatch, module, *args, host_function="_optimize_on_ho
     return host, compiled
 
 
-def assert_same_fits(host, compiled):
-    """Two batch results of the same datasets, neither refitted, equal to the optimizer's tolerances."""
+def assert_same_fits(host, compiled, same_steps: bool = True):
+    """Two batch results of the same datasets, neither refitted, equal to the optimizer's tolerances.
+
+    ``same_steps=False``: the two searches share their stopping rules but not their steps (the one-term host search
+    is the several-term one, with saddle-free and interpolated steps that the compiled Newton's method does not
+    take), so they stop at different points within those rules: the criteria then agree to 1e-10, the estimates
+    to the single fits' tolerances, and a vanishing theta is within 1e-6 of zero on both."""
     for batch in (host, compiled):
         assert not batch.refit.any(), batch.messages.tolist()
-    np.testing.assert_allclose(host.objective, compiled.objective, rtol=1e-12)
-    np.testing.assert_allclose(host.beta, compiled.beta, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(host.theta, compiled.theta, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(host.beta_se, compiled.beta_se, rtol=1e-6)
-    np.testing.assert_allclose(host.sigma, compiled.sigma, rtol=1e-7)
-    np.testing.assert_allclose(host.ranef.condval, compiled.ranef.condval, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(host.ranef.condsd, compiled.ranef.condsd, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(host.objective, compiled.objective, rtol=1e-12 if same_steps else 1e-10)
+    np.testing.assert_allclose(host.beta, compiled.beta, rtol=1e-8 if same_steps else 1e-6, atol=1e-10)
+    np.testing.assert_allclose(host.theta, compiled.theta, rtol=1e-5, atol=1e-7 if same_steps else 1e-6)
+    np.testing.assert_allclose(host.beta_se, compiled.beta_se, rtol=1e-6 if same_steps else 1e-5)
+    np.testing.assert_allclose(host.sigma, compiled.sigma, rtol=1e-7 if same_steps else 1e-6)
+    np.testing.assert_allclose(host.ranef.condval, compiled.ranef.condval, rtol=1e-5, atol=1e-7 if same_steps else 1e-6)
+    np.testing.assert_allclose(host.ranef.condsd, compiled.ranef.condsd, rtol=1e-6 if same_steps else 1e-5,
+                               atol=1e-9 if same_steps else 1e-6)
     assert (host.converged == compiled.converged).all() and (host.is_singular == compiled.is_singular).all()

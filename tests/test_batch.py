@@ -242,9 +242,11 @@ def test_known_residual_sds_equal_lmm_per_dataset(meta, meta_batch):
         np.testing.assert_allclose(batch.fixef.iloc[i], fit.fixef, rtol=1e-6)
         np.testing.assert_allclose(batch.fixef_se.iloc[i], fit.fixef_se, rtol=1e-5)
         ranef = batch.ranef.query("dataset == @label")
-        scale = np.abs(fit.ranef.condval).max() + 1e-12
+        # the BLUPs' scale, or the estimates' where a singular fit's BLUPs are all zero (the batch's theta of
+        # ``flat`` stops within rounding of zero, hp.lmm's on its bound)
+        scale = max(np.abs(fit.ranef.condval).max(), np.std(frames[label].y))
         np.testing.assert_allclose(ranef.condval, fit.ranef.condval, atol=1e-5 * scale)
-        np.testing.assert_allclose(ranef.condsd, fit.ranef.condsd, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(ranef.condsd, fit.ranef.condsd, rtol=1e-5, atol=1e-5 * scale)
         varcorr = batch.varcorr.query("dataset == @label")
         assert varcorr.grp.tolist() == fit.varcorr.grp.tolist()
         np.testing.assert_allclose(varcorr.sdcor.to_numpy(), fit.varcorr.sdcor.to_numpy(), atol=1e-5)
@@ -390,25 +392,24 @@ def test_the_rule_puts_small_float64_batches_on_the_host(replicates):
     wide = hp.datasets.sleepstudy_replicates(2, seed=1).assign(d2=lambda f: (f.Days - 4.5) ** 2, d3=lambda f: f.Days**3)
     plan4 = plan_batch("Reaction ~ Days + (Days + d2 + d3 | Subject)", wide, "dataset", "fit_batch", "hp.lmm",
                        one_term=False)
-    assert not fit_module._on_host(plan4, np.float64, None, True)  # 10 parameters: compiled
-    plan3 = plan_batch("Reaction ~ Days + (Days + d2 | Subject)", wide, "dataset", "fit_batch", "hp.lmm",
-                       one_term=False)
-    assert fit_module._on_host(plan3, np.float64, None, True) == (jax.default_backend() == "cpu")  # 6: the host
+    # any width: the host search's gradient is the written-out adjoint
+    assert fit_module._on_host(plan4, np.float64, None, True) == (jax.default_backend() == "cpu")
 
 
 def test_the_host_optimizer_equals_the_compiled_program(replicates, monkeypatch):
-    assert_same_fits(*_host_and_compiled(monkeypatch, SLEEP, replicates, by="dataset"))
+    assert_same_fits(*_host_and_compiled(monkeypatch, SLEEP, replicates, by="dataset"), same_steps=False)
 
 
 def test_the_host_optimizer_equals_the_compiled_program_with_weights_offset_and_ml(replicates, monkeypatch):
     data = weighted(replicates[replicates.dataset < 20])
-    assert_same_fits(*_host_and_compiled(monkeypatch, SLEEP, data, weights="w", offset="off", reml=False))
+    assert_same_fits(*_host_and_compiled(monkeypatch, SLEEP, data, weights="w", offset="off", reml=False),
+                     same_steps=False)
 
 
 def test_the_host_optimizer_equals_the_compiled_program_with_known_sds(meta, monkeypatch):
     host, compiled = _host_and_compiled(monkeypatch, META, {k: v for k, v in meta[1].items() if k != "one"},
                                         se="se")
-    assert_same_fits(host, compiled)
+    assert_same_fits(host, compiled, same_steps=False)
 
 
 def test_canonical_theta_of_many_rows_equals_row_by_row():

@@ -278,7 +278,8 @@ def test_one_term_specialisation_equals_the_general_path(formula, extra):
     # the one-term criterion (sufficient statistics, complex-step gradient) is the general
     # blocked criterion (adjoint gradient) of the same model, with weights, offsets and se=
     from hierpool.algebra import one_term
-    from hierpool.algebra.criterion import objective_and_gradient_on_host
+    from hierpool.algebra.batched_systems import statistics_systems
+    from hierpool.algebra.criterion import host_objective_and_gradient, objective_and_gradient_on_host
     from hierpool.algebra.statistics import one_dataset_statistics
 
     rng = np.random.default_rng(5)
@@ -290,12 +291,20 @@ def test_one_term_specialisation_equals_the_general_path(formula, extra):
     sigma_known = model.design.sigma_known
     points = rng.uniform(-0.5, 1.5, (3, model.n_theta))
     points[0, 0] = 0.0  # a boundary point
+    # hp.fit_batch's one-term host search: the general criterion of the statistics' systems, a batch of one
+    batch = statistics_systems(stats.map_arrays(lambda a: np.asarray(a)[None, None]), sigma_known)
     for reml in (True, False):
         values, gradients = one_term.value_and_gradient(points, stats, reml, sigma_known)
-        for theta, value, gradient in zip(points, values, gradients):
+        batch_values, batch_gradients = host_objective_and_gradient(batch, reml, n=np.asarray(stats.n)[None, None])(
+            points[None])
+        for theta, value, gradient, batch_value, batch_gradient in zip(points, values, gradients, batch_values[0],
+                                                                        batch_gradients[0]):
             general_value, general_gradient = objective_and_gradient_on_host(theta, model.system, reml)
             assert value == pytest.approx(general_value, rel=1e-11)
-            np.testing.assert_allclose(gradient, general_gradient, rtol=1e-8, atol=1e-9 * np.max(np.abs(general_gradient)))
+            assert batch_value == pytest.approx(general_value, rel=1e-11)
+            scale = 1e-9 * np.max(np.abs(general_gradient))
+            np.testing.assert_allclose(gradient, general_gradient, rtol=1e-8, atol=scale)
+            np.testing.assert_allclose(batch_gradient, general_gradient, rtol=1e-8, atol=scale)
     from hierpool.algebra.henderson import solve
 
     theta = np.abs(points[1])

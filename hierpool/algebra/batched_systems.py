@@ -124,6 +124,31 @@ def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, 
     return system, np.bincount(dataset, minlength=n_datasets).astype(float)
 
 
+def statistics_systems(stats, sigma_known: bool = False) -> MixedModelSystem:
+    """A one-term batch's sufficient statistics (:class:`~hierpool.algebra.statistics.BatchStatistics`) as the
+    general path's systems, in :func:`shared_grid`'s form (the arrays keep the statistics' leading axes).
+
+    The one-term system's blocks are the statistics themselves: A00 = Z_l^T W Z_l, the couplings Z_l^T W X and
+    Z_l^T W y (every level meets the one X and y cell), and the rest [[X^T W X, X^T W y], [y^T W X, y^T W y]]
+    (Bates et al. 2015, eq. 18), so the general criterion and its written-out adjoint
+    (:func:`hierpool.algebra.criterion.host_objective_and_gradient`) evaluate the one-term model from them
+    (``hp.fit_batch``'s one-term host search, :func:`hierpool.batch.terms_search.search_statistics_on_host`).
+    """
+    ell, k = stats.ztz.shape[-3], stats.ztz.shape[-1]
+    p = stats.xtx.shape[-1]
+    levels, cell = np.arange(ell, dtype=np.int32), np.zeros(ell, dtype=np.int32)
+    couplings = [Coupling(levels, cell, stats.zty[..., None])]
+    if p:
+        couplings.insert(0, Coupling(levels, cell, stats.ztx))
+    yty = np.asarray(stats.yty)[..., None, None]
+    xty = np.asarray(stats.xty)[..., :, None]
+    rest = np.concatenate([np.concatenate([stats.xtx, xty], axis=-1),
+                           np.concatenate([np.swapaxes(xty, -1, -2), yty], axis=-1)], axis=-2)
+    layout = Layout(n=None, p=p, ks=(k,), n_levels=(ell,), sigma_known=sigma_known, dense_only=True)
+    return MixedModelSystem(a00=stats.ztz, couplings=tuple(couplings), pairs=(), rest=rest,
+                            log_weights=stats.log_weights, beta_shift=stats.beta_shift, layout=layout)
+
+
 def dense_entries(layout_widths, ks, p: int) -> int:
     """The dense coupling's values per dataset (ell0 k0 m) for term widths ``layout_widths`` and widths ``ks``."""
     m = sum(ell * k for ell, k in zip(layout_widths[1:], ks[1:])) + p + 1

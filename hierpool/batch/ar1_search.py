@@ -36,8 +36,9 @@ from ..algebra.one_term import COMPLEX_STEP, complex_objective, solution
 from ..algebra.statistics import location_shifts
 from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u, lag_one_phis
 from ..closedform.optimize import Control
-from .optimize import moment_start, newton_on_host, one_term_on_host
+from .optimize import moment_start, newton_on_host
 from .plan import HOST_PROBE_ARRAYS
+from .terms_search import search_statistics_on_host
 
 
 def host_bytes(k: int, p: int, ell: int, lag_classes: int, rows: int) -> int:
@@ -120,7 +121,7 @@ def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) ->
     D = len(data.n)
     u_first = np.full((D, 1), first_u(continuous))
     stats = _at_one_phi(data.statistics(constrained_phi(u_first, continuous)))
-    theta = one_term_on_host(stats, moment_start(stats), reml=reml, max_iterations=max_iterations)["theta"]
+    theta = search_statistics_on_host(stats, moment_start(stats), reml, max_iterations)["theta"]
     solved = solution(theta, stats, reml=True)  # hp.lmm's residuals are the REML solution's
     u = data.start_u(data.residuals(np.asarray(solved.beta), np.asarray(solved.b[0])), continuous)
     # theta from that fit, as hp.lmm's next fit starts from the last one's, unless it is singular (lme4's rule;

@@ -32,6 +32,7 @@ from ..algebra.one_term import COMPLEX_STEP
 from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u
 from ..closedform.optimize import Control
 from .ar1_search import ChunkRows, distinct_columns
+from .fit_terms import host_bytes as fit_terms_host_bytes
 from .optimize import DECREASE_TOL, newton_on_host
 from .terms_search import search_on_host as theta_search
 from .terms_search import solved_entries
@@ -39,12 +40,9 @@ from .terms_search import solved_entries
 
 def host_bytes(ks, widths, p: int) -> int:
     """A chunk's bytes per dataset (:func:`hierpool.batch.plan.host_chunk`): the several-term host search's
-    (``8 (n_theta + 1) (10 m^2 + 3 ell0 k0 m)``, m = sum_(j>0) ell_j k_j + p + 1), two and a half times, for the
-    complex systems of the step in u and the three builds of each (measured: benchmarks/RESULTS.md, nineteenth
-    session)."""
-    n_theta = sum(k * (k + 1) // 2 for k in ks) + 1
-    m = sum(w * k for w, k in zip(widths[1:], ks[1:])) + p + 1
-    return 20 * (n_theta + 1) * (10 * m * m + 3 * widths[0] * ks[0] * m)
+    (:func:`hierpool.batch.fit_terms.host_bytes`) two and a half times, for the complex systems of the step in u
+    and the three builds of each (measured: benchmarks/RESULTS.md, nineteenth session)."""
+    return 5 * fit_terms_host_bytes(ks, widths, p) // 2
 
 
 class TermsChunk(ChunkRows):

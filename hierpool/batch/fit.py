@@ -8,12 +8,11 @@ failures kept in their row) is :mod:`hierpool.batch.plan`'s.  Device memory is
 bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
 
 * one term: about ``40 * ell * k * (k + p + 1) * 8`` of working set (the statistics
-  and the optimizer's probes); on the host (below), about ``HOST_PROBE_ARRAYS * (m + 1) * m * ell * 16``
-  with ``m = k(k+1)/2`` (the complex-step probes of the datasets still searching);
+  and the optimizer's probes); on the host (below), the several-term host search's (next item) with one term;
 * several terms (:mod:`hierpool.batch.fit_terms`): its system, ``8 * (ell0 k0^2 +
   ell0 k0 m + m^2)`` with ``m = sum_(j>0) ell_j k_j + p + 1`` (the padded levels), held
   by each of the optimizer's ``n_theta + 1`` probes; on the host (below), about
-  ``8 * (n_theta + 1) * (10 m^2 + 3 ell0 k0 m)`` (the temporaries of every probe, a call's
+  ``8 * (n_theta + 1) * (10 m^2 + 3 ell0 k0 m + 8 k0^2 ell0)`` (the temporaries of every probe, a call's
   default chunk bounded by ``plan.HOST_CHUNK_BYTES``; one call per core at a time, so
   about ``os.cpu_count()`` times that at the peak);
 * a GLMM (:mod:`hierpool.batch.fit_glmm`): its padded rows, ``8 * n * (3 + p + sum k_j)``
@@ -30,16 +29,16 @@ alone by ``hp.lmm`` (``polish=True``); each is marked in ``refit`` and explained
 in ``messages``, so a batched optimizer that fails is seen, not papered over.
 On a CPU, linear-model batches of up to ``QUICK_COMPILE_MAX_VALUES`` statistics compile with
 :mod:`hierpool.algebra.compiler_options`' quick options: their run is shorter than
-LLVM's optimization of the programs.  One-term batches of that size with at most
-``HOST_MAX_THETA`` parameters compile nothing: the same Newton's method runs on the
-host (:func:`hierpool.batch.optimize.newton_on_host`, NumPy over the datasets still
-searching, the criterion's gradient by the complex step), in less time than XLA
+LLVM's optimization of the programs.  One-term batches of that size compile nothing: the
+several-term batches' host search runs on their statistics' systems
+(:func:`hierpool.batch.terms_search.search_statistics_on_host`: Newton's method in NumPy over the datasets still
+searching, the criterion's gradient its written-out adjoint), in less time than XLA
 would take to compile it ("compile only where compiling pays").  Several-term batches
 in float64 on one CPU device compile nothing at any size: the same Newton's method on
 the blocked criterion and its written-out gradient, a chunk's datasets at once
 (:mod:`hierpool.batch.fit_terms`, "On the host"); so do binomial and Poisson GLMM batches
 (:mod:`hierpool.batch.fit_glmm`, Laplace by :mod:`hierpool.algebra.laplace_batch`) and batches with AR(1) residuals
-(theta and phi searched together: one term of at most ``HOST_MAX_THETA`` parameters from per-level lagged moments,
+(theta and phi searched together: one term of at most ``plan.HOST_MAX_THETA`` parameters from per-level lagged moments,
 :mod:`hierpool.batch.ar1_search`; several terms on their whitened systems, :mod:`hierpool.batch.ar1_terms_search`).
 """
 
@@ -66,11 +65,9 @@ from ..spec.family import family_spec
 from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
 from .fit_glmm import fit_glmm, glmm_problems
-from .fit_terms import empty_results, fit_terms
-from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start, one_term_on_host
+from .fit_terms import empty_results, fit_terms, host_bytes
+from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
 from .plan import (
-    HOST_MAX_THETA,
-    HOST_PROBE_ARRAYS,
     QUICK_COMPILE_MAX_VALUES,
     chunks,
     fetch,
@@ -83,6 +80,7 @@ from .plan import (
     thread_count,
 )
 from .results import BatchResult, BatchTerm
+from .terms_search import search_statistics_on_host
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
@@ -156,8 +154,8 @@ def _programs(stats, reml: bool, max_iterations: int, sigma_known: bool, shardin
 
 
 def _optimize_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: int, sigma_known: bool) -> dict:
-    """:func:`_optimize_rows` on the host (:func:`hierpool.batch.optimize.one_term_on_host`)."""
-    return one_term_on_host(stats, start, reml=reml, max_iterations=max_iterations, sigma_known=sigma_known)
+    """:func:`_optimize_rows` on the host (:func:`hierpool.batch.terms_search.search_statistics_on_host`)."""
+    return search_statistics_on_host(stats, start, reml, max_iterations, sigma_known)
 
 
 def _solve_on_host(theta: np.ndarray, stats, *, reml: bool, sigma_known: bool):
@@ -174,12 +172,11 @@ def _done(value) -> Future:
 
 def _on_host(plan, float_type, sharding, quick: bool) -> bool:
     """Whether a one-term batch is optimized on the host rather than by a compiled program: on one CPU device, in
-    float64 (the complex step), where its programs would compile quick (their run is short: a NumPy loop over
-    the datasets still searching wastes nothing on those that have stopped, and compiles nothing), and with at
-    most :data:`HOST_MAX_THETA` parameters ("compile only where compiling pays";
-    benchmarks/RESULTS.md, "Batch fitting for every model, tenth session")."""
-    k = plan.term.k
-    return host_fits(float_type, sharding) and quick and k * (k + 1) // 2 <= HOST_MAX_THETA
+    float64, where its programs would compile quick (their run is short: a NumPy loop over the datasets still
+    searching wastes nothing on those that have stopped, and compiles nothing: "compile only where compiling
+    pays").  Any width: the host search's gradient is the written-out adjoint, whose cost does not grow with the
+    parameters as the complex step's did (benchmarks/RESULTS.md, twentieth session)."""
+    return host_fits(float_type, sharding) and quick
 
 
 def _default_chunk(family) -> int:
@@ -423,9 +420,8 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     host = _on_host(plan, float_type, sharding, quick)
     if host:
         workers = thread_count(None)  # NumPy: no jaxlib LAPACK split to guard against (plan.thread_count)
-        if chunk_size is None:
-            m = k * (k + 1) // 2
-            chunk_size = host_chunk(HOST_PROBE_ARRAYS * (m + 1) * m * int(n_levels.max()) * 16)
+        if chunk_size is None:  # the several-term host search's temporaries, for one term
+            chunk_size = host_chunk(host_bytes((k,), (int(n_levels.max()),), p))
     chunk_size = chunk_size or _default_chunk(None)
     # chunk shapes follow from the level counts alone: start compiling (in the background) before
     # the statistics are computed, and before the threads start (they would each compile)

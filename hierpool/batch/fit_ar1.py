@@ -302,8 +302,8 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
 
 def _on_host(plan: BatchPlan, float_type, sharding) -> bool:
     """Whether the batch is searched on the host (:mod:`hierpool.batch.ar1_search`): one random-effect term (its
-    per-level moments) of at most :data:`hierpool.batch.plan.HOST_MAX_THETA` parameters (as the one-term path's:
-    the complex step costs an evaluation per parameter), on one CPU device in float64.  Several terms go to
+    per-level moments) of at most :data:`hierpool.batch.plan.HOST_MAX_THETA` parameters (its complex step in
+    (theta, u) costs an evaluation per parameter), on one CPU device in float64.  Several terms go to
     :func:`_terms_on_host`; a wider term, accelerators and sharded batches compile the golden-section search."""
     terms = plan.design.terms
     return len(terms) == 1 and terms[0].k * (terms[0].k + 1) // 2 <= HOST_MAX_THETA and host_fits(float_type, sharding)

@@ -307,13 +307,16 @@ def _on_host(float_type, sharding) -> bool:
     return host_fits(float_type, sharding)
 
 
-def host_bytes(systems) -> int:
-    """A host call's temporaries per dataset (:func:`hierpool.batch.plan.host_chunk`): about ten (m x m) matrices
-    and three (ell0 k0 x m) products per probe (m the rest's columns), n_theta + 1 probes per dataset (a point and
-    its forward differences)."""
-    layout = systems.layout
-    ell0, k0, m = layout.n_levels[0], layout.ks[0], systems.rest.shape[-1]
-    return 8 * (layout.n_theta + 1) * (10 * m * m + 3 * ell0 * k0 * m)
+def host_bytes(ks, widths, p: int) -> int:
+    """A host call's temporaries per dataset (:func:`hierpool.batch.plan.host_chunk`) for terms of widths ``ks`` and
+    padded level counts ``widths``: about ten (m x m) matrices and three (ell0 k0 x m) products per probe (m the
+    rest's columns, m = sum_(j>0) ell_j k_j + p + 1), and term 0's entry lists
+    (:mod:`hierpool.algebra.term0_entries`, about 8 k0^2 arrays of its levels), n_theta + 1 probes per dataset (a
+    point and its forward differences)."""
+    n_theta = sum(k * (k + 1) // 2 for k in ks)
+    m = sum(w * k for w, k in zip(widths[1:], ks[1:])) + p + 1
+    ell0, k0 = widths[0], ks[0]
+    return 8 * (n_theta + 1) * (10 * m * m + 3 * ell0 * k0 * m + 8 * k0 * k0 * ell0)
 
 
 def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None, progress, max_iterations: int,
@@ -339,7 +342,8 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
         # beta0 stays float64 and is added on the host: in float32 a large common location of y would lose digits
         shift, systems = systems.beta_shift, dataclasses.replace(systems, beta_shift=np.zeros((len(members), p)))
         if host:  # unpadded chunks, threads (NumPy), nothing compiled
-            size = host_chunk_length(len(members), chunk_size or host_chunk(host_bytes(systems)), thread_count(None))
+            most = chunk_size or host_chunk(host_bytes(systems.layout.ks, systems.layout.n_levels, p))
+            size = host_chunk_length(len(members), most, thread_count(None))
             systems = shared_grid(systems, slice(None))  # the grid checked and held once per bucket (views)
             for chunk in chunks(0, np.arange(len(members)), size, 1):
                 rows = chunk.index[:chunk.count]

@@ -29,7 +29,7 @@ import numpy as np
 from ..algebra.jax_runtime import jax, jnp  # imported on first use: the host search runs without JAX
 from ..algebra.linalg import canonical_theta as canonical_rows
 from ..algebra.linalg import cholesky, theta_to_factors, tril_positions
-from ..algebra.one_term import objective, value_and_gradient
+from ..algebra.one_term import objective
 from ..algebra.start import moment_theta
 
 STEP_LENGTHS = (1.0,)
@@ -422,7 +422,10 @@ def minimize_one(stats, theta0, reml: bool = True, max_iterations: int = MAX_ITE
     ``sigma_known``: the residual sds are known (``se=``), carried by the statistics' weights
     1 / se^2, and sigma is 1 (``hp.lmm``'s criterion).
     """
-    return newton(partial(objective, stats=stats, reml=reml, sigma_known=sigma_known), theta0, max_iterations)
+    # the host search's stop on the decrease the model promises too (DECREASE_TOL, as the several-term programs),
+    # so that both paths stop by the same rules
+    return newton(partial(objective, stats=stats, reml=reml, sigma_known=sigma_known), theta0, max_iterations,
+                  decrease_tol=DECREASE_TOL)
 
 
 def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None, fd_width=None,
@@ -504,18 +507,6 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
                                          converged_decrease, jnp)
     out = (theta, value, newton_step, iterations - 1, converged)
     return out + (curvature,) * with_curvature + (aux,) * has_aux
-
-
-def one_term_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: int, sigma_known: bool = False) -> dict:
-    """A one-term chunk's search on the host (:func:`optimize_on_host`): Newton's method of every dataset of ``stats``
-    (a leading dataset axis) from ``start``, on the criterion of :func:`hierpool.algebra.one_term.value_and_gradient`
-    (NumPy; its gradient the complex step).  ``hp.fit_batch``'s one-term path and the AR(1) host search's start."""
-    def value_and_grad(points, rows):
-        # (A, Q) points of datasets ``rows``: their statistics broadcast over the points and the complex steps
-        return value_and_gradient(points, stats.map_arrays(lambda a: a[rows][:, None, None]), reml=reml,
-                                  sigma_known=sigma_known, domain_checked=True)
-
-    return optimize_on_host(value_and_grad, start, max_iterations, (stats.ztz.shape[-1],))
 
 
 def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks, *,

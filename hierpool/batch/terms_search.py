@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..algebra.batched_systems import shared_grid
+from ..algebra.batched_systems import shared_grid, statistics_systems
 from ..algebra.criterion import host_objective_and_gradient
 from ..algebra.henderson import solve
 from ..algebra.linalg import rank_reduced_theta
@@ -108,6 +108,21 @@ def _negative_curvature(curvature: np.ndarray) -> np.ndarray:
     values = np.linalg.eigvalsh(np.where(finite[:, None, None], curvature, np.eye(curvature.shape[-1])))
     scale = np.maximum(np.max(np.abs(values), axis=-1), 1.0)
     return finite & (values[:, 0] < -NEGATIVE_CURVATURE * scale)
+
+
+def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iterations: int,
+                              sigma_known: bool = False) -> dict:
+    """:func:`search_on_host` for a one-term chunk given by its sufficient statistics (a leading dataset axis):
+    the same search on the same criterion, of the statistics' systems
+    (:func:`hierpool.algebra.batched_systems.statistics_systems`).  ``hp.fit_batch``'s one-term path on the host and
+    the AR(1) host search's start.
+
+    The one-term specialisation's complex-step gradient (:func:`hierpool.algebra.one_term.value_and_gradient`) costs
+    one complex evaluation per parameter, the written-out adjoint a few real passes whatever their number; with
+    term 0's small blocks written out entry by entry (:mod:`hierpool.algebra.term0_entries`) the general path is the
+    faster one on the host from one coefficient a level up (benchmarks/RESULTS.md, twentieth session).
+    """
+    return search_on_host(statistics_systems(stats, sigma_known), np.asarray(stats.n), start, reml, max_iterations)
 
 
 def fit_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int) -> dict:
