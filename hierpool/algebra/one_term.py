@@ -123,8 +123,7 @@ def objective(theta: jax.Array, stats, reml: bool = True, sigma_known: bool = Fa
 COMPLEX_STEP = 1e-30
 
 
-def value_and_gradient(theta: np.ndarray, stats, reml: bool = True, sigma_known: bool = False,
-                       domain_checked: bool = False):
+def value_and_gradient(theta: np.ndarray, stats, reml: bool = True, sigma_known: bool = False):
     """The criterion and its gradient on the host, in one NumPy evaluation.
 
     The gradient is the complex step (Squire & Trapp 1998; Martins et al. 2003):
@@ -141,18 +140,13 @@ def value_and_gradient(theta: np.ndarray, stats, reml: bool = True, sigma_known:
 
     ``theta`` of shape (n_theta,) gives (float, (n_theta,) array); leading axes
     (..., n_theta) give values (...) and gradients (..., n_theta), all in one evaluation.
-
-    ``domain_checked``: NaN where the real criterion is undefined (a penalized residual sum of squares
-    or a pivot of X's block not positive, by rounding at a degenerate theta), where the complex logarithm
-    and square root would still give a finite real part (``hp.fit_batch``'s Newton search on the host,
-    which must reject such a step as the compiled program's NaN does).
     """
     theta = np.asarray(theta, dtype=float)
     size = theta.shape[-1]
     directions = theta[..., None, :] + 1j * COMPLEX_STEP * np.eye(size)  # (..., n_theta, n_theta)
     if not size:
         directions = theta[..., None, :].astype(complex)
-    values = complex_objective(directions, stats, reml, sigma_known, domain_checked)
+    values = complex_objective(directions, stats, reml, sigma_known)
     value = values[..., 0].real
     gradient = values.imag / COMPLEX_STEP if size else np.zeros(theta.shape)
     if theta.ndim == 1:
@@ -165,7 +159,9 @@ def complex_objective(theta: np.ndarray, stats, reml: bool = True, sigma_known: 
     """:func:`objective` at complex points on the host (the complex step's evaluations, :func:`value_and_gradient`):
     ``theta`` and the statistics may both be complex (a step in a parameter the statistics depend on, an AR(1)
     correlation's: :mod:`hierpool.batch.ar1_search`), their leading axes broadcast.  ``domain_checked``: NaN where
-    the real criterion is undefined (:func:`value_and_gradient`)."""
+    the real criterion is undefined (a penalized residual sum of squares or a pivot of X's block not positive, by
+    rounding at a degenerate theta), where the complex logarithm and square root would still give a finite real
+    part (the AR(1) host search, which must reject such a step as the compiled program's NaN does)."""
     if not domain_checked:
         return objective(theta, stats, reml, sigma_known)
     *_, chol_x_inv, _, pwrss, logdet_z, logdet_x = _profiled(theta, stats)
