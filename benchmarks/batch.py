@@ -15,6 +15,9 @@
     python benchmarks/batch.py --glmm-cloglog 1000  # Bernoulli cloglog, 20 x 8 crossed: out/glmm_cloglog.json
     python benchmarks/batch.py --lmm-slopes-nested 1000   # Gaussian, (1 + x | g) + (1 | g:h): out/lmm_slopes_nested.json
     python benchmarks/batch.py --lmm-crossed-slopes 1000  # Gaussian, 30 x 20 crossed with slopes: out/lmm_crossed_slopes.json
+    python benchmarks/batch.py --lmm-wide-slopes 1000     # Gaussian, (1 + x + z | g), 15 x 12: out/lmm_wide_slopes.json
+    python benchmarks/batch.py --lmm-three-nested 1000    # Gaussian, three nested levels: out/lmm_three_nested.json
+    python benchmarks/batch.py --glmm-uncorrelated 1000   # Bernoulli, (1 + x || g), 30 x 10: out/glmm_uncorrelated.json
     python benchmarks/batch.py --ar1 1000           # Ovary-shaped, corAR1, (1 | Mare), against nlme: out/ar1.json
     python benchmarks/batch.py --car1 1000          # BodyWeight-shaped, corCAR1, (Time | Rat): out/car1.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
@@ -234,6 +237,28 @@ MODELS = {
                                 "d0$x1 <- rnorm(nrow(d0)); d0$x2 <- rnorm(nrow(d0)); d0$x3 <- rnorm(nrow(d0))",
                          params="list(beta = c(-0.8, 0.5, 0.3, -0.3), theta = c(0.7, 0.4))",
                          r_fit="glmer(FORMULA, d, binomial('cloglog'))", r_crit="-2 * as.numeric(logLik(fit))"),
+    # the class beyond the models above (twentieth session): a three-coefficient term, three nested levels, and
+    # uncorrelated slopes ((1 + x || g): two terms on one factor) of a binomial GLMM
+    "lmm_wide_slopes": dict(help="Gaussian datasets, (1 + x + z | g), 15 groups x 12, against a lmer loop",
+                            factors=["g"], formula="y ~ x + z + (1 + x + z | g)", response="y", family=None,
+                            r_family="gaussian",
+                            design="d0 <- expand.grid(j = 1:12, g = factor(1:15)); set.seed(22); "
+                                   "d0$x <- rnorm(nrow(d0)); d0$z <- rnorm(nrow(d0))",
+                            params="list(beta = c(1, 0.5, -0.3), theta = c(0.8, 0.2, 0.1, 0.5, -0.1, 0.4), sigma = 1)",
+                            r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)"),
+    "lmm_three_nested": dict(help="Gaussian datasets, (1 | a) + (1 | a:b) + (1 | a:b:c), 6 x 3 x 3 x 3, against lmer",
+                             factors=["a", "b", "c"], formula="y ~ x + (1 | a) + (1 | a:b) + (1 | a:b:c)",
+                             response="y", family=None, r_family="gaussian",
+                             design="d0 <- expand.grid(j = 1:3, c = factor(1:3), b = factor(1:3), a = factor(1:6)); "
+                                    "set.seed(23); d0$x <- rnorm(nrow(d0))",
+                             params="list(beta = c(1, 0.5), theta = c(0.8, 0.6, 0.5), sigma = 1)",
+                             r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)"),
+    "glmm_uncorrelated": dict(help="Bernoulli datasets, (1 + x || g), 30 groups x 10, against a glmer loop",
+                              factors=["g"], formula="y ~ x + (1 + x || g)", response="y", family="binomial",
+                              design="d0 <- expand.grid(j = 1:10, g = factor(1:30)); set.seed(24); "
+                                     "d0$x <- rnorm(nrow(d0))",
+                              params="list(beta = c(-0.3, 0.5), theta = c(0.8, 0.4))",
+                              r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))"),
 }
 
 SIMULATE_R = textwrap.dedent(
