@@ -273,6 +273,7 @@ def test_host_and_compiled_paths_agree(name, formula):
     ("Reaction ~ Days + (1 | Subject)", dict(se="s")),
     ("Reaction ~ 1 + (Days + I(Days**2) | Subject)", dict(weights="w")),  # k = 3
     ("Reaction ~ C(Days) + (1 | Subject)", dict(offset="o")),  # p = 10: past the unrolled Cholesky
+    ("Reaction ~ 0 + (Days | Subject)", dict(offset="o")),  # p = 0: y's coupling alone
 ])
 def test_one_term_specialisation_equals_the_general_path(formula, extra):
     # the one-term criterion (sufficient statistics, complex-step gradient) is the general

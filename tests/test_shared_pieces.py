@@ -4,6 +4,8 @@ A special case kept for speed (sufficient statistics instead of rows, one theta 
 of a batch) is asserted equal to the general piece here; no test compiles a sampler.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,14 +268,10 @@ def test_dataset_cells_is_the_two_axis_index_of_a_batch_s_blocks():
     np.testing.assert_array_equal(dataset_cells(transposed, dataset, level), transposed[dataset, level])
 
 
-def test_term0_factor_s_matrix_products_and_its_paired_einsum_agree(monkeypatch):
+def test_term0_factor_s_matrix_products_and_its_paired_einsum_agree():
     # the host forms T0^T A00_l T0 by matrix products up to MATMUL_MAX_BLOCKS blocks and by the paired einsum past
-    # them: a stack on either side of the bound, and its halves, give the same factors (the stacked forms: small
-    # blocks are otherwise written out entry by entry, tested below)
-    from hierpool.algebra import term0_entries
+    # them: a stack on either side of the bound, and its halves, give the same factors
     from hierpool.algebra.criterion import MATMUL_MAX_BLOCKS, term0_factor
-
-    monkeypatch.setattr(term0_entries, "MAX_K0", 0)
 
     rng = np.random.default_rng(6)
     for k in (1, 2, 3):
@@ -289,34 +287,56 @@ def test_term0_factor_s_matrix_products_and_its_paired_einsum_agree(monkeypatch)
         np.testing.assert_allclose(chol @ np.swapaxes(chol, -1, -2), expected, rtol=1e-12, atol=1e-12 * expected.max())
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_term0_written_out_entry_by_entry_is_the_stacked_forms(k, monkeypatch):
-    # term 0's factor, M_l, P_l and the adjoint on the host, entry by entry (small blocks), against the stacked
-    # matrix forms, on a batch's axes (datasets, points against datasets, 1) and at complex points (the complex step)
+def _term0_both_ways(monkeypatch, t0, a00, grad_m):
+    """Term 0's value, M_l, P_l, adjoint (lower triangle: all theta reads) and factors, written out entry by entry
+    and by the stacked forms."""
     from hierpool.algebra import criterion, term0_entries
 
-    rng = np.random.default_rng(8)
-    t0 = np.tril(rng.normal(size=(3, 4, k, k)))
-    a = rng.normal(size=(3, 1, 7, k, k + 2))
-    a00 = a @ np.swapaxes(a, -1, -2)
-    grad_m = rng.normal(size=(3, 4, 7, k, k))
-    steps = t0 + 1e-30j * np.tril(rng.normal(size=t0.shape))
     results = {}
     for written_out in (True, False):
         monkeypatch.setattr(term0_entries, "MAX_K0", 3 if written_out else 0)
         assert term0_entries.applies(t0, a00) == written_out
         (logdet, m_levels), (_, _, p_levels) = criterion._term0_values(t0, a00)
-        adjoint = criterion._term0_adjoint(a00, m_levels, p_levels, 0.7, grad_m)
-        forward = criterion._term0_forward(t0, a00)
-        results[written_out] = (logdet, m_levels, p_levels, adjoint, *forward, criterion._term0_forward(steps, a00)[0])
-    for entries, stacked in zip(results[True], results[False]):
-        assert entries.shape == stacked.shape
-        np.testing.assert_allclose(entries.real, stacked.real, rtol=1e-11, atol=1e-13)
-        np.testing.assert_allclose(entries.imag, stacked.imag, rtol=1e-9, atol=1e-45)
-    # and the factor is the factor of T0^T A00_l T0 + I
-    chol = results[True][6]
+        adjoint = np.tril(criterion._term0_adjoint(a00, m_levels, p_levels, 0.7, grad_m))
+        value = criterion._term0_value(t0, a00)
+        results[written_out] = (logdet, m_levels, p_levels, adjoint, *value, *criterion._term0_forward(t0, a00))
+    return results[True], results[False]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_term0_written_out_entry_by_entry_is_the_stacked_forms(k, monkeypatch):
+    # term 0's factor, M_l, P_l and the adjoint on the host, entry by entry (small blocks), against the stacked
+    # matrix forms: on a batch's axes (datasets, points against datasets, 1), on one system, at complex points (the
+    # complex step in theta, and in the systems: the AR(1) search's), and with a block that is not positive definite
+    rng = np.random.default_rng(8)
+    t0 = np.tril(rng.normal(size=(3, 4, k, k)))
+    a = rng.normal(size=(3, 1, 7, k, k + 2))
+    a00 = a @ np.swapaxes(a, -1, -2)
+    grad_m = rng.normal(size=(3, 4, 7, k, k))
+    cases = [(t0, a00, grad_m), (t0[0, 0], a00[0, 0], grad_m[0, 0]),
+             (t0 + 1e-30j * np.tril(rng.normal(size=t0.shape)), a00, grad_m),
+             (t0, a00 + 1e-30j * a00[:, :, ::-1], grad_m)]
+    for t, a_, g in cases:
+        entries, stacked = _term0_both_ways(monkeypatch, t, a_, g)
+        for x, y in zip(entries, stacked):
+            assert x.shape == y.shape and x.dtype == y.dtype
+            np.testing.assert_allclose(x.real, y.real, rtol=1e-11, atol=1e-13)
+            np.testing.assert_allclose(x.imag, y.imag, rtol=1e-9, atol=1e-45)
+    # the factor is the factor of T0^T A00_l T0 + I
+    chol = _term0_both_ways(monkeypatch, t0, a00, grad_m)[0][8]  # the forward's L_l
     expected = np.swapaxes(t0, -1, -2)[:, :, None] @ a00 @ t0[:, :, None] + np.eye(k)
     np.testing.assert_allclose(chol @ np.swapaxes(chol, -1, -2), expected, rtol=1e-12)
+    # a level of dataset 1 whose block is not positive definite: NaN for that dataset's criterion only, no warning
+    indefinite = a00.copy()
+    indefinite[1, 0, 2] = -np.eye(k) * 1e3
+    from hierpool.algebra import criterion, term0_entries
+
+    monkeypatch.setattr(term0_entries, "MAX_K0", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (logdet, m_levels), _ = criterion._term0_values(t0, indefinite)
+    assert np.isnan(logdet[1]).all() and np.isfinite(logdet[[0, 2]]).all()
+    assert np.isnan(m_levels[1, :, 2]).all() and np.isfinite(np.delete(m_levels[1], 2, axis=1)).all()
 
 
 def test_block_product_is_matmul_with_one_column_blocks_taken_elementwise():

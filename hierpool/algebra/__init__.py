@@ -55,7 +55,8 @@ gradient, the solution, the prediction blocks and a GLMM's Laplace gradient also
 
 Specialise, don't fork.  A model with one random-effect term is evaluated from per-level
 sufficient statistics (:mod:`~hierpool.algebra.one_term`: k x k blocks per level, complex-step
-gradient on the host), ending in the same formula
+gradient on the host for ``hp.lmm``; ``hp.fit_batch``'s host search takes the same statistics as
+general systems, :func:`~hierpool.algebra.batched_systems.statistics_systems`), ending in the same formula
 (:func:`~hierpool.algebra.criterion.profiled_criterion`) and returning the same
 :class:`~hierpool.algebra.henderson.Solution`; tests hold the two paths equal.
 

@@ -40,9 +40,9 @@ from .terms_search import solved_entries
 
 def host_bytes(ks, widths, p: int) -> int:
     """A chunk's bytes per dataset (:func:`hierpool.batch.plan.host_chunk`): the several-term host search's
-    (:func:`hierpool.batch.fit_terms.host_bytes`) two and a half times, for the complex systems of the step in u
-    and the three builds of each (measured: benchmarks/RESULTS.md, nineteenth session)."""
-    return 5 * fit_terms_host_bytes(ks, widths, p) // 2
+    (:func:`hierpool.batch.fit_terms.host_bytes`, u one parameter more) two and a half times, for the complex
+    systems of the step in u and the three builds of each (measured: benchmarks/RESULTS.md, nineteenth session)."""
+    return 5 * fit_terms_host_bytes(ks, widths, p, extra_parameters=1) // 2
 
 
 class TermsChunk(ChunkRows):

@@ -307,13 +307,13 @@ def _on_host(float_type, sharding) -> bool:
     return host_fits(float_type, sharding)
 
 
-def host_bytes(ks, widths, p: int) -> int:
+def host_bytes(ks, widths, p: int, extra_parameters: int = 0) -> int:
     """A host call's temporaries per dataset (:func:`hierpool.batch.plan.host_chunk`) for terms of widths ``ks`` and
     padded level counts ``widths``: about ten (m x m) matrices and three (ell0 k0 x m) products per probe (m the
     rest's columns, m = sum_(j>0) ell_j k_j + p + 1), and term 0's entry lists
     (:mod:`hierpool.algebra.term0_entries`, about 8 k0^2 arrays of its levels), n_theta + 1 probes per dataset (a
-    point and its forward differences)."""
-    n_theta = sum(k * (k + 1) // 2 for k in ks)
+    point and its forward differences); ``extra_parameters`` searched beside theta add a probe each (an AR(1)'s u)."""
+    n_theta = sum(k * (k + 1) // 2 for k in ks) + extra_parameters
     m = sum(w * k for w, k in zip(widths[1:], ks[1:])) + p + 1
     ell0, k0 = widths[0], ks[0]
     return 8 * (n_theta + 1) * (10 * m * m + 3 * ell0 * k0 * m + 8 * k0 * k0 * ell0)

@@ -121,6 +121,11 @@ def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iteratio
     one complex evaluation per parameter, the written-out adjoint a few real passes whatever their number; with
     term 0's small blocks written out entry by entry (:mod:`hierpool.algebra.term0_entries`) the general path is the
     faster one on the host from one coefficient a level up (benchmarks/RESULTS.md, twentieth session).
+
+    It is the several-term search in every rule, unlike the compiled one-term program (Newton's method with the
+    same decrease stop): saddle-free steps, the interpolated damping, and for a vector term the restart at the
+    rank-reduced theta after :data:`RESTART_PASSES` passes (so up to that many passes more than ``max_iterations``),
+    whose stop at a negative curvature is not converged (``hp.lmm`` refits that dataset).
     """
     return search_on_host(statistics_systems(stats, sigma_known), np.asarray(stats.n), start, reml, max_iterations)
 
