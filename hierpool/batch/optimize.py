@@ -67,10 +67,9 @@ def _tolerances(dtype):
 MAX_ITERATIONS = 60
 #: The decrease of -2 log L the last quadratic model must still promise for a GLMM or several-term search to go on
 #: (:func:`newton`'s ``decrease_tol``): below it that model's optimum is within 1e-5 standard errors of the
-#: estimates.  GLMMs: a pass more had lowered the criterion by < 1e-10 and moved beta by < 1.3e-6 on 300 datasets
-#: each of --glmm-long and --glmm-slopes (benchmarks/RESULTS.md, "The GLMM class, fifteenth session").  Several-term
-#: linear models: it saves the last pass of 12% of the evaluations on --lmm-crossed-slopes, each criterion within
-#: 1e-10 of the search's without it (benchmarks/RESULTS.md, "The several-term linear class, eighteenth session").
+#: estimates; a pass more changes the criterion and the estimates by no more than rounding and the optimizer's
+#: tolerance (measured on GLMMs in benchmarks/RESULTS.md, "The GLMM class, fifteenth session", and on several-term
+#: linear models in "The several-term linear class, eighteenth session").
 DECREASE_TOL = 1e-10
 #: Smallest eigenvalue of S Sigma S / sigma^2 of a batch start, S the Z columns' root-mean-squares (see
 #: :func:`moment_start`, :func:`hierpool.algebra.start.moment_theta`).

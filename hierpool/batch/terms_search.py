@@ -25,8 +25,9 @@ def solved_entries(solution) -> dict:
 
 
 #: Passes after which a search of a model with a vector term that has not converged is looked at again
-#: (:func:`search_on_host`): on --lmm-slopes-nested the searches that converge take 7 at the median and 11 at the 75th
-#: percentile, while a crawl towards a near-singular term's boundary runs to the cap.
+#: (:func:`search_on_host`): past the passes that converging searches take, while a crawl towards a near-singular
+#: term's boundary would run to the cap (the passes counted in benchmarks/RESULTS.md, "The several-term linear class,
+#: eighteenth session").
 RESTART_PASSES = 12
 #: The criterion at a stalled search's rank-reduced theta, relative to where the search is, up to which the search
 #: restarts there rather than going on (:func:`search_on_host`).
@@ -52,10 +53,9 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     way with up to ``max_iterations`` passes more (``iterations`` counts both runs').  A second run that stops where
     its forward-difference Hessian has a negative direction (:func:`_negative_curvature`: a saddle, next to which a
     restart starts) is not converged.  The lower criterion of the two runs is kept (or the second's, where it
-    converged to the same, to rounding); one left unconverged is refitted by ``hp.lmm``.  On --lmm-slopes-nested the
-    searches then took 45.7 evaluations a dataset instead of 69.9 for the search that ran to ``max_iterations``
-    before restarting, with every criterion within 1.6e-12 (relative) of that search's or below it
-    (benchmarks/RESULTS.md, "The several-term linear class, eighteenth session").
+    converged to the same, to rounding); one left unconverged is refitted by ``hp.lmm``.  The restart saves the
+    passes of those crawls at the same criteria (benchmarks/RESULTS.md, "The several-term linear class, eighteenth
+    session").
 
     The compiled search (accelerators, float32) shares the decrease stop (in float32 rounding reaches it first) but
     has none of the interpolated damping, the saddle-free steps and the restart: a dataset it does not converge on
