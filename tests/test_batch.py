@@ -409,6 +409,13 @@ def test_the_host_optimizer_equals_the_compiled_program_with_weights_offset_and_
                      same_steps=False)
 
 
+def test_the_host_optimizer_equals_the_compiled_program_with_three_coefficients(replicates, monkeypatch):
+    # a term of three coefficients (six parameters), on the host by the several-term search
+    data = replicates[replicates.dataset < 8].assign(d2=lambda f: (f.Days - 4.5) ** 2 / 10)
+    assert_same_fits(*_host_and_compiled(monkeypatch, "Reaction ~ Days + (Days + d2 | Subject)", data),
+                     same_steps=False)
+
+
 def test_the_host_optimizer_equals_the_compiled_program_with_known_sds(meta, monkeypatch):
     host, compiled = _host_and_compiled(monkeypatch, META, {k: v for k, v in meta[1].items() if k != "one"},
                                         se="se")

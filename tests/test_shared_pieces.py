@@ -337,6 +337,12 @@ def test_term0_written_out_entry_by_entry_is_the_stacked_forms(k, monkeypatch):
         (logdet, m_levels), _ = criterion._term0_values(t0, indefinite)
     assert np.isnan(logdet[1]).all() and np.isfinite(logdet[[0, 2]]).all()
     assert np.isnan(m_levels[1, :, 2]).all() and np.isfinite(np.delete(m_levels[1], 2, axis=1)).all()
+    # the stacked forms' per-matrix fallback: NaN at the same places, the same numbers elsewhere
+    monkeypatch.setattr(term0_entries, "MAX_K0", 0)
+    with np.errstate(all="ignore"):
+        (stacked_logdet, stacked_m), _ = criterion._term0_values(t0, indefinite)
+    np.testing.assert_array_equal(np.isnan(stacked_logdet), np.isnan(logdet))
+    np.testing.assert_allclose(stacked_m, m_levels, rtol=1e-11, atol=1e-13)  # NaN where the other is NaN
 
 
 def test_block_product_is_matmul_with_one_column_blocks_taken_elementwise():

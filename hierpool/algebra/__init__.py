@@ -11,7 +11,8 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
   into A, inbreeding and the sparse A^-1 (NumPy and SciPy only);
 - ``algebra`` (here): cross-products (``system``, ``statistics``; ``batched_systems``: many datasets'
   systems at once, padded to common shapes, for the batch layer), the blocked factorization and
-  the profiled criterion (``criterion``), Henderson's solution, prediction blocks and exact draws
+  the profiled criterion (``criterion``; on the host, term 0's small blocks written out entry by entry:
+  ``term0_entries``), Henderson's solution, prediction blocks and exact draws
   (``henderson``), the collapsed marginal likelihood (``marginal``), the one-term specialisation
   (``one_term``, ``one_term_marginal``), starts and checks (``start``, ``checks``), the VarCorr
   table (``varcorr``), compiler settings and caches (``compiler_options``), JAX loading

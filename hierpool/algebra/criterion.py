@@ -54,8 +54,8 @@ from .linalg import (
 )
 from .system import MixedModelSystem, dense_coupling, dense_coupling_pays, grid_coupling
 
-#: Term-0 blocks (levels x datasets) up to which the host forms T0^T A00_l T0 by two matrix products (k0 >= 2; blocks
-#: of at most term0_entries.MAX_K0 are written out entry by entry instead, except in :func:`term0_factor`):
+#: Term-0 blocks (levels x datasets) up to which the host forms T0^T A00_l T0 by two matrix products (k0 >= 2; the
+#: criterion's blocks of at most term0_entries.MAX_K0 coefficients are written out entry by entry instead):
 #: einsum's contraction-order search, paid on every call, costs more than the products of a few hundred k0 x k0
 #: blocks, and a GLMM's PIRLS forms them a few thousand times for one dataset (a single fit, or a batch's last
 #: searches); past about a thousand blocks the paired einsum is faster (benchmarks/RESULTS.md, "The GLMM class,

@@ -32,17 +32,17 @@ from ..algebra.one_term import COMPLEX_STEP
 from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u
 from ..closedform.optimize import Control
 from .ar1_search import ChunkRows, distinct_columns
-from .fit_terms import host_bytes as fit_terms_host_bytes
 from .optimize import DECREASE_TOL, newton_on_host
+from .terms_search import host_bytes as linear_host_bytes
 from .terms_search import search_on_host as theta_search
 from .terms_search import solved_entries
 
 
 def host_bytes(ks, widths, p: int) -> int:
     """A chunk's bytes per dataset (:func:`hierpool.batch.plan.host_chunk`): the several-term host search's
-    (:func:`hierpool.batch.fit_terms.host_bytes`, u one parameter more) two and a half times, for the complex
+    (:func:`hierpool.batch.terms_search.host_bytes`, u one parameter more) two and a half times, for the complex
     systems of the step in u and the three builds of each (measured: benchmarks/RESULTS.md, nineteenth session)."""
-    return 5 * fit_terms_host_bytes(ks, widths, p, extra_parameters=1) // 2
+    return 5 * linear_host_bytes(ks, widths, p, extra_parameters=1) // 2
 
 
 class TermsChunk(ChunkRows):

@@ -65,7 +65,7 @@ from ..spec.family import family_spec
 from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
 from .fit_glmm import fit_glmm, glmm_problems
-from .fit_terms import empty_results, fit_terms, host_bytes
+from .fit_terms import empty_results, fit_terms
 from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
@@ -80,7 +80,7 @@ from .plan import (
     thread_count,
 )
 from .results import BatchResult, BatchTerm
-from .terms_search import search_statistics_on_host
+from .terms_search import host_bytes, search_statistics_on_host
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
@@ -265,7 +265,8 @@ def fit_batch(
     progress : bool, optional
         A progress bar over chunks (default: when stderr is a terminal).
     max_iterations : int
-        Newton iterations per dataset.
+        Newton iterations per dataset (a host search of a vector term that stalls restarts once with as many more:
+        :func:`hierpool.batch.terms_search.search_on_host`).
     weights : str or array-like, optional
         Prior weights, as ``hp.lmm``'s (lmer's ``weights``: row i has residual
         variance sigma^2 / w_i, and the criterion includes -sum log w_i): a column

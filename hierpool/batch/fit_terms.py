@@ -60,7 +60,7 @@ from .plan import (
     progress_bar,
     thread_count,
 )
-from .terms_search import fit_on_host, solved_entries
+from .terms_search import fit_on_host, host_bytes, solved_entries
 
 
 def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]:
@@ -305,18 +305,6 @@ def _on_host(float_type, sharding) -> bool:
     several-term programs run serially (:func:`hierpool.batch.plan.thread_count`).
     """
     return host_fits(float_type, sharding)
-
-
-def host_bytes(ks, widths, p: int, extra_parameters: int = 0) -> int:
-    """A host call's temporaries per dataset (:func:`hierpool.batch.plan.host_chunk`) for terms of widths ``ks`` and
-    padded level counts ``widths``: about ten (m x m) matrices and three (ell0 k0 x m) products per probe (m the
-    rest's columns, m = sum_(j>0) ell_j k_j + p + 1), and term 0's entry lists
-    (:mod:`hierpool.algebra.term0_entries`, about 8 k0^2 arrays of its levels), n_theta + 1 probes per dataset (a
-    point and its forward differences); ``extra_parameters`` searched beside theta add a probe each (an AR(1)'s u)."""
-    n_theta = sum(k * (k + 1) // 2 for k in ks) + extra_parameters
-    m = sum(w * k for w, k in zip(widths[1:], ks[1:])) + p + 1
-    ell0, k0 = widths[0], ks[0]
-    return 8 * (n_theta + 1) * (10 * m * m + 3 * ell0 * k0 * m + 8 * k0 * k0 * ell0)
 
 
 def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None, progress, max_iterations: int,

@@ -65,7 +65,8 @@ def _tolerances(dtype):
 
 
 MAX_ITERATIONS = 60
-#: The decrease of -2 log L the last quadratic model must still promise for a GLMM or several-term search to go on
+#: The decrease of -2 log L the last quadratic model must still promise for a batch's search to go on (GLMMs, linear
+#: models of one or several terms, on the host and compiled)
 #: (:func:`newton`'s ``decrease_tol``): below it that model's optimum is within 1e-5 standard errors of the
 #: estimates; a pass more changes the criterion and the estimates by no more than rounding and the optimizer's
 #: tolerance (measured on GLMMs in benchmarks/RESULTS.md, "The GLMM class, fifteenth session", and on several-term

@@ -18,6 +18,18 @@ from ..algebra.linalg import rank_reduced_theta
 from .optimize import DECREASE_TOL, optimize_on_host
 
 
+def host_bytes(ks, widths, p: int, extra_parameters: int = 0) -> int:
+    """A host call's temporaries per dataset (:func:`hierpool.batch.plan.host_chunk`) for terms of widths ``ks`` and
+    padded level counts ``widths``: about ten (m x m) matrices and three (ell0 k0 x m) products per probe (m the
+    rest's columns, m = sum_(j>0) ell_j k_j + p + 1), and term 0's entry lists
+    (:mod:`hierpool.algebra.term0_entries`, about 8 k0^2 arrays of its levels), n_theta + 1 probes per dataset (a
+    point and its forward differences); ``extra_parameters`` searched beside theta add a probe each (an AR(1)'s u)."""
+    n_theta = sum(k * (k + 1) // 2 for k in ks) + extra_parameters
+    m = sum(w * k for w, k in zip(widths[1:], ks[1:])) + p + 1
+    ell0, k0 = widths[0], ks[0]
+    return 8 * (n_theta + 1) * (10 * m * m + 3 * ell0 * k0 * m + 8 * k0 * k0 * ell0)
+
+
 def solved_entries(solution) -> dict:
     """The batch's entries of a :class:`~hierpool.algebra.henderson.Solution` (one dataset's, or a chunk's)."""
     return {"beta": solution.beta, "vcov": solution.vcov_beta, "sigma": solution.sigma, "b": solution.b,
@@ -120,7 +132,8 @@ def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iteratio
     The one-term specialisation's complex-step gradient (:func:`hierpool.algebra.one_term.value_and_gradient`) costs
     one complex evaluation per parameter, the written-out adjoint a few real passes whatever their number; with
     term 0's small blocks written out entry by entry (:mod:`hierpool.algebra.term0_entries`) the general path is the
-    faster one on the host from one coefficient a level up (benchmarks/RESULTS.md, twentieth session).
+    faster one on the host from two coefficients a level up, and as fast with one (benchmarks/RESULTS.md, twentieth
+    session).
 
     It is the several-term search in every rule, unlike the compiled one-term program (Newton's method with the
     same decrease stop): saddle-free steps, the interpolated damping, and for a vector term the restart at the
