@@ -197,22 +197,48 @@ def test_the_compiled_search_reports_an_inner_fit_that_did_not_converge(replicat
 TERMS = "Reaction ~ Days + (Days || Subject)"
 
 
-def test_several_terms_on_the_host_equal_their_single_fits_and_the_compiled_search(replicates, monkeypatch):
-    """Two terms with AR(1) residuals: (theta, u) searched together on the whitened systems (hierpool.batch.
-    ar1_terms_search) equals hp.lmm on each dataset, and the compiled golden sections (forced)."""
+@pytest.mark.parametrize("path", ["one factor", "several terms"])
+def test_several_terms_on_the_host_equal_their_single_fits_and_the_compiled_search(replicates, monkeypatch, path):
+    """Two terms on one factor with AR(1) residuals, (theta, u) searched together: as one term with a block-diagonal
+    factor from the lagged moments (hierpool.batch.ar1_search), and, forced, on the whitened systems (hierpool.
+    batch.ar1_terms_search); each equals hp.lmm on each dataset, and the compiled golden sections (forced)."""
     from hierpool.batch import fit_ar1 as fit_ar1_module
 
     structure = hp.ar1("Subject", time="Days")
     calls = []
-    search = fit_ar1_module.terms_search_on_host
-    monkeypatch.setattr(fit_ar1_module, "terms_search_on_host", lambda *a, **k: calls.append(1) or search(*a, **k))
+    name = "search_on_host" if path == "one factor" else "terms_search_on_host"
+    search = getattr(fit_ar1_module, name)
+    monkeypatch.setattr(fit_ar1_module, name, lambda *a, **k: calls.append(1) or search(*a, **k))
+    if path == "several terms":
+        monkeypatch.setattr(fit_ar1_module, "_on_host", lambda *a: False)
     host = hp.fit_batch(TERMS, replicates, by="rep", correlation=structure, progress=False)
     assert calls and host.converged.all() and not host.refit.any(), host.messages.tolist()
     _assert_each_is_its_single_fit(host, replicates, structure, TERMS)
-    monkeypatch.setattr(fit_ar1_module, "_terms_on_host", lambda *a: False)
-    compiled = hp.fit_batch(TERMS, replicates[:1], by="rep", correlation=structure, progress=False)
-    assert compiled.objective.iloc[0] == pytest.approx(host.objective.iloc[0], rel=1e-11)
-    assert compiled.phi[0] == pytest.approx(host.phi[0], abs=1e-6)
+    if path == "one factor":  # the compiled search once (it compiles)
+        monkeypatch.setattr(fit_ar1_module, "_on_host", lambda *a: False)
+        monkeypatch.setattr(fit_ar1_module, "_terms_on_host", lambda *a: False)
+        compiled = hp.fit_batch(TERMS, replicates[:1], by="rep", correlation=structure, progress=False)
+        assert compiled.objective.iloc[0] == pytest.approx(host.objective.iloc[0], rel=1e-11)
+        assert compiled.phi[0] == pytest.approx(host.phi[0], abs=1e-6)
+
+
+def test_a_vector_term_and_a_scalar_term_on_one_factor_are_one_block_diagonal_term(replicates, monkeypatch):
+    """(Days | Subject) + (0 + d2 | Subject): one term of three coefficients whose factor is block-diagonal (2 x 2 and
+    1 x 1), each term's theta, BLUPs and conditional variances its block's: equal to hp.lmm on each dataset."""
+    from hierpool.algebra.linalg import block_diagonal_positions
+    from hierpool.batch import fit_ar1 as fit_ar1_module
+
+    assert block_diagonal_positions((2, 1)).tolist() == [0, 1, 3, 5]  # (0,0), (1,0), (1,1); then (2,2)
+    assert block_diagonal_positions((1, 2)).tolist() == [0, 3, 4, 5]
+    structure, formula = hp.ar1("Subject", time="Days"), "Reaction ~ Days + (Days | Subject) + (0 + d2 | Subject)"
+    frames = [frame.assign(d2=lambda f: (f.Days - 4.5) ** 2 / 10) for frame in replicates]
+    calls = []
+    search = fit_ar1_module.search_on_host
+    monkeypatch.setattr(fit_ar1_module, "search_on_host", lambda *a, **k: calls.append(1) or search(*a, **k))
+    batch = hp.fit_batch(formula, frames, by="rep", correlation=structure, progress=False)
+    assert calls and batch.converged.all(), batch.messages.tolist()
+    assert batch.theta.shape[1] == 4
+    _assert_each_is_its_single_fit(batch, frames, structure, formula)
 
 
 def test_the_whitened_systems_step_in_phi_is_their_derivative(replicates):

@@ -167,6 +167,20 @@ UNROLL_MAX_SIZE = 6
 # arithmetic over the stack that XLA fuses into a few loops, with no small dot or stack ops.
 
 
+def block_diagonal_positions(ks) -> np.ndarray:
+    """Where the thetas of terms of widths ``ks`` (each its lower triangle in :func:`tril_positions`' order, the terms
+    in turn) stand in the theta of one term of sum(ks) coefficients whose relative factor is block-diagonal with
+    the terms' factors: terms on one grouping factor fitted as one (``(1 + x || g)``), the other entries zero."""
+    k = sum(ks)
+    rows, cols = tril_positions(k)
+    position = {(int(i), int(j)): n for n, (i, j) in enumerate(zip(rows, cols))}
+    out, offset = [], 0
+    for width in ks:
+        out += [position[(offset + int(i), offset + int(j))] for i, j in zip(*tril_positions(width))]
+        offset += width
+    return np.array(out, dtype=np.int64)
+
+
 def entries_of(a: jax.Array) -> list[list[jax.Array]]:
     """(..., k, k) -> k x k entries of shape (...)."""
     size = a.shape[-1]

@@ -1,6 +1,12 @@
 """``hp.fit_batch(..., correlation=)`` with one random-effect term on the host: (theta, phi) searched together over a
 chunk of datasets, from per-level moments, in NumPy.
 
+Terms on one grouping factor (the same level on every row: ``(1 + x || g)``, ``(1 | g) + (0 + x | g)``) are one
+term here, of their summed width, whose relative factor is block-diagonal with theirs
+(:func:`hierpool.algebra.linalg.block_diagonal_positions`): the same model, the search in the terms' own thetas,
+each term's results its block's.  The several-term search (:mod:`hierpool.batch.ar1_terms_search`) would factor
+the second term's levels as a dense block of the system.
+
 Each dataset's criterion is ``hp.lmm``'s with ``correlation=`` (:mod:`hierpool.closedform.ar1`): the one-term
 criterion of the data whitened at phi (:func:`hierpool.algebra.one_term.objective`) plus log |C(phi)|.  Its
 statistics at any phi come from the rows' lagged moments, formed once (:func:`hierpool.algebra.ar1.lagged_moments`,
@@ -31,7 +37,7 @@ from ..algebra.ar1 import (
     whitened_statistics,
 )
 from ..algebra.checks import singular_rows
-from ..algebra.linalg import canonical_theta
+from ..algebra.linalg import block_diagonal_positions, canonical_theta
 from ..algebra.one_term import COMPLEX_STEP, complex_objective, solution
 from ..algebra.statistics import location_shifts
 from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u, lag_one_phis
@@ -85,19 +91,41 @@ class ChunkRows:
         return np.where(np.isfinite(u), u, first_u(continuous))
 
 
+def one_factor(plan) -> bool:
+    """Whether every random-effect term of ``plan`` has the same level on every row (one grouping factor): the terms
+    are then fitted as one (module notes)."""
+    level0 = plan.term_levels[0][0]
+    return all(np.array_equal(level, level0) for level, _, _ in plan.term_levels[1:])
+
+
 class ChunkData(ChunkRows):
     """A chunk's rows (:class:`ChunkRows`) and the lagged moments of [z, X, y - offset - X beta0] per (dataset,
-    level)."""
+    level); z the terms' columns side by side where they share their factor (:func:`one_factor`), ``ks`` their
+    widths and ``k`` their sum."""
 
     def __init__(self, plan, series, members: np.ndarray):
         super().__init__(plan, series, members)
         level_of, n_levels, _ = plan.term_levels[0]
         self.level = level_of[self.rows]
         self.ell = int(n_levels[members].max())
-        self.k = plan.design.terms[0].k
-        self.z = plan.design.terms[0].z[self.rows]
+        self.ks = tuple(term.k for term in plan.design.terms)
+        self.k = sum(self.ks)
+        self.positions = block_diagonal_positions(self.ks)
+        self.z = np.column_stack([term.z[self.rows] for term in plan.design.terms])
         self.moments = lagged_moments(self.dataset, self.level, np.column_stack([self.z, self.X, self.y]),
                                       self.previous, self.lag, len(members), self.ell)
+
+    def merged_theta(self, theta: np.ndarray) -> np.ndarray:
+        """The one term's theta (..., k(k+1)/2) of the terms' thetas (..., sum k_j(k_j+1)/2): zero off their blocks."""
+        out = np.zeros(theta.shape[:-1] + (self.k * (self.k + 1) // 2,), dtype=theta.dtype)
+        out[..., self.positions] = theta
+        return out
+
+    def split(self, blocks: np.ndarray, square: bool) -> list:
+        """Each term's part of the one term's per-level results: its columns of ``blocks`` (..., k), or its diagonal
+        block of ``blocks`` (..., k, k) with ``square``."""
+        offsets = np.concatenate([[0], np.cumsum(self.ks)])
+        return [blocks[..., a:b, a:b] if square else blocks[..., a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
     def statistics(self, phi: np.ndarray, rows=slice(None)):
         """The one-term statistics of datasets ``rows`` whitened at ``phi`` (A, S): leading axes (A, S); and
@@ -121,16 +149,18 @@ def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) ->
     D = len(data.n)
     u_first = np.full((D, 1), first_u(continuous))
     stats = _at_one_phi(data.statistics(constrained_phi(u_first, continuous)))
-    theta = search_statistics_on_host(stats, moment_start(stats), reml, max_iterations)["theta"]
-    solved = solution(theta, stats, reml=True)  # hp.lmm's residuals are the REML solution's
+    # (terms on one factor: the one term's fit, its blocks kept: a start)
+    merged = search_statistics_on_host(stats, moment_start(stats), reml, max_iterations)["theta"]
+    theta = canonical_theta(merged[:, data.positions], data.ks)
+    solved = solution(data.merged_theta(theta), stats, reml=True)  # hp.lmm's residuals are the REML solution's
     u = data.start_u(data.residuals(np.asarray(solved.beta), np.asarray(solved.b[0])), continuous)
     # theta from that fit, as hp.lmm's next fit starts from the last one's, unless it is singular (lme4's rule;
     # hp.lmm's own is a diagonal below 0.05, too coarse for a slope in small units): a vanishing direction's
     # gradient is zero there, and the search would not leave it.  Then the moments at phi's start
-    singular = singular_rows(theta, (data.k,), Control.singular_tol)
+    singular = singular_rows(theta, data.ks, Control.singular_tol)
     if singular.any():
         at_start = _at_one_phi(data.statistics(constrained_phi(u[singular, None], continuous), singular))
-        theta[singular] = moment_start(at_start)
+        theta[singular] = moment_start(at_start)[:, data.positions]
     return np.column_stack([theta, u])
 
 
@@ -167,7 +197,8 @@ def joint_criterion(data: ChunkData, continuous: bool, reml: bool):
             return np.concatenate([real, a[:, :, None]], axis=2)
 
         directions = theta[..., None, :] + 1j * COMPLEX_STEP * np.eye(size)[:, :-1]  # the last: theta itself
-        values = complex_objective(directions, stats.map_arrays(per_direction), reml=reml, domain_checked=True)
+        values = complex_objective(data.merged_theta(directions), stats.map_arrays(per_direction), reml=reml,
+                                   domain_checked=True)
         values = values + per_direction(log_det[..., None])[..., 0]
         value = np.where(np.abs(u) > UNCONSTRAINED_LIMIT, np.nan, values[..., 0].real)
         return value, values.imag / COMPLEX_STEP
@@ -181,19 +212,20 @@ def search_on_host(plan, series, members: np.ndarray, *, continuous: bool, reml:
     :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them (per-term lists of factors, b and
     conditional variances padded to the chunk's levels, ``phi`` and ``edge``)."""
     data = ChunkData(plan, series, members)
-    k = data.k
     value_and_grad = joint_criterion(data, continuous, reml)
     with np.errstate(all="ignore"):
         point, value, newton_step, iterations, converged = newton_on_host(
             value_and_grad, start(data, continuous, reml, max_iterations), max_iterations, decrease_tol=decrease_tol,
             saddle_free=True)
-    theta, u = canonical_theta(point[:, :-1], (k,)), point[:, -1]
+    theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
     phi = constrained_phi(u, continuous)
     stats = _at_one_phi(data.statistics(phi[:, None]))
     with np.errstate(all="ignore"):
-        solved = solution(theta, stats, reml=reml)
+        solved = solution(data.merged_theta(theta), stats, reml=reml)
     inside = np.abs(u) < UNCONSTRAINED_LIMIT - EDGE
     return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inside, "edge": ~inside,
             "newton_step": newton_step, "iterations": iterations, "beta": np.asarray(solved.beta),
-            "vcov": np.asarray(solved.vcov_beta), "sigma": np.asarray(solved.sigma), "b": [np.asarray(solved.b[0])],
-            "cond_var": [np.asarray(solved.cond_var[0])], "factors": [np.asarray(solved.factors[0])]}
+            "vcov": np.asarray(solved.vcov_beta), "sigma": np.asarray(solved.sigma),
+            "b": data.split(np.asarray(solved.b[0]), False),
+            "cond_var": data.split(np.asarray(solved.cond_var[0]), True),
+            "factors": data.split(np.asarray(solved.factors[0]), True)}

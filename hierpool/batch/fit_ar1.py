@@ -42,7 +42,7 @@ from ..algebra.linalg import theta_start
 from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, check_nested
 from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
-from .ar1_search import host_bytes, search_on_host
+from .ar1_search import host_bytes, one_factor, search_on_host
 from .ar1_terms_search import host_bytes as terms_host_bytes
 from .ar1_terms_search import search_on_host as terms_search_on_host
 from .fit_glmm import BucketRows, bucket_pattern
@@ -251,7 +251,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         np.maximum.at(lags, cells[:, 0].astype(np.int64), per_cell)
         for width in np.unique(widths):
             members = usable[widths == width]
-            most = chunk_size or host_chunk(host_bytes(ks[0], design.p, int(width), int(lags[members].max()),
+            most = chunk_size or host_chunk(host_bytes(sum(ks), design.p, int(width), int(lags[members].max()),
                                                        int(plan.n_obs[members].max())))
             size = host_chunk_length(len(members), most, thread_count(None))
             jobs += [(members[chunk.members], None, chunk.count, None)
@@ -302,11 +302,12 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
 
 def _on_host(plan: BatchPlan, float_type, sharding) -> bool:
     """Whether the batch is searched on the host (:mod:`hierpool.batch.ar1_search`): one random-effect term (its
-    per-level moments) of at most :data:`hierpool.batch.plan.HOST_MAX_THETA` parameters (its complex step in
-    (theta, u) costs an evaluation per parameter), on one CPU device in float64.  Several terms go to
+    per-level moments), or terms on one grouping factor fitted as one (:func:`hierpool.batch.ar1_search.one_factor`),
+    of at most :data:`hierpool.batch.plan.HOST_MAX_THETA` parameters as one term (its complex step in (theta, u)
+    costs an evaluation per parameter), on one CPU device in float64.  Terms on several factors go to
     :func:`_terms_on_host`; a wider term, accelerators and sharded batches compile the golden-section search."""
-    terms = plan.design.terms
-    return len(terms) == 1 and terms[0].k * (terms[0].k + 1) // 2 <= HOST_MAX_THETA and host_fits(float_type, sharding)
+    k = sum(term.k for term in plan.design.terms)
+    return one_factor(plan) and k * (k + 1) // 2 <= HOST_MAX_THETA and host_fits(float_type, sharding)
 
 
 def _terms_on_host(plan: BatchPlan, float_type, sharding) -> bool:
