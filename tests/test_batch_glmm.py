@@ -171,3 +171,49 @@ def test_a_dataset_with_no_finite_criterion_has_no_mode(cbpp_batch, monkeypatch,
     assert broken.ranef.query("dataset == 1").condval.isna().all()
     assert np.isnan(broken.beta_se[1]).all()  # no Hessian of its own: the search's placeholder is no standard error
     assert broken.converged.iloc[0] and broken.objective.iloc[0] == pytest.approx(batch.objective.iloc[0], rel=1e-8)
+
+
+def test_uncorrelated_slopes_are_one_block_diagonal_term_on_the_host(monkeypatch):
+    """(1 + x || g): two terms on one factor, searched on the host as one term whose factor is diagonal
+    (glmm_search.fit_chunk_on_host's term_ks); each dataset equals hp.glmm, term by term, and the several-term
+    search (the terms kept apart, forced) reaches the same optimum."""
+    from hierpool.batch import fit_glmm as fit_glmm_module
+    from hierpool.batch import glmm_search
+
+    formula = "y ~ x + (1 + x || g)"
+    rng = np.random.default_rng(3)
+    frames = []
+    for d in range(3):
+        rows = []
+        for g in range(12 - d):
+            a, s = rng.normal(0, 0.8), rng.normal(0, 0.5)
+            for _ in range(10):
+                x = rng.normal()
+                rows.append(dict(g=f"g{g}", x=x, y=rng.binomial(1, 1 / (1 + np.exp(0.3 - a - (0.5 + s) * x)))))
+        frames.append(pd.DataFrame(rows))
+    seen = []
+    search = glmm_search.fit_chunk_on_host
+    monkeypatch.setattr(fit_glmm_module, "fit_chunk_on_host",
+                        lambda *a: seen.append(a[0].ks) or search(*a))
+    monkeypatch.setenv("HIERPOOL_HOST_PROCESSES", "0")
+    batch = hp.fit_batch(formula, frames, by="rep", family="binomial", progress=False)
+    assert seen and all(ks == (2,) for ks in seen)  # one term of two columns
+    assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
+    assert batch.theta.shape[1] == 2
+    for d, frame in enumerate(frames):
+        fit = _glmm(formula, frame, family="binomial")
+        assert batch.objective.iloc[d] == pytest.approx(fit.optimum.deviance, rel=1e-8)
+        # within 1e-5 standard errors (the searches' stop: optimize.DECREASE_TOL; hp.glmm stops by its own rule)
+        np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=0, atol=1e-5 * fit.fixef_se.min())
+        for j, (mine, cov, name) in enumerate(zip(batch.terms, fit.term_covariances(), ["Intercept", "x"])):
+            np.testing.assert_allclose(mine.covariance[d], cov, rtol=1e-5, atol=1e-9, err_msg=f"term {j}, {d}")
+            rows = fit.ranef[fit.ranef["term"] == name]
+            gap = np.abs(mine.b[d][:, 0] - rows["condval"].to_numpy())
+            assert np.all(gap <= 1e-5 * rows["condsd"].to_numpy() + 1e-7), (j, d, gap.max())
+            np.testing.assert_allclose(mine.cond_sd[d][:, 0], rows["condsd"].to_numpy(), rtol=1e-5, atol=1e-7)
+    # the terms kept apart (the several-term search): the same optima
+    seen.clear()
+    monkeypatch.setattr(fit_glmm_module, "one_factor", lambda plan: False)
+    apart = hp.fit_batch(formula, frames, by="rep", family="binomial", progress=False)
+    assert seen and all(ks == (1, 1) for ks in seen)
+    np.testing.assert_allclose(apart.objective, batch.objective, rtol=1e-10)

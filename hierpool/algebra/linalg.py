@@ -181,6 +181,24 @@ def block_diagonal_positions(ks) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
+def block_diagonal_theta(theta: np.ndarray, ks) -> np.ndarray:
+    """The theta (..., k(k+1)/2) of one term of k = sum(ks) coefficients whose factor is block-diagonal with the
+    factors of the terms of widths ``ks`` (their thetas ``theta`` (..., sum_j k_j(k_j+1)/2)), zero off the blocks
+    (:func:`block_diagonal_positions`); NumPy, any dtype (complex steps too)."""
+    k = sum(ks)
+    out = np.zeros(theta.shape[:-1] + (k * (k + 1) // 2,), dtype=theta.dtype)
+    out[..., block_diagonal_positions(ks)] = theta
+    return out
+
+
+def term_blocks(values: np.ndarray, ks, square: bool) -> list:
+    """Each term's part of per-level results of one term that stands for terms of widths ``ks`` on one factor
+    (:func:`block_diagonal_positions`): its columns of ``values`` (..., sum(ks)), or with ``square`` its diagonal
+    block of ``values`` (..., sum(ks), sum(ks))."""
+    offsets = np.concatenate([[0], np.cumsum(ks)]).astype(int)
+    return [values[..., a:b, a:b] if square else values[..., a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 def entries_of(a: jax.Array) -> list[list[jax.Array]]:
     """(..., k, k) -> k x k entries of shape (...)."""
     size = a.shape[-1]

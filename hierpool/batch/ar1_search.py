@@ -37,7 +37,7 @@ from ..algebra.ar1 import (
     whitened_statistics,
 )
 from ..algebra.checks import singular_rows
-from ..algebra.linalg import block_diagonal_positions, canonical_theta
+from ..algebra.linalg import block_diagonal_positions, block_diagonal_theta, canonical_theta, term_blocks
 from ..algebra.one_term import COMPLEX_STEP, complex_objective, solution
 from ..algebra.statistics import location_shifts
 from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u, lag_one_phis
@@ -91,17 +91,10 @@ class ChunkRows:
         return np.where(np.isfinite(u), u, first_u(continuous))
 
 
-def one_factor(plan) -> bool:
-    """Whether every random-effect term of ``plan`` has the same level on every row (one grouping factor): the terms
-    are then fitted as one (module notes)."""
-    level0 = plan.term_levels[0][0]
-    return all(np.array_equal(level, level0) for level, _, _ in plan.term_levels[1:])
-
-
 class ChunkData(ChunkRows):
     """A chunk's rows (:class:`ChunkRows`) and the lagged moments of [z, X, y - offset - X beta0] per (dataset,
-    level); z the terms' columns side by side where they share their factor (:func:`one_factor`), ``ks`` their
-    widths and ``k`` their sum."""
+    level); z the terms' columns side by side where they share their factor (:func:`hierpool.batch.plan.one_factor`),
+    ``ks`` their widths and ``k`` their sum."""
 
     def __init__(self, plan, series, members: np.ndarray):
         super().__init__(plan, series, members)
@@ -110,22 +103,14 @@ class ChunkData(ChunkRows):
         self.ell = int(n_levels[members].max())
         self.ks = tuple(term.k for term in plan.design.terms)
         self.k = sum(self.ks)
-        self.positions = block_diagonal_positions(self.ks)
+        self.positions = block_diagonal_positions(self.ks)  # the terms' thetas in the one term's
         self.z = np.column_stack([term.z[self.rows] for term in plan.design.terms])
         self.moments = lagged_moments(self.dataset, self.level, np.column_stack([self.z, self.X, self.y]),
                                       self.previous, self.lag, len(members), self.ell)
 
     def merged_theta(self, theta: np.ndarray) -> np.ndarray:
-        """The one term's theta (..., k(k+1)/2) of the terms' thetas (..., sum k_j(k_j+1)/2): zero off their blocks."""
-        out = np.zeros(theta.shape[:-1] + (self.k * (self.k + 1) // 2,), dtype=theta.dtype)
-        out[..., self.positions] = theta
-        return out
-
-    def split(self, blocks: np.ndarray, square: bool) -> list:
-        """Each term's part of the one term's per-level results: its columns of ``blocks`` (..., k), or its diagonal
-        block of ``blocks`` (..., k, k) with ``square``."""
-        offsets = np.concatenate([[0], np.cumsum(self.ks)])
-        return [blocks[..., a:b, a:b] if square else blocks[..., a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        """The one term's theta of the terms' thetas (:func:`hierpool.algebra.linalg.block_diagonal_theta`)."""
+        return block_diagonal_theta(theta, self.ks)
 
     def statistics(self, phi: np.ndarray, rows=slice(None)):
         """The one-term statistics of datasets ``rows`` whitened at ``phi`` (A, S): leading axes (A, S); and
@@ -226,6 +211,6 @@ def search_on_host(plan, series, members: np.ndarray, *, continuous: bool, reml:
     return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inside, "edge": ~inside,
             "newton_step": newton_step, "iterations": iterations, "beta": np.asarray(solved.beta),
             "vcov": np.asarray(solved.vcov_beta), "sigma": np.asarray(solved.sigma),
-            "b": data.split(np.asarray(solved.b[0]), False),
-            "cond_var": data.split(np.asarray(solved.cond_var[0]), True),
-            "factors": data.split(np.asarray(solved.factors[0]), True)}
+            "b": term_blocks(np.asarray(solved.b[0]), data.ks, False),
+            "cond_var": term_blocks(np.asarray(solved.cond_var[0]), data.ks, True),
+            "factors": term_blocks(np.asarray(solved.factors[0]), data.ks, True)}

@@ -42,7 +42,7 @@ from ..algebra.linalg import theta_start
 from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, check_nested
 from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
-from .ar1_search import host_bytes, one_factor, search_on_host
+from .ar1_search import host_bytes, search_on_host
 from .ar1_terms_search import host_bytes as terms_host_bytes
 from .ar1_terms_search import search_on_host as terms_search_on_host
 from .fit_glmm import BucketRows, bucket_pattern
@@ -67,6 +67,7 @@ from .plan import (
     host_chunk,
     host_chunk_length,
     host_fits,
+    one_factor,
     place,
     thread_count,
 )
@@ -302,7 +303,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
 
 def _on_host(plan: BatchPlan, float_type, sharding) -> bool:
     """Whether the batch is searched on the host (:mod:`hierpool.batch.ar1_search`): one random-effect term (its
-    per-level moments), or terms on one grouping factor fitted as one (:func:`hierpool.batch.ar1_search.one_factor`),
+    per-level moments), or terms on one grouping factor fitted as one (:func:`hierpool.batch.plan.one_factor`),
     of at most :data:`hierpool.batch.plan.HOST_MAX_THETA` parameters as one term (its complex step in (theta, u)
     costs an evaluation per parameter), on one CPU device in float64.  Terms on several factors go to
     :func:`_terms_on_host`; a wider term, accelerators and sharded batches compile the golden-section search."""

@@ -18,7 +18,7 @@ from ..algebra.laplace_batch import (
     laplace_and_gradient,
     solution_at_mode,
 )
-from ..algebra.linalg import array_namespace, cholesky
+from ..algebra.linalg import array_namespace, block_diagonal_positions, block_diagonal_theta, cholesky, term_blocks
 from ..algebra.linalg import canonical_theta as canonical_rows
 from .optimize import DECREASE_TOL, newton_on_host
 
@@ -56,14 +56,24 @@ def beta_covariance(curvature, value, n_theta: int, p: int):
 
 
 def fit_chunk_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarray, family: Family,
-                      max_iterations: int) -> dict:
+                      max_iterations: int, term_ks: tuple | None = None) -> dict:
     """A chunk's fits on the host: :func:`hierpool.batch.optimize.newton_on_host` (the compiled path's rules, width
     and tolerances; the beta block from :func:`hierpool.algebra.laplace_batch.fixed_effects_curvature` during the
     search) on :func:`hierpool.algebra.laplace_batch.laplace_and_gradient`, every point of every dataset
     still searching evaluated at once; then each dataset's mode, conditional variances and vcov at its optimum, as
-    :func:`hierpool.batch.fit_glmm`'s compiled program returns them."""
-    ks, p = rows.ks, rows.X.shape[1]
+    :func:`hierpool.batch.fit_glmm`'s compiled program returns them.
+
+    ``term_ks``: the rows' one term stands for terms of these widths on one grouping factor, its factor
+    block-diagonal with theirs (:func:`hierpool.algebra.linalg.block_diagonal_positions`): the search runs in the
+    terms' thetas (``start`` theirs), and each term's results are its block's."""
+    p = rows.X.shape[1]
+    ks = rows.ks if term_ks is None else tuple(term_ks)  # the search's terms
     n_theta = sum(k * (k + 1) // 2 for k in ks)
+    merged = rows.ks != ks
+    positions = block_diagonal_positions(ks) if merged else None
+
+    def rows_theta(theta):  # the rows' terms' theta of the search's
+        return block_diagonal_theta(theta, ks) if merged else theta
 
     def evaluate(points, active, start_u=None):
         count, copies, m = points.shape
@@ -71,13 +81,16 @@ def fit_chunk_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
         sub, _ = rows.subset(active)
         if start_u is not None:
             start_u = [np.repeat(x, copies, axis=0) for x in start_u]
-        value, gradient, mode = laplace_and_gradient(flat[:, :n_theta], flat[:, n_theta:], sub.repeated(copies),
-                                                     family, np.repeat(saturated[active], copies), start_u)
+        value, gradient, mode = laplace_and_gradient(rows_theta(flat[:, :n_theta]), flat[:, n_theta:],
+                                                     sub.repeated(copies), family, np.repeat(saturated[active], copies),
+                                                     start_u)
+        if merged:  # the gradient in the terms' thetas: the one term's at their positions
+            gradient = np.concatenate([gradient[:, positions], gradient[:, gradient.shape[1] - p:]], axis=1)
         return (value.reshape(count, copies), gradient.reshape(count, copies, m),
                 [x.reshape((count, copies) + x.shape[1:]) for x in mode.u])
 
     # each dataset's mode at its current point: shift_gradients is called at every accepted point with its mode
-    current_u = [np.zeros((len(start), width, k)) for (_, _, width), k in zip(rows.terms, ks)]
+    current_u = [np.zeros((len(start), width, k)) for (_, _, width), k in zip(rows.terms, rows.ks)]
 
     def trial_values(points, active):
         return evaluate(points, active, [u[active] for u in current_u])
@@ -88,7 +101,8 @@ def fit_chunk_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
         return evaluate(points, active, trial_u)[1]
 
     def beta_curvature(points, active, u):
-        return fixed_effects_curvature(points[:, :n_theta], points[:, n_theta:], rows.subset(active)[0], family, u)
+        return fixed_effects_curvature(rows_theta(points[:, :n_theta]), points[:, n_theta:], rows.subset(active)[0],
+                                       family, u)
 
     # PIRLS starts at a trial from the mode at the dataset's current point (u = 0 at the first), and at a shift (1e-6
     # away) from its trial's mode: PIRLS is Newton's method (algebra.laplace.newton_working), quadratic near the
@@ -107,14 +121,17 @@ def fit_chunk_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
     theta = canonical_rows(params[:, :n_theta], ks)
     beta = params[:, n_theta:]
     finite = np.isfinite(value)
-    safe_theta = np.where(finite[:, None], theta, 1.0)
+    safe_theta = rows_theta(np.where(finite[:, None], theta, 1.0))
     mode = conditional_modes(safe_theta, np.where(finite[:, None], beta, 0.0), rows, family)
     with np.errstate(all="ignore"):
         solved = solution_at_mode(safe_theta, rows, mode)
         covariance = beta_covariance(curvature, value, n_theta, p)
     nan = lambda a: np.where(finite.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, np.nan)  # noqa: E731
+    b, cond_var, factors = mode.b, [np.asarray(x) for x in solved.cond_var], [np.asarray(x) for x in solved.factors]
+    if merged:  # each term's block of the one term's
+        b, cond_var, factors = (term_blocks(np.asarray(b[0]), ks, False), term_blocks(cond_var[0], ks, True),
+                                term_blocks(factors[0], ks, True))
     return {"theta": nan(theta), "beta": nan(beta), "objective": np.where(finite, value, np.nan),
             "newton_step": newton_step, "iterations": iterations, "converged": converged & mode.converged & finite,
-            "vcov": covariance,
-            "b": [nan(x) for x in mode.b], "cond_var": [nan(np.asarray(x)) for x in solved.cond_var],
-            "factors": [nan(np.asarray(x)) for x in solved.factors]}
+            "vcov": covariance, "b": [nan(x) for x in b], "cond_var": [nan(x) for x in cond_var],
+            "factors": [nan(x) for x in factors]}

@@ -81,6 +81,15 @@ def host_fits(float_type, sharding) -> bool:
     return sharding is None and jax.default_backend() == "cpu" and float_type == np.float64
 
 
+def one_factor(plan) -> bool:
+    """Whether every random-effect term of ``plan`` has the same level on every row (one grouping factor:
+    ``(1 + x || g)``): a host search may then fit the terms as one term of their summed width whose factor is
+    block-diagonal with theirs (:func:`hierpool.algebra.linalg.block_diagonal_positions`; the AR(1) one-term search,
+    the GLMM host search)."""
+    level0 = plan.term_levels[0][0]
+    return all(np.array_equal(level, level0) for level, _, _ in plan.term_levels[1:])
+
+
 def host_chunk(bytes_per_dataset: float, most: int = HOST_CHUNK, budget: float = HOST_CHUNK_BYTES) -> int:
     """Datasets per host call by default: ``most`` (:data:`HOST_CHUNK`), fewer where a call's temporaries would
     pass ``budget`` (:data:`HOST_CHUNK_BYTES`; ``bytes_per_dataset``: what the path states for one dataset)."""
