@@ -434,3 +434,49 @@ def test_a_restarted_search_that_stops_at_a_saddle_is_not_reported_converged():
 
     curvature = np.array([np.diag([4.0, 1.0]), np.diag([4.0, -0.5]), np.diag([4.0, -1e-9]), np.full((2, 2), np.nan)])
     np.testing.assert_array_equal(_negative_curvature(curvature), [False, True, False, False])
+
+
+def test_uncorrelated_slopes_are_one_block_diagonal_term_on_the_host(monkeypatch):
+    """(1 + x || g): two terms on one factor, searched on the host as one term whose factor is diagonal
+    (terms_search.fit_on_host's term_ks); each dataset equals hp.lmm term by term, and the terms kept apart
+    (forced) reach the same optima."""
+    from hierpool.batch import fit_terms
+
+    formula = "y ~ x + (1 + x || g)"
+    rng = np.random.default_rng(12)
+    frames = []
+    for d in range(3):
+        g = np.repeat(np.arange(10 - d), 8)
+        x = rng.normal(size=g.size)
+        a, s = rng.normal(0, 0.8, 10), rng.normal(0, 0.4 * (d != 1), 10)  # dataset 1: no slope variance (singular)
+        frames.append(pd.DataFrame(dict(g=[f"g{i}" for i in g], x=x, y=1 + 0.5 * x + a[g] + s[g] * x
+                                        + rng.normal(size=g.size))))
+    seen = []
+    search = fit_terms.fit_on_host
+    monkeypatch.setattr(fit_terms, "fit_on_host", lambda systems, *a: seen.append(systems.layout.ks)
+                        or search(systems, *a))
+    batch = hp.fit_batch(formula, frames, by="rep", progress=False)
+    assert seen and all(ks == (2,) for ks in seen)  # one term of two columns
+    assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
+    for d, frame in enumerate(frames):
+        fit = _single(formula, frame)
+        assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8)
+        assert bool(batch.is_singular.iloc[d]) == fit.is_singular
+        np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-6, atol=1e-8)
+        for j, (term, cov, name) in enumerate(zip(batch.terms, fit.term_covariances(), ["Intercept", "x"])):
+            scale = max(np.abs(cov).max(), fit.sigma**2)
+            np.testing.assert_allclose(term.covariance[d], cov, rtol=1e-5, atol=1e-6 * scale, err_msg=f"{j}, {d}")
+            rows = fit.ranef[fit.ranef["term"] == name]
+            # to 1e-5 of their scale (dataset 1's slope sd is near zero, where the criterion is flat in it)
+            np.testing.assert_allclose(term.b[d][:, 0], rows["condval"].to_numpy(), rtol=1e-5,
+                                       atol=1e-5 * np.sqrt(scale), err_msg=f"BLUPs of term {j}, {d}")
+            np.testing.assert_allclose(term.cond_sd[d][:, 0], rows["condsd"].to_numpy(), rtol=1e-5,
+                                       atol=1e-5 * np.sqrt(scale), err_msg=f"cond. sds of term {j}, {d}")
+    seen.clear()
+    monkeypatch.setattr(fit_terms, "one_factor", lambda plan: False)
+    apart = hp.fit_batch(formula, frames, by="rep", progress=False)
+    assert seen and all(ks == (1, 1) for ks in seen)
+    np.testing.assert_allclose(apart.objective, batch.objective, rtol=1e-10)
+    for merged_term, apart_term in zip(batch.terms, apart.terms):  # the same BLUPs as the terms apart
+        for d in range(3):
+            np.testing.assert_allclose(merged_term.b[d], apart_term.b[d], rtol=1e-4, atol=1e-5)

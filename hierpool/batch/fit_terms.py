@@ -56,6 +56,7 @@ from .plan import (
     host_chunk,
     host_chunk_length,
     host_fits,
+    one_factor,
     place,
     progress_bar,
     thread_count,
@@ -114,12 +115,14 @@ def too_large(plan: BatchPlan, messages: list[str], p: int | None = None) -> dic
             if not messages[d] and dense_entries(widths[d], ks, p) > MAX_DENSE_ENTRIES}
 
 
-def bucket_systems(plan: BatchPlan, datasets, shifts: tuple[np.ndarray, np.ndarray] | None = None) -> list:
+def bucket_systems(plan: BatchPlan, datasets, shifts: tuple[np.ndarray, np.ndarray] | None = None,
+                   merged: bool = False) -> list:
     """``datasets`` bucketed by padded level counts (:func:`padded_widths`): per bucket ``(members, systems, n)``,
     the members' systems built at once (:func:`hierpool.algebra.batched_systems.batched_systems`) and their row
     counts.  ``hp.fit_batch``'s and ``hp.bayes_batch``'s several-term paths.  ``shifts``: every dataset's
     :func:`hierpool.algebra.statistics.location_shifts` (beta0 (D, p), residual (N,)), where the caller has them
-    (:func:`linear_shifts`)."""
+    (:func:`linear_shifts`).  ``merged``: the terms, on one grouping factor (:func:`hierpool.batch.plan.one_factor`),
+    as one term of their columns side by side (:func:`hierpool.batch.terms_search.search_on_host`'s ``term_ks``)."""
     design, widths = plan.design, padded_widths(plan)
     buckets = {}
     for d in datasets:
@@ -132,6 +135,8 @@ def bucket_systems(plan: BatchPlan, datasets, shifts: tuple[np.ndarray, np.ndarr
         local = np.searchsorted(members, plan.dataset[rows])
         terms = [(level[rows], term.z[rows], int(width))
                  for (level, _, _), term, width in zip(plan.term_levels, design.terms, key)]
+        if merged:
+            terms = [(terms[0][0], np.column_stack([z for _, z, _ in terms]), terms[0][2])]
         systems, n = batched_systems(local, len(members), terms, design.X[rows], design.y[rows],
                                      None if weights is None else weights[rows], design.offset[rows],
                                      design.sigma_known,
@@ -325,8 +330,12 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     out = empty_results(plan, messages, too_large(plan, messages))
     shifts = linear_shifts(plan)
     start0 = linear_start(plan, np.flatnonzero(out["attempted"]), shifts[1])
+    # on the host, terms on one grouping factor (``(1 + x || g)``) are searched as one block-diagonal term (the
+    # terms apart, the second's levels would be a dense block of the system; benchmarks/RESULTS.md, twentieth session)
+    merged = host and len(design.terms) > 1 and one_factor(plan)
+    term_ks = tuple(t.k for t in design.terms) if merged else None
     jobs = []
-    for members, systems, n in bucket_systems(plan, np.flatnonzero(out["attempted"]), shifts):
+    for members, systems, n in bucket_systems(plan, np.flatnonzero(out["attempted"]), shifts, merged):
         # beta0 stays float64 and is added on the host: in float32 a large common location of y would lose digits
         shift, systems = systems.beta_shift, dataclasses.replace(systems, beta_shift=np.zeros((len(members), p)))
         if host:  # unpadded chunks, threads (NumPy), nothing compiled
@@ -355,7 +364,7 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     def run(job):
         _, (systems, n, start), count, programs, shift = job
         if programs is None:  # on the host (threads: worker processes gave nothing here, unlike a GLMM's chunks)
-            result = fit_on_host(systems, n, start, reml, max_iterations)
+            result = fit_on_host(systems, n, start, reml, max_iterations, term_ks)
         else:
             optimize, solver = programs
             systems, n, start = place((systems, n, start), sharding)

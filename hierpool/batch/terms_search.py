@@ -14,7 +14,7 @@ import numpy as np
 from ..algebra.batched_systems import shared_grid, statistics_systems
 from ..algebra.criterion import host_objective_and_gradient
 from ..algebra.henderson import solve
-from ..algebra.linalg import rank_reduced_theta
+from ..algebra.linalg import block_diagonal_positions, block_diagonal_theta, rank_reduced_theta, term_blocks
 from .optimize import DECREASE_TOL, optimize_on_host
 
 
@@ -46,7 +46,7 @@ RESTART_PASSES = 12
 RESTART_TOLERANCE = 1e-6
 
 
-def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int) -> dict:
+def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, term_ks=None) -> dict:
     """:func:`hierpool.batch.fit_terms`' compiled search (``_optimize_rows``) on the host: Newton's method of every
     dataset of a chunk (:func:`hierpool.batch.optimize.newton_on_host`) on the blocked criterion and its
     written-out gradient, evaluated for the datasets still searching at once (``systems``:
@@ -69,15 +69,27 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     passes of those crawls at the same criteria (benchmarks/RESULTS.md, "The several-term linear class, eighteenth
     session").
 
+    ``term_ks``: the systems' one term stands for terms of these widths on one grouping factor (``(1 + x || g)``,
+    :func:`hierpool.batch.plan.one_factor`), its factor block-diagonal with theirs
+    (:func:`hierpool.algebra.linalg.block_diagonal_positions`): the search runs in the terms' thetas (``start``
+    theirs; their canonical form, singular rule and restart), the criterion at the one term's.  With the terms
+    apart, the second term's levels would be a dense block of the system.
+
     The compiled search (accelerators, float32) shares the decrease stop (in float32 rounding reaches it first) but
     has none of the interpolated damping, the saddle-free steps and the restart: a dataset it does not converge on
     is refitted by ``hp.lmm``, as before."""
-    ks = systems.layout.ks
+    ks = systems.layout.ks if term_ks is None else tuple(term_ks)  # the search's terms (module notes: term_ks)
+    merged = ks != systems.layout.ks
+    positions = block_diagonal_positions(ks) if merged else None
 
     def value_and_grad(points, rows):
         # (A, Q) points of datasets ``rows``: each dataset's system broadcast over its points
         chunk = shared_grid(systems, rows, points=True)
-        return host_objective_and_gradient(chunk, reml, n=n[rows][:, None])(points)
+        evaluate = host_objective_and_gradient(chunk, reml, n=n[rows][:, None])
+        if not merged:
+            return evaluate(points)
+        value, gradient = evaluate(block_diagonal_theta(points, ks))
+        return value, gradient[..., positions]
 
     def search(start, datasets, passes, with_curvature=False):
         return optimize_on_host(lambda points, rows: value_and_grad(points, datasets[rows]), start, passes,
@@ -143,9 +155,17 @@ def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iteratio
     return search_on_host(statistics_systems(stats, sigma_known), np.asarray(stats.n), start, reml, max_iterations)
 
 
-def fit_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int) -> dict:
+def fit_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, term_ks=None) -> dict:
     """A host chunk's fits: :func:`search_on_host`, then :func:`hierpool.algebra.henderson.solve` at each optimum over
-    the chunk's leading axis (what the compiled optimize and solve programs return)."""
-    optimized = search_on_host(systems, n, start, reml, max_iterations)
+    the chunk's leading axis (what the compiled optimize and solve programs return).  ``term_ks``: the systems' one
+    term stands for terms of these widths on one grouping factor, as :func:`search_on_host`'s; each term's results
+    are then its block's."""
+    optimized = search_on_host(systems, n, start, reml, max_iterations, term_ks)
+    merged = term_ks is not None and tuple(term_ks) != systems.layout.ks
+    theta = block_diagonal_theta(optimized["theta"], tuple(term_ks)) if merged else optimized["theta"]
     with np.errstate(all="ignore"):  # a dataset whose theta is NaN gets NaN, as in the compiled program
-        return {**optimized, **solved_entries(solve(optimized["theta"], systems, reml=reml, n=n))}
+        solved = solved_entries(solve(theta, systems, reml=reml, n=n))
+    if merged:
+        for name, square in (("b", False), ("cond_var", True), ("factors", True)):
+            solved[name] = term_blocks(np.asarray(solved[name][0]), term_ks, square)
+    return {**optimized, **solved}
