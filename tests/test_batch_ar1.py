@@ -239,6 +239,13 @@ def test_a_vector_term_and_a_scalar_term_on_one_factor_are_one_block_diagonal_te
     assert calls and batch.converged.all(), batch.messages.tolist()
     assert batch.theta.shape[1] == 4
     _assert_each_is_its_single_fit(batch, frames, structure, formula)
+    for d, frame in enumerate(frames):  # each term's covariance and conditional sds: its block's
+        fit = _single(frame, structure, formula)
+        for term, cov, names in zip(batch.terms, fit.term_covariances(), [["Intercept", "Days"], ["d2"]]):
+            np.testing.assert_allclose(term.covariance[d], cov, rtol=1e-4, atol=1e-6 * np.abs(cov).max())
+            for j, name in enumerate(names):
+                rows = fit.ranef[fit.ranef["term"] == name]
+                np.testing.assert_allclose(term.cond_sd[d][:, j], rows["condsd"].to_numpy(), rtol=1e-4)
 
 
 def test_the_whitened_systems_step_in_phi_is_their_derivative(replicates):

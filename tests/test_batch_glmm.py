@@ -192,6 +192,7 @@ def test_uncorrelated_slopes_are_one_block_diagonal_term_on_the_host(monkeypatch
                 rows.append(dict(g=f"g{g}", x=x, y=rng.binomial(1, 1 / (1 + np.exp(0.3 - a - (0.5 + s) * x)))))
         frames.append(pd.DataFrame(rows))
     seen = []
+    glmm_one_factor = fit_glmm_module.one_factor
     search = glmm_search.fit_chunk_on_host
     monkeypatch.setattr(fit_glmm_module, "fit_chunk_on_host",
                         lambda *a: seen.append(a[0].ks) or search(*a))
@@ -217,3 +218,20 @@ def test_uncorrelated_slopes_are_one_block_diagonal_term_on_the_host(monkeypatch
     apart = hp.fit_batch(formula, frames, by="rep", family="binomial", progress=False)
     assert seen and all(ks == (1, 1) for ks in seen)
     np.testing.assert_allclose(apart.objective, batch.objective, rtol=1e-10)
+    # a vector term and a scalar term on one factor: blocks of 2 x 2 and 1 x 1, against the terms apart and hp.glmm
+    formula = "y ~ x + (x | g) + (0 + z | g)"
+    frames = [frame.assign(z=np.random.default_rng(d).normal(size=len(frame))) for d, frame in enumerate(frames)]
+    seen.clear()
+    apart = hp.fit_batch(formula, frames, by="rep", family="binomial", progress=False)
+    assert seen and all(ks == (2, 1) for ks in seen)
+    monkeypatch.setattr(fit_glmm_module, "one_factor", glmm_one_factor)
+    seen.clear()
+    batch = hp.fit_batch(formula, frames, by="rep", family="binomial", progress=False)
+    assert seen and all(ks == (3,) for ks in seen) and batch.theta.shape[1] == 4
+    np.testing.assert_allclose(batch.objective, apart.objective, rtol=1e-10)
+    fit = _glmm(formula, frames[0], family="binomial")
+    assert batch.objective.iloc[0] == pytest.approx(fit.optimum.deviance, rel=1e-8)
+    for merged_term, apart_term in zip(batch.terms, apart.terms):
+        for d in range(3):
+            np.testing.assert_allclose(merged_term.covariance[d], apart_term.covariance[d], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(merged_term.cond_sd[d], apart_term.cond_sd[d], rtol=1e-4, atol=1e-6)

@@ -480,3 +480,20 @@ def test_uncorrelated_slopes_are_one_block_diagonal_term_on_the_host(monkeypatch
     for merged_term, apart_term in zip(batch.terms, apart.terms):  # the same BLUPs as the terms apart
         for d in range(3):
             np.testing.assert_allclose(merged_term.b[d], apart_term.b[d], rtol=1e-4, atol=1e-5)
+    # a vector term and a scalar term on one factor: blocks of 2 x 2 and 1 x 1, against the terms apart and hp.lmm
+    formula = "y ~ x + (x | g) + (0 + z | g)"
+    frames = [frame.assign(z=np.random.default_rng(d).normal(size=len(frame))) for d, frame in enumerate(frames)]
+    apart = hp.fit_batch(formula, frames, by="rep", progress=False)
+    monkeypatch.undo()
+    seen.clear()
+    monkeypatch.setattr(fit_terms, "fit_on_host", lambda systems, *a: seen.append(systems.layout.ks)
+                        or search(systems, *a))
+    batch = hp.fit_batch(formula, frames, by="rep", progress=False)
+    assert seen and all(ks == (3,) for ks in seen) and batch.theta.shape[1] == 4
+    np.testing.assert_allclose(batch.objective, apart.objective, rtol=1e-10)
+    for d, frame in enumerate(frames):
+        assert batch.objective.iloc[d] == pytest.approx(_single(formula, frame).objective, rel=1e-8)
+    for merged_term, apart_term in zip(batch.terms, apart.terms):
+        for d in range(3):
+            np.testing.assert_allclose(merged_term.covariance[d], apart_term.covariance[d], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(merged_term.cond_sd[d], apart_term.cond_sd[d], rtol=1e-4, atol=1e-6)

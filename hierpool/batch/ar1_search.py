@@ -1,5 +1,5 @@
-"""``hp.fit_batch(..., correlation=)`` with one random-effect term on the host: (theta, phi) searched together over a
-chunk of datasets, from per-level moments, in NumPy.
+"""``hp.fit_batch(..., correlation=)`` with one random-effect term (or terms on one grouping factor) on the host:
+(theta, phi) searched together over a chunk of datasets, from per-level moments, in NumPy.
 
 Terms on one grouping factor (the same level on every row: ``(1 + x || g)``, ``(1 | g) + (0 + x | g)``) are one
 term here, of their summed width, whose relative factor is block-diagonal with theirs
@@ -20,7 +20,8 @@ point of phi.
 
 It starts where ``hp.lmm`` starts: u at the lag-1 correlation of the residuals of a fit at phi = 0 (corAR1;
 u = -3 for corCAR1), :func:`hierpool.closedform.ar1.lag_one_phis`, and theta at that fit's (or, where that fit
-is singular, at the moments of the data whitened at u's start).  A search that leaves u's range (``hp.lmm``'s,
+is singular, at the moments of the data whitened at u's start); with terms on one factor that fit is of their
+block-diagonal term, as ``hp.lmm``'s is of the terms.  A search that leaves u's range (``hp.lmm``'s,
 :data:`hierpool.closedform.ar1.UNCONSTRAINED_LIMIT`) sees NaN there, as outside any criterion's domain; a dataset
 whose phi ends at the range's edge is fitted alone by ``hp.lmm``, as the compiled path does.
 """
@@ -134,9 +135,9 @@ def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) ->
     D = len(data.n)
     u_first = np.full((D, 1), first_u(continuous))
     stats = _at_one_phi(data.statistics(constrained_phi(u_first, continuous)))
-    # (terms on one factor: the one term's fit, its blocks kept: a start)
-    merged = search_statistics_on_host(stats, moment_start(stats), reml, max_iterations)["theta"]
-    theta = canonical_theta(merged[:, data.positions], data.ks)
+    # terms on one factor: the fit of their block-diagonal term (hp.lmm's of the terms), from the moments' blocks
+    theta = search_statistics_on_host(stats, moment_start(stats)[:, data.positions], reml, max_iterations,
+                                      term_ks=data.ks)["theta"]
     solved = solution(data.merged_theta(theta), stats, reml=True)  # hp.lmm's residuals are the REML solution's
     u = data.start_u(data.residuals(np.asarray(solved.beta), np.asarray(solved.b[0])), continuous)
     # theta from that fit, as hp.lmm's next fit starts from the last one's, unless it is singular (lme4's rule;

@@ -21,7 +21,8 @@ bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
   forward-difference shift, ``fit_glmm.host_bytes``; a call's default chunk bounded by
   ``fit_glmm.HOST_CHUNK_BYTES``, one call per core at a time);
 * AR(1) residuals (:mod:`hierpool.batch.fit_ar1`): its padded rows, ``8 * n * (4 + p + sum k_j)``,
-  plus the whitened system's per probe of theta; on the host (one term, :mod:`hierpool.batch.ar1_search`),
+  plus the whitened system's per probe of theta; on the host (one term, or terms on one factor,
+  :mod:`hierpool.batch.ar1_search`),
   :func:`hierpool.batch.ar1_search.host_bytes` (its rows, lagged moments and the probes of theta and phi).
 
 A dataset whose batched optimizer did not converge is refitted
@@ -38,8 +39,9 @@ in float64 on one CPU device compile nothing at any size: the same Newton's meth
 the blocked criterion and its written-out gradient, a chunk's datasets at once
 (:mod:`hierpool.batch.fit_terms`, "On the host"); so do binomial and Poisson GLMM batches
 (:mod:`hierpool.batch.fit_glmm`, Laplace by :mod:`hierpool.algebra.laplace_batch`) and batches with AR(1) residuals
-(theta and phi searched together: one term of at most ``plan.HOST_MAX_THETA`` parameters from per-level lagged moments,
-:mod:`hierpool.batch.ar1_search`; several terms on their whitened systems, :mod:`hierpool.batch.ar1_terms_search`).
+(theta and phi searched together: one term of at most ``plan.HOST_MAX_THETA`` parameters, or terms on one grouping
+factor as one, from per-level lagged moments, :mod:`hierpool.batch.ar1_search`; other several-term models on their
+whitened systems, :mod:`hierpool.batch.ar1_terms_search`).
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ The search covers u in [-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT] (hp.lmm's who
 search it assumes the profile has one minimum there.
 
 **On the host.**  On one CPU device in float64 nothing is compiled: (theta, u) are searched together, for one
-term of at most three coefficients (:data:`hierpool.batch.plan.HOST_MAX_THETA` parameters) from per-level lagged
-moments (:mod:`hierpool.batch.ar1_search`), for several terms on the whitened systems
+term of at most three coefficients (:data:`hierpool.batch.plan.HOST_MAX_THETA` parameters), or terms on one
+grouping factor of at most three together (one block-diagonal term), from per-level lagged moments
+(:mod:`hierpool.batch.ar1_search`), for other several-term models on the whitened systems
 (:mod:`hierpool.batch.ar1_terms_search`).  A wider single term, accelerators and sharded batches run the
 golden-section program below.  A dataset whose inner fit in theta did not converge at some point of that search is
 not reported converged (its message says so), and is refitted by ``hp.lmm``.
@@ -230,7 +231,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     ks = tuple(t.k for t in design.terms)
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = [message or series_problems.get(d, "") for d, message in enumerate(term_problems(plan))]
-    out = empty_results(plan, messages, too_large(plan, messages))
+    out = empty_results(plan, messages, too_large(plan, messages, merged=_on_host(plan, float_type, sharding)))
     out["phi"] = np.full(plan.n_datasets, np.nan)
     out["reasons"] = {}  # dataset -> why it is not converged, where the last Newton step does not say
     # phi is not identified where no row follows another in its series: fitted alone, as hp.lmm, which warns
@@ -305,7 +306,7 @@ def _on_host(plan: BatchPlan, float_type, sharding) -> bool:
     """Whether the batch is searched on the host (:mod:`hierpool.batch.ar1_search`): one random-effect term (its
     per-level moments), or terms on one grouping factor fitted as one (:func:`hierpool.batch.plan.one_factor`),
     of at most :data:`hierpool.batch.plan.HOST_MAX_THETA` parameters as one term (its complex step in (theta, u)
-    costs an evaluation per parameter), on one CPU device in float64.  Terms on several factors go to
+    costs an evaluation per parameter), on one CPU device in float64.  Other several-term batches go to
     :func:`_terms_on_host`; a wider term, accelerators and sharded batches compile the golden-section search."""
     k = sum(term.k for term in plan.design.terms)
     return one_factor(plan) and k * (k + 1) // 2 <= HOST_MAX_THETA and host_fits(float_type, sharding)

@@ -377,7 +377,9 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
     ks = tuple(t.k for t in design.terms)
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = glmm_problems(plan)
-    alone = too_large(plan, messages, p=0)  # the working system has no fixed-effect columns
+    host = _on_host(float_type, sharding, family)
+    # the working system has no fixed-effect columns; terms on one factor are one term on the host (_fit_glmm_on_host)
+    alone = too_large(plan, messages, p=0, merged=host and len(design.terms) > 1 and one_factor(plan))
     out = empty_results(plan, messages, alone)
     negative_binomial = family.name == "negative_binomial"
     if negative_binomial:
@@ -387,7 +389,6 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
         return out
     n_theta = sum(k * (k + 1) // 2 for k in ks)
     n_params = n_theta + design.p + negative_binomial
-    host = _on_host(float_type, sharding, family)
     processes = host and _uses_processes(plan, out["attempted"])
     if processes:  # started now, their imports run while the starts below are computed
         host_processes.start(host_processes.worker_count(thread_count(None)), preload=(fit_chunk_on_host.__module__,))

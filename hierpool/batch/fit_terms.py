@@ -105,11 +105,15 @@ def row_buckets(plan: BatchPlan, datasets) -> dict:
     return {key: np.asarray(members) for key, members in buckets.items()}
 
 
-def too_large(plan: BatchPlan, messages: list[str], p: int | None = None) -> dict:
+def too_large(plan: BatchPlan, messages: list[str], p: int | None = None, merged: bool = False) -> dict:
     """dataset -> why it is not batched, for the usable datasets (no message) whose dense coupling grid
     (``Layout.dense_only``) would exceed :data:`~hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`.  ``p``: the
-    system's fixed-effect columns (default the design's; a GLMM's working system has none)."""
+    system's fixed-effect columns (default the design's; a GLMM's working system has none).  ``merged``: the terms,
+    on one grouping factor, are searched as one term (:func:`hierpool.batch.plan.one_factor`), whose system has no
+    other term to couple."""
     ks, widths = tuple(t.k for t in plan.design.terms), padded_widths(plan)
+    if merged:
+        ks, widths = (sum(ks),), widths[:, :1]
     p = plan.design.p if p is None else p
     return {d: "too large to batch (its dense coupling)" for d in range(plan.n_datasets)
             if not messages[d] and dense_entries(widths[d], ks, p) > MAX_DENSE_ENTRIES}
@@ -326,14 +330,14 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     p = design.p
     host = _on_host(float_type, sharding)
     n_devices = 1 if sharding is None else len(jax.devices())
-    messages = term_problems(plan)
-    out = empty_results(plan, messages, too_large(plan, messages))
-    shifts = linear_shifts(plan)
-    start0 = linear_start(plan, np.flatnonzero(out["attempted"]), shifts[1])
     # on the host, terms on one grouping factor (``(1 + x || g)``) are searched as one block-diagonal term (the
     # terms apart, the second's levels would be a dense block of the system; benchmarks/RESULTS.md, twentieth session)
     merged = host and len(design.terms) > 1 and one_factor(plan)
     term_ks = tuple(t.k for t in design.terms) if merged else None
+    messages = term_problems(plan)
+    out = empty_results(plan, messages, too_large(plan, messages, merged=merged))
+    shifts = linear_shifts(plan)
+    start0 = linear_start(plan, np.flatnonzero(out["attempted"]), shifts[1])
     jobs = []
     for members, systems, n in bucket_systems(plan, np.flatnonzero(out["attempted"]), shifts, merged):
         # beta0 stays float64 and is added on the host: in float32 a large common location of y would lose digits

@@ -84,8 +84,8 @@ def host_fits(float_type, sharding) -> bool:
 def one_factor(plan) -> bool:
     """Whether every random-effect term of ``plan`` has the same level on every row (one grouping factor:
     ``(1 + x || g)``): a host search may then fit the terms as one term of their summed width whose factor is
-    block-diagonal with theirs (:func:`hierpool.algebra.linalg.block_diagonal_positions`; the AR(1) one-term search,
-    the GLMM host search)."""
+    block-diagonal with theirs (:func:`hierpool.algebra.linalg.block_diagonal_positions`; the linear several-term,
+    the GLMM and the AR(1) one-term host searches)."""
     level0 = plan.term_levels[0][0]
     return all(np.array_equal(level, level0) for level, _, _ in plan.term_levels[1:])
 

@@ -135,7 +135,7 @@ def _negative_curvature(curvature: np.ndarray) -> np.ndarray:
 
 
 def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iterations: int,
-                              sigma_known: bool = False) -> dict:
+                              sigma_known: bool = False, term_ks=None) -> dict:
     """:func:`search_on_host` for a one-term chunk given by its sufficient statistics (a leading dataset axis):
     the same search on the same criterion, of the statistics' systems
     (:func:`hierpool.algebra.batched_systems.statistics_systems`).  ``hp.fit_batch``'s one-term path on the host and
@@ -147,12 +147,16 @@ def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iteratio
     faster one on the host from two coefficients a level up, and as fast with one (benchmarks/RESULTS.md, twentieth
     session).
 
+    ``term_ks``: the statistics' one term stands for terms of these widths on one grouping factor, as
+    :func:`search_on_host`'s (``start`` and the thetas returned theirs).
+
     It is the several-term search in every rule, unlike the compiled one-term program (Newton's method with the
     same decrease stop): saddle-free steps, the interpolated damping, and for a vector term the restart at the
     rank-reduced theta after :data:`RESTART_PASSES` passes (so up to that many passes more than ``max_iterations``),
     whose stop at a negative curvature is not converged (``hp.lmm`` refits that dataset).
     """
-    return search_on_host(statistics_systems(stats, sigma_known), np.asarray(stats.n), start, reml, max_iterations)
+    return search_on_host(statistics_systems(stats, sigma_known), np.asarray(stats.n), start, reml, max_iterations,
+                          term_ks)
 
 
 def fit_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, term_ks=None) -> dict:
