@@ -235,3 +235,23 @@ def test_uncorrelated_slopes_are_one_block_diagonal_term_on_the_host(monkeypatch
         for d in range(3):
             np.testing.assert_allclose(merged_term.covariance[d], apart_term.covariance[d], rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(merged_term.cond_sd[d], apart_term.cond_sd[d], rtol=1e-4, atol=1e-6)
+
+
+def test_uncorrelated_slopes_of_counts_with_an_offset_equal_their_single_fits():
+    # Poisson, terms on one factor searched as one block-diagonal term, with an offset() term
+    rng = np.random.default_rng(5)
+    frames = []
+    for _ in range(2):
+        g = np.repeat(np.arange(9), 7)
+        x = rng.normal(size=g.size)
+        a, s = rng.normal(0, 0.5, 9), rng.normal(0, 0.3, 9)
+        e = rng.uniform(1, 3, g.size)
+        frames.append(pd.DataFrame(dict(g=[f"g{i}" for i in g], x=x, e=e,
+                                        c=rng.poisson(np.exp(0.3 + 0.2 * x + np.log(e) + a[g] + s[g] * x)))))
+    formula = "c ~ x + offset(log(e)) + (1 + x || g)"
+    batch = hp.fit_batch(formula, frames, by="rep", family="poisson", progress=False)
+    assert batch.converged.all() and not batch.refit.any()
+    for d, frame in enumerate(frames):
+        fit = _glmm(formula, frame, family="poisson")
+        assert batch.objective.iloc[d] == pytest.approx(fit.optimum.deviance, rel=1e-8)
+        np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=0, atol=1e-5 * fit.fixef_se.min())

@@ -497,3 +497,23 @@ def test_uncorrelated_slopes_are_one_block_diagonal_term_on_the_host(monkeypatch
         for d in range(3):
             np.testing.assert_allclose(merged_term.covariance[d], apart_term.covariance[d], rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(merged_term.cond_sd[d], apart_term.cond_sd[d], rtol=1e-4, atol=1e-6)
+
+
+def test_uncorrelated_slopes_with_weights_and_an_offset_equal_their_single_fits():
+    # terms on one factor searched as one block-diagonal term, with prior weights and an offset in the statistics
+    rng = np.random.default_rng(5)
+    frames = []
+    for _ in range(2):
+        g = np.repeat(np.arange(9), 7)
+        x = rng.normal(size=g.size)
+        a, s = rng.normal(0, 0.8, 9), rng.normal(0, 0.4, 9)
+        frames.append(pd.DataFrame(dict(g=[f"g{i}" for i in g], x=x, w=rng.uniform(0.5, 2, g.size),
+                                        o=rng.normal(0, 0.3, g.size),
+                                        y=1 + 0.5 * x + a[g] + s[g] * x + rng.normal(size=g.size))))
+    formula = "y ~ x + (1 + x || g)"
+    batch = hp.fit_batch(formula, frames, by="rep", weights="w", offset="o", progress=False)
+    assert batch.converged.all() and not batch.refit.any()
+    for d, frame in enumerate(frames):
+        fit = _single(formula, frame, weights="w", offset="o")
+        assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-10)
+        np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-6, atol=1e-8)
