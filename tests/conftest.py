@@ -104,6 +104,31 @@ def compare_posteriors(batch, single, label, tables, z_max: float = 4.0) -> None
         assert np.max(np.abs(z)) < z_max, (label, table, merged.loc[np.abs(z).idxmax(), names].tolist())
 
 
+def uncorrelated_slope_frames(seed: int, count: int, sd_intercept: float, sd_slope: float, n_groups: int = 9,
+                              per_group: int = 7):
+    """(rng, frames): ``count`` frames of ``n_groups`` groups of ``per_group`` rows, a covariate x, and each row's
+    group effects on the intercept and on x's slope (columns a, s, drawn independently: ``(1 + x || g)``), to which
+    a test adds its response with ``rng``."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(count):
+        g = np.repeat(np.arange(n_groups), per_group)
+        a, s = rng.normal(0, sd_intercept, n_groups), rng.normal(0, sd_slope, n_groups)
+        frames.append(pd.DataFrame(dict(g=[f"g{i}" for i in g], x=rng.normal(size=g.size), a=a[g], s=s[g])))
+    return rng, frames
+
+
+def assert_terms_kept_apart_agree(batch, apart):
+    """Terms on one factor searched as one block-diagonal term (``batch``) against the same terms kept apart
+    (``apart``, the several-term search forced): the criteria to 1e-10, each term's covariance and conditional sds
+    to 1e-4."""
+    np.testing.assert_allclose(batch.objective, apart.objective, rtol=1e-10)
+    for merged_term, apart_term in zip(batch.terms, apart.terms):
+        for d in range(len(batch.datasets)):
+            np.testing.assert_allclose(merged_term.covariance[d], apart_term.covariance[d], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(merged_term.cond_sd[d], apart_term.cond_sd[d], rtol=1e-4, atol=1e-6)
+
+
 def host_and_compiled(monkeypatch, module, *args, host_function="_optimize_on_host", **kwargs):
     """hp.fit_batch(*args, **kwargs) with ``module``'s path (``hierpool.batch.fit`` one term, ``fit_terms`` several)
     forced onto the host, then forced to compile; each run asserted to have taken its path (the module's host

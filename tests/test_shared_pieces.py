@@ -287,6 +287,9 @@ def test_term0_factor_s_matrix_products_and_its_paired_einsum_agree():
         np.testing.assert_allclose(chol @ np.swapaxes(chol, -1, -2), expected, rtol=1e-12, atol=1e-12 * expected.max())
 
 
+WRITTEN_OUT_K0 = 4  # the widest term 0 the tests write out (term0_entries.MAX_K0's value)
+
+
 def _term0_both_ways(monkeypatch, t0, a00, grad_m):
     """Term 0's value, M_l, P_l, adjoint (lower triangle: all theta reads) and factors, written out entry by entry
     and by the stacked forms."""
@@ -294,7 +297,7 @@ def _term0_both_ways(monkeypatch, t0, a00, grad_m):
 
     results = {}
     for written_out in (True, False):
-        monkeypatch.setattr(term0_entries, "MAX_K0", 3 if written_out else 0)
+        monkeypatch.setattr(term0_entries, "MAX_K0", WRITTEN_OUT_K0 if written_out else 0)
         assert term0_entries.applies(t0, a00) == written_out
         (logdet, m_levels), (_, _, p_levels) = criterion._term0_values(t0, a00)
         adjoint = np.tril(criterion._term0_adjoint(a00, m_levels, p_levels, 0.7, grad_m))
@@ -303,7 +306,7 @@ def _term0_both_ways(monkeypatch, t0, a00, grad_m):
     return results[True], results[False]
 
 
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("k", [2, 3, 4])
 def test_term0_written_out_entry_by_entry_is_the_stacked_forms(k, monkeypatch):
     # term 0's factor, M_l, P_l and the adjoint on the host, entry by entry (small blocks), against the stacked
     # matrix forms: on a batch's axes (datasets, points against datasets, 1), on one system, at complex points (the
@@ -331,7 +334,7 @@ def test_term0_written_out_entry_by_entry_is_the_stacked_forms(k, monkeypatch):
     indefinite[1, 0, 2] = -np.eye(k) * 1e3
     from hierpool.algebra import criterion, term0_entries
 
-    monkeypatch.setattr(term0_entries, "MAX_K0", 3)
+    monkeypatch.setattr(term0_entries, "MAX_K0", WRITTEN_OUT_K0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         (logdet, m_levels), _ = criterion._term0_values(t0, indefinite)

@@ -25,9 +25,9 @@ import numpy as np
 
 from .linalg import cholesky_entries, stack_entries, sum_of, tri_inverse_entries
 
-#: Widest term 0 (k0) written out entry by entry on the host: the entry lists grow as k0^3, and past a few
-#: coefficients the stacked products' work per call outweighs their per-block loop.
-MAX_K0 = 3
+#: Widest term 0 (k0) written out entry by entry on the host: the entry lists grow as k0^3, and at five
+#: coefficients the stacked forms are as fast (timed in benchmarks/RESULTS.md, twentieth session).
+MAX_K0 = 4
 
 
 def applies(t0, a00) -> bool:

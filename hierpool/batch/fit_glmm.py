@@ -64,7 +64,18 @@ from .fit_terms import (
 )
 from .glmm_search import DAMPING_GROWTH, FD_WIDTH, STEP_TOL, beta_covariance, fit_chunk_on_host
 from .optimize import DECREASE_TOL, canonical_theta, newton
-from .plan import BatchPlan, chunks, fetch, host_chunk, host_chunk_length, host_fits, one_factor, place, thread_count
+from .plan import (
+    BatchPlan,
+    chunks,
+    fetch,
+    host_chunk,
+    host_chunk_length,
+    host_fits,
+    merge_terms,
+    merged_widths,
+    place,
+    thread_count,
+)
 
 #: IRLS iterations of the starting GLM fits.
 GLM_ITERATIONS = 25
@@ -335,14 +346,14 @@ def _on_host(float_type, sharding, family: Family) -> bool:
 
 def grouped_rows(plan: BatchPlan, members: np.ndarray, widths, merged: bool = False) -> GroupedRows:
     """The rows of datasets ``members`` (increasing) as one :class:`GroupedRows`, levels padded to ``widths``;
-    ``merged``: the terms, on one grouping factor (:func:`hierpool.batch.plan.one_factor`), as one term of their
-    columns side by side (:func:`hierpool.batch.glmm_search.fit_chunk_on_host`'s ``term_ks``)."""
+    ``merged``: the terms, on one grouping factor, as one (:func:`hierpool.batch.plan.merge_terms`;
+    :func:`hierpool.batch.glmm_search.fit_chunk_on_host`'s ``term_ks``)."""
     design = plan.design
     rows = np.flatnonzero(np.isin(plan.dataset, members))
     terms = tuple((level[rows].astype(np.int64), term.z[rows], int(width))
                   for (level, _, _), term, width in zip(plan.term_levels, design.terms, widths))
     if merged:
-        terms = ((terms[0][0], np.column_stack([z for _, z, _ in terms]), terms[0][2]),)
+        terms = tuple(merge_terms(terms))
     return GroupedRows(np.searchsorted(members, plan.dataset[rows]), len(members), design.y[rows],
                        design.row_weights[rows], design.offset[rows], design.X[rows], terms)
 
@@ -378,8 +389,11 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = glmm_problems(plan)
     host = _on_host(float_type, sharding, family)
-    # the working system has no fixed-effect columns; terms on one factor are one term on the host (_fit_glmm_on_host)
-    alone = too_large(plan, messages, p=0, merged=host and len(design.terms) > 1 and one_factor(plan))
+    # terms on one grouping factor (``(1 + x || g)``) are searched on the host as one block-diagonal term: the
+    # several-term algebra would factor the second term's levels as a dense block (benchmarks/RESULTS.md, twentieth
+    # session)
+    term_ks = merged_widths(plan) if host else None
+    alone = too_large(plan, messages, p=0, merged=term_ks is not None)  # the working system: no fixed effects
     out = empty_results(plan, messages, alone)
     negative_binomial = family.name == "negative_binomial"
     if negative_binomial:
@@ -465,15 +479,13 @@ def _fit_glmm_on_host(plan: BatchPlan, family: Family, out: dict, theta0, beta0,
         size = host_chunk_length(len(members), chunk_size or default, workers)
         jobs += [(members[first : first + size], key) for first in range(0, len(members), size)]
 
-    # terms on one grouping factor (``(1 + x || g)``) are searched as one block-diagonal term: the several-term
-    # algebra would factor the second term's levels as a dense block (benchmarks/RESULTS.md, twentieth session)
-    merged = len(plan.design.terms) > 1 and one_factor(plan)
-    term_ks = tuple(t.k for t in plan.design.terms) if merged else None
+    term_ks = merged_widths(plan)  # terms on one factor: searched as one (fit_glmm's note)
 
     def run(job):
         chunk, key = job
         start = np.concatenate([theta0[chunk, :n_theta], beta0[chunk]], axis=1)
-        arguments = (grouped_rows(plan, chunk, key, merged), saturated[chunk], start, family, max_iterations, term_ks)
+        arguments = (grouped_rows(plan, chunk, key, term_ks is not None), saturated[chunk], start, family,
+                     max_iterations, term_ks)
         result = host_processes.call(fit_chunk_on_host, *arguments) if processes else fit_chunk_on_host(*arguments)
         result["sigma"] = np.ones(len(chunk))
         return result

@@ -56,7 +56,8 @@ from .plan import (
     host_chunk,
     host_chunk_length,
     host_fits,
-    one_factor,
+    merge_terms,
+    merged_widths,
     place,
     progress_bar,
     thread_count,
@@ -125,8 +126,8 @@ def bucket_systems(plan: BatchPlan, datasets, shifts: tuple[np.ndarray, np.ndarr
     the members' systems built at once (:func:`hierpool.algebra.batched_systems.batched_systems`) and their row
     counts.  ``hp.fit_batch``'s and ``hp.bayes_batch``'s several-term paths.  ``shifts``: every dataset's
     :func:`hierpool.algebra.statistics.location_shifts` (beta0 (D, p), residual (N,)), where the caller has them
-    (:func:`linear_shifts`).  ``merged``: the terms, on one grouping factor (:func:`hierpool.batch.plan.one_factor`),
-    as one term of their columns side by side (:func:`hierpool.batch.terms_search.search_on_host`'s ``term_ks``)."""
+    (:func:`linear_shifts`).  ``merged``: the terms, on one grouping factor, as one
+    (:func:`hierpool.batch.plan.merge_terms`; :func:`hierpool.batch.terms_search.search_on_host`'s ``term_ks``)."""
     design, widths = plan.design, padded_widths(plan)
     buckets = {}
     for d in datasets:
@@ -140,7 +141,7 @@ def bucket_systems(plan: BatchPlan, datasets, shifts: tuple[np.ndarray, np.ndarr
         terms = [(level[rows], term.z[rows], int(width))
                  for (level, _, _), term, width in zip(plan.term_levels, design.terms, key)]
         if merged:
-            terms = [(terms[0][0], np.column_stack([z for _, z, _ in terms]), terms[0][2])]
+            terms = merge_terms(terms)
         systems, n = batched_systems(local, len(members), terms, design.X[rows], design.y[rows],
                                      None if weights is None else weights[rows], design.offset[rows],
                                      design.sigma_known,
@@ -332,8 +333,8 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     n_devices = 1 if sharding is None else len(jax.devices())
     # on the host, terms on one grouping factor (``(1 + x || g)``) are searched as one block-diagonal term (the
     # terms apart, the second's levels would be a dense block of the system; benchmarks/RESULTS.md, twentieth session)
-    merged = host and len(design.terms) > 1 and one_factor(plan)
-    term_ks = tuple(t.k for t in design.terms) if merged else None
+    term_ks = merged_widths(plan) if host else None
+    merged = term_ks is not None
     messages = term_problems(plan)
     out = empty_results(plan, messages, too_large(plan, messages, merged=merged))
     shifts = linear_shifts(plan)

@@ -90,6 +90,19 @@ def one_factor(plan) -> bool:
     return all(np.array_equal(level, level0) for level, _, _ in plan.term_levels[1:])
 
 
+def merged_widths(plan) -> tuple | None:
+    """The terms' widths where several terms share one grouping factor (:func:`one_factor`), for a host search that
+    fits them as one (its ``term_ks``); None otherwise."""
+    terms = plan.design.terms
+    return tuple(term.k for term in terms) if len(terms) > 1 and one_factor(plan) else None
+
+
+def merge_terms(terms) -> list:
+    """Terms ``(level, z, width)`` on one grouping factor as one: their levels and width (the same for each), their
+    columns side by side (:func:`merged_widths`)."""
+    return [(terms[0][0], np.column_stack([z for _, z, _ in terms]), terms[0][2])]
+
+
 def host_chunk(bytes_per_dataset: float, most: int = HOST_CHUNK, budget: float = HOST_CHUNK_BYTES) -> int:
     """Datasets per host call by default: ``most`` (:data:`HOST_CHUNK`), fewer where a call's temporaries would
     pass ``budget`` (:data:`HOST_CHUNK_BYTES`; ``bytes_per_dataset``: what the path states for one dataset)."""
