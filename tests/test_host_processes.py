@@ -3,6 +3,7 @@ GLMM batch fitted with them equal to the same batch on threads alone."""
 
 import math
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -126,3 +127,37 @@ def test_a_glmm_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatc
     for name in ("objective", "beta", "theta", "beta_se"):
         np.testing.assert_array_equal(getattr(with_processes, name), getattr(threads, name), err_msg=name)
     pd.testing.assert_frame_equal(with_processes.ranef, threads.ranef)
+
+
+# 8 arrays of 3 MiB held at once, then freed, ten times over: the page faults of the second ten rounds
+ALLOCATION_ROUNDS = """
+import resource, sys
+import numpy as np
+from hierpool.algebra.host_allocator import raise_malloc_thresholds
+if sys.argv[1] == "raised":
+    raise_malloc_thresholds()
+def rounds():
+    for _ in range(10):
+        arrays = [np.ones(3 * 2**20 // 8) for _ in range(8)]
+        del arrays
+rounds()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+rounds()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's dynamic mmap threshold")
+def test_raised_malloc_thresholds_keep_large_temporaries_in_the_heap():
+    """hierpool.algebra.host_allocator: after the one freed block, arrays of a few MiB freed and allocated again reuse
+    the heap's pages; without it glibc hands the top of its heap back (over its 2 x 3 MiB trim threshold) and every
+    round faults its 24 MiB in again."""
+    def faults(mode):
+        run = subprocess.run([sys.executable, "-c", ALLOCATION_ROUNDS, mode], capture_output=True, text=True,
+                             timeout=120, check=True)
+        return int(run.stdout)
+
+    plain, raised = faults("plain"), faults("raised")
+    assert plain > 5 * 6144  # most of ten rounds of 24 MiB in 4 KiB pages faulted in again
+    assert raised < plain / 20

@@ -58,6 +58,7 @@ import pandas as pd
 from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
+from ..algebra.host_allocator import raise_malloc_thresholds
 from ..algebra.one_term import solution
 from ..closedform import glmm, lmm
 from ..closedform.glmm import check_quadrature
@@ -328,6 +329,7 @@ def fit_batch(
     check_quadrature(nAGQ)
     if family is None and (nAGQ != 1 or link is not None):
         raise ArgumentError(f"{'link=' if link is not None else f'nAGQ={nAGQ}'} needs family= (a GLMM)")
+    raise_malloc_thresholds()  # the host algebra's temporaries reused, not faulted in afresh (its module notes)
     if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (fit_each's module notes)
         refuse_on_each(correlation=(correlation, None), dtype=(dtype, "float64"), chunk_size=(chunk_size, None),
                        max_iterations=(max_iterations, MAX_ITERATIONS))

@@ -37,6 +37,8 @@ import threading
 import traceback
 import warnings
 
+from ..algebra.host_allocator import raise_malloc_thresholds
+
 #: The environment variable that turns worker processes off ("0").
 SWITCH = "HIERPOOL_HOST_PROCESSES"
 # run with ``-P``: no working directory first on the path, so that the parent's own path (PYTHONPATH, below) decides
@@ -80,6 +82,7 @@ def serve(preload=()) -> None:
     os.dup2(2, 1)  # prints of the worker's own go to stderr, not into the protocol
     for module in preload:
         importlib.import_module(module)
+    raise_malloc_thresholds()  # as in the parent (hierpool.algebra.host_allocator)
     _send(outbox, "ready")
     while True:
         try:
