@@ -18,6 +18,9 @@
     python benchmarks/batch.py --lmm-wide-slopes 1000     # Gaussian, (1 + x + z | g), 15 x 12: out/lmm_wide_slopes.json
     python benchmarks/batch.py --lmm-three-nested 1000    # Gaussian, three nested levels: out/lmm_three_nested.json
     python benchmarks/batch.py --glmm-uncorrelated 1000   # Bernoulli, (1 + x || g), 30 x 10: out/glmm_uncorrelated.json
+    python benchmarks/batch.py --lmm-maximal 1000   # Gaussian, slopes on subjects and items: out/lmm_maximal.json
+    python benchmarks/batch.py --glmm-maximal 300   # Bernoulli, (1 + x | subj) + (1 | item): out/glmm_maximal.json
+    python benchmarks/batch.py --glmm-nb 300        # negative binomial against glmer.nb: out/glmm_nb.json
     python benchmarks/batch.py --ar1 1000           # Ovary-shaped, corAR1, (1 | Mare), against nlme: out/ar1.json
     python benchmarks/batch.py --car1 1000          # BodyWeight-shaped, corCAR1, (Time | Rat): out/car1.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
@@ -259,6 +262,29 @@ MODELS = {
                                      "d0$x <- rnorm(nrow(d0))",
                               params="list(beta = c(-0.3, 0.5), theta = c(0.8, 0.4))",
                               r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))"),
+    # the twenty-first session's survey: the maximal crossed model of a subjects x items design (slopes on both
+    # factors: a 40-column dense rest), its Bernoulli counterpart, and a negative binomial (glmer.nb: theta searched
+    # outside the Laplace fits)
+    "lmm_maximal": dict(help="Gaussian datasets, (1 + x | subj) + (1 + x | item), 30 x 20 crossed, against lmer",
+                        factors=["subj", "item"], formula="y ~ x + (1 + x | subj) + (1 + x | item)", response="y",
+                        family=None, r_family="gaussian",
+                        design="d0 <- expand.grid(subj = factor(1:30), item = factor(1:20)); set.seed(31); "
+                               "d0$x <- rnorm(nrow(d0))",
+                        params="list(beta = c(2, -0.4), theta = c(0.7, -0.1, 0.3, 0.5, 0.1, 0.3), sigma = 1)",
+                        r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)"),
+    "glmm_maximal": dict(help="Bernoulli datasets, (1 + x | subj) + (1 | item), 30 x 20 crossed, against glmer",
+                         factors=["subj", "item"], formula="y ~ x + (1 + x | subj) + (1 | item)", response="y",
+                         family="binomial",
+                         design="d0 <- expand.grid(subj = factor(1:30), item = factor(1:20)); set.seed(32); "
+                                "d0$x <- rnorm(nrow(d0))",
+                         params="list(beta = c(-0.3, 0.5), theta = c(0.8, 0.1, 0.4, 0.5))",
+                         r_fit="glmer(FORMULA, d, binomial)", r_crit="-2 * as.numeric(logLik(fit))"),
+    "glmm_nb": dict(help="negative binomial datasets, (1 | g), 20 groups x 10, against a glmer.nb loop",
+                    factors=["g"], formula="y ~ x + (1 | g)", response="y", family="negative_binomial",
+                    r_family="MASS::negative.binomial(2)",
+                    design="d0 <- expand.grid(j = 1:10, g = factor(1:20)); set.seed(36); d0$x <- rnorm(nrow(d0))",
+                    params="list(beta = c(1, 0.3), theta = 0.6)",
+                    r_fit="glmer.nb(FORMULA, d)", r_crit="-2 * as.numeric(logLik(fit))"),
 }
 
 SIMULATE_R = textwrap.dedent(
