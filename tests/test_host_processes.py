@@ -16,6 +16,7 @@ import pytest
 
 import hierpool as hp
 import hierpool.batch.fit_glmm as fit_glmm_module
+import hierpool.batch.fit_terms as fit_terms_module
 from hierpool.batch import host_processes
 
 
@@ -125,6 +126,36 @@ def test_a_glmm_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatc
     threads = hp.fit_batch("y ~ x + (1 | g)", frames, by="rep", family="binomial", progress=False)
     assert not remote
     for name in ("objective", "beta", "theta", "beta_se"):
+        np.testing.assert_array_equal(getattr(with_processes, name), getattr(threads, name), err_msg=name)
+    pd.testing.assert_frame_equal(with_processes.ranef, threads.ranef)
+
+
+
+@pytest.mark.filterwarnings("error:a hierpool host worker process died")
+def test_a_several_term_linear_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatch):
+    rng = np.random.default_rng(6)
+    frames = []
+    for d in range(8):
+        subj, item = (a.ravel().astype(str) for a in np.meshgrid(np.arange(10), np.arange(6), indexing="ij"))
+        x = rng.normal(size=subj.size)
+        y = 1 + 0.5 * x + rng.normal(0, 0.8, 10)[subj.astype(int)] + rng.normal(0, 0.5, 6)[item.astype(int)]
+        frames.append(pd.DataFrame({"subj": subj, "item": item, "x": x, "y": y + rng.normal(size=subj.size)}))
+    remote = []
+    run = host_processes._Worker.run
+    monkeypatch.setattr(host_processes._Worker, "run", lambda self, message: remote.append(1) or run(self, message))
+    monkeypatch.setattr(fit_terms_module, "thread_count", lambda *_: 2)
+    monkeypatch.setattr(host_processes, "worker_count", lambda threads: 1)
+    monkeypatch.setattr(fit_terms_module, "LINEAR_PROCESS_MIN_ROWS", 0)
+    _ready_worker()
+    formula = "y ~ x + (1 + x | subj) + (1 | item)"
+    with_processes = hp.fit_batch(formula, frames, by="rep", progress=False)
+    assert remote, "no chunk ran in a worker"
+    remote.clear()
+    monkeypatch.setenv(host_processes.SWITCH, "0")
+    monkeypatch.setattr(host_processes, "_WORKERS", [])
+    threads = hp.fit_batch(formula, frames, by="rep", progress=False)
+    assert not remote
+    for name in ("objective", "beta", "theta", "beta_se", "sigma"):
         np.testing.assert_array_equal(getattr(with_processes, name), getattr(threads, name), err_msg=name)
     pd.testing.assert_frame_equal(with_processes.ranef, threads.ranef)
 

@@ -61,6 +61,7 @@ from .fit_terms import (
     take,
     term_problems,
     too_large,
+    uses_processes,
 )
 from .glmm_search import DAMPING_GROWTH, FD_WIDTH, STEP_TOL, beta_covariance, fit_chunk_on_host
 from .optimize import DECREASE_TOL, canonical_theta, newton
@@ -403,7 +404,7 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
         return out
     n_theta = sum(k * (k + 1) // 2 for k in ks)
     n_params = n_theta + design.p + negative_binomial
-    processes = host and _uses_processes(plan, out["attempted"])
+    processes = host and uses_processes(plan, out["attempted"], PROCESS_MIN_ROWS)
     if processes:  # started now, their imports run while the starts below are computed
         host_processes.start(host_processes.worker_count(thread_count(None)), preload=(fit_chunk_on_host.__module__,))
     buckets = {} if host else row_buckets(plan, np.flatnonzero(out["attempted"]))
@@ -455,10 +456,6 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
 PROCESS_MIN_ROWS = 20_000
 
 
-def _uses_processes(plan: BatchPlan, attempted: np.ndarray) -> bool:
-    """Whether a host batch's chunks run in worker processes besides this one: a worker to run them
-    (:func:`hierpool.batch.host_processes.worker_count`), and at least :data:`PROCESS_MIN_ROWS` rows to fit."""
-    return host_processes.worker_count(thread_count(None)) > 0 and plan.n_obs[attempted].sum() >= PROCESS_MIN_ROWS
 
 
 def _fit_glmm_on_host(plan: BatchPlan, family: Family, out: dict, theta0, beta0, saturated, n_theta: int, *,

@@ -45,6 +45,7 @@ from ..algebra.start import moment_theta
 from ..algebra.statistics import location_shifts
 from ..algebra.system import grouped_products
 from ..closedform.optimize import Control
+from . import host_processes
 from .optimize import DECREASE_TOL, MOMENT_FLOOR, canonical_theta, newton
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
@@ -232,6 +233,20 @@ def empty_results(plan: BatchPlan, messages: list[str], alone: dict) -> dict:
             "messages": messages, "alone": alone}
 
 
+#: Rows of a linear several-term host batch from which its chunks run in worker processes too
+#: (:mod:`hierpool.batch.host_processes`): 300 Penicillin-shaped datasets (43,200 rows) ran as fast on threads alone,
+#: a first call of 1,000 (144,000 rows) faster in processes (benchmarks/RESULTS.md, "Worker processes for the linear
+#: several-term host path, twenty-first session").
+LINEAR_PROCESS_MIN_ROWS = 100_000
+
+
+def uses_processes(plan: BatchPlan, attempted: np.ndarray, min_rows: int) -> bool:
+    """Whether a host batch's chunks run in worker processes besides this one: a worker to run them
+    (:func:`hierpool.batch.host_processes.worker_count`), and at least ``min_rows`` rows to fit (below them a worker's
+    start costs more than it gains on a first call)."""
+    return host_processes.worker_count(thread_count(None)) > 0 and plan.n_obs[attempted].sum() >= min_rows
+
+
 def run_jobs(jobs, run, out: dict, plan: BatchPlan, *, workers: int, progress) -> dict:
     """Run the chunks (``run(job)`` -> a chunk's results; ``job[0]`` its datasets) and store each dataset's results
     in ``out``, each term's effects cut to the dataset's own levels; then ``is_singular`` (lme4's rule)."""
@@ -337,6 +352,9 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     merged = term_ks is not None
     messages = term_problems(plan)
     out = empty_results(plan, messages, too_large(plan, messages, merged=merged))
+    processes = host and uses_processes(plan, out["attempted"], LINEAR_PROCESS_MIN_ROWS)
+    if processes:  # started now: their imports run while the systems below are built
+        host_processes.start(host_processes.worker_count(thread_count(None)), preload=(fit_on_host.__module__,))
     shifts = linear_shifts(plan)
     start0 = linear_start(plan, np.flatnonzero(out["attempted"]), shifts[1])
     jobs = []
@@ -368,8 +386,11 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
 
     def run(job):
         _, (systems, n, start), count, programs, shift = job
-        if programs is None:  # on the host (threads: worker processes gave nothing here, unlike a GLMM's chunks)
-            result = fit_on_host(systems, n, start, reml, max_iterations, term_ks)
+        if programs is None:  # on the host: a chunk a thread, each beyond the first in a worker process (NumPy holds
+            # the GIL between its many small operations: two threads ran 1.45x one thread's speed on 1,000 maximal
+            # crossed datasets, benchmarks/RESULTS.md, twenty-first session)
+            arguments = (systems, n, start, reml, max_iterations, term_ks)
+            result = host_processes.call(fit_on_host, *arguments) if processes else fit_on_host(*arguments)
         else:
             optimize, solver = programs
             systems, n, start = place((systems, n, start), sharding)
