@@ -35,7 +35,8 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
   relationship matrix, spatial terms, adaptive quadrature) dataset by dataset through that single fit
   (``batch.fit_each``, ``batch.bayes_each``).  The host searches of a chunk (``batch.glmm_search``,
   ``batch.terms_search``) and ``batch.host_processes`` import no JAX, so that a worker process can run a GLMM
-  chunk beside the main one; they search terms on one grouping factor as one term whose factor is block-diagonal
+  or several-term linear chunk beside the main one, and a host batch raises the C allocator's thresholds once
+  (``algebra.host_allocator``); they search terms on one grouping factor as one term whose factor is block-diagonal
   with theirs (``batch.plan.one_factor``, ``linalg.block_diagonal_positions``);
 - ``plots``, then ``pooling_comparison``, ``ridge``, ``validate``, then ``cli``.
 

@@ -9,10 +9,10 @@ crossed correlated slopes that was some 360,000 page faults and a third of the f
 
 glibc raises both thresholds itself: when a block it had mmapped is freed, the mmap threshold becomes that block's
 size, up to 32 MiB on 64-bit systems, and the trim threshold twice it (mallopt(3), ``M_MMAP_THRESHOLD``, "dynamic
-mmap threshold").  :func:`raise_malloc_thresholds` frees one block of just under 32 MiB, never written (none of its
-pages is touched), so that glibc's own rule puts the thresholds where any program that has freed such an array
-has them: blocks up to 32 MiB are then reused from the heap, and up to 64 MiB free at a heap's top is kept.  It
-sets nothing: where the thresholds were fixed (``mallopt``, the ``MALLOC_*_`` environment variables) or the
+mmap threshold").  :func:`raise_malloc_thresholds` frees one block of just under 32 MiB, never written (only the
+page of glibc's header is touched), so that glibc's own rule puts the thresholds where any program that has freed
+such an array has them: blocks up to 32 MiB are then reused from the heap, and up to 64 MiB free at a heap's top
+is kept.  It sets nothing: where the thresholds were fixed (``mallopt``, the ``MALLOC_*_`` environment variables) or the
 allocator is not glibc's, the freed block changes nothing.
 """
 
@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Just under glibc's largest dynamic mmap threshold (``DEFAULT_MMAP_THRESHOLD_MAX``, 32 MiB with 64-bit longs):
-#: a freed mmapped block raises the threshold only up to that size, its header and page rounding included.
-BLOCK_BYTES = 32 * 2**20 - 2**16
+#: Under glibc's largest dynamic mmap threshold (``DEFAULT_MMAP_THRESHOLD_MAX``, 32 MiB with 64-bit longs): a freed
+#: mmapped block raises the threshold only where its size, header and page rounding included (and glibc's
+#: ``IS_MMAPPED`` bit in the size word), is at most that; 128 KiB below it leaves room for pages of up to 64 KiB.
+BLOCK_BYTES = 32 * 2**20 - 2**17
 
 _raised = False
 
@@ -37,5 +38,8 @@ def raise_malloc_thresholds() -> None:
     if _raised:
         return
     _raised = True
-    block = np.empty(BLOCK_BYTES, dtype=np.uint8)  # malloc, not calloc: no page is touched
+    try:
+        block = np.empty(BLOCK_BYTES, dtype=np.uint8)  # malloc, not calloc: only the header's page is touched
+    except MemoryError:  # a strict overcommit or address-space limit: the thresholds stay as they are
+        return
     del block

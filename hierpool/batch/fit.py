@@ -323,6 +323,9 @@ def fit_batch(
     bucket of level counts; the tests assert it equal to ``hp.lmm``'s per dataset to 1e-8 relative.
     ``theta`` then lists the terms in the batch's order (``result.terms``: the long frame's, by level
     count), which may differ from ``hp.lmm``'s order on a dataset whose level counts rank otherwise.
+    On glibc (Linux) the first call frees one unwritten block of just under 32 MiB, which raises the C
+    allocator's mmap and trim thresholds process-wide by glibc's own dynamic rule, as freeing any such array would
+    (:mod:`hierpool.algebra.host_allocator`): freed memory up to 64 MiB a heap is then kept for reuse.
     """
     if dtype not in ("float64", "float32"):
         raise ArgumentError(f"dtype must be 'float64' or 'float32', got {dtype!r}")

@@ -58,10 +58,10 @@ from .fit_terms import (
     padded_widths,
     row_buckets,
     run_jobs,
+    start_processes,
     take,
     term_problems,
     too_large,
-    uses_processes,
 )
 from .glmm_search import DAMPING_GROWTH, FD_WIDTH, STEP_TOL, beta_covariance, fit_chunk_on_host
 from .optimize import DECREASE_TOL, canonical_theta, newton
@@ -404,9 +404,8 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
         return out
     n_theta = sum(k * (k + 1) // 2 for k in ks)
     n_params = n_theta + design.p + negative_binomial
-    processes = host and uses_processes(plan, out["attempted"], PROCESS_MIN_ROWS)
-    if processes:  # started now, their imports run while the starts below are computed
-        host_processes.start(host_processes.worker_count(thread_count(None)), preload=(fit_chunk_on_host.__module__,))
+    # workers started now: their imports run while the starts below are computed
+    processes = host and start_processes(plan, out["attempted"], PROCESS_MIN_ROWS, fit_chunk_on_host)
     buckets = {} if host else row_buckets(plan, np.flatnonzero(out["attempted"]))
     quick = sum(len(members) * key[-1] for key, members in buckets.items()) <= QUICK_COMPILE_MAX_ROWS
     prepared = []
@@ -450,12 +449,10 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
     return run_jobs(jobs, run, out, plan, workers=workers, progress=progress)
 
 
-#: Rows of a host batch from which its chunks run in worker processes too (:mod:`hierpool.batch.host_processes`):
-#: on a first call a batch of fewer gains less than a worker's start costs (benchmarks/RESULTS.md, "Worker
-#: processes, and the class beyond the issue's models, seventeenth session").
+#: Rows of a GLMM host batch from which its chunks run in worker processes too
+#: (:mod:`hierpool.batch.host_processes`): on a first call a batch of fewer gains less than a worker's start costs
+#: (benchmarks/RESULTS.md, "Worker processes, and the class beyond the issue's models, seventeenth session").
 PROCESS_MIN_ROWS = 20_000
-
-
 
 
 def _fit_glmm_on_host(plan: BatchPlan, family: Family, out: dict, theta0, beta0, saturated, n_theta: int, *,

@@ -27,6 +27,7 @@ so datasets whose counts differ share a few shapes.  A dataset whose dense coupl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.criterion import objective
 from ..algebra.henderson import solve
+from ..algebra.host_blas import one_blas_thread
 from ..algebra.linalg import theta_start
 from ..algebra.start import moment_theta
 from ..algebra.statistics import location_shifts
@@ -240,11 +242,32 @@ def empty_results(plan: BatchPlan, messages: list[str], alone: dict) -> dict:
 LINEAR_PROCESS_MIN_ROWS = 100_000
 
 
-def uses_processes(plan: BatchPlan, attempted: np.ndarray, min_rows: int) -> bool:
-    """Whether a host batch's chunks run in worker processes besides this one: a worker to run them
-    (:func:`hierpool.batch.host_processes.worker_count`), and at least ``min_rows`` rows to fit (below them a worker's
-    start costs more than it gains on a first call)."""
-    return host_processes.worker_count(thread_count(None)) > 0 and plan.n_obs[attempted].sum() >= min_rows
+def start_processes(plan: BatchPlan, attempted: np.ndarray, min_rows: int, search) -> bool:
+    """Whether a host batch's chunks run in worker processes besides this one, the workers started if so.
+
+    Parameters
+    ----------
+    plan : BatchPlan
+        The batch.
+    attempted : ndarray of bool
+        The datasets it fits.
+    min_rows : int
+        Rows to fit at least: below them a worker's start costs more than it gains on a first call.
+    search : callable
+        The chunk function the workers will run: its module is imported by a new worker before its first chunk.
+
+    Returns
+    -------
+    bool
+        Whether there is a worker to run chunks (:func:`hierpool.batch.host_processes.worker_count`) and
+        ``min_rows`` rows to fit; the workers then start now (:func:`hierpool.batch.host_processes.start`), their
+        imports running while the caller prepares the chunks.
+    """
+    count = host_processes.worker_count(thread_count(None))
+    if count == 0 or plan.n_obs[attempted].sum() < min_rows:
+        return False
+    host_processes.start(count, preload=(search.__module__,))
+    return True
 
 
 def run_jobs(jobs, run, out: dict, plan: BatchPlan, *, workers: int, progress) -> dict:
@@ -352,9 +375,7 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     merged = term_ks is not None
     messages = term_problems(plan)
     out = empty_results(plan, messages, too_large(plan, messages, merged=merged))
-    processes = host and uses_processes(plan, out["attempted"], LINEAR_PROCESS_MIN_ROWS)
-    if processes:  # started now: their imports run while the systems below are built
-        host_processes.start(host_processes.worker_count(thread_count(None)), preload=(fit_on_host.__module__,))
+    processes = host and start_processes(plan, out["attempted"], LINEAR_PROCESS_MIN_ROWS, fit_on_host)
     shifts = linear_shifts(plan)
     start0 = linear_start(plan, np.flatnonzero(out["attempted"]), shifts[1])
     jobs = []
@@ -400,5 +421,7 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
         result["beta"] = result["beta"] + shift
         return result
 
-    # the compiled several-term programs run serially (plan.thread_count); the host's chunks in threads
-    return run_jobs(jobs, run, out, plan, workers=thread_count(None) if host else workers, progress=progress)
+    # the compiled several-term programs run serially (plan.thread_count); the host's chunks in threads, and with
+    # workers BLAS on one thread here as in them, so that a chunk's numbers do not depend on where it ran
+    with one_blas_thread() if processes else contextlib.nullcontext():
+        return run_jobs(jobs, run, out, plan, workers=thread_count(None) if host else workers, progress=progress)
