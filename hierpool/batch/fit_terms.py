@@ -236,9 +236,9 @@ def empty_results(plan: BatchPlan, messages: list[str], alone: dict) -> dict:
 
 
 #: Rows of a linear several-term host batch from which its chunks run in worker processes too
-#: (:mod:`hierpool.batch.host_processes`): 300 Penicillin-shaped datasets (43,200 rows) ran as fast on threads alone,
-#: a first call of 1,000 (144,000 rows) faster in processes (benchmarks/RESULTS.md, "Worker processes for the linear
-#: several-term host path, twenty-first session").
+#: (:mod:`hierpool.batch.host_processes`): below them a first call ran as fast or faster on threads alone, a worker's
+#: start costing what it gains (benchmarks/RESULTS.md, "Worker processes for the linear several-term host path,
+#: twenty-first session").
 LINEAR_PROCESS_MIN_ROWS = 100_000
 
 
@@ -408,8 +408,8 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     def run(job):
         _, (systems, n, start), count, programs, shift = job
         if programs is None:  # on the host: a chunk a thread, each beyond the first in a worker process (NumPy holds
-            # the GIL between its many small operations: two threads ran 1.45x one thread's speed on 1,000 maximal
-            # crossed datasets, benchmarks/RESULTS.md, twenty-first session)
+            # the GIL between its many small operations, so that a second thread gains far less than a second process:
+            # benchmarks/RESULTS.md, twenty-first session)
             arguments = (systems, n, start, reml, max_iterations, term_ks)
             result = host_processes.call(fit_on_host, *arguments) if processes else fit_on_host(*arguments)
         else:
