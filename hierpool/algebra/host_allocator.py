@@ -3,9 +3,9 @@
 A batch on the host evaluates its criterion on stacks of matrices: one call allocates and frees some thirty arrays
 of a few megabytes.  glibc's malloc serves a block above its mmap threshold (128 KiB at a process's start) by a
 fresh ``mmap``, and hands free memory above its trim threshold at the top of a heap back to the system; either
-way the next call's arrays land on pages that the kernel faults in and zeroes again: on a several-term batch of
-crossed correlated slopes, hundreds of thousands of page faults a call and a large share of its time in the kernel
-(measured in benchmarks/RESULTS.md, "The allocator's thresholds, twenty-first session").
+way the next call's arrays land on pages that the kernel faults in and zeroes again, so that a large batch spends
+much of its time in the kernel (measured in benchmarks/RESULTS.md, "The allocator's thresholds, twenty-first
+session").
 
 glibc raises both thresholds itself: when a block it had mmapped is freed, the mmap threshold becomes that block's
 size, up to 32 MiB on 64-bit systems, and the trim threshold twice it (mallopt(3), ``M_MMAP_THRESHOLD``, "dynamic
@@ -32,7 +32,8 @@ def raise_malloc_thresholds() -> None:
     """Free one unwritten block of :data:`BLOCK_BYTES`, once per process (module notes): glibc's dynamic rule then
     keeps large NumPy temporaries in its heaps instead of mapping and faulting them in afresh at every call.
 
-    Called where a host batch starts (``hp.fit_batch``, and each host worker process); later calls do nothing.
+    Called at the start of every ``hp.fit_batch`` (host or compiled: a microsecond's work) and in each host worker
+    process; later calls do nothing.
     """
     global _raised
     if _raised:

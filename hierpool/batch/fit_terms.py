@@ -259,9 +259,11 @@ def start_processes(plan: BatchPlan, attempted: np.ndarray, min_rows: int, searc
     Returns
     -------
     bool
-        Whether there is a worker to run chunks (:func:`hierpool.batch.host_processes.worker_count`) and
-        ``min_rows`` rows to fit; the workers then start now (:func:`hierpool.batch.host_processes.start`), their
-        imports running while the caller prepares the chunks.
+        Whether the batch is large enough for workers: a core for one
+        (:func:`hierpool.batch.host_processes.worker_count`) and ``min_rows`` rows to fit.  The workers then start
+        now (:func:`hierpool.batch.host_processes.start`), their imports running while the caller prepares the
+        chunks; where workers are off (``HIERPOOL_HOST_PROCESSES=0``) none starts and
+        :func:`hierpool.batch.host_processes.call` runs every chunk here, its BLAS as a worker's.
     """
     count = host_processes.worker_count(thread_count(None))
     if count == 0 or plan.n_obs[attempted].sum() < min_rows:
