@@ -15,7 +15,7 @@ import pytest
 import hierpool as hp
 from hierpool.algebra import marginal as general
 from hierpool.algebra import one_term_marginal as one_term
-from hierpool.algebra import statistics
+from hierpool.algebra import statistics, term0_entries
 from hierpool.algebra.checks import singular_rows
 from hierpool.algebra.compiler_options import PROGRAMS_KEPT, ProgramCache
 from hierpool.algebra.start import em_theta, moment_theta
@@ -287,7 +287,7 @@ def test_term0_factor_s_matrix_products_and_its_paired_einsum_agree():
         np.testing.assert_allclose(chol @ np.swapaxes(chol, -1, -2), expected, rtol=1e-12, atol=1e-12 * expected.max())
 
 
-WRITTEN_OUT_K0 = 4  # the widest term 0 the tests write out (term0_entries.MAX_K0's value)
+WRITTEN_OUT_K0 = term0_entries.MAX_K0  # the widest term 0 written out, each width up to it tested
 
 
 def _term0_both_ways(monkeypatch, t0, a00, grad_m):
@@ -306,7 +306,7 @@ def _term0_both_ways(monkeypatch, t0, a00, grad_m):
     return results[True], results[False]
 
 
-@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("k", range(2, WRITTEN_OUT_K0 + 1))
 def test_term0_written_out_entry_by_entry_is_the_stacked_forms(k, monkeypatch):
     # term 0's factor, M_l, P_l and the adjoint on the host, entry by entry (small blocks), against the stacked
     # matrix forms: on a batch's axes (datasets, points against datasets, 1), on one system, at complex points (the

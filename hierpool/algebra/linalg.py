@@ -191,12 +191,16 @@ def block_diagonal_theta(theta: np.ndarray, ks) -> np.ndarray:
     return out
 
 
-def term_blocks(values: np.ndarray, ks, square: bool) -> list:
-    """Each term's part of per-level results of one term that stands for terms of widths ``ks`` on one factor
-    (:func:`block_diagonal_positions`): its columns of ``values`` (..., sum(ks)), or with ``square`` its diagonal
-    block of ``values`` (..., sum(ks), sum(ks))."""
+def term_results(b, cond_var, factors, ks) -> tuple[list, list, list]:
+    """Each term's part of the results of one term that stands for terms of widths ``ks`` on one factor
+    (:func:`block_diagonal_positions`): its columns of the BLUPs ``b`` (..., sum(ks)), and its diagonal blocks of the
+    conditional variances ``cond_var`` and of the factors ``factors`` (..., sum(ks), sum(ks)); a list over the terms
+    of each (one term's arrays in a list of one where ``ks`` has one width)."""
     offsets = np.concatenate([[0], np.cumsum(ks)]).astype(int)
-    return [values[..., a:b, a:b] if square else values[..., a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    spans = list(zip(offsets[:-1], offsets[1:]))
+    b, cond_var, factors = np.asarray(b), np.asarray(cond_var), np.asarray(factors)
+    return ([b[..., i:j] for i, j in spans], [cond_var[..., i:j, i:j] for i, j in spans],
+            [factors[..., i:j, i:j] for i, j in spans])
 
 
 def entries_of(a: jax.Array) -> list[list[jax.Array]]:

@@ -38,7 +38,7 @@ from ..algebra.ar1 import (
     whitened_statistics,
 )
 from ..algebra.checks import singular_rows
-from ..algebra.linalg import block_diagonal_positions, block_diagonal_theta, canonical_theta, term_blocks
+from ..algebra.linalg import block_diagonal_positions, block_diagonal_theta, canonical_theta, term_results
 from ..algebra.one_term import COMPLEX_STEP, complex_objective, solution
 from ..algebra.statistics import location_shifts
 from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u, lag_one_phis
@@ -209,9 +209,8 @@ def search_on_host(plan, series, members: np.ndarray, *, continuous: bool, reml:
     with np.errstate(all="ignore"):
         solved = solution(data.merged_theta(theta), stats, reml=reml)
     inside = np.abs(u) < UNCONSTRAINED_LIMIT - EDGE
+    b, cond_var, factors = term_results(solved.b[0], solved.cond_var[0], solved.factors[0], data.ks)
     return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inside, "edge": ~inside,
             "newton_step": newton_step, "iterations": iterations, "beta": np.asarray(solved.beta),
             "vcov": np.asarray(solved.vcov_beta), "sigma": np.asarray(solved.sigma),
-            "b": term_blocks(np.asarray(solved.b[0]), data.ks, False),
-            "cond_var": term_blocks(np.asarray(solved.cond_var[0]), data.ks, True),
-            "factors": term_blocks(np.asarray(solved.factors[0]), data.ks, True)}
+            "b": b, "cond_var": cond_var, "factors": factors}

@@ -18,7 +18,7 @@ from ..algebra.laplace_batch import (
     laplace_and_gradient,
     solution_at_mode,
 )
-from ..algebra.linalg import array_namespace, block_diagonal_positions, block_diagonal_theta, cholesky, term_blocks
+from ..algebra.linalg import array_namespace, block_diagonal_positions, block_diagonal_theta, cholesky, term_results
 from ..algebra.linalg import canonical_theta as canonical_rows
 from .optimize import DECREASE_TOL, newton_on_host
 
@@ -129,8 +129,7 @@ def fit_chunk_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
     nan = lambda a: np.where(finite.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, np.nan)  # noqa: E731
     b, cond_var, factors = mode.b, [np.asarray(x) for x in solved.cond_var], [np.asarray(x) for x in solved.factors]
     if merged:  # each term's block of the one term's
-        b, cond_var, factors = (term_blocks(np.asarray(b[0]), ks, False), term_blocks(cond_var[0], ks, True),
-                                term_blocks(factors[0], ks, True))
+        b, cond_var, factors = term_results(b[0], cond_var[0], factors[0], ks)
     return {"theta": nan(theta), "beta": nan(beta), "objective": np.where(finite, value, np.nan),
             "newton_step": newton_step, "iterations": iterations, "converged": converged & mode.converged & finite,
             "vcov": covariance, "b": [nan(x) for x in b], "cond_var": [nan(x) for x in cond_var],

@@ -14,7 +14,7 @@ import numpy as np
 from ..algebra.batched_systems import shared_grid, statistics_systems
 from ..algebra.criterion import host_objective_and_gradient
 from ..algebra.henderson import solve
-from ..algebra.linalg import block_diagonal_positions, block_diagonal_theta, rank_reduced_theta, term_blocks
+from ..algebra.linalg import block_diagonal_positions, block_diagonal_theta, rank_reduced_theta, term_results
 from .optimize import DECREASE_TOL, optimize_on_host
 
 
@@ -170,6 +170,6 @@ def fit_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, 
     with np.errstate(all="ignore"):  # a dataset whose theta is NaN gets NaN, as in the compiled program
         solved = solved_entries(solve(theta, systems, reml=reml, n=n))
     if merged:
-        for name, square in (("b", False), ("cond_var", True), ("factors", True)):
-            solved[name] = term_blocks(np.asarray(solved[name][0]), term_ks, square)
+        solved["b"], solved["cond_var"], solved["factors"] = term_results(solved["b"][0], solved["cond_var"][0],
+                                                                          solved["factors"][0], term_ks)
     return {**optimized, **solved}
