@@ -387,7 +387,7 @@ def test_a_stalled_search_restarts_from_its_rank_reduced_theta_to_hp_lmm_s_optim
     formula = "y ~ x + (1 + x | g) + (1 | g:h)"
     frames = _nested_slope_frames(4)
     restarted = hp.fit_batch(formula, frames, by="rep", progress=False, polish=False)
-    monkeypatch.setattr(terms_search, "rank_reduced_theta", lambda theta, ks: theta)  # restart where it stopped
+    monkeypatch.setattr(terms_search, "rank_reduced_theta", lambda theta, ks, terms=None: theta)  # restart where it stopped
     stalled = hp.fit_batch(formula, frames, by="rep", progress=False, polish=False)
     crawled = np.flatnonzero(~stalled.converged.to_numpy())
     assert crawled.size, "no search stalled on these datasets: the test shows nothing"
@@ -408,7 +408,7 @@ def test_a_stalled_search_goes_on_from_where_it_is_when_its_rank_reduced_theta_i
     stopped_at, starts = [], []
     real_search = terms_search.optimize_on_host
 
-    def far_off(theta, ks):
+    def far_off(theta, ks, terms=None):
         stopped_at.append(theta.copy())
         return theta + 3.0
 
@@ -425,6 +425,57 @@ def test_a_stalled_search_goes_on_from_where_it_is_when_its_rank_reduced_theta_i
     for ended in stopped_at:
         assert any(start.shape == ended.shape and np.array_equal(start, ended) for start in starts)
     assert np.isfinite(fits.objective).all()
+
+
+def _two_slope_term_frames(count: int, seed: int) -> list[pd.DataFrame]:
+    """y ~ x + (1 + x | a) + (1 + x | a:b), 10 a x 4 b x 5 rows: two vector terms, nested."""
+    rng = np.random.default_rng(seed)
+    a, b = np.repeat(np.arange(10), 20), np.tile(np.repeat(np.arange(4), 5), 10)
+    frames = []
+    for _ in range(count):
+        x = rng.normal(size=a.size)
+        ua = rng.normal(size=(10, 2)) @ np.array([[0.6, 0.0], [0.1, 0.3]]).T
+        uab = rng.normal(size=(40, 2)) @ np.array([[0.8, 0.0], [0.2, 0.5]]).T
+        y = (1 + 0.5 * x + ua[a, 0] + ua[a, 1] * x + uab[a * 4 + b, 0] + uab[a * 4 + b, 1] * x
+             + rng.normal(size=a.size))
+        frames.append(pd.DataFrame({"a": a.astype(str), "b": b.astype(str), "x": x, "y": y}))
+    return frames
+
+
+def test_a_stalled_search_restarts_with_one_vector_term_reduced_where_reducing_every_one_is_worse(monkeypatch):
+    # the search crawls towards the boundary of (1 + x | a) while (1 + x | a:b) is well determined: reducing both
+    # raises the criterion (no restart: the crawl ran to the cap, and hp.lmm refitted), reducing a's alone converges
+    from hierpool.algebra.linalg import rank_reduced_theta
+    from hierpool.batch import terms_search
+
+    formula = "y ~ x + (1 + x | a) + (1 + x | a:b)"
+    frames = _two_slope_term_frames(21, seed=1)
+    frames = [frames[20], frames[3]]  # the first stalls, the second converges in the first run
+    restarted = hp.fit_batch(formula, frames, by="rep", progress=False, polish=False, reml=False)
+    monkeypatch.setattr(terms_search, "restart_candidates",
+                        lambda theta, ks: rank_reduced_theta(theta, ks)[:, None, :])  # every vector term at once
+    every_term = hp.fit_batch(formula, frames, by="rep", progress=False, polish=False, reml=False)
+    assert not every_term.converged.iloc[0] and every_term.converged.iloc[1]
+    assert restarted.converged.all()
+    assert restarted.objective.iloc[0] < every_term.objective.iloc[0] - 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a singular fit
+        single = hp.lmm(formula, frames[0], reml=False)
+    assert restarted.objective.iloc[0] <= single.objective + 1e-9 * abs(single.objective)
+
+
+def test_restart_candidates_reduce_each_vector_term_alone_then_all():
+    from hierpool.algebra.linalg import rank_reduced_theta
+    from hierpool.batch.terms_search import restart_candidates
+
+    ks = (2, 1, 3)
+    theta = np.random.default_rng(0).normal(size=(4, 3 + 1 + 6))
+    candidates = restart_candidates(theta, ks)
+    assert candidates.shape == (4, 3, 10)
+    np.testing.assert_array_equal(candidates[:, 0, 3:], theta[:, 3:])  # term 0 alone
+    np.testing.assert_array_equal(candidates[:, 1, :4], theta[:, :4])  # term 2 alone
+    np.testing.assert_array_equal(candidates[:, 2], rank_reduced_theta(theta, ks))  # both
+    assert restart_candidates(theta[:, :4], (2, 1)).shape == (4, 1, 4)  # one vector term: one candidate
 
 
 def test_a_restarted_search_that_stops_at_a_saddle_is_not_reported_converged():

@@ -76,11 +76,12 @@ def canonical_theta(theta: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
     return theta
 
 
-def rank_reduced_theta(theta: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
+def rank_reduced_theta(theta: np.ndarray, ks: tuple[int, ...], terms=None) -> np.ndarray:
     """theta with each term of k >= 2 coefficients moved to the rank-deficient covariance nearest its own: T_j T_j^T
     less its smallest eigenvalue's part, factored again (its last diagonal 0 to rounding, not exactly: a correlation
     of +-1 where k = 2; at exactly 0 the criterion's slope in that diagonal would vanish, and no search leave it).
-    Terms of one coefficient are unchanged.  Leading axes of ``theta`` (many thetas) are kept (NumPy).
+    Terms of one coefficient are unchanged, and so are those not in ``terms`` (positions in ``ks``; None: every
+    term).  Leading axes of ``theta`` (many thetas) are kept (NumPy).
 
     Where a term's T_j T_j^T is near singular, its Cholesky factor is ill-determined: with T_11 near 0 the
     criterion barely depends on the direction of (T_21, T_22), and a gradient search crawls around that circle
@@ -91,10 +92,10 @@ def rank_reduced_theta(theta: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
     """
     theta = np.array(theta, dtype=float)
     offset = 0
-    for k in ks:
+    for j, k in enumerate(ks):
         rows, cols = tril_positions(k)
         size = len(rows)
-        if k >= 2:
+        if k >= 2 and (terms is None or j in terms):
             block = theta[..., offset : offset + size]
             finite = np.all(np.isfinite(block), axis=-1)
             factor = np.zeros(theta.shape[:-1] + (k, k))

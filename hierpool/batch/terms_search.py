@@ -58,10 +58,11 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     search's).
 
     In a model with a term of several coefficients, a search that has not converged after
-    :data:`RESTART_PASSES` passes is looked at: the criterion at its :func:`hierpool.algebra.linalg.rank_reduced_theta`
-    (each vector term's covariance less its smallest eigenvalue's part: the boundary a near-singular term's search
-    crawls towards, reached in one move) is evaluated, and the search restarts there where it is no more than
-    :data:`RESTART_TOLERANCE` (relative) above where the search is, and otherwise goes on from where it is; either
+    :data:`RESTART_PASSES` passes is looked at: the criterion at its :func:`restart_candidates` (its theta with a
+    vector term's covariance, or every vector term's, less its smallest eigenvalue's part: the boundary a
+    near-singular term's search crawls towards, reached in one move) is evaluated, and the search restarts at the
+    lowest where it is no more than :data:`RESTART_TOLERANCE` (relative) above where the search is, and otherwise
+    goes on from where it is; either
     way with up to ``max_iterations`` passes more (``iterations`` counts both runs').  A second run that stops where
     its forward-difference Hessian has a negative direction (:func:`_negative_curvature`: a saddle, next to which a
     restart starts) is not converged.  The lower criterion of the two runs is kept (or the second's, where it
@@ -103,10 +104,13 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
                              & np.all(np.isfinite(result["theta"]), axis=1))
     if stalled.size and vector_terms:
         at, before = result["theta"][stalled], result["objective"][stalled]
-        reduced = rank_reduced_theta(at, ks)
+        candidates = restart_candidates(at, ks)
         with np.errstate(all="ignore"):
-            there = value_and_grad(reduced[:, None, :], stalled)[0][:, 0]
-        restart = there <= before + RESTART_TOLERANCE * np.abs(before)  # NaN there: go on
+            values = value_and_grad(candidates, stalled)[0]
+        # the lowest candidate (NaN: none), where the criterion is no higher than where the search is (NaN there: go on)
+        best = np.argmin(np.where(np.isnan(values), np.inf, values), axis=1)
+        reduced, there = candidates[np.arange(len(stalled)), best], values[np.arange(len(stalled)), best]
+        restart = there <= before + RESTART_TOLERANCE * np.abs(before)
         again = search(np.where(restart[:, None], reduced, at), stalled, max_iterations, with_curvature=True)
         # a run that stopped where the curvature has a negative direction stopped at a saddle, not a minimum (a
         # restart sits next to the stationary points of T_kk = 0): not converged, so that hp.lmm refits it
@@ -118,6 +122,17 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
         for name, values in again.items():
             result[name][stalled[better]] = values[better]
     return result
+
+
+def restart_candidates(theta: np.ndarray, ks) -> np.ndarray:
+    """(A, C, n_theta) the points a stalled search (A, n_theta) may restart from (:func:`search_on_host`): its theta
+    with each vector term rank-reduced alone (:func:`hierpool.algebra.linalg.rank_reduced_theta`), and, with several
+    vector terms, with all of them at once.  A term alone: the search crawls towards one term's boundary while the
+    others are well determined, and reducing those too would raise the criterion, so that no restart were taken
+    (``y ~ x + (1 + x | a) + (1 + x | a:b)``: benchmarks/RESULTS.md, twenty-second session)."""
+    vector = [j for j, k in enumerate(ks) if k > 1]
+    sets = [(j,) for j in vector] + ([tuple(vector)] if len(vector) > 1 else [])
+    return np.stack([rank_reduced_theta(theta, ks, terms=terms) for terms in sets], axis=1)
 
 
 #: The smallest eigenvalue of a stopped search's forward-difference Hessian, relative to its largest (at least 1),
