@@ -387,7 +387,8 @@ def test_a_stalled_search_restarts_from_its_rank_reduced_theta_to_hp_lmm_s_optim
     formula = "y ~ x + (1 + x | g) + (1 | g:h)"
     frames = _nested_slope_frames(4)
     restarted = hp.fit_batch(formula, frames, by="rep", progress=False, polish=False)
-    monkeypatch.setattr(terms_search, "rank_reduced_theta", lambda theta, ks, terms=None: theta)  # restart where it stopped
+    # restart where it stopped
+    monkeypatch.setattr(terms_search, "rank_reduced_theta", lambda theta, ks, terms=None: theta)
     stalled = hp.fit_batch(formula, frames, by="rep", progress=False, polish=False)
     crawled = np.flatnonzero(~stalled.converged.to_numpy())
     assert crawled.size, "no search stalled on these datasets: the test shows nothing"
