@@ -273,3 +273,30 @@ def test_missing_weights_and_offsets_drop_rows_and_count_them(data):
     assert fit.nobs == data.shape[0] - 5
     pd.testing.assert_frame_equal(frame, before)  # nothing the user passed is modified
     np.testing.assert_array_equal(offset, offset_before)
+
+
+def test_aliased_columns_by_qr_equal_the_column_by_column_projections():
+    # the QR shortcut (no column aliased) and the column-by-column projections (some aliased) decide alike: columns
+    # aliased exactly, nearly (1e-9 of their norm off the span) and not quite (1e-5 off it), and after an aliased one
+    from hierpool.spec.design import RANK_TOL, aliased_columns
+
+    rng = np.random.default_rng(3)
+    one, x, z = np.ones(50), rng.normal(size=50), rng.normal(size=50)
+    noise = rng.normal(size=50)
+    noise -= np.column_stack([one, x]) @ np.linalg.lstsq(np.column_stack([one, x]), noise, rcond=None)[0]
+    noise /= np.linalg.norm(noise)
+    near = 2 * x + 1
+
+    def off(scale):  # near, moved scale times its norm off span(1, x)
+        return near + scale * np.linalg.norm(near) * noise
+
+    cases = {
+        "none": ([one, x, z], []),
+        "exact": ([one, x, near, z], [2]),
+        "within the tolerance": ([one, x, off(1e-2 * RANK_TOL), z], [2]),
+        "beyond the tolerance": ([one, x, off(1e2 * RANK_TOL), z], []),
+        "two, the second after the first": ([one, x, near, z, x - 3 * z], [2, 4]),
+        "a zero column": ([one, np.zeros(50), x], [1]),
+    }
+    for name, (columns, expected) in cases.items():
+        assert aliased_columns(np.column_stack(columns)).tolist() == expected, name

@@ -434,3 +434,20 @@ def test_unique_codes_is_numpy_s_unique_by_counting_or_by_sorting():
     index, labels = group_index(frame, ("a", "b"))
     np.testing.assert_array_equal(labels, ["x:1", "y:1", "y:2", "z:2"])
     np.testing.assert_array_equal(index, [2, 0, 1, 0, 3])
+
+
+def test_grouped_products_of_keys_in_order_equal_the_bincounts_of_the_same_rows_shuffled():
+    # from SORTED_KEYS_MIN_ROWS rows, keys in order are summed run by run (reduceat); shuffled, by bincount
+    from hierpool.algebra.system import SORTED_KEYS_MIN_ROWS, grouped_products
+
+    rng = np.random.default_rng(5)
+    n = SORTED_KEYS_MIN_ROWS + 17
+    keys = np.sort(rng.integers(0, 900, n))
+    keys[keys == 7] = 8  # a key with no rows: its sums are 0
+    left, right, weights = rng.normal(size=(n, 2)), rng.normal(size=(n, 3)), rng.uniform(0.5, 2.0, n)
+    order = rng.permutation(n)
+    for right_side in (left, right):  # symmetric and not
+        in_order = grouped_products(keys, left, right_side, weights, 900)
+        shuffled = grouped_products(keys[order], left[order], right_side[order], weights[order], 900)
+        np.testing.assert_allclose(in_order, shuffled, rtol=1e-10, atol=1e-10)
+        assert np.all(in_order[7] == 0)

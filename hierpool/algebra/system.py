@@ -139,19 +139,41 @@ class MixedModelSystem:
     layout: Layout = field(metadata=dict(static=True))
 
 
+#: Rows from which :func:`grouped_products` sums keys that come in order run by run (``np.add.reduceat``) rather
+#: than by ``np.bincount``: finding the runs costs about what one bincount does, and each product then costs a
+#: fifth of one (benchmarks/RESULTS.md, twenty-second session); below it the bincounts cost microseconds.
+SORTED_KEYS_MIN_ROWS = 50_000
+
+
+def _key_runs(keys: np.ndarray):
+    """(the first row of each run of equal keys, the run's key) where ``keys`` never decrease (a long frame's
+    datasets; levels sorted within them), else None."""
+    step = np.diff(keys)
+    if (step < 0).any():
+        return None
+    starts = np.flatnonzero(np.concatenate([[True], step != 0]))
+    return starts, keys[starts]
+
+
 def grouped_products(keys, left, right, weights, size):
     """sum over rows with the same key of w * left[:, a] * right[:, b]; shape (size, ka, kb).
 
     With ``right`` the same array as ``left`` the products are symmetric: the k (k + 1) / 2 on and above the
-    diagonal are summed and mirrored (a GLMM's PIRLS builds term 0's blocks at every step)."""
+    diagonal are summed and mirrored (a GLMM's PIRLS builds term 0's blocks at every step).  From
+    :data:`SORTED_KEYS_MIN_ROWS` rows, keys in order are summed run by run."""
     if size == 1:  # one cell (the X and y blocks): one matrix product, not ka kb bincounts
         return host_product(left * weights[:, None], right, transpose_a=True)[None]
     symmetric = right is left
-    out = np.empty((size, left.shape[1], right.shape[1]))
+    runs = _key_runs(keys) if len(keys) >= SORTED_KEYS_MIN_ROWS else None
+    out = np.empty((size, left.shape[1], right.shape[1])) if runs is None else np.zeros((size, left.shape[1],
+                                                                                        right.shape[1]))
     for a in range(left.shape[1]):
         wl = weights * left[:, a]
         for b in range(a if symmetric else 0, right.shape[1]):
-            out[:, a, b] = np.bincount(keys, weights=wl * right[:, b], minlength=size)
+            if runs is None:
+                out[:, a, b] = np.bincount(keys, weights=wl * right[:, b], minlength=size)
+            else:
+                out[runs[1], a, b] = np.add.reduceat(wl * right[:, b], runs[0])
             if symmetric:
                 out[:, b, a] = out[:, a, b]
     return out

@@ -318,8 +318,11 @@ class BatchPlan:
         messages = [""] * self.n_datasets
         out = []
         for bucket, members in self.bucket_members():
-            rows = np.isin(self.dataset, members)
-            local = np.searchsorted(members, self.dataset[rows])
+            if len(members) == self.n_datasets:  # every dataset (members in order): no copy of the rows
+                rows, local = slice(None), self.dataset
+            else:
+                rows = np.isin(self.dataset, members)
+                local = np.searchsorted(members, self.dataset[rows])
             weights = None if design.weights is None else design.weights[rows]
             stats = sufficient_statistics(local, self.level[rows], design.X[rows], term.z[rows], design.y[rows],
                                           len(members), int(bucket), weights=weights, offset=design.offset[rows])
