@@ -21,6 +21,8 @@
     python benchmarks/batch.py --lmm-maximal 1000   # Gaussian, slopes on subjects and items: out/lmm_maximal.json
     python benchmarks/batch.py --glmm-maximal 300   # Bernoulli, (1 + x | subj) + (1 | item): out/glmm_maximal.json
     python benchmarks/batch.py --glmm-nb 300        # negative binomial against glmer.nb: out/glmm_nb.json
+    python benchmarks/batch.py --lmm-nested-slopes-ml 300  # ML, two nested slope terms: out/lmm_nested_slopes_ml.json
+    python benchmarks/batch.py --lmm-large 300      # (1 + x | g), 200 groups x 50 (10,000 rows): out/lmm_large.json
     python benchmarks/batch.py --ar1 1000           # Ovary-shaped, corAR1, (1 | Mare), against nlme: out/ar1.json
     python benchmarks/batch.py --car1 1000          # BodyWeight-shaped, corCAR1, (Time | Rat): out/car1.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
@@ -285,6 +287,18 @@ MODELS = {
                     design="d0 <- expand.grid(j = 1:10, g = factor(1:20)); set.seed(36); d0$x <- rnorm(nrow(d0))",
                     params="list(beta = c(1, 0.3), theta = 0.6)",
                     r_fit="glmer.nb(FORMULA, d)", r_crit="-2 * as.numeric(logLik(fit))"),
+    "lmm_nested_slopes_ml": dict(help="Gaussian datasets, ML, (1 + x | a) + (1 + x | a:b), 10 x 4 x 5, against lmer",
+                                 factors=["a", "b"], formula="y ~ x + (1 + x | a) + (1 + x | a:b)", response="y",
+                                 family=None, r_family="gaussian", arguments="reml=False",
+                                 design="d0 <- expand.grid(r = 1:5, b = factor(1:4), a = factor(1:10)); "
+                                        "set.seed(48); d0$x <- rnorm(nrow(d0))",
+                                 params="list(beta = c(1, 0.5), theta = c(0.8, 0.2, 0.5, 0.6, 0.1, 0.3), sigma = 1)",
+                                 r_fit="lmer(FORMULA, d, REML = FALSE)", r_crit="deviance(fit)"),
+    "lmm_large": dict(help="Gaussian datasets, (1 + x | g), 200 groups x 50 (10,000 rows), against lmer",
+                      factors=["g"], formula="y ~ x + (1 + x | g)", response="y", family=None, r_family="gaussian",
+                      design="d0 <- expand.grid(j = 1:50, g = factor(1:200)); set.seed(45); d0$x <- rnorm(nrow(d0))",
+                      params="list(beta = c(1, 0.5), theta = c(0.8, 0.2, 0.5), sigma = 1)",
+                      r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)"),
 }
 
 SIMULATE_R = textwrap.dedent(
@@ -478,7 +492,8 @@ def model_benchmark(name: str, n: int) -> None:
             .replace("FIT", model["r_fit"].replace("FORMULA", model["formula"])).replace("CRIT", model["r_crit"]))
     hierpool = (HIERPOOL_MODEL.replace("OUT_CSV", str(csv)).replace("FACTORS", repr(factors))
                 .replace("FORMULA", model["formula"])
-                .replace("ARGUMENTS", f"family={model['family']!r}, link={model.get('link')!r}"))
+                .replace("ARGUMENTS", f"family={model['family']!r}, link={model.get('link')!r}"
+                                      + (", " + model["arguments"] if "arguments" in model else "")))
     results = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
                    model=model["formula"], datasets=n, load_1min_at_start=os.getloadavg()[0])
     results["hierpool"] = _json_from([sys.executable, "-"], hierpool)

@@ -473,9 +473,13 @@ def test_restart_candidates_reduce_each_vector_term_alone_then_all():
     theta = np.random.default_rng(0).normal(size=(4, 3 + 1 + 6))
     candidates = restart_candidates(theta, ks)
     assert candidates.shape == (4, 3, 10)
+    every = rank_reduced_theta(theta, ks)
+    assert not np.allclose(every[:, :3], theta[:, :3]) and not np.allclose(every[:, 4:], theta[:, 4:])
     np.testing.assert_array_equal(candidates[:, 0, 3:], theta[:, 3:])  # term 0 alone
+    np.testing.assert_array_equal(candidates[:, 0, :3], every[:, :3])
     np.testing.assert_array_equal(candidates[:, 1, :4], theta[:, :4])  # term 2 alone
-    np.testing.assert_array_equal(candidates[:, 2], rank_reduced_theta(theta, ks))  # both
+    np.testing.assert_array_equal(candidates[:, 1, 4:], every[:, 4:])
+    np.testing.assert_array_equal(candidates[:, 2], every)  # both
     assert restart_candidates(theta[:, :4], (2, 1)).shape == (4, 1, 4)  # one vector term: one candidate
 
 

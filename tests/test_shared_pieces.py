@@ -436,18 +436,32 @@ def test_unique_codes_is_numpy_s_unique_by_counting_or_by_sorting():
     np.testing.assert_array_equal(index, [2, 0, 1, 0, 3])
 
 
-def test_grouped_products_of_keys_in_order_equal_the_bincounts_of_the_same_rows_shuffled():
+def test_grouped_products_of_keys_in_order_equal_the_bincounts_of_the_same_rows_shuffled(monkeypatch):
     # from SORTED_KEYS_MIN_ROWS rows, keys in order are summed run by run (reduceat); shuffled, by bincount
+    from hierpool.algebra import system
     from hierpool.algebra.system import SORTED_KEYS_MIN_ROWS, grouped_products
 
+    found = []
+
+    def recorded(keys):
+        found.append(system_key_runs(keys))
+        return found[-1]
+
+    system_key_runs = system._key_runs
+    monkeypatch.setattr(system, "_key_runs", recorded)
     rng = np.random.default_rng(5)
     n = SORTED_KEYS_MIN_ROWS + 17
-    keys = np.sort(rng.integers(0, 900, n))
-    keys[keys == 7] = 8  # a key with no rows: its sums are 0
-    left, right, weights = rng.normal(size=(n, 2)), rng.normal(size=(n, 3)), rng.uniform(0.5, 2.0, n)
-    order = rng.permutation(n)
-    for right_side in (left, right):  # symmetric and not
-        in_order = grouped_products(keys, left, right_side, weights, 900)
-        shuffled = grouped_products(keys[order], left[order], right_side[order], weights[order], 900)
-        np.testing.assert_allclose(in_order, shuffled, rtol=1e-10, atol=1e-10)
-        assert np.all(in_order[7] == 0)
+    gaps = np.sort(rng.integers(3, 900, n))  # no key below 3
+    gaps[gaps == 7] = 8  # nor 7: their sums are 0
+    for keys in (gaps, np.full(n, 5)):  # many runs, and one
+        left, right, weights = rng.normal(size=(n, 2)), rng.normal(size=(n, 3)), rng.uniform(0.5, 2.0, n)
+        order = rng.permutation(n)
+        for right_side in (left, right):  # symmetric and not
+            found.clear()
+            in_order = grouped_products(keys, left, right_side, weights, 900)
+            assert found[-1] is not None  # the runs' path
+            shuffled = grouped_products(keys[order], left[order], right_side[order], weights[order], 900)
+            assert (found[-1] is None) == (keys is gaps)  # the bincounts' (one key: still in order shuffled)
+            np.testing.assert_allclose(in_order, shuffled, rtol=1e-10, atol=1e-10)
+            empty = np.setdiff1d(np.arange(900), keys)
+            assert np.all(in_order[empty] == 0) and np.all(in_order[keys[0]] != 0)

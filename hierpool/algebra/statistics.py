@@ -94,7 +94,7 @@ def location_shifts(dataset: np.ndarray, X: np.ndarray, y: np.ndarray, weights: 
     if not p:
         return np.zeros((n_datasets, 0)), y.copy()
     weights = np.ones(len(y)) if weights is None else weights
-    # grouped_products: a bincount per (a <= b) column pair, with no (N, p, p) temporary
+    # grouped_products: a sum per (a <= b) column pair, with no (N, p, p) temporary
     xtx = grouped_products(dataset, X, X, weights, n_datasets)
     inverse = np.linalg.pinv(xtx, hermitian=True)
     beta0 = np.zeros((n_datasets, p))

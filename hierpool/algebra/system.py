@@ -148,10 +148,9 @@ SORTED_KEYS_MIN_ROWS = 50_000
 def _key_runs(keys: np.ndarray):
     """(the first row of each run of equal keys, the run's key) where ``keys`` never decrease (a long frame's
     datasets; levels sorted within them), else None."""
-    step = np.diff(keys)
-    if (step < 0).any():
+    if keys[0] < 0 or (keys[1:] < keys[:-1]).any():  # (a difference would wrap for unsigned keys)
         return None
-    starts = np.flatnonzero(np.concatenate([[True], step != 0]))
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
     return starts, keys[starts]
 
 

@@ -41,8 +41,8 @@ def solved_entries(solution) -> dict:
 #: term's boundary would run to the cap (the passes counted in benchmarks/RESULTS.md, "The several-term linear class,
 #: eighteenth session").
 RESTART_PASSES = 12
-#: The criterion at a stalled search's rank-reduced theta, relative to where the search is, up to which the search
-#: restarts there rather than going on (:func:`search_on_host`).
+#: The criterion at the lowest of a stalled search's :func:`restart_candidates`, relative to where the search is, up to
+#: which the search restarts there rather than going on (:func:`search_on_host`).
 RESTART_TOLERANCE = 1e-6
 
 
@@ -167,8 +167,8 @@ def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iteratio
 
     It is the several-term search in every rule, unlike the compiled one-term program (Newton's method with the
     same decrease stop): saddle-free steps, the interpolated damping, and for a vector term the restart at the
-    rank-reduced theta after :data:`RESTART_PASSES` passes (so up to that many passes more than ``max_iterations``),
-    whose stop at a negative curvature is not converged (``hp.lmm`` refits that dataset).
+    lowest of its :func:`restart_candidates` after :data:`RESTART_PASSES` passes (so up to that many passes more
+    than ``max_iterations``), whose stop at a negative curvature is not converged (``hp.lmm`` refits that dataset).
     """
     return search_on_host(statistics_systems(stats, sigma_known), np.asarray(stats.n), start, reml, max_iterations,
                           term_ks)

@@ -369,8 +369,8 @@ def aliased_columns(X: np.ndarray, tol: float = RANK_TOL) -> np.ndarray:
     out the columns kept so far, is below ``tol`` times its own norm is aliased.
 
     Where no column is aliased (nearly always), Householder QR's |R_jj| is that residual norm of every column at
-    once: one LAPACK call, where the column-by-column projections cost seconds on a batch's millions of rows.
-    Otherwise the columns after the first aliased one are projected on the kept ones only, column by column.
+    once: one LAPACK call in place of the column-by-column projections (benchmarks/RESULTS.md, twenty-second
+    session).  Otherwise the columns after the first aliased one are projected on the kept ones only, column by column.
     """
     if X.shape[0] >= X.shape[1]:
         R = np.linalg.qr(X, mode="r")
