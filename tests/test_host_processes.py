@@ -20,6 +20,7 @@ import hierpool as hp
 import hierpool.batch.fit_glmm as fit_glmm_module
 import hierpool.batch.fit_terms as fit_terms_module
 from hierpool.batch import host_processes
+from hierpool.batch.plan import plan_batch
 
 
 def _ready_worker():
@@ -166,6 +167,28 @@ def test_a_several_term_linear_batch_fitted_in_worker_processes_equals_it_on_thr
     for name in ("objective", "beta", "theta", "beta_se", "sigma"):
         np.testing.assert_array_equal(getattr(with_processes, name), getattr(threads, name), err_msg=name)
     pd.testing.assert_frame_equal(with_processes.ranef, threads.ranef)
+
+
+def test_a_linear_batch_of_heavy_dense_systems_goes_to_worker_processes_below_the_row_threshold(monkeypatch):
+    # few rows but large dense systems per dataset: the evaluation work, not the rows, decides
+    rng = np.random.default_rng(8)
+    subj, item = (a.ravel().astype(str) for a in np.meshgrid(np.arange(16), np.arange(8), indexing="ij"))
+    frames = [pd.DataFrame({"subj": subj, "item": item, "x": rng.normal(size=subj.size),
+                            "y": rng.normal(size=subj.size)}) for _ in range(3)]
+    plan = plan_batch("y ~ x + (1 + x | subj) + (1 | item)", frames, "rep", "fit_batch", "hp.lmm", one_term=False)
+    # term 0: subj, 16 levels (its padded count) of 2; the rest: item's 8 levels of 1 and X, y: m = 8 + 2 + 1
+    assert fit_terms_module.evaluation_work(plan, np.arange(3)) == 3 * (16 * 2 * 11**2 + 11**3)
+    asked = []
+
+    def recorded(plan, attempted, min_rows, search):
+        asked.append(min_rows)
+        return False  # no workers: the batch runs on threads
+
+    monkeypatch.setattr(fit_terms_module, "start_processes", recorded)
+    for work, rows in ((0, 0), (10**12, fit_terms_module.LINEAR_PROCESS_MIN_ROWS)):
+        monkeypatch.setattr(fit_terms_module, "LINEAR_PROCESS_MIN_WORK", work)
+        hp.fit_batch("y ~ x + (1 + x | subj) + (1 | item)", frames, by="rep", progress=False)
+        assert asked[-1] == rows
 
 
 # 8 arrays of 3 MiB held at once, then freed, ten times over: the page faults of the second ten rounds

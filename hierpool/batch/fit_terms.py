@@ -240,6 +240,23 @@ def empty_results(plan: BatchPlan, messages: list[str], alone: dict) -> dict:
 #: start costing what it gains (benchmarks/RESULTS.md, "Worker processes for the linear several-term host path,
 #: twenty-first session").
 LINEAR_PROCESS_MIN_ROWS = 100_000
+#: Dense evaluation work (:func:`evaluation_work`, summed over the batch) from which a linear several-term host batch
+#: runs in worker processes at any row count: a few hundred datasets of large dense systems (three terms, two of them
+#: vector terms, 300 rows each) gained there from 100 datasets on (benchmarks/RESULTS.md, twenty-second session).
+LINEAR_PROCESS_MIN_WORK = 50_000_000
+
+
+def evaluation_work(plan: BatchPlan, datasets: np.ndarray, term_ks=None) -> int:
+    """The host evaluation's dense work summed over ``datasets``: per dataset ell0 k0 m^2 + m^3, the Schur update's
+    (and its adjoint's) products with the dense coupling and the rest's factorization and inverse, m the rest's
+    columns (:func:`hierpool.algebra.batched_systems.dense_entries`).  ``term_ks``: the terms searched as one
+    (:func:`hierpool.batch.plan.merged_widths`), which leaves no rest term."""
+    ks = tuple(t.k for t in plan.design.terms)
+    widths = padded_widths(plan)[datasets]
+    if term_ks is not None:
+        ks, widths = (sum(ks),), widths[:, :1]
+    m = widths[:, 1:] @ np.asarray(ks[1:], dtype=np.int64) + plan.design.p + 1
+    return int(np.sum(widths[:, 0] * ks[0] * m**2 + m**3))
 
 
 def start_processes(plan: BatchPlan, attempted: np.ndarray, min_rows: int, search) -> bool:
@@ -377,7 +394,9 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     merged = term_ks is not None
     messages = term_problems(plan)
     out = empty_results(plan, messages, too_large(plan, messages, merged=merged))
-    processes = host and start_processes(plan, out["attempted"], LINEAR_PROCESS_MIN_ROWS, fit_on_host)
+    attempted = np.flatnonzero(out["attempted"])
+    heavy = host and evaluation_work(plan, attempted, term_ks) >= LINEAR_PROCESS_MIN_WORK
+    processes = host and start_processes(plan, out["attempted"], 0 if heavy else LINEAR_PROCESS_MIN_ROWS, fit_on_host)
     shifts = linear_shifts(plan)
     start0 = linear_start(plan, np.flatnonzero(out["attempted"]), shifts[1])
     jobs = []

@@ -1,8 +1,9 @@
 """The host path of several-term linear batches (``hp.fit_batch`` of a linear mixed model with several terms): one
 chunk's search and solve, on :func:`hierpool.batch.fit_terms`' stacked systems.
 
-From :data:`hierpool.batch.fit_terms.LINEAR_PROCESS_MIN_ROWS` rows, chunks beyond the first thread's run in worker
-processes (:mod:`hierpool.batch.host_processes`), which import this module and no JAX (benchmarks/RESULTS.md,
+From :data:`hierpool.batch.fit_terms.LINEAR_PROCESS_MIN_ROWS` rows, or
+:data:`~hierpool.batch.fit_terms.LINEAR_PROCESS_MIN_WORK` of dense evaluation work, chunks beyond the first thread's
+run in worker processes (:mod:`hierpool.batch.host_processes`), which import this module and no JAX (benchmarks/RESULTS.md,
 "Worker processes for the linear several-term host path, twenty-first session"; the seventeenth session had
 measured no gain there, before the host search's per-point work grew).
 """
