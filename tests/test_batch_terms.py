@@ -249,11 +249,13 @@ def test_the_host_path_equals_the_compiled_programs(case, crossed, nested, monke
     assert_same_fits(host, compiled)
 
 
-def test_a_stack_of_systems_on_the_host_evaluates_as_each_system_alone():
+def test_a_stack_of_systems_on_the_host_evaluates_as_each_system_alone(monkeypatch):
     """The host algebra over leading axes (datasets, points: hp.fit_batch's host path) against each dataset's
-    compiled criterion, its reverse-mode gradient and its solution, away from the optimum."""
+    compiled criterion, its reverse-mode gradient and its solution, away from the optimum; points that share term
+    0's theta (probes in another term's) share its values and the Schur update, computed once."""
     import jax
 
+    from hierpool.algebra import criterion
     from hierpool.algebra.batched_systems import batched_systems, shared_grid
     from hierpool.algebra.criterion import host_objective_and_gradient, objective
     from hierpool.algebra.henderson import solve
@@ -266,16 +268,23 @@ def test_a_stack_of_systems_on_the_host_evaluates_as_each_system_alone():
     design = build_design("y ~ x + (1 + x | g) + (1 | h)", frame, weights="w")
     terms = [(t.index, t.z, width) for t, width in zip(design.terms, (7, 5))]  # padded
     systems, n = batched_systems(frame["d"].to_numpy(), 3, terms, design.X, design.y, design.weights, design.offset)
-    thetas = rng.uniform(-0.5, 1.5, size=(3, 2, 4))  # two points per dataset
+    thetas = rng.uniform(-0.5, 1.5, size=(3, 4, 4))  # four points per dataset, the last two sharing term 0's theta
+    thetas[:, 2, :3], thetas[:, 3, :3] = thetas[:, 0, :3], thetas[:, 1, :3]  # with the first two (and not h's)
+    term0_points = []
+    term0_values = criterion._term0_values
+    monkeypatch.setattr(criterion, "_term0_values", lambda t0, a00: (term0_points.append(t0.shape[:-2]),
+                                                                      term0_values(t0, a00))[1])
     for reml in (True, False):
         values, gradients = host_objective_and_gradient(shared_grid(systems, np.arange(3), points=True), reml,
                                                         n=n[:, None])(thetas)
         for d in range(3):
             one = jax_tree_first(jax.tree_util.tree_map(lambda a: np.asarray(a)[d:d + 1], systems))
-            for j in range(2):
+            for j in range(4):
                 value, gradient = jax.value_and_grad(objective)(thetas[d, j], one, reml, n[d])
                 assert values[d, j] == pytest.approx(float(value), rel=1e-12)
                 np.testing.assert_allclose(gradients[d, j], gradient, rtol=1e-8, atol=1e-9)
+    # two distinct points of four in each of the host's two evaluations (the compiled criterion's calls: no points)
+    assert [shape for shape in term0_points if len(shape) == 2] == [(3, 2), (3, 2)]
     solved = solve(thetas[:, 0], shared_grid(systems, np.arange(3)), n=n)
     for d in range(3):
         one = jax_tree_first(jax.tree_util.tree_map(lambda a: np.asarray(a)[d:d + 1], systems))

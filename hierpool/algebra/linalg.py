@@ -168,6 +168,21 @@ UNROLL_MAX_SIZE = 6
 # arithmetic over the stack that XLA fuses into a few loops, with no small dot or stack ops.
 
 
+def distinct_columns(u: np.ndarray):
+    """(the first of each set of equal columns of ``u`` (A, Q, ...), each column's position among those): the columns
+    (points) of a stack that hold the same values, to compute what depends on them once (a forward difference's
+    probes in another parameter).  NaN never equals itself here: such a column is its own."""
+    first = []
+    column = np.empty(u.shape[1], dtype=np.int64)
+    for q in range(u.shape[1]):
+        match = next((i for i, f in enumerate(first) if np.array_equal(u[:, f], u[:, q])), None)
+        if match is None:
+            first.append(q)
+            match = len(first) - 1
+        column[q] = match
+    return np.array(first), column
+
+
 def block_diagonal_positions(ks) -> np.ndarray:
     """Where the thetas of terms of widths ``ks`` (each its lower triangle in :func:`tril_positions`' order, the terms
     in turn) stand in the theta of one term of sum(ks) coefficients whose relative factor is block-diagonal with

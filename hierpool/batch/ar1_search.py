@@ -38,7 +38,13 @@ from ..algebra.ar1 import (
     whitened_statistics,
 )
 from ..algebra.checks import singular_rows
-from ..algebra.linalg import block_diagonal_positions, block_diagonal_theta, canonical_theta, term_results
+from ..algebra.linalg import (
+    block_diagonal_positions,
+    block_diagonal_theta,
+    canonical_theta,
+    distinct_columns,
+    term_results,
+)
 from ..algebra.one_term import COMPLEX_STEP, complex_objective, solution
 from ..algebra.statistics import location_shifts
 from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u, lag_one_phis
@@ -148,19 +154,6 @@ def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) ->
         at_start = _at_one_phi(data.statistics(constrained_phi(u[singular, None], continuous), singular))
         theta[singular] = moment_start(at_start)[:, data.positions]
     return np.column_stack([theta, u])
-
-
-def distinct_columns(u: np.ndarray):
-    """(the first of each set of equal columns of ``u`` (A, Q), each column's position among those)."""
-    first = []
-    column = np.empty(u.shape[1], dtype=np.int64)
-    for q in range(u.shape[1]):
-        match = next((i for i, f in enumerate(first) if np.array_equal(u[:, f], u[:, q])), None)
-        if match is None:
-            first.append(q)
-            match = len(first) - 1
-        column[q] = match
-    return np.array(first), column
 
 
 def joint_criterion(data: ChunkData, continuous: bool, reml: bool):

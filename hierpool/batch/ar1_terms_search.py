@@ -27,11 +27,11 @@ from ..algebra.batched_systems import batched_systems, map_arrays, shared_grid
 from ..algebra.checks import singular_rows
 from ..algebra.criterion import host_objective_and_gradient, objective
 from ..algebra.henderson import solve
-from ..algebra.linalg import canonical_theta
+from ..algebra.linalg import canonical_theta, distinct_columns
 from ..algebra.one_term import COMPLEX_STEP
 from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u
 from ..closedform.optimize import Control
-from .ar1_search import ChunkRows, distinct_columns
+from .ar1_search import ChunkRows
 from .optimize import DECREASE_TOL, newton_on_host
 from .terms_search import host_bytes as linear_host_bytes
 from .terms_search import search_on_host as theta_search
