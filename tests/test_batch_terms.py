@@ -249,7 +249,8 @@ def test_the_host_path_equals_the_compiled_programs(case, crossed, nested, monke
     assert_same_fits(host, compiled)
 
 
-def test_a_stack_of_systems_on_the_host_evaluates_as_each_system_alone(monkeypatch):
+@pytest.mark.parametrize("formula, n0", [("y ~ x + (1 + x | g) + (1 | h)", 3), ("y ~ x + (1 | g) + (1 + x | h)", 1)])
+def test_a_stack_of_systems_on_the_host_evaluates_as_each_system_alone(monkeypatch, formula, n0):
     """The host algebra over leading axes (datasets, points: hp.fit_batch's host path) against each dataset's
     compiled criterion, its reverse-mode gradient and its solution, away from the optimum; points that share term
     0's theta (probes in another term's) share its values and the Schur update, computed once."""
@@ -265,11 +266,11 @@ def test_a_stack_of_systems_on_the_host_evaluates_as_each_system_alone(monkeypat
     frame = pd.DataFrame({"g": rng.integers(0, 6, 90).astype(str), "h": rng.integers(0, 4, 90).astype(str),
                           "x": rng.normal(size=90), "w": rng.uniform(0.5, 2, 90), "d": np.repeat([0, 1, 2], 30)})
     frame["y"] = 3 + frame["x"] + rng.normal(size=90)
-    design = build_design("y ~ x + (1 + x | g) + (1 | h)", frame, weights="w")
+    design = build_design(formula, frame, weights="w")  # term 0: g (n0 parameters)
     terms = [(t.index, t.z, width) for t, width in zip(design.terms, (7, 5))]  # padded
     systems, n = batched_systems(frame["d"].to_numpy(), 3, terms, design.X, design.y, design.weights, design.offset)
-    thetas = rng.uniform(-0.5, 1.5, size=(3, 4, 4))  # four points per dataset, the last two sharing term 0's theta
-    thetas[:, 2, :3], thetas[:, 3, :3] = thetas[:, 0, :3], thetas[:, 1, :3]  # with the first two (and not h's)
+    thetas = rng.uniform(-0.5, 1.5, size=(3, 5, 4))  # five points per dataset, the third and fourth sharing term
+    thetas[:, 2, :n0], thetas[:, 3, :n0] = thetas[:, 1, :n0], thetas[:, 0, :n0]  # 0's theta with the second and first
     term0_points = []
     term0_values = criterion._term0_values
     monkeypatch.setattr(criterion, "_term0_values", lambda t0, a00: (term0_points.append(t0.shape[:-2]),
@@ -279,12 +280,12 @@ def test_a_stack_of_systems_on_the_host_evaluates_as_each_system_alone(monkeypat
                                                         n=n[:, None])(thetas)
         for d in range(3):
             one = jax_tree_first(jax.tree_util.tree_map(lambda a: np.asarray(a)[d:d + 1], systems))
-            for j in range(4):
+            for j in range(5):
                 value, gradient = jax.value_and_grad(objective)(thetas[d, j], one, reml, n[d])
                 assert values[d, j] == pytest.approx(float(value), rel=1e-12)
                 np.testing.assert_allclose(gradients[d, j], gradient, rtol=1e-8, atol=1e-9)
-    # two distinct points of four in each of the host's two evaluations (the compiled criterion's calls: no points)
-    assert [shape for shape in term0_points if len(shape) == 2] == [(3, 2), (3, 2)]
+    # three distinct points of five in each of the host's two evaluations (the compiled criterion's calls: no points)
+    assert [shape for shape in term0_points if len(shape) == 2] == [(3, 3), (3, 3)]
     solved = solve(thetas[:, 0], shared_grid(systems, np.arange(3)), n=n)
     for d in range(3):
         one = jax_tree_first(jax.tree_util.tree_map(lambda a: np.asarray(a)[d:d + 1], systems))

@@ -176,8 +176,15 @@ def test_a_linear_batch_of_heavy_dense_systems_goes_to_worker_processes_below_th
     frames = [pd.DataFrame({"subj": subj, "item": item, "x": rng.normal(size=subj.size),
                             "y": rng.normal(size=subj.size)}) for _ in range(3)]
     plan = plan_batch("y ~ x + (1 + x | subj) + (1 | item)", frames, "rep", "fit_batch", "hp.lmm", one_term=False)
-    # term 0: subj, 16 levels (its padded count) of 2; the rest: item's 8 levels of 1 and X, y: m = 8 + 2 + 1
+    # term 0: subj, 16 levels of 2; the rest: item's 8 levels of 1 and X, y: m = 8 + 2 + 1
     assert fit_terms_module.evaluation_work(plan, np.arange(3)) == 3 * (16 * 2 * 11**2 + 11**3)
+    # at the padded level counts (10 subjects: 16; 6 items: 8, where the datasets' counts differ), and terms on one
+    # factor searched as one (no rest)
+    fewer = [frames[0][(frames[0].subj.astype(int) < 10) & (frames[0].item.astype(int) < 6)], *frames[1:]]
+    plan = plan_batch("y ~ x + (1 + x | subj) + (1 | item)", fewer, "rep", "fit_batch", "hp.lmm", one_term=False)
+    assert fit_terms_module.evaluation_work(plan, np.arange(3)) == 3 * (16 * 2 * 11**2 + 11**3)
+    plan = plan_batch("y ~ x + (1 + x || subj)", frames, "rep", "fit_batch", "hp.lmm", one_term=False)
+    assert fit_terms_module.evaluation_work(plan, np.arange(3), term_ks=(1, 1)) == 3 * (16 * 2 * 3**2 + 3**3)
     asked = []
 
     def recorded(plan, attempted, min_rows, search):

@@ -587,7 +587,10 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
     A batch of ``Layout.dense_only`` systems (:mod:`hierpool.algebra.batched_systems`) whose arrays carry leading
     axes, with ``n`` their row counts (:func:`row_count`), is evaluated at once: thetas (..., n_theta) whose
     leading axes broadcast against the systems' give values (...) and gradients (..., n_theta)
-    (``hp.fit_batch``'s several-term path on the host).
+    (``hp.fit_batch``'s several-term path on the host).  Where the systems broadcast over the thetas' last leading
+    axis (points: a trial and its forward differences, :func:`hierpool.algebra.batched_systems.shared_grid`'s
+    ``points``), term 0's values and the Schur update are computed once for the points that share term 0's theta
+    (the probes in the other terms' parameters), and taken for the others.
     """
     layout = system.layout
     q, p = layout.q_rest, layout.p
@@ -605,15 +608,16 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
     lead = system.a00.ndim - 3  # the systems' leading axes (none for one system)
     # points (..., Q, n_theta) of systems that broadcast over Q: those with term 0's theta in common (a forward
     # difference's probes in another term's) share term 0's values and the Schur update, computed once for them
-    shared_points = lead >= 2 and system.a00.shape[lead - 1] == 1
+    shared_points = (lead >= 2 and system.a00.shape[lead - 1] == 1
+                     and (coupling is None or coupling.shape[lead - 1] == 1))
 
     def term0_and_update(t0):
         (logdet0, m_levels), (_, _, p_levels) = _term0_values(t0, system.a00)
         update = _schur_update(system, m_levels) if coupling is None else _schur_update_dense(coupling, m_levels)
         return (logdet0, m_levels, p_levels), update
 
-    def _term0_and_update(t0):  # t0: term 0's factors (..., Q, k0, k0)
-        if not shared_points or t0.ndim != lead + 2 or t0.shape[-3] == 1:
+    def term0_and_update_per_distinct_point(t0):  # t0: term 0's factors (..., Q, k0, k0), evaluate's thetas'
+        if not shared_points or t0.shape[-3] == 1:
             return term0_and_update(t0)
         first, column = distinct_columns(t0.reshape((-1,) + t0.shape[-3:]))  # the points' axis second
         if len(first) == t0.shape[-3]:
@@ -627,7 +631,7 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
         if theta.ndim - 1 != lead:  # thetas broadcast against the systems from the right: a misaligned axis would
             raise ValueError(f"thetas with {theta.ndim - 1} leading axes for systems with {lead}")  # mix datasets
         factors = theta_to_factors(theta, layout.ks)
-        (logdet0, m_levels, p_levels), update = _term0_and_update(factors[0])
+        (logdet0, m_levels, p_levels), update = term0_and_update_per_distinct_point(factors[0])
         rest, (_, reduced, _) = _scale_reduced(tuple(factors[1:]), system.rest - update, system)
         (logdet_rest, logdet_rx, pwrss), chol = _dense_parts_forward(rest, q, p)
         parts = ObjectiveParts(logdet0 + logdet_rest, logdet_rx, pwrss)

@@ -242,15 +242,18 @@ def empty_results(plan: BatchPlan, messages: list[str], alone: dict) -> dict:
 LINEAR_PROCESS_MIN_ROWS = 100_000
 #: Dense evaluation work (:func:`evaluation_work`, summed over the batch) from which a linear several-term host batch
 #: runs in worker processes at any row count: a few hundred datasets of large dense systems (three terms, two of them
-#: vector terms, 300 rows each) gained there from 100 datasets on (benchmarks/RESULTS.md, twenty-second session).
-LINEAR_PROCESS_MIN_WORK = 50_000_000
+#: vector terms, 300 rows each) gained there from 200 datasets on, and were even at 100 (benchmarks/RESULTS.md,
+#: twenty-second session).
+LINEAR_PROCESS_MIN_WORK = 100_000_000
 
 
 def evaluation_work(plan: BatchPlan, datasets: np.ndarray, term_ks=None) -> int:
     """The host evaluation's dense work summed over ``datasets``: per dataset ell0 k0 m^2 + m^3, the Schur update's
     (and its adjoint's) products with the dense coupling and the rest's factorization and inverse, m the rest's
-    columns (:func:`hierpool.algebra.batched_systems.dense_entries`).  ``term_ks``: the terms searched as one
-    (:func:`hierpool.batch.plan.merged_widths`), which leaves no rest term."""
+    columns (:func:`hierpool.algebra.batched_systems.dense_entries`), at each point (the update is computed once
+    for the points that share term 0's theta, :func:`hierpool.algebra.criterion.host_objective_and_gradient`: the
+    threshold was measured so).  ``term_ks``: the terms searched as one (:func:`hierpool.batch.plan.merged_widths`),
+    which leaves no rest term."""
     ks = tuple(t.k for t in plan.design.terms)
     widths = padded_widths(plan)[datasets]
     if term_ks is not None:
