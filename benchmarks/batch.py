@@ -23,6 +23,7 @@
     python benchmarks/batch.py --glmm-nb 300        # negative binomial against glmer.nb: out/glmm_nb.json
     python benchmarks/batch.py --lmm-nested-slopes-ml 300  # ML, two nested slope terms: out/lmm_nested_slopes_ml.json
     python benchmarks/batch.py --lmm-large 300      # (1 + x | g), 200 groups x 50 (10,000 rows): out/lmm_large.json
+    python benchmarks/batch.py --lmm-three-terms 300  # (1 + x | a) + (1 + x | b) + (1 | a:b): out/lmm_three_terms.json
     python benchmarks/batch.py --ar1 1000           # Ovary-shaped, corAR1, (1 | Mare), against nlme: out/ar1.json
     python benchmarks/batch.py --car1 1000          # BodyWeight-shaped, corCAR1, (Time | Rat): out/car1.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
@@ -299,6 +300,13 @@ MODELS = {
                       design="d0 <- expand.grid(j = 1:50, g = factor(1:200)); set.seed(45); d0$x <- rnorm(nrow(d0))",
                       params="list(beta = c(1, 0.5), theta = c(0.8, 0.2, 0.5), sigma = 1)",
                       r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)"),
+    "lmm_three_terms": dict(help="Gaussian datasets, (1 + x | a) + (1 + x | b) + (1 | a:b), 15 x 10 x 2, against lmer",
+                            factors=["a", "b"], formula="y ~ x + (1 + x | a) + (1 + x | b) + (1 | a:b)", response="y",
+                            family=None, r_family="gaussian",
+                            design="d0 <- expand.grid(r = 1:2, a = factor(1:15), b = factor(1:10)); set.seed(51); "
+                                   "d0$x <- rnorm(nrow(d0))",
+                            params="list(beta = c(1, 0.5), theta = c(0.5, 0.7, 0.1, 0.3, 0.6, 0.05, 0.4), sigma = 1)",
+                            r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)"),
 }
 
 SIMULATE_R = textwrap.dedent(
