@@ -32,8 +32,8 @@ def raise_malloc_thresholds() -> None:
     """Free one unwritten block of :data:`BLOCK_BYTES`, once per process (module notes): glibc's dynamic rule then
     keeps large NumPy temporaries in its heaps instead of mapping and faulting them in afresh at every call.
 
-    Called at the start of every ``hp.fit_batch`` (host or compiled: a microsecond's work) and in each host worker
-    process; later calls do nothing.
+    Called at the start of every ``hp.fit_batch`` (host or compiled: one allocation and its release) and in each
+    host worker process; later calls do nothing.
     """
     global _raised
     if _raised:

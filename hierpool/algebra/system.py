@@ -140,8 +140,8 @@ class MixedModelSystem:
 
 
 #: Rows from which :func:`grouped_products` sums keys that come in order run by run (``np.add.reduceat``) rather
-#: than by ``np.bincount``: finding the runs costs about what one bincount does, and each product then costs a
-#: fifth of one (benchmarks/RESULTS.md, twenty-second session); below it the bincounts cost microseconds.
+#: than by ``np.bincount``: finding the runs costs about one bincount, and each product then costs less than one;
+#: below it the runs cost more than they save (timed in benchmarks/RESULTS.md, twenty-second session).
 SORTED_KEYS_MIN_ROWS = 50_000
 
 
@@ -164,8 +164,8 @@ def grouped_products(keys, left, right, weights, size):
         return host_product(left * weights[:, None], right, transpose_a=True)[None]
     symmetric = right is left
     runs = _key_runs(keys) if len(keys) >= SORTED_KEYS_MIN_ROWS else None
-    out = np.empty((size, left.shape[1], right.shape[1])) if runs is None else np.zeros((size, left.shape[1],
-                                                                                        right.shape[1]))
+    shape = (size, left.shape[1], right.shape[1])
+    out = np.empty(shape) if runs is None else np.zeros(shape)  # (runs: a key with no rows is never written)
     for a in range(left.shape[1]):
         wl = weights * left[:, a]
         for b in range(a if symmetric else 0, right.shape[1]):

@@ -401,9 +401,9 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     heavy = host and evaluation_work(plan, attempted, term_ks) >= LINEAR_PROCESS_MIN_WORK
     processes = host and start_processes(plan, out["attempted"], 0 if heavy else LINEAR_PROCESS_MIN_ROWS, fit_on_host)
     shifts = linear_shifts(plan)
-    start0 = linear_start(plan, np.flatnonzero(out["attempted"]), shifts[1])
+    start0 = linear_start(plan, attempted, shifts[1])
     jobs = []
-    for members, systems, n in bucket_systems(plan, np.flatnonzero(out["attempted"]), shifts, merged):
+    for members, systems, n in bucket_systems(plan, attempted, shifts, merged):
         # beta0 stays float64 and is added on the host: in float32 a large common location of y would lose digits
         shift, systems = systems.beta_shift, dataclasses.replace(systems, beta_shift=np.zeros((len(members), p)))
         if host:  # unpadded chunks, threads (NumPy), nothing compiled
