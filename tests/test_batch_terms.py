@@ -184,6 +184,15 @@ def test_a_padded_batched_system_has_the_criterion_and_solution_of_the_dataset_s
         np.testing.assert_allclose(mine.b[0][:7], single.b[0], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(mine.b[0][7:], 0.0, atol=0)  # padded levels: no effect
         np.testing.assert_allclose(mine.cond_var[1][:4], single.cond_var[1], rtol=1e-9)
+    # a GLMM's working system (weights not prior weights): the same blocks, no log of the weights
+    working, _ = batched_systems(np.zeros(design.n, int), 1, terms, design.X, design.y, design.weights,
+                                 design.offset, prior_weights=False)
+    assert float(np.asarray(batch.log_weights)[0]) == pytest.approx(np.sum(np.log(design.weights)))
+    np.testing.assert_array_equal(working.log_weights, [0.0])
+    for name in ("a00", "rest", "beta_shift"):
+        np.testing.assert_array_equal(getattr(working, name), getattr(batch, name))
+    for mine, theirs in zip(working.couplings, batch.couplings):
+        np.testing.assert_array_equal(mine.values, theirs.values)
 
 
 def jax_tree_first(tree):

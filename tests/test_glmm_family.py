@@ -103,6 +103,22 @@ def test_unit_deviances_are_twice_the_log_likelihood_lost_to_the_saturated_model
                                    atol=1e-10)
 
 
+def test_y_log_y_is_r_s_to_the_bit_and_an_overflowed_mean_s_deviance_is_infinite():
+    rng = np.random.default_rng(3)
+    mu = rng.uniform(1e-12, 1 - 1e-12, 500)
+    binomial, poisson = family(FamilySpec("binomial", "logit")), family(FamilySpec("poisson", "log"))
+    for y in (rng.integers(0, 2, 500).astype(float), rng.integers(0, 8, 500) / 7.0):  # Bernoulli, proportions
+        with np.errstate(divide="ignore"):  # R's y_log_y: a select, 0 at y = 0
+            r = [np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0) / m), 0.0) for a, m in ((y, mu), (1 - y, 1 - mu))]
+        np.testing.assert_array_equal(binomial.unit_deviances(y, mu, np.full(500, 2.0)), 2.0 * 2.0 * (r[0] + r[1]))
+    counts = rng.poisson(2.0, 500).astype(float)
+    with np.errstate(divide="ignore"):
+        r = np.where(counts > 0, counts * np.log(np.where(counts > 0, counts, 1.0) / (mu * 4)), 0.0)
+    np.testing.assert_array_equal(poisson.unit_deviances(counts, mu * 4, np.ones(500)), 2.0 * (r - (counts - mu * 4)))
+    with np.errstate(over="ignore"):  # a log link's mean overflowed (a PIRLS step too far): +inf, not NaN
+        assert np.all(poisson.unit_deviances(np.array([0.0, 3.0]), np.exp([800.0, 800.0]), np.ones(2)) == np.inf)
+
+
 def test_working_weights_and_residuals_are_the_fisher_scoring_ones():
     trials, y, mu, counts, rates = _rows(2)
     fam = family(FamilySpec("binomial", "probit"))

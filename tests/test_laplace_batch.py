@@ -98,6 +98,22 @@ def _points(designs, rows, seed):
     return theta, beta
 
 
+def test_grouped_rows_of_every_dataset_or_one_copy_are_the_rows_themselves_and_others_are_taken():
+    designs, rows, _ = _batch(*MODELS["crossed Bernoulli, logit"])  # three datasets
+    assert rows.subset(np.arange(rows.n_groups))[0] is rows and rows.repeated(1) is rows
+    part, taken = rows.subset(np.array([0, 2]))
+    np.testing.assert_array_equal(taken, np.flatnonzero(rows.group != 1))
+    twice = part.repeated(2)
+    for name in ("y", "trials", "offset", "X"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(rows, name)[taken])
+        np.testing.assert_array_equal(getattr(twice, name), np.repeat(getattr(part, name), 2, axis=0))
+    for (level, z, _), (part_level, part_z, _) in zip(rows.terms, part.terms):
+        np.testing.assert_array_equal(part_level, level[taken])
+        np.testing.assert_array_equal(part_z, z[taken])
+    np.testing.assert_array_equal(part.group, (rows.group[taken] == 2).astype(int))
+    np.testing.assert_array_equal(twice.group, np.repeat(part.group, 2) * 2 + np.tile([0, 1], len(taken)))
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_a_batch_s_laplace_criterion_and_gradient_equal_each_dataset_s_own(model):
     designs, rows, fam = _batch(*MODELS[model])

@@ -40,7 +40,8 @@ MAX_DENSE_ENTRIES = 2**18
 
 def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, y: np.ndarray,
                     weights: np.ndarray | None, offset: np.ndarray | None, sigma_known: bool = False,
-                    shift: bool = True, shifts: tuple[np.ndarray, np.ndarray] | None = None):
+                    shift: bool = True, shifts: tuple[np.ndarray, np.ndarray] | None = None,
+                    prior_weights: bool = True):
     """Every dataset's system, stacked: (MixedModelSystem with a leading dataset axis, n per dataset).
 
     Parameters
@@ -62,6 +63,9 @@ def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, 
     shifts : (beta_shift (n_datasets, p), y_column (N,)), optional
         :func:`hierpool.algebra.statistics.location_shifts` of these rows, already computed by the caller (who
         needed the residuals for a start): taken as they are, not computed again.
+    prior_weights : bool
+        False: ``weights`` are a GLMM's working weights (a PIRLS step's system), whose logs no criterion reads:
+        ``log_weights`` is 0, not computed (a log of every row at every step).
 
     Returns
     -------
@@ -117,7 +121,8 @@ def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, 
         couplings=tuple(couplings),
         pairs=(),
         rest=dense,
-        log_weights=np.bincount(dataset, weights=np.log(w), minlength=n_datasets),
+        log_weights=(np.bincount(dataset, weights=np.log(w), minlength=n_datasets) if prior_weights
+                     else np.zeros(n_datasets)),
         beta_shift=beta_shift,
         layout=layout,
     )

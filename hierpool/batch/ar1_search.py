@@ -42,6 +42,7 @@ from ..algebra.linalg import (
     block_diagonal_positions,
     block_diagonal_theta,
     canonical_theta,
+    dataset_cells,
     distinct_columns,
     term_results,
 )
@@ -127,8 +128,8 @@ class ChunkData(ChunkRows):
 
     def residuals(self, beta: np.ndarray, b: np.ndarray) -> np.ndarray:
         """y - offset - X beta - z b per row, from each dataset's beta (the user's scale) and level effects b."""
-        fixed = np.einsum("np,np->n", self.X, beta[self.dataset] - self.beta_shift[self.dataset])
-        return self.y - fixed - np.einsum("nk,nk->n", self.z, b[self.dataset, self.level])
+        fixed = np.einsum("np,np->n", self.X, (beta - self.beta_shift).take(self.dataset, axis=0))
+        return self.y - fixed - np.einsum("nk,nk->n", self.z, dataset_cells(b, self.dataset, self.level))
 
 
 def _at_one_phi(pair):

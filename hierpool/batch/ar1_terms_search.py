@@ -27,7 +27,7 @@ from ..algebra.batched_systems import batched_systems, map_arrays, shared_grid
 from ..algebra.checks import singular_rows
 from ..algebra.criterion import host_objective_and_gradient, objective
 from ..algebra.henderson import solve
-from ..algebra.linalg import canonical_theta, distinct_columns
+from ..algebra.linalg import canonical_theta, dataset_cells, distinct_columns
 from ..algebra.one_term import COMPLEX_STEP
 from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u
 from ..closedform.optimize import Control
@@ -103,9 +103,9 @@ class TermsChunk(ChunkRows):
     def residuals(self, solution) -> np.ndarray:
         """y - offset - X beta - sum_j Z_j b_j per row, from a chunk's solution (beta on the user's scale)."""
         beta = np.asarray(solution.beta)  # the systems' beta_shift added back by the solve
-        out = self.y - np.einsum("np,np->n", self.X, beta[self.dataset] - self.beta_shift[self.dataset])
+        out = self.y - np.einsum("np,np->n", self.X, (beta - self.beta_shift).take(self.dataset, axis=0))
         for level, z, b in zip(self.levels, self.zs, solution.b):
-            out = out - np.einsum("nk,nk->n", z, np.asarray(b)[self.dataset, level])
+            out = out - np.einsum("nk,nk->n", z, dataset_cells(np.asarray(b), self.dataset, level))
         return out
 
 

@@ -122,7 +122,7 @@ def glm_start(plan: BatchPlan, family: Family) -> tuple[np.ndarray, np.ndarray]:
         new = np.linalg.solve(xtwx[ids] + 1e-10 * np.eye(design.p), xtwz[ids])[..., 0]
         change = np.max(np.abs(new - beta[ids]), axis=1, initial=0.0)
         beta[ids] = new
-        eta[rows] = offset[rows] + np.einsum("np,np->n", x, beta[fitting])
+        eta[rows] = offset[rows] + np.einsum("np,np->n", x, beta.take(fitting, axis=0))
         active[ids[change < 1e-10]] = False
         if not active.any():
             break
