@@ -2,6 +2,7 @@
 simulated response, the intervals are the replicates' quantiles, and fits outside hp.fit_batch's class are refused
 by name; GLMM replicates equal hp.glmm on theirs."""
 
+import re
 import warnings
 
 import numpy as np
@@ -107,7 +108,7 @@ def test_a_refit_that_stops_higher_does_not_replace_the_batchs_row(sleep, monkey
     from hierpool.batch import fit as fit_module
 
     def worse(plan, index, formula, fitter, out):
-        out["objective"][index] += 1.0
+        out["objective"][index] *= 1 + 2e-6  # above the batch's beyond 1e-8, the same to six digits
         out["beta"][index] = 0.0
         return "refitted by hp.lmm"
 
@@ -115,6 +116,8 @@ def test_a_refit_that_stops_higher_does_not_replace_the_batchs_row(sleep, monkey
     batch = hp.fit_batch("Reaction ~ Days + (Days | Subject)", [sleep], by="rep", max_iterations=1, progress=False)
     assert "the batch's estimates kept" in batch.messages.iloc[0] and not batch.refit.iloc[0]
     assert not batch.converged.iloc[0] and np.all(batch.beta[0] != 0.0)
+    higher, lower = map(float, re.search(r"criterion \((\S+) > (\S+)\)", batch.messages.iloc[0]).groups())
+    assert higher > lower  # digits enough to show the difference
 
 
 def test_fits_outside_fit_batchs_class_are_refused_by_name(sleep):

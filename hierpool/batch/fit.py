@@ -542,8 +542,9 @@ def _polish(plan, index: int, formula: str, fitter, out: dict, messages: list, r
             and out["objective"][index] > batch_row["objective"] + 1e-8 * abs(batch_row["objective"])):
         # the lone fit stopped higher than where the batch had got to (a local optimum of its own): a lower
         # criterion is not replaced by a higher one; the row keeps the batch's numbers, not converged
-        note = (f"the refit stopped at a higher criterion ({float(out['objective'][index]):.6g} > "
-                f"{float(batch_row['objective']):.6g}): the batch's estimates kept")
+        # (digits enough to show the difference, which may be in the sixth)
+        note = (f"the refit stopped at a higher criterion ({float(out['objective'][index]):.10g} > "
+                f"{float(batch_row['objective']):.10g}): the batch's estimates kept")
         _restore(out, index, batch_row)
     refitted[index] = note.startswith("refitted")
     messages[index] += "; " + note
