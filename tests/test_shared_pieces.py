@@ -358,8 +358,19 @@ def test_block_product_is_matmul_with_one_column_blocks_taken_elementwise():
     # a coupling by its term's factor (one per dataset, broadcast over cells), one-column blocks throughout
     block, factor = rng.normal(size=(4, 30, 1, 1)), rng.normal(size=(4, 1, 1))
     np.testing.assert_array_equal(block_product(block, factor[..., None, :, :]), block @ factor[..., None, :, :])
+    # stacks of matrix-vector products (k = 1 or i = 1) with a narrow inner width, large (the elementwise sum) and
+    # small (matmul), the other operand broadcast over cells
+    for inner in (2, 3, 4, 5):
+        for cells in (3, 300):
+            for a, b in ((rng.normal(size=(4, cells, 2, inner)), rng.normal(size=(4, cells, inner, 1))),
+                         (rng.normal(size=(4, cells, 1, inner)), rng.normal(size=(4, 1, inner, 3))),
+                         (rng.normal(size=(4, 1, 3, inner)), rng.normal(size=(4, cells, inner, 1)))):
+                np.testing.assert_allclose(block_product(a, b), np.einsum("...ij,...jk->...ik", a, b), rtol=1e-13,
+                                           atol=1e-13)
     with pytest.raises(ValueError):  # an inner size that does not match is refused, as by matmul
         block_product(rng.normal(size=(3, 1)), rng.normal(size=(3, 5)))
+    with pytest.raises(ValueError):
+        block_product(rng.normal(size=(400, 2, 3)), rng.normal(size=(400, 2, 1)))
 
 
 def test_rank_reduced_theta_drops_the_smallest_eigenvalue_s_part_of_each_vector_term():

@@ -431,13 +431,31 @@ def scale_columns(matrix: jax.Array, blocks, transpose: bool = False) -> jax.Arr
 SINGLE_THREAD_GEMM = 2**18
 
 
+#: Inner widths j up to which :func:`block_product` forms a stack of (i x j) @ (j x 1) (or (1 x j) @ (j x k)) products
+#: on the host as j elementwise products, from :data:`BLOCK_PRODUCT_MIN_ENTRIES` entries of ``a``.
+BLOCK_PRODUCT_MAX_INNER = 4
+#: The size of ``a`` from which the elementwise form pays: below it NumPy's per-call overheads outweigh its matmul's
+#: per-block loop (timed in benchmarks/RESULTS.md, twenty-third session).
+BLOCK_PRODUCT_MIN_ENTRIES = 1024
+
+
 def block_product(a, b):
     """``a @ b`` over stacks of blocks (..., i, j) @ (..., j, k); on the host, where j = 1, the elementwise product
     a * b, the same numbers: NumPy's matmul loops once per block, and a stack of many small blocks (a batch's coupling
     cells with one-column terms) spends its time in that loop (benchmarks/RESULTS.md, "The GLMM class, sixteenth
-    session")."""
-    if array_namespace(a, b) is np and a.shape[-1] == 1 and b.shape[-2] == 1:
-        return a * b
+    session").  Likewise a large stack of matrix-vector products (k = 1 or i = 1) with a narrow inner width j
+    (:data:`BLOCK_PRODUCT_MAX_INNER`): the sum of j broadcast products, equal to rounding (a batch's coupling cells of a
+    slope term's levels with a one-column term's)."""
+    if array_namespace(a, b) is np:
+        inner = a.shape[-1]
+        if inner == 1 and b.shape[-2] == 1:
+            return a * b
+        if (inner <= BLOCK_PRODUCT_MAX_INNER and b.shape[-2] == inner and (b.shape[-1] == 1 or a.shape[-2] == 1)
+                and a.size >= BLOCK_PRODUCT_MIN_ENTRIES):
+            out = a[..., :, :1] * b[..., :1, :]
+            for j in range(1, inner):
+                out = out + a[..., :, j : j + 1] * b[..., j : j + 1, :]
+            return out
     return a @ b
 
 
