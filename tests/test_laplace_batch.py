@@ -114,6 +114,28 @@ def test_grouped_rows_of_every_dataset_or_one_copy_are_the_rows_themselves_and_o
     np.testing.assert_array_equal(twice.group, np.repeat(part.group, 2) * 2 + np.tile([0, 1], len(taken)))
 
 
+def test_pirls_stops_at_a_solve_that_fails_without_halving_it_alone_and_in_a_batch(monkeypatch):
+    # a point whose working system does not factor (NaN theta here; an overshooting trial in a search) gives a NaN
+    # solution, which halving keeps: PIRLS stops after that step, not converged, and the other datasets are as alone
+    import hierpool.algebra.laplace as laplace_module
+
+    designs, rows, fam = _batch(*MODELS["crossed Bernoulli, logit"])
+    theta, beta = _points(designs, rows, 5)
+    bad = theta.copy()
+    bad[1] = np.nan
+    mode = conditional_modes(bad, beta, rows, fam)
+    good = conditional_modes(theta, beta, rows, fam)
+    assert mode.steps[1] == 1 and not mode.converged[1] and np.isnan(mode.penalized_deviance[1])
+    for g in (0, 2):
+        assert mode.converged[g] and mode.penalized_deviance[g] == good.penalized_deviance[g]
+    deviances = []
+    penalized = laplace_module.penalized_deviance
+    monkeypatch.setattr(laplace_module, "penalized_deviance", lambda *a: (deviances.append(1), penalized(*a))[1])
+    single = conditional_mode(bad[1], beta[1], designs[1], fam)
+    assert single.steps == 1 and not single.converged and np.isnan(single.laplace)
+    assert len(deviances) == 2  # at the start and at the step: no halving
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_a_batch_s_laplace_criterion_and_gradient_equal_each_dataset_s_own(model):
     designs, rows, fam = _batch(*MODELS[model])

@@ -32,6 +32,7 @@ from .laplace import (
     newton_working,
     penalized_deviance,
     pirls_converged,
+    solve_failed,
     step_rises,
 )
 from .laplace_gradient import laplace_gradient, leverages, rows_random_part, weight_derivatives
@@ -175,10 +176,11 @@ def _pirls(theta, beta, rows: GroupedRows, family: Family, tol: float, start_u) 
         new_u = [np.asarray(x) for x in point_estimates(theta[active], system)[1]]
         trial_b, trial_eta, trial_deviance = _at(sub, family, sub_factors, sub_fixed, new_u)
         trial_b = list(trial_b)
+        failed = solve_failed(new_u)  # not halved, and out of PIRLS (solve_failed)
         # halve the step while it raises the penalized deviance (lme4's PIRLS), each halving evaluated; only the
         # rising datasets' rows, narrowed as they stop rising: near the mode rounding alone can raise the deviance
         # by 1e-14, and those few datasets then halve many times
-        which = np.flatnonzero(step_rises(trial_deviance, old_deviance))
+        which = np.flatnonzero(step_rises(trial_deviance, old_deviance) & ~failed)
         if which.size:
             part, part_rows = sub.subset(which)
         for _ in range(PIRLS_MAX_HALVINGS):
@@ -200,7 +202,7 @@ def _pirls(theta, beta, rows: GroupedRows, family: Family, tol: float, start_u) 
         eta[taken], deviance[active] = trial_eta, trial_deviance
         steps[active] += 1
         converged[active] = done
-        active = active[~done]
+        active = active[~(done | failed)]
     _, weights, _ = family.working(rows.y, eta, rows.trials)
     return BatchMode(u=u, b=b, eta=eta, working_weights=weights, penalized_deviance=deviance, steps=steps,
                      converged=converged)
