@@ -160,10 +160,11 @@ def _back_substitute(system: MixedModelSystem, factors, chol0, left, chol_rest, 
     offset = 0
     for (ell, k), coupling, block in zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1]):
         x_block = x_rest[..., offset : offset + ell * k].reshape(lead + (ell, k))
-        contribution = xp.einsum("...bij,...bj->...bi", block, x_block[..., coupling.level, :])
+        # (block_product: NumPy's einsum and matmul loop once per cell)
+        contribution = block_product(block, x_block[..., coupling.level, :, None])[..., 0]
         rhs0 = rhs0 - segment_sum(contribution, coupling.level0, ell0, axis=-2)
         offset += ell * k
-    u = [xp.einsum("...lji,...lj->...li", chol0_inv, rhs0)]
+    u = [block_product(xp.swapaxes(chol0_inv, -1, -2), rhs0[..., None])[..., 0]]
     offset = 0
     for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
         u.append(x_rest[..., offset : offset + ell * k].reshape(lead + (ell, k)))
