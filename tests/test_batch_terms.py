@@ -162,7 +162,7 @@ def test_a_padded_batched_system_has_the_criterion_and_solution_of_the_dataset_s
     (on the host: the compiled path is checked against hp.lmm above)."""
     from hierpool.algebra.batched_systems import batched_systems
     from hierpool.algebra.criterion import objective
-    from hierpool.algebra.henderson import solve
+    from hierpool.algebra.henderson import prediction_covariance, solve
     from hierpool.algebra.system import build_system
     from hierpool.spec.design import build_design
 
@@ -184,6 +184,9 @@ def test_a_padded_batched_system_has_the_criterion_and_solution_of_the_dataset_s
         np.testing.assert_allclose(mine.b[0][:7], single.b[0], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(mine.b[0][7:], 0.0, atol=0)  # padded levels: no effect
         np.testing.assert_allclose(mine.cond_var[1][:4], single.cond_var[1], rtol=1e-9)
+        # term 0's blocks of the inverse through the batch's dense couplings (henderson._grid_couplings)
+        np.testing.assert_allclose(prediction_covariance(theta, one).term0[:7],
+                                   prediction_covariance(theta, system).term0, rtol=1e-9)
     # a GLMM's working system (weights not prior weights): the same blocks, no log of the weights
     working, _ = batched_systems(np.zeros(design.n, int), 1, terms, design.X, design.y, design.weights,
                                  design.offset, prior_weights=False)

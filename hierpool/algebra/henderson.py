@@ -36,7 +36,7 @@ from .linalg import (
     spd_inverse_from_cholesky,
     tri_inverse,
 )
-from .system import MixedModelSystem, shift_beta
+from .system import MixedModelSystem, grid_coupling, shift_beta
 
 
 @pytree_dataclass
@@ -106,6 +106,22 @@ def _couplings(system: MixedModelSystem, factors, left) -> list[jax.Array]:
     return out
 
 
+def _grid_couplings(system: MixedModelSystem, factors, left) -> jax.Array:
+    """:func:`_couplings` of a ``Layout.dense_only`` system (a batch's: every cell of the grid stored) as one dense
+    (..., ell0, k0, m) array over the rest's columns, y last: L0^-1 T0^T per level times the dense coupling
+    (:func:`hierpool.algebra.system.grid_coupling`, a reshape), its columns scaled by the rest terms' factors.  A
+    product per level and one per term, where the cells' form takes a tiny one per cell, and the scatter back to
+    the dense form (:func:`prediction_covariance`) is not needed."""
+    layout = system.layout
+    ell0, k0 = layout.n_levels[0], layout.ks[0]
+    product = block_product(left, grid_coupling(system))  # (..., ell0, k0, m)
+    lead, m = product.shape[:-3], product.shape[-1]
+    rest_factors = list(factors[1:]) + [None] * (len(layout.rest_blocks) - len(factors) + 1)
+    blocks = [(ell, k, factor) for (ell, k), factor in zip(layout.rest_blocks, rest_factors)]
+    # the levels and their coefficients as one axis of rows, so that each dataset's factors broadcast over them
+    return scale_columns(product.reshape(lead + (ell0 * k0, m)), blocks).reshape(lead + (ell0, k0, m))
+
+
 def diagonal_blocks(matrix: jax.Array, offset: int, ell: int, k: int) -> jax.Array:
     """The ell diagonal k x k blocks of ``matrix`` starting at row/column ``offset``."""
     idx = offset + np.arange(ell)[:, None] * k + np.arange(k)[None, :]
@@ -152,18 +168,23 @@ def _back_substitute(system: MixedModelSystem, factors, chol0, left, chol_rest, 
     x_rest = solve_triangular(chol_rest[..., :size, :size], rhs_rest, lower=True, trans="T")
     lead = x_rest.shape[:-1]
     chol0_inv = tri_inverse(chol0)
-    couplings = _couplings(system, factors, left)
-    ell0 = layout.n_levels[0]
-    rhs0 = segment_sum(couplings[-1][..., 0], system.couplings[-1].level0, ell0, axis=-2)
+    ell0, k0 = layout.n_levels[0], layout.ks[0]
+    if layout.dense_only:  # rhs0 = C_y - C x_rest, C over every rest column (_grid_couplings)
+        grid = _grid_couplings(system, factors, left)
+        rows = grid.reshape(lead + (ell0 * k0, grid.shape[-1]))  # one product per dataset, not per level
+        rhs0 = grid[..., size] - (rows[..., :size] @ x_rest[..., :, None]).reshape(lead + (ell0, k0))
+    else:
+        couplings = _couplings(system, factors, left)
+        rhs0 = segment_sum(couplings[-1][..., 0], system.couplings[-1].level0, ell0, axis=-2)
+        offset = 0
+        for (ell, k), coupling, block in zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1]):
+            x_block = x_rest[..., offset : offset + ell * k].reshape(lead + (ell, k))
+            # (block_product: NumPy's einsum and matmul loop once per cell)
+            contribution = block_product(block, x_block[..., coupling.level, :, None])[..., 0]
+            rhs0 = rhs0 - segment_sum(contribution, coupling.level0, ell0, axis=-2)
+            offset += ell * k
     if noise is not None:
         rhs0 = rhs0 + noise[0]
-    offset = 0
-    for (ell, k), coupling, block in zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1]):
-        x_block = x_rest[..., offset : offset + ell * k].reshape(lead + (ell, k))
-        # (block_product: NumPy's einsum and matmul loop once per cell)
-        contribution = block_product(block, x_block[..., coupling.level, :, None])[..., 0]
-        rhs0 = rhs0 - segment_sum(contribution, coupling.level0, ell0, axis=-2)
-        offset += ell * k
     u = [block_product(xp.swapaxes(chol0_inv, -1, -2), rhs0[..., None])[..., 0]]
     offset = 0
     for ell, k in zip(layout.n_levels[1:], layout.ks[1:]):
@@ -365,11 +386,16 @@ def prediction_covariance(theta: jax.Array, system: MixedModelSystem) -> Predict
     lead = chol0.shape[:-3]
     s_a_inv = spd_inverse_from_cholesky(chol_rest[..., :size, :size])
     chol0_inv = tri_inverse(chol0)
-    couplings = _couplings(system, factors, left)
     ell0, k0 = layout.n_levels[0], layout.ks[0]
-    dense = xp.zeros(lead + (ell0, size, k0))
+    if layout.dense_only:  # the couplings as one dense array already (_grid_couplings)
+        dense = xp.swapaxes(_grid_couplings(system, factors, left)[..., :size], -2, -1)
+        blocks = []
+    else:
+        couplings = _couplings(system, factors, left)
+        dense = xp.zeros(lead + (ell0, size, k0))
+        blocks = zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1])
     offset = 0
-    for (ell, k), coupling, block in zip(layout.rest_blocks[:-1], system.couplings[:-1], couplings[:-1]):
+    for (ell, k), coupling, block in blocks:
         cols = offset + coupling.level[:, None] * k + xp.arange(k)[None, :]
         at = (*(slice(None),) * len(lead), coupling.level0[:, None], cols)  # a batch's leading axes kept
         if xp is np:
