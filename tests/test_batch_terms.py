@@ -157,7 +157,8 @@ def test_bootstrap_of_a_crossed_model_refits_every_replicate():
         assert boot.batch.objective.iloc[j] == pytest.approx(single.objective, rel=1e-8)
 
 
-def test_a_padded_batched_system_has_the_criterion_and_solution_of_the_dataset_s_own_system():
+@pytest.mark.parametrize("formula", ["y ~ x + (1 + x | g) + (1 | h)", "y ~ x + (1 | g) + (1 + x | h)"])
+def test_a_padded_batched_system_has_the_criterion_and_solution_of_the_dataset_s_own_system(formula):
     """The batch's systems (full coupling grid, padded levels, n as data) against build_system, away from the optimum
     (on the host: the compiled path is checked against hp.lmm above)."""
     from hierpool.algebra.batched_systems import batched_systems
@@ -170,7 +171,7 @@ def test_a_padded_batched_system_has_the_criterion_and_solution_of_the_dataset_s
     frame = pd.DataFrame({"g": rng.integers(0, 7, 60).astype(str), "h": rng.integers(0, 4, 60).astype(str),
                           "x": rng.normal(size=60), "w": rng.uniform(0.5, 2, 60)})
     frame["y"] = 3 + frame["x"] + rng.normal(size=60)
-    design = build_design("y ~ x + (1 + x | g) + (1 | h)", frame, weights="w")
+    design = build_design(formula, frame, weights="w")  # term 0: g, a slope term first or in the rest
     system = build_system(design, host=True)
     terms = [(t.index, t.z, width) for t, width in zip(design.terms, (9, 6))]  # both terms padded
     batch, n = batched_systems(np.zeros(design.n, int), 1, terms, design.X, design.y, design.weights,
@@ -184,9 +185,13 @@ def test_a_padded_batched_system_has_the_criterion_and_solution_of_the_dataset_s
         np.testing.assert_allclose(mine.b[0][:7], single.b[0], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(mine.b[0][7:], 0.0, atol=0)  # padded levels: no effect
         np.testing.assert_allclose(mine.cond_var[1][:4], single.cond_var[1], rtol=1e-9)
-        # term 0's blocks of the inverse through the batch's dense couplings (henderson._grid_couplings)
-        np.testing.assert_allclose(prediction_covariance(theta, one).term0[:7],
-                                   prediction_covariance(theta, system).term0, rtol=1e-9)
+        # the blocks of the inverse through the batch's dense couplings (henderson._grid_couplings): term 0's, and
+        # term 0's levels with the rest's own columns (the padded term's first 4 levels, then X)
+        mine, single = prediction_covariance(theta, one), prediction_covariance(theta, system)
+        np.testing.assert_allclose(mine.term0[:7], single.term0, rtol=1e-9)
+        k1 = design.terms[1].k
+        own = np.r_[np.arange(4 * k1), 6 * k1 + np.arange(design.p)]
+        np.testing.assert_allclose(mine.cross[:7][..., own], single.cross, rtol=1e-8, atol=1e-12)
     # a GLMM's working system (weights not prior weights): the same blocks, no log of the weights
     working, _ = batched_systems(np.zeros(design.n, int), 1, terms, design.X, design.y, design.weights,
                                  design.offset, prior_weights=False)

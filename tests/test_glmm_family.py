@@ -111,6 +111,8 @@ def test_y_log_y_is_r_s_to_the_bit_and_an_overflowed_mean_s_deviance_is_infinite
         with np.errstate(divide="ignore"):  # R's y_log_y: a select, 0 at y = 0
             r = [np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0) / m), 0.0) for a, m in ((y, mu), (1 - y, 1 - mu))]
         np.testing.assert_array_equal(binomial.unit_deviances(y, mu, np.full(500, 2.0)), 2.0 * 2.0 * (r[0] + r[1]))
+        single = binomial.unit_deviances(*(np.asarray(a, np.float32) for a in (y, np.clip(mu, 1e-6, 1 - 1e-6), 1.0)))
+        assert single.dtype == np.float32 and np.all(np.isfinite(single))  # the floor is float32's (0 at y = 0)
     counts = rng.poisson(2.0, 500).astype(float)
     with np.errstate(divide="ignore"):
         r = np.where(counts > 0, counts * np.log(np.where(counts > 0, counts, 1.0) / (mu * 4)), 0.0)

@@ -19,7 +19,8 @@ import scipy.optimize
 import scipy.stats
 
 from hierpool.algebra.family import family
-from hierpool.algebra.laplace import conditional_mode, random_part
+from hierpool.algebra.jax_runtime import jax, jnp
+from hierpool.algebra.laplace import PIRLS_MAX_STEPS, conditional_mode, random_part, solve_failed
 from hierpool.algebra.quadrature import quadrature_deviance
 from hierpool.closedform.glmm_optimize import fit_laplace
 from hierpool.spec.design import build_design
@@ -298,6 +299,16 @@ def test_compiled_pirls_and_its_gradient_are_the_hosts():
         for a, b in zip(program.u, host.u):
             np.testing.assert_allclose(a, b, atol=1e-9)
         np.testing.assert_allclose(program.beta, host.beta, atol=1e-9)
+    # a point whose solve fails (NaN theta): no halving of that step, and the loop ends there (laplace.solve_failed;
+    # the program marks it by the step cap), NaN and not converged either way
+    failed_host = conditional_mode(np.array([np.nan]), beta, design, fam, patterns=patterns)
+    failed = conditional_mode_in_program(np.array([np.nan]), beta, design, fam, program_data(design, patterns[False]))
+    assert failed_host.steps == 1 and failed.steps == PIRLS_MAX_STEPS
+    assert not (failed.converged or failed_host.converged) and np.isnan(failed.laplace) and np.isnan(failed_host.laplace)
+    us, betas = (np.array([np.nan, 1.0, 1.0]).reshape(3, 1, 1), np.ones((3, 2, 1))), np.array([1.0, 2.0, np.inf])
+    np.testing.assert_array_equal(solve_failed(us, betas), [True, False, True])  # three datasets' u (per term), beta
+    np.testing.assert_array_equal(jax.jit(solve_failed)(tuple(map(jnp.asarray, us)), jnp.asarray(betas)),
+                                  [True, False, True])
     point = np.concatenate([theta, beta])
     steps = 1e-5 * np.eye(len(point))
     central = [(conditional_mode(*np.split(point + h, [1]), design, fam).laplace

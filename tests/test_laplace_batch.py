@@ -99,7 +99,7 @@ def _points(designs, rows, seed):
 
 
 def test_grouped_rows_of_every_dataset_or_one_copy_are_the_rows_themselves_and_others_are_taken():
-    designs, rows, _ = _batch(*MODELS["crossed Bernoulli, logit"])  # three datasets
+    _, rows, _ = _batch(*MODELS["crossed Bernoulli, logit"])  # three datasets
     assert rows.subset(np.arange(rows.n_groups))[0] is rows and rows.repeated(1) is rows
     part, taken = rows.subset(np.array([0, 2]))
     np.testing.assert_array_equal(taken, np.flatnonzero(rows.group != 1))

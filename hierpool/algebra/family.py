@@ -95,18 +95,16 @@ def negative_binomial_log_density(y, log_mu, shape):
     return log_gamma_ratio(shape, y) + negative_binomial_mean_terms(y, log_mu, shape)
 
 
-#: The smallest normal double, where :func:`_y_log_y` floors its ratio.
-TINY = float(np.finfo(float).tiny)
-
-
 def _y_log_y(y, mu, xp):
     """y log(y / mu), 0 where y = 0 (R's ``y_log_y``), for y >= 0 and mu > 0.
 
-    Without a select: at y = 0 the ratio is TINY / mu, whose log is finite, times 0; the ratio floored at TINY keeps
-    the log finite at mu = inf too (an overflowed log link's mean).  Elsewhere the value is R's to the bit.  A
-    select on the rows' pattern of zeros costs several times a log (PIRLS takes the deviance of a batch's rows at
-    every step and halving: benchmarks/RESULTS.md, twenty-third session)."""
-    return y * xp.log(xp.maximum(xp.maximum(y, TINY) / mu, TINY))
+    Without a select: at y = 0 the ratio is tiny / mu (tiny the smallest normal number of the arrays' type), whose
+    log is finite, times 0; the ratio floored at tiny keeps the log finite at mu = inf too (an overflowed log link's
+    mean: the Poisson deviance is then +inf).  Where y / mu >= tiny the value is R's to the bit.  A select on the
+    rows' pattern of zeros costs more than the log (PIRLS takes the deviance of a batch's rows at every step and
+    halving: benchmarks/RESULTS.md, twenty-third session)."""
+    tiny = xp.finfo(xp.result_type(y, mu)).tiny  # (float32's, in such a program: float64's would round to 0)
+    return y * xp.log(xp.maximum(xp.maximum(y, tiny) / mu, tiny))
 
 
 @dataclass(frozen=True)

@@ -150,11 +150,12 @@ def solve_failed(u, beta=None):
     """Whether a PIRLS step's solution is not finite, per dataset (``u`` per term with a leading datasets axis, or
     one dataset's): its working system did not factor at an extreme point (a search's overshooting trial).  Halving
     the step keeps the NaN, so that such a step is not halved and PIRLS stops there, not converged (its deviance
-    NaN): 30 halvings in each of 50 steps had cost a batch of GLMMs a tenth of its time (benchmarks/RESULTS.md,
-    twenty-third session).  NumPy."""
-    parts = list(u) + ([] if beta is None else [np.asarray(beta)[..., None]])
-    lead = np.shape(parts[0])[:-2]
-    return ~np.all([np.isfinite(x).reshape(lead + (-1,)).all(axis=-1) for x in parts], axis=0)
+    NaN), where it had run its halvings in every one of its steps (benchmarks/RESULTS.md, twenty-third session).
+    NumPy or traced."""
+    xp = array_namespace(*u)
+    parts = list(u) + ([] if beta is None else [xp.asarray(beta)[..., None]])
+    lead = parts[0].shape[:-2]
+    return ~xp.all(xp.stack([xp.isfinite(x).reshape(lead + (-1,)).all(axis=-1) for x in parts]), axis=0)
 
 
 def pirls_converged(previous, deviance, tol: float):

@@ -68,7 +68,8 @@ class GroupedRows:
         return tuple(z.shape[1] for _, z, _ in self.terms)
 
     def _rows(self, rows: np.ndarray, group: np.ndarray, n_groups: int) -> "GroupedRows":
-        # take, not a fancy index: NumPy gathers a 2-d array's rows several times faster so
+        # take, not a fancy index: NumPy gathers a 2-d array's rows faster so (benchmarks/RESULTS.md, twenty-third
+        # session)
         def pick(a):
             return a.take(rows, axis=0)
 
@@ -145,7 +146,7 @@ def conditional_modes(theta, beta, rows: GroupedRows, family: Family, tol: float
                       start_u=None) -> BatchMode:
     """u* of every dataset by PIRLS at its own (theta, beta) ((D, n_theta), (D, p)) from ``start_u`` (per term
     (D, ell_j, k_j); zeros when None): the steps and rules of :func:`hierpool.algebra.laplace.conditional_mode`
-    (``joint=False``; :func:`~hierpool.algebra.laplace.step_rises`,
+    (``joint=False``; :func:`~hierpool.algebra.laplace.step_rises`, :func:`~hierpool.algebra.laplace.solve_failed`,
     :func:`~hierpool.algebra.laplace.pirls_converged`), each dataset stopping on its own."""
     with np.errstate(all="ignore"):  # a step off the domain is NaN, and is halved
         return _pirls(np.asarray(theta, dtype=float), np.asarray(beta, dtype=float), rows, family, tol, start_u)

@@ -5,8 +5,9 @@ The steps are the host's (:mod:`hierpool.algebra.laplace`): Newton's weights and
 residual (:func:`~hierpool.algebra.laplace.newton_working`), one weighted Henderson solve
 (:func:`hierpool.algebra.henderson.point_estimates`) on the system refilled in the program
 (:func:`hierpool.algebra.system.fill_in_program`, the pattern found once on the host), step
-halving while the penalized deviance rises, and at the mode the log-determinant with the weights
-there.  A glmer fit evaluates the criterion hundreds of times,
+halving while the penalized deviance rises, a solve that is not finite neither halved nor followed
+(:func:`~hierpool.algebra.laplace.solve_failed`; its step count is then the cap), and at the mode
+the log-determinant with the weights there.  A glmer fit evaluates the criterion hundreds of times,
 each a few PIRLS steps on small arrays, where the host's per-operation overhead is most of the
 time; in one program a step costs what its arithmetic costs.
 
@@ -38,6 +39,7 @@ from .laplace import (
     penalized_deviance,
     pirls_converged,
     saturated_deviance,
+    solve_failed,
     step_rises,
 )
 from .laplace_gradient import laplace_gradient, leverages, rows_random_part
@@ -90,6 +92,7 @@ def _conditional_mode(theta, beta, u, shape, saturated, data: ProgramData, famil
         solved_beta, solved_u, _, _ = point_estimates(theta, fill_in_program(data.pattern, weights, response))
         new_beta = solved_beta if joint else beta
         new_u = tuple(solved_u)
+        failed = solve_failed(new_u, new_beta if joint else None)  # not halved, and the loop ends (the host's rule)
 
         def halve(inner):
             trial_u, trial_beta, _, _, _, halvings = inner
@@ -98,12 +101,13 @@ def _conditional_mode(theta, beta, u, shape, saturated, data: ProgramData, famil
             return (trial_u, trial_beta, *_at(family, data, factors, trial_beta, trial_u), halvings + 1)
 
         def rises(inner):
-            return step_rises(inner[4], deviance) & (inner[5] < max_halvings)
+            return step_rises(inner[4], deviance) & (inner[5] < max_halvings) & ~failed
 
         trial = (new_u, new_beta, *_at(family, data, factors, new_beta, new_u), steps * 0)
         new_u, new_beta, new_eta, new_mu, new_deviance, _ = jax.lax.while_loop(rises, halve, trial)
         converged = pirls_converged(deviance, new_deviance, tol)
-        return new_u, new_beta, new_eta, new_mu, new_deviance, steps + 1, converged
+        # a failed solve ends the loop as the host's does, by the step count (no carry added to the loop's state)
+        return new_u, new_beta, new_eta, new_mu, new_deviance, jnp.where(failed, max_steps, steps + 1), converged
 
     def going(state):
         return (state[5] < max_steps) & ~state[6]

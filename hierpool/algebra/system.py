@@ -134,7 +134,7 @@ class MixedModelSystem:
     couplings: tuple[Coupling, ...]  # one per rest block
     pairs: tuple[Pairs, ...]  # one per Layout.pair_keys()
     rest: jax.Array  # (m, m) dense B^T W B over the rest columns
-    log_weights: jax.Array  # sum of log prior weights (0 without weights)
+    log_weights: jax.Array  # sum of log prior weights (0 without weights, and in a GLMM's working systems)
     beta_shift: jax.Array  # (p,) beta0: the y column is y - offset - X beta0 (see the module docstring)
     layout: Layout = field(metadata=dict(static=True))
 
