@@ -117,6 +117,9 @@ def test_y_log_y_is_r_s_to_the_bit_and_an_overflowed_mean_s_deviance_is_infinite
     with np.errstate(divide="ignore"):
         r = np.where(counts > 0, counts * np.log(np.where(counts > 0, counts, 1.0) / (mu * 4)), 0.0)
     np.testing.assert_array_equal(poisson.unit_deviances(counts, mu * 4, np.ones(500)), 2.0 * (r - (counts - mu * 4)))
+    integers = counts.astype(int)  # integer counts and means: the floor is a float type's
+    np.testing.assert_array_equal(poisson.unit_deviances(integers, integers + 1, np.ones(500)),
+                                  poisson.unit_deviances(counts, counts + 1.0, np.ones(500)))
     with np.errstate(over="ignore"):  # a log link's mean overflowed (a PIRLS step too far): +inf, not NaN
         assert np.all(poisson.unit_deviances(np.array([0.0, 3.0]), np.exp([800.0, 800.0]), np.ones(2)) == np.inf)
 

@@ -276,11 +276,13 @@ def test_the_em_step_moves_the_start_towards_the_optimum_and_saves_evaluations(d
     assert with_em.evaluations[1] < without.evaluations[1]
 
 
-def test_compiled_pirls_and_its_gradient_are_the_hosts():
+def test_compiled_pirls_and_its_gradient_are_the_hosts(monkeypatch):
     # the programs (laplace_program) take the host's steps: same modes, criterion and step count; the
     # gradient program's Laplace gradient is the criterion's (central differences of the host's); a fit
     # through it reaches the host's optimum; a negative binomial's shape is an argument (one program)
     from hierpool.algebra.laplace import pirls_patterns
+    from hierpool.algebra import laplace_program
+    from hierpool.algebra.compiler_options import ProgramCache
     from hierpool.algebra.laplace_program import conditional_mode_in_program, laplace_and_gradient, program_data
 
     designs = _designs()
@@ -302,10 +304,22 @@ def test_compiled_pirls_and_its_gradient_are_the_hosts():
     # a point whose solve fails (NaN theta): no halving of that step, and the loop ends there (laplace.solve_failed;
     # the program marks it by the step cap), NaN and not converged either way
     failed_host = conditional_mode(np.array([np.nan]), beta, design, fam, patterns=patterns)
+    evaluations = []  # the program's deviance evaluations, counted as it runs (a fresh cache: compiled with the count)
+    counted = laplace_program._at
+
+    def counting_at(*args):
+        jax.debug.callback(lambda: evaluations.append(1))
+        return counted(*args)
+
+    monkeypatch.setattr(laplace_program, "_at", counting_at)
+    monkeypatch.setattr(laplace_program, "PROGRAMS", ProgramCache())
     failed = conditional_mode_in_program(np.array([np.nan]), beta, design, fam, program_data(design, patterns[False]))
     assert failed_host.steps == 1 and failed.steps == PIRLS_MAX_STEPS
+    # the start and the failed step's one trial: no halvings, no further steps (each of which would evaluate 31 times)
+    assert len(evaluations) == 2
     assert not (failed.converged or failed_host.converged) and np.isnan(failed.laplace) and np.isnan(failed_host.laplace)
-    us, betas = (np.array([np.nan, 1.0, 1.0]).reshape(3, 1, 1), np.ones((3, 2, 1))), np.array([1.0, 2.0, np.inf])
+    monkeypatch.undo()
+    us, betas = (np.array([np.nan, 1.0, 1.0]).reshape(3, 1, 1), np.ones((3, 2, 1))), np.array([[1.0], [2.0], [np.inf]])
     np.testing.assert_array_equal(solve_failed(us, betas), [True, False, True])  # three datasets' u (per term), beta
     np.testing.assert_array_equal(jax.jit(solve_failed)(tuple(map(jnp.asarray, us)), jnp.asarray(betas)),
                                   [True, False, True])

@@ -103,7 +103,8 @@ def _y_log_y(y, mu, xp):
     mean: the Poisson deviance is then +inf).  Where y / mu >= tiny the value is R's to the bit.  A select on the
     rows' pattern of zeros costs more than the log (PIRLS takes the deviance of a batch's rows at every step and
     halving: benchmarks/RESULTS.md, twenty-third session)."""
-    tiny = xp.finfo(xp.result_type(y, mu)).tiny  # (float32's, in such a program: float64's would round to 0)
+    # float32's in such a program (float64's would round to 0); a float type for integer counts and means
+    tiny = xp.finfo(xp.result_type(y, mu, 1.0)).tiny
     return y * xp.log(xp.maximum(xp.maximum(y, tiny) / mu, tiny))
 
 

@@ -152,9 +152,14 @@ def solve_failed(u, beta=None):
     the step keeps the NaN, so that such a step is not halved and PIRLS stops there, not converged (its deviance
     NaN), where it had run its halvings in every one of its steps (benchmarks/RESULTS.md, twenty-third session).
     NumPy or traced."""
-    xp = array_namespace(*u)
-    parts = list(u) + ([] if beta is None else [xp.asarray(beta)[..., None]])
-    lead = parts[0].shape[:-2]
+    xp = array_namespace(*u) if beta is None else array_namespace(*u, beta)
+    lead = u[0].shape[:-2]
+    parts = list(u)
+    if beta is not None:
+        beta = xp.asarray(beta)
+        if beta.shape[:-1] != lead:
+            raise ValueError(f"beta's leading axes {beta.shape[:-1]} are not u's {lead}")
+        parts.append(beta)
     return ~xp.all(xp.stack([xp.isfinite(x).reshape(lead + (-1,)).all(axis=-1) for x in parts]), axis=0)
 
 
