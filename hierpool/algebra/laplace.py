@@ -151,7 +151,7 @@ def solve_failed(u, beta=None):
     one dataset's): its working system did not factor at an extreme point (a search's overshooting trial).  Halving
     the step keeps the NaN, so that such a step is not halved and PIRLS stops there, not converged (its deviance
     NaN), where it had run its halvings in every one of its steps (benchmarks/RESULTS.md, twenty-third session).
-    NumPy or traced."""
+    ``beta``: the fixed effects, where PIRLS solves for them too (u's leading axes, then p).  NumPy or traced."""
     xp = array_namespace(*u) if beta is None else array_namespace(*u, beta)
     lead = u[0].shape[:-2]
     parts = list(u)
