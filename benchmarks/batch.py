@@ -427,8 +427,8 @@ AR1_NLME = textwrap.dedent(
     }
     wall <- proc.time()[["elapsed"]] - t0
     cat(sprintf('{"wall_s": %.4f, "n": %d, "failed": %d, "objective": [%s], "phi": [%s]}\n', wall, length(sets),
-                sum(is.na(crit)), paste(sprintf("%.10f", crit), collapse = ","),
-                paste(sprintf("%.8f", phi), collapse = ",")))
+                sum(is.na(crit)), paste(ifelse(is.na(crit), "null", sprintf("%.10f", crit)), collapse = ","),
+                paste(ifelse(is.na(phi), "null", sprintf("%.8f", phi)), collapse = ",")))
     """
 )
 
@@ -459,8 +459,9 @@ def ar1_benchmark(name: str, n: int) -> None:
                 .replace("FORMULA", model["formula"]).replace("ARGUMENTS", f"correlation={model['correlation']}"))
     results["hierpool"] = _json_from([sys.executable, "-"], hierpool, cwd=root)
     results["nlme"] = _json_from(["Rscript", "-"], loop)
-    mine, theirs = np.array(results["hierpool"].pop("objective")), np.array(results["nlme"].pop("objective"))
-    phis = np.array(results["hierpool"].pop("phi")), np.array(results["nlme"].pop("phi"))
+    # (a fit nlme could not make is null in its JSON: NaN here, left out of the comparisons)
+    mine, theirs = (np.array(results[side].pop("objective"), dtype=float) for side in ("hierpool", "nlme"))
+    phis = tuple(np.array(results[side].pop("phi"), dtype=float) for side in ("hierpool", "nlme"))
     results["max_rel_objective_diff_vs_nlme"] = float(np.nanmax(np.abs(mine - theirs) / np.abs(theirs)))
     results["hierpool_minus_nlme_max"] = float(np.nanmax(mine - theirs))
     results["hierpool_minus_nlme_min"] = float(np.nanmin(mine - theirs))
