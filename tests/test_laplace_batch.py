@@ -300,6 +300,8 @@ def test_newton_on_host_s_trailing_block_reaches_the_optimum_and_returns_the_ful
         assert 3 in widths
         monkeypatch.setattr(optimize_module, "MODEL_AGREEMENT", np.inf)
         monkeypatch.setattr(optimize_module, "APPROXIMATE_PASSES", 10**9)
+        # (with the damping's tenfold fall after a rejection too: the gentler fall alone damps the doubled steps)
+        monkeypatch.setattr(optimize_module, "DAMPING_FALL_AFTER_REJECTION", optimize_module.DAMPING_FALL)
         assert not _trailing_search(error, scales, targets, [])[4].all()
     assert approximate[4].all()
     # the shift calls carry every accepted point's state, the last one each dataset's optimum

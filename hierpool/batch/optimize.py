@@ -65,6 +65,10 @@ def _tolerances(dtype):
 
 
 MAX_ITERATIONS = 60
+#: Levenberg-Marquardt's damping falls this many-fold after an accepted pass (:func:`_damping_after`) ...
+DAMPING_FALL = 10.0
+#: ... and this many-fold after an accepted pass that followed a rejected one
+DAMPING_FALL_AFTER_REJECTION = 3.0
 #: The decrease of -2 log L the last quadratic model must still promise for a batch's search to go on (GLMMs, linear
 #: models of one or several terms, on the host and compiled)
 #: (:func:`newton`'s ``decrease_tol``): below it that model's optimum is within 1e-5 standard errors of the
@@ -159,10 +163,15 @@ def _curvature_scale(curvature, xp):
     return xp.maximum(xp.max(xp.abs(xp.diagonal(curvature, axis1=-2, axis2=-1)), axis=-1), 1.0)
 
 
-def _damping_after(improved, damping, scale, growth: float, xp, rejected=None):
+def _damping_after(improved, damping, scale, growth: float, xp, after_rejection, rejected=None):
     """Levenberg-Marquardt: trust the quadratic model more after a success, less after a failure.
 
-    After a success the damping falls tenfold (to 0 below 1e-8 of the curvature's scale).  After a failure it grows
+    After a success the damping falls :data:`DAMPING_FALL`-fold (to 0 below 1e-8 of the curvature's scale), or
+    :data:`DAMPING_FALL_AFTER_REJECTION`-fold where the pass before was rejected (``after_rejection``): the damping
+    that rejection set bounds the step the model can be trusted with, and the full fall would return to the damping
+    just rejected, so that a search along a narrow curved valley alternates rejected and accepted passes (an AR(1)
+    model's phi against its intercept's variance near phi = 1: 60 passes without converging, where the gentler fall
+    after a rejection converged in 39; benchmarks/RESULTS.md, twenty-fourth session).  After a failure it grows
     ``growth``-fold (to at least 1e-4 of the scale), or, given the ``rejected`` trial (its step s, the slope
     g^T s at the point and the change f(x + s) - f(x)), it is set from that trial.  The quadratic through the
     criterion's value and slope at the point and its value at the trial has its minimum at alpha s,
@@ -176,7 +185,8 @@ def _damping_after(improved, damping, scale, growth: float, xp, rejected=None):
     grown = growth * damping
     if rejected is not None:
         grown = _interpolated_damping(damping, grown, *rejected, xp)
-    return xp.where(improved, xp.where(damping > 1e-8 * scale, damping / 10, 0.0), xp.maximum(grown, 1e-4 * scale))
+    fallen = damping / xp.where(after_rejection, DAMPING_FALL_AFTER_REJECTION, DAMPING_FALL)
+    return xp.where(improved, xp.where(damping > 1e-8 * scale, fallen, 0.0), xp.maximum(grown, 1e-4 * scale))
 
 
 def _interpolated_damping(damping, grown, step, slope, change, xp):
@@ -470,7 +480,7 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     has_aux = aux0 is not None
 
     def body(state):
-        theta, value, gradient, curvature, damping, iteration, _, aux, step = state
+        theta, value, gradient, curvature, damping, iteration, _, aux, step, last_rejected = state
         scale = _curvature_scale(curvature, jnp)
         trials = theta[None, :] + step_lengths[:, None] * step[None, :]
         values, gradients, hessians, *trial_aux = _probe(value_and_grad, trials, fd_width, has_aux)
@@ -479,7 +489,7 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
         improved = values[best] < value
         keep = lambda new, old: jnp.where(improved, new, old)  # noqa: E731
         rejected = (step, jnp.dot(gradient, step), values[best] - value) if interpolated_damping else None
-        new_damping = _damping_after(improved, damping, scale, damping_growth, jnp, rejected)
+        new_damping = _damping_after(improved, damping, scale, damping_growth, jnp, last_rejected, rejected)
         new_theta, new_value = keep(trials[best], theta), keep(values[best], value)
         new_gradient = keep(gradients[best], gradient)
         new_curvature = keep(hessians[best], curvature)
@@ -489,10 +499,11 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
                       new_theta, model_step, definite)
         if has_aux:
             aux = jax.tree_util.tree_map(lambda new, old: keep(new[best], old), trial_aux[0], aux)
-        return (new_theta, new_value, new_gradient, new_curvature, new_damping, iteration + 1, done, aux, next_step)
+        return (new_theta, new_value, new_gradient, new_curvature, new_damping, iteration + 1, done, aux, next_step,
+                ~improved)
 
     def keep_going(state):
-        *_, iteration, done, _, _ = state
+        *_, iteration, done, _, _, _ = state
         return (~done) & (iteration < max_iterations)
 
     # the first pass has a zero step: it only probes theta0, so the loop holds the one gradient program.  Every
@@ -501,8 +512,8 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     zero = jnp.where(jnp.isfinite(theta0[0]), 0.0, 0.0).astype(theta0.dtype)  # 0, from theta0 (never NaN)
     aux = None if aux0 is None else jax.tree_util.tree_map(lambda a: a + zero.astype(a.dtype), aux0)
     initial = (theta0, zero + jnp.inf, jnp.zeros_like(theta0) + zero, eye + zero, zero, zero.astype(jnp.int32),
-               zero != 0, aux, jnp.zeros_like(theta0) + zero)
-    theta, value, gradient, curvature, _, iterations, _, aux, _ = jax.lax.while_loop(keep_going, body, initial)
+               zero != 0, aux, jnp.zeros_like(theta0) + zero, zero != 0)
+    theta, value, gradient, curvature, _, iterations, _, aux, _, _ = jax.lax.while_loop(keep_going, body, initial)
     newton_step, converged = _final_step(theta, value, gradient, curvature, tolerances, converged_step,
                                          converged_decrease, jnp)
     out = (theta, value, newton_step, iterations - 1, converged)
@@ -587,6 +598,7 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     lazy = shift_gradients is not None
     shifted = _ShiftedCurvature(shift_gradients, trailing_curvature, n, m, width) if lazy else None
     active = np.arange(n)
+    last_rejected = np.zeros(n, dtype=bool)  # whether a dataset's last pass was rejected (_damping_after)
     for iteration in range(max_iterations):
         if not active.size:
             break
@@ -606,7 +618,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         rows = np.arange(len(active))
         improved = values[rows, best] < v
         rejected = (step, np.sum(g * step, axis=-1), values[rows, best] - v) if interpolated_damping else None
-        new_damping = _damping_after(improved, d, scale, damping_growth, np, rejected)
+        new_damping = _damping_after(improved, d, scale, damping_growth, np, last_rejected[active], rejected)
+        last_rejected[active] = ~improved
         new_gradient = np.where(improved[:, None], gradients[rows, best, 0], g)
         kept = active[improved]
         if trailing_curvature is not None:
