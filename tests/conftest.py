@@ -152,9 +152,8 @@ def host_and_compiled(monkeypatch, module, *args, host_function="_optimize_on_ho
 def assert_same_fits(host, compiled, same_steps: bool = True):
     """Two batch results of the same datasets, neither refitted, equal to the optimizer's tolerances.
 
-    ``same_steps=False``: the two searches share their stopping rules but not their steps (the one-term host search
-    is the several-term one, with saddle-free and interpolated steps that the compiled Newton's method does not
-    take), so they stop at different points within those rules: the criteria then agree to 1e-10, the estimates
+    ``same_steps=False``: the two searches share their stopping rules but not their steps (a host search with
+    saddle-free steps and interpolated damping, which the compiled Newton's method does not take), so they stop at different points within those rules: the criteria then agree to 1e-10, the estimates
     to the single fits' tolerances, and a vanishing theta is within 1e-6 of zero on both."""
     for batch in (host, compiled):
         assert not batch.refit.any(), batch.messages.tolist()

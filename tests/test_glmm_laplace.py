@@ -316,6 +316,7 @@ def test_compiled_pirls_and_its_gradient_are_the_hosts(monkeypatch):
     failed = conditional_mode_in_program(np.array([np.nan]), beta, design, fam, program_data(design, patterns[False]))
     assert failed_host.steps == 1 and failed.steps == PIRLS_MAX_STEPS
     # the start and the failed step's one trial: no halvings, no further steps (each of which would evaluate 31 times)
+    jax.effects_barrier()
     assert len(evaluations) == 2
     assert not (failed.converged or failed_host.converged) and np.isnan(failed.laplace) and np.isnan(failed_host.laplace)
     monkeypatch.undo()

@@ -282,7 +282,8 @@ def test_newton_on_host_s_trailing_block_reaches_the_optimum_and_returns_the_ful
     # the search shifts only the leading coordinates and takes the trailing block from an approximation; where it
     # stops, the last column is differenced and confirms the stop.  It reaches the plain search's optimum, and what
     # it returns is the full forward-difference Hessian there.  A block half the true one doubles the steps (they
-    # overshoot): there the search falls back on differencing every coordinate, without which it fails
+    # overshoot): there the search falls back on differencing every coordinate, without which it fails under the
+    # tenfold fall of the damping after a rejection (the threefold fall alone converges there)
     rng = np.random.default_rng(4)
     scales, targets = rng.uniform(0.5, 2.0, (5, 3)), rng.normal(size=(5, 3))
     shifted = []

@@ -67,7 +67,8 @@ def _tolerances(dtype):
 MAX_ITERATIONS = 60
 #: Levenberg-Marquardt's damping falls this many-fold after an accepted pass (:func:`_damping_after`) ...
 DAMPING_FALL = 10.0
-#: ... and this many-fold after an accepted pass that followed a rejected one
+#: ... and this many-fold after an accepted pass that followed a rejected one.  (Both are read when a program is
+#: traced: a compiled search already cached keeps the values it was compiled with.)
 DAMPING_FALL_AFTER_REJECTION = 3.0
 #: The decrease of -2 log L the last quadratic model must still promise for a batch's search to go on (GLMMs, linear
 #: models of one or several terms, on the host and compiled)
@@ -338,7 +339,7 @@ def _saddle_free_step(curvature, gradient, damping, xp):
 
     Where H is indefinite, the Levenberg-Marquardt shift of :func:`_next_step` adds |lambda_min| to every
     eigenvalue: along a direction of negative curvature (a variance at 0, a stationary point by symmetry, or a
-    near-singular term's crawl) the step is then short and lengthens only by the damping's tenfold falls, one pass
+    near-singular term's crawl) the step is then short and lengthens only by the damping's falls, one pass
     each.  The absolute eigenvalues keep each direction's own scale and turn the negative-curvature ones into
     descent at their own length.  Leading axes: a stack of them."""
     values, vectors = xp.linalg.eigh(curvature)
