@@ -491,11 +491,15 @@ def test_host_products_and_solves_in_single_thread_pieces_are_the_plain_ones():
     assert np.isnan(tri_inverse(singular)).all() and np.isnan(solve_triangular(singular, rhs[:5], lower=True)).all()
 
 
-def test_stacks_of_triangular_inverses_by_halves_are_scipy_s_and_nan_at_a_zero_pivot():
-    # the host inverts a stack of lower-triangular matrices by halves down to the written-out kernel; sizes
-    # either side of the kernel's UNROLL_MAX_SIZE and odd ones (unequal halves)
+@pytest.mark.parametrize("max_stack", [0, 1000])
+def test_stacks_of_triangular_inverses_are_scipy_s_and_nan_at_a_zero_pivot(monkeypatch, max_stack):
+    # the host inverts a stack of lower-triangular matrices by halves down to the written-out kernel (max_stack 0),
+    # or a short stack by trtri, one call a matrix (1000); sizes either side of the kernel's UNROLL_MAX_SIZE and odd
+    # ones (unequal halves)
+    from hierpool.algebra import linalg
     from hierpool.algebra.linalg import UNROLL_MAX_SIZE, tri_inverse
 
+    monkeypatch.setattr(linalg, "TRTRI_LOOP_MAX_STACK", max_stack)
     rng = np.random.default_rng(7)
     for size in (UNROLL_MAX_SIZE, UNROLL_MAX_SIZE + 1, 13, 27, 45):
         a = rng.normal(size=(3, 4, size, size + 3))

@@ -358,7 +358,7 @@ def _dense_parts_bwd(q, p, chol, cotangent):
     size = chol.shape[-1]
     if xp is np and (UNROLL_MAX_SIZE < size <= HOST_SINGLE_THREAD_MAX_SIZE or chol.ndim > 2):
         # on the host L^-1 (LAPACK trtri) gives both S^-1 and the tail, without potri or trtrs
-        # (which wake OpenBLAS's threads: linalg.host_product); a stack of them (a batch) by NumPy's inverse
+        # (which wake OpenBLAS's threads: linalg.host_product); a stack of them (a batch) as linalg.tri_inverse does
         inverse_factor = tri_inverse(chol)
         s_inv = spd_inverse_from_inverse_factor(inverse_factor)
         tail = inverse_factor[..., q:, :]

@@ -366,8 +366,11 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
         # a zero pivot gives NaN, as trtri and the compiled solves do (LU would pivot past it to garbage)
         zero_pivot = _zero_pivots(lower)[..., None, None]
         # a stack: the written-out inverse of small blocks, far faster than LAPACK's per block (benchmarks/RESULTS.md,
-        # "The GLMM class on the host"), and of larger ones by halves, whose products are stacked matmuls
+        # "The GLMM class on the host"), and of larger ones by halves, whose products are stacked matmuls; a short
+        # stack of larger ones by trtri, one call each
         if lower.ndim > 2:
+            if k > UNROLL_MAX_SIZE and lower.size <= TRTRI_LOOP_MAX_STACK * k * k and not np.iscomplexobj(lower):
+                return _trtri_stack(lower)
             with np.errstate(divide="ignore", invalid="ignore"):
                 return np.where(zero_pivot, np.nan, _tri_inverse_by_halves(lower))
         inverse = np.tril(np.linalg.inv(np.where(zero_pivot, np.eye(k, dtype=lower.dtype), lower)))
@@ -376,6 +379,27 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
         return _tri_inverse_unrolled(lower)
     eye = jnp.broadcast_to(jnp.eye(k, dtype=lower.dtype), lower.shape)
     return jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
+
+
+#: Stacks of at most this many triangular matrices (larger than the written-out kernel's) are inverted on the host by
+#: LAPACK's trtri, one call per matrix, rather than by halves: the halves' recursion costs a fixed ~1 ms of NumPy
+#: calls at 53 rows, which a short stack does not repay (a several-term batch's secant passes evaluate one point per
+#: dataset).  Timed over 8 to 120 rows in benchmarks/RESULTS.md, twenty-fifth session.
+TRTRI_LOOP_MAX_STACK = 64
+
+
+def _trtri_stack(lower: np.ndarray) -> np.ndarray:
+    """Inverses of a stack of lower-triangular matrices (..., k, k) by LAPACK's trtri, one call each (NaN for a
+    matrix with a zero pivot, as :func:`_trtri_host`; trtri at these sizes keeps to the calling thread)."""
+    import scipy.linalg.lapack
+
+    flat = lower.reshape((-1,) + lower.shape[-2:])
+    (trtri,) = scipy.linalg.lapack.get_lapack_funcs(("trtri",), (flat[0],))
+    out = np.empty(flat.shape, dtype=trtri.dtype)
+    for index, matrix in enumerate(flat):
+        inverse, info = trtri(matrix, lower=1)
+        out[index] = np.tril(inverse) if info == 0 else np.nan
+    return out.reshape(lower.shape)
 
 
 def _tri_inverse_by_halves(lower: np.ndarray) -> np.ndarray:
