@@ -118,6 +118,42 @@ def test_nested_slopes_with_weights_and_offset_equal_their_single_fits(nested):
         _check_against_single(batch, d, _single(formula, frame, weights="w"))
 
 
+def test_secant_searches_with_weights_and_offset_equal_their_single_fits(nested, monkeypatch):
+    # from terms_search.SECANT_MIN_WORK of dense work a point the search updates its curvature by secants
+    # (newton_on_host's secant); forced here on the small nested datasets, which evaluate fewer points so and reach
+    # the single fits' criteria, as the forward-difference search does
+    from hierpool.batch import terms_search
+
+    frames, formula, _ = nested
+    points = []
+    evaluate = terms_search.host_objective_and_gradient
+
+    def counting(*args, **kwargs):
+        inner = evaluate(*args, **kwargs)
+
+        def counted(theta):
+            points.append(theta.shape[0] * theta.shape[1])
+            return inner(theta)
+        return counted
+
+    monkeypatch.setattr(terms_search, "host_objective_and_gradient", counting)
+    monkeypatch.setenv("HIERPOOL_HOST_PROCESSES", "0")
+    differenced = hp.fit_batch(formula, frames, by="rep", weights="w", progress=False)
+    differenced_points, points[:] = sum(points), []
+    monkeypatch.setattr(terms_search, "SECANT_MIN_WORK", 0)
+    batch = hp.fit_batch(formula, frames, by="rep", weights="w", progress=False)
+    assert sum(points) < 0.7 * differenced_points
+    assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
+    np.testing.assert_allclose(batch.objective, differenced.objective, rtol=1e-10)
+    for d, frame in enumerate(frames):
+        fit = _single(formula, frame, weights="w")
+        assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"criterion of dataset {d}"
+        # the stop on the model's decrease (DECREASE_TOL) leaves the estimates ~1e-5 standard errors from the optimum,
+        # whichever curvature led there; the last step of a forward-difference search usually lands nearer
+        np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=0, atol=1e-5 * batch.beta_se[d].min())
+        np.testing.assert_allclose(batch.theta[d], fit.theta, rtol=0, atol=1e-5)
+
+
 def test_ml_criterion_equals_the_single_fit(nested):
     frames, formula, _ = nested
     batch = hp.fit_batch(formula, frames[:2], by="rep", weights="w", reml=False, progress=False)

@@ -65,7 +65,7 @@ from .plan import (
     progress_bar,
     thread_count,
 )
-from .terms_search import fit_on_host, host_bytes, solved_entries
+from .terms_search import fit_on_host, host_bytes, point_work, solved_entries
 
 
 def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]:
@@ -258,8 +258,7 @@ def evaluation_work(plan: BatchPlan, datasets: np.ndarray, term_ks=None) -> int:
     widths = padded_widths(plan)[datasets]
     if term_ks is not None:
         ks, widths = (sum(ks),), widths[:, :1]
-    m = widths[:, 1:] @ np.asarray(ks[1:], dtype=np.int64) + plan.design.p + 1
-    return int(np.sum(widths[:, 0] * ks[0] * m**2 + m**3))
+    return int(np.sum(point_work(ks, widths, plan.design.p)))
 
 
 def start_processes(plan: BatchPlan, attempted: np.ndarray, min_rows: int, search) -> bool:

@@ -307,6 +307,79 @@ class _ShiftedCurvature:
         return _symmetrized(np.concatenate([self.columns[rows], rest], axis=-2), np)
 
 
+#: :func:`_sr1_update` skips an update whose denominator |s^T (y - H s)| is below this fraction of |s| |y - H s|
+#: (Nocedal & Wright 2006, eq. 6.26): the update would be large and ill-determined.
+SR1_SKIP = 1e-8
+
+
+def _sr1_update(curvature, step, change):
+    """The symmetric rank-one update of Hessians (K, m, m) by steps s (K, m) and gradient changes y (K, m):
+    H + r r^T / (r^T s), r = y - H s, the Hessian that maps s to y (the secant condition) nearest H in rank one;
+    unlike BFGS it may stay indefinite, as the criterion is away from its optimum, and its Hessians converge to the
+    true one along steps that span the space (Nocedal & Wright 2006, sec. 6.2).  Skipped (H kept) where the
+    denominator is small (:data:`SR1_SKIP`) or the change not finite."""
+    residual = change - np.einsum("kij,kj->ki", curvature, step)
+    denominator = np.sum(residual * step, axis=-1)
+    scale = np.linalg.norm(step, axis=-1) * np.linalg.norm(residual, axis=-1)
+    update = np.all(np.isfinite(residual), axis=-1) & (np.abs(denominator) > SR1_SKIP * scale) & (scale > 0)
+    outer = residual[:, :, None] * residual[:, None, :] / np.where(update, denominator, 1.0)[:, None, None]
+    return np.where(update[:, None, None], curvature + outer, curvature)
+
+
+class _SecantCurvature:
+    """:func:`newton_on_host`'s curvature by secant updates (its ``secant``), the interface of
+    :class:`_ShiftedCurvature`: each accepted point's Hessian is the last one's updated by the step between them and
+    the change of the gradient along it (:func:`_sr1_update`), at no evaluation; the first point's, and where the
+    search distrusts the update, are forward differences of the gradient (m more points).
+
+    ``approximate``: whether a dataset's curvature is an update; ``differenced``: whether the next accepted point's
+    is differenced instead (set by the search where a step's decrease strayed from its model's, or a stop on an
+    update was not confirmed), after which the updates go on from that Hessian.
+    """
+
+    def __init__(self, shift_gradients, n: int, m: int, width: float):
+        self.shift_gradients, self.m, self.width = shift_gradients, m, width
+        self.point, self.gradient = np.zeros((n, m)), np.zeros((n, m))
+        self.curvature, self.state = np.zeros((n, m, m)), None  # the state sized at the first point
+        self.approximate, self.differenced = np.zeros(n, bool), np.zeros(n, bool)
+        self.started = np.zeros(n, bool)
+
+    def at(self, points, rows, aux, gradient):
+        """The Hessians (K, m, m) at accepted ``points`` (K, m) of datasets ``rows``: their states ``aux`` (arrays
+        (K, ...)) and gradients (K, m)."""
+        out = np.empty((len(rows), self.m, self.m))
+        full = ~self.started[rows] | self.differenced[rows]
+        if np.any(full):
+            out[full] = self._differenced(points[full], rows[full], [a[full] for a in aux], gradient[full])
+        if not np.all(full):
+            at = rows[~full]
+            out[~full] = _sr1_update(self.curvature[at], points[~full] - self.point[at],
+                                     gradient[~full] - self.gradient[at])
+        self.approximate[rows], self.differenced[rows], self.started[rows] = ~full, False, True
+        self._keep(rows, points, aux, gradient, out)
+        return out
+
+    def complete(self, rows, points, gradient):
+        """The forward-difference Hessians (K, m, m) at the points (K, m) of datasets ``rows``, their gradients
+        (K, m), from the states kept there."""
+        out = self._differenced(points, rows, [a[rows] for a in self.state], gradient)
+        self.approximate[rows] = False
+        self.curvature[rows] = out
+        return out
+
+    def _differenced(self, points, rows, aux, gradient):
+        every, steps = _probe_points(points, self.width, np)
+        shifted = self.shift_gradients(every[:, 1:], rows, aux)
+        return _symmetrized(_gradient_differences(gradient[:, None, :], shifted, steps), np)
+
+    def _keep(self, rows, points, aux, gradient, curvature):
+        if self.state is None:
+            self.state = [np.zeros((len(self.point),) + a.shape[1:], dtype=a.dtype) for a in aux]
+        for kept, new in zip(self.state, aux):
+            kept[rows] = new
+        self.point[rows], self.gradient[rows], self.curvature[rows] = points, gradient, curvature
+
+
 def _next_step(curvature, gradient, damping, xp, saddle_free: bool = False):
     """(the next pass's step, -(H + shift I)^-1 g, its Levenberg-Marquardt shift the damping, what makes H positive
     definite (:func:`_definiteness`) and a 1e-12 ridge (of H's scale, :func:`_curvature_scale`) when undamped; the
@@ -523,16 +596,27 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
 
 def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks, *,
                      interpolated_damping: bool = False, saddle_free: bool = False, decrease_tol=None,
-                     with_curvature: bool = False) -> dict:
+                     with_curvature: bool = False, secant: bool = False) -> dict:
     """A host chunk's optimization (:func:`newton_on_host`), as the compiled programs return it: canonical thetas
     (``ks``: the terms' widths), criterion, last Newton step, iterations, converged (and, ``with_curvature``, the
     last forward-difference Hessian, in the search's own theta).  A probe off the criterion's domain, or a system
     that is not positive definite there, is NaN, so +inf: not a step (NumPy's warnings off).
-    ``interpolated_damping``, ``saddle_free`` and ``decrease_tol`` as :func:`newton`'s."""
+    ``interpolated_damping``, ``saddle_free`` and ``decrease_tol`` as :func:`newton`'s; ``secant`` as
+    :func:`newton_on_host`'s, each trial then evaluated alone and the shifts where differenced (``value_and_grad``
+    carries no state between points)."""
+    search, lazy = value_and_grad, {}
+    if secant:
+        def search(points, rows):  # the trials, with no state to carry
+            return (*value_and_grad(points, rows), [])
+
+        def shift_gradients(points, rows, aux):
+            return value_and_grad(points, rows)[1]
+
+        lazy = {"shift_gradients": shift_gradients, "secant": True}
     with np.errstate(all="ignore"):
         theta, value, newton_step, iterations, converged, *curvature = newton_on_host(
-            value_and_grad, theta0, max_iterations, interpolated_damping=interpolated_damping, saddle_free=saddle_free,
-            decrease_tol=decrease_tol, with_curvature=with_curvature)
+            search, theta0, max_iterations, interpolated_damping=interpolated_damping, saddle_free=saddle_free,
+            decrease_tol=decrease_tol, with_curvature=with_curvature, **lazy)
     return {"theta": canonical_rows(theta, tuple(ks)), "objective": value, "newton_step": newton_step,
             "iterations": iterations, "converged": converged} | ({"curvature": curvature[0]} if curvature else {})
 
@@ -540,7 +624,7 @@ def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks
 def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX_ITERATIONS,
                    damping_growth: float = 10.0, fd_width=None, step_tol=None, with_curvature: bool = False,
                    shift_gradients=None, decrease_tol=None, interpolated_damping: bool = False,
-                   trailing_curvature=None, saddle_free: bool = False):
+                   trailing_curvature=None, saddle_free: bool = False, secant: bool = False):
     """:func:`newton` for a batch of datasets at once on the host (NumPy): the same steps, shift, damping and
     stopping rules (one home each, above), with each dataset leaving the batch when its search stops.
 
@@ -580,6 +664,13 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         differences every coordinate from then on, as it does after a step whose decrease strayed from its model's
         (:func:`_model_failed`) or after :data:`APPROXIMATE_PASSES` passes.  The curvature returned, and the
         convergence reported, are the full forward-difference Hessian's.
+    secant : bool
+        With ``shift_gradients`` (and no ``trailing_curvature``): each accepted point's Hessian is the last one's
+        secant update (:class:`_SecantCurvature`), its forward differences taken at the first point and where the
+        update is distrusted: where an accepted step's decrease strayed from its model's (:func:`_model_failed`)
+        and where a stop on an update is not confirmed.  A stop on an update is read again on the forward-difference
+        Hessian there, as a stop on an approximate trailing block is.  A pass then costs one point, not m + 1, for
+        1.4 to 1.7 times the passes (benchmarks/RESULTS.md, twenty-fifth session).
 
     Returns
     -------
@@ -597,7 +688,12 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     next_step = np.zeros((n, m))  # the first pass only probes theta0 (a zero step), as newton's
     passes = np.zeros(n, dtype=np.int64)
     lazy = shift_gradients is not None
-    shifted = _ShiftedCurvature(shift_gradients, trailing_curvature, n, m, width) if lazy else None
+    if secant and (not lazy or trailing_curvature is not None):
+        raise ValueError("secant takes shift_gradients and no trailing_curvature")
+    if secant:
+        shifted = _SecantCurvature(shift_gradients, n, m, width)
+    else:
+        shifted = _ShiftedCurvature(shift_gradients, trailing_curvature, n, m, width) if lazy else None
     active = np.arange(n)
     last_rejected = np.zeros(n, dtype=bool)  # whether a dataset's last pass was rejected (_damping_after)
     for iteration in range(max_iterations):
@@ -623,7 +719,7 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         last_rejected[active] = ~improved
         new_gradient = np.where(improved[:, None], gradients[rows, best, 0], g)
         kept = active[improved]
-        if trailing_curvature is not None:
+        if trailing_curvature is not None or secant:  # an approximate curvature: is its model still trusted?
             taken = trials[rows, best] - th
             shifted.differenced[active[_model_failed(improved & shifted.approximate[active], taken, g,
                                                      curvature[active], v, values[rows, best])]] = True

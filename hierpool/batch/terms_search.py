@@ -31,6 +31,16 @@ def host_bytes(ks, widths, p: int, extra_parameters: int = 0) -> int:
     return 8 * (n_theta + 1) * (10 * m * m + 3 * ell0 * k0 * m + 8 * k0 * k0 * ell0)
 
 
+def point_work(ks, widths, p: int):
+    """The host evaluation's dense work at one point of a dataset whose terms of widths ``ks`` have (padded) level
+    counts ``widths`` (..., n_terms): ell0 k0 m^2 + m^3, the Schur update's (and its adjoint's) products with the
+    dense coupling and the rest's factorization and inverse, m = sum_(j>0) ell_j k_j + p + 1 the rest's columns
+    (:func:`hierpool.algebra.batched_systems.dense_entries`)."""
+    widths = np.asarray(widths, dtype=np.int64)
+    m = widths[..., 1:] @ np.asarray(ks[1:], dtype=np.int64) + p + 1
+    return widths[..., 0] * ks[0] * m**2 + m**3
+
+
 def solved_entries(solution) -> dict:
     """The batch's entries of a :class:`~hierpool.algebra.henderson.Solution` (one dataset's, or a chunk's)."""
     return {"beta": solution.beta, "vcov": solution.vcov_beta, "sigma": solution.sigma, "b": solution.b,
@@ -45,6 +55,14 @@ RESTART_PASSES = 12
 #: The criterion at the lowest of a stalled search's :func:`restart_candidates`, relative to where the search is, up to
 #: which the search restarts there rather than going on (:func:`search_on_host`).
 RESTART_TOLERANCE = 1e-6
+#: :func:`point_work` from which the search's curvature is a secant update (:func:`newton_on_host`'s ``secant``)
+#: rather than each trial's forward differences: a pass then evaluates one point, not n_theta + 1, for 1.4 to 1.7
+#: times the passes, each a call whose fixed cost a cheap criterion does not repay.  Eleven models timed either
+#: way (benchmarks/RESULTS.md, twenty-fifth session): 11% to 34% faster from 91,000; from 2,000 to 63,000 even or
+#: slower (nested slopes by 15-25%), but for crossed slopes at 44,000 (6% faster).
+SECANT_MIN_WORK = 75_000
+#: :data:`RESTART_PASSES` of a secant search, which takes more passes to converge.
+SECANT_RESTART_PASSES = 24
 
 
 def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, term_ks=None) -> dict:
@@ -53,7 +71,9 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     written-out gradient, evaluated for the datasets still searching at once (``systems``:
     :func:`hierpool.algebra.batched_systems.shared_grid`'s), each trial with its shifts (evaluating the shifts
     only around accepted trials, as a GLMM's search does, was slower here: a second call a pass for a criterion
-    that costs little a point), the damping interpolated after a rejected trial, saddle-free steps where the
+    that costs little a point) or, from :data:`SECANT_MIN_WORK` of work a point (:func:`point_work`), each trial
+    alone, the curvature a secant update (``newton_on_host``'s ``secant``; its restart after
+    :data:`SECANT_RESTART_PASSES`), the damping interpolated after a rejected trial, saddle-free steps where the
     curvature is indefinite (:func:`hierpool.batch.optimize._saddle_free_step`), and a stop where the last quadratic
     model promises less than :data:`hierpool.batch.optimize.DECREASE_TOL` (a GLMM search's rule, and the compiled
     search's).
@@ -93,13 +113,17 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
         value, gradient = evaluate(block_diagonal_theta(points, ks))
         return value, gradient[..., positions]
 
+    layout = systems.layout
+    secant = point_work(layout.ks, layout.n_levels, layout.p) >= SECANT_MIN_WORK
+
     def search(start, datasets, passes, with_curvature=False):
         return optimize_on_host(lambda points, rows: value_and_grad(points, datasets[rows]), start, passes,
                                 ks, interpolated_damping=True, saddle_free=True, decrease_tol=DECREASE_TOL,
-                                with_curvature=with_curvature)
+                                with_curvature=with_curvature, secant=secant)
 
     vector_terms = max(ks) > 1
-    result = search(start, np.arange(len(start)), min(RESTART_PASSES, max_iterations) if vector_terms
+    restart_passes = SECANT_RESTART_PASSES if secant else RESTART_PASSES
+    result = search(start, np.arange(len(start)), min(restart_passes, max_iterations) if vector_terms
                     else max_iterations)
     stalled = np.flatnonzero(~result["converged"] & np.isfinite(result["objective"])
                              & np.all(np.isfinite(result["theta"]), axis=1))
