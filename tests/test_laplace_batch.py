@@ -313,6 +313,41 @@ def test_newton_on_host_s_trailing_block_reaches_the_optimum_and_returns_the_ful
     np.testing.assert_allclose(approximate[5], _finite_difference_hessians(gradients, steps, np), rtol=1e-12)
 
 
+def test_newton_on_host_s_secant_updates_keep_the_caller_s_state_at_every_accepted_point(monkeypatch):
+    # with secant updates the shifts are evaluated at the first point and where the update is distrusted; at the
+    # other accepted points shift_gradients is called with no shifts, so that the caller keeps each dataset's state
+    # at its current point (fit_glmm's modes, from which its next trials start PIRLS)
+    rng = np.random.default_rng(4)
+    scales, targets = rng.uniform(0.5, 2.0, (5, 3)), rng.normal(size=(5, 3))
+    current, widths = np.full((5, 3), np.nan), []
+
+    def lazy(points, rows):
+        value, gradient = _coupled(points, rows, scales, targets)
+        return value, gradient, [points.copy()]
+
+    def shift_gradients(points, rows, state):
+        current[rows] = state[0]
+        widths.append(points.shape[1])
+        return _coupled(points, rows, scales, targets)[1] if points.shape[1] else np.zeros(points.shape)
+
+    secant = newton_on_host(lazy, np.full((5, 3), 1.5), with_curvature=True, shift_gradients=shift_gradients,
+                            secant=True)
+    plain = _trailing_search(None, scales, targets, [])
+    assert secant[4].all() and 0 in widths and 3 in widths
+    np.testing.assert_array_equal(current, secant[0])
+    np.testing.assert_allclose(secant[0], plain[0], atol=1e-7)
+    # after APPROXIMATE_PASSES updates a dataset's search differences every accepted point
+    monkeypatch.setattr(optimize_module, "APPROXIMATE_PASSES", 1)
+    updated = []
+
+    def counting(points, rows, state):  # the datasets whose accepted point's curvature is an update
+        updated.extend([] if points.shape[1] else rows)
+        return shift_gradients(points, rows, state)
+
+    again = newton_on_host(lazy, np.full((5, 3), 1.5), shift_gradients=counting, secant=True)
+    assert again[4].all() and updated and np.bincount(updated).max() == 1
+
+
 def test_pirls_from_far_off_halves_as_the_single_path_does_and_a_dataset_at_theta_zero_has_no_effects():
     designs, rows, fam = _batch(*MODELS["crossed Bernoulli, logit"])
     theta = np.array([[4.0, 4.0], [0.0, 0.0], [1.0, 0.5]])

@@ -35,6 +35,12 @@ STEP_TOL = 1e-7
 #: --glmm-slopes and 0.58 on --glmm with a fixed 100x growth, and are 0.33 and 0.22 with the interpolation
 #: (benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
 DAMPING_GROWTH = 100.0
+#: Covariance parameters from which the search's curvature is a secant update (``newton_on_host``'s ``secant``)
+#: rather than forward differences in theta about each accepted point, the beta block approximated: each difference
+#: is a PIRLS solve and its gradient, and from two of them a pass the updates repay their 1.3 to 1.7 times the
+#: passes or break even (ten GLMMs timed either way in benchmarks/RESULTS.md, twenty-fifth session; with one, a
+#: cbpp-shaped batch gained a refit and no time).
+SECANT_MIN_THETA = 2
 
 
 def beta_covariance(curvature, value, n_theta: int, p: int):
@@ -98,7 +104,7 @@ def fit_chunk_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
     def shift_gradients(points, active, trial_u):
         for kept, u in zip(current_u, trial_u):
             kept[active] = u
-        return evaluate(points, active, trial_u)[1]
+        return evaluate(points, active, trial_u)[1] if points.shape[1] else np.zeros(points.shape)
 
     def beta_curvature(points, active, u):
         return fixed_effects_curvature(rows_theta(points[:, :n_theta]), points[:, n_theta:], rows.subset(active)[0],
@@ -113,11 +119,12 @@ def fit_chunk_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
     # before the fourteenth session) a stopped mode kept part of its start's error: trials from the current mode
     # then made the criterion depend on the path to it, and searches stalled short of their optimum ("The GLMM
     # class on the host"), and polished shifts moved beta's standard errors by 1.6% ("fourteenth session")
+    secant = n_theta >= SECANT_MIN_THETA
     with np.errstate(all="ignore"):
         params, value, newton_step, iterations, converged, curvature = newton_on_host(
             trial_values, start, max_iterations, damping_growth=DAMPING_GROWTH, fd_width=FD_WIDTH, step_tol=STEP_TOL,
             with_curvature=True, shift_gradients=shift_gradients, decrease_tol=DECREASE_TOL,
-            interpolated_damping=True, trailing_curvature=beta_curvature if p else None)
+            interpolated_damping=True, trailing_curvature=beta_curvature if p and not secant else None, secant=secant)
     theta = canonical_rows(params[:, :n_theta], ks)
     beta = params[:, n_theta:]
     finite = np.isfinite(value)

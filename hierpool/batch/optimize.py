@@ -307,6 +307,12 @@ class _ShiftedCurvature:
         return _symmetrized(np.concatenate([self.columns[rows], rest], axis=-2), np)
 
 
+#: The share of ``decrease_tol`` at which a secant search stops (:func:`newton_on_host`'s ``secant``).  Newton's
+#: quadratic steps usually land far below the tolerance, a secant search's superlinear ones just below it, which
+#: left estimates up to the tolerance's 1e-5 standard errors from the optimum (a zero variance's theta at 1e-6, where
+#: Newton's search reaches 0 to rounding); a hundredth costs 5-10% more passes, of one point each
+#: (benchmarks/RESULTS.md, twenty-fifth session).
+SECANT_DECREASE_SHARE = 1e-2
 #: :func:`_sr1_update` skips an update whose denominator |s^T (y - H s)| is below this fraction of |s| |y - H s|
 #: (Nocedal & Wright 2006, eq. 6.26): the update would be large and ill-determined.
 SR1_SKIP = 1e-8
@@ -334,7 +340,11 @@ class _SecantCurvature:
 
     ``approximate``: whether a dataset's curvature is an update; ``differenced``: whether the next accepted point's
     is differenced instead (set by the search where a step's decrease strayed from its model's, or a stop on an
-    update was not confirmed), after which the updates go on from that Hessian.
+    update was not confirmed), after which the updates go on from that Hessian.  After :data:`APPROXIMATE_PASSES`
+    updates a dataset's search differences every accepted point, as one on an approximate trailing block does: a
+    search that has not ended by then is where the updates serve badly (a crawl along a near-singular covariance: on
+    updates alone, 6 of 200 Poisson datasets with three correlated coefficients stopped unconverged, 5 of them at the
+    pass cap; benchmarks/RESULTS.md, twenty-fifth session).
     """
 
     def __init__(self, shift_gradients, n: int, m: int, width: float):
@@ -342,19 +352,22 @@ class _SecantCurvature:
         self.point, self.gradient = np.zeros((n, m)), np.zeros((n, m))
         self.curvature, self.state = np.zeros((n, m, m)), None  # the state sized at the first point
         self.approximate, self.differenced = np.zeros(n, bool), np.zeros(n, bool)
-        self.started = np.zeros(n, bool)
+        self.started, self.updates = np.zeros(n, bool), np.zeros(n, dtype=np.int64)
 
     def at(self, points, rows, aux, gradient):
         """The Hessians (K, m, m) at accepted ``points`` (K, m) of datasets ``rows``: their states ``aux`` (arrays
         (K, ...)) and gradients (K, m)."""
         out = np.empty((len(rows), self.m, self.m))
-        full = ~self.started[rows] | self.differenced[rows]
+        full = ~self.started[rows] | self.differenced[rows] | (self.updates[rows] >= APPROXIMATE_PASSES)
         if np.any(full):
             out[full] = self._differenced(points[full], rows[full], [a[full] for a in aux], gradient[full])
         if not np.all(full):
             at = rows[~full]
             out[~full] = _sr1_update(self.curvature[at], points[~full] - self.point[at],
                                      gradient[~full] - self.gradient[at])
+            # no shifts: the caller keeps its state at the point all the same (newton_on_host's shift_gradients)
+            self.shift_gradients(points[~full][:, :0], at, [a[~full] for a in aux])
+            self.updates[at] += 1
         self.approximate[rows], self.differenced[rows], self.started[rows] = ~full, False, True
         self._keep(rows, points, aux, gradient, out)
         return out
@@ -610,7 +623,7 @@ def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks
             return (*value_and_grad(points, rows), [])
 
         def shift_gradients(points, rows, aux):
-            return value_and_grad(points, rows)[1]
+            return value_and_grad(points, rows)[1] if points.shape[1] else np.zeros(points.shape)
 
         lazy = {"shift_gradients": shift_gradients, "secant": True}
     with np.errstate(all="ignore"):
@@ -652,7 +665,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         shifts are wasted work: a GLMM's Laplace deviance, far from quadratic at the start, rejects several), and
         they can start from the trial's state (a GLMM's mode there).  It is called at every accepted point (and
         again at a point whose last columns are differenced later, with the state kept there), so that a caller can
-        keep each dataset's state at its current point (a GLMM's next trials start from that mode).
+        keep each dataset's state at its current point (a GLMM's next trials start from that mode); with ``secant``
+        at a point whose curvature is an update, with no shifts (K, 0, m), for that alone.
     trailing_curvature : callable, optional
         With ``shift_gradients``: ``trailing_curvature(points, rows, aux)``, the Hessian's trailing r x r block
         (K, r, r) at accepted points (K, m) of datasets ``rows``, ``aux`` their states: an approximation of the
@@ -667,10 +681,11 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     secant : bool
         With ``shift_gradients`` (and no ``trailing_curvature``): each accepted point's Hessian is the last one's
         secant update (:class:`_SecantCurvature`), its forward differences taken at the first point and where the
-        update is distrusted: where an accepted step's decrease strayed from its model's (:func:`_model_failed`)
-        and where a stop on an update is not confirmed.  A stop on an update is read again on the forward-difference
-        Hessian there, as a stop on an approximate trailing block is.  A pass then costs one point, not m + 1, for
-        1.4 to 1.7 times the passes (benchmarks/RESULTS.md, twenty-fifth session).
+        update is distrusted: where an accepted step's decrease strayed from its model's (:func:`_model_failed`),
+        where a stop on an update is not confirmed, and at every point after :data:`APPROXIMATE_PASSES` updates.  A stop on an update is read again on the forward-difference
+        Hessian there, as a stop on an approximate trailing block is, and on a decrease :data:`SECANT_DECREASE_SHARE`
+        of ``decrease_tol``.  A pass then costs one point, not m + 1, for 1.3 to 1.7 times the passes
+        (benchmarks/RESULTS.md, twenty-fifth session).
 
     Returns
     -------
@@ -681,6 +696,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     n, m = theta.shape
     width, step_tol_default, rounding_step_tol, (converged_step, converged_decrease) = _tolerances(theta.dtype)
     width = width if fd_width is None else fd_width
+    if secant and decrease_tol is not None:
+        decrease_tol = SECANT_DECREASE_SHARE * decrease_tol
     tolerances = (step_tol or step_tol_default, rounding_step_tol, decrease_tol)
     lengths = np.asarray(STEP_LENGTHS, dtype=float)
     value, gradient = np.full(n, np.inf), np.zeros((n, m))
