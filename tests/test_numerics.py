@@ -494,8 +494,8 @@ def test_host_products_and_solves_in_single_thread_pieces_are_the_plain_ones():
 @pytest.mark.parametrize("max_stack", [0, 1000])
 def test_stacks_of_triangular_inverses_are_scipy_s_and_nan_at_a_zero_pivot(monkeypatch, max_stack):
     # the host inverts a stack of lower-triangular matrices by halves down to the written-out kernel (max_stack 0),
-    # or a short stack by trtri, one call a matrix (1000); sizes either side of the kernel's UNROLL_MAX_SIZE and odd
-    # ones (unequal halves)
+    # or a short stack by trtri, one call a matrix (1000: from TRTRI_LOOP_MIN_SIZE rows, 13 and up here); sizes
+    # either side of the kernel's UNROLL_MAX_SIZE and odd ones (unequal halves)
     from hierpool.algebra import linalg
     from hierpool.algebra.linalg import UNROLL_MAX_SIZE, tri_inverse
 
@@ -515,6 +515,7 @@ def test_stacks_of_triangular_inverses_are_scipy_s_and_nan_at_a_zero_pivot(monke
         broken = tri_inverse(chol)
         assert np.isnan(broken[1, 2]).all()
         np.testing.assert_array_equal(broken[0], stacked[0])
+    assert tri_inverse(np.zeros((0, 20, 20))).shape == (0, 20, 20)  # an empty stack
     integers = np.tile(np.tril(np.full((8, 8), 2)) + 2 * np.eye(8, dtype=int), (2, 1, 1))  # not truncated to integers
     np.testing.assert_allclose(tri_inverse(integers)[1], np.linalg.inv(integers[1]), rtol=1e-12, atol=1e-14)
 

@@ -369,7 +369,8 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
         # "The GLMM class on the host"), and of larger ones by halves, whose products are stacked matmuls; a short
         # stack of larger ones by trtri, one call each
         if lower.ndim > 2:
-            if k > UNROLL_MAX_SIZE and lower.size <= TRTRI_LOOP_MAX_STACK * k * k and not np.iscomplexobj(lower):
+            if (TRTRI_LOOP_MIN_SIZE <= k <= HOST_SINGLE_THREAD_MAX_SIZE and 0 < lower.size <= TRTRI_LOOP_MAX_STACK * k * k
+                    and not np.iscomplexobj(lower)):
                 return _trtri_stack(lower)
             with np.errstate(divide="ignore", invalid="ignore"):
                 return np.where(zero_pivot, np.nan, _tri_inverse_by_halves(lower))
@@ -381,16 +382,21 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
     return jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
 
 
-#: Stacks of at most this many triangular matrices (larger than the written-out kernel's) are inverted on the host by
-#: LAPACK's trtri, one call per matrix, rather than by halves: the halves' recursion costs a fixed ~1 ms of NumPy
-#: calls at 53 rows, which a short stack does not repay (a several-term batch's secant passes evaluate one point per
-#: dataset).  Timed over 8 to 120 rows in benchmarks/RESULTS.md, twenty-fifth session.
-TRTRI_LOOP_MAX_STACK = 64
+#: Stacks of at most this many triangular matrices of :data:`TRTRI_LOOP_MIN_SIZE` to
+#: :data:`HOST_SINGLE_THREAD_MAX_SIZE` rows are inverted on the host by LAPACK's trtri, one call per matrix, rather
+#: than by halves: the halves' recursion costs a fixed 0.2 ms of NumPy calls at 12 rows and 0.8 ms at 53, a trtri
+#: call 7 to 23 us, so that a short stack (a secant search's passes evaluate one point per dataset) is inverted
+#: sooner one by one.  Timed from 7 to 100 rows in benchmarks/RESULTS.md, twenty-fifth session.
+TRTRI_LOOP_MAX_STACK = 32
+#: Below this size the halves are as fast as 32 trtri calls (0.19 against 0.20 ms at 12 rows; at 7 rows 0.13 ms
+#: against 0.30).
+TRTRI_LOOP_MIN_SIZE = 12
 
 
 def _trtri_stack(lower: np.ndarray) -> np.ndarray:
     """Inverses of a stack of lower-triangular matrices (..., k, k) by LAPACK's trtri, one call each (NaN for a
-    matrix with a zero pivot, as :func:`_trtri_host`; trtri at these sizes keeps to the calling thread)."""
+    matrix with a zero pivot, as :func:`_trtri_host`; up to :data:`HOST_SINGLE_THREAD_MAX_SIZE` rows trtri keeps to
+    the calling thread)."""
     import scipy.linalg.lapack
 
     flat = lower.reshape((-1,) + lower.shape[-2:])

@@ -15,8 +15,9 @@ and gradient, evaluated for a whole chunk of datasets at once
 (:func:`hierpool.algebra.criterion.host_objective_and_gradient` over leading axes), and the solution is
 :func:`hierpool.algebra.henderson.solve` over the chunk (:func:`_on_host` says why;
 :mod:`hierpool.batch.terms_search`: the damping interpolated after a rejected trial, saddle-free steps where the
-curvature is indefinite, and a search still unconverged after 12 passes restarted from its theta with a vector
-term rank-reduced, or every one, where the criterion there is no higher, which the compiled one does not do).
+curvature is indefinite, secant updates of the curvature where a point costs much, and a search still unconverged
+after 12 passes (24 secant ones) restarted from its theta with a vector term rank-reduced, or every one, where the
+criterion there is no higher, which the compiled one does not do).
 Accelerators, float32 and sharded batches keep the compiled programs.
 
 Buckets: each term's level count is padded as the one-term path pads it (:func:`hierpool.batch.plan.bucket_width`),

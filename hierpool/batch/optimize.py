@@ -323,11 +323,11 @@ def _sr1_update(curvature, step, change):
     H + r r^T / (r^T s), r = y - H s, the Hessian that maps s to y (the secant condition) nearest H in rank one;
     unlike BFGS it may stay indefinite, as the criterion is away from its optimum, and its Hessians converge to the
     true one along steps that span the space (Nocedal & Wright 2006, sec. 6.2).  Skipped (H kept) where the
-    denominator is small (:data:`SR1_SKIP`) or the change not finite."""
+    denominator is small (:data:`SR1_SKIP`), or not finite (a change not finite: its comparisons are false)."""
     residual = change - np.einsum("kij,kj->ki", curvature, step)
     denominator = np.sum(residual * step, axis=-1)
     scale = np.linalg.norm(step, axis=-1) * np.linalg.norm(residual, axis=-1)
-    update = np.all(np.isfinite(residual), axis=-1) & (np.abs(denominator) > SR1_SKIP * scale) & (scale > 0)
+    update = (np.abs(denominator) > SR1_SKIP * scale) & (scale > 0)
     outer = residual[:, :, None] * residual[:, None, :] / np.where(update, denominator, 1.0)[:, None, None]
     return np.where(update[:, None, None], curvature + outer, curvature)
 
@@ -366,7 +366,7 @@ class _SecantCurvature:
             out[~full] = _sr1_update(self.curvature[at], points[~full] - self.point[at],
                                      gradient[~full] - self.gradient[at])
             # no shifts: the caller keeps its state at the point all the same (newton_on_host's shift_gradients)
-            self.shift_gradients(points[~full][:, :0], at, [a[~full] for a in aux])
+            self.shift_gradients(np.empty((len(at), 0, self.m)), at, [a[~full] for a in aux])
             self.updates[at] += 1
         self.approximate[rows], self.differenced[rows], self.started[rows] = ~full, False, True
         self._keep(rows, points, aux, gradient, out)
@@ -639,7 +639,9 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
                    shift_gradients=None, decrease_tol=None, interpolated_damping: bool = False,
                    trailing_curvature=None, saddle_free: bool = False, secant: bool = False):
     """:func:`newton` for a batch of datasets at once on the host (NumPy): the same steps, shift, damping and
-    stopping rules (one home each, above), with each dataset leaving the batch when its search stops.
+    stopping rules (one home each, above), with each dataset leaving the batch when its search stops.  Its
+    options the compiled search lacks (the lazy shifts, an approximate trailing block, secant updates, which also
+    stop at a share of ``decrease_tol``) are the host's alone.
 
     Where :func:`newton` runs every dataset of a vmapped call until the slowest stops, this one evaluates only
     those still searching.  Positive definiteness is decided by the Cholesky factor, as in the compiled program
@@ -755,7 +757,7 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         # a stop on an approximate curvature: the stopping rule is read again on the full forward-difference
         # Hessian there (its rules on the model's step and decrease; the one on the step just taken reads no
         # curvature); where it does not stop, the search goes on from that Hessian's step, differencing every
-        # coordinate from then on
+        # coordinate from then on (with an approximate trailing block) or at the next accepted point (secant)
         check = np.flatnonzero(done & shifted.approximate[active]) if lazy else np.zeros(0, np.int64)
         if check.size:
             at = active[check]

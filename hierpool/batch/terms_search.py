@@ -55,13 +55,15 @@ RESTART_PASSES = 12
 #: The criterion at the lowest of a stalled search's :func:`restart_candidates`, relative to where the search is, up to
 #: which the search restarts there rather than going on (:func:`search_on_host`).
 RESTART_TOLERANCE = 1e-6
-#: :func:`point_work` from which the search's curvature is a secant update (:func:`newton_on_host`'s ``secant``)
-#: rather than each trial's forward differences: a pass then evaluates one point, not n_theta + 1, for 1.4 to 1.7
-#: times the passes, each a call whose fixed cost a cheap criterion does not repay.  Eleven models timed either
-#: way (benchmarks/RESULTS.md, twenty-fifth session): 11% to 34% faster from 91,000; from 2,000 to 63,000 even or
-#: slower (nested slopes by 15-25%), but for crossed slopes at 44,000 (6% faster).
+#: :func:`point_work` from which a search of several terms has a secant update for its curvature
+#: (:func:`newton_on_host`'s ``secant``) rather than each trial's forward differences: a pass then evaluates one
+#: point, not n_theta + 1, for 1.4 to 1.7 times the passes, each a call whose fixed cost a cheap criterion does not
+#: repay.  Eleven models timed either way (benchmarks/RESULTS.md, twenty-fifth session): 11% to 34% faster from
+#: 91,000; from 2,000 to 63,000 even or slower (nested slopes by 15-25%), but for crossed slopes at 44,000 (6%
+#: faster).
 SECANT_MIN_WORK = 75_000
-#: :data:`RESTART_PASSES` of a secant search, which takes more passes to converge.
+#: :data:`RESTART_PASSES` of a secant search, which takes more passes to converge (the three-term model's 200 took
+#: up to 23 on updates alone; 20 restarted one search a pass before it converged, and its refit followed).
 SECANT_RESTART_PASSES = 24
 
 
@@ -71,15 +73,17 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     written-out gradient, evaluated for the datasets still searching at once (``systems``:
     :func:`hierpool.algebra.batched_systems.shared_grid`'s), each trial with its shifts (evaluating the shifts
     only around accepted trials, as a GLMM's search does, was slower here: a second call a pass for a criterion
-    that costs little a point) or, from :data:`SECANT_MIN_WORK` of work a point (:func:`point_work`), each trial
-    alone, the curvature a secant update (``newton_on_host``'s ``secant``; its restart after
-    :data:`SECANT_RESTART_PASSES`), the damping interpolated after a rejected trial, saddle-free steps where the
+    that costs little a point) or, with several terms and from :data:`SECANT_MIN_WORK` of work a point
+    (:func:`point_work`), each trial alone, the curvature a secant update (``newton_on_host``'s ``secant``, which
+    stops at a hundredth of the decrease tolerance; its restart after :data:`SECANT_RESTART_PASSES`), the damping
+    interpolated after a rejected trial, saddle-free steps where the
     curvature is indefinite (:func:`hierpool.batch.optimize._saddle_free_step`), and a stop where the last quadratic
     model promises less than :data:`hierpool.batch.optimize.DECREASE_TOL` (a GLMM search's rule, and the compiled
     search's).
 
     In a model with a term of several coefficients, a search that has not converged after
-    :data:`RESTART_PASSES` passes is looked at: the criterion at its :func:`restart_candidates` (its theta with a
+    :data:`RESTART_PASSES` (a secant search :data:`SECANT_RESTART_PASSES`) passes is looked at: the criterion at
+    its :func:`restart_candidates` (its theta with a
     vector term's covariance, or every vector term's, less its smallest eigenvalue's part: the boundary a
     near-singular term's search crawls towards, reached in one move) is evaluated, and the search restarts at the
     lowest where it is no more than :data:`RESTART_TOLERANCE` (relative) above where the search is, and otherwise
@@ -97,9 +101,9 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     theirs; their canonical form, singular rule and restart), the criterion at the one term's.  With the terms
     apart, the second term's levels would be a dense block of the system.
 
-    The compiled search (accelerators, float32) shares the decrease stop (in float32 rounding reaches it first) but
-    has none of the interpolated damping, the saddle-free steps and the restart: a dataset it does not converge on
-    is refitted by ``hp.lmm``, as before."""
+    The compiled search (accelerators, float32) shares the decrease stop of the searches that difference each
+    trial (in float32 rounding reaches it first) but has none of the interpolated damping, the saddle-free steps,
+    the secant updates and the restart: a dataset it does not converge on is refitted by ``hp.lmm``, as before."""
     ks = systems.layout.ks if term_ks is None else tuple(term_ks)  # the search's terms (module notes: term_ks)
     merged = ks != systems.layout.ks
     positions = block_diagonal_positions(ks) if merged else None
@@ -114,7 +118,8 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
         return value, gradient[..., positions]
 
     layout = systems.layout
-    secant = point_work(layout.ks, layout.n_levels, layout.p) >= SECANT_MIN_WORK
+    # one term has no dense rest: its point costs little whatever point_work's Schur term says
+    secant = len(layout.ks) > 1 and point_work(layout.ks, layout.n_levels, layout.p) >= SECANT_MIN_WORK
 
     def search(start, datasets, passes, with_curvature=False):
         return optimize_on_host(lambda points, rows: value_and_grad(points, datasets[rows]), start, passes,
@@ -143,7 +148,7 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
         # the lower criterion, or the second run where it converged to the same one (to rounding)
         better = (again["objective"] < before) | (again["converged"]
                                                   & (again["objective"] <= before + 1e-12 * np.abs(before)))
-        result["iterations"][stalled] += again.pop("iterations")  # both runs' passes: up to RESTART_PASSES more
+        result["iterations"][stalled] += again.pop("iterations")  # both runs' passes: up to restart_passes more
         for name, values in again.items():
             result[name][stalled[better]] = values[better]
     return result
@@ -194,6 +199,7 @@ def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iteratio
     same decrease stop): saddle-free steps, the interpolated damping, and for a vector term the restart at the
     lowest of its :func:`restart_candidates` after :data:`RESTART_PASSES` passes (so up to that many passes more
     than ``max_iterations``), whose stop at a negative curvature is not converged (``hp.lmm`` refits that dataset).
+    Its one term makes no secant search.
     """
     return search_on_host(statistics_systems(stats, sigma_known), np.asarray(stats.n), start, reml, max_iterations,
                           term_ks)
