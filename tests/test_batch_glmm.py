@@ -89,6 +89,25 @@ def test_poisson_crossed_terms_with_an_offset_equal_their_single_fits(count_batc
         _check(batch, d, _glmm(COUNTS, frame, family="poisson"))
 
 
+def test_secant_searches_of_crossed_counts_equal_their_single_fits(count_batch, monkeypatch):
+    # from glmm_search.SECANT_MIN_WORK of dense work a point (several terms) the host search's curvature is a secant
+    # update (newton_on_host's secant); forced here on the small crossed datasets
+    from hierpool.batch import glmm_search
+
+    frames, differenced = count_batch
+    secant = []
+    search = glmm_search.newton_on_host
+    monkeypatch.setattr(glmm_search, "newton_on_host", lambda *a, **k: secant.append(k["secant"]) or search(*a, **k))
+    monkeypatch.setattr(glmm_search, "SECANT_MIN_WORK", 0)
+    monkeypatch.setenv("HIERPOOL_HOST_PROCESSES", "0")
+    batch = hp.fit_batch(COUNTS, frames, by="rep", family="poisson", progress=False)
+    assert secant and all(secant)
+    assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
+    np.testing.assert_allclose(batch.objective, differenced.objective, rtol=1e-11)
+    for d, frame in enumerate(frames):
+        _check(batch, d, _glmm(COUNTS, frame, family="poisson"))
+
+
 def test_negative_binomial_replicates_equal_their_single_fits(monkeypatch):
     # overdispersed counts (shape 2) in 12, 11 and 10 groups (one bucket, padded); the shape is estimated too
     frames = negative_binomial_frames(3, (12, 11, 10), shape=2.0, intercept=1.0, slope=0.4, sd=0.5)

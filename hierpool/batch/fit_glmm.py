@@ -14,12 +14,12 @@ criterion and gradient of every point of a chunk's datasets are evaluated at onc
 path's rules, each dataset leaving when its own search stops.  Three things the lockstep of a vmapped program
 does not do: the Hessian's forward-difference shifts are evaluated only around accepted trials; PIRLS starts at a
 shift from its trial's mode and at a trial from the mode at the dataset's current point (the program's from u = 0);
-and with one term the shifts are in theta alone, the
+and the shifts are in theta alone, the
 Hessian's beta block the profiled penalized deviance's curvature
 (:func:`hierpool.algebra.laplace_batch.fixed_effects_curvature`), beta differenced only where a search stops
 (``newton_on_host``'s ``trailing_curvature``), so that each fixed effect does not cost a gradient a pass; with
-several terms, whose points cost more, the curvature is a secant update at most accepted points
-(``newton_on_host``'s ``secant``, :data:`hierpool.batch.glmm_search.SECANT_MIN_TERMS`), each pass one point.  The
+several terms whose points cost more (:data:`hierpool.batch.glmm_search.SECANT_MIN_WORK`), the curvature is a
+secant update at most accepted points (``newton_on_host``'s ``secant``), each pass one point.  The
 returned Hessian is the full forward-difference one either way.
 
 **Compiled** (a negative binomial, float32, an accelerator or a mesh): the program of

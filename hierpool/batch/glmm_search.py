@@ -21,6 +21,7 @@ from ..algebra.laplace_batch import (
 from ..algebra.linalg import array_namespace, block_diagonal_positions, block_diagonal_theta, cholesky, term_results
 from ..algebra.linalg import canonical_theta as canonical_rows
 from .optimize import DECREASE_TOL, newton_on_host
+from .terms_search import point_work
 
 #: The Hessian's forward-difference width in (theta, beta): PIRLS's mode is exact to ~1e-10, so its gradient
 #: is too, and sqrt(eps) (1.5e-8) differences would be half rounding.
@@ -35,13 +36,14 @@ STEP_TOL = 1e-7
 #: --glmm-slopes and 0.58 on --glmm with a fixed 100x growth, and are 0.33 and 0.22 with the interpolation
 #: (benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
 DAMPING_GROWTH = 100.0
-#: Random-effect terms from which the search's curvature is a secant update (``newton_on_host``'s ``secant``) rather
-#: than forward differences in theta about each accepted point, the beta block approximated: each difference is a
-#: PIRLS solve and its gradient, whose dense rest (the terms after the first) a point's cost grows with.  With two
-#: terms the updates repaid their 1.3 to 1.7 times the passes on five of six models (8% to 40% faster) and broke
-#: even on the sixth; with one term (no dense rest) a Poisson (1 + x | g) batch was slower, and a cbpp-shaped one
-#: gained a refit and no time (benchmarks/RESULTS.md, twenty-fifth session).
-SECANT_MIN_TERMS = 2
+#: :func:`hierpool.batch.terms_search.point_work` from which a search of several terms has a secant update for its
+#: curvature (``newton_on_host``'s ``secant``) rather than forward differences in theta about each accepted point,
+#: the beta block approximated: each difference is a PIRLS solve and its gradient, whose dense rest (the terms
+#: after the first) a point's cost grows with.  Ten GLMMs timed either way (benchmarks/RESULTS.md, twenty-fifth
+#: session): from 26,000 the updates repaid their 1.3 to 1.7 times the passes in every run (14% to 40% faster);
+#: below it, at 5,600 to 19,000, they were 7% slower to 13% faster from run to run; one term (no dense rest) was
+#: even or slower, and a cbpp-shaped batch gained a refit.
+SECANT_MIN_WORK = 20_000
 
 
 def beta_covariance(curvature, value, n_theta: int, p: int):
@@ -65,9 +67,9 @@ def beta_covariance(curvature, value, n_theta: int, p: int):
 def fit_chunk_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarray, family: Family,
                       max_iterations: int, term_ks: tuple | None = None) -> dict:
     """A chunk's fits on the host: :func:`hierpool.batch.optimize.newton_on_host` (the compiled path's rules, width
-    and tolerances; with one term the beta block from :func:`hierpool.algebra.laplace_batch.fixed_effects_curvature`
-    during the search, with :data:`SECANT_MIN_TERMS` terms or more secant updates of the curvature) on
-    :func:`hierpool.algebra.laplace_batch.laplace_and_gradient`, every point of every dataset
+    and tolerances; the beta block from :func:`hierpool.algebra.laplace_batch.fixed_effects_curvature` during the
+    search, or, with several terms whose point costs :data:`SECANT_MIN_WORK` or more, secant updates of the
+    curvature) on :func:`hierpool.algebra.laplace_batch.laplace_and_gradient`, every point of every dataset
     still searching evaluated at once; then each dataset's mode, conditional variances and vcov at its optimum, as
     :func:`hierpool.batch.fit_glmm`'s compiled program returns them.
 
@@ -121,7 +123,8 @@ def fit_chunk_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
     # before the fourteenth session) a stopped mode kept part of its start's error: trials from the current mode
     # then made the criterion depend on the path to it, and searches stalled short of their optimum ("The GLMM
     # class on the host"), and polished shifts moved beta's standard errors by 1.6% ("fourteenth session")
-    secant = len(rows.ks) >= SECANT_MIN_TERMS
+    widths = [width for _, _, width in rows.terms]
+    secant = len(rows.ks) > 1 and point_work(rows.ks, widths, p) >= SECANT_MIN_WORK
     with np.errstate(all="ignore"):
         params, value, newton_step, iterations, converged, curvature = newton_on_host(
             trial_values, start, max_iterations, damping_growth=DAMPING_GROWTH, fd_width=FD_WIDTH, step_tol=STEP_TOL,
