@@ -40,9 +40,9 @@ DAMPING_GROWTH = 100.0
 #: curvature (``newton_on_host``'s ``secant``) rather than forward differences in theta about each accepted point,
 #: the beta block approximated: each difference is a PIRLS solve and its gradient, whose dense rest (the terms
 #: after the first) a point's cost grows with.  Ten GLMMs timed either way (benchmarks/RESULTS.md, twenty-fifth
-#: session): from 26,000 the updates repaid their 1.3 to 1.7 times the passes in every run (14% to 40% faster);
-#: below it, at 5,600 to 19,000, they were 7% slower to 13% faster from run to run; one term (no dense rest) was
-#: even or slower, and a cbpp-shaped batch gained a refit.
+#: session): from 26,000 the updates repaid their 1.3 to 1.7 times the passes (14% to 40% faster, means of two
+#: runs); at 5,600 to 19,000 they ran between 33% slower and 13% faster from run to run; one term (no dense rest)
+#: was even or slower, and a cbpp-shaped batch gained a refit.
 SECANT_MIN_WORK = 20_000
 
 
