@@ -369,8 +369,8 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
         # "The GLMM class on the host"), and of larger ones by halves, whose products are stacked matmuls; a short
         # stack of larger ones by trtri, one call each
         if lower.ndim > 2:
-            if (TRTRI_LOOP_MIN_SIZE <= k <= HOST_SINGLE_THREAD_MAX_SIZE and 0 < lower.size <= TRTRI_LOOP_MAX_STACK * k * k
-                    and not np.iscomplexobj(lower)):
+            short = 0 < lower.size <= TRTRI_LOOP_MAX_STACK * k * k
+            if short and TRTRI_LOOP_MIN_SIZE <= k <= HOST_SINGLE_THREAD_MAX_SIZE and not np.iscomplexobj(lower):
                 return _trtri_stack(lower)
             with np.errstate(divide="ignore", invalid="ignore"):
                 return np.where(zero_pivot, np.nan, _tri_inverse_by_halves(lower))

@@ -684,10 +684,11 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         With ``shift_gradients`` (and no ``trailing_curvature``): each accepted point's Hessian is the last one's
         secant update (:class:`_SecantCurvature`), its forward differences taken at the first point and where the
         update is distrusted: where an accepted step's decrease strayed from its model's (:func:`_model_failed`),
-        where a stop on an update is not confirmed, and at every point after :data:`APPROXIMATE_PASSES` updates.  A stop on an update is read again on the forward-difference
-        Hessian there, as a stop on an approximate trailing block is, and on a decrease :data:`SECANT_DECREASE_SHARE`
-        of ``decrease_tol``.  A pass then costs one point, not m + 1, for 1.3 to 1.7 times the passes
-        (benchmarks/RESULTS.md, twenty-fifth session).
+        where a stop on an update is not confirmed, and at every point after :data:`APPROXIMATE_PASSES` updates.
+        A stop on an update is read again on the forward-difference Hessian there, as a stop on an approximate
+        trailing block is, and the decrease stop is at :data:`SECANT_DECREASE_SHARE` of ``decrease_tol``.  A pass
+        then costs one point, not m + 1, for 1.3 to 1.7 times the passes (benchmarks/RESULTS.md, twenty-fifth
+        session).
 
     Returns
     -------
