@@ -254,3 +254,27 @@ def test_a_response_the_fixed_effects_fit_exactly_is_refused_by_name():
     frame = pd.DataFrame({"herd": herd.astype(str), "period": period.astype(str), "y": np.array([2, 4, 7, 1])[period]})
     with pytest.raises(hp.DataError, match="fit the response exactly"):
         hp.glmm("y ~ period + (1 | herd)", frame, family="poisson")
+
+
+def test_a_fit_that_stops_next_to_a_saddle_at_a_zero_variance_goes_on_to_glmers_optimum(monkeypatch):
+    # Bernoulli, 30 subjects x 20 items, a correlated slope per item: at the slope's T diagonal = 0 the deviance is
+    # flat in it (even there) with negative curvature, a saddle; the bounded L-BFGS-B stopped next to it (t 2e-5,
+    # 0.20 above glmer's optimum, reported singular).  The stage runs again from off the saddle
+    # (glmm_optimize._off_the_saddle) and reaches glmer's optimum (validation/glmm_saddle_reference.R)
+    import hierpool.closedform.glmm_optimize as glmm_optimize
+
+    root = Path(__file__).parents[1] / "validation"
+    reference = json.loads((root / "glmm_saddle_reference.json").read_text())
+    data = pd.read_csv(root / "glmm_saddle_data.csv", dtype={"subj": str, "item": str})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hp.ConvergenceWarning)  # no singular-fit warning: the fit is not singular
+        fit = hp.glmm(reference["formula"], data, family="binomial")
+    assert fit.optimum.deviance == pytest.approx(reference["minus_2_loglik"], abs=1e-6)
+    np.testing.assert_allclose(fit.optimum.theta, reference["theta"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fit.fixef.to_numpy(), list(reference["fixef"].values()), rtol=1e-4)
+    # without the second run the same fit stops at the saddle
+    monkeypatch.setattr(glmm_optimize, "_off_the_saddle", lambda find_mode, family, optimum, *rest: optimum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stuck = hp.glmm(reference["formula"], data, family="binomial")
+    assert stuck.optimum.deviance > reference["minus_2_loglik"] + 0.1 and stuck.optimum.theta[3] < 1e-3
