@@ -149,6 +149,30 @@ def test_secant_searches_with_weights_and_offset_equal_their_single_fits(nested,
         _check_against_single(batch, d, _single(formula, frame, weights="w"))
 
 
+def test_a_secant_search_is_looked_at_for_a_restart_after_its_own_passes(nested, monkeypatch):
+    # a secant search takes more passes to converge than one that differences each trial: a search with a vector
+    # term is looked at for a restart after SECANT_RESTART_PASSES, not RESTART_PASSES (with 20, one three-term
+    # dataset was restarted a pass before it converged, then refitted)
+    from hierpool.batch import terms_search
+
+    frames, formula, _ = nested
+    calls = []
+    optimize = terms_search.optimize_on_host
+
+    def recording(value_and_grad, start, passes, ks, **options):  # each search's passes and whether it is secant
+        calls.append((passes, options["secant"]))
+        return optimize(value_and_grad, start, passes, ks, **options)
+
+    monkeypatch.setattr(terms_search, "optimize_on_host", recording)
+    monkeypatch.setenv("HIERPOOL_HOST_PROCESSES", "0")
+    for threshold, expected in ((0, (terms_search.SECANT_RESTART_PASSES, True)),
+                                (10**15, (terms_search.RESTART_PASSES, False))):
+        monkeypatch.setattr(terms_search, "SECANT_MIN_WORK", threshold)
+        calls.clear()
+        hp.fit_batch(formula, frames[:2], by="rep", weights="w", progress=False)
+        assert calls and calls[0] == expected
+
+
 def test_ml_criterion_equals_the_single_fit(nested):
     frames, formula, _ = nested
     batch = hp.fit_batch(formula, frames[:2], by="rep", weights="w", reml=False, progress=False)
