@@ -261,7 +261,7 @@ def test_a_fit_that_stops_next_to_a_saddle_at_a_zero_variance_goes_on_to_glmers_
     # flat in it (even there) with negative curvature, a saddle; the bounded L-BFGS-B stopped next to it (t 2e-5,
     # 0.20 above glmer's optimum, reported singular).  The stage runs again from off the saddle
     # (glmm_optimize._off_the_saddle) and reaches glmer's optimum (validation/glmm_saddle_reference.R)
-    import hierpool.closedform.glmm_optimize as glmm_optimize
+    from hierpool.closedform import glmm_optimize
 
     root = Path(__file__).parents[1] / "validation"
     reference = json.loads((root / "glmm_saddle_reference.json").read_text())

@@ -384,12 +384,11 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
 
 #: Stacks of at most this many triangular matrices of :data:`TRTRI_LOOP_MIN_SIZE` to
 #: :data:`HOST_SINGLE_THREAD_MAX_SIZE` rows are inverted on the host by LAPACK's trtri, one call per matrix, rather
-#: than by halves: the halves' recursion costs a fixed 0.2 ms of NumPy calls at 12 rows and 0.8 ms at 53, a trtri
-#: call 7 to 23 us, so that a short stack (a secant search's passes evaluate one point per dataset) is inverted
-#: sooner one by one.  Timed from 7 to 100 rows in benchmarks/RESULTS.md, twenty-fifth session.
+#: than by halves: the halves' recursion is a fixed run of NumPy calls whatever the stack's length, which a short
+#: stack (a secant search's passes evaluate one point per dataset) does not repay.  Timed from 7 to 100 rows in
+#: benchmarks/RESULTS.md, twenty-fifth session.
 TRTRI_LOOP_MAX_STACK = 32
-#: Below this size the halves are as fast as 32 trtri calls (0.19 against 0.20 ms at 12 rows; at 7 rows 0.13 ms
-#: against 0.30).
+#: Below this size the halves are as fast as :data:`TRTRI_LOOP_MAX_STACK` trtri calls or faster (the same table).
 TRTRI_LOOP_MIN_SIZE = 12
 
 
@@ -540,13 +539,7 @@ HOST_SINGLE_THREAD_MAX_SIZE = 128
 
 def _trtri_host(lower: np.ndarray) -> np.ndarray:
     """Inverse of one lower-triangular matrix by LAPACK's trtri (NaN for a zero pivot, as :func:`_potri_host`)."""
-    import scipy.linalg.lapack
-
-    (trtri,) = scipy.linalg.lapack.get_lapack_funcs(("trtri",), (lower,))
-    inverse, info = trtri(lower, lower=1)
-    if info != 0:
-        return np.full(lower.shape, np.nan, dtype=lower.dtype)
-    return np.tril(inverse)
+    return _trtri_stack(lower[None])[0]
 
 
 def spd_inverse_from_inverse_factor(inverse_factor: np.ndarray) -> np.ndarray:

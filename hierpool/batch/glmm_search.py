@@ -39,10 +39,10 @@ DAMPING_GROWTH = 100.0
 #: :func:`hierpool.batch.terms_search.point_work` from which a search of several terms has a secant update for its
 #: curvature (``newton_on_host``'s ``secant``) rather than forward differences in theta about each accepted point,
 #: the beta block approximated: each difference is a PIRLS solve and its gradient, whose dense rest (the terms
-#: after the first) a point's cost grows with.  Ten GLMMs timed either way (benchmarks/RESULTS.md, twenty-fifth
-#: session): from 26,000 the updates repaid their 1.3 to 1.7 times the passes (14% to 40% faster, means of two
-#: runs); at 5,600 to 19,000 they ran between 33% slower and 13% faster from run to run; one term (no dense rest)
-#: was even or slower, and a cbpp-shaped batch gained a refit.
+#: after the first) a point's cost grows with.  Ten GLMMs were timed either way (benchmarks/RESULTS.md,
+#: twenty-fifth session): from 26,000 a point the updates repaid their 1.3 to 1.7 times the passes; from 5,600 to
+#: 19,000 they did not beyond the machine's spread; one term (no dense rest) was even or slower, and a cbpp-shaped
+#: batch gained a refit.
 SECANT_MIN_WORK = 20_000
 
 

@@ -213,6 +213,14 @@ def _gradient_differences(at_point, shifted, steps):
     return (shifted - at_point) / steps[..., :, None]
 
 
+def _differenced_hessians(shift_gradients, every, steps, rows, aux, gradient):
+    """The forward-difference Hessians (K, m, m) at points of datasets ``rows`` from their probes ``every``
+    (K, m + 1, m) and ``steps`` (K, m) (:func:`_probe_points`), their states ``aux`` and gradients (K, m): the
+    lazy searches' ``shift_gradients`` at the m shifts."""
+    shifted = shift_gradients(every[:, 1:], rows, aux)
+    return _symmetrized(_gradient_differences(gradient[:, None, :], shifted, steps), np)
+
+
 def _symmetrized(columns, xp):
     """(H + H^T) / 2 from H's m columns (..., m, m)."""
     return 0.5 * (columns + xp.swapaxes(columns, -1, -2))
@@ -265,9 +273,10 @@ class _ShiftedCurvature:
         self.approximate, self.differenced = np.zeros(n, bool), np.full(n, trailing_curvature is None)
         self.passes = np.zeros(n, dtype=np.int64)
 
-    def at(self, points, rows, aux, gradient):
+    def at(self, points, rows, aux, gradient, previous=None):
         """The Hessians (K, m, m) at accepted ``points`` (K, m) of datasets ``rows``: their states ``aux`` (arrays
-        (K, ...)) and gradients (K, m)."""
+        (K, ...)) and gradients (K, m) (``previous``, the search's point, gradient and Hessian before the step, is
+        :class:`_SecantCurvature`'s)."""
         self.differenced[rows[self.passes[rows] >= APPROXIMATE_PASSES]] = True
         out = np.empty((len(rows), self.m, self.m))
         every, steps = _probe_points(points, self.width, np)  # (K, m + 1, m)
@@ -279,8 +288,8 @@ class _ShiftedCurvature:
             cheap, block = cheap[finite], block[finite]
         full = np.flatnonzero(self.differenced[rows])
         if full.size:
-            shifted = self.shift_gradients(every[full, 1:], rows[full], [a[full] for a in aux])
-            out[full] = _symmetrized(_gradient_differences(gradient[full, None, :], shifted, steps[full]), np)
+            out[full] = _differenced_hessians(self.shift_gradients, every[full], steps[full], rows[full],
+                                              [a[full] for a in aux], gradient[full])
         if cheap.size:
             at, part_aux = rows[cheap], [a[cheap] for a in aux]
             if self.state is None:
@@ -338,9 +347,11 @@ class _SecantCurvature:
     the change of the gradient along it (:func:`_sr1_update`), at no evaluation; the first point's, and where the
     search distrusts the update, are forward differences of the gradient (m more points).
 
-    ``approximate``: whether a dataset's curvature is an update; ``differenced``: whether the next accepted point's
-    is differenced instead (set by the search where a step's decrease strayed from its model's, or a stop on an
-    update was not confirmed), after which the updates go on from that Hessian.  After :data:`APPROXIMATE_PASSES`
+    The update reads the search's own point, gradient and Hessian before the step (``at``'s ``previous``): no copy
+    of them is kept here.  ``approximate``: whether a dataset's curvature is an update; ``differenced``: whether the
+    next accepted point's is differenced instead (set by the search where a step's decrease strayed from its
+    model's, or a stop on an update was not confirmed), after which the updates go on from that Hessian.  After
+    :data:`APPROXIMATE_PASSES`
     updates a dataset's search differences every accepted point, as one on an approximate trailing block does: a
     search that has not ended by then is where the updates serve badly (a crawl along a near-singular covariance: on
     updates alone, 6 of 200 Poisson datasets with three correlated coefficients stopped unconverged, 5 of them at the
@@ -349,48 +360,40 @@ class _SecantCurvature:
 
     def __init__(self, shift_gradients, n: int, m: int, width: float):
         self.shift_gradients, self.m, self.width = shift_gradients, m, width
-        self.point, self.gradient = np.zeros((n, m)), np.zeros((n, m))
-        self.curvature, self.state = np.zeros((n, m, m)), None  # the state sized at the first point
+        self.state = None  # each dataset's state at its point (for complete), sized at the first point
         self.approximate, self.differenced = np.zeros(n, bool), np.zeros(n, bool)
         self.started, self.updates = np.zeros(n, bool), np.zeros(n, dtype=np.int64)
 
-    def at(self, points, rows, aux, gradient):
+    def at(self, points, rows, aux, gradient, previous):
         """The Hessians (K, m, m) at accepted ``points`` (K, m) of datasets ``rows``: their states ``aux`` (arrays
-        (K, ...)) and gradients (K, m)."""
+        (K, ...)) and gradients (K, m); ``previous``, the search's (points, gradients, Hessians) before the step."""
         out = np.empty((len(rows), self.m, self.m))
         full = ~self.started[rows] | self.differenced[rows] | (self.updates[rows] >= APPROXIMATE_PASSES)
         if np.any(full):
             out[full] = self._differenced(points[full], rows[full], [a[full] for a in aux], gradient[full])
         if not np.all(full):
             at = rows[~full]
-            out[~full] = _sr1_update(self.curvature[at], points[~full] - self.point[at],
-                                     gradient[~full] - self.gradient[at])
+            before, before_gradient, before_curvature = (x[~full] for x in previous)
+            out[~full] = _sr1_update(before_curvature, points[~full] - before, gradient[~full] - before_gradient)
             # no shifts: the caller keeps its state at the point all the same (newton_on_host's shift_gradients)
             self.shift_gradients(np.empty((len(at), 0, self.m)), at, [a[~full] for a in aux])
             self.updates[at] += 1
         self.approximate[rows], self.differenced[rows], self.started[rows] = ~full, False, True
-        self._keep(rows, points, aux, gradient, out)
+        if self.state is None:
+            self.state = [np.zeros((len(self.started),) + a.shape[1:], dtype=a.dtype) for a in aux]
+        for kept, new in zip(self.state, aux):
+            kept[rows] = new
         return out
 
     def complete(self, rows, points, gradient):
         """The forward-difference Hessians (K, m, m) at the points (K, m) of datasets ``rows``, their gradients
         (K, m), from the states kept there."""
-        out = self._differenced(points, rows, [a[rows] for a in self.state], gradient)
         self.approximate[rows] = False
-        self.curvature[rows] = out
-        return out
+        return self._differenced(points, rows, [a[rows] for a in self.state], gradient)
 
     def _differenced(self, points, rows, aux, gradient):
         every, steps = _probe_points(points, self.width, np)
-        shifted = self.shift_gradients(every[:, 1:], rows, aux)
-        return _symmetrized(_gradient_differences(gradient[:, None, :], shifted, steps), np)
-
-    def _keep(self, rows, points, aux, gradient, curvature):
-        if self.state is None:
-            self.state = [np.zeros((len(self.point),) + a.shape[1:], dtype=a.dtype) for a in aux]
-        for kept, new in zip(self.state, aux):
-            kept[rows] = new
-        self.point[rows], self.gradient[rows], self.curvature[rows] = points, gradient, curvature
+        return _differenced_hessians(self.shift_gradients, every, steps, rows, aux, gradient)
 
 
 def _next_step(curvature, gradient, damping, xp, saddle_free: bool = False):
@@ -749,7 +752,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
             curvature[kept] = _finite_difference_hessians(gradients[rows, best], steps[rows, best], np)[improved]
         elif kept.size:
             curvature[kept] = shifted.at(theta[kept], kept, [a[rows, best][improved] for a in trial_aux],
-                                         gradients[rows, best, 0][improved])
+                                         gradients[rows, best, 0][improved],
+                                         previous=(th[improved], g[improved], curvature[kept]))
         # the next pass's step, here, so that the stopping rule can read it
         next_step[active], model_step, definite = _next_step(curvature[active], new_gradient, new_damping, np,
                                                              saddle_free)

@@ -58,9 +58,9 @@ RESTART_TOLERANCE = 1e-6
 #: :func:`point_work` from which a search of several terms has a secant update for its curvature
 #: (:func:`newton_on_host`'s ``secant``) rather than each trial's forward differences: a pass then evaluates one
 #: point, not n_theta + 1, for 1.4 to 1.7 times the passes, each a call whose fixed cost a cheap criterion does not
-#: repay.  Eleven models timed either way (benchmarks/RESULTS.md, twenty-fifth session): 11% to 34% faster from
-#: 91,000; from 2,000 to 63,000 even or slower (nested slopes by 15-25%), but for crossed slopes at 44,000 (6%
-#: faster).
+#: repay.  Eleven models were timed either way (benchmarks/RESULTS.md, twenty-fifth session): the updates paid
+#: from 91,000 a point up; from 2,000 to 63,000 they did not (nested slopes ran slower), but for crossed slopes at
+#: 44,000.
 SECANT_MIN_WORK = 75_000
 #: :data:`RESTART_PASSES` of a secant search, which takes more passes to converge (the three-term model's 200 took
 #: up to 23 on updates alone; 20 restarted one search a pass before it converged, and its refit followed).
