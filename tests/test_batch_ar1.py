@@ -248,17 +248,27 @@ def test_a_vector_term_and_a_scalar_term_on_one_factor_are_one_block_diagonal_te
                 np.testing.assert_allclose(term.cond_sd[d][:, j], rows["condsd"].to_numpy(), rtol=1e-4)
 
 
-def test_the_whitened_systems_step_in_phi_is_their_derivative(replicates):
-    """The complex system at phi + i h (its imaginary part from three real builds, (S(w + t) - S(w - t)) / 2) is h
-    times the derivative of the real systems in phi (against a central difference)."""
+def _terms_chunks(frames, structure):
+    """A TermsChunk of ``frames`` (TERMS, several-term host path) from the lag classes' sums, and one from the rows."""
     from hierpool.batch.ar1_terms_search import TermsChunk
     from hierpool.batch.fit_ar1 import batch_series
     from hierpool.batch.fit_terms import padded_widths
     from hierpool.batch.plan import plan_batch
 
-    plan = plan_batch(TERMS, replicates[:2], "rep", "fit_batch", "hp.lmm", one_term=False)
-    series, _ = batch_series(plan, hp.car1("Subject", "Days"))
-    chunk = TermsChunk(plan, series, np.arange(2), padded_widths(plan).max(axis=0))
+    plan = plan_batch(TERMS, frames, "rep", "fit_batch", "hp.lmm", one_term=False)
+    series, _ = batch_series(plan, structure)
+    widths, members = padded_widths(plan).max(axis=0), np.arange(len(frames))
+    return (TermsChunk(plan, series, members, widths, lagged=True),
+            TermsChunk(plan, series, members, widths, lagged=False))
+
+
+@pytest.mark.parametrize("by", ["sums", "rows"])
+def test_the_whitened_systems_step_in_phi_is_their_derivative(replicates, by):
+    """The complex system at phi + i h (from the lag classes' sums at a complex phi; from the rows, its imaginary
+    part from three real builds, (S(w + t) - S(w - t)) / 2) is h times the derivative of the real systems in phi
+    (against a central difference)."""
+    chunk = _terms_chunks(replicates[:2], hp.car1("Subject", "Days"))[by == "rows"]
+    assert (chunk.sums is None) == (by == "rows")
     phi, h, datasets = np.array([0.3, 0.7]), 1e-6, np.arange(2)
     stepped, log_det = chunk.systems(phi + 1e-30j, datasets)
     above, below = chunk.systems(phi + h, datasets), chunk.systems(phi - h, datasets)
@@ -270,6 +280,40 @@ def test_the_whitened_systems_step_in_phi_is_their_derivative(replicates):
         central = (up.values - down.values) / (2 * h)
         np.testing.assert_allclose(coupling.values.imag / 1e-30, central, rtol=1e-5, atol=1e-6 * np.abs(central).max())
     np.testing.assert_allclose(log_det.imag / 1e-30, (above[1] - below[1]) / (2 * h), rtol=1e-6)
+
+
+def _arrays_of(systems) -> list:
+    """The arrays of a batch of systems, in map_arrays' order."""
+    from hierpool.algebra.batched_systems import map_arrays
+
+    out = []
+    map_arrays(systems, lambda a: out.append(a) or a)
+    return out
+
+
+@pytest.mark.parametrize("structure", ["car1", "ar1"])
+def test_the_lag_classes_sums_combine_to_the_systems_of_the_whitened_rows(replicates, structure):
+    """The systems from the lag classes' sums, formed once and combined at each phi, equal the systems built from
+    the rows whitened at that phi: real and complex-stepped, several phis a dataset (one near 1), two of the chunk's
+    three datasets; in continuous time with the lags of the days missing, and at integer positions (one lag) with
+    negative phis."""
+    if structure == "car1":
+        sums, rows = _terms_chunks(replicates, hp.car1("Subject", "Days"))
+        lags, phi = [1, 2, 3], np.array([[0.05, 0.6, 0.9999], [0.5, 0.2, 0.8]])
+    else:
+        sums, rows = _terms_chunks(replicates, hp.ar1("Subject", time="Days"))
+        lags, phi = [1], np.array([[-0.6, 0.2, 0.9999], [0.5, -0.05, -0.9]])
+    assert rows.sums is None and sums.lags.tolist() == lags
+    datasets = np.array([0, 1])
+    for step in (0, 1e-30j):
+        got, got_log_det = sums.systems_at(phi + step, datasets)
+        want, want_log_det = rows.systems_at(phi + step, datasets)
+        for a, b in zip(_arrays_of(got), _arrays_of(want), strict=True):
+            assert a.shape == b.shape
+            for part in (np.real, np.imag):  # the imaginary parts: the derivative, to the same tolerance
+                np.testing.assert_allclose(part(a), part(b), rtol=1e-9, atol=1e-9 * np.abs(part(b)).max())
+        np.testing.assert_allclose(got_log_det.real, want_log_det.real, rtol=1e-12)
+        np.testing.assert_allclose(got_log_det.imag, want_log_det.imag, rtol=1e-9)
 
 
 def _sites(seed, n_site, n_subj, continuous):

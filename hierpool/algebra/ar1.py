@@ -196,21 +196,38 @@ def whitened_cross_products(moments: LaggedMoments, phi: np.ndarray):
     """
     D, ell, K, r, _ = moments.sums.shape
     S = phi.shape[1]
-    # (D, S, ell, J); NumPy's complex power of an integer below 100 multiplies (exact: a negative phi's complex step
-    # is right); a larger or fractional lag goes through the logarithm, right for phi > 0 (corCAR1's range)
-    c = phi[:, :, None, None] ** moments.lag[:, None]
-    one_minus = 1.0 - c
-    scale = 1.0 / (one_minus * (1.0 + c))  # 1 / (1 - c^2)
+    c = phi[:, :, None, None] ** moments.lag[:, None]  # (D, S, ell, J); the power as lag_class_weights notes
     # each class's weight, then the first rows' 1: one product per level sums them
-    weights = np.concatenate([scale, one_minus * scale, one_minus * one_minus * scale, np.ones_like(c[..., :1])],
-                             axis=-1)  # (D, S, ell, K)
-    parts = [weights.real, weights.imag] if np.iscomplexobj(weights) else [weights]
-    # real products (the complex weights' parts stacked): NumPy would copy the sums to complex for each call
-    stacked = np.moveaxis(np.concatenate(parts, axis=1), 1, 2)  # (D, ell, S or 2 S, K)
-    products = np.moveaxis(stacked @ moments.sums.reshape(D, ell, K, r * r), 2, 1).reshape(D, -1, ell, r, r)
-    cross = products[:, :S] + 1j * products[:, S:] if len(parts) == 2 else products
+    weights = np.moveaxis(lag_class_weights(c), 1, 2)  # (D, ell, S, K)
+    products = weighted_sums(weights, moments.sums.reshape(D, ell, K, r * r))  # (D, ell, S, r r)
+    cross = np.moveaxis(products, 2, 1).reshape(D, S, ell, r, r)
     log_det = np.einsum("dlj,dslj->ds", moments.count, np.log1p(-c * c))
     return cross, log_det
+
+
+def lag_class_weights(c):
+    """The weights (1, 1 - c, (1 - c)^2) / (1 - c^2) of a lag class's sums of d d^T, of d v_-^T + v_- d^T and of
+    v_- v_-^T (:func:`lagged_moments`), c = phi^lag each class's (..., J), the J classes of each in turn, then the
+    first rows' weight 1: (..., 3 J + 1).  The whitened cross-products are the sums' combination with them.
+
+    NumPy's complex power of an integer below 100 multiplies, so c = phi^lag of a complex-stepped phi is exact also
+    for a negative phi; a larger or fractional lag goes through the logarithm, right for phi > 0 (corCAR1's
+    range), as :func:`carried`'s power."""
+    one_minus = 1.0 - c
+    scale = 1.0 / (one_minus * (1.0 + c))  # 1 / (1 - c^2)
+    return np.concatenate([scale, one_minus * scale, one_minus * one_minus * scale, np.ones_like(c[..., :1])],
+                          axis=-1)
+
+
+def weighted_sums(weights: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """``weights @ sums`` for weights (..., S, K) (real, or complex: the complex step in phi) and real sums (..., K,
+    E): (..., S, E).  Complex weights' real and imaginary parts are stacked into one real product, since NumPy
+    would copy the sums to complex for each call."""
+    if not np.iscomplexobj(weights):
+        return weights @ sums
+    S = weights.shape[-2]
+    products = np.concatenate([weights.real, weights.imag], axis=-2) @ sums
+    return products[..., :S, :] + 1j * products[..., S:, :]
 
 
 def whitened_statistics(cross: np.ndarray, k: int, n: np.ndarray, beta_shift: np.ndarray) -> BatchStatistics:

@@ -160,12 +160,15 @@ def dense_entries(layout_widths, ks, p: int) -> int:
     return int(layout_widths[0] * ks[0] * m)
 
 
-def map_arrays(systems: MixedModelSystem, function) -> MixedModelSystem:
+def map_arrays(systems: MixedModelSystem, function, fixed=None) -> MixedModelSystem:
     """``function`` applied to each per-dataset array of a batch of systems (A00, the couplings' values, the rest,
-    log_weights, beta_shift), the couplings' level grids kept: the one list of those fields for whoever maps them."""
+    log_weights, beta_shift), the couplings' level grids kept: the one list of those fields for whoever maps them.
+    ``fixed``: applied to log_weights and beta_shift in its place (the arrays that are not sums of the rows'
+    products: a combination of systems' sums keeps them)."""
+    fixed = function if fixed is None else fixed
     return dataclasses.replace(
-        systems, a00=function(systems.a00), rest=function(systems.rest), log_weights=function(systems.log_weights),
-        beta_shift=function(systems.beta_shift),
+        systems, a00=function(systems.a00), rest=function(systems.rest), log_weights=fixed(systems.log_weights),
+        beta_shift=fixed(systems.beta_shift),
         couplings=tuple(dataclasses.replace(c, values=function(c.values)) for c in systems.couplings))
 
 

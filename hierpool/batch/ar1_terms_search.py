@@ -3,14 +3,24 @@ a chunk of datasets, on the whitened systems, in NumPy.
 
 The one-term search (:mod:`hierpool.batch.ar1_search`) reads per-level moments; with several terms a dataset's
 criterion is the general blocked one (:func:`hierpool.algebra.criterion.objective`) of its system of whitened
-cross-products, which is built again for each phi: the rows whitened (:func:`hierpool.algebra.ar1.whiten`), then
-:func:`hierpool.algebra.batched_systems.batched_systems`.  Newton's method moves (theta, u) together
-(:func:`hierpool.batch.optimize.newton_on_host`, saddle-free steps, the interpolated damping of the several-term
-linear search), its gradient in theta the host adjoint (:func:`hierpool.algebra.criterion.host_objective_and_gradient`)
-and in u the complex step: the criterion of the system whitened at u + i h, analytic in the system
-(:func:`hierpool.algebra.linalg.cholesky` is L L^T on complex stacks).  That system's imaginary part is a product of
-real rows, h (w t^T + t w^T) with w the whitened rows and t their derivative in u, taken as
-(S(w + t) - S(w - t)) / 2 from three real builds S.
+cross-products.  Newton's method moves (theta, u) together (:func:`hierpool.batch.optimize.newton_on_host`,
+saddle-free steps, the interpolated damping of the several-term linear search), its gradient in theta the host
+adjoint (:func:`hierpool.algebra.criterion.host_objective_and_gradient`) and in u the complex step: the criterion of
+the system whitened at u + i h, analytic in the system (:func:`hierpool.algebra.linalg.cholesky` is L L^T on complex
+stacks).
+
+**The systems at phi.**  A row that follows another at lag L whitens to w = (d + (1 - c) v_-) / sqrt(1 - c^2),
+c = phi^L, d = v - v_- (:func:`hierpool.algebra.ar1.lagged_moments`' algebra), and a series is within one level
+of every term (:func:`hierpool.closedform.ar1.check_nested`), so its whitened row keeps its levels.  Each system is
+bilinear in its rows, so the system at any phi is a combination of the systems of d, of d and v_- crossed (the
+system of d + v_- less the other two) and of v_-, one each per lag class, and of the first rows'
+(:func:`hierpool.algebra.ar1.lag_class_weights`): formed once per chunk
+(:func:`hierpool.algebra.batched_systems.batched_systems` 3 J + 1 times) where they pay
+(:func:`lagged_systems_pay`: few lags, as corAR1's one), and then an evaluation combines them, at a complex phi
+too, and whitens no rows.  Otherwise (many distinct lags in continuous time) each evaluation whitens the rows
+(:func:`hierpool.algebra.ar1.whiten`) and builds their system; the complex system's imaginary part is then a product
+of real rows, h (w t^T + t w^T) with w the whitened rows and t their derivative in u, taken as
+(S(w + t) - S(w - t)) / 2 from three real builds S.  Both give the same systems (``tests/test_batch_ar1.py``).
 
 It starts where ``hp.lmm`` starts: u at the lag-1 correlation of the residuals of a fit at phi = 0 (corAR1; u = -3 for
 corCAR1), :func:`hierpool.closedform.ar1.lag_one_phis`, and theta at that fit's (the several-term host search,
@@ -22,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..algebra.ar1 import carried, constrained_phi, whiten
+from ..algebra.ar1 import carried, constrained_phi, lag_class_weights, weighted_sums, whiten
 from ..algebra.batched_systems import batched_systems, map_arrays, shared_grid
 from ..algebra.checks import singular_rows
 from ..algebra.criterion import host_objective_and_gradient, objective
@@ -33,45 +43,124 @@ from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u
 from ..closedform.optimize import Control
 from .ar1_search import ChunkRows
 from .optimize import DECREASE_TOL, newton_on_host
+from .plan import HOST_CHUNK_BYTES
 from .terms_search import host_bytes as linear_host_bytes
 from .terms_search import search_on_host as theta_search
 from .terms_search import solved_entries
 
 
-def host_bytes(ks, widths, p: int) -> int:
+def host_bytes(ks, widths, p: int, lagged_classes: int | None) -> int:
     """A chunk's bytes per dataset (:func:`hierpool.batch.plan.host_chunk`): the several-term host search's
     (:func:`hierpool.batch.terms_search.host_bytes`, u one parameter more) two and a half times, for the complex
-    systems of the step in u and the three builds of each (measured: benchmarks/RESULTS.md, nineteenth session)."""
-    return 5 * linear_host_bytes(ks, widths, p, extra_parameters=1) // 2
+    systems of the step in u (measured: benchmarks/RESULTS.md, nineteenth session), and the sums of
+    ``lagged_classes`` lag classes where the chunk forms them (:func:`lagged_bytes`; None: it does not)."""
+    search = 5 * linear_host_bytes(ks, widths, p, extra_parameters=1) // 2
+    return search + (0 if lagged_classes is None else lagged_bytes(lagged_classes, ks, widths, p))
+
+
+def _system_entries(ks, widths, p: int) -> int:
+    """A dataset's system's values: A00's ell0 k0^2, the dense coupling's ell0 k0 m, the rest's m^2
+    (m = sum_(j>0) ell_j k_j + p + 1)."""
+    m = sum(w * k for w, k in zip(widths[1:], ks[1:])) + p + 1
+    return widths[0] * ks[0] * (ks[0] + m) + m * m
+
+
+def lagged_bytes(lag_classes: int, ks, widths, p: int) -> int:
+    """The lag classes' sums of a dataset's system (:class:`TermsChunk`) in bytes: 3 J + 1 systems, twice (an
+    evaluation of fewer than all the chunk's datasets gathers theirs)."""
+    return 16 * (3 * lag_classes + 1) * _system_entries(ks, widths, p)
+
+
+#: Values of the lag classes' sums combined (3 J + 1 systems' values) per product of a row's columns, (sum_j k_j + p +
+#: 1)^2 a row, below which a chunk forms the sums (:func:`lagged_systems_pay`).
+LAGGED_VALUES_PER_PRODUCT = 30
+
+
+def lagged_systems_pay(lag_classes: int, ks, widths, p: int, rows: float) -> bool:
+    """Whether a chunk of datasets of about ``rows`` rows each and ``lag_classes`` lag classes forms their sums
+    (:class:`TermsChunk`).  An evaluation then combines 3 J + 1 systems' values at each phi, where the rows'
+    path whitens the rows and builds their systems three times; a combined value costs about a thirtieth of a row's
+    product (:data:`LAGGED_VALUES_PER_PRODUCT`, timed per call on shapes from one lag to 64 classes:
+    benchmarks/RESULTS.md, twenty-sixth session).  The sums' bytes count in the chunk's (:func:`host_bytes`); none
+    is formed above :data:`~hierpool.batch.plan.HOST_CHUNK_BYTES` a dataset."""
+    products = rows * (sum(ks) + p + 1) ** 2
+    return ((3 * lag_classes + 1) * _system_entries(ks, widths, p) <= LAGGED_VALUES_PER_PRODUCT * products
+            and lagged_bytes(lag_classes, ks, widths, p) <= HOST_CHUNK_BYTES)
 
 
 class TermsChunk(ChunkRows):
     """A chunk's rows (:class:`~hierpool.batch.ar1_search.ChunkRows`) with each term's levels and values;
-    ``widths`` the terms' padded level counts."""
+    ``widths`` the terms' padded level counts; ``lagged``: its systems from the lag classes' sums, formed here (the
+    module notes), else from the rows whitened at each phi."""
 
-    def __init__(self, plan, series, members: np.ndarray, widths):
+    def __init__(self, plan, series, members: np.ndarray, widths, lagged: bool):
         super().__init__(plan, series, members)
         self.levels = [level[self.rows] for level, _, _ in plan.term_levels]
         self.zs = [term.z[self.rows] for term in plan.design.terms]
         self.widths = [int(w) for w in widths]
         self.ks = tuple(term.k for term in plan.design.terms)
+        followed = np.flatnonzero(self.previous >= 0)
+        # the rows that follow another, by lag: J classes
+        self.lags, lag_class = np.unique(self.lag[followed], return_inverse=True)
+        self.classes = [followed[lag_class == j] for j in range(len(self.lags))]
+        D, J = len(self.n), len(self.lags)
+        self.class_rows = np.bincount(self.dataset[followed] * J + lag_class, minlength=D * J).reshape(D, J)
+        self.sums = self._lagged_sums() if lagged else None
 
-    def _rows(self, datasets: np.ndarray):
-        """The rows of ``datasets`` (increasing chunk positions, as the search's active datasets are), each row's
-        dataset among those, and its predecessor among those rows."""
-        assert np.all(np.diff(datasets) > 0), "datasets in increasing order"
-        take = np.flatnonzero(np.isin(self.dataset, datasets))
-        position = np.full(len(self.dataset), -1)
-        position[take] = np.arange(len(take))
-        before = self.previous[take]
-        return take, np.searchsorted(datasets, self.dataset[take]), \
-            np.where(before >= 0, position[np.maximum(before, 0)], -1)
+    def _lagged_sums(self):
+        """The lag classes' sums of the systems (the module notes), formed once: a system whose arrays have axes
+        (D, 3 J + 1, ...), the classes' sums of d d^T, then of d v_-^T + v_- d^T (from the system of d + v_- less
+        the other two), then of v_- v_-^T, each class in turn, and last the first rows' v v^T."""
+        D = len(self.n)
+        columns = [*self.zs, self.X, self.y]
+        everyone = np.arange(D)
+
+        def built(take, values):
+            return self._build(take, self.dataset[take], everyone, values)
+
+        steps, crosses, befores = [], [], []
+        for take in self.classes:
+            before = [v[self.previous[take]] for v in columns]
+            step = [v[take] - b for v, b in zip(columns, before)]
+            dd, vv = built(take, step), built(take, before)
+            both = built(take, [a + b for a, b in zip(step, before)])
+            crosses.append(_combined_sums(lambda b, d, v: b - d - v, both, dd, vv))
+            steps.append(dd)
+            befores.append(vv)
+        firsts = np.flatnonzero(self.previous < 0)
+        parts = [*steps, *crosses, *befores, built(firsts, [v[firsts] for v in columns])]
+        return _points_systems(parts, np.arange(len(parts)))
+
+    def systems_at(self, phi: np.ndarray, datasets: np.ndarray):
+        """The systems of ``datasets`` whitened at each of ``phi`` (A, S) (complex for the step in u, its imaginary
+        part of the size of :data:`~hierpool.algebra.one_term.COMPLEX_STEP`: the systems' derivative is read as
+        Im / COMPLEX_STEP): the :func:`shared_grid` form with axes (A, S) before each array's own; and log |C(phi)|
+        (A, S).  From the lag classes' sums where the chunk formed them, else from the rows whitened at each phi."""
+        if self.sums is None:
+            built = [self._whitened(phi[:, s], datasets) for s in range(phi.shape[1])]
+            return _points_systems([b[0] for b in built], np.arange(len(built))), \
+                np.stack([b[1] for b in built], axis=1)
+        c = phi[..., None] ** self.lags  # (A, S, J)
+        weights = lag_class_weights(c)  # (A, S, 3 J + 1)
+        sums = self.sums if len(datasets) == len(self.n) else map_arrays(self.sums, lambda a: a[datasets])
+        A, S = phi.shape
+
+        def combined(a):
+            return weighted_sums(weights, a.reshape(A, a.shape[1], -1)).reshape(A, S, *a.shape[2:])
+
+        systems = map_arrays(sums, combined, fixed=lambda a: np.broadcast_to(a[:, :1], (A, S, *a.shape[2:])))
+        return systems, np.einsum("aj,asj->as", self.class_rows[datasets], np.log1p(-c * c))
 
     def systems(self, phi: np.ndarray, datasets: np.ndarray):
-        """The systems of ``datasets`` whitened at ``phi`` (one per dataset; complex for the step in u, its
-        imaginary part of the size of :data:`~hierpool.algebra.one_term.COMPLEX_STEP`: the rows' derivative is read
-        as Im / COMPLEX_STEP): the :func:`shared_grid` form with a leading dataset axis; and log |C(phi)| per
-        dataset."""
+        """The systems of ``datasets`` whitened at ``phi`` (A,) (:meth:`systems_at` of one phi each), the
+        :func:`shared_grid` form with a leading dataset axis; and log |C(phi)| per dataset."""
+        systems, log_det = self.systems_at(phi[:, None], datasets)
+        return map_arrays(systems, lambda a: a[:, 0]), log_det[:, 0]
+
+    def _whitened(self, phi: np.ndarray, datasets: np.ndarray):
+        """:meth:`systems` from the rows whitened at ``phi`` (A,): one build of the rows (three where phi is
+        complex: the systems' imaginary part is a product of real rows, h (w t^T + t w^T), w the whitened rows and
+        t their derivative, taken as (S(w + t) - S(w - t)) / 2)."""
         take, local, previous = self._rows(datasets)
         c = carried(phi[local], previous, self.lag[take])
         columns = [whiten(z[take], previous, c) for z in self.zs] + [whiten(self.X[take], previous, c),
@@ -91,6 +180,17 @@ class TermsChunk(ChunkRows):
 
         above, below = iter(_arrays(plus)), iter(_arrays(minus))
         return map_arrays(real, lambda w: combined(w, next(above), next(below))), log_det
+
+    def _rows(self, datasets: np.ndarray):
+        """The rows of ``datasets`` (increasing chunk positions, as the search's active datasets are), each row's
+        dataset among those, and its predecessor among those rows."""
+        assert np.all(np.diff(datasets) > 0), "datasets in increasing order"
+        take = np.flatnonzero(np.isin(self.dataset, datasets))
+        position = np.full(len(self.dataset), -1)
+        position[take] = np.arange(len(take))
+        before = self.previous[take]
+        return take, np.searchsorted(datasets, self.dataset[take]), \
+            np.where(before >= 0, position[np.maximum(before, 0)], -1)
 
     def _build(self, take, local, datasets, columns):
         """:func:`batched_systems` of rows ``take`` from their columns (each term's values, X, y)."""
@@ -116,6 +216,18 @@ def _arrays(systems) -> list:
     return out
 
 
+def _combined_sums(function, first, *others):
+    """The systems whose sums of the rows' products (A00, the couplings' values, the rest) are ``function`` of the
+    given systems' (each its arrays in turn); ``first``'s log_weights and beta_shift kept."""
+    def sums(systems):
+        out = []
+        map_arrays(systems, lambda a: out.append(a) or a, fixed=lambda a: a)
+        return iter(out)
+
+    parts = [sums(other) for other in others]
+    return map_arrays(first, lambda a: function(a, *(next(p) for p in parts)), fixed=lambda a: a)
+
+
 def _points_systems(built, column):
     """S systems of the same datasets (each with a leading dataset axis) as one with axes (A, Q, ...): point q's is
     system ``column[q]``."""
@@ -130,9 +242,9 @@ def joint_criterion(data: TermsChunk, continuous: bool, reml: bool):
     def value_and_grad(points, rows):
         theta, u = points[..., :-1], points[..., -1]
         distinct, column = distinct_columns(u)
-        built = [data.systems(constrained_phi(u[:, s] + 1j * COMPLEX_STEP, continuous), rows) for s in distinct]
-        complex_systems = _points_systems([b[0] for b in built], column)
-        log_det = np.stack([b[1] for b in built], axis=1)[:, column]
+        complex_systems, log_det = data.systems_at(constrained_phi(u[:, distinct] + 1j * COMPLEX_STEP, continuous),
+                                                   rows)
+        complex_systems, log_det = map_arrays(complex_systems, lambda a: a[:, column]), log_det[:, column]
         real_systems = map_arrays(complex_systems, np.real)
         n = data.n[rows][:, None]
         value, gradient = host_objective_and_gradient(real_systems, reml, n=n)(theta)
@@ -162,11 +274,12 @@ def start(data: TermsChunk, theta0: np.ndarray, continuous: bool, reml: bool, ma
 
 
 def search_on_host(plan, series, members: np.ndarray, widths, theta0: np.ndarray, *, continuous: bool, reml: bool,
-                   max_iterations: int) -> dict:
+                   max_iterations: int, lagged: bool) -> dict:
     """Fit datasets ``members`` (one bucket of padded level counts ``widths``; their AR(1) series ``series``,
-    design-row indexed; ``theta0`` their moment starts): a chunk's results as
-    :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them."""
-    data = TermsChunk(plan, series, members, widths)
+    design-row indexed; ``theta0`` their moment starts; ``lagged``: from the lag classes' sums,
+    :func:`lagged_systems_pay`): a chunk's results as :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs
+    return them."""
+    data = TermsChunk(plan, series, members, widths, lagged)
     value_and_grad = joint_criterion(data, continuous, reml)
     with np.errstate(all="ignore"):
         point, value, newton_step, iterations, converged = newton_on_host(

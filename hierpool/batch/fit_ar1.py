@@ -45,6 +45,7 @@ from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
 from .ar1_search import host_bytes, search_on_host
 from .ar1_terms_search import host_bytes as terms_host_bytes
+from .ar1_terms_search import lagged_systems_pay
 from .ar1_terms_search import search_on_host as terms_search_on_host
 from .fit_glmm import BucketRows, bucket_pattern
 from .fit_terms import (
@@ -268,15 +269,18 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         jobs = []
         for key in sorted({tuple(widths[d]) for d in usable}):
             members = usable[np.all(widths[usable] == key, axis=1)]
-            most = chunk_size or host_chunk(terms_host_bytes(ks, key, design.p))
+            # the bucket's lag classes (at least any chunk's of it): whether its chunks form their sums
+            lag_classes = len(np.unique(series.lag[has & np.isin(plan.dataset, members)]))
+            lagged = lagged_systems_pay(lag_classes, ks, key, design.p, float(plan.n_obs[members].mean()))
+            most = chunk_size or host_chunk(terms_host_bytes(ks, key, design.p, lag_classes if lagged else None))
             size = host_chunk_length(len(members), most, thread_count(None))
-            jobs += [(members[chunk.members], key, chunk.count, None)
+            jobs += [(members[chunk.members], (key, lagged), chunk.count, None)
                      for chunk in chunks(0, np.arange(len(members)), size, 1)]
 
         def run_terms(job):
-            members, key = job[0], job[1]
+            members, (key, lagged) = job[0], job[1]
             return terms_search_on_host(plan, series, members, key, theta0[members], continuous=structure.continuous,
-                                        reml=reml, max_iterations=max_iterations)
+                                        reml=reml, max_iterations=max_iterations, lagged=lagged)
 
         return _store(jobs, run_terms, out, plan, workers=thread_count(None), progress=progress)
     chunk_size = chunk_size or default_chunk
