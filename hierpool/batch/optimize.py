@@ -129,6 +129,8 @@ def _solve_spd(matrix, vector):
     (leading axes: datasets).  A matrix that is not positive definite gives NaN, as the Cholesky factor does, for
     its own dataset alone (NumPy's solve would raise for the whole stack)."""
     if isinstance(matrix, np.ndarray):
+        if _all_positive_definite(matrix) and np.isfinite(vector).all():  # the common stack, without the masks
+            return np.linalg.solve(matrix, vector[..., None])[..., 0]
         definite = _positive_definite(matrix) & np.all(np.isfinite(vector), axis=-1)
         safe = np.where(definite[..., None, None], matrix, np.eye(matrix.shape[-1]))
         solved = np.linalg.solve(safe, np.where(definite[..., None], vector, 0.0)[..., None])[..., 0]
@@ -136,9 +138,23 @@ def _solve_spd(matrix, vector):
     return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(matrix), True), vector)
 
 
+def _all_positive_definite(matrices: np.ndarray) -> bool:
+    """Whether every matrix of a stack (NumPy) is finite and positive definite, by one LAPACK call on the stack (which
+    refuses the whole stack where one is not): :func:`_positive_definite`'s test, without its per-matrix masks."""
+    if not np.isfinite(matrices).all():
+        return False
+    try:
+        np.linalg.cholesky(matrices)
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
 def _positive_definite(matrices: np.ndarray) -> np.ndarray:
     """Whether each of a stack of symmetric matrices (NumPy) is finite and positive definite: its Cholesky factor
     exists, the compiled path's test (:func:`_definiteness`), so both paths decide alike."""
+    if _all_positive_definite(matrices):
+        return np.ones(matrices.shape[:-2], dtype=bool)
     finite = np.all(np.isfinite(matrices), axis=(-2, -1))
     safe = np.where(finite[..., None, None], matrices, np.eye(matrices.shape[-1]))
     with np.errstate(invalid="ignore", divide="ignore"):  # linalg.cholesky: NaN for each indefinite one of a stack
