@@ -478,6 +478,20 @@ def test_the_host_newton_decides_definiteness_matrix_by_matrix_as_the_compiled_o
     definite, shift = _definiteness(stack[:3])
     np.testing.assert_array_equal(definite, [True, False, False])
     assert shift[0] == 0.0 and shift[1] > 0 and shift[2] >= 0
+    # a stack that is all definite is decided at once; the Newton systems solved alike either way, NaN for the
+    # matrices that are not definite (or whose right-hand side is not finite) alone
+    from hierpool.batch.optimize import _solve_spd
+
+    definite_stack = stack[[0, 4, 0]]
+    assert _positive_definite(definite_stack).all()
+    vectors = np.array([[1.0, 2.0], [3.0, -1.0], [np.nan, 1.0], [1.0, 1.0], [0.5, 0.5]])
+    expected = np.linalg.solve(definite_stack, vectors[[0, 1, 4]][..., None])[..., 0]
+    np.testing.assert_allclose(_solve_spd(definite_stack, vectors[[0, 1, 4]]), expected, rtol=1e-14)
+    mixed = _solve_spd(stack, vectors)
+    np.testing.assert_allclose(mixed[[0, 4]], np.linalg.solve(stack[[0, 4]], vectors[[0, 4]][..., None])[..., 0],
+                               rtol=1e-14)
+    assert np.isnan(mixed[[1, 2, 3]]).all()
+    assert np.isnan(_solve_spd(definite_stack, vectors[[0, 2, 4]])[1]).all()
 
 
 def test_newton_stops_on_the_pass_whose_quadratic_model_puts_the_optimum_within_the_tolerance():
