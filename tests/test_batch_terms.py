@@ -372,6 +372,43 @@ def test_a_stack_of_systems_on_the_host_evaluates_as_each_system_alone(monkeypat
             np.testing.assert_allclose(solved.cond_var[t][d], single.cond_var[t], rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("formula", ["y ~ x + (1 + x | g) + (1 | h)", "y ~ x + (1 | g) + (1 + x | h)"])
+def test_the_criterions_derivative_along_a_change_of_its_systems_is_the_complex_steps(formula):
+    """The host adjoint's derivative along a change of the systems' sums (A00, the dense couplings, the rest:
+    criterion._derivative_along, an AR(1) batch's derivative in phi) equals the complex step of the criterion of the
+    systems moved along it, at several points a dataset, REML and ML, term 0 of two coefficients and of one."""
+    from hierpool.algebra.batched_systems import batched_systems, map_arrays, shared_grid
+    from hierpool.algebra.criterion import host_objective_and_gradient, objective
+    from hierpool.spec.design import build_design
+
+    rng = np.random.default_rng(9)
+    frame = pd.DataFrame({"g": rng.integers(0, 6, 90).astype(str), "h": rng.integers(0, 4, 90).astype(str),
+                          "x": rng.normal(size=90), "d": np.repeat([0, 1, 2], 30)})
+    frame["y"] = 3 + frame["x"] + rng.normal(size=90)
+    design = build_design(formula, frame)
+
+    def systems_of(z_noise, x_noise, y_noise):  # sums of rows of the design's levels: the systems' own shapes
+        terms = [(t.index, t.z + z_noise * rng.normal(size=t.z.shape), width) for t, width in zip(design.terms, (7, 5))]
+        X, y = design.X + x_noise * rng.normal(size=design.X.shape), design.y + y_noise * rng.normal(size=90)
+        return batched_systems(frame["d"].to_numpy(), 3, terms, X, y, None, None)
+
+    systems, n = systems_of(0.0, 0.0, 0.0)
+    change, _ = systems_of(1.0, 1.0, 1.0)
+    points = shared_grid(systems, np.arange(3), points=True)
+    along = shared_grid(change, np.arange(3), points=True)
+    steps = []
+    map_arrays(along, lambda a: steps.append(a) or a, fixed=lambda a: a)
+    step = iter(steps)
+    stepped = map_arrays(points, lambda a: a + 1e-30j * next(step), fixed=lambda a: a)  # S + i h D
+    thetas = rng.uniform(-0.5, 1.5, size=(3, 4, 4))
+    for reml in (True, False):
+        value, _, derivative = host_objective_and_gradient(points, reml, n=n[:, None], along=along)(thetas)
+        expected = objective(thetas.astype(complex), stepped, reml, n[:, None])
+        np.testing.assert_allclose(value, expected.real, rtol=1e-12)
+        np.testing.assert_allclose(derivative, expected.imag / 1e-30, rtol=1e-8,
+                                   atol=1e-10 * np.abs(expected.imag / 1e-30).max())
+
+
 def test_the_rule_puts_float64_batches_on_one_cpu_device_on_the_host():
     import jax
 

@@ -244,7 +244,8 @@ def _scale_reduced(rest_factors, reduced, system):
 def _reduce_bwd(residuals, cotangent):
     rest_factors, reduced, system = residuals
     contractions = functools.partial(level_contractions, system, n_blocks=len(system.layout.rest_blocks))
-    return _reduce_adjoint(rest_factors, reduced, system, cotangent, contractions)
+    factor_grads, grad_m, _ = _reduce_adjoint(rest_factors, reduced, system, cotangent, contractions)
+    return factor_grads, grad_m, None  # the system is data
 
 
 def _reduce_adjoint(rest_factors, reduced, system, cotangent, contractions):
@@ -274,7 +275,7 @@ def _reduce_adjoint(rest_factors, reduced, system, cotangent, contractions):
         factor_grads.append(2.0 * (xp.swapaxes(left, -1, -2) @ right))
         offset += ell * k
     grad_m = -contractions(lam_g_lam)
-    return tuple(factor_grads), grad_m, None
+    return tuple(factor_grads), grad_m, lam_g_lam  # the last: the cotangent of A_rest (and, negated, of U(M))
 
 
 def reduced_rest(theta: jax.Array, system: MixedModelSystem):
@@ -568,8 +569,27 @@ def _level_contractions_dense(coupling: jax.Array, matrix: jax.Array) -> jax.Arr
     return ch @ xp.swapaxes(coupling, -1, -2)
 
 
+def _derivative_along(along: MixedModelSystem, m_levels, grad_m, rest_cotangent, coupling):
+    """The criterion's derivative along a change ``along`` of the system's sums (its A00, couplings and rest; the
+    dense coupling C), given the adjoint's pieces at theta: M_l (``m_levels``), the cotangents of M_l (``grad_m``)
+    and of A_rest (``rest_cotangent``, H = Lambda G Lambda^T).  With K = A_rest - sum_l C_l^T M_l C_l and
+    M_l = T0 D_l^-1 T0^T, D_l = T0^T A00_l T0 + I (so d log|D_l| / dA00_l = M_l, dM_l = -M_l dA00_l M_l):
+
+        d = <H, dA_rest> - 2 sum_l <M_l C_l H, dC_l> + sum_l <M_l - M_l (dcrit/dM_l) M_l, dA00_l>.
+
+    Leading axes broadcast, as the criterion's."""
+    ell0, k0, m = coupling.shape[-3:]
+    along_coupling = grid_coupling(along)
+    ch = (coupling.reshape(coupling.shape[:-3] + (ell0 * k0, m)) @ rest_cotangent)
+    ch = ch.reshape(ch.shape[:-2] + (ell0, k0, m))
+    a00_cotangent = m_levels - m_levels @ grad_m @ m_levels
+    return (np.sum(rest_cotangent * along.rest, axis=(-2, -1))
+            - 2.0 * np.sum((m_levels @ ch) * along_coupling, axis=(-3, -2, -1))
+            + np.sum(a00_cotangent * along.a00, axis=(-3, -2, -1)))
+
+
 def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, dense: bool | None = None,
-                                logdet_only: bool = False, n=None):
+                                logdet_only: bool = False, n=None, along: MixedModelSystem | None = None):
     """theta -> (:func:`objective`, its gradient) in NumPy, with no compilation.
 
     The same forward functions as the compiled objective, and the same written-out
@@ -591,6 +611,11 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
     axis (points: a trial and its forward differences, :func:`hierpool.algebra.batched_systems.shared_grid`'s
     ``points``), term 0's values and the Schur update are computed once for the points that share term 0's theta
     (the probes in the other terms' parameters), and taken for the others.
+
+    ``along``: a change of the systems' sums (A00, the couplings' values and the rest; a batch of
+    ``Layout.dense_only`` systems, the same shapes), and each call returns the criterion's derivative along it
+    too, from the adjoint's pieces (:func:`_derivative_along`): (value, gradient, derivative).  An AR(1) batch's
+    derivative in phi (:mod:`hierpool.batch.ar1_terms_search`), where the systems are combinations of sums in phi.
     """
     layout = system.layout
     q, p = layout.q_rest, layout.p
@@ -599,6 +624,8 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
     c_rx = 1.0 if reml else 0.0
     if dense is None:
         dense = dense_coupling_pays(system)
+    if along is not None and not (dense and layout.dense_only and along.layout.dense_only):
+        raise ValueError("a derivative along a change of the systems takes a batch's dense systems")
     coupling = dense_coupling(system) if dense else None
     if coupling is not None:
         contractions = functools.partial(_level_contractions_dense, coupling)
@@ -638,10 +665,14 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
         value = parts.logdet_lz if logdet_only else criterion(parts, system, reml, n)
         c_r2 = 1.0 if layout.sigma_known else dof / pwrss
         (grad_rest,) = _dense_parts_bwd(q, p, chol, (1.0, 0.0, 0.0) if logdet_only else (1.0, c_rx, c_r2))
-        rest_factor_grads, grad_m, _ = _reduce_adjoint(tuple(factors[1:]), reduced, system, grad_rest, contractions)
+        rest_factor_grads, grad_m, rest_cotangent = _reduce_adjoint(tuple(factors[1:]), reduced, system, grad_rest,
+                                                                    contractions)
         grad_t0 = _term0_adjoint(system.a00, m_levels, p_levels, 1.0, grad_m)
         gradient = factor_gradients_to_theta([grad_t0, *rest_factor_grads])
-        return (float(value) if np.ndim(value) == 0 else value), gradient
+        value = float(value) if np.ndim(value) == 0 else value
+        if along is None:
+            return value, gradient
+        return value, gradient, _derivative_along(along, m_levels, grad_m, rest_cotangent, coupling)
 
     return evaluate
 

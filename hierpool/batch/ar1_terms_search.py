@@ -5,9 +5,9 @@ The one-term search (:mod:`hierpool.batch.ar1_search`) reads per-level moments; 
 criterion is the general blocked one (:func:`hierpool.algebra.criterion.objective`) of its system of whitened
 cross-products.  Newton's method moves (theta, u) together (:func:`hierpool.batch.optimize.newton_on_host`,
 saddle-free steps, the interpolated damping of the several-term linear search), its gradient in theta the host
-adjoint (:func:`hierpool.algebra.criterion.host_objective_and_gradient`) and in u the complex step: the criterion of
-the system whitened at u + i h, analytic in the system (:func:`hierpool.algebra.linalg.cholesky` is L L^T on complex
-stacks).
+adjoint (:func:`hierpool.algebra.criterion.host_objective_and_gradient`), and in u the same adjoint's derivative
+along the systems' derivative in u (``along``), which is the imaginary part of the systems whitened at u + i h (the
+complex step of the systems alone, below), and log |C|'s.
 
 **The systems at phi.**  A row that follows another at lag L whitens to w = (d + (1 - c) v_-) / sqrt(1 - c^2),
 c = phi^L, d = v - v_- (:func:`hierpool.algebra.ar1.lagged_moments`' algebra), and a series is within one level
@@ -35,7 +35,7 @@ import numpy as np
 from ..algebra.ar1 import carried, constrained_phi, lag_class_weights, weighted_sums, whiten
 from ..algebra.batched_systems import batched_systems, map_arrays, shared_grid
 from ..algebra.checks import singular_rows
-from ..algebra.criterion import host_objective_and_gradient, objective
+from ..algebra.criterion import host_objective_and_gradient
 from ..algebra.henderson import solve
 from ..algebra.linalg import canonical_theta, dataset_cells, distinct_columns
 from ..algebra.one_term import COMPLEX_STEP
@@ -237,20 +237,21 @@ def _points_systems(built, column):
 
 def joint_criterion(data: TermsChunk, continuous: bool, reml: bool):
     """``value_and_grad(points, rows)`` for :func:`newton_on_host`: the criterion at (theta, u) points (A, Q, m + 1)
-    of datasets ``rows``, its gradient in theta by the host adjoint and in u by the complex step (the module
-    notes).  NaN outside u's range."""
+    of datasets ``rows``, its gradient in theta by the host adjoint, and in u the adjoint's derivative along the
+    systems' derivative in u (the complex step of the systems alone: their imaginary part at u + i h, the module
+    notes) with log |C|'s.  NaN outside u's range."""
     def value_and_grad(points, rows):
         theta, u = points[..., :-1], points[..., -1]
         distinct, column = distinct_columns(u)
         complex_systems, log_det = data.systems_at(constrained_phi(u[:, distinct] + 1j * COMPLEX_STEP, continuous),
                                                    rows)
         complex_systems, log_det = map_arrays(complex_systems, lambda a: a[:, column]), log_det[:, column]
-        real_systems = map_arrays(complex_systems, np.real)
-        n = data.n[rows][:, None]
-        value, gradient = host_objective_and_gradient(real_systems, reml, n=n)(theta)
-        in_u = objective(theta.astype(complex), complex_systems, reml, n) + log_det
+        real_systems, stepped = map_arrays(complex_systems, np.real), map_arrays(complex_systems, np.imag)
+        value, gradient, along = host_objective_and_gradient(real_systems, reml, n=data.n[rows][:, None],
+                                                             along=stepped)(theta)
+        in_u = (along + log_det.imag) / COMPLEX_STEP  # the systems' and log |C|'s step in u, h times their derivative
         value = np.where(np.abs(u) > UNCONSTRAINED_LIMIT, np.nan, value + log_det.real)
-        return value, np.concatenate([gradient, (in_u.imag / COMPLEX_STEP)[..., None]], axis=-1)
+        return value, np.concatenate([gradient, in_u[..., None]], axis=-1)
 
     return value_and_grad
 
