@@ -484,6 +484,7 @@ def test_the_host_newton_decides_definiteness_matrix_by_matrix_as_the_compiled_o
 
     definite_stack = stack[[0, 4, 0]]
     assert _positive_definite(definite_stack).all()
+    np.testing.assert_array_equal(_positive_definite(stack[[0, 3]]), [True, False])  # LAPACK factors NaN silently
     vectors = np.array([[1.0, 2.0], [3.0, -1.0], [np.nan, 1.0], [1.0, 1.0], [0.5, 0.5]])
     expected = np.linalg.solve(definite_stack, vectors[[0, 1, 4]][..., None])[..., 0]
     np.testing.assert_allclose(_solve_spd(definite_stack, vectors[[0, 1, 4]]), expected, rtol=1e-14)
@@ -492,6 +493,9 @@ def test_the_host_newton_decides_definiteness_matrix_by_matrix_as_the_compiled_o
                                rtol=1e-14)
     assert np.isnan(mixed[[1, 2, 3]]).all()
     assert np.isnan(_solve_spd(definite_stack, vectors[[0, 2, 4]])[1]).all()
+    nan_neighbour = _solve_spd(stack[[0, 3]], vectors[[0, 3]])
+    np.testing.assert_allclose(nan_neighbour[0], expected[0], rtol=1e-14)
+    assert np.isnan(nan_neighbour[1]).all()
 
 
 def test_newton_stops_on_the_pass_whose_quadratic_model_puts_the_optimum_within_the_tolerance():

@@ -267,7 +267,8 @@ def test_the_whitened_systems_step_in_phi_is_their_derivative(replicates, by):
     """The complex system at phi + i h (from the lag classes' sums at a complex phi; from the rows, its imaginary
     part from three real builds, (S(w + t) - S(w - t)) / 2) is h times the derivative of the real systems in phi
     (against a central difference)."""
-    chunk = _terms_chunks(replicates[:2], hp.car1("Subject", "Days"))[by == "rows"]
+    by_sums, by_rows = _terms_chunks(replicates[:2], hp.car1("Subject", "Days"))
+    chunk = by_sums if by == "sums" else by_rows
     assert (chunk.sums is None) == (by == "rows")
     phi, h, datasets = np.array([0.3, 0.7]), 1e-6, np.arange(2)
     stepped, log_det = chunk.systems(phi + 1e-30j, datasets)
@@ -282,21 +283,14 @@ def test_the_whitened_systems_step_in_phi_is_their_derivative(replicates, by):
     np.testing.assert_allclose(log_det.imag / 1e-30, (above[1] - below[1]) / (2 * h), rtol=1e-6)
 
 
-def _arrays_of(systems) -> list:
-    """The arrays of a batch of systems, in map_arrays' order."""
-    from hierpool.algebra.batched_systems import map_arrays
-
-    out = []
-    map_arrays(systems, lambda a: out.append(a) or a)
-    return out
-
-
 @pytest.mark.parametrize("structure", ["car1", "ar1"])
 def test_the_lag_classes_sums_combine_to_the_systems_of_the_whitened_rows(replicates, structure):
     """The systems from the lag classes' sums, formed once and combined at each phi, equal the systems built from
     the rows whitened at that phi: real and complex-stepped, several phis a dataset (one near 1), two of the chunk's
     three datasets; in continuous time with the lags of the days missing, and at integer positions (one lag) with
     negative phis."""
+    from hierpool.algebra.batched_systems import system_arrays
+
     if structure == "car1":
         sums, rows = _terms_chunks(replicates, hp.car1("Subject", "Days"))
         lags, phi = [1, 2, 3], np.array([[0.05, 0.6, 0.9999], [0.5, 0.2, 0.8]])
@@ -308,7 +302,7 @@ def test_the_lag_classes_sums_combine_to_the_systems_of_the_whitened_rows(replic
     for step in (0, 1e-30j):
         got, got_log_det = sums.systems_at(phi + step, datasets)
         want, want_log_det = rows.systems_at(phi + step, datasets)
-        for a, b in zip(_arrays_of(got), _arrays_of(want), strict=True):
+        for a, b in zip(system_arrays(got), system_arrays(want), strict=True):
             assert a.shape == b.shape
             for part in (np.real, np.imag):  # the imaginary parts: the derivative, to the same tolerance
                 np.testing.assert_allclose(part(a), part(b), rtol=1e-9, atol=1e-9 * np.abs(part(b)).max())

@@ -213,10 +213,11 @@ def lag_class_weights(c):
     NumPy's complex power of an integer below 100 multiplies, so c = phi^lag of a complex-stepped phi is exact also
     for a negative phi; a larger or fractional lag goes through the logarithm, right for phi > 0 (corCAR1's
     range), as :func:`carried`'s power."""
-    one_minus = 1.0 - c
-    scale = 1.0 / (one_minus * (1.0 + c))  # 1 / (1 - c^2)
-    return np.concatenate([scale, one_minus * scale, one_minus * one_minus * scale, np.ones_like(c[..., :1])],
-                          axis=-1)
+    one_minus, one_plus = 1.0 - c, 1.0 + c
+    # the last two reduced to 1 / (1 + c) and (1 - c) / (1 + c): no 1 - c divided by itself as c nears 1 (a short
+    # lag's complex step in corCAR1 keeps its derivative's digits)
+    return np.concatenate([1.0 / (one_minus * one_plus), 1.0 / one_plus, one_minus / one_plus,
+                           np.ones_like(c[..., :1])], axis=-1)
 
 
 def weighted_sums(weights: np.ndarray, sums: np.ndarray) -> np.ndarray:

@@ -160,6 +160,13 @@ def dense_entries(layout_widths, ks, p: int) -> int:
     return int(layout_widths[0] * ks[0] * m)
 
 
+def system_entries(layout_widths, ks, p: int) -> int:
+    """A dataset's system's values: A00's ell0 k0^2, the dense coupling's (:func:`dense_entries`) and the rest's
+    m^2."""
+    m = sum(ell * k for ell, k in zip(layout_widths[1:], ks[1:])) + p + 1
+    return int(layout_widths[0] * ks[0] * ks[0]) + dense_entries(layout_widths, ks, p) + m * m
+
+
 def map_arrays(systems: MixedModelSystem, function, fixed=None) -> MixedModelSystem:
     """``function`` applied to each per-dataset array of a batch of systems (A00, the couplings' values, the rest,
     log_weights, beta_shift), the couplings' level grids kept: the one list of those fields for whoever maps them.
@@ -170,6 +177,14 @@ def map_arrays(systems: MixedModelSystem, function, fixed=None) -> MixedModelSys
         systems, a00=function(systems.a00), rest=function(systems.rest), log_weights=fixed(systems.log_weights),
         beta_shift=fixed(systems.beta_shift),
         couplings=tuple(dataclasses.replace(c, values=function(c.values)) for c in systems.couplings))
+
+
+def system_arrays(systems: MixedModelSystem, sums_only: bool = False) -> list:
+    """The per-dataset arrays of a batch of systems, in :func:`map_arrays`' order; ``sums_only``: the sums of the
+    rows' products alone (A00, the rest, the couplings' values), not log_weights and beta_shift."""
+    out = []
+    map_arrays(systems, lambda a: out.append(a) or a, fixed=(lambda a: a) if sums_only else None)
+    return out
 
 
 def shared_grid(systems: MixedModelSystem, rows, points: bool = False) -> MixedModelSystem:

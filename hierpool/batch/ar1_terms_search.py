@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..algebra.ar1 import carried, constrained_phi, lag_class_weights, weighted_sums, whiten
-from ..algebra.batched_systems import batched_systems, map_arrays, shared_grid
+from ..algebra.batched_systems import batched_systems, map_arrays, shared_grid, system_arrays, system_entries
 from ..algebra.checks import singular_rows
 from ..algebra.criterion import host_objective_and_gradient
 from ..algebra.henderson import solve
@@ -58,17 +58,10 @@ def host_bytes(ks, widths, p: int, lagged_classes: int | None) -> int:
     return search + (0 if lagged_classes is None else lagged_bytes(lagged_classes, ks, widths, p))
 
 
-def _system_entries(ks, widths, p: int) -> int:
-    """A dataset's system's values: A00's ell0 k0^2, the dense coupling's ell0 k0 m, the rest's m^2
-    (m = sum_(j>0) ell_j k_j + p + 1)."""
-    m = sum(w * k for w, k in zip(widths[1:], ks[1:])) + p + 1
-    return widths[0] * ks[0] * (ks[0] + m) + m * m
-
-
 def lagged_bytes(lag_classes: int, ks, widths, p: int) -> int:
     """The lag classes' sums of a dataset's system (:class:`TermsChunk`) in bytes: 3 J + 1 systems, twice (an
     evaluation of fewer than all the chunk's datasets gathers theirs)."""
-    return 16 * (3 * lag_classes + 1) * _system_entries(ks, widths, p)
+    return 16 * (3 * lag_classes + 1) * system_entries(widths, ks, p)
 
 
 #: Values of the lag classes' sums combined (3 J + 1 systems' values) per product of a row's columns, (sum_j k_j + p +
@@ -84,7 +77,7 @@ def lagged_systems_pay(lag_classes: int, ks, widths, p: int, rows: float) -> boo
     benchmarks/RESULTS.md, twenty-sixth session).  The sums' bytes count in the chunk's (:func:`host_bytes`); none
     is formed above :data:`~hierpool.batch.plan.HOST_CHUNK_BYTES` a dataset."""
     products = rows * (sum(ks) + p + 1) ** 2
-    return ((3 * lag_classes + 1) * _system_entries(ks, widths, p) <= LAGGED_VALUES_PER_PRODUCT * products
+    return ((3 * lag_classes + 1) * system_entries(widths, ks, p) <= LAGGED_VALUES_PER_PRODUCT * products
             and lagged_bytes(lag_classes, ks, widths, p) <= HOST_CHUNK_BYTES)
 
 
@@ -99,13 +92,15 @@ class TermsChunk(ChunkRows):
         self.zs = [term.z[self.rows] for term in plan.design.terms]
         self.widths = [int(w) for w in widths]
         self.ks = tuple(term.k for term in plan.design.terms)
-        followed = np.flatnonzero(self.previous >= 0)
-        # the rows that follow another, by lag: J classes
-        self.lags, lag_class = np.unique(self.lag[followed], return_inverse=True)
-        self.classes = [followed[lag_class == j] for j in range(len(self.lags))]
-        D, J = len(self.n), len(self.lags)
-        self.class_rows = np.bincount(self.dataset[followed] * J + lag_class, minlength=D * J).reshape(D, J)
-        self.sums = self._lagged_sums() if lagged else None
+        self.sums = None
+        if lagged:  # the rows that follow another, by lag: J classes, and their sums
+            followed = np.flatnonzero(self.previous >= 0)
+            self.lags, lag_class = np.unique(self.lag[followed], return_inverse=True)
+            D, J = len(self.n), len(self.lags)
+            counts = np.bincount(lag_class, minlength=J)
+            self.classes = np.split(followed[np.argsort(lag_class, kind="stable")], np.cumsum(counts)[:-1])
+            self.class_rows = np.bincount(self.dataset[followed] * J + lag_class, minlength=D * J).reshape(D, J)
+            self.sums = self._lagged_sums()
 
     def _lagged_sums(self):
         """The lag classes' sums of the systems (the module notes), formed once: a system whose arrays have axes
@@ -129,7 +124,7 @@ class TermsChunk(ChunkRows):
             befores.append(vv)
         firsts = np.flatnonzero(self.previous < 0)
         parts = [*steps, *crosses, *befores, built(firsts, [v[firsts] for v in columns])]
-        return _points_systems(parts, np.arange(len(parts)))
+        return _points_systems(parts, slice(None))  # stacked, not copied again
 
     def systems_at(self, phi: np.ndarray, datasets: np.ndarray):
         """The systems of ``datasets`` whitened at each of ``phi`` (A, S) (complex for the step in u, its imaginary
@@ -138,8 +133,7 @@ class TermsChunk(ChunkRows):
         (A, S).  From the lag classes' sums where the chunk formed them, else from the rows whitened at each phi."""
         if self.sums is None:
             built = [self._whitened(phi[:, s], datasets) for s in range(phi.shape[1])]
-            return _points_systems([b[0] for b in built], np.arange(len(built))), \
-                np.stack([b[1] for b in built], axis=1)
+            return _points_systems([b[0] for b in built], slice(None)), np.stack([b[1] for b in built], axis=1)
         c = phi[..., None] ** self.lags  # (A, S, J)
         weights = lag_class_weights(c)  # (A, S, 3 J + 1)
         sums = self.sums if len(datasets) == len(self.n) else map_arrays(self.sums, lambda a: a[datasets])
@@ -175,11 +169,9 @@ class TermsChunk(ChunkRows):
         plus = self._build(take, local, datasets, [v.real + t for v, t in zip(columns, steps)])
         minus = self._build(take, local, datasets, [v.real - t for v, t in zip(columns, steps)])
 
-        def combined(w, above, below):  # S(w) + i h (w t^T + t w^T), (S(w + t) - S(w - t)) / 2 the latter
-            return w + 0.5j * COMPLEX_STEP * (above - below)
-
-        above, below = iter(_arrays(plus)), iter(_arrays(minus))
-        return map_arrays(real, lambda w: combined(w, next(above), next(below))), log_det
+        # S(w) + i h (w t^T + t w^T), (S(w + t) - S(w - t)) / 2 the latter
+        return _combined_sums(lambda w, above, below: w + 0.5j * COMPLEX_STEP * (above - below), real, plus,
+                              minus), log_det
 
     def _rows(self, datasets: np.ndarray):
         """The rows of ``datasets`` (increasing chunk positions, as the search's active datasets are), each row's
@@ -209,29 +201,17 @@ class TermsChunk(ChunkRows):
         return out
 
 
-def _arrays(systems) -> list:
-    """The per-dataset arrays of a batch of systems, in :func:`map_arrays`' order."""
-    out = []
-    map_arrays(systems, lambda a: out.append(a) or a)
-    return out
-
-
 def _combined_sums(function, first, *others):
     """The systems whose sums of the rows' products (A00, the couplings' values, the rest) are ``function`` of the
     given systems' (each its arrays in turn); ``first``'s log_weights and beta_shift kept."""
-    def sums(systems):
-        out = []
-        map_arrays(systems, lambda a: out.append(a) or a, fixed=lambda a: a)
-        return iter(out)
-
-    parts = [sums(other) for other in others]
+    parts = [iter(system_arrays(other, sums_only=True)) for other in others]
     return map_arrays(first, lambda a: function(a, *(next(p) for p in parts)), fixed=lambda a: a)
 
 
 def _points_systems(built, column):
     """S systems of the same datasets (each with a leading dataset axis) as one with axes (A, Q, ...): point q's is
     system ``column[q]``."""
-    parts = [iter(_arrays(s)) for s in built]
+    parts = [iter(system_arrays(s)) for s in built]
     return map_arrays(built[0], lambda _: np.stack([next(p) for p in parts], axis=1)[:, column])
 
 

@@ -129,9 +129,9 @@ def _solve_spd(matrix, vector):
     (leading axes: datasets).  A matrix that is not positive definite gives NaN, as the Cholesky factor does, for
     its own dataset alone (NumPy's solve would raise for the whole stack)."""
     if isinstance(matrix, np.ndarray):
-        if _all_positive_definite(matrix) and np.isfinite(vector).all():  # the common stack, without the masks
-            return np.linalg.solve(matrix, vector[..., None])[..., 0]
         definite = _positive_definite(matrix) & np.all(np.isfinite(vector), axis=-1)
+        if definite.all():  # the common stack, without the masks
+            return np.linalg.solve(matrix, vector[..., None])[..., 0]
         safe = np.where(definite[..., None, None], matrix, np.eye(matrix.shape[-1]))
         solved = np.linalg.solve(safe, np.where(definite[..., None], vector, 0.0)[..., None])[..., 0]
         return np.where(definite[..., None], solved, np.nan)
@@ -140,7 +140,8 @@ def _solve_spd(matrix, vector):
 
 def _all_positive_definite(matrices: np.ndarray) -> bool:
     """Whether every matrix of a stack (NumPy) is finite and positive definite, by one LAPACK call on the stack (which
-    refuses the whole stack where one is not): :func:`_positive_definite`'s test, without its per-matrix masks."""
+    refuses the whole stack where one is not positive definite, but factors a NaN matrix into NaN without refusing
+    it: hence the finite test first): :func:`_positive_definite`'s test, without its per-matrix masks."""
     if not np.isfinite(matrices).all():
         return False
     try:
