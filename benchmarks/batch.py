@@ -26,6 +26,7 @@
     python benchmarks/batch.py --lmm-three-terms 300  # (1 + x | a) + (1 + x | b) + (1 | a:b): out/lmm_three_terms.json
     python benchmarks/batch.py --ar1 1000           # Ovary-shaped, corAR1, (1 | Mare), against nlme: out/ar1.json
     python benchmarks/batch.py --car1 1000          # BodyWeight-shaped, corCAR1, (Time | Rat): out/car1.json
+    python benchmarks/batch.py --ar1-terms 200      # Pixel-shaped, (day | Dog) + (1 | Dog:Side), corAR1: out/ar1_terms.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
                                                     # hp.lmm loop: out/animal.json
 
@@ -378,7 +379,7 @@ HIERPOOL_MODEL = textwrap.dedent(
 )
 
 
-# --ar1 / --car1: AR(1) residuals (nlme's corAR1 / corCAR1) against a loop of nlme's lme.  N replicates simulated by
+# --ar1 / --car1 / --ar1-terms: AR(1) residuals (nlme's corAR1 / corCAR1) against a loop of nlme's lme.  N replicates simulated by
 # hp.simulate from hp.lmm's fit to the nlme dataset (nlme has no simulate for lme), written to a CSV both sides read;
 # the clock around the fits and their fixed effects, variance components and random effects, as the lme4 loops'.
 AR1_MODELS = {
@@ -391,6 +392,13 @@ AR1_MODELS = {
                  correlation='hp.car1("Rat", "Time")', columns="",
                  r_fit="lme(weight ~ Time * Diet, random = ~ Time | Rat, data = d, "
                        "correlation = corCAR1(form = ~ Time | Rat))"),
+    "ar1_terms": dict(help="Pixel-shaped datasets, two terms, corAR1 within Dog:Side, against an nlme loop",
+                      data="Pixel", factors=["Dog", "Side", "DS"], response="pixel",
+                      formula="pixel ~ day + day2 + (day | Dog) + (1 | Dog:Side)",
+                      correlation='hp.ar1("DS", time="day")',
+                      columns="day2=d.day ** 2, DS=d.Dog.astype(str) + '_' + d.Side.astype(str)",
+                      r_fit="lme(pixel ~ day + day2, random = list(Dog = ~ day, Side = ~ 1), data = d, "
+                            "correlation = corAR1(form = ~ 1 | Dog/Side))"),
 }
 
 AR1_SIMULATE = textwrap.dedent(
@@ -663,7 +671,7 @@ def main() -> None:
     for name, model in MODELS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=0, help=model["help"])
     for name, model in AR1_MODELS.items():
-        parser.add_argument("--" + name, type=int, default=0, help=model["help"])
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=0, help=model["help"])
     parser.add_argument("--animal", type=int, default=0, help="animal models on one pedigree against lme4 (L_A in Z)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
