@@ -281,7 +281,7 @@ def test_lagged_moments_whiten_as_the_rows_do():
 def test_lag_one_phis_of_many_datasets_are_each_ones():
     """Each dataset's start: its residuals' lag-1 correlation, the root of its median lag, clipped (written out
     here), and 0.1 for a dataset without a row that has a predecessor."""
-    from hierpool.closedform.ar1 import lag_one_phis
+    from hierpool.algebra.ar1 import lag_one_phis
 
     dataset, level, columns, previous, lag = _irregular_series(1)
     residual = columns[:, 1] + 0.5 * np.r_[0.0, columns[:-1, 1]]

@@ -269,7 +269,7 @@ def test_the_whitened_systems_step_in_phi_is_their_derivative(replicates, by):
     (against a central difference)."""
     by_sums, by_rows = _terms_chunks(replicates[:2], hp.car1("Subject", "Days"))
     chunk = by_sums if by == "sums" else by_rows
-    assert (chunk.sums is None) == (by == "rows")
+    assert chunk.lagged == (by == "sums")
     phi, h, datasets = np.array([0.3, 0.7]), 1e-6, np.arange(2)
     stepped, log_det = chunk.systems(phi + 1e-30j, datasets)
     above, below = chunk.systems(phi + h, datasets), chunk.systems(phi - h, datasets)
@@ -297,7 +297,7 @@ def test_the_lag_classes_sums_combine_to_the_systems_of_the_whitened_rows(replic
     else:
         sums, rows = _terms_chunks(replicates, hp.ar1("Subject", time="Days"))
         lags, phi = [1], np.array([[-0.6, 0.2, 0.9999], [0.5, -0.05, -0.9]])
-    assert rows.sums is None and sums.lags.tolist() == lags
+    assert sums.lagged and not rows.lagged and sums.lags.tolist() == lags
     datasets = np.array([0, 1])
     for step in (0, 1e-30j):
         got, got_log_det = sums.systems_at(phi + step, datasets)
@@ -341,8 +341,7 @@ def test_several_terms_with_a_correlated_slope_in_continuous_time_across_buckets
     frames = [_sites(seed, n_site, n_subj, True) for seed, (n_site, n_subj) in enumerate([(3, 2), (9, 3), (6, 4)])]
     widths, search = [], fit_ar1_module.terms_search_on_host
     monkeypatch.setattr(fit_ar1_module, "terms_search_on_host",
-                        lambda plan, series, members, key, *a, **k: widths.append(key) or search(plan, series, members,
-                                                                                                  key, *a, **k))
+                        lambda data, *a, **k: widths.append(tuple(data.widths)) or search(data, *a, **k))
     batch = hp.fit_batch(formula, frames, by="rep", correlation=structure, reml=False, progress=False)
     assert len(set(widths)) == 3, widths  # the host search, once per bucket of padded level counts
     assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()

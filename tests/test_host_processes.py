@@ -56,8 +56,8 @@ def _with_a_chunk_running_here(function, *arguments, hold=0.2):
 
 
 def test_the_search_a_worker_runs_imports_without_jax_or_pandas():
-    check = ("import sys, hierpool.batch.glmm_search, hierpool.batch.terms_search, hierpool.batch.host_processes; "
-             "print('jax' in sys.modules, 'pandas' in sys.modules)")
+    check = ("import sys, hierpool.batch.glmm_search, hierpool.batch.terms_search, hierpool.batch.ar1_terms_search, "
+             "hierpool.batch.host_processes; print('jax' in sys.modules, 'pandas' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["False", "False"]
 
@@ -165,6 +165,44 @@ def test_a_several_term_linear_batch_fitted_in_worker_processes_equals_it_on_thr
     threads = hp.fit_batch(formula, frames, by="rep", progress=False)
     assert not remote
     for name in ("objective", "beta", "theta", "beta_se", "sigma"):
+        np.testing.assert_array_equal(getattr(with_processes, name), getattr(threads, name), err_msg=name)
+    pd.testing.assert_frame_equal(with_processes.ranef, threads.ranef)
+
+
+@pytest.mark.filterwarnings("error:a hierpool host worker process died")
+def test_a_several_term_ar1_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatch):
+    """The chunks (their rows built here, their lag classes' sums formed there) searched in a worker process."""
+    from hierpool.batch import fit_ar1 as fit_ar1_module
+
+    rng = np.random.default_rng(7)
+    frames = []
+    for d in range(6):
+        rows = []
+        for site in range(5):
+            a = rng.normal(0, 1.0)
+            for subj in range(3):
+                e, b = rng.normal(), rng.normal(0, 0.7)
+                for t in range(6):
+                    e = 0.6 * e + 0.8 * rng.normal()
+                    rows.append({"site": f"s{site}", "subj": f"s{site}_{subj}", "t": t, "x": rng.normal(),
+                                 "y": 2 + a + b + e})
+        frames.append(pd.DataFrame(rows))
+    remote = []
+    run = host_processes._Worker.run
+    monkeypatch.setattr(host_processes._Worker, "run", lambda self, message: _recorded(remote, run(self, message)))
+    monkeypatch.setattr(fit_ar1_module, "thread_count", lambda *_: 2)
+    monkeypatch.setattr(host_processes, "worker_count", lambda threads: 1)
+    monkeypatch.setattr(fit_ar1_module, "AR1_TERMS_PROCESS_MIN_ROWS", 0)
+    _ready_worker()
+    formula, structure = "y ~ x + (1 | site) + (1 | subj)", hp.ar1("subj", time="t")
+    with_processes = hp.fit_batch(formula, frames, by="rep", correlation=structure, progress=False)
+    assert remote and set(remote) == {"ok"}, f"no chunk ran in a worker, or one came back here: {remote}"
+    remote.clear()
+    monkeypatch.setenv(host_processes.SWITCH, "0")
+    monkeypatch.setattr(host_processes, "_WORKERS", [])
+    threads = hp.fit_batch(formula, frames, by="rep", correlation=structure, progress=False)
+    assert not remote
+    for name in ("objective", "beta", "theta", "phi", "sigma"):
         np.testing.assert_array_equal(getattr(with_processes, name), getattr(threads, name), err_msg=name)
     pd.testing.assert_frame_equal(with_processes.ranef, threads.ranef)
 

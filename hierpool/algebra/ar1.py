@@ -29,6 +29,38 @@ from .linalg import array_namespace
 from .statistics import BatchStatistics
 from .system import fill_in_program, grouped_products
 
+#: The search's interval on the unconstrained scale (:func:`unconstrained_phi`): |phi| up to 1 - 1e-5.
+UNCONSTRAINED_LIMIT = 12.0
+#: How near an end of that interval an estimate is "at the edge" (hp.lmm warns; the batch fits it alone).
+EDGE = 1e-3
+
+
+def first_u(continuous: bool) -> float:
+    """Where the search for phi starts its first fit: phi = 0 (corAR1), or u = -3, phi = 0.047 (corCAR1, whose
+    phi = 0 is outside its range)."""
+    return -3.0 if continuous else 0.0
+
+
+def lag_one_phis(residual: np.ndarray, previous: np.ndarray, lag: np.ndarray, group: np.ndarray, n_groups: int,
+                 continuous: bool) -> np.ndarray:
+    """Where the search for phi starts, for each of ``n_groups`` datasets at once (``group``: each row's;
+    ``previous`` indexes the same rows): the lag-1 correlation of residuals within their series,
+    sum r_t r_(t-1) / sqrt(sum r_t^2 sum r_(t-1)^2) over the rows with a predecessor, per unit of lag (its root of
+    the dataset's median lag), kept inside (-0.9, 0.9) (and above 0.05 in continuous time); 0.1 for a dataset
+    without such rows."""
+    has = previous >= 0
+    r, before, keys = residual[has], residual[previous[has]], group[has]
+    sums = [np.bincount(keys, weights=w, minlength=n_groups) for w in (r * before, r * r, before * before)]
+    correlation = sums[0] / np.maximum(np.sqrt(sums[1] * sums[2]), 1e-300)
+    # each group's median lag: its lags sorted, the middle one (or the mean of the middle two)
+    order = np.lexsort((lag[has], keys))
+    counts = np.bincount(keys, minlength=n_groups)
+    starts = np.cumsum(counts) - counts
+    sorted_lags = np.append(lag[has][order], 1.0)  # (a group without rows reads the appended 1)
+    middle = (sorted_lags[starts + np.maximum(counts - 1, 0) // 2] + sorted_lags[starts + counts // 2]) / 2.0
+    phi = np.sign(correlation) * np.abs(correlation) ** (1.0 / middle)
+    return np.where(counts > 0, np.clip(phi, 0.05 if continuous else -0.9, 0.9), 0.1)
+
 
 def constrained_phi(u, continuous: bool):
     """phi from nlme's unconstrained coefficient u: tanh(u / 2) (the inverse of log((1 + phi) / (1 - phi)), corAR1),

@@ -13,6 +13,9 @@ import numpy as np
 
 from .linalg import tril_positions
 
+#: lme4's ``isSingular`` tolerance (its default ``tol = 1e-4``): ``hp.lmm``'s ``Control.singular_tol`` and the batch's.
+SINGULAR_TOL = 1e-4
+
 
 def diagonal_mask(ks: tuple[int, ...]) -> np.ndarray:
     """Which entries of theta (the terms' lower triangles, column-major, concatenated) are diagonals of a T_j."""

@@ -19,10 +19,10 @@ profile's minimum; the joint search takes a few Newton steps where the profile t
 point of phi.
 
 It starts where ``hp.lmm`` starts: u at the lag-1 correlation of the residuals of a fit at phi = 0 (corAR1;
-u = -3 for corCAR1), :func:`hierpool.closedform.ar1.lag_one_phis`, and theta at that fit's (or, where that fit
+u = -3 for corCAR1), :func:`hierpool.algebra.ar1.lag_one_phis`, and theta at that fit's (or, where that fit
 is singular, at the moments of the data whitened at u's start); with terms on one factor that fit is of their
 block-diagonal term, as ``hp.lmm``'s is of the terms.  A search that leaves u's range (``hp.lmm``'s,
-:data:`hierpool.closedform.ar1.UNCONSTRAINED_LIMIT`) sees NaN there, as outside any criterion's domain; a dataset
+:data:`hierpool.algebra.ar1.UNCONSTRAINED_LIMIT`) sees NaN there, as outside any criterion's domain; a dataset
 whose phi ends at the range's edge is fitted alone by ``hp.lmm``, as the compiled path does.
 """
 
@@ -31,13 +31,17 @@ from __future__ import annotations
 import numpy as np
 
 from ..algebra.ar1 import (
+    EDGE,
+    UNCONSTRAINED_LIMIT,
     constrained_phi,
+    first_u,
+    lag_one_phis,
     lagged_moments,
     unconstrained_phi,
     whitened_cross_products,
     whitened_statistics,
 )
-from ..algebra.checks import singular_rows
+from ..algebra.checks import SINGULAR_TOL, singular_rows
 from ..algebra.linalg import (
     block_diagonal_positions,
     block_diagonal_theta,
@@ -48,11 +52,12 @@ from ..algebra.linalg import (
 )
 from ..algebra.one_term import COMPLEX_STEP, complex_objective, solution
 from ..algebra.statistics import location_shifts
-from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u, lag_one_phis
-from ..closedform.optimize import Control
 from .optimize import moment_start, newton_on_host
-from .plan import HOST_PROBE_ARRAYS
 from .terms_search import search_statistics_on_host
+
+#: The one-term AR(1) host search's temporaries per dataset (:func:`host_bytes`): its complex-step probes hold about
+#: this many arrays of (points x directions x ell) complex values.
+HOST_PROBE_ARRAYS = 60
 
 
 def host_bytes(k: int, p: int, ell: int, lag_classes: int, rows: int) -> int:
@@ -92,7 +97,7 @@ class ChunkRows:
 
     def start_u(self, residual: np.ndarray, continuous: bool) -> np.ndarray:
         """Each dataset's u where ``hp.lmm``'s search starts: its residuals' lag-1 correlation
-        (:func:`hierpool.closedform.ar1.lag_one_phis`) on the unconstrained scale; where that is not finite (a first
+        (:func:`hierpool.algebra.ar1.lag_one_phis`) on the unconstrained scale; where that is not finite (a first
         fit that failed), the first fit's own u."""
         phi = lag_one_phis(residual, self.previous, self.lag, self.dataset, len(self.n), continuous)
         u = unconstrained_phi(phi, continuous)
@@ -150,7 +155,7 @@ def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) ->
     # theta from that fit, as hp.lmm's next fit starts from the last one's, unless it is singular (lme4's rule;
     # hp.lmm's own is a diagonal below 0.05, too coarse for a slope in small units): a vanishing direction's
     # gradient is zero there, and the search would not leave it.  Then the moments at phi's start
-    singular = singular_rows(theta, data.ks, Control.singular_tol)
+    singular = singular_rows(theta, data.ks, SINGULAR_TOL)
     if singular.any():
         at_start = _at_one_phi(data.statistics(constrained_phi(u[singular, None], continuous), singular))
         theta[singular] = moment_start(at_start)[:, data.positions]
@@ -186,12 +191,11 @@ def joint_criterion(data: ChunkData, continuous: bool, reml: bool):
     return value_and_grad
 
 
-def search_on_host(plan, series, members: np.ndarray, *, continuous: bool, reml: bool, max_iterations: int,
-                   decrease_tol=None) -> dict:
-    """Fit datasets ``members`` (their AR(1) series ``series``, design-row indexed): a chunk's results as
+def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterations: int, decrease_tol=None) -> dict:
+    """Fit a chunk's datasets (``data``: their rows and lagged moments): a chunk's results as
     :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them (per-term lists of factors, b and
-    conditional variances padded to the chunk's levels, ``phi`` and ``edge``)."""
-    data = ChunkData(plan, series, members)
+    conditional variances padded to the chunk's levels, ``phi`` and ``edge``).  Imports no JAX: a worker process
+    runs it (:mod:`hierpool.batch.host_processes`)."""
     value_and_grad = joint_criterion(data, continuous, reml)
     with np.errstate(all="ignore"):
         point, value, newton_step, iterations, converged = newton_on_host(

@@ -23,7 +23,7 @@ of real rows, h (w t^T + t w^T) with w the whitened rows and t their derivative 
 (S(w + t) - S(w - t)) / 2 from three real builds S.  Both give the same systems (``tests/test_batch_ar1.py``).
 
 It starts where ``hp.lmm`` starts: u at the lag-1 correlation of the residuals of a fit at phi = 0 (corAR1; u = -3 for
-corCAR1), :func:`hierpool.closedform.ar1.lag_one_phis`, and theta at that fit's (the several-term host search,
+corCAR1), :func:`hierpool.algebra.ar1.lag_one_phis`, and theta at that fit's (the several-term host search,
 :func:`hierpool.batch.terms_search.search_on_host`, from the linear models' moment start), or at that start where
 that fit is singular.  A dataset whose phi ends at its range's edge is fitted alone by ``hp.lmm``.
 """
@@ -32,18 +32,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..algebra.ar1 import carried, constrained_phi, lag_class_weights, weighted_sums, whiten
+from ..algebra.ar1 import (
+    EDGE,
+    UNCONSTRAINED_LIMIT,
+    carried,
+    constrained_phi,
+    first_u,
+    lag_class_weights,
+    weighted_sums,
+    whiten,
+)
 from ..algebra.batched_systems import batched_systems, map_arrays, shared_grid, system_arrays, system_entries
-from ..algebra.checks import singular_rows
+from ..algebra.checks import SINGULAR_TOL, singular_rows
 from ..algebra.criterion import host_objective_and_gradient
 from ..algebra.henderson import solve
 from ..algebra.linalg import canonical_theta, dataset_cells, distinct_columns
 from ..algebra.one_term import COMPLEX_STEP
-from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, first_u
-from ..closedform.optimize import Control
 from .ar1_search import ChunkRows
 from .optimize import DECREASE_TOL, newton_on_host
-from .plan import HOST_CHUNK_BYTES
 from .terms_search import host_bytes as linear_host_bytes
 from .terms_search import search_on_host as theta_search
 from .terms_search import solved_entries
@@ -69,22 +75,22 @@ def lagged_bytes(lag_classes: int, ks, widths, p: int) -> int:
 LAGGED_VALUES_PER_PRODUCT = 30
 
 
-def lagged_systems_pay(lag_classes: int, ks, widths, p: int, rows: float) -> bool:
+def lagged_systems_pay(lag_classes: int, ks, widths, p: int, rows: float, budget: float) -> bool:
     """Whether a chunk of datasets of about ``rows`` rows each and ``lag_classes`` lag classes forms their sums
     (:class:`TermsChunk`).  An evaluation then combines 3 J + 1 systems' values at each phi, where the rows'
     path whitens the rows and builds their systems three times; a combined value costs about a thirtieth of a row's
     product (:data:`LAGGED_VALUES_PER_PRODUCT`, timed per call on shapes from one lag to 64 classes:
     benchmarks/RESULTS.md, twenty-sixth session).  The sums' bytes count in the chunk's (:func:`host_bytes`); none
-    is formed above :data:`~hierpool.batch.plan.HOST_CHUNK_BYTES` a dataset."""
+    is formed above a host call's ``budget`` (:data:`hierpool.batch.plan.HOST_CHUNK_BYTES`) a dataset."""
     products = rows * (sum(ks) + p + 1) ** 2
     return ((3 * lag_classes + 1) * system_entries(widths, ks, p) <= LAGGED_VALUES_PER_PRODUCT * products
-            and lagged_bytes(lag_classes, ks, widths, p) <= HOST_CHUNK_BYTES)
+            and lagged_bytes(lag_classes, ks, widths, p) <= budget)
 
 
 class TermsChunk(ChunkRows):
     """A chunk's rows (:class:`~hierpool.batch.ar1_search.ChunkRows`) with each term's levels and values;
-    ``widths`` the terms' padded level counts; ``lagged``: its systems from the lag classes' sums, formed here (the
-    module notes), else from the rows whitened at each phi."""
+    ``widths`` the terms' padded level counts; ``lagged``: its systems from the lag classes' sums (the module
+    notes; ``sums``, formed where first read), else from the rows whitened at each phi."""
 
     def __init__(self, plan, series, members: np.ndarray, widths, lagged: bool):
         super().__init__(plan, series, members)
@@ -92,15 +98,14 @@ class TermsChunk(ChunkRows):
         self.zs = [term.z[self.rows] for term in plan.design.terms]
         self.widths = [int(w) for w in widths]
         self.ks = tuple(term.k for term in plan.design.terms)
-        self.sums = None
-        if lagged:  # the rows that follow another, by lag: J classes, and their sums
+        self.lagged, self.sums = lagged, None  # the sums formed where first read (a worker's chunk: there)
+        if lagged:  # the rows that follow another, by lag: J classes
             followed = np.flatnonzero(self.previous >= 0)
             self.lags, lag_class = np.unique(self.lag[followed], return_inverse=True)
             D, J = len(self.n), len(self.lags)
             counts = np.bincount(lag_class, minlength=J)
             self.classes = np.split(followed[np.argsort(lag_class, kind="stable")], np.cumsum(counts)[:-1])
             self.class_rows = np.bincount(self.dataset[followed] * J + lag_class, minlength=D * J).reshape(D, J)
-            self.sums = self._lagged_sums()
 
     def _lagged_sums(self):
         """The lag classes' sums of the systems (the module notes), formed once: a system whose arrays have axes
@@ -131,9 +136,11 @@ class TermsChunk(ChunkRows):
         part of the size of :data:`~hierpool.algebra.one_term.COMPLEX_STEP`: the systems' derivative is read as
         Im / COMPLEX_STEP): the :func:`shared_grid` form with axes (A, S) before each array's own; and log |C(phi)|
         (A, S).  From the lag classes' sums where the chunk formed them, else from the rows whitened at each phi."""
-        if self.sums is None:
+        if not self.lagged:
             built = [self._whitened(phi[:, s], datasets) for s in range(phi.shape[1])]
             return _points_systems([b[0] for b in built], slice(None)), np.stack([b[1] for b in built], axis=1)
+        if self.sums is None:
+            self.sums = self._lagged_sums()
         c = phi[..., None] ** self.lags  # (A, S, J)
         weights = lag_class_weights(c)  # (A, S, 3 J + 1)
         sums = self.sums if len(datasets) == len(self.n) else map_arrays(self.sums, lambda a: a[datasets])
@@ -249,18 +256,16 @@ def start(data: TermsChunk, theta0: np.ndarray, continuous: bool, reml: bool, ma
         solved = solve(theta, systems, reml=True, n=data.n)  # hp.lmm's residuals are the REML solution's
     u = data.start_u(data.residuals(solved), continuous)
     # from that fit's theta unless it is singular (a vanishing direction's gradient is zero there): the moments'
-    singular = singular_rows(theta, data.ks, Control.singular_tol) | ~np.all(np.isfinite(theta), axis=1)
+    singular = singular_rows(theta, data.ks, SINGULAR_TOL) | ~np.all(np.isfinite(theta), axis=1)
     theta = np.where(singular[:, None], theta0, theta)
     return np.column_stack([theta, u])
 
 
-def search_on_host(plan, series, members: np.ndarray, widths, theta0: np.ndarray, *, continuous: bool, reml: bool,
-                   max_iterations: int, lagged: bool) -> dict:
-    """Fit datasets ``members`` (one bucket of padded level counts ``widths``; their AR(1) series ``series``,
-    design-row indexed; ``theta0`` their moment starts; ``lagged``: from the lag classes' sums,
-    :func:`lagged_systems_pay`): a chunk's results as :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs
-    return them."""
-    data = TermsChunk(plan, series, members, widths, lagged)
+def search_on_host(data: TermsChunk, theta0: np.ndarray, *, continuous: bool, reml: bool,
+                   max_iterations: int) -> dict:
+    """Fit a chunk's datasets (``data``; ``theta0`` their moment starts): a chunk's results as
+    :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them.  Imports no JAX: a worker process runs
+    it (:mod:`hierpool.batch.host_processes`), and forms the lag classes' sums there."""
     value_and_grad = joint_criterion(data, continuous, reml)
     with np.errstate(all="ignore"):
         point, value, newton_step, iterations, converged = newton_on_host(
@@ -268,7 +273,7 @@ def search_on_host(plan, series, members: np.ndarray, widths, theta0: np.ndarray
             decrease_tol=DECREASE_TOL, saddle_free=True, interpolated_damping=True)
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
     phi = constrained_phi(u, continuous)
-    systems, _ = data.systems(phi, np.arange(len(members)))
+    systems, _ = data.systems(phi, np.arange(len(data.n)))
     with np.errstate(all="ignore"):
         solved = solved_entries(solve(theta, systems, reml=reml, n=data.n))
     inside = np.abs(u) < UNCONSTRAINED_LIMIT - EDGE

@@ -35,17 +35,18 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ..algebra.ar1 import carried, constrained_phi, log_det_correlation, whitened_system
+from ..algebra.ar1 import EDGE, UNCONSTRAINED_LIMIT, carried, constrained_phi, log_det_correlation, whitened_system
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.criterion import objective
 from ..algebra.henderson import solve
 from ..algebra.linalg import theta_start
-from ..closedform.ar1 import EDGE, UNCONSTRAINED_LIMIT, check_nested
+from ..closedform.ar1 import check_nested
 from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
-from .ar1_search import host_bytes, search_on_host
+from . import host_processes
+from .ar1_search import ChunkData, host_bytes, search_on_host
+from .ar1_terms_search import TermsChunk, lagged_systems_pay
 from .ar1_terms_search import host_bytes as terms_host_bytes
-from .ar1_terms_search import lagged_systems_pay
 from .ar1_terms_search import search_on_host as terms_search_on_host
 from .fit_glmm import BucketRows, bucket_pattern
 from .fit_terms import (
@@ -55,12 +56,14 @@ from .fit_terms import (
     padded_widths,
     row_buckets,
     run_jobs,
+    start_processes,
     take,
     term_problems,
     too_large,
 )
 from .optimize import DECREASE_TOL, canonical_theta, newton
 from .plan import (
+    HOST_CHUNK_BYTES,
     HOST_MAX_THETA,
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
@@ -222,6 +225,13 @@ def _program(arguments, reml: bool, continuous: bool, max_iterations: int, shard
     return _COMPILED.get((shape_signature(arguments), reml, continuous, max_iterations, sharding, quick), build)
 
 
+#: Rows of a several-term AR(1) host batch from which its chunks run in worker processes too
+#: (:mod:`hierpool.batch.host_processes`; NumPy holds the GIL between its many small operations, so that a second
+#: thread gains little): below them a first call gained little or nothing, a worker's start costing about what it
+#: gains (benchmarks/RESULTS.md, twenty-sixth session).
+AR1_TERMS_PROCESS_MIN_ROWS = 10_000
+
+
 def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_size: int | None, progress,
             max_iterations: int, sharding, workers: int, default_chunk: int) -> dict:
     """Fit every dataset of ``plan`` with AR(1) residuals: :func:`hierpool.batch.fit_terms.fit_terms`'s dict of
@@ -259,9 +269,12 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
             size = host_chunk_length(len(members), most, thread_count(None))
             jobs += [(members[chunk.members], None, chunk.count, None)
                      for chunk in chunks(0, np.arange(len(members)), size, 1)]
-        run_chunk = partial(search_on_host, plan, series, continuous=structure.continuous, reml=reml,
-                            max_iterations=max_iterations, decrease_tol=DECREASE_TOL)
-        return _store(jobs, lambda job: run_chunk(job[0]), out, plan, workers=thread_count(None), progress=progress)
+        # threads alone: a worker process did not pay here (its moments make a chunk's work per level, not per row;
+        # benchmarks/RESULTS.md, twenty-sixth session)
+        search = partial(search_on_host, continuous=structure.continuous, reml=reml, max_iterations=max_iterations,
+                         decrease_tol=DECREASE_TOL)
+        return _store(jobs, lambda job: search(ChunkData(plan, series, job[0])), out, plan, workers=thread_count(None),
+                      progress=progress)
     if _terms_on_host(plan, float_type, sharding):  # several terms: the joint search on the whitened systems
         usable = np.flatnonzero(out["attempted"])
         theta0 = linear_start(plan, usable, linear_shifts(plan)[1])
@@ -271,16 +284,21 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
             members = usable[np.all(widths[usable] == key, axis=1)]
             # the bucket's lag classes (at least any chunk's of it): whether its chunks form their sums
             lag_classes = len(np.unique(series.lag[has & np.isin(plan.dataset, members)]))
-            lagged = lagged_systems_pay(lag_classes, ks, key, design.p, float(plan.n_obs[members].mean()))
+            lagged = lagged_systems_pay(lag_classes, ks, key, design.p, float(plan.n_obs[members].mean()),
+                                        HOST_CHUNK_BYTES)
             most = chunk_size or host_chunk(terms_host_bytes(ks, key, design.p, lag_classes if lagged else None))
             size = host_chunk_length(len(members), most, thread_count(None))
             jobs += [(members[chunk.members], (key, lagged), chunk.count, None)
                      for chunk in chunks(0, np.arange(len(members)), size, 1)]
 
-        def run_terms(job):
+        processes = start_processes(plan, out["attempted"], AR1_TERMS_PROCESS_MIN_ROWS, terms_search_on_host)
+        search = partial(terms_search_on_host, continuous=structure.continuous, reml=reml,
+                         max_iterations=max_iterations)
+
+        def run_terms(job):  # the chunk's rows here, its sums and search here or in a worker process
             members, (key, lagged) = job[0], job[1]
-            return terms_search_on_host(plan, series, members, key, theta0[members], continuous=structure.continuous,
-                                        reml=reml, max_iterations=max_iterations, lagged=lagged)
+            data = TermsChunk(plan, series, members, key, lagged)
+            return host_processes.call(search, data, theta0[members]) if processes else search(data, theta0[members])
 
         return _store(jobs, run_terms, out, plan, workers=thread_count(None), progress=progress)
     chunk_size = chunk_size or default_chunk

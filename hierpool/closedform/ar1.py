@@ -28,7 +28,17 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from ..algebra.ar1 import carried, constrained_phi, log_det_correlation, unconstrained_phi, whiten
+from ..algebra.ar1 import (
+    EDGE,
+    UNCONSTRAINED_LIMIT,
+    carried,
+    constrained_phi,
+    first_u,
+    lag_one_phis,
+    log_det_correlation,
+    unconstrained_phi,
+    whiten,
+)
 from ..algebra.conditioning import condition_terms
 from ..algebra.criterion import objective_and_gradient_on_host
 from ..algebra.henderson import solve
@@ -48,18 +58,6 @@ PHI_XTOL = 1e-6
 SEARCH_WINDOW = 2.5
 #: An inner fit starts from the last phi's theta when every diagonal element exceeds this.
 WARM_START_MIN = 0.05
-#: The search's interval on the unconstrained scale: |phi| up to 1 - 1e-5.
-UNCONSTRAINED_LIMIT = 12.0
-#: How near an end of that interval an estimate is "at the edge" (hp.lmm warns; the batch fits it alone).
-EDGE = 1e-3
-
-
-def first_u(continuous: bool) -> float:
-    """Where the search for phi starts its first fit: phi = 0 (corAR1), or u = -3, phi = 0.047 (corCAR1, whose
-    phi = 0 is outside its range)."""
-    return -3.0 if continuous else 0.0
-
-
 #: Central-difference step (unconstrained scale) of the curvature that gives phi's interval.
 INTERVAL_STEP = 1e-3
 #: Normal quantile of the 95% interval.
@@ -100,25 +98,6 @@ def lag_one_phi(residual: np.ndarray, series: Series, continuous: bool) -> float
     :func:`lag_one_phis`."""
     return float(lag_one_phis(residual, series.previous, series.lag, np.zeros(len(residual), dtype=np.int64), 1,
                               continuous)[0])
-
-
-def lag_one_phis(residual: np.ndarray, previous: np.ndarray, lag: np.ndarray, group: np.ndarray, n_groups: int,
-                 continuous: bool) -> np.ndarray:
-    """:func:`lag_one_phi` of each of ``n_groups`` datasets at once (``group``: each row's; ``previous`` indexes
-    the same rows): sum r_t r_(t-1) / sqrt(sum r_t^2 sum r_(t-1)^2) over the rows with a predecessor, its
-    root of the dataset's median lag, clipped; 0.1 for a dataset without such rows."""
-    has = previous >= 0
-    r, before, keys = residual[has], residual[previous[has]], group[has]
-    sums = [np.bincount(keys, weights=w, minlength=n_groups) for w in (r * before, r * r, before * before)]
-    correlation = sums[0] / np.maximum(np.sqrt(sums[1] * sums[2]), 1e-300)
-    # each group's median lag: its lags sorted, the middle one (or the mean of the middle two)
-    order = np.lexsort((lag[has], keys))
-    counts = np.bincount(keys, minlength=n_groups)
-    starts = np.cumsum(counts) - counts
-    sorted_lags = np.append(lag[has][order], 1.0)  # (a group without rows reads the appended 1)
-    middle = (sorted_lags[starts + np.maximum(counts - 1, 0) // 2] + sorted_lags[starts + counts // 2]) / 2.0
-    phi = np.sign(correlation) * np.abs(correlation) ** (1.0 / middle)
-    return np.where(counts > 0, np.clip(phi, 0.05 if continuous else -0.9, 0.9), 0.1)
 
 
 def check_nested(design: Design, series: Series, correlation: AR1, rows: np.ndarray | None = None) -> None:

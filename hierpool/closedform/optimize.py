@@ -24,7 +24,7 @@ import nlopt
 import numpy as np
 
 from ..algebra import criterion, one_term
-from ..algebra.checks import singular_rows
+from ..algebra.checks import SINGULAR_TOL, singular_rows
 from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import host_objective_and_gradient, objective
 from ..algebra.linalg import canonical_theta, theta_lower_bounds, theta_start
@@ -72,7 +72,7 @@ class Control:
     max_iter: int = 500
     ftol: float = 1e-12
     gtol: float = 1e-7
-    singular_tol: float = 1e-4
+    singular_tol: float = SINGULAR_TOL
     grad_tol: float = 2e-3
     hessian_max_n: int = 10_000
     theta_start: tuple[float, ...] | None = field(default=None)
