@@ -291,14 +291,16 @@ def test_the_lag_classes_sums_combine_to_the_systems_of_the_whitened_rows(replic
     negative phis."""
     from hierpool.algebra.batched_systems import system_arrays
 
-    if structure == "car1":
-        sums, rows = _terms_chunks(replicates, hp.car1("Subject", "Days"))
-        lags, phi = [1, 2, 3], np.array([[0.05, 0.6, 0.9999], [0.5, 0.2, 0.8]])
+    if structure == "car1":  # the third replicate's days five apart: its one class is lag 5
+        frames = [*replicates[:2], replicates[2].assign(Days=lambda f: 5 * f["Days"])]
+        sums, rows = _terms_chunks(frames, hp.car1("Subject", "Days"))
+        lags, phi = [[1, 1, 1], [1, 2, 3], [5, 1, 1]], np.array([[0.05, 0.6, 0.9999], [0.5, 0.2, 0.8]])
     else:
         sums, rows = _terms_chunks(replicates, hp.ar1("Subject", time="Days"))
-        lags, phi = [1], np.array([[-0.6, 0.2, 0.9999], [0.5, -0.05, -0.9]])
+        lags, phi = [[1], [1], [1]], np.array([[-0.6, 0.2, 0.9999], [0.5, -0.05, -0.9]])
+    # classes numbered within each dataset (the missing days' lags 1 to 3 in the second, padded with lag 1)
     assert sums.lagged and not rows.lagged and sums.lags.tolist() == lags
-    datasets = np.array([0, 1])
+    datasets = np.array([1, 2]) if structure == "car1" else np.array([0, 1])
     for step in (0, 1e-30j):
         got, got_log_det = sums.systems_at(phi + step, datasets)
         want, want_log_det = rows.systems_at(phi + step, datasets)

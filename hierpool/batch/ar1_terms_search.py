@@ -13,11 +13,11 @@ complex step of the systems alone, below), and log |C|'s.
 c = phi^L, d = v - v_- (:func:`hierpool.algebra.ar1.lagged_moments`' algebra), and a series is within one level
 of every term (:func:`hierpool.closedform.ar1.check_nested`), so its whitened row keeps its levels.  Each system is
 bilinear in its rows, so the system at any phi is a combination of the systems of d, of d and v_- crossed (the
-system of d + v_- less the other two) and of v_-, one each per lag class, and of the first rows'
-(:func:`hierpool.algebra.ar1.lag_class_weights`): formed once per chunk
-(:func:`hierpool.algebra.batched_systems.batched_systems` 3 J + 1 times) where they pay
-(:func:`lagged_systems_pay`: few lags, as corAR1's one), and then an evaluation combines them, at a complex phi
-too, and whitens no rows.  Otherwise (many distinct lags in continuous time) each evaluation whitens the rows
+system of d + v_- less the other two) and of v_-, one each per lag class (numbered within each dataset,
+:func:`dataset_lag_classes`), and of the first rows' (:func:`hierpool.algebra.ar1.lag_class_weights`): formed once
+per chunk (:func:`hierpool.algebra.batched_systems.batched_systems` 3 J + 1 times) where they pay
+(:func:`lagged_systems_pay`: few lags, as corAR1's one), and then an evaluation combines them, at a complex phi too,
+and whitens no rows.  Otherwise (many distinct lags in continuous time) each evaluation whitens the rows
 (:func:`hierpool.algebra.ar1.whiten`) and builds their system; the complex system's imaginary part is then a product
 of real rows, h (w t^T + t w^T) with w the whitened rows and t their derivative in u, taken as
 (S(w + t) - S(w - t)) / 2 from three real builds S.  Both give the same systems (``tests/test_batch_ar1.py``).
@@ -87,6 +87,19 @@ def lagged_systems_pay(lag_classes: int, ks, widths, p: int, rows: float, budget
             and lagged_bytes(lag_classes, ks, widths, p) <= budget)
 
 
+def dataset_lag_classes(dataset: np.ndarray, lag: np.ndarray, n_datasets: int):
+    """The lag classes of rows that follow another (each row's ``dataset`` and ``lag``), numbered within each dataset:
+    (J, the most classes a dataset has; each class's lag (n_datasets, J), 1 where a dataset has fewer; each row's
+    class).  Numbered within datasets, datasets of different spacings do not add to each other's classes."""
+    pairs, pair = np.unique(np.column_stack([dataset, lag]), axis=0, return_inverse=True)
+    owner = pairs[:, 0].astype(np.int64)
+    within = np.arange(len(pairs)) - np.searchsorted(owner, owner)
+    J = int(within.max()) + 1 if len(pairs) else 0
+    lags = np.ones((n_datasets, J))
+    lags[owner, within] = pairs[:, 1]
+    return J, lags, within[pair.reshape(-1)]
+
+
 class TermsChunk(ChunkRows):
     """A chunk's rows (:class:`~hierpool.batch.ar1_search.ChunkRows`) with each term's levels and values;
     ``widths`` the terms' padded level counts; ``lagged``: its systems from the lag classes' sums (the module
@@ -99,10 +112,10 @@ class TermsChunk(ChunkRows):
         self.widths = [int(w) for w in widths]
         self.ks = tuple(term.k for term in plan.design.terms)
         self.lagged, self.sums = lagged, None  # the sums formed where first read (a worker's chunk: there)
-        if lagged:  # the rows that follow another, by lag: J classes
+        if lagged:  # the rows that follow another by lag, numbered within their dataset: J classes, a dataset's most
             followed = np.flatnonzero(self.previous >= 0)
-            self.lags, lag_class = np.unique(self.lag[followed], return_inverse=True)
-            D, J = len(self.n), len(self.lags)
+            D = len(self.n)
+            J, self.lags, lag_class = dataset_lag_classes(self.dataset[followed], self.lag[followed], D)
             counts = np.bincount(lag_class, minlength=J)
             self.classes = np.split(followed[np.argsort(lag_class, kind="stable")], np.cumsum(counts)[:-1])
             self.class_rows = np.bincount(self.dataset[followed] * J + lag_class, minlength=D * J).reshape(D, J)
@@ -141,7 +154,7 @@ class TermsChunk(ChunkRows):
             return _points_systems([b[0] for b in built], slice(None)), np.stack([b[1] for b in built], axis=1)
         if self.sums is None:
             self.sums = self._lagged_sums()
-        c = phi[..., None] ** self.lags  # (A, S, J)
+        c = phi[..., None] ** self.lags[datasets][:, None, :]  # (A, S, J)
         weights = lag_class_weights(c)  # (A, S, 3 J + 1)
         sums = self.sums if len(datasets) == len(self.n) else map_arrays(self.sums, lambda a: a[datasets])
         A, S = phi.shape

@@ -45,7 +45,7 @@ from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
 from . import host_processes
 from .ar1_search import ChunkData, host_bytes, search_on_host
-from .ar1_terms_search import TermsChunk, lagged_systems_pay
+from .ar1_terms_search import TermsChunk, dataset_lag_classes, lagged_systems_pay
 from .ar1_terms_search import host_bytes as terms_host_bytes
 from .ar1_terms_search import search_on_host as terms_search_on_host
 from .fit_glmm import BucketRows, bucket_pattern
@@ -282,8 +282,10 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         jobs = []
         for key in sorted({tuple(widths[d]) for d in usable}):
             members = usable[np.all(widths[usable] == key, axis=1)]
-            # the bucket's lag classes (at least any chunk's of it): whether its chunks form their sums
-            lag_classes = len(np.unique(series.lag[has & np.isin(plan.dataset, members)]))
+            # the most lag classes a dataset of the bucket has (a chunk's J): whether its chunks form their sums
+            followed_here = has & np.isin(plan.dataset, members)
+            lag_classes = dataset_lag_classes(plan.dataset[followed_here], series.lag[followed_here],
+                                              plan.n_datasets)[0]
             lagged = lagged_systems_pay(lag_classes, ks, key, design.p, float(plan.n_obs[members].mean()),
                                         HOST_CHUNK_BYTES)
             most = chunk_size or host_chunk(terms_host_bytes(ks, key, design.p, lag_classes if lagged else None))
