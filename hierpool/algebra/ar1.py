@@ -196,26 +196,39 @@ def lagged_moments(dataset: np.ndarray, level: np.ndarray, columns: np.ndarray, 
     cell = dataset * ell + level
     ones = np.ones(len(cell))
     n_cells = n_datasets * ell
-    # the (cell, lag) classes of the other rows, each cell's numbered from 0 (sorted, so a cell's are together)
-    lags, lag_code = np.unique(lag[has], return_inverse=True)
-    classes, pair = np.unique(cell[has] * len(lags) + lag_code, return_inverse=True)
-    class_cell, class_lag = classes // max(len(lags), 1), lags[classes % max(len(lags), 1)]
-    within = np.arange(len(classes)) - np.searchsorted(class_cell, class_cell)
-    J = int(within.max()) + 1 if len(classes) else 1
+    # the other rows' lag classes, each cell's numbered from 0; at least one class (an empty one)
+    J, lag_of, row_class = lag_classes(cell[has], lag[has], n_cells)
+    if J == 0:
+        J, lag_of = 1, np.ones((n_cells, 1))
+    key = cell[has] * J + row_class  # (cell, class)
     d, v = (columns - before)[has], before[has]
     sums = np.zeros((n_cells, 3 * J + 1, r, r))
-    dv = grouped_products(pair, d, v, ones[has], len(classes))
-    blocks = (grouped_products(pair, d, d, ones[has], len(classes)), dv + np.swapaxes(dv, -1, -2),
-              grouped_products(pair, v, v, ones[has], len(classes)))
+    dv = grouped_products(key, d, v, ones[has], n_cells * J)
+    blocks = (grouped_products(key, d, d, ones[has], n_cells * J), dv + np.swapaxes(dv, -1, -2),
+              grouped_products(key, v, v, ones[has], n_cells * J))
     for block, products in enumerate(blocks):
-        sums[class_cell, block * J + within] = products
+        sums[:, block * J:(block + 1) * J] = products.reshape(n_cells, J, r, r)
     firsts = columns[~has]
     sums[:, -1] = grouped_products(cell[~has], firsts, firsts, ones[~has], n_cells)
-    lag_of, count = np.ones((n_cells, J)), np.zeros((n_cells, J))
-    lag_of[class_cell, within] = class_lag
-    count[class_cell, within] = np.bincount(pair, minlength=len(classes))
+    count = np.bincount(key, minlength=n_cells * J).reshape(n_cells, J).astype(float)
     return LaggedMoments(sums.reshape(n_datasets, ell, 3 * J + 1, r, r), lag_of.reshape(n_datasets, ell, J),
                          count.reshape(n_datasets, ell, J))
+
+
+def lag_classes(group: np.ndarray, lag: np.ndarray, n_groups: int):
+    """The lag classes of rows that follow another (each row's group, below ``n_groups``, and lag), numbered within
+    each group from 0 in increasing lag: (J, the most classes a group has, 0 without rows; each class's lag
+    (n_groups, J), 1 where a group has fewer; each row's class).  One integer key a row, sorted once (a lexicographic
+    ``unique`` of the (group, lag) pairs sorts far slower)."""
+    lags, code = np.unique(lag, return_inverse=True)
+    width = max(len(lags), 1)
+    classes, pair = np.unique(np.asarray(group, dtype=np.int64) * width + code.reshape(-1), return_inverse=True)
+    owner = classes // width
+    within = np.arange(len(classes)) - np.searchsorted(owner, owner)
+    J = int(within.max()) + 1 if len(classes) else 0
+    lag_of = np.ones((n_groups, J))
+    lag_of[owner, within] = lags[classes % width]
+    return J, lag_of, within[pair.reshape(-1)]
 
 
 def whitened_cross_products(moments: LaggedMoments, phi: np.ndarray):

@@ -14,8 +14,8 @@ c = phi^L, d = v - v_- (:func:`hierpool.algebra.ar1.lagged_moments`' algebra), a
 of every term (:func:`hierpool.closedform.ar1.check_nested`), so its whitened row keeps its levels.  Each system is
 bilinear in its rows, so the system at any phi is a combination of the systems of d, of d and v_- crossed (the
 system of d + v_- less the other two) and of v_-, one each per lag class (numbered within each dataset,
-:func:`dataset_lag_classes`), and of the first rows' (:func:`hierpool.algebra.ar1.lag_class_weights`): formed once
-per chunk (:func:`hierpool.algebra.batched_systems.batched_systems` 3 J + 1 times) where they pay
+:func:`hierpool.algebra.ar1.lag_classes`), and of the first rows' (:func:`hierpool.algebra.ar1.lag_class_weights`):
+formed once per chunk (:func:`hierpool.algebra.batched_systems.batched_systems` 3 J + 1 times) where they pay
 (:func:`lagged_systems_pay`: few lags, as corAR1's one), and then an evaluation combines them, at a complex phi too,
 and whitens no rows.  Otherwise (many distinct lags in continuous time) each evaluation whitens the rows
 (:func:`hierpool.algebra.ar1.whiten`) and builds their system; the complex system's imaginary part is then a product
@@ -39,6 +39,7 @@ from ..algebra.ar1 import (
     constrained_phi,
     first_u,
     lag_class_weights,
+    lag_classes,
     weighted_sums,
     whiten,
 )
@@ -64,10 +65,10 @@ def host_bytes(ks, widths, p: int, lagged_classes: int | None) -> int:
     return search + (0 if lagged_classes is None else lagged_bytes(lagged_classes, ks, widths, p))
 
 
-def lagged_bytes(lag_classes: int, ks, widths, p: int) -> int:
+def lagged_bytes(classes: int, ks, widths, p: int) -> int:
     """The lag classes' sums of a dataset's system (:class:`TermsChunk`) in bytes: 3 J + 1 systems, twice (an
     evaluation of fewer than all the chunk's datasets gathers theirs)."""
-    return 16 * (3 * lag_classes + 1) * system_entries(widths, ks, p)
+    return 16 * (3 * classes + 1) * system_entries(widths, ks, p)
 
 
 #: Values of the lag classes' sums combined (3 J + 1 systems' values) per product of a row's columns, (sum_j k_j + p +
@@ -75,29 +76,16 @@ def lagged_bytes(lag_classes: int, ks, widths, p: int) -> int:
 LAGGED_VALUES_PER_PRODUCT = 30
 
 
-def lagged_systems_pay(lag_classes: int, ks, widths, p: int, rows: float, budget: float) -> bool:
-    """Whether a chunk of datasets of about ``rows`` rows each and ``lag_classes`` lag classes forms their sums
+def lagged_systems_pay(classes: int, ks, widths, p: int, rows: float, budget: float) -> bool:
+    """Whether a chunk of datasets of about ``rows`` rows each and ``classes`` lag classes forms their sums
     (:class:`TermsChunk`).  An evaluation then combines 3 J + 1 systems' values at each phi, where the rows'
     path whitens the rows and builds their systems three times; a combined value costs about a thirtieth of a row's
     product (:data:`LAGGED_VALUES_PER_PRODUCT`, timed per call on shapes from one lag to 64 classes:
     benchmarks/RESULTS.md, twenty-sixth session).  The sums' bytes count in the chunk's (:func:`host_bytes`); none
     is formed above a host call's ``budget`` (:data:`hierpool.batch.plan.HOST_CHUNK_BYTES`) a dataset."""
     products = rows * (sum(ks) + p + 1) ** 2
-    return ((3 * lag_classes + 1) * system_entries(widths, ks, p) <= LAGGED_VALUES_PER_PRODUCT * products
-            and lagged_bytes(lag_classes, ks, widths, p) <= budget)
-
-
-def dataset_lag_classes(dataset: np.ndarray, lag: np.ndarray, n_datasets: int):
-    """The lag classes of rows that follow another (each row's ``dataset`` and ``lag``), numbered within each dataset:
-    (J, the most classes a dataset has; each class's lag (n_datasets, J), 1 where a dataset has fewer; each row's
-    class).  Numbered within datasets, datasets of different spacings do not add to each other's classes."""
-    pairs, pair = np.unique(np.column_stack([dataset, lag]), axis=0, return_inverse=True)
-    owner = pairs[:, 0].astype(np.int64)
-    within = np.arange(len(pairs)) - np.searchsorted(owner, owner)
-    J = int(within.max()) + 1 if len(pairs) else 0
-    lags = np.ones((n_datasets, J))
-    lags[owner, within] = pairs[:, 1]
-    return J, lags, within[pair.reshape(-1)]
+    return ((3 * classes + 1) * system_entries(widths, ks, p) <= LAGGED_VALUES_PER_PRODUCT * products
+            and lagged_bytes(classes, ks, widths, p) <= budget)
 
 
 class TermsChunk(ChunkRows):
@@ -115,7 +103,7 @@ class TermsChunk(ChunkRows):
         if lagged:  # the rows that follow another by lag, numbered within their dataset: J classes, a dataset's most
             followed = np.flatnonzero(self.previous >= 0)
             D = len(self.n)
-            J, self.lags, lag_class = dataset_lag_classes(self.dataset[followed], self.lag[followed], D)
+            J, self.lags, lag_class = lag_classes(self.dataset[followed], self.lag[followed], D)
             counts = np.bincount(lag_class, minlength=J)
             self.classes = np.split(followed[np.argsort(lag_class, kind="stable")], np.cumsum(counts)[:-1])
             self.class_rows = np.bincount(self.dataset[followed] * J + lag_class, minlength=D * J).reshape(D, J)

@@ -35,7 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ..algebra.ar1 import EDGE, UNCONSTRAINED_LIMIT, carried, constrained_phi, log_det_correlation, whitened_system
+from ..algebra.ar1 import (
+    EDGE,
+    UNCONSTRAINED_LIMIT,
+    carried,
+    constrained_phi,
+    lag_classes,
+    log_det_correlation,
+    whitened_system,
+)
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.criterion import objective
 from ..algebra.henderson import solve
@@ -45,7 +53,7 @@ from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
 from . import host_processes
 from .ar1_search import ChunkData, host_bytes, search_on_host
-from .ar1_terms_search import TermsChunk, dataset_lag_classes, lagged_systems_pay
+from .ar1_terms_search import TermsChunk, lagged_systems_pay
 from .ar1_terms_search import host_bytes as terms_host_bytes
 from .ar1_terms_search import search_on_host as terms_search_on_host
 from .fit_glmm import BucketRows, bucket_pattern
@@ -257,11 +265,11 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         usable = np.flatnonzero(out["attempted"])
         widths = padded_widths(plan)[usable, 0]
         # each dataset's most lag classes in one level (the moments' J, as lagged_moments counts them)
-        level = plan.term_levels[0][0][has]
-        classes = np.unique(np.column_stack([plan.dataset[has], level, series.lag[has]]), axis=0)
-        cells, per_cell = np.unique(classes[:, :2], axis=0, return_counts=True)
+        level_of, n_levels, _ = plan.term_levels[0]
+        ell = int(n_levels.max())
+        row_class = lag_classes(plan.dataset[has] * ell + level_of[has], series.lag[has], plan.n_datasets * ell)[2]
         lags = np.zeros(plan.n_datasets, dtype=np.int64)
-        np.maximum.at(lags, cells[:, 0].astype(np.int64), per_cell)
+        np.maximum.at(lags, plan.dataset[has], row_class + 1)
         for width in np.unique(widths):
             members = usable[widths == width]
             most = chunk_size or host_chunk(host_bytes(sum(ks), design.p, int(width), int(lags[members].max()),
@@ -269,7 +277,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
             size = host_chunk_length(len(members), most, thread_count(None))
             jobs += [(members[chunk.members], None, chunk.count, None)
                      for chunk in chunks(0, np.arange(len(members)), size, 1)]
-        # threads alone: a worker process did not pay here (its moments make a chunk's work per level, not per row;
+        # threads alone: a worker process gained little or lost here (its chunks' work is per level and lag class;
         # benchmarks/RESULTS.md, twenty-sixth session)
         search = partial(search_on_host, continuous=structure.continuous, reml=reml, max_iterations=max_iterations,
                          decrease_tol=DECREASE_TOL)
@@ -284,11 +292,10 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
             members = usable[np.all(widths[usable] == key, axis=1)]
             # the most lag classes a dataset of the bucket has (a chunk's J): whether its chunks form their sums
             followed_here = has & np.isin(plan.dataset, members)
-            lag_classes = dataset_lag_classes(plan.dataset[followed_here], series.lag[followed_here],
-                                              plan.n_datasets)[0]
-            lagged = lagged_systems_pay(lag_classes, ks, key, design.p, float(plan.n_obs[members].mean()),
+            classes = lag_classes(plan.dataset[followed_here], series.lag[followed_here], plan.n_datasets)[0]
+            lagged = lagged_systems_pay(classes, ks, key, design.p, float(plan.n_obs[members].mean()),
                                         HOST_CHUNK_BYTES)
-            most = chunk_size or host_chunk(terms_host_bytes(ks, key, design.p, lag_classes if lagged else None))
+            most = chunk_size or host_chunk(terms_host_bytes(ks, key, design.p, classes if lagged else None))
             size = host_chunk_length(len(members), most, thread_count(None))
             jobs += [(members[chunk.members], (key, lagged), chunk.count, None)
                      for chunk in chunks(0, np.arange(len(members)), size, 1)]
