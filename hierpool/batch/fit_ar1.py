@@ -14,8 +14,9 @@ search it assumes the profile has one minimum there.
 **On the host.**  On one CPU device in float64 nothing is compiled: (theta, u) are searched together, for one
 term of at most three coefficients (:data:`hierpool.batch.plan.HOST_MAX_THETA` parameters), or terms on one
 grouping factor of at most three together (one block-diagonal term), from per-level lagged moments
-(:mod:`hierpool.batch.ar1_search`), for other several-term models on the whitened systems
-(:mod:`hierpool.batch.ar1_terms_search`).  A wider single term, accelerators and sharded batches run the
+(:mod:`hierpool.batch.ar1_search`, chunks on threads), for other several-term models on the whitened systems
+(:mod:`hierpool.batch.ar1_terms_search`, chunks in worker processes too from :data:`AR1_TERMS_PROCESS_MIN_ROWS`
+rows).  A wider single term, accelerators and sharded batches run the
 golden-section program below.  A dataset whose inner fit in theta did not converge at some point of that search is
 not reported converged (its message says so), and is refitted by ``hp.lmm``.
 
