@@ -26,7 +26,8 @@
     python benchmarks/batch.py --lmm-three-terms 300  # (1 + x | a) + (1 + x | b) + (1 | a:b): out/lmm_three_terms.json
     python benchmarks/batch.py --ar1 1000           # Ovary-shaped, corAR1, (1 | Mare), against nlme: out/ar1.json
     python benchmarks/batch.py --car1 1000          # BodyWeight-shaped, corCAR1, (Time | Rat): out/car1.json
-    python benchmarks/batch.py --ar1-terms 200      # Pixel-shaped, (day | Dog) + (1 | Dog:Side), corAR1: out/ar1_terms.json
+    python benchmarks/batch.py --ar1-terms 200      # Pixel-shaped, (day | Dog) + (1 | Dog:Side), corAR1:
+                                                    # out/ar1_terms.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
                                                     # hp.lmm loop: out/animal.json
 
@@ -379,8 +380,8 @@ HIERPOOL_MODEL = textwrap.dedent(
 )
 
 
-# --ar1 / --car1 / --ar1-terms: AR(1) residuals (nlme's corAR1 / corCAR1) against a loop of nlme's lme.  N replicates simulated by
-# hp.simulate from hp.lmm's fit to the nlme dataset (nlme has no simulate for lme), written to a CSV both sides read;
+# --ar1 / --car1 / --ar1-terms: AR(1) residuals (nlme's corAR1 / corCAR1) against a loop of nlme's lme.  N replicates
+# simulated by hp.simulate from hp.lmm's fit to the nlme dataset (nlme has no simulate for lme), written to a CSV both sides read;
 # the clock around the fits and their fixed effects, variance components and random effects, as the lme4 loops'.
 AR1_MODELS = {
     "ar1": dict(help="Ovary-shaped datasets, corAR1, (1 | Mare), against an nlme loop", data="Ovary",

@@ -215,19 +215,22 @@ def lagged_moments(dataset: np.ndarray, level: np.ndarray, columns: np.ndarray, 
                          count.reshape(n_datasets, ell, J))
 
 
-def lag_classes(group: np.ndarray, lag: np.ndarray, n_groups: int):
-    """The lag classes of rows that follow another (each row's group, below ``n_groups``, and lag), numbered within
-    each group from 0 in increasing lag: (J, the most classes a group has, 0 without rows; each class's lag
-    (n_groups, J), 1 where a group has fewer; each row's class).  One integer key a row, sorted once (a lexicographic
-    ``unique`` of the (group, lag) pairs sorts far slower)."""
+def lag_classes(group: np.ndarray, lag: np.ndarray, n_groups: int | None = None):
+    """The lag classes of rows that follow another (each row's group and lag), numbered within each group from 0 in
+    increasing lag: (J, the most classes a group has, 0 without rows; each class's lag (n_groups, J), 1 where a group
+    has fewer, or None without ``n_groups`` (a caller that needs the rows' classes alone: the grid can be far larger
+    than the rows where one group has many classes); each row's class).  One integer key a row, sorted once (a
+    lexicographic ``unique`` of the (group, lag) pairs sorts far slower)."""
     lags, code = np.unique(lag, return_inverse=True)
     width = max(len(lags), 1)
     classes, pair = np.unique(np.asarray(group, dtype=np.int64) * width + code.reshape(-1), return_inverse=True)
     owner = classes // width
     within = np.arange(len(classes)) - np.searchsorted(owner, owner)
     J = int(within.max()) + 1 if len(classes) else 0
-    lag_of = np.ones((n_groups, J))
-    lag_of[owner, within] = lags[classes % width]
+    lag_of = None
+    if n_groups is not None:
+        lag_of = np.ones((n_groups, J))
+        lag_of[owner, within] = lags[classes % width]
     return J, lag_of, within[pair.reshape(-1)]
 
 

@@ -154,16 +154,20 @@ def statistics_systems(stats, sigma_known: bool = False) -> MixedModelSystem:
                             log_weights=stats.log_weights, beta_shift=stats.beta_shift, layout=layout)
 
 
+def _rest_columns(layout_widths, ks, p: int) -> int:
+    """m, the rest's columns: sum_(j>0) ell_j k_j + p + 1."""
+    return int(sum(ell * k for ell, k in zip(layout_widths[1:], ks[1:])) + p + 1)
+
+
 def dense_entries(layout_widths, ks, p: int) -> int:
     """The dense coupling's values per dataset (ell0 k0 m) for term widths ``layout_widths`` and widths ``ks``."""
-    m = sum(ell * k for ell, k in zip(layout_widths[1:], ks[1:])) + p + 1
-    return int(layout_widths[0] * ks[0] * m)
+    return int(layout_widths[0] * ks[0] * _rest_columns(layout_widths, ks, p))
 
 
 def system_entries(layout_widths, ks, p: int) -> int:
     """A dataset's system's values: A00's ell0 k0^2, the dense coupling's (:func:`dense_entries`) and the rest's
     m^2."""
-    m = sum(ell * k for ell, k in zip(layout_widths[1:], ks[1:])) + p + 1
+    m = _rest_columns(layout_widths, ks, p)
     return int(layout_widths[0] * ks[0] * ks[0]) + dense_entries(layout_widths, ks, p) + m * m
 
 

@@ -194,8 +194,9 @@ def joint_criterion(data: ChunkData, continuous: bool, reml: bool):
 def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterations: int, decrease_tol=None) -> dict:
     """Fit a chunk's datasets (``data``: their rows and lagged moments): a chunk's results as
     :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them (per-term lists of factors, b and
-    conditional variances padded to the chunk's levels, ``phi`` and ``edge``).  Imports no JAX: a worker process
-    runs it (:mod:`hierpool.batch.host_processes`)."""
+    conditional variances padded to the chunk's levels, ``phi`` and ``edge``).  Its module imports no JAX, as a worker
+    process's search must (:mod:`hierpool.batch.host_processes`), though its chunks run on threads
+    (:mod:`hierpool.batch.fit_ar1`)."""
     value_and_grad = joint_criterion(data, continuous, reml)
     with np.errstate(all="ignore"):
         point, value, newton_step, iterations, converged = newton_on_host(

@@ -105,7 +105,8 @@ class TermsChunk(ChunkRows):
             D = len(self.n)
             J, self.lags, lag_class = lag_classes(self.dataset[followed], self.lag[followed], D)
             counts = np.bincount(lag_class, minlength=J)
-            self.classes = np.split(followed[np.argsort(lag_class, kind="stable")], np.cumsum(counts)[:-1])
+            order = followed[np.argsort(lag_class, kind="stable")]
+            self.classes = np.split(order, np.cumsum(counts)[:-1]) if J else []
             self.class_rows = np.bincount(self.dataset[followed] * J + lag_class, minlength=D * J).reshape(D, J)
 
     def _lagged_sums(self):

@@ -267,13 +267,12 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         widths = padded_widths(plan)[usable, 0]
         # each dataset's most lag classes in one level (the moments' J, as lagged_moments counts them)
         level_of, n_levels, _ = plan.term_levels[0]
-        ell = int(n_levels.max())
-        row_class = lag_classes(plan.dataset[has] * ell + level_of[has], series.lag[has], plan.n_datasets * ell)[2]
-        lags = np.zeros(plan.n_datasets, dtype=np.int64)
-        np.maximum.at(lags, plan.dataset[has], row_class + 1)
+        row_class = lag_classes(plan.dataset[has] * int(n_levels.max()) + level_of[has], series.lag[has])[2]
+        classes_per_level = np.zeros(plan.n_datasets, dtype=np.int64)
+        np.maximum.at(classes_per_level, plan.dataset[has], row_class + 1)
         for width in np.unique(widths):
             members = usable[widths == width]
-            most = chunk_size or host_chunk(host_bytes(sum(ks), design.p, int(width), int(lags[members].max()),
+            most = chunk_size or host_chunk(host_bytes(sum(ks), design.p, int(width), int(classes_per_level[members].max()),
                                                        int(plan.n_obs[members].max())))
             size = host_chunk_length(len(members), most, thread_count(None))
             jobs += [(members[chunk.members], None, chunk.count, None)
@@ -293,7 +292,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
             members = usable[np.all(widths[usable] == key, axis=1)]
             # the most lag classes a dataset of the bucket has (a chunk's J): whether its chunks form their sums
             followed_here = has & np.isin(plan.dataset, members)
-            classes = lag_classes(plan.dataset[followed_here], series.lag[followed_here], plan.n_datasets)[0]
+            classes = lag_classes(plan.dataset[followed_here], series.lag[followed_here])[0]
             lagged = lagged_systems_pay(classes, ks, key, design.p, float(plan.n_obs[members].mean()),
                                         HOST_CHUNK_BYTES)
             most = chunk_size or host_chunk(terms_host_bytes(ks, key, design.p, classes if lagged else None))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..algebra.checks import diagonal_mask
+from ..algebra.checks import SINGULAR_TOL, diagonal_mask
 from ..algebra.linalg import tril_positions
 from ..spec.design import Design
 
@@ -32,8 +32,6 @@ from ..spec.design import Design
 GRADIENT_TOL = 2e-3
 #: lme4's ``check.conv.hess`` tolerance (eigenvalues near zero, the eigenvalue ratio).
 HESSIAN_TOL = 1e-6
-#: lme4's ``check.conv.singular`` tolerance (``isSingular``: a diagonal of T_j below it).
-SINGULAR_TOL = 1e-4
 #: Relative step of the finite differences in (theta, beta) (lme4's ``deriv12`` step is 1e-4).
 DERIVATIVE_STEP = 1e-4
 
