@@ -381,8 +381,9 @@ HIERPOOL_MODEL = textwrap.dedent(
 
 
 # --ar1 / --car1 / --ar1-terms: AR(1) residuals (nlme's corAR1 / corCAR1) against a loop of nlme's lme.  N replicates
-# simulated by hp.simulate from hp.lmm's fit to the nlme dataset (nlme has no simulate for lme), written to a CSV both sides read;
-# the clock around the fits and their fixed effects, variance components and random effects, as the lme4 loops'.
+# simulated by hp.simulate from hp.lmm's fit to the nlme dataset (nlme has no simulate for lme), written to a CSV both
+# sides read; the clock around the fits and their fixed effects, variance components and random effects, as the lme4
+# loops'.
 AR1_MODELS = {
     "ar1": dict(help="Ovary-shaped datasets, corAR1, (1 | Mare), against an nlme loop", data="Ovary",
                 factors=["Mare"], response="follicles", formula="follicles ~ s + c + (1 | Mare)",

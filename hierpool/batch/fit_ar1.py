@@ -272,7 +272,8 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         np.maximum.at(classes_per_level, plan.dataset[has], row_class + 1)
         for width in np.unique(widths):
             members = usable[widths == width]
-            most = chunk_size or host_chunk(host_bytes(sum(ks), design.p, int(width), int(classes_per_level[members].max()),
+            classes = int(classes_per_level[members].max())
+            most = chunk_size or host_chunk(host_bytes(sum(ks), design.p, int(width), classes,
                                                        int(plan.n_obs[members].max())))
             size = host_chunk_length(len(members), most, thread_count(None))
             jobs += [(members[chunk.members], None, chunk.count, None)
