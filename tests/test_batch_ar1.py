@@ -341,11 +341,14 @@ def test_several_terms_with_a_correlated_slope_in_continuous_time_across_buckets
 
     structure, formula = hp.car1("subj", time="t"), "y ~ x + (1 + x | site) + (1 | subj)"
     frames = [_sites(seed, n_site, n_subj, True) for seed, (n_site, n_subj) in enumerate([(3, 2), (9, 3), (6, 4)])]
-    widths, search = [], fit_ar1_module.terms_search_on_host
+    widths, lagged, search = [], set(), fit_ar1_module.terms_search_on_host
     monkeypatch.setattr(fit_ar1_module, "terms_search_on_host",
-                        lambda data, *a, **k: widths.append(tuple(data.widths)) or search(data, *a, **k))
+                        lambda data, *a, **k: widths.append(tuple(data.widths)) or lagged.add(data.lagged)
+                        or search(data, *a, **k))
     batch = hp.fit_batch(formula, frames, by="rep", correlation=structure, reml=False, progress=False)
     assert len(set(widths)) == 3, widths  # the host search, once per bucket of padded level counts
+    # irregular times: the buckets with many lag classes a dataset whiten their rows, the one with few forms their sums
+    assert lagged == {True, False}
     assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
     _assert_each_is_its_single_fit(batch, frames, structure, formula, reml=False)
 

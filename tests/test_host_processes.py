@@ -111,6 +111,29 @@ def _recorded(statuses: list, outcome):
     return outcome
 
 
+def _assert_workers_fit_as_threads(monkeypatch, module, threshold: str, fit, names) -> None:
+    """``fit()`` (a batch) with ``module``'s chunks sent to a worker process (two threads, one worker, the row
+    threshold ``threshold`` at 0), then on threads alone: some chunk ran there, and the results ``names`` and the
+    random effects are the same bit for bit."""
+    remote = []
+    run = host_processes._Worker.run
+    monkeypatch.setattr(host_processes._Worker, "run", lambda self, message: _recorded(remote, run(self, message)))
+    monkeypatch.setattr(module, "thread_count", lambda *_: 2)
+    monkeypatch.setattr(host_processes, "worker_count", lambda threads: 1)  # a worker even on one usable core
+    monkeypatch.setattr(module, threshold, 0)
+    _ready_worker()
+    with_processes = fit()
+    assert remote and set(remote) == {"ok"}, f"no chunk ran in a worker, or one came back here: {remote}"
+    remote.clear()
+    monkeypatch.setenv(host_processes.SWITCH, "0")
+    monkeypatch.setattr(host_processes, "_WORKERS", [])
+    threads = fit()
+    assert not remote
+    for name in names:
+        np.testing.assert_array_equal(getattr(with_processes, name), getattr(threads, name), err_msg=name)
+    pd.testing.assert_frame_equal(with_processes.ranef, threads.ranef)
+
+
 @pytest.mark.filterwarnings("error:a hierpool host worker process died")  # a chunk lost there is no fallback here
 def test_a_glmm_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatch):
     rng = np.random.default_rng(5)
@@ -120,23 +143,10 @@ def test_a_glmm_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatc
         x = rng.normal(size=g.size)
         eta = -0.3 + 0.8 * x + rng.normal(0, 0.7, 12)[g]
         frames.append(pd.DataFrame({"g": g.astype(str), "x": x, "y": rng.binomial(1, 1 / (1 + np.exp(-eta)))}))
-    remote = []
-    run = host_processes._Worker.run
-    monkeypatch.setattr(host_processes._Worker, "run", lambda self, message: _recorded(remote, run(self, message)))
-    monkeypatch.setattr(fit_glmm_module, "thread_count", lambda *_: 2)
-    monkeypatch.setattr(host_processes, "worker_count", lambda threads: 1)  # a worker even on one usable core
-    monkeypatch.setattr(fit_glmm_module, "PROCESS_MIN_ROWS", 0)
-    _ready_worker()
-    with_processes = hp.fit_batch("y ~ x + (1 | g)", frames, by="rep", family="binomial", progress=False)
-    assert remote and set(remote) == {"ok"}, f"no chunk ran in a worker, or one came back here: {remote}"
-    remote.clear()
-    monkeypatch.setenv(host_processes.SWITCH, "0")
-    monkeypatch.setattr(host_processes, "_WORKERS", [])
-    threads = hp.fit_batch("y ~ x + (1 | g)", frames, by="rep", family="binomial", progress=False)
-    assert not remote
-    for name in ("objective", "beta", "theta", "beta_se"):
-        np.testing.assert_array_equal(getattr(with_processes, name), getattr(threads, name), err_msg=name)
-    pd.testing.assert_frame_equal(with_processes.ranef, threads.ranef)
+    _assert_workers_fit_as_threads(
+        monkeypatch, fit_glmm_module, "PROCESS_MIN_ROWS",
+        lambda: hp.fit_batch("y ~ x + (1 | g)", frames, by="rep", family="binomial", progress=False),
+        ("objective", "beta", "theta", "beta_se"))
 
 
 
@@ -149,24 +159,10 @@ def test_a_several_term_linear_batch_fitted_in_worker_processes_equals_it_on_thr
         x = rng.normal(size=subj.size)
         y = 1 + 0.5 * x + rng.normal(0, 0.8, 10)[subj.astype(int)] + rng.normal(0, 0.5, 6)[item.astype(int)]
         frames.append(pd.DataFrame({"subj": subj, "item": item, "x": x, "y": y + rng.normal(size=subj.size)}))
-    remote = []
-    run = host_processes._Worker.run
-    monkeypatch.setattr(host_processes._Worker, "run", lambda self, message: _recorded(remote, run(self, message)))
-    monkeypatch.setattr(fit_terms_module, "thread_count", lambda *_: 2)
-    monkeypatch.setattr(host_processes, "worker_count", lambda threads: 1)
-    monkeypatch.setattr(fit_terms_module, "LINEAR_PROCESS_MIN_ROWS", 0)
-    _ready_worker()
-    formula = "y ~ x + (1 + x | subj) + (1 | item)"
-    with_processes = hp.fit_batch(formula, frames, by="rep", progress=False)
-    assert remote and set(remote) == {"ok"}, f"no chunk ran in a worker, or one came back here: {remote}"
-    remote.clear()
-    monkeypatch.setenv(host_processes.SWITCH, "0")
-    monkeypatch.setattr(host_processes, "_WORKERS", [])
-    threads = hp.fit_batch(formula, frames, by="rep", progress=False)
-    assert not remote
-    for name in ("objective", "beta", "theta", "beta_se", "sigma"):
-        np.testing.assert_array_equal(getattr(with_processes, name), getattr(threads, name), err_msg=name)
-    pd.testing.assert_frame_equal(with_processes.ranef, threads.ranef)
+    _assert_workers_fit_as_threads(
+        monkeypatch, fit_terms_module, "LINEAR_PROCESS_MIN_ROWS",
+        lambda: hp.fit_batch("y ~ x + (1 + x | subj) + (1 | item)", frames, by="rep", progress=False),
+        ("objective", "beta", "theta", "beta_se", "sigma"))
 
 
 @pytest.mark.filterwarnings("error:a hierpool host worker process died")
@@ -187,24 +183,11 @@ def test_a_several_term_ar1_batch_fitted_in_worker_processes_equals_it_on_thread
                     rows.append({"site": f"s{site}", "subj": f"s{site}_{subj}", "t": t, "x": rng.normal(),
                                  "y": 2 + a + b + e})
         frames.append(pd.DataFrame(rows))
-    remote = []
-    run = host_processes._Worker.run
-    monkeypatch.setattr(host_processes._Worker, "run", lambda self, message: _recorded(remote, run(self, message)))
-    monkeypatch.setattr(fit_ar1_module, "thread_count", lambda *_: 2)
-    monkeypatch.setattr(host_processes, "worker_count", lambda threads: 1)
-    monkeypatch.setattr(fit_ar1_module, "AR1_TERMS_PROCESS_MIN_ROWS", 0)
-    _ready_worker()
-    formula, structure = "y ~ x + (1 | site) + (1 | subj)", hp.ar1("subj", time="t")
-    with_processes = hp.fit_batch(formula, frames, by="rep", correlation=structure, progress=False)
-    assert remote and set(remote) == {"ok"}, f"no chunk ran in a worker, or one came back here: {remote}"
-    remote.clear()
-    monkeypatch.setenv(host_processes.SWITCH, "0")
-    monkeypatch.setattr(host_processes, "_WORKERS", [])
-    threads = hp.fit_batch(formula, frames, by="rep", correlation=structure, progress=False)
-    assert not remote
-    for name in ("objective", "beta", "theta", "phi", "sigma"):
-        np.testing.assert_array_equal(getattr(with_processes, name), getattr(threads, name), err_msg=name)
-    pd.testing.assert_frame_equal(with_processes.ranef, threads.ranef)
+    _assert_workers_fit_as_threads(
+        monkeypatch, fit_ar1_module, "AR1_TERMS_PROCESS_MIN_ROWS",
+        lambda: hp.fit_batch("y ~ x + (1 | site) + (1 | subj)", frames, by="rep", correlation=hp.ar1("subj", time="t"),
+                             progress=False),
+        ("objective", "beta", "theta", "phi", "sigma"))
 
 
 def test_a_linear_batch_of_heavy_dense_systems_goes_to_worker_processes_below_the_row_threshold(monkeypatch):

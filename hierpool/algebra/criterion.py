@@ -554,14 +554,21 @@ def _schur_update_dense(coupling: jax.Array, m_levels: jax.Array) -> jax.Array:
     return 0.5 * (update + update.T)
 
 
-def _level_contractions_dense(coupling: jax.Array, matrix: jax.Array) -> jax.Array:
-    """:func:`level_contractions` over all rest blocks with the dense coupling: C_l H C_l^T per level (leading axes
-    of C and H broadcast, as :func:`_schur_update_dense`'s)."""
-    xp = array_namespace(coupling, matrix)
+def _coupling_products(coupling: jax.Array, matrix: jax.Array) -> jax.Array:
+    """C_l H per term-0 level (..., ell0, k0, m), the dense coupling C times a symmetric H over the rest columns."""
     ell0, k0, m = coupling.shape[-3:]
     flat = coupling.reshape(coupling.shape[:-3] + (ell0 * k0, m))
     product = flat @ matrix if flat.ndim > 2 or matrix.ndim > 2 else _product(flat, matrix)
-    ch = product.reshape(product.shape[:-2] + (ell0, k0, m))
+    return product.reshape(product.shape[:-2] + (ell0, k0, m))
+
+
+def _level_contractions_dense(coupling: jax.Array, matrix: jax.Array, ch: jax.Array | None = None) -> jax.Array:
+    """:func:`level_contractions` over all rest blocks with the dense coupling: C_l H C_l^T per level (leading axes
+    of C and H broadcast, as :func:`_schur_update_dense`'s); ``ch`` the products C_l H where the caller has them
+    (:func:`_coupling_products`)."""
+    xp = array_namespace(coupling, matrix)
+    k0 = coupling.shape[-2]
+    ch = _coupling_products(coupling, matrix) if ch is None else ch
     if k0 == 1:
         return xp.einsum("...lm,...lm->...l", ch[..., :, 0, :], coupling[..., :, 0, :])[..., None, None]
     # a stacked matmul: NumPy's einsum of two operands with a batch axis is a naive loop (benchmarks/RESULTS.md,
@@ -569,19 +576,17 @@ def _level_contractions_dense(coupling: jax.Array, matrix: jax.Array) -> jax.Arr
     return ch @ xp.swapaxes(coupling, -1, -2)
 
 
-def _derivative_along(along: MixedModelSystem, m_levels, grad_m, rest_cotangent, coupling):
+def _derivative_along(along: MixedModelSystem, m_levels, grad_m, rest_cotangent, ch):
     """The criterion's derivative along a change ``along`` of the system's sums (its A00, couplings and rest; the
     dense coupling C), given the adjoint's pieces at theta: M_l (``m_levels``), the cotangents of M_l (``grad_m``)
-    and of A_rest (``rest_cotangent``, H = Lambda G Lambda^T).  With K = A_rest - sum_l C_l^T M_l C_l and
+    and of A_rest (``rest_cotangent``, H = Lambda G Lambda^T), and the products C_l H the cotangent of M_l was
+    contracted from (``ch``, :func:`_coupling_products`).  With K = A_rest - sum_l C_l^T M_l C_l and
     M_l = T0 D_l^-1 T0^T, D_l = T0^T A00_l T0 + I (so d log|D_l| / dA00_l = M_l, dM_l = -M_l dA00_l M_l):
 
         d = <H, dA_rest> - 2 sum_l <M_l C_l H, dC_l> + sum_l <M_l - M_l (dcrit/dM_l) M_l, dA00_l>.
 
     Leading axes broadcast, as the criterion's."""
-    ell0, k0, m = coupling.shape[-3:]
     along_coupling = grid_coupling(along)
-    ch = (coupling.reshape(coupling.shape[:-3] + (ell0 * k0, m)) @ rest_cotangent)
-    ch = ch.reshape(ch.shape[:-2] + (ell0, k0, m))
     a00_cotangent = m_levels - m_levels @ grad_m @ m_levels
     return (np.sum(rest_cotangent * along.rest, axis=(-2, -1))
             - 2.0 * np.sum((m_levels @ ch) * along_coupling, axis=(-3, -2, -1))
@@ -665,14 +670,20 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
         value = parts.logdet_lz if logdet_only else criterion(parts, system, reml, n)
         c_r2 = 1.0 if layout.sigma_known else dof / pwrss
         (grad_rest,) = _dense_parts_bwd(q, p, chol, (1.0, 0.0, 0.0) if logdet_only else (1.0, c_rx, c_r2))
-        rest_factor_grads, grad_m, rest_cotangent = _reduce_adjoint(tuple(factors[1:]), reduced, system, grad_rest,
-                                                                    contractions)
+        kept = {}
+
+        def contracted(matrix):  # with ``along``, the products C_l H kept for its derivative
+            kept["ch"] = _coupling_products(coupling, matrix)
+            return _level_contractions_dense(coupling, matrix, kept["ch"])
+
+        rest_factor_grads, grad_m, rest_cotangent = _reduce_adjoint(
+            tuple(factors[1:]), reduced, system, grad_rest, contractions if along is None else contracted)
         grad_t0 = _term0_adjoint(system.a00, m_levels, p_levels, 1.0, grad_m)
         gradient = factor_gradients_to_theta([grad_t0, *rest_factor_grads])
         value = float(value) if np.ndim(value) == 0 else value
         if along is None:
             return value, gradient
-        return value, gradient, _derivative_along(along, m_levels, grad_m, rest_cotangent, coupling)
+        return value, gradient, _derivative_along(along, m_levels, grad_m, rest_cotangent, kept["ch"])
 
     return evaluate
 

@@ -138,25 +138,19 @@ def _solve_spd(matrix, vector):
     return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(matrix), True), vector)
 
 
-def _all_positive_definite(matrices: np.ndarray) -> bool:
-    """Whether every matrix of a stack (NumPy) is finite and positive definite, by one LAPACK call on the stack (which
-    refuses the whole stack where one is not positive definite, but factors a NaN matrix into NaN without refusing
-    it: hence the finite test first): :func:`_positive_definite`'s test, without its per-matrix masks."""
-    if not np.isfinite(matrices).all():
-        return False
-    try:
-        np.linalg.cholesky(matrices)
-    except np.linalg.LinAlgError:
-        return False
-    return True
-
-
 def _positive_definite(matrices: np.ndarray) -> np.ndarray:
     """Whether each of a stack of symmetric matrices (NumPy) is finite and positive definite: its Cholesky factor
-    exists, the compiled path's test (:func:`_definiteness`), so both paths decide alike."""
-    if _all_positive_definite(matrices):
-        return np.ones(matrices.shape[:-2], dtype=bool)
+    exists, the compiled path's test (:func:`_definiteness`), so both paths decide alike.  A stack that is all finite
+    is first factored by one LAPACK call, which refuses the whole stack where one is not positive definite (a NaN
+    matrix it factors into NaN without refusing: hence the finite test before it), so that the usual stack, all
+    definite, is decided without the per-matrix masks."""
     finite = np.all(np.isfinite(matrices), axis=(-2, -1))
+    if finite.all():
+        try:
+            np.linalg.cholesky(matrices)
+            return finite
+        except np.linalg.LinAlgError:
+            pass
     safe = np.where(finite[..., None, None], matrices, np.eye(matrices.shape[-1]))
     with np.errstate(invalid="ignore", divide="ignore"):  # linalg.cholesky: NaN for each indefinite one of a stack
         pivots = np.diagonal(cholesky(safe[None] if safe.ndim == 2 else safe), axis1=-2, axis2=-1)
