@@ -466,7 +466,7 @@ def test_a_stack_of_cholesky_factors_gives_nan_for_its_indefinite_matrix_alone()
 
 
 def test_the_host_newton_decides_definiteness_matrix_by_matrix_as_the_compiled_one():
-    from hierpool.batch.optimize import _definiteness, _positive_definite
+    from hierpool.algebra.search.newton import _definiteness, _positive_definite
 
     stack = np.array([[[2.0, 1.0], [1.0, 2.0]], [[1.0, 2.0], [2.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]],
                       [[np.nan, 0.0], [0.0, 1.0]], [[1e-300, 0.0], [0.0, 1.0]]])  # definite, indefinite, singular
@@ -480,7 +480,7 @@ def test_the_host_newton_decides_definiteness_matrix_by_matrix_as_the_compiled_o
     assert shift[0] == 0.0 and shift[1] > 0 and shift[2] >= 0
     # a stack that is all definite is decided at once; the Newton systems solved alike either way, NaN for the
     # matrices that are not definite (or whose right-hand side is not finite) alone
-    from hierpool.batch.optimize import _solve_spd
+    from hierpool.algebra.search.newton import _solve_spd
 
     definite_stack = stack[[0, 4, 0]]
     assert _positive_definite(definite_stack).all()
@@ -506,7 +506,7 @@ def test_newton_stops_on_the_pass_whose_quadratic_model_puts_the_optimum_within_
     # (g^T H^-1 g / 2) is below it, a pass or more sooner
     import jax.numpy as jnp
 
-    from hierpool.batch.optimize import newton, newton_on_host
+    from hierpool.algebra.search.newton import newton, newton_on_host
 
     matrix, centre = 1e3 * np.array([[3.0, 1.0], [1.0, 2.0]]), np.array([0.7, -1.3])
     rng = np.random.default_rng(4)
@@ -555,7 +555,7 @@ def test_newton_stops_on_the_pass_whose_quadratic_model_puts_the_optimum_within_
 
 
 def test_the_symmetric_rank_one_update_meets_the_secant_condition_and_skips_where_it_is_ill_determined():
-    from hierpool.batch.optimize import _sr1_update
+    from hierpool.algebra.search.newton import _sr1_update
 
     rng = np.random.default_rng(5)
     a = rng.normal(size=(4, 3, 3))
@@ -589,7 +589,7 @@ def test_a_secant_search_reaches_the_differencing_search_s_optimum_with_fewer_gr
     # (optimize_on_host's secant): the same optimum and criteria as each trial's forward differences, fewer points,
     # and where it stops the curvature returned is the forward-difference Hessian there (the stop was confirmed on
     # it), so that a saddle test and a covariance read differences, not an update
-    from hierpool.batch.optimize import _finite_difference_hessians, _probe_points, optimize_on_host
+    from hierpool.algebra.search.newton import _finite_difference_hessians, _probe_points, optimize_on_host
 
     starts = np.random.default_rng(8).uniform(-0.5, 1.0, size=(6, 4))
     counted = {}
@@ -614,7 +614,7 @@ def test_a_secant_search_reaches_the_differencing_search_s_optimum_with_fewer_gr
     # an update that overstates the curvature a hundredfold promises too little decrease and stops early: the stop,
     # read again on the forward differences, is not confirmed, and the search goes on to the optimum (the test on
     # the steps' decrease against their model's, which would also catch it, off)
-    from hierpool.batch import optimize as optimize_module
+    from hierpool.algebra.search import newton as optimize_module
 
     monkeypatch.setattr(optimize_module, "_sr1_update", lambda curvature, step, change: 100 * curvature)
     monkeypatch.setattr(optimize_module, "MODEL_AGREEMENT", np.inf)
@@ -630,7 +630,7 @@ def test_a_rejected_step_is_shortened_to_the_interpolated_minimum_along_it_and_a
     # at least 0.1; 0.1 where f(s) is not finite)
     import jax.numpy as jnp
 
-    from hierpool.batch.optimize import _damping_after
+    from hierpool.algebra.search.newton import _damping_after
 
     h, g, damping, scale = 4.0, -2.0, 0.5, 4.0
     step = np.array([-g / (h + damping)])
@@ -778,7 +778,7 @@ def test_bad_input_names_the_culprit(replicates):
 
 
 def test_moment_start_is_near_the_optimum_and_falls_back_to_the_identity(replicates, batch):
-    from hierpool.batch.optimize import moment_start
+    from hierpool.algebra.search.newton import moment_start
     from hierpool.batch.plan import plan_batch
 
     plan = plan_batch(SLEEP, replicates, "dataset", "test", "hp.lmm")

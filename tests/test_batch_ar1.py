@@ -126,7 +126,7 @@ def test_a_dataset_whose_series_hp_lmm_refuses_keeps_its_reason_and_spares_the_o
 
 
 def test_the_host_search_equals_the_compiled_golden_sections(replicates, monkeypatch):
-    """One term on a CPU in float64: (theta, phi) searched together on the host (hierpool.batch.ar1_search); forced
+    """One term on a CPU in float64: (theta, phi) searched together on the host (hierpool.algebra.search.ar1_moments); forced
     to compile, the golden-section search in phi of hp.fit_batch's programs.  corCAR1: irregular lags."""
     from hierpool.batch import fit_ar1 as fit_ar1_module
 
@@ -200,8 +200,8 @@ TERMS = "Reaction ~ Days + (Days || Subject)"
 @pytest.mark.parametrize("path", ["one factor", "several terms"])
 def test_several_terms_on_the_host_equal_their_single_fits_and_the_compiled_search(replicates, monkeypatch, path):
     """Two terms on one factor with AR(1) residuals, (theta, u) searched together: as one term with a block-diagonal
-    factor from the lagged moments (hierpool.batch.ar1_search), and, forced, on the whitened systems (hierpool.
-    batch.ar1_terms_search); each equals hp.lmm on each dataset, and the compiled golden sections (forced)."""
+    factor from the lagged moments (hierpool.algebra.search.ar1_moments), and, forced, on the whitened systems (hierpool.
+    algebra.search.ar1_systems); each equals hp.lmm on each dataset, and the compiled golden sections (forced)."""
     from hierpool.batch import fit_ar1 as fit_ar1_module
 
     structure = hp.ar1("Subject", time="Days")
@@ -250,7 +250,7 @@ def test_a_vector_term_and_a_scalar_term_on_one_factor_are_one_block_diagonal_te
 
 def _terms_chunks(frames, structure):
     """A TermsChunk of ``frames`` (TERMS, several-term host path) from the lag classes' sums, and one from the rows."""
-    from hierpool.batch.ar1_terms_search import TermsChunk
+    from hierpool.algebra.search.ar1_systems import TermsChunk
     from hierpool.batch.fit_ar1 import batch_series
     from hierpool.batch.fit_terms import padded_widths
     from hierpool.batch.plan import plan_batch

@@ -122,7 +122,7 @@ def test_secant_searches_with_weights_and_offset_equal_their_single_fits(nested,
     # from terms_search.SECANT_MIN_WORK of dense work a point the search updates its curvature by secants
     # (newton_on_host's secant); forced here on the small nested datasets, which evaluate fewer points so and reach
     # the single fits' criteria, as the forward-difference search does
-    from hierpool.batch import terms_search
+    from hierpool.algebra.search import terms as terms_search
 
     frames, formula, _ = nested
     points = []
@@ -153,7 +153,7 @@ def test_a_secant_search_is_looked_at_for_a_restart_after_its_own_passes(nested,
     # a secant search takes more passes to converge than one that differences each trial: a search with a vector
     # term is looked at for a restart after SECANT_RESTART_PASSES, not RESTART_PASSES (with 20, one three-term
     # dataset was restarted a pass before it converged, then refitted)
-    from hierpool.batch import terms_search
+    from hierpool.algebra.search import terms as terms_search
 
     frames, formula, _ = nested
     calls = []
@@ -427,7 +427,7 @@ def test_a_dataset_whose_system_is_broken_fails_alone_on_the_host(crossed, fault
     from hierpool.algebra.linalg import theta_start
     from hierpool.batch import fit_terms
     from hierpool.batch.plan import plan_batch
-    from hierpool.batch.terms_search import fit_on_host
+    from hierpool.algebra.search.terms import fit_on_host
 
     plan = plan_batch(CROSSED, crossed[0], "rep", "fit_batch", "hp.lmm", one_term=False)
     (members, systems, n), = fit_terms.bucket_systems(plan, [0, 1, 3, 4])
@@ -503,7 +503,7 @@ def _nested_slope_frames(seed: int, count: int = 40) -> list:
 
 
 def test_a_stalled_search_restarts_from_its_rank_reduced_theta_to_hp_lmm_s_optimum(monkeypatch):
-    from hierpool.batch import terms_search
+    from hierpool.algebra.search import terms as terms_search
 
     formula = "y ~ x + (1 + x | g) + (1 | g:h)"
     frames = _nested_slope_frames(4)
@@ -525,7 +525,7 @@ def test_a_stalled_search_restarts_from_its_rank_reduced_theta_to_hp_lmm_s_optim
 def test_a_stalled_search_goes_on_from_where_it_is_when_its_rank_reduced_theta_is_worse(monkeypatch):
     # the restart is taken only where the criterion at the rank-reduced theta is no higher than where the search is
     # (to RESTART_TOLERANCE): a far-off point is refused, and the second run starts from the first run's end
-    from hierpool.batch import terms_search
+    from hierpool.algebra.search import terms as terms_search
 
     stopped_at, starts = [], []
     real_search = terms_search.optimize_on_host
@@ -571,7 +571,7 @@ def test_a_stalled_search_restarts_with_one_vector_term_reduced_where_reducing_e
     # the old rule (every vector term reduced at once) leaves none of 300 such datasets unconverged, so the tenfold
     # fall of before makes the stall this test's restart is for
     from hierpool.algebra.linalg import rank_reduced_theta
-    from hierpool.batch import optimize, terms_search
+    from hierpool.algebra.search import newton as optimize, terms as terms_search
 
     monkeypatch.setattr(optimize, "DAMPING_FALL_AFTER_REJECTION", optimize.DAMPING_FALL)
 
@@ -593,7 +593,7 @@ def test_a_stalled_search_restarts_with_one_vector_term_reduced_where_reducing_e
 
 def test_restart_candidates_reduce_each_vector_term_alone_then_all():
     from hierpool.algebra.linalg import rank_reduced_theta
-    from hierpool.batch.terms_search import restart_candidates
+    from hierpool.algebra.search.terms import restart_candidates
 
     ks = (2, 1, 3)
     theta = np.random.default_rng(0).normal(size=(4, 3 + 1 + 6))
@@ -612,7 +612,7 @@ def test_restart_candidates_reduce_each_vector_term_alone_then_all():
 def test_a_restarted_search_that_stops_at_a_saddle_is_not_reported_converged():
     # the restart starts next to the stationary points of T_kk = 0: a stop where the curvature has a negative
     # direction (beyond the differences' error) is a saddle, and that dataset is left to hp.lmm's refit
-    from hierpool.batch.terms_search import _negative_curvature
+    from hierpool.algebra.search.terms import _negative_curvature
 
     curvature = np.array([np.diag([4.0, 1.0]), np.diag([4.0, -0.5]), np.diag([4.0, -1e-9]), np.full((2, 2), np.nan)])
     np.testing.assert_array_equal(_negative_curvature(curvature), [False, True, False, False])

@@ -56,7 +56,7 @@ def _with_a_chunk_running_here(function, *arguments, hold=0.2):
 
 
 def test_the_search_a_worker_runs_imports_without_jax_or_pandas():
-    check = ("import sys, hierpool.batch.glmm_search, hierpool.batch.terms_search, hierpool.batch.ar1_terms_search, "
+    check = ("import sys, hierpool.batch.glmm_search, hierpool.algebra.search.terms, hierpool.algebra.search.ar1_systems, "
              "hierpool.batch.host_processes; print('jax' in sys.modules, 'pandas' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["False", "False"]

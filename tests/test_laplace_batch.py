@@ -8,7 +8,7 @@ import pytest
 from conftest import host_and_compiled
 
 import hierpool.batch.fit_glmm as fit_glmm_module
-import hierpool.batch.optimize as optimize_module
+import hierpool.algebra.search.newton as optimize_module
 from hierpool.algebra.family import family
 from hierpool.algebra.henderson import fixed_effects_information, solve
 from hierpool.algebra.laplace import (
@@ -26,7 +26,7 @@ from hierpool.algebra.laplace_batch import (
     working_system,
 )
 from hierpool.batch.glmm_search import beta_covariance
-from hierpool.batch.optimize import _finite_difference_hessians, _probe_points, newton_on_host
+from hierpool.algebra.search.newton import _finite_difference_hessians, _probe_points, newton_on_host
 from hierpool.spec.design import build_design
 from hierpool.spec.family import family_spec
 

@@ -543,7 +543,7 @@ def test_a_saddle_free_step_descends_along_negative_curvature_the_same_on_the_ho
     # Levenberg-Marquardt shift of the indefinite Hessian nearly cancels it; definite Hessians keep Newton's step
     import jax.numpy as jnp
 
-    from hierpool.batch.optimize import _next_step
+    from hierpool.algebra.search.newton import _next_step
 
     curvature = np.array([[[4.0, 0.0], [0.0, -1.0]], [[2.0, 0.5], [0.5, 1.0]]])
     gradient = np.array([[1.0, 0.3], [0.4, -0.2]])

@@ -77,7 +77,7 @@ def test_the_closed_forms_start_of_a_random_intercept_is_one_way_anova(formula, 
 def test_batch_moment_start_is_the_per_dataset_anova_start():
     # fit_batch's start of a random intercept, from the statistics, against the ANOVA start of each
     # dataset's own rows (its OLS residuals summed per level; fit_batch's floor 1e-2 and p)
-    from hierpool.batch.optimize import MOMENT_FLOOR, moment_start
+    from hierpool.algebra.search.newton import MOMENT_FLOOR, moment_start
     from hierpool.batch.plan import plan_batch
 
     formula = "Reaction ~ Days + (1 | Subject)"

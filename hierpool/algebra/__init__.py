@@ -26,7 +26,9 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
   gradient written once for all three (``laplace_gradient``), adaptive quadrature (``quadrature``),
   population-average means (``marginal_mean``) and the separation check (``separation``); AR(1) residuals by whitening, on the host
   and in programs, and for one term from per-level lagged moments that give the whitened statistics at any phi
-  (``ar1``);
+  (``ar1``); the host searches over a stack of datasets (``search``: Newton's method, the linear model's search
+  in theta, and the AR(1) searches in (theta, u)), which ``hp.fit_batch`` runs over chunks and
+  ``hp.lmm(..., correlation=)`` over its one dataset;
 - ``closedform`` (REML/ML optimizer, results), then ``bayesian`` (NumPyro models, NUTS driver;
   it may read a closed-form fit, e.g. variances held at their REML values): the two engines,
   reading the same Design and the same algebra;
@@ -34,7 +36,7 @@ with ``ast`` and fails on an upward import, a cycle, or a private name taken acr
   one-term batches; several-term batches and binomial or Poisson GLMM batches in float64); the models whose single fit has no batched form (a
   relationship matrix, spatial terms, adaptive quadrature) dataset by dataset through that single fit
   (``batch.fit_each``, ``batch.bayes_each``).  The host searches of a chunk (``batch.glmm_search``,
-  ``batch.terms_search``) and ``batch.host_processes`` import no JAX, so that a worker process can run a GLMM
+  ``algebra.search``) and ``batch.host_processes`` import no JAX, so that a worker process can run a GLMM
   or several-term linear chunk beside the main one, and a host batch raises the C allocator's thresholds once
   (``algebra.host_allocator``); they search terms on one grouping factor as one term whose factor is block-diagonal
   with theirs (``batch.plan.one_factor``, ``linalg.block_diagonal_positions``);

@@ -137,7 +137,7 @@ def statistics_systems(stats, sigma_known: bool = False) -> MixedModelSystem:
     Z_l^T W y (every level meets the one X and y cell), and the rest [[X^T W X, X^T W y], [y^T W X, y^T W y]]
     (Bates et al. 2015, eq. 18), so the general criterion and its written-out adjoint
     (:func:`hierpool.algebra.criterion.host_objective_and_gradient`) evaluate the one-term model from them
-    (``hp.fit_batch``'s one-term host search, :func:`hierpool.batch.terms_search.search_statistics_on_host`).
+    (``hp.fit_batch``'s one-term host search, :func:`hierpool.algebra.search.terms.search_statistics_on_host`).
     """
     ell, k = stats.ztz.shape[-3], stats.ztz.shape[-1]
     p = stats.xtx.shape[-1]

@@ -620,7 +620,7 @@ def host_objective_and_gradient(system: MixedModelSystem, reml: bool = True, den
     ``along``: a change of the systems' sums (A00, the couplings' values and the rest; a batch of
     ``Layout.dense_only`` systems, the same shapes), and each call returns the criterion's derivative along it
     too, from the adjoint's pieces (:func:`_derivative_along`): (value, gradient, derivative).  An AR(1) batch's
-    derivative in u (:mod:`hierpool.batch.ar1_terms_search`), where the systems are combinations of sums in u.
+    derivative in u (:mod:`hierpool.algebra.search.ar1_systems`), where the systems are combinations of sums in u.
     """
     layout = system.layout
     q, p = layout.q_rest, layout.p

@@ -87,7 +87,7 @@ def rank_reduced_theta(theta: np.ndarray, ks: tuple[int, ...], terms=None) -> np
     criterion barely depends on the direction of (T_21, T_22), and a gradient search crawls around that circle
     towards the boundary optimum lme4's bounded optimizers reach (T_22 = 0).  This point is that boundary's, reached
     in one move: a restart from it (``hp.fit_batch``'s stalled several-term searches,
-    :func:`hierpool.batch.terms_search.search_on_host`) converges where the search did not.  A non-finite theta
+    :func:`hierpool.algebra.search.terms.search_on_host`) converges where the search did not.  A non-finite theta
     gives NaN for its terms (the others' rows are unaffected).
     """
     theta = np.array(theta, dtype=float)

@@ -158,7 +158,7 @@ def complex_objective(theta: np.ndarray, stats, reml: bool = True, sigma_known: 
                       domain_checked: bool = False) -> np.ndarray:
     """:func:`objective` at complex points on the host (the complex step's evaluations, :func:`value_and_gradient`):
     ``theta`` and the statistics may both be complex (a step in a parameter the statistics depend on, an AR(1)
-    correlation's: :mod:`hierpool.batch.ar1_search`), their leading axes broadcast.  ``domain_checked``: NaN where
+    correlation's: :mod:`hierpool.algebra.search.ar1_moments`), their leading axes broadcast.  ``domain_checked``: NaN where
     the real criterion is undefined (a penalized residual sum of squares or a pivot of X's block not positive, by
     rounding at a degenerate theta), where the complex logarithm and square root would still give a finite real
     part (the AR(1) host search, which must reject such a step as the compiled program's NaN does)."""

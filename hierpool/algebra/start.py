@@ -3,7 +3,7 @@
 Both engines start their optimizer from the method of moments on the residuals r
 of a least-squares fit of the fixed effects, summed per level of a random-effect
 term.  :func:`moment_theta` is the estimator (a k-coefficient term, vectorized over
-datasets): ``hp.fit_batch``'s start (:func:`hierpool.batch.optimize.moment_start`, from the
+datasets): ``hp.fit_batch``'s start (:func:`hierpool.algebra.search.newton.moment_start`, from the
 statistics) and the closed form's, term by term (:func:`hierpool.closedform.optimize.moment_start`).
 For a scalar random intercept it is one-way ANOVA.  :func:`em_theta` is the other start, for a
 GLMM: one EM step from conditional modes and their conditional variances (``hp.glmm``'s Laplace fit,

@@ -3,7 +3,7 @@ and the parametric bootstrap on it, ``hp.bootstrap``).
 
 Each public name is imported on first use (PEP 562): ``hp.fit_batch`` does not load the Bayesian stack
 (NumPyro, ArviZ: seconds of imports), and a module of the package that needs neither JAX nor the others
-(:mod:`hierpool.batch.glmm_search` and :mod:`hierpool.batch.terms_search`, what a host worker process runs:
+(:mod:`hierpool.batch.glmm_search` and :mod:`hierpool.algebra.search.terms`, what a host worker process runs:
 :mod:`hierpool.batch.host_processes`)
 imports without them.
 """

@@ -22,8 +22,8 @@ bounded by the chunk, whatever the number of datasets; per dataset, in bytes:
   ``fit_glmm.HOST_CHUNK_BYTES``, one call per core at a time);
 * AR(1) residuals (:mod:`hierpool.batch.fit_ar1`): its padded rows, ``8 * n * (4 + p + sum k_j)``,
   plus the whitened system's per probe of theta; on the host (one term, or terms on one factor,
-  :mod:`hierpool.batch.ar1_search`),
-  :func:`hierpool.batch.ar1_search.host_bytes` (its rows, lagged moments and the probes of theta and phi).
+  :mod:`hierpool.algebra.search.ar1_moments`),
+  :func:`hierpool.algebra.search.ar1_moments.host_bytes` (its rows, lagged moments and the probes of theta and phi).
 
 A dataset whose batched optimizer did not converge is refitted
 alone by ``hp.lmm`` (``polish=True``); each is marked in ``refit`` and explained
@@ -32,16 +32,16 @@ On a CPU, linear-model batches of up to ``QUICK_COMPILE_MAX_VALUES`` statistics 
 :mod:`hierpool.algebra.compiler_options`' quick options: their run is shorter than
 LLVM's optimization of the programs.  One-term batches of that size compile nothing: the
 several-term batches' host search runs on their statistics' systems
-(:func:`hierpool.batch.terms_search.search_statistics_on_host`: Newton's method in NumPy over the datasets still
+(:func:`hierpool.algebra.search.terms.search_statistics_on_host`: Newton's method in NumPy over the datasets still
 searching, the criterion's gradient its written-out adjoint), in less time than XLA
 would take to compile it ("compile only where compiling pays").  Several-term batches
 in float64 on one CPU device compile nothing at any size: the same Newton's method on
 the blocked criterion and its written-out gradient, a chunk's datasets at once
 (:mod:`hierpool.batch.fit_terms`, "On the host"); so do binomial and Poisson GLMM batches
 (:mod:`hierpool.batch.fit_glmm`, Laplace by :mod:`hierpool.algebra.laplace_batch`) and batches with AR(1) residuals
-(theta and phi searched together: one term of at most ``plan.HOST_MAX_THETA`` parameters, or terms on one grouping
-factor as one, from per-level lagged moments, :mod:`hierpool.batch.ar1_search`; other several-term models on their
-whitened systems, :mod:`hierpool.batch.ar1_terms_search`).
+(theta and phi searched together: one term of at most ``algebra.search.ar1_moments.HOST_MAX_THETA`` parameters, or terms on one grouping
+factor as one, from per-level lagged moments, :mod:`hierpool.algebra.search.ar1_moments`; other several-term models on their
+whitened systems, :mod:`hierpool.algebra.search.ar1_systems`).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
 from .fit_glmm import fit_glmm, glmm_problems
 from .fit_terms import empty_results, fit_terms
-from .optimize import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
+from ..algebra.search.newton import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     chunks,
@@ -83,7 +83,7 @@ from .plan import (
     thread_count,
 )
 from .results import BatchResult, BatchTerm
-from .terms_search import host_bytes, search_statistics_on_host
+from ..algebra.search.terms import host_bytes, search_statistics_on_host
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
@@ -157,7 +157,7 @@ def _programs(stats, reml: bool, max_iterations: int, sigma_known: bool, shardin
 
 
 def _optimize_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: int, sigma_known: bool) -> dict:
-    """:func:`_optimize_rows` on the host (:func:`hierpool.batch.terms_search.search_statistics_on_host`)."""
+    """:func:`_optimize_rows` on the host (:func:`hierpool.algebra.search.terms.search_statistics_on_host`)."""
     return search_statistics_on_host(stats, start, reml, max_iterations, sigma_known)
 
 
@@ -269,7 +269,7 @@ def fit_batch(
         A progress bar over chunks (default: when stderr is a terminal).
     max_iterations : int
         Newton iterations per dataset (a host search of a vector term that stalls restarts once with as many more:
-        :func:`hierpool.batch.terms_search.search_on_host`).
+        :func:`hierpool.algebra.search.terms.search_on_host`).
     weights : str or array-like, optional
         Prior weights, as ``hp.lmm``'s (lmer's ``weights``: row i has residual
         variance sigma^2 / w_i, and the criterion includes -sum log w_i): a column

@@ -6,16 +6,16 @@ at phi (:func:`hierpool.algebra.ar1.whitened_system`, in the program) give an in
 profiled criterion plus log |C(phi)| is -2 log L (or the REML criterion).  As ``hp.lmm`` does, phi is found by a
 one-dimensional search of that criterion profiled over theta, on nlme's unconstrained scale u: here a golden-section
 search of fixed length (every dataset in lockstep; the bracket ends below 1e-7 in u), each of its points the
-batch's Newton method in theta (:func:`hierpool.batch.optimize.newton`) from lme4's start (a neighbour's theta
+batch's Newton method in theta (:func:`hierpool.algebra.search.newton.newton`) from lme4's start (a neighbour's theta
 would be a worse one: a singular theta has a zero gradient in its vanishing direction).
 The search covers u in [-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT] (hp.lmm's whole range); like hp.lmm's Brent
 search it assumes the profile has one minimum there.
 
 **On the host.**  On one CPU device in float64 nothing is compiled: (theta, u) are searched together, for one
-term of at most three coefficients (:data:`hierpool.batch.plan.HOST_MAX_THETA` parameters), or terms on one
+term of at most three coefficients (:data:`hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters), or terms on one
 grouping factor of at most three together (one block-diagonal term), from per-level lagged moments
-(:mod:`hierpool.batch.ar1_search`, chunks on threads), for other several-term models on the whitened systems
-(:mod:`hierpool.batch.ar1_terms_search`, chunks in worker processes too from :data:`AR1_TERMS_PROCESS_MIN_ROWS`
+(:mod:`hierpool.algebra.search.ar1_moments`, chunks on threads), for other several-term models on the whitened systems
+(:mod:`hierpool.algebra.search.ar1_systems`, chunks in worker processes too from :data:`AR1_TERMS_PROCESS_MIN_ROWS`
 rows).  A wider single term, accelerators and sharded batches run the
 golden-section program below.  A dataset whose inner fit in theta did not converge at some point of that search is
 not reported converged (its message says so), and is refitted by ``hp.lmm``.
@@ -53,10 +53,10 @@ from ..closedform.ar1 import check_nested
 from ..errors import ArgumentError, DataError
 from ..spec.correlation import AR1, series_of
 from . import host_processes
-from .ar1_search import ChunkData, host_bytes, search_on_host
-from .ar1_terms_search import TermsChunk, lagged_systems_pay
-from .ar1_terms_search import host_bytes as terms_host_bytes
-from .ar1_terms_search import search_on_host as terms_search_on_host
+from ..algebra.search.ar1_moments import HOST_MAX_THETA, ChunkData, host_bytes, search_on_host
+from ..algebra.search.ar1_systems import TermsChunk, lagged_systems_pay
+from ..algebra.search.ar1_systems import host_bytes as terms_host_bytes
+from ..algebra.search.ar1_systems import search_on_host as terms_search_on_host
 from .fit_glmm import BucketRows, bucket_pattern
 from .fit_terms import (
     empty_results,
@@ -70,10 +70,9 @@ from .fit_terms import (
     term_problems,
     too_large,
 )
-from .optimize import DECREASE_TOL, canonical_theta, newton
+from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from .plan import (
     HOST_CHUNK_BYTES,
-    HOST_MAX_THETA,
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
     chunks,
@@ -335,9 +334,9 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
 
 
 def _on_host(plan: BatchPlan, float_type, sharding) -> bool:
-    """Whether the batch is searched on the host (:mod:`hierpool.batch.ar1_search`): one random-effect term (its
+    """Whether the batch is searched on the host (:mod:`hierpool.algebra.search.ar1_moments`): one random-effect term (its
     per-level moments), or terms on one grouping factor fitted as one (:func:`hierpool.batch.plan.one_factor`),
-    of at most :data:`hierpool.batch.plan.HOST_MAX_THETA` parameters as one term (its complex step in (theta, u)
+    of at most :data:`hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters as one term (its complex step in (theta, u)
     costs an evaluation per parameter), on one CPU device in float64.  Other several-term batches go to
     :func:`_terms_on_host`; a wider term, accelerators and sharded batches compile the golden-section search."""
     k = sum(term.k for term in plan.design.terms)
@@ -345,7 +344,7 @@ def _on_host(plan: BatchPlan, float_type, sharding) -> bool:
 
 
 def _terms_on_host(plan: BatchPlan, float_type, sharding) -> bool:
-    """Whether a batch of several terms is searched on the host (:mod:`hierpool.batch.ar1_terms_search`): on one CPU
+    """Whether a batch of several terms is searched on the host (:mod:`hierpool.algebra.search.ar1_systems`): on one CPU
     device in float64 (the complex step), as the several-term linear path (:mod:`hierpool.batch.fit_terms`)."""
     return len(plan.design.terms) > 1 and host_fits(float_type, sharding)
 

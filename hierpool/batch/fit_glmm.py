@@ -10,7 +10,7 @@ from half the final Hessian, inverted (lme4's ``vcov`` with ``use.hessian``).
 
 **On the host** (:func:`_on_host`: binomial and Poisson, float64, one CPU device) nothing is compiled: the
 criterion and gradient of every point of a chunk's datasets are evaluated at once in NumPy
-(:mod:`hierpool.algebra.laplace_batch`), and :func:`hierpool.batch.optimize.newton_on_host` runs the compiled
+(:mod:`hierpool.algebra.laplace_batch`), and :func:`hierpool.algebra.search.newton.newton_on_host` runs the compiled
 path's rules, each dataset leaving when its own search stops.  Three things the lockstep of a vmapped program
 does not do: the Hessian's forward-difference shifts are evaluated only around accepted trials; PIRLS starts at a
 shift from its trial's mode and at a trial from the mode at the dataset's current point (the program's from u = 0);
@@ -24,7 +24,7 @@ returned Hessian is the full forward-difference one either way.
 
 **Compiled** (a negative binomial, float32, an accelerator or a mesh): the program of
 :func:`hierpool.algebra.laplace_program.laplace_value_and_gradient` (PIRLS, the log-determinant and the exact
-gradient) under :func:`hierpool.batch.optimize.newton`, vmapped.  Padding: a bucket's datasets share level counts
+gradient) under :func:`hierpool.algebra.search.newton.newton`, vmapped.  Padding: a bucket's datasets share level counts
 per term (padded as :mod:`hierpool.batch.fit_terms` pads them) and a row count (the next power of two); a padded
 row has trials 0, which zeroes its deviance and its PIRLS weight, so it changes no number.  The working systems
 are filled on the full coupling grid (``Layout.dense_only``).  A negative binomial's log shape is a further
@@ -66,7 +66,7 @@ from .fit_terms import (
     too_large,
 )
 from .glmm_search import DAMPING_GROWTH, FD_WIDTH, STEP_TOL, beta_covariance, fit_chunk_on_host
-from .optimize import DECREASE_TOL, canonical_theta, newton
+from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from .plan import (
     BatchPlan,
     chunks,

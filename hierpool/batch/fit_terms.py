@@ -6,15 +6,15 @@ levels of one term meet those of another, so each dataset's algebra is the gener
 (:func:`hierpool.algebra.criterion.objective`, :func:`hierpool.algebra.henderson.solve`), run on its system of
 cross-products.  The systems of a whole batch are built at once on the host, padded to common level counts per
 bucket (:func:`hierpool.algebra.batched_systems.batched_systems`: a padded level changes no number), and one
-compiled program per bucket shape vmaps Newton's method (:func:`hierpool.batch.optimize.newton`) over them, the
+compiled program per bucket shape vmaps Newton's method (:func:`hierpool.algebra.search.newton.newton`) over them, the
 solve in a second program.  Every dataset starts from the method of moments of each term (:func:`linear_start`).
 
 **On the host.**  On one CPU device in float64 nothing is compiled ("compile only where compiling pays"):
-Newton's method runs in NumPy (:func:`hierpool.batch.optimize.newton_on_host`) on the same criterion
+Newton's method runs in NumPy (:func:`hierpool.algebra.search.newton.newton_on_host`) on the same criterion
 and gradient, evaluated for a whole chunk of datasets at once
 (:func:`hierpool.algebra.criterion.host_objective_and_gradient` over leading axes), and the solution is
 :func:`hierpool.algebra.henderson.solve` over the chunk (:func:`_on_host` says why;
-:mod:`hierpool.batch.terms_search`: the damping interpolated after a rejected trial, saddle-free steps where the
+:mod:`hierpool.algebra.search.terms`: the damping interpolated after a rejected trial, saddle-free steps where the
 curvature is indefinite, secant updates of the curvature where a point costs much, and a search still unconverged
 after 12 passes (24 secant ones) restarted from its theta with a vector term rank-reduced, or every one, where the
 criterion there is no higher, which the compiled one does not do).
@@ -49,7 +49,7 @@ from ..algebra.statistics import location_shifts
 from ..algebra.system import grouped_products
 from ..closedform.optimize import Control
 from . import host_processes
-from .optimize import DECREASE_TOL, MOMENT_FLOOR, canonical_theta, newton
+from ..algebra.search.newton import DECREASE_TOL, MOMENT_FLOOR, canonical_theta, newton
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
@@ -66,7 +66,7 @@ from .plan import (
     progress_bar,
     thread_count,
 )
-from .terms_search import fit_on_host, host_bytes, point_work, solved_entries
+from ..algebra.search.terms import fit_on_host, host_bytes, point_work, solved_entries
 
 
 def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]:
@@ -131,7 +131,7 @@ def bucket_systems(plan: BatchPlan, datasets, shifts: tuple[np.ndarray, np.ndarr
     counts.  ``hp.fit_batch``'s and ``hp.bayes_batch``'s several-term paths.  ``shifts``: every dataset's
     :func:`hierpool.algebra.statistics.location_shifts` (beta0 (D, p), residual (N,)), where the caller has them
     (:func:`linear_shifts`).  ``merged``: the terms, on one grouping factor, as one
-    (:func:`hierpool.batch.plan.merge_terms`; :func:`hierpool.batch.terms_search.search_on_host`'s ``term_ks``)."""
+    (:func:`hierpool.batch.plan.merge_terms`; :func:`hierpool.algebra.search.terms.search_on_host`'s ``term_ks``)."""
     design, widths = plan.design, padded_widths(plan)
     buckets = {}
     for d in datasets:
@@ -202,7 +202,7 @@ def linear_start(plan: BatchPlan, datasets, residual: np.ndarray) -> np.ndarray:
     ``hp.lmm`` starts a vector term of a several-term model at lme4's identity instead (L-BFGS-B from its moments
     once reached a worse boundary optimum, :func:`hierpool.closedform.optimize.moment_start`); the batch's Newton
     search restarts a stalled search from the boundary where the criterion there is no higher
-    (:func:`hierpool.batch.terms_search.search_on_host`), and from this start its criteria are below lmer's or
+    (:func:`hierpool.algebra.search.terms.search_on_host`), and from this start its criteria are below lmer's or
     within 1e-10 of them on every dataset of --lmm-slopes-nested and --lmm-crossed-slopes (benchmarks/RESULTS.md,
     "The several-term linear class, eighteenth session").
     lme4's identity with known residual sds (``se=``), as ``hp.lmm``'s."""

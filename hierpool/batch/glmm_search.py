@@ -20,14 +20,14 @@ from ..algebra.laplace_batch import (
 )
 from ..algebra.linalg import array_namespace, block_diagonal_positions, block_diagonal_theta, cholesky, term_results
 from ..algebra.linalg import canonical_theta as canonical_rows
-from .optimize import DECREASE_TOL, newton_on_host
-from .terms_search import point_work
+from ..algebra.search.newton import DECREASE_TOL, newton_on_host
+from ..algebra.search.terms import point_work
 
 #: The Hessian's forward-difference width in (theta, beta): PIRLS's mode is exact to ~1e-10, so its gradient
 #: is too, and sqrt(eps) (1.5e-8) differences would be half rounding.
 FD_WIDTH = 1e-6
 #: The relative Newton step, taken or the last quadratic model's, at which the search stops: the criterion is then
-#: within ~1e-12 of its minimum (the decrease tolerance, :data:`hierpool.batch.optimize.DECREASE_TOL`, usually stops
+#: within ~1e-12 of its minimum (the decrease tolerance, :data:`hierpool.algebra.search.newton.DECREASE_TOL`, usually stops
 #: it first).
 STEP_TOL = 1e-7
 #: The Levenberg-Marquardt shift's growth after a rejected trial that gives no interpolation (a non-finite step, or
@@ -36,7 +36,7 @@ STEP_TOL = 1e-7
 #: --glmm-slopes and 0.58 on --glmm with a fixed 100x growth, and are 0.33 and 0.22 with the interpolation
 #: (benchmarks/RESULTS.md, "The GLMM class, fifteenth session").
 DAMPING_GROWTH = 100.0
-#: :func:`hierpool.batch.terms_search.point_work` from which a search of several terms has a secant update for its
+#: :func:`hierpool.algebra.search.terms.point_work` from which a search of several terms has a secant update for its
 #: curvature (``newton_on_host``'s ``secant``) rather than forward differences in theta about each accepted point,
 #: the beta block approximated: each difference is a PIRLS solve and its gradient, whose dense rest (the terms
 #: after the first) a point's cost grows with.  Ten GLMMs were timed either way (benchmarks/RESULTS.md,
@@ -66,7 +66,7 @@ def beta_covariance(curvature, value, n_theta: int, p: int):
 
 def fit_chunk_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarray, family: Family,
                       max_iterations: int, term_ks: tuple | None = None) -> dict:
-    """A chunk's fits on the host: :func:`hierpool.batch.optimize.newton_on_host` (the compiled path's rules, width
+    """A chunk's fits on the host: :func:`hierpool.algebra.search.newton.newton_on_host` (the compiled path's rules, width
     and tolerances; the beta block from :func:`hierpool.algebra.laplace_batch.fixed_effects_curvature` during the
     search, or, with several terms whose point costs :data:`SECANT_MIN_WORK` or more, secant updates of the
     curvature) on :func:`hierpool.algebra.laplace_batch.laplace_and_gradient`, every point of every dataset

@@ -11,8 +11,8 @@ idle worker.
 again in every worker (a user's script without a ``__main__`` guard would fit its batch again there), and
 ``fork`` copies a process whose JAX threads may hold locks.  A worker here is ``python -P -c`` importing this
 module: nothing of the user's runs in it, and it loads NumPy and the host algebra, not JAX (the function it runs
-must be importable without JAX: :mod:`hierpool.batch.glmm_search`, :mod:`hierpool.batch.terms_search`,
-:mod:`hierpool.batch.ar1_terms_search`).
+must be importable without JAX: :mod:`hierpool.batch.glmm_search`, :mod:`hierpool.algebra.search.terms`,
+:mod:`hierpool.algebra.search.ar1_systems`).
 
 **Protocol.**  Length-prefixed pickles on the worker's stdin and stdout (its own prints go to its stderr, the
 parent's): the function (by reference) and its arguments in, ``("ok", result)``, ``("error", exception)`` or

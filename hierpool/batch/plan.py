@@ -65,11 +65,6 @@ HOST_CHUNK = 256
 #: Bytes of temporaries a default host call may hold (fewer datasets per call where each would hold more than
 #: ``HOST_CHUNK_BYTES / HOST_CHUNK``); each path states its bytes per dataset.  One call per core runs at a time.
 HOST_CHUNK_BYTES = 64 * 2**20
-#: Most parameters (k(k+1)/2: up to three coefficients per level) of a one-term AR(1) batch searched on
-#: the host (:mod:`hierpool.batch.ar1_search`): its complex-step gradient in (theta, u) costs one evaluation per
-#: parameter, where the compiled reverse mode costs a few whatever their number, so wider terms compile
-#: (benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
-HOST_MAX_THETA = 6
 
 
 def host_fits(float_type, sharding) -> bool:

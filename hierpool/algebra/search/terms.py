@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..algebra.batched_systems import shared_grid, statistics_systems
-from ..algebra.criterion import host_objective_and_gradient
-from ..algebra.henderson import solve
-from ..algebra.linalg import block_diagonal_positions, block_diagonal_theta, rank_reduced_theta, term_results
-from .optimize import DECREASE_TOL, optimize_on_host
+from ..batched_systems import shared_grid, statistics_systems
+from ..criterion import host_objective_and_gradient
+from ..henderson import solve
+from ..linalg import block_diagonal_positions, block_diagonal_theta, rank_reduced_theta, term_results
+from .newton import DECREASE_TOL, optimize_on_host
 
 
 def host_bytes(ks, widths, p: int, extra_parameters: int = 0) -> int:
@@ -69,7 +69,7 @@ SECANT_RESTART_PASSES = 24
 
 def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, term_ks=None) -> dict:
     """:func:`hierpool.batch.fit_terms`' compiled search (``_optimize_rows``) on the host: Newton's method of every
-    dataset of a chunk (:func:`hierpool.batch.optimize.newton_on_host`) on the blocked criterion and its
+    dataset of a chunk (:func:`hierpool.algebra.search.newton.newton_on_host`) on the blocked criterion and its
     written-out gradient, evaluated for the datasets still searching at once (``systems``:
     :func:`hierpool.algebra.batched_systems.shared_grid`'s), each trial with its shifts (evaluating the shifts
     only around accepted trials, as a GLMM's search does, was slower here: a second call a pass for a criterion
@@ -77,8 +77,8 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     (:func:`point_work`), each trial alone, the curvature a secant update (``newton_on_host``'s ``secant``, which
     stops at a hundredth of the decrease tolerance; its restart after :data:`SECANT_RESTART_PASSES`), the damping
     interpolated after a rejected trial, saddle-free steps where the
-    curvature is indefinite (:func:`hierpool.batch.optimize._saddle_free_step`), and a stop where the last quadratic
-    model promises less than :data:`hierpool.batch.optimize.DECREASE_TOL` (a GLMM search's rule, and the compiled
+    curvature is indefinite (:func:`hierpool.algebra.search.newton._saddle_free_step`), and a stop where the last quadratic
+    model promises less than :data:`hierpool.algebra.search.newton.DECREASE_TOL` (a GLMM search's rule, and the compiled
     search's).
 
     In a model with a term of several coefficients, a search that has not converged after

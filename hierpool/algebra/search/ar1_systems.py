@@ -1,9 +1,9 @@
 """``hp.fit_batch(..., correlation=)`` with several random-effect terms on the host: (theta, u) searched together over
 a chunk of datasets, on the whitened systems, in NumPy.
 
-The one-term search (:mod:`hierpool.batch.ar1_search`) reads per-level moments; with several terms a dataset's
+The one-term search (:mod:`hierpool.algebra.search.ar1_moments`) reads per-level moments; with several terms a dataset's
 criterion is the general blocked one (:func:`hierpool.algebra.criterion.objective`) of its system of whitened
-cross-products.  Newton's method moves (theta, u) together (:func:`hierpool.batch.optimize.newton_on_host`,
+cross-products.  Newton's method moves (theta, u) together (:func:`hierpool.algebra.search.newton.newton_on_host`,
 saddle-free steps, the interpolated damping of the several-term linear search), its gradient in theta the host
 adjoint (:func:`hierpool.algebra.criterion.host_objective_and_gradient`), and in u the same adjoint's derivative
 along the systems' derivative in u (``along``), which is the imaginary part of the systems whitened at u + i h (the
@@ -24,7 +24,7 @@ of real rows, h (w t^T + t w^T) with w the whitened rows and t their derivative 
 
 It starts where ``hp.lmm`` starts: u at the lag-1 correlation of the residuals of a fit at phi = 0 (corAR1; u = -3 for
 corCAR1), :func:`hierpool.algebra.ar1.lag_one_phis`, and theta at that fit's (the several-term host search,
-:func:`hierpool.batch.terms_search.search_on_host`, from the linear models' moment start), or at that start where
+:func:`hierpool.algebra.search.terms.search_on_host`, from the linear models' moment start), or at that start where
 that fit is singular.  A dataset whose phi ends at its range's edge is fitted alone by ``hp.lmm``.
 """
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..algebra.ar1 import (
+from ..ar1 import (
     EDGE,
     UNCONSTRAINED_LIMIT,
     carried,
@@ -43,22 +43,22 @@ from ..algebra.ar1 import (
     weighted_sums,
     whiten,
 )
-from ..algebra.batched_systems import batched_systems, map_arrays, shared_grid, system_arrays, system_entries
-from ..algebra.checks import SINGULAR_TOL, singular_rows
-from ..algebra.criterion import host_objective_and_gradient
-from ..algebra.henderson import solve
-from ..algebra.linalg import canonical_theta, dataset_cells, distinct_columns
-from ..algebra.one_term import COMPLEX_STEP
-from .ar1_search import ChunkRows
-from .optimize import DECREASE_TOL, newton_on_host
-from .terms_search import host_bytes as linear_host_bytes
-from .terms_search import search_on_host as theta_search
-from .terms_search import solved_entries
+from ..batched_systems import batched_systems, map_arrays, shared_grid, system_arrays, system_entries
+from ..checks import SINGULAR_TOL, singular_rows
+from ..criterion import host_objective_and_gradient
+from ..henderson import solve
+from ..linalg import canonical_theta, dataset_cells, distinct_columns
+from ..one_term import COMPLEX_STEP
+from .ar1_moments import ChunkRows
+from .newton import DECREASE_TOL, newton_on_host
+from .terms import host_bytes as linear_host_bytes
+from .terms import search_on_host as theta_search
+from .terms import solved_entries
 
 
 def host_bytes(ks, widths, p: int, lagged_classes: int | None) -> int:
     """A chunk's bytes per dataset (:func:`hierpool.batch.plan.host_chunk`): the several-term host search's
-    (:func:`hierpool.batch.terms_search.host_bytes`, u one parameter more) two and a half times, for the complex
+    (:func:`hierpool.algebra.search.terms.host_bytes`, u one parameter more) two and a half times, for the complex
     systems of the step in u (measured: benchmarks/RESULTS.md, nineteenth session), and the sums of
     ``lagged_classes`` lag classes where the chunk forms them (:func:`lagged_bytes`; None: it does not)."""
     search = 5 * linear_host_bytes(ks, widths, p, extra_parameters=1) // 2
@@ -89,7 +89,7 @@ def lagged_systems_pay(classes: int, ks, widths, p: int, rows: float, budget: fl
 
 
 class TermsChunk(ChunkRows):
-    """A chunk's rows (:class:`~hierpool.batch.ar1_search.ChunkRows`) with each term's levels and values;
+    """A chunk's rows (:class:`~hierpool.algebra.search.ar1_moments.ChunkRows`) with each term's levels and values;
     ``widths`` the terms' padded level counts; ``lagged``: its systems from the lag classes' sums (the module
     notes; ``sums``, formed where first read), else from the rows whitened at each phi."""
 

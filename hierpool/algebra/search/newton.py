@@ -26,11 +26,11 @@ from functools import partial
 
 import numpy as np
 
-from ..algebra.jax_runtime import jax, jnp  # imported on first use: the host search runs without JAX
-from ..algebra.linalg import canonical_theta as canonical_rows
-from ..algebra.linalg import cholesky, theta_to_factors, tril_positions
-from ..algebra.one_term import objective
-from ..algebra.start import moment_theta
+from ..jax_runtime import jax, jnp  # imported on first use: the host search runs without JAX
+from ..linalg import canonical_theta as canonical_rows
+from ..linalg import cholesky, theta_to_factors, tril_positions
+from ..one_term import objective
+from ..start import moment_theta
 
 STEP_LENGTHS = (1.0,)
 GRADIENT_TOL = 1e-7

@@ -4,7 +4,7 @@
 Terms on one grouping factor (the same level on every row: ``(1 + x || g)``, ``(1 | g) + (0 + x | g)``) are one
 term here, of their summed width, whose relative factor is block-diagonal with theirs
 (:func:`hierpool.algebra.linalg.block_diagonal_positions`): the same model, the search in the terms' own thetas,
-each term's results its block's.  The several-term search (:mod:`hierpool.batch.ar1_terms_search`) would factor
+each term's results its block's.  The several-term search (:mod:`hierpool.algebra.search.ar1_systems`) would factor
 the second term's levels as a dense block of the system.
 
 Each dataset's criterion is ``hp.lmm``'s with ``correlation=`` (:mod:`hierpool.closedform.ar1`): the one-term
@@ -13,7 +13,7 @@ statistics at any phi come from the rows' lagged moments, formed once (:func:`hi
 :func:`~hierpool.algebra.ar1.whitened_cross_products`): an evaluation costs per level and lag class, not per row.
 Where ``hp.lmm`` and the compiled batch (:mod:`hierpool.batch.fit_ar1`) search phi in one dimension, fitting theta
 at each point, this search moves (theta, u) together, u nlme's unconstrained coefficient of phi: the batch's
-Newton method on the host (:func:`hierpool.batch.optimize.newton_on_host`), its gradient the complex step in
+Newton method on the host (:func:`hierpool.algebra.search.newton.newton_on_host`), its gradient the complex step in
 theta and u at once (:func:`hierpool.algebra.one_term.complex_objective` on complex statistics).  Both reach the
 profile's minimum; the joint search takes a few Newton steps where the profile takes a whole theta search per
 point of phi.
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..algebra.ar1 import (
+from ..ar1 import (
     EDGE,
     UNCONSTRAINED_LIMIT,
     constrained_phi,
@@ -41,8 +41,8 @@ from ..algebra.ar1 import (
     whitened_cross_products,
     whitened_statistics,
 )
-from ..algebra.checks import SINGULAR_TOL, singular_rows
-from ..algebra.linalg import (
+from ..checks import SINGULAR_TOL, singular_rows
+from ..linalg import (
     block_diagonal_positions,
     block_diagonal_theta,
     canonical_theta,
@@ -50,10 +50,16 @@ from ..algebra.linalg import (
     distinct_columns,
     term_results,
 )
-from ..algebra.one_term import COMPLEX_STEP, complex_objective, solution
-from ..algebra.statistics import location_shifts
-from .optimize import moment_start, newton_on_host
-from .terms_search import search_statistics_on_host
+from ..one_term import COMPLEX_STEP, complex_objective, solution
+from ..statistics import location_shifts
+from .newton import moment_start, newton_on_host
+from .terms import search_statistics_on_host
+
+#: Most parameters (k(k+1)/2: up to three coefficients per level) of a one-term AR(1) batch searched on
+#: the host (this module): its complex-step gradient in (theta, u) costs one evaluation per
+#: parameter, where the compiled reverse mode costs a few whatever their number, so wider terms compile
+#: (benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
+HOST_MAX_THETA = 6
 
 #: The one-term AR(1) host search's temporaries per dataset (:func:`host_bytes`): its complex-step probes hold about
 #: this many arrays of (points x directions x ell) complex values.
@@ -78,7 +84,7 @@ def host_bytes(k: int, p: int, ell: int, lag_classes: int, rows: int) -> int:
 class ChunkRows:
     """A chunk's design rows (``rows``), each one's dataset among ``members``, predecessor in its series among the
     rows and lag, X, y - offset - X beta0 (``beta_shift`` beta0) and the datasets' row counts: what both AR(1) host
-    searches read (this one and :mod:`hierpool.batch.ar1_terms_search`)."""
+    searches read (this one and :mod:`hierpool.algebra.search.ar1_systems`)."""
 
     def __init__(self, plan, series, members: np.ndarray):
         design = plan.design
