@@ -425,9 +425,9 @@ def test_a_dataset_whose_system_is_broken_fails_alone_on_the_host(crossed, fault
     without it (a stack's Cholesky factors do not depend on their neighbours)."""
     from hierpool.algebra.batched_systems import shared_grid
     from hierpool.algebra.linalg import theta_start
+    from hierpool.algebra.search.terms import fit_on_host
     from hierpool.batch import fit_terms
     from hierpool.batch.plan import plan_batch
-    from hierpool.algebra.search.terms import fit_on_host
 
     plan = plan_batch(CROSSED, crossed[0], "rep", "fit_batch", "hp.lmm", one_term=False)
     (members, systems, n), = fit_terms.bucket_systems(plan, [0, 1, 3, 4])
@@ -571,7 +571,8 @@ def test_a_stalled_search_restarts_with_one_vector_term_reduced_where_reducing_e
     # the old rule (every vector term reduced at once) leaves none of 300 such datasets unconverged, so the tenfold
     # fall of before makes the stall this test's restart is for
     from hierpool.algebra.linalg import rank_reduced_theta
-    from hierpool.algebra.search import newton as optimize, terms as terms_search
+    from hierpool.algebra.search import newton as optimize
+    from hierpool.algebra.search import terms as terms_search
 
     monkeypatch.setattr(optimize, "DAMPING_FALL_AFTER_REJECTION", optimize.DAMPING_FALL)
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from conftest import host_and_compiled
 
-import hierpool.batch.fit_glmm as fit_glmm_module
 import hierpool.algebra.search.newton as optimize_module
+import hierpool.batch.fit_glmm as fit_glmm_module
 from hierpool.algebra.family import family
 from hierpool.algebra.henderson import fixed_effects_information, solve
 from hierpool.algebra.laplace import (
@@ -25,8 +25,8 @@ from hierpool.algebra.laplace_batch import (
     laplace_and_gradient,
     working_system,
 )
-from hierpool.batch.glmm_search import beta_covariance
 from hierpool.algebra.search.newton import _finite_difference_hessians, _probe_points, newton_on_host
+from hierpool.batch.glmm_search import beta_covariance
 from hierpool.spec.design import build_design
 from hierpool.spec.family import family_spec
 

@@ -60,6 +60,8 @@ from ..algebra.compiler_options import ProgramCache, compile_in_background, shap
 from ..algebra.family import family as make_family
 from ..algebra.host_allocator import raise_malloc_thresholds
 from ..algebra.one_term import solution
+from ..algebra.search.newton import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
+from ..algebra.search.terms import host_bytes, search_statistics_on_host
 from ..closedform import glmm, lmm
 from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
@@ -69,7 +71,6 @@ from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
 from .fit_glmm import fit_glmm, glmm_problems
 from .fit_terms import empty_results, fit_terms
-from ..algebra.search.newton import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     chunks,
@@ -83,7 +84,6 @@ from .plan import (
     thread_count,
 )
 from .results import BatchResult, BatchTerm
-from ..algebra.search.terms import host_bytes, search_statistics_on_host
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste

@@ -49,14 +49,15 @@ from ..algebra.compiler_options import ProgramCache, compile_in_background, shap
 from ..algebra.criterion import objective
 from ..algebra.henderson import solve
 from ..algebra.linalg import theta_start
-from ..closedform.ar1 import check_nested
-from ..errors import ArgumentError, DataError
-from ..spec.correlation import AR1, series_of
-from . import host_processes
 from ..algebra.search.ar1_moments import HOST_MAX_THETA, ChunkData, host_bytes, search_on_host
 from ..algebra.search.ar1_systems import TermsChunk, lagged_systems_pay
 from ..algebra.search.ar1_systems import host_bytes as terms_host_bytes
 from ..algebra.search.ar1_systems import search_on_host as terms_search_on_host
+from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
+from ..closedform.ar1 import check_nested
+from ..errors import ArgumentError, DataError
+from ..spec.correlation import AR1, series_of
+from . import host_processes
 from .fit_glmm import BucketRows, bucket_pattern
 from .fit_terms import (
     empty_results,
@@ -70,7 +71,6 @@ from .fit_terms import (
     term_problems,
     too_large,
 )
-from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from .plan import (
     HOST_CHUNK_BYTES,
     QUICK_COMPILE_MAX_VALUES,

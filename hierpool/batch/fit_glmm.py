@@ -51,6 +51,7 @@ from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import saturated_rows
 from ..algebra.laplace_batch import GroupedRows
 from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
+from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from ..algebra.system import Layout, SystemPattern, fill_in_program, grouped_products
 from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
 from . import host_processes
@@ -66,7 +67,6 @@ from .fit_terms import (
     too_large,
 )
 from .glmm_search import DAMPING_GROWTH, FD_WIDTH, STEP_TOL, beta_covariance, fit_chunk_on_host
-from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from .plan import (
     BatchPlan,
     chunks,

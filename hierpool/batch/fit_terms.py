@@ -44,12 +44,13 @@ from ..algebra.criterion import objective
 from ..algebra.henderson import solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.linalg import theta_start
+from ..algebra.search.newton import DECREASE_TOL, MOMENT_FLOOR, canonical_theta, newton
+from ..algebra.search.terms import fit_on_host, host_bytes, point_work, solved_entries
 from ..algebra.start import moment_theta
 from ..algebra.statistics import location_shifts
 from ..algebra.system import grouped_products
 from ..closedform.optimize import Control
 from . import host_processes
-from ..algebra.search.newton import DECREASE_TOL, MOMENT_FLOOR, canonical_theta, newton
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
@@ -66,7 +67,6 @@ from .plan import (
     progress_bar,
     thread_count,
 )
-from ..algebra.search.terms import fit_on_host, host_bytes, point_work, solved_entries
 
 
 def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]:
