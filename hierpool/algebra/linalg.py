@@ -183,6 +183,13 @@ def distinct_columns(u: np.ndarray):
     return np.array(first), column
 
 
+def shared_factor(levels) -> bool:
+    """Whether terms whose rows' levels are ``levels`` (one integer array per term) have the same level on every row
+    (one grouping factor: ``(1 + x || g)``): a host search may then fit them as one term of their summed width whose
+    factor is block-diagonal with theirs (:func:`block_diagonal_positions`)."""
+    return all(np.array_equal(level, levels[0]) for level in levels[1:])
+
+
 def block_diagonal_positions(ks) -> np.ndarray:
     """Where the thetas of terms of widths ``ks`` (each its lower triangle in :func:`tril_positions`' order, the terms
     in turn) stand in the theta of one term of sum(ks) coefficients whose relative factor is block-diagonal with

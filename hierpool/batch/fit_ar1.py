@@ -3,15 +3,17 @@ datasets, vmapped.
 
 Each dataset's criterion is ``hp.lmm``'s with ``correlation=`` (:mod:`hierpool.closedform.ar1`): the data whitened
 at phi (:func:`hierpool.algebra.ar1.whitened_system`, in the program) give an independent-residual model, whose
-profiled criterion plus log |C(phi)| is -2 log L (or the REML criterion).  As ``hp.lmm`` does, phi is found by a
-one-dimensional search of that criterion profiled over theta, on nlme's unconstrained scale u: here a golden-section
+profiled criterion plus log |C(phi)| is -2 log L (or the REML criterion).  As ``hp.lmm``'s fallback does, phi is
+found by a one-dimensional search of that criterion profiled over theta, on nlme's unconstrained scale u: here a
+golden-section
 search of fixed length (every dataset in lockstep; the bracket ends below 1e-7 in u), each of its points the
 batch's Newton method in theta (:func:`hierpool.algebra.search.newton.newton`) from lme4's start (a neighbour's theta
 would be a worse one: a singular theta has a zero gradient in its vanishing direction).
 The search covers u in [-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT] (hp.lmm's whole range); like hp.lmm's Brent
 search it assumes the profile has one minimum there.
 
-**On the host.**  On one CPU device in float64 nothing is compiled: (theta, u) are searched together, for one
+**On the host.**  On one CPU device in float64 nothing is compiled: (theta, u) are searched together, as ``hp.lmm``
+searches its one dataset, for one
 term of at most three coefficients (:data:`hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters), or terms on one
 grouping factor of at most three together (one block-diagonal term), from per-level lagged moments
 (:mod:`hierpool.algebra.search.ar1_moments`, chunks on threads), for other several-term models on the whitened systems

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 from jax.experimental import multihost_utils
 
+from ..algebra.linalg import shared_factor
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError
 from ..spec.design import Design, RandomEffectTerm, build_design, unique_codes
@@ -78,8 +79,7 @@ def one_factor(plan) -> bool:
     ``(1 + x || g)``): a host search may then fit the terms as one term of their summed width whose factor is
     block-diagonal with theirs (:func:`hierpool.algebra.linalg.block_diagonal_positions`; the linear several-term,
     the GLMM and the AR(1) one-term host searches)."""
-    level0 = plan.term_levels[0][0]
-    return all(np.array_equal(level, level0) for level, _, _ in plan.term_levels[1:])
+    return shared_factor([level for level, _, _ in plan.term_levels])
 
 
 def merged_widths(plan) -> tuple | None:

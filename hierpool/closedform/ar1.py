@@ -5,10 +5,16 @@ optimizer over theta; phi is the one-dimensional minimum of the profiled criteri
 
     d(phi) = min_theta [ -2 log L_whitened(theta; phi) ] + log |C(phi)|
 
-by Brent's method on nlme's unconstrained scale (log((1 + phi) / (1 - phi)) for corAR1, log(phi / (1 - phi))
-for corCAR1), in a window around the lag-1 correlation of a nearly independent fit's residuals (the whole
-range when the minimum lies on the window's edge), each evaluation's theta search starting from the last
-one's optimum unless that sat near a boundary (then from the moment start).  The search runs on the random-effect
+on nlme's unconstrained scale u (log((1 + phi) / (1 - phi)) for corAR1, log(phi / (1 - phi)) for corCAR1).  It is
+found by Newton's method in (theta, u) together (:func:`joint_search`: ``hp.fit_batch``'s host search,
+:mod:`hierpool.algebra.search`, on this one dataset), from the lag-1 correlation of the residuals of a fit at
+phi = 0; then the closed form's optimizer fits theta at phi-hat from the joint optimum's theta, with its
+convergence checks.  Where the joint search does not apply (one term of more than
+:data:`~hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters) or did not converge inside u's range, Brent's
+method minimizes d (:func:`search_phi`) in a window around that lag-1 correlation (the whole range when the
+minimum lies on the window's edge), each evaluation's theta search starting from the last one's optimum unless
+that sat near a boundary (then from the moment start); both reach the same fit (``tests/test_ar1.py``).
+The search runs on the random-effect
 columns centred and scaled (:func:`hierpool.algebra.conditioning.condition_terms`, always: whitened, a covariate
 of large mean is nearly collinear with the intercept's column) and X's centred, and its optimum is mapped back to
 the user's parametrization at phi-hat, where it is solved; the conditioned fit's convergence checks stand, and
@@ -30,6 +36,7 @@ import pandas as pd
 
 from ..algebra.ar1 import (
     EDGE,
+    lag_classes,
     UNCONSTRAINED_LIMIT,
     carried,
     constrained_phi,
@@ -43,7 +50,12 @@ from ..algebra.conditioning import condition_terms
 from ..algebra.criterion import objective_and_gradient_on_host
 from ..algebra.henderson import solve
 from ..algebra.laplace import random_part
-from ..algebra.linalg import theta_lower_bounds
+from ..algebra.linalg import shared_factor, theta_lower_bounds
+from ..algebra.search.ar1_moments import HOST_MAX_THETA, ChunkData, OneDataset
+from ..algebra.search.ar1_moments import search_on_host as moments_search
+from ..algebra.search.ar1_systems import TermsChunk, lagged_systems_pay
+from ..algebra.search.ar1_systems import search_on_host as systems_search
+from ..algebra.search.newton import DECREASE_TOL, MAX_ITERATIONS
 from ..algebra.statistics import centred_fixed_effects
 from ..algebra.system import build_system
 from ..errors import ArgumentError, ConvergenceWarning, DataError
@@ -62,6 +74,9 @@ WARM_START_MIN = 0.05
 INTERVAL_STEP = 1e-3
 #: Normal quantile of the 95% interval.
 Z_95 = 1.959963984540054
+#: Most bytes the lag classes' sums of a several-term fit's joint search may take (its systems at any phi from them;
+#: above, each evaluation whitens the rows: :func:`hierpool.algebra.search.ar1_systems.lagged_systems_pay`).
+LAGGED_SUMS_MAX_BYTES = 64 * 2**20
 
 
 def unconstrained(phi: float, continuous: bool) -> float:
@@ -209,17 +224,13 @@ def search_phi(profile, u_start: float, correlation: AR1):
     """phi's estimate on nlme's unconstrained scale by Brent's method, with its interval: (u_hat, interval,
     the profiled criterion there, the pieces ``profile`` returned there).
 
-    ``profile(u, checked=False)`` is (-2 log L profiled over the other parameters at phi = constrained(u), pieces);
-    the interval's two fits and the last call, at u_hat, have ``checked=True`` (polished fits: the curvature
-    differences them at 1e-3; the last one's messages are kept).  The search runs in a window
-    around ``u_start`` (the residuals' lag-1 correlation), over the whole range if it ends at the window's edge.
-    The interval is nlme's: Wald on the unconstrained scale, its variance the inverse curvature of the
-    criterion / 2.  One home for the mixed model (:func:`fit_ar1`) and generalized least squares
-    (:func:`hierpool.closedform.gls.fit_gls`).
+    ``profile(u, checked=False)`` is (-2 log L profiled over the other parameters at phi = constrained(u), pieces).
+    The search runs in a window around ``u_start`` (the residuals' lag-1 correlation), over the whole range if it
+    ends at the window's edge; :func:`phi_at` then polishes the fit at u_hat and gives the interval.  One home for
+    generalized least squares (:func:`hierpool.closedform.gls.fit_gls`), and for the mixed model where the joint
+    search of (theta, u) does not apply or did not converge (:func:`fit_ar1`).
     """
     import scipy.optimize
-
-    continuous = correlation.continuous
 
     def search(low: float, high: float) -> float:
         return float(scipy.optimize.minimize_scalar(lambda u: profile(u)[0], bounds=(low, high), method="bounded",
@@ -232,6 +243,20 @@ def search_phi(profile, u_start: float, correlation: AR1):
         u_hat = search(low, high)
         if min(u_hat - low, high - u_hat) < 1e-3:
             u_hat = search(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT)
+    return phi_at(profile, u_hat, correlation)
+
+
+def phi_at(profile, u_hat: float, correlation: AR1):
+    """The fit at phi's estimate ``u_hat`` (nlme's unconstrained scale) and phi's interval: (u_hat, interval, the
+    profiled criterion there, the pieces ``profile`` returned there).
+
+    The interval's two fits and the last call, at u_hat, have ``checked=True`` (polished fits: the curvature
+    differences them at 1e-3; the last one's messages are kept).  The interval is nlme's: Wald on the unconstrained
+    scale, its variance the inverse curvature of the criterion / 2.
+    """
+    continuous = correlation.continuous
+    with warnings.catch_warnings():  # the interval's inner fits; the final one's messages are the caller's to warn
+        warnings.simplefilter("ignore", ConvergenceWarning)
         # the curvature differences the profile at 1e-3: its fits polished, as the estimate's (its values to ~1e-12)
         sides = [profile(u_hat + h, checked=True)[0] for h in (INTERVAL_STEP, -INTERVAL_STEP)]
         value, pieces = profile(u_hat, checked=True)
@@ -248,6 +273,37 @@ def search_phi(profile, u_start: float, correlation: AR1):
                       "its range (a unit-root or vanishing correlation): the fit is not reliable",
                       ConvergenceWarning, stacklevel=4)
     return u_hat, interval, value, pieces
+
+
+def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
+    """(theta, u) at the criterion's minimum, searched together by ``hp.fit_batch``'s host search on this one dataset
+    (:class:`~hierpool.algebra.search.ar1_moments.OneDataset`): for terms on one grouping factor of at most
+    :data:`~hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters from the per-level lagged moments
+    (:mod:`hierpool.algebra.search.ar1_moments`), for several terms on the whitened systems
+    (:mod:`hierpool.algebra.search.ar1_systems`, from ``hp.lmm``'s moment start).  None for one wider term, and
+    where the search did not converge inside u's range (then Brent's method profiles phi, :func:`search_phi`).
+
+    Both start where Brent's search does, at the lag-1 correlation of a fit's residuals at phi = 0, and reach the
+    profile's minimum in a few Newton steps in (theta, u), where the profile fits theta anew at each of its points.
+    """
+    source, members = OneDataset(design), np.array([0])
+    ks = tuple(term.k for term in design.terms)
+    with np.errstate(all="ignore"):
+        if shared_factor([term.index for term in design.terms]) and sum(ks) * (sum(ks) + 1) // 2 <= HOST_MAX_THETA:
+            found = moments_search(ChunkData(source, series, members), continuous=continuous, reml=reml,
+                                   max_iterations=MAX_ITERATIONS, decrease_tol=DECREASE_TOL)
+        elif len(ks) > 1:
+            followed = series.previous >= 0
+            classes = lag_classes(np.zeros(int(followed.sum()), dtype=np.int64), series.lag[followed])[0]
+            widths = [term.n_levels for term in design.terms]
+            lagged = lagged_systems_pay(classes, ks, widths, design.p, float(design.n), LAGGED_SUMS_MAX_BYTES)
+            found = systems_search(TermsChunk(source, series, members, widths, lagged), moment_start(design)[None],
+                                   continuous=continuous, reml=reml, max_iterations=MAX_ITERATIONS)
+        else:
+            return None
+    if not (found["converged"][0] and np.all(np.isfinite(found["theta"][0]))):
+        return None
+    return np.asarray(found["theta"][0], dtype=float), unconstrained(float(found["phi"][0]), continuous)
 
 
 def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = True,
@@ -284,22 +340,29 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     # the search's fits skip the Hessian checks (finite differences of the gradient); the final fit makes them
     search_control = replace(control, hessian_max_n=0)
 
-    def profile(u: float, checked: bool = False):
+    def profile(u: float, checked: bool = False, start=None):
         whitened, logdet = whitened_design(design, series, constrained(u, continuous))
         system = build_system(whitened, host=True)
         # from the last phi's theta, unless that sat near a boundary (theta = 0, where the correlation takes
         # the random effects' variance), which the search in theta might not leave: then the moment start
         theta = last["theta"]
-        start = theta if theta is not None and np.all(theta[diagonal] > WARM_START_MIN) else moment_start(whitened)
+        if start is None:
+            start = theta if theta is not None and np.all(theta[diagonal] > WARM_START_MIN) else moment_start(whitened)
         optimum = optimize_theta(system, reml, control if checked else search_control, start=start)
         last["theta"] = optimum.theta
         return optimum.objective + logdet, (whitened, system, optimum, logdet)
 
-    with warnings.catch_warnings():  # the search's inner fits; the final one's messages are warned below
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        nearly_independent = profile(first_u(continuous))[1]
-    u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
-    u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation)
+    joint = joint_search(design, series, continuous, reml)
+    if joint is not None:  # (theta, u) together; the fits at u_hat and the interval's beside it from its theta
+        theta_hat, u_hat = joint
+        u_hat, interval, _, (whitened, system, optimum, logdet) = phi_at(
+            lambda u, checked=False: profile(u, checked, start=theta_hat), u_hat, correlation)
+    else:
+        with warnings.catch_warnings():  # the search's inner fits; the final one's messages are warned below
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            nearly_independent = profile(first_u(continuous))[1]
+        u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
+        u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation)
     # the user's parametrization at phi-hat: the conditioned optimum mapped back, solved on the user's columns; the
     # conditioned fit's checks stand (in the user's parametrization a covariate of large mean makes the Hessian look
     # indefinite), and lme4's singularity rule reads the user's theta

@@ -81,10 +81,25 @@ def host_bytes(k: int, p: int, ell: int, lag_classes: int, rows: int) -> int:
             + 16 * (3 * lag_classes + 1) * ell * (r * r + 10) + 8 * (8 * r + 4) * rows)
 
 
+class OneDataset:
+    """One dataset as the source of a chunk (what :class:`ChunkRows` reads of a batch's plan,
+    :class:`hierpool.batch.plan.BatchPlan`): the design's rows, the dataset ``0``.  ``hp.lmm(..., correlation=)``
+    searches its one dataset with it (:mod:`hierpool.closedform.ar1`)."""
+
+    def __init__(self, design):
+        self.design = design
+        self.n_obs = np.array([design.n])
+        self.term_levels = tuple((term.index, np.array([term.n_levels]), None) for term in design.terms)
+
+    def dataset_rows(self) -> list[np.ndarray]:
+        return [np.arange(self.design.n)]
+
+
 class ChunkRows:
     """A chunk's design rows (``rows``), each one's dataset among ``members``, predecessor in its series among the
     rows and lag, X, y - offset - X beta0 (``beta_shift`` beta0) and the datasets' row counts: what both AR(1) host
-    searches read (this one and :mod:`hierpool.algebra.search.ar1_systems`)."""
+    searches read (this one and :mod:`hierpool.algebra.search.ar1_systems`).  ``plan``: a batch's plan, or
+    :class:`OneDataset`."""
 
     def __init__(self, plan, series, members: np.ndarray):
         design = plan.design
@@ -112,7 +127,7 @@ class ChunkRows:
 
 class ChunkData(ChunkRows):
     """A chunk's rows (:class:`ChunkRows`) and the lagged moments of [z, X, y - offset - X beta0] per (dataset,
-    level); z the terms' columns side by side where they share their factor (:func:`hierpool.batch.plan.one_factor`),
+    level); z the terms' columns side by side where they share their factor (:func:`hierpool.algebra.linalg.shared_factor`),
     ``ks`` their widths and ``k`` their sum."""
 
     def __init__(self, plan, series, members: np.ndarray):
