@@ -381,3 +381,16 @@ def test_the_joint_search_and_brents_profile_give_one_fit(model, monkeypatch):
     design = build_design(formula, data)
     series = ar1_module.checked_series(design, correlation, data)
     assert ar1_module.joint_search(design, series, correlation.continuous, True) is None
+
+
+def test_phi_without_a_followed_row_is_left_to_brents_profile():
+    """Every series one row: the criterion is flat in phi, and the joint search declines (hp.lmm warns as before)."""
+    from hierpool.closedform import ar1 as ar1_module
+
+    rng = np.random.default_rng(1)
+    data = pd.DataFrame({"g": np.repeat(np.arange(20), 3).astype(str), "s": np.arange(60).astype(str),
+                         "x": rng.normal(size=60)})
+    data["y"] = data["x"] + np.repeat(rng.normal(size=20), 3) + rng.normal(size=60)
+    design = build_design("y ~ x + (1 | g)", data)
+    series = ar1_module.checked_series(design, hp.ar1("s"), data)
+    assert ar1_module.joint_search(design, series, False, True) is None

@@ -281,11 +281,16 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
     :data:`~hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters from the per-level lagged moments
     (:mod:`hierpool.algebra.search.ar1_moments`), for several terms on the whitened systems
     (:mod:`hierpool.algebra.search.ar1_systems`, from ``hp.lmm``'s moment start).  None for one wider term, and
-    where the search did not converge inside u's range (then Brent's method profiles phi, :func:`search_phi`).
+    where the search did not converge inside u's range, or where no row follows another in its series (phi is not
+    identified: the criterion is flat in u, and Brent's method warns as it always has).  Then Brent's method profiles
+    phi (:func:`search_phi`).
 
     Both start where Brent's search does, at the lag-1 correlation of a fit's residuals at phi = 0, and reach the
     profile's minimum in a few Newton steps in (theta, u), where the profile fits theta anew at each of its points.
     """
+    followed = series.previous >= 0
+    if not followed.any():
+        return None
     source, members = OneDataset(design), np.array([0])
     ks = tuple(term.k for term in design.terms)
     with np.errstate(all="ignore"):
@@ -293,7 +298,6 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
             found = moments_search(ChunkData(source, series, members), continuous=continuous, reml=reml,
                                    max_iterations=MAX_ITERATIONS, decrease_tol=DECREASE_TOL)
         elif len(ks) > 1:
-            followed = series.previous >= 0
             classes = lag_classes(np.zeros(int(followed.sum()), dtype=np.int64), series.lag[followed])[0]
             widths = [term.n_levels for term in design.terms]
             lagged = lagged_systems_pay(classes, ks, widths, design.p, float(design.n), LAGGED_SUMS_MAX_BYTES)
