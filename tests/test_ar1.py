@@ -394,3 +394,18 @@ def test_phi_without_a_followed_row_is_left_to_brents_profile():
     design = build_design("y ~ x + (1 | g)", data)
     series = ar1_module.checked_series(design, hp.ar1("s"), data)
     assert ar1_module.joint_search(design, series, False, True) is None
+
+
+def test_a_dense_coupling_larger_than_a_batchs_is_left_to_brents_profile():
+    """Two terms whose dense coupling (the joint search's systems are dense) exceeds a batch's largest: declined,
+    before any system is built; the closed form's own sparse algebra fits it by Brent's profile."""
+    from hierpool.algebra.batched_systems import MAX_DENSE_ENTRIES, dense_entries
+    from hierpool.closedform import ar1 as ar1_module
+
+    a = np.repeat(np.arange(600), 2)
+    data = pd.DataFrame({"a": a.astype(str), "b": (a % 500).astype(str), "x": np.tile([0.0, 1.0], 600)})
+    data["y"] = data["x"] + np.random.default_rng(2).normal(size=len(data))
+    design = build_design("y ~ x + (1 | a) + (1 | b)", data)
+    assert dense_entries([t.n_levels for t in design.terms], (1, 1), design.p) > MAX_DENSE_ENTRIES
+    series = ar1_module.checked_series(design, hp.ar1("a"), data)
+    assert ar1_module.joint_search(design, series, False, True) is None

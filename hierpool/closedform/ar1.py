@@ -47,6 +47,7 @@ from ..algebra.ar1 import (
     whiten,
 )
 from ..algebra.conditioning import condition_terms
+from ..algebra.batched_systems import MAX_DENSE_ENTRIES, dense_entries
 from ..algebra.criterion import objective_and_gradient_on_host
 from ..algebra.henderson import solve
 from ..algebra.laplace import random_part
@@ -280,7 +281,9 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
     (:class:`~hierpool.algebra.search.ar1_moments.OneDataset`): for terms on one grouping factor of at most
     :data:`~hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters from the per-level lagged moments
     (:mod:`hierpool.algebra.search.ar1_moments`), for several terms on the whitened systems
-    (:mod:`hierpool.algebra.search.ar1_systems`, from ``hp.lmm``'s moment start).  None for one wider term, and
+    (:mod:`hierpool.algebra.search.ar1_systems`, from ``hp.lmm``'s moment start) where their dense coupling is one
+    a batch would take (:data:`~hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`: its systems are dense, where
+    the closed form's own are sparse).  None for one wider term or a larger coupling, and
     where the search did not converge inside u's range, or where no row follows another in its series (phi is not
     identified: the criterion is flat in u, and Brent's method warns as it always has).  Then Brent's method profiles
     phi (:func:`search_phi`).
@@ -292,14 +295,13 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
     if not followed.any():
         return None
     source, members = OneDataset(design), np.array([0])
-    ks = tuple(term.k for term in design.terms)
+    ks, widths = tuple(term.k for term in design.terms), [term.n_levels for term in design.terms]
     with np.errstate(all="ignore"):
         if shared_factor([term.index for term in design.terms]) and sum(ks) * (sum(ks) + 1) // 2 <= HOST_MAX_THETA:
             found = moments_search(ChunkData(source, series, members), continuous=continuous, reml=reml,
                                    max_iterations=MAX_ITERATIONS, decrease_tol=DECREASE_TOL)
-        elif len(ks) > 1:
+        elif len(ks) > 1 and dense_entries(widths, ks, design.p) <= MAX_DENSE_ENTRIES:
             classes = lag_classes(np.zeros(int(followed.sum()), dtype=np.int64), series.lag[followed])[0]
-            widths = [term.n_levels for term in design.terms]
             lagged = lagged_systems_pay(classes, ks, widths, design.p, float(design.n), LAGGED_SUMS_MAX_BYTES)
             found = systems_search(TermsChunk(source, series, members, widths, lagged), moment_start(design)[None],
                                    continuous=continuous, reml=reml, max_iterations=MAX_ITERATIONS)
