@@ -352,8 +352,9 @@ def _pixel():
                        DS=data["Dog"].astype(str) + "_" + data["Side"].astype(str))
 
 
+@pytest.mark.parametrize("reml", [True, False])
 @pytest.mark.parametrize("model", ["one term", "continuous time", "several terms"])
-def test_the_joint_search_and_brents_profile_give_one_fit(model, monkeypatch):
+def test_the_joint_search_and_brents_profile_give_one_fit(model, reml, monkeypatch):
     """hp.lmm searches (theta, u) together (hierpool.algebra.search: per-level lagged moments for one term, the
     whitened systems for several) and falls back on Brent's profile in phi where that does not apply or did not
     converge: both reach the same fit, phi's interval included, and a joint search stopped early is not taken."""
@@ -366,10 +367,10 @@ def test_the_joint_search_and_brents_profile_give_one_fit(model, monkeypatch):
     }[model]
     found, joint_search = [], ar1_module.joint_search
     monkeypatch.setattr(ar1_module, "joint_search", lambda *a: found.append(joint_search(*a)) or found[-1])
-    joint = hp.lmm(formula, data, correlation=correlation)
+    joint = hp.lmm(formula, data, correlation=correlation, reml=reml)
     assert found[-1] is not None  # the joint search's estimate was the fit's
     monkeypatch.setattr(ar1_module, "joint_search", lambda *a: None)
-    brent = hp.lmm(formula, data, correlation=correlation)
+    brent = hp.lmm(formula, data, correlation=correlation, reml=reml)
     assert joint.objective == pytest.approx(brent.objective, rel=1e-10)
     assert joint.objective <= brent.objective + 1e-9
     assert joint.phi == pytest.approx(brent.phi, abs=1e-5)
@@ -380,7 +381,7 @@ def test_the_joint_search_and_brents_profile_give_one_fit(model, monkeypatch):
     monkeypatch.setattr(ar1_module, "MAX_ITERATIONS", 1)  # stopped before it converged: Brent's profile instead
     design = build_design(formula, data)
     series = ar1_module.checked_series(design, correlation, data)
-    assert ar1_module.joint_search(design, series, correlation.continuous, True) is None
+    assert ar1_module.joint_search(design, series, correlation.continuous, reml) is None
 
 
 def test_phi_without_a_followed_row_is_left_to_brents_profile():
@@ -394,6 +395,12 @@ def test_phi_without_a_followed_row_is_left_to_brents_profile():
     design = build_design("y ~ x + (1 | g)", data)
     series = ar1_module.checked_series(design, hp.ar1("s"), data)
     assert ar1_module.joint_search(design, series, False, True) is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hp.lmm("y ~ x + (1 | g)", data, correlation=hp.ar1("s"))
+    messages = [w for w in caught if issubclass(w.category, hp.ConvergenceWarning)]
+    assert any("edge of its range" in str(w.message) for w in messages)
+    assert all(w.filename == __file__ for w in messages)  # warned at the user's line
 
 
 def test_a_dense_coupling_larger_than_a_batchs_is_left_to_brents_profile():
@@ -409,3 +416,38 @@ def test_a_dense_coupling_larger_than_a_batchs_is_left_to_brents_profile():
     assert dense_entries([t.n_levels for t in design.terms], (1, 1), design.p) > MAX_DENSE_ENTRIES
     series = ar1_module.checked_series(design, hp.ar1("a"), data)
     assert ar1_module.joint_search(design, series, False, True) is None
+
+
+def test_the_fit_is_the_same_in_any_unit_of_time(monkeypatch):
+    """corCAR1 with time in minutes is the model in days (phi per minute the 1440th root of phi per day), for hp.lmm
+    and fit_batch: the search starts at the residuals' correlation at the median lag whatever its unit.  Started as
+    before (phi per unit clipped at 0.9: 0.9^1440 at a day's lag, a flat stretch where the joint search stops), the
+    fit is still the same: hp.lmm then profiles phi over its range (ar1.clearly_curved)."""
+    from hierpool.algebra.search import ar1_moments
+    from hierpool.closedform import ar1 as ar1_module
+
+    formula, days = "weight ~ Time * Diet + (Time | Rat)", _bodyweight()
+    minutes = days.assign(Minute=days["Time"] * 1440)
+    fit = hp.lmm(formula, days, correlation=hp.car1("Rat", "Time"))
+    in_minutes = hp.lmm(formula, minutes, correlation=hp.car1("Rat", "Minute"))
+    assert in_minutes.objective == pytest.approx(fit.objective, rel=1e-10)
+    assert in_minutes.phi**1440 == pytest.approx(fit.phi, abs=1e-5)
+    batch = hp.fit_batch(formula, [minutes], correlation=hp.car1("Rat", "Minute"), progress=False)
+    batch_days = hp.fit_batch(formula, [days], correlation=hp.car1("Rat", "Time"), progress=False)
+    assert batch.objective.iloc[0] == pytest.approx(batch_days.objective.iloc[0], rel=1e-10)
+    assert batch_days.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-10)
+
+    lag_one_phis = ar1_moments.lag_one_phis
+
+    def clipped_after_the_root(*args):  # the start before this was mended
+        phi = lag_one_phis(*args)
+        return np.minimum(phi, 0.9)
+
+    found, joint_search = [], ar1_module.joint_search
+    monkeypatch.setattr(ar1_moments, "lag_one_phis", clipped_after_the_root)
+    monkeypatch.setattr(ar1_module, "joint_search", lambda *a: found.append(joint_search(*a)) or found[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn of: Brent's profile finds the same fit
+        flat_start = hp.lmm(formula, minutes, correlation=hp.car1("Rat", "Minute"))
+    assert found[-1] is not None and abs(found[-1][1]) < 12  # the joint search stopped inside the range...
+    assert flat_start.objective == pytest.approx(fit.objective, rel=1e-10)  # ...and was not taken

@@ -1,6 +1,7 @@
 """hp.fit_batch(..., correlation=): AR(1) residuals, each dataset equal to hp.lmm(..., correlation=) on it."""
 
 import warnings
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -31,15 +32,17 @@ def replicates():
 
 
 def _single(frame, structure, formula=FORMULA, **kwargs):
-    with warnings.catch_warnings():
+    """hp.lmm's fit by Brent's profile in phi: hp.lmm's own first choice is the batch's host search on one dataset
+    (hierpool.closedform.ar1.joint_search), so the batch is checked against the independent path."""
+    with warnings.catch_warnings(), mock.patch("hierpool.closedform.ar1.joint_search", lambda *args: None):
         warnings.simplefilter("ignore")
         return hp.lmm(formula, frame, correlation=structure, **kwargs)
 
 
 def _assert_each_is_its_single_fit(batch, frames, structure, formula=FORMULA, **kwargs):
     """Every dataset's criterion (1e-8), phi (1e-5), beta (1e-6), sigma (1e-5) and every term's BLUPs (1e-5 of their
-    scale) equal hp.lmm's on that dataset alone (hp.lmm's Brent search stops within 1e-6 of phi-hat on nlme's
-    scale, which moves sigma by about as much)."""
+    scale) equal hp.lmm's on that dataset alone (by Brent's profile, :func:`_single`, which stops within 1e-6 of
+    phi-hat on nlme's scale, moving sigma by about as much)."""
     for d, frame in enumerate(frames):
         fit = _single(frame, structure, formula, **kwargs)
         assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-8), f"criterion of dataset {d}"

@@ -45,9 +45,12 @@ def lag_one_phis(residual: np.ndarray, previous: np.ndarray, lag: np.ndarray, gr
                  continuous: bool) -> np.ndarray:
     """Where the search for phi starts, for each of ``n_groups`` datasets at once (``group``: each row's;
     ``previous`` indexes the same rows): the lag-1 correlation of residuals within their series,
-    sum r_t r_(t-1) / sqrt(sum r_t^2 sum r_(t-1)^2) over the rows with a predecessor, per unit of lag (its root of
-    the dataset's median lag), kept inside (-0.9, 0.9) (and above 0.05 in continuous time); 0.1 for a dataset
-    without such rows."""
+    sum r_t r_(t-1) / sqrt(sum r_t^2 sum r_(t-1)^2) over the rows with a predecessor, kept inside (-0.9, 0.9)
+    (above 0.05 in continuous time), per unit of lag (its root of the dataset's median lag); 0.1 for a dataset
+    without such rows.  The correlation is kept inside before its root is taken, so that the start's phi^lag at
+    that lag is the kept correlation whatever the time's unit: clipped after the root, a time in minutes of a
+    correlation over days started at phi^lag = 0.9^1440, where the criterion is flat in phi and a search in
+    (theta, u) stops (it is the same model in any unit).  The start's u is kept a unit inside its range."""
     has = previous >= 0
     r, before, keys = residual[has], residual[previous[has]], group[has]
     sums = [np.bincount(keys, weights=w, minlength=n_groups) for w in (r * before, r * r, before * before)]
@@ -58,8 +61,10 @@ def lag_one_phis(residual: np.ndarray, previous: np.ndarray, lag: np.ndarray, gr
     starts = np.cumsum(counts) - counts
     sorted_lags = np.append(lag[has][order], 1.0)  # (a group without rows reads the appended 1)
     middle = (sorted_lags[starts + np.maximum(counts - 1, 0) // 2] + sorted_lags[starts + counts // 2]) / 2.0
-    phi = np.sign(correlation) * np.abs(correlation) ** (1.0 / middle)
-    return np.where(counts > 0, np.clip(phi, 0.05 if continuous else -0.9, 0.9), 0.1)
+    kept = np.clip(correlation, 0.05 if continuous else -0.9, 0.9)
+    phi = np.minimum(np.sign(kept) * np.abs(kept) ** (1.0 / middle),
+                     constrained_phi(UNCONSTRAINED_LIMIT - 1.0, continuous))
+    return np.where(counts > 0, phi, 0.1)
 
 
 def constrained_phi(u, continuous: bool):

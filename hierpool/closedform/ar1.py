@@ -36,18 +36,18 @@ import pandas as pd
 
 from ..algebra.ar1 import (
     EDGE,
-    lag_classes,
     UNCONSTRAINED_LIMIT,
     carried,
     constrained_phi,
     first_u,
+    lag_classes,
     lag_one_phis,
     log_det_correlation,
     unconstrained_phi,
     whiten,
 )
-from ..algebra.conditioning import condition_terms
 from ..algebra.batched_systems import MAX_DENSE_ENTRIES, dense_entries
+from ..algebra.conditioning import condition_terms
 from ..algebra.criterion import objective_and_gradient_on_host
 from ..algebra.henderson import solve
 from ..algebra.laplace import random_part
@@ -101,7 +101,7 @@ def whitened_design(design: Design, series: Series, phi: float) -> tuple[Design,
 
 def _moment_phi(design: Design, series: Series, at_zero, continuous: bool) -> float:
     """phi's starting value: the lag-1 correlation of the residuals of a fit with (nearly) independent residuals,
-    per unit of lag (its lag-th root), kept inside (-0.9, 0.9) (and above 0.05 in continuous time)."""
+    kept inside (-0.9, 0.9) (above 0.05 in continuous time), per unit of lag (:func:`lag_one_phi`)."""
     whitened, system, optimum, _ = at_zero
     solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=True)
     residual = design.y_less_offset - design.X @ np.asarray(solution.beta) - random_part(design, solution.b)
@@ -109,9 +109,9 @@ def _moment_phi(design: Design, series: Series, at_zero, continuous: bool) -> fl
 
 
 def lag_one_phi(residual: np.ndarray, series: Series, continuous: bool) -> float:
-    """The lag-1 correlation of residuals within their series, per unit of lag (its lag-th root), kept inside
-    (-0.9, 0.9) (and above 0.05 in continuous time): where the search for phi starts.  One dataset's
-    :func:`lag_one_phis`."""
+    """The lag-1 correlation of residuals within their series, kept inside (-0.9, 0.9) (above 0.05 in continuous
+    time), per unit of lag (its root of the median lag): where the search for phi starts.  One dataset's
+    :func:`~hierpool.algebra.ar1.lag_one_phis`."""
     return float(lag_one_phis(residual, series.previous, series.lag, np.zeros(len(residual), dtype=np.int64), 1,
                               continuous)[0])
 
@@ -227,9 +227,9 @@ def search_phi(profile, u_start: float, correlation: AR1):
 
     ``profile(u, checked=False)`` is (-2 log L profiled over the other parameters at phi = constrained(u), pieces).
     The search runs in a window around ``u_start`` (the residuals' lag-1 correlation), over the whole range if it
-    ends at the window's edge; :func:`phi_at` then polishes the fit at u_hat and gives the interval.  One home for
-    generalized least squares (:func:`hierpool.closedform.gls.fit_gls`), and for the mixed model where the joint
-    search of (theta, u) does not apply or did not converge (:func:`fit_ar1`).
+    ends at the window's edge; :func:`profile_curvature` then polishes the fit at u_hat, and :func:`phi_interval`
+    gives the interval.  One home for generalized least squares (:func:`hierpool.closedform.gls.fit_gls`), and for
+    the mixed model where the joint search of (theta, u) does not apply or did not converge (:func:`fit_ar1`).
     """
     import scipy.optimize
 
@@ -244,36 +244,50 @@ def search_phi(profile, u_start: float, correlation: AR1):
         u_hat = search(low, high)
         if min(u_hat - low, high - u_hat) < 1e-3:
             u_hat = search(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT)
-    return phi_at(profile, u_hat, correlation)
+    curvature, value, pieces = profile_curvature(profile, u_hat)
+    # warned at the user's line: phi_interval, here, fit_ar1 or fit_gls, hp.lmm, the user
+    return u_hat, phi_interval(u_hat, curvature, correlation, stacklevel=5), value, pieces
 
 
-def phi_at(profile, u_hat: float, correlation: AR1):
-    """The fit at phi's estimate ``u_hat`` (nlme's unconstrained scale) and phi's interval: (u_hat, interval, the
-    profiled criterion there, the pieces ``profile`` returned there).
+def profile_curvature(profile, u_hat: float):
+    """The fit at phi's estimate ``u_hat`` (nlme's unconstrained scale) and the profiled criterion's curvature there:
+    (curvature, the criterion at u_hat, the pieces ``profile`` returned there).
 
-    The interval's two fits and the last call, at u_hat, have ``checked=True`` (polished fits: the curvature
-    differences them at 1e-3; the last one's messages are kept).  The interval is nlme's: Wald on the unconstrained
-    scale, its variance the inverse curvature of the criterion / 2.
-    """
-    continuous = correlation.continuous
+    Central differences at u_hat +- :data:`INTERVAL_STEP` of fits with ``checked=True`` (polished: their values to
+    ~1e-12), the last one at u_hat (its messages are kept)."""
     with warnings.catch_warnings():  # the interval's inner fits; the final one's messages are the caller's to warn
         warnings.simplefilter("ignore", ConvergenceWarning)
-        # the curvature differences the profile at 1e-3: its fits polished, as the estimate's (its values to ~1e-12)
         sides = [profile(u_hat + h, checked=True)[0] for h in (INTERVAL_STEP, -INTERVAL_STEP)]
         value, pieces = profile(u_hat, checked=True)
-    curvature = (sides[0] - 2.0 * value + sides[1]) / INTERVAL_STEP**2  # of -2 log L on the unconstrained scale
+    return (sides[0] - 2.0 * value + sides[1]) / INTERVAL_STEP**2, value, pieces  # of -2 log L in u
+
+
+def phi_interval(u_hat: float, curvature: float, correlation: AR1, stacklevel: int) -> tuple[float, float]:
+    """phi's 95% interval, nlme's: Wald on the unconstrained scale, its variance the inverse ``curvature`` of the
+    profiled criterion (-2 log L) / 2, mapped back.  Warns (``stacklevel`` for :func:`warnings.warn`) where the
+    criterion is not convex there (no interval) or u_hat is at the edge of its range."""
+    continuous = correlation.continuous
     if curvature > 0:
         half = Z_95 * np.sqrt(2.0 / curvature)
-        interval = (constrained(u_hat - half, continuous), constrained(u_hat + half, continuous))
+        with np.errstate(over="ignore"):  # a flat profile's half-width: its ends at the range's, 0 and 1
+            interval = (constrained(u_hat - half, continuous), constrained(u_hat + half, continuous))
     else:
         interval = (float("nan"), float("nan"))
         warnings.warn(f"{correlation.describe()}: the criterion is not convex in phi at its estimate; no interval",
-                      ConvergenceWarning, stacklevel=4)
+                      ConvergenceWarning, stacklevel=stacklevel)
     if abs(u_hat) >= UNCONSTRAINED_LIMIT - EDGE:
         warnings.warn(f"{correlation.describe()}: phi = {constrained(u_hat, continuous):.6g} is at the edge of "
                       "its range (a unit-root or vanishing correlation): the fit is not reliable",
-                      ConvergenceWarning, stacklevel=4)
-    return u_hat, interval, value, pieces
+                      ConvergenceWarning, stacklevel=stacklevel)
+    return interval
+
+
+def clearly_curved(curvature: float) -> bool:
+    """Whether the profiled criterion's ``curvature`` at a joint search's estimate identifies phi: its 95% Wald
+    interval in u narrower than u's half-range (:data:`~hierpool.algebra.ar1.UNCONSTRAINED_LIMIT`).  A search in
+    (theta, u) that starts on a flat stretch (every c = phi^lag near 0 or 1) sees no gradient there and stops; where
+    the profile is that flat, Brent's method searches u's whole range instead (:func:`fit_ar1`)."""
+    return bool(curvature > 0 and Z_95 * np.sqrt(2.0 / curvature) < UNCONSTRAINED_LIMIT)
 
 
 def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
@@ -361,8 +375,12 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     joint = joint_search(design, series, continuous, reml)
     if joint is not None:  # (theta, u) together; the fits at u_hat and the interval's beside it from its theta
         theta_hat, u_hat = joint
-        u_hat, interval, _, (whitened, system, optimum, logdet) = phi_at(
-            lambda u, checked=False: profile(u, checked, start=theta_hat), u_hat, correlation)
+        curvature, _, pieces = profile_curvature(lambda u, checked=False: profile(u, checked, start=theta_hat), u_hat)
+        if not clearly_curved(curvature):  # a flat stretch where it started: Brent's method over u's range
+            joint = None
+    if joint is not None:
+        interval = phi_interval(u_hat, curvature, correlation, stacklevel=4)  # here, hp.lmm, the user
+        whitened, system, optimum, logdet = pieces
     else:
         with warnings.catch_warnings():  # the search's inner fits; the final one's messages are warned below
             warnings.simplefilter("ignore", ConvergenceWarning)
