@@ -52,10 +52,9 @@ from ..algebra.criterion import objective_and_gradient_on_host
 from ..algebra.henderson import solve
 from ..algebra.laplace import random_part
 from ..algebra.linalg import shared_factor, theta_lower_bounds
+from ..algebra.search import ar1_moments, ar1_systems
 from ..algebra.search.ar1_moments import HOST_MAX_THETA, ChunkData, OneDataset
-from ..algebra.search.ar1_moments import search_on_host as moments_search
 from ..algebra.search.ar1_systems import TermsChunk, lagged_systems_pay
-from ..algebra.search.ar1_systems import search_on_host as systems_search
 from ..algebra.search.newton import DECREASE_TOL, MAX_ITERATIONS
 from ..algebra.statistics import centred_fixed_effects
 from ..algebra.system import build_system
@@ -291,13 +290,15 @@ def clearly_curved(curvature: float) -> bool:
 
 
 def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
-    """(theta, u) at the criterion's minimum, searched together by ``hp.fit_batch``'s host search on this one dataset
-    (:class:`~hierpool.algebra.search.ar1_moments.OneDataset`): for terms on one grouping factor of at most
-    :data:`~hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters from the per-level lagged moments
+    """(theta, u, curvature) at the criterion's minimum, searched together by ``hp.fit_batch``'s host search on this
+    one dataset (:class:`~hierpool.algebra.search.ar1_moments.OneDataset`): for terms on one grouping factor of at
+    most :data:`~hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters from the per-level lagged moments
     (:mod:`hierpool.algebra.search.ar1_moments`), for several terms on the whitened systems
     (:mod:`hierpool.algebra.search.ar1_systems`, from ``hp.lmm``'s moment start) where their dense coupling is one
     a batch would take (:data:`~hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`: its systems are dense, where
-    the closed form's own are sparse).  None for one wider term or a larger coupling, and
+    the closed form's own are sparse).  ``curvature``: the profiled criterion's second central difference at u
+    +- :data:`INTERVAL_STEP`, each point the same search's fit in theta from the joint optimum (``profiled``; NaN
+    where one did not converge), for phi's interval.  None for one wider term or a larger coupling, and
     where the search did not converge inside u's range, or where no row follows another in its series (phi is not
     identified: the criterion is flat in u, and Brent's method warns as it always has).  Then Brent's method profiles
     phi (:func:`search_phi`).
@@ -310,20 +311,23 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
         return None
     source, members = OneDataset(design), np.array([0])
     ks, widths = tuple(term.k for term in design.terms), [term.n_levels for term in design.terms]
+    settings = {"continuous": continuous, "reml": reml, "max_iterations": MAX_ITERATIONS}
     with np.errstate(all="ignore"):
         if shared_factor([term.index for term in design.terms]) and sum(ks) * (sum(ks) + 1) // 2 <= HOST_MAX_THETA:
-            found = moments_search(ChunkData(source, series, members), continuous=continuous, reml=reml,
-                                   max_iterations=MAX_ITERATIONS, decrease_tol=DECREASE_TOL)
+            search, data = ar1_moments, ChunkData(source, series, members)
+            found = search.search_on_host(data, decrease_tol=DECREASE_TOL, **settings)
         elif len(ks) > 1 and dense_entries(widths, ks, design.p) <= MAX_DENSE_ENTRIES:
             classes = lag_classes(np.zeros(int(followed.sum()), dtype=np.int64), series.lag[followed])[0]
             lagged = lagged_systems_pay(classes, ks, widths, design.p, float(design.n), LAGGED_SUMS_MAX_BYTES)
-            found = systems_search(TermsChunk(source, series, members, widths, lagged), moment_start(design)[None],
-                                   continuous=continuous, reml=reml, max_iterations=MAX_ITERATIONS)
+            search, data = ar1_systems, TermsChunk(source, series, members, widths, lagged)
+            found = search.search_on_host(data, moment_start(design)[None], **settings)
         else:
             return None
-    if not (found["converged"][0] and np.all(np.isfinite(found["theta"][0]))):
-        return None
-    return np.asarray(found["theta"][0], dtype=float), unconstrained(float(found["phi"][0]), continuous)
+        if not (found["converged"][0] and np.all(np.isfinite(found["theta"][0]))):
+            return None
+        theta, u = np.asarray(found["theta"][0], dtype=float), unconstrained(float(found["phi"][0]), continuous)
+        values = search.profiled(data, theta, u + np.array([INTERVAL_STEP, 0.0, -INTERVAL_STEP]), **settings)
+    return theta, u, float(values[0] - 2.0 * values[1] + values[2]) / INTERVAL_STEP**2
 
 
 def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = True,
@@ -373,14 +377,12 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         return optimum.objective + logdet, (whitened, system, optimum, logdet)
 
     joint = joint_search(design, series, continuous, reml)
-    if joint is not None:  # (theta, u) together; the fits at u_hat and the interval's beside it from its theta
-        theta_hat, u_hat = joint
-        curvature, _, pieces = profile_curvature(lambda u, checked=False: profile(u, checked, start=theta_hat), u_hat)
-        if not clearly_curved(curvature):  # a flat stretch where it started: Brent's method over u's range
-            joint = None
-    if joint is not None:
+    if joint is not None and clearly_curved(joint[2]):  # else a flat stretch where it started: Brent's method
+        theta_hat, u_hat, curvature = joint
+        with warnings.catch_warnings():  # the fit's messages are warned below
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            whitened, system, optimum, logdet = profile(u_hat, checked=True, start=theta_hat)[1]  # polished, checked
         interval = phi_interval(u_hat, curvature, correlation, stacklevel=4)  # here, hp.lmm, the user
-        whitened, system, optimum, logdet = pieces
     else:
         with warnings.catch_warnings():  # the search's inner fits; the final one's messages are warned below
             warnings.simplefilter("ignore", ConvergenceWarning)

@@ -183,6 +183,19 @@ def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) ->
     return np.column_stack([theta, u])
 
 
+def profiled(data: ChunkData, theta: np.ndarray, u: np.ndarray, *, continuous: bool, reml: bool,
+             max_iterations: int) -> np.ndarray:
+    """The criterion of the chunk's first dataset profiled over theta at each of ``u`` (nlme's unconstrained phi):
+    the search in theta (:func:`~hierpool.algebra.search.terms.search_statistics_on_host`) of the statistics whitened
+    at each phi, all at once, from ``theta`` (a joint optimum's, next to theirs), plus log |C(phi)|; NaN where that
+    search did not converge.  ``hp.lmm``'s curvature of the profile beside its joint estimate."""
+    rows = np.zeros(len(u), dtype=np.int64)  # the dataset once per phi
+    pair = data.statistics(constrained_phi(np.asarray(u, dtype=float)[:, None], continuous), rows)
+    stats, log_det = _at_one_phi(pair), pair[1]
+    found = search_statistics_on_host(stats, np.tile(theta, (len(u), 1)), reml, max_iterations, term_ks=data.ks)
+    return np.where(found["converged"], found["objective"] + log_det[:, 0], np.nan)
+
+
 def joint_criterion(data: ChunkData, continuous: bool, reml: bool):
     """``value_and_grad(points, rows)`` for :func:`newton_on_host`: the criterion at (theta, u) points (A, Q, m + 1)
     of datasets ``rows``, and its gradient by the complex step, every direction in one evaluation: the m steps in

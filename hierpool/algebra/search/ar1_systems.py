@@ -263,6 +263,18 @@ def start(data: TermsChunk, theta0: np.ndarray, continuous: bool, reml: bool, ma
     return np.column_stack([theta, u])
 
 
+def profiled(data: TermsChunk, theta: np.ndarray, u: np.ndarray, *, continuous: bool, reml: bool,
+             max_iterations: int) -> np.ndarray:
+    """The criterion of the chunk's first dataset profiled over theta at each of ``u`` (nlme's unconstrained phi):
+    the search in theta (:func:`~hierpool.algebra.search.terms.search_on_host`) of the systems whitened at each phi,
+    all at once, from ``theta`` (a joint optimum's, next to theirs), plus log |C(phi)|; NaN where that search did not
+    converge.  ``hp.lmm``'s curvature of the profile beside its joint estimate."""
+    rows = np.zeros(len(u), dtype=np.int64)  # the dataset once per phi
+    systems, log_det = data.systems(constrained_phi(np.asarray(u, dtype=float), continuous), rows)
+    found = theta_search(systems, data.n[rows], np.tile(theta, (len(u), 1)), reml, max_iterations)
+    return np.where(found["converged"], found["objective"] + log_det, np.nan)
+
+
 def search_on_host(data: TermsChunk, theta0: np.ndarray, *, continuous: bool, reml: bool,
                    max_iterations: int) -> dict:
     """Fit a chunk's datasets (``data``; ``theta0`` their moment starts): a chunk's results as
