@@ -352,23 +352,43 @@ def _pixel():
                        DS=data["Dog"].astype(str) + "_" + data["Side"].astype(str))
 
 
+def _irregular_nested():
+    """Two nested terms with corCAR1 at irregular times: every lag its own, so the several-term search whitens the
+    rows at each phi (no lag classes' sums)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for g in range(8):
+        ug = rng.normal()
+        for h in range(4):
+            uh, times, e = 0.7 * rng.normal(), np.sort(rng.uniform(0, 20, 12)), 0.0
+            for i, t in enumerate(times):
+                c = 0.0 if i == 0 else 0.6 ** (t - times[i - 1])
+                e = c * e + np.sqrt(1 - c * c) * rng.normal()
+                rows.append((f"g{g}", f"g{g}h{h}", t, ug + uh + 0.1 * t + e))
+    return pd.DataFrame(rows, columns=["g", "gh", "t", "y"])
+
+
 @pytest.mark.parametrize("reml", [True, False])
-@pytest.mark.parametrize("model", ["one term", "continuous time", "several terms"])
+@pytest.mark.parametrize("model", ["one term", "continuous time", "several terms", "several terms, irregular"])
 def test_the_joint_search_and_brents_profile_give_one_fit(model, reml, monkeypatch):
     """hp.lmm searches (theta, u) together (hierpool.algebra.search: per-level lagged moments for one term, the
-    whitened systems for several) and falls back on Brent's profile in phi where that does not apply or did not
-    converge: both reach the same fit, phi's interval included, and a joint search stopped early is not taken."""
+    whitened systems for several, from the lag classes' sums or the rows) and falls back on Brent's profile in phi
+    where that does not apply or did not converge: both reach the same fit, phi's interval included (the joint
+    path's curvature from the search's own profile), and a joint search stopped early is not taken."""
     from hierpool.closedform import ar1 as ar1_module
 
     formula, data, correlation = {
         "one term": ("follicles ~ s + c + (1 | Mare)", _ovary(), hp.ar1("Mare")),
         "continuous time": ("weight ~ Time * Diet + (Time | Rat)", _bodyweight(), hp.car1("Rat", "Time")),
         "several terms": ("pixel ~ day + day2 + (day | Dog) + (1 | Dog:Side)", _pixel(), hp.ar1("DS", time="day")),
+        "several terms, irregular": ("y ~ t + (1 | g) + (1 | gh)", _irregular_nested(), hp.car1("gh", "t")),
     }[model]
-    found, joint_search = [], ar1_module.joint_search
+    found, joint_search, paid, pays = [], ar1_module.joint_search, [], ar1_module.lagged_systems_pay
     monkeypatch.setattr(ar1_module, "joint_search", lambda *a: found.append(joint_search(*a)) or found[-1])
+    monkeypatch.setattr(ar1_module, "lagged_systems_pay", lambda *a: paid.append(pays(*a)) or paid[-1])
     joint = hp.lmm(formula, data, correlation=correlation, reml=reml)
     assert found[-1] is not None  # the joint search's estimate was the fit's
+    assert paid == {"several terms": [True], "several terms, irregular": [False]}.get(model, [])
     monkeypatch.setattr(ar1_module, "joint_search", lambda *a: None)
     brent = hp.lmm(formula, data, correlation=correlation, reml=reml)
     assert joint.objective == pytest.approx(brent.objective, rel=1e-10)
@@ -451,3 +471,32 @@ def test_the_fit_is_the_same_in_any_unit_of_time(monkeypatch):
         flat_start = hp.lmm(formula, minutes, correlation=hp.car1("Rat", "Minute"))
     assert found[-1] is not None and abs(found[-1][1]) < 12  # the joint search stopped inside the range...
     assert flat_start.objective == pytest.approx(fit.objective, rel=1e-10)  # ...and was not taken
+
+
+def test_a_median_lag_below_one_starts_inside_phis_range(monkeypatch):
+    """corCAR1 with a reading every 0.01 time units: the start's root of the clipped correlation (0.05^100) is kept
+    inside u's range, so that both searches start there; hp.lmm's paths and fit_batch give one fit."""
+    from hierpool.closedform import ar1 as ar1_module
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for g in range(15):
+        ug, e = rng.normal(), 0.0
+        for i in range(30):
+            c = 0.0 if i == 0 else 0.3
+            e = c * e + np.sqrt(1 - c * c) * rng.normal()
+            rows.append((f"g{g}", 0.01 * i, ug + e))
+    data = pd.DataFrame(rows, columns=["g", "t", "y"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # phi per unit sits at its range's edge (the range bounds phi per unit)
+        fit = hp.lmm("y ~ 1 + (1 | g)", data, correlation=hp.car1("g", "t"))
+        design = build_design("y ~ 1 + (1 | g)", data)
+        series = ar1_module.checked_series(design, hp.car1("g", "t"), data)
+        batch = hp.fit_batch("y ~ 1 + (1 | g)", [data], correlation=hp.car1("g", "t"), progress=False)
+        monkeypatch.setattr(ar1_module, "joint_search", lambda *a: None)
+        brent = hp.lmm("y ~ 1 + (1 | g)", data, correlation=hp.car1("g", "t"))
+    assert np.isfinite(fit.objective) and fit.objective == pytest.approx(brent.objective, rel=1e-10)
+    assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-10)
+    residual = design.y - design.y.mean()
+    u = ar1_module.unconstrained(ar1_module.lag_one_phi(residual, series, True), True)
+    assert -12 < u < 12

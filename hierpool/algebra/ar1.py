@@ -50,7 +50,8 @@ def lag_one_phis(residual: np.ndarray, previous: np.ndarray, lag: np.ndarray, gr
     without such rows.  The correlation is kept inside before its root is taken, so that the start's phi^lag at
     that lag is the kept correlation whatever the time's unit: clipped after the root, a time in minutes of a
     correlation over days started at phi^lag = 0.9^1440, where the criterion is flat in phi and a search in
-    (theta, u) stops (it is the same model in any unit).  The start's u is kept a unit inside its range."""
+    (theta, u) stops (it is the same model in any unit while phi per unit is inside u's range).  The start's u
+    is kept a unit inside that range (a median lag below 1 takes a high root: 0.05^100)."""
     has = previous >= 0
     r, before, keys = residual[has], residual[previous[has]], group[has]
     sums = [np.bincount(keys, weights=w, minlength=n_groups) for w in (r * before, r * r, before * before)]
@@ -62,8 +63,8 @@ def lag_one_phis(residual: np.ndarray, previous: np.ndarray, lag: np.ndarray, gr
     sorted_lags = np.append(lag[has][order], 1.0)  # (a group without rows reads the appended 1)
     middle = (sorted_lags[starts + np.maximum(counts - 1, 0) // 2] + sorted_lags[starts + counts // 2]) / 2.0
     kept = np.clip(correlation, 0.05 if continuous else -0.9, 0.9)
-    phi = np.minimum(np.sign(kept) * np.abs(kept) ** (1.0 / middle),
-                     constrained_phi(UNCONSTRAINED_LIMIT - 1.0, continuous))
+    inside = constrained_phi(np.array([1.0 - UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT - 1.0]), continuous)
+    phi = np.clip(np.sign(kept) * np.abs(kept) ** (1.0 / middle), *inside)  # a lag below 1 shrinks phi
     return np.where(counts > 0, phi, 0.1)
 
 

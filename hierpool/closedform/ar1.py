@@ -238,6 +238,7 @@ def search_phi(profile, u_start: float, correlation: AR1):
 
     with warnings.catch_warnings():  # the search's inner fits; the final one's messages are the caller's to warn
         warnings.simplefilter("ignore", ConvergenceWarning)
+        u_start = min(max(u_start, -UNCONSTRAINED_LIMIT), UNCONSTRAINED_LIMIT)  # a window inside the range
         low = max(u_start - SEARCH_WINDOW, -UNCONSTRAINED_LIMIT)
         high = min(u_start + SEARCH_WINDOW, UNCONSTRAINED_LIMIT)
         u_hat = search(low, high)

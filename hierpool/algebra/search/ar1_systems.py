@@ -269,9 +269,11 @@ def profiled(data: TermsChunk, theta: np.ndarray, u: np.ndarray, *, continuous: 
     the search in theta (:func:`~hierpool.algebra.search.terms.search_on_host`) of the systems whitened at each phi,
     all at once, from ``theta`` (a joint optimum's, next to theirs), plus log |C(phi)|; NaN where that search did not
     converge.  ``hp.lmm``'s curvature of the profile beside its joint estimate."""
-    rows = np.zeros(len(u), dtype=np.int64)  # the dataset once per phi
-    systems, log_det = data.systems(constrained_phi(np.asarray(u, dtype=float), continuous), rows)
-    found = theta_search(systems, data.n[rows], np.tile(theta, (len(u), 1)), reml, max_iterations)
+    # the dataset at each phi (axes (1, S)), the phis then the datasets' axis of the search (the rows' path takes
+    # each dataset once)
+    systems, log_det = data.systems_at(constrained_phi(np.asarray(u, dtype=float), continuous)[None, :], np.array([0]))
+    systems, log_det = map_arrays(systems, lambda a: a[0]), log_det[0]
+    found = theta_search(systems, np.repeat(data.n[:1], len(u)), np.tile(theta, (len(u), 1)), reml, max_iterations)
     return np.where(found["converged"], found["objective"] + log_det, np.nan)
 
 
