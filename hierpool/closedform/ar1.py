@@ -439,10 +439,12 @@ def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFram
 
 
 def series_ends(correlation: AR1, data: pd.DataFrame, design: Design, series: Series) -> pd.DataFrame:
-    """Per series label: its last fitted row (index into the design's rows) and that row's time (or position)."""
-    used = data.loc[design.rows]
-    key = (used[correlation.time].to_numpy(dtype=float) if correlation.time
-           else np.arange(design.n, dtype=float))
-    frame = pd.DataFrame({"label": used[correlation.group].to_numpy(), "key": key, "row": np.arange(design.n)})
-    last = frame.sort_values(["label", "key"]).groupby("label", sort=False).tail(1)
-    return last.set_index("label")[["row", "key"]]
+    """Per series label: its last fitted row (index into the design's rows) and that row's time (or position).
+
+    A series' last row is the one that no row follows (``series``: each row's predecessor; times are distinct
+    within a series, :func:`hierpool.spec.correlation.series_of`)."""
+    ends = np.setdiff1d(np.arange(design.n), series.previous[series.previous >= 0])
+    key = (data[correlation.time].loc[design.rows].to_numpy(dtype=float)[ends] if correlation.time
+           else ends.astype(float))
+    labels = data[correlation.group].loc[design.rows].to_numpy()[ends]
+    return pd.DataFrame({"row": ends, "key": key}, index=pd.Index(labels, name="label"))
