@@ -473,9 +473,11 @@ def test_the_fit_is_the_same_in_any_unit_of_time(monkeypatch):
     assert flat_start.objective == pytest.approx(fit.objective, rel=1e-10)  # ...and was not taken
 
 
-def test_a_median_lag_below_one_starts_inside_phis_range(monkeypatch):
-    """corCAR1 with a reading every 0.01 time units: the start's root of the clipped correlation (0.05^100) is kept
-    inside u's range, so that both searches start there; hp.lmm's paths and fit_batch give one fit."""
+def test_a_median_lag_below_one_is_the_model_in_steps(monkeypatch):
+    """corCAR1 with a reading every 0.01 time units is the model with the time in steps of 1: phi per unit is phi
+    per step to the power 100 (5e-50 here, far below u's range per unit: each search runs in its median lag's unit,
+    algebra.ar1.search_units), for hp.lmm's paths, fit_batch and generalized least squares; the start's root of the
+    clipped correlation (0.05^100) is kept inside u's range."""
     from hierpool.closedform import ar1 as ar1_module
 
     rng = np.random.default_rng(5)
@@ -487,16 +489,24 @@ def test_a_median_lag_below_one_starts_inside_phis_range(monkeypatch):
             e = c * e + np.sqrt(1 - c * c) * rng.normal()
             rows.append((f"g{g}", 0.01 * i, ug + e))
     data = pd.DataFrame(rows, columns=["g", "t", "y"])
+    steps = data.assign(t=np.round(data["t"] * 100))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # phi per unit sits at its range's edge (the range bounds phi per unit)
+        warnings.simplefilter("error")  # nothing to warn of: phi is well inside its range in either unit
         fit = hp.lmm("y ~ 1 + (1 | g)", data, correlation=hp.car1("g", "t"))
-        design = build_design("y ~ 1 + (1 | g)", data)
-        series = ar1_module.checked_series(design, hp.car1("g", "t"), data)
+        in_steps = hp.lmm("y ~ 1 + (1 | g)", steps, correlation=hp.car1("g", "t"))
         batch = hp.fit_batch("y ~ 1 + (1 | g)", [data], correlation=hp.car1("g", "t"), progress=False)
+        gls = hp.lmm("y ~ 1", data, correlation=hp.car1("g", "t"))
+        gls_steps = hp.lmm("y ~ 1", steps, correlation=hp.car1("g", "t"))
         monkeypatch.setattr(ar1_module, "joint_search", lambda *a: None)
         brent = hp.lmm("y ~ 1 + (1 | g)", data, correlation=hp.car1("g", "t"))
-    assert np.isfinite(fit.objective) and fit.objective == pytest.approx(brent.objective, rel=1e-10)
+    assert fit.objective == pytest.approx(in_steps.objective, rel=1e-10)
+    assert fit.phi ** 0.01 == pytest.approx(in_steps.phi, rel=1e-6) and fit.phi < 1e-40
+    assert brent.objective == pytest.approx(fit.objective, rel=1e-10)
     assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-10)
-    residual = design.y - design.y.mean()
-    u = ar1_module.unconstrained(ar1_module.lag_one_phi(residual, series, True), True)
+    assert batch.phi[0] ** 0.01 == pytest.approx(in_steps.phi, rel=1e-5)
+    assert gls.objective == pytest.approx(gls_steps.objective, rel=1e-10)
+    assert gls.phi ** 0.01 == pytest.approx(gls_steps.phi, rel=1e-5)
+    design = build_design("y ~ 1 + (1 | g)", data)
+    series = ar1_module.checked_series(design, hp.car1("g", "t"), data)
+    u = ar1_module.unconstrained(ar1_module.lag_one_phi(design.y - design.y.mean(), series, True), True)
     assert -12 < u < 12

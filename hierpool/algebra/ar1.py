@@ -41,6 +41,33 @@ def first_u(continuous: bool) -> float:
     return -3.0 if continuous else 0.0
 
 
+def median_lags(previous: np.ndarray, lag: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Each of ``n_groups`` datasets' median lag over its rows with a predecessor (``group``: each row's; the middle
+    one of its sorted lags, or the mean of the middle two); 1 for a dataset without such rows."""
+    has = previous >= 0
+    keys = group[has]
+    order = np.lexsort((lag[has], keys))
+    counts = np.bincount(keys, minlength=n_groups)
+    starts = np.cumsum(counts) - counts
+    sorted_lags = np.append(lag[has][order], 1.0)  # (a group without rows reads the appended 1)
+    return (sorted_lags[starts + np.maximum(counts - 1, 0) // 2] + sorted_lags[starts + counts // 2]) / 2.0
+
+
+def search_units(previous: np.ndarray, lag: np.ndarray, group: np.ndarray, n_groups: int,
+                 continuous: bool) -> np.ndarray:
+    """The unit of time each dataset's search for phi runs in: its median lag in continuous time, 1 in steps.
+
+    u's range (:data:`UNCONSTRAINED_LIMIT`) bounds phi per unit of time, so in the user's unit it would bound the
+    correlation at the lags observed by the unit's size: readings 0.01 days apart could not correlate below
+    0.886 (phi per day at least 6.1e-6), readings daily with time in seconds not above 0.59.  In the median lag's
+    unit it bounds the correlation at that lag, whatever the user's unit: the search whitens with the lags over
+    the unit, and phi per the user's unit is its phi to the power 1 / unit (the same c = phi^lag).  Steps (corAR1)
+    keep 1: a negative phi has no real root."""
+    if not continuous:
+        return np.ones(n_groups)
+    return median_lags(previous, lag, group, n_groups)
+
+
 def lag_one_phis(residual: np.ndarray, previous: np.ndarray, lag: np.ndarray, group: np.ndarray, n_groups: int,
                  continuous: bool) -> np.ndarray:
     """Where the search for phi starts, for each of ``n_groups`` datasets at once (``group``: each row's;
@@ -56,12 +83,8 @@ def lag_one_phis(residual: np.ndarray, previous: np.ndarray, lag: np.ndarray, gr
     r, before, keys = residual[has], residual[previous[has]], group[has]
     sums = [np.bincount(keys, weights=w, minlength=n_groups) for w in (r * before, r * r, before * before)]
     correlation = sums[0] / np.maximum(np.sqrt(sums[1] * sums[2]), 1e-300)
-    # each group's median lag: its lags sorted, the middle one (or the mean of the middle two)
-    order = np.lexsort((lag[has], keys))
     counts = np.bincount(keys, minlength=n_groups)
-    starts = np.cumsum(counts) - counts
-    sorted_lags = np.append(lag[has][order], 1.0)  # (a group without rows reads the appended 1)
-    middle = (sorted_lags[starts + np.maximum(counts - 1, 0) // 2] + sorted_lags[starts + counts // 2]) / 2.0
+    middle = median_lags(previous, lag, group, n_groups)
     kept = np.clip(correlation, 0.05 if continuous else -0.9, 0.9)
     inside = constrained_phi(np.array([1.0 - UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT - 1.0]), continuous)
     phi = np.clip(np.sign(kept) * np.abs(kept) ** (1.0 / middle), *inside)  # a lag below 1 shrinks phi

@@ -45,6 +45,7 @@ from ..algebra.ar1 import (
     constrained_phi,
     lag_classes,
     log_det_correlation,
+    search_units,
     whitened_system,
 )
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
@@ -249,6 +250,10 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     ``default_chunk``."""
     design = plan.design
     series, series_problems = batch_series(plan, structure)
+    # each dataset's search in its own unit of time (hp.lmm's, algebra.ar1.search_units); _store reports phi per the
+    # user's unit
+    units = search_units(series.previous, series.lag, plan.dataset, plan.n_datasets, structure.continuous)
+    series = dataclasses.replace(series, lag=series.lag / units[plan.dataset])
     ks = tuple(t.k for t in design.terms)
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = [message or series_problems.get(d, "") for d, message in enumerate(term_problems(plan))]
@@ -283,7 +288,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         # benchmarks/RESULTS.md, twenty-sixth session)
         search = partial(search_on_host, continuous=structure.continuous, reml=reml, max_iterations=max_iterations,
                          decrease_tol=DECREASE_TOL)
-        return _store(jobs, lambda job: search(ChunkData(plan, series, job[0])), out, plan, workers=thread_count(None),
+        return _store(jobs, lambda job: search(ChunkData(plan, series, job[0])), out, plan, units, workers=thread_count(None),
                       progress=progress)
     if _terms_on_host(plan, float_type, sharding):  # several terms: the joint search on the whitened systems
         usable = np.flatnonzero(out["attempted"])
@@ -311,7 +316,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
             data = TermsChunk(plan, series, members, key, lagged)
             return host_processes.call(search, data, theta0[members]) if processes else search(data, theta0[members])
 
-        return _store(jobs, run_terms, out, plan, workers=thread_count(None), progress=progress)
+        return _store(jobs, run_terms, out, plan, units, workers=thread_count(None), progress=progress)
     chunk_size = chunk_size or default_chunk
     jobs = []
     for members, data in series_buckets(plan, series, np.flatnonzero(out["attempted"])):
@@ -332,7 +337,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
             out["reasons"][d] = "an inner fit in theta of the search in phi did not converge"
         return result
 
-    return _store(jobs, run, out, plan, workers=workers, progress=progress)
+    return _store(jobs, run, out, plan, units, workers=workers, progress=progress)
 
 
 def _on_host(plan: BatchPlan, float_type, sharding) -> bool:
@@ -351,11 +356,11 @@ def _terms_on_host(plan: BatchPlan, float_type, sharding) -> bool:
     return len(plan.design.terms) > 1 and host_fits(float_type, sharding)
 
 
-def _store(jobs, run, out: dict, plan: BatchPlan, *, workers: int, progress) -> dict:
+def _store(jobs, run, out: dict, plan: BatchPlan, units: np.ndarray, *, workers: int, progress) -> dict:
     """:func:`run_jobs`, with each chunk's phi, and a dataset whose phi ends at its range's edge fitted alone."""
     def run_and_mark(job):
         members, result = job[0], run(job)
-        out["phi"][members] = result["phi"]
+        out["phi"][members] = result["phi"] ** (1.0 / units[members])  # per the user's unit of time
         for d in members[result["edge"]]:  # as hp.lmm, which warns there: its own fit, with its message
             out["alone"][d] = "phi at the edge of its range (a unit-root or vanishing correlation)"
         return result

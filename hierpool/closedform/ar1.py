@@ -43,6 +43,7 @@ from ..algebra.ar1 import (
     lag_classes,
     lag_one_phis,
     log_det_correlation,
+    search_units,
     unconstrained_phi,
     whiten,
 )
@@ -220,7 +221,7 @@ class AR1Result(LMMResult):
                 f"  phi = {self.phi:.6g}  (95% interval {lower:.4g} to {upper:.4g})")
 
 
-def search_phi(profile, u_start: float, correlation: AR1):
+def search_phi(profile, u_start: float, correlation: AR1, unit: float = 1.0):
     """phi's estimate on nlme's unconstrained scale by Brent's method, with its interval: (u_hat, interval,
     the profiled criterion there, the pieces ``profile`` returned there).
 
@@ -229,6 +230,7 @@ def search_phi(profile, u_start: float, correlation: AR1):
     ends at the window's edge; :func:`profile_curvature` then polishes the fit at u_hat, and :func:`phi_interval`
     gives the interval.  One home for generalized least squares (:func:`hierpool.closedform.gls.fit_gls`), and for
     the mixed model where the joint search of (theta, u) does not apply or did not converge (:func:`fit_ar1`).
+    ``unit``: the profile's phi is per that unit of the user's time (:func:`phi_interval`); u_hat is the search's.
     """
     import scipy.optimize
 
@@ -246,7 +248,7 @@ def search_phi(profile, u_start: float, correlation: AR1):
             u_hat = search(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT)
     curvature, value, pieces = profile_curvature(profile, u_hat)
     # warned at the user's line: phi_interval, here, fit_ar1 or fit_gls, hp.lmm, the user
-    return u_hat, phi_interval(u_hat, curvature, correlation, stacklevel=5), value, pieces
+    return u_hat, phi_interval(u_hat, curvature, correlation, stacklevel=5, unit=unit), value, pieces
 
 
 def profile_curvature(profile, u_hat: float):
@@ -262,11 +264,23 @@ def profile_curvature(profile, u_hat: float):
     return (sides[0] - 2.0 * value + sides[1]) / INTERVAL_STEP**2, value, pieces  # of -2 log L in u
 
 
-def phi_interval(u_hat: float, curvature: float, correlation: AR1, stacklevel: int) -> tuple[float, float]:
-    """phi's 95% interval, nlme's: Wald on the unconstrained scale, its variance the inverse ``curvature`` of the
-    profiled criterion (-2 log L) / 2, mapped back.  Warns (``stacklevel`` for :func:`warnings.warn`) where the
-    criterion is not convex there (no interval) or u_hat is at the edge of its range."""
+def phi_interval(u_hat: float, curvature: float, correlation: AR1, stacklevel: int,
+                 unit: float = 1.0) -> tuple[float, float]:
+    """phi's 95% interval, nlme's: Wald on the unconstrained scale of phi per unit of the user's time, its variance
+    the inverse ``curvature`` of the profiled criterion (-2 log L) / 2, mapped back.  Warns (``stacklevel`` for
+    :func:`warnings.warn`) where the criterion is not convex there (no interval) or u_hat is at the edge of its
+    range.
+
+    ``unit``: the search's phi (``u_hat``, ``curvature``) is per that many units of the user's time
+    (:func:`hierpool.algebra.ar1.search_units`), psi = phi^unit.  The user's u = logit(phi) moves the search's
+    v = logit(psi) by dv/du = unit (1 - phi) / (1 - psi), so at the estimate (the gradient zero) the curvature in u
+    is the search's times (dv/du)^2: the interval is the one a search in the user's unit would give."""
     continuous = correlation.continuous
+    at_edge, psi = abs(u_hat) >= UNCONSTRAINED_LIMIT - EDGE, constrained(u_hat, continuous)
+    phi = psi ** (1.0 / unit)
+    if unit != 1.0:
+        curvature = curvature * (unit * (1.0 - phi) / (1.0 - psi)) ** 2
+        u_hat = unconstrained(phi, continuous) if 0.0 < phi < 1.0 else u_hat  # (a phi per unit beyond floats)
     if curvature > 0:
         half = Z_95 * np.sqrt(2.0 / curvature)
         with np.errstate(over="ignore"):  # a flat profile's half-width: its ends at the range's, 0 and 1
@@ -275,10 +289,9 @@ def phi_interval(u_hat: float, curvature: float, correlation: AR1, stacklevel: i
         interval = (float("nan"), float("nan"))
         warnings.warn(f"{correlation.describe()}: the criterion is not convex in phi at its estimate; no interval",
                       ConvergenceWarning, stacklevel=stacklevel)
-    if abs(u_hat) >= UNCONSTRAINED_LIMIT - EDGE:
-        warnings.warn(f"{correlation.describe()}: phi = {constrained(u_hat, continuous):.6g} is at the edge of "
-                      "its range (a unit-root or vanishing correlation): the fit is not reliable",
-                      ConvergenceWarning, stacklevel=stacklevel)
+    if at_edge:
+        warnings.warn(f"{correlation.describe()}: phi = {phi:.6g} is at the edge of its range (a unit-root or "
+                      "vanishing correlation): the fit is not reliable", ConvergenceWarning, stacklevel=stacklevel)
     return interval
 
 
@@ -352,6 +365,10 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     """
     series = checked_series(design, correlation, data)
     continuous = correlation.continuous
+    # the search in its own unit of time (the median lag in continuous time): u's range then bounds the correlation
+    # at the lags observed, whatever the user's unit (algebra.ar1.search_units); phi per the user's unit at the end
+    unit = float(search_units(series.previous, series.lag, np.zeros(design.n, dtype=np.int64), 1, continuous)[0])
+    user_series, series = series, replace(series, lag=series.lag / unit)
     # the search on the random-effect columns centred and scaled (algebra.conditioning, always: whitened, a covariate
     # of large mean is nearly collinear with the intercept's non-constant column) and X's centred; results on the user's
     original, conditioning = design, condition_terms(design, force=True)
@@ -383,17 +400,18 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         with warnings.catch_warnings():  # the fit's messages are warned below
             warnings.simplefilter("ignore", ConvergenceWarning)
             whitened, system, optimum, logdet = profile(u_hat, checked=True, start=theta_hat)[1]  # polished, checked
-        interval = phi_interval(u_hat, curvature, correlation, stacklevel=4)  # here, hp.lmm, the user
+        interval = phi_interval(u_hat, curvature, correlation, stacklevel=4, unit=unit)  # here, hp.lmm, the user
     else:
         with warnings.catch_warnings():  # the search's inner fits; the final one's messages are warned below
             warnings.simplefilter("ignore", ConvergenceWarning)
             nearly_independent = profile(first_u(continuous))[1]
         u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
-        u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation)
+        u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation, unit)
+    psi = constrained(u_hat, continuous)  # phi per the search's unit (the same c = phi^lag as per the user's)
     # the user's parametrization at phi-hat: the conditioned optimum mapped back, solved on the user's columns; the
     # conditioned fit's checks stand (in the user's parametrization a covariate of large mean makes the Hessian look
     # indefinite), and lme4's singularity rule reads the user's theta
-    whitened, logdet = whitened_design(original, series, constrained(u_hat, continuous))
+    whitened, logdet = whitened_design(original, series, psi)
     system = build_system(whitened, host=True)
     theta = conditioning.theta_to_user(np.asarray(optimum.theta, dtype=float))
     singular = is_singular(theta, tuple(t.k for t in original.terms), control.singular_tol)
@@ -405,8 +423,8 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
     solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=reml)  # the host's Henderson solve
     return AR1Result(design, system, solution, optimum, reml, True, structure=correlation,
-                     phi=constrained(u_hat, continuous), phi_interval=interval, log_det_correlation=logdet,
-                     series_ends=series_ends(correlation, data, design, series), series=series)
+                     phi=psi ** (1.0 / unit), phi_interval=interval, log_det_correlation=logdet,
+                     series_ends=series_ends(correlation, data, design, user_series), series=user_series)
 
 
 def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -21,11 +21,12 @@ Reference: Pinheiro & Bates (2000), Mixed-Effects Models in S and S-PLUS, sec. 5
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
+from ..algebra.ar1 import search_units
 from ..algebra.criterion import profiled_criterion
 from ..errors import DataError
 from ..spec.correlation import AR1
@@ -150,6 +151,10 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     GLSResult
     """
     series = checked_series(design, correlation, data)
+    # the search in its own unit of time, as the mixed model's (hierpool.algebra.ar1.search_units)
+    unit = float(search_units(series.previous, series.lag, np.zeros(design.n, dtype=np.int64), 1,
+                              correlation.continuous)[0])
+    series = replace(series, lag=series.lag / unit)
     n, p = design.n, design.p
     if n <= p + 1:
         raise DataError(f"{n} rows for {p} fixed effects and phi: nothing is left to estimate the residual variance")
@@ -169,8 +174,9 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
                             correlation.continuous)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # log 0 of a zero residual at phi's edge: the search moves on
-        u_hat, interval, value, (beta, r, pwrss, logdet) = search_phi(profile, u_start, correlation)
+        u_hat, interval, value, (beta, r, pwrss, logdet) = search_phi(profile, u_start, correlation, unit)
     r_inverse = np.linalg.inv(r)
-    return GLSResult(design=design, structure=correlation, reml=reml, phi=constrained(u_hat, correlation.continuous),
+    phi = constrained(u_hat, correlation.continuous) ** (1.0 / unit)  # per the user's unit of time
+    return GLSResult(design=design, structure=correlation, reml=reml, phi=phi,
                      phi_interval=interval, objective=value, beta=beta, unscaled_vcov=r_inverse @ r_inverse.T,
                      pwrss=pwrss, log_det_correlation=logdet)
