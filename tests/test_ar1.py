@@ -510,3 +510,28 @@ def test_a_median_lag_below_one_is_the_model_in_steps(monkeypatch):
     series = ar1_module.checked_series(design, hp.car1("g", "t"), data)
     u = ar1_module.unconstrained(ar1_module.lag_one_phi(design.y - design.y.mean(), series, True), True)
     assert -12 < u < 12
+
+
+def test_a_phi_per_unit_beyond_a_float_is_refused_by_name():
+    """Readings a minute apart with time in days: phi per day would be 0.32^1440, which a float cannot hold, so the
+    predictions and simulations that read phi per unit would be wrong.  hp.lmm and GLS refuse it, naming the time
+    column; fit_batch keeps the reason in that dataset's row (not converged) and fits the others."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for g in range(12):
+        ug, e = rng.normal(), 0.0
+        for i in range(40):
+            c = 0.0 if i == 0 else 0.35
+            e = c * e + np.sqrt(1 - c * c) * rng.normal()
+            rows.append((f"g{g}", float(i), ug + e))
+    minutes = pd.DataFrame(rows, columns=["g", "t", "y"])
+    days = minutes.assign(t=minutes["t"] / 1440)
+    with pytest.raises(hp.HierpoolError, match="'t'.*units nearer the spacing"):
+        hp.lmm("y ~ 1 + (1 | g)", days, correlation=hp.car1("g", "t"))
+    with pytest.raises(hp.HierpoolError, match="'t'.*units nearer the spacing"):
+        hp.lmm("y ~ 1", days, correlation=hp.car1("g", "t"))
+    batch = hp.fit_batch("y ~ 1 + (1 | g)", [days, minutes], correlation=hp.car1("g", "t"), progress=False)
+    assert list(batch.converged) == [False, True] and np.isnan(batch.phi[0])
+    assert "units nearer the spacing" in batch.messages.iloc[0]
+    fit = hp.lmm("y ~ 1 + (1 | g)", minutes, correlation=hp.car1("g", "t"))
+    assert batch.phi[1] == pytest.approx(fit.phi, abs=1e-5)

@@ -41,6 +41,22 @@ def first_u(continuous: bool) -> float:
     return -3.0 if continuous else 0.0
 
 
+#: phi per the user's unit of time is reported and used as a float (a prediction's or simulation's phi^lag): the
+#: smallest kept, and the least distance from 1, where float64 holds phi^lag to about 1e-8 relative.
+PHI_PER_UNIT_RANGE = (1e-300, 1.0 - 1e-8)
+
+
+def per_unit(psi, unit) -> np.ndarray:
+    """phi per the user's unit of time from ``psi`` per the search's ``unit`` (:func:`search_units`): psi^(1/unit);
+    NaN where a float cannot hold it to the digits phi^lag needs (outside :data:`PHI_PER_UNIT_RANGE`: readings so
+    close in the time's unit that a moderate correlation between them is phi = 1e-400 per unit, or so far apart
+    that phi rounds to 1).  Steps (``unit`` 1) keep psi."""
+    psi, unit = np.asarray(psi, dtype=float), np.asarray(unit, dtype=float)
+    phi = psi ** (1.0 / unit)
+    low, high = PHI_PER_UNIT_RANGE
+    return np.where((unit == 1.0) | ((phi >= low) & (phi <= high)), phi, np.nan)
+
+
 def median_lags(previous: np.ndarray, lag: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
     """Each of ``n_groups`` datasets' median lag over its rows with a predecessor (``group``: each row's; the middle
     one of its sorted lags, or the mean of the middle two); 1 for a dataset without such rows."""

@@ -45,6 +45,7 @@ from ..algebra.ar1 import (
     constrained_phi,
     lag_classes,
     log_det_correlation,
+    per_unit,
     search_units,
     whitened_system,
 )
@@ -360,9 +361,13 @@ def _store(jobs, run, out: dict, plan: BatchPlan, units: np.ndarray, *, workers:
     """:func:`run_jobs`, with each chunk's phi, and a dataset whose phi ends at its range's edge fitted alone."""
     def run_and_mark(job):
         members, result = job[0], run(job)
-        out["phi"][members] = result["phi"] ** (1.0 / units[members])  # per the user's unit of time
+        out["phi"][members] = per_unit(result["phi"], units[members])  # per the user's unit of time
         for d in members[result["edge"]]:  # as hp.lmm, which warns there: its own fit, with its message
             out["alone"][d] = "phi at the edge of its range (a unit-root or vanishing correlation)"
+        beyond = ~result["edge"] & ~np.isfinite(out["phi"][members])
+        for d in members[beyond]:  # hp.lmm refuses it, by name, in the row's message
+            out["alone"][d] = "phi per unit of time beyond a float"
+        result["converged"] = result["converged"] & ~beyond
         return result
 
     out = run_jobs(jobs, run_and_mark, out, plan, workers=workers, progress=progress)

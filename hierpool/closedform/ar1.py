@@ -43,6 +43,7 @@ from ..algebra.ar1 import (
     lag_classes,
     lag_one_phis,
     log_det_correlation,
+    per_unit,
     search_units,
     unconstrained_phi,
     whiten,
@@ -408,6 +409,11 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
         u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation, unit)
     psi = constrained(u_hat, continuous)  # phi per the search's unit (the same c = phi^lag as per the user's)
+    phi = float(per_unit(psi, unit))
+    if not np.isfinite(phi):  # at the range's edge the edge warning stands, and phi's float is as good as any
+        if abs(u_hat) < UNCONSTRAINED_LIMIT - EDGE:
+            raise DataError(unrepresentable_phi(correlation, psi, unit))
+        phi = psi ** (1.0 / unit)
     # the user's parametrization at phi-hat: the conditioned optimum mapped back, solved on the user's columns; the
     # conditioned fit's checks stand (in the user's parametrization a covariate of large mean makes the Hessian look
     # indefinite), and lme4's singularity rule reads the user's theta
@@ -423,8 +429,15 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
     solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=reml)  # the host's Henderson solve
     return AR1Result(design, system, solution, optimum, reml, True, structure=correlation,
-                     phi=psi ** (1.0 / unit), phi_interval=interval, log_det_correlation=logdet,
+                     phi=phi, phi_interval=interval, log_det_correlation=logdet,
                      series_ends=series_ends(correlation, data, design, user_series), series=user_series)
+
+
+def unrepresentable_phi(correlation: AR1, psi: float, unit: float) -> str:
+    """The message of a fit whose phi per unit of the time column a float cannot hold (:func:`per_unit`)."""
+    return (f"{correlation.describe()}: phi is {psi:.4g} per {unit:.4g} units of {correlation.time!r} (its median "
+            f"lag), so per unit it is {psi:.4g}^(1/{unit:.4g}), beyond what a float holds for predictions and "
+            f"simulations: give {correlation.time!r} in units nearer the spacing of its readings")
 
 
 def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

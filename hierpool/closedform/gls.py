@@ -26,12 +26,20 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from ..algebra.ar1 import search_units
+from ..algebra.ar1 import EDGE, UNCONSTRAINED_LIMIT, per_unit, search_units
 from ..algebra.criterion import profiled_criterion
 from ..errors import DataError
 from ..spec.correlation import AR1
 from ..spec.design import Design
-from .ar1 import checked_series, constrained, lag_one_phi, search_phi, unconstrained, whitened_design
+from .ar1 import (
+    checked_series,
+    constrained,
+    lag_one_phi,
+    search_phi,
+    unconstrained,
+    unrepresentable_phi,
+    whitened_design,
+)
 from .results import Likelihood
 
 
@@ -176,7 +184,12 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         warnings.simplefilter("ignore", RuntimeWarning)  # log 0 of a zero residual at phi's edge: the search moves on
         u_hat, interval, value, (beta, r, pwrss, logdet) = search_phi(profile, u_start, correlation, unit)
     r_inverse = np.linalg.inv(r)
-    phi = constrained(u_hat, correlation.continuous) ** (1.0 / unit)  # per the user's unit of time
+    psi = constrained(u_hat, correlation.continuous)
+    phi = float(per_unit(psi, unit))  # per the user's unit of time
+    if not np.isfinite(phi):  # as the mixed model's (hierpool.closedform.ar1.fit_ar1)
+        if abs(u_hat) < UNCONSTRAINED_LIMIT - EDGE:
+            raise DataError(unrepresentable_phi(correlation, psi, unit))
+        phi = psi ** (1.0 / unit)
     return GLSResult(design=design, structure=correlation, reml=reml, phi=phi,
                      phi_interval=interval, objective=value, beta=beta, unscaled_vcov=r_inverse @ r_inverse.T,
                      pwrss=pwrss, log_det_correlation=logdet)
