@@ -473,6 +473,19 @@ def test_the_fit_is_the_same_in_any_unit_of_time(monkeypatch):
     assert flat_start.objective == pytest.approx(fit.objective, rel=1e-10)  # ...and was not taken
 
 
+def _random_intercepts_in_steps(groups: int, steps: int, rho: float, seed: int) -> pd.DataFrame:
+    """y = a group's intercept + AR(1) noise of correlation ``rho`` between consecutive steps, time ``t`` in steps."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g in range(groups):
+        ug, e = rng.normal(), 0.0
+        for i in range(steps):
+            c = 0.0 if i == 0 else rho
+            e = c * e + np.sqrt(1 - c * c) * rng.normal()
+            rows.append((f"g{g}", float(i), ug + e))
+    return pd.DataFrame(rows, columns=["g", "t", "y"])
+
+
 def test_a_median_lag_below_one_is_the_model_in_steps(monkeypatch):
     """corCAR1 with a reading every 0.01 time units is the model with the time in steps of 1: phi per unit is phi
     per step to the power 100 (5e-50 here, far below u's range per unit: each search runs in its median lag's unit,
@@ -480,16 +493,8 @@ def test_a_median_lag_below_one_is_the_model_in_steps(monkeypatch):
     clipped correlation (0.05^100) is kept inside u's range."""
     from hierpool.closedform import ar1 as ar1_module
 
-    rng = np.random.default_rng(5)
-    rows = []
-    for g in range(15):
-        ug, e = rng.normal(), 0.0
-        for i in range(30):
-            c = 0.0 if i == 0 else 0.3
-            e = c * e + np.sqrt(1 - c * c) * rng.normal()
-            rows.append((f"g{g}", 0.01 * i, ug + e))
-    data = pd.DataFrame(rows, columns=["g", "t", "y"])
-    steps = data.assign(t=np.round(data["t"] * 100))
+    steps = _random_intercepts_in_steps(15, 30, 0.3, seed=5)
+    data = steps.assign(t=steps["t"] * 0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn of: phi is well inside its range in either unit
         fit = hp.lmm("y ~ 1 + (1 | g)", data, correlation=hp.car1("g", "t"))
@@ -516,15 +521,7 @@ def test_a_phi_per_unit_beyond_a_float_is_refused_by_name():
     """Readings a minute apart with time in days: phi per day would be 0.32^1440, which a float cannot hold, so the
     predictions and simulations that read phi per unit would be wrong.  hp.lmm and GLS refuse it, naming the time
     column; fit_batch keeps the reason in that dataset's row (not converged) and fits the others."""
-    rng = np.random.default_rng(3)
-    rows = []
-    for g in range(12):
-        ug, e = rng.normal(), 0.0
-        for i in range(40):
-            c = 0.0 if i == 0 else 0.35
-            e = c * e + np.sqrt(1 - c * c) * rng.normal()
-            rows.append((f"g{g}", float(i), ug + e))
-    minutes = pd.DataFrame(rows, columns=["g", "t", "y"])
+    minutes = _random_intercepts_in_steps(12, 40, 0.35, seed=3)
     days = minutes.assign(t=minutes["t"] / 1440)
     with pytest.raises(hp.HierpoolError, match="'t'.*units nearer the spacing"):
         hp.lmm("y ~ 1 + (1 | g)", days, correlation=hp.car1("g", "t"))
