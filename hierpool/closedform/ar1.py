@@ -368,8 +368,7 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     continuous = correlation.continuous
     # the search in its own unit of time (the median lag in continuous time): u's range then bounds the correlation
     # at the lags observed, whatever the user's unit (algebra.ar1.search_units); phi per the user's unit at the end
-    unit = float(search_units(series.previous, series.lag, np.zeros(design.n, dtype=np.int64), 1, continuous)[0])
-    user_series, series = series, replace(series, lag=series.lag / unit)
+    user_series, (series, unit) = series, in_search_unit(series, continuous)
     # the search on the random-effect columns centred and scaled (algebra.conditioning, always: whitened, a covariate
     # of large mean is nearly collinear with the intercept's non-constant column) and X's centred; results on the user's
     original, conditioning = design, condition_terms(design, force=True)
@@ -408,16 +407,12 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
             nearly_independent = profile(first_u(continuous))[1]
         u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
         u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation, unit)
-    psi = constrained(u_hat, continuous)  # phi per the search's unit (the same c = phi^lag as per the user's)
-    phi = float(per_unit(psi, unit))
-    if not np.isfinite(phi):  # at the range's edge the edge warning stands, and phi's float is as good as any
-        if abs(u_hat) < UNCONSTRAINED_LIMIT - EDGE:
-            raise DataError(unrepresentable_phi(correlation, psi, unit))
-        phi = psi ** (1.0 / unit)
+    phi = phi_per_unit(u_hat, unit, correlation)
     # the user's parametrization at phi-hat: the conditioned optimum mapped back, solved on the user's columns; the
     # conditioned fit's checks stand (in the user's parametrization a covariate of large mean makes the Hessian look
     # indefinite), and lme4's singularity rule reads the user's theta
-    whitened, logdet = whitened_design(original, series, psi)
+    # whitened per the search's unit (phi per the user's may be a float's 0 or 1 at the range's edge)
+    whitened, logdet = whitened_design(original, series, constrained(u_hat, continuous))
     system = build_system(whitened, host=True)
     theta = conditioning.theta_to_user(np.asarray(optimum.theta, dtype=float))
     singular = is_singular(theta, tuple(t.k for t in original.terms), control.singular_tol)
@@ -431,6 +426,28 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     return AR1Result(design, system, solution, optimum, reml, True, structure=correlation,
                      phi=phi, phi_interval=interval, log_det_correlation=logdet,
                      series_ends=series_ends(correlation, data, design, user_series), series=user_series)
+
+
+def in_search_unit(series: Series, continuous: bool) -> tuple[Series, float]:
+    """(``series`` with its lags in the search's unit of time, that unit in the user's): one dataset's
+    :func:`hierpool.algebra.ar1.search_units`, the median lag in continuous time (1 in steps)."""
+    unit = float(search_units(series.previous, series.lag, np.zeros(len(series.lag), dtype=np.int64), 1,
+                              continuous)[0])
+    return replace(series, lag=series.lag / unit), unit
+
+
+def phi_per_unit(u_hat: float, unit: float, correlation: AR1) -> float:
+    """phi per unit of the user's time at the search's estimate ``u_hat`` (per ``unit``,
+    :func:`hierpool.algebra.ar1.per_unit`).  Where a float cannot hold it, refused by name (predictions and
+    simulations read it), unless u_hat is at its range's edge, where the edge warning stands and the float's 0 or 1
+    is as good as any."""
+    psi = constrained(u_hat, correlation.continuous)
+    phi = float(per_unit(psi, unit))
+    if np.isfinite(phi):
+        return phi
+    if abs(u_hat) < UNCONSTRAINED_LIMIT - EDGE:
+        raise DataError(unrepresentable_phi(correlation, psi, unit))
+    return psi ** (1.0 / unit)
 
 
 def unrepresentable_phi(correlation: AR1, psi: float, unit: float) -> str:

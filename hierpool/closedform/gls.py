@@ -21,12 +21,11 @@ Reference: Pinheiro & Bates (2000), Mixed-Effects Models in S and S-PLUS, sec. 5
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from ..algebra.ar1 import EDGE, UNCONSTRAINED_LIMIT, per_unit, search_units
 from ..algebra.criterion import profiled_criterion
 from ..errors import DataError
 from ..spec.correlation import AR1
@@ -34,10 +33,11 @@ from ..spec.design import Design
 from .ar1 import (
     checked_series,
     constrained,
+    in_search_unit,
     lag_one_phi,
+    phi_per_unit,
     search_phi,
     unconstrained,
-    unrepresentable_phi,
     whitened_design,
 )
 from .results import Likelihood
@@ -158,11 +158,8 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     -------
     GLSResult
     """
-    series = checked_series(design, correlation, data)
-    # the search in its own unit of time, as the mixed model's (hierpool.algebra.ar1.search_units)
-    unit = float(search_units(series.previous, series.lag, np.zeros(design.n, dtype=np.int64), 1,
-                              correlation.continuous)[0])
-    series = replace(series, lag=series.lag / unit)
+    # the search in its own unit of time, as the mixed model's
+    series, unit = in_search_unit(checked_series(design, correlation, data), correlation.continuous)
     n, p = design.n, design.p
     if n <= p + 1:
         raise DataError(f"{n} rows for {p} fixed effects and phi: nothing is left to estimate the residual variance")
@@ -184,12 +181,6 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         warnings.simplefilter("ignore", RuntimeWarning)  # log 0 of a zero residual at phi's edge: the search moves on
         u_hat, interval, value, (beta, r, pwrss, logdet) = search_phi(profile, u_start, correlation, unit)
     r_inverse = np.linalg.inv(r)
-    psi = constrained(u_hat, correlation.continuous)
-    phi = float(per_unit(psi, unit))  # per the user's unit of time
-    if not np.isfinite(phi):  # as the mixed model's (hierpool.closedform.ar1.fit_ar1)
-        if abs(u_hat) < UNCONSTRAINED_LIMIT - EDGE:
-            raise DataError(unrepresentable_phi(correlation, psi, unit))
-        phi = psi ** (1.0 / unit)
-    return GLSResult(design=design, structure=correlation, reml=reml, phi=phi,
+    return GLSResult(design=design, structure=correlation, reml=reml, phi=phi_per_unit(u_hat, unit, correlation),
                      phi_interval=interval, objective=value, beta=beta, unscaled_vcov=r_inverse @ r_inverse.T,
                      pwrss=pwrss, log_det_correlation=logdet)
