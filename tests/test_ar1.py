@@ -438,14 +438,10 @@ def test_a_dense_coupling_larger_than_a_batchs_is_left_to_brents_profile():
     assert ar1_module.joint_search(design, series, False, True) is None
 
 
-def test_the_fit_is_the_same_in_any_unit_of_time(monkeypatch):
-    """corCAR1 with time in minutes is the model in days (phi per minute the 1440th root of phi per day), for hp.lmm
-    and fit_batch: the search starts at the residuals' correlation at the median lag whatever its unit.  Started as
-    before (phi per unit clipped at 0.9: 0.9^1440 at a day's lag, a flat stretch where the joint search stops), the
-    fit is still the same: hp.lmm then profiles phi over its range (ar1.clearly_curved)."""
-    from hierpool.algebra.search import ar1_moments
-    from hierpool.closedform import ar1 as ar1_module
-
+def test_the_fit_is_the_same_in_any_unit_of_time():
+    """corCAR1 with time in minutes is the model in days, for hp.lmm and fit_batch: both search in the median lag's
+    unit (the same search), so this checks phi's conversion (phi per minute the 1440th root of phi per day); the
+    model in another unit by an independent path is test_a_median_lag_below_one_is_the_model_in_steps."""
     formula, days = "weight ~ Time * Diet + (Time | Rat)", _bodyweight()
     minutes = days.assign(Minute=days["Time"] * 1440)
     fit = hp.lmm(formula, days, correlation=hp.car1("Rat", "Time"))
@@ -455,22 +451,48 @@ def test_the_fit_is_the_same_in_any_unit_of_time(monkeypatch):
     batch = hp.fit_batch(formula, [minutes], correlation=hp.car1("Rat", "Minute"), progress=False)
     batch_days = hp.fit_batch(formula, [days], correlation=hp.car1("Rat", "Time"), progress=False)
     assert batch.objective.iloc[0] == pytest.approx(batch_days.objective.iloc[0], rel=1e-10)
+    assert batch.phi[0] ** 1440 == pytest.approx(fit.phi, abs=1e-5)
     assert batch_days.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-10)
 
-    lag_one_phis = ar1_moments.lag_one_phis
 
-    def clipped_after_the_root(*args):  # the start before this was mended
-        phi = lag_one_phis(*args)
-        return np.minimum(phi, 0.9)
+def test_the_start_clips_the_correlation_at_the_median_lag_before_its_root():
+    """lag_one_phis: the residuals' correlation at the median lag is kept inside (0.05, 0.9) and then its root
+    taken, so that the start's phi^lag is that correlation whatever the unit (clipped after the root, lags of 1440
+    started at 0.9^1440, a flat stretch); the start's phi stays a unit of u inside its range."""
+    from hierpool.algebra.ar1 import UNCONSTRAINED_LIMIT, constrained_phi, lag_one_phis
 
-    found, joint_search = [], ar1_module.joint_search
-    monkeypatch.setattr(ar1_moments, "lag_one_phis", clipped_after_the_root)
-    monkeypatch.setattr(ar1_module, "joint_search", lambda *a: found.append(joint_search(*a)) or found[-1])
+    rng = np.random.default_rng(0)
+    e = np.zeros(400)
+    for i in range(1, 400):
+        e[i] = 0.95 * e[i - 1] + np.sqrt(1 - 0.95**2) * rng.normal()
+    previous = np.arange(-1, 399)
+    for lag, expected in ((1440.0, 0.9 ** (1 / 1440)), (1.0, 0.9), (1e-4, constrained_phi(1 - UNCONSTRAINED_LIMIT, True))):
+        phi = lag_one_phis(e, previous, np.full(400, lag), np.zeros(400, dtype=np.int64), 1, True)[0]
+        assert phi == pytest.approx(expected, rel=1e-12)
+    weak = lag_one_phis(rng.normal(size=400), previous, np.full(400, 1e-4), np.zeros(400, dtype=np.int64), 1, True)
+    assert weak[0] == pytest.approx(constrained_phi(1 - UNCONSTRAINED_LIMIT, True))  # 0.05^10000: kept inside
+
+
+def test_a_joint_estimate_on_a_flat_profile_is_not_taken(monkeypatch):
+    """A joint estimate whose profile's curvature gives a 95% interval in u wider than u's half-range (a search
+    stopped on a flat stretch) is not hp.lmm's fit: Brent's profile over u's range is (ar1.clearly_curved)."""
+    from hierpool.closedform import ar1 as ar1_module
+
+    formula, days = "weight ~ Time * Diet + (Time | Rat)", _bodyweight()
+    fit = hp.lmm(formula, days, correlation=hp.car1("Rat", "Time"))
+    design = build_design(formula, days)
+    series, _ = ar1_module.in_search_unit(ar1_module.checked_series(design, hp.car1("Rat", "Time"), days), True)
+    joint_search = ar1_module.joint_search
+    theta, u, curvature = joint_search(ar1_module.centred_fixed_effects(
+        ar1_module.condition_terms(design, force=True).design)[0], series, True, True)
+    assert ar1_module.clearly_curved(curvature) and not ar1_module.clearly_curved(1e-3)
+    # the same search stopped 3 units of u away, where the profile is flat
+    monkeypatch.setattr(ar1_module, "joint_search", lambda *a: (theta, u + 3.0, 1e-3))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing to warn of: Brent's profile finds the same fit
-        flat_start = hp.lmm(formula, minutes, correlation=hp.car1("Rat", "Minute"))
-    assert found[-1] is not None and abs(found[-1][1]) < 12  # the joint search stopped inside the range...
-    assert flat_start.objective == pytest.approx(fit.objective, rel=1e-10)  # ...and was not taken
+        warnings.simplefilter("error")  # nothing to warn of: Brent's profile finds the fit
+        flat = hp.lmm(formula, days, correlation=hp.car1("Rat", "Time"))
+    assert flat.objective == pytest.approx(fit.objective, rel=1e-10)
+    assert flat.phi == pytest.approx(fit.phi, abs=1e-5)
 
 
 def _random_intercepts_in_steps(groups: int, steps: int, rho: float, seed: int) -> pd.DataFrame:
