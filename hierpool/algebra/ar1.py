@@ -93,8 +93,9 @@ def lag_one_phis(residual: np.ndarray, previous: np.ndarray, lag: np.ndarray, gr
     without such rows.  The correlation is kept inside before its root is taken, so that the start's phi^lag at
     that lag is the kept correlation whatever the time's unit: clipped after the root, a time in minutes of a
     correlation over days started at phi^lag = 0.9^1440, where the criterion is flat in phi and a search in
-    (theta, u) stops (it is the same model in any unit while phi per unit is inside u's range).  The start's u
-    is kept a unit inside that range (a median lag below 1 takes a high root: 0.05^100)."""
+    (theta, u) stops.  The start's u is kept a unit inside that range (a median lag below 1 takes a high root:
+    0.05^100).  The searches pass lags in their own unit (:func:`search_units`), whose median is 1 in continuous
+    time; corAR1's steps with gaps keep their median lag."""
     has = previous >= 0
     r, before, keys = residual[has], residual[previous[has]], group[has]
     sums = [np.bincount(keys, weights=w, minlength=n_groups) for w in (r * before, r * r, before * before)]

@@ -11,8 +11,8 @@ Each dataset's criterion is ``hp.lmm``'s with ``correlation=`` (:mod:`hierpool.c
 criterion of the data whitened at phi (:func:`hierpool.algebra.one_term.objective`) plus log |C(phi)|.  Its
 statistics at any phi come from the rows' lagged moments, formed once (:func:`hierpool.algebra.ar1.lagged_moments`,
 :func:`~hierpool.algebra.ar1.whitened_cross_products`): an evaluation costs per level and lag class, not per row.
-Where ``hp.lmm`` and the compiled batch (:mod:`hierpool.batch.fit_ar1`) search phi in one dimension, fitting theta
-at each point, this search moves (theta, u) together, u nlme's unconstrained coefficient of phi: the batch's
+Where the compiled batch (:mod:`hierpool.batch.fit_ar1`) and ``hp.lmm``'s fallback search phi in one dimension,
+fitting theta at each point, this search (``hp.lmm``'s own first choice too) moves (theta, u) together, u nlme's unconstrained coefficient of phi: the batch's
 Newton method on the host (:func:`hierpool.algebra.search.newton.newton_on_host`), its gradient the complex step in
 theta and u at once (:func:`hierpool.algebra.one_term.complex_objective` on complex statistics).  Both reach the
 profile's minimum; the joint search takes a few Newton steps where the profile takes a whole theta search per
