@@ -140,6 +140,40 @@ def test_blup_agreement_holds_with_ar1_residuals(ovary):
     np.testing.assert_array_equal(report.posterior.phi_draws, report.fit.phi)
 
 
+def _irregular_series(seed: int = 3, groups: int = 8, per: int = 12, phi: float = 0.6) -> pd.DataFrame:
+    """``groups`` series of ``per`` readings at irregular times (steps of 1/4 to 2, exact in binary, so that the
+    same times in minutes have the same lags relative to their median), corCAR1 residuals with ``phi`` per unit."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for g in range(groups):
+        t = np.cumsum(rng.choice([0.25, 0.5, 1.0, 2.0], per))
+        e = np.zeros(per)
+        e[0] = rng.normal()
+        for i in range(1, per):
+            c = phi ** (t[i] - t[i - 1])
+            e[i] = c * e[i - 1] + np.sqrt(1 - c * c) * rng.normal()
+        x = rng.normal(size=per)
+        frames.append(pd.DataFrame({"g": f"g{g}", "t": t, "x": x, "y": 1 + 0.5 * x + rng.normal(0, 0.8) + e}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_a_car1_posterior_does_not_depend_on_the_time_columns_unit():
+    """phi's prior is on the correlation at the median lag, so time in minutes samples the posterior that time in
+    days does, draw for draw (the samplers see the same lags over their median), phi reported per minute; a Uniform
+    prior on phi per minute would put almost no mass where the data are.  A unit in which a draw's phi per unit is
+    beyond a float is refused by the time column's name."""
+    data = _irregular_series()
+    kwargs = dict(correlation=hp.car1("g", "t"), chains=2, draws=100, tune=100, seed=1, progress=False)
+    days = hp.bayes("y ~ x + (1 | g)", data, **kwargs)
+    minutes = hp.bayes("y ~ x + (1 | g)", data.assign(t=data["t"] * 1440), **kwargs)
+    np.testing.assert_array_equal(minutes.beta_draws, days.beta_draws)
+    np.testing.assert_allclose(minutes.sigma_draws, days.sigma_draws, rtol=1e-12)
+    np.testing.assert_allclose(minutes.phi_draws ** 1440, days.phi_draws, rtol=1e-9)
+    assert 0.3 < days.correlation.loc["phi", "mean"] < 0.9  # the data's 0.6 (REML 0.70), not the prior's 0.5
+    with pytest.raises(hp.HierpoolError, match="posterior draw of phi .* units of 't'.*beyond what a float holds"):
+        hp.bayes("y ~ x + (1 | g)", data.assign(t=data["t"] * 1e-7), **kwargs)
+
+
 def test_sbc_of_an_ar1_model_passes():
     """validation/ar1_validation.json (200 replications) passed, phi ranked with the rest; and a short live run
     of the same study on the same design passes too."""

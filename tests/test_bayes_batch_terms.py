@@ -131,6 +131,29 @@ def test_ar1_residuals_sample_each_datasets_hp_bayes_posterior():
     compare_posteriors(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"])))
 
 
+def test_car1_residuals_sample_the_same_posterior_in_days_and_minutes_and_a_phi_beyond_a_float_keeps_its_reason():
+    # each dataset's phi is sampled per its own median lag, as hp.bayes's: the same data timed in days and in minutes
+    # have one posterior in Monte Carlo units (phi per minute^1440 = phi per day); timed in units 1e-7 of a day, where
+    # a draw's phi per unit underflows, the dataset keeps hp.bayes's refusal in its row and its phi unreported
+    from test_ar1_bayes import _irregular_series
+
+    data = _irregular_series(per=4)  # short series: phi's posterior is much its prior's, which a unit would change
+    frames = [data, data.assign(t=data["t"] * 1440), data.assign(t=data["t"] * 1e-7)]
+    batch = hp.bayes_batch("y ~ x + (1 | g)", frames, by="rep", draws=DRAWS, tune=DRAWS, seed=2,
+                           correlation=hp.car1("g", "t"), keep_draws=True, progress=False)
+    assert "beyond what a float holds" in batch.diagnostics.message.iloc[2] and np.isnan(batch.phi["mean"].iloc[2])
+    assert list(batch.diagnostics.message.iloc[:2]) == ["", ""]
+    for table, names in (("fixef", ["term"]), ("varcorr", ["grp", "var1"])):
+        rows = getattr(batch, table).fillna({n: "" for n in names})
+        merged = rows.query("rep == 0").merge(rows.query("rep == 1"), on=names, suffixes=("", "_minutes"))
+        merged = merged[merged["var1"] != "phi"] if "var1" in merged else merged
+        z = (merged["mean"] - merged["mean_minutes"]) / np.hypot(merged["mcse_mean"], merged["mcse_mean_minutes"])
+        assert len(merged) >= 2 and np.max(np.abs(z)) < Z_MAX, (table, z)
+    per_day = [batch.draws[0]["phi"], batch.draws[1]["phi"] ** 1440]
+    z = (per_day[0].mean() - per_day[1].mean()) / np.hypot(*(float(az.mcse(phi)) for phi in per_day))
+    assert abs(z) < Z_MAX
+
+
 def test_known_residual_sds_with_several_terms_sample_hp_bayes_posterior():
     # meta-analysis style: each row's residual sd known (se=), sigma not a parameter; one dataset padded
     pen = hp.datasets.penicillin()

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from ..algebra.ar1 import per_unit
 from ..algebra.compiler_options import ProgramCache, compiler_options, shape_signature
 from ..algebra.marginal import theta_from_components
 from ..algebra.one_term_marginal import draw_effects
@@ -33,6 +34,7 @@ from ..bayesian.model import one_term_collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function, quick_compile
 from ..bayesian.priors import DataScales, Priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
+from ..closedform.ar1 import unrepresentable_phi
 from ..errors import ArgumentError, integer_argument
 from ..spec.arguments import sampler_arguments
 from ..spec.family import family_spec
@@ -184,7 +186,8 @@ def bayes_batch(
     correlation : AR1, optional
         AR(1) residuals within each series, ``hp.ar1(group, time=None)`` or ``hp.car1(group, time)``, as
         ``hp.bayes``'s ``correlation=`` (each dataset's series its own; :mod:`hierpool.batch.bayes_ar1`): phi is
-        sampled with the variance parameters, Uniform on its interval, and summarized in ``result.phi``.
+        sampled with the variance parameters, Uniform on its interval (``hp.car1``: on the correlation at the
+        dataset's median lag, as ``hp.bayes``), and summarized in ``result.phi``, per unit of the time column.
         Not with ``weights=`` or ``se=``.
     family : {None, "binomial", "bernoulli", "poisson", "negative_binomial"}
         A GLMM, sampled as ``hp.bayes`` samples it with ``family=`` (NUTS on every parameter, each level's
@@ -271,11 +274,12 @@ def bayes_batch(
     def size_of(count: int) -> int:
         return min(chunk_size, math.ceil(count / workers))
 
+    units = None  # an AR(1) batch's: each dataset's unit of time for phi's draws
     if spec is not None:
         messages, parts = glmm_chunks(plan, size_of, n_devices)
         factory = chain_and_draw_glmm
     elif correlation is not None:
-        messages, parts = ar1_chunks(plan, correlation, size_of, n_devices)
+        messages, parts, units = ar1_chunks(plan, correlation, size_of, n_devices)
         factory = chain_and_draw_ar1
     elif several:
         messages, parts = term_chunks(plan, size_of, n_devices)
@@ -325,7 +329,14 @@ def bayes_batch(
         out = fetch(program(key_seed, chain_ids, args))
         out = jax.tree_util.tree_map(
             lambda value: value[: chunk.count * chains].reshape((chunk.count, chains) + value.shape[1:]), out)
-        return chunk, out, summarize_blocks(out, ks, level)
+        beyond = {}  # dataset -> why its phi per unit of time is not reported (hp.bayes refuses it by name)
+        if correlation is not None:  # drawn per each dataset's median lag: phi per the user's unit (NaN: beyond a float)
+            psi, out["phi"] = out["phi"], per_unit(out["phi"], units[chunk.members][:, None, None])
+            for row in np.flatnonzero(~np.isfinite(out["phi"]).all(axis=(1, 2))):
+                d = chunk.members[row]
+                beyond[d] = unrepresentable_phi(correlation, float(psi[row][~np.isfinite(out["phi"][row])][0]),
+                                                units[d], what="a posterior draw of phi")
+        return chunk, out, summarize_blocks(out, ks, level), beyond
 
     n_varcorr = sum(k + len(coef_pairs(k)) for k in ks) + (0 if sigma_known else 1)
     fixef = np.full((plan.n_datasets, p, len(SUMMARY_COLUMNS)), np.nan)
@@ -338,12 +349,14 @@ def bayes_batch(
     scalars = {name: np.full((plan.n_datasets, len(SUMMARY_COLUMNS)), np.nan) for name in names}
     kept = {} if keep_draws else None
     with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, plan.n_datasets, "bayes_batch") as bar:
-        for chunk, out, summary in pool.map(run, jobs):
+        for chunk, out, summary, beyond in pool.map(run, jobs):
             members = chunk.members
             fixef[members], varcorr[members] = summary["fixef"], summary["varcorr"]
             divergences[members] = out["diverging"].sum(axis=(1, 2))
             for name in scalars:
                 scalars[name][members] = summary[name]
+            for index, message in beyond.items():
+                messages[index] = message
             for row, index in enumerate(members):
                 ells = [n_levels[index] for _, n_levels, _ in plan.term_levels]
                 for t, ell in enumerate(ells):

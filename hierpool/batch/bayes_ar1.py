@@ -2,9 +2,10 @@
 AR(1) residuals, vmapped over datasets and chains.
 
 Each dataset's target is hp.bayes's (:func:`hierpool.bayesian.model.ar1_collapsed_model`): NUTS on the variance
-parameters and phi (Uniform on its interval), the data whitened at phi (:func:`hierpool.algebra.ar1.whitened_system`)
-giving the marginal likelihood, then exact (beta, b) draws on the system whitened at each draw's phi
-(:func:`hierpool.algebra.ar1.draw_effects_whitened`).  Series, padding and buckets are ``hp.fit_batch``'s
+parameters and phi (Uniform on its interval, per the dataset's median lag in continuous time, as hp.bayes's), the
+data whitened at phi (:func:`hierpool.algebra.ar1.whitened_system`) giving the marginal likelihood, then exact
+(beta, b) draws on the system whitened at each draw's phi (:func:`hierpool.algebra.ar1.draw_effects_whitened`);
+:func:`hierpool.batch.bayes.bayes_batch` reports phi per the user's unit of time.  Series, padding and buckets are ``hp.fit_batch``'s
 (:func:`hierpool.batch.fit_ar1.batch_series`, :func:`hierpool.batch.fit_ar1.series_buckets`): each dataset's
 series are its own, and a padded row is the first of its own series with zero values, so it adds nothing.
 
@@ -22,18 +23,21 @@ from ..algebra.marginal import draw_batch_size, theta_from_components
 from ..bayesian.model import SeriesData, ar1_collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function
 from .bayes_terms import DRAW_BUDGET, correlation_matrices, effect_key
-from .fit_ar1 import batch_series, series_buckets, too_large
+from .fit_ar1 import batch_series, in_search_units, series_buckets, too_large
 from .fit_terms import take, term_problems
 from .plan import BatchPlan, chunks
 
 
 def ar1_chunks(plan: BatchPlan, structure, size_of, n_devices: int):
-    """The chunks of an AR(1) batch: ``(messages, [(chunk, padded members, (pattern, previous, lag, y, n)), ...])``.
+    """The chunks of an AR(1) batch: ``(messages, [(chunk, padded members, (pattern, previous, lag, y, n)), ...],
+    units)``.
 
     ``messages``: hp.lmm's checks (:func:`~hierpool.batch.fit_terms.term_problems`) and each refused dataset's
-    series message (:func:`~hierpool.batch.fit_ar1.batch_series`).
+    series message (:func:`~hierpool.batch.fit_ar1.batch_series`).  The lags are in each dataset's ``units``
+    (:func:`~hierpool.batch.fit_ar1.in_search_units`, hp.bayes's): the draws of phi are per that unit.
     """
     series, problems = batch_series(plan, structure)
+    series, units = in_search_units(plan, series, structure)
     messages = [message or problems.get(d, "") for d, message in enumerate(term_problems(plan))]
     for d, reason in too_large(plan, messages).items():
         messages[d] = f"{reason}: sample it with hp.bayes"
@@ -42,7 +46,7 @@ def ar1_chunks(plan: BatchPlan, structure, size_of, n_devices: int):
     for members, data in series_buckets(plan, series, usable):
         for chunk in chunks(0, members, size_of(len(members)), n_devices):  # chunk.index: rows of the bucket
             out.append((chunk, members[chunk.index], take(data, chunk.index)))
-    return messages, out
+    return messages, out, units
 
 
 def chain_and_draw_ar1(ks: tuple, phi_bounds: tuple, tune: int, draws: int, target_accept: float,

@@ -96,6 +96,15 @@ SERIES_COLUMN = "(series)"
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
+def in_search_units(plan: BatchPlan, series, structure: AR1):
+    """(``series`` with each dataset's lags in its own unit of time, those units): hp.lmm's and hp.bayes's unit,
+    the dataset's median lag in continuous time, 1 in steps (:func:`hierpool.algebra.ar1.search_units`).  phi per
+    that unit is the correlation at the median lag, whatever the user's unit: the searches' range and the
+    samplers' prior are on it, and :func:`hierpool.algebra.ar1.per_unit` gives phi per the user's unit."""
+    units = search_units(series.previous, series.lag, plan.dataset, plan.n_datasets, structure.continuous)
+    return dataclasses.replace(series, lag=series.lag / units[plan.dataset]), units
+
+
 def batch_series(plan: BatchPlan, structure: AR1):
     """Each design row's series (previous row, lag) with series keyed by (dataset, group): no series spans datasets.
 
@@ -251,10 +260,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     ``default_chunk``."""
     design = plan.design
     series, series_problems = batch_series(plan, structure)
-    # each dataset's search in its own unit of time (hp.lmm's, algebra.ar1.search_units); _store reports phi per the
-    # user's unit
-    units = search_units(series.previous, series.lag, plan.dataset, plan.n_datasets, structure.continuous)
-    series = dataclasses.replace(series, lag=series.lag / units[plan.dataset])
+    series, units = in_search_units(plan, series, structure)  # _store reports phi per the user's unit
     ks = tuple(t.k for t in design.terms)
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = [message or series_problems.get(d, "") for d, message in enumerate(term_problems(plan))]

@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 
 from ..algebra import one_term_marginal as one_term
-from ..algebra.ar1 import draw_effects_whitened
+from ..algebra.ar1 import draw_effects_whitened, per_unit
 from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
 from ..algebra.statistics import one_dataset_statistics
 from ..algebra.system import build_system, on_device, system_pattern
-from ..closedform.ar1 import AR1Result, checked_series, series_ends
+from ..closedform.ar1 import AR1Result, checked_series, in_search_unit, series_ends, unrepresentable_phi
 from ..closedform.glmm_results import GLMMResult
 from ..closedform.results import LMMResult
-from ..errors import ArgumentError, HierpoolWarning
+from ..errors import ArgumentError, DataError, HierpoolWarning
 from ..spec.arguments import sampler_arguments
 from ..spec.design import Design, build_design, model_differences
 from ..spec.family import optional_family_spec
@@ -316,8 +316,10 @@ def bayes(
         ``"cloglog"``.
     correlation : AR1, optional
         AR(1) residuals within series (``hp.ar1``, ``hp.car1``), a Gaussian model only, as
-        :func:`hierpool.lmm` takes it.  The collapsed sampler then samples phi (Uniform on its
-        interval) with the variance parameters, each evaluation whitening the data at phi
+        :func:`hierpool.lmm` takes it.  The collapsed sampler then samples phi with the variance
+        parameters (Uniform on its interval; with ``hp.car1``, Uniform(0, 1) on the correlation at the
+        series' median lag, phi^median_lag, so that the prior and the posterior do not depend on the
+        time column's unit; phi is reported per unit of that column), each evaluation whitening the data at phi
         (:func:`hierpool.algebra.ar1.whitened_system`), and (beta, b) are drawn exactly given each
         (theta, sigma, phi); ``idata.posterior["phi"]``, :attr:`BayesResult.correlation`.  With
         ``variance=`` an ``hp.lmm`` AR(1) fit, its phi is held too.  The pointwise log-likelihood is
@@ -476,13 +478,16 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
     an ``hp.lmm`` AR(1) fit's variance parameters and phi held."""
     series = checked_series(design, correlation, data)
     stats = sds = cors = None
+    # the samplers run in the median lag's unit of time (the closed form's search's): phi there is the correlation
+    # at that lag, whatever the user's unit, and its Uniform prior with it (_phi_draws_per_unit converts the draws)
+    scaled, unit = in_search_unit(series, correlation.continuous)
     series_data = SeriesData(previous=jax.device_put(series.previous.astype(np.int32)),
-                             lag=jax.device_put(series.lag.astype(float)),
+                             lag=jax.device_put(scaled.lag.astype(float)),
                              y_less_offset=jax.device_put(np.asarray(design.y_less_offset, dtype=float)))
     if variance is not None and not (isinstance(variance, AR1Result) and variance.structure == correlation):
         raise ArgumentError("variance: hold an hp.lmm fit with the same correlation= (an AR1Result)")
     if method == "full":  # NUTS on the plain non-centered model, its likelihood on the residuals
-        held = None if held is None else replace(held, phi=variance.phi)
+        held = None if held is None else replace(held, phi=variance.phi ** unit)
         beta, b, sds, cors, sigma, stats, phi = _sample_full(
             design, resolved, held, chains, draws, tune, seed, target_accept, progress, series_data,
             correlation.bounds)
@@ -504,11 +509,24 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
         sigma, phi = out["variance"]["sigma"], np.asarray(out["variance"]["phi"])
     if variance is not None:  # held: no sigma or phi draws, their values in every row
         sigma, phi = None, np.full((chains, draws), variance.phi)
+    else:
+        phi = _phi_draws_per_unit(phi, unit, correlation)
     sigma_rows = np.full((chains, draws), variance.sigma) if variance is not None else sigma
     return _result(design, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats,
                    lambda: ar1_pointwise_log_likelihood(design, beta, b, sigma_rows, phi, series.previous,
                                                         series.lag),
                    extra={"phi": phi}, series=(correlation, series_ends(correlation, data, design, series)))
+
+
+def _phi_draws_per_unit(psi: np.ndarray, unit: float, correlation) -> np.ndarray:
+    """An AR(1) sampler's phi draws per unit of the user's time, from ``psi``, each draw's phi per ``unit`` (the
+    median lag, :func:`hierpool.closedform.ar1.in_search_unit`): psi^(1/unit).  Refused by name where a draw's
+    phi per unit is beyond a float (:func:`hierpool.algebra.ar1.per_unit`): predictions read phi^lag from it."""
+    phi = per_unit(psi, unit)
+    if not np.all(np.isfinite(phi)):
+        bad = np.asarray(psi)[~np.isfinite(phi)]
+        raise DataError(unrepresentable_phi(correlation, float(bad.flat[0]), unit, what="a posterior draw of phi"))
+    return phi
 
 
 @dataclass(frozen=True)

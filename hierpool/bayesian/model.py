@@ -202,8 +202,9 @@ def full_model(data: ModelData, priors: Priors, held: HeldVariance | None, serie
     b_j ~ N(0, sd_j^2 A), written independently of the sparse mixed-model equations (the animal model's check).
 
     With ``series`` the residuals are AR(1) within series: each row's residual given the one before it is
-    Normal(c_t r_(t-1), sigma^2 (1 - c_t^2)), c_t = phi^lag_t (phi held, or Uniform on ``phi_bounds``); the
-    likelihood is written on the residuals directly, independently of the whitened mixed-model equations.
+    Normal(c_t r_(t-1), sigma^2 (1 - c_t^2)), c_t = phi^lag_t (phi held, or Uniform on ``phi_bounds``; phi per
+    the unit of ``series.lag``, which hp.bayes makes the median lag in continuous time); the likelihood is
+    written on the residuals directly, independently of the whitened mixed-model equations.
     """
     beta = fixed_effects(priors)
     if held is None:
@@ -236,9 +237,10 @@ def collapsed_model(system: MixedModelSystem, loc: jax.Array, scale: jax.Array, 
 def ar1_collapsed_model(pattern, series: SeriesData, loc: jax.Array, scale: jax.Array, priors: Priors, n=None, *,
                         phi_bounds: tuple[float, float]):
     """NUTS target over the variance parameters and an AR(1) correlation's phi (Uniform on its interval, brms's
-    default for ``ar``): prior times the marginal likelihood of the data whitened at phi
-    (:func:`hierpool.algebra.ar1.whitened_system`), times the whitening's Jacobian |C(phi)|^-1/2.  ``n``: a
-    batch's row count (``hp.bayes_batch``), else the pattern's."""
+    default for ``ar``; phi per the unit of ``series.lag``, which hp.bayes makes the median lag in continuous time,
+    so that the prior is on the correlation at that lag whatever the time column's unit): prior times the marginal
+    likelihood of the data whitened at phi (:func:`hierpool.algebra.ar1.whitened_system`), times the whitening's
+    Jacobian |C(phi)|^-1/2.  ``n``: a batch's row count (``hp.bayes_batch``), else the pattern's."""
     ks = pattern.layout.ks
     phi = numpyro.sample("phi", dist.Uniform(*phi_bounds))
     sigma, sds, cors = variance_parameters(priors, ks)

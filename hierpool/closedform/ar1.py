@@ -450,9 +450,10 @@ def phi_per_unit(u_hat: float, unit: float, correlation: AR1) -> float:
     return psi ** (1.0 / unit)
 
 
-def unrepresentable_phi(correlation: AR1, psi: float, unit: float) -> str:
-    """The message of a fit whose phi per unit of the time column a float cannot hold (:func:`per_unit`)."""
-    return (f"{correlation.describe()}: phi is {psi:.4g} per {unit:.4g} units of {correlation.time!r} (its median "
+def unrepresentable_phi(correlation: AR1, psi: float, unit: float, what: str = "phi") -> str:
+    """The message of a fit whose phi per unit of the time column a float cannot hold (:func:`per_unit`);
+    ``what``: the phi it names (a posterior's draw, say)."""
+    return (f"{correlation.describe()}: {what} is {psi:.4g} per {unit:.4g} units of {correlation.time!r} (its median "
             f"lag), so per unit it is {psi:.4g}^(1/{unit:.4g}), beyond what a float holds for predictions and "
             f"simulations: give {correlation.time!r} in units nearer the spacing of its readings")
 

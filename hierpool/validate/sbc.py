@@ -71,14 +71,17 @@ class SBCResult:
         return sbc_figure(self)
 
 
-def _simulate_parameters(priors, design, rng_key, correlation=None, series=None, relationship: dict | None = None):
+def _simulate_parameters(priors, design, rng_key, correlation=None, series=None, relationship: dict | None = None,
+                         unit: float = 1.0):
     """One draw of (beta, b per term, sigma) from the priors, and the response it implies.
 
     ``relationship``: term index -> the Cholesky factor L_A of its relationship matrix; that term's effects are
     L_A z scaled by the sd (b ~ N(0, sd^2 A)), over every level of A (the design's term has A's labels).
 
-    With an AR(1) ``correlation`` (and its ``series``), phi too, from the sampler's Uniform prior on its
-    interval, and the residuals are an AR(1) chain in each series: e_t = c_t e_(t-1) + sqrt(1 - c_t^2) sigma nu_t.
+    With an AR(1) ``correlation`` (and its ``series``, their lags in ``unit``s of the time column), phi too, from
+    the sampler's Uniform prior on its interval (per ``unit``, the median lag, as hp.bayes samples it), and the
+    residuals are an AR(1) chain in each series: e_t = c_t e_(t-1) + sqrt(1 - c_t^2) sigma nu_t.  The truth
+    reports phi per unit of the time column, as the posterior does.
     """
     import jax
     import numpyro.distributions as dist
@@ -107,7 +110,7 @@ def _simulate_parameters(priors, design, rng_key, correlation=None, series=None,
     if correlation is not None:
         low, high = correlation.bounds
         phi = float(dist.Uniform(low, high).sample(next(keys)))
-        truth["phi"] = phi
+        truth["phi"] = phi ** (1.0 / unit)
         noise = unwhiten(noise, series.previous, carried(phi, series.previous, series.lag), series.order)
     return truth, mu + sigma * noise
 
@@ -233,15 +236,16 @@ def sbc(
         raise ArgumentError("SBC simulates from the prior: flat priors on fixed effects are not allowed")
     response = design.spec.response
     frame = data.loc[design.rows].copy()
-    series = None
+    series, unit = None, 1.0
     if correlation is not None:
+        from ..closedform.ar1 import in_search_unit
         from ..spec.correlation import series_of
 
-        series = series_of(correlation, data, design.rows)
+        series, unit = in_search_unit(series_of(correlation, data, design.rows), correlation.continuous)
     keys = jax.random.split(jax.random.PRNGKey(seed), n_reps)
     ranks = []
     for rep in range(n_reps):
-        truth, y = _simulate_parameters(frozen, design, keys[rep], correlation, series, relationship)
+        truth, y = _simulate_parameters(frozen, design, keys[rep], correlation, series, relationship, unit)
         frame[response] = y
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # short chains: diagnostics warnings are expected noise here
