@@ -540,6 +540,18 @@ def test_a_median_lag_below_one_is_the_model_in_steps(monkeypatch):
     assert -12 < u < 12
 
 
+def test_phi_per_unit_is_kept_where_a_float_holds_phi_to_the_lag_to_about_1e_6():
+    """Readings a day apart with time in seconds, correlated 0.9995 a day (1 - phi = 5.8e-9 per second), keep phi
+    to 3e-9 of log(phi^86400) and are kept; a day's 0.5 per nanosecond (1 - phi = 8e-15) and 0.32^1440 per day
+    are not."""
+    from hierpool.algebra.ar1 import per_unit
+
+    per_second = float(per_unit(0.9995, 86400.0))
+    assert np.log(per_second) * 86400 == pytest.approx(np.log(0.9995), rel=1e-6)
+    assert np.isnan(per_unit(0.5, 8.64e13)) and np.isnan(per_unit(0.32, 1.0 / 1440))
+    assert per_unit(-0.4, 1.0) == -0.4  # steps keep their phi, negative too
+
+
 def test_a_phi_per_unit_beyond_a_float_is_refused_by_name():
     """Readings a minute apart with time in days: phi per day would be 0.32^1440, which a float cannot hold, so the
     predictions and simulations that read phi per unit would be wrong.  hp.lmm and GLS refuse it, naming the time

@@ -138,18 +138,22 @@ def test_car1_residuals_sample_the_same_posterior_in_days_and_minutes_and_a_phi_
     from test_ar1_bayes import _irregular_series
 
     data = _irregular_series(per=4)  # short series: phi's posterior is much its prior's, which a unit would change
-    frames = [data, data.assign(t=data["t"] * 1440), data.assign(t=data["t"] * 1e-7)]
+    repeated = data.assign(t=data["t"].where(data.index != 1, data["t"].iloc[0]))  # refused before sampling
+    frames = [repeated, data, data.assign(t=data["t"] * 1440), data.assign(t=data["t"] * 1e-7)]
     batch = hp.bayes_batch("y ~ x + (1 | g)", frames, by="rep", draws=DRAWS, tune=DRAWS, seed=2,
                            correlation=hp.car1("g", "t"), keep_draws=True, progress=False)
-    assert "beyond what a float holds" in batch.diagnostics.message.iloc[2] and np.isnan(batch.phi["mean"].iloc[2])
-    assert list(batch.diagnostics.message.iloc[:2]) == ["", ""]
+    messages = batch.diagnostics.message
+    assert "repeats the value" in messages.iloc[0] and list(messages.iloc[1:3]) == ["", ""]
+    assert "beyond what a float holds" in messages.iloc[3]  # and no numbers, as the refused first
+    assert batch.fixef.query("rep == 3")["mean"].isna().all() and np.isnan(batch.phi["mean"].iloc[3])
+    assert set(batch.draws) == {1, 2}
     for table, names in (("fixef", ["term"]), ("varcorr", ["grp", "var1"])):
         rows = getattr(batch, table).fillna({n: "" for n in names})
-        merged = rows.query("rep == 0").merge(rows.query("rep == 1"), on=names, suffixes=("", "_minutes"))
+        merged = rows.query("rep == 1").merge(rows.query("rep == 2"), on=names, suffixes=("", "_minutes"))
         merged = merged[merged["var1"] != "phi"] if "var1" in merged else merged
         z = (merged["mean"] - merged["mean_minutes"]) / np.hypot(merged["mcse_mean"], merged["mcse_mean_minutes"])
         assert len(merged) >= 2 and np.max(np.abs(z)) < Z_MAX, (table, z)
-    per_day = [batch.draws[0]["phi"], batch.draws[1]["phi"] ** 1440]
+    per_day = [batch.draws[1]["phi"], batch.draws[2]["phi"] ** 1440]
     z = (per_day[0].mean() - per_day[1].mean()) / np.hypot(*(float(az.mcse(phi)) for phi in per_day))
     assert abs(z) < Z_MAX
 

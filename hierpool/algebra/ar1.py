@@ -42,8 +42,10 @@ def first_u(continuous: bool) -> float:
 
 
 #: phi per the user's unit of time is reported and used as a float (a prediction's or simulation's phi^lag): the
-#: smallest kept, and the least distance from 1, where float64 holds phi^lag to about 1e-8 relative.
-PHI_PER_UNIT_RANGE = (1e-300, 1.0 - 1e-8)
+#: smallest kept, and the least distance from 1.  Near 1 a float holds phi to 1.1e-16 absolute, so log(phi^lag) to
+#: 1.1e-16 / (1 - phi) relative: at least 1 - phi = 1e-10 keeps it to about 1e-6 (readings a day apart with time in
+#: seconds keep a correlation up to 0.99999 per day).
+PHI_PER_UNIT_RANGE = (1e-300, 1.0 - 1e-10)
 
 
 def per_unit(psi, unit) -> np.ndarray:

@@ -355,14 +355,21 @@ def bayes_batch(
             divergences[members] = out["diverging"].sum(axis=(1, 2))
             for name in scalars:
                 scalars[name][members] = summary[name]
-            for index, message in beyond.items():
-                messages[index] = message
             for row, index in enumerate(members):
                 ells = [n_levels[index] for _, n_levels, _ in plan.term_levels]
                 for t, ell in enumerate(ells):
                     ranef[t][index] = summary["ranef"][t][row][:, :ell]
                 if kept is not None:
                     kept[plan.labels[index]] = _kept_draws(out, row, ells, several)
+            for index, message in beyond.items():  # as a dataset refused before sampling: its reason, no numbers
+                messages[index], divergences[index] = message, 0
+                fixef[index], varcorr[index] = np.nan, np.nan
+                for table in scalars.values():
+                    table[index] = np.nan
+                for term in ranef:
+                    term[index] = np.full_like(term[index], np.nan)
+                if kept is not None:
+                    del kept[plan.labels[index]]
             bar.update(len(members))
 
     terms = tuple(BayesBatchTerm(group=term.group, coef_names=term.coef_names, levels=labels, ranef_summary=summary)

@@ -487,10 +487,10 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
     if variance is not None and not (isinstance(variance, AR1Result) and variance.structure == correlation):
         raise ArgumentError("variance: hold an hp.lmm fit with the same correlation= (an AR1Result)")
     if method == "full":  # NUTS on the plain non-centered model, its likelihood on the residuals
-        held = None if held is None else replace(held, phi=variance.phi ** unit)
+        held = None if held is None else replace(held, phi=variance.phi)  # the result's: per the user's unit
         beta, b, sds, cors, sigma, stats, phi = _sample_full(
-            design, resolved, held, chains, draws, tune, seed, target_accept, progress, series_data,
-            correlation.bounds)
+            design, resolved, None if held is None else replace(held, phi=variance.phi ** unit), chains, draws,
+            tune, seed, target_accept, progress, series_data, correlation.bounds)
     elif variance is not None:
         method = "exact"
         beta, b = _sample_exact(design, resolved, variance, chains, draws, seed,

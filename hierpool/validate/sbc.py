@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from ..algebra.ar1 import carried, unwhiten
+from ..algebra.ar1 import carried, per_unit, unwhiten
 from ..bayesian import bayes, resolve_priors
-from ..errors import ArgumentError
+from ..closedform.ar1 import in_search_unit, unrepresentable_phi
+from ..errors import ArgumentError, DataError
 from ..spec.design import build_design
 
 
@@ -110,7 +111,9 @@ def _simulate_parameters(priors, design, rng_key, correlation=None, series=None,
     if correlation is not None:
         low, high = correlation.bounds
         phi = float(dist.Uniform(low, high).sample(next(keys)))
-        truth["phi"] = phi ** (1.0 / unit)
+        truth["phi"] = float(per_unit(phi, unit))
+        if not np.isfinite(truth["phi"]):  # as hp.bayes refuses such a draw: by the time column's name
+            raise DataError(unrepresentable_phi(correlation, phi, unit, what="a prior draw of phi"))
         noise = unwhiten(noise, series.previous, carried(phi, series.previous, series.lag), series.order)
     return truth, mu + sigma * noise
 
@@ -238,7 +241,6 @@ def sbc(
     frame = data.loc[design.rows].copy()
     series, unit = None, 1.0
     if correlation is not None:
-        from ..closedform.ar1 import in_search_unit
         from ..spec.correlation import series_of
 
         series, unit = in_search_unit(series_of(correlation, data, design.rows), correlation.continuous)
