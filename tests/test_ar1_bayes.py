@@ -163,7 +163,7 @@ def test_a_car1_posterior_does_not_depend_on_the_time_columns_unit():
     prior on phi per minute would put almost no mass where the data are.  A unit in which a draw's phi per unit is
     beyond a float is refused by the time column's name."""
     data = _irregular_series()
-    kwargs = dict(correlation=hp.car1("g", "t"), chains=2, draws=100, tune=100, seed=1, progress=False)
+    kwargs = {"correlation": hp.car1("g", "t"), "chains": 2, "draws": 100, "tune": 100, "seed": 1, "progress": False}
     days = hp.bayes("y ~ x + (1 | g)", data, **kwargs)
     minutes = hp.bayes("y ~ x + (1 | g)", data.assign(t=data["t"] * 1440), **kwargs)
     np.testing.assert_array_equal(minutes.beta_draws, days.beta_draws)
