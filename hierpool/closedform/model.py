@@ -16,6 +16,7 @@ import pandas as pd
 from ..algebra import henderson, jax_runtime, one_term
 from ..algebra.conditioning import condition_terms
 from ..algebra.henderson import as_numpy, solve
+from ..algebra.host_blas import one_blas_thread
 from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceWarning
@@ -248,8 +249,12 @@ def lmm(
 
             if control is not None:
                 raise ArgumentError("control= is not used by a model without random effects (Brent's method on phi)")
-            return fit_gls(design, correlation, data, reml=reml)
-        return fit_ar1(design, correlation, data, reml=reml, control=control)
+            with one_blas_thread(design.p):  # (a block adds no frame: warnings still point at the user's line)
+                return fit_gls(design, correlation, data, reml=reml)
+        # a system at every phi tried, each small, factored many times: OpenBLAS's threads would spin between them
+        # (on a busy machine several times the fit's own time)
+        with one_blas_thread(sum(term.n_levels * term.k for term in design.terms)):
+            return fit_ar1(design, correlation, data, reml=reml, control=control)
     return MixedModel(formula, data, se=se, weights=weights, offset=offset, control=control).fit(
         reml=reml, control=control
     )
