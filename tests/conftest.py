@@ -2,7 +2,12 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
+# the suite runs a process per core (pytest-xdist), and the notebooks' kernels beside them: BLAS threads in each
+# would only contend for the same cores (and OpenBLAS's spin between small calls); set before NumPy loads OpenBLAS,
+# and inherited by the kernels and worker processes the tests start
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 import pandas as pd
 import pytest
 
