@@ -7,7 +7,7 @@ from pathlib import Path
 # and inherited by the kernels and worker processes the tests start
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 import pandas as pd
 import pytest
 
