@@ -21,9 +21,13 @@ ONE_THREAD_MAX_SIZE = 1000
 
 # threadpoolctl finds the loaded BLAS libraries by walking the process's shared objects, ~1.5 ms a time: a
 # single AR(1) fit takes 20-50 ms, so the controller is kept while no module has been imported since (a new BLAS
-# comes with a new module), and a block inside another on the same thread does nothing
+# comes with a new module)
 _controller: list = [None, -1]  # (threadpoolctl controller, len(sys.modules) when it was made)
-_inside = threading.local()
+# the limit is process-wide: the first block in (of any thread) sets it and the last one out restores the count
+# from before the first, so that one thread's exit does not lift it under another's block, nor a late exit
+# restore a count that was itself the limit
+_lock = threading.Lock()
+_held: dict = {"blocks": 0, "limit": None}
 
 
 def _blas_controller():
@@ -33,6 +37,17 @@ def _blas_controller():
         _controller[0] = ThreadpoolController().select(user_api="blas")
         _controller[1] = len(sys.modules)
     return _controller[0]
+
+
+def _release_openblas():
+    """threadpoolctl (3.8) lets only the thread that last set OpenBLAS's count set it again until released: the
+    last block out need not run on the thread that set the limit."""
+    try:
+        from threadpoolctl import OpenBLASController
+
+        OpenBLASController.clear_controlling_thread(force=True)
+    except (ImportError, AttributeError, TypeError):  # an older threadpoolctl: no such rule
+        pass
 
 
 @contextlib.contextmanager
@@ -53,15 +68,25 @@ def one_blas_thread(size: int = 0):
     Notes
     -----
     ``threadpoolctl`` sets the BLAS libraries' thread count, which is process-wide: other Python
-    threads' BLAS calls run single-threaded too while a host fit is inside the block.  The previous
-    count is restored on exit.  A block inside another one of the same thread leaves the limit to it.
+    threads' BLAS calls run single-threaded too while any thread is inside a block.  The first block
+    in sets the limit and the last one out restores the count from before it, whichever threads
+    they run on.
     """
-    if size > ONE_THREAD_MAX_SIZE or getattr(_inside, "depth", 0):
+    if size > ONE_THREAD_MAX_SIZE:
         yield
         return
-    _inside.depth = 1
+    with _lock:
+        if _held["blocks"] == 0:
+            _release_openblas()
+            _held["limit"] = _blas_controller().limit(limits=1)
+            _release_openblas()
+        _held["blocks"] += 1
     try:
-        with _blas_controller().limit(limits=1):
-            yield
+        yield
     finally:
-        _inside.depth = 0
+        with _lock:
+            _held["blocks"] -= 1
+            if _held["blocks"] == 0:
+                _release_openblas()
+                _held["limit"].restore_original_limits()
+                _release_openblas()

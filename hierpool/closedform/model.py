@@ -249,11 +249,11 @@ def lmm(
 
             if control is not None:
                 raise ArgumentError("control= is not used by a model without random effects (Brent's method on phi)")
-            with one_blas_thread(design.p):  # (a block adds no frame: warnings still point at the user's line)
+            with one_blas_thread(design.n):  # (a block adds no frame: warnings still point at the user's line)
                 return fit_gls(design, correlation, data, reml=reml)
         # a system at every phi tried, each small, factored many times: OpenBLAS's threads would spin between them
         # (on a busy machine several times the fit's own time)
-        with one_blas_thread(sum(term.n_levels * term.k for term in design.terms)):
+        with one_blas_thread(design.n):
             return fit_ar1(design, correlation, data, reml=reml, control=control)
     return MixedModel(formula, data, se=se, weights=weights, offset=offset, control=control).fit(
         reml=reml, control=control
