@@ -330,7 +330,7 @@ def bayes_batch(
         out = jax.tree_util.tree_map(
             lambda value: value[: chunk.count * chains].reshape((chunk.count, chains) + value.shape[1:]), out)
         beyond = {}  # dataset -> why its phi per unit of time is not reported (hp.bayes refuses it by name)
-        if correlation is not None:  # drawn per each dataset's median lag: phi per the user's unit (NaN: beyond a float)
+        if correlation is not None:  # drawn per each dataset's median lag: phi per the user's unit (NaN: beyond)
             psi, out["phi"] = out["phi"], per_unit(out["phi"], units[chunk.members][:, None, None])
             for row in np.flatnonzero(~np.isfinite(out["phi"]).all(axis=(1, 2))):
                 d = chunk.members[row]

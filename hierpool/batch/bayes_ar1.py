@@ -5,9 +5,10 @@ Each dataset's target is hp.bayes's (:func:`hierpool.bayesian.model.ar1_collapse
 parameters and phi (Uniform on its interval, per the dataset's median lag in continuous time, as hp.bayes's), the
 data whitened at phi (:func:`hierpool.algebra.ar1.whitened_system`) giving the marginal likelihood, then exact
 (beta, b) draws on the system whitened at each draw's phi (:func:`hierpool.algebra.ar1.draw_effects_whitened`);
-:func:`hierpool.batch.bayes.bayes_batch` reports phi per the user's unit of time.  Series, padding and buckets are ``hp.fit_batch``'s
-(:func:`hierpool.batch.fit_ar1.batch_series`, :func:`hierpool.batch.fit_ar1.series_buckets`): each dataset's
-series are its own, and a padded row is the first of its own series with zero values, so it adds nothing.
+:func:`hierpool.batch.bayes.bayes_batch` reports phi per the user's unit of time.  Series, padding and buckets are
+``hp.fit_batch``'s (:func:`hierpool.batch.fit_ar1.batch_series`, :func:`hierpool.batch.fit_ar1.series_buckets`):
+each dataset's series are its own, and a padded row is the first of its own series with zero values, so it adds
+nothing.
 
 Memory per dataset and chain: the draws, as :mod:`hierpool.batch.bayes_terms`' plus one phi per draw, and the
 padded rows, ``8 x n x (4 + p + sum_j k_j)`` bytes, besides the whitened system.
