@@ -1,5 +1,5 @@
 """algebra.host_blas.one_blas_thread: BLAS on one thread inside the block, the count restored after it, a nested
-block leaving the limit to the outer one, and a large model's block not limited."""
+block leaving the limit to the outer one, a large model's block not limited, and blocks on two threads."""
 
 import numpy as np  # noqa: F401  (its BLAS loaded, for threadpoolctl to find)
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -23,7 +23,7 @@ def test_one_thread_inside_the_block_and_the_count_restored_after_it():
         with one_blas_thread(ONE_THREAD_MAX_SIZE + 1):
             assert _blas_threads() == {2}
         with one_blas_thread():
-            assert _blas_threads() == {1}  # the kept controller, a second time
+            assert _blas_threads() == {1}  # a block after the last one closed
         assert _blas_threads() == {2}
 
 

@@ -25,7 +25,6 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ..algebra.ar1 import per_unit
 from ..algebra.compiler_options import ProgramCache, compiler_options, shape_signature
 from ..algebra.marginal import theta_from_components
 from ..algebra.one_term_marginal import draw_effects
@@ -34,7 +33,7 @@ from ..bayesian.model import one_term_collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function, quick_compile
 from ..bayesian.priors import DataScales, Priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
-from ..closedform.ar1 import unrepresentable_phi
+from ..closedform.ar1 import draws_per_unit
 from ..errors import ArgumentError, integer_argument
 from ..spec.arguments import sampler_arguments
 from ..spec.family import family_spec
@@ -331,12 +330,11 @@ def bayes_batch(
             lambda value: value[: chunk.count * chains].reshape((chunk.count, chains) + value.shape[1:]), out)
         beyond = {}  # dataset -> why its phi per unit of time is not reported (hp.bayes refuses it by name)
         if correlation is not None:  # drawn per each dataset's median lag: phi per the user's unit (NaN: beyond)
-            psi, out["phi"] = out["phi"], per_unit(out["phi"], units[chunk.members][:, None, None])
-            for row in np.flatnonzero(~np.isfinite(out["phi"]).all(axis=(1, 2))):
-                d = chunk.members[row]
-                beyond[d] = unrepresentable_phi(correlation, float(psi[row][~np.isfinite(out["phi"][row])][0]),
-                                                units[d], what="a posterior draw of phi")
-        return chunk, out, summarize_blocks(out, ks, level), beyond
+            out["phi"] = np.array(out["phi"], dtype=float)
+            for row, d in enumerate(chunk.members):
+                out["phi"][row], beyond[d] = draws_per_unit(out["phi"][row], units[d], correlation,
+                                                            what="a posterior draw of phi")
+        return chunk, out, summarize_blocks(out, ks, level), {d: why for d, why in beyond.items() if why}
 
     n_varcorr = sum(k + len(coef_pairs(k)) for k in ks) + (0 if sigma_known else 1)
     fixef = np.full((plan.n_datasets, p, len(SUMMARY_COLUMNS)), np.nan)

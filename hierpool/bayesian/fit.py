@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 
 from ..algebra import one_term_marginal as one_term
-from ..algebra.ar1 import draw_effects_whitened, per_unit
+from ..algebra.ar1 import draw_effects_whitened
 from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
 from ..algebra.statistics import one_dataset_statistics
 from ..algebra.system import build_system, on_device, system_pattern
-from ..closedform.ar1 import AR1Result, checked_series, in_search_unit, series_ends, unrepresentable_phi
+from ..closedform.ar1 import AR1Result, checked_series, draws_per_unit, in_search_unit, series_ends
 from ..closedform.glmm_results import GLMMResult
 from ..closedform.results import LMMResult
 from ..errors import ArgumentError, DataError, HierpoolWarning
@@ -479,7 +479,7 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
     series = checked_series(design, correlation, data)
     stats = sds = cors = None
     # the samplers run in the median lag's unit of time (the closed form's search's): phi there is the correlation
-    # at that lag, whatever the user's unit, and its Uniform prior with it (_phi_draws_per_unit converts the draws)
+    # at that lag, whatever the user's unit, and its Uniform prior with it (draws_per_unit converts the draws)
     scaled, unit = in_search_unit(series, correlation.continuous)
     series_data = SeriesData(previous=jax.device_put(series.previous.astype(np.int32)),
                              lag=jax.device_put(scaled.lag.astype(float)),
@@ -509,24 +509,15 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
         sigma, phi = out["variance"]["sigma"], np.asarray(out["variance"]["phi"])
     if variance is not None:  # held: no sigma or phi draws, their values in every row
         sigma, phi = None, np.full((chains, draws), variance.phi)
-    else:
-        phi = _phi_draws_per_unit(phi, unit, correlation)
+    else:  # drawn per the median lag: per the user's unit, refused by name where a float cannot hold a draw
+        phi, beyond = draws_per_unit(phi, unit, correlation, what="a posterior draw of phi")
+        if beyond:
+            raise DataError(beyond)
     sigma_rows = np.full((chains, draws), variance.sigma) if variance is not None else sigma
     return _result(design, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats,
                    lambda: ar1_pointwise_log_likelihood(design, beta, b, sigma_rows, phi, series.previous,
                                                         series.lag),
                    extra={"phi": phi}, series=(correlation, series_ends(correlation, data, design, series)))
-
-
-def _phi_draws_per_unit(psi: np.ndarray, unit: float, correlation) -> np.ndarray:
-    """An AR(1) sampler's phi draws per unit of the user's time, from ``psi``, each draw's phi per ``unit`` (the
-    median lag, :func:`hierpool.closedform.ar1.in_search_unit`): psi^(1/unit).  Refused by name where a draw's
-    phi per unit is beyond a float (:func:`hierpool.algebra.ar1.per_unit`): predictions read phi^lag from it."""
-    phi = per_unit(psi, unit)
-    if not np.all(np.isfinite(phi)):
-        bad = np.asarray(psi)[~np.isfinite(phi)]
-        raise DataError(unrepresentable_phi(correlation, float(bad.flat[0]), unit, what="a posterior draw of phi"))
-    return phi
 
 
 @dataclass(frozen=True)

@@ -450,6 +450,16 @@ def phi_per_unit(u_hat: float, unit: float, correlation: AR1) -> float:
     return psi ** (1.0 / unit)
 
 
+def draws_per_unit(psi, unit: float, correlation: AR1, what: str) -> tuple[np.ndarray, str]:
+    """(phi per unit of the user's time, the reason it is not reported or ""): draws of phi per ``unit`` (a
+    sampler's, SBC's prior draw) converted by :func:`hierpool.algebra.ar1.per_unit`; where a float cannot hold any
+    of them, the reason names the first such draw (``what``) and the time column (:func:`unrepresentable_phi`)."""
+    psi = np.asarray(psi, dtype=float)
+    phi = per_unit(psi, unit)
+    beyond = ~np.isfinite(phi)
+    return phi, unrepresentable_phi(correlation, float(psi[beyond].flat[0]), unit, what) if beyond.any() else ""
+
+
 def unrepresentable_phi(correlation: AR1, psi: float, unit: float, what: str = "phi") -> str:
     """The message of a fit whose phi per unit of the time column a float cannot hold (:func:`per_unit`);
     ``what``: the phi it names (a posterior's draw, say)."""

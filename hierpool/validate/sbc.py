@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from ..algebra.ar1 import carried, per_unit, unwhiten
+from ..algebra.ar1 import carried, unwhiten
 from ..bayesian import bayes, resolve_priors
-from ..closedform.ar1 import in_search_unit, unrepresentable_phi
+from ..closedform.ar1 import draws_per_unit, in_search_unit
 from ..errors import ArgumentError, DataError
 from ..spec.design import build_design
 
@@ -110,11 +110,12 @@ def _simulate_parameters(priors, design, rng_key, correlation=None, series=None,
     noise = np.asarray(jax.random.normal(next(keys), (design.n,)))
     if correlation is not None:
         low, high = correlation.bounds
-        phi = float(dist.Uniform(low, high).sample(next(keys)))
-        truth["phi"] = float(per_unit(phi, unit))
-        if not np.isfinite(truth["phi"]):  # as hp.bayes refuses such a draw: by the time column's name
-            raise DataError(unrepresentable_phi(correlation, phi, unit, what="a prior draw of phi"))
-        noise = unwhiten(noise, series.previous, carried(phi, series.previous, series.lag), series.order)
+        psi = float(dist.Uniform(low, high).sample(next(keys)))  # per the median lag, as hp.bayes samples it
+        phi, beyond = draws_per_unit(psi, unit, correlation, what="a prior draw of phi")
+        if beyond:  # as hp.bayes refuses such a draw: by the time column's name
+            raise DataError(beyond)
+        truth["phi"] = float(phi)
+        noise = unwhiten(noise, series.previous, carried(psi, series.previous, series.lag), series.order)
     return truth, mu + sigma * noise
 
 
