@@ -386,8 +386,10 @@ def test_the_joint_search_and_brents_profile_give_one_fit(model, reml, monkeypat
     found, joint_search, paid, pays = [], ar1_module.joint_search, [], ar1_module.lagged_systems_pay
     monkeypatch.setattr(ar1_module, "joint_search", lambda *a: found.append(joint_search(*a)) or found[-1])
     monkeypatch.setattr(ar1_module, "lagged_systems_pay", lambda *a: paid.append(pays(*a)) or paid[-1])
+    brents, search_phi = [], ar1_module.search_phi
+    monkeypatch.setattr(ar1_module, "search_phi", lambda *a: brents.append(1) or search_phi(*a))
     joint = hp.lmm(formula, data, correlation=correlation, reml=reml)
-    assert found[-1] is not None  # the joint search's estimate was the fit's
+    assert found[-1] is not None and not brents  # the joint search's estimate was the fit's, not Brent's profile
     assert paid == {"several terms": [True], "several terms, irregular": [False]}.get(model, [])
     monkeypatch.setattr(ar1_module, "joint_search", lambda *a: None)
     brent = hp.lmm(formula, data, correlation=correlation, reml=reml)
@@ -440,8 +442,9 @@ def test_a_dense_coupling_larger_than_a_batchs_is_left_to_brents_profile():
 
 def test_the_fit_is_the_same_in_any_unit_of_time():
     """corCAR1 with time in minutes is the model in days, for hp.lmm and fit_batch: both search in the median lag's
-    unit (the same search), so this checks phi's conversion (phi per minute the 1440th root of phi per day); the
-    model in another unit by an independent path is test_a_median_lag_below_one_is_the_model_in_steps."""
+    unit (the same search), so this checks phi's conversion (phi per minute the 1440th root of phi per day);
+    test_a_median_lag_below_one_is_the_model_in_steps checks it for a unit below the lag (there too both fits
+    search on lags of 1)."""
     formula, days = "weight ~ Time * Diet + (Time | Rat)", _bodyweight()
     minutes = days.assign(Minute=days["Time"] * 1440)
     fit = hp.lmm(formula, days, correlation=hp.car1("Rat", "Time"))

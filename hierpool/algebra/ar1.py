@@ -21,7 +21,7 @@ the caller checks that (:func:`hierpool.closedform.ar1.fit_ar1`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -84,6 +84,13 @@ def search_units(previous: np.ndarray, lag: np.ndarray, group: np.ndarray, n_gro
     if not continuous:
         return np.ones(n_groups)
     return median_lags(previous, lag, group, n_groups)
+
+
+def in_search_units(series, group: np.ndarray, n_groups: int, continuous: bool):
+    """(``series``, a dataclass with ``previous`` and ``lag`` per row, with each row's lag over its group's
+    :func:`search_units`; those units): what the fits search and the samplers sample in, phi per the median lag."""
+    units = search_units(series.previous, series.lag, group, n_groups, continuous)
+    return replace(series, lag=series.lag / units[group]), units
 
 
 def lag_one_phis(residual: np.ndarray, previous: np.ndarray, lag: np.ndarray, group: np.ndarray, n_groups: int,

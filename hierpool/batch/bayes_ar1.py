@@ -19,12 +19,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from ..algebra.ar1 import draw_effects_whitened
+from ..algebra.ar1 import draw_effects_whitened, in_search_units
 from ..algebra.marginal import draw_batch_size, theta_from_components
 from ..bayesian.model import SeriesData, ar1_collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function
 from .bayes_terms import DRAW_BUDGET, correlation_matrices, effect_key
-from .fit_ar1 import batch_series, in_search_units, series_buckets, too_large
+from .fit_ar1 import batch_series, series_buckets, too_large
 from .fit_terms import take, term_problems
 from .plan import BatchPlan, chunks
 
@@ -35,10 +35,10 @@ def ar1_chunks(plan: BatchPlan, structure, size_of, n_devices: int):
 
     ``messages``: hp.lmm's checks (:func:`~hierpool.batch.fit_terms.term_problems`) and each refused dataset's
     series message (:func:`~hierpool.batch.fit_ar1.batch_series`).  The lags are in each dataset's ``units``
-    (:func:`~hierpool.batch.fit_ar1.in_search_units`, hp.bayes's): the draws of phi are per that unit.
+    (:func:`hierpool.algebra.ar1.in_search_units`, hp.bayes's): the draws of phi are per that unit.
     """
     series, problems = batch_series(plan, structure)
-    series, units = in_search_units(plan, series, structure)
+    series, units = in_search_units(series, plan.dataset, plan.n_datasets, structure.continuous)
     messages = [message or problems.get(d, "") for d, message in enumerate(term_problems(plan))]
     for d, reason in too_large(plan, messages).items():
         messages[d] = f"{reason}: sample it with hp.bayes"

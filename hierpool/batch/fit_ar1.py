@@ -43,10 +43,10 @@ from ..algebra.ar1 import (
     UNCONSTRAINED_LIMIT,
     carried,
     constrained_phi,
+    in_search_units,
     lag_classes,
     log_det_correlation,
     per_unit,
-    search_units,
     whitened_system,
 )
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
@@ -94,15 +94,6 @@ GOLDEN_STEPS = 45
 #: The series column added to the long frame: (dataset, group).
 SERIES_COLUMN = "(series)"
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
-
-
-def in_search_units(plan: BatchPlan, series, structure: AR1):
-    """(``series`` with each dataset's lags in its own unit of time, those units): hp.lmm's and hp.bayes's unit,
-    the dataset's median lag in continuous time, 1 in steps (:func:`hierpool.algebra.ar1.search_units`).  phi per
-    that unit is the correlation at the median lag, whatever the user's unit: the searches' range and the
-    samplers' prior are on it, and :func:`hierpool.algebra.ar1.per_unit` gives phi per the user's unit."""
-    units = search_units(series.previous, series.lag, plan.dataset, plan.n_datasets, structure.continuous)
-    return dataclasses.replace(series, lag=series.lag / units[plan.dataset]), units
 
 
 def batch_series(plan: BatchPlan, structure: AR1):
@@ -260,7 +251,8 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     ``default_chunk``."""
     design = plan.design
     series, series_problems = batch_series(plan, structure)
-    series, units = in_search_units(plan, series, structure)  # _store reports phi per the user's unit
+    # each dataset's search per its median lag (hp.lmm's); _store reports phi per the user's unit
+    series, units = in_search_units(series, plan.dataset, plan.n_datasets, structure.continuous)
     ks = tuple(t.k for t in design.terms)
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = [message or series_problems.get(d, "") for d, message in enumerate(term_problems(plan))]

@@ -40,11 +40,11 @@ from ..algebra.ar1 import (
     carried,
     constrained_phi,
     first_u,
+    in_search_units,
     lag_classes,
     lag_one_phis,
     log_det_correlation,
     per_unit,
-    search_units,
     unconstrained_phi,
     whiten,
 )
@@ -431,9 +431,8 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
 def in_search_unit(series: Series, continuous: bool) -> tuple[Series, float]:
     """(``series`` with its lags in the search's unit of time, that unit in the user's): one dataset's
     :func:`hierpool.algebra.ar1.search_units`, the median lag in continuous time (1 in steps)."""
-    unit = float(search_units(series.previous, series.lag, np.zeros(len(series.lag), dtype=np.int64), 1,
-                              continuous)[0])
-    return replace(series, lag=series.lag / unit), unit
+    scaled, units = in_search_units(series, np.zeros(len(series.lag), dtype=np.int64), 1, continuous)
+    return scaled, float(units[0])
 
 
 def phi_per_unit(u_hat: float, unit: float, correlation: AR1) -> float:
