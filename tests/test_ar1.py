@@ -480,6 +480,7 @@ def test_the_start_clips_the_correlation_at_the_median_lag_before_its_root():
 def test_a_joint_estimate_on_a_flat_profile_is_not_taken(monkeypatch):
     """A joint estimate whose profile's curvature gives a 95% interval in u wider than u's half-range (a search
     stopped on a flat stretch) is not hp.lmm's fit: Brent's profile over u's range is (ar1.clearly_curved)."""
+    from hierpool.algebra.ar1 import clearly_curved
     from hierpool.closedform import ar1 as ar1_module
 
     formula, days = "weight ~ Time * Diet + (Time | Rat)", _bodyweight()
@@ -489,7 +490,7 @@ def test_a_joint_estimate_on_a_flat_profile_is_not_taken(monkeypatch):
     joint_search = ar1_module.joint_search
     theta, u, curvature = joint_search(ar1_module.centred_fixed_effects(
         ar1_module.condition_terms(design, force=True).design)[0], series, True, True)
-    assert ar1_module.clearly_curved(curvature) and not ar1_module.clearly_curved(1e-3)
+    assert clearly_curved(curvature) and not clearly_curved(1e-3)
     # the same search stopped 3 units of u away, where the profile is flat
     monkeypatch.setattr(ar1_module, "joint_search", lambda *a: (theta, u + 3.0, 1e-3))
     with warnings.catch_warnings():
@@ -497,6 +498,30 @@ def test_a_joint_estimate_on_a_flat_profile_is_not_taken(monkeypatch):
         flat = hp.lmm(formula, days, correlation=hp.car1("Rat", "Time"))
     assert flat.objective == pytest.approx(fit.objective, rel=1e-10)
     assert flat.phi == pytest.approx(fit.phi, abs=1e-5)
+
+
+def test_the_profile_curvature_is_the_joint_hessians_schur_complement():
+    """algebra.ar1.profile_curvature: for a quadratic f(theta, u) = z^T H z / 2 the profile min_theta f is
+    p(u) = s u^2 / 2, s its curvature: here p's second difference, theta solved at each u.  NaN where H is not
+    positive definite (no minimum in theta) or not finite; a stack of Hessians gives one curvature each."""
+    from hierpool.algebra.ar1 import profile_curvature
+
+    rng = np.random.default_rng(3)
+    root = rng.normal(size=(4, 4))
+    hessian = root @ root.T + 0.5 * np.eye(4)
+
+    def profile(u):
+        theta = np.linalg.solve(hessian[:3, :3], -hessian[:3, 3] * u)
+        z = np.append(theta, u)
+        return z @ hessian @ z / 2.0
+
+    h = 1e-2
+    expected = (profile(h) - 2.0 * profile(0.0) + profile(-h)) / h**2
+    assert profile_curvature(hessian) == pytest.approx(expected, rel=1e-9)
+    indefinite = hessian - (np.linalg.eigvalsh(hessian)[0] + 1.0) * np.eye(4)
+    broken = np.where(np.eye(4, dtype=bool), np.nan, hessian)
+    stacked = profile_curvature(np.stack([hessian, indefinite, broken]))
+    assert stacked[0] == pytest.approx(expected, rel=1e-9) and np.isnan(stacked[1:]).all()
 
 
 def _random_intercepts_in_steps(groups: int, steps: int, rho: float, seed: int) -> pd.DataFrame:

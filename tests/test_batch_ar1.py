@@ -372,3 +372,30 @@ def test_a_search_along_phi_near_one_against_the_intercepts_variance_converges_i
     batch = hp.fit_batch(formula, [replicate], by="rep", correlation=structure, progress=False)
     assert batch.converged.iloc[0] and not batch.refit.iloc[0], batch.messages.iloc[0]
     assert batch.objective.iloc[0] == pytest.approx(_single(replicate, structure, formula).objective, rel=1e-10)
+
+
+@pytest.mark.parametrize("path", ["one factor", "several terms"])
+def test_a_joint_search_stopped_on_a_flat_profile_is_fitted_alone(replicates, monkeypatch, path):
+    """A host search that stopped 3 units of u from the optimum where the profile is flat (its curvature 1e-3,
+    as a start on a stretch where every c = phi^lag is near 0 or 1 would) reports a phi no single fit has: each such
+    dataset is fitted alone by hp.lmm, whose Brent search covers u's range (algebra.ar1.clearly_curved, hp.lmm's
+    own rule for its joint estimate), and says why."""
+    from hierpool.algebra.ar1 import constrained_phi, unconstrained_phi
+    from hierpool.batch import fit_ar1 as fit_ar1_module
+
+    structure = hp.ar1("Subject", time="Days")
+    name = "search_on_host" if path == "one factor" else "terms_search_on_host"
+    search = getattr(fit_ar1_module, name)
+
+    def stopped_on_a_flat_stretch(*args, **kwargs):
+        result = search(*args, **kwargs)
+        result["phi"] = constrained_phi(unconstrained_phi(result["phi"], False) + 3.0, False)
+        return result | {"curvature": np.full(len(result["phi"]), 1e-3)}
+
+    monkeypatch.setattr(fit_ar1_module, name, stopped_on_a_flat_stretch)
+    if path == "several terms":
+        monkeypatch.setattr(fit_ar1_module, "_on_host", lambda *a: False)
+    batch = hp.fit_batch(TERMS, replicates, by="rep", correlation=structure, progress=False)
+    assert batch.refit.all(), batch.messages.tolist()
+    assert all("nearly flat in phi" in message for message in batch.messages), batch.messages.tolist()
+    _assert_each_is_its_single_fit(batch, replicates, structure, TERMS)

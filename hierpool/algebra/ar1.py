@@ -131,6 +131,38 @@ def unconstrained_phi(phi, continuous: bool):
     return np.log(phi / (1.0 - phi)) if continuous else np.log((1.0 + phi) / (1.0 - phi))
 
 
+#: Normal quantile of a 95% interval (phi's, nlme's Wald interval in u).
+Z_95 = 1.959963984540054
+
+
+def profile_curvature(hessian: np.ndarray) -> np.ndarray:
+    """The curvature in u of the criterion profiled over theta, at a joint search's optimum in (theta, u), from its
+    Hessians ``hessian`` (..., m + 1, m + 1), u last:
+
+        d^2/du^2 min_theta f(theta, u) = H_uu - H_u,theta H_theta,theta^-1 H_theta,u = 1 / (H^-1)_uu,
+
+    the Schur complement (at the optimum theta's profile moves with u by -H_theta,theta^-1 H_theta,u; Nocedal &
+    Wright 2006, sec. 16.1, for the block inverse).  NaN where H is not positive definite: there is no minimum in
+    theta to profile over, and no interval.  A sign flip of theta's columns (:func:`~hierpool.algebra.search.newton.
+    canonical_theta`) leaves it unchanged."""
+    hessian = np.asarray(hessian, dtype=float)
+    finite = np.all(np.isfinite(hessian), axis=(-2, -1))
+    safe = np.where(finite[..., None, None], hessian, np.eye(hessian.shape[-1]))
+    definite = finite & (np.linalg.eigvalsh(safe)[..., 0] > 0.0)
+    inverse = np.linalg.inv(np.where(definite[..., None, None], safe, np.eye(hessian.shape[-1])))
+    return np.where(definite, 1.0 / inverse[..., -1, -1], np.nan)
+
+
+def clearly_curved(curvature) -> np.ndarray:
+    """Whether the profiled criterion's ``curvature`` in u (of -2 log L) at a joint search's estimate identifies
+    phi: its 95% Wald interval in u, half-width Z_95 sqrt(2 / curvature), narrower than u's half-range
+    (:data:`UNCONSTRAINED_LIMIT`).  A search in (theta, u) that starts on a flat stretch (every c = phi^lag near 0
+    or 1) sees no gradient there and stops; where the profile is that flat, a search over u's whole range decides
+    (``hp.lmm``'s Brent search, :func:`hierpool.closedform.ar1.fit_ar1`; ``hp.fit_batch`` fits that dataset
+    alone).  False where it is NaN."""
+    return np.asarray(curvature, dtype=float) > 2.0 * (Z_95 / UNCONSTRAINED_LIMIT) ** 2
+
+
 def carried(phi, previous, lag):
     """c_t = phi^lag_t for rows with a predecessor in their series, 0 for first rows; shape (n,)."""
     xp = array_namespace(phi, lag)

@@ -13,14 +13,15 @@ The search covers u in [-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT] (hp.lmm's who
 search it assumes the profile has one minimum there.
 
 **On the host.**  On one CPU device in float64 nothing is compiled: (theta, u) are searched together, as ``hp.lmm``
-searches its one dataset, for one
-term of at most three coefficients (:data:`hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters), or terms on one
-grouping factor of at most three together (one block-diagonal term), from per-level lagged moments
-(:mod:`hierpool.algebra.search.ar1_moments`, chunks on threads), for other several-term models on the whitened systems
-(:mod:`hierpool.algebra.search.ar1_systems`, chunks in worker processes too from :data:`AR1_TERMS_PROCESS_MIN_ROWS`
-rows).  A wider single term, accelerators and sharded batches run the
-golden-section program below.  A dataset whose inner fit in theta did not converge at some point of that search is
-not reported converged (its message says so), and is refitted by ``hp.lmm``.
+searches its one dataset, for one term of at most three coefficients
+(:data:`hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters), or terms on one grouping factor of at most
+three together (one block-diagonal term), from per-level lagged moments (:mod:`hierpool.algebra.search.ar1_moments`,
+chunks on threads), for other several-term models on the whitened systems (:mod:`hierpool.algebra.search.ar1_systems`,
+chunks in worker processes too from :data:`AR1_TERMS_PROCESS_MIN_ROWS` rows).  A dataset whose joint search stopped
+where the profile is nearly flat in u (:func:`hierpool.algebra.ar1.clearly_curved`, ``hp.lmm``'s rule for taking its
+joint estimate) is fitted alone by ``hp.lmm``, whose Brent search covers u's range.  A wider single term, accelerators
+and sharded batches run the golden-section program below.  A dataset whose inner fit in theta did not converge at
+some point of that search is not reported converged (its message says so), and is refitted by ``hp.lmm``.
 
 Series are each dataset's own: the long frame's series are keyed by (dataset, group).  Datasets are padded as a
 GLMM batch's (:class:`hierpool.batch.fit_glmm.BucketRows`): a padded row is the first of its own series with zero
@@ -42,6 +43,7 @@ from ..algebra.ar1 import (
     EDGE,
     UNCONSTRAINED_LIMIT,
     carried,
+    clearly_curved,
     constrained_phi,
     in_search_units,
     lag_classes,
@@ -53,8 +55,9 @@ from ..algebra.compiler_options import ProgramCache, compile_in_background, shap
 from ..algebra.criterion import objective
 from ..algebra.henderson import solve
 from ..algebra.linalg import theta_start
-from ..algebra.search.ar1_moments import HOST_MAX_THETA, ChunkData, host_bytes, search_on_host
-from ..algebra.search.ar1_systems import TermsChunk, lagged_systems_pay
+from ..algebra.search import HOST_CHUNK_BYTES
+from ..algebra.search.ar1_moments import ChunkData, host_bytes, search_on_host
+from ..algebra.search.ar1_systems import TermsChunk, joint_search_kind, lagged_systems_pay
 from ..algebra.search.ar1_systems import host_bytes as terms_host_bytes
 from ..algebra.search.ar1_systems import search_on_host as terms_search_on_host
 from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
@@ -76,7 +79,6 @@ from .fit_terms import (
     too_large,
 )
 from .plan import (
-    HOST_CHUNK_BYTES,
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
     chunks,
@@ -287,8 +289,8 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         # benchmarks/RESULTS.md, twenty-sixth session)
         search = partial(search_on_host, continuous=structure.continuous, reml=reml, max_iterations=max_iterations,
                          decrease_tol=DECREASE_TOL)
-        return _store(jobs, lambda job: search(ChunkData(plan, series, job[0])), out, plan, units, workers=thread_count(None),
-                      progress=progress)
+        return _store(jobs, lambda job: search(ChunkData(plan, series, job[0])), out, plan, units,
+                      workers=thread_count(None), progress=progress)
     if _terms_on_host(plan, float_type, sharding):  # several terms: the joint search on the whitened systems
         usable = np.flatnonzero(out["attempted"])
         theta0 = linear_start(plan, usable, linear_shifts(plan)[1])
@@ -340,23 +342,28 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
 
 
 def _on_host(plan: BatchPlan, float_type, sharding) -> bool:
-    """Whether the batch is searched on the host (:mod:`hierpool.algebra.search.ar1_moments`): one random-effect term (its
-    per-level moments), or terms on one grouping factor fitted as one (:func:`hierpool.batch.plan.one_factor`),
-    of at most :data:`hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters as one term (its complex step in (theta, u)
-    costs an evaluation per parameter), on one CPU device in float64.  Other several-term batches go to
-    :func:`_terms_on_host`; a wider term, accelerators and sharded batches compile the golden-section search."""
-    k = sum(term.k for term in plan.design.terms)
-    return one_factor(plan) and k * (k + 1) // 2 <= HOST_MAX_THETA and host_fits(float_type, sharding)
+    """Whether the batch is searched on the host (:mod:`hierpool.algebra.search.ar1_moments`): one random-effect
+    term (its per-level moments), or terms on one grouping factor fitted as one
+    (:func:`hierpool.batch.plan.one_factor`), of at most :data:`hierpool.algebra.search.ar1_moments.HOST_MAX_THETA`
+    parameters as one term (its complex step in (theta, u) costs an evaluation per parameter), on one CPU device in
+    float64.  Other several-term batches go to :func:`_terms_on_host`; a wider term, accelerators and sharded batches
+    compile the golden-section search."""
+    ks = tuple(term.k for term in plan.design.terms)
+    return joint_search_kind(ks, one_factor(plan)) == "moments" and host_fits(float_type, sharding)
 
 
 def _terms_on_host(plan: BatchPlan, float_type, sharding) -> bool:
-    """Whether a batch of several terms is searched on the host (:mod:`hierpool.algebra.search.ar1_systems`): on one CPU
-    device in float64 (the complex step), as the several-term linear path (:mod:`hierpool.batch.fit_terms`)."""
+    """Whether a batch of several terms that :func:`_on_host` does not take is searched on the host
+    (:mod:`hierpool.algebra.search.ar1_systems`, :func:`~hierpool.algebra.search.ar1_systems.joint_search_kind`'s
+    ``"systems"``; it fits terms on one factor too): on one CPU device in float64 (the complex step), as the
+    several-term linear path (:mod:`hierpool.batch.fit_terms`)."""
     return len(plan.design.terms) > 1 and host_fits(float_type, sharding)
 
 
 def _store(jobs, run, out: dict, plan: BatchPlan, units: np.ndarray, *, workers: int, progress) -> dict:
-    """:func:`run_jobs`, with each chunk's phi, and a dataset whose phi ends at its range's edge fitted alone."""
+    """:func:`run_jobs`, with each chunk's phi; a dataset whose phi ends at its range's edge, or beyond a float per
+    the user's unit, or whose joint search stopped where the profile is nearly flat
+    (:func:`hierpool.algebra.ar1.clearly_curved`), fitted alone."""
     def run_and_mark(job):
         members, result = job[0], run(job)
         out["phi"][members] = per_unit(result["phi"], units[members])  # per the user's unit of time
@@ -366,6 +373,11 @@ def _store(jobs, run, out: dict, plan: BatchPlan, units: np.ndarray, *, workers:
         for d in members[beyond]:  # hp.lmm refuses it, by name, in the row's message
             out["alone"][d] = "phi per unit of time beyond a float"
         result["converged"] = result["converged"] & ~beyond
+        # a joint search's stop where the profile is too flat to identify phi: hp.lmm's search over u's whole range
+        # decides (the golden sections of the compiled path search that range already)
+        flat = ~result["edge"] & ~beyond & ~clearly_curved(result.get("curvature", np.inf))
+        for d in members[flat]:
+            out["alone"][d] = "the criterion profiled over theta is nearly flat in phi where the joint search stopped"
         return result
 
     out = run_jobs(jobs, run_and_mark, out, plan, workers=workers, progress=progress)

@@ -48,6 +48,7 @@ import pandas as pd
 from jax.experimental import multihost_utils
 
 from ..algebra.linalg import shared_factor
+from ..algebra.search import HOST_CHUNK_BYTES
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError
 from ..spec.design import Design, RandomEffectTerm, build_design, unique_codes
@@ -63,9 +64,6 @@ QUICK_COMPILE_MAX_VALUES = 1e6
 #: ``fit_terms._on_host``) by default: enough to spread each NumPy call's cost over many datasets, few enough that a
 #: call's arrays stay small.
 HOST_CHUNK = 256
-#: Bytes of temporaries a default host call may hold (fewer datasets per call where each would hold more than
-#: ``HOST_CHUNK_BYTES / HOST_CHUNK``); each path states its bytes per dataset.  One call per core runs at a time.
-HOST_CHUNK_BYTES = 64 * 2**20
 
 
 def host_fits(float_type, sharding) -> bool:
@@ -97,7 +95,7 @@ def merge_terms(terms) -> list:
 
 def host_chunk(bytes_per_dataset: float, most: int = HOST_CHUNK, budget: float = HOST_CHUNK_BYTES) -> int:
     """Datasets per host call by default: ``most`` (:data:`HOST_CHUNK`), fewer where a call's temporaries would
-    pass ``budget`` (:data:`HOST_CHUNK_BYTES`; ``bytes_per_dataset``: what the path states for one dataset)."""
+    pass ``budget`` (:data:`hierpool.algebra.search.HOST_CHUNK_BYTES`; ``bytes_per_dataset``: what the path states for one dataset)."""
     return max(1, min(most, int(budget // max(bytes_per_dataset, 1))))
 
 

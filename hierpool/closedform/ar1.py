@@ -18,7 +18,8 @@ The search runs on the random-effect
 columns centred and scaled (:func:`hierpool.algebra.conditioning.condition_terms`, always: whitened, a covariate
 of large mean is nearly collinear with the intercept's column) and X's centred, and its optimum is mapped back to
 the user's parametrization at phi-hat, where it is solved; the conditioned fit's convergence checks stand, and
-lme4's singularity rule reads the user's theta.  The curvature for phi's interval differences polished fits.
+lme4's singularity rule reads the user's theta.  The curvature for phi's interval is the joint search's Hessian's
+(the profile's, :func:`hierpool.algebra.ar1.profile_curvature`), or on Brent's path differences of polished fits.
 phi's interval is nlme's kind: a Wald interval on that scale, its variance the inverse curvature of d / 2 (the other
 parameters profiled out), mapped back.  Fixed effects, their covariance, sigma, the random effects'
 covariances and the BLUPs with their conditional variances are the whitened model's at phi-hat: exact,
@@ -37,7 +38,9 @@ import pandas as pd
 from ..algebra.ar1 import (
     EDGE,
     UNCONSTRAINED_LIMIT,
+    Z_95,
     carried,
+    clearly_curved,
     constrained_phi,
     first_u,
     in_search_units,
@@ -54,9 +57,9 @@ from ..algebra.criterion import objective_and_gradient_on_host
 from ..algebra.henderson import solve
 from ..algebra.laplace import random_part
 from ..algebra.linalg import shared_factor, theta_lower_bounds
-from ..algebra.search import ar1_moments, ar1_systems
-from ..algebra.search.ar1_moments import HOST_MAX_THETA, ChunkData, OneDataset
-from ..algebra.search.ar1_systems import TermsChunk, lagged_systems_pay
+from ..algebra.search import HOST_CHUNK_BYTES, ar1_moments, ar1_systems
+from ..algebra.search.ar1_moments import ChunkData, OneDataset
+from ..algebra.search.ar1_systems import TermsChunk, joint_search_kind, lagged_systems_pay
 from ..algebra.search.newton import DECREASE_TOL, MAX_ITERATIONS
 from ..algebra.statistics import centred_fixed_effects
 from ..algebra.system import build_system
@@ -74,11 +77,6 @@ SEARCH_WINDOW = 2.5
 WARM_START_MIN = 0.05
 #: Central-difference step (unconstrained scale) of the curvature that gives phi's interval.
 INTERVAL_STEP = 1e-3
-#: Normal quantile of the 95% interval.
-Z_95 = 1.959963984540054
-#: Most bytes the lag classes' sums of a several-term fit's joint search may take (its systems at any phi from them;
-#: above, each evaluation whitens the rows: :func:`hierpool.algebra.search.ar1_systems.lagged_systems_pay`).
-LAGGED_SUMS_MAX_BYTES = 64 * 2**20
 
 
 def unconstrained(phi: float, continuous: bool) -> float:
@@ -296,14 +294,6 @@ def phi_interval(u_hat: float, curvature: float, correlation: AR1, stacklevel: i
     return interval
 
 
-def clearly_curved(curvature: float) -> bool:
-    """Whether the profiled criterion's ``curvature`` at a joint search's estimate identifies phi: its 95% Wald
-    interval in u narrower than u's half-range (:data:`~hierpool.algebra.ar1.UNCONSTRAINED_LIMIT`).  A search in
-    (theta, u) that starts on a flat stretch (every c = phi^lag near 0 or 1) sees no gradient there and stops; where
-    the profile is that flat, Brent's method searches u's whole range instead (:func:`fit_ar1`)."""
-    return bool(curvature > 0 and Z_95 * np.sqrt(2.0 / curvature) < UNCONSTRAINED_LIMIT)
-
-
 def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
     """(theta, u, curvature) at the criterion's minimum, searched together by ``hp.fit_batch``'s host search on this
     one dataset (:class:`~hierpool.algebra.search.ar1_moments.OneDataset`): for terms on one grouping factor of at
@@ -311,12 +301,12 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
     (:mod:`hierpool.algebra.search.ar1_moments`), for several terms on the whitened systems
     (:mod:`hierpool.algebra.search.ar1_systems`, from ``hp.lmm``'s moment start) where their dense coupling is one
     a batch would take (:data:`~hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`: its systems are dense, where
-    the closed form's own are sparse).  ``curvature``: the profiled criterion's second central difference at u
-    +- :data:`INTERVAL_STEP`, each point the same search's fit in theta from the joint optimum (``profiled``; NaN
-    where one did not converge), for phi's interval.  None for one wider term or a larger coupling, and
-    where the search did not converge inside u's range, or where no row follows another in its series (phi is not
-    identified: the criterion is flat in u, and Brent's method warns as it always has).  Then Brent's method profiles
-    phi (:func:`search_phi`).
+    the closed form's own are sparse).  ``curvature``: the criterion's curvature in u profiled over theta, from the
+    search's Hessian at its optimum (:func:`hierpool.algebra.ar1.profile_curvature`; NaN where that is not positive
+    definite), for phi's interval and :func:`hierpool.algebra.ar1.clearly_curved`.  None for one wider term or a
+    larger coupling, and where the search did not converge inside u's range, or where no row follows another in its
+    series (phi is not identified: the criterion is flat in u, and Brent's method warns as it always has).  Then
+    Brent's method profiles phi (:func:`search_phi`).
 
     Both start where Brent's search does, at the lag-1 correlation of a fit's residuals at phi = 0, and reach the
     profile's minimum in a few Newton steps in (theta, u), where the profile fits theta anew at each of its points.
@@ -328,12 +318,13 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
     ks, widths = tuple(term.k for term in design.terms), [term.n_levels for term in design.terms]
     settings = {"continuous": continuous, "reml": reml, "max_iterations": MAX_ITERATIONS}
     with np.errstate(all="ignore"):
-        if shared_factor([term.index for term in design.terms]) and sum(ks) * (sum(ks) + 1) // 2 <= HOST_MAX_THETA:
+        kind = joint_search_kind(ks, shared_factor([term.index for term in design.terms]))
+        if kind == "moments":
             search, data = ar1_moments, ChunkData(source, series, members)
             found = search.search_on_host(data, decrease_tol=DECREASE_TOL, **settings)
-        elif len(ks) > 1 and dense_entries(widths, ks, design.p) <= MAX_DENSE_ENTRIES:
+        elif kind == "systems" and dense_entries(widths, ks, design.p) <= MAX_DENSE_ENTRIES:
             classes = lag_classes(np.zeros(int(followed.sum()), dtype=np.int64), series.lag[followed])[0]
-            lagged = lagged_systems_pay(classes, ks, widths, design.p, float(design.n), LAGGED_SUMS_MAX_BYTES)
+            lagged = lagged_systems_pay(classes, ks, widths, design.p, float(design.n), HOST_CHUNK_BYTES)
             search, data = ar1_systems, TermsChunk(source, series, members, widths, lagged)
             found = search.search_on_host(data, moment_start(design)[None], **settings)
         else:
@@ -341,8 +332,7 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
         if not (found["converged"][0] and np.all(np.isfinite(found["theta"][0]))):
             return None
         theta, u = np.asarray(found["theta"][0], dtype=float), unconstrained(float(found["phi"][0]), continuous)
-        values = search.profiled(data, theta, u + np.array([INTERVAL_STEP, 0.0, -INTERVAL_STEP]), **settings)
-    return theta, u, float(values[0] - 2.0 * values[1] + values[2]) / INTERVAL_STEP**2
+    return theta, u, float(found["curvature"][0])
 
 
 def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = True,

@@ -10,3 +10,10 @@ datasets (:mod:`hierpool.batch`), ``hp.lmm(..., correlation=)`` over its one dat
 Newton method loads it on first use), so that a worker process can run a chunk
 (:mod:`hierpool.batch.host_processes`).
 """
+
+#: Bytes of temporaries one host call of these searches may hold by default: a batch's chunk (fewer datasets per
+#: call where each would hold more than ``HOST_CHUNK_BYTES / HOST_CHUNK``, :func:`hierpool.batch.plan.host_chunk`;
+#: each path states its bytes per dataset; one call per core runs at a time), and the most a dataset's lag classes'
+#: sums may take (:func:`~hierpool.algebra.search.ar1_systems.lagged_systems_pay`), in a batch's chunk or
+#: ``hp.lmm``'s one dataset.
+HOST_CHUNK_BYTES = 64 * 2**20

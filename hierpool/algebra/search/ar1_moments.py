@@ -23,7 +23,10 @@ u = -3 for corCAR1), :func:`hierpool.algebra.ar1.lag_one_phis`, and theta at tha
 is singular, at the moments of the data whitened at u's start); with terms on one factor that fit is of their
 block-diagonal term, as ``hp.lmm``'s is of the terms.  A search that leaves u's range (``hp.lmm``'s,
 :data:`hierpool.algebra.ar1.UNCONSTRAINED_LIMIT`) sees NaN there, as outside any criterion's domain; a dataset
-whose phi ends at the range's edge is fitted alone by ``hp.lmm``, as the compiled path does.
+whose phi ends at the range's edge is fitted alone by ``hp.lmm``, as the compiled path does.  Each dataset's result
+carries the criterion's curvature in u profiled over theta at the optimum, from the search's last Hessian
+(:func:`hierpool.algebra.ar1.profile_curvature`): phi's interval in ``hp.lmm``, and in both the check that the
+search did not stop on a flat stretch (:func:`hierpool.algebra.ar1.clearly_curved`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ..ar1 import (
     first_u,
     lag_one_phis,
     lagged_moments,
+    profile_curvature,
     unconstrained_phi,
     whitened_cross_products,
     whitened_statistics,
@@ -183,19 +187,6 @@ def start(data: ChunkData, continuous: bool, reml: bool, max_iterations: int) ->
     return np.column_stack([theta, u])
 
 
-def profiled(data: ChunkData, theta: np.ndarray, u: np.ndarray, *, continuous: bool, reml: bool,
-             max_iterations: int) -> np.ndarray:
-    """The criterion of the chunk's first dataset profiled over theta at each of ``u`` (nlme's unconstrained phi):
-    the search in theta (:func:`~hierpool.algebra.search.terms.search_statistics_on_host`) of the statistics whitened
-    at each phi, all at once, from ``theta`` (a joint optimum's, next to theirs), plus log |C(phi)|; NaN where that
-    search did not converge.  ``hp.lmm``'s curvature of the profile beside its joint estimate."""
-    rows = np.zeros(len(u), dtype=np.int64)  # the dataset once per phi
-    pair = data.statistics(constrained_phi(np.asarray(u, dtype=float)[:, None], continuous), rows)
-    stats, log_det = _at_one_phi(pair), pair[1]
-    found = search_statistics_on_host(stats, np.tile(theta, (len(u), 1)), reml, max_iterations, term_ks=data.ks)
-    return np.where(found["converged"], found["objective"] + log_det[:, 0], np.nan)
-
-
 def joint_criterion(data: ChunkData, continuous: bool, reml: bool):
     """``value_and_grad(points, rows)`` for :func:`newton_on_host`: the criterion at (theta, u) points (A, Q, m + 1)
     of datasets ``rows``, and its gradient by the complex step, every direction in one evaluation: the m steps in
@@ -233,9 +224,9 @@ def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterati
     (:mod:`hierpool.batch.fit_ar1`)."""
     value_and_grad = joint_criterion(data, continuous, reml)
     with np.errstate(all="ignore"):
-        point, value, newton_step, iterations, converged = newton_on_host(
+        point, value, newton_step, iterations, converged, hessian = newton_on_host(
             value_and_grad, start(data, continuous, reml, max_iterations), max_iterations, decrease_tol=decrease_tol,
-            saddle_free=True)
+            saddle_free=True, with_curvature=True)
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
     phi = constrained_phi(u, continuous)
     stats = _at_one_phi(data.statistics(phi[:, None]))
@@ -244,6 +235,7 @@ def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterati
     inside = np.abs(u) < UNCONSTRAINED_LIMIT - EDGE
     b, cond_var, factors = term_results(solved.b[0], solved.cond_var[0], solved.factors[0], data.ks)
     return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inside, "edge": ~inside,
+            "curvature": profile_curvature(hessian),
             "newton_step": newton_step, "iterations": iterations, "beta": np.asarray(solved.beta),
             "vcov": np.asarray(solved.vcov_beta), "sigma": np.asarray(solved.sigma),
             "b": b, "cond_var": cond_var, "factors": factors}

@@ -25,7 +25,9 @@ of real rows, h (w t^T + t w^T) with w the whitened rows and t their derivative 
 It starts where ``hp.lmm`` starts: u at the lag-1 correlation of the residuals of a fit at phi = 0 (corAR1; u = -3 for
 corCAR1), :func:`hierpool.algebra.ar1.lag_one_phis`, and theta at that fit's (the several-term host search,
 :func:`hierpool.algebra.search.terms.search_on_host`, from the linear models' moment start), or at that start where
-that fit is singular.  A dataset whose phi ends at its range's edge is fitted alone by ``hp.lmm``.
+that fit is singular.  A dataset whose phi ends at its range's edge is fitted alone by ``hp.lmm``.  Each result
+carries the profiled criterion's curvature in u, as the one-term search's does
+(:func:`hierpool.algebra.ar1.profile_curvature`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..ar1 import (
     first_u,
     lag_class_weights,
     lag_classes,
+    profile_curvature,
     weighted_sums,
     whiten,
 )
@@ -49,7 +52,7 @@ from ..criterion import host_objective_and_gradient
 from ..henderson import solve
 from ..linalg import canonical_theta, dataset_cells, distinct_columns
 from ..one_term import COMPLEX_STEP
-from .ar1_moments import ChunkRows
+from .ar1_moments import HOST_MAX_THETA, ChunkRows
 from .newton import DECREASE_TOL, newton_on_host
 from .terms import host_bytes as linear_host_bytes
 from .terms import search_on_host as theta_search
@@ -71,6 +74,20 @@ def lagged_bytes(classes: int, ks, widths, p: int) -> int:
     return 16 * (3 * classes + 1) * system_entries(widths, ks, p)
 
 
+def joint_search_kind(ks, one_factor: bool) -> str | None:
+    """Which host search moves (theta, u) together for random-effect terms of widths ``ks``: ``"moments"`` for one
+    term, or terms on one grouping factor (``one_factor``, fitted as one block-diagonal term), of at most
+    :data:`~hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters (:mod:`~hierpool.algebra.search.
+    ar1_moments`: its complex step costs an evaluation per parameter); ``"systems"`` for other several-term models
+    (this module); None for one wider term (``hp.lmm``'s Brent search, the batch's compiled golden sections).  The
+    one rule of ``hp.lmm`` (:func:`hierpool.closedform.ar1.joint_search`, which adds its dense coupling's bound) and
+    ``hp.fit_batch`` (:mod:`hierpool.batch.fit_ar1`, which adds its device and float type)."""
+    k = sum(ks)
+    if one_factor and k * (k + 1) // 2 <= HOST_MAX_THETA:
+        return "moments"
+    return "systems" if len(ks) > 1 else None
+
+
 #: Values of the lag classes' sums combined (3 J + 1 systems' values) per product of a row's columns, (sum_j k_j + p +
 #: 1)^2 a row, below which a chunk forms the sums (:func:`lagged_systems_pay`).
 LAGGED_VALUES_PER_PRODUCT = 30
@@ -82,7 +99,7 @@ def lagged_systems_pay(classes: int, ks, widths, p: int, rows: float, budget: fl
     path whitens the rows and builds their systems three times; a combined value costs about a thirtieth of a row's
     product (:data:`LAGGED_VALUES_PER_PRODUCT`, timed per call on shapes from one lag to 64 classes:
     benchmarks/RESULTS.md, twenty-sixth session).  The sums' bytes count in the chunk's (:func:`host_bytes`); none
-    is formed above a host call's ``budget`` (:data:`hierpool.batch.plan.HOST_CHUNK_BYTES`) a dataset."""
+    is formed above a host call's ``budget`` (:data:`hierpool.algebra.search.HOST_CHUNK_BYTES`) a dataset."""
     products = rows * (sum(ks) + p + 1) ** 2
     return ((3 * classes + 1) * system_entries(widths, ks, p) <= LAGGED_VALUES_PER_PRODUCT * products
             and lagged_bytes(classes, ks, widths, p) <= budget)
@@ -263,20 +280,6 @@ def start(data: TermsChunk, theta0: np.ndarray, continuous: bool, reml: bool, ma
     return np.column_stack([theta, u])
 
 
-def profiled(data: TermsChunk, theta: np.ndarray, u: np.ndarray, *, continuous: bool, reml: bool,
-             max_iterations: int) -> np.ndarray:
-    """The criterion of the chunk's first dataset profiled over theta at each of ``u`` (nlme's unconstrained phi):
-    the search in theta (:func:`~hierpool.algebra.search.terms.search_on_host`) of the systems whitened at each phi,
-    all at once, from ``theta`` (a joint optimum's, next to theirs), plus log |C(phi)|; NaN where that search did not
-    converge.  ``hp.lmm``'s curvature of the profile beside its joint estimate."""
-    # the dataset at each phi (axes (1, S)), the phis then the datasets' axis of the search (the rows' path takes
-    # each dataset once)
-    systems, log_det = data.systems_at(constrained_phi(np.asarray(u, dtype=float), continuous)[None, :], np.array([0]))
-    systems, log_det = map_arrays(systems, lambda a: a[0]), log_det[0]
-    found = theta_search(systems, np.repeat(data.n[:1], len(u)), np.tile(theta, (len(u), 1)), reml, max_iterations)
-    return np.where(found["converged"], found["objective"] + log_det, np.nan)
-
-
 def search_on_host(data: TermsChunk, theta0: np.ndarray, *, continuous: bool, reml: bool,
                    max_iterations: int) -> dict:
     """Fit a chunk's datasets (``data``; ``theta0`` their moment starts): a chunk's results as
@@ -284,9 +287,9 @@ def search_on_host(data: TermsChunk, theta0: np.ndarray, *, continuous: bool, re
     it (:mod:`hierpool.batch.host_processes`), and forms the lag classes' sums there."""
     value_and_grad = joint_criterion(data, continuous, reml)
     with np.errstate(all="ignore"):
-        point, value, newton_step, iterations, converged = newton_on_host(
+        point, value, newton_step, iterations, converged, hessian = newton_on_host(
             value_and_grad, start(data, theta0, continuous, reml, max_iterations), max_iterations,
-            decrease_tol=DECREASE_TOL, saddle_free=True, interpolated_damping=True)
+            decrease_tol=DECREASE_TOL, saddle_free=True, interpolated_damping=True, with_curvature=True)
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
     phi = constrained_phi(u, continuous)
     systems, _ = data.systems(phi, np.arange(len(data.n)))
@@ -294,4 +297,5 @@ def search_on_host(data: TermsChunk, theta0: np.ndarray, *, continuous: bool, re
         solved = solved_entries(solve(theta, systems, reml=reml, n=data.n))
     inside = np.abs(u) < UNCONSTRAINED_LIMIT - EDGE
     return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inside, "edge": ~inside,
+            "curvature": profile_curvature(hessian),
             "newton_step": newton_step, "iterations": iterations, **solved}
