@@ -37,42 +37,87 @@ CENTRE_RATIO = 10.0
 SCALE_RATIO = 1e3
 
 
-def _intercept_column(z: np.ndarray) -> int | None:
-    constant = np.flatnonzero(np.all(z == z[:1], axis=0) & (z[0] != 0))
-    return int(constant[0]) if constant.size else None
+def _group_columns(z: np.ndarray, group: np.ndarray, n_groups: int):
+    """Per group of rows: (whether each column is constant and nonzero there, its mean, its sd, its root mean
+    square), each (n_groups, k), and each group's first row's values (n_groups, k); the sd from deviations about
+    the group's mean (as ``np.std``, no cancellation for a column of large mean)."""
+    count = np.maximum(np.bincount(group, minlength=n_groups), 1)[:, None]
+    first = np.zeros(n_groups, dtype=np.int64)
+    first[group[::-1]] = np.arange(len(group))[::-1]  # each group's first row
+    k = z.shape[1]
+    sums = np.stack([np.bincount(group, z[:, c], n_groups) for c in range(k)], axis=1)
+    mean = sums / count
+    deviation = z - mean[group]
+    sd = np.sqrt(np.stack([np.bincount(group, deviation[:, c] ** 2, n_groups) for c in range(k)], axis=1) / count)
+    rms = np.sqrt(np.stack([np.bincount(group, z[:, c] ** 2, n_groups) for c in range(k)], axis=1) / count)
+    differs = np.stack([np.bincount(group, z[:, c] != z[first[group], c], n_groups) for c in range(k)], axis=1)
+    constant = (differs == 0) & (z[first] != 0)
+    return constant, mean, sd, rms, z[first]
+
+
+def _intercept_columns(constant: np.ndarray) -> np.ndarray:
+    """Each group's intercept column: its first constant nonzero column, -1 where none (or a term of one column)."""
+    has = constant.any(axis=1) & (constant.shape[1] > 1)
+    return np.where(has, np.argmax(constant, axis=1), -1)
+
+
+def term_transforms(z: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """M (n_groups, k, k) per group of rows of one term's columns ``z`` (``group`` each row's, as
+    ``hp.fit_batch``'s datasets): z M centred (when z has a constant column there) and scaled column by column;
+    identity columns stay.  One group is :func:`term_transform`."""
+    constant, mean, sd, rms, first = _group_columns(z, group, n_groups)
+    intercept = _intercept_columns(constant)
+    k = z.shape[1]
+    transform = np.tile(np.eye(k), (n_groups, 1, 1))
+    intercept_value = np.where(intercept >= 0, first[np.arange(n_groups), np.maximum(intercept, 0)], 1.0)
+    for c in range(k):
+        centred = (intercept >= 0) & (intercept != c) & (sd[:, c] > 0)
+        scaled = (intercept < 0) & (rms[:, c] > 0)
+        safe_sd, safe_rms = np.where(centred, sd[:, c], 1.0), np.where(scaled, rms[:, c], 1.0)
+        transform[:, c, c] = np.where(centred, 1.0 / safe_sd, np.where(scaled, 1.0 / safe_rms, 1.0))
+        at = np.flatnonzero(centred)
+        transform[at, intercept[at], c] = -mean[at, c] / (safe_sd[at] * intercept_value[at])
+    return transform
+
+
+def needs_conditioning(z: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Whether each group's rows of one term's columns ``z`` are far from centred or unit scale (n_groups,): a
+    column's root mean square outside [1 / :data:`SCALE_RATIO`, :data:`SCALE_RATIO`], or, with an intercept
+    column, another column's |mean| above :data:`CENTRE_RATIO` sds."""
+    constant, mean, sd, rms, _ = _group_columns(z, group, n_groups)
+    intercept = _intercept_columns(constant)
+    scale = np.any((rms > 0) & ((rms > SCALE_RATIO) | (rms < 1.0 / SCALE_RATIO)), axis=1)
+    others = np.arange(z.shape[1])[None, :] != intercept[:, None]
+    far = np.abs(mean) > CENTRE_RATIO * np.maximum(sd, np.finfo(float).tiny)
+    return scale | ((intercept >= 0) & np.any(others & far, axis=1))
 
 
 def term_transform(z: np.ndarray) -> np.ndarray:
     """M with z M centred (when z has a constant column) and scaled column by column; identity columns stay."""
-    k = z.shape[1]
-    transform = np.eye(k)
-    intercept = _intercept_column(z) if k > 1 else None
-    for c in range(k):
-        if c == intercept:
-            continue
-        column = z[:, c]
-        if intercept is not None:
-            mean, sd = column.mean(), column.std()
-            if sd > 0:
-                transform[c, c] = 1.0 / sd
-                transform[intercept, c] = -mean / (sd * z[0, intercept])
-        else:
-            rms = np.sqrt(np.mean(column**2))
-            if rms > 0:
-                transform[c, c] = 1.0 / rms
-    return transform
+    return term_transforms(z, np.zeros(len(z), dtype=np.int64), 1)[0]
 
 
 def _needs_conditioning(z: np.ndarray) -> bool:
-    intercept = _intercept_column(z) if z.shape[1] > 1 else None
-    rms = np.sqrt(np.mean(z**2, axis=0))
-    if np.any((rms > 0) & ((rms > SCALE_RATIO) | (rms < 1.0 / SCALE_RATIO))):
-        return True
-    if intercept is None:
-        return False
-    others = [c for c in range(z.shape[1]) if c != intercept]
-    mean, sd = z[:, others].mean(axis=0), z[:, others].std(axis=0)
-    return bool(np.any(np.abs(mean) > CENTRE_RATIO * np.maximum(sd, np.finfo(float).tiny)))
+    return bool(needs_conditioning(z, np.zeros(len(z), dtype=np.int64), 1)[0])
+
+
+def thetas_to_user(theta: np.ndarray, transforms) -> np.ndarray:
+    """lme4's thetas (..., n_theta) on the user's columns from conditioned ones, ``transforms`` one M (..., k, k)
+    per term: each term's lower-triangular L with L L^T = (M T)(M T)^T (the same covariance, the same criterion),
+    from the QR factor of (M T)^T, its diagonal made >= 0."""
+    theta = np.asarray(theta, dtype=float)
+    out, offset = [], 0
+    for transform in transforms:
+        k = transform.shape[-1]
+        rows, cols = tril_positions(k)
+        factor = np.zeros(theta.shape[:-1] + (k, k))
+        factor[..., rows, cols] = theta[..., offset : offset + rows.size]
+        r = np.linalg.qr(np.swapaxes(transform @ factor, -1, -2), mode="r")
+        diagonal = np.diagonal(r, axis1=-2, axis2=-1)
+        lower = np.swapaxes(r, -1, -2) * np.where(diagonal < 0, -1.0, 1.0)[..., None, :]
+        out.append(lower[..., rows, cols])
+        offset += rows.size
+    return np.concatenate(out, axis=-1)
 
 
 @dataclass(frozen=True)
@@ -84,18 +129,7 @@ class Conditioning:
 
     def theta_to_user(self, theta: np.ndarray) -> np.ndarray:
         """lme4's theta on the user's columns from the conditioned one (same covariance, same criterion)."""
-        out, offset = [], 0
-        for transform in self.transforms:
-            k = transform.shape[0]
-            rows, cols = tril_positions(k)
-            factor = np.zeros((k, k))
-            factor[rows, cols] = theta[offset : offset + rows.size]
-            # lower-triangular L with L L^T = (M T)(M T)^T: from the QR of (M T)^T, diagonal made >= 0
-            r = np.linalg.qr((transform @ factor).T, mode="r")
-            lower = r.T * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
-            out.append(lower[rows, cols])
-            offset += rows.size
-        return np.concatenate(out)
+        return thetas_to_user(theta, self.transforms)
 
     def solution_to_user(self, solution: Solution, theta: np.ndarray) -> Solution:
         """The conditioned problem's solution (host arrays) on the user's columns at the user's ``theta``."""

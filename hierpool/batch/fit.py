@@ -67,6 +67,7 @@ from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
 from ..errors import ArgumentError, HierpoolWarning, integer_argument
 from ..spec.family import family_spec
+from .conditioning import condition_batch
 from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
 from .fit_glmm import fit_glmm, glmm_problems
@@ -372,6 +373,10 @@ def fit_batch(
             out["shape"] = np.full(plan.n_datasets, np.nan)  # each refit's
         return _result(plan, out, formula, False, polish, partial(glmm, family=family, link=link, nAGQ=nAGQ),
                        progress=progress)
+    # a dataset whose random-effect columns are far from centred or unit scale is searched on its columns centred
+    # and scaled, as hp.lmm's (batch.conditioning); the results are mapped back to the user's below
+    conditioning = condition_batch(plan)
+    fitted = plan if conditioning is None else conditioning.plan
     sharding = mesh_sharding()
     # compiled programs: Newton's m x m systems, one per dataset of a call, go to a batched LAPACK call, serial on a
     # CPU where it may split (plan.thread_count); several terms and AR(1) always run serially.  A path that runs on
@@ -387,17 +392,19 @@ def fit_batch(
     if spec is not None:
         settings.pop("reml")
         # a negative binomial's shape is estimated (the 1.0 only makes the family; the batch starts from moments)
-        out = fit_glmm(plan, make_family(spec, shape=1.0 if spec.name == "negative_binomial" else None), **settings)
+        out = fit_glmm(fitted, make_family(spec, shape=1.0 if spec.name == "negative_binomial" else None), **settings)
         fitter = partial(glmm, family=family, link=link)
     elif correlation is not None:
-        out = fit_ar1(plan, correlation, **settings)
+        out = fit_ar1(fitted, correlation, **settings)
         fitter = partial(lmm, reml=reml, correlation=correlation)
     elif len(plan.design.terms) == 1:
-        out = _fit_one_term(plan, **settings)
+        out = _fit_one_term(fitted, **settings)
         fitter = partial(lmm, reml=reml)
     else:
-        out = fit_terms(plan, **settings)
+        out = fit_terms(fitted, **settings)
         fitter = partial(lmm, reml=reml)
+    if conditioning is not None:
+        out = conditioning.to_user(out)
     return _result(plan, out, formula, reml, polish, fitter)
 
 

@@ -1,0 +1,89 @@
+"""hp.fit_batch on random-effect columns far from centred or unit scale (hierpool.batch.conditioning): each dataset
+that needs it is searched on its own columns centred and scaled, as hp.lmm's fit is, and mapped back."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hierpool as hp
+from hierpool.algebra.conditioning import term_transform, term_transforms, thetas_to_user
+
+
+def _groups(seed: int, shift: float = 0.0, scale: float = 1.0) -> pd.DataFrame:
+    """y = 1 + 0.5 x + a's intercept and slope + b's intercept (nested in a) + noise, x then shifted and scaled."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(6):
+        intercept, slope = rng.normal(0, 1.0), rng.normal(0, 0.4)
+        for j in range(3):
+            nested = rng.normal(0, 0.6)
+            for t in range(5):
+                x = rng.normal()
+                rows.append((f"a{i}", f"b{j}", f"s{i}_{j}", t, shift + scale * x,
+                             1 + 0.5 * x + intercept + slope * x + nested + rng.normal()))
+    return pd.DataFrame(rows, columns=["a", "b", "s", "t", "x", "y"])
+
+
+def _assert_rows_are_single_fits(batch, frames, formula, **kwargs):
+    """Each row is hp.lmm's fit of its dataset: the criterion to 1e-9, the rest to 1e-4 (an intercept's BLUP at
+    x = 0, 2000 units from the data, moves ten thousand times as much as theta's digits at the optimum)."""
+    for d, frame in enumerate(frames):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = hp.lmm(formula, frame, **kwargs)
+        assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-9), f"criterion of dataset {d}"
+        assert batch.converged.iloc[d] and not batch.refit.iloc[d], batch.messages.iloc[d]
+        np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-5, err_msg=f"beta of {d}")
+        np.testing.assert_allclose(batch.theta[d], fit.theta, rtol=1e-4, atol=1e-6, err_msg=f"theta of {d}")
+        assert bool(batch.is_singular.iloc[d]) == bool(fit.is_singular)
+        for term in batch.terms:
+            for j, name in enumerate(term.coef_names):
+                rows = fit.ranef[(fit.ranef["grpvar"] == term.group) & (fit.ranef["term"] == name)]
+                expected = rows["condval"].to_numpy()
+                np.testing.assert_allclose(term.b[d][:, j], expected, rtol=0, atol=1e-4 * np.abs(expected).max(),
+                                           err_msg=f"BLUPs of {term.group} {name}, {d}")
+                cond_sd = rows["condsd"].to_numpy()
+                np.testing.assert_allclose(term.cond_sd[d][:, j], cond_sd, rtol=1e-4, err_msg=f"cond sd, {d}")
+
+
+def test_a_slope_on_a_calendar_year_equals_its_single_fit():
+    """(1 + x | a) with x around 2000 in one dataset, 1e-4 times smaller in another: the search from the moment
+    start stopped on the intercept-slope ridge, 5 units of -2 log L above hp.lmm's fit, reported converged."""
+    formula = "y ~ x + (1 + x | a)"
+    frames = [_groups(1), _groups(1, shift=2000.0), _groups(2, scale=1e-4), _groups(3, shift=-500.0, scale=30.0)]
+    batch = hp.fit_batch(formula, frames, progress=False)
+    _assert_rows_are_single_fits(batch, frames, formula)
+    # the model is the same in any parametrization of x: the shifted dataset's criterion is the unshifted one's
+    assert batch.objective.iloc[1] == pytest.approx(batch.objective.iloc[0], rel=1e-9)
+
+
+@pytest.mark.parametrize("model", ["several terms", "ar1"])
+def test_several_terms_and_ar1_residuals_on_a_calendar_year(model):
+    formula = {"several terms": "y ~ x + (1 + x | a) + (1 | a:b)", "ar1": "y ~ x + (1 + x | a)"}[model]
+    kwargs = {"ar1": {"correlation": hp.ar1("s", time="t")}}.get(model, {})
+    frames = [_groups(4), _groups(4, shift=2000.0)]
+    batch = hp.fit_batch(formula, frames, progress=False, **kwargs)
+    _assert_rows_are_single_fits(batch, frames, formula, **kwargs)
+    assert batch.objective.iloc[1] == pytest.approx(batch.objective.iloc[0], rel=1e-9)
+
+
+def test_the_transforms_of_each_group_are_each_groups_own():
+    """term_transforms over groups of rows equals term_transform of each group alone (an intercept column of 2,
+    a column that is constant in one group only, a term without an intercept), and thetas_to_user over a stack
+    equals it row by row."""
+    rng = np.random.default_rng(0)
+    z = np.column_stack([np.full(30, 2.0), 2000 + rng.normal(size=30), 1e-4 * rng.normal(size=30)])
+    z[20:, 1] = 7.0
+    group = np.repeat([0, 1, 2], 10)
+    for columns in ([0, 1, 2], [1, 2], [2]):
+        grouped = term_transforms(z[:, columns], group, 3)
+        for g in range(3):
+            np.testing.assert_allclose(grouped[g], term_transform(z[group == g][:, columns]), rtol=1e-13)
+    thetas = rng.normal(size=(3, 6 + 1))
+    transforms = (term_transforms(z, group, 3), term_transforms(z[:, :1], group, 3))
+    stacked = thetas_to_user(thetas, transforms)
+    for g in range(3):
+        np.testing.assert_allclose(stacked[g], thetas_to_user(thetas[g], tuple(m[g] for m in transforms)),
+                                   rtol=1e-13)
