@@ -87,3 +87,38 @@ def test_the_transforms_of_each_group_are_each_groups_own():
     for g in range(3):
         np.testing.assert_allclose(stacked[g], thetas_to_user(thetas[g], tuple(m[g] for m in transforms)),
                                    rtol=1e-13)
+
+
+def _binomial(seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    effects = rng.normal(0, 0.8, 10)
+    for g in range(10):
+        for _ in range(5):
+            x, n = rng.normal(), int(rng.integers(1, 12))
+            k = rng.binomial(n, 1 / (1 + np.exp(-(-0.3 + 0.6 * x + effects[g]))))
+            rows.append((f"g{g}", x, k, n - k))
+    return pd.DataFrame(rows, columns=["g", "x", "k", "f"])
+
+
+def test_a_glmm_slope_on_a_calendar_year_is_the_same_fit_in_hp_glmm_and_the_batch():
+    """cbind(k, f) ~ x + (1 + x | g) with the slope's column, the fixed effect's or both shifted by 2000 is the
+    same model: hp.glmm stopped 0.14 above its deviance with the random slope shifted (reported converged; now
+    searched on conditioned columns, closedform.glmm._fit_conditioned), the batch 2.8e-4 above it with the fixed
+    effect shifted (its search moves beta too: conditioned per dataset, batch.conditioning)."""
+    data = _binomial(1)
+    shifted = data.assign(xs=data["x"] + 2000.0)
+    models = [(data, "cbind(k, f) ~ x + (1 + x | g)"), (shifted, "cbind(k, f) ~ x + (1 + xs | g)"),
+              (shifted, "cbind(k, f) ~ xs + (1 + x | g)"), (shifted, "cbind(k, f) ~ xs + (1 + xs | g)")]
+    reference = hp.glmm(models[0][1], data, family="binomial").optimum.deviance
+    for frame, formula in models:
+        with warnings.catch_warnings():  # glmer's too: "rescale that variable"
+            warnings.simplefilter("ignore")
+            fit = hp.glmm(formula, frame, family="binomial")
+        assert fit.optimum.deviance == pytest.approx(reference, rel=1e-9), formula
+        batch = hp.fit_batch(formula, [frame, data.assign(xs=data["x"])], family="binomial", progress=False)
+        assert batch.objective.iloc[0] == pytest.approx(reference, rel=1e-9), formula
+        assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
+        np.testing.assert_allclose(batch.beta[0], fit.fixef.to_numpy(), rtol=1e-4, err_msg=formula)
+        np.testing.assert_allclose(batch.beta_se[0], np.sqrt(np.diag(fit.vcov)), rtol=1e-3, err_msg=formula)
+        np.testing.assert_allclose(batch.theta[0], fit.theta, rtol=1e-4, atol=1e-6, err_msg=formula)

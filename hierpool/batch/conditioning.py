@@ -10,6 +10,10 @@ z M_d, M_d from its own rows (:func:`~hierpool.algebra.conditioning.term_transfo
 factors, BLUPs and conditional variances are mapped back: b = M b~, Var(b | y) = M Var(b~ | y) M^T.  beta, its
 covariance, sigma, phi and the criterion are unchanged.  The other datasets keep their columns (M = I), and a
 batch none of whose datasets needs it is not touched.
+
+A GLMM's search moves beta with theta (the linear models' paths profile beta out on centred X), so for a GLMM
+the fixed-effect columns are conditioned by the same rule: X A_d, beta = A beta~, Cov(beta) = A Cov(beta~) A^T
+(``hp.glmm``'s own search is scaled by its start's Hessian instead, :mod:`hierpool.closedform.glmm_scaling`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class BatchConditioning:
     plan: BatchPlan
     transforms: tuple[np.ndarray, ...]
     conditioned: np.ndarray
+    fixed: np.ndarray | None = None  # A per dataset (n_datasets, p, p), a GLMM's
 
     def to_user(self, out: dict) -> dict:
         """The results ``out`` of a fit of :attr:`plan` (:func:`hierpool.batch.fit_terms.run_jobs`'s dict) on the
@@ -41,6 +46,10 @@ class BatchConditioning:
         rows = np.flatnonzero(self.conditioned & np.all(np.isfinite(out["theta"]), axis=1))
         if not rows.size:
             return out
+        if self.fixed is not None:
+            a = self.fixed[rows]
+            out["beta"][rows] = np.einsum("dij,dj->di", a, out["beta"][rows])
+            out["vcov"][rows] = a @ out["vcov"][rows] @ np.swapaxes(a, -1, -2)
         ks = tuple(m.shape[-1] for m in self.transforms)
         transforms = [m[rows] for m in self.transforms]
         theta = thetas_to_user(out["theta"][rows], transforms)
@@ -55,13 +64,13 @@ class BatchConditioning:
         return out
 
 
-def condition_batch(plan: BatchPlan) -> BatchConditioning | None:
-    """The batch on each dataset's random-effect columns centred and scaled where that dataset's are far from it
-    (the module notes); None where no dataset's are."""
+def condition_batch(plan: BatchPlan, fixed: bool = False) -> BatchConditioning | None:
+    """The batch on each dataset's random-effect columns (and with ``fixed``, a GLMM's, its fixed-effect columns)
+    centred and scaled where that dataset's are far from it (the module notes); None where no dataset's are."""
     design, n = plan.design, plan.n_datasets
     conditioned = np.zeros(n, dtype=bool)
-    for term in design.terms:
-        conditioned |= needs_conditioning(term.z, plan.dataset, n)
+    for z in [term.z for term in design.terms] + ([design.X] if fixed and design.p else []):
+        conditioned |= needs_conditioning(z, plan.dataset, n)
     if not conditioned.any():
         return None
     transforms, terms = [], []
@@ -71,5 +80,10 @@ def condition_batch(plan: BatchPlan) -> BatchConditioning | None:
         transforms.append(transform)
         z = np.einsum("ri,rij->rj", term.z, transform[plan.dataset])
         terms.append(dataclasses.replace(term, z=np.ascontiguousarray(z)))
-    fitted = dataclasses.replace(plan, design=dataclasses.replace(design, terms=tuple(terms)))
-    return BatchConditioning(fitted, tuple(transforms), conditioned)
+    columns, fixed_transform = {"terms": tuple(terms)}, None
+    if fixed and design.p:
+        fixed_transform = term_transforms(design.X, plan.dataset, n)
+        fixed_transform[~conditioned] = np.eye(design.p)
+        columns["X"] = np.ascontiguousarray(np.einsum("ri,rij->rj", design.X, fixed_transform[plan.dataset]))
+    fitted = dataclasses.replace(plan, design=dataclasses.replace(design, **columns))
+    return BatchConditioning(fitted, tuple(transforms), conditioned, fixed_transform)

@@ -221,7 +221,8 @@ def _minimize(criterion, start, lower, step):
 
 
 def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
-                estimate_shape: bool = False, compiled: bool | None = None, derivatives: bool = True) -> GLMMOptimum:
+                estimate_shape: bool = False, compiled: bool | None = None, derivatives: bool = True,
+                start: np.ndarray | None = None) -> GLMMOptimum:
     """Fit a GLMM by the Laplace approximation (``stages=2``, glmer's ``nAGQ = 1``), by adaptive
     quadrature (``nodes > 1``, glmer's ``nAGQ = nodes``), or at the joint mode (``stages=1``, ``nAGQ = 0``).
 
@@ -246,6 +247,10 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
         convergence checks and its standard errors.  With the exact gradient the Hessian also finishes
         the search (Newton steps); without it the fit stops where L-BFGS-B did, within ~1e-6 of the
         optimum's deviance.
+    start : numpy.ndarray, optional
+        (theta, beta) where stage 2 starts in place of the EM step's point (the Laplace approximation with
+        the exact gradient only): the optimum of the same model on conditioned columns, mapped to these
+        (:func:`hierpool.closedform.glmm.glmm`).
 
     Returns
     -------
@@ -253,16 +258,22 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
     """
     find_mode = ModeFinder(design, family, compiled)
     with one_blas_thread(sum(ell * k for ell, k in find_mode.patterns[True].layout.rest_blocks)):
-        return _fit(find_mode, family, stages, nodes, estimate_shape, derivatives)
+        return _fit(find_mode, family, stages, nodes, estimate_shape, derivatives, start)
 
 
 def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimate_shape: bool,
-         derivatives: bool) -> GLMMOptimum:
+         derivatives: bool, start: np.ndarray | None = None) -> GLMMOptimum:
     """:func:`fit_laplace`'s stages with the mode finder made."""
     design = find_mode.design
     ks = tuple(t.k for t in design.terms)
     lower = theta_lower_bounds(ks)
     state = {"u": None, "beta": np.zeros(design.p)}
+    if start is not None:
+        if not (stages == 2 and nodes == 1 and find_mode.gradient_available):
+            raise ValueError("start= is for the Laplace approximation with the exact gradient")
+        optimum = _gradient_stage(find_mode, family, np.asarray(start, dtype=float), lower, 0, None, derivatives,
+                                  estimate_shape)
+        return _off_the_saddle(find_mode, family, optimum, lower, derivatives, estimate_shape)
 
     def joint(theta):
         mode = find_mode(theta, state["beta"], family, joint=True, start_u=state["u"])
