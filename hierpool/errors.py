@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 
 class HierpoolError(Exception):
     """Base class of every error hierpool raises on purpose."""
@@ -30,6 +32,14 @@ def integer_argument(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def boolean_argument(name: str, value) -> bool:
+    """``value`` as a bool, or an :class:`ArgumentError` naming ``name`` when it is not True or False (a string
+    such as ``"False"`` or ``"ML"`` would be truthy, and silently the other model)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 class ConvergenceError(HierpoolError, RuntimeError):

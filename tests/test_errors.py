@@ -145,3 +145,18 @@ def test_nullable_numeric_columns_fit_as_float64_and_are_not_modified(data):
     fit = hp.lmm("y ~ x + (1 | g)", nullable)
     assert fit.objective == pytest.approx(hp.lmm("y ~ x + (1 | g)", data).objective, rel=1e-12)
     assert nullable.dtypes.equals(before)
+
+
+@pytest.mark.parametrize("value", ["no", "False", "ML", 0, None])
+def test_reml_that_is_not_a_bool_is_refused_by_name(value):
+    """reml="False" or "ML" is truthy: it fitted REML silently (hp.lmm, hp.fit_batch); a bool is asked for."""
+    import hierpool as hp
+
+    data = hp.datasets.sleepstudy()
+    with pytest.raises(hp.ArgumentError, match="reml must be True or False"):
+        hp.lmm("Reaction ~ Days + (1 | Subject)", data, reml=value)
+    with pytest.raises(hp.ArgumentError, match="reml must be True or False"):
+        hp.glmm("y ~ Days + (1 | Subject)", data.assign(y=data["Reaction"] > 300), reml=value)
+    if value is not None:  # fit_batch's None: REML for a linear model, ML for a GLMM
+        with pytest.raises(hp.ArgumentError, match="reml must be True or False"):
+            hp.fit_batch("Reaction ~ Days + (1 | Subject)", [data], reml=value, progress=False)

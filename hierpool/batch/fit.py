@@ -65,7 +65,7 @@ from ..algebra.search.terms import host_bytes, search_statistics_on_host
 from ..closedform import glmm, lmm
 from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
-from ..errors import ArgumentError, HierpoolWarning, integer_argument
+from ..errors import ArgumentError, HierpoolWarning, boolean_argument, integer_argument
 from ..spec.family import family_spec
 from .conditioning import condition_batch
 from .fit_ar1 import fit_ar1
@@ -343,6 +343,7 @@ def fit_batch(
     if chunk_size is not None:
         chunk_size = integer_argument("chunk_size", chunk_size)
     max_iterations = integer_argument("max_iterations", max_iterations)
+    reml = None if reml is None else boolean_argument("reml", reml)
     spec = None
     if family is not None:
         spec = family_spec(family, link)
@@ -358,7 +359,7 @@ def fit_batch(
             raise ArgumentError("correlation= with family=: AR(1) residuals are for the linear mixed model")
         if dtype != "float64":
             raise ArgumentError(f"dtype={dtype!r} with correlation=: an AR(1) batch is fitted in float64")
-    reml = family is None if reml is None else bool(reml)
+    reml = family is None if reml is None else reml
     plan = plan_batch(formula, data, by, "fit_batch", "hp.glmm" if spec else "hp.lmm", weights=weights,
                       offset=offset, se=se, one_term=False, family=spec)
     if spec is not None and nAGQ != 1:

@@ -18,7 +18,13 @@ from ..algebra.family import family as make_family
 from ..algebra.laplace import deviance_gives_likelihood
 from ..algebra.quadrature import MAX_NODES
 from ..algebra.separation import distinct_rows, separating_columns
-from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
+from ..errors import (
+    ArgumentError,
+    ConvergenceWarning,
+    DataError,
+    HierpoolWarning,
+    boolean_argument,
+)
 from ..spec.design import build_design
 from ..spec.family import family_spec
 from ..spec.formula import has_spatial_term
@@ -120,6 +126,7 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     GLMMResult
     """
     spatial = adjacency is not None or has_spatial_term(formula)
+    reml = boolean_argument("reml", reml)
     check_quadrature(nAGQ, spatial=spatial)
     spec = family_spec(family, link)
     if spatial:

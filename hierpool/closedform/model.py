@@ -19,7 +19,7 @@ from ..algebra.henderson import as_numpy, solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
-from ..errors import ArgumentError, ConvergenceWarning
+from ..errors import ArgumentError, ConvergenceWarning, boolean_argument
 from ..spec.design import Design, build_design
 from ..spec.formula import has_spatial_term
 from .ar1 import fit_ar1
@@ -228,6 +228,7 @@ def lmm(
     Walker (2015), "Fitting linear mixed-effects models using lme4", J. Stat.
     Softw. 67(1); blocked factorization as in MixedModels.jl.
     """
+    reml = boolean_argument("reml", reml)
     if adjacency is not None or has_spatial_term(formula):
         return _spatial_lmm(formula, data, reml, se, control, weights, offset, correlation, relmat, relmat_inverse,
                             adjacency)
