@@ -46,18 +46,36 @@ DAMPING_GROWTH = 100.0
 SECANT_MIN_WORK = 20_000
 
 
+def placeholder_where_not(usable, matrices):
+    """``matrices`` (..., m, m) with the identity in place of those not ``usable`` (...): a stack's inverse is then
+    taken of matrices that have one, and the placeholders' results are discarded by the caller."""
+    xp = array_namespace(matrices)
+    return xp.where(usable[..., None, None], matrices, xp.eye(matrices.shape[-1], dtype=matrices.dtype))
+
+
+def invertible(matrices):
+    """(...) whether each of ``matrices`` (..., m, m) has an LU factorization with no zero pivot: the matrices whose
+    inverse NumPy gives.  NumPy's ``inv`` of a stack raises ``LinAlgError`` for the whole stack when one of its
+    matrices is exactly singular (JAX's gives that one inf/NaN): a perfectly separated binomial dataset's Hessian is
+    rounding noise about 0 whose last bits depend on the datasets its chunk is stacked with, exactly singular beside
+    some of them, and then stopped the whole batch.  ``slogdet`` factors as ``inv`` does, and gives sign 0 there."""
+    xp = array_namespace(matrices)
+    sign, _ = xp.linalg.slogdet(matrices)
+    return sign != 0
+
+
 def beta_covariance(curvature, value, n_theta: int, p: int):
     """beta's covariance from the last forward-difference Hessian H in the parameters (theta, beta[, log shape]):
     the beta block of (H_(theta, beta) / 2)^-1, the shape held (``hp.glmm``'s, lme4's ``vcov`` with
     ``use.hessian``).  NaN where the criterion is not finite (no step was ever taken: H is the search's
-    placeholder) or that block is not positive definite (lme4 then falls back to R_X; here no number is given).
-    One dataset traced, or a stack (NumPy) on the host."""
+    placeholder), H is exactly singular, or that block is not positive definite (lme4 then falls back to R_X; here
+    no number is given).  One dataset traced, or a stack (NumPy) on the host."""
     xp = array_namespace(curvature)
     stop = n_theta + p
     information = 0.5 * curvature[..., :stop, :stop]
     usable = xp.all(xp.isfinite(information), axis=(-2, -1)) & xp.isfinite(value)
-    safe = xp.where(usable[..., None, None], information, xp.eye(stop, dtype=information.dtype))
-    block = xp.linalg.inv(safe)[..., n_theta:stop, n_theta:stop]
+    usable = usable & invertible(placeholder_where_not(usable, information))
+    block = xp.linalg.inv(placeholder_where_not(usable, information))[..., n_theta:stop, n_theta:stop]
     chol = cholesky(block)
     definite = (usable & xp.all(xp.isfinite(chol), axis=(-2, -1))
                 & xp.all(xp.diagonal(chol, axis1=-2, axis2=-1) > 0, axis=-1))
