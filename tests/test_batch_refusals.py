@@ -75,3 +75,78 @@ def test_a_separated_dataset_in_a_chunk_with_others_is_not_converged_and_the_oth
         np.testing.assert_allclose(batch.beta[d], without.beta[alone], rtol=1e-8)
         np.testing.assert_allclose(batch.beta[d], single.fixef.to_numpy(), rtol=1e-4)
 
+
+def _counts(seed: int, groups: int = 6, per: int = 5) -> pd.DataFrame:
+    """Poisson counts of a log-linear random-intercept model."""
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(groups), per)
+    x = rng.normal(size=g.size)
+    eta = 0.5 + 0.4 * x + rng.normal(0, 0.5, groups)[g]
+    return pd.DataFrame({"g": [f"g{i}" for i in g], "x": x, "y": rng.poisson(np.exp(eta))})
+
+
+def _assert_rows_as_fitted_without(batch, kept, reference, positions):
+    """Rows ``kept`` of ``batch`` are rows ``positions`` of ``reference`` (the batch without the refused datasets)."""
+    for d, r in zip(kept, positions):
+        assert batch.converged.iloc[d] and not batch.messages.iloc[d]
+        assert batch.objective.iloc[d] == pytest.approx(reference.objective.iloc[r], rel=1e-10)
+        np.testing.assert_allclose(batch.beta[d], reference.beta[r], rtol=1e-8)
+
+
+def _assert_refused(batch, d, reason):
+    assert np.isnan(batch.objective.iloc[d]) and np.isnan(batch.beta[d]).all() and not batch.converged.iloc[d]
+    assert reason in batch.messages.iloc[d], batch.messages.tolist()
+
+
+def test_a_dataset_with_no_usable_rows_keeps_its_row_and_says_why():
+    # they vanished from the result: labels [0, 4] of five datasets, and positional indexing then misaligned
+    good = [_gaussian(0), _gaussian(4)]
+    n = len(good[0])
+    frames = [good[0], good[0].iloc[:0], _gaussian(2).drop(columns="x"), _gaussian(3).assign(y=np.nan), good[1]]
+    with pytest.warns(hp.HierpoolWarning, match=f"dropped {2 * n} of {4 * n} rows with missing values"):
+        batch = hp.fit_batch(LINEAR, frames, by="rep", progress=False)
+    assert list(batch.datasets) == [0, 1, 2, 3, 4] and len(batch.to_frame()) == 5
+    _assert_refused(batch, 1, "the dataset is empty")
+    _assert_refused(batch, 2, "uses column 'x', which is not in this dataset")
+    _assert_refused(batch, 3, f"no rows left after dropping missing values (y: {n})")
+    reference = hp.fit_batch(LINEAR, good, by="rep", progress=False)
+    _assert_rows_as_fitted_without(batch, [0, 4], reference, [0, 1])
+    # a dict's keys, and one DataFrame's by column (every row's label, those all dropped too), the same way
+    named = hp.fit_batch(LINEAR, {"a": good[0], "b": good[0].iloc[:0], "c": good[1]}, by="rep", progress=False)
+    assert list(named.datasets) == ["a", "b", "c"] and "the dataset is empty" in named.messages["b"]
+    long = pd.concat([frame.assign(rep=label) for label, frame in zip("abc", frames[2:])], ignore_index=True)
+    with pytest.warns(hp.HierpoolWarning, match="dropped"):
+        one = hp.fit_batch(LINEAR, long, by="rep", progress=False)
+    assert list(one.datasets) == ["a", "b", "c"]
+    _assert_refused(one, 0, f"no rows left after dropping missing values (x: {n})")
+    _assert_refused(one, 1, f"no rows left after dropping missing values (y: {n})")
+
+
+def _single_refusal(fit, formula, frame, **kwargs) -> str:
+    with pytest.raises(hp.DataError) as refused:
+        _quiet(fit, formula, frame, **kwargs)
+    return str(refused.value)
+
+
+def test_a_constant_response_is_refused_in_its_row_as_hp_lmm_refuses_it():
+    # its fit reported a criterion of -9,000 and a residual sd of 2e-32 as converged, with no message
+    frames = [_gaussian(0), _gaussian(1).assign(y=3.0), _gaussian(2)]
+    batch = hp.fit_batch(LINEAR, frames, by="rep", progress=False)
+    reason = _single_refusal(hp.lmm, LINEAR, frames[1])
+    assert "is constant" in reason
+    _assert_refused(batch, 1, reason)
+    assert np.isnan(batch.sigma[1])
+    _assert_rows_as_fitted_without(batch, [0, 2], hp.fit_batch(LINEAR, frames[::2], by="rep", progress=False),
+                                   [0, 1])
+
+
+def test_a_poisson_dataset_of_zeros_is_refused_in_its_row_as_hp_glmm_refuses_it():
+    # its row kept the numbers where the search stopped (an intercept of -25), not converged, hp.glmm's refusal
+    # reported as the refit's failure
+    frames = [_counts(0), _counts(1).assign(y=0), _counts(2), _counts(3).iloc[:0]]
+    batch = hp.fit_batch(LINEAR, frames, by="rep", family="poisson", progress=False)
+    _assert_refused(batch, 1, _single_refusal(hp.glmm, LINEAR, frames[1], family="poisson"))
+    _assert_refused(batch, 3, "the dataset is empty")
+    assert not batch.refit.iloc[1]
+    reference = hp.fit_batch(LINEAR, frames[::2], by="rep", family="poisson", progress=False)
+    _assert_rows_as_fitted_without(batch, [0, 2], reference, [0, 1])

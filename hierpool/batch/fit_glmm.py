@@ -91,8 +91,10 @@ QUICK_COMPILE_MAX_ROWS = 40_000
 
 def glmm_problems(plan: BatchPlan) -> list[str]:
     """Why each dataset of a GLMM batch cannot be fitted or sampled ("" when it can): hp.glmm's checks (levels, X's
-    rank and rows; a GLMM's level count may reach its row count: no sigma), and a binomial dataset with no successes
-    or only successes (its intercept runs off to -+inf: separation)."""
+    rank and rows; a GLMM's level count may reach its row count: no sigma), a binomial dataset with no successes
+    or only successes (its intercept runs off to -+inf: separation), and what hp.glmm refuses in a dataset's data
+    (no rows left, a response of one value: :attr:`~hierpool.batch.plan.BatchPlan.refusals`; a Poisson dataset of
+    zeros otherwise kept the numbers where its search stopped, an intercept of -25)."""
     design = plan.design
     messages = term_problems(plan, sigma_known=True)
     if design.family.name == "binomial":
@@ -101,7 +103,7 @@ def glmm_problems(plan: BatchPlan) -> list[str]:
         for d in np.flatnonzero((successes == 0) | (successes == trials)):
             if not messages[d]:
                 messages[d] = f"{'no' if successes[d] == 0 else 'only'} successes: the model is not estimable"
-    return messages
+    return plan.with_refusals(messages)
 
 
 def glm_start(plan: BatchPlan, family: Family) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,11 @@
   gathers the results back to every process
   (``jax.experimental.multihost_utils.process_allgather``).
 * A dataset that cannot be fitted (one level, aliased fixed effects, too few
-  observations) is never sent to the compiled program; its reason is kept.
+  observations) is never sent to the compiled program; its reason is kept.  Every
+  dataset passed keeps its row (:func:`dataset_labels_of`), one with no rows left (an
+  empty frame, a column it lacks, a response all missing) too; such a dataset, and one
+  whose response is constant, which the single fit refuses, are refused in their rows
+  with the reason (:func:`plan_refusals`).
 * Prior weights and offsets (``weights=``, ``offset=`` and ``offset(...)`` terms)
   are read by :func:`hierpool.spec.design.build_design` on the long frame, which checks
   them and drops rows with missing values, and enter each dataset's statistics
@@ -39,6 +43,7 @@ import dataclasses
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -50,7 +55,7 @@ from jax.experimental import multihost_utils
 from ..algebra.linalg import shared_factor
 from ..algebra.search import HOST_CHUNK_BYTES
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
-from ..errors import ArgumentError, DataError
+from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
 from ..spec.design import Design, RandomEffectTerm, build_design, unique_codes
 from ..spec.transforms import stateful_calls
 
@@ -142,14 +147,16 @@ def bucket_width(n_levels: np.ndarray) -> np.ndarray:
 
 
 def dataset_problems(n_obs, n_levels, rank, p: int, k: int, group: str, sigma_known: bool = False) -> list[str]:
-    """Why each dataset cannot be fitted ("" when it can).
+    """Why each dataset cannot be fitted ("" when it can), from its counts.
 
     With known residual sds (``sigma_known``) one observation per level is identifiable (a
     meta-analysis), as ``hp.lmm``'s check allows; the other rules are the same.
     """
     problems = []
     for n, ell, r in zip(n_obs, n_levels, rank):
-        if ell < 2:
+        if n == 0:  # why none is left is the plan's to say (BatchPlan.refusals): the counts alone cannot
+            problems.append("no rows to fit")
+        elif ell < 2:
             problems.append(f"only {ell} level of {group!r}: its variance cannot be estimated")
         elif r < p:
             problems.append(f"the {p} fixed-effect columns have rank {r} in this dataset")
@@ -277,6 +284,7 @@ class BatchPlan:
     weights: object = None  # the weights= argument as given: a column name, or an array aligned with frame's rows
     offset: object = None  # the offset= argument, likewise
     se: str | None = None  # the se= argument: the column of known residual sds
+    refusals: tuple = ()  # per dataset: why its single fit refuses its data ("" when it does not), plan_refusals
 
     @property
     def term(self) -> RandomEffectTerm:
@@ -285,6 +293,17 @@ class BatchPlan:
     @property
     def n_datasets(self) -> int:
         return len(self.labels)
+
+    def refused(self, index: int, found: str) -> str:
+        """Dataset ``index``'s reason not to be fitted: its refusal by the single fit (:attr:`refusals`) where the
+        checks on its counts (``found``, "" when none) found nothing or found it has no rows (they cannot say why);
+        else ``found``."""
+        refusal = self.refusals[index] if self.refusals else ""
+        return refusal if refusal and (not found or self.n_obs[index] == 0) else found
+
+    def with_refusals(self, messages: list[str]) -> list[str]:
+        """Every dataset's reason not to be fitted (:meth:`refused`), from ``messages``, its count checks'."""
+        return [self.refused(index, found) for index, found in enumerate(messages)]
 
     def bucket_members(self) -> list[tuple[int, np.ndarray]]:
         """(padded level count, datasets in that bucket), known before any statistics are computed."""
@@ -319,6 +338,7 @@ class BatchPlan:
             rank = np.atleast_1d(np.linalg.matrix_rank(stats.xtx, hermitian=True))
             problems = dataset_problems(self.n_obs[members], self.n_levels[members], rank, design.p, term.k, term.group,
                                         design.sigma_known)
+            problems = [self.refused(index, problem) for index, problem in zip(members, problems)]
             for index, problem in zip(members, problems):
                 messages[index] = problem
             valid = np.array([not problem for problem in problems])
@@ -343,8 +363,13 @@ class BatchPlan:
         All of the dataset's rows, those ``build_design`` dropped for missing values
         included (a fit of the dataset drops them again); array arguments are cut to them.
         """
-        rows = self._frame_rows[self.labels[index]]
+        rows = self.frame_rows(index)
         return self.frame.iloc[rows], dataset_arguments(rows, self.weights, self.offset, self.se)
+
+    def frame_rows(self, index: int) -> np.ndarray:
+        """Dataset ``index``'s positions in :attr:`frame`, those dropped for missing values included (none: an
+        empty dataset)."""
+        return self._frame_rows.get(self.labels[index], np.zeros(0, np.int64))
 
 
 def rows_by_code(codes: np.ndarray, n: int) -> list[np.ndarray]:
@@ -365,12 +390,101 @@ def dataset_arguments(rows: np.ndarray, weights, offset, se: str | None = None) 
     return kwargs
 
 
-def dataset_codes(labels: pd.Series, by: str) -> tuple[np.ndarray, pd.Index]:
-    """(each row's dataset code, the dataset labels in order of first appearance) of the ``by`` column's values."""
+def check_labelled(labels: pd.Series, by: str) -> None:
+    """Refuse rows of the ``by`` column (``labels``) that name no dataset."""
     if labels.isna().any():
         raise DataError(f"column {by!r} has missing values: every row must name its dataset")
+
+
+def dataset_codes(labels: pd.Series, by: str) -> tuple[np.ndarray, pd.Index]:
+    """(each row's dataset code, the dataset labels in order of first appearance) of the ``by`` column's values."""
+    check_labelled(labels, by)
     codes, unique = pd.factorize(labels, sort=False)
     return codes, pd.Index(unique, name=by)
+
+
+def dataset_labels_of(data, frame: pd.DataFrame, by: str) -> pd.Index:
+    """Every dataset's label, in order: a list's positions or a dict's keys, or (``data`` one DataFrame) the ``by``
+    column's values in order of first appearance over all of ``frame``'s rows (the long frame).
+
+    Not the labels of the rows a design keeps: a dataset with none left (an empty frame, a column it lacks, a
+    response all missing) then vanished from the result, and the datasets after it moved up a row.
+    """
+    if isinstance(data, pd.DataFrame):
+        return pd.Index(pd.unique(frame[by].dropna()), name=by)  # a missing label is refused where its row is kept
+    return pd.Index(list(data.keys()) if isinstance(data, dict) else list(range(len(data))), name=by,
+                    tupleize_cols=False)
+
+
+def label_codes(labels: pd.Index, values: pd.Series, by: str) -> np.ndarray:
+    """Each row's dataset code: the position of its ``by`` value (``values``) among ``labels``
+    (:func:`dataset_labels_of`)."""
+    check_labelled(values, by)
+    return labels.get_indexer(values).astype(np.int64)
+
+
+def missing_counts(frame: pd.DataFrame, rows: np.ndarray, columns, arrays: dict) -> str:
+    """"column: count" of the missing values among ``rows`` of ``frame``'s ``columns`` (those it has) and of the
+    ``arrays`` (name -> values aligned with the frame), as ``build_design``'s warning counts them; "" where none."""
+    counts = {column: int(frame[column].iloc[rows].isna().sum()) for column in columns if column in frame.columns}
+    counts |= {name: int(np.isnan(values[rows]).sum()) for name, values in arrays.items()}
+    return ", ".join(f"{name}: {count}" for name, count in counts.items() if count)
+
+
+def empty_reason(item, rows: np.ndarray, frame: pd.DataFrame, columns, arrays: dict) -> str:
+    """Why a dataset has no rows left to fit: its own frame ``item`` (None for a dataset of one DataFrame) is empty
+    or lacks a column the model uses; else the missing values that dropped its ``rows`` of the long ``frame``."""
+    if item is not None and len(item) == 0:
+        return "the dataset is empty: it has no rows"
+    absent = [column for column in columns if item is not None and column not in item.columns]
+    if absent:
+        listed = ", ".join(repr(column) for column in absent)
+        return f"the model uses column {listed}, which is not in this dataset (its columns: {list(item.columns)})"
+    detail = missing_counts(frame, rows, columns, arrays)
+    if detail:
+        return f"no rows left after dropping missing values ({detail})"
+    return f"none of its {len(rows)} rows is left to fit"  # e.g. binomial rows with no trials, dropped
+
+
+def single_fit_refusal(formula: str, frame: pd.DataFrame, **arguments) -> str:
+    """What the single fit (``hp.lmm``, ``hp.glmm``) refuses in one dataset's rows ``frame`` ("" when nothing): the
+    message of the :class:`~hierpool.errors.HierpoolError` its design (:func:`build_design`) raises there."""
+    try:
+        with warnings.catch_warnings():  # the long frame's design warned of its dropped rows already
+            warnings.simplefilter("ignore", HierpoolWarning)
+            build_design(formula, frame, **arguments)
+    except HierpoolError as exc:
+        return str(exc)
+    return ""
+
+
+def constant_within(values: np.ndarray, dataset: np.ndarray, n_datasets: int) -> np.ndarray:
+    """(D,) whether each dataset's ``values`` (one per row, ``dataset`` its code) are one value (False with none)."""
+    low, high = np.full(n_datasets, np.inf), np.full(n_datasets, -np.inf)
+    np.minimum.at(low, dataset, values)
+    np.maximum.at(high, dataset, values)
+    return low == high
+
+
+def plan_refusals(plan: BatchPlan, data, formula: str, family) -> tuple[str, ...]:
+    """Per dataset, why its single fit would refuse its data though the long frame's design accepts them ("" where
+    it would not): no rows left (:func:`empty_reason`), or a response of one value, which ``hp.lmm`` and
+    ``hp.glmm`` refuse (:func:`single_fit_refusal` gives their words; a fit of it reported a criterion of -9,000
+    and a residual sd of 1e-32 as converged)."""
+    design = plan.design
+    columns = list(design.columns) + [c for c in (design.weights_column, design.offset_column, plan.se)
+                                      if c is not None and c not in design.columns]
+    arrays = {name: value for name, value in (("weights", plan.weights), ("offset", plan.offset))
+              if value is not None and not isinstance(value, str)}
+    items = None if isinstance(data, pd.DataFrame) else data
+    refusals = [""] * plan.n_datasets
+    for index in np.flatnonzero(plan.n_obs == 0):
+        item = None if items is None else items[plan.labels[index]]
+        refusals[index] = empty_reason(item, plan.frame_rows(index), plan.frame, columns, arrays)
+    for index in np.flatnonzero(constant_within(design.y, plan.dataset, plan.n_datasets)):
+        frame, arguments = plan.dataset_frame(index)
+        refusals[index] = single_fit_refusal(formula, frame, family=family, **arguments)
+    return tuple(refusals)
 
 
 def chunks(bucket: int, usable: np.ndarray, size: int, n_devices: int) -> list[Chunk]:
@@ -434,6 +548,8 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     arrays with one value per row of it; ``se`` names the column of known residual sds
     (their weights 1 / se^2 enter the statistics as prior weights do, and sigma is 1).  ``family``: a
     GLMM's :class:`~hierpool.spec.family.FamilySpec` (the design's response and trials as ``hp.glmm`` reads them).
+    Every dataset of ``data`` is in the plan, one with no rows left too; what the single fit would refuse in a
+    dataset's data is in :attr:`BatchPlan.refusals`, for the batch to report in its row.
 
     Raises
     ------
@@ -461,11 +577,12 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         terms = [f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms]
         raise ArgumentError(f"{caller} fits models with one random-effect term; this formula has {len(terms)}: "
                             f"{', '.join(terms)}.  Fit it per dataset with {single}.")
-    dataset, dataset_labels = dataset_codes(frame.loc[design.rows, by], by)
+    dataset_labels = dataset_labels_of(data, frame, by)
+    dataset = label_codes(dataset_labels, frame.loc[design.rows, by], by)
     n_datasets = len(dataset_labels)
     local = tuple(_local_levels(dataset, n_datasets, term) for term in design.terms)
     level, n_levels, levels = local[0]
-    return BatchPlan(
+    plan = BatchPlan(
         frame=frame,
         design=design,
         by=by,
@@ -480,3 +597,4 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         offset=offset,
         se=se,
     )
+    return replace(plan, refusals=plan_refusals(plan, data, formula, family))

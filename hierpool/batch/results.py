@@ -69,7 +69,8 @@ class BatchResult:
     Attributes
     ----------
     datasets : pandas.Index
-        The dataset labels, in result order.
+        The dataset labels, in result order: every dataset passed, one with no rows left to fit too (its numbers NaN,
+        its reason in ``messages``).
     fixed_names : tuple of str
     terms : tuple of BatchTerm
         Per random-effect term, in the batch's order (the long frame's, lme4's by level count):
