@@ -92,7 +92,7 @@ def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]
         for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
             messages = [old or (f"{ell} levels of {term.group!r} for {n} observations" if ell >= n else "")
                         for old, ell, n in zip(messages, n_levels, plan.n_obs)]
-    return plan.with_refusals(messages)  # no rows left, a constant response: hp.lmm's reason (plan.refused)
+    return messages
 
 
 def padded_widths(plan: BatchPlan) -> np.ndarray:
