@@ -171,3 +171,18 @@ def assert_same_fits(host, compiled, same_steps: bool = True):
     np.testing.assert_allclose(host.ranef.condsd, compiled.ranef.condsd, rtol=1e-6 if same_steps else 1e-5,
                                atol=1e-9 if same_steps else 1e-6)
     assert (host.converged == compiled.converged).all() and (host.is_singular == compiled.is_singular).all()
+
+
+def assert_term_effects_match(batch, d: int, fit, tol: float, cond_sd: bool = False) -> None:
+    """Dataset ``d``'s BLUPs in ``batch``, term by term and coefficient by coefficient, against the single ``fit``'s
+    (its ``ranef`` rows of that term and coefficient): to ``tol`` of their scale, and with ``cond_sd`` their
+    conditional sds to ``tol`` relative."""
+    for term in batch.terms:
+        for j, name in enumerate(term.coef_names):
+            rows = fit.ranef[(fit.ranef["grpvar"] == term.group) & (fit.ranef["term"] == name)]
+            expected = rows["condval"].to_numpy()
+            np.testing.assert_allclose(term.b[d][:, j], expected, rtol=0, atol=tol * np.abs(expected).max(),
+                                       err_msg=f"BLUPs of {term.group} {name}, {d}")
+            if cond_sd:
+                np.testing.assert_allclose(term.cond_sd[d][:, j], rows["condsd"].to_numpy(), rtol=tol,
+                                           err_msg=f"conditional sds of {term.group} {name}, {d}")

@@ -6,7 +6,7 @@ from unittest import mock
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import host_and_compiled
+from conftest import assert_term_effects_match, host_and_compiled
 
 import hierpool as hp
 from hierpool.algebra.compiler_options import ProgramCache
@@ -49,12 +49,7 @@ def _assert_each_is_its_single_fit(batch, frames, structure, formula=FORMULA, **
         assert batch.phi[d] == pytest.approx(fit.phi, abs=1e-5), f"phi of dataset {d}"
         np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-6, atol=1e-8, err_msg=f"beta, {d}")
         np.testing.assert_allclose(batch.sigma[d], fit.sigma, rtol=1e-5, err_msg=f"sigma of {d}")
-        for term in batch.terms:
-            for j, name in enumerate(term.coef_names):
-                rows = fit.ranef[(fit.ranef["grpvar"] == term.group) & (fit.ranef["term"] == name)]
-                expected = rows["condval"].to_numpy()
-                np.testing.assert_allclose(term.b[d][:, j], expected, rtol=0, atol=1e-5 * np.abs(expected).max(),
-                                           err_msg=f"BLUPs of {term.group} {name}, {d}")
+        assert_term_effects_match(batch, d, fit, 1e-5)
 
 
 def test_each_dataset_equals_its_single_ar1_fit(replicates):

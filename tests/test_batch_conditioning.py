@@ -6,9 +6,10 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_term_effects_match
 
 import hierpool as hp
-from hierpool.algebra.conditioning import term_transform, term_transforms, thetas_to_user
+from hierpool.algebra.conditioning import term_transforms, thetas_to_user
 
 
 def _groups(seed: int, shift: float = 0.0, scale: float = 1.0) -> pd.DataFrame:
@@ -38,14 +39,7 @@ def _assert_rows_are_single_fits(batch, frames, formula, **kwargs):
         np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-5, err_msg=f"beta of {d}")
         np.testing.assert_allclose(batch.theta[d], fit.theta, rtol=1e-4, atol=1e-6, err_msg=f"theta of {d}")
         assert bool(batch.is_singular.iloc[d]) == bool(fit.is_singular)
-        for term in batch.terms:
-            for j, name in enumerate(term.coef_names):
-                rows = fit.ranef[(fit.ranef["grpvar"] == term.group) & (fit.ranef["term"] == name)]
-                expected = rows["condval"].to_numpy()
-                np.testing.assert_allclose(term.b[d][:, j], expected, rtol=0, atol=1e-4 * np.abs(expected).max(),
-                                           err_msg=f"BLUPs of {term.group} {name}, {d}")
-                cond_sd = rows["condsd"].to_numpy()
-                np.testing.assert_allclose(term.cond_sd[d][:, j], cond_sd, rtol=1e-4, err_msg=f"cond sd, {d}")
+        assert_term_effects_match(batch, d, fit, 1e-4, cond_sd=True)
 
 
 def test_a_slope_on_a_calendar_year_equals_its_single_fit():
@@ -70,24 +64,40 @@ def test_several_terms_and_ar1_residuals_on_a_calendar_year(model):
 
 
 def test_the_transforms_of_each_group_are_each_groups_own():
-    """term_transforms over groups of rows equals term_transform of each group alone (an intercept column of 2,
-    a column that is constant in one group only, a term without an intercept), and thetas_to_user over a stack
-    equals it row by row."""
+    """term_transforms over groups of rows is hp.lmm's transform of each group's rows, written out here: with a
+    constant column (2) the others centred and scaled by their own mean and sd (a column constant in a group kept),
+    without one each scaled by its root mean square; thetas_to_user gives each row the lower-triangular factor, its
+    diagonal >= 0, of the same covariance (M T)(M T)^T."""
     rng = np.random.default_rng(0)
     z = np.column_stack([np.full(30, 2.0), 2000 + rng.normal(size=30), 1e-4 * rng.normal(size=30)])
     z[20:, 1] = 7.0
     group = np.repeat([0, 1, 2], 10)
-    for columns in ([0, 1, 2], [1, 2], [2]):
-        grouped = term_transforms(z[:, columns], group, 3)
-        for g in range(3):
-            np.testing.assert_allclose(grouped[g], term_transform(z[group == g][:, columns]), rtol=1e-13)
-    thetas = rng.normal(size=(3, 6 + 1))
-    transforms = (term_transforms(z, group, 3), term_transforms(z[:, :1], group, 3))
-    stacked = thetas_to_user(thetas, transforms)
+    centred = term_transforms(z, group, 3)
+    scaled = term_transforms(z[:, 1:], group, 3)
     for g in range(3):
-        np.testing.assert_allclose(stacked[g], thetas_to_user(thetas[g], tuple(m[g] for m in transforms)),
-                                   rtol=1e-13)
-
+        rows = z[group == g]
+        expected, no_intercept = np.eye(3), np.diag(1.0 / np.sqrt(np.mean(rows[:, 1:] ** 2, axis=0)))
+        for c in (1, 2):
+            sd = rows[:, c].std()
+            if sd > 0:
+                expected[c, c], expected[0, c] = 1.0 / sd, -rows[:, c].mean() / (sd * 2.0)
+        np.testing.assert_allclose(centred[g], expected, rtol=1e-12, atol=0)
+        if g < 2:  # (in group 2 the column of 7s is a constant column: the other is centred on it)
+            np.testing.assert_allclose(scaled[g], no_intercept, rtol=1e-12, atol=0)
+    assert centred[2][1, 1] == 1.0 and centred[2][0, 1] == 0.0  # the column constant in group 2: kept
+    thetas = rng.normal(size=(3, 6 + 3))
+    transforms = (centred, scaled)
+    users = thetas_to_user(thetas, transforms)
+    for g in range(3):
+        for t, (k, first, user_first) in enumerate(((3, 0, 0), (2, 6, 6))):
+            rows, cols = np.tril_indices(k)
+            order = np.lexsort((rows, cols))  # lme4's column-major order of the lower triangle
+            factor, user = np.zeros((k, k)), np.zeros((k, k))
+            factor[rows[order], cols[order]] = thetas[g, first:first + k * (k + 1) // 2]
+            user[rows[order], cols[order]] = users[g, user_first:user_first + k * (k + 1) // 2]
+            mapped = transforms[t][g] @ factor
+            np.testing.assert_allclose(user @ user.T, mapped @ mapped.T, rtol=1e-10, atol=1e-12)
+            assert np.all(np.diag(user) >= 0)
 
 def _binomial(seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)

@@ -150,3 +150,18 @@ def test_a_poisson_dataset_of_zeros_is_refused_in_its_row_as_hp_glmm_refuses_it(
     assert not batch.refit.iloc[1]
     reference = hp.fit_batch(LINEAR, frames[::2], by="rep", family="poisson", progress=False)
     _assert_rows_as_fitted_without(batch, [0, 2], reference, [0, 1])
+
+
+@pytest.mark.parametrize("model", ["several terms", "ar1"])
+def test_the_several_term_and_ar1_paths_refuse_a_constant_response_and_an_empty_dataset(model):
+    """The several-term and AR(1) paths read their datasets' problems from fit_terms.term_problems, which now
+    takes the plan's refusals: a constant response fitted at -2 log L -9128 (converged) there before."""
+    data = hp.datasets.sleepstudy().assign(half=lambda f: f["Subject"].astype(str).str[-1])
+    formula, kwargs = {"several terms": ("Reaction ~ Days + (1 | Subject) + (1 | half)", {}),
+                       "ar1": ("Reaction ~ Days + (1 | Subject)", {"correlation": hp.ar1("Subject")})}[model]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = hp.fit_batch(formula, [data, data.assign(Reaction=5.0), data.iloc[:0]], progress=False, **kwargs)
+    assert np.isfinite(batch.objective.iloc[0]) and batch.objective.iloc[1:].isna().all()
+    assert "is constant" in batch.messages.iloc[1] and "empty" in batch.messages.iloc[2], batch.messages.tolist()
+    assert not batch.converged.iloc[1:].any()

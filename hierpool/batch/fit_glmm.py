@@ -96,7 +96,7 @@ def glmm_problems(plan: BatchPlan) -> list[str]:
     (no rows left, a response of one value: :attr:`~hierpool.batch.plan.BatchPlan.refusals`; a Poisson dataset of
     zeros otherwise kept the numbers where its search stopped, an intercept of -25)."""
     design = plan.design
-    messages = term_problems(plan, sigma_known=True)
+    messages = term_problems(plan, sigma_known=True, refusals=False)
     if design.family.name == "binomial":
         successes = np.bincount(plan.dataset, weights=design.y * design.row_weights, minlength=plan.n_datasets)
         trials = np.bincount(plan.dataset, weights=design.row_weights, minlength=plan.n_datasets)

@@ -69,11 +69,15 @@ from .plan import (
 )
 
 
-def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]:
-    """Why each dataset cannot be fitted ("" when it can): hp.lmm's checks, term by term, and X's rank.
+def term_problems(plan: BatchPlan, sigma_known: bool | None = None, refusals: bool = True) -> list[str]:
+    """Why each dataset cannot be fitted ("" when it can): hp.lmm's checks, term by term, and X's rank, and with
+    ``refusals`` what the single fit refuses in the dataset's data (:meth:`~hierpool.batch.plan.BatchPlan.refused`:
+    no rows left, a constant response).
 
     ``sigma_known`` (default: the design's): no residual variance to tell the effects from (known residual
-    sds, or a GLMM), so a term may have as many levels as the dataset has rows.
+    sds, or a GLMM), so a term may have as many levels as the dataset has rows.  A GLMM's checks
+    (:func:`hierpool.batch.fit_glmm.glmm_problems`) add their own reasons before the refusals (``refusals=False``
+    here): a binomial dataset without successes says so, not that its response is constant.
     """
     design, n_datasets = plan.design, plan.n_datasets
     sigma_known = design.sigma_known if sigma_known is None else sigma_known
@@ -92,7 +96,7 @@ def term_problems(plan: BatchPlan, sigma_known: bool | None = None) -> list[str]
         for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
             messages = [old or (f"{ell} levels of {term.group!r} for {n} observations" if ell >= n else "")
                         for old, ell, n in zip(messages, n_levels, plan.n_obs)]
-    return messages
+    return plan.with_refusals(messages) if refusals else messages
 
 
 def padded_widths(plan: BatchPlan) -> np.ndarray:

@@ -56,7 +56,7 @@ from ..algebra.linalg import shared_factor
 from ..algebra.search import HOST_CHUNK_BYTES
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
-from ..spec.design import Design, RandomEffectTerm, build_design, unique_codes
+from ..spec.design import Design, RandomEffectTerm, build_design, missing_detail, unique_codes
 from ..spec.transforms import stateful_calls
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
@@ -100,7 +100,8 @@ def merge_terms(terms) -> list:
 
 def host_chunk(bytes_per_dataset: float, most: int = HOST_CHUNK, budget: float = HOST_CHUNK_BYTES) -> int:
     """Datasets per host call by default: ``most`` (:data:`HOST_CHUNK`), fewer where a call's temporaries would
-    pass ``budget`` (:data:`hierpool.algebra.search.HOST_CHUNK_BYTES`; ``bytes_per_dataset``: what the path states for one dataset)."""
+    pass ``budget`` (:data:`hierpool.algebra.search.HOST_CHUNK_BYTES`; ``bytes_per_dataset``: what the path states
+    for one dataset)."""
     return max(1, min(most, int(budget // max(bytes_per_dataset, 1))))
 
 
@@ -426,9 +427,9 @@ def label_codes(labels: pd.Index, values: pd.Series, by: str) -> np.ndarray:
 def missing_counts(frame: pd.DataFrame, rows: np.ndarray, columns, arrays: dict) -> str:
     """"column: count" of the missing values among ``rows`` of ``frame``'s ``columns`` (those it has) and of the
     ``arrays`` (name -> values aligned with the frame), as ``build_design``'s warning counts them; "" where none."""
-    counts = {column: int(frame[column].iloc[rows].isna().sum()) for column in columns if column in frame.columns}
-    counts |= {name: int(np.isnan(values[rows]).sum()) for name, values in arrays.items()}
-    return ", ".join(f"{name}: {count}" for name, count in counts.items() if count)
+    used = frame.iloc[rows][[column for column in columns if column in frame.columns]]
+    cut = {name: np.asarray(values, dtype=float)[rows] for name, values in arrays.items()}
+    return missing_detail(used.assign(**cut))
 
 
 def empty_reason(item, rows: np.ndarray, frame: pd.DataFrame, columns, arrays: dict) -> str:

@@ -222,14 +222,19 @@ def check_columns(data: pd.DataFrame, names, what: str) -> None:
         raise DataError(f"{what} uses column {listed}, which is not in the data (columns: {list(data.columns)})")
 
 
+def missing_detail(frame: pd.DataFrame) -> str:
+    """"column: count" of each of ``frame``'s columns with missing values, as the dropped rows' warning names them
+    ("" where none)."""
+    return ", ".join(f"{c}: {int(k)}" for c, k in frame.isna().sum().items() if k)
+
+
 def _drop_missing(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     missing = frame.isna().any(axis=1)
     n_missing = int(missing.sum())
     if n_missing == frame.shape[0]:
         raise DataError(f"every row has a missing value in one of the columns {list(frame.columns)}")
     if n_missing:
-        counts = frame.isna().sum()
-        detail = ", ".join(f"{c}: {int(k)}" for c, k in counts.items() if k)
+        detail = missing_detail(frame)
         warnings.warn(
             f"dropped {n_missing} of {frame.shape[0]} rows with missing values ({detail})", HierpoolWarning, stacklevel=4
         )
