@@ -165,3 +165,20 @@ def test_the_several_term_and_ar1_paths_refuse_a_constant_response_and_an_empty_
     assert np.isfinite(batch.objective.iloc[0]) and batch.objective.iloc[1:].isna().all()
     assert "is constant" in batch.messages.iloc[1] and "empty" in batch.messages.iloc[2], batch.messages.tolist()
     assert not batch.converged.iloc[1:].any()
+
+
+def test_a_column_of_another_kind_in_one_dataset_is_refused_in_its_row():
+    # stacked on the others' numbers, one dataset's text column made one object column that the whole batch's
+    # formula refused ("Variable is of an unrecognized type"), naming neither the column nor the dataset
+    frames = [_gaussian(0), _gaussian(1).assign(x=lambda f: f["x"].astype(str)), _gaussian(2),
+              _gaussian(3).assign(x=lambda f: f["x"] > 0)]
+    batch = hp.fit_batch(LINEAR, frames, by="rep", progress=False)
+    _assert_refused(batch, 1, "column 'x' holds text or categories in this dataset but numbers in 2 other datasets")
+    _assert_refused(batch, 3, "column 'x' holds true/false values in this dataset but numbers in 2 other datasets")
+    _assert_rows_as_fitted_without(batch, [0, 2], hp.fit_batch(LINEAR, frames[::2], by="rep", progress=False),
+                                   [0, 1])
+    # text in every dataset is a factor in every dataset; an unused column may differ
+    factors = [frame.assign(x=lambda f: np.where(f["x"] > 0, "up", "down"), note=k) for k, frame in
+               enumerate([_gaussian(0), _gaussian(1), _gaussian(2)])]
+    factors[1] = factors[1].assign(note="text")
+    assert not hp.fit_batch(LINEAR, factors, by="rep", progress=False).messages.any()

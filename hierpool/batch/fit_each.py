@@ -48,13 +48,16 @@ from ..spec.design import build_design
 from ..spec.formula import has_spatial_term
 from .plan import (
     dataset_arguments,
-    dataset_codes,
+    dataset_labels_of,
+    empty_reason,
     host_chunk,
+    label_codes,
     long_frame,
     progress_bar,
     refuse_stateful,
     row_argument,
     rows_by_code,
+    value_columns,
 )
 from .results import BatchResult, BatchTerm
 
@@ -163,8 +166,10 @@ class EachModel:
     design : Design or None
         A relationship matrix's design of the long frame (:func:`spectral_fits` reads it), else None.
     codes, labels : ndarray, pandas.Index
-        Each row's dataset code, and the dataset labels in order of first appearance
-        (:func:`~hierpool.batch.plan.dataset_codes`).
+        Each row's dataset code, and every dataset's label (:func:`~hierpool.batch.plan.dataset_labels_of`).
+    refusals : tuple of str
+        Per dataset, why it is not fitted ("" where it is): an empty frame, or a column of another kind than in
+        the other datasets (:func:`~hierpool.batch.plan.long_frame`).
     """
 
     frame: pd.DataFrame
@@ -177,6 +182,7 @@ class EachModel:
     codes: np.ndarray
     labels: pd.Index
     design: object = None
+    refusals: tuple = ()
 
 
 def fits_each(formula, relmat, relmat_inverse, adjacency) -> bool:
@@ -217,12 +223,16 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
     from ..spec.relationship import model_relationship
     from ..spec.spatial import spatial_design  # SciPy's sparse algebra: loaded only for these models
 
-    frame = long_frame(data, by)
     refuse_stateful(formula, caller, "hp.bayes" if caller == "bayes_batch" else "hp.glmm" if spec else "hp.lmm")
+    frame, set_aside = long_frame(data, by, value_columns(formula, spec, weights, offset, se))
     arguments = dict(weights=row_argument(weights, "weights", data, frame),
                      offset=row_argument(offset, "offset", data, frame))
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)  # positions as labels: the user's frame untouched
-    codes, labels = dataset_codes(frame[by], by)
+    labels = dataset_labels_of(data, frame, by)  # every dataset passed, one with no rows too
+    codes = label_codes(labels, frame[by], by)
+    items = None if isinstance(data, pd.DataFrame) else data
+    refusals = tuple(set_aside.get(label) or ("" if items is None or len(items[label]) else empty_reason(
+        items[label], np.zeros(0, dtype=np.int64), frame, (), {})) for label in labels)
     if relmat is not None or relmat_inverse is not None:
         from ..closedform.relmat import check_design
 
@@ -233,14 +243,14 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
         check_design(design, rel)  # refuses a family, known sds, vector terms: by name, once
         return EachModel(frame=frame, by=by, arguments=arguments, shared={"relmat_inverse": {rel.group: rel}},
                          keys=term_keys(design=design), fixed_names=design.fixed_names, spatial=False, design=design,
-                         codes=codes, labels=labels)
+                         codes=codes, labels=labels, refusals=refusals)
     if se is not None:
         raise ArgumentError("se= is not supported with a spatial term (adjacency=) yet")
     sdesign = spatial_design(formula, frame, adjacency, family=spec, **arguments)
     graphs = {area.term.factor: area.graph for area in sdesign.areas}
     return EachModel(frame=frame, by=by, arguments=arguments, shared={"adjacency": graphs},
                      keys=term_keys(sdesign=sdesign), fixed_names=sdesign.design.fixed_names, spatial=True,
-                     codes=codes, labels=labels)
+                     codes=codes, labels=labels, refusals=refusals)
 
 
 def run_each(model: EachModel, call, progress, caller: str, keep_warnings: bool = True
@@ -256,6 +266,11 @@ def run_each(model: EachModel, call, progress, caller: str, keep_warnings: bool 
     out, messages = [], []
     with progress_bar(progress, len(labels), caller) as bar:
         for index, dataset_rows in enumerate(rows):
+            if model.refusals and model.refusals[index]:  # no rows to fit: the reason, as the batched paths give it
+                out.append(None)
+                messages.append(model.refusals[index])
+                bar.update(1)
+                continue
             arguments = dataset_arguments(dataset_rows, **model.arguments)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", HierpoolWarning)

@@ -38,6 +38,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -57,6 +58,7 @@ from ..algebra.search import HOST_CHUNK_BYTES
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
 from ..spec.design import Design, RandomEffectTerm, build_design, missing_detail, unique_codes
+from ..spec.formula import parse_formula
 from ..spec.transforms import stateful_calls
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
@@ -118,12 +120,15 @@ def host_chunk_length(count: int, most: int, workers: int) -> int:
     return max(1, math.ceil(count / calls))
 
 
-def long_frame(data, by: str) -> pd.DataFrame:
-    """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked)."""
+def long_frame(data, by: str, columns=()) -> tuple[pd.DataFrame, dict]:
+    """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked), and the datasets
+    set aside (label -> why): those whose column of ``columns`` (:attr:`~hierpool.spec.formula.ModelSpec.values`)
+    is of another kind than in most datasets (:func:`kind_conflicts`) are left out of the frame, to be refused in
+    their rows."""
     if isinstance(data, pd.DataFrame):
         if not isinstance(by, str) or by not in data.columns:
             raise DataError(f"by={by!r} is not a column of the data (columns: {list(data.columns)})")
-        return data
+        return data, {}
     if isinstance(data, dict):
         items = list(data.items())
     elif isinstance(data, (list, tuple)):
@@ -137,7 +142,49 @@ def long_frame(data, by: str) -> pd.DataFrame:
             raise ArgumentError(f"dataset {label!r} is a {type(frame).__name__}, not a DataFrame")
         if by in frame.columns:
             raise ArgumentError(f"dataset {label!r} already has a column {by!r}; pass another by=")
-    return pd.concat([frame.assign(**{by: label}) for label, frame in items], ignore_index=True)
+    set_aside = kind_conflicts(items, columns)
+    kept = [frame.assign(**{by: label}) for label, frame in items if label not in set_aside]
+    if not kept:  # every dataset set aside: the frame only has to hold the columns, no row
+        kept = [items[0][1].iloc[:0].assign(**{by: items[0][0]})]
+    return pd.concat(kept, ignore_index=True), set_aside
+
+
+def column_kind(column: pd.Series) -> str | None:
+    """How the formula reads ``column``: "numbers", "true/false values" or "text or categories" (None where no
+    value is there to tell, or where the values are of no such kind: ``check_value_types`` refuses those by name).
+    Two kinds stacked are an ``object`` column that the formula cannot read."""
+    types = pd.api.types
+    column = column.dropna()
+    if len(column) == 0:
+        return None
+    if types.is_bool_dtype(column):
+        return "true/false values"
+    if types.is_numeric_dtype(column):
+        return "numbers"
+    if types.is_string_dtype(column) or isinstance(column.dtype, pd.CategoricalDtype):
+        return "text or categories"
+    return None
+
+
+def kind_conflicts(items: list[tuple], columns) -> dict:
+    """Per dataset label, why it is set aside: a column of ``columns`` holds another kind of value
+    (:func:`column_kind`) in it than in most of the datasets (the first dataset's kind where two are as common).
+    Stacked, the two kinds made one column that the whole batch's formula refused, naming neither the column
+    nor the dataset."""
+    reasons = {}
+    for name in columns:
+        kinds = {label: column_kind(frame[name]) for label, frame in items if name in frame.columns}
+        kinds = {label: kind for label, kind in kinds.items() if kind is not None}
+        counts = collections.Counter(kinds.values())
+        if len(counts) < 2:
+            continue
+        usual, n_usual = counts.most_common(1)[0]  # ties: the kind met first
+        for label, kind in kinds.items():
+            if kind != usual and label not in reasons:
+                others = f"{n_usual} other dataset" + ("s" if n_usual > 1 else "")
+                reasons[label] = (f"column {name!r} holds {kind} in this dataset but {usual} in {others}: one model "
+                                  "is fitted to every dataset; convert the column")
+    return reasons
 
 
 def bucket_width(n_levels: np.ndarray) -> np.ndarray:
@@ -397,13 +444,6 @@ def check_labelled(labels: pd.Series, by: str) -> None:
         raise DataError(f"column {by!r} has missing values: every row must name its dataset")
 
 
-def dataset_codes(labels: pd.Series, by: str) -> tuple[np.ndarray, pd.Index]:
-    """(each row's dataset code, the dataset labels in order of first appearance) of the ``by`` column's values."""
-    check_labelled(labels, by)
-    codes, unique = pd.factorize(labels, sort=False)
-    return codes, pd.Index(unique, name=by)
-
-
 def dataset_labels_of(data, frame: pd.DataFrame, by: str) -> pd.Index:
     """Every dataset's label, in order: a list's positions or a dict's keys, or (``data`` one DataFrame) the ``by``
     column's values in order of first appearance over all of ``frame``'s rows (the long frame).
@@ -467,11 +507,12 @@ def constant_within(values: np.ndarray, dataset: np.ndarray, n_datasets: int) ->
     return low == high
 
 
-def plan_refusals(plan: BatchPlan, data, formula: str, family) -> tuple[str, ...]:
+def plan_refusals(plan: BatchPlan, data, formula: str, family, set_aside: dict | None = None) -> tuple[str, ...]:
     """Per dataset, why its single fit would refuse its data though the long frame's design accepts them ("" where
     it would not): no rows left (:func:`empty_reason`), or a response of one value, which ``hp.lmm`` and
     ``hp.glmm`` refuse (:func:`single_fit_refusal` gives their words; a fit of it reported a criterion of -9,000
-    and a residual sd of 1e-32 as converged)."""
+    and a residual sd of 1e-32 as converged); or set aside from the long frame (``set_aside``: label -> why,
+    :func:`long_frame`)."""
     design = plan.design
     columns = list(design.columns) + [c for c in (design.weights_column, design.offset_column, plan.se)
                                       if c is not None and c not in design.columns]
@@ -479,8 +520,13 @@ def plan_refusals(plan: BatchPlan, data, formula: str, family) -> tuple[str, ...
               if value is not None and not isinstance(value, str)}
     items = None if isinstance(data, pd.DataFrame) else data
     refusals = [""] * plan.n_datasets
+    set_aside = set_aside or {}
     for index in np.flatnonzero(plan.n_obs == 0):
-        item = None if items is None else items[plan.labels[index]]
+        label = plan.labels[index]
+        if label in set_aside:
+            refusals[index] = set_aside[label]
+            continue
+        item = None if items is None else items[label]
         refusals[index] = empty_reason(item, plan.frame_rows(index), plan.frame, columns, arrays)
     for index in np.flatnonzero(constant_within(design.y, plan.dataset, plan.n_datasets)):
         frame, arguments = plan.dataset_frame(index)
@@ -541,6 +587,15 @@ def refuse_stateful(formula: str, caller: str, single: str) -> None:
         )
 
 
+def value_columns(formula: str, family, weights, offset, se) -> tuple[str, ...]:
+    """The columns a batch reads as values, whose kind must agree across datasets (:func:`kind_conflicts`):
+    the formula's (:attr:`~hierpool.spec.formula.ModelSpec.values`) and the weights, offset and se columns named."""
+    spec = parse_formula(formula, binomial_counts=family is not None and family.name == "binomial",
+                         random_optional=True)
+    named = [c for c in (weights, offset, se) if isinstance(c, str)]
+    return tuple(dict.fromkeys(spec.values + tuple(named)))
+
+
 def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=None, offset=None,
                se: str | None = None, one_term: bool = True, family=None) -> BatchPlan:
     """Parse ``formula`` on the long frame and locate every dataset's rows and levels.
@@ -565,7 +620,7 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     """
     # (a formula with spatial terms, or a relationship matrix, is fitted dataset by dataset: fit_each, not here)
     refuse_stateful(formula, caller, single)
-    frame = long_frame(data, by)
+    frame, set_aside = long_frame(data, by, value_columns(formula, family, weights, offset, se))
     weights = row_argument(weights, "weights", data, frame)
     offset = row_argument(offset, "offset", data, frame)
     if se is not None and not isinstance(se, str):
@@ -598,4 +653,4 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         offset=offset,
         se=se,
     )
-    return replace(plan, refusals=plan_refusals(plan, data, formula, family))
+    return replace(plan, refusals=plan_refusals(plan, data, formula, family, set_aside))

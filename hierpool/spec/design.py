@@ -242,6 +242,23 @@ def _drop_missing(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return frame, n_missing
 
 
+def check_value_types(frame: pd.DataFrame, names) -> None:
+    """Refuse a column of ``names`` (:attr:`ModelSpec.values`: read as values, not as a factor's labels) that holds
+    neither numbers nor text or categories: an ``object`` column of numbers, or of numbers and text mixed (a
+    column of one dataset of a batch stored as text, stacked on the others' numbers), which formulae refused
+    without naming it."""
+    types = pd.api.types
+    for name in names:
+        column = frame[name]
+        if types.is_numeric_dtype(column) or types.is_string_dtype(column) or isinstance(column.dtype,
+                                                                                         pd.CategoricalDtype):
+            continue
+        held = ", ".join(sorted({type(value).__name__ for value in column}))
+        raise DataError(f"column {name!r} (dtype {column.dtype}) holds values of type {held}: a column the formula "
+                        "reads must be numbers, or text or categories for a factor; convert it (pd.to_numeric, "
+                        "or .astype(str))")
+
+
 def _plain_numeric(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` (hierpool's own copy) with pandas' nullable numeric columns (Int64, Float64) as float64.
 
@@ -626,6 +643,7 @@ def build_design(
     if offset_values is not None:
         frame[OFFSET_COLUMN] = offset_values
     frame, n_dropped = _drop_missing(frame)
+    check_value_types(frame, [name for name in spec.values if name in columns])  # not Sum, np, log...
     trials = None
     fixed_spec = spec
     if family is not None and family.name == "binomial":

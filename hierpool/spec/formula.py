@@ -143,6 +143,9 @@ class ModelSpec:
         Every data column the formula uses.
     spatial : tuple of SpatialTermSpec
         The ``car(...)`` terms (:mod:`hierpool.spec.spatial` builds their design; the other model paths refuse them).
+    values : tuple of str
+        The columns read as values (the response's, the fixed part's and the random terms' left-hand sides'), which
+        must be numbers, or text or categories for a factor; a grouping factor's labels may be of any type.
     """
 
     formula: str
@@ -151,6 +154,7 @@ class ModelSpec:
     random: tuple[RandomTermSpec, ...]
     variables: tuple[str, ...]
     spatial: tuple[SpatialTermSpec, ...] = ()
+    values: tuple[str, ...] = ()
 
 
 def _scan_top_level(text: str):
@@ -370,11 +374,12 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
         for v in sorted(_variable_names(desc_text)):
             if v and v not in variables:
                 variables.append(v)
+    values = tuple(variables)
     for v in [v for term in random for v in term.factor] + [term.factor for term in spatial]:
         if v not in variables:
             variables.append(v)
     return ModelSpec(formula=formula, response=response, fixed=fixed, random=tuple(random), variables=tuple(variables),
-                     spatial=tuple(spatial))
+                     spatial=tuple(spatial), values=values)
 
 
 def has_spatial_term(formula) -> bool:
