@@ -81,13 +81,7 @@ def term_problems(plan: BatchPlan, sigma_known: bool | None = None, refusals: bo
     """
     design, n_datasets = plan.design, plan.n_datasets
     sigma_known = design.sigma_known if sigma_known is None else sigma_known
-    p = design.p
-    X = design.X
-    xtx = np.zeros((n_datasets, p, p))
-    for a in range(p):
-        for b in range(p):
-            xtx[:, a, b] = np.bincount(plan.dataset, weights=X[:, a] * X[:, b], minlength=n_datasets)
-    rank = np.atleast_1d(np.linalg.matrix_rank(xtx, hermitian=True)) if p else np.zeros(n_datasets, int)
+    p, rank = design.p, plan.fixed_rank
     messages = [""] * n_datasets
     for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
         found = dataset_problems(plan.n_obs, n_levels, rank, p, term.k, term.group, sigma_known)

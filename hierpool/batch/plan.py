@@ -57,7 +57,14 @@ from ..algebra.linalg import shared_factor
 from ..algebra.search import HOST_CHUNK_BYTES
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
-from ..spec.design import Design, RandomEffectTerm, build_design, missing_detail, unique_codes
+from ..spec.design import (
+    Design,
+    RandomEffectTerm,
+    aliased_counts,
+    build_design,
+    missing_detail,
+    unique_codes,
+)
 from ..spec.formula import parse_formula
 from ..spec.transforms import stateful_calls
 
@@ -342,6 +349,13 @@ class BatchPlan:
     def n_datasets(self) -> int:
         return len(self.labels)
 
+    @cached_property
+    def fixed_rank(self) -> np.ndarray:
+        """(n_datasets,) the rank of each dataset's fixed-effect columns as ``hp.lmm`` judges it: p less the columns
+        :func:`~hierpool.spec.design.aliased_columns` finds aliased in its rows
+        (:func:`~hierpool.spec.design.aliased_counts`)."""
+        return self.design.p - aliased_counts(self.design.X, self.dataset, self.n_datasets)
+
     def refused(self, index: int, found: str) -> str:
         """Dataset ``index``'s reason not to be fitted: its refusal by the single fit (:attr:`refusals`) where the
         checks on its counts (``found``, "" when none) found nothing or found it has no rows (they cannot say why);
@@ -383,9 +397,11 @@ class BatchPlan:
             weights = None if design.weights is None else design.weights[rows]
             stats = sufficient_statistics(local, self.level[rows], design.X[rows], term.z[rows], design.y[rows],
                                           len(members), int(bucket), weights=weights, offset=design.offset[rows])
-            rank = np.atleast_1d(np.linalg.matrix_rank(stats.xtx, hermitian=True))
-            problems = dataset_problems(self.n_obs[members], self.n_levels[members], rank, design.p, term.k, term.group,
-                                        design.sigma_known)
+            # X's rank as hp.lmm judges it (plan.fixed_rank), screened on the statistics' X'X (weighted: no screen)
+            gram = None if weights is not None else np.asarray(stats.xtx)
+            rank = design.p - aliased_counts(design.X[rows], local, len(members), gram=gram)
+            problems = dataset_problems(self.n_obs[members], self.n_levels[members], rank, design.p, term.k,
+                                        term.group, design.sigma_known)
             problems = [self.refused(index, problem) for index, problem in zip(members, problems)]
             for index, problem in zip(members, problems):
                 messages[index] = problem
