@@ -132,3 +132,18 @@ def test_a_glmm_slope_on_a_calendar_year_is_the_same_fit_in_hp_glmm_and_the_batc
         np.testing.assert_allclose(batch.beta[0], fit.fixef.to_numpy(), rtol=1e-4, err_msg=formula)
         np.testing.assert_allclose(batch.beta_se[0], np.sqrt(np.diag(fit.vcov)), rtol=1e-3, err_msg=formula)
         np.testing.assert_allclose(batch.theta[0], fit.theta, rtol=1e-4, atol=1e-6, err_msg=formula)
+
+
+def test_adaptive_quadrature_with_a_fixed_effect_on_a_calendar_year():
+    """nAGQ = 5 searches (theta, beta) without derivatives: with x shifted by 2000 BOBYQA stopped 7e-4 above the
+    optimum, and the finite differences of beta there gave a gradient of 76 (not converged).  It now searches X's
+    columns centred and scaled (algebra.conditioning.fixed_transform) and differences there."""
+    data = _binomial(1)
+    formula = "cbind(k, f) ~ x + (1 | g)"
+    reference = hp.glmm(formula, data, family="binomial", nAGQ=5)
+    with warnings.catch_warnings():  # glmer's too: "rescale that variable"
+        warnings.simplefilter("ignore")
+        fit = hp.glmm(formula, data.assign(x=data["x"] + 2000.0), family="binomial", nAGQ=5)
+    assert fit.converged and fit.optimum.deviance == pytest.approx(reference.optimum.deviance, rel=1e-9)
+    assert fit.fixef["x"] == pytest.approx(reference.fixef["x"], rel=1e-5)
+    assert np.sqrt(fit.vcov.loc["x", "x"]) == pytest.approx(np.sqrt(reference.vcov.loc["x", "x"]), rel=1e-4)

@@ -101,6 +101,13 @@ def _needs_conditioning(z: np.ndarray) -> bool:
     return bool(needs_conditioning(z, np.zeros(len(z), dtype=np.int64), 1)[0])
 
 
+def fixed_transform(X: np.ndarray) -> np.ndarray | None:
+    """A (p, p) with X A centred (where X has an intercept) and scaled column by column, where X's columns are
+    far from it by the random-effect columns' rule (:func:`needs_conditioning`), else None: a search that moves beta
+    (a derivative-free one, or a batch's) searches beta~ = A^-1 beta, on which X A beta~ = X beta."""
+    return term_transform(X) if X.shape[1] and _needs_conditioning(X) else None
+
+
 def thetas_to_user(theta: np.ndarray, transforms) -> np.ndarray:
     """lme4's thetas (..., n_theta) on the user's columns from conditioned ones, ``transforms`` one M (..., k, k)
     per term: each term's lower-triangular L with L L^T = (M T)(M T)^T (the same covariance, the same criterion),
