@@ -422,3 +422,59 @@ def test_pirls_converges_in_newtons_steps_for_a_non_canonical_link(designs):
         fam = family(family_spec(model["family"], model.get("link")), shape=shape)
         mode = conditional_mode(np.asarray(model["theta"]), _beta(design, model["fixef"]), design, fam)
         assert mode.converged and mode.steps <= most, model_id
+
+
+def _crossed_counts(draws: int) -> pd.DataFrame:
+    """A crossed Poisson model's data with exposures, its response the second of ``draws`` of hp.simulate's draws
+    from its own fit (4: where L-BFGS-B stopped 0.24 above the optimum, |gradient| 4.7, its relative-reduction
+    test; 2: a saddle at theta_b = 0 beside a well at 0.056)."""
+    import warnings
+
+    import hierpool as hp
+
+    rng = np.random.default_rng(2)
+    ea, eb = rng.normal(0, 0.5, 8), rng.normal(0, 0.3, 4)
+    rows = []
+    for i in range(8):
+        for j in range(4):
+            for _ in range(2):
+                x, e = rng.normal(), rng.uniform(1, 4)
+                rows.append(dict(a=f"a{i}", b=f"b{j}", x=x, e=e,
+                                 y=rng.poisson(np.exp(0.2 + 0.4 * x + np.log(e) + ea[i] + eb[j]))))
+    data = pd.DataFrame(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.glmm(COUNTS_CROSSED, data, family="poisson")
+    return data.assign(y=hp.simulate(fit, draws, seed=5).iloc[:, 1].to_numpy())
+
+
+COUNTS_CROSSED = "y ~ x + offset(log(e)) + (1 | a) + (1 | b)"
+
+
+def test_the_polish_takes_the_hessian_again_where_its_chord_steps_leave_the_gradient_large(monkeypatch):
+    import hierpool.closedform.glmm_optimize as glmm_optimize
+
+    data = _crossed_counts(4)
+    design = build_design(COUNTS_CROSSED, data, family=family_spec("poisson"))
+    poisson = family(family_spec("poisson"))
+    refreshed = fit_laplace(design, poisson)
+    monkeypatch.setattr(glmm_optimize, "HESSIAN_REFRESHES", 0)
+    chord_only = fit_laplace(design, poisson)
+    # five chord steps with the Hessian of L-BFGS-B's early end left |gradient| 0.016 and -2 log L 3e-6 above
+    assert np.max(np.abs(chord_only.gradient)) > 1e-3
+    assert np.max(np.abs(refreshed.gradient)) <= glmm_optimize.REFRESH_GRADIENT
+    assert chord_only.deviance - refreshed.deviance > 1e-6
+
+
+def test_the_search_off_a_saddle_at_the_boundary_starts_in_the_well_beside_it(monkeypatch):
+    import hierpool.closedform.glmm_optimize as glmm_optimize
+
+    design = build_design(COUNTS_CROSSED, _crossed_counts(2), family=family_spec("poisson"))
+    poisson = family(family_spec("poisson"))
+    found = fit_laplace(design, poisson)
+    # hp.fit_batch's optimum of this dataset (its Newton search never visits theta_b = 0)
+    assert found.deviance == pytest.approx(270.6074998625313, rel=1e-11)
+    assert found.theta[1] == pytest.approx(0.05611, rel=1e-3)
+    monkeypatch.setattr(glmm_optimize, "SADDLE_STEPS", [glmm_optimize.THETA_STEP])
+    from_the_step = fit_laplace(design, poisson)  # stepped over the well, back to the saddle
+    assert from_the_step.theta[1] < 1e-4 and from_the_step.deviance > found.deviance + 0.05
