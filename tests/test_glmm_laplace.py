@@ -439,8 +439,8 @@ def _crossed_counts(draws: int) -> pd.DataFrame:
         for j in range(4):
             for _ in range(2):
                 x, e = rng.normal(), rng.uniform(1, 4)
-                rows.append(dict(a=f"a{i}", b=f"b{j}", x=x, e=e,
-                                 y=rng.poisson(np.exp(0.2 + 0.4 * x + np.log(e) + ea[i] + eb[j]))))
+                rows.append({"a": f"a{i}", "b": f"b{j}", "x": x, "e": e,
+                             "y": rng.poisson(np.exp(0.2 + 0.4 * x + np.log(e) + ea[i] + eb[j]))})
     data = pd.DataFrame(rows)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -452,7 +452,7 @@ COUNTS_CROSSED = "y ~ x + offset(log(e)) + (1 | a) + (1 | b)"
 
 
 def test_the_polish_takes_the_hessian_again_where_its_chord_steps_leave_the_gradient_large(monkeypatch):
-    import hierpool.closedform.glmm_optimize as glmm_optimize
+    from hierpool.closedform import glmm_optimize
 
     data = _crossed_counts(4)
     design = build_design(COUNTS_CROSSED, data, family=family_spec("poisson"))
@@ -467,7 +467,7 @@ def test_the_polish_takes_the_hessian_again_where_its_chord_steps_leave_the_grad
 
 
 def test_the_search_off_a_saddle_at_the_boundary_starts_in_the_well_beside_it(monkeypatch):
-    import hierpool.closedform.glmm_optimize as glmm_optimize
+    from hierpool.closedform import glmm_optimize
 
     design = build_design(COUNTS_CROSSED, _crossed_counts(2), family=family_spec("poisson"))
     poisson = family(family_spec("poisson"))

@@ -518,7 +518,7 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
                                              directions=directions)
             state["count"] += len(x)
             # Newton steps with this one Hessian (a chord method) finish the search, which stopped early
-            x = newton_polish(evaluate, lambda _: hessian, x, lower_all, rounds=POLISH_MAX_STEPS,
+            x = newton_polish(evaluate, lambda _, held=hessian: held, x, lower_all, rounds=POLISH_MAX_STEPS,
                               start=(mode.laplace, gradient), gradient_tol=POLISH_GRADIENT)
             mode, gradient = modes[x.tobytes()]
             free = ~((x <= lower_all) & (gradient > 0))
