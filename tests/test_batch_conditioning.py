@@ -147,3 +147,17 @@ def test_adaptive_quadrature_with_a_fixed_effect_on_a_calendar_year():
     assert fit.converged and fit.optimum.deviance == pytest.approx(reference.optimum.deviance, rel=1e-9)
     assert fit.fixef["x"] == pytest.approx(reference.fixef["x"], rel=1e-5)
     assert np.sqrt(fit.vcov.loc["x", "x"]) == pytest.approx(np.sqrt(reference.vcov.loc["x", "x"]), rel=1e-4)
+
+
+def test_a_column_aliased_on_the_users_scale_is_refused_though_conditioning_would_separate_it():
+    # centred, x = 20,000 + 1e-5 z is a column like any other; hp.glmm drops it (aliased with the intercept at
+    # lme4's tolerance), and the GLMM batch, judging X's rank on its conditioned columns, fitted it: beta -9e8, 5e4
+    data = _binomial(1)
+    frames = [data.assign(x=20000.0 + 1e-5 * data["x"]), data]
+    formula = "cbind(k, f) ~ x + (1 | g)"
+    with pytest.warns(hp.HierpoolWarning, match="aliased with earlier ones: x"):
+        hp.glmm(formula, frames[0], family="binomial")
+    batch = hp.fit_batch(formula, frames, family="binomial", progress=False)
+    assert np.isnan(batch.objective.iloc[0]) and np.isnan(batch.beta[0]).all()
+    assert batch.messages.iloc[0] == "the 2 fixed-effect columns have rank 1 in this dataset"
+    assert batch.converged.iloc[1] and not batch.messages.iloc[1]

@@ -85,5 +85,6 @@ def condition_batch(plan: BatchPlan, fixed: bool = False) -> BatchConditioning |
         fixed_transform = term_transforms(design.X, plan.dataset, n)
         fixed_transform[~conditioned] = np.eye(design.p)
         columns["X"] = np.ascontiguousarray(np.einsum("ri,rij->rj", design.X, fixed_transform[plan.dataset]))
-    fitted = dataclasses.replace(plan, design=dataclasses.replace(design, **columns))
+    # X's rank is the user's columns' (hp.glmm drops a column aliased there, which the conditioned columns are not)
+    fitted = dataclasses.replace(plan, design=dataclasses.replace(design, **columns), user_rank=plan.fixed_rank)
     return BatchConditioning(fitted, tuple(transforms), conditioned, fixed_transform)

@@ -340,6 +340,7 @@ class BatchPlan:
     offset: object = None  # the offset= argument, likewise
     se: str | None = None  # the se= argument: the column of known residual sds
     refusals: tuple = ()  # per dataset: why its single fit refuses its data ("" when it does not), plan_refusals
+    user_rank: np.ndarray | None = None  # fixed_rank of the user's X where design.X is a conditioned copy of it
 
     @property
     def term(self) -> RandomEffectTerm:
@@ -353,7 +354,11 @@ class BatchPlan:
     def fixed_rank(self) -> np.ndarray:
         """(n_datasets,) the rank of each dataset's fixed-effect columns as ``hp.lmm`` judges it: p less the columns
         :func:`~hierpool.spec.design.aliased_columns` finds aliased in its rows
-        (:func:`~hierpool.spec.design.aliased_counts`)."""
+        (:func:`~hierpool.spec.design.aliased_counts`); the user's X's (:attr:`user_rank`) where the design's is
+        conditioned (:mod:`hierpool.batch.conditioning`: centred, a column of 20,000 + 1e-5 z is no longer aliased
+        with the intercept, which hp.glmm drops)."""
+        if self.user_rank is not None:
+            return self.user_rank
         return self.design.p - aliased_counts(self.design.X, self.dataset, self.n_datasets)
 
     def refused(self, index: int, found: str) -> str:
@@ -399,7 +404,8 @@ class BatchPlan:
                                           len(members), int(bucket), weights=weights, offset=design.offset[rows])
             # X's rank as hp.lmm judges it (plan.fixed_rank), screened on the statistics' X'X (weighted: no screen)
             gram = None if weights is not None else np.asarray(stats.xtx)
-            rank = design.p - aliased_counts(design.X[rows], local, len(members), gram=gram)
+            rank = (self.user_rank[members] if self.user_rank is not None else
+                    design.p - aliased_counts(design.X[rows], local, len(members), gram=gram))
             problems = dataset_problems(self.n_obs[members], self.n_levels[members], rank, design.p, term.k,
                                         term.group, design.sigma_known)
             problems = [self.refused(index, problem) for index, problem in zip(members, problems)]
