@@ -11,9 +11,13 @@ factors, BLUPs and conditional variances are mapped back: b = M b~, Var(b | y) =
 covariance, sigma, phi and the criterion are unchanged.  The other datasets keep their columns (M = I), and a
 batch none of whose datasets needs it is not touched.
 
-A GLMM's search moves beta with theta (the linear models' paths profile beta out on centred X), so for a GLMM
-the fixed-effect columns are conditioned by the same rule: X A_d, beta = A beta~, Cov(beta) = A Cov(beta~) A^T
-(``hp.glmm``'s own search is scaled by its start's Hessian instead, :mod:`hierpool.closedform.glmm_scaling`).
+The fixed-effect columns are conditioned by the same rule: X A_d, beta = A beta~, Cov(beta) = A Cov(beta~) A^T,
+and REML's criterion, whose log |X' V^-1 X| moves by 2 log |det A|, is mapped back too.  A GLMM's search moves
+beta with theta (``hp.glmm``'s own search is scaled by its start's Hessian instead,
+:mod:`hierpool.closedform.glmm_scaling`); the linear paths profile beta out, but their sums of X'X lost digits
+on a column far from centred (x = 200,000 + z: a search stopped short and the dataset was refitted alone, the
+AR(1) path's refit 5e-8 off the criterion of the same model on z).  X's rank is still judged on the user's columns
+(:attr:`~hierpool.batch.plan.BatchPlan.user_rank`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class BatchConditioning:
     plan: BatchPlan
     transforms: tuple[np.ndarray, ...]
     conditioned: np.ndarray
-    fixed: np.ndarray | None = None  # A per dataset (n_datasets, p, p), a GLMM's
+    fixed: np.ndarray | None = None  # A per dataset (n_datasets, p, p)
+    reml: bool = False  # the criterion is REML's: log |X' V^-1 X| moves by 2 log |det A| with X A
 
     def to_user(self, out: dict) -> dict:
         """The results ``out`` of a fit of :attr:`plan` (:func:`hierpool.batch.fit_terms.run_jobs`'s dict) on the
@@ -50,6 +55,8 @@ class BatchConditioning:
             a = self.fixed[rows]
             out["beta"][rows] = np.einsum("dij,dj->di", a, out["beta"][rows])
             out["vcov"][rows] = a @ out["vcov"][rows] @ np.swapaxes(a, -1, -2)
+            if self.reml:  # log |A' X' V^-1 X A| = log |X' V^-1 X| + 2 log |det A|
+                out["objective"][rows] -= 2.0 * np.linalg.slogdet(a)[1]
         ks = tuple(m.shape[-1] for m in self.transforms)
         transforms = [m[rows] for m in self.transforms]
         theta = thetas_to_user(out["theta"][rows], transforms)
@@ -64,9 +71,10 @@ class BatchConditioning:
         return out
 
 
-def condition_batch(plan: BatchPlan, fixed: bool = False) -> BatchConditioning | None:
-    """The batch on each dataset's random-effect columns (and with ``fixed``, a GLMM's, its fixed-effect columns)
-    centred and scaled where that dataset's are far from it (the module notes); None where no dataset's are."""
+def condition_batch(plan: BatchPlan, fixed: bool = True, reml: bool = False) -> BatchConditioning | None:
+    """The batch on each dataset's random-effect columns (and with ``fixed``, its fixed-effect columns) centred
+    and scaled where that dataset's are far from it (the module notes); None where no dataset's are.  ``reml``:
+    the criterion of the fit is REML's (its log-determinant of X' V^-1 X is mapped back too)."""
     design, n = plan.design, plan.n_datasets
     conditioned = np.zeros(n, dtype=bool)
     for z in [term.z for term in design.terms] + ([design.X] if fixed and design.p else []):
@@ -87,4 +95,4 @@ def condition_batch(plan: BatchPlan, fixed: bool = False) -> BatchConditioning |
         columns["X"] = np.ascontiguousarray(np.einsum("ri,rij->rj", design.X, fixed_transform[plan.dataset]))
     # X's rank is the user's columns' (hp.glmm drops a column aliased there, which the conditioned columns are not)
     fitted = dataclasses.replace(plan, design=dataclasses.replace(design, **columns), user_rank=plan.fixed_rank)
-    return BatchConditioning(fitted, tuple(transforms), conditioned, fixed_transform)
+    return BatchConditioning(fitted, tuple(transforms), conditioned, fixed_transform, reml=reml)

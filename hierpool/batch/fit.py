@@ -376,7 +376,7 @@ def fit_batch(
                        progress=progress)
     # a dataset whose random-effect columns are far from centred or unit scale is searched on its columns centred
     # and scaled, as hp.lmm's (batch.conditioning); the results are mapped back to the user's below
-    conditioning = condition_batch(plan, fixed=spec is not None)
+    conditioning = condition_batch(plan, reml=spec is None and reml)
     fitted = plan if conditioning is None else conditioning.plan
     sharding = mesh_sharding()
     # compiled programs: Newton's m x m systems, one per dataset of a call, go to a batched LAPACK call, serial on a
