@@ -61,11 +61,12 @@ def _intercept_columns(constant: np.ndarray) -> np.ndarray:
     return np.where(has, np.argmax(constant, axis=1), -1)
 
 
-def term_transforms(z: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+def term_transforms(z: np.ndarray, group: np.ndarray, n_groups: int, moments=None) -> np.ndarray:
     """M (n_groups, k, k) per group of rows of one term's columns ``z`` (``group`` each row's, as
     ``hp.fit_batch``'s datasets): z M centred (when z has a constant column there) and scaled column by column;
-    identity columns stay.  One group is :func:`term_transform`."""
-    constant, mean, sd, rms, first = _group_columns(z, group, n_groups)
+    identity columns stay.  One group is :func:`term_transform`.  ``moments``: ``_group_columns``' of the same
+    arguments, where the caller has them (:func:`group_conditioning`)."""
+    constant, mean, sd, rms, first = _group_columns(z, group, n_groups) if moments is None else moments
     intercept = _intercept_columns(constant)
     k = z.shape[1]
     transform = np.tile(np.eye(k), (n_groups, 1, 1))
@@ -80,16 +81,23 @@ def term_transforms(z: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarr
     return transform
 
 
-def needs_conditioning(z: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+def needs_conditioning(z: np.ndarray, group: np.ndarray, n_groups: int, moments=None) -> np.ndarray:
     """Whether each group's rows of one term's columns ``z`` are far from centred or unit scale (n_groups,): a
     column's root mean square outside [1 / :data:`SCALE_RATIO`, :data:`SCALE_RATIO`], or, with an intercept
-    column, another column's |mean| above :data:`CENTRE_RATIO` sds."""
-    constant, mean, sd, rms, _ = _group_columns(z, group, n_groups)
+    column, another column's |mean| above :data:`CENTRE_RATIO` sds.  ``moments`` as :func:`term_transforms`'."""
+    constant, mean, sd, rms, _ = _group_columns(z, group, n_groups) if moments is None else moments
     intercept = _intercept_columns(constant)
     scale = np.any((rms > 0) & ((rms > SCALE_RATIO) | (rms < 1.0 / SCALE_RATIO)), axis=1)
     others = np.arange(z.shape[1])[None, :] != intercept[:, None]
     far = np.abs(mean) > CENTRE_RATIO * np.maximum(sd, np.finfo(float).tiny)
     return scale | ((intercept >= 0) & np.any(others & far, axis=1))
+
+
+def group_conditioning(z: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(:func:`needs_conditioning`, :func:`term_transforms`) of the same columns, their per-group moments summed
+    once."""
+    moments = _group_columns(z, group, n_groups)
+    return needs_conditioning(z, group, n_groups, moments), term_transforms(z, group, n_groups, moments)
 
 
 def term_transform(z: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ import dataclasses
 import numpy as np
 
 from ..algebra.checks import singular_rows
-from ..algebra.conditioning import needs_conditioning, term_transforms, thetas_to_user
+from ..algebra.conditioning import group_conditioning, thetas_to_user
 from ..algebra.linalg import theta_to_factors
 from ..closedform.optimize import Control
 from .plan import BatchPlan
@@ -76,21 +76,22 @@ def condition_batch(plan: BatchPlan, fixed: bool = True, reml: bool = False) -> 
     and scaled where that dataset's are far from it (the module notes); None where no dataset's are.  ``reml``:
     the criterion of the fit is REML's (its log-determinant of X' V^-1 X is mapped back too)."""
     design, n = plan.design, plan.n_datasets
-    conditioned = np.zeros(n, dtype=bool)
-    for z in [term.z for term in design.terms] + ([design.X] if fixed and design.p else []):
-        conditioned |= needs_conditioning(z, plan.dataset, n)
+    blocks = [term.z for term in design.terms] + ([design.X] if fixed and design.p else [])
+    if not blocks:
+        return None
+    needs, block_transforms = zip(*(group_conditioning(z, plan.dataset, n) for z in blocks))
+    conditioned = np.logical_or.reduce(needs)
     if not conditioned.any():
         return None
     transforms, terms = [], []
-    for term in design.terms:
-        transform = term_transforms(term.z, plan.dataset, n)
+    for term, transform in zip(design.terms, block_transforms):
         transform[~conditioned] = np.eye(term.k)  # the others keep their columns (and their numbers)
         transforms.append(transform)
         z = np.einsum("ri,rij->rj", term.z, transform[plan.dataset])
         terms.append(dataclasses.replace(term, z=np.ascontiguousarray(z)))
     columns, fixed_transform = {"terms": tuple(terms)}, None
     if fixed and design.p:
-        fixed_transform = term_transforms(design.X, plan.dataset, n)
+        fixed_transform = block_transforms[-1]
         fixed_transform[~conditioned] = np.eye(design.p)
         columns["X"] = np.ascontiguousarray(np.einsum("ri,rij->rj", design.X, fixed_transform[plan.dataset]))
     # X's rank is the user's columns' (hp.glmm drops a column aliased there, which the conditioned columns are not)
