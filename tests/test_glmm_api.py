@@ -278,3 +278,25 @@ def test_a_fit_that_stops_next_to_a_saddle_at_a_zero_variance_goes_on_to_glmers_
         warnings.simplefilter("ignore")
         stuck = hp.glmm(reference["formula"], data, family="binomial")
     assert stuck.optimum.deviance > reference["minus_2_loglik"] + 0.1 and stuck.optimum.theta[3] < 1e-3
+
+
+def test_a_negative_binomial_on_counts_no_more_dispersed_than_poisson_fits_at_its_limit():
+    """The likelihood rises towards the Poisson limit ever more slowly: the search stopped on that flat tail (shape
+    8,066, 1.2e-3 above the limit, converged) where hp.fit_batch went on to 1e8, and hp.bootstrap dropped such
+    replicates (the least dispersed) as failed.  It now searches again from shape 1e8 (glmm.NB_LIMIT_SHAPE)."""
+    rng = np.random.default_rng(80003)
+    sd_a, sd_b = rng.choice([0.0, 0.05, 0.2, 0.6]), rng.choice([0.0, 0.05, 0.2, 0.6])
+    effects, _ = rng.normal(0, sd_a, 5), rng.normal(0, sd_b, 1)
+    rows = []
+    for i in range(5):
+        for _ in range(5):
+            x = rng.normal()
+            rows.append({"a": f"a{i}", "x": x, "y": rng.poisson(np.exp(0.2 + 0.5 * x + effects[i]))})
+    data = pd.DataFrame(rows)
+    formula = "y ~ x + (1 | a)"
+    poisson = hp.glmm(formula, data, family="poisson").optimum.deviance
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.glmm(formula, data, family="negative_binomial")
+    assert fit.converged and fit.shape >= 1e7
+    assert poisson <= fit.optimum.deviance <= poisson * (1 + 1e-8)

@@ -48,6 +48,10 @@ NB_START_SHAPE = 1.0
 
 #: A negative binomial fit that ends singular is searched again from these multiples of its shape (the best kept).
 NB_RESTART_FACTORS = (0.25, 4.0)
+#: A negative binomial fit whose shape ends above NB_LIMIT_CHECK is compared with the Poisson GLMM, its limit, and
+#: searched again from NB_LIMIT_SHAPE where that is lower (:func:`_negative_binomial_limit`).
+NB_LIMIT_CHECK = 1e3
+NB_LIMIT_SHAPE = 1e8
 
 
 def _negative_binomial_restarts(design, spec, optimum, stages: int, nodes: int):
@@ -66,6 +70,28 @@ def _negative_binomial_restarts(design, spec, optimum, stages: int, nodes: int):
         if again.deviance < optimum.deviance - 1e-10 * abs(optimum.deviance):
             optimum = again
     return optimum
+
+
+def _negative_binomial_limit(design, spec, optimum, stages: int, nodes: int):
+    """``optimum``, or where its shape is above :data:`NB_LIMIT_CHECK` and the model's limit as the shape grows
+    without end, the Poisson GLMM, fits lower, the search again from shape :data:`NB_LIMIT_SHAPE` (at the Poisson
+    fit's theta and beta) where it is lower.
+
+    Counts no more dispersed than Poisson's have their likelihood rising towards that limit, ever more slowly: the
+    search stopped on the flat tail (shape 8,066, -2 log L 1.2e-3 above the limit, converged), where
+    ``hp.fit_batch``'s went on to 1e8, 1e-9 from it; ``hp.bootstrap``'s replicates of such counts then differed from
+    their single fits.  From :data:`NB_LIMIT_SHAPE` the search stays there, as the batch's does."""
+    if not optimum.shape > NB_LIMIT_CHECK:
+        return optimum
+    poisson_family = make_family(family_spec("poisson", spec.link))
+    poisson = fit_laplace(design, poisson_family, stages=stages, nodes=nodes)
+    if not poisson.deviance < optimum.deviance:
+        return optimum  # an optimum inside, at a large shape
+    at_limit = make_family(spec, shape=NB_LIMIT_SHAPE)
+    exact = stages == 2 and nodes == 1 and deviance_gives_likelihood(design, at_limit)
+    start = np.concatenate([poisson.theta, poisson.beta]) if exact else None
+    again = fit_laplace(design, at_limit, stages=stages, nodes=nodes, estimate_shape=True, start=start)
+    return again if again.deviance < optimum.deviance else optimum
 
 
 def check_quadrature(nAGQ, terms=None, spatial: bool = False) -> None:
@@ -149,6 +175,7 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
             optimum = fit_laplace(design, fam, stages=stages, nodes=max(nAGQ, 1), estimate_shape=negative_binomial)
         if negative_binomial:
             optimum = _negative_binomial_restarts(design, spec, optimum, stages, max(nAGQ, 1))
+            optimum = _negative_binomial_limit(design, spec, optimum, stages, max(nAGQ, 1))
     except np.linalg.LinAlgError:
         # PIRLS's penalized system borders [X, Z] with the working response: with a zero working residual at every
         # row (the fixed effects fit the response exactly) its last pivot is 0, and rounding makes it negative
