@@ -198,3 +198,23 @@ def test_a_covariate_of_large_mean_is_kept_as_hp_lmm_keeps_it(family):
     objective = single.optimum.deviance if family else single.objective
     assert batch.objective.iloc[1] == pytest.approx(objective, rel=1e-8)
     np.testing.assert_allclose(batch.beta[1], single.fixef, rtol=1e-6)
+
+
+def test_a_dataset_whose_response_its_family_refuses_is_refused_in_its_row():
+    # a negative count in one dataset refused the whole batch (naming the value, not the dataset)
+    frames = [_counts(0), _counts(1).assign(y=lambda f: f["y"] - 3), _counts(2)]
+    batch = hp.fit_batch(LINEAR, frames, by="rep", family="poisson", progress=False)
+    _assert_refused(batch, 1, _single_refusal(hp.glmm, LINEAR, frames[1], family="poisson"))
+    reference = hp.fit_batch(LINEAR, frames[::2], by="rep", family="poisson", progress=False)
+    _assert_rows_as_fitted_without(batch, [0, 2], reference, [0, 1])
+    # one DataFrame with weights as an array: the refused dataset's rows and weights are left out together
+    long = pd.concat([frame.assign(rep=label) for label, frame in zip("abc", frames)], ignore_index=True)
+    weights = np.linspace(0.5, 2.0, len(long))
+    one = hp.fit_batch(LINEAR, long, by="rep", family="poisson", weights=weights, progress=False)
+    assert list(one.datasets) == ["a", "b", "c"] and "non-negative whole counts" in one.messages["b"]
+    first = hp.glmm(LINEAR, frames[0], family="poisson", weights=weights[:len(frames[0])])
+    assert one.objective["a"] == pytest.approx(first.optimum.deviance, rel=1e-8)
+    # the same mistake in every dataset is one error, as before
+    with pytest.raises(hp.DataError, match="non-negative whole counts"):
+        hp.fit_batch(LINEAR, [frame.assign(y=frame["y"] - 30) for frame in frames], by="rep", family="poisson",
+                     progress=False)

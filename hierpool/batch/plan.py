@@ -609,6 +609,28 @@ def refuse_stateful(formula: str, caller: str, single: str) -> None:
         )
 
 
+#: :func:`refused_datasets` gives up (the long frame's error is then raised) when this many datasets in a row, from
+#: the first, are each refused: a mistake common to every dataset is one error, not a row each.
+REFUSED_IN_A_ROW = 20
+
+
+def refused_datasets(formula: str, frame: pd.DataFrame, by: str, family, se, weights, offset) -> dict:
+    """label -> its single fit's refusal (:func:`single_fit_refusal`), for the datasets of the long ``frame``
+    whose own data the single fit refuses, where the long frame's design raised: one dataset's negative or
+    infinite count refused the whole batch, naming the value but not the dataset.  Empty where every dataset is
+    refused (or the first :data:`REFUSED_IN_A_ROW` are), or none is (the long frame's error is then raised)."""
+    refused = {}
+    groups = frame.groupby(by, sort=False).indices
+    for checked, (label, rows) in enumerate(groups.items(), start=1):
+        arguments = dataset_arguments(rows, weights, offset, se)
+        reason = single_fit_refusal(formula, frame.iloc[rows], family=family, **arguments)
+        if reason:
+            refused[label] = reason
+        if len(refused) == checked >= REFUSED_IN_A_ROW:
+            return {}
+    return {} if len(refused) == len(groups) else refused
+
+
 def value_columns(formula: str, family, weights, offset, se) -> tuple[str, ...]:
     """The columns a batch reads as values, whose kind must agree across datasets (:func:`kind_conflicts`):
     the formula's (:attr:`~hierpool.spec.formula.ModelSpec.values`) and the weights, offset and se columns named."""
@@ -649,13 +671,25 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         raise ArgumentError(f"se must be the name of the column of known residual sds, got {type(se).__name__}")
     # positions as labels (the user's frame is not modified): a dataset's rows are then found by position
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)
+    dataset_labels = dataset_labels_of(data, frame, by)  # every dataset's, one refused below too
+    try:
+        design = build_design(formula, frame, se=se, weights=weights, offset=offset, family=family)
+    except DataError:  # one dataset's data (a negative count), or every dataset's (then raised as it is)
+        refused = refused_datasets(formula, frame, by, family, se, weights, offset)
+        if not refused:
+            raise
+        kept = ~frame[by].isin(list(refused)).to_numpy()
+        weights, offset = (value[kept] if value is not None and not isinstance(value, str) else value
+                           for value in (weights, offset))
+        frame = frame[kept].set_axis(pd.RangeIndex(int(kept.sum())), axis=0)
+        set_aside = {**set_aside, **refused}
+        design = build_design(formula, frame, se=se, weights=weights, offset=offset, family=family)
     # the long frame's model frame would be held for the whole batch run: the plan keeps the frame itself
-    design = replace(build_design(formula, frame, se=se, weights=weights, offset=offset, family=family), frame=None)
+    design = replace(design, frame=None)
     if one_term and len(design.terms) != 1:
         terms = [f"({' + '.join(t.coef_names)} | {t.group})" for t in design.terms]
         raise ArgumentError(f"{caller} fits models with one random-effect term; this formula has {len(terms)}: "
                             f"{', '.join(terms)}.  Fit it per dataset with {single}.")
-    dataset_labels = dataset_labels_of(data, frame, by)
     dataset = label_codes(dataset_labels, frame.loc[design.rows, by], by)
     n_datasets = len(dataset_labels)
     local = tuple(_local_levels(dataset, n_datasets, term) for term in design.terms)

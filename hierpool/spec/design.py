@@ -290,7 +290,7 @@ def _response(frame: pd.DataFrame, spec: ModelSpec, evaluated) -> np.ndarray:
     if not np.all(np.isfinite(y)):
         raise DataError(f"response {name!r} has non-finite values after transformation")
     if np.ptp(y) == 0:
-        raise DataError(f"response {name!r} is constant ({y[0]!r}): there is no variation to model")
+        raise DataError(f"response {name!r} is constant ({float(y[0])!r}): there is no variation to model")
     return y
 
 
