@@ -218,3 +218,15 @@ def test_a_dataset_whose_response_its_family_refuses_is_refused_in_its_row():
     with pytest.raises(hp.DataError, match="non-negative whole counts"):
         hp.fit_batch(LINEAR, [frame.assign(y=frame["y"] - 30) for frame in frames], by="rep", family="poisson",
                      progress=False)
+
+
+def test_a_dataset_with_fewer_fixed_effect_columns_is_refused_naming_them():
+    # "the 5 fixed-effect columns have rank 4 in this dataset" named no column
+    frames = [_gaussian(seed).assign(f=lambda d: np.array(["p", "q", "r"])[np.arange(len(d)) % 3],
+                                     x2=lambda d: np.sin(np.arange(len(d)))) for seed in range(3)]
+    frames[1] = frames[1][frames[1]["f"] != "r"]  # the level r absent
+    frames[2] = frames[2].assign(x2=1.5)  # x2 constant: aliased with the intercept
+    batch = _quiet(hp.fit_batch, "y ~ x + x2 + f + (1 | g)", frames, by="rep", progress=False)
+    _assert_refused(batch, 1, "rank 4 in this dataset: f[r] zero or aliased with earlier columns here")
+    _assert_refused(batch, 2, "rank 4 in this dataset: x2 zero or aliased with earlier columns here")
+    assert batch.converged.iloc[0]

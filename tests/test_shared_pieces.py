@@ -23,7 +23,7 @@ from hierpool.algebra.system import build_system, location_shift
 from hierpool.closedform.optimize import Control, is_singular
 from hierpool.closedform.optimize import moment_start as closed_form_start
 from hierpool.spec.arguments import probability_argument, sampler_arguments
-from hierpool.spec.design import aliased_columns, aliased_counts, build_design
+from hierpool.spec.design import aliased_columns, aliased_within, build_design
 
 SLEEP = "Reaction ~ Days + (Days | Subject)"
 
@@ -478,7 +478,7 @@ def test_grouped_products_of_keys_in_order_equal_the_bincounts_of_the_same_rows_
             assert np.all(in_order[empty] == 0) and np.all(in_order[keys[0]] != 0)
 
 
-def test_aliased_counts_are_aliased_columns_dataset_by_dataset():
+def test_aliased_within_is_aliased_columns_dataset_by_dataset():
     # the batch's rank of X, as hp.lmm judges each dataset's (the eigenvalues of X'X called a column 20,000 +- 1
     # aliased with the intercept: their smallest is below eps times the largest)
     rng = np.random.default_rng(3)
@@ -488,7 +488,8 @@ def test_aliased_counts_are_aliased_columns_dataset_by_dataset():
     X = np.column_stack([np.ones(group.size), x + 20000.0 * (group % 3 == 0), z, x + z])
     X[:, 3] += np.where(group % 4 == 0, 1e-3, 1e-12) * rng.normal(size=group.size)  # near aliased, or clearly not
     X[group % 5 == 0, 2] = 7.0  # a constant: aliased with the intercept there
-    counts = aliased_counts(X, group, n_groups)
-    expected = [len(aliased_columns(X[group == g])) if np.any(group == g) else X.shape[1] for g in range(n_groups)]
-    np.testing.assert_array_equal(counts, expected)
-    assert set(counts) == {0, 1, 4}
+    found = aliased_within(X, group, n_groups)
+    for g in range(n_groups):
+        expected = aliased_columns(X[group == g]) if np.any(group == g) else np.arange(X.shape[1])
+        np.testing.assert_array_equal(found.get(g, np.zeros(0, int)), expected)
+    assert {len(columns) for columns in found.values()} == {1, 4} and len(found) < n_groups

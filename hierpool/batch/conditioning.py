@@ -17,7 +17,7 @@ beta with theta (``hp.glmm``'s own search is scaled by its start's Hessian inste
 :mod:`hierpool.closedform.glmm_scaling`); the linear paths profile beta out, but their sums of X'X lost digits
 on a column far from centred (x = 200,000 + z: a search stopped short and the dataset was refitted alone, the
 AR(1) path's refit 5e-8 off the criterion of the same model on z).  X's rank is still judged on the user's columns
-(:attr:`~hierpool.batch.plan.BatchPlan.user_rank`).
+(:attr:`~hierpool.batch.plan.BatchPlan.user_aliased`).
 """
 
 from __future__ import annotations
@@ -94,6 +94,6 @@ def condition_batch(plan: BatchPlan, fixed: bool = True, reml: bool = False) -> 
         fixed_transform = block_transforms[-1]
         fixed_transform[~conditioned] = np.eye(design.p)
         columns["X"] = np.ascontiguousarray(np.einsum("ri,rij->rj", design.X, fixed_transform[plan.dataset]))
-    # X's rank is the user's columns' (hp.glmm drops a column aliased there, which the conditioned columns are not)
-    fitted = dataclasses.replace(plan, design=dataclasses.replace(design, **columns), user_rank=plan.fixed_rank)
+    # X's aliased columns are the user's columns' (hp.glmm drops such a column, which conditioned is not aliased)
+    fitted = dataclasses.replace(plan, design=dataclasses.replace(design, **columns), user_aliased=plan.fixed_aliased)
     return BatchConditioning(fitted, tuple(transforms), conditioned, fixed_transform, reml=reml)

@@ -84,7 +84,8 @@ def term_problems(plan: BatchPlan, sigma_known: bool | None = None, refusals: bo
     p, rank = design.p, plan.fixed_rank
     messages = [""] * n_datasets
     for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
-        found = dataset_problems(plan.n_obs, n_levels, rank, p, term.k, term.group, sigma_known)
+        found = dataset_problems(plan.n_obs, n_levels, rank, p, term.k, term.group, sigma_known,
+                                 aliased=plan.aliased_names())
         messages = [old or new for old, new in zip(messages, found)]
     if not sigma_known:  # hp.lmm: a factor with as many levels as rows cannot be told from the residual
         for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):

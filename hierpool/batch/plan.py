@@ -60,7 +60,7 @@ from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
 from ..spec.design import (
     Design,
     RandomEffectTerm,
-    aliased_counts,
+    aliased_within,
     build_design,
     missing_detail,
     unique_codes,
@@ -201,20 +201,24 @@ def bucket_width(n_levels: np.ndarray) -> np.ndarray:
     return 2 ** np.ceil(np.log2(np.maximum(n_levels, 1))).astype(int)
 
 
-def dataset_problems(n_obs, n_levels, rank, p: int, k: int, group: str, sigma_known: bool = False) -> list[str]:
+def dataset_problems(n_obs, n_levels, rank, p: int, k: int, group: str, sigma_known: bool = False,
+                     aliased=None) -> list[str]:
     """Why each dataset cannot be fitted ("" when it can), from its counts.
 
     With known residual sds (``sigma_known``) one observation per level is identifiable (a
-    meta-analysis), as ``hp.lmm``'s check allows; the other rules are the same.
+    meta-analysis), as ``hp.lmm``'s check allows; the other rules are the same.  ``aliased``: per dataset the
+    names of its aliased fixed-effect columns (:meth:`BatchPlan.aliased_names`), named in its reason.
     """
     problems = []
-    for n, ell, r in zip(n_obs, n_levels, rank):
+    for d, (n, ell, r) in enumerate(zip(n_obs, n_levels, rank)):
         if n == 0:  # why none is left is the plan's to say (BatchPlan.refusals): the counts alone cannot
             problems.append("no rows to fit")
         elif ell < 2:
             problems.append(f"only {ell} level of {group!r}: its variance cannot be estimated")
         elif r < p:
-            problems.append(f"the {p} fixed-effect columns have rank {r} in this dataset")
+            named = f": {', '.join(aliased[d])} zero or aliased with earlier columns here" if aliased is not None else ""
+            problems.append(f"the {p} fixed-effect columns have rank {r} in this dataset{named} (its single fit "
+                            "does without them; a batch fits the same columns to every dataset)")
         elif n <= p:
             problems.append(f"{n} observations for {p} fixed effects")
         elif ell * k >= n and not sigma_known:
@@ -340,7 +344,7 @@ class BatchPlan:
     offset: object = None  # the offset= argument, likewise
     se: str | None = None  # the se= argument: the column of known residual sds
     refusals: tuple = ()  # per dataset: why its single fit refuses its data ("" when it does not), plan_refusals
-    user_rank: np.ndarray | None = None  # fixed_rank of the user's X where design.X is a conditioned copy of it
+    user_aliased: dict | None = None  # fixed_aliased of the user's X where design.X is a conditioned copy of it
 
     @property
     def term(self) -> RandomEffectTerm:
@@ -351,15 +355,30 @@ class BatchPlan:
         return len(self.labels)
 
     @cached_property
+    def fixed_aliased(self) -> dict:
+        """dataset -> its fixed-effect columns (indices) that ``hp.lmm`` would drop as aliased with earlier ones
+        (:func:`~hierpool.spec.design.aliased_within`), for the datasets with some; the user's X's
+        (:attr:`user_aliased`) where the design's is conditioned (:mod:`hierpool.batch.conditioning`: centred, a
+        column of 20,000 + 1e-5 z is no longer aliased with the intercept, which hp.glmm drops)."""
+        if self.user_aliased is not None:
+            return self.user_aliased
+        return aliased_within(self.design.X, self.dataset, self.n_datasets)
+
+    @property
     def fixed_rank(self) -> np.ndarray:
-        """(n_datasets,) the rank of each dataset's fixed-effect columns as ``hp.lmm`` judges it: p less the columns
-        :func:`~hierpool.spec.design.aliased_columns` finds aliased in its rows
-        (:func:`~hierpool.spec.design.aliased_counts`); the user's X's (:attr:`user_rank`) where the design's is
-        conditioned (:mod:`hierpool.batch.conditioning`: centred, a column of 20,000 + 1e-5 z is no longer aliased
-        with the intercept, which hp.glmm drops)."""
-        if self.user_rank is not None:
-            return self.user_rank
-        return self.design.p - aliased_counts(self.design.X, self.dataset, self.n_datasets)
+        """(n_datasets,) the rank of each dataset's fixed-effect columns as ``hp.lmm`` judges it (p less
+        :attr:`fixed_aliased`'s)."""
+        rank = np.full(self.n_datasets, self.design.p)
+        for index, columns in self.fixed_aliased.items():
+            rank[index] -= len(columns)
+        return rank
+
+    def aliased_names(self, members=None) -> list[tuple]:
+        """The names of the aliased fixed-effect columns (:attr:`fixed_aliased`) of each dataset of ``members``
+        (all by default)."""
+        names = self.design.fixed_names
+        members = range(self.n_datasets) if members is None else members
+        return [tuple(names[j] for j in self.fixed_aliased.get(int(d), ())) for d in members]
 
     def refused(self, index: int, found: str) -> str:
         """Dataset ``index``'s reason not to be fitted: its refusal by the single fit (:attr:`refusals`) where the
@@ -402,12 +421,16 @@ class BatchPlan:
             weights = None if design.weights is None else design.weights[rows]
             stats = sufficient_statistics(local, self.level[rows], design.X[rows], term.z[rows], design.y[rows],
                                           len(members), int(bucket), weights=weights, offset=design.offset[rows])
-            # X's rank as hp.lmm judges it (plan.fixed_rank), screened on the statistics' X'X (weighted: no screen)
-            gram = None if weights is not None else np.asarray(stats.xtx)
-            rank = (self.user_rank[members] if self.user_rank is not None else
-                    design.p - aliased_counts(design.X[rows], local, len(members), gram=gram))
+            # X's rank as hp.lmm judges it (plan.fixed_aliased), screened on the statistics' X'X (weighted: none)
+            if self.user_aliased is None:
+                gram = None if weights is not None else np.asarray(stats.xtx)
+                found = aliased_within(design.X[rows], local, len(members), gram=gram)
+                aliased = [tuple(design.fixed_names[j] for j in found.get(g, ())) for g in range(len(members))]
+            else:
+                aliased = self.aliased_names(members)
+            rank = design.p - np.array([len(names) for names in aliased], dtype=int)
             problems = dataset_problems(self.n_obs[members], self.n_levels[members], rank, design.p, term.k,
-                                        term.group, design.sigma_known)
+                                        term.group, design.sigma_known, aliased=aliased)
             problems = [self.refused(index, problem) for index, problem in zip(members, problems)]
             for index, problem in zip(members, problems):
                 messages[index] = problem

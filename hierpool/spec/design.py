@@ -500,22 +500,22 @@ def lme4_term_order(n_levels: list[int]) -> list[int]:
 GRAM_SCREEN = 1e-4
 
 
-def aliased_counts(X: np.ndarray, group: np.ndarray, n_groups: int, gram: np.ndarray | None = None) -> np.ndarray:
-    """(n_groups,) the number of columns :func:`aliased_columns` drops among each group's rows of X (``group``
-    each row's; ``hp.fit_batch``'s datasets), without a QR per group where none is near aliased.  ``gram``: each
-    group's X'X (n_groups, p, p) where the caller has it (the one-term batch's statistics without prior weights).
+def aliased_within(X: np.ndarray, group: np.ndarray, n_groups: int, gram: np.ndarray | None = None) -> dict:
+    """group -> the columns (indices) :func:`aliased_columns` drops among that group's rows of X, for the groups with
+    some (``group`` each row's; ``hp.fit_batch``'s datasets; a group with no rows has all p), without a QR per
+    group where none is near aliased.  ``gram``: each group's X'X (n_groups, p, p) where the caller has it (the
+    one-term batch's statistics without prior weights).
 
     Each group's Gram matrix of X's columns scaled to unit norm is factored (Cholesky, column by column, vectorized
     over groups): its j-th pivot is the squared residual ratio of column j after the columns before it, the
     quantity :func:`aliased_columns` compares with :data:`RANK_TOL`.  Groups whose every ratio clears
-    :data:`GRAM_SCREEN` have none aliased; the others (and empty ones) are checked by :func:`aliased_columns` on
-    their rows.  (The batch's rank from the eigenvalues of X'X said 1 of 2 for a column 20,000 +- 10, which
-    the single fit keeps: the eigenvalues of X'X resolve the ratio only to sqrt(eps) of its largest one.)
+    :data:`GRAM_SCREEN` have none aliased; the others are checked by :func:`aliased_columns` on their rows.  (The
+    batch's rank from the eigenvalues of X'X said 1 of 2 for a column 20,000 +- 10, which the single fit keeps:
+    the eigenvalues of X'X resolve the ratio only to sqrt(eps) of its largest one.)
     """
     p = X.shape[1]
-    counts = np.zeros(n_groups, dtype=np.int64)
     if p == 0:
-        return counts
+        return {}
     if gram is None:
         gram = np.zeros((n_groups, p, p))
         for a in range(p):
@@ -534,14 +534,17 @@ def aliased_counts(X: np.ndarray, group: np.ndarray, n_groups: int, gram: np.nda
             lower[:, j, j] = root
             below = unit[:, j + 1:, j] - np.einsum("gik,gk->gi", lower[:, j + 1:, :j], lower[:, j, :j])
             lower[:, j + 1:, j] = below / root[:, None]
+    aliased = {}
     unclear = np.flatnonzero(~clear)
     if unclear.size:
         order = np.argsort(group, kind="stable")
         starts = np.searchsorted(group[order], np.arange(n_groups + 1))
         for g in unclear:
             rows = order[starts[g]:starts[g + 1]]
-            counts[g] = p if not rows.size else len(aliased_columns(X[rows]))
-    return counts
+            columns = np.arange(p) if not rows.size else aliased_columns(X[rows])
+            if columns.size:
+                aliased[int(g)] = columns
+    return aliased
 
 
 def _check_identifiable(terms: list[RandomEffectTerm], n: int, sigma_known: bool, related: tuple = ()) -> None:
