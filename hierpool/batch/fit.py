@@ -55,6 +55,7 @@ import jax
 import numpy as np
 import pandas as pd
 
+from ..algebra import one_term
 from ..algebra.checks import singular_rows
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
@@ -458,10 +459,17 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
             start = moment_start(chunk_stats, sigma_known).astype(float_type)
             jobs.append((chunk.members, chunk_stats, start, chunk.count, programs[bucket]))
 
+    # prior weights (known sds) can give a scalar term's criterion two minima (_from_scan); the scan is not run
+    # without them, where none was found (0 of 300 datasets) and it cost 0.04 s per 2,000
+    scan = k == 1 and design.weights is not None
+
     def run(job):
-        _, chunk, start, count, (optimize, solve) = job
-        chunk, start = place((chunk, start), sharding)  # on the host (no sharding) the arrays as they are
+        _, host_chunk_stats, start, count, (optimize, solve) = job
+        chunk, start = place((host_chunk_stats, start), sharding)  # on the host (no sharding) the arrays as they are
         optimized = optimize.result()(chunk, start)
+        if scan:  # a scalar term's criterion may have two minima in theta: the search again from the lower
+            optimized = _from_scan(optimized, host_chunk_stats, optimize.result(), chunk, reml, sigma_known,
+                                   float_type, sharding)
         solved = solve.result()(optimized["theta"], chunk)  # a Solution per dataset (one term)
         result = {**optimized, "beta": solved.beta, "vcov": solved.vcov_beta, "sigma": solved.sigma,
                   "b": solved.b[0], "cond_var": solved.cond_var[0], "factor": solved.factors[0]}
@@ -482,6 +490,37 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     attempted = np.array([not message for message in messages])
     return out | {"factors": [factors], "b": [b], "cond_var": [cond_var], "messages": messages, "alone": {},
                   "attempted": attempted}
+
+
+#: theta at which a one-term batch of a scalar term evaluates each dataset's criterion after its search
+#: (:func:`_from_scan`): 0, and from 1e-3 to 100 (sd_b / sigma) in equal ratios.
+SCALAR_SCAN = np.concatenate([[0.0], np.geomspace(1e-3, 1e2, 31)])
+
+
+def _from_scan(optimized, stats, optimize, chunk, reml: bool, sigma_known: bool, float_type, sharding):
+    """``optimized`` (a chunk's search), where a point of :data:`SCALAR_SCAN` is lower than a dataset's optimum by
+    more than 1e-6 relative, with the search run again from the lowest such point: the rows that then end lower.
+
+    With prior weights the ML criterion of ``y ~ x + (1 | g)`` can have two minima (one at theta = 0, one inside):
+    the batch's search from the moment start kept the one it reached, converged, -2 log L 0.5 to 54 above
+    ``hp.lmm``'s fit (3 of 60 datasets with weights 10^U(-2, 2), 12 of 60 at 10^U(-4, 4), the reviewer's sweep).
+    The scan costs 32 evaluations of the one-term criterion per dataset, on the host, with prior weights only."""
+    found = fetch(optimized)
+    grid = np.broadcast_to(SCALAR_SCAN[:, None, None], (SCALAR_SCAN.size, len(found["objective"]), 1))
+    with np.errstate(all="ignore"):  # every point at once (leading axes of theta)
+        values = np.asarray(one_term.objective(grid, stats, reml, sigma_known), dtype=float)
+    values = np.where(np.isfinite(values), values, np.inf)
+    best = np.argmin(values, axis=0)
+    lowest = values[best, np.arange(values.shape[1])]
+    objective = np.asarray(found["objective"], dtype=float)
+    restart = lowest < objective - 1e-6 * np.maximum(1.0, np.abs(objective))
+    if not restart.any():
+        return optimized
+    start = np.where(restart[:, None], SCALAR_SCAN[best][:, None], found["theta"]).astype(float_type)
+    again = fetch(optimize(chunk, place(start, sharding)))
+    lower = np.asarray(again["objective"], dtype=float) < objective
+    return {name: np.where(lower.reshape((-1,) + (1,) * (np.ndim(value) - 1)), again[name], value)
+            for name, value in found.items()}
 
 
 def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
