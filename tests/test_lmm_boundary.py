@@ -1,4 +1,4 @@
-"""Where the criterion has several minima.  hp.lmm's search off a singular (boundary) optimum: where it ends on one
+"""Where the criterion has several minima.  hp.lmm's and hp.glmm's searches off a singular (boundary) optimum: where they end on one
 face of a vector term's boundary, a lower singular optimum on another face (found by hp.fit_batch's search) is
 reached from restarts inside.  A scalar term's batch with prior weights: the lower of two minima in theta."""
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import hierpool as hp
-from hierpool.closedform import optimize
+from hierpool.algebra import linalg
 
 
 def _slopes(seed: int) -> pd.DataFrame:
@@ -40,7 +40,7 @@ def test_a_singular_fit_on_the_intercepts_face_restarts_inside_and_finds_the_low
         fit = hp.lmm(formula, data, reml=reml)
         assert fit.objective == pytest.approx(optimum, rel=1e-10)
         assert fit.theta[0] > 0.01 and fit.theta[2] < 1e-4  # a correlation of +-1, not a zero intercept variance
-        monkeypatch.setattr(optimize, "FULL_RANK_CORRELATIONS", ())
+        monkeypatch.setattr(linalg, "FULL_RANK_CORRELATIONS", ())
         stuck = hp.lmm(formula, data, reml=reml)
     # the intercept's variance at 0 (T_11 = 0), 1.8e-3 and 0.49 above, both reported converged
     assert stuck.theta[0] < 1e-6 and stuck.objective > optimum + 1e-3
@@ -74,3 +74,32 @@ def test_a_scalar_terms_batch_with_weights_leaves_the_higher_of_two_minima(monke
     monkeypatch.setattr(batch_fit, "SCALAR_SCAN", np.array([1e3]))  # a scan that finds nothing lower
     stuck = hp.fit_batch("y ~ x + (1 | g)", frames, weights="w", reml=False, progress=False)
     assert np.all(stuck.objective.to_numpy() > np.array(singles) + 5e-3)
+
+
+def _poisson_slopes(seed: int) -> pd.DataFrame:
+    """y ~ x + x2 + (1 + x | g) Poisson counts, 6 groups of 8-9 rows (the reviewer's sweep's generator)."""
+    rng = np.random.default_rng(seed)
+    s, s1, _ = rng.choice([0.0, 0.1, 0.5]), rng.choice([0.0, 0.1, 0.4]), rng.choice([0.0, 0.3])
+    covariance = np.array([[s * s, 0.5 * s * s1], [0.5 * s * s1, s1 * s1]]) + 1e-12 * np.eye(2)
+    factor = np.linalg.cholesky(covariance)
+    rows = []
+    for g in range(6):
+        e = factor @ rng.normal(size=3)[:2]
+        for _ in range(8 + g % 2):
+            x, x2 = rng.normal(size=2)
+            rows.append({"g": f"g{g}", "x": x, "x2": x2,
+                         "y": rng.poisson(np.exp(0.2 + 0.5 * x - 0.3 * x2 + e[0] + e[1] * x))})
+    return pd.DataFrame(rows)
+
+
+def test_a_glmm_on_the_intercepts_face_restarts_inside_and_finds_the_lower_face(monkeypatch):
+    # hp.glmm stopped at T_11 = 0, -2 log L 153.763 (not converged), where hp.fit_batch found 153.649 (T_22 = 0)
+    data = _poisson_slopes(900 * 6 + 8 + 34)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.glmm("y ~ x + x2 + (1 + x | g)", data, family="poisson")
+        assert fit.optimum.deviance == pytest.approx(153.64870508813067, rel=1e-10)  # the batch's fit
+        assert fit.converged and fit.optimum.theta[0] > 0.01
+        monkeypatch.setattr(linalg, "FULL_RANK_CORRELATIONS", ())
+        stuck = hp.glmm("y ~ x + x2 + (1 + x | g)", data, family="poisson")
+    assert stuck.optimum.theta[0] == 0.0 and stuck.optimum.deviance > fit.optimum.deviance + 0.1

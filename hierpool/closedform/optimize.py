@@ -27,7 +27,7 @@ from ..algebra import criterion, one_term
 from ..algebra.checks import SINGULAR_TOL, singular_rows
 from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import host_objective_and_gradient, objective
-from ..algebra.linalg import canonical_theta, theta_lower_bounds, theta_start, tril_positions
+from ..algebra.linalg import canonical_theta, full_rank_probes, theta_lower_bounds, theta_start
 from ..algebra.start import moment_theta
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
 from ..algebra.system import on_host as to_host
@@ -502,7 +502,7 @@ def _restart_from_boundary(evaluate, result, lower, bounds, options, max_rounds:
     method never looks past it), while a better optimum lies inside (lme4's
     derivative-free BOBYQA usually finds it).  Restart from small positive
     values of each such element, and from each such vector term's covariance
-    made full rank (:func:`_full_rank_probes`), and keep the best optimum.
+    made full rank (:func:`~hierpool.algebra.linalg.full_rank_probes`), and keep the best optimum.
     """
     import scipy.optimize  # loaded by the caller, which ran L-BFGS-B
 
@@ -518,7 +518,7 @@ def _restart_from_boundary(evaluate, result, lower, bounds, options, max_rounds:
                 probe = theta.copy()
                 probe[j] = step
                 probes.append(probe)
-        for probe in probes + _full_rank_probes(theta, at_zero, ks):
+        for probe in probes + full_rank_probes(theta, ks):
             candidate = scipy.optimize.minimize(evaluate, probe, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
             if candidate.fun < result.fun - 1e-10 * max(1.0, abs(result.fun)):
                 result, improved = candidate, True
@@ -527,36 +527,3 @@ def _restart_from_boundary(evaluate, result, lower, bounds, options, max_rounds:
     return result
 
 
-#: Where a vector term's T_j T_j^T ends singular, the search restarts from it plus half its mean variance times
-#: the correlation matrices with these correlations between every pair of coefficients (:func:`_full_rank_probes`).
-FULL_RANK_CORRELATIONS = (0.0, 0.9, -0.9)
-
-
-def _full_rank_probes(theta: np.ndarray, at_zero: np.ndarray, ks: tuple[int, ...]) -> list[np.ndarray]:
-    """theta with each vector term that has a diagonal of T_j at 0 (``at_zero``) moved inside: the Cholesky factor
-    of T_j T_j^T + (trace / 2k) R for R with each correlation of :data:`FULL_RANK_CORRELATIONS` off its diagonal
-    (-0.9 only where k = 2: a k x k matrix of equal correlations is positive definite above -1 / (k - 1)).
-
-    With T_11 = 0 the search sits on the face where the intercept's variance is 0, and setting T_11 small (the
-    probes above) leads back to it; a better singular optimum may lie on another face (a correlation of +-1,
-    T_22 = 0), which ``hp.fit_batch``'s search reached: (1 + x | g) on 5 groups of 4-5 rows, REML 74.509 there
-    against 74.018.  From a covariance of full rank near the fit's the search can reach either."""
-    probes, offset = [], 0
-    for k in ks:
-        size = k * (k + 1) // 2
-        if k >= 2 and np.any((at_zero >= offset) & (at_zero < offset + size)):
-            rows, cols = tril_positions(k)
-            factor = np.zeros((k, k))
-            factor[rows, cols] = theta[offset : offset + size]
-            covariance = factor @ factor.T
-            mean_variance = max(np.trace(covariance) / k, 1e-2)
-            for correlation in FULL_RANK_CORRELATIONS:
-                if correlation <= -1.0 / (k - 1):
-                    continue
-                shape = np.full((k, k), correlation) + (1.0 - correlation) * np.eye(k)
-                probe = theta.copy()
-                probe[offset : offset + size] = np.linalg.cholesky(covariance + 0.5 * mean_variance
-                                                                   * shape)[rows, cols]
-                probes.append(probe)
-        offset += size
-    return probes
