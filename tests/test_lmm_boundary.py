@@ -1,6 +1,7 @@
-"""Where the criterion has several minima.  hp.lmm's and hp.glmm's searches off a singular (boundary) optimum: where they end on one
-face of a vector term's boundary, a lower singular optimum on another face (found by hp.fit_batch's search) is
-reached from restarts inside.  A scalar term's batch with prior weights: the lower of two minima in theta."""
+"""Where the criterion has several minima.  hp.lmm's and hp.glmm's searches off a singular (boundary) optimum:
+where they end on one face of a vector term's boundary, a lower singular optimum on another face (found by
+hp.fit_batch's search) is reached from restarts inside.  A scalar term's batch with prior weights: the lower of
+two minima in theta."""
 
 import warnings
 
