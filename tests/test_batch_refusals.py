@@ -230,3 +230,15 @@ def test_a_dataset_with_fewer_fixed_effect_columns_is_refused_naming_them():
     _assert_refused(batch, 1, "rank 4 in this dataset: f[r] zero or aliased with earlier columns here")
     _assert_refused(batch, 2, "rank 4 in this dataset: x2 zero or aliased with earlier columns here")
     assert batch.converged.iloc[0]
+
+
+def test_a_column_of_python_objects_in_one_dataset_is_refused_in_its_row():
+    # numbers held as objects in one dataset made the stacked column an object column, which the whole batch's
+    # design refused, naming the good datasets' floats; a column of None there is missing values
+    frames = [_gaussian(0), _gaussian(1).assign(x=lambda f: f["x"].astype(object)), _gaussian(2),
+              _gaussian(3).assign(x=None)]
+    batch = _quiet(hp.fit_batch, LINEAR, frames, by="rep", progress=False)
+    _assert_refused(batch, 1, "column 'x' holds Python objects (float) in this dataset but numbers in 2 other")
+    _assert_refused(batch, 3, "no rows left after dropping missing values (x: 30)")
+    _assert_rows_as_fitted_without(batch, [0, 2], hp.fit_batch(LINEAR, frames[::2], by="rep", progress=False),
+                                   [0, 1])

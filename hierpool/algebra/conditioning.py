@@ -37,7 +37,7 @@ CENTRE_RATIO = 10.0
 SCALE_RATIO = 1e3
 
 
-def _group_columns(z: np.ndarray, group: np.ndarray, n_groups: int):
+def column_moments(z: np.ndarray, group: np.ndarray, n_groups: int):
     """Per group of rows: (whether each column is constant and nonzero there, its mean, its sd, its root mean
     square), each (n_groups, k), and each group's first row's values (n_groups, k); the sd from deviations about
     the group's mean (as ``np.std``, no cancellation for a column of large mean)."""
@@ -64,9 +64,10 @@ def _intercept_columns(constant: np.ndarray) -> np.ndarray:
 def term_transforms(z: np.ndarray, group: np.ndarray, n_groups: int, moments=None) -> np.ndarray:
     """M (n_groups, k, k) per group of rows of one term's columns ``z`` (``group`` each row's, as
     ``hp.fit_batch``'s datasets): z M centred (when z has a constant column there) and scaled column by column;
-    identity columns stay.  One group is :func:`term_transform`.  ``moments``: ``_group_columns``' of the same
-    arguments, where the caller has them (:func:`group_conditioning`)."""
-    constant, mean, sd, rms, first = _group_columns(z, group, n_groups) if moments is None else moments
+    identity columns stay.  One group is :func:`term_transform`.  ``moments``: :func:`column_moments` of the same
+    arguments, where the caller has them (``hp.fit_batch``'s conditioning: the rule first, the transforms only
+    where some group needs them)."""
+    constant, mean, sd, rms, first = column_moments(z, group, n_groups) if moments is None else moments
     intercept = _intercept_columns(constant)
     k = z.shape[1]
     transform = np.tile(np.eye(k), (n_groups, 1, 1))
@@ -85,19 +86,12 @@ def needs_conditioning(z: np.ndarray, group: np.ndarray, n_groups: int, moments=
     """Whether each group's rows of one term's columns ``z`` are far from centred or unit scale (n_groups,): a
     column's root mean square outside [1 / :data:`SCALE_RATIO`, :data:`SCALE_RATIO`], or, with an intercept
     column, another column's |mean| above :data:`CENTRE_RATIO` sds.  ``moments`` as :func:`term_transforms`'."""
-    constant, mean, sd, rms, _ = _group_columns(z, group, n_groups) if moments is None else moments
+    constant, mean, sd, rms, _ = column_moments(z, group, n_groups) if moments is None else moments
     intercept = _intercept_columns(constant)
     scale = np.any((rms > 0) & ((rms > SCALE_RATIO) | (rms < 1.0 / SCALE_RATIO)), axis=1)
     others = np.arange(z.shape[1])[None, :] != intercept[:, None]
     far = np.abs(mean) > CENTRE_RATIO * np.maximum(sd, np.finfo(float).tiny)
     return scale | ((intercept >= 0) & np.any(others & far, axis=1))
-
-
-def group_conditioning(z: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """(:func:`needs_conditioning`, :func:`term_transforms`) of the same columns, their per-group moments summed
-    once."""
-    moments = _group_columns(z, group, n_groups)
-    return needs_conditioning(z, group, n_groups, moments), term_transforms(z, group, n_groups, moments)
 
 
 def term_transform(z: np.ndarray) -> np.ndarray:
@@ -112,7 +106,8 @@ def _needs_conditioning(z: np.ndarray) -> bool:
 def fixed_transform(X: np.ndarray) -> np.ndarray | None:
     """A (p, p) with X A centred (where X has an intercept) and scaled column by column, where X's columns are
     far from it by the random-effect columns' rule (:func:`needs_conditioning`), else None: a search that moves beta
-    (a derivative-free one, or a batch's) searches beta~ = A^-1 beta, on which X A beta~ = X beta."""
+    (``hp.glmm``'s derivative-free one) searches beta~ = A^-1 beta, on which X A beta~ = X beta.  The one-group case of
+    :func:`term_transforms`, which ``hp.fit_batch`` applies per dataset."""
     return term_transform(X) if X.shape[1] and _needs_conditioning(X) else None
 
 

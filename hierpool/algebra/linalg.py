@@ -128,7 +128,7 @@ def full_rank_probes(theta: np.ndarray, ks: tuple[int, ...]) -> list[np.ndarray]
     face of a correlation of +-1 (T_22 = 0, the last diagonal: the boundary :func:`rank_reduced_theta` moves to),
     which ``hp.fit_batch``'s search reached: (1 + x | g) on 5 groups of 4-5 rows, REML 74.509 against 74.018
     (``hp.lmm``), a Poisson model's -2 log L 153.763 against 153.649 (``hp.glmm``).  From a covariance of full
-    rank near the fit's a search can reach either.  None where no such term.
+    rank near the fit's a search can reach either.  Empty where no such term.
     """
     theta = np.asarray(theta, dtype=float)
     probes, offset = [], 0

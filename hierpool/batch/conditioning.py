@@ -27,7 +27,7 @@ import dataclasses
 import numpy as np
 
 from ..algebra.checks import singular_rows
-from ..algebra.conditioning import group_conditioning, thetas_to_user
+from ..algebra.conditioning import column_moments, needs_conditioning, term_transforms, thetas_to_user
 from ..algebra.linalg import theta_to_factors
 from ..closedform.optimize import Control
 from .plan import BatchPlan
@@ -71,18 +71,19 @@ class BatchConditioning:
         return out
 
 
-def condition_batch(plan: BatchPlan, fixed: bool = True, reml: bool = False) -> BatchConditioning | None:
-    """The batch on each dataset's random-effect columns (and with ``fixed``, its fixed-effect columns) centred
-    and scaled where that dataset's are far from it (the module notes); None where no dataset's are.  ``reml``:
-    the criterion of the fit is REML's (its log-determinant of X' V^-1 X is mapped back too)."""
+def condition_batch(plan: BatchPlan, reml: bool = False) -> BatchConditioning | None:
+    """The batch on each dataset's random-effect and fixed-effect columns centred and scaled where that dataset's
+    are far from it (the module notes); None where no dataset's are.  ``reml``: the criterion of the fit is REML's
+    (its log-determinant of X' V^-1 X is mapped back too)."""
     design, n = plan.design, plan.n_datasets
-    blocks = [term.z for term in design.terms] + ([design.X] if fixed and design.p else [])
+    blocks = [term.z for term in design.terms] + ([design.X] if design.p else [])
     if not blocks:
         return None
-    needs, block_transforms = zip(*(group_conditioning(z, plan.dataset, n) for z in blocks))
-    conditioned = np.logical_or.reduce(needs)
+    moments = [column_moments(z, plan.dataset, n) for z in blocks]  # summed once for the rule and the transform
+    conditioned = np.logical_or.reduce([needs_conditioning(z, plan.dataset, n, m) for z, m in zip(blocks, moments)])
     if not conditioned.any():
         return None
+    block_transforms = [term_transforms(z, plan.dataset, n, m) for z, m in zip(blocks, moments)]
     transforms, terms = [], []
     for term, transform in zip(design.terms, block_transforms):
         transform[~conditioned] = np.eye(term.k)  # the others keep their columns (and their numbers)
@@ -90,7 +91,7 @@ def condition_batch(plan: BatchPlan, fixed: bool = True, reml: bool = False) -> 
         z = np.einsum("ri,rij->rj", term.z, transform[plan.dataset])
         terms.append(dataclasses.replace(term, z=np.ascontiguousarray(z)))
     columns, fixed_transform = {"terms": tuple(terms)}, None
-    if fixed and design.p:
+    if design.p:
         fixed_transform = block_transforms[-1]
         fixed_transform[~conditioned] = np.eye(design.p)
         columns["X"] = np.ascontiguousarray(np.einsum("ri,rij->rj", design.X, fixed_transform[plan.dataset]))

@@ -375,8 +375,9 @@ def fit_batch(
             out["shape"] = np.full(plan.n_datasets, np.nan)  # each refit's
         return _result(plan, out, formula, False, polish, partial(glmm, family=family, link=link, nAGQ=nAGQ),
                        progress=progress)
-    # a dataset whose random-effect columns are far from centred or unit scale is searched on its columns centred
-    # and scaled, as hp.lmm's (batch.conditioning); the results are mapped back to the user's below
+    # a dataset whose random-effect or fixed-effect columns are far from centred or unit scale is searched on its
+    # columns centred and scaled (batch.conditioning: hp.lmm's rule and transform, which hp.lmm applies to the
+    # random-effect columns); the results are mapped back to the user's below
     conditioning = condition_batch(plan, reml=spec is None and reml)
     fitted = plan if conditioning is None else conditioning.plan
     sharding = mesh_sharding()
@@ -492,31 +493,21 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
                   "attempted": attempted}
 
 
-#: theta at which a one-term batch of a scalar term evaluates each dataset's criterion after its search
-#: (:func:`_from_scan`): 0, and from 1e-3 to 100 (sd_b / sigma) in equal ratios.
-SCALAR_SCAN = np.concatenate([[0.0], np.geomspace(1e-3, 1e2, 31)])
-
-
 def _from_scan(optimized, stats, optimize, chunk, reml: bool, sigma_known: bool, float_type, sharding):
-    """``optimized`` (a chunk's search), where a point of :data:`SCALAR_SCAN` is lower than a dataset's optimum by
-    more than 1e-6 relative, with the search run again from the lowest such point: the rows that then end lower.
-
-    With prior weights the ML criterion of ``y ~ x + (1 | g)`` can have two minima (one at theta = 0, one inside):
-    the batch's search from the moment start kept the one it reached, converged, -2 log L 0.5 to 54 above
-    ``hp.lmm``'s fit (3 of 60 datasets with weights 10^U(-2, 2), 12 of 60 at 10^U(-4, 4), the reviewer's sweep).
-    The scan costs 32 evaluations of the one-term criterion per dataset, on the host, with prior weights only."""
+    """``optimized`` (a chunk's search), with the search run again from the lowest point of the scalar term's scan
+    where that is lower than a dataset's optimum (:func:`~hierpool.algebra.one_term.scan_restarts`): the rows that
+    then end lower.  (3 of 60 datasets with weights 10^U(-2, 2), 12 of 60 at 10^U(-4, 4), ML, ended 0.5-54 above
+    ``hp.lmm``'s fit.)  The scan costs 32 evaluations of the one-term criterion per dataset, on the host."""
     found = fetch(optimized)
-    grid = np.broadcast_to(SCALAR_SCAN[:, None, None], (SCALAR_SCAN.size, len(found["objective"]), 1))
+    scan = one_term.SCALAR_SCAN
+    grid = np.broadcast_to(scan[:, None, None], (scan.size, len(found["objective"]), 1))
     with np.errstate(all="ignore"):  # every point at once (leading axes of theta)
         values = np.asarray(one_term.objective(grid, stats, reml, sigma_known), dtype=float)
-    values = np.where(np.isfinite(values), values, np.inf)
-    best = np.argmin(values, axis=0)
-    lowest = values[best, np.arange(values.shape[1])]
     objective = np.asarray(found["objective"], dtype=float)
-    restart = lowest < objective - 1e-6 * np.maximum(1.0, np.abs(objective))
+    restart, theta = one_term.scan_restarts(values, objective)
     if not restart.any():
         return optimized
-    start = np.where(restart[:, None], SCALAR_SCAN[best][:, None], found["theta"]).astype(float_type)
+    start = np.where(restart[:, None], theta, found["theta"]).astype(float_type)
     again = fetch(optimize(chunk, place(start, sharding)))
     lower = np.asarray(again["objective"], dtype=float) < objective
     return {name: np.where(lower.reshape((-1,) + (1,) * (np.ndim(value) - 1)), again[name], value)

@@ -20,6 +20,7 @@ from ..algebra.quadrature import MAX_NODES
 from ..algebra.separation import distinct_rows, separating_columns
 from ..errors import (
     ArgumentError,
+    ConvergenceError,
     ConvergenceWarning,
     DataError,
     HierpoolWarning,
@@ -83,14 +84,16 @@ def _negative_binomial_limit(design, spec, optimum, stages: int, nodes: int):
     their single fits.  From :data:`NB_LIMIT_SHAPE` the search stays there, as the batch's does."""
     if not optimum.shape > NB_LIMIT_CHECK:
         return optimum
-    poisson_family = make_family(family_spec("poisson", spec.link))
-    poisson = fit_laplace(design, poisson_family, stages=stages, nodes=nodes)
-    if not poisson.deviance < optimum.deviance:
-        return optimum  # an optimum inside, at a large shape
-    at_limit = make_family(spec, shape=NB_LIMIT_SHAPE)
-    exact = stages == 2 and nodes == 1 and deviance_gives_likelihood(design, at_limit)
-    start = np.concatenate([poisson.theta, poisson.beta]) if exact else None
-    again = fit_laplace(design, at_limit, stages=stages, nodes=nodes, estimate_shape=True, start=start)
+    try:  # a failure of either fit leaves the fit as it is
+        poisson = fit_laplace(design, make_family(family_spec("poisson", spec.link)), stages=stages, nodes=nodes)
+        if not poisson.deviance < optimum.deviance:
+            return optimum  # an optimum inside, at a large shape
+        at_limit = make_family(spec, shape=NB_LIMIT_SHAPE)
+        exact = stages == 2 and nodes == 1 and deviance_gives_likelihood(design, at_limit)
+        start = np.concatenate([poisson.theta, poisson.beta]) if exact else None
+        again = fit_laplace(design, at_limit, stages=stages, nodes=nodes, estimate_shape=True, start=start)
+    except (ConvergenceError, np.linalg.LinAlgError):
+        return optimum
     return again if again.deviance < optimum.deviance else optimum
 
 

@@ -139,6 +139,7 @@ class MixedModel:
             one_term_inputs = _one_term_statistics(self.design, host)
             statistics = None if one_term_inputs is None else one_term_inputs[0]
             optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design), statistics=statistics)
+            optimum = self._lowest_of_scan(optimum, reml, control, host, statistics)
             solution = solve_at(optimum.theta, self.system, reml, host, one_term_inputs)
         else:
             system = build_system(conditioned.design, host=True)
@@ -151,6 +152,21 @@ class MixedModel:
         for message in optimum.messages:
             warnings.warn(message, ConvergenceWarning, stacklevel=3)
         return LMMResult(self.design, self.system, solution, optimum, reml, host)
+
+
+    def _lowest_of_scan(self, optimum, reml: bool, control, host: bool, statistics):
+        """``optimum``, or for one scalar term with prior weights, the search again from the lowest point of the
+        criterion's scan where that is lower (:func:`hierpool.algebra.one_term.scan_restarts`: its ML criterion
+        can have two minima, and the search stopped at the higher, 0.043 above, converged), the lower of the two."""
+        terms = self.design.terms
+        if len(terms) != 1 or terms[0].k != 1 or self.design.weights is None:  # prior weights or known sds
+            return optimum
+        values = np.array([[criterion_value(np.array([t]), self.system, reml, host)] for t in one_term.SCALAR_SCAN])
+        restart, theta = one_term.scan_restarts(values, np.array([optimum.objective]))
+        if not restart[0]:
+            return optimum
+        again = optimize_theta(self.system, reml, control, start=theta[0], statistics=statistics)
+        return again if again.objective < optimum.objective else optimum
 
 
 def lmm(
