@@ -841,3 +841,13 @@ def test_host_calls_are_whole_rounds_of_the_threads_of_equal_lengths():
     assert host_chunk_length(1000, 512, 2) == 500  # a call per thread at least
     assert host_chunk_length(3, 512, 2) == 2 and host_chunk_length(1, 512, 2) == 1
     assert host_chunk_length(1000, 300, 1) == 250  # one thread: the fewest calls, equal
+
+
+def test_a_float32_batch_without_fixed_effects_fits():
+    # its criterion came out float64 (the statistics' float64 parts) in a float32 Newton loop: a raw JAX error
+    rng = np.random.default_rng(0)
+    g = np.repeat(np.arange(6), 5)
+    frames = [pd.DataFrame({"g": g, "y": rng.normal(size=30) + rng.normal(size=6)[g]}) for _ in range(3)]
+    single = hp.fit_batch("y ~ 0 + (1 | g)", frames, progress=False)
+    half = hp.fit_batch("y ~ 0 + (1 | g)", frames, dtype="float32", progress=False)
+    np.testing.assert_allclose(half.objective, single.objective, rtol=1e-5)
