@@ -651,17 +651,33 @@ def refused_datasets(formula: str, frame: pd.DataFrame, by: str, family, se, wei
     """label -> its single fit's refusal (:func:`single_fit_refusal`), for the datasets of the long ``frame``
     whose own data the single fit refuses, where the long frame's design raised: one dataset's negative or
     infinite count refused the whole batch, naming the value but not the dataset.  Empty where every dataset is
-    refused (or the first :data:`REFUSED_IN_A_ROW` are), or none is (the long frame's error is then raised)."""
-    refused = {}
+    refused (or the first :data:`REFUSED_IN_A_ROW` are), or none is (the long frame's error is then raised).
+
+    The datasets are halved while a half's rows raise (one design per half): a dataset in 100,000 is found in ~34
+    designs, where one design per dataset took 1.3 ms each (2 minutes)."""
     groups = frame.groupby(by, sort=False).indices
-    for checked, (label, rows) in enumerate(groups.items(), start=1):
-        arguments = dataset_arguments(rows, weights, offset, se)
-        reason = single_fit_refusal(formula, frame.iloc[rows], family=family, **arguments)
-        if reason:
-            refused[label] = reason
-        if len(refused) == checked >= REFUSED_IN_A_ROW:
-            return {}
-    return {} if len(refused) == len(groups) else refused
+    labels = list(groups)
+
+    def refusal(members) -> str:
+        rows = np.concatenate([groups[label] for label in members])
+        return single_fit_refusal(formula, frame.iloc[rows], family=family,
+                                  **dataset_arguments(rows, weights, offset, se))
+
+    first = labels[:REFUSED_IN_A_ROW]
+    if len(first) == REFUSED_IN_A_ROW and all(refusal([label]) for label in first):
+        return {}  # a mistake common to every dataset: one error
+    refused = {}
+    pending = [labels]
+    while pending:
+        members = pending.pop()
+        reason = refusal(members)
+        if not reason:
+            continue
+        if len(members) == 1:
+            refused[members[0]] = reason
+        else:
+            pending += [members[len(members) // 2:], members[: len(members) // 2]]
+    return {} if len(refused) == len(labels) else refused
 
 
 def value_columns(formula: str, family, weights, offset, se) -> tuple[str, ...]:
