@@ -234,16 +234,19 @@ def test_a_spatial_batch_is_each_datasets_single_fit(area_counts, family):
         batch.varcorr
 
 
-def test_an_empty_dataset_and_a_column_of_another_kind_keep_their_rows(area_counts):
+def test_an_empty_dataset_a_column_of_another_kind_and_an_infinite_response_keep_their_rows(area_counts):
     # an empty dataset vanished from a dataset-by-dataset batch (its labels came from the rows left), and a text
     # column in one dataset failed the whole batch in formulae without naming the column
     formula = "y ~ x + car(area, type='icar') + (1 | area)"
     frame = area_counts[0].assign(y=lambda f: np.log1p(f["y"] / f["exposure"]))
-    frames = {"a": frame, "empty": frame.iloc[:0], "text": frame.assign(x=frame["x"].astype(str)), "b": frame}
+    infinite = frame.assign(y=np.where(np.arange(len(frame)) == 0, np.inf, frame["y"]))
+    frames = {"a": frame, "empty": frame.iloc[:0], "text": frame.assign(x=frame["x"].astype(str)), "b": frame,
+              "inf": infinite}  # an infinite response refused the whole batch
     batch = _quiet(hp.fit_batch, formula, frames, by="map", adjacency=AREAS, progress=False)
-    assert list(batch.datasets) == ["a", "empty", "text", "b"]
+    assert list(batch.datasets) == ["a", "empty", "text", "b", "inf"]
     assert batch.messages["empty"] == "the dataset is empty: it has no rows"
-    assert batch.messages["text"].startswith("column 'x' holds text or categories in this dataset but numbers in 2 "
+    assert batch.messages["inf"] == "column 'y' has infinite values" and np.isnan(batch.objective["inf"])
+    assert batch.messages["text"].startswith("column 'x' holds text or categories in this dataset but numbers in 3 "
                                              "other datasets")
     assert batch.objective[["empty", "text"]].isna().all() and not batch.converged[["empty", "text"]].any()
     single = _quiet(hp.lmm, formula, frame, adjacency=AREAS)

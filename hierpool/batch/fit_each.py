@@ -47,6 +47,7 @@ from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarni
 from ..spec.design import build_design
 from ..spec.formula import has_spatial_term
 from .plan import (
+    build_or_refuse,
     dataset_arguments,
     dataset_labels_of,
     empty_reason,
@@ -225,31 +226,42 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
 
     refuse_stateful(formula, caller, "hp.bayes" if caller == "bayes_batch" else "hp.glmm" if spec else "hp.lmm")
     frame, set_aside = long_frame(data, by, value_columns(formula, spec, weights, offset, se))
-    arguments = dict(weights=row_argument(weights, "weights", data, frame),
-                     offset=row_argument(offset, "offset", data, frame))
+    weights, offset = row_argument(weights, "weights", data, frame), row_argument(offset, "offset", data, frame)
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)  # positions as labels: the user's frame untouched
     labels = dataset_labels_of(data, frame, by)  # every dataset passed, one with no rows too
-    codes = label_codes(labels, frame[by], by)
-    items = None if isinstance(data, pd.DataFrame) else data
-    refusals = tuple(set_aside.get(label) or ("" if items is None or len(items[label]) else empty_reason(
-        items[label], np.zeros(0, dtype=np.int64), frame, (), {})) for label in labels)
-    if relmat is not None or relmat_inverse is not None:
+    relationship = relmat is not None or relmat_inverse is not None
+    if relationship:
         from ..closedform.relmat import check_design
 
         if adjacency is not None or has_spatial_term(formula):
             raise ArgumentError("relmat= with a spatial term (car(), adjacency=) is not supported: give one of them")
         rel = model_relationship(formula, relmat, relmat_inverse)
-        design = build_design(formula, frame, se=se, family=spec, related=(rel.group,), **arguments)
-        check_design(design, rel)  # refuses a family, known sds, vector terms: by name, once
+
+        def build(rows, arguments):
+            design = build_design(formula, rows, se=se, family=spec, related=(rel.group,), **arguments)
+            check_design(design, rel)  # refuses a family, known sds, vector terms: by name, once
+            return design
+    else:
+        if se is not None:
+            raise ArgumentError("se= is not supported with a spatial term (adjacency=) yet")
+
+        def build(rows, arguments):
+            return spatial_design(formula, rows, adjacency, family=spec, **arguments)
+    # one dataset's data the single fit refuses (a negative count) is refused in its row, not the batch
+    built, frame, weights, offset, refused = build_or_refuse(build, frame, by, weights, offset)
+    set_aside = {**set_aside, **refused}
+    arguments = {"weights": weights, "offset": offset}
+    codes = label_codes(labels, frame[by], by)
+    items = None if isinstance(data, pd.DataFrame) else data
+    refusals = tuple(set_aside.get(label) or ("" if items is None or len(items[label]) else empty_reason(
+        items[label], np.zeros(0, dtype=np.int64), frame, (), {})) for label in labels)
+    if relationship:
         return EachModel(frame=frame, by=by, arguments=arguments, shared={"relmat_inverse": {rel.group: rel}},
-                         keys=term_keys(design=design), fixed_names=design.fixed_names, spatial=False, design=design,
+                         keys=term_keys(design=built), fixed_names=built.fixed_names, spatial=False, design=built,
                          codes=codes, labels=labels, refusals=refusals)
-    if se is not None:
-        raise ArgumentError("se= is not supported with a spatial term (adjacency=) yet")
-    sdesign = spatial_design(formula, frame, adjacency, family=spec, **arguments)
-    graphs = {area.term.factor: area.graph for area in sdesign.areas}
+    graphs = {area.term.factor: area.graph for area in built.areas}
     return EachModel(frame=frame, by=by, arguments=arguments, shared={"adjacency": graphs},
-                     keys=term_keys(sdesign=sdesign), fixed_names=sdesign.design.fixed_names, spatial=True,
+                     keys=term_keys(sdesign=built), fixed_names=built.design.fixed_names, spatial=True,
                      codes=codes, labels=labels, refusals=refusals)
 
 

@@ -545,13 +545,7 @@ def empty_reason(item, rows: np.ndarray, frame: pd.DataFrame, columns, arrays: d
 def single_fit_refusal(formula: str, frame: pd.DataFrame, **arguments) -> str:
     """What the single fit (``hp.lmm``, ``hp.glmm``) refuses in one dataset's rows ``frame`` ("" when nothing): the
     message of the :class:`~hierpool.errors.HierpoolError` its design (:func:`build_design`) raises there."""
-    try:
-        with warnings.catch_warnings():  # the long frame's design warned of its dropped rows already
-            warnings.simplefilter("ignore", HierpoolWarning)
-            build_design(formula, frame, **arguments)
-    except HierpoolError as exc:
-        return str(exc)
-    return ""
+    return design_refusal(lambda rows, extra: build_design(formula, rows, **arguments, **extra), frame, {})
 
 
 def constant_within(values: np.ndarray, dataset: np.ndarray, n_datasets: int) -> np.ndarray:
@@ -647,11 +641,24 @@ def refuse_stateful(formula: str, caller: str, single: str) -> None:
 REFUSED_IN_A_ROW = 20
 
 
-def refused_datasets(formula: str, frame: pd.DataFrame, by: str, family, se, weights, offset) -> dict:
-    """label -> its single fit's refusal (:func:`single_fit_refusal`), for the datasets of the long ``frame``
-    whose own data the single fit refuses, where the long frame's design raised: one dataset's negative or
-    infinite count refused the whole batch, naming the value but not the dataset.  Empty where every dataset is
-    refused (or the first :data:`REFUSED_IN_A_ROW` are), or none is (the long frame's error is then raised).
+def design_refusal(build, frame: pd.DataFrame, arguments: dict) -> str:
+    """The message of the :class:`~hierpool.errors.HierpoolError` ``build(frame, arguments)`` (a single fit's design
+    of those rows) raises ("" where it raises none), its warnings silenced (the long frame's design gave them)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", HierpoolWarning)
+            build(frame, arguments)
+    except HierpoolError as exc:
+        return str(exc)
+    return ""
+
+
+def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset) -> dict:
+    """label -> its single fit's refusal, for the datasets of the long ``frame`` whose own rows the single fit's
+    design (``build(frame, arguments)``: :func:`design_refusal`) refuses, where the long frame's design raised: one
+    dataset's negative or infinite count refused the whole batch, naming the value but not the dataset.  Empty
+    where every dataset is refused (or the first :data:`REFUSED_IN_A_ROW` are), or none is (the long frame's
+    error is then raised).
 
     The datasets are halved while a half's rows raise (one design per half): a dataset in 100,000 is found in ~34
     designs, where one design per dataset took 1.3 ms each (2 minutes)."""
@@ -660,8 +667,7 @@ def refused_datasets(formula: str, frame: pd.DataFrame, by: str, family, se, wei
 
     def refusal(members) -> str:
         rows = np.concatenate([groups[label] for label in members])
-        return single_fit_refusal(formula, frame.iloc[rows], family=family,
-                                  **dataset_arguments(rows, weights, offset, se))
+        return design_refusal(build, frame.iloc[rows], dataset_arguments(rows, weights, offset))
 
     first = labels[:REFUSED_IN_A_ROW]
     if len(first) == REFUSED_IN_A_ROW and all(refusal([label]) for label in first):
@@ -678,6 +684,25 @@ def refused_datasets(formula: str, frame: pd.DataFrame, by: str, family, se, wei
         else:
             pending += [members[len(members) // 2:], members[: len(members) // 2]]
     return {} if len(refused) == len(labels) else refused
+
+
+def build_or_refuse(build, frame: pd.DataFrame, by: str, weights, offset):
+    """(``build(frame, arguments)``, the frame, weights and offset it was built on, the datasets refused: label ->
+    why).  Where the long frame's design raises a :class:`~hierpool.errors.DataError`, the datasets whose own
+    rows raise (:func:`refused_datasets`) are left out and the rest built; the error is raised as it is where
+    none or every one does."""
+    arguments = {"weights": weights, "offset": offset}
+    try:
+        return build(frame, arguments), frame, weights, offset, {}
+    except DataError:
+        refused = refused_datasets(build, frame, by, weights, offset)
+        if not refused:
+            raise
+    kept = ~frame[by].isin(list(refused)).to_numpy()
+    weights, offset = (value[kept] if value is not None and not isinstance(value, str) else value
+                       for value in (weights, offset))
+    frame = frame[kept].set_axis(pd.RangeIndex(int(kept.sum())), axis=0)
+    return build(frame, {"weights": weights, "offset": offset}), frame, weights, offset, refused
 
 
 def value_columns(formula: str, family, weights, offset, se) -> tuple[str, ...]:
@@ -721,18 +746,11 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     # positions as labels (the user's frame is not modified): a dataset's rows are then found by position
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)
     dataset_labels = dataset_labels_of(data, frame, by)  # every dataset's, one refused below too
-    try:
-        design = build_design(formula, frame, se=se, weights=weights, offset=offset, family=family)
-    except DataError:  # one dataset's data (a negative count), or every dataset's (then raised as it is)
-        refused = refused_datasets(formula, frame, by, family, se, weights, offset)
-        if not refused:
-            raise
-        kept = ~frame[by].isin(list(refused)).to_numpy()
-        weights, offset = (value[kept] if value is not None and not isinstance(value, str) else value
-                           for value in (weights, offset))
-        frame = frame[kept].set_axis(pd.RangeIndex(int(kept.sum())), axis=0)
-        set_aside = {**set_aside, **refused}
-        design = build_design(formula, frame, se=se, weights=weights, offset=offset, family=family)
+    # one dataset's data the single fit refuses (a negative count) is refused in its row, not the batch
+    design, frame, weights, offset, refused = build_or_refuse(
+        lambda rows, arguments: build_design(formula, rows, se=se, family=family, **arguments),
+        frame, by, weights, offset)
+    set_aside = {**set_aside, **refused}
     # the long frame's model frame would be held for the whole batch run: the plan keeps the frame itself
     design = replace(design, frame=None)
     if one_term and len(design.terms) != 1:
