@@ -461,7 +461,8 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
             jobs.append((chunk.members, chunk_stats, start, chunk.count, programs[bucket]))
 
     # prior weights (known sds) can give a scalar term's criterion two minima (_from_scan); the scan is not run
-    # without them, where the sweep found none (120 unweighted datasets) and it cost 0.04 s per 2,000 datasets
+    # without them, where the sweep found none (120 unweighted datasets) and it would cost time on every batch
+    # (benchmarks/RESULTS.md, thirtieth session)
     scan = k == 1 and design.weights is not None
 
     def run(job):
