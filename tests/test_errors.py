@@ -166,7 +166,7 @@ def test_reml_that_is_not_a_bool_is_refused_by_name(value):
                                     lambda x: x.astype(object).where(np.arange(x.size) % 2 == 0, x.astype(str))])
 def test_a_column_of_numbers_held_as_objects_is_refused_by_name(data, values):
     # formulae refused it without naming the column ("Variable is of an unrecognized type")
-    with pytest.raises(hp.DataError, match=r"column 'x' \(dtype object\) holds values of type (float|float, str)"):
+    with pytest.raises(hp.DataError, match=r"column 'x' \(dtype object\) holds Python objects \((float|float, str)\)"):
         hp.lmm(FORMULA, data.assign(x=values(data["x"])))
     labels = data.assign(g=data["g"].astype(object).where(np.arange(len(data)) % 2 == 0, 7))
     assert np.isfinite(hp.lmm(FORMULA, labels).objective)  # a grouping factor's labels may be of any type

@@ -64,6 +64,7 @@ from ..spec.design import (
     build_design,
     missing_detail,
     unique_codes,
+    value_kind,
 )
 from ..spec.formula import parse_formula
 from ..spec.transforms import stateful_calls
@@ -151,7 +152,8 @@ def long_frame(data, by: str, columns=()) -> tuple[pd.DataFrame, dict]:
             raise ArgumentError(f"dataset {label!r} already has a column {by!r}; pass another by=")
     frame = pd.concat([frame.assign(**{by: label}) for label, frame in items], ignore_index=True)
     # two kinds stacked make an object column of mixed values: only then are the datasets looked at one by one
-    # (reading each dataset's columns cost 0.4 s per 10,000 datasets, a fifth of the stacking)
+    # (reading every dataset's columns on the common path cost a fifth of the stacking itself: benchmarks/RESULTS.md,
+    # thirtieth session)
     mixed = [name for name in columns if name in frame.columns and frame[name].dtype == object
              and not pd.api.types.is_string_dtype(frame[name])]
     if not mixed:
@@ -166,21 +168,10 @@ def long_frame(data, by: str, columns=()) -> tuple[pd.DataFrame, dict]:
 
 
 def column_kind(column: pd.Series) -> str | None:
-    """How the formula reads ``column``: "numbers", "true/false values", "text or categories", or for an ``object``
-    column of other values "Python objects (their types)", which the single fit refuses
-    (:func:`~hierpool.spec.design.check_value_types`); None where no value is there to tell.  Two kinds stacked
-    are an ``object`` column that the formula cannot read."""
-    types = pd.api.types
+    """How the formula reads ``column``'s values (:func:`~hierpool.spec.design.value_kind`); None where no value is
+    there to tell (all missing).  Two kinds stacked are an ``object`` column that the formula cannot read."""
     column = column.dropna()
-    if len(column) == 0:
-        return None
-    if types.is_bool_dtype(column):
-        return "true/false values"
-    if types.is_numeric_dtype(column):
-        return "numbers"
-    if types.is_string_dtype(column) or isinstance(column.dtype, pd.CategoricalDtype):
-        return "text or categories"
-    return f"Python objects ({', '.join(sorted({type(value).__name__ for value in column}))})"
+    return value_kind(column) if len(column) else None
 
 
 def kind_conflicts(items: list[tuple], columns) -> dict:
@@ -661,7 +652,7 @@ def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset) -> di
     error is then raised).
 
     The datasets are halved while a half's rows raise (one design per half): a dataset in 100,000 is found in ~34
-    designs, where one design per dataset took 1.3 ms each (2 minutes)."""
+    designs, not 100,000 (benchmarks/RESULTS.md, thirtieth session)."""
     groups = frame.groupby(by, sort=False).indices
     labels = list(groups)
 

@@ -242,21 +242,33 @@ def _drop_missing(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return frame, n_missing
 
 
+def value_kind(column: pd.Series) -> str:
+    """How the formula reads ``column``'s values: "true/false values", "numbers", "text or categories", or for
+    anything else (an ``object`` column of numbers, or of numbers and text mixed) "Python objects (their types)",
+    which formulae cannot read (:func:`check_value_types` refuses it; ``hp.fit_batch`` compares the kinds of its
+    datasets' columns with it)."""
+    types = pd.api.types
+    if types.is_bool_dtype(column):
+        return "true/false values"
+    if types.is_numeric_dtype(column):
+        return "numbers"
+    if types.is_string_dtype(column) or isinstance(column.dtype, pd.CategoricalDtype):
+        return "text or categories"
+    return f"Python objects ({', '.join(sorted({type(value).__name__ for value in column}))})"
+
+
 def check_value_types(frame: pd.DataFrame, names) -> None:
     """Refuse a column of ``names`` (:attr:`ModelSpec.values`: read as values, not as a factor's labels) that holds
-    neither numbers nor text or categories: an ``object`` column of numbers, or of numbers and text mixed (a
-    column of one dataset of a batch stored as text, stacked on the others' numbers), which formulae refused
-    without naming it."""
-    types = pd.api.types
+    neither numbers nor text or categories (:func:`value_kind`): an ``object`` column of numbers, or of numbers and
+    text mixed (a column of one dataset of a batch stored as text, stacked on the others' numbers), which formulae
+    refused without naming it."""
     for name in names:
         column = frame[name]
-        if types.is_numeric_dtype(column) or types.is_string_dtype(column) or isinstance(column.dtype,
-                                                                                         pd.CategoricalDtype):
-            continue
-        held = ", ".join(sorted({type(value).__name__ for value in column}))
-        raise DataError(f"column {name!r} (dtype {column.dtype}) holds values of type {held}: a column the formula "
-                        "reads must be numbers, or text or categories for a factor; convert it (pd.to_numeric, "
-                        "or .astype(str))")
+        kind = value_kind(column)
+        if kind.startswith("Python objects"):
+            raise DataError(f"column {name!r} (dtype {column.dtype}) holds {kind}: a column the formula reads must "
+                            "be numbers, or text or categories for a factor; convert it (pd.to_numeric, or "
+                            ".astype(str))")
 
 
 def _plain_numeric(frame: pd.DataFrame) -> pd.DataFrame:
