@@ -74,8 +74,13 @@ def beta_covariance(curvature, value, n_theta: int, p: int):
     stop = n_theta + p
     information = 0.5 * curvature[..., :stop, :stop]
     usable = xp.all(xp.isfinite(information), axis=(-2, -1)) & xp.isfinite(value)
-    usable = usable & invertible(placeholder_where_not(usable, information))
-    block = xp.linalg.inv(placeholder_where_not(usable, information))[..., n_theta:stop, n_theta:stop]
+    candidates = placeholder_where_not(usable, information)
+    try:  # JAX gives an exactly singular matrix's inverse inf/NaN (not definite below); NumPy raises for the stack
+        inverse = xp.linalg.inv(candidates)
+    except np.linalg.LinAlgError:  # only then the stack is factored twice, to find which
+        usable = usable & invertible(candidates)
+        inverse = xp.linalg.inv(placeholder_where_not(usable, information))
+    block = inverse[..., n_theta:stop, n_theta:stop]
     chol = cholesky(block)
     definite = (usable & xp.all(xp.isfinite(chol), axis=(-2, -1))
                 & xp.all(xp.diagonal(chol, axis1=-2, axis2=-1) > 0, axis=-1))
