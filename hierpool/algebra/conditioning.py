@@ -130,6 +130,13 @@ def thetas_to_user(theta: np.ndarray, transforms) -> np.ndarray:
     return np.concatenate(out, axis=-1)
 
 
+def effects_to_user(transform: np.ndarray, b, cond_var) -> tuple[np.ndarray, np.ndarray]:
+    """One term's BLUPs (ell, k) and conditional variances (ell, k, k) on the user's columns from the conditioned
+    ones: b = M b~, Var(b | y) = M Var(b~ | y) M^T (``transform``: the term's M)."""
+    return (np.asarray(b) @ transform.T,
+            np.einsum("ij,ljk,mk->lim", transform, np.asarray(cond_var), transform))
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """The conditioned design and the per-term M_j that map its theta back to the user's."""
@@ -150,8 +157,9 @@ class Conditioning:
         for m, factor, tilde_factor, b_j, var_j, u_j in zip(
             self.transforms, user_factors, solution.factors, solution.b, solution.cond_var, solution.u
         ):
-            b.append(np.asarray(b_j) @ m.T)
-            cond_var.append(np.einsum("ij,ljk,mk->lim", m, np.asarray(var_j), m))
+            b_user, var_user = effects_to_user(m, b_j, var_j)
+            b.append(b_user)
+            cond_var.append(var_user)
             # spherical effects: u = T^+ M T~ u~ (a rotation of u~ when T is not singular)
             u.append(np.asarray(u_j) @ (np.linalg.pinv(factor) @ m @ np.asarray(tilde_factor)).T)
         return replace(solution, theta=np.asarray(theta), factors=tuple(user_factors), b=tuple(b), cond_var=tuple(cond_var), u=tuple(u))

@@ -27,7 +27,13 @@ import dataclasses
 import numpy as np
 
 from ..algebra.checks import singular_rows
-from ..algebra.conditioning import column_moments, needs_conditioning, term_transforms, thetas_to_user
+from ..algebra.conditioning import (
+    column_moments,
+    effects_to_user,
+    needs_conditioning,
+    term_transforms,
+    thetas_to_user,
+)
 from ..algebra.linalg import theta_to_factors
 from ..closedform.optimize import Control
 from .plan import BatchPlan
@@ -65,8 +71,7 @@ class BatchConditioning:
         for t, m in enumerate(transforms):
             for i, d in enumerate(rows):
                 out["factors"][t][d] = factors[t][i]
-                out["b"][t][d] = np.asarray(out["b"][t][d]) @ m[i].T
-                out["cond_var"][t][d] = np.einsum("ij,ljk,mk->lim", m[i], np.asarray(out["cond_var"][t][d]), m[i])
+                out["b"][t][d], out["cond_var"][t][d] = effects_to_user(m[i], out["b"][t][d], out["cond_var"][t][d])
         out["is_singular"][rows] = np.isfinite(out["objective"][rows]) & singular_rows(theta, ks, Control.singular_tol)
         return out
 

@@ -47,10 +47,10 @@ from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarni
 from ..spec.design import build_design
 from ..spec.formula import has_spatial_term
 from .plan import (
+    EMPTY_DATASET,
     build_or_refuse,
     dataset_arguments,
     dataset_labels_of,
-    empty_reason,
     host_chunk,
     label_codes,
     long_frame,
@@ -253,8 +253,8 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
     arguments = {"weights": weights, "offset": offset}
     codes = label_codes(labels, frame[by], by)
     items = None if isinstance(data, pd.DataFrame) else data
-    refusals = tuple(set_aside.get(label) or ("" if items is None or len(items[label]) else empty_reason(
-        items[label], np.zeros(0, dtype=np.int64), frame, (), {})) for label in labels)
+    refusals = tuple(set_aside.get(label) or ("" if items is None or len(items[label]) else EMPTY_DATASET)
+                     for label in labels)
     if relationship:
         return EachModel(frame=frame, by=by, arguments=arguments, shared={"relmat_inverse": {rel.group: rel}},
                          keys=term_keys(design=built), fixed_names=built.fixed_names, spatial=False, design=built,

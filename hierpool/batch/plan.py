@@ -152,8 +152,7 @@ def long_frame(data, by: str, columns=()) -> tuple[pd.DataFrame, dict]:
             raise ArgumentError(f"dataset {label!r} already has a column {by!r}; pass another by=")
     frame = pd.concat([frame.assign(**{by: label}) for label, frame in items], ignore_index=True)
     # two kinds stacked make an object column of mixed values: only then are the datasets looked at one by one
-    # (reading every dataset's columns on the common path cost a fifth of the stacking itself: benchmarks/RESULTS.md,
-    # thirtieth session)
+    # (not every dataset's columns on the common path: benchmarks/RESULTS.md, thirtieth session)
     mixed = [name for name in columns if name in frame.columns and frame[name].dtype == object
              and not pd.api.types.is_string_dtype(frame[name])]
     if not mixed:
@@ -518,11 +517,15 @@ def missing_counts(frame: pd.DataFrame, rows: np.ndarray, columns, arrays: dict)
     return missing_detail(used.assign(**cut))
 
 
+#: The reason of a dataset passed as an empty frame.
+EMPTY_DATASET = "the dataset is empty: it has no rows"
+
+
 def empty_reason(item, rows: np.ndarray, frame: pd.DataFrame, columns, arrays: dict) -> str:
     """Why a dataset has no rows left to fit: its own frame ``item`` (None for a dataset of one DataFrame) is empty
     or lacks a column the model uses; else the missing values that dropped its ``rows`` of the long ``frame``."""
     if item is not None and len(item) == 0:
-        return "the dataset is empty: it has no rows"
+        return EMPTY_DATASET
     absent = [column for column in columns if item is not None and column not in item.columns]
     if absent:
         listed = ", ".join(repr(column) for column in absent)
