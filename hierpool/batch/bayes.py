@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from ..algebra.ar1 import per_unit
 from ..algebra.compiler_options import ProgramCache, compiler_options, shape_signature
 from ..algebra.marginal import theta_from_components
 from ..algebra.one_term_marginal import draw_effects
@@ -330,10 +331,12 @@ def bayes_batch(
             lambda value: value[: chunk.count * chains].reshape((chunk.count, chains) + value.shape[1:]), out)
         beyond = {}  # dataset -> why its phi per unit of time is not reported (hp.bayes refuses it by name)
         if correlation is not None:  # drawn per each dataset's median lag: phi per the user's unit (NaN: beyond)
-            out["phi"] = np.array(out["phi"], dtype=float)
-            for row, d in enumerate(chunk.members):
-                out["phi"][row], beyond[d] = draws_per_unit(out["phi"][row], units[d], correlation,
-                                                            what="a posterior draw of phi")
+            psi = np.array(out["phi"], dtype=float)
+            shape = (-1,) + (1,) * (psi.ndim - 1)
+            out["phi"] = per_unit(psi, units[chunk.members].reshape(shape))  # the whole chunk at once
+            for row in np.flatnonzero(~np.all(np.isfinite(out["phi"]), axis=tuple(range(1, psi.ndim)))):
+                d = chunk.members[row]  # only a dataset with a draw beyond a float: its reason, by name
+                beyond[d] = draws_per_unit(psi[row], units[d], correlation, what="a posterior draw of phi")[1]
         return chunk, out, summarize_blocks(out, ks, level), {d: why for d, why in beyond.items() if why}
 
     n_varcorr = sum(k + len(coef_pairs(k)) for k in ks) + (0 if sigma_known else 1)
