@@ -142,15 +142,20 @@ def profile_curvature(hessian: np.ndarray) -> np.ndarray:
         d^2/du^2 min_theta f(theta, u) = H_uu - H_u,theta H_theta,theta^-1 H_theta,u = 1 / (H^-1)_uu,
 
     the Schur complement (at the optimum theta's profile moves with u by -H_theta,theta^-1 H_theta,u; Nocedal &
-    Wright 2006, sec. 16.1, for the block inverse).  NaN where H is not positive definite: there is no minimum in
-    theta to profile over, and no interval.  A sign flip of theta's columns (:func:`~hierpool.algebra.search.newton.
+    Wright 2006, sec. 16.1, for the block inverse): the square of the last pivot of H's Cholesky factor, u being
+    last.  NaN where H is not positive definite (its factorization fails): there is no minimum in theta to profile
+    over, and no interval.  A sign flip of theta's columns (:func:`~hierpool.algebra.search.newton.
     canonical_theta`) leaves it unchanged."""
     hessian = np.asarray(hessian, dtype=float)
     finite = np.all(np.isfinite(hessian), axis=(-2, -1))
     safe = np.where(finite[..., None, None], hessian, np.eye(hessian.shape[-1]))
-    definite = finite & (np.linalg.eigvalsh(safe)[..., 0] > 0.0)
-    inverse = np.linalg.inv(np.where(definite[..., None, None], safe, np.eye(hessian.shape[-1])))
-    return np.where(definite, 1.0 / inverse[..., -1, -1], np.nan)
+    try:  # the stack in one call; only where it fails, matrix by matrix
+        pivots = np.linalg.cholesky(safe)[..., -1, -1]
+        definite = finite
+    except np.linalg.LinAlgError:
+        definite = finite & (np.linalg.eigvalsh(safe)[..., 0] > 0.0)
+        pivots = np.linalg.cholesky(np.where(definite[..., None, None], safe, np.eye(hessian.shape[-1])))[..., -1, -1]
+    return np.where(definite & (pivots > 0.0), pivots**2, np.nan)
 
 
 def clearly_curved(curvature) -> np.ndarray:
