@@ -226,7 +226,7 @@ def search_phi(profile, u_start: float, correlation: AR1, unit: float = 1.0):
 
     ``profile(u, checked=False)`` is (-2 log L profiled over the other parameters at phi = constrained(u), pieces).
     The search runs in a window around ``u_start`` (the residuals' lag-1 correlation), over the whole range if it
-    ends at the window's edge; :func:`profile_curvature` then polishes the fit at u_hat, and :func:`phi_interval`
+    ends at the window's edge; :func:`polished_curvature` then polishes the fit at u_hat, and :func:`phi_interval`
     gives the interval.  One home for generalized least squares (:func:`hierpool.closedform.gls.fit_gls`), and for
     the mixed model where the joint search of (theta, u) does not apply or did not converge (:func:`fit_ar1`).
     ``unit``: the profile's phi is per that unit of the user's time (:func:`phi_interval`); u_hat is the search's.
@@ -245,12 +245,12 @@ def search_phi(profile, u_start: float, correlation: AR1, unit: float = 1.0):
         u_hat = search(low, high)
         if min(u_hat - low, high - u_hat) < 1e-3:
             u_hat = search(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT)
-    curvature, value, pieces = profile_curvature(profile, u_hat)
+    curvature, value, pieces = polished_curvature(profile, u_hat)
     # warned at the user's line: phi_interval, here, fit_ar1 or fit_gls, hp.lmm, the user
     return u_hat, phi_interval(u_hat, curvature, correlation, stacklevel=5, unit=unit), value, pieces
 
 
-def profile_curvature(profile, u_hat: float):
+def polished_curvature(profile, u_hat: float):
     """The fit at phi's estimate ``u_hat`` (nlme's unconstrained scale) and the profiled criterion's curvature there:
     (curvature, the criterion at u_hat, the pieces ``profile`` returned there).
 
