@@ -161,7 +161,13 @@ class MixedModel:
         terms = self.design.terms
         if len(terms) != 1 or terms[0].k != 1 or self.design.weights is None:  # prior weights or known sds
             return optimum
-        values = np.array([[criterion_value(np.array([t]), self.system, reml, host)] for t in one_term.SCALAR_SCAN])
+        scan = one_term.SCALAR_SCAN
+        if statistics is not None and host:  # the one-term criterion at every point at once, as the batch's scan
+            with np.errstate(all="ignore"):
+                values = np.asarray(one_term.objective(scan[:, None], statistics, reml,
+                                                       self.system.layout.sigma_known), dtype=float)[:, None]
+        else:
+            values = np.array([[criterion_value(np.array([t]), self.system, reml, host)] for t in scan])
         restart, theta = one_term.scan_restarts(values, np.array([optimum.objective]))
         if not restart[0]:
             return optimum
