@@ -61,16 +61,21 @@ def _weighted(seed: int, spread: float = 2.0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _weighted_least_squares(data: pd.DataFrame) -> float:
+    """-2 log L of y ~ x by weighted least squares: the ML criterion of y ~ x + (1 | g) at theta = 0."""
+    X, w, y = np.column_stack([np.ones(len(data)), data["x"]]), data["w"].to_numpy(), data["y"].to_numpy()
+    residual = y - X @ np.linalg.solve(X.T @ (w[:, None] * X), X.T @ (w * y))
+    n = len(y)
+    return n * np.log(2 * np.pi * np.sum(w * residual**2) / n) + n - np.sum(np.log(w))
+
+
 def test_hp_lmm_of_a_scalar_term_with_weights_leaves_the_higher_of_two_minima(monkeypatch):
     # its search stopped inside at theta 0.153, -2 log L 154.42182, 0.043 above the criterion at theta = 0
     # (154.37897: the weighted least-squares fit's -2 log L, written out here)
     from hierpool.algebra import one_term
 
     data = _weighted(1077, spread=4.0)
-    X, w, y = np.column_stack([np.ones(len(data)), data["x"]]), data["w"].to_numpy(), data["y"].to_numpy()
-    residual = y - X @ np.linalg.solve(X.T @ (w[:, None] * X), X.T @ (w * y))
-    n = len(y)
-    at_zero = n * np.log(2 * np.pi * np.sum(w * residual**2) / n) + n - np.sum(np.log(w))
+    at_zero = _weighted_least_squares(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit = hp.lmm("y ~ x + (1 | g)", data, weights="w", reml=False)
@@ -91,6 +96,8 @@ def test_a_scalar_terms_batch_with_weights_leaves_the_higher_of_two_minima(monke
         singles = [hp.lmm("y ~ x + (1 | g)", frame, weights="w", reml=False).objective for frame in frames]
     batch = hp.fit_batch("y ~ x + (1 | g)", frames, weights="w", reml=False, progress=False)
     np.testing.assert_allclose(batch.objective, singles, rtol=1e-10)
+    # seed 51's lower minimum is at theta = 0: the weighted least-squares fit's -2 log L, written out (not the scan)
+    assert batch.objective.iloc[1] == pytest.approx(_weighted_least_squares(frames[1]), rel=1e-10)
     assert batch.converged.all() and not batch.refit.any()
     monkeypatch.setattr(one_term, "SCALAR_SCAN", np.array([1e3]))  # a scan that finds nothing lower
     stuck = hp.fit_batch("y ~ x + (1 | g)", frames, weights="w", reml=False, progress=False)

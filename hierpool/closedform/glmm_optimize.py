@@ -281,8 +281,7 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
             raise ValueError("start= is for the Laplace approximation with the exact gradient")
         optimum = _gradient_stage(find_mode, family, np.asarray(start, dtype=float), lower, 0, None, derivatives,
                                   estimate_shape)
-        optimum = _off_the_saddle(find_mode, family, optimum, lower, derivatives, estimate_shape)
-        return _off_the_face(find_mode, family, optimum, lower, derivatives, estimate_shape)
+        return _off_the_boundary(find_mode, family, optimum, lower, derivatives, estimate_shape)
 
     def joint(theta):
         mode = find_mode(theta, state["beta"], family, joint=True, start_u=state["u"])
@@ -297,8 +296,7 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
         theta, mode = _em_step(find_mode, family, theta, mode)
         optimum = _gradient_stage(find_mode, family, np.concatenate([theta, mode.beta]), lower, 1, mode.u,
                                   derivatives, estimate_shape)
-        optimum = _off_the_saddle(find_mode, family, optimum, lower, derivatives, estimate_shape)
-        return _off_the_face(find_mode, family, optimum, lower, derivatives, estimate_shape)
+        return _off_the_boundary(find_mode, family, optimum, lower, derivatives, estimate_shape)
     theta, first = _minimize(joint, theta, lower, np.full(len(lower), THETA_STEP))
     mode = find_mode(theta, state["beta"], family, joint=True)
     if stages == 1:
@@ -392,6 +390,14 @@ def _off_the_saddle(find_mode: ModeFinder, family: Family, optimum: GLMMOptimum,
                             optimum.evaluations[0], optimum.mode.u, derivatives, estimate_shape)
     evaluations = (optimum.evaluations[0], optimum.evaluations[-1] + again.evaluations[-1])
     return replace(again if again.deviance < optimum.deviance else optimum, evaluations=evaluations)
+
+
+def _off_the_boundary(find_mode: ModeFinder, family: Family, optimum: GLMMOptimum, lower, derivatives: bool,
+                      estimate_shape: bool) -> GLMMOptimum:
+    """The gradient stage's optimum after its restarts off the boundary: off a saddle (:func:`_off_the_saddle`),
+    then off a face of a vector term other than its last diagonal (:func:`_off_the_face`)."""
+    optimum = _off_the_saddle(find_mode, family, optimum, lower, derivatives, estimate_shape)
+    return _off_the_face(find_mode, family, optimum, lower, derivatives, estimate_shape)
 
 
 def _off_the_face(find_mode: ModeFinder, family: Family, optimum: GLMMOptimum, lower, derivatives: bool,
