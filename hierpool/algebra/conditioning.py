@@ -29,7 +29,7 @@ import numpy as np
 
 from ..spec.design import Design
 from .henderson import Solution
-from .linalg import tril_positions
+from .linalg import segment_sum, tril_positions
 
 #: Condition a term when a non-intercept column's |mean| exceeds this many sds (with an intercept in the term)...
 CENTRE_RATIO = 10.0
@@ -45,12 +45,10 @@ def column_moments(z: np.ndarray, group: np.ndarray, n_groups: int):
     first = np.zeros(n_groups, dtype=np.int64)
     first[group[::-1]] = np.arange(len(group))[::-1]  # each group's first row
     k = z.shape[1]
-    sums = np.stack([np.bincount(group, z[:, c], n_groups) for c in range(k)], axis=1)
-    mean = sums / count
-    deviation = z - mean[group]
-    sd = np.sqrt(np.stack([np.bincount(group, deviation[:, c] ** 2, n_groups) for c in range(k)], axis=1) / count)
-    rms = np.sqrt(np.stack([np.bincount(group, z[:, c] ** 2, n_groups) for c in range(k)], axis=1) / count)
-    differs = np.stack([np.bincount(group, z[:, c] != z[first[group], c], n_groups) for c in range(k)], axis=1)
+    mean = segment_sum(z, group, n_groups) / count
+    deviation = z - mean[group]  # the sd about each group's own mean
+    sums = segment_sum(np.column_stack([deviation**2, z**2, z != z[first[group]]]), group, n_groups)
+    sd, rms, differs = np.sqrt(sums[:, :k] / count), np.sqrt(sums[:, k:2 * k] / count), sums[:, 2 * k:]
     constant = (differs == 0) & (z[first] != 0)
     return constant, mean, sd, rms, z[first]
 
