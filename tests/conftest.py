@@ -77,6 +77,19 @@ def simulated(seed=0, n_groups=12, per_group=6):
     return pd.DataFrame({"y": y, "x": x, "g": [f"g{i}" for i in g], "h": rng.integers(0, 4, g.size)})
 
 
+def binomial_groups(seed: int) -> pd.DataFrame:
+    """Binomial counts (k successes, f failures of 1-11 trials) of 10 groups x 5 rows, logit -0.3 + 0.6 x + effect."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    effects = rng.normal(0, 0.8, 10)
+    for g in range(10):
+        for _ in range(5):
+            x, n = rng.normal(), int(rng.integers(1, 12))
+            k = rng.binomial(n, 1 / (1 + np.exp(-(-0.3 + 0.6 * x + effects[g]))))
+            rows.append((f"g{g}", x, k, n - k))
+    return pd.DataFrame(rows, columns=["g", "x", "k", "f"])
+
+
 def negative_binomial_frames(seed: int, groups, shape: float, intercept: float, slope: float, sd: float,
                              per_group: int = 6) -> list[pd.DataFrame]:
     """Datasets of overdispersed counts, dataset d with ``groups[d]`` groups of ``per_group`` rows:

@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_term_effects_match
+from conftest import assert_term_effects_match, binomial_groups
 
 import hierpool as hp
 from hierpool.algebra.conditioning import term_transforms, thetas_to_user
@@ -99,24 +99,12 @@ def test_the_transforms_of_each_group_are_each_groups_own():
             np.testing.assert_allclose(user @ user.T, mapped @ mapped.T, rtol=1e-10, atol=1e-12)
             assert np.all(np.diag(user) >= 0)
 
-def _binomial(seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    rows = []
-    effects = rng.normal(0, 0.8, 10)
-    for g in range(10):
-        for _ in range(5):
-            x, n = rng.normal(), int(rng.integers(1, 12))
-            k = rng.binomial(n, 1 / (1 + np.exp(-(-0.3 + 0.6 * x + effects[g]))))
-            rows.append((f"g{g}", x, k, n - k))
-    return pd.DataFrame(rows, columns=["g", "x", "k", "f"])
-
-
 def test_a_glmm_slope_on_a_calendar_year_is_the_same_fit_in_hp_glmm_and_the_batch():
     """cbind(k, f) ~ x + (1 + x | g) with the slope's column, the fixed effect's or both shifted by 2000 is the
     same model: hp.glmm stopped 0.14 above its deviance with the random slope shifted (reported converged; now
     searched on conditioned columns, closedform.glmm._fit_conditioned), the batch 2.8e-4 above it with the fixed
     effect shifted (its search moves beta too: conditioned per dataset, batch.conditioning)."""
-    data = _binomial(1)
+    data = binomial_groups(1)
     shifted = data.assign(xs=data["x"] + 2000.0)
     models = [(data, "cbind(k, f) ~ x + (1 + x | g)"), (shifted, "cbind(k, f) ~ x + (1 + xs | g)"),
               (shifted, "cbind(k, f) ~ xs + (1 + x | g)"), (shifted, "cbind(k, f) ~ xs + (1 + xs | g)")]
@@ -134,25 +122,10 @@ def test_a_glmm_slope_on_a_calendar_year_is_the_same_fit_in_hp_glmm_and_the_batc
         np.testing.assert_allclose(batch.theta[0], fit.theta, rtol=1e-4, atol=1e-6, err_msg=formula)
 
 
-def test_adaptive_quadrature_with_a_fixed_effect_on_a_calendar_year():
-    """nAGQ = 5 searches (theta, beta) without derivatives: with x shifted by 2000 BOBYQA stopped 7e-4 above the
-    optimum, and the finite differences of beta there gave a gradient of 76 (not converged).  It now searches X's
-    columns centred and scaled (algebra.conditioning.fixed_transform) and differences there."""
-    data = _binomial(1)
-    formula = "cbind(k, f) ~ x + (1 | g)"
-    reference = hp.glmm(formula, data, family="binomial", nAGQ=5)
-    with warnings.catch_warnings():  # glmer's too: "rescale that variable"
-        warnings.simplefilter("ignore")
-        fit = hp.glmm(formula, data.assign(x=data["x"] + 2000.0), family="binomial", nAGQ=5)
-    assert fit.converged and fit.optimum.deviance == pytest.approx(reference.optimum.deviance, rel=1e-9)
-    assert fit.fixef["x"] == pytest.approx(reference.fixef["x"], rel=1e-5)
-    assert np.sqrt(fit.vcov.loc["x", "x"]) == pytest.approx(np.sqrt(reference.vcov.loc["x", "x"]), rel=1e-4)
-
-
 def test_a_column_aliased_on_the_users_scale_is_refused_though_conditioning_would_separate_it():
     # centred, x = 20,000 + 1e-5 z is a column like any other; hp.glmm drops it (aliased with the intercept at
     # lme4's tolerance), and the GLMM batch, judging X's rank on its conditioned columns, fitted it: beta -9e8, 5e4
-    data = _binomial(1)
+    data = binomial_groups(1)
     frames = [data.assign(x=20000.0 + 1e-5 * data["x"]), data]
     formula = "cbind(k, f) ~ x + (1 | g)"
     with pytest.warns(hp.HierpoolWarning, match="aliased with earlier ones: x"):
