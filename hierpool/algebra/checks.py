@@ -29,3 +29,10 @@ def singular_rows(theta, ks: tuple[int, ...], tol: float) -> np.ndarray:
     """
     theta = np.asarray(theta)
     return np.any(theta[..., diagonal_mask(ks)] < tol, axis=-1)
+
+
+def fitted_singular(objective, theta, ks: tuple[int, ...], tol: float = SINGULAR_TOL) -> np.ndarray:
+    """:func:`singular_rows` of the rows that were fitted (a finite ``objective``): a batch's ``is_singular``,
+    ``hp.lmm``'s rule and tolerance on each dataset's canonical theta (diagonals >= 0); a row with no fit is not
+    singular."""
+    return np.isfinite(objective) & singular_rows(theta, ks, tol)

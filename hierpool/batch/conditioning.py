@@ -26,7 +26,7 @@ import dataclasses
 
 import numpy as np
 
-from ..algebra.checks import singular_rows
+from ..algebra.checks import fitted_singular
 from ..algebra.conditioning import (
     column_moments,
     effects_to_user,
@@ -72,7 +72,7 @@ class BatchConditioning:
             for i, d in enumerate(rows):
                 out["factors"][t][d] = factors[t][i]
                 out["b"][t][d], out["cond_var"][t][d] = effects_to_user(m[i], out["b"][t][d], out["cond_var"][t][d])
-        out["is_singular"][rows] = np.isfinite(out["objective"][rows]) & singular_rows(theta, ks, Control.singular_tol)
+        out["is_singular"][rows] = fitted_singular(out["objective"][rows], theta, ks, Control.singular_tol)
         return out
 
 

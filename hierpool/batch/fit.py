@@ -56,7 +56,7 @@ import numpy as np
 import pandas as pd
 
 from ..algebra import one_term
-from ..algebra.checks import singular_rows
+from ..algebra.checks import fitted_singular
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
 from ..algebra.host_allocator import raise_malloc_thresholds
@@ -488,7 +488,7 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
                 factors[index] = result["factor"][row]
                 b[index], cond_var[index] = result["b"][row, :ell], result["cond_var"][row, :ell]
     # hp.lmm's rule and tolerance (lme4's isSingular), on every dataset's (canonical, diagonal >= 0) theta
-    out["is_singular"] = np.isfinite(out["objective"]) & singular_rows(out["theta"], (k,), Control.singular_tol)
+    out["is_singular"] = fitted_singular(out["objective"], out["theta"], (k,), Control.singular_tol)
     attempted = np.array([not message for message in messages])
     return out | {"factors": [factors], "b": [b], "cond_var": [cond_var], "messages": messages, "alone": {},
                   "attempted": attempted}

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from ..algebra.batched_systems import MAX_DENSE_ENTRIES, batched_systems, dense_entries, shared_grid
-from ..algebra.checks import singular_rows
+from ..algebra.checks import fitted_singular
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.criterion import objective
 from ..algebra.henderson import solve
@@ -310,7 +310,7 @@ def run_jobs(jobs, run, out: dict, plan: BatchPlan, *, workers: int, progress) -
                     out["b"][t][d] = result["b"][t][row, :ell]
                     out["cond_var"][t][d] = result["cond_var"][t][row, :ell]
     ks = tuple(t.k for t in plan.design.terms)
-    out["is_singular"] = np.isfinite(out["objective"]) & singular_rows(out["theta"], ks, Control.singular_tol)
+    out["is_singular"] = fitted_singular(out["objective"], out["theta"], ks, Control.singular_tol)
     return out
 
 
