@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from .linalg import array_namespace
+from .linalg import array_namespace, identity_where_not
 from .statistics import BatchStatistics
 from .system import fill_in_program, grouped_products
 
@@ -148,13 +148,13 @@ def profile_curvature(hessian: np.ndarray) -> np.ndarray:
     canonical_theta`) leaves it unchanged."""
     hessian = np.asarray(hessian, dtype=float)
     finite = np.all(np.isfinite(hessian), axis=(-2, -1))
-    safe = np.where(finite[..., None, None], hessian, np.eye(hessian.shape[-1]))
+    safe = identity_where_not(finite, hessian)
     try:  # the stack in one call; only where it fails, matrix by matrix
         pivots = np.linalg.cholesky(safe)[..., -1, -1]
         definite = finite
     except np.linalg.LinAlgError:
         definite = finite & (np.linalg.eigvalsh(safe)[..., 0] > 0.0)
-        pivots = np.linalg.cholesky(np.where(definite[..., None, None], safe, np.eye(hessian.shape[-1])))[..., -1, -1]
+        pivots = np.linalg.cholesky(identity_where_not(definite, safe))[..., -1, -1]
     return np.where(definite & (pivots > 0.0), pivots**2, np.nan)
 
 

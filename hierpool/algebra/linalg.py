@@ -422,7 +422,7 @@ def tri_inverse(lower: jax.Array) -> jax.Array:
                 return _trtri_stack(lower)
             with np.errstate(divide="ignore", invalid="ignore"):
                 return np.where(zero_pivot, np.nan, _tri_inverse_by_halves(lower))
-        inverse = np.tril(np.linalg.inv(np.where(zero_pivot, np.eye(k, dtype=lower.dtype), lower)))
+        inverse = np.tril(np.linalg.inv(identity_where_not(~zero_pivot[..., 0, 0], lower)))
         return np.where(zero_pivot, np.nan, inverse)  # the inverse of a lower-triangular matrix is lower-triangular
     if k <= UNROLL_MAX_SIZE:
         return _tri_inverse_unrolled(lower)
@@ -656,6 +656,14 @@ def solve_triangular(a, b, lower: bool = True, trans: str = "N"):
     return jax.scipy.linalg.solve_triangular(a, b, lower=lower, trans=trans)
 
 
+def identity_where_not(keep: np.ndarray, matrices: np.ndarray) -> np.ndarray:
+    """The stack ``matrices`` (..., m, m) with the identity in place of each matrix where ``keep`` (...) is False.
+
+    LAPACK refuses a whole stack for one matrix it cannot factor or invert; with the identity in its place the stack
+    goes in one call, and the caller discards that matrix's result (NaN, or its own value) by the same mask."""
+    return np.where(keep[..., None, None], matrices, np.eye(matrices.shape[-1], dtype=np.result_type(matrices)))
+
+
 def _zero_pivots(a: np.ndarray) -> np.ndarray:
     """Whether each triangular matrix of ``a`` (..., k, k) has a zero on its diagonal (host)."""
     return np.any(np.diagonal(a, axis1=-2, axis2=-1) == 0, axis=-1)
@@ -675,7 +683,7 @@ def _solve_triangular_by_lu(a: np.ndarray, b: np.ndarray, lower: bool, trans) ->
     zero = _zero_pivots(a)
     if not stacked:
         return np.full(np.shape(b), np.nan, dtype=np.result_type(a, b)) if zero else np.linalg.solve(a, b)
-    safe = np.where(zero[..., None, None], np.eye(a.shape[-1]), a)
+    safe = identity_where_not(~zero, a)
     return np.where(zero[..., None], np.nan, np.linalg.solve(safe, b[..., None])[..., 0])
 
 

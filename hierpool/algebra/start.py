@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .linalg import tril_positions
+from .linalg import identity_where_not, tril_positions
 
 #: Largest relative variance Sigma / sigma^2 (eigenvalue) a start takes.
 MAX_RELATIVE_VARIANCE = 1e4
@@ -64,7 +64,7 @@ def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float, rms=None) -> 
     determinant = np.linalg.det(ztz)
     scale = np.maximum(np.einsum("blii->bl", ztz), 1e-300) ** k
     usable = determinant > 1e-8 * scale
-    safe = np.where(usable[..., None, None], ztz, np.eye(k))
+    safe = identity_where_not(usable, ztz)
     inverse = np.linalg.inv(safe)
     b = np.einsum("blij,blj->bli", inverse, cross)
     fitted = np.where(usable, np.einsum("bli,bli->bl", b, cross), 0.0).sum(axis=1)

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..jax_runtime import jax, jnp  # imported on first use: the host search runs without JAX
 from ..linalg import canonical_theta as canonical_rows
-from ..linalg import cholesky, theta_to_factors, tril_positions
+from ..linalg import cholesky, identity_where_not, theta_to_factors, tril_positions
 from ..one_term import objective
 from ..start import moment_theta
 
@@ -132,7 +132,7 @@ def _solve_spd(matrix, vector):
         definite = _positive_definite(matrix) & np.all(np.isfinite(vector), axis=-1)
         if definite.all():  # the common stack, without the masks
             return np.linalg.solve(matrix, vector[..., None])[..., 0]
-        safe = np.where(definite[..., None, None], matrix, np.eye(matrix.shape[-1]))
+        safe = identity_where_not(definite, matrix)
         solved = np.linalg.solve(safe, np.where(definite[..., None], vector, 0.0)[..., None])[..., 0]
         return np.where(definite[..., None], solved, np.nan)
     return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(matrix), True), vector)
@@ -151,7 +151,7 @@ def _positive_definite(matrices: np.ndarray) -> np.ndarray:
             return finite
         except np.linalg.LinAlgError:
             pass
-    safe = np.where(finite[..., None, None], matrices, np.eye(matrices.shape[-1]))
+    safe = identity_where_not(finite, matrices)
     with np.errstate(invalid="ignore", divide="ignore"):  # linalg.cholesky: NaN for each indefinite one of a stack
         pivots = np.diagonal(cholesky(safe[None] if safe.ndim == 2 else safe), axis1=-2, axis2=-1)
     return finite & np.all(pivots.reshape(finite.shape + pivots.shape[-1:]) > 0, axis=-1)

@@ -15,7 +15,13 @@ import numpy as np
 from ..batched_systems import shared_grid, statistics_systems
 from ..criterion import host_objective_and_gradient
 from ..henderson import solve
-from ..linalg import block_diagonal_positions, block_diagonal_theta, rank_reduced_theta, term_results
+from ..linalg import (
+    block_diagonal_positions,
+    block_diagonal_theta,
+    identity_where_not,
+    rank_reduced_theta,
+    term_results,
+)
 from .newton import DECREASE_TOL, optimize_on_host
 
 
@@ -174,7 +180,7 @@ def _negative_curvature(curvature: np.ndarray) -> np.ndarray:
     """Whether each of a stack of Hessians (K, m, m) has a negative eigenvalue beyond :data:`NEGATIVE_CURVATURE` of its
     scale (False where it is not finite: that search is not converged anyway)."""
     finite = np.all(np.isfinite(curvature), axis=(-2, -1))
-    values = np.linalg.eigvalsh(np.where(finite[:, None, None], curvature, np.eye(curvature.shape[-1])))
+    values = np.linalg.eigvalsh(identity_where_not(finite, curvature))
     scale = np.maximum(np.max(np.abs(values), axis=-1), 1.0)
     return finite & (values[:, 0] < -NEGATIVE_CURVATURE * scale)
 
