@@ -22,6 +22,7 @@ the caller checks that (:func:`hierpool.closedform.ar1.fit_ar1`).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from statistics import NormalDist
 
 import numpy as np
 
@@ -132,7 +133,7 @@ def unconstrained_phi(phi, continuous: bool):
 
 
 #: Normal quantile of a 95% interval (phi's, nlme's Wald interval in u).
-Z_95 = 1.959963984540054
+Z_95 = NormalDist().inv_cdf(0.975)
 
 
 def profile_curvature(hessian: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ import sys
 import threading
 
 #: Largest dense matrix (rows) of a model whose host fit runs BLAS on one thread: beyond it, a
-#: factorization has enough work for OpenBLAS's threads to pay.
+#: factorization or product has enough work for OpenBLAS's threads to pay.
 ONE_THREAD_MAX_SIZE = 1000
 
 # threadpoolctl finds the loaded BLAS libraries by walking the process's shared objects, ~1.5 ms a time: a
@@ -57,8 +57,9 @@ def one_blas_thread(size: int = 0):
     Parameters
     ----------
     size : int
-        Rows of the largest dense matrix the block factors; above :data:`ONE_THREAD_MAX_SIZE` the
-        limit is not applied.
+        Rows of the largest dense matrix the block factors or multiplies (``hp.lmm``'s AR(1) and GLS fits
+        pass the data's rows: their products over the whitened rows are their largest); above
+        :data:`ONE_THREAD_MAX_SIZE` the limit is not applied.
 
     Yields
     ------
