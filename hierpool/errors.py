@@ -42,6 +42,21 @@ def boolean_argument(name: str, value) -> bool:
     return bool(value)
 
 
+#: Seeds are integers below 2^63: JAX's ``PRNGKey`` takes a signed 64-bit one.
+SEED_LIMIT = 2**63
+
+
+def seed_argument(value, optional: bool = False) -> int | None:
+    """``value`` as a random seed (an int in [0, :data:`SEED_LIMIT`)), None where ``optional`` and it is None; else an
+    :class:`ArgumentError` naming ``seed`` (NumPy's and JAX's own errors name neither the argument nor the rule)."""
+    if value is None and optional:
+        return None
+    seed = integer_argument("seed", value, minimum=0)
+    if seed >= SEED_LIMIT:
+        raise ArgumentError(f"seed must be an integer below 2**63, got {value!r}")
+    return seed
+
+
 class ConvergenceError(HierpoolError, RuntimeError):
     """The optimizer could not produce a usable fit."""
 

@@ -63,6 +63,9 @@ def test_the_intervals_are_the_replicates_quantiles(boot):
     assert days.lower < days.estimate < days.upper and 3.0 < days.upper - days.lower < 9.0, "Days' interval"
     with pytest.raises(hp.HierpoolError, match="method must be one of"):
         result.confint(method="bca")
+    for level in ("x", 95):  # "x" raised float()'s ValueError
+        with pytest.raises(hp.ArgumentError, match="level must be between 0 and 1"):
+            result.confint(level=level)
 
 
 def test_glmm_replicates_equal_hp_glmm_on_their_simulated_responses():

@@ -170,3 +170,30 @@ def test_a_column_of_numbers_held_as_objects_is_refused_by_name(data, values):
         hp.lmm(FORMULA, data.assign(x=values(data["x"])))
     labels = data.assign(g=data["g"].astype(object).where(np.arange(len(data)) % 2 == 0, 7))
     assert np.isfinite(hp.lmm(FORMULA, labels).objective)  # a grouping factor's labels may be of any type
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "a", True, 2**63])
+def test_a_seed_that_is_not_a_small_enough_integer_is_refused_by_name(data, seed):
+    """NumPy's default_rng and JAX's PRNGKey raised their own ValueError, TypeError or OverflowError, naming nothing."""
+    fit = hp.lmm(FORMULA, data)
+    for call in (lambda: hp.simulate(fit, 2, seed=seed), lambda: hp.bootstrap(fit, 2, seed=seed),
+                 lambda: hp.bayes(FORMULA, data, seed=seed)):
+        with pytest.raises(hp.ArgumentError, match="seed must be an integer"):
+            call()
+
+
+@pytest.mark.parametrize("level", ["a", None, 95, float("nan")])
+def test_a_level_that_is_not_a_probability_is_refused_by_name(data, level):
+    """A string or None reached a comparison (Python's TypeError) or float() (ValueError) before the range check."""
+    fit = hp.lmm(FORMULA, data)
+    with pytest.raises(hp.ArgumentError, match="level must be between 0 and 1"):
+        hp.bootstrap(fit, 2, level=level)
+    with pytest.raises(hp.ArgumentError, match="level must be between 0 and 1"):
+        fit.predict(interval="confidence", level=level)
+
+
+@pytest.mark.parametrize("use_u", ["False", None, 1])
+def test_use_u_that_is_not_a_bool_is_refused_by_name(data, use_u):
+    """use_u="False" is truthy: it simulated conditionally on the BLUPs, silently."""
+    with pytest.raises(hp.ArgumentError, match="use_u must be True or False"):
+        hp.simulate(hp.lmm(FORMULA, data), 2, use_u=use_u)

@@ -33,7 +33,8 @@ from ..closedform.relmat import RelmatResult
 from ..closedform.results import LMMResult
 from ..closedform.simulate import simulate
 from ..closedform.spatial import SpatialFit
-from ..errors import ArgumentError, integer_argument
+from ..errors import ArgumentError, integer_argument, seed_argument
+from ..spec.arguments import probability_argument
 from ..spec.correlation import AR1
 from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
 from ..spec.transforms import stateful_calls
@@ -122,9 +123,7 @@ class BootstrapResult:
         they differ slightly at small n);
         ``basic``: 2 estimate - those quantiles, reversed; ``normal``: estimate - bias -+ z se.
         """
-        level = self.level if level is None else float(level)
-        if not 0 < level < 1:
-            raise ArgumentError(f"level must lie in (0, 1), got {level!r}")
+        level = self.level if level is None else float(probability_argument("level", level))
         if method not in METHODS:
             raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
         values = self.replicates.to_numpy(dtype=float)
@@ -177,8 +176,8 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     Davison & Hinkley (1997), Bootstrap methods and their application, ch. 2 and 5.
     """
     n = integer_argument("n", n, minimum=2)
-    if not 0 < float(level) < 1:
-        raise ArgumentError(f"level must lie in (0, 1), got {level!r}")
+    probability_argument("level", level)
+    seed = seed_argument(seed, optional=True)
     if not isinstance(fit, (LMMResult, GLMMResult, SpatialFit, RelmatResult)):
         raise ArgumentError("hp.bootstrap refits its replicates with hp.fit_batch, which takes hp.lmm fits (with "
                             "independent or AR(1) residuals, a relationship matrix or spatial terms) and hp.glmm "

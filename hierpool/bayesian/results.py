@@ -13,7 +13,7 @@ import pandas as pd
 from ..algebra.ar1 import carried
 from ..algebra.family import Link, draw_responses
 from ..algebra.varcorr import varcorr_table
-from ..errors import ArgumentError, DataError, HierpoolWarning
+from ..errors import ArgumentError, DataError, HierpoolWarning, seed_argument
 from ..spec.arguments import probability_argument
 from ..spec.design import Design
 from ..spec.newdata import model_rows, new_row_weights
@@ -318,7 +318,7 @@ class BayesResult:
         if trials is not None and (family is None or family.name != "binomial"):
             raise ArgumentError("trials= is for a binomial model's predictive draws")
         probability_argument("level", level)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed_argument(seed))
         X, terms, offset = model_rows(self.design, newdata)
         beta = self.beta_draws.reshape(-1, self.design.p)
         mu = offset + beta @ X.T

@@ -22,7 +22,7 @@ from ..algebra.marginal_mean import (
     marginal_means,
     population_average,
 )
-from ..errors import ArgumentError, HierpoolWarning, integer_argument
+from ..errors import ArgumentError, HierpoolWarning, integer_argument, seed_argument
 from ..spec.arguments import probability_argument
 from ..spec.newdata import model_rows
 from .predict import normal_quantile
@@ -76,7 +76,7 @@ def _check(level, method, nodes, draws, seed) -> tuple[int | None, int]:
     probability_argument("level", level)
     if not isinstance(method, str) or method not in METHODS:
         raise ArgumentError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
-    integer_argument("seed", seed, minimum=0)
+    seed_argument(seed)
     if nodes is not None:
         if method == "qmc":
             raise ArgumentError("nodes sets the Gauss-Hermite rule; method='qmc' takes draws=, not nodes=")

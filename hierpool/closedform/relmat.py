@@ -55,6 +55,7 @@ from ..algebra.criterion import profiled_criterion
 from ..algebra.linalg import inverse_diagonal
 from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
+from ..spec.arguments import probability_argument
 from ..spec.design import Design
 from ..spec.relationship import Relationship
 from .results import Likelihood
@@ -496,8 +497,7 @@ class RelmatResult(Likelihood):
         where that profile is within the chi-square(1) quantile of the minimum: exact for the profile likelihood,
         no delta method.
         """
-        if not 0 < level < 1:
-            raise ArgumentError(f"level must be in (0, 1), got {level!r}")
+        probability_argument("level", level)
         names = [term.group for term in self.design.terms]
         unknown = [g for g in groups if g not in names]
         if unknown or not groups:

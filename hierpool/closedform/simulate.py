@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.family import draw_responses
-from ..errors import ArgumentError, integer_argument
+from ..errors import ArgumentError, boolean_argument, integer_argument, seed_argument
 from .ar1 import AR1Result
 from .glmm_results import GLMMResult
 from .results import LMMResult
@@ -150,6 +150,7 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
     Bates, Maechler, Bolker & Walker (2015), J. Stat. Softw. 67(1); lme4's ``simulate.merMod``.
     """
     n = integer_argument("n", n, minimum=1)
+    seed, use_u = seed_argument(seed, optional=True), boolean_argument("use_u", use_u)
     # a SpatialFit by its parts, not by importing closedform.spatial (SciPy), which a small fit never loads
     spatial = hasattr(fit, "sdesign") and hasattr(fit, "laplace")
     relmat = hasattr(fit, "relationship") and hasattr(fit, "heritability")  # a RelmatResult: SciPy not loaded here

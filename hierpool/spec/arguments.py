@@ -7,12 +7,15 @@ values) are :mod:`hierpool.spec.design`'s.
 
 from __future__ import annotations
 
-from ..errors import ArgumentError, integer_argument
+import numbers
+
+from ..errors import ArgumentError, integer_argument, seed_argument
 
 
 def probability_argument(name: str, value):
-    """``value`` when 0 < value < 1, else an :class:`ArgumentError` naming ``name`` (a coverage, an acceptance rate)."""
-    if not 0 < value < 1:
+    """``value`` when it is a number with 0 < value < 1, else an :class:`ArgumentError` naming ``name`` (a coverage,
+    an acceptance rate; a string or None would raise Python's own TypeError at the comparison)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
         raise ArgumentError(f"{name} must be between 0 and 1, got {value!r}")
     return value
 
@@ -27,7 +30,7 @@ def sampler_arguments(chains, draws, tune, seed, level, target_accept, *, min_dr
     chains = integer_argument("chains", chains)
     draws = integer_argument("draws", draws, minimum=min_draws)
     tune = integer_argument("tune", tune, minimum=min_tune)
-    seed = integer_argument("seed", seed, minimum=0)
+    seed = seed_argument(seed)
     probability_argument("level", level)
     probability_argument("target_accept", target_accept)
     return chains, draws, tune, seed

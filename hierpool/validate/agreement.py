@@ -48,7 +48,7 @@ import scipy.stats
 from ..bayesian import bayes
 from ..bayesian.convergence import mcse_sd_by_column
 from ..closedform import lmm
-from ..errors import ArgumentError
+from ..errors import ArgumentError, seed_argument
 from ..spec.arguments import probability_argument
 
 
@@ -421,7 +421,7 @@ def agreement_series(simulate, sizes, seed: int = 0, **kwargs) -> pd.DataFrame:
         posterior sd / joint sd.  Both shrink toward 0 and 1 as the variance parameters
         become well determined.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed_argument(seed))
     rows = []
     for size in sizes:
         formula, data = simulate(size, rng)

@@ -27,6 +27,7 @@ import pandas as pd
 from ..algebra.ar1 import carried, unwhiten
 from ..closedform import lmm
 from ..closedform.predict import normal_quantile
+from ..errors import seed_argument
 from ..spec.correlation import ar1, series_of
 from .coverage import coverage_of
 
@@ -58,7 +59,7 @@ def ar1_coverage(n_reps: int = 100, level: float = 0.95, n_groups: int = 20, ste
     pandas.DataFrame
         interval, n (intervals checked), coverage, mcse.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed_argument(seed))
     z = normal_quantile(level)
     hits: dict[str, list] = {}
 

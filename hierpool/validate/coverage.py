@@ -29,6 +29,7 @@ import pandas as pd
 from ..bayesian import bayes
 from ..closedform import lmm
 from ..closedform.predict import normal_quantile
+from ..errors import seed_argument
 
 
 def simulate_study(rng, n_groups: int = 20, rich_size: int = 20, beta=(1.0, 0.5), sd_b: float = 1.0, sigma: float = 1.0):
@@ -59,7 +60,7 @@ def coverage(
         (over replications; see the module docstring).
     """
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed_argument(seed))
     z = normal_quantile(level)
     beta, sd_b, sigma = (1.0, 0.5), 1.0, 1.0
     hits: dict[tuple[str, bool], list] = {}  # per replication: (intervals that covered, intervals)

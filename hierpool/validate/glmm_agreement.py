@@ -67,7 +67,7 @@ from ..bayesian.nuts import sample_nuts
 from ..bayesian.results import summarize_draws
 from ..closedform import glmm
 from ..closedform.glmm_results import GLMMResult
-from ..errors import ArgumentError
+from ..errors import ArgumentError, seed_argument
 from .agreement import flat_beta_priors
 
 #: The bound of :func:`mode_agreement`: largest |posterior mode - conditional mode| over the effects.
@@ -491,7 +491,7 @@ def mode_mean_gap_series(simulate=simulate_binomial_groups, sizes=(2, 5, 20, 100
         theta (the fit's first theta: the gap is small where theta^2 times a group's information is
         small, the prior then dominating b's posterior, which is nearly Gaussian).
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed_argument(seed))
     rows = []
     for size in sizes:
         formula, data = simulate(size, rng)

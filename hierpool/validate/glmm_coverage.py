@@ -34,7 +34,7 @@ from scipy import special
 from ..bayesian import bayes
 from ..closedform import glmm
 from ..closedform.predict import normal_quantile
-from ..errors import ArgumentError, HierpoolError
+from ..errors import ArgumentError, HierpoolError, seed_argument
 
 #: The study's truth: (beta_0, beta_1) and sd_b per family.
 TRUTH = {"binomial": ((-0.5, 0.5), 1.0), "poisson": ((0.5, 0.3), 0.7)}
@@ -107,7 +107,7 @@ def glmm_coverage(
     """
     if n_reps < 2:
         raise ArgumentError(f"n_reps must be at least 2 (the Monte-Carlo error compares replications), got {n_reps!r}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed_argument(seed))
     z = normal_quantile(level)
     hits: dict[tuple[str, str], list] = {}
     names = [f"g{i:03d}" for i in range(n_groups)]

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..bayesian import bayes, resolve_priors
-from ..errors import ArgumentError
+from ..errors import ArgumentError, seed_argument
 from ..spec.design import build_design
 from ..spec.family import family_spec
 from .sbc import SBCResult, _uniformity, check_sbc_sizes
@@ -157,7 +157,7 @@ def glmm_sbc(
     if spec.name == "binomial" and not np.allclose(trials, np.round(trials)):
         raise ArgumentError("weights: the binomial's trials must be whole numbers to simulate from")
     frame = data.loc[design.rows].copy()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed_argument(seed))
     keys = jax.random.split(jax.random.PRNGKey(seed), n_reps)
     keep = np.linspace(0, chains * draws_per_chain - 1, n_draws).astype(int)
     ranks, samplers, redrawn = [], {}, 0

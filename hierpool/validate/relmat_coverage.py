@@ -28,6 +28,7 @@ from .. import pedigree as pedigrees
 from ..bayesian import bayes
 from ..closedform import lmm
 from ..closedform.predict import normal_quantile
+from ..errors import seed_argument
 from .coverage import coverage_of
 
 INTERCEPT, SEX_EFFECT = 10.0, 1.0
@@ -60,7 +61,7 @@ def relmat_coverage(n_reps: int = 100, level: float = 0.95, sigma_a2: float = 2.
     pandas.DataFrame
         interval, n (intervals checked), coverage, mcse.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed_argument(seed))
     ped = simulate_pedigree(rng, founders, generations, per_generation)
     inverse = pedigrees.inverse_relationship_matrix(ped)
     labels = list(inverse[1])

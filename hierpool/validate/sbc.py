@@ -26,7 +26,7 @@ import scipy.stats
 from ..algebra.ar1 import carried, unwhiten
 from ..bayesian import bayes, resolve_priors
 from ..closedform.ar1 import draws_per_unit, in_search_unit
-from ..errors import ArgumentError, DataError
+from ..errors import ArgumentError, DataError, seed_argument
 from ..spec.design import build_design
 
 
@@ -141,7 +141,7 @@ def ecdf_band(n_reps: int, n_draws: int, alpha: float, n_sim: int = 20000, seed:
     Calibrated by simulation: the (1 - alpha) quantile of max_z |ECDF(z) - z| over uniform
     discrete ranks on {0..L}, evaluated at the rank grid.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed_argument(seed))
     grid = np.arange(1, n_draws + 2) / (n_draws + 1)
     ranks = rng.integers(0, n_draws + 1, size=(n_sim, n_reps))
     cells = (ranks + (n_draws + 1) * np.arange(n_sim)[:, None]).ravel()
@@ -245,7 +245,7 @@ def sbc(
         from ..spec.correlation import series_of
 
         series, unit = in_search_unit(series_of(correlation, data, design.rows), correlation.continuous)
-    keys = jax.random.split(jax.random.PRNGKey(seed), n_reps)
+    keys = jax.random.split(jax.random.PRNGKey(seed_argument(seed)), n_reps)
     ranks = []
     for rep in range(n_reps):
         truth, y = _simulate_parameters(frozen, design, keys[rep], correlation, series, relationship, unit)

@@ -18,7 +18,7 @@ import pandas as pd
 from ..algebra.icar import CarPrior, compose_bym2, constrained_square_root, sum_to_zero_layout
 from ..bayesian import bayes, resolve_priors
 from ..bayesian.spatial import car_priors
-from ..errors import ArgumentError
+from ..errors import ArgumentError, seed_argument
 from ..spec.family import family_spec
 from ..spec.spatial import spatial_design
 from .sbc import SBCResult, _uniformity, check_sbc_sizes
@@ -92,7 +92,7 @@ def spatial_sbc(formula: str, data: pd.DataFrame, adjacency, family: str = "pois
         raise ArgumentError("SBC simulates from the prior: flat priors on fixed effects are not allowed")
     prior = CarPrior(sdesign.graph, term.type)
     mix_name = term.mix_name
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed_argument(seed))
     frame = data.loc[design.rows].copy()
     trials = np.asarray(design.row_weights, dtype=float)
     keep = np.linspace(0, chains * draws_per_chain - 1, n_draws).astype(int)
