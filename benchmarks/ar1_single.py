@@ -36,8 +36,9 @@ MODELS = {
     "BodyWeight": ("BodyWeight", "Diet=d.Diet.astype(str)", "weight ~ Time * Diet + (Time | Rat)",
                    'hp.car1("Rat", "Time")', ("lme(weight ~ Time * Diet, random = ~ Time | Rat, data = d, "
                                               "correlation = corCAR1(form = ~ Time | Rat))")),
+    # Pixel's rows are in day order within Dog:Side: one step a row, as nlme's corAR1(form = ~ 1 | Dog/Side)
     "Pixel": ("Pixel", "day2=d.day ** 2, DS=d.Dog.astype(str) + '_' + d.Side.astype(str)",
-              "pixel ~ day + day2 + (day | Dog) + (1 | Dog:Side)", 'hp.ar1("DS", time="day")',
+              "pixel ~ day + day2 + (day | Dog) + (1 | Dog:Side)", 'hp.ar1("DS")',
               ("lme(pixel ~ day + I(day^2), random = list(Dog = ~ day, Side = ~ 1), data = d, "
                "correlation = corAR1(form = ~ 1 | Dog/Side))")),
 }

@@ -397,7 +397,7 @@ AR1_MODELS = {
     "ar1_terms": dict(help="Pixel-shaped datasets, two terms, corAR1 within Dog:Side, against an nlme loop",
                       data="Pixel", factors=["Dog", "Side", "DS"], response="pixel",
                       formula="pixel ~ day + day2 + (day | Dog) + (1 | Dog:Side)",
-                      correlation='hp.ar1("DS", time="day")',
+                      correlation='hp.ar1("DS")',  # Pixel's rows in day order: nlme's steps of ~ 1
                       columns="day2=d.day ** 2, DS=d.Dog.astype(str) + '_' + d.Side.astype(str)",
                       r_fit="lme(pixel ~ day + day2, random = list(Dog = ~ day, Side = ~ 1), data = d, "
                             "correlation = corAR1(form = ~ 1 | Dog/Side))"),

