@@ -422,3 +422,23 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(sleepstudy, capsys):
     assert "sampling" not in capsys.readouterr().err
     hp.bayes(formula, sleepstudy, chains=2, draws=50, tune=50, seed=1, progress=True)
     assert "sampling 2 chain(s)" in capsys.readouterr().err
+
+
+def test_a_groups_dimension_never_takes_a_variables_name():
+    """(1 | a/b) with columns a and b: term b:a's levels were the dimension b_a, the name of term a's effects, and
+    xarray took that variable for the dimension's coordinate (term a's draws lost, ranef a raw ValueError)."""
+    from hierpool.bayesian.posterior import build_inference_data
+    from hierpool.spec.design import build_design
+
+    rng = np.random.default_rng(4)
+    a, b = np.repeat(np.arange(6), 8), np.tile(np.repeat(np.arange(4), 2), 6)
+    frame = pd.DataFrame({"a": [f"a{i}" for i in a], "b": [f"b{i}" for i in b], "y": rng.normal(size=a.size)})
+    design = build_design("y ~ 1 + (1 | a/b)", frame)
+    draws = [rng.normal(size=(2, 3, t.n_levels, t.k)) for t in design.terms]
+    idata = build_inference_data(design, np.zeros((2, 3, 1)), draws, [np.ones((2, 3, t.k)) for t in design.terms],
+                                 [None] * 2, np.ones((2, 3)), None, None)
+    by_group = {t.group: j for j, t in enumerate(design.terms)}
+    assert set(by_group) == {"a", "b:a"}
+    np.testing.assert_array_equal(idata.posterior["b_a"].values, draws[by_group["a"]])
+    np.testing.assert_array_equal(idata.posterior["b_b_a"].values, draws[by_group["b:a"]])
+    assert idata.posterior["b_b_a"].dims[2] == "b_a_level" and idata.posterior["b_a"].dims[2] == "a"

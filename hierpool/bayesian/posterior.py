@@ -65,22 +65,38 @@ def correlation_from_factor(cor_factor: np.ndarray) -> np.ndarray:
     return cor_factor @ np.swapaxes(cor_factor, -1, -2)
 
 
+#: Variables an InferenceData of hierpool may hold beside the terms' (no dimension takes their names).
+RESERVED_VARIABLES = frozenset({"beta", "sigma", "shape", "phi"})
+
+
+def _unused(dim: str, variables: set) -> str:
+    """``dim``, or ``dim`` with "_level" appended until it names no variable of ``variables``."""
+    while dim in variables:
+        dim += "_level"
+    return dim
+
+
 def group_posterior(design: Design, b: list[np.ndarray], sds: list[np.ndarray] | None,
                     cor_factors: list[np.ndarray | None] | None, posterior: dict, coords: dict, dims: dict) -> None:
     """Add the ``(lhs | g)`` terms' draws (chain, draw, ...) to an InferenceData's posterior, coords and dims:
     ``b_<group>`` (level, coefficient), ``sd_<group>`` (coefficient) and ``cor_<group>`` (k > 1), per
     :func:`term_slots`."""
     slots, coefs = term_slots(design)
+    # a dimension named as a variable would make xarray take that variable for the dimension's coordinate: groups
+    # a and b:a (``(1 | a/b)``) gave the dimension b_a beside term a's effects b_a, which were lost
+    variables = set(posterior) | RESERVED_VARIABLES | {f"{kind}_{name}" for name in coefs for kind in ("b", "sd")} | {
+        slot.cor_name for slot in slots if slot.cor_name is not None}
     for name, labels in coefs.items():
         j = next(j for j, s in enumerate(slots) if s.name == name)
         term, leading = design.terms[j], np.shape(b[j])[:-2]
+        level_dim, coef_dim = (_unused(dim, variables) for dim in (name, f"{name}_coef"))
         posterior[f"b_{name}"] = np.zeros(leading + (term.n_levels, len(labels)))
-        coords[name] = [str(level) for level in term.levels]
-        coords[f"{name}_coef"] = labels
-        dims[f"b_{name}"] = [name, f"{name}_coef"]
+        coords[level_dim] = [str(level) for level in term.levels]
+        coords[coef_dim] = labels
+        dims[f"b_{name}"] = [level_dim, coef_dim]
         if sds is not None:
             posterior[f"sd_{name}"] = np.zeros(leading + (len(labels),))
-            dims[f"sd_{name}"] = [f"{name}_coef"]
+            dims[f"sd_{name}"] = [coef_dim]
     for j, slot in enumerate(slots):
         positions = list(slot.coef_positions)
         posterior[f"b_{slot.name}"][..., positions] = b[j]
