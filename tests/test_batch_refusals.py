@@ -241,7 +241,20 @@ def test_a_column_of_python_objects_in_one_dataset_is_refused_in_its_row():
     frames = [_gaussian(0), _gaussian(1).assign(x=lambda f: f["x"].astype(object)), _gaussian(2),
               _gaussian(3).assign(x=None)]
     batch = _quiet(hp.fit_batch, LINEAR, frames, by="rep", progress=False)
-    _assert_refused(batch, 1, "column 'x' holds Python objects (float) in this dataset but numbers in 2 other")
+    _assert_refused(batch, 1, "column 'x' holds Python objects (float) in this dataset, which the formula cannot")
     _assert_refused(batch, 3, "no rows left after dropping missing values (x: 30)")
     _assert_rows_as_fitted_without(batch, [0, 2], hp.fit_batch(LINEAR, frames[::2], by="rep", progress=False),
                                    [0, 1])
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_which_dataset_is_refused_for_its_columns_kind_does_not_depend_on_the_order(first):
+    # two datasets, one of each kind: the first one's kind was kept, so numbers held as objects (which hp.lmm
+    # refuses) were fitted and the clean dataset refused, and a text response first refused the whole batch
+    clean = _gaussian(0)
+    for odd, reason in ((clean.assign(y=clean["y"].astype(object)), "holds Python objects (float) in this dataset"),
+                        (clean.assign(y=clean["y"].astype(str)), "holds text or categories in this dataset but")):
+        frames = [odd, clean] if first else [clean, odd]
+        batch = hp.fit_batch(LINEAR, frames, by="rep", progress=False)
+        _assert_refused(batch, 0 if first else 1, f"column 'y' {reason}")
+        assert batch.converged.iloc[1 if first else 0]

@@ -131,8 +131,8 @@ def host_chunk_length(count: int, most: int, workers: int) -> int:
 def long_frame(data, by: str, columns=()) -> tuple[pd.DataFrame, dict]:
     """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked), and the datasets
     set aside (label -> why): where a column of ``columns`` (:attr:`~hierpool.spec.formula.ModelSpec.values`) is
-    stacked from values of several kinds, the datasets whose kind is not most datasets' (:func:`kind_conflicts`)
-    are left out of the frame, to be refused in their rows."""
+    stacked from values of several kinds, the datasets with Python objects in it or whose kind is not most datasets'
+    (:func:`kind_conflicts`) are left out of the frame, to be refused in their rows."""
     if isinstance(data, pd.DataFrame):
         if not isinstance(by, str) or by not in data.columns:
             raise DataError(f"by={by!r} is not a column of the data (columns: {list(data.columns)})")
@@ -173,19 +173,29 @@ def column_kind(column: pd.Series) -> str | None:
     return value_kind(column) if len(column) else None
 
 
+#: Which kind is kept where two kinds the formula reads are as common (an order that does not depend on the datasets').
+KIND_PREFERENCE = ("numbers", "true/false values", "text or categories")
+
+
 def kind_conflicts(items: list[tuple], columns) -> dict:
-    """Per dataset label, why it is set aside: a column of ``columns`` holds another kind of value
-    (:func:`column_kind`) in it than in most of the datasets (the first dataset's kind where two are as common).
-    Stacked, the two kinds made one column that the whole batch's formula refused, naming neither the column
-    nor the dataset."""
+    """Per dataset label, why it is set aside: a column of ``columns`` holds Python objects in it, which its single
+    fit refuses (:func:`~hierpool.spec.design.check_value_types`), or another kind of value (:func:`column_kind`)
+    than in most of the other datasets (where two kinds are as common, the first of :data:`KIND_PREFERENCE` is
+    kept: never the order of the datasets).  Stacked, the kinds made one column that the whole batch's formula
+    refused, naming neither the column nor the dataset."""
     reasons = {}
     for name in columns:
         kinds = {label: column_kind(frame[name]) for label, frame in items if name in frame.columns}
         kinds = {label: kind for label, kind in kinds.items() if kind is not None}
-        counts = collections.Counter(kinds.values())
+        for label, kind in kinds.items():
+            if kind.startswith("Python objects") and label not in reasons:
+                reasons[label] = (f"column {name!r} holds {kind} in this dataset, which the formula cannot read: "
+                                  "convert it (pd.to_numeric, or .astype(str) for a factor)")
+        counts = collections.Counter(kind for kind in kinds.values() if not kind.startswith("Python objects"))
         if len(counts) < 2:
             continue
-        usual, n_usual = counts.most_common(1)[0]  # ties: the kind met first
+        usual = max(counts, key=lambda kind: (counts[kind], -KIND_PREFERENCE.index(kind)))
+        n_usual = counts[usual]
         for label, kind in kinds.items():
             if kind != usual and label not in reasons:
                 others = f"{n_usual} other dataset" + ("s" if n_usual > 1 else "")
