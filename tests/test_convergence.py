@@ -95,7 +95,7 @@ def test_chains_that_disagree_warn_with_their_r_hat():
 
 def test_too_few_effective_draws_warn_with_the_ess():
     # 4 chains of 60 independent draws: ESS ~200, above 100 in all but under 100 per chain
-    with pytest.warns(hp.SamplingWarning, match=r"ESS as low as \d+ \(< 100 per chain\)"):
+    with pytest.warns(hp.SamplingWarning, match=r"ESS as low as \d+ \(< 400: 100 per chain\)"):
         diagnostics = hand_made_posterior(independent_draws(4, 60)).diagnostics()
     assert 100 < diagnostics.min_ess_bulk.min() < 400
 

@@ -73,6 +73,9 @@ def test_responses_that_do_not_fit_are_refused_by_name(cbpp):
     with pytest.raises(DataError, match="response 'cbind\\(incidence, size\\)'.*whole number|must be 0/1"):
         build_design("cbind(incidence, size) ~ period + (1 | herd)", cbpp.assign(size=cbpp["size"] + 0.5),
                      family=BINOMIAL)
+    more = cbpp.assign(incidence=cbpp["incidence"].where(cbpp.index != 3, cbpp["size"] + 2))  # failures -2
+    with pytest.raises(DataError, match=r"found [\d.]+ \(\d+ successes of \d+ trials\)"):
+        build_design("cbind(incidence, size - incidence) ~ period + (1 | herd)", more, family=BINOMIAL)
     with pytest.raises(DataError, match="response 'y' of a poisson model must be non-negative whole counts"):
         build_design("y ~ period + (1 | herd)", cbpp.assign(y=cbpp["incidence"] - 1), family=family_spec("poisson"))
     with pytest.raises(ArgumentError, match="se .* Gaussian"):

@@ -84,7 +84,7 @@ def posterior_diagnostics(idata, warn: bool = True) -> pd.DataFrame:
         if min(table["min_ess_bulk"].min(), table["min_ess_tail"].min()) < ESS_MIN_PER_CHAIN * chains:
             problems.append(
                 f"ESS as low as {min(table['min_ess_bulk'].min(), table['min_ess_tail'].min()):.0f} "
-                f"(< {ESS_MIN_PER_CHAIN} per chain)"
+                f"(< {ESS_MIN_PER_CHAIN * chains}: {ESS_MIN_PER_CHAIN} per chain)"
             )
         if divergences:
             problems.append(f"{divergences} divergent transitions")

@@ -86,9 +86,12 @@ def check_response(spec: FamilySpec, y: np.ndarray, trials: np.ndarray | None, n
         raise DataError(f"response {name!r} has non-finite values")
     if spec.name == "binomial":
         if np.any(y < 0) or np.any(y > 1):
-            bad = y[(y < 0) | (y > 1)][0]
+            at = np.flatnonzero((y < 0) | (y > 1))[0]
+            # with trials (cbind's or weights=) the counts the user wrote, not only the proportion made of them
+            found = f"{float(y[at])!r}" if trials is None else \
+                f"{float(y[at])!r} ({float(y[at] * trials[at]):g} successes of {float(trials[at]):g} trials)"
             raise DataError(f"response {name!r} of a binomial model must be 0/1 or a proportion in [0, 1] "
-                            f"(with the trials as weights, or cbind(successes, failures)); found {float(bad)!r}")
+                            f"(with the trials as weights, or cbind(successes, failures)); found {found}")
         if spec.bernoulli and (trials is not None or not np.all((y == 0) | (y == 1))):
             raise DataError(f"response {name!r} of a bernoulli model must be 0/1, one trial per row; "
                             "use family='binomial' for proportions or cbind(successes, failures)")
