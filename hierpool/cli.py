@@ -357,8 +357,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="column of a known offset added to the linear predictor, as lmer's offset "
                           "(offset(expr) terms in the formula work too)")
     fit.add_argument("--ar1", metavar="GROUP[:TIME]",
-                     help="AR(1) residuals within each GROUP's series, ordered by TIME (or the rows' order), as "
-                          "nlme's corAR1 (hp.ar1); writes correlation.csv (phi) instead of the pooling comparison")
+                     help="AR(1) residuals within each GROUP's series, by TIME in whole steps (or one step a row "
+                          "in the rows' order), as nlme's corAR1 (hp.ar1); writes correlation.csv (phi) instead of "
+                          "the pooling comparison")
     fit.add_argument("--relmat", metavar="[GROUP=]FILE.csv",
                      help="a known relationship matrix for the term (1 | GROUP): a pedigree CSV (id, sire, dam) or a "
                           "square labelled matrix CSV; writes heritability.csv and every level's breeding value")
