@@ -1,6 +1,8 @@
 """``hp.simulate(fit, n)``: responses drawn from a fitted mixed model, lme4's ``simulate.merMod``.
 
-For a linear mixed model y* = o + X beta^ + Z b* + e*, e*_i ~ N(0, sigma^2 / w_i) (independent; with AR(1)
+For a linear mixed model y* = o + X beta^ + Z b* + e*, e*_i ~ N(0, sigma^2 / w_i) (the prior weights honoured:
+lme4 1.1-31's ``simulate`` of a weighted ``lmer`` fit draws every row with variance sigma^2, and its ``bootMer``
+with it; independent, or with AR(1)
 residuals, e* drawn along each series with the fit's phi, e*_t = c_t e*_(t-1) + sigma sqrt(1 - c_t^2) z_t,
 c_t = phi^lag_t); for a GLMM y*_i ~ family(g^-1(o_i + x_i' beta^ + z_i' b*)), a binomial's count of successes
 out of its trials (w_i) returned as the proportion, as its response was given.  b* is drawn anew from
