@@ -42,8 +42,9 @@ def boolean_argument(name: str, value) -> bool:
     return bool(value)
 
 
-#: Seeds are integers below 2^63: JAX's ``PRNGKey`` takes a signed 64-bit one.
-SEED_LIMIT = 2**63
+#: Seeds are integers below 2^62: JAX's ``PRNGKey`` takes a signed 64-bit one, and the batches add offsets to it
+#: (``hp.bayes_batch``'s dataset d of a relationship or spatial model is sampled with seed + d).
+SEED_LIMIT = 2**62
 
 
 def seed_argument(value, optional: bool = False) -> int | None:
@@ -53,7 +54,7 @@ def seed_argument(value, optional: bool = False) -> int | None:
         return None
     seed = integer_argument("seed", value, minimum=0)
     if seed >= SEED_LIMIT:
-        raise ArgumentError(f"seed must be an integer below 2**63, got {value!r}")
+        raise ArgumentError(f"seed must be an integer below 2**62, got {value!r}")
     return seed
 
 

@@ -142,6 +142,72 @@ def test_a_negative_phi_across_gaps_is_the_dense_likelihood_and_the_batchs():
         hp.lmm("y ~ x + (1 | g)", data.assign(t=data["t"] / 2), correlation=hp.ar1("g", "t"))
 
 
+def _every_second_step(seed: int, phi: float = -0.7, groups: int = 12, steps: int = 10,
+                       sd: float = 0.6) -> pd.DataFrame:
+    """corAR1 series read every second step, the last reading one step after the one before it (one odd lag a
+    series), plus a random intercept: phi^2 > 0 carries most of the information, the sign only the odd pairs."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for g in range(groups):
+        t = np.arange(0, 2 * steps, 2)
+        t[-1] -= 1
+        e = np.zeros(steps)
+        e[0] = rng.normal()
+        for i in range(1, steps):
+            c = phi ** (t[i] - t[i - 1])
+            e[i] = c * e[i - 1] + np.sqrt(1 - c * c) * rng.normal()
+        x = rng.normal(size=steps)
+        frames.append(pd.DataFrame({"g": f"g{g:02d}", "t": t, "x": x, "y": 1 + 0.5 * x + sd * rng.normal() + e}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_a_second_minimum_across_phi_zero_is_searched_when_most_lags_are_even():
+    """The review's series (every second step, phi -0.7): the search from the start's side stopped at phi 0.58, 5.1
+    above the optimum at -0.75.  hp.lmm now looks across 0 (closedform.ar1.across_zero) and the batch fits such a
+    dataset alone: the fit lies at or below the criterion profiled over theta on a grid of phi, on both sides."""
+    from hierpool.algebra.system import build_system
+    from hierpool.closedform.optimize import Control, moment_start, optimize_theta
+
+    data = _every_second_step(6)
+    fit = hp.lmm("y ~ x + (1 | g)", data, correlation=hp.ar1("g", "t"))
+    series = series_of(hp.ar1("g", "t"), data, fit.design.rows)
+
+    def profile(phi):
+        whitened, log_det = whitened_design(fit.design, series, phi)
+        system = build_system(whitened, host=True)
+        return optimize_theta(system, True, Control(compile=False), start=moment_start(whitened)).objective + log_det
+
+    assert fit.phi < -0.5
+    assert min(profile(phi) for phi in np.linspace(-0.95, 0.95, 39)) > fit.objective - 1e-8
+    batch = hp.fit_batch("y ~ x + (1 | g)", [data, _every_second_step(7, phi=0.5)], correlation=hp.ar1("g", "t"),
+                         progress=False)
+    assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-10)
+    assert "phi's sign is searched on both sides" in batch.messages.iloc[0]
+
+
+def test_even_steps_only_warn_that_phis_sign_is_not_identified_and_near_whole_steps_are_whole():
+    data = _every_second_step(6)
+    even = data[data.groupby("g").cumcount() < 9]  # the odd step dropped: every lag 2
+    with pytest.warns(hp.HierpoolWarning, match="steps by multiples of 2 only: the data tell phi\\^2"):
+        hp.lmm("y ~ x + (1 | g)", even, correlation=hp.ar1("g", "t"))
+    # times t + 0.1 step by 0.9999999999999996: whole steps, nlme's fit of t
+    shifted = hp.lmm("y ~ x + (1 | g)", data.assign(t=data["t"] + 0.1), correlation=hp.ar1("g", "t"))
+    assert shifted.objective == pytest.approx(hp.lmm("y ~ x + (1 | g)", data, correlation=hp.ar1("g", "t")).objective,
+                                              rel=1e-12)
+
+
+def test_a_negative_phis_power_keeps_its_complex_step_at_long_lags():
+    """NumPy's complex power of an integer from 100 up goes through the logarithm, which lost a negative phi's
+    complex step (5e10 for -2.8e-4 at phi -0.9, lag 100): the joint search never converged across such a gap."""
+    from hierpool.algebra.ar1 import lag_power
+
+    for phi in (-0.9, -0.5, 0.9):
+        lags = np.array([1.0, 2.0, 99.0, 100.0, 101.0, 150.0])
+        stepped = lag_power(phi + 1e-30j, lags)
+        np.testing.assert_allclose(stepped.real, phi**lags, rtol=1e-12)
+        np.testing.assert_allclose(stepped.imag / 1e-30, lags * phi ** (lags - 1), rtol=1e-10)
+
+
 def test_new_rows_at_one_time_carry_the_same_residual():
     """Two scenarios of one future time of a series (rows at the same time): the same lag, the same carry; a row
     three steps on, alone, carries phi^3 (the time's difference, nlme's corAR1 steps: its rank among the new rows
@@ -335,21 +401,31 @@ def test_lagged_moments_whiten_as_the_rows_do():
 
 
 def test_lag_one_phis_of_many_datasets_are_each_ones():
-    """Each dataset's start: its residuals' lag-1 correlation, the root of its median lag, clipped (written out
-    here), and 0.1 for a dataset without a row that has a predecessor."""
+    """Each dataset's start: its residuals' correlation with their predecessors, clipped, its root (written out
+    here): in continuous time over every pair, the root of the median lag; in corAR1's steps over the pairs at the
+    shortest odd lag (the shortest lag where none is odd), that lag's root; 0.1 for a dataset without a row that
+    has a predecessor."""
     from hierpool.algebra.ar1 import lag_one_phis
 
     dataset, level, columns, previous, lag = _irregular_series(1)
     residual = columns[:, 1] + 0.5 * np.r_[0.0, columns[:-1, 1]]
-    for continuous in (False, True):
-        many = lag_one_phis(residual, previous, lag, dataset, 4, continuous)  # a fourth dataset without rows
-        assert many[3] == 0.1
-        for d in range(3):
-            rows = np.flatnonzero((dataset == d) & (previous >= 0))
-            r, before = residual[rows], residual[previous[rows]]
-            correlation = np.sum(r * before) / np.sqrt(np.sum(r * r) * np.sum(before * before))
-            phi = np.sign(correlation) * np.abs(correlation) ** (1 / np.median(lag[rows]))
-            assert many[d] == pytest.approx(np.clip(phi, 0.05 if continuous else -0.9, 0.9), rel=1e-14)
+    for steps in (False, True):  # corAR1: the lags made whole (1 to 4 steps)
+        lags = np.where(previous >= 0, np.ceil(lag * 2), 0.0) if steps else lag
+        for continuous in (False, True) if not steps else (False,):
+            many = lag_one_phis(residual, previous, lags, dataset, 4, continuous)  # a fourth dataset without rows
+            assert many[3] == 0.1
+            for d in range(3):
+                rows = np.flatnonzero((dataset == d) & (previous >= 0))
+                if continuous:
+                    root = np.median(lags[rows])
+                else:
+                    odd = lags[rows][lags[rows] % 2 == 1]
+                    root = odd.min() if odd.size else lags[rows].min()
+                    rows = rows[lags[rows] == root]
+                r, before = residual[rows], residual[previous[rows]]
+                correlation = np.sum(r * before) / np.sqrt(np.sum(r * r) * np.sum(before * before))
+                kept = np.clip(correlation, 0.05 if continuous else -0.9, 0.9)
+                assert many[d] == pytest.approx(np.sign(kept) * np.abs(kept) ** (1 / root), rel=1e-14)
 
 
 def _sites_and_subjects(seed: int = 1) -> pd.DataFrame:

@@ -97,25 +97,51 @@ def in_search_units(series, group: np.ndarray, n_groups: int, continuous: bool):
 def lag_one_phis(residual: np.ndarray, previous: np.ndarray, lag: np.ndarray, group: np.ndarray, n_groups: int,
                  continuous: bool) -> np.ndarray:
     """Where the search for phi starts, for each of ``n_groups`` datasets at once (``group``: each row's;
-    ``previous`` indexes the same rows): the lag-1 correlation of residuals within their series,
-    sum r_t r_(t-1) / sqrt(sum r_t^2 sum r_(t-1)^2) over the rows with a predecessor, kept inside (-0.9, 0.9)
-    (above 0.05 in continuous time), per unit of lag (its root of the dataset's median lag); 0.1 for a dataset
-    without such rows.  The correlation is kept inside before its root is taken, so that the start's phi^lag at
-    that lag is the kept correlation whatever the time's unit: clipped after the root, a time in minutes of a
-    correlation over days started at phi^lag = 0.9^1440, where the criterion is flat in phi and a search in
-    (theta, u) stops.  The start's u is kept a unit inside that range (a median lag below 1 takes a high root:
-    0.05^100).  The searches pass lags in their own unit (:func:`search_units`), whose median is 1 in continuous
-    time; corAR1's steps with gaps keep their median lag."""
+    ``previous`` indexes the same rows): the correlation of residuals with their predecessors in their series,
+    sum r_t r_(t-1) / sqrt(sum r_t^2 sum r_(t-1)^2), kept inside (-0.9, 0.9) (above 0.05 in continuous time), per
+    unit of lag (its root of the pairs' lag); 0.1 for a dataset without such rows.
+
+    The pairs: in continuous time every row with a predecessor, the root that of the dataset's median lag; in
+    corAR1's steps only the pairs at the dataset's shortest odd lag (its shortest lag where none is odd), whose root
+    keeps the correlation's sign: pooled over lags of 1 and 2, a phi of -0.7 correlated pairs positively, and the
+    search from there stopped at a local optimum of phi > 0 (log L 5.6 and 13.8 below the optimum, nlme's, on the
+    review's series read every second step).  The correlation is kept inside before its root is taken, so that the
+    start's phi^lag at that lag is the kept correlation whatever the time's unit: clipped after the root, a time in
+    minutes of a correlation over days started at phi^lag = 0.9^1440, where the criterion is flat in phi and a
+    search in (theta, u) stops.  The start's u is kept a unit inside that range (a median lag below 1 takes a high
+    root: 0.05^100).  The searches pass lags in their own unit (:func:`search_units`), whose median is 1 in
+    continuous time; corAR1's steps keep theirs."""
     has = previous >= 0
+    if continuous:
+        root = median_lags(previous, lag, group, n_groups)
+    else:
+        root = np.full(n_groups, np.inf)
+        odd = has & (lag % 2 == 1)
+        np.minimum.at(root, group[odd], lag[odd])
+        shortest = np.full(n_groups, np.inf)
+        np.minimum.at(shortest, group[has], lag[has])
+        root = np.where(np.isfinite(root), root, np.where(np.isfinite(shortest), shortest, 1.0))
+        has = has & (lag == root[group])
     r, before, keys = residual[has], residual[previous[has]], group[has]
     sums = [np.bincount(keys, weights=w, minlength=n_groups) for w in (r * before, r * r, before * before)]
     correlation = sums[0] / np.maximum(np.sqrt(sums[1] * sums[2]), 1e-300)
     counts = np.bincount(keys, minlength=n_groups)
-    middle = median_lags(previous, lag, group, n_groups)
     kept = np.clip(correlation, 0.05 if continuous else -0.9, 0.9)
     inside = constrained_phi(np.array([1.0 - UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT - 1.0]), continuous)
-    phi = np.clip(np.sign(kept) * np.abs(kept) ** (1.0 / middle), *inside)  # a lag below 1 shrinks phi
+    phi = np.clip(np.sign(kept) * np.abs(kept) ** (1.0 / root), *inside)  # a lag below 1 shrinks phi
     return np.where(counts > 0, phi, 0.1)
+
+
+def sign_in_doubt(previous: np.ndarray, lag: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Per dataset (``group``: each row's), whether corAR1's pairs at even lags are at least as many as those at odd
+    lags: phi^lag of an even lag is the same for phi and -phi, so the criterion in phi may have a second minimum
+    across 0, and a search from one side can stop on the wrong one (series read every second step, one pair a
+    series one step apart, phi -0.7: the search stopped at phi 0.58, 5.1 above the optimum at -0.75).  Readings
+    missed at random leave most pairs one step apart."""
+    has = previous >= 0
+    odd = has & (lag % 2 == 1)
+    even = np.bincount(group[has & ~odd], minlength=n_groups)
+    return (even > 0) & (even >= np.bincount(group[odd], minlength=n_groups))
 
 
 def constrained_phi(u, continuous: bool):
@@ -169,11 +195,23 @@ def clearly_curved(curvature) -> np.ndarray:
     return np.asarray(curvature, dtype=float) > 2.0 * (Z_95 / UNCONSTRAINED_LIMIT) ** 2
 
 
+def lag_power(phi, lag):
+    """phi^lag, a negative phi's as (-1)^lag |phi|^lag (lags then whole: corAR1's steps).
+
+    NumPy's complex power of an integer from 100 up goes through the logarithm, which loses a negative phi's
+    complex step (its derivative 5e10 for -2.8e-4 at phi -0.9, lag 100: the review's); the power of -phi, whose real
+    part is positive, keeps it.  NumPy or JAX, real or complex (the complex step in phi)."""
+    xp = array_namespace(phi, lag)
+    negative = xp.real(phi) < 0
+    magnitude = xp.power(xp.where(negative, -phi, phi), lag)
+    return xp.where(negative & (lag % 2 == 1), -magnitude, magnitude)
+
+
 def carried(phi, previous, lag):
-    """c_t = phi^lag_t for rows with a predecessor in their series, 0 for first rows; shape (n,)."""
+    """c_t = phi^lag_t (:func:`lag_power`) for rows with a predecessor in their series, 0 for first rows; shape (n,)."""
     xp = array_namespace(phi, lag)
     first = previous < 0
-    return xp.where(first, 0.0, xp.power(phi, xp.where(first, 1.0, lag)))
+    return xp.where(first, 0.0, lag_power(phi, xp.where(first, 1.0, lag)))
 
 
 def whiten(values, previous, c):
@@ -337,7 +375,7 @@ def whitened_cross_products(moments: LaggedMoments, phi: np.ndarray):
     """
     D, ell, K, r, _ = moments.sums.shape
     S = phi.shape[1]
-    c = phi[:, :, None, None] ** moments.lag[:, None]  # (D, S, ell, J); the power as lag_class_weights notes
+    c = lag_power(phi[:, :, None, None], moments.lag[:, None])  # (D, S, ell, J)
     # each class's weight, then the first rows' 1: one product per level sums them
     weights = np.moveaxis(lag_class_weights(c), 1, 2)  # (D, ell, S, K)
     products = weighted_sums(weights, moments.sums.reshape(D, ell, K, r * r))  # (D, ell, S, r r)
@@ -349,11 +387,8 @@ def whitened_cross_products(moments: LaggedMoments, phi: np.ndarray):
 def lag_class_weights(c):
     """The weights (1, 1 - c, (1 - c)^2) / (1 - c^2) of a lag class's sums of d d^T, of d v_-^T + v_- d^T and of
     v_- v_-^T (:func:`lagged_moments`), c = phi^lag each class's (..., J), the J classes of each in turn, then the
-    first rows' weight 1: (..., 3 J + 1).  The whitened cross-products are the sums' combination with them.
-
-    NumPy's complex power of an integer below 100 multiplies, so c = phi^lag of a complex-stepped phi is exact also
-    for a negative phi; a larger or fractional lag goes through the logarithm, right for phi > 0 (corCAR1's
-    range), as :func:`carried`'s power."""
+    first rows' weight 1: (..., 3 J + 1).  The whitened cross-products are the sums' combination with them (c of a
+    complex-stepped phi from :func:`lag_power`, which keeps a negative phi's step)."""
     one_minus, one_plus = 1.0 - c, 1.0 + c
     # the last two reduced to 1 / (1 + c) and (1 - c) / (1 + c): no 1 - c divided by itself as c nears 1 (a short
     # lag's complex step in corCAR1 keeps its derivative's digits)

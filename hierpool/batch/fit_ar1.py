@@ -49,6 +49,7 @@ from ..algebra.ar1 import (
     lag_classes,
     log_det_correlation,
     per_unit,
+    sign_in_doubt,
     whitened_system,
 )
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
@@ -266,6 +267,13 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     followed = np.bincount(plan.dataset[has], minlength=plan.n_datasets) > 0
     for d in np.flatnonzero(out["attempted"] & ~followed):
         out["alone"][d] = "no row follows another in its series: phi is not identified"
+        out["attempted"][d] = False
+    # corAR1 whose pairs are mostly an even number of steps apart: phi's criterion may have a second minimum across 0,
+    # which hp.lmm looks for (closedform.ar1.across_zero); such a dataset is fitted alone, by it
+    doubt = np.zeros(plan.n_datasets, bool) if structure.continuous else sign_in_doubt(
+        series.previous, series.lag, plan.dataset, plan.n_datasets)
+    for d in np.flatnonzero(out["attempted"] & doubt):
+        out["alone"][d] = "its series are mostly an even number of steps apart: phi's sign is searched on both sides"
         out["attempted"][d] = False
     if _on_host(plan, float_type, sharding):  # nothing compiled: the joint search in NumPy, chunks in threads
         jobs = []

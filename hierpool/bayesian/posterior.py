@@ -65,8 +65,10 @@ def correlation_from_factor(cor_factor: np.ndarray) -> np.ndarray:
     return cor_factor @ np.swapaxes(cor_factor, -1, -2)
 
 
-#: Variables an InferenceData of hierpool may hold beside the terms' (no dimension takes their names).
-RESERVED_VARIABLES = frozenset({"beta", "sigma", "shape", "phi"})
+#: Names an InferenceData of hierpool may use beside the terms' (no level dimension takes them): its other variables,
+#: ArviZ's chain and draw, the fixed effects' and the observations' dimensions (a factor named obs had its levels
+#: overwritten by the rows' numbers, one named fixef or chain raised xarray's own error).
+RESERVED_NAMES = frozenset({"beta", "sigma", "shape", "phi", "heritability", "chain", "draw", "fixef", "obs"})
 
 
 def _unused(dim: str, variables: set) -> str:
@@ -84,7 +86,7 @@ def group_posterior(design: Design, b: list[np.ndarray], sds: list[np.ndarray] |
     slots, coefs = term_slots(design)
     # a dimension named as a variable would make xarray take that variable for the dimension's coordinate: groups
     # a and b:a (``(1 | a/b)``) gave the dimension b_a beside term a's effects b_a, which were lost
-    variables = set(posterior) | RESERVED_VARIABLES | {f"{kind}_{name}" for name in coefs for kind in ("b", "sd")} | {
+    variables = set(posterior) | RESERVED_NAMES | {f"{kind}_{name}" for name in coefs for kind in ("b", "sd")} | {
         slot.cor_name for slot in slots if slot.cor_name is not None}
     for name, labels in coefs.items():
         j = next(j for j, s in enumerate(slots) if s.name == name)

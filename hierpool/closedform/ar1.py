@@ -48,6 +48,7 @@ from ..algebra.ar1 import (
     lag_one_phis,
     log_det_correlation,
     per_unit,
+    sign_in_doubt,
     unconstrained_phi,
     whiten,
 )
@@ -63,8 +64,8 @@ from ..algebra.search.ar1_systems import TermsChunk, joint_search_kind, lagged_s
 from ..algebra.search.newton import DECREASE_TOL, MAX_ITERATIONS
 from ..algebra.statistics import centred_fixed_effects
 from ..algebra.system import build_system
-from ..errors import ArgumentError, ConvergenceWarning, DataError
-from ..spec.correlation import AR1, WHOLE_STEPS, Series, fractional_step, series_of
+from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
+from ..spec.correlation import AR1, WHOLE_STEPS, Series, common_step, fractional_step, series_of
 from ..spec.design import Design, check_columns
 from .optimize import SINGULAR_FIT, Control, is_singular, moment_start, optimize_theta
 from .results import LMMResult
@@ -140,6 +141,11 @@ def checked_series(design: Design, correlation, data: pd.DataFrame) -> Series:
         raise ArgumentError("weights= and se= cannot be combined with an AR(1) correlation (not supported yet)")
     series = series_of(correlation, data, design.rows)
     check_nested(design, series, correlation)
+    step = 1 if correlation.continuous else common_step(series)
+    if step % 2 == 0:
+        warnings.warn(f"the AR(1) time column {correlation.time!r} steps by multiples of {step} only: the data tell "
+                      f"phi^{step}, not phi's sign (phi and -phi fit alike); time counted in units of {step} is the "
+                      "same model with an identified phi", HierpoolWarning, stacklevel=4)
     return series
 
 
@@ -175,9 +181,10 @@ class AR1Result(LMMResult):
         """Predictions (as :meth:`LMMResult.predict`); a new row of a fitted series, after its last fitted row,
         also carries that row's residual forward: + phi^lag (y_last - fitted_last), with its interval.
 
-        ``lag`` is the time since the last fitted row (corCAR1), or the new row's step after it: its rank
-        among the series' new rows, by ``time`` or by their order in ``newdata`` (corAR1).  Rows of new
-        series, rows at or before a series' last fitted time, ``re=False`` and ``newdata=None`` carry nothing.
+        ``lag`` is the time since the last fitted row (corCAR1, and corAR1 with a time column, in whole steps),
+        or, for corAR1 without one, the new row's rank among the series' new rows in ``newdata``'s order.  Rows
+        of new series, rows at or before a series' last fitted time, ``re=False`` and ``newdata=None`` carry
+        nothing (:func:`carried_lags`).
         """
         from .predict import predict
 
@@ -218,6 +225,18 @@ class AR1Result(LMMResult):
         lower, upper = self.phi_interval
         return (super().summary() + f"\n\nCorrelation structure: {self.structure.describe()}\n"
                 f"  phi = {self.phi:.6g}  (95% interval {lower:.4g} to {upper:.4g})")
+
+
+def across_zero(profile, u_hat: float, value, series: Series, continuous: bool) -> float | None:
+    """-u_hat (phi's opposite) where corAR1's sign is in doubt (:func:`~hierpool.algebra.ar1.sign_in_doubt`) and the
+    criterion ``profile`` gives there lies below ``value()``, the one at ``u_hat`` (computed only then): where the
+    search for phi should start again.  None otherwise (and always in continuous time, where phi > 0)."""
+    if continuous or not sign_in_doubt(series.previous, series.lag, np.zeros(len(series.lag), dtype=np.int64), 1)[0]:
+        return None
+    with warnings.catch_warnings():  # inner fits' messages: the search's final fit warns its own
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        here, there = value(), profile(-u_hat)[0]
+    return -u_hat if there < here - 1e-8 * abs(here) else None
 
 
 def search_phi(profile, u_start: float, correlation: AR1, unit: float = 1.0):
@@ -385,7 +404,10 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         return optimum.objective + logdet, (whitened, system, optimum, logdet)
 
     joint = joint_search(design, series, continuous, reml)
-    if joint is not None and clearly_curved(joint[2]):  # else a flat stretch where it started: Brent's method
+    mirrored = None
+    if joint is not None and clearly_curved(joint[2]):  # a second minimum across phi = 0 (even lags): Brent's there
+        mirrored = across_zero(profile, joint[1], lambda: profile(joint[1], start=joint[0])[0], series, continuous)
+    if joint is not None and clearly_curved(joint[2]) and mirrored is None:  # else a flat stretch: Brent's method
         theta_hat, u_hat, curvature = joint
         with warnings.catch_warnings():  # the fit's messages are warned below
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -395,8 +417,12 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         with warnings.catch_warnings():  # the search's inner fits; the final one's messages are warned below
             warnings.simplefilter("ignore", ConvergenceWarning)
             nearly_independent = profile(first_u(continuous))[1]
-        u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
-        u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation, unit)
+        u_start = mirrored if mirrored is not None else \
+            unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
+        u_hat, interval, value, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation, unit)
+        mirrored = None if mirrored is not None else across_zero(profile, u_hat, lambda: value, series, continuous)
+        if mirrored is not None:
+            u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, mirrored, correlation, unit)
     phi = phi_per_unit(u_hat, unit, correlation)
     # the user's parametrization at phi-hat: the conditioned optimum mapped back, solved on the user's columns; the
     # conditioned fit's checks stand (in the user's parametrization a covariate of large mean makes the Hessian look
@@ -480,10 +506,12 @@ def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFram
         after = found >= 0
     if structure.time:
         lag = np.where(after, key - end_key, 1.0)
-        at = None if structure.continuous else fractional_step(lag)
-        if at is not None:
-            raise DataError(f"the AR(1) time column {structure.time!r} of the prediction data (newdata) is "
-                            f"{float(lag[at])!r} after its series' last fitted time, in row {at}: {WHOLE_STEPS}")
+        if not structure.continuous:
+            at = fractional_step(lag)
+            if at is not None:
+                raise DataError(f"the AR(1) time column {structure.time!r} of the prediction data (newdata) is "
+                                f"{float(lag[at])!r} after its series' last fitted time, in row {at}: {WHOLE_STEPS}")
+            lag = np.round(lag)
     else:  # steps: the row's rank among its series' new rows, in newdata's order
         frame = pd.DataFrame({"series": labels, "key": np.where(after, key, np.nan)})
         lag = frame.groupby("series")["key"].rank(method="dense").to_numpy()

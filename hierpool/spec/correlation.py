@@ -27,8 +27,8 @@ class AR1:
     group : str
         The column whose levels are the series (each level its own; series are independent).
     time : str or None
-        The column that orders each series (and, with ``continuous``, spaces it); None: the rows'
-        order in the data.
+        The column that orders and spaces each series (its differences are the lags: whole steps for corAR1);
+        None: the rows' order in the data, one step a row.
     continuous : bool
         False: lag = steps between rows of a series (corAR1, -1 < phi < 1): one a row without ``time``, the
         difference of ``time`` (whole steps) with it; True: lag = difference of ``time`` (corCAR1, 0 < phi < 1).
@@ -174,12 +174,27 @@ WHOLE_STEPS = ("hp.ar1 counts time in whole steps, as nlme's corAR1 (integer tim
                "phi^2): for continuous time use hp.car1, for one step per row sort the rows by it and leave time out")
 
 
+#: Relative distance from a whole number within which a lag of corAR1's time counts as whole (times t + 0.1 step by
+#: 0.9999999999999996, which nlme fits as t).
+WHOLE_STEP_TOL = 1e-9
+
+
 def fractional_step(lag: np.ndarray) -> int | None:
-    """The position of the first of ``lag`` that is not a whole number of steps, None where all are: corAR1's lags
-    from a time column (nlme's corAR1 takes an integer time covariate; a gap of two steps correlates by phi^2, and
-    a negative phi has no power of a fractional lag)."""
-    fractional = np.flatnonzero(lag != np.round(lag))
+    """The position of the first of ``lag`` that is not a whole number of steps (to :data:`WHOLE_STEP_TOL`), None
+    where all are: corAR1's lags from a time column (nlme's corAR1 takes an integer time covariate; a gap of two
+    steps correlates by phi^2, and a negative phi has no power of a fractional lag).  Callers use the lags rounded."""
+    fractional = np.flatnonzero(np.abs(lag - np.round(lag)) > WHOLE_STEP_TOL * np.maximum(np.abs(lag), 1.0))
     return int(fractional[0]) if fractional.size else None
+
+
+def common_step(series: Series) -> int:
+    """The greatest common divisor of a corAR1 series' lags (whole steps; 1 where no row has a predecessor).  Where
+    it is k > 1 the data tell phi^k only: phi's sign is not identified for an even k (nlme's fit then reports the
+    sign its start lies on)."""
+    lags = series.lag[series.previous >= 0]
+    if not lags.size or fractional_step(lags) is not None:
+        return 1
+    return int(np.gcd.reduce(np.round(lags).astype(np.int64)))
 
 
 def _whole_steps(lag: np.ndarray, order: np.ndarray, same: np.ndarray, group: pd.Series, correlation: AR1):
