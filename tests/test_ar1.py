@@ -155,7 +155,7 @@ def _every_second_step(seed: int, phi: float = -0.7, groups: int = 12, steps: in
     return pd.concat(frames, ignore_index=True)
 
 
-def test_a_second_minimum_across_phi_zero_is_searched_when_most_lags_are_even():
+def test_a_second_minimum_across_phi_zero_is_searched_when_most_lags_are_even(monkeypatch):
     """The review's series (every second step, phi -0.7): the search from the start's side stopped at phi 0.58, 5.1
     above the optimum at -0.75.  hp.lmm now looks across 0 (closedform.ar1.across_zero) and the batch fits such a
     dataset alone: the fit lies at or below the criterion profiled over theta on a grid of phi, on both sides."""
@@ -176,7 +176,13 @@ def test_a_second_minimum_across_phi_zero_is_searched_when_most_lags_are_even():
     batch = hp.fit_batch("y ~ x + (1 | g)", [data, _every_second_step(7, phi=0.5)], correlation=hp.ar1("g", "t"),
                          progress=False)
     assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-10)
-    assert "phi's sign is searched on both sides" in batch.messages.iloc[0]
+    assert "phi's sign is searched on both sides" in batch.messages.iloc[0]  # (the batch's row is hp.lmm's own)
+    # Brent's profile search, where the joint search does not apply, looks across 0 too (search_phi)
+    from hierpool.closedform import ar1 as ar1_module
+
+    monkeypatch.setattr(ar1_module, "joint_search", lambda *args: None)
+    brent = hp.lmm("y ~ x + (1 | g)", data, correlation=hp.ar1("g", "t"))
+    assert brent.objective == pytest.approx(fit.objective, rel=1e-9) and brent.phi < -0.5
 
 
 def test_even_steps_only_warn_that_phis_sign_is_not_identified_and_near_whole_steps_are_whole():
@@ -513,7 +519,7 @@ def test_the_joint_search_and_brents_profile_give_one_fit(model, reml, monkeypat
     monkeypatch.setattr(ar1_module, "joint_search", lambda *a: found.append(joint_search(*a)) or found[-1])
     monkeypatch.setattr(ar1_module, "lagged_systems_pay", lambda *a: paid.append(pays(*a)) or paid[-1])
     brents, search_phi = [], ar1_module.search_phi
-    monkeypatch.setattr(ar1_module, "search_phi", lambda *a: brents.append(1) or search_phi(*a))
+    monkeypatch.setattr(ar1_module, "search_phi", lambda *a, **k: brents.append(1) or search_phi(*a, **k))
     joint = hp.lmm(formula, data, correlation=correlation, reml=reml)
     assert found[-1] is not None and not brents  # the joint search's estimate was the fit's, not Brent's profile
     assert paid == {"several terms": [True], "several terms, irregular": [False]}.get(model, [])

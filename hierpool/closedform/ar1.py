@@ -239,31 +239,39 @@ def across_zero(profile, u_hat: float, value, series: Series, continuous: bool) 
     return -u_hat if there < here - 1e-8 * abs(here) else None
 
 
-def search_phi(profile, u_start: float, correlation: AR1, unit: float = 1.0):
+def search_phi(profile, u_start: float, correlation: AR1, unit: float = 1.0, series: Series | None = None):
     """phi's estimate on nlme's unconstrained scale by Brent's method, with its interval: (u_hat, interval,
     the profiled criterion there, the pieces ``profile`` returned there).
 
     ``profile(u, checked=False)`` is (-2 log L profiled over the other parameters at phi = constrained(u), pieces).
     The search runs in a window around ``u_start`` (the residuals' lag-1 correlation), over the whole range if it
-    ends at the window's edge; :func:`polished_curvature` then polishes the fit at u_hat, and :func:`phi_interval`
-    gives the interval.  One home for generalized least squares (:func:`hierpool.closedform.gls.fit_gls`), and for
-    the mixed model where the joint search of (theta, u) does not apply or did not converge (:func:`fit_ar1`).
+    ends at the window's edge, and again around phi's opposite where ``series`` (corAR1's) leaves the sign in doubt
+    and the criterion is lower there (:func:`across_zero`); :func:`polished_curvature` then polishes the fit at
+    u_hat, and :func:`phi_interval` gives the interval.  One home for generalized least squares
+    (:func:`hierpool.closedform.gls.fit_gls`), and for the mixed model where the joint search of (theta, u) does not
+    apply, did not converge or stopped on the wrong side of 0 (:func:`fit_ar1`).
     ``unit``: the profile's phi is per that unit of the user's time (:func:`phi_interval`); u_hat is the search's.
     """
     import scipy.optimize
 
-    def search(low: float, high: float) -> float:
-        return float(scipy.optimize.minimize_scalar(lambda u: profile(u)[0], bounds=(low, high), method="bounded",
-                                                    options=dict(xatol=PHI_XTOL)).x)
+    def search(low: float, high: float) -> tuple[float, float]:
+        found = scipy.optimize.minimize_scalar(lambda u: profile(u)[0], bounds=(low, high), method="bounded",
+                                               options=dict(xatol=PHI_XTOL))
+        return float(found.x), float(found.fun)
+
+    def around(start: float) -> tuple[float, float]:
+        start = min(max(start, -UNCONSTRAINED_LIMIT), UNCONSTRAINED_LIMIT)  # a window inside the range
+        low, high = max(start - SEARCH_WINDOW, -UNCONSTRAINED_LIMIT), min(start + SEARCH_WINDOW, UNCONSTRAINED_LIMIT)
+        u, value = search(low, high)
+        return search(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT) if min(u - low, high - u) < 1e-3 else (u, value)
 
     with warnings.catch_warnings():  # the search's inner fits; the final one's messages are the caller's to warn
         warnings.simplefilter("ignore", ConvergenceWarning)
-        u_start = min(max(u_start, -UNCONSTRAINED_LIMIT), UNCONSTRAINED_LIMIT)  # a window inside the range
-        low = max(u_start - SEARCH_WINDOW, -UNCONSTRAINED_LIMIT)
-        high = min(u_start + SEARCH_WINDOW, UNCONSTRAINED_LIMIT)
-        u_hat = search(low, high)
-        if min(u_hat - low, high - u_hat) < 1e-3:
-            u_hat = search(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT)
+        u_hat, value = around(u_start)
+        mirrored = None if series is None else across_zero(profile, u_hat, lambda: value, series,
+                                                           correlation.continuous)
+        if mirrored is not None:
+            u_hat = around(mirrored)[0]
     curvature, value, pieces = polished_curvature(profile, u_hat)
     # warned at the user's line: phi_interval, here, fit_ar1 or fit_gls, hp.lmm, the user
     return u_hat, phi_interval(u_hat, curvature, correlation, stacklevel=5, unit=unit), value, pieces
@@ -419,10 +427,8 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
             nearly_independent = profile(first_u(continuous))[1]
         u_start = mirrored if mirrored is not None else \
             unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
-        u_hat, interval, value, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation, unit)
-        mirrored = None if mirrored is not None else across_zero(profile, u_hat, lambda: value, series, continuous)
-        if mirrored is not None:
-            u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, mirrored, correlation, unit)
+        u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation, unit,
+                                                                             series=series)
     phi = phi_per_unit(u_hat, unit, correlation)
     # the user's parametrization at phi-hat: the conditioned optimum mapped back, solved on the user's columns; the
     # conditioned fit's checks stand (in the user's parametrization a covariate of large mean makes the Hessian look

@@ -31,7 +31,6 @@ from ..errors import DataError
 from ..spec.correlation import AR1
 from ..spec.design import Design
 from .ar1 import (
-    across_zero,
     checked_series,
     constrained,
     in_search_unit,
@@ -180,10 +179,8 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
                             correlation.continuous)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # log 0 of a zero residual at phi's edge: the search moves on
-        u_hat, interval, value, (beta, r, pwrss, logdet) = search_phi(profile, u_start, correlation, unit)
-        mirrored = across_zero(profile, u_hat, lambda: value, series, correlation.continuous)  # a second minimum
-        if mirrored is not None:
-            u_hat, interval, value, (beta, r, pwrss, logdet) = search_phi(profile, mirrored, correlation, unit)
+        u_hat, interval, value, (beta, r, pwrss, logdet) = search_phi(profile, u_start, correlation, unit,
+                                                                      series=series)
     r_inverse = np.linalg.inv(r)
     return GLSResult(design=design, structure=correlation, reml=reml, phi=phi_per_unit(u_hat, unit, correlation),
                      phi_interval=interval, objective=value, beta=beta, unscaled_vcov=r_inverse @ r_inverse.T,

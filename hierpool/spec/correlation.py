@@ -191,10 +191,8 @@ def common_step(series: Series) -> int:
     """The greatest common divisor of a corAR1 series' lags (whole steps; 1 where no row has a predecessor).  Where
     it is k > 1 the data tell phi^k only: phi's sign is not identified for an even k (nlme's fit then reports the
     sign its start lies on)."""
-    lags = series.lag[series.previous >= 0]
-    if not lags.size or fractional_step(lags) is not None:
-        return 1
-    return int(np.gcd.reduce(np.round(lags).astype(np.int64)))
+    lags = series.lag[series.previous >= 0]  # whole already (series_of)
+    return int(np.gcd.reduce(lags.astype(np.int64))) if lags.size else 1
 
 
 def _whole_steps(lag: np.ndarray, order: np.ndarray, same: np.ndarray, group: pd.Series, correlation: AR1):
