@@ -26,7 +26,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from .linalg import array_namespace, identity_where_not
+from .linalg import array_namespace, cholesky, identity_where_not
 from .statistics import BatchStatistics
 from .system import fill_in_program, grouped_products
 
@@ -175,14 +175,12 @@ def profile_curvature(hessian: np.ndarray) -> np.ndarray:
     canonical_theta`) leaves it unchanged."""
     hessian = np.asarray(hessian, dtype=float)
     finite = np.all(np.isfinite(hessian), axis=(-2, -1))
-    safe = identity_where_not(finite, hessian)
-    try:  # the stack in one call; only where it fails, matrix by matrix
-        pivots = np.linalg.cholesky(safe)[..., -1, -1]
-        definite = finite
-    except np.linalg.LinAlgError:
-        definite = finite & (np.linalg.eigvalsh(safe)[..., 0] > 0.0)
-        pivots = np.linalg.cholesky(identity_where_not(definite, safe))[..., -1, -1]
-    return np.where(definite & (pivots > 0.0), pivots**2, np.nan)
+    m = hessian.shape[-1]
+    # linalg.cholesky of a stack: NaN for each matrix that is not positive definite, one at rounding's edge
+    # included (eigvalsh's +1e-16 then LAPACK's refusal raised for the whole chunk)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pivots = cholesky(identity_where_not(finite, hessian).reshape(-1, m, m))[:, -1, -1].reshape(finite.shape)
+        return np.where(finite & (pivots > 0.0), pivots**2, np.nan)
 
 
 def clearly_curved(curvature) -> np.ndarray:
