@@ -79,9 +79,12 @@ def test_hp_lmm_of_a_scalar_term_with_weights_leaves_the_higher_of_two_minima(mo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit = hp.lmm("y ~ x + (1 | g)", data, weights="w", reml=False)
+        # the same term's column scaled by 1e4 is searched on its conditioned column (the scan was not, 0.043 above)
+        scaled = hp.lmm("y ~ x + (0 + c | g)", data.assign(c=1e4), weights="w", reml=False)
         monkeypatch.setattr(one_term, "SCALAR_SCAN", np.array([1e3]))  # a scan that finds nothing lower
         stuck = hp.lmm("y ~ x + (1 | g)", data, weights="w", reml=False)
     assert fit.objective == pytest.approx(at_zero, rel=1e-12) and fit.theta[0] == 0.0
+    assert scaled.objective == pytest.approx(at_zero, rel=1e-12)
     assert stuck.objective > at_zero + 0.04
 
 

@@ -139,13 +139,14 @@ class MixedModel:
             one_term_inputs = _one_term_statistics(self.design, host)
             statistics = None if one_term_inputs is None else one_term_inputs[0]
             optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design), statistics=statistics)
-            optimum = self._lowest_of_scan(optimum, reml, control, host, statistics)
+            optimum = self._lowest_of_scan(optimum, self.system, reml, control, host, statistics)
             solution = solve_at(optimum.theta, self.system, reml, host, one_term_inputs)
         else:
             system = build_system(conditioned.design, host=True)
             # far-from-centred columns (why we condition) also sit in X, and the general path's
             # criterion keeps ~10x less rounding noise there than the one-term statistics' X^T X
             inner = optimize_theta(system, reml, control, start=moment_start(conditioned.design))
+            inner = self._lowest_of_scan(inner, system, reml, control, True, None)  # on the conditioned columns too
             theta = conditioned.theta_to_user(inner.theta)
             optimum = replace(inner, theta=theta)
             solution = conditioned.solution_to_user(solve_at(inner.theta, system, reml, host), theta)
@@ -154,10 +155,11 @@ class MixedModel:
         return LMMResult(self.design, self.system, solution, optimum, reml, host)
 
 
-    def _lowest_of_scan(self, optimum, reml: bool, control, host: bool, statistics):
+    def _lowest_of_scan(self, optimum, system, reml: bool, control, host: bool, statistics):
         """``optimum``, or for one scalar term with prior weights, the search again from the lowest point of the
         criterion's scan where that is lower (:func:`hierpool.algebra.one_term.scan_restarts`: its ML criterion
-        can have two minima, and the search stopped at the higher, 0.043 above, converged), the lower of the two."""
+        can have two minima, and the search stopped at the higher, 0.043 above, converged), the lower of the two;
+        on ``system``, the user's or the conditioned columns' (a scaled term's search stopped 0.043 above too)."""
         terms = self.design.terms
         if len(terms) != 1 or terms[0].k != 1 or self.design.weights is None:  # prior weights or known sds
             return optimum
@@ -165,13 +167,13 @@ class MixedModel:
         if statistics is not None and host:  # the one-term criterion at every point at once, as the batch's scan
             with np.errstate(all="ignore"):
                 values = np.asarray(one_term.objective(scan[:, None], statistics, reml,
-                                                       self.system.layout.sigma_known), dtype=float)[:, None]
+                                                       system.layout.sigma_known), dtype=float)[:, None]
         else:
-            values = np.array([[criterion_value(np.array([t]), self.system, reml, host)] for t in scan])
+            values = np.array([[criterion_value(np.array([t]), system, reml, host)] for t in scan])
         restart, theta = one_term.scan_restarts(values, np.array([optimum.objective]))
         if not restart[0]:
             return optimum
-        again = optimize_theta(self.system, reml, control, start=theta[0], statistics=statistics)
+        again = optimize_theta(system, reml, control, start=theta[0], statistics=statistics)
         return again if again.objective < optimum.objective else optimum
 
 
