@@ -677,7 +677,8 @@ def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset) -> di
     if len(first) == REFUSED_IN_A_ROW and all(refusal([label]) for label in first):
         return {}  # a mistake common to every dataset: one error
     refused = {}
-    pending = [labels]
+    half = len(labels) // 2  # the whole frame's design raised already: its halves first (one label: its reason)
+    pending = [labels[half:], labels[:half]] if half else [labels]
     while pending:
         members = pending.pop()
         reason = refusal(members)
