@@ -851,3 +851,21 @@ def test_a_float32_batch_without_fixed_effects_fits():
     single = hp.fit_batch("y ~ 0 + (1 | g)", frames, progress=False)
     half = hp.fit_batch("y ~ 0 + (1 | g)", frames, dtype="float32", progress=False)
     np.testing.assert_allclose(half.objective, single.objective, rtol=1e-5)
+    # known residual sds too; and the one-term criterion itself keeps float32 (a float64 zero log|R_X| and NumPy's
+    # float64 log(2 pi) promoted it; the Newton loop's casts hid that)
+    known = [frame.assign(s=0.8) for frame in frames]
+    np.testing.assert_allclose(hp.fit_batch("y ~ 0 + (1 | g)", known, se="s", dtype="float32", progress=False).objective,
+                               hp.fit_batch("y ~ 0 + (1 | g)", known, se="s", progress=False).objective, rtol=1e-5)
+    from hierpool.algebra import one_term
+    from hierpool.algebra.statistics import BatchStatistics
+
+    f32 = np.float32
+    for p in (0, 1):
+        stats = BatchStatistics(ztz=np.ones((2, 4, 1, 1), f32), ztx=np.ones((2, 4, 1, p), f32),
+                                zty=np.ones((2, 4, 1), f32), xtx=np.tile(5 * np.eye(p, dtype=f32), (2, 1, 1)),
+                                xty=np.ones((2, p), f32), yty=np.full(2, 20, f32), n=np.full(2, 10, f32),
+                                log_weights=np.zeros(2, f32), beta_shift=np.zeros((2, p)))
+        for reml in (True, False):
+            for sigma_known in (False, True):
+                value = one_term.objective(np.ones((2, 1), f32), stats, reml, sigma_known)
+                assert value.dtype == f32, (p, reml, sigma_known)

@@ -29,6 +29,7 @@ profiled out, theta holds absolute sds, and
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,10 @@ from .linalg import (
     tri_inverse,
 )
 from .system import MixedModelSystem, dense_coupling, dense_coupling_pays, grid_coupling
+
+#: log(2 pi) as a Python float, which takes the dtype of what it meets (NumPy's float64 scalar promoted a float32
+#: batch's criterion with known residual sds to float64).
+LOG_2PI = math.log(2.0 * math.pi)
 
 #: Term-0 blocks (levels x datasets) up to which the host forms T0^T A00_l T0 by two matrix products (k0 >= 2; the
 #: criterion's blocks of at most term0_entries.MAX_K0 coefficients are written out entry by entry instead):
@@ -428,7 +433,7 @@ def profiled_criterion(logdet_lz, logdet_rx, pwrss, n, p: int, log_weights, reml
     dof = n - p if reml else n
     logdet = logdet_lz + logdet_rx if reml else logdet_lz
     if sigma_known:
-        return logdet + pwrss + dof * np.log(2 * np.pi) - log_weights
+        return logdet + pwrss + dof * LOG_2PI - log_weights
     xp = array_namespace(pwrss)
     return logdet + dof * (1.0 + xp.log(2 * np.pi * pwrss / dof)) - log_weights
 

@@ -79,7 +79,7 @@ def _profiled(theta, stats):
     logdet_z = 2 * sum_of(xp.sum(xp.log(chol[i][i]), axis=-1) for i in range(k))
     p = chol_x.shape[-1]
     if p <= UNROLL_MAX_SIZE:  # static slices: the gradient of a diagonal (a gather) is a scatter
-        logdet_x = 2 * sum_of(xp.log(chol_x[..., i, i]) for i in range(p)) if p else xp.zeros(chol_x.shape[:-2])
+        logdet_x = 2 * sum_of(xp.log(chol_x[..., i, i]) for i in range(p)) if p else xp.zeros(chol_x.shape[:-2], dtype=chol_x.dtype)
     else:
         logdet_x = 2 * xp.sum(xp.log(xp.diagonal(chol_x, axis1=-2, axis2=-1)), axis=-1)
     return lam, chol, cz, cx, chol_x_inv, r, pwrss, logdet_z, logdet_x

@@ -585,10 +585,7 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
         scale = _curvature_scale(curvature, jnp)
         trials = theta[None, :] + step_lengths[:, None] * step[None, :]
         values, gradients, hessians, *trial_aux = _probe(value_and_grad, trials, fd_width, has_aux)
-        # in theta's dtype: a float32 batch without fixed effects had a float64 criterion (its statistics' float64
-        # parts), which the loop's carry refused with a JAX error
-        values = jnp.where(jnp.isfinite(values), values, jnp.inf).astype(theta.dtype)
-        gradients, hessians = gradients.astype(theta.dtype), hessians.astype(theta.dtype)
+        values = jnp.where(jnp.isfinite(values), values, jnp.inf)
         best = jnp.argmin(values)
         improved = values[best] < value
         keep = lambda new, old: jnp.where(improved, new, old)  # noqa: E731
