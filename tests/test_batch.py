@@ -854,8 +854,9 @@ def test_a_float32_batch_without_fixed_effects_fits():
     # known residual sds too; and the one-term criterion itself keeps float32 (a float64 zero log|R_X| and NumPy's
     # float64 log(2 pi) promoted it; the Newton loop's casts hid that)
     known = [frame.assign(s=0.8) for frame in frames]
-    np.testing.assert_allclose(hp.fit_batch("y ~ 0 + (1 | g)", known, se="s", dtype="float32", progress=False).objective,
-                               hp.fit_batch("y ~ 0 + (1 | g)", known, se="s", progress=False).objective, rtol=1e-5)
+    known_32 = hp.fit_batch("y ~ 0 + (1 | g)", known, se="s", dtype="float32", progress=False)
+    np.testing.assert_allclose(known_32.objective, hp.fit_batch("y ~ 0 + (1 | g)", known, se="s", progress=False).objective,
+                               rtol=1e-5)
     from hierpool.algebra import one_term
     from hierpool.algebra.statistics import BatchStatistics
 
