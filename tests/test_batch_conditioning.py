@@ -138,10 +138,11 @@ def test_a_column_aliased_on_the_users_scale_is_refused_though_conditioning_woul
 
 @pytest.mark.parametrize("model", ["one term", "two terms", "ar1"])
 def test_a_fixed_effect_far_from_centred_is_fitted_on_its_centred_column(model):
-    """x = 200,000 + z is the model of z: REML's criterion too (A = [[1, -2e5], [0, 1]] has determinant 1).  The
-    linear batch paths lost digits in X'X there (a search stopped short and every such dataset was refitted alone,
-    the AR(1) path's refit 5e-8 off); they now condition X as a GLMM batch does, REML's log |X' V^-1 X| mapped
-    back by 2 log |det A| (checked by the second dataset's column, scaled by 0.1)."""
+    """x = 200,000 + z is the model of z: REML's criterion too (X = [1, z] B, B = [[1, 2e5], [0, 1]] of determinant
+    1; the batch's conditioning transform also scales the column, which the criterion maps back).  The linear batch
+    paths lost digits in X'X there (a search stopped short and every such dataset was refitted alone, the AR(1)
+    path's refit 5e-8 off); they now condition X as a GLMM batch does, REML's log |X' V^-1 X| mapped back by
+    2 log |det A| (checked by the second dataset's column, scaled by 0.1), and the covariance of beta by A."""
     formula, kwargs = {"one term": ("y ~ x + (1 | a)", {}), "two terms": ("y ~ x + (1 | a) + (1 | t)", {}),
                        "ar1": ("y ~ x + (1 | a)", {"correlation": hp.ar1("s", "t")})}[model]
     data = _groups(4)
@@ -153,3 +154,4 @@ def test_a_fixed_effect_far_from_centred_is_fitted_on_its_centred_column(model):
         # REML: X = X_centred B with det B = scale, so log |X' V^-1 X| moves by 2 log scale
         assert batch.objective.iloc[d] == pytest.approx(centred.objective + 2.0 * np.log(scale), rel=1e-10)
         assert batch.beta[d][1] == pytest.approx(centred.fixef["x"] / scale, rel=1e-7)
+        assert batch.beta_se[d][1] == pytest.approx(centred.fixef_se["x"] / scale, rel=1e-6)

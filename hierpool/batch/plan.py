@@ -58,6 +58,7 @@ from ..algebra.search import HOST_CHUNK_BYTES
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
 from ..spec.design import (
+    READABLE_KINDS,
     Design,
     RandomEffectTerm,
     aliased_within,
@@ -173,28 +174,24 @@ def column_kind(column: pd.Series) -> str | None:
     return value_kind(column) if len(column) else None
 
 
-#: Which kind is kept where two kinds the formula reads are as common (an order that does not depend on the datasets').
-KIND_PREFERENCE = ("numbers", "true/false values", "text or categories")
-
-
 def kind_conflicts(items: list[tuple], columns) -> dict:
     """Per dataset label, why it is set aside: a column of ``columns`` holds Python objects in it, which its single
     fit refuses (:func:`~hierpool.spec.design.check_value_types`), or another kind of value (:func:`column_kind`)
-    than in most of the other datasets (where two kinds are as common, the first of :data:`KIND_PREFERENCE` is
-    kept: never the order of the datasets).  Stacked, the kinds made one column that the whole batch's formula
-    refused, naming neither the column nor the dataset."""
+    than in most of the other datasets (where two kinds are as common, the first in
+    :data:`~hierpool.spec.design.READABLE_KINDS` is kept: never the order of the datasets).  Stacked, the kinds made
+    one column that the whole batch's formula refused, naming neither the column nor the dataset."""
     reasons = {}
     for name in columns:
         kinds = {label: column_kind(frame[name]) for label, frame in items if name in frame.columns}
         kinds = {label: kind for label, kind in kinds.items() if kind is not None}
         for label, kind in kinds.items():
-            if kind.startswith("Python objects") and label not in reasons:
+            if kind not in READABLE_KINDS and label not in reasons:
                 reasons[label] = (f"column {name!r} holds {kind} in this dataset, which the formula cannot read: "
                                   "convert it (pd.to_numeric, or .astype(str) for a factor)")
-        counts = collections.Counter(kind for kind in kinds.values() if not kind.startswith("Python objects"))
+        counts = collections.Counter(kind for kind in kinds.values() if kind in READABLE_KINDS)
         if len(counts) < 2:
             continue
-        usual = max(counts, key=lambda kind: (counts[kind], -KIND_PREFERENCE.index(kind)))
+        usual = max(counts, key=lambda kind: (counts[kind], -READABLE_KINDS.index(kind)))
         n_usual = counts[usual]
         for label, kind in kinds.items():
             if kind != usual and label not in reasons:

@@ -493,7 +493,7 @@ def newton_polish(evaluate, hessian_at, theta: np.ndarray, lower: np.ndarray, ro
     return theta
 
 
-def _restart_from_boundary(evaluate, result, lower, bounds, options, max_rounds: int, ks: tuple[int, ...] = ()):
+def _restart_from_boundary(evaluate, result, lower, bounds, options, max_rounds: int, ks: tuple[int, ...]):
     """Leave a boundary optimum when an interior one is better.
 
     When a diagonal element of some T_j ends at 0, the boundary point can be a

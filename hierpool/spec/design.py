@@ -242,6 +242,10 @@ def _drop_missing(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return frame, n_missing
 
 
+#: The kinds of :func:`value_kind` the formula reads, in the order a batch keeps them where two are as common.
+READABLE_KINDS = ("numbers", "true/false values", "text or categories")
+
+
 def value_kind(column: pd.Series) -> str:
     """How the formula reads ``column``'s values: "true/false values", "numbers", "text or categories", or for
     anything else (an ``object`` column of numbers, or of numbers and text mixed) "Python objects (their types)",
@@ -265,7 +269,7 @@ def check_value_types(frame: pd.DataFrame, names) -> None:
     for name in names:
         column = frame[name]
         kind = value_kind(column)
-        if kind.startswith("Python objects"):
+        if kind not in READABLE_KINDS:
             raise DataError(f"column {name!r} (dtype {column.dtype}) holds {kind}: a column the formula reads must "
                             "be numbers, or text or categories for a factor; convert it (pd.to_numeric, or "
                             ".astype(str))")
