@@ -251,6 +251,10 @@ def test_an_empty_dataset_a_column_of_another_kind_and_an_infinite_response_keep
     assert batch.objective[["empty", "text"]].isna().all() and not batch.converged[["empty", "text"]].any()
     single = _quiet(hp.lmm, formula, frame, adjacency=AREAS)
     assert batch.objective["a"] == batch.objective["b"] == pytest.approx(single.objective, rel=1e-12)
+    # numbers outvoted by text in the response: fitted, the text refused in its rows (the whole batch raised)
+    text = frame.assign(y=frame["y"].astype(str))
+    batch = _quiet(hp.fit_batch, formula, [text, frame, text], adjacency=AREAS, progress=False)
+    assert batch.objective[1] == single.objective and batch.messages[[0, 2]].str.startswith("response 'y'").all()
 
 
 def test_adaptive_quadrature_fits_each_dataset_alone():

@@ -184,6 +184,20 @@ def test_a_column_of_another_kind_in_one_dataset_is_refused_in_its_row():
     assert not hp.fit_batch(LINEAR, factors, by="rep", progress=False).messages.any()
 
 
+def test_numbers_among_text_responses_are_fitted_and_the_text_refused():
+    # most datasets held text in the response: the one of numbers was outvoted, and the text ones' design then
+    # refused the whole batch ("response 'y' must be numeric"), the good dataset with it
+    frames = [_gaussian(seed) for seed in range(4)]
+    frames = [frame if k == 1 else frame.assign(y=frame["y"].astype(str)) for k, frame in enumerate(frames)]
+    batch = hp.fit_batch(LINEAR, frames, by="rep", progress=False)
+    for d in (0, 2, 3):
+        _assert_refused(batch, d, _single_refusal(hp.lmm, LINEAR, frames[d]))
+    assert batch.objective.iloc[1] == pytest.approx(hp.lmm(LINEAR, frames[1]).objective, rel=1e-10)
+    # text in every dataset is still the one error it was
+    with pytest.raises(hp.DataError, match="response 'y' must be numeric"):
+        hp.fit_batch(LINEAR, [frames[0], frames[2]], by="rep", progress=False)
+
+
 @pytest.mark.parametrize("family", [None, "poisson"])
 def test_a_covariate_of_large_mean_is_kept_as_hp_lmm_keeps_it(family):
     # the rank of each dataset's X'X from its eigenvalues said 1 of 2 for x = 20,000 + z (below eps times the

@@ -48,16 +48,14 @@ from ..spec.design import build_design
 from ..spec.formula import has_spatial_term
 from .plan import (
     EMPTY_DATASET,
-    build_or_refuse,
     dataset_arguments,
     dataset_labels_of,
     host_chunk,
     label_codes,
-    long_frame,
     progress_bar,
     refuse_stateful,
-    row_argument,
     rows_by_code,
+    stacked_design,
     value_columns,
 )
 from .results import BatchResult, BatchTerm
@@ -170,7 +168,7 @@ class EachModel:
         Each row's dataset code, and every dataset's label (:func:`~hierpool.batch.plan.dataset_labels_of`).
     refusals : tuple of str
         Per dataset, why it is not fitted ("" where it is): an empty frame, or a column of another kind than in
-        the other datasets (:func:`~hierpool.batch.plan.long_frame`).
+        the other datasets, or its kind the single fit cannot read (:func:`~hierpool.batch.plan.stacked_design`).
     """
 
     frame: pd.DataFrame
@@ -225,10 +223,7 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
     from ..spec.spatial import spatial_design  # SciPy's sparse algebra: loaded only for these models
 
     refuse_stateful(formula, caller, "hp.bayes" if caller == "bayes_batch" else "hp.glmm" if spec else "hp.lmm")
-    frame, set_aside = long_frame(data, by, value_columns(formula, spec, weights, offset, se))
-    weights, offset = row_argument(weights, "weights", data, frame), row_argument(offset, "offset", data, frame)
-    frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)  # positions as labels: the user's frame untouched
-    labels = dataset_labels_of(data, frame, by)  # every dataset passed, one with no rows too
+    columns = value_columns(formula, spec, weights, offset, se)
     relationship = relmat is not None or relmat_inverse is not None
     if relationship:
         from ..closedform.relmat import check_design
@@ -248,8 +243,8 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
         def build(rows, arguments):
             return spatial_design(formula, rows, adjacency, family=spec, **arguments)
     # one dataset's data the single fit refuses (a negative count) is refused in its row, not the batch
-    built, frame, weights, offset, refused = build_or_refuse(build, frame, by, weights, offset)
-    set_aside = {**set_aside, **refused}
+    built, frame, weights, offset, set_aside = stacked_design(data, by, columns, build, weights, offset)
+    labels = dataset_labels_of(data, by)  # every dataset passed, one with no rows too
     arguments = {"weights": weights, "offset": offset}
     codes = label_codes(labels, frame[by], by)
     items = None if isinstance(data, pd.DataFrame) else data

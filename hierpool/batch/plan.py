@@ -129,15 +129,16 @@ def host_chunk_length(count: int, most: int, workers: int) -> int:
     return max(1, math.ceil(count / calls))
 
 
-def long_frame(data, by: str, columns=()) -> tuple[pd.DataFrame, dict]:
-    """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked), and the datasets
-    set aside (label -> why): where a column of ``columns`` (:attr:`~hierpool.spec.formula.ModelSpec.values`) is
-    stacked from values of several kinds, the datasets with Python objects in it or whose kind is not most datasets'
-    (:func:`kind_conflicts`) are left out of the frame, to be refused in their rows."""
+def long_frame(data, by: str, columns=()) -> tuple[pd.DataFrame, dict, set]:
+    """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked), the datasets
+    set aside (label -> why) and which of those were outvoted: where a column of ``columns``
+    (:attr:`~hierpool.spec.formula.ModelSpec.values`) is stacked from values of several kinds, the datasets with
+    Python objects in it or whose kind is not most datasets' (:func:`kind_conflicts`; the latter outvoted) are left
+    out of the frame, to be refused in their rows."""
     if isinstance(data, pd.DataFrame):
         if not isinstance(by, str) or by not in data.columns:
             raise DataError(f"by={by!r} is not a column of the data (columns: {list(data.columns)})")
-        return data, {}
+        return data, {}, set()
     if isinstance(data, dict):
         items = list(data.items())
     elif isinstance(data, (list, tuple)):
@@ -157,14 +158,14 @@ def long_frame(data, by: str, columns=()) -> tuple[pd.DataFrame, dict]:
     mixed = [name for name in columns if name in frame.columns and frame[name].dtype == object
              and not pd.api.types.is_string_dtype(frame[name])]
     if not mixed:
-        return frame, {}
-    set_aside = kind_conflicts(items, mixed)
+        return frame, {}, set()
+    set_aside, outvoted = kind_conflicts(items, mixed)
     if len(set_aside) == len(items):  # each outvoted on some column: no dataset left to fit
         raise DataError("no dataset is left to fit: " + "; ".join(f"dataset {label!r}: {reason}"
                                                                   for label, reason in list(set_aside.items())[:3]))
     frame = frame[~frame[by].isin(list(set_aside))].reset_index(drop=True)
     # the kept kind's dtype (numbers stacked with a dataset's all-missing object column are floats again)
-    return frame.assign(**{name: frame[name].infer_objects() for name in mixed}), set_aside
+    return frame.assign(**{name: frame[name].infer_objects() for name in mixed}), set_aside, outvoted
 
 
 def column_kind(column: pd.Series) -> str | None:
@@ -174,13 +175,13 @@ def column_kind(column: pd.Series) -> str | None:
     return value_kind(column) if len(column) else None
 
 
-def kind_conflicts(items: list[tuple], columns) -> dict:
-    """Per dataset label, why it is set aside: a column of ``columns`` holds Python objects in it, which its single
-    fit refuses (:func:`~hierpool.spec.design.check_value_types`), or another kind of value (:func:`column_kind`)
+def kind_conflicts(items: list[tuple], columns) -> tuple[dict, set]:
+    """(per dataset label, why it is set aside; the labels outvoted): a column of ``columns`` holds Python objects
+    in it, which its single fit refuses (:func:`~hierpool.spec.design.check_value_types`), or another kind of value (:func:`column_kind`)
     than in most of the other datasets (where two kinds are as common, the first in
     :data:`~hierpool.spec.design.READABLE_KINDS` is kept: never the order of the datasets).  Stacked, the kinds made
     one column that the whole batch's formula refused, naming neither the column nor the dataset."""
-    reasons = {}
+    reasons, outvoted = {}, set()
     for name in columns:
         kinds = {label: column_kind(frame[name]) for label, frame in items if name in frame.columns}
         kinds = {label: kind for label, kind in kinds.items() if kind is not None}
@@ -198,7 +199,8 @@ def kind_conflicts(items: list[tuple], columns) -> dict:
                 others = f"{n_usual} other dataset" + ("s" if n_usual > 1 else "")
                 reasons[label] = (f"column {name!r} holds {kind} in this dataset but {usual} in {others}: one model "
                                   "is fitted to every dataset; convert the column")
-    return reasons
+                outvoted.add(label)
+    return reasons, outvoted
 
 
 def bucket_width(n_levels: np.ndarray) -> np.ndarray:
@@ -496,15 +498,15 @@ def check_labelled(labels: pd.Series, by: str) -> None:
         raise DataError(f"column {by!r} has missing values: every row must name its dataset")
 
 
-def dataset_labels_of(data, frame: pd.DataFrame, by: str) -> pd.Index:
+def dataset_labels_of(data, by: str) -> pd.Index:
     """Every dataset's label, in order: a list's positions or a dict's keys, or (``data`` one DataFrame) the ``by``
-    column's values in order of first appearance over all of ``frame``'s rows (the long frame).
+    column's values in order of first appearance over all its rows.
 
     Not the labels of the rows a design keeps: a dataset with none left (an empty frame, a column it lacks, a
-    response all missing) then vanished from the result, and the datasets after it moved up a row.
+    response all missing, one refused) then vanished from the result, and the datasets after it moved up a row.
     """
     if isinstance(data, pd.DataFrame):
-        return pd.Index(pd.unique(frame[by].dropna()), name=by)  # a missing label is refused where its row is kept
+        return pd.Index(pd.unique(data[by].dropna()), name=by)  # a missing label is refused where its row is kept
     return pd.Index(list(data.keys()) if isinstance(data, dict) else list(range(len(data))), name=by,
                     tupleize_cols=False)
 
@@ -707,6 +709,35 @@ def build_or_refuse(build, frame: pd.DataFrame, by: str, weights, offset):
     return build(frame, {"weights": weights, "offset": offset}), frame, weights, offset, refused
 
 
+def stacked_design(data, by: str, columns, build, weights, offset):
+    """(``build(frame, arguments)`` on the datasets stacked, the long frame, weights and offset it was built on, the
+    datasets set aside: label -> why): :func:`long_frame` (``columns`` the values whose kinds must agree), then
+    :func:`build_or_refuse`.
+
+    Where the kind most datasets hold in a column is one the single fit cannot read there (text in a Gaussian
+    response) the kept datasets' design raises as a whole: the outvoted datasets (another kind) are then stacked and
+    built alone, and the others refused with that error (the long frame's: the error common to their designs, as
+    :func:`refused_datasets` found).  A dataset of numbers among text responses refused the whole batch."""
+    frame, set_aside, outvoted = long_frame(data, by, columns)
+    weights, offset = row_argument(weights, "weights", data, frame), row_argument(offset, "offset", data, frame)
+    frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)  # positions as labels: the user's frame untouched
+    try:
+        built, frame, weights, offset, refused = build_or_refuse(build, frame, by, weights, offset)
+    except DataError as error:
+        if not outvoted:
+            raise
+        labels = data.keys() if isinstance(data, dict) else range(len(data))
+        try:  # (weights and offset are column names here: arrays need one DataFrame, which has no kinds to vote)
+            built, frame, weights, offset, rest = stacked_design({label: data[label] for label in outvoted}, by,
+                                                                 columns, build, weights, offset)
+        except DataError:
+            raise error from None
+        refused = {label: str(error) for label in labels if label not in set_aside}
+        return built, frame, weights, offset, {**refused, **{label: reason for label, reason in set_aside.items()
+                                                             if label not in outvoted}, **rest}
+    return built, frame, weights, offset, {**set_aside, **refused}
+
+
 def value_columns(formula: str, family, weights, offset, se) -> tuple[str, ...]:
     """The columns a batch reads as values, whose kind must agree across datasets (:func:`kind_conflicts`):
     the formula's (:attr:`~hierpool.spec.formula.ModelSpec.values`) and the weights, offset and se columns named."""
@@ -740,19 +771,13 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     """
     # (a formula with spatial terms, or a relationship matrix, is fitted dataset by dataset: fit_each, not here)
     refuse_stateful(formula, caller, single)
-    frame, set_aside = long_frame(data, by, value_columns(formula, family, weights, offset, se))
-    weights = row_argument(weights, "weights", data, frame)
-    offset = row_argument(offset, "offset", data, frame)
     if se is not None and not isinstance(se, str):
         raise ArgumentError(f"se must be the name of the column of known residual sds, got {type(se).__name__}")
-    # positions as labels (the user's frame is not modified): a dataset's rows are then found by position
-    frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)
-    dataset_labels = dataset_labels_of(data, frame, by)  # every dataset's, one refused below too
     # one dataset's data the single fit refuses (a negative count) is refused in its row, not the batch
-    design, frame, weights, offset, refused = build_or_refuse(
-        lambda rows, arguments: build_design(formula, rows, se=se, family=family, **arguments),
-        frame, by, weights, offset)
-    set_aside = {**set_aside, **refused}
+    design, frame, weights, offset, set_aside = stacked_design(
+        data, by, value_columns(formula, family, weights, offset, se),
+        lambda rows, arguments: build_design(formula, rows, se=se, family=family, **arguments), weights, offset)
+    dataset_labels = dataset_labels_of(data, by)  # every dataset's, one refused too
     # the long frame's model frame would be held for the whole batch run: the plan keeps the frame itself
     design = replace(design, frame=None)
     if one_term and len(design.terms) != 1:
