@@ -374,8 +374,9 @@ def _off_the_saddle(find_mode: ModeFinder, family: Family, optimum: GLMMOptimum,
     small projected gradient, can stop next to such a saddle (Bernoulli ``(1 | subj) + (1 + x | item)``, 30 x 20:
     6 of 40 datasets stopped with the slope's t near 2e-5, their deviance up to 0.40 above glmer's optimum, and the
     fit reported singular; benchmarks/RESULTS.md, twenty-fifth session).  Where the final Hessian's curvature in
-    such a t (at most :data:`BOUNDARY_NEAR`) is negative, t is set to :data:`THETA_STEP` and the stage run again
-    from there; a true zero variance has positive curvature there and is left as it is.
+    such a t (at most :data:`BOUNDARY_NEAR`) is negative, t is set to the lowest point along it
+    (:func:`_saddle_restart`) and the stage run again from there (:func:`_restart_stage`); a true zero variance has
+    positive curvature there and is left as it is.
     """
     if optimum.hessian is None:
         return optimum
@@ -386,10 +387,7 @@ def _off_the_saddle(find_mode: ModeFinder, family: Family, optimum: GLMMOptimum,
         return optimum
     at_shape = replace(family, shape=optimum.shape) if estimate_shape else family
     theta = _saddle_restart(find_mode, at_shape, optimum, saddle)
-    again = _gradient_stage(find_mode, at_shape, np.concatenate([theta, optimum.beta]), lower,
-                            optimum.evaluations[0], optimum.mode.u, derivatives, estimate_shape)
-    evaluations = (optimum.evaluations[0], optimum.evaluations[-1] + again.evaluations[-1])
-    return replace(again if again.deviance < optimum.deviance else optimum, evaluations=evaluations)
+    return _restart_stage(find_mode, family, optimum, lower, derivatives, estimate_shape, [theta])
 
 
 def _off_the_boundary(find_mode: ModeFinder, family: Family, optimum: GLMMOptimum, lower, derivatives: bool,
@@ -408,18 +406,31 @@ def _off_the_face(find_mode: ModeFinder, family: Family, optimum: GLMMOptimum, l
     +-1 that ``hp.fit_batch`` found (the reviewer's sweep: Poisson and binomial ``(1 + x | g)``, ``(1 + x + x2 |
     g)``), reported converged."""
     probes = full_rank_probes(optimum.theta, tuple(t.k for t in find_mode.design.terms))
-    if not probes:
+    return _restart_stage(find_mode, family, optimum, lower, derivatives, estimate_shape, probes)
+
+
+#: A restart of the gradient stage is kept where its deviance is this much (relative) below the optimum's: not for
+#: a rounding's gain (:func:`_restart_stage`).
+RESTART_GAIN = 1e-10
+
+
+def _restart_stage(find_mode: ModeFinder, family: Family, optimum: GLMMOptimum, lower, derivatives: bool,
+                   estimate_shape: bool, starts) -> GLMMOptimum:
+    """The gradient stage run again from each theta of ``starts`` (``optimum``'s beta, conditional modes and shape
+    held as its start), the lowest deviance kept (a restart only :data:`RESTART_GAIN` below or more), the
+    evaluations of every run counted.  A start where PIRLS fails is passed over: the others remain."""
+    if not len(starts):
         return optimum
     at_shape = replace(family, shape=optimum.shape) if estimate_shape else family
     best, evaluations = optimum, optimum.evaluations[-1]
-    for theta in probes:
+    for theta in starts:
         try:
             again = _gradient_stage(find_mode, at_shape, np.concatenate([theta, optimum.beta]), lower,
                                     optimum.evaluations[0], optimum.mode.u, derivatives, estimate_shape)
-        except (np.linalg.LinAlgError, ConvergenceError):  # a probe where PIRLS fails: the others remain
+        except (np.linalg.LinAlgError, ConvergenceError):
             continue
         evaluations += again.evaluations[-1]
-        if again.deviance < best.deviance - 1e-10 * abs(best.deviance):
+        if again.deviance < best.deviance - RESTART_GAIN * abs(best.deviance):
             best = again
     return replace(best, evaluations=(optimum.evaluations[0], evaluations))
 
