@@ -214,6 +214,17 @@ def solution(theta: jax.Array, stats, reml: bool = True, sigma_known: bool = Fal
 SCALAR_SCAN = np.concatenate([[0.0], np.geomspace(1e-3, 1e2, 31)])
 
 
+def scan_values(stats, reml: bool, sigma_known: bool = False) -> np.ndarray:
+    """The one-term criterion (:func:`objective`) at every point of :data:`SCALAR_SCAN` at once, (points, rows) in
+    float64 on the host: ``stats`` one dataset's statistics (one row) or a stack's (leading axis datasets).
+    Non-finite values are kept (:func:`scan_restarts` ignores them)."""
+    rows = np.shape(stats.n)
+    grid = np.broadcast_to(SCALAR_SCAN.reshape((-1,) + (1,) * len(rows) + (1,)), (SCALAR_SCAN.size, *rows, 1))
+    with np.errstate(all="ignore"):  # every point at once (leading axes of theta)
+        values = np.asarray(objective(grid, stats, reml, sigma_known), dtype=float)
+    return values.reshape(SCALAR_SCAN.size, -1)
+
+
 def scan_restarts(values: np.ndarray, found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(which rows, their theta (rows, 1)) to search again from: where a point of :data:`SCALAR_SCAN` is lower than
     a row's optimum ``found`` (rows,) by more than 1e-6 relative, the lowest point.  ``values``: the criterion at

@@ -500,12 +500,8 @@ def _from_scan(optimized, stats, optimize, chunk, reml: bool, sigma_known: bool,
     then end lower.  (3 of 60 datasets with weights 10^U(-2, 2), 12 of 60 at 10^U(-4, 4), ML, ended 0.5-54 above
     ``hp.lmm``'s fit.)  The scan costs 32 evaluations of the one-term criterion per dataset, on the host."""
     found = fetch(optimized)
-    scan = one_term.SCALAR_SCAN
-    grid = np.broadcast_to(scan[:, None, None], (scan.size, len(found["objective"]), 1))
-    with np.errstate(all="ignore"):  # every point at once (leading axes of theta)
-        values = np.asarray(one_term.objective(grid, stats, reml, sigma_known), dtype=float)
     objective = np.asarray(found["objective"], dtype=float)
-    restart, theta = one_term.scan_restarts(values, objective)
+    restart, theta = one_term.scan_restarts(one_term.scan_values(stats, reml, sigma_known), objective)
     if not restart.any():
         return optimized
     start = np.where(restart[:, None], theta, found["theta"]).astype(float_type)

@@ -163,13 +163,10 @@ class MixedModel:
         terms = self.design.terms
         if len(terms) != 1 or terms[0].k != 1 or self.design.weights is None:  # prior weights or known sds
             return optimum
-        scan = one_term.SCALAR_SCAN
         if statistics is not None and host:  # the one-term criterion at every point at once, as the batch's scan
-            with np.errstate(all="ignore"):
-                values = np.asarray(one_term.objective(scan[:, None], statistics, reml,
-                                                       system.layout.sigma_known), dtype=float)[:, None]
+            values = one_term.scan_values(statistics, reml, system.layout.sigma_known)
         else:
-            values = np.array([[criterion_value(np.array([t]), system, reml, host)] for t in scan])
+            values = np.array([[criterion_value(np.array([t]), system, reml, host)] for t in one_term.SCALAR_SCAN])
         restart, theta = one_term.scan_restarts(values, np.array([optimum.objective]))
         if not restart[0]:
             return optimum
