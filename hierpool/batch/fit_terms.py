@@ -81,11 +81,10 @@ def term_problems(plan: BatchPlan, sigma_known: bool | None = None, refusals: bo
     """
     design, n_datasets = plan.design, plan.n_datasets
     sigma_known = design.sigma_known if sigma_known is None else sigma_known
-    p, rank = design.p, plan.fixed_rank
+    aliased = plan.aliased_names()
     messages = [""] * n_datasets
     for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
-        found = dataset_problems(plan.n_obs, n_levels, rank, p, term.k, term.group, sigma_known,
-                                 aliased=plan.aliased_names())
+        found = dataset_problems(plan.n_obs, n_levels, aliased, design.p, term.k, term.group, sigma_known)
         messages = [old or new for old, new in zip(messages, found)]
     if not sigma_known:  # hp.lmm: a factor with as many levels as rows cannot be told from the residual
         for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):

@@ -210,23 +210,22 @@ def bucket_width(n_levels: np.ndarray) -> np.ndarray:
     return 2 ** np.ceil(np.log2(np.maximum(n_levels, 1))).astype(int)
 
 
-def dataset_problems(n_obs, n_levels, rank, p: int, k: int, group: str, sigma_known: bool = False,
-                     aliased=None) -> list[str]:
+def dataset_problems(n_obs, n_levels, aliased, p: int, k: int, group: str, sigma_known: bool = False) -> list[str]:
     """Why each dataset cannot be fitted ("" when it can), from its counts.
 
-    With known residual sds (``sigma_known``) one observation per level is identifiable (a
-    meta-analysis), as ``hp.lmm``'s check allows; the other rules are the same.  ``aliased``: per dataset the
-    names of its aliased fixed-effect columns (:meth:`BatchPlan.aliased_names`), named in its reason.
+    ``aliased``: per dataset the names of its aliased fixed-effect columns (:meth:`BatchPlan.aliased_names`), its
+    rank p less their count, named in its reason.  With known residual sds (``sigma_known``) one observation per
+    level is identifiable (a meta-analysis), as ``hp.lmm``'s check allows; the other rules are the same.
     """
     problems = []
-    for d, (n, ell, r) in enumerate(zip(n_obs, n_levels, rank)):
+    for n, ell, names in zip(n_obs, n_levels, aliased):
         if n == 0:  # why none is left is the plan's to say (BatchPlan.refusals): the counts alone cannot
             problems.append("no rows to fit")
         elif ell < 2:
             problems.append(f"only {ell} level of {group!r}: its variance cannot be estimated")
-        elif r < p:
-            named = f": {', '.join(aliased[d])} zero or aliased with earlier columns here" if aliased is not None else ""
-            problems.append(f"the {p} fixed-effect columns have rank {r} in this dataset{named} (its single fit "
+        elif names:
+            problems.append(f"the {p} fixed-effect columns have rank {p - len(names)} in this dataset: "
+                            f"{', '.join(names)} zero or aliased with earlier columns here (its single fit "
                             "does without them; a batch fits the same columns to every dataset)")
         elif n <= p:
             problems.append(f"{n} observations for {p} fixed effects")
@@ -373,21 +372,13 @@ class BatchPlan:
             return self.user_aliased
         return aliased_within(self.design.X, self.dataset, self.n_datasets)
 
-    @property
-    def fixed_rank(self) -> np.ndarray:
-        """(n_datasets,) the rank of each dataset's fixed-effect columns as ``hp.lmm`` judges it (p less
-        :attr:`fixed_aliased`'s)."""
-        rank = np.full(self.n_datasets, self.design.p)
-        for index, columns in self.fixed_aliased.items():
-            rank[index] -= len(columns)
-        return rank
-
-    def aliased_names(self, members=None) -> list[tuple]:
-        """The names of the aliased fixed-effect columns (:attr:`fixed_aliased`) of each dataset of ``members``
-        (all by default)."""
+    def aliased_names(self, members=None, aliased: dict | None = None) -> list[tuple]:
+        """The names of the aliased fixed-effect columns of each dataset of ``members`` (all by default):
+        ``aliased`` (dataset -> column indices; default :attr:`fixed_aliased`)."""
         names = self.design.fixed_names
         members = range(self.n_datasets) if members is None else members
-        return [tuple(names[j] for j in self.fixed_aliased.get(int(d), ())) for d in members]
+        aliased = self.fixed_aliased if aliased is None else aliased
+        return [tuple(names[j] for j in aliased.get(int(d), ())) for d in members]
 
     def refused(self, index: int, found: str) -> str:
         """Dataset ``index``'s reason not to be fitted: its refusal by the single fit (:attr:`refusals`) where the
@@ -431,15 +422,13 @@ class BatchPlan:
             stats = sufficient_statistics(local, self.level[rows], design.X[rows], term.z[rows], design.y[rows],
                                           len(members), int(bucket), weights=weights, offset=design.offset[rows])
             # X's rank as hp.lmm judges it (plan.fixed_aliased), screened on the statistics' X'X (weighted: none)
+            found = None
             if self.user_aliased is None:
                 gram = None if weights is not None else np.asarray(stats.xtx)
-                found = aliased_within(design.X[rows], local, len(members), gram=gram)
-                aliased = [tuple(design.fixed_names[j] for j in found.get(g, ())) for g in range(len(members))]
-            else:
-                aliased = self.aliased_names(members)
-            rank = design.p - np.array([len(names) for names in aliased], dtype=int)
-            problems = dataset_problems(self.n_obs[members], self.n_levels[members], rank, design.p, term.k,
-                                        term.group, design.sigma_known, aliased=aliased)
+                within = aliased_within(design.X[rows], local, len(members), gram=gram)
+                found = {int(members[g]): columns for g, columns in within.items()}
+            problems = dataset_problems(self.n_obs[members], self.n_levels[members], self.aliased_names(members, found),
+                                        design.p, term.k, term.group, design.sigma_known)
             problems = [self.refused(index, problem) for index, problem in zip(members, problems)]
             for index, problem in zip(members, problems):
                 messages[index] = problem
