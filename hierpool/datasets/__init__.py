@@ -1,9 +1,9 @@
 """Data sets: the embedded default study (simulated in code), the classic tables (shipped CSVs) and areal data."""
 
 from .biomarker import biomarker
-from .classic import dyestuff, eight_schools, pastes, penicillin, radon, sleepstudy
+from .classic import cbpp, dyestuff, eight_schools, pastes, penicillin, radon, sleepstudy
 from .nc_sids import AreaData, nc_sids
 from .replicates import sleepstudy_replicates
 
-__all__ = ["AreaData", "biomarker", "dyestuff", "eight_schools", "nc_sids", "pastes", "penicillin", "radon",
+__all__ = ["AreaData", "biomarker", "cbpp", "dyestuff", "eight_schools", "nc_sids", "pastes", "penicillin", "radon",
            "sleepstudy", "sleepstudy_replicates"]

@@ -1,6 +1,6 @@
 """Classic mixed-model data sets, shipped as small CSV tables (no download).
 
-Sources: lme4 1.1.31 (sleepstudy, Dyestuff, Penicillin, Pastes; Bates et al. 2015),
+Sources: lme4 1.1.31 (sleepstudy, Dyestuff, Penicillin, Pastes, cbpp; Bates et al. 2015),
 HLMdiag (the Minnesota radon survey of Gelman & Hill 2007, ch. 12), and the eight
 schools of Rubin (1981) as printed in Gelman et al., *Bayesian Data Analysis*, table 5.2.
 Grouping columns are strings, so ``(1 | g)`` never sees them as numbers.
@@ -51,6 +51,16 @@ def pastes() -> pd.DataFrame:
     Columns strength, batch, cask, sample (= batch:cask).  Nested: ``strength ~ 1 + (1 | batch/cask)``.
     """
     return _table("pastes", ("batch", "cask", "sample"))
+
+
+def cbpp() -> pd.DataFrame:
+    """Contagious bovine pleuropneumonia: new cases (incidence) among the cattle (size) of 15 herds over 4 periods
+    (lme4's cbpp, 56 rows; Lesnoff et al. 2004).
+
+    Columns herd, incidence, size, period ("1"-"4").  Model:
+    ``hp.glmm("cbind(incidence, size - incidence) ~ period + (1 | herd)", data, family="binomial")``.
+    """
+    return _table("cbpp", ("herd", "period"))
 
 
 def radon() -> pd.DataFrame:
