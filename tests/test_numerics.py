@@ -11,7 +11,7 @@ import scipy.linalg
 from conftest import load, simulated
 
 import hierpool as hp
-from hierpool.algebra.compiler_options import compiler_options
+from hierpool.algebra.compiler_options import compile_lowered
 from hierpool.algebra.linalg import theta_to_factors
 from hierpool.closedform import objective, prediction_covariance
 
@@ -28,7 +28,7 @@ def quick_compiled(jitted, *args, **static):
     """``jitted`` (a ``jax.jit`` function) compiled for ``args`` as hierpool compiles its short-running programs,
     without LLVM's optimization (``compiler_options(quick=True)``): the same XLA program, its numbers equal to
     rounding, compiled in a fraction of the time.  Called with ``args`` alone (``static`` is baked in)."""
-    return jitted.lower(*args, **static).compile(compiler_options(quick=True))
+    return compile_lowered(jitted.lower(*args, **static), quick=True)
 
 
 def dense_model(model, theta):
@@ -427,6 +427,28 @@ def test_a_diagonal_block_lists_each_unordered_pair_once():
     per_level = np.array([len(np.unique(h[g == level])) for level in range(40)])
     (h_h,) = [pairs for key, pairs in zip(system.layout.pair_keys(), system.pairs) if key == (0, 0)]
     assert len(h_h.target) == np.sum(per_level * (per_level + 1) // 2)
+
+
+def test_a_compiler_option_xla_does_not_know_is_dropped_not_fatal(monkeypatch):
+    # jaxlib 0.11 no longer knows xla_cpu_use_fusion_emitters: every compiled program of hierpool failed with
+    # "No such compile option" on a CPU
+    from hierpool.algebra import compiler_options
+
+    monkeypatch.setattr(compiler_options, "CPU_OPTIONS", {"xla_hierpool_no_such_option": False,
+                                                          **compiler_options.CPU_OPTIONS})
+    monkeypatch.setattr(compiler_options, "UNKNOWN_OPTIONS", set())
+    program = compiler_options.compile_lowered(jax.jit(lambda x: 2 * x).lower(jnp.ones(3)), "cpu")
+    np.testing.assert_array_equal(program(jnp.ones(3)), 2.0)
+    assert "xla_hierpool_no_such_option" in compiler_options.UNKNOWN_OPTIONS
+    assert "xla_hierpool_no_such_option" not in compiler_options.compiler_options("cpu")
+
+
+    class Failing:  # another compile error is raised as it is
+        def compile(self, options):
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        compiler_options.compile_lowered(Failing(), "cpu")
 
 
 @pytest.mark.parametrize("on_cpu", [True, False])

@@ -40,6 +40,7 @@ policy, so a long session fitting many shapes does not keep every executable ali
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -55,15 +56,37 @@ CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 CPU_QUICK_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_parallel_codegen_split_count": 1}
 
 
+#: Options the installed XLA has refused as unknown (:func:`compile_lowered`): not passed again in this process.
+UNKNOWN_OPTIONS: set[str] = set()
+_UNKNOWN_OPTION = re.compile(r"No such compile option: '([^']+)'")
+
+
 def compiler_options(platform: str | None = None, quick: bool = False) -> dict:
-    """The ``compiler_options`` for a program that runs on ``platform`` (default: JAX's default backend).
+    """The ``compiler_options`` for a program that runs on ``platform`` (default: JAX's default backend), less
+    those the installed XLA does not know (:data:`UNKNOWN_OPTIONS`).
 
     ``quick``: the program runs for less time than LLVM's optimization of it takes (a small model's NUTS chains).
     """
     platform = jax.default_backend() if platform is None else platform
     if platform != "cpu":
         return {}
-    return {**CPU_OPTIONS, **CPU_QUICK_OPTIONS} if quick else dict(CPU_OPTIONS)
+    options = {**CPU_OPTIONS, **CPU_QUICK_OPTIONS} if quick else dict(CPU_OPTIONS)
+    return {name: value for name, value in options.items() if name not in UNKNOWN_OPTIONS}
+
+
+def compile_lowered(lowered, platform: str | None = None, quick: bool = False):
+    """``lowered.compile`` with :func:`compiler_options`; an option the installed XLA refuses as unknown is dropped
+    (and remembered in :data:`UNKNOWN_OPTIONS`) and the program compiled without it.  XLA's debug options come and
+    go between releases: jaxlib 0.11 no longer knows ``xla_cpu_use_fusion_emitters`` (its fusion emitters are the
+    only ones left), and every compiled program failed with "No such compile option"."""
+    while True:
+        try:
+            return lowered.compile(compiler_options(platform, quick))
+        except Exception as error:  # JAX's runtime error type has changed names between releases
+            unknown = _UNKNOWN_OPTION.search(str(error))
+            if unknown is None or unknown.group(1) in UNKNOWN_OPTIONS:
+                raise
+            UNKNOWN_OPTIONS.add(unknown.group(1))
 
 
 #: Per-evaluation work (flops, :func:`hierpool.algebra.system.evaluation_flops`) from which compiling
@@ -97,8 +120,8 @@ _COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hierpool-compi
 
 
 def compile_in_background(lowered, platform: str | None = None, quick: bool = False) -> Future:
-    """Start compiling a ``jax.stages.Lowered`` with :func:`compiler_options`; the Future gives the executable."""
-    return _COMPILER.submit(lowered.compile, compiler_options(platform, quick))
+    """Start compiling a ``jax.stages.Lowered`` (:func:`compile_lowered`); the Future gives the executable."""
+    return _COMPILER.submit(compile_lowered, lowered, platform, quick)
 
 
 def shape_signature(tree) -> tuple:

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ..algebra.ar1 import per_unit
-from ..algebra.compiler_options import ProgramCache, compiler_options, shape_signature
+from ..algebra.compiler_options import ProgramCache, compile_lowered, shape_signature
 from ..algebra.marginal import theta_from_components
 from ..algebra.one_term_marginal import draw_effects
 from ..algebra.varcorr import coef_pairs
@@ -98,7 +98,7 @@ def _compiled(factory, settings: tuple, seed, chain_ids, args, sharding, quick: 
             data = sharding.spec
             function = jax.shard_map(function, mesh=sharding.mesh, in_specs=(P(), data, data), out_specs=data,
                                      check_vma=False)
-        return jax.jit(function).lower(seed, ids, arrays).compile(compiler_options(platform, quick))
+        return compile_lowered(jax.jit(function).lower(seed, ids, arrays), platform, quick)
 
     return _PROGRAMS.get((factory, settings, shape_signature(args), sharding, quick), build)
 
