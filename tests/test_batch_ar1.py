@@ -394,3 +394,14 @@ def test_a_joint_search_stopped_on_a_flat_profile_is_fitted_alone(replicates, mo
     assert batch.refit.all(), batch.messages.tolist()
     assert all("nearly flat in phi" in message for message in batch.messages), batch.messages.tolist()
     _assert_each_is_its_single_fit(batch, replicates, structure, TERMS)
+
+
+def test_a_batch_warns_once_of_datasets_whose_times_step_by_an_even_multiple(replicates):
+    # hp.lmm and hp.bayes warn that such data tell phi^2, not phi's sign; the batches said nothing
+    frames = [replicates[2].assign(t=replicates[2]["Days"]), replicates[0].assign(t=2 * replicates[0]["Days"])]
+    structure = hp.ar1("Subject", time="t")
+    with pytest.warns(hp.HierpoolWarning, match=r"^1 dataset\(s\) \(1\): the AR\(1\) time column 't' steps by "
+                                                r"multiples of 2 only") as caught:
+        batch = hp.fit_batch(FORMULA, frames, correlation=structure, progress=False)
+    assert sum("multiples of" in str(w.message) for w in caught) == 1
+    assert batch.converged.all()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from functools import partial
 
 import jax
@@ -63,8 +64,8 @@ from ..algebra.search.ar1_systems import host_bytes as terms_host_bytes
 from ..algebra.search.ar1_systems import search_on_host as terms_search_on_host
 from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from ..closedform.ar1 import check_nested
-from ..errors import ArgumentError, DataError
-from ..spec.correlation import AR1, series_of
+from ..errors import ArgumentError, DataError, HierpoolWarning
+from ..spec.correlation import AR1, common_steps, even_step_message, series_of
 from . import host_processes
 from .fit_glmm import BucketRows, bucket_pattern
 from .fit_terms import (
@@ -125,7 +126,7 @@ def batch_series(plan: BatchPlan, structure: AR1):
     try:
         series = series_of(combined, keyed, rows)
         check_nested(plan.design, series, combined)
-        return series, {}
+        return _even_steps_warned(plan, series, structure), {}
     except DataError as error:
         refused = error
     # some dataset's series would be refused: find each one, with hp.lmm's message (its own data, its own names)
@@ -146,7 +147,22 @@ def batch_series(plan: BatchPlan, structure: AR1):
         times = keyed[structure.time].to_numpy(dtype=float, copy=True)
         times[at] = 0.0
         isolated[structure.time] = times
-    return series_of(combined, keyed.assign(**isolated), rows), problems
+    return _even_steps_warned(plan, series_of(combined, keyed.assign(**isolated), rows), structure), problems
+
+
+def _even_steps_warned(plan: BatchPlan, series, structure: AR1):
+    """``series``, after one warning for the datasets whose corAR1 lags are all multiples of an even step (phi's
+    sign not identified: ``hp.lmm`` and ``hp.bayes`` warn of it per dataset, the batch once, counting them)."""
+    if structure.continuous:
+        return series
+    steps = common_steps(series, plan.dataset, plan.n_datasets)
+    even = np.flatnonzero(steps % 2 == 0)
+    if even.size:
+        labels = plan.labels[even[:3]].tolist()  # Python's scalars: their repr is the user's label
+        named = ", ".join(map(repr, labels)) + (", ..." if even.size > 3 else "")
+        warnings.warn(f"{even.size} dataset(s) ({named}): {even_step_message(structure.time, int(steps[even[0]]))}",
+                      HierpoolWarning, stacklevel=5)
+    return series
 
 
 def series_buckets(plan: BatchPlan, series, datasets: np.ndarray):

@@ -65,7 +65,15 @@ from ..algebra.search.newton import DECREASE_TOL, MAX_ITERATIONS
 from ..algebra.statistics import centred_fixed_effects
 from ..algebra.system import build_system
 from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
-from ..spec.correlation import AR1, WHOLE_STEPS, Series, common_step, fractional_step, series_of
+from ..spec.correlation import (
+    AR1,
+    WHOLE_STEPS,
+    Series,
+    common_step,
+    even_step_message,
+    fractional_step,
+    series_of,
+)
 from ..spec.design import Design, check_columns
 from .optimize import SINGULAR_FIT, Control, is_singular, moment_start, optimize_theta
 from .results import LMMResult
@@ -143,9 +151,7 @@ def checked_series(design: Design, correlation, data: pd.DataFrame) -> Series:
     check_nested(design, series, correlation)
     step = 1 if correlation.continuous else common_step(series)
     if step % 2 == 0:
-        warnings.warn(f"the AR(1) time column {correlation.time!r} steps by multiples of {step} only: the data tell "
-                      f"phi^{step}, not phi's sign (phi and -phi fit alike); time counted in units of {step} is the "
-                      "same model with an identified phi", HierpoolWarning, stacklevel=4)
+        warnings.warn(even_step_message(correlation.time, step), HierpoolWarning, stacklevel=4)
     return series
 
 

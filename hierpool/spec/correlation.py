@@ -191,8 +191,23 @@ def common_step(series: Series) -> int:
     """The greatest common divisor of a corAR1 series' lags (whole steps; 1 where no row has a predecessor).  Where
     it is k > 1 the data tell phi^k only: phi's sign is not identified for an even k (nlme's fit then reports the
     sign its start lies on)."""
-    lags = series.lag[series.previous >= 0]  # whole already (series_of)
-    return int(np.gcd.reduce(lags.astype(np.int64))) if lags.size else 1
+    return int(common_steps(series, np.zeros(len(series.lag), dtype=np.int64), 1)[0])
+
+
+def common_steps(series: Series, dataset: np.ndarray, n_datasets: int) -> np.ndarray:
+    """:func:`common_step` of each dataset's rows (``dataset``: each row's code; a batch's series are each within
+    one dataset), (n_datasets,) integers."""
+    has = series.previous >= 0
+    steps = np.zeros(n_datasets, dtype=np.int64)
+    np.gcd.at(steps, dataset[has], series.lag[has].astype(np.int64))  # whole already (series_of)
+    return np.where(steps > 0, steps, 1)
+
+
+def even_step_message(time: str | None, step: int) -> str:
+    """Why phi's sign is not identified where every lag of the time column ``time`` is a multiple of ``step``
+    (even): the warning of ``hp.lmm``, ``hp.bayes`` and the batches."""
+    return (f"the AR(1) time column {time!r} steps by multiples of {step} only: the data tell phi^{step}, not phi's "
+            f"sign (phi and -phi fit alike); time counted in units of {step} is the same model with an identified phi")
 
 
 def _whole_steps(lag: np.ndarray, order: np.ndarray, same: np.ndarray, group: pd.Series, correlation: AR1):
