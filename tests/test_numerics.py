@@ -443,6 +443,19 @@ def test_a_compiler_option_xla_does_not_know_is_dropped_not_fatal(monkeypatch):
     assert "xla_hierpool_no_such_option" not in compiler_options.compiler_options("cpu")
 
 
+    class Raced:  # another thread found the option unknown while this compile ran with it: retried too
+        calls = 0
+
+        def compile(self, options):
+            Raced.calls += 1
+            if "xla_hierpool_other_option" in options:
+                compiler_options.UNKNOWN_OPTIONS.add("xla_hierpool_other_option")
+                raise RuntimeError("INVALID_ARGUMENT: No such compile option: 'xla_hierpool_other_option'")
+            return "compiled"
+
+    monkeypatch.setitem(compiler_options.CPU_OPTIONS, "xla_hierpool_other_option", 1)
+    assert compiler_options.compile_lowered(Raced(), "cpu") == "compiled" and Raced.calls == 2
+
     class Failing:  # another compile error is raised as it is
         def compile(self, options):
             raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")

@@ -80,11 +80,12 @@ def compile_lowered(lowered, platform: str | None = None, quick: bool = False):
     go between releases: jaxlib 0.11 no longer knows ``xla_cpu_use_fusion_emitters`` (its fusion emitters are the
     only ones left), and every compiled program failed with "No such compile option"."""
     while True:
+        options = compiler_options(platform, quick)
         try:
-            return lowered.compile(compiler_options(platform, quick))
+            return lowered.compile(options)
         except Exception as error:  # JAX's runtime error type has changed names between releases
             unknown = _UNKNOWN_OPTION.search(str(error))
-            if unknown is None or unknown.group(1) in UNKNOWN_OPTIONS:
+            if unknown is None or unknown.group(1) not in options:  # (programs compile on two threads at once)
                 raise
             UNKNOWN_OPTIONS.add(unknown.group(1))
 
