@@ -113,7 +113,7 @@ def test_a_spatial_models_simulations_have_its_covariance():
     Z = np.zeros((40, 20))
     Z[np.arange(40), fit.sdesign.area] = 1
     hyper = fit.hyperparameters()
-    C = hyper["sd_car_area"] ** 2 * np.linalg.pinv(np.diag(g.degree) - g.adjacency_matrix().toarray())
+    C = hyper["sd_car_area"] ** 2 * np.linalg.pinv(np.diag(g.degree) - g.adjacency_matrix().toarray(), hermitian=True)
     S = (site[:, None] == site[None, :]) * hyper["sd_site"] ** 2
     V = Z @ C @ Z.T + S + fit.sigma**2 * np.eye(40)
     mean = fit.design.X @ fit.beta

@@ -147,7 +147,7 @@ def test_blup_agreement_of_a_gaussian_car_model():
     g = fit.sdesign.graph
     Z = np.zeros((len(data), n))
     Z[np.arange(len(data)), fit.sdesign.area] = 1
-    C = fit.sd**2 * np.linalg.pinv(np.diag(g.degree) - g.adjacency_matrix().toarray())
+    C = fit.sd**2 * np.linalg.pinv(np.diag(g.degree) - g.adjacency_matrix().toarray(), hermitian=True)
     site_sd = fit.hyperparameters()["sd_site"]
     S = (site[:, None] == site[None, :]) * site_sd**2
     Vi = np.linalg.inv(fit.sigma**2 * np.eye(len(data)) + Z @ C @ Z.T + S)

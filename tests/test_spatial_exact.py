@@ -42,7 +42,7 @@ def dense_cov(sdesign, psi, laplace):
     g = area_term.graph
     sd, rho = np.exp(psi[0]), 1 / (1 + np.exp(-psi[1]))
     q = np.diag(g.degree) - g.adjacency_matrix().toarray()
-    structured = np.linalg.pinv(q)
+    structured = np.linalg.pinv(q, hermitian=True)
     scaling = np.exp(np.mean(np.log(np.diag(structured))))
     cov_b = sd**2 * ((1 - rho) * np.eye(g.n) + rho * structured / scaling)
     Z = np.zeros((n, g.n))

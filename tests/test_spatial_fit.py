@@ -32,7 +32,10 @@ def gaussian_data(nc):
     rng = np.random.default_rng(19)
     g = make_graph(nc.adjacency)
     q = np.diag(g.degree) - g.adjacency_matrix().toarray()
-    spatial = rng.multivariate_normal(np.zeros(g.n), np.linalg.pinv(q)) * 1.0 + rng.normal(scale=0.5, size=g.n)
+    # (the pseudo-inverse by eigenvalues: NumPy 2.5's thin SVD leaves the null direction's singular value at 2e-14,
+    # above pinv's default cut of 1e-15 times the largest, and the covariance came out 1e11)
+    spatial = (rng.multivariate_normal(np.zeros(g.n), np.linalg.pinv(q, hermitian=True))
+               + rng.normal(scale=0.5, size=g.n))
     rows = np.repeat(np.arange(g.n), np.where(np.arange(g.n) % 3 == 0, 1, 3))
     rows = rows[~np.isin(rows, [4, 17, 33, 58, 90])]
     x = rng.normal(size=rows.size)
@@ -46,14 +49,15 @@ def dense_covariance(g, type_, sd, mix):
     q = np.diag(g.degree).astype(float) - g.adjacency_matrix().toarray()
     if type_ == "proper":
         return sd**2 * np.linalg.inv(np.diag(g.degree) - mix * g.adjacency_matrix().toarray())
-    structured = np.linalg.pinv(q + np.diag((g.degree == 0).astype(float)))
+    structured = np.linalg.pinv(q + np.diag((g.degree == 0).astype(float)), hermitian=True)
     if type_ == "icar":
         return sd**2 * structured
     scaling = np.ones(g.n)
     for c in np.unique(g.component):
         members = np.flatnonzero(g.component == c)
         if members.size > 1:
-            scaling[members] = np.exp(np.mean(np.log(np.diag(np.linalg.pinv(q[np.ix_(members, members)])))))
+            inverse = np.linalg.pinv(q[np.ix_(members, members)], hermitian=True)
+            scaling[members] = np.exp(np.mean(np.log(np.diag(inverse))))
     s = np.diag(1 / np.sqrt(scaling))
     return sd**2 * ((1 - mix) * np.eye(g.n) + mix * s @ structured @ s)
 
@@ -268,7 +272,8 @@ def three_terms(nc):
     k = data.clinic.str[1:].astype(int).to_numpy()
     z = data.zone.str[1:].astype(int).to_numpy()
     g = make_graph(nc.adjacency)
-    county = rng.multivariate_normal(np.zeros(g.n), np.linalg.pinv(np.diag(g.degree) - g.adjacency_matrix().toarray()))
+    county = rng.multivariate_normal(np.zeros(g.n), np.linalg.pinv(np.diag(g.degree) - g.adjacency_matrix().toarray(),
+                                                                      hermitian=True))
     c = pd.Index(g.labels).get_indexer(data.county)
     zone = 0.2 * (np.arange(16) // 4 + np.arange(16) % 4 - 3) + 0.3 * rng.normal(size=16)  # a gradient and noise
     data["y"] = (1 + 0.5 * data.x + clinic[k, 0] + clinic[k, 1] * data.x + zone[z] + 0.7 * county[c]
