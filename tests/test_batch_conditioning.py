@@ -109,17 +109,24 @@ def test_a_glmm_slope_on_a_calendar_year_is_the_same_fit_in_hp_glmm_and_the_batc
     models = [(data, "cbind(k, f) ~ x + (1 + x | g)"), (shifted, "cbind(k, f) ~ x + (1 + xs | g)"),
               (shifted, "cbind(k, f) ~ xs + (1 + x | g)"), (shifted, "cbind(k, f) ~ xs + (1 + xs | g)")]
     reference = hp.glmm(models[0][1], data, family="binomial").optimum.deviance
+    se_reference = {}  # per fixed part: the SEs of the fit whose random slope is unshifted (a well-scaled Hessian)
     for frame, formula in models:
         with warnings.catch_warnings():  # glmer's too: "rescale that variable"
             warnings.simplefilter("ignore")
             fit = hp.glmm(formula, frame, family="binomial")
+        fixed = formula.split("+ (")[0]
+        se = se_reference.setdefault(fixed, np.sqrt(np.diag(fit.vcov)))
         assert fit.optimum.deviance == pytest.approx(reference, rel=1e-9), formula
         batch = hp.fit_batch(formula, [frame, data.assign(xs=data["x"])], family="binomial", progress=False)
         assert batch.objective.iloc[0] == pytest.approx(reference, rel=1e-9), formula
         assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
         np.testing.assert_allclose(batch.beta[0], fit.fixef.to_numpy(), rtol=1e-4, err_msg=formula)
-        np.testing.assert_allclose(batch.beta_se[0], np.sqrt(np.diag(fit.vcov)), rtol=1e-3, err_msg=formula)
         np.testing.assert_allclose(batch.theta[0], fit.theta, rtol=1e-4, atol=1e-6, err_msg=formula)
+        # beta's SEs do not depend on theta's parametrization: the batch's (on conditioned columns) equal the
+        # well-scaled fit's; hp.glmm's own, from finite differences in the user's theta (the slope's column at
+        # 2000: intercept and slope correlated near -1), were 1.7e-4 off under NumPy 2.4 and 1.1e-3 under 2.5
+        np.testing.assert_allclose(batch.beta_se[0], se, rtol=1e-4, err_msg=formula)
+        np.testing.assert_allclose(np.sqrt(np.diag(fit.vcov)), se, rtol=3e-3, err_msg=formula)
 
 
 def test_a_column_aliased_on_the_users_scale_is_refused_though_conditioning_would_separate_it():
