@@ -157,8 +157,9 @@ def _every_second_step(seed: int, phi: float = -0.7, groups: int = 12, steps: in
 
 def test_a_second_minimum_across_phi_zero_is_searched_when_most_lags_are_even(monkeypatch):
     """The review's series (every second step, phi -0.7): the search from the start's side stopped at phi 0.58, 5.1
-    above the optimum at -0.75.  hp.lmm now looks across 0 (closedform.ar1.across_zero) and the batch fits such a
-    dataset alone: the fit lies at or below the criterion profiled over theta on a grid of phi, on both sides."""
+    above the optimum at -0.75.  hp.lmm now looks across 0 (closedform.ar1.across_zero) and the batch's host searches
+    such a dataset from both sides (ar1_moments.joint_newton; it was fitted alone by hp.lmm): the fit lies at or
+    below the criterion profiled over theta on a grid of phi, on both sides."""
     from hierpool.algebra.system import build_system
     from hierpool.closedform.optimize import Control, moment_start, optimize_theta
 
@@ -173,10 +174,27 @@ def test_a_second_minimum_across_phi_zero_is_searched_when_most_lags_are_even(mo
 
     assert fit.phi < -0.5
     assert min(profile(phi) for phi in np.linspace(-0.95, 0.95, 39)) > fit.objective - 1e-8
-    batch = hp.fit_batch("y ~ x + (1 | g)", [data, _every_second_step(7, phi=0.5)], correlation=hp.ar1("g", "t"),
-                         progress=False)
-    assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-10)
-    assert "phi's sign is searched on both sides" in batch.messages.iloc[0]  # (the batch's row is hp.lmm's own)
+    # region: three series each (two terms on two factors, each constant within a series: the systems' search)
+    frames = [frame.assign(region=lambda f: "r" + (f["g"].str[1:].astype(int) // 3).astype(str))
+              for frame in (data, _every_second_step(7, phi=0.5))]
+    for formula in ("y ~ x + (1 | g)", "y ~ x + (1 | g) + (0 + x | g)", "y ~ x + (1 | g) + (1 | region)"):
+        single = hp.lmm(formula, frames[0], correlation=hp.ar1("g", "t"))
+        batch = hp.fit_batch(formula, frames, correlation=hp.ar1("g", "t"), progress=False)
+        assert batch.objective.iloc[0] == pytest.approx(single.objective, rel=1e-9) and batch.phi[0] < -0.5, formula
+        assert not batch.refit.any() and not batch.messages.any(), batch.messages.tolist()  # the batch's own rows
+        assert batch.objective.iloc[1] == pytest.approx(
+            hp.lmm(formula, frames[1], correlation=hp.ar1("g", "t")).objective, rel=1e-9)
+    # searched on the start's side alone, both host searches stop on the wrong side
+    from hierpool.algebra.search import ar1_moments, ar1_systems
+
+    both_sides = ar1_moments.joint_newton
+    for module in (ar1_moments, ar1_systems):
+        monkeypatch.setattr(module, "joint_newton", lambda value_and_grad, points, iterations, across_zero, **options:
+                            both_sides(value_and_grad, points, iterations, None, **options))
+    for formula in ("y ~ x + (1 | g)", "y ~ x + (1 | g) + (1 | region)"):
+        one_side = hp.fit_batch(formula, frames, correlation=hp.ar1("g", "t"), progress=False)
+        assert one_side.phi[0] > 0 and one_side.objective.iloc[0] > fit.objective + 1, formula
+    monkeypatch.undo()
     # Brent's profile search, where the joint search does not apply, looks across 0 too (search_phi)
     from hierpool.closedform import ar1 as ar1_module
 

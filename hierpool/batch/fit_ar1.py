@@ -285,12 +285,15 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         out["alone"][d] = "no row follows another in its series: phi is not identified"
         out["attempted"][d] = False
     # corAR1 whose pairs are mostly an even number of steps apart: phi's criterion may have a second minimum across 0,
-    # which hp.lmm looks for (closedform.ar1.across_zero); such a dataset is fitted alone, by it
+    # which hp.lmm looks for (closedform.ar1.across_zero); the host searches such a dataset from both sides of 0
+    # (ar1_moments.joint_newton), the compiled golden sections cannot: there it is fitted alone, by hp.lmm
     doubt = np.zeros(plan.n_datasets, bool) if structure.continuous else sign_in_doubt(
         series.previous, series.lag, plan.dataset, plan.n_datasets)
-    for d in np.flatnonzero(out["attempted"] & doubt):
-        out["alone"][d] = "its series are mostly an even number of steps apart: phi's sign is searched on both sides"
-        out["attempted"][d] = False
+    if not (_on_host(plan, float_type, sharding) or _terms_on_host(plan, float_type, sharding)):
+        for d in np.flatnonzero(out["attempted"] & doubt):
+            out["alone"][d] = ("its series are mostly an even number of steps apart: phi's sign is searched on both "
+                               "sides")
+            out["attempted"][d] = False
     if _on_host(plan, float_type, sharding):  # nothing compiled: the joint search in NumPy, chunks in threads
         jobs = []
         # per bucket of level counts (a chunk's levels are padded to its largest), chunks bounded in bytes
@@ -313,8 +316,8 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         # benchmarks/RESULTS.md, twenty-sixth session)
         search = partial(search_on_host, continuous=structure.continuous, reml=reml, max_iterations=max_iterations,
                          decrease_tol=DECREASE_TOL)
-        return _store(jobs, lambda job: search(ChunkData(plan, series, job[0])), out, plan, units,
-                      workers=thread_count(None), progress=progress)
+        return _store(jobs, lambda job: search(ChunkData(plan, series, job[0]), across_zero=doubt[job[0]]), out,
+                      plan, units, workers=thread_count(None), progress=progress)
     if _terms_on_host(plan, float_type, sharding):  # several terms: the joint search on the whitened systems
         usable = np.flatnonzero(out["attempted"])
         theta0 = linear_start(plan, usable, linear_shifts(plan)[1])
@@ -339,7 +342,8 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         def run_terms(job):  # the chunk's rows here, its sums and search here or in a worker process
             members, (key, lagged) = job[0], job[1]
             data = TermsChunk(plan, series, members, key, lagged)
-            return host_processes.call(search, data, theta0[members]) if processes else search(data, theta0[members])
+            arguments = (data, theta0[members], doubt[members])
+            return host_processes.call(search, *arguments) if processes else search(*arguments)
 
         return _store(jobs, run_terms, out, plan, units, workers=thread_count(None), progress=progress)
     chunk_size = chunk_size or default_chunk

@@ -216,17 +216,43 @@ def joint_criterion(data: ChunkData, continuous: bool, reml: bool):
     return value_and_grad
 
 
-def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterations: int, decrease_tol=None) -> dict:
+def joint_newton(value_and_grad, points: np.ndarray, max_iterations: int, across_zero=None, **options) -> tuple:
+    """:func:`~hierpool.algebra.search.newton.newton_on_host`'s search of (theta, u) from ``points`` (D, m + 1),
+    with ``with_curvature``; where ``across_zero`` (D,) bool is set (corAR1 series mostly an even number of steps
+    apart, :func:`~hierpool.algebra.ar1.sign_in_doubt`), a second search from the first one's optimum with u's
+    sign turned (``hp.lmm``'s rule, :func:`hierpool.closedform.ar1.across_zero`, which searches again where the
+    criterion there is lower; a second search from the start's opposite began at u 0.007 on the same side), and
+    per dataset the lower of the two (a finite criterion over a NaN): such a criterion may have a minimum on each
+    side of phi = 0, and a search keeps the side it starts on."""
+    found = newton_on_host(value_and_grad, points, max_iterations, with_curvature=True, **options)
+    doubt = np.flatnonzero(np.zeros(len(points), bool) if across_zero is None else across_zero)
+    if not doubt.size:
+        return found
+    flipped = np.where(np.isfinite(found[0][doubt]), found[0][doubt], points[doubt])
+    flipped[:, -1] = -flipped[:, -1]
+    other = newton_on_host(lambda trial, rows: value_and_grad(trial, doubt[rows]), flipped, max_iterations,
+                           with_curvature=True, **options)
+    value, other_value = found[1][doubt], other[1]
+    lower = (other_value < value) | (np.isnan(value) & ~np.isnan(other_value))
+    out = [np.array(a, copy=True) for a in found]
+    for a, b in zip(out, other):
+        a[doubt[lower]] = b[lower]
+    return tuple(out)
+
+
+def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterations: int, decrease_tol=None,
+                   across_zero=None) -> dict:
     """Fit a chunk's datasets (``data``: their rows and lagged moments): a chunk's results as
     :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them (per-term lists of factors, b and
-    conditional variances padded to the chunk's levels, ``phi`` and ``edge``).  Its module imports no JAX, as a worker
+    conditional variances padded to the chunk's levels, ``phi`` and ``edge``).  ``across_zero``: the datasets
+    searched on both sides of phi = 0 too (:func:`joint_newton`).  Its module imports no JAX, as a worker
     process's search must (:mod:`hierpool.batch.host_processes`), though its chunks run on threads
     (:mod:`hierpool.batch.fit_ar1`)."""
     value_and_grad = joint_criterion(data, continuous, reml)
     with np.errstate(all="ignore"):
-        point, value, newton_step, iterations, converged, hessian = newton_on_host(
-            value_and_grad, start(data, continuous, reml, max_iterations), max_iterations, decrease_tol=decrease_tol,
-            saddle_free=True, with_curvature=True)
+        point, value, newton_step, iterations, converged, hessian = joint_newton(
+            value_and_grad, start(data, continuous, reml, max_iterations), max_iterations, across_zero,
+            decrease_tol=decrease_tol, saddle_free=True)
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
     phi = constrained_phi(u, continuous)
     stats = _at_one_phi(data.statistics(phi[:, None]))

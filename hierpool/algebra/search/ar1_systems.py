@@ -52,8 +52,8 @@ from ..criterion import host_objective_and_gradient
 from ..henderson import solve
 from ..linalg import canonical_theta, dataset_cells, distinct_columns
 from ..one_term import COMPLEX_STEP
-from .ar1_moments import HOST_MAX_THETA, ChunkRows
-from .newton import DECREASE_TOL, newton_on_host
+from .ar1_moments import HOST_MAX_THETA, ChunkRows, joint_newton
+from .newton import DECREASE_TOL
 from .terms import host_bytes as linear_host_bytes
 from .terms import search_on_host as theta_search
 from .terms import solved_entries
@@ -280,16 +280,17 @@ def start(data: TermsChunk, theta0: np.ndarray, continuous: bool, reml: bool, ma
     return np.column_stack([theta, u])
 
 
-def search_on_host(data: TermsChunk, theta0: np.ndarray, *, continuous: bool, reml: bool,
+def search_on_host(data: TermsChunk, theta0: np.ndarray, across_zero=None, *, continuous: bool, reml: bool,
                    max_iterations: int) -> dict:
     """Fit a chunk's datasets (``data``; ``theta0`` their moment starts): a chunk's results as
-    :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them.  Imports no JAX: a worker process runs
-    it (:mod:`hierpool.batch.host_processes`), and forms the lag classes' sums there."""
+    :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them.  ``across_zero``: the datasets
+    searched on both sides of phi = 0 too (:func:`~hierpool.algebra.search.ar1_moments.joint_newton`).  Imports no
+    JAX: a worker process runs it (:mod:`hierpool.batch.host_processes`), and forms the lag classes' sums there."""
     value_and_grad = joint_criterion(data, continuous, reml)
     with np.errstate(all="ignore"):
-        point, value, newton_step, iterations, converged, hessian = newton_on_host(
-            value_and_grad, start(data, theta0, continuous, reml, max_iterations), max_iterations,
-            decrease_tol=DECREASE_TOL, saddle_free=True, interpolated_damping=True, with_curvature=True)
+        point, value, newton_step, iterations, converged, hessian = joint_newton(
+            value_and_grad, start(data, theta0, continuous, reml, max_iterations), max_iterations, across_zero,
+            decrease_tol=DECREASE_TOL, saddle_free=True, interpolated_damping=True)
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
     phi = constrained_phi(u, continuous)
     systems, _ = data.systems(phi, np.arange(len(data.n)))
