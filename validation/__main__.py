@@ -167,7 +167,8 @@ def main() -> None:
             "y ~ Normal(X beta + sum Z_j b_j, sigma), b_j = z_j F_j^T, z_j ~ Normal(0, I)), which never touches the "
             "mixed-model equations.  Exact mode: variance parameters held at REML, flat prior on the fixed effects, "
             "4 chains x 1000 draws after 1000 warm-up, seed 1; z = (posterior mean - BLUP) / MCSE, "
-            "sd_z = (posterior sd - joint sd) / MCSE(sd) (ArviZ's estimators); bound: Bonferroni at 1% over "
+            "sd_z = (posterior sd - joint sd) / MCSE(sd) (ArviZ's estimators, the sd's at the joint sd); bound: "
+            "Bonferroni at 1% over "
             "2 x effects.  Passed: every |z| and |sd_z| below the bound, R-hat below 1.05, no divergence.",
             "",
             table.to_markdown(index=False, floatfmt=".3f"),

@@ -23,8 +23,8 @@ parameters held at their REML values and a flat prior on beta, the posterior of
 
 So every posterior mean must equal its BLUP up to Monte-Carlo error, z = (mean - BLUP) / MCSE,
 and every posterior sd must equal sqrt(diag(sigma^2 C^-1)) ("joint sd") up to the sd's own
-Monte-Carlo error, sd_z = (sd - joint sd) / MCSE(sd) (ArviZ's estimator).  lme4's ``condsd``
-holds beta at its estimate and is smaller; the table shows both.
+Monte-Carlo error, sd_z = (sd - joint sd) / MCSE(sd) (:func:`sd_z_scores`: ArviZ's estimator, taken at the
+joint sd).  lme4's ``condsd`` holds beta at its estimate and is smaller; the table shows both.
 
 Full-Bayes mode puts priors on the variance parameters.  Posterior means then differ from the
 BLUPs because the posterior averages the shrinkage over the uncertain variance ratio (less
@@ -117,6 +117,20 @@ class AgreementReport:
         return agreement_figure(self)
 
 
+def sd_z_scores(table: pd.DataFrame) -> np.ndarray:
+    """(post_sd - joint_sd) / MCSE(sd) per row of an agreement ``table``, the sd's Monte-Carlo error taken at the
+    joint sd (the null): ArviZ's ``mcse_sd`` (column ``mcse_sd``) times joint_sd / post_sd.
+
+    ArviZ's MCSE of a sd is proportional to the sd estimated from the same draws, so a sd that comes out low by
+    chance shrank its own error and its z grew: over 2,200 agreement rows, 25 fell below -3 and none above +3,
+    and Bonferroni-level checks failed in about 12% of runs against their nominal 1% (4.6% against 1% with
+    independent normal draws; 1.0% with the error at the null).  The relative error is the same; only its scale is
+    the hypothesis's."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        null_mcse = table.mcse_sd * table.joint_sd / table.post_sd
+        return np.asarray((table.post_sd - table.joint_sd) / null_mcse, dtype=float)
+
+
 def _comparison_table(fit, post) -> pd.DataFrame:
     fixef = pd.DataFrame(
         {
@@ -158,7 +172,7 @@ def _comparison_table(fit, post) -> pd.DataFrame:
     with np.errstate(divide="ignore", invalid="ignore"):
         table["z"] = np.where(pinned, 0.0, (table.post_mean - table.blup) / table.mcse)
         table["sd_ratio"] = np.where(pinned, 1.0, table.post_sd / table.joint_sd)
-        table["sd_z"] = np.where(pinned, 0.0, (table.post_sd - table.joint_sd) / table.mcse_sd)
+        table["sd_z"] = np.where(pinned, 0.0, sd_z_scores(table))
     table.loc[pinned, "r_hat"] = 1.0  # constant draws have no R-hat
     return table
 
@@ -394,7 +408,7 @@ def compare_spatial(fit, posterior, alpha: float = 0.01, r_hat_max: float = 1.05
     })
     table["z"] = (table.post_mean - table.blup) / table.mcse
     table["sd_ratio"] = table.post_sd / table.joint_sd
-    table["sd_z"] = (table.post_sd - table.joint_sd) / table.mcse_sd
+    table["sd_z"] = sd_z_scores(table)
     threshold = bonferroni_threshold(2 * len(table), alpha)
     divergences = posterior.divergences
     passed = bool(np.all(np.abs(table.z) < threshold) and np.all(np.abs(table.sd_z) < threshold)
