@@ -195,6 +195,15 @@ def test_a_second_minimum_across_phi_zero_is_searched_when_most_lags_are_even(mo
         one_side = hp.fit_batch(formula, frames, correlation=hp.ar1("g", "t"), progress=False)
         assert one_side.phi[0] > 0 and one_side.objective.iloc[0] > fit.objective + 1, formula
     monkeypatch.undo()
+    # the compiled golden sections (an accelerator's path) fit such datasets alone, by hp.lmm
+    from hierpool.batch import fit_ar1 as batch_ar1
+
+    for path in ("_on_host", "_terms_on_host"):
+        monkeypatch.setattr(batch_ar1, path, lambda *args: False)
+    compiled = hp.fit_batch("y ~ x + (1 | g)", frames, correlation=hp.ar1("g", "t"), progress=False)
+    assert compiled.refit.all() and "phi's sign is searched on both sides" in compiled.messages.iloc[0]
+    assert compiled.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-10)
+    monkeypatch.undo()
     # Brent's profile search, where the joint search does not apply, looks across 0 too (search_phi)
     from hierpool.closedform import ar1 as ar1_module
 

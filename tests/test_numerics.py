@@ -442,7 +442,6 @@ def test_a_compiler_option_xla_does_not_know_is_dropped_not_fatal(monkeypatch):
     assert "xla_hierpool_no_such_option" in compiler_options.UNKNOWN_OPTIONS
     assert "xla_hierpool_no_such_option" not in compiler_options.compiler_options("cpu")
 
-
     class Raced:  # another thread found the option unknown while this compile ran with it: retried too
         calls = 0
 

@@ -24,7 +24,7 @@ from ..algebra.marginal import draw_batch_size, theta_from_components
 from ..bayesian.model import SeriesData, ar1_collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function
 from .bayes_terms import DRAW_BUDGET, correlation_matrices, effect_key
-from .fit_ar1 import batch_series, series_buckets, too_large
+from .fit_ar1 import batch_series, series_buckets, too_large, warn_even_steps
 from .fit_terms import take, term_problems
 from .plan import BatchPlan, chunks
 
@@ -40,6 +40,7 @@ def ar1_chunks(plan: BatchPlan, structure, size_of, n_devices: int):
     series, problems = batch_series(plan, structure)
     series, units = in_search_units(series, plan.dataset, plan.n_datasets, structure.continuous)
     messages = [message or problems.get(d, "") for d, message in enumerate(term_problems(plan))]
+    warn_even_steps(plan, series, structure, messages)
     for d, reason in too_large(plan, messages).items():
         messages[d] = f"{reason}: sample it with hp.bayes"
     usable = np.array([d for d, message in enumerate(messages) if not message], dtype=int)

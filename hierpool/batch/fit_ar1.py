@@ -19,7 +19,10 @@ three together (one block-diagonal term), from per-level lagged moments (:mod:`h
 chunks on threads), for other several-term models on the whitened systems (:mod:`hierpool.algebra.search.ar1_systems`,
 chunks in worker processes too from :data:`AR1_TERMS_PROCESS_MIN_ROWS` rows).  A dataset whose joint search stopped
 where the profile is nearly flat in u (:func:`hierpool.algebra.ar1.clearly_curved`, ``hp.lmm``'s rule for taking its
-joint estimate) is fitted alone by ``hp.lmm``, whose Brent search covers u's range.  A wider single term, accelerators
+joint estimate) is fitted alone by ``hp.lmm``, whose Brent search covers u's range.  corAR1 datasets whose pairs
+are mostly an even number of steps apart (phi's sign in doubt) are searched again from the optimum's u turned
+(:func:`hierpool.algebra.search.ar1_moments.joint_newton`, ``hp.lmm``'s look across 0), the lower kept; the
+golden sections below fit them alone by ``hp.lmm``.  A wider single term, accelerators
 and sharded batches run the golden-section program below.  A dataset whose inner fit in theta did not converge at
 some point of that search is not reported converged (its message says so), and is refitted by ``hp.lmm``.
 
@@ -126,7 +129,7 @@ def batch_series(plan: BatchPlan, structure: AR1):
     try:
         series = series_of(combined, keyed, rows)
         check_nested(plan.design, series, combined)
-        return _even_steps_warned(plan, series, structure), {}
+        return series, {}
     except DataError as error:
         refused = error
     # some dataset's series would be refused: find each one, with hp.lmm's message (its own data, its own names)
@@ -147,22 +150,22 @@ def batch_series(plan: BatchPlan, structure: AR1):
         times = keyed[structure.time].to_numpy(dtype=float, copy=True)
         times[at] = 0.0
         isolated[structure.time] = times
-    return _even_steps_warned(plan, series_of(combined, keyed.assign(**isolated), rows), structure), problems
+    return series_of(combined, keyed.assign(**isolated), rows), problems
 
 
-def _even_steps_warned(plan: BatchPlan, series, structure: AR1):
-    """``series``, after one warning for the datasets whose corAR1 lags are all multiples of an even step (phi's
-    sign not identified: ``hp.lmm`` and ``hp.bayes`` warn of it per dataset, the batch once, counting them)."""
+def warn_even_steps(plan: BatchPlan, series, structure: AR1, messages: list[str]) -> None:
+    """One warning for the datasets to be fitted (no message in ``messages``) whose corAR1 lags are all multiples
+    of an even step (phi's sign not identified: ``hp.lmm`` and ``hp.bayes`` warn of it per fit, a batch once,
+    counting them; the step named is the first one's)."""
     if structure.continuous:
-        return series
+        return
     steps = common_steps(series, plan.dataset, plan.n_datasets)
-    even = np.flatnonzero(steps % 2 == 0)
+    even = np.flatnonzero((steps % 2 == 0) & np.array([not message for message in messages], dtype=bool))
     if even.size:
         labels = plan.labels[even[:3]].tolist()  # Python's scalars: their repr is the user's label
         named = ", ".join(map(repr, labels)) + (", ..." if even.size > 3 else "")
         warnings.warn(f"{even.size} dataset(s) ({named}): {even_step_message(structure.time, int(steps[even[0]]))}",
                       HierpoolWarning, stacklevel=5)
-    return series
 
 
 def series_buckets(plan: BatchPlan, series, datasets: np.ndarray):
@@ -275,6 +278,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     ks = tuple(t.k for t in design.terms)
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = [message or series_problems.get(d, "") for d, message in enumerate(term_problems(plan))]
+    warn_even_steps(plan, series, structure, messages)
     out = empty_results(plan, messages, too_large(plan, messages, merged=_on_host(plan, float_type, sharding)))
     out["phi"] = np.full(plan.n_datasets, np.nan)
     out["reasons"] = {}  # dataset -> why it is not converged, where the last Newton step does not say

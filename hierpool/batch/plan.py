@@ -45,7 +45,7 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import jax
@@ -129,16 +129,25 @@ def host_chunk_length(count: int, most: int, workers: int) -> int:
     return max(1, math.ceil(count / calls))
 
 
-def long_frame(data, by: str, columns=()) -> tuple[pd.DataFrame, dict, set]:
+@dataclass(frozen=True)
+class KindVote:
+    """How :func:`kind_conflicts` settled the columns stacked from values of several kinds: per column the kind kept
+    (``usual``) and the datasets outvoted there (``outvoted``, labels in the data's order)."""
+
+    usual: dict = field(default_factory=dict)
+    outvoted: dict = field(default_factory=dict)
+
+
+def long_frame(data, by: str, columns=(), kept: dict | None = None) -> tuple[pd.DataFrame, dict, KindVote]:
     """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked), the datasets
-    set aside (label -> why) and which of those were outvoted: where a column of ``columns``
+    set aside (label -> why) and the vote: where a column of ``columns``
     (:attr:`~hierpool.spec.formula.ModelSpec.values`) is stacked from values of several kinds, the datasets with
-    Python objects in it or whose kind is not most datasets' (:func:`kind_conflicts`; the latter outvoted) are left
-    out of the frame, to be refused in their rows."""
+    Python objects in it or whose kind is not most datasets' (:func:`kind_conflicts`; ``kept``: column -> kind kept
+    whatever the counts) are left out of the frame, to be refused in their rows."""
     if isinstance(data, pd.DataFrame):
         if not isinstance(by, str) or by not in data.columns:
             raise DataError(f"by={by!r} is not a column of the data (columns: {list(data.columns)})")
-        return data, {}, set()
+        return data, {}, KindVote()
     if isinstance(data, dict):
         items = list(data.items())
     elif isinstance(data, (list, tuple)):
@@ -158,14 +167,14 @@ def long_frame(data, by: str, columns=()) -> tuple[pd.DataFrame, dict, set]:
     mixed = [name for name in columns if name in frame.columns and frame[name].dtype == object
              and not pd.api.types.is_string_dtype(frame[name])]
     if not mixed:
-        return frame, {}, set()
-    set_aside, outvoted = kind_conflicts(items, mixed)
+        return frame, {}, KindVote()
+    set_aside, vote = kind_conflicts(items, mixed, kept)
     if len(set_aside) == len(items):  # each outvoted on some column: no dataset left to fit
         raise DataError("no dataset is left to fit: " + "; ".join(f"dataset {label!r}: {reason}"
                                                                   for label, reason in list(set_aside.items())[:3]))
     frame = frame[~frame[by].isin(list(set_aside))].reset_index(drop=True)
     # the kept kind's dtype (numbers stacked with a dataset's all-missing object column are floats again)
-    return frame.assign(**{name: frame[name].infer_objects() for name in mixed}), set_aside, outvoted
+    return frame.assign(**{name: frame[name].infer_objects() for name in mixed}), set_aside, vote
 
 
 def column_kind(column: pd.Series) -> str | None:
@@ -175,13 +184,15 @@ def column_kind(column: pd.Series) -> str | None:
     return value_kind(column) if len(column) else None
 
 
-def kind_conflicts(items: list[tuple], columns) -> tuple[dict, set]:
-    """(per dataset label, why it is set aside; the labels outvoted): a column of ``columns`` holds Python objects
-    in it, which its single fit refuses (:func:`~hierpool.spec.design.check_value_types`), or another kind of value (:func:`column_kind`)
-    than in most of the other datasets (where two kinds are as common, the first in
-    :data:`~hierpool.spec.design.READABLE_KINDS` is kept: never the order of the datasets).  Stacked, the kinds made
-    one column that the whole batch's formula refused, naming neither the column nor the dataset."""
-    reasons, outvoted = {}, set()
+def kind_conflicts(items: list[tuple], columns, kept: dict | None = None) -> tuple[dict, KindVote]:
+    """(per dataset label, why it is set aside; the :class:`KindVote`): a column of ``columns`` holds Python objects
+    in it, which its single fit refuses (:func:`~hierpool.spec.design.check_value_types`), or another kind of value
+    (:func:`column_kind`) than in most of the other datasets (where two kinds are as common, the first in
+    :data:`~hierpool.spec.design.READABLE_KINDS` is kept: never the order of the datasets; ``kept``: column -> kind
+    kept where present, whatever the counts).  Stacked, the kinds made one column that the whole batch's formula
+    refused, naming neither the column nor the dataset."""
+    reasons, vote = {}, KindVote()
+    kept = kept or {}
     for name in columns:
         kinds = {label: column_kind(frame[name]) for label, frame in items if name in frame.columns}
         kinds = {label: kind for label, kind in kinds.items() if kind is not None}
@@ -192,15 +203,18 @@ def kind_conflicts(items: list[tuple], columns) -> tuple[dict, set]:
         counts = collections.Counter(kind for kind in kinds.values() if kind in READABLE_KINDS)
         if len(counts) < 2:
             continue
-        usual = max(counts, key=lambda kind: (counts[kind], -READABLE_KINDS.index(kind)))
+        usual = kept[name] if kept.get(name) in counts else max(
+            counts, key=lambda kind: (counts[kind], -READABLE_KINDS.index(kind)))
+        vote.usual[name], vote.outvoted[name] = usual, []
         n_usual = counts[usual]
         for label, kind in kinds.items():
-            if kind != usual and label not in reasons:
-                others = f"{n_usual} other dataset" + ("s" if n_usual > 1 else "")
-                reasons[label] = (f"column {name!r} holds {kind} in this dataset but {usual} in {others}: one model "
-                                  "is fitted to every dataset; convert the column")
-                outvoted.add(label)
-    return reasons, outvoted
+            if kind != usual and kind in READABLE_KINDS:
+                vote.outvoted[name].append(label)
+                if label not in reasons:
+                    others = f"{n_usual} other dataset" + ("s" if n_usual > 1 else "")
+                    reasons[label] = (f"column {name!r} holds {kind} in this dataset but {usual} in {others}: one "
+                                      "model is fitted to every dataset; convert the column")
+    return reasons, vote
 
 
 def bucket_width(n_levels: np.ndarray) -> np.ndarray:
@@ -698,32 +712,38 @@ def build_or_refuse(build, frame: pd.DataFrame, by: str, weights, offset):
     return build(frame, {"weights": weights, "offset": offset}), frame, weights, offset, refused
 
 
-def stacked_design(data, by: str, columns, build, weights, offset):
+def stacked_design(data, by: str, columns, build, weights, offset, kept: dict | None = None):
     """(``build(frame, arguments)`` on the datasets stacked, the long frame, weights and offset it was built on, the
-    datasets set aside: label -> why): :func:`long_frame` (``columns`` the values whose kinds must agree), then
-    :func:`build_or_refuse`.
+    datasets set aside: label -> why): :func:`long_frame` (``columns`` the values whose kinds must agree, ``kept``
+    its kinds kept), then :func:`build_or_refuse`.
 
-    Where the kind most datasets hold in a column is one the single fit cannot read there (text in a Gaussian
-    response) the kept datasets' design raises as a whole: the outvoted datasets (another kind) are then stacked and
-    built alone, and the others refused with that error (the long frame's: the error common to their designs, as
-    :func:`refused_datasets` found).  A dataset of numbers among text responses refused the whole batch."""
-    frame, set_aside, outvoted = long_frame(data, by, columns)
+    Where most datasets hold in a column a kind other than numbers that the single fit cannot read there (text in
+    a Gaussian response, weights or counts), the kept datasets' design raises naming that column: the datasets
+    outvoted on it are then stacked and built alone (the other columns' kinds kept as voted), and the others
+    refused with that error, which is each one's single fit's (a dataset of numbers among text responses refused
+    the whole batch before).  Any other error is raised as it is: the vote is overturned only where the kind kept
+    is the error."""
+    frame, set_aside, vote = long_frame(data, by, columns, kept)
     weights, offset = row_argument(weights, "weights", data, frame), row_argument(offset, "offset", data, frame)
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)  # positions as labels: the user's frame untouched
     try:
         built, frame, weights, offset, refused = build_or_refuse(build, frame, by, weights, offset)
     except DataError as error:
-        if not outvoted:
+        # (numbers are readable wherever the formula reads values: only another kind kept can be the error)
+        unreadable = [name for name, usual in vote.usual.items() if usual != "numbers" and repr(name) in str(error)]
+        if not unreadable:
             raise
-        labels = data.keys() if isinstance(data, dict) else range(len(data))
+        name = unreadable[0]
+        retry = vote.outvoted[name]  # in the data's order
+        kinds = {**(kept or {}), **{column: usual for column, usual in vote.usual.items() if column != name}}
         try:  # (weights and offset are column names here: arrays need one DataFrame, which has no kinds to vote)
-            built, frame, weights, offset, rest = stacked_design({label: data[label] for label in outvoted}, by,
-                                                                 columns, build, weights, offset)
+            built, retried, weights, offset, rest = stacked_design({label: data[label] for label in retry}, by,
+                                                                   columns, build, weights, offset, kinds)
         except DataError:
             raise error from None
-        refused = {label: str(error) for label in labels if label not in set_aside}
-        return built, frame, weights, offset, {**refused, **{label: reason for label, reason in set_aside.items()
-                                                             if label not in outvoted}, **rest}
+        refused = {label: str(error) for label in pd.unique(frame[by])}  # the kept datasets with rows
+        others = {label: reason for label, reason in set_aside.items() if label not in retry}
+        return built, retried, weights, offset, {**refused, **others, **rest}
     return built, frame, weights, offset, {**set_aside, **refused}
 
 

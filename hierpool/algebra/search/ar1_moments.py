@@ -222,8 +222,12 @@ def joint_newton(value_and_grad, points: np.ndarray, max_iterations: int, across
     apart, :func:`~hierpool.algebra.ar1.sign_in_doubt`), a second search from the first one's optimum with u's
     sign turned (``hp.lmm``'s rule, :func:`hierpool.closedform.ar1.across_zero`, which searches again where the
     criterion there is lower; a second search from the start's opposite began at u 0.007 on the same side), and
-    per dataset the lower of the two (a finite criterion over a NaN): such a criterion may have a minimum on each
-    side of phi = 0, and a search keeps the side it starts on."""
+    per dataset the lower of the two (a failed search's criterion is inf): such a criterion may have a minimum on
+    each side of phi = 0, and a search keeps the side it starts on.  ``options``: newton_on_host's, other than its
+    per-dataset callbacks (``shift_gradients``, ``trailing_curvature``), which the second search could not map to
+    its datasets."""
+    if {"shift_gradients", "trailing_curvature"} & set(options):
+        raise TypeError("joint_newton maps value_and_grad's rows alone: no shift_gradients or trailing_curvature")
     found = newton_on_host(value_and_grad, points, max_iterations, with_curvature=True, **options)
     doubt = np.flatnonzero(np.zeros(len(points), bool) if across_zero is None else across_zero)
     if not doubt.size:
@@ -232,8 +236,7 @@ def joint_newton(value_and_grad, points: np.ndarray, max_iterations: int, across
     flipped[:, -1] = -flipped[:, -1]
     other = newton_on_host(lambda trial, rows: value_and_grad(trial, doubt[rows]), flipped, max_iterations,
                            with_curvature=True, **options)
-    value, other_value = found[1][doubt], other[1]
-    lower = (other_value < value) | (np.isnan(value) & ~np.isnan(other_value))
+    lower = other[1] < found[1][doubt]
     out = [np.array(a, copy=True) for a in found]
     for a, b in zip(out, other):
         a[doubt[lower]] = b[lower]
