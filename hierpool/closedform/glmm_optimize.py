@@ -188,6 +188,11 @@ class GLMMOptimum:
         (quadrature, nAGQ = 0's none) central differences of the deviance at the optimum
         (:func:`hierpool.closedform.glmm_convergence.finite_differences`).  None with ``stages=1`` or
         ``derivatives=False``.
+    beta_hessian : numpy.ndarray or None
+        Where set, the Hessian in (theta~, beta) of the same model with its random-effect columns conditioned, at
+        the same optimum (:func:`hierpool.closedform.glmm._fit_conditioned`): the beta block of its inverse is
+        the beta block of ``hessian``'s in exact arithmetic (theta~ is a reparametrization of theta, beta is
+        unchanged), and better computed where the user's theta is ill-scaled.  ``vcov`` reads it.
     """
 
     theta: np.ndarray
@@ -198,6 +203,7 @@ class GLMMOptimum:
     shape: float | None = None
     gradient: np.ndarray | None = None
     hessian: np.ndarray | None = None
+    beta_hessian: np.ndarray | None = None
 
 
 def _minimize(criterion, start, lower, step):

@@ -134,9 +134,10 @@ class GLMMResult:
         """Covariance of the fixed effects (lme4's ``vcov``; see :attr:`fixef_se`)."""
         if self.stages == 1:
             matrix = np.asarray(self.solution_at_mode.vcov_beta)
-        else:
+        else:  # the conditioned columns' Hessian where the fit has one (GLMMOptimum.beta_hessian): the same block
             n_theta = len(self.theta)
-            matrix = np.linalg.inv(0.5 * self._hessian)[n_theta:, n_theta:]
+            hessian = self._hessian if self.optimum.beta_hessian is None else self.optimum.beta_hessian
+            matrix = np.linalg.inv(0.5 * hessian)[n_theta:, n_theta:]
         names = list(self.fixef.index)
         return pd.DataFrame(matrix, index=names, columns=names)
 
