@@ -279,7 +279,8 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     n_devices = 1 if sharding is None else len(jax.devices())
     messages = [message or series_problems.get(d, "") for d, message in enumerate(term_problems(plan))]
     warn_even_steps(plan, series, structure, messages)
-    out = empty_results(plan, messages, too_large(plan, messages, merged=_on_host(plan, float_type, sharding)))
+    moments, systems = _on_host(plan, float_type, sharding), _terms_on_host(plan, float_type, sharding)
+    out = empty_results(plan, messages, too_large(plan, messages, merged=moments))
     out["phi"] = np.full(plan.n_datasets, np.nan)
     out["reasons"] = {}  # dataset -> why it is not converged, where the last Newton step does not say
     # phi is not identified where no row follows another in its series: fitted alone, as hp.lmm, which warns
@@ -293,12 +294,12 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
     # (ar1_moments.joint_newton), the compiled golden sections cannot: there it is fitted alone, by hp.lmm
     doubt = np.zeros(plan.n_datasets, bool) if structure.continuous else sign_in_doubt(
         series.previous, series.lag, plan.dataset, plan.n_datasets)
-    if not (_on_host(plan, float_type, sharding) or _terms_on_host(plan, float_type, sharding)):
+    if not (moments or systems):
         for d in np.flatnonzero(out["attempted"] & doubt):
             out["alone"][d] = ("its series are mostly an even number of steps apart: phi's sign is searched on both "
                                "sides")
             out["attempted"][d] = False
-    if _on_host(plan, float_type, sharding):  # nothing compiled: the joint search in NumPy, chunks in threads
+    if moments:  # nothing compiled: the joint search in NumPy, chunks in threads
         jobs = []
         # per bucket of level counts (a chunk's levels are padded to its largest), chunks bounded in bytes
         usable = np.flatnonzero(out["attempted"])
@@ -322,7 +323,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
                          decrease_tol=DECREASE_TOL)
         return _store(jobs, lambda job: search(ChunkData(plan, series, job[0]), across_zero=doubt[job[0]]), out,
                       plan, units, workers=thread_count(None), progress=progress)
-    if _terms_on_host(plan, float_type, sharding):  # several terms: the joint search on the whitened systems
+    if systems:  # several terms: the joint search on the whitened systems
         usable = np.flatnonzero(out["attempted"])
         theta0 = linear_start(plan, usable, linear_shifts(plan)[1])
         widths = padded_widths(plan)
