@@ -435,9 +435,12 @@ def test_lag_one_phis_of_many_datasets_are_each_ones():
     from hierpool.algebra.ar1 import lag_one_phis
 
     dataset, level, columns, previous, lag = _irregular_series(1)
-    residual = columns[:, 1] + 0.5 * np.r_[0.0, columns[:-1, 1]]
-    for steps in (False, True):  # corAR1: the lags made whole (1 to 4 steps)
-        lags = np.where(previous >= 0, np.ceil(lag * 2), 0.0) if steps else lag
+    positive = columns[:, 1] + 0.5 * np.r_[0.0, columns[:-1, 1]]
+    negative = columns[:, 1] - 0.6 * np.r_[0.0, columns[:-1, 1]]  # a negative correlation: its root keeps the sign
+    # corAR1: lags of 2, 3 and 4 steps, the shortest lag even (its pairs must not be the ones read)
+    whole = np.where(previous >= 0, 2 + np.arange(len(lag)) % 3, 0.0)
+    for steps, residual in ((False, positive), (True, positive), (True, negative)):
+        lags = whole if steps else lag
         for continuous in (False, True) if not steps else (False,):
             many = lag_one_phis(residual, previous, lags, dataset, 4, continuous)  # a fourth dataset without rows
             assert many[3] == 0.1
