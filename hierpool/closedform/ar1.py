@@ -418,23 +418,27 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         return optimum.objective + logdet, (whitened, system, optimum, logdet)
 
     joint = joint_search(design, series, continuous, reml)
+    curved = joint is not None and clearly_curved(joint[2])
     mirrored = None
-    if joint is not None and clearly_curved(joint[2]):  # a second minimum across phi = 0 (even lags): Brent's there
+    if curved:  # a second minimum across phi = 0 (even lags): Brent's there
         mirrored = across_zero(profile, joint[1], lambda: profile(joint[1], start=joint[0])[0], series, continuous)
-    if joint is not None and clearly_curved(joint[2]) and mirrored is None:  # else a flat stretch: Brent's method
+    if curved and mirrored is None:  # else a flat stretch: Brent's method
         theta_hat, u_hat, curvature = joint
         with warnings.catch_warnings():  # the fit's messages are warned below
             warnings.simplefilter("ignore", ConvergenceWarning)
             whitened, system, optimum, logdet = profile(u_hat, checked=True, start=theta_hat)[1]  # polished, checked
         interval = phi_interval(u_hat, curvature, correlation, stacklevel=4, unit=unit)  # here, hp.lmm, the user
     else:
-        with warnings.catch_warnings():  # the search's inner fits; the final one's messages are warned below
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            nearly_independent = profile(first_u(continuous))[1]
-        u_start = mirrored if mirrored is not None else \
-            unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
-        u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(profile, u_start, correlation, unit,
-                                                                             series=series)
+        if mirrored is None:  # the start from the residuals of a fit at phi near 0
+            with warnings.catch_warnings():  # the search's inner fits; the final one's messages are warned below
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                nearly_independent = profile(first_u(continuous))[1]
+            u_start = unconstrained(_moment_phi(design, series, nearly_independent, continuous), continuous)
+        else:
+            u_start = mirrored
+        # (from the mirror the look across 0 is made already: the joint optimum's side was the higher)
+        u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(
+            profile, u_start, correlation, unit, series=series if mirrored is None else None)
     phi = phi_per_unit(u_hat, unit, correlation)
     # the user's parametrization at phi-hat: the conditioned optimum mapped back, solved on the user's columns; the
     # conditioned fit's checks stand (in the user's parametrization a covariate of large mean makes the Hessian look
