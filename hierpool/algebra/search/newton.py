@@ -491,10 +491,15 @@ def _model_at_optimum(theta, gradient, model_step, definite, tolerances, xp):
 def _final_step(theta, value, gradient, curvature, tolerances, converged_step, converged_decrease, xp):
     """(max |H^-1 g|, converged) at the end of the search (:func:`newton`'s Returns): converged where the
     stopping rule on the point's own model holds (:func:`_model_at_optimum`) too, so that a search is not reported
-    unconverged where it stopped on that rule.  The step is the search's own, undamped (:func:`_next_step`)."""
+    unconverged where it stopped on that rule.  The step is the search's own, undamped (:func:`_next_step`).
+
+    The decrease the model predicts bounds what is left only where the curvature is positive definite: an
+    indefinite one's shifted step predicts a decrease of the shifted model, which can be small far from the
+    optimum (Poisson counts of 1e12, whose forward-difference curvature is the gradient's rounding over the
+    difference width: a theta three times too small was called converged)."""
     step, model_step, definite = _next_step(curvature, gradient, xp.zeros_like(value), xp)
     newton_step = xp.max(xp.abs(step), axis=-1)
-    flat = -0.5 * xp.sum(gradient * step, axis=-1) <= converged_decrease * (1 + xp.abs(value))
+    flat = definite & (-0.5 * xp.sum(gradient * step, axis=-1) <= converged_decrease * (1 + xp.abs(value)))
     model = _model_at_optimum(theta, gradient, model_step, definite, tolerances, xp)
     return newton_step, xp.isfinite(value) & ((newton_step < converged_step) | flat | model)
 
