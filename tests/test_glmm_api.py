@@ -300,3 +300,19 @@ def test_a_negative_binomial_on_counts_no_more_dispersed_than_poisson_fits_at_it
         fit = hp.glmm(formula, data, family="negative_binomial")
     assert fit.converged and fit.shape >= 1e7
     assert poisson <= fit.optimum.deviance <= poisson * (1 + 1e-8)
+
+
+def test_counts_beyond_the_laplace_fits_range_are_refused_without_lapack_noise(capfd):
+    # Poisson counts of about 1e12: PIRLS finds no finite mode at lme4's start, which hp.glmm refuses with its
+    # reason; the EM step before the gradient search no longer hands that NaN mode to LAPACK (which printed
+    # "On entry to DLASCL parameter number 4 had an illegal value" six times, on stdout)
+    rng = np.random.default_rng(2)
+    group = np.repeat(np.arange(4), 6)
+    x = rng.normal(size=24)
+    counts = rng.poisson(np.exp(0.2 + 0.5 * x + rng.normal(0, 0.5, 4)[group]))
+    data = pd.DataFrame({"y": counts * 1e12, "x": x, "a": group.astype(str)})
+    capfd.readouterr()
+    with pytest.raises(hp.ConvergenceError, match="PIRLS found no finite mode"):
+        hp.glmm("y ~ x + (1 | a)", data, family="poisson")
+    printed = capfd.readouterr()
+    assert "DLASCL" not in printed.out + printed.err

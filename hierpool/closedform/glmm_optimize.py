@@ -466,6 +466,8 @@ def _em_step(find_mode: ModeFinder, family: Family, theta, mode: ConditionalMode
     up to a third of its evaluations (VerbAgg 26 -> 18, epil 26 -> 16; benchmarks/RESULTS.md)."""
     design = find_mode.design
     ks = tuple(t.k for t in design.terms)
+    if not np.isfinite(mode.laplace):  # no mode to step from (the stage after says so); LAPACK is not fed NaN
+        return theta, mode
     try:
         solution = mode_solution(theta, mode, design, family, find_mode.patterns[True])
         moved = em_theta(mode.b, solution.cond_var, EM_FLOOR)
