@@ -221,6 +221,11 @@ def test_even_steps_only_warn_that_phis_sign_is_not_identified_and_near_whole_st
     shifted = hp.lmm("y ~ x + (1 | g)", data.assign(t=data["t"] + 0.1), correlation=hp.ar1("g", "t"))
     assert shifted.objective == pytest.approx(hp.lmm("y ~ x + (1 | g)", data, correlation=hp.ar1("g", "t")).objective,
                                               rel=1e-12)
+    # a step of half a unit is refused where it is, naming the column, the step and the series
+    halved = data.assign(t=data["t"].where(data.index != data.index[data.g == data.g.iloc[-1]][3], data["t"] - 0.5))
+    with pytest.raises(hp.DataError, match=f"'t' steps by 1.5 within the series '{data.g.iloc[-1]}' of 'g': hp.ar1 "
+                                           "counts time in whole steps"):
+        hp.lmm("y ~ x + (1 | g)", halved, correlation=hp.ar1("g", "t"))
 
 
 def test_a_negative_phis_power_keeps_its_complex_step_at_long_lags():

@@ -67,12 +67,11 @@ from ..algebra.system import build_system
 from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
 from ..spec.correlation import (
     AR1,
-    WHOLE_STEPS,
     Series,
     common_step,
     even_step_message,
-    fractional_step,
     series_of,
+    whole_steps,
 )
 from ..spec.design import Design, check_columns
 from .optimize import SINGULAR_FIT, Control, is_singular, moment_start, optimize_theta
@@ -523,11 +522,9 @@ def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFram
     if structure.time:
         lag = np.where(after, key - end_key, 1.0)
         if not structure.continuous:
-            at = fractional_step(lag)
-            if at is not None:
-                raise DataError(f"the AR(1) time column {structure.time!r} of the prediction data (newdata) is "
-                                f"{float(lag[at])!r} after its series' last fitted time, in row {at}: {WHOLE_STEPS}")
-            lag = np.round(lag)
+            lag = whole_steps(lag, lambda at: (
+                f"the AR(1) time column {structure.time!r} of the prediction data (newdata) is {float(lag[at])!r} "
+                f"after its series' last fitted time, in row {at}"))
     else:  # steps: the row's rank among its series' new rows, in newdata's order
         frame = pd.DataFrame({"series": labels, "key": np.where(after, key, np.nan)})
         lag = frame.groupby("series")["key"].rank(method="dense").to_numpy()

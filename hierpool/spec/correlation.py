@@ -165,7 +165,10 @@ def series_of(correlation: AR1, data: pd.DataFrame, rows: pd.Index) -> Series:
     else:
         lag[order[1:][same]] = key[order][1:][same] - key[order][:-1][same]
         if not correlation.continuous:
-            lag = _whole_steps(lag, order, same, group, correlation)
+            followed = order[1:][same]
+            lag[followed] = whole_steps(lag[followed], lambda at: (
+                f"the AR(1) time column {correlation.time!r} steps by {float(lag[followed][at])!r} within the series "
+                f"{group.iloc[followed[at]]!r} of {correlation.group!r}"))
     return Series(previous=previous, lag=lag, group_codes=codes, order=order)
 
 
@@ -210,11 +213,10 @@ def even_step_message(time: str | None, step: int) -> str:
             f"sign (phi and -phi fit alike); time counted in units of {step} is the same model with an identified phi")
 
 
-def _whole_steps(lag: np.ndarray, order: np.ndarray, same: np.ndarray, group: pd.Series, correlation: AR1):
-    """corAR1's lags from its time column (:func:`fractional_step`), or a :class:`DataError` naming the column."""
-    followed = order[1:][same]
-    at = fractional_step(lag[followed])
+def whole_steps(lag: np.ndarray, where) -> np.ndarray:
+    """corAR1's lags rounded to whole steps (:func:`fractional_step`), or a :class:`DataError` that says
+    ``where(i)`` the first fractional one, the i-th, is (the fit's series, or the prediction data's rows)."""
+    at = fractional_step(lag)
     if at is not None:
-        raise DataError(f"the AR(1) time column {correlation.time!r} steps by {float(lag[followed][at])!r} within the "
-                        f"series {group.iloc[followed[at]]!r} of {correlation.group!r}: {WHOLE_STEPS}")
+        raise DataError(f"{where(at)}: {WHOLE_STEPS}")
     return np.round(lag)
