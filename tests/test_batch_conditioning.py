@@ -108,14 +108,18 @@ def test_a_glmm_slope_on_a_calendar_year_is_the_same_fit_in_hp_glmm_and_the_batc
     shifted = data.assign(xs=data["x"] + 2000.0)
     models = [(data, "cbind(k, f) ~ x + (1 + x | g)"), (shifted, "cbind(k, f) ~ x + (1 + xs | g)"),
               (shifted, "cbind(k, f) ~ xs + (1 + x | g)"), (shifted, "cbind(k, f) ~ xs + (1 + xs | g)")]
-    reference = hp.glmm(models[0][1], data, family="binomial").optimum.deviance
-    se_reference = {}  # per fixed part: the SEs of the fit whose random slope is unshifted (a well-scaled Hessian)
+    well_scaled = hp.glmm(models[0][1], data, family="binomial")
+    reference = well_scaled.optimum.deviance
+    # per fixed part, the SEs of the unshifted fit (a well-scaled Hessian); with xs = x + 2000 the intercept is
+    # beta_0 - 2000 beta_x: its covariance is A V A^T
+    shift = np.array([[1.0, -2000.0], [0.0, 1.0]])
+    se_reference = {"cbind(k, f) ~ x ": np.sqrt(np.diag(well_scaled.vcov)),
+                    "cbind(k, f) ~ xs ": np.sqrt(np.diag(shift @ np.asarray(well_scaled.vcov) @ shift.T))}
     for frame, formula in models:
         with warnings.catch_warnings():  # glmer's too: "rescale that variable"
             warnings.simplefilter("ignore")
             fit = hp.glmm(formula, frame, family="binomial")
-        fixed = formula.split("+ (")[0]
-        se = se_reference.setdefault(fixed, np.sqrt(np.diag(fit.vcov)))
+        se = se_reference[formula.split("+ (")[0]]
         assert fit.optimum.deviance == pytest.approx(reference, rel=1e-9), formula
         batch = hp.fit_batch(formula, [frame, data.assign(xs=data["x"])], family="binomial", progress=False)
         assert batch.objective.iloc[0] == pytest.approx(reference, rel=1e-9), formula
