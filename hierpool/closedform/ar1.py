@@ -418,14 +418,21 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
 
     joint = joint_search(design, series, continuous, reml)
     curved = joint is not None and clearly_curved(joint[2])
-    mirrored = None
+    mirrored, looked = None, {}
+
+    def look() -> float:  # the criterion at the joint optimum, for across_zero; its theta starts the checked fit
+        value, pieces = profile(joint[1], start=joint[0])
+        looked["theta"] = pieces[2].theta
+        return value
+
     if curved:  # a second minimum across phi = 0 (even lags): Brent's there
-        mirrored = across_zero(profile, joint[1], lambda: profile(joint[1], start=joint[0])[0], series, continuous)
+        mirrored = across_zero(profile, joint[1], look, series, continuous)
     if curved and mirrored is None:  # else a flat stretch: Brent's method
         theta_hat, u_hat, curvature = joint
         with warnings.catch_warnings():  # the fit's messages are warned below
             warnings.simplefilter("ignore", ConvergenceWarning)
-            whitened, system, optimum, logdet = profile(u_hat, checked=True, start=theta_hat)[1]  # polished, checked
+            whitened, system, optimum, logdet = profile(u_hat, checked=True,  # polished, checked
+                                                        start=looked.get("theta", theta_hat))[1]
         interval = phi_interval(u_hat, curvature, correlation, stacklevel=4, unit=unit)  # here, hp.lmm, the user
     else:
         if mirrored is None:  # the start from the residuals of a fit at phi near 0
