@@ -316,3 +316,17 @@ def test_counts_beyond_the_laplace_fits_range_are_refused_without_lapack_noise(c
         hp.glmm("y ~ x + (1 | a)", data, family="poisson")
     printed = capfd.readouterr()
     assert "DLASCL" not in printed.out + printed.err
+
+
+def test_an_effect_per_observation_of_a_binary_response_is_named_as_not_identified(cbpp):
+    # the observation-level effect models overdispersion of binomial counts, which 0/1 outcomes cannot show: its
+    # variance then trades against the fixed effects' scale (glmer fits it silently)
+    data = cbpp.assign(y=(cbpp["incidence"] > 0).astype(int), obs=[f"o{i}" for i in range(len(cbpp))])
+    with pytest.warns(hp.HierpoolWarning, match=r"the term \(1 \| obs\) has one observation per level of 'obs' and "
+                                                "the response is 0/1: its variance is not identified"):
+        hp.glmm("y ~ period + (1 | herd) + (1 | obs)", data, family="binomial")
+    with warnings.catch_warnings():  # counts (overdispersion), or 0/1 outcomes without the term: no such warning
+        warnings.simplefilter("error", hp.HierpoolWarning)
+        warnings.simplefilter("ignore", hp.ConvergenceWarning)
+        hp.glmm("cbind(incidence, size - incidence) ~ period + (1 | herd) + (1 | obs)", data, family="binomial")
+        hp.glmm("y ~ period + (1 | herd)", data, family="binomial")

@@ -169,6 +169,7 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     design = build_design(formula, data, weights=weights, offset=offset, family=spec)
     check_quadrature(nAGQ, terms=design.terms)
     separation_checked = _warn_if_separated(design, spec.name, SEPARATION_MAX_ROWS)
+    _warn_if_unidentified(design, spec.name)
     negative_binomial = spec.name == "negative_binomial"
     fam = make_family(spec, shape=NB_START_SHAPE if negative_binomial else None)
     stages = 1 if nAGQ == 0 else 2
@@ -232,6 +233,29 @@ def _moves_eta_far(design, beta) -> bool:
     if not design.p:
         return False
     return bool(np.any(np.abs(beta) * np.max(np.abs(design.X), axis=0) > SEPARATION_SUSPECT_ETA))
+
+
+def _warn_if_unidentified(design, family_name: str) -> None:
+    """Warn, naming the term, where a term's every level holds one 0/1 outcome (an observation-level effect of a
+    Bernoulli model, or ``(1 | a/b)`` with one row per ``b:a`` cell).
+
+    A binary outcome shows no overdispersion: P(y = 1) = E[logit^-1(eta + b)] is a function of eta and the
+    term's variance together, so that its variance is not identified (it trades against the fixed effects' scale),
+    and the Laplace criterion's optimum in it is an artefact: fits from different starts end at different values
+    (Bolker et al., GLMM FAQ, "Overdispersion": observation-level effects do not apply to binary data).  glmer fits
+    it silently.
+    """
+    rows = design.row_weights > 0
+    if family_name != "binomial" or not np.all(design.row_weights[rows] == 1):
+        return
+    for term in design.terms:
+        counts = np.bincount(term.index[rows], minlength=term.n_levels)
+        if np.all(counts[counts > 0] == 1):
+            warnings.warn(
+                f"the term {term.label} has one observation per level of {term.group!r} and the response is 0/1: "
+                "its variance is not identified (a binary outcome shows no overdispersion; the variance trades "
+                "against the fixed effects' scale), so where its fit ends is arbitrary; drop the term",
+                HierpoolWarning, stacklevel=3)
 
 
 def _warn_if_separated(design, family_name: str, max_rows: int | None) -> bool:
