@@ -265,3 +265,22 @@ def test_uncorrelated_slopes_of_counts_with_an_offset_equal_their_single_fits():
         fit = _glmm(formula, frame, family="poisson")
         assert batch.objective.iloc[d] == pytest.approx(fit.optimum.deviance, rel=1e-8)
         np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=0, atol=1e-5 * fit.fixef_se.min())
+
+
+def test_a_term_of_one_binary_outcome_per_level_is_warned_of_once_counting_its_datasets():
+    # hp.glmm's warning (its variance is not identified), once for the batch: the first dataset has an effect per
+    # row; the second reads each of its cells twice, which a 0/1 outcome can tell from the cell's mean
+    cbpp = hp.datasets.cbpp()
+    binary = cbpp.assign(y=(cbpp["incidence"] > 0).astype(int), cell=[f"c{i}" for i in range(len(cbpp))])
+    paired = binary.assign(cell=[f"c{i // 2}" for i in range(len(cbpp))])
+    with pytest.warns(hp.HierpoolWarning, match=r"the term \(1 \| cell\) has one observation per level of 'cell' "
+                                                r"and the response is 0/1: .* \(in 1 of 2 datasets\)"):
+        hp.fit_batch("y ~ period + (1 | herd) + (1 | cell)", [binary, paired], family="binomial", progress=False)
+    from hierpool.spec.family import binary_outcome_per_level
+
+    index, dataset = np.array([0, 1, 2, 0, 0, 1]), np.array([0, 0, 0, 1, 1, 1])
+    ones = np.ones(6)
+    np.testing.assert_array_equal(binary_outcome_per_level("binomial", ones, index, dataset, 3), [True, False, False])
+    trials = np.array([1.0, 2.0, 1.0, 1.0, 1.0, 1.0])  # counts in a row: overdispersion can show
+    np.testing.assert_array_equal(binary_outcome_per_level("binomial", trials, index, dataset, 2), [False, False])
+    np.testing.assert_array_equal(binary_outcome_per_level("poisson", ones, index, dataset, 2), [False, False])

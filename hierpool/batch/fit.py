@@ -67,7 +67,7 @@ from ..closedform import glmm, lmm
 from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
 from ..errors import ArgumentError, HierpoolWarning, boolean_argument, integer_argument
-from ..spec.family import family_spec
+from ..spec.family import binary_outcome_per_level, family_spec, unidentified_term_message
 from .conditioning import condition_batch
 from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
@@ -363,6 +363,8 @@ def fit_batch(
     reml = family is None if reml is None else reml
     plan = plan_batch(formula, data, by, "fit_batch", "hp.glmm" if spec else "hp.lmm", weights=weights,
                       offset=offset, se=se, one_term=False, family=spec)
+    if spec is not None:
+        _warn_if_unidentified(plan, spec.name)
     if spec is not None and nAGQ != 1:
         # nAGQ 0 and adaptive quadrature have no batched form: every dataset fitted alone by hp.glmm, into the
         # batch's rows (the refit of _result), after the model is checked once on the long frame
@@ -509,6 +511,17 @@ def _from_scan(optimized, stats, optimize, chunk, reml: bool, sigma_known: bool,
     lower = np.asarray(again["objective"], dtype=float) < objective
     return {name: np.where(lower.reshape((-1,) + (1,) * (np.ndim(value) - 1)), again[name], value)
             for name, value in found.items()}
+
+
+def _warn_if_unidentified(plan, family_name: str) -> None:
+    """hp.glmm's warning (:func:`hierpool.spec.family.unidentified_term_message`), once per term, where in some
+    datasets every level of the term holds one 0/1 outcome, counted (the fits go on, as hp.glmm's)."""
+    for term in plan.design.terms:
+        flagged = binary_outcome_per_level(family_name, plan.design.row_weights, term.index, plan.dataset,
+                                           plan.n_datasets)
+        if flagged.any():
+            warnings.warn(f"{unidentified_term_message(term.label, term.group)} (in {int(flagged.sum())} of "
+                          f"{plan.n_datasets} datasets)", HierpoolWarning, stacklevel=3)
 
 
 def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:

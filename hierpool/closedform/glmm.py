@@ -27,7 +27,7 @@ from ..errors import (
     boolean_argument,
 )
 from ..spec.design import build_design
-from ..spec.family import family_spec
+from ..spec.family import binary_outcome_per_level, family_spec, unidentified_term_message
 from ..spec.formula import has_spatial_term
 from .glmm_convergence import check_convergence
 from .glmm_optimize import fit_laplace
@@ -236,26 +236,12 @@ def _moves_eta_far(design, beta) -> bool:
 
 
 def _warn_if_unidentified(design, family_name: str) -> None:
-    """Warn, naming the term, where a term's every level holds one 0/1 outcome (an observation-level effect of a
-    Bernoulli model, or ``(1 | a/b)`` with one row per ``b:a`` cell).
-
-    A binary outcome shows no overdispersion: P(y = 1) = E[logit^-1(eta + b)] is a function of eta and the
-    term's variance together, so that its variance is not identified (it trades against the fixed effects' scale),
-    and the Laplace criterion's optimum in it is an artefact: fits from different starts end at different values
-    (Bolker et al., GLMM FAQ, "Overdispersion": observation-level effects do not apply to binary data).  glmer fits
-    it silently.
-    """
-    rows = design.row_weights > 0
-    if family_name != "binomial" or not np.all(design.row_weights[rows] == 1):
-        return
+    """Warn, naming the term, where a term's every level holds one 0/1 outcome
+    (:func:`hierpool.spec.family.binary_outcome_per_level`): its variance is not identified, and fits from
+    different starts end apart (glmer fits it silently)."""
     for term in design.terms:
-        counts = np.bincount(term.index[rows], minlength=term.n_levels)
-        if np.all(counts[counts > 0] == 1):
-            warnings.warn(
-                f"the term {term.label} has one observation per level of {term.group!r} and the response is 0/1: "
-                "its variance is not identified (a binary outcome shows no overdispersion; the variance trades "
-                "against the fixed effects' scale), so where its fit ends is arbitrary; drop the term",
-                HierpoolWarning, stacklevel=3)
+        if binary_outcome_per_level(family_name, design.row_weights, term.index)[0]:
+            warnings.warn(unidentified_term_message(term.label, term.group), HierpoolWarning, stacklevel=3)
 
 
 def _warn_if_separated(design, family_name: str, max_rows: int | None) -> bool:

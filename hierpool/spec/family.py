@@ -107,3 +107,31 @@ def check_response(spec: FamilySpec, y: np.ndarray, trials: np.ndarray | None, n
     if np.any(y < 0) or not _integral(y):
         bad = y[(y < 0) | (np.abs(y - np.round(y)) > INTEGER_TOL * np.maximum(1.0, np.abs(y)))][0]
         raise DataError(f"response {name!r} of a {spec.name} model must be non-negative whole counts; found {float(bad)!r}")
+
+
+def binary_outcome_per_level(family_name: str, row_weights: np.ndarray, index: np.ndarray, dataset=None,
+                             n_datasets: int = 1) -> np.ndarray:
+    """Per dataset, whether every level of a term that holds a row holds one 0/1 outcome (a binomial response of
+    one trial a row; ``index``: each row's level, ``dataset``: each row's dataset, one dataset when None): an
+    observation-level effect of a Bernoulli model, or ``(1 | a/b)`` with one row per ``b:a`` cell, whose variance
+    is not identified (:func:`unidentified_term_message`).  (n_datasets,) booleans."""
+    rows = np.asarray(row_weights) > 0
+    if family_name != "binomial" or not rows.any():
+        return np.zeros(n_datasets, dtype=bool)
+    dataset = np.zeros(len(rows), dtype=np.int64) if dataset is None else np.asarray(dataset, dtype=np.int64)
+    d, level = dataset[rows], np.asarray(index)[rows].astype(np.int64)
+    trials = np.bincount(d, weights=np.asarray(row_weights)[rows] != 1, minlength=n_datasets) > 0
+    key = d * (int(level.max()) + 1) + level
+    most = np.zeros(n_datasets, dtype=np.int64)
+    np.maximum.at(most, d, np.bincount(key)[key])  # each dataset's most rows at one level
+    return ~trials & (most == 1)
+
+
+def unidentified_term_message(label: str, group: str) -> str:
+    """Why a term of :func:`binary_outcome_per_level` is not identified: a binary outcome shows no overdispersion,
+    P(y = 1) = E[logit^-1(eta + b)] being a function of eta and the term's variance together, so that the variance
+    trades against the fixed effects' scale (exactly so for the probit link: Phi(eta / sqrt(1 + sigma^2))) and
+    where a Laplace fit of it ends is an artefact of its start (Bolker et al., GLMM FAQ, "Overdispersion")."""
+    return (f"the term {label} has one observation per level of {group!r} and the response is 0/1: its variance is "
+            "not identified (a binary outcome shows no overdispersion; the variance trades against the fixed "
+            "effects' scale), so where its fit ends is arbitrary; drop the term")
