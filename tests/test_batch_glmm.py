@@ -279,8 +279,17 @@ def test_a_term_of_one_binary_outcome_per_level_is_warned_of_once_counting_its_d
     from hierpool.spec.family import binary_outcome_per_level
 
     index, dataset = np.array([0, 1, 2, 0, 0, 1]), np.array([0, 0, 0, 1, 1, 1])
-    ones = np.ones(6)
-    np.testing.assert_array_equal(binary_outcome_per_level("binomial", ones, index, dataset, 3), [True, False, False])
+    ones, column = np.ones(6), np.ones((6, 1))
+    np.testing.assert_array_equal(binary_outcome_per_level("binomial", ones, index, column, dataset, 3),
+                                  [True, False, False])
     trials = np.array([1.0, 2.0, 1.0, 1.0, 1.0, 1.0])  # counts in a row: overdispersion can show
-    np.testing.assert_array_equal(binary_outcome_per_level("binomial", trials, index, dataset, 2), [False, False])
-    np.testing.assert_array_equal(binary_outcome_per_level("poisson", ones, index, dataset, 2), [False, False])
+    np.testing.assert_array_equal(binary_outcome_per_level("binomial", trials, index, column, dataset, 2), [False, False])
+    np.testing.assert_array_equal(binary_outcome_per_level("poisson", ones, index, column, dataset, 2), [False, False])
+    slope = np.arange(6.0)[:, None]  # (0 + x | obs): the effect's variance changes with x, which identifies it
+    np.testing.assert_array_equal(binary_outcome_per_level("binomial", ones, index, slope, dataset, 2), [False, False])
+    # 20,000 datasets of 20 rows, each with its own labels: the pairs are counted by sorting (a table of every
+    # dataset by every level would take 3 GB)
+    many = np.repeat(np.arange(20_000), 20)
+    flagged = binary_outcome_per_level("binomial", np.ones(many.size), np.arange(many.size), np.ones((many.size, 1)),
+                                       many, 20_000)
+    assert flagged.all()

@@ -515,10 +515,11 @@ def _from_scan(optimized, stats, optimize, chunk, reml: bool, sigma_known: bool,
 
 def _warn_if_unidentified(plan, family_name: str) -> None:
     """hp.glmm's warning (:func:`hierpool.spec.family.unidentified_term_message`), once per term, where in some
-    datasets every level of the term holds one 0/1 outcome, counted (the fits go on, as hp.glmm's)."""
+    datasets every level of the term holds one 0/1 outcome, those it fits counted (the fits go on, as hp.glmm's)."""
+    fitted = np.array([not reason for reason in plan.refusals]) if plan.refusals else np.ones(plan.n_datasets, bool)
     for term in plan.design.terms:
-        flagged = binary_outcome_per_level(family_name, plan.design.row_weights, term.index, plan.dataset,
-                                           plan.n_datasets)
+        flagged = fitted & binary_outcome_per_level(family_name, plan.design.row_weights, term.index, term.z,
+                                                    plan.dataset, plan.n_datasets)
         if flagged.any():
             warnings.warn(f"{unidentified_term_message(term.label, term.group)} (in {int(flagged.sum())} of "
                           f"{plan.n_datasets} datasets)", HierpoolWarning, stacklevel=3)

@@ -236,11 +236,11 @@ def _moves_eta_far(design, beta) -> bool:
 
 
 def _warn_if_unidentified(design, family_name: str) -> None:
-    """Warn, naming the term, where a term's every level holds one 0/1 outcome
+    """Warn, naming the term, where an intercept term's every level holds one 0/1 outcome
     (:func:`hierpool.spec.family.binary_outcome_per_level`): its variance is not identified, and fits from
     different starts end apart (glmer fits it silently)."""
     for term in design.terms:
-        if binary_outcome_per_level(family_name, design.row_weights, term.index)[0]:
+        if binary_outcome_per_level(family_name, design.row_weights, term.index, term.z)[0]:
             warnings.warn(unidentified_term_message(term.label, term.group), HierpoolWarning, stacklevel=3)
 
 

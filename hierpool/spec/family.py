@@ -109,22 +109,31 @@ def check_response(spec: FamilySpec, y: np.ndarray, trials: np.ndarray | None, n
         raise DataError(f"response {name!r} of a {spec.name} model must be non-negative whole counts; found {float(bad)!r}")
 
 
-def binary_outcome_per_level(family_name: str, row_weights: np.ndarray, index: np.ndarray, dataset=None,
-                             n_datasets: int = 1) -> np.ndarray:
-    """Per dataset, whether every level of a term that holds a row holds one 0/1 outcome (a binomial response of
-    one trial a row; ``index``: each row's level, ``dataset``: each row's dataset, one dataset when None): an
-    observation-level effect of a Bernoulli model, or ``(1 | a/b)`` with one row per ``b:a`` cell, whose variance
-    is not identified (:func:`unidentified_term_message`).  (n_datasets,) booleans."""
-    rows = np.asarray(row_weights) > 0
-    if family_name != "binomial" or not rows.any():
-        return np.zeros(n_datasets, dtype=bool)
+def binary_outcome_per_level(family_name: str, row_weights: np.ndarray, index: np.ndarray, z: np.ndarray,
+                             dataset=None, n_datasets: int = 1) -> np.ndarray:
+    """Per dataset, whether a term of one constant column (``z``, (n, k): an intercept) has one 0/1 outcome at
+    every level that holds a row (``index``: each row's level; ``dataset``: each row's dataset, one dataset when
+    None): an observation-level effect of a Bernoulli model, or ``(1 | a/b)`` with one row per ``b:a`` cell, whose
+    variance is not identified (:func:`unidentified_term_message`).  A dataset with any row of other than one
+    trial (counts, or prior weights) is not flagged, nor a term whose column varies (``(0 + x | obs)``: the
+    variance of b x changes with x, which identifies it).  (n_datasets,) booleans."""
+    row_weights, z = np.asarray(row_weights), np.asarray(z)
+    rows = row_weights > 0
+    flagged = np.zeros(n_datasets, dtype=bool)
+    if family_name != "binomial" or z.shape[1] != 1 or not rows.any() or np.ptp(z[rows, 0]) > 0:
+        return flagged
     dataset = np.zeros(len(rows), dtype=np.int64) if dataset is None else np.asarray(dataset, dtype=np.int64)
+    binary = np.bincount(dataset[rows], weights=row_weights[rows] != 1, minlength=n_datasets) == 0
+    rows &= binary[dataset]
+    if not rows.any():
+        return flagged
     d, level = dataset[rows], np.asarray(index)[rows].astype(np.int64)
-    trials = np.bincount(d, weights=np.asarray(row_weights)[rows] != 1, minlength=n_datasets) > 0
-    key = d * (int(level.max()) + 1) + level
+    # (dataset, level) pairs counted by sorting: a long frame's level codes are global, and a table of every
+    # dataset by every level would not fit in memory
+    _, pair, counts = np.unique(d * (int(level.max()) + 1) + level, return_inverse=True, return_counts=True)
     most = np.zeros(n_datasets, dtype=np.int64)
-    np.maximum.at(most, d, np.bincount(key)[key])  # each dataset's most rows at one level
-    return ~trials & (most == 1)
+    np.maximum.at(most, d, counts[pair])  # each dataset's most rows at one level
+    return most == 1
 
 
 def unidentified_term_message(label: str, group: str) -> str:
