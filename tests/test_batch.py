@@ -872,12 +872,13 @@ def test_a_float32_batch_without_fixed_effects_fits():
                 assert value.dtype == f32, (p, reml, sigma_known)
 
 
-def test_a_search_is_not_called_flat_where_its_last_curvature_is_indefinite():
+def test_a_search_is_not_called_flat_where_its_last_curvature_bends_down_along_an_axis():
     # the end of a batch's search on a Poisson model with counts x 1e12 (y ~ x + (1 | a), 24 rows): the
     # forward-difference curvature is the gradient's rounding over the difference width (theta's entry 1.8e7
     # where the criterion's own is ~1e4, the intercept's negative), so that its shifted step promised a decrease
     # of 0.003 (below 1e-12 of the criterion) where 25 was left at a theta of 0.21 (the optimum's 0.657).  The
-    # same gradient and decrease with a positive definite curvature is converged, on either path
+    # same gradient and a small decrease with a positive definite curvature is converged, and so with an
+    # indefinite one whose diagonal is not negative, on either path
     import jax.numpy as jnp
 
     from hierpool.algebra.search.newton import _final_step, _tolerances
@@ -885,17 +886,28 @@ def test_a_search_is_not_called_flat_where_its_last_curvature_is_indefinite():
     theta = np.array([0.21247115, 27.84503776, 0.68483165])
     value = np.array(1.97815016e13)
     gradient = np.array([-346.42009522, 12.84863281, 364.8046875])
-    indefinite = np.array([[1.80302131e07, -1.34347187e06, 4.68457519e06],
-                           [-1.34347187e06, -1.44791409e05, -1.30056734e06],
-                           [4.68457519e06, -1.30056734e06, 3.87327296e13]])
+    bent = np.array([[1.80302131e07, -1.34347187e06, 4.68457519e06],
+                     [-1.34347187e06, -1.44791409e05, -1.30056734e06],
+                     [4.68457519e06, -1.30056734e06, 3.87327296e13]])
     _, _, _, converged_tolerances = _tolerances(np.dtype(float))
     tolerances = (1e-9, 1e-6, None)
-    definite = np.diag(gradient**2 / 0.006)  # the same small decrease, g^T H^-1 g / 2 = 0.009
-    for curvature, expected in ((indefinite, False), (definite, True)):
-        # the host's stack of searches, and the compiled search's one (vmapped)
-        host = _final_step(theta[None], value[None], gradient[None], curvature[None], tolerances,
+    definite = np.diag(gradient**2 / 0.006)  # a small decrease, g^T H^-1 g / 2 = 0.009
+    flat_direction = definite.copy()
+    flat_direction[0, 1] = flat_direction[1, 0] = 1.01 * np.sqrt(definite[0, 0] * definite[1, 1])  # indefinite
+    assert np.linalg.eigvalsh(flat_direction)[0] < 0
+    # a negative binomial at its Poisson limit (log shape 16): the shape's diagonal at rounding's negative side,
+    # nothing left to give along it
+    limit = (np.array([-0.659, 1.279, 0.519, 16.017]), np.array(292.5), np.array([1.4e-7, -3e-8, 5e-8, 1e-10]),
+             np.diag([80.9, 42.0, 861.0, -3.34e-6]))
+    cases = [(theta, value, gradient, bent, False), (theta, value, gradient, definite, True),
+             (theta, value, gradient, flat_direction, True), (*limit, True)]
+    for at, criterion, slope, curvature, expected in cases:
+        # the host's stack of searches, and the compiled search's one search (unbatched)
+        host = _final_step(at[None], criterion[None], slope[None], curvature[None], tolerances,
                            *converged_tolerances, np)
-        compiled = _final_step(jnp.asarray(theta), jnp.asarray(value), jnp.asarray(gradient), jnp.asarray(curvature),
+        compiled = _final_step(jnp.asarray(at), jnp.asarray(criterion), jnp.asarray(slope), jnp.asarray(curvature),
                                tolerances, *converged_tolerances, jnp)
-        for step, converged in (host, compiled):
-            assert float(np.ravel(step)[0]) > 1e-6 and bool(np.ravel(converged)[0]) is expected
+        for _, converged in (host, compiled):
+            assert bool(np.ravel(converged)[0]) is expected, (curvature, expected)
+    assert float(_final_step(theta[None], value[None], gradient[None], bent[None], tolerances,
+                             *converged_tolerances, np)[0][0]) > 1e-6  # not converged on the Newton step's rule

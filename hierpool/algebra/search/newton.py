@@ -56,7 +56,8 @@ def _tolerances(dtype):
     the decrease it predicts, g^T H^-1 g / 2, is below 1e-12 of the criterion:
     at a singular fit the criterion can be so flat along the boundary that rounding
     in the gradient leaves a Newton step of ~1e-6 that would lower it by ~1e-15
-    relative (seen on 1 of 2,000 sleepstudy replicates).  float32 scales them
+    relative (seen on 1 of 2,000 sleepstudy replicates; not where the curvature bends down along an axis,
+    :func:`_final_step`).  float32 scales them
     with its machine epsilon.
     """
     eps = float(np.finfo(dtype).eps)
@@ -64,6 +65,11 @@ def _tolerances(dtype):
     return eps**0.5, max(1e-9, 10 * eps), max(1e-6, 30 * eps**0.5), converged
 
 
+#: :func:`_final_step`'s look along an axis whose curvature bends down: within this share of the parameter (1 + its
+#: size) ...
+FLAT_REACH = 1e-3
+#: ... a decrease of -2 log L above this (1e-3 standard errors' squared distance) leaves the search unconverged.
+FLAT_DECREASE = 1e-6
 MAX_ITERATIONS = 60
 #: Levenberg-Marquardt's damping falls this many-fold after an accepted pass (:func:`_damping_after`) ...
 DAMPING_FALL = 10.0
@@ -493,13 +499,21 @@ def _final_step(theta, value, gradient, curvature, tolerances, converged_step, c
     stopping rule on the point's own model holds (:func:`_model_at_optimum`) too, so that a search is not reported
     unconverged where it stopped on that rule.  The step is the search's own, undamped (:func:`_next_step`).
 
-    The decrease the model predicts bounds what is left only where the curvature is positive definite: an
-    indefinite one's shifted step predicts a decrease of the shifted model, which can be small far from the
-    optimum (Poisson counts of 1e12, whose forward-difference curvature is the gradient's rounding over the
-    difference width: a theta three times too small was called converged)."""
+    The decrease the model predicts says nothing where the curvature bends down along some parameter's own axis
+    (a negative diagonal) and that axis still has a decrease to give within :data:`FLAT_REACH` of the parameter
+    (|g_i| s_i + |H_ii| s_i^2 / 2 above :data:`FLAT_DECREASE`): the point is then no minimum along it, and the
+    model's shifted step predicts a decrease of the shifted model, which can be small far from the optimum
+    (Poisson counts of 1e12, whose forward-difference curvature is the gradient's rounding over the difference
+    width: the intercept's diagonal -1.4e5 at a gradient of 13, and a theta three times too small was called
+    converged).  A flat direction whose diagonal is at rounding's negative side still counts (a negative
+    binomial at its Poisson limit, log shape ~20: diagonal -3e-6 of a scale of 600 at a gradient of 1e-7)."""
     step, model_step, definite = _next_step(curvature, gradient, xp.zeros_like(value), xp)
     newton_step = xp.max(xp.abs(step), axis=-1)
-    flat = definite & (-0.5 * xp.sum(gradient * step, axis=-1) <= converged_decrease * (1 + xp.abs(value)))
+    diagonal = xp.diagonal(curvature, axis1=-2, axis2=-1)
+    reach = FLAT_REACH * (1 + xp.abs(theta))
+    along = xp.abs(gradient) * reach - 0.5 * diagonal * reach**2  # what an axis that bends down gives within reach
+    bends_down = xp.any((diagonal < 0) & (along > FLAT_DECREASE), axis=-1)
+    flat = ~bends_down & (-0.5 * xp.sum(gradient * step, axis=-1) <= converged_decrease * (1 + xp.abs(value)))
     model = _model_at_optimum(theta, gradient, model_step, definite, tolerances, xp)
     return newton_step, xp.isfinite(value) & ((newton_step < converged_step) | flat | model)
 
@@ -571,7 +585,8 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
     (theta, value, newton_step, iterations, converged[, curvature][, aux])
         ``newton_step`` is max |H^-1 g| at the end, the distance to the optimum
         the last quadratic model predicts; ``converged`` when it is below 1e-6, or
-        the decrease it predicts is below 1e-12 of the criterion (float64), or the search stopped on that
+        the decrease it predicts is below 1e-12 of the criterion (float64; not where the curvature has a negative
+        diagonal, :func:`_final_step`), or the search stopped on that
         model (:func:`_model_at_optimum`).  ``with_curvature``:
         the last forward-difference Hessian too.
     """
