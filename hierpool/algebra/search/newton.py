@@ -61,7 +61,7 @@ def _tolerances(dtype):
     with its machine epsilon.
     """
     eps = float(np.finfo(dtype).eps)
-    converged = (max(1e-6, 100 * eps**0.5), max(1e-12, 100 * eps))
+    converged = (max(1e-6, 100 * eps**0.5), max(1e-12, 100 * eps), 100 * eps)
     return eps**0.5, max(1e-9, 10 * eps), max(1e-6, 30 * eps**0.5), converged
 
 
@@ -494,14 +494,15 @@ def _model_at_optimum(theta, gradient, model_step, definite, tolerances, xp):
     return definite & predicted
 
 
-def _final_step(theta, value, gradient, curvature, tolerances, converged_step, converged_decrease, xp):
+def _final_step(theta, value, gradient, curvature, tolerances, converged_step, converged_decrease, rounding, xp):
     """(max |H^-1 g|, converged) at the end of the search (:func:`newton`'s Returns): converged where the
     stopping rule on the point's own model holds (:func:`_model_at_optimum`) too, so that a search is not reported
     unconverged where it stopped on that rule.  The step is the search's own, undamped (:func:`_next_step`).
 
     The decrease the model predicts says nothing where the curvature bends down along some parameter's own axis
     (a negative diagonal) and that axis still has a decrease to give within :data:`FLAT_REACH` of the parameter
-    (|g_i| s_i + |H_ii| s_i^2 / 2 above :data:`FLAT_DECREASE`): the point is then no minimum along it, and the
+    (|g_i| s_i + |H_ii| s_i^2 / 2 above :data:`FLAT_DECREASE` and the criterion's rounding, ``rounding`` of it: in
+    float32 a decrease of 1e-6 is below rounding): the point is then no minimum along it, and the
     model's shifted step predicts a decrease of the shifted model, which can be small far from the optimum
     (Poisson counts of 1e12, whose forward-difference curvature is the gradient's rounding over the difference
     width: the intercept's diagonal -1.4e5 at a gradient of 13, and a theta three times too small was called
@@ -512,7 +513,8 @@ def _final_step(theta, value, gradient, curvature, tolerances, converged_step, c
     diagonal = xp.diagonal(curvature, axis1=-2, axis2=-1)
     reach = FLAT_REACH * (1 + xp.abs(theta))
     along = xp.abs(gradient) * reach - 0.5 * diagonal * reach**2  # what an axis that bends down gives within reach
-    bends_down = xp.any((diagonal < 0) & (along > FLAT_DECREASE), axis=-1)
+    bends_down = xp.any((diagonal < 0) & (along > xp.maximum(FLAT_DECREASE, rounding * (1 + xp.abs(value)))[..., None]),
+                        axis=-1)
     flat = ~bends_down & (-0.5 * xp.sum(gradient * step, axis=-1) <= converged_decrease * (1 + xp.abs(value)))
     model = _model_at_optimum(theta, gradient, model_step, definite, tolerances, xp)
     return newton_step, xp.isfinite(value) & ((newton_step < converged_step) | flat | model)
@@ -594,7 +596,7 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
         value_and_grad = jax.value_and_grad(f)
     m = theta0.shape[0]
     eye = jnp.eye(m, dtype=theta0.dtype)
-    width, step_tol_default, rounding_step_tol, (converged_step, converged_decrease) = _tolerances(theta0.dtype)
+    width, step_tol_default, rounding_step_tol, (converged_step, converged_decrease, rounding) = _tolerances(theta0.dtype)
     fd_width = width if fd_width is None else fd_width
     tolerances = (step_tol or step_tol_default, rounding_step_tol, decrease_tol)
     step_lengths = jnp.asarray(STEP_LENGTHS, theta0.dtype)
@@ -636,7 +638,7 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
                zero != 0, aux, jnp.zeros_like(theta0) + zero, zero != 0)
     theta, value, gradient, curvature, _, iterations, _, aux, _, _ = jax.lax.while_loop(keep_going, body, initial)
     newton_step, converged = _final_step(theta, value, gradient, curvature, tolerances, converged_step,
-                                         converged_decrease, jnp)
+                                         converged_decrease, rounding, jnp)
     out = (theta, value, newton_step, iterations - 1, converged)
     return out + (curvature,) * with_curvature + (aux,) * has_aux
 
@@ -731,7 +733,7 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     """
     theta = np.array(theta0, dtype=float)
     n, m = theta.shape
-    width, step_tol_default, rounding_step_tol, (converged_step, converged_decrease) = _tolerances(theta.dtype)
+    width, step_tol_default, rounding_step_tol, (converged_step, converged_decrease, rounding) = _tolerances(theta.dtype)
     width = width if fd_width is None else fd_width
     if secant and decrease_tol is not None:
         decrease_tol = SECANT_DECREASE_SHARE * decrease_tol
@@ -810,5 +812,5 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     if last.size:  # out of passes on an approximate curvature: the full one, for the vcov
         curvature[last] = shifted.complete(last, theta[last], gradient[last])
     newton_step, converged = _final_step(theta, value, gradient, curvature, tolerances, converged_step,
-                                         converged_decrease, np)
+                                         converged_decrease, rounding, np)
     return (theta, value, newton_step, passes - 1, converged) + (curvature,) * with_curvature
