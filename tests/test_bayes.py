@@ -442,3 +442,17 @@ def test_a_groups_dimension_never_takes_a_variables_name():
     np.testing.assert_array_equal(idata.posterior["b_a"].values, draws[by_group["a"]])
     np.testing.assert_array_equal(idata.posterior["b_b_a"].values, draws[by_group["b:a"]])
     assert idata.posterior["b_b_a"].dims[2] == "b_a_level" and idata.posterior["b_a"].dims[2] == "a"
+
+
+def test_the_default_intercept_prior_does_not_depend_on_where_a_covariate_is_centred(sleepstudy):
+    # the default intercept prior is the centred predictors' (rstanarm's, brms's) carried to x = 0: Days counted
+    # from 2000 gives the same slope and the intercept moved by 2000 slopes.  On the intercept itself, Normal(mean(y),
+    # 2.5 sd(y)) held it near mean(y) at x = 0, two thousand days from the data: the slope came out 0.04, not 10.5
+    settings = {"draws": 1000, "tune": 500, "chains": 2, "seed": 4, "progress": False}
+    plain = hp.bayes("Reaction ~ Days + (1 | Subject)", sleepstudy, **settings)
+    moved = hp.bayes("Reaction ~ Days + (1 | Subject)", sleepstudy.assign(Days=sleepstudy["Days"] + 2000), **settings)
+    a, b = plain.fixef.loc["Days"], moved.fixef.loc["Days"]
+    assert abs(a["mean"] - b["mean"]) < Z_MAX * np.hypot(a["mcse_mean"], b["mcse_mean"]), (a, b)
+    assert b["sd"] == pytest.approx(a["sd"], rel=0.1)
+    at_zero = moved.beta_draws[..., 0] + 2000 * moved.beta_draws[..., 1]  # the moved model's intercept at Days = 0
+    assert abs(at_zero.mean() - plain.fixef.loc["Intercept", "mean"]) < 0.1 * plain.fixef.loc["Intercept", "sd"]

