@@ -39,7 +39,9 @@ A tool that is not installed is skipped with a note.  ESS is ArviZ's (Python) or
 
 Priors (s_y, m_y: sd and mean of the response; s_x: sd of a predictor column):
 
-* hierpool (``hierpool/bayesian/priors.py``): Intercept Normal(m_y, 2.5 s_y); other fixed
+* hierpool (``hierpool/bayesian/priors.py``): Intercept Normal(m_y, 2.5 s_y) until 2026-12-05, since then
+  rstanarm's prior on the centred predictors' intercept carried to x = 0 (Normal(m_y, sqrt((2.5 s_y)^2 +
+  sum_j xbar_j^2 s_j^2)): sleepstudy's Days, mean 4.5, widen it from 140 to 292); other fixed
   effects Normal(0, 2.5 s_y / s_x); random-effect sds HalfNormal(2.5 s_y) for intercepts,
   HalfNormal(2.5 s_y / s_z) for slopes; sigma Exponential(rate 1 / s_y); LKJ(1) on each
   correlation (sleepstudy's one).

@@ -5,12 +5,13 @@
 Model: North Carolina's SIDS deaths 1974-78 (``hp.datasets.nc_sids()``, 100 counties),
 ``sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type = "bym2")``, Poisson, the same priors on both sides
 (validation/spatial_brms_reference.R's: Normal(0, 2.5) intercept, Normal(0, 2.5 / sd(nwbir_rate)) slope,
-HalfNormal(2.5) sd, Beta(1, 1) rho; hierpool's defaults).  4 chains x 1000 draws after 1000 warm-up on both sides
-(brms's defaults), seed 1, target acceptance 0.8; brms with ``cores = 2`` (this machine's cores; its default is
-one chain after another).  The clock covers the fitting call only, compilation included (brms's Stan model is
-compiled inside ``brm``; hierpool's NUTS program inside ``hp.bayes``); imports and data loading are outside it on
-both sides.  Each fit runs in a fresh process.  ESS is the rank-normalized bulk ESS (Vehtari et al. 2021) of each
-county's effect (brms ``rcar``, hierpool ``b``); the minimum over the 100 counties.
+HalfNormal(2.5) sd, Beta(1, 1) rho; hierpool's defaults until 2026-12-05, when its default intercept prior became the
+centred predictors' carried to x = 0, Normal(0, 4.5) here: the runs recorded in RESULTS.md predate it). 4 chains x
+1000 draws after 1000 warm-up on both sides (brms's defaults), seed 1, target acceptance 0.8; brms with ``cores = 2``
+(this machine's cores; its default is one chain after another). The clock covers the fitting call only, compilation
+included (brms's Stan model is compiled inside ``brm``; hierpool's NUTS program inside ``hp.bayes``); imports and
+data loading are outside it on both sides. Each fit runs in a fresh process. ESS is the rank-normalized bulk ESS
+(Vehtari et al. 2021) of each county's effect (brms ``rcar``, hierpool ``b``); the minimum over the 100 counties.
 
 ``--large N``: a synthetic map of N areas on a grid (rook neighbours, one row per area, Poisson counts with a BYM2
 field), fitted by the Laplace approximation (``hp.glmm``) and sampled (``hp.bayes``, 4 chains x 500 draws after
@@ -20,8 +21,8 @@ effects.
 ``--gaussian``: a Gaussian response on the same counties (two rows each, ``y ~ x + car(county, type='bym2')``,
 data written to benchmarks/out/spatial_gaussian.csv for both sides), hierpool's default exact sampler
 (``method="auto"``: independence Metropolis-Hastings on the variance parameters, the effects drawn exactly) against
-its NUTS (``method="full"``) and brms, hierpool's default priors on every side, 4 x 1000 draws, min bulk ESS of the
-county effects per second.
+its NUTS (``method="full"``) and brms, hierpool's default priors (as they were until 2026-12-05) on every side,
+4 x 1000 draws, min bulk ESS of the county effects per second.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ GAUSSIAN_BRMS = textwrap.dedent(
     data <- read.csv(DATA)
     sd_n <- function(v) sqrt(mean((v - mean(v))^2))
     s_y <- sd_n(data$y)
-    # hierpool's defaults for a Gaussian model (hierpool/bayesian/priors.py, spatial.py), written for brms
+    # hierpool's defaults for a Gaussian model until 2026-12-05 (priors.py; the intercept's is now wider), for brms
     priors <- c(prior_string(sprintf("normal(%.17g, %.17g)", mean(data$y), 2.5 * s_y), class = "b", coef = "Intercept"),
                 prior_string(sprintf("normal(0, %.17g)", 2.5 * s_y / sd_n(data$x)), class = "b", coef = "x"),
                 prior_string(sprintf("normal(0, %.17g)", 2.5 * s_y), class = "sdcar"),

@@ -456,3 +456,25 @@ def test_the_default_intercept_prior_does_not_depend_on_where_a_covariate_is_cen
     assert b["sd"] == pytest.approx(a["sd"], rel=0.1)
     at_zero = moved.beta_draws[..., 0] + 2000 * moved.beta_draws[..., 1]  # the moved model's intercept at Days = 0
     assert abs(at_zero.mean() - plain.fixef.loc["Intercept", "mean"]) < 0.1 * plain.fixef.loc["Intercept", "sd"]
+
+
+def test_the_default_intercept_prior_reads_the_slopes_priors_and_stays_proper(sleepstudy):
+    # beta_0 = alpha - xbar beta: its mean moves with a slope prior's mean; a slope prior without a finite variance
+    # (Cauchy, Student-t of 2 degrees, flat, an improper uniform) counts as the default slope prior, so that the
+    # intercept's prior stays proper (a flat one beside a Cauchy slope left a separated binomial's posterior improper)
+    from hierpool.bayesian.priors import resolve_priors
+    from hierpool.spec.design import build_design
+
+    moved = sleepstudy.assign(Days=sleepstudy["Days"] + 2000)
+    design = build_design("Reaction ~ Days + (1 | Subject)", moved)
+    xbar, s_y, s_x = moved["Days"].mean(), moved["Reaction"].std(ddof=0), moved["Days"].std(ddof=0)
+    default = resolve_priors(design, None).beta[0]
+    assert float(default.loc) == pytest.approx(moved["Reaction"].mean())
+    assert float(default.scale) == pytest.approx(np.hypot(2.5 * s_y, xbar * 2.5 * s_y / s_x))
+    shifted = resolve_priors(design, {"b": dist.Normal(10.0, 1.0)}).beta[0]
+    assert float(shifted.loc) == pytest.approx(moved["Reaction"].mean() - xbar * 10.0)
+    assert float(shifted.scale) == pytest.approx(np.hypot(2.5 * s_y, xbar))
+    for heavy in (dist.Cauchy(0.0, 2.5), dist.StudentT(2.0, 0.0, 1.0), "flat",
+                  dist.ImproperUniform(dist.constraints.real, (), ())):
+        intercept = resolve_priors(design, {"Days": heavy}).beta[0]
+        assert isinstance(intercept, dist.Normal) and float(intercept.scale) == pytest.approx(float(default.scale))

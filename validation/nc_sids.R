@@ -15,7 +15,8 @@ W <- matrix(0, nrow(nc), nrow(nc), dimnames = list(nc$county, nc$county))
 W[cbind(edges$a, edges$b)] <- 1
 W[cbind(edges$b, edges$a)] <- 1
 
-# hierpool's defaults for a Poisson model (hierpool/bayesian/priors.py, hierpool/bayesian/spatial.py):
+# hierpool's defaults for a Poisson model until 2026-12-05 (hierpool/bayesian/priors.py, hierpool/bayesian/spatial.py;
+# the default intercept prior is now wider, Normal(0, 4.5) here, and tests/test_spatial_bayes.py sets this one):
 # Normal(0, 2.5) intercept, Normal(0, 2.5 / sd(nwbir_rate)) slope (sd with the n denominator), HalfNormal(2.5) sd,
 # Beta(1, 1) rho
 s_x <- sqrt(mean((nc$nwbir_rate - mean(nc$nwbir_rate))^2))

@@ -2,7 +2,8 @@
 #
 #   sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type = "bym2"),   Poisson, North Carolina 1974-78
 #
-# with hierpool's default priors for a Poisson GLMM (hierpool/bayesian/priors.py) set explicitly (validation/nc_sids.R):
+# with hierpool's default priors for a Poisson GLMM as they were until 2026-12-05 (hierpool/bayesian/priors.py; the
+# intercept's is now wider, and the tests set this one on hierpool's side) set explicitly (validation/nc_sids.R):
 # Intercept ~ Normal(0, 2.5), nwbir_rate ~ Normal(0, 2.5 / sd(nwbir_rate)) (sd with the n denominator),
 # sdcar ~ HalfNormal(2.5), rhocar ~ Beta(1, 1).  brms's BYM2 is hierpool's: rcar = sdcar (sqrt(1 - rho) u +
 # sqrt(rho / s) v), u iid N(0, 1), v ICAR with brms's soft sum-to-zero constraint sum(v) ~ N(0, 0.001 n), s the

@@ -2,11 +2,11 @@
 
 Defaults, scaled to the data in the manner of rstanarm's autoscaled priors (Gabry &
 Goodrich, "Prior distributions for rstanarm models"); s_y = sd(y), m_y = mean(y),
-s_x = sd of the coefficient's column, x_j its mean, s_j the sd of its prior, s_z = sd of a
-random-effect column (all sds with the n denominator; a zero sd counts as 1):
+s_x = sd of the coefficient's column, x_j its mean, mu_j and s_j the mean and sd of its prior,
+s_z = sd of a random-effect column (all sds with the n denominator; a zero sd counts as 1):
 
 ==================  =====================================================
-``Intercept``        Normal(m_y, sqrt((2.5 s_y)^2 + sum_j x_j^2 s_j^2))
+``Intercept``        Normal(m_y - sum_j x_j mu_j, sqrt((2.5 s_y)^2 + sum_j x_j^2 s_j^2))
 other fixed effect   Normal(0, 2.5 s_y / s_x)
 random-effect sd     HalfNormal(2.5 s_y) for intercepts, HalfNormal(2.5 s_y / s_z) for slopes
 ``sigma``            Exponential(rate = 1 / s_y)
@@ -24,10 +24,11 @@ denominator throughout):
   intercept of the centred predictors, alpha; the model's own intercept (the value at
   x = 0) is alpha - sum_j x_j beta_j, and its default here is that sum's marginal,
   without its correlation with the other coefficients (each coefficient's prior is its
-  own: :func:`intercept_prior`).  So the prior's meaning does not depend on where a
-  column is centred (a calendar year), as rstanarm's and brms's do not; flat where a
-  column of nonzero mean has a flat prior.  A user's ``Intercept`` prior is on the
-  model's own intercept.
+  own: :func:`intercept_prior`; a slope's prior that is flat or of infinite or unknown
+  variance counts as its default there).  So a column centred far from 0 (a calendar
+  year) no longer pulls the intercept to m_y, as rstanarm's and brms's priors do not;
+  without the correlation the prior it implies on the centred intercept is wider than
+  rstanarm's.  A user's ``Intercept`` prior is on the model's own intercept.
 * random-effect sds and correlations: hierpool's own.  rstanarm puts its ``decov()``
   prior on each covariance matrix instead; ``cor`` = LKJ(1) is the correlation part
   of ``decov(regularization = 1)``.
@@ -38,7 +39,7 @@ on the intercept, ``normal(0, 2.5, autoscale = TRUE)`` on the other coefficients
 scale a coefficient of 2.5 / s_x moves a probability of 0.5 to 0.92 over one sd of its column):
 
 ==================  =====================================================
-``Intercept``        Normal(0, sqrt(2.5^2 + sum_j x_j^2 s_j^2))
+``Intercept``        Normal(-sum_j x_j mu_j, sqrt(2.5^2 + sum_j x_j^2 s_j^2))
 other fixed effect   Normal(0, 2.5 / s_x)
 random-effect sd     HalfNormal(2.5) for intercepts, HalfNormal(2.5 / s_z) for slopes
 ``shape``            Exponential(rate = 1), the negative binomial's shape theta (NB2:
@@ -256,7 +257,7 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
         j = fixed.index("Intercept")
         beta[j] = intercept_prior(m_y, 2.5 * s_y, [prior for i, prior in enumerate(beta) if i != j],
                                   np.delete(scales.x_mean, j) if scales.x_mean is not None else None,
-                                  [name for name in fixed if name != "Intercept"])
+                                  np.delete(2.5 * s_y / scales.x_sd, j))
 
     sd = []
     for term, z_sd in zip(design.terms, scales.z_sd):
@@ -299,28 +300,44 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
     return Priors(beta=tuple(beta), sd=tuple(sd), cor=cor, sigma=sigma, shape=shape)
 
 
-def intercept_prior(location: float, scale: float, slopes: list, x_mean, names: list[str]):
-    """The default prior of the model's own intercept: the intercept of the centred predictors, Normal(``location``,
-    ``scale``) (rstanarm's), carried to x = 0 through the other coefficients' priors (``slopes``, None for flat; the
-    columns' means ``x_mean``): beta_0 = alpha - sum_j xbar_j beta_j, whose marginal is Normal(location,
-    sqrt(scale^2 + sum_j xbar_j^2 var(beta_j))), taken without its correlation with the slopes (each coefficient's
-    prior is its own).  None (flat) where a column of nonzero mean has a flat prior or one of infinite variance.
+def intercept_prior(location: float, scale: float, slopes: list, x_mean, default_sds) -> dist.Normal:
+    """The default prior of the model's own intercept: the intercept of the centred predictors, alpha ~
+    Normal(``location``, ``scale``) (rstanarm's), carried to x = 0 through the other coefficients' priors
+    (``slopes``; None for flat; ``x_mean`` their columns' means): beta_0 = alpha - sum_j xbar_j beta_j, of mean
+    location - sum_j xbar_j E[beta_j] and variance scale^2 + sum_j xbar_j^2 var(beta_j), taken as a Normal without
+    its correlation with the slopes (each coefficient's prior is its own, so the prior it implies on alpha is wider
+    than rstanarm's).  A slope's prior that is flat, or whose mean or variance is not finite or not known (Cauchy,
+    Student-t of 2 degrees of freedom or fewer, an improper uniform), counts as its default, Normal(0,
+    ``default_sds[j]``): the intercept's prior stays proper (a flat intercept beside a Cauchy slope left a
+    separated binomial's posterior improper).
 
     On the intercept itself a Normal(location, scale) is the value at x = 0, which for a covariate far from 0 (a
     calendar year) lies far outside the data: on sleepstudy with Days + 2000 it held the intercept near mean(y) and
-    the slope at 0.04 (10.4 at Days), with 27 divergent transitions.  brms and rstanarm put their intercept priors on
-    the centred predictors, where the prior's meaning does not depend on the columns' locations."""
+    the slope at 0.04 (10.5 with Days as it is), without a divergent transition to tell.  brms and rstanarm put
+    their intercept priors on the centred predictors, where the prior's meaning does not depend on the columns'
+    locations."""
     if x_mean is None:
         return dist.Normal(location, scale)
-    spread = scale**2
-    for slope, mean, name in zip(slopes, x_mean, names):
+    variance = scale**2
+    for slope, mean, default_sd in zip(slopes, x_mean, default_sds):
         if mean == 0:
             continue
-        variance = np.inf if slope is None else float(np.asarray(slope.variance))
-        if not np.isfinite(variance):
-            return None
-        spread += mean**2 * variance
-    return dist.Normal(location, float(np.sqrt(spread)))
+        slope_mean, slope_variance = _moments(slope)
+        if not (np.isfinite(slope_mean) and np.isfinite(slope_variance)):
+            slope_mean, slope_variance = 0.0, default_sd**2
+        location -= mean * slope_mean
+        variance += mean**2 * slope_variance
+    return dist.Normal(location, float(np.sqrt(variance)))
+
+
+def _moments(prior) -> tuple[float, float]:
+    """(mean, variance) of a scalar prior; NaN where it is flat (None) or NumPyro does not know them."""
+    if prior is None:
+        return np.nan, np.nan
+    try:
+        return float(np.asarray(prior.mean)), float(np.asarray(prior.variance))
+    except (NotImplementedError, AttributeError, TypeError, ValueError):
+        return np.nan, np.nan
 
 
 def host_log_prob(distribution, x: np.ndarray) -> np.ndarray | None:
