@@ -151,7 +151,7 @@ class DataScales:
     y_sd: float
     x_sd: np.ndarray
     z_sd: tuple
-    x_mean: np.ndarray | None = None
+    x_mean: np.ndarray
 
     @classmethod
     def of(cls, design: Design) -> DataScales:
@@ -256,8 +256,7 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
     if "Intercept" in fixed and "Intercept" not in priors:
         j = fixed.index("Intercept")
         beta[j] = intercept_prior(m_y, 2.5 * s_y, [prior for i, prior in enumerate(beta) if i != j],
-                                  np.delete(scales.x_mean, j) if scales.x_mean is not None else None,
-                                  np.delete(2.5 * s_y / scales.x_sd, j))
+                                  np.delete(scales.x_mean, j), np.delete(2.5 * s_y / scales.x_sd, j))
 
     sd = []
     for term, z_sd in zip(design.terms, scales.z_sd):
@@ -316,12 +315,8 @@ def intercept_prior(location: float, scale: float, slopes: list, x_mean, default
     the slope at 0.04 (10.5 with Days as it is), without a divergent transition to tell.  brms and rstanarm put
     their intercept priors on the centred predictors, where the prior's meaning does not depend on the columns'
     locations."""
-    if x_mean is None:
-        return dist.Normal(location, scale)
     variance = scale**2
     for slope, mean, default_sd in zip(slopes, x_mean, default_sds):
-        if mean == 0:
-            continue
         slope_mean, slope_variance = _moments(slope)
         if not (np.isfinite(slope_mean) and np.isfinite(slope_variance)):
             slope_mean, slope_variance = 0.0, default_sd**2

@@ -596,7 +596,8 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
         value_and_grad = jax.value_and_grad(f)
     m = theta0.shape[0]
     eye = jnp.eye(m, dtype=theta0.dtype)
-    width, step_tol_default, rounding_step_tol, (converged_step, converged_decrease, rounding) = _tolerances(theta0.dtype)
+    width, step_tol_default, rounding_step_tol, converged_tolerances = _tolerances(theta0.dtype)
+    converged_step, converged_decrease, rounding = converged_tolerances
     fd_width = width if fd_width is None else fd_width
     tolerances = (step_tol or step_tol_default, rounding_step_tol, decrease_tol)
     step_lengths = jnp.asarray(STEP_LENGTHS, theta0.dtype)
@@ -733,7 +734,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
     """
     theta = np.array(theta0, dtype=float)
     n, m = theta.shape
-    width, step_tol_default, rounding_step_tol, (converged_step, converged_decrease, rounding) = _tolerances(theta.dtype)
+    width, step_tol_default, rounding_step_tol, converged_tolerances = _tolerances(theta.dtype)
+    converged_step, converged_decrease, rounding = converged_tolerances
     width = width if fd_width is None else fd_width
     if secant and decrease_tol is not None:
         decrease_tol = SECANT_DECREASE_SHARE * decrease_tol
