@@ -5,8 +5,8 @@
 Model: North Carolina's SIDS deaths 1974-78 (``hp.datasets.nc_sids()``, 100 counties),
 ``sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type = "bym2")``, Poisson, the same priors on both sides
 (validation/spatial_brms_reference.R's: Normal(0, 2.5) intercept, Normal(0, 2.5 / sd(nwbir_rate)) slope,
-HalfNormal(2.5) sd, Beta(1, 1) rho; hierpool's defaults until 2026-12-05, when its default intercept prior became the
-centred predictors' carried to x = 0, Normal(0, 4.5) here: the runs recorded in RESULTS.md predate it). 4 chains x
+HalfNormal(2.5) sd, Beta(1, 1) rho: hierpool's defaults but for the intercept's, which hierpool's side sets, since
+its default became on 2026-12-05 the centred predictors' prior carried to x = 0, Normal(0, 4.5) here). 4 chains x
 1000 draws after 1000 warm-up on both sides (brms's defaults), seed 1, target acceptance 0.8; brms with ``cores = 2``
 (this machine's cores; its default is one chain after another). The clock covers the fitting call only, compilation
 included (brms's Stan model is compiled inside ``brm``; hierpool's NUTS program inside ``hp.bayes``); imports and
@@ -21,8 +21,8 @@ effects.
 ``--gaussian``: a Gaussian response on the same counties (two rows each, ``y ~ x + car(county, type='bym2')``,
 data written to benchmarks/out/spatial_gaussian.csv for both sides), hierpool's default exact sampler
 (``method="auto"``: independence Metropolis-Hastings on the variance parameters, the effects drawn exactly) against
-its NUTS (``method="full"``) and brms, hierpool's default priors (as they were until 2026-12-05) on every side,
-4 x 1000 draws, min bulk ESS of the county effects per second.
+its NUTS (``method="full"``) and brms, hierpool's default priors on every side but the intercept's, set on
+hierpool's side to its default until 2026-12-05 (Normal(mean y, 2.5 sd y)) as brms's side has it, 4 x 1000 draws, min bulk ESS of the county effects per second.
 """
 
 from __future__ import annotations
@@ -45,12 +45,14 @@ FORMULA = "sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type='bym2')
 HIERPOOL = textwrap.dedent(
     """
     import json, time, numpy as np
+    import numpyro.distributions as dist
     import hierpool as hp
     hp.bayes  # the Bayesian engine's imports (loaded on first use), outside the clock as library(brms) is
     nc = hp.datasets.nc_sids()
+    intercept = {"Intercept": dist.Normal(0.0, 2.5)}  # the reference's (validation/nc_sids.R), not hierpool's default
     t0 = time.perf_counter()
     post = hp.bayes(FORMULA, nc.data, family="poisson", adjacency=nc.adjacency, chains=4, draws=1000, tune=1000,
-                    seed=1, progress=False)
+                    seed=1, progress=False, priors=intercept)
     wall = time.perf_counter() - t0
     table = post.diagnostics(warn=False)
     ranef = post.ranef
@@ -128,15 +130,18 @@ GAUSSIAN_DATA = OUT / "spatial_gaussian.csv"
 GAUSSIAN = textwrap.dedent(
     """
     import json, time, warnings, numpy as np, pandas as pd
+    import numpyro.distributions as dist
     import hierpool as hp
     hp.bayes
     nc = hp.datasets.nc_sids()
     data = pd.read_csv(DATA)
+    # brms's side's intercept prior (hierpool's default until 2026-12-05); population sd, as priors.py's
+    intercept = {"Intercept": dist.Normal(data.y.mean(), 2.5 * data.y.std(ddof=0))}
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         post = hp.bayes(FORMULA, data, adjacency=nc.adjacency, chains=4, draws=1000, tune=1000, seed=1,
-                        progress=False, method=METHOD)
+                        progress=False, method=METHOD, priors=intercept)
     wall = time.perf_counter() - t0
     ranef = post.ranef
     print(json.dumps(dict(method=post.method, wall_s=wall, min_ess_bulk=float(ranef.ess_bulk.min()),
@@ -152,7 +157,7 @@ GAUSSIAN_BRMS = textwrap.dedent(
     data <- read.csv(DATA)
     sd_n <- function(v) sqrt(mean((v - mean(v))^2))
     s_y <- sd_n(data$y)
-    # hierpool's defaults for a Gaussian model until 2026-12-05 (priors.py; the intercept's is now wider), for brms
+    # hierpool's defaults for a Gaussian model (priors.py), the intercept's as it was until 2026-12-05, for brms
     priors <- c(prior_string(sprintf("normal(%.17g, %.17g)", mean(data$y), 2.5 * s_y), class = "b", coef = "Intercept"),
                 prior_string(sprintf("normal(0, %.17g)", 2.5 * s_y / sd_n(data$x)), class = "b", coef = "x"),
                 prior_string(sprintf("normal(0, %.17g)", 2.5 * s_y), class = "sdcar"),
