@@ -15,10 +15,21 @@ which gives the same criterion.  The mixed-model equations are solved on the
 conditioned columns too (forming Lambda^T Z^T Z Lambda from z = [1, year] at such a
 T cancels ~7 digits), and the solution is mapped back (:meth:`Conditioning.solution_to_user`):
 b = M b~, Var(b | y) = M Var(b~ | y) M^T; beta, sigma and the criterion are
-unchanged.  Prediction-interval blocks are still formed on the user's columns
-(a relative error ~1e-7 in those variances).  A scalar term is only scaled.
-Well-conditioned models (the usual case) are left alone, so their numbers and
-cost do not change.
+unchanged.  A scalar term is only scaled.
+
+The fixed-effect columns, where they are far from centred or unit scale by the same rule
+(:func:`fixed_transform`), are conditioned alike: X~ = X A, so X beta = X~ beta~ with
+beta = A beta~ and Cov(beta) = A Cov(beta~) A^T (:func:`fixed_to_user`).  ML's criterion is
+unchanged; REML's log |X' V^-1 X| gains 2 log |det A| (:func:`reml_shift`), mapped back.  A
+column of timestamps (~1.7e9 s, sd ~1e5 s) or a shifted covariate loses most of float64's digits
+in X' V^-1 X otherwise: its Cholesky factor fails (x = Days + 1e7 on sleepstudy), or the search
+ends off the optimum, below it by rounding.
+
+The blocks of the inverse mixed-model matrix that prediction intervals read are formed on the
+conditioned system too, and a row's coefficients enter them on the conditioned columns:
+z M_j T~_j for a term, x A for beta (:attr:`hierpool.closedform.results.LMMResult.conditioned`),
+so x' Cov(beta) x at x ~ 1e7 is not formed from the user's huge, cancelling entries.
+Well-conditioned models (the usual case) are left alone, so their numbers and cost do not change.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import numpy as np
 
 from ..spec.design import Design
 from .henderson import Solution
-from .linalg import segment_sum, tril_positions
+from .linalg import segment_sum, theta_to_factors, tril_positions
 
 #: Condition a term when a non-intercept column's |mean| exceeds this many sds (with an intercept in the term)...
 CENTRE_RATIO = 10.0
@@ -109,6 +120,19 @@ def fixed_transform(X: np.ndarray) -> np.ndarray | None:
     return term_transform(X) if X.shape[1] and _needs_conditioning(X) else None
 
 
+def fixed_to_user(transform: np.ndarray, beta: np.ndarray, vcov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """beta = A beta~ and Cov(beta) = A Cov(beta~) A^T from a fit on X~ = X A (``transform``: A, any leading axes
+    shared by the three)."""
+    return (np.einsum("...ij,...j->...i", transform, beta),
+            transform @ vcov @ np.swapaxes(transform, -1, -2))
+
+
+def reml_shift(transform: np.ndarray) -> np.ndarray:
+    """2 log |det A|: REML's criterion on X~ = X A less the user's (log |A' X' V^-1 X A| = log |X' V^-1 X| +
+    2 log |det A|; ML's does not move).  Any leading axes."""
+    return 2.0 * np.linalg.slogdet(transform)[1]
+
+
 def thetas_to_user(theta: np.ndarray, transforms) -> np.ndarray:
     """lme4's thetas (..., n_theta) on the user's columns from conditioned ones, ``transforms`` one M (..., k, k)
     per term: each term's lower-triangular L with L L^T = (M T)(M T)^T (the same covariance, the same criterion),
@@ -137,38 +161,57 @@ def effects_to_user(transform: np.ndarray, b, cond_var) -> tuple[np.ndarray, np.
 
 @dataclass(frozen=True)
 class Conditioning:
-    """The conditioned design and the per-term M_j that map its theta back to the user's."""
+    """The conditioned design, the per-term M_j that map its theta back to the user's, and the fixed-effect
+    columns' A where those are conditioned too (None: X as the user's)."""
 
     design: Design
     transforms: tuple[np.ndarray, ...]
+    fixed: np.ndarray | None = None
 
     def theta_to_user(self, theta: np.ndarray) -> np.ndarray:
         """lme4's theta on the user's columns from the conditioned one (same covariance, same criterion)."""
         return thetas_to_user(theta, self.transforms)
 
+    def objective_to_user(self, objective: float, reml: bool) -> float:
+        """The user's criterion from the conditioned fit's (REML's moves with A: :func:`reml_shift`)."""
+        return objective - float(reml_shift(self.fixed)) if reml and self.fixed is not None else objective
+
+    def _effect_maps(self, theta: np.ndarray, tilde_factors) -> list[np.ndarray]:
+        """R_j = T_j^+ M_j T~_j per term, u_j = R_j u~_j (a rotation of u~ when T is not singular; where it is,
+        z T u, the only way u enters the model, is still exact: T T^+ projects on T's columns, which M T~ spans)."""
+        user = theta_to_factors(np.asarray(theta), tuple(m.shape[0] for m in self.transforms))
+        return [np.linalg.pinv(np.asarray(f)) @ m @ np.asarray(t) for f, m, t in zip(user, self.transforms, tilde_factors)]
+
     def solution_to_user(self, solution: Solution, theta: np.ndarray) -> Solution:
         """The conditioned problem's solution (host arrays) on the user's columns at the user's ``theta``."""
-        from .linalg import theta_to_factors
-
         user_factors = [np.asarray(f) for f in theta_to_factors(np.asarray(theta), tuple(m.shape[0] for m in self.transforms))]
         b, cond_var, u = [], [], []
-        for m, factor, tilde_factor, b_j, var_j, u_j in zip(
-            self.transforms, user_factors, solution.factors, solution.b, solution.cond_var, solution.u
-        ):
+        maps = self._effect_maps(theta, solution.factors)
+        for m, r, b_j, var_j, u_j in zip(self.transforms, maps, solution.b, solution.cond_var, solution.u):
             b_user, var_user = effects_to_user(m, b_j, var_j)
             b.append(b_user)
             cond_var.append(var_user)
-            # spherical effects: u = T^+ M T~ u~ (a rotation of u~ when T is not singular)
-            u.append(np.asarray(u_j) @ (np.linalg.pinv(factor) @ m @ np.asarray(tilde_factor)).T)
-        return replace(solution, theta=np.asarray(theta), factors=tuple(user_factors), b=tuple(b), cond_var=tuple(cond_var), u=tuple(u))
+            u.append(np.asarray(u_j) @ r.T)
+        fixed = {}
+        if self.fixed is not None:
+            beta, vcov = fixed_to_user(self.fixed, np.asarray(solution.beta), np.asarray(solution.vcov_beta))
+            fixed = {"beta": beta, "vcov_beta": vcov,  # and log |R_X|^2, which moves as REML's criterion
+                     "logdet_rx": np.asarray(solution.logdet_rx) - reml_shift(self.fixed)}
+        return replace(solution, theta=np.asarray(theta), factors=tuple(user_factors), b=tuple(b),
+                       cond_var=tuple(cond_var), u=tuple(u), **fixed)
 
 
-def condition_terms(design: Design, force: bool = False) -> Conditioning | None:
+def condition_terms(design: Design, force: bool = False, fixed: bool = False) -> Conditioning | None:
     """The design with its random-effect columns centred and scaled, or None when they are fine as they are
     (``force``: always; an AR(1) fit, whose whitening makes a covariate of moderate mean nearly collinear with the
-    intercept's column, :func:`hierpool.closedform.ar1.fit_ar1`)."""
-    if not force and not any(_needs_conditioning(t.z) for t in design.terms):
+    intercept's column, :func:`hierpool.closedform.ar1.fit_ar1`).  ``fixed``: X's columns too, where they are far
+    from centred or unit scale (:func:`fixed_transform`; ``hp.lmm``, which profiles beta out: a GLMM's search
+    moves beta, scaled its own way)."""
+    a = fixed_transform(design.X) if fixed else None
+    terms_need = force or any(_needs_conditioning(t.z) for t in design.terms)
+    if not terms_need and a is None:
         return None
-    transforms = tuple(term_transform(t.z) for t in design.terms)
+    transforms = tuple(term_transform(t.z) if terms_need else np.eye(t.k) for t in design.terms)
     terms = tuple(replace(t, z=np.ascontiguousarray(t.z @ m)) for t, m in zip(design.terms, transforms))
-    return Conditioning(design=replace(design, terms=terms), transforms=transforms)
+    changes = {"terms": terms} if a is None else {"terms": terms, "X": np.ascontiguousarray(design.X @ a)}
+    return Conditioning(design=replace(design, **changes), transforms=transforms, fixed=a)

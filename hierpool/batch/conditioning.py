@@ -30,7 +30,9 @@ from ..algebra.checks import fitted_singular
 from ..algebra.conditioning import (
     column_moments,
     effects_to_user,
+    fixed_to_user,
     needs_conditioning,
+    reml_shift,
     term_transforms,
     thetas_to_user,
 )
@@ -59,10 +61,9 @@ class BatchConditioning:
             return out
         if self.fixed is not None:
             a = self.fixed[rows]
-            out["beta"][rows] = np.einsum("dij,dj->di", a, out["beta"][rows])
-            out["vcov"][rows] = a @ out["vcov"][rows] @ np.swapaxes(a, -1, -2)
+            out["beta"][rows], out["vcov"][rows] = fixed_to_user(a, out["beta"][rows], out["vcov"][rows])
             if self.reml:  # log |A' X' V^-1 X A| = log |X' V^-1 X| + 2 log |det A|
-                out["objective"][rows] -= 2.0 * np.linalg.slogdet(a)[1]
+                out["objective"][rows] -= reml_shift(a)
         ks = tuple(m.shape[-1] for m in self.transforms)
         transforms = [m[rows] for m in self.transforms]
         theta = thetas_to_user(out["theta"][rows], transforms)

@@ -75,7 +75,7 @@ from ..spec.correlation import (
 )
 from ..spec.design import Design, check_columns
 from .optimize import SINGULAR_FIT, Control, is_singular, moment_start, optimize_theta
-from .results import LMMResult
+from .results import ConditionedCoordinates, LMMResult
 
 #: Brent's tolerance on phi's unconstrained scale (phi to ~1e-6 near 0, far below its standard error).
 PHI_XTOL = 1e-6
@@ -393,7 +393,8 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     user_series, (series, unit) = series, in_search_unit(series, continuous)
     # the search on the random-effect columns centred and scaled (algebra.conditioning, always: whitened, a covariate
     # of large mean is nearly collinear with the intercept's non-constant column) and X's centred; results on the user's
-    original, conditioning = design, condition_terms(design, force=True)
+    # (X's conditioned by hp.lmm's rule where it is far from centred or unit scale: then solved there too, below)
+    original, conditioning = design, condition_terms(design, force=True, fixed=True)
     design = centred_fixed_effects(conditioning.design)[0]
     # on the host: each phi is a new system (its whitened cross-products), fitted in a few evaluations
     control = replace(control or Control(), compile=False)
@@ -452,16 +453,27 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     # whitened per the search's unit (phi per the user's may be a float's 0 or 1 at the range's edge)
     whitened, logdet = whitened_design(original, series, constrained(u_hat, continuous))
     system = build_system(whitened, host=True)
-    theta = conditioning.theta_to_user(np.asarray(optimum.theta, dtype=float))
+    tilde_theta = np.asarray(optimum.theta, dtype=float)
+    theta = conditioning.theta_to_user(tilde_theta)
     singular = is_singular(theta, tuple(t.k for t in original.terms), control.singular_tol)
     messages = tuple(m for m in optimum.messages if m != SINGULAR_FIT) + (SINGULAR_FIT,) * singular
-    gradient = objective_and_gradient_on_host(theta, system, reml)[1]
-    optimum = replace(optimum, theta=theta, gradient=np.asarray(gradient), is_singular=singular, messages=messages)
+    coordinates = None
+    if conditioning.fixed is None:
+        gradient = objective_and_gradient_on_host(theta, system, reml)[1]
+        solution = solve(theta, system, reml=reml)  # the host's Henderson solve
+    else:  # X far from centred or unit scale: its X' V^-1 X would lose most digits; solved conditioned, mapped back
+        tilde_system = build_system(whitened_design(conditioning.design, series, constrained(u_hat, continuous))[0],
+                                    host=True)
+        gradient = objective_and_gradient_on_host(tilde_theta, tilde_system, reml)[1]
+        tilde = solve(tilde_theta, tilde_system, reml=reml)
+        solution = conditioning.solution_to_user(tilde, theta)
+        coordinates = ConditionedCoordinates(conditioning, tilde_system, tilde_theta, np.asarray(tilde.vcov_beta))
+    optimum = replace(optimum, theta=theta, gradient=np.asarray(gradient), is_singular=singular, messages=messages,
+                      objective=conditioning.objective_to_user(optimum.objective, reml))
     design = original
     for message in optimum.messages:
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
-    solution = solve(np.asarray(optimum.theta, dtype=float), system, reml=reml)  # the host's Henderson solve
-    return AR1Result(design, system, solution, optimum, reml, True, structure=correlation,
+    return AR1Result(design, system, solution, optimum, reml, True, conditioned=coordinates, structure=correlation,
                      phi=phi, phi_interval=interval, log_det_correlation=logdet,
                      series_ends=series_ends(correlation, data, design, user_series), series=user_series)
 

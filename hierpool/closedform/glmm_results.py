@@ -24,6 +24,7 @@ from ..spec.design import Design
 from .glmm_convergence import ConvergenceReport
 from .glmm_optimize import GLMMOptimum
 from .optimize import is_singular
+from .results import user_coordinates
 
 
 class GLMMResult:
@@ -317,3 +318,7 @@ class _LinkScale:
 
     def term_covariances(self) -> list[np.ndarray]:
         return [np.asarray(t) @ np.asarray(t).T for t in self.solution.factors]
+
+    def prediction_coordinates(self):
+        """The user's columns (:func:`hierpool.closedform.results.user_coordinates`)."""
+        return user_coordinates(self.solution)

@@ -24,7 +24,7 @@ from ..spec.design import Design, build_design
 from ..spec.formula import has_spatial_term
 from .ar1 import fit_ar1
 from .optimize import Control, criterion_value, moment_start, optimize_theta, runs_on_host, value_and_gradient
-from .results import LMMResult
+from .results import ConditionedCoordinates, LMMResult
 
 
 def solve_at(theta: np.ndarray, system: MixedModelSystem, reml: bool, host: bool, statistics=None):
@@ -128,12 +128,14 @@ class MixedModel:
         """Optimize theta (L-BFGS-B on the exact gradient) and return the fitted model.
 
         When a random-effect term's columns are far from centred or unit scale
-        (a calendar year as a random slope), the optimizer works on centred and
-        scaled columns and its optimum is mapped back to the user's theta
+        (a calendar year as a random slope), or the fixed effects' (a timestamp
+        as a covariate), the optimizer works on centred and scaled columns and
+        its optimum is mapped back to the user's theta, beta and criterion
         (:mod:`hierpool.algebra.conditioning`); the convergence checks are
         those of the conditioned problem.
         """
-        conditioned = condition_terms(self.design) if (control is None or control.theta_start is None) else None
+        conditioned = (condition_terms(self.design, fixed=True) if (control is None or control.theta_start is None)
+                       else None)
         host = runs_on_host(self.system, control)
         if conditioned is None:
             one_term_inputs = _one_term_statistics(self.design, host)
@@ -148,11 +150,16 @@ class MixedModel:
             inner = optimize_theta(system, reml, control, start=moment_start(conditioned.design))
             inner = self._lowest_of_scan(inner, system, reml, control, True, None)  # on the conditioned columns too
             theta = conditioned.theta_to_user(inner.theta)
-            optimum = replace(inner, theta=theta)
-            solution = conditioned.solution_to_user(solve_at(inner.theta, system, reml, host), theta)
+            optimum = replace(inner, theta=theta, objective=conditioned.objective_to_user(inner.objective, reml))
+            tilde = solve_at(inner.theta, system, reml, host)
+            solution = conditioned.solution_to_user(tilde, theta)
+            # prediction variances in the conditioned coordinates too (the user's X' X may not even factor)
+            coordinates = ConditionedCoordinates(conditioned, system, np.asarray(inner.theta, dtype=float),
+                                                 np.asarray(tilde.vcov_beta))
         for message in optimum.messages:
             warnings.warn(message, ConvergenceWarning, stacklevel=3)
-        return LMMResult(self.design, self.system, solution, optimum, reml, host)
+        return LMMResult(self.design, self.system, solution, optimum, reml, host,
+                         conditioned=None if conditioned is None else coordinates)
 
 
     def _lowest_of_scan(self, optimum, system, reml: bool, control, host: bool, statistics):

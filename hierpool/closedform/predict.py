@@ -70,7 +70,7 @@ def _conditional_variance(result, X, terms, known):
     """sigma^-2 v^T C^-1 v for each row, v the spherical coefficients of the known levels and x."""
     cov = result.prediction_blocks
     layout = result.system.layout
-    factors = [np.asarray(t) for t in result.solution.factors]
+    factors = result.prediction_coordinates()[2]  # X and terms in those coordinates already (predict)
     z0, level0 = terms[0]
     v0 = (z0 @ factors[0]) * known[0][:, None]
     safe0 = np.where(known[0], level0, 0)
@@ -135,11 +135,16 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
     if interval is None:
         return fit
     sigma2 = result.sigma**2
+    # the variances in the coordinates of the fit's algebra: a conditioned fit's x A and z_j M_j (the user's
+    # x' Cov(beta) x at x ~ 1e7 cancels most digits), else the user's columns
+    fixed, term_maps, factors, vcov = result.prediction_coordinates()
+    X = X if fixed is None else X @ fixed
+    terms = [(z @ m, lvl) for (z, lvl), m in zip(terms, term_maps)]
     if re:
         variance = sigma2 * _conditional_variance(result, X, terms, known)
     else:
-        variance = np.einsum("na,ab,nb->n", X, np.asarray(result.solution.vcov_beta), X)
-    covariances = result.term_covariances()
+        variance = np.einsum("na,ab,nb->n", X, vcov, X)
+    covariances = [sigma2 * (f @ f.T) for f in factors]  # Sigma_j = sigma^2 T_j T_j^T (result.term_covariances)
     for (z, _), ok, cov in zip(terms, known, covariances):
         # unknown group deviations: their whole distribution, for new levels (or re=False prediction)
         if re or interval == "prediction":

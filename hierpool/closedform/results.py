@@ -8,7 +8,9 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from ..algebra.conditioning import Conditioning
 from ..algebra.henderson import Solution, diagonal_blocks
+from ..algebra.linalg import theta_to_factors
 from ..algebra.system import MixedModelSystem
 from ..algebra.varcorr import varcorr_table
 from ..errors import HierpoolError
@@ -40,6 +42,25 @@ class Likelihood:
         return -2.0 * self.loglik + np.log(self.nobs) * self.n_params
 
 
+def user_coordinates(solution: Solution):
+    """:meth:`LMMResult.prediction_coordinates` of a fit on the user's columns: (None, identities, T_j, Cov(beta))."""
+    factors = [np.asarray(f) for f in solution.factors]
+    return None, [np.eye(f.shape[0]) for f in factors], factors, np.asarray(solution.vcov_beta)
+
+
+@dataclass(frozen=True)
+class ConditionedCoordinates:
+    """A fit on conditioned columns (:mod:`hierpool.algebra.conditioning`): its system, theta~ and Cov(beta~), in
+    which a row's prediction variance is formed from x A and z_j M_j.  On the user's columns x' Cov(beta) x at
+    x ~ 1e7 sums huge entries that cancel (4 digits left on sleepstudy with Days + 1e7), and the user's X' X may
+    not even factor."""
+
+    conditioning: Conditioning
+    system: MixedModelSystem
+    theta: np.ndarray
+    vcov_beta: np.ndarray
+
+
 @dataclass(frozen=True, eq=False)
 class LMMResult(Likelihood):
     """A linear mixed model fitted by REML or ML (or evaluated at a given theta).
@@ -55,6 +76,9 @@ class LMMResult(Likelihood):
     optimum: Optimum | None  # None when evaluated at a given theta
     reml: bool
     on_host: bool | None = None  # where the fit's algebra ran (Control.compile); None: chosen by size
+    # a fit on conditioned columns (hierpool.algebra.conditioning), in whose coordinates prediction variances are
+    # formed (prediction_coordinates); None: the user's
+    conditioned: ConditionedCoordinates | None = None
 
     # --- scalars -------------------------------------------------------------------------
     @property
@@ -180,9 +204,10 @@ class LMMResult(Likelihood):
         layout = self.system.layout
         q = layout.q_rest
         rest = np.asarray(blocks.rest)
+        fixed, term_maps, factors, _ = self.prediction_coordinates()
         out, offset = [], 0
-        for j, factor in enumerate(self.solution.factors):
-            factor = np.asarray(factor)
+        for j, (m, factor) in enumerate(zip(term_maps, factors)):
+            factor = m @ factor  # b = M T u in the blocks' coordinates u
             if j == 0:
                 var_u, cov_u_beta = np.asarray(blocks.term0), np.asarray(blocks.cross)[:, :, q:]
             else:
@@ -190,8 +215,20 @@ class LMMResult(Likelihood):
                 var_u = np.asarray(diagonal_blocks(rest, offset, ell, k))
                 cov_u_beta = rest[offset : offset + ell * k, q:].reshape(ell, k, -1)
                 offset += ell * k
+            cov_u_beta = cov_u_beta if fixed is None else cov_u_beta @ fixed.T  # beta = A beta~
             out.append((self.sigma**2 * (factor @ var_u @ factor.T), self.sigma**2 * (factor @ cov_u_beta)))
         return out
+
+    def prediction_coordinates(self):
+        """(A, [M_j], [T_j], Cov(beta)) of the coordinates in which :attr:`prediction_blocks` are formed: a row's x
+        enters as x A and its z_j as (z_j M_j) T_j.  The user's (None, identities, T_j, Cov(beta)), or a
+        conditioned fit's (A or None, M_j, T~_j, Cov(beta~)): :class:`ConditionedCoordinates`."""
+        if self.conditioned is None:
+            return user_coordinates(self.solution)
+        conditioning = self.conditioned.conditioning
+        tilde = theta_to_factors(self.conditioned.theta, tuple(m.shape[0] for m in conditioning.transforms))
+        return (conditioning.fixed, list(conditioning.transforms), [np.asarray(f) for f in tilde],
+                self.conditioned.vcov_beta)
 
     # --- fitted values -------------------------------------------------------------------
     def random_contribution(self, term_index: int) -> np.ndarray:
@@ -218,6 +255,8 @@ class LMMResult(Likelihood):
         from ..algebra.system import on_device, on_host
         from .optimize import runs_on_host
 
+        if self.conditioned is not None:  # in the conditioned coordinates (prediction_coordinates)
+            return henderson.prediction_covariance(self.conditioned.theta, on_host(self.conditioned.system))
         host = runs_on_host(self.system) if self.on_host is None else self.on_host
         if host:
             return henderson.prediction_covariance(np.asarray(self.theta, dtype=float), on_host(self.system))
