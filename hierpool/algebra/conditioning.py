@@ -40,7 +40,7 @@ import numpy as np
 
 from ..spec.design import Design
 from .henderson import Solution
-from .linalg import segment_sum, theta_to_factors, tril_positions
+from .linalg import theta_to_factors, tril_positions
 
 #: Condition a term when a non-intercept column's |mean| exceeds this many sds (with an intercept in the term)...
 CENTRE_RATIO = 10.0
@@ -51,15 +51,30 @@ SCALE_RATIO = 1e3
 def column_moments(z: np.ndarray, group: np.ndarray, n_groups: int):
     """Per group of rows: (whether each column is constant and nonzero there, its mean, its sd, its root mean
     square), each (n_groups, k), and each group's first row's values (n_groups, k); the sd from deviations about
-    the group's mean (as ``np.std``, no cancellation for a column of large mean)."""
+    the group's mean (as ``np.std``, no cancellation for a column of large mean).
+
+    The columns are summed as the rows of z^T, each one contiguous reduction (a batch's million rows: a fifth of
+    the time of summing the (N, 3k) stack of the three quantities)."""
     count = np.maximum(np.bincount(group, minlength=n_groups), 1)[:, None]
     first = np.zeros(n_groups, dtype=np.int64)
     first[group[::-1]] = np.arange(len(group))[::-1]  # each group's first row
-    k = z.shape[1]
-    mean = segment_sum(z, group, n_groups) / count
-    deviation = z - mean[group]  # the sd about each group's own mean
-    sums = segment_sum(np.column_stack([deviation**2, z**2, z != z[first[group]]]), group, n_groups)
-    sd, rms, differs = np.sqrt(sums[:, :k] / count), np.sqrt(sums[:, k:2 * k] / count), sums[:, 2 * k:]
+    columns = np.ascontiguousarray(z.T)  # (k, N)
+    in_order = len(group) > 1 and bool(np.all(group[1:] >= group[:-1]))
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if in_order else None
+
+    def sums(values):  # (k, N) -> (n_groups, k)
+        out = np.zeros((n_groups, values.shape[0]))
+        if not len(group):
+            return out
+        if starts is not None:
+            out[group[starts]] = np.add.reduceat(values, starts, axis=1).T
+            return out
+        return np.stack([np.bincount(group, weights=v, minlength=n_groups) for v in values], axis=1)
+
+    mean = sums(columns) / count
+    deviation = columns - mean.T[:, group]  # the sd about each group's own mean
+    sd, rms = np.sqrt(sums(deviation * deviation) / count), np.sqrt(sums(columns * columns) / count)
+    differs = sums((columns != columns[:, first[group]]).astype(float))
     constant = (differs == 0) & (z[first] != 0)
     return constant, mean, sd, rms, z[first]
 
