@@ -439,3 +439,18 @@ def test_several_spatial_terms_need_a_dict_of_graphs_and_distinct_columns(three_
     for terms in ("(1 | clinic) + (0 + x | clinic)", "(1 + x || clinic)"):
         with pytest.raises(hp.HierpoolError, match=r"several \(... \| clinic\) terms on one group, is not built"):
             hp.lmm(f"y ~ x + car(zone, type='icar') + {terms}", data, adjacency={"zone": adjacency["zone"]})
+
+
+def test_an_observation_level_iid_term_beside_car_of_a_binary_outcome_is_named(nc):
+    """BYM's iid part, (1 | county) beside car(county), with one 0/1 outcome per county: its variance is not
+    identified (as hp.glmm's ordinary path warns, spec.family.binary_outcome_per_level); the spatial path said
+    nothing.  The model without it, bym2 alone, is not flagged."""
+    data = nc.data.assign(y=(nc.data.sid74 > nc.data.sid74.median()).astype(int))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hp.glmm("y ~ car(county, type='icar') + (1 | county)", data, family="binomial", adjacency=nc.adjacency)
+        named = [str(w.message) for w in caught if "not identified" in str(w.message)]
+        assert len(named) == 1 and named[0].startswith("the term (1 | county) has one observation per level")
+        caught.clear()
+        hp.glmm("y ~ car(county, type='bym2')", data, family="binomial", adjacency=nc.adjacency)
+        assert not [w for w in caught if "not identified" in str(w.message)]

@@ -163,6 +163,7 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
         from .spatial import fit_spatial
 
         sdesign = spatial_design(formula, data, adjacency, family=spec, weights=weights, offset=offset)
+        _warn_if_unidentified(sdesign.design, spec.name)  # a (1 | area) beside car(area): BYM's iid part
         return fit_spatial(sdesign, reml=bool(reml), stages=1 if nAGQ == 0 else 2)
     if reml:
         raise ArgumentError("reml=True is for a spatial model (adjacency=); glmer's GLMM fit is maximum likelihood")
