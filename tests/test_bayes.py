@@ -450,12 +450,27 @@ def test_the_default_intercept_prior_does_not_depend_on_where_a_covariate_is_cen
     # 2.5 sd(y)) held it near mean(y) at x = 0, two thousand days from the data: the slope came out 0.04, not 10.5
     settings = {"draws": 1000, "tune": 500, "chains": 2, "seed": 4, "progress": False}
     plain = hp.bayes("Reaction ~ Days + (1 | Subject)", sleepstudy, **settings)
-    moved = hp.bayes("Reaction ~ Days + (1 | Subject)", sleepstudy.assign(Days=sleepstudy["Days"] + 2000), **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hp.HierpoolWarning)  # 700 sds from zero: no column to centre (below)
+        moved = hp.bayes("Reaction ~ Days + (1 | Subject)", sleepstudy.assign(Days=sleepstudy["Days"] + 2000),
+                         **settings)
     a, b = plain.fixef.loc["Days"], moved.fixef.loc["Days"]
     assert abs(a["mean"] - b["mean"]) < Z_MAX * np.hypot(a["mcse_mean"], b["mcse_mean"]), (a, b)
     assert b["sd"] == pytest.approx(a["sd"], rel=0.1)
     at_zero = moved.beta_draws[..., 0] + 2000 * moved.beta_draws[..., 1]  # the moved model's intercept at Days = 0
     assert abs(at_zero.mean() - plain.fixef.loc["Intercept", "mean"]) < 0.1 * plain.fixef.loc["Intercept", "sd"]
+
+
+def test_a_fixed_effect_column_too_far_from_zero_for_the_samplers_digits_is_named(sleepstudy):
+    # Days + 1e7 (3.5e6 sds from zero): the collapsed sampler, which integrates beta out on X's own columns, moved
+    # the slope's posterior mean by 0.45 sd without a sign (hp.lmm conditions such a column; the sampler cannot, its
+    # priors being on the user's coefficients); hp.bayes and bayes_batch now name the column, and the datasets
+    frames = [sleepstudy.assign(Days=sleepstudy["Days"] + 1e7), sleepstudy]
+    settings = {"draws": 20, "tune": 20, "chains": 1, "seed": 1, "progress": False}
+    with pytest.warns(hp.HierpoolWarning, match=r"column 'Days' lies 3.5e\+06 of its sds from zero: .*I\(Days - 1e\+07\)"):
+        hp.bayes("Reaction ~ Days + (1 | Subject)", frames[0], **settings)
+    with pytest.warns(hp.HierpoolWarning, match=r"'Days' lies 3.5e\+06 of its sds from zero in 1 of 2 datasets"):
+        hp.bayes_batch("Reaction ~ Days + (1 | Subject)", frames, **settings)
 
 
 def test_the_default_intercept_prior_reads_the_slopes_priors_and_stays_proper(sleepstudy):

@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..algebra import one_term_marginal as one_term
 from ..algebra.ar1 import draw_effects_whitened
+from ..algebra.conditioning import far_fixed_columns, far_fixed_message
 from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
 from ..algebra.statistics import one_dataset_statistics
 from ..algebra.system import build_system, on_device, system_pattern
@@ -374,6 +375,7 @@ def bayes(
         return _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, method,
                            variance, level, target_accept, progress, weights, offset)
     design = build_design(formula, data, se=se, weights=weights, offset=offset)
+    _warn_if_far_from_centred(design)
     resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
     method = _choose_method(method, resolved)
     held = None if variance is None else _held_variance(design, variance)
@@ -403,6 +405,15 @@ def bayes(
         sigma_rows = None
     return _result(design, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats,
                    lambda: pointwise_log_likelihood(design, beta, b, sigma_rows))
+
+
+def _warn_if_far_from_centred(design: Design) -> None:
+    """Warn, naming the column, where a fixed-effect column lies so far from zero that the Gaussian samplers'
+    cross-products of X lose the posterior's digits (:func:`hierpool.algebra.conditioning.far_fixed_columns`;
+    ``hp.lmm`` conditions such columns, the sampler cannot: its priors are on the user's coefficients)."""
+    count, ratio, mean = far_fixed_columns(design.X)
+    for j in np.flatnonzero(count):
+        warnings.warn(far_fixed_message(design.fixed_names[j], ratio[j], mean[j]), HierpoolWarning, stacklevel=3)
 
 
 def _result(design, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats, pointwise,
