@@ -227,8 +227,20 @@ class Conditioning:
         user = theta_to_factors(np.asarray(theta), tuple(m.shape[0] for m in self.transforms))
         return [np.linalg.pinv(np.asarray(f)) @ m @ np.asarray(t) for f, m, t in zip(user, self.transforms, tilde_factors)]
 
+    @property
+    def terms_conditioned(self) -> bool:
+        """Whether some term's M is other than the identity (else X alone is conditioned: :func:`condition_fixed`)."""
+        return any(not np.array_equal(m, np.eye(m.shape[0])) for m in self.transforms)
+
     def solution_to_user(self, solution: Solution, theta: np.ndarray) -> Solution:
         """The conditioned problem's solution (host arrays) on the user's columns at the user's ``theta``."""
+        fixed = {}
+        if self.fixed is not None:
+            beta, vcov = fixed_to_user(self.fixed, np.asarray(solution.beta), np.asarray(solution.vcov_beta))
+            fixed = {"beta": beta, "vcov_beta": vcov,  # and log |R_X|^2, which moves as REML's criterion
+                     "logdet_rx": np.asarray(solution.logdet_rx) - reml_shift(self.fixed)}
+        if not self.terms_conditioned:  # the terms' numbers are the user's as they are (u too, where T is singular)
+            return replace(solution, **fixed)
         user_factors = [np.asarray(f) for f in theta_to_factors(np.asarray(theta), tuple(m.shape[0] for m in self.transforms))]
         b, cond_var, u = [], [], []
         maps = self._effect_maps(theta, solution.factors)
@@ -237,13 +249,19 @@ class Conditioning:
             b.append(b_user)
             cond_var.append(var_user)
             u.append(np.asarray(u_j) @ r.T)
-        fixed = {}
-        if self.fixed is not None:
-            beta, vcov = fixed_to_user(self.fixed, np.asarray(solution.beta), np.asarray(solution.vcov_beta))
-            fixed = {"beta": beta, "vcov_beta": vcov,  # and log |R_X|^2, which moves as REML's criterion
-                     "logdet_rx": np.asarray(solution.logdet_rx) - reml_shift(self.fixed)}
         return replace(solution, theta=np.asarray(theta), factors=tuple(user_factors), b=tuple(b),
                        cond_var=tuple(cond_var), u=tuple(u), **fixed)
+
+
+def condition_fixed(design: Design) -> Conditioning | None:
+    """The design with X's columns alone centred and scaled where they are far from it (:func:`fixed_transform`),
+    else None: the terms keep their columns (M = I), so that theta is the user's (``hp.MixedModel``'s evaluations
+    at a given theta)."""
+    a = fixed_transform(design.X)
+    if a is None:
+        return None
+    return Conditioning(design=replace(design, X=np.ascontiguousarray(design.X @ a)),
+                        transforms=tuple(np.eye(t.k) for t in design.terms), fixed=a)
 
 
 def condition_terms(design: Design, force: bool = False, fixed: bool = False) -> Conditioning | None:
@@ -252,11 +270,10 @@ def condition_terms(design: Design, force: bool = False, fixed: bool = False) ->
     intercept's column, :func:`hierpool.closedform.ar1.fit_ar1`).  ``fixed``: X's columns too, where they are far
     from centred or unit scale (:func:`fixed_transform`; ``hp.lmm``, which profiles beta out: a GLMM's search
     moves beta, scaled its own way)."""
+    if not force and not any(_needs_conditioning(t.z) for t in design.terms):
+        return condition_fixed(design) if fixed else None
     a = fixed_transform(design.X) if fixed else None
-    terms_need = force or any(_needs_conditioning(t.z) for t in design.terms)
-    if not terms_need and a is None:
-        return None
-    transforms = tuple(term_transform(t.z) if terms_need else np.eye(t.k) for t in design.terms)
+    transforms = tuple(term_transform(t.z) for t in design.terms)
     terms = tuple(replace(t, z=np.ascontiguousarray(t.z @ m)) for t, m in zip(design.terms, transforms))
     changes = {"terms": terms} if a is None else {"terms": terms, "X": np.ascontiguousarray(design.X @ a)}
     return Conditioning(design=replace(design, **changes), transforms=transforms, fixed=a)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
 
 from ..algebra import henderson, jax_runtime, one_term
-from ..algebra.conditioning import condition_terms
+from ..algebra.conditioning import Conditioning, condition_fixed, condition_terms
 from ..algebra.henderson import as_numpy, solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.statistics import centred_statistics
@@ -111,18 +112,46 @@ class MixedModel:
             raise ArgumentError(f"theta must have {self.n_theta} values for this model, got {theta.size}")
         return theta
 
+    @cached_property
+    def _fixed_conditioned(self) -> tuple[Conditioning, MixedModelSystem] | None:
+        """(X's conditioning alone, its system) where X's columns are far from centred or unit scale
+        (:func:`~hierpool.algebra.conditioning.condition_fixed`), else None.  Evaluations at a given theta run
+        there, the criterion and beta mapped back: on the user's X' X, Days + 1e7 on sleepstudy moved the REML
+        criterion by 6.4, or its Cholesky factor failed.  theta is the user's on both (Z is not touched)."""
+        conditioning = condition_fixed(self.design)
+        if conditioning is None:
+            return None
+        system = build_system(conditioning.design, host=True)
+        return conditioning, (system if isinstance(self.system.rest, np.ndarray) else on_device(system))
+
+    def _evaluated(self) -> tuple[Conditioning | None, MixedModelSystem]:
+        """The system evaluations at a given theta run on: :attr:`_fixed_conditioned`'s, else :attr:`system`."""
+        return self._fixed_conditioned or (None, self.system)
+
     def objective(self, theta, reml: bool = True, control: Control | None = None) -> float:
         """Profiled REML criterion (or deviance) at ``theta``: lme4's ``devfun(theta)``."""
-        return criterion_value(self._theta(theta), self.system, reml, runs_on_host(self.system, control))
+        conditioning, system = self._evaluated()
+        value = criterion_value(self._theta(theta), system, reml, runs_on_host(system, control))
+        return value if conditioning is None else conditioning.objective_to_user(value, reml)
 
     def objective_and_gradient(self, theta, reml: bool = True, control: Control | None = None) -> tuple[float, np.ndarray]:
         """The objective and its exact gradient (closed-form adjoints; ``control.compile`` as in :meth:`fit`)."""
-        return value_and_gradient(self.system, reml, runs_on_host(self.system, control))(self._theta(theta))
+        conditioning, system = self._evaluated()
+        value, gradient = value_and_gradient(system, reml, runs_on_host(system, control))(self._theta(theta))
+        # REML's criterion on X A is the user's plus a constant (reml_shift): the same gradient
+        return (value if conditioning is None else conditioning.objective_to_user(value, reml)), gradient
 
     def at(self, theta, reml: bool = True, control: Control | None = None) -> LMMResult:
         """BLUPs, fixed effects and every table at a fixed ``theta`` (no optimization)."""
-        solution = solve_at(self._theta(theta), self.system, reml, runs_on_host(self.system, control))
-        return LMMResult(self.design, self.system, solution, None, reml, runs_on_host(self.system, control))
+        conditioning, system = self._evaluated()
+        theta = self._theta(theta)
+        host = runs_on_host(system, control)
+        solution = solve_at(theta, system, reml, host)
+        if conditioning is None:
+            return LMMResult(self.design, self.system, solution, None, reml, host)
+        coordinates = ConditionedCoordinates(conditioning, on_host(system), theta, np.asarray(solution.vcov_beta))
+        return LMMResult(self.design, self.system, conditioning.solution_to_user(solution, theta), None, reml, host,
+                         conditioned=coordinates)
 
     def fit(self, reml: bool = True, control: Control | None = None) -> LMMResult:
         """Optimize theta (L-BFGS-B on the exact gradient) and return the fitted model.
