@@ -138,8 +138,11 @@ def bucket_systems(plan: BatchPlan, datasets, shifts: tuple[np.ndarray, np.ndarr
     out = []
     for key, members in buckets.items():
         members = np.asarray(members)
-        rows = np.isin(plan.dataset, members)
-        local = np.searchsorted(members, plan.dataset[rows])
+        if np.array_equal(members, np.arange(plan.n_datasets)):  # one bucket of every dataset: no row mask, copies
+            rows, local = slice(None), plan.dataset
+        else:
+            rows = np.isin(plan.dataset, members)
+            local = np.searchsorted(members, plan.dataset[rows])
         terms = [(level[rows], term.z[rows], int(width))
                  for (level, _, _), term, width in zip(plan.term_levels, design.terms, key)]
         if merged:
