@@ -32,9 +32,10 @@ from ..algebra.conditioning import (
     effects_to_user,
     fixed_to_user,
     needs_conditioning,
-    reml_shift,
+    orthogonalised,
     term_transforms,
     thetas_to_user,
+    transform_logdet,
 )
 from ..algebra.linalg import theta_to_factors
 from ..closedform.optimize import Control
@@ -49,8 +50,9 @@ class BatchConditioning:
     plan: BatchPlan
     transforms: tuple[np.ndarray, ...]
     conditioned: np.ndarray
-    fixed: np.ndarray | None = None  # A per dataset (n_datasets, p, p)
+    fixed: tuple[np.ndarray, ...] | None = None  # A's factors per dataset, each (n_datasets, p, p)
     reml: bool = False  # the criterion is REML's: log |X' V^-1 X| moves by 2 log |det A| with X A
+    fixed_logdet: np.ndarray | None = None  # log |det A| per dataset, summed from its factors
 
     def to_user(self, out: dict) -> dict:
         """The results ``out`` of a fit of :attr:`plan` (:func:`hierpool.batch.fit_terms.run_jobs`'s dict) on the
@@ -60,10 +62,10 @@ class BatchConditioning:
         if not rows.size:
             return out
         if self.fixed is not None:
-            a = self.fixed[rows]
-            out["beta"][rows], out["vcov"][rows] = fixed_to_user(a, out["beta"][rows], out["vcov"][rows])
+            factors = [f[rows] for f in self.fixed]
+            out["beta"][rows], out["vcov"][rows] = fixed_to_user(factors, out["beta"][rows], out["vcov"][rows])
             if self.reml:  # log |A' X' V^-1 X A| = log |X' V^-1 X| + 2 log |det A|
-                out["objective"][rows] -= reml_shift(a)
+                out["objective"][rows] -= 2.0 * self.fixed_logdet[rows]
         ks = tuple(m.shape[-1] for m in self.transforms)
         transforms = [m[rows] for m in self.transforms]
         theta = thetas_to_user(out["theta"][rows], transforms)
@@ -101,11 +103,31 @@ def condition_batch(plan: BatchPlan, reml: bool = False) -> BatchConditioning | 
         transforms.append(transform)
         z = np.einsum("ri,rij->rj", term.z, transform[plan.dataset])
         terms.append(dataclasses.replace(term, z=np.ascontiguousarray(z)))
-    columns, fixed_transform = {"terms": tuple(terms)}, None
+    columns, fixed, logdet = {"terms": tuple(terms)}, None, None
     if design.p:
-        fixed_transform = block_transforms[-1]
-        fixed_transform[~conditioned] = np.eye(design.p)
-        columns["X"] = np.ascontiguousarray(np.einsum("ri,rij->rj", design.X, fixed_transform[plan.dataset]))
+        fixed = block_transforms[-1]
+        fixed[~conditioned] = np.eye(design.p)
+        columns["X"], r_inverse, logdet = _orthogonalised_per_dataset(
+            np.einsum("ri,rij->rj", design.X, fixed[plan.dataset]), plan.dataset, conditioned)
+        fixed = (fixed, r_inverse)
+        logdet += transform_logdet(fixed[0])
     # X's aliased columns are the user's columns' (hp.glmm drops such a column, which conditioned is not aliased)
     fitted = dataclasses.replace(plan, design=dataclasses.replace(design, **columns), user_aliased=plan.fixed_aliased)
-    return BatchConditioning(fitted, tuple(transforms), conditioned, fixed_transform, reml=reml)
+    return BatchConditioning(fitted, tuple(transforms), conditioned, fixed, reml=reml, fixed_logdet=logdet)
+
+
+def _orthogonalised_per_dataset(X: np.ndarray, dataset: np.ndarray, conditioned: np.ndarray):
+    """Each conditioned dataset's rows of X (centred and scaled already) orthogonalised as ``hp.lmm``'s
+    (:func:`~hierpool.algebra.conditioning.orthogonalised`): (X, the second factor of A per dataset (identities where
+    not conditioned), its log |det| per dataset).  An interaction with a shifted covariate stays nearly collinear
+    with its factor's columns after the centring alone."""
+    n_datasets, p = len(conditioned), X.shape[1]
+    r_inverse, logdet = np.tile(np.eye(p), (n_datasets, 1, 1)), np.zeros(n_datasets)
+    targets = np.flatnonzero(conditioned)
+    if targets.size:
+        order = np.argsort(dataset, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(dataset, minlength=n_datasets))])
+        for d in targets:
+            rows = order[bounds[d]:bounds[d + 1]]
+            X[rows], r_inverse[d], logdet[d] = orthogonalised(X[rows])
+    return np.ascontiguousarray(X), r_inverse, logdet

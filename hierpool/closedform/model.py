@@ -138,7 +138,7 @@ class MixedModel:
         """The objective and its exact gradient (closed-form adjoints; ``control.compile`` as in :meth:`fit`)."""
         conditioning, system = self._evaluated()
         value, gradient = value_and_gradient(system, reml, runs_on_host(system, control))(self._theta(theta))
-        # REML's criterion on X A is the user's plus a constant (reml_shift): the same gradient
+        # REML's criterion on X A is the user's plus a constant (2 log |det A|): the same gradient
         return (value if conditioning is None else conditioning.objective_to_user(value, reml)), gradient
 
     def at(self, theta, reml: bool = True, control: Control | None = None) -> LMMResult:
@@ -163,8 +163,9 @@ class MixedModel:
         (:mod:`hierpool.algebra.conditioning`); the convergence checks are
         those of the conditioned problem.
         """
+        # from a given theta (the user's parametrization) the terms keep their columns: X alone is conditioned
         conditioned = (condition_terms(self.design, fixed=True) if (control is None or control.theta_start is None)
-                       else None)
+                       else condition_fixed(self.design))
         host = runs_on_host(self.system, control)
         if conditioned is None:
             one_term_inputs = _one_term_statistics(self.design, host)

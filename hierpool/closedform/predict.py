@@ -30,6 +30,7 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
+from ..algebra.conditioning import fixed_rows
 from ..algebra.henderson import row_quadratic_forms
 from ..errors import ArgumentError
 from ..spec.arguments import probability_argument
@@ -138,7 +139,7 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
     # the variances in the coordinates of the fit's algebra: a conditioned fit's x A and z_j M_j (the user's
     # x' Cov(beta) x at x ~ 1e7 cancels most digits), else the user's columns
     fixed, term_maps, factors, vcov = result.prediction_coordinates()
-    X = X if fixed is None else X @ fixed
+    X = X if fixed is None else fixed_rows(X, fixed)
     terms = [(z @ m, lvl) for (z, lvl), m in zip(terms, term_maps)]
     if re:
         variance = sigma2 * _conditional_variance(result, X, terms, known)

@@ -215,14 +215,17 @@ class LMMResult(Likelihood):
                 var_u = np.asarray(diagonal_blocks(rest, offset, ell, k))
                 cov_u_beta = rest[offset : offset + ell * k, q:].reshape(ell, k, -1)
                 offset += ell * k
-            cov_u_beta = cov_u_beta if fixed is None else cov_u_beta @ fixed.T  # beta = A beta~
+            if fixed is not None:  # beta = A beta~: cov(u, beta) = cov(u, beta~) A^T, one factor of A at a time
+                for part in reversed(fixed):
+                    cov_u_beta = cov_u_beta @ part.T
             out.append((self.sigma**2 * (factor @ var_u @ factor.T), self.sigma**2 * (factor @ cov_u_beta)))
         return out
 
     def prediction_coordinates(self):
-        """(A, [M_j], [T_j], Cov(beta)) of the coordinates in which :attr:`prediction_blocks` are formed: a row's x
-        enters as x A and its z_j as (z_j M_j) T_j.  The user's (None, identities, T_j, Cov(beta)), or a
-        conditioned fit's (A or None, M_j, T~_j, Cov(beta~)): :class:`ConditionedCoordinates`."""
+        """(A's factors, [M_j], [T_j], Cov(beta)) of the coordinates in which :attr:`prediction_blocks` are formed:
+        a row's x enters as x A (:func:`~hierpool.algebra.conditioning.fixed_rows`) and its z_j as (z_j M_j) T_j.
+        The user's (None, identities, T_j, Cov(beta)), or a conditioned fit's (A's factors or None, M_j, T~_j,
+        Cov(beta~)): :class:`ConditionedCoordinates`."""
         if self.conditioned is None:
             return user_coordinates(self.solution)
         conditioning = self.conditioned.conditioning
