@@ -153,7 +153,12 @@ def far_fixed_message(name: str, ratio: float, mean: float, datasets: str = "") 
     """The warning of a column :func:`far_fixed_columns` finds (``datasets``: "in 3 of 10 datasets" or "")."""
     return (f"the fixed-effect column {name!r} lies {ratio:.1e} of its sds from zero{datasets}: the sampler integrates "
             "the fixed effects out on X's own columns, whose cross-products then keep too few digits, and its "
-            f"posterior can be off; centre the column (as I({name} - {mean:.6g}) in the formula)")
+            f"posterior can be off; centre the column (as I({name} - {_positional(mean)}) in the formula)")
+
+
+def _positional(value: float) -> str:
+    """``value`` as the formula's parser reads it: digits, no exponent (``1e+07`` does not parse), 10 significant."""
+    return np.format_float_positional(float(f"{value:.10g}"), trim="-")
 
 
 def _needs_conditioning(z: np.ndarray) -> bool:
