@@ -135,16 +135,25 @@ FAR_FIXED_RATIO = 1e6
 
 def far_fixed_columns(X: np.ndarray, group: np.ndarray | None = None, n_groups: int = 1):
     """(per column of X, the groups of rows (a batch's datasets; one where ``group`` is None) in which it lies
-    further than :data:`FAR_FIXED_RATIO` of its sds from zero beside an intercept column; the largest such
+    further than :data:`FAR_FIXED_RATIO` of its sds from zero while X's columns span a constant (an intercept, or a
+    factor's every level, ``0 + g + x``), so that its mean is a direction the columns repeat; the largest such
     |mean| / sd; a mean of the column there), each (p,): the columns to centre before sampling."""
     p = X.shape[1]
     if not p or not len(X):
         return np.zeros(p, dtype=np.int64), np.zeros(p), np.zeros(p)
     group = np.zeros(len(X), dtype=np.int64) if group is None else group
-    constant, mean, sd, _, _ = column_moments(X, group, n_groups)
-    intercept = _intercept_columns(constant)
+    _, mean, sd, _, _ = column_moments(X, group, n_groups)
     ratio = np.abs(mean) / np.where(sd > 0, sd, np.inf)
-    far = (intercept[:, None] >= 0) & (np.arange(p)[None, :] != intercept[:, None]) & (ratio > FAR_FIXED_RATIO)
+    far = ratio > FAR_FIXED_RATIO
+    suspects = np.flatnonzero(far.any(axis=1))
+    if suspects.size:  # rare: whether those groups' columns span a constant, by a QR of their rows
+        order = np.argsort(group, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=n_groups))])
+        for g in suspects:
+            rows = X[order[bounds[g]:bounds[g + 1]]]
+            q = np.linalg.qr(rows)[0]
+            ones = np.ones(len(rows))
+            far[g] &= np.linalg.norm(ones - q @ (q.T @ ones)) <= 1e-10 * np.sqrt(len(rows))  # (x ~ 1e7 alone: 1e-7)
     at = np.argmax(np.where(far, ratio, -1.0), axis=0)
     return far.sum(axis=0), np.where(far, ratio, 0.0).max(axis=0), mean[at, np.arange(p)]
 

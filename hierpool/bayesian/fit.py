@@ -407,13 +407,14 @@ def bayes(
                    lambda: pointwise_log_likelihood(design, beta, b, sigma_rows))
 
 
-def _warn_if_far_from_centred(design: Design) -> None:
+def _warn_if_far_from_centred(design: Design, stacklevel: int = 3) -> None:
     """Warn, naming the column, where a fixed-effect column lies so far from zero that the Gaussian samplers'
     cross-products of X lose the posterior's digits (:func:`hierpool.algebra.conditioning.far_fixed_columns`;
     ``hp.lmm`` conditions such columns, the sampler cannot: its priors are on the user's coefficients)."""
     count, ratio, mean = far_fixed_columns(design.X)
     for j in np.flatnonzero(count):
-        warnings.warn(far_fixed_message(design.fixed_names[j], ratio[j], mean[j]), HierpoolWarning, stacklevel=3)
+        warnings.warn(far_fixed_message(design.fixed_names[j], ratio[j], mean[j]), HierpoolWarning,
+                      stacklevel=stacklevel)
 
 
 def _result(design, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats, pointwise,
@@ -627,6 +628,7 @@ def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, se
                             f"the plain model (method='full'), got method={method!r}")
     rel = model_relationship(formula, relmat, relmat_inverse)
     design = build_design(formula, data, se=se, weights=weights, offset=offset, related=(rel.group,))
+    _warn_if_far_from_centred(design, stacklevel=4)  # the animal model integrates beta out on X's columns too
     check_design(design, rel)
     resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
     equations, labels, _ = relmat_equations(design, rel)
