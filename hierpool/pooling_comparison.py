@@ -85,6 +85,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .algebra.conditioning import least_squares, term_transform
 from .algebra.henderson import diagonal_blocks, prediction_covariance
 from .algebra.linalg import theta_to_factors
 from .algebra.separation import is_separated
@@ -152,8 +153,7 @@ def _on_coefficients(fit: LMMResult, block: GroupTerms, beta: np.ndarray) -> np.
 def _complete_pooling_beta(fit: LMMResult) -> np.ndarray:
     """Weighted least squares of y - offset on the fixed-effect columns alone, shape (p,)."""
     root_w = np.sqrt(fit.design.row_weights)
-    beta, *_ = np.linalg.lstsq(fit.design.X * root_w[:, None], fit.design.y_less_offset * root_w, rcond=None)
-    return beta
+    return least_squares(fit.design.X * root_w[:, None], fit.design.y_less_offset * root_w)
 
 
 def complete_pooling(fit: LMMResult, block: GroupTerms) -> np.ndarray:
@@ -181,17 +181,21 @@ def _no_pooling_fit(fit: LMMResult, block: GroupTerms) -> tuple[np.ndarray, np.n
     )
     rows = identified[block.index]
     shared = [i for i, name in enumerate(design.fixed_names) if name not in block.coef_names]
-    # columns by level, then the block's coefficients (its terms' side by side)
+    # columns by level, then the block's coefficients (its terms' side by side), each group's on z M: centred and
+    # scaled (algebra.conditioning.term_transform), so that a slope on x + 3e6 is not judged aliased with its
+    # group's intercept (its coefficients map back, b = M b~)
+    m = term_transform(block.z)
     per_term = [fit.design.terms[j].dense_columns().reshape(design.n, ell, -1) for j in block.indices]
-    per_group = np.concatenate(per_term, axis=2).reshape(design.n, ell * k)[:, np.repeat(identified, k)]
+    per_group = np.concatenate(per_term, axis=2).reshape(design.n, ell, k) @ m
+    per_group = per_group.reshape(design.n, ell * k)[:, np.repeat(identified, k)]
     other = design.X[:, shared]
     matrix = np.hstack([per_group, other])[rows]
     keep = np.ones(matrix.shape[1], dtype=bool)
     keep[aliased_columns(matrix)] = False  # group-level covariates, made redundant by the group columns
     root_w = np.sqrt(weights[rows])
-    coef, *_ = np.linalg.lstsq(matrix[:, keep] * root_w[:, None], design.y_less_offset[rows] * root_w, rcond=None)
+    coef = least_squares(matrix[:, keep] * root_w[:, None], design.y_less_offset[rows] * root_w)
     estimates = np.full((ell, k), np.nan)
-    estimates[identified] = coef[: per_group.shape[1]].reshape(-1, k)
+    estimates[identified] = coef[: per_group.shape[1]].reshape(-1, k) @ m.T
     fitted = np.full(design.n, np.nan)
     fitted[rows] = design.offset[rows] + matrix[:, keep] @ coef
     return estimates, fitted
@@ -221,14 +225,30 @@ def _term_covariances(fit) -> list[np.ndarray]:
 
 
 def shrinkage_matrices(fit: LMMResult, block: GroupTerms) -> np.ndarray:
-    """W_j = (Sigma A_j + sigma^2 I)^-1 Sigma A_j per group, shape (levels, k, k)."""
+    """W_j = (Sigma A_j + sigma^2 I)^-1 Sigma A_j per group, shape (levels, k, k).
+
+    Formed in the coordinates of the fit's algebra (:meth:`~hierpool.closedform.results.LMMResult.
+    prediction_coordinates`): for a fit on conditioned columns, z~ = z M and Sigma~ = sigma^2 T~ T~^T, then
+    W = M W~ M^-1 (the coefficients map as b = M b~).  On the user's columns a slope on Days + 1e5 gave A_j and
+    Sigma entries that cancel (W's slope entry 11 off; garbage at 1e7)."""
     weights = fit.design.row_weights
     ell, k = len(block.levels), block.k
-    cross = np.einsum("n,ni,nj->nij", weights, block.z, block.z)
+    _, term_maps, factors, _ = fit.prediction_coordinates()
+    m = np.zeros((k, k))
+    covariance = np.zeros((k, k))
+    at = 0
+    for j in block.indices:
+        width = term_maps[j].shape[0]
+        m[at:at + width, at:at + width] = term_maps[j]
+        covariance[at:at + width, at:at + width] = fit.sigma**2 * factors[j] @ factors[j].T
+        at += width
+    z = block.z @ m
+    cross = np.einsum("n,ni,nj->nij", weights, z, z)
     moments = np.zeros((ell, k, k))
     np.add.at(moments, block.index, cross)
-    scaled = group_covariance(fit, block)[None] @ moments
-    return np.linalg.solve(scaled + fit.sigma**2 * np.eye(k)[None], scaled)
+    scaled = covariance[None] @ moments
+    tilde = np.linalg.solve(scaled + fit.sigma**2 * np.eye(k)[None], scaled)
+    return m @ tilde @ np.linalg.inv(m)
 
 
 def group_blups(fit: LMMResult, block: GroupTerms) -> np.ndarray:

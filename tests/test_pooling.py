@@ -452,3 +452,21 @@ def test_bad_glmm_arguments_name_the_culprit(cbpp, kwargs, error, match):
 def test_the_ridge_view_is_for_linear_mixed_models(extremes_pooled):
     with pytest.raises(hp.ArgumentError, match="GLMM"):
         extremes_pooled.ridge()
+
+
+def test_pooling_a_slope_on_a_covariate_far_from_zero_is_the_centred_models(study, slopes):
+    """time + 3e6 (3.6e6 sds): no pooling raised a ValueError (a group's slope column judged aliased with its
+    intercept), complete pooling came from NumPy's lstsq, whose SVD cuts such a slope's singular value (on sleepstudy
+    + 1e7 it gave 3.5e-5 for 10.47), and the shrinkage matrices from cancelling entries (garbage).  The groups'
+    columns are now centred (z M), the least squares run on conditioned columns (algebra.conditioning.least_squares)
+    and W in the fit's conditioned coordinates: the slopes are the centred model's, and W = C W_centred C^-1 for the
+    coefficients' map C (the intercept at 0 is the one at the shift less c times the slope)."""
+    c = 3e6
+    moved = hp.pooling(SLOPES, study.assign(time=study.time + c), bayes=False)
+    for column in ("complete_pooling", "no_pooling", "blup", "blup_sd"):
+        mine, theirs = (t.table.set_index(["grp", "term"])[column].xs("time", level="term") for t in (moved, slopes))
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-9, err_msg=column)
+    convert = np.array([[1.0, -c], [0.0, 1.0]])
+    expected = convert @ shrinkage_matrices(slopes.fit, slopes.block) @ np.linalg.inv(convert)
+    np.testing.assert_allclose(shrinkage_matrices(moved.fit, moved.block), expected, rtol=1e-7,
+                               atol=1e-9 * np.abs(expected).max())
