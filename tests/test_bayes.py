@@ -471,6 +471,10 @@ def test_a_fixed_effect_column_too_far_from_zero_for_the_samplers_digits_is_name
         hp.bayes("Reaction ~ Days + (1 | Subject)", frames[0], **settings)
     with pytest.warns(hp.HierpoolWarning, match=r"'Days' lies 3.5e\+06 of its sds from zero in 1 of 2 datasets"):
         hp.bayes_batch("Reaction ~ Days + (1 | Subject)", frames, **settings)
+    # the exact draws at a held variance failed in float64 there: NaN posteriors, now refused
+    held = hp.lmm("Reaction ~ Days + (Days | Subject)", frames[0])
+    with pytest.warns(hp.HierpoolWarning, match="sds from zero"), pytest.raises(hp.HierpoolError, match="not finite"):
+        hp.bayes("Reaction ~ Days + (Days | Subject)", frames[0], variance=held, **settings)
 
 
 def test_the_default_intercept_prior_reads_the_slopes_priors_and_stays_proper(sleepstudy):

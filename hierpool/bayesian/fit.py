@@ -421,7 +421,13 @@ def _result(design, resolved, method, level, variance, held, beta, b, sds, cors,
             extra: dict | None = None, series: tuple | None = None) -> BayesResult:
     """A linear mixed model's BayesResult from its draws: ``pointwise()`` the pointwise log-likelihood (stored
     up to :data:`LOG_LIKELIHOOD_MAX_VALUES` values, warned beyond), ``extra`` more posterior variables (an
-    AR(1) model's phi), sampler diagnostics warned."""
+    AR(1) model's phi), sampler diagnostics warned.  Draws that are not finite are refused: the exact draws'
+    factorization failed in float64 (a fixed-effect column far from zero, ``variance=`` held on sleepstudy with
+    Days + 1e7, gave NaN posteriors)."""
+    if not (np.all(np.isfinite(beta)) and all(np.all(np.isfinite(np.asarray(x))) for x in b)):
+        raise DataError("the draws of the fixed and random effects are not finite: the mixed-model equations are not "
+                        "positive definite in float64 (a fixed-effect column far from zero or from unit scale makes "
+                        "them so: centre or rescale it)")
     chains, draws = beta.shape[:2]
     log_lik = None
     if chains * draws * design.n <= LOG_LIKELIHOOD_MAX_VALUES:
