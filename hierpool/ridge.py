@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.linalg
 
+from .algebra.conditioning import fixed_rows
 from .closedform.results import LMMResult
 from .errors import ArgumentError
 
@@ -33,17 +34,21 @@ DENSE_LIMIT = 4000  # random-effect columns: the view is a teaching tool, built 
 
 
 def _dense_relative_z(fit: LMMResult) -> np.ndarray:
-    """Z Lambda, shape (n, q), columns ordered by term, level, coefficient."""
-    return np.hstack([term.dense_columns(term.z @ np.asarray(factor))
-                      for term, factor in zip(fit.design.terms, fit.solution.factors)])
+    """Z Lambda, shape (n, q), columns ordered by term, level, coefficient: in the coordinates of the fit's algebra
+    (:meth:`~hierpool.closedform.results.LMMResult.prediction_coordinates`), (z M) T~ for a fit on conditioned
+    columns, the same model (its u spherical) without the user's cancelling entries (a slope on Days + 1e7)."""
+    _, term_maps, factors, _ = fit.prediction_coordinates()
+    return np.hstack([term.dense_columns((term.z @ m) @ f) for term, m, f in zip(fit.design.terms, term_maps, factors)])
 
 
 def _unstack(fit: LMMResult, u: np.ndarray) -> list[np.ndarray]:
-    """Split the u vector per term and map to b = Lambda u, shape (levels, k) per term."""
+    """Split the u vector per term and map to b = M T u (:func:`_dense_relative_z`'s coordinates), shape (levels,
+    k) per term."""
+    _, term_maps, factors, _ = fit.prediction_coordinates()
     out, offset = [], 0
-    for term, factor in zip(fit.design.terms, fit.solution.factors):
+    for term, m, factor in zip(fit.design.terms, term_maps, factors):
         size = term.n_levels * term.k
-        out.append(u[..., offset : offset + size].reshape(u.shape[:-1] + (term.n_levels, term.k)) @ np.asarray(factor).T)
+        out.append((u[..., offset : offset + size].reshape(u.shape[:-1] + (term.n_levels, term.k)) @ factor.T) @ m.T)
         offset += size
     return out
 
@@ -58,7 +63,8 @@ def ridge_solve(fit: LMMResult, multipliers: np.ndarray) -> tuple[np.ndarray, li
 
     Returns (beta, b): beta shaped (len(t), p); b per term shaped (len(t), levels, k).
     """
-    X, y = fit.design.X, fit.design.y
+    fixed = fit.prediction_coordinates()[0]  # X as x A for a fit on conditioned columns, beta mapped back below
+    X, y = (fit.design.X if fixed is None else fixed_rows(fit.design.X, fixed)), fit.design.y
     w = fit.design.row_weights
     U = _dense_relative_z(fit)
     xtx_inv_xt = scipy.linalg.solve(X.T @ (w[:, None] * X), (w[:, None] * X).T, assume_a="pos")  # (X'WX)^-1 X'W
@@ -70,6 +76,8 @@ def ridge_solve(fit: LMMResult, multipliers: np.ndarray) -> tuple[np.ndarray, li
     t = np.asarray(multipliers, dtype=float)
     u = (projected[None, :] / (values[None, :] + t[:, None])) @ vectors.T  # (len(t), q)
     beta = (xtx_inv_xt @ (y[:, None] - U @ u.T)).T
+    for factor in reversed(fixed or ()):  # beta = A beta~, one factor at a time
+        beta = beta @ factor.T
     return beta, _unstack(fit, u)
 
 

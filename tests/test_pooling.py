@@ -470,3 +470,6 @@ def test_pooling_a_slope_on_a_covariate_far_from_zero_is_the_centred_models(stud
     expected = convert @ shrinkage_matrices(slopes.fit, slopes.block) @ np.linalg.inv(convert)
     np.testing.assert_allclose(shrinkage_matrices(moved.fit, moved.block), expected, rtol=1e-7,
                                atol=1e-9 * np.abs(expected).max())
+    # the ridge view solves densely in the fit's conditioned coordinates too (on the user's: 1.26e7 apart)
+    ridge = hp.ridge_view(moved.fit)
+    assert ridge.max_abs_difference < 1e-10 * np.abs(ridge.table.blup).max()
