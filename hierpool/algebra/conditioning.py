@@ -37,10 +37,12 @@ Well-conditioned models (the usual case) are left alone, so their numbers and co
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..errors import HierpoolWarning
 from ..spec.design import Design
 from .henderson import Solution
 from .linalg import theta_to_factors, tril_positions
@@ -158,11 +160,29 @@ def far_fixed_columns(X: np.ndarray, group: np.ndarray | None = None, n_groups: 
     return far.sum(axis=0), np.where(far, ratio, 0.0).max(axis=0), mean[at, np.arange(p)]
 
 
-def far_fixed_message(name: str, ratio: float, mean: float, datasets: str = "") -> str:
+#: Why a far column's digits matter, by the fit that meets it (:func:`warn_far_fixed`).
+SAMPLER_REASON = ("the sampler integrates the fixed effects out on X's own columns, whose cross-products then keep too "
+                  "few digits, and its posterior can be off")
+SPATIAL_REASON = ("the spatial fit works on X's own columns, whose cross-products then keep too few digits, and its "
+                  "estimates can be off")
+
+
+def far_fixed_message(name: str, ratio: float, mean: float, reason: str = SAMPLER_REASON, datasets: str = "") -> str:
     """The warning of a column :func:`far_fixed_columns` finds (``datasets``: "in 3 of 10 datasets" or "")."""
-    return (f"the fixed-effect column {name!r} lies {ratio:.1e} of its sds from zero{datasets}: the sampler integrates "
-            "the fixed effects out on X's own columns, whose cross-products then keep too few digits, and its "
-            f"posterior can be off; centre the column (as I({name} - {_positional(mean)}) in the formula)")
+    return (f"the fixed-effect column {name!r} lies {ratio:.1e} of its sds from zero{datasets}: {reason}; centre the "
+            f"column (as I({name} - {_positional(mean)}) in the formula)")
+
+
+def warn_far_fixed(X: np.ndarray, names, reason: str, stacklevel: int, group: np.ndarray | None = None,
+                   n_groups: int = 1) -> None:
+    """Warn, naming each column of :func:`far_fixed_columns` (and its datasets, with ``group``), for a fit that
+    works on X's own columns (``reason``: :data:`SAMPLER_REASON`, :data:`SPATIAL_REASON`); ``stacklevel`` as the
+    caller's own ``warnings.warn`` would take it."""
+    count, ratio, mean = far_fixed_columns(X, group, n_groups)
+    for j in np.flatnonzero(count):
+        datasets = "" if group is None else f" in {count[j]} of {n_groups} datasets"
+        warnings.warn(far_fixed_message(names[j], ratio[j], mean[j], reason, datasets), HierpoolWarning,
+                      stacklevel=stacklevel + 1)
 
 
 def _positional(value: float) -> str:

@@ -18,7 +18,6 @@ else grows with the number of datasets unless ``keep_draws=True``.
 from __future__ import annotations
 
 import math
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -28,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..algebra.ar1 import per_unit
 from ..algebra.compiler_options import ProgramCache, compile_lowered, shape_signature
-from ..algebra.conditioning import far_fixed_columns, far_fixed_message
+from ..algebra.conditioning import SAMPLER_REASON, warn_far_fixed
 from ..algebra.marginal import theta_from_components
 from ..algebra.one_term_marginal import draw_effects
 from ..algebra.varcorr import coef_pairs
@@ -37,7 +36,7 @@ from ..bayesian.nuts import chain_function, quick_compile
 from ..bayesian.priors import DataScales, Priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
 from ..closedform.ar1 import draws_per_unit
-from ..errors import ArgumentError, HierpoolWarning, integer_argument
+from ..errors import ArgumentError, integer_argument
 from ..spec.arguments import sampler_arguments
 from ..spec.family import family_spec
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
@@ -251,11 +250,7 @@ def bayes_batch(
     p, ks = design.p, tuple(t.k for t in design.terms)
     sigma_known = design.sigma_known or spec is not None  # no residual sd: known, or a GLMM's
     if spec is None:  # as hp.bayes: a column too far from zero for the collapsed sampler's cross-products
-        count, ratio, mean = far_fixed_columns(design.X, plan.dataset, plan.n_datasets)
-        for j in np.flatnonzero(count):
-            warnings.warn(far_fixed_message(design.fixed_names[j], ratio[j], mean[j],
-                                            f" in {count[j]} of {plan.n_datasets} datasets"),
-                          HierpoolWarning, stacklevel=2)
+        warn_far_fixed(design.X, design.fixed_names, SAMPLER_REASON, 2, plan.dataset, plan.n_datasets)
 
     if isinstance(priors, Priors):
         # by position: one sd prior per term of result.terms (the long frame's order), of the term's width

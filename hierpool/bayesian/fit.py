@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..algebra import one_term_marginal as one_term
 from ..algebra.ar1 import draw_effects_whitened
-from ..algebra.conditioning import far_fixed_columns, far_fixed_message
+from ..algebra.conditioning import SAMPLER_REASON, warn_far_fixed
 from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
 from ..algebra.statistics import one_dataset_statistics
 from ..algebra.system import build_system, on_device, system_pattern
@@ -411,10 +411,7 @@ def _warn_if_far_from_centred(design: Design, stacklevel: int = 3) -> None:
     """Warn, naming the column, where a fixed-effect column lies so far from zero that the Gaussian samplers'
     cross-products of X lose the posterior's digits (:func:`hierpool.algebra.conditioning.far_fixed_columns`;
     ``hp.lmm`` conditions such columns, the sampler cannot: its priors are on the user's coefficients)."""
-    count, ratio, mean = far_fixed_columns(design.X)
-    for j in np.flatnonzero(count):
-        warnings.warn(far_fixed_message(design.fixed_names[j], ratio[j], mean[j]), HierpoolWarning,
-                      stacklevel=stacklevel)
+    warn_far_fixed(design.X, design.fixed_names, SAMPLER_REASON, stacklevel=stacklevel)
 
 
 def _result(design, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats, pointwise,

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..algebra import henderson, jax_runtime, one_term
-from ..algebra.conditioning import Conditioning, condition_fixed, condition_terms
+from ..algebra.conditioning import SPATIAL_REASON, Conditioning, condition_fixed, condition_terms, warn_far_fixed
 from ..algebra.henderson import as_numpy, solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.statistics import centred_statistics
@@ -329,4 +329,6 @@ def _spatial_lmm(formula, data, reml, se, control, weights, offset, correlation,
     for name, value in given.items():
         if value is not None:
             raise ArgumentError(f"{name}= is not supported with a spatial term (adjacency=) yet")
-    return fit_spatial(spatial_design(formula, data, adjacency, weights=weights, offset=offset), reml=reml)
+    sdesign = spatial_design(formula, data, adjacency, weights=weights, offset=offset)
+    warn_far_fixed(sdesign.design.X, sdesign.design.fixed_names, SPATIAL_REASON, stacklevel=3)  # X unconditioned
+    return fit_spatial(sdesign, reml=reml)
