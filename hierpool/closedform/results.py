@@ -198,7 +198,9 @@ class LMMResult(Likelihood):
 
         Both from sigma^2 Lambda C^-1 Lambda^T (Henderson 1975): term 0's blocks
         are ``prediction_blocks.term0`` and ``.cross``; the other terms' sit in
-        ``.rest``, whose last p rows and columns belong to beta.
+        ``.rest``, whose last p rows and columns belong to beta.  For a fit on conditioned columns
+        the blocks are the conditioned system's, Lambda is M T~ and beta's rows map by A
+        (:meth:`prediction_coordinates`).
         """
         blocks = self.prediction_blocks
         layout = self.system.layout
