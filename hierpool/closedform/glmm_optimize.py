@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..algebra.compiler_options import COMPILE_MIN_FLOPS
-from ..algebra.conditioning import fixed_transform
+from ..algebra.conditioning import fixed_conditioning
 from ..algebra.family import Family
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import (
@@ -309,11 +309,12 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
         return GLMMOptimum(theta, mode.beta, mode.laplace, mode, (first,), family.shape)
     state["u"] = mode.u
     n_theta = len(theta)
-    # BOBYQA moves beta with theta: on X's columns centred and scaled where they are far from it (a covariate
-    # around 2,000 made the intercept and its slope a ridge, where nAGQ = 5 stopped 7e-4 above the optimum, not
-    # converged), beta = A beta~ (the same deviance at every point)
-    fixed = fixed_transform(design.X)
-    fixed = np.eye(design.p) if fixed is None else fixed
+    # BOBYQA moves beta with theta: on X's columns centred, scaled and orthogonalised where they are far from it
+    # (a covariate around 2,000 made the intercept and its slope a ridge, where nAGQ = 5 stopped 7e-4 above the
+    # optimum, not converged; with 0 + g + x the centring alone finds no intercept, and the SEs came out half the
+    # centred model's), beta = A beta~ (the same deviance at every point)
+    conditioned = fixed_conditioning(design.X)
+    fixed = np.eye(design.p) if conditioned is None else conditioned[0][0] @ conditioned[0][1]
 
     def laplace(parameters):
         beta = fixed @ parameters[n_theta:]
