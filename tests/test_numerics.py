@@ -674,13 +674,16 @@ def test_nlopt_started_at_negative_diagonals_ends_at_lme4s_theta(monkeypatch):
     np.testing.assert_allclose(fit.theta, default.theta, rtol=1e-6)
 
 
+FAR_FORMULA = "Reaction ~ Days + (Days | Subject) + (1 | day)"
+
+
 @pytest.fixture(scope="module")
 def far_from_centred_days():
     """sleepstudy's model on Days, and on Days shifted by 1e7 and as timestamps (1.7e12 s + 86,400 s a day), with a
     crossed term of the days as factor (a rest block beside X)."""
     frame = load("sleepstudy").assign(day=lambda d: d.Days.astype(str))
     frame["Reaction"] += np.random.default_rng(3).normal(scale=20.0, size=10)[frame.Days]  # day's sd away from 0
-    formula = "Reaction ~ Days + (Days | Subject) + (1 | day)"
+    formula = FAR_FORMULA
     shifted = {"shift": (frame.assign(Days=frame.Days + 1e7), 1.0),
                "timestamp": (frame.assign(Days=1.7e12 + 86400.0 * frame.Days), 86400.0)}
     return frame, hp.lmm(formula, frame), {name: (hp.lmm(formula, data), data, scale)
@@ -718,6 +721,10 @@ def test_a_fixed_effect_far_from_centred_is_the_centred_models_fit(far_from_cent
     blocks = [group_terms(f, "Subject") for f in (fit, centred)]
     slope_sd = [group_coefficient_sd(f, b)[:, 1] for f, b in zip((fit, centred), blocks)]
     np.testing.assert_allclose(slope_sd[0] * scale, slope_sd[1], rtol=1e-8)
+    # a start in the user's parametrization is carried to the conditioned columns (started there, the slope's
+    # Newton polish raised NumPy's LinAlgError)
+    started = hp.lmm(FAR_FORMULA, data, control=hp.Control(theta_start=tuple(np.asarray(fit.theta) * 1.05)))
+    assert started.converged and started.objective == pytest.approx(fit.objective, rel=1e-12)
 
 
 def test_an_ar1_fit_with_a_fixed_effect_far_from_centred_is_the_centred_models():

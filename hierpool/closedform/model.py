@@ -15,7 +15,14 @@ import numpy as np
 import pandas as pd
 
 from ..algebra import henderson, jax_runtime, one_term
-from ..algebra.conditioning import SPATIAL_REASON, Conditioning, condition_fixed, condition_terms, warn_far_fixed
+from ..algebra.conditioning import (
+    SPATIAL_REASON,
+    Conditioning,
+    condition_fixed,
+    condition_terms,
+    thetas_to_user,
+    warn_far_fixed,
+)
 from ..algebra.henderson import as_numpy, solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.statistics import centred_statistics
@@ -62,6 +69,18 @@ def _one_term_statistics(design: Design, host: bool):
     if not host or len(design.terms) != 1 or design.p == 0:
         return None
     return centred_statistics(design)
+
+
+def _start_on_conditioned_columns(control: Control, conditioned: Conditioning, n_theta: int) -> Control:
+    """``control`` with its ``theta_start`` (the user's parametrization) carried to the conditioned columns' (the
+    same covariances: T~ T~^T = M^-1 T T^T M^-T, :func:`~hierpool.algebra.conditioning.thetas_to_user` with the
+    inverse maps).  Started on the user's columns, a slope on Days + 1e5 made the search's Newton polish fail with
+    NumPy's LinAlgError.  A start of the wrong length is left to the optimizer's refusal."""
+    given = np.asarray(control.theta_start, dtype=float).reshape(-1)
+    if given.size != n_theta or not conditioned.terms_conditioned:
+        return control
+    inverses = [np.linalg.inv(m) for m in conditioned.transforms]
+    return replace(control, theta_start=tuple(float(t) for t in thetas_to_user(given, inverses)))
 
 
 class MixedModel:
@@ -163,9 +182,9 @@ class MixedModel:
         (:mod:`hierpool.algebra.conditioning`); the convergence checks are
         those of the conditioned problem.
         """
-        # from a given theta (the user's parametrization) the terms keep their columns: X alone is conditioned
-        conditioned = (condition_terms(self.design, fixed=True) if (control is None or control.theta_start is None)
-                       else condition_fixed(self.design))
+        conditioned = condition_terms(self.design, fixed=True)
+        if conditioned is not None and control is not None and control.theta_start is not None:
+            control = _start_on_conditioned_columns(control, conditioned, self.n_theta)
         host = runs_on_host(self.system, control)
         if conditioned is None:
             one_term_inputs = _one_term_statistics(self.design, host)
