@@ -457,10 +457,17 @@ def test_an_observation_level_iid_term_beside_car_of_a_binary_outcome_is_named(n
 
 
 def test_a_covariate_far_from_zero_is_named_in_a_spatial_fit(nc):
-    """The spatial fits work on X's own columns: at x + 1e7 (5e6 sds) the Gaussian ICAR fit's criterion was 5.7 off
-    and its slope 50%, silently.  They now name the column (algebra.conditioning.warn_far_fixed), as hp.bayes does."""
-    data = nc.data.assign(x=np.arange(100.0) % 7 + 1e7, y=np.log1p(nc.data.sid74))
-    with pytest.warns(hp.HierpoolWarning, match=r"'x' lies 5.0e\+06 of its sds from zero: the spatial fit"):
+    """The spatial fits search beta on X's own columns: at x + 1e7 (5e6 sds) the Gaussian ICAR fit's criterion was
+    5.7 off and its slope 50%, and at x + 100 (50 sds) the Poisson fit's slope 3%, silently.  They now name such a
+    column from 10 sds (algebra.conditioning.warn_far_fixed, the conditioning rule's CENTRE_RATIO); the model of
+    the data as they come (nwbir_rate) is not flagged."""
+    data = nc.data.assign(x=np.arange(100.0) % 7 + 100.0, y=np.log1p(nc.data.sid74))
+    with pytest.warns(hp.HierpoolWarning, match=r"'x' lies 5.1e\+01 of its sds from zero: the spatial fit"):
         hp.lmm("y ~ x + car(county, type='icar')", data, adjacency=nc.adjacency)
-    with pytest.warns(hp.HierpoolWarning, match=r"'x' lies 5.0e\+06 of its sds from zero: the spatial fit"):
+    with pytest.warns(hp.HierpoolWarning, match=r"'x' lies 5.1e\+01 of its sds from zero: the spatial fit"):
         hp.glmm("sid74 ~ x + car(county, type='icar')", data, family="poisson", adjacency=nc.adjacency)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hp.glmm("sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type='bym2')", nc.data, family="poisson",
+                adjacency=nc.adjacency)
+    assert not [w for w in caught if "sds from zero" in str(w.message)]

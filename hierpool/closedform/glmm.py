@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from ..algebra.conditioning import SPATIAL_REASON, condition_terms, warn_far_fixed
+from ..algebra.conditioning import CENTRE_RATIO, SPATIAL_REASON, condition_terms, warn_far_fixed
 from ..algebra.family import family as make_family
 from ..algebra.laplace import deviance_gives_likelihood
 from ..algebra.quadrature import MAX_NODES
@@ -164,7 +164,8 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
 
         sdesign = spatial_design(formula, data, adjacency, family=spec, weights=weights, offset=offset)
         _warn_if_unidentified(sdesign.design, spec.name)  # a (1 | area) beside car(area): BYM's iid part
-        warn_far_fixed(sdesign.design.X, sdesign.design.fixed_names, SPATIAL_REASON, stacklevel=2)
+        warn_far_fixed(sdesign.design.X, sdesign.design.fixed_names, SPATIAL_REASON, stacklevel=2,
+                       limit=CENTRE_RATIO)
         return fit_spatial(sdesign, reml=bool(reml), stages=1 if nAGQ == 0 else 2)
     if reml:
         raise ArgumentError("reml=True is for a spatial model (adjacency=); glmer's GLMM fit is maximum likelihood")

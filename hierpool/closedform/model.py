@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..algebra import henderson, jax_runtime, one_term
 from ..algebra.conditioning import (
+    CENTRE_RATIO,
     SPATIAL_REASON,
     Conditioning,
     condition_fixed,
@@ -349,5 +350,6 @@ def _spatial_lmm(formula, data, reml, se, control, weights, offset, correlation,
         if value is not None:
             raise ArgumentError(f"{name}= is not supported with a spatial term (adjacency=) yet")
     sdesign = spatial_design(formula, data, adjacency, weights=weights, offset=offset)
-    warn_far_fixed(sdesign.design.X, sdesign.design.fixed_names, SPATIAL_REASON, stacklevel=3)  # X unconditioned
+    # X unconditioned: a covariate far from zero is named
+    warn_far_fixed(sdesign.design.X, sdesign.design.fixed_names, SPATIAL_REASON, stacklevel=3, limit=CENTRE_RATIO)
     return fit_spatial(sdesign, reml=reml)
