@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.linalg
 
-from .algebra.conditioning import fixed_rows
+from .algebra.conditioning import fixed_coefficients, fixed_rows
 from .closedform.results import LMMResult
 from .errors import ArgumentError
 
@@ -76,9 +76,7 @@ def ridge_solve(fit: LMMResult, multipliers: np.ndarray) -> tuple[np.ndarray, li
     t = np.asarray(multipliers, dtype=float)
     u = (projected[None, :] / (values[None, :] + t[:, None])) @ vectors.T  # (len(t), q)
     beta = (xtx_inv_xt @ (y[:, None] - U @ u.T)).T
-    for factor in reversed(fixed or ()):  # beta = A beta~, one factor at a time
-        beta = beta @ factor.T
-    return beta, _unstack(fit, u)
+    return (beta if fixed is None else fixed_coefficients(fixed, beta)), _unstack(fit, u)  # beta = A beta~
 
 
 @dataclass(frozen=True)

@@ -150,8 +150,7 @@ def far_fixed_columns(X: np.ndarray, group: np.ndarray | None = None, n_groups: 
     far = ratio > limit
     suspects = np.flatnonzero(far.any(axis=1))
     if suspects.size:  # rare: whether those groups' columns span a constant, by a QR of their rows
-        order = np.argsort(group, kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=n_groups))])
+        order, bounds = group_rows(group, n_groups)
         for g in suspects:
             rows = X[order[bounds[g]:bounds[g + 1]]]
             q = np.linalg.qr(rows)[0]
@@ -203,14 +202,19 @@ def fixed_transform(X: np.ndarray) -> np.ndarray | None:
     return term_transform(X) if X.shape[1] and _needs_conditioning(X) else None
 
 
-def fixed_to_user(factors, beta: np.ndarray, vcov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """beta = A beta~ and Cov(beta) = A Cov(beta~) A^T from a fit on X~ = X A, A the product of ``factors``
-    (A_1 A_2 ..., each with any leading axes shared by the three), applied one factor at a time: their entries
-    cancel in the product (:func:`orthogonalised`)."""
+def fixed_coefficients(factors, beta: np.ndarray) -> np.ndarray:
+    """A beta~ along beta~'s last axis, A the product of ``factors`` (A_1 A_2 ..., leading axes broadcast with
+    beta~'s), applied one factor at a time: their entries cancel in the product (:func:`orthogonalised`)."""
     for factor in reversed(factors):
         beta = np.einsum("...ij,...j->...i", factor, beta)
+    return beta
+
+
+def fixed_to_user(factors, beta: np.ndarray, vcov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """beta = A beta~ and Cov(beta) = A Cov(beta~) A^T from a fit on X~ = X A (:func:`fixed_coefficients`)."""
+    for factor in reversed(factors):
         vcov = factor @ vcov @ np.swapaxes(factor, -1, -2)
-    return beta, vcov
+    return fixed_coefficients(factors, beta), vcov
 
 
 def fixed_rows(X: np.ndarray, factors) -> np.ndarray:
@@ -227,10 +231,10 @@ def transform_logdet(transform: np.ndarray) -> np.ndarray:
     return np.sum(np.log(np.abs(np.diagonal(transform, axis1=-2, axis2=-1))), axis=-1)
 
 
-def orthogonalised(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """(Q sqrt(n), R^-1 sqrt(n), -log |det R| + p log sqrt(n)) from the QR factorization of ``columns`` (n, p),
-    where they are of full rank, else (``columns``, I, 0): columns orthogonal and of unit root mean square, the map
-    to them (``columns`` R^-1 sqrt(n)) and its log |det|.
+def orthogonalised(columns: np.ndarray):
+    """(Q sqrt(n), R^-1 sqrt(n), -log |det R| + p log sqrt(n)) from the QR factorization of ``columns`` (..., n, p;
+    leading axes: a stack of datasets of n rows each), where they are of full rank, else (``columns``, I, 0): columns
+    orthogonal and of unit root mean square, the map to them (``columns`` R^-1 sqrt(n)) and its log |det|.
 
     Why: centring and scaling each column against the intercept leaves an interaction with a shifted covariate,
     (x + 1e7) * g, nearly collinear with g (cond(X A) 1e7), and a covariate beside a factor coded without an
@@ -238,15 +242,27 @@ def orthogonalised(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     columns themselves, so it spans them to rounding (its backward error, not cond(X A) times it, as X A R^-1
     formed as a product would be); the map R^-1 carries beta back, and its log-determinant is summed from R's
     diagonal rather than taken from the product A R^-1, whose entries cancel."""
-    n, p = columns.shape
+    n, p = columns.shape[-2:]
+    lead = columns.shape[:-2]
+    identity = np.broadcast_to(np.eye(p), lead + (p, p))
     if not p or n < p:
-        return columns, np.eye(p), 0.0
+        return columns, identity.copy(), np.zeros(lead) if lead else 0.0
     q, r = np.linalg.qr(columns)
-    diagonal = np.abs(np.diagonal(r))
-    if diagonal.min() <= 1e-12 * diagonal.max():  # (aliased columns are refused before; a guard, not a rule)
-        return columns, np.eye(p), 0.0
+    diagonal = np.abs(np.diagonal(r, axis1=-2, axis2=-1))
+    full = diagonal.min(axis=-1) > 1e-12 * diagonal.max(axis=-1)  # (aliased columns are refused before: a guard)
     root_n = np.sqrt(n)
-    return q * root_n, np.linalg.inv(r) * root_n, float(p * np.log(root_n) - np.sum(np.log(diagonal)))
+    where = full[..., None, None]
+    r_inverse = np.where(where, np.linalg.inv(np.where(where, r, identity)) * root_n, identity)
+    logdet = np.where(full, p * np.log(root_n) - np.sum(np.log(np.where(full[..., None], diagonal, 1.0)), axis=-1),
+                      0.0)
+    return np.where(where, q * root_n, columns), r_inverse, (logdet if lead else float(logdet))
+
+
+def group_rows(group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows in group order, each group's first position in it and one past the last, (n_groups + 1,)): group g's
+    rows are ``order[bounds[g]:bounds[g + 1]]``."""
+    order = np.argsort(group, kind="stable")
+    return order, np.concatenate([[0], np.cumsum(np.bincount(group, minlength=n_groups))])
 
 
 def thetas_to_user(theta: np.ndarray, transforms) -> np.ndarray:
@@ -343,10 +359,7 @@ def least_squares(columns: np.ndarray, y: np.ndarray) -> np.ndarray:
     if fixed is None:
         return np.linalg.lstsq(columns, y, rcond=None)[0]
     factors, conditioned, _ = fixed
-    coef = np.linalg.lstsq(conditioned, y, rcond=None)[0]
-    for factor in reversed(factors):
-        coef = factor @ coef
-    return coef
+    return fixed_coefficients(factors, np.linalg.lstsq(conditioned, y, rcond=None)[0])
 
 
 def condition_fixed(design: Design) -> Conditioning | None:

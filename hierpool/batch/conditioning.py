@@ -11,8 +11,10 @@ factors, BLUPs and conditional variances are mapped back: b = M b~, Var(b | y) =
 covariance, sigma, phi and the criterion are unchanged.  The other datasets keep their columns (M = I), and a
 batch none of whose datasets needs it is not touched.
 
-The fixed-effect columns are conditioned by the same rule: X A_d, beta = A beta~, Cov(beta) = A Cov(beta~) A^T,
-and REML's criterion, whose log |X' V^-1 X| moves by 2 log |det A|, is mapped back too.  A GLMM's search moves
+The fixed-effect columns are conditioned by the same rule, then orthogonalised as hp.lmm's
+(:func:`~hierpool.algebra.conditioning.orthogonalised`, one stacked QR per row count): X A_d, beta = A beta~,
+Cov(beta) = A Cov(beta~) A^T, and REML's criterion, whose log |X' V^-1 X| moves by 2 log |det A|, is mapped back
+too.  A GLMM's search moves
 beta with theta (``hp.glmm``'s own search is scaled by its start's Hessian instead,
 :mod:`hierpool.closedform.glmm_scaling`); the linear paths profile beta out, but their sums of X'X lost digits
 on a column far from centred (x = 200,000 + z: a search stopped short and the dataset was refitted alone, the
@@ -31,6 +33,7 @@ from ..algebra.conditioning import (
     column_moments,
     effects_to_user,
     fixed_to_user,
+    group_rows,
     needs_conditioning,
     orthogonalised,
     term_transforms,
@@ -118,16 +121,17 @@ def condition_batch(plan: BatchPlan, reml: bool = False) -> BatchConditioning | 
 
 def _orthogonalised_per_dataset(X: np.ndarray, dataset: np.ndarray, conditioned: np.ndarray):
     """Each conditioned dataset's rows of X (centred and scaled already) orthogonalised as ``hp.lmm``'s
-    (:func:`~hierpool.algebra.conditioning.orthogonalised`): (X, the second factor of A per dataset (identities where
-    not conditioned), its log |det| per dataset).  An interaction with a shifted covariate stays nearly collinear
-    with its factor's columns after the centring alone."""
+    (:func:`~hierpool.algebra.conditioning.orthogonalised`), the datasets of one row count in one stacked QR: (X, the
+    second factor of A per dataset (identities where not conditioned), its log |det| per dataset).  An interaction
+    with a shifted covariate stays nearly collinear with its factor's columns after the centring alone."""
     n_datasets, p = len(conditioned), X.shape[1]
     r_inverse, logdet = np.tile(np.eye(p), (n_datasets, 1, 1)), np.zeros(n_datasets)
     targets = np.flatnonzero(conditioned)
     if targets.size:
-        order = np.argsort(dataset, kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(dataset, minlength=n_datasets))])
-        for d in targets:
-            rows = order[bounds[d]:bounds[d + 1]]
-            X[rows], r_inverse[d], logdet[d] = orthogonalised(X[rows])
+        order, bounds = group_rows(dataset, n_datasets)
+        counts = np.diff(bounds)
+        for size in np.unique(counts[targets]):
+            members = targets[counts[targets] == size]
+            rows = order[bounds[members][:, None] + np.arange(size)[None, :]]  # (members, size)
+            X[rows], r_inverse[members], logdet[members] = orthogonalised(X[rows])
     return np.ascontiguousarray(X), r_inverse, logdet

@@ -8,7 +8,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from ..algebra.conditioning import Conditioning
+from ..algebra.conditioning import Conditioning, fixed_coefficients
 from ..algebra.henderson import Solution, diagonal_blocks
 from ..algebra.linalg import theta_to_factors
 from ..algebra.system import MixedModelSystem
@@ -217,9 +217,8 @@ class LMMResult(Likelihood):
                 var_u = np.asarray(diagonal_blocks(rest, offset, ell, k))
                 cov_u_beta = rest[offset : offset + ell * k, q:].reshape(ell, k, -1)
                 offset += ell * k
-            if fixed is not None:  # beta = A beta~: cov(u, beta) = cov(u, beta~) A^T, one factor of A at a time
-                for part in reversed(fixed):
-                    cov_u_beta = cov_u_beta @ part.T
+            if fixed is not None:  # beta = A beta~: cov(u, beta) = cov(u, beta~) A^T
+                cov_u_beta = fixed_coefficients(fixed, cov_u_beta)
             out.append((self.sigma**2 * (factor @ var_u @ factor.T), self.sigma**2 * (factor @ cov_u_beta)))
         return out
 
