@@ -85,7 +85,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .algebra.conditioning import least_squares, term_transform
+from .algebra.conditioning import fixed_coefficients, fixed_conditioning, least_squares, term_transform
 from .algebra.henderson import diagonal_blocks, prediction_covariance
 from .algebra.linalg import theta_to_factors
 from .algebra.separation import is_separated
@@ -346,6 +346,10 @@ def glm_irls(X: np.ndarray, y: np.ndarray, weights: np.ndarray, offset: np.ndarr
     def deviance(eta):
         return float(np.sum(family.unit_deviances(y, family.link.inverse(eta), weights)))
 
+    # on X's columns conditioned where they are far from centred or unit scale (a covariate ~1e7: the steps' least
+    # squares lost the slope and IRLS ran out of steps), the coefficients mapped back at the end
+    conditioned = fixed_conditioning(X)
+    factors, X = ((), X) if conditioned is None else conditioned[:2]
     eta = family.link(family.starting_mean(y, weights))
     beta, previous = None, np.inf
     for _ in range(IRLS_MAX_STEPS):
@@ -364,8 +368,8 @@ def glm_irls(X: np.ndarray, y: np.ndarray, weights: np.ndarray, offset: np.ndarr
                    and moved <= IRLS_TOL * (1.0 + np.max(np.abs(beta), initial=0.0)))
         previous = current
         if settled:
-            return beta, True
-    return beta, False
+            return fixed_coefficients(factors, beta), True
+    return fixed_coefficients(factors, beta), False
 
 
 def _fit_glm(X, y, weights, offset, family, what: str) -> np.ndarray:

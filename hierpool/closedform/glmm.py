@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from ..algebra.conditioning import CENTRE_RATIO, SPATIAL_REASON, condition_terms, warn_far_fixed
+from ..algebra.conditioning import CENTRE_RATIO, SPATIAL_REASON, condition_terms, far_fixed_columns, warn_far_fixed
 from ..algebra.family import family as make_family
 from ..algebra.laplace import deviance_gives_likelihood
 from ..algebra.quadrature import MAX_NODES
@@ -184,6 +184,12 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
             optimum = _negative_binomial_restarts(design, spec, optimum, stages, max(nAGQ, 1))
             optimum = _negative_binomial_limit(design, spec, optimum, stages, max(nAGQ, 1))
     except np.linalg.LinAlgError:
+        far = np.flatnonzero(far_fixed_columns(design.X, limit=CENTRE_RATIO)[0])
+        if far.size:  # the likelier cause: a covariate far from zero leaves the system's cross-products few digits
+            names = ", ".join(repr(design.fixed_names[j]) for j in far)
+            raise DataError("the penalized system of a PIRLS step is not positive definite in float64: the fixed-effect "
+                            f"column(s) {names} lie far from zero, so that its cross-products keep too few digits; "
+                            "centre them") from None
         # PIRLS's penalized system borders [X, Z] with the working response: with a zero working residual at every
         # row (the fixed effects fit the response exactly) its last pivot is 0, and rounding makes it negative
         raise DataError("the penalized system of a PIRLS step is not positive definite: do the fixed effects fit "
