@@ -727,6 +727,17 @@ def test_a_fixed_effect_far_from_centred_is_the_centred_models_fit(far_from_cent
     assert started.converged and started.objective == pytest.approx(fit.objective, rel=1e-12)
 
 
+def test_a_gls_fit_with_a_fixed_effect_far_from_centred_is_the_centred_models():
+    """corAR1 without random terms (closedform.gls) whitened and factored the user's X: at Days + 1e7 phi and the
+    SEs came out 2e-6 to 6e-6 off.  It now runs on X conditioned (algebra.conditioning.condition_fixed)."""
+    frame = load("sleepstudy")
+    centred = hp.lmm("Reaction ~ Days", frame, correlation=hp.ar1("Subject"))
+    fit = hp.lmm("Reaction ~ Days", frame.assign(Days=frame.Days + 1e7), correlation=hp.ar1("Subject"))
+    assert fit.objective == pytest.approx(centred.objective, rel=1e-12)
+    assert fit.phi == pytest.approx(centred.phi, rel=1e-9)
+    assert fit.fixef_se["Days"] == pytest.approx(centred.fixef_se["Days"], rel=1e-9)
+
+
 def test_an_ar1_fit_with_a_fixed_effect_far_from_centred_is_the_centred_models():
     """The AR(1) fit searched on centred X but solved on the user's columns: with Days + 1e7, 1.74 below the
     optimum and beta's SEs 0.9% off.  It is now solved on the conditioned columns and mapped back."""

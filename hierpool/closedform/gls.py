@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..algebra.conditioning import condition_fixed, fixed_to_user
 from ..algebra.criterion import profiled_criterion
 from ..errors import DataError
 from ..spec.correlation import AR1
@@ -164,8 +165,13 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     if n <= p + 1:
         raise DataError(f"{n} rows for {p} fixed effects and phi: nothing is left to estimate the residual variance")
 
+    # on X's columns conditioned where they are far from centred or unit scale (at x + 1e7 phi and the SEs came out
+    # 2e-6 to 6e-6 off), beta, its covariance and REML's criterion mapped back (algebra.conditioning)
+    conditioning = condition_fixed(design)
+    working = design if conditioning is None else conditioning.design
+
     def profile(u: float, checked: bool = False):
-        whitened, logdet = whitened_design(design, series, constrained(u, correlation.continuous))
+        whitened, logdet = whitened_design(working, series, constrained(u, correlation.continuous))
         X, y = whitened.X, whitened.y
         q, r = np.linalg.qr(X)
         beta = np.linalg.solve(r, q.T @ y)
@@ -174,14 +180,18 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         value = profiled_criterion(0.0, log_det_xtx, pwrss, n, p, 0.0, reml, sigma_known=False) + logdet
         return float(value), (beta, r, pwrss, logdet)
 
-    ordinary = np.linalg.lstsq(design.X, design.y_less_offset, rcond=None)[0]
-    u_start = unconstrained(lag_one_phi(design.y_less_offset - design.X @ ordinary, series, correlation.continuous),
+    ordinary = np.linalg.lstsq(working.X, working.y_less_offset, rcond=None)[0]
+    u_start = unconstrained(lag_one_phi(working.y_less_offset - working.X @ ordinary, series, correlation.continuous),
                             correlation.continuous)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # log 0 of a zero residual at phi's edge: the search moves on
         u_hat, interval, value, (beta, r, pwrss, logdet) = search_phi(profile, u_start, correlation, unit,
                                                                       series=series)
     r_inverse = np.linalg.inv(r)
+    unscaled_vcov = r_inverse @ r_inverse.T
+    if conditioning is not None:
+        beta, unscaled_vcov = fixed_to_user(conditioning.fixed, beta, unscaled_vcov)
+        value = conditioning.objective_to_user(value, reml)
     return GLSResult(design=design, structure=correlation, reml=reml, phi=phi_per_unit(u_hat, unit, correlation),
-                     phi_interval=interval, objective=value, beta=beta, unscaled_vcov=r_inverse @ r_inverse.T,
+                     phi_interval=interval, objective=value, beta=beta, unscaled_vcov=unscaled_vcov,
                      pwrss=pwrss, log_det_correlation=logdet)
