@@ -725,6 +725,8 @@ def test_a_fixed_effect_far_from_centred_is_the_centred_models_fit(far_from_cent
     # Newton polish raised NumPy's LinAlgError)
     started = hp.lmm(FAR_FORMULA, data, control=hp.Control(theta_start=tuple(np.asarray(fit.theta) * 1.05)))
     assert started.converged and started.objective == pytest.approx(fit.objective, rel=1e-12)
+    with pytest.raises(hp.ArgumentError, match=r"theta_start must be 4 values in a flat sequence, got 4 in shape"):
+        hp.lmm(FAR_FORMULA, data, control=hp.Control(theta_start=np.asarray(fit.theta)[None]))  # not flattened
 
 
 def test_a_gls_fit_with_a_fixed_effect_far_from_centred_is_the_centred_models():

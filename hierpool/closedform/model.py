@@ -77,8 +77,8 @@ def _start_on_conditioned_columns(control: Control, conditioned: Conditioning, n
     same covariances: T~ T~^T = M^-1 T T^T M^-T, :func:`~hierpool.algebra.conditioning.thetas_to_user` with the
     inverse maps).  Started on the user's columns, a slope on Days + 1e5 made the search's Newton polish fail with
     NumPy's LinAlgError.  A start of the wrong length is left to the optimizer's refusal."""
-    given = np.asarray(control.theta_start, dtype=float).reshape(-1)
-    if given.size != n_theta or not conditioned.terms_conditioned:
+    given = np.asarray(control.theta_start, dtype=float)
+    if given.shape != (n_theta,) or not conditioned.terms_conditioned:  # (the optimizer refuses a wrong shape)
         return control
     inverses = [np.linalg.inv(m) for m in conditioned.transforms]
     return replace(control, theta_start=tuple(float(t) for t in thetas_to_user(given, inverses)))

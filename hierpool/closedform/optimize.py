@@ -173,7 +173,8 @@ def _start(system: MixedModelSystem, control: Control, default: np.ndarray | Non
         return start
     given = np.asarray(control.theta_start, dtype=float)
     if given.shape != start.shape:
-        raise ArgumentError(f"control.theta_start must have {start.size} values, got {given.size}")
+        raise ArgumentError(f"control.theta_start must be {start.size} values in a flat sequence, got "
+                            f"{given.size} in shape {given.shape}")
     return given
 
 
