@@ -229,7 +229,9 @@ def _fit_conditioned(design, fam, estimate_shape: bool):
     optimum = fit_laplace(design, fam, estimate_shape=estimate_shape, start=start)
     same_point = (abs(optimum.deviance - inner.deviance) <= SAME_OPTIMUM * max(1.0, abs(optimum.deviance))
                   and np.allclose(optimum.beta, inner.beta, rtol=1e-4, atol=1e-6))
-    return replace(optimum, beta_hessian=inner.hessian) if same_point and inner.hessian is not None else optimum
+    if not same_point or inner.hessian is None:
+        return optimum
+    return replace(optimum, beta_hessian=inner.hessian, beta_map=None)  # inner.hessian is of (theta~, beta) itself
 
 
 #: Two fits of one model end at the same optimum where their deviances agree to this (relative) and their betas

@@ -193,6 +193,10 @@ class GLMMOptimum:
         the same optimum (:func:`hierpool.closedform.glmm._fit_conditioned`): the beta block of its inverse is
         the beta block of ``hessian``'s in exact arithmetic (theta~ is a reparametrization of theta, beta is
         unchanged), and better computed where the user's theta is ill-scaled.  ``vcov`` reads it.
+    beta_map : numpy.ndarray or None
+        Where set, ``beta_hessian`` is in (theta, beta~) with beta = A beta~ (``beta_map``: A; the derivative-free
+        search's coordinates, X's columns conditioned): ``vcov`` is A (its inverse's beta~ block) A^T, not the
+        inverse of the user's Hessian, whose condition grows as (a covariate's mean / sd)^2.
     """
 
     theta: np.ndarray
@@ -204,6 +208,7 @@ class GLMMOptimum:
     gradient: np.ndarray | None = None
     hessian: np.ndarray | None = None
     beta_hessian: np.ndarray | None = None
+    beta_map: np.ndarray | None = None
 
 
 def _minimize(criterion, start, lower, step):
@@ -357,10 +362,13 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
 
         # differences in the searched (theta, beta~), mapped to (theta, beta) by J = diag(I, A^-1): g = J' g~,
         # H = J' H~ J (differences of beta on a column around 2,000 gave a gradient of 76 at the optimum)
-        gradient, hessian = finite_differences(deviance_at, np.concatenate([theta, parameters[n_theta:n_theta + design.p]]))
+        gradient, searched = finite_differences(deviance_at, np.concatenate([theta, parameters[n_theta:n_theta + design.p]]))
         to_user = np.eye(n_theta + design.p)
         to_user[n_theta:, n_theta:] = np.linalg.inv(fixed)
-        gradient, hessian = to_user.T @ gradient, to_user.T @ hessian @ to_user
+        gradient, hessian = to_user.T @ gradient, to_user.T @ searched @ to_user
+        if conditioned is not None:  # beta's covariance from the searched coordinates' Hessian (GLMMOptimum.beta_map)
+            return GLMMOptimum(theta, beta, deviance, mode, (first, second), family.shape, gradient, hessian,
+                               beta_hessian=searched, beta_map=fixed)
     return GLMMOptimum(theta, beta, deviance, mode, (first, second), family.shape, gradient, hessian)
 
 

@@ -139,6 +139,8 @@ class GLMMResult:
             n_theta = len(self.theta)
             hessian = self._hessian if self.optimum.beta_hessian is None else self.optimum.beta_hessian
             matrix = np.linalg.inv(0.5 * hessian)[n_theta:, n_theta:]
+            if self.optimum.beta_map is not None:  # the Hessian of (theta, beta~), beta = A beta~
+                matrix = self.optimum.beta_map @ matrix @ self.optimum.beta_map.T
         names = list(self.fixef.index)
         return pd.DataFrame(matrix, index=names, columns=names)
 
