@@ -208,12 +208,16 @@ def group_covariance(fit: LMMResult, block: GroupTerms) -> np.ndarray:
     SciPy, whose import costs more than the fit ``hierpool fit`` prints (benchmarks/RESULTS.md, "First fits").
     """
     covariances = _term_covariances(fit)
-    blocks = [np.atleast_2d(covariances[j]) for j in block.indices]
+    return _block_diagonal([np.atleast_2d(covariances[j]) for j in block.indices])
+
+
+def _block_diagonal(blocks) -> np.ndarray:
+    """The square ``blocks`` on one diagonal (a group's terms side by side)."""
     ends = np.cumsum([b.shape[0] for b in blocks])
-    sigma = np.zeros((ends[-1], ends[-1]))
+    out = np.zeros((ends[-1], ends[-1]))
     for b, end in zip(blocks, ends):
-        sigma[end - b.shape[0] : end, end - b.shape[0] : end] = b
-    return sigma
+        out[end - b.shape[0] : end, end - b.shape[0] : end] = b
+    return out
 
 
 def _term_covariances(fit) -> list[np.ndarray]:
@@ -234,14 +238,8 @@ def shrinkage_matrices(fit: LMMResult, block: GroupTerms) -> np.ndarray:
     weights = fit.design.row_weights
     ell, k = len(block.levels), block.k
     _, term_maps, factors, _ = fit.prediction_coordinates()
-    m = np.zeros((k, k))
-    covariance = np.zeros((k, k))
-    at = 0
-    for j in block.indices:
-        width = term_maps[j].shape[0]
-        m[at:at + width, at:at + width] = term_maps[j]
-        covariance[at:at + width, at:at + width] = fit.sigma**2 * factors[j] @ factors[j].T
-        at += width
+    m = _block_diagonal([term_maps[j] for j in block.indices])
+    covariance = _block_diagonal([fit.sigma**2 * factors[j] @ factors[j].T for j in block.indices])
     z = block.z @ m
     cross = np.einsum("n,ni,nj->nij", weights, z, z)
     moments = np.zeros((ell, k, k))

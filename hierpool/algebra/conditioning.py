@@ -21,7 +21,7 @@ The fixed-effect columns, where they are far from centred or unit scale by the s
 (:func:`fixed_transform`), are conditioned alike, then orthogonalised (:func:`fixed_conditioning`,
 :func:`orthogonalised`): X~ = X A, so X beta = X~ beta~ with beta = A beta~ and
 Cov(beta) = A Cov(beta~) A^T (:func:`fixed_to_user`).  ML's criterion is unchanged; REML's
-log |X' V^-1 X| gains 2 log |det A| (:attr:`Conditioning.fixed_logdet`), mapped back.  A column of
+log |X' V^-1 X| gains 2 log |det A| (:func:`fixed_logdet`), mapped back.  A column of
 timestamps (~1.7e9 s, sd ~1e5 s) or a shifted covariate loses most of float64's digits in
 X' V^-1 X otherwise: its Cholesky factor fails (x = Days + 1e7 on sleepstudy), or the search ends
 off the optimum, below it by rounding; its interaction with a factor, or the covariate beside a
@@ -45,7 +45,7 @@ import numpy as np
 from ..errors import HierpoolWarning
 from ..spec.design import Design
 from .henderson import Solution
-from .linalg import theta_to_factors, tril_positions
+from .linalg import segment_sum, theta_to_factors, tril_positions
 
 #: Condition a term when a non-intercept column's |mean| exceeds this many sds (with an intercept in the term)...
 CENTRE_RATIO = 10.0
@@ -58,23 +58,15 @@ def column_moments(z: np.ndarray, group: np.ndarray, n_groups: int):
     square), each (n_groups, k), and each group's first row's values (n_groups, k); the sd from deviations about
     the group's mean (as ``np.std``, no cancellation for a column of large mean).
 
-    The columns are summed as the rows of z^T, each one contiguous reduction (a batch's million rows: half
-    the time of summing the (N, 3k) stack of the three quantities)."""
+    The columns are summed as the rows of z^T, each one contiguous reduction (timed against the (N, 3k) stack of
+    the three quantities in benchmarks/RESULTS.md, thirty-fourth session)."""
     count = np.maximum(np.bincount(group, minlength=n_groups), 1)[:, None]
     first = np.zeros(n_groups, dtype=np.int64)
     first[group[::-1]] = np.arange(len(group))[::-1]  # each group's first row
     columns = np.ascontiguousarray(z.T)  # (k, N)
-    in_order = len(group) > 1 and bool(np.all(group[1:] >= group[:-1]))
-    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if in_order else None
 
     def sums(values):  # (k, N) -> (n_groups, k)
-        out = np.zeros((n_groups, values.shape[0]))
-        if not len(group):
-            return out
-        if starts is not None:
-            out[group[starts]] = np.add.reduceat(values, starts, axis=1).T
-            return out
-        return np.stack([np.bincount(group, weights=v, minlength=n_groups) for v in values], axis=1)
+        return segment_sum(values, group, n_groups, axis=1).T
 
     mean = sums(columns) / count
     deviation = columns - mean.T[:, group]  # the sd about each group's own mean
@@ -163,8 +155,9 @@ def far_fixed_columns(X: np.ndarray, group: np.ndarray | None = None, n_groups: 
 #: Why a far column's digits matter, by the fit that meets it (:func:`warn_far_fixed`).
 SAMPLER_REASON = ("the sampler integrates the fixed effects out on X's own columns, whose cross-products then keep too "
                   "few digits, and its posterior can be off")
-SPATIAL_REASON = ("the spatial fit searches the fixed effects on X's own columns, a ridge along which it stops "
-                  "early (a slope 3% off at 50 sds, Poisson ICAR), and its estimates can be off")
+# (the spatial fits: a Poisson ICAR slope came out 3% off at 50 sds from zero, silently, hence CENTRE_RATIO there)
+SPATIAL_REASON = ("the spatial fit searches the fixed effects on X's own columns, along a ridge where it can stop "
+                  "early, and its estimates can be off")
 
 
 def far_fixed_message(name: str, ratio: float, mean: float, reason: str = SAMPLER_REASON, datasets: str = "") -> str:
@@ -225,37 +218,36 @@ def fixed_rows(X: np.ndarray, factors) -> np.ndarray:
     return X
 
 
-def transform_logdet(transform: np.ndarray) -> np.ndarray:
-    """log |det A| of :func:`term_transforms`' A (any leading axes): the product of its diagonal, A being the
-    diagonal plus the intercept's row off it (det(D + e_i v^T) = det D where v_i = 0)."""
-    return np.sum(np.log(np.abs(np.diagonal(transform, axis1=-2, axis2=-1))), axis=-1)
+def fixed_logdet(factors) -> np.ndarray:
+    """log |det A| of A = A_1 A_2 (:func:`fixed_conditioning`'s factors, any leading axes), each factor's from its
+    diagonal: :func:`term_transforms`' A_1 is the diagonal plus the intercept's row off it (det(D + e_i v^T) = det D
+    where v_i = 0), :func:`orthogonalised`'s A_2 = R^-1 sqrt(n) is triangular.  Summed from the factors, not taken
+    from the product, whose entries cancel."""
+    return sum(np.sum(np.log(np.abs(np.diagonal(f, axis1=-2, axis2=-1))), axis=-1) for f in factors)
 
 
 def orthogonalised(columns: np.ndarray):
-    """(Q sqrt(n), R^-1 sqrt(n), -log |det R| + p log sqrt(n)) from the QR factorization of ``columns`` (..., n, p;
-    leading axes: a stack of datasets of n rows each), where they are of full rank, else (``columns``, I, 0): columns
-    orthogonal and of unit root mean square, the map to them (``columns`` R^-1 sqrt(n)) and its log |det|.
+    """(Q sqrt(n), R^-1 sqrt(n)) from the QR factorization of ``columns`` (..., n, p; leading axes: a stack of
+    datasets of n rows each), where they are of full rank, else (``columns``, I): columns orthogonal and of unit root
+    mean square, and the map to them (``columns`` R^-1 sqrt(n), upper triangular: :func:`fixed_logdet`).
 
     Why: centring and scaling each column against the intercept leaves an interaction with a shifted covariate,
     (x + 1e7) * g, nearly collinear with g (cond(X A) 1e7), and a covariate beside a factor coded without an
     intercept (0 + g + x) far from its levels' columns (1e13).  Q is formed by Householder reflections from the
     columns themselves, so it spans them to rounding (its backward error, not cond(X A) times it, as X A R^-1
-    formed as a product would be); the map R^-1 carries beta back, and its log-determinant is summed from R's
-    diagonal rather than taken from the product A R^-1, whose entries cancel."""
+    formed as a product would be); the map R^-1 carries beta back."""
     n, p = columns.shape[-2:]
     lead = columns.shape[:-2]
     identity = np.broadcast_to(np.eye(p), lead + (p, p))
     if not p or n < p:
-        return columns, identity.copy(), np.zeros(lead) if lead else 0.0
+        return columns, identity.copy()
     q, r = np.linalg.qr(columns)
     diagonal = np.abs(np.diagonal(r, axis1=-2, axis2=-1))
     full = diagonal.min(axis=-1) > 1e-12 * diagonal.max(axis=-1)  # (aliased columns are refused before: a guard)
     root_n = np.sqrt(n)
     where = full[..., None, None]
     r_inverse = np.where(where, np.linalg.inv(np.where(where, r, identity)) * root_n, identity)
-    logdet = np.where(full, p * np.log(root_n) - np.sum(np.log(np.where(full[..., None], diagonal, 1.0)), axis=-1),
-                      0.0)
-    return np.where(where, q * root_n, columns), r_inverse, (logdet if lead else float(logdet))
+    return np.where(where, q * root_n, columns), r_inverse
 
 
 def group_rows(group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
@@ -299,7 +291,6 @@ class Conditioning:
     design: Design
     transforms: tuple[np.ndarray, ...]
     fixed: tuple[np.ndarray, ...] | None = None  # A's factors, A = A_1 A_2 (:func:`fixed_conditioning`)
-    fixed_logdet: float = 0.0  # log |det A|, summed from its factors (:func:`orthogonalised`)
 
     def theta_to_user(self, theta: np.ndarray) -> np.ndarray:
         """lme4's theta on the user's columns from the conditioned one (same covariance, same criterion)."""
@@ -308,7 +299,7 @@ class Conditioning:
     def objective_to_user(self, objective: float, reml: bool) -> float:
         """The user's criterion from the conditioned fit's: REML's, on X A, is the user's plus 2 log |det A|
         (log |A' X' V^-1 X A| = log |X' V^-1 X| + 2 log |det A|); ML's does not move."""
-        return objective - 2.0 * self.fixed_logdet if reml and self.fixed is not None else objective
+        return objective - 2.0 * float(fixed_logdet(self.fixed)) if reml and self.fixed is not None else objective
 
     @property
     def terms_conditioned(self) -> bool:
@@ -321,7 +312,7 @@ class Conditioning:
         if self.fixed is not None:
             beta, vcov = fixed_to_user(self.fixed, np.asarray(solution.beta), np.asarray(solution.vcov_beta))
             fixed = {"beta": beta, "vcov_beta": vcov,  # and log |R_X|^2, which moves as REML's criterion
-                     "logdet_rx": np.asarray(solution.logdet_rx) - 2.0 * self.fixed_logdet}
+                     "logdet_rx": np.asarray(solution.logdet_rx) - 2.0 * fixed_logdet(self.fixed)}
         if not self.terms_conditioned:  # the terms' numbers are the user's as they are (u too, where T is singular)
             return replace(solution, **fixed)
         user_factors = [np.asarray(f) for f in theta_to_factors(np.asarray(theta), tuple(m.shape[0] for m in self.transforms))]
@@ -338,15 +329,15 @@ class Conditioning:
                        cond_var=tuple(cond_var), u=tuple(u), **fixed)
 
 
-def fixed_conditioning(X: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, float] | None:
-    """((A_1, A_2), X A, log |det A|), A = A_1 A_2, where X's columns are far from centred or unit scale
+def fixed_conditioning(X: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray] | None:
+    """((A_1, A_2), X A), A = A_1 A_2, where X's columns are far from centred or unit scale
     (:func:`fixed_transform`'s rule), else None: X centred and scaled column by column (A_1,
     :func:`fixed_transform`), then orthogonalised (A_2, :func:`orthogonalised`), X A formed in those two steps."""
     a = fixed_transform(X)
     if a is None:
         return None
-    columns, r_inverse, logdet = orthogonalised(X @ a)
-    return (a, r_inverse), np.ascontiguousarray(columns), float(transform_logdet(a)) + logdet
+    columns, r_inverse = orthogonalised(X @ a)
+    return (a, r_inverse), np.ascontiguousarray(columns)
 
 
 def least_squares(columns: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -358,7 +349,7 @@ def least_squares(columns: np.ndarray, y: np.ndarray) -> np.ndarray:
     fixed = fixed_conditioning(columns)
     if fixed is None:
         return np.linalg.lstsq(columns, y, rcond=None)[0]
-    factors, conditioned, _ = fixed
+    factors, conditioned = fixed
     return fixed_coefficients(factors, np.linalg.lstsq(conditioned, y, rcond=None)[0])
 
 
@@ -369,9 +360,9 @@ def condition_fixed(design: Design) -> Conditioning | None:
     fixed = fixed_conditioning(design.X)
     if fixed is None:
         return None
-    a, columns, logdet = fixed
+    factors, columns = fixed
     return Conditioning(design=replace(design, X=columns), transforms=tuple(np.eye(t.k) for t in design.terms),
-                        fixed=a, fixed_logdet=logdet)
+                        fixed=factors)
 
 
 def condition_terms(design: Design, force: bool = False, fixed: bool = False) -> Conditioning | None:

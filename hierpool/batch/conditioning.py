@@ -32,13 +32,13 @@ from ..algebra.checks import fitted_singular
 from ..algebra.conditioning import (
     column_moments,
     effects_to_user,
+    fixed_logdet,
     fixed_to_user,
     group_rows,
     needs_conditioning,
     orthogonalised,
     term_transforms,
     thetas_to_user,
-    transform_logdet,
 )
 from ..algebra.linalg import theta_to_factors
 from ..closedform.optimize import Control
@@ -55,7 +55,6 @@ class BatchConditioning:
     conditioned: np.ndarray
     fixed: tuple[np.ndarray, ...] | None = None  # A's factors per dataset, each (n_datasets, p, p)
     reml: bool = False  # the criterion is REML's: log |X' V^-1 X| moves by 2 log |det A| with X A
-    fixed_logdet: np.ndarray | None = None  # log |det A| per dataset, summed from its factors
 
     def to_user(self, out: dict) -> dict:
         """The results ``out`` of a fit of :attr:`plan` (:func:`hierpool.batch.fit_terms.run_jobs`'s dict) on the
@@ -68,7 +67,7 @@ class BatchConditioning:
             factors = [f[rows] for f in self.fixed]
             out["beta"][rows], out["vcov"][rows] = fixed_to_user(factors, out["beta"][rows], out["vcov"][rows])
             if self.reml:  # log |A' X' V^-1 X A| = log |X' V^-1 X| + 2 log |det A|
-                out["objective"][rows] -= 2.0 * self.fixed_logdet[rows]
+                out["objective"][rows] -= 2.0 * fixed_logdet(factors)
         ks = tuple(m.shape[-1] for m in self.transforms)
         transforms = [m[rows] for m in self.transforms]
         theta = thetas_to_user(out["theta"][rows], transforms)
@@ -90,8 +89,8 @@ def condition_batch(plan: BatchPlan, reml: bool = False) -> BatchConditioning | 
     blocks = [term.z for term in design.terms] + ([design.X] if design.p else [])
     if not blocks:
         return None
-    # an intercept term's column of ones has nothing to centre or scale: its moments (a third of this step's time
-    # on two intercept terms) are not summed
+    # an intercept term's column of ones has nothing to centre or scale: its moments are not summed (timed in
+    # benchmarks/RESULTS.md, thirty-fourth session)
     ones = [z.shape[1] == 1 and bool(np.all(z == 1.0)) for z in blocks]
     moments = [None if one else column_moments(z, plan.dataset, n) for z, one in zip(blocks, ones)]  # summed once
     conditioned = np.logical_or.reduce([np.zeros(n, dtype=bool)] + [needs_conditioning(z, plan.dataset, n, m)
@@ -106,26 +105,25 @@ def condition_batch(plan: BatchPlan, reml: bool = False) -> BatchConditioning | 
         transforms.append(transform)
         z = np.einsum("ri,rij->rj", term.z, transform[plan.dataset])
         terms.append(dataclasses.replace(term, z=np.ascontiguousarray(z)))
-    columns, fixed, logdet = {"terms": tuple(terms)}, None, None
+    columns, fixed = {"terms": tuple(terms)}, None
     if design.p:
-        fixed = block_transforms[-1]
-        fixed[~conditioned] = np.eye(design.p)
-        columns["X"], r_inverse, logdet = _orthogonalised_per_dataset(
-            np.einsum("ri,rij->rj", design.X, fixed[plan.dataset]), plan.dataset, conditioned)
-        fixed = (fixed, r_inverse)
-        logdet += transform_logdet(fixed[0])
+        centring = block_transforms[-1]
+        centring[~conditioned] = np.eye(design.p)
+        columns["X"], r_inverse = _orthogonalised_per_dataset(
+            np.einsum("ri,rij->rj", design.X, centring[plan.dataset]), plan.dataset, conditioned)
+        fixed = (centring, r_inverse)
     # X's aliased columns are the user's columns' (hp.glmm drops such a column, which conditioned is not aliased)
     fitted = dataclasses.replace(plan, design=dataclasses.replace(design, **columns), user_aliased=plan.fixed_aliased)
-    return BatchConditioning(fitted, tuple(transforms), conditioned, fixed, reml=reml, fixed_logdet=logdet)
+    return BatchConditioning(fitted, tuple(transforms), conditioned, fixed, reml=reml)
 
 
 def _orthogonalised_per_dataset(X: np.ndarray, dataset: np.ndarray, conditioned: np.ndarray):
     """Each conditioned dataset's rows of X (centred and scaled already) orthogonalised as ``hp.lmm``'s
     (:func:`~hierpool.algebra.conditioning.orthogonalised`), the datasets of one row count in one stacked QR: (X, the
-    second factor of A per dataset (identities where not conditioned), its log |det| per dataset).  An interaction
-    with a shifted covariate stays nearly collinear with its factor's columns after the centring alone."""
+    second factor of A per dataset, identities where not conditioned).  An interaction with a shifted covariate stays
+    nearly collinear with its factor's columns after the centring alone."""
     n_datasets, p = len(conditioned), X.shape[1]
-    r_inverse, logdet = np.tile(np.eye(p), (n_datasets, 1, 1)), np.zeros(n_datasets)
+    r_inverse = np.tile(np.eye(p), (n_datasets, 1, 1))
     targets = np.flatnonzero(conditioned)
     if targets.size:
         order, bounds = group_rows(dataset, n_datasets)
@@ -133,5 +131,5 @@ def _orthogonalised_per_dataset(X: np.ndarray, dataset: np.ndarray, conditioned:
         for size in np.unique(counts[targets]):
             members = targets[counts[targets] == size]
             rows = order[bounds[members][:, None] + np.arange(size)[None, :]]  # (members, size)
-            X[rows], r_inverse[members], logdet[members] = orthogonalised(X[rows])
-    return np.ascontiguousarray(X), r_inverse, logdet
+            X[rows], r_inverse[members] = orthogonalised(X[rows])
+    return np.ascontiguousarray(X), r_inverse

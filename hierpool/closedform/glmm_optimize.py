@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..algebra.compiler_options import COMPILE_MIN_FLOPS
-from ..algebra.conditioning import fixed_conditioning
+from ..algebra.conditioning import fixed_coefficients, fixed_conditioning
 from ..algebra.family import Family
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import (
@@ -193,9 +193,10 @@ class GLMMOptimum:
         the same optimum (:func:`hierpool.closedform.glmm._fit_conditioned`): the beta block of its inverse is
         the beta block of ``hessian``'s in exact arithmetic (theta~ is a reparametrization of theta, beta is
         unchanged), and better computed where the user's theta is ill-scaled.  ``vcov`` reads it.
-    beta_map : numpy.ndarray or None
-        Where set, ``beta_hessian`` is in (theta, beta~) with beta = A beta~ (``beta_map``: A; the derivative-free
-        search's coordinates, X's columns conditioned): ``vcov`` is A (its inverse's beta~ block) A^T, not the
+    beta_map : tuple of numpy.ndarray or None
+        Where set, ``beta_hessian`` is in (theta, beta~) with beta = A beta~ (``beta_map``: A's factors,
+        :func:`~hierpool.algebra.conditioning.fixed_conditioning`; the derivative-free search's coordinates):
+        ``vcov`` is A (its inverse's beta~ block) A^T, not the
         inverse of the user's Hessian, whose condition grows as (a covariate's mean / sd)^2.
     """
 
@@ -208,7 +209,7 @@ class GLMMOptimum:
     gradient: np.ndarray | None = None
     hessian: np.ndarray | None = None
     beta_hessian: np.ndarray | None = None
-    beta_map: np.ndarray | None = None
+    beta_map: tuple[np.ndarray, ...] | None = None
 
 
 def _minimize(criterion, start, lower, step):
@@ -319,17 +320,20 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
     # optimum, not converged; with 0 + g + x the centring alone finds no intercept, and the SEs came out half the
     # centred model's), beta = A beta~ (the same deviance at every point)
     conditioned = fixed_conditioning(design.X)
-    fixed = np.eye(design.p) if conditioned is None else conditioned[0][0] @ conditioned[0][1]
+    factors = () if conditioned is None else conditioned[0]  # A's, applied one at a time (fixed_coefficients)
+    inverse = np.eye(design.p)  # A^-1 = A_2^-1 A_1^-1
+    for factor in factors:
+        inverse = np.linalg.solve(factor, inverse)
 
     def laplace(parameters):
-        beta = fixed @ parameters[n_theta:]
+        beta = fixed_coefficients(factors, parameters[n_theta:])
         at = find_mode(parameters[:n_theta], beta, family, start_u=state["u"])
         state["u"] = at.u
         if nodes > 1:
             return quadrature_deviance(parameters[:n_theta], beta, design, family, nodes, at)[0]
         return at.laplace
 
-    searched = np.linalg.solve(fixed, mode.beta)
+    searched = inverse @ mode.beta
     start = np.concatenate([theta, searched])
     step = np.concatenate([np.full(n_theta, BETA_STEP), BETA_STEP * np.maximum(np.abs(searched), 1.0)])
     bounds = np.concatenate([lower, np.full(design.p, -np.inf)])
@@ -347,7 +351,7 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
         start, step = np.append(start, np.log(family.shape)), np.append(step, SHAPE_STEP)
         bounds = np.append(bounds, -np.inf)
     parameters, second = _minimize(criterion, start, bounds, step)
-    theta, beta = parameters[:n_theta], fixed @ parameters[n_theta : n_theta + design.p]
+    theta, beta = parameters[:n_theta], fixed_coefficients(factors, parameters[n_theta : n_theta + design.p])
     if estimate_shape:
         family = replace(family, shape=float(np.exp(parameters[-1])))
     mode = find_mode(theta, beta, family)
@@ -355,7 +359,7 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
     gradient = hessian = None
     if derivatives:
         def deviance_at(point):
-            beta_at = fixed @ point[n_theta:]
+            beta_at = fixed_coefficients(factors, point[n_theta:])
             at = find_mode(point[:n_theta], beta_at, family, start_u=mode.u)
             return quadrature_deviance(point[:n_theta], beta_at, design, family, nodes, at)[0] if nodes > 1 \
                 else at.laplace
@@ -364,11 +368,11 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
         # H = J' H~ J (differences of beta on a column around 2,000 gave a gradient of 76 at the optimum)
         gradient, searched = finite_differences(deviance_at, np.concatenate([theta, parameters[n_theta:n_theta + design.p]]))
         to_user = np.eye(n_theta + design.p)
-        to_user[n_theta:, n_theta:] = np.linalg.inv(fixed)
+        to_user[n_theta:, n_theta:] = inverse
         gradient, hessian = to_user.T @ gradient, to_user.T @ searched @ to_user
-        if conditioned is not None:  # beta's covariance from the searched coordinates' Hessian (GLMMOptimum.beta_map)
+        if factors:  # beta's covariance from the searched coordinates' Hessian (GLMMOptimum.beta_map)
             return GLMMOptimum(theta, beta, deviance, mode, (first, second), family.shape, gradient, hessian,
-                               beta_hessian=searched, beta_map=fixed)
+                               beta_hessian=searched, beta_map=factors)
     return GLMMOptimum(theta, beta, deviance, mode, (first, second), family.shape, gradient, hessian)
 
 

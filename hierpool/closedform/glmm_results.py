@@ -13,6 +13,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from ..algebra.conditioning import fixed_to_user
 from ..algebra.family import Family
 from ..algebra.henderson import solve
 from ..algebra.laplace import mode_working, working_design
@@ -140,7 +141,7 @@ class GLMMResult:
             hessian = self._hessian if self.optimum.beta_hessian is None else self.optimum.beta_hessian
             matrix = np.linalg.inv(0.5 * hessian)[n_theta:, n_theta:]
             if self.optimum.beta_map is not None:  # the Hessian of (theta, beta~), beta = A beta~
-                matrix = self.optimum.beta_map @ matrix @ self.optimum.beta_map.T
+                matrix = fixed_to_user(self.optimum.beta_map, np.zeros(len(matrix)), matrix)[1]
         names = list(self.fixef.index)
         return pd.DataFrame(matrix, index=names, columns=names)
 

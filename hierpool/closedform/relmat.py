@@ -139,7 +139,8 @@ class RelmatEquations:
     with records, would be dense rows in that ordering.  |C| = |K| |S| and (C^-1)_beta beta = S^-1.
     """
 
-    def __init__(self, *, XtX, ZtX, ZtWZ, Xty, Zty, yty, penalty, block, sizes, n, log_det_a, log_det_w):
+    def __init__(self, *, XtX, ZtX, ZtWZ, Xty, Zty, yty, penalty, block, sizes, n, log_det_a, log_det_w,
+                 conditioning=None):
         self.XtX, self.ZtX, self.ZtWZ, self.Xty, self.Zty, self.yty = XtX, ZtX, ZtWZ, Xty, Zty, yty
         self.penalty, self.block, self.sizes = penalty, block, np.asarray(sizes)  # block: each column's term
         self.n, self.p, self.q = n, XtX.shape[0], ZtWZ.shape[0]
@@ -148,7 +149,7 @@ class RelmatEquations:
         self._patterns = {}  # K's pattern in each ordering (:meth:`_k`)
         # X's conditioning where the equations are of X A (:func:`fit_relmat`): the criterion evaluated is then the
         # user's (REML's, on X A, less 2 log |det A|) and beta, beta_block are of beta~ (RelmatResult maps them)
-        self.conditioning = None
+        self.conditioning = conditioning
 
     def _k(self, theta, order=None) -> scipy.sparse.csc_matrix:
         # K's entries on the union of Z'WZ's and P's patterns, found once per ordering: each theta refills the values
@@ -226,8 +227,12 @@ def relationship_positions(term, rel: Relationship, strict: bool = True) -> np.n
     return position
 
 
-def relmat_equations(design: Design, rel: Relationship):
-    """(:class:`RelmatEquations` of the design, each term's column labels, which of A's labels have records)."""
+def relmat_equations(design: Design, rel: Relationship, conditioning=None):
+    """(:class:`RelmatEquations` of the design, each term's column labels, which of A's labels have records);
+    ``conditioning`` (:func:`~hierpool.algebra.conditioning.condition_fixed`'s, of ``design``): the equations of its
+    X A, their criterion and beta mapped back (:attr:`RelmatEquations.conditioning`)."""
+    if conditioning is not None:
+        design = conditioning.design
     n, p = design.n, design.p
     w = np.ones(n) if design.weights is None else np.asarray(design.weights, dtype=float)
     y = np.asarray(design.y, dtype=float) - np.asarray(design.offset, dtype=float)
@@ -257,7 +262,8 @@ def relmat_equations(design: Design, rel: Relationship):
     equations = RelmatEquations(XtX=X.T @ (w[:, None] * X), ZtX=np.asarray(ZtW @ X) if p else np.zeros((q, 0)),
                            ZtWZ=scipy.sparse.csc_matrix(ZtW @ Z), Xty=X.T @ (w * y), Zty=np.asarray(ZtW @ y).ravel(),
                            yty=float(y @ (w * y)), penalty=scipy.sparse.block_diag(penalties, format="csc"),
-                           block=block, sizes=sizes, n=n, log_det_a=rel.log_det, log_det_w=float(np.sum(np.log(w))))
+                           block=block, sizes=sizes, n=n, log_det_a=rel.log_det, log_det_w=float(np.sum(np.log(w))),
+                           conditioning=conditioning)
     return equations, labels, recorded
 
 
@@ -351,8 +357,7 @@ def fit_relmat(design: Design, rel: Relationship, reml: bool = True) -> RelmatRe
     # X's columns far from centred or unit scale (sleepstudy's Days + 1e7: 9.7 off the criterion; x + 3e6: 0.058): the
     # equations of X A (algebra.conditioning), the user's criterion and beta mapped back
     conditioning = condition_fixed(design)
-    equations, labels, recorded = relmat_equations(design if conditioning is None else conditioning.design, rel)
-    equations.conditioning = conditioning
+    equations, labels, recorded = relmat_equations(design, rel, conditioning)
     log_theta, evaluations, converged = _minimize(equations, reml, len(design.terms), rel.group)
     value, pieces = equations.evaluate(np.exp(log_theta), reml)
     if not np.isfinite(value):
