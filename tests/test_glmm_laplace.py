@@ -250,6 +250,71 @@ def test_adaptive_quadrature_with_a_fixed_effect_on_a_calendar_year():
     assert far.fixef_se["x"] == pytest.approx(reference.fixef_se["x"], rel=1e-6)
 
 
+def _days_by_group(seed: int) -> pd.DataFrame:
+    """18 subjects x 10 days, two groups of subjects: Poisson counts y and 0/1 outcomes b."""
+    rng = np.random.default_rng(seed)
+    days, subject = np.tile(np.arange(10.0), 18), np.repeat(np.arange(18), 10)
+    group = subject % 2
+    eta = 1.0 + 0.1 * days + 0.2 * group - 0.05 * days * group + rng.normal(scale=0.5, size=18)[subject]
+    return pd.DataFrame({"Subject": subject.astype(str), "grp": group.astype(str), "Days": days,
+                         "y": rng.poisson(np.exp(eta)), "b": rng.binomial(1, 1 / (1 + np.exp(1.5 - eta)))})
+
+
+@pytest.mark.parametrize("family_name, response, nagq", [("poisson", "y", 1), ("binomial", "b", 1),
+                                                         ("binomial", "b", 0), ("binomial", "b", 5)])
+def test_a_covariate_far_from_zero_beside_its_interaction_is_the_centred_models_glmm(family_name, response, nagq):
+    """Days + 1e7 beside Days:grp: the Laplace fit ran on the user's columns (nAGQ = 0 and 1), where the PIRLS
+    system keeps a few digits.  The fits ended at the optimum but its Hessian there was the user's, whose condition
+    grows as (mean / sd)^2: SE(Days) 1.4e-4 (Poisson) and 2.6e-3 (binomial) off the centred model's, warned as
+    not converged (a degenerate Hessian) at Days + 1e5 already.  Every stage now searches X A (X conditioned,
+    :func:`hierpool.algebra.conditioning.condition_fixed`), its derivatives in beta~ (GLMMOptimum.conditioning):
+    the centred model's numbers, no warning, and fit_batch's."""
+    data = _days_by_group(2)
+    formula = f"{response} ~ Days * grp + (1 | Subject)"
+    shift = 1e7
+    centred = hp.glmm(formula.replace("Days *", f"I(Days - {shift:.0f}) *"), data.assign(Days=data["Days"] + shift),
+                      family=family_name, nAGQ=nagq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no convergence warning: the fit is the centred model's
+        far = hp.glmm(formula, data.assign(Days=data["Days"] + shift), family=family_name, nAGQ=nagq)
+    assert far.converged
+    assert far.optimum.deviance == pytest.approx(centred.optimum.deviance, rel=1e-10)
+    slopes = ["Days", "Days:grp[1]"]
+    centred_slopes = [f"I(Days - {shift:.0f})", f"I(Days - {shift:.0f}):grp[1]"]
+    searched = 1e-4 if nagq > 1 else 1e-7  # nAGQ = 5's derivative-free search stops within ~1e-5 of the optimum
+    np.testing.assert_allclose(far.fixef[slopes], centred.fixef[centred_slopes], rtol=searched)
+    np.testing.assert_allclose(far.fixef_se[slopes], centred.fixef_se[centred_slopes], rtol=max(searched, 1e-5))
+    np.testing.assert_allclose(far.theta, centred.theta, rtol=max(searched, 1e-5))
+    # the theta-known SEs and the effects' conditional sds (the penalized system at the mode, on X A)
+    np.testing.assert_allclose(far.fixef_se_known_theta[slopes], centred.fixef_se_known_theta[centred_slopes],
+                               rtol=max(searched, 1e-5))
+    np.testing.assert_allclose(far.ranef["condsd"], centred.ranef["condsd"], rtol=max(searched, 1e-5))
+    # predictions' confidence intervals: x A against the blocks of the conditioned system
+    new = data.assign(Days=data["Days"] + shift).iloc[::7]
+    for with_effects in (True, False):
+        np.testing.assert_allclose(far.predict(new, interval="confidence", re=with_effects).to_numpy(),
+                                   centred.predict(new, interval="confidence", re=with_effects).to_numpy(),
+                                   rtol=max(searched, 1e-5), atol=0.1 * searched)
+    if nagq == 1:  # the population-average coefficients' delta method reads Cov(theta, beta) on the user's beta
+        np.testing.assert_allclose(far.marginal().coef.loc[slopes].to_numpy(),
+                                   centred.marginal().coef.loc[centred_slopes].to_numpy(), rtol=1e-5)
+        batch = hp.fit_batch(formula, [data.assign(Days=data["Days"] + shift), data], family=family_name,
+                             progress=False)
+        assert batch.objective.iloc[0] == pytest.approx(far.optimum.deviance, rel=1e-9)
+        np.testing.assert_allclose(batch.beta_se[0], far.fixef_se.to_numpy(), rtol=1e-4)
+
+
+def test_a_random_slope_far_from_zero_whose_derivatives_lose_every_digit_is_refused_by_name():
+    """With the slope's column at Days + 1e7 in the random term too, the search runs conditioned but the fit on the
+    user's columns (their theta) keeps no digit: its derivatives came out NaN (SEs NaN); it is refused, naming the
+    column, as is a PIRLS system that does not factor there."""
+    data = _days_by_group(2)
+    with pytest.raises(hp.HierpoolError, match=r"random-effect column\(s\) 'Days' lie far from zero"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hp.glmm("y ~ Days * grp + (Days | Subject)", data.assign(Days=data["Days"] + 1e7), family="poisson")
+
+
 def test_quadrature_needs_one_scalar_term(designs):
     design, _ = designs["cbpp_binomial_logit_obs_laplace"]
     with pytest.raises(ValueError, match="one scalar random-effect term"):

@@ -190,7 +190,7 @@ def _needs_conditioning(z: np.ndarray) -> bool:
 def fixed_transform(X: np.ndarray) -> np.ndarray | None:
     """A (p, p) with X A centred (where X has an intercept) and scaled column by column, where X's columns are
     far from it by the random-effect columns' rule (:func:`needs_conditioning`), else None: a search that moves beta
-    (``hp.glmm``'s derivative-free one) searches beta~ = A^-1 beta, on which X A beta~ = X beta.  The one-group case of
+    (``hp.glmm``'s) searches beta~ = A^-1 beta, on which X A beta~ = X beta.  The one-group case of
     :func:`term_transforms`, which ``hp.fit_batch`` applies per dataset."""
     return term_transform(X) if X.shape[1] and _needs_conditioning(X) else None
 
@@ -200,6 +200,14 @@ def fixed_coefficients(factors, beta: np.ndarray) -> np.ndarray:
     beta~'s), applied one factor at a time: their entries cancel in the product (:func:`orthogonalised`)."""
     for factor in reversed(factors):
         beta = np.einsum("...ij,...j->...i", factor, beta)
+    return beta
+
+
+def conditioned_coefficients(factors, beta: np.ndarray) -> np.ndarray:
+    """beta~ = A^-1 beta (the inverse of :func:`fixed_coefficients`), A^-1 = A_2^-1 A_1^-1 solved one factor at a
+    time: a start given on the user's columns carried to the conditioned ones."""
+    for factor in factors:
+        beta = np.linalg.solve(factor, beta)
     return beta
 
 
@@ -369,8 +377,8 @@ def condition_terms(design: Design, force: bool = False, fixed: bool = False) ->
     """The design with its random-effect columns centred and scaled, or None when they are fine as they are
     (``force``: always; an AR(1) fit, whose whitening makes a covariate of moderate mean nearly collinear with the
     intercept's column, :func:`hierpool.closedform.ar1.fit_ar1`).  ``fixed``: X's columns too, where they are far
-    from centred or unit scale (:func:`fixed_transform`; ``hp.lmm``, which profiles beta out: a GLMM's search
-    moves beta, scaled its own way)."""
+    from centred or unit scale (:func:`fixed_transform`; ``hp.lmm``; ``hp.glmm`` conditions X in
+    :func:`hierpool.closedform.glmm_optimize.fit_laplace` itself, by :func:`condition_fixed`)."""
     if not force and not any(_needs_conditioning(t.z) for t in design.terms):
         return condition_fixed(design) if fixed else None
     transforms = tuple(term_transform(t.z) for t in design.terms)

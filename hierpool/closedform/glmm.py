@@ -184,17 +184,20 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
             optimum = _negative_binomial_restarts(design, spec, optimum, stages, max(nAGQ, 1))
             optimum = _negative_binomial_limit(design, spec, optimum, stages, max(nAGQ, 1))
     except np.linalg.LinAlgError:
-        far = np.flatnonzero(far_fixed_columns(design.X, limit=CENTRE_RATIO)[0])
-        if far.size:  # the likelier cause: a covariate far from zero leaves the system's cross-products few digits
-            names = ", ".join(repr(design.fixed_names[j]) for j in far)
-            raise DataError("the penalized system of a PIRLS step is not positive definite in float64: the fixed-effect "
-                            f"column(s) {names} lie far from zero, so that its cross-products keep too few digits; "
-                            "centre them") from None
+        far = _far_term_columns(design)
+        if far:  # the likelier cause: a covariate far from zero leaves the system's cross-products few digits
+            raise DataError("the penalized system of a PIRLS step is not positive definite in float64: the "
+                            f"{far}, so that its cross-products keep too few digits; centre them") from None
         # PIRLS's penalized system borders [X, Z] with the working response: with a zero working residual at every
         # row (the fixed effects fit the response exactly) its last pivot is 0, and rounding makes it negative
         raise DataError("the penalized system of a PIRLS step is not positive definite: do the fixed effects fit "
                         f"the response exactly (every row's mean equal to its {design.spec.response!r})? Then the "
                         "random effects have nothing to model") from None
+    derivatives = (optimum.gradient, optimum.hessian)
+    far = "" if all(d is None or np.all(np.isfinite(d)) for d in derivatives) else _far_term_columns(design)
+    if far:  # its search ran conditioned, but the fit's derivatives on the user's columns lost every digit
+        raise DataError(f"the deviance's derivatives at the optimum are not finite on the user's columns: the {far}; "
+                        "centre them")
     if negative_binomial:
         fam = make_family(spec, shape=optimum.shape)
     report = check_convergence(design, optimum.theta, optimum.gradient, optimum.hessian, optimum.mode.converged)
@@ -205,6 +208,22 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     return GLMMResult(design, fam, optimum, max(nAGQ, 1), stages, report)
 
 
+def _far_term_columns(design) -> str:
+    """"random-effect column(s) 'x' lie far from zero (in (1 + x | g))" for the columns of a random-effect term that lie
+    more than :data:`~hierpool.algebra.conditioning.CENTRE_RATIO` sds from zero beside the term's intercept, or ""
+    where none does.  A GLMM's search runs on such columns conditioned (:func:`_fit_conditioned`), its checks and
+    derivatives on the user's: at ~1e7 those keep no digits (X's own are conditioned throughout:
+    :func:`~hierpool.closedform.glmm_optimize.fit_laplace`)."""
+    names, terms = [], []
+    for term in design.terms:
+        far = np.flatnonzero(far_fixed_columns(term.z, limit=CENTRE_RATIO)[0])
+        names += [repr(term.coef_names[j]) for j in far]
+        terms += [term.label] if far.size else []
+    if not names:
+        return ""
+    return f"random-effect column(s) {', '.join(names)} lie far from zero (in {', '.join(terms)})"
+
+
 def _fit_conditioned(design, fam, estimate_shape: bool):
     """The Laplace fit of a model whose random-effect columns are far from centred or unit scale (a slope on a
     calendar year: :mod:`hierpool.algebra.conditioning`), else None.  The search from lme4's start stops on the
@@ -212,7 +231,8 @@ def _fit_conditioned(design, fam, estimate_shape: bool):
     runs on the columns centred and scaled, and the fit on the user's columns then starts from that optimum mapped
     back (the same deviance), where its gradient, Hessian and checks are the user's parametrization's.  Where
     the criterion has no exact gradient (:func:`hierpool.algebra.laplace.deviance_gives_likelihood`) the search
-    is lme4's, unconditioned.
+    is lme4's, unconditioned.  (X's columns, where they are far from it, are conditioned by
+    :func:`~hierpool.closedform.glmm_optimize.fit_laplace` itself, in both fits alike.)
 
     beta's covariance comes from the conditioned fit's Hessian where both fits end at the same point
     (``GLMMOptimum.beta_hessian``: the same in exact arithmetic); the user's, by differences in a theta whose
@@ -231,7 +251,8 @@ def _fit_conditioned(design, fam, estimate_shape: bool):
                   and np.allclose(optimum.beta, inner.beta, rtol=1e-4, atol=1e-6))
     if not same_point or inner.hessian is None:
         return optimum
-    return replace(optimum, beta_hessian=inner.hessian, beta_map=None)  # inner.hessian is of (theta~, beta) itself
+    # inner.hessian is of (theta~, beta), or (theta~, beta~) on the same X A as optimum's (the same X)
+    return replace(optimum, beta_hessian=inner.hessian)
 
 
 #: Two fits of one model end at the same optimum where their deviances agree to this (relative) and their betas

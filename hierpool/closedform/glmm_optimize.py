@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..algebra.compiler_options import COMPILE_MIN_FLOPS
-from ..algebra.conditioning import fixed_coefficients, fixed_conditioning
+from ..algebra.conditioning import Conditioning, condition_fixed, conditioned_coefficients, fixed_coefficients
 from ..algebra.family import Family
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import (
@@ -181,23 +181,23 @@ class GLMMOptimum:
     shape : float or None
         A negative binomial's shape (estimated with ``estimate_shape``).
     gradient, hessian : numpy.ndarray or None
-        The deviance's derivatives in (theta, beta), the shape held (glmer's ``calc.derivs``).  With the
-        exact gradient (Laplace): the gradient at the optimum, and the Hessian by forward differences of
-        it along the scaled search's directions where the search ended, before the Newton steps that
-        finish it (a point ~1e-4 away in theta, ~1e-4 relative in the standard errors).  Otherwise
-        (quadrature, nAGQ = 0's none) central differences of the deviance at the optimum
-        (:func:`hierpool.closedform.glmm_convergence.finite_differences`).  None with ``stages=1`` or
+        The deviance's derivatives in (theta, beta), the shape held (glmer's ``calc.derivs``), or in (theta, beta~)
+        where X was conditioned (``conditioning``).  With the exact gradient (Laplace): the gradient at the
+        optimum, and the Hessian by forward differences of it along the scaled search's directions where the
+        search ended, before the Newton steps that finish it (a point ~1e-4 away in theta, ~1e-4 relative in the
+        standard errors).  Otherwise (quadrature, nAGQ = 0's none) central differences of the deviance at the
+        optimum (:func:`hierpool.closedform.glmm_convergence.finite_differences`).  None with ``stages=1`` or
         ``derivatives=False``.
     beta_hessian : numpy.ndarray or None
-        Where set, the Hessian in (theta~, beta) of the same model with its random-effect columns conditioned, at
-        the same optimum (:func:`hierpool.closedform.glmm._fit_conditioned`): the beta block of its inverse is
-        the beta block of ``hessian``'s in exact arithmetic (theta~ is a reparametrization of theta, beta is
-        unchanged), and better computed where the user's theta is ill-scaled.  ``vcov`` reads it.
-    beta_map : tuple of numpy.ndarray or None
-        Where set, ``beta_hessian`` is in (theta, beta~) with beta = A beta~ (``beta_map``: A's factors,
-        :func:`~hierpool.algebra.conditioning.fixed_conditioning`; the derivative-free search's coordinates):
-        ``vcov`` is A (its inverse's beta~ block) A^T, not the
-        inverse of the user's Hessian, whose condition grows as (a covariate's mean / sd)^2.
+        Where set, the Hessian in (theta~, beta) (or (theta~, beta~)) of the same model with its random-effect
+        columns conditioned, at the same optimum (:func:`hierpool.closedform.glmm._fit_conditioned`): the beta
+        block of its inverse is the beta block of ``hessian``'s in exact arithmetic (theta~ is a reparametrization
+        of theta, beta is unchanged), and better computed where the user's theta is ill-scaled.  ``vcov`` reads it.
+    conditioning : Conditioning or None
+        Where set, X's columns were far from centred or unit scale and the search ran on the conditioned design's
+        X A (:func:`~hierpool.algebra.conditioning.condition_fixed`): ``beta`` is the user's, A beta~, but the
+        derivatives are in beta~ (the user's, whose condition grows as (a covariate's mean / sd)^2, would have to
+        be inverted for the SEs), and ``mode``'s eta is X A beta~ + Z b, the same.
     """
 
     theta: np.ndarray
@@ -209,7 +209,7 @@ class GLMMOptimum:
     gradient: np.ndarray | None = None
     hessian: np.ndarray | None = None
     beta_hessian: np.ndarray | None = None
-    beta_map: tuple[np.ndarray, ...] | None = None
+    conditioning: Conditioning | None = None
 
 
 def _minimize(criterion, start, lower, step):
@@ -275,10 +275,25 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
     Returns
     -------
     GLMMOptimum
+        Where X's columns are far from centred or unit scale (a covariate around 2,000 or 1e7, timestamps: the
+        rule of :func:`~hierpool.algebra.conditioning.fixed_conditioning`), every stage searches on X A, beta =
+        A beta~ (the same deviance at every point), and ``beta`` is mapped back (``GLMMOptimum.conditioning``).
+        BOBYQA with x shifted by 2,000 stopped 7e-4 above the optimum (nAGQ = 5), and PIRLS's penalized system
+        with a covariate ~1e7 beside its interaction with a factor was not positive definite in float64.
     """
+    conditioning = condition_fixed(design)
+    if conditioning is not None:
+        design = conditioning.design
+        if start is not None:  # the user's beta carried to beta~
+            n_theta = len(start) - design.p
+            start = np.concatenate([start[:n_theta], conditioned_coefficients(conditioning.fixed, start[n_theta:])])
     find_mode = ModeFinder(design, family, compiled)
     with one_blas_thread(sum(ell * k for ell, k in find_mode.patterns[True].layout.rest_blocks)):
-        return _fit(find_mode, family, stages, nodes, estimate_shape, derivatives, start)
+        optimum = _fit(find_mode, family, stages, nodes, estimate_shape, derivatives, start)
+    if conditioning is None:
+        return optimum
+    beta = fixed_coefficients(conditioning.fixed, optimum.beta)
+    return replace(optimum, beta=beta, mode=replace(optimum.mode, beta=beta), conditioning=conditioning)
 
 
 def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimate_shape: bool,
@@ -315,27 +330,18 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
         return GLMMOptimum(theta, mode.beta, mode.laplace, mode, (first,), family.shape)
     state["u"] = mode.u
     n_theta = len(theta)
-    # BOBYQA moves beta with theta: on X's columns centred, scaled and orthogonalised where they are far from it
-    # (a covariate around 2,000 made the intercept and its slope a ridge, where nAGQ = 5 stopped 7e-4 above the
-    # optimum, not converged; with 0 + g + x the centring alone finds no intercept, and the SEs came out half the
-    # centred model's), beta = A beta~ (the same deviance at every point)
-    conditioned = fixed_conditioning(design.X)
-    factors = () if conditioned is None else conditioned[0]  # A's, applied one at a time (fixed_coefficients)
-    inverse = np.eye(design.p)  # A^-1 = A_2^-1 A_1^-1
-    for factor in factors:
-        inverse = np.linalg.solve(factor, inverse)
+    # BOBYQA moves beta with theta (on X A where X's columns are far from centred or unit scale: fit_laplace)
 
     def laplace(parameters):
-        beta = fixed_coefficients(factors, parameters[n_theta:])
+        beta = parameters[n_theta:]
         at = find_mode(parameters[:n_theta], beta, family, start_u=state["u"])
         state["u"] = at.u
         if nodes > 1:
             return quadrature_deviance(parameters[:n_theta], beta, design, family, nodes, at)[0]
         return at.laplace
 
-    searched = inverse @ mode.beta
-    start = np.concatenate([theta, searched])
-    step = np.concatenate([np.full(n_theta, BETA_STEP), BETA_STEP * np.maximum(np.abs(searched), 1.0)])
+    start = np.concatenate([theta, mode.beta])
+    step = np.concatenate([np.full(n_theta, BETA_STEP), BETA_STEP * np.maximum(np.abs(mode.beta), 1.0)])
     bounds = np.concatenate([lower, np.full(design.p, -np.inf)])
     criterion = laplace
     if estimate_shape:
@@ -351,7 +357,7 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
         start, step = np.append(start, np.log(family.shape)), np.append(step, SHAPE_STEP)
         bounds = np.append(bounds, -np.inf)
     parameters, second = _minimize(criterion, start, bounds, step)
-    theta, beta = parameters[:n_theta], fixed_coefficients(factors, parameters[n_theta : n_theta + design.p])
+    theta, beta = parameters[:n_theta], parameters[n_theta : n_theta + design.p]
     if estimate_shape:
         family = replace(family, shape=float(np.exp(parameters[-1])))
     mode = find_mode(theta, beta, family)
@@ -359,20 +365,11 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
     gradient = hessian = None
     if derivatives:
         def deviance_at(point):
-            beta_at = fixed_coefficients(factors, point[n_theta:])
-            at = find_mode(point[:n_theta], beta_at, family, start_u=mode.u)
-            return quadrature_deviance(point[:n_theta], beta_at, design, family, nodes, at)[0] if nodes > 1 \
+            at = find_mode(point[:n_theta], point[n_theta:], family, start_u=mode.u)
+            return quadrature_deviance(point[:n_theta], point[n_theta:], design, family, nodes, at)[0] if nodes > 1 \
                 else at.laplace
 
-        # differences in the searched (theta, beta~), mapped to (theta, beta) by J = diag(I, A^-1): g = J' g~,
-        # H = J' H~ J (differences of beta on a column around 2,000 gave a gradient of 76 at the optimum)
-        gradient, searched = finite_differences(deviance_at, np.concatenate([theta, parameters[n_theta:n_theta + design.p]]))
-        to_user = np.eye(n_theta + design.p)
-        to_user[n_theta:, n_theta:] = inverse
-        gradient, hessian = to_user.T @ gradient, to_user.T @ searched @ to_user
-        if factors:  # beta's covariance from the searched coordinates' Hessian (GLMMOptimum.beta_map)
-            return GLMMOptimum(theta, beta, deviance, mode, (first, second), family.shape, gradient, hessian,
-                               beta_hessian=searched, beta_map=factors)
+        gradient, hessian = finite_differences(deviance_at, np.concatenate([theta, beta]))
     return GLMMOptimum(theta, beta, deviance, mode, (first, second), family.shape, gradient, hessian)
 
 

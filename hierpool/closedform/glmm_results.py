@@ -13,7 +13,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from ..algebra.conditioning import fixed_to_user
+from ..algebra.conditioning import fixed_coefficients, fixed_to_user
 from ..algebra.family import Family
 from ..algebra.henderson import solve
 from ..algebra.laplace import mode_working, working_design
@@ -104,19 +104,35 @@ class GLMMResult:
         mode = self.optimum.mode
         return float(np.sum(self.family.unit_deviances(self.design.y, mode.mu, self.design.row_weights)))
 
+    @property
+    def _searched_design(self) -> Design:
+        """The design the fit searched: X A where X was conditioned (``GLMMOptimum.conditioning``), else the user's."""
+        conditioning = self.optimum.conditioning
+        return self.design if conditioning is None else conditioning.design
+
     @cached_property
     def system_at_mode(self):
-        """The penalized system at the mode's working weights, X included (unit scale, theta known): the
-        conditional variances of the effects, the theta-known vcov of beta and the prediction blocks."""
-        response, weights = mode_working(self.optimum.mode, self.design, self.family)
-        return build_system(working_design(self.design, response, weights, joint=True), host=True)
+        """The penalized system at the mode's working weights, X included (unit scale, theta known; on the
+        searched X A where X was conditioned): the conditional variances of the effects, the theta-known vcov of
+        beta and the prediction blocks."""
+        response, weights = mode_working(self.optimum.mode, self._searched_design, self.family)
+        return build_system(working_design(self._searched_design, response, weights, joint=True), host=True)
+
+    @cached_property
+    def _searched_solution(self):
+        """Henderson's solution of :attr:`system_at_mode`, in its own coordinates (beta~ where X was conditioned)."""
+        return solve(self.theta, self.system_at_mode)
 
     @cached_property
     def solution_at_mode(self):
         """Henderson's solution of the penalized system at the mode (:attr:`system_at_mode`, unit scale, theta
-        known): its ``factors`` (T_j), ``cond_var`` (lme4's conditional variances of b) and theta-known
-        ``vcov_beta``; the modes themselves are ``optimum.mode.b``."""
-        return solve(self.theta, self.system_at_mode)
+        known) on the user's columns: its ``factors`` (T_j), ``cond_var`` (lme4's conditional variances of b) and
+        theta-known ``vcov_beta`` (A Cov(beta~) A^T where X was conditioned); the modes themselves are
+        ``optimum.mode.b``."""
+        conditioning = self.optimum.conditioning
+        if conditioning is None:
+            return self._searched_solution
+        return conditioning.solution_to_user(self._searched_solution, self.theta)
 
     @property
     def fixef_se_known_theta(self) -> pd.Series:
@@ -126,22 +142,42 @@ class GLMMResult:
 
     @property
     def _hessian(self) -> np.ndarray:
-        """The finite-difference Hessian of the deviance in (theta, beta) at the optimum (lme4's deriv12)."""
+        """The finite-difference Hessian of the deviance in (theta, beta) at the optimum (lme4's deriv12), or in
+        (theta, beta~) where X was conditioned (``GLMMOptimum.conditioning``)."""
         if self.optimum.hessian is None:
             raise ArgumentError("this fit has no Hessian (nAGQ = 0 computes none)")
         return self.optimum.hessian
 
+    @cached_property
+    def searched_vcov(self) -> np.ndarray:
+        """Covariance of the fixed effects in the coordinates the fit searched: :attr:`vcov`'s, or Cov(beta~) where
+        X was conditioned (``GLMMOptimum.conditioning``), in which predictions form x A Cov(beta~) (x A)^T."""
+        if self.stages == 1:
+            return np.asarray(self._searched_solution.vcov_beta)
+        # the conditioned columns' Hessian where the fit has one (GLMMOptimum.beta_hessian): the same block
+        hessian = self._hessian if self.optimum.beta_hessian is None else self.optimum.beta_hessian
+        return np.linalg.inv(0.5 * hessian)[len(self.theta):, len(self.theta):]
+
+    def parameter_covariance(self) -> np.ndarray:
+        """The covariance of (theta, beta), the inverse of half the deviance's Hessian, on the user's beta: where X
+        was conditioned, J Cov(theta, beta~) J^T with J = diag(I, A)."""
+        covariance = np.linalg.inv(0.5 * self._hessian)
+        conditioning = self.optimum.conditioning
+        if conditioning is None:
+            return covariance
+        n_theta, factors = len(self.theta), conditioning.fixed
+        out = covariance.copy()
+        out[:n_theta, n_theta:] = fixed_coefficients(factors, covariance[:n_theta, n_theta:])
+        out[n_theta:, :n_theta] = out[:n_theta, n_theta:].T
+        out[n_theta:, n_theta:] = fixed_to_user(factors, np.zeros(self.design.p), covariance[n_theta:, n_theta:])[1]
+        return out
+
     @property
     def vcov(self) -> pd.DataFrame:
         """Covariance of the fixed effects (lme4's ``vcov``; see :attr:`fixef_se`)."""
-        if self.stages == 1:
-            matrix = np.asarray(self.solution_at_mode.vcov_beta)
-        else:  # the conditioned columns' Hessian where the fit has one (GLMMOptimum.beta_hessian): the same block
-            n_theta = len(self.theta)
-            hessian = self._hessian if self.optimum.beta_hessian is None else self.optimum.beta_hessian
-            matrix = np.linalg.inv(0.5 * hessian)[n_theta:, n_theta:]
-            if self.optimum.beta_map is not None:  # the Hessian of (theta, beta~), beta = A beta~
-                matrix = fixed_to_user(self.optimum.beta_map, np.zeros(len(matrix)), matrix)[1]
+        matrix = self.searched_vcov
+        if self.optimum.conditioning is not None:  # A Cov(beta~) A^T
+            matrix = fixed_to_user(self.optimum.conditioning.fixed, np.zeros(len(matrix)), matrix)[1]
         names = list(self.fixef.index)
         return pd.DataFrame(matrix, index=names, columns=names)
 
@@ -288,7 +324,7 @@ class GLMMResult:
 
         def covariance():  # of (theta, beta), asked for once the arguments are checked
             if self.stages == 2:
-                return np.linalg.inv(0.5 * self._hessian), "theta and beta"
+                return self.parameter_covariance(), "theta and beta"
             n_theta = len(self.theta)
             known_theta = np.zeros((n_theta + self.design.p,) * 2)
             known_theta[n_theta:, n_theta:] = self.vcov.to_numpy()
@@ -318,10 +354,16 @@ class _LinkScale:
         self.solution = replace(at_mode, beta=result.optimum.beta, b=result.optimum.mode.b,
                                 vcov_beta=result.vcov.to_numpy())
         self.prediction_blocks = prediction_covariance(np.asarray(result.theta, dtype=float), self.system)
+        self.conditioning, self.searched_vcov = result.optimum.conditioning, result.searched_vcov
 
     def term_covariances(self) -> list[np.ndarray]:
         return [np.asarray(t) @ np.asarray(t).T for t in self.solution.factors]
 
     def prediction_coordinates(self):
-        """The user's columns (:func:`hierpool.closedform.results.user_coordinates`)."""
-        return user_coordinates(self.solution)
+        """The user's columns (:func:`hierpool.closedform.results.user_coordinates`), or where X was conditioned
+        (``GLMMOptimum.conditioning``) A's factors and Cov(beta~): the system's blocks are in beta~."""
+        conditioning = self.conditioning
+        if conditioning is None:
+            return user_coordinates(self.solution)
+        factors = [np.asarray(f) for f in self.solution.factors]
+        return conditioning.fixed, [np.eye(f.shape[0]) for f in factors], factors, self.searched_vcov
