@@ -129,8 +129,10 @@ def test_fits_outside_fit_batchs_class_are_refused_by_name(sleep):
         logged = hp.lmm("log(Reaction) ~ Days + (Days | Subject)", sleep)
     with pytest.raises(hp.HierpoolError, match="takes hp.lmm fits"):
         hp.bootstrap(hp.datasets.sleepstudy(), 10)
-    with pytest.raises(hp.HierpoolError, match="must be a plain column"):
-        hp.bootstrap(logged, 10)
+    # a response the formula computes is simulated into a column of its own: as the same model on that column
+    column = hp.lmm("logged ~ Days + (Days | Subject)", sleep.assign(logged=np.log(sleep["Reaction"])))
+    np.testing.assert_allclose(hp.bootstrap(logged, 10, seed=4, progress=False).replicates,
+                               hp.bootstrap(column, 10, seed=4, progress=False).replicates, rtol=1e-7)
     with pytest.raises(hp.HierpoolError, match="n must be an integer >= 2"):
         hp.bootstrap(logged, 1)
     with warnings.catch_warnings():

@@ -190,6 +190,29 @@ def test_contrasts_transforms_and_offsets_mean_the_same_in_the_bayesian_engine(d
     np.testing.assert_array_less(np.abs(predicted["mean"] - fit.predict(new)), 5 * mcse)
 
 
+def test_arithmetic_on_the_left_of_the_tilde_is_the_response_as_r_evaluates_it(data):
+    """R evaluates a formula's left side whole; formulae read it as terms: ``y - 100`` dropped the term 100 and
+    fitted y, ``y - x`` fitted y too, and ``k / n`` (glmer's proportions with their trials as weights) was refused."""
+    plain = hp.lmm("y ~ x + (1 | g)", data)
+    for formula, intercept, slope in [("y - 100 ~ x + (1 | g)", -100.0, 0.0), ("-y ~ x + (1 | g)", None, None),
+                                      ("y - x ~ x + (1 | g)", 0.0, -1.0), ("y ^ 2 ~ x + (1 | g)", None, None)]:
+        fit = hp.lmm(formula, data)
+        computed = hp.lmm(f"I({formula.split('~')[0].strip()}) ~ x + (1 | g)", data)
+        np.testing.assert_allclose(fit.fixef, computed.fixef, rtol=1e-12)
+        if intercept is not None:  # a shifted response: the same fit, its coefficients moved by the shift
+            np.testing.assert_allclose(fit.fixef, plain.fixef + [intercept, slope], rtol=1e-9)
+    counts = data.assign(k=np.round(data["exposure"] * 3), n=np.round(data["exposure"] * 3) + 4)
+    proportions = hp.glmm("k / n ~ x + (1 | g)", counts, family="binomial", weights="n")
+    successes = hp.glmm("cbind(k, n - k) ~ x + (1 | g)", counts, family="binomial")
+    assert proportions.loglik == pytest.approx(successes.loglik, rel=1e-10)
+    # the bootstrap simulates the computed response into its own column: the shifted model's replicates are the
+    # plain model's, shifted
+    shifted = hp.bootstrap(hp.lmm("y - 100 ~ x + (1 | g)", data), 20, seed=2, progress=False).replicates
+    replicates = hp.bootstrap(plain, 20, seed=2, progress=False).replicates
+    np.testing.assert_allclose(shifted["Intercept"], replicates["Intercept"] - 100.0, rtol=1e-8)
+    np.testing.assert_allclose(shifted["x"], replicates["x"], rtol=1e-8)
+
+
 def test_cbind_response_points_to_glmm(data):
     with pytest.raises(hp.FormulaError, match="hp.glmm"):
         hp.lmm("cbind(y, x) ~ 1 + (1 | g)", data)

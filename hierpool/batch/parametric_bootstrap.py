@@ -45,9 +45,9 @@ from .results import BatchResult, term_parameter_names
 REPLICATE_COLUMN = "(replicate)"
 #: The known residual sds' column (``se=``) of that frame.
 SE_COLUMN = "(se)"
-#: A GLMM's simulated response, and a binomial's trials (its weights), on that frame: the formula names the
-#: response, so it is an identifier.
-GLMM_RESPONSE_COLUMN, TRIALS_COLUMN = "bootstrap_response_", "(trials)"
+#: The simulated response (a GLMM's, or one the formula computes, as Reaction - 100), and a binomial's trials (its
+#: weights), on that frame: the formula names the response, so it is an identifier.
+RESPONSE_COLUMN, TRIALS_COLUMN = "bootstrap_response_", "(trials)"
 METHODS = ("percentile", "basic", "normal")
 #: An AR(1) fit's series and times on the replicates' frame (the model frame may lack the correlation's columns).
 SERIES_GROUP, SERIES_TIME = "(series)", "(series time)"
@@ -193,18 +193,15 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     spatial = isinstance(fit, SpatialFit)
     glmm_fit = design.family is not None  # hp.glmm's, with or without spatial terms
     formula = design.spec.formula
-    if glmm_fit and frame is None:
-        raise ArgumentError("hp.bootstrap refits on the fit's model frame, which this hp.glmm fit does not keep")
-    if glmm_fit:
-        # the response as the batch reads it whatever its form (cbind, proportions, counts): its own column (a name
-        # no column of the model frame has), the binomial's trials as weights
-        response = GLMM_RESPONSE_COLUMN
+    if frame is None:
+        raise ArgumentError("hp.bootstrap refits on the fit's model frame, which this fit does not keep")
+    if glmm_fit or response not in frame.columns:
+        # the response as the batch reads it whatever its form (cbind, proportions, counts, an expression such as
+        # Reaction - 100): its own column (a name no column of the model frame has), the binomial's trials as weights
+        response = RESPONSE_COLUMN
         while response in frame.columns:
             response += "_"
         formula = f"{response} ~ {formula.split('~', 1)[1]}"
-    elif frame is None or response not in frame.columns:
-        raise ArgumentError(f"hp.bootstrap replaces the response column of the model frame: the response "
-                            f"{response!r} must be a plain column of data (not an expression)")
     sims = simulate(fit, n, seed=seed).to_numpy()  # (rows, n)
     rows = len(frame)
     long = frame.iloc[np.tile(np.arange(rows), n)].reset_index(drop=True)

@@ -325,7 +325,7 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
     parts = _split_top_level(to_formulae(formula), "~")
     if len(parts) != 2:
         raise FormulaError(f"formula {formula!r} must have exactly one '~' with the response on its left")
-    response, rhs = parts[0][1].strip(), parts[1][1].strip()
+    response, rhs = _evaluated_response(parts[0][1].strip()), parts[1][1].strip()
     if not response:
         raise FormulaError(f"formula {formula!r} has no response on the left of '~'")
     if not rhs:
@@ -380,6 +380,16 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
             variables.append(v)
     return ModelSpec(formula=formula, response=response, fixed=fixed, random=tuple(random), variables=tuple(variables),
                      spatial=tuple(spatial), values=values)
+
+
+def _evaluated_response(response: str) -> str:
+    """The response as R reads it, an expression evaluated whole (``Reaction - 100``, ``incidence / size``, ``-y``,
+    ``y^2``): wrapped in ``I(...)`` where an operator stands outside any call.  formulae reads a left side as terms,
+    as a right side: ``Reaction - 100`` dropped the term 100 and fitted Reaction, ``Reaction - Days`` fitted
+    Reaction too, and ``incidence / size`` was refused."""
+    if any(depth == 0 and ch in "+-*/%:" for _, ch, depth in _scan_top_level(response)):
+        return f"I({response})"
+    return response
 
 
 def has_spatial_term(formula) -> bool:
