@@ -237,16 +237,33 @@ def test_a_dataset_whose_response_its_family_refuses_is_refused_in_its_row():
                      progress=False)
 
 
-def test_a_dataset_with_fewer_fixed_effect_columns_is_refused_naming_them():
-    # "the 5 fixed-effect columns have rank 4 in this dataset" named no column
+@pytest.mark.parametrize("family", [None, "poisson"])
+def test_a_dataset_lacking_a_level_is_its_single_fit_and_one_with_an_aliased_column_is_refused_naming_it(family):
+    """A level absent from one dataset (its column zero there) refused every other dataset of the batch (one stray
+    level in one replicate, and the rest refused): such a dataset is its single fit, NaN in that column's place, the
+    other columns meaning what they mean in the batch.  A column aliased but not zero (constant x2; a baseline level
+    absent) would change the others' meaning: refused, naming it ("the 5 fixed-effect columns have rank 4" named
+    none)."""
     frames = [_gaussian(seed).assign(f=lambda d: np.array(["p", "q", "r"])[np.arange(len(d)) % 3],
-                                     x2=lambda d: np.sin(np.arange(len(d)))) for seed in range(3)]
+                                     x2=lambda d: np.sin(np.arange(len(d)))) for seed in range(4)]
     frames[1] = frames[1][frames[1]["f"] != "r"]  # the level r absent
     frames[2] = frames[2].assign(x2=1.5)  # x2 constant: aliased with the intercept
-    batch = _quiet(hp.fit_batch, "y ~ x + x2 + f + (1 | g)", frames, by="rep", progress=False)
-    _assert_refused(batch, 1, "rank 4 in this dataset: f[r] zero or aliased with earlier columns here")
+    frames[3] = frames[3][frames[3]["f"] != "p"]  # the baseline p absent: f[q] and f[r] are the intercept
+    if family:
+        frames = [frame.assign(y=np.round(np.exp(frame["y"] / 4))) for frame in frames]
+    formula = "y ~ x + x2 + f + (1 | g)"
+    fit, single, arguments = (hp.fit_batch, hp.glmm, {"family": family}) if family else (hp.fit_batch, hp.lmm, {})
+    batch = _quiet(fit, formula, frames, by="rep", progress=False, **arguments)
     _assert_refused(batch, 2, "rank 4 in this dataset: x2 zero or aliased with earlier columns here")
-    assert batch.converged.iloc[0]
+    _assert_refused(batch, 3, "rank 4 in this dataset: f[r] zero or aliased with earlier columns here")
+    assert batch.converged.iloc[0] and batch.converged.iloc[1] and batch.refit.iloc[1]
+    assert batch.messages.iloc[1].startswith("f[r] zero in this dataset (a level it lacks): fitted alone")
+    alone = _quiet(single, formula, frames[1], **arguments)
+    objective = alone.objective if family is None else alone.optimum.deviance
+    assert batch.objective.iloc[1] == pytest.approx(objective, rel=1e-8)
+    np.testing.assert_allclose(batch.beta[1, :-1], alone.fixef.to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(batch.beta_se[1, :-1], alone.fixef_se.to_numpy(), rtol=1e-6)
+    assert np.isnan(batch.beta[1, -1]) and np.isnan(batch.beta_se[1, -1])
 
 
 def test_a_column_of_python_objects_in_one_dataset_is_refused_in_its_row():

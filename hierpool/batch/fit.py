@@ -75,6 +75,7 @@ from .fit_glmm import fit_glmm, glmm_problems
 from .fit_terms import empty_results, fit_terms
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
+    aliased_message,
     chunks,
     fetch,
     host_chunk,
@@ -525,16 +526,20 @@ def _warn_if_unidentified(plan, family_name: str) -> None:
                           f"{plan.n_datasets} datasets)", HierpoolWarning, stacklevel=3)
 
 
-def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
+def _refit(plan, index: int, formula: str, fitter, out: dict, zero_alone=()) -> str:
     """Fit dataset ``index`` alone (``fitter``: ``hp.lmm`` or ``hp.glmm``) into ``out``'s rows; what to add to its
-    message."""
+    message.  ``zero_alone``: the datasets fitted alone without their columns that are zero there
+    (:attr:`~hierpool.batch.plan.BatchPlan.zero_columns`)."""
     frame, arguments = plan.dataset_frame(index)
     name = "hp.glmm" if fitter.func is glmm else "hp.lmm"
     try:
         with warnings.catch_warnings():  # a singular refit is reported in is_singular
             warnings.simplefilter("ignore", HierpoolWarning)
             single = fitter(formula, frame, **arguments)
-        check_fixed_effects(single, plan.design.fixed_names)  # its row holds the batch's columns, by position
+        # its row holds the batch's columns, by position, but those zero in the dataset (plan.zero_columns: NaN)
+        dropped = plan.zero_columns.get(index, ()) if index in zero_alone else ()
+        kept = [j for j in range(plan.design.p) if j not in dropped]
+        check_fixed_effects(single, [plan.design.fixed_names[j] for j in kept])
         # hp.lmm orders a dataset's terms by its own level counts: match them to the batch's
         position = {(t.group, t.coef_names): j for j, t in enumerate(single.design.terms)}
         order = [position[(t.group, t.coef_names)] for t in plan.design.terms]
@@ -552,9 +557,10 @@ def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
         out["phi"][index] = single.phi
     if "shape" in out:
         out["shape"][index] = single.shape
-    for key, value in (("objective", objective), ("converged", single.converged),
-                       ("beta", single.fixef.to_numpy()), ("vcov", single.vcov.to_numpy()), ("sigma", sigma),
-                       ("is_singular", single.is_singular)):
+    beta, vcov = np.full(plan.design.p, np.nan), np.full((plan.design.p,) * 2, np.nan)
+    beta[kept], vcov[np.ix_(kept, kept)] = single.fixef.to_numpy(), single.vcov.to_numpy()
+    for key, value in (("objective", objective), ("converged", single.converged), ("beta", beta), ("vcov", vcov),
+                       ("sigma", sigma), ("is_singular", single.is_singular)):
         out[key][index] = value
     for t, j in enumerate(order):
         out["factors"][t][index] = np.asarray(solution.factors[j])
@@ -583,10 +589,11 @@ def _restore(out: dict, index: int, row: dict) -> None:
             per_term[index] = value
 
 
-def _polish(plan, index: int, formula: str, fitter, out: dict, messages: list, refitted: np.ndarray) -> None:
+def _polish(plan, index: int, formula: str, fitter, out: dict, messages: list, refitted: np.ndarray,
+            zero_alone=()) -> None:
     """Refit dataset ``index`` alone into ``out`` (:func:`_refit`), unless that stops higher than the batch had got."""
     batch_row = _row(out, index)
-    note = _refit(plan, index, formula, fitter, out)
+    note = _refit(plan, index, formula, fitter, out, zero_alone)
     if (note.startswith("refitted") and np.isfinite(batch_row["objective"])
             and out["objective"][index] > batch_row["objective"] + 1e-8 * abs(batch_row["objective"])):
         # the lone fit stopped higher than where the batch had got to (a local optimum of its own): a lower
@@ -612,10 +619,17 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
         to_polish.append(index)
     for index, reason in out["alone"].items():
         messages[index] = reason
-    refits = list(out["alone"]) + (to_polish if polish else [])
+    # a dataset refused for columns zero in it alone (a factor's level it lacks): its single fit, without them
+    names = design.fixed_names
+    zero_alone = [index for index, columns in plan.zero_columns.items()
+                  if messages[index] == aliased_message(design.p, [names[j] for j in columns])]
+    for index in zero_alone:
+        messages[index] = (f"{', '.join(names[j] for j in plan.zero_columns[index])} zero in this dataset (a level "
+                           "it lacks): fitted alone without them, NaN in their places")
+    refits = list(out["alone"]) + zero_alone + (to_polish if polish else [])
     with progress_bar(progress if len(refits) > 1 else False, len(refits), "fit_batch") as bar:
         for index in refits:
-            _polish(plan, index, formula, fitter, out, messages, refitted)
+            _polish(plan, index, formula, fitter, out, messages, refitted, zero_alone)
             bar.update(1)
     sigma = out["sigma"]
     terms = []

@@ -201,7 +201,8 @@ def refuse_on_each(**given: tuple) -> None:
 def check_fixed_effects(single, fixed_names) -> None:
     """Refuse a dataset whose own fixed-effect columns differ from the batch's: a factor level missing from it
     changes the meaning of the others (its intercept a different level's mean), not a number to put beside the
-    other datasets' under the same name (the batched paths refuse such a dataset by X's rank)."""
+    other datasets' under the same name (the batched paths refuse such a dataset by X's rank, and fit alone one that
+    lacks a level other than the baseline: ``fixed_names`` are then the batch's less that level's column)."""
     names = tuple(single.design.fixed_names)
     if names != tuple(fixed_names):
         raise DataError(f"this dataset's fixed effects are {list(names)}, not the batch's {list(fixed_names)} "

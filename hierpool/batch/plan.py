@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 from jax.experimental import multihost_utils
 
-from ..algebra.linalg import shared_factor
+from ..algebra.linalg import segment_sum, shared_factor
 from ..algebra.search import HOST_CHUNK_BYTES
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
@@ -224,6 +224,13 @@ def bucket_width(n_levels: np.ndarray) -> np.ndarray:
     return 2 ** np.ceil(np.log2(np.maximum(n_levels, 1))).astype(int)
 
 
+def aliased_message(p: int, names) -> str:
+    """Why a dataset whose fixed-effect columns ``names`` are aliased in it is not fitted in the batch."""
+    return (f"the {p} fixed-effect columns have rank {p - len(names)} in this dataset: {', '.join(names)} zero or "
+            "aliased with earlier columns here (its single fit does without them; a batch fits the same columns to "
+            "every dataset)")
+
+
 def dataset_problems(n_obs, n_levels, aliased, p: int, k: int, group: str, sigma_known: bool = False) -> list[str]:
     """Why each dataset cannot be fitted ("" when it can), from its counts.
 
@@ -238,9 +245,7 @@ def dataset_problems(n_obs, n_levels, aliased, p: int, k: int, group: str, sigma
         elif ell < 2:
             problems.append(f"only {ell} level of {group!r}: its variance cannot be estimated")
         elif names:
-            problems.append(f"the {p} fixed-effect columns have rank {p - len(names)} in this dataset: "
-                            f"{', '.join(names)} zero or aliased with earlier columns here (its single fit "
-                            "does without them; a batch fits the same columns to every dataset)")
+            problems.append(aliased_message(p, names))
         elif n <= p:
             problems.append(f"{n} observations for {p} fixed effects")
         elif ell * k >= n and not sigma_known:
@@ -385,6 +390,19 @@ class BatchPlan:
         if self.user_aliased is not None:
             return self.user_aliased
         return aliased_within(self.design.X, self.dataset, self.n_datasets)
+
+    @cached_property
+    def zero_columns(self) -> dict:
+        """dataset -> its aliased fixed-effect columns (:attr:`fixed_aliased`), for the datasets in whose rows every
+        one of them is zero: a factor's level the dataset lacks (not its baseline).  Its single fit does without
+        them and its other columns mean what the batch's do (the intercept the same baseline's), so fit_batch fits it
+        alone, NaN in their places (:func:`hierpool.batch.fit._result`); where an aliased column is not zero (a
+        baseline level it lacks) the others' meaning changes, and the dataset is refused."""
+        aliased = self.fixed_aliased
+        if not aliased:
+            return {}
+        squares = segment_sum(self.design.X**2, self.dataset, self.n_datasets)  # zero in the conditioned X too
+        return {d: tuple(columns) for d, columns in aliased.items() if np.all(squares[d, list(columns)] == 0)}
 
     def aliased_names(self, members=None, aliased: dict | None = None) -> list[tuple]:
         """The names of the aliased fixed-effect columns of each dataset of ``members`` (all by default):
