@@ -112,6 +112,27 @@ def test_weights_column_and_array_agree_and_scale_as_lme4(data):
     assert abs(unweighted.fixef["x"] - by_name.fixef["x"]) > 1e-6  # the weights matter
 
 
+def test_weights_and_offsets_as_series_are_read_by_their_labels(data):
+    """A Series in another row order than data was read by position (a silently wrong fit); it is aligned by its
+    index, as pandas aligns it, in hp.lmm, hp.glmm and fit_batch; one whose labels are not data's is refused."""
+    shuffled = data.sample(frac=1.0, random_state=3)
+    by_name = hp.lmm("y ~ x + (x | g)", shuffled, weights="w", offset="exposure")
+    by_series = hp.lmm("y ~ x + (x | g)", shuffled, weights=data["w"], offset=data["exposure"])
+    assert by_series.objective == pytest.approx(by_name.objective, rel=1e-12)
+    counts = shuffled.assign(k=np.round(shuffled["exposure"] * 3))
+    poisson = hp.glmm("k ~ x + (1 | g)", counts, family="poisson", offset=np.log(data["exposure"]))
+    assert poisson.loglik == pytest.approx(
+        hp.glmm("k ~ x + (1 | g)", counts.assign(o=np.log(counts["exposure"])), family="poisson", offset="o").loglik,
+        rel=1e-12)
+    two = pd.concat([shuffled.assign(d=1), shuffled.assign(d=2)], ignore_index=True)
+    batch = hp.fit_batch("y ~ x + (x | g)", two, by="d", weights=two["w"].sample(frac=1.0, random_state=4),
+                         progress=False)
+    assert batch.objective.iloc[0] == pytest.approx(hp.lmm("y ~ x + (x | g)", shuffled, weights="w").objective,
+                                                    rel=1e-8)
+    with pytest.raises(hp.ArgumentError, match="weights is a pandas Series whose index"):
+        hp.lmm("y ~ x + (x | g)", data, weights=data["w"].set_axis(data.index + 1000))
+
+
 def test_weighted_prediction_interval_reads_new_weights(data):
     fit = hp.lmm("y ~ x + (1 | g)", data, weights="w")
     new = data.iloc[:4]

@@ -62,6 +62,7 @@ from ..spec.design import (
     Design,
     RandomEffectTerm,
     aliased_within,
+    aligned_by_labels,
     build_design,
     missing_detail,
     unique_codes,
@@ -625,6 +626,7 @@ def row_argument(value, name: str, data, frame: pd.DataFrame):
     if not isinstance(data, pd.DataFrame):
         raise ArgumentError(f"{name} given as an array needs data as one DataFrame (one value per row); with a list "
                             f"or dict of datasets give {name} as the name of a column of every dataset")
+    value = aligned_by_labels(value, data, name)
     try:
         values = np.asarray(value, dtype=float)
     except (TypeError, ValueError):

@@ -377,6 +377,19 @@ def _split_offsets(names: list[str], values: np.ndarray, formula: str):
     return values[:, keep], [names[j] for j in keep], values[:, offsets].sum(axis=1), tuple(names[j] for j in offsets)
 
 
+def aligned_by_labels(value, data: pd.DataFrame, name: str):
+    """``value`` (``weights=``, ``offset=``) as given, or where it is a pandas Series whose index is not data's,
+    reindexed to data's row labels, as pandas aligns a Series (read by position, a Series in another order was a
+    silently wrong fit).  A Series that does not hold each of data's labels once is refused, naming ``name``."""
+    if not isinstance(value, pd.Series) or value.index.equals(data.index):
+        return value
+    if not (value.index.is_unique and data.index.is_unique and len(value) == len(data)
+            and value.index.isin(data.index).all()):
+        raise ArgumentError(f"{name} is a pandas Series whose index does not hold data's row labels once each: "
+                            "give it data's index, or pass a column name or an array in data's row order")
+    return value.reindex(data.index)
+
+
 def _row_argument(data: pd.DataFrame, value, name: str):
     """(column label in data or None, values aligned with data's rows or None) of weights= / offset=."""
     if value is None:
@@ -387,6 +400,7 @@ def _row_argument(data: pd.DataFrame, value, name: str):
         if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
             raise DataError(f"{name} column {value!r} must be numeric, got dtype {column.dtype}")
         return value, None
+    value = aligned_by_labels(value, data, name)
     try:
         values = np.asarray(value, dtype=float)
     except (TypeError, ValueError):
