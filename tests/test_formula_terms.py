@@ -133,6 +133,19 @@ def test_weights_and_offsets_as_series_are_read_by_their_labels(data):
         hp.lmm("y ~ x + (x | g)", data, weights=data["w"].set_axis(data.index + 1000))
 
 
+def test_whole_number_levels_held_as_floats_are_the_same_levels(data):
+    """pandas makes an integer column float wherever it holds a missing value: new data's group 3.0 matched no
+    fitted level 3 and was predicted as a new group's, silently.  Levels are written as R's factor writes them."""
+    coded = data.assign(g=data["g"].str[1:].astype(int))
+    fit = hp.lmm("y ~ x + (x | g)", coded)
+    assert list(fit.ranef["grp"].iloc[:3]) == ["0", "1", "2"]
+    new = coded.iloc[:16]
+    np.testing.assert_allclose(fit.predict(new.assign(g=new["g"].astype(float))), fit.predict(new), rtol=1e-14)
+    assert not np.allclose(fit.predict(new), fit.predict(new, re=False))
+    as_floats = hp.lmm("y ~ x + (x | g)", coded.assign(g=coded["g"].astype(float)))
+    assert list(as_floats.ranef["grp"]) == list(fit.ranef["grp"])
+
+
 def test_weighted_prediction_interval_reads_new_weights(data):
     fit = hp.lmm("y ~ x + (1 | g)", data, weights="w")
     new = data.iloc[:4]

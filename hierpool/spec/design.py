@@ -458,6 +458,15 @@ def unique_codes(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(present), rank[codes]
 
 
+def level_label(value) -> str:
+    """A grouping value's label, as R's ``factor`` writes it: a whole number held as a float is written as one
+    (308.0 -> "308"; pandas makes an integer column float wherever it holds a missing value, and new data's 308.0
+    then matched no fitted level 308, its rows predicted as a new group's, silently)."""
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Level index and level labels of the interaction of the columns in ``factor``.
 
@@ -480,7 +489,7 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
                 col_codes, uniques = pd.factorize(column, sort=False)
         codes = codes * len(uniques) + col_codes
         size *= len(uniques)
-        columns.append((col_codes, np.asarray([str(u) for u in uniques], dtype=object)))
+        columns.append((col_codes, np.asarray([level_label(u) for u in uniques], dtype=object)))
     uniq, inverse = unique_codes(codes, size)
     first = np.zeros(len(uniq), dtype=np.int64)
     first[inverse[::-1]] = np.arange(len(codes))[::-1]  # a row of each level, to read its labels
