@@ -293,3 +293,18 @@ def test_a_term_of_one_binary_outcome_per_level_is_warned_of_once_counting_its_d
     flagged = binary_outcome_per_level("binomial", np.ones(many.size), np.arange(many.size), np.ones((many.size, 1)),
                                        many, 20_000)
     assert flagged.all()
+
+
+def test_a_dataset_whose_fixed_effects_separate_its_outcomes_says_so_in_its_row():
+    """A level without successes in one dataset: hp.glmm warns of the separation, naming the column; the batch's row
+    said converged, no message (trt[c] -29, SE 2e5), and a bootstrap's replicates took it in silently."""
+    cbpp = hp.datasets.cbpp()
+    separated = cbpp.assign(incidence=np.where(cbpp["period"] == "4", 0, cbpp["incidence"]))
+    formula = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+    with pytest.warns(hp.HierpoolWarning, match=r"complete separation in 1 of 2 datasets"):
+        batch = hp.fit_batch(formula, [cbpp, separated], family="binomial", progress=False)
+    assert batch.messages.iloc[0] == ""
+    assert batch.messages.iloc[1].startswith("complete separation: the fixed-effect column(s) period[4] separate")
+    with pytest.warns(hp.HierpoolWarning, match=r"complete separation: the fixed-effect column\(s\) period\[4\]"):
+        single = hp.glmm(formula, separated, family="binomial")
+    assert batch.objective.iloc[1] == pytest.approx(single.optimum.deviance, rel=1e-8)

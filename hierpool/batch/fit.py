@@ -71,7 +71,7 @@ from ..spec.family import binary_outcome_per_level, family_spec, unidentified_te
 from .conditioning import condition_batch
 from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
-from .fit_glmm import fit_glmm, glmm_problems
+from .fit_glmm import fit_glmm, glmm_problems, separation_notes
 from .fit_terms import empty_results, fit_terms
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
@@ -631,6 +631,14 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
         for index in refits:
             _polish(plan, index, formula, fitter, out, messages, refitted, zero_alone)
             bar.update(1)
+    if design.family is not None:  # hp.glmm's warning where X separates the outcomes, in the dataset's row
+        notes = separation_notes(plan, out["beta"])
+        for index, note in notes.items():
+            messages[index] = f"{messages[index]}; {note}" if messages[index] else note
+        if notes:
+            warnings.warn(f"complete separation in {len(notes)} of {n_datasets} datasets: their fixed effects there "
+                          "are where the optimizer stopped (each row's message names the columns)", HierpoolWarning,
+                          stacklevel=3)
     sigma = out["sigma"]
     terms = []
     for t, term in enumerate(design.terms):

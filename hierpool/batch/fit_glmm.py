@@ -53,6 +53,7 @@ from ..algebra.laplace_batch import GroupedRows
 from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
 from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from ..algebra.system import Layout, SystemPattern, fill_in_program, grouped_products
+from ..closedform.glmm import SEPARATION_SUSPECT_ETA, separation_message
 from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
 from . import host_processes
 from .fit_terms import (
@@ -104,6 +105,27 @@ def glmm_problems(plan: BatchPlan) -> list[str]:
             if not messages[d]:
                 messages[d] = f"{'no' if successes[d] == 0 else 'only'} successes: the model is not estimable"
     return plan.with_refusals(messages)
+
+
+def separation_notes(plan: BatchPlan, beta: np.ndarray) -> dict:
+    """dataset -> hp.glmm's separation message (:func:`hierpool.closedform.glmm.separation_message`) for the fitted
+    datasets whose X separates their outcomes, checked where a fixed effect moves the linear predictor by more than
+    :data:`~hierpool.closedform.glmm.SEPARATION_SUSPECT_ETA` (|beta_j x_ij| at some row: hp.glmm's suspects).  A
+    level without successes gave a row of trt[c] = -29 (SE 2e5), converged, without a word; hp.glmm warned."""
+    design = plan.design
+    if not design.p:
+        return {}
+    with np.errstate(invalid="ignore"):  # NaN rows: datasets not fitted
+        moved = np.abs(design.X) * np.abs(beta)[plan.dataset] > SEPARATION_SUSPECT_ETA
+    suspects = np.flatnonzero(np.bincount(plan.dataset, weights=moved.any(axis=1), minlength=plan.n_datasets))
+    notes = {}
+    for d in suspects:
+        rows = plan.dataset == d
+        message = separation_message(design.X[rows], design.y[rows], design.row_weights[rows], design.fixed_names,
+                                     design.family.name)
+        if message:
+            notes[int(d)] = message
+    return notes
 
 
 def glm_start(plan: BatchPlan, family: Family) -> tuple[np.ndarray, np.ndarray]:

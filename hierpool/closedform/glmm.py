@@ -284,20 +284,29 @@ def _warn_if_separated(design, family_name: str, max_rows: int | None) -> bool:
     Returns whether the check ran: not when there are more than ``max_rows`` distinct (X row, response)
     pairs (None: no limit).
     """
-    rows = design.row_weights > 0
     if not design.p:
         return True
-    pairs = distinct_rows(np.column_stack([design.X[rows], design.y[rows]]))
-    if max_rows is not None and len(pairs) > max_rows:
+    message = separation_message(design.X, design.y, design.row_weights, design.fixed_names, family_name, max_rows)
+    if message is None:
         return False
+    if message:
+        warnings.warn(message, HierpoolWarning, stacklevel=3)
+    return True
+
+
+def separation_message(X: np.ndarray, y: np.ndarray, row_weights: np.ndarray, names, family_name: str,
+                       max_rows: int | None = None) -> str | None:
+    """What to say where X's columns separate the outcomes of these rows (:mod:`hierpool.algebra.separation`): ""
+    where they do not, None where the check did not run (more than ``max_rows`` distinct (X row, response) pairs).
+    ``hp.glmm``'s warning, and a GLMM batch's row (:func:`hierpool.batch.fit_glmm.separation_notes`)."""
+    rows = row_weights > 0
+    pairs = distinct_rows(np.column_stack([X[rows], y[rows]]))
+    if max_rows is not None and len(pairs) > max_rows:
+        return None
     involved = separating_columns(pairs[:, :-1], pairs[:, -1], family_name)
     if not involved:
-        return True
-    columns = [design.fixed_names[j] for j in involved]
+        return ""
     outcome = "0/1 outcomes" if family_name == "binomial" else "zero counts"
-    warnings.warn(
-        f"complete separation: the fixed-effect column(s) {', '.join(columns)} separate the {outcome}, so their "
-        "maximum-likelihood estimates are infinite and the values reported are where the optimizer stopped; "
-        "drop or merge those columns (or levels), or give them a prior with hp.bayes",
-        HierpoolWarning, stacklevel=3)
-    return True
+    return (f"complete separation: the fixed-effect column(s) {', '.join(names[j] for j in involved)} separate the "
+            f"{outcome}, so their maximum-likelihood estimates are infinite and the values reported are where the "
+            "optimizer stopped; drop or merge those columns (or levels), or give them a prior with hp.bayes")
