@@ -289,3 +289,19 @@ def test_which_dataset_is_refused_for_its_columns_kind_does_not_depend_on_the_or
         batch = hp.fit_batch(LINEAR, frames, by="rep", progress=False)
         _assert_refused(batch, 0 if first else 1, f"column 'y' {reason}")
         assert batch.converged.iloc[1 if first else 0]
+
+
+def test_empty_batches_and_a_missing_formula_are_refused_and_reasons_show_the_users_names():
+    """Every dataset empty, an empty long frame, or formula=None raised NumPy's ValueError or a TypeError; and the
+    reasons in the rows showed the library's own names: 'hierpool_response' for a cbind response, np.str_('g0')."""
+    empty = _gaussian(0).iloc[:0].assign(d="a")
+    for data, by in (({"a": empty, "b": empty}, {}), (empty, {"by": "d"})):
+        with pytest.raises(hp.DataError, match="data is empty: it has no rows"):
+            hp.fit_batch(LINEAR, data, progress=False, **by)
+    with pytest.raises(hp.FormulaError, match="formula must be a string, got NoneType"):
+        hp.fit_batch(None, empty, by="d", progress=False)
+    zeros = _gaussian(1).assign(k=0, n=3)
+    with pytest.raises(hp.DataError, match=r"response 'cbind\(k, n - k\)' is constant \(0.0\)"):
+        hp.glmm("cbind(k, n - k) ~ x + (1 | g)", zeros, family="binomial")
+    with pytest.raises(hp.DataError, match=r"grouping factor 'g' has only one level \('g0'\)"):
+        hp.lmm(LINEAR, _gaussian(2).assign(g=np.array(["g0"], dtype=object)[0]))

@@ -690,6 +690,8 @@ def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset) -> di
     designs, not 100,000 (benchmarks/RESULTS.md, thirtieth session)."""
     groups = frame.groupby(by, sort=False).indices
     labels = list(groups)
+    if not labels:  # no rows at all: the long frame's own error
+        return {}
 
     def refusal(members) -> str:
         rows = np.concatenate([groups[label] for label in members])

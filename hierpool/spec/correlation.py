@@ -154,8 +154,8 @@ def series_of(correlation: AR1, data: pd.DataFrame, rows: pd.Index) -> Series:
     same = codes[order][1:] == codes[order][:-1]
     if correlation.time is not None and np.any(same & (key[order][1:] == key[order][:-1])):
         at = int(np.flatnonzero(same & (key[order][1:] == key[order][:-1]))[0])
-        raise DataError(f"the AR(1) time column {correlation.time!r} repeats the value {key[order][at + 1]!r} "
-                        f"within the series {group.iloc[order[at]]!r} of {correlation.group!r}: "
+        raise DataError(f"the AR(1) time column {correlation.time!r} repeats the value {float(key[order][at + 1])!r} "
+                        f"within the series {str(group.iloc[order[at]])!r} of {correlation.group!r}: "
                         "times must be distinct within a series")
     previous = np.full(n, -1, dtype=np.int64)
     lag = np.zeros(n)

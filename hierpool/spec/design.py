@@ -296,10 +296,12 @@ def _check_finite(frame: pd.DataFrame) -> None:
                 raise DataError(f"column {column!r} has infinite values")
 
 
-def _response(frame: pd.DataFrame, spec: ModelSpec, evaluated) -> np.ndarray:
-    name = spec.response
-    if name in frame.columns:
-        column = frame[name]
+def _response(frame: pd.DataFrame, spec: ModelSpec, evaluated, shown: str | None = None) -> np.ndarray:
+    """y, checked; ``shown``: the response as the user wrote it, where ``spec`` reads a column made from it (a
+    binomial's cbind(s, f) as proportions)."""
+    column_name, name = spec.response, shown or spec.response
+    if column_name in frame.columns:
+        column = frame[column_name]
         if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
             raise DataError(f"response {name!r} must be numeric, got dtype {column.dtype}")
     y = np.asarray(np.asarray(evaluated), dtype=float).reshape(-1)
@@ -326,15 +328,16 @@ def _design_matrices(text: str, frame: pd.DataFrame, what: str):
         raise FormulaError(f"cannot evaluate {what} {display_name(text)!r} on the data: {exc}") from None
 
 
-def _fixed_part(spec: ModelSpec, frame: pd.DataFrame):
-    """(y, (column names, values), matrix that encodes new data or None) of the fixed part ``y ~ ...``."""
+def _fixed_part(spec: ModelSpec, frame: pd.DataFrame, shown: str | None = None):
+    """(y, (column names, values), matrix that encodes new data or None) of the fixed part ``y ~ ...``; ``shown``:
+    the response as the user wrote it (:func:`_response`)."""
     plain = plain_fixed(spec.fixed)
     if plain is not None and PlainPart(False, (plain[0],)).readable(frame) and plain[1].readable(frame):
         response, part = plain
-        y = _response(frame, spec, frame[response].to_numpy(dtype=float))
+        y = _response(frame, spec, frame[response].to_numpy(dtype=float), shown)
         return y, (part.column_names, part.matrix(frame)), part
     fixed = _design_matrices(spec.fixed, frame, "fixed-effect part")
-    y = _response(frame, spec, fixed.response)
+    y = _response(frame, spec, fixed.response, shown)
     if fixed.common is None:  # y ~ 0: no fixed effects
         return y, ([], np.zeros((len(frame), 0))), None
     return y, matrix_columns(fixed.common), fixed.common
@@ -590,7 +593,7 @@ def _check_identifiable(terms: list[RandomEffectTerm], n: int, sigma_known: bool
     for term in terms:
         if term.n_levels < 2:
             raise DataError(
-                f"grouping factor {term.group!r} has only one level ({term.levels[0]!r}); "
+                f"grouping factor {term.group!r} has only one level ({str(term.levels[0])!r}); "
                 "a random effect needs at least two groups"
             )
         if sigma_known or term.group in related:
@@ -756,7 +759,7 @@ def build_design(
     frame = _plain_numeric(frame)
     _check_finite(frame)
 
-    y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame)
+    y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame, spec.response)
     X, names, offset_sum, offset_terms = _split_offsets(fixed_names, fixed_values, formula)
     names = tuple(display_name(c) for c in names)
     dropped = aliased_columns(X) if X.shape[1] else np.zeros(0, dtype=int)

@@ -219,6 +219,8 @@ def to_formulae(text: str) -> str:
 
     Quoted strings are left as they are.
     """
+    if not isinstance(text, str):  # (the batch functions' first look at a formula comes here)
+        raise FormulaError(f"formula must be a string, got {type(text).__name__}")
     out = []
     for _, ch, depth in _scan_top_level(text):
         out.append("**" if ch == "^" and depth >= 0 else ch)
