@@ -146,6 +146,21 @@ def test_whole_number_levels_held_as_floats_are_the_same_levels(data):
     assert list(as_floats.ranef["grp"]) == list(fit.ranef["grp"])
 
 
+def test_a_categorical_factors_first_category_is_its_baseline_as_rs_first_level(data):
+    """formulae sorts an unordered categorical's levels: categories ['r2', 'r0', 'r1'] gave baseline 'r0', where R's
+    factor (lme4's fit) keeps the user's order, its first level the baseline.  The same model, coded from 'r2'."""
+    levels = np.array(["r0", "r1", "r2"])[np.arange(len(data)) % 3]
+    coded = data.assign(f=pd.Categorical(levels, categories=["r2", "r0", "r1", "unused"]))
+    as_text = hp.lmm("y ~ x + f + (1 | g)", data.assign(f=levels), reml=False)
+    fit = hp.lmm("y ~ x + f + (1 | g)", coded, reml=False)
+    assert list(fit.fixef.index) == ["Intercept", "x", "f[r0]", "f[r1]"]  # (no column of the unused category)
+    assert fit.objective == pytest.approx(as_text.objective, rel=1e-10)
+    assert fit.fixef["Intercept"] == pytest.approx(as_text.fixef["Intercept"] + as_text.fixef["f[r2]"], rel=1e-8)
+    assert fit.fixef["f[r0]"] == pytest.approx(-as_text.fixef["f[r2]"], rel=1e-8)
+    new = data.iloc[:6].assign(f=levels[:6])  # new data as text: read by the fitted categories
+    np.testing.assert_allclose(fit.predict(new), as_text.predict(new), rtol=1e-9)
+
+
 def test_weighted_prediction_interval_reads_new_weights(data):
     fit = hp.lmm("y ~ x + (1 | g)", data, weights="w")
     new = data.iloc[:4]

@@ -276,16 +276,23 @@ def check_value_types(frame: pd.DataFrame, names) -> None:
 
 
 def _plain_numeric(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` (hierpool's own copy) with pandas' nullable numeric columns (Int64, Float64) as float64.
+    """``frame`` (hierpool's own copy) with pandas' nullable numeric columns (Int64, Float64) as float64, and its
+    unordered categorical columns marked ordered, their unused categories dropped.
 
-    Their missing values were dropped already; NumPy (and formulae) read the float64 copy, where
-    a nullable response failed to convert.
+    The nullable columns' missing values were dropped already; NumPy (and formulae) read the float64 copy, where
+    a nullable response failed to convert.  formulae sorts an unordered categorical's levels, where R's factor keeps
+    the user's order (its first level the baseline: categories ['3+', '2', '1', '0'] gave lme4's intercept -0.344
+    and hierpool's -1.690, baseline '0'); it keeps an ordered one's (with treatment contrasts still, not R's
+    polynomial ones for an ordered factor).  Unused categories are dropped as lme4's model frame drops unused levels.
     """
+    types = pd.api.types
     nullable = [c for c, dtype in frame.dtypes.items() if not isinstance(dtype, np.dtype)
-                and pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)]
-    if not nullable:
+                and types.is_numeric_dtype(dtype) and not types.is_bool_dtype(dtype)]
+    categorical = [c for c, dtype in frame.dtypes.items() if isinstance(dtype, pd.CategoricalDtype) and not dtype.ordered]
+    if not nullable and not categorical:
         return frame
-    return frame.assign(**{c: frame[c].to_numpy(dtype=float) for c in nullable})
+    return frame.assign(**{c: frame[c].to_numpy(dtype=float) for c in nullable},
+                        **{c: frame[c].cat.remove_unused_categories().cat.as_ordered() for c in categorical})
 
 
 def _check_finite(frame: pd.DataFrame) -> None:
