@@ -66,6 +66,15 @@ BETA_STEP = 0.05
 SHAPE_STEP = 0.25
 #: Step in a negative binomial's log shape of the central difference that gives its derivative.
 SHAPE_DIFFERENCE = 1e-3
+#: A negative binomial's shape from its searched log, at most this: counts without overdispersion send the search
+#: toward the Poisson limit, where exp(log shape) overflowed and the deviance's (y + shape)(...) made inf * 0 (1,600
+#: NumPy warnings in one fit); here the model is the Poisson one to the deviance's last digit.
+MAX_SHAPE = 1e15
+
+
+def shape_of(log_shape: float) -> float:
+    """A negative binomial's shape from its searched log, at most :data:`MAX_SHAPE`."""
+    return float(np.exp(min(log_shape, np.log(MAX_SHAPE))))
 #: L-BFGS-B's stopping rules in the gradient stage: relative reduction of the deviance, and max |projected gradient|
 #: in the scaled variables (:mod:`hierpool.closedform.glmm_scaling`, where the Hessian is near the identity, so
 #: that 1e-3 is ~1e-6 of deviance from the optimum): loose, because Newton steps with the final Hessian follow.
@@ -351,7 +360,7 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
 
         def criterion(parameters):
             nonlocal family
-            family = replace(family, shape=float(np.exp(parameters[end])))
+            family = replace(family, shape=shape_of(parameters[end]))
             return laplace(parameters[:end])
 
         start, step = np.append(start, np.log(family.shape)), np.append(step, SHAPE_STEP)
@@ -359,7 +368,7 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
     parameters, second = _minimize(criterion, start, bounds, step)
     theta, beta = parameters[:n_theta], parameters[n_theta : n_theta + design.p]
     if estimate_shape:
-        family = replace(family, shape=float(np.exp(parameters[-1])))
+        family = replace(family, shape=shape_of(parameters[-1]))
     mode = find_mode(theta, beta, family)
     deviance = quadrature_deviance(theta, beta, design, family, nodes, mode)[0] if nodes > 1 else mode.laplace
     gradient = hessian = None
@@ -516,7 +525,7 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
         start = np.append(start, np.log(family.shape))
 
     def family_at(x):
-        return replace(family, shape=float(np.exp(x[-1]))) if estimate_shape else family
+        return replace(family, shape=shape_of(x[-1])) if estimate_shape else family
 
     def value_and_gradient(x):
         if state.get("x") is not None and np.array_equal(x, state["x"]):  # L-BFGS-B starts where the scaling was made
@@ -528,7 +537,7 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
         except np.linalg.LinAlgError:  # a system that does not factor there: the search steps back
             return np.inf, np.zeros_like(x)
         if estimate_shape and np.isfinite(at.laplace):
-            sides = [find_mode(theta, beta, replace(fam, shape=float(np.exp(x[-1] + h))), start_u=at.u).laplace
+            sides = [find_mode(theta, beta, replace(fam, shape=shape_of(x[-1] + h)), start_u=at.u).laplace
                      for h in (SHAPE_DIFFERENCE, -SHAPE_DIFFERENCE)]
             gradient = np.append(gradient, (sides[0] - sides[1]) / (2.0 * SHAPE_DIFFERENCE))
         if not np.isfinite(at.laplace) or not np.all(np.isfinite(gradient)):
@@ -605,7 +614,7 @@ def _start_scaling(find_mode: ModeFinder, family: Family, start, n_theta: int, n
             "the joint conditional mode): PIRLS found no finite mode there; look for extreme responses or "
             "covariates (rescale them) or a fixed effect that separates the outcomes")
     at_start = dict(state)  # restored below: the search starts here, from this mode and with this value cached
-    at_family = replace(family, shape=float(np.exp(start[-1]))) if n > n_theta + n_fixed else family
+    at_family = replace(family, shape=shape_of(start[-1])) if n > n_theta + n_fixed else family
     hessian = np.zeros((n, n))
     hessian[np.ix_(free, free)] = fixed_effect_information(start[:n_theta], at_start["mode"], find_mode.design,
                                                            at_family, find_mode.patterns[True])
