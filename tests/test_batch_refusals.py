@@ -305,3 +305,18 @@ def test_empty_batches_and_a_missing_formula_are_refused_and_reasons_show_the_us
         hp.glmm("cbind(k, n - k) ~ x + (1 | g)", zeros, family="binomial")
     with pytest.raises(hp.DataError, match=r"grouping factor 'g' has only one level \('g0'\)"):
         hp.lmm(LINEAR, _gaussian(2).assign(g=np.array(["g0"], dtype=object)[0]))
+
+
+@pytest.mark.parametrize("formula", ["y ~ x + (1 + z | g)", "y ~ x + (z || g)"])
+def test_a_random_slope_on_a_constant_column_is_refused_by_the_single_fit_and_in_its_batch_row(formula):
+    """z constant in one dataset: the slope's column copies the intercept's, so their split of one variance is not
+    identified.  The batch's row said converged (a correlation of -1, or the (z || g) terms' variance split 0.32 /
+    0.32 where hp.lmm split it 0.18 / 0.42, both at the same criterion); hp.lmm said not converged.  Both refuse
+    it, naming the term."""
+    frames = [_gaussian(seed).assign(z=lambda f: np.cos(np.arange(len(f)))) for seed in range(3)]
+    frames[1] = frames[1].assign(z=1.0)
+    batch = _quiet(hp.fit_batch, formula, frames, by="rep", progress=False)
+    _assert_refused(batch, 1, "has column(s) z zero or a copy of earlier columns on its grouping factor")
+    assert batch.converged.iloc[0] and batch.converged.iloc[2]
+    with pytest.raises(hp.DataError, match=r"column\(s\) z zero or a copy of earlier columns"):
+        _quiet(hp.lmm, formula, frames[1])

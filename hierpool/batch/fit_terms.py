@@ -86,6 +86,7 @@ def term_problems(plan: BatchPlan, sigma_known: bool | None = None, refusals: bo
     for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
         found = dataset_problems(plan.n_obs, n_levels, aliased, design.p, term.k, term.group, sigma_known)
         messages = [old or new for old, new in zip(messages, found)]
+    messages = [old or copies for old, copies in zip(messages, plan.term_copies)]
     if not sigma_known:  # hp.lmm: a factor with as many levels as rows cannot be told from the residual
         for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
             messages = [old or (f"{ell} levels of {term.group!r} for {n} observations" if ell >= n else "")

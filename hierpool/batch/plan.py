@@ -59,11 +59,14 @@ from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
 from ..spec.design import (
     READABLE_KINDS,
+    TERM_RANK_TOL,
     Design,
     RandomEffectTerm,
     aliased_within,
     aligned_by_labels,
     build_design,
+    columns_by_factor,
+    copied_columns_message,
     missing_detail,
     unique_codes,
     value_kind,
@@ -393,6 +396,17 @@ class BatchPlan:
         return aliased_within(self.design.X, self.dataset, self.n_datasets)
 
     @cached_property
+    def term_copies(self) -> list[str]:
+        """Per dataset, why the single fit refuses a random-effect term whose columns there are zero or copies of
+        its earlier ones (:func:`~hierpool.spec.design.term_columns_message`: a slope on a covariate constant in
+        the dataset), "" where none is: the batch left such a term's theta where it started, converged."""
+        messages = [""] * self.n_datasets
+        for columns, labels in columns_by_factor(self.design.terms):
+            for d, copies in aliased_within(columns, self.dataset, self.n_datasets, tol=TERM_RANK_TOL).items():
+                messages[d] = messages[d] or copied_columns_message(copies, labels)
+        return messages
+
+    @cached_property
     def zero_columns(self) -> dict:
         """dataset -> its aliased fixed-effect columns (:attr:`fixed_aliased`), for the datasets in whose rows every
         one of them is zero: a factor's level the dataset lacks (not its baseline).  Its single fit does without
@@ -462,7 +476,8 @@ class BatchPlan:
                 found = {int(members[g]): columns for g, columns in within.items()}
             problems = dataset_problems(self.n_obs[members], self.n_levels[members], self.aliased_names(members, found),
                                         design.p, term.k, term.group, design.sigma_known)
-            problems = [self.refused(index, problem) for index, problem in zip(members, problems)]
+            problems = [self.refused(index, problem or self.term_copies[index])
+                        for index, problem in zip(members, problems)]
             for index, problem in zip(members, problems):
                 messages[index] = problem
             valid = np.array([not problem for problem in problems])

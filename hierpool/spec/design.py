@@ -549,11 +549,45 @@ def lme4_term_order(n_levels: list[int]) -> list[int]:
 GRAM_SCREEN = 1e-4
 
 
-def aliased_within(X: np.ndarray, group: np.ndarray, n_groups: int, gram: np.ndarray | None = None) -> dict:
+#: A random-effect term's column whose residual after the term's earlier columns is below this fraction of its norm
+#: (zero, or a copy of them: a slope on a constant) leaves its variance unidentified: refused
+#: (:func:`term_columns_message`).  Far stricter than :data:`RANK_TOL`: a slope on a covariate far from zero
+#: (x + 1e7, timestamps), nearly a copy of the intercept, is identified and fitted on conditioned columns.
+TERM_RANK_TOL = 1e-12
+
+
+def term_columns_message(label: str, names) -> str:
+    """Why a random-effect term whose columns ``names`` are zero or copies of its earlier ones (or of an earlier
+    term's on the same grouping factor) is refused."""
+    return (f"random-effect term {label} has column(s) {', '.join(names)} zero or a copy of earlier columns on its "
+            "grouping factor: their variance is not identified; drop them from the term")
+
+
+def columns_by_factor(terms) -> list[tuple[np.ndarray, list[tuple[str, str]]]]:
+    """Per grouping factor, its terms' columns side by side (N, sum k) and each column's (term label, name): where a
+    column is zero or a copy of the columns before it, its variance is not identified (:data:`TERM_RANK_TOL`:
+    ``(1 + z | g)`` with z constant, or ``(z || g)``'s two terms with z constant, whose split of one variance
+    between them is arbitrary)."""
+    factors: dict = {}
+    for term in terms:
+        factors.setdefault(term.group, []).append(term)
+    return [(np.hstack([t.z for t in group]), [(t.label, name) for t in group for name in t.coef_names])
+            for group in factors.values()]
+
+
+def copied_columns_message(columns: np.ndarray, labels) -> str:
+    """:func:`term_columns_message` for ``columns`` (indices into :func:`columns_by_factor`'s ``labels``) of one
+    factor, the first term with some."""
+    label = labels[columns[0]][0]
+    return term_columns_message(label, [labels[j][1] for j in columns if labels[j][0] == label])
+
+
+def aliased_within(X: np.ndarray, group: np.ndarray, n_groups: int, gram: np.ndarray | None = None,
+                   tol: float = RANK_TOL) -> dict:
     """group -> the columns (indices) :func:`aliased_columns` drops among that group's rows of X, for the groups with
     some (``group`` each row's; ``hp.fit_batch``'s datasets; a group with no rows has all p), without a QR per
     group where none is near aliased.  ``gram``: each group's X'X (n_groups, p, p) where the caller has it (the
-    one-term batch's statistics without prior weights).
+    one-term batch's statistics without prior weights).  ``tol``: :func:`aliased_columns`'.
 
     Each group's Gram matrix of X's columns scaled to unit norm is factored (Cholesky, column by column, vectorized
     over groups): its j-th pivot is the squared residual ratio of column j after the columns before it, the
@@ -590,13 +624,17 @@ def aliased_within(X: np.ndarray, group: np.ndarray, n_groups: int, gram: np.nda
         starts = np.searchsorted(group[order], np.arange(n_groups + 1))
         for g in unclear:
             rows = order[starts[g]:starts[g + 1]]
-            columns = np.arange(p) if not rows.size else aliased_columns(X[rows])
+            columns = np.arange(p) if not rows.size else aliased_columns(X[rows], tol)
             if columns.size:
                 aliased[int(g)] = columns
     return aliased
 
 
 def _check_identifiable(terms: list[RandomEffectTerm], n: int, sigma_known: bool, related: tuple = ()) -> None:
+    for columns, labels in columns_by_factor(terms):
+        copies = aliased_columns(columns, TERM_RANK_TOL)
+        if copies.size:  # (a zero slope column gave a theta left at its start; a constant one a correlation of -1)
+            raise DataError(copied_columns_message(copies, labels))
     for term in terms:
         if term.n_levels < 2:
             raise DataError(
