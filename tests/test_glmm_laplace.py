@@ -583,3 +583,23 @@ def test_a_negative_binomial_of_counts_without_overdispersion_reaches_the_poisso
     assert fit.shape > 1e6 and fit.converged
     assert fit.loglik == pytest.approx(poisson.loglik, rel=1e-8)
     np.testing.assert_allclose(fit.fixef, poisson.fixef, rtol=1e-5)
+
+
+def test_a_search_stopped_just_beyond_the_boundarys_reach_next_to_a_saddle_is_restarted():
+    """Crossed Poisson counts with an offset: the gradient stage stopped at t_g = 0.0010035, where the criterion
+    curves down along t_g (a saddle at 0: it is even in t there), 4.4e-4 above the optimum at t_g = 0.027, flagged
+    not converged; the saddle's restart looked only within 1e-3 of the bound.  fit_batch (and glmer) found the
+    optimum."""
+    r = np.random.default_rng(519)
+    ng = int(r.integers(4, 25))
+    g = np.repeat(np.arange(ng), r.integers(1, 8, ng))
+    x, c, t = r.normal(size=g.size), r.integers(0, int(r.integers(2, 5)), g.size), r.uniform(0.5, 3, g.size)
+    eta = 0.5 * x + r.normal(0, 0.5, ng)[g] + r.normal(0, 0.4, c.max() + 1)[c]
+    data = pd.DataFrame({"y": r.poisson(t * np.exp(eta)), "x": x, "g": g.astype(str), "c": c.astype(str), "t": t})
+    formula = "y ~ x + offset(log(t)) + (1 | g) + (1 | c)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (1 | c)'s variance is 0: a singular fit
+        fit = hp.glmm(formula, data, family="poisson")
+    assert fit.converged and fit.theta[0] > 0.02
+    batch = hp.fit_batch(formula, [data, data], family="poisson", progress=False)
+    assert fit.optimum.deviance == pytest.approx(batch.objective.iloc[0], rel=1e-10)

@@ -386,7 +386,9 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
 #: elements (:func:`_saddle_restart`).
 SADDLE_STEPS = np.geomspace(1e-3, 1.0, 13)
 #: A diagonal element of a T_j at most this far above its bound (0) is at the boundary (:func:`_off_the_saddle`).
-BOUNDARY_NEAR = 1e-3
+#: (At 1e-3, a crossed Poisson fit that stopped at t = 0.0010035 with negative curvature there, 4.4e-4 above the
+#: optimum at t = 0.027, was not restarted: tests/test_glmm_laplace.py.)
+BOUNDARY_NEAR = 1e-2
 
 
 def _off_the_saddle(find_mode: ModeFinder, family: Family, optimum: GLMMOptimum, lower, derivatives: bool,
