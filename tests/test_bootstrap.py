@@ -163,3 +163,14 @@ def test_array_weights_an_offset_and_dropped_rows_are_refitted_alike(sleep):
         one = hp.lmm("Reaction ~ Days + (1 | Subject)", kept, weights=np.delete(weights, 5), offset="o")
     np.testing.assert_allclose(result.replicates.loc[0].to_numpy(), parameter_estimates(one).to_numpy(), rtol=1e-5,
                                atol=1e-6, err_msg="replicate 0 differs from hp.lmm with the same weights and offset")
+
+
+def test_a_covariate_named_as_a_table_column_is_refused_before_any_replicate_is_fitted(sleep, monkeypatch):
+    """A covariate named sigma: the estimates' residual sigma replaced its coefficient, and to_frame refused the
+    batch after every replicate had been fitted."""
+    from hierpool.batch import parametric_bootstrap
+
+    fit = hp.lmm("Reaction ~ sigma + (1 | Subject)", sleep.assign(sigma=sleep["Days"]))
+    monkeypatch.setattr(parametric_bootstrap, "fit_batch", lambda *a, **k: pytest.fail("replicates were fitted"))
+    with pytest.raises(hp.ArgumentError, match=r"hp.bootstrap: the fixed effect\(s\) \['sigma'\] share a name"):
+        hp.bootstrap(fit, 10, progress=False)

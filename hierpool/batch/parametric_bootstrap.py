@@ -39,7 +39,7 @@ from ..spec.correlation import AR1
 from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
 from ..spec.transforms import stateful_calls
 from .fit import fit_batch
-from .results import BatchResult, term_parameter_names
+from .results import BatchResult, check_table_names, term_parameter_names
 
 #: The replicate column of the long frame handed to ``hp.fit_batch``.
 REPLICATE_COLUMN = "(replicate)"
@@ -183,6 +183,7 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
                             "independent or AR(1) residuals, a relationship matrix or spatial terms) and hp.glmm "
                             f"fits: got {type(fit).__name__}")
     design = fit.design
+    check_table_names(design.fixed_names, "hp.bootstrap")  # before any replicate is fitted
     stateful = stateful_calls(design.spec.formula)
     if stateful:  # fit_batch refuses them on a long frame (one mean over all datasets); here every replicate has the
         # same covariates, but fit_batch cannot tell: refused by name, with what to do

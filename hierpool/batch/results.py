@@ -19,6 +19,20 @@ def term_parameter_names(group: str, coef_names) -> tuple[list[str], list[str]]:
     return sds, cors
 
 
+#: The columns of :meth:`BatchResult.to_frame` that are not a fixed effect's or a term's parameter.
+TABLE_COLUMNS = ("dataset", "objective", "converged", "refit", "is_singular", "message", "sigma", "phi", "shape")
+
+
+def check_table_names(fixed_names, caller: str) -> None:
+    """Refuse fixed effects named as a column of :meth:`BatchResult.to_frame` (``sigma``, ``message``, ...): one
+    column per name, a fixed effect would be overwritten by a status column or a parameter (``hp.bootstrap``'s
+    estimates too, whose residual sigma replaced a covariate named sigma)."""
+    clash = [name for name in fixed_names if name in TABLE_COLUMNS or f"se_{name}" in TABLE_COLUMNS]
+    if clash:
+        raise ArgumentError(f"{caller}: the fixed effect(s) {clash} share a name with a column of the batch's table "
+                            f"({sorted(TABLE_COLUMNS)}); rename the data's column")
+
+
 @dataclass(frozen=True)
 class BatchTerm:
     """One random-effect term's results over a batch.
@@ -186,11 +200,7 @@ class BatchResult:
                               "converged": self.converged.to_numpy(), "refit": self.refit.to_numpy(),
                               "is_singular": self.is_singular.to_numpy(),
                               "message": self.messages.to_numpy()})
-        taken = set(frame.columns) | {"sigma", "phi", "shape"}
-        clash = [name for name in self.fixed_names if name in taken or f"se_{name}" in taken]
-        if clash:  # one column per name: a fixed effect would be overwritten by a status column or a parameter
-            raise ArgumentError(f"to_frame: the fixed effect(s) {clash} share a name with a column of the table "
-                                f"({sorted(taken)}); rename the data's column")
+        check_table_names(self.fixed_names, "to_frame")
         for j, name in enumerate(self.fixed_names):
             frame[name] = self.beta[:, j]
             frame[f"se_{name}"] = self.beta_se[:, j]
