@@ -53,8 +53,8 @@ def test_with_the_exact_hessian_the_free_block_becomes_the_identity():
 
 
 def test_forward_differences_along_directions_recover_the_hessian():
-    """H D = G: along any basis D the forward differences of a quadratic's gradient give H exactly; and on a
-    cubic, differences along directions of unit curvature are accurate where raw coordinates of very
+    """H D = G: along any basis D the (extrapolated) forward differences of a quadratic's gradient give H exactly;
+    and on a quartic, differences along directions of unit curvature are accurate where raw coordinates of very
     different scales are not (the uncentred-covariate case)."""
     h = _spd(3, 5)
     x = np.array([0.2, 1.0, -0.5])
@@ -62,24 +62,25 @@ def test_forward_differences_along_directions_recover_the_hessian():
     directions = np.random.default_rng(9).normal(size=(3, 3))
     forward = hessian_from_gradients(lambda points: points @ h, x, lower, gradient=x @ h, directions=directions)
     np.testing.assert_allclose(forward, h, rtol=1e-8)
-    # f = 0.5 x'Hx + c (s x_2)^3 / 6 with s = 1000: the x_2 curvature s^2 (1 + c s x_2) is far above the others
+    # f = 0.5 x'Hx + c (s x_2)^4 / 24 with s = 1000: the x_2 curvature s^2 (1 + c s^2 x_2^2 / 2) is far above the
+    # others (a cubic's differences are exact once extrapolated: the error is the fourth derivative's)
     s, c = 1000.0, 1e-3
     scaled = np.diag([1.0, 1.0, s])
 
     def gradient(points):
         g = points @ h
-        g[:, 2] += c * s**3 * points[:, 2] ** 2 / 2
+        g[:, 2] += c * s**4 * points[:, 2] ** 3 / 6
         return g
 
     point = np.array([0.1, 0.2, 1e-3])
     exact = h.copy()
-    exact[2, 2] += c * s**3 * point[2]
+    exact[2, 2] += c * s**4 * point[2] ** 2 / 2
     raw = hessian_from_gradients(gradient, point, lower, step=1e-4, gradient=gradient(point[None])[0],
                                  directions=np.eye(3))
     unit = hessian_from_gradients(gradient, point, lower, step=1e-4, gradient=gradient(point[None])[0],
                                   directions=np.linalg.inv(scaled))
-    # the O(step) error: 5e-5 relative along the unit direction, 1,000 times that along the raw coordinate
-    assert abs(unit[2, 2] - exact[2, 2]) < 1e-4 * exact[2, 2] < 0.1 * abs(raw[2, 2] - exact[2, 2])
+    # the O(step^2) error: 7e-9 relative along the unit direction, 1e6 times that along the raw coordinate
+    assert abs(unit[2, 2] - exact[2, 2]) < 1e-7 * exact[2, 2] < 0.1 * abs(raw[2, 2] - exact[2, 2])
     with pytest.raises(ValueError, match="gradient"):
         hessian_from_gradients(gradient, point, lower, directions=np.eye(3))
 

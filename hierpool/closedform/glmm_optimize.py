@@ -99,6 +99,10 @@ POLISH_GRADIENT = 1e-6
 #: above the optimum, reported converged).
 HESSIAN_REFRESHES = 2
 REFRESH_GRADIENT = 1e-4
+#: ...and where they moved the point by more than this in the scaled variables (unit curvature): the standard errors
+#: read the Hessian, which should be the optimum's.  Taken before chord steps that moved theta by 0.0027 (of 0.168), it
+#: gave a binomial intercept's SE 5.5e-3 off the optimum's central differences (the batch's, from its end: 1e-5).
+REFRESH_MOVE = 1e-3
 #: Rows from which PIRLS runs in a compiled program (:mod:`hierpool.algebra.laplace_program`) rather than on
 #: the host.  A fit evaluates the criterion 20-60 times (the scaled search), the host's cost grows with the
 #: rows, and the program's compilation (seconds) pays only when the host's fit would take longer: on a
@@ -192,9 +196,9 @@ class GLMMOptimum:
     gradient, hessian : numpy.ndarray or None
         The deviance's derivatives in (theta, beta), the shape held (glmer's ``calc.derivs``), or in (theta, beta~)
         where X was conditioned (``conditioning``).  With the exact gradient (Laplace): the gradient at the
-        optimum, and the Hessian by forward differences of it along the scaled search's directions where the
-        search ended, before the Newton steps that finish it (a point ~1e-4 away in theta, ~1e-4 relative in the
-        standard errors).  Otherwise (quadrature, nAGQ = 0's none) central differences of the deviance at the
+        optimum, and the Hessian by forward differences of it (two steps, extrapolated) along the scaled search's
+        directions where the Newton steps that finish the search last took it (at most 1e-3 away in the scaled
+        variables: :data:`REFRESH_MOVE`; ~1e-6 relative in the standard errors).  Otherwise (quadrature, nAGQ = 0's none) central differences of the deviance at the
         optimum (:func:`hierpool.closedform.glmm_convergence.finite_differences`).  None with ``stages=1`` or
         ``derivatives=False``.
     beta_hessian : numpy.ndarray or None
@@ -573,9 +577,9 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
             return np.stack([find_mode.with_gradient(p[:n_theta], p[n_theta:], family, start_u=mode.u)[1]
                              for p in points])
 
-        # forward differences from the gradient in hand, along the scaled variables' directions (unit curvature
-        # at the start, so that the differences' error is small on every one): the Hessian of glmer's standard
-        # errors and checks, and of the polish
+        # forward differences from the gradient in hand (two steps, extrapolated), along the scaled variables'
+        # directions (unit curvature at the start, so that the differences' error is small on every one): the
+        # Hessian of glmer's standard errors and checks, and of the polish
         directions = scaling.jacobian()[: len(x), : len(x)]  # at a fixed NB shape: its row and column left out
         modes = {x.tobytes(): (mode, gradient)}
 
@@ -590,11 +594,13 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
                                              directions=directions)
             state["count"] += len(x)
             # Newton steps with this one Hessian (a chord method) finish the search, which stopped early
+            taken_at = x
             x = newton_polish(evaluate, lambda _, held=hessian: held, x, lower_all, rounds=POLISH_MAX_STEPS,
                               start=(mode.laplace, gradient), gradient_tol=POLISH_GRADIENT)
             mode, gradient = modes[x.tobytes()]
             free = ~((x <= lower_all) & (gradient > 0))
-            if not free.any() or np.max(np.abs(gradient[free])) <= REFRESH_GRADIENT:
+            moved = np.max(np.abs(np.linalg.solve(directions, x - taken_at)), initial=0.0)
+            if (not free.any() or np.max(np.abs(gradient[free])) <= REFRESH_GRADIENT) and moved <= REFRESH_MOVE:
                 break
     return GLMMOptimum(x[:n_theta], x[n_theta:], mode.laplace, mode, (first, state["count"]), family.shape,
                        gradient if derivatives else None, hessian)

@@ -16,7 +16,7 @@ of L is replaced by its diagonal: with the unbounded variables F first and the s
 each x_D is a function of its own y_D (a bound x_D >= lo is y_D >= d (lo - x0_D)), and beta's
 coupling with theta is still undone exactly (x_F depends on y_D).  d_i is the square root of theta_i's
 curvature once beta follows it (the Schur complement's diagonal), so the Hessian in y has a unit diagonal.
-The same directions (the columns of dx/dy) carry the forward differences of the final Hessian
+The same directions (the columns of dx/dy) carry the (extrapolated) forward differences of the final Hessian
 (:func:`hierpool.closedform.optimize.hessian_from_gradients`), whose error is then small on each.  The gradient in y is
 L^-1 g_x.  See Nocedal & Wright (2006), sec. 2.2 ("scaling") and 6.1 on why BFGS depends on it.
 """

@@ -202,9 +202,10 @@ def hessian_from_gradients(gradients_at, theta: np.ndarray, lower: np.ndarray,
     specialisation evaluates them all at once.  By default central differences along the
     coordinates (one-sided at an active bound).  With ``gradient`` (the gradient at ``theta``) and
     ``directions`` (columns D_i, a basis in which the criterion is well scaled, none decreasing a
-    bounded coordinate), forward differences along them: G_i = (g(theta + step D_i) - g) / step = H D_i,
-    so H = G D^-1.  Half the evaluations; the O(step) error is relative to the curvature along each
-    D_i, small when the D_i have unit curvature (:meth:`hierpool.closedform.glmm_scaling.BlockScaling.jacobian`).
+    bounded coordinate), forward differences along them at step and 2 step, extrapolated: G_i = H D_i, so
+    H = G D^-1.  As many evaluations as the central differences, on one side of a bound; the error is
+    relative to the curvature along each D_i, small when the D_i have unit curvature
+    (:meth:`hierpool.closedform.glmm_scaling.BlockScaling.jacobian`).
     Along raw coordinates it is not: an uncentred covariate's coefficient made a forward difference
     of 1e-4 err by 4% in a standard error.
     """
@@ -213,8 +214,13 @@ def hessian_from_gradients(gradients_at, theta: np.ndarray, lower: np.ndarray,
     if directions is not None:
         if gradient is None:
             raise ValueError("hessian_from_gradients: directions need the gradient at theta")
-        moved = gradients_at(theta[None, :] + step * directions.T)  # (size, size): row i at theta + step D_i
-        hessian = np.linalg.solve(directions.T, (moved - gradient[None, :]) / step).T  # H D = G
+        # (size, size) rows i at theta + step D_i and theta + 2 step D_i: Richardson's extrapolation of the two forward
+        # differences, 2 G(step) - G(2 step), cancels their O(step) error and stays on the bounds' side (a binomial
+        # intercept's SE 3.5e-4 off the optimum's central differences from the first alone; now 1e-6)
+        moved = gradients_at(np.concatenate([theta[None, :] + step * directions.T,
+                                             theta[None, :] + 2.0 * step * directions.T]))
+        near, far = (moved[:size] - gradient[None, :]) / step, (moved[size:] - gradient[None, :]) / (2.0 * step)
+        hessian = np.linalg.solve(directions.T, 2.0 * near - far).T  # H D = G
         return 0.5 * (hessian + hessian.T)
     one_sided = theta - step < lower
     backward = np.where(one_sided[:, None], theta[None, :], theta[None, :] - h)
