@@ -28,6 +28,7 @@ def varcorr_table(
     form: str = "cov",
     by: tuple[str, Sequence] | None = None,
     object_keys: bool = False,
+    phi=None,
 ) -> pd.DataFrame:
     r"""lme4's ``as.data.frame(VarCorr(fit))``: the variance components of one fit, or of many stacked.
 
@@ -60,6 +61,9 @@ def varcorr_table(
     object_keys : bool
         ``var1`` and ``var2`` as object columns holding None where empty (the layout
         ``hp.fit_batch``'s table has always had) instead of pandas' inferred string columns.
+    phi : float, array of the leading shape, or None
+        An AR(1) residual correlation: a last row (``grp`` "Residual", ``var1`` "phi", ``vcov`` NaN,
+        ``sdcor`` phi), as ``hp.lmm``'s AR(1) fit and ``hp.fit_batch``'s give it.
 
     Returns
     -------
@@ -107,6 +111,11 @@ def varcorr_table(
         keys.append(("Residual", None, None))
         vcov.append(sigma**2)
         sdcor.append(sigma)
+    if phi is not None:
+        phi = np.asarray(phi, dtype=float)
+        keys.append(("Residual", "phi", None))
+        vcov.append(np.full(phi.shape, np.nan))
+        sdcor.append(phi)
     rows = len(keys)
     vcov = np.stack(np.broadcast_arrays(*vcov), axis=-1).reshape(-1, rows) if rows else np.empty((1, 0))
     sdcor = np.stack(np.broadcast_arrays(*sdcor), axis=-1).reshape(-1, rows) if rows else np.empty((1, 0))

@@ -183,7 +183,7 @@ class BatchResult:
                                 "none: its parameters are result.hyperparameters (and columns of to_frame())")
         sigma = None if self.sigma_known else self.sigma
         return varcorr_table([(t.group, t.coef_names, t.covariance) for t in self.terms], sigma,
-                             by=("dataset", self.datasets), object_keys=True)
+                             by=("dataset", self.datasets), object_keys=True, phi=self.phi)
 
     @property
     def ranef(self) -> pd.DataFrame:

@@ -214,10 +214,7 @@ class AR1Result(LMMResult):
     @cached_property
     def varcorr(self) -> pd.DataFrame:
         """lme4's VarCorr rows, and a last row for phi (grp "Residual", var1 "phi"; its value in sdcor)."""
-        table = LMMResult.varcorr.func(self)
-        row = pd.DataFrame({"grp": ["Residual"], "var1": ["phi"], "var2": [None], "vcov": [np.nan],
-                            "sdcor": [self.phi]})
-        return pd.concat([table, row], ignore_index=True)
+        return self._varcorr(phi=self.phi)
 
     @property
     def correlation(self) -> pd.DataFrame:

@@ -155,8 +155,12 @@ class LMMResult(Likelihood):
         then a ``Residual`` row (absent when residual sds were given with ``se=``);
         built by :func:`hierpool.algebra.varcorr.varcorr_table`.
         """
+        return self._varcorr()
+
+    def _varcorr(self, phi=None) -> pd.DataFrame:
+        """:attr:`varcorr` (``phi``: an AR(1) fit's last row, :func:`~hierpool.algebra.varcorr.varcorr_table`)."""
         terms = [(term.group, term.coef_names, cov) for term, cov in zip(self.design.terms, self.term_covariances())]
-        return varcorr_table(terms, None if self.design.sigma_known else self.sigma)
+        return varcorr_table(terms, None if self.design.sigma_known else self.sigma, phi=phi)
 
     # --- random effects ------------------------------------------------------------------
     @cached_property
