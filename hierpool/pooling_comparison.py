@@ -86,7 +86,6 @@ import numpy as np
 import pandas as pd
 
 from .algebra.conditioning import fixed_coefficients, fixed_conditioning, least_squares, term_transform
-from .algebra.henderson import diagonal_blocks, prediction_covariance
 from .algebra.linalg import theta_to_factors
 from .algebra.separation import is_separated
 from .closedform import glmm, lmm
@@ -469,34 +468,6 @@ def _corrected(z, y, a, baseline, family, trials) -> np.ndarray:
     return _fit_glm(z, pseudo_y, pseudo_a, baseline, family, "no pooling (0.5 correction)")
 
 
-def _glmm_inverse_blocks(fit: GLMMResult) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """(per term: cov(b_jl - b*_jl) per level (ell, k, k) and its covariance with beta-hat (ell, k, p); cov(beta-hat)).
-
-    The LMM's :meth:`~hierpool.closedform.results.LMMResult.prediction_error_blocks` for the
-    penalized system at the mode (``fit.system_at_mode``: unit scale, theta taken as known), the
-    blocks of C^-1 that ``fit.predict(..., interval="confidence")`` reads; cov(beta-hat) is its
-    fixed-effect block (lme4's ``vcov(fit, use.hessian = FALSE)``).
-    """
-    theta = np.asarray(fit.theta, dtype=float)
-    system = fit.system_at_mode
-    blocks = prediction_covariance(theta, system)
-    layout = system.layout
-    q = layout.q_rest
-    rest = np.asarray(blocks.rest)
-    out, offset = [], 0
-    for j, factor in enumerate(theta_to_factors(theta, tuple(t.k for t in fit.design.terms))):
-        factor = np.asarray(factor)
-        if j == 0:
-            var_u, cov_u_beta = np.asarray(blocks.term0), np.asarray(blocks.cross)[:, :, q:]
-        else:
-            ell, k = layout.n_levels[j], layout.ks[j]
-            var_u = np.asarray(diagonal_blocks(rest, offset, ell, k))
-            cov_u_beta = rest[offset : offset + ell * k, q:].reshape(ell, k, -1)
-            offset += ell * k
-        out.append((factor @ var_u @ factor.T, factor @ cov_u_beta))
-    return out, rest[q:, q:]
-
-
 def ranef_joint_sd(fit) -> np.ndarray:
     """Sd of each random effect's prediction error, beta-hat's uncertainty included, in ``fit.ranef``'s row order.
 
@@ -507,7 +478,7 @@ def ranef_joint_sd(fit) -> np.ndarray:
     if not isinstance(fit, GLMMResult):
         return fit.ranef_joint_sd()
     columns = []
-    for cov_b, _ in _glmm_inverse_blocks(fit)[0]:
+    for cov_b, _ in fit.prediction_error_blocks():
         columns.extend(np.sqrt(np.maximum(cov_b[:, i, i], 0.0)) for i in range(cov_b.shape[-1]))
     return np.concatenate(columns)
 
@@ -519,8 +490,8 @@ def glmm_coefficient_sd(fit: GLMMResult, block: GroupTerms) -> np.ndarray:
     mode, theta taken as known (Henderson 1975 applied to PIRLS's last Gaussian problem): the se that
     ``fit.predict(newdata, interval="confidence")`` gives the group at x = the coefficient's unit vector.
     """
-    blocks, vcov = _glmm_inverse_blocks(fit)
-    return _coefficient_sd(fit, block, blocks, vcov)
+    # cov(beta-hat) theta known: the fixed-effect block of the same inverse (lme4's vcov(fit, use.hessian = FALSE))
+    return _coefficient_sd(fit, block, fit.prediction_error_blocks(), np.asarray(fit.solution_at_mode.vcov_beta))
 
 
 def glmm_shrinkage_matrices(fit: GLMMResult, block: GroupTerms) -> np.ndarray:

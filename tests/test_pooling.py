@@ -368,6 +368,22 @@ def test_empirical_logits_by_hand_with_the_half_correction(cbpp_extremes, extrem
     np.testing.assert_array_equal(response.index, cbpp_extremes.index)
 
 
+def test_a_glmm_pooling_whose_fit_conditions_x_gives_the_predictions_sds():
+    """A covariate 16 sds from zero (age ~ N(50, 3)): hp.glmm searches on X conditioned and its penalized system at
+    the mode holds beta~; the pooling's sds read that system as if on the user's columns, and every group's
+    mode_sd came out 0.45 for 2.07.  It is the se of the group's link-scale prediction at the intercept's x."""
+    rng = np.random.default_rng(1)
+    g = np.repeat(np.arange(30), 12)
+    age = rng.normal(50, 3, g.size)
+    eta = -0.5 + 0.08 * (age - 50) + rng.normal(0, 0.7, 30)[g]
+    data = pd.DataFrame({"y": rng.binomial(1, 1 / (1 + np.exp(-eta))), "age": age, "g": g.astype(str)})
+    comparison = hp.pooling("y ~ age + (1 | g)", data, family="binomial", bayes=False)
+    assert comparison.fit.optimum.conditioning is not None
+    levels = comparison.block.levels
+    predicted = comparison.fit.predict(pd.DataFrame({"g": levels, "age": 0.0}), interval="confidence")
+    np.testing.assert_allclose(_by_group(comparison, "mode_sd").loc[levels], predicted["se"], rtol=1e-8)
+
+
 def test_glmm_errors_are_on_the_link_scale(extremes_pooled):
     table = extremes_pooled.table
     errors = extremes_pooled.errors(sparse_max=3).set_index("method")

@@ -25,7 +25,7 @@ from ..spec.design import Design
 from .glmm_convergence import ConvergenceReport
 from .glmm_optimize import GLMMOptimum
 from .optimize import is_singular
-from .results import user_coordinates
+from .results import prediction_error_blocks, user_coordinates
 
 
 class GLMMResult:
@@ -212,6 +212,12 @@ class GLMMResult:
         from .summary import format_glmm_summary
 
         return format_glmm_summary(self)
+
+    def prediction_error_blocks(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per term on the link scale: cov(b_jl - b*_jl) per level (ell, k, k) and its covariance with beta-hat
+        (ell, k, p), from the penalized system at the mode, theta taken as known (the blocks
+        ``predict(..., interval="confidence")`` reads: :func:`hierpool.closedform.results.prediction_error_blocks`)."""
+        return prediction_error_blocks(self._link_scale)
 
     @cached_property
     def _link_scale(self) -> "_LinkScale":

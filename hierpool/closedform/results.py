@@ -48,6 +48,36 @@ def user_coordinates(solution: Solution):
     return None, [np.eye(f.shape[0]) for f in factors], factors, np.asarray(solution.vcov_beta)
 
 
+def prediction_error_blocks(result) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per term: cov(b_jl - b-hat_jl) per level (ell, k, k) and its covariance with beta-hat (ell, k, p).
+
+    Both from sigma^2 Lambda C^-1 Lambda^T (Henderson 1975): term 0's blocks are ``prediction_blocks.term0`` and
+    ``.cross``; the other terms' sit in ``.rest``, whose last p rows and columns belong to beta.  For a fit on
+    conditioned columns the blocks are the conditioned system's, Lambda is M T~ and beta's rows map by A
+    (``prediction_coordinates()``).  ``result``: an :class:`LMMResult`, or a GLMM's penalized system at the mode
+    read as one (unit scale: :meth:`hierpool.closedform.glmm_results.GLMMResult.prediction_error_blocks`).
+    """
+    blocks = result.prediction_blocks
+    layout = result.system.layout
+    q = layout.q_rest
+    rest = np.asarray(blocks.rest)
+    fixed, term_maps, factors, _ = result.prediction_coordinates()
+    out, offset = [], 0
+    for j, (m, factor) in enumerate(zip(term_maps, factors)):
+        factor = m @ factor  # b = M T u in the blocks' coordinates u
+        if j == 0:
+            var_u, cov_u_beta = np.asarray(blocks.term0), np.asarray(blocks.cross)[:, :, q:]
+        else:
+            ell, k = layout.n_levels[j], layout.ks[j]
+            var_u = np.asarray(diagonal_blocks(rest, offset, ell, k))
+            cov_u_beta = rest[offset : offset + ell * k, q:].reshape(ell, k, -1)
+            offset += ell * k
+        if fixed is not None:  # beta = A beta~: cov(u, beta) = cov(u, beta~) A^T
+            cov_u_beta = fixed_coefficients(fixed, cov_u_beta)
+        out.append((result.sigma**2 * (factor @ var_u @ factor.T), result.sigma**2 * (factor @ cov_u_beta)))
+    return out
+
+
 @dataclass(frozen=True)
 class ConditionedCoordinates:
     """A fit on conditioned columns (:mod:`hierpool.algebra.conditioning`): its system, theta~ and Cov(beta~), in
@@ -198,33 +228,9 @@ class LMMResult(Likelihood):
         return np.concatenate(columns)
 
     def prediction_error_blocks(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per term: cov(b_jl - b-hat_jl) per level (ell, k, k) and its covariance with beta-hat (ell, k, p).
-
-        Both from sigma^2 Lambda C^-1 Lambda^T (Henderson 1975): term 0's blocks
-        are ``prediction_blocks.term0`` and ``.cross``; the other terms' sit in
-        ``.rest``, whose last p rows and columns belong to beta.  For a fit on conditioned columns
-        the blocks are the conditioned system's, Lambda is M T~ and beta's rows map by A
-        (:meth:`prediction_coordinates`).
-        """
-        blocks = self.prediction_blocks
-        layout = self.system.layout
-        q = layout.q_rest
-        rest = np.asarray(blocks.rest)
-        fixed, term_maps, factors, _ = self.prediction_coordinates()
-        out, offset = [], 0
-        for j, (m, factor) in enumerate(zip(term_maps, factors)):
-            factor = m @ factor  # b = M T u in the blocks' coordinates u
-            if j == 0:
-                var_u, cov_u_beta = np.asarray(blocks.term0), np.asarray(blocks.cross)[:, :, q:]
-            else:
-                ell, k = layout.n_levels[j], layout.ks[j]
-                var_u = np.asarray(diagonal_blocks(rest, offset, ell, k))
-                cov_u_beta = rest[offset : offset + ell * k, q:].reshape(ell, k, -1)
-                offset += ell * k
-            if fixed is not None:  # beta = A beta~: cov(u, beta) = cov(u, beta~) A^T
-                cov_u_beta = fixed_coefficients(fixed, cov_u_beta)
-            out.append((self.sigma**2 * (factor @ var_u @ factor.T), self.sigma**2 * (factor @ cov_u_beta)))
-        return out
+        """Per term: cov(b_jl - b-hat_jl) per level (ell, k, k) and its covariance with beta-hat (ell, k, p):
+        :func:`prediction_error_blocks`."""
+        return prediction_error_blocks(self)
 
     def prediction_coordinates(self):
         """(A's factors, [M_j], [T_j], Cov(beta)) of the coordinates in which :attr:`prediction_blocks` are formed:
