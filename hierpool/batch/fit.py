@@ -619,10 +619,12 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
         to_polish.append(index)
     for index, reason in out["alone"].items():
         messages[index] = reason
-    # a dataset refused for columns zero in it alone (a factor's level it lacks): its single fit, without them
+    # a dataset refused for columns zero in it alone (a factor's level it lacks): its single fit, without them (not
+    # where a random-effect term's column is zero there too, (1 + f | g): its single fit's term has other columns)
     names = design.fixed_names
     zero_alone = [index for index, columns in plan.zero_columns.items()
-                  if messages[index] == aliased_message(design.p, [names[j] for j in columns])]
+                  if messages[index] == aliased_message(design.p, [names[j] for j in columns])
+                  and not plan.term_copies[index]]
     for index in zero_alone:
         messages[index] = (f"{', '.join(names[j] for j in plan.zero_columns[index])} zero in this dataset (a level "
                            "it lacks): fitted alone without them, NaN in their places")

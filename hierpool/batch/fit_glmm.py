@@ -53,7 +53,7 @@ from ..algebra.laplace_batch import GroupedRows
 from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
 from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from ..algebra.system import Layout, SystemPattern, fill_in_program, grouped_products
-from ..closedform.glmm import SEPARATION_SUSPECT_ETA, separation_message
+from ..closedform.glmm import eta_moved_far, separation_message
 from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
 from . import host_processes
 from .fit_terms import (
@@ -109,15 +109,14 @@ def glmm_problems(plan: BatchPlan) -> list[str]:
 
 def separation_notes(plan: BatchPlan, beta: np.ndarray) -> dict:
     """dataset -> hp.glmm's separation message (:func:`hierpool.closedform.glmm.separation_message`) for the fitted
-    datasets whose X separates their outcomes, checked where a fixed effect moves the linear predictor by more than
-    :data:`~hierpool.closedform.glmm.SEPARATION_SUSPECT_ETA` (|beta_j x_ij| at some row: hp.glmm's suspects).  A
+    datasets whose X separates their outcomes, checked where a fixed effect moves the linear predictor far
+    (:func:`~hierpool.closedform.glmm.eta_moved_far`: hp.glmm's suspects).  A
     level without successes gave a row of trt[c] = -29 (SE 2e5), converged, without a word; hp.glmm warned."""
     design = plan.design
     if not design.p:
         return {}
-    with np.errstate(invalid="ignore"):  # NaN rows: datasets not fitted
-        moved = np.abs(design.X) * np.abs(beta)[plan.dataset] > SEPARATION_SUSPECT_ETA
-    suspects = np.flatnonzero(np.bincount(plan.dataset, weights=moved.any(axis=1), minlength=plan.n_datasets))
+    moved = eta_moved_far(design.X, beta[plan.dataset])
+    suspects = np.flatnonzero(np.bincount(plan.dataset, weights=moved, minlength=plan.n_datasets))
     notes = {}
     for d in suspects:
         rows = plan.dataset == d

@@ -65,9 +65,8 @@ from ..spec.design import (
     aliased_within,
     aligned_by_labels,
     build_design,
-    columns_by_factor,
-    copied_columns_message,
     missing_detail,
+    term_columns_message,
     unique_codes,
     value_kind,
 )
@@ -398,12 +397,12 @@ class BatchPlan:
     @cached_property
     def term_copies(self) -> list[str]:
         """Per dataset, why the single fit refuses a random-effect term whose columns there are zero or copies of
-        its earlier ones (:func:`~hierpool.spec.design.term_columns_message`: a slope on a covariate constant in
-        the dataset), "" where none is: the batch left such a term's theta where it started, converged."""
+        its earlier ones (:func:`~hierpool.spec.design.copied_columns`: a slope on a covariate constant in the
+        dataset), "" where none is: the batch left such a term's theta where it started, converged."""
         messages = [""] * self.n_datasets
-        for columns, labels in columns_by_factor(self.design.terms):
-            for d, copies in aliased_within(columns, self.dataset, self.n_datasets, tol=TERM_RANK_TOL).items():
-                messages[d] = messages[d] or copied_columns_message(copies, labels)
+        for term in self.design.terms:  # (the single fit's rule: spec.design.copied_columns, dataset by dataset)
+            for d, copies in aliased_within(term.z, self.dataset, self.n_datasets, tol=TERM_RANK_TOL).items():
+                messages[d] = messages[d] or term_columns_message(term.label, [term.coef_names[j] for j in copies])
         return messages
 
     @cached_property

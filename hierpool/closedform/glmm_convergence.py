@@ -129,8 +129,10 @@ def check_convergence(design: Design, theta: np.ndarray, gradient: np.ndarray | 
     design : Design
     theta : numpy.ndarray
     gradient, hessian : numpy.ndarray or None
-        :func:`finite_differences` of the deviance in (theta, beta); None skips the derivative checks
-        (glmer's nAGQ = 0).
+        The deviance's derivatives at the optimum in (theta, beta), or in (theta, beta~) where the fit conditioned X
+        (``GLMMOptimum.conditioning``; beta~_j, on X's j-th column orthogonalised against the ones before, is named
+        as that column, and the user's ill-scaled beta, whose "very large eigenvalue: rescale" lme4 would report,
+        is not checked); None skips the derivative checks (glmer's nAGQ = 0).
     pirls_converged : bool
         Whether PIRLS reached the conditional mode at the optimum.
     """

@@ -471,8 +471,10 @@ def unique_codes(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
 def level_label(value) -> str:
     """A grouping value's label, as R's ``factor`` writes it: a whole number held as a float is written as one
     (308.0 -> "308"; pandas makes an integer column float wherever it holds a missing value, and new data's 308.0
-    then matched no fitted level 308, its rows predicted as a new group's, silently)."""
-    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+    then matched no fitted level 308, its rows predicted as a new group's, silently), up to 2^53 (beyond, as
+    written: 3.09e+22, not its 23 digits)."""
+    if (isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer()
+            and abs(value) < 2.0**53):
         return str(int(value))
     return str(value)
 
@@ -499,7 +501,10 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
                 col_codes, uniques = pd.factorize(column, sort=False)
         codes = codes * len(uniques) + col_codes
         size *= len(uniques)
-        columns.append((col_codes, np.asarray([level_label(u) for u in uniques], dtype=object)))
+        # whole-number floats as R writes them in a float column; in an object column (308.0 beside "308") they
+        # stay as written, or two levels would share a label
+        label = level_label if pd.api.types.is_float_dtype(column) else str
+        columns.append((col_codes, np.asarray([label(u) for u in uniques], dtype=object)))
     uniq, inverse = unique_codes(codes, size)
     first = np.zeros(len(uniq), dtype=np.int64)
     first[inverse[::-1]] = np.arange(len(codes))[::-1]  # a row of each level, to read its labels
@@ -557,29 +562,17 @@ TERM_RANK_TOL = 1e-12
 
 
 def term_columns_message(label: str, names) -> str:
-    """Why a random-effect term whose columns ``names`` are zero or copies of its earlier ones (or of an earlier
-    term's on the same grouping factor) is refused."""
-    return (f"random-effect term {label} has column(s) {', '.join(names)} zero or a copy of earlier columns on its "
-            "grouping factor: their variance is not identified; drop them from the term")
+    """Why a random-effect term whose columns ``names`` are zero or copies of its earlier ones is refused."""
+    return (f"random-effect term {label} has column(s) {', '.join(names)} zero or a copy of its earlier columns: "
+            "their variances are not identified; drop them from the term")
 
 
-def columns_by_factor(terms) -> list[tuple[np.ndarray, list[tuple[str, str]]]]:
-    """Per grouping factor, its terms' columns side by side (N, sum k) and each column's (term label, name): where a
-    column is zero or a copy of the columns before it, its variance is not identified (:data:`TERM_RANK_TOL`:
-    ``(1 + z | g)`` with z constant, or ``(z || g)``'s two terms with z constant, whose split of one variance
-    between them is arbitrary)."""
-    factors: dict = {}
-    for term in terms:
-        factors.setdefault(term.group, []).append(term)
-    return [(np.hstack([t.z for t in group]), [(t.label, name) for t in group for name in t.coef_names])
-            for group in factors.values()]
-
-
-def copied_columns_message(columns: np.ndarray, labels) -> str:
-    """:func:`term_columns_message` for ``columns`` (indices into :func:`columns_by_factor`'s ``labels``) of one
-    factor, the first term with some."""
-    label = labels[columns[0]][0]
-    return term_columns_message(label, [labels[j][1] for j in columns if labels[j][0] == label])
+def copied_columns(term) -> list[str]:
+    """The names of a random-effect term's columns that are zero or copies of its earlier ones
+    (:data:`TERM_RANK_TOL`: ``(1 + z | g)`` with z constant, ``(0 + z | g)`` with z zero): the term's covariance is
+    then not identified.  Within a term only: terms on one factor whose columns are dependent may still be
+    identified by their separate variances (compound symmetry beside per-level variances, which lme4 fits)."""
+    return [term.coef_names[j] for j in aliased_columns(term.z, TERM_RANK_TOL)]
 
 
 def aliased_within(X: np.ndarray, group: np.ndarray, n_groups: int, gram: np.ndarray | None = None,
@@ -631,10 +624,10 @@ def aliased_within(X: np.ndarray, group: np.ndarray, n_groups: int, gram: np.nda
 
 
 def _check_identifiable(terms: list[RandomEffectTerm], n: int, sigma_known: bool, related: tuple = ()) -> None:
-    for columns, labels in columns_by_factor(terms):
-        copies = aliased_columns(columns, TERM_RANK_TOL)
-        if copies.size:  # (a zero slope column gave a theta left at its start; a constant one a correlation of -1)
-            raise DataError(copied_columns_message(copies, labels))
+    for term in terms:
+        copies = copied_columns(term)
+        if copies:  # (a zero slope column gave a theta left at its start; a constant one a correlation of -1)
+            raise DataError(term_columns_message(term.label, copies))
     for term in terms:
         if term.n_levels < 2:
             raise DataError(
