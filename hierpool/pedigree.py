@@ -1,6 +1,7 @@
 """Pedigrees: the numerator relationship matrix A, inbreeding coefficients, and A's sparse inverse.
 
-A pedigree lists each animal with its sire and dam (unknown: NaN, None, 0 or ""); A_ij is twice the
+A pedigree lists each animal with its sire and dam (unknown: missing, 0, or "", "NA", "." ...: UNKNOWN_CODES;
+ids and parents labelled as R's factor labels them, :mod:`hierpool.spec.labels`); A_ij is twice the
 coefficient of coancestry of i and j, so that Cov(a_i, a_j) = A_ij sigma_A^2 for additive genetic
 (breeding) values.  A parent listed only as a parent is added as a founder (both parents unknown).
 
@@ -39,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ArgumentError, DataError
+from .spec.labels import level_label
 
 
 @dataclass(frozen=True)
@@ -63,17 +65,29 @@ class Pedigree:
         return len(self.ids)
 
 
+#: A parent's entry that codes "unknown" (beside missing values and 0): R's and SAS's spellings, and what
+#: ``astype(str)`` makes of a missing value.
+UNKNOWN_CODES = ("", "0", "0.0", "NA", "N/A", "nan", "NaN", "<NA>", "None", ".")
+
+
 def _unknown(value) -> bool:
-    return value is None or (isinstance(value, (float, np.floating)) and (np.isnan(value) or value == 0)) or (
-        isinstance(value, (str, int, np.integer)) and str(value).strip() in ("", "0", "NA"))
+    """Whether a sire's or dam's entry says "unknown": missing (None, NaN, pandas' NA), 0, or a text of
+    :data:`UNKNOWN_CODES` (pandas' NA was labelled "<NA>", one made-up founder that every animal without parents
+    shared: founders related by 1, h^2 0.555 for 0.384)."""
+    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return True
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return value == 0
+    return isinstance(value, str) and value.strip() in UNKNOWN_CODES
 
 
-def label(value) -> str:
-    """An animal's label as a string: a whole-number float (an integer id column that pandas read as floats because
-    a parent was missing) is written as the integer, so that parent 12.0 is animal 12."""
-    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
+def _whole_number_text(text: str) -> str | None:
+    """"100" for the text "100.0" (a whole number written as a float), else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return level_label(value) if "." in text and np.isfinite(value) and value.is_integer() else None
 
 
 def prepare(pedigree: pd.DataFrame, id: str = "id", sire: str = "sire", dam: str = "dam") -> Pedigree:
@@ -99,18 +113,25 @@ def prepare(pedigree: pd.DataFrame, id: str = "id", sire: str = "sire", dam: str
     if missing:
         raise DataError(f"the pedigree has no column {', '.join(map(repr, missing))} (columns: "
                         f"{list(pedigree.columns)})")
-    labels = [label(v) for v in pedigree[id]]
+    labels = [level_label(v) for v in pedigree[id]]
     if any(_unknown(v) for v in pedigree[id]):
         raise DataError(f"the pedigree's {id!r} column has a missing or zero animal label")
     duplicated = pd.Index(labels)[pd.Index(labels).duplicated()].unique()
     if len(duplicated):
         raise DataError(f"the pedigree lists animal(s) {', '.join(map(repr, list(duplicated)[:5]))} more than once")
-    parents = {animal: tuple(None if _unknown(p) else label(p) for p in (s, d))
+    parents = {animal: tuple(None if _unknown(p) else level_label(p) for p in (s, d))
                for animal, s, d in zip(labels, pedigree[sire], pedigree[dam])}
     for animal, (s, d) in parents.items():
         if animal in (s, d):
             raise DataError(f"animal {animal!r} is listed as its own parent")
     founders = [p for pair in parents.values() for p in pair if p is not None and p not in parents]
+    written_otherwise = {p: _whole_number_text(p) for p in dict.fromkeys(founders)}
+    written_otherwise = {p: a for p, a in written_otherwise.items() if a in parents}
+    if written_otherwise:  # parents as "100.0" (a float column turned to text), ids as 100: none would be found
+        shown = ", ".join(f"{p!r} ({a!r})" for p, a in list(written_otherwise.items())[:5])
+        raise DataError(f"the pedigree's {sire!r}/{dam!r} columns write {len(written_otherwise)} parent(s) otherwise "
+                        f"than its {id!r} column writes the animals: {shown}; each would be a made-up founder.  "
+                        "Give the parents as the ids are given")
     for founder in dict.fromkeys(founders):
         parents[founder] = (None, None)
     order = _parents_first(parents)

@@ -60,6 +60,33 @@ def test_parents_come_first_and_parent_only_animals_are_founders():
     assert a.loc["calf", "cow"] == 0.5 and a.loc["calf", "bull"] == 0.5 and a.loc["calf", "calf"] == 1.0
 
 
+@pytest.mark.parametrize("coding", ["Int64", "dot", "nan text", "NA text"])
+def test_every_spelling_of_an_unknown_parent_is_unknown(coding):
+    """pandas' NA (an Int64 column: convert_dtypes, nullable reads) was labelled "<NA>", one made-up founder that was
+    sire and dam of every animal without known parents: founders related by 1, h^2 0.555 for 0.384.  SAS's "." and
+    astype(str)'s "nan" too."""
+    expected = hp.pedigree.relationship_matrix(MRODE)
+    unknown = MRODE[["sire", "dam"]] == 0
+    if coding == "Int64":
+        coded = MRODE.astype("Int64").mask(unknown.reindex(columns=MRODE.columns, fill_value=False))
+    else:
+        text = {"dot": ".", "nan text": "nan", "NA text": "NA"}[coding]
+        coded = MRODE.astype(str).mask(unknown.reindex(columns=MRODE.columns, fill_value=False), text)
+    a = hp.pedigree.relationship_matrix(coded)
+    assert sorted(a.index) == sorted(expected.index)  # no made-up founder
+    np.testing.assert_allclose(a.loc[expected.index, expected.index], expected, atol=1e-15)
+
+
+def test_parents_written_otherwise_than_the_ids_are_refused_by_name():
+    """Parents as "4.0" (a float column turned to text) beside ids 4: each became a made-up founder, silently."""
+    written = MRODE.assign(sire=MRODE["sire"].astype(float).astype(str), dam=MRODE["dam"].astype(float).astype(str))
+    with pytest.raises(hp.DataError, match=r"write 5 parent\(s\) otherwise than its 'id' column.*'1.0' \('1'\)"):
+        hp.pedigree.relationship_matrix(written)
+    # as floats (not text) they are the animals
+    floats = MRODE.astype(float)
+    np.testing.assert_allclose(hp.pedigree.relationship_matrix(floats), hp.pedigree.relationship_matrix(MRODE))
+
+
 @pytest.mark.parametrize("frame,message", [
     (pd.DataFrame({"id": ["a", "a"], "sire": [0, 0], "dam": [0, 0]}), "'a' more than once"),
     (pd.DataFrame({"id": ["a", "b"], "sire": ["b", "a"], "dam": [0, 0]}), "loop"),

@@ -433,3 +433,12 @@ def test_a_covariate_far_from_zero_is_the_centred_models_fit(phenotypes, A):
     assert moved.fixef["x"] == pytest.approx(centred.fixef["x"], rel=1e-8)
     assert moved.fixef_se["x"] == pytest.approx(centred.fixef_se["x"], rel=1e-7)
     assert moved.heritability().estimate.iloc[0] == pytest.approx(centred.heritability().estimate.iloc[0], rel=1e-6)
+
+
+def test_a_relationship_labelled_by_floats_meets_its_levels(pedigree, phenotypes, A):
+    """A relationship matrix whose labels are whole-number floats (an id column read with a blank) was labelled
+    '12.0' where the data's levels (and the pedigree's ids) are '12': refused, listing every level as missing."""
+    number = {label: float(i + 1) for i, label in enumerate(A.index)}
+    floats = A.set_axis([number[i] for i in A.index], axis=0).set_axis([number[i] for i in A.columns], axis=1)
+    fit = hp.lmm(FORMULA, phenotypes.assign(animal=phenotypes["animal"].map(number)), relmat={"animal": floats})
+    assert fit.heritability().estimate.iloc[0] == pytest.approx(REFERENCE["fits"]["REML"]["h2"], rel=1e-5)

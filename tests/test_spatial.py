@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse
 
 import hierpool as hp
 from hierpool.algebra.icar import icar_precision, scaling_factors
@@ -61,6 +62,28 @@ def test_an_edge_list_and_a_labelled_matrix_are_the_same_graph(nc):
     np.testing.assert_array_equal(h.edges, g.edges)
     both_ways = pd.concat([nc.adjacency, nc.adjacency.rename(columns={"a": "b", "b": "a"})], ignore_index=True)
     np.testing.assert_array_equal(graph(both_ways).edges, g.edges)
+
+
+def test_a_neighbour_list_is_the_same_graph_and_a_one_way_pair_is_refused(nc):
+    """libpysal's W.neighbors and spdep's nb give {area: [neighbours]}: it was read as polygons (a TypeError for
+    integer labels, a "polygon ring" error naming nothing for text ones); and {area column: sparse matrix} raised
+    SciPy's ValueError."""
+    g = graph(nc.adjacency)
+    neighbours = {label: [] for label in g.labels}
+    for i, j in g.edges:
+        neighbours[g.labels[i]].append(g.labels[j])
+        neighbours[g.labels[j]].append(g.labels[i])
+    np.testing.assert_array_equal(graph(neighbours, labels=g.labels).edges, g.edges)
+    numbered = {k + 1: np.array([int(np.flatnonzero(g.labels == b)[0]) + 1 for b in v])
+                for k, (_, v) in enumerate(neighbours.items())}  # integer labels, 1-d arrays
+    assert len(graph(numbered).edges) == len(g.edges)
+    with pytest.raises(hp.DataError, match="'y' is a neighbour of 'x' but not the other way"):
+        graph({"x": ["y"], "y": [], "z": []})
+    with pytest.raises(hp.DataError, match="neighbour 'w', which is not an area of the list"):
+        graph({"x": ["w"], "y": []})
+    data = pd.DataFrame({"area": ["x", "y", "z"] * 2, "y": np.arange(6.0)})
+    with pytest.raises(hp.ArgumentError, match="adjacency must be a pandas DataFrame"):
+        hp.lmm("y ~ 1 + car(area, type='icar')", data, adjacency={"area": scipy.sparse.eye(3, format="csr")})
 
 
 def test_bad_adjacency_is_refused_by_name():

@@ -471,3 +471,19 @@ def test_a_covariate_far_from_zero_is_named_in_a_spatial_fit(nc):
         hp.glmm("sid74 ~ nwbir_rate + offset(log(expected)) + car(county, type='bym2')", nc.data, family="poisson",
                 adjacency=nc.adjacency)
     assert not [w for w in caught if "sds from zero" in str(w.message)]
+
+
+def test_an_area_column_of_whole_number_floats_meets_the_graphs_integer_labels():
+    """One missing area makes an integer area column float (12.0): its areas were '12.0' against the graph's '12',
+    and the whole column was refused; the row with the missing area is dropped, as (1 | area) drops it."""
+    edges = lattice_edges(4, 5, labels=lambda i: i + 1)
+    rng = np.random.default_rng(3)
+    data = pd.DataFrame({"area": np.repeat(np.arange(1, 21), 3), "x": rng.normal(size=60)})
+    data["y"] = 0.5 * data["x"] + rng.normal(size=60)
+    with_missing = data.assign(area=data["area"].astype(float))
+    with_missing.loc[0, "area"] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dropped row's warning
+        fit = hp.lmm("y ~ x + car(area, type='icar')", with_missing, adjacency=edges)
+    expected = hp.lmm("y ~ x + car(area, type='icar')", data.iloc[1:], adjacency=edges)
+    assert fit.objective == pytest.approx(expected.objective, rel=1e-10)

@@ -8,7 +8,9 @@ Accepted forms (issue 19):
   on the diagonal;
 * polygons: a dict of area label -> polygons (each a list of rings, each ring an (m, 2) array of coordinates, as
   :func:`hierpool.datasets.nc_sids` gives them), or objects with a ``__geo_interface__`` (shapely geometries, a
-  geopandas GeoSeries' values): neighbours by queen contiguity (:func:`queen_contiguity`).
+  geopandas GeoSeries' values): neighbours by queen contiguity (:func:`queen_contiguity`);
+* a neighbour list: a dict of area label -> its neighbours' labels (a flat list, tuple, set or 1-d array; empty
+  for an island), as libpysal's ``W.neighbors`` and spdep's ``nb`` give them (:func:`neighbour_list_edges`).
 
 Each is refused by name where it is not a graph of areas: a self-neighbour, an asymmetric matrix, values other
 than 0 and 1, labels of the matrix's rows and columns that differ, duplicated labels, a missing label.
@@ -26,6 +28,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 
 from ..errors import ArgumentError, DataError
+from .labels import column_labels
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class Graph:
 
 
 def _unique_labels(labels, name: str) -> np.ndarray:
-    labels = np.asarray([str(label) for label in labels])
+    labels = column_labels(labels)
     values, counts = np.unique(labels, return_counts=True)
     if np.any(counts > 1):
         raise DataError(f"{name}: duplicated area labels {[str(v) for v in values[counts > 1][:5]]}")
@@ -77,10 +80,14 @@ def graph(adjacency, labels=None, name: str = "adjacency") -> Graph:
     matrix's labels, or the edge list's in sorted order.  Every label of the edges must be among them.
     """
     if isinstance(adjacency, dict):
-        return graph(queen_contiguity(adjacency), labels=list(adjacency) if labels is None else labels, name=name)
+        areas = list(adjacency) if labels is None else labels
+        if is_neighbour_list(adjacency):
+            return graph(neighbour_list_edges(adjacency, name), labels=areas, name=name)
+        return graph(queen_contiguity(adjacency), labels=areas, name=name)
     if not isinstance(adjacency, pd.DataFrame):
         raise ArgumentError(f"{name} must be a pandas DataFrame (an edge list of two columns of area labels, or a "
-                            f"labelled 0/1 matrix) or a dict of area polygons, got {type(adjacency).__name__}")
+                            f"labelled 0/1 matrix) or a dict of area polygons or of neighbours, got "
+                            f"{type(adjacency).__name__}")
     # a matrix is labelled alike on both sides; an edge list has two columns of labels (and a row index: a 2 x 2
     # frame with default integer index and columns is read as an edge list of two pairs)
     default = isinstance(adjacency.index, pd.RangeIndex) and isinstance(adjacency.columns, pd.RangeIndex)
@@ -89,7 +96,7 @@ def graph(adjacency, labels=None, name: str = "adjacency") -> Graph:
         return _from_matrix(adjacency, labels, name)
     if adjacency.shape[1] != 2:
         raise ArgumentError(f"{name}: an edge list has two columns of area labels, this one has {adjacency.shape[1]}")
-    a, b = (adjacency.iloc[:, k].astype(str).to_numpy() for k in (0, 1))
+    a, b = (column_labels(adjacency.iloc[:, k]) for k in (0, 1))
     if adjacency.isna().to_numpy().any():
         raise DataError(f"{name}: the edge list has missing labels")
     selves = a == b
@@ -103,6 +110,41 @@ def graph(adjacency, labels=None, name: str = "adjacency") -> Graph:
         missing = [str(v) for v in np.unique(unknown)[:5]]
         raise DataError(f"{name}: areas {missing} of the edge list are not among the labels")
     return _graph(names, i, j)
+
+
+def is_neighbour_list(adjacency: dict) -> bool:
+    """Whether a dict of areas holds each area's neighbours (flat collections of labels), not its polygons (rings
+    of (x, y) points, or geometries): a neighbour list (module docstring)."""
+    def flat(value):
+        if isinstance(value, (set, frozenset)):
+            return True
+        if isinstance(value, np.ndarray):
+            return value.ndim == 1
+        return isinstance(value, (list, tuple)) and all(np.ndim(v) == 0 and not hasattr(v, "__geo_interface__")
+                                                        for v in value)
+    return bool(adjacency) and all(flat(v) for v in adjacency.values())
+
+
+def neighbour_list_edges(adjacency: dict, name: str = "adjacency") -> pd.DataFrame:
+    """The edge list of a neighbour list (area -> its neighbours), each pair once; refused by name where an area is
+    its own neighbour, a neighbour is not an area of the list, or a pair is listed one way only (a CAR prior's
+    graph is undirected: a k-nearest-neighbours list is not one)."""
+    areas = [str(area) for area in column_labels(list(adjacency))]  # (plain str: np.str_ prints as np.str_('x'))
+    known = set(areas)
+    pairs = set()
+    for area, neighbours in zip(areas, adjacency.values()):
+        for other in map(str, column_labels(list(neighbours))):
+            if other == area:
+                raise DataError(f"{name}: area {area!r} is listed as its own neighbour")
+            if other not in known:
+                raise DataError(f"{name}: area {area!r} has neighbour {other!r}, which is not an area of the list")
+            pairs.add((area, other))
+    one_way = [(a, b) for a, b in pairs if (b, a) not in pairs]
+    if one_way:
+        raise DataError(f"{name}: area {one_way[0][1]!r} is a neighbour of {one_way[0][0]!r} but not the other way: "
+                        "a neighbourhood graph is symmetric")
+    unique = sorted((a, b) for a, b in pairs if a < b)
+    return pd.DataFrame({"a": [a for a, _ in unique], "b": [b for _, b in unique]}, dtype=object)
 
 
 def _from_matrix(matrix: pd.DataFrame, labels, name: str) -> Graph:

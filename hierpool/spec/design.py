@@ -32,6 +32,7 @@ from ..errors import ArgumentError, DataError, FormulaError, HierpoolWarning
 from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
 from .formula import ModelSpec, RandomTermSpec, display_name, parse_formula
+from .labels import level_label
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
 #: Column names of the weights and offset arguments in the model frame (lme4's names).
@@ -468,17 +469,6 @@ def unique_codes(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(present), rank[codes]
 
 
-def level_label(value) -> str:
-    """A grouping value's label, as R's ``factor`` writes it: a whole number held as a float is written as one
-    (308.0 -> "308"; pandas makes an integer column float wherever it holds a missing value, and new data's 308.0
-    then matched no fitted level 308, its rows predicted as a new group's, silently), up to 2^53 (beyond, as
-    written: 3.09e+22, not its 23 digits)."""
-    if (isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer()
-            and abs(value) < 2.0**53):
-        return str(int(value))
-    return str(value)
-
-
 def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Level index and level labels of the interaction of the columns in ``factor``.
 
@@ -501,8 +491,7 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
                 col_codes, uniques = pd.factorize(column, sort=False)
         codes = codes * len(uniques) + col_codes
         size *= len(uniques)
-        # whole-number floats as R writes them in a float column; in an object column (308.0 beside "308") they
-        # stay as written, or two levels would share a label
+        # whole-number floats as R writes them in a float column (spec.labels)
         label = level_label if pd.api.types.is_float_dtype(column) else str
         columns.append((col_codes, np.asarray([label(u) for u in uniques], dtype=object)))
     uniq, inverse = unique_codes(codes, size)

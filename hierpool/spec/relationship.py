@@ -29,6 +29,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 
 from ..errors import ArgumentError, DataError
+from .labels import column_labels
 
 #: ``relmat=`` (A itself) is inverted densely up to this many levels; beyond, give ``relmat_inverse=``: a dense
 #: A^-1 makes every factorization of the mixed-model equations dense too (benchmarks/RESULTS.md).
@@ -143,15 +144,15 @@ def _unique(labels: list, name: str) -> list:
 
 def _matrix_and_labels(value, name: str):
     if isinstance(value, pd.DataFrame):
-        labels = _unique([str(label) for label in value.index], name)
-        columns = [str(label) for label in value.columns]
+        labels = _unique(list(column_labels(value.index)), name)
+        columns = list(column_labels(value.columns))
         if sorted(columns) != sorted(labels):
             raise DataError(f"{name}: the DataFrame's columns are not its index's labels")
         order = pd.Index(columns).get_indexer(labels)
         return np.asarray(value.to_numpy(dtype=float)[:, order]), labels
     if isinstance(value, tuple) and len(value) == 2:
         matrix, labels = value
-        labels = _unique([str(label) for label in labels], name)
+        labels = _unique(list(column_labels(labels)), name)
         if scipy.sparse.issparse(matrix):
             return scipy.sparse.csc_matrix(matrix, dtype=float), labels
         return np.asarray(matrix, dtype=float), labels

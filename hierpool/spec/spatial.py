@@ -25,12 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.sparse
 
 from ..errors import ArgumentError, DataError, FormulaError
 from .adjacency import Graph, graph
 from .design import Design, build_design
 from .family import FamilySpec
 from .formula import SpatialTermSpec, parse_formula
+from .labels import column_labels
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ def _geometry_of(frame, factor: str, what: str) -> dict:
     if factor not in frame.columns:
         raise DataError(f"{what} has no column {factor!r} of area labels")
     shapes = {}
-    for label, shape in zip(frame[factor].astype(str), frame.geometry):
+    for label, shape in zip(column_labels(frame[factor]), frame.geometry):
         shapes.setdefault(label, shape)  # one area may have several rows (strata): its geometry once
     return shapes
 
@@ -179,9 +181,11 @@ def resolve_graph(adjacency, data: pd.DataFrame, term: SpatialTermSpec) -> Graph
 
 
 def _is_graph(value) -> bool:
-    """Whether a dict value is a whole graph (an edge list, a 0/1 matrix or a GeoDataFrame, or a dict of polygons),
-    so that the dict is area column -> graph, not area label -> polygons (a list, an array, a geometry)."""
-    return isinstance(value, (pd.DataFrame, dict, Graph))
+    """Whether a dict value is a whole graph (an edge list, a 0/1 matrix or a GeoDataFrame, a dict of polygons or of
+    neighbours; or a bare matrix, which :func:`graph` refuses by name for its missing labels), so that the dict is
+    area column -> graph, not area label -> polygons or neighbours (a list, a 1-d array, a geometry)."""
+    return (isinstance(value, (pd.DataFrame, dict, Graph)) or scipy.sparse.issparse(value)
+            or (isinstance(value, np.ndarray) and value.ndim == 2))
 
 
 def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: FamilySpec | None = None,
@@ -228,7 +232,7 @@ def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: Famil
 
 def _area_term(term: SpatialTermSpec, area_graph: Graph, column: pd.Series) -> AreaTerm:
     """Each row's area in the term's graph, with the refusals of the module docstring."""
-    labels = column.astype(str).to_numpy()
+    labels = column_labels(column)
     area = pd.Index(area_graph.labels).get_indexer(labels)
     if np.any(area < 0):
         missing = [str(v) for v in pd.unique(labels[area < 0])[:5]]

@@ -1,0 +1,29 @@
+"""Labels of levels, animals and areas, as R's ``factor`` writes them.
+
+A grouping column, a pedigree's ids, a relationship matrix's or an adjacency graph's labels meet by their text.
+pandas makes an integer column float wherever it holds a missing value, so one side's 308 meets the other's 308.0:
+a whole-number float is written as the integer (up to 2^53, where a float still holds every integer; beyond, as
+written: R writes 3.09e+22, not its 23 digits).  Without it, new data's group 308.0 matched no fitted level 308
+(its rows predicted as a new group's, silently), and a parent 12.0 was not animal 12.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def level_label(value) -> str:
+    """One value's label: a whole-number float as the integer (module docstring), anything else as ``str``."""
+    if (isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer()
+            and abs(value) < 2.0**53):
+        return str(int(value))
+    return str(value)
+
+
+def column_labels(values) -> np.ndarray:
+    """The labels of a column's (or an index's) values: :func:`level_label` where they are floats, ``str`` where
+    they are anything else (an object column holding 308.0 beside "308" keeps both apart)."""
+    values = pd.Series(values) if not isinstance(values, pd.Series) else values
+    label = level_label if pd.api.types.is_float_dtype(values) else str
+    return np.asarray([label(v) for v in values], dtype=object).astype(str)
