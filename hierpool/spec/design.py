@@ -32,7 +32,7 @@ from ..errors import ArgumentError, DataError, FormulaError, HierpoolWarning
 from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
 from .formula import ModelSpec, RandomTermSpec, display_name, parse_formula
-from .labels import level_label
+from .labels import column_labels
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
 #: Column names of the weights and offset arguments in the model frame (lme4's names).
@@ -491,9 +491,7 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
                 col_codes, uniques = pd.factorize(column, sort=False)
         codes = codes * len(uniques) + col_codes
         size *= len(uniques)
-        # whole-number floats as R writes them in a float column (spec.labels)
-        label = level_label if pd.api.types.is_float_dtype(column) else str
-        columns.append((col_codes, np.asarray([label(u) for u in uniques], dtype=object)))
+        columns.append((col_codes, np.asarray(column_labels(uniques), dtype=object)))  # (R's labels: spec.labels)
     uniq, inverse = unique_codes(codes, size)
     first = np.zeros(len(uniq), dtype=np.int64)
     first[inverse[::-1]] = np.arange(len(codes))[::-1]  # a row of each level, to read its labels
