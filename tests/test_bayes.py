@@ -497,3 +497,33 @@ def test_the_default_intercept_prior_reads_the_slopes_priors_and_stays_proper(sl
                   dist.ImproperUniform(dist.constraints.real, (), ())):
         intercept = resolve_priors(design, {"Days": heavy}).beta[0]
         assert isinstance(intercept, dist.Normal) and float(intercept.scale) == pytest.approx(float(default.scale))
+
+
+def test_arguments_that_passed_and_then_failed_inside_the_sampler_are_refused_by_name():
+    """A probe's findings: an AR(1) fit held by variance= without correlation= sampled independent residuals at the
+    AR(1) model's theta and sigma (fixed-effect sds 5.38 for 6.74), its varcorr still showing phi; a resolved Priors
+    of another model raised JAX's shape errors (or a Poisson model took a Gaussian's silently); draws of 1 to 3
+    crashed in the split-chain diagnostics; bayes_batch's max_tree_depth=0 raised an IndexError; and a Uniform(0, 100)
+    sd prior was refused as if its support were not positive."""
+    from hierpool.bayesian.priors import resolve_priors
+
+    sleep = hp.datasets.sleepstudy()
+    formula = "Reaction ~ Days + (Days | Subject)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ar1 = hp.lmm(formula, sleep, correlation=hp.ar1("Subject", time="Days"))
+    with pytest.raises(hp.ArgumentError, match="variance: the lmm fit has AR\\(1\\) residuals"):
+        hp.bayes(formula, sleep, variance=ar1)
+    other = resolve_priors(hp.MixedModel("Reaction ~ Days * I(Days > 4) + (1 | Subject)", sleep).design, None)
+    with pytest.raises(hp.ArgumentError, match="priors: this resolved Priors is not this model's: 4 fixed-effect"):
+        hp.bayes(formula, sleep, priors=other)
+    own = resolve_priors(hp.MixedModel(formula, sleep).design, None)
+    with pytest.raises(hp.ArgumentError, match="a residual sd's prior for a model without one"):
+        hp.bayes("y ~ Days + (Days | Subject)", sleep.assign(y=(sleep["Reaction"] // 50).astype(int)),
+                 family="poisson", priors=own)
+    with pytest.raises(hp.ArgumentError, match="draws"):
+        hp.bayes(formula, sleep, draws=3)
+    with pytest.raises(hp.ArgumentError, match="max_tree_depth"):
+        hp.bayes_batch(formula, [sleep, sleep], max_tree_depth=0, progress=False)
+    uniform = resolve_priors(hp.MixedModel(formula, sleep).design, {"sd": dist.Uniform(0.0, 100.0)})
+    assert float(uniform.sd[0].log_prob(np.array([50.0, 1.0])).sum()) == pytest.approx(2 * np.log(0.01))

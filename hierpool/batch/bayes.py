@@ -33,7 +33,7 @@ from ..algebra.one_term_marginal import draw_effects
 from ..algebra.varcorr import coef_pairs
 from ..bayesian.model import one_term_collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function, quick_compile
-from ..bayesian.priors import DataScales, Priors, resolve_priors
+from ..bayesian.priors import DataScales, Priors, check_resolved_priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
 from ..closedform.ar1 import draws_per_unit
 from ..errors import ArgumentError, integer_argument
@@ -225,8 +225,8 @@ def bayes_batch(
     ``se=``.  With several terms the target is hp.bayes's general collapsed target on each dataset's
     system of cross-products, padded as ``hp.fit_batch``'s (a padded level changes no number).
     """
-    chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept, min_draws=4,
-                                                  min_tune=1)
+    chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept, min_tune=1)
+    max_tree_depth = integer_argument("max_tree_depth", max_tree_depth, minimum=1)
     if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (bayes_each's module notes)
         refuse_on_each(keep_draws=(keep_draws, False), correlation=(correlation, None),
                        max_tree_depth=(max_tree_depth, MAX_TREE_DEPTH), chunk_size=(chunk_size, CHUNK_SIZE))
@@ -252,13 +252,9 @@ def bayes_batch(
     if spec is None:  # as hp.bayes: a column too far from zero for the collapsed sampler's cross-products
         warn_far_fixed(design.X, design.fixed_names, SAMPLER_REASON, 2, plan.dataset, plan.n_datasets)
 
-    if isinstance(priors, Priors):
-        # by position: one sd prior per term of result.terms (the long frame's order), of the term's width
-        if len(priors.sd) != len(ks) or any(getattr(sd, "batch_shape", ()) not in ((), (k,))
-                                             for sd, k in zip(priors.sd, ks)):
-            raise ArgumentError(f"priors: a resolved Priors needs one sd prior per random-effect term, in the batch's "
-                                f"order ({', '.join(t.group for t in design.terms)}), each for the term's width")
-        resolved = [priors] * plan.n_datasets
+    if isinstance(priors, Priors):  # by position: one sd prior per term of result.terms (the long frame's order)
+        resolved = [check_resolved_priors(priors, design, glmm=spec is not None,
+                                          shape=spec is not None and spec.name == "negative_binomial")] * plan.n_datasets
     else:
         scales = DataScales.per_group(design, plan.dataset, plan.n_datasets)
         resolved = [resolve_priors(design, priors, each) for each in scales]

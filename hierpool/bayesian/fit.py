@@ -38,7 +38,7 @@ from .model import (
 )
 from .nuts import sample_nuts
 from .posterior import ar1_pointwise_log_likelihood, build_inference_data, pointwise_log_likelihood
-from .priors import Priors, resolve_priors
+from .priors import Priors, check_resolved_priors, resolve_priors
 from .results import BayesResult
 
 METHODS = ("auto", "collapsed", "full", "independence")
@@ -73,6 +73,14 @@ def _held_glmm_variance(design: Design, variance) -> HeldVariance:
         raise ArgumentError(f"variance: the glmm fit differs from this model in its {', '.join(differing)}: hold an "
                             "hp.glmm fit of the same model, family and data")
     return glmm.held_variance(variance)
+
+
+def _resolved(priors, design: Design, glmm: bool = False, shape: bool = False) -> Priors:
+    """``priors=`` resolved against ``design``: a dict (or None) by :func:`resolve_priors`, a resolved
+    :class:`Priors` checked to be this model's (:func:`check_resolved_priors`)."""
+    if isinstance(priors, Priors):
+        return check_resolved_priors(priors, design, glmm=glmm, shape=shape)
+    return resolve_priors(design, priors)
 
 
 def _choose_method(method: str, priors: Priors) -> str:
@@ -376,8 +384,11 @@ def bayes(
                            variance, level, target_accept, progress, weights, offset)
     design = build_design(formula, data, se=se, weights=weights, offset=offset)
     _warn_if_far_from_centred(design)
-    resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
+    resolved = _resolved(priors, design)
     method = _choose_method(method, resolved)
+    if correlation is None and isinstance(variance, AR1Result):  # its theta and sigma are the AR(1) model's
+        raise ArgumentError("variance: the lmm fit has AR(1) residuals (correlation=): give the same correlation= "
+                            "here, or hold a fit without it")
     held = None if variance is None else _held_variance(design, variance)
     progress = sys.stderr.isatty() if progress is None else bool(progress)
     if correlation is not None:
@@ -564,7 +575,7 @@ def _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, meth
             f"a {spec.name} model has no closed-form marginal likelihood: use method='full' (or 'auto')"
         )
     design = build_design(formula, data, se=se, weights=weights, offset=offset, family=spec)
-    resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
+    resolved = _resolved(priors, design, glmm=True, shape=spec.name == "negative_binomial")
     held = None if variance is None else _held_glmm_variance(design, variance)
     progress = sys.stderr.isatty() if progress is None else bool(progress)
     drawn = None
@@ -633,7 +644,7 @@ def _bayes_relmat(formula, data, relmat, relmat_inverse, chains, draws, tune, se
     design = build_design(formula, data, se=se, weights=weights, offset=offset, related=(rel.group,))
     _warn_if_far_from_centred(design, stacklevel=4)  # the animal model integrates beta out on X's columns too
     check_design(design, rel)
-    resolved = priors if isinstance(priors, Priors) else resolve_priors(design, priors)
+    resolved = _resolved(priors, design)  # (a Gaussian response: relmat= has no family yet)
     equations, labels, _ = relmat_equations(design, rel)
     terms = len(design.terms)
     expanded = with_relationship_levels(design, rel)

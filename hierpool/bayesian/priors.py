@@ -203,10 +203,35 @@ def _check_distribution(key: str, value, allow_flat: bool):
 
 def _check_positive_support(key: str, value) -> None:
     support = value.support
-    if support not in (constraints.positive, constraints.nonnegative) and not isinstance(
-        support, (constraints.greater_than, constraints.greater_than_eq)
-    ):
-        raise ArgumentError(f"prior {key!r} must have positive support (e.g. HalfNormal, HalfCauchy), got {value!r}")
+    lower = getattr(support, "lower_bound", None)  # greater_than(0), interval(0, 100) (a Uniform), ...
+    if support not in (constraints.positive, constraints.nonnegative) and not (
+            lower is not None and np.all(np.asarray(lower) >= 0)):
+        raise ArgumentError(f"prior {key!r} must have positive support (e.g. HalfNormal, HalfCauchy, Uniform(0, "
+                            f"upper)), got {value!r}")
+
+
+def check_resolved_priors(priors: Priors, design: Design, glmm: bool, shape: bool) -> Priors:
+    """A resolved :class:`Priors` given as ``priors=``, checked against the model it is to sample: one fixed-effect
+    prior per column of X, one sd prior per random-effect term of its width, a residual sd's prior where the model
+    has one (not with known sds nor in a GLMM), a negative binomial's shape prior where it has one (``shape``).
+    Unchecked, a wrong size raised JAX's or NumPy's errors inside the sampler, and a Gaussian model's priors were
+    taken for a Poisson one's silently."""
+    ks = tuple(t.k for t in design.terms)
+    problems = []
+    if len(priors.beta) != design.p:
+        problems.append(f"{len(priors.beta)} fixed-effect priors for {design.p} columns ({', '.join(design.fixed_names)})")
+    if len(priors.sd) != len(ks) or any(getattr(sd, "batch_shape", ()) not in ((), (k,))
+                                        for sd, k in zip(priors.sd, ks)):
+        problems.append(f"sd priors not one per random-effect term of its width ({', '.join(t.label for t in design.terms)})")
+    wants_sigma = not glmm and not design.sigma_known
+    if (priors.sigma is not None) != wants_sigma:
+        problems.append("a residual sd's prior " + ("missing" if wants_sigma else "for a model without one"))
+    if (priors.shape is not None) != shape:
+        problems.append("a negative binomial's shape prior " + ("missing" if shape else "for another family"))
+    if problems:
+        raise ArgumentError(f"priors: this resolved Priors is not this model's: {'; '.join(problems)}; resolve it "
+                            "from this model (hp.bayes's priors= as a dict)")
+    return priors
 
 
 def resolve_priors(design: Design, priors: dict | None, scales: DataScales | None = None) -> Priors:

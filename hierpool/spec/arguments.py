@@ -24,12 +24,17 @@ def probability_argument(name: str, value):
     return value
 
 
-def sampler_arguments(chains, draws, tune, seed, level, target_accept, *, min_draws: int = 1,
+#: The fewest kept draws per chain: the diagnostics split each chain in two halves of at least 2 (draws of 1 to 3
+#: passed the check and then crashed in the split, a ValueError or an IndexError).
+MIN_DRAWS = 4
+
+
+def sampler_arguments(chains, draws, tune, seed, level, target_accept, *, min_draws: int = MIN_DRAWS,
                       min_tune: int = 0) -> tuple[int, int, int, int]:
     """(chains, draws, tune, seed) as ints, with ``level`` and ``target_accept`` checked to lie in (0, 1).
 
     ``min_draws`` and ``min_tune``: the fewest kept draws and warm-up iterations the caller
-    accepts (``hp.bayes_batch`` summarizes each dataset from at least 4 draws per chain and warms up).
+    accepts (``hp.bayes_batch`` warms up).
     """
     chains = integer_argument("chains", chains)
     draws = integer_argument("draws", draws, minimum=min_draws)
