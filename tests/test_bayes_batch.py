@@ -20,6 +20,7 @@ from hierpool.algebra import statistics
 from hierpool.algebra.henderson import conditional_draw, noise_size
 from hierpool.algebra.system import build_system
 from hierpool.batch.plan import plan_batch
+from hierpool.bayesian.results import SamplingWarning
 
 SLEEP = "Reaction ~ Days + (Days | Subject)"
 Z_MAX = 4.0
@@ -273,3 +274,19 @@ def test_sharded_over_four_host_devices_samples_the_same_posterior(replicates, p
         sharded, single = np.asarray(out[table]), getattr(posterior, table)[["mean", "mcse_mean"]].to_numpy()
         z = (sharded[:, 0] - single[:, 0]) / np.hypot(sharded[:, 1], single[:, 1])
         assert np.max(np.abs(z)) < Z_MAX, (table, z)
+
+
+def test_diagnostics_judge_one_chain_without_r_hat_and_warn_as_hp_bayes_does(monkeypatch):
+    """With one chain every dataset was not ok (R-hat is NaN there; NumPy's All-NaN warning leaked), and a batch
+    whose datasets were not ok said nothing, where hp.bayes warns (SamplingWarning)."""
+    from hierpool.batch.bayes_results import BayesBatchResult
+
+    data = hp.datasets.sleepstudy_replicates(2, seed=4)
+    with pytest.warns(SamplingWarning, match="2 of 2 sampled datasets are not ok") as record:
+        short = hp.bayes_batch("Reaction ~ Days + (1 | Subject)", data, by="dataset", chains=1, draws=20, tune=20,
+                               seed=1, progress=False)
+    assert not [w for w in record if issubclass(w.category, RuntimeWarning)]
+    table = short.diagnostics
+    assert table["max_r_hat"].isna().all() and not table["ok"].any()  # (its ESS is low: 20 draws)
+    monkeypatch.setattr("hierpool.batch.bayes_results.ESS_MIN_PER_CHAIN", 1)
+    assert BayesBatchResult.diagnostics.fget(short)["ok"].all()  # one chain: judged on divergences and ESS alone

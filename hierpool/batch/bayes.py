@@ -233,7 +233,7 @@ def bayes_batch(
         return bayes_batch_each(formula, data, by, chains=chains, draws=draws, tune=tune, seed=seed, priors=priors,
                                 level=level, target_accept=target_accept, progress=progress, weights=weights,
                                 offset=offset, se=se, family=family, link=link, relmat=relmat,
-                                relmat_inverse=relmat_inverse, adjacency=adjacency)
+                                relmat_inverse=relmat_inverse, adjacency=adjacency).warn_diagnostics()
     chunk_size = integer_argument("chunk_size", chunk_size)
     spec = None
     if family is not None:
@@ -388,7 +388,7 @@ def bayes_batch(
         draws=kept,
         sigma_known=sigma_known,
         scalars=scalars,
-    )
+    ).warn_diagnostics()
 
 
 def _kept_draws(out: dict, row: int, ells: list, several: bool) -> dict:

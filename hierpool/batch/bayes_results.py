@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from ..algebra.varcorr import coef_pairs, varcorr_table
-from ..bayesian.results import ESS_MIN_PER_CHAIN, R_HAT_MAX, SUMMARY_COLUMNS, summarize_draws
+from ..bayesian.results import ESS_MIN_PER_CHAIN, R_HAT_MAX, SUMMARY_COLUMNS, SamplingWarning, summarize_draws
 from ..errors import ArgumentError
 
 #: The further scalar parameters a batch may sample, each summarized per dataset (BayesBatchResult.scalars).
@@ -246,13 +247,28 @@ class BayesBatchResult:
             scalars = [summary[d][None] for summary in self.scalars.values()]
             every = np.concatenate([fixef, varcorr, *ranef, *scalars])
             sampled = np.isfinite(every[:, ess_at]).any()
-            worst_r_hat.append(np.nanmax(every[:, r_hat_at]) if sampled else np.nan)
+            r_hats = every[:, r_hat_at][np.isfinite(every[:, r_hat_at])]  # (none with one chain: hp.bayes skips it)
+            worst_r_hat.append(r_hats.max() if sampled and r_hats.size else np.nan)
             least_ess.append(np.nanmin(every[:, ess_at]) if sampled else np.nan)
         frame = pd.DataFrame({"divergences": self.divergences, "max_r_hat": worst_r_hat, "min_ess_bulk": least_ess,
                               "message": self.messages}, index=self.datasets)
         ess_min = ESS_MIN_PER_CHAIN * self.chains
-        frame.insert(3, "ok", (frame.divergences == 0) & (frame.max_r_hat < R_HAT_MAX) & (frame.min_ess_bulk > ess_min))
+        # one chain has no R-hat (between-chain variance): judged on its divergences and ESS, as hp.bayes judges it
+        r_hat_ok = (frame.max_r_hat < R_HAT_MAX) | (self.chains == 1)
+        frame.insert(3, "ok", (frame.divergences == 0) & r_hat_ok & (frame.min_ess_bulk > ess_min))
         return frame
+
+    def warn_diagnostics(self) -> BayesBatchResult:
+        """Warn (:class:`~hierpool.errors.SamplingWarning`), as ``hp.bayes`` warns of its own fit, where sampled
+        datasets are not ``ok`` in :attr:`diagnostics`, counting them; the result itself."""
+        table = self.diagnostics
+        sampled = table["message"] == ""
+        bad = sampled & ~table["ok"]
+        if bad.any():
+            warnings.warn(f"sampling diagnostics: {int(bad.sum())} of {int(sampled.sum())} sampled datasets are not "
+                          "ok (divergent transitions, R-hat or bulk ESS: result.diagnostics)", SamplingWarning,
+                          stacklevel=3)
+        return self
 
     def __repr__(self) -> str:
         failed = sum(bool(m) for m in self.messages)
