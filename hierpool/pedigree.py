@@ -67,7 +67,7 @@ class Pedigree:
 
 #: A parent's entry that codes "unknown" (beside missing values and 0): R's and SAS's spellings, and what
 #: ``astype(str)`` makes of a missing value.
-UNKNOWN_CODES = ("", "0", "0.0", "NA", "N/A", "nan", "NaN", "<NA>", "None", ".")
+UNKNOWN_CODES = ("", "0", "0.0", "NA", "N/A", "na", "nan", "NaN", "<NA>", "None", "NULL", "null", ".", "-")
 
 
 def _unknown(value) -> bool:
@@ -125,8 +125,11 @@ def prepare(pedigree: pd.DataFrame, id: str = "id", sire: str = "sire", dam: str
         if animal in (s, d):
             raise DataError(f"animal {animal!r} is listed as its own parent")
     founders = [p for pair in parents.values() for p in pair if p is not None and p not in parents]
+    # ids as "100.0" (text) and parents as 100 (floats: "100"), or the other way round: none would be found
+    ids_as_numbers = {_whole_number_text(a): a for a in parents if _whole_number_text(a) is not None}
     written_otherwise = {p: _whole_number_text(p) for p in dict.fromkeys(founders)}
     written_otherwise = {p: a for p, a in written_otherwise.items() if a in parents}
+    written_otherwise |= {p: ids_as_numbers[p] for p in dict.fromkeys(founders) if p in ids_as_numbers}
     if written_otherwise:  # parents as "100.0" (a float column turned to text), ids as 100: none would be found
         shown = ", ".join(f"{p!r} ({a!r})" for p, a in list(written_otherwise.items())[:5])
         raise DataError(f"the pedigree's {sire!r}/{dam!r} columns write {len(written_otherwise)} parent(s) otherwise "

@@ -525,5 +525,9 @@ def test_arguments_that_passed_and_then_failed_inside_the_sampler_are_refused_by
         hp.bayes(formula, sleep, draws=3)
     with pytest.raises(hp.ArgumentError, match="max_tree_depth"):
         hp.bayes_batch(formula, [sleep, sleep], max_tree_depth=0, progress=False)
-    uniform = resolve_priors(hp.MixedModel(formula, sleep).design, {"sd": dist.Uniform(0.0, 100.0)})
+    design = hp.MixedModel(formula, sleep).design
+    uniform = resolve_priors(design, {"sd": dist.Uniform(0.0, 100.0)})  # refused before: "must have positive support"
     assert float(uniform.sd[0].log_prob(np.array([50.0, 1.0])).sum()) == pytest.approx(2 * np.log(0.01))
+    for wrong in (dist.Uniform(-1.0, 100.0), dist.Poisson(30.0)):  # below zero; discrete (NUTS cannot move it)
+        with pytest.raises(hp.ArgumentError, match="prior 'sd' must have positive support"):
+            resolve_priors(design, {"sd": wrong})

@@ -82,6 +82,10 @@ def test_parents_written_otherwise_than_the_ids_are_refused_by_name():
     written = MRODE.assign(sire=MRODE["sire"].astype(float).astype(str), dam=MRODE["dam"].astype(float).astype(str))
     with pytest.raises(hp.DataError, match=r"write 5 parent\(s\) otherwise than its 'id' column.*'1.0' \('1'\)"):
         hp.pedigree.relationship_matrix(written)
+    ids_as_text = MRODE.assign(id=MRODE["id"].astype(float).astype(str), sire=MRODE["sire"].astype(float),
+                               dam=MRODE["dam"].astype(float))  # the mirror: ids "4.0", parents 4.0 (review)
+    with pytest.raises(hp.DataError, match=r"otherwise than its 'id' column.*'1' \('1.0'\)"):
+        hp.pedigree.relationship_matrix(ids_as_text)
     # as floats (not text) they are the animals
     floats = MRODE.astype(float)
     np.testing.assert_allclose(hp.pedigree.relationship_matrix(floats), hp.pedigree.relationship_matrix(MRODE))

@@ -103,6 +103,13 @@ def test_bad_adjacency_is_refused_by_name():
         graph(np.zeros((3, 3)))
 
 
+def test_polygons_keyed_by_whole_number_floats_are_labelled_as_the_graph_labels_them(nc):
+    """Polygons keyed by a float column's values (37001.0): the contiguity's areas were '37001.0' where the graph's
+    are '37001', and every edge was refused (review)."""
+    numbered = {float(i + 1): shape for i, shape in enumerate(nc.geometry.values())}
+    assert len(graph(numbered).edges) == len(graph(nc.adjacency).edges)
+
+
 def test_queen_contiguity_of_the_polygons_is_the_shipped_edge_list(nc):
     from hierpool.spec.adjacency import queen_contiguity
 

@@ -487,3 +487,7 @@ def test_an_area_column_of_whole_number_floats_meets_the_graphs_integer_labels()
         fit = hp.lmm("y ~ x + car(area, type='icar')", with_missing, adjacency=edges)
     expected = hp.lmm("y ~ x + car(area, type='icar')", data.iloc[1:], adjacency=edges)
     assert fit.objective == pytest.approx(expected.objective, rel=1e-10)
+    # a categorical column of such floats is labelled by its categories' kind, as (1 | area) labels it (review)
+    categorical = data.assign(area=pd.Categorical(data["area"].astype(float)))
+    assert hp.lmm("y ~ x + car(area, type='icar')", categorical, adjacency=edges).objective == pytest.approx(
+        hp.lmm("y ~ x + car(area, type='icar')", data, adjacency=edges).objective, rel=1e-12)

@@ -204,8 +204,8 @@ def _check_distribution(key: str, value, allow_flat: bool):
 def _check_positive_support(key: str, value) -> None:
     support = value.support
     lower = getattr(support, "lower_bound", None)  # greater_than(0), interval(0, 100) (a Uniform), ...
-    if support not in (constraints.positive, constraints.nonnegative) and not (
-            lower is not None and np.all(np.asarray(lower) >= 0)):
+    if support.is_discrete or (support not in (constraints.positive, constraints.nonnegative) and not (
+            lower is not None and np.all(np.asarray(lower) >= 0))):
         raise ArgumentError(f"prior {key!r} must have positive support (e.g. HalfNormal, HalfCauchy, Uniform(0, "
                             f"upper)), got {value!r}")
 

@@ -10,7 +10,8 @@ Accepted forms (issue 19):
   :func:`hierpool.datasets.nc_sids` gives them), or objects with a ``__geo_interface__`` (shapely geometries, a
   geopandas GeoSeries' values): neighbours by queen contiguity (:func:`queen_contiguity`);
 * a neighbour list: a dict of area label -> its neighbours' labels (a flat list, tuple, set or 1-d array; empty
-  for an island), as libpysal's ``W.neighbors`` and spdep's ``nb`` give them (:func:`neighbour_list_edges`).
+  for an island), as libpysal's ``W.neighbors`` gives it (:func:`neighbour_list_edges`; spdep's ``nb`` holds
+  positions, 0 for an island: give its areas' labels).
 
 Each is refused by name where it is not a graph of areas: a self-neighbour, an asymmetric matrix, values other
 than 0 and 1, labels of the matrix's rows and columns that differ, duplicated labels, a missing label.
@@ -217,7 +218,7 @@ def queen_contiguity(geometry: dict, tolerance: float = 1e-7) -> pd.DataFrame:
     if not geometry:
         raise ArgumentError("geometry: no areas")
     owners: dict = {}
-    for label, shape in geometry.items():
+    for label, shape in zip(column_labels(list(geometry)), geometry.values()):  # (as graph() labels the areas)
         for ring in shape_rings(shape):
             for key in map(tuple, np.round(ring / tolerance).astype(np.int64)):
                 owners.setdefault(key, set()).add(str(label))

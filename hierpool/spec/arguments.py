@@ -29,15 +29,14 @@ def probability_argument(name: str, value):
 MIN_DRAWS = 4
 
 
-def sampler_arguments(chains, draws, tune, seed, level, target_accept, *, min_draws: int = MIN_DRAWS,
-                      min_tune: int = 0) -> tuple[int, int, int, int]:
-    """(chains, draws, tune, seed) as ints, with ``level`` and ``target_accept`` checked to lie in (0, 1).
+def sampler_arguments(chains, draws, tune, seed, level, target_accept, *, min_tune: int = 0) -> tuple[int, int, int, int]:
+    """(chains, draws, tune, seed) as ints, with ``level`` and ``target_accept`` checked to lie in (0, 1), and at
+    least :data:`MIN_DRAWS` draws.
 
-    ``min_draws`` and ``min_tune``: the fewest kept draws and warm-up iterations the caller
-    accepts (``hp.bayes_batch`` warms up).
+    ``min_tune``: the fewest warm-up iterations the caller accepts (``hp.bayes_batch`` warms up).
     """
     chains = integer_argument("chains", chains)
-    draws = integer_argument("draws", draws, minimum=min_draws)
+    draws = integer_argument("draws", draws, minimum=MIN_DRAWS)
     tune = integer_argument("tune", tune, minimum=min_tune)
     seed = seed_argument(seed)
     probability_argument("level", level)

@@ -23,7 +23,12 @@ def level_label(value) -> str:
 
 def column_labels(values) -> np.ndarray:
     """The labels of a column's (or an index's) values: :func:`level_label` where they are floats, ``str`` where
-    they are anything else (an object column holding 308.0 beside "308" keeps both apart)."""
+    they are anything else (an object column holding 308.0 beside "308" keeps both apart); a categorical column's
+    by its categories' kind (categories 1.0, 2.0 are "1", "2", as a float column's values are)."""
     values = pd.Series(values) if not isinstance(values, pd.Series) else values
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        categories = column_labels(values.cat.categories)
+        codes = values.cat.codes.to_numpy()
+        return np.where(codes >= 0, categories[np.maximum(codes, 0)], "nan") if len(categories) else codes.astype(str)
     label = level_label if pd.api.types.is_float_dtype(values) else str
     return np.asarray([label(v) for v in values], dtype=object).astype(str)
