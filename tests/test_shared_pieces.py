@@ -214,7 +214,7 @@ def test_one_term_marginal_likelihood_on_the_host_equals_the_general_engine(slee
 def test_sampler_arguments():
     assert sampler_arguments(np.int64(2), 10, 0, 3, 0.9, 0.8) == (2, 10, 0, 3)
     with pytest.raises(hp.ArgumentError, match="draws must be an integer >= 4, got 3"):
-        sampler_arguments(2, 3, 1, 0, 0.9, 0.8, min_draws=4)
+        sampler_arguments(2, 3, 1, 0, 0.9, 0.8)  # (every sampler: spec.arguments.MIN_DRAWS)
     with pytest.raises(hp.ArgumentError, match="tune must be an integer >= 1, got 0"):
         sampler_arguments(2, 10, 0, 0, 0.9, 0.8, min_tune=1)
     with pytest.raises(hp.ArgumentError, match="seed must be an integer >= 0"):
