@@ -242,7 +242,7 @@ def test_adaptive_quadrature_with_a_fixed_effect_on_a_calendar_year():
         assert fit.converged and fit.optimum.deviance == pytest.approx(reference.optimum.deviance, rel=1e-9)
         assert fit.fixef["x"] == pytest.approx(reference.fixef["x"], rel=1e-5)
         assert np.sqrt(fit.vcov.loc["x", "x"]) == pytest.approx(np.sqrt(reference.vcov.loc["x", "x"]), rel=1e-4)
-    # further out beta's covariance comes from the searched coordinates' Hessian (GLMMOptimum.beta_map): inverting
+    # further out beta's covariance comes from the searched coordinates' Hessian (GLMMOptimum.conditioning): inverting
     # the user's, whose condition grows as (mean / sd)^2, left the SE 2.9e-6 off at x + 1e5 (now 3.5e-8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
