@@ -143,7 +143,8 @@ class KindVote:
 
 def long_frame(data, by: str, columns=(), kept: dict | None = None) -> tuple[pd.DataFrame, dict, KindVote]:
     """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked), the datasets
-    set aside (label -> why) and the vote: where a column of ``columns``
+    set aside (label -> why: one lacking a column of ``columns`` that others have, :func:`absent_reason`) and the
+    vote: where a column of ``columns``
     (:attr:`~hierpool.spec.formula.ModelSpec.values`) is stacked from values of several kinds, the datasets with
     Python objects in it or whose kind is not most datasets' (:func:`kind_conflicts`; ``kept``: column -> kind kept
     whatever the counts) are left out of the frame, to be refused in their rows."""
@@ -165,13 +166,23 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None) -> tuple[pd.
         if by in frame.columns:
             raise ArgumentError(f"dataset {label!r} already has a column {by!r}; pass another by=")
     frame = pd.concat([frame.assign(**{by: label}) for label, frame in items], ignore_index=True)
+    # a dataset lacking a column others have: its rows are missing values there, which the design would drop and
+    # count in its warning as if missing, though the dataset is refused for lacking the column (looked for only
+    # where a column has missing values)
+    lacking = {}
+    if any(name in frame.columns and frame[name].hasnans for name in columns):
+        lacking = {label: reason for label, item in items if len(item) and (reason := absent_reason(item, columns))}
+        if len(lacking) == sum(len(item) > 0 for _, item in items):
+            lacking = {}  # every dataset lacks it: the design's own error names the column
+        frame = frame[~frame[by].isin(list(lacking))].reset_index(drop=True)
     # two kinds stacked make an object column of mixed values: only then are the datasets looked at one by one
     # (not every dataset's columns on the common path: benchmarks/RESULTS.md, thirtieth session)
     mixed = [name for name in columns if name in frame.columns and frame[name].dtype == object
              and not pd.api.types.is_string_dtype(frame[name])]
     if not mixed:
-        return frame, {}, KindVote()
-    set_aside, vote = kind_conflicts(items, mixed, kept)
+        return frame, lacking, KindVote()
+    set_aside, vote = kind_conflicts([(label, item) for label, item in items if label not in lacking], mixed, kept)
+    set_aside = {**lacking, **set_aside}
     if len(set_aside) == len(items):  # each outvoted on some column: no dataset left to fit
         raise DataError("no dataset is left to fit: " + "; ".join(f"dataset {label!r}: {reason}"
                                                                   for label, reason in list(set_aside.items())[:3]))
@@ -566,15 +577,23 @@ def missing_counts(frame: pd.DataFrame, rows: np.ndarray, columns, arrays: dict)
 EMPTY_DATASET = "the dataset is empty: it has no rows"
 
 
+def absent_reason(item: pd.DataFrame, columns) -> str:
+    """Why a dataset (its own frame ``item``) that lacks a column of ``columns`` the model uses is refused; ""."""
+    absent = [column for column in columns if column not in item.columns]
+    if not absent:
+        return ""
+    listed = ", ".join(repr(column) for column in absent)
+    return f"the model uses column {listed}, which is not in this dataset (its columns: {list(item.columns)})"
+
+
 def empty_reason(item, rows: np.ndarray, frame: pd.DataFrame, columns, arrays: dict) -> str:
     """Why a dataset has no rows left to fit: its own frame ``item`` (None for a dataset of one DataFrame) is empty
     or lacks a column the model uses; else the missing values that dropped its ``rows`` of the long ``frame``."""
     if item is not None and len(item) == 0:
         return EMPTY_DATASET
-    absent = [column for column in columns if item is not None and column not in item.columns]
+    absent = absent_reason(item, columns) if item is not None else ""
     if absent:
-        listed = ", ".join(repr(column) for column in absent)
-        return f"the model uses column {listed}, which is not in this dataset (its columns: {list(item.columns)})"
+        return absent
     detail = missing_counts(frame, rows, columns, arrays)
     if detail:
         return f"no rows left after dropping missing values ({detail})"
