@@ -526,10 +526,10 @@ def _warn_if_unidentified(plan, family_name: str) -> None:
                           f"{plan.n_datasets} datasets)", HierpoolWarning, stacklevel=3)
 
 
-def _refit(plan, index: int, formula: str, fitter, out: dict, zero_alone=()) -> str:
+def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
     """Fit dataset ``index`` alone (``fitter``: ``hp.lmm`` or ``hp.glmm``) into ``out``'s rows; what to add to its
-    message.  ``zero_alone``: the datasets fitted alone without their columns that are zero there
-    (:attr:`~hierpool.batch.plan.BatchPlan.zero_columns`)."""
+    message.  A dataset with columns zero in it (:attr:`~hierpool.batch.plan.BatchPlan.zero_columns`) is fitted
+    without them, NaN in their places."""
     frame, arguments = plan.dataset_frame(index)
     name = "hp.glmm" if fitter.func is glmm else "hp.lmm"
     try:
@@ -537,7 +537,7 @@ def _refit(plan, index: int, formula: str, fitter, out: dict, zero_alone=()) -> 
             warnings.simplefilter("ignore", HierpoolWarning)
             single = fitter(formula, frame, **arguments)
         # its row holds the batch's columns, by position, but those zero in the dataset (plan.zero_columns: NaN)
-        dropped = plan.zero_columns.get(index, ()) if index in zero_alone else ()
+        dropped = plan.zero_columns.get(index, ())  # (such a dataset is refitted only for them: _result)
         kept = [j for j in range(plan.design.p) if j not in dropped]
         check_fixed_effects(single, [plan.design.fixed_names[j] for j in kept])
         # hp.lmm orders a dataset's terms by its own level counts: match them to the batch's
@@ -589,11 +589,10 @@ def _restore(out: dict, index: int, row: dict) -> None:
             per_term[index] = value
 
 
-def _polish(plan, index: int, formula: str, fitter, out: dict, messages: list, refitted: np.ndarray,
-            zero_alone=()) -> None:
+def _polish(plan, index: int, formula: str, fitter, out: dict, messages: list, refitted: np.ndarray) -> None:
     """Refit dataset ``index`` alone into ``out`` (:func:`_refit`), unless that stops higher than the batch had got."""
     batch_row = _row(out, index)
-    note = _refit(plan, index, formula, fitter, out, zero_alone)
+    note = _refit(plan, index, formula, fitter, out)
     if (note.startswith("refitted") and np.isfinite(batch_row["objective"])
             and out["objective"][index] > batch_row["objective"] + 1e-8 * abs(batch_row["objective"])):
         # the lone fit stopped higher than where the batch had got to (a local optimum of its own): a lower
@@ -631,7 +630,7 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
     refits = list(out["alone"]) + zero_alone + (to_polish if polish else [])
     with progress_bar(progress if len(refits) > 1 else False, len(refits), "fit_batch") as bar:
         for index in refits:
-            _polish(plan, index, formula, fitter, out, messages, refitted, zero_alone)
+            _polish(plan, index, formula, fitter, out, messages, refitted)
             bar.update(1)
     if design.family is not None:  # hp.glmm's warning where X separates the outcomes, in the dataset's row
         notes = separation_notes(plan, out["beta"])

@@ -27,8 +27,9 @@ def column_labels(values) -> np.ndarray:
     by its categories' kind (categories 1.0, 2.0 are "1", "2", as a float column's values are)."""
     values = pd.Series(values) if not isinstance(values, pd.Series) else values
     if isinstance(values.dtype, pd.CategoricalDtype):
-        categories = column_labels(values.cat.categories)
-        codes = values.cat.codes.to_numpy()
-        return np.where(codes >= 0, categories[np.maximum(codes, 0)], "nan") if len(categories) else codes.astype(str)
-    label = level_label if pd.api.types.is_float_dtype(values) else str
-    return np.asarray([label(v) for v in values], dtype=object).astype(str)
+        codes, uniques = values.cat.codes.to_numpy(), values.cat.categories
+    else:  # each distinct value labelled once (an area column of a million rows holds some hundred areas)
+        codes, uniques = pd.factorize(values)
+    label = level_label if pd.api.types.is_float_dtype(uniques) else str
+    labels = np.asarray([label(v) for v in uniques] + ["nan"], dtype=object).astype(str)
+    return labels[codes]  # (a missing value's code, -1, takes the last: "nan")
