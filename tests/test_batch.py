@@ -40,12 +40,13 @@ def assert_matches(batch, fits, labels):
         np.testing.assert_allclose(batch.fixef.iloc[i], fit.fixef, rtol=1e-6)
         np.testing.assert_allclose(batch.fixef_se.iloc[i], fit.fixef_se, rtol=1e-5)
         assert batch.sigma[i] == pytest.approx(fit.sigma, rel=1e-6)
-        ranef = batch.ranef.query("dataset == @label")
+        column = batch.datasets.name  # the tables name the datasets' column as by
+        ranef = batch.ranef[batch.ranef[column] == label]
         scale = np.abs(fit.ranef.condval).max() + 1e-12
         np.testing.assert_array_equal(ranef.grp.to_numpy(), fit.ranef.grp.to_numpy())
         np.testing.assert_allclose(ranef.condval, fit.ranef.condval, atol=1e-5 * scale)
         np.testing.assert_allclose(ranef.condsd, fit.ranef.condsd, rtol=1e-5, atol=1e-7 * scale)
-        varcorr = batch.varcorr.query("dataset == @label")
+        varcorr = batch.varcorr[batch.varcorr[column] == label]
         sd_scale = fit.varcorr.sdcor.abs().max()
         np.testing.assert_allclose(varcorr.sdcor.to_numpy(), fit.varcorr.sdcor.to_numpy(), atol=1e-5 * sd_scale)
         assert bool(batch.is_singular.iloc[i]) == fit.is_singular
@@ -241,7 +242,8 @@ def test_known_residual_sds_equal_lmm_per_dataset(meta, meta_batch):
         assert batch.objective.iloc[i] == pytest.approx(fit.objective, rel=1e-10)
         np.testing.assert_allclose(batch.fixef.iloc[i], fit.fixef, rtol=1e-6)
         np.testing.assert_allclose(batch.fixef_se.iloc[i], fit.fixef_se, rtol=1e-5)
-        ranef = batch.ranef.query("dataset == @label")
+        column = batch.datasets.name  # the tables name the datasets' column as by
+        ranef = batch.ranef[batch.ranef[column] == label]
         scale = np.abs(fit.ranef.condval).max() + 1e-12
         condsd_atol = 1e-8
         if fit.is_singular:  # ``flat``: the batch's theta stops within rounding of zero, hp.lmm's on its bound, and
@@ -331,6 +333,11 @@ def test_datasets_of_different_sizes_and_levels_share_padded_buckets():
         frames[f"site{i}"] = frame.sample(frac=rng.uniform(0.6, 1.0), random_state=i).drop(columns="dataset")
     result = hp.fit_batch(SLEEP, frames, by="site")
     assert list(result.datasets) == list(frames)
+    # every table names the datasets' column as by, as fixef's index is named
+    assert result.fixef.index.name == "site"
+    for table in (result.ranef, result.varcorr, result.to_frame()):
+        assert table.columns[0] == "site" and "dataset" not in table.columns
+        assert list(pd.unique(table["site"])) == list(frames)
     assert [len(levels) for levels in result.levels] == [7, 16, 5, 18, 11]
     assert len({len(frame) for frame in frames.values()}) == 5
     assert_matches(result, single_fits(SLEEP, frames.values()), list(frames))
@@ -769,6 +776,10 @@ def test_bad_input_names_the_culprit(replicates):
         hp.fit_batch("Reaction ~ Days + (1 | Subject)", replicates, family="poisson", se="Days")
     with pytest.raises(hp.ArgumentError, match="already has a column 'dataset'"):
         hp.fit_batch(SLEEP, [replicates])
+    # the tables name the datasets' column as by: one named as another column of theirs is refused
+    for name, caller in (("grp", hp.fit_batch), ("objective", hp.fit_batch), ("mean", hp.bayes_batch)):
+        with pytest.raises(hp.ArgumentError, match=f"by='{name}' names a column"):
+            caller(SLEEP, replicates.rename(columns={"dataset": name}), by=name)
     with pytest.raises(hp.ArgumentError, match="dtype"):
         hp.fit_batch(SLEEP, replicates, dtype="float16")
     with pytest.raises(hp.DataError, match="'Reactions'"):

@@ -51,7 +51,7 @@ def _assert_each_is_its_single_fit(batch, frames, structure, formula=FORMULA, **
         np.testing.assert_allclose(batch.sigma[d], fit.sigma, rtol=1e-5, err_msg=f"sigma of {d}")
         assert_term_effects_match(batch, d, fit, 1e-5)
         # the VarCorr table's rows, phi's last (the batch's had none)
-        table = batch.varcorr[batch.varcorr["dataset"] == batch.datasets[d]]
+        table = batch.varcorr[batch.varcorr[batch.datasets.name] == batch.datasets[d]]
         assert list(table["var1"].iloc[-1:]) == ["phi"] and len(table) == len(fit.varcorr)
         np.testing.assert_allclose(table["sdcor"].to_numpy(), fit.varcorr["sdcor"].to_numpy(), rtol=1e-4)
 

@@ -72,11 +72,11 @@ def test_an_animal_model_batch_is_each_datasets_lmm(pedigree_data, animal_batch,
     # (noise's theta sits at the lower bound, 1e-4, where the profile is flat: the two searches stop 2e-10 apart)
     assert batch.theta[batch.datasets.get_loc(label)][0] == pytest.approx(single.theta[0], rel=rel,
                                                                            abs=1e-6 if label in SHARED else 0.0)
-    row = batch.varcorr.query("dataset == @label and grp == 'animal'")
+    row = batch.varcorr.query("trait == @label and grp == 'animal'")
     assert row["sdcor"].iloc[0] == pytest.approx(single.sigma_a, rel=rel,
                                                   abs=1e-6 * single.sigma if label in SHARED else 0.0)
     # breeding values of every animal of the pedigree, with records or not, and their prediction error sds
-    ranef = batch.ranef.query("dataset == @label")
+    ranef = batch.ranef.query("trait == @label")
     assert len(ranef) == len(inverse[1])
     scale = 1e-5 * max(single.sigma_a, 1e-3 * single.sigma) if label in SHARED else 1e-12
     np.testing.assert_allclose(ranef["condval"], single.ranef["condval"], rtol=rel, atol=scale)
@@ -191,7 +191,7 @@ def test_a_failing_dataset_keeps_its_reason_in_its_row(animal_batch):
     assert "DataError" in animal_batch.messages["tiny"] and "not identifiable" in animal_batch.messages["tiny"]
     assert np.isnan(animal_batch.fixef.loc["tiny"]).all()
     frame = animal_batch.to_frame()
-    assert list(frame["dataset"]) == ["trait0", "trait1", "trait2", "tiny", "noise", "flat1", "flat2", "stranger"]
+    assert list(frame["trait"]) == ["trait0", "trait1", "trait2", "tiny", "noise", "flat1", "flat2", "stranger"]
     assert "not labels of its relationship matrix" in animal_batch.messages["stranger"]
 
 
@@ -225,7 +225,7 @@ def test_a_spatial_batch_is_each_datasets_single_fit(area_counts, family):
         pd.testing.assert_series_equal(batch.hyperparameters.loc[d], single.hyperparameters(), check_names=False,
                                        rtol=1e-12)
         tables = single.ranef if isinstance(single.ranef, dict) else {"car(area, type='bym2')": single.ranef}
-        spatial = batch.ranef.query("dataset == @d and grpvar == 'area' and term.str.startswith('car')")
+        spatial = batch.ranef.query("map == @d and grpvar == 'area' and term.str.startswith('car')")
         np.testing.assert_allclose(spatial["condval"], next(iter(tables.values()))["effect"], rtol=1e-10)
         assert batch.is_singular[d] == single.is_singular
     frame = batch.to_frame()

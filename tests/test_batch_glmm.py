@@ -187,7 +187,7 @@ def test_a_dataset_with_no_finite_criterion_has_no_mode(cbpp_batch, monkeypatch,
     monkeypatch.setattr(fit_glmm_module, "glm_start", broken_start)
     broken = hp.fit_batch(CBPP, frames[:2], by="rep", family="binomial", polish=False, progress=False)
     assert not broken.converged.iloc[1] and not np.isfinite(broken.objective.iloc[1])
-    assert broken.ranef.query("dataset == 1").condval.isna().all()
+    assert broken.ranef.query("rep == 1").condval.isna().all()
     assert np.isnan(broken.beta_se[1]).all()  # no Hessian of its own: the search's placeholder is no standard error
     assert broken.converged.iloc[0] and broken.objective.iloc[0] == pytest.approx(batch.objective.iloc[0], rel=1e-8)
 

@@ -189,7 +189,7 @@ def test_tables_name_every_term(crossed):
         assert column in table.columns, column
     fit = _single(CROSSED, frames[0])
     expected = fit.varcorr.set_index(["grp", "var1"])["sdcor"]
-    mine = batch.varcorr[batch.varcorr["dataset"] == batch.datasets[0]].set_index(["grp", "var1"])["sdcor"]
+    mine = batch.varcorr[batch.varcorr[batch.datasets.name] == batch.datasets[0]].set_index(["grp", "var1"])["sdcor"]
     np.testing.assert_allclose(mine.loc[expected.index].to_numpy(), expected.to_numpy(), rtol=1e-5)
     assert table["sd_sample_Intercept"].iloc[0] == pytest.approx(expected.loc[("sample", "Intercept")], rel=1e-5)
     ranef = batch.ranef

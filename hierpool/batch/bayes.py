@@ -46,6 +46,7 @@ from .bayes_results import SCALARS, BayesBatchResult, BayesBatchTerm, summarize_
 from .bayes_terms import chain_and_draw_terms, correlation_matrices, effect_key, term_chunks
 from .fit_each import fits_each, refuse_on_each
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
+from .results import check_by_name
 
 #: Compiled chunk programs by settings, argument shapes and sharding (the last 8 used).
 _PROGRAMS = ProgramCache()
@@ -227,6 +228,7 @@ def bayes_batch(
     """
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept, min_tune=1)
     max_tree_depth = integer_argument("max_tree_depth", max_tree_depth, minimum=1)
+    check_by_name(by, "bayes_batch", SUMMARY_COLUMNS)
     if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (bayes_each's module notes)
         refuse_on_each(keep_draws=(keep_draws, False), correlation=(correlation, None),
                        max_tree_depth=(max_tree_depth, MAX_TREE_DEPTH), chunk_size=(chunk_size, CHUNK_SIZE))

@@ -86,7 +86,7 @@ from .plan import (
     progress_bar,
     thread_count,
 )
-from .results import BatchResult, BatchTerm
+from .results import BatchResult, BatchTerm, check_by_name
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
@@ -332,6 +332,7 @@ def fit_batch(
     """
     if dtype not in ("float64", "float32"):
         raise ArgumentError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    check_by_name(by, "fit_batch")
     check_quadrature(nAGQ)
     if family is None and (nAGQ != 1 or link is not None):
         raise ArgumentError(f"{'link=' if link is not None else f'nAGQ={nAGQ}'} needs family= (a GLMM)")

@@ -236,7 +236,7 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
         arguments["relmat_inverse"] = {fit.relationship.group: fit.relationship}
     batch = fit_batch(formula, long, by=REPLICATE_COLUMN, chunk_size=chunk_size, progress=progress, **arguments)
     estimate = parameter_estimates(fit)
-    table = batch.to_frame().set_index("dataset")
+    table = batch.to_frame().set_index(REPLICATE_COLUMN)
     missing = [name for name in estimate.index if name not in table.columns]
     if missing:  # one naming for both (parameter_estimates, BatchResult.to_frame): a mismatch is a bug, not a NaN
         raise RuntimeError(f"hp.bootstrap: the batch fits have no column(s) {missing}")

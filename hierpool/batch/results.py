@@ -1,4 +1,4 @@
-"""Results of a batch fit: one row per dataset, long tables with a ``dataset`` column."""
+"""Results of a batch fit: one row per dataset, long tables with a column of the dataset labels, named as ``by``."""
 
 from __future__ import annotations
 
@@ -19,8 +19,29 @@ def term_parameter_names(group: str, coef_names) -> tuple[list[str], list[str]]:
     return sds, cors
 
 
-#: The columns of :meth:`BatchResult.to_frame` that are not a fixed effect's or a term's parameter.
+#: The columns of :meth:`BatchResult.to_frame` that are not a fixed effect's or a term's parameter (the first, the
+#: dataset labels', is named as ``by``: :func:`dataset_column`).
 TABLE_COLUMNS = ("dataset", "objective", "converged", "refit", "is_singular", "message", "sigma", "phi", "shape")
+
+
+#: The key columns of a batch's long tables beside the dataset labels' (ranef's, varcorr's, hyperparameters').
+KEY_COLUMNS = ("grpvar", "term", "grp", "var1", "var2", "vcov", "sdcor", "condval", "condsd", "parameter")
+
+
+def check_by_name(by, caller: str, summary_columns=()) -> None:
+    """Refuse a ``by`` that names a column of the batch's tables besides the labels' own (:data:`TABLE_COLUMNS`,
+    :data:`KEY_COLUMNS`; bayes_batch's ``summary_columns``): the labels' column is named as ``by``, and a table with
+    two columns of one name would give the labels for the criterion or the term (or the reverse)."""
+    reserved = set(TABLE_COLUMNS[1:]) | set(KEY_COLUMNS) | set(summary_columns)
+    if isinstance(by, str) and by in reserved:
+        raise ArgumentError(f"{caller}: by={by!r} names a column of the batch's result tables, which name the "
+                            f"datasets' column as by; rename that column of the data (reserved: {sorted(reserved)})")
+
+
+def dataset_column(datasets: pd.Index) -> str:
+    """The name of the dataset labels' column in a batch's long tables and ``to_frame()``: the ``by`` the batch was
+    given (the name of its index of datasets, as ``fixef``'s index is named), ``"dataset"`` where it has none."""
+    return "dataset" if datasets.name is None else str(datasets.name)
 
 
 def check_table_names(fixed_names, caller: str) -> None:
@@ -61,13 +82,13 @@ class BatchTerm:
     def k(self) -> int:
         return len(self.coef_names)
 
-    def ranef(self, datasets) -> pd.DataFrame:
-        """This term's rows of :attr:`BatchResult.ranef`."""
+    def ranef(self, datasets: pd.Index) -> pd.DataFrame:
+        """This term's rows of :attr:`BatchResult.ranef`, the labels ``datasets`` in a column named as they are."""
         k = self.k
         counts = np.array([len(levels) for levels in self.levels])
         # per dataset: the levels of coefficient 0, then of coefficient 1, ... (hp.lmm's order)
         return pd.DataFrame({
-            "dataset": np.repeat(np.asarray(datasets), counts * k),
+            dataset_column(datasets): np.repeat(np.asarray(datasets), counts * k),
             "grpvar": self.group,
             "term": np.concatenate([np.repeat(np.asarray(self.coef_names, dtype=object), n) for n in counts]),
             "grp": np.concatenate([np.tile(np.asarray(levels, dtype=object), k) for levels in self.levels]),
@@ -172,7 +193,7 @@ class BatchResult:
 
     @property
     def varcorr(self) -> pd.DataFrame:
-        """``as.data.frame(VarCorr(fit))`` of every dataset, with a ``dataset`` column.
+        """``as.data.frame(VarCorr(fit))`` of every dataset, with a column of the dataset labels named as ``by``.
 
         ``hp.lmm``'s table (:func:`~hierpool.algebra.varcorr.varcorr_table`) per dataset, one after
         another, every term's rows in the order of ``terms``; ``var1`` and ``var2`` are object columns
@@ -183,20 +204,22 @@ class BatchResult:
                                 "none: its parameters are result.hyperparameters (and columns of to_frame())")
         sigma = None if self.sigma_known else self.sigma
         return varcorr_table([(t.group, t.coef_names, t.covariance) for t in self.terms], sigma,
-                             by=("dataset", self.datasets), object_keys=True, phi=self.phi)
+                             by=(dataset_column(self.datasets), self.datasets), object_keys=True, phi=self.phi)
 
     @property
     def ranef(self) -> pd.DataFrame:
-        """BLUPs and conditional sds, as ``LMMResult.ranef``, with a ``dataset`` column (term by term)."""
+        """BLUPs and conditional sds, as ``LMMResult.ranef``, with a column of the dataset labels named as ``by``
+        (term by term)."""
         return pd.concat([t.ranef(self.datasets) for t in self.terms], ignore_index=True)
 
     def to_frame(self) -> pd.DataFrame:
-        """One tidy row per dataset: status, criterion, fixed effects and their ses, sds, correlations, sigma.
+        """One tidy row per dataset: its label (a column named as ``by``), status, criterion, fixed effects and their
+        ses, sds, correlations, sigma.
 
         The sds and correlations of every term are named by :func:`term_parameter_names`.  No ``sigma``
         column with known residual sds (``sigma_known``): sigma is not a parameter then.
         """
-        frame = pd.DataFrame({"dataset": self.datasets, "objective": self.objective.to_numpy(),
+        frame = pd.DataFrame({dataset_column(self.datasets): self.datasets, "objective": self.objective.to_numpy(),
                               "converged": self.converged.to_numpy(), "refit": self.refit.to_numpy(),
                               "is_singular": self.is_singular.to_numpy(),
                               "message": self.messages.to_numpy()})
