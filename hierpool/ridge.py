@@ -27,6 +27,8 @@ import pandas as pd
 import scipy.linalg
 
 from .algebra.conditioning import fixed_coefficients, fixed_rows
+from .closedform.ar1 import AR1Result
+from .closedform.optimize import Control
 from .closedform.results import LMMResult
 from .errors import ArgumentError
 
@@ -64,7 +66,8 @@ def ridge_solve(fit: LMMResult, multipliers: np.ndarray) -> tuple[np.ndarray, li
     Returns (beta, b): beta shaped (len(t), p); b per term shaped (len(t), levels, k).
     """
     fixed = fit.prediction_coordinates()[0]  # X as x A for a fit on conditioned columns, beta mapped back below
-    X, y = (fit.design.X if fixed is None else fixed_rows(fit.design.X, fixed)), fit.design.y
+    # y less the offset: the fit's own working response (an offset shifts the rows' means, not the penalty)
+    X, y = (fit.design.X if fixed is None else fixed_rows(fit.design.X, fixed)), fit.design.y_less_offset
     w = fit.design.row_weights
     U = _dense_relative_z(fit)
     xtx_inv_xt = scipy.linalg.solve(X.T @ (w[:, None] * X), (w[:, None] * X).T, assume_a="pos")  # (X'WX)^-1 X'W
@@ -131,6 +134,9 @@ def ridge_view(fit: LMMResult, multipliers=None) -> RidgeView:
     """
     if not isinstance(fit, LMMResult):
         raise ArgumentError(f"ridge_view needs a closed-form fit (hp.lmm), got {type(fit).__name__}")
+    if isinstance(fit, AR1Result):  # its BLUPs solve a problem weighted by the residuals' inverse correlation
+        raise ArgumentError("ridge_view shows the ridge problem of independent residuals; an AR(1) fit's BLUPs solve "
+                            "the correlated residuals' (generalized) one, which it does not build")
     q = sum(t.n_levels * t.k for t in fit.design.terms)
     if q > DENSE_LIMIT:
         raise ArgumentError(f"ridge_view builds Z densely; this model has {q} random effects (limit {DENSE_LIMIT})")
@@ -145,7 +151,9 @@ def ridge_view(fit: LMMResult, multipliers=None) -> RidgeView:
     fixed = list(fit.design.fixed_names)
     for j, (term, cov) in enumerate(zip(fit.design.terms, fit.term_covariances())):
         with np.errstate(divide="ignore", invalid="ignore"):
-            singular = np.linalg.matrix_rank(cov) < term.k
+            # lme4's singular rule on the relative factor (theta within singular_tol of 0): variances relative to
+            # sigma^2 below its square (a matrix rank alone calls a 1 x 1 variance of 1e-18 full rank)
+            singular = np.linalg.eigvalsh(cov / fit.sigma**2)[0] < Control.singular_tol**2
             penalties[_term_label(term)] = np.full_like(cov, np.nan) if singular else fit.sigma**2 * np.linalg.inv(cov)
         blups = np.asarray(fit.solution.b[j])
         for i, coef in enumerate(term.coef_names):

@@ -104,6 +104,27 @@ def test_ridge_solution_at_the_reml_penalty_is_the_blup(formula, data, se):
     assert view.max_abs_difference < 1e-8 * scale
 
 
+def test_the_ridge_problem_is_the_fits_own_with_an_offset_and_a_zero_variance():
+    """An offset: the ridge problem was solved for y, not y less the offset (a BLUP of -0.18 against a "ridge" 0.99,
+    max_abs_difference 1.17).  Eight schools' REML tau is 0: its penalty is NaN, as for any singular Sigma (a rank
+    test called the 1 x 1 variance of 1e-18 full rank and gave 9e17)."""
+    data = simulated(5).assign(off=lambda d: 3.0 * np.random.default_rng(2).normal(size=len(d)))
+    data["y"] = data["y"] + data["off"]
+    for fit in (hp.lmm("y ~ x + (1 | g)", data, offset="off"), hp.lmm("y ~ x + offset(off) + (1 | g)", data)):
+        view = hp.ridge_view(fit)
+        assert view.max_abs_difference < 1e-8 * (np.abs(view.table["blup"]).max() + 1)
+    schools = hp.lmm("y ~ 1 + (1 | school)", hp.datasets.eight_schools(), se="se")
+    assert schools.is_singular and np.isnan(hp.ridge_view(schools).penalties["(Intercept | school)"]).all()
+
+
+def test_ridge_view_refuses_an_ar1_fit():
+    data = simulated(6)
+    data["t"] = data.groupby("g").cumcount()
+    fit = hp.lmm("y ~ x + (1 | g)", data, correlation=hp.ar1("g", time="t"))
+    with pytest.raises(hp.ArgumentError, match="AR\\(1\\)"):
+        hp.ridge_view(fit)
+
+
 def test_ridge_path_runs_from_no_pooling_to_complete_pooling(study, intercepts):
     view = intercepts.ridge(multipliers=[1e-9, 1e9])
     path = view.path.set_index(["multiplier", "grp"])["coefficient"]
