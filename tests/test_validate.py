@@ -228,6 +228,15 @@ def test_coverage_quick_study_matches_the_long_study():
     assert np.all(np.abs(rich.coverage - 0.95) < bound * rich.mcse), rich
 
 
+def test_coverage_studies_match_blups_to_their_groups_by_label_beyond_100_groups():
+    # the true effects were matched to the BLUPs by sorting the labels: from 101 groups on "g100" sorts between
+    # "g10" and "g11", and the BLUP coverage fell to 0.33-0.68 (the prediction rows, matched by name, stayed at 0.95)
+    table = hp.validate.coverage(n_reps=3, n_groups=120, seed=1, with_bayes=False).set_index(["interval", "groups"])
+    assert table.loc[("blup", "rich"), "coverage"] > 0.85 and table.loc[("blup", "sparse (1-2 obs)"), "coverage"] > 0.85
+    ar1 = hp.validate.ar1_coverage(n_reps=1, n_groups=110, steps=6, seed=2).set_index("interval")
+    assert ar1.loc["blup", "coverage"] > 0.85
+
+
 def test_compare_refuses_a_posterior_of_other_weights_offset_or_response():
     # the effects' names match, the likelihood does not: an offset moves every BLUP, weights every
     # shrinkage, so such a posterior would fail (or pass) for the wrong reason

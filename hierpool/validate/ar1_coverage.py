@@ -29,7 +29,7 @@ from ..closedform import lmm
 from ..closedform.predict import normal_quantile
 from ..errors import seed_argument
 from ..spec.correlation import ar1, series_of
-from .coverage import coverage_of
+from .coverage import coverage_of, group_label, label_positions
 
 BETA = (1.0, 0.5)
 
@@ -42,7 +42,7 @@ def simulate_ar1_study(rng, n_groups: int = 20, steps: int = 30, phi: float = 0.
     blocks = rng.normal(size=(n_groups, steps // block + 2))
     x = blocks[g, t // block]
     b = rng.normal(0, sd_b, n_groups)
-    data = pd.DataFrame({"x": x, "t": t.astype(float), "g": [f"g{i:02d}" for i in g]})
+    data = pd.DataFrame({"x": x, "t": t.astype(float), "g": [group_label(i) for i in g]})
     series = series_of(ar1("g", time="t"), data, data.index)
     noise = sigma * unwhiten(rng.normal(size=len(g)), series.previous, carried(phi, series.previous, series.lag),
                              series.order)
@@ -77,9 +77,9 @@ def ar1_coverage(n_reps: int = 100, level: float = 0.95, n_groups: int = 20, ste
             record(name, abs(model.fixef["x"] - BETA[1]) <= z * model.fixef_se["x"])
         record("phi", fit.phi_interval[0] <= phi <= fit.phi_interval[1])
         ranef = fit.ranef
-        order = np.argsort(ranef.grp.to_numpy())  # g00, g01, ... = group index order
+        order = label_positions(ranef.grp, n_groups)
         record("blup", np.abs(ranef.condval.to_numpy()[order] - b) <= z * fit.ranef_joint_sd()[order])
-        new = pd.DataFrame({"x": next_x, "t": float(steps), "g": [f"g{i:02d}" for i in range(n_groups)]})
+        new = pd.DataFrame({"x": next_x, "t": float(steps), "g": [group_label(i) for i in range(n_groups)]})
         predicted = fit.predict(new, interval="prediction", level=level)
         next_y = (BETA[0] + BETA[1] * next_x + b + phi * last_noise
                   + np.sqrt(1 - phi**2) * rng.normal(0, 1.0, n_groups))

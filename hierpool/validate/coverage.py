@@ -32,6 +32,20 @@ from ..closedform.predict import normal_quantile
 from ..errors import seed_argument
 
 
+def group_label(index) -> str:
+    """The simulated studies' label of group ``index`` (g00, g01, ..., g100): the order of the true effects."""
+    return f"g{index:02d}"
+
+
+def label_positions(labels, n_groups: int) -> np.ndarray:
+    """Positions of groups g00, g01, ... in a table's ``labels`` (a fit's ranef rows): the true effects' order.
+    By label, not by sorting the labels (from 101 groups on, "g100" sorts between "g10" and "g11")."""
+    positions = pd.Index(np.asarray(labels).astype(str)).get_indexer([group_label(i) for i in range(n_groups)])
+    if np.any(positions < 0):
+        raise RuntimeError("a simulated group has no row in the fit's table")  # a bug, never a wrong coverage
+    return positions
+
+
 def simulate_study(rng, n_groups: int = 20, rich_size: int = 20, beta=(1.0, 0.5), sd_b: float = 1.0, sigma: float = 1.0):
     """One data set: groups 0..n/2-1 have 1-2 observations, the rest ``rich_size``; truth returned too."""
     sizes = np.where(np.arange(n_groups) < n_groups // 2, rng.integers(1, 3, n_groups), rich_size)
@@ -39,7 +53,7 @@ def simulate_study(rng, n_groups: int = 20, rich_size: int = 20, beta=(1.0, 0.5)
     x = rng.normal(size=g.size)
     b = rng.normal(0, sd_b, n_groups)
     y = beta[0] + beta[1] * x + b[g] + rng.normal(0, sigma, g.size)
-    data = pd.DataFrame({"y": y, "x": x, "g": [f"g{i:02d}" for i in g]})
+    data = pd.DataFrame({"y": y, "x": x, "g": [group_label(i) for i in g]})
     return data, b, sizes
 
 
@@ -77,10 +91,10 @@ def coverage(
             warnings.simplefilter("ignore")  # boundary fits in small samples are part of the study
             fit = lmm("y ~ x + (1 | g)", data)
         ranef = fit.ranef
-        order = np.argsort(ranef.grp.to_numpy())  # g00, g01, ... = group index order
+        order = label_positions(ranef.grp, n_groups)
         blup, joint = ranef.condval.to_numpy()[order], fit.ranef_joint_sd()[order]
         record("blup", sparse, np.abs(blup - b) <= z * joint)
-        groups = pd.DataFrame({"x": 1.0, "g": [f"g{i:02d}" for i in range(n_groups)]})
+        groups = pd.DataFrame({"x": 1.0, "g": [group_label(i) for i in range(n_groups)]})
         conf = fit.predict(groups, interval="confidence", level=level)
         target = beta[0] + beta[1] + b
         record("confidence", sparse, (conf.lower <= target) & (target <= conf.upper))
@@ -92,7 +106,7 @@ def coverage(
                 warnings.simplefilter("ignore")
                 post = bayes("y ~ x + (1 | g)", data, chains=2, draws=draws, tune=draws, seed=seed + rep, level=level)
             table = post.ranef
-            order = np.argsort(table.grp.to_numpy())
+            order = label_positions(table.grp, n_groups)
             lower, upper = table.lower.to_numpy()[order], table.upper.to_numpy()[order]
             record("posterior", sparse, (lower <= b) & (b <= upper))
     return pd.DataFrame([{"interval": name, "groups": "sparse (1-2 obs)" if flag else "rich",
