@@ -188,6 +188,24 @@ def test_sbc_quick_mode_finds_uniform_ranks_on_a_crossed_model():
     assert len(result.plot().axes) == 2
 
 
+def test_sbc_simulates_the_offset_and_refuses_a_response_it_cannot_write():
+    """The simulated mean left out the formula's offset, which the fit subtracts: every parameter was flagged on a
+    correct sampler (p ~ 1e-16).  A response such as log(v) was written into a new column "log(v)" that the formula
+    never reads, every replication fitting the same data."""
+    import jax
+
+    from hierpool.bayesian import resolve_priors
+    from hierpool.spec.design import build_design
+    from hierpool.validate.sbc import _simulate_parameters
+
+    data = _crossed_sbc_design().assign(o=1000.0)
+    design = build_design("y ~ x + offset(o) + (1 | a)", data)
+    _, y = _simulate_parameters(resolve_priors(design, None), design, jax.random.PRNGKey(0))
+    assert abs(np.mean(y) - 1000.0) < 50  # the priors' scale is the data's (sd 1): without the offset, mean ~ 0
+    with pytest.raises(hp.ArgumentError, match="must be a column of data"):
+        hp.validate.sbc("log(v) ~ x + (1 | a)", data.assign(v=np.exp(data["y"])), n_reps=10)
+
+
 def test_sbc_tests_reject_miscalibrated_ranks():
     from hierpool.validate.sbc import _uniformity
 

@@ -90,7 +90,7 @@ def _simulate_parameters(priors, design, rng_key, correlation=None, series=None,
     keys = iter(jax.random.split(rng_key, 6 + 2 * len(design.terms) + design.p))
     beta = np.array([float(prior.sample(next(keys))) for prior in priors.beta])
     truth = {f"beta[{name}]": value for name, value in zip(design.fixed_names, beta)}
-    mu = design.X @ beta
+    mu = design.offset + design.X @ beta  # the offset is part of the mean the fit models (formula offset() terms)
     for j, term in enumerate(design.terms):
         sd = np.asarray(priors.sd[j].sample(next(keys)))
         cor = np.eye(term.k) if term.k == 1 else np.asarray(dist.LKJCholesky(term.k, priors.cor[j]).sample(next(keys)))
@@ -239,6 +239,9 @@ def sbc(
     if any(prior is None for prior in frozen.beta):
         raise ArgumentError("SBC simulates from the prior: flat priors on fixed effects are not allowed")
     response = design.spec.response
+    if not isinstance(response, str) or response not in data.columns:  # as glmm_sbc: y = log(v) has no column
+        raise ArgumentError(f"sbc writes the simulated response into a column: the formula's response must be a "
+                            f"column of data, got {response!r}")
     frame = data.loc[design.rows].copy()
     series, unit = None, 1.0
     if correlation is not None:
