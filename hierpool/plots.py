@@ -58,7 +58,9 @@ def sbc_figure(result, bins: int = 10):
     hist.set(xlabel="rank bin", ylabel="replications", title=f"SBC rank histograms ({n_reps} replications)")
     hist.legend(frameon=False, fontsize=7, ncol=2)
     ecdf_ax.set(xlabel="normalized rank", ylabel="ECDF - uniform",
-                title=f"ECDF difference, {1 - result.alpha:.0%} simultaneous band")
+                # the band the test uses: each parameter's at 1 - alpha / (2 m), Bonferroni over the m parameters'
+                # two tests, so that the whole check holds at 1 - alpha (validate.sbc._uniformity)
+                title=f"ECDF difference, band of the {1 - result.alpha:.0%} check (Bonferroni)")
     return fig
 
 
