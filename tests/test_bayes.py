@@ -304,6 +304,9 @@ def test_predictions_new_levels_and_predictive_are_wider(sleepstudy_posteriors, 
         + 5 * post.term_draws(0)[..., 0, 1]
     )
     assert mean.loc[0, "mean"] == pytest.approx(draws.mean(), rel=1e-10)
+    # the table keeps newdata's row labels (it had 0..n-1: a column assigned from it landed on other rows)
+    labelled = post.predict(new.set_axis([7, 3]), kind="mean")
+    assert list(labelled.index) == [7, 3] and np.allclose(labelled["mean"], mean["mean"])
 
 
 def test_eight_schools_matches_the_reference_posterior():

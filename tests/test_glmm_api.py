@@ -134,6 +134,24 @@ def test_predictions_are_glmers(laplace, cbpp):
         laplace.predict(new, interval="prediction")
 
 
+def test_prediction_tables_keep_the_rows_labels_and_re_is_checked(laplace, cbpp):
+    # the interval tables had a fresh 0..n-1 index: nd["lower"] = fit.predict(nd, ...)["lower"] put NaN on rows 5
+    # and 3 of cbpp.iloc[[5, 3, 1]] and row 1 the interval of another row; re=None (lme4's re.form=NULL: every
+    # random effect) gave population-level predictions
+    new = cbpp.iloc[[5, 3, 1]]
+    for type in ("link", "response"):
+        table = laplace.predict(new, type=type, interval="confidence")
+        assert list(table.index) == [5, 3, 1]
+        np.testing.assert_allclose(table["fit"], laplace.predict(new, type=type), rtol=1e-12)
+    assert list(laplace.predict(interval="confidence").index) == list(cbpp.index)
+    lmm = hp.lmm("incidence ~ period + (1 | herd)", cbpp)
+    assert list(lmm.predict(new, interval="prediction").index) == [5, 3, 1]
+    for fit in (laplace, lmm):
+        for re in (None, "False", np.nan):
+            with pytest.raises(hp.ArgumentError, match="re must be True"):
+                fit.predict(new, re=re)
+
+
 def test_summary_prints_glmers_blocks(laplace):
     text = laplace.summary()
     assert "Laplace Approximation" in text and "Family: binomial  ( logit )" in text

@@ -16,7 +16,7 @@ from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError, DataError, HierpoolWarning, seed_argument
 from ..spec.arguments import probability_argument
 from ..spec.design import Design
-from ..spec.newdata import model_rows, new_row_weights
+from ..spec.newdata import model_rows, new_row_weights, row_labels
 from .convergence import diagnose, ess_tail
 from .posterior import linear_predictor_draws, term_slots
 from .priors import Priors
@@ -354,7 +354,8 @@ class BayesResult:
                 "sd": mu.std(axis=0, ddof=1),
                 "lower": np.quantile(mu, tail, axis=0),
                 "upper": np.quantile(mu, 1 - tail, axis=0),
-            }
+            },
+            index=row_labels(self.design, newdata),
         )
 
     def _family_draws(self, eta: np.ndarray, newdata, trials, rng) -> np.ndarray:

@@ -250,7 +250,8 @@ class GLMMResult:
             return inverse(out)
         return pd.DataFrame({"fit": inverse(out["fit"].to_numpy()),
                              "se": out["se"].to_numpy() * self.family.link.mu_eta(out["fit"].to_numpy()),
-                             "lower": inverse(out["lower"].to_numpy()), "upper": inverse(out["upper"].to_numpy())})
+                             "lower": inverse(out["lower"].to_numpy()), "upper": inverse(out["upper"].to_numpy())},
+                            index=out.index)
 
     def marginal(self, newdata: pd.DataFrame | None = None, level: float = 0.95, method: str = "auto",
                  nodes: int | None = None, draws: int | None = None, seed: int = 0):

@@ -34,7 +34,7 @@ from ..algebra.conditioning import fixed_rows
 from ..algebra.henderson import row_quadratic_forms
 from ..errors import ArgumentError
 from ..spec.arguments import probability_argument
-from ..spec.newdata import model_rows, new_row_weights
+from ..spec.newdata import model_rows, new_row_weights, row_labels
 
 
 def normal_quantile(level: float) -> float:
@@ -88,6 +88,14 @@ def _conditional_variance(result, X, terms, known):
     return row_quadratic_forms(cov, v0, safe0, v, idx)
 
 
+def check_re(re) -> None:
+    """Refuse an ``re=`` that is not True or False by name: lme4's ``re.form=NULL`` (every random effect) is
+    ``re=True`` here, and None, read as falsy, gave population-level predictions, the opposite."""
+    if not isinstance(re, (bool, np.bool_)):
+        raise ArgumentError(f"re must be True (the random effects of known levels: lme4's re.form=NULL) or False "
+                            f"(population level: re.form=NA), got {re!r}")
+
+
 def predict(result, newdata=None, re: bool = True, interval: str | None = None, level: float = 0.95,
             carry=None):
     """Predict from a fitted :class:`~hierpool.closedform.results.LMMResult`.
@@ -116,6 +124,7 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
     """
     if interval not in (None, "confidence", "prediction"):
         raise ArgumentError(f"interval must be None, 'confidence' or 'prediction', got {interval!r}")
+    check_re(re)
     probability_argument("level", level)
     if interval == "prediction" and newdata is not None and result.design.sigma_known:
         raise ArgumentError("prediction intervals with known residual sds (se=) need newdata=None")
@@ -154,4 +163,5 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
         variance = variance + noise
     se = np.sqrt(np.maximum(variance, 0.0))
     half = normal_quantile(level) * se
-    return pd.DataFrame({"fit": fit, "se": se, "lower": fit - half, "upper": fit + half})
+    return pd.DataFrame({"fit": fit, "se": se, "lower": fit - half, "upper": fit + half},
+                        index=row_labels(result.design, newdata))

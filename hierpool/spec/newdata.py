@@ -95,6 +95,13 @@ def model_rows(design, newdata):
     return X, terms, offset
 
 
+def row_labels(design, newdata) -> pd.Index:
+    """The labels of the rows :func:`model_rows` encodes: ``newdata``'s index, or the fitted rows' (the data's labels
+    of the rows kept), so that a table of predictions aligns with the user's frame as pandas aligns it (lme4's
+    predictions are named by newdata's row names)."""
+    return design.rows if newdata is None else newdata.index
+
+
 def new_row_weights(design, newdata) -> np.ndarray | None:
     """Prior weights of the rows to predict (None: weight 1); the fitted rows' when ``newdata`` is None.
 
