@@ -6,6 +6,7 @@ finite differences (the delta method's derivatives) and against a simulation of 
 """
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,20 @@ def test_a_rule_that_has_not_converged_warns(logit, monkeypatch):
     monkeypatch.setattr(module, "QUADRATURE_TOL", 0.0)  # every rule's difference now counts as too large
     with pytest.warns(hp.HierpoolWarning, match="Gauss-Hermite quadrature of the marginal means agrees only"):
         logit.marginal()
+
+
+def test_too_few_nodes_given_are_warned_with_their_error(logit):
+    # nodes=1 evaluates the integrand at t = 0 alone: the subject-specific coefficients came back as population
+    # averages, error NaN and no warning (cbpp: -1.3985 for -1.2886)
+    with pytest.warns(hp.HierpoolWarning, match="with nodes=1 differs by .* from the rule of 2 nodes"):
+        one = logit.marginal(nodes=1)
+    assert one.error > 1e-2
+    exact = logit.marginal()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough nodes: no warning, and their error estimated
+        given = logit.marginal(nodes=64)
+    assert 0 <= given.error < 1e-10
+    np.testing.assert_allclose(given.coef["population_average"], exact.coef["population_average"], rtol=1e-9)
 
 
 @pytest.mark.parametrize("kwargs,message", [

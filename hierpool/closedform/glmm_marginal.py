@@ -53,8 +53,9 @@ class MarginalResult:
     nodes, draws : int or None
         Gauss-Hermite nodes used; Sobol draws used.
     error : float
-        Gauss-Hermite with nodes chosen: the largest relative change of a mean in the last doubling
-        of the rule (0 for a closed form; NaN when not estimated).
+        Gauss-Hermite: the largest relative change of a mean in the last doubling of the rule (with ``nodes``
+        given, from that rule to the rule of twice as many, warned above :data:`QUADRATURE_TOL`; 0 for a
+        closed form; NaN for quasi-Monte Carlo).
     uncertainty : str
         ``"theta and beta"`` (the inverse Hessian of the deviance in (theta, beta); nAGQ >= 1) or
         ``"beta"`` (theta taken as known; nAGQ = 0).
@@ -109,10 +110,16 @@ def marginal(result, covariance, newdata=None, level: float = 0.95, method: str 
     def means(X, z_terms, offset):
         out = marginal_means(offset + X @ beta, z_terms, factors, link, method=method, nodes=nodes, draws=draws,
                              seed=seed)
-        if out.error > QUADRATURE_TOL:  # the doubling stopped at the largest rule (NaN: not estimated)
+        if out.error > QUADRATURE_TOL and nodes is None:  # the doubling stopped at the largest rule
             warnings.warn(f"Gauss-Hermite quadrature of the marginal means agrees only to {out.error:.1e} "
                           f"(relative) between {out.nodes // 2} and {out.nodes} nodes: the random effects' sd "
                           "is large for this link; compare with method='qmc'", HierpoolWarning, stacklevel=4)
+        elif out.error > QUADRATURE_TOL:  # the user's rule, against the rule of twice its nodes
+            other = 2 * nodes if 2 * nodes <= MAX_NODES else nodes // 2
+            warnings.warn(f"Gauss-Hermite quadrature of the marginal means with nodes={nodes} differs by "
+                          f"{out.error:.1e} (relative) from the rule of {other} nodes: "
+                          "too few nodes for these random effects (nodes=None chooses the rule)", HierpoolWarning,
+                          stacklevel=4)
         return out
 
     on_data = means(design.X, [t.z for t in design.terms], design.offset)
