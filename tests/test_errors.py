@@ -53,6 +53,32 @@ def test_infinite_values(data):
         hp.lmm(FORMULA, data)
 
 
+def test_a_transformed_column_that_is_not_finite_is_refused_by_name(data):
+    # log(0), log(-1), exp() overflowing: a LinAlgError from the rank check's SVD, a SciPy linprog error from a
+    # GLMM's separation check, NumPyro's invalid loc; a slope's "zero or a copy" (the wrong reason)
+    bad = data.assign(x2=np.abs(data["x"]) + 1.0)
+    bad.loc[bad.index[4], "x2"] = 0.0
+    with pytest.warns(RuntimeWarning):  # NumPy's own, from log(0) as formulae evaluates it
+        with pytest.raises(hp.DataError, match=r"fixed-effect column 'log\(x2\)' is not finite in 1 row\(s\) \(rows \[4\]\)"):
+            hp.lmm("y ~ log(x2) + (1 | g)", bad)
+        with pytest.raises(hp.DataError, match=r"column 'log\(x2\)' is not finite"):
+            hp.glmm("count ~ log(x2) + (1 | g)", bad.assign(count=(data["y"] > 0).astype(int)), family="poisson")
+        with pytest.raises(hp.DataError, match=r"random-effect term \(0 \+ log\(x2\) \| g\) column 'log\(x2\)'"):
+            hp.lmm("y ~ x + (0 + log(x2) | g)", bad)
+        batch = hp.fit_batch("y ~ log(x2) + (1 | g)", {"ok": data.assign(x2=bad["x2"] + 1.0), "bad": bad},
+                             progress=False)
+    assert np.isfinite(batch.objective["ok"]) and np.isnan(batch.objective["bad"])
+    assert "'log(x2)' is not finite" in batch.messages["bad"]
+
+
+def test_a_nesting_operator_formulae_cannot_build_is_refused(data):
+    # formulae's f/x gave labels that do not match its matrix: a reshape error, or a silently shorter X
+    grouped = data.assign(f=np.where(data["x"] > 0, "a", "b"))
+    for formula in ("y ~ f/x + (1 | g)", "y ~ x + (f/x | g)"):
+        with pytest.raises(hp.FormulaError, match="a nesting term a/b is not read"):
+            hp.lmm(formula, grouped)
+
+
 def test_single_level_grouping_factor(data):
     with pytest.raises(hp.DataError, match="grouping factor 'g' has only one level"):
         hp.lmm(FORMULA, data.assign(g="a"))

@@ -364,9 +364,32 @@ def _is_offset_call(name: str) -> bool:
 
 
 def matrix_columns(matrix) -> tuple[list[str], np.ndarray]:
-    """(column names, float array) of a formulae design matrix: its ``as_dataframe()`` without the frame."""
+    """(column names, float array) of a formulae design matrix: its ``as_dataframe()`` without the frame.
+
+    A matrix whose columns do not match its terms' labels is refused: formulae builds R's nesting operator
+    ``f/x`` (``f + f:x`` in R) with labels that do not match its matrix, which read by the labels' count made a
+    matrix of other rows (a traceback, or a silently shorter X)."""
     names = [str(label) for term in matrix.terms.values() for label in term.labels]
-    return names, np.asarray(matrix.design_matrix, dtype=float).reshape(-1, len(names))
+    values = np.asarray(matrix.design_matrix, dtype=float)
+    values = values.reshape(-1, 1) if values.ndim == 1 else values
+    if values.ndim != 2 or values.shape[1] != len(names):
+        raise FormulaError(f"formulae built {values.shape[-1]} column(s) for the {len(names)} it names "
+                           f"({', '.join(names)}): a nesting term a/b is not read; write it as R expands it, "
+                           "a + a:b")
+    return names, values
+
+
+def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str) -> None:
+    """Refuse a model column that is not finite (``log(x)`` of a zero or a negative, ``exp`` overflowing) by name,
+    with the rows' labels: read on, it broke the rank check's SVD, a GLMM's separation check or the sampler with a
+    traceback.  R drops a row whose transformed covariate is NaN (``na.omit`` of the model frame) and refuses an
+    infinite one; here both are refused, the rows named for the user to drop."""
+    bad = ~np.isfinite(values)
+    for j in np.flatnonzero(bad.any(axis=0)):
+        labels = list(rows[bad[:, j]][:5])
+        raise DataError(f"{what} column {display_name(names[j])!r} is not finite in {int(bad[:, j].sum())} row(s) "
+                        f"(rows {labels}{' ...' if bad[:, j].sum() > 5 else ''}): drop those rows or transform "
+                        "the covariate otherwise")
 
 
 def _split_offsets(names: list[str], values: np.ndarray, formula: str):
@@ -511,6 +534,7 @@ def _random_term(frame: pd.DataFrame, spec: RandomTermSpec) -> RandomEffectTerm:
         (z_names, z), z_matrix = matrix_columns(dm.common), dm.common
     if any("offset(" in c for c in z_names):
         raise FormulaError(f"{what} has an offset; an offset belongs to the fixed part of the formula")
+    check_finite_columns(np.asarray(z, dtype=float).reshape(len(frame), -1), z_names, frame.index, what)
     index, levels = group_index(frame, spec.factor)
     return RandomEffectTerm(
         group=spec.name,
@@ -786,6 +810,7 @@ def build_design(
 
     y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame, spec.response)
     X, names, offset_sum, offset_terms = _split_offsets(fixed_names, fixed_values, formula)
+    check_finite_columns(X, names, frame.index, "fixed-effect")
     names = tuple(display_name(c) for c in names)
     dropped = aliased_columns(X) if X.shape[1] else np.zeros(0, dtype=int)
     aliased = tuple(names[j] for j in dropped)
