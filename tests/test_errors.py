@@ -129,6 +129,15 @@ def test_rows_with_missing_values_are_dropped_and_counted(data):
     assert fit.objective == full.objective  # exactly rows 4.. remain: the three NaN rows went
 
 
+def test_dropped_rows_warn_that_a_stateful_transform_is_computed_on_the_rows_kept(data):
+    # lme4 computes scale(x) and poly(x, 2) on every row before na.omit: with a response missing, its centre and
+    # basis (and the REML criterion) differ from the fit on the rows kept, which the warning now says
+    data.loc[3, "y"] = np.nan
+    for formula, name in (("y ~ scale(x) + (1 | g)", "scale"), ("y ~ poly(x, 2) + (1 | g)", "poly")):
+        with pytest.warns(hp.HierpoolWarning, match=rf"dropped 1 of 72 rows .*; {name}\(\) computed on the rows kept"):
+            hp.lmm(formula, data)
+
+
 def test_rank_deficient_fixed_effects_drop_named_columns(data):
     data = data.assign(x2=2 * data.x)
     with pytest.warns(hp.HierpoolWarning, match="x2"):

@@ -46,6 +46,17 @@ def test_a_two_level_factor_response_is_one_for_its_second_level():
     np.testing.assert_array_equal(logical.y, design.y)
     with pytest.raises(FormulaError, match="response 'livch' has 4 levels"):
         build_design("livch ~ age + (1 | district)", data, family=BINOMIAL)
+    # levels whose order depends on case ('Dead' < 'alive' by code point, the other way round for R's factor() in
+    # most locales: every sign flipped) are warned; a Categorical fixes the order, silently
+    cased = data.assign(use=data["use"].map({"N": "Dead", "Y": "alive"}))
+    with pytest.warns(HierpoolWarning, match="'Dead' < 'alive' are sorted by code point"):
+        flipped = build_design("use ~ age + (1 | district)", cased, family=BINOMIAL)
+    np.testing.assert_array_equal(flipped.y, design.y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ordered = cased.assign(use=pd.Categorical(cased["use"], categories=["alive", "Dead"]))
+        np.testing.assert_array_equal(build_design("use ~ age + (1 | district)", ordered, family=BINOMIAL).y,
+                                      1.0 - design.y)
 
 
 def test_rows_without_trials_are_dropped_and_counted(cbpp):

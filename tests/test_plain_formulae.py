@@ -116,3 +116,21 @@ def test_duplicated_and_intercept_named_columns_are_refused_by_name(data):
         design.build_design("y ~ x + (1 | g)", pd.concat([data, data[["x"]]], axis=1))
     with pytest.raises(hp.DataError, match="'Intercept'"):
         design.build_design("y ~ Intercept + (1 | g)", data.assign(Intercept=data.x))
+
+
+@pytest.mark.parametrize("formula", ["y ~ 0 + xb + (1 | g)", "y ~ x + (0 + xb | g)", "y ~ xb:x + (1 | g)",
+                                     "y ~ xb + x + (1 | g)"])
+def test_a_logical_column_is_a_factor_as_in_r(data, formula):
+    # R's model.matrix reads a logical as a factor (xbFALSE, xbTRUE); read as a 0/1 number, the first three were
+    # other models, silently (REML 1050.8 for lme4's 1026.4 on the first).  The fit equals the same column's as text
+    # (levels "False" < "True": the same baseline), its predictions on new logical rows too; a binomial response
+    # stays 0/1, and nullable booleans read alike
+    logical = data.assign(xb=data["x"] > 0.3)
+    text = logical.assign(xb=logical["xb"].astype(str))
+    mine, theirs = hp.lmm(formula, logical), hp.lmm(formula, text)
+    assert mine.objective == pytest.approx(theirs.objective, rel=1e-12)
+    np.testing.assert_allclose(mine.fixef.to_numpy(), theirs.fixef.to_numpy(), rtol=1e-8)
+    assert list(mine.fixef.index) == list(theirs.fixef.index)
+    np.testing.assert_allclose(mine.predict(logical.head(5)), theirs.predict(text.head(5)), rtol=1e-10)
+    nullable = hp.lmm(formula, logical.assign(xb=logical["xb"].astype("boolean")))
+    assert nullable.objective == pytest.approx(mine.objective, rel=1e-12)

@@ -229,15 +229,25 @@ def missing_detail(frame: pd.DataFrame) -> str:
     return ", ".join(f"{c}: {int(k)}" for c, k in frame.isna().sum().items() if k)
 
 
-def _drop_missing(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+def _drop_missing(frame: pd.DataFrame, formula: str = "") -> tuple[pd.DataFrame, int]:
+    """The rows without a missing value, and how many were dropped (warned, column by column).  Where ``formula``
+    calls a stateful transform (``scale``, ``poly``...), the warning says that it is computed on the rows kept: R's
+    model frame computes it on every row before ``na.omit`` (``scale(x)``'s centre and sd from the rows dropped for
+    a missing response too), so that the coefficients, and a REML criterion, then differ from lme4's."""
+    from .transforms import stateful_calls
+
     missing = frame.isna().any(axis=1)
     n_missing = int(missing.sum())
     if n_missing == frame.shape[0]:
         raise DataError(f"every row has a missing value in one of the columns {list(frame.columns)}")
     if n_missing:
         detail = missing_detail(frame)
+        stateful = stateful_calls(formula) if formula else []
+        note = (f"; {', '.join(f'{name}()' for name in stateful)} computed on the rows kept (lme4 computes "
+                "it before dropping them: drop those rows from the data for both to agree)") if stateful else ""
         warnings.warn(
-            f"dropped {n_missing} of {frame.shape[0]} rows with missing values ({detail})", HierpoolWarning, stacklevel=4
+            f"dropped {n_missing} of {frame.shape[0]} rows with missing values ({detail}){note}", HierpoolWarning,
+            stacklevel=4
         )
         frame = frame.loc[~missing]
     return frame, n_missing
@@ -276,9 +286,13 @@ def check_value_types(frame: pd.DataFrame, names) -> None:
                             ".astype(str))")
 
 
-def _plain_numeric(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` (hierpool's own copy) with pandas' nullable numeric columns (Int64, Float64) as float64, and its
-    unordered categorical columns marked ordered, their unused categories dropped.
+def _plain_numeric(frame: pd.DataFrame, as_read=()) -> pd.DataFrame:
+    """``frame`` (hierpool's own copy) with pandas' nullable numeric columns (Int64, Float64) as float64, its
+    unordered categorical columns marked ordered, their unused categories dropped, and its logical columns (bool,
+    boolean) as factors of levels False, True, but those of ``as_read`` (the response, weights, offset, se).
+
+    R's model.matrix reads a logical as a factor (xbFALSE, xbTRUE); read as a 0/1 number, ``y ~ 0 + xb``,
+    ``xb:x`` and ``(0 + xb | g)`` were other models (REML 1050.8 for lme4's 1026.4 on the first), silently.
 
     The nullable columns' missing values were dropped already; NumPy (and formulae) read the float64 copy, where
     a nullable response failed to convert.  formulae sorts an unordered categorical's levels, where R's factor keeps
@@ -290,10 +304,13 @@ def _plain_numeric(frame: pd.DataFrame) -> pd.DataFrame:
     nullable = [c for c, dtype in frame.dtypes.items() if not isinstance(dtype, np.dtype)
                 and types.is_numeric_dtype(dtype) and not types.is_bool_dtype(dtype)]
     categorical = [c for c, dtype in frame.dtypes.items() if isinstance(dtype, pd.CategoricalDtype) and not dtype.ordered]
-    if not nullable and not categorical:
+    logical = [c for c, dtype in frame.dtypes.items() if types.is_bool_dtype(dtype) and c not in as_read]
+    if not nullable and not categorical and not logical:
         return frame
     return frame.assign(**{c: frame[c].to_numpy(dtype=float) for c in nullable},
-                        **{c: frame[c].cat.remove_unused_categories().cat.as_ordered() for c in categorical})
+                        **{c: frame[c].cat.remove_unused_categories().cat.as_ordered() for c in categorical},
+                        **{c: pd.Categorical(frame[c].to_numpy(dtype=bool), categories=[False, True], ordered=True)
+                           .remove_unused_categories() for c in logical})
 
 
 def _check_finite(frame: pd.DataFrame) -> None:
@@ -786,7 +803,7 @@ def build_design(
         frame[WEIGHTS_COLUMN] = weights_values
     if offset_values is not None:
         frame[OFFSET_COLUMN] = offset_values
-    frame, n_dropped = _drop_missing(frame)
+    frame, n_dropped = _drop_missing(frame, spec.formula)
     check_value_types(frame, [name for name in spec.values if name in columns])  # not Sum, np, log...
     trials = None
     fixed_spec = spec
@@ -805,7 +822,7 @@ def build_design(
             rhs = spec.fixed.split("~", 1)[1]
             fixed_spec = replace(spec, response=RESPONSE_COLUMN, fixed=f"{RESPONSE_COLUMN} ~{rhs}")
     model_frame = frame  # lme4's model.frame: the used columns of the fitted rows (hp.bootstrap refits from it)
-    frame = _plain_numeric(frame)
+    frame = _plain_numeric(frame, as_read=(spec.response, se, weights_column, offset_column))
     _check_finite(frame)
 
     y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame, spec.response)

@@ -9,11 +9,12 @@ first level is failure).  Counts and 0/1 columns are read as the Gaussian respon
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
 
-from ..errors import FormulaError
+from ..errors import FormulaError, HierpoolWarning
 
 #: The column the evaluated response is read from when the formula's left side is rewritten (an identifier:
 #: formulae reads it as a name).
@@ -88,4 +89,11 @@ def two_level_indicator(frame: pd.DataFrame, response: str) -> np.ndarray | None
     if len(levels) != 2:
         raise FormulaError(f"response {response!r} has {len(levels)} levels; a binomial factor response needs two "
                            "(the first is failure)")
+    if not isinstance(column.dtype, pd.CategoricalDtype) and levels != sorted(levels, key=str.casefold):
+        # text sorts by code point (uppercase first), R's factor() by its locale's collation (in most, case aside):
+        # 'Dead' < 'alive' here, 'alive' < 'Dead' for glmer there, and every coefficient's sign flips
+        warnings.warn(f"response {response!r}: the levels {levels[0]!r} < {levels[1]!r} are sorted by code point, "
+                      f"so that {levels[1]!r} is success; R's factor() in most locales sorts them the other way "
+                      "round.  Give a 0/1 column or a pandas Categorical to fix the order", HierpoolWarning,
+                      stacklevel=4)
     return (column == levels[1]).to_numpy(dtype=float)
