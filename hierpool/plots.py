@@ -89,6 +89,17 @@ def _group_size(rows):
     return rows["n"].to_numpy(), "observations"
 
 
+def _population_marks(ax, rows, positions, label=None) -> None:
+    """The population line's value: one dashed line where every group shares it, else a mark at each group's own
+    (group-level predictors: the table's ``population`` column varies)."""
+    population = rows["population"].to_numpy()
+    if np.all(population == population[0]):
+        ax.axvline(population[0], color="C3", ls="--", lw=1, label=label)
+    else:
+        ax.scatter(population, positions, marker="|", s=80, color="C3", zorder=4,
+                   label=None if label is None else f"{label} (each group's)")
+
+
 def shrinkage_axes(ax, comparison, term: str) -> None:
     """No-pooling estimates (top) with arrows to the partial-pooling ones (bottom), sized by n (a binomial's trials).
 
@@ -111,7 +122,7 @@ def shrinkage_axes(ax, comparison, term: str) -> None:
         ax.scatter(raw[corrected], np.ones(corrected.sum()), s=size[corrected], facecolors="none",
                    edgecolors=_RAW_COLOR, zorder=3, label="0.5-corrected (no events, or all)")
     ax.scatter(blup, np.zeros(len(blup)), s=size, color=_BLUP_COLOR, alpha=0.7, zorder=3)
-    ax.axvline(comparison.population[term], color="C3", ls="--", lw=1, label="population estimate")
+    _population_marks(ax, rows, np.zeros(len(rows)), label="population estimate")
     ax.set_yticks([0, 1], [f"partial pooling\n({label})", "no pooling"])
     ax.set_ylim(-0.35, 1.35)
     size_note = "n" if counted == "observations" else counted
@@ -137,7 +148,7 @@ def caterpillar_axes(ax, comparison, term: str) -> None:
                     fmt="o", ms=2.5, lw=0.8, color=_POST_COLOR, label=f"posterior {comparison.level:.0%} interval")
     if "truth" in rows:
         ax.scatter(rows["truth"], position, marker="x", s=14, color="k", zorder=4, label="truth")
-    ax.axvline(comparison.population[term], color="C3", ls="--", lw=1)
+    _population_marks(ax, rows, position)
     ax.set_yticks(position, rows["grp"].astype(str), fontsize=max(4, min(8, 400 / max(len(rows), 1))))
     ax.set(xlabel=_on_scale(comparison, term), ylabel=comparison.block.group,
            title="Partial-pooling estimates with intervals")

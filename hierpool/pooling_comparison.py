@@ -1,11 +1,15 @@
 """Complete, no and partial pooling side by side, for one grouping factor.
 
 For a grouping factor g with coefficients c (the columns of its random-effect
-terms), the group-level coefficient of group j is beta_c + b_jc.  Four estimates
-of it are put next to each other:
+terms), the group-level coefficient of group j is beta_c + b_jc, and with
+group-level predictors (fixed-effect columns that are, on every group's rows, a
+multiple u_jf of the coefficient's column: a covariate constant within groups for the
+intercept, as county uranium in Gelman & Hill's radon model; its interaction with x
+for the slope on x) beta_c + sum_f beta_f u_jf + b_jc: the population line's value
+for the group, plus its deviation.  Four estimates of it are put next to each other:
 
 * **complete pooling**: one regression of y on the fixed-effect columns,
-  ignoring the groups; every group gets beta_c.
+  ignoring the groups; every group gets beta_c (+ sum_f beta_f u_jf).
 * **no pooling**: the coefficients c estimated separately for every group (the
   fixed-effect columns outside c stay shared); NaN for a group whose own rows do
   not identify them (one reading and a random slope).
@@ -116,6 +120,7 @@ class GroupTerms:
     levels: np.ndarray
     index: np.ndarray  # level of each row
     z: np.ndarray  # (n, k) the terms' z columns side by side
+    fixed_map: np.ndarray  # (levels, p, k): the fixed effects that make up each group's coefficients (coefficient_map)
 
     @property
     def k(self) -> int:
@@ -131,22 +136,63 @@ def group_terms(fit: LMMResult, group: str | None) -> GroupTerms:
         raise ArgumentError(f"group={group!r} is not a grouping factor of this model (its factors: {groups})")
     indices = tuple(j for j, t in enumerate(terms) if t.group == chosen)
     first = terms[indices[0]]
+    coef_names = tuple(c for j in indices for c in terms[j].coef_names)
+    index, z = np.asarray(first.index), np.hstack([terms[j].z for j in indices])
     return GroupTerms(
         group=chosen,
         indices=indices,
-        coef_names=tuple(c for j in indices for c in terms[j].coef_names),
+        coef_names=coef_names,
         levels=np.asarray(first.levels),
-        index=np.asarray(first.index),
-        z=np.hstack([terms[j].z for j in indices]),
+        index=index,
+        z=z,
+        fixed_map=coefficient_map(fit.design.X, fit.design.fixed_names, coef_names, index, z, len(first.levels)),
     )
 
 
+#: A fixed-effect column is a group-level predictor of a coefficient when, on every group's rows, it is a multiple
+#: of the coefficient's column to this relative tolerance (of the column's largest entry).
+GROUP_LEVEL_TOL = 1e-10
+
+
+def coefficient_map(X: np.ndarray, fixed_names, coef_names, index: np.ndarray, z: np.ndarray, n_groups: int):
+    """(levels, p, k): group j's coefficient c of the population line is sum_f beta_f A[j, f, c].
+
+    A[j, f, c] is 1 for the fixed effect named as coefficient c (beta_c), and u_jf for a fixed-effect column f
+    outside the coefficients that is, on every group's rows, u_jf times the coefficient's column z_c (to
+    :data:`GROUP_LEVEL_TOL`): a group-level predictor, constant within groups for the intercept, its product with
+    x for the slope on x.  No pooling absorbs such a column in the group's own coefficient (it is aliased with the
+    group's columns there); the population line, complete pooling and the posterior add it here, so that every
+    column of the table estimates the same quantity (before, the BLUP of a county with uranium u_j lacked
+    gamma-hat u_j, which its own mean holds).  A column is given to the first coefficient it is a multiple of."""
+    p, k = X.shape[1], z.shape[1]
+    out = np.zeros((n_groups, p, k))
+    names = list(fixed_names)
+    taken = set()
+    for c, coef in enumerate(coef_names):
+        if coef in names:
+            out[:, names.index(coef), c] = 1.0
+            taken.add(names.index(coef))
+    for f in range(p):
+        if f in taken or names[f] in coef_names:
+            continue
+        column = X[:, f]
+        scale = np.max(np.abs(column), initial=0.0)
+        if scale == 0.0:
+            continue
+        for c in range(k):
+            squares = np.bincount(index, weights=z[:, c] ** 2, minlength=n_groups)
+            multiple = np.divide(np.bincount(index, weights=column * z[:, c], minlength=n_groups), squares,
+                                 out=np.zeros(n_groups), where=squares > 0)
+            if np.max(np.abs(column - multiple[index] * z[:, c])) <= GROUP_LEVEL_TOL * scale:
+                out[:, f, c] = multiple
+                break
+    return out
+
+
 def _on_coefficients(fit: LMMResult, block: GroupTerms, beta: np.ndarray) -> np.ndarray:
-    """beta (..., p) read on the block's coefficients (..., k): 0 for a coefficient with no fixed effect."""
-    names = list(fit.design.fixed_names)
-    beta = np.asarray(beta)
-    return np.stack([beta[..., names.index(c)] if c in names else np.zeros(beta.shape[:-1])
-                     for c in block.coef_names], axis=-1)
+    """beta (..., p) read on the groups' coefficients (..., levels, k) by :func:`coefficient_map`: beta_c plus the
+    group-level predictors' sum_f beta_f u_jf (0 for a coefficient with no fixed effect)."""
+    return np.einsum("...p,gpk->...gk", np.asarray(beta, dtype=float), block.fixed_map)
 
 
 def _complete_pooling_beta(fit: LMMResult) -> np.ndarray:
@@ -156,7 +202,8 @@ def _complete_pooling_beta(fit: LMMResult) -> np.ndarray:
 
 
 def complete_pooling(fit: LMMResult, block: GroupTerms) -> np.ndarray:
-    """Least squares of y - offset on the fixed-effect columns alone: one coefficient vector for all groups."""
+    """Least squares of y - offset on the fixed-effect columns alone, read on each group's coefficients (levels, k):
+    one coefficient vector for all groups, but for group-level predictors (:func:`coefficient_map`)."""
     return _on_coefficients(fit, block, _complete_pooling_beta(fit))
 
 
@@ -264,17 +311,19 @@ def group_coefficient_sd(fit: LMMResult, block: GroupTerms) -> np.ndarray:
 
 
 def _coefficient_sd(fit, block: GroupTerms, blocks, vcov: np.ndarray) -> np.ndarray:
-    """sqrt(var(beta_c) + var(b_jc) + 2 cov(beta_c, b_jc)) from per-term prediction-error blocks and cov(beta-hat)."""
-    positions = {c: i for i, c in enumerate(fit.design.fixed_names)}
+    """sqrt(var(a_j' beta) + var(b_jc) + 2 cov(a_j' beta, b_jc)) from per-term prediction-error blocks and
+    cov(beta-hat), a_j the group's row of :func:`coefficient_map` (beta_c's unit vector without group-level
+    predictors)."""
     columns = []
+    c = 0
     for j in block.indices:
         cov_b, cov_b_beta = blocks[j]
-        for i, coef in enumerate(fit.design.terms[j].coef_names):
-            total = cov_b[:, i, i]
-            if coef in positions:
-                pos = positions[coef]
-                total = total + vcov[pos, pos] + 2 * cov_b_beta[:, i, pos]
+        for i in range(len(fit.design.terms[j].coef_names)):
+            a = block.fixed_map[:, :, c]  # (levels, p)
+            total = (cov_b[:, i, i] + np.einsum("gp,pq,gq->g", a, vcov, a)
+                     + 2 * np.einsum("gp,gp->g", cov_b_beta[:, i, :], a))
             columns.append(np.sqrt(np.maximum(total, 0.0)))
+            c += 1
     return np.stack(columns, axis=1)
 
 
@@ -287,7 +336,7 @@ def _posterior_coefficients(post, block: GroupTerms, fit: LMMResult) -> np.ndarr
     b = np.concatenate([post.term_draws(j) for j in block.indices], axis=-1)
     b = b.reshape((-1,) + b.shape[2:])
     beta = post.beta_draws.reshape(-1, post.beta_draws.shape[-1])
-    return b + _on_coefficients(fit, block, beta)[:, None, :]
+    return b + _on_coefficients(fit, block, beta)
 
 
 def _truth_columns(data: pd.DataFrame, truth, block: GroupTerms) -> dict[str, str]:
@@ -517,11 +566,12 @@ class PoolingComparison:
     ----------
     table : pandas.DataFrame
         One row per group and coefficient.  An LMM: grpvar, grp, term, n, no_pooling,
-        complete_pooling, blup, blup_sd, post_mean, post_sd, post_lower, post_upper
-        (absent without a posterior; the interval at ``level``), weight (diagonal of
+        complete_pooling, population (the fitted population line's value for the group: beta-hat_c, plus
+        group-level predictors' terms), blup (population + b-hat_jc), blup_sd, post_mean, post_sd, post_lower,
+        post_upper (absent without a posterior; the interval at ``level``), weight (diagonal of
         the shrinkage matrix), truth (when known).  A GLMM, on the link scale: grpvar,
         grp, term, n, trials (binomial), events, no_pooling, no_pooling_status,
-        complete_pooling, mode (beta-hat_c + b*_jc), mode_sd, weight, truth.
+        complete_pooling, population, mode (population + b*_jc), mode_sd, weight, truth.
     fit : LMMResult or GLMMResult
         The REML fit, or the GLMM's (Laplace or quadrature).
     posterior : BayesResult or None
@@ -556,9 +606,15 @@ class PoolingComparison:
         return self.fit.family.link.name if self.is_glmm else None
 
     @property
-    def population(self) -> pd.Series:
-        """The partial-pooling population coefficients beta-hat_c (0 for a coefficient with no fixed effect)."""
-        return pd.Series(_population(self.fit, self.block), index=list(self.block.coef_names))
+    def population(self) -> pd.Series | pd.DataFrame:
+        """The partial-pooling population coefficients beta-hat_c (0 for a coefficient with no fixed effect): a
+        Series, one per coefficient; with group-level predictors (:func:`coefficient_map`) the population line's
+        value for each group, a DataFrame (groups x coefficients), as the table's ``population`` column."""
+        values = _population(self.fit, self.block)
+        if np.allclose(values, values[:1], rtol=0.0, atol=0.0):
+            return pd.Series(values[0], index=list(self.block.coef_names))
+        return pd.DataFrame(values, index=pd.Index(self.block.levels, name=self.block.group),
+                            columns=list(self.block.coef_names))
 
     def fitted(self, type: str = "response") -> pd.DataFrame:
         """Each method's fitted value of every row used in fitting, the offset included.
@@ -766,10 +822,12 @@ def pooling(
     block = group_terms(fit, group)
     truth_columns = _truth_columns(data, truth, block)
     ell, k = len(block.levels), block.k
+    population = _population(fit, block)
     columns = {
         "no_pooling": no_pooling(fit, block),
-        "complete_pooling": np.broadcast_to(complete_pooling(fit, block), (ell, k)),
-        "blup": _population(fit, block)[None, :] + group_blups(fit, block),
+        "complete_pooling": complete_pooling(fit, block),
+        "population": population,
+        "blup": population + group_blups(fit, block),
         "blup_sd": group_coefficient_sd(fit, block),
     }
     posterior = None
@@ -803,8 +861,9 @@ def _glmm_comparison(fit: GLMMResult, data: pd.DataFrame, group, truth, level: f
     columns = {
         "no_pooling": none.estimates,
         "no_pooling_status": none.status,
-        "complete_pooling": np.broadcast_to(_on_coefficients(fit, block, complete), (ell, k)),
-        "mode": _population(fit, block)[None, :] + group_modes(fit, block),
+        "complete_pooling": _on_coefficients(fit, block, complete),
+        "population": _population(fit, block),
+        "mode": _population(fit, block) + group_modes(fit, block),
         "mode_sd": glmm_coefficient_sd(fit, block),
         "weight": np.diagonal(glmm_shrinkage_matrices(fit, block), axis1=1, axis2=2),
     }
