@@ -45,7 +45,10 @@ class GLMMResult:
     ranef : pandas.DataFrame
         Conditional modes with their conditional sds, lme4's ``as.data.frame(ranef(fit, condVar = TRUE))``.
     loglik, aic, bic : float
-        The approximate log-likelihood (normalizing constants included) and its criteria.
+        The approximate log-likelihood (normalizing constants included) and its criteria: glmer's at
+        ``nAGQ`` 0 and 1; at ``nAGQ > 1`` glmer's ``logLik`` leaves out the saturated model's term (cbpp with 9
+        nodes: -50.005 there, -91.983 here, the same deviance 73.373), so that its AIC is not comparable across
+        ``nAGQ``; hierpool's is (-92.03 at ``nAGQ=1``).
     deviance : float
         lme4's ``deviance(fit)``: the sum of the family's unit deviances at the conditional modes.
     converged, is_singular : bool
