@@ -372,3 +372,18 @@ def test_aliased_columns_by_qr_equal_the_column_by_column_projections():
     }
     for name, (columns, expected) in cases.items():
         assert aliased_columns(np.column_stack(columns)).tolist() == expected, name
+
+
+def test_r_factor_and_logical_constants_read_as_in_r():
+    # factor(h) and poly(x, 2, raw = TRUE) were refused (an unknown name factor; a column named 'TRUE')
+    from conftest import simulated
+
+    data = simulated()
+    by_call = hp.lmm("y ~ factor(h) + (1 | g)", data)
+    by_text = hp.lmm("y ~ hs + (1 | g)", data.assign(hs=data["h"].astype(str)))
+    assert by_call.objective == pytest.approx(by_text.objective, rel=1e-12)
+    np.testing.assert_allclose(by_call.fixef.to_numpy(), by_text.fixef.to_numpy(), rtol=1e-10)
+    new = data.head(4)
+    np.testing.assert_allclose(by_call.predict(new), by_text.predict(new.assign(hs=new["h"].astype(str))), rtol=1e-12)
+    raw = hp.lmm("y ~ poly(x, 2, raw = TRUE) + (1 | g)", data)
+    assert raw.objective == pytest.approx(hp.lmm("y ~ poly(x, 2, raw=True) + (1 | g)", data).objective, rel=1e-12)

@@ -64,6 +64,11 @@ R_FUNCTIONS = {
     "tan": np.tan,
     "pi": np.pi,
     R_SCALE_NAME: RScale,
+    # R's factor(x): formulae's C(x), a categorical of the sorted values (numbers numerically, as R); R's logical
+    # constants, as in poly(x, 2, raw = TRUE) (else read as a column named TRUE)
+    "factor": TRANSFORMS["C"],
+    "TRUE": True,
+    "FALSE": False,
 }
 
 
