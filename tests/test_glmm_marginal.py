@@ -215,6 +215,10 @@ def test_new_rows_need_no_levels_and_get_intervals_inside_the_range(logit, cbpp)
     assert (p["fit"] > p["conditional"]).all()  # averaging an expit below 1/2 raises it
     wider = logit.marginal(newdata=new, level=0.99).predictions
     assert (wider.lower < p.lower).all() and (wider.upper > p.upper).all()
+    # nor need the rows carry the grouping column at all (it was refused as missing, the docstring saying it is
+    # not read)
+    without = logit.marginal(newdata=new.drop(columns="herd"), level=0.9).predictions
+    pd.testing.assert_frame_equal(without, out.predictions)
 
 
 def test_the_joint_mode_takes_theta_as_known(cbpp):

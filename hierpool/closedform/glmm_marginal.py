@@ -134,7 +134,7 @@ def marginal(result, covariance, newdata=None, level: float = 0.95, method: str 
     if newdata is None:
         X, offset, rows, index = design.X, design.offset, on_data, design.rows
     else:
-        X, terms, offset = model_rows(design, newdata)
+        X, terms, offset = model_rows(design, newdata, levels_read=False)  # grouping columns not needed
         rows, index = means(X, [z for z, _ in terms], offset), newdata.index
     eta_m, row_jacobian = marginal_link_jacobian(rows, X, link)
     se_link = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", row_jacobian, covariance, row_jacobian), 0.0))

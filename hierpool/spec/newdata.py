@@ -64,11 +64,21 @@ def _response_only_columns(design) -> set[str]:
     return (names - set(re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", rest))) | {spec.response}
 
 
-def model_rows(design, newdata):
+def _grouping_only_columns(design) -> set[str]:
+    """Columns the formula reads only as grouping factors (``Subject`` of ``(Days | Subject)``)."""
+    spec = design.spec
+    factors = {name for t in spec.random for name in t.factor}
+    read = spec.fixed.split("~", 1)[1] + " " + " ".join(t.lhs for t in spec.random)
+    return factors - set(re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", read))
+
+
+def model_rows(design, newdata, levels_read: bool = True):
     """(X, [(z_j, level_j)], offset) of the rows to predict: the fitted rows when ``newdata`` is None.
 
     ``level_j`` is each row's index among term j's fitted levels, -1 for a level
     never seen in fitting.  Shared by the closed-form and the Bayesian predictions.
+    ``levels_read=False``: the rows' levels are not read (a population-average mean integrates over every group),
+    so that ``newdata`` need not carry the columns read only as grouping factors; every ``level_j`` is -1.
     """
     if newdata is None:
         return design.X, [(t.z, t.index.astype(np.int64)) for t in design.terms], design.offset
@@ -79,7 +89,8 @@ def model_rows(design, newdata):
             "the model's offset was given as an array, which new data cannot carry; "
             "fit with offset=<column name> (or offset(...) in the formula) to predict new rows"
         )
-    needed = [v for v in design.columns if v not in _response_only_columns(design)]
+    unread = _response_only_columns(design) | (set() if levels_read else _grouping_only_columns(design))
+    needed = [v for v in design.columns if v not in unread]
     if design.offset_column is not None and design.offset_column not in needed:
         needed.append(design.offset_column)
     check_columns(newdata, needed, "prediction data (newdata)")
@@ -89,7 +100,8 @@ def model_rows(design, newdata):
         raise DataError(f"prediction data has missing values in {int(missing.sum())} rows; drop or fill them first")
     X, offset = _fixed_part(design, frame)
     terms = [
-        (_encode(t.z_matrix, frame, f"term ({display_name(t.spec.lhs)} | {t.group})"), _levels_in_fit(t, frame))
+        (_encode(t.z_matrix, frame, f"term ({display_name(t.spec.lhs)} | {t.group})"),
+         _levels_in_fit(t, frame) if levels_read else np.full(len(frame), -1, dtype=np.int64))
         for t in design.terms
     ]
     return X, terms, offset
