@@ -387,3 +387,17 @@ def test_r_factor_and_logical_constants_read_as_in_r():
     np.testing.assert_allclose(by_call.predict(new), by_text.predict(new.assign(hs=new["h"].astype(str))), rtol=1e-12)
     raw = hp.lmm("y ~ poly(x, 2, raw = TRUE) + (1 | g)", data)
     assert raw.objective == pytest.approx(hp.lmm("y ~ poly(x, 2, raw=True) + (1 | g)", data).objective, rel=1e-12)
+
+
+def test_an_intercept_removed_inside_a_random_term_reads_as_zero_plus():
+    # lme4's (Days - 1 | Subject) was refused (formulae cannot parse x - 1 inside a term), and (x + I(x - 1) + 0 || g)
+    # got an intercept term of its own that lme4 does not have
+    from conftest import simulated
+
+    data = simulated()
+    for written, meant in (("(x - 1 | g)", "(0 + x | g)"), ("(1 | g) + (x - 1 | g)", "(1 | g) + (0 + x | g)"),
+                           ("(x + I(x - 1) + 0 || g)", "(0 + x + I(x - 1) || g)"),
+                           ("(x + I(x - 1) - 1 | g)", "(0 + x + I(x - 1) | g)")):
+        mine, theirs = hp.lmm(f"y ~ x + {written}", data), hp.lmm(f"y ~ x + {meant}", data)
+        assert mine.objective == pytest.approx(theirs.objective, rel=1e-12), written
+        assert list(mine.varcorr["var1"].dropna()) == list(theirs.varcorr["var1"].dropna()), written

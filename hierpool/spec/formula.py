@@ -249,7 +249,20 @@ def _expr_lhs_text(expr) -> str:
     return f"0 + {expr.name}"
 
 
+def _without_intercept_removal(lhs: str) -> str:
+    """A random term's left side with R's ``x - 1`` and ``x + 0`` written ``0 + x`` (lme4's ``(Days - 1 |
+    Subject)``): formulae cannot parse the first inside a term, and read ``(x + I(x - 1) + 0 || g)`` with an
+    intercept (a term lme4 does not have); ``-1 + x`` and ``0 + x`` it reads."""
+    pieces = _split_top_level(lhs, "+-")
+    kept = [(sep, text) for sep, text in pieces
+            if not ((sep == "-" and text.strip() == "1") or (sep == "+" and text.strip() == "0"))]
+    if len(kept) == len(pieces) or not kept:
+        return lhs
+    return "0 + " + kept[0][1].strip() + "".join(f" {sep} {text.strip()}" for sep, text in kept[1:])
+
+
 def _random_terms_of_bar(lhs: str, op: str, rhs: str, full: str) -> list[RandomTermSpec]:
+    lhs = _without_intercept_removal(lhs)
     if not lhs:
         raise FormulaError(f"random-effect term ({lhs} {op} {rhs}) in {full!r} has nothing before '{op}'")
     if not rhs:
