@@ -234,14 +234,14 @@ def _drop_missing(frame: pd.DataFrame, formula: str = "") -> tuple[pd.DataFrame,
     calls a stateful transform (``scale``, ``poly``...), the warning says that it is computed on the rows kept: R's
     model frame computes it on every row before ``na.omit`` (``scale(x)``'s centre and sd from the rows dropped for
     a missing response too), so that the coefficients, and a REML criterion, then differ from lme4's."""
-    from .transforms import stateful_calls
-
     missing = frame.isna().any(axis=1)
     n_missing = int(missing.sum())
     if n_missing == frame.shape[0]:
         raise DataError(f"every row has a missing value in one of the columns {list(frame.columns)}")
     if n_missing:
         detail = missing_detail(frame)
+        from .transforms import stateful_calls  # (imports formulae: only where rows were dropped)
+
         stateful = stateful_calls(formula) if formula else []
         note = (f"; {', '.join(f'{name}()' for name in stateful)} computed on the rows kept (lme4 computes "
                 "it before dropping them: drop those rows from the data for both to agree)") if stateful else ""
