@@ -5,7 +5,9 @@ properties that need no reference (equal ways of saying the same model, invarian
 errors.  Data are small so that each model compiles once and fits in a blink.
 """
 
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -401,3 +403,58 @@ def test_an_intercept_removed_inside_a_random_term_reads_as_zero_plus():
         mine, theirs = hp.lmm(f"y ~ x + {written}", data), hp.lmm(f"y ~ x + {meant}", data)
         assert mine.objective == pytest.approx(theirs.objective, rel=1e-12), written
         assert list(mine.varcorr["var1"].dropna()) == list(theirs.varcorr["var1"].dropna()), written
+
+
+ORDERED_REFERENCE = Path(__file__).parent.parent / "validation" / "ordered_factor_reference.json"
+
+
+def _ordered_sleepstudy():
+    levels = ["early", "mid", "late", "last"]
+    sleep = hp.datasets.sleepstudy()
+    phase = np.array(levels)[np.searchsorted([0, 3, 6, 8], sleep["Days"], side="right") - 1]
+    return sleep.assign(phase=pd.Categorical(phase, categories=levels, ordered=True),
+                        half=pd.Categorical(np.where(sleep["Days"] < 5, "first", "second"), ordered=True)), levels
+
+
+def test_an_ordered_categorical_gets_rs_polynomial_contrasts():
+    """R codes an ordered factor with contr.poly (f.L, f.Q, f.C): lmer's fixed effects, REML criterion (which the
+    coding shifts by a constant), variance components and predictions on new rows (validation/
+    ordered_factor_reference.R), in the fixed part, its interactions, without an intercept (a column per level, as
+    R) and as a random slope; glmer's on cbpp with period ordered.  It had treatment contrasts: REML 1024.98 for
+    lme4's 1026.08 on one model, other coefficients, silently."""
+    reference = json.loads(ORDERED_REFERENCE.read_text())
+    sleep, levels = _ordered_sleepstudy()
+    new = pd.DataFrame({"Days": [1.0, 4, 9], "Subject": ["308", "309", "new"],
+                        "phase": pd.Categorical(["early", "late", "last"], categories=levels, ordered=True),
+                        "half": pd.Categorical(["first", "first", "second"], categories=["first", "second"],
+                                               ordered=True)})
+    for key, r in reference["lmm"].items():
+        fit = hp.lmm(r["formula"], sleep)
+        assert fit.objective == pytest.approx(r["reml_criterion"], rel=1e-10), key
+        names = [name.replace("phase[", "phase").replace("]", "").replace("Intercept", "(Intercept)")
+                 for name in fit.fixef.index]
+        assert names == list(r["fixef"]), key
+        np.testing.assert_allclose(fit.fixef.to_numpy(), list(r["fixef"].values()), rtol=1e-6, err_msg=key)
+        np.testing.assert_allclose(fit.varcorr["sdcor"], r["sdcor"], rtol=1e-4, err_msg=key)
+        np.testing.assert_allclose(fit.predict(new), r["predict"], rtol=1e-7, err_msg=key)
+    assert list(hp.lmm(reference["lmm"]["slopes"]["formula"], sleep).varcorr["var1"].iloc[:2]) == ["Intercept",
+                                                                                                    "half.L"]
+    cbpp = hp.datasets.cbpp()
+    cbpp["period"] = pd.Categorical(cbpp["period"], categories=sorted(cbpp["period"].unique()), ordered=True)
+    glmm = hp.glmm(reference["glmm"]["formula"], cbpp, family="binomial")
+    assert glmm.optimum.deviance == pytest.approx(reference["glmm"]["minus_2_loglik"], rel=1e-8)
+    np.testing.assert_allclose(glmm.fixef.to_numpy(), list(reference["glmm"]["fixef"].values()), rtol=1e-5)
+
+
+def test_an_ordered_categorical_written_in_a_call_keeps_the_calls_coding_and_batches_read_it_alike():
+    sleep, _ = _ordered_sleepstudy()
+    by_sum = hp.lmm("Reaction ~ C(phase, Sum) + (1 | Subject)", sleep)
+    unordered = hp.lmm("Reaction ~ C(phase, Sum) + (1 | Subject)",
+                       sleep.assign(phase=sleep["phase"].cat.as_unordered()))
+    assert list(by_sum.fixef.index) == list(unordered.fixef.index)
+    np.testing.assert_allclose(by_sum.fixef.to_numpy(), unordered.fixef.to_numpy(), rtol=1e-10)
+    two = pd.concat([sleep.assign(rep=0), sleep.assign(rep=1, Reaction=sleep["Reaction"][::-1].to_numpy())])
+    batch = hp.fit_batch("Reaction ~ phase + (1 | Subject)", two, by="rep", progress=False)
+    single = hp.lmm("Reaction ~ phase + (1 | Subject)", sleep)
+    assert list(batch.fixed_names) == list(single.fixef.index)
+    np.testing.assert_allclose(batch.fixef.loc[0].to_numpy(), single.fixef.to_numpy(), rtol=1e-8)

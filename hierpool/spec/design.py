@@ -31,7 +31,7 @@ import pandas as pd
 from ..errors import ArgumentError, DataError, FormulaError, HierpoolWarning
 from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
-from .formula import ModelSpec, RandomTermSpec, display_name, parse_formula
+from .formula import ModelSpec, RandomTermSpec, display_name, parse_formula, with_polynomial_contrasts
 from .labels import column_labels
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
@@ -297,13 +297,13 @@ def _plain_numeric(frame: pd.DataFrame, as_read=()) -> pd.DataFrame:
     The nullable columns' missing values were dropped already; NumPy (and formulae) read the float64 copy, where
     a nullable response failed to convert.  formulae sorts an unordered categorical's levels, where R's factor keeps
     the user's order (its first level the baseline: categories ['3+', '2', '1', '0'] gave lme4's intercept -0.344
-    and hierpool's -1.690, baseline '0'); it keeps an ordered one's (with treatment contrasts still, not R's
-    polynomial ones for an ordered factor).  Unused categories are dropped as lme4's model frame drops unused levels.
+    and hierpool's -1.690, baseline '0'); it keeps an ordered one's (whose terms :func:`build_design` writes with R's
+    polynomial contrasts).  Unused categories are dropped as lme4's model frame drops unused levels.
     """
     types = pd.api.types
     nullable = [c for c, dtype in frame.dtypes.items() if not isinstance(dtype, np.dtype)
                 and types.is_numeric_dtype(dtype) and not types.is_bool_dtype(dtype)]
-    categorical = [c for c, dtype in frame.dtypes.items() if isinstance(dtype, pd.CategoricalDtype) and not dtype.ordered]
+    categorical = [c for c, dtype in frame.dtypes.items() if isinstance(dtype, pd.CategoricalDtype)]
     logical = [c for c, dtype in frame.dtypes.items() if types.is_bool_dtype(dtype) and c not in as_read]
     if not nullable and not categorical and not logical:
         return frame
@@ -311,6 +311,13 @@ def _plain_numeric(frame: pd.DataFrame, as_read=()) -> pd.DataFrame:
                         **{c: frame[c].cat.remove_unused_categories().cat.as_ordered() for c in categorical},
                         **{c: pd.Categorical(frame[c].to_numpy(dtype=bool), categories=[False, True], ordered=True)
                            .remove_unused_categories() for c in logical})
+
+
+def ordered_factors(frame: pd.DataFrame, columns, responses=()) -> tuple[str, ...]:
+    """The columns of ``columns`` (not ``responses``) that are ordered pandas Categoricals: R's ordered factors,
+    coded with polynomial contrasts."""
+    return tuple(c for c in columns if c in frame.columns and c not in responses
+                 and isinstance(frame[c].dtype, pd.CategoricalDtype) and frame[c].dtype.ordered)
 
 
 def _check_finite(frame: pd.DataFrame) -> None:
@@ -541,13 +548,16 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
     return inverse.astype(np.int32), labels
 
 
-def _random_term(frame: pd.DataFrame, spec: RandomTermSpec) -> RandomEffectTerm:
+def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, ordered=()) -> RandomEffectTerm:
+    """Term ``spec``'s columns and levels; ``ordered``: the ordered Categoricals its left side codes with R's
+    polynomial contrasts (:func:`~hierpool.spec.formula.with_polynomial_contrasts`)."""
     what = f"random-effect term ({display_name(spec.lhs)} | {spec.name})"
-    plain = plain_part(spec.lhs)
+    lhs = with_polynomial_contrasts(spec.lhs, ordered)
+    plain = plain_part(lhs)
     if plain is not None and plain.readable(frame):
         z_names, z, z_matrix = plain.column_names, plain.matrix(frame), plain
     else:
-        dm = _design_matrices(spec.lhs, frame, what)
+        dm = _design_matrices(lhs, frame, what)
         (z_names, z), z_matrix = matrix_columns(dm.common), dm.common
     if any("offset(" in c for c in z_names):
         raise FormulaError(f"{what} has an offset; an offset belongs to the fixed part of the formula")
@@ -822,6 +832,11 @@ def build_design(
             rhs = spec.fixed.split("~", 1)[1]
             fixed_spec = replace(spec, response=RESPONSE_COLUMN, fixed=f"{RESPONSE_COLUMN} ~{rhs}")
     model_frame = frame  # lme4's model.frame: the used columns of the fitted rows (hp.bootstrap refits from it)
+    # an ordered Categorical the right side reads: R's polynomial contrasts (f.L, f.Q...), as lme4 codes it
+    ordered = ordered_factors(frame, columns, (spec.response, fixed_spec.response))
+    if ordered:
+        response_part, rhs = fixed_spec.fixed.split("~", 1)
+        fixed_spec = replace(fixed_spec, fixed=f"{response_part}~{with_polynomial_contrasts(rhs, ordered)}")
     frame = _plain_numeric(frame, as_read=(spec.response, se, weights_column, offset_column))
     _check_finite(frame)
 
@@ -844,7 +859,7 @@ def build_design(
     if offset is not None:
         offset_sum = offset_sum + frame[offset_column or OFFSET_COLUMN].to_numpy(dtype=float)
 
-    terms = [_random_term(frame, t) for t in spec.random]
+    terms = [_random_term(frame, t, ordered) for t in spec.random]
     terms = [terms[j] for j in lme4_term_order([t.n_levels for t in terms])]
     if se is not None:
         row_weights = 1.0 / _known_sd(frame, se) ** 2

@@ -37,6 +37,10 @@ from .columns import plain_fixed, plain_grouping, plain_part
 #: formulae's ``scale`` divides by the n-denominator sd; R's ``scale`` by the n - 1 one.
 #: The formula text calls this stateful transform instead (see :func:`to_formulae`).
 R_SCALE_NAME = "r_scale"
+#: The name of R's ``contr.poly`` encoding in a formula (:class:`hierpool.spec.transforms.ContrPoly`): an ordered
+#: Categorical's terms are written ``C(f, contr_poly)`` (:func:`with_polynomial_contrasts`).
+POLY_CONTRAST_NAME = "contr_poly"
+_POLY_COLUMN = re.compile(rf"C\(([^(),]+), {POLY_CONTRAST_NAME}\)\[([^\]]*)\]")
 _SCALE_CALL = re.compile(r"(?<![\w.])scale(?=\s*\()")
 _R_SCALE_CALL = re.compile(rf"(?<![\w.]){R_SCALE_NAME}(?=\()")
 
@@ -229,8 +233,24 @@ def to_formulae(text: str) -> str:
 
 
 def display_name(name: str) -> str:
-    """A formulae column name as the user wrote it (``r_scale(x)`` -> ``scale(x)``)."""
+    """A formulae column name as the user wrote it (``r_scale(x)`` -> ``scale(x)``), an ordered factor's
+    polynomial contrast as R names it (``C(f, contr_poly)[.L]`` -> ``f.L``; a level's own column ``f[lo]``)."""
+    name = _POLY_COLUMN.sub(lambda m: m[1] + (m[2] if m[2][:1] in ".^" else f"[{m[2]}]"), name)
     return _R_SCALE_CALL.sub("scale", name)
+
+
+def with_polynomial_contrasts(text: str, names) -> str:
+    """``text`` (a formula's right side, or a random term's left side) with each bare, top-level use of a column of
+    ``names`` (ordered Categoricals) written ``C(name, contr_poly)``: R codes an ordered factor with ``contr.poly``
+    (its linear, quadratic... contrasts ``f.L``, ``f.Q``), formulae with treatment contrasts, the same fit with other
+    coefficients (and a REML criterion shifted by a constant).  A name inside a call (``C(f, Sum)``, ``I(f ==
+    'a')``) is left as written."""
+    if not names:
+        return text
+    depths = {i: depth for i, _, depth in _scan_top_level(text)}
+    pattern = re.compile(r"(?<![\w.`])(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+                         + r")(?![\w.(`])")
+    return pattern.sub(lambda m: f"C({m[1]}, {POLY_CONTRAST_NAME})" if depths.get(m.start()) == 0 else m[1], text)
 
 
 def _parse_with_formulae(text: str, what: str):

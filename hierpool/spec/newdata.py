@@ -98,6 +98,11 @@ def model_rows(design, newdata, levels_read: bool = True):
     missing = frame.isna().any(axis=1)
     if missing.any():
         raise DataError(f"prediction data has missing values in {int(missing.sum())} rows; drop or fill them first")
+    # a Categorical's unused categories dropped, as in fitting: formulae's C() (an ordered factor's contrasts) takes
+    # a column's categories for its levels and refuses those without rows; the fitted levels encode the rows
+    categorical = [c for c, dtype in frame.dtypes.items() if isinstance(dtype, pd.CategoricalDtype)]
+    if categorical:
+        frame = frame.assign(**{c: frame[c].cat.remove_unused_categories() for c in categorical})
     X, offset = _fixed_part(design, frame)
     terms = [
         (_encode(t.z_matrix, frame, f"term ({display_name(t.spec.lhs)} | {t.group})"),

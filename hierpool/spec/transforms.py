@@ -25,11 +25,11 @@ import re
 import sys
 
 import numpy as np
-from formulae.categorical import ENCODINGS
+from formulae.categorical import ENCODINGS, ContrastMatrix, Encoding
 from formulae.environment import Environment
 from formulae.transforms import TRANSFORMS
 
-from .formula import R_SCALE_NAME
+from .formula import POLY_CONTRAST_NAME, R_SCALE_NAME
 
 
 class RScale:
@@ -47,6 +47,33 @@ class RScale:
             self.mean = float(np.mean(values))
             self.sd = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
         return (x - self.mean) / self.sd
+
+
+def polynomial_contrasts(n_levels: int) -> np.ndarray:
+    """R's ``contr.poly(n)``: (n, n - 1) orthonormal polynomial contrasts of the scores 1..n (``make.poly``: the
+    columns of Q diag(R) of the QR of the centred scores' powers, normalized; linear, quadratic, ... after the
+    constant)."""
+    scores = np.arange(1.0, n_levels + 1)
+    powers = (scores - scores.mean())[:, None] ** np.arange(n_levels)[None, :]
+    q, r = np.linalg.qr(powers)
+    raw = q * np.diag(r)[None, :]  # the sign of R's: unique whatever the QR's sign convention
+    return (raw / np.linalg.norm(raw, axis=0))[:, 1:]
+
+
+def polynomial_labels(n_levels: int) -> list[str]:
+    """R's names of ``contr.poly``'s columns: ``.L``, ``.Q``, ``.C``, then ``^4``, ``^5``..."""
+    return [".L", ".Q", ".C", *(f"^{j}" for j in range(4, n_levels))][: n_levels - 1]
+
+
+class ContrPoly(Encoding):
+    """R's ``contr.poly`` as a formulae encoding (``C(f, contr_poly)``): the contrasts R gives an ordered factor.
+    Without an intercept to span (``0 + f``) every level has its column, as R's model.matrix does."""
+
+    def code_with_intercept(self, levels):
+        return ContrastMatrix(np.eye(len(levels)), [str(level) for level in levels])
+
+    def code_without_intercept(self, levels):
+        return ContrastMatrix(polynomial_contrasts(len(levels)), polynomial_labels(len(levels)))
 
 
 #: R functions by their R names (natural ``log``, as R), available in every formula.
@@ -69,11 +96,12 @@ R_FUNCTIONS = {
     "factor": TRANSFORMS["C"],
     "TRUE": True,
     "FALSE": False,
+    POLY_CONTRAST_NAME: ContrPoly,
 }
 
 
 #: Names formulae itself defines in every formula (``C``, ``Sum``, ``center``, ``poly``...).
-FORMULAE_NAMES = frozenset(TRANSFORMS) | frozenset(ENCODINGS)
+FORMULAE_NAMES = frozenset(TRANSFORMS) | frozenset(ENCODINGS) | {POLY_CONTRAST_NAME}
 
 
 def caller_environment() -> Environment:
