@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import arviz as az
 import jax
@@ -290,3 +291,27 @@ def test_diagnostics_judge_one_chain_without_r_hat_and_warn_as_hp_bayes_does(mon
     assert table["max_r_hat"].isna().all() and not table["ok"].any()  # (its ESS is low: 20 draws)
     monkeypatch.setattr("hierpool.batch.bayes_results.ESS_MIN_PER_CHAIN", 1)
     assert BayesBatchResult.diagnostics.fget(short)["ok"].all()  # one chain: judged on divergences and ESS alone
+
+
+def test_a_dataset_lacking_a_level_is_sampled_alone_by_hp_bayes():
+    # it was refused ("the 4 fixed-effect columns have rank 3"), where fit_batch fits it alone: now its row is
+    # hp.bayes's posterior of it alone (seed + its position, as the dataset-by-dataset path seeds it), NaN for f[r]
+    rng = np.random.default_rng(0)
+    frames = []
+    for _ in range(3):
+        g, f, x = np.repeat(np.arange(8), 6), np.array(["p", "q", "r"])[np.arange(48) % 3], rng.normal(size=48)
+        y = 1 + 0.5 * x + (f == "q") * 0.3 + (f == "r") * 0.6 + rng.normal(size=8)[g] + rng.normal(size=48)
+        frames.append(pd.DataFrame({"y": y, "x": x, "f": f, "g": g}))
+    frames[1] = frames[1][frames[1]["f"] != "r"]
+    settings = dict(draws=60, tune=60, chains=2)
+    batch = hp.bayes_batch("y ~ x + f + (1 | g)", frames, seed=5, progress=False, **settings)
+    assert batch.messages[1].startswith("f[r] zero in this dataset (a level it lacks): sampled alone")
+    assert batch.messages[0] == batch.messages[2] == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alone = hp.bayes("y ~ x + f + (1 | g)", frames[1], seed=6, progress=False, **settings)
+    mine = batch.fixef[batch.fixef["dataset"] == 1].set_index("term")
+    np.testing.assert_allclose(mine.loc[["Intercept", "x", "f[q]"], "mean"], alone.fixef["mean"], rtol=1e-12)
+    assert mine.loc["f[r]", ["mean", "sd", "lower", "upper"]].isna().all()
+    np.testing.assert_allclose(batch.varcorr[batch.varcorr["dataset"] == 1]["mean"], alone.varcorr["mean"], rtol=1e-12)
+    np.testing.assert_allclose(batch.ranef[batch.ranef["dataset"] == 1]["mean"], alone.ranef["mean"], rtol=1e-12)

@@ -18,6 +18,7 @@ else grows with the number of datasets unless ``keep_draws=True``.
 from __future__ import annotations
 
 import math
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -30,17 +31,17 @@ from ..algebra.compiler_options import ProgramCache, compile_lowered, shape_sign
 from ..algebra.conditioning import SAMPLER_REASON, warn_far_fixed
 from ..algebra.marginal import theta_from_components
 from ..algebra.one_term_marginal import draw_effects
-from ..algebra.varcorr import coef_pairs
+from ..algebra.varcorr import coef_pairs, varcorr_table
 from ..bayesian.model import one_term_collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function, quick_compile
 from ..bayesian.priors import DataScales, Priors, check_resolved_priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
 from ..closedform.ar1 import draws_per_unit
-from ..errors import ArgumentError, integer_argument
+from ..errors import ArgumentError, HierpoolWarning, integer_argument
 from ..spec.arguments import sampler_arguments
 from ..spec.family import family_spec
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
-from .bayes_each import bayes_batch_each
+from .bayes_each import bayes_batch_each, single_summaries
 from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
 from .bayes_results import SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, correlation_matrices, effect_key, term_chunks
@@ -374,6 +375,23 @@ def bayes_batch(
                     del kept[plan.labels[index]]
             bar.update(len(members))
 
+    # a dataset that lacks a factor's level (not its baseline): hp.bayes's posterior of it alone, NaN in that column,
+    # as fit_batch fits it alone (a resolved Priors is the batch's columns': such a dataset stays refused)
+    if not isinstance(priors, Priors):
+        settings = dict(chains=chains, draws=draws, tune=tune, priors=priors, level=level, target_accept=target_accept,
+                        family=family, link=link, correlation=correlation)
+        for index in plan.alone_for_levels(messages):
+            summary, why = _sample_alone(plan, index, formula, settings, seed, list(scalars), level, sigma_known)
+            if summary is None:
+                messages[index] += f"; sampling it alone failed: {why}"
+                continue
+            fixef[index], varcorr[index] = summary["fixef"], summary["varcorr"]
+            divergences[index] = summary["divergences"]
+            for t, values in enumerate(summary["terms"]):
+                ranef[t][index] = values
+            for name, values in summary["scalars"].items():
+                scalars[name][index] = values
+            messages[index] = plan.alone_note(index, "sampled")
     terms = tuple(BayesBatchTerm(group=term.group, coef_names=term.coef_names, levels=labels, ranef_summary=summary)
                   for term, (_, _, labels), summary in zip(design.terms, plan.term_levels, ranef))
     return BayesBatchResult(
@@ -391,6 +409,26 @@ def bayes_batch(
         sigma_known=sigma_known,
         scalars=scalars,
     ).warn_diagnostics()
+
+
+def _sample_alone(plan, index: int, formula: str, settings: dict, seed: int, scalars: list, level: float,
+                  sigma_known: bool):
+    """(dataset ``index``'s summaries as the batch's arrays, None) from ``hp.bayes`` on its rows alone (seed + index,
+    as the dataset-by-dataset path seeds it), or (None, why) where it raised: kept in its row, never raised."""
+    from ..bayesian.fit import bayes
+
+    design = plan.design
+    frame, arguments = plan.dataset_frame(index)
+    template = varcorr_table([(t.group, t.coef_names, np.full((t.k, t.k), np.nan)) for t in design.terms],
+                             None if sigma_known else np.nan)
+    try:
+        with warnings.catch_warnings():  # its diagnostics are judged with the batch's (warn_diagnostics)
+            warnings.simplefilter("ignore", HierpoolWarning)
+            single = bayes(formula, frame, seed=seed + index, progress=False, **settings, **arguments)
+        return single_summaries(single, design.fixed_names, [(t.group, t.coef_names) for t in design.terms],
+                                [labels[index] for _, _, labels in plan.term_levels], template, scalars, level), ""
+    except Exception as exc:  # noqa: BLE001 - reported in the dataset's row
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def _kept_draws(out: dict, row: int, ells: list, several: bool) -> dict:

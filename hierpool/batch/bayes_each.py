@@ -18,12 +18,35 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.varcorr import varcorr_table
-from ..bayesian.results import SUMMARY_COLUMNS
+from ..bayesian.results import SUMMARY_COLUMNS, summarize_draws
 from ..closedform.results import term_rows
 from .bayes_results import BayesBatchResult, BayesBatchTerm
 from .fit_each import by_coefficient, check_fixed_effects, each_model, run_each
 
 _WIDTH = len(SUMMARY_COLUMNS)
+
+
+def single_summaries(result, fixed_names, terms, levels, template: pd.DataFrame, scalars, level: float) -> dict:
+    """One dataset's ``hp.bayes`` posterior of an ordinary model (a :class:`~hierpool.bayesian.results.BayesResult`)
+    as the batched sampler's arrays (``hp.bayes_batch`` samples alone a dataset that lacks a factor's level): fixef
+    by name (NaN for a column the dataset lacks), varcorr's rows matched by (grp, var1, var2) to ``template`` (the
+    batch's), each of ``terms``' (group, coef_names) effects at ``levels`` (per term, the dataset's level labels in
+    the batch's order: (k, ell, 7)), and the ``scalars`` named (phi, shape), all by name: the dataset's own fit may
+    order its terms otherwise."""
+    def keys(frame):  # (grp, var1, var2), an empty var1 or var2 as "" (None and NaN alike)
+        return list(zip(frame["grp"], *(frame[c].where(frame[c].notna(), "") for c in ("var1", "var2"))))
+
+    varcorr = result.varcorr.set_axis(pd.MultiIndex.from_tuples(keys(result.varcorr)))[SUMMARY_COLUMNS]
+    effects = []
+    for (group, coef_names), labels in zip(terms, levels):
+        effects.append(np.stack([term_rows(result.ranef, group, coef).set_index("grp").reindex(list(labels))
+                                 [SUMMARY_COLUMNS].to_numpy() for coef in coef_names]))
+    draws = {"phi": result.phi_draws, "shape": result.shape_draws}
+    return {"fixef": result.fixef.reindex(list(fixed_names))[SUMMARY_COLUMNS].to_numpy(),
+            "varcorr": varcorr.reindex(keys(template)).to_numpy(), "terms": effects,
+            "divergences": result.divergences,
+            "scalars": {name: np.column_stack([summarize_draws(draws[name][..., None], level)[c]
+                                               for c in SUMMARY_COLUMNS])[0] for name in scalars}}
 
 
 def _relmat_summaries(result, keys: list, fixed_names, template: pd.DataFrame) -> dict:

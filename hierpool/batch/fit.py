@@ -75,7 +75,6 @@ from .fit_glmm import fit_glmm, glmm_problems, separation_notes
 from .fit_terms import empty_results, fit_terms
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
-    aliased_message,
     chunks,
     fetch,
     host_chunk,
@@ -619,15 +618,10 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
         to_polish.append(index)
     for index, reason in out["alone"].items():
         messages[index] = reason
-    # a dataset refused for columns zero in it alone (a factor's level it lacks): its single fit, without them (not
-    # where a random-effect term's column is zero there too, (1 + f | g): its single fit's term has other columns)
-    names = design.fixed_names
-    zero_alone = [index for index, columns in plan.zero_columns.items()
-                  if messages[index] == aliased_message(design.p, [names[j] for j in columns])
-                  and not plan.term_copies[index]]
+    # a dataset refused for columns zero in it alone (a factor's level it lacks): its single fit, without them
+    zero_alone = plan.alone_for_levels(messages)
     for index in zero_alone:
-        messages[index] = (f"{', '.join(names[j] for j in plan.zero_columns[index])} zero in this dataset (a level "
-                           "it lacks): fitted alone without them, NaN in their places")
+        messages[index] = plan.alone_note(index, "fitted")
     refits = list(out["alone"]) + zero_alone + (to_polish if polish else [])
     with progress_bar(progress if len(refits) > 1 else False, len(refits), "fit_batch") as bar:
         for index in refits:

@@ -429,6 +429,21 @@ class BatchPlan:
         squares = segment_sum(self.design.X**2, self.dataset, self.n_datasets)  # zero in the conditioned X too
         return {d: tuple(columns) for d, columns in aliased.items() if np.all(squares[d, list(columns)] == 0)}
 
+    def alone_for_levels(self, messages) -> list[int]:
+        """The datasets refused (``messages``: the batch's reasons) only for fixed-effect columns zero in them
+        (:attr:`zero_columns`: a factor's level they lack, not the baseline), whose single fit does without those
+        columns, the others meaning what the batch's do: fit_batch fits them alone, bayes_batch samples them alone.
+        Not where a random-effect term's column is zero or a copy there too (:attr:`term_copies`, ``(1 + f | g)``:
+        its single fit's term has other columns)."""
+        names, p = self.design.fixed_names, self.design.p
+        return [d for d, columns in self.zero_columns.items()
+                if messages[d] == aliased_message(p, [names[j] for j in columns]) and not self.term_copies[d]]
+
+    def alone_note(self, index: int, how: str) -> str:
+        """The message of a dataset of :meth:`alone_for_levels` (``how``: "fitted", "sampled")."""
+        names = [self.design.fixed_names[j] for j in self.zero_columns[index]]
+        return f"{', '.join(names)} zero in this dataset (a level it lacks): {how} alone without them, NaN in their places"
+
     def aliased_names(self, members=None, aliased: dict | None = None) -> list[tuple]:
         """The names of the aliased fixed-effect columns of each dataset of ``members`` (all by default):
         ``aliased`` (dataset -> column indices; default :attr:`fixed_aliased`)."""
