@@ -71,6 +71,13 @@ def test_a_transformed_column_that_is_not_finite_is_refused_by_name(data):
     assert "'log(x2)' is not finite" in batch.messages["bad"]
 
 
+def test_a_date_column_is_refused_with_how_to_convert_it(data):
+    # it was refused as "Python objects (Timestamp)", which a datetime64 column is not
+    dated = data.assign(t=pd.Timestamp("2024-01-01") + pd.to_timedelta(np.abs(data["x"]) * 10, unit="D"))
+    with pytest.raises(hp.DataError, match=r"column 't' holds dates or times \(datetime64\[ns\]\): convert it to a"):
+        hp.lmm("y ~ t + (1 | g)", dated)
+
+
 def test_a_nesting_operator_formulae_cannot_build_is_refused(data):
     # formulae's f/x gave labels that do not match its matrix: a reshape error, or a silently shorter X
     grouped = data.assign(f=np.where(data["x"] > 0, "a", "b"))

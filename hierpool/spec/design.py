@@ -269,6 +269,8 @@ def value_kind(column: pd.Series) -> str:
         return "numbers"
     if types.is_string_dtype(column) or isinstance(column.dtype, pd.CategoricalDtype):
         return "text or categories"
+    if types.is_datetime64_any_dtype(column) or types.is_timedelta64_dtype(column):
+        return f"dates or times ({column.dtype})"
     return f"Python objects ({', '.join(sorted({type(value).__name__ for value in column}))})"
 
 
@@ -280,6 +282,10 @@ def check_value_types(frame: pd.DataFrame, names) -> None:
     for name in names:
         column = frame[name]
         kind = value_kind(column)
+        if kind.startswith("dates or times"):  # a number in which unit, from which origin, is the user's choice
+            raise DataError(f"column {name!r} holds {kind}: convert it to a number in the unit you mean, e.g. "
+                            f"(d[{name!r}] - d[{name!r}].min()).dt.days (R reads a date as days since 1970, a "
+                            "time as seconds)")
         if kind not in READABLE_KINDS:
             raise DataError(f"column {name!r} (dtype {column.dtype}) holds {kind}: a column the formula reads must "
                             "be numbers, or text or categories for a factor; convert it (pd.to_numeric, or "
