@@ -348,3 +348,26 @@ def test_an_effect_per_observation_of_a_binary_response_is_named_as_not_identifi
         warnings.simplefilter("ignore", hp.ConvergenceWarning)
         hp.glmm("cbind(incidence, size - incidence) ~ period + (1 | herd) + (1 | obs)", data, family="binomial")
         hp.glmm("y ~ period + (1 | herd)", data, family="binomial")
+
+
+def test_coef_fitted_and_residuals_are_lme4s(laplace, cbpp):
+    """coef(fit) (fixed plus random coefficients per level), and glmer's fitted values and deviance and Pearson
+    residuals (validation/coef_residuals_reference.R); the deviance residuals' squares sum to the deviance."""
+    reference = json.loads((Path(__file__).parent.parent / "validation" / "coef_residuals_reference.json").read_text())
+    lmm = hp.lmm(reference["lmm"]["formula"], hp.datasets.sleepstudy())
+    for fit, r, group in ((lmm, reference["lmm"], "Subject"), (laplace, reference["glmm"], "herd")):
+        table = fit.coef[group]
+        assert list(table.columns) == list(fit.fixef.index)
+        expected = np.array([r["coef"][str(level)] for level in table.index])
+        np.testing.assert_allclose(table.to_numpy(), expected, rtol=1e-4)  # lmer's optimum: 2e-5 here
+    glmm = reference["glmm"]
+    np.testing.assert_allclose(laplace.fitted, glmm["fitted"], rtol=1e-6)
+    np.testing.assert_allclose(laplace.residuals, glmm["deviance_residuals"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(laplace.pearson_residuals, glmm["pearson_residuals"], rtol=1e-5, atol=1e-6)
+    assert np.sum(laplace.residuals ** 2) == pytest.approx(laplace.deviance, rel=1e-12)
+    # several terms on one factor share its table; a coefficient with no fixed effect is b alone
+    both = hp.lmm("Reaction ~ 1 + (1 | Subject) + (0 + Days | Subject)", hp.datasets.sleepstudy())
+    table = both.coef["Subject"]
+    assert list(table.columns) == ["Intercept", "Days"]
+    slopes = both.ranef[both.ranef.term == "Days"].set_index("grp")["condval"]
+    np.testing.assert_allclose(table["Days"], slopes.loc[table.index], rtol=1e-12)

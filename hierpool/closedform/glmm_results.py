@@ -25,7 +25,7 @@ from ..spec.design import Design
 from .glmm_convergence import ConvergenceReport
 from .glmm_optimize import GLMMOptimum
 from .optimize import is_singular
-from .results import prediction_error_blocks, user_coordinates
+from .results import group_coefficients, prediction_error_blocks, user_coordinates
 
 
 class GLMMResult:
@@ -106,6 +106,32 @@ class GLMMResult:
     def deviance(self) -> float:
         mode = self.optimum.mode
         return float(np.sum(self.family.unit_deviances(self.design.y, mode.mu, self.design.row_weights)))
+
+    @property
+    def fitted(self) -> np.ndarray:
+        """The means g^-1(offset + X beta + Z b*) of the rows used in fitting, at the conditional modes (lme4's
+        ``fitted``; a binomial's as proportions)."""
+        return np.asarray(self.optimum.mode.mu, dtype=float)
+
+    @property
+    def residuals(self) -> np.ndarray:
+        """Deviance residuals sign(y - mu) sqrt(a d(y, mu)), whose squares sum to :attr:`deviance` (lme4's
+        ``residuals(fit)``, type "deviance"); :meth:`pearson_residuals` for (y - mu) sqrt(a / V(mu))."""
+        y, mu = self.design.y, self.fitted
+        unit = self.family.unit_deviances(y, mu, self.design.row_weights)
+        return np.sign(y - mu) * np.sqrt(np.maximum(unit, 0.0))
+
+    @property
+    def pearson_residuals(self) -> np.ndarray:
+        """(y - mu) sqrt(a / V(mu)): lme4's ``residuals(fit, type = "pearson")`` (a the prior weights, trials)."""
+        y, mu = self.design.y, self.fitted
+        return (y - mu) * np.sqrt(self.design.row_weights / self.family.variance(mu))
+
+    @property
+    def coef(self) -> dict[str, pd.DataFrame]:
+        """lme4's ``coef(fit)``: each grouping factor's levels' coefficients on the link scale, the fixed effects plus
+        the conditional modes (:func:`~hierpool.closedform.results.group_coefficients`)."""
+        return group_coefficients(self.fixef, self.ranef)
 
     @property
     def _searched_design(self) -> Design:

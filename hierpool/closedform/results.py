@@ -24,6 +24,24 @@ def term_rows(ranef: pd.DataFrame, group: str, coef: str) -> pd.DataFrame:
     return ranef[(ranef["grpvar"] == group) & (ranef["term"] == coef)]
 
 
+def group_coefficients(fixef: pd.Series, ranef: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """lme4's ``coef(fit)``: per grouping factor, one row per level and a column per fixed effect, beta_c + b_jc
+    where coefficient c varies by the factor (its terms together: ``(1 | g) + (0 + x | g)``), beta_c elsewhere;
+    a varying coefficient without a fixed effect (``(0 + x | g)`` without x) is a column of b_jc alone, after the
+    fixed effects (lme4 refuses that model's coef)."""
+    out = {}
+    for group, rows in ranef.groupby("grpvar", sort=False):
+        effects = rows.pivot_table(index="grp", columns="term", values="condval", sort=False)
+        effects = effects.reindex(index=pd.unique(rows["grp"]), columns=pd.unique(rows["term"]))
+        table = pd.DataFrame(np.tile(fixef.to_numpy(), (len(effects), 1)), index=effects.index,
+                             columns=list(fixef.index))
+        for name in effects.columns:
+            table[name] = (table[name] if name in table.columns else 0.0) + effects[name].to_numpy()
+        table.index.name = group
+        out[group] = table
+    return out
+
+
 class Likelihood:
     """``loglik``, ``aic`` and ``bic`` of a Gaussian fit from its ``objective`` (REML criterion or deviance),
     ``n_params`` and ``nobs``, as lme4's ``logLik``, ``AIC`` and ``BIC``."""
@@ -212,6 +230,12 @@ class LMMResult(Likelihood):
                     )
                 )
         return pd.concat(frames, ignore_index=True)
+
+    @property
+    def coef(self) -> dict[str, pd.DataFrame]:
+        """lme4's ``coef(fit)``: each grouping factor's levels' coefficients, fixed plus random
+        (:func:`group_coefficients`)."""
+        return group_coefficients(self.fixef, self.ranef)
 
     def ranef_joint_sd(self) -> np.ndarray:
         """Sd of each random effect from the whole inverse mixed-model matrix, in ``ranef``'s row order.
