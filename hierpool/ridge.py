@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.linalg
 
+from .algebra.checks import singular_rows
 from .algebra.conditioning import fixed_coefficients, fixed_rows
 from .closedform.ar1 import AR1Result
 from .closedform.optimize import Control
@@ -149,11 +150,13 @@ def ridge_view(fit: LMMResult, multipliers=None) -> RidgeView:
 
     rows, path_frames, penalties = [], [], {}
     fixed = list(fit.design.fixed_names)
+    ks = tuple(t.k for t in fit.design.terms)
+    thetas = np.split(np.asarray(fit.theta, dtype=float), np.cumsum([k * (k + 1) // 2 for k in ks])[:-1])
     for j, (term, cov) in enumerate(zip(fit.design.terms, fit.term_covariances())):
         with np.errstate(divide="ignore", invalid="ignore"):
-            # lme4's singular rule on the relative factor (theta within singular_tol of 0): variances relative to
-            # sigma^2 below its square (a matrix rank alone calls a 1 x 1 variance of 1e-18 full rank)
-            singular = np.linalg.eigvalsh(cov / fit.sigma**2)[0] < Control.singular_tol**2
+            # lme4's singular rule on the term's theta (a diagonal of T_j within singular_tol of 0; a matrix rank
+            # called a 1 x 1 variance of 1e-18 full rank)
+            singular = bool(singular_rows(thetas[j], (term.k,), Control.singular_tol))
             penalties[_term_label(term)] = np.full_like(cov, np.nan) if singular else fit.sigma**2 * np.linalg.inv(cov)
         blups = np.asarray(fit.solution.b[j])
         for i, coef in enumerate(term.coef_names):

@@ -71,6 +71,13 @@ def test_a_transformed_column_that_is_not_finite_is_refused_by_name(data):
     assert "'log(x2)' is not finite" in batch.messages["bad"]
 
 
+def test_a_factor_of_one_level_whose_term_vanishes_is_warned(data):
+    # treatment contrasts of one level are no column: the term was left out silently (R refuses the factor)
+    with pytest.warns(hp.HierpoolWarning, match=r"factor\(s\) \['f'\] have one level in the data"):
+        fit = hp.lmm("y ~ x + f + (1 | g)", data.assign(f="a"))
+    assert list(fit.fixef.index) == ["Intercept", "x"]
+
+
 def test_a_date_column_is_refused_with_how_to_convert_it(data):
     # it was refused as "Python objects (Timestamp)", which a datetime64 column is not
     dated = data.assign(t=pd.Timestamp("2024-01-01") + pd.to_timedelta(np.abs(data["x"]) * 10, unit="D"))

@@ -397,12 +397,21 @@ def test_an_intercept_removed_inside_a_random_term_reads_as_zero_plus():
     from conftest import simulated
 
     data = simulated()
+    # (the last of 1, + 0 and - 1 decides, as in R, and an intercept comes first: (1 + x - 1 | g) had got one)
     for written, meant in (("(x - 1 | g)", "(0 + x | g)"), ("(1 | g) + (x - 1 | g)", "(1 | g) + (0 + x | g)"),
                            ("(x + I(x - 1) + 0 || g)", "(0 + x + I(x - 1) || g)"),
-                           ("(x + I(x - 1) - 1 | g)", "(0 + x + I(x - 1) | g)")):
+                           ("(x + I(x - 1) - 1 | g)", "(0 + x + I(x - 1) | g)"), ("(1 + x - 1 | g)", "(0 + x | g)"),
+                           ("(1 + x + 0 | g)", "(0 + x | g)"), ("(1 + x - 1 || g)", "(0 + x | g)"),
+                           ("(0 + x + 1 | g)", "(1 + x | g)"), ("(x - 1 + 1 | g)", "(1 + x | g)"),
+                           ("(x - 1.0 | g)", "(0 + x | g)")):
         mine, theirs = hp.lmm(f"y ~ x + {written}", data), hp.lmm(f"y ~ x + {meant}", data)
         assert mine.objective == pytest.approx(theirs.objective, rel=1e-12), written
         assert list(mine.varcorr["var1"].dropna()) == list(theirs.varcorr["var1"].dropna()), written
+    # a number other than 0 or 1 as a term: R's "invalid model formula" (formulae dropped - 10 silently, or raised
+    # a TypeError)
+    for formula in ("y ~ x + (x - 10 | g)", "y ~ x + (x + 0.5 | g)", "y ~ 0.5 + x + (1 | g)", "y ~ x - 10 + (1 | g)"):
+        with pytest.raises(hp.FormulaError, match="as a term: only 1"):
+            hp.lmm(formula, data)
 
 
 ORDERED_REFERENCE = Path(__file__).parent.parent / "validation" / "ordered_factor_reference.json"

@@ -134,3 +134,21 @@ def test_a_logical_column_is_a_factor_as_in_r(data, formula):
     np.testing.assert_allclose(mine.predict(logical.head(5)), theirs.predict(text.head(5)), rtol=1e-10)
     nullable = hp.lmm(formula, logical.assign(xb=logical["xb"].astype("boolean")))
     assert nullable.objective == pytest.approx(mine.objective, rel=1e-12)
+    # new data may give the logical as 0/1 (read as False/True: they had matched no level, every row getting True's
+    # coefficient), but no other number
+    numbers = logical.head(6).assign(xb=logical["xb"].head(6).astype(int))
+    np.testing.assert_allclose(mine.predict(numbers), mine.predict(logical.head(6)), rtol=1e-12)
+    with pytest.raises(hp.DataError, match="column 'xb' was true/false in fitting"):
+        mine.predict(numbers.assign(xb=2))
+
+
+def test_a_logical_inside_a_call_is_its_values_and_one_with_a_single_value_is_dropped_with_a_warning(data):
+    # offset(xb) and I(xb * 1) read the values, as R does (a factor there was refused); a logical with one value is a
+    # constant column, dropped by the rank check with its warning (silently dropped as a one-level factor)
+    logical = data.assign(xb=data["x"] > 0.3, one=True)
+    as_number = logical.assign(xn=logical["xb"].astype(float))
+    for written, meant in (("y ~ x + offset(xb) + (1 | g)", "y ~ x + offset(xn) + (1 | g)"),
+                           ("y ~ x + I(xb * 1) + (1 | g)", "y ~ x + xn + (1 | g)")):
+        assert hp.lmm(written, as_number).objective == pytest.approx(hp.lmm(meant, as_number).objective, rel=1e-12)
+    with pytest.warns(hp.HierpoolWarning, match="dropping 1 column.*one"):
+        hp.lmm("y ~ x + one + (1 | g)", logical)

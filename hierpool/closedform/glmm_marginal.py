@@ -107,14 +107,19 @@ def marginal(result, covariance, newdata=None, level: float = 0.95, method: str 
     factors = theta_to_factors(np.asarray(result.theta, dtype=float), tuple(t.k for t in design.terms))
     beta = np.asarray(result.optimum.beta, dtype=float)
 
+    warned = []  # one warning a call (the fitted rows' and newdata's rules would say it twice)
+
     def means(X, z_terms, offset):
         out = marginal_means(offset + X @ beta, z_terms, factors, link, method=method, nodes=nodes, draws=draws,
                              seed=seed)
-        if out.error > QUADRATURE_TOL and nodes is None:  # the doubling stopped at the largest rule
+        if warned or not out.error > QUADRATURE_TOL:
+            return out
+        warned.append(True)
+        if nodes is None:  # the doubling stopped at the largest rule
             warnings.warn(f"Gauss-Hermite quadrature of the marginal means agrees only to {out.error:.1e} "
                           f"(relative) between {out.nodes // 2} and {out.nodes} nodes: the random effects' sd "
                           "is large for this link; compare with method='qmc'", HierpoolWarning, stacklevel=4)
-        elif out.error > QUADRATURE_TOL:  # the user's rule, against the rule of twice its nodes
+        else:  # the user's rule, against the rule of twice its nodes
             other = 2 * nodes if 2 * nodes <= MAX_NODES else nodes // 2
             warnings.warn(f"Gauss-Hermite quadrature of the marginal means with nodes={nodes} differs by "
                           f"{out.error:.1e} (relative) from the rule of {other} nodes: "

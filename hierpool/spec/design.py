@@ -31,7 +31,7 @@ import pandas as pd
 from ..errors import ArgumentError, DataError, FormulaError, HierpoolWarning
 from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
-from .formula import ModelSpec, RandomTermSpec, display_name, parse_formula, with_polynomial_contrasts
+from .formula import ModelSpec, RandomTermSpec, display_name, parse_formula, with_coded_factors
 from .labels import column_labels
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
@@ -292,13 +292,9 @@ def check_value_types(frame: pd.DataFrame, names) -> None:
                             ".astype(str))")
 
 
-def _plain_numeric(frame: pd.DataFrame, as_read=()) -> pd.DataFrame:
-    """``frame`` (hierpool's own copy) with pandas' nullable numeric columns (Int64, Float64) as float64, its
-    unordered categorical columns marked ordered, their unused categories dropped, and its logical columns (bool,
-    boolean) as factors of levels False, True, but those of ``as_read`` (the response, weights, offset, se).
-
-    R's model.matrix reads a logical as a factor (xbFALSE, xbTRUE); read as a 0/1 number, ``y ~ 0 + xb``,
-    ``xb:x`` and ``(0 + xb | g)`` were other models (REML 1050.8 for lme4's 1026.4 on the first), silently.
+def _plain_numeric(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (hierpool's own copy) with pandas' nullable numeric columns (Int64, Float64) as float64, its nullable
+    booleans as NumPy's, and its unordered categorical columns marked ordered, their unused categories dropped.
 
     The nullable columns' missing values were dropped already; NumPy (and formulae) read the float64 copy, where
     a nullable response failed to convert.  formulae sorts an unordered categorical's levels, where R's factor keeps
@@ -310,20 +306,36 @@ def _plain_numeric(frame: pd.DataFrame, as_read=()) -> pd.DataFrame:
     nullable = [c for c, dtype in frame.dtypes.items() if not isinstance(dtype, np.dtype)
                 and types.is_numeric_dtype(dtype) and not types.is_bool_dtype(dtype)]
     categorical = [c for c, dtype in frame.dtypes.items() if isinstance(dtype, pd.CategoricalDtype)]
-    logical = [c for c, dtype in frame.dtypes.items() if types.is_bool_dtype(dtype) and c not in as_read]
+    logical = [c for c, dtype in frame.dtypes.items() if types.is_bool_dtype(dtype) and not isinstance(dtype, np.dtype)]
     if not nullable and not categorical and not logical:
         return frame
     return frame.assign(**{c: frame[c].to_numpy(dtype=float) for c in nullable},
                         **{c: frame[c].cat.remove_unused_categories().cat.as_ordered() for c in categorical},
-                        **{c: pd.Categorical(frame[c].to_numpy(dtype=bool), categories=[False, True], ordered=True)
-                           .remove_unused_categories() for c in logical})
+                        **{c: frame[c].to_numpy(dtype=bool) for c in logical})
 
 
-def ordered_factors(frame: pd.DataFrame, columns, responses=()) -> tuple[str, ...]:
-    """The columns of ``columns`` (not ``responses``) that are ordered pandas Categoricals: R's ordered factors,
-    coded with polynomial contrasts."""
-    return tuple(c for c in columns if c in frame.columns and c not in responses
-                 and isinstance(frame[c].dtype, pd.CategoricalDtype) and frame[c].dtype.ordered)
+def coded_factors(frame: pd.DataFrame, columns, responses=()) -> dict:
+    """The columns of ``columns`` (not ``responses``) a formula codes as R does (:func:`~hierpool.spec.formula.
+    with_coded_factors`): ``ordered``, the ordered pandas Categoricals (polynomial contrasts), and ``logical``, the
+    bool columns with both values (a factor of levels False, True; one with a single value stays a constant column,
+    which the rank check drops with its warning, where R refuses a one-level factor)."""
+    present = [c for c in columns if c in frame.columns and c not in responses]
+    ordered = tuple(c for c in present if isinstance(frame[c].dtype, pd.CategoricalDtype) and frame[c].dtype.ordered)
+    logical = tuple(c for c in present if pd.api.types.is_bool_dtype(frame[c].dtype) and frame[c].nunique() == 2)
+    return {"ordered": ordered, "logical": logical}
+
+
+def _warn_vanished_factors(frame: pd.DataFrame, spec: ModelSpec, fixed_names, terms) -> None:
+    """Warn of a factor with one level in the data whose terms got no column (treatment contrasts of one level are
+    none): silently, the model lost a term it was written with, where R refuses it ("contrasts can be applied only
+    to factors with 2 or more levels")."""
+    columns = list(fixed_names) + [name for term in terms for name in term.coef_names]
+    vanished = [c for c in spec.values if c in frame.columns and c != spec.response
+                and value_kind(frame[c]) == "text or categories" and frame[c].nunique() == 1
+                and not any(re.search(rf"(?<![\w.]){re.escape(c)}[\[.]", name) for name in columns)]
+    if vanished:
+        warnings.warn(f"factor(s) {vanished} have one level in the data: their terms have no column and are left out "
+                      "(R refuses a factor of one level)", HierpoolWarning, stacklevel=4)
 
 
 def _check_finite(frame: pd.DataFrame) -> None:
@@ -554,11 +566,11 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
     return inverse.astype(np.int32), labels
 
 
-def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, ordered=()) -> RandomEffectTerm:
-    """Term ``spec``'s columns and levels; ``ordered``: the ordered Categoricals its left side codes with R's
-    polynomial contrasts (:func:`~hierpool.spec.formula.with_polynomial_contrasts`)."""
+def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, coded: dict | None = None) -> RandomEffectTerm:
+    """Term ``spec``'s columns and levels; ``coded``: the ordered Categoricals and logical columns its left side
+    codes as R does (:func:`coded_factors`, :func:`~hierpool.spec.formula.with_coded_factors`)."""
     what = f"random-effect term ({display_name(spec.lhs)} | {spec.name})"
-    lhs = with_polynomial_contrasts(spec.lhs, ordered)
+    lhs = with_coded_factors(spec.lhs, **(coded or {}))
     plain = plain_part(lhs)
     if plain is not None and plain.readable(frame):
         z_names, z, z_matrix = plain.column_names, plain.matrix(frame), plain
@@ -838,12 +850,13 @@ def build_design(
             rhs = spec.fixed.split("~", 1)[1]
             fixed_spec = replace(spec, response=RESPONSE_COLUMN, fixed=f"{RESPONSE_COLUMN} ~{rhs}")
     model_frame = frame  # lme4's model.frame: the used columns of the fitted rows (hp.bootstrap refits from it)
-    # an ordered Categorical the right side reads: R's polynomial contrasts (f.L, f.Q...), as lme4 codes it
-    ordered = ordered_factors(frame, columns, (spec.response, fixed_spec.response))
-    if ordered:
+    # an ordered Categorical the right side reads: R's polynomial contrasts (f.L, f.Q...); a logical: a factor of
+    # levels False, True; as lme4 codes them
+    coded = coded_factors(frame, columns, (spec.response, fixed_spec.response))
+    if any(coded.values()):
         response_part, rhs = fixed_spec.fixed.split("~", 1)
-        fixed_spec = replace(fixed_spec, fixed=f"{response_part}~{with_polynomial_contrasts(rhs, ordered)}")
-    frame = _plain_numeric(frame, as_read=(spec.response, se, weights_column, offset_column))
+        fixed_spec = replace(fixed_spec, fixed=f"{response_part}~{with_coded_factors(rhs, **coded)}")
+    frame = _plain_numeric(frame)
     _check_finite(frame)
 
     y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame, spec.response)
@@ -865,7 +878,7 @@ def build_design(
     if offset is not None:
         offset_sum = offset_sum + frame[offset_column or OFFSET_COLUMN].to_numpy(dtype=float)
 
-    terms = [_random_term(frame, t, ordered) for t in spec.random]
+    terms = [_random_term(frame, t, coded) for t in spec.random]
     terms = [terms[j] for j in lme4_term_order([t.n_levels for t in terms])]
     if se is not None:
         row_weights = 1.0 / _known_sd(frame, se) ** 2
@@ -881,6 +894,7 @@ def build_design(
         # a binomial's trials are its prior weights (proportions with weights=, or cbind)
         check_response(family, y, row_weights, spec.response)
     _check_identifiable(terms, len(y), sigma_known=se is not None or family is not None, related=related)
+    _warn_vanished_factors(frame, spec, names, terms)
     return Design(
         spec=spec,
         y=y,

@@ -38,9 +38,10 @@ from .columns import plain_fixed, plain_grouping, plain_part
 #: The formula text calls this stateful transform instead (see :func:`to_formulae`).
 R_SCALE_NAME = "r_scale"
 #: The name of R's ``contr.poly`` encoding in a formula (:class:`hierpool.spec.transforms.ContrPoly`): an ordered
-#: Categorical's terms are written ``C(f, contr_poly)`` (:func:`with_polynomial_contrasts`).
+#: Categorical's terms are written ``C(f, contr_poly)`` (:func:`with_coded_factors`).
 POLY_CONTRAST_NAME = "contr_poly"
 _POLY_COLUMN = re.compile(rf"C\(([^(),]+), {POLY_CONTRAST_NAME}\)\[([^\]]*)\]")
+_FACTOR_COLUMN = re.compile(r"(?<![\w.])C\(([^(),]+)\)\[")
 _SCALE_CALL = re.compile(r"(?<![\w.])scale(?=\s*\()")
 _R_SCALE_CALL = re.compile(rf"(?<![\w.]){R_SCALE_NAME}(?=\()")
 
@@ -236,21 +237,26 @@ def display_name(name: str) -> str:
     """A formulae column name as the user wrote it (``r_scale(x)`` -> ``scale(x)``), an ordered factor's
     polynomial contrast as R names it (``C(f, contr_poly)[.L]`` -> ``f.L``; a level's own column ``f[lo]``)."""
     name = _POLY_COLUMN.sub(lambda m: m[1] + (m[2] if m[2][:1] in ".^" else f"[{m[2]}]"), name)
+    name = _FACTOR_COLUMN.sub(lambda m: f"{m[1]}[", name)
     return _R_SCALE_CALL.sub("scale", name)
 
 
-def with_polynomial_contrasts(text: str, names) -> str:
-    """``text`` (a formula's right side, or a random term's left side) with each bare, top-level use of a column of
-    ``names`` (ordered Categoricals) written ``C(name, contr_poly)``: R codes an ordered factor with ``contr.poly``
-    (its linear, quadratic... contrasts ``f.L``, ``f.Q``), formulae with treatment contrasts, the same fit with other
-    coefficients (and a REML criterion shifted by a constant).  A name inside a call (``C(f, Sum)``, ``I(f ==
-    'a')``) is left as written."""
-    if not names:
+def with_coded_factors(text: str, ordered=(), logical=()) -> str:
+    """``text`` (a formula's right side, or a random term's left side) with each bare, top-level use of a column
+    read as R reads it: an ordered Categorical of ``ordered`` as ``C(name, contr_poly)`` (R's ``contr.poly``: linear,
+    quadratic... contrasts ``f.L``, ``f.Q``, where formulae gives treatment contrasts: the same fit, other
+    coefficients, a REML criterion shifted by a constant), a logical column of ``logical`` as ``C(name)``, a factor
+    of levels False, True (R's model.matrix reads a logical so; read as 0/1, ``0 + xb``, ``xb:x`` and ``(0 + xb |
+    g)`` were other models).  A name inside a call (``C(f, Sum)``, ``I(xb * 1)``, ``offset(xb)``) is left as
+    written, read there as its values."""
+    calls = {**{name: f"C({name}, {POLY_CONTRAST_NAME})" for name in ordered},
+             **{name: f"C({name})" for name in logical}}
+    if not calls:
         return text
     depths = {i: depth for i, _, depth in _scan_top_level(text)}
-    pattern = re.compile(r"(?<![\w.`])(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    pattern = re.compile(r"(?<![\w.`])(" + "|".join(re.escape(n) for n in sorted(calls, key=len, reverse=True))
                          + r")(?![\w.(`])")
-    return pattern.sub(lambda m: f"C({m[1]}, {POLY_CONTRAST_NAME})" if depths.get(m.start()) == 0 else m[1], text)
+    return pattern.sub(lambda m: calls[m[1]] if depths.get(m.start()) == 0 else m[1], text)
 
 
 def _parse_with_formulae(text: str, what: str):
@@ -269,16 +275,54 @@ def _expr_lhs_text(expr) -> str:
     return f"0 + {expr.name}"
 
 
+_NUMBER = re.compile(r"\s*-?\s*(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+_NUMBER_ONE_OR_ZERO = {1.0: "1", 0.0: "0", -1.0: "-1"}
+
+
+def _number(text: str) -> float | None:
+    """The value of a term written as a number (``1``, ``0``, ``1.0``, ``-1``), None for any other term."""
+    return float(text.replace(" ", "")) if _NUMBER.fullmatch(text) else None
+
+
+def _check_number_terms(pieces, where: str) -> None:
+    """Refuse a term that is a number other than 1, 0 or -1 (``x - 10``, ``x + 0.5``): R's model formula refuses it;
+    formulae dropped ``- 10`` silently, or raised a TypeError."""
+    for _, text in pieces:
+        value = _number(text)
+        if value is not None and value not in _NUMBER_ONE_OR_ZERO:
+            raise FormulaError(f"{where} has the number {text.strip()!r} as a term: only 1 (an intercept) and 0 or -1 "
+                               "(none) are; a shifted covariate is written I(x - 10)")
+
+
 def _without_intercept_removal(lhs: str) -> str:
-    """A random term's left side with R's ``x - 1`` and ``x + 0`` written ``0 + x`` (lme4's ``(Days - 1 |
-    Subject)``): formulae cannot parse the first inside a term, and read ``(x + I(x - 1) + 0 || g)`` with an
-    intercept (a term lme4 does not have); ``-1 + x`` and ``0 + x`` it reads."""
+    """A random term's left side with its intercept written as R reads it: the last of ``1``, ``+ 0`` and ``- 1``
+    decides (``1 + x - 1`` has none, ``0 + x + 1`` has one), and the intercept, if any, comes first (lme4's order
+    of the term's coefficients).  formulae cannot parse ``x - 1`` inside a term (lme4's ``(Days - 1 |
+    Subject)``), read ``(x + I(x - 1) + 0 || g)`` with an intercept term, and ``0 + x + 1`` with its intercept
+    last."""
     pieces = _split_top_level(lhs, "+-")
-    kept = [(sep, text) for sep, text in pieces
-            if not ((sep == "-" and text.strip() == "1") or (sep == "+" and text.strip() == "0"))]
-    if len(kept) == len(pieces) or not kept:
+
+    def switch(sep: str, text: str):  # True: intercept on, False: off, None: not an intercept piece
+        text = text.strip()
+        if text in ("0", "1") and sep in "+-":
+            return (text == "1") == (sep == "+")
+        if text == "-1" and sep == "+":  # a leading unary minus (_split_top_level keeps it in the piece)
+            return False
+        return None
+
+    _check_number_terms(pieces, f"random-effect term's left side {lhs!r}")
+    pieces = [(sep, _NUMBER_ONE_OR_ZERO.get(_number(text), text)) for sep, text in pieces]  # 1.0 is 1, as in R
+    switches = [switch(sep, text) for sep, text in pieces]
+    if all(value is None for value in switches):
         return lhs
-    return "0 + " + kept[0][1].strip() + "".join(f" {sep} {text.strip()}" for sep, text in kept[1:])
+    intercept = [value for value in switches if value is not None][-1]
+    kept = [text.strip() for (sep, text), value in zip(pieces, switches) if value is None]
+    signs = [sep for (sep, _), value in zip(pieces, switches) if value is None]
+    body = "".join(f" {sep} {text}" for sep, text in zip(signs, kept)).strip()
+    body = body[1:].strip() if body.startswith("+") else body
+    if not body:
+        return "1" if intercept else lhs  # (0 | g): no coefficient, refused as formulae refuses it
+    return f"{'1' if intercept else '0'} + {body}" if not body.startswith("-") else f"{'1' if intercept else '0'} {body}"
 
 
 def _random_terms_of_bar(lhs: str, op: str, rhs: str, full: str) -> list[RandomTermSpec]:
@@ -374,6 +418,7 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
     fixed_pieces: list[str] = []
     random: list[RandomTermSpec] = []
     spatial: list[SpatialTermSpec] = []
+    _check_number_terms(_split_top_level(rhs, "+-"), f"formula {formula!r}")
     for sign, piece in _split_top_level(rhs, "+-"):
         text = piece.strip()
         if not text:

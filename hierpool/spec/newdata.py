@@ -72,6 +72,26 @@ def _grouping_only_columns(design) -> set[str]:
     return factors - set(re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", read))
 
 
+def _as_fitted_logicals(design, frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the columns that were logical in fitting as NumPy bools: True/False, nullable booleans, or
+    the numbers 0 and 1 (read as False and True; another number is refused by name).  A logical fitted as a factor
+    (levels False, True) took 0 and 1 for labels that match no level, so that every row got True's coefficient."""
+    fitted = design.frame
+    logical = [c for c in frame.columns if c in fitted.columns and pd.api.types.is_bool_dtype(fitted[c].dtype)]
+    converted = {}
+    for name in logical:
+        column = frame[name]
+        if pd.api.types.is_bool_dtype(column.dtype):
+            converted[name] = column.to_numpy(dtype=bool)
+            continue
+        values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=float) if column.dtype != object else None
+        if values is None or not np.all(np.isin(values, (0.0, 1.0))):
+            raise DataError(f"prediction data column {name!r} was true/false in fitting: give True/False (or 0/1) "
+                            f"there, got {column.dtype} values such as {column.iloc[0]!r}")
+        converted[name] = values == 1.0
+    return frame.assign(**converted) if converted else frame
+
+
 def model_rows(design, newdata, levels_read: bool = True):
     """(X, [(z_j, level_j)], offset) of the rows to predict: the fitted rows when ``newdata`` is None.
 
@@ -103,6 +123,7 @@ def model_rows(design, newdata, levels_read: bool = True):
     categorical = [c for c, dtype in frame.dtypes.items() if isinstance(dtype, pd.CategoricalDtype)]
     if categorical:
         frame = frame.assign(**{c: frame[c].cat.remove_unused_categories() for c in categorical})
+    frame = _as_fitted_logicals(design, frame)
     X, offset = _fixed_part(design, frame)
     terms = [
         (_encode(t.z_matrix, frame, f"term ({display_name(t.spec.lhs)} | {t.group})"),

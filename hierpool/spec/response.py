@@ -89,7 +89,9 @@ def two_level_indicator(frame: pd.DataFrame, response: str) -> np.ndarray | None
     if len(levels) != 2:
         raise FormulaError(f"response {response!r} has {len(levels)} levels; a binomial factor response needs two "
                            "(the first is failure)")
-    if not isinstance(column.dtype, pd.CategoricalDtype) and levels != sorted(levels, key=str.casefold):
+    # (R's collation in most locales: case aside, then lowercase first: "yes" < "Yes")
+    if not isinstance(column.dtype, pd.CategoricalDtype) and levels != sorted(levels,
+                                                                               key=lambda s: (s.casefold(), s.swapcase())):
         # text sorts by code point (uppercase first), R's factor() by its locale's collation (in most, case aside):
         # 'Dead' < 'alive' here, 'alive' < 'Dead' for glmer there, and every coefficient's sign flips
         warnings.warn(f"response {response!r}: the levels {levels[0]!r} < {levels[1]!r} are sorted by code point, "
