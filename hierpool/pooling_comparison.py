@@ -821,7 +821,7 @@ def pooling(
     fit = lmm(formula, data, se=se, weights=weights, offset=offset)
     block = group_terms(fit, group)
     truth_columns = _truth_columns(data, truth, block)
-    ell, k = len(block.levels), block.k
+    ell = len(block.levels)
     population = _population(fit, block)
     columns = {
         "no_pooling": no_pooling(fit, block),
@@ -851,7 +851,7 @@ def pooling(
 def _glmm_comparison(fit: GLMMResult, data: pd.DataFrame, group, truth, level: float) -> PoolingComparison:
     block = group_terms(fit, group)
     truth_columns = _truth_columns(data, truth, block)
-    design, ell, k = fit.design, len(block.levels), block.k
+    design, ell = fit.design, len(block.levels)
     a = design.row_weights
     per_group = {"n": np.bincount(block.index, minlength=ell)}
     if fit.family.name == "binomial":

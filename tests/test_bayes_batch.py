@@ -303,7 +303,7 @@ def test_a_dataset_lacking_a_level_is_sampled_alone_by_hp_bayes():
         y = 1 + 0.5 * x + (f == "q") * 0.3 + (f == "r") * 0.6 + rng.normal(size=8)[g] + rng.normal(size=48)
         frames.append(pd.DataFrame({"y": y, "x": x, "f": f, "g": g}))
     frames[1] = frames[1][frames[1]["f"] != "r"]
-    settings = dict(draws=60, tune=60, chains=2)
+    settings = {"draws": 60, "tune": 60, "chains": 2}
     batch = hp.bayes_batch("y ~ x + f + (1 | g)", frames, seed=5, progress=False, **settings)
     assert batch.messages[1].startswith("f[r] zero in this dataset (a level it lacks): sampled alone")
     assert batch.messages[0] == batch.messages[2] == ""

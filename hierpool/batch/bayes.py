@@ -378,8 +378,8 @@ def bayes_batch(
     # a dataset that lacks a factor's level (not its baseline): hp.bayes's posterior of it alone, NaN in that column,
     # as fit_batch fits it alone (a resolved Priors is the batch's columns': such a dataset stays refused)
     if not isinstance(priors, Priors):
-        settings = dict(chains=chains, draws=draws, tune=tune, priors=priors, level=level, target_accept=target_accept,
-                        family=family, link=link, correlation=correlation)
+        settings = {"chains": chains, "draws": draws, "tune": tune, "priors": priors, "level": level,
+                    "target_accept": target_accept, "family": family, "link": link, "correlation": correlation}
         for index in plan.alone_for_levels(messages):
             summary, why = _sample_alone(plan, index, formula, settings, seed, list(scalars), level, sigma_known)
             if summary is None:
