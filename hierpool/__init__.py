@@ -30,7 +30,7 @@ _LAZY = {
     "BatchResult": "batch", "BayesBatchResult": "batch", "bayes_batch": "batch", "fit_batch": "batch",
     "BootstrapResult": "batch", "bootstrap": "batch",
     "BayesResult": "bayesian", "SamplingWarning": "bayesian", "bayes": "bayesian",
-    "Control": "closedform", "MixedModel": "closedform", "lmm": "closedform",
+    "Control": "closedform", "MixedModel": "closedform", "lmm": "closedform", "anova": "closedform",
     "GLMMResult": "closedform", "glmm": "closedform", "simulate": "closedform",
     "PoolingComparison": "pooling_comparison", "pooling": "pooling_comparison",
     "RidgeView": "ridge", "ridge_view": "ridge",
@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from . import batch, bayesian, closedform, datasets, pedigree, plots, validate
     from .batch import BatchResult, BayesBatchResult, BootstrapResult, bayes_batch, bootstrap, fit_batch
     from .bayesian import BayesResult, SamplingWarning, bayes
-    from .closedform import Control, GLMMResult, MixedModel, glmm, lmm, simulate
+    from .closedform import Control, GLMMResult, MixedModel, anova, glmm, lmm, simulate
     from .pooling_comparison import PoolingComparison, pooling
     from .ridge import RidgeView, ridge_view
     from .spec.correlation import ar1, car1
@@ -81,6 +81,7 @@ __all__ = [
     "HierpoolWarning",
     "MixedModel",
     "SamplingWarning",
+    "anova",
     "ar1",
     "bayes",
     "bayes_batch",

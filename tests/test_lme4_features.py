@@ -223,3 +223,27 @@ def test_weights_array_equals_weights_column(fits):
     assert by_array.sigma == pytest.approx(ref["sigma"], rel=1e-3)
     np.testing.assert_allclose(by_array.fixef.to_numpy(), by_column.fixef.to_numpy(), rtol=1e-8)
     np.testing.assert_array_equal(w, data["w"].to_numpy())  # the caller's array is not modified
+
+
+def test_anova_is_lme4s_likelihood_ratio_test():
+    """lme4's anova(m0, m1) (validation/anova_reference.R): REML fits refitted by ML, npar, AIC, BIC, logLik,
+    deviance, Chisq, Df and Pr(>Chisq); a GLMM's; fits of other rows refused; REML AR(1) fits refused by name."""
+    reference = json.loads((REFERENCE.parent / "anova_reference.json").read_text())
+    sleep, cbpp = hp.datasets.sleepstudy(), hp.datasets.cbpp()
+    for key, fit, data, extra in (("lmm", hp.lmm, sleep, {}), ("glmm", hp.glmm, cbpp, {"family": "binomial"})):
+        r = reference[key]
+        fits = [fit(formula, data, **extra) for formula in reversed(r["formulas"])]  # ordered by npar, whatever given
+        table = hp.anova(*fits, names=["m1", "m0"])
+        assert list(table.index) == ["m0", "m1"]
+        for column, values in r["table"].items():
+            expected = np.array([np.nan if v is None else v for v in values], dtype=float)
+            np.testing.assert_allclose(table[column].to_numpy(dtype=float), expected, rtol=1e-6, equal_nan=True,
+                                       err_msg=f"{key} {column}")
+    with pytest.raises(hp.ArgumentError, match="not fitted to the same rows"):
+        hp.anova(hp.lmm("Reaction ~ Days + (1 | Subject)", sleep),
+                 hp.lmm("Reaction ~ Days + (1 | Subject)", sleep.iloc[:-10]))
+    with pytest.raises(hp.ArgumentError, match="two or more fits"):
+        hp.anova(hp.lmm("Reaction ~ Days + (1 | Subject)", sleep))
+    ar1 = hp.lmm("Reaction ~ Days + (1 | Subject)", sleep, correlation=hp.ar1("Subject", time="Days"))
+    with pytest.raises(hp.ArgumentError, match="with reml=False"):
+        hp.anova(ar1, hp.lmm("Reaction ~ Days + (1 | Subject)", sleep))

@@ -9,6 +9,7 @@ pytree and can be jit-compiled, differentiated and vmapped.
 from ..algebra.criterion import objective
 from ..algebra.henderson import Solution, prediction_covariance, solve
 from ..algebra.system import MixedModelSystem, build_system
+from .anova import anova
 from .glmm import glmm
 from .glmm_results import GLMMResult
 from .model import MixedModel, lmm
@@ -18,6 +19,7 @@ from .simulate import simulate
 
 __all__ = [
     "Control",
+    "anova",
     "GLMMResult",
     "LMMResult",
     "MixedModel",

@@ -116,11 +116,22 @@ class MixedModel:
         self, formula: str, data: pd.DataFrame, se: str | None = None, weights=None, offset=None,
         control: Control | None = None,
     ):
-        self.design: Design = build_design(formula, data, se=se, weights=weights, offset=offset)
-        system = build_system(self.design, host=True)
+        self._with_design(build_design(formula, data, se=se, weights=weights, offset=offset), control)
+
+    def _with_design(self, design: Design, control: Control | None) -> None:
+        self.design: Design = design
+        system = build_system(design, host=True)
         # one copy of the cross-products, where the model's algebra will run (``control.compile``, else
         # by size): NumPy for the host path, JAX arrays for a compiled one (the host copy is released)
         self.system: MixedModelSystem = system if runs_on_host(system, control) else on_device(system)
+
+    @classmethod
+    def of_design(cls, design: Design, control: Control | None = None) -> MixedModel:
+        """The model of a :class:`~hierpool.spec.design.Design` already built (a fit's, to fit it again otherwise:
+        by maximum likelihood for ``hp.anova``)."""
+        model = cls.__new__(cls)
+        model._with_design(design, control)
+        return model
 
     @property
     def n_theta(self) -> int:
