@@ -240,6 +240,21 @@ def test_a_negative_phis_power_keeps_its_complex_step_at_long_lags():
         np.testing.assert_allclose(stepped.imag / 1e-30, lags * phi ** (lags - 1), rtol=1e-10)
 
 
+def test_a_series_is_found_by_its_labels_text_and_a_missing_time_is_refused():
+    # a series 1 given as "1" (or fitted as text and given as 1) matched its random effect but not its series: the
+    # row lost its carried residual silently (16.317 -> 14.110 on Ovary); a missing time carried nothing, silently
+    ovary = _ovary()
+    ovary = ovary.assign(t=ovary.groupby("Mare").cumcount().astype(float), Mare=ovary["Mare"].astype(int))
+    for data, other in ((ovary, "1"), (ovary.assign(Mare=ovary["Mare"].astype(str)), 1)):
+        fit = hp.lmm("follicles ~ s + c + (1 | Mare)", data, correlation=hp.ar1("Mare", "t"))
+        row = {"t": [30.0], "s": [0.3], "c": [0.2]}
+        same = fit.predict(pd.DataFrame({"Mare": [data["Mare"].iloc[0]], **row}), interval="prediction")
+        other_spelling = fit.predict(pd.DataFrame({"Mare": [other], **row}), interval="prediction")
+        pd.testing.assert_frame_equal(other_spelling, same)
+        with pytest.raises(hp.DataError, match="time column 't' of the prediction data .* is missing in 1 row"):
+            fit.predict(pd.DataFrame({"Mare": [other], "t": [np.nan], "s": [0.3], "c": [0.2]}))
+
+
 def test_new_rows_at_one_time_carry_the_same_residual():
     """Two scenarios of one future time of a series (rows at the same time): the same lag, the same carry; a row
     three steps on, alone, carries phi^3 (the time's difference, nlme's corAR1 steps: its rank among the new rows

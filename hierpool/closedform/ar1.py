@@ -74,6 +74,7 @@ from ..spec.correlation import (
     whole_steps,
 )
 from ..spec.design import Design, check_columns
+from ..spec.labels import column_labels
 from .optimize import SINGULAR_FIT, Control, is_singular, moment_start, optimize_theta
 from .results import ConditionedCoordinates, LMMResult
 
@@ -525,12 +526,17 @@ def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFram
     """
     check_columns(newdata, [structure.group] + ([structure.time] if structure.time else []),
                   "prediction data (newdata) of an AR(1) model")
-    labels = newdata[structure.group].to_numpy()
+    # series met by their labels' text, as the random effects' levels are (a series 1 given as "1", or 1.0, carried
+    # nothing before: the row lost phi^lag times its series' last residual, silently)
+    labels = column_labels(newdata[structure.group])
     found = pd.Index(series_ends.index).get_indexer(labels)
     last = np.where(found >= 0, series_ends["row"].to_numpy()[np.maximum(found, 0)], -1)
     end_key = np.where(found >= 0, series_ends["key"].to_numpy()[np.maximum(found, 0)], np.inf)
     if structure.time:
         key = newdata[structure.time].to_numpy(dtype=float)
+        if np.isnan(key).any():  # read as "not after the series' end", it carried nothing, silently
+            raise DataError(f"the AR(1) time column {structure.time!r} of the prediction data (newdata) is missing in "
+                            f"{int(np.isnan(key).sum())} row(s): a row's time says what it carries")
         after = (found >= 0) & (key > end_key)
     else:  # without a time every new row of a fitted series follows it, in newdata's order
         key = np.arange(len(newdata), dtype=float)
@@ -555,5 +561,5 @@ def series_ends(correlation: AR1, data: pd.DataFrame, design: Design, series: Se
     ends = np.setdiff1d(np.arange(design.n), series.previous[series.previous >= 0])
     key = (data[correlation.time].loc[design.rows].to_numpy(dtype=float)[ends] if correlation.time
            else ends.astype(float))
-    labels = data[correlation.group].loc[design.rows].to_numpy()[ends]
+    labels = column_labels(data[correlation.group].loc[design.rows])[ends]  # (their text: carried_lags)
     return pd.DataFrame({"row": ends, "key": key}, index=pd.Index(labels, name="label"))
