@@ -255,6 +255,13 @@ def test_a_series_is_found_by_its_labels_text_and_a_missing_time_is_refused():
             fit.predict(pd.DataFrame({"Mare": [other], "t": [np.nan], "s": [0.3], "c": [0.2]}))
 
 
+def test_shrinkage_of_an_ar1_fit_is_refused(fits):
+    # its table's weights took the residuals as independent (0.944 for mare 1, whose weight times deviation 3.150
+    # stood beside its BLUP 2.981)
+    with pytest.raises(hp.ArgumentError, match="takes the residuals as independent"):
+        fits["ovary_lme_ar1_reml"].shrinkage()
+
+
 def test_new_rows_at_one_time_carry_the_same_residual():
     """Two scenarios of one future time of a series (rows at the same time): the same lag, the same carry; a row
     three steps on, alone, carries phi^3 (the time's difference, nlme's corAR1 steps: its rank among the new rows

@@ -197,6 +197,15 @@ class AR1Result(LMMResult):
         carry = None if newdata is None or not re else self._carry(newdata)
         return predict(self, newdata=newdata, re=re, interval=interval, level=level, carry=carry)
 
+    def shrinkage(self) -> pd.DataFrame:
+        """Refused: its table reads each BLUP as w_g times the group's mean deviation, w_g from n_g independent
+        residuals; an AR(1) fit's BLUPs weigh a series' rows by the residuals' inverse correlation (Ovary's mare 1:
+        weight 0.944 where its 29 correlated rows count as about 8, weight times deviation 3.150 beside its BLUP
+        2.981).  :func:`hierpool.ridge_view` refuses it for the same reason."""
+        raise ArgumentError("shrinkage() takes the residuals as independent (w_g = n_g sigma_b^2 / (n_g sigma_b^2 + "
+                            "sigma^2)); an AR(1) fit's BLUPs weigh a series' rows by their inverse correlation: "
+                            "read fit.ranef instead")
+
     def _carry(self, newdata: pd.DataFrame):
         """(c, last) of each new row (see :func:`hierpool.closedform.predict.predict`)."""
         lag, last = carried_lags(self.structure, self.series_ends, newdata)
