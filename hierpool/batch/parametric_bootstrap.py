@@ -20,6 +20,7 @@ lme4's ``bootMer`` and ``confint.merMod``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,7 @@ from ..closedform.relmat import RelmatResult
 from ..closedform.results import LMMResult
 from ..closedform.simulate import simulate
 from ..closedform.spatial import SpatialFit
-from ..errors import ArgumentError, integer_argument, seed_argument
+from ..errors import ArgumentError, HierpoolWarning, integer_argument, seed_argument
 from ..spec.arguments import probability_argument
 from ..spec.correlation import AR1
 from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
@@ -243,4 +244,11 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     replicates = table.loc[:, list(estimate.index)].copy()
     replicates.loc[~batch.converged.to_numpy()] = np.nan
     replicates.index.name = "replicate"
+    failed = int((~batch.converged).sum())
+    if failed:  # as bootMer warns "some bootstrap runs failed": the intervals are the rest's
+        reasons = pd.Series(batch.messages[~batch.converged.to_numpy()]).str.split(":").str[0].value_counts()
+        warnings.warn(f"hp.bootstrap: {failed} of {n} replicates failed and are left out of the intervals (most "
+                      f"often: {reasons.index[0]!r}; result.batch.messages has each); where they are the extreme "
+                      "replicates (a count simulated all zeros) the intervals of the rest are too narrow on that "
+                      "side", HierpoolWarning, stacklevel=2)
     return BootstrapResult(estimate=estimate, replicates=replicates, batch=batch, level=float(level))

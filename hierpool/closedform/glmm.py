@@ -101,7 +101,7 @@ def check_quadrature(nAGQ, terms=None, spatial: bool = False) -> None:
     """Refuse, by name, a quadrature ``hp.glmm`` cannot use: nAGQ not an integer from 0 to :data:`MAX_NODES`;
     adaptive quadrature (> 1) of a spatial model (``spatial``) or of random-effect ``terms`` other than one scalar
     term (glmer's rule)."""
-    if isinstance(nAGQ, bool) or not isinstance(nAGQ, int) or not 0 <= nAGQ <= MAX_NODES:
+    if isinstance(nAGQ, (bool, np.bool_)) or not isinstance(nAGQ, (int, np.integer)) or not 0 <= nAGQ <= MAX_NODES:
         raise ArgumentError(f"nAGQ must be an integer from 0 to {MAX_NODES}, got {nAGQ!r}")
     if nAGQ > 1 and spatial:
         raise ArgumentError(f"nAGQ={nAGQ}: a spatial model is fitted by the Laplace approximation (nAGQ 0 or 1)")
