@@ -202,14 +202,18 @@ def _fit_ar1(args, data, out: Path) -> int:
 
 def _posterior_tables(posterior, out: Path, **extra) -> list[Path]:
     """Print the posterior's summary; write posterior_fixef.csv, posterior_varcorr.csv, posterior_<name>.csv for
-    each ``extra`` table (an AR(1) model's correlation, an animal model's heritability) and posterior_ranef.csv."""
+    each ``extra`` table (an AR(1) model's correlation, an animal model's heritability), posterior_ranef.csv and the
+    draws as posterior.nc (every model's: --ar1's and --relmat's wrote none, as --help says it does)."""
     print("\nPosterior (hp.bayes)")
     print(posterior.summary())
+    netcdf = out / "posterior.nc"
+    posterior.idata.to_netcdf(str(netcdf))
     return [
         _write_table(posterior.fixef.rename_axis("term").reset_index(), out / "posterior_fixef.csv"),
         _write_table(posterior.varcorr, out / "posterior_varcorr.csv"),
         *(_write_table(table, out / f"posterior_{name}.csv") for name, table in extra.items()),
         _write_table(posterior.ranef, out / "posterior_ranef.csv"),
+        netcdf,
     ]
 
 
@@ -304,9 +308,6 @@ def _fit(args) -> int:
     posterior = comparison.posterior
     if posterior is not None:
         written += _posterior_tables(posterior, out)
-        netcdf = out / "posterior.nc"
-        posterior.idata.to_netcdf(str(netcdf))
-        written.append(netcdf)
     print(f"\nWrote {', '.join(p.name for p in written)} to {out}/")
     return 0
 

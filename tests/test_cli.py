@@ -351,6 +351,7 @@ def test_fit_with_a_pedigree_and_bayes_writes_the_posterior_of_h2(tmp_path):
     assert h2["parameter"].iloc[0] == "heritability"
     assert reml["lower"].iloc[0] < h2["mean"].iloc[0] < reml["upper"].iloc[0]
     assert len(pd.read_csv(tmp_path / "posterior_ranef.csv")) == 400
+    assert "heritability" in az.from_netcdf(tmp_path / "posterior.nc").posterior  # as --help says (it wrote none)
 
 
 def test_fit_with_a_pedigree_of_integer_ids_and_blank_parents(tmp_path):
