@@ -19,12 +19,12 @@ from .simulate import simulate
 
 __all__ = [
     "Control",
-    "anova",
     "GLMMResult",
     "LMMResult",
     "MixedModel",
     "MixedModelSystem",
     "Solution",
+    "anova",
     "build_system",
     "glmm",
     "lmm",
