@@ -425,12 +425,15 @@ def _ordered_sleepstudy():
                         half=pd.Categorical(np.where(sleep["Days"] < 5, "first", "second"), ordered=True)), levels
 
 
-def test_an_ordered_categorical_gets_rs_polynomial_contrasts():
-    """R codes an ordered factor with contr.poly (f.L, f.Q, f.C): lmer's fixed effects, REML criterion (which the
-    coding shifts by a constant), variance components and predictions on new rows (validation/
-    ordered_factor_reference.R), in the fixed part, its interactions, without an intercept (a column per level, as
-    R) and as a random slope; glmer's on cbpp with period ordered.  It had treatment contrasts: REML 1024.98 for
-    lme4's 1026.08 on one model, other coefficients, silently."""
+def test_r_polynomial_contrasts_by_contr_poly():
+    """C(f, contr_poly) codes a factor with R's contr.poly (f.L, f.Q, f.C), R's coding of an ordered factor: lmer's fixed
+    effects, REML criterion (which the coding shifts by a constant), variance components and predictions on new rows
+    (validation/ordered_factor_reference.R, whose factors are ordered), in main effects, their interactions with the
+    main effects present, without an intercept (a column per level, as R) and as a random slope; glmer's on cbpp.
+    (An ordered Categorical written bare keeps treatment contrasts: formulae codes a call's factor otherwise than R
+    in an interaction without its main effects, phase:g3.)"""
+    from hierpool.spec.formula import with_coded_factors
+
     reference = json.loads(ORDERED_REFERENCE.read_text())
     sleep, levels = _ordered_sleepstudy()
     new = pd.DataFrame({"Days": [1.0, 4, 9], "Subject": ["308", "309", "new"],
@@ -438,7 +441,8 @@ def test_an_ordered_categorical_gets_rs_polynomial_contrasts():
                         "half": pd.Categorical(["first", "first", "second"], categories=["first", "second"],
                                                ordered=True)})
     for key, r in reference["lmm"].items():
-        fit = hp.lmm(r["formula"], sleep)
+        response, rhs = r["formula"].split("~")
+        fit = hp.lmm(f"{response}~{with_coded_factors(rhs, ordered=('phase', 'half'))}", sleep)
         assert fit.objective == pytest.approx(r["reml_criterion"], rel=1e-10), key
         names = [name.replace("phase[", "phase").replace("]", "").replace("Intercept", "(Intercept)")
                  for name in fit.fixef.index]
@@ -446,24 +450,23 @@ def test_an_ordered_categorical_gets_rs_polynomial_contrasts():
         np.testing.assert_allclose(fit.fixef.to_numpy(), list(r["fixef"].values()), rtol=1e-6, err_msg=key)
         np.testing.assert_allclose(fit.varcorr["sdcor"], r["sdcor"], rtol=1e-4, err_msg=key)
         np.testing.assert_allclose(fit.predict(new), r["predict"], rtol=1e-7, err_msg=key)
-    assert list(hp.lmm(reference["lmm"]["slopes"]["formula"], sleep).varcorr["var1"].iloc[:2]) == ["Intercept",
-                                                                                                    "half.L"]
+    slopes = hp.lmm("Reaction ~ Days + (C(half, contr_poly) | Subject)", sleep)
+    assert list(slopes.varcorr["var1"].iloc[:2]) == ["Intercept", "half.L"]
     cbpp = hp.datasets.cbpp()
-    cbpp["period"] = pd.Categorical(cbpp["period"], categories=sorted(cbpp["period"].unique()), ordered=True)
-    glmm = hp.glmm(reference["glmm"]["formula"], cbpp, family="binomial")
+    glmm = hp.glmm("cbind(incidence, size - incidence) ~ C(period, contr_poly) + (1 | herd)", cbpp, family="binomial")
     assert glmm.optimum.deviance == pytest.approx(reference["glmm"]["minus_2_loglik"], rel=1e-8)
     np.testing.assert_allclose(glmm.fixef.to_numpy(), list(reference["glmm"]["fixef"].values()), rtol=1e-5)
 
 
-def test_an_ordered_categorical_written_in_a_call_keeps_the_calls_coding_and_batches_read_it_alike():
+def test_interactions_of_calls_without_their_main_effects_are_built():
+    # formulae deep-copies such a term with its namespaces, which failed on the caller's modules ("cannot pickle
+    # 'module' object"); the batch reads contr_poly as the single fit does
     sleep, _ = _ordered_sleepstudy()
-    by_sum = hp.lmm("Reaction ~ C(phase, Sum) + (1 | Subject)", sleep)
-    unordered = hp.lmm("Reaction ~ C(phase, Sum) + (1 | Subject)",
-                       sleep.assign(phase=sleep["phase"].cat.as_unordered()))
-    assert list(by_sum.fixef.index) == list(unordered.fixef.index)
-    np.testing.assert_allclose(by_sum.fixef.to_numpy(), unordered.fixef.to_numpy(), rtol=1e-10)
+    sleep = sleep.assign(g=np.where(sleep["Days"] % 3 == 0, "a", "b"))
+    for formula in ("Reaction ~ C(phase, Sum):g + (1 | Subject)", "Reaction ~ g:C(half, contr_poly) + (1 | Subject)"):
+        assert np.isfinite(hp.lmm(formula, sleep).objective), formula
     two = pd.concat([sleep.assign(rep=0), sleep.assign(rep=1, Reaction=sleep["Reaction"][::-1].to_numpy())])
-    batch = hp.fit_batch("Reaction ~ phase + (1 | Subject)", two, by="rep", progress=False)
-    single = hp.lmm("Reaction ~ phase + (1 | Subject)", sleep)
+    batch = hp.fit_batch("Reaction ~ C(phase, contr_poly) + (1 | Subject)", two, by="rep", progress=False)
+    single = hp.lmm("Reaction ~ C(phase, contr_poly) + (1 | Subject)", sleep)
     assert list(batch.fixed_names) == list(single.fixef.index)
     np.testing.assert_allclose(batch.fixef.loc[0].to_numpy(), single.fixef.to_numpy(), rtol=1e-8)

@@ -380,9 +380,9 @@ def test_coef_fitted_and_residuals_are_lme4s(laplace, cbpp):
     np.testing.assert_allclose(laplace.residuals, glmm["deviance_residuals"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(laplace.pearson_residuals, glmm["pearson_residuals"], rtol=1e-5, atol=1e-6)
     assert np.sum(laplace.residuals ** 2) == pytest.approx(laplace.deviance, rel=1e-12)
-    # several terms on one factor share its table; a coefficient with no fixed effect is b alone
+    # several terms on one factor share its table; a coefficient with no fixed effect is b alone, first
     both = hp.lmm("Reaction ~ 1 + (1 | Subject) + (0 + Days | Subject)", hp.datasets.sleepstudy())
     table = both.coef["Subject"]
-    assert list(table.columns) == ["Intercept", "Days"]
+    assert list(table.columns) == ["Days", "Intercept"]  # a coefficient with no fixed effect first, as lme4
     slopes = both.ranef[both.ranef.term == "Days"].set_index("grp")["condval"]
     np.testing.assert_allclose(table["Days"], slopes.loc[table.index], rtol=1e-12)

@@ -173,7 +173,8 @@ def bayes_batch(
         Keep every dataset's draws in ``result.draws`` (memory grows with the batch): ``beta``
         (chain, draw, p), ``b`` (chain, draw, ell, k), ``sd``, ``cor`` (k > 1) and ``sigma``; with several
         terms ``b``, ``sd`` and ``cor`` are lists, one entry per term of ``result.terms`` (``cor`` None where k = 1);
-        with ``correlation=`` ``phi`` (chain, draw) too.
+        with ``correlation=`` ``phi`` (chain, draw) too.  Not a dataset sampled alone by ``hp.bayes`` because it
+        lacks a factor's level (its row's message says so).
     progress : bool, optional
         A progress bar over chunks (default: when stderr is a terminal).
     weights : str or array-like, optional
@@ -419,6 +420,10 @@ def _sample_alone(plan, index: int, formula: str, settings: dict, seed: int, sca
 
     design = plan.design
     frame, arguments = plan.dataset_frame(index)
+    priors = settings.get("priors")
+    if isinstance(priors, dict):  # a prior of a column the dataset lacks: its single fit has no such column
+        lacking = {design.fixed_names[j] for j in plan.zero_columns.get(index, ())}
+        settings = {**settings, "priors": {key: value for key, value in priors.items() if key not in lacking}}
     template = varcorr_table([(t.group, t.coef_names, np.full((t.k, t.k), np.nan)) for t in design.terms],
                              None if sigma_known else np.nan)
     try:

@@ -67,9 +67,9 @@ def anova(*fits, names=None) -> pd.DataFrame:
     first = fits[0].design
     for name, fit in zip(names[1:], fits[1:]):
         design = fit.design
-        if (design.n != first.n or not design.rows.equals(first.rows)
-                or not np.array_equal(design.y, first.y)):
-            raise ArgumentError(f"{name} was not fitted to the same rows and response as {names[0]} "
+        if (design.n != first.n or not design.rows.equals(first.rows) or not np.array_equal(design.y, first.y)
+                or not np.array_equal(design.row_weights, first.row_weights)):
+            raise ArgumentError(f"{name} was not fitted to the same rows, response and weights as {names[0]} "
                                 f"({design.n} rows against {first.n}): likelihoods of other data are not comparable")
     ml = [_maximum_likelihood(fit) for fit in fits]
     table = pd.DataFrame({"npar": [_parameters(fit) for fit in ml],

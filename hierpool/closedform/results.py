@@ -27,16 +27,18 @@ def term_rows(ranef: pd.DataFrame, group: str, coef: str) -> pd.DataFrame:
 def group_coefficients(fixef: pd.Series, ranef: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """lme4's ``coef(fit)``: per grouping factor, one row per level and a column per fixed effect, beta_c + b_jc
     where coefficient c varies by the factor (its terms together: ``(1 | g) + (0 + x | g)``), beta_c elsewhere;
-    a varying coefficient without a fixed effect (``(0 + x | g)`` without x) is a column of b_jc alone, after the
-    fixed effects (lme4 refuses that model's coef)."""
+    a varying coefficient without a fixed effect (``(0 + x | g)`` without x) is a column of b_jc alone, before the
+    fixed effects, as lme4 puts it."""
     out = {}
     for group, rows in ranef.groupby("grpvar", sort=False):
         effects = rows.pivot_table(index="grp", columns="term", values="condval", sort=False)
         effects = effects.reindex(index=pd.unique(rows["grp"]), columns=pd.unique(rows["term"]))
         table = pd.DataFrame(np.tile(fixef.to_numpy(), (len(effects), 1)), index=effects.index,
                              columns=list(fixef.index))
+        only = [name for name in effects.columns if name not in table.columns]
         for name in effects.columns:
             table[name] = (table[name] if name in table.columns else 0.0) + effects[name].to_numpy()
+        table = table[only + list(fixef.index)]
         table.index.name = group
         out[group] = table
     return out

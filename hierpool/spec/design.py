@@ -31,7 +31,7 @@ import pandas as pd
 from ..errors import ArgumentError, DataError, FormulaError, HierpoolWarning
 from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
-from .formula import ModelSpec, RandomTermSpec, display_name, parse_formula, with_coded_factors
+from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_coded_factors
 from .labels import column_labels
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
@@ -292,37 +292,43 @@ def check_value_types(frame: pd.DataFrame, names) -> None:
                             ".astype(str))")
 
 
-def _plain_numeric(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` (hierpool's own copy) with pandas' nullable numeric columns (Int64, Float64) as float64, its nullable
-    booleans as NumPy's, and its unordered categorical columns marked ordered, their unused categories dropped.
+def _plain_numeric(frame: pd.DataFrame, as_values=()) -> pd.DataFrame:
+    """``frame`` (hierpool's own copy) with pandas' nullable numeric columns (Int64, Float64) as float64, its logical
+    columns as factors of levels False, True (R's model.matrix reads a logical so: read as 0/1, ``y ~ 0 + xb``,
+    ``xb:x`` and ``(0 + xb | g)`` were other models, REML 1050.8 for lme4's 1026.4 on the first), but those of
+    ``as_values`` (the response; one a call reads, ``offset(xb)``: NumPy bools), and its unordered categorical
+    columns marked ordered, their unused categories dropped.
 
     The nullable columns' missing values were dropped already; NumPy (and formulae) read the float64 copy, where
     a nullable response failed to convert.  formulae sorts an unordered categorical's levels, where R's factor keeps
     the user's order (its first level the baseline: categories ['3+', '2', '1', '0'] gave lme4's intercept -0.344
-    and hierpool's -1.690, baseline '0'); it keeps an ordered one's (whose terms :func:`build_design` writes with R's
-    polynomial contrasts).  Unused categories are dropped as lme4's model frame drops unused levels.
+    and hierpool's -1.690, baseline '0'); it keeps an ordered one's (with treatment contrasts: R's polynomial ones are
+    ``C(f, contr_poly)``).  Unused categories are dropped as lme4's model frame drops unused levels.
     """
     types = pd.api.types
     nullable = [c for c, dtype in frame.dtypes.items() if not isinstance(dtype, np.dtype)
                 and types.is_numeric_dtype(dtype) and not types.is_bool_dtype(dtype)]
     categorical = [c for c, dtype in frame.dtypes.items() if isinstance(dtype, pd.CategoricalDtype)]
-    logical = [c for c, dtype in frame.dtypes.items() if types.is_bool_dtype(dtype) and not isinstance(dtype, np.dtype)]
+    logical = [c for c, dtype in frame.dtypes.items() if types.is_bool_dtype(dtype)]
     if not nullable and not categorical and not logical:
         return frame
     return frame.assign(**{c: frame[c].to_numpy(dtype=float) for c in nullable},
                         **{c: frame[c].cat.remove_unused_categories().cat.as_ordered() for c in categorical},
-                        **{c: frame[c].to_numpy(dtype=bool) for c in logical})
+                        **{c: frame[c].to_numpy(dtype=bool) if c in as_values or frame[c].nunique() < 2 else
+                           pd.Categorical(frame[c].to_numpy(dtype=bool), categories=[False, True], ordered=True)
+                           for c in logical})
 
 
-def coded_factors(frame: pd.DataFrame, columns, responses=()) -> dict:
-    """The columns of ``columns`` (not ``responses``) a formula codes as R does (:func:`~hierpool.spec.formula.
-    with_coded_factors`): ``ordered``, the ordered pandas Categoricals (polynomial contrasts), and ``logical``, the
-    bool columns with both values (a factor of levels False, True; one with a single value stays a constant column,
-    which the rank check drops with its warning, where R refuses a one-level factor)."""
-    present = [c for c in columns if c in frame.columns and c not in responses]
-    ordered = tuple(c for c in present if isinstance(frame[c].dtype, pd.CategoricalDtype) and frame[c].dtype.ordered)
-    logical = tuple(c for c in present if pd.api.types.is_bool_dtype(frame[c].dtype) and frame[c].nunique() == 2)
-    return {"ordered": ordered, "logical": logical}
+def coded_factors(frame: pd.DataFrame, columns, spec: ModelSpec, responses=()) -> dict:
+    """The logical columns of ``columns`` (not ``responses``) that a term of ``spec`` reads and a call reads too
+    (``offset(xb)``, ``I(xb * 1)``: its values), with both values: their uses as terms are written ``C(name)``, a
+    factor of levels False, True (:func:`~hierpool.spec.formula.with_coded_factors`), as R's model.matrix reads a
+    logical.  A logical that no call reads is a factor in the frame itself (:func:`_plain_numeric`), the formula as
+    written (formulae codes a call's factor otherwise in an interaction without its main effects, ``s:C(xb)``)."""
+    in_calls = names_in_calls(spec.fixed.split("~", 1)[1], *(term.lhs for term in spec.random))
+    logical = tuple(c for c in columns if c in frame.columns and c not in responses and c in in_calls
+                    and pd.api.types.is_bool_dtype(frame[c].dtype) and frame[c].nunique() == 2)
+    return {"logical": logical}
 
 
 def _warn_vanished_factors(frame: pd.DataFrame, spec: ModelSpec, fixed_names, terms) -> None:
@@ -332,7 +338,7 @@ def _warn_vanished_factors(frame: pd.DataFrame, spec: ModelSpec, fixed_names, te
     columns = list(fixed_names) + [name for term in terms for name in term.coef_names]
     vanished = [c for c in spec.values if c in frame.columns and c != spec.response
                 and value_kind(frame[c]) == "text or categories" and frame[c].nunique() == 1
-                and not any(re.search(rf"(?<![\w.]){re.escape(c)}[\[.]", name) for name in columns)]
+                and not any(re.search(rf"(?<![\w.]){re.escape(c)}(\[|\.[LQC]$|\^\d)", name) for name in columns)]
     if vanished:
         warnings.warn(f"factor(s) {vanished} have one level in the data: their terms have no column and are left out "
                       "(R refuses a factor of one level)", HierpoolWarning, stacklevel=4)
@@ -416,8 +422,8 @@ def matrix_columns(matrix) -> tuple[list[str], np.ndarray]:
     values = values.reshape(-1, 1) if values.ndim == 1 else values
     if values.ndim != 2 or values.shape[1] != len(names):
         raise FormulaError(f"formulae built {values.shape[-1]} column(s) for the {len(names)} it names "
-                           f"({', '.join(names)}): a nesting term a/b is not read; write it as R expands it, "
-                           "a + a:b")
+                           f"({', '.join(names)}): a term it cannot build (a nesting a/b, or (a + b):c with a "
+                           "factor); write it as R expands it (a + a:b; a:c + b:c)")
     return names, values
 
 
@@ -850,13 +856,14 @@ def build_design(
             rhs = spec.fixed.split("~", 1)[1]
             fixed_spec = replace(spec, response=RESPONSE_COLUMN, fixed=f"{RESPONSE_COLUMN} ~{rhs}")
     model_frame = frame  # lme4's model.frame: the used columns of the fitted rows (hp.bootstrap refits from it)
-    # an ordered Categorical the right side reads: R's polynomial contrasts (f.L, f.Q...); a logical: a factor of
-    # levels False, True; as lme4 codes them
-    coded = coded_factors(frame, columns, (spec.response, fixed_spec.response))
+    # a logical a term reads: a factor of levels False, True, as lme4 codes it (in the frame, or where a call reads
+    # its values too, by the term: coded_factors)
+    coded = coded_factors(frame, columns, spec, (spec.response, fixed_spec.response))
     if any(coded.values()):
         response_part, rhs = fixed_spec.fixed.split("~", 1)
         fixed_spec = replace(fixed_spec, fixed=f"{response_part}~{with_coded_factors(rhs, **coded)}")
-    frame = _plain_numeric(frame)
+    as_values = set(coded["logical"]) | set(names_in_calls(spec.fixed.split("~", 1)[1], *(t.lhs for t in spec.random)))
+    frame = _plain_numeric(frame, as_values=as_values | {spec.response, fixed_spec.response})
     _check_finite(frame)
 
     y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame, spec.response)

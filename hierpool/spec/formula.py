@@ -37,8 +37,8 @@ from .columns import plain_fixed, plain_grouping, plain_part
 #: formulae's ``scale`` divides by the n-denominator sd; R's ``scale`` by the n - 1 one.
 #: The formula text calls this stateful transform instead (see :func:`to_formulae`).
 R_SCALE_NAME = "r_scale"
-#: The name of R's ``contr.poly`` encoding in a formula (:class:`hierpool.spec.transforms.ContrPoly`): an ordered
-#: Categorical's terms are written ``C(f, contr_poly)`` (:func:`with_coded_factors`).
+#: The name of R's ``contr.poly`` encoding in a formula (:class:`hierpool.spec.transforms.ContrPoly`):
+#: ``C(f, contr_poly)``, R's coding of an ordered factor.
 POLY_CONTRAST_NAME = "contr_poly"
 _POLY_COLUMN = re.compile(rf"C\(([^(),]+), {POLY_CONTRAST_NAME}\)\[([^\]]*)\]")
 _FACTOR_COLUMN = re.compile(r"(?<![\w.])C\(([^(),]+)\)\[")
@@ -241,22 +241,54 @@ def display_name(name: str) -> str:
     return _R_SCALE_CALL.sub("scale", name)
 
 
+def _term_names(text: str):
+    """(start, end, name, in_call) of each name ``text`` reads: a plain or backticked name (its backticks in the
+    span), not a called function's, and whether it sits within a call's brackets (``I(xb * 1)``, ``C(f, Sum)``)
+    rather than as a term (also within grouping brackets, ``(xb + x)^2``).  String literals are skipped."""
+    stack, i = [], 0  # stack: for each open bracket, whether it is a call's
+    while i < len(text):
+        ch = text[i]
+        if ch in "`'\"":
+            end = text.find(ch, i + 1)
+            end = len(text) - 1 if end < 0 else end
+            if ch == "`":
+                yield i, end + 1, text[i + 1 : end], any(stack)
+            i = end + 1
+            continue
+        if ch == "(":
+            stack.append(bool(re.search(r"[\w.]\s*$", text[:i])))  # a name before the bracket: a call
+        elif ch == ")" and stack:
+            stack.pop()
+        match = re.match(r"[A-Za-z_.][\w.]*", text[i:]) if (ch.isalpha() or ch in "_.") else None
+        if match and not (i and (text[i - 1].isalnum() or text[i - 1] in "_.")):
+            name = match.group(0)
+            if not text[i + len(name):].lstrip().startswith("("):  # not a function's name
+                yield i, i + len(name), name, any(stack)
+            i += len(name)
+            continue
+        i += 1
+
+
+def names_in_calls(*texts) -> set[str]:
+    """The names the formula parts ``texts`` read within a call's brackets (:func:`_term_names`)."""
+    return {name for text in texts for _, _, name, in_call in _term_names(text) if in_call}
+
+
 def with_coded_factors(text: str, ordered=(), logical=()) -> str:
-    """``text`` (a formula's right side, or a random term's left side) with each bare, top-level use of a column
-    read as R reads it: an ordered Categorical of ``ordered`` as ``C(name, contr_poly)`` (R's ``contr.poly``: linear,
-    quadratic... contrasts ``f.L``, ``f.Q``, where formulae gives treatment contrasts: the same fit, other
-    coefficients, a REML criterion shifted by a constant), a logical column of ``logical`` as ``C(name)``, a factor
-    of levels False, True (R's model.matrix reads a logical so; read as 0/1, ``0 + xb``, ``xb:x`` and ``(0 + xb |
-    g)`` were other models).  A name inside a call (``C(f, Sum)``, ``I(xb * 1)``, ``offset(xb)``) is left as
-    written, read there as its values."""
-    calls = {**{name: f"C({name}, {POLY_CONTRAST_NAME})" for name in ordered},
-             **{name: f"C({name})" for name in logical}}
+    """``text`` (a formula's right side, or a random term's left side) with each use of a column as a term (not within
+    a call's brackets: :func:`_term_names`) written as a call: an ordered Categorical of ``ordered`` as ``C(name,
+    contr_poly)`` (R's ``contr.poly``), a logical column of ``logical`` as ``C(name)``, a factor of levels False,
+    True (R's model.matrix reads a logical so; :func:`hierpool.spec.design.build_design` uses it for a logical that
+    a call also reads, ``offset(xb)``, whose values the call keeps)."""
+    calls = {**{name: f"C({{}}, {POLY_CONTRAST_NAME})" for name in ordered}, **{name: "C({})" for name in logical}}
     if not calls:
         return text
-    depths = {i: depth for i, _, depth in _scan_top_level(text)}
-    pattern = re.compile(r"(?<![\w.`])(" + "|".join(re.escape(n) for n in sorted(calls, key=len, reverse=True))
-                         + r")(?![\w.(`])")
-    return pattern.sub(lambda m: calls[m[1]] if depths.get(m.start()) == 0 else m[1], text)
+    out, last = [], 0
+    for start, end, name, in_call in _term_names(text):
+        if name in calls and not in_call:
+            out += [text[last:start], calls[name].format(text[start:end])]
+            last = end
+    return "".join(out) + text[last:]
 
 
 def _parse_with_formulae(text: str, what: str):

@@ -21,13 +21,18 @@ from .design import check_columns, group_index
 from .formula import display_name
 
 
+#: A column's coding call as formulae names it in a message (``C(xb)``, ``C(f, contr_poly)``): the column's name.
+_CODED = re.compile(r"C\(([^(),]+)(?:, contr_poly)?\)")
+
+
 def _encode_frame(matrix, frame: pd.DataFrame, what: str) -> pd.DataFrame:
     try:
         if isinstance(matrix, PlainPart):  # read without formulae (spec.columns)
             return matrix.new_rows(frame)
         encoded = matrix.evaluate_new_data(frame).as_dataframe()
     except Exception as exc:  # formulae raises several exception types for unseen categories
-        raise DataError(f"cannot encode {what} for the new data: {exc}") from None
+        readable = _CODED.sub(lambda m: m[1], str(exc))
+        raise DataError(f"cannot encode {what} for the new data: {readable}") from None
     encoded.index = frame.index
     return encoded
 

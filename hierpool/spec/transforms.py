@@ -104,13 +104,22 @@ R_FUNCTIONS = {
 FORMULAE_NAMES = frozenset(TRANSFORMS) | frozenset(ENCODINGS) | {POLY_CONTRAST_NAME}
 
 
+class SharedNamespace(dict):
+    """A formula namespace that a copy of a term shares, not copies: formulae deep-copies the terms of an interaction
+    without its main effects (``C(f, contr_poly):g``, ``s:C(xb)``), namespaces and all, which failed on the caller's
+    modules ("cannot pickle 'module' object").  The namespaces are only read."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def caller_environment() -> Environment:
-    """The formula environment of the first calling frame outside the hierpool package."""
+    """The formula environment of the first calling frame outside the hierpool package (a snapshot of its names)."""
     frame = sys._getframe(1)
     while frame is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] == "hierpool":
         frame = frame.f_back
     namespaces = [] if frame is None else [frame.f_locals, frame.f_globals]
-    return Environment([*namespaces, R_FUNCTIONS])
+    return Environment([SharedNamespace(namespace) for namespace in (*namespaces, R_FUNCTIONS)])
 
 
 #: Transforms whose result depends on the whole column they are fitted on (a mean, an sd, a basis).
