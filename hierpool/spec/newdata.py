@@ -20,7 +20,6 @@ from .columns import PlainPart
 from .design import check_columns, group_index
 from .formula import display_name
 
-
 #: A column's coding call as formulae names it in a message (``C(xb)``, ``C(f, contr_poly)``): the column's name.
 _CODED = re.compile(r"C\(([^(),]+)(?:, contr_poly)?\)")
 
