@@ -138,6 +138,8 @@ def test_a_logical_column_is_a_factor_as_in_r(data, formula):
     # coefficient), but no other number
     numbers = logical.head(6).assign(xb=logical["xb"].head(6).astype(int))
     np.testing.assert_allclose(mine.predict(numbers), mine.predict(logical.head(6)), rtol=1e-12)
+    as_objects = logical.head(6).assign(xb=logical["xb"].head(6).astype(object))  # True/False held as objects
+    np.testing.assert_allclose(mine.predict(as_objects), mine.predict(logical.head(6)), rtol=1e-12)
     with pytest.raises(hp.DataError, match="column 'xb' was true/false in fitting"):
         mine.predict(numbers.assign(xb=2))
 

@@ -85,7 +85,8 @@ def _as_fitted_logicals(design, frame: pd.DataFrame) -> pd.DataFrame:
     converted = {}
     for name in logical:
         column = frame[name]
-        if pd.api.types.is_bool_dtype(column.dtype):
+        if pd.api.types.is_bool_dtype(column.dtype) or (
+                column.dtype == object and all(isinstance(value, (bool, np.bool_)) for value in column)):
             converted[name] = column.to_numpy(dtype=bool)
             continue
         values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=float) if column.dtype != object else None
