@@ -319,13 +319,12 @@ def _plain_numeric(frame: pd.DataFrame, as_values=()) -> pd.DataFrame:
                            for c in logical})
 
 
-def coded_factors(frame: pd.DataFrame, columns, spec: ModelSpec, responses=()) -> dict:
-    """The logical columns of ``columns`` (not ``responses``) that a term of ``spec`` reads and a call reads too
-    (``offset(xb)``, ``I(xb * 1)``: its values), with both values: their uses as terms are written ``C(name)``, a
-    factor of levels False, True (:func:`~hierpool.spec.formula.with_coded_factors`), as R's model.matrix reads a
-    logical.  A logical that no call reads is a factor in the frame itself (:func:`_plain_numeric`), the formula as
-    written (formulae codes a call's factor otherwise in an interaction without its main effects, ``s:C(xb)``)."""
-    in_calls = names_in_calls(spec.fixed.split("~", 1)[1], *(term.lhs for term in spec.random))
+def coded_factors(frame: pd.DataFrame, columns, in_calls, responses=()) -> dict:
+    """The logical columns of ``columns`` (not ``responses``) that a call reads too (``in_calls``: ``offset(xb)``,
+    ``I(xb * 1)``, its values), with both values: their uses as terms are written ``C(name)``, a factor of levels
+    False, True (:func:`~hierpool.spec.formula.with_coded_factors`), as R's model.matrix reads a logical.  A logical
+    that no call reads is a factor in the frame itself (:func:`_plain_numeric`), the formula as written (formulae
+    codes a call's factor otherwise in an interaction without its main effects, ``s:C(xb)``)."""
     logical = tuple(c for c in columns if c in frame.columns and c not in responses and c in in_calls
                     and pd.api.types.is_bool_dtype(frame[c].dtype) and frame[c].nunique() == 2)
     return {"logical": logical}
@@ -573,8 +572,8 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
 
 
 def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, coded: dict | None = None) -> RandomEffectTerm:
-    """Term ``spec``'s columns and levels; ``coded``: the ordered Categoricals and logical columns its left side
-    codes as R does (:func:`coded_factors`, :func:`~hierpool.spec.formula.with_coded_factors`)."""
+    """Term ``spec``'s columns and levels; ``coded``: the logical columns whose uses as terms its left side writes
+    as factors (:func:`coded_factors`, :func:`~hierpool.spec.formula.with_coded_factors`)."""
     what = f"random-effect term ({display_name(spec.lhs)} | {spec.name})"
     lhs = with_coded_factors(spec.lhs, **(coded or {}))
     plain = plain_part(lhs)
@@ -858,12 +857,14 @@ def build_design(
     model_frame = frame  # lme4's model.frame: the used columns of the fitted rows (hp.bootstrap refits from it)
     # a logical a term reads: a factor of levels False, True, as lme4 codes it (in the frame, or where a call reads
     # its values too, by the term: coded_factors)
-    coded = coded_factors(frame, columns, spec, (spec.response, fixed_spec.response))
+    in_calls = names_in_calls(spec.fixed.split("~", 1)[1], *(term.lhs for term in spec.random))
+    coded = coded_factors(frame, columns, in_calls, (spec.response, fixed_spec.response))
     if any(coded.values()):
         response_part, rhs = fixed_spec.fixed.split("~", 1)
         fixed_spec = replace(fixed_spec, fixed=f"{response_part}~{with_coded_factors(rhs, **coded)}")
-    as_values = set(coded["logical"]) | set(names_in_calls(spec.fixed.split("~", 1)[1], *(t.lhs for t in spec.random)))
-    frame = _plain_numeric(frame, as_values=as_values | {spec.response, fixed_spec.response})
+    # read as values: what a call reads, the response, the weights, offset and se columns
+    frame = _plain_numeric(frame, as_values=in_calls | {spec.response, fixed_spec.response, se, weights_column,
+                                                        offset_column})
     _check_finite(frame)
 
     y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame, spec.response)
