@@ -142,6 +142,10 @@ def test_a_logical_column_is_a_factor_as_in_r(data, formula):
     np.testing.assert_allclose(mine.predict(as_objects), mine.predict(logical.head(6)), rtol=1e-12)
     with pytest.raises(hp.DataError, match="column 'xb' was true/false in fitting"):
         mine.predict(numbers.assign(xb=2))
+    # a logical grouping factor's labels are text, as every factor's: "True" in new data is its level True
+    grouped = hp.lmm("y ~ x + (1 | xb)", logical)
+    np.testing.assert_allclose(grouped.predict(logical.head(6).assign(xb=logical["xb"].head(6).astype(str))),
+                               grouped.predict(logical.head(6)), rtol=1e-12)
 
 
 def test_a_logical_inside_a_call_is_its_values_and_one_with_a_single_value_is_dropped_with_a_warning(data):

@@ -80,8 +80,9 @@ def _as_fitted_logicals(design, frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with the columns that were logical in fitting as NumPy bools: True/False, nullable booleans, or
     the numbers 0 and 1 (read as False and True; another number is refused by name).  A logical fitted as a factor
     (levels False, True) took 0 and 1 for labels that match no level, so that every row got True's coefficient."""
-    fitted = design.frame
-    logical = [c for c in frame.columns if c in fitted.columns and pd.api.types.is_bool_dtype(fitted[c].dtype)]
+    fitted = design.frame  # (a grouping factor's labels are matched by their text: not read here)
+    logical = [c for c in frame.columns if c in fitted.columns and c in design.spec.values
+               and pd.api.types.is_bool_dtype(fitted[c].dtype)]
     converted = {}
     for name in logical:
         column = frame[name]
