@@ -167,22 +167,18 @@ def coefficient_map(X: np.ndarray, fixed_names, coef_names, index: np.ndarray, z
     p, k = X.shape[1], z.shape[1]
     out = np.zeros((n_groups, p, k))
     names = list(fixed_names)
-    taken = set()
     for c, coef in enumerate(coef_names):
         if coef in names:
             out[:, names.index(coef), c] = 1.0
-            taken.add(names.index(coef))
+    squares = [np.bincount(index, weights=z[:, c] ** 2, minlength=n_groups) for c in range(k)]  # each group's z_c'z_c
     for f in range(p):
-        if f in taken or names[f] in coef_names:
-            continue
         column = X[:, f]
         scale = np.max(np.abs(column), initial=0.0)
-        if scale == 0.0:
+        if names[f] in coef_names or scale == 0.0:
             continue
         for c in range(k):
-            squares = np.bincount(index, weights=z[:, c] ** 2, minlength=n_groups)
-            multiple = np.divide(np.bincount(index, weights=column * z[:, c], minlength=n_groups), squares,
-                                 out=np.zeros(n_groups), where=squares > 0)
+            multiple = np.divide(np.bincount(index, weights=column * z[:, c], minlength=n_groups), squares[c],
+                                 out=np.zeros(n_groups), where=squares[c] > 0)
             if np.max(np.abs(column - multiple[index] * z[:, c])) <= GROUP_LEVEL_TOL * scale:
                 out[:, f, c] = multiple
                 break

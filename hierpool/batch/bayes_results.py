@@ -11,6 +11,7 @@ import pandas as pd
 from ..algebra.varcorr import coef_pairs, varcorr_table
 from ..bayesian.results import ESS_MIN_PER_CHAIN, R_HAT_MAX, SUMMARY_COLUMNS, SamplingWarning, summarize_draws
 from ..errors import ArgumentError
+from .results import dataset_column
 
 #: The further scalar parameters a batch may sample, each summarized per dataset (BayesBatchResult.scalars).
 SCALARS = ("phi", "shape")
@@ -159,7 +160,7 @@ class BayesBatchResult:
     def fixef(self) -> pd.DataFrame:
         """Fixed effects: one row per dataset and term, hp.bayes's summary columns."""
         p = len(self.fixed_names)
-        keys = pd.DataFrame({self.datasets.name: np.repeat(np.asarray(self.datasets), p),
+        keys = pd.DataFrame({dataset_column(self.datasets): np.repeat(np.asarray(self.datasets), p),
                              "term": np.tile(np.asarray(self.fixed_names, dtype=object), len(self.datasets))})
         return self._long(keys, self.fixef_summary.reshape(-1, len(SUMMARY_COLUMNS)))
 
@@ -183,7 +184,7 @@ class BayesBatchResult:
                                  ignore_index=True)
             values = np.concatenate([values, self.scalars["phi"][:, None]], axis=1)
         keys = pd.concat([template] * len(self.datasets), ignore_index=True)
-        keys.insert(0, self.datasets.name, np.repeat(np.asarray(self.datasets), len(template)))
+        keys.insert(0, dataset_column(self.datasets), np.repeat(np.asarray(self.datasets), len(template)))
         return self._long(keys, values.reshape(-1, len(SUMMARY_COLUMNS)))
 
     @property
@@ -195,7 +196,7 @@ class BayesBatchResult:
             k = len(term.coef_names)
             counts = np.array([len(levels) for levels in term.levels])
             keys.append(pd.DataFrame({
-                self.datasets.name: np.repeat(np.asarray(self.datasets), counts * k),
+                dataset_column(self.datasets): np.repeat(np.asarray(self.datasets), counts * k),
                 "grpvar": term.group,
                 "term": np.concatenate([np.repeat(np.asarray(term.coef_names, dtype=object), n) for n in counts]),
                 "grp": np.concatenate([np.tile(np.asarray(levels, dtype=object), k) for levels in term.levels]),
@@ -213,7 +214,7 @@ class BayesBatchResult:
         if self.hyperparameter_names is None:
             return None
         names = self.hyperparameter_names
-        keys = pd.DataFrame({self.datasets.name: np.repeat(np.asarray(self.datasets), len(names)),
+        keys = pd.DataFrame({dataset_column(self.datasets): np.repeat(np.asarray(self.datasets), len(names)),
                              "parameter": np.tile(np.asarray(names, dtype=object), len(self.datasets))})
         return self._long(keys, self.varcorr_summary.reshape(-1, len(SUMMARY_COLUMNS)))
 

@@ -31,7 +31,7 @@ import pandas as pd
 from ..errors import ArgumentError, DataError, FormulaError, HierpoolWarning
 from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
-from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_coded_factors
+from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_logical_factors
 from .labels import column_labels
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
@@ -319,15 +319,14 @@ def _plain_numeric(frame: pd.DataFrame, as_values=()) -> pd.DataFrame:
                            for c in logical})
 
 
-def coded_factors(frame: pd.DataFrame, columns, in_calls, responses=()) -> dict:
+def logical_factors(frame: pd.DataFrame, columns, in_calls, responses=()) -> tuple[str, ...]:
     """The logical columns of ``columns`` (not ``responses``) that a call reads too (``in_calls``: ``offset(xb)``,
     ``I(xb * 1)``, its values), with both values: their uses as terms are written ``C(name)``, a factor of levels
-    False, True (:func:`~hierpool.spec.formula.with_coded_factors`), as R's model.matrix reads a logical.  A logical
+    False, True (:func:`~hierpool.spec.formula.with_logical_factors`), as R's model.matrix reads a logical.  A logical
     that no call reads is a factor in the frame itself (:func:`_plain_numeric`), the formula as written (formulae
     codes a call's factor otherwise in an interaction without its main effects, ``s:C(xb)``)."""
-    logical = tuple(c for c in columns if c in frame.columns and c not in responses and c in in_calls
-                    and pd.api.types.is_bool_dtype(frame[c].dtype) and frame[c].nunique() == 2)
-    return {"logical": logical}
+    return tuple(c for c in columns if c in frame.columns and c not in responses and c in in_calls
+                 and pd.api.types.is_bool_dtype(frame[c].dtype) and frame[c].nunique() == 2)
 
 
 def _warn_vanished_factors(frame: pd.DataFrame, spec: ModelSpec, fixed_names, terms) -> None:
@@ -571,11 +570,11 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
     return inverse.astype(np.int32), labels
 
 
-def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, coded: dict | None = None) -> RandomEffectTerm:
-    """Term ``spec``'s columns and levels; ``coded``: the logical columns whose uses as terms its left side writes
-    as factors (:func:`coded_factors`, :func:`~hierpool.spec.formula.with_coded_factors`)."""
+def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, logical=()) -> RandomEffectTerm:
+    """Term ``spec``'s columns and levels; ``logical``: the logical columns whose uses as terms its left side writes
+    as factors (:func:`logical_factors`, :func:`~hierpool.spec.formula.with_logical_factors`)."""
     what = f"random-effect term ({display_name(spec.lhs)} | {spec.name})"
-    lhs = with_coded_factors(spec.lhs, **(coded or {}))
+    lhs = with_logical_factors(spec.lhs, logical)
     plain = plain_part(lhs)
     if plain is not None and plain.readable(frame):
         z_names, z, z_matrix = plain.column_names, plain.matrix(frame), plain
@@ -856,12 +855,12 @@ def build_design(
             fixed_spec = replace(spec, response=RESPONSE_COLUMN, fixed=f"{RESPONSE_COLUMN} ~{rhs}")
     model_frame = frame  # lme4's model.frame: the used columns of the fitted rows (hp.bootstrap refits from it)
     # a logical a term reads: a factor of levels False, True, as lme4 codes it (in the frame, or where a call reads
-    # its values too, by the term: coded_factors)
+    # its values too, by the term: logical_factors)
     in_calls = names_in_calls(spec.fixed.split("~", 1)[1], *(term.lhs for term in spec.random))
-    coded = coded_factors(frame, columns, in_calls, (spec.response, fixed_spec.response))
-    if any(coded.values()):
+    logical = logical_factors(frame, columns, in_calls, (spec.response, fixed_spec.response))
+    if logical:
         response_part, rhs = fixed_spec.fixed.split("~", 1)
-        fixed_spec = replace(fixed_spec, fixed=f"{response_part}~{with_coded_factors(rhs, **coded)}")
+        fixed_spec = replace(fixed_spec, fixed=f"{response_part}~{with_logical_factors(rhs, logical)}")
     # read as values: what a call reads, the response, the weights, offset and se columns
     frame = _plain_numeric(frame, as_values=in_calls | {spec.response, fixed_spec.response, se, weights_column,
                                                         offset_column})
@@ -886,7 +885,7 @@ def build_design(
     if offset is not None:
         offset_sum = offset_sum + frame[offset_column or OFFSET_COLUMN].to_numpy(dtype=float)
 
-    terms = [_random_term(frame, t, coded) for t in spec.random]
+    terms = [_random_term(frame, t, logical) for t in spec.random]
     terms = [terms[j] for j in lme4_term_order([t.n_levels for t in terms])]
     if se is not None:
         row_weights = 1.0 / _known_sd(frame, se) ** 2

@@ -42,6 +42,7 @@ R_SCALE_NAME = "r_scale"
 POLY_CONTRAST_NAME = "contr_poly"
 _POLY_COLUMN = re.compile(rf"C\(([^(),]+), {POLY_CONTRAST_NAME}\)\[([^\]]*)\]")
 _FACTOR_COLUMN = re.compile(r"(?<![\w.])C\(([^(),]+)\)\[")
+_CODING_CALL = re.compile(rf"C\(([^(),]+)(?:, {POLY_CONTRAST_NAME})?\)")
 _SCALE_CALL = re.compile(r"(?<![\w.])scale(?=\s*\()")
 _R_SCALE_CALL = re.compile(rf"(?<![\w.]){R_SCALE_NAME}(?=\()")
 
@@ -274,21 +275,24 @@ def names_in_calls(*texts) -> set[str]:
     return {name for text in texts for _, _, name, in_call in _term_names(text) if in_call}
 
 
-def with_coded_factors(text: str, ordered=(), logical=()) -> str:
-    """``text`` (a formula's right side, or a random term's left side) with each use of a column as a term (not within
-    a call's brackets: :func:`_term_names`) written as a call: an ordered Categorical of ``ordered`` as ``C(name,
-    contr_poly)`` (R's ``contr.poly``), a logical column of ``logical`` as ``C(name)``, a factor of levels False,
-    True (R's model.matrix reads a logical so; :func:`hierpool.spec.design.build_design` uses it for a logical that
-    a call also reads, ``offset(xb)``, whose values the call keeps)."""
-    calls = {**{name: f"C({{}}, {POLY_CONTRAST_NAME})" for name in ordered}, **{name: "C({})" for name in logical}}
-    if not calls:
+def with_logical_factors(text: str, logical) -> str:
+    """``text`` (a formula's right side, or a random term's left side) with each use of a column of ``logical`` as a
+    term (not within a call's brackets: :func:`_term_names`) written ``C(name)``, a factor of levels False, True, as
+    R's model.matrix reads a logical (:func:`hierpool.spec.design.build_design` writes so a logical that a call also
+    reads, ``offset(xb)``, whose values the call keeps)."""
+    if not logical:
         return text
     out, last = [], 0
     for start, end, name, in_call in _term_names(text):
-        if name in calls and not in_call:
-            out += [text[last:start], calls[name].format(text[start:end])]
+        if name in logical and not in_call:
+            out += [text[last:start], f"C({text[start:end]})"]
             last = end
     return "".join(out) + text[last:]
+
+
+def without_coding_calls(text: str) -> str:
+    """A message of formulae's with a column's coding call (``C(xb)``, ``C(f, contr_poly)``) written as the column."""
+    return _CODING_CALL.sub(lambda m: m[1], text)
 
 
 def _parse_with_formulae(text: str, what: str):

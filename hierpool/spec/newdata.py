@@ -18,10 +18,7 @@ import pandas as pd
 from ..errors import ArgumentError, DataError
 from .columns import PlainPart
 from .design import check_columns, group_index
-from .formula import display_name
-
-#: A column's coding call as formulae names it in a message (``C(xb)``, ``C(f, contr_poly)``): the column's name.
-_CODED = re.compile(r"C\(([^(),]+)(?:, contr_poly)?\)")
+from .formula import display_name, without_coding_calls
 
 
 def _encode_frame(matrix, frame: pd.DataFrame, what: str) -> pd.DataFrame:
@@ -30,8 +27,7 @@ def _encode_frame(matrix, frame: pd.DataFrame, what: str) -> pd.DataFrame:
             return matrix.new_rows(frame)
         encoded = matrix.evaluate_new_data(frame).as_dataframe()
     except Exception as exc:  # formulae raises several exception types for unseen categories
-        readable = _CODED.sub(lambda m: m[1], str(exc))
-        raise DataError(f"cannot encode {what} for the new data: {readable}") from None
+        raise DataError(f"cannot encode {what} for the new data: {without_coding_calls(str(exc))}") from None
     encoded.index = frame.index
     return encoded
 
@@ -71,9 +67,7 @@ def _response_only_columns(design) -> set[str]:
 def _grouping_only_columns(design) -> set[str]:
     """Columns the formula reads only as grouping factors (``Subject`` of ``(Days | Subject)``)."""
     spec = design.spec
-    factors = {name for t in spec.random for name in t.factor}
-    read = spec.fixed.split("~", 1)[1] + " " + " ".join(t.lhs for t in spec.random)
-    return factors - set(re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", read))
+    return {name for t in spec.random for name in t.factor} - set(spec.values)
 
 
 def _as_fitted_logicals(design, frame: pd.DataFrame) -> pd.DataFrame:
