@@ -107,6 +107,44 @@ def test_gls_without_random_effects_is_nlmes_gls():
         hp.lmm("follicles ~ s + c", ovary, correlation=hp.ar1("Mare"), control=hp.Control())
 
 
+def test_a_gls_fits_predictions_are_the_dense_kriging_predictor():
+    """hp.lmm's GLS fit predicts as the dense GLS formulas at its phi and sigma: a new row after a series' last fitted
+    row carries phi^lag times its residual and its se is the conditional one (the error of beta-hat through the row
+    less what the series explains); a new series' row is x beta-hat, with ``carry=False`` nlme's predict.gls for
+    every row; the fitted rows' predictions are ``fitted``."""
+    rng = np.random.default_rng(7)
+    t = np.r_[1, 2, 4, 7, 8, 1, 3, 4, 6, 0.5, 1, 2, 5, 6, 9.5]
+    data = pd.DataFrame({"g": np.repeat(list("abc"), [5, 4, 6]), "t": t, "x": rng.normal(size=15)})
+    data["y"] = 1 + data["x"] + rng.normal(size=15)
+    fit = hp.lmm("y ~ x", data, correlation=hp.car1("g", "t"))
+    assert type(fit).__name__ == "GLSResult"
+    new = pd.DataFrame({"g": ["a", "b", "c", "d"], "t": [9.0, 6.5, 10.0, 1.0], "x": [0.3, -1.0, 0.5, 0.0]},
+                       index=[10, 11, 12, 13])
+    got = fit.predict(new, interval="prediction")
+    confidence = fit.predict(new, interval="confidence", level=0.9)
+    phi, sigma2 = fit.phi, fit.sigma**2
+    g, X, y = data["g"].to_numpy(), np.column_stack([np.ones(15), data["x"]]), data["y"].to_numpy()
+    v_inv = np.linalg.inv(np.where(g[:, None] == g[None, :], phi ** np.abs(t[:, None] - t[None, :]), 0.0))
+    precision = X.T @ v_inv @ X
+    beta = np.linalg.solve(precision, X.T @ v_inv @ y)
+    np.testing.assert_allclose(fit.fixef, beta, rtol=1e-8)
+    for i, row in new.iterrows():
+        k0 = np.where(g == row["g"], phi ** np.abs(row["t"] - t), 0.0)
+        x = np.array([1.0, row["x"]])
+        d = x - X.T @ v_inv @ k0
+        mean_variance = sigma2 * (d @ np.linalg.solve(precision, d))
+        assert got["fit"][i] == pytest.approx(x @ beta + k0 @ v_inv @ (y - X @ beta), rel=1e-8)
+        assert got["se"][i] == pytest.approx(np.sqrt(sigma2 * (1 - k0 @ v_inv @ k0) + mean_variance), rel=1e-6)
+        assert confidence["se"][i] == pytest.approx(np.sqrt(mean_variance), rel=1e-6)
+    assert confidence["upper"][10] - confidence["fit"][10] == pytest.approx(
+        scipy.stats.norm.ppf(0.95) * confidence["se"][10], rel=1e-10)
+    assert got["fit"][13] == pytest.approx(beta[0], rel=1e-8)  # a new series carries nothing
+    np.testing.assert_allclose(fit.predict(new, carry=False), beta[0] + beta[1] * new["x"], rtol=1e-8)
+    np.testing.assert_allclose(fit.predict(), fit.fitted, rtol=1e-12)
+    with pytest.raises(hp.HierpoolError, match="'t'"):
+        fit.predict(new.drop(columns="t"))
+
+
 def _gapped_negative_series(seed: int, phi: float = -0.6, groups: int = 10, steps: int = 12) -> pd.DataFrame:
     """corAR1 residuals (phi per step) of ``groups`` series at integer times 1..steps, a third of the readings
     missing, plus a random intercept."""

@@ -194,7 +194,7 @@ class AR1Result(LMMResult):
         """
         from .predict import predict
 
-        carry = None if newdata is None or not re else self._carry(newdata)
+        carry = None if newdata is None or not re else carry_of(self.structure, self.phi, self.series_ends, newdata)
         return predict(self, newdata=newdata, re=re, interval=interval, level=level, carry=carry)
 
     def shrinkage(self) -> pd.DataFrame:
@@ -205,11 +205,6 @@ class AR1Result(LMMResult):
         raise ArgumentError("shrinkage() takes the residuals as independent (w_g = n_g sigma_b^2 / (n_g sigma_b^2 + "
                             "sigma^2)); an AR(1) fit's BLUPs weigh a series' rows by their inverse correlation: "
                             "read fit.ranef instead")
-
-    def _carry(self, newdata: pd.DataFrame):
-        """(c, last) of each new row (see :func:`hierpool.closedform.predict.predict`)."""
-        lag, last = carried_lags(self.structure, self.series_ends, newdata)
-        return np.asarray(carried(float(self.phi), last, np.asarray(lag, dtype=float))), last
 
     @property
     def objective(self) -> float:
@@ -522,6 +517,14 @@ def unrepresentable_phi(correlation: AR1, psi: float, unit: float, what: str = "
     return (f"{correlation.describe()}: {what} is {psi:.4g} per {unit:.4g} units of {correlation.time!r} (its median "
             f"lag), so per unit it is {psi:.4g}^(1/{unit:.4g}), beyond what a float holds for predictions and "
             f"simulations: give {correlation.time!r} in units nearer the spacing of its readings")
+
+
+def carry_of(structure: AR1, phi: float, series_ends: pd.DataFrame, newdata: pd.DataFrame):
+    """(c, last) of each new row, the ``carry`` of :func:`hierpool.closedform.predict.predict`: the fitted row whose
+    residual it carries (-1: none) and c = phi^lag (:func:`carried_lags`), for the mixed model's and the GLS fit's
+    predictions."""
+    lag, last = carried_lags(structure, series_ends, newdata)
+    return np.asarray(carried(float(phi), last, np.asarray(lag, dtype=float))), last
 
 
 def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

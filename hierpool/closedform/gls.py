@@ -21,7 +21,8 @@ Reference: Pinheiro & Bates (2000), Mixed-Effects Models in S and S-PLUS, sec. 5
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -32,12 +33,14 @@ from ..errors import DataError
 from ..spec.correlation import AR1
 from ..spec.design import Design
 from .ar1 import (
+    carry_of,
     checked_series,
     constrained,
     in_search_unit,
     lag_one_phi,
     phi_per_unit,
     search_phi,
+    series_ends,
     unconstrained,
     whitened_design,
 )
@@ -66,6 +69,8 @@ class GLSResult(Likelihood):
         r^2, the whitened residual sum of squares.
     log_det_correlation : float
         log |C(phi-hat)|.
+    series_ends : pandas.DataFrame
+        Per series label: its last fitted row and that row's time (or position): what :meth:`predict` carries.
     """
 
     design: Design
@@ -78,6 +83,7 @@ class GLSResult(Likelihood):
     unscaled_vcov: np.ndarray
     pwrss: float
     log_det_correlation: float
+    series_ends: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def nobs(self) -> int:
@@ -116,6 +122,35 @@ class GLSResult(Likelihood):
         """y - fitted (correlated within series; the whitened ones are the independent ones)."""
         return self.design.y - self.fitted
 
+    def predict(self, newdata: pd.DataFrame | None = None, interval: str | None = None, level: float = 0.95,
+                carry: bool = True):
+        """Predictions offset + x beta-hat (nlme's ``predict(fit, newdata)``), optionally with intervals; a new row of
+        a fitted series, after its last fitted row, also carries that row's residual forward: + phi^lag
+        (y_last - fitted_last), the conditional mean given the data (nlme's ``predict.gls`` does not carry it:
+        ``carry=False`` gives its numbers).
+
+        Parameters
+        ----------
+        newdata : pandas.DataFrame, optional
+            Rows to predict, with the formula's columns and the series (and time) columns; the fitted rows when None
+            (which carry nothing: :attr:`fitted`).
+        interval : {None, "confidence", "prediction"}
+            "confidence": for the mean, from x' Cov(beta-hat) x; "prediction": for a new observation, adding
+            sigma^2, or sigma^2 (1 - c^2) for a row carrying c = phi^lag times a residual.
+        level : float
+        carry : bool
+            Carry the series' last residual (see above).
+
+        The lag is as :meth:`hierpool.closedform.ar1.AR1Result.predict` reads it (its time since the series' last
+        fitted row, or without a time column its rank among the series' new rows in ``newdata``'s order); the
+        variances are :func:`hierpool.closedform.predict.predict`'s with no random effects: the whitened row's
+        (x - c x_last)' Cov(beta-hat) (x - c x_last), as the error of beta-hat enters through both rows.
+        """
+        from .predict import predict
+
+        use = None if newdata is None or not carry else carry_of(self.structure, self.phi, self.series_ends, newdata)
+        return predict(_FixedOnly(self), newdata=newdata, re=False, interval=interval, level=level, carry=use)
+
     @property
     def correlation(self) -> pd.DataFrame:
         """phi with its approximate 95% interval, one row named by nlme's spelling of the structure."""
@@ -141,6 +176,19 @@ class GLSResult(Likelihood):
             f"  phi = {self.phi:.6g}  (95% interval {lower:.4g} to {upper:.4g})",
             f"Residual standard error: {self.sigma:.6g}   Number of obs: {self.nobs}",
             "", "Coefficients:", table.to_string()])
+
+
+class _FixedOnly:
+    """A GLS fit as :func:`hierpool.closedform.predict.predict` reads a mixed model's: no random-effect terms, beta
+    and Cov(beta-hat) on the user's columns."""
+
+    def __init__(self, result: GLSResult):
+        self.design, self.sigma, self.residuals = result.design, result.sigma, result.residuals
+        self.solution = SimpleNamespace(beta=result.beta, b=[])
+        self._vcov = result.vcov.to_numpy()
+
+    def prediction_coordinates(self):
+        return None, [], [], self._vcov
 
 
 def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = True) -> GLSResult:
@@ -194,4 +242,4 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         value = conditioning.objective_to_user(value, reml)
     return GLSResult(design=design, structure=correlation, reml=reml, phi=phi_per_unit(u_hat, unit, correlation),
                      phi_interval=interval, objective=value, beta=beta, unscaled_vcov=unscaled_vcov,
-                     pwrss=pwrss, log_det_correlation=logdet)
+                     pwrss=pwrss, log_det_correlation=logdet, series_ends=series_ends(correlation, data, design, series))
