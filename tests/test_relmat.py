@@ -433,6 +433,12 @@ def test_a_covariate_far_from_zero_is_the_centred_models_fit(phenotypes, A):
     assert moved.fixef["x"] == pytest.approx(centred.fixef["x"], rel=1e-8)
     assert moved.fixef_se["x"] == pytest.approx(centred.fixef_se["x"], rel=1e-7)
     assert moved.heritability().estimate.iloc[0] == pytest.approx(centred.heritability().estimate.iloc[0], rel=1e-6)
+    # predictions' se from the equations of X A (x' Cov(beta) x at x ~ 3e6 would cancel most digits)
+    new = data.iloc[:4]
+    for interval in ("confidence", "prediction"):
+        for re in (True, False):
+            np.testing.assert_allclose(moved.predict(new.assign(x=new.x + 3e6), re=re, interval=interval),
+                                       centred.predict(new, re=re, interval=interval), rtol=1e-6)
 
 
 def test_a_relationship_labelled_by_floats_meets_its_levels(pedigree, phenotypes, A):
@@ -442,3 +448,76 @@ def test_a_relationship_labelled_by_floats_meets_its_levels(pedigree, phenotypes
     floats = A.set_axis([number[i] for i in A.index], axis=0).set_axis([number[i] for i in A.columns], axis=1)
     fit = hp.lmm(FORMULA, phenotypes.assign(animal=phenotypes["animal"].map(number)), relmat={"animal": floats})
     assert fit.heritability().estimate.iloc[0] == pytest.approx(REFERENCE["fits"]["REML"]["h2"], rel=1e-5)
+
+
+def test_fitted_coef_and_predictions_with_an_identity_relationship_are_the_ordinary_mixed_models():
+    """With A = I (and a level of A without records) the animal model's fitted values, residuals, coef and predictions
+    (confidence and prediction intervals, a level of A without records, a level of neither, re=False) are the
+    blocked algebra's: an animal of A without records predicts as a new level does (its BLUP 0, its variance
+    sigma_A^2), and so does a level outside A."""
+    rng = np.random.default_rng(9)
+    g, h = rng.integers(0, 20, 300), rng.integers(0, 8, 300)
+    x = rng.normal(size=300)
+    data = pd.DataFrame({"g": [f"g{i:02d}" for i in g], "h": [f"h{i:02d}" for i in h], "x": x,
+                         "y": 1 + 0.5 * x + rng.normal(0, 0.8, 20)[g] + rng.normal(0, 0.6, 8)[h]
+                         + rng.normal(size=300)})
+    labels = sorted(set(data.g)) + ["g98"]
+    identity = pd.DataFrame(np.eye(len(labels)), index=labels, columns=labels)
+    formula = "y ~ x + (1 | g) + (1 | h)"
+    ours = hp.lmm(formula, data, relmat={"g": identity})
+    plain = hp.lmm(formula, data)
+    assert ours.objective == pytest.approx(plain.objective, rel=1e-8)
+    np.testing.assert_allclose(ours.fitted, plain.fitted, atol=1e-5)
+    np.testing.assert_allclose(ours.residuals, data["y"] - ours.fitted, atol=1e-12)
+    for group in ("g", "h"):
+        np.testing.assert_allclose(ours.coef[group].loc[plain.coef[group].index], plain.coef[group], atol=1e-5)
+    assert ours.coef["g"].loc["g98", "Intercept"] == pytest.approx(ours.fixef["Intercept"], abs=1e-12)
+    new = pd.DataFrame({"g": ["g03", "g98", "g99", "g07"], "h": ["h01", "h02", "h05", "h99"],
+                        "x": [0.2, -1.0, 2.0, 0.5]}, index=list("abcd"))
+    new_level = new.replace({"g98": "g97"})  # the plain model has no g98: a new level, as for the animal model
+    for re in (True, False):
+        for interval in ("confidence", "prediction"):
+            got = ours.predict(new, re=re, interval=interval, level=0.9)
+            want = plain.predict(new_level, re=re, interval=interval, level=0.9)
+            assert list(got.index) == list("abcd")
+            np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.predict(), ours.fitted, atol=1e-12)
+    with pytest.raises(hp.HierpoolError, match="interval"):
+        ours.predict(new, interval="credible")
+    with pytest.raises(hp.HierpoolError, match="re must be"):
+        ours.predict(new, re=None)
+
+
+def test_predictions_of_animals_are_the_dense_mixed_model_equations(pedigree, phenotypes, A, fits):
+    """A prediction's se is sigma sqrt(v' C^-1 v) of the dense mixed-model equations over every animal of the
+    pedigree (v = [x; z e_animal]): for an animal with records, one without (its BLUP from its relatives') and one
+    outside the pedigree (b = 0 and sigma_A^2 added); the prediction interval adds sigma_A^2 A_ll for the last and
+    the noise; at re=False, x' Cov(beta) x plus sigma_A^2 A_ll and the noise for every row."""
+    fit = fits[(True, "A")]
+    ranef = fit.ranef
+    inbred = ranef["grp"].map(pd.Series(np.diag(A.to_numpy()), index=A.index)) > 1  # A_ll = 1 + F is not 1
+    recorded = ranef.loc[ranef.recorded & inbred, "grp"].iloc[3]
+    unrecorded = ranef.loc[~ranef.recorded & inbred, "grp"].iloc[-1]
+    new = pd.DataFrame({"animal": [recorded, unrecorded, "nobody"], "sex": ["M", "F", "F"]})
+    labels = list(A.index)
+    Z = (phenotypes["animal"].to_numpy()[:, None] == np.array(labels)[None, :]).astype(float)
+    X = np.column_stack([np.ones(len(phenotypes)), phenotypes["sex"] == "M"]).astype(float)
+    a = A.to_numpy()
+    C = np.block([[X.T @ X, X.T @ Z], [Z.T @ X, Z.T @ Z + np.linalg.inv(a) / fit.theta[0] ** 2]])
+    c_inv = np.linalg.inv(C)
+    sigma2, sigma2_a = fit.sigma**2, fit.sigma_a**2
+    bv = ranef.set_index("grp")["condval"]
+    confidence = fit.predict(new, interval="confidence")
+    prediction = fit.predict(new, interval="prediction")
+    population = fit.predict(new, re=False, interval="prediction")
+    for i, row in new.iterrows():
+        x = np.array([1.0, row["sex"] == "M"])
+        v = np.concatenate([x, np.array(labels) == row["animal"]]).astype(float)
+        a_ll = a[labels.index(row["animal"]), labels.index(row["animal"])] if row["animal"] in labels else 1.0
+        unknown = sigma2_a * a_ll * (row["animal"] not in labels)
+        assert confidence["fit"][i] == pytest.approx(x @ fit.fixef + bv.get(row["animal"], 0.0), rel=1e-10)
+        assert confidence["se"][i] ** 2 == pytest.approx(sigma2 * v @ c_inv @ v + unknown, rel=1e-7)
+        assert prediction["se"][i] ** 2 == pytest.approx(sigma2 * v @ c_inv @ v + unknown + sigma2, rel=1e-7)
+        assert population["se"][i] ** 2 == pytest.approx(sigma2 * x @ c_inv[:2, :2] @ x + sigma2_a * a_ll + sigma2,
+                                                          rel=1e-7)
+    np.testing.assert_allclose(fit.residuals, phenotypes["y"] - fit.fitted, atol=1e-12)

@@ -772,11 +772,16 @@ def inverse_diagonal(solve, size: int, offset: int = 0, count: int | None = None
     given its ``solve`` (V -> B^-1 V, a factor's), by solving for those unit vectors in chunks of
     :data:`DIAGONAL_CHUNK`: n solves, no dense inverse (a sparse factor's prediction error variances)."""
     count = size - offset if count is None else count
-    out = np.empty(count)
-    for start in range(0, count, DIAGONAL_CHUNK):
-        stop = min(count, start + DIAGONAL_CHUNK)
-        rows = offset + np.arange(start, stop)
-        rhs = np.zeros((size, stop - start))
-        rhs[rows, np.arange(stop - start)] = 1.0
-        out[start:stop] = solve(rhs)[rows, np.arange(stop - start)]
+    return inverse_diagonal_at(solve, size, offset + np.arange(count))
+
+
+def inverse_diagonal_at(solve, size: int, rows: np.ndarray) -> np.ndarray:
+    """(B^-1)_ii at each of ``rows`` (:func:`inverse_diagonal` at any rows): one solve per row, in chunks."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty(rows.size)
+    for start in range(0, rows.size, DIAGONAL_CHUNK):
+        chunk = rows[start:start + DIAGONAL_CHUNK]
+        rhs = np.zeros((size, chunk.size))
+        rhs[chunk, np.arange(chunk.size)] = 1.0
+        out[start:start + chunk.size] = solve(rhs)[chunk, np.arange(chunk.size)]
     return out

@@ -51,15 +51,17 @@ import scipy.sparse
 import scipy.sparse.linalg
 from scipy import stats
 
-from ..algebra.conditioning import condition_fixed, fixed_to_user
+from ..algebra.conditioning import condition_fixed, fixed_rows, fixed_to_user
 from ..algebra.criterion import profiled_criterion
-from ..algebra.linalg import inverse_diagonal
+from ..algebra.linalg import DIAGONAL_CHUNK, inverse_diagonal, inverse_diagonal_at
 from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
 from ..spec.arguments import probability_argument
 from ..spec.design import Design
+from ..spec.newdata import model_rows, new_row_weights, row_labels
 from ..spec.relationship import Relationship
-from .results import Likelihood
+from .predict import check_re, normal_quantile
+from .results import Likelihood, group_coefficients
 
 #: log theta is searched in this interval (theta from 1e-4 to 1e4).
 LOG_THETA_BOUNDS = (np.log(1e-4), np.log(1e4))
@@ -382,8 +384,9 @@ def singular_theta(log_theta: np.ndarray) -> bool:
 
 class RelmatResult(Likelihood):
     """A fitted animal model (:func:`fit_relmat`): lme4's accessors (``fixef``, ``fixef_se``, ``vcov``, ``varcorr``,
-    ``sigma``, ``theta``, ``objective``, ``loglik``, ``aic``, ``bic``, ``ranef``), breeding values for every level
-    of A, ``heritability()`` and ``variance_shares()``."""
+    ``sigma``, ``theta``, ``objective``, ``loglik``, ``aic``, ``bic``, ``ranef``, ``coef``, ``fitted``,
+    ``residuals``, ``predict``), breeding values for every level of A (``ranef``; ``predict`` for animals with or
+    without records), ``heritability()`` and ``variance_shares()``."""
 
     def __init__(self, *, design, relationship, equations, reml, log_theta, objective, pieces, labels, recorded,
                  converged, evaluations):
@@ -497,6 +500,102 @@ class RelmatResult(Likelihood):
         the uncertainty of beta-hat (sigma^2 (C^-1)_bb of the whole equations, Henderson 1975): the posterior sd of
         b under a flat prior on beta with the variances held (:func:`hierpool.validate.blup_agreement`)."""
         return self.ranef.condsd.to_numpy()
+
+    @property
+    def coef(self) -> dict[str, pd.DataFrame]:
+        """lme4's ``coef(fit)``: per grouping factor, each level's coefficients, the fixed effects plus its BLUP
+        (the relationship term's over every level of A) (:func:`~hierpool.closedform.results.group_coefficients`)."""
+        return group_coefficients(self.fixef, self.ranef)
+
+    # --- fitted values and predictions -------------------------------------------------------------
+    def _rows(self, newdata):
+        """(X, [(z_j, level_j)], offset) of the rows to predict, level_j among the BLUPs of term j (the relationship
+        term's: every level of A, recorded or not; -1 for a level of neither)."""
+        return model_rows(self.design, newdata, known_levels={self._related: self.relationship.labels})
+
+    def _effects(self, terms, known) -> np.ndarray:
+        """sum_j z_j b_j[level_j] over the terms whose level is known, per row."""
+        total = np.zeros(len(terms[0][0]) if terms else 0)
+        for (z, level), values, ok in zip(terms, self.blups, known):
+            total += np.where(ok, z[:, 0] * values[np.maximum(level, 0)], 0.0)
+        return total
+
+    @property
+    def fitted(self) -> np.ndarray:
+        """offset + X beta + Z b for the rows used in fitting (lme4's ``fitted``; b the BLUPs)."""
+        X, terms, offset = self._rows(None)
+        return offset + X @ self.fixef.to_numpy() + self._effects(terms, [lvl >= 0 for _, lvl in terms])
+
+    @property
+    def residuals(self) -> np.ndarray:
+        return self.design.y - self.fitted
+
+    def predict(self, newdata: pd.DataFrame | None = None, re: bool = True, interval: str | None = None,
+                level: float = 0.95):
+        """Predictions offset + x beta-hat + sum_j z_j b-hat_j, with confidence or prediction intervals.
+
+        As :meth:`hierpool.closedform.results.LMMResult.predict`: a row's level of the relationship term may be any
+        level of A, an animal without records included (its BLUP, from its relatives'); a level of no term's
+        (an animal outside A: unrelated, not inbred) takes b = 0 and the term's variance sigma_j^2; ``re=False``
+        predicts x beta-hat.  The error variance of a prediction with the known levels' effects g (z_j at each
+        one's column) is, from Henderson's C^-1 (module docstring) with K = Z'WZ + P(theta) and S = X'V0^-1 X,
+
+            sigma^2 v' C^-1 v = sigma^2 [d' S^-1 d + g' K^-1 g],   d = x - (K^-1 Z'WX)' g,
+
+        to which ``interval="prediction"`` adds, for the terms whose level is not known, sigma_j^2 z_j^2 a_jj
+        (a_jj = A's diagonal for a level of A: 1 + its inbreeding), and the noise sigma^2 / w.  Normal quantiles,
+        theta and sigma taken as known (lme4's ``predict``, ``merTools::predictInterval``).
+        """
+        if interval not in (None, "confidence", "prediction"):
+            raise ArgumentError(f"interval must be None, 'confidence' or 'prediction', got {interval!r}")
+        check_re(re)
+        probability_argument("level", level)
+        X, terms, offset = self._rows(newdata)
+        known = [(lvl >= 0) & bool(re) for _, lvl in terms]
+        fit = offset + X @ self.fixef.to_numpy() + self._effects(terms, known)
+        if interval is None:
+            return fit
+        variance = self.sigma**2 * self._error_quadratic(X, terms, known)
+        for j, ((z, lvl), ok) in enumerate(zip(terms, known)):
+            if re or interval == "prediction":  # a level whose effect is not known: its whole distribution
+                a_jj = self._relationship_diagonal(lvl) if j == self._related else np.ones(len(lvl))
+                variance += np.where(ok, 0.0, (self.theta[j] * self.sigma * z[:, 0]) ** 2 * a_jj)
+        if interval == "prediction":
+            weights = new_row_weights(self.design, newdata)
+            variance += self.sigma**2 / (1.0 if weights is None else weights)
+        se = np.sqrt(np.maximum(variance, 0.0))
+        half = normal_quantile(level) * se
+        return pd.DataFrame({"fit": fit, "se": se, "lower": fit - half, "upper": fit + half},
+                            index=row_labels(self.design, newdata))
+
+    def _error_quadratic(self, X: np.ndarray, terms, known) -> np.ndarray:
+        """v' C^-1 v per row (:meth:`predict`), in the equations' coordinates (X A where X was conditioned)."""
+        eq, pieces = self._equations, self._pieces
+        fixed = X if eq.conditioning is None else fixed_rows(X, eq.conditioning.fixed)
+        starts = np.concatenate([[0], np.cumsum(eq.sizes)[:-1]])
+        columns = [np.where(ok, start + np.maximum(lvl, 0), -1) for (_, lvl), ok, start in zip(terms, known, starts)]
+        values = [np.where(ok, z[:, 0], 0.0) for (z, _), ok in zip(terms, known)]
+        d = fixed.copy()
+        for column, value in zip(columns, values):
+            d -= value[:, None] * pieces["k_zx"][np.maximum(column, 0)]
+        out = np.einsum("na,ab,nb->n", d, pieces["beta_block"], d)
+        for start in range(0, len(d), DIAGONAL_CHUNK):
+            rows = np.arange(start, min(len(d), start + DIAGONAL_CHUNK))
+            g = np.zeros((eq.q, rows.size))
+            for column, value in zip(columns, values):
+                np.add.at(g, (np.maximum(column[rows], 0), np.arange(rows.size)), value[rows])
+            out[rows] += np.einsum("ij,ij->j", g, pieces["solve"](g))
+        return out
+
+    def _relationship_diagonal(self, positions: np.ndarray) -> np.ndarray:
+        """A_ll at each of ``positions`` among A's labels (1 at -1: an animal outside A, unrelated and not inbred),
+        from A^-1 factored, one solve per distinct level."""
+        out = np.ones(len(positions))
+        wanted, where = np.unique(positions[positions >= 0], return_inverse=True)
+        if wanted.size:
+            factor = factor_spd(scipy.sparse.csc_matrix(self.relationship.inverse))[0]
+            out[positions >= 0] = inverse_diagonal_at(factor.solve, len(self.relationship.labels), wanted)[where]
+        return out
 
     # --- heritability -------------------------------------------------------------------------------
     def heritability(self, level: float = 0.95) -> pd.DataFrame:
