@@ -141,6 +141,16 @@ def test_areas_without_rows_are_predicted_from_their_neighbours(gaussian_fits, g
     assert np.all(ranef.loc[empty, "condsd"] > ranef["condsd"].drop(empty).median()), "and is less certain"
 
 
+def test_gaussian_fitted_values_and_residuals_are_the_dense_blups(gaussian_fits):
+    """fitted = X beta + b[area] with the dense GLS's beta and BLUPs, residuals y - fitted, Pearson's over sigma."""
+    fit = gaussian_fits["bym2", True]
+    _, beta, blup, _ = dense_gls(fit)
+    want = fit.design.X @ beta + blup[fit.sdesign.area]
+    np.testing.assert_allclose(fit.fitted, want, rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(fit.residuals, fit.design.y - want, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(fit.pearson_residuals, (fit.design.y - want) / fit.sigma, rtol=1e-7, atol=1e-9)
+
+
 @pytest.fixture(scope="module")
 def poisson_fit(nc):
     with warnings.catch_warnings():
@@ -160,6 +170,24 @@ def test_the_poisson_laplace_criterion_is_the_dense_laplace_approximation(poisso
     value = laplace.criterion(psi, beta)
     dense = dense_poisson_laplace(design, area, dense_covariance(fit.sdesign.graph, "bym2", sd, mix), beta)[0]
     assert value == pytest.approx(dense, rel=1e-9), "the sparse Laplace criterion is not the dense one"
+
+
+def test_poisson_fitted_values_and_residuals_are_the_modes_means(poisson_fit, nc):
+    """fitted = expected exp(x beta + b[area]) from the fixed effects and each county's mode (ranef); the deviance
+    residuals' squares are the unit deviances 2 (y log(y / mu) - (y - mu)), their signs y - mu's; Pearson's
+    (y - mu) / sqrt(mu); the smoothed relative risk is the county's fitted count over its expected count."""
+    fit = poisson_fit
+    effect = fit.ranef["effect"].loc[nc.data["county"]].to_numpy()
+    mu = nc.data["expected"].to_numpy() * np.exp(fit.design.X @ fit.fixef.to_numpy() + effect)
+    np.testing.assert_allclose(fit.fitted, mu, rtol=1e-10)
+    y = nc.data["sid74"].to_numpy()
+    unit = 2 * (scipy.special.xlogy(y, y / mu) - (y - mu))
+    np.testing.assert_allclose(fit.residuals**2, unit, rtol=1e-8, atol=1e-12)
+    assert np.all(np.sign(fit.residuals) == np.sign(y - mu))
+    np.testing.assert_allclose(fit.pearson_residuals, (y - mu) / np.sqrt(mu), rtol=1e-10)
+    risk = fit.relative_risk()
+    np.testing.assert_allclose(risk["relative_risk"], (fit.fitted / nc.data["expected"].to_numpy())[
+        pd.Index(nc.data["county"]).get_indexer(risk.index)], rtol=1e-10)
 
 
 def dense_poisson_laplace(design, area, cov, beta):

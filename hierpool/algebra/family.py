@@ -186,6 +186,14 @@ class Family:
         return 2.0 * weights * (y * xp.log(xp.maximum(y, 1.0) / mu)
                                 - (y + theta) * (xp.log1p(y / theta) - xp.log1p(mu / theta)))
 
+    def deviance_residuals(self, y, mu, weights):
+        """sign(y - mu) sqrt(a d(y, mu)), whose squares sum to the deviance (R's ``residuals(fit)``, "deviance")."""
+        return np.sign(y - mu) * np.sqrt(np.maximum(self.unit_deviances(y, mu, weights), 0.0))
+
+    def pearson_residuals(self, y, mu, weights):
+        """(y - mu) sqrt(a / V(mu)) (R's ``residuals(fit, type = "pearson")``; a the prior weights, trials)."""
+        return (y - mu) * np.sqrt(weights / self.variance(mu))
+
     def log_likelihood(self, y, mu, weights):
         """log p(y_i | mu_i) per row, as R's ``aic`` counts it (-aic / 2 summed; zero-weight rows give 0)."""
         xp = array_namespace(y, mu, weights)

@@ -117,15 +117,12 @@ class GLMMResult:
     def residuals(self) -> np.ndarray:
         """Deviance residuals sign(y - mu) sqrt(a d(y, mu)), whose squares sum to :attr:`deviance` (lme4's
         ``residuals(fit)``, type "deviance"); :meth:`pearson_residuals` for (y - mu) sqrt(a / V(mu))."""
-        y, mu = self.design.y, self.fitted
-        unit = self.family.unit_deviances(y, mu, self.design.row_weights)
-        return np.sign(y - mu) * np.sqrt(np.maximum(unit, 0.0))
+        return self.family.deviance_residuals(self.design.y, self.fitted, self.design.row_weights)
 
     @property
     def pearson_residuals(self) -> np.ndarray:
         """(y - mu) sqrt(a / V(mu)): lme4's ``residuals(fit, type = "pearson")`` (a the prior weights, trials)."""
-        y, mu = self.design.y, self.fitted
-        return (y - mu) * np.sqrt(self.design.row_weights / self.family.variance(mu))
+        return self.family.pearson_residuals(self.design.y, self.fitted, self.design.row_weights)
 
     @property
     def coef(self) -> dict[str, pd.DataFrame]:

@@ -619,6 +619,31 @@ class SpatialFit:
     def fixef(self) -> pd.Series:
         return pd.Series(self.beta, index=list(self.design.fixed_names), name="estimate")
 
+    @property
+    def fitted(self) -> np.ndarray:
+        """The means of the rows at the conditional modes: offset + X beta + Z x (Gaussian) or its inverse link (a
+        count's mean, a binomial's proportion), lme4's ``fitted`` (a Poisson row's: its expected count times its
+        smoothed risk)."""
+        eta = np.asarray(self._mode.eta, dtype=float)
+        return eta.copy() if self.laplace.gaussian else self.laplace.family.link.inverse(eta)
+
+    @property
+    def residuals(self) -> np.ndarray:
+        """y - fitted (Gaussian); a GLMM's deviance residuals (lme4's ``residuals(fit)``), whose squares sum to the
+        deviance at the modes; :attr:`pearson_residuals` for (y - mu) sqrt(a / V(mu))."""
+        if self.laplace.gaussian:
+            return self.design.y - self.fitted
+        return self.laplace.family.deviance_residuals(self.design.y, self.fitted, self.design.row_weights)
+
+    @property
+    def pearson_residuals(self) -> np.ndarray:
+        """(y - mu) sqrt(a / V(mu)) for a GLMM, (y - mu) sqrt(w) / sigma for a Gaussian model (lme4's
+        ``residuals(fit, type = "pearson")``)."""
+        y, mu, weights = self.design.y, self.fitted, self.design.row_weights
+        if self.laplace.gaussian:
+            return (y - mu) * np.sqrt(weights) / self.sigma
+        return self.laplace.family.pearson_residuals(y, mu, weights)
+
     def _factor(self, assembly):
         return assembly.factor(self.laplace.X, self._mode.weights, self._precision_values)
 
