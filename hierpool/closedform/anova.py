@@ -4,8 +4,9 @@ Each fit's maximized log-likelihood, its parameters (fixed effects, variance par
 phi, a negative binomial's shape) and their AIC and BIC; between consecutive fits, ordered by their number of
 parameters, the likelihood-ratio statistic 2 (log L_1 - log L_0) and its chi-square p-value on the difference in
 parameters (Pinheiro & Bates 2000, sec. 2.4.1; a variance on its boundary makes that test conservative, Self & Liang
-1987).  As lme4's ``anova`` (``refit = TRUE``), a linear mixed model fitted by REML is refitted by maximum
-likelihood first: REML criteria of models with other fixed effects are not comparable.
+1987).  As lme4's ``anova`` (``refit = TRUE``), a model fitted by REML is refitted by maximum likelihood first: REML
+criteria of models with other fixed effects are not comparable; ``refit=False`` compares REML fits of the same fixed
+effects as they are, as nlme's ``anova`` does.
 """
 
 from __future__ import annotations
@@ -14,20 +15,54 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ArgumentError
-from .ar1 import AR1Result
+from .ar1 import AR1Result, fit_ar1
 from .glmm_results import GLMMResult
+from .gls import GLSResult, fit_gls
 from .model import MixedModel
 from .results import LMMResult
 
 
 def _maximum_likelihood(fit):
-    """``fit``, or its refit by maximum likelihood where it is a linear mixed model fitted by REML."""
+    """``fit``, or its refit by maximum likelihood where it was fitted by REML (lme4's ``refit = TRUE``), by the
+    engine that fitted it, on its design (and series, relationship matrix, graph)."""
     if isinstance(fit, GLMMResult) or not getattr(fit, "reml", False):
         return fit
-    if isinstance(fit, LMMResult) and not isinstance(fit, AR1Result):
+    if isinstance(fit, AR1Result):
+        return fit_ar1(fit.design, fit.structure, fit.series_data, reml=False)
+    if isinstance(fit, LMMResult):
         return MixedModel.of_design(fit.design).fit(reml=False)
+    if isinstance(fit, GLSResult):
+        return fit_gls(fit.design, fit.structure, fit.series_data, reml=False)
+    if type(fit).__name__ == "RelmatResult":  # (SciPy's sparse modules: imported only for these models)
+        from .relmat import fit_relmat
+
+        return fit_relmat(fit.design, fit.relationship, reml=False)
+    if type(fit).__name__ == "SpatialFit":
+        from .spatial import fit_spatial
+
+        return fit_spatial(fit.sdesign, reml=False, stages=fit.stages)
     raise ArgumentError(f"anova compares maximized likelihoods: fit the {type(fit).__name__} with reml=False (a "
                         "REML criterion is not comparable across fixed effects)")
+
+
+def _as_fitted(fits, names):
+    """The fits themselves (``refit=False``: nlme's comparison of REML fits): all fitted by REML or all by maximum
+    likelihood, and REML fits only with the same fixed effects (their criteria integrate beta out: of other X, the
+    criteria are of other data)."""
+    reml = [bool(getattr(fit, "reml", False)) for fit in fits]
+    if any(reml) and not all(reml):
+        which = [name for name, r in zip(names, reml) if r]
+        raise ArgumentError(f"refit=False compares the fits as fitted, but {which} were fitted by REML and the others "
+                            "by maximum likelihood: refit=True (the default) refits them by maximum likelihood")
+    if all(reml):
+        first = fits[0].design
+        for name, fit in zip(names[1:], fits[1:]):
+            design = fit.design
+            if list(design.fixed_names) != list(first.fixed_names) or not np.allclose(design.X, first.X):
+                raise ArgumentError(f"refit=False compares REML criteria, which are not comparable across fixed "
+                                    f"effects: {name}'s {list(design.fixed_names)} are not {names[0]}'s "
+                                    f"{list(first.fixed_names)} (refit=True refits by maximum likelihood)")
+    return list(fits)
 
 
 def _parameters(fit) -> int:
@@ -35,24 +70,28 @@ def _parameters(fit) -> int:
     return int(fit.n_parameters if count is None else count)
 
 
-def anova(*fits, names=None) -> pd.DataFrame:
+def anova(*fits, names=None, refit: bool = True) -> pd.DataFrame:
     """Likelihood-ratio tests of nested mixed models fitted to the same rows (lme4's ``anova(m0, m1)``).
 
     Parameters
     ----------
     *fits : LMMResult, GLMMResult or another fit with a log-likelihood
-        Two or more fits of one response on the same rows.  A linear mixed model fitted by REML is refitted by
-        maximum likelihood (lme4's ``refit = TRUE``); another REML fit (AR(1) residuals, a relationship matrix,
-        spatial terms) is refused: fit it with ``reml=False``.
+        Two or more fits of one response on the same rows.  A fit by REML (a linear mixed model, with AR(1)
+        residuals or without random effects, with a relationship matrix, with spatial terms) is refitted by maximum
+        likelihood by the engine that fitted it (lme4's ``refit = TRUE``).
     names : list of str, optional
         The rows' names (default ``"model 1"``, ``"model 2"``... in the order given).
+    refit : bool
+        False: compare the fits as fitted (lme4's ``refit = FALSE``; nlme's ``anova`` of REML fits, which compares
+        variance structures): REML fits then need the same fixed effects, and are not mixed with ML fits.  A REML
+        fit's BIC here takes log N where nlme's takes log(N - p).
 
     Returns
     -------
     pandas.DataFrame
         One row per fit, ordered by its number of parameters: npar, AIC, BIC, logLik, deviance (-2 logLik), and from
-        the second row on Chisq = 2 (logLik - the row above's), Df (the difference in npar) and Pr(>Chisq), its
-        chi-square upper tail.  The test assumes each model nests the one above it; it does not check that.
+        the second row on Chisq = 2 max(0, logLik - the row above's), Df (the difference in npar) and Pr(>Chisq), its
+        chi-square upper tail (NaN where Df is 0).  The test assumes each model nests the one above it; it does not check that.
     """
     from scipy.stats import chi2
 
@@ -71,7 +110,9 @@ def anova(*fits, names=None) -> pd.DataFrame:
                 or not np.array_equal(design.row_weights, first.row_weights)):
             raise ArgumentError(f"{name} was not fitted to the same rows, response and weights as {names[0]} "
                                 f"({design.n} rows against {first.n}): likelihoods of other data are not comparable")
-    ml = [_maximum_likelihood(fit) for fit in fits]
+    if not isinstance(refit, (bool, np.bool_)):
+        raise ArgumentError(f"refit must be True or False, got {refit!r}")
+    ml = [_maximum_likelihood(fit) for fit in fits] if refit else _as_fitted(fits, names)
     table = pd.DataFrame({"npar": [_parameters(fit) for fit in ml],
                           "AIC": [float(fit.aic) for fit in ml], "BIC": [float(fit.bic) for fit in ml],
                           "logLik": [float(fit.loglik) for fit in ml]}, index=pd.Index(names, name="model"))
@@ -79,7 +120,7 @@ def anova(*fits, names=None) -> pd.DataFrame:
     table = table.sort_values("npar", kind="stable")
     chisq = 2.0 * table["logLik"].diff()
     df = table["npar"].diff()
-    table["Chisq"] = chisq
+    table["Chisq"] = chisq.clip(lower=0.0)  # lme4's 2 pmax(0, diff(logLik)): a larger model fitting worse shows 0
     table["Df"] = df
     with np.errstate(invalid="ignore"):
         table["Pr(>Chisq)"] = np.where(df > 0, chi2.sf(chisq.clip(lower=0.0), df.where(df > 0, 1.0)), np.nan)

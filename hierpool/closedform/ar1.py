@@ -181,6 +181,8 @@ class AR1Result(LMMResult):
     series_ends: pd.DataFrame | None = None  # per series label: its last fitted row and that row's time (or position)
     # each fitted row's predecessor in its series and the lag (hp.simulate draws along it)
     series: Series | None = field(default=None, repr=False)
+    # the fitted rows' series (and time) columns: what a refit reads (hp.anova's by maximum likelihood)
+    series_data: pd.DataFrame | None = field(default=None, repr=False)
 
     def predict(self, newdata: pd.DataFrame | None = None, re: bool = True, interval: str | None = None,
                 level: float = 0.95):
@@ -477,7 +479,8 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
     return AR1Result(design, system, solution, optimum, reml, True, conditioned=coordinates, structure=correlation,
                      phi=phi, phi_interval=interval, log_det_correlation=logdet,
-                     series_ends=series_ends(correlation, data, design, user_series), series=user_series)
+                     series_ends=series_ends(correlation, data, design, user_series), series=user_series,
+                     series_data=series_data(correlation, data, design))
 
 
 def in_search_unit(series: Series, continuous: bool) -> tuple[Series, float]:
@@ -563,6 +566,13 @@ def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFram
         frame = pd.DataFrame({"series": labels, "key": np.where(after, key, np.nan)})
         lag = frame.groupby("series")["key"].rank(method="dense").to_numpy()
     return np.where(after, lag, 1.0), np.where(after, last, -1)
+
+
+def series_data(correlation: AR1, data: pd.DataFrame, design: Design) -> pd.DataFrame:
+    """The series (and time) columns of the fitted rows, a copy: the data a refit of the design reads
+    (:func:`fit_ar1`, :func:`hierpool.closedform.gls.fit_gls`)."""
+    columns = [correlation.group] + ([correlation.time] if correlation.time else [])
+    return data.loc[design.rows, columns].copy()
 
 
 def series_ends(correlation: AR1, data: pd.DataFrame, design: Design, series: Series) -> pd.DataFrame:

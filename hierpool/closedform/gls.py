@@ -40,6 +40,7 @@ from .ar1 import (
     lag_one_phi,
     phi_per_unit,
     search_phi,
+    series_data,
     series_ends,
     unconstrained,
     whitened_design,
@@ -71,6 +72,8 @@ class GLSResult(Likelihood):
         log |C(phi-hat)|.
     series_ends : pandas.DataFrame
         Per series label: its last fitted row and that row's time (or position): what :meth:`predict` carries.
+    series_data : pandas.DataFrame
+        The fitted rows' series (and time) columns, which a refit reads (:func:`hierpool.anova`'s).
     """
 
     design: Design
@@ -84,6 +87,7 @@ class GLSResult(Likelihood):
     pwrss: float
     log_det_correlation: float
     series_ends: pd.DataFrame | None = field(default=None, repr=False)
+    series_data: pd.DataFrame | None = field(default=None, repr=False)  # the fitted rows' series columns (a refit's)
 
     @property
     def nobs(self) -> int:
@@ -242,4 +246,5 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         value = conditioning.objective_to_user(value, reml)
     return GLSResult(design=design, structure=correlation, reml=reml, phi=phi_per_unit(u_hat, unit, correlation),
                      phi_interval=interval, objective=value, beta=beta, unscaled_vcov=unscaled_vcov,
-                     pwrss=pwrss, log_det_correlation=logdet, series_ends=series_ends(correlation, data, design, series))
+                     pwrss=pwrss, log_det_correlation=logdet, series_ends=series_ends(correlation, data, design, series),
+                     series_data=series_data(correlation, data, design))

@@ -608,6 +608,14 @@ class SpatialFit:
         return self.objective + 2 * self.n_params
 
     @property
+    def nobs(self) -> int:
+        return self.design.n
+
+    @property
+    def bic(self) -> float:
+        return self.objective + np.log(self.nobs) * self.n_params
+
+    @property
     def beta(self) -> np.ndarray:
         return self._mode.theta[: self.design.p]
 
