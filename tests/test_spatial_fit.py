@@ -151,6 +151,46 @@ def test_gaussian_fitted_values_and_residuals_are_the_dense_blups(gaussian_fits)
     np.testing.assert_allclose(fit.pearson_residuals, (fit.design.y - want) / fit.sigma, rtol=1e-7, atol=1e-9)
 
 
+def test_gaussian_predictions_are_dense_kriging_in_every_area(gaussian_fits, gaussian_data):
+    """A new row's prediction x beta + b_a and its se are the dense GLS (universal kriging) formulas at the fit's
+    psi: sigma^2 ... Cov_aa - k' V^-1 k + d' (X'V^-1 X)^-1 d with k = Z Cov[:, a] and d = x - X'V^-1 k, for an area
+    with rows and one without (predicted from its neighbours); the prediction interval adds sigma^2; re=False is
+    x beta with x' vcov x; the fitted rows predict their fitted values; an area outside the graph is refused."""
+    fit = gaussian_fits["bym2", True]
+    g, design = fit.sdesign.graph, fit.design
+    Z = np.zeros((design.n, g.n))
+    Z[np.arange(design.n), fit.sdesign.area] = 1.0
+    cov = dense_covariance(g, "bym2", fit.sd, fit.mix)
+    v_inv = np.linalg.inv(fit.sigma**2 * np.eye(design.n) + Z @ cov @ Z.T)
+    X, y = design.X, design.y
+    precision = X.T @ v_inv @ X
+    beta = np.linalg.solve(precision, X.T @ v_inv @ y)
+    empty = fit.ranef.index[fit.ranef["rows"] == 0][0]
+    new = pd.DataFrame({"x": [0.4, -1.2], "county": [gaussian_data["county"].iloc[5], empty]}, index=[7, 3])
+    got = fit.predict(new, interval="prediction")
+    confidence = fit.predict(new, interval="confidence")
+    labels = list(g.labels)
+    for i, row in new.iterrows():
+        a = labels.index(row["county"])
+        k = Z @ cov[:, a]
+        x = np.array([1.0, row["x"]])
+        d = x - X.T @ v_inv @ k
+        variance = cov[a, a] - k @ v_inv @ k + d @ np.linalg.solve(precision, d)
+        assert got["fit"][i] == pytest.approx(x @ beta + k @ v_inv @ (y - X @ beta), rel=1e-7)
+        assert confidence["se"][i] == pytest.approx(np.sqrt(variance), rel=1e-6)
+        assert got["se"][i] == pytest.approx(np.sqrt(variance + fit.sigma**2), rel=1e-6)
+    population = fit.predict(new, re=False, interval="confidence")
+    np.testing.assert_allclose(population["fit"], beta[0] + beta[1] * new["x"], rtol=1e-7)
+    rows = np.column_stack([np.ones(2), new.x])
+    np.testing.assert_allclose(population["se"]**2, np.einsum("na,ab,nb->n", rows, fit.vcov.to_numpy(), rows),
+                               rtol=1e-8)
+    np.testing.assert_allclose(fit.predict(), fit.fitted, rtol=1e-12)
+    with pytest.raises(hp.HierpoolError, match="'county' of the prediction data"):
+        fit.predict(new.assign(county=["Atlantis", empty]))
+    with pytest.raises(hp.HierpoolError, match="interval"):
+        fit.predict(new, re=False, interval="prediction")
+
+
 @pytest.fixture(scope="module")
 def poisson_fit(nc):
     with warnings.catch_warnings():
@@ -188,6 +228,20 @@ def test_poisson_fitted_values_and_residuals_are_the_modes_means(poisson_fit, nc
     risk = fit.relative_risk()
     np.testing.assert_allclose(risk["relative_risk"], (fit.fitted / nc.data["expected"].to_numpy())[
         pd.Index(nc.data["county"]).get_indexer(risk.index)], rtol=1e-10)
+    # predictions: the fitted rows' means on the response scale; a confidence interval on the link scale from
+    # the joint covariance of (beta, b), mapped through exp; at re=False x' vcov x
+    np.testing.assert_allclose(fit.predict(type="response"), fit.fitted, rtol=1e-12)
+    new = nc.data.iloc[[3, 7]]
+    link = fit.predict(new, interval="confidence")
+    response = fit.predict(new, type="response", interval="confidence")
+    np.testing.assert_allclose(response["fit"], np.exp(link["fit"]), rtol=1e-12)
+    np.testing.assert_allclose(response[["lower", "upper"]], np.exp(link[["lower", "upper"]]), rtol=1e-12)
+    assert np.all(link["se"] > fit.ranef["condsd"].loc[new["county"]].to_numpy())  # beta's error counts too
+    x = fit.design.X[[3, 7]]
+    np.testing.assert_allclose(fit.predict(new, re=False, interval="confidence")["se"] ** 2,
+                               np.einsum("na,ab,nb->n", x, fit.vcov.to_numpy(), x), rtol=1e-8)
+    with pytest.raises(hp.HierpoolError, match="interval"):
+        fit.predict(new, interval="prediction")
 
 
 def dense_poisson_laplace(design, area, cov, beta):
@@ -372,6 +426,41 @@ def test_three_terms_equal_dense_generalised_least_squares(three_term_fit):
         step = np.eye(fit.psi.size)[k] * 1e-3
         lowest = min(dense_gls_terms(fit, fit.psi + step)[0], dense_gls_terms(fit, fit.psi - step)[0])
         assert lowest > fit.objective - 1e-7 * abs(fit.objective), f"a step along {fit.laplace.names()[k]} lowers it"
+
+
+def test_three_terms_predict_as_dense_kriging(three_term_fit, three_terms):
+    """With two car() terms and (1 + x | clinic), weights: a new row's prediction and its prediction se are the dense
+    GLS formulas with k = sum_t Z_t Cov_t g_t (g_t the row's coefficients on term t's effects) and the new row's
+    noise sigma^2 / w; a clinic never seen adds its term's z Sigma z' and takes b = 0."""
+    fit, (data, _) = three_term_fit, three_terms
+    design, terms = fit.design, dense_terms(fit, fit.psi)
+    V = fit.sigma**2 * np.diag(1 / design.row_weights) + sum(Z @ cov @ Z.T for Z, cov in terms)
+    v_inv = np.linalg.inv(V)
+    X, y = design.X, design.y
+    precision = X.T @ v_inv @ X
+    beta = np.linalg.solve(precision, X.T @ v_inv @ y)
+    new = pd.DataFrame({"county": [data.county.iloc[0], data.county.iloc[9]], "zone": ["z3", "z12"],
+                        "clinic": ["c4", "c99"], "x": [0.7, -0.3], "w": [2.0, 0.5]})
+    got = fit.predict(new, interval="prediction")
+    clinic = fit.design.terms[0]
+    areas = [pd.Index(a.graph.labels).get_indexer(new[a.term.factor]) for a in fit.sdesign.areas]
+    for i, row in new.iterrows():
+        gs = [np.eye(a.n_areas)[areas[t][i]] for t, a in enumerate(fit.sdesign.areas)]
+        z = np.array([1.0, row["x"]])
+        level = list(clinic.levels).index(row["clinic"]) if row["clinic"] in list(clinic.levels) else -1
+        g_clinic = np.zeros(clinic.n_levels * 2)
+        if level >= 0:
+            g_clinic[2 * level:2 * level + 2] = z
+        gs.append(g_clinic)
+        k = sum(Z @ cov @ g for (Z, cov), g in zip(terms, gs))
+        prior = sum(g @ cov @ g for (_, cov), g in zip(terms, gs))
+        if level < 0:
+            prior += z @ terms[-1][1][:2, :2] @ z
+        x = np.array([1.0, row["x"]])
+        d = x - X.T @ v_inv @ k
+        variance = prior - k @ v_inv @ k + d @ np.linalg.solve(precision, d) + fit.sigma**2 / row["w"]
+        assert got["fit"][i] == pytest.approx(x @ beta + k @ v_inv @ (y - X @ beta), rel=1e-6)
+        assert got["se"][i] == pytest.approx(np.sqrt(variance), rel=1e-6)
 
 
 def test_three_terms_report_every_term(three_term_fit, three_terms):

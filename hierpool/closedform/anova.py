@@ -91,7 +91,8 @@ def anova(*fits, names=None, refit: bool = True) -> pd.DataFrame:
     pandas.DataFrame
         One row per fit, ordered by its number of parameters: npar, AIC, BIC, logLik, deviance (-2 logLik), and from
         the second row on Chisq = 2 max(0, logLik - the row above's), Df (the difference in npar) and Pr(>Chisq), its
-        chi-square upper tail (NaN where Df is 0).  The test assumes each model nests the one above it; it does not check that.
+        chi-square upper tail (NaN where Df is 0).  The test assumes each model nests the one above it; it does not
+        check that.
     """
     from scipy.stats import chi2
 

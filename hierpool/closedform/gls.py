@@ -246,5 +246,6 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         value = conditioning.objective_to_user(value, reml)
     return GLSResult(design=design, structure=correlation, reml=reml, phi=phi_per_unit(u_hat, unit, correlation),
                      phi_interval=interval, objective=value, beta=beta, unscaled_vcov=unscaled_vcov,
-                     pwrss=pwrss, log_det_correlation=logdet, series_ends=series_ends(correlation, data, design, series),
+                     pwrss=pwrss, log_det_correlation=logdet,
+                     series_ends=series_ends(correlation, data, design, series),
                      series_data=series_data(correlation, data, design))

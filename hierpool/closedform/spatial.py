@@ -48,7 +48,10 @@ from ..algebra.icar import car_prior, compose_bym2, factor_log_abs_det
 from ..algebra.latent_blocks import GroupPrior, stack_constraints, stack_rows
 from ..algebra.linalg import DIAGONAL_CHUNK, inverse_diagonal
 from ..errors import ArgumentError, ConvergenceWarning
-from ..spec.spatial import AreaTerm, SpatialDesign, group_effect_index, group_parameter_names
+from ..spec.arguments import probability_argument
+from ..spec.newdata import model_rows, new_row_weights, row_labels
+from ..spec.spatial import AreaTerm, SpatialDesign, areas_in_graph, group_effect_index, group_parameter_names
+from .predict import check_re, normal_quantile
 
 #: Bounds of log sd and log sigma, and of the logit of the mixing parameter.
 LOG_SD_BOUNDS = (np.log(1e-5), np.log(1e3))
@@ -651,6 +654,92 @@ class SpatialFit:
         if self.laplace.gaussian:
             return (y - mu) * np.sqrt(weights) / self.sigma
         return self.laplace.family.pearson_residuals(y, mu, weights)
+
+    def predict(self, newdata: pd.DataFrame | None = None, type: str = "link", re: bool = True,
+                interval: str | None = None, level: float = 0.95):
+        """Predictions offset + x beta + each spatial term's effect of the row's area + z b of its ``(lhs | g)``
+        levels, on the link or the response scale (lme4's ``predict(fit, newdata, type, re.form)``).
+
+        Every area of the graph has an effect, with rows or without (its mode, from its neighbours'); an area not in
+        the graph is refused by name; a ``(lhs | g)`` level never seen takes b = 0.  ``re=False``: offset + x beta.
+        ``interval="confidence"``: a normal interval on the link scale from v' H^-1 v, H^-1 the joint constrained
+        covariance of (beta, x) at the mode given psi (the bordered factor :attr:`vcov` reads; v the row's x and its
+        coefficients on x), plus z Sigma z' for a level never seen; with ``type="response"`` mapped through the
+        inverse link (``se`` by the delta method).  A Gaussian model's ``"prediction"`` interval adds sigma^2 / w;
+        a GLMM has none (a new count is not normal), nor has ``re=False`` (an intrinsic CAR's effect has no
+        marginal variance).
+        """
+        if type not in ("link", "response"):
+            raise ArgumentError(f"type must be 'link' or 'response', got {type!r}")
+        check_re(re)
+        allowed = (None, "confidence", "prediction") if self.laplace.gaussian and re else (None, "confidence")
+        if interval not in allowed:
+            kind = "Gaussian" if self.laplace.gaussian else "GLMM"
+            raise ArgumentError(f"interval must be one of {list(allowed)} for this {kind} spatial fit"
+                                f"{'' if re else ' at re=False'}, got {interval!r}")
+        probability_argument("level", level)
+        X, terms, offset = model_rows(self.design, newdata)
+        columns, values, unknown = self._latent_rows(newdata, terms, len(X)) if re else ([], [], np.zeros(len(X)))
+        x = np.asarray(self.latent, dtype=float)
+        fit = offset + X @ np.asarray(self.beta, dtype=float)
+        for column, value in zip(columns, values):
+            fit = fit + np.sum(value * x[column], axis=1)
+        out = fit if interval is None else self._interval(fit, X, columns, values, unknown, newdata, interval, level)
+        if type == "link" or self.laplace.gaussian:
+            return out
+        inverse = self.laplace.family.link
+        if interval is None:
+            return inverse.inverse(out)
+        return pd.DataFrame({"fit": inverse.inverse(out["fit"].to_numpy()),
+                             "se": out["se"].to_numpy() * inverse.mu_eta(out["fit"].to_numpy()),
+                             "lower": inverse.inverse(out["lower"].to_numpy()),
+                             "upper": inverse.inverse(out["upper"].to_numpy())}, index=out.index)
+
+    def _latent_rows(self, newdata, terms, n: int):
+        """Per block, each row's latent coordinates (n, k) and their coefficients (n, k): a spatial term's area
+        effect (coefficient 1), a (lhs | g) term's level's k effects (z; 0 for a level never seen); and each row's
+        variance z Sigma z' of the levels never seen."""
+        laplace, first = self.laplace, len(self.sdesign.areas)
+        columns, values, unknown = [], [], np.zeros(n)
+        for t, block in enumerate(laplace.blocks):
+            start = int(laplace.latent_offsets[t])
+            if t < first:
+                area_term = self.sdesign.areas[t]
+                area = (area_term.area if newdata is None else
+                        areas_in_graph(area_term.term, area_term.graph, newdata[area_term.term.factor],
+                                       " of the prediction data (newdata)"))
+                columns.append(start + area[:, None])
+                values.append(np.ones((area.size, 1)))
+                continue
+            z, level = terms[t - first]
+            known = level >= 0
+            columns.append(start + np.maximum(level, 0)[:, None] * z.shape[1] + np.arange(z.shape[1])[None, :])
+            values.append(np.where(known[:, None], z, 0.0))
+            cov = block.covariance(laplace.block_psi(self.psi, t))
+            unknown = unknown + np.where(known, 0.0, np.einsum("nk,kl,nl->n", z, cov, z))
+        return columns, values, unknown
+
+    def _interval(self, fit, X, columns, values, unknown, newdata, interval, level) -> pd.DataFrame:
+        """(fit, se, lower, upper) on the link scale: v' H^-1 v by the bordered factor, in chunks of rows."""
+        p, m = self.design.p, self.laplace.m
+        factor = self._factor_full
+        variance = np.array(unknown, dtype=float)
+        for start in range(0, len(fit), DIAGONAL_CHUNK):
+            rows = np.arange(start, min(len(fit), start + DIAGONAL_CHUNK))
+            rhs = np.zeros((factor.shape[0], rows.size))
+            rhs[:p] = X[rows].T
+            for column, value in zip(columns, values):
+                for slot in range(column.shape[1]):
+                    np.add.at(rhs, (p + column[rows, slot], np.arange(rows.size)), value[rows, slot])
+            solved = factor.solve(rhs)
+            variance[rows] += np.einsum("ij,ij->j", rhs[: p + m], solved[: p + m])
+        if interval == "prediction":
+            weights = new_row_weights(self.design, newdata)
+            variance = variance + self.sigma**2 / (1.0 if weights is None else weights)
+        se = np.sqrt(np.maximum(variance, 0.0))
+        half = normal_quantile(level) * se
+        return pd.DataFrame({"fit": fit, "se": se, "lower": fit - half, "upper": fit + half},
+                            index=row_labels(self.design, newdata))
 
     def _factor(self, assembly):
         return assembly.factor(self.laplace.X, self._mode.weights, self._precision_values)

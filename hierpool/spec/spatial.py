@@ -230,15 +230,22 @@ def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: Famil
     return SpatialDesign(design=design, areas=areas)
 
 
-def _area_term(term: SpatialTermSpec, area_graph: Graph, column: pd.Series) -> AreaTerm:
-    """Each row's area in the term's graph, with the refusals of the module docstring."""
+def areas_in_graph(term: SpatialTermSpec, area_graph: Graph, column: pd.Series, what: str = "") -> np.ndarray:
+    """Each row's area as an index into ``area_graph.labels`` (met by the labels' text); an area not in the graph
+    refused by name (``what``: the data it is in, for the message)."""
     labels = column_labels(column)
     area = pd.Index(area_graph.labels).get_indexer(labels)
     if np.any(area < 0):
         missing = [str(v) for v in pd.unique(labels[area < 0])[:5]]
-        raise DataError(f"areas {missing} of column {term.factor!r} are not in the adjacency graph "
+        raise DataError(f"areas {missing} of column {term.factor!r}{what} are not in the adjacency graph "
                         f"({area_graph.n} areas; an edge list names only areas with neighbours: give an island by a "
                         "0/1 matrix or polygons)")
+    return area
+
+
+def _area_term(term: SpatialTermSpec, area_graph: Graph, column: pd.Series) -> AreaTerm:
+    """Each row's area in the term's graph, with the refusals of the module docstring."""
+    area = areas_in_graph(term, area_graph, column)
     islands = area_graph.labels[area_graph.degree == 0]
     if islands.size and term.type == "proper":
         raise DataError(f"area {str(islands[0])!r} of column {term.factor!r} has no neighbours: a proper CAR "
