@@ -143,6 +143,19 @@ def test_a_gls_fits_predictions_are_the_dense_kriging_predictor():
     np.testing.assert_allclose(fit.predict(), fit.fitted, rtol=1e-12)
     with pytest.raises(hp.HierpoolError, match="'t'"):
         fit.predict(new.drop(columns="t"))
+    # refused by name: a missing series (read as a new one, it carried nothing), a time of text, not a frame, carry=
+    with pytest.raises(hp.HierpoolError, match="group column 'g'.*missing in 1 row"):
+        fit.predict(new.assign(g=["a", None, "c", "d"]))
+    with pytest.raises(hp.HierpoolError, match="time column 't'.*numeric"):
+        fit.predict(new.assign(t=["9", "6.5", "10", "1"]))
+    with pytest.raises(hp.HierpoolError, match="DataFrame"):
+        fit.predict(new.to_dict())
+    with pytest.raises(hp.HierpoolError, match="carry must be"):
+        fit.predict(new, carry="no")
+    # x far from zero: the se from the fit's conditioned columns (the user's x' Cov(beta) x lost digits: 2e-4 at 1e7)
+    moved = hp.lmm("y ~ x", data.assign(x=data.x + 1e5), correlation=hp.car1("g", "t"))
+    np.testing.assert_allclose(moved.predict(new.assign(x=new.x + 1e5), interval="confidence").to_numpy(),
+                               fit.predict(new, interval="confidence").to_numpy(), rtol=1e-6)
 
 
 def _gapped_negative_series(seed: int, phi: float = -0.6, groups: int = 10, steps: int = 12) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, boolean_argument
 from .ar1 import AR1Result, fit_ar1
 from .glmm_results import GLMMResult
 from .gls import GLSResult, fit_gls
@@ -111,9 +111,7 @@ def anova(*fits, names=None, refit: bool = True) -> pd.DataFrame:
                 or not np.array_equal(design.row_weights, first.row_weights)):
             raise ArgumentError(f"{name} was not fitted to the same rows, response and weights as {names[0]} "
                                 f"({design.n} rows against {first.n}): likelihoods of other data are not comparable")
-    if not isinstance(refit, (bool, np.bool_)):
-        raise ArgumentError(f"refit must be True or False, got {refit!r}")
-    ml = [_maximum_likelihood(fit) for fit in fits] if refit else _as_fitted(fits, names)
+    ml = [_maximum_likelihood(fit) for fit in fits] if boolean_argument("refit", refit) else _as_fitted(fits, names)
     table = pd.DataFrame({"npar": [_parameters(fit) for fit in ml],
                           "AIC": [float(fit.aic) for fit in ml], "BIC": [float(fit.bic) for fit in ml],
                           "logLik": [float(fit.loglik) for fit in ml]}, index=pd.Index(names, name="model"))

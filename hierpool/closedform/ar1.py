@@ -539,8 +539,13 @@ def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFram
     before a series' last fitted time carry nothing (last -1, lag 1).  The carried residual is then
     phi^lag (y_last - fitted_last), for the closed form's phi-hat or each posterior draw's phi.
     """
+    if not isinstance(newdata, pd.DataFrame):
+        raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
     check_columns(newdata, [structure.group] + ([structure.time] if structure.time else []),
                   "prediction data (newdata) of an AR(1) model")
+    if newdata[structure.group].isna().any():  # read as a new series, it carried nothing, silently
+        raise DataError(f"the AR(1) group column {structure.group!r} of the prediction data (newdata) is missing in "
+                        f"{int(newdata[structure.group].isna().sum())} row(s): a row's series says what it carries")
     # series met by their labels' text, as the random effects' levels are (a series 1 given as "1", or 1.0, carried
     # nothing before: the row lost phi^lag times its series' last residual, silently)
     labels = column_labels(newdata[structure.group])
@@ -548,7 +553,11 @@ def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFram
     last = np.where(found >= 0, series_ends["row"].to_numpy()[np.maximum(found, 0)], -1)
     end_key = np.where(found >= 0, series_ends["key"].to_numpy()[np.maximum(found, 0)], np.inf)
     if structure.time:
-        key = newdata[structure.time].to_numpy(dtype=float)
+        time = newdata[structure.time]
+        if not (pd.api.types.is_numeric_dtype(time) or time.isna().all()) or pd.api.types.is_bool_dtype(time):
+            raise DataError(f"the AR(1) time column {structure.time!r} of the prediction data (newdata) must be "
+                            f"numeric, as in fitting; got {time.dtype}")
+        key = time.to_numpy(dtype=float)
         if np.isnan(key).any():  # read as "not after the series' end", it carried nothing, silently
             raise DataError(f"the AR(1) time column {structure.time!r} of the prediction data (newdata) is missing in "
                             f"{int(np.isnan(key).sum())} row(s): a row's time says what it carries")

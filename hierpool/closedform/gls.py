@@ -29,7 +29,7 @@ import pandas as pd
 
 from ..algebra.conditioning import condition_fixed, fixed_to_user
 from ..algebra.criterion import profiled_criterion
-from ..errors import DataError
+from ..errors import DataError, boolean_argument
 from ..spec.correlation import AR1
 from ..spec.design import Design
 from .ar1 import (
@@ -74,6 +74,10 @@ class GLSResult(Likelihood):
         Per series label: its last fitted row and that row's time (or position): what :meth:`predict` carries.
     series_data : pandas.DataFrame
         The fitted rows' series (and time) columns, which a refit reads (:func:`hierpool.anova`'s).
+    conditioned : tuple or None
+        Where X was conditioned for the fit (:func:`~hierpool.algebra.conditioning.condition_fixed`): its map A's
+        factors and (X~'X~)^-1 of X A, in which predictions take x' Cov(beta) x (at x ~ 1e7 the user's columns
+        cancel most digits); None otherwise.
     """
 
     design: Design
@@ -88,6 +92,7 @@ class GLSResult(Likelihood):
     log_det_correlation: float
     series_ends: pd.DataFrame | None = field(default=None, repr=False)
     series_data: pd.DataFrame | None = field(default=None, repr=False)  # the fitted rows' series columns (a refit's)
+    conditioned: tuple | None = field(default=None, repr=False)
 
     @property
     def nobs(self) -> int:
@@ -152,7 +157,8 @@ class GLSResult(Likelihood):
         """
         from .predict import predict
 
-        use = None if newdata is None or not carry else carry_of(self.structure, self.phi, self.series_ends, newdata)
+        use = (None if newdata is None or not boolean_argument("carry", carry)
+               else carry_of(self.structure, self.phi, self.series_ends, newdata))
         return predict(_FixedOnly(self), newdata=newdata, re=False, interval=interval, level=level, carry=use)
 
     @property
@@ -189,10 +195,12 @@ class _FixedOnly:
     def __init__(self, result: GLSResult):
         self.design, self.sigma, self.residuals = result.design, result.sigma, result.residuals
         self.solution = SimpleNamespace(beta=result.beta, b=[])
-        self._vcov = result.vcov.to_numpy()
+        fixed, unscaled = (None, result.unscaled_vcov) if result.conditioned is None else result.conditioned
+        self._coordinates = fixed, [], [], result.sigma**2 * unscaled
 
     def prediction_coordinates(self):
-        return None, [], [], self._vcov
+        """(A's factors or None, no terms, no factors, Cov(beta) in those coordinates)."""
+        return self._coordinates
 
 
 def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = True) -> GLSResult:
@@ -241,6 +249,7 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
                                                                       series=series)
     r_inverse = np.linalg.inv(r)
     unscaled_vcov = r_inverse @ r_inverse.T
+    conditioned = None if conditioning is None else (conditioning.fixed, unscaled_vcov)
     if conditioning is not None:
         beta, unscaled_vcov = fixed_to_user(conditioning.fixed, beta, unscaled_vcov)
         value = conditioning.objective_to_user(value, reml)
@@ -248,4 +257,4 @@ def fit_gls(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
                      phi_interval=interval, objective=value, beta=beta, unscaled_vcov=unscaled_vcov,
                      pwrss=pwrss, log_det_correlation=logdet,
                      series_ends=series_ends(correlation, data, design, series),
-                     series_data=series_data(correlation, data, design))
+                     series_data=series_data(correlation, data, design), conditioned=conditioned)
