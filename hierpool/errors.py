@@ -34,6 +34,12 @@ def integer_argument(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def optional_boolean_argument(name: str, value) -> bool | None:
+    """``value`` as None, True or False (``progress=``: None for "when stderr is a terminal"), or an
+    :class:`ArgumentError` naming ``name`` (``"yes"`` or ``"no"`` would be truthy alike)."""
+    return None if value is None else boolean_argument(name, value)
+
+
 def boolean_argument(name: str, value) -> bool:
     """``value`` as a bool, or an :class:`ArgumentError` naming ``name`` when it is not True or False (a string
     such as ``"False"`` or ``"ML"`` would be truthy, and silently the other model)."""

@@ -190,3 +190,39 @@ def test_failed_replicates_are_warned():
     with pytest.raises(hp.ArgumentError, match="nAGQ must be an integer"):
         hp.glmm("y ~ 1 + (1 | g)", data, family="poisson", nAGQ=np.float64(1.0))
     hp.glmm("y ~ 1 + (1 | g)", data, family="poisson", nAGQ=np.int64(1))  # NumPy integers are integers
+
+
+def test_a_replicate_that_did_not_pass_the_convergence_checks_is_kept_and_warned(sleep, monkeypatch):
+    """A replicate whose fit has a criterion but not lme4's convergence certificate (a saddle near a zero variance,
+    5e-6 below lme4's boundary fit) is kept, as bootMer keeps fits with convergence warnings: it was dropped as
+    failed; a replicate without a fit is still left out; the warnings point at the caller's line; progress= is
+    checked."""
+    import dataclasses
+
+    from hierpool.batch import parametric_bootstrap
+
+    real = parametric_bootstrap.fit_batch
+
+    def unsure(*args, **kwargs):
+        batch = real(*args, **kwargs)
+        converged = batch.converged.copy()
+        converged.iloc[2] = False
+        objective = batch.objective.copy()
+        objective.iloc[4] = np.nan
+        return dataclasses.replace(batch, converged=converged, objective=objective)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("Reaction ~ Days + (1 | Subject)", sleep)
+    monkeypatch.setattr(parametric_bootstrap, "fit_batch", unsure)
+    with pytest.warns(hp.HierpoolWarning) as caught:
+        result = hp.bootstrap(fit, 8, seed=3, progress=False)
+    texts = [str(w.message) for w in caught]
+    assert any("1 of 8 replicates did not pass the convergence checks" in t for t in texts)
+    assert any("1 of 8 replicates failed and are left out" in t for t in texts)
+    assert all(w.filename == __file__ for w in caught)
+    assert result.replicates.iloc[2].notna().all() and result.replicates.iloc[4].isna().all() and result.failed == 1
+    with pytest.raises(hp.ArgumentError, match="progress must be True or False"):
+        hp.bootstrap(fit, 8, progress="yes")
+    with pytest.raises(hp.ArgumentError, match="progress must be True or False"):
+        hp.fit_batch("Reaction ~ Days + (1 | Subject)", [sleep], by="rep", progress="no")

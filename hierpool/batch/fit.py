@@ -66,7 +66,7 @@ from ..algebra.search.terms import host_bytes, search_statistics_on_host
 from ..closedform import glmm, lmm
 from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
-from ..errors import ArgumentError, HierpoolWarning, boolean_argument, integer_argument
+from ..errors import ArgumentError, HierpoolWarning, boolean_argument, integer_argument, optional_boolean_argument
 from ..spec.family import binary_outcome_per_level, family_spec, unidentified_term_message
 from .conditioning import condition_batch
 from .fit_ar1 import fit_ar1
@@ -336,6 +336,7 @@ def fit_batch(
     if family is None and (nAGQ != 1 or link is not None):
         raise ArgumentError(f"{'link=' if link is not None else f'nAGQ={nAGQ}'} needs family= (a GLMM)")
     raise_malloc_thresholds()  # the host algebra's temporaries reused, not faulted in afresh (its module notes)
+    progress = optional_boolean_argument("progress", progress)
     if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (fit_each's module notes)
         refuse_on_each(correlation=(correlation, None), dtype=(dtype, "float64"), chunk_size=(chunk_size, None),
                        max_iterations=(max_iterations, MAX_ITERATIONS))

@@ -34,7 +34,7 @@ from ..closedform.relmat import RelmatResult
 from ..closedform.results import LMMResult
 from ..closedform.simulate import simulate
 from ..closedform.spatial import SpatialFit
-from ..errors import ArgumentError, HierpoolWarning, integer_argument, seed_argument
+from ..errors import ArgumentError, HierpoolWarning, integer_argument, optional_boolean_argument, seed_argument
 from ..spec.arguments import probability_argument
 from ..spec.correlation import AR1
 from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
@@ -145,6 +145,11 @@ class BootstrapResult:
                 + self.confint().to_string(float_format=lambda v: f"{v:.4g}"))
 
 
+def _most_often(messages) -> str:
+    """The most frequent reason (the text before its first colon) among replicates' messages."""
+    return pd.Series(messages).str.split(":").str[0].value_counts().index[0]
+
+
 def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, *, chunk_size: int | None = None,
               progress: bool | None = None) -> BootstrapResult:
     """Parametric bootstrap of a fitted mixed model (lme4's ``bootMer(fit, FUN, nsim = n)`` with
@@ -178,6 +183,7 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     """
     n = integer_argument("n", n, minimum=2)
     probability_argument("level", level)
+    progress = optional_boolean_argument("progress", progress)
     seed = seed_argument(seed, optional=True)
     if not isinstance(fit, (LMMResult, GLMMResult, SpatialFit, RelmatResult)):
         raise ArgumentError("hp.bootstrap refits its replicates with hp.fit_batch, which takes hp.lmm fits (with "
@@ -235,20 +241,31 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
         arguments["adjacency"] = {area.term.factor: area.graph for area in fit.sdesign.areas}
     if isinstance(fit, RelmatResult):
         arguments["relmat_inverse"] = {fit.relationship.group: fit.relationship}
-    batch = fit_batch(formula, long, by=REPLICATE_COLUMN, chunk_size=chunk_size, progress=progress, **arguments)
+    with warnings.catch_warnings(record=True) as caught:  # (the caller's filters still apply)
+        batch = fit_batch(formula, long, by=REPLICATE_COLUMN, chunk_size=chunk_size, progress=progress, **arguments)
+    for warning in caught:  # warned at the user's line, not fit_batch's caller inside this function
+        warnings.warn(warning.message, warning.category, stacklevel=2)
     estimate = parameter_estimates(fit)
     table = batch.to_frame().set_index(REPLICATE_COLUMN)
     missing = [name for name in estimate.index if name not in table.columns]
     if missing:  # one naming for both (parameter_estimates, BatchResult.to_frame): a mismatch is a bug, not a NaN
         raise RuntimeError(f"hp.bootstrap: the batch fits have no column(s) {missing}")
     replicates = table.loc[:, list(estimate.index)].copy()
-    replicates.loc[~batch.converged.to_numpy()] = np.nan
+    # a replicate whose fit failed (no criterion: refused, as a count simulated all zeros) is left out; one that did
+    # not pass the convergence checks is kept, as bootMer keeps fits with convergence warnings (a singular
+    # sleepstudy replicate's saddle 5e-6 below lme4's boundary fit was dropped as failed)
+    failed_rows = ~np.isfinite(batch.objective.to_numpy(dtype=float))
+    unchecked_rows = ~failed_rows & ~batch.converged.to_numpy()
+    replicates.loc[failed_rows] = np.nan
     replicates.index.name = "replicate"
-    failed = int((~batch.converged).sum())
-    if failed:  # as bootMer warns "some bootstrap runs failed": the intervals are the rest's
-        reasons = pd.Series(batch.messages[~batch.converged.to_numpy()]).str.split(":").str[0].value_counts()
-        warnings.warn(f"hp.bootstrap: {failed} of {n} replicates failed and are left out of the intervals (most "
-                      f"often: {reasons.index[0]!r}; result.batch.messages has each); where they are the extreme "
-                      "replicates (a count simulated all zeros) the intervals of the rest are too narrow on that "
-                      "side", HierpoolWarning, stacklevel=2)
+    if failed_rows.any():  # as bootMer warns "some bootstrap runs failed": the intervals are the rest's
+        warnings.warn(f"hp.bootstrap: {int(failed_rows.sum())} of {n} replicates failed and are left out of the "
+                      f"intervals (most often: {_most_often(batch.messages[failed_rows])!r}; result.batch.messages "
+                      "has each); where they are the extreme replicates (a count simulated all zeros) the intervals "
+                      "of the rest are too narrow on that side", HierpoolWarning, stacklevel=2)
+    if unchecked_rows.any():
+        warnings.warn(f"hp.bootstrap: {int(unchecked_rows.sum())} of {n} replicates did not pass the convergence "
+                      f"checks (most often: {_most_often(batch.messages[unchecked_rows])!r}); they are kept in the "
+                      "intervals, as bootMer keeps them (result.batch.converged says which)", HierpoolWarning,
+                      stacklevel=2)
     return BootstrapResult(estimate=estimate, replicates=replicates, batch=batch, level=float(level))

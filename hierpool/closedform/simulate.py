@@ -5,7 +5,9 @@ lme4 1.1-31's ``simulate`` of a weighted ``lmer`` fit draws every row with varia
 with it; independent, or with AR(1)
 residuals, e* drawn along each series with the fit's phi, e*_t = c_t e*_(t-1) + sigma sqrt(1 - c_t^2) z_t,
 c_t = phi^lag_t); for a GLMM y*_i ~ family(g^-1(o_i + x_i' beta^ + z_i' b*)), a binomial's count of successes
-out of its trials (w_i) returned as the proportion, as its response was given.  b* is drawn anew from
+out of its trials (w_i) returned as the proportion, as the fit reads its response (a ``cbind(successes, failures)``
+response too, where lme4's ``simulate`` gives the two columns of counts: times the trials,
+``fit.design.row_weights``, they are the successes).  b* is drawn anew from
 N(0, Sigma^) per term (``use_u=False``, lme4's default ``re.form = NA``: the unconditional distribution, what a
 parametric bootstrap needs), or held at the fitted conditional modes (``use_u=True``, lme4's ``re.form = NULL``).
 A spatial term's field is drawn from its prior under its sum-to-zero constraints (one sparse LU of the bordered
@@ -145,7 +147,8 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
     pandas.DataFrame
         One column per simulation (``sim_1`` ... ``sim_n``), indexed by the fitted rows of the data (rows dropped
         for missing values are absent), on the response's scale as the fit read it (a binomial's proportion of its
-        trials).
+        trials, a ``cbind`` response's too: times ``fit.design.row_weights``, the trials, they are lme4's counts of
+        successes).
 
     References
     ----------
