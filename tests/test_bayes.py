@@ -218,6 +218,37 @@ def sleepstudy_posteriors():
     return {method: hp.bayes(formula, data, method=method, seed=3) for method in ("collapsed", "full")}
 
 
+def test_a_new_subjects_rows_share_its_effect_in_every_draw(sleepstudy_posteriors):
+    """Two rows of one new Subject take one draw of its effects per posterior draw (brms's
+    sample_new_levels = "gaussian"): identical rows get identical summaries, and the difference of its rows at
+    Days 9 and 0 varies by the slope alone (they were independent draws: its sd then counted both intercepts)."""
+    post = sleepstudy_posteriors["collapsed"]
+    new = pd.DataFrame({"Subject": ["new", "new", "new", "other"], "Days": [0, 0, 9, 0]})
+    got = post.predict(new, seed=4)
+    assert got.iloc[0].equals(got.iloc[1])
+    assert not np.isclose(got["sd"].iloc[0], 0.0) and got["mean"].iloc[3] != got["mean"].iloc[0]
+
+
+def test_priors_that_cover_nothing_and_a_family_with_correlation_are_refused(sleepstudy):
+    """brms refuses a prior that matches no parameter; these read as applied and were not: an LKJ prior without a
+    correlated term, a slopes' prior without slopes, an sd prior without random terms; correlation= with a family
+    was dropped, silently (the GLMM sampler has no AR(1) residuals)."""
+    from hierpool.bayesian.priors import resolve_priors
+    from hierpool.spec.design import build_design
+
+    scalar = build_design("Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)", sleepstudy)
+    with pytest.raises(hp.ArgumentError, match="prior 'cor'"):
+        resolve_priors(scalar, {"cor": 2.0})
+    with pytest.raises(hp.ArgumentError, match="prior 'b'"):
+        resolve_priors(build_design("Reaction ~ 1 + (1 | Subject)", sleepstudy), {"b": dist.Normal(0, 1)})
+    with pytest.raises(hp.ArgumentError, match="prior 'sd'"):
+        resolve_priors(build_design("Reaction ~ Days", sleepstudy, random_optional=True), {"sd": dist.HalfNormal(1)})
+    resolve_priors(build_design("Reaction ~ Days + (Days | Subject)", sleepstudy), {"cor": 2.0})  # a correlated term
+    counts = sleepstudy.assign(y=(sleepstudy["Reaction"] // 50).astype(int))
+    with pytest.raises(hp.ArgumentError, match="correlation="):
+        hp.bayes("y ~ Days + (1 | Subject)", counts, family="poisson", correlation=hp.ar1("Subject"))
+
+
 def test_collapsed_and_full_samplers_agree(sleepstudy_posteriors):
     # means and sds of every fixed effect, random effect and variance parameter, in Monte-Carlo units
     # (the crossed and nested models are compared in test_validate.py)
@@ -344,6 +375,8 @@ def test_prior_overrides_take_effect():
         ({"weights": [1.0, 2.0]}, "weights"),
         ({"offset": np.ones((180, 2))}, "offset"),
         ({"se": "Days", "weights": "Reaction"}, "weights"),
+        ({"priors": [1]}, "priors must be a dict"),
+        ({"progress": "no"}, "progress must be True or False"),
     ],
 )
 def test_bad_arguments_raise_a_named_error(sleepstudy, kwargs, match):

@@ -100,6 +100,21 @@ def test_cbpp_log_likelihood_is_the_binomial_pmf(cbpp, cbpp_post):
     assert np.isfinite(loo.elpd_loo) and loo.n_data_points == 56
 
 
+def test_a_proportions_trials_are_read_from_new_datas_weights_column(cbpp):
+    """A proportion with weights= a column of trials: predictive draws for new rows read their trials from that
+    column, as brms's trials() (they were refused: trials= was asked for); one number of trials= serves every row;
+    trials not numbers are refused by name."""
+    post = hp.bayes("incidence / size ~ period + (1 | herd)", cbpp, family="binomial", weights="size", chains=1,
+                    draws=200, tune=200, seed=2, progress=False)
+    np.testing.assert_array_equal(post.predict(cbpp, kind="predictive", seed=3).to_numpy(),
+                                  post.predict(kind="predictive", seed=3).to_numpy())
+    new = cbpp.iloc[:3]
+    np.testing.assert_array_equal(post.predict(new, kind="predictive", trials=20, seed=3).to_numpy(),
+                                  post.predict(new, kind="predictive", trials=[20] * 3, seed=3).to_numpy())
+    with pytest.raises(hp.ArgumentError, match="trials must be whole numbers"):
+        post.predict(new, kind="predictive", trials=["a", "b", "c"])
+
+
 def test_cbpp_predictions_on_both_scales(cbpp, cbpp_post):
     beta, herd = cbpp_post.beta_draws.reshape(-1, 4), cbpp_post.term_draws(0).reshape(-1, 15)
     first = str(cbpp_post.design.terms[0].levels[0])

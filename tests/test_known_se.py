@@ -204,3 +204,22 @@ def test_bayes_batch_known_sds_are_checked():
         hp.bayes_batch(BCG_FORMULA, data, se="se", weights="se")
     with pytest.raises(hp.ArgumentError, match="prior 'sigma' given"):
         hp.bayes_batch(BCG_FORMULA, data, se="se", priors={"sigma": dist.HalfNormal(1.0)})
+
+
+def test_predictive_draws_of_new_rows_read_their_se_column(bcg_posteriors):
+    """brms's se() read from new data: predictive draws for rows given as newdata, with their se column, are the
+    fitted rows' (the same seed draws the same noise); a column missing or not positive is refused by name (new rows
+    were refused whatever they carried)."""
+    post = bcg_posteriors[0]
+    data = frame(BCG)
+    np.testing.assert_allclose(post.predict(data, kind="predictive", seed=5).to_numpy(),
+                               post.predict(kind="predictive", seed=5).to_numpy(), rtol=1e-12)
+    wider = post.predict(data.assign(se=data["se"] * 3), kind="predictive", seed=5)
+    assert np.all(wider["sd"].to_numpy() > post.predict(data, kind="predictive", seed=5)["sd"].to_numpy())
+    with pytest.raises(hp.HierpoolError, match="'se'"):
+        post.predict(data.drop(columns="se"), kind="predictive")
+    with pytest.raises(hp.HierpoolError, match="se column 'se' of the prediction data"):
+        post.predict(data.assign(se=-1.0), kind="predictive")
+    fit = hp.lmm(BCG_FORMULA, data, se="se")
+    np.testing.assert_allclose(fit.predict(data, interval="prediction").to_numpy(),
+                               fit.predict(interval="prediction").to_numpy(), rtol=1e-12)

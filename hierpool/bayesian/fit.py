@@ -19,7 +19,7 @@ from ..algebra.system import build_system, on_device, system_pattern
 from ..closedform.ar1 import AR1Result, checked_series, draws_per_unit, in_search_unit, series_ends
 from ..closedform.glmm_results import GLMMResult
 from ..closedform.results import LMMResult
-from ..errors import ArgumentError, DataError, HierpoolWarning
+from ..errors import ArgumentError, DataError, HierpoolWarning, optional_boolean_argument
 from ..spec.arguments import sampler_arguments
 from ..spec.design import Design, build_design, model_differences
 from ..spec.family import optional_family_spec
@@ -369,6 +369,7 @@ def bayes(
     Roberts & Skold 2007; :mod:`hierpool.bayesian.glmm`).
     """
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept)
+    progress = optional_boolean_argument("progress", progress)
     if adjacency is not None or has_spatial_term(formula):
         return _bayes_spatial(formula, data, adjacency, chains, draws, tune, seed, priors, level, target_accept,
                               progress, weights, offset, family, link,
@@ -380,6 +381,9 @@ def bayes(
                              variance, level, weights, offset, family, correlation, target_accept,
                              sys.stderr.isatty() if progress is None else bool(progress))
     if spec is not None:
+        if correlation is not None:  # (the GLMM sampler has no AR(1) residuals: the argument was dropped, silently)
+            raise ArgumentError(f"correlation= (AR(1) residuals) is for a Gaussian model; hp.bayes does not sample a "
+                                f"{spec.name} model with it")
         return _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, method,
                            variance, level, target_accept, progress, weights, offset)
     design = build_design(formula, data, se=se, weights=weights, offset=offset)

@@ -245,6 +245,8 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
     ArgumentError
         For a key that names nothing in the model, or a value of the wrong kind.
     """
+    if priors is not None and not isinstance(priors, dict):
+        raise ArgumentError(f"priors must be a dict of distributions by key (or None), got {type(priors).__name__}")
     priors = dict(priors or {})
     if not all(isinstance(key, str) for key in priors):
         raise ArgumentError(f"prior keys must be strings, got {list(priors)!r}")
@@ -266,6 +268,14 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
         )
     if "sigma" in priors and design.sigma_known:
         raise ArgumentError("prior 'sigma' given, but residual sds are known (se=): there is no sigma")
+    # a prior that covers nothing is refused, as brms refuses it (it read as applied, and was not)
+    if "b" in priors and not any(name != "Intercept" for name in fixed):
+        raise ArgumentError("prior 'b' is for the fixed effects other than the intercept, which this model has none of")
+    if "cor" in priors and not any(term.k > 1 for term in design.terms):
+        raise ArgumentError("prior 'cor' is the LKJ prior of a term's correlations, and no random-effect term of this "
+                            "model has any (a correlated term has two or more coefficients: (1 + x | g))")
+    if "sd" in priors and not design.terms:
+        raise ArgumentError("prior 'sd' is for the random-effect terms' sds, and this model has none")
 
     beta = []
     for j, name in enumerate(fixed):

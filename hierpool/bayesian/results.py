@@ -16,7 +16,7 @@ from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError, DataError, HierpoolWarning, seed_argument
 from ..spec.arguments import probability_argument
 from ..spec.design import Design
-from ..spec.newdata import model_rows, new_row_weights, row_labels
+from ..spec.newdata import model_rows, new_known_variances, new_row_weights, row_labels, unseen_levels
 from .convergence import diagnose, ess_tail
 from .posterior import linear_predictor_draws, term_slots
 from .priors import Priors
@@ -91,6 +91,21 @@ def posterior_diagnostics(idata, warn: bool = True) -> pd.DataFrame:
         if problems:
             warnings.warn("sampling diagnostics: " + "; ".join(problems), SamplingWarning, stacklevel=3)
     return table
+
+
+def _trials(values, rows: int, name: str = "trials") -> np.ndarray:
+    """Binomial trials for ``rows`` rows to predict: one number for all, or one per row, whole and at least 1."""
+    try:
+        count = np.asarray(values, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"{name} must be whole numbers of at least 1, got {values!r}") from None
+    if count.size == 1:
+        count = np.full(rows, count[0])
+    if count.shape != (rows,):
+        raise ArgumentError(f"{name} has {count.size} values for {rows} rows to predict")
+    if not np.all(count >= 1) or not np.all(count == np.round(count)):
+        raise DataError(f"{name} must be whole numbers of at least 1")
+    return count
 
 
 @dataclass(frozen=True, eq=False)
@@ -271,7 +286,7 @@ class BayesResult:
 
         For each draw: eta = offset + x beta + sum_j z_j b_j[level]; a level never seen in
         fitting gets b drawn from N(0, Sigma_j) of that draw (a new group from the
-        population).  A linear mixed model's ``"predictive"`` adds N(0, sigma^2) noise
+        population), once per draw for all of its rows (brms's ``sample_new_levels = "gaussian"``).  A linear mixed model's ``"predictive"`` adds N(0, sigma^2) noise
         (with known residual sds, the ``se`` column of ``newdata``, or the fitted rows' se).
 
         With AR(1) residuals a new row of a fitted series, after its last fitted row, also carries that row's
@@ -320,6 +335,7 @@ class BayesResult:
         probability_argument("level", level)
         rng = np.random.default_rng(seed_argument(seed))
         X, terms, offset = model_rows(self.design, newdata)
+        unseen = unseen_levels(self.design, newdata, terms)
         beta = self.beta_draws.reshape(-1, self.design.p)
         mu = offset + beta @ X.T
         for j, (z, level_index) in enumerate(terms):
@@ -327,11 +343,14 @@ class BayesResult:
             term_b = term_b.reshape((-1,) + term_b.shape[2:])
             known = level_index >= 0
             contribution = np.einsum("nk,snk->sn", z, term_b[:, np.where(known, level_index, 0), :])
-            if not known.all():
+            if not known.all():  # one draw per new group and posterior draw, shared by the group's rows
                 cov = self.term_covariance_draws(j).reshape(-1, z.shape[1], z.shape[1])
                 chol = np.linalg.cholesky(cov + 1e-12 * np.eye(z.shape[1]))
-                new = np.einsum("skl,snl->snk", chol, rng.standard_normal((cov.shape[0], X.shape[0], z.shape[1])))
-                contribution = np.where(known, contribution, np.einsum("nk,snk->sn", z, new))
+                group = unseen[j]
+                new = np.einsum("skl,sgl->sgk", chol,
+                                rng.standard_normal((cov.shape[0], int(group.max()) + 1, z.shape[1])))
+                contribution = np.where(known, contribution,
+                                        np.einsum("nk,snk->sn", z, new[:, np.maximum(group, 0), :]))
             mu = mu + contribution
         carry = None
         if self.series is not None and newdata is not None:
@@ -364,21 +383,31 @@ class BayesResult:
         mu = Link(family.link).inverse(eta)
         if family.name == "binomial":
             if trials is not None:
-                count = np.asarray(trials, dtype=float).reshape(-1)
-                if count.shape != (eta.shape[1],):
-                    raise ArgumentError(f"trials has {count.size} values for {eta.shape[1]} rows to predict")
-                if not np.all(count >= 1) or not np.all(count == np.round(count)):
-                    raise DataError("trials must be whole numbers of at least 1")
+                count = _trials(trials, eta.shape[1])
             elif newdata is None:
                 count = np.maximum(np.round(self.design.row_weights), 1.0)
             elif self.design.weights is None:
                 count = np.ones(eta.shape[1])
+            elif self._trials_column is not None and self._trials_column in newdata.columns:
+                # weights= a column of trials (a proportion's): brms's trials() read from new data
+                count = _trials(newdata[self._trials_column].to_numpy(), eta.shape[1], self._trials_column)
             else:
                 raise ArgumentError("the model was fitted with trials (cbind or weights=): predictive draws for "
-                                    "newdata need each row's trials, as trials=")
+                                    "newdata need each row's trials, as trials=" + (
+                                        "" if self._trials_column is None else
+                                        f" or newdata's column {self._trials_column!r}"))
             return draw_responses("binomial", mu, rng, trials=count)
         shape = self.shape_draws.reshape(-1)[:, None] if family.name == "negative_binomial" else None
         return draw_responses(family.name, mu, rng, shape=shape)
+
+    @property
+    def _trials_column(self) -> str | None:
+        """The column of a binomial's trials where they are its prior weights alone (``weights=`` a column, a
+        proportion response): not a ``cbind`` response's, whose trials are the response's columns."""
+        design = self.design
+        if design.weights_column is None or design.spec.response.replace(" ", "").startswith("cbind("):
+            return None
+        return design.weights_column
 
     def _carried(self, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(the carried residual phi^lag (y_last - fitted_last), c = phi^lag), each (draws, new rows); 0 where a
@@ -401,9 +430,7 @@ class BayesResult:
             weights = new_row_weights(self.design, newdata)
             scale = np.ones(shape[1]) if weights is None else 1.0 / np.sqrt(weights)
             return self.sigma_draws.reshape(-1)[:, None] * scale
-        if newdata is None:
-            return 1.0 / np.sqrt(self.design.weights)
-        raise ArgumentError("posterior predictive draws with known residual sds (se=) need newdata=None")
+        return np.sqrt(new_known_variances(self.design, newdata))
 
     # --- diagnostics ---------------------------------------------------------------------
     def diagnostics(self, warn: bool = True) -> pd.DataFrame:

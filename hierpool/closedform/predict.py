@@ -9,7 +9,7 @@ For a row with fixed-effect vector x and random-effect vectors z_j (levels l_j):
 * a level never seen in fitting: b_j = 0 (population level) and the term's
   variance z_j Sigma_j z_j^T is added, since nothing is known of that group;
 * ``interval="prediction"`` adds the new observation's noise sigma^2 (or se^2
-  from the ``se`` column when residual sds are known; sigma^2 / w with prior
+  from the ``se`` column, new data's, when residual sds are known; sigma^2 / w with prior
   weights, w read from new data's weights column).
 
 The offset (the formula's ``offset(...)`` terms, evaluated on the new rows, and
@@ -34,7 +34,7 @@ from ..algebra.conditioning import fixed_rows
 from ..algebra.henderson import row_quadratic_forms
 from ..errors import ArgumentError
 from ..spec.arguments import probability_argument
-from ..spec.newdata import model_rows, new_row_weights, row_labels
+from ..spec.newdata import model_rows, new_known_variances, new_row_weights, row_labels
 
 
 def normal_quantile(level: float) -> float:
@@ -57,8 +57,9 @@ def _rows(result, newdata, interval):
     """(X, [(z_j, level_j)], offset, noise variance per row) for the rows to predict."""
     design = result.design
     X, terms, offset = model_rows(design, newdata)
-    if newdata is None and design.sigma_known:
-        return X, terms, offset, 1.0 / design.weights
+    if design.sigma_known:  # (newdata's se column read only where the noise is asked for)
+        return X, terms, offset, (new_known_variances(design, newdata) if interval == "prediction"
+                                  else np.ones(X.shape[0]))
     noise = np.full(X.shape[0], result.sigma**2)
     if interval == "prediction":
         weights = new_row_weights(design, newdata)
@@ -126,8 +127,6 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
         raise ArgumentError(f"interval must be None, 'confidence' or 'prediction', got {interval!r}")
     check_re(re)
     probability_argument("level", level)
-    if interval == "prediction" and newdata is not None and result.design.sigma_known:
-        raise ArgumentError("prediction intervals with known residual sds (se=) need newdata=None")
     X, terms, offset, noise = _rows(result, newdata, interval)
     fit = offset + X @ np.asarray(result.solution.beta)
     known = [lvl >= 0 for _, lvl in terms] if re else [np.zeros(len(fit), dtype=bool) for _ in terms]

@@ -163,6 +163,7 @@ class Design:
     fixed_matrix: object  # formulae CommonEffectsMatrix (or a PlainPart), to encode new data the same way
     family: FamilySpec | None = None
     frame: pd.DataFrame | None = field(default=None, compare=False, repr=False)  # the used columns of the fitted rows
+    se_column: str | None = None  # the known residual sds' column (se=): new rows' are read from it
 
     @property
     def n(self) -> int:
@@ -712,13 +713,16 @@ def _check_identifiable(terms: list[RandomEffectTerm], n: int, sigma_known: bool
             )
 
 
-def _known_sd(frame: pd.DataFrame, se: str) -> np.ndarray:
+def known_sd(frame: pd.DataFrame, se: str, what: str = "") -> np.ndarray:
+    """The known residual sds of column ``se`` of ``frame`` (``what``: the data it is in, for the messages),
+    refused by name where not numeric, positive and finite."""
     column = frame[se]
-    if not pd.api.types.is_numeric_dtype(column):
-        raise DataError(f"se column {se!r} must be numeric, got dtype {column.dtype}")
+    if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        raise DataError(f"se column {se!r}{what} must be numeric, got dtype {column.dtype}")
     values = column.to_numpy(dtype=float)
-    if np.any(values <= 0):
-        raise DataError(f"se column {se!r} must be positive; it has {int(np.sum(values <= 0))} values <= 0")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        bad = int(np.sum(~np.isfinite(values) | (values <= 0)))
+        raise DataError(f"se column {se!r}{what} must be positive and finite; it has {bad} values that are not")
     return values
 
 
@@ -888,7 +892,7 @@ def build_design(
     terms = [_random_term(frame, t, logical) for t in spec.random]
     terms = [terms[j] for j in lme4_term_order([t.n_levels for t in terms])]
     if se is not None:
-        row_weights = 1.0 / _known_sd(frame, se) ** 2
+        row_weights = 1.0 / known_sd(frame, se) ** 2
     elif weights is not None:
         row_weights = _positive_weights(
             frame, weights_column or WEIGHTS_COLUMN, "weights" + (f" column {weights_column!r}" if weights_column else "")
@@ -922,4 +926,5 @@ def build_design(
         fixed_matrix=fixed_matrix,
         family=family,
         frame=model_frame,
+        se_column=se,
     )

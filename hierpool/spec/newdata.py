@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..errors import ArgumentError, DataError
 from .columns import PlainPart
-from .design import check_columns, group_index
+from .design import check_columns, group_index, known_sd
 from .formula import display_name, without_coding_calls
 
 
@@ -145,11 +145,34 @@ def _fitted_levels(term, known) -> np.ndarray:
     return position[term.index].astype(np.int64)
 
 
+def unseen_levels(design, newdata, terms) -> list[np.ndarray]:
+    """Per term, each row's index among the levels fitting never saw (-1 for a fitted level), the rows of one such
+    level sharing it: a new group's effect is one draw for all its rows.  ``terms``: :func:`model_rows`' of
+    ``newdata``."""
+    out = []
+    for term, (_, level) in zip(design.terms, terms):
+        unseen = np.full(len(level), -1, dtype=np.int64)
+        if newdata is not None and np.any(level < 0):
+            codes, labels = group_index(newdata, term.spec.factor)
+            unseen[level < 0] = pd.factorize(labels[codes][level < 0])[0]
+        out.append(unseen)
+    return out
+
+
 def row_labels(design, newdata) -> pd.Index:
     """The labels of the rows :func:`model_rows` encodes: ``newdata``'s index, or the fitted rows' (the data's labels
     of the rows kept), so that a table of predictions aligns with the user's frame as pandas aligns it (lme4's
     predictions are named by newdata's row names)."""
     return design.rows if newdata is None else newdata.index
+
+
+def new_known_variances(design, newdata) -> np.ndarray:
+    """The known residual variances se^2 of the rows to predict, for a model fitted with ``se=``: the fitted rows'
+    when ``newdata`` is None, else from newdata's column of that name (brms's ``se()`` read from new data)."""
+    if newdata is None:
+        return 1.0 / design.weights
+    check_columns(newdata, [design.se_column], "a prediction of new observations with known residual sds (se=)")
+    return known_sd(newdata, design.se_column, " of the prediction data (newdata)") ** 2
 
 
 def new_row_weights(design, newdata) -> np.ndarray | None:

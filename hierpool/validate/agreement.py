@@ -251,8 +251,11 @@ def _check_same_model(fit, posterior) -> None:
 
 
 def flat_beta_priors(fit) -> dict:
-    """Flat priors on every fixed effect of ``fit`` (``hp.bayes``'s prior keys)."""
-    return {"b": "flat", **({"Intercept": "flat"} if "Intercept" in fit.fixef.index else {})}
+    """Flat priors on every fixed effect of ``fit`` (``hp.bayes``'s prior keys: ``b`` only where there are
+    coefficients besides the intercept, as it refuses a prior that covers nothing)."""
+    names = list(fit.fixef.index)
+    return ({"b": "flat"} if any(name != "Intercept" for name in names) else {}) | (
+        {"Intercept": "flat"} if "Intercept" in names else {})
 
 
 def blup_agreement(
