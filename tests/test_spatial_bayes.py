@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import numpyro.distributions as dist
+import pandas as pd
 import pytest
 
 import hierpool as hp
@@ -173,3 +174,58 @@ def test_blup_agreement_of_a_gaussian_car_model():
                          priors={"Intercept": "flat", "b": "flat"})
     wrong = dataclasses.replace(wrong, held=report.posterior.held)  # as if held at fit's
     assert not compare_spatial(fit, wrong).passed, "a posterior at another sd must fail"
+
+
+def test_predictions_are_the_draws_linear_predictor_in_any_area(post, nc):
+    """predict summarizes each draw's offset + x beta + b[area] (checked against the draws themselves), on the
+    response scale exp of it; a county given without rows of its own (a copy of a row moved to another county)
+    takes that county's effect; a county outside the graph is refused by name; predictive draws are counts of mean
+    mu (their mean within Monte-Carlo error of mu's)."""
+    beta = post.draws("beta").reshape(-1, 2)
+    b = post.draws("b").reshape(-1, 100)
+    labels = list(post.ranef.index)
+    new = nc.data.iloc[[0, 5]].assign(county=[labels[7], labels[60]])
+    x = np.column_stack([np.ones(2), new["nwbir_rate"]])
+    eta = np.log(new["expected"].to_numpy()) + beta @ x.T + b[:, [7, 60]]
+    link = post.predict(new)
+    np.testing.assert_allclose(link["mean"], eta.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(link["sd"], eta.std(axis=0, ddof=1), rtol=1e-10)
+    response = post.predict(new, type="response")
+    np.testing.assert_allclose(response["mean"], np.exp(eta).mean(axis=0), rtol=1e-10)
+    assert list(response.index) == list(new.index)
+    fitted = post.predict(type="response")
+    assert len(fitted) == len(nc.data)
+    predictive = post.predict(new, kind="predictive", seed=1)
+    mc = np.sqrt(np.exp(eta).var(axis=0) + np.exp(eta).mean(axis=0)) / np.sqrt(eta.shape[0])
+    assert np.all(np.abs(predictive["mean"] - response["mean"]) < 5 * mc)
+    with pytest.raises(hp.HierpoolError, match="'county' of the prediction data"):
+        post.predict(new.assign(county=["Atlantis", labels[0]]))
+
+
+def test_a_held_gaussian_models_predictions_are_the_closed_forms(nc):
+    """With the variances held at the closed-form fit's (variance=), a Gaussian CAR model with a (1 | clinic) term
+    predicts as the fit does: means and the predictive sd of the fit's prediction interval, within Monte-Carlo error
+    (sigma is the fit's: it was not in the posterior, and predictive draws failed); two rows of one new clinic share
+    its draws."""
+    from hierpool.spec.adjacency import graph as make_graph
+
+    rng = np.random.default_rng(1)
+    labels = make_graph(nc.adjacency).labels
+    data = pd.DataFrame({"county": rng.choice(labels, 200), "clinic": [f"c{i}" for i in rng.integers(0, 8, 200)],
+                         "x": rng.normal(size=200)})
+    data["y"] = 1 + 0.5 * data.x + rng.normal(size=8)[data.clinic.str[1:].astype(int)] + rng.normal(size=200)
+    formula = "y ~ x + car(county, type='icar') + (1 | clinic)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm(formula, data, adjacency=nc.adjacency)
+        post = hp.bayes(formula, data, adjacency=nc.adjacency, variance=fit, chains=2, draws=500, seed=1,
+                        progress=False)
+    new = pd.DataFrame({"county": [labels[3], labels[3], labels[50], labels[3]], "clinic": ["c1", "new", "new", "new"],
+                        "x": [0.0, 0.0, 1.0, 0.0]})
+    mean = post.predict(new)
+    predictive = post.predict(new, kind="predictive", seed=2)
+    want = fit.predict(new, interval="prediction")
+    draws = 1000
+    assert np.all(np.abs(mean["mean"] - want["fit"]) < 5 * mean["sd"] / np.sqrt(draws / 4))
+    np.testing.assert_allclose(predictive["sd"], want["se"], rtol=0.12)
+    assert mean.iloc[1].equals(mean.iloc[3])  # one new clinic's draws, shared by its rows

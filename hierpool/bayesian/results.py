@@ -11,14 +11,13 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.ar1 import carried
-from ..algebra.family import Link, draw_responses
 from ..algebra.varcorr import varcorr_table
-from ..errors import ArgumentError, DataError, HierpoolWarning, seed_argument
-from ..spec.arguments import probability_argument
+from ..errors import ArgumentError, HierpoolWarning, seed_argument
 from ..spec.design import Design
-from ..spec.newdata import model_rows, new_known_variances, new_row_weights, row_labels, unseen_levels
+from ..spec.newdata import model_rows, row_labels, unseen_levels
 from .convergence import diagnose, ess_tail
 from .posterior import linear_predictor_draws, term_slots
+from .prediction import check_arguments, on_scale, summary_table, term_effect_draws
 from .priors import Priors
 
 SUMMARY_COLUMNS = ["mean", "sd", "lower", "upper", "mcse_mean", "ess_bulk", "r_hat"]
@@ -91,21 +90,6 @@ def posterior_diagnostics(idata, warn: bool = True) -> pd.DataFrame:
         if problems:
             warnings.warn("sampling diagnostics: " + "; ".join(problems), SamplingWarning, stacklevel=3)
     return table
-
-
-def _trials(values, rows: int, name: str = "trials") -> np.ndarray:
-    """Binomial trials for ``rows`` rows to predict: one number for all, or one per row, whole and at least 1."""
-    try:
-        count = np.asarray(values, dtype=float).reshape(-1)
-    except (TypeError, ValueError):
-        raise ArgumentError(f"{name} must be whole numbers of at least 1, got {values!r}") from None
-    if count.size == 1:
-        count = np.full(rows, count[0])
-    if count.shape != (rows,):
-        raise ArgumentError(f"{name} has {count.size} values for {rows} rows to predict")
-    if not np.all(count >= 1) or not np.all(count == np.round(count)):
-        raise DataError(f"{name} must be whole numbers of at least 1")
-    return count
 
 
 @dataclass(frozen=True, eq=False)
@@ -286,8 +270,10 @@ class BayesResult:
 
         For each draw: eta = offset + x beta + sum_j z_j b_j[level]; a level never seen in
         fitting gets b drawn from N(0, Sigma_j) of that draw (a new group from the
-        population), once per draw for all of its rows (brms's ``sample_new_levels = "gaussian"``).  A linear mixed model's ``"predictive"`` adds N(0, sigma^2) noise
-        (with known residual sds, the ``se`` column of ``newdata``, or the fitted rows' se).
+        population), once per draw for all of its rows (brms's ``sample_new_levels = "gaussian"``).
+        A linear mixed model's ``"predictive"`` adds N(0, sigma^2) noise (with known residual
+        sds, the ``se`` column of ``newdata``, or the fitted rows' se).  The pieces are
+        :mod:`hierpool.bayesian.prediction`'s.
 
         With AR(1) residuals a new row of a fitted series, after its last fitted row, also carries that row's
         residual forward in each draw: + phi^lag (y_last - fitted_last), and its predictive noise has sd
@@ -322,92 +308,26 @@ class BayesResult:
         pandas.DataFrame
             mean, sd, lower, upper (equal-tailed, ``level``).
         """
-        if kind not in ("mean", "predictive"):
-            raise ArgumentError(f"kind must be 'mean' or 'predictive', got {kind!r}")
-        if type not in (None, "link", "response"):
-            raise ArgumentError(f"type must be 'link' or 'response', got {type!r}")
-        family = self.design.family
-        if family is not None and kind == "predictive" and type == "link":
-            raise ArgumentError("kind='predictive' draws new responses, which are on the response scale: "
-                                "use type='response' (or kind='mean' for the linear predictor)")
-        if trials is not None and (family is None or family.name != "binomial"):
-            raise ArgumentError("trials= is for a binomial model's predictive draws")
-        probability_argument("level", level)
+        check_arguments(self.design, kind, type, trials, level)
         rng = np.random.default_rng(seed_argument(seed))
         X, terms, offset = model_rows(self.design, newdata)
-        unseen = unseen_levels(self.design, newdata, terms)
         beta = self.beta_draws.reshape(-1, self.design.p)
-        mu = offset + beta @ X.T
-        for j, (z, level_index) in enumerate(terms):
-            term_b = self.term_draws(j)
-            term_b = term_b.reshape((-1,) + term_b.shape[2:])
-            known = level_index >= 0
-            contribution = np.einsum("nk,snk->sn", z, term_b[:, np.where(known, level_index, 0), :])
-            if not known.all():  # one draw per new group and posterior draw, shared by the group's rows
-                cov = self.term_covariance_draws(j).reshape(-1, z.shape[1], z.shape[1])
-                chol = np.linalg.cholesky(cov + 1e-12 * np.eye(z.shape[1]))
-                group = unseen[j]
-                new = np.einsum("skl,sgl->sgk", chol,
-                                rng.standard_normal((cov.shape[0], int(group.max()) + 1, z.shape[1])))
-                contribution = np.where(known, contribution,
-                                        np.einsum("nk,snk->sn", z, new[:, np.maximum(group, 0), :]))
-            mu = mu + contribution
+
+        def flat(draws):  # (chain, draw, ...) -> (draws, ...)
+            return draws.reshape((-1,) + draws.shape[2:])
+
+        eta = offset + beta @ X.T + term_effect_draws(terms, unseen_levels(self.design, newdata, terms),
+                                                      lambda j: flat(self.term_draws(j)),
+                                                      lambda j: flat(self.term_covariance_draws(j)), rng)
         carry = None
         if self.series is not None and newdata is not None:
             carry = self._carried(newdata)
-            mu = mu + carry[0]
-        if family is not None:
-            if kind == "predictive":
-                mu = self._family_draws(mu, newdata, trials, rng)
-            elif type == "response":
-                mu = Link(family.link).inverse(mu)
-        elif kind == "predictive":
-            scale = self._noise_scale(newdata, mu.shape)
-            if carry is not None:  # given the carried residual, what is left of a row's AR(1) noise
-                scale = scale * np.sqrt(1.0 - carry[1] ** 2)
-            mu = mu + rng.standard_normal(mu.shape) * scale
-        tail = (1 - level) / 2
-        return pd.DataFrame(
-            {
-                "mean": mu.mean(axis=0),
-                "sd": mu.std(axis=0, ddof=1),
-                "lower": np.quantile(mu, tail, axis=0),
-                "upper": np.quantile(mu, 1 - tail, axis=0),
-            },
-            index=row_labels(self.design, newdata),
-        )
-
-    def _family_draws(self, eta: np.ndarray, newdata, trials, rng) -> np.ndarray:
-        """A new response per draw and row (draws, rows) from the family at eta = the linear predictor."""
-        family = self.design.family
-        mu = Link(family.link).inverse(eta)
-        if family.name == "binomial":
-            if trials is not None:
-                count = _trials(trials, eta.shape[1])
-            elif newdata is None:
-                count = np.maximum(np.round(self.design.row_weights), 1.0)
-            elif self.design.weights is None:
-                count = np.ones(eta.shape[1])
-            elif self._trials_column is not None and self._trials_column in newdata.columns:
-                # weights= a column of trials (a proportion's): brms's trials() read from new data
-                count = _trials(newdata[self._trials_column].to_numpy(), eta.shape[1], self._trials_column)
-            else:
-                raise ArgumentError("the model was fitted with trials (cbind or weights=): predictive draws for "
-                                    "newdata need each row's trials, as trials=" + (
-                                        "" if self._trials_column is None else
-                                        f" or newdata's column {self._trials_column!r}"))
-            return draw_responses("binomial", mu, rng, trials=count)
-        shape = self.shape_draws.reshape(-1)[:, None] if family.name == "negative_binomial" else None
-        return draw_responses(family.name, mu, rng, shape=shape)
-
-    @property
-    def _trials_column(self) -> str | None:
-        """The column of a binomial's trials where they are its prior weights alone (``weights=`` a column, a
-        proportion response): not a ``cbind`` response's, whose trials are the response's columns."""
-        design = self.design
-        if design.weights_column is None or design.spec.response.replace(" ", "").startswith("cbind("):
-            return None
-        return design.weights_column
+            eta = eta + carry[0]
+        # given the carried residual, what is left of a row's AR(1) noise
+        factor = None if carry is None else np.sqrt(1.0 - carry[1] ** 2)
+        draws = on_scale(self.design, eta, kind, type, newdata, trials, rng, self.shape_draws, self.sigma_draws,
+                         factor)
+        return summary_table(draws, level, row_labels(self.design, newdata))
 
     def _carried(self, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(the carried residual phi^lag (y_last - fitted_last), c = phi^lag), each (draws, new rows); 0 where a
@@ -424,13 +344,6 @@ class BayesResult:
         effects = [b.reshape((1, -1) + b.shape[2:]) for b in (self.term_draws(j) for j in range(len(design.terms)))]
         fitted = linear_predictor_draws(design, draws, effects)[0][:, rows]
         return c * (design.y[rows][None, :] - fitted), c
-
-    def _noise_scale(self, newdata, shape) -> np.ndarray:
-        if not self.design.sigma_known:
-            weights = new_row_weights(self.design, newdata)
-            scale = np.ones(shape[1]) if weights is None else 1.0 / np.sqrt(weights)
-            return self.sigma_draws.reshape(-1)[:, None] * scale
-        return np.sqrt(new_known_variances(self.design, newdata))
 
     # --- diagnostics ---------------------------------------------------------------------
     def diagnostics(self, warn: bool = True) -> pd.DataFrame:

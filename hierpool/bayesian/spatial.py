@@ -64,12 +64,14 @@ from ..algebra.icar import (
     sum_to_zero_layout,
 )
 from ..closedform.spatial import area_risk_table
-from ..errors import ArgumentError, HierpoolWarning
+from ..errors import ArgumentError, HierpoolWarning, seed_argument
 from ..spec.design import model_differences
-from ..spec.spatial import AreaTerm, SpatialDesign, group_effect_index, group_parameter_names
+from ..spec.newdata import model_rows, row_labels, unseen_levels
+from ..spec.spatial import AreaTerm, SpatialDesign, areas_in_graph, group_effect_index, group_parameter_names
 from .model import cov_factors_of, fixed_effects, group_effects, variance_parameters
 from .nuts import sample_nuts
 from .posterior import gaussian_pointwise, group_posterior, linear_predictor_draws, term_slots
+from .prediction import check_arguments, on_scale, summary_table, term_effect_draws
 from .priors import Priors, _check_distribution, _check_positive_support, group_keys, resolve_priors
 from .results import SUMMARY_COLUMNS, posterior_diagnostics, summarize_draws
 
@@ -546,6 +548,54 @@ class SpatialBayesResult:
         tables = {a.term.label: self._car_table(a) for a in self.sdesign.areas}
         tables |= {term.label: self._group_table(j) for j, term in enumerate(self.design.terms)}
         return next(iter(tables.values())) if self.sdesign.single else tables
+
+    def predict(self, newdata: pd.DataFrame | None = None, kind: str = "mean", level: float = 0.95, seed: int = 0,
+                type: str | None = None, trials=None) -> pd.DataFrame:
+        """Posterior (``kind="mean"``) or posterior predictive (``"predictive"``) summaries per row, as
+        :meth:`hierpool.bayesian.results.BayesResult.predict` (brms's ``posterior_epred`` / ``posterior_predict``
+        summarized): per draw, offset + x beta + each spatial term's effect of the row's area (any area of the
+        graph, with rows or without; one outside refused by name) + z b of the ``(lhs | g)`` levels, a new level
+        drawn once per draw for all its rows (:mod:`hierpool.bayesian.prediction`).
+
+        Returns
+        -------
+        pandas.DataFrame
+            mean, sd, lower, upper (equal-tailed, ``level``), indexed as ``newdata`` (the fitted rows' labels when
+            None).
+        """
+        design = self.design
+        check_arguments(design, kind, type, trials, level)
+        rng = np.random.default_rng(seed_argument(seed))
+        X, terms, offset = model_rows(design, newdata)
+        eta = offset + self.draws("beta").reshape(-1, design.p) @ X.T
+        for area_term in self.sdesign.areas:
+            area = (area_term.area if newdata is None else
+                    areas_in_graph(area_term.term, area_term.graph, newdata[area_term.term.factor],
+                                   " of the prediction data (newdata)"))
+            eta = eta + self.draws(f"b{self.sdesign.suffix(area_term)}").reshape(-1, area_term.n_areas)[:, area]
+        slots = term_slots(design)[0]
+
+        def effects(j):  # (draws, ell_j, k_j)
+            b = self.draws(f"b_{slots[j].name}")[..., list(slots[j].coef_positions)]
+            return b.reshape((-1,) + b.shape[2:])
+
+        def covariance(j):  # Sigma_j per draw (draws, k_j, k_j)
+            k, draws = design.terms[j].k, eta.shape[0]
+            if self.held is not None:
+                factor = np.asarray(self.held[1][j])
+                return np.broadcast_to(factor @ factor.T, (draws, k, k))
+            sd = self.draws(f"sd_{slots[j].name}")[..., list(slots[j].coef_positions)].reshape(draws, k)
+            cor = (self.draws(slots[j].cor_name).reshape(draws, k, k) if slots[j].cor_name
+                   else np.broadcast_to(np.eye(k), (draws, k, k)))
+            return sd[:, :, None] * cor * sd[:, None, :]
+
+        eta = eta + term_effect_draws(terms, unseen_levels(design, newdata, terms), effects, covariance, rng)
+        posterior = self.idata.posterior
+        sigma = (self.draws("sigma") if "sigma" in posterior  # (held: the closed-form fit's, variance=)
+                 else None if self.held is None else np.full(eta.shape[0], float(self.held[2])))
+        draws = on_scale(design, eta, kind, type, newdata, trials, rng,
+                         self.draws("shape") if "shape" in posterior else None, sigma)
+        return summary_table(draws, level, row_labels(design, newdata))
 
     def relative_risk(self, threshold: float = 1.0, term: str | None = None) -> pd.DataFrame:
         """Per area with data: observed and expected counts (expected = exp(offset)), the raw SIR, and the posterior
