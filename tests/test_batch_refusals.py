@@ -344,3 +344,34 @@ def test_a_dataset_lacking_a_level_of_a_factor_in_a_random_term_too_is_refused_n
     batch = _quiet(hp.fit_batch, "y ~ f + (1 + f | g)", frames, by="rep", progress=False)
     _assert_refused(batch, 1, "rank 2 in this dataset: f[r] zero or aliased with earlier columns here")
     assert "KeyError" not in batch.messages.iloc[1]
+
+
+def test_true_false_values_among_numbers_alone_are_refused_in_their_row():
+    # pandas stacks a bool column with numbers as numbers: the dataset was fitted on 0/1 where its single fit reads
+    # a factor (x[True]), with nothing said (the text case above made an object column, and was caught)
+    frames = [_gaussian(0), _gaussian(1).assign(x=lambda f: f["x"] > 0), _gaussian(2)]
+    batch = hp.fit_batch(LINEAR, frames, by="rep", progress=False)
+    _assert_refused(batch, 1, "column 'x' holds true/false values in this dataset but numbers in 2 other datasets")
+
+
+def demean(values):  # a user's function of the whole column it is given
+    return values - values.mean()
+
+
+def doubled(values):  # a user's function of each row alone
+    return 2.0 * values
+
+
+@pytest.mark.parametrize("family", [None, "poisson"])
+def test_a_users_function_of_the_whole_column_is_refused_and_one_of_each_row_fitted(family):
+    # the batch evaluates the formula once on the datasets stacked: demean(x) took every dataset's mean (an
+    # intercept 54.8 for the single fit's 75.3, silently); a function of each row alone is each single fit's
+    frames = [_gaussian(k).assign(x=lambda f, k=k: f["x"] + 3.0 * k) for k in range(3)]
+    if family:
+        frames = [frame.assign(y=lambda f: np.round(np.exp(f["y"] / 4))) for frame in frames]
+    fitted = dict(family=family) if family else {}
+    with pytest.raises(hp.ArgumentError, match=r"demean\(\) gave dataset 0 other values"):
+        hp.fit_batch(LINEAR.replace("~ x", "~ demean(x)"), frames, by="rep", progress=False, **fitted)
+    batch = hp.fit_batch(LINEAR.replace("~ x", "~ doubled(x)"), frames, by="rep", progress=False, **fitted)
+    single = (hp.glmm if family else hp.lmm)(LINEAR.replace("~ x", "~ doubled(x)"), frames[2], **fitted)
+    assert batch.objective.iloc[2] == pytest.approx(-2 * single.loglik if family else single.objective, rel=1e-8)

@@ -71,7 +71,7 @@ from ..spec.design import (
     value_kind,
 )
 from ..spec.formula import parse_formula
-from ..spec.transforms import stateful_calls
+from ..spec.transforms import stateful_calls, unvouched_calls
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
 # datasets' sufficient statistics of ~200) the programs compile without LLVM's optimization (CPU): the
@@ -179,6 +179,11 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None) -> tuple[pd.
     # (not every dataset's columns on the common path: benchmarks/RESULTS.md, thirtieth session)
     mixed = [name for name in columns if name in frame.columns and frame[name].dtype == object
              and not pd.api.types.is_string_dtype(frame[name])]
+    # pandas stacks true/false values with numbers as numbers (a factor in its single fit, a number here, silently):
+    # told by the datasets' dtypes, not their values
+    mixed += [name for name in columns if name in frame.columns and name not in mixed
+              and len({pd.api.types.is_bool_dtype(item[name].dtype) for _, item in items
+                       if name in item.columns and len(item)}) > 1]
     if not mixed:
         return frame, lacking, KindVote()
     set_aside, vote = kind_conflicts([(label, item) for label, item in items if label not in lacking], mixed, kept)
@@ -853,9 +858,11 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     if se is not None and not isinstance(se, str):
         raise ArgumentError(f"se must be the name of the column of known residual sds, got {type(se).__name__}")
     # one dataset's data the single fit refuses (a negative count) is refused in its row, not the batch
+    def build(rows, arguments):
+        return build_design(formula, rows, se=se, family=family, **arguments)
+
     design, frame, weights, offset, set_aside = stacked_design(
-        data, by, value_columns(formula, family, weights, offset, se),
-        lambda rows, arguments: build_design(formula, rows, se=se, family=family, **arguments), weights, offset)
+        data, by, value_columns(formula, family, weights, offset, se), build, weights, offset)
     dataset_labels = dataset_labels_of(data, by)  # every dataset's, one refused too
     # the long frame's model frame would be held for the whole batch run: the plan keeps the frame itself
     design = replace(design, frame=None)
@@ -882,4 +889,41 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         offset=offset,
         se=se,
     )
-    return replace(plan, refusals=plan_refusals(plan, data, formula, family, set_aside))
+    plan = replace(plan, refusals=plan_refusals(plan, data, formula, family, set_aside))
+    unvouched = unvouched_calls(formula)
+    if unvouched:
+        check_rowwise(plan, build, unvouched, caller, single)
+    return plan
+
+
+def check_rowwise(plan: BatchPlan, build, calls: list[str], caller: str, single: str) -> None:
+    """Refuse, by name, ``calls`` of the formula (:func:`~hierpool.spec.transforms.unvouched_calls`: a user's
+    function) that give some dataset other values on the long frame than on its own rows: the batch evaluates the
+    formula once on the datasets stacked, where ``demean(x)`` = x - mean(x) takes the mean of every dataset's x
+    (an intercept 54.8 for the single fit's 75.3, silently).  Each dataset's own design (``build``) is compared
+    with its rows of the long one: its response, offset, fixed-effect columns and random-effect values."""
+    frame, design = plan.frame, plan.design
+    positions = frame.groupby(plan.by, sort=False).indices
+    fixed = {name: j for j, name in enumerate(design.fixed_names)}
+    terms = {(t.group, t.coef_names): t for t in design.terms}
+    for index, label in enumerate(plan.labels):
+        rows = np.flatnonzero(plan.dataset == index)
+        if not rows.size or (plan.refusals and plan.refusals[index]) or label not in positions:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                own = build(frame.iloc[positions[label]],
+                            dataset_arguments(positions[label], plan.weights, plan.offset))
+        except HierpoolError:
+            continue  # (its single fit's refusal: the plan's to report)
+        pairs = [(own.y, design.y[rows]), (own.offset, design.offset[rows])]
+        pairs += [(own.X[:, j], design.X[rows, fixed[name]]) for j, name in enumerate(own.fixed_names)
+                  if name in fixed]
+        pairs += [(t.z, terms[(t.group, t.coef_names)].z[rows]) for t in own.terms
+                  if (t.group, t.coef_names) in terms]
+        if own.n != rows.size or not all(np.allclose(a, b, rtol=1e-12, atol=0.0) for a, b in pairs):
+            raise ArgumentError(
+                f"{caller} evaluates the formula once on the datasets stacked, and {', '.join(c + '()' for c in calls)} "
+                f"gave dataset {label!r} other values there than on its own rows, as {single} reads them (a mean, a "
+                "maximum or a rank of the whole column): transform each dataset's columns before the batch")

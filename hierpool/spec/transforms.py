@@ -128,6 +128,28 @@ STATEFUL_NAMES = frozenset(k for k, v in TRANSFORMS.items() if getattr(v, "__sta
 }
 
 
+#: Calls hierpool vouches compute a row's value from that row alone: R's functions (not R's scale), formulae's
+#: transforms that are not stateful (``C``, ``I``, ``offset``...), and R's spellings a formula may use.
+ROWWISE_NAMES = (frozenset(R_FUNCTIONS) | frozenset(TRANSFORMS) | {"cbind", "factor"}) - STATEFUL_NAMES
+
+_CALL = re.compile(r"(?<![\w.])([A-Za-z_][\w.]*)\s*\(")
+
+
+def unvouched_calls(formula: str) -> list[str]:
+    """The calls of ``formula`` hierpool cannot vouch compute a row from that row alone (:data:`ROWWISE_NAMES`, or
+    NumPy's ufuncs as ``np.log1p``): a user's function (``demean(x)``: x - mean(x) over the column it is given), a
+    method (``x.mean()``), another module's function.  Stateful transforms are :func:`stateful_calls`'."""
+    from .formula import to_formulae
+
+    out = set()
+    for name in _CALL.findall(to_formulae(formula)):
+        module, _, last = name.rpartition(".")
+        vouched = name in ROWWISE_NAMES or (module in ("np", "numpy") and isinstance(getattr(np, last, None), np.ufunc))
+        if not vouched and name not in STATEFUL_NAMES:
+            out.add(name)
+    return sorted(out)
+
+
 def stateful_calls(formula: str) -> list[str]:
     """Names of the stateful transforms (``scale``, ``center``, ``poly``, splines...) a formula calls."""
     from .formula import display_name, to_formulae
