@@ -252,3 +252,26 @@ def test_use_u_that_is_not_a_bool_is_refused_by_name(data, use_u):
     """use_u="False" is truthy: it simulated conditionally on the BLUPs, silently."""
     with pytest.raises(hp.ArgumentError, match="use_u must be True or False"):
         hp.simulate(hp.lmm(FORMULA, data), 2, use_u=use_u)
+
+
+def test_control_and_the_stage_methods_check_their_arguments_by_name(sleepstudy):
+    """Control's fields reached scipy or NLopt as their own errors, or were accepted (grad_tol=-1 warned that a
+    gradient of 3.7e-13 was too large); MixedModel.fit(reml="ML") and objective(theta, reml="ML") gave the REML
+    fit and criterion (1773.68 where the deviance is 1784.64), read as true."""
+    formula = "Reaction ~ Days + (Days | Subject)"
+    for kwargs, match in [({"max_iter": "5"}, "Control.max_iter"), ({"ftol": float("nan")}, "Control.ftol"),
+                          ({"grad_tol": -1}, "Control.grad_tol"), ({"theta_start": "abc"}, "Control.theta_start"),
+                          ({"compile": "yes"}, "Control.compile")]:
+        with pytest.raises(hp.ArgumentError, match=match):
+            hp.Control(**kwargs)
+    with pytest.raises(hp.ArgumentError, match="control must be an hp.Control"):
+        hp.lmm(formula, sleepstudy, control={"max_iter": 5})
+    model = hp.MixedModel(formula, sleepstudy)
+    with pytest.raises(hp.ArgumentError, match="reml must be True or False"):
+        model.fit(reml="ML")
+    with pytest.raises(hp.ArgumentError, match="reml must be True or False"):
+        model.objective([1, 0, 1], reml="ML")
+    with pytest.raises(hp.ArgumentError, match="theta must be 3 numbers"):
+        model.objective("x")
+    with pytest.raises(hp.ArgumentError, match="theta must be finite"):
+        model.at([np.nan, 0, 1])

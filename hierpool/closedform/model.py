@@ -32,7 +32,15 @@ from ..errors import ArgumentError, ConvergenceWarning, boolean_argument
 from ..spec.design import Design, build_design
 from ..spec.formula import has_spatial_term
 from .ar1 import fit_ar1
-from .optimize import Control, criterion_value, moment_start, optimize_theta, runs_on_host, value_and_gradient
+from .optimize import (
+    Control,
+    control_argument,
+    criterion_value,
+    moment_start,
+    optimize_theta,
+    runs_on_host,
+    value_and_gradient,
+)
 from .results import ConditionedCoordinates, LMMResult
 
 
@@ -116,7 +124,7 @@ class MixedModel:
         self, formula: str, data: pd.DataFrame, se: str | None = None, weights=None, offset=None,
         control: Control | None = None,
     ):
-        self._with_design(build_design(formula, data, se=se, weights=weights, offset=offset), control)
+        self._with_design(build_design(formula, data, se=se, weights=weights, offset=offset), control_argument(control))
 
     def _with_design(self, design: Design, control: Control | None) -> None:
         self.design: Design = design
@@ -138,9 +146,14 @@ class MixedModel:
         return self.system.layout.n_theta
 
     def _theta(self, theta) -> np.ndarray:
-        theta = np.asarray(theta, dtype=float).reshape(-1)
+        try:
+            theta = np.asarray(theta, dtype=float).reshape(-1)
+        except (TypeError, ValueError):
+            raise ArgumentError(f"theta must be {self.n_theta} numbers for this model, got {theta!r}") from None
         if theta.size != self.n_theta:
             raise ArgumentError(f"theta must have {self.n_theta} values for this model, got {theta.size}")
+        if not np.all(np.isfinite(theta)):
+            raise ArgumentError(f"theta must be finite, got {theta}")
         return theta
 
     @cached_property
@@ -161,12 +174,14 @@ class MixedModel:
 
     def objective(self, theta, reml: bool = True, control: Control | None = None) -> float:
         """Profiled REML criterion (or deviance) at ``theta``: lme4's ``devfun(theta)``."""
+        reml, control = boolean_argument("reml", reml), control_argument(control)
         conditioning, system = self._evaluated()
         value = criterion_value(self._theta(theta), system, reml, runs_on_host(system, control))
         return value if conditioning is None else conditioning.objective_to_user(value, reml)
 
     def objective_and_gradient(self, theta, reml: bool = True, control: Control | None = None) -> tuple[float, np.ndarray]:
         """The objective and its exact gradient (closed-form adjoints; ``control.compile`` as in :meth:`fit`)."""
+        reml, control = boolean_argument("reml", reml), control_argument(control)
         conditioning, system = self._evaluated()
         value, gradient = value_and_gradient(system, reml, runs_on_host(system, control))(self._theta(theta))
         # REML's criterion on X A is the user's plus a constant (2 log |det A|): the same gradient
@@ -174,6 +189,7 @@ class MixedModel:
 
     def at(self, theta, reml: bool = True, control: Control | None = None) -> LMMResult:
         """BLUPs, fixed effects and every table at a fixed ``theta`` (no optimization)."""
+        reml, control = boolean_argument("reml", reml), control_argument(control)
         conditioning, system = self._evaluated()
         theta = self._theta(theta)
         host = runs_on_host(system, control)
@@ -194,6 +210,7 @@ class MixedModel:
         (:mod:`hierpool.algebra.conditioning`); the convergence checks are
         those of the conditioned problem.
         """
+        reml, control = boolean_argument("reml", reml), control_argument(control)
         conditioned = condition_terms(self.design, fixed=True)
         if conditioned is not None and control is not None and control.theta_start is not None:
             control = _start_on_conditioned_columns(control, conditioned, self.n_theta)
@@ -317,7 +334,7 @@ def lmm(
     Walker (2015), "Fitting linear mixed-effects models using lme4", J. Stat.
     Softw. 67(1); blocked factorization as in MixedModels.jl.
     """
-    reml = boolean_argument("reml", reml)
+    reml, control = boolean_argument("reml", reml), control_argument(control)
     if adjacency is not None or has_spatial_term(formula):
         return _spatial_lmm(formula, data, reml, se, control, weights, offset, correlation, relmat, relmat_inverse,
                             adjacency)

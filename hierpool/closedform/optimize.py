@@ -18,6 +18,7 @@ Convergence and singularity checks are a stage of their own
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import nlopt
@@ -31,7 +32,7 @@ from ..algebra.linalg import canonical_theta, full_rank_probes, theta_lower_boun
 from ..algebra.start import moment_theta
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
 from ..algebra.system import on_host as to_host
-from ..errors import ArgumentError, ConvergenceError
+from ..errors import ArgumentError, ConvergenceError, integer_argument, optional_boolean_argument
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,32 @@ class Control:
     theta_start: tuple[float, ...] | None = field(default=None)
     max_restarts: int = 2
     compile: bool | None = None
+
+    def __post_init__(self):
+        """Each field checked by name (a string, a NaN or a negative tolerance reached scipy or NLopt as their own
+        errors, or was accepted: grad_tol=-1 warned of a gradient of 3.7e-13 as too large)."""
+        for name in ("max_iter", "hessian_max_n", "max_restarts"):
+            integer_argument(f"Control.{name}", getattr(self, name), minimum=0)
+        for name in ("ftol", "gtol", "singular_tol", "grad_tol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 <= value < np.inf):
+                raise ArgumentError(f"Control.{name} must be a finite number >= 0, got {value!r}")
+        optional_boolean_argument("Control.compile", self.compile)
+        if self.theta_start is not None:
+            try:
+                start = np.asarray(self.theta_start, dtype=float)
+            except (TypeError, ValueError):
+                start = np.array([np.nan])
+            if start.ndim != 1 or not start.size or not np.all(np.isfinite(start)):
+                raise ArgumentError(f"Control.theta_start must be a sequence of finite numbers, got "
+                                    f"{self.theta_start!r}")
+
+
+def control_argument(control) -> Control | None:
+    """``control=`` as given, refused by name where it is not a :class:`Control` (or None)."""
+    if control is not None and not isinstance(control, Control):
+        raise ArgumentError(f"control must be an hp.Control(...), got {type(control).__name__}")
+    return control
 
 
 @dataclass(frozen=True)
