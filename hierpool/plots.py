@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+
+from .errors import ArgumentError
 
 
 def _figure(ncols: int, width: float = 4.6, height: float = 4.2):
@@ -197,8 +200,12 @@ def ridge_path_figure(view, term: str | None = None, group: str | None = None):
     """Each group's coefficient as the ridge penalty is scaled by t; the BLUPs sit at t = 1."""
     path = view.path
     group = path["grpvar"].iloc[0] if group is None else group
+    if group not in set(path["grpvar"]):
+        raise ArgumentError(f"group={group!r} is not a grouping factor of the fit: {list(pd.unique(path['grpvar']))}")
     part = path[path.grpvar == group]
     term = part["term"].iloc[0] if term is None else term
+    if term not in set(part["term"]):
+        raise ArgumentError(f"term={term!r} is not a coefficient of {group!r}'s terms: {list(pd.unique(part['term']))}")
     part = part[part.term == term]
     fig, (ax,) = _figure(1, width=6.4)
     for _, one in part.groupby("grp", sort=False):

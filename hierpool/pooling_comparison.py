@@ -95,9 +95,16 @@ from .algebra.separation import is_separated
 from .closedform import glmm, lmm
 from .closedform.glmm_results import GLMMResult
 from .closedform.results import LMMResult
-from .errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
+from .errors import (
+    ArgumentError,
+    ConvergenceWarning,
+    DataError,
+    HierpoolWarning,
+    integer_argument,
+    optional_boolean_argument,
+)
 from .spec.arguments import probability_argument
-from .spec.design import aliased_columns
+from .spec.design import aliased_columns, check_unique_index
 
 _KINDS = ("all", "shrinkage", "caterpillar", "weight")
 #: Iteratively reweighted least squares of the complete- and no-pooling GLMs stops when R's glm.fit rule,
@@ -356,6 +363,7 @@ def _truth_columns(data: pd.DataFrame, truth, block: GroupTerms) -> dict[str, st
 
 
 def _group_truth(data: pd.DataFrame, fit: LMMResult, block: GroupTerms, column: str) -> np.ndarray:
+    check_unique_index(data, "truth=")
     values = data.loc[fit.design.rows, column].to_numpy(float)
     per_group = pd.Series(values).groupby(block.index).agg(["min", "max"])
     if not np.allclose(per_group["min"], per_group["max"]):
@@ -659,6 +667,7 @@ class PoolingComparison:
         """
         if "truth" not in self.table:
             raise ArgumentError("errors() needs the truth: pass truth= to hp.pooling or use data that carry it")
+        sparse_max = integer_argument("sparse_max", sparse_max, minimum=0)
         methods = {"complete pooling": "complete_pooling", "no pooling": "no_pooling",
                    f"partial pooling ({self.partial_label})": self.partial}
         if "post_mean" in self.table:
@@ -804,6 +813,7 @@ def pooling(
     PoolingComparison
     """
     probability_argument("level", level)
+    bayes = optional_boolean_argument("bayes", bayes)  # ("no" is truthy: it ran the sampler)
     if not _gaussian(family, link):
         if bayes:
             raise ArgumentError(f"bayes=True: hp.bayes does not fit family={family!r} yet; "

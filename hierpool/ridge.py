@@ -141,7 +141,10 @@ def ridge_view(fit: LMMResult, multipliers=None) -> RidgeView:
     q = sum(t.n_levels * t.k for t in fit.design.terms)
     if q > DENSE_LIMIT:
         raise ArgumentError(f"ridge_view builds Z densely; this model has {q} random effects (limit {DENSE_LIMIT})")
-    grid = np.logspace(-3, 3, 41) if multipliers is None else np.asarray(multipliers, dtype=float)
+    try:
+        grid = np.logspace(-3, 3, 41) if multipliers is None else np.asarray(multipliers, dtype=float)
+    except (TypeError, ValueError):
+        grid = np.array([np.nan])
     if grid.ndim != 1 or np.any(~np.isfinite(grid)) or np.any(grid < 0):
         raise ArgumentError("multipliers must be a 1-d array of finite, non-negative numbers")
     grid = np.union1d(grid, [1.0])

@@ -369,7 +369,7 @@ def test_a_users_function_of_the_whole_column_is_refused_and_one_of_each_row_fit
     frames = [_gaussian(k).assign(x=lambda f, k=k: f["x"] + 3.0 * k) for k in range(3)]
     if family:
         frames = [frame.assign(y=lambda f: np.round(np.exp(f["y"] / 4))) for frame in frames]
-    fitted = dict(family=family) if family else {}
+    fitted = {"family": family} if family else {}
     with pytest.raises(hp.ArgumentError, match=r"demean\(\) gave dataset 0 other values"):
         hp.fit_batch(LINEAR.replace("~ x", "~ demean(x)"), frames, by="rep", progress=False, **fitted)
     batch = hp.fit_batch(LINEAR.replace("~ x", "~ doubled(x)"), frames, by="rep", progress=False, **fitted)

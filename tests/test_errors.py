@@ -275,3 +275,44 @@ def test_control_and_the_stage_methods_check_their_arguments_by_name(sleepstudy)
         model.objective("x")
     with pytest.raises(hp.ArgumentError, match="theta must be finite"):
         model.at([np.nan, 0, 1])
+
+
+def test_what_the_fuzz_probe_found_is_refused_by_name(sleepstudy):
+    """Each was a traceback, a NaN or inf, or a plausible wrong number: new data not finite (inf predicted, or the
+    log of a negative NaN); an index repeating labels under AR(1) residuals (a false "repeats a time" error, or an
+    IndexError); truthy strings for flags (bayes="no" ran the sampler); a complex response (its imaginary part
+    dropped); a number as a grouping factor; anova's names as one string; ridge multipliers of text; a plot's
+    grouping factor that is not the fit's."""
+    formula = "Reaction ~ Days + (Days | Subject)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm(formula, sleepstudy)
+        logged = hp.lmm("Reaction ~ log(Days + 1) + (1 | Subject)", sleepstudy)
+    with pytest.raises(hp.DataError, match="column 'Days' is not finite in 1 row"):
+        fit.predict(sleepstudy.iloc[:2].assign(Days=[np.inf, 1.0]))
+    with pytest.raises(hp.DataError, match=r"column 'log\(Days \+ 1\)' is not finite"):
+        logged.predict(sleepstudy.iloc[:2].assign(Days=-5.0))
+    with pytest.raises(hp.DataError, match="index repeats 179 label"):
+        hp.lmm("Reaction ~ Days + (1 | Subject)", sleepstudy.set_axis([0] * 180),
+               correlation=hp.ar1("Subject", "Days"))
+    with pytest.raises(hp.ArgumentError, match="bayes must be True or False"):
+        hp.pooling(formula, sleepstudy, bayes="no")
+    with pytest.raises(hp.ArgumentError, match="polish must be True or False"):
+        hp.fit_batch("Reaction ~ Days + (1 | Subject)", [sleepstudy], by="rep", polish="no")
+    with pytest.raises(hp.ArgumentError, match="keep_draws must be True or False"):
+        hp.bayes_batch("Reaction ~ Days + (1 | Subject)", [sleepstudy], by="rep", keep_draws="yes")
+    with pytest.raises(hp.DataError, match="complex numbers"):
+        hp.lmm(formula, sleepstudy.assign(Reaction=sleepstudy["Reaction"].astype(complex)))
+    numbered = sleepstudy.set_axis([0, 1, 2], axis=1)
+    with pytest.raises(hp.FormulaError, match="must be a column name, got the number 2"):
+        hp.lmm("0 ~ 1 + (1 | 2)", numbered)
+    with pytest.raises(hp.DataError, match="named by numbers"):
+        hp.lmm("`0` ~ 1 + (1 | `2`)", numbered)
+    with pytest.raises(hp.ArgumentError, match="names must be a list of strings"):
+        hp.anova(fit, fit, names="ab")
+    with pytest.raises(hp.ArgumentError, match="names must differ"):
+        hp.anova(fit, fit, names=["a", "a"])
+    with pytest.raises(hp.ArgumentError, match="multipliers"):
+        hp.ridge_view(fit, multipliers="a")
+    with pytest.raises(hp.ArgumentError, match="group='nope'"):
+        hp.ridge_view(fit, multipliers=[0.5, 2.0]).plot(group="nope")

@@ -242,6 +242,8 @@ def test_poisson_fitted_values_and_residuals_are_the_modes_means(poisson_fit, nc
                                np.einsum("na,ab,nb->n", x, fit.vcov.to_numpy(), x), rtol=1e-8)
     with pytest.raises(hp.HierpoolError, match="interval"):
         fit.predict(new, interval="prediction")
+    with pytest.raises(hp.ArgumentError, match="level must be"):  # (NaN bounds, or lower inf above upper 0)
+        fit.relative_risk(level=2)
 
 
 def dense_poisson_laplace(design, area, cov, beta):

@@ -37,7 +37,7 @@ from ..bayesian.nuts import chain_function, quick_compile
 from ..bayesian.priors import DataScales, Priors, check_resolved_priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
 from ..closedform.ar1 import draws_per_unit
-from ..errors import ArgumentError, HierpoolWarning, integer_argument, optional_boolean_argument
+from ..errors import ArgumentError, HierpoolWarning, boolean_argument, integer_argument, optional_boolean_argument
 from ..spec.arguments import sampler_arguments
 from ..spec.family import family_spec
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
@@ -231,6 +231,7 @@ def bayes_batch(
     chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, level, target_accept, min_tune=1)
     max_tree_depth = integer_argument("max_tree_depth", max_tree_depth, minimum=1)
     progress = optional_boolean_argument("progress", progress)
+    keep_draws = boolean_argument("keep_draws", keep_draws)
     check_by_name(by, "bayes_batch", SUMMARY_COLUMNS)
     if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (bayes_each's module notes)
         refuse_on_each(keep_draws=(keep_draws, False), correlation=(correlation, None),

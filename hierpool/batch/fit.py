@@ -337,6 +337,7 @@ def fit_batch(
         raise ArgumentError(f"{'link=' if link is not None else f'nAGQ={nAGQ}'} needs family= (a GLMM)")
     raise_malloc_thresholds()  # the host algebra's temporaries reused, not faulted in afresh (its module notes)
     progress = optional_boolean_argument("progress", progress)
+    polish = boolean_argument("polish", polish)
     if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (fit_each's module notes)
         refuse_on_each(correlation=(correlation, None), dtype=(dtype, "float64"), chunk_size=(chunk_size, None),
                        max_iterations=(max_iterations, MAX_ITERATIONS))

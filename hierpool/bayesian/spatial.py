@@ -39,6 +39,7 @@ Morris et al. (2019), Spatial and Spatio-temporal Epidemiology 31 (ICAR in Stan)
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -605,7 +606,7 @@ class SpatialBayesResult:
         suffix = self.sdesign.suffix(area_term)
         if f"log_relative_risk{suffix}" not in self.idata.posterior:
             raise ArgumentError("relative risks are for a count model with a log link (family='poisson')")
-        if not threshold > 0:
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold < np.inf:
             raise ArgumentError(f"threshold must be a positive relative risk, got {threshold!r}")
         design = self.design
         log_rr = self.draws(f"log_relative_risk{suffix}")

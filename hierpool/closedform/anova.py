@@ -98,9 +98,13 @@ def anova(*fits, names=None, refit: bool = True) -> pd.DataFrame:
 
     if len(fits) < 2:
         raise ArgumentError(f"anova compares two or more fits, got {len(fits)}")
-    names = [f"model {i + 1}" for i in range(len(fits))] if names is None else [str(n) for n in names]
+    if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
+        raise ArgumentError(f"names must be a list of strings, one per fit, got {names!r}")  # ("ab": a and b)
+    names = [f"model {i + 1}" for i in range(len(fits))] if names is None else list(names)
     if len(names) != len(fits):
         raise ArgumentError(f"names has {len(names)} entries for {len(fits)} fits")
+    if len(set(names)) != len(names):
+        raise ArgumentError(f"names must differ from one another, got {names}")
     for fit in fits:
         if not all(hasattr(fit, name) for name in ("loglik", "aic", "bic", "design")):
             raise ArgumentError(f"anova takes fitted models with a log-likelihood, got {type(fit).__name__}")

@@ -870,6 +870,7 @@ class SpatialFit:
         :meth:`_log_risk_sd`).  ``term``: the spatial term's area column, where the model has several."""
         if not self._log_link:
             raise ArgumentError("relative risks are for a count model with a log link (family='poisson')")
+        probability_argument("level", level)
         t = self._car_index(term)
         return area_risk_table(self.sdesign.areas[t], self.design.y, np.exp(self.design.offset),
                                np.exp(self._mode.eta), self.design.row_weights, self._log_risk_sd(t), level)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ArgumentError, DataError
+from .design import check_unique_index
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ def series_of(correlation: AR1, data: pd.DataFrame, rows: pd.Index) -> Series:
         if column is not None and column not in data.columns:
             raise DataError(f"the AR(1) correlation uses column {column!r}, which is not in the data "
                             f"(columns: {list(data.columns)})")
+    check_unique_index(data, f"an AR(1) correlation ({correlation.describe()})")
     used = data.loc[rows]
     group = used[correlation.group]
     if group.isna().any():

@@ -221,7 +221,20 @@ def check_columns(data: pd.DataFrame, names, what: str) -> None:
     missing = [v for v in names if v not in data.columns]
     if missing:
         listed = ", ".join(repr(m) for m in missing)
-        raise DataError(f"{what} uses column {listed}, which is not in the data (columns: {list(data.columns)})")
+        # a formula names columns by text: a frame whose columns are numbers has none it can name
+        hint = ("; the data's columns are named by numbers, which a formula reads as text: name them by text "
+                "(data.columns = data.columns.astype(str))") if any(
+            not isinstance(c, str) and str(c) in map(str, missing) for c in data.columns) else ""
+        raise DataError(f"{what} uses column {listed}, which is not in the data (columns: {list(data.columns)}){hint}")
+
+
+def check_unique_index(data: pd.DataFrame, why: str) -> None:
+    """Refuse, by name, a data frame whose index repeats labels where its rows are read back by label (``why``):
+    ``data.loc[rows]`` then returns every row of a repeated label (an AR(1) series read a time twice)."""
+    if not data.index.is_unique:
+        repeated = int(data.index.duplicated().sum())
+        raise DataError(f"the data's index repeats {repeated} label(s) ({data.index[data.index.duplicated()][0]}, "
+                        f"...), and {why} reads its rows by label: give unique labels (data.reset_index(drop=True))")
 
 
 def missing_detail(frame: pd.DataFrame) -> str:
@@ -266,6 +279,8 @@ def value_kind(column: pd.Series) -> str:
     types = pd.api.types
     if types.is_bool_dtype(column):
         return "true/false values"
+    if types.is_complex_dtype(column):  # (numeric to pandas; a fit kept the real part, with NumPy's warning alone)
+        return f"complex numbers ({column.dtype})"
     if types.is_numeric_dtype(column):
         return "numbers"
     if types.is_string_dtype(column) or isinstance(column.dtype, pd.CategoricalDtype):

@@ -379,6 +379,10 @@ def _random_terms_of_bar(lhs: str, op: str, rhs: str, full: str) -> list[RandomT
     by_factor: dict[tuple[str, ...], list] = {}
     for term in group_terms:
         factor = tuple(v.name for v in term.factor.components)
+        numbers = [name for name in factor if not isinstance(name, str)]
+        if numbers:  # formulae reads (1 | 2) as a literal; ":".join raised a TypeError on it
+            raise FormulaError(f"{full!r}: the grouping factor of a random term must be a column name, got the number "
+                               f"{numbers[0]!r} (a column named by a number is written in backticks: `2`)")
         by_factor.setdefault(factor, []).append(term.expr)
     factors = list(by_factor)
     if nested:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..errors import ArgumentError, DataError
 from .columns import PlainPart
-from .design import check_columns, group_index, known_sd
+from .design import check_columns, check_finite_columns, group_index, known_sd
 from .formula import display_name, without_coding_calls
 
 
@@ -129,11 +129,18 @@ def model_rows(design, newdata, levels_read: bool = True, known_levels: dict | N
         frame = frame.assign(**{c: frame[c].cat.remove_unused_categories() for c in categorical})
     frame = _as_fitted_logicals(design, frame)
     X, offset = _fixed_part(design, frame)
+    # a value not finite in new data (inf, or log of 0) predicted inf, NaN or a clamped probability: the fit refuses it
+    what = "prediction data (newdata)"
+    check_finite_columns(X, design.fixed_names, newdata.index, what)
+    check_finite_columns(offset[:, None], ["the offset"], newdata.index, what)
     terms = [
         (_encode(t.z_matrix, frame, f"term ({display_name(t.spec.lhs)} | {t.group})"),
          _levels_in_fit(t, frame, known_levels.get(j)) if levels_read else np.full(len(frame), -1, dtype=np.int64))
         for j, t in enumerate(design.terms)
     ]
+    for (z, _), t in zip(terms, design.terms):
+        check_finite_columns(z, [f"{name} of ({display_name(t.spec.lhs)} | {t.group})" for name in t.coef_names],
+                             newdata.index, what)
     return X, terms, offset
 
 
