@@ -312,6 +312,8 @@ def test_what_the_fuzz_probe_found_is_refused_by_name(sleepstudy):
         hp.anova(fit, fit, names="ab")
     with pytest.raises(hp.ArgumentError, match="names must differ"):
         hp.anova(fit, fit, names=["a", "a"])
+    with pytest.raises(hp.DataError, match="column 'x' holds values up to 9e\\+160"):  # (dropped as aliased)
+        hp.lmm("Reaction ~ x + (1 | Subject)", sleepstudy.assign(x=sleepstudy["Days"] * 1e160))
     with pytest.raises(hp.ArgumentError, match="multipliers"):
         hp.ridge_view(fit, multipliers="a")
     with pytest.raises(hp.ArgumentError, match="group='nope'"):

@@ -95,7 +95,7 @@ class Control:
                 start = np.asarray(self.theta_start, dtype=float)
             except (TypeError, ValueError):
                 start = np.array([np.nan])
-            if start.ndim != 1 or not start.size or not np.all(np.isfinite(start)):
+            if not start.size or not np.all(np.isfinite(start)):  # (its length and shape: the model's to check)
                 raise ArgumentError(f"Control.theta_start must be a sequence of finite numbers, got "
                                     f"{self.theta_start!r}")
 

@@ -441,12 +441,23 @@ def matrix_columns(matrix) -> tuple[list[str], np.ndarray]:
     return names, values
 
 
+#: The largest magnitude a model column may hold: its square, and a sum of a few thousand of them, stay finite.
+LARGEST_VALUE = 1e150
+
+
 def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str) -> None:
     """Refuse a model column that is not finite (``log(x)`` of a zero or a negative, ``exp`` overflowing) by name,
     with the rows' labels: read on, it broke the rank check's SVD, a GLMM's separation check or the sampler with a
     traceback.  R drops a row whose transformed covariate is NaN (``na.omit`` of the model frame) and refuses an
     infinite one; here both are refused, the rows named for the user to drop."""
     bad = ~np.isfinite(values)
+    # beyond ~1e154 a value's square overflows: the rank check, X'X and Cholesky broke on them (an aliased column
+    # dropped, or NumPy's LinAlgError); refused where their squares would not hold
+    huge = np.isfinite(values) & (np.abs(values) > LARGEST_VALUE)
+    for j in np.flatnonzero(huge.any(axis=0)):
+        raise DataError(f"{what} column {display_name(names[j])!r} holds values up to "
+                        f"{np.max(np.abs(values[:, j][huge[:, j]])):.3g}, beyond {LARGEST_VALUE:.0e}, whose squares "
+                        "a float cannot hold: rescale it (its units)")
     for j in np.flatnonzero(bad.any(axis=0)):
         labels = list(rows[bad[:, j]][:5])
         raise DataError(f"{what} column {display_name(names[j])!r} is not finite in {int(bad[:, j].sum())} row(s) "
@@ -520,6 +531,10 @@ def aliased_columns(X: np.ndarray, tol: float = RANK_TOL) -> np.ndarray:
     once: one LAPACK call in place of the column-by-column projections (benchmarks/RESULTS.md, twenty-second
     session).  Otherwise the columns after the first aliased one are projected on the kept ones only, column by column.
     """
+    # each column on its own scale (the test is scale-free per column): a column of values near 1e160 overflowed its
+    # norm to inf and was reported aliased, leaving an intercept-only fit
+    scale = np.max(np.abs(X), axis=0) if X.size else np.ones(X.shape[1])
+    X = X / np.where(scale > 0, scale, 1.0)
     if X.shape[0] >= X.shape[1]:
         R = np.linalg.qr(X, mode="r")
         norms = np.linalg.norm(R, axis=0)  # ||X_j|| = ||Q R_j|| = ||R_j||
