@@ -304,7 +304,7 @@ def test_a_dataset_lacking_a_level_is_sampled_alone_by_hp_bayes():
         frames.append(pd.DataFrame({"y": y, "x": x, "f": f, "g": g}))
     frames[1] = frames[1][frames[1]["f"] != "r"]
     settings = {"draws": 60, "tune": 60, "chains": 2}
-    batch = hp.bayes_batch("y ~ x + f + (1 | g)", frames, seed=5, progress=False, **settings)
+    batch = hp.bayes_batch("y ~ x + f + (1 | g)", frames, seed=5, progress=False, keep_draws=True, **settings)
     assert batch.messages[1].startswith("f[r] zero in this dataset (a level it lacks): sampled alone")
     assert batch.messages[0] == batch.messages[2] == ""
     with warnings.catch_warnings():
@@ -315,3 +315,10 @@ def test_a_dataset_lacking_a_level_is_sampled_alone_by_hp_bayes():
     assert mine.loc["f[r]", ["mean", "sd", "lower", "upper"]].isna().all()
     np.testing.assert_allclose(batch.varcorr[batch.varcorr["dataset"] == 1]["mean"], alone.varcorr["mean"], rtol=1e-12)
     np.testing.assert_allclose(batch.ranef[batch.ranef["dataset"] == 1]["mean"], alone.ranef["mean"], rtol=1e-12)
+    # keep_draws keeps its own draws (they were left out): beta on the batch's columns, NaN for f[r], its levels
+    kept = batch.draws[1]
+    np.testing.assert_array_equal(kept["beta"][..., :3], alone.beta_draws)
+    assert np.isnan(kept["beta"][..., 3]).all() and kept["beta"].shape == batch.draws[0]["beta"].shape
+    np.testing.assert_array_equal(kept["b"], alone.term_draws(0))
+    np.testing.assert_allclose(kept["sd"][..., 0], alone.idata.posterior["sd_g"].values[..., 0], rtol=1e-12)
+    np.testing.assert_array_equal(kept["sigma"], alone.sigma_draws)

@@ -41,7 +41,7 @@ from ..errors import ArgumentError, HierpoolWarning, boolean_argument, integer_a
 from ..spec.arguments import sampler_arguments
 from ..spec.family import family_spec
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
-from .bayes_each import bayes_batch_each, single_summaries
+from .bayes_each import bayes_batch_each, single_draws, single_summaries
 from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
 from .bayes_results import SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, correlation_matrices, effect_key, term_chunks
@@ -173,8 +173,9 @@ def bayes_batch(
         Keep every dataset's draws in ``result.draws`` (memory grows with the batch): ``beta``
         (chain, draw, p), ``b`` (chain, draw, ell, k), ``sd``, ``cor`` (k > 1) and ``sigma``; with several
         terms ``b``, ``sd`` and ``cor`` are lists, one entry per term of ``result.terms`` (``cor`` None where k = 1);
-        with ``correlation=`` ``phi`` (chain, draw) too.  Not a dataset sampled alone by ``hp.bayes`` because it
-        lacks a factor's level (its row's message says so).
+        with ``correlation=`` ``phi`` (chain, draw) too.  A dataset sampled alone by ``hp.bayes`` because it
+        lacks a factor's level (its row's message says so) has its own draws there, on the batch's columns (NaN
+        for the one it lacks) and its own levels.
     progress : bool, optional
         A progress bar over chunks (default: when stderr is a terminal).
     weights : str or array-like, optional
@@ -384,10 +385,13 @@ def bayes_batch(
         settings = {"chains": chains, "draws": draws, "tune": tune, "priors": priors, "level": level,
                     "target_accept": target_accept, "family": family, "link": link, "correlation": correlation}
         for index in plan.alone_for_levels(messages):
-            summary, why = _sample_alone(plan, index, formula, settings, seed, list(scalars), level, sigma_known)
+            summary, why = _sample_alone(plan, index, formula, settings, seed, list(scalars), level, sigma_known,
+                                         keep_draws)
             if summary is None:
                 messages[index] += f"; sampling it alone failed: {why}"
                 continue
+            if kept is not None:  # its own draws, on the batch's columns and levels
+                kept[plan.labels[index]] = _kept_form(summary["draws"], several)
             fixef[index], varcorr[index] = summary["fixef"], summary["varcorr"]
             divergences[index] = summary["divergences"]
             for t, values in enumerate(summary["terms"]):
@@ -415,7 +419,7 @@ def bayes_batch(
 
 
 def _sample_alone(plan, index: int, formula: str, settings: dict, seed: int, scalars: list, level: float,
-                  sigma_known: bool):
+                  sigma_known: bool, keep_draws: bool = False):
     """(dataset ``index``'s summaries as the batch's arrays, None) from ``hp.bayes`` on its rows alone (seed + index,
     as the dataset-by-dataset path seeds it), or (None, why) where it raised: kept in its row, never raised."""
     from ..bayesian.fit import bayes
@@ -432,8 +436,12 @@ def _sample_alone(plan, index: int, formula: str, settings: dict, seed: int, sca
         with warnings.catch_warnings():  # its diagnostics are judged with the batch's (warn_diagnostics)
             warnings.simplefilter("ignore", HierpoolWarning)
             single = bayes(formula, frame, seed=seed + index, progress=False, **settings, **arguments)
-        return single_summaries(single, design.fixed_names, [(t.group, t.coef_names) for t in design.terms],
-                                [labels[index] for _, _, labels in plan.term_levels], template, scalars, level), ""
+        terms, levels = [(t.group, t.coef_names) for t in design.terms], [labels[index] for _, _, labels in
+                                                                          plan.term_levels]
+        summary = single_summaries(single, design.fixed_names, terms, levels, template, scalars, level)
+        if keep_draws:
+            summary["draws"] = single_draws(single, design.fixed_names, terms, levels)
+        return summary, ""
     except Exception as exc:  # noqa: BLE001 - reported in the dataset's row
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -441,17 +449,23 @@ def _sample_alone(plan, index: int, formula: str, settings: dict, seed: int, sca
 def _kept_draws(out: dict, row: int, ells: list, several: bool) -> dict:
     """One dataset's draws (``keep_draws=True``): each term's ``b`` cut to its own levels; with one term ``b``,
     ``sd`` and ``cor`` are that term's arrays (``cor`` only where k > 1), with several a list per term."""
-    b = [value[row][..., :ell, :] for value, ell in zip(out["b"], ells)]
-    sd = [value[row] for value in out["sd"]]
-    cor = [None if value is None else value[row] for value in out["cor"]]
-    kept = {"beta": out["beta"][row]}
+    one = {"beta": out["beta"][row], "b": [value[row][..., :ell, :] for value, ell in zip(out["b"], ells)],
+           "sd": [value[row] for value in out["sd"]],
+           "cor": [None if value is None else value[row] for value in out["cor"]]}
+    return _kept_form(one | {name: out[name][row] for name in ("sigma", *SCALARS) if name in out}, several)
+
+
+def _kept_form(draws: dict, several: bool) -> dict:
+    """A dataset's draws (lists per term of ``b``, ``sd``, ``cor``) as ``keep_draws`` gives them: with one term its
+    arrays bare (``cor`` only where k > 1), with several the lists."""
+    kept = {"beta": draws["beta"]}
     if several:
-        kept.update(b=b, sd=sd, cor=cor)
+        kept.update(b=draws["b"], sd=draws["sd"], cor=draws["cor"])
     else:
-        kept.update(b=b[0], sd=sd[0])
-        if cor[0] is not None:
-            kept["cor"] = cor[0]
+        kept.update(b=draws["b"][0], sd=draws["sd"][0])
+        if draws["cor"][0] is not None:
+            kept["cor"] = draws["cor"][0]
     for name in ("sigma", *SCALARS):
-        if name in out:
-            kept[name] = out[name][row]
+        if name in draws:
+            kept[name] = draws[name]
     return kept

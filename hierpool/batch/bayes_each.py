@@ -49,6 +49,33 @@ def single_summaries(result, fixed_names, terms, levels, template: pd.DataFrame,
                                                for c in SUMMARY_COLUMNS])[0] for name in scalars}}
 
 
+def single_draws(result, fixed_names, terms, levels) -> dict:
+    """One dataset's ``hp.bayes`` draws as ``hp.bayes_batch(keep_draws=True)`` keeps a batch dataset's, by name
+    (:func:`single_summaries`' matching): ``beta`` (chain, draw, p) on the batch's columns (NaN for one the dataset
+    lacks), per term of ``terms`` its effects ``b`` (chain, draw, ell, k) at the dataset's ``levels`` in the batch's
+    order, ``sd`` (chain, draw, k) and, where k > 1, ``cor`` (chain, draw, k, k); ``sigma``, ``phi`` and ``shape``
+    where the model has them.  Lists per term (the batch gives one term's arrays bare: the caller's)."""
+    own = list(result.design.fixed_names)
+    beta = np.full(result.beta_draws.shape[:2] + (len(fixed_names),), np.nan)
+    for j, name in enumerate(fixed_names):
+        if name in own:
+            beta[..., j] = result.beta_draws[..., own.index(name)]
+    out = {"beta": beta, "b": [], "sd": [], "cor": []}
+    keys = [(t.group, tuple(t.coef_names)) for t in result.design.terms]
+    for (group, coef_names), labels in zip(terms, levels):
+        i = keys.index((group, tuple(coef_names)))
+        where = pd.Index([str(v) for v in result.design.terms[i].levels]).get_indexer([str(v) for v in labels])
+        out["b"].append(result.term_draws(i)[:, :, where, :])
+        cov = result.term_covariance_draws(i)
+        sd = np.sqrt(np.diagonal(cov, axis1=-2, axis2=-1))
+        out["sd"].append(sd)
+        out["cor"].append(cov / (sd[..., :, None] * sd[..., None, :]) if len(coef_names) > 1 else None)
+    for name, values in (("sigma", result.sigma_draws), ("phi", result.phi_draws), ("shape", result.shape_draws)):
+        if values is not None:
+            out[name] = values
+    return out
+
+
 def _relmat_summaries(result, keys: list, fixed_names, template: pd.DataFrame) -> dict:
     """An animal model's posterior (a :class:`~hierpool.bayesian.results.BayesResult`) as the batch's arrays:
     ``template`` the batch's varcorr rows (grp, var1, var2), matched by name (the dataset's own fit may order its
