@@ -134,3 +134,21 @@ def test_a_glmm_on_the_intercepts_face_restarts_inside_and_finds_the_lower_face(
         monkeypatch.setattr(linalg, "FULL_RANK_CORRELATIONS", ())
         stuck = hp.glmm("y ~ x + x2 + (1 + x | g)", data, family="poisson")
     assert stuck.optimum.theta[0] == 0.0 and stuck.optimum.deviance > fit.optimum.deviance + 0.1
+
+
+def test_a_diagonal_stopped_just_short_of_zero_is_restarted_from_like_one_at_zero():
+    """(x | a) on 6 groups of 5 rows without a group effect: L-BFGS-B stopped at T_11 = 3.5e-5, short of its bound
+    where the criterion is flat, so no restart looked past it: REML 75.28197 (lme4's default optimizer reached
+    75.28197445 with a convergence warning), 1.3e-4 above the optimum at a correlation of 1 that hp.fit_batch's
+    search and lme4's BOBYQA at rhoend = 1e-10 reach (75.28184664).  A diagonal below the singular tolerance is
+    restarted from as one at 0."""
+    rng = np.random.default_rng(1)
+    rows = [{"a": f"A{a}", "x": rng.normal(), "y": rng.normal()} for a in range(6) for _ in range(5)]
+    data = pd.DataFrame(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("y ~ x + (x | a)", data)
+        batch = hp.fit_batch("y ~ x + (x | a)", [data, data.assign(y=data["y"] * 2.0)], by="d", progress=False)
+    assert fit.objective == pytest.approx(75.28184664, abs=1e-7)
+    assert fit.objective == pytest.approx(batch.objective.iloc[0], rel=1e-8)
+    assert fit.is_singular  # (the batch's T_22 stops at 1.7e-4 on that flat face: not singular by lme4's rule)

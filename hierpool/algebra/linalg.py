@@ -118,7 +118,7 @@ def rank_reduced_theta(theta: np.ndarray, ks: tuple[int, ...], terms=None) -> np
 FULL_RANK_CORRELATIONS = (0.0, 0.9, -0.9)
 
 
-def full_rank_probes(theta: np.ndarray, ks: tuple[int, ...]) -> list[np.ndarray]:
+def full_rank_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0) -> list[np.ndarray]:
     """theta with each vector term whose T_j has a diagonal at 0 other than its last moved inside: the Cholesky
     factor of T_j T_j^T + (trace / 2k) R for R with each correlation of :data:`FULL_RANK_CORRELATIONS` off its
     diagonal (-0.9 only where k = 2: a k x k matrix of equal correlations is positive definite above -1 / (k - 1)).
@@ -136,7 +136,7 @@ def full_rank_probes(theta: np.ndarray, ks: tuple[int, ...]) -> list[np.ndarray]
         rows, cols = tril_positions(k)
         size = len(rows)
         diagonal = theta[offset : offset + size][rows == cols]
-        if k >= 2 and np.any(diagonal[:-1] <= 0):
+        if k >= 2 and np.any(diagonal[:-1] <= at_most):  # (at_most: a diagonal this near 0 counts as at it)
             factor = np.zeros((k, k))
             factor[rows, cols] = theta[offset : offset + size]
             covariance = factor @ factor.T
