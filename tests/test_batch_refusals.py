@@ -375,3 +375,19 @@ def test_a_users_function_of_the_whole_column_is_refused_and_one_of_each_row_fit
     batch = hp.fit_batch(LINEAR.replace("~ x", "~ doubled(x)"), frames, by="rep", progress=False, **fitted)
     single = (hp.glmm if family else hp.lmm)(LINEAR.replace("~ x", "~ doubled(x)"), frames[2], **fitted)
     assert batch.objective.iloc[2] == pytest.approx(-2 * single.loglik if family else single.objective, rel=1e-8)
+
+
+def test_the_rowwise_check_compares_what_the_users_function_makes_and_a_true_false_response_is_its_numbers():
+    # the review's cases: a dataset lacking a level codes C(f, Sum) otherwise, which refused the whole batch in the
+    # name of doubled() (only the columns a call makes are compared now); a Bernoulli response given as True/False
+    # in one dataset is its 1/0, which the bool-among-numbers check refused
+    frames = [_gaussian(k).assign(f=lambda d: np.array(["a", "b", "c"])[np.arange(len(d)) % 3]) for k in range(3)]
+    frames.append(_gaussian(3).assign(f=lambda d: np.array(["a", "b"])[np.arange(len(d)) % 2]))
+    batch = hp.fit_batch("y ~ doubled(x) + C(f, Sum) + (1 | g)", frames, by="rep", progress=False)
+    assert not batch.messages.iloc[:3].any() and np.isfinite(batch.objective.iloc[:3]).all()
+    binary = [_bernoulli(k) for k in range(3)]
+    binary[0] = binary[0].assign(bern=binary[0]["bern"].astype(bool))
+    batch = _quiet(hp.fit_batch, BERNOULLI, binary, by="rep", family="binomial", progress=False)
+    single = _quiet(hp.glmm, BERNOULLI, binary[0].assign(bern=binary[0]["bern"].astype(int)), family="binomial")
+    assert not batch.messages.any()
+    np.testing.assert_allclose(batch.fixef.loc[0].to_numpy(dtype=float), single.fixef.to_numpy(), rtol=1e-5)

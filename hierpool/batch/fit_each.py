@@ -56,6 +56,7 @@ from .plan import (
     refuse_stateful,
     rows_by_code,
     stacked_design,
+    term_columns,
     value_columns,
 )
 from .results import BatchResult, BatchTerm
@@ -244,7 +245,8 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
         def build(rows, arguments):
             return spatial_design(formula, rows, adjacency, family=spec, **arguments)
     # one dataset's data the single fit refuses (a negative count) is refused in its row, not the batch
-    built, frame, weights, offset, set_aside = stacked_design(data, by, columns, build, weights, offset)
+    built, frame, weights, offset, set_aside = stacked_design(data, by, columns, build, weights, offset,
+                                                               logical=term_columns(formula, spec, columns))
     labels = dataset_labels_of(data, by)  # every dataset passed, one with no rows too
     arguments = {"weights": weights, "offset": offset}
     codes = label_codes(labels, frame[by], by)

@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
@@ -141,7 +142,8 @@ class KindVote:
     outvoted: dict = field(default_factory=dict)
 
 
-def long_frame(data, by: str, columns=(), kept: dict | None = None) -> tuple[pd.DataFrame, dict, KindVote]:
+def long_frame(data, by: str, columns=(), kept: dict | None = None,
+               logical=None) -> tuple[pd.DataFrame, dict, KindVote]:
     """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked), the datasets
     set aside (label -> why: one lacking a column of ``columns`` that others have, :func:`absent_reason`) and the
     vote: where a column of ``columns``
@@ -180,8 +182,9 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None) -> tuple[pd.
     mixed = [name for name in columns if name in frame.columns and frame[name].dtype == object
              and not pd.api.types.is_string_dtype(frame[name])]
     # pandas stacks true/false values with numbers as numbers (a factor in its single fit, a number here, silently):
-    # told by the datasets' dtypes, not their values
-    mixed += [name for name in columns if name in frame.columns and name not in mixed
+    # told by the datasets' dtypes, not their values; not in ``logical``'s complement (a response's True/False are
+    # its 1/0 either way)
+    mixed += [name for name in (columns if logical is None else logical) if name in frame.columns and name not in mixed
               and len({pd.api.types.is_bool_dtype(item[name].dtype) for _, item in items
                        if name in item.columns and len(item)}) > 1]
     if not mixed:
@@ -787,7 +790,7 @@ def build_or_refuse(build, frame: pd.DataFrame, by: str, weights, offset):
     return build(frame, {"weights": weights, "offset": offset}), frame, weights, offset, refused
 
 
-def stacked_design(data, by: str, columns, build, weights, offset, kept: dict | None = None):
+def stacked_design(data, by: str, columns, build, weights, offset, kept: dict | None = None, logical=None):
     """(``build(frame, arguments)`` on the datasets stacked, the long frame, weights and offset it was built on, the
     datasets set aside: label -> why): :func:`long_frame` (``columns`` the values whose kinds must agree, ``kept``
     its kinds kept), then :func:`build_or_refuse`.
@@ -798,7 +801,7 @@ def stacked_design(data, by: str, columns, build, weights, offset, kept: dict | 
     refused with that error, which is each one's single fit's (a dataset of numbers among text responses refused
     the whole batch before).  Any other error is raised as it is: the vote is overturned only where the kind kept
     is the error."""
-    frame, set_aside, vote = long_frame(data, by, columns, kept)
+    frame, set_aside, vote = long_frame(data, by, columns, kept, logical)
     weights, offset = row_argument(weights, "weights", data, frame), row_argument(offset, "offset", data, frame)
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)  # positions as labels: the user's frame untouched
     try:
@@ -813,13 +816,22 @@ def stacked_design(data, by: str, columns, build, weights, offset, kept: dict | 
         kinds = {**(kept or {}), **{column: usual for column, usual in vote.usual.items() if column != name}}
         try:  # (weights and offset are column names here: arrays need one DataFrame, which has no kinds to vote)
             built, retried, weights, offset, rest = stacked_design({label: data[label] for label in retry}, by,
-                                                                   columns, build, weights, offset, kinds)
+                                                                   columns, build, weights, offset, kinds, logical)
         except DataError:
             raise error from None
         refused = {label: str(error) for label in pd.unique(frame[by])}  # the kept datasets with rows
         others = {label: reason for label, reason in set_aside.items() if label not in retry}
         return built, retried, weights, offset, {**refused, **others, **rest}
     return built, frame, weights, offset, {**set_aside, **refused}
+
+
+def term_columns(formula: str, family, columns) -> tuple[str, ...]:
+    """The columns of ``columns`` the formula reads outside its response: where one dataset's true/false values
+    among the others' numbers are refused (a response's True/False are its 1/0 in either)."""
+    spec = parse_formula(formula, binomial_counts=family is not None and family.name == "binomial",
+                         random_optional=True)
+    response = set(re.findall(r"[A-Za-z_.][\w.]*", spec.response))
+    return tuple(name for name in columns if name not in response)
 
 
 def value_columns(formula: str, family, weights, offset, se) -> tuple[str, ...]:
@@ -861,8 +873,9 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     def build(rows, arguments):
         return build_design(formula, rows, se=se, family=family, **arguments)
 
-    design, frame, weights, offset, set_aside = stacked_design(
-        data, by, value_columns(formula, family, weights, offset, se), build, weights, offset)
+    columns = value_columns(formula, family, weights, offset, se)
+    design, frame, weights, offset, set_aside = stacked_design(data, by, columns, build, weights, offset,
+                                                               logical=term_columns(formula, family, columns))
     dataset_labels = dataset_labels_of(data, by)  # every dataset's, one refused too
     # the long frame's model frame would be held for the whole batch run: the plan keeps the frame itself
     design = replace(design, frame=None)
@@ -896,20 +909,35 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     return plan
 
 
+#: Datasets :func:`check_rowwise` compares with their single fits' designs, spread over the batch.
+ROWWISE_CHECKS = 16
+
+
 def check_rowwise(plan: BatchPlan, build, calls: list[str], caller: str, single: str) -> None:
     """Refuse, by name, ``calls`` of the formula (:func:`~hierpool.spec.transforms.unvouched_calls`: a user's
-    function) that give some dataset other values on the long frame than on its own rows: the batch evaluates the
+    function) that give a dataset other values on the long frame than on its own rows: the batch evaluates the
     formula once on the datasets stacked, where ``demean(x)`` = x - mean(x) takes the mean of every dataset's x
-    (an intercept 54.8 for the single fit's 75.3, silently).  Each dataset's own design (``build``) is compared
-    with its rows of the long one: its response, offset, fixed-effect columns and random-effect values."""
+    (an intercept 54.8 for the single fit's 75.3, silently).  On up to :data:`ROWWISE_CHECKS` datasets spread over
+    the batch (a function of the whole column differs on nearly every dataset; each check builds a design, ~6 ms),
+    each dataset's own design (``build``) is compared with its rows of the long one in what the calls make: the
+    response, the offset, the fixed-effect columns and random-effect values whose names hold a call (not the rest:
+    a dataset lacking a level codes a sum-to-zero factor otherwise, which its row's own refusal says)."""
     frame, design = plan.frame, plan.design
+    marks = tuple(f"{call}(" for call in calls)
+
+    def made(name: str) -> bool:
+        return any(mark in name for mark in marks)
+
     positions = frame.groupby(plan.by, sort=False).indices
-    fixed = {name: j for j, name in enumerate(design.fixed_names)}
-    terms = {(t.group, t.coef_names): t for t in design.terms}
-    for index, label in enumerate(plan.labels):
-        rows = np.flatnonzero(plan.dataset == index)
-        if not rows.size or (plan.refusals and plan.refusals[index]) or label not in positions:
-            continue
+    fixed = {name: j for j, name in enumerate(design.fixed_names) if made(name)}
+    terms = {(t.group, t.coef_names): t for t in design.terms if made(t.spec.lhs)}
+    check_y = made(design.spec.response)
+    check_offset = any(made(name) for name in design.offset_terms)
+    eligible = [index for index, label in enumerate(plan.labels)
+                if label in positions and not (plan.refusals and plan.refusals[index])]
+    spread = np.linspace(0, len(eligible) - 1, min(len(eligible), ROWWISE_CHECKS)) if eligible else []
+    for index in sorted({eligible[int(round(at))] for at in spread}):
+        label, rows = plan.labels[index], np.flatnonzero(plan.dataset == index)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -917,12 +945,15 @@ def check_rowwise(plan: BatchPlan, build, calls: list[str], caller: str, single:
                             dataset_arguments(positions[label], plan.weights, plan.offset))
         except HierpoolError:
             continue  # (its single fit's refusal: the plan's to report)
-        pairs = [(own.y, design.y[rows]), (own.offset, design.offset[rows])]
+        if own.n != rows.size:
+            continue
+        pairs = [(own.y, design.y[rows])] * check_y + [(own.offset, design.offset[rows])] * check_offset
         pairs += [(own.X[:, j], design.X[rows, fixed[name]]) for j, name in enumerate(own.fixed_names)
                   if name in fixed]
         pairs += [(t.z, terms[(t.group, t.coef_names)].z[rows]) for t in own.terms
                   if (t.group, t.coef_names) in terms]
-        if own.n != rows.size or not all(np.allclose(a, b, rtol=1e-12, atol=0.0) for a, b in pairs):
+        if not all(np.allclose(a, b, rtol=1e-12, atol=0.0) for a, b in pairs):
+            label = label.item() if isinstance(label, np.generic) else label  # (named as the user wrote it)
             raise ArgumentError(
                 f"{caller} evaluates the formula once on the datasets stacked, and {', '.join(c + '()' for c in calls)} "
                 f"gave dataset {label!r} other values there than on its own rows, as {single} reads them (a mean, a "

@@ -445,7 +445,8 @@ def matrix_columns(matrix) -> tuple[list[str], np.ndarray]:
 LARGEST_VALUE = 1e150
 
 
-def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str) -> None:
+def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str,
+                         largest: float = LARGEST_VALUE) -> None:
     """Refuse a model column that is not finite (``log(x)`` of a zero or a negative, ``exp`` overflowing) by name,
     with the rows' labels: read on, it broke the rank check's SVD, a GLMM's separation check or the sampler with a
     traceback.  R drops a row whose transformed covariate is NaN (``na.omit`` of the model frame) and refuses an
@@ -453,11 +454,11 @@ def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str) -
     bad = ~np.isfinite(values)
     # beyond ~1e154 a value's square overflows: the rank check, X'X and Cholesky broke on them (an aliased column
     # dropped, or NumPy's LinAlgError); refused where their squares would not hold
-    huge = np.isfinite(values) & (np.abs(values) > LARGEST_VALUE)
+    huge = np.isfinite(values) & (np.abs(values) > largest)
     for j in np.flatnonzero(huge.any(axis=0)):
         raise DataError(f"{what} column {display_name(names[j])!r} holds values up to "
-                        f"{np.max(np.abs(values[:, j][huge[:, j]])):.3g}, beyond {LARGEST_VALUE:.0e}, whose squares "
-                        "a float cannot hold: rescale it (its units)")
+                        f"{np.max(np.abs(values[:, j][huge[:, j]])):.3g}, beyond {largest:.0e}, where sums of their "
+                        "squares overflow a float: rescale it (its units)")
     for j in np.flatnonzero(bad.any(axis=0)):
         labels = list(rows[bad[:, j]][:5])
         raise DataError(f"{what} column {display_name(names[j])!r} is not finite in {int(bad[:, j].sum())} row(s) "

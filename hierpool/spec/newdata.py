@@ -132,7 +132,7 @@ def model_rows(design, newdata, levels_read: bool = True, known_levels: dict | N
     # a value not finite in new data (inf, or log of 0) predicted inf, NaN or a clamped probability: the fit refuses it
     what = "prediction data (newdata)"
     check_finite_columns(X, design.fixed_names, newdata.index, what)
-    check_finite_columns(offset[:, None], ["the offset"], newdata.index, what)
+    check_finite_columns(offset[:, None], ["the offset"], newdata.index, what, largest=np.inf)  # (as in fitting)
     terms = [
         (_encode(t.z_matrix, frame, f"term ({display_name(t.spec.lhs)} | {t.group})"),
          _levels_in_fit(t, frame, known_levels.get(j)) if levels_read else np.full(len(frame), -1, dtype=np.int64))

@@ -130,7 +130,10 @@ STATEFUL_NAMES = frozenset(k for k, v in TRANSFORMS.items() if getattr(v, "__sta
 
 #: Calls hierpool vouches compute a row's value from that row alone: R's functions (not R's scale), formulae's
 #: transforms that are not stateful (``C``, ``I``, ``offset``...), and R's spellings a formula may use.
-ROWWISE_NAMES = (frozenset(R_FUNCTIONS) | frozenset(TRANSFORMS) | {"cbind", "factor"}) - STATEFUL_NAMES
+ROWWISE_NAMES = (frozenset(R_FUNCTIONS) | frozenset(TRANSFORMS) | frozenset(ENCODINGS) | {"cbind", "factor"}) \
+    - STATEFUL_NAMES
+#: NumPy's functions of each element alone that are not ufuncs (``np.where``, ``np.clip``...).
+NUMPY_ELEMENTWISE = frozenset({"where", "clip", "round", "around", "isin", "nan_to_num", "real", "imag"})
 
 _CALL = re.compile(r"(?<![\w.])([A-Za-z_][\w.]*)\s*\(")
 
@@ -144,7 +147,8 @@ def unvouched_calls(formula: str) -> list[str]:
     out = set()
     for name in _CALL.findall(to_formulae(formula)):
         module, _, last = name.rpartition(".")
-        vouched = name in ROWWISE_NAMES or (module in ("np", "numpy") and isinstance(getattr(np, last, None), np.ufunc))
+        numpy = module in ("np", "numpy") and (isinstance(getattr(np, last, None), np.ufunc) or last in NUMPY_ELEMENTWISE)
+        vouched = name in ROWWISE_NAMES or numpy
         if not vouched and name not in STATEFUL_NAMES:
             out.add(name)
     return sorted(out)
