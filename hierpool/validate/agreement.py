@@ -47,14 +47,25 @@ import scipy.stats
 
 from ..bayesian import bayes
 from ..bayesian.convergence import mcse_sd_by_column
+from ..bayesian.results import BayesResult
+from ..bayesian.spatial import SpatialBayesResult
 from ..closedform import lmm
-from ..errors import ArgumentError, seed_argument
-from ..spec.arguments import probability_argument
+from ..closedform.relmat import RelmatResult
+from ..closedform.results import LMMResult
+from ..closedform.spatial import SpatialFit
+from ..errors import ArgumentError, integer_argument, seed_argument
+from ..spec.arguments import MIN_DRAWS, probability_argument
+from ._arguments import callable_argument, chains_argument, instance_argument, real_argument, sizes_argument
+
+#: What :func:`compare` takes as ``fit``: a Gaussian closed-form fit (``hp.lmm``; AR(1) and relationship fits too).
+LMM_FITS = (LMMResult, RelmatResult)
 
 
 def bonferroni_threshold(n_tests: int, alpha: float) -> float:
     """Two-sided normal quantile for ``n_tests`` z-scores at family-wise level ``alpha``."""
-    return float(scipy.stats.norm.ppf(1 - alpha / (2 * max(n_tests, 1))))
+    n_tests = integer_argument("n_tests", n_tests)
+    probability_argument("alpha", alpha)
+    return float(scipy.stats.norm.ppf(1 - alpha / (2 * n_tests)))
 
 
 @dataclass(frozen=True)
@@ -205,7 +216,10 @@ def compare(fit, posterior, alpha: float = 0.01, r_hat_max: float = 1.05) -> Agr
     -------
     AgreementReport
     """
+    instance_argument("fit", fit, LMM_FITS, "a closed-form fit of hp.lmm (LMMResult)")
+    instance_argument("posterior", posterior, BayesResult, "a posterior of hp.bayes (BayesResult)")
     probability_argument("alpha", alpha)
+    real_argument("r_hat_max", r_hat_max, above=1.0)
     _check_same_model(fit, posterior)
     mode = "exact" if posterior.held is not None else "full"
     if mode == "exact":
@@ -253,6 +267,9 @@ def _check_same_model(fit, posterior) -> None:
 def flat_beta_priors(fit) -> dict:
     """Flat priors on every fixed effect of ``fit`` (``hp.bayes``'s prior keys: ``b`` only where there are
     coefficients besides the intercept, as it refuses a prior that covers nothing)."""
+    if not isinstance(getattr(fit, "fixef", None), pd.Series):
+        raise ArgumentError(f"fit must be a closed-form fit of hp.lmm or hp.glmm (its fixef a pandas Series), "
+                            f"got {type(fit).__name__}")
     names = list(fit.fixef.index)
     return ({"b": "flat"} if any(name != "Intercept" for name in names) else {}) | (
         {"Intercept": "flat"} if "Intercept" in names else {})
@@ -314,10 +331,14 @@ def blup_agreement(
     if mode not in ("exact", "full"):
         raise ArgumentError(f"mode must be 'exact' or 'full', got {mode!r}")
     probability_argument("alpha", alpha)
+    real_argument("r_hat_max", r_hat_max, above=1.0)
     if mode == "exact" and priors:
         raise ArgumentError("priors apply to mode='full'; exact mode uses a flat prior on the fixed effects")
-    if chains < 2:
-        raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
+    chains_argument(chains)
+    integer_argument("draws", draws, minimum=MIN_DRAWS)
+    integer_argument("tune", tune, minimum=0)
+    seed_argument(seed)
+    probability_argument("target_accept", target_accept)
     if adjacency is not None:
         if mode != "exact" or se is not None or correlation is not None or relmat is not None or relmat_inverse:
             raise ArgumentError("a spatial term (adjacency=) is compared in exact mode, without se=, correlation= or "
@@ -364,7 +385,11 @@ def compare_spatial(fit, posterior, alpha: float = 0.01, r_hat_max: float = 1.05
     on beta.  The posterior of (beta, b) is then Gaussian with mean (beta-hat, BLUP) and covariance H^-1 under the
     ICAR's constraints: every mean must be its BLUP and every sd its joint sd, in Monte-Carlo units; every term's
     effects where the model has several (spatial and ``(lhs | g)``)."""
+    instance_argument("fit", fit, SpatialFit, "a spatial fit of hp.lmm(..., adjacency=) (SpatialFit)")
+    instance_argument("posterior", posterior, SpatialBayesResult,
+                      "a spatial posterior of hp.bayes(..., adjacency=) (SpatialBayesResult)")
     probability_argument("alpha", alpha)
+    real_argument("r_hat_max", r_hat_max, above=1.0)
     if fit.design.family is not None or not fit.reml:
         raise ArgumentError("fit: exact agreement needs a Gaussian spatial fit by REML (hp.lmm(..., adjacency=))")
     if posterior.held is None or not _held_at(posterior.held, fit):
@@ -438,6 +463,8 @@ def agreement_series(simulate, sizes, seed: int = 0, **kwargs) -> pd.DataFrame:
         posterior sd / joint sd.  Both shrink toward 0 and 1 as the variance parameters
         become well determined.
     """
+    callable_argument("simulate", simulate)
+    sizes = sizes_argument("sizes", sizes)
     rng = np.random.default_rng(seed_argument(seed))
     rows = []
     for size in sizes:

@@ -27,8 +27,10 @@ import pandas as pd
 from ..algebra.ar1 import carried, unwhiten
 from ..closedform import lmm
 from ..closedform.predict import normal_quantile
-from ..errors import seed_argument
+from ..errors import integer_argument, seed_argument
+from ..spec.arguments import probability_argument
 from ..spec.correlation import ar1, series_of
+from ._arguments import generator_argument, real_argument
 from .coverage import coverage_of, group_label, label_positions
 
 BETA = (1.0, 0.5)
@@ -36,7 +38,17 @@ BETA = (1.0, 0.5)
 
 def simulate_ar1_study(rng, n_groups: int = 20, steps: int = 30, phi: float = 0.6, sd_b: float = 1.0,
                        sigma: float = 1.0, block: int = 5):
-    """One data set and its truth: (data, b, each series' last residual, x of the next step)."""
+    """One data set and its truth: (data, b, each series' last residual, x of the next step).
+
+    ``phi`` lies between -1 and 1 (a stationary chain); ``sd_b`` >= 0 and ``sigma`` > 0.
+    """
+    generator_argument(rng)
+    n_groups = integer_argument("n_groups", n_groups)
+    steps = integer_argument("steps", steps)
+    phi = real_argument("phi", phi, above=-1.0, below=1.0)
+    sd_b = real_argument("sd_b", sd_b, at_least=0.0)
+    sigma = real_argument("sigma", sigma, above=0.0)
+    block = integer_argument("block", block)
     g = np.repeat(np.arange(n_groups), steps)
     t = np.tile(np.arange(steps), n_groups)
     blocks = rng.normal(size=(n_groups, steps // block + 2))
@@ -59,6 +71,11 @@ def ar1_coverage(n_reps: int = 100, level: float = 0.95, n_groups: int = 20, ste
     pandas.DataFrame
         interval, n (intervals checked), coverage, mcse.
     """
+    n_reps = integer_argument("n_reps", n_reps)
+    probability_argument("level", level)
+    n_groups = integer_argument("n_groups", n_groups, minimum=2)
+    steps = integer_argument("steps", steps, minimum=2)
+    phi = real_argument("phi", phi, above=-1.0, below=1.0)
     rng = np.random.default_rng(seed_argument(seed))
     z = normal_quantile(level)
     hits: dict[str, list] = {}

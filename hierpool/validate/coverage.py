@@ -29,7 +29,9 @@ import pandas as pd
 from ..bayesian import bayes
 from ..closedform import lmm
 from ..closedform.predict import normal_quantile
-from ..errors import seed_argument
+from ..errors import ArgumentError, boolean_argument, integer_argument, seed_argument
+from ..spec.arguments import MIN_DRAWS, probability_argument
+from ._arguments import generator_argument, real_argument
 
 
 def group_label(index) -> str:
@@ -47,7 +49,17 @@ def label_positions(labels, n_groups: int) -> np.ndarray:
 
 
 def simulate_study(rng, n_groups: int = 20, rich_size: int = 20, beta=(1.0, 0.5), sd_b: float = 1.0, sigma: float = 1.0):
-    """One data set: groups 0..n/2-1 have 1-2 observations, the rest ``rich_size``; truth returned too."""
+    """One data set: groups 0..n/2-1 have 1-2 observations, the rest ``rich_size``; truth returned too.
+
+    ``beta``: (intercept, slope); ``sd_b`` >= 0 and ``sigma`` > 0."""
+    generator_argument(rng)
+    n_groups = integer_argument("n_groups", n_groups)
+    rich_size = integer_argument("rich_size", rich_size)
+    if isinstance(beta, (str, bytes)) or not hasattr(beta, "__len__") or len(beta) != 2:
+        raise ArgumentError(f"beta must be two numbers (intercept, slope), got {beta!r}")
+    beta = tuple(real_argument(f"beta[{i}]", value) for i, value in enumerate(beta))
+    sd_b = real_argument("sd_b", sd_b, at_least=0.0)
+    sigma = real_argument("sigma", sigma, above=0.0)
     sizes = np.where(np.arange(n_groups) < n_groups // 2, rng.integers(1, 3, n_groups), rich_size)
     g = np.repeat(np.arange(n_groups), sizes)
     x = rng.normal(size=g.size)
@@ -73,7 +85,11 @@ def coverage(
         interval, groups ("sparse (1-2 obs)" / "rich"), n (intervals checked), coverage, mcse
         (over replications; see the module docstring).
     """
-
+    n_reps = integer_argument("n_reps", n_reps)
+    probability_argument("level", level)
+    with_bayes = boolean_argument("with_bayes", with_bayes)
+    n_groups = integer_argument("n_groups", n_groups, minimum=2)
+    draws = integer_argument("draws", draws, minimum=MIN_DRAWS)
     rng = np.random.default_rng(seed_argument(seed))
     z = normal_quantile(level)
     beta, sd_b, sigma = (1.0, 0.5), 1.0, 1.0

@@ -67,7 +67,16 @@ from ..bayesian.nuts import sample_nuts
 from ..bayesian.results import summarize_draws
 from ..closedform import glmm
 from ..closedform.glmm_results import GLMMResult
-from ..errors import ArgumentError, seed_argument
+from ..errors import ArgumentError, boolean_argument, integer_argument, seed_argument
+from ..spec.arguments import MIN_DRAWS, probability_argument
+from ._arguments import (
+    callable_argument,
+    chains_argument,
+    generator_argument,
+    instance_argument,
+    real_argument,
+    sizes_argument,
+)
 from .agreement import flat_beta_priors
 
 #: The bound of :func:`mode_agreement`: largest |posterior mode - conditional mode| over the effects.
@@ -225,7 +234,7 @@ def mode_agreement(fit: GLMMResult, beta: str = "held", tolerance: float = MODE_
         ``fit.ranef.condval``.  ``"flat"``: flat prior, (beta, u) optimized jointly; compared with
         the joint mode of the penalized deviance at theta-hat (glmer's nAGQ = 0 mode).
     tolerance : float
-        Bound on the largest absolute difference.
+        Bound on the largest absolute difference (a finite number > 0).
 
     Returns
     -------
@@ -233,8 +242,10 @@ def mode_agreement(fit: GLMMResult, beta: str = "held", tolerance: float = MODE_
     """
     import jax.numpy as jnp
 
+    instance_argument("fit", fit, GLMMResult, "a GLMM fit of hp.glmm (GLMMResult)")
     if beta not in ("held", "flat"):
         raise ArgumentError(f"beta must be 'held' or 'flat', got {beta!r}")
+    tolerance = real_argument("tolerance", tolerance, above=0.0)
     held = held_variance(fit)
     design = fit.design
     priors = resolve_priors(design, flat_beta_priors(fit))
@@ -371,8 +382,11 @@ def mode_mean_gap(
     -------
     ModeMeanGap
     """
-    if chains < 2:
-        raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
+    chains = chains_argument(chains)
+    draws = integer_argument("draws", draws, minimum=MIN_DRAWS)
+    tune = integer_argument("tune", tune, minimum=0)
+    seed = seed_argument(seed)
+    probability_argument("target_accept", target_accept)
     if beta not in ("held", "flat"):
         raise ArgumentError(f"beta must be 'held' or 'flat', got {beta!r}")
     with warnings.catch_warnings():
@@ -450,6 +464,15 @@ def simulate_binomial_groups(trials: int, rng, n_groups: int = 20, beta=(-1.0, 0
     Returns ``(formula, data)``; the ``simulate`` argument of :func:`mode_mean_gap_series`
     (``functools.partial`` sets the other arguments).
     """
+    trials = integer_argument("trials", trials)
+    generator_argument(rng)
+    n_groups = integer_argument("n_groups", n_groups)
+    if isinstance(beta, (str, bytes)) or not hasattr(beta, "__len__") or len(beta) != 2:
+        raise ArgumentError(f"beta must be two numbers (intercept, slope), got {beta!r}")
+    beta = tuple(real_argument(f"beta[{i}]", value) for i, value in enumerate(beta))
+    sd = real_argument("sd", sd, at_least=0.0)
+    aggregate = boolean_argument("aggregate", aggregate)
+    truth_seed = seed_argument(truth_seed, optional=True)
     if aggregate:
         source = rng if truth_seed is None else np.random.default_rng(truth_seed)
         x = source.normal(size=n_groups)
@@ -491,6 +514,8 @@ def mode_mean_gap_series(simulate=simulate_binomial_groups, sizes=(2, 5, 20, 100
         theta (the fit's first theta: the gap is small where theta^2 times a group's information is
         small, the prior then dominating b's posterior, which is nearly Gaussian).
     """
+    callable_argument("simulate", simulate)
+    sizes = sizes_argument("sizes", sizes)
     rng = np.random.default_rng(seed_argument(seed))
     rows = []
     for size in sizes:

@@ -34,7 +34,9 @@ from scipy import special
 from ..bayesian import bayes
 from ..closedform import glmm
 from ..closedform.predict import normal_quantile
-from ..errors import ArgumentError, HierpoolError, seed_argument
+from ..errors import ArgumentError, HierpoolError, boolean_argument, integer_argument, seed_argument
+from ..spec.arguments import MIN_DRAWS, probability_argument
+from ._arguments import generator_argument, replications_argument
 
 #: The study's truth: (beta_0, beta_1) and sd_b per family.
 TRUTH = {"binomial": ((-0.5, 0.5), 1.0), "poisson": ((0.5, 0.3), 0.7)}
@@ -43,15 +45,18 @@ MARGINAL_X = (-1.0, 0.0, 1.0)
 
 
 def group_sizes(n_groups: int, rich_size: int) -> np.ndarray:
-    """The fixed design's rows per group: the first half 2 or 3 rows (alternately), the rest ``rich_size``."""
+    """The fixed design's rows per group: the first half 2 or 3 rows (alternately), the rest ``rich_size``
+    (at least 4, more than a sparse group's)."""
+    n_groups = integer_argument("n_groups", n_groups)
+    rich_size = integer_argument("rich_size", rich_size, minimum=4)
     half = n_groups // 2
     return np.where(np.arange(n_groups) < half, 2 + np.arange(n_groups) % 2, rich_size)
 
 
 def simulate_glmm_study(rng, family: str = "binomial", n_groups: int = 20, rich_size: int = 20):
     """One data set of the study: ``(data, b, sizes)``, b the true group effects in group order g000, g001, ..."""
-    if family not in TRUTH:
-        raise ArgumentError(f"family must be one of {sorted(TRUTH)}, got {family!r}")
+    generator_argument(rng)
+    _family_argument(family)
     (beta0, beta1), sd_b = TRUTH[family]
     sizes = group_sizes(n_groups, rich_size)
     g = np.repeat(np.arange(n_groups), sizes)
@@ -63,8 +68,16 @@ def simulate_glmm_study(rng, family: str = "binomial", n_groups: int = 20, rich_
     return pd.DataFrame({"y": y, "x": x, "g": [f"g{i:03d}" for i in g]}), b, sizes
 
 
+def _family_argument(family) -> str:
+    if not isinstance(family, str) or family not in TRUTH:
+        raise ArgumentError(f"family must be one of {sorted(TRUTH)}, got {family!r}")
+    return family
+
+
 def population_mean(family: str, x, nodes: int = 64) -> np.ndarray:
     """The true population-average mean m(x) = E_b[g^-1(beta_0 + beta_1 x + b)] of the study's truth."""
+    _family_argument(family)
+    nodes = integer_argument("nodes", nodes)
     (beta0, beta1), sd_b = TRUTH[family]
     eta = beta0 + beta1 * np.asarray(x, dtype=float)
     if family == "poisson":
@@ -95,7 +108,7 @@ def glmm_coverage(
     with_bayes : bool
         Also sample ``hp.bayes`` (2 chains of ``draws`` draws after ``draws`` tuning steps).
     n_groups, rich_size
-        The design (:func:`group_sizes`).
+        The design (:func:`group_sizes`): at least 2 groups, and rich groups of at least 4 rows.
     seed : int
 
     Returns
@@ -105,8 +118,13 @@ def glmm_coverage(
         ``rich``, ``population``), n (intervals checked), coverage, mcse (over replications), and
         failures (replications whose fit raised, left out).
     """
-    if n_reps < 2:
-        raise ArgumentError(f"n_reps must be at least 2 (the Monte-Carlo error compares replications), got {n_reps!r}")
+    n_reps = replications_argument(n_reps)
+    probability_argument("level", level)
+    family = _family_argument(family)
+    with_bayes = boolean_argument("with_bayes", with_bayes)
+    n_groups = integer_argument("n_groups", n_groups, minimum=2)
+    rich_size = integer_argument("rich_size", rich_size, minimum=4)
+    draws = integer_argument("draws", draws, minimum=MIN_DRAWS)
     rng = np.random.default_rng(seed_argument(seed))
     z = normal_quantile(level)
     hits: dict[tuple[str, str], list] = {}

@@ -26,7 +26,7 @@ from ..bayesian import bayes, resolve_priors
 from ..errors import ArgumentError, seed_argument
 from ..spec.design import build_design
 from ..spec.family import family_spec
-from .sbc import SBCResult, _uniformity, check_sbc_sizes
+from .sbc import SBCResult, _uniformity, sbc_arguments
 
 #: Families whose response :func:`glmm_sbc` simulates.
 FAMILIES = ("binomial", "poisson")
@@ -141,7 +141,7 @@ def glmm_sbc(
     spec = family_spec(family, link)
     if spec.name not in FAMILIES:
         raise ArgumentError(f"glmm_sbc simulates the families {FAMILIES}, got {spec.name!r}")
-    check_sbc_sizes(n_reps, n_draws, chains, draws_per_chain, bins)
+    sbc_arguments(n_reps, n_draws, chains, draws_per_chain, tune, bins, alpha, seed)
     import jax
 
     design = build_design(formula, data, weights=weights, offset=offset, family=spec)

@@ -28,7 +28,9 @@ from .. import pedigree as pedigrees
 from ..bayesian import bayes
 from ..closedform import lmm
 from ..closedform.predict import normal_quantile
-from ..errors import seed_argument
+from ..errors import boolean_argument, integer_argument, seed_argument
+from ..spec.arguments import MIN_DRAWS, probability_argument
+from ._arguments import generator_argument, real_argument
 from .coverage import coverage_of
 
 INTERCEPT, SEX_EFFECT = 10.0, 1.0
@@ -36,7 +38,14 @@ FORMULA = "y ~ sex + (1 | animal)"
 
 
 def simulate_pedigree(rng, founders: int = 20, generations: int = 3, per_generation: int = 30) -> pd.DataFrame:
-    """A pedigree (id, sire, dam; unknown parents NaN), parents before offspring."""
+    """A pedigree (id, sire, dam; unknown parents NaN), parents before offspring.
+
+    Each animal's two parents are drawn from the generation before: at least 2 founders, and at least 2 animals
+    per generation."""
+    generator_argument(rng)
+    founders = integer_argument("founders", founders, minimum=2)
+    generations = integer_argument("generations", generations, minimum=0)
+    per_generation = integer_argument("per_generation", per_generation, minimum=2)
     rows, previous = [], []
     for i in range(founders):
         rows.append((f"f{i:03d}", np.nan, np.nan))
@@ -61,6 +70,16 @@ def relmat_coverage(n_reps: int = 100, level: float = 0.95, sigma_a2: float = 2.
     pandas.DataFrame
         interval, n (intervals checked), coverage, mcse.
     """
+    n_reps = integer_argument("n_reps", n_reps)
+    probability_argument("level", level)
+    sigma_a2 = real_argument("sigma_a2", sigma_a2, above=0.0)
+    sigma2 = real_argument("sigma2", sigma2, above=0.0)
+    bayes_fit = boolean_argument("bayes_fit", bayes_fit)
+    chains = integer_argument("chains", chains)
+    draws = integer_argument("draws", draws, minimum=MIN_DRAWS)
+    founders = integer_argument("founders", founders, minimum=2)
+    generations = integer_argument("generations", generations, minimum=0)
+    per_generation = integer_argument("per_generation", per_generation, minimum=2)
     rng = np.random.default_rng(seed_argument(seed))
     ped = simulate_pedigree(rng, founders, generations, per_generation)
     inverse = pedigrees.inverse_relationship_matrix(ped)

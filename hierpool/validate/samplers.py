@@ -26,8 +26,10 @@ import pandas as pd
 
 from ..bayesian import bayes
 from ..bayesian.convergence import mcse_sd_by_column
-from ..errors import ArgumentError
-from ..spec.arguments import probability_argument
+from ..bayesian.results import BayesResult
+from ..errors import ArgumentError, integer_argument, seed_argument
+from ..spec.arguments import MIN_DRAWS, probability_argument
+from ._arguments import chains_argument, instance_argument, real_argument
 from .agreement import bonferroni_threshold
 
 
@@ -81,6 +83,13 @@ def _quantities(post) -> list[tuple[str, list[str], np.ndarray]]:
     ]
 
 
+def _bounds(r_hat_max, max_divergent_share) -> None:
+    """Refuse an R-hat bound not above 1 and a share of divergent transitions outside [0, 1)."""
+    real_argument("r_hat_max", r_hat_max, above=1.0)
+    if real_argument("max_divergent_share", max_divergent_share, at_least=0.0) >= 1:
+        raise ArgumentError(f"max_divergent_share must be a number >= 0 and below 1, got {max_divergent_share!r}")
+
+
 def sampler_agreement(
     formula: str,
     data: pd.DataFrame,
@@ -124,8 +133,12 @@ def sampler_agreement(
     SamplerAgreement
     """
     probability_argument("alpha", alpha)
-    if chains < 2:
-        raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
+    chains_argument(chains)
+    integer_argument("draws", draws, minimum=MIN_DRAWS)
+    integer_argument("tune", tune, minimum=0)
+    seed_argument(seed)
+    probability_argument("target_accept", target_accept)
+    _bounds(r_hat_max, max_divergent_share)
     settings = dict(
         priors=priors, se=se, weights=weights, offset=offset, chains=chains, draws=draws, tune=tune, target_accept=target_accept
     )
@@ -147,7 +160,10 @@ def compare_samplers(
     alpha, r_hat_max, max_divergent_share
         As :func:`sampler_agreement`.
     """
+    instance_argument("collapsed", collapsed, BayesResult, "a posterior of hp.bayes (BayesResult)")
+    instance_argument("full", full, BayesResult, "a posterior of hp.bayes (BayesResult)")
     probability_argument("alpha", alpha)
+    _bounds(r_hat_max, max_divergent_share)
     frames = []
     for (table, names, a), (_, _, b) in zip(_quantities(collapsed), _quantities(full)):
         summary_a, summary_b = getattr(collapsed, table), getattr(full, table)

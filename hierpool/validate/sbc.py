@@ -26,7 +26,8 @@ import scipy.stats
 from ..algebra.ar1 import carried, unwhiten
 from ..bayesian import bayes, resolve_priors
 from ..closedform.ar1 import draws_per_unit, in_search_unit
-from ..errors import ArgumentError, DataError, seed_argument
+from ..errors import ArgumentError, DataError, integer_argument, seed_argument
+from ..spec.arguments import MIN_DRAWS, probability_argument
 from ..spec.design import build_design
 
 
@@ -139,8 +140,13 @@ def ecdf_band(n_reps: int, n_draws: int, alpha: float, n_sim: int = 20000, seed:
     """Half-width of the simultaneous (1 - alpha) band for the ECDF of normalized uniform ranks.
 
     Calibrated by simulation: the (1 - alpha) quantile of max_z |ECDF(z) - z| over uniform
-    discrete ranks on {0..L}, evaluated at the rank grid.
+    discrete ranks on {0..L}, evaluated at the rank grid.  ``n_reps``, ``n_draws`` (L) and ``n_sim`` are integers
+    >= 1, ``alpha`` lies in (0, 1).
     """
+    n_reps = integer_argument("n_reps", n_reps)
+    n_draws = integer_argument("n_draws", n_draws)
+    probability_argument("alpha", alpha)
+    n_sim = integer_argument("n_sim", n_sim)
     rng = np.random.default_rng(seed_argument(seed))
     grid = np.arange(1, n_draws + 2) / (n_draws + 1)
     ranks = rng.integers(0, n_draws + 1, size=(n_sim, n_reps))
@@ -151,11 +157,26 @@ def ecdf_band(n_reps: int, n_draws: int, alpha: float, n_sim: int = 20000, seed:
 
 
 def check_sbc_sizes(n_reps: int, n_draws: int, chains: int, draws_per_chain: int, bins: int) -> None:
-    """Refuse replications too few for the histogram's bins, or more ranked draws than the chains keep."""
+    """Refuse replications too few for the histogram's bins, or more ranked draws than the chains keep (and any of
+    them that is not a positive integer: at least 2 bins, :data:`~hierpool.spec.arguments.MIN_DRAWS` draws per
+    chain)."""
+    n_reps = integer_argument("n_reps", n_reps)
+    n_draws = integer_argument("n_draws", n_draws)
+    chains = integer_argument("chains", chains)
+    draws_per_chain = integer_argument("draws_per_chain", draws_per_chain, minimum=MIN_DRAWS)
+    bins = integer_argument("bins", bins, minimum=2)
     if n_reps < bins:
         raise ArgumentError(f"n_reps ({n_reps}) must be at least bins ({bins})")
     if n_draws + 1 > chains * draws_per_chain:
         raise ArgumentError("n_draws must be below chains x draws_per_chain")
+
+
+def sbc_arguments(n_reps, n_draws, chains, draws_per_chain, tune, bins, alpha, seed) -> None:
+    """:func:`check_sbc_sizes`, with ``tune`` an integer >= 0, ``alpha`` in (0, 1) and ``seed`` a seed."""
+    check_sbc_sizes(n_reps, n_draws, chains, draws_per_chain, bins)
+    integer_argument("tune", tune, minimum=0)
+    probability_argument("alpha", alpha)
+    seed_argument(seed)
 
 
 def _uniformity(ranks: pd.DataFrame, n_draws: int, bins: int, alpha: float) -> pd.DataFrame:
@@ -221,7 +242,7 @@ def sbc(
     -------
     SBCResult
     """
-    check_sbc_sizes(n_reps, n_draws, chains, draws_per_chain, bins)
+    sbc_arguments(n_reps, n_draws, chains, draws_per_chain, tune, bins, alpha, seed)
     import jax
 
     related, relationship = {}, None

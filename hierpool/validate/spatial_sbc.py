@@ -10,6 +10,7 @@ among L posterior draws: uniform exactly when the sampler computes the posterior
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import numpy as np
@@ -21,7 +22,7 @@ from ..bayesian.spatial import car_priors
 from ..errors import ArgumentError, seed_argument
 from ..spec.family import family_spec
 from ..spec.spatial import spatial_design
-from .sbc import SBCResult, _uniformity, check_sbc_sizes
+from .sbc import SBCResult, _uniformity, sbc_arguments
 
 #: Families spatial_sbc simulates (their default priors do not depend on the response, so one frozen set serves
 #: every replication).
@@ -36,6 +37,16 @@ def _sample(distribution, rng) -> float:
     import jax
 
     return float(distribution.sample(jax.random.PRNGKey(int(rng.integers(2**31)))))
+
+
+def _track_argument(track, n_areas: int) -> list[int]:
+    """``track`` as a list of positions among ``n_areas`` areas, else an :class:`ArgumentError` naming it."""
+    positions = list(track) if isinstance(track, (tuple, list, np.ndarray)) else None
+    if positions is None or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool)
+                                    and -n_areas <= k < n_areas for k in positions):
+        raise ArgumentError(f"track must be a tuple of area positions (integers from {-n_areas} to {n_areas - 1}), "
+                            f"got {track!r}")
+    return [int(k) for k in positions]
 
 
 def draw_field(prior: CarPrior, sd: float, mix: float, rng) -> np.ndarray:
@@ -75,7 +86,7 @@ def spatial_sbc(formula: str, data: pd.DataFrame, adjacency, family: str = "pois
     spec = family_spec(family)
     if spec.name not in FAMILIES:
         raise ArgumentError(f"spatial_sbc simulates the families {FAMILIES}, got {spec.name!r}")
-    check_sbc_sizes(n_reps, n_draws, chains, draws_per_chain, bins)
+    sbc_arguments(n_reps, n_draws, chains, draws_per_chain, tune, bins, alpha, seed)
     sdesign = spatial_design(formula, data, adjacency, family=spec, weights=weights, offset=offset)
     if not sdesign.single:
         raise ArgumentError(f"spatial_sbc simulates a model whose one random term is a car() term; {formula!r} has "
@@ -96,7 +107,7 @@ def spatial_sbc(formula: str, data: pd.DataFrame, adjacency, family: str = "pois
     frame = data.loc[design.rows].copy()
     trials = np.asarray(design.row_weights, dtype=float)
     keep = np.linspace(0, chains * draws_per_chain - 1, n_draws).astype(int)
-    areas = [int(np.arange(sdesign.n_areas)[k]) for k in track]
+    areas = [int(np.arange(sdesign.n_areas)[k]) for k in _track_argument(track, sdesign.n_areas)]
     ranks, redrawn = [], 0
     for _ in range(n_reps):
         for _ in range(MAX_REDRAWS):  # a constant response (all zeros) is refused by every fit: draw again
