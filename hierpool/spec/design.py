@@ -451,6 +451,8 @@ def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str,
     with the rows' labels: read on, it broke the rank check's SVD, a GLMM's separation check or the sampler with a
     traceback.  R drops a row whose transformed covariate is NaN (``na.omit`` of the model frame) and refuses an
     infinite one; here both are refused, the rows named for the user to drop."""
+    if not values.size or np.all(np.max(np.abs(values), axis=0) <= largest):  # (NaN fails it: one pass for both)
+        return
     bad = ~np.isfinite(values)
     # beyond ~1e154 a value's square overflows: the rank check, X'X and Cholesky broke on them (an aliased column
     # dropped, or NumPy's LinAlgError); refused where their squares would not hold
@@ -532,13 +534,13 @@ def aliased_columns(X: np.ndarray, tol: float = RANK_TOL) -> np.ndarray:
     once: one LAPACK call in place of the column-by-column projections (benchmarks/RESULTS.md, twenty-second
     session).  Otherwise the columns after the first aliased one are projected on the kept ones only, column by column.
     """
-    # each column on its own scale (the test is scale-free per column): a column of values near 1e160 overflowed its
-    # norm to inf and was reported aliased, leaving an intercept-only fit
-    scale = np.max(np.abs(X), axis=0) if X.size else np.ones(X.shape[1])
-    X = X / np.where(scale > 0, scale, 1.0)
     if X.shape[0] >= X.shape[1]:
         R = np.linalg.qr(X, mode="r")
         norms = np.linalg.norm(R, axis=0)  # ||X_j|| = ||Q R_j|| = ||R_j||
+        if not np.all(np.isfinite(norms)) and np.all(np.isfinite(X)):  # values near 1e160 overflowed a norm (reported
+            # aliased, leaving an intercept-only fit): each column on
+            scale = np.max(np.abs(X), axis=0)  # its own scale, the test being scale-free per column
+            return aliased_columns(X / np.where(scale > 0, scale, 1.0), tol)
         if np.all(np.abs(np.diagonal(R)) > tol * norms):  # (a zero column fails: 0 > 0)
             return np.zeros(0, dtype=int)
     kept: list[int] = []
