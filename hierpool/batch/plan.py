@@ -936,7 +936,7 @@ def check_rowwise(plan: BatchPlan, build, calls: list[str], caller: str, single:
     eligible = [index for index, label in enumerate(plan.labels)
                 if label in positions and not (plan.refusals and plan.refusals[index])]
     spread = np.linspace(0, len(eligible) - 1, min(len(eligible), ROWWISE_CHECKS)) if eligible else []
-    for index in sorted({eligible[int(round(at))] for at in spread}):
+    for index in sorted({eligible[round(at)] for at in spread}):
         label, rows = plan.labels[index], np.flatnonzero(plan.dataset == index)
         try:
             with warnings.catch_warnings():

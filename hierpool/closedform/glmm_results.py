@@ -261,13 +261,12 @@ class GLMMResult:
         link with ``type="response"``, where ``se`` is the delta method's se * d mu / d eta.  There is
         no prediction interval: a new count or 0/1 outcome is not normal.
         """
-        from .predict import predict
+        from .predict import check_interval, predict
 
         if type not in ("link", "response"):
             raise ArgumentError(f"type must be 'link' or 'response', got {type!r}")
-        if interval not in (None, "confidence"):
-            raise ArgumentError(f"interval must be None or 'confidence' for a GLMM, got {interval!r} "
-                                "(a new count or 0/1 outcome has no normal prediction interval)")
+        check_interval(interval, (None, "confidence"),
+                       " for a GLMM (a new count or 0/1 outcome has no normal prediction interval)")
         out = predict(self._link_scale, newdata=newdata, re=re, interval=interval, level=level)
         if type == "link":
             return out

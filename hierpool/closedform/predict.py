@@ -89,6 +89,16 @@ def _conditional_variance(result, X, terms, known):
     return row_quadratic_forms(cov, v0, safe0, v, idx)
 
 
+#: The intervals a Gaussian fit's predictions take.
+INTERVALS = (None, "confidence", "prediction")
+
+
+def check_interval(interval, allowed=INTERVALS, why: str = "") -> None:
+    """Refuse an ``interval=`` not among ``allowed``, by name (``why``: what a fit lacking some says of them)."""
+    if interval not in allowed:
+        raise ArgumentError(f"interval must be one of {list(allowed)}{why}, got {interval!r}")
+
+
 def check_re(re) -> None:
     """Refuse an ``re=`` that is not True or False by name: lme4's ``re.form=NULL`` (every random effect) is
     ``re=True`` here, and None, read as falsy, gave population-level predictions, the opposite."""
@@ -123,8 +133,7 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
     numpy.ndarray or pandas.DataFrame
         The predictions, or a frame with columns fit, se, lower, upper.
     """
-    if interval not in (None, "confidence", "prediction"):
-        raise ArgumentError(f"interval must be None, 'confidence' or 'prediction', got {interval!r}")
+    check_interval(interval)
     check_re(re)
     probability_argument("level", level)
     X, terms, offset, noise = _rows(result, newdata, interval)

@@ -60,7 +60,7 @@ from ..spec.arguments import probability_argument
 from ..spec.design import Design
 from ..spec.newdata import model_rows, new_row_weights, row_labels
 from ..spec.relationship import Relationship
-from .predict import check_re, normal_quantile
+from .predict import check_interval, check_re, normal_quantile
 from .results import Likelihood, group_coefficients
 
 #: log theta is searched in this interval (theta from 1e-4 to 1e4).
@@ -546,8 +546,7 @@ class RelmatResult(Likelihood):
         (a_jj = A's diagonal for a level of A: 1 + its inbreeding), and the noise sigma^2 / w.  Normal quantiles,
         theta and sigma taken as known (lme4's ``predict``, ``merTools::predictInterval``).
         """
-        if interval not in (None, "confidence", "prediction"):
-            raise ArgumentError(f"interval must be None, 'confidence' or 'prediction', got {interval!r}")
+        check_interval(interval)
         check_re(re)
         probability_argument("level", level)
         X, terms, offset = self._rows(newdata)

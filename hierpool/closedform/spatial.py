@@ -51,7 +51,7 @@ from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.arguments import probability_argument
 from ..spec.newdata import model_rows, new_row_weights, row_labels
 from ..spec.spatial import AreaTerm, SpatialDesign, areas_in_graph, group_effect_index, group_parameter_names
-from .predict import check_re, normal_quantile
+from .predict import check_interval, check_re, normal_quantile
 
 #: Bounds of log sd and log sigma, and of the logit of the mixing parameter.
 LOG_SD_BOUNDS = (np.log(1e-5), np.log(1e3))
@@ -672,11 +672,9 @@ class SpatialFit:
         if type not in ("link", "response"):
             raise ArgumentError(f"type must be 'link' or 'response', got {type!r}")
         check_re(re)
-        allowed = (None, "confidence", "prediction") if self.laplace.gaussian and re else (None, "confidence")
-        if interval not in allowed:
-            kind = "Gaussian" if self.laplace.gaussian else "GLMM"
-            raise ArgumentError(f"interval must be one of {list(allowed)} for this {kind} spatial fit"
-                                f"{'' if re else ' at re=False'}, got {interval!r}")
+        gaussian = self.laplace.gaussian
+        check_interval(interval, (None, "confidence", "prediction") if gaussian and re else (None, "confidence"),
+                       f" for this {'Gaussian' if gaussian else 'GLMM'} spatial fit{'' if re else ' at re=False'}")
         probability_argument("level", level)
         X, terms, offset = model_rows(self.design, newdata)
         columns, values, unknown = self._latent_rows(newdata, terms, len(X)) if re else ([], [], np.zeros(len(X)))
