@@ -45,8 +45,12 @@ def single_summaries(result, fixed_names, terms, levels, template: pd.DataFrame,
     return {"fixef": result.fixef.reindex(list(fixed_names))[SUMMARY_COLUMNS].to_numpy(),
             "varcorr": varcorr.reindex(keys(template)).to_numpy(), "terms": effects,
             "divergences": result.divergences,
-            "scalars": {name: np.column_stack([summarize_draws(draws[name][..., None], level)[c]
-                                               for c in SUMMARY_COLUMNS])[0] for name in scalars}}
+            "scalars": {name: _one_summary(summarize_draws(draws[name][..., None], level)) for name in scalars}}
+
+
+def _one_summary(stats: dict) -> np.ndarray:
+    """The summary columns of one parameter's :func:`summarize_draws` (computed once, diagnostics included)."""
+    return np.array([stats[c][0] for c in SUMMARY_COLUMNS], dtype=float)
 
 
 def single_draws(result, fixed_names, terms, levels) -> dict:

@@ -918,7 +918,7 @@ def check_rowwise(plan: BatchPlan, build, calls: list[str], caller: str, single:
     function) that give a dataset other values on the long frame than on its own rows: the batch evaluates the
     formula once on the datasets stacked, where ``demean(x)`` = x - mean(x) takes the mean of every dataset's x
     (an intercept 54.8 for the single fit's 75.3, silently).  On up to :data:`ROWWISE_CHECKS` datasets spread over
-    the batch (a function of the whole column differs on nearly every dataset; each check builds a design, ~6 ms),
+    the batch (a function of the whole column differs on nearly every dataset; each check builds a whole design),
     each dataset's own design (``build``) is compared with its rows of the long one in what the calls make: the
     response, the offset, the fixed-effect columns and random-effect values whose names hold a call (not the rest:
     a dataset lacking a level codes a sum-to-zero factor otherwise, which its row's own refusal says)."""

@@ -59,7 +59,7 @@ from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarni
 from ..spec.arguments import probability_argument
 from ..spec.design import Design
 from ..spec.newdata import model_rows, new_row_weights, row_labels
-from ..spec.relationship import Relationship
+from ..spec.relationship import Relationship, with_relationship_levels
 from .predict import check_interval, check_re, normal_quantile
 from .results import Likelihood, group_coefficients
 
@@ -511,7 +511,13 @@ class RelmatResult(Likelihood):
     def _rows(self, newdata):
         """(X, [(z_j, level_j)], offset) of the rows to predict, level_j among the BLUPs of term j (the relationship
         term's: every level of A, recorded or not; -1 for a level of neither)."""
-        return model_rows(self.design, newdata, known_levels={self._related: self.relationship.labels})
+        return model_rows(self._every_level, newdata)
+
+    @cached_property
+    def _every_level(self) -> Design:
+        """The design with the relationship term's levels every level of A (the Bayesian engine's, for its effects
+        and predictions: :func:`~hierpool.spec.relationship.with_relationship_levels`)."""
+        return with_relationship_levels(self.design, self.relationship)
 
     def _effects(self, terms, known) -> np.ndarray:
         """sum_j z_j b_j[level_j] over the terms whose level is known, per row."""
@@ -592,9 +598,14 @@ class RelmatResult(Likelihood):
         out = np.ones(len(positions))
         wanted, where = np.unique(positions[positions >= 0], return_inverse=True)
         if wanted.size:
-            factor = factor_spd(scipy.sparse.csc_matrix(self.relationship.inverse))[0]
-            out[positions >= 0] = inverse_diagonal_at(factor.solve, len(self.relationship.labels), wanted)[where]
+            out[positions >= 0] = inverse_diagonal_at(self._a_inverse_factor.solve, len(self.relationship.labels),
+                                                      wanted)[where]
         return out
+
+    @cached_property
+    def _a_inverse_factor(self) -> KFactor:
+        """A^-1 factored once per fit (:meth:`_relationship_diagonal` solves with it at each ``predict``)."""
+        return factor_spd(scipy.sparse.csc_matrix(self.relationship.inverse))[0]
 
     # --- heritability -------------------------------------------------------------------------------
     def heritability(self, level: float = 0.95) -> pd.DataFrame:

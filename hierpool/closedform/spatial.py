@@ -52,6 +52,7 @@ from ..spec.arguments import probability_argument
 from ..spec.newdata import model_rows, new_row_weights, row_labels
 from ..spec.spatial import AreaTerm, SpatialDesign, areas_in_graph, group_effect_index, group_parameter_names
 from .predict import check_interval, check_re, normal_quantile
+from .results import Likelihood
 
 #: Bounds of log sd and log sigma, and of the logit of the mixing parameter.
 LOG_SD_BOUNDS = (np.log(1e-5), np.log(1e3))
@@ -538,7 +539,7 @@ def _minimize(objective, start, bounds, restarts: int = 5):
     return result
 
 
-class SpatialFit:
+class SpatialFit(Likelihood):
     """A spatial model fitted by the Laplace approximation (:func:`fit_spatial`): ``hp.lmm`` / ``hp.glmm`` with
     ``car(...)`` terms (and any ``(lhs | g)`` terms) and ``adjacency=``.
 
@@ -599,24 +600,12 @@ class SpatialFit:
                          for t in range(len(self.sdesign.areas))])
 
     @property
-    def loglik(self) -> float:
-        return -0.5 * self.objective
-
-    @property
     def n_params(self) -> int:
         return self.design.p + len(self.psi)
 
     @property
-    def aic(self) -> float:
-        return self.objective + 2 * self.n_params
-
-    @property
     def nobs(self) -> int:
         return self.design.n
-
-    @property
-    def bic(self) -> float:
-        return self.objective + np.log(self.nobs) * self.n_params
 
     @property
     def beta(self) -> np.ndarray:

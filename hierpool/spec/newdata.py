@@ -48,11 +48,11 @@ def _fixed_part(design, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return encoded.loc[:, list(design.fixed_names)].to_numpy(dtype=float), offset
 
 
-def _levels_in_fit(term, frame: pd.DataFrame, known=None) -> np.ndarray:
-    """Index of each new row's level among ``known`` (default: the term's fitted levels); -1 for another level."""
+def _levels_in_fit(term, frame: pd.DataFrame) -> np.ndarray:
+    """Index of each new row's level in the fitted levels; -1 for a level never seen."""
     codes, labels = group_index(frame, term.spec.factor)
-    lookup = {str(label): i for i, label in enumerate(term.levels if known is None else known)}
-    return np.asarray([lookup.get(str(label), -1) for label in labels[codes]], dtype=np.int64)
+    lookup = {label: i for i, label in enumerate(term.levels)}
+    return np.asarray([lookup.get(label, -1) for label in labels[codes]], dtype=np.int64)
 
 
 def _response_only_columns(design) -> set[str]:
@@ -92,20 +92,16 @@ def _as_fitted_logicals(design, frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(**converted) if converted else frame
 
 
-def model_rows(design, newdata, levels_read: bool = True, known_levels: dict | None = None):
+def model_rows(design, newdata, levels_read: bool = True):
     """(X, [(z_j, level_j)], offset) of the rows to predict: the fitted rows when ``newdata`` is None.
 
     ``level_j`` is each row's index among term j's fitted levels, -1 for a level
     never seen in fitting.  Shared by the closed-form and the Bayesian predictions.
     ``levels_read=False``: the rows' levels are not read (a population-average mean integrates over every group),
     so that ``newdata`` need not carry the columns read only as grouping factors; every ``level_j`` is -1.
-    ``known_levels``: {j: labels} indexes term j's levels among ``labels`` (text) instead, for a term whose effects
-    are known beyond the fitted levels (every level of a relationship matrix: an animal without records).
     """
-    known_levels = known_levels or {}
     if newdata is None:
-        return design.X, [(t.z, _fitted_levels(t, known_levels.get(j))) for j, t in enumerate(design.terms)], \
-            design.offset
+        return design.X, [(t.z, t.index.astype(np.int64)) for t in design.terms], design.offset
     if not isinstance(newdata, pd.DataFrame):
         raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
     if design.offset_argument == "array":
@@ -135,21 +131,13 @@ def model_rows(design, newdata, levels_read: bool = True, known_levels: dict | N
     check_finite_columns(offset[:, None], ["the offset"], newdata.index, what, largest=np.inf)  # (as in fitting)
     terms = [
         (_encode(t.z_matrix, frame, f"term ({display_name(t.spec.lhs)} | {t.group})"),
-         _levels_in_fit(t, frame, known_levels.get(j)) if levels_read else np.full(len(frame), -1, dtype=np.int64))
-        for j, t in enumerate(design.terms)
+         _levels_in_fit(t, frame) if levels_read else np.full(len(frame), -1, dtype=np.int64))
+        for t in design.terms
     ]
     for (z, _), t in zip(terms, design.terms):
         check_finite_columns(z, [f"{name} of ({display_name(t.spec.lhs)} | {t.group})" for name in t.coef_names],
                              newdata.index, what)
     return X, terms, offset
-
-
-def _fitted_levels(term, known) -> np.ndarray:
-    """The fitted rows' level indices of ``term``: its own, or their positions among ``known`` (model_rows)."""
-    if known is None:
-        return term.index.astype(np.int64)
-    position = pd.Index([str(label) for label in known]).get_indexer([str(level) for level in term.levels])
-    return position[term.index].astype(np.int64)
 
 
 def unseen_levels(design, newdata, terms) -> list[np.ndarray]:
