@@ -184,9 +184,10 @@ def test_failed_replicates_are_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hp.ConvergenceWarning)
         fit = hp.glmm("y ~ 1 + (1 | g)", data, family="poisson")
-    with pytest.warns(hp.HierpoolWarning, match=r"hp.bootstrap: \d+ of 40 replicates failed"):
+    with pytest.warns(hp.HierpoolWarning, match=r"hp.bootstrap: \d+ of 40 replicates failed") as caught:
         result = hp.bootstrap(fit, 40, seed=1, progress=False)
-    assert result.failed > 0
+    assert result.failed > 0 and any(f"{result.failed} of 40 replicates failed" in str(w.message) for w in caught)
+    assert result.failed == int((~np.isfinite(result.batch.objective.to_numpy(dtype=float))).sum())
     with pytest.raises(hp.ArgumentError, match="nAGQ must be an integer"):
         hp.glmm("y ~ 1 + (1 | g)", data, family="poisson", nAGQ=np.float64(1.0))
     hp.glmm("y ~ 1 + (1 | g)", data, family="poisson", nAGQ=np.int64(1))  # NumPy integers are integers

@@ -109,8 +109,11 @@ def test_a_proportions_trials_are_read_from_new_datas_weights_column(cbpp):
     np.testing.assert_array_equal(post.predict(cbpp, kind="predictive", seed=3).to_numpy(),
                                   post.predict(kind="predictive", seed=3).to_numpy())
     new = cbpp.iloc[:3]
-    np.testing.assert_array_equal(post.predict(new, kind="predictive", trials=20, seed=3).to_numpy(),
-                                  post.predict(new, kind="predictive", trials=[20] * 3, seed=3).to_numpy())
+    twenty = post.predict(new, kind="predictive", trials=20, seed=3).to_numpy()
+    np.testing.assert_array_equal(twenty, post.predict(new, kind="predictive", trials=[20] * 3, seed=3).to_numpy())
+    np.testing.assert_array_equal(twenty, post.predict(new.assign(size=20), kind="predictive", seed=3).to_numpy())
+    one = post.predict(new, kind="predictive", trials=1, seed=3)  # trials= given is read, not the size column
+    assert set(np.unique(one[["lower", "upper"]].to_numpy())) <= {0.0, 1.0}
     with pytest.raises(hp.ArgumentError, match="trials must be whole numbers"):
         post.predict(new, kind="predictive", trials=["a", "b", "c"])
 
