@@ -261,7 +261,7 @@ class GLMMResult:
         link with ``type="response"``, where ``se`` is the delta method's se * d mu / d eta.  There is
         no prediction interval: a new count or 0/1 outcome is not normal.
         """
-        from .predict import check_interval, predict
+        from .predict import check_interval, on_response_scale, predict
 
         if type not in ("link", "response"):
             raise ArgumentError(f"type must be 'link' or 'response', got {type!r}")
@@ -270,13 +270,7 @@ class GLMMResult:
         out = predict(self._link_scale, newdata=newdata, re=re, interval=interval, level=level)
         if type == "link":
             return out
-        inverse = self.family.link.inverse
-        if interval is None:
-            return inverse(out)
-        return pd.DataFrame({"fit": inverse(out["fit"].to_numpy()),
-                             "se": out["se"].to_numpy() * self.family.link.mu_eta(out["fit"].to_numpy()),
-                             "lower": inverse(out["lower"].to_numpy()), "upper": inverse(out["upper"].to_numpy())},
-                            index=out.index)
+        return on_response_scale(out, self.family.link)
 
     def marginal(self, newdata: pd.DataFrame | None = None, level: float = 0.95, method: str = "auto",
                  nodes: int | None = None, draws: int | None = None, seed: int = 0):

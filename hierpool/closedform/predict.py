@@ -89,6 +89,26 @@ def _conditional_variance(result, X, terms, known):
     return row_quadratic_forms(cov, v0, safe0, v, idx)
 
 
+def interval_table(fit: np.ndarray, variance: np.ndarray, level: float, index) -> pd.DataFrame:
+    """The prediction table every closed-form fit returns: fit, se = sqrt(variance), and the normal interval
+    fit -/+ z_{(1+level)/2} se (a variance below 0 by rounding counts as 0)."""
+    se = np.sqrt(np.maximum(variance, 0.0))
+    half = normal_quantile(level) * se
+    return pd.DataFrame({"fit": fit, "se": se, "lower": fit - half, "upper": fit + half}, index=index)
+
+
+def on_response_scale(out, link):
+    """A link-scale prediction (an array, or :func:`interval_table`'s frame) mapped to the response scale by
+    ``link``'s inverse g^-1: the interval's ends are mapped (g^-1 is monotone), and se by the delta method,
+    se * d mu / d eta (as glmer's ``predict(se.fit=TRUE, type="response")`` through its family's mu.eta)."""
+    if not isinstance(out, pd.DataFrame):
+        return link.inverse(out)
+    eta = out["fit"].to_numpy()
+    return pd.DataFrame({"fit": link.inverse(eta), "se": out["se"].to_numpy() * link.mu_eta(eta),
+                         "lower": link.inverse(out["lower"].to_numpy()),
+                         "upper": link.inverse(out["upper"].to_numpy())}, index=out.index)
+
+
 #: The intervals a Gaussian fit's predictions take.
 INTERVALS = (None, "confidence", "prediction")
 
@@ -169,7 +189,4 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
             variance = variance + np.where(ok, 0.0, np.einsum("nk,kl,nl->n", z, cov, z))
     if interval == "prediction":
         variance = variance + noise
-    se = np.sqrt(np.maximum(variance, 0.0))
-    half = normal_quantile(level) * se
-    return pd.DataFrame({"fit": fit, "se": se, "lower": fit - half, "upper": fit + half},
-                        index=row_labels(result.design, newdata))
+    return interval_table(fit, variance, level, row_labels(result.design, newdata))

@@ -60,7 +60,7 @@ from ..spec.arguments import probability_argument
 from ..spec.design import Design
 from ..spec.newdata import model_rows, new_row_weights, row_labels
 from ..spec.relationship import Relationship, with_relationship_levels
-from .predict import check_interval, check_re, normal_quantile
+from .predict import check_interval, check_re, interval_table
 from .results import Likelihood, group_coefficients
 
 #: log theta is searched in this interval (theta from 1e-4 to 1e4).
@@ -568,10 +568,7 @@ class RelmatResult(Likelihood):
         if interval == "prediction":
             weights = new_row_weights(self.design, newdata)
             variance += self.sigma**2 / (1.0 if weights is None else weights)
-        se = np.sqrt(np.maximum(variance, 0.0))
-        half = normal_quantile(level) * se
-        return pd.DataFrame({"fit": fit, "se": se, "lower": fit - half, "upper": fit + half},
-                            index=row_labels(self.design, newdata))
+        return interval_table(fit, variance, level, row_labels(self.design, newdata))
 
     def _error_quadratic(self, X: np.ndarray, terms, known) -> np.ndarray:
         """v' C^-1 v per row (:meth:`predict`), in the equations' coordinates (X A where X was conditioned)."""

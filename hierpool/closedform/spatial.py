@@ -40,7 +40,6 @@ import pandas as pd
 import scipy.optimize
 import scipy.sparse
 import scipy.sparse.linalg
-from scipy import stats
 from scipy.special import expit
 
 from ..algebra.family import family
@@ -51,7 +50,7 @@ from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.arguments import probability_argument
 from ..spec.newdata import model_rows, new_row_weights, row_labels
 from ..spec.spatial import AreaTerm, SpatialDesign, areas_in_graph, group_effect_index, group_parameter_names
-from .predict import check_interval, check_re, normal_quantile
+from .predict import check_interval, check_re, interval_table, normal_quantile, on_response_scale
 from .results import Likelihood
 
 #: Bounds of log sd and log sigma, and of the logit of the mixing parameter.
@@ -674,13 +673,7 @@ class SpatialFit(Likelihood):
         out = fit if interval is None else self._interval(fit, X, columns, values, unknown, newdata, interval, level)
         if type == "link" or self.laplace.gaussian:
             return out
-        inverse = self.laplace.family.link
-        if interval is None:
-            return inverse.inverse(out)
-        return pd.DataFrame({"fit": inverse.inverse(out["fit"].to_numpy()),
-                             "se": out["se"].to_numpy() * inverse.mu_eta(out["fit"].to_numpy()),
-                             "lower": inverse.inverse(out["lower"].to_numpy()),
-                             "upper": inverse.inverse(out["upper"].to_numpy())}, index=out.index)
+        return on_response_scale(out, self.laplace.family.link)
 
     def _latent_rows(self, newdata, terms, n: int):
         """Per block, each row's latent coordinates (n, k) and their coefficients (n, k): a spatial term's area
@@ -723,10 +716,7 @@ class SpatialFit(Likelihood):
         if interval == "prediction":
             weights = new_row_weights(self.design, newdata)
             variance = variance + self.sigma**2 / (1.0 if weights is None else weights)
-        se = np.sqrt(np.maximum(variance, 0.0))
-        half = normal_quantile(level) * se
-        return pd.DataFrame({"fit": fit, "se": se, "lower": fit - half, "upper": fit + half},
-                            index=row_labels(self.design, newdata))
+        return interval_table(fit, variance, level, row_labels(self.design, newdata))
 
     def _factor(self, assembly):
         return assembly.factor(self.laplace.X, self._mode.weights, self._precision_values)
@@ -900,7 +890,7 @@ def area_risk_table(area_term: AreaTerm, observed: np.ndarray, expected: np.ndar
                           "relative_risk": sums[2] / np.where(has, sums[1], np.nan)},
                          index=pd.Index(area_term.graph.labels, name=area_term.term.factor))
     if log_sd is not None:
-        z = stats.norm.ppf(0.5 + level / 2)
+        z = normal_quantile(level)
         table["lower"] = table["relative_risk"] * np.exp(-z * log_sd)
         table["upper"] = table["relative_risk"] * np.exp(z * log_sd)
     return table.loc[has]
