@@ -6,6 +6,7 @@ Every problem with what a user passed is reported as a :class:`HierpoolError`
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -32,6 +33,29 @@ def integer_argument(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def real_argument(name: str, value, above: float | None = None, below: float | None = None,
+                  at_least: float | None = None, rule: str | None = None) -> float:
+    """``value`` as a finite float, strictly above ``above`` and below ``below`` (or >= ``at_least``), else an
+    :class:`ArgumentError` naming ``name`` and ``rule`` (a NaN or a string would pass on and come out as a NaN or a
+    TypeError).  ``rule`` words the requirement where the default wording would not say what the number is."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:  # a NumPy scalar array, as a computed value may be
+        value = value.item()
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    ok = ok and (above is None or value > above) and (below is None or value < below)
+    ok = ok and (at_least is None or value >= at_least)
+    if not ok:
+        if rule is None and above is not None and below is not None:
+            rule = f"a number between {above:g} and {below:g}"
+        elif rule is None and above is not None:
+            rule = f"a finite number > {above:g}"
+        elif rule is None and at_least is not None:
+            rule = f"a finite number >= {at_least:g}"
+        elif rule is None:
+            rule = "a finite number"
+        raise ArgumentError(f"{name} must be {rule}, got {value!r}")
+    return float(value)
 
 
 def optional_boolean_argument(name: str, value) -> bool | None:

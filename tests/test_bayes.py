@@ -363,6 +363,7 @@ def test_prior_overrides_take_effect():
         ({"priors": {"sd": dist.Normal(0, 1)}}, "positive support"),
         ({"priors": {"b": dist.Normal(np.zeros(2), 1.0)}}, "scalar"),
         ({"priors": {"cor": -1}}, "cor"),
+        ({"priors": {"cor": float("inf")}}, "prior 'cor' \\(the LKJ concentration\\) must be a positive number"),
         ({"chains": 0}, "chains"),
         ({"draws": 0}, "draws"),
         ({"tune": -1}, "tune"),

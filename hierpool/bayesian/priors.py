@@ -70,7 +70,6 @@ on a fixed effect.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import jax
@@ -79,7 +78,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from scipy import stats
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, real_argument
 from ..spec.design import Design
 
 FLAT = "flat"
@@ -314,10 +313,8 @@ def resolve_priors(design: Design, priors: dict | None, scales: DataScales | Non
             sd.append(value.expand((term.k,)))
 
     concentration = priors.get("cor", 1.0)
-    if isinstance(concentration, bool) or not isinstance(concentration, numbers.Real) or not concentration > 0:
-        raise ArgumentError(
-            f"prior 'cor' is the LKJ concentration and must be a positive number, got {concentration!r}"
-        )
+    concentration = real_argument("prior 'cor' (the LKJ concentration)", concentration, above=0,
+                                  rule="a positive number")
     cor = tuple(float(concentration) for _ in design.terms)
 
     sigma = shape = None

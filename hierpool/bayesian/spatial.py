@@ -39,7 +39,6 @@ Morris et al. (2019), Spatial and Spatio-temporal Epidemiology 31 (ICAR in Stan)
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -65,7 +64,7 @@ from ..algebra.icar import (
     sum_to_zero_layout,
 )
 from ..closedform.spatial import area_risk_table
-from ..errors import ArgumentError, HierpoolWarning, seed_argument
+from ..errors import ArgumentError, HierpoolWarning, real_argument, seed_argument
 from ..spec.design import model_differences
 from ..spec.newdata import model_rows, row_labels, unseen_levels
 from ..spec.spatial import AreaTerm, SpatialDesign, areas_in_graph, group_effect_index, group_parameter_names
@@ -606,8 +605,7 @@ class SpatialBayesResult:
         suffix = self.sdesign.suffix(area_term)
         if f"log_relative_risk{suffix}" not in self.idata.posterior:
             raise ArgumentError("relative risks are for a count model with a log link (family='poisson')")
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold < np.inf:
-            raise ArgumentError(f"threshold must be a positive relative risk, got {threshold!r}")
+        threshold = real_argument("threshold", threshold, above=0, rule="a positive relative risk")
         design = self.design
         log_rr = self.draws(f"log_relative_risk{suffix}")
         log_rr = log_rr.reshape(-1, log_rr.shape[-1])

@@ -18,7 +18,6 @@ Convergence and singularity checks are a stage of their own
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 
 import nlopt
@@ -32,7 +31,7 @@ from ..algebra.linalg import canonical_theta, full_rank_probes, theta_lower_boun
 from ..algebra.start import moment_theta
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
 from ..algebra.system import on_host as to_host
-from ..errors import ArgumentError, ConvergenceError, integer_argument, optional_boolean_argument
+from ..errors import ArgumentError, ConvergenceError, integer_argument, optional_boolean_argument, real_argument
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,7 @@ class Control:
         for name in ("max_iter", "hessian_max_n", "max_restarts"):
             integer_argument(f"Control.{name}", getattr(self, name), minimum=0)
         for name in ("ftol", "gtol", "singular_tol", "grad_tol"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 <= value < np.inf):
-                raise ArgumentError(f"Control.{name} must be a finite number >= 0, got {value!r}")
+            real_argument(f"Control.{name}", getattr(self, name), at_least=0)
         optional_boolean_argument("Control.compile", self.compile)
         if self.theta_start is not None:
             try:

@@ -7,21 +7,13 @@ values) are :mod:`hierpool.spec.design`'s.
 
 from __future__ import annotations
 
-import numbers
-
-import numpy as np
-
-from ..errors import ArgumentError, integer_argument, seed_argument
+from ..errors import integer_argument, real_argument, seed_argument
 
 
 def probability_argument(name: str, value):
     """``value`` when it is a number with 0 < value < 1, else an :class:`ArgumentError` naming ``name`` (a coverage,
     an acceptance rate; a string or None would raise Python's own TypeError at the comparison)."""
-    if isinstance(value, np.ndarray) and value.ndim == 0:  # a NumPy scalar array, as a computed level may be
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
-        raise ArgumentError(f"{name} must be between 0 and 1, got {value!r}")
-    return value
+    return real_argument(name, value, above=0, below=1, rule="between 0 and 1")
 
 
 #: The fewest kept draws per chain: the diagnostics split each chain in two halves of at least 2 (draws of 1 to 3

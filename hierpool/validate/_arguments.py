@@ -2,34 +2,9 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 
 from ..errors import ArgumentError, integer_argument
-
-
-def real_argument(name: str, value, above: float | None = None, below: float | None = None,
-                  at_least: float | None = None) -> float:
-    """``value`` as a finite float, strictly above ``above`` and below ``below`` (or >= ``at_least``), else an
-    :class:`ArgumentError` naming ``name`` (a NaN or a string would pass on and come out as a NaN or a TypeError)."""
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value.item()
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-    ok = ok and (above is None or value > above) and (below is None or value < below)
-    ok = ok and (at_least is None or value >= at_least)
-    if not ok:
-        if above is not None and below is not None:
-            rule = f"a number between {above:g} and {below:g}"
-        elif above is not None:
-            rule = f"a finite number > {above:g}"
-        elif at_least is not None:
-            rule = f"a finite number >= {at_least:g}"
-        else:
-            rule = "a finite number"
-        raise ArgumentError(f"{name} must be {rule}, got {value!r}")
-    return float(value)
 
 
 def generator_argument(value, name: str = "rng") -> np.random.Generator:

@@ -53,9 +53,9 @@ from ..closedform import lmm
 from ..closedform.relmat import RelmatResult
 from ..closedform.results import LMMResult
 from ..closedform.spatial import SpatialFit
-from ..errors import ArgumentError, integer_argument, seed_argument
+from ..errors import ArgumentError, integer_argument, real_argument, seed_argument
 from ..spec.arguments import MIN_DRAWS, probability_argument
-from ._arguments import callable_argument, chains_argument, instance_argument, real_argument, sizes_argument
+from ._arguments import callable_argument, chains_argument, instance_argument, sizes_argument
 
 #: What :func:`compare` takes as ``fit``: a Gaussian closed-form fit (``hp.lmm``; AR(1) and relationship fits too).
 LMM_FITS = (LMMResult, RelmatResult)

@@ -27,10 +27,10 @@ import pandas as pd
 from ..algebra.ar1 import carried, unwhiten
 from ..closedform import lmm
 from ..closedform.predict import normal_quantile
-from ..errors import integer_argument, seed_argument
+from ..errors import integer_argument, real_argument, seed_argument
 from ..spec.arguments import probability_argument
 from ..spec.correlation import ar1, series_of
-from ._arguments import generator_argument, real_argument
+from ._arguments import generator_argument
 from .coverage import coverage_of, group_label, label_positions
 
 BETA = (1.0, 0.5)

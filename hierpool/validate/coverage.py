@@ -29,9 +29,9 @@ import pandas as pd
 from ..bayesian import bayes
 from ..closedform import lmm
 from ..closedform.predict import normal_quantile
-from ..errors import ArgumentError, boolean_argument, integer_argument, seed_argument
+from ..errors import ArgumentError, boolean_argument, integer_argument, real_argument, seed_argument
 from ..spec.arguments import MIN_DRAWS, probability_argument
-from ._arguments import generator_argument, real_argument
+from ._arguments import generator_argument
 
 
 def group_label(index) -> str:

@@ -67,16 +67,9 @@ from ..bayesian.nuts import sample_nuts
 from ..bayesian.results import summarize_draws
 from ..closedform import glmm
 from ..closedform.glmm_results import GLMMResult
-from ..errors import ArgumentError, boolean_argument, integer_argument, seed_argument
+from ..errors import ArgumentError, boolean_argument, integer_argument, real_argument, seed_argument
 from ..spec.arguments import MIN_DRAWS, probability_argument
-from ._arguments import (
-    callable_argument,
-    chains_argument,
-    generator_argument,
-    instance_argument,
-    real_argument,
-    sizes_argument,
-)
+from ._arguments import callable_argument, chains_argument, generator_argument, instance_argument, sizes_argument
 from .agreement import flat_beta_priors
 
 #: The bound of :func:`mode_agreement`: largest |posterior mode - conditional mode| over the effects.

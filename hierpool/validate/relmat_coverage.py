@@ -28,9 +28,9 @@ from .. import pedigree as pedigrees
 from ..bayesian import bayes
 from ..closedform import lmm
 from ..closedform.predict import normal_quantile
-from ..errors import boolean_argument, integer_argument, seed_argument
+from ..errors import boolean_argument, integer_argument, real_argument, seed_argument
 from ..spec.arguments import MIN_DRAWS, probability_argument
-from ._arguments import generator_argument, real_argument
+from ._arguments import generator_argument
 from .coverage import coverage_of
 
 INTERCEPT, SEX_EFFECT = 10.0, 1.0

@@ -27,9 +27,9 @@ import pandas as pd
 from ..bayesian import bayes
 from ..bayesian.convergence import mcse_sd_by_column
 from ..bayesian.results import BayesResult
-from ..errors import ArgumentError, integer_argument, seed_argument
+from ..errors import ArgumentError, integer_argument, real_argument, seed_argument
 from ..spec.arguments import MIN_DRAWS, probability_argument
-from ._arguments import chains_argument, instance_argument, real_argument
+from ._arguments import chains_argument, instance_argument
 from .agreement import bonferroni_threshold
 
 
