@@ -7,7 +7,7 @@ values) are :mod:`hierpool.spec.design`'s.
 
 from __future__ import annotations
 
-from ..errors import integer_argument, real_argument, seed_argument
+from ..errors import ArgumentError, integer_argument, real_argument, seed_argument
 
 
 def probability_argument(name: str, value):
@@ -21,17 +21,22 @@ def probability_argument(name: str, value):
 MIN_DRAWS = 4
 
 
-def sampler_arguments(chains, draws, tune, seed, level, target_accept, *, min_tune: int = 0) -> tuple[int, int, int, int]:
-    """(chains, draws, tune, seed) as ints, with ``level`` and ``target_accept`` checked to lie in (0, 1), and at
-    least :data:`MIN_DRAWS` draws.
+def sampler_arguments(chains, draws, tune, seed, level, target_accept, *, min_tune: int = 0,
+                      min_chains: int = 1) -> tuple[int, int, int, int]:
+    """(chains, draws, tune, seed) as ints, with ``level`` (unless None) and ``target_accept`` checked to lie in
+    (0, 1), and at least :data:`MIN_DRAWS` draws.
 
     ``min_tune``: the fewest warm-up iterations the caller accepts (``hp.bayes_batch`` warms up).
+    ``min_chains``: the fewest chains (2 for the validation checks, whose R-hat compares chains).
     """
     chains = integer_argument("chains", chains)
+    if chains < min_chains:
+        raise ArgumentError(f"chains must be at least {min_chains} (R-hat compares chains), got {chains!r}")
     draws = integer_argument("draws", draws, minimum=MIN_DRAWS)
     tune = integer_argument("tune", tune, minimum=min_tune)
     seed = seed_argument(seed)
-    probability_argument("level", level)
+    if level is not None:
+        probability_argument("level", level)
     probability_argument("target_accept", target_accept)
     return chains, draws, tune, seed
 

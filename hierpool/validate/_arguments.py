@@ -45,11 +45,3 @@ def replications_argument(n_reps) -> int:
     if n_reps < 2:
         raise ArgumentError(f"n_reps must be at least 2 (the Monte-Carlo error compares replications), got {n_reps!r}")
     return n_reps
-
-
-def chains_argument(chains) -> int:
-    """``chains`` of an agreement check: an integer >= 2 (R-hat compares chains)."""
-    chains = integer_argument("chains", chains)
-    if chains < 2:
-        raise ArgumentError(f"chains must be at least 2 (R-hat compares chains), got {chains!r}")
-    return chains

@@ -54,8 +54,8 @@ from ..closedform.relmat import RelmatResult
 from ..closedform.results import LMMResult
 from ..closedform.spatial import SpatialFit
 from ..errors import ArgumentError, integer_argument, real_argument, seed_argument
-from ..spec.arguments import MIN_DRAWS, probability_argument
-from ._arguments import callable_argument, chains_argument, instance_argument, sizes_argument
+from ..spec.arguments import probability_argument, sampler_arguments
+from ._arguments import callable_argument, instance_argument, sizes_argument
 
 #: What :func:`compare` takes as ``fit``: a Gaussian closed-form fit (``hp.lmm``; AR(1) and relationship fits too).
 LMM_FITS = (LMMResult, RelmatResult)
@@ -334,11 +334,7 @@ def blup_agreement(
     real_argument("r_hat_max", r_hat_max, above=1.0)
     if mode == "exact" and priors:
         raise ArgumentError("priors apply to mode='full'; exact mode uses a flat prior on the fixed effects")
-    chains_argument(chains)
-    integer_argument("draws", draws, minimum=MIN_DRAWS)
-    integer_argument("tune", tune, minimum=0)
-    seed_argument(seed)
-    probability_argument("target_accept", target_accept)
+    sampler_arguments(chains, draws, tune, seed, None, target_accept, min_chains=2)
     if adjacency is not None:
         if mode != "exact" or se is not None or correlation is not None or relmat is not None or relmat_inverse:
             raise ArgumentError("a spatial term (adjacency=) is compared in exact mode, without se=, correlation= or "

@@ -68,8 +68,8 @@ from ..bayesian.results import summarize_draws
 from ..closedform import glmm
 from ..closedform.glmm_results import GLMMResult
 from ..errors import ArgumentError, boolean_argument, integer_argument, real_argument, seed_argument
-from ..spec.arguments import MIN_DRAWS, probability_argument
-from ._arguments import callable_argument, chains_argument, generator_argument, instance_argument, sizes_argument
+from ..spec.arguments import sampler_arguments
+from ._arguments import callable_argument, generator_argument, instance_argument, sizes_argument
 from .agreement import flat_beta_priors
 
 #: The bound of :func:`mode_agreement`: largest |posterior mode - conditional mode| over the effects.
@@ -375,11 +375,7 @@ def mode_mean_gap(
     -------
     ModeMeanGap
     """
-    chains = chains_argument(chains)
-    draws = integer_argument("draws", draws, minimum=MIN_DRAWS)
-    tune = integer_argument("tune", tune, minimum=0)
-    seed = seed_argument(seed)
-    probability_argument("target_accept", target_accept)
+    chains, draws, tune, seed = sampler_arguments(chains, draws, tune, seed, None, target_accept, min_chains=2)
     if beta not in ("held", "flat"):
         raise ArgumentError(f"beta must be 'held' or 'flat', got {beta!r}")
     with warnings.catch_warnings():

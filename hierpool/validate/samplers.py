@@ -27,9 +27,9 @@ import pandas as pd
 from ..bayesian import bayes
 from ..bayesian.convergence import mcse_sd_by_column
 from ..bayesian.results import BayesResult
-from ..errors import ArgumentError, integer_argument, real_argument, seed_argument
-from ..spec.arguments import MIN_DRAWS, probability_argument
-from ._arguments import chains_argument, instance_argument
+from ..errors import ArgumentError, real_argument
+from ..spec.arguments import probability_argument, sampler_arguments
+from ._arguments import instance_argument
 from .agreement import bonferroni_threshold
 
 
@@ -133,11 +133,7 @@ def sampler_agreement(
     SamplerAgreement
     """
     probability_argument("alpha", alpha)
-    chains_argument(chains)
-    integer_argument("draws", draws, minimum=MIN_DRAWS)
-    integer_argument("tune", tune, minimum=0)
-    seed_argument(seed)
-    probability_argument("target_accept", target_accept)
+    sampler_arguments(chains, draws, tune, seed, None, target_accept, min_chains=2)
     _bounds(r_hat_max, max_divergent_share)
     settings = dict(
         priors=priors, se=se, weights=weights, offset=offset, chains=chains, draws=draws, tune=tune, target_accept=target_accept
