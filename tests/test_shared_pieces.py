@@ -493,3 +493,30 @@ def test_aliased_within_is_aliased_columns_dataset_by_dataset():
         expected = aliased_columns(X[group == g]) if np.any(group == g) else np.arange(X.shape[1])
         np.testing.assert_array_equal(found.get(g, np.zeros(0, int)), expected)
     assert {len(columns) for columns in found.values()} == {1, 4} and len(found) < n_groups
+
+
+def test_solved_row_quadratic_forms_is_the_dense_quadratic_form_of_each_row(monkeypatch):
+    # v_i = [x_i, slots scattered (two sharing a coordinate add)], B SPD; `measured` keeps the leading part of both
+    # v and B^-1 v (a bordered system's constraint rows out).  Chunks of 3 rows: the loop's seams are crossed.
+    from hierpool.algebra import linalg
+
+    monkeypatch.setattr(linalg, "DIAGONAL_CHUNK", 3)
+    rng = np.random.default_rng(4)
+    size, n, p = 9, 8, 2
+    a = rng.normal(size=(size, size))
+    b = a @ a.T + size * np.eye(size)
+    lead = rng.normal(size=(n, p))
+    columns = [rng.integers(p, size, size=(n, 2)), np.full((n, 1), p + 1)]
+    values = [rng.normal(size=(n, 2)), rng.normal(size=(n, 1))]
+    v = np.zeros((n, size))
+    v[:, :p] = lead
+    for column, value in zip(columns, values):
+        for slot in range(column.shape[1]):
+            np.add.at(v, (np.arange(n), column[:, slot]), value[:, slot])
+    solved = np.linalg.solve(b, v.T).T
+    for measured in (None, size - 2):
+        m = size if measured is None else measured
+        expected = np.einsum("ij,ij->i", v[:, :m], solved[:, :m])
+        got = linalg.solved_row_quadratic_forms(lambda r: np.linalg.solve(b, r), size, n, columns, values,
+                                                lead=lead, measured=measured)
+        np.testing.assert_allclose(got, expected, rtol=1e-12)

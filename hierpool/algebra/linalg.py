@@ -775,6 +775,30 @@ def inverse_diagonal(solve, size: int, offset: int = 0, count: int | None = None
     return inverse_diagonal_at(solve, size, offset + np.arange(count))
 
 
+def solved_row_quadratic_forms(solve, size: int, n: int, columns, values, lead: np.ndarray | None = None,
+                               measured: int | None = None) -> np.ndarray:
+    """v_i' B^-1 v_i for n vectors v_i of length ``size`` given B's ``solve`` (V -> B^-1 V, a sparse factor's), in
+    chunks of :data:`DIAGONAL_CHUNK` right-hand sides: a prediction's error variance from the mixed-model equations
+    (Henderson 1975) without the dense inverse.
+
+    v_i holds ``lead[i]`` (n x p) in its first p coordinates, plus ``values[t][i, s]`` at ``columns[t][i, s]`` for
+    each block t and slot s (several slots may share a coordinate: they add).  ``measured``: only the first
+    ``measured`` coordinates of v_i and B^-1 v_i enter the product (a bordered system's constraint rows do not).
+    """
+    measured = size if measured is None else measured
+    out = np.empty(n)
+    for start in range(0, n, DIAGONAL_CHUNK):
+        rows = np.arange(start, min(n, start + DIAGONAL_CHUNK))
+        rhs = np.zeros((size, rows.size))
+        if lead is not None:
+            rhs[: lead.shape[1]] = lead[rows].T
+        for column, value in zip(columns, values):
+            for slot in range(column.shape[1]):
+                np.add.at(rhs, (column[rows, slot], np.arange(rows.size)), value[rows, slot])
+        out[rows] = np.einsum("ij,ij->j", rhs[:measured], solve(rhs)[:measured])
+    return out
+
+
 def inverse_diagonal_at(solve, size: int, rows: np.ndarray) -> np.ndarray:
     """(B^-1)_ii at each of ``rows`` (:func:`inverse_diagonal` at any rows): one solve per row, in chunks."""
     rows = np.asarray(rows, dtype=np.int64)

@@ -53,7 +53,7 @@ from scipy import stats
 
 from ..algebra.conditioning import condition_fixed, fixed_rows, fixed_to_user
 from ..algebra.criterion import profiled_criterion
-from ..algebra.linalg import DIAGONAL_CHUNK, inverse_diagonal, inverse_diagonal_at
+from ..algebra.linalg import inverse_diagonal, inverse_diagonal_at, solved_row_quadratic_forms
 from ..algebra.varcorr import varcorr_table
 from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
 from ..spec.arguments import probability_argument
@@ -580,14 +580,8 @@ class RelmatResult(Likelihood):
         d = fixed.copy()
         for column, value in zip(columns, values):
             d -= value[:, None] * pieces["k_zx"][np.maximum(column, 0)]
-        out = np.einsum("na,ab,nb->n", d, pieces["beta_block"], d)
-        for start in range(0, len(d), DIAGONAL_CHUNK):
-            rows = np.arange(start, min(len(d), start + DIAGONAL_CHUNK))
-            g = np.zeros((eq.q, rows.size))
-            for column, value in zip(columns, values):
-                np.add.at(g, (np.maximum(column[rows], 0), np.arange(rows.size)), value[rows])
-            out[rows] += np.einsum("ij,ij->j", g, pieces["solve"](g))
-        return out
+        return np.einsum("na,ab,nb->n", d, pieces["beta_block"], d) + solved_row_quadratic_forms(
+            pieces["solve"], eq.q, len(d), [np.maximum(c, 0)[:, None] for c in columns], [v[:, None] for v in values])
 
     def _relationship_diagonal(self, positions: np.ndarray) -> np.ndarray:
         """A_ll at each of ``positions`` among A's labels (1 at -1: an animal outside A, unrelated and not inbred),

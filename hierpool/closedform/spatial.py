@@ -45,7 +45,7 @@ from scipy.special import expit
 from ..algebra.family import family
 from ..algebra.icar import car_prior, compose_bym2, factor_log_abs_det
 from ..algebra.latent_blocks import GroupPrior, stack_constraints, stack_rows
-from ..algebra.linalg import DIAGONAL_CHUNK, inverse_diagonal
+from ..algebra.linalg import DIAGONAL_CHUNK, inverse_diagonal, solved_row_quadratic_forms
 from ..errors import ArgumentError, ConvergenceWarning
 from ..spec.arguments import probability_argument
 from ..spec.newdata import model_rows, new_row_weights, row_labels
@@ -703,16 +703,9 @@ class SpatialFit(Likelihood):
         """(fit, se, lower, upper) on the link scale: v' H^-1 v by the bordered factor, in chunks of rows."""
         p, m = self.design.p, self.laplace.m
         factor = self._factor_full
-        variance = np.array(unknown, dtype=float)
-        for start in range(0, len(fit), DIAGONAL_CHUNK):
-            rows = np.arange(start, min(len(fit), start + DIAGONAL_CHUNK))
-            rhs = np.zeros((factor.shape[0], rows.size))
-            rhs[:p] = X[rows].T
-            for column, value in zip(columns, values):
-                for slot in range(column.shape[1]):
-                    np.add.at(rhs, (p + column[rows, slot], np.arange(rows.size)), value[rows, slot])
-            solved = factor.solve(rhs)
-            variance[rows] += np.einsum("ij,ij->j", rhs[: p + m], solved[: p + m])
+        variance = np.asarray(unknown, dtype=float) + solved_row_quadratic_forms(
+            factor.solve, factor.shape[0], len(fit), [p + column for column in columns], values, lead=X,
+            measured=p + m)
         if interval == "prediction":
             weights = new_row_weights(self.design, newdata)
             variance = variance + self.sigma**2 / (1.0 if weights is None else weights)
