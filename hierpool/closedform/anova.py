@@ -65,11 +65,6 @@ def _as_fitted(fits, names):
     return list(fits)
 
 
-def _parameters(fit) -> int:
-    count = getattr(fit, "n_params", None)
-    return int(fit.n_parameters if count is None else count)
-
-
 def anova(*fits, names=None, refit: bool = True) -> pd.DataFrame:
     """Likelihood-ratio tests of nested mixed models fitted to the same rows (lme4's ``anova(m0, m1)``).
 
@@ -116,7 +111,7 @@ def anova(*fits, names=None, refit: bool = True) -> pd.DataFrame:
             raise ArgumentError(f"{name} was not fitted to the same rows, response and weights as {names[0]} "
                                 f"({design.n} rows against {first.n}): likelihoods of other data are not comparable")
     ml = [_maximum_likelihood(fit) for fit in fits] if boolean_argument("refit", refit) else _as_fitted(fits, names)
-    table = pd.DataFrame({"npar": [_parameters(fit) for fit in ml],
+    table = pd.DataFrame({"npar": [int(fit.n_params) for fit in ml],
                           "AIC": [float(fit.aic) for fit in ml], "BIC": [float(fit.bic) for fit in ml],
                           "logLik": [float(fit.loglik) for fit in ml]}, index=pd.Index(names, name="model"))
     table["deviance"] = -2.0 * table["logLik"]

@@ -25,10 +25,10 @@ from ..spec.design import Design
 from .glmm_convergence import ConvergenceReport
 from .glmm_optimize import GLMMOptimum
 from .optimize import is_singular
-from .results import group_coefficients, prediction_error_blocks, user_coordinates
+from .results import Likelihood, group_coefficients, prediction_error_blocks, user_coordinates
 
 
-class GLMMResult:
+class GLMMResult(Likelihood):
     """A GLMM fitted by the Laplace approximation or adaptive quadrature (``hp.glmm``).
 
     Attributes
@@ -86,21 +86,14 @@ class GLMMResult:
         return pd.Series(self.optimum.beta, index=list(self.design.fixed_names), name="fixef")
 
     @property
-    def loglik(self) -> float:
-        return -0.5 * self.optimum.deviance
+    def objective(self) -> float:
+        """The Laplace deviance -2 log L at the optimum (glmer's ``deviance(fit)`` of ``summary``'s table)."""
+        return self.optimum.deviance
 
     @property
-    def n_parameters(self) -> int:
+    def n_params(self) -> int:
         """Parameters counted by AIC and BIC: theta, beta, and a negative binomial's shape."""
         return len(self.theta) + self.design.p + (self.family.shape is not None)
-
-    @property
-    def aic(self) -> float:
-        return -2.0 * self.loglik + 2.0 * self.n_parameters
-
-    @property
-    def bic(self) -> float:
-        return -2.0 * self.loglik + np.log(self.nobs) * self.n_parameters
 
     @property
     def deviance(self) -> float:

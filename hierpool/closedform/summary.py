@@ -82,7 +82,7 @@ def format_glmm_summary(result) -> str:
     lines = [f"Generalized linear mixed model fit by maximum likelihood ({method}) (hierpool)",
              f" Family: {name}  ( {family.link.name} )", f"Formula: {design.spec.formula}", ""]
     frame = pd.DataFrame({"AIC": [result.aic], "BIC": [result.bic], "logLik": [result.loglik],
-                          "deviance": [-2.0 * result.loglik], "df.resid": [design.n - result.n_parameters]})
+                          "deviance": [-2.0 * result.loglik], "df.resid": [design.n - result.n_params]})
     lines.extend(frame.to_string(index=False, float_format=lambda v: f"{v:.1f}").splitlines())
     lines.append("")
     mu = result.optimum.mode.mu
