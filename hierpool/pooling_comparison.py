@@ -864,12 +864,13 @@ def _glmm_comparison(fit: GLMMResult, data: pd.DataFrame, group, truth, level: f
         per_group["trials"] = np.bincount(block.index, weights=a, minlength=ell)
     per_group["events"] = np.bincount(block.index, weights=a * design.y, minlength=ell)
     none, complete = no_pooling_glm(fit, block), _complete_pooling_glm_beta(fit)
+    population = _population(fit, block)
     columns = {
         "no_pooling": none.estimates,
         "no_pooling_status": none.status,
         "complete_pooling": _on_coefficients(fit, block, complete),
-        "population": _population(fit, block),
-        "mode": _population(fit, block) + group_modes(fit, block),
+        "population": population,
+        "mode": population + group_modes(fit, block),
         "mode_sd": glmm_coefficient_sd(fit, block),
         "weight": np.diagonal(glmm_shrinkage_matrices(fit, block), axis1=1, axis2=2),
     }
