@@ -103,6 +103,15 @@ def test_gls_without_random_effects_is_nlmes_gls():
     cov = ml.sigma**2 * np.where(same, ml.phi ** np.abs(step[:, None] - step[None, :]), 0.0)
     dense = scipy.stats.multivariate_normal(ml.fitted, cov).logpdf(ovary["follicles"].to_numpy())
     assert ml.loglik == pytest.approx(dense, abs=1e-8)
+    # nlme's gls by ML: sigma is r^2 / N, the standard errors scale to r^2 / (N - p) (they were sqrt(N / (N - p))
+    # = 1.0056 times too small)
+    reference = MODELS["ovary_gls_ar1_ml"]
+    assert ml.loglik == pytest.approx(reference["logLik"], abs=1e-6)
+    assert ml.phi == pytest.approx(reference["phi"], abs=1e-5)
+    assert ml.sigma == pytest.approx(reference["sigma"], rel=1e-5)
+    for name in ml.fixef.index:
+        assert ml.fixef[name] == pytest.approx(reference["fixef"][_nlme_name(name)], abs=1e-5)
+        assert ml.fixef_se[name] == pytest.approx(reference["fixef_se"][_nlme_name(name)], rel=1e-5)
     with pytest.raises(hp.HierpoolError, match="control"):
         hp.lmm("follicles ~ s + c", ovary, correlation=hp.ar1("Mare"), control=hp.Control())
 

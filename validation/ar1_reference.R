@@ -10,7 +10,7 @@
 # - Ovary: follicles ~ sin(2 pi Time) + cos(2 pi Time), random intercept per Mare, AR(1) within Mare in the
 #   data's row order (corAR1(form = ~ 1 | Mare): positions 1, 2, ... within each mare, the rows already
 #   sorted by Time).  The columns s = sin(2 pi Time), c = cos(2 pi Time) are derived here and in Python
-#   alike.  REML and ML lme fits, and the gls fit (no random effect).
+#   alike.  REML and ML lme fits, and the gls fits (no random effect), REML and ML.
 # - Ovary with gaps: every fourth reading of each mare removed (its positions t = 1, 2, ... within the mare, in the
 #   full data; the rows kept have t %% 4 != 2), AR(1) in those positions (corAR1(form = ~ t | Mare): nlme's
 #   integer times, so the readings either side of a gap are two steps apart, correlated by phi^2).  REML lme fit.
@@ -84,19 +84,23 @@ fit <- lme(weight ~ Time * Diet, data = bw, random = ~ Time | Rat, correlation =
 models[[length(models) + 1]] <- lme_entry("bodyweight_lme_car1_reml", fit, "weight ~ Time * Diet", "~ Time | Rat",
                                           "corCAR1(form = ~ Time | Rat)")
 
-gfit <- gls(follicles ~ s + c, data = ovary, correlation = corAR1(form = ~ 1 | Mare), method = "REML",
-            control = glsControl(maxIter = 500, msMaxIter = 500, msTol = 1e-12, tolerance = 1e-10,
-                                 returnObject = TRUE))
-models[[length(models) + 1]] <- list(
-  id = "ovary_gls_ar1_reml", formula = "follicles ~ s + c", random = NULL,
-  correlation = "corAR1(form = ~ 1 | Mare)", method = gfit$method, logLik = as.numeric(logLik(gfit)),
-  minus_two_loglik = -2 * as.numeric(logLik(gfit)), phi = phi_of(gfit),
-  phi_interval = tryCatch({
-    iv <- intervals(gfit, which = "var-cov")$corStruct
-    list(lower = unname(iv[1, "lower"]), est = unname(iv[1, "est."]), upper = unname(iv[1, "upper"]))
-  }, error = function(e) NULL),
-  sigma = gfit$sigma, fixef = as.list(coef(gfit)), fixef_se = as.list(sqrt(diag(vcov(gfit))))
-)
+# gls by REML and by ML: nlme's ML fit reports sigma = sqrt(r^2 / N) but scales vcov(beta) to r^2 / (N - p)
+# (gls: varBeta uses sigma * sqrt((N - REML * p) / (N - p))), which hierpool follows
+for (method in c("REML", "ML")) {
+  gfit <- gls(follicles ~ s + c, data = ovary, correlation = corAR1(form = ~ 1 | Mare), method = method,
+              control = glsControl(maxIter = 500, msMaxIter = 500, msTol = 1e-12, tolerance = 1e-10,
+                                   returnObject = TRUE))
+  models[[length(models) + 1]] <- list(
+    id = paste0("ovary_gls_ar1_", tolower(method)), formula = "follicles ~ s + c", random = NULL,
+    correlation = "corAR1(form = ~ 1 | Mare)", method = gfit$method, logLik = as.numeric(logLik(gfit)),
+    minus_two_loglik = -2 * as.numeric(logLik(gfit)), phi = phi_of(gfit),
+    phi_interval = tryCatch({
+      iv <- intervals(gfit, which = "var-cov")$corStruct
+      list(lower = unname(iv[1, "lower"]), est = unname(iv[1, "est."]), upper = unname(iv[1, "upper"]))
+    }, error = function(e) NULL),
+    sigma = gfit$sigma, fixef = as.list(coef(gfit)), fixef_se = as.list(sqrt(diag(vcov(gfit))))
+  )
+}
 
 out <- list(
   generated_by = "validation/ar1_reference.R",

@@ -13,7 +13,8 @@ X~'y~, r^2 = |y~ - X~ beta-hat|^2, and the profiled criteria are
 the linear mixed model's (Bates et al. 2015, eqs. 34 and 41) with no random effects, plus the whitening's
 Jacobian.  phi is found, with its interval, by the mixed model's own search
 (:func:`hierpool.closedform.ar1.search_phi`); sigma^2 = r^2 / (n - p) (REML) or r^2 / n (ML) and
-vcov(beta) = sigma^2 (X~'X~)^-1 at phi-hat.
+vcov(beta) = r^2 / (n - p) (X~'X~)^-1 at phi-hat, by either method (as nlme's gls: its ML standard errors are
+those of the unbiased residual variance).
 
 Reference: Pinheiro & Bates (2000), Mixed-Effects Models in S and S-PLUS, sec. 5.1 (gls).
 """
@@ -113,9 +114,16 @@ class GLSResult(Likelihood):
         return pd.Series(self.beta, index=list(self.design.fixed_names), name="fixef")
 
     @property
+    def beta_scale(self) -> float:
+        """The residual variance that scales Cov(beta-hat): r^2 / (n - p) by REML and by ML alike, as nlme's ``gls``
+        (its ``varBeta`` takes sigma sqrt((N - REML p) / (N - p))); an ML fit's :attr:`sigma` is r^2 / n."""
+        return float(self.pwrss / (self.design.n - self.design.p))
+
+    @property
     def vcov(self) -> pd.DataFrame:
+        """Cov(beta-hat) = :attr:`beta_scale` (X~'X~)^-1 at phi-hat (nlme's ``vcov(gls_fit)``)."""
         names = list(self.design.fixed_names)
-        return pd.DataFrame(self.sigma**2 * self.unscaled_vcov, index=names, columns=names)
+        return pd.DataFrame(self.beta_scale * self.unscaled_vcov, index=names, columns=names)
 
     @property
     def fixef_se(self) -> pd.Series:
@@ -196,7 +204,7 @@ class _FixedOnly:
         self.design, self.sigma, self.residuals = result.design, result.sigma, result.residuals
         self.solution = SimpleNamespace(beta=result.beta, b=[])
         fixed, unscaled = (None, result.unscaled_vcov) if result.conditioned is None else result.conditioned
-        self._coordinates = fixed, [], [], result.sigma**2 * unscaled
+        self._coordinates = fixed, [], [], result.beta_scale * unscaled
 
     def prediction_coordinates(self):
         """(A's factors or None, no terms, no factors, Cov(beta) in those coordinates)."""
