@@ -655,23 +655,18 @@ def test_the_joint_search_and_brents_profile_give_one_fit(model, reml, monkeypat
     assert ar1_module.joint_search(design, series, correlation.continuous, reml) is None
 
 
-def test_phi_without_a_followed_row_is_left_to_brents_profile():
-    """Every series one row: the criterion is flat in phi, and the joint search declines (hp.lmm warns as before)."""
-    from hierpool.closedform import ar1 as ar1_module
-
+def test_series_of_one_row_each_are_refused_by_name():
+    """Every series one row: the likelihood is free of phi.  hp.lmm fitted it, reporting phi = 0.99999 at its range's
+    edge with a warning that named no cause; it now refuses the data, naming the series column."""
     rng = np.random.default_rng(1)
     data = pd.DataFrame({"g": np.repeat(np.arange(20), 3).astype(str), "s": np.arange(60).astype(str),
                          "x": rng.normal(size=60)})
     data["y"] = data["x"] + np.repeat(rng.normal(size=20), 3) + rng.normal(size=60)
-    design = build_design("y ~ x + (1 | g)", data)
-    series = ar1_module.checked_series(design, hp.ar1("s"), data)
-    assert ar1_module.joint_search(design, series, False, True) is None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with pytest.raises(hp.DataError, match="no series of the AR\\(1\\) group column 's' has two rows"):
         hp.lmm("y ~ x + (1 | g)", data, correlation=hp.ar1("s"))
-    messages = [w for w in caught if issubclass(w.category, hp.ConvergenceWarning)]
-    assert any("edge of its range" in str(w.message) for w in messages)
-    assert all(w.filename == __file__ for w in messages)  # warned at the user's line
+    with pytest.raises(hp.DataError, match="phi is not identified"):
+        hp.lmm("y ~ x + (1 | g)", data, correlation=hp.car1("s", time="x"))
+    hp.lmm("y ~ x + (1 | g)", data.assign(s=data["s"].where(data.index != 1, "0")), correlation=hp.ar1("s"))
 
 
 def test_a_dense_coupling_larger_than_a_batchs_is_left_to_brents_profile():

@@ -163,17 +163,22 @@ def test_correlated_slopes_and_a_phi_at_its_edge(replicates):
     _assert_each_is_its_single_fit(batch, frames, structure, formula)  # the third is the refit's own
 
 
-def test_a_dataset_without_a_row_that_follows_another_is_fitted_alone(replicates):
-    """Series of one row each: phi is not identified.  The batch fits such a dataset alone by hp.lmm (which warns
-    that phi runs to its edge) and says why; the other datasets are searched as usual."""
+def test_a_dataset_without_a_row_that_follows_another_is_refused_in_its_row(replicates):
+    """Series of one row each: phi is not identified (the likelihood is free of it).  hp.lmm refuses such data by
+    name (it fitted them, reporting phi = 0.99999 at the range's edge); the batch keeps that refusal in the dataset's
+    row and fits the others as usual."""
     structure = hp.ar1("visit")
     frames = [replicates[0].assign(visit=replicates[0]["Subject"]),
               replicates[2].assign(visit=np.arange(len(replicates[2])))]
     batch = hp.fit_batch(FORMULA, frames, by="rep", correlation=structure, progress=False)
-    assert batch.refit.tolist() == [False, True]
-    assert "phi is not identified" in batch.messages.iloc[1]
-    for d, frame in enumerate(frames):
-        assert batch.objective.iloc[d] == pytest.approx(_single(frame, structure).objective, rel=1e-8)
+    with pytest.raises(hp.DataError, match="no series of the AR\\(1\\) group column 'visit' has two rows") as refused:
+        _single(frames[1], structure)
+    assert batch.messages.iloc[1] == str(refused.value) and np.isnan(batch.objective.iloc[1])
+    assert batch.objective.iloc[0] == pytest.approx(_single(frames[0], structure).objective, rel=1e-8)
+    with pytest.raises(hp.DataError, match="phi is not identified"):  # the GLS fit, and the Bayesian engine
+        hp.lmm("Reaction ~ Days", frames[1], correlation=structure)
+    with pytest.raises(hp.DataError, match="phi is not identified"):
+        hp.bayes(FORMULA, frames[1], correlation=structure, draws=10, tune=10, chains=1)
 
 
 def test_the_compiled_search_reports_an_inner_fit_that_did_not_converge(replicates, monkeypatch):

@@ -107,7 +107,8 @@ def batch_series(plan: BatchPlan, structure: AR1):
     """Each design row's series (previous row, lag) with series keyed by (dataset, group): no series spans datasets.
 
     Returns ``(series, problems)``: ``problems`` maps a dataset whose series ``hp.lmm`` would refuse (a missing
-    group or time, a time repeated within a series, a random-effect term not nested in the series) to
+    group or time, a time repeated within a series, no series of two rows, a random-effect term not nested in the
+    series) to
     ``hp.lmm``'s message; that dataset keeps it in its row, and its rows are each their own series here (they
     are not fitted).  Only a column that is missing, or a time column that is not numeric, stops the batch.
     """
@@ -129,7 +130,10 @@ def batch_series(plan: BatchPlan, structure: AR1):
     try:
         series = series_of(combined, keyed, rows)
         check_nested(plan.design, series, combined)
-        return series, {}
+        # a dataset whose every row is its own series: hp.lmm refuses it (phi not identified), the long frame not
+        if np.all(np.bincount(plan.dataset[series.previous >= 0], minlength=plan.n_datasets) > 0):
+            return series, {}
+        refused = None
     except DataError as error:
         refused = error
     # some dataset's series would be refused: find each one, with hp.lmm's message (its own data, its own names)

@@ -340,16 +340,13 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
     the closed form's own are sparse).  ``curvature``: the criterion's curvature in u profiled over theta, from the
     search's Hessian at its optimum (:func:`hierpool.algebra.ar1.profile_curvature`; NaN where that is not positive
     definite), for phi's interval and :func:`hierpool.algebra.ar1.clearly_curved`.  None for one wider term or a
-    larger coupling, and where the search did not converge inside u's range, or where no row follows another in its
-    series (phi is not identified: the criterion is flat in u, and Brent's method warns as it always has).  Then
-    Brent's method profiles phi (:func:`search_phi`).
+    larger coupling, and where the search did not converge inside u's range.  Then Brent's method profiles phi
+    (:func:`search_phi`).
 
     Both start where Brent's search does, at the lag-1 correlation of a fit's residuals at phi = 0, and reach the
     profile's minimum in a few Newton steps in (theta, u), where the profile fits theta anew at each of its points.
     """
-    followed = series.previous >= 0
-    if not followed.any():
-        return None
+    followed = series.previous >= 0  # some row is (series_of refuses series of one row each)
     source, members = OneDataset(design), np.array([0])
     ks, widths = tuple(term.k for term in design.terms), [term.n_levels for term in design.terms]
     settings = {"continuous": continuous, "reml": reml, "max_iterations": MAX_ITERATIONS}

@@ -130,8 +130,8 @@ def series_of(correlation: AR1, data: pd.DataFrame, rows: pd.Index) -> Series:
     Raises
     ------
     DataError
-        A column missing, a missing value in a used row, a non-numeric or non-finite time, or a time
-        repeated within a series.
+        A column missing, a missing value in a used row, a non-numeric or non-finite time, a time
+        repeated within a series, or no series with two rows (phi not identified).
     """
     for column in (correlation.group, correlation.time):
         if column is not None and column not in data.columns:
@@ -159,6 +159,10 @@ def series_of(correlation: AR1, data: pd.DataFrame, rows: pd.Index) -> Series:
         raise DataError(f"the AR(1) time column {correlation.time!r} repeats the value {float(key[order][at + 1])!r} "
                         f"within the series {str(group.iloc[order[at]])!r} of {correlation.group!r}: "
                         "times must be distinct within a series")
+    if n and not np.any(same):  # the likelihood is then free of phi: any value "fits" (nlme reports its start, 0)
+        raise DataError(f"no series of the AR(1) group column {correlation.group!r} has two rows in the rows fitted "
+                        f"({n} rows, each its own series): the correlation phi is not identified; fit without "
+                        "correlation=")
     previous = np.full(n, -1, dtype=np.int64)
     lag = np.zeros(n)
     previous[order[1:][same]] = order[:-1][same]
@@ -170,7 +174,7 @@ def series_of(correlation: AR1, data: pd.DataFrame, rows: pd.Index) -> Series:
             followed = order[1:][same]
             lag[followed] = whole_steps(lag[followed], lambda at: (
                 f"the AR(1) time column {correlation.time!r} steps by {float(lag[followed][at])!r} within the series "
-                f"{group.iloc[followed[at]]!r} of {correlation.group!r}"))
+                f"{str(group.iloc[followed[at]])!r} of {correlation.group!r}"))
     return Series(previous=previous, lag=lag, group_codes=codes, order=order)
 
 
