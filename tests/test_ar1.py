@@ -419,6 +419,30 @@ def test_bad_input_is_refused_by_name():
         hp.ar1(3)
 
 
+def test_predicting_the_fitted_rows_without_a_time_column_warns():
+    """Without a time column every new row of a fitted series is a step after its last fitted row: predict(data)
+    on the fitted rows carries residuals forward instead of giving the fitted values (documented; nlme gives the
+    fitted values there).  It now warns, at the user's line, of the fitted rows it recognised (label, series and model
+    row); new steps whose labels happen to be fitted rows' (a RangeIndex) do not warn, nor does a fit with a time."""
+    ovary = _ovary()
+    for fit in (hp.lmm("follicles ~ s + c + (1 | Mare)", ovary, correlation=hp.ar1("Mare")),
+                hp.lmm("follicles ~ s + c", ovary, correlation=hp.ar1("Mare"))):
+        with pytest.warns(hp.HierpoolWarning, match="newdata holds 2 fitted row\\(s\\) \\(first: row 3\\)") as caught:
+            got = fit.predict(ovary.iloc[[3, 40]])
+        assert caught[0].filename == __file__
+        assert not np.allclose(got, fit.fitted[[3, 40]])  # what it warns of
+        new = pd.DataFrame({"Mare": ["1", "1"], "s": [0.5, 0.6], "c": [0.1, 0.2]})  # labels 0, 1: Mare 1's rows
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", hp.HierpoolWarning)
+            fit.predict(new)
+            fit.predict(ovary.iloc[[3, 40]].assign(Mare="5"))  # the labels' rows (Mares 1 and 2), another series
+    ovary = ovary.assign(t=ovary.groupby("Mare").cumcount())
+    timed = hp.lmm("follicles ~ s + c + (1 | Mare)", ovary, correlation=hp.ar1("Mare", time="t"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hp.HierpoolWarning)
+        np.testing.assert_allclose(timed.predict(ovary.iloc[[3, 40]]), timed.fitted[[3, 40]], rtol=1e-10)
+
+
 def test_a_new_row_of_a_series_is_the_dense_kriging_predictor():
     """A new row after a series' last fitted row: its prediction and prediction se equal the dense GLS
     ("universal kriging") formulas at the fit's theta, sigma and phi, with Cov(y_new, y) from C and Z."""

@@ -95,6 +95,11 @@ def test_posterior_predictions_carry_each_series_last_residual(ovary, reml):
     predictive = post.predict(new, kind="predictive", seed=5)
     width, closed_width = predictive["upper"] - predictive["lower"], closed["upper"] - closed["lower"]
     np.testing.assert_allclose(width[:3], closed_width[:3], rtol=0.06)
+    # the fitted rows given back as newdata carry residuals forward (no time column): warned, as the closed form does
+    # (``new``'s labels 0-3 are Mare 1's first rows, but its model rows are not theirs: no warning there)
+    with pytest.warns(hp.HierpoolWarning, match="newdata holds 2 fitted row") as caught:
+        post.predict(ovary.iloc[[3, 40]])
+    assert caught[0].filename == __file__
 
 
 def test_collapsed_sampler_samples_phi_with_the_rest(ovary, reml):

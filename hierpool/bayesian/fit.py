@@ -24,6 +24,7 @@ from ..spec.arguments import sampler_arguments
 from ..spec.design import Design, build_design, model_differences
 from ..spec.family import optional_family_spec
 from ..spec.formula import has_spatial_term
+from ..spec.labels import column_labels
 from . import glmm, independence
 from .model import (
     HeldVariance,
@@ -547,7 +548,9 @@ def _bayes_ar1(design, data, correlation, resolved, method, variance, held, chai
     return _result(design, resolved, method, level, variance, held, beta, b, sds, cors, sigma, stats,
                    lambda: ar1_pointwise_log_likelihood(design, beta, b, sigma_rows, phi, series.previous,
                                                         series.lag),
-                   extra={"phi": phi}, series=(correlation, series_ends(correlation, data, design, series)))
+                   extra={"phi": phi},
+                   series=(correlation, series_ends(correlation, data, design, series),
+                           column_labels(data[correlation.group].loc[design.rows])))
 
 
 @dataclass(frozen=True)

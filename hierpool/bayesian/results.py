@@ -115,7 +115,8 @@ class BayesResult:
     level: float
     held: object | None = None  # HeldVariance when the variance parameters were held fixed
     held_varcorr: pd.DataFrame | None = None  # the closed-form fit's varcorr they came from
-    series: tuple | None = None  # an AR(1) model's (structure, series_ends): predictions carry residuals forward
+    series: tuple | None = None  # an AR(1) model's (structure, series_ends, each fitted row's series label):
+    # predictions carry residuals forward
 
     # --- draws ---------------------------------------------------------------------------
     def _values(self, name: str) -> np.ndarray:
@@ -332,10 +333,11 @@ class BayesResult:
     def _carried(self, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(the carried residual phi^lag (y_last - fitted_last), c = phi^lag), each (draws, new rows); 0 where a
         row carries nothing."""
-        from ..closedform.ar1 import carried_lags
+        from ..closedform.ar1 import carried_lags, warn_fitted_rows_carried
 
-        structure, ends = self.series
+        structure, ends, fitted_series = self.series
         lag, last = carried_lags(structure, ends, newdata)
+        warn_fitted_rows_carried(structure, self.design, fitted_series, newdata, last)
         phi = self.phi_draws.reshape(-1)
         c = np.asarray(carried(phi[:, None], last[None, :], np.asarray(lag, dtype=float)[None, :]))
         rows = np.maximum(last, 0)

@@ -75,6 +75,7 @@ from ..spec.correlation import (
 )
 from ..spec.design import Design, check_columns
 from ..spec.labels import column_labels
+from ..spec.newdata import model_rows
 from .optimize import SINGULAR_FIT, Control, is_singular, moment_start, optimize_theta
 from .results import ConditionedCoordinates, LMMResult
 
@@ -196,7 +197,8 @@ class AR1Result(LMMResult):
         """
         from .predict import predict
 
-        carry = None if newdata is None or not re else carry_of(self.structure, self.phi, self.series_ends, newdata)
+        carry = (None if newdata is None or not re
+                 else carry_of(self.structure, self.phi, self.series_ends, newdata, self.design, self.series_data))
         return predict(self, newdata=newdata, re=re, interval=interval, level=level, carry=carry)
 
     def shrinkage(self) -> pd.DataFrame:
@@ -519,12 +521,39 @@ def unrepresentable_phi(correlation: AR1, psi: float, unit: float, what: str = "
             f"simulations: give {correlation.time!r} in units nearer the spacing of its readings")
 
 
-def carry_of(structure: AR1, phi: float, series_ends: pd.DataFrame, newdata: pd.DataFrame):
+def carry_of(structure: AR1, phi: float, series_ends: pd.DataFrame, newdata: pd.DataFrame, design: Design,
+             series_data: pd.DataFrame):
     """(c, last) of each new row, the ``carry`` of :func:`hierpool.closedform.predict.predict`: the fitted row whose
     residual it carries (-1: none) and c = phi^lag (:func:`carried_lags`), for the mixed model's and the GLS fit's
-    predictions."""
+    predictions (``design``, ``series_data``: the fit's, for :func:`warn_fitted_rows_carried`)."""
     lag, last = carried_lags(structure, series_ends, newdata)
+    warn_fitted_rows_carried(structure, design, column_labels(series_data[structure.group]), newdata, last)
     return np.asarray(carried(float(phi), last, np.asarray(lag, dtype=float))), last
+
+
+def warn_fitted_rows_carried(structure: AR1, design: Design, fitted_series: np.ndarray, newdata: pd.DataFrame,
+                             last: np.ndarray) -> None:
+    """Warn where, without a time column, ``newdata`` holds fitted rows themselves (a row's label, its series and its
+    model row all a fitted row's): most likely the fitted data given back, whose rows are each read as a step after
+    their series' end (:func:`carried_lags`) and carry phi^step times its residual, not the fitted values nlme's
+    ``predict`` gives there.  (With a time column a fitted time carries nothing.)  ``fitted_series``: each fitted
+    row's series label (:func:`hierpool.spec.labels.column_labels`); ``last``: each new row's series' last fitted
+    row, -1 for none.  The warning points at the line that called ``predict``."""
+    if structure.time is not None or not np.any(last >= 0):
+        return
+    own = design.rows.get_indexer(newdata.index)  # each new row's label among the fitted rows', -1 for none
+    same = (own >= 0) & (last >= 0)
+    same[same] = fitted_series[own[same]] == column_labels(newdata[structure.group])[same]
+    if same.any():
+        X = model_rows(design, newdata.iloc[np.flatnonzero(same)])[0]
+        same[same] = np.all(np.isclose(X, design.X[own[same]], rtol=1e-12, atol=0.0), axis=1)
+    if same.any():
+        label = newdata.index[np.flatnonzero(same)[0]]
+        warnings.warn(f"newdata holds {int(same.sum())} fitted row(s) (first: row {label!r}): "
+                      f"{structure.describe()} has no time column, so every new row of a fitted series is read as a "
+                      f"step after that series' last fitted row and carries phi^step times its residual.  For the "
+                      f"fitted rows' own predictions call predict() without newdata (or read fitted); for new times "
+                      f"give the correlation a time column", HierpoolWarning, stacklevel=4)
 
 
 def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

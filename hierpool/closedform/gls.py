@@ -166,7 +166,7 @@ class GLSResult(Likelihood):
         from .predict import predict
 
         use = (None if newdata is None or not boolean_argument("carry", carry)
-               else carry_of(self.structure, self.phi, self.series_ends, newdata))
+               else carry_of(self.structure, self.phi, self.series_ends, newdata, self.design, self.series_data))
         return predict(_FixedOnly(self), newdata=newdata, re=False, interval=interval, level=level, carry=use)
 
     @property
