@@ -152,3 +152,24 @@ def test_a_diagonal_stopped_just_short_of_zero_is_restarted_from_like_one_at_zer
     assert fit.objective == pytest.approx(75.28184664, abs=1e-7)
     assert fit.objective == pytest.approx(batch.objective.iloc[0], rel=1e-8)
     assert fit.is_singular  # (the batch's T_22 stops at 1.7e-4 on that flat face: not singular by lme4's rule)
+
+
+def test_terms_that_trade_variance_warn_as_nearly_unidentifiable():
+    """(1 + f || g) with a two-level factor f is (1 | g) + (0 + f | g): four variance parameters for a 2 x 2
+    covariance, flat along one direction in theta (the fit's criterion is identified, its components are not, and
+    the Exam data's took values 35x apart from lme4's).  lme4 warns (a degenerate Hessian); hp.lmm said nothing and
+    now warns of the Hessian's eigenvalue ratio.  Terms on nested factors, (1 | g) + (1 | g:f), are identified."""
+    rng = np.random.default_rng(3)
+    n_g, per = 40, 20
+    group = np.repeat(np.arange(n_g), per)
+    f = np.where(rng.random(n_g * per) < 0.5, "F", "M")
+    x = rng.normal(size=n_g * per)
+    effects = rng.normal(0, 0.5, n_g)[group] + rng.normal(0, 0.3, (n_g, 2))[group, (f == "M").astype(int)]
+    data = pd.DataFrame({"y": 1 + x + effects + rng.normal(size=n_g * per), "x": x, "f": f, "g": group.astype(str)})
+    for formula in ("y ~ x + (1 + f || g)", "y ~ x + (1 | g) + (0 + f | g)"):
+        with pytest.warns(hp.ConvergenceWarning, match="nearly unidentifiable: large eigenvalue ratio"):
+            fit = hp.lmm(formula, data)
+        assert not fit.is_singular
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hp.ConvergenceWarning)
+        hp.lmm("y ~ x + (1 | g) + (1 | g:f)", data)

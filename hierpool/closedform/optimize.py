@@ -285,7 +285,9 @@ def check_optimum(
     theta: np.ndarray, gradient: np.ndarray, optimizer_ok: bool, hessian_at, system: MixedModelSystem,
     control: Control,
 ) -> tuple[bool, bool, tuple[str, ...]]:
-    """Convergence and singularity checks at the optimum (lme4's ``checkConv``).
+    """Convergence and singularity checks at the optimum (lme4's ``checkConv``): the projected gradient, and at an
+    interior optimum of at most ``hessian_max_n`` rows the Hessian in theta (not positive definite; an eigenvalue
+    ratio below :data:`UNIDENTIFIED_RATIO`, "nearly unidentifiable", which warns but does not fail the fit).
 
     ``hessian_at`` maps theta to the finite-difference Hessian (a :class:`_HessianCache`: the
     Newton polish's, when it was taken a step away).
@@ -306,9 +308,18 @@ def check_optimum(
         eigenvalues = np.linalg.eigvalsh(hessian_at(theta))
         if eigenvalues.min() <= 0:
             messages.append("Hessian is not positive definite at the optimum: the fit may not be a minimum")
+        elif eigenvalues.min() < UNIDENTIFIED_RATIO * eigenvalues.max():
+            # a direction in theta along which the criterion is flat: the fit's value is identified, its variance
+            # components are not (lme4's "nearly unidentifiable: large eigenvalue ratio"; its check.conv.hess tol)
+            messages.append(f"Model is nearly unidentifiable: large eigenvalue ratio of the Hessian in theta "
+                            f"({eigenvalues.min() / eigenvalues.max():.2g}): some variance components trade against "
+                            "each other (terms spanning the same columns?)")
     converged = optimizer_ok and max_grad <= control.grad_tol and not any(m.startswith("Hessian") for m in messages)
     return converged, singular, tuple(messages)
 
+
+#: Smallest accepted ratio of the Hessian's eigenvalues in theta at an interior optimum (lme4's check.conv.hess tol).
+UNIDENTIFIED_RATIO = 1e-6
 
 #: The message of a fit at the boundary (lme4's isSingular), as lme4 words it.
 SINGULAR_FIT = "boundary (singular) fit: some variance component is (near) zero or a correlation is +/-1"
