@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 
 import numpy as np
 
@@ -98,3 +101,19 @@ class HierpoolWarning(UserWarning):
 
 class ConvergenceWarning(HierpoolWarning):
     """The fit converged on a boundary or the convergence checks raised a concern."""
+
+
+#: This package's directory: frames whose file lies in it are hierpool's own (:func:`warn_at_caller`).
+_PACKAGE_DIRECTORY = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message: str, category: type[Warning] = HierpoolWarning) -> None:
+    """``warnings.warn`` pointed at the line that called hierpool: the frame just outside the outermost hierpool frame
+    on the stack, however deep the call (a fixed ``stacklevel`` points inside the package when the same check is
+    reached through one more frame: ``hp.lmm`` through ``MixedModel``, say)."""
+    frame, level, outermost = sys._getframe(1), 1, 1
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_PACKAGE_DIRECTORY):
+            outermost = level
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=outermost + 2)

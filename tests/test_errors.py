@@ -149,6 +149,23 @@ def test_rows_with_missing_values_are_dropped_and_counted(data):
     assert fit.objective == full.objective  # exactly rows 4.. remain: the three NaN rows went
 
 
+def test_the_design_s_warnings_point_at_the_user_s_line_from_every_entry_point(data):
+    """The dropped rows' and the aliased columns' warnings name the line that called hierpool, however deep the
+    check sits: through hp.lmm's MixedModel they named hierpool/closedform/model.py."""
+    data = data.assign(x2=2 * data["x"])
+    data.loc[0, "y"] = np.nan
+    binary = data.assign(y=(data["y"] > data["y"].median()).astype(float).where(data["y"].notna()))
+    calls = [lambda: hp.lmm("y ~ x + x2 + (1 | g)", data), lambda: hp.MixedModel("y ~ x + x2 + (1 | g)", data),
+             lambda: hp.glmm("y ~ x + x2 + (1 | g)", binary, family="binomial"),
+             lambda: hp.lmm("y ~ x + x2 + (1 | g)", data, correlation=hp.ar1("g"))]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        design = [w for w in caught if "dropped 1 of" in str(w.message) or "rank deficient" in str(w.message)]
+        assert len(design) == 2 and all(w.filename == __file__ for w in design), [(w.filename, w.lineno) for w in design]
+
+
 def test_dropped_rows_warn_that_a_stateful_transform_is_computed_on_the_rows_kept(data):
     # lme4 computes scale(x) and poly(x, 2) on every row before na.omit: with a response missing, its centre and
     # basis (and the REML criterion) differ from the fit on the rows kept, which the warning now says

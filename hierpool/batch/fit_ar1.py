@@ -131,7 +131,8 @@ def batch_series(plan: BatchPlan, structure: AR1):
         series = series_of(combined, keyed, rows)
         check_nested(plan.design, series, combined)
         # a dataset whose every row is its own series: hp.lmm refuses it (phi not identified), the long frame not
-        if np.all(np.bincount(plan.dataset[series.previous >= 0], minlength=plan.n_datasets) > 0):
+        paired = np.bincount(plan.dataset[series.previous >= 0], minlength=plan.n_datasets) > 0
+        if np.all(paired | (np.bincount(plan.dataset, minlength=plan.n_datasets) == 0)):  # (no rows: refused apart)
             return series, {}
         refused = None
     except DataError as error:

@@ -22,13 +22,12 @@ variance sigma^2 / w_i, as lmer's.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
-from ..errors import ArgumentError, DataError, FormulaError, HierpoolWarning
+from ..errors import ArgumentError, DataError, FormulaError, warn_at_caller
 from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
 from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_logical_factors
@@ -259,10 +258,7 @@ def _drop_missing(frame: pd.DataFrame, formula: str = "") -> tuple[pd.DataFrame,
         stateful = stateful_calls(formula) if formula else []
         note = (f"; {', '.join(f'{name}()' for name in stateful)} computed on the rows kept (lme4 computes "
                 "it before dropping them: drop those rows from the data for both to agree)") if stateful else ""
-        warnings.warn(
-            f"dropped {n_missing} of {frame.shape[0]} rows with missing values ({detail}){note}", HierpoolWarning,
-            stacklevel=4
-        )
+        warn_at_caller(f"dropped {n_missing} of {frame.shape[0]} rows with missing values ({detail}){note}")
         frame = frame.loc[~missing]
     return frame, n_missing
 
@@ -354,8 +350,8 @@ def _warn_vanished_factors(frame: pd.DataFrame, spec: ModelSpec, fixed_names, te
                 and value_kind(frame[c]) == "text or categories" and frame[c].nunique() == 1
                 and not any(re.search(rf"(?<![\w.]){re.escape(c)}(\[|\.[LQC]$|\^\d)", name) for name in columns)]
     if vanished:
-        warnings.warn(f"factor(s) {vanished} have one level in the data: their terms have no column and are left out "
-                      "(R refuses a factor of one level)", HierpoolWarning, stacklevel=4)
+        warn_at_caller(f"factor(s) {vanished} have one level in the data: their terms have no column and are left out "
+                       "(R refuses a factor of one level)")
 
 
 def _check_finite(frame: pd.DataFrame) -> None:
@@ -884,8 +880,7 @@ def build_design(
             proportions, trials = counts if counts is not None else (indicator, None)
             if trials is not None and np.any(trials == 0):  # no trials, no information (glmer gives them weight 0)
                 keep = trials > 0
-                warnings.warn(f"dropped {int(np.sum(~keep))} row(s) with no trials in response {spec.response!r}",
-                              HierpoolWarning, stacklevel=3)
+                warn_at_caller(f"dropped {int(np.sum(~keep))} row(s) with no trials in response {spec.response!r}")
                 frame, proportions, trials = frame.loc[keep].copy(), proportions[keep], trials[keep]
             frame[RESPONSE_COLUMN] = proportions
             rhs = spec.fixed.split("~", 1)[1]
@@ -910,12 +905,8 @@ def build_design(
     dropped = aliased_columns(X) if X.shape[1] else np.zeros(0, dtype=int)
     aliased = tuple(names[j] for j in dropped)
     if aliased:
-        warnings.warn(
-            f"fixed-effect model matrix is rank deficient: dropping {len(aliased)} column(s) "
-            f"aliased with earlier ones: {', '.join(aliased)}",
-            HierpoolWarning,
-            stacklevel=3,
-        )
+        warn_at_caller(f"fixed-effect model matrix is rank deficient: dropping {len(aliased)} column(s) "
+                       f"aliased with earlier ones: {', '.join(aliased)}")
         keep = np.setdiff1d(np.arange(X.shape[1]), dropped)
         X, names = X[:, keep], tuple(names[j] for j in keep)
     offset_argument = None if offset is None else ("column" if offset_column is not None else "array")
