@@ -239,9 +239,21 @@ def test_anova_is_lme4s_likelihood_ratio_test():
             expected = np.array([np.nan if v is None else v for v in values], dtype=float)
             np.testing.assert_allclose(table[column].to_numpy(dtype=float), expected, rtol=1e-6, equal_nan=True,
                                        err_msg=f"{key} {column}")
-    with pytest.raises(hp.ArgumentError, match="not fitted to the same rows"):
+    with pytest.raises(hp.ArgumentError, match="not fitted to the same data as m0: 170 rows against 180"):
         hp.anova(hp.lmm("Reaction ~ Days + (1 | Subject)", sleep),
-                 hp.lmm("Reaction ~ Days + (1 | Subject)", sleep.iloc[:-10]))
+                 hp.lmm("Reaction ~ Days + (1 | Subject)", sleep.iloc[:-10]), names=["m0", "m1"])
+    # each difference named (the message said "rows" and counted 180 against 180 for another response or family)
+    slow = sleep.assign(slow=(sleep["Reaction"] > 300).astype(float))
+    binary = hp.glmm("slow ~ Days + (1 | Subject)", slow, family="binomial")
+    for other, difference in ((hp.lmm("slow ~ Days + (1 | Subject)", slow), "family gaussian against binomial"),
+                              (hp.glmm("slow ~ Days + (1 | Subject)", slow.assign(slow=1 - slow["slow"]),
+                                       family="binomial"), "another response"),
+                              (hp.lmm("Reaction ~ Days + (1 | Subject)", sleep.iloc[::-1]), "other rows")):
+        with pytest.raises(hp.ArgumentError, match=difference):
+            hp.anova(binary if "response" in difference or "family" in difference else
+                     hp.lmm("Reaction ~ Days + (1 | Subject)", sleep), other)
+    probit = hp.glmm("slow ~ Days + (1 | Subject)", slow, family="binomial", link="probit")
+    assert hp.anova(binary, probit).shape[0] == 2  # links of one family compare, as in lme4
     with pytest.raises(hp.ArgumentError, match="two or more fits"):
         hp.anova(hp.lmm("Reaction ~ Days + (1 | Subject)", sleep))
 

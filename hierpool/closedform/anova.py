@@ -65,6 +65,24 @@ def _as_fitted(fits, names):
     return list(fits)
 
 
+def _data_difference(design, first) -> str:
+    """What differs between two fits' data ("" where nothing does): their rows, their response (as the family reads
+    it), their prior weights, or their response's distribution (a Gaussian model's density against a count's
+    probabilities; links within one family compare, as in lme4)."""
+    if design.n != first.n:
+        return f"{design.n} rows against {first.n}"
+    if not design.rows.equals(first.rows):
+        return "other rows (their labels differ)"
+    family, first_family = (d.family.name if d.family is not None else "gaussian" for d in (design, first))
+    if family != first_family:
+        return f"family {family} against {first_family}"
+    if not np.array_equal(design.y, first.y):
+        return "another response"
+    if not np.array_equal(design.row_weights, first.row_weights):
+        return "other weights"
+    return ""
+
+
 def anova(*fits, names=None, refit: bool = True) -> pd.DataFrame:
     """Likelihood-ratio tests of nested mixed models fitted to the same rows (lme4's ``anova(m0, m1)``).
 
@@ -105,11 +123,10 @@ def anova(*fits, names=None, refit: bool = True) -> pd.DataFrame:
             raise ArgumentError(f"anova takes fitted models with a log-likelihood, got {type(fit).__name__}")
     first = fits[0].design
     for name, fit in zip(names[1:], fits[1:]):
-        design = fit.design
-        if (design.n != first.n or not design.rows.equals(first.rows) or not np.array_equal(design.y, first.y)
-                or not np.array_equal(design.row_weights, first.row_weights)):
-            raise ArgumentError(f"{name} was not fitted to the same rows, response and weights as {names[0]} "
-                                f"({design.n} rows against {first.n}): likelihoods of other data are not comparable")
+        difference = _data_difference(fit.design, first)
+        if difference:
+            raise ArgumentError(f"{name} was not fitted to the same data as {names[0]}: {difference}; likelihoods of "
+                                "other data, or of another family's distribution, are not comparable")
     ml = [_maximum_likelihood(fit) for fit in fits] if boolean_argument("refit", refit) else _as_fitted(fits, names)
     table = pd.DataFrame({"npar": [int(fit.n_params) for fit in ml],
                           "AIC": [float(fit.aic) for fit in ml], "BIC": [float(fit.bic) for fit in ml],
