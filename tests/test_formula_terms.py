@@ -475,3 +475,35 @@ def test_interactions_of_calls_without_their_main_effects_are_built():
     single = hp.lmm("Reaction ~ C(phase, contr_poly) + (1 | Subject)", sleep)
     assert list(batch.fixed_names) == list(single.fixef.index)
     np.testing.assert_allclose(batch.fixef.loc[0].to_numpy(), single.fixef.to_numpy(), rtol=1e-8)
+
+
+def test_interactions_are_lme4s_model_or_refused_by_name(monkeypatch):
+    """formulae and R's model.matrix code a factor in an interaction by different rules; where they span different
+    columns the models differ ((a + f):c: 9 columns against lme4's 7; f:c:h alone: 15 dimensions against R's 18),
+    and hierpool fitted formulae's silently.  Every formula of validation/formula_coding_reference.R is now either
+    lme4's model (the ML deviance depends on the columns only through their span: equal to 1e-7) or refused by name
+    where formulae's differs; without the check those fits are indeed other models (the refusal guards a real
+    difference, not a false alarm)."""
+    from hierpool.spec import design as design_module
+
+    root = Path(__file__).resolve().parent.parent / "validation"
+    reference = json.loads((root / "formula_coding_reference.json").read_text())
+    data = pd.read_csv(root / "formula_coding_data.csv", dtype={"g": str})
+    for model in reference["models"]:
+        formula = f"{model['formula']} + (1 | g)"
+        if model["formulae_differs"]:
+            with pytest.raises(hp.FormulaError, match="another model than R's model.matrix"):
+                hp.lmm(formula, data, reml=False)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hp.HierpoolWarning)  # rank-deficient codings drop columns, as lme4 does
+            fit = hp.lmm(formula, data, reml=False)
+        assert fit.objective == pytest.approx(model["deviance"], rel=1e-7), formula
+        assert len(fit.fixef) == model["n_fixef"], formula
+    monkeypatch.setattr(design_module, "r_span_difference", lambda *args: "")
+    for model in reference["models"]:
+        if model["formulae_differs"]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", hp.HierpoolWarning)
+                unguarded = hp.lmm(f"{model['formula']} + (1 | g)", data, reml=False)
+            assert abs(unguarded.objective - model["deviance"]) > 1.0, model["formula"]

@@ -32,6 +32,7 @@ from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
 from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_logical_factors
 from .labels import column_labels
+from .r_coding import r_span_difference
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
 #: Column names of the weights and offset arguments in the model frame (lme4's names).
@@ -390,6 +391,10 @@ def _design_matrices(text: str, frame: pd.DataFrame, what: str):
             f"cannot evaluate {what} {display_name(text)!r}: unknown function or name {exc.args[0]!r} "
             "(not a data column, not defined where hierpool was called, not one of R's log, exp, sqrt, abs...)"
         ) from None
+    except IndexError as exc:  # formulae's own failure, seen where an interaction precedes a factor's main effect
+        raise FormulaError(f"cannot evaluate {what} {display_name(text)!r} on the data ({exc}): formulae fails on an "
+                           "interaction of factors written before one factor's main effect; write the main effects "
+                           "first (f + f:c, not f:c + f), as R orders them") from None
     except Exception as exc:  # formulae raises many exception types
         raise FormulaError(f"cannot evaluate {what} {display_name(text)!r} on the data: {exc}") from None
 
@@ -406,7 +411,13 @@ def _fixed_part(spec: ModelSpec, frame: pd.DataFrame, shown: str | None = None):
     y = _response(frame, spec, fixed.response, shown)
     if fixed.common is None:  # y ~ 0: no fixed effects
         return y, ([], np.zeros((len(frame), 0))), None
-    return y, matrix_columns(fixed.common), fixed.common
+    columns = matrix_columns(fixed.common)
+    difference = r_span_difference(spec.fixed, fixed.common, frame)
+    if difference:  # another model than lme4's, which would be fitted silently
+        raise FormulaError(f"fixed-effect part {display_name(spec.fixed)!r}: {difference}.  Write the model with "
+                           "each interaction's lower-order terms (f*c*h for f:c:h), or build the columns you mean "
+                           "in the data")
+    return y, columns, fixed.common
 
 
 def _is_offset_call(name: str) -> bool:
