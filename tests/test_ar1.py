@@ -112,6 +112,11 @@ def test_gls_without_random_effects_is_nlmes_gls():
     for name in ml.fixef.index:
         assert ml.fixef[name] == pytest.approx(reference["fixef"][_nlme_name(name)], abs=1e-5)
         assert ml.fixef_se[name] == pytest.approx(reference["fixef_se"][_nlme_name(name)], rel=1e-5)
+    # a new mare's row at s = c = 0 is the intercept alone: its confidence se is nlme's intercept SE (the ML fit's
+    # prediction intervals take the same Cov(beta-hat))
+    new = pd.DataFrame({"Mare": ["new"], "s": [0.0], "c": [0.0]})
+    confidence = ml.predict(new, interval="confidence")
+    assert confidence["se"].iloc[0] == pytest.approx(reference["fixef_se"]["(Intercept)"], rel=1e-5)
     with pytest.raises(hp.HierpoolError, match="control"):
         hp.lmm("follicles ~ s + c", ovary, correlation=hp.ar1("Mare"), control=hp.Control())
 
@@ -427,7 +432,7 @@ def test_predicting_the_fitted_rows_without_a_time_column_warns():
     ovary = _ovary()
     for fit in (hp.lmm("follicles ~ s + c + (1 | Mare)", ovary, correlation=hp.ar1("Mare")),
                 hp.lmm("follicles ~ s + c", ovary, correlation=hp.ar1("Mare"))):
-        with pytest.warns(hp.HierpoolWarning, match="newdata holds 2 fitted row\\(s\\) \\(first: row 3\\)") as caught:
+        with pytest.warns(hp.HierpoolWarning, match="newdata holds 2 fitted row\\(s\\) \\(first: row 3,") as caught:
             got = fit.predict(ovary.iloc[[3, 40]])
         assert caught[0].filename == __file__
         assert not np.allclose(got, fit.fitted[[3, 40]])  # what it warns of
@@ -436,6 +441,13 @@ def test_predicting_the_fitted_rows_without_a_time_column_warns():
             warnings.simplefilter("error", hp.HierpoolWarning)
             fit.predict(new)
             fit.predict(ovary.iloc[[3, 40]].assign(Mare="5"))  # the labels' rows (Mares 1 and 2), another series
+            fit.predict(ovary.iloc[[3, 40]].drop(columns="follicles"))  # new steps carry no response
+    # an intercept-only model forecasting a mare's next steps on a RangeIndex: labels, series and model rows all match
+    # fitted rows, but these are new steps (no response), and predict does not warn
+    plain = hp.lmm("follicles ~ 1 + (1 | Mare)", ovary, correlation=hp.ar1("Mare"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hp.HierpoolWarning)
+        plain.predict(pd.DataFrame({"Mare": ["1", "1"]}))
     ovary = ovary.assign(t=ovary.groupby("Mare").cumcount())
     timed = hp.lmm("follicles ~ s + c + (1 | Mare)", ovary, correlation=hp.ar1("Mare", time="t"))
     with warnings.catch_warnings():

@@ -254,6 +254,13 @@ def test_anova_is_lme4s_likelihood_ratio_test():
                      hp.lmm("Reaction ~ Days + (1 | Subject)", sleep), other)
     probit = hp.glmm("slow ~ Days + (1 | Subject)", slow, family="binomial", link="probit")
     assert hp.anova(binary, probit).shape[0] == 2  # links of one family compare, as in lme4
+    # two count families compare (the overdispersion test), as in lme4
+    counts = sleep.assign(k=np.random.default_rng(1).negative_binomial(2, 2 / (2 + sleep["Reaction"] / 30)))
+    poisson = hp.glmm("k ~ Days + (1 | Subject)", counts, family="poisson")
+    nb = hp.glmm("k ~ Days + (1 | Subject)", counts, family="negative_binomial")
+    table = hp.anova(poisson, nb)
+    assert table["Chisq"].iloc[1] == pytest.approx(2 * (nb.loglik - poisson.loglik), rel=1e-10)
+    assert table["Chisq"].iloc[1] > 10  # overdispersed counts
     with pytest.raises(hp.ArgumentError, match="two or more fits"):
         hp.anova(hp.lmm("Reaction ~ Days + (1 | Subject)", sleep))
 

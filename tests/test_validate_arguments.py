@@ -84,6 +84,7 @@ def test_coverage_studies_refuse_bad_settings(call, name):
     (lambda: hp.validate.simulate_ar1_study(RNG, phi=-2), "phi"),
     (lambda: hp.validate.simulate_ar1_study(RNG, block=0), "block"),
     (lambda: hp.validate.simulate_ar1_study(RNG, steps=0), "steps"),
+    (lambda: hp.validate.simulate_ar1_study(RNG, steps=1), "steps"),  # series of one row: phi not fitted
     (lambda: hp.validate.simulate_pedigree(RNG, founders=1), "founders"),
     (lambda: hp.validate.simulate_pedigree(RNG, per_generation=1), "per_generation"),
     (lambda: simulate_binomial_groups(0, RNG), "trials"),

@@ -67,14 +67,15 @@ def _as_fitted(fits, names):
 
 def _data_difference(design, first) -> str:
     """What differs between two fits' data ("" where nothing does): their rows, their response (as the family reads
-    it), their prior weights, or their response's distribution (a Gaussian model's density against a count's
-    probabilities; links within one family compare, as in lme4)."""
+    it), their prior weights, or their response's distribution (a Gaussian model's density against a discrete
+    family's probabilities; two discrete families, Poisson against negative binomial, and two links compare, as in
+    lme4)."""
     if design.n != first.n:
         return f"{design.n} rows against {first.n}"
     if not design.rows.equals(first.rows):
         return "other rows (their labels differ)"
     family, first_family = (d.family.name if d.family is not None else "gaussian" for d in (design, first))
-    if family != first_family:
+    if (family == "gaussian") != (first_family == "gaussian"):  # (two count families compare: Poisson against NB)
         return f"family {family} against {first_family}"
     if not np.array_equal(design.y, first.y):
         return "another response"

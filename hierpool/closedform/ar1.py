@@ -64,7 +64,7 @@ from ..algebra.search.ar1_systems import TermsChunk, joint_search_kind, lagged_s
 from ..algebra.search.newton import DECREASE_TOL, MAX_ITERATIONS
 from ..algebra.statistics import centred_fixed_effects
 from ..algebra.system import build_system
-from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
+from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning, warn_at_caller
 from ..spec.correlation import (
     AR1,
     Series,
@@ -533,27 +533,34 @@ def carry_of(structure: AR1, phi: float, series_ends: pd.DataFrame, newdata: pd.
 
 def warn_fitted_rows_carried(structure: AR1, design: Design, fitted_series: np.ndarray, newdata: pd.DataFrame,
                              last: np.ndarray) -> None:
-    """Warn where, without a time column, ``newdata`` holds fitted rows themselves (a row's label, its series and its
-    model row all a fitted row's): most likely the fitted data given back, whose rows are each read as a step after
-    their series' end (:func:`carried_lags`) and carry phi^step times its residual, not the fitted values nlme's
-    ``predict`` gives there.  (With a time column a fitted time carries nothing.)  ``fitted_series``: each fitted
-    row's series label (:func:`hierpool.spec.labels.column_labels`); ``last``: each new row's series' last fitted
-    row, -1 for none.  The warning points at the line that called ``predict``."""
-    if structure.time is not None or not np.any(last >= 0):
+    """Warn where, without a time column, ``newdata`` holds fitted rows themselves (a row's label, its series, its
+    model row and its response all a fitted row's): most likely the fitted data given back, whose rows are each read
+    as a step after their series' end (:func:`carried_lags`) and carry phi^step times its residual, not the fitted
+    values nlme's ``predict`` gives there.  (With a time column a fitted time carries nothing.)  New steps carry no
+    response, and so never warn, whatever their labels; fitted rows relabelled (``reset_index``) are not recognised.
+    ``fitted_series``: each fitted row's series label (:func:`hierpool.spec.labels.column_labels`); ``last``: each
+    new row's series' last fitted row, -1 for none."""
+    response = design.spec.response
+    if (structure.time is not None or not np.any(last >= 0) or design.frame is None
+            or response not in newdata.columns or response not in design.frame.columns):
         return
     own = design.rows.get_indexer(newdata.index)  # each new row's label among the fitted rows', -1 for none
     same = (own >= 0) & (last >= 0)
     same[same] = fitted_series[own[same]] == column_labels(newdata[structure.group])[same]
     if same.any():
+        given = pd.to_numeric(newdata[response].iloc[np.flatnonzero(same)], errors="coerce").to_numpy(dtype=float)
+        fitted = design.frame[response].to_numpy(dtype=float)[own[same]]
+        same[same] = np.isclose(given, fitted, rtol=1e-12, atol=0.0)
+    if same.any():
         X = model_rows(design, newdata.iloc[np.flatnonzero(same)])[0]
         same[same] = np.all(np.isclose(X, design.X[own[same]], rtol=1e-12, atol=0.0), axis=1)
     if same.any():
         label = newdata.index[np.flatnonzero(same)[0]]
-        warnings.warn(f"newdata holds {int(same.sum())} fitted row(s) (first: row {label!r}): "
-                      f"{structure.describe()} has no time column, so every new row of a fitted series is read as a "
-                      f"step after that series' last fitted row and carries phi^step times its residual.  For the "
-                      f"fitted rows' own predictions call predict() without newdata (or read fitted); for new times "
-                      f"give the correlation a time column", HierpoolWarning, stacklevel=4)
+        warn_at_caller(f"newdata holds {int(same.sum())} fitted row(s) (first: row {label!r}, with its response): "
+                       f"{structure.describe()} has no time column, so every new row of a fitted series is read as "
+                       f"a step after that series' last fitted row and carries phi^step times its residual.  For the "
+                       f"fitted rows' own predictions call predict() without newdata (or read fitted); for new "
+                       f"times give the correlation a time column", HierpoolWarning)
 
 
 def carried_lags(structure: AR1, series_ends: pd.DataFrame, newdata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -313,7 +313,8 @@ def check_optimum(
             # components are not (lme4's "nearly unidentifiable: large eigenvalue ratio"; its check.conv.hess tol)
             messages.append(f"Model is nearly unidentifiable: large eigenvalue ratio of the Hessian in theta "
                             f"({eigenvalues.min() / eigenvalues.max():.2g}): some variance components trade against "
-                            "each other (terms spanning the same columns?)")
+                            "each other (terms spanning the same columns?), or a slope's covariate is on a scale "
+                            "far from the others' (rescale it)")
     converged = optimizer_ok and max_grad <= control.grad_tol and not any(m.startswith("Hessian") for m in messages)
     return converged, singular, tuple(messages)
 

@@ -9,12 +9,11 @@ first level is failure).  Counts and 0/1 columns are read as the Gaussian respon
 from __future__ import annotations
 
 import re
-import warnings
 
 import numpy as np
 import pandas as pd
 
-from ..errors import FormulaError, HierpoolWarning
+from ..errors import FormulaError, warn_at_caller
 
 #: The column the evaluated response is read from when the formula's left side is rewritten (an identifier:
 #: formulae reads it as a name).
@@ -94,8 +93,7 @@ def two_level_indicator(frame: pd.DataFrame, response: str) -> np.ndarray | None
                                                                                key=lambda s: (s.casefold(), s.swapcase())):
         # text sorts by code point (uppercase first), R's factor() by its locale's collation (in most, case aside):
         # 'Dead' < 'alive' here, 'alive' < 'Dead' for glmer there, and every coefficient's sign flips
-        warnings.warn(f"response {response!r}: the levels {levels[0]!r} < {levels[1]!r} are sorted by code point, "
-                      f"so that {levels[1]!r} is success; R's factor() in most locales sorts them the other way "
-                      "round.  Give a 0/1 column or a pandas Categorical to fix the order", HierpoolWarning,
-                      stacklevel=4)
+        warn_at_caller(f"response {response!r}: the levels {levels[0]!r} < {levels[1]!r} are sorted by code point, "
+                       f"so that {levels[1]!r} is success; R's factor() in most locales sorts them the other way "
+                       "round.  Give a 0/1 column or a pandas Categorical to fix the order")
     return (column == levels[1]).to_numpy(dtype=float)

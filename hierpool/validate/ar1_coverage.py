@@ -44,7 +44,7 @@ def simulate_ar1_study(rng, n_groups: int = 20, steps: int = 30, phi: float = 0.
     """
     generator_argument(rng)
     n_groups = integer_argument("n_groups", n_groups)
-    steps = integer_argument("steps", steps)
+    steps = integer_argument("steps", steps, minimum=2)  # series of two rows at least: phi is fitted from them
     phi = real_argument("phi", phi, above=-1.0, below=1.0)
     sd_b = real_argument("sd_b", sd_b, at_least=0.0)
     sigma = real_argument("sigma", sigma, above=0.0)
