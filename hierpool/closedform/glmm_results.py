@@ -87,7 +87,8 @@ class GLMMResult(Likelihood):
 
     @property
     def objective(self) -> float:
-        """The Laplace deviance -2 log L at the optimum (glmer's ``deviance(fit)`` of ``summary``'s table)."""
+        """-2 log L at the optimum, L the Laplace (or quadrature) likelihood: glmer's ``-2 * logLik(fit)``, the
+        "deviance" of its summary table (:attr:`deviance` is the sum of the unit deviances, glmer's ``deviance()``)."""
         return self.optimum.deviance
 
     @property
