@@ -337,3 +337,41 @@ def test_what_the_fuzz_probe_found_is_refused_by_name(sleepstudy):
         hp.ridge_view(fit, multipliers="a")
     with pytest.raises(hp.ArgumentError, match="group='nope'"):
         hp.ridge_view(fit, multipliers=[0.5, 2.0]).plot(group="nope")
+
+
+def test_narrow_numeric_columns_are_read_as_float64_in_fitting_and_prediction():
+    """A uint8 t read in its own dtype wrapped in formula arithmetic (I(t - 50) is t + 206 below 50) and NumPy ran
+    log() of an int8 in float16: other fits and predictions, silently.  Every number is now read as float64, as R
+    holds it; a nullable (Float64) offset column in new data is read too (it raised an AttributeError)."""
+    rng = np.random.default_rng(0)
+    wide = pd.DataFrame({"t": rng.integers(1, 100, 120), "c": rng.integers(1, 100, 120),
+                         "e": rng.integers(1, 5, 120), "g": np.repeat(list("abcdefgh"), 15)})
+    wide["y"] = 0.01 * wide["t"] + np.log(wide["c"]) + rng.normal(size=120)
+    narrow = wide.astype({"t": np.uint8, "c": np.int8, "e": np.uint8})
+    for formula in ("y ~ I(t - 50) + (1 | g)", "y ~ log(c) + I(t * t) + offset(log(e)) + (1 | g)"):
+        expected = hp.lmm(formula, wide)
+        got = hp.lmm(formula, narrow)
+        assert got.objective == pytest.approx(expected.objective, rel=1e-12)
+        np.testing.assert_allclose(got.fixef, expected.fixef, rtol=1e-10)
+        np.testing.assert_allclose(expected.predict(narrow.iloc[:5]), expected.predict(wide.iloc[:5]), rtol=1e-12)
+        np.testing.assert_allclose(expected.predict(wide.iloc[:5].astype({"e": "Float64"})),
+                                   expected.predict(wide.iloc[:5]), rtol=1e-12)
+
+
+def test_columns_too_small_to_square_and_infinite_new_offsets_are_refused_by_name():
+    """A covariate of 1e-200 underflowed in its squares: LinAlgError from hp.lmm and fit_batch, and a posterior of
+    the prior from hp.bayes, silently; it is refused by name, as one beyond 1e150 is, while a new row's value may be
+    that small.  An infinite offset in new data (log of a zero exposure) predicted -inf; it is refused, as in
+    fitting."""
+    rng = np.random.default_rng(1)
+    data = pd.DataFrame({"x": rng.normal(size=60), "e": rng.integers(1, 5, 60).astype(float),
+                         "g": np.repeat(list("abcdef"), 10)})
+    data["y"] = data["x"] + rng.normal(size=60)
+    with pytest.raises(hp.DataError, match="fixed-effect column 'x' holds values no larger than .* rescale it"):
+        hp.lmm("y ~ x + (1 | g)", data.assign(x=data["x"] * 1e-200))
+    with pytest.raises(hp.DataError, match="term \\(x \\| g\\) column 'x' holds values no larger than"):
+        hp.lmm("y ~ 1 + (x | g)", data.assign(x=data["x"] * 1e-200))
+    fit = hp.lmm("y ~ x + offset(log(e)) + (1 | g)", data)
+    assert np.isfinite(fit.predict(data.iloc[:2].assign(x=1e-200))).all()
+    with pytest.raises(hp.DataError, match="the offset' is not finite in 1 row"):
+        fit.predict(data.iloc[:2].assign(e=[0.0, 1.0]))

@@ -305,9 +305,36 @@ def check_value_types(frame: pd.DataFrame, names) -> None:
                             ".astype(str))")
 
 
+#: Integers up to this are exact in a float64 (2^53): an unsigned 64-bit column below it is read as float64.
+EXACT_INTEGER = 2**53
+
+
+def float64_values(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its numeric columns narrower than float64 (int8 to int32, uint8 to uint32, float16, float32),
+    its unsigned 64-bit ones below 2^53 and pandas' nullable ones (Int64, Float64) as float64, as R holds every
+    number (a copy where any changes).  Read in their own dtype, formulae's arithmetic wrapped (``I(t - 50)`` of a
+    uint8 t is t + 206 below 50) and NumPy's functions ran in low precision (``log`` of an int8 in float16): other
+    fits, silently.  int64 columns stay as they are (labels beyond 2^53 stay distinct)."""
+    types = pd.api.types
+
+    def converted(column: pd.Series) -> bool:
+        dtype = column.dtype
+        if types.is_bool_dtype(dtype) or not types.is_numeric_dtype(dtype) or isinstance(dtype, pd.CategoricalDtype):
+            return False
+        if not isinstance(dtype, np.dtype):  # nullable (their missing values are dropped before they are read)
+            return True
+        if dtype.kind == "u" and dtype.itemsize == 8:
+            return bool(column.max() < EXACT_INTEGER) if len(column) else True
+        return dtype.kind in "iuf" and dtype.itemsize < 8
+
+    wide = {c: frame[c].to_numpy(dtype=float, na_value=np.nan) for c in frame.columns if converted(frame[c])}
+    return frame.assign(**wide) if wide else frame
+
+
 def _plain_numeric(frame: pd.DataFrame, as_values=()) -> pd.DataFrame:
-    """``frame`` (hierpool's own copy) with pandas' nullable numeric columns (Int64, Float64) as float64, its logical
-    columns as factors of levels False, True (R's model.matrix reads a logical so: read as 0/1, ``y ~ 0 + xb``,
+    """``frame`` (hierpool's own copy) with its narrow and nullable numeric columns as float64
+    (:func:`float64_values`), its logical columns as factors of levels False, True (R's model.matrix reads a logical
+    so: read as 0/1, ``y ~ 0 + xb``,
     ``xb:x`` and ``(0 + xb | g)`` were other models, REML 1050.8 for lme4's 1026.4 on the first), but those of
     ``as_values`` (the response; one a call reads, ``offset(xb)``: NumPy bools), and its unordered categorical
     columns marked ordered, their unused categories dropped.
@@ -319,14 +346,12 @@ def _plain_numeric(frame: pd.DataFrame, as_values=()) -> pd.DataFrame:
     ``C(f, contr_poly)``).  Unused categories are dropped as lme4's model frame drops unused levels.
     """
     types = pd.api.types
-    nullable = [c for c, dtype in frame.dtypes.items() if not isinstance(dtype, np.dtype)
-                and types.is_numeric_dtype(dtype) and not types.is_bool_dtype(dtype)]
+    frame = float64_values(frame)
     categorical = [c for c, dtype in frame.dtypes.items() if isinstance(dtype, pd.CategoricalDtype)]
     logical = [c for c, dtype in frame.dtypes.items() if types.is_bool_dtype(dtype)]
-    if not nullable and not categorical and not logical:
+    if not categorical and not logical:
         return frame
-    return frame.assign(**{c: frame[c].to_numpy(dtype=float) for c in nullable},
-                        **{c: frame[c].cat.remove_unused_categories().cat.as_ordered() for c in categorical},
+    return frame.assign(**{c: frame[c].cat.remove_unused_categories().cat.as_ordered() for c in categorical},
                         **{c: frame[c].to_numpy(dtype=bool) if c in as_values or frame[c].nunique() < 2 else
                            pd.Categorical(frame[c].to_numpy(dtype=bool), categories=[False, True], ordered=True)
                            for c in logical})
@@ -450,15 +475,21 @@ def matrix_columns(matrix) -> tuple[list[str], np.ndarray]:
 
 #: The largest magnitude a model column may hold: its square, and a sum of a few thousand of them, stay finite.
 LARGEST_VALUE = 1e150
+#: The smallest largest magnitude a model column that is not zero may hold: below it its squares underflow (1e-200
+#: broke the Cholesky factors with NumPy's LinAlgError, and hp.bayes gave a posterior of the prior, silently).
+SMALLEST_VALUE = 1e-150
 
 
 def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str,
-                         largest: float = LARGEST_VALUE) -> None:
+                         largest: float = LARGEST_VALUE, smallest: float = SMALLEST_VALUE) -> None:
     """Refuse a model column that is not finite (``log(x)`` of a zero or a negative, ``exp`` overflowing) by name,
     with the rows' labels: read on, it broke the rank check's SVD, a GLMM's separation check or the sampler with a
     traceback.  R drops a row whose transformed covariate is NaN (``na.omit`` of the model frame) and refuses an
     infinite one; here both are refused, the rows named for the user to drop."""
-    if not values.size or np.all(np.max(np.abs(values), axis=0) <= largest):  # (NaN fails it: one pass for both)
+    if not values.size:
+        return
+    magnitude = np.max(np.abs(values), axis=0)  # (NaN and inf fail the test below: one pass for all)
+    if np.all((magnitude <= largest) & np.isfinite(magnitude) & ((magnitude == 0) | (magnitude >= smallest))):
         return
     bad = ~np.isfinite(values)
     # beyond ~1e154 a value's square overflows: the rank check, X'X and Cholesky broke on them (an aliased column
@@ -468,6 +499,10 @@ def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str,
         raise DataError(f"{what} column {display_name(names[j])!r} holds values up to "
                         f"{np.max(np.abs(values[:, j][huge[:, j]])):.3g}, beyond {largest:.0e}, where sums of their "
                         "squares overflow a float: rescale it (its units)")
+    tiny = np.isfinite(magnitude) & (magnitude > 0) & (magnitude < smallest)
+    for j in np.flatnonzero(tiny):
+        raise DataError(f"{what} column {display_name(names[j])!r} holds values no larger than {magnitude[j]:.3g}, "
+                        f"below {smallest:.0e}, where their squares underflow a float: rescale it (its units)")
     for j in np.flatnonzero(bad.any(axis=0)):
         labels = list(rows[bad[:, j]][:5])
         raise DataError(f"{what} column {display_name(names[j])!r} is not finite in {int(bad[:, j].sum())} row(s) "

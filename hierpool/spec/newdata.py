@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..errors import ArgumentError, DataError
 from .columns import PlainPart
-from .design import check_columns, check_finite_columns, group_index, known_sd
+from .design import check_columns, check_finite_columns, float64_values, group_index, known_sd
 from .formula import display_name, without_coding_calls
 
 
@@ -114,7 +114,7 @@ def model_rows(design, newdata, levels_read: bool = True):
     if design.offset_column is not None and design.offset_column not in needed:
         needed.append(design.offset_column)
     check_columns(newdata, needed, "prediction data (newdata)")
-    frame = newdata.loc[:, needed]
+    frame = float64_values(newdata.loc[:, needed])  # as in fitting: no formula arithmetic in a narrow dtype
     missing = frame.isna().any(axis=1)
     if missing.any():
         raise DataError(f"prediction data has missing values in {int(missing.sum())} rows; drop or fill them first")
@@ -127,8 +127,9 @@ def model_rows(design, newdata, levels_read: bool = True):
     X, offset = _fixed_part(design, frame)
     # a value not finite in new data (inf, or log of 0) predicted inf, NaN or a clamped probability: the fit refuses it
     what = "prediction data (newdata)"
-    check_finite_columns(X, design.fixed_names, newdata.index, what)
-    check_finite_columns(offset[:, None], ["the offset"], newdata.index, what, largest=np.inf)  # (as in fitting)
+    # (a new row's value may be as small as it is: a column's scale is the fit's concern, smallest=0)
+    check_finite_columns(X, design.fixed_names, newdata.index, what, smallest=0.0)
+    check_finite_columns(offset[:, None], ["the offset"], newdata.index, what, largest=np.inf, smallest=0.0)
     terms = [
         (_encode(t.z_matrix, frame, f"term ({display_name(t.spec.lhs)} | {t.group})"),
          _levels_in_fit(t, frame) if levels_read else np.full(len(frame), -1, dtype=np.int64))
@@ -136,7 +137,7 @@ def model_rows(design, newdata, levels_read: bool = True):
     ]
     for (z, _), t in zip(terms, design.terms):
         check_finite_columns(z, [f"{name} of ({display_name(t.spec.lhs)} | {t.group})" for name in t.coef_names],
-                             newdata.index, what)
+                             newdata.index, what, smallest=0.0)
     return X, terms, offset
 
 
