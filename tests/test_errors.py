@@ -375,3 +375,24 @@ def test_columns_too_small_to_square_and_infinite_new_offsets_are_refused_by_nam
     assert np.isfinite(fit.predict(data.iloc[:2].assign(x=1e-200))).all()
     with pytest.raises(hp.DataError, match="the offset' is not finite in 1 row"):
         fit.predict(data.iloc[:2].assign(e=[0.0, 1.0]))
+
+
+def test_the_word_none_in_a_formula_is_refused_by_name(data):
+    """formulae reads None as Python's None, and sorting the formula's names with it raised a TypeError."""
+    for formula in ("y ~ x + None + (1 | g)", "y ~ x + (x + None | g)", "None ~ x + (1 | g)"):
+        with pytest.raises(hp.FormulaError, match="names None, which is not a column"):
+            hp.lmm(formula, data.assign(**{"None": data["x"]}))
+
+
+def test_a_grouping_column_mixing_text_and_numbers_is_refused(data):
+    """An object column holding 3 and "3" made two groups both labelled "3" (another fit, ranef rows alike), and 3.0
+    beside "3" two groups "3.0" and "3", where R's factor() reads one level; refused by name, as the same mix is in a
+    fixed-effect factor.  Text alone, and numbers alone, are read as before."""
+    mixed = data.assign(g=data["g"].astype(object))
+    mixed.loc[mixed.index[:5], "g"] = 3
+    with pytest.raises(hp.DataError, match="grouping column 'g' mixes text with other values \\(int, str\\)"):
+        hp.lmm(FORMULA, mixed)
+    fit = hp.lmm(FORMULA, data)
+    with pytest.raises(hp.DataError, match="grouping column 'g' mixes text"):
+        fit.predict(data.iloc[:3].assign(g=pd.Series([1.0, "a", "b"], index=data.index[:3], dtype=object)))
+    assert hp.lmm(FORMULA, data.assign(g=pd.factorize(data["g"])[0].astype(object))).nobs == fit.nobs

@@ -614,6 +614,16 @@ def unique_codes(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(present), rank[codes]
 
 
+def _check_one_kind_of_label(name: str, uniques) -> None:
+    """Refuse a grouping column of Python objects mixing text with other values: 3 and "3" were two groups both
+    labelled "3" (ranef rows alike, new data matched to one), and 3.0 beside "3" two groups "3.0" and "3", where R's
+    factor() reads one level "3"."""
+    kinds = sorted({type(value).__name__ for value in uniques})
+    if "str" in kinds and len(kinds) > 1:
+        raise DataError(f"grouping column {name!r} mixes text with other values ({', '.join(kinds)}): 3 and '3' "
+                        f"would be two groups; give the column one type (.astype(str))")
+
+
 def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Level index and level labels of the interaction of the columns in ``factor``.
 
@@ -634,6 +644,8 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
                 col_codes, uniques = pd.factorize(column, sort=True)
             except TypeError:  # mixed types that cannot be sorted
                 col_codes, uniques = pd.factorize(column, sort=False)
+            if column.dtype == object:
+                _check_one_kind_of_label(name, uniques)
         codes = codes * len(uniques) + col_codes
         size *= len(uniques)
         columns.append((col_codes, np.asarray(column_labels(uniques), dtype=object)))  # (R's labels: spec.labels)

@@ -409,7 +409,12 @@ def _variable_names(text: str) -> set[str]:
     part = None if "~" in text else plain_part(text)
     if part is not None:
         return set(part.names)
-    return set(_parse_with_formulae(text, "formula part").var_names)
+    names = set(_parse_with_formulae(text, "formula part").var_names)
+    constants = [name for name in names if not isinstance(name, str)]  # formulae reads the word None as None
+    if constants:
+        raise FormulaError(f"formula part {text!r} names {constants[0]!r}, which is not a column (a column named "
+                           f"{constants[0]!r} cannot be read by a formula: rename it)")
+    return names
 
 
 def parse_formula(formula: str, binomial_counts: bool = False, random_optional: bool = False) -> ModelSpec:
