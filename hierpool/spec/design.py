@@ -31,7 +31,7 @@ from ..errors import ArgumentError, DataError, FormulaError, warn_at_caller
 from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
 from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_logical_factors
-from .labels import column_labels
+from .labels import column_labels, level_label
 from .r_coding import r_span_difference
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
@@ -615,13 +615,16 @@ def unique_codes(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_one_kind_of_label(name: str, uniques) -> None:
-    """Refuse a grouping column of Python objects mixing text with other values: 3 and "3" were two groups both
-    labelled "3" (ranef rows alike, new data matched to one), and 3.0 beside "3" two groups "3.0" and "3", where R's
-    factor() reads one level "3"."""
-    kinds = sorted({type(value).__name__ for value in uniques})
-    if "str" in kinds and len(kinds) > 1:
-        raise DataError(f"grouping column {name!r} mixes text with other values ({', '.join(kinds)}): 3 and '3' "
-                        f"would be two groups; give the column one type (.astype(str))")
+    """Refuse a grouping column of Python objects whose distinct values read as one level in R (``as.character``;
+    a whole-number float as the integer): 3 and "3" were two groups both labelled "3" (ranef rows alike, new data
+    matched to one), 3.0 beside "3" two groups "3.0" and "3".  Labels of other types that do not meet (7 beside
+    "g1") are read as before."""
+    labels = [level_label(value) for value in uniques]
+    if len(set(labels)) < len(labels):
+        label = pd.Series(labels)[pd.Series(labels).duplicated()].iloc[0]
+        kinds = sorted({type(value).__name__ for value, text in zip(uniques, labels) if text == label})
+        raise DataError(f"grouping column {name!r} holds values of types {', '.join(kinds)} that all read as the "
+                        f"level {label!r}: they would be different groups; give the column one type (.astype(str))")
 
 
 def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
