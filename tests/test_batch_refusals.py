@@ -395,3 +395,28 @@ def test_the_rowwise_check_compares_what_the_users_function_makes_and_a_true_fal
     single = _quiet(hp.glmm, BERNOULLI, binary[0].assign(bern=binary[0]["bern"].astype(int)), family="binomial")
     assert not batch.messages.any()
     np.testing.assert_allclose(batch.fixef.loc[0].to_numpy(dtype=float), single.fixef.to_numpy(), rtol=1e-5)
+
+
+def test_datasets_ordering_a_factors_levels_otherwise_are_refused_in_their_rows():
+    """A single fit codes a Categorical in its categories' order (the first used level the baseline).  Stacked,
+    Categoricals of other categories became text, sorted, and a dataset ordering its levels c, b, a was fitted with
+    baseline a where its single fit takes c: other coefficients, silently.  Such a dataset is now refused in its row;
+    datasets whose orders agree (one with an unused category, one of text in the same order) are fitted, each as its
+    single fit."""
+
+    def dataset(seed):
+        r = np.random.default_rng(seed)
+        frame = pd.DataFrame({"f": r.choice(list("abc"), 60), "x": r.normal(size=60), "g": np.repeat(list("pqrstu"), 10)})
+        return frame.assign(y=frame["x"] + frame["f"].map({"a": 0.0, "b": 1.0, "c": 2.0}) + r.normal(size=60))
+
+    formula = "y ~ x + f + (1 | g)"
+    forward = pd.CategoricalDtype(["a", "b", "c", "d"])  # (d unused)
+    frames = [dataset(0).astype({"f": forward}), dataset(1).astype({"f": pd.CategoricalDtype(list("cba"))}),
+              dataset(2), dataset(3).astype({"f": forward})]
+    batch = hp.fit_batch(formula, frames, progress=False)
+    assert "orders its levels ['c', 'b', 'a'] (its single fit's baseline 'c')" in batch.messages.iloc[1]
+    assert np.isnan(batch.objective.iloc[1])
+    for d in (0, 2, 3):
+        single = hp.lmm(formula, frames[d])
+        assert batch.objective.iloc[d] == pytest.approx(single.objective, rel=1e-8)
+        np.testing.assert_allclose(batch.fixef.iloc[d][single.fixef.index], single.fixef, rtol=1e-6)

@@ -177,6 +177,21 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
         if len(lacking) == sum(len(item) > 0 for _, item in items):
             lacking = {}  # every dataset lacks it: the design's own error names the column
         frame = frame[~frame[by].isin(list(lacking))].reset_index(drop=True)
+    # a factor whose datasets order its levels differently: one order for the batch, the datasets that disagree set
+    # aside (their single fits code another baseline)
+    ordered_aside, orders = category_orders([(label, item) for label, item in items if label not in lacking], columns)
+    recoded = {name: order for name, order in orders.items()  # (stacked Categoricals of one order stay as they are)
+               if not (isinstance(frame[name].dtype, pd.CategoricalDtype)
+                       and [str(level) for level in frame[name].cat.categories] == order)}
+    if recoded:
+        frame = frame.assign(**{name: pd.Categorical(frame[name].astype(str).where(frame[name].notna()),
+                                                     categories=order) for name, order in recoded.items()})
+    if ordered_aside:
+        lacking = {**lacking, **ordered_aside}
+        if len(lacking) == len(items):
+            raise DataError("no dataset is left to fit: " + "; ".join(f"dataset {label!r}: {reason}"
+                                                                      for label, reason in list(lacking.items())[:3]))
+        frame = frame[~frame[by].isin(list(ordered_aside))].reset_index(drop=True)
     # two kinds stacked make an object column of mixed values: only then are the datasets looked at one by one
     # (not every dataset's columns on the common path: benchmarks/RESULTS.md, thirtieth session)
     mixed = [name for name in columns if name in frame.columns and frame[name].dtype == object
@@ -197,6 +212,37 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
     frame = frame[~frame[by].isin(list(set_aside))].reset_index(drop=True)
     # the kept kind's dtype (numbers stacked with a dataset's all-missing object column are floats again)
     return frame.assign(**{name: frame[name].infer_objects() for name in mixed}), set_aside, vote
+
+
+def category_orders(items, columns) -> tuple[dict, dict]:
+    """(label -> why a dataset is set aside, column -> the batch's level order) for the columns of ``columns`` that
+    some dataset holds as a pandas Categorical.  A single fit codes such a factor in its categories' order (its first
+    used level the baseline), text in sorted order; stacked, Categoricals of other categories became text, sorted,
+    and a dataset ordering its levels otherwise was fitted with another baseline than its single fit, silently.  The
+    batch's order is the first Categorical's categories, then any other level in sorted order; a dataset whose levels
+    come in another order (its single fit's) is set aside, in its row."""
+    reasons, orders = {}, {}
+    for name in columns:
+        holders = [(label, item[name]) for label, item in items if name in item.columns]
+        if not any(isinstance(column.dtype, pd.CategoricalDtype) for _, column in holders):
+            continue
+        first = next(column for _, column in holders if isinstance(column.dtype, pd.CategoricalDtype))
+        order = [str(level) for level in first.cat.categories]
+        seen = set(order)
+        extra = sorted({str(v) for _, column in holders for v in column.dropna().unique()} - seen)
+        order += extra
+        position = {level: i for i, level in enumerate(order)}
+        for label, column in holders:
+            if isinstance(column.dtype, pd.CategoricalDtype):
+                used = [str(level) for level in column.cat.remove_unused_categories().cat.categories]
+            else:
+                used = sorted(str(v) for v in column.dropna().unique())
+            if [position[level] for level in used] != sorted(position[level] for level in used):
+                reasons.setdefault(label, f"its factor {name!r} orders its levels {used} (its single fit's baseline "
+                                          f"{used[0]!r}), where the batch orders them {order}: give every dataset one "
+                                          "category order")
+        orders[name] = order
+    return reasons, orders
 
 
 def column_kind(column: pd.Series) -> str | None:
