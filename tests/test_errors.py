@@ -399,3 +399,15 @@ def test_a_grouping_column_whose_values_read_as_one_level_is_refused(data):
         fit.predict(data.iloc[:3].assign(g=pd.Series([1.0, "1", "b"], index=data.index[:3], dtype=object)))
     mixed.loc[mixed.index[5:10], "g"] = "three"
     assert np.isfinite(hp.lmm(FORMULA, mixed).objective)
+
+
+def test_a_response_beyond_a_floats_squares_and_a_factor_of_a_level_per_row_are_refused_by_name(data):
+    """These ended in 'objective is not finite at the starting value' with NumPy's warnings, naming nothing."""
+    with pytest.raises(hp.DataError, match="response column 'y' holds values up to .*beyond 1e\\+150"):
+        hp.lmm(FORMULA, data.assign(y=data["y"] * 1e300))
+    with pytest.raises(hp.DataError, match="response column 'y' holds values no larger than"):
+        hp.lmm(FORMULA, data.assign(y=data["y"] * 1e-300))
+    small = hp.lmm(FORMULA, data.assign(y=data["y"] * 1e-120))
+    np.testing.assert_allclose(small.fixef * 1e120, hp.lmm(FORMULA, data).fixef, rtol=1e-8)
+    with pytest.raises(hp.DataError, match="the fixed part has 72 independent columns for 72 observations"):
+        hp.lmm(FORMULA, data.assign(x=data["x"].astype(str)))

@@ -478,6 +478,9 @@ LARGEST_VALUE = 1e150
 #: The smallest largest magnitude a model column that is not zero may hold: below it its squares underflow (1e-200
 #: broke the Cholesky factors with NumPy's LinAlgError, and hp.bayes gave a posterior of the prior, silently).
 SMALLEST_VALUE = 1e-150
+#: The smallest largest magnitude of a response that is not zero: at 1e-150 a fit's search stopped unconverged (its
+#: residuals' squares near the smallest float), at 1e-140 it equals the fit of y at its scale.
+RESPONSE_SMALLEST = 1e-140
 
 
 def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str,
@@ -990,6 +993,13 @@ def build_design(
         # a binomial's trials are its prior weights (proportions with weights=, or cbind)
         check_response(family, y, row_weights, spec.response)
     _check_identifiable(terms, len(y), sigma_known=se is not None or family is not None, related=related)
+    if se is None and len(names) >= len(y):  # (a text column of numbers read as a factor of a level per row)
+        raise DataError(f"the fixed part has {len(names)} independent columns for {len(y)} observations: nothing is "
+                        "left for the residual variance (a column of numbers stored as text is a factor, a level "
+                        "per row)")
+    # the response's magnitude, as a model column's: beyond 1e150 or below 1e-150 the criterion overflowed or
+    # underflowed at the start, an error that named nothing; its residuals, some digits smaller, need more room below
+    check_finite_columns(y[:, None], [spec.response], frame.index, "response", smallest=RESPONSE_SMALLEST)
     _warn_vanished_factors(frame, spec, names, terms)
     return Design(
         spec=spec,
