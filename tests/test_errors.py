@@ -411,3 +411,18 @@ def test_a_response_beyond_a_floats_squares_and_a_factor_of_a_level_per_row_are_
     np.testing.assert_allclose(small.fixef * 1e120, hp.lmm(FORMULA, data).fixef, rtol=1e-8)
     with pytest.raises(hp.DataError, match="the fixed part has 72 independent columns for 72 observations"):
         hp.lmm(FORMULA, data.assign(x=data["x"].astype(str)))
+
+
+def test_a_prediction_interval_of_a_weighted_model_names_where_new_weights_come_from(data):
+    """Weights given as an array cannot weight new rows (the message read "a column 'named by weights='"); weights
+    from a column are read from newdata's column of that name."""
+    weighted = data.assign(w=1.0 + np.arange(len(data)) % 3)
+    by_array = hp.lmm(FORMULA, weighted, weights=weighted["w"].to_numpy())
+    with pytest.raises(hp.ArgumentError, match="weights were given as an array, which new rows cannot carry"):
+        by_array.predict(weighted.head(2), interval="prediction")
+    by_column = hp.lmm(FORMULA, weighted, weights="w")
+    with pytest.raises(hp.ArgumentError, match="in a column 'w' of newdata"):
+        by_column.predict(weighted.head(2).drop(columns="w"), interval="prediction")
+    wide = by_column.predict(weighted.head(2).assign(w=0.5), interval="prediction")
+    narrow = by_column.predict(weighted.head(2).assign(w=2.0), interval="prediction")
+    assert np.all(wide["se"] > narrow["se"])

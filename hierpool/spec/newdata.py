@@ -181,11 +181,12 @@ def new_row_weights(design, newdata) -> np.ndarray | None:
         return None
     if newdata is None:
         return design.weights
-    if design.weights_column is None or design.weights_column not in newdata.columns:
-        raise ArgumentError(
-            "the model has prior weights: a prediction interval for new rows needs their weights, "
-            f"in a column {design.weights_column or 'named by weights='!r} of newdata"
-        )
+    if design.weights_column is None:
+        raise ArgumentError("the model's prior weights were given as an array, which new rows cannot carry: a "
+                            "prediction interval for them needs their weights; fit with weights=<column name>")
+    if design.weights_column not in newdata.columns:
+        raise ArgumentError("the model has prior weights: a prediction interval for new rows needs their weights, "
+                            f"in a column {design.weights_column!r} of newdata")
     weights = newdata[design.weights_column].to_numpy(dtype=float)
     if not np.all(weights > 0):
         raise DataError(f"weights column {design.weights_column!r} of newdata must be positive")
