@@ -420,3 +420,29 @@ def test_datasets_ordering_a_factors_levels_otherwise_are_refused_in_their_rows(
         single = hp.lmm(formula, frames[d])
         assert batch.objective.iloc[d] == pytest.approx(single.objective, rel=1e-8)
         np.testing.assert_allclose(batch.fixef.iloc[d][single.fixef.index], single.fixef, rtol=1e-6)
+
+
+def test_grouping_labels_of_other_types_across_datasets_and_a_response_too_small_to_square():
+    """Each dataset is fitted as its single fit reads it: a grouping column of numbers in one dataset and of text in
+    another met in one stacked column, where 3 and "3" were refused for the whole batch though every single fit
+    reads its own; a dataset mixing them itself is refused in its row, with its single fit's words.  A dataset whose
+    response is too small to square (below 1e-140) passed the long frame's check (its largest value is another
+    dataset's) and was fitted to a search that stopped on NaN steps; it is refused in its row too."""
+    base = _gaussian(0)
+    as_numbers = base.assign(g=pd.factorize(base["g"])[0])
+    as_text = _gaussian(1).assign(g=lambda f: pd.factorize(f["g"])[0].astype(str))
+    collided = _gaussian(2).assign(g=lambda f: pd.Series(pd.factorize(f["g"])[0], dtype=object))
+    threes = collided.index[collided["g"] == 3]
+    collided.loc[threes[::2], "g"] = "3"  # the others stay the number 3
+    tiny = _gaussian(3).assign(y=lambda f: f["y"] * 1e-142)
+    frames = [as_numbers, as_text, collided, tiny]
+    batch = _quiet(hp.fit_batch, "y ~ x + (1 | g)", frames, progress=False)
+    for d in (0, 1):
+        assert batch.objective.iloc[d] == pytest.approx(hp.lmm("y ~ x + (1 | g)", frames[d]).objective, rel=1e-8)
+    for d, words in ((2, "all read as the level '3'"), (3, "below 1e-140")):
+        with pytest.raises(hp.DataError, match=words) as refused:
+            hp.lmm("y ~ x + (1 | g)", frames[d])
+        assert batch.messages.iloc[d] == str(refused.value) and np.isnan(batch.objective.iloc[d])
+    by = _quiet(hp.fit_batch, "y ~ x + (1 | g)", pd.concat([f.assign(rep=d) for d, f in enumerate(frames[:2])]),
+                by="rep", progress=False)
+    np.testing.assert_allclose(by.objective, batch.objective.iloc[:2], rtol=1e-10)

@@ -60,18 +60,22 @@ from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
 from ..spec.design import (
     READABLE_KINDS,
+    RESPONSE_SMALLEST,
+    SMALLEST_VALUE,
     TERM_RANK_TOL,
     Design,
     RandomEffectTerm,
     aliased_within,
     aligned_by_labels,
     build_design,
+    label_collision,
     missing_detail,
     term_columns_message,
     unique_codes,
     value_kind,
 )
 from ..spec.formula import parse_formula
+from ..spec.labels import column_labels
 from ..spec.transforms import stateful_calls, unvouched_calls
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
@@ -153,7 +157,13 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
     if isinstance(data, pd.DataFrame):
         if not isinstance(by, str) or by not in data.columns:
             raise DataError(f"by={by!r} is not a column of the data (columns: {list(data.columns)})")
-        return data, {}, KindVote()
+        if not any(dtype == object for dtype in data.dtypes):
+            return data, {}, KindVote()
+        items = [(label, data.iloc[positions]) for label, positions in data.groupby(by, sort=False).indices.items()]
+        frame, collided = text_labels_across(data, by, items, columns)
+        if len(collided) == len(items):
+            raise DataError(next(iter(collided.values())))
+        return (frame[~frame[by].isin(list(collided))] if collided else frame), collided, KindVote()
     if isinstance(data, dict):
         items = list(data.items())
     elif isinstance(data, (list, tuple)):
@@ -177,6 +187,14 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
         if len(lacking) == sum(len(item) > 0 for _, item in items):
             lacking = {}  # every dataset lacks it: the design's own error names the column
         frame = frame[~frame[by].isin(list(lacking))].reset_index(drop=True)
+    # a grouping column of text in some datasets and numbers in others: stacked, 3 and "3" of two datasets met in one
+    # column (refused there, though each dataset's single fit reads its own); each dataset's values as their labels'
+    # text, a dataset whose own values collide set aside with its single fit's refusal
+    frame, collided = text_labels_across(frame, by, [(label, item) for label, item in items if label not in lacking],
+                                         columns)
+    if collided:
+        lacking = {**lacking, **collided}
+        frame = frame[~frame[by].isin(list(collided))].reset_index(drop=True)
     # a factor whose datasets order its levels differently: one order for the batch, the datasets that disagree set
     # aside (their single fits code another baseline)
     ordered_aside, orders = category_orders([(label, item) for label, item in items if label not in lacking], columns)
@@ -212,6 +230,35 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
     frame = frame[~frame[by].isin(list(set_aside))].reset_index(drop=True)
     # the kept kind's dtype (numbers stacked with a dataset's all-missing object column are floats again)
     return frame.assign(**{name: frame[name].infer_objects() for name in mixed}), set_aside, vote
+
+
+def text_labels_across(frame: pd.DataFrame, by: str, items, columns) -> tuple[pd.DataFrame, dict]:
+    """(the long ``frame`` with each object column that is not one of ``columns`` (read as values: their kinds are
+    :func:`kind_conflicts`' to judge) and mixes text with other values as its labels' text, the datasets set aside:
+    label -> their single fit's refusal, :func:`~hierpool.spec.design.label_collision`).  ``items``: the datasets
+    of ``frame`` (label, own frame), in its order."""
+    mixed = [name for name in frame.columns if name != by and name not in columns and frame[name].dtype == object
+             and len({isinstance(value, str) for value in frame[name].dropna().unique()}) > 1]
+    collided = {}
+    for name in mixed:
+        for label, item in items:
+            if name in item.columns and label not in collided:
+                reason = label_collision(name, item[name].dropna().unique())
+                if reason:
+                    collided[label] = reason
+    if not mixed:
+        return frame, collided
+    # each dataset's labels as its single fit reads them (its own column's dtype: 3.0 of a float column is "3")
+    own = dict(items)
+    rows = frame.groupby(by, sort=False).indices
+    columns_as_text = {}
+    for name in mixed:
+        text = np.full(len(frame), np.nan, dtype=object)
+        for label, positions in rows.items():
+            column = own[label][name]
+            text[positions] = np.where(column.isna(), np.nan, column_labels(column).astype(object))
+        columns_as_text[name] = text
+    return frame.assign(**columns_as_text), collided
 
 
 def category_orders(items, columns) -> tuple[dict, dict]:
@@ -704,7 +751,18 @@ def plan_refusals(plan: BatchPlan, data, formula: str, family, set_aside: dict |
             continue
         item = None if items is None else items[label]
         refusals[index] = empty_reason(item, plan.frame_rows(index), plan.frame, columns, arrays)
-    for index in np.flatnonzero(constant_within(design.y, plan.dataset, plan.n_datasets)):
+    # a response of one value, or a response or model column of one dataset too small to square (the long frame's
+    # largest values pass its check): the single fit's refusal, in the dataset's row
+    columns_of = [design.y[:, None], design.X] + [term.z for term in design.terms]
+    tiny = np.zeros(plan.n_datasets, dtype=bool)
+    for values, smallest in zip(columns_of, [RESPONSE_SMALLEST] + [SMALLEST_VALUE] * (len(columns_of) - 1)):
+        magnitude = np.abs(values)
+        if not np.any((magnitude > 0) & (magnitude < smallest)):  # (one pass: no dataset can have one)
+            continue
+        largest = np.zeros((plan.n_datasets, values.shape[1]))
+        np.maximum.at(largest, plan.dataset, magnitude)
+        tiny |= np.any((largest > 0) & (largest < smallest), axis=1)
+    for index in np.flatnonzero(constant_within(design.y, plan.dataset, plan.n_datasets) | tiny):
         frame, arguments = plan.dataset_frame(index)
         refusals[index] = single_fit_refusal(formula, frame, family=family, **arguments)
     return tuple(refusals)

@@ -617,17 +617,18 @@ def unique_codes(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(present), rank[codes]
 
 
-def _check_one_kind_of_label(name: str, uniques) -> None:
-    """Refuse a grouping column of Python objects whose distinct values read as one level in R (``as.character``;
-    a whole-number float as the integer): 3 and "3" were two groups both labelled "3" (ranef rows alike, new data
-    matched to one), 3.0 beside "3" two groups "3.0" and "3".  Labels of other types that do not meet (7 beside
-    "g1") are read as before."""
+def label_collision(name: str, uniques) -> str:
+    """Why a grouping column whose distinct values ``uniques`` read as one level in R (``as.character``; a
+    whole-number float as the integer) is refused ("" where none do): 3 and "3" were two groups both labelled "3"
+    (ranef rows alike, new data matched to one), 3.0 beside "3" two groups "3.0" and "3".  Labels of other types
+    that do not meet (7 beside "g1") are read as before."""
     labels = [level_label(value) for value in uniques]
-    if len(set(labels)) < len(labels):
-        label = pd.Series(labels)[pd.Series(labels).duplicated()].iloc[0]
-        kinds = sorted({type(value).__name__ for value, text in zip(uniques, labels) if text == label})
-        raise DataError(f"grouping column {name!r} holds values of types {', '.join(kinds)} that all read as the "
-                        f"level {label!r}: they would be different groups; give the column one type (.astype(str))")
+    if len(set(labels)) == len(labels):
+        return ""
+    label = pd.Series(labels)[pd.Series(labels).duplicated()].iloc[0]
+    kinds = sorted({type(value).__name__ for value, text in zip(uniques, labels) if text == label})
+    return (f"grouping column {name!r} holds values of types {', '.join(kinds)} that all read as the level {label!r}: "
+            "they would be different groups; give the column one type (.astype(str))")
 
 
 def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -650,8 +651,8 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
                 col_codes, uniques = pd.factorize(column, sort=True)
             except TypeError:  # mixed types that cannot be sorted
                 col_codes, uniques = pd.factorize(column, sort=False)
-            if column.dtype == object:
-                _check_one_kind_of_label(name, uniques)
+            if column.dtype == object and (collision := label_collision(name, uniques)):
+                raise DataError(collision)
         codes = codes * len(uniques) + col_codes
         size *= len(uniques)
         columns.append((col_codes, np.asarray(column_labels(uniques), dtype=object)))  # (R's labels: spec.labels)
