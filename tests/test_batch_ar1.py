@@ -416,3 +416,12 @@ def test_a_batch_warns_once_of_datasets_whose_times_step_by_an_even_multiple(rep
         batch = hp.fit_batch(FORMULA, frames, correlation=structure, progress=False)
     assert sum("multiples of" in str(w.message) for w in caught) == 1
     assert batch.converged.iloc[:2].all() and "only 1 level" in batch.messages.iloc[2]
+
+
+def test_a_batch_whose_every_dataset_s_series_are_refused_says_why_in_their_words(replicates):
+    """It raised the long frame's error, naming its internal series column '(series)' and the batch's row count."""
+    structure = hp.ar1("visit")
+    frames = [replicates[d].assign(visit=np.arange(len(replicates[d]))) for d in (0, 1)]
+    with pytest.raises(hp.DataError, match="no dataset is left to fit: dataset 0: no series of the AR\\(1\\) group "
+                                           "column 'visit' has two rows"):
+        hp.fit_batch(FORMULA, frames, by="rep", correlation=structure, progress=False)
