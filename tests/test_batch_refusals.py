@@ -443,6 +443,14 @@ def test_grouping_labels_of_other_types_across_datasets_and_a_response_too_small
         with pytest.raises(hp.DataError, match=words) as refused:
             hp.lmm("y ~ x + (1 | g)", frames[d])
         assert batch.messages.iloc[d] == str(refused.value) and np.isnan(batch.objective.iloc[d])
-    by = _quiet(hp.fit_batch, "y ~ x + (1 | g)", pd.concat([f.assign(rep=d) for d, f in enumerate(frames[:2])]),
-                by="rep", progress=False)
-    np.testing.assert_allclose(by.objective, batch.objective.iloc[:2], rtol=1e-10)
+    # one frame with by= and a weights array (the rows of a refused dataset stay: the array still matches them); a
+    # column the formula does not read may mix anything; a dataset lacking the grouping column is refused in its row
+    long = pd.concat([f.assign(rep=d) for d, f in enumerate(frames[:3])], ignore_index=True)
+    by = _quiet(hp.fit_batch, "y ~ x + (1 | g)", long.assign(note=[3, "3"] * (len(long) // 2)), by="rep",
+                weights=np.ones(len(long)), progress=False)
+    np.testing.assert_allclose(by.objective.iloc[:2], batch.objective.iloc[:2], rtol=1e-10)
+    assert "all read as the level '3'" in by.messages.iloc[2]
+    lacking = _quiet(hp.fit_batch, "y ~ x + (1 | g)", [as_numbers, as_text, _gaussian(4).drop(columns="g")],
+                     progress=False)
+    assert "the model uses column 'g', which is not in this dataset" in lacking.messages.iloc[2]
+    np.testing.assert_allclose(lacking.objective.iloc[:2], batch.objective.iloc[:2], rtol=1e-10)

@@ -356,6 +356,14 @@ def test_narrow_numeric_columns_are_read_as_float64_in_fitting_and_prediction():
         np.testing.assert_allclose(expected.predict(narrow.iloc[:5]), expected.predict(wide.iloc[:5]), rtol=1e-12)
         np.testing.assert_allclose(expected.predict(wide.iloc[:5].astype({"e": "Float64"})),
                                    expected.predict(wide.iloc[:5]), rtol=1e-12)
+    # int64 epoch milliseconds: I(t * t) overflowed in int64; a binomial cbind's arithmetic ran in uint8
+    epoch = wide.assign(t=1_700_000_000_000 + rng.integers(0, 10**9, 120))
+    np.testing.assert_allclose(hp.lmm("y ~ I(t * t) + (1 | g)", epoch).fixef,
+                               hp.lmm("y ~ I(t * t) + (1 | g)", epoch.astype({"t": float})).fixef, rtol=1e-10)
+    counts = wide.assign(s=rng.integers(0, 100, 120), n=100)
+    formula = "cbind(s, 2 * n - s) ~ 1 + (1 | g)"
+    assert hp.glmm(formula, counts.astype({"s": np.uint8, "n": np.uint8}), family="binomial").objective == \
+        pytest.approx(hp.glmm(formula, counts, family="binomial").objective, rel=1e-12)
 
 
 def test_columns_too_small_to_square_and_infinite_new_offsets_are_refused_by_name():
@@ -371,6 +379,11 @@ def test_columns_too_small_to_square_and_infinite_new_offsets_are_refused_by_nam
         hp.lmm("y ~ x + (1 | g)", data.assign(x=data["x"] * 1e-200))
     with pytest.raises(hp.DataError, match="term \\(x \\| g\\) column 'x' holds values no larger than"):
         hp.lmm("y ~ 1 + (x | g)", data.assign(x=data["x"] * 1e-200))
+    # a product of two small covariates (units of 1e-80: a:b near 5e-160) fits as at its own scale
+    small = data.assign(a=data["x"] * 1e-80, b=(data["x"] + 1) * 1e-80)
+    np.testing.assert_allclose(hp.lmm("y ~ a:b + (1 | g)", small, reml=False).objective,
+                               hp.lmm("y ~ a:b + (1 | g)", small.assign(a=small["a"] * 1e80, b=small["b"] * 1e80),
+                                      reml=False).objective, rtol=1e-10)
     fit = hp.lmm("y ~ x + offset(log(e)) + (1 | g)", data)
     assert np.isfinite(fit.predict(data.iloc[:2].assign(x=1e-200))).all()
     with pytest.raises(hp.DataError, match="the offset' is not finite in 1 row"):

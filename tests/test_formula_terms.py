@@ -500,6 +500,15 @@ def test_interactions_are_lme4s_model_or_refused_by_name(monkeypatch):
             fit = hp.lmm(formula, data, reml=False)
         assert fit.objective == pytest.approx(model["deviance"], rel=1e-7), formula
         assert len(fit.fixef) == model["n_fixef"], formula
+    # the same as pandas Categoricals (which the frame marks ordered: the check skipped them, and fitted the formulae
+    # coding silently), and a logical made by a call, which R codes as a factor (formulae as 0/1)
+    categorical = data.astype({"f": "category", "c": "category", "h": "category"})
+    for model in reference["models"]:
+        if model["formulae_differs"]:
+            with pytest.raises(hp.FormulaError, match="another model than R's model.matrix"):
+                hp.lmm(f"{model['formula']} + (1 | g)", categorical, reml=False)
+    with pytest.raises(hp.FormulaError, match="I\\(a > 0\\):f"):
+        hp.lmm("y ~ I(a > 0):f + (1 | g)", data, reml=False)
     monkeypatch.setattr(design_module, "r_span_difference", lambda *args: "")
     for model in reference["models"]:
         if model["formulae_differs"]:

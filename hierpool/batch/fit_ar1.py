@@ -91,6 +91,7 @@ from .plan import (
     host_chunk,
     host_chunk_length,
     host_fits,
+    nothing_left,
     one_factor,
     place,
     thread_count,
@@ -147,9 +148,7 @@ def batch_series(plan: BatchPlan, structure: AR1):
     if not problems:  # the long frame's series failed where no dataset's does: a bug of this function, not the data
         raise RuntimeError("fit_batch: the batch's AR(1) series were refused, but no dataset's own") from refused
     if len(problems) == plan.n_datasets:  # every dataset's own series refused: its words, not the long frame's
-        labels = [plan.labels[d].item() if isinstance(plan.labels[d], np.generic) else plan.labels[d] for d in problems]
-        raise DataError("no dataset is left to fit: " + "; ".join(f"dataset {label!r}: {why}" for label, why
-                                                                  in list(zip(labels, problems.values()))[:3]))
+        raise nothing_left({plan.labels[d]: why for d, why in problems.items()})
     # their rows each their own series, at time 0: the whole batch's series are then well formed
     at = keyed.index.get_indexer(rows[np.isin(plan.dataset, list(problems))])
     labels = keyed[SERIES_COLUMN].to_numpy(dtype=float, copy=True)

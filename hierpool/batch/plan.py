@@ -153,17 +153,14 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
     vote: where a column of ``columns``
     (:attr:`~hierpool.spec.formula.ModelSpec.values`) is stacked from values of several kinds, the datasets with
     Python objects in it or whose kind is not most datasets' (:func:`kind_conflicts`; ``kept``: column -> kind kept
-    whatever the counts) are left out of the frame, to be refused in their rows."""
+    whatever the counts) are left out of the frame, to be refused in their rows.  A grouping column of text in some
+    datasets and numbers in others is read per dataset as its labels' text (:func:`text_labels_across`), and a
+    factor held as Categoricals of several level orders gets one order, the datasets ordering it otherwise set
+    aside (:func:`category_orders`)."""
     if isinstance(data, pd.DataFrame):
         if not isinstance(by, str) or by not in data.columns:
             raise DataError(f"by={by!r} is not a column of the data (columns: {list(data.columns)})")
-        if not any(dtype == object for dtype in data.dtypes):
-            return data, {}, KindVote()
-        items = [(label, data.iloc[positions]) for label, positions in data.groupby(by, sort=False).indices.items()]
-        frame, collided = text_labels_across(data, by, items, columns)
-        if len(collided) == len(items):
-            raise DataError(next(iter(collided.values())))
-        return (frame[~frame[by].isin(list(collided))] if collided else frame), collided, KindVote()
+        return text_labels_across(data, by, None, columns), {}, KindVote()
     if isinstance(data, dict):
         items = list(data.items())
     elif isinstance(data, (list, tuple)):
@@ -188,13 +185,8 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
             lacking = {}  # every dataset lacks it: the design's own error names the column
         frame = frame[~frame[by].isin(list(lacking))].reset_index(drop=True)
     # a grouping column of text in some datasets and numbers in others: stacked, 3 and "3" of two datasets met in one
-    # column (refused there, though each dataset's single fit reads its own); each dataset's values as their labels'
-    # text, a dataset whose own values collide set aside with its single fit's refusal
-    frame, collided = text_labels_across(frame, by, [(label, item) for label, item in items if label not in lacking],
-                                         columns)
-    if collided:
-        lacking = {**lacking, **collided}
-        frame = frame[~frame[by].isin(list(collided))].reset_index(drop=True)
+    # column, refused there, though each dataset's single fit reads its own
+    frame = text_labels_across(frame, by, dict(items), columns)
     # a factor whose datasets order its levels differently: one order for the batch, the datasets that disagree set
     # aside (their single fits code another baseline)
     ordered_aside, orders = category_orders([(label, item) for label, item in items if label not in lacking], columns)
@@ -207,8 +199,7 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
     if ordered_aside:
         lacking = {**lacking, **ordered_aside}
         if len(lacking) == len(items):
-            raise DataError("no dataset is left to fit: " + "; ".join(f"dataset {label!r}: {reason}"
-                                                                      for label, reason in list(lacking.items())[:3]))
+            raise nothing_left(lacking)
         frame = frame[~frame[by].isin(list(ordered_aside))].reset_index(drop=True)
     # two kinds stacked make an object column of mixed values: only then are the datasets looked at one by one
     # (not every dataset's columns on the common path: benchmarks/RESULTS.md, thirtieth session)
@@ -225,40 +216,49 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
     set_aside, vote = kind_conflicts([(label, item) for label, item in items if label not in lacking], mixed, kept)
     set_aside = {**lacking, **set_aside}
     if len(set_aside) == len(items):  # each outvoted on some column: no dataset left to fit
-        raise DataError("no dataset is left to fit: " + "; ".join(f"dataset {label!r}: {reason}"
-                                                                  for label, reason in list(set_aside.items())[:3]))
+        raise nothing_left(set_aside)
     frame = frame[~frame[by].isin(list(set_aside))].reset_index(drop=True)
     # the kept kind's dtype (numbers stacked with a dataset's all-missing object column are floats again)
     return frame.assign(**{name: frame[name].infer_objects() for name in mixed}), set_aside, vote
 
 
-def text_labels_across(frame: pd.DataFrame, by: str, items, columns) -> tuple[pd.DataFrame, dict]:
-    """(the long ``frame`` with each object column that is not one of ``columns`` (read as values: their kinds are
-    :func:`kind_conflicts`' to judge) and mixes text with other values as its labels' text, the datasets set aside:
-    label -> their single fit's refusal, :func:`~hierpool.spec.design.label_collision`).  ``items``: the datasets
-    of ``frame`` (label, own frame), in its order."""
+def nothing_left(reasons: dict) -> DataError:
+    """The error of a batch whose every dataset is refused: the first few datasets' reasons (label -> why), in their
+    single fits' words."""
+    def shown(label):
+        return label.item() if isinstance(label, np.generic) else label
+
+    return DataError("no dataset is left to fit: " + "; ".join(f"dataset {shown(label)!r}: {why}"
+                                                               for label, why in list(reasons.items())[:3]))
+
+
+def text_labels_across(frame: pd.DataFrame, by: str, items: dict | None, columns) -> pd.DataFrame:
+    """The long ``frame`` with each object column that is not one of ``columns`` (read as values: their kinds are
+    :func:`kind_conflicts`' to judge) and mixes text with other values, as each dataset's labels' text as its single
+    fit reads them (:func:`~hierpool.spec.labels.column_labels` of its own column: 3.0 of a float column is "3").
+    ``items``: label -> the dataset's own frame (None: ``frame`` is the user's one frame, split by ``by``).  A dataset
+    whose own values collide (3 and "3": :func:`~hierpool.spec.design.label_collision`), or lacks the column, keeps
+    its values: where the formula reads the column, the long design refuses them, and :func:`build_or_refuse`
+    finds that dataset and refuses it in its row with its single fit's words.  Rows of no dataset (``by`` missing)
+    are made text too, for the check that refuses them to see them."""
     mixed = [name for name in frame.columns if name != by and name not in columns and frame[name].dtype == object
              and len({isinstance(value, str) for value in frame[name].dropna().unique()}) > 1]
-    collided = {}
-    for name in mixed:
-        for label, item in items:
-            if name in item.columns and label not in collided:
-                reason = label_collision(name, item[name].dropna().unique())
-                if reason:
-                    collided[label] = reason
     if not mixed:
-        return frame, collided
-    # each dataset's labels as its single fit reads them (its own column's dtype: 3.0 of a float column is "3")
-    own = dict(items)
+        return frame
     rows = frame.groupby(by, sort=False).indices
-    columns_as_text = {}
+    orphans = np.flatnonzero(frame[by].isna().to_numpy())  # (refused later, by name, as rows of no dataset)
+    relabelled = {}
     for name in mixed:
-        text = np.full(len(frame), np.nan, dtype=object)
+        text = frame[name].to_numpy(dtype=object, copy=True)
+        text[orphans] = [value if isinstance(value, str) or pd.isna(value) else str(value) for value in text[orphans]]
         for label, positions in rows.items():
-            column = own[label][name]
+            own = frame.iloc[positions] if items is None else items[label]
+            if name not in own.columns or label_collision(name, own[name].dropna().unique()):
+                continue
+            column = own[name]
             text[positions] = np.where(column.isna(), np.nan, column_labels(column).astype(object))
-        columns_as_text[name] = text
-    return frame.assign(**columns_as_text), collided
+        relabelled[name] = text
+    return frame.assign(**relabelled)
 
 
 def category_orders(items, columns) -> tuple[dict, dict]:
@@ -273,6 +273,8 @@ def category_orders(items, columns) -> tuple[dict, dict]:
         holders = [(label, item[name]) for label, item in items if name in item.columns]
         if not any(isinstance(column.dtype, pd.CategoricalDtype) for _, column in holders):
             continue
+        if any(value_kind(column) != "text or categories" for _, column in holders):
+            continue  # numbers beside categories: the kinds' vote (kind_conflicts) sets the odd ones aside
         first = next(column for _, column in holders if isinstance(column.dtype, pd.CategoricalDtype))
         order = [str(level) for level in first.cat.categories]
         seen = set(order)
@@ -732,10 +734,11 @@ def constant_within(values: np.ndarray, dataset: np.ndarray, n_datasets: int) ->
 
 def plan_refusals(plan: BatchPlan, data, formula: str, family, set_aside: dict | None = None) -> tuple[str, ...]:
     """Per dataset, why its single fit would refuse its data though the long frame's design accepts them ("" where
-    it would not): no rows left (:func:`empty_reason`), or a response of one value, which ``hp.lmm`` and
+    it would not): no rows left (:func:`empty_reason`), a response of one value, which ``hp.lmm`` and
     ``hp.glmm`` refuse (:func:`single_fit_refusal` gives their words; a fit of it reported a criterion of -9,000
-    and a residual sd of 1e-32 as converged); or set aside from the long frame (``set_aside``: label -> why,
-    :func:`long_frame`)."""
+    and a residual sd of 1e-32 as converged), or a response or model column too small to square in this dataset
+    (the long frame's check sees every dataset's largest values together); or set aside from the long frame
+    (``set_aside``: label -> why, :func:`long_frame`)."""
     design = plan.design
     columns = list(design.columns) + [c for c in (design.weights_column, design.offset_column, plan.se)
                                       if c is not None and c not in design.columns]

@@ -29,7 +29,7 @@ from ..algebra.host_blas import one_blas_thread
 from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceWarning, boolean_argument
-from ..spec.design import Design, build_design
+from ..spec.design import Design, build_design, check_residual_df
 from ..spec.formula import has_spatial_term
 from .ar1 import fit_ar1
 from .optimize import (
@@ -127,6 +127,7 @@ class MixedModel:
         self._with_design(build_design(formula, data, se=se, weights=weights, offset=offset), control_argument(control))
 
     def _with_design(self, design: Design, control: Control | None) -> None:
+        check_residual_df(design)
         self.design: Design = design
         system = build_system(design, host=True)
         # one copy of the cross-products, where the model's algebra will run (``control.compile``, else
@@ -348,9 +349,11 @@ def lmm(
             raise ArgumentError("control= is not used by the relationship-matrix fit (Brent's method on theta)")
         rel = model_relationship(formula, relmat, relmat_inverse)
         design = build_design(formula, data, se=se, weights=weights, offset=offset, related=(rel.group,))
+        check_residual_df(design)
         return fit_relmat(design, rel, reml=reml)
     if correlation is not None:
         design = build_design(formula, data, se=se, weights=weights, offset=offset, random_optional=True)
+        check_residual_df(design)
         if not design.terms:  # no random effect: generalized least squares, nlme's gls
             from .gls import fit_gls
 
@@ -378,6 +381,7 @@ def _spatial_lmm(formula, data, reml, se, control, weights, offset, correlation,
         if value is not None:
             raise ArgumentError(f"{name}= is not supported with a spatial term (adjacency=) yet")
     sdesign = spatial_design(formula, data, adjacency, weights=weights, offset=offset)
+    check_residual_df(sdesign.design)
     # X unconditioned: a covariate far from zero is named
     warn_far_fixed(sdesign.design.X, sdesign.design.fixed_names, SPATIAL_REASON, stacklevel=3, limit=CENTRE_RATIO)
     return fit_spatial(sdesign, reml=reml)

@@ -305,36 +305,35 @@ def check_value_types(frame: pd.DataFrame, names) -> None:
                             ".astype(str))")
 
 
-#: Integers up to this are exact in a float64 (2^53): an unsigned 64-bit column below it is read as float64.
+#: Integers below this are exact in a float64 (2^53): an integer column within it is read as float64.
 EXACT_INTEGER = 2**53
 
 
 def float64_values(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with its numeric columns narrower than float64 (int8 to int32, uint8 to uint32, float16, float32),
-    its unsigned 64-bit ones below 2^53 and pandas' nullable ones (Int64, Float64) as float64, as R holds every
-    number (a copy where any changes).  Read in their own dtype, formulae's arithmetic wrapped (``I(t - 50)`` of a
-    uint8 t is t + 206 below 50) and NumPy's functions ran in low precision (``log`` of an int8 in float16): other
-    fits, silently.  int64 columns stay as they are (labels beyond 2^53 stay distinct)."""
+    """``frame`` with its numeric columns as float64, as R holds every number (a copy where any changes): floats
+    narrower than float64 (float16, float32, nullable Float64), and integer columns of any width, nullable or not,
+    whose values lie within 2^53 (exact in a float64).  Read in their own dtype, formulae's arithmetic wrapped
+    (``I(t - 50)`` of a uint8 t is t + 206 below 50; ``I(t * t)`` of int64 epoch milliseconds overflowed) and
+    NumPy's functions ran in low precision (``log`` of an int8 in float16): other fits, silently.  An integer
+    column reaching 2^53 stays as it is (labels beyond it stay distinct); a nullable one's missing values are NaN."""
     types = pd.api.types
 
     def converted(column: pd.Series) -> bool:
         dtype = column.dtype
         if types.is_bool_dtype(dtype) or not types.is_numeric_dtype(dtype) or isinstance(dtype, pd.CategoricalDtype):
             return False
-        if not isinstance(dtype, np.dtype):  # nullable (their missing values are dropped before they are read)
-            return True
-        if dtype.kind == "u" and dtype.itemsize == 8:
-            return bool(column.max() < EXACT_INTEGER) if len(column) else True
-        return dtype.kind in "iuf" and dtype.itemsize < 8
+        if types.is_integer_dtype(dtype):
+            extreme = column.abs().max() if len(column) else 0
+            return bool(pd.isna(extreme) or extreme < EXACT_INTEGER)
+        return not (isinstance(dtype, np.dtype) and dtype.itemsize >= 8)  # (float64 as it is; complex: refused)
 
     wide = {c: frame[c].to_numpy(dtype=float, na_value=np.nan) for c in frame.columns if converted(frame[c])}
     return frame.assign(**wide) if wide else frame
 
 
 def _plain_numeric(frame: pd.DataFrame, as_values=()) -> pd.DataFrame:
-    """``frame`` (hierpool's own copy) with its narrow and nullable numeric columns as float64
-    (:func:`float64_values`), its logical columns as factors of levels False, True (R's model.matrix reads a logical
-    so: read as 0/1, ``y ~ 0 + xb``,
+    """``frame`` (hierpool's own copy, its numbers float64 already: :func:`float64_values`) with its logical columns
+    as factors of levels False, True (R's model.matrix reads a logical so: read as 0/1, ``y ~ 0 + xb``,
     ``xb:x`` and ``(0 + xb | g)`` were other models, REML 1050.8 for lme4's 1026.4 on the first), but those of
     ``as_values`` (the response; one a call reads, ``offset(xb)``: NumPy bools), and its unordered categorical
     columns marked ordered, their unused categories dropped.
@@ -346,7 +345,6 @@ def _plain_numeric(frame: pd.DataFrame, as_values=()) -> pd.DataFrame:
     ``C(f, contr_poly)``).  Unused categories are dropped as lme4's model frame drops unused levels.
     """
     types = pd.api.types
-    frame = float64_values(frame)
     categorical = [c for c, dtype in frame.dtypes.items() if isinstance(dtype, pd.CategoricalDtype)]
     logical = [c for c, dtype in frame.dtypes.items() if types.is_bool_dtype(dtype)]
     if not categorical and not logical:
@@ -475,9 +473,10 @@ def matrix_columns(matrix) -> tuple[list[str], np.ndarray]:
 
 #: The largest magnitude a model column may hold: its square, and a sum of a few thousand of them, stay finite.
 LARGEST_VALUE = 1e150
-#: The smallest largest magnitude a model column that is not zero may hold: below it its squares underflow (1e-200
-#: broke the Cholesky factors with NumPy's LinAlgError, and hp.bayes gave a posterior of the prior, silently).
-SMALLEST_VALUE = 1e-150
+#: The smallest largest magnitude a model column that is not zero may hold: a column of largest value 2.7e-160 fits
+#: as at its own scale (ML deviance to 1e-13), one of 2.7e-165 does not (NumPy's LinAlgError in the fixed part, a
+#: deviance 25.8 too high as a random slope, silently; at 1e-200 hp.bayes gave a posterior of the prior).
+SMALLEST_VALUE = 1e-162
 #: The smallest largest magnitude of a response that is not zero: at 1e-150 a fit's search stopped unconverged (its
 #: residuals' squares near the smallest float), at 1e-140 it equals the fit of y at its scale.
 RESPONSE_SMALLEST = 1e-140
@@ -488,7 +487,10 @@ def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str,
     """Refuse a model column that is not finite (``log(x)`` of a zero or a negative, ``exp`` overflowing) by name,
     with the rows' labels: read on, it broke the rank check's SVD, a GLMM's separation check or the sampler with a
     traceback.  R drops a row whose transformed covariate is NaN (``na.omit`` of the model frame) and refuses an
-    infinite one; here both are refused, the rows named for the user to drop."""
+    infinite one; here both are refused, the rows named for the user to drop.  A column whose values reach beyond
+    ``largest`` (:data:`LARGEST_VALUE`), or that is not zero but whose largest value is below ``smallest``
+    (:data:`SMALLEST_VALUE`; 0 for new data, whose rows may be as small as they are), is refused too: its squares
+    overflow or underflow a float."""
     if not values.size:
         return
     magnitude = np.max(np.abs(values), axis=0)  # (NaN and inf fail the test below: one pass for all)
@@ -807,6 +809,17 @@ def _check_identifiable(terms: list[RandomEffectTerm], n: int, sigma_known: bool
             )
 
 
+def check_residual_df(design: Design) -> None:
+    """Refuse a linear mixed model whose fixed part has as many independent columns as rows (a text column of numbers
+    read as a factor, a level per row; ``poly(x, n)``): nothing is left for the residual variance, and the fit
+    ended in "objective is not finite at the starting value", naming nothing.  Known residual sds (``se=``) need
+    none; a GLMM's and a posterior's (proper priors) own checks apply there."""
+    if not design.sigma_known and design.p >= design.n:
+        raise DataError(f"the fixed part has {design.p} independent columns for {design.n} observations: nothing is "
+                        "left for the residual variance (a column of numbers stored as text is a factor, a level "
+                        "per row)")
+
+
 def known_sd(frame: pd.DataFrame, se: str, what: str = "") -> np.ndarray:
     """The known residual sds of column ``se`` of ``frame`` (``what``: the data it is in, for the messages),
     refused by name where not numeric, positive and finite."""
@@ -934,6 +947,7 @@ def build_design(
     if offset_values is not None:
         frame[OFFSET_COLUMN] = offset_values
     frame, n_dropped = _drop_missing(frame, spec.formula)
+    frame = float64_values(frame)  # before any arithmetic: cbind(s, 2 * n - s), I(t - 50), log(c)
     check_value_types(frame, [name for name in spec.values if name in columns])  # not Sum, np, log...
     trials = None
     fixed_spec = spec
@@ -994,11 +1008,7 @@ def build_design(
         # a binomial's trials are its prior weights (proportions with weights=, or cbind)
         check_response(family, y, row_weights, spec.response)
     _check_identifiable(terms, len(y), sigma_known=se is not None or family is not None, related=related)
-    if se is None and len(names) >= len(y):  # (a text column of numbers read as a factor of a level per row)
-        raise DataError(f"the fixed part has {len(names)} independent columns for {len(y)} observations: nothing is "
-                        "left for the residual variance (a column of numbers stored as text is a factor, a level "
-                        "per row)")
-    # the response's magnitude, as a model column's: beyond 1e150 or below 1e-150 the criterion overflowed or
+    # the response's magnitude, as a model column's: beyond 1e150 or below 1e-140 the criterion overflowed or
     # underflowed at the start, an error that named nothing; its residuals, some digits smaller, need more room below
     check_finite_columns(y[:, None], [spec.response], frame.index, "response", smallest=RESPONSE_SMALLEST)
     _warn_vanished_factors(frame, spec, names, terms)

@@ -58,17 +58,24 @@ def _ranks(ours: np.ndarray, theirs: np.ndarray) -> tuple[int, int, int]:
 
 def _categorical_codes(frame: pd.DataFrame, component) -> np.ndarray | None:
     """Each row's level (0 .. L-1, in formulae's level order) of a categorical component that is a column of
-    ``frame``; None for anything else (a call such as ``C(f, Sum)``, whose contrasts the user chose, or an
-    ordered factor, which R codes by polynomial contrasts): those terms are not checked."""
+    ``frame`` (text, a Categorical, ordered or not, a logical: hierpool codes each by treatment contrasts, and only
+    the span matters); None for anything else (a call such as ``C(f, Sum)``, whose contrasts the user chose): its
+    terms are not checked."""
     name = component.name
     if name not in frame.columns:
         return None
-    column = frame[name]
-    if isinstance(column.dtype, pd.CategoricalDtype) and column.dtype.ordered:
-        return None
     levels = [str(level) for level in component.levels]
-    codes = pd.Index(levels).get_indexer(column.astype(str))
+    codes = pd.Index(levels).get_indexer(frame[name].astype(str))
     return None if np.any(codes < 0) else codes
+
+
+def _logical_codes(value) -> np.ndarray | None:
+    """A numeric component whose values are True/False (``I(k > 3)``): R's model.matrix codes a logical as a factor
+    of levels FALSE, TRUE, where formulae reads it as 0/1; its codes 0/1, else None."""
+    value = np.asarray(value)
+    if value.dtype == bool:
+        return value.reshape(len(value), -1)[:, 0].astype(np.int64) if value.size else None
+    return None
 
 
 def r_span_difference(text: str, matrix, frame: pd.DataFrame) -> str:
@@ -101,20 +108,22 @@ def r_span_difference(text: str, matrix, frame: pd.DataFrame) -> str:
             return ""
         block = np.ones((n, 1))
         for component in evaluated.components:
-            if component.kind != "categoric":
+            logical = _logical_codes(component.value) if component.kind != "categoric" else None
+            if component.kind != "categoric" and logical is None:
                 value = np.asarray(component.value, dtype=float)
                 block = _row_products(block, value.reshape(n, -1))
                 continue
-            codes = _categorical_codes(frame, component)
+            codes = logical if logical is not None else _categorical_codes(frame, component)
             if codes is None:
                 return ""
+            n_levels = 2 if logical is not None else len(component.levels)
             margin = names - {component.name}
             contrasts = not margin or any(margin <= earlier for earlier in previous)
             if not indicator_given and contrasts:
                 contrasts, indicator_given = False, True
             elif not indicator_given:
                 indicator_given = True
-            indicators = np.eye(len(component.levels))[codes]
+            indicators = np.eye(n_levels)[codes]
             block = _row_products(block, indicators[:, 1:] if contrasts else indicators)
         columns.append(block)
         previous.append(names)
