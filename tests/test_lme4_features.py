@@ -318,3 +318,16 @@ def test_anova_refits_relationship_and_spatial_fits_by_their_own_engines():
     assert table.loc["refitted", "logLik"] == pytest.approx(spatial[1].loglik, rel=1e-9)
     assert spatial[1].n_params == 4  # two fixed effects, the CAR sd and sigma
     assert table.loc["refitted", "BIC"] == pytest.approx(-2 * spatial[1].loglik + np.log(100) * 4, rel=1e-9)
+
+
+def test_population_level_predictions_need_no_grouping_column():
+    """lme4's predict(re.form = NA) reads no grouping factor; re=False asked for it (a refusal naming the column)."""
+    sleep = hp.datasets.sleepstudy()
+    fit = hp.lmm("Reaction ~ Days + (Days | Subject)", sleep)
+    without = sleep[["Days"]].head(4)
+    for interval in (None, "confidence", "prediction"):
+        got = fit.predict(without, re=False, interval=interval)
+        expected = fit.predict(sleep.head(4), re=False, interval=interval)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    with pytest.raises(hp.DataError, match="'Subject'"):
+        fit.predict(without)  # the random effects of known subjects need the subjects

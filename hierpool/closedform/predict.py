@@ -53,10 +53,11 @@ def normal_two_sided_p(z: float) -> float:
     return 2.0 * NormalDist().cdf(-abs(float(z)))
 
 
-def _rows(result, newdata, interval):
-    """(X, [(z_j, level_j)], offset, noise variance per row) for the rows to predict."""
+def _rows(result, newdata, interval, re: bool = True):
+    """(X, [(z_j, level_j)], offset, noise variance per row) for the rows to predict; with ``re=False`` no row's
+    level is read (lme4's ``re.form=NA``: new data need not carry the grouping columns)."""
     design = result.design
-    X, terms, offset = model_rows(design, newdata)
+    X, terms, offset = model_rows(design, newdata, levels_read=re)
     if design.sigma_known:  # (newdata's se column read only where the noise is asked for)
         return X, terms, offset, (new_known_variances(design, newdata) if interval == "prediction"
                                   else np.ones(X.shape[0]))
@@ -156,7 +157,7 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
     check_interval(interval)
     check_re(re)
     probability_argument("level", level)
-    X, terms, offset, noise = _rows(result, newdata, interval)
+    X, terms, offset, noise = _rows(result, newdata, interval, re)
     fit = offset + X @ np.asarray(result.solution.beta)
     known = [lvl >= 0 for _, lvl in terms] if re else [np.zeros(len(fit), dtype=bool) for _ in terms]
     for (z, lvl), b, ok in zip(terms, result.solution.b, known):

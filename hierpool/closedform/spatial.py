@@ -664,7 +664,7 @@ class SpatialFit(Likelihood):
         check_interval(interval, (None, "confidence", "prediction") if gaussian and re else (None, "confidence"),
                        f" for this {'Gaussian' if gaussian else 'GLMM'} spatial fit{'' if re else ' at re=False'}")
         probability_argument("level", level)
-        X, terms, offset = model_rows(self.design, newdata)
+        X, terms, offset = model_rows(self.design, newdata, levels_read=re)
         columns, values, unknown = self._latent_rows(newdata, terms, len(X)) if re else ([], [], np.zeros(len(X)))
         x = np.asarray(self.latent, dtype=float)
         fit = offset + X @ np.asarray(self.beta, dtype=float)
