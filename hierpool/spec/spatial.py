@@ -207,7 +207,8 @@ def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: Famil
     for term in spec.spatial:
         if term.islands != "error" and term.type != "icar":
             raise FormulaError(f"islands={term.islands!r} is for type='icar'; {term.label} gives an island the "
-                               + ("unstructured effect alone" if term.type == "bym2" else "no prior: it is refused"))
+                               + ("an independent N(0, sd^2) effect" if term.type == "bym2"
+                                  else "no prior: it is refused"))
         if isinstance(data, pd.DataFrame) and term.factor not in data.columns:
             raise DataError(f"{term.label}: data has no column {term.factor!r}")
     if isinstance(data, pd.DataFrame) and not data.index.is_unique:
