@@ -222,13 +222,15 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
     return frame.assign(**{name: frame[name].infer_objects() for name in mixed}), set_aside, vote
 
 
+def shown_label(label):
+    """A dataset's label as the user wrote it, for messages (a NumPy scalar's repr reads np.int64(3))."""
+    return label.item() if isinstance(label, np.generic) else label
+
+
 def nothing_left(reasons: dict) -> DataError:
     """The error of a batch whose every dataset is refused: the first few datasets' reasons (label -> why), in their
     single fits' words."""
-    def shown(label):
-        return label.item() if isinstance(label, np.generic) else label
-
-    return DataError("no dataset is left to fit: " + "; ".join(f"dataset {shown(label)!r}: {why}"
+    return DataError("no dataset is left to fit: " + "; ".join(f"dataset {shown_label(label)!r}: {why}"
                                                                for label, why in list(reasons.items())[:3]))
 
 
@@ -1060,7 +1062,7 @@ def check_rowwise(plan: BatchPlan, build, calls: list[str], caller: str, single:
         pairs += [(t.z, terms[(t.group, t.coef_names)].z[rows]) for t in own.terms
                   if (t.group, t.coef_names) in terms]
         if not all(np.allclose(a, b, rtol=1e-12, atol=0.0) for a, b in pairs):
-            label = label.item() if isinstance(label, np.generic) else label  # (named as the user wrote it)
+            label = shown_label(label)
             raise ArgumentError(
                 f"{caller} evaluates the formula once on the datasets stacked, and {', '.join(c + '()' for c in calls)} "
                 f"gave dataset {label!r} other values there than on its own rows, as {single} reads them (a mean, a "
