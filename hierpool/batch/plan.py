@@ -243,8 +243,9 @@ def text_labels_across(frame: pd.DataFrame, by: str, items: dict | None, columns
     its values: where the formula reads the column, the long design refuses them, and :func:`build_or_refuse`
     finds that dataset and refuses it in its row with its single fit's words.  Rows of no dataset (``by`` missing)
     are made text too, for the check that refuses them to see them."""
+    # (pandas' type inference, in C: no Python loop over a text column's values on the common path)
     mixed = [name for name in frame.columns if name != by and name not in columns and frame[name].dtype == object
-             and len({isinstance(value, str) for value in frame[name].dropna().unique()}) > 1]
+             and pd.api.types.infer_dtype(frame[name], skipna=True) in ("mixed", "mixed-integer")]
     if not mixed:
         return frame
     rows = frame.groupby(by, sort=False).indices

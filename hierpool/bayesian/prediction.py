@@ -131,9 +131,14 @@ def on_scale(design, eta: np.ndarray, kind: str, type: str | None, newdata, tria
     return eta
 
 
-def summary_table(draws: np.ndarray, level: float, index: pd.Index) -> pd.DataFrame:
-    """mean, sd, and the equal-tailed interval of ``level`` of each column (row to predict) of ``draws``."""
+def draw_moments(draws: np.ndarray, level: float) -> dict[str, np.ndarray]:
+    """mean, sd and the equal-tailed interval of ``level`` of each column of ``draws`` (draws, m): the summaries of
+    a posterior's parameters (:func:`~hierpool.bayesian.results.summarize_draws`) and of its predictions."""
     tail = (1 - level) / 2
-    return pd.DataFrame({"mean": draws.mean(axis=0), "sd": draws.std(axis=0, ddof=1),
-                         "lower": np.quantile(draws, tail, axis=0), "upper": np.quantile(draws, 1 - tail, axis=0)},
-                        index=index)
+    return {"mean": draws.mean(axis=0), "sd": draws.std(axis=0, ddof=1),
+            "lower": np.quantile(draws, tail, axis=0), "upper": np.quantile(draws, 1 - tail, axis=0)}
+
+
+def summary_table(draws: np.ndarray, level: float, index: pd.Index) -> pd.DataFrame:
+    """:func:`draw_moments` of each column (row to predict) of ``draws``, as a frame on ``index``."""
+    return pd.DataFrame(draw_moments(draws, level), index=index)

@@ -17,7 +17,7 @@ from ..spec.design import Design
 from ..spec.newdata import model_rows, row_labels, unseen_levels
 from .convergence import diagnose, ess_tail
 from .posterior import linear_predictor_draws, term_slots
-from .prediction import check_arguments, on_scale, summary_table, term_effect_draws
+from .prediction import check_arguments, draw_moments, on_scale, summary_table, term_effect_draws
 from .priors import Priors
 
 SUMMARY_COLUMNS = ["mean", "sd", "lower", "upper", "mcse_mean", "ess_bulk", "r_hat"]
@@ -38,15 +38,7 @@ def summarize_draws(draws: np.ndarray, level: float) -> dict[str, np.ndarray]:
     "Rank-normalization, folding, and localization: an improved R-hat"; ArviZ's
     estimators, vectorized in :mod:`hierpool.bayesian.convergence`).
     """
-    flat = draws.reshape(-1, draws.shape[-1])
-    tail = (1 - level) / 2
-    return {
-        "mean": flat.mean(axis=0),
-        "sd": flat.std(axis=0, ddof=1),
-        "lower": np.quantile(flat, tail, axis=0),
-        "upper": np.quantile(flat, 1 - tail, axis=0),
-        **diagnose(np.moveaxis(draws, -1, 0)),
-    }
+    return draw_moments(draws.reshape(-1, draws.shape[-1]), level) | diagnose(np.moveaxis(draws, -1, 0))
 
 
 def posterior_diagnostics(idata, warn: bool = True) -> pd.DataFrame:

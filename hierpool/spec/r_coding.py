@@ -119,10 +119,8 @@ def r_span_difference(text: str, matrix, frame: pd.DataFrame) -> str:
             n_levels = 2 if logical is not None else len(component.levels)
             margin = names - {component.name}
             contrasts = not margin or any(margin <= earlier for earlier in previous)
-            if not indicator_given and contrasts:
+            if not indicator_given:  # R's adjustment without an intercept: this factor by indicators
                 contrasts, indicator_given = False, True
-            elif not indicator_given:
-                indicator_given = True
             indicators = np.eye(n_levels)[codes]
             block = _row_products(block, indicators[:, 1:] if contrasts else indicators)
         columns.append(block)
