@@ -218,23 +218,41 @@ def sleepstudy_posteriors():
     return {method: hp.bayes(formula, data, method=method, seed=3) for method in ("collapsed", "full")}
 
 
-def test_a_new_subjects_rows_share_its_effect_in_every_draw(sleepstudy_posteriors):
+def test_a_new_subjects_rows_share_its_effect_in_every_draw(sleepstudy_posteriors, monkeypatch):
     """Two rows of one new Subject take one draw of its effects per posterior draw (brms's
     sample_new_levels = "gaussian"): identical rows get identical summaries, and the difference of its rows at
     Days 9 and 0 varies by the slope alone (they were independent draws: its sd then counted both intercepts)."""
+    from hierpool.bayesian import results as results_module
+
     post = sleepstudy_posteriors["collapsed"]
     new = pd.DataFrame({"Subject": ["new", "new", "new", "other"], "Days": [0, 0, 9, 0]})
     got = post.predict(new, seed=4)
     assert got.iloc[0].equals(got.iloc[1])
     assert not np.isclose(got["sd"].iloc[0], 0.0) and got["mean"].iloc[3] != got["mean"].iloc[0]
-    # the spread: Var(x'beta) over the draws plus E[z' Sigma z] of each draw's Sigma (the law of total variance);
-    # 4000 draws give the sd to about 1.5% (seeds 0-5: within 2.7%)
+    # the draws themselves (the summaries' input): a fitted subject's row is x'beta_s + z'b_s of each draw exactly;
+    # a new subject's effect, standardized by each draw's Sigma_s, is N(0, 1) at Days 0 and 9 and in their difference
+    # (the slope's part alone).  4000 draws: each variance to about 2.2% (seeds 0-3: within 2.3%); a transposed
+    # Cholesky factor moves them by 17-21%, dropping beta's draws breaks the fitted row
+    captured = {}
+    summarize = results_module.summary_table
+
+    def capture(draws, level, index):
+        captured["eta"] = draws
+        return summarize(draws, level, index)
+
+    monkeypatch.setattr(results_module, "summary_table", capture)
+    post.predict(pd.DataFrame({"Subject": ["new", "new", "308"], "Days": [0, 9, 9]}), seed=4)
+    eta = captured["eta"]
     beta = post.beta_draws.reshape(-1, 2)
     cov = post.term_covariance_draws(0).reshape(-1, 2, 2)
-    for row, days in ((0, 0.0), (2, 9.0)):
-        z = np.array([1.0, days])
-        expected = np.sqrt(np.var(beta @ z, ddof=1) + np.mean(np.einsum("i,sij,j->s", z, cov, z)))
-        assert got["sd"].iloc[row] == pytest.approx(expected, rel=0.06)
+    b308 = post.term_draws(0).reshape(-1, 18, 2)[:, 0]  # (Subject 308: the first level)
+    np.testing.assert_allclose(eta[:, 2], (beta + b308) @ [1.0, 9.0], rtol=1e-12)
+    z9 = np.array([1.0, 9.0])
+    standardized = [(eta[:, 0] - beta[:, 0]) / np.sqrt(cov[:, 0, 0]),
+                    (eta[:, 1] - beta @ z9) / np.sqrt(np.einsum("i,sij,j->s", z9, cov, z9)),
+                    (eta[:, 1] - eta[:, 0] - 9 * beta[:, 1]) / np.sqrt(81 * cov[:, 1, 1])]
+    for w in standardized:
+        assert w.var() == pytest.approx(1.0, abs=0.07)
 
 
 def test_priors_that_cover_nothing_and_a_family_with_correlation_are_refused(sleepstudy):

@@ -229,3 +229,7 @@ def test_predictive_draws_of_new_rows_read_their_se_column(bcg_posteriors):
     fit = hp.lmm(BCG_FORMULA, data, se="se")
     np.testing.assert_allclose(fit.predict(data, interval="prediction").to_numpy(),
                                fit.predict(interval="prediction").to_numpy(), rtol=1e-12)
+    # the closed form reads newdata's se too: a prediction's variance is the confidence one plus se^2 (tripled se: 9x)
+    confidence = fit.predict(data, interval="confidence")["se"].to_numpy()
+    tripled = fit.predict(data.assign(se=3 * data["se"]), interval="prediction")["se"].to_numpy()
+    np.testing.assert_allclose(tripled**2, confidence**2 + 9 * data["se"].to_numpy() ** 2, rtol=1e-10)
