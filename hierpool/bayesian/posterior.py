@@ -60,6 +60,26 @@ def term_slots(design: Design) -> tuple[list[TermSlot], dict[str, list[str]]]:
     return slots, coefs
 
 
+def slot_effect_draws(values, slot: TermSlot) -> np.ndarray:
+    """Draws of a term's random effects (chain, draw, ell, k) from its slot's ``b_<group>`` variable.  ``values``
+    maps a posterior variable's name to its draws (chain, draw, ...)."""
+    return np.asarray(values(f"b_{slot.name}"))[..., list(slot.coef_positions)]
+
+
+def slot_covariance_draws(values, slot: TermSlot, k: int, lead: tuple[int, ...],
+                          held_factor: np.ndarray | None = None) -> np.ndarray:
+    """Sigma = diag(sd) R diag(sd) of a term per draw (*lead, k, k), from its slot's ``sd_<group>`` and correlation
+    variables (``values``: as :func:`slot_effect_draws`'), or T T^T of a held covariance factor T (``held_factor``,
+    the closed-form fit's) broadcast over the draws' axes ``lead``."""
+    if held_factor is not None:
+        factor = np.asarray(held_factor)
+        return np.broadcast_to(factor @ factor.T, lead + (k, k))
+    sd = np.asarray(values(f"sd_{slot.name}"))[..., list(slot.coef_positions)].reshape(lead + (k,))
+    cor = (np.asarray(values(slot.cor_name)).reshape(lead + (k, k)) if slot.cor_name
+           else np.broadcast_to(np.eye(k), lead + (k, k)))
+    return sd[..., :, None] * cor * sd[..., None, :]
+
+
 def correlation_from_factor(cor_factor: np.ndarray) -> np.ndarray:
     """R R^T for a batch of correlation Cholesky factors (..., k, k)."""
     return cor_factor @ np.swapaxes(cor_factor, -1, -2)

@@ -16,7 +16,7 @@ from ..errors import ArgumentError, HierpoolWarning, seed_argument
 from ..spec.design import Design
 from ..spec.newdata import model_rows, row_labels, unseen_levels
 from .convergence import diagnose, ess_tail
-from .posterior import linear_predictor_draws, term_slots
+from .posterior import linear_predictor_draws, slot_covariance_draws, slot_effect_draws, term_slots
 from .prediction import check_arguments, draw_moments, on_scale, summary_table, term_effect_draws
 from .priors import Priors
 
@@ -116,8 +116,7 @@ class BayesResult:
 
     def term_draws(self, j: int) -> np.ndarray:
         """Draws of term j's random effects, shape (chain, draw, ell_j, k_j)."""
-        slot = term_slots(self.design)[0][j]
-        return self._values(f"b_{slot.name}")[..., list(slot.coef_positions)]
+        return slot_effect_draws(self._values, term_slots(self.design)[0][j])
 
     @property
     def divergences(self) -> int:
@@ -177,14 +176,9 @@ class BayesResult:
 
     def term_covariance_draws(self, j: int) -> np.ndarray:
         """Sigma_j per draw, shape (chain, draw, k_j, k_j)."""
-        slot = term_slots(self.design)[0][j]
-        term = self.design.terms[j]
-        if self.held is not None:
-            factor = np.asarray(self.held.cov_factors[j])
-            return np.broadcast_to(factor @ factor.T, self.beta_draws.shape[:2] + (term.k, term.k))
-        sd = self._values(f"sd_{slot.name}")[..., list(slot.coef_positions)]
-        cor = self._values(slot.cor_name) if slot.cor_name else np.broadcast_to(np.eye(term.k), sd.shape + (term.k,))
-        return sd[..., :, None] * cor * sd[..., None, :]
+        return slot_covariance_draws(self._values, term_slots(self.design)[0][j], self.design.terms[j].k,
+                                     self.beta_draws.shape[:2],
+                                     None if self.held is None else self.held.cov_factors[j])
 
     # --- tables --------------------------------------------------------------------------
     @cached_property

@@ -70,7 +70,14 @@ from ..spec.newdata import model_rows, row_labels, unseen_levels
 from ..spec.spatial import AreaTerm, SpatialDesign, areas_in_graph, group_effect_index, group_parameter_names
 from .model import cov_factors_of, fixed_effects, group_effects, variance_parameters
 from .nuts import sample_nuts
-from .posterior import gaussian_pointwise, group_posterior, linear_predictor_draws, term_slots
+from .posterior import (
+    gaussian_pointwise,
+    group_posterior,
+    linear_predictor_draws,
+    slot_covariance_draws,
+    slot_effect_draws,
+    term_slots,
+)
 from .prediction import check_arguments, on_scale, summary_table, term_effect_draws
 from .priors import Priors, _check_distribution, _check_positive_support, group_keys, resolve_priors
 from .results import SUMMARY_COLUMNS, posterior_diagnostics, summarize_draws
@@ -576,18 +583,12 @@ class SpatialBayesResult:
         slots = term_slots(design)[0]
 
         def effects(j):  # (draws, ell_j, k_j)
-            b = self.draws(f"b_{slots[j].name}")[..., list(slots[j].coef_positions)]
+            b = slot_effect_draws(self.draws, slots[j])
             return b.reshape((-1,) + b.shape[2:])
 
         def covariance(j):  # Sigma_j per draw (draws, k_j, k_j)
-            k, draws = design.terms[j].k, eta.shape[0]
-            if self.held is not None:
-                factor = np.asarray(self.held[1][j])
-                return np.broadcast_to(factor @ factor.T, (draws, k, k))
-            sd = self.draws(f"sd_{slots[j].name}")[..., list(slots[j].coef_positions)].reshape(draws, k)
-            cor = (self.draws(slots[j].cor_name).reshape(draws, k, k) if slots[j].cor_name
-                   else np.broadcast_to(np.eye(k), (draws, k, k)))
-            return sd[:, :, None] * cor * sd[:, None, :]
+            return slot_covariance_draws(self.draws, slots[j], design.terms[j].k, (eta.shape[0],),
+                                         None if self.held is None else self.held[1][j])
 
         eta = eta + term_effect_draws(terms, unseen_levels(design, newdata, terms), effects, covariance, rng)
         posterior = self.idata.posterior
