@@ -24,6 +24,7 @@
     python benchmarks/batch.py --lmm-nested-slopes-ml 300  # ML, two nested slope terms: out/lmm_nested_slopes_ml.json
     python benchmarks/batch.py --lmm-large 300      # (1 + x | g), 200 groups x 50 (10,000 rows): out/lmm_large.json
     python benchmarks/batch.py --lmm-three-terms 300  # (1 + x | a) + (1 + x | b) + (1 | a:b): out/lmm_three_terms.json
+    python benchmarks/batch.py --lmm-crossed-large 300  # (1 | subj) + (1 | item), 60 x 40: out/lmm_crossed_large.json
     python benchmarks/batch.py --ar1 1000           # Ovary-shaped, corAR1, (1 | Mare), against nlme: out/ar1.json
     python benchmarks/batch.py --car1 1000          # BodyWeight-shaped, corCAR1, (Time | Rat): out/car1.json
     python benchmarks/batch.py --ar1-terms 200      # Pixel-shaped, (day | Dog) + (1 | Dog:Side), corAR1:
@@ -309,6 +310,14 @@ MODELS = {
                                    "d0$x <- rnorm(nrow(d0))",
                             params="list(beta = c(1, 0.5), theta = c(0.5, 0.7, 0.1, 0.3, 0.6, 0.05, 0.4), sigma = 1)",
                             r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)"),
+    # the thirty-fourth session's survey: a crossed design of 2,400 rows, where each lmer fit is long (~55 ms)
+    "lmm_crossed_large": dict(help="Gaussian datasets, (1 | subj) + (1 | item), 60 x 40 crossed, against lmer",
+                              factors=["subj", "item"], formula="y ~ x + (1 | subj) + (1 | item)", response="y",
+                              family=None, r_family="gaussian",
+                              design="d0 <- expand.grid(subj = factor(1:60), item = factor(1:40)); set.seed(61); "
+                                     "d0$x <- rnorm(nrow(d0))",
+                              params="list(beta = c(1, 0.5), theta = c(0.6, 0.4), sigma = 1)",
+                              r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)"),
 }
 
 SIMULATE_R = textwrap.dedent(
