@@ -354,6 +354,14 @@ def test_true_false_values_among_numbers_alone_are_refused_in_their_row():
     _assert_refused(batch, 1, "column 'x' holds true/false values in this dataset but numbers in 2 other datasets")
 
 
+def test_true_false_values_of_a_column_read_in_the_response_and_a_term_are_refused_in_their_row():
+    # y + x ~ x: x is read outside the response too, so its true/false values are a factor in the single fit; the
+    # check took every name of the response for a response's alone and fitted that dataset on 0/1, with nothing said
+    frames = [_gaussian(0), _gaussian(1).assign(x=lambda f: f["x"] > 0), _gaussian(2)]
+    batch = hp.fit_batch(LINEAR.replace("y ~", "y + x ~"), frames, by="rep", progress=False)
+    _assert_refused(batch, 1, "column 'x' holds true/false values in this dataset but numbers in 2 other datasets")
+
+
 def demean(values):  # a user's function of the whole column it is given
     return values - values.mean()
 

@@ -56,7 +56,6 @@ from .plan import (
     refuse_stateful,
     rows_by_code,
     stacked_design,
-    term_columns,
     value_columns,
 )
 from .results import BatchResult, BatchTerm
@@ -225,7 +224,7 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
     from ..spec.spatial import spatial_design  # SciPy's sparse algebra: loaded only for these models
 
     refuse_stateful(formula, caller, "hp.bayes" if caller == "bayes_batch" else "hp.glmm" if spec else "hp.lmm")
-    columns = value_columns(formula, spec, weights, offset, se)
+    columns, terms = value_columns(formula, spec, weights, offset, se)
     relationship = relmat is not None or relmat_inverse is not None
     if relationship:
         from ..closedform.relmat import check_design
@@ -246,7 +245,7 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
             return spatial_design(formula, rows, adjacency, family=spec, **arguments)
     # one dataset's data the single fit refuses (a negative count) is refused in its row, not the batch
     built, frame, weights, offset, set_aside = stacked_design(data, by, columns, build, weights, offset,
-                                                               logical=term_columns(formula, spec, columns))
+                                                               logical=terms)
     labels = dataset_labels_of(data, by)  # every dataset passed, one with no rows too
     arguments = {"weights": weights, "offset": offset}
     codes = label_codes(labels, frame[by], by)

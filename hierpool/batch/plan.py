@@ -43,7 +43,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import re
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
@@ -74,7 +73,7 @@ from ..spec.design import (
     unique_codes,
     value_kind,
 )
-from ..spec.formula import parse_formula
+from ..spec.formula import parse_formula, response_only_names
 from ..spec.labels import column_labels
 from ..spec.transforms import stateful_calls, unvouched_calls
 
@@ -935,22 +934,18 @@ def stacked_design(data, by: str, columns, build, weights, offset, kept: dict | 
     return built, frame, weights, offset, {**set_aside, **refused}
 
 
-def term_columns(formula: str, family, columns) -> tuple[str, ...]:
-    """The columns of ``columns`` the formula reads outside its response: where one dataset's true/false values
-    among the others' numbers are refused (a response's True/False are its 1/0 in either)."""
-    spec = parse_formula(formula, binomial_counts=family is not None and family.name == "binomial",
-                         random_optional=True)
-    response = set(re.findall(r"[A-Za-z_.][\w.]*", spec.response))
-    return tuple(name for name in columns if name not in response)
-
-
-def value_columns(formula: str, family, weights, offset, se) -> tuple[str, ...]:
-    """The columns a batch reads as values, whose kind must agree across datasets (:func:`kind_conflicts`):
-    the formula's (:attr:`~hierpool.spec.formula.ModelSpec.values`) and the weights, offset and se columns named."""
+def value_columns(formula: str, family, weights, offset, se) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The columns a batch reads as values, whose kind must agree across datasets (:func:`kind_conflicts`): the
+    formula's (:attr:`~hierpool.spec.formula.ModelSpec.values`) and the weights, offset and se columns named; and of
+    those, the ones read outside the response alone (:func:`~hierpool.spec.formula.response_only_names`), where one
+    dataset's true/false values among the others' numbers are refused (a response's True/False are its 1/0 in
+    either)."""
     spec = parse_formula(formula, binomial_counts=family is not None and family.name == "binomial",
                          random_optional=True)
     named = [c for c in (weights, offset, se) if isinstance(c, str)]
-    return tuple(dict.fromkeys(spec.values + tuple(named)))
+    values = tuple(dict.fromkeys(spec.values + tuple(named)))
+    response = response_only_names(spec)
+    return values, tuple(name for name in values if name not in response)
 
 
 def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=None, offset=None,
@@ -983,9 +978,9 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     def build(rows, arguments):
         return build_design(formula, rows, se=se, family=family, **arguments)
 
-    columns = value_columns(formula, family, weights, offset, se)
+    columns, terms = value_columns(formula, family, weights, offset, se)
     design, frame, weights, offset, set_aside = stacked_design(data, by, columns, build, weights, offset,
-                                                               logical=term_columns(formula, family, columns))
+                                                               logical=terms)
     dataset_labels = dataset_labels_of(data, by)  # every dataset's, one refused too
     # the long frame's model frame would be held for the whole batch run: the plan keeps the frame itself
     design = replace(design, frame=None)

@@ -417,6 +417,19 @@ def _variable_names(text: str) -> set[str]:
     return names
 
 
+#: A name as the formula's parts read it (a column or a function: the caller keeps the columns).
+_NAME = r"[A-Za-z_.][A-Za-z0-9_.]*"
+
+
+def response_only_names(spec: ModelSpec) -> set[str]:
+    """The names the formula reads in its response and nowhere else (``y``; ``incidence`` and ``size`` of
+    ``cbind(incidence, size - incidence)``, unless the fixed part or a random term reads them too): new data need not
+    carry them, and a response's True/False are its 1/0."""
+    names = set(re.findall(_NAME, spec.response))
+    rest = spec.fixed.split("~", 1)[1] + " " + " ".join(f"{t.lhs} {' '.join(t.factor)}" for t in spec.random)
+    return names - set(re.findall(_NAME, rest))
+
+
 def parse_formula(formula: str, binomial_counts: bool = False, random_optional: bool = False) -> ModelSpec:
     """Parse an lme4-style mixed-model formula.
 

@@ -10,15 +10,13 @@ Bayesian predictions.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 
 from ..errors import ArgumentError, DataError
 from .columns import PlainPart
 from .design import check_columns, check_finite_columns, float64_values, group_index, known_sd
-from .formula import display_name, without_coding_calls
+from .formula import display_name, response_only_names, without_coding_calls
 
 
 def _encode_frame(matrix, frame: pd.DataFrame, what: str) -> pd.DataFrame:
@@ -58,10 +56,7 @@ def _levels_in_fit(term, frame: pd.DataFrame) -> np.ndarray:
 def _response_only_columns(design) -> set[str]:
     """Columns the formula reads in its response only (``y``; ``incidence`` and ``size`` of
     ``cbind(incidence, size - incidence)``): new data need not carry them."""
-    spec = design.spec
-    names = set(re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", spec.response))
-    rest = spec.fixed.split("~", 1)[1] + " " + " ".join(f"{t.lhs} {' '.join(t.factor)}" for t in spec.random)
-    return (names - set(re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", rest))) | {spec.response}
+    return response_only_names(design.spec) | {design.spec.response}
 
 
 def _grouping_only_columns(design) -> set[str]:
