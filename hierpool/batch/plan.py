@@ -70,6 +70,7 @@ from ..spec.design import (
     label_collision,
     missing_detail,
     term_columns_message,
+    underflowing,
     unique_codes,
     value_kind,
 )
@@ -762,11 +763,11 @@ def plan_refusals(plan: BatchPlan, data, formula: str, family, set_aside: dict |
     tiny = np.zeros(plan.n_datasets, dtype=bool)
     for values, smallest in zip(columns_of, [RESPONSE_SMALLEST] + [SMALLEST_VALUE] * (len(columns_of) - 1)):
         magnitude = np.abs(values)
-        if not np.any((magnitude > 0) & (magnitude < smallest)):  # (one pass: no dataset can have one)
+        if not np.any(underflowing(magnitude, smallest)):  # (one pass: no dataset can have one)
             continue
         largest = np.zeros((plan.n_datasets, values.shape[1]))
         np.maximum.at(largest, plan.dataset, magnitude)
-        tiny |= np.any((largest > 0) & (largest < smallest), axis=1)
+        tiny |= np.any(underflowing(largest, smallest), axis=1)
     for index in np.flatnonzero(constant_within(design.y, plan.dataset, plan.n_datasets) | tiny):
         frame, arguments = plan.dataset_frame(index)
         refusals[index] = single_fit_refusal(formula, frame, family=family, **arguments)

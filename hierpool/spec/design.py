@@ -482,6 +482,14 @@ SMALLEST_VALUE = 1e-162
 RESPONSE_SMALLEST = 1e-140
 
 
+def underflowing(largest: np.ndarray, smallest: float = SMALLEST_VALUE) -> np.ndarray:
+    """Whether a column whose largest absolute value is ``largest`` is too small to fit: not zero, and below
+    ``smallest`` (:data:`SMALLEST_VALUE`, :data:`RESPONSE_SMALLEST`), where its squares underflow a float.  The rule
+    of :func:`check_finite_columns`, and of a batch's per-dataset check (whose long frame holds every dataset's
+    largest values together).  Elementwise: a value that is not underflowing cannot make a column so."""
+    return (largest > 0) & (largest < smallest)
+
+
 def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str,
                          largest: float = LARGEST_VALUE, smallest: float = SMALLEST_VALUE) -> None:
     """Refuse a model column that is not finite (``log(x)`` of a zero or a negative, ``exp`` overflowing) by name,
@@ -494,7 +502,7 @@ def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str,
     if not values.size:
         return
     magnitude = np.max(np.abs(values), axis=0)  # (NaN and inf fail the test below: one pass for all)
-    if np.all((magnitude <= largest) & np.isfinite(magnitude) & ((magnitude == 0) | (magnitude >= smallest))):
+    if np.all((magnitude <= largest) & np.isfinite(magnitude) & ~underflowing(magnitude, smallest)):
         return
     bad = ~np.isfinite(values)
     # beyond ~1e154 a value's square overflows: the rank check, X'X and Cholesky broke on them (an aliased column
@@ -504,7 +512,7 @@ def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str,
         raise DataError(f"{what} column {display_name(names[j])!r} holds values up to "
                         f"{np.max(np.abs(values[:, j][huge[:, j]])):.3g}, beyond {largest:.0e}, where sums of their "
                         "squares overflow a float: rescale it (its units)")
-    tiny = np.isfinite(magnitude) & (magnitude > 0) & (magnitude < smallest)
+    tiny = np.isfinite(magnitude) & underflowing(magnitude, smallest)
     for j in np.flatnonzero(tiny):
         raise DataError(f"{what} column {display_name(names[j])!r} holds values no larger than {magnitude[j]:.3g}, "
                         f"below {smallest:.0e}, where their squares underflow a float: rescale it (its units)")
