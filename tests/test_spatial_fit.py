@@ -610,3 +610,35 @@ def test_an_area_column_of_whole_number_floats_meets_the_graphs_integer_labels()
     categorical = data.assign(area=pd.Categorical(data["area"].astype(float)))
     assert hp.lmm("y ~ x + car(area, type='icar')", categorical, adjacency=edges).objective == pytest.approx(
         hp.lmm("y ~ x + car(area, type='icar')", data, adjacency=edges).objective, rel=1e-12)
+
+
+def test_a_fit_whose_line_search_gives_up_at_the_optimum_is_converged_and_a_tie_keeps_the_converged_search():
+    """ICAR fits of bootstrap replicates (probe): a restart from the optimum takes no step and ends "ABNORMAL"; kept on
+    a tie, it replaced the converged search, and fit_batch read good replicates as not converged (26 of 200 here, with an
+    empty reason).  And where the first search itself ends "ABNORMAL" at the optimum (every neighbour higher), the
+    projected gradient there is within lme4's tolerance: converged, with no warning."""
+    from hierpool.closedform.optimize import Control
+
+    rng = np.random.default_rng(3)
+    edges = lattice_edges(5, 5)
+    g = make_graph(edges)
+    q = np.diag(g.degree) - g.adjacency_matrix().toarray()
+    spatial = np.linalg.cholesky(np.linalg.pinv(q, hermitian=True) + 1e-9 * np.eye(g.n)) @ rng.normal(size=g.n)
+    area = np.repeat(np.asarray(g.labels), 4)
+    data = pd.DataFrame({"area": area, "x": rng.normal(size=area.size)})
+    data["y"] = 1 + 0.5 * data["x"] + 1.5 * np.repeat(spatial - spatial.mean(), 4) + rng.normal(size=area.size)
+    formula = "y ~ x + car(area, type='icar')"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sims = hp.simulate(hp.lmm(formula, data, adjacency=edges), 200, seed=1)
+    fits = {}
+    for replicate in (10, 122):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", hp.ConvergenceWarning)
+            fits[replicate] = hp.lmm(formula, data.assign(y=sims.iloc[:, replicate].to_numpy()), adjacency=edges)
+        assert fits[replicate].converged
+    assert fits[10].optimizer.success, fits[10].optimizer.message  # the first search's stop, not the restart's
+    assert not fits[122].optimizer.success and fits[122].optimizer.max_gradient < Control.grad_tol
+    frames = [data.assign(y=sims.iloc[:, r].to_numpy()) for r in (10, 122)]
+    batch = hp.fit_batch(formula, frames, adjacency=edges, progress=False)
+    assert batch.converged.all() and (batch.messages == "").all(), batch.messages.tolist()

@@ -130,7 +130,7 @@ def spatial_row(fit, order: list[tuple]) -> DatasetFit:
         psi[key] = laplace.block_psi(fit.psi, t)
     rest = np.asarray(fit.psi)[sum(block.n_params for block in laplace.blocks):]  # log sigma (Gaussian)
     return DatasetFit(theta=np.concatenate([psi[key] for key in order] + [rest]).astype(float),
-                      objective=fit.objective, converged=bool(fit.optimizer.success), beta=fit.fixef, vcov=fit.vcov,
+                      objective=fit.objective, converged=fit.converged, beta=fit.fixef, vcov=fit.vcov,
                       sigma=float(fit.sigma), is_singular=fit.is_singular, terms=[pieces[key] for key in order],
                       hyperparameters=dict(fit.hyperparameters()))
 
