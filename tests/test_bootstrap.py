@@ -188,6 +188,10 @@ def test_failed_replicates_are_warned():
         result = hp.bootstrap(fit, 40, seed=1, progress=False)
     assert result.failed > 0 and any(f"{result.failed} of 40 replicates failed" in str(w.message) for w in caught)
     assert result.failed == int((~np.isfinite(result.batch.objective.to_numpy(dtype=float))).sum())
+    # their reasons name the fit's response, not the column made for the refits (bootstrap_response_: probe)
+    failed = result.batch.messages[~np.isfinite(result.batch.objective.to_numpy(dtype=float))]
+    assert all("'y'" in m and "bootstrap_response" not in m for m in failed), failed.tolist()
+    assert not any("bootstrap_response" in str(w.message) for w in caught)
     with pytest.raises(hp.ArgumentError, match="nAGQ must be an integer"):
         hp.glmm("y ~ 1 + (1 | g)", data, family="poisson", nAGQ=np.float64(1.0))
     hp.glmm("y ~ 1 + (1 | g)", data, family="poisson", nAGQ=np.int64(1))  # NumPy integers are integers

@@ -21,7 +21,7 @@ lme4's ``bootMer`` and ``confint.merMod``.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -243,8 +243,17 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
         arguments["relmat_inverse"] = {fit.relationship.group: fit.relationship}
     with warnings.catch_warnings(record=True) as caught:  # (the caller's filters still apply)
         batch = fit_batch(formula, long, by=REPLICATE_COLUMN, chunk_size=chunk_size, progress=progress, **arguments)
+
+    def in_users_words(text: str) -> str:  # the response column made for the refits named as the fit's response
+        return text.replace(repr(response), repr(design.spec.response))
+
+    if response != design.spec.response:
+        batch = replace(batch, messages=batch.messages.map(in_users_words))
     for warning in caught:  # warned at the user's line, not fit_batch's caller inside this function
-        warnings.warn(warning.message, warning.category, stacklevel=2)
+        message = warning.message
+        if response != design.spec.response and repr(response) in str(message):
+            message = in_users_words(str(message))
+        warnings.warn(message, warning.category, stacklevel=2)
     estimate = parameter_estimates(fit)
     table = batch.to_frame().set_index(REPLICATE_COLUMN)
     missing = [name for name in estimate.index if name not in table.columns]
