@@ -430,6 +430,23 @@ def test_datasets_ordering_a_factors_levels_otherwise_are_refused_in_their_rows(
         np.testing.assert_allclose(batch.fixef.iloc[d][single.fixef.index], single.fixef, rtol=1e-6)
 
 
+def test_a_grouping_column_of_numbers_beside_text_gives_each_dataset_its_single_fits_level_order():
+    """Stacked beside another dataset's text, a dataset's numbers 0..11 were read as their text and ordered so
+    (0, 1, 10, 11, 2, ...): its values were its single fit's, its ranef rows in another order.  Each dataset's
+    levels now come in its own single fit's order (numbers as numbers, text as text), as one frame with by= too."""
+    numbers = _gaussian(0, groups=12).assign(g=lambda f: pd.factorize(f["g"])[0])
+    text = _gaussian(1).assign(g=lambda f: np.asarray(["k", "j", "a", "b"])[pd.factorize(f["g"])[0] % 4])
+    assert numbers["g"].nunique() > 10
+    long = pd.concat([numbers.assign(rep=0), text.assign(rep=1)], ignore_index=True)
+    for data, by in (([numbers, text], "dataset"), (long, "rep")):
+        batch = _quiet(hp.fit_batch, "y ~ x + (1 | g)", data, by=by, progress=False)
+        for d, frame in enumerate((numbers, text)):
+            single = hp.lmm("y ~ x + (1 | g)", frame).ranef
+            rows = batch.ranef[batch.ranef[by] == d]
+            assert list(rows["grp"]) == list(single["grp"]), (by, d)
+            np.testing.assert_allclose(rows["condval"], single["condval"], rtol=1e-6, atol=1e-9)
+
+
 def test_grouping_labels_of_other_types_across_datasets_and_a_response_too_small_to_square():
     """Each dataset is fitted as its single fit reads it: a grouping column of numbers in one dataset and of text in
     another met in one stacked column, where 3 and "3" were refused for the whole batch though every single fit

@@ -38,6 +38,7 @@
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -254,14 +255,61 @@ def text_labels_across(frame: pd.DataFrame, by: str, items: dict | None, columns
     for name in mixed:
         text = frame[name].to_numpy(dtype=object, copy=True)
         text[orphans] = [value if isinstance(value, str) or pd.isna(value) else str(value) for value in text[orphans]]
+        orders, clean = [], True
         for label, positions in rows.items():
             own = frame.iloc[positions] if items is None else items[label]
-            if name not in own.columns or label_collision(name, own[name].dropna().unique()):
+            if name not in own.columns:  # (its rows hold no value there: refused later, by name)
+                continue
+            if label_collision(name, own[name].dropna().unique()):  # kept as it is, to be refused by name
+                clean = False
                 continue
             column = own[name]
             text[positions] = np.where(column.isna(), np.nan, column_labels(column).astype(object))
-        relabelled[name] = text
+            orders.append(own_level_order(column))
+        order = merged_order(orders) if clean and not orphans.size else None
+        # as text, the levels sort as text (a dataset of numbers 0, 1, 10, 2): as a Categorical in an order that
+        # is each dataset's own, each dataset's levels come in its single fit's order (its ranef rows)
+        relabelled[name] = text if order is None else pd.Categorical(text, categories=order)
     return frame.assign(**relabelled)
+
+
+def own_level_order(column: pd.Series) -> list[str]:
+    """The labels of a grouping column's levels in the order its single fit gives them
+    (:func:`~hierpool.spec.design.group_index`: sorted values, numbers as numbers; the order of appearance where
+    its values cannot be sorted together)."""
+    values = column.dropna()
+    try:
+        _, uniques = pd.factorize(values, sort=True)
+    except TypeError:  # mixed types that cannot be sorted
+        _, uniques = pd.factorize(values, sort=False)
+    return list(column_labels(pd.Series(uniques, dtype=values.dtype)))
+
+
+def merged_order(orders: list[list[str]]) -> list[str] | None:
+    """One order of every label of ``orders`` (each a list of distinct labels) that keeps each list's own order, the
+    labels that none orders against each other in text order; None where the lists contradict each other (numbers
+    2 and 10 in one dataset, the text "10" and "2" in another).  Kahn's topological sort of the lists' successive
+    pairs."""
+    successors: dict[str, set] = {}
+    indegree: dict[str, int] = {}
+    for order in orders:
+        for label in order:
+            successors.setdefault(label, set())
+            indegree.setdefault(label, 0)
+        for before, after in zip(order, order[1:]):
+            if after not in successors[before]:
+                successors[before].add(after)
+                indegree[after] += 1
+    ready = sorted(label for label, count in indegree.items() if count == 0)
+    out = []
+    while ready:
+        label = ready.pop(0)
+        out.append(label)
+        for after in sorted(successors[label]):
+            indegree[after] -= 1
+            if indegree[after] == 0:
+                bisect.insort(ready, after)
+    return out if len(out) == len(indegree) else None
 
 
 def category_orders(items, columns) -> tuple[dict, dict]:
