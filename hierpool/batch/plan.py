@@ -42,6 +42,7 @@ import bisect
 import collections
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -296,7 +297,7 @@ def merged_order(orders: list[list[str]]) -> list[str] | None:
         for label in order:
             successors.setdefault(label, set())
             indegree.setdefault(label, 0)
-        for before, after in zip(order, order[1:]):
+        for before, after in itertools.pairwise(order):
             if after not in successors[before]:
                 successors[before].add(after)
                 indegree[after] += 1
