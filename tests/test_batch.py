@@ -230,7 +230,7 @@ def test_known_residual_sds_equal_lmm_per_dataset(meta, meta_batch):
     ref, frames = meta
     batch = meta_batch
     assert_not_refitted(batch)
-    assert "only 1 level" in batch.messages.loc["one"] and np.isnan(batch.objective.loc["one"])
+    assert "has only one level" in batch.messages.loc["one"] and np.isnan(batch.objective.loc["one"])
     assert "Residual" not in set(batch.varcorr.grp)  # sigma is not estimated
     labels = ["bcg", "bcg9", "noisy", "flat"]
     with warnings.catch_warnings():
@@ -362,7 +362,7 @@ def test_a_failing_dataset_is_reported_in_its_row_and_spares_the_others():
     data = pd.concat([data[data.dataset != 1], one_subject])
     data.loc[data.dataset == 2, "Days"] = 4.0  # Days is constant: aliased with the intercept in dataset 2
     result = hp.fit_batch(SLEEP, data)
-    assert "only 1 level" in result.messages.loc[1] and np.isnan(result.objective.loc[1])
+    assert "has only one level" in result.messages.loc[1] and np.isnan(result.objective.loc[1])
     assert "rank 1" in result.messages.loc[2] and not result.converged.loc[2]
     assert result.fixef.loc[[1, 2]].isna().all().all()
     good = [0, 3, 4, 5]

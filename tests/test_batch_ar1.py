@@ -415,7 +415,7 @@ def test_a_batch_warns_once_of_datasets_whose_times_step_by_an_even_multiple(rep
                                                 r"multiples of 2 only") as caught:
         batch = hp.fit_batch(FORMULA, frames, correlation=structure, progress=False)
     assert sum("multiples of" in str(w.message) for w in caught) == 1
-    assert batch.converged.iloc[:2].all() and "only 1 level" in batch.messages.iloc[2]
+    assert batch.converged.iloc[:2].all() and "has only one level" in batch.messages.iloc[2]
 
 
 def test_a_batch_whose_every_dataset_s_series_are_refused_says_why_in_their_words(replicates):

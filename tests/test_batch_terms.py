@@ -104,9 +104,12 @@ def test_crossed_datasets_equal_their_single_fits(crossed):
 
 
 def test_a_dataset_that_cannot_be_fitted_keeps_its_reason(crossed):
-    _, batch = crossed
+    frames, batch = crossed
     assert np.isnan(batch.objective.iloc[6]) and not batch.converged.iloc[6]
-    assert "24 random effects for 24 observations" in batch.messages.iloc[6]  # plate, with one sample
+    # plate, with one sample: the single fit's words (the batch had its own, "24 random effects for 24 observations")
+    with pytest.raises(hp.DataError) as refused:
+        hp.lmm(CROSSED, frames[6])
+    assert batch.messages.iloc[6] == str(refused.value)
     assert batch.converged.drop(batch.datasets[6]).all()
 
 

@@ -229,7 +229,7 @@ def test_unusable_dataset_stays_in_its_row(replicates, posterior):
     # the posterior fixture's program: 18 levels padded to 32 (the lonely dataset's 1 level makes the counts unequal)
     batch = hp.bayes_batch(SLEEP, pd.concat([data, lonely], ignore_index=True), draws=DRAWS, tune=DRAWS, progress=False)
     diagnostics = batch.diagnostics
-    assert "only 1 level" in diagnostics.loc[9, "message"]
+    assert "has only one level" in diagnostics.loc[9, "message"]
     assert batch.fixef.query("dataset == 9")["mean"].isna().all()
     assert batch.fixef.query("dataset != 9")["mean"].notna().all()
 

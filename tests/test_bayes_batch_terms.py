@@ -80,7 +80,7 @@ def test_posteriors_equal_hp_bayes_per_dataset(frames, posterior):
     batch = posterior
     diagnostics = batch.diagnostics
     assert list(diagnostics.message[:2]) == ["", ""]
-    assert "48 random effects for 24 observations" in diagnostics.message.iloc[2]
+    assert "grouping factor 'plate' has 24 levels for 24 observations" in diagnostics.message.iloc[2]
     for table in ("fixef", "varcorr", "ranef"):
         assert getattr(batch, table).query("rep == 2")["mean"].isna().all()
     assert (diagnostics.divergences[:2] == 0).all() and (diagnostics.max_r_hat[:2] < 1.02).all()

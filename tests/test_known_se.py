@@ -174,7 +174,7 @@ def bcg_batch():
 def test_bayes_batch_with_known_sds_samples_hp_bayes_posterior(bcg_batch, bcg_posteriors):
     single = bcg_posteriors[0]  # hp.bayes with se= (its one-term path), another seed
     batch = bcg_batch
-    assert batch.sigma_known and "only 1 level" in batch.diagnostics.loc["one", "message"]
+    assert batch.sigma_known and "has only one level" in batch.diagnostics.loc["one", "message"]
     assert (batch.divergences[:2] == 0).all()
     # no sigma: hp.bayes's varcorr rows (no Residual row), and no sigma draws
     assert set(batch.draws["bcg"]) == {"beta", "b", "sd"}

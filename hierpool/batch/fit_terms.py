@@ -56,8 +56,8 @@ from .plan import (
     BatchPlan,
     bucket_width,
     chunks,
-    dataset_problems,
     fetch,
+    fixed_part_problems,
     host_chunk,
     host_chunk_length,
     host_fits,
@@ -65,6 +65,7 @@ from .plan import (
     merged_widths,
     place,
     progress_bar,
+    term_count_problems,
     thread_count,
 )
 
@@ -79,18 +80,18 @@ def term_problems(plan: BatchPlan, sigma_known: bool | None = None, refusals: bo
     (:func:`hierpool.batch.fit_glmm.glmm_problems`) add their own reasons before the refusals (``refusals=False``
     here): a binomial dataset without successes says so, not that its response is constant.
     """
-    design, n_datasets = plan.design, plan.n_datasets
+    design = plan.design
     sigma_known = design.sigma_known if sigma_known is None else sigma_known
     aliased = plan.aliased_names()
-    messages = [""] * n_datasets
-    for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
-        found = dataset_problems(plan.n_obs, n_levels, aliased, design.p, term.k, term.group, sigma_known)
+    # every term's counts (the single fit checks them before X), then X, then a term's copied columns (a dataset
+    # lacking a level of a factor in the fixed part and a term: X's message says which)
+    messages = [""] * plan.n_datasets
+    for term, (_, n_levels, levels) in zip(design.terms, plan.term_levels):
+        found = term_count_problems(plan.n_obs, n_levels, term.coef_names, term.group, sigma_known, levels)
         messages = [old or new for old, new in zip(messages, found)]
+    messages = [old or new for old, new in zip(messages, fixed_part_problems(plan.n_obs, aliased, design.p,
+                                                                             sigma_known))]
     messages = [old or copies for old, copies in zip(messages, plan.term_copies)]
-    if not sigma_known:  # hp.lmm: a factor with as many levels as rows cannot be told from the residual
-        for term, (_, n_levels, _) in zip(design.terms, plan.term_levels):
-            messages = [old or (f"{ell} levels of {term.group!r} for {n} observations" if ell >= n else "")
-                        for old, ell, n in zip(messages, n_levels, plan.n_obs)]
     return plan.with_refusals(messages) if refusals else messages
 
 

@@ -71,7 +71,9 @@ from ..spec.design import (
     build_design,
     label_collision,
     missing_detail,
+    residual_df_problem,
     term_columns_message,
+    term_count_problem,
     underflowing,
     unique_codes,
     value_kind,
@@ -400,25 +402,44 @@ def aliased_message(p: int, names) -> str:
             "every dataset)")
 
 
-def dataset_problems(n_obs, n_levels, aliased, p: int, k: int, group: str, sigma_known: bool = False) -> list[str]:
-    """Why each dataset cannot be fitted ("" when it can), from its counts.
+def dataset_problems(n_obs, n_levels, aliased, p: int, coef_names, group: str, sigma_known: bool = False,
+                     levels=None) -> list[str]:
+    """Why each dataset cannot be fitted ("" when it can), from its counts: its term's (:func:`term_count_problems`)
+    then its fixed part's (:func:`fixed_part_problems`), as a single fit checks them."""
+    return [term or fixed for term, fixed in zip(term_count_problems(n_obs, n_levels, coef_names, group, sigma_known,
+                                                                     levels),
+                                                 fixed_part_problems(n_obs, aliased, p, sigma_known))]
 
-    ``aliased``: per dataset the names of its aliased fixed-effect columns (:meth:`BatchPlan.aliased_names`), its
-    rank p less their count, named in its reason.  With known residual sds (``sigma_known``) one observation per
-    level is identifiable (a meta-analysis), as ``hp.lmm``'s check allows; the other rules are the same.
-    """
+
+def term_count_problems(n_obs, n_levels, coef_names, group: str, sigma_known: bool, levels=None) -> list[str]:
+    """Per dataset, why a random-effect term of its ``n_levels`` levels of ``group`` cannot be fitted to its ``n_obs``
+    rows ("" where it can), in its single fit's words (:func:`~hierpool.spec.design.term_count_problem`: fewer than
+    two levels, or as many levels or random effects as observations; ``levels``: each dataset's level labels, its
+    only one named).  With known residual sds (``sigma_known``) one observation per level is identifiable (a
+    meta-analysis), as ``hp.lmm``'s check allows."""
     problems = []
-    for n, ell, names in zip(n_obs, n_levels, aliased):
+    for d, (n, ell) in enumerate(zip(n_obs, n_levels)):
         if n == 0:  # why none is left is the plan's to say (BatchPlan.refusals): the counts alone cannot
             problems.append("no rows to fit")
-        elif ell < 2:
-            problems.append(f"only {ell} level of {group!r}: its variance cannot be estimated")
-        elif names:
+            continue
+        first = None if levels is None or not len(levels[d]) else str(levels[d][0])
+        problems.append(term_count_problem(group, coef_names, int(ell), int(n), sigma_known, first))
+    return problems
+
+
+def fixed_part_problems(n_obs, aliased, p: int, sigma_known: bool) -> list[str]:
+    """Per dataset, why its fixed part cannot be fitted ("" where it can): X's rank (``aliased``: the names of its
+    aliased fixed-effect columns, :meth:`BatchPlan.aliased_names`; the batch's X is common, so a rank-deficient
+    dataset is refused, where its single fit would drop the columns), and as many observations as columns: for a
+    linear model with a residual variance in its single fit's words
+    (:func:`~hierpool.spec.design.residual_df_problem`)."""
+    problems = []
+    for n, names in zip(n_obs, aliased):
+        if names:
             problems.append(aliased_message(p, names))
         elif n <= p:
-            problems.append(f"{n} observations for {p} fixed effects")
-        elif ell * k >= n and not sigma_known:
-            problems.append(f"{ell * k} random effects for {n} observations: not identifiable")
+            problems.append(f"{n} observations for {p} fixed effects" if sigma_known
+                            else residual_df_problem(p, int(n)))
         else:
             problems.append("")
     return problems
@@ -655,7 +676,8 @@ class BatchPlan:
                 within = aliased_within(design.X[rows], local, len(members), gram=gram)
                 found = {int(members[g]): columns for g, columns in within.items()}
             problems = dataset_problems(self.n_obs[members], self.n_levels[members], self.aliased_names(members, found),
-                                        design.p, term.k, term.group, design.sigma_known)
+                                        design.p, term.coef_names, term.group, design.sigma_known,
+                                        [self.levels[d] for d in members])
             problems = [self.refused(index, problem or self.term_copies[index])
                         for index, problem in zip(members, problems)]
             for index, problem in zip(members, problems):

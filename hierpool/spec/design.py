@@ -794,27 +794,42 @@ def _check_identifiable(terms: list[RandomEffectTerm], n: int, sigma_known: bool
         if copies:  # (a zero slope column gave a theta left at its start; a constant one a correlation of -1)
             raise DataError(term_columns_message(term.label, copies))
     for term in terms:
-        if term.n_levels < 2:
-            raise DataError(
-                f"grouping factor {term.group!r} has only one level ({str(term.levels[0])!r}); "
-                "a random effect needs at least two groups"
-            )
-        if sigma_known or term.group in related:
-            # with known residual sds one observation per group is identifiable (meta-analysis), and so it is
-            # with a relationship matrix (the animal model: relatives' records tell sigma_A^2 from sigma^2)
-            continue
-        if term.n_levels >= n:
-            raise DataError(
-                f"grouping factor {term.group!r} has {term.n_levels} levels for {n} observations; "
-                "it must have fewer levels than observations or the random-effect and residual "
-                "variances cannot be told apart"
-            )
-        if term.n_levels * term.k >= n:
-            raise DataError(
-                f"random-effect term ({' + '.join(term.coef_names)} | {term.group}) has "
-                f"{term.n_levels * term.k} random effects for {n} observations; "
-                "there must be fewer random effects than observations"
-            )
+        # with known residual sds one observation per group is identifiable (meta-analysis), and so it is with a
+        # relationship matrix (the animal model: relatives' records tell sigma_A^2 from sigma^2)
+        problem = term_count_problem(term.group, term.coef_names, term.n_levels, n,
+                                     sigma_known or term.group in related, str(term.levels[0]))
+        if problem:
+            raise DataError(problem)
+
+
+def term_count_problem(group: str, coef_names, n_levels: int, n: int, sigma_known: bool,
+                       first_level: str | None = None) -> str:
+    """Why a random-effect term of ``n_levels`` levels of ``group`` (coefficients ``coef_names``) cannot be fitted
+    to ``n`` observations ("" where it can): fewer than two levels, or, unless the residual variance is known
+    (``sigma_known``), as many levels or random effects as observations, whose variance the residual's cannot be
+    told from.  ``first_level``: the only level's label, named in the message.  The single fit's rule and words
+    (:func:`build_design`), which a batch gives in a dataset's row."""
+    if n_levels < 2:
+        level = "" if first_level is None else f" ({first_level!r})"
+        return f"grouping factor {group!r} has only one level{level}; a random effect needs at least two groups"
+    if sigma_known:
+        return ""
+    if n_levels >= n:
+        return (f"grouping factor {group!r} has {n_levels} levels for {n} observations; it must have fewer levels "
+                "than observations or the random-effect and residual variances cannot be told apart")
+    if n_levels * len(coef_names) >= n:
+        return (f"random-effect term ({' + '.join(coef_names)} | {group}) has {n_levels * len(coef_names)} random "
+                f"effects for {n} observations; there must be fewer random effects than observations")
+    return ""
+
+
+def residual_df_problem(p: int, n: int) -> str:
+    """Why a fixed part of ``p`` independent columns leaves nothing of ``n`` observations for the residual variance
+    ("" where it does not): :func:`check_residual_df`'s words, which a batch gives in a dataset's row."""
+    if p < n:
+        return ""
+    return (f"the fixed part has {p} independent columns for {n} observations: nothing is left for the residual "
+            "variance (a column of numbers stored as text is a factor, a level per row)")
 
 
 def check_residual_df(design: Design) -> None:
@@ -822,10 +837,9 @@ def check_residual_df(design: Design) -> None:
     read as a factor, a level per row; ``poly(x, n)``): nothing is left for the residual variance, and the fit
     ended in "objective is not finite at the starting value", naming nothing.  Known residual sds (``se=``) need
     none; a GLMM's and a posterior's (proper priors) own checks apply there."""
-    if not design.sigma_known and design.p >= design.n:
-        raise DataError(f"the fixed part has {design.p} independent columns for {design.n} observations: nothing is "
-                        "left for the residual variance (a column of numbers stored as text is a factor, a level "
-                        "per row)")
+    problem = "" if design.sigma_known else residual_df_problem(design.p, design.n)
+    if problem:
+        raise DataError(problem)
 
 
 def known_sd(frame: pd.DataFrame, se: str, what: str = "") -> np.ndarray:
