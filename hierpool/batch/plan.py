@@ -80,7 +80,7 @@ from ..spec.design import (
 )
 from ..spec.formula import parse_formula, response_only_names
 from ..spec.labels import column_labels
-from ..spec.transforms import stateful_calls, unvouched_calls
+from ..spec.transforms import stateful_calls, unvouched_calls, whole_column_calls
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
 # datasets' sufficient statistics of ~200) the programs compile without LLVM's optimization (CPU): the
@@ -888,8 +888,10 @@ def _local_levels(dataset: np.ndarray, n_datasets: int, term: RandomEffectTerm):
 
 
 def refuse_stateful(formula: str, caller: str, single: str) -> None:
-    """Refuse, by name, a formula's stateful transforms (``scale(x)``, ``center(x)``, splines)."""
-    stateful = stateful_calls(formula)
+    """Refuse, by name, a formula's stateful transforms (``scale(x)``, ``center(x)``, splines) and its calls known to
+    compute over the whole column (:func:`~hierpool.spec.transforms.whole_column_calls`: ``np.max(x)``,
+    ``x.mean()``)."""
+    stateful = stateful_calls(formula) + whole_column_calls(formula)
     if stateful:
         # on the long frame they would take one mean/sd/basis over all datasets, which is not the
         # per-dataset fit {single} gives: a plausible, wrong number
@@ -1086,17 +1088,14 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     return plan
 
 
-#: Datasets :func:`check_rowwise` compares with their single fits' designs, spread over the batch.
-ROWWISE_CHECKS = 16
-
-
 def check_rowwise(plan: BatchPlan, build, calls: list[str], caller: str, single: str) -> None:
     """Refuse, by name, ``calls`` of the formula (:func:`~hierpool.spec.transforms.unvouched_calls`: a user's
     function) that give a dataset other values on the long frame than on its own rows: the batch evaluates the
     formula once on the datasets stacked, where ``demean(x)`` = x - mean(x) takes the mean of every dataset's x
-    (an intercept 54.8 for the single fit's 75.3, silently).  On up to :data:`ROWWISE_CHECKS` datasets spread over
-    the batch (a function of the whole column differs on nearly every dataset; each check builds a whole design),
-    each dataset's own design (``build``) is compared with its rows of the long one in what the calls make: the
+    (an intercept 54.8 for the single fit's 75.3, silently).  On every dataset (a sample of 16 let a function that
+    differed on one dataset of 20 through: each check builds a whole design, about 3 ms, the price of a function
+    hierpool cannot vouch for), each dataset's own design (``build``) is compared with its rows of the long one in
+    what the calls make: the
     response, the offset, the fixed-effect columns and random-effect values whose names hold a call (not the rest:
     a dataset lacking a level codes a sum-to-zero factor otherwise, which its row's own refusal says)."""
     frame, design = plan.frame, plan.design
@@ -1112,8 +1111,7 @@ def check_rowwise(plan: BatchPlan, build, calls: list[str], caller: str, single:
     check_offset = any(made(name) for name in design.offset_terms)
     eligible = [index for index, label in enumerate(plan.labels)
                 if label in positions and not (plan.refusals and plan.refusals[index])]
-    spread = np.linspace(0, len(eligible) - 1, min(len(eligible), ROWWISE_CHECKS)) if eligible else []
-    for index in sorted({eligible[round(at)] for at in spread}):
+    for index in eligible:
         label, rows = plan.labels[index], np.flatnonzero(plan.dataset == index)
         try:
             with warnings.catch_warnings():
