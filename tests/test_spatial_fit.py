@@ -612,33 +612,27 @@ def test_an_area_column_of_whole_number_floats_meets_the_graphs_integer_labels()
         hp.lmm("y ~ x + car(area, type='icar')", data, adjacency=edges).objective, rel=1e-12)
 
 
-def test_a_fit_whose_line_search_gives_up_at_the_optimum_is_converged_and_a_tie_keeps_the_converged_search():
-    """ICAR fits of bootstrap replicates (probe): a restart from the optimum takes no step and ends "ABNORMAL"; kept on
-    a tie, it replaced the converged search, and fit_batch read good replicates as not converged (26 of 200 here, with an
-    empty reason).  And where the first search itself ends "ABNORMAL" at the optimum (every neighbour higher), the
-    projected gradient there is within lme4's tolerance: converged, with no warning."""
-    from hierpool.closedform.optimize import Control
-
+def test_a_search_stuck_at_its_lowest_is_converged_and_a_tie_keeps_the_converged_search():
+    """ICAR fits of simulated responses (probe of hp.bootstrap): a restart from the optimum takes no step, or one of an
+    ulp, and ends "ABNORMAL"; taken where it was no higher, it replaced the converged search, and fit_batch read 25 of
+    these 120 good fits as not converged (with an empty reason).  And where the first search itself gives up at the
+    optimum, a fresh search from there takes no step: converged (2 of 120)."""
     rng = np.random.default_rng(3)
     edges = lattice_edges(5, 5)
     g = make_graph(edges)
     q = np.diag(g.degree) - g.adjacency_matrix().toarray()
-    spatial = np.linalg.cholesky(np.linalg.pinv(q, hermitian=True) + 1e-9 * np.eye(g.n)) @ rng.normal(size=g.n)
+    factor = np.linalg.cholesky(np.linalg.pinv(q, hermitian=True) + 1e-9 * np.eye(g.n))
     area = np.repeat(np.asarray(g.labels), 4)
     data = pd.DataFrame({"area": area, "x": rng.normal(size=area.size)})
-    data["y"] = 1 + 0.5 * data["x"] + 1.5 * np.repeat(spatial - spatial.mean(), 4) + rng.normal(size=area.size)
+    responses = []
+    for _ in range(8):
+        spatial = factor @ rng.normal(size=g.n)
+        responses.append(1 + 0.5 * data["x"] + 1.5 * np.repeat(spatial - spatial.mean(), 4)
+                         + rng.normal(size=area.size))
     formula = "y ~ x + car(area, type='icar')"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sims = hp.simulate(hp.lmm(formula, data, adjacency=edges), 200, seed=1)
-    fits = {}
-    for replicate in (10, 122):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", hp.ConvergenceWarning)
-            fits[replicate] = hp.lmm(formula, data.assign(y=sims.iloc[:, replicate].to_numpy()), adjacency=edges)
-        assert fits[replicate].converged
-    assert fits[10].optimizer.success, fits[10].optimizer.message  # the first search's stop, not the restart's
-    assert not fits[122].optimizer.success and fits[122].optimizer.max_gradient < Control.grad_tol
-    frames = [data.assign(y=sims.iloc[:, r].to_numpy()) for r in (10, 122)]
+    frames = [data.assign(y=responses[r]) for r in (4, 7)]
+    fits = [hp.lmm(formula, frame, adjacency=edges) for frame in frames]
+    assert fits[0].optimizer.success, fits[0].optimizer.message  # the first search's stop, not the restart's
+    assert fits[1].converged and not fits[1].optimizer.success  # stuck at its lowest
     batch = hp.fit_batch(formula, frames, adjacency=edges, progress=False)
     assert batch.converged.all() and (batch.messages == "").all(), batch.messages.tolist()
