@@ -80,7 +80,7 @@ from ..spec.design import (
 )
 from ..spec.formula import parse_formula, response_only_names
 from ..spec.labels import column_labels
-from ..spec.transforms import stateful_calls, unvouched_calls, whole_column_calls
+from ..spec.transforms import stateful_calls, unvouched_calls
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
 # datasets' sufficient statistics of ~200) the programs compile without LLVM's optimization (CPU): the
@@ -888,10 +888,8 @@ def _local_levels(dataset: np.ndarray, n_datasets: int, term: RandomEffectTerm):
 
 
 def refuse_stateful(formula: str, caller: str, single: str) -> None:
-    """Refuse, by name, a formula's stateful transforms (``scale(x)``, ``center(x)``, splines) and its calls known to
-    compute over the whole column (:func:`~hierpool.spec.transforms.whole_column_calls`: ``np.max(x)``,
-    ``x.mean()``)."""
-    stateful = stateful_calls(formula) + whole_column_calls(formula)
+    """Refuse, by name, a formula's stateful transforms (``scale(x)``, ``center(x)``, splines)."""
+    stateful = stateful_calls(formula)
     if stateful:
         # on the long frame they would take one mean/sd/basis over all datasets, which is not the
         # per-dataset fit {single} gives: a plausible, wrong number
@@ -1092,10 +1090,10 @@ def check_rowwise(plan: BatchPlan, build, calls: list[str], caller: str, single:
     """Refuse, by name, ``calls`` of the formula (:func:`~hierpool.spec.transforms.unvouched_calls`: a user's
     function) that give a dataset other values on the long frame than on its own rows: the batch evaluates the
     formula once on the datasets stacked, where ``demean(x)`` = x - mean(x) takes the mean of every dataset's x
-    (an intercept 54.8 for the single fit's 75.3, silently).  On every dataset (a sample of 16 let a function that
-    differed on one dataset of 20 through: each check builds a whole design, about 3 ms, the price of a function
-    hierpool cannot vouch for), each dataset's own design (``build``) is compared with its rows of the long one in
-    what the calls make: the
+    (an intercept 54.8 for the single fit's 75.3, silently).  On every dataset (a sample of 16 let ``np.max(x)``
+    through where it differed on one dataset of 20: each check builds a whole design, about 3 ms a dataset, the price
+    of a call hierpool cannot vouch for), each dataset's own design (``build``) is compared with its rows of the long
+    one in what the calls make: the
     response, the offset, the fixed-effect columns and random-effect values whose names hold a call (not the rest:
     a dataset lacking a level codes a sum-to-zero factor otherwise, which its row's own refusal says)."""
     frame, design = plan.frame, plan.design

@@ -154,42 +154,6 @@ def unvouched_calls(formula: str) -> list[str]:
     return sorted(out)
 
 
-#: NumPy's functions of a whole array (reductions, orders, cumulative and windowed values): in a batch's formula,
-#: evaluated once on the datasets stacked, they take every dataset's column together.
-NUMPY_WHOLE_COLUMN = frozenset({
-    "max", "min", "amax", "amin", "mean", "average", "median", "sum", "prod", "std", "var", "ptp", "percentile",
-    "quantile", "nanmax", "nanmin", "nanmean", "nanmedian", "nansum", "nanprod", "nanstd", "nanvar", "nanpercentile",
-    "nanquantile", "cumsum", "cumprod", "nancumsum", "nancumprod", "sort", "argsort", "argmax", "argmin", "diff",
-    "ediff1d", "gradient", "unique", "histogram", "convolve", "correlate", "roll", "flip", "trapz", "trapezoid",
-    "linalg.norm", "count_nonzero", "any", "all", "size", "shape", "len",
-})
-#: A column's methods and Python's built-ins of the same kind (``x.mean()``, ``max(x)``, ``len(x)``).
-METHOD_WHOLE_COLUMN = frozenset({
-    "mean", "max", "min", "sum", "prod", "std", "var", "sem", "median", "quantile", "rank", "cumsum", "cumprod",
-    "cummax", "cummin", "diff", "shift", "pct_change", "transform", "nunique", "count", "sort_values", "mode",
-    "idxmax", "idxmin", "argmax", "argmin", "rolling", "expanding", "ewm", "sample", "describe",
-})
-BUILTIN_WHOLE_COLUMN = frozenset({"max", "min", "sum", "len", "sorted"})
-
-
-def whole_column_calls(formula: str) -> list[str]:
-    """The calls of ``formula`` known to compute over the whole column they are given (``np.max(x)``, ``x.mean()``,
-    ``max(x)``): :data:`NUMPY_WHOLE_COLUMN`, :data:`METHOD_WHOLE_COLUMN`, :data:`BUILTIN_WHOLE_COLUMN`.  A batch
-    refuses them by name, whatever its datasets' values (:func:`unvouched_calls` holds the calls it cannot tell)."""
-    from .formula import to_formulae
-
-    out = set()
-    for name in _CALL.findall(to_formulae(formula)):
-        module, _, last = name.rpartition(".")
-        if module in ("np", "numpy", "np.linalg", "numpy.linalg"):
-            whole = (f"linalg.{last}" if module.endswith("linalg") else last) in NUMPY_WHOLE_COLUMN
-        else:
-            whole = last in (METHOD_WHOLE_COLUMN if module else BUILTIN_WHOLE_COLUMN)
-        if whole:
-            out.add(name)
-    return sorted(out)
-
-
 def stateful_calls(formula: str) -> list[str]:
     """Names of the stateful transforms (``scale``, ``center``, ``poly``, splines...) a formula calls."""
     from .formula import display_name, to_formulae
