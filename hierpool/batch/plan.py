@@ -72,6 +72,7 @@ from ..spec.design import (
     label_collision,
     missing_detail,
     residual_df_problem,
+    sorted_levels,
     term_columns_message,
     term_count_problem,
     underflowing,
@@ -158,7 +159,8 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
     (:attr:`~hierpool.spec.formula.ModelSpec.values`) is stacked from values of several kinds, the datasets with
     Python objects in it or whose kind is not most datasets' (:func:`kind_conflicts`; ``kept``: column -> kind kept
     whatever the counts) are left out of the frame, to be refused in their rows.  A grouping column of text in some
-    datasets and numbers in others is read per dataset as its labels' text (:func:`text_labels_across`), and a
+    datasets and numbers in others is read per dataset as its labels' text, ordered as each dataset's single fit
+    orders them (:func:`text_labels_across`), and a
     factor held as Categoricals of several level orders gets one order, the datasets ordering it otherwise set
     aside (:func:`category_orders`)."""
     if isinstance(data, pd.DataFrame):
@@ -241,12 +243,15 @@ def nothing_left(reasons: dict) -> DataError:
 def text_labels_across(frame: pd.DataFrame, by: str, items: dict | None, columns) -> pd.DataFrame:
     """The long ``frame`` with each object column that is not one of ``columns`` (read as values: their kinds are
     :func:`kind_conflicts`' to judge) and mixes text with other values, as each dataset's labels' text as its single
-    fit reads them (:func:`~hierpool.spec.labels.column_labels` of its own column: 3.0 of a float column is "3").
+    fit reads them (:func:`~hierpool.spec.labels.column_labels` of its own column: 3.0 of a float column is "3"), as
+    a Categorical whose categories keep every dataset's own order of its levels (:func:`own_level_order`,
+    :func:`merged_order`: numbers as numbers beside another dataset's text), or as plain text where the datasets'
+    orders contradict each other, a dataset's values collide or rows belong to no dataset.
     ``items``: label -> the dataset's own frame (None: ``frame`` is the user's one frame, split by ``by``).  A dataset
-    whose own values collide (3 and "3": :func:`~hierpool.spec.design.label_collision`), or lacks the column, keeps
-    its values: where the formula reads the column, the long design refuses them, and :func:`build_or_refuse`
-    finds that dataset and refuses it in its row with its single fit's words.  Rows of no dataset (``by`` missing)
-    are made text too, for the check that refuses them to see them."""
+    whose own values collide (3 and "3": :func:`~hierpool.spec.design.label_collision`) keeps its values: where the
+    formula reads the column, the long design refuses them, and :func:`build_or_refuse` finds that dataset and
+    refuses it in its row with its single fit's words.  Rows of no dataset (``by`` missing) are made text too, for
+    the check that refuses them to see them."""
     # (pandas' type inference, in C: no Python loop over a text column's values on the common path)
     mixed = [name for name in frame.columns if name != by and name not in columns and frame[name].dtype == object
              and pd.api.types.infer_dtype(frame[name], skipna=True) in ("mixed", "mixed-integer")]
@@ -278,13 +283,9 @@ def text_labels_across(frame: pd.DataFrame, by: str, items: dict | None, columns
 
 def own_level_order(column: pd.Series) -> list[str]:
     """The labels of a grouping column's levels in the order its single fit gives them
-    (:func:`~hierpool.spec.design.group_index`: sorted values, numbers as numbers; the order of appearance where
-    its values cannot be sorted together)."""
+    (:func:`~hierpool.spec.design.sorted_levels`, as :func:`~hierpool.spec.design.group_index` orders them)."""
     values = column.dropna()
-    try:
-        _, uniques = pd.factorize(values, sort=True)
-    except TypeError:  # mixed types that cannot be sorted
-        _, uniques = pd.factorize(values, sort=False)
+    _, uniques = sorted_levels(values)
     return list(column_labels(pd.Series(uniques, dtype=values.dtype)))
 
 

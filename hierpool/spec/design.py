@@ -641,6 +641,15 @@ def label_collision(name: str, uniques) -> str:
             "they would be different groups; give the column one type (.astype(str))")
 
 
+def sorted_levels(column: pd.Series):
+    """(codes, uniques) of a grouping column that is not a Categorical, in R's order: sorted values (numbers as
+    numbers, text as text), or the order of appearance where its values cannot be sorted together (mixed types)."""
+    try:
+        return pd.factorize(column, sort=True)
+    except TypeError:  # mixed types that cannot be sorted
+        return pd.factorize(column, sort=False)
+
+
 def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Level index and level labels of the interaction of the columns in ``factor``.
 
@@ -657,10 +666,7 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
             column = column.cat.remove_unused_categories()
             col_codes, uniques = column.cat.codes.to_numpy(), column.cat.categories.to_numpy()
         else:
-            try:
-                col_codes, uniques = pd.factorize(column, sort=True)
-            except TypeError:  # mixed types that cannot be sorted
-                col_codes, uniques = pd.factorize(column, sort=False)
+            col_codes, uniques = sorted_levels(column)
             if column.dtype == object and (collision := label_collision(name, uniques)):
                 raise DataError(collision)
         codes = codes * len(uniques) + col_codes
