@@ -53,7 +53,7 @@ def test_padded_system_has_the_datasets_own_marginal_likelihood(frames):
     # dataset 1 lacks plate c: in the batch its plate levels are padded to dataset 0's count
     plan = plan_batch(SLOPES, frames, "rep", "test", "hp.bayes", weights="w", one_term=False)
     messages, parts = term_chunks(plan, lambda count: count, 1)
-    assert messages[:2] == ["", ""] and "48 random effects" in messages[2]
+    assert messages[:2] == ["", ""] and "grouping factor 'plate' has 24 levels for 24 observations" in messages[2]
     (chunk, members, (systems, n)), = parts
     row = list(members).index(1)
     padded = jax.tree_util.tree_map(lambda a: jnp.asarray(a[row]), systems)
