@@ -233,3 +233,16 @@ def test_predictive_draws_of_new_rows_read_their_se_column(bcg_posteriors):
     confidence = fit.predict(data, interval="confidence")["se"].to_numpy()
     tripled = fit.predict(data.assign(se=3 * data["se"]), interval="prediction")["se"].to_numpy()
     np.testing.assert_allclose(tripled**2, confidence**2 + 9 * data["se"].to_numpy() ** 2, rtol=1e-10)
+
+
+def test_a_batch_with_known_sds_fits_a_dataset_with_as_many_rows_as_fixed_effects_as_hp_lmm_does():
+    # known residual sds leave no residual variance to estimate: hp.lmm(se=) fits 3 rows with 3 fixed effects, where
+    # the batch refused them ("3 observations for 3 fixed effects": review)
+    rng = np.random.default_rng(1)
+    frames = [pd.DataFrame({"g": np.resize([f"g{i}" for i in range(groups)], n), "x": rng.normal(size=n),
+                            "w": rng.normal(size=n), "y": rng.normal(size=n), "se": rng.uniform(0.5, 1.5, n)})
+              for n, groups in ((20, 5), (3, 2))]
+    batch = hp.fit_batch("y ~ x + w + (1 | g)", frames, se="se", progress=False)
+    single = hp.lmm("y ~ x + w + (1 | g)", frames[1], se="se")
+    assert batch.objective.iloc[1] == pytest.approx(single.objective, rel=1e-8), batch.messages.iloc[1]
+    np.testing.assert_allclose(batch.fixef.iloc[1], single.fixef, rtol=1e-6)

@@ -89,8 +89,8 @@ def term_problems(plan: BatchPlan, sigma_known: bool | None = None, refusals: bo
     for term, (_, n_levels, levels) in zip(design.terms, plan.term_levels):
         found = term_count_problems(plan.n_obs, n_levels, term.coef_names, term.group, sigma_known, levels)
         messages = [old or new for old, new in zip(messages, found)]
-    messages = [old or new for old, new in zip(messages, fixed_part_problems(plan.n_obs, aliased, design.p,
-                                                                             sigma_known))]
+    fixed = fixed_part_problems(plan.n_obs, aliased, design.p, sigma_known, glmm=design.family is not None)
+    messages = [old or new for old, new in zip(messages, fixed)]
     messages = [old or copies for old, copies in zip(messages, plan.term_copies)]
     return plan.with_refusals(messages) if refusals else messages
 

@@ -428,21 +428,22 @@ def term_count_problems(n_obs, n_levels, coef_names, group: str, sigma_known: bo
     return problems
 
 
-def fixed_part_problems(n_obs, aliased, p: int, sigma_known: bool) -> list[str]:
+def fixed_part_problems(n_obs, aliased, p: int, sigma_known: bool, glmm: bool = False) -> list[str]:
     """Per dataset, why its fixed part cannot be fitted ("" where it can): X's rank (``aliased``: the names of its
     aliased fixed-effect columns, :meth:`BatchPlan.aliased_names`; the batch's X is common, so a rank-deficient
-    dataset is refused, where its single fit would drop the columns), and as many observations as columns: for a
-    linear model with a residual variance in its single fit's words
-    (:func:`~hierpool.spec.design.residual_df_problem`)."""
+    dataset is refused, where its single fit would drop the columns), and, for a linear model with a residual
+    variance, as many observations as columns, in its single fit's words
+    (:func:`~hierpool.spec.design.residual_df_problem`).  With known residual sds (``sigma_known``: ``se=``) that
+    many rows are fitted, as ``hp.lmm(se=)`` fits them (the batch refused them); a GLMM's (``glmm``) are refused, as
+    ``hp.glmm`` refuses them (its PIRLS fits every row)."""
     problems = []
     for n, names in zip(n_obs, aliased):
         if names:
             problems.append(aliased_message(p, names))
-        elif n <= p:
-            problems.append(f"{n} observations for {p} fixed effects" if sigma_known
-                            else residual_df_problem(p, int(n)))
-        else:
-            problems.append("")
+        elif glmm:  # (hp.glmm's own refusal comes from its PIRLS, where the fixed effects fit every row)
+            problems.append(f"{n} observations for {p} fixed effects" if n <= p else "")
+        else:  # with known residual sds (se=) no residual variance needs rows of its own, as in hp.lmm
+            problems.append("" if sigma_known else residual_df_problem(p, int(n)))
     return problems
 
 
