@@ -467,6 +467,21 @@ def test_a_grouping_column_of_numbers_beside_text_gives_each_dataset_its_single_
             np.testing.assert_allclose(rows["condval"], single["condval"], rtol=1e-6, atol=1e-9)
 
 
+def test_a_dataset_names_the_term_its_single_fit_names_first():
+    """Its single fit checks the terms in lme4's order by the dataset's own level counts: where factor a has one level
+    and b a level a row, it names b; the batch checked them in the long frame's order and named a (review)."""
+    # (stacked, a has more levels than b: the long frame's order checks a first)
+    frames = [_gaussian(seed, groups=6, per=5).assign(a=np.resize([f"a{i}" for i in range(20)], 30),
+                                                       b=np.resize(["u", "v", "w"], 30)) for seed in (0, 1)]
+    frames.append(_gaussian(2, groups=4, per=3).assign(a="only", b=[f"b{i}" for i in range(12)]))
+    formula = "y ~ x + (1 | a) + (1 | b)"
+    with pytest.raises(hp.DataError) as refused:
+        hp.lmm(formula, frames[2])
+    assert "'b' has 12 levels for 12 observations" in str(refused.value)
+    batch = _quiet(hp.fit_batch, formula, frames, progress=False)
+    assert batch.messages.iloc[2] == str(refused.value) and batch.converged.iloc[:2].all()
+
+
 def test_grouping_labels_of_other_types_across_datasets_and_a_response_too_small_to_square():
     """Each dataset is fitted as its single fit reads it: a grouping column of numbers in one dataset and of text in
     another met in one stacked column, where 3 and "3" were refused for the whole batch though every single fit

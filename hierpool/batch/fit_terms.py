@@ -50,6 +50,7 @@ from ..algebra.start import moment_theta
 from ..algebra.statistics import location_shifts
 from ..algebra.system import grouped_products
 from ..closedform.optimize import Control
+from ..spec.design import lme4_term_order
 from . import host_processes
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
@@ -85,14 +86,26 @@ def term_problems(plan: BatchPlan, sigma_known: bool | None = None, refusals: bo
     aliased = plan.aliased_names()
     # every term's counts (the single fit checks them before X), then X, then a term's copied columns (a dataset
     # lacking a level of a factor in the fixed part and a term: X's message says which)
-    messages = [""] * plan.n_datasets
-    for term, (_, n_levels, levels) in zip(design.terms, plan.term_levels):
-        found = term_count_problems(plan.n_obs, n_levels, term.coef_names, term.group, sigma_known, levels)
-        messages = [old or new for old, new in zip(messages, found)]
+    found = [term_count_problems(plan.n_obs, n_levels, term.coef_names, term.group, sigma_known, levels)
+             for term, (_, n_levels, levels) in zip(design.terms, plan.term_levels)]
+    messages = [next((found[t][d] for t in dataset_term_order(plan, d) if found[t][d]), "")
+                for d in range(plan.n_datasets)]
     fixed = fixed_part_problems(plan.n_obs, aliased, design.p, sigma_known, glmm=design.family is not None)
     messages = [old or new for old, new in zip(messages, fixed)]
     messages = [old or copies for old, copies in zip(messages, plan.term_copies)]
     return plan.with_refusals(messages) if refusals else messages
+
+
+def dataset_term_order(plan: BatchPlan, d: int) -> list[int]:
+    """The batch's terms (``plan.design.terms``, in the long frame's order) in the order dataset ``d``'s single fit
+    gives them: lme4's (:func:`~hierpool.spec.design.lme4_term_order`) of the formula's terms by the dataset's own
+    level counts, so that a batch row names the term its single fit names first (a dataset whose second factor has
+    more levels than its first checks it first)."""
+    design = plan.design
+    position = [next(i for i, spec in enumerate(design.spec.random) if spec is term.spec) for term in design.terms]
+    by_formula = sorted(range(len(design.terms)), key=position.__getitem__)
+    counts = [int(plan.term_levels[t][1][d]) for t in by_formula]
+    return [by_formula[j] for j in lme4_term_order(counts)]
 
 
 def padded_widths(plan: BatchPlan) -> np.ndarray:
