@@ -88,8 +88,12 @@ def term_problems(plan: BatchPlan, sigma_known: bool | None = None, refusals: bo
     # lacking a level of a factor in the fixed part and a term: X's message says which)
     found = [term_count_problems(plan.n_obs, n_levels, term.coef_names, term.group, sigma_known, levels)
              for term, (_, n_levels, levels) in zip(design.terms, plan.term_levels)]
-    messages = [next((found[t][d] for t in dataset_term_order(plan, d) if found[t][d]), "")
-                for d in range(plan.n_datasets)]
+    messages = []
+    for d in range(plan.n_datasets):
+        said = [t for t in range(len(found)) if found[t][d]]
+        if len(said) > 1:  # (the order looked up only where two terms are refused)
+            said = [t for t in dataset_term_order(plan, d) if found[t][d]]
+        messages.append(found[said[0]][d] if said else "")
     fixed = fixed_part_problems(plan.n_obs, aliased, design.p, sigma_known, glmm=design.family is not None)
     messages = [old or new for old, new in zip(messages, fixed)]
     messages = [old or copies for old, copies in zip(messages, plan.term_copies)]
