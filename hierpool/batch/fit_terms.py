@@ -106,7 +106,7 @@ def dataset_term_order(plan: BatchPlan, d: int) -> list[int]:
     level counts, so that a batch row names the term its single fit names first (a dataset whose second factor has
     more levels than its first checks it first)."""
     design = plan.design
-    position = [next(i for i, spec in enumerate(design.spec.random) if spec is term.spec) for term in design.terms]
+    position = [design.spec.random.index(term.spec) for term in design.terms]  # each term's place in the formula
     by_formula = sorted(range(len(design.terms)), key=position.__getitem__)
     counts = [int(plan.term_levels[t][1][d]) for t in by_formula]
     return [by_formula[j] for j in lme4_term_order(counts)]

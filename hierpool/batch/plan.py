@@ -1093,9 +1093,9 @@ def check_rowwise(plan: BatchPlan, build, calls: list[str], caller: str, single:
     function) that give a dataset other values on the long frame than on its own rows: the batch evaluates the
     formula once on the datasets stacked, where ``demean(x)`` = x - mean(x) takes the mean of every dataset's x
     (an intercept 54.8 for the single fit's 75.3, silently).  On every dataset (a sample of 16 let ``np.max(x)``
-    through where it differed on one dataset of 20: each check builds a whole design, about 3 ms a dataset, the price
-    of a call hierpool cannot vouch for), each dataset's own design (``build``) is compared with its rows of the long
-    one in what the calls make: the
+    through where it differed on one dataset of 20: each check builds a whole design, the price of a call hierpool
+    cannot vouch for, measured in benchmarks/RESULTS.md, thirty-ninth session), each dataset's own design (``build``)
+    is compared with its rows of the long one in what the calls make: the
     response, the offset, the fixed-effect columns and random-effect values whose names hold a call (not the rest:
     a dataset lacking a level codes a sum-to-zero factor otherwise, which its row's own refusal says)."""
     frame, design = plan.frame, plan.design
