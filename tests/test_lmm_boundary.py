@@ -1,7 +1,8 @@
 """Where the criterion has several minima.  hp.lmm's and hp.glmm's searches off a singular (boundary) optimum:
 where they end on one face of a vector term's boundary, a lower singular optimum on another face (found by
 hp.fit_batch's search) is reached from restarts inside.  A scalar term's batch with prior weights: the lower of
-two minima in theta."""
+two minima in theta.  Uneven prior weights: an inner minimum and one on the boundary, both searched for by
+hp.lmm and the batch."""
 
 import warnings
 
@@ -105,6 +106,74 @@ def test_a_scalar_terms_batch_with_weights_leaves_the_higher_of_two_minima(monke
     monkeypatch.setattr(one_term, "SCALAR_SCAN", np.array([1e3]))  # a scan that finds nothing lower
     stuck = hp.fit_batch("y ~ x + (1 | g)", frames, weights="w", reml=False, progress=False)
     assert np.all(stuck.objective.to_numpy() > np.array(singles) + 5e-3)
+
+
+def _uneven_slopes(seed: int) -> pd.DataFrame:
+    """y ~ x + (1 + x | g) data, 8 groups of 5 rows, prior weights 10^U(-2, 2) (the fortieth session's probe)."""
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(8), 5)
+    x = rng.normal(size=40)
+    y = 1 + 0.5 * x + rng.normal(0, 0.8, 8)[g] + rng.normal(0, 0.4, 8)[g] * x + rng.normal(size=40)
+    return pd.DataFrame({"g": [f"g{i}" for i in g], "x": x, "y": y, "w": 10 ** rng.uniform(-2, 2, 40)})
+
+
+def _uneven_crossed(seed: int) -> pd.DataFrame:
+    """y ~ x + (1 | g) + (1 | b) data, 6 x 5 crossed, prior weights 10^U(-2, 2) (the fortieth session's probe)."""
+    rng = np.random.default_rng(seed)
+    g, b = np.repeat(np.arange(6), 5), np.tile(np.arange(5), 6)
+    x = rng.normal(size=30)
+    y = 1 + 0.5 * x + rng.normal(0, 0.7, 6)[g] + rng.normal(0, 0.5, 5)[b] + rng.normal(size=30)
+    return pd.DataFrame({"g": [f"g{i}" for i in g], "b": [f"b{i}" for i in b], "x": x, "y": y,
+                         "w": 10 ** rng.uniform(-2, 2, 30)})
+
+
+# seed: (the lower optimum, batch and hp.lmm now; before, the batch's and hp.lmm's), ML
+UNEVEN_SLOPES = {
+    79: (168.23573, 169.98918, 168.23573),  # the batch inside, hp.lmm on the boundary (T_22 = 0), lower
+    115: (192.86381, 195.25966, 192.86381),  # the batch on the boundary, hp.lmm inside, lower
+    196: (203.31105, 203.31105, 203.35657),  # the batch on the boundary, lower, hp.lmm inside
+}
+
+
+@pytest.fixture(scope="module")
+def uneven_slopes():
+    frames = [_uneven_slopes(seed) for seed in UNEVEN_SLOPES]
+    with warnings.catch_warnings():  # some optima are singular
+        warnings.simplefilter("ignore")
+        singles = [hp.lmm("y ~ x + (1 + x | g)", frame, weights="w", reml=False).objective for frame in frames]
+    return frames, singles
+
+
+def test_uneven_weights_batch_and_hp_lmm_reach_the_lower_of_an_inner_and_a_boundary_minimum(uneven_slopes):
+    frames, singles = uneven_slopes
+    batch = hp.fit_batch("y ~ x + (1 + x | g)", frames, weights="w", reml=False, progress=False)
+    lowest = [lowest for lowest, _, _ in UNEVEN_SLOPES.values()]
+    np.testing.assert_allclose(singles, lowest, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(batch.objective, singles, rtol=1e-10)
+    assert batch.converged.all() and not batch.refit.any()
+
+
+def test_without_the_searches_from_other_starts_each_stays_in_its_own_minimum(uneven_slopes, monkeypatch):
+    frames, _ = uneven_slopes
+    monkeypatch.setattr(linalg, "UNEVEN_WEIGHTS_RATIO", np.inf)  # no dataset's weights count as uneven
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        singles = [hp.lmm("y ~ x + (1 + x | g)", frame, weights="w", reml=False).objective for frame in frames]
+    batch = hp.fit_batch("y ~ x + (1 + x | g)", frames, weights="w", reml=False, progress=False)
+    np.testing.assert_allclose(batch.objective, [old for _, old, _ in UNEVEN_SLOPES.values()], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(singles, [old for _, _, old in UNEVEN_SLOPES.values()], rtol=0, atol=1e-5)
+
+
+def test_uneven_weights_crossed_scalar_terms_batch_leaves_the_boundary_for_hp_lmm_s_lower_inner_minimum(monkeypatch):
+    # seed 198: the batch stopped at theta_b = 0 (109.34335), hp.lmm inside (108.44907); 169, 234: theta_g = 0
+    frames = [_uneven_crossed(seed) for seed in (169, 198, 234)]
+    singles = [hp.lmm("y ~ x + (1 | g) + (1 | b)", frame, weights="w", reml=False).objective for frame in frames]
+    batch = hp.fit_batch("y ~ x + (1 | g) + (1 | b)", frames, weights="w", reml=False, progress=False)
+    np.testing.assert_allclose(singles, [126.35538, 108.44907, 126.65156], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(batch.objective, singles, rtol=1e-10)
+    monkeypatch.setattr(linalg, "UNEVEN_WEIGHTS_RATIO", np.inf)
+    stuck = hp.fit_batch("y ~ x + (1 | g) + (1 | b)", frames, weights="w", reml=False, progress=False)
+    np.testing.assert_allclose(stuck.objective, [126.48819, 109.34335, 127.00459], rtol=0, atol=1e-5)
 
 
 def _poisson_slopes(seed: int) -> pd.DataFrame:

@@ -395,6 +395,43 @@ def test_rank_reduced_theta_drops_the_smallest_eigenvalue_s_part_of_each_vector_
             assert abs(after[d][-1, -1]) < 1e-4 * np.sqrt(values[-1])
 
 
+def test_other_minimum_starts_probe_inside_a_boundary_optimum_and_move_an_inner_one_onto_the_boundary():
+    from hierpool.algebra.linalg import (
+        BOUNDARY_PROBE_VALUES,
+        boundary_probes,
+        other_minimum_starts,
+        rank_reduced_theta,
+    )
+
+    ks = (2, 1)
+    inner = np.array([0.5, 0.2, 0.4, 0.7])
+    assert boundary_probes(inner, ks, 1e-4) == []
+    starts = other_minimum_starts(inner, ks, 1e-4)
+    assert len(starts) == 2  # each term alone onto its boundary, the other as it was
+    np.testing.assert_array_equal(starts[0], rank_reduced_theta(inner, ks, terms=(0,)))
+    np.testing.assert_array_equal(starts[0][3], 0.7)
+    np.testing.assert_array_equal(starts[1], [0.5, 0.2, 0.4, 0.0])
+    # a boundary optimum (T_22 of the vector term within at_most of 0, the scalar at 0): each such diagonal element
+    # moved to each probe value; no full-rank probe, as only the vector term's last diagonal is at 0
+    boundary = np.array([0.5, 0.2, 5e-5, 0.0])
+    probes = other_minimum_starts(boundary, ks, 1e-4)
+    np.testing.assert_array_equal(probes, boundary_probes(boundary, ks, 1e-4))
+    expected = [np.where(np.arange(4) == j, value, boundary) for j in (2, 3) for value in BOUNDARY_PROBE_VALUES]
+    np.testing.assert_array_equal(probes, expected)
+    # the intercept's variance at 0: the vector term's covariance made full rank too (full_rank_probes)
+    assert len(boundary_probes(np.array([0.0, 0.3, 0.2, 0.7]), ks, 1e-4)) == 2 + 3
+
+
+def test_weights_uneven_reads_each_group_s_largest_over_smallest_weight():
+    from hierpool.algebra.linalg import UNEVEN_WEIGHTS_RATIO, weights_uneven
+
+    weights = np.array([1.0, 2.0, 0.5, 1.0, 99.0, 1.0, UNEVEN_WEIGHTS_RATIO * 0.1])
+    groups = np.array([0, 0, 1, 1, 1, 2, 2])
+    np.testing.assert_array_equal(weights_uneven(weights, groups, 3), [False, True, False])
+    np.testing.assert_array_equal(weights_uneven(weights[2:5]), [True])  # 99 / 0.5 (one group)
+    np.testing.assert_array_equal(weights_uneven([1.0, UNEVEN_WEIGHTS_RATIO]), [True])  # the ratio itself counts
+
+
 def test_glm_start_fits_each_dataset_s_glm_and_keeps_its_linear_predictor():
     """Datasets leave glm_start's IRLS once converged, a separated one runs on: each converged dataset's beta
     solves its own score equations, and every row's eta is offset + X beta of its dataset's beta."""

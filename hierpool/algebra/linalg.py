@@ -153,6 +153,89 @@ def full_rank_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.
     return probes
 
 
+#: Values a diagonal element of T_j that ends at 0 is moved to, for a search to start again from each
+#: (:func:`boundary_probes`).
+BOUNDARY_PROBE_VALUES = (0.05, 0.5)
+
+
+def boundary_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0) -> list[np.ndarray]:
+    """Starts inside the boundary where an optimum ``theta`` has diagonal elements of some T_j at 0 (at most
+    ``at_most``): each such element moved to each of :data:`BOUNDARY_PROBE_VALUES`, then :func:`full_rank_probes`.
+    Empty where no diagonal element is at 0.
+
+    The criterion depends on a last diagonal of T_j only through its square, so its gradient there is exactly 0 and
+    a gradient search never looks past the boundary, while a lower optimum may lie inside (lme4's derivative-free
+    BOBYQA usually finds it).  ``hp.lmm``'s restarts from a boundary optimum
+    (:func:`hierpool.closedform.optimize.optimize_theta`) and a weighted batch's search for other minima
+    (:func:`other_minimum_starts`) start from these.
+    """
+    theta = np.asarray(theta, dtype=float)
+    at_zero = np.flatnonzero((theta_lower_bounds(ks) == 0) & (theta <= at_most))
+    probes = []
+    for j in at_zero:
+        for value in BOUNDARY_PROBE_VALUES:
+            probe = theta.copy()
+            probe[j] = value
+            probes.append(probe)
+    return probes + full_rank_probes(theta, ks, at_most) if probes else []
+
+
+#: Prior weights (or known residual sds' inverse squares) spread at least this much (the largest over the smallest,
+#: within a dataset) make a vector or several-term model search again from :func:`other_minimum_starts`
+#: (:func:`weights_uneven`).  Below it no second minimum was found (260 datasets of ``(1 + x | g)`` and ``(1 | g) + (1
+#: | b)`` with weights 10^U(-1, 1)); from 10^U(-1.5, 1.5) on, 0.5-7% of such datasets had one, and the searches
+#: make such a fit about twice as long (benchmarks/RESULTS.md, fortieth session).
+UNEVEN_WEIGHTS_RATIO = 100.0
+
+
+def weights_uneven(weights, groups=None, n_groups: int = 1) -> np.ndarray:
+    """Whether the positive ``weights`` of each group (``groups``: each weight's group, 0 .. n_groups - 1; None: one
+    group) spread at least :data:`UNEVEN_WEIGHTS_RATIO`, largest over smallest: (n_groups,) bool."""
+    weights = np.asarray(weights, dtype=float)
+    groups = np.zeros(weights.size, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    largest, smallest = np.full(n_groups, -np.inf), np.full(n_groups, np.inf)
+    np.maximum.at(largest, groups, weights)
+    np.minimum.at(smallest, groups, weights)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return largest >= UNEVEN_WEIGHTS_RATIO * smallest
+
+
+#: How much lower (relative to max(1, |criterion|)) a search from one of :func:`other_minimum_starts` must end than
+#: the optimum it started from to replace it (``hp.lmm``'s and ``hp.fit_batch``'s rule): rounding alone does not.
+OTHER_MINIMUM_MARGIN = 1e-10
+
+
+def other_minimum_starts(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0) -> list[np.ndarray]:
+    """Starts from which a search may reach another minimum of the criterion than its optimum ``theta``: the
+    :func:`boundary_probes` of a boundary optimum, and from an interior one its boundary, each term alone moved onto
+    it (a vector term rank-reduced, :func:`rank_reduced_theta`; a scalar term at 0).
+
+    With prior weights (or known residual sds) far from equal, a vector or several-term model's criterion can have
+    an interior minimum and one on the boundary, and which one a search reaches depends on where it starts:
+    ``y ~ x + (1 + x | g)``, 8 groups of 5 rows, weights 10^U(-2, 2), ML, ended in another minimum than ``hp.lmm``'s
+    in 5 of 100 ``hp.fit_batch`` datasets, 0.9-2.3 apart, lower in one, and lme4 in 3 of those 5 another than the
+    lowest (benchmarks/RESULTS.md, fortieth session).  ``hp.lmm`` and ``hp.fit_batch`` search again from these
+    starts where the weights are uneven (:func:`weights_uneven`) and keep the lowest optimum, so that both reach
+    the lower of the two minima more often (not always: with weights 10^U(-3, 3) a rank-one face can hold two minima
+    of its own).
+    """
+    theta = np.asarray(theta, dtype=float)
+    probes = boundary_probes(theta, ks, at_most)
+    if probes:
+        return probes
+    starts, offset = [], 0
+    for j, k in enumerate(ks):
+        size = k * (k + 1) // 2
+        if k > 1:
+            starts.append(rank_reduced_theta(theta, ks, terms=(j,)))
+        else:
+            start = theta.copy()
+            start[offset] = 0.0
+            starts.append(start)
+        offset += size
+    return [start for start in starts if np.all(np.isfinite(start))]
+
+
 def theta_start(ks: tuple[int, ...]) -> np.ndarray:
     """lme4's starting value: T_j = I for every term."""
     starts = []

@@ -158,9 +158,11 @@ def _programs(stats, reml: bool, max_iterations: int, sigma_known: bool, shardin
     return _COMPILED.get((shape_signature(stats), reml, max_iterations, sigma_known, sharding, quick), build)
 
 
-def _optimize_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: int, sigma_known: bool) -> dict:
-    """:func:`_optimize_rows` on the host (:func:`hierpool.algebra.search.terms.search_statistics_on_host`)."""
-    return search_statistics_on_host(stats, start, reml, max_iterations, sigma_known)
+def _optimize_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: int, sigma_known: bool,
+                      other_minima: np.ndarray | None = None) -> dict:
+    """:func:`_optimize_rows` on the host (:func:`hierpool.algebra.search.terms.search_statistics_on_host`;
+    ``other_minima`` its)."""
+    return search_statistics_on_host(stats, start, reml, max_iterations, sigma_known, other_minima=other_minima)
 
 
 def _solve_on_host(theta: np.ndarray, stats, *, reml: bool, sigma_known: bool):
@@ -469,11 +471,17 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     # without them, where the sweep found none (120 unweighted datasets) and it would cost time on every batch
     # (benchmarks/RESULTS.md, thirtieth session)
     scan = k == 1 and design.weights is not None
+    # uneven prior weights (known sds): a vector term's criterion can have a minimum inside and one on the boundary,
+    # searched from both sides on the host as hp.lmm does (algebra.search.terms.search_on_host's other_minima)
+    uneven = plan.uneven_weights() if host and k > 1 else None
 
     def run(job):
-        _, host_chunk_stats, start, count, (optimize, solve) = job
+        members, host_chunk_stats, start, count, (optimize, solve) = job
         chunk, start = place((host_chunk_stats, start), sharding)  # on the host (no sharding) the arrays as they are
-        optimized = optimize.result()(chunk, start)
+        if uneven is not None and uneven[members].any():
+            optimized = optimize.result()(chunk, start, other_minima=uneven[members])
+        else:
+            optimized = optimize.result()(chunk, start)
         if scan:  # a scalar term's criterion may have two minima in theta: the search again from the lower
             optimized = _from_scan(optimized, host_chunk_stats, optimize.result(), chunk, reml, sigma_known,
                                    float_type, sharding)

@@ -449,12 +449,17 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
             jobs.append((members[chunk.members], take((systems, n, start), chunk.index), chunk.count, programs,
                          shift[chunk.members]))
 
+    # uneven prior weights (known sds): minima inside and on the boundary, searched from both sides on the host as
+    # hp.lmm does (algebra.search.terms.search_on_host's other_minima)
+    uneven = plan.uneven_weights() if host else None
+
     def run(job):
-        _, (systems, n, start), count, programs, shift = job
+        members, (systems, n, start), count, programs, shift = job
         if programs is None:  # on the host: a chunk a thread, each beyond the first in a worker process (NumPy holds
             # the GIL between its many small operations, so that a second thread gains far less than a second process:
             # benchmarks/RESULTS.md, twenty-first session)
-            arguments = (systems, n, start, reml, max_iterations, term_ks)
+            other_minima = uneven[members] if uneven[members].any() else None
+            arguments = (systems, n, start, reml, max_iterations, term_ks, other_minima)
             result = host_processes.call(fit_on_host, *arguments) if processes else fit_on_host(*arguments)
         else:
             optimize, solver = programs

@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 from jax.experimental import multihost_utils
 
-from ..algebra.linalg import segment_sum, shared_factor
+from ..algebra.linalg import segment_sum, shared_factor, weights_uneven
 from ..algebra.search import HOST_CHUNK_BYTES
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
@@ -621,6 +621,13 @@ class BatchPlan:
         """The message of a dataset of :meth:`alone_for_levels` (``how``: "fitted", "sampled")."""
         names = [self.design.fixed_names[j] for j in self.zero_columns[index]]
         return f"{', '.join(names)} zero in this dataset (a level it lacks): {how} alone without them, NaN in their places"
+
+    def uneven_weights(self) -> np.ndarray:
+        """(datasets,) bool: whether each dataset's prior weights (or known residual sds) are uneven
+        (:func:`hierpool.algebra.linalg.weights_uneven`); all False without weights."""
+        if self.design.weights is None:
+            return np.zeros(self.n_datasets, dtype=bool)
+        return weights_uneven(self.design.weights, self.dataset, self.n_datasets)
 
     def aliased_names(self, members=None, aliased: dict | None = None) -> list[tuple]:
         """The names of the aliased fixed-effect columns of each dataset of ``members`` (all by default):

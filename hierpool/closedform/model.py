@@ -26,6 +26,7 @@ from ..algebra.conditioning import (
 )
 from ..algebra.henderson import as_numpy, solve
 from ..algebra.host_blas import one_blas_thread
+from ..algebra.linalg import OTHER_MINIMUM_MARGIN, boundary_probes, other_minimum_starts, weights_uneven
 from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceWarning, boolean_argument
@@ -220,14 +221,14 @@ class MixedModel:
             one_term_inputs = _one_term_statistics(self.design, host)
             statistics = None if one_term_inputs is None else one_term_inputs[0]
             optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design), statistics=statistics)
-            optimum = self._lowest_of_scan(optimum, self.system, reml, control, host, statistics)
+            optimum = self._lowest_of_restarts(optimum, self.system, reml, control, host, statistics)
             solution = solve_at(optimum.theta, self.system, reml, host, one_term_inputs)
         else:
             system = build_system(conditioned.design, host=True)
             # far-from-centred columns (why we condition) also sit in X, and the general path's
             # criterion keeps ~10x less rounding noise there than the one-term statistics' X^T X
             inner = optimize_theta(system, reml, control, start=moment_start(conditioned.design))
-            inner = self._lowest_of_scan(inner, system, reml, control, True, None)  # on the conditioned columns too
+            inner = self._lowest_of_restarts(inner, system, reml, control, True, None)  # on the conditioned columns too
             theta = conditioned.theta_to_user(inner.theta)
             optimum = replace(inner, theta=theta, objective=conditioned.objective_to_user(inner.objective, reml))
             tilde = solve_at(inner.theta, system, reml, host)
@@ -241,23 +242,49 @@ class MixedModel:
                          conditioned=None if conditioned is None else coordinates)
 
 
-    def _lowest_of_scan(self, optimum, system, reml: bool, control, host: bool, statistics):
-        """``optimum``, or for one scalar term with prior weights, the search again from the lowest point of the
-        criterion's scan where that is lower (:func:`hierpool.algebra.one_term.scan_restarts`: its ML criterion
-        can have two minima, and the search stopped at the higher, 0.043 above, converged), the lower of the two;
-        on ``system``, the user's or the conditioned columns' (a scaled term's search stopped 0.043 above too)."""
+    def _lowest_of_restarts(self, optimum, system, reml: bool, control, host: bool, statistics):
+        """``optimum``, or with prior weights (or known residual sds) the lowest of it and the searches from where
+        another minimum may be reached, on ``system`` (the user's or the conditioned columns'; a scaled term's search
+        stopped 0.043 above too):
+
+        * one scalar term: the search again from the lowest point of the criterion's scan where that is lower
+          (:func:`hierpool.algebra.one_term.scan_restarts`: its ML criterion can have two minima, and the search
+          stopped at the higher, 0.043 above, converged);
+        * otherwise, where the weights are uneven (:func:`hierpool.algebra.linalg.weights_uneven`), at an interior
+          optimum, the searches from its boundary
+          (:func:`hierpool.algebra.linalg.other_minimum_starts`: each term alone moved onto it), which reach a
+          boundary minimum below an interior one where there is one (``hp.fit_batch`` searches from the same
+          starts, so that both reach the lower).  A boundary optimum was already searched again from inside
+          (:func:`~hierpool.closedform.optimize.optimize_theta`'s restarts).
+
+        The searches start where this says, whatever ``control.theta_start`` is."""
         terms = self.design.terms
-        if len(terms) != 1 or terms[0].k != 1 or self.design.weights is None:  # prior weights or known sds
+        if self.design.weights is None:  # prior weights or known sds
             return optimum
-        if statistics is not None and host:  # the one-term criterion at every point at once, as the batch's scan
-            values = one_term.scan_values(statistics, reml, system.layout.sigma_known)
-        else:
-            values = np.array([[criterion_value(np.array([t]), system, reml, host)] for t in one_term.SCALAR_SCAN])
-        restart, theta = one_term.scan_restarts(values, np.array([optimum.objective]))
-        if not restart[0]:
+        control = replace(control or Control(), theta_start=None)
+        scalar = len(terms) == 1 and terms[0].k == 1
+        if not scalar and not weights_uneven(self.design.weights)[0]:
             return optimum
-        again = optimize_theta(system, reml, control, start=theta[0], statistics=statistics)
-        return again if again.objective < optimum.objective else optimum
+        if scalar:
+            if statistics is not None and host:  # the one-term criterion at every point at once, as the batch's scan
+                values = one_term.scan_values(statistics, reml, system.layout.sigma_known)
+            else:
+                values = np.array([[criterion_value(np.array([t]), system, reml, host)] for t in one_term.SCALAR_SCAN])
+            restart, theta = one_term.scan_restarts(values, np.array([optimum.objective]))
+            if not restart[0]:
+                return optimum
+            again = optimize_theta(system, reml, control, start=theta[0], statistics=statistics)
+            return again if again.objective < optimum.objective else optimum
+        ks = tuple(term.k for term in terms)
+        theta = np.asarray(optimum.theta, dtype=float)
+        if boundary_probes(theta, ks, control.singular_tol):
+            return optimum
+        best = optimum
+        for start in other_minimum_starts(theta, ks, control.singular_tol):
+            again = optimize_theta(system, reml, control, start=start, statistics=statistics)
+            if again.objective < best.objective - OTHER_MINIMUM_MARGIN * max(1.0, abs(best.objective)):
+                best = again
+        return best
 
 
 def lmm(

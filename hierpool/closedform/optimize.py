@@ -27,7 +27,7 @@ from ..algebra import criterion, one_term
 from ..algebra.checks import SINGULAR_TOL, singular_rows
 from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import host_objective_and_gradient, objective
-from ..algebra.linalg import canonical_theta, full_rank_probes, theta_lower_bounds, theta_start
+from ..algebra.linalg import boundary_probes, canonical_theta, theta_lower_bounds, theta_start
 from ..algebra.start import moment_theta
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
 from ..algebra.system import on_host as to_host
@@ -388,7 +388,7 @@ def optimize_theta(
 
         options = dict(maxiter=control.max_iter, ftol=control.ftol, gtol=control.gtol)
         result = scipy.optimize.minimize(evaluate, start, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
-        result = _restart_from_boundary(evaluate, result, lower, bounds, options, control.max_restarts,
+        result = _restart_from_boundary(evaluate, result, bounds, options, control.max_restarts,
                                         system.layout.ks, control.singular_tol)
         if not np.isfinite(result.fun):
             raise ConvergenceError(f"the objective became non-finite during optimization: {result.message}")
@@ -536,7 +536,7 @@ def newton_polish(evaluate, hessian_at, theta: np.ndarray, lower: np.ndarray, ro
     return theta
 
 
-def _restart_from_boundary(evaluate, result, lower, bounds, options, max_rounds: int, ks: tuple[int, ...],
+def _restart_from_boundary(evaluate, result, bounds, options, max_rounds: int, ks: tuple[int, ...],
                            near: float = 0.0):
     """Leave a boundary optimum when an interior one is better.
 
@@ -544,27 +544,20 @@ def _restart_from_boundary(evaluate, result, lower, bounds, options, max_rounds:
     local minimum (the objective depends on the last diagonal of T_j only
     through its square, so the gradient there is exactly 0 and a gradient
     method never looks past it), while a better optimum lies inside (lme4's
-    derivative-free BOBYQA usually finds it).  Restart from small positive
-    values of each such element, and from each such vector term's covariance
-    made full rank (:func:`~hierpool.algebra.linalg.full_rank_probes`), and keep the best optimum.  ``near``: an
+    derivative-free BOBYQA usually finds it).  Restart from the optimum's
+    :func:`~hierpool.algebra.linalg.boundary_probes` (small positive values of
+    each such element, each such vector term's covariance made full rank), and keep the best optimum.  ``near``: an
     element at most this is taken as at 0 (L-BFGS-B stops short of the bound where the criterion is flat: (x | a)
     on 6 groups of 5 rows stopped at T_11 = 3.5e-5, 1.3e-4 above lme4's optimum at T_22 = 7e-6, a correlation of 1).
     """
     import scipy.optimize  # loaded by the caller, which ran L-BFGS-B
 
     for _ in range(max_rounds):
-        theta = np.asarray(result.x)
-        at_zero = np.flatnonzero((lower == 0) & (theta <= near))
-        if at_zero.size == 0:
+        probes = boundary_probes(np.asarray(result.x), ks, near)
+        if not probes:
             return result
         improved = False
-        probes = []
-        for j in at_zero:
-            for step in (0.05, 0.5):
-                probe = theta.copy()
-                probe[j] = step
-                probes.append(probe)
-        for probe in probes + full_rank_probes(theta, ks, near):
+        for probe in probes:
             candidate = scipy.optimize.minimize(evaluate, probe, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
             if candidate.fun < result.fun - 1e-10 * max(1.0, abs(result.fun)):
                 result, improved = candidate, True

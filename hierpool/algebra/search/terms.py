@@ -13,12 +13,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..batched_systems import shared_grid, statistics_systems
+from ..checks import SINGULAR_TOL
 from ..criterion import host_objective_and_gradient
 from ..henderson import solve
 from ..linalg import (
+    OTHER_MINIMUM_MARGIN,
     block_diagonal_positions,
     block_diagonal_theta,
     identity_where_not,
+    other_minimum_starts,
     rank_reduced_theta,
     term_results,
 )
@@ -73,7 +76,8 @@ SECANT_MIN_WORK = 75_000
 SECANT_RESTART_PASSES = 24
 
 
-def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, term_ks=None) -> dict:
+def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, term_ks=None,
+                   other_minima: np.ndarray | None = None) -> dict:
     """:func:`hierpool.batch.fit_terms`' compiled search (``_optimize_rows``) on the host: Newton's method of every
     dataset of a chunk (:func:`hierpool.algebra.search.newton.newton_on_host`) on the blocked criterion and its
     written-out gradient, evaluated for the datasets still searching at once (``systems``:
@@ -86,6 +90,12 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     curvature is indefinite (:func:`hierpool.algebra.search.newton._saddle_free_step`), and a stop where the last quadratic
     model promises less than :data:`hierpool.algebra.search.newton.DECREASE_TOL` (a GLMM search's rule, and the compiled
     search's).
+
+    ``other_minima``: (datasets,) bool, those whose prior weights (or known residual sds) are uneven
+    (:func:`~hierpool.algebra.linalg.weights_uneven`), whose criterion can have an interior minimum and one on the
+    boundary: each of their converged searches is followed by searches from its optimum's
+    :func:`~hierpool.algebra.linalg.other_minimum_starts`, and the lowest optimum kept
+    (:func:`_lowest_of_other_minima`), as ``hp.lmm`` does.
 
     In a model with a term of several coefficients, a search that has not converged after
     :data:`RESTART_PASSES` (a secant search :data:`SECANT_RESTART_PASSES`) passes is looked at: the criterion at
@@ -109,7 +119,8 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
 
     The compiled search (accelerators, float32) shares the decrease stop of the searches that difference each
     trial (in float32 rounding reaches it first) but has none of the interpolated damping, the saddle-free steps,
-    the secant updates and the restart: a dataset it does not converge on is refitted by ``hp.lmm``, as before."""
+    the secant updates, the restart and the searches from other starts: a dataset it does not converge on is refitted
+    by ``hp.lmm``, as before."""
     ks = systems.layout.ks if term_ks is None else tuple(term_ks)  # the search's terms (module notes: term_ks)
     merged = ks != systems.layout.ks
     positions = block_diagonal_positions(ks) if merged else None
@@ -157,6 +168,56 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
         result["iterations"][stalled] += again.pop("iterations")  # both runs' passes: up to restart_passes more
         for name, values in again.items():
             result[name][stalled[better]] = values[better]
+    if other_minima is not None and np.any(other_minima):
+        result = _lowest_of_other_minima(result, search, ks, np.asarray(other_minima, dtype=bool))
+    return result
+
+
+#: Passes of a search from one of :func:`~hierpool.algebra.linalg.other_minimum_starts`
+#: (:func:`_lowest_of_other_minima`), after which one still searching goes on only where it is already below its
+#: dataset's optimum (a descent: it ends lower), up to :data:`OTHER_MINIMUM_PASSES` in all.  Those that reached a
+#: lower minimum took at most 15 passes, while a search from a rank-reduced start that finds none crawls along the
+#: boundary, half of them past 12 passes and some to 59 (benchmarks/RESULTS.md, fortieth session).
+OTHER_MINIMUM_FIRST_PASSES = 8
+OTHER_MINIMUM_PASSES = 24
+
+
+def _lowest_of_other_minima(result: dict, search, ks, datasets: np.ndarray) -> dict:
+    """``result`` (a chunk's searches, ``search(start, datasets, passes)`` its search), the optimum of each converged
+    dataset among ``datasets`` (a mask) replaced by the lowest of the searches from its
+    :func:`~hierpool.algebra.linalg.other_minimum_starts` (:data:`OTHER_MINIMUM_FIRST_PASSES` each, and
+    :data:`OTHER_MINIMUM_PASSES` for those below the optimum by then) where that ends
+    converged and lower by :data:`~hierpool.algebra.linalg.OTHER_MINIMUM_MARGIN`: ``hp.lmm``'s rule for uneven
+    prior weights (:meth:`hierpool.closedform.model.MixedModel._lowest_of_restarts`), whose criterion can have an
+    interior minimum and one on the boundary.  All the starts of the chunk are searched at once."""
+    done = np.flatnonzero(datasets & result["converged"] & np.isfinite(result["objective"]))
+    starts, owners = [], []
+    for row in done:
+        found = other_minimum_starts(result["theta"][row], ks, SINGULAR_TOL)
+        starts += found
+        owners += [row] * len(found)
+    if not starts:
+        return result
+    owners = np.asarray(owners)
+    current = result["objective"][owners]
+    threshold = current - OTHER_MINIMUM_MARGIN * np.maximum(1.0, np.abs(current))
+    again = search(np.stack(starts), owners, OTHER_MINIMUM_FIRST_PASSES)
+    going = np.flatnonzero(~again["converged"] & (again["objective"] < threshold))
+    if going.size:  # already below the optimum: on to its own minimum
+        more = search(again["theta"][going], owners[going], OTHER_MINIMUM_PASSES - OTHER_MINIMUM_FIRST_PASSES)
+        again["iterations"][going] += more.pop("iterations")
+        for name, values in more.items():
+            again[name][going] = values
+    usable = again["converged"] & np.isfinite(again["objective"])
+    values = np.where(usable, again["objective"], np.inf)
+    order = np.lexsort((values, owners))  # each dataset's starts, lowest first
+    first = order[np.r_[True, owners[order][1:] != owners[order][:-1]]]  # each dataset's lowest
+    rows = owners[first]
+    lower = values[first] < threshold[first]
+    result["iterations"][rows] += np.bincount(np.searchsorted(rows, owners), weights=again["iterations"],
+                                              minlength=len(rows)).astype(result["iterations"].dtype)
+    for name in ("theta", "objective", "newton_step", "converged"):
+        result[name][rows[lower]] = again[name][first[lower]]
     return result
 
 
@@ -186,7 +247,7 @@ def _negative_curvature(curvature: np.ndarray) -> np.ndarray:
 
 
 def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iterations: int,
-                              sigma_known: bool = False, term_ks=None) -> dict:
+                              sigma_known: bool = False, term_ks=None, other_minima: np.ndarray | None = None) -> dict:
     """:func:`search_on_host` for a one-term chunk given by its sufficient statistics (a leading dataset axis):
     the same search on the same criterion, of the statistics' systems
     (:func:`hierpool.algebra.batched_systems.statistics_systems`).  ``hp.fit_batch``'s one-term path on the host and
@@ -199,7 +260,7 @@ def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iteratio
     session).
 
     ``term_ks``: the statistics' one term stands for terms of these widths on one grouping factor, as
-    :func:`search_on_host`'s (``start`` and the thetas returned theirs).
+    :func:`search_on_host`'s (``start`` and the thetas returned theirs); ``other_minima`` as its.
 
     It is the several-term search in every rule, unlike the compiled one-term program (Newton's method with the
     same decrease stop): saddle-free steps, the interpolated damping, and for a vector term the restart at the
@@ -208,15 +269,16 @@ def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iteratio
     Its one term makes no secant search.
     """
     return search_on_host(statistics_systems(stats, sigma_known), np.asarray(stats.n), start, reml, max_iterations,
-                          term_ks)
+                          term_ks, other_minima)
 
 
-def fit_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, term_ks=None) -> dict:
+def fit_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, term_ks=None,
+                other_minima: np.ndarray | None = None) -> dict:
     """A host chunk's fits: :func:`search_on_host`, then :func:`hierpool.algebra.henderson.solve` at each optimum over
     the chunk's leading axis (what the compiled optimize and solve programs return).  ``term_ks``: the systems' one
     term stands for terms of these widths on one grouping factor, as :func:`search_on_host`'s; each term's results
-    are then its block's."""
-    optimized = search_on_host(systems, n, start, reml, max_iterations, term_ks)
+    are then its block's; ``other_minima`` as its."""
+    optimized = search_on_host(systems, n, start, reml, max_iterations, term_ks, other_minima)
     merged = term_ks is not None and tuple(term_ks) != systems.layout.ks
     theta = block_diagonal_theta(optimized["theta"], tuple(term_ks)) if merged else optimized["theta"]
     with np.errstate(all="ignore"):  # a dataset whose theta is NaN gets NaN, as in the compiled program
