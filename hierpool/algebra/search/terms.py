@@ -95,7 +95,8 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     (:func:`~hierpool.algebra.linalg.weights_uneven`), whose criterion can have an interior minimum and one on the
     boundary: each of their converged searches is followed by searches from its optimum's
     :func:`~hierpool.algebra.linalg.other_minimum_starts`, and the lowest optimum kept
-    (:func:`_lowest_of_other_minima`), as ``hp.lmm`` does.
+    (:func:`_lowest_of_other_minima`), as ``hp.lmm`` does with its own optimizer.  Different searches from the
+    same starts can still end in different minima (benchmarks/RESULTS.md, fortieth session).
 
     In a model with a term of several coefficients, a search that has not converged after
     :data:`RESTART_PASSES` (a secant search :data:`SECANT_RESTART_PASSES`) passes is looked at: the criterion at
@@ -175,11 +176,11 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
 
 #: Passes of a search from one of :func:`~hierpool.algebra.linalg.other_minimum_starts`
 #: (:func:`_lowest_of_other_minima`), after which one still searching goes on only where it is already below its
-#: dataset's optimum (a descent: it ends lower), up to :data:`OTHER_MINIMUM_PASSES` in all.  Those that reached a
-#: lower minimum took at most 15 passes, while a search from a rank-reduced start that finds none crawls along the
-#: boundary, half of them past 12 passes and some to 59 (benchmarks/RESULTS.md, fortieth session).
+#: dataset's optimum (a descent: it ends lower), up to :data:`OTHER_MINIMUM_PASSES` in all.  A search from a
+#: rank-reduced start that finds no lower minimum crawls along the boundary, half of them past 12 passes and some to
+#: 59, while most that found one took at most 15, and two 23 and 26 (benchmarks/RESULTS.md, fortieth session).
 OTHER_MINIMUM_FIRST_PASSES = 8
-OTHER_MINIMUM_PASSES = 24
+OTHER_MINIMUM_PASSES = 48
 
 
 def _lowest_of_other_minima(result: dict, search, ks, datasets: np.ndarray) -> dict:
@@ -188,8 +189,9 @@ def _lowest_of_other_minima(result: dict, search, ks, datasets: np.ndarray) -> d
     :func:`~hierpool.algebra.linalg.other_minimum_starts` (:data:`OTHER_MINIMUM_FIRST_PASSES` each, and
     :data:`OTHER_MINIMUM_PASSES` for those below the optimum by then) where that ends
     converged and lower by :data:`~hierpool.algebra.linalg.OTHER_MINIMUM_MARGIN`: ``hp.lmm``'s rule for uneven
-    prior weights (:meth:`hierpool.closedform.model.MixedModel._lowest_of_restarts`), whose criterion can have an
-    interior minimum and one on the boundary.  All the starts of the chunk are searched at once."""
+    prior weights (:meth:`hierpool.closedform.model.MixedModel._lowest_of_restarts`: the same starts and margin,
+    searched by its own optimizer), whose criterion can have an interior minimum and one on the boundary.  All the
+    starts of the chunk are searched at once."""
     done = np.flatnonzero(datasets & result["converged"] & np.isfinite(result["objective"]))
     starts, owners = [], []
     for row in done:
