@@ -164,6 +164,21 @@ def test_without_the_searches_from_other_starts_each_stays_in_its_own_minimum(un
     np.testing.assert_allclose(singles, [old for _, _, old in UNEVEN_SLOPES.values()], rtol=0, atol=1e-5)
 
 
+def test_a_compiled_one_term_batch_searches_from_the_other_starts_too(uneven_slopes, monkeypatch):
+    # a one-term batch too large for the host path runs compiled programs (here forced); each start is searched by the
+    # chunk's program with its dataset's statistics: 79 ended inside, 1.75 above, without it
+    from hierpool.batch import fit
+
+    frames, singles = uneven_slopes
+    monkeypatch.setattr(fit, "QUICK_COMPILE_MAX_VALUES", 0)  # no batch counts as small: compiled, not on the host
+    batch = hp.fit_batch("y ~ x + (1 + x | g)", frames, weights="w", reml=False, progress=False)
+    np.testing.assert_allclose(batch.objective, singles, rtol=1e-10)
+    assert batch.converged.all() and not batch.refit.any()
+    monkeypatch.setattr(linalg, "UNEVEN_WEIGHTS_RATIO", np.inf)
+    stuck = hp.fit_batch("y ~ x + (1 + x | g)", frames, weights="w", reml=False, progress=False)
+    assert stuck.objective.iloc[0] > singles[0] + 1.0
+
+
 def test_a_search_from_another_start_below_the_optimum_goes_on_to_its_own_minimum(monkeypatch):
     # seed 476: the batch's search from the rank-reduced start reaches hp.lmm's minimum after 23 passes, below the
     # optimum after 8; cut off at 24 passes in all it was dropped unconverged, 0.77 above

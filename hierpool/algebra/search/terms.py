@@ -95,7 +95,7 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     (:func:`~hierpool.algebra.linalg.weights_uneven`), whose criterion can have an interior minimum and one on the
     boundary: each of their converged searches is followed by searches from its optimum's
     :func:`~hierpool.algebra.linalg.other_minimum_starts`, and the lowest optimum kept
-    (:func:`_lowest_of_other_minima`), as ``hp.lmm`` does with its own optimizer.  Different searches from the
+    (:func:`lowest_of_other_minima`), as ``hp.lmm`` does with its own optimizer.  Different searches from the
     same starts can still end in different minima (benchmarks/RESULTS.md, fortieth session).
 
     In a model with a term of several coefficients, a search that has not converged after
@@ -120,8 +120,9 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
 
     The compiled search (accelerators, float32) shares the decrease stop of the searches that difference each
     trial (in float32 rounding reaches it first) but has none of the interpolated damping, the saddle-free steps,
-    the secant updates, the restart and the searches from other starts: a dataset it does not converge on is refitted
-    by ``hp.lmm``, as before."""
+    the secant updates, the restart and the searches from other starts (a compiled one-term batch has the last,
+    :func:`hierpool.batch.fit._from_other_minima`): a dataset it does not converge on is refitted by ``hp.lmm``, as
+    before."""
     ks = systems.layout.ks if term_ks is None else tuple(term_ks)  # the search's terms (module notes: term_ks)
     merged = ks != systems.layout.ks
     positions = block_diagonal_positions(ks) if merged else None
@@ -170,12 +171,12 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
         for name, values in again.items():
             result[name][stalled[better]] = values[better]
     if other_minima is not None and np.any(other_minima):
-        result = _lowest_of_other_minima(result, search, ks, np.asarray(other_minima, dtype=bool))
+        result = lowest_of_other_minima(result, search, ks, np.asarray(other_minima, dtype=bool))
     return result
 
 
 #: Passes of a search from one of :func:`~hierpool.algebra.linalg.other_minimum_starts`
-#: (:func:`_lowest_of_other_minima`), after which one still searching goes on only where it is already below its
+#: (:func:`lowest_of_other_minima`), after which one still searching goes on only where it is already below its
 #: dataset's optimum (a descent: it ends lower), up to :data:`OTHER_MINIMUM_PASSES` in all.  A search from a
 #: rank-reduced start that finds no lower minimum crawls along the boundary, half of them past 12 passes and some to
 #: 59, while most that found one took at most 15, and two 23 and 26 (benchmarks/RESULTS.md, fortieth session).
@@ -183,8 +184,10 @@ OTHER_MINIMUM_FIRST_PASSES = 8
 OTHER_MINIMUM_PASSES = 48
 
 
-def _lowest_of_other_minima(result: dict, search, ks, datasets: np.ndarray) -> dict:
-    """``result`` (a chunk's searches, ``search(start, datasets, passes)`` its search), the optimum of each converged
+def lowest_of_other_minima(result: dict, search, ks, datasets: np.ndarray) -> dict:
+    """``result`` (a chunk's searches: writable arrays ``theta``, ``objective``, ``newton_step``, ``iterations``,
+    ``converged``; ``search(starts, datasets, passes)`` its search, which may take its own passes: the compiled one-term
+    program, :func:`hierpool.batch.fit._from_other_minima`), the optimum of each converged
     dataset among ``datasets`` (a mask) replaced by the lowest of the searches from its
     :func:`~hierpool.algebra.linalg.other_minimum_starts` (:data:`OTHER_MINIMUM_FIRST_PASSES` each, and
     :data:`OTHER_MINIMUM_PASSES` for those below the optimum by then) where that ends
