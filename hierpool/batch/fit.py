@@ -480,8 +480,8 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
         chunk, start = place((host_chunk_stats, start), sharding)  # on the host (no sharding) the arrays as they are
         rows = None
         if uneven is not None and uneven[members].any():
-            rows = np.zeros(len(start), dtype=bool)  # a compiled chunk's padded rows (its results cut below): not
-            rows[:count] = uneven[members]
+            rows = np.zeros(len(start), dtype=bool)  # a compiled chunk's padded rows (results cut below) are not
+            rows[:count] = uneven[members]           # searched again
         if rows is not None and host:
             optimized = optimize.result()(chunk, start, other_minima=rows)
         else:

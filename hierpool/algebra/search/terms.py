@@ -179,22 +179,25 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
 #: (:func:`lowest_of_other_minima`), after which one still searching goes on only where it is already below its
 #: dataset's optimum (a descent: it ends lower), up to :data:`OTHER_MINIMUM_PASSES` in all.  A search from a
 #: rank-reduced start that finds no lower minimum crawls along the boundary, half of them past 12 passes and some to
-#: 59, while most that found one took at most 15, and two 23 and 26 (benchmarks/RESULTS.md, fortieth session).
+#: 59, while most that found one took at most 15, and one 23, below the optimum after 8 (benchmarks/RESULTS.md,
+#: fortieth session).
 OTHER_MINIMUM_FIRST_PASSES = 8
 OTHER_MINIMUM_PASSES = 48
 
 
 def lowest_of_other_minima(result: dict, search, ks, datasets: np.ndarray) -> dict:
     """``result`` (a chunk's searches: writable arrays ``theta``, ``objective``, ``newton_step``, ``iterations``,
-    ``converged``; ``search(starts, datasets, passes)`` its search, which may take its own passes: the compiled one-term
-    program, :func:`hierpool.batch.fit._from_other_minima`), the optimum of each converged
+    ``converged``; ``search(starts, owners, passes)`` its search from each start, ``owners`` each start's row of the
+    chunk (repeated where a dataset has several), which may take its own passes: the compiled one-term program,
+    :func:`hierpool.batch.fit._from_other_minima`), the optimum of each converged
     dataset among ``datasets`` (a mask) replaced by the lowest of the searches from its
     :func:`~hierpool.algebra.linalg.other_minimum_starts` (:data:`OTHER_MINIMUM_FIRST_PASSES` each, and
     :data:`OTHER_MINIMUM_PASSES` for those below the optimum by then) where that ends
-    converged and lower by :data:`~hierpool.algebra.linalg.OTHER_MINIMUM_MARGIN`: ``hp.lmm``'s rule for uneven
+    converged and lower by :data:`~hierpool.algebra.linalg.OTHER_MINIMUM_MARGIN` (relative; in float32 by 100 of its
+    rounding units, where the margin is below them and rounding alone would swap optima): ``hp.lmm``'s rule for uneven
     prior weights (:meth:`hierpool.closedform.model.MixedModel._lowest_of_restarts`: the same starts and margin,
-    searched by its own optimizer), whose criterion can have an interior minimum and one on the boundary.  All the
-    starts of the chunk are searched at once."""
+    searched by its own optimizer), whose criterion can have an interior minimum and one on the boundary.  On the host
+    all the starts of the chunk are searched at once."""
     done = np.flatnonzero(datasets & result["converged"] & np.isfinite(result["objective"]))
     starts, owners = [], []
     for row in done:
@@ -205,7 +208,8 @@ def lowest_of_other_minima(result: dict, search, ks, datasets: np.ndarray) -> di
         return result
     owners = np.asarray(owners)
     current = result["objective"][owners]
-    threshold = current - OTHER_MINIMUM_MARGIN * np.maximum(1.0, np.abs(current))
+    margin = max(OTHER_MINIMUM_MARGIN, 100 * float(np.finfo(np.result_type(current, np.float32)).eps))
+    threshold = current - margin * np.maximum(1.0, np.abs(current))
     again = search(np.stack(starts), owners, OTHER_MINIMUM_FIRST_PASSES)
     going = np.flatnonzero(~again["converged"] & (again["objective"] < threshold))
     if going.size:  # already below the optimum: on to its own minimum
