@@ -179,6 +179,20 @@ def test_a_compiled_one_term_batch_searches_from_the_other_starts_too(uneven_slo
     assert stuck.objective.iloc[0] > singles[0] + 1.0
 
 
+def test_a_compiled_several_term_batch_searches_from_the_other_starts_too(monkeypatch):
+    # float32 runs the several-term compiled programs (as an accelerator does); chunks of 2, the last one padded
+    frames = [_uneven_crossed(seed) for seed in (169, 198, 234)]
+    singles = [hp.lmm("y ~ x + (1 | g) + (1 | b)", frame, weights="w", reml=False).objective for frame in frames]
+    batch = hp.fit_batch("y ~ x + (1 | g) + (1 | b)", frames, weights="w", reml=False, dtype="float32",
+                         chunk_size=2, progress=False)
+    np.testing.assert_allclose(batch.objective, singles, rtol=1e-6)  # float32's search, polished in float64
+    assert batch.converged.all() and not batch.refit.any()
+    monkeypatch.setattr(linalg, "UNEVEN_WEIGHTS_RATIO", np.inf)
+    stuck = hp.fit_batch("y ~ x + (1 | g) + (1 | b)", frames, weights="w", reml=False, dtype="float32",
+                         chunk_size=2, progress=False)
+    assert np.all(stuck.objective.to_numpy() > np.array(singles) + 0.1)
+
+
 def test_a_search_from_another_start_below_the_optimum_goes_on_to_its_own_minimum(monkeypatch):
     # seed 476: the batch's search from the rank-reduced start reaches hp.lmm's minimum after 23 passes, below the
     # optimum after 8; cut off at 24 passes in all it was dropped unconverged, 0.77 above

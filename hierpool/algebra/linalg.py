@@ -214,13 +214,11 @@ def other_minimum_starts(theta: np.ndarray, ks: tuple[int, ...], at_most: float 
     an interior minimum and one on the boundary, and which one a search reaches depends on where it starts:
     ``y ~ x + (1 + x | g)``, 8 groups of 5 rows, weights 10^U(-2, 2), ML, ended in another minimum than ``hp.lmm``'s
     in 5 of 100 ``hp.fit_batch`` datasets, 0.9-2.3 apart, lower in one, and lme4 in 3 of those 5 another than the
-    lowest (benchmarks/RESULTS.md, fortieth session).  ``hp.lmm`` and ``hp.fit_batch`` (its host search, and its
-    compiled one-term programs; not the several-term ones, which run on accelerators, on several devices or in
-    float32 only) search
-    again from these starts where the weights are uneven (:func:`weights_uneven`), each with its own optimizer, and
-    keep the lowest optimum, so that both reach the lower of the two minima more often; not always (a rank-one face
-    can hold two minima of its own, and two optimizers can leave one start for different minima).  AR(1) fits do
-    not.
+    lowest (benchmarks/RESULTS.md, fortieth session).  ``hp.lmm`` and ``hp.fit_batch`` (its host search and its
+    compiled programs) search again from these starts where the weights are uneven (:func:`weights_uneven`), each
+    with its own optimizer, and keep the lowest optimum, so that both reach the lower of the two minima more often;
+    not always (a rank-one face can hold two minima of its own, and two optimizers can leave one start for different
+    minima).  AR(1) fits do not.
     """
     theta = np.asarray(theta, dtype=float)
     probes = boundary_probes(theta, ks, at_most)

@@ -62,7 +62,7 @@ from ..algebra.family import family as make_family
 from ..algebra.host_allocator import raise_malloc_thresholds
 from ..algebra.one_term import solution
 from ..algebra.search.newton import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
-from ..algebra.search.terms import host_bytes, lowest_of_other_minima, search_statistics_on_host
+from ..algebra.search.terms import host_bytes, search_statistics_on_host
 from ..closedform import glmm, lmm
 from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
@@ -73,6 +73,7 @@ from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
 from .fit_glmm import fit_glmm, glmm_problems, separation_notes
 from .fit_terms import empty_results, fit_terms
+from .other_minima import compiled_other_minima
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     chunks,
@@ -472,7 +473,8 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     # (benchmarks/RESULTS.md, thirtieth session)
     scan = k == 1 and design.weights is not None
     # uneven prior weights (known sds): a vector term's criterion can have a minimum inside and one on the boundary,
-    # searched from both sides as hp.lmm does (algebra.search.terms.search_on_host's other_minima; _from_other_minima)
+    # searched from both sides as hp.lmm does (algebra.search.terms.search_on_host's other_minima; compiled:
+    # other_minima.compiled_other_minima)
     uneven = plan.uneven_weights() if k > 1 else None
 
     def run(job):
@@ -487,8 +489,8 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
         else:
             optimized = optimize.result()(chunk, start)
         if rows is not None and not host:
-            optimized = _from_other_minima(optimized, host_chunk_stats, optimize.result(), rows, k, float_type,
-                                           sharding)
+            optimized = compiled_other_minima(optimized, lambda index: (host_chunk_stats.take(index),),
+                                              optimize.result(), rows, (k,), float_type, sharding)
         if scan:  # a scalar term's criterion may have two minima in theta: the search again from the lower
             optimized = _from_scan(optimized, host_chunk_stats, optimize.result(), chunk, reml, sigma_known,
                                    float_type, sharding)
@@ -529,28 +531,6 @@ def _from_scan(optimized, stats, optimize, chunk, reml: bool, sigma_known: bool,
     lower = np.asarray(again["objective"], dtype=float) < objective
     return {name: np.where(lower.reshape((-1,) + (1,) * (np.ndim(value) - 1)), again[name], value)
             for name, value in found.items()}
-
-
-def _from_other_minima(optimized, stats, optimize, uneven: np.ndarray, k: int, float_type, sharding) -> dict:
-    """``optimized`` (a compiled chunk's search), with each dataset of uneven prior weights (``uneven``, the chunk's
-    rows) searched again from its optimum's other starts and the lowest optimum kept: the host search's rule
-    (:func:`hierpool.algebra.search.terms.lowest_of_other_minima`), each start run by the chunk's own program with its
-    dataset's statistics, in rounds of the chunk's rows (the program's shape: a round's last rows repeat its first),
-    each search to the program's own pass limit."""
-    found = {name: np.array(value) for name, value in fetch(optimized).items()}  # writable host copies
-    rows = len(found["objective"])
-
-    def search(starts, owners, passes):  # (passes: the program's own)
-        rounds = []
-        for begin in range(0, len(starts), rows):
-            part = np.arange(begin, min(begin + rows, len(starts)))
-            index = np.resize(part, rows)
-            chunk = place(stats.take(owners[index]), sharding)
-            again = fetch(optimize(chunk, place(starts[index].astype(float_type), sharding)))
-            rounds.append({name: np.asarray(value)[: len(part)] for name, value in again.items()})
-        return {name: np.concatenate([r[name] for r in rounds]) for name in rounds[0]}
-
-    return lowest_of_other_minima(found, search, (k,), uneven)
 
 
 def _warn_if_unidentified(plan, family_name: str) -> None:

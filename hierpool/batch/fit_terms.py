@@ -52,6 +52,7 @@ from ..algebra.system import grouped_products
 from ..closedform.optimize import Control
 from ..spec.design import lme4_term_order
 from . import host_processes
+from .other_minima import compiled_other_minima
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
@@ -449,9 +450,9 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
             jobs.append((members[chunk.members], take((systems, n, start), chunk.index), chunk.count, programs,
                          shift[chunk.members]))
 
-    # uneven prior weights (known sds): minima inside and on the boundary, searched from both sides on the host as
-    # hp.lmm does (algebra.search.terms.search_on_host's other_minima)
-    uneven = plan.uneven_weights() if host else None
+    # uneven prior weights (known sds): minima inside and on the boundary, searched from both sides as hp.lmm does
+    # (algebra.search.terms.search_on_host's other_minima; compiled: other_minima.compiled_other_minima)
+    uneven = plan.uneven_weights()
 
     def run(job):
         members, (systems, n, start), count, programs, shift = job
@@ -463,8 +464,14 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
             result = host_processes.call(fit_on_host, *arguments) if processes else fit_on_host(*arguments)
         else:
             optimize, solver = programs
+            chunk = (systems, n)  # the host arrays, for the searches from other starts
             systems, n, start = place((systems, n, start), sharding)
             optimized = optimize.result()(systems, n, start)
+            if uneven[members].any():
+                rows = np.zeros(len(start), dtype=bool)  # a padded row (results cut below) is not searched again
+                rows[:count] = uneven[members]
+                optimized = compiled_other_minima(optimized, lambda index: take(chunk, index), optimize.result(), rows,
+                                                  chunk[0].layout.ks, float_type, sharding)
             solved = solver.result()(optimized["theta"], systems, n)
             result = jax.tree_util.tree_map(lambda a: a[:count], fetch({**optimized, **solved}))
         result["beta"] = result["beta"] + shift

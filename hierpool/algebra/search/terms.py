@@ -120,9 +120,9 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
 
     The compiled search (accelerators, float32) shares the decrease stop of the searches that difference each
     trial (in float32 rounding reaches it first) but has none of the interpolated damping, the saddle-free steps,
-    the secant updates, the restart and the searches from other starts (a compiled one-term batch has the last,
-    :func:`hierpool.batch.fit._from_other_minima`): a dataset it does not converge on is refitted by ``hp.lmm``, as
-    before."""
+    the secant updates, the restart and the searches from other starts (a compiled batch runs those by its own
+    program, :func:`hierpool.batch.other_minima.compiled_other_minima`): a dataset it does not converge on is
+    refitted by ``hp.lmm``, as before."""
     ks = systems.layout.ks if term_ks is None else tuple(term_ks)  # the search's terms (module notes: term_ks)
     merged = ks != systems.layout.ks
     positions = block_diagonal_positions(ks) if merged else None
@@ -188,8 +188,8 @@ OTHER_MINIMUM_PASSES = 48
 def lowest_of_other_minima(result: dict, search, ks, datasets: np.ndarray) -> dict:
     """``result`` (a chunk's searches: writable arrays ``theta``, ``objective``, ``newton_step``, ``iterations``,
     ``converged``; ``search(starts, owners, passes)`` its search from each start, ``owners`` each start's row of the
-    chunk (repeated where a dataset has several), which may take its own passes: the compiled one-term program,
-    :func:`hierpool.batch.fit._from_other_minima`), the optimum of each converged
+    chunk (repeated where a dataset has several), which may take its own passes: a compiled program,
+    :func:`hierpool.batch.other_minima.compiled_other_minima`), the optimum of each converged
     dataset among ``datasets`` (a mask) replaced by the lowest of the searches from its
     :func:`~hierpool.algebra.linalg.other_minimum_starts` (:data:`OTHER_MINIMUM_FIRST_PASSES` each, and
     :data:`OTHER_MINIMUM_PASSES` for those below the optimum by then) where that ends
