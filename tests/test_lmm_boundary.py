@@ -193,6 +193,29 @@ def test_a_compiled_several_term_batch_searches_from_the_other_starts_too(monkey
     assert np.all(stuck.objective.to_numpy() > np.array(singles) + 0.1)
 
 
+def _uneven_mixed(seed: int) -> pd.DataFrame:
+    """y ~ x + (1 + x | g) + (1 | b) data, 8 x 6 crossed, prior weights 10^U(-2, 2) (the fortieth session's probe)."""
+    rng = np.random.default_rng(seed)
+    g, b = np.repeat(np.arange(8), 6), np.tile(np.arange(6), 8)
+    x = rng.normal(size=48)
+    y = (1 + 0.5 * x + rng.normal(0, 0.7, 8)[g] + rng.normal(0, 0.3, 8)[g] * x + rng.normal(0, 0.5, 6)[b]
+         + rng.normal(size=48))
+    return pd.DataFrame({"g": [f"g{i}" for i in g], "b": [f"b{i}" for i in b], "x": x, "y": y,
+                         "w": 10 ** rng.uniform(-2, 2, 48)})
+
+
+def test_a_search_from_another_start_that_runs_off_leaves_the_optimum_in_hand():
+    # seed 10, REML: from one of the other starts L-BFGS-B stepped to a theta where the system lost definiteness to
+    # rounding (its largest eigenvalue 3e18), and hp.lmm raised NumPy's LinAlgError; that search is now skipped
+    frame = _uneven_mixed(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("y ~ x + (1 + x | g) + (1 | b)", frame, weights="w")
+    batch = hp.fit_batch("y ~ x + (1 + x | g) + (1 | b)", [frame], weights="w", progress=False)
+    assert fit.converged and fit.objective == pytest.approx(185.22297935037187, rel=1e-10)
+    assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-10)
+
+
 def test_a_search_from_another_start_below_the_optimum_goes_on_to_its_own_minimum(monkeypatch):
     # seed 476: the batch's search from the rank-reduced start reaches hp.lmm's minimum after 23 passes, below the
     # optimum after 8; cut off at 24 passes in all it was dropped unconverged, 0.77 above

@@ -29,7 +29,7 @@ from ..algebra.host_blas import one_blas_thread
 from ..algebra.linalg import OTHER_MINIMUM_MARGIN, boundary_probes, other_minimum_starts, weights_uneven
 from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
-from ..errors import ArgumentError, ConvergenceWarning, boolean_argument
+from ..errors import ArgumentError, ConvergenceError, ConvergenceWarning, boolean_argument
 from ..spec.design import Design, build_design, check_residual_df
 from ..spec.formula import has_spatial_term
 from .ar1 import fit_ar1
@@ -283,7 +283,10 @@ class MixedModel:
             return optimum
         best = optimum
         for start in other_minimum_starts(theta, ks, control.singular_tol):
-            again = optimize_theta(system, reml, control, start=start, statistics=statistics)
+            try:
+                again = optimize_theta(system, reml, control, start=start, statistics=statistics)
+            except (np.linalg.LinAlgError, ConvergenceError):  # a search that ran off to a theta where the system
+                continue  # lost definiteness to rounding, or to a non-finite criterion: the optimum in hand stands
             margin = OTHER_MINIMUM_MARGIN * max(1.0, abs(best.objective))
             if again.converged and again.objective < best.objective - margin:
                 best = again

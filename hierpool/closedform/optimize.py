@@ -558,7 +558,11 @@ def _restart_from_boundary(evaluate, result, bounds, options, max_rounds: int, k
             return result
         improved = False
         for probe in probes:
-            candidate = scipy.optimize.minimize(evaluate, probe, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
+            try:
+                candidate = scipy.optimize.minimize(evaluate, probe, jac=True, method="L-BFGS-B", bounds=bounds,
+                                                    options=options)
+            except np.linalg.LinAlgError:  # a step so long that the system lost definiteness to rounding (theta
+                continue                   # ~1e9): that probe leads nowhere, the optimum in hand stands
             if candidate.fun < result.fun - 1e-10 * max(1.0, abs(result.fun)):
                 result, improved = candidate, True
         if not improved:
