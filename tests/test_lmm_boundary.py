@@ -164,6 +164,18 @@ def test_without_the_searches_from_other_starts_each_stays_in_its_own_minimum(un
     np.testing.assert_allclose(singles, [old for _, _, old in UNEVEN_SLOPES.values()], rtol=0, atol=1e-5)
 
 
+def _count_compiled_searches(monkeypatch, module) -> list:
+    """The calls of ``module``'s compiled_other_minima (a list that grows with each), the function itself kept."""
+    calls, compiled = [], module.compiled_other_minima
+
+    def counted(*arguments, **keywords):
+        calls.append(1)
+        return compiled(*arguments, **keywords)
+
+    monkeypatch.setattr(module, "compiled_other_minima", counted)
+    return calls
+
+
 def test_a_compiled_one_term_batch_searches_from_the_other_starts_too(uneven_slopes, monkeypatch):
     # a one-term batch too large for the host path runs compiled programs (here forced); each start is searched by the
     # chunk's program with its dataset's statistics: 79 ended inside, 1.75 above, without it
@@ -171,7 +183,9 @@ def test_a_compiled_one_term_batch_searches_from_the_other_starts_too(uneven_slo
 
     frames, singles = uneven_slopes
     monkeypatch.setattr(fit, "QUICK_COMPILE_MAX_VALUES", 0)  # no batch counts as small: compiled, not on the host
+    calls = _count_compiled_searches(monkeypatch, fit)
     batch = hp.fit_batch("y ~ x + (1 + x | g)", frames, weights="w", reml=False, progress=False)
+    assert calls  # the compiled path's searches ran (not the host's)
     np.testing.assert_allclose(batch.objective, singles, rtol=1e-10)
     assert batch.converged.all() and not batch.refit.any()
     monkeypatch.setattr(linalg, "UNEVEN_WEIGHTS_RATIO", np.inf)
@@ -181,10 +195,14 @@ def test_a_compiled_one_term_batch_searches_from_the_other_starts_too(uneven_slo
 
 def test_a_compiled_several_term_batch_searches_from_the_other_starts_too(monkeypatch):
     # float32 runs the several-term compiled programs (as an accelerator does); chunks of 2, the last one padded
+    from hierpool.batch import fit_terms
+
     frames = [_uneven_crossed(seed) for seed in (169, 198, 234)]
     singles = [hp.lmm("y ~ x + (1 | g) + (1 | b)", frame, weights="w", reml=False).objective for frame in frames]
+    calls = _count_compiled_searches(monkeypatch, fit_terms)
     batch = hp.fit_batch("y ~ x + (1 | g) + (1 | b)", frames, weights="w", reml=False, dtype="float32",
                          chunk_size=2, progress=False)
+    assert len(calls) == 2  # both chunks' searches ran compiled
     np.testing.assert_allclose(batch.objective, singles, rtol=1e-6)  # float32's search, polished in float64
     assert batch.converged.all() and not batch.refit.any()
     monkeypatch.setattr(linalg, "UNEVEN_WEIGHTS_RATIO", np.inf)

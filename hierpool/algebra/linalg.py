@@ -193,10 +193,8 @@ def weights_uneven(weights, groups=None, n_groups: int = 1) -> np.ndarray:
     group) spread at least :data:`UNEVEN_WEIGHTS_RATIO`, largest over smallest: (n_groups,) bool."""
     weights = np.asarray(weights, dtype=float)
     groups = np.zeros(weights.size, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
-    largest, smallest = np.full(n_groups, -np.inf), np.full(n_groups, np.inf)
-    np.maximum.at(largest, groups, weights)
-    np.minimum.at(smallest, groups, weights)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    smallest, largest = segment_extremes(weights, groups, n_groups)
+    with np.errstate(invalid="ignore"):  # (a group without weights: -inf against inf, False)
         return largest >= UNEVEN_WEIGHTS_RATIO * smallest
 
 
@@ -779,6 +777,15 @@ def dataset_cells(blocks: np.ndarray, dataset: np.ndarray, level: np.ndarray) ->
     ell = blocks.shape[1]
     cells = np.asarray(dataset, dtype=np.intp) * ell + np.asarray(level, dtype=np.intp)
     return blocks.reshape((-1,) + blocks.shape[2:]).take(cells, axis=0)
+
+
+def segment_extremes(values: np.ndarray, segments: np.ndarray, num_segments: int) -> tuple[np.ndarray, np.ndarray]:
+    """(smallest, largest) of the host ``values`` (N,) over rows with equal ``segments`` (N,): two (num_segments,)
+    arrays, inf and -inf for a segment without rows."""
+    smallest, largest = np.full(num_segments, np.inf), np.full(num_segments, -np.inf)
+    np.minimum.at(smallest, segments, values)
+    np.maximum.at(largest, segments, values)
+    return smallest, largest
 
 
 def segment_sum(values, segments, num_segments: int, sorted_segments: bool = False, axis: int = 0):

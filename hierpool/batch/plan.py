@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 from jax.experimental import multihost_utils
 
-from ..algebra.linalg import segment_sum, shared_factor, weights_uneven
+from ..algebra.linalg import segment_extremes, segment_sum, shared_factor, weights_uneven
 from ..algebra.search import HOST_CHUNK_BYTES
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
@@ -809,9 +809,7 @@ def single_fit_refusal(formula: str, frame: pd.DataFrame, **arguments) -> str:
 
 def constant_within(values: np.ndarray, dataset: np.ndarray, n_datasets: int) -> np.ndarray:
     """(D,) whether each dataset's ``values`` (one per row, ``dataset`` its code) are one value (False with none)."""
-    low, high = np.full(n_datasets, np.inf), np.full(n_datasets, -np.inf)
-    np.minimum.at(low, dataset, values)
-    np.maximum.at(high, dataset, values)
+    low, high = segment_extremes(values, dataset, n_datasets)
     return low == high
 
 
