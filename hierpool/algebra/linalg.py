@@ -183,8 +183,8 @@ def boundary_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0
 #: Prior weights (or known residual sds' inverse squares) spread at least this much (the largest over the smallest,
 #: within a dataset) make a vector or several-term model search again from :func:`other_minimum_starts`
 #: (:func:`weights_uneven`).  Below it no second minimum was found (260 datasets of ``(1 + x | g)`` and ``(1 | g) + (1
-#: | b)`` with weights 10^U(-1, 1)); from 10^U(-1.5, 1.5) on, 0.5-7% of such datasets had one, and the searches
-#: make such a fit about twice as long (benchmarks/RESULTS.md, fortieth session).
+#: | b)`` with weights 10^U(-1, 1)); from 10^U(-1.5, 1.5) on, 0.5-7% of such datasets had one (benchmarks/RESULTS.md,
+#: fortieth session, where the searches' cost is measured too).
 UNEVEN_WEIGHTS_RATIO = 100.0
 
 
