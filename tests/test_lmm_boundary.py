@@ -224,7 +224,8 @@ def _uneven_mixed(seed: int) -> pd.DataFrame:
 
 def test_a_search_from_another_start_that_runs_off_leaves_the_optimum_in_hand():
     # seed 10, REML: from one of the other starts L-BFGS-B stepped to a theta where the system lost definiteness to
-    # rounding (its largest eigenvalue 3e18), and hp.lmm raised NumPy's LinAlgError; that search is now skipped
+    # rounding (its largest eigenvalue 3e18), and hp.lmm raised NumPy's LinAlgError; the criterion is +inf there now,
+    # and that search steps back (the next test starts a plain fit there)
     frame = _uneven_mixed(10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -232,6 +233,18 @@ def test_a_search_from_another_start_that_runs_off_leaves_the_optimum_in_hand():
     batch = hp.fit_batch("y ~ x + (1 + x | g) + (1 | b)", [frame], weights="w", progress=False)
     assert fit.converged and fit.objective == pytest.approx(185.22297935037187, rel=1e-10)
     assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-10)
+
+
+def test_a_first_search_that_runs_off_steps_back_rather_than_raising():
+    # from this start (the seed-10 search above that ran off) a plain fit's first L-BFGS-B search stepped to a
+    # theta where the system does not factor, and hp.lmm raised NumPy's LinAlgError; the criterion is now +inf
+    # there, the line search steps back, and the fit reaches the optimum from the default start
+    frame = _uneven_mixed(10)
+    start = [0.209111564, 1.50621555, 1.10590311e-06, 1.05766096]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("y ~ x + (1 + x | g) + (1 | b)", frame, weights="w", control=hp.Control(theta_start=start))
+    assert fit.converged and fit.objective == pytest.approx(185.22297935037187, rel=1e-10)
 
 
 def test_a_search_from_another_start_below_the_optimum_goes_on_to_its_own_minimum(monkeypatch):

@@ -285,8 +285,8 @@ class MixedModel:
         for start in other_minimum_starts(theta, ks, control.singular_tol):
             try:
                 again = optimize_theta(system, reml, control, start=start, statistics=statistics)
-            except (np.linalg.LinAlgError, ConvergenceError):  # a search that ran off to a theta where the system
-                continue  # lost definiteness to rounding, or to a non-finite criterion: the optimum in hand stands
+            except ConvergenceError:  # a search that ran off to a non-finite criterion: the optimum in hand stands
+                continue
             margin = OTHER_MINIMUM_MARGIN * max(1.0, abs(best.objective))
             if again.converged and again.objective < best.objective - margin:
                 best = again

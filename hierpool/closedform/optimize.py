@@ -365,7 +365,12 @@ def optimize_theta(
         key = theta.tobytes()
         if key not in seen:
             count[0] += 1
-            seen[key] = value_and_grad(theta)
+            try:
+                seen[key] = value_and_grad(theta)
+            except np.linalg.LinAlgError:  # a step so long that the system lost definiteness to rounding (its
+                # largest eigenvalue ~1e18): no criterion there, and L-BFGS-B's line search steps back, as the
+                # GLMM's search does (a start there is refused below)
+                seen[key] = (np.inf, np.zeros_like(theta))
         value, gradient = seen[key]
         return value, gradient.copy()
 
@@ -558,11 +563,10 @@ def _restart_from_boundary(evaluate, result, bounds, options, max_rounds: int, k
             return result
         improved = False
         for probe in probes:
-            try:
-                candidate = scipy.optimize.minimize(evaluate, probe, jac=True, method="L-BFGS-B", bounds=bounds,
-                                                    options=options)
-            except np.linalg.LinAlgError:  # a step so long that the system lost definiteness to rounding (theta
-                continue                   # ~1e9): that probe leads nowhere, the optimum in hand stands
+            # a step so long that the system loses definiteness to rounding (theta ~1e9) is +inf to ``evaluate``:
+            # the line search steps back
+            candidate = scipy.optimize.minimize(evaluate, probe, jac=True, method="L-BFGS-B", bounds=bounds,
+                                                options=options)
             if candidate.fun < result.fun - 1e-10 * max(1.0, abs(result.fun)):
                 result, improved = candidate, True
         if not improved:
