@@ -309,6 +309,20 @@ def test_empty_batches_and_a_missing_formula_are_refused_and_reasons_show_the_us
         hp.lmm(LINEAR, _gaussian(2).assign(g=np.array(["g0"], dtype=object)[0]))
 
 
+def test_tuple_keys_label_their_datasets_and_a_missing_key_is_refused_naming_it():
+    """``dict(tuple(frame.groupby(["site", "arm"])))`` keys each dataset by a tuple, which pandas read as a column of
+    its items (its ValueError escaped); a None key made rows naming no dataset (an error about a 'dataset' column)."""
+    frames = {("a", 0): _gaussian(3), ("a", 1): _gaussian(4), ("b", 0): _gaussian(5)}
+    batch = hp.fit_batch(LINEAR, frames, progress=False)
+    assert list(batch.datasets) == list(frames)
+    assert batch.objective.loc[[("a", 1)]].iloc[0] == pytest.approx(hp.lmm(LINEAR, frames[("a", 1)]).objective,
+                                                                       rel=1e-10)
+    assert list(batch.to_frame()["dataset"]) == list(frames)
+    for key in (None, np.nan):
+        with pytest.raises(hp.ArgumentError, match=f"a dataset's key is {key!r}: every dataset of a dict needs"):
+            hp.fit_batch(LINEAR, {key: _gaussian(3), "b": _gaussian(4)}, progress=False)
+
+
 @pytest.mark.parametrize("formula, value", [("y ~ x + (1 + z | g)", 1.0), ("y ~ x + (z || g)", 0.0)])
 def test_a_random_slope_on_a_constant_column_is_refused_by_the_single_fit_and_in_its_batch_row(formula, value):
     """z constant in one dataset: the slope's column copies the intercept's (or, 0, carries nothing), so the term's

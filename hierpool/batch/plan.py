@@ -151,6 +151,14 @@ class KindVote:
     outvoted: dict = field(default_factory=dict)
 
 
+def _label_column(label, frame: pd.DataFrame):
+    """``label`` as the ``by`` column of ``frame``'s rows: a tuple key (``dict(tuple(data.groupby(["site",
+    "arm"])))``) as one object value per row, which pandas would read as a column of its items."""
+    if isinstance(label, tuple):
+        return pd.Series([label] * len(frame), index=frame.index, dtype=object)
+    return label
+
+
 def long_frame(data, by: str, columns=(), kept: dict | None = None,
                logical=None) -> tuple[pd.DataFrame, dict, KindVote]:
     """The datasets as one long frame with a ``by`` column (a list or dict of frames is stacked), the datasets
@@ -180,7 +188,10 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
             raise ArgumentError(f"dataset {label!r} is a {type(frame).__name__}, not a DataFrame")
         if by in frame.columns:
             raise ArgumentError(f"dataset {label!r} already has a column {by!r}; pass another by=")
-    frame = pd.concat([frame.assign(**{by: label}) for label, frame in items], ignore_index=True)
+        if not isinstance(label, tuple) and pd.isna(label):  # it would read as a row naming no dataset
+            raise ArgumentError(f"a dataset's key is {label!r}: every dataset of a dict needs a label")
+    frame = pd.concat([frame.assign(**{by: _label_column(label, frame)}) for label, frame in items],
+                      ignore_index=True)
     # a dataset lacking a column others have: its rows are missing values there, which the design would drop and
     # count in its warning as if missing, though the dataset is refused for lacking the column (looked for only
     # where a column has missing values)
