@@ -323,6 +323,24 @@ def test_tuple_keys_label_their_datasets_and_a_missing_key_is_refused_naming_it(
             hp.fit_batch(LINEAR, {key: _gaussian(3), "b": _gaussian(4)}, progress=False)
 
 
+def test_a_refused_datasets_reason_names_its_rows_as_its_single_fit_does_and_numpy_does_not_warn():
+    """A zero under log() in one dataset: its reason named the long frame's position ('rows [80]', no row of the
+    user's), and NumPy's 'divide by zero encountered in log' reached the user beside hierpool's refusal."""
+    frames = [_gaussian(seed).assign(e=lambda d: np.exp(d.x)) for seed in range(4)]
+    frames[2].loc[3, "e"] = 0.0
+    long = pd.concat(frames, keys=range(4), names=["d", None]).reset_index(level=0)
+    long.index = [f"r{i}" for i in range(len(long))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(hp.DataError) as single:
+            hp.lmm("y ~ log(e) + (1 | g)", frames[2])
+        listed = hp.fit_batch("y ~ log(e) + (1 | g)", frames, progress=False)
+        stacked = hp.fit_batch("y ~ log(e) + (1 | g)", long, by="d", progress=False)
+    assert "(rows [3])" in str(single.value) and listed.messages.iloc[2] == str(single.value)
+    assert "(rows ['r63'])" in stacked.messages.iloc[2]
+    assert np.isnan(listed.objective.iloc[2]) and listed.messages.iloc[[0, 1, 3]].eq("").all()
+
+
 @pytest.mark.parametrize("formula, value", [("y ~ x + (1 + z | g)", 1.0), ("y ~ x + (z || g)", 0.0)])
 def test_a_random_slope_on_a_constant_column_is_refused_by_the_single_fit_and_in_its_batch_row(formula, value):
     """z constant in one dataset: the slope's column copies the intercept's (or, 0, carries nothing), so the term's

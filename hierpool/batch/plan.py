@@ -934,7 +934,7 @@ def design_refusal(build, frame: pd.DataFrame, arguments: dict) -> str:
     return ""
 
 
-def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset) -> dict:
+def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset, row_labels=None) -> dict:
     """label -> its single fit's refusal, for the datasets of the long ``frame`` whose own rows the single fit's
     design (``build(frame, arguments)``: :func:`design_refusal`) refuses, where the long frame's design raised: one
     dataset's negative or infinite count refused the whole batch, naming the value but not the dataset.  Empty
@@ -942,7 +942,9 @@ def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset) -> di
     error is then raised).
 
     The datasets are halved while a half's rows raise (one design per half): a dataset in 100,000 is found in ~34
-    designs, not 100,000 (benchmarks/RESULTS.md, thirtieth session)."""
+    designs, not 100,000 (benchmarks/RESULTS.md, thirtieth session).  ``row_labels`` (label -> the dataset's rows'
+    labels in the user's data, :func:`user_row_labels`) relabels a dataset's own rows, so that its reason names
+    rows as its single fit's does (the long frame's positions are no row of the user's)."""
     groups = frame.groupby(by, sort=False).indices
     labels = list(groups)
     if not labels:  # no rows at all: the long frame's own error
@@ -950,7 +952,11 @@ def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset) -> di
 
     def refusal(members) -> str:
         rows = np.concatenate([groups[label] for label in members])
-        return design_refusal(build, frame.iloc[rows], dataset_arguments(rows, weights, offset))
+        rows_frame = frame.iloc[rows]
+        own = row_labels(members[0]) if row_labels is not None and len(members) == 1 else None
+        if own is not None and len(own) == len(rows):
+            rows_frame = rows_frame.set_axis(own, axis=0)
+        return design_refusal(build, rows_frame, dataset_arguments(rows, weights, offset))
 
     first = labels[:REFUSED_IN_A_ROW]
     if len(first) == REFUSED_IN_A_ROW and all(refusal([label]) for label in first):
@@ -970,7 +976,20 @@ def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset) -> di
     return {} if len(refused) == len(labels) else refused
 
 
-def build_or_refuse(build, frame: pd.DataFrame, by: str, weights, offset):
+def user_row_labels(data, by: str):
+    """label -> the labels of that dataset's rows in the user's ``data`` (a dict or list: its frame's index; one
+    DataFrame: the index of its rows with that ``by`` value, in order, as the long frame holds them), or None."""
+    def labels(label):
+        if isinstance(data, pd.DataFrame):
+            return data.index[(data[by] == label).to_numpy()]
+        try:
+            return data[label].index
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return None
+    return labels
+
+
+def build_or_refuse(build, frame: pd.DataFrame, by: str, weights, offset, row_labels=None):
     """(``build(frame, arguments)``, the frame, weights and offset it was built on, the datasets refused: label ->
     why).  Where the long frame's design raises a :class:`~hierpool.errors.DataError`, the datasets whose own
     rows raise (:func:`refused_datasets`) are left out and the rest built; the error is raised as it is where
@@ -979,7 +998,7 @@ def build_or_refuse(build, frame: pd.DataFrame, by: str, weights, offset):
     try:
         return build(frame, arguments), frame, weights, offset, {}
     except DataError:
-        refused = refused_datasets(build, frame, by, weights, offset)
+        refused = refused_datasets(build, frame, by, weights, offset, row_labels)
         if not refused:
             raise
     kept = ~frame[by].isin(list(refused)).to_numpy()
@@ -1004,7 +1023,8 @@ def stacked_design(data, by: str, columns, build, weights, offset, kept: dict | 
     weights, offset = row_argument(weights, "weights", data, frame), row_argument(offset, "offset", data, frame)
     frame = frame.set_axis(pd.RangeIndex(len(frame)), axis=0)  # positions as labels: the user's frame untouched
     try:
-        built, frame, weights, offset, refused = build_or_refuse(build, frame, by, weights, offset)
+        built, frame, weights, offset, refused = build_or_refuse(build, frame, by, weights, offset,
+                                                                 user_row_labels(data, by))
     except DataError as error:
         # (numbers are readable wherever the formula reads values: only another kind kept can be the error)
         unreadable = [name for name, usual in vote.usual.items() if usual != "numbers" and repr(name) in str(error)]

@@ -408,7 +408,10 @@ def _design_matrices(text: str, frame: pd.DataFrame, what: str):
     from .transforms import caller_environment  # the namespace of the first frame outside hierpool
 
     try:
-        return formulae.design_matrices(text, frame, na_action="error", env=caller_environment())
+        # log(0), 1/0: NumPy's RuntimeWarnings named no column; every non-finite value the calls make is refused
+        # by name after (check_finite_columns, _response, _split_offsets)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return formulae.design_matrices(text, frame, na_action="error", env=caller_environment())
     except KeyError as exc:  # a name neither a column, formulae's, the caller's nor R's
         raise FormulaError(
             f"cannot evaluate {what} {display_name(text)!r}: unknown function or name {exc.args[0]!r} "
