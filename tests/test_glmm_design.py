@@ -85,8 +85,12 @@ def test_responses_that_do_not_fit_are_refused_by_name(cbpp):
         build_design("cbind(incidence, size) ~ period + (1 | herd)", cbpp.assign(size=cbpp["size"] + 0.5),
                      family=BINOMIAL)
     more = cbpp.assign(incidence=cbpp["incidence"].where(cbpp.index != 3, cbpp["size"] + 2))  # failures -2
-    with pytest.raises(DataError, match=r"found [\d.]+ \(\d+ successes of \d+ trials\)"):
+    with pytest.raises(DataError, match=r"'size - incidence' of response 'cbind\(incidence, size - incidence\)' "
+                                         r"is negative in 1 row\(s\) \(rows \[3\]\)"):
         build_design("cbind(incidence, size - incidence) ~ period + (1 | herd)", more, family=BINOMIAL)
+    with pytest.raises(DataError, match=r"found 1.5 \(3 successes of 2 trials\)"):  # proportions with trials
+        halves = cbpp.assign(p=np.where(cbpp.index == 3, 1.5, 0.5), n=2.0)
+        build_design("p ~ period + (1 | herd)", halves, family=BINOMIAL, weights="n")
     with pytest.raises(DataError, match="response 'y' of a poisson model must be non-negative whole counts"):
         build_design("y ~ period + (1 | herd)", cbpp.assign(y=cbpp["incidence"] - 1), family=family_spec("poisson"))
     with pytest.raises(ArgumentError, match="se .* Gaussian"):

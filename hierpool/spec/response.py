@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from ..errors import FormulaError, warn_at_caller
+from ..errors import DataError, FormulaError, warn_at_caller
 
 #: The column the evaluated response is read from when the formula's left side is rewritten (an identifier:
 #: formulae reads it as a name).
@@ -62,6 +62,14 @@ def binomial_counts(frame: pd.DataFrame, response: str) -> tuple[np.ndarray, np.
     if arguments is None:
         return None
     successes, failures = (_evaluate(frame, a, response) for a in arguments)
+    for expression, counts in zip(arguments, (successes, failures)):
+        # a negative failure count made a proportion above 1, refused as '2 successes of 1 trials', naming neither
+        negative = np.flatnonzero(counts < 0)
+        if negative.size:
+            rows = list(frame.index[negative][:5])
+            raise DataError(f"{expression!r} of response {response!r} is negative in {negative.size} row(s) (rows "
+                            f"{rows}{' ...' if negative.size > 5 else ''}): counts of successes and failures cannot "
+                            "be negative")
     trials = successes + failures
     return np.divide(successes, trials, out=np.zeros_like(trials), where=trials > 0), trials
 
