@@ -234,6 +234,25 @@ def test_unusable_dataset_stays_in_its_row(replicates, posterior):
     assert batch.fixef.query("dataset != 9")["mean"].notna().all()
 
 
+def test_to_frame_holds_each_datasets_means_and_interval_ends_of_every_parameter(posterior):
+    table = posterior.to_frame()
+    fixef, varcorr, diagnostics = posterior.fixef, posterior.varcorr, posterior.diagnostics
+    assert list(table["dataset"]) == list(posterior.datasets) and len(table) == 2
+    assert table["ok"].tolist() == diagnostics["ok"].tolist()
+    for d, row in table.iterrows():
+        own = fixef[fixef.dataset == posterior.datasets[d]].set_index("term")
+        for name in posterior.fixed_names:
+            ends = own.loc[name, ["mean", "lower", "upper"]].tolist()
+            assert [row[name], row[f"{name}_lower"], row[f"{name}_upper"]] == ends
+        parts = varcorr[varcorr.dataset == posterior.datasets[d]]
+        slope_sd = parts[(parts.grp == "Subject") & (parts.var1 == "Days") & parts.var2.isna()]
+        cor = parts[(parts.grp == "Subject") & (parts.var2 == "Days")]
+        assert row["sd_Subject_Days_upper"] == slope_sd["upper"].iloc[0]
+        assert row["cor_Subject_Intercept_Days"] == cor["mean"].iloc[0]
+        assert row["sigma_lower"] == parts[parts.grp == "Residual"]["lower"].iloc[0]
+    assert table.columns[-1] == "sigma_upper" and table.shape[1] == 6 + 3 * 6
+
+
 def test_bad_arguments_name_themselves(replicates):
     with pytest.raises(hp.ArgumentError, match="needs the areas' neighbourhood graph"):
         hp.bayes_batch("Reaction ~ Days + car(Subject)", replicates)

@@ -53,6 +53,10 @@ def test_negative_binomial_posterior_with_its_shape_equals_hp_bayes():
     ours, theirs = batch.shape.iloc[1], single.shape_draws
     z = (ours["mean"] - theirs.mean()) / np.hypot(ours["mcse_mean"], az.mcse(az.convert_to_dataset(theirs))["x"])
     assert abs(float(z)) < Z_MAX, float(z)
+    table = batch.to_frame()  # the shape's columns after sigma's place (a GLMM has no sigma)
+    assert list(table.columns[-6:]) == ["sd_g_Intercept", "sd_g_Intercept_lower", "sd_g_Intercept_upper", "shape",
+                                        "shape_lower", "shape_upper"]
+    assert table["shape"].tolist() == batch.shape["mean"].tolist()
 
 
 def test_glmm_arguments_it_refuses():

@@ -11,7 +11,7 @@ import pandas as pd
 from ..algebra.varcorr import coef_pairs, varcorr_table
 from ..bayesian.results import ESS_MIN_PER_CHAIN, R_HAT_MAX, SUMMARY_COLUMNS, SamplingWarning, summarize_draws
 from ..errors import ArgumentError
-from .results import dataset_column
+from .results import dataset_column, term_parameter_names
 
 #: The further scalar parameters a batch may sample, each summarized per dataset (BayesBatchResult.scalars).
 SCALARS = ("phi", "shape")
@@ -258,6 +258,44 @@ class BayesBatchResult:
         r_hat_ok = (frame.max_r_hat < R_HAT_MAX) | (self.chains == 1)
         frame.insert(3, "ok", (frame.divergences == 0) & r_hat_ok & (frame.min_ess_bulk > ess_min))
         return frame
+
+    def to_frame(self) -> pd.DataFrame:
+        """One tidy row per dataset, as :meth:`hierpool.batch.results.BatchResult.to_frame`'s: its label (a column
+        named as ``by``), :attr:`diagnostics`' columns, then each parameter's posterior mean under its name and the
+        ends of its ``level`` credible interval as ``<name>_lower`` and ``<name>_upper``.
+
+        The parameters: the fixed effects, each term's sds and correlations (named by
+        :func:`~hierpool.batch.results.term_parameter_names`, as the batch's and ``hp.bootstrap``'s), ``sigma`` (none
+        with ``sigma_known``), then ``phi``, ``shape`` or ``heritability`` where sampled; a spatial batch's
+        :attr:`hyperparameters` under their names instead of the terms'.  A simulation study's power is then the
+        share of rows whose interval excludes a value: ``((t.x_lower > 0) | (t.x_upper < 0)).mean()``.
+        """
+        names = list(self.fixed_names)
+        if self.hyperparameter_names is not None:
+            names += list(self.hyperparameter_names)
+        else:
+            for term in self.terms:
+                sds, cors = term_parameter_names(term.group, term.coef_names)
+                names += sds + cors
+            if not self.sigma_known:
+                names.append("sigma")
+        blocks = [self.fixef_summary, self.varcorr_summary]
+        for name, summary in self.scalars.items():
+            names.append(name)
+            blocks.append(summary[:, None, :])
+        values = np.concatenate(blocks, axis=1)  # (datasets, parameters, summary columns)
+        table = self.diagnostics
+        first = [dataset_column(self.datasets), *table.columns]
+        columns = [column for name in names for column in (name, f"{name}_lower", f"{name}_upper")]
+        clash = sorted({column for column in columns if column in first or columns.count(column) > 1})
+        if clash:
+            raise ArgumentError(f"to_frame: the parameter column(s) {clash} would share a name with another column of "
+                                "the table; rename the data's column")
+        at = [SUMMARY_COLUMNS.index(column) for column in ("mean", "lower", "upper")]
+        frame = pd.DataFrame({first[0]: self.datasets,
+                              **{column: table[column].to_numpy() for column in table.columns}})
+        parameters = pd.DataFrame(values[:, :, at].reshape(len(self.datasets), -1), columns=columns)
+        return pd.concat([frame, parameters], axis=1)
 
     def warn_diagnostics(self) -> BayesBatchResult:
         """Warn (:class:`~hierpool.errors.SamplingWarning`), as ``hp.bayes`` warns of its own fit, where sampled
