@@ -105,7 +105,9 @@ def test_a_dataset_with_no_usable_rows_keeps_its_row_and_says_why():
     frames = [good[0], good[0].iloc[:0], _gaussian(2).drop(columns="x"), _gaussian(3).assign(y=np.nan), good[1]]
     # the dataset lacking x is refused for it, not counted among the rows dropped for missing values (it was: 2n of
     # 4n, "(x: n, y: n)")
-    with pytest.warns(hp.HierpoolWarning, match=rf"dropped {n} of {3 * n} rows with missing values \(y: {n}\)"):
+    # (and which datasets they were in: the batch's warning named none)
+    with pytest.warns(hp.HierpoolWarning, match=rf"dropped {n} of {3 * n} rows with missing values \(y: {n}\), in 1 "
+                                                rf"of 3 datasets \(3: {n}\)"):
         batch = hp.fit_batch(LINEAR, frames, by="rep", progress=False)
     assert list(batch.datasets) == [0, 1, 2, 3, 4] and len(batch.to_frame()) == 5
     _assert_refused(batch, 1, "the dataset is empty")

@@ -234,7 +234,8 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
         rel = model_relationship(formula, relmat, relmat_inverse)
 
         def build(rows, arguments):
-            design = build_design(formula, rows, se=se, family=spec, related=(rel.group,), **arguments)
+            design = build_design(formula, rows, se=se, family=spec, related=(rel.group,), datasets=by,
+                                  **arguments)
             check_design(design, rel)  # refuses a family, known sds, vector terms: by name, once
             return design
     else:

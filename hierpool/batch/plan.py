@@ -1086,7 +1086,7 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         raise ArgumentError(f"se must be the name of the column of known residual sds, got {type(se).__name__}")
     # one dataset's data the single fit refuses (a negative count) is refused in its row, not the batch
     def build(rows, arguments):
-        return build_design(formula, rows, se=se, family=family, **arguments)
+        return build_design(formula, rows, se=se, family=family, datasets=by, **arguments)
 
     columns, terms = value_columns(formula, family, weights, offset, se)
     design, frame, weights, offset, set_aside = stacked_design(data, by, columns, build, weights, offset,
