@@ -243,7 +243,8 @@ def missing_detail(frame: pd.DataFrame) -> str:
     return ", ".join(f"{c}: {int(k)}" for c, k in frame.isna().sum().items() if k)
 
 
-def _drop_missing(frame: pd.DataFrame, formula: str = "", datasets: pd.Series | None = None) -> tuple[pd.DataFrame, int]:
+def _drop_missing(frame: pd.DataFrame, formula: str = "",
+                  datasets: pd.Series | None = None) -> tuple[pd.DataFrame, int]:
     """The rows without a missing value, and how many were dropped (warned, column by column; ``datasets``: each
     row's dataset in a batch's long frame, the warning then counting them per dataset too).  Where ``formula``
     calls a stateful transform (``scale``, ``poly``...), the warning says that it is computed on the rows kept: R's
