@@ -343,6 +343,25 @@ def test_a_refused_datasets_reason_names_its_rows_as_its_single_fit_does_and_num
     assert np.isnan(listed.objective.iloc[2]) and listed.messages.iloc[[0, 1, 3]].eq("").all()
 
 
+def test_a_batch_whose_every_dataset_is_refused_gives_the_first_datasets_own_reason():
+    """The long frame's error counted the datasets together ("70 levels for 70 observations" of 30 and 40 rows)."""
+    rng = np.random.default_rng(0)
+    frames = {"a": pd.DataFrame({"x": rng.normal(size=30), "y": rng.normal(size=30)}),
+              "b": pd.DataFrame({"x": rng.normal(size=40), "y": rng.normal(size=40)})}
+    with pytest.raises(hp.DataError) as single:
+        hp.lmm("y ~ x + (1 | x)", frames["a"])
+    assert "30 levels for 30 observations" in str(single.value)
+    for batch in (hp.fit_batch, hp.bayes_batch):
+        with pytest.raises(hp.DataError) as refused:
+            batch("y ~ x + (1 | x)", frames, progress=False)
+        assert str(refused.value) == f"dataset 'a': {single.value} (every dataset is: the batch is refused)"
+    many = [pd.DataFrame({"x": rng.normal(size=30), "y": rng.normal(size=30)}) for _ in range(25)]  # 20 refused:
+    # the batch stops there
+    with pytest.raises(hp.DataError, match=r"^dataset 0: grouping factor 'x' has 30 levels for 30 observations; .* "
+                                           r"\(the 19 datasets after it are too: the batch is refused\)$"):
+        hp.fit_batch("y ~ x + (1 | x)", many, progress=False)
+
+
 @pytest.mark.parametrize("formula, value", [("y ~ x + (1 + z | g)", 1.0), ("y ~ x + (z || g)", 0.0)])
 def test_a_random_slope_on_a_constant_column_is_refused_by_the_single_fit_and_in_its_batch_row(formula, value):
     """z constant in one dataset: the slope's column copies the intercept's (or, 0, carries nothing), so the term's

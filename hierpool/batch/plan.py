@@ -917,8 +917,8 @@ def refuse_stateful(formula: str, caller: str, single: str) -> None:
         )
 
 
-#: :func:`refused_datasets` gives up (the long frame's error is then raised) when this many datasets in a row, from
-#: the first, are each refused: a mistake common to every dataset is one error, not a row each.
+#: :func:`refused_datasets` gives up (the first dataset's error is then raised) when this many datasets in a row,
+#: from the first, are each refused: a mistake common to every dataset is one error, not a row each.
 REFUSED_IN_A_ROW = 20
 
 
@@ -938,8 +938,8 @@ def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset, row_l
     """label -> its single fit's refusal, for the datasets of the long ``frame`` whose own rows the single fit's
     design (``build(frame, arguments)``: :func:`design_refusal`) refuses, where the long frame's design raised: one
     dataset's negative or infinite count refused the whole batch, naming the value but not the dataset.  Empty
-    where every dataset is refused (or the first :data:`REFUSED_IN_A_ROW` are), or none is (the long frame's
-    error is then raised).
+    where none is (the long frame's error is then raised); where every dataset is (or the first
+    :data:`REFUSED_IN_A_ROW` are), the first one's reason is raised (:func:`every_refused`).
 
     The datasets are halved while a half's rows raise (one design per half): a dataset in 100,000 is found in ~34
     designs, not 100,000 (benchmarks/RESULTS.md, thirtieth session).  ``row_labels`` (label -> the dataset's rows'
@@ -960,7 +960,7 @@ def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset, row_l
 
     first = labels[:REFUSED_IN_A_ROW]
     if len(first) == REFUSED_IN_A_ROW and all(refusal([label]) for label in first):
-        return {}  # a mistake common to every dataset: one error
+        every_refused(labels[0], refusal([labels[0]]), len(first))  # a mistake common to every dataset: one error
     refused = {}
     half = len(labels) // 2  # the whole frame's design raised already: its halves first (one label: its reason)
     pending = [labels[half:], labels[:half]] if half else [labels]
@@ -973,7 +973,27 @@ def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset, row_l
             refused[members[0]] = reason
         else:
             pending += [members[len(members) // 2:], members[: len(members) // 2]]
-    return {} if len(refused) == len(labels) else refused
+    if len(refused) == len(labels):
+        every_refused(labels[0], refused[labels[0]])
+    return refused
+
+
+class EveryDatasetRefused(DataError):
+    """A batch whose datasets are each refused (``tried``: how many were, from the first; None: all of them);
+    ``reason``: the first one's, as its single fit words it."""
+
+    def __init__(self, label, reason: str, tried: int | None = None):
+        label = label.item() if isinstance(label, np.generic) else label  # 0, not np.int64(0)
+        others = "every dataset is" if tried is None else f"the {tried - 1} datasets after it are too"
+        super().__init__(f"dataset {label!r}: {reason} ({others}: the batch is refused)")
+        self.reason = reason
+
+
+def every_refused(label, reason: str, tried: int | None = None):
+    """Raise :class:`EveryDatasetRefused` with the first refused dataset's own reason, which its single fit gives
+    (the long frame's error counted every dataset's rows and levels together: "70 levels for 70 observations" of
+    two datasets of 30 and 40)."""
+    raise EveryDatasetRefused(label, reason, tried) from None
 
 
 def user_row_labels(data, by: str):
@@ -1038,7 +1058,8 @@ def stacked_design(data, by: str, columns, build, weights, offset, kept: dict | 
                                                                    columns, build, weights, offset, kinds, logical)
         except DataError:
             raise error from None
-        refused = {label: str(error) for label in pd.unique(frame[by])}  # the kept datasets with rows
+        reason = error.reason if isinstance(error, EveryDatasetRefused) else str(error)
+        refused = {label: reason for label in pd.unique(frame[by])}  # the kept datasets with rows
         others = {label: reason for label, reason in set_aside.items() if label not in retry}
         return built, retried, weights, offset, {**refused, **others, **rest}
     return built, frame, weights, offset, {**set_aside, **refused}
