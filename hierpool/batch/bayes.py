@@ -198,6 +198,10 @@ def bayes_batch(
         A GLMM, sampled as ``hp.bayes`` samples it with ``family=`` (NUTS on every parameter, each level's
         effect partially non-centered; :mod:`hierpool.batch.bayes_glmm`); its priors on the fixed effects may
         be any.  ``varcorr`` then has no ``Residual`` rows; a negative binomial's shape is in ``result.shape``.
+        Where ``hp.bayes`` would first try its independence sampler (one scalar term), the batch runs NUTS, whose
+        chains on a small dataset (a few groups) diverge where the independence sampler's do not (counts in
+        benchmarks/RESULTS.md, forty-first session): such rows are not ``ok`` in ``result.diagnostics``, and
+        ``hp.bayes`` on that dataset is the remedy.
     link : str, optional
         The GLMM's link (``hp.bayes``'s ``link``).
     relmat, relmat_inverse : dict, optional
@@ -217,6 +221,7 @@ def bayes_batch(
         :class:`~hierpool.batch.bayes_results.BayesBatchTerm` per random-effect term) and, with
         ``correlation=``, ``phi``; with ``se=``
         ``varcorr`` has no ``Residual`` rows and the kept draws no ``sigma``, as ``hp.bayes``'s.
+        ``to_frame()``: one row per dataset, its diagnostics and each parameter's mean and interval ends.
 
     Notes
     -----
