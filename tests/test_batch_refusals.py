@@ -107,7 +107,7 @@ def test_a_dataset_with_no_usable_rows_keeps_its_row_and_says_why():
     # 4n, "(x: n, y: n)")
     # (and which datasets they were in: the batch's warning named none)
     with pytest.warns(hp.HierpoolWarning, match=rf"dropped {n} of {3 * n} rows with missing values \(y: {n}\), in 1 "
-                                                rf"of 3 datasets \(3: {n}\)"):
+                                                rf"dataset \(3: {n}\)"):
         batch = hp.fit_batch(LINEAR, frames, by="rep", progress=False)
     assert list(batch.datasets) == [0, 1, 2, 3, 4] and len(batch.to_frame()) == 5
     _assert_refused(batch, 1, "the dataset is empty")
@@ -354,12 +354,27 @@ def test_a_batch_whose_every_dataset_is_refused_gives_the_first_datasets_own_rea
     for batch in (hp.fit_batch, hp.bayes_batch):
         with pytest.raises(hp.DataError) as refused:
             batch("y ~ x + (1 | x)", frames, progress=False)
-        assert str(refused.value) == f"dataset 'a': {single.value} (every dataset is: the batch is refused)"
+        assert str(refused.value) == f"no dataset is left to fit: dataset 'a': {single.value} (as is every dataset)"
     many = [pd.DataFrame({"x": rng.normal(size=30), "y": rng.normal(size=30)}) for _ in range(25)]  # 20 refused:
     # the batch stops there
-    with pytest.raises(hp.DataError, match=r"^dataset 0: grouping factor 'x' has 30 levels for 30 observations; .* "
-                                           r"\(the 19 datasets after it are too: the batch is refused\)$"):
+    with pytest.raises(hp.DataError, match=r"^no dataset is left to fit: dataset 0: grouping factor 'x' has 30 levels "
+                                           r"for 30 observations; .* \(as are the 19 datasets after it\)$"):
         hp.fit_batch("y ~ x + (1 | x)", many, progress=False)
+
+
+def test_the_vote_on_a_columns_kind_reads_the_stacked_error_where_the_first_dataset_has_another_reason():
+    """Text responses in three datasets of four, the first also without x: every kept dataset is refused, and the
+    retry of the one with numbers (its own fit) read the first dataset's reason (its rows missing), which named the
+    voted column only by chance, and gave it to all three rows."""
+    frames = {label: _gaussian(seed) for seed, label in enumerate("abcd")}
+    for label in "abc":
+        frames[label] = frames[label].assign(y=frames[label]["y"].map(lambda v: f"{v:.3f}"))
+    frames["a"] = frames["a"].assign(x=np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = hp.fit_batch(LINEAR, frames, progress=False)
+    assert batch.messages.loc[["b", "c"]].eq("response 'y' must be numeric, got dtype str").all()
+    assert batch.objective["d"] == pytest.approx(hp.lmm(LINEAR, frames["d"]).objective, rel=1e-10)
 
 
 @pytest.mark.parametrize("formula, value", [("y ~ x + (1 + z | g)", 1.0), ("y ~ x + (z || g)", 0.0)])

@@ -80,7 +80,7 @@ from ..spec.design import (
     value_kind,
 )
 from ..spec.formula import parse_formula, response_only_names
-from ..spec.labels import column_labels
+from ..spec.labels import column_labels, shown_label
 from ..spec.transforms import stateful_calls, unvouched_calls
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
@@ -237,11 +237,6 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
     frame = frame[~frame[by].isin(list(set_aside))].reset_index(drop=True)
     # the kept kind's dtype (numbers stacked with a dataset's all-missing object column are floats again)
     return frame.assign(**{name: frame[name].infer_objects() for name in mixed}), set_aside, vote
-
-
-def shown_label(label):
-    """A dataset's label as the user wrote it, for messages (a NumPy scalar's repr reads np.int64(3))."""
-    return label.item() if isinstance(label, np.generic) else label
 
 
 def nothing_left(reasons: dict) -> DataError:
@@ -979,14 +974,14 @@ def refused_datasets(build, frame: pd.DataFrame, by: str, weights, offset, row_l
 
 
 class EveryDatasetRefused(DataError):
-    """A batch whose datasets are each refused (``tried``: how many were, from the first; None: all of them);
-    ``reason``: the first one's, as its single fit words it."""
+    """A batch whose datasets are each refused (``tried``: how many were, from the first; None: all of them),
+    worded as the first one's single fit words it; ``stacked``: the long frame's error (:func:`build_or_refuse`
+    sets it), which :func:`stacked_design`'s vote on the columns' kinds reads."""
 
     def __init__(self, label, reason: str, tried: int | None = None):
-        label = label.item() if isinstance(label, np.generic) else label  # 0, not np.int64(0)
-        others = "every dataset is" if tried is None else f"the {tried - 1} datasets after it are too"
-        super().__init__(f"dataset {label!r}: {reason} ({others}: the batch is refused)")
-        self.reason = reason
+        others = "as is every dataset" if tried is None else f"as are the {tried - 1} datasets after it"
+        super().__init__(f"{nothing_left({label: reason})} ({others})")
+        self.stacked: DataError | None = None
 
 
 def every_refused(label, reason: str, tried: int | None = None):
@@ -1017,8 +1012,12 @@ def build_or_refuse(build, frame: pd.DataFrame, by: str, weights, offset, row_la
     arguments = {"weights": weights, "offset": offset}
     try:
         return build(frame, arguments), frame, weights, offset, {}
-    except DataError:
-        refused = refused_datasets(build, frame, by, weights, offset, row_labels)
+    except DataError as error:
+        try:
+            refused = refused_datasets(build, frame, by, weights, offset, row_labels)
+        except EveryDatasetRefused as every:
+            every.stacked = error
+            raise
         if not refused:
             raise
     kept = ~frame[by].isin(list(refused)).to_numpy()
@@ -1047,7 +1046,10 @@ def stacked_design(data, by: str, columns, build, weights, offset, kept: dict | 
                                                                  user_row_labels(data, by))
     except DataError as error:
         # (numbers are readable wherever the formula reads values: only another kind kept can be the error)
-        unreadable = [name for name, usual in vote.usual.items() if usual != "numbers" and repr(name) in str(error)]
+        # (a batch whose every dataset is refused: the long frame's error names the column, and is each kept
+        # dataset's reason, where the first dataset's own may name another: its rows missing, say)
+        stacked = str(error.stacked if isinstance(error, EveryDatasetRefused) and error.stacked else error)
+        unreadable = [name for name, usual in vote.usual.items() if usual != "numbers" and repr(name) in stacked]
         if not unreadable:
             raise
         name = unreadable[0]
@@ -1058,8 +1060,7 @@ def stacked_design(data, by: str, columns, build, weights, offset, kept: dict | 
                                                                    columns, build, weights, offset, kinds, logical)
         except DataError:
             raise error from None
-        reason = error.reason if isinstance(error, EveryDatasetRefused) else str(error)
-        refused = {label: reason for label in pd.unique(frame[by])}  # the kept datasets with rows
+        refused = {label: stacked for label in pd.unique(frame[by])}  # the kept datasets with rows
         others = {label: reason for label, reason in set_aside.items() if label not in retry}
         return built, retried, weights, offset, {**refused, **others, **rest}
     return built, frame, weights, offset, {**set_aside, **refused}

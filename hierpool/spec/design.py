@@ -31,7 +31,7 @@ from ..errors import ArgumentError, DataError, FormulaError, warn_at_caller
 from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
 from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_logical_factors
-from .labels import column_labels, level_label
+from .labels import column_labels, level_label, shown_label
 from .r_coding import r_span_difference
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
@@ -268,12 +268,14 @@ def _drop_missing(frame: pd.DataFrame, formula: str = "",
 
 
 def _per_dataset(datasets: pd.Series | None, dropped: pd.Series) -> str:
-    """", in 2 of 40 datasets (3: 4 rows, 7: 2)": which datasets the ``dropped`` rows were in ("" outside a batch)."""
+    """", in 2 datasets ('a': 4, 'c': 2)": which datasets the ``dropped`` rows were in, and how many of each ("" outside
+    a batch)."""
     if datasets is None:
         return ""
     counts = datasets[dropped.to_numpy()].value_counts(sort=False)
-    shown = ", ".join(f"{label}: {int(n)}" for label, n in list(counts.items())[:5])
-    return f", in {len(counts)} of {datasets.nunique()} datasets ({shown}{', ...' if len(counts) > 5 else ''})"
+    shown = ", ".join(f"{shown_label(label)!r}: {int(n)}" for label, n in list(counts.items())[:5])
+    many = "s" if len(counts) > 1 else ""
+    return f", in {len(counts)} dataset{many} ({shown}{', ...' if len(counts) > 5 else ''})"
 
 
 #: The kinds of :func:`value_kind` the formula reads, in the order a batch keeps them where two are as common.
@@ -414,15 +416,20 @@ def _response(frame: pd.DataFrame, spec: ModelSpec, evaluated, shown: str | None
     return y
 
 
+def quiet_arithmetic():
+    """NumPy's error state while formulae evaluates a formula's calls on data (the fit's, or new data's): log(0) or
+    1/0 gave RuntimeWarnings that named no column, where every non-finite value the calls make is refused by name
+    after (:func:`check_finite_columns`, :func:`_response`, :func:`_split_offsets`)."""
+    return np.errstate(divide="ignore", invalid="ignore", over="ignore")
+
+
 def _design_matrices(text: str, frame: pd.DataFrame, what: str):
     import formulae  # half a second to import: plain parts (spec.columns) never get here
 
     from .transforms import caller_environment  # the namespace of the first frame outside hierpool
 
     try:
-        # log(0), 1/0: NumPy's RuntimeWarnings named no column; every non-finite value the calls make is refused
-        # by name after (check_finite_columns, _response, _split_offsets)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        with quiet_arithmetic():
             return formulae.design_matrices(text, frame, na_action="error", env=caller_environment())
     except KeyError as exc:  # a name neither a column, formulae's, the caller's nor R's
         raise FormulaError(

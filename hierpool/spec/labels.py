@@ -13,6 +13,11 @@ import numpy as np
 import pandas as pd
 
 
+def shown_label(label):
+    """A dataset's (or row's) label as the user wrote it, for messages (a NumPy scalar's repr reads np.int64(3))."""
+    return label.item() if isinstance(label, np.generic) else label
+
+
 def level_label(value) -> str:
     """One value's label: a whole-number float as the integer (module docstring), anything else as ``str``."""
     if (isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer()

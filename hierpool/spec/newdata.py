@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..errors import ArgumentError, DataError
 from .columns import PlainPart
-from .design import check_columns, check_finite_columns, float64_values, group_index, known_sd
+from .design import check_columns, check_finite_columns, float64_values, group_index, known_sd, quiet_arithmetic
 from .formula import display_name, response_only_names, without_coding_calls
 
 
@@ -23,7 +23,8 @@ def _encode_frame(matrix, frame: pd.DataFrame, what: str) -> pd.DataFrame:
     try:
         if isinstance(matrix, PlainPart):  # read without formulae (spec.columns)
             return matrix.new_rows(frame)
-        encoded = matrix.evaluate_new_data(frame).as_dataframe()
+        with quiet_arithmetic():  # (a non-finite value is refused by name after)
+            encoded = matrix.evaluate_new_data(frame).as_dataframe()
     except Exception as exc:  # formulae raises several exception types for unseen categories
         raise DataError(f"cannot encode {what} for the new data: {without_coding_calls(str(exc))}") from None
     encoded.index = frame.index
