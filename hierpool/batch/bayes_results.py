@@ -269,6 +269,11 @@ class BayesBatchResult:
         with ``sigma_known``), then ``phi``, ``shape`` or ``heritability`` where sampled; a spatial batch's
         :attr:`hyperparameters` under their names instead of the terms'.  A simulation study's power is then the
         share of rows whose interval excludes a value: ``((t.x_lower > 0) | (t.x_upper < 0)).mean()``.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per dataset (NaN parameters where a dataset was not sampled; its ``message`` says why).
         """
         names = list(self.fixed_names)
         if self.hyperparameter_names is not None:

@@ -231,7 +231,9 @@ def fit_batch(
         (``"diameter ~ 1 + (1 | plate) + (1 | sample)"``), of any width.
     data : DataFrame, or list or dict of DataFrames
         A long frame with a ``by`` column, or the datasets themselves (their
-        list position or dict key becomes the ``by`` label).
+        list position or dict key becomes the ``by`` label; a tuple key, as
+        ``dict(tuple(frame.groupby(["site", "arm"])))`` gives, labels its dataset
+        as a tuple: select its row with ``result.objective.loc[[key]]``).
     by : str
         The column that names the dataset of each row.
     family : {None, "binomial", "bernoulli", "poisson", "negative_binomial"}
