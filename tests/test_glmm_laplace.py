@@ -540,11 +540,14 @@ COUNTS_CROSSED = "y ~ x + offset(log(e)) + (1 | a) + (1 | b)"
 
 
 def test_the_polish_takes_the_hessian_again_where_its_chord_steps_leave_the_gradient_large(monkeypatch):
-    from hierpool.closedform import glmm_optimize
+    from hierpool.closedform import glmm_optimize, optimize
 
     data = _crossed_counts(4)
     design = build_design(COUNTS_CROSSED, data, family=family_spec("poisson"))
     poisson = family(family_spec("poisson"))
+    # L-BFGS-B ends early here where it met a point whose Laplace criterion overflows; searched again from there
+    # (search_past_unfactored) it ends where the chord steps suffice: the early end kept, as the polish met it
+    monkeypatch.setattr(optimize, "UNFACTORED_RESTARTS", 0)
     refreshed = fit_laplace(design, poisson)
     monkeypatch.setattr(glmm_optimize, "HESSIAN_REFRESHES", 0)
     chord_only = fit_laplace(design, poisson)
@@ -552,6 +555,21 @@ def test_the_polish_takes_the_hessian_again_where_its_chord_steps_leave_the_grad
     assert np.max(np.abs(chord_only.gradient)) > 1e-3
     assert np.max(np.abs(refreshed.gradient)) <= glmm_optimize.REFRESH_GRADIENT
     assert chord_only.deviance - refreshed.deviance > 1e-6
+
+
+def test_a_glmm_search_that_met_an_overflowing_point_goes_on_past_it(monkeypatch):
+    # the dataset above: L-BFGS-B's run ended at the last finite point before an overflow (SciPy does not step back
+    # from +inf), 3e-6 above the optimum; searched again from there, the chord steps alone finish the fit
+    from hierpool.closedform import glmm_optimize, optimize
+
+    design = build_design(COUNTS_CROSSED, _crossed_counts(4), family=family_spec("poisson"))
+    poisson = family(family_spec("poisson"))
+    monkeypatch.setattr(glmm_optimize, "HESSIAN_REFRESHES", 0)
+    went_on = fit_laplace(design, poisson)
+    monkeypatch.setattr(optimize, "UNFACTORED_RESTARTS", 0)
+    stopped = fit_laplace(design, poisson)
+    assert np.max(np.abs(went_on.gradient)) <= glmm_optimize.REFRESH_GRADIENT < np.max(np.abs(stopped.gradient))
+    assert went_on.deviance == pytest.approx(266.6598390765177, rel=1e-12)
 
 
 def test_the_search_off_a_saddle_at_the_boundary_starts_in_the_well_beside_it(monkeypatch):

@@ -52,7 +52,7 @@ from ..errors import ConvergenceError
 from ..spec.design import Design
 from .glmm_convergence import finite_differences
 from .glmm_scaling import block_scaling
-from .optimize import hessian_from_gradients, newton_polish
+from .optimize import hessian_from_gradients, newton_polish, search_past_unfactored
 
 #: BOBYQA's stopping rule on the criterion (absolute, in deviance units) and on the parameters (relative).
 FTOL_ABS = 1e-10
@@ -537,10 +537,8 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
     differences of the criterion (two more conditional modes); the Hessian is then in (theta, beta) at
     the estimated shape, as glmer.nb's final glmer fit has it.
     """
-    import scipy.optimize
-
     n_theta, n_fixed = len(lower), len(start) - len(lower)
-    state = {"u": start_u, "count": 0}
+    state, unfactored = {"u": start_u, "count": 0}, [0]
     if estimate_shape:
         start = np.append(start, np.log(family.shape))
 
@@ -554,13 +552,15 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
         theta, beta, fam = x[:n_theta], x[n_theta : n_theta + n_fixed], family_at(x)
         try:
             at, gradient = find_mode.with_gradient(theta, beta, fam, start_u=state["u"])
-        except np.linalg.LinAlgError:  # a system that does not factor there: the search steps back
+        except np.linalg.LinAlgError:  # a system that does not factor there: the search goes on from before it
+            unfactored[0] += 1
             return np.inf, np.zeros_like(x)
         if estimate_shape and np.isfinite(at.laplace):
             sides = [find_mode(theta, beta, replace(fam, shape=shape_of(x[-1] + h)), start_u=at.u).laplace
                      for h in (SHAPE_DIFFERENCE, -SHAPE_DIFFERENCE)]
             gradient = np.append(gradient, (sides[0] - sides[1]) / (2.0 * SHAPE_DIFFERENCE))
         if not np.isfinite(at.laplace) or not np.all(np.isfinite(gradient)):
+            unfactored[0] += 1
             return np.inf, np.zeros_like(x)
         state.update(u=at.u, mode=at, x=np.array(x), value=at.laplace, gradient=gradient)
         return at.laplace, gradient
@@ -573,9 +573,8 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
         value, gradient = value_and_gradient(scaling.to_x(y))
         return value, scaling.gradient_to_y(gradient)
 
-    result = scipy.optimize.minimize(in_scaled_variables, np.zeros(len(start)), jac=True, method="L-BFGS-B",
-                                     bounds=bounds, options=dict(maxiter=MAX_EVALUATIONS, ftol=LBFGS_FTOL,
-                                                                 gtol=LBFGS_GTOL))
+    result = search_past_unfactored(in_scaled_variables, np.zeros(len(start)), bounds,
+                                    dict(maxiter=MAX_EVALUATIONS, ftol=LBFGS_FTOL, gtol=LBFGS_GTOL), unfactored)
     end = np.maximum(scaling.to_x(result.x), lower_x)  # rounding in to_x must not cross a bound
     family = family_at(end)
     x = end[: n_theta + n_fixed]

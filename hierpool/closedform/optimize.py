@@ -369,7 +369,7 @@ def optimize_theta(
                 seen[key] = value_and_grad(theta)
             except np.linalg.LinAlgError:  # a step so long that the system lost definiteness to rounding (its
                 # largest eigenvalue ~1e18): no criterion there (a start there is refused below; a search that
-                # met one goes on from where it stopped: _search_past_unfactored)
+                # met one goes on from where it stopped: search_past_unfactored)
                 unfactored[0] += 1
                 seen[key] = (np.inf, np.zeros_like(theta))
         value, gradient = seen[key]
@@ -393,7 +393,7 @@ def optimize_theta(
         options = dict(maxiter=control.max_iter, ftol=control.ftol, gtol=control.gtol)
 
         def search(point):
-            return _search_past_unfactored(evaluate, point, bounds, options, unfactored)
+            return search_past_unfactored(evaluate, point, bounds, options, unfactored)
 
         result = _restart_from_boundary(search, search(start), control.max_restarts, system.layout.ks,
                                         control.singular_tol)
@@ -547,14 +547,33 @@ def newton_polish(evaluate, hessian_at, theta: np.ndarray, lower: np.ndarray, ro
 UNFACTORED_RESTARTS = 5
 
 
-def _search_past_unfactored(evaluate, start: np.ndarray, bounds, options, unfactored: list):
-    """L-BFGS-B from ``start`` on ``evaluate``; where its line search met a theta whose system does not factor
+def search_past_unfactored(evaluate, start: np.ndarray, bounds, options: dict, unfactored: list):
+    """L-BFGS-B from ``start`` on ``evaluate``; where its line search met a point whose system does not factor
     (``evaluate`` gives +inf there and counts it in ``unfactored[0]``), searched again, afresh, from where it stopped,
     while that lowers the criterion (at most :data:`UNFACTORED_RESTARTS` times).
 
     SciPy's L-BFGS-B does not step back from +inf: its run ends at the last finite point and reports convergence
     ("relative reduction of f"), 9.8 above the optimum on ``tests/test_lmm_boundary.py``'s case; a fresh run starts
-    with a short step along the gradient, inside the region where the system factors."""
+    with a short step along the gradient, inside the region where the system factors.  Used by the linear model's
+    search (:func:`optimize_theta`) and the GLMM's (:mod:`hierpool.closedform.glmm_optimize`).
+
+    Parameters
+    ----------
+    evaluate : callable
+        x -> (value, gradient), +inf (and any gradient) where the system does not factor.
+    start : numpy.ndarray
+    bounds : list of (lower, upper)
+        SciPy's bounds.
+    options : dict
+        SciPy's L-BFGS-B options.
+    unfactored : list of one int
+        ``evaluate``'s count of points that did not factor (reset here).
+
+    Returns
+    -------
+    scipy.optimize.OptimizeResult
+        The last run's result (its ``fun`` the lowest reached).
+    """
     import scipy.optimize  # half a second to import: only where the fit needs L-BFGS-B
 
     unfactored[0] = 0
