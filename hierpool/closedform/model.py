@@ -81,18 +81,18 @@ def _one_term_statistics(design: Design, host: bool):
     return centred_statistics(design)
 
 
-def _solved_or_refused(solve, optimum):
+def _solved_or_refused(solve, theta):
     """``solve()``, the solution at the optimum, or a :class:`~hierpool.errors.ConvergenceError` where its system
-    does not factor (NumPy's LinAlgError escaped): a search run off to a huge theta, the residual sd near zero, as for
-    a response the fixed and random effects reproduce exactly."""
+    does not factor (NumPy's LinAlgError escaped): a search run off to a huge ``theta`` (the user's, for the
+    message), the residual sd near zero, as for a response the fixed and random effects reproduce exactly."""
     try:
         return solve()
     except np.linalg.LinAlgError:
-        theta = np.asarray(optimum.theta, dtype=float)
+        shown = np.array2string(np.asarray(theta, dtype=float), precision=3)
         raise ConvergenceError(
-            f"the fit ran off to theta = {np.array2string(theta, precision=3)} (random-effect sds relative to the "
-            "residual sd), where its system no longer factors: the residual variance went to zero.  Does the "
-            "formula reproduce the response exactly (no residual noise left)?") from None
+            f"the fit ran off to theta = {shown} (the random effects' covariance factors relative to the residual "
+            "sd), where its system no longer factors: the residual variance went to zero.  Does the formula "
+            "reproduce the response exactly (no residual noise left)?") from None
 
 
 def _start_on_conditioned_columns(control: Control, conditioned: Conditioning, n_theta: int) -> Control:
@@ -237,7 +237,7 @@ class MixedModel:
             optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design), statistics=statistics)
             optimum = self._lowest_of_restarts(optimum, self.system, reml, control, host, statistics)
             solution = _solved_or_refused(lambda: solve_at(optimum.theta, self.system, reml, host, one_term_inputs),
-                                          optimum)
+                                          optimum.theta)
         else:
             system = build_system(conditioned.design, host=True)
             # far-from-centred columns (why we condition) also sit in X, and the general path's
@@ -246,7 +246,7 @@ class MixedModel:
             inner = self._lowest_of_restarts(inner, system, reml, control, True, None)  # on the conditioned columns too
             theta = conditioned.theta_to_user(inner.theta)
             optimum = replace(inner, theta=theta, objective=conditioned.objective_to_user(inner.objective, reml))
-            tilde = _solved_or_refused(lambda: solve_at(inner.theta, system, reml, host), inner)
+            tilde = _solved_or_refused(lambda: solve_at(inner.theta, system, reml, host), theta)
             solution = conditioned.solution_to_user(tilde, theta)
             # prediction variances in the conditioned coordinates too (the user's X' X may not even factor)
             coordinates = ConditionedCoordinates(conditioned, system, np.asarray(inner.theta, dtype=float),

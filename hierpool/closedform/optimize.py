@@ -41,8 +41,8 @@ class Control:
     Attributes
     ----------
     max_iter : int
-        Iteration limit of L-BFGS-B, and the evaluation limit of the NLopt run a small host fit
-        tries first (:func:`_interior_optimum`).
+        Iteration limit of each L-BFGS-B run (:func:`search_past_unfactored` may run it again), and the
+        evaluation limit of the NLopt run a small host fit tries first (:func:`_interior_optimum`).
     ftol, gtol : float
         L-BFGS-B's relative-reduction and projected-gradient tolerances.  ``ftol``
         stays well above the objective's rounding noise (~1e-14 relative): at

@@ -15,6 +15,8 @@ import pandas as pd
 
 def shown_label(label):
     """A dataset's (or row's) label as the user wrote it, for messages (a NumPy scalar's repr reads np.int64(3))."""
+    if isinstance(label, tuple):  # a dict's tuple key, each part as written
+        return tuple(shown_label(part) for part in label)
     return label.item() if isinstance(label, np.generic) else label
 
 
