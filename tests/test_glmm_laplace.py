@@ -559,13 +559,16 @@ def test_the_polish_takes_the_hessian_again_where_its_chord_steps_leave_the_grad
 
 def test_a_glmm_search_that_met_an_overflowing_point_goes_on_past_it(monkeypatch):
     # the dataset above: L-BFGS-B's run ended at the last finite point before an overflow (SciPy does not step back
-    # from +inf), 3e-6 above the optimum; searched again from there, the chord steps alone finish the fit
+    # from +inf), 3e-6 above the optimum; searched again from there, the chord steps alone finish the fit; and the
+    # overflow warned (NumPy's RuntimeWarning)
     from hierpool.closedform import glmm_optimize, optimize
 
     design = build_design(COUNTS_CROSSED, _crossed_counts(4), family=family_spec("poisson"))
     poisson = family(family_spec("poisson"))
     monkeypatch.setattr(glmm_optimize, "HESSIAN_REFRESHES", 0)
-    went_on = fit_laplace(design, poisson)
+    with warnings.catch_warnings():  # the overflow is read as a non-finite criterion: NumPy's RuntimeWarning, an
+        warnings.simplefilter("error", RuntimeWarning)  # error under -W error, stopped the fit
+        went_on = fit_laplace(design, poisson)
     monkeypatch.setattr(optimize, "UNFACTORED_RESTARTS", 0)
     stopped = fit_laplace(design, poisson)
     assert np.max(np.abs(went_on.gradient)) <= glmm_optimize.REFRESH_GRADIENT < np.max(np.abs(stopped.gradient))

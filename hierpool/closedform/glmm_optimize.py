@@ -550,15 +550,18 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
             return state["value"], state["gradient"]
         state["count"] += 1
         theta, beta, fam = x[:n_theta], x[n_theta : n_theta + n_fixed], family_at(x)
-        try:
-            at, gradient = find_mode.with_gradient(theta, beta, fam, start_u=state["u"])
-        except np.linalg.LinAlgError:  # a system that does not factor there: the search goes on from before it
-            unfactored[0] += 1
-            return np.inf, np.zeros_like(x)
-        if estimate_shape and np.isfinite(at.laplace):
-            sides = [find_mode(theta, beta, replace(fam, shape=shape_of(x[-1] + h)), start_u=at.u).laplace
-                     for h in (SHAPE_DIFFERENCE, -SHAPE_DIFFERENCE)]
-            gradient = np.append(gradient, (sides[0] - sides[1]) / (2.0 * SHAPE_DIFFERENCE))
+        # a trial point far out overflows exp(eta): a non-finite criterion, read below, not NumPy's RuntimeWarning
+        # (an error under ``-W error``, which stopped the fit)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            try:
+                at, gradient = find_mode.with_gradient(theta, beta, fam, start_u=state["u"])
+            except np.linalg.LinAlgError:  # a system that does not factor there: the search goes on from before it
+                unfactored[0] += 1
+                return np.inf, np.zeros_like(x)
+            if estimate_shape and np.isfinite(at.laplace):
+                sides = [find_mode(theta, beta, replace(fam, shape=shape_of(x[-1] + h)), start_u=at.u).laplace
+                         for h in (SHAPE_DIFFERENCE, -SHAPE_DIFFERENCE)]
+                gradient = np.append(gradient, (sides[0] - sides[1]) / (2.0 * SHAPE_DIFFERENCE))
         if not np.isfinite(at.laplace) or not np.all(np.isfinite(gradient)):
             unfactored[0] += 1
             return np.inf, np.zeros_like(x)
