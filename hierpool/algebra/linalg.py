@@ -198,8 +198,9 @@ def weights_uneven(weights, groups=None, n_groups: int = 1) -> np.ndarray:
         return largest >= UNEVEN_WEIGHTS_RATIO * smallest
 
 
-#: How much lower (relative to max(1, |criterion|)) a search from one of :func:`other_minimum_starts` must end than
-#: the optimum it started from to replace it (``hp.lmm``'s and ``hp.fit_batch``'s rule): rounding alone does not.
+#: How much lower (relative to max(1, |criterion|)) a search from one of :func:`other_minimum_starts` (or of
+#: :func:`boundary_probes`, ``hp.lmm``'s boundary restarts) must end than the optimum it started from to replace it
+#: (``hp.lmm``'s and ``hp.fit_batch``'s rule): rounding alone does not.
 OTHER_MINIMUM_MARGIN = 1e-10
 
 

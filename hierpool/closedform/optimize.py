@@ -27,7 +27,7 @@ from ..algebra import criterion, one_term
 from ..algebra.checks import SINGULAR_TOL, singular_rows
 from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import host_objective_and_gradient, objective
-from ..algebra.linalg import boundary_probes, canonical_theta, theta_lower_bounds, theta_start
+from ..algebra.linalg import OTHER_MINIMUM_MARGIN, boundary_probes, canonical_theta, theta_lower_bounds, theta_start
 from ..algebra.start import moment_theta
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
 from ..algebra.system import on_host as to_host
@@ -610,7 +610,7 @@ def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...],
         improved = False
         for probe in probes:
             candidate = search(probe)  # (one that met a theta ~1e9 whose system does not factor goes on past it)
-            if candidate.fun < result.fun - 1e-10 * max(1.0, abs(result.fun)):
+            if candidate.fun < result.fun - OTHER_MINIMUM_MARGIN * max(1.0, abs(result.fun)):
                 result, improved = candidate, True
         if not improved:
             return result

@@ -31,7 +31,7 @@ from ..errors import ArgumentError, DataError, FormulaError, warn_at_caller
 from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
 from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_logical_factors
-from .labels import column_labels, level_label, shown_label
+from .labels import column_labels, level_label, shown_label, shown_rows
 from .r_coding import r_span_difference
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
@@ -539,10 +539,8 @@ def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str,
         raise DataError(f"{what} column {display_name(names[j])!r} holds values no larger than {magnitude[j]:.3g}, "
                         f"below {smallest:.0e}, where their squares underflow a float: rescale it (its units)")
     for j in np.flatnonzero(bad.any(axis=0)):
-        labels = list(rows[bad[:, j]][:5])
         raise DataError(f"{what} column {display_name(names[j])!r} is not finite in {int(bad[:, j].sum())} row(s) "
-                        f"(rows {labels}{' ...' if bad[:, j].sum() > 5 else ''}): drop those rows or transform "
-                        "the covariate otherwise")
+                        f"(rows {shown_rows(rows[bad[:, j]])}): drop those rows or transform the covariate otherwise")
 
 
 def _split_offsets(names: list[str], values: np.ndarray, formula: str):

@@ -20,6 +20,12 @@ def shown_label(label):
     return label.item() if isinstance(label, np.generic) else label
 
 
+def shown_rows(labels) -> str:
+    """The first five of the row ``labels`` a refusal names, "[0, 3, 7, 9, 12] ..." where there are more."""
+    labels = list(labels)
+    return f"{[shown_label(label) for label in labels[:5]]}{' ...' if len(labels) > 5 else ''}"
+
+
 def level_label(value) -> str:
     """One value's label: a whole-number float as the integer (module docstring), anything else as ``str``."""
     if (isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer()

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError, FormulaError, warn_at_caller
+from .labels import shown_rows
 
 #: The column the evaluated response is read from when the formula's left side is rewritten (an identifier:
 #: formulae reads it as a name).
@@ -66,10 +67,9 @@ def binomial_counts(frame: pd.DataFrame, response: str) -> tuple[np.ndarray, np.
         # a negative failure count made a proportion above 1, refused as '2 successes of 1 trials', naming neither
         negative = np.flatnonzero(counts < 0)
         if negative.size:
-            rows = list(frame.index[negative][:5])
             raise DataError(f"{expression!r} of response {response!r} is negative in {negative.size} row(s) (rows "
-                            f"{rows}{' ...' if negative.size > 5 else ''}): counts of successes and failures cannot "
-                            "be negative")
+                            f"{shown_rows(frame.index[negative])}): counts of successes and failures cannot be "
+                            "negative")
     trials = successes + failures
     return np.divide(successes, trials, out=np.zeros_like(trials), where=trials > 0), trials
 
