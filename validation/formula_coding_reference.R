@@ -1,5 +1,6 @@
-# Reference values for the fixed-effect coding of interactions (hierpool/spec/r_coding.py): lme4's ML deviance and
-# number of fixed effects for formulas whose interactions formulae and R's model.matrix may code differently.
+# Reference values for the fixed-effect coding of interactions (hierpool/spec/r_coding.py): lme4's ML deviance,
+# number of fixed effects and fixed effects (by lme4's names) for formulas whose interactions formulae and R's
+# model.matrix may code differently.
 # Writes validation/formula_coding_reference.json, which tests/test_formula_terms.py reads (CI needs no R).
 #
 #   apt-get install -y r-base-core r-cran-lme4 r-cran-jsonlite
@@ -9,7 +10,9 @@
 # factors f (p, q), c (x, y, z), h (u, v, w); groups g (40 of 10 rows); y.  The ML deviance depends on the
 # fixed-effect columns only through their span, so an equal deviance is the same model whatever the parametrization.
 # "formulae_differs" marks the formulas whose columns formulae spans differently from R's (found by fitting both:
-# hierpool refuses these by name, the others must equal lme4's fit).
+# hierpool refuses these by name, the others must equal lme4's fit); where the span is R's but the columns are not
+# (y ~ f:c + h), hierpool warns that its coefficients are another parameterization, and where it does not warn they
+# must be lme4's.
 
 suppressPackageStartupMessages({
   library(lme4)
@@ -32,7 +35,8 @@ differs <- c("y ~ (a + f):c", "y ~ a:c + f:c", "y ~ a:c + c:f", "y ~ f:c:h", "y 
              "y ~ h + (a + f):c")
 models <- lapply(formulas, function(f) {
   m <- suppressMessages(suppressWarnings(lmer(as.formula(paste(f, "+ (1 | g)")), d, REML = FALSE)))
-  list(formula = f, deviance = deviance(m), n_fixef = length(fixef(m)), formulae_differs = f %in% differs)
+  list(formula = f, deviance = deviance(m), n_fixef = length(fixef(m)), formulae_differs = f %in% differs,
+       fixef = as.list(fixef(m)))
 })
 out <- list(generated_by = "validation/formula_coding_reference.R", r_version = R.version.string,
             lme4_version = as.character(packageVersion("lme4")), random = "(1 | g)", models = models)

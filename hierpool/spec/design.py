@@ -32,7 +32,7 @@ from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
 from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_logical_factors
 from .labels import column_labels, level_label, shown_label, shown_rows
-from .r_coding import r_span_difference
+from .r_coding import r_coding
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
 #: Column names of the weights and offset arguments in the model frame (lme4's names).
@@ -457,11 +457,17 @@ def _fixed_part(spec: ModelSpec, frame: pd.DataFrame, shown: str | None = None):
     if fixed.common is None:  # y ~ 0: no fixed effects
         return y, ([], np.zeros((len(frame), 0))), None
     columns = matrix_columns(fixed.common)
-    difference = r_span_difference(spec.fixed, fixed.common, frame)
-    if difference:  # another model than lme4's, which would be fitted silently
-        raise FormulaError(f"fixed-effect part {display_name(spec.fixed)!r}: {difference}.  Write the model with "
+    coding = r_coding(spec.fixed, fixed.common, frame)
+    if coding.span:  # another model than lme4's, which would be fitted silently
+        raise FormulaError(f"fixed-effect part {display_name(spec.fixed)!r}: {coding.span}.  Write the model with "
                            "each interaction's lower-order terms (f*c*h for f:c:h), or build the columns you mean "
                            "in the data")
+    if coding.columns:  # lme4's model, but coefficients that mean something else under names alike
+        warn_at_caller(f"fixed-effect part {display_name(spec.fixed)!r}: formulae codes the interaction(s) "
+                       f"{coding.columns} by other columns than R's model.matrix: the same model as lme4's (the same "
+                       "criterion and fitted values), but its fixed-effect coefficients are another parameterization "
+                       "than lme4's, though named alike.  For lme4's coefficients write each interaction's "
+                       "lower-order terms (f*c for f:c)")
     return y, columns, fixed.common
 
 
@@ -894,6 +900,11 @@ def formula_columns(spec: ModelSpec, data: pd.DataFrame) -> tuple[str, ...]:
 
         defined = caller_environment().namespace
         missing = [v for v in missing if v not in defined and v not in FORMULAE_NAMES]
+        codings = [v for v in missing if re.search(rf"\bC\([^(),]+,\s*{re.escape(v)}\s*[,)]", spec.formula)]
+        if codings:  # C(f, contr.sum): R's name of a coding, read as a column
+            raise FormulaError(f"formula {spec.formula!r} codes a factor by {codings[0]!r}, which is not a coding "
+                               "hierpool knows: C(f, Treatment) and C(f, Sum) are R's contr.treatment and contr.sum, "
+                               "C(f, contr_poly) R's contr.poly; another coding can be built as columns in the data")
     check_columns(data, missing, f"formula {spec.formula!r}")
     used = tuple(v for v in spec.variables if v in data.columns)
     if not data.columns.is_unique:  # checked per name only then: is_unique is cached by pandas

@@ -296,12 +296,33 @@ def without_coding_calls(text: str) -> str:
 
 
 def _parse_with_formulae(text: str, what: str):
+    """formulae's model description of ``text``, refused where formulae's parser would not read all of it.
+
+    formulae's parser stops at the first token its grammar has no rule for and returns what it read before: R's
+    ``%in%``, ``%%``, a comparison, a comma or two names side by side (``x + z w``) would drop the rest of the fixed
+    part without a word (``y ~ x %in% f + z`` was fitted as ``y ~ x``)."""
     import formulae  # half a second to import: only formulae that are not plain names need it
+    from formulae.parser import Parser
+    from formulae.resolver import Resolver
+    from formulae.scanner import Scanner
+    from formulae.terms import Model
 
     try:
-        return formulae.model_description(text)
+        parser = Parser(Scanner(text).scan())
+        expression = parser.parse()
+        if not parser.at_end():
+            rest = " ".join(str(token.lexeme) for token in parser.tokens[parser.current:-1])
+            rest = re.sub(r"%\s*(in|/)?\s*%", lambda m: f"%{m[1] or ''}%", rest)  # the scanner splits %in%
+            raise FormulaError(
+                f"cannot parse {what} {text!r}: it stops at {rest!r} (R's x %in% f is written x:f here; %%, %/%, "
+                "comparisons and commas are not formula operators)")
+        description = Resolver(expression).resolve()
+    except FormulaError:
+        raise
     except Exception as exc:  # formulae raises several unrelated exception types
         raise FormulaError(f"cannot parse {what} {text!r}: {exc}") from None
+    # formulae.model_description's last step (a formula of one term resolves to that term)
+    return description if isinstance(description, Model) else formulae.model_description(text)
 
 
 def _expr_lhs_text(expr) -> str:

@@ -10,11 +10,15 @@ R's rule (``TermCode`` in R's ``model.c``; Chambers & Hastie 1992, sec. 2.4.1): 
 order (main effects first, keeping the written order within one order); in a term T a factor v is coded by
 contrasts where T without v is empty or contained in a term before T, else by indicators of all its levels; and
 without an intercept the first factor of the first term holding one is coded by indicators.  A numeric variable
-enters as its columns.  :func:`r_span_difference` builds that matrix (treatment contrasts: R's default, and
-formulae's) and compares its column space with formulae's.
+enters as its columns.  :func:`r_coding` builds that matrix (treatment contrasts: R's default, and
+formulae's) and compares its column space with formulae's, then, where the spans agree, the columns themselves: the
+same span by other columns is the same model in another parameterization (``y ~ f:c + h``), which is fitted with a
+warning that its coefficients are not lme4's.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -78,10 +82,29 @@ def _logical_codes(value) -> np.ndarray | None:
     return None
 
 
-def r_span_difference(text: str, matrix, frame: pd.DataFrame) -> str:
-    """Where the columns formulae built for the fixed part ``text`` (``matrix``: its design matrix on ``frame``)
-    span another model than R's ``model.matrix`` of the same terms, the terms at fault and both ranks; "" where
-    they span the same model, or where the formula holds a term this check does not read (module docstring)."""
+@dataclass(frozen=True)
+class RCoding:
+    """How formulae's fixed-effect columns stand to R's ``model.matrix`` of the same terms (:func:`r_coding`).
+
+    Attributes
+    ----------
+    span : str
+        Where they span another model: the terms at fault and both ranks ("" where the model is R's).
+    columns : str
+        Where they span the same model by other columns (``y ~ f:c + h``: formulae codes c by contrasts within f's
+        indicators, R f by indicators within c's): the interactions so coded ("" where the columns are R's, or the
+        span differs).  The fit is the same model, but its coefficients are another parameterization than lme4's,
+        some named alike (``f[b]:c[u]`` and lme4's ``fb:cu``).
+    """
+
+    span: str = ""
+    columns: str = ""
+
+
+def r_coding(text: str, matrix, frame: pd.DataFrame) -> RCoding:
+    """formulae's columns for the fixed part ``text`` (``matrix``: its design matrix on ``frame``) against R's
+    ``model.matrix`` of the same terms: :class:`RCoding`, empty where they agree or where the formula holds a term
+    this check does not read (module docstring)."""
     import formulae
 
     written = formulae.model_description(text).terms
@@ -91,7 +114,7 @@ def r_span_difference(text: str, matrix, frame: pd.DataFrame) -> str:
     # rules code each factor by contrasts: nothing to compare (and no cost on a long frame)
     if all(frozenset(c.name for c in term.components) - {c.name} in present
            for term in terms if len(term.components) > 1 for c in term.components):
-        return ""
+        return RCoding()
     built = {frozenset(c.name for c in term.components): term for term in matrix.terms.values()
              if hasattr(term, "components")}
     intercept = any(type(term).__name__ == "Intercept" for term in written)
@@ -105,7 +128,7 @@ def r_span_difference(text: str, matrix, frame: pd.DataFrame) -> str:
         names = frozenset(c.name for c in term.components)
         evaluated = built.get(names)
         if evaluated is None or any(c.name.startswith("offset(") for c in term.components):
-            return ""
+            return RCoding()
         block = np.ones((n, 1))
         for component in evaluated.components:
             logical = _logical_codes(component.value) if component.kind != "categoric" else None
@@ -115,7 +138,7 @@ def r_span_difference(text: str, matrix, frame: pd.DataFrame) -> str:
                 continue
             codes = logical if logical is not None else _categorical_codes(frame, component)
             if codes is None:
-                return ""
+                return RCoding()
             n_levels = 2 if logical is not None else len(component.levels)
             margin = names - {component.name}
             contrasts = not margin or any(margin <= earlier for earlier in previous)
@@ -130,7 +153,18 @@ def r_span_difference(text: str, matrix, frame: pd.DataFrame) -> str:
     r_matrix = np.concatenate(columns, axis=1)
     ours = np.asarray(matrix.design_matrix, dtype=float).reshape(n, -1)
     rank_ours, rank_r, rank_both = _ranks(ours, r_matrix)
-    if rank_r == rank_ours == rank_both:
-        return ""
-    return (f"formulae codes the interaction(s) {', '.join(interactions)} as another model than R's model.matrix "
-            f"(lme4's): its columns span {rank_ours} dimensions, R's {rank_r}, together {rank_both}")
+    named = ", ".join(interactions)
+    if not rank_r == rank_ours == rank_both:
+        return RCoding(span=f"formulae codes the interaction(s) {named} as another model than R's model.matrix "
+                            f"(lme4's): its columns span {rank_ours} dimensions, R's {rank_r}, together {rank_both}")
+    return RCoding() if _same_columns(ours, r_matrix) else RCoding(columns=named)
+
+
+def _same_columns(ours: np.ndarray, theirs: np.ndarray) -> bool:
+    """Whether the two matrices hold the same columns, in any order: each column's inner product with one fixed
+    random vector (equal columns give equal values; unequal ones, almost surely not), matched after sorting."""
+    if ours.shape != theirs.shape:
+        return False
+    weights = np.random.default_rng(0).standard_normal(ours.shape[0])
+    a, b = np.sort(weights @ ours), np.sort(weights @ theirs)
+    return bool(np.allclose(a, b, rtol=1e-10, atol=1e-10 * max(1.0, float(np.max(np.abs(a), initial=0.0)))))
