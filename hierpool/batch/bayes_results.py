@@ -109,6 +109,10 @@ class BayesBatchResult:
         summaries ``varcorr_summary`` then holds (:attr:`hyperparameters`); such a batch has no ``varcorr``,
         as its single posterior has none.  The spatial terms come first in ``terms``, their coefficient the
         term's label.
+    methods : tuple of str or None
+        A GLMM batch's sampler per dataset, as ``hp.bayes``'s ``method``: ``"independence"`` (its independence
+        sampler, one scalar term) or ``"full"`` (NUTS on every parameter); "" where a dataset was not sampled.
+        None for the other models (one sampler for every dataset).
     """
 
     datasets: pd.Index
@@ -125,6 +129,7 @@ class BayesBatchResult:
     sigma_known: bool = False
     scalars: dict = field(default_factory=dict)
     hyperparameter_names: tuple | None = None
+    methods: tuple | None = None
 
     def _only_term(self, name: str) -> BayesBatchTerm:
         if len(self.terms) != 1:
@@ -240,7 +245,8 @@ class BayesBatchResult:
 
     @property
     def diagnostics(self) -> pd.DataFrame:
-        """Per dataset: divergent transitions, the worst R-hat and bulk ESS over all its quantities, and ``ok``."""
+        """Per dataset: divergent transitions, the worst R-hat and bulk ESS over all its quantities, and ``ok``
+        (and a GLMM batch's ``method``: :attr:`methods`)."""
         r_hat_at, ess_at = SUMMARY_COLUMNS.index("r_hat"), SUMMARY_COLUMNS.index("ess_bulk")
         worst_r_hat, least_ess = [], []
         for d, (fixef, varcorr) in enumerate(zip(self.fixef_summary, self.varcorr_summary)):
@@ -253,6 +259,8 @@ class BayesBatchResult:
             least_ess.append(np.nanmin(every[:, ess_at]) if sampled else np.nan)
         frame = pd.DataFrame({"divergences": self.divergences, "max_r_hat": worst_r_hat, "min_ess_bulk": least_ess,
                               "message": self.messages}, index=self.datasets)
+        if self.methods is not None:  # a GLMM batch's sampler per dataset (hp.bayes's method)
+            frame.insert(3, "method", list(self.methods))
         ess_min = ESS_MIN_PER_CHAIN * self.chains
         # one chain has no R-hat (between-chain variance): judged on its divergences and ESS, as hp.bayes judges it
         r_hat_ok = (frame.max_r_hat < R_HAT_MAX) | (self.chains == 1)

@@ -569,11 +569,28 @@ class _ExactDrawsAR1:
         return {"variance": draws, "beta": beta, "b": tuple(b)}
 
 
+def bayes_independence(formula: str, data: pd.DataFrame, *, family, link, chains: int, draws: int, tune: int,
+                       seed: int, priors, level: float, weights=None, offset=None) -> BayesResult | None:
+    """``hp.bayes``'s posterior of a GLMM where its first try, the independence sampler, takes it; else None.
+
+    ``hp.bayes(formula, data, family=family, seed=seed, ...)`` samples a binomial or Poisson model with one scalar
+    random-effect term by independence Metropolis-Hastings from its Laplace fit
+    (:mod:`hierpool.bayesian.independence`) where the proposal's importance-sampling efficiency is good, and by NUTS
+    otherwise.  This is that first try alone: the same result where it is taken (the same draws for the same
+    seed), None where ``hp.bayes`` would go on to NUTS (another model, a poor proposal).  ``hp.bayes_batch`` samples
+    such datasets one by one here and the rest by its batched NUTS.  The arguments are ``hp.bayes``'s, checked by
+    the caller.
+    """
+    spec = optional_family_spec(family, link)
+    return _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, None, "auto", None, level, 0.8, False,
+                       weights, offset, nuts=False)
+
+
 def _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, method, variance, level, target_accept,
-                progress, weights, offset) -> BayesResult:
+                progress, weights, offset, nuts: bool = True) -> BayesResult | None:
     """``hp.bayes`` with a family: independence Metropolis-Hastings from the Laplace approximation where it applies
     and its proposal is good (:mod:`hierpool.bayesian.independence`), else NUTS on every parameter
-    (:mod:`hierpool.bayesian.glmm`)."""
+    (:mod:`hierpool.bayesian.glmm`); with ``nuts=False`` None instead of NUTS (:func:`bayes_independence`)."""
     if method not in METHODS:
         raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
     if method == "collapsed":
@@ -600,6 +617,8 @@ def _bayes_glmm(formula, data, spec, chains, draws, tune, seed, priors, se, meth
     if drawn is not None:
         beta, b, sds, cors, shape, stats, _ = drawn
         method = "independence"
+    elif not nuts:
+        return None
     else:
         beta, b, sds, cors, shape, stats = glmm.sample_glmm(
             design, resolved, held, chains, draws, tune, seed, target_accept, progress

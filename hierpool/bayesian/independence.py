@@ -97,12 +97,16 @@ ADAPTATION_DRAWS = 4000
 SPREAD_FLOOR = 0.1
 
 
+#: The families the sampler takes: without a shape parameter (binomial, Bernoulli among them, and Poisson).
+FAMILIES = ("binomial", "poisson")
+
+
 def applicable(design, held, priors) -> bool:
     """One scalar random-effect term, a family without a shape (binomial, Poisson), variance parameters not held, and
     Normal or flat priors on the fixed effects (the conditional modes of the proposal are those of such priors: under
     another prior, one bounded say, they could fall outside its support)."""
     return (held is None and len(design.terms) == 1 and design.terms[0].k == 1
-            and design.family.name in ("binomial", "poisson")
+            and design.family.name in FAMILIES
             and all(prior is None or type(prior).__name__ == "Normal" for prior in priors.beta))
 
 
