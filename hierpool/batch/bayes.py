@@ -44,10 +44,10 @@ from ..spec.family import family_spec
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
 from .bayes_each import bayes_batch_each, single_draws, single_summaries
 from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
-from .fit_glmm import glmm_problems
 from .bayes_results import SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, correlation_matrices, effect_key, term_chunks
 from .fit_each import fits_each, refuse_on_each
+from .fit_glmm import glmm_problems
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 from .results import check_by_name
 
@@ -308,8 +308,9 @@ def bayes_batch(
     if spec is not None:
         messages = glmm_problems(plan)
         if method == "auto" and len(ks) == 1 and ks[0] == 1 and spec.name in independence.FAMILIES:
-            independent = _independence_pass(plan, messages, formula, seed, progress, keep_draws, dict(
-                chains=chains, draws=draws, tune=tune, priors=priors, level=level, family=family, link=link))
+            independent = _independence_pass(plan, messages, formula, seed, progress, keep_draws, {
+                "chains": chains, "draws": draws, "tune": tune, "priors": priors, "level": level, "family": family,
+                "link": link})
         parts = glmm_chunks(plan, size_of, n_devices, messages, sampled=independent)
         factory = chain_and_draw_glmm
     elif correlation is not None:
