@@ -516,6 +516,12 @@ def test_datasets_ordering_a_factors_levels_otherwise_are_refused_in_their_rows(
         single = hp.lmm(formula, frames[d])
         assert batch.objective.iloc[d] == pytest.approx(single.objective, rel=1e-8)
         np.testing.assert_allclose(batch.fixef.iloc[d][single.fixef.index], single.fixef, rtol=1e-6)
+    # the odd order first in the batch: the others' order is still the batch's (it took the first Categorical's,
+    # and set the other three aside)
+    first = hp.fit_batch(formula, [frames[1], frames[0], frames[2], frames[3]], progress=False)
+    assert "orders its levels ['c', 'b', 'a']" in first.messages.iloc[0]
+    np.testing.assert_allclose(first.objective.iloc[1:].to_numpy(), batch.objective.iloc[[0, 2, 3]].to_numpy(),
+                               rtol=1e-10)
 
 
 def test_a_grouping_column_of_numbers_beside_text_gives_each_dataset_its_single_fits_level_order():

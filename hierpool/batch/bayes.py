@@ -428,7 +428,8 @@ def bayes_batch(
     # as fit_batch fits it alone (a resolved Priors is the batch's columns': such a dataset stays refused)
     if not isinstance(priors, Priors):
         settings = {"chains": chains, "draws": draws, "tune": tune, "priors": priors, "level": level,
-                    "target_accept": target_accept, "family": family, "link": link, "correlation": correlation}
+                    "target_accept": target_accept, "family": family, "link": link, "correlation": correlation,
+                    "method": method}
         for index in plan.alone_for_levels(messages):
             summary, why = _sample_alone(plan, index, formula, settings, seed, list(scalars), level, sigma_known,
                                          keep_draws)

@@ -327,8 +327,9 @@ def category_orders(items, columns) -> tuple[dict, dict]:
     some dataset holds as a pandas Categorical.  A single fit codes such a factor in its categories' order (its first
     used level the baseline), text in sorted order; stacked, Categoricals of other categories became text, sorted,
     and a dataset ordering its levels otherwise was fitted with another baseline than its single fit, silently.  The
-    batch's order is the first Categorical's categories, then any other level in sorted order; a dataset whose levels
-    come in another order (its single fit's) is set aside, in its row."""
+    batch's order is the categories most of the Categoricals hold (the first dataset's among equals: one odd dataset
+    first in the batch set every other aside), then any other level in sorted order; a dataset whose levels come in
+    another order (its single fit's) is set aside, in its row."""
     reasons, orders = {}, {}
     for name in columns:
         holders = [(label, item[name]) for label, item in items if name in item.columns]
@@ -336,8 +337,9 @@ def category_orders(items, columns) -> tuple[dict, dict]:
             continue
         if any(value_kind(column) != "text or categories" for _, column in holders):
             continue  # numbers beside categories: the kinds' vote (kind_conflicts) sets the odd ones aside
-        first = next(column for _, column in holders if isinstance(column.dtype, pd.CategoricalDtype))
-        order = [str(level) for level in first.cat.categories]
+        held = collections.Counter(tuple(str(level) for level in column.cat.categories) for _, column in holders
+                                   if isinstance(column.dtype, pd.CategoricalDtype))
+        order = list(held.most_common(1)[0][0])  # (most_common keeps the first seen among equal counts)
         seen = set(order)
         extra = sorted({str(v) for _, column in holders for v in column.dropna().unique()} - seen)
         order += extra
