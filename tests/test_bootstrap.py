@@ -64,6 +64,9 @@ def test_the_intervals_are_the_replicates_quantiles(boot):
     assert days.lower < days.estimate < days.upper and 3.0 < days.upper - days.lower < 9.0, "Days' interval"
     with pytest.raises(hp.HierpoolError, match="method must be one of"):
         result.confint(method="bca")
+    # lme4's names of the same intervals (boot.type = "perc" was refused)
+    pd.testing.assert_frame_equal(result.confint(level=0.9, method="perc"), result.confint(level=0.9))
+    pd.testing.assert_frame_equal(result.confint(level=0.9, method="norm"), normal)
     for level in ("x", 95):  # "x" raised float()'s ValueError
         with pytest.raises(hp.ArgumentError, match="level must be between 0 and 1"):
             result.confint(level=level)

@@ -50,6 +50,8 @@ SE_COLUMN = "(se)"
 #: weights), on that frame: the formula names the response, so it is an identifier.
 RESPONSE_COLUMN, TRIALS_COLUMN = "bootstrap_response_", "(trials)"
 METHODS = ("percentile", "basic", "normal")
+#: boot.ci's and lme4's names of the same intervals (``boot.type = "perc"``, ``"norm"``).
+METHOD_ALIASES = {"perc": "percentile", "norm": "normal"}
 #: An AR(1) fit's series and times on the replicates' frame (the model frame may lack the correlation's columns).
 SERIES_GROUP, SERIES_TIME = "(series)", "(series time)"
 
@@ -112,7 +114,8 @@ class BootstrapResult:
 
     @property
     def failed(self) -> int:
-        """Replicates whose fit failed (left out of the intervals)."""
+        """The number of replicates whose fit failed (left out of the intervals; their rows of ``replicates`` are
+        NaN, and ``batch.messages`` says why)."""
         return int(self.replicates.isna().all(axis=1).sum())
 
     def confint(self, level: float | None = None, method: str = "percentile") -> pd.DataFrame:
@@ -122,11 +125,13 @@ class BootstrapResult:
         ``percentile``: the replicates' alpha/2 and 1 - alpha/2 quantiles (lme4's ``boot.type = "perc"``; NumPy's
         linear interpolation between order statistics, where the boot package interpolates on the normal scale:
         they differ slightly at small n);
-        ``basic``: 2 estimate - those quantiles, reversed; ``normal``: estimate - bias -+ z se.
+        ``basic``: 2 estimate - those quantiles, reversed; ``normal``: estimate - bias -+ z se.  lme4's names
+        ``"perc"`` and ``"norm"`` are taken too.
         """
         level = self.level if level is None else float(probability_argument("level", level))
+        method = METHOD_ALIASES.get(method, method) if isinstance(method, str) else method
         if method not in METHODS:
-            raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
+            raise ArgumentError(f"method must be one of {METHODS} (or lme4's 'perc', 'norm'), got {method!r}")
         values = self.replicates.to_numpy(dtype=float)
         tail = (1 - level) / 2
         low, high = np.nanquantile(values, tail, axis=0), np.nanquantile(values, 1 - tail, axis=0)
@@ -176,6 +181,17 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     -------
     BootstrapResult
         ``estimate``, ``replicates``, ``confint(level, method)``, ``failed``, and the replicates' ``batch``.
+        The parameters' names (``estimate``'s index, ``replicates``' columns) are ``BatchResult.to_frame``'s: the
+        fixed effects as the fit names them (``Intercept``, ``period[2]``), then per random-effect term
+        ``sd_<group>_<coefficient>`` and ``cor_<group>_<coefficient>_<coefficient>`` (lme4's
+        ``sd_(Intercept)|Subject`` and ``cor_Days.(Intercept)|Subject``), then ``sigma`` (a linear mixed model's),
+        ``shape`` (a negative binomial's, lme4's theta) or ``phi`` (an AR(1) correlation's).
+
+    Notes
+    -----
+    A weighted linear mixed model's replicates have residual variance sigma^2 / w_i, the model fitted; lme4's
+    ``simulate`` (and so ``bootMer``) draws them with sigma^2 whatever the weights, and holds a negative binomial's
+    theta at its estimate where ``hp.bootstrap`` refits it.
 
     References
     ----------
