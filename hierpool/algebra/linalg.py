@@ -158,24 +158,49 @@ def full_rank_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.
 BOUNDARY_PROBE_VALUES = (0.05, 0.5)
 
 
-def boundary_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0) -> list[np.ndarray]:
+def theta_scales(ks: tuple[int, ...], mean_squares) -> np.ndarray:
+    """(..., n_theta) each element of theta's unit for :func:`boundary_probes`: a diagonal element of T_j the
+    inverse root-mean-square of its column of Z, 1 / sqrt(mean_i z_ic^2) (unweighted, over the rows), off-diagonal
+    elements 1.  ``mean_squares``: per term, (..., k_j) (leading axes a batch's datasets).
+
+    theta_jj times the root-mean-square is the effect's spread on the response in residual sds whatever the
+    covariate's units (an intercept's is 1): a slope on days (root-mean-square 5.3) has a theta five times smaller
+    than an intercept of the same share of the variance.  A column that is all zero has unit 1."""
+    out = []
+    for k, squares in zip(ks, mean_squares):
+        squares = np.asarray(squares, dtype=float)
+        rows, cols = tril_positions(k)
+        with np.errstate(all="ignore"):
+            unit = np.where(squares > 0, 1.0 / np.sqrt(np.where(squares > 0, squares, 1.0)), 1.0)
+        out.append(np.where(rows == cols, unit[..., cols], 1.0))
+    return np.concatenate(out, axis=-1)
+
+
+def boundary_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0, scales=None) -> list[np.ndarray]:
     """Starts inside the boundary where an optimum ``theta`` has diagonal elements of some T_j at 0 (at most
-    ``at_most``): each such element moved to each of :data:`BOUNDARY_PROBE_VALUES`, then :func:`full_rank_probes`.
-    Empty where no diagonal element is at 0.
+    ``at_most``): each such element moved to each of :data:`BOUNDARY_PROBE_VALUES` times its ``scales`` entry (the
+    column's inverse root-mean-square, :func:`theta_scales`; 1 by default), then
+    :func:`full_rank_probes`.  Empty where no diagonal element is at 0.
 
     The criterion depends on a last diagonal of T_j only through its square, so its gradient there is exactly 0 and
     a gradient search never looks past the boundary, while a lower optimum may lie inside (lme4's derivative-free
     BOBYQA usually finds it).  ``hp.lmm``'s restarts from a boundary optimum
     (:func:`hierpool.closedform.optimize.optimize_theta`) and a weighted batch's search for other minima
     (:func:`other_minimum_starts`) start from these.
+
+    In the columns' units because a probe too far out is no probe: L-BFGS-B's first step from a slope's theta of
+    0.05, where its optimum was 0.023 (a covariate of root-mean-square 5.3), went on to 0, whose gradient is 0, and
+    stopped there; ``(1 | g) + (0 + x | g)`` then stayed on the face where the slope's variance is 0, 0.127 above
+    lme4's fit on the other (a sleepstudy-shaped dataset; the forty-second session).
     """
     theta = np.asarray(theta, dtype=float)
+    scales = np.ones_like(theta) if scales is None else np.asarray(scales, dtype=float)
     at_zero = np.flatnonzero((theta_lower_bounds(ks) == 0) & (theta <= at_most))
     probes = []
     for j in at_zero:
         for value in BOUNDARY_PROBE_VALUES:
             probe = theta.copy()
-            probe[j] = value
+            probe[j] = value * scales[j]
             probes.append(probe)
     return probes + full_rank_probes(theta, ks, at_most) if probes else []
 
@@ -204,7 +229,8 @@ def weights_uneven(weights, groups=None, n_groups: int = 1) -> np.ndarray:
 OTHER_MINIMUM_MARGIN = 1e-10
 
 
-def other_minimum_starts(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0) -> list[np.ndarray]:
+def other_minimum_starts(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0,
+                         scales=None) -> list[np.ndarray]:
     """Starts from which a search may reach another minimum of the criterion than its optimum ``theta``: the
     :func:`boundary_probes` of a boundary optimum, and from an interior one its boundary, each term alone moved onto
     it (a vector term rank-reduced, :func:`rank_reduced_theta`; a scalar term at 0).
@@ -217,10 +243,10 @@ def other_minimum_starts(theta: np.ndarray, ks: tuple[int, ...], at_most: float 
     compiled programs) search again from these starts where the weights are uneven (:func:`weights_uneven`), each
     with its own optimizer, and keep the lowest optimum, so that both reach the lower of the two minima more often;
     not always (a rank-one face can hold two minima of its own, and two optimizers can leave one start for different
-    minima).  AR(1) fits do not.
+    minima).  AR(1) fits do not.  ``scales``: :func:`boundary_probes`'.
     """
     theta = np.asarray(theta, dtype=float)
-    probes = boundary_probes(theta, ks, at_most)
+    probes = boundary_probes(theta, ks, at_most, scales)
     if probes:
         return probes
     starts, offset = [], 0

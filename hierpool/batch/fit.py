@@ -56,7 +56,7 @@ import numpy as np
 import pandas as pd
 
 from ..algebra import one_term
-from ..algebra.checks import fitted_singular
+from ..algebra.checks import fitted_singular, onto_boundary
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
 from ..algebra.host_allocator import raise_malloc_thresholds
@@ -160,10 +160,11 @@ def _programs(stats, reml: bool, max_iterations: int, sigma_known: bool, shardin
 
 
 def _optimize_on_host(stats, start: np.ndarray, *, reml: bool, max_iterations: int, sigma_known: bool,
-                      other_minima: np.ndarray | None = None) -> dict:
+                      other_minima: np.ndarray | None = None, scales: np.ndarray | None = None) -> dict:
     """:func:`_optimize_rows` on the host (:func:`hierpool.algebra.search.terms.search_statistics_on_host`;
-    ``other_minima`` its)."""
-    return search_statistics_on_host(stats, start, reml, max_iterations, sigma_known, other_minima=other_minima)
+    ``other_minima`` and ``scales`` its)."""
+    return search_statistics_on_host(stats, start, reml, max_iterations, sigma_known, other_minima=other_minima,
+                                     scales=scales)
 
 
 def _solve_on_host(theta: np.ndarray, stats, *, reml: bool, sigma_known: bool):
@@ -478,6 +479,7 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     # searched from both sides as hp.lmm does (algebra.search.terms.search_on_host's other_minima; compiled:
     # other_minima.compiled_other_minima)
     uneven = plan.uneven_weights() if k > 1 else None
+    scales = plan.probe_scales() if uneven is not None and uneven.any() else None
 
     def run(job):
         members, host_chunk_stats, start, count, (optimize, solve) = job
@@ -486,16 +488,19 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
         if uneven is not None and uneven[members].any():
             rows = np.zeros(len(start), dtype=bool)  # a compiled chunk's padded rows (results cut below) are not
             rows[:count] = uneven[members]           # searched again
+        units = None if rows is None else np.resize(scales[members], (len(start), scales.shape[1]))  # (padded)
         if rows is not None and host:
-            optimized = optimize.result()(chunk, start, other_minima=rows)
+            optimized = optimize.result()(chunk, start, other_minima=rows, scales=units)
         else:
             optimized = optimize.result()(chunk, start)
         if rows is not None and not host:
             optimized = compiled_other_minima(optimized, lambda index: (host_chunk_stats.take(index),),
-                                              optimize.result(), rows, (k,), float_type, sharding)
+                                              optimize.result(), rows, (k,), float_type, sharding, units)
         if scan:  # a scalar term's criterion may have two minima in theta: the search again from the lower
             optimized = _from_scan(optimized, host_chunk_stats, optimize.result(), chunk, reml, sigma_known,
                                    float_type, sharding)
+        if not host:  # a variance at 1e-9 that is lme4's 0 (the host search ends there itself)
+            optimized = _onto_boundary(optimized, host_chunk_stats, k, reml, sigma_known, float_type, sharding)
         solved = solve.result()(optimized["theta"], chunk)  # a Solution per dataset (one term)
         result = {**optimized, "beta": solved.beta, "vcov": solved.vcov_beta, "sigma": solved.sigma,
                   "b": solved.b[0], "cond_var": solved.cond_var[0], "factor": solved.factors[0]}
@@ -533,6 +538,20 @@ def _from_scan(optimized, stats, optimize, chunk, reml: bool, sigma_known: bool,
     lower = np.asarray(again["objective"], dtype=float) < objective
     return {name: np.where(lower.reshape((-1,) + (1,) * (np.ndim(value) - 1)), again[name], value)
             for name, value in found.items()}
+
+
+def _onto_boundary(optimized, stats, k: int, reml: bool, sigma_known: bool, float_type, sharding) -> dict:
+    """A compiled chunk's ``optimized`` with its small diagonals of T set to 0 where the one-term criterion allows
+    (:func:`hierpool.algebra.checks.onto_boundary`, evaluated on the host in float64); host arrays, placed again."""
+    found = {name: np.array(value) for name, value in fetch(optimized).items()}
+
+    def evaluate(points, rows):  # in float64 whatever the chunk's precision
+        chosen = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float64), stats.take(rows))
+        return one_term.objective(np.asarray(points, dtype=np.float64), chosen, reml, sigma_known)
+
+    theta, objective = onto_boundary(found["theta"], found["objective"], evaluate, (k,))
+    found["theta"], found["objective"] = theta.astype(float_type), objective.astype(found["objective"].dtype)
+    return {name: place(value, sharding) for name, value in found.items()}
 
 
 def _warn_if_unidentified(plan, family_name: str) -> None:

@@ -453,6 +453,7 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     # uneven prior weights (known sds): minima inside and on the boundary, searched from both sides as hp.lmm does
     # (algebra.search.terms.search_on_host's other_minima; compiled: other_minima.compiled_other_minima)
     uneven = plan.uneven_weights()
+    scales = plan.probe_scales() if uneven.any() else None
 
     def run(job):
         members, (systems, n, start), count, programs, shift = job
@@ -460,7 +461,8 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
             # the GIL between its many small operations, so that a second thread gains far less than a second process:
             # benchmarks/RESULTS.md, twenty-first session)
             other_minima = uneven[members] if uneven[members].any() else None
-            arguments = (systems, n, start, reml, max_iterations, term_ks, other_minima)
+            units = None if other_minima is None else scales[members]
+            arguments = (systems, n, start, reml, max_iterations, term_ks, other_minima, units)
             result = host_processes.call(fit_on_host, *arguments) if processes else fit_on_host(*arguments)
         else:
             optimize, solver = programs
@@ -470,8 +472,9 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
             if uneven[members].any():
                 rows = np.zeros(len(start), dtype=bool)  # a padded row (results cut below) is not searched again
                 rows[:count] = uneven[members]
+                units = np.resize(scales[members], (len(start), scales.shape[1]))  # (a padded row repeats)
                 optimized = compiled_other_minima(optimized, lambda index: take(chunk, index), optimize.result(), rows,
-                                                  chunk[0].layout.ks, float_type, sharding)
+                                                  chunk[0].layout.ks, float_type, sharding, units)
             solved = solver.result()(optimized["theta"], systems, n)
             result = jax.tree_util.tree_map(lambda a: a[:count], fetch({**optimized, **solved}))
         result["beta"] = result["beta"] + shift

@@ -13,7 +13,8 @@ from ..algebra.search.terms import lowest_of_other_minima
 from .plan import fetch, place
 
 
-def compiled_other_minima(optimized: dict, rows_of, optimize, uneven: np.ndarray, ks, float_type, sharding) -> dict:
+def compiled_other_minima(optimized: dict, rows_of, optimize, uneven: np.ndarray, ks, float_type, sharding,
+                          scales=None) -> dict:
     """``optimized`` (a compiled chunk's search: theta, objective, newton_step, iterations, converged per row), each
     row of ``uneven`` (a mask of the chunk's rows; a padded row is not) searched again from its optimum's other starts
     and the lowest converged optimum kept (host arrays returned).
@@ -21,7 +22,8 @@ def compiled_other_minima(optimized: dict, rows_of, optimize, uneven: np.ndarray
     ``optimize(*rows_of(index), start)`` is the chunk's program, ``rows_of(index)`` the chunk's data (host arrays) for
     its rows ``index``: each start runs with its own dataset's data, in rounds of the chunk's rows (the program's
     shape; a round's last rows repeat its first, their results dropped), each search to the program's own pass limit.
-    ``ks``: the search's term widths."""
+    ``ks``: the search's term widths; ``scales``: the rows' probe units, as the host search's
+    (:func:`hierpool.algebra.linalg.theta_scales`)."""
     found = {name: np.array(value) for name, value in fetch(optimized).items()}  # writable host copies
     rows = len(found["objective"])
 
@@ -35,4 +37,4 @@ def compiled_other_minima(optimized: dict, rows_of, optimize, uneven: np.ndarray
             rounds.append({name: np.asarray(value)[: len(part)] for name, value in again.items()})
         return {name: np.concatenate([r[name] for r in rounds]) for name in rounds[0]}
 
-    return lowest_of_other_minima(found, search, tuple(ks), uneven)
+    return lowest_of_other_minima(found, search, tuple(ks), uneven, scales)

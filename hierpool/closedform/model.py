@@ -26,7 +26,13 @@ from ..algebra.conditioning import (
 )
 from ..algebra.henderson import as_numpy, solve
 from ..algebra.host_blas import one_blas_thread
-from ..algebra.linalg import OTHER_MINIMUM_MARGIN, boundary_probes, other_minimum_starts, weights_uneven
+from ..algebra.linalg import (
+    OTHER_MINIMUM_MARGIN,
+    boundary_probes,
+    other_minimum_starts,
+    theta_scales,
+    weights_uneven,
+)
 from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceError, ConvergenceWarning, boolean_argument
@@ -234,16 +240,20 @@ class MixedModel:
         if conditioned is None:
             one_term_inputs = _one_term_statistics(self.design, host)
             statistics = None if one_term_inputs is None else one_term_inputs[0]
-            optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design), statistics=statistics)
-            optimum = self._lowest_of_restarts(optimum, self.system, reml, control, host, statistics)
+            scales = design_scales(self.design)
+            optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design), statistics=statistics,
+                                     scales=scales)
+            optimum = self._lowest_of_restarts(optimum, self.system, reml, control, host, statistics, scales)
             solution = _solved_or_refused(lambda: solve_at(optimum.theta, self.system, reml, host, one_term_inputs),
                                           optimum.theta)
         else:
             system = build_system(conditioned.design, host=True)
             # far-from-centred columns (why we condition) also sit in X, and the general path's
             # criterion keeps ~10x less rounding noise there than the one-term statistics' X^T X
-            inner = optimize_theta(system, reml, control, start=moment_start(conditioned.design))
-            inner = self._lowest_of_restarts(inner, system, reml, control, True, None)  # on the conditioned columns too
+            scales = design_scales(conditioned.design)
+            inner = optimize_theta(system, reml, control, start=moment_start(conditioned.design), scales=scales)
+            # on the conditioned columns too
+            inner = self._lowest_of_restarts(inner, system, reml, control, True, None, scales)
             theta = conditioned.theta_to_user(inner.theta)
             optimum = replace(inner, theta=theta, objective=conditioned.objective_to_user(inner.objective, reml))
             tilde = _solved_or_refused(lambda: solve_at(inner.theta, system, reml, host), theta)
@@ -257,7 +267,7 @@ class MixedModel:
                          conditioned=None if conditioned is None else coordinates)
 
 
-    def _lowest_of_restarts(self, optimum, system, reml: bool, control, host: bool, statistics):
+    def _lowest_of_restarts(self, optimum, system, reml: bool, control, host: bool, statistics, scales=None):
         """``optimum``, or with prior weights (or known residual sds) the lowest of it and the searches from where
         another minimum may be reached, on ``system`` (the user's or the conditioned columns'; a scaled term's search
         stopped 0.043 above too):
@@ -274,7 +284,8 @@ class MixedModel:
           starts from the same points with its own Newton search, so that the two reach the same minimum more often,
           not always (benchmarks/RESULTS.md, fortieth session).
 
-        The searches start where this says, whatever ``control.theta_start`` is."""
+        The searches start where this says, whatever ``control.theta_start`` is; ``scales``: the probes' units
+        (:func:`design_scales`)."""
         terms = self.design.terms
         if self.design.weights is None:  # prior weights or known sds
             return optimum
@@ -297,7 +308,7 @@ class MixedModel:
         if boundary_probes(theta, ks, control.singular_tol):
             return optimum
         best = optimum
-        for start in other_minimum_starts(theta, ks, control.singular_tol):
+        for start in other_minimum_starts(theta, ks, control.singular_tol, scales):
             try:
                 again = optimize_theta(system, reml, control, start=start, statistics=statistics)
             except ConvergenceError:  # a search that ran off to a non-finite criterion: the optimum in hand stands
@@ -306,6 +317,12 @@ class MixedModel:
             if again.converged and again.objective < best.objective - margin:
                 best = again
         return best
+
+
+def design_scales(design) -> np.ndarray:
+    """theta's units of a design for the probes off the boundary (:func:`hierpool.algebra.linalg.theta_scales`):
+    its random-effect columns' mean squares over the rows."""
+    return theta_scales(tuple(t.k for t in design.terms), [np.mean(np.square(t.z), axis=0) for t in design.terms])
 
 
 def lmm(

@@ -24,7 +24,7 @@ import nlopt
 import numpy as np
 
 from ..algebra import criterion, one_term
-from ..algebra.checks import SINGULAR_TOL, singular_rows
+from ..algebra.checks import SINGULAR_TOL, onto_boundary, singular_rows
 from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import host_objective_and_gradient, objective
 from ..algebra.linalg import OTHER_MINIMUM_MARGIN, boundary_probes, canonical_theta, theta_lower_bounds, theta_start
@@ -332,6 +332,7 @@ def optimize_theta(
     control: Control | None = None,
     start: np.ndarray | None = None,
     statistics=None,
+    scales: np.ndarray | None = None,
 ) -> Optimum:
     """Minimize the profiled REML criterion or deviance over theta with L-BFGS-B (:func:`_interior_optimum` first
     for a small model on the host).
@@ -346,6 +347,8 @@ def optimize_theta(
     statistics : BatchStatistics, optional
         A one-term model's sufficient statistics: on the host the criterion is then
         evaluated by the one-term specialisation (:func:`value_and_gradient`).
+    scales : numpy.ndarray, optional
+        theta's units for the restarts' probes off the boundary (:func:`hierpool.algebra.linalg.theta_scales`).
 
     Returns
     -------
@@ -396,7 +399,7 @@ def optimize_theta(
             return search_past_unfactored(evaluate, point, bounds, options, unfactored)
 
         result = _restart_from_boundary(search, search(start), control.max_restarts, system.layout.ks,
-                                        control.singular_tol)
+                                        control.singular_tol, scales)
         if not np.isfinite(result.fun):
             raise ConvergenceError(f"the objective became non-finite during optimization: {result.message}")
         theta = np.maximum(np.asarray(result.x, dtype=float), lower)
@@ -405,6 +408,10 @@ def optimize_theta(
         optimizer_ok = bool(result.success) or result.nit < control.max_iter
         if polish:
             theta = newton_polish(evaluate, hessian_at, theta, lower)
+    # a variance the search left at 1e-12 is lme4's 0 where the criterion allows (the batch's rule)
+    theta = onto_boundary(theta[None], np.array([evaluate(theta)[0]]),
+                          lambda points, _: np.array([evaluate(point)[0] for point in points]), system.layout.ks,
+                          control.singular_tol)[0][0]
     value, gradient = evaluate(theta)
     converged, singular, messages = check_optimum(theta, gradient, optimizer_ok, hessian_at, system, control)
     return Optimum(theta, value, gradient, count[0], converged, singular, messages)
@@ -590,7 +597,7 @@ def search_past_unfactored(evaluate, start: np.ndarray, bounds, options: dict, u
     return result
 
 
-def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...], near: float = 0.0):
+def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...], near: float = 0.0, scales=None):
     """Leave a boundary optimum when an interior one is better.
 
     When a diagonal element of some T_j ends at 0, the boundary point can be a
@@ -602,9 +609,10 @@ def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...],
     each such element, each such vector term's covariance made full rank), and keep the best optimum.  ``near``: an
     element at most this is taken as at 0 (L-BFGS-B stops short of the bound where the criterion is flat: (x | a)
     on 6 groups of 5 rows stopped at T_11 = 3.5e-5, 1.3e-4 above lme4's optimum at T_22 = 7e-6, a correlation of 1).
+    ``scales``: the probes' units (:func:`hierpool.algebra.linalg.theta_scales`).
     """
     for _ in range(max_rounds):
-        probes = boundary_probes(np.asarray(result.x), ks, near)
+        probes = boundary_probes(np.asarray(result.x), ks, near, scales)
         if not probes:
             return result
         improved = False

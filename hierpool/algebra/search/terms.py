@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..batched_systems import shared_grid, statistics_systems
-from ..checks import SINGULAR_TOL
+from ..checks import SINGULAR_TOL, onto_boundary
 from ..criterion import host_objective_and_gradient
 from ..henderson import solve
 from ..linalg import (
@@ -77,7 +77,7 @@ SECANT_RESTART_PASSES = 24
 
 
 def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, term_ks=None,
-                   other_minima: np.ndarray | None = None) -> dict:
+                   other_minima: np.ndarray | None = None, scales: np.ndarray | None = None) -> dict:
     """:func:`hierpool.batch.fit_terms`' compiled search (``_optimize_rows``) on the host: Newton's method of every
     dataset of a chunk (:func:`hierpool.algebra.search.newton.newton_on_host`) on the blocked criterion and its
     written-out gradient, evaluated for the datasets still searching at once (``systems``:
@@ -96,7 +96,9 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     boundary: each of their converged searches is followed by searches from its optimum's
     :func:`~hierpool.algebra.linalg.other_minimum_starts`, and the lowest optimum kept
     (:func:`lowest_of_other_minima`), as ``hp.lmm`` does with its own optimizer.  Different searches from the
-    same starts can still end in different minima (benchmarks/RESULTS.md, fortieth session).
+    same starts can still end in different minima (benchmarks/RESULTS.md, fortieth session).  ``scales``: (datasets,
+    n_theta) the probes' units there (:func:`hierpool.algebra.linalg.theta_scales`, in the search's thetas: the
+    terms', with ``term_ks``); None: theta's own.  Every search ends :func:`hierpool.algebra.checks.onto_boundary`.
 
     In a model with a term of several coefficients, a search that has not converged after
     :data:`RESTART_PASSES` (a secant search :data:`SECANT_RESTART_PASSES`) passes is looked at: the criterion at
@@ -171,7 +173,10 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
         for name, values in again.items():
             result[name][stalled[better]] = values[better]
     if other_minima is not None and np.any(other_minima):
-        result = lowest_of_other_minima(result, search, ks, np.asarray(other_minima, dtype=bool))
+        result = lowest_of_other_minima(result, search, ks, np.asarray(other_minima, dtype=bool), scales)
+    result["theta"], result["objective"] = onto_boundary(
+        result["theta"], result["objective"], lambda points, rows: value_and_grad(points[:, None, :], rows)[0][:, 0],
+        ks)
     return result
 
 
@@ -185,7 +190,7 @@ OTHER_MINIMUM_FIRST_PASSES = 8
 OTHER_MINIMUM_PASSES = 48
 
 
-def lowest_of_other_minima(result: dict, search, ks, datasets: np.ndarray) -> dict:
+def lowest_of_other_minima(result: dict, search, ks, datasets: np.ndarray, scales=None) -> dict:
     """``result`` (a chunk's searches: writable arrays ``theta``, ``objective``, ``newton_step``, ``iterations``,
     ``converged``; ``search(starts, owners, passes)`` its search from each start, ``owners`` each start's row of the
     chunk (repeated where a dataset has several), which may take its own passes: a compiled program,
@@ -197,11 +202,12 @@ def lowest_of_other_minima(result: dict, search, ks, datasets: np.ndarray) -> di
     rounding units, where the margin is below them and rounding alone would swap optima): ``hp.lmm``'s rule for uneven
     prior weights (:meth:`hierpool.closedform.model.MixedModel._lowest_of_restarts`: the same starts and margin,
     searched by its own optimizer), whose criterion can have an interior minimum and one on the boundary.  On the host
-    all the starts of the chunk are searched at once."""
+    all the starts of the chunk are searched at once.  ``scales``: each dataset's probe units (B, n_theta),
+    :func:`hierpool.algebra.linalg.theta_scales`, as ``hp.lmm``'s."""
     done = np.flatnonzero(datasets & result["converged"] & np.isfinite(result["objective"]))
     starts, owners = [], []
     for row in done:
-        found = other_minimum_starts(result["theta"][row], ks, SINGULAR_TOL)
+        found = other_minimum_starts(result["theta"][row], ks, SINGULAR_TOL, None if scales is None else scales[row])
         starts += found
         owners += [row] * len(found)
     if not starts:
@@ -256,7 +262,8 @@ def _negative_curvature(curvature: np.ndarray) -> np.ndarray:
 
 
 def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iterations: int,
-                              sigma_known: bool = False, term_ks=None, other_minima: np.ndarray | None = None) -> dict:
+                              sigma_known: bool = False, term_ks=None, other_minima: np.ndarray | None = None,
+                              scales: np.ndarray | None = None) -> dict:
     """:func:`search_on_host` for a one-term chunk given by its sufficient statistics (a leading dataset axis):
     the same search on the same criterion, of the statistics' systems
     (:func:`hierpool.algebra.batched_systems.statistics_systems`).  ``hp.fit_batch``'s one-term path on the host and
@@ -269,7 +276,7 @@ def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iteratio
     session).
 
     ``term_ks``: the statistics' one term stands for terms of these widths on one grouping factor, as
-    :func:`search_on_host`'s (``start`` and the thetas returned theirs); ``other_minima`` as its.
+    :func:`search_on_host`'s (``start`` and the thetas returned theirs); ``other_minima`` and ``scales`` as its.
 
     It is the several-term search in every rule, unlike the compiled one-term program (Newton's method with the
     same decrease stop): saddle-free steps, the interpolated damping, and for a vector term the restart at the
@@ -278,16 +285,16 @@ def search_statistics_on_host(stats, start: np.ndarray, reml: bool, max_iteratio
     Its one term makes no secant search.
     """
     return search_on_host(statistics_systems(stats, sigma_known), np.asarray(stats.n), start, reml, max_iterations,
-                          term_ks, other_minima)
+                          term_ks, other_minima, scales)
 
 
 def fit_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, term_ks=None,
-                other_minima: np.ndarray | None = None) -> dict:
+                other_minima: np.ndarray | None = None, scales: np.ndarray | None = None) -> dict:
     """A host chunk's fits: :func:`search_on_host`, then :func:`hierpool.algebra.henderson.solve` at each optimum over
     the chunk's leading axis (what the compiled optimize and solve programs return).  ``term_ks``: the systems' one
     term stands for terms of these widths on one grouping factor, as :func:`search_on_host`'s; each term's results
-    are then its block's; ``other_minima`` as its."""
-    optimized = search_on_host(systems, n, start, reml, max_iterations, term_ks, other_minima)
+    are then its block's; ``other_minima`` and ``scales`` as its."""
+    optimized = search_on_host(systems, n, start, reml, max_iterations, term_ks, other_minima, scales)
     merged = term_ks is not None and tuple(term_ks) != systems.layout.ks
     theta = block_diagonal_theta(optimized["theta"], tuple(term_ks)) if merged else optimized["theta"]
     with np.errstate(all="ignore"):  # a dataset whose theta is NaN gets NaN, as in the compiled program
