@@ -522,6 +522,9 @@ def test_datasets_ordering_a_factors_levels_otherwise_are_refused_in_their_rows(
     assert "orders its levels ['c', 'b', 'a']" in first.messages.iloc[0]
     np.testing.assert_allclose(first.objective.iloc[1:].to_numpy(), batch.objective.iloc[[0, 2, 3]].to_numpy(),
                                rtol=1e-10)
+    # text counts for its sorted order: two text datasets and a sorted Categorical outvote the odd one placed first
+    text = hp.fit_batch(formula, [frames[1], dataset(2), dataset(4), frames[0]], progress=False)
+    assert "orders its levels ['c', 'b', 'a']" in text.messages.iloc[0] and not text.messages.iloc[1:].any()
 
 
 def test_a_grouping_column_of_numbers_beside_text_gives_each_dataset_its_single_fits_level_order():

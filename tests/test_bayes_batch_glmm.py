@@ -107,3 +107,21 @@ def test_glmm_arguments_it_refuses():
         hp.bayes_batch("incidence ~ period + (1 | herd)", frame, by="rep", family="poisson", method="independence")
     with pytest.raises(hp.ArgumentError, match="method='full' chooses a GLMM's sampler"):
         hp.bayes_batch("incidence ~ period + (1 | herd)", frame, by="rep", method="full")
+    # by= naming a diagnostics column: to_frame gave the sampler's names in the labels' place
+    with pytest.raises(hp.ArgumentError, match="by='method' names a column of the batch's result tables"):
+        hp.bayes_batch("incidence ~ period + (1 | herd)", frame.rename(columns={"rep": "method"}), by="method",
+                       family="poisson")
+
+
+def test_an_independence_sampler_that_raises_keeps_its_error_in_the_row(cbpp_frames, monkeypatch):
+    # as hp.bayes raises it; the attempt was taken for a decline, and the dataset sampled by NUTS without a word
+    def broken(*args, **kwargs):
+        raise ValueError("the sampler broke")
+
+    monkeypatch.setattr("hierpool.bayesian.fit.bayes_independence", broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = hp.bayes_batch(CBPP, cbpp_frames[:2], by="rep", family="binomial", draws=DRAWS, tune=DRAWS,
+                               progress=False)
+    assert batch.diagnostics["message"].tolist() == ["ValueError: the sampler broke"] * 2
+    assert batch.diagnostics["method"].tolist() == ["", ""] and batch.fixef["mean"].isna().all()

@@ -44,7 +44,7 @@ from ..spec.family import family_spec
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
 from .bayes_each import bayes_batch_each, single_draws, single_summaries
 from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
-from .bayes_results import SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
+from .bayes_results import DIAGNOSTICS_COLUMNS, SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, correlation_matrices, effect_key, term_chunks
 from .fit_each import fits_each, refuse_on_each
 from .fit_glmm import glmm_problems
@@ -250,7 +250,7 @@ def bayes_batch(
     max_tree_depth = integer_argument("max_tree_depth", max_tree_depth, minimum=1)
     progress = optional_boolean_argument("progress", progress)
     keep_draws = boolean_argument("keep_draws", keep_draws)
-    check_by_name(by, "bayes_batch", SUMMARY_COLUMNS)
+    check_by_name(by, "bayes_batch", (*SUMMARY_COLUMNS, *DIAGNOSTICS_COLUMNS))
     if method not in BATCH_METHODS:
         raise ArgumentError(f"method must be one of {BATCH_METHODS}, got {method!r}")
     if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (bayes_each's module notes)
@@ -385,7 +385,8 @@ def bayes_batch(
     scalars = {name: np.full((plan.n_datasets, len(SUMMARY_COLUMNS)), np.nan) for name in names}
     kept = {} if keep_draws else None
     methods = [""] * plan.n_datasets if spec is not None else None  # a GLMM's sampler per dataset
-    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, plan.n_datasets, "bayes_batch") as bar:
+    sampled = sum(chunk.count for chunk, _, _, _ in jobs)  # the datasets the compiled chunks sample (the bar's)
+    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(progress, sampled, "bayes_batch") as bar:
         for chunk, out, summary, beyond in pool.map(run, jobs):
             members = chunk.members
             fixef[members], varcorr[members] = summary["fixef"], summary["varcorr"]
@@ -464,18 +465,21 @@ def _independence_pass(plan, messages: list[str], formula: str, seed: int, progr
                        settings: dict) -> dict:
     """dataset -> its summaries, for each dataset without a message that ``hp.bayes``'s independence sampler takes
     (:func:`hierpool.bayesian.fit.bayes_independence`: one scalar term, a good proposal), sampled on the host one
-    by one (seed + index, as ``hp.bayes(..., seed=seed + index)``).  A dataset it declines, or whose attempt raises,
-    is left to the batched NUTS (hp.bayes goes on to NUTS there too)."""
+    by one (seed + index, as ``hp.bayes(..., seed=seed + index)``).  A dataset it declines is left to the batched
+    NUTS, as hp.bayes goes on to NUTS; one whose attempt raises gets the error in its row of ``messages`` (updated
+    here), as hp.bayes raises it."""
     from ..bayesian.fit import bayes_independence
 
     usable = [d for d, message in enumerate(messages) if not message]
     out = {}
     with progress_bar(progress, len(usable), "bayes_batch (independence sampler)") as bar:
         for index in usable:
-            summary, _ = _sample_alone(plan, index, formula, settings, seed, [], settings["level"], True, keep_draws,
-                                       sampler=bayes_independence)
+            summary, why = _sample_alone(plan, index, formula, settings, seed, [], settings["level"], True,
+                                         keep_draws, sampler=bayes_independence)
             if summary is not None:
                 out[index] = summary
+            elif why:
+                messages[index] = why
             bar.update(1)
     return out
 

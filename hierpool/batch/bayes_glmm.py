@@ -6,7 +6,7 @@ level's effect partially non-centered with the weight of the pilot GLM fit (:fun
 level_centering`, computed dataset by dataset at the batch's GLM start, :func:`hierpool.batch.fit_glmm.glm_start`),
 a dense mass matrix up to hp.bayes's dimension.  (A binomial or Poisson model with one scalar term is sampled
 dataset by dataset by ``hp.bayes``'s independence sampler first, :func:`hierpool.bayesian.fit.bayes_independence`,
-as ``hp.bayes`` samples it; only the datasets it declines come here.)
+as ``hp.bayes`` samples it; only the datasets it declines come here, and with ``method="full"`` all.)
 
 Rows and levels are padded as ``hp.fit_batch``'s GLMM batch pads them (:class:`hierpool.batch.fit_glmm.BucketRows`):
 a padded row has zero trials (weight), so it adds nothing to the likelihood; a padded level has no rows, so its

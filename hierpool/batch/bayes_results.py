@@ -53,6 +53,11 @@ def summarize_blocks(out: dict, ks: tuple, level: float) -> dict:
     return summary
 
 
+#: :attr:`BayesBatchResult.diagnostics`' columns (``method``: a GLMM batch's only), which a batch's ``by`` may not
+#: name: ``to_frame`` puts them beside the labels' column.
+DIAGNOSTICS_COLUMNS = ("divergences", "max_r_hat", "min_ess_bulk", "ok", "method", "message")
+
+
 @dataclass(frozen=True)
 class BayesBatchTerm:
     """One random-effect term's posterior summaries over a batch.

@@ -327,8 +327,9 @@ def category_orders(items, columns) -> tuple[dict, dict]:
     some dataset holds as a pandas Categorical.  A single fit codes such a factor in its categories' order (its first
     used level the baseline), text in sorted order; stacked, Categoricals of other categories became text, sorted,
     and a dataset ordering its levels otherwise was fitted with another baseline than its single fit, silently.  The
-    batch's order is the categories most of the Categoricals hold (the first dataset's among equals: one odd dataset
-    first in the batch set every other aside), then any other level in sorted order; a dataset whose levels come in
+    batch's order is, among the datasets' own (each Categorical's categories, and text's sorted order; then any
+    level it lacks, sorted), the one with which most datasets' used levels agree, the first seen among equals (the
+    first Categorical's set the other datasets aside where it was the odd one); a dataset whose levels come in
     another order (its single fit's) is set aside, in its row."""
     reasons, orders = {}, {}
     for name in columns:
@@ -337,22 +338,33 @@ def category_orders(items, columns) -> tuple[dict, dict]:
             continue
         if any(value_kind(column) != "text or categories" for _, column in holders):
             continue  # numbers beside categories: the kinds' vote (kind_conflicts) sets the odd ones aside
-        held = collections.Counter(tuple(str(level) for level in column.cat.categories) for _, column in holders
-                                   if isinstance(column.dtype, pd.CategoricalDtype))
-        order = list(held.most_common(1)[0][0])  # (most_common keeps the first seen among equal counts)
-        seen = set(order)
-        extra = sorted({str(v) for _, column in holders for v in column.dropna().unique()} - seen)
-        order += extra
-        position = {level: i for i, level in enumerate(order)}
+        every = sorted({str(v) for _, column in holders for v in column.dropna().unique()})
+        used, candidates = {}, []
         for label, column in holders:
             if isinstance(column.dtype, pd.CategoricalDtype):
-                used = [str(level) for level in column.cat.remove_unused_categories().cat.categories]
+                used[label] = tuple(str(level) for level in column.cat.remove_unused_categories().cat.categories)
+                candidate = tuple(str(level) for level in column.cat.categories)
             else:
-                used = sorted(str(v) for v in column.dropna().unique())
-            if [position[level] for level in used] != sorted(position[level] for level in used):
-                reasons.setdefault(label, f"its factor {name!r} orders its levels {used} (its single fit's baseline "
-                                          f"{used[0]!r}), where the batch orders them {order}: give every dataset one "
-                                          "category order")
+                used[label] = tuple(sorted(str(v) for v in column.dropna().unique()))
+                candidate = tuple(every)
+            if candidate not in candidates:
+                candidates.append(candidate)
+        counts = collections.Counter(used.values())
+
+        def completed(candidate, every=every):  # then the levels it lacks, sorted
+            return list(candidate) + [level for level in every if level not in set(candidate)]
+
+        def agrees(order, levels) -> bool:
+            position = {level: i for i, level in enumerate(order)}
+            return [position[level] for level in levels] == sorted(position[level] for level in levels)
+
+        order = completed(max(candidates, key=lambda c: sum(n for levels, n in counts.items()
+                                                             if agrees(completed(c), levels))))
+        for label, _ in holders:
+            if not agrees(order, used[label]):
+                reasons.setdefault(label, f"its factor {name!r} orders its levels {list(used[label])} (its single "
+                                          f"fit's baseline {used[label][0]!r}), where the batch orders them {order}: "
+                                          "give every dataset one category order")
         orders[name] = order
     return reasons, orders
 

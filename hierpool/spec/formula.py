@@ -301,7 +301,7 @@ def _parse_with_formulae(text: str, what: str):
     formulae's parser stops at the first token its grammar has no rule for and returns what it read before: R's
     ``%in%``, ``%%``, a comparison, a comma or two names side by side (``x + z w``) would drop the rest of the fixed
     part without a word (``y ~ x %in% f + z`` was fitted as ``y ~ x``)."""
-    import formulae  # half a second to import: only formulae that are not plain names need it
+    # half a second to import formulae: only formulae that are not plain names need it
     from formulae.parser import Parser
     from formulae.resolver import Resolver
     from formulae.scanner import Scanner
@@ -322,7 +322,7 @@ def _parse_with_formulae(text: str, what: str):
     except Exception as exc:  # formulae raises several unrelated exception types
         raise FormulaError(f"cannot parse {what} {text!r}: {exc}") from None
     # formulae.model_description's last step (a formula of one term resolves to that term)
-    return description if isinstance(description, Model) else formulae.model_description(text)
+    return description if isinstance(description, Model) else Model(description)
 
 
 def _expr_lhs_text(expr) -> str:
