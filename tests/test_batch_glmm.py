@@ -308,3 +308,27 @@ def test_a_dataset_whose_fixed_effects_separate_its_outcomes_says_so_in_its_row(
     with pytest.warns(hp.HierpoolWarning, match=r"complete separation: the fixed-effect column\(s\) period\[4\]"):
         single = hp.glmm(formula, separated, family="binomial")
     assert batch.objective.iloc[1] == pytest.approx(single.optimum.deviance, rel=1e-8)
+
+
+def test_a_singular_glmm_fit_is_exactly_zero_in_the_batch_and_in_hp_glmm():
+    """cbpp-shaped data with a herd sd of 0.15: about half the fits are singular.  The batch's searches stopped at
+    sds of 1e-11 to 4e-8 and hp.glmm's at 1e-15 to 3e-10 (12 of 17), where glmer's bounded search ends at 0; both
+    now end there where the Laplace deviance allows (algebra.checks.onto_boundary)."""
+    rng = np.random.default_rng(2)
+    frames = []
+    for _ in range(8):
+        herd, period = np.repeat(np.arange(15), 4), np.tile(["1", "2", "3", "4"], 15)
+        size = rng.integers(2, 30, size=60)
+        eta = np.array([-1.4, -2.4, -2.5, -3.0])[np.tile(np.arange(4), 15)] + rng.normal(0, 0.15, 15)[herd]
+        frames.append(pd.DataFrame({"herd": herd.astype(str), "period": period, "size": size,
+                                    "incidence": rng.binomial(size, 1 / (1 + np.exp(-eta)))}))
+    formula = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = hp.fit_batch(formula, frames, family="binomial", progress=False)
+        singular = batch.is_singular.to_numpy()
+        assert 2 <= singular.sum() <= 6
+        np.testing.assert_array_equal(np.asarray(batch.theta)[:, 0] == 0, singular)
+        d = int(np.flatnonzero(singular)[0])
+        single = hp.glmm(formula, frames[d], family="binomial")
+    assert single.theta[0] == 0.0 and single.objective == pytest.approx(batch.objective.iloc[d], rel=1e-10)

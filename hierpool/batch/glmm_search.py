@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..algebra.checks import onto_boundary
 from ..algebra.family import Family
 from ..algebra.laplace_batch import (
     GroupedRows,
@@ -155,6 +156,12 @@ def fit_chunk_on_host(rows: GroupedRows, saturated: np.ndarray, start: np.ndarra
             interpolated_damping=True, trailing_curvature=beta_curvature if p and not secant else None, secant=secant)
     theta = canonical_rows(params[:, :n_theta], ks)
     beta = params[:, n_theta:]
+
+    def deviance_at(points, active):  # at the datasets' own beta
+        with np.errstate(all="ignore"):
+            return evaluate(np.concatenate([points, beta[active]], axis=1)[:, None, :], active)[0][:, 0]
+
+    theta, value = onto_boundary(theta, value, deviance_at, ks)  # a variance 1e-9 short of lme4's 0
     finite = np.isfinite(value)
     safe_theta = rows_theta(np.where(finite[:, None], theta, 1.0))
     mode = conditional_modes(safe_theta, np.where(finite[:, None], beta, 0.0), rows, family)
