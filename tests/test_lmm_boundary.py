@@ -397,3 +397,21 @@ def test_terms_that_trade_variance_warn_as_nearly_unidentifiable():
     with warnings.catch_warnings():
         warnings.simplefilter("error", hp.ConvergenceWarning)
         hp.lmm("y ~ x + (1 | g) + (1 | g:f)", data)
+
+
+def test_a_compiled_several_term_batch_ends_on_lme4s_zero_too():
+    """float32 runs the several-term compiled programs (an accelerator's path): their searches stopped at 1e-7 to
+    1e-11 where the host search and hp.lmm end at 0 (the review's finding); now the chunk's results pass the same
+    rule on the host (algebra.search.terms.systems_onto_boundary)."""
+    rng = np.random.default_rng(11)
+    frames = []
+    for _ in range(6):
+        a, b = np.repeat(np.arange(12), 6), np.tile(np.arange(6), 12)
+        frames.append(pd.DataFrame({"a": a.astype(str), "b": b.astype(str),
+                                    "y": rng.normal(0, 1, 12)[a] + rng.normal(0, 0.02, 6)[b] + rng.normal(size=72)}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = hp.fit_batch("y ~ 1 + (1 | a) + (1 | b)", frames, dtype="float32", progress=False)
+    theta = np.asarray(batch.theta)
+    assert batch.is_singular.sum() >= 2
+    np.testing.assert_array_equal((theta == 0).any(axis=1), batch.is_singular.to_numpy())

@@ -45,7 +45,7 @@ from ..algebra.henderson import solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.linalg import theta_start
 from ..algebra.search.newton import DECREASE_TOL, MOMENT_FLOOR, canonical_theta, newton
-from ..algebra.search.terms import fit_on_host, host_bytes, point_work, solved_entries
+from ..algebra.search.terms import fit_on_host, host_bytes, point_work, solved_entries, systems_onto_boundary
 from ..algebra.start import moment_theta
 from ..algebra.statistics import location_shifts
 from ..algebra.system import grouped_products
@@ -475,6 +475,8 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
                 units = np.resize(scales[members], (len(start), scales.shape[1]))  # (a padded row repeats)
                 optimized = compiled_other_minima(optimized, lambda index: take(chunk, index), optimize.result(), rows,
                                                   chunk[0].layout.ks, float_type, sharding, units)
+            # a variance left at 1e-9 is lme4's 0 where the criterion allows, as the host search's
+            optimized = place(systems_onto_boundary(fetch(optimized), *chunk, reml), sharding)
             solved = solver.result()(optimized["theta"], systems, n)
             result = jax.tree_util.tree_map(lambda a: a[:count], fetch({**optimized, **solved}))
         result["beta"] = result["beta"] + shift

@@ -301,7 +301,7 @@ class MixedModel:
             restart, theta = one_term.scan_restarts(values, np.array([optimum.objective]))
             if not restart[0]:
                 return optimum
-            again = optimize_theta(system, reml, control, start=theta[0], statistics=statistics)
+            again = optimize_theta(system, reml, control, start=theta[0], statistics=statistics, scales=scales)
             return again if again.objective < optimum.objective else optimum
         ks = tuple(term.k for term in terms)
         theta = np.asarray(optimum.theta, dtype=float)
@@ -310,7 +310,7 @@ class MixedModel:
         best = optimum
         for start in other_minimum_starts(theta, ks, control.singular_tol, scales):
             try:
-                again = optimize_theta(system, reml, control, start=start, statistics=statistics)
+                again = optimize_theta(system, reml, control, start=start, statistics=statistics, scales=scales)
             except ConvergenceError:  # a search that ran off to a non-finite criterion: the optimum in hand stands
                 continue
             margin = OTHER_MINIMUM_MARGIN * max(1.0, abs(best.objective))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..batched_systems import shared_grid, statistics_systems
+from ..batched_systems import map_arrays, shared_grid, statistics_systems
 from ..checks import SINGULAR_TOL, onto_boundary
 from ..criterion import host_objective_and_gradient
 from ..henderson import solve
@@ -178,6 +178,23 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
         result["theta"], result["objective"], lambda points, rows: value_and_grad(points[:, None, :], rows)[0][:, 0],
         ks)
     return result
+
+
+def systems_onto_boundary(found: dict, systems, n, reml: bool) -> dict:
+    """A compiled chunk's searches (``found``: host arrays, ``theta`` canonical and ``objective``) ended on lme4's
+    boundary as the host search's are (:func:`hierpool.algebra.checks.onto_boundary`), the criterion evaluated here
+    in float64 on the chunk's ``systems`` and ``n`` (host arrays, leading axis the chunk's rows; a float32 chunk's
+    too).  Returns ``found`` with those two arrays replaced (theta in its own precision)."""
+    systems = map_arrays(systems, lambda a: np.asarray(a, dtype=np.float64))
+    n = np.asarray(n, dtype=np.float64)
+
+    def evaluate(points, rows):
+        return host_objective_and_gradient(shared_grid(systems, rows, points=True), reml,
+                                           n=n[rows][:, None])(points[:, None, :])[0][:, 0]
+
+    theta, objective = onto_boundary(found["theta"], found["objective"], evaluate, systems.layout.ks)
+    dtype = np.asarray(found["theta"]).dtype
+    return {**found, "theta": theta.astype(dtype), "objective": objective.astype(np.asarray(found["objective"]).dtype)}
 
 
 #: Passes of a search from one of :func:`~hierpool.algebra.linalg.other_minimum_starts`
