@@ -473,6 +473,14 @@ def test_a_fixed_part_that_formulae_does_not_read_to_its_end_is_refused(data, fi
         hp.lmm("y ~ x + (1 | g) + (1 | f) exposure", data)
 
 
+def test_brackets_r_drops_around_a_term_are_dropped(data):
+    # lme4 fits y ~ x + ((1 | g)); it was refused as a formula with no random-effect term
+    plain = hp.lmm("y ~ x + (1 | g)", data)
+    for formula in ("y ~ x + ((1 | g))", "y ~ ((x)) + (((1 | g)))"):
+        fit = hp.lmm(formula, data)
+        assert fit.objective == plain.objective and list(fit.fixef.index) == list(plain.fixef.index), formula
+
+
 def test_interactions_of_calls_without_their_main_effects_are_built():
     # formulae deep-copies such a term with its namespaces, which failed on the caller's modules ("cannot pickle
     # 'module' object"); the batch reads contr_poly as the single fit does

@@ -451,6 +451,25 @@ def response_only_names(spec: ModelSpec) -> set[str]:
     return names - set(re.findall(_NAME, rest))
 
 
+def _wrapped(text: str) -> bool:
+    """Whether ``text`` is one bracketed expression: its first '(' closes at its last character."""
+    if not (text.startswith("(") and text.endswith(")")):
+        return False
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return i == len(text) - 1
+    return False
+
+
+def _without_extra_brackets(text: str) -> str:
+    """A term with the brackets R drops taken off: ``((1 | g))`` is lme4's ``(1 | g)``, ``((x))`` is ``(x)``."""
+    while _wrapped(text) and _wrapped(text[1:-1].strip()):
+        text = text[1:-1].strip()
+    return text
+
+
 def parse_formula(formula: str, binomial_counts: bool = False, random_optional: bool = False) -> ModelSpec:
     """Parse an lme4-style mixed-model formula.
 
@@ -508,6 +527,7 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
             spatial.append(_car_term(text, formula))
             continue
         bar = None
+        text = _without_extra_brackets(text)
         if text.startswith("(") and text.endswith(")"):
             bar = _split_bar(text[1:-1])
         if bar is None:
