@@ -415,3 +415,21 @@ def test_a_compiled_several_term_batch_ends_on_lme4s_zero_too():
     theta = np.asarray(batch.theta)
     assert batch.is_singular.sum() >= 2
     np.testing.assert_array_equal((theta == 0).any(axis=1), batch.is_singular.to_numpy())
+
+
+def test_a_slope_in_thousandths_of_its_units_reaches_the_same_optimum():
+    """(1 | g) + (0 + x | g) with x / 1000: the slope's theta at the optimum is 148, and L-BFGS-B in theta stopped
+    at lme4's start (1), 0.019 above, unconverged (the review's finding; lme4 fails there too).  hp.lmm now searches
+    theta in the columns' units (algebra.linalg.theta_scales), the batch's Newton search already reached it."""
+    rng = np.random.default_rng(109)
+    g = np.repeat(np.arange(10), 6)
+    x = rng.normal(0.5, 1, 60)
+    y = 1 + x + rng.normal(0, 0.3, 10)[g] + rng.normal(0, 0.25, 10)[g] * x + rng.normal(0, 1, 60)
+    data = pd.DataFrame({"y": y, "x": x, "g": g.astype(str)})
+    formula = "y ~ x + (1 | g) + (0 + x | g)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        units = hp.lmm(formula, data, reml=False)
+        small = hp.lmm(formula, data.assign(x=data["x"] / 1000), reml=False)
+    assert small.objective == pytest.approx(units.objective, rel=1e-10)
+    assert small.converged and small.theta[1] == pytest.approx(1000 * units.theta[1], rel=1e-5)

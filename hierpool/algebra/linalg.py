@@ -159,9 +159,11 @@ BOUNDARY_PROBE_VALUES = (0.05, 0.5)
 
 
 def theta_scales(ks: tuple[int, ...], mean_squares) -> np.ndarray:
-    """(..., n_theta) each element of theta's unit for :func:`boundary_probes`: a diagonal element of T_j the
-    inverse root-mean-square of its column of Z, 1 / sqrt(mean_i z_ic^2) (unweighted, over the rows), off-diagonal
-    elements 1.  ``mean_squares``: per term, (..., k_j) (leading axes a batch's datasets).
+    """(..., n_theta) each element of theta's unit: element (r, c) of T_j the inverse root-mean-square of its row's
+    column of Z, 1 / sqrt(mean_i z_ir^2) (unweighted, over the rows), as b_r = sum_c T_rc u_c moves with z_r.
+    ``mean_squares``: per term, (..., k_j) (leading axes a batch's datasets).  :func:`boundary_probes` places its
+    probes in these units, and ``hp.lmm``'s L-BFGS-B searches in them
+    (:func:`hierpool.closedform.optimize.optimize_theta`).
 
     theta_jj times the root-mean-square is the effect's spread on the response in residual sds whatever the
     covariate's units (an intercept's is 1): a slope on days (root-mean-square 5.3) has a theta five times smaller
@@ -169,10 +171,10 @@ def theta_scales(ks: tuple[int, ...], mean_squares) -> np.ndarray:
     out = []
     for k, squares in zip(ks, mean_squares):
         squares = np.asarray(squares, dtype=float)
-        rows, cols = tril_positions(k)
+        rows, _ = tril_positions(k)
         with np.errstate(all="ignore"):
             unit = np.where(squares > 0, 1.0 / np.sqrt(np.where(squares > 0, squares, 1.0)), 1.0)
-        out.append(np.where(rows == cols, unit[..., cols], 1.0))
+        out.append(unit[..., rows])
     return np.concatenate(out, axis=-1)
 
 
