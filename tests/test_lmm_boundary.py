@@ -433,3 +433,21 @@ def test_a_slope_in_thousandths_of_its_units_reaches_the_same_optimum():
         small = hp.lmm(formula, data.assign(x=data["x"] / 1000), reml=False)
     assert small.objective == pytest.approx(units.objective, rel=1e-10)
     assert small.converged and small.theta[1] == pytest.approx(1000 * units.theta[1], rel=1e-5)
+
+
+def test_a_slope_on_a_covariate_of_large_scale_starts_in_its_units():
+    """(1 | g) + (0 + x + z | g) with x * 900: searching in the columns' units from lme4's theta = 1 (u = 900 there)
+    the search fell to theta = 0 and stopped 0.56 above the optimum, reported converged (the third review's
+    finding); the start is now lme4's identity in the columns' units."""
+    rng = np.random.default_rng(173)
+    g = np.repeat(np.arange(15), 8)
+    x, z = rng.normal(0, 1, 120), rng.normal(0.5, 1, 120)
+    y = (1 + x + z + rng.normal(0, 0.5, 15)[g] + rng.normal(0, 0.4, 15)[g] * x + rng.normal(0, 0.4, 15)[g] * z
+         + rng.normal(0, 1, 120))
+    data = pd.DataFrame({"y": y, "x": x, "z": z, "g": g.astype(str)})
+    formula = "y ~ x + z + (1 | g) + (0 + x + z | g)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        units = hp.lmm(formula, data, reml=False)
+        large = hp.lmm(formula, data.assign(x=data["x"] * 900), reml=False)
+    assert large.objective == pytest.approx(units.objective, rel=1e-10) and large.converged

@@ -30,7 +30,6 @@ from ..algebra.linalg import (
     OTHER_MINIMUM_MARGIN,
     boundary_probes,
     other_minimum_starts,
-    theta_scales,
     weights_uneven,
 )
 from ..algebra.statistics import centred_statistics
@@ -43,6 +42,7 @@ from .optimize import (
     Control,
     control_argument,
     criterion_value,
+    design_scales,
     moment_start,
     optimize_theta,
     runs_on_host,
@@ -241,8 +241,8 @@ class MixedModel:
             one_term_inputs = _one_term_statistics(self.design, host)
             statistics = None if one_term_inputs is None else one_term_inputs[0]
             scales = design_scales(self.design)
-            optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design), statistics=statistics,
-                                     scales=scales)
+            optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design, scales),
+                                     statistics=statistics, scales=scales)
             optimum = self._lowest_of_restarts(optimum, self.system, reml, control, host, statistics, scales)
             solution = _solved_or_refused(lambda: solve_at(optimum.theta, self.system, reml, host, one_term_inputs),
                                           optimum.theta)
@@ -251,7 +251,7 @@ class MixedModel:
             # far-from-centred columns (why we condition) also sit in X, and the general path's
             # criterion keeps ~10x less rounding noise there than the one-term statistics' X^T X
             scales = design_scales(conditioned.design)
-            inner = optimize_theta(system, reml, control, start=moment_start(conditioned.design), scales=scales)
+            inner = optimize_theta(system, reml, control, start=moment_start(conditioned.design, scales), scales=scales)
             # on the conditioned columns too
             inner = self._lowest_of_restarts(inner, system, reml, control, True, None, scales)
             theta = conditioned.theta_to_user(inner.theta)
@@ -285,7 +285,7 @@ class MixedModel:
           not always (benchmarks/RESULTS.md, fortieth session).
 
         The searches start where this says, whatever ``control.theta_start`` is; ``scales``: the probes' units
-        (:func:`design_scales`)."""
+        (:func:`~hierpool.closedform.optimize.design_scales`)."""
         terms = self.design.terms
         if self.design.weights is None:  # prior weights or known sds
             return optimum
@@ -317,12 +317,6 @@ class MixedModel:
             if again.converged and again.objective < best.objective - margin:
                 best = again
         return best
-
-
-def design_scales(design) -> np.ndarray:
-    """theta's units of a design for the probes off the boundary (:func:`hierpool.algebra.linalg.theta_scales`):
-    its random-effect columns' mean squares over the rows."""
-    return theta_scales(tuple(t.k for t in design.terms), [np.mean(np.square(t.z), axis=0) for t in design.terms])
 
 
 def lmm(

@@ -27,7 +27,14 @@ from ..algebra import criterion, one_term
 from ..algebra.checks import SINGULAR_TOL, onto_boundary, singular_rows
 from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import host_objective_and_gradient, objective
-from ..algebra.linalg import OTHER_MINIMUM_MARGIN, boundary_probes, canonical_theta, theta_lower_bounds, theta_start
+from ..algebra.linalg import (
+    OTHER_MINIMUM_MARGIN,
+    boundary_probes,
+    canonical_theta,
+    theta_lower_bounds,
+    theta_scales,
+    theta_start,
+)
 from ..algebra.start import moment_theta
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
 from ..algebra.system import on_host as to_host
@@ -156,7 +163,13 @@ def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, stat
     return compiled
 
 
-def moment_start(design) -> np.ndarray:
+def design_scales(design) -> np.ndarray:
+    """theta's units of a design (:func:`hierpool.algebra.linalg.theta_scales`): its random-effect columns' mean
+    squares over the rows."""
+    return theta_scales(tuple(t.k for t in design.terms), [np.mean(np.square(t.z), axis=0) for t in design.terms])
+
+
+def moment_start(design, scales: np.ndarray | None = None) -> np.ndarray:
     """A starting theta from moments of the least-squares residuals, term by term.
 
     For each random-effect term, each level's own regression of the residuals r on the
@@ -168,9 +181,14 @@ def moment_start(design) -> np.ndarray:
     intercepts start there (a vector term's moment start, read with the other terms ignored,
     has led L-BFGS-B to a worse boundary optimum than lme4's identity start on a model with two
     crossed slope terms); fits with known residual sds start at lme4's identity.  It saves
-    L-BFGS-B evaluations (counts in benchmarks/RESULTS.md).
+    L-BFGS-B evaluations (counts in benchmarks/RESULTS.md).  ``scales`` (:func:`design_scales`): lme4's identity
+    is taken in the columns' units where no moment start is read, as the search runs in them (from theta = 1 a slope
+    on a covariate of root-mean-square 900 started at u = 900, and the search fell to theta = 0, 0.56 above the
+    optimum, reported converged: the forty-second session's review).
     """
     start = theta_start(tuple(t.k for t in design.terms))
+    if scales is not None:  # lme4's identity in the columns' units, where no moment start is read
+        start = start * scales
     if design.sigma_known or design.p == 0:
         return start
     residual = location_shift(design)[1]  # weighted least-squares residuals of y - offset
@@ -306,7 +324,9 @@ def check_optimum(
         messages.append(f"model failed to converge: max|projected gradient| = {max_grad:.3g} > {control.grad_tol}")
     if layout.n <= control.hessian_max_n and not singular:
         eigenvalues = np.linalg.eigvalsh(hessian_at(theta))
-        if eigenvalues.min() <= 0:
+        # a negative eigenvalue within the ratio's reach of 0 is the flat direction's, by rounding (lme4's check.conv.hess
+        # tests negative eigenvalues against a tolerance too): along a flat ridge the search's end point decides its sign
+        if eigenvalues.min() <= -UNIDENTIFIED_RATIO * max(eigenvalues.max(), 0.0) or eigenvalues.max() <= 0:
             messages.append("Hessian is not positive definite at the optimum: the fit may not be a minimum")
         elif eigenvalues.min() < UNIDENTIFIED_RATIO * eigenvalues.max():
             # a direction in theta along which the criterion is flat: the fit's value is identified, its variance
