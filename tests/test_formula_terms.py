@@ -479,6 +479,11 @@ def test_brackets_r_drops_around_a_term_are_dropped(data):
     for formula in ("y ~ x + ((1 | g))", "y ~ ((x)) + (((1 | g)))"):
         fit = hp.lmm(formula, data)
         assert fit.objective == plain.objective and list(fit.fixef.index) == list(plain.fixef.index), formula
+    # a term that opens and closes with brackets of its own parts: (x)*(exposure) was refused as unbalanced
+    crossed = hp.lmm("y ~ x * exposure + (1 | g)", data)
+    for formula in ("y ~ (x)*(exposure) + (1 | g)", "y ~ ((x))*((exposure)) + (1 | g)"):
+        fit = hp.lmm(formula, data)
+        assert fit.objective == crossed.objective and list(fit.fixef.index) == list(crossed.fixef.index), formula
 
 
 def test_interactions_of_calls_without_their_main_effects_are_built():

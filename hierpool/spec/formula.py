@@ -528,7 +528,7 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
             continue
         bar = None
         text = _without_extra_brackets(text)
-        if text.startswith("(") and text.endswith(")"):
+        if _wrapped(text):  # (not (a)*(b): its first bracket closes before its last)
             bar = _split_bar(text[1:-1])
         if bar is None:
             if _split_bar(text) is not None:
