@@ -80,7 +80,6 @@ def test_two_scalar_terms_on_one_factor_reach_the_lower_face_and_lme4s_zero(monk
         np.testing.assert_allclose(fit.theta, [0.0, 0.0228808], atol=2e-7)
         assert fit.theta[0] == 0.0 and np.asarray(batch.theta)[0][0] == 0.0
         assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-12)
-        monkeypatch.setattr(linalg, "BOUNDARY_PROBE_VALUES", (0.05, 0.5))
         monkeypatch.setattr("hierpool.closedform.model.design_scales", lambda design: None)  # theta's own units
         stuck = hp.lmm(formula, data)
     assert stuck.objective > fit.objective + 0.1

@@ -178,6 +178,18 @@ def theta_scales(ks: tuple[int, ...], mean_squares) -> np.ndarray:
     return np.concatenate(out, axis=-1)
 
 
+def terms_theta_scales(terms, groups=None, n_groups: int = 1) -> np.ndarray:
+    """:func:`theta_scales` of random-effect terms (each with ``k`` and its rows' columns ``z``), the mean squares
+    taken over all rows (``groups`` None: (n_theta,)) or over each group's rows (``groups`` (N,) codes below
+    ``n_groups``: (n_groups, n_theta), a batch's datasets)."""
+    if groups is None:
+        squares = [np.mean(np.square(term.z), axis=0) for term in terms]
+    else:
+        rows = np.maximum(np.bincount(groups, minlength=n_groups), 1).astype(float)
+        squares = [segment_sum(np.square(term.z), groups, n_groups) / rows[:, None] for term in terms]
+    return theta_scales(tuple(term.k for term in terms), squares)
+
+
 def boundary_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0, scales=None) -> list[np.ndarray]:
     """Starts inside the boundary where an optimum ``theta`` has diagonal elements of some T_j at 0 (at most
     ``at_most``): each such element moved to each of :data:`BOUNDARY_PROBE_VALUES` times its ``scales`` entry (the

@@ -307,7 +307,7 @@ def bayes_batch(
     independent = {}  # dataset -> its summaries by hp.bayes's independence sampler
     if spec is not None:
         messages = glmm_problems(plan)
-        if method == "auto" and len(ks) == 1 and ks[0] == 1 and spec.name in independence.FAMILIES:
+        if method == "auto" and independence.applicable(design, None, resolved[0]):  # (each dataset's priors alike)
             independent = _independence_pass(plan, messages, formula, seed, progress, keep_draws, {
                 "chains": chains, "draws": draws, "tune": tune, "priors": priors, "level": level, "family": family,
                 "link": link})

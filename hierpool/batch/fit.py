@@ -56,13 +56,14 @@ import numpy as np
 import pandas as pd
 
 from ..algebra import one_term
-from ..algebra.checks import fitted_singular, onto_boundary
+from ..algebra.batched_systems import statistics_systems
+from ..algebra.checks import fitted_singular
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
 from ..algebra.host_allocator import raise_malloc_thresholds
 from ..algebra.one_term import solution
 from ..algebra.search.newton import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
-from ..algebra.search.terms import host_bytes, search_statistics_on_host
+from ..algebra.search.terms import host_bytes, search_statistics_on_host, systems_onto_boundary
 from ..closedform import glmm, lmm
 from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
@@ -500,7 +501,9 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
             optimized = _from_scan(optimized, host_chunk_stats, optimize.result(), chunk, reml, sigma_known,
                                    float_type, sharding)
         if not host:  # a variance at 1e-9 that is lme4's 0 (the host search ends there itself)
-            optimized = _onto_boundary(optimized, host_chunk_stats, k, reml, sigma_known, float_type, sharding)
+            found = systems_onto_boundary(fetch(optimized), statistics_systems(host_chunk_stats, sigma_known),
+                                          host_chunk_stats.n, reml)
+            optimized = place(found, sharding)
         solved = solve.result()(optimized["theta"], chunk)  # a Solution per dataset (one term)
         result = {**optimized, "beta": solved.beta, "vcov": solved.vcov_beta, "sigma": solved.sigma,
                   "b": solved.b[0], "cond_var": solved.cond_var[0], "factor": solved.factors[0]}
@@ -538,20 +541,6 @@ def _from_scan(optimized, stats, optimize, chunk, reml: bool, sigma_known: bool,
     lower = np.asarray(again["objective"], dtype=float) < objective
     return {name: np.where(lower.reshape((-1,) + (1,) * (np.ndim(value) - 1)), again[name], value)
             for name, value in found.items()}
-
-
-def _onto_boundary(optimized, stats, k: int, reml: bool, sigma_known: bool, float_type, sharding) -> dict:
-    """A compiled chunk's ``optimized`` with its small diagonals of T set to 0 where the one-term criterion allows
-    (:func:`hierpool.algebra.checks.onto_boundary`, evaluated on the host in float64); host arrays, placed again."""
-    found = {name: np.array(value) for name, value in fetch(optimized).items()}
-
-    def evaluate(points, rows):  # in float64 whatever the chunk's precision
-        chosen = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float64), stats.take(rows))
-        return one_term.objective(np.asarray(points, dtype=np.float64), chosen, reml, sigma_known)
-
-    theta, objective = onto_boundary(found["theta"], found["objective"], evaluate, (k,))
-    found["theta"], found["objective"] = theta.astype(float_type), objective.astype(found["objective"].dtype)
-    return {name: place(value, sharding) for name, value in found.items()}
 
 
 def _warn_if_unidentified(plan, family_name: str) -> None:

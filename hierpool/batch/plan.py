@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 from jax.experimental import multihost_utils
 
-from ..algebra.linalg import segment_extremes, segment_sum, shared_factor, theta_scales, weights_uneven
+from ..algebra.linalg import segment_extremes, segment_sum, shared_factor, terms_theta_scales, weights_uneven
 from ..algebra.search import HOST_CHUNK_BYTES
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
@@ -643,14 +643,10 @@ class BatchPlan:
         return f"{', '.join(names)} zero in this dataset (a level it lacks): {how} alone without them, NaN in their places"
 
     def probe_scales(self) -> np.ndarray:
-        """(datasets, n_theta) each dataset's theta units for the searches off the boundary
-        (:func:`hierpool.algebra.linalg.theta_scales` of its own random-effect columns' mean squares), as its
-        single fit's (:func:`hierpool.closedform.model.design_scales`)."""
-        design, dataset, count = self.design, self.dataset, self.n_datasets
-        rows = np.maximum(np.bincount(dataset, minlength=count), 1).astype(float)
-        squares = [np.stack([np.bincount(dataset, weights=np.square(term.z[:, c]), minlength=count)
-                             for c in range(term.k)], axis=-1) / rows[:, None] for term in design.terms]
-        return theta_scales(tuple(term.k for term in design.terms), squares)
+        """(datasets, n_theta) each dataset's theta units for the searches off the boundary, from its own
+        random-effect columns (:func:`hierpool.algebra.linalg.terms_theta_scales`), as its single fit's
+        (:func:`hierpool.closedform.optimize.design_scales`)."""
+        return terms_theta_scales(self.design.terms, self.dataset, self.n_datasets)
 
     def uneven_weights(self) -> np.ndarray:
         """(datasets,) bool: whether each dataset's prior weights (or known residual sds) are uneven

@@ -31,8 +31,8 @@ from ..algebra.linalg import (
     OTHER_MINIMUM_MARGIN,
     boundary_probes,
     canonical_theta,
+    terms_theta_scales,
     theta_lower_bounds,
-    theta_scales,
     theta_start,
 )
 from ..algebra.start import moment_theta
@@ -166,7 +166,7 @@ def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, stat
 def design_scales(design) -> np.ndarray:
     """theta's units of a design (:func:`hierpool.algebra.linalg.theta_scales`): its random-effect columns' mean
     squares over the rows."""
-    return theta_scales(tuple(t.k for t in design.terms), [np.mean(np.square(t.z), axis=0) for t in design.terms])
+    return terms_theta_scales(design.terms)
 
 
 def moment_start(design, scales: np.ndarray | None = None) -> np.ndarray:
