@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 import hierpool as hp
+from hierpool.spec.formula import parse_formula
 
 
 @pytest.fixture(scope="module")
@@ -469,7 +470,8 @@ def test_a_fixed_part_that_formulae_does_not_read_to_its_end_is_refused(data, fi
     # y ~ x, without a word (the forty-second session's probe; lme4 fits f:x + z there)
     with pytest.raises(hp.FormulaError, match=f"stops at {re.escape(repr(rest))}"):
         hp.lmm(f"y ~ {fixed} + (1 | g)", data)
-    with pytest.raises(hp.FormulaError, match="stops at 'exposure'"):  # after a random term: it was left out too
+    # after a random term: it was left out too
+    with pytest.raises(hp.FormulaError, match=re.escape("is part of the term '(1 | f) exposure'")):
         hp.lmm("y ~ x + (1 | g) + (1 | f) exposure", data)
 
 
@@ -484,6 +486,25 @@ def test_brackets_r_drops_around_a_term_are_dropped(data):
     for formula in ("y ~ (x)*(exposure) + (1 | g)", "y ~ ((x))*((exposure)) + (1 | g)"):
         fit = hp.lmm(formula, data)
         assert fit.objective == crossed.objective and list(fit.fixef.index) == list(crossed.fixef.index), formula
+
+
+def test_a_bracketed_sum_of_random_terms_is_its_summands(data):
+    # lme4's findbars and nobars look through '(' and '+': these were refused as formulas without a random term
+    both = hp.lmm("y ~ x + (1 | g) + (1 | f)", data)
+    for formula in ("y ~ x + ((1 | g) + (1 | f))", "y ~ (x + (1 | g)) + ((1 | f))", "y ~ ((x + ((1 | g) + (1 | f))))"):
+        fit = hp.lmm(formula, data)
+        assert fit.objective == both.objective and list(fit.fixef.index) == list(both.fixef.index), formula
+    # a random term multiplied, subtracted or passed to a call is refused by name (lme4 reads (1 | g):x as
+    # (1 | g) + x); a bar inside a call's arguments is the fixed part's
+    for formula, term in (("y ~ x + (1 | g):exposure + (1 | f)", "(1 | g):exposure"),
+                          ("y ~ x - ((1 | g) + (1 | f))", "((1 | g) + (1 | f))"),
+                          ("y ~ x + ((1 | g) + exposure)*x + (1 | f)", "((1 | g) + exposure)*x")):
+        with pytest.raises(hp.FormulaError, match=rf"\(1 \| g\) of .* is part of the term {re.escape(repr(term))}"):
+            hp.lmm(formula, data)
+    assert parse_formula("y ~ (x + ((car(area))))").spatial == parse_formula("y ~ x + car(area)").spatial
+    with pytest.raises(hp.FormulaError, match="cannot parse formula part") as refused:
+        hp.lmm("y ~ x + I((x > 0) | (exposure > 0)) + (1 | g)", data)
+    assert "part of the term" not in str(refused.value)
 
 
 def test_interactions_of_calls_without_their_main_effects_are_built():

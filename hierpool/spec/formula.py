@@ -470,6 +470,45 @@ def _without_extra_brackets(text: str) -> str:
     return text
 
 
+def _summands(sign: str, piece: str) -> list[tuple[str, str]]:
+    """(sign, term) pairs of one summand of a formula's right-hand side, R's dropped brackets taken off: a bracketed
+    sum holding random-effect or spatial terms is its summands (lme4 reads ``y ~ x + ((1 | g) + (1 | h))`` and
+    ``y ~ (x + (1 | g))`` so: its ``findbars`` and ``nobars`` look through ``(`` and ``+``), and ``((car(g, W)))``
+    is ``car(g, W)``.  Other bracketed sums (``(a + b)``) are left whole to the fixed part's parser."""
+    text = _without_extra_brackets(piece.strip())
+    if _wrapped(text):
+        inner = text[1:-1].strip()
+        if _CAR_CALL.match(inner):
+            return [(sign, inner)]
+        parts = _split_top_level(inner, "+-")
+        if sign == "+" and len(parts) > 1 and any(_bar_inside(part) or _spatial(part) for _, part in parts):
+            return [pair for inner_sign, part in parts for pair in _summands(inner_sign, part)]
+    return [(sign, text)]
+
+
+def _spatial(piece: str) -> bool:
+    """Whether ``piece`` is a ``car(...)`` term, in brackets or not."""
+    text = _without_extra_brackets(piece.strip())
+    return bool(_CAR_CALL.match(text[1:-1].strip() if _wrapped(text) else text))
+
+
+def _bar_inside(text: str) -> str | None:
+    """The first random-effect term (``1 | g``) in a bracket of ``text`` that is not a call's argument list: in
+    ``(1 | g):z`` or ``(x + (1 | g))``, not in ``I((x > 0) | (z > 0))``; None where there is none."""
+    opened: list[tuple[int, bool]] = []  # (position after '(', whether it opens a call's arguments)
+    for i, ch, depth in _scan_top_level(text):
+        if depth < 0:
+            continue
+        if ch == "(":
+            before = text[:i].rstrip()
+            opened.append((i + 1, bool(before) and (before[-1].isalnum() or before[-1] in "._")))
+        elif ch == ")":
+            start, call = opened.pop()
+            if not call and _split_bar(text[start:i]) is not None:
+                return text[start:i].strip()
+    return None
+
+
 def parse_formula(formula: str, binomial_counts: bool = False, random_optional: bool = False) -> ModelSpec:
     """Parse an lme4-style mixed-model formula.
 
@@ -517,8 +556,8 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
     random: list[RandomTermSpec] = []
     spatial: list[SpatialTermSpec] = []
     _check_number_terms(_split_top_level(rhs, "+-"), f"formula {formula!r}")
-    for sign, piece in _split_top_level(rhs, "+-"):
-        text = piece.strip()
+    summands = [pair for outer, piece in _split_top_level(rhs, "+-") for pair in _summands(outer, piece)]
+    for sign, text in summands:
         if not text:
             raise FormulaError(f"formula {formula!r} has an empty term (a dangling '{sign}')")
         if _CAR_CALL.match(text):
@@ -527,12 +566,17 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
             spatial.append(_car_term(text, formula))
             continue
         bar = None
-        text = _without_extra_brackets(text)
         if _wrapped(text):  # (not (a)*(b): its first bracket closes before its last)
             bar = _split_bar(text[1:-1])
         if bar is None:
             if _split_bar(text) is not None:
                 raise FormulaError(f"random-effect term {text!r} in {formula!r} must be wrapped in parentheses")
+            nested = _bar_inside(text)
+            if nested is not None:  # lme4 would take (1 | g):z as (1 | g) + z; formulae failed on it
+                raise FormulaError(
+                    f"random-effect term ({nested}) of {formula!r} is part of the term {text!r}: a random-effect "
+                    f"term must be a summand of its own, added ('+ ({nested})'), not multiplied, subtracted or "
+                    "passed to a function")
             fixed_pieces.append(text if not fixed_pieces and sign == "+" else f"{sign} {text}")
             continue
         if sign != "+":
