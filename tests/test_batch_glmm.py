@@ -114,21 +114,26 @@ def test_negative_binomial_replicates_equal_their_single_fits(monkeypatch):
     batch = hp.fit_batch("y ~ x + (1 | g)", frames, by="rep", family="negative_binomial", progress=False)
     assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
     assert "shape" in batch.to_frame().columns
+    singular = []
     for d, frame in enumerate(frames):
         fit = _glmm("y ~ x + (1 | g)", frame, family="negative_binomial")
         # the shape's direction is flat: both optimizers stop within ~1e-4 of each other there (hp.glmm's own
         # tolerance), which moves the rest by less
         assert batch.shape[d] == pytest.approx(fit.shape, rel=2e-4), f"shape of dataset {d}"
+        singular.append(fit.theta[0] == 0)
         assert batch.objective.iloc[d] == pytest.approx(fit.optimum.deviance, rel=1e-8), f"-2 log L of {d}"
         np.testing.assert_allclose(batch.beta[d], fit.fixef.to_numpy(), rtol=1e-5, err_msg=f"beta, {d}")
         np.testing.assert_allclose(batch.beta_se[d], fit.fixef_se.to_numpy(), rtol=5e-3, err_msg=f"ses, {d}")
         np.testing.assert_allclose(batch.terms[0].b[d][:, 0], fit.ranef["condval"].to_numpy(), rtol=1e-4,
                                    atol=1e-6, err_msg=f"modes, {d}")
-        # (a vanishing variance: the batch's theta reaches ~1e-7 there, hp.glmm's bound 0)
+        # a vanishing variance (dataset 1) is 0 in both: the compiled search stopped at theta 1e-7 there, hp.glmm's
+        # bounded one at 0 (fit_glmm.compiled_onto_boundary)
+        assert (batch.theta[d] == 0) == (fit.theta == 0), f"theta of {d}: {batch.theta[d]} against {fit.theta}"
         np.testing.assert_allclose(batch.terms[0].cond_sd[d][:, 0], fit.ranef["condsd"].to_numpy(), rtol=1e-4,
                                    atol=1e-7, err_msg=f"conditional sds, {d}")
         np.testing.assert_allclose(batch.terms[0].covariance[d], fit.term_covariances()[0], rtol=1e-4, atol=1e-9,
                                    err_msg=f"variance, {d}")
+    assert singular == [False, True, False]
     # every dataset fitted alone (as a too-large one is): hp.glmm's shapes fill the rows
     monkeypatch.setattr(fit_terms_module, "MAX_DENSE_ENTRIES", -1)
     alone = hp.fit_batch("y ~ x + (1 | g)", frames[:1], by="rep", family="negative_binomial", progress=False)

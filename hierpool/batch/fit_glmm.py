@@ -30,7 +30,8 @@ row has trials 0, which zeroes its deviance and its PIRLS weight, so it changes 
 are filled on the full coupling grid (``Layout.dense_only``).  A negative binomial's log shape is a further
 parameter of Newton's method, last, as in ``hp.glmm``'s second stage: its derivative a central difference (PIRLS
 run again at each side), the saturated constant computed in the program at each shape, the start the Poisson
-GLM's moments (:func:`moment_shape`).
+GLM's moments (:func:`moment_shape`).  A chunk's fits that stop next to a zero variance are set onto it on the host
+(:func:`compiled_onto_boundary`), as the host searches end.
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..algebra.checks import SINGULAR_TOL, diagonal_mask, onto_boundary
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import Family
 from ..algebra.henderson import solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import saturated_rows
-from ..algebra.laplace_batch import GroupedRows
+from ..algebra.laplace_batch import GroupedRows, conditional_modes, laplace_and_gradient, solution_at_mode
 from ..algebra.laplace_program import ProgramData, laplace_value, laplace_value_and_gradient
 from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from ..algebra.system import Layout, SystemPattern, fill_in_program, grouped_products
@@ -205,7 +207,7 @@ class BucketRows:
     width: int
 
     @classmethod
-    def of(cls, plan: BatchPlan, members: np.ndarray, width: int) -> "BucketRows":
+    def of(cls, plan: BatchPlan, members: np.ndarray, width: int) -> BucketRows:
         rows = np.flatnonzero(np.isin(plan.dataset, members))
         local = np.searchsorted(members, plan.dataset[rows])
         order = np.argsort(local, kind="stable")
@@ -459,19 +461,91 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
         return _fit_glmm_on_host(plan, family, out, theta0, beta0, saturated, n_theta, chunk_size=chunk_size,
                                  progress=progress, max_iterations=max_iterations, processes=processes)
     jobs = []
-    for members, data, bucket_chunks, program in prepared:
+    for key, (members, data, bucket_chunks, program) in zip(buckets, prepared):
         start = np.concatenate([theta0[members, :n_theta], beta0[members], theta0[members, n_theta:]], axis=1)
         arguments = (data, saturated[members].astype(float_type), start.astype(float_type))
         for chunk in bucket_chunks:
-            jobs.append((members[chunk.members], take(arguments, chunk.index), chunk.count, program))
+            jobs.append((members[chunk.members], take(arguments, chunk.index), chunk.count, program, key[:-1]))
 
     def run(job):
-        _, arguments, count, program = job
+        chunk_members, arguments, count, program, widths = job
         result = jax.tree_util.tree_map(lambda a: a[:count], fetch(program.result()(*place(arguments, sharding))))
         result["sigma"] = np.ones(count)  # the unit scale of a GLMM (hp.glmm's)
-        return result
+        return compiled_onto_boundary(plan, family, chunk_members, widths, result)
 
     return run_jobs(jobs, run, out, plan, workers=workers, progress=progress)
+
+
+def compiled_onto_boundary(plan: BatchPlan, family: Family, members: np.ndarray, widths, result: dict) -> dict:
+    """A compiled chunk's ``result`` (datasets ``members``, levels padded to ``widths``) with each diagonal of T_j
+    below lme4's singular tolerance set to 0 where the Laplace deviance there (beta and a negative binomial's shape
+    held) rises by no more than rounding (:func:`hierpool.algebra.checks.onto_boundary`, as the host searches and
+    ``hp.glmm`` end), the mode, BLUPs and conditional variances recomputed there on the host in float64
+    (:mod:`hierpool.algebra.laplace_batch`).  The program's Newton search runs on unbounded theta and stopped 5e-7
+    short of a zero variance where ``hp.glmm`` ends at 0 (a negative binomial batch on a CPU; the forty-second
+    session).  Only the fits concerned are evaluated; returns a new dict (``result`` is left as it is)."""
+    ks = tuple(term.k for term in plan.design.terms)
+    theta, objective = np.asarray(result["theta"], dtype=float), np.asarray(result["objective"], dtype=float)
+    diagonal = diagonal_mask(ks)
+    near = np.flatnonzero(((theta[:, diagonal] > 0) & (theta[:, diagonal] < SINGULAR_TOL)).any(axis=1)
+                          & np.isfinite(objective))
+    if not near.size:
+        return result
+    rows = grouped_rows(plan, members[near], widths)
+    beta = np.asarray(result["beta"], dtype=float)[near]
+    shape = np.asarray(result["shape"], dtype=float)[near] if "shape" in result else None
+    # a negative binomial's fits one at a time: each at its own shape (PIRLS keeps one family for its rows)
+    parts = (lambda which: [which]) if shape is None else (lambda which: [which[i : i + 1] for i in range(len(which))])
+
+    def at(which):  # (the fits' rows, their family)
+        sub, _ = rows.subset(which)
+        return sub, family if shape is None else dataclasses.replace(family, shape=float(shape[which[0]]))
+
+    def deviance_at(points, which):
+        values = []
+        for part in parts(np.arange(len(which))):
+            sub, at_shape = at(which[part])
+            saturated = np.bincount(sub.group, weights=saturated_rows(at_shape, sub.y, sub.trials),
+                                    minlength=len(part))
+            values.append(laplace_and_gradient(points[part], beta[which[part]], sub, at_shape, saturated)[0])
+        return np.concatenate(values)
+
+    snapped, moved = onto_boundary(theta[near], objective[near], deviance_at, ks)
+    changed = np.flatnonzero(np.any(snapped != theta[near], axis=1))
+    if not changed.size:
+        return result
+    result = dict(result)  # (the fetched arrays are read-only)
+    for name in ("theta", "objective", "converged"):
+        result[name] = np.array(result[name])
+    for name in ("b", "cond_var", "factors"):
+        result[name] = [np.array(x) for x in result[name]]
+    for part in parts(changed):
+        sub, at_shape = at(part)
+        with np.errstate(all="ignore"):
+            mode = conditional_modes(snapped[part], beta[part], sub, at_shape)
+            solved = solution_at_mode(snapped[part], sub, mode)
+        fits = near[part]
+        result["theta"][fits], result["objective"][fits] = snapped[part], moved[part]
+        result["converged"][fits] &= mode.converged
+        for name, values in (("b", mode.b), ("cond_var", solved.cond_var), ("factors", solved.factors)):
+            for t, value in enumerate(values):
+                result[name][t][fits] = np.asarray(value)
+    return result
+    sub, at_shape = at(changed)
+    with np.errstate(all="ignore"):
+        mode = conditional_modes(snapped[changed], beta[changed], sub, at_shape)
+        solved = solution_at_mode(snapped[changed], sub, mode)
+    fits = near[changed]
+    result = dict(result)  # (the fetched arrays are read-only)
+    for name, values in (("theta", snapped[changed]), ("objective", moved[changed]),
+                         ("converged", result["converged"][fits] & mode.converged)):
+        result[name] = np.array(result[name])
+        result[name][fits] = values
+    for name, values in (("b", mode.b), ("cond_var", solved.cond_var), ("factors", solved.factors)):
+        result[name] = [np.array(x) for x in result[name]]
+        for t, value in enumerate(values):
+            result[name][t][fits] = np.asarray(value)
+    return result
 
 
 #: Rows of a GLMM host batch from which its chunks run in worker processes too
