@@ -530,55 +530,43 @@ def _lme4_name(name: str) -> str:
     """A fixed effect's name as lme4 writes it (``f[q]:c[y]`` -> ``fq:cy``, ``poly(a, 2)[0]`` -> ``poly(a, 2)1``),
     its factors sorted (``c:f`` and ``f:c`` are one term)."""
     name = "(Intercept)" if name == "Intercept" else name.replace("**", "^").replace(" ", "")
+    name = name.replace("[True]", "TRUE").replace("[False]", "FALSE")  # a logical coded as a factor
     name = re.sub(r"(poly\([^)]*\))\[(\d+)\]", lambda m: f"{m[1]}{int(m[2]) + 1}", name)
     return ":".join(sorted(re.sub(r"\[([^\]]*)\]", r"\1", name).split(":")))
 
 
-def test_interactions_are_lme4s_model_or_refused_by_name(monkeypatch):
-    """formulae and R's model.matrix code a factor in an interaction by different rules; where they span different
-    columns the models differ ((a + f):c: 9 columns against lme4's 7; f:c:h alone: 15 dimensions against R's 18),
-    and hierpool fitted formulae's silently.  Every formula of validation/formula_coding_reference.R is now either
-    lme4's model (the ML deviance depends on the columns only through their span: equal to 1e-7) or refused by name
-    where formulae's differs; without the check those fits are indeed other models (the refusal guards a real
-    difference, not a false alarm).  Where the model is lme4's by other columns (y ~ f:c + h: formulae codes c by
-    contrasts within f's indicators, R f by indicators within c's), a warning says that the coefficients are another
-    parameterization; every fit without it has lme4's coefficients (the probe of the forty-second session found
-    f:c's coefficients 0.568 against lme4's 0.579 under the name f[b]:c[u], silently)."""
+def test_interactions_are_lme4s_model_and_coefficients(monkeypatch):
+    """formulae and R's model.matrix code a factor in an interaction by different rules: where formulae's columns
+    span another model ((a + f):c: 9 columns against lme4's 7; f:c:h alone: 15 dimensions against R's 18) it was
+    refused, and where they span lme4's model by other columns (y ~ f:c + h: formulae codes c by contrasts within
+    f's indicators, R f by indicators within c's) its coefficients were another parameterization under names alike
+    (f[b]:c[u] 0.568 against lme4's fb:cu 0.579, the forty-second session's probe), with a warning.  R's columns
+    are now fitted there (spec.r_coding): every formula of validation/formula_coding_reference.R gives lme4's
+    deviance, fixed effects by name, and population-level predictions of new rows; with formulae's columns the
+    spans that differ are indeed other models (the rule guards a real difference)."""
     from hierpool.spec import design as design_module
     from hierpool.spec.r_coding import RCoding
 
     root = Path(__file__).resolve().parent.parent / "validation"
     reference = json.loads((root / "formula_coding_reference.json").read_text())
     data = pd.read_csv(root / "formula_coding_data.csv", dtype={"g": str})
-    warned_formulas = []
-    for model in reference["models"]:
-        formula = f"{model['formula']} + (1 | g)"
-        if model["formulae_differs"]:
-            with pytest.raises(hp.FormulaError, match="another model than R's model.matrix"):
-                hp.lmm(formula, data, reml=False)
-            continue
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", hp.HierpoolWarning)  # rank-deficient codings drop columns, as lme4 does
-            fit = hp.lmm(formula, data, reml=False)
-        assert fit.objective == pytest.approx(model["deviance"], rel=1e-7), formula
-        assert len(fit.fixef) == model["n_fixef"], formula
-        # the same model by other columns is fitted with a warning; without one the coefficients are lme4's
-        warned = any("another parameterization than lme4's" in str(w.message) for w in caught)
-        ours = {_lme4_name(name): value for name, value in fit.fixef.items()}
-        theirs = {_lme4_name(name): value for name, value in model["fixef"].items()}
-        lme4s = set(ours) == set(theirs) and all(ours[k] == pytest.approx(theirs[k], rel=1e-4, abs=1e-4) for k in ours)
-        assert warned != lme4s, (formula, warned, ours, theirs)
-        warned_formulas += [model["formula"]] * warned
-    assert "y ~ f:c + h" in warned_formulas and "y ~ f*c" not in warned_formulas
-    # the same as pandas Categoricals (which the frame marks ordered: the check skipped them, and fitted the formulae
-    # coding silently), and a logical made by a call, which R codes as a factor (formulae as 0/1)
     categorical = data.astype({"f": "category", "c": "category", "h": "category"})
-    for model in reference["models"]:
-        if model["formulae_differs"]:
-            with pytest.raises(hp.FormulaError, match="another model than R's model.matrix"):
-                hp.lmm(f"{model['formula']} + (1 | g)", categorical, reml=False)
-    with pytest.raises(hp.FormulaError, match="I\\(a > 0\\):f"):
-        hp.lmm("y ~ I(a > 0):f + (1 | g)", data, reml=False)
+    assert sum(model["formulae_differs"] for model in reference["models"]) == 6
+    for frame in (data, categorical):  # (pandas Categoricals, which the frame marks ordered, were once skipped)
+        for model in reference["models"]:
+            formula = f"{model['formula']} + (1 | g)"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", hp.HierpoolWarning)  # rank-deficient codings drop columns, as lme4's
+                fit = hp.lmm(formula, frame, reml=False)
+            assert not [w for w in caught if "parameterization" in str(w.message)], formula
+            assert fit.objective == pytest.approx(model["deviance"], rel=1e-7), formula
+            ours = {_lme4_name(name): value for name, value in fit.fixef.items()}
+            theirs = {_lme4_name(name): value for name, value in model["fixef"].items()}
+            assert set(ours) == set(theirs), (formula, sorted(ours), sorted(theirs))
+            for name, value in theirs.items():
+                assert ours[name] == pytest.approx(value, rel=1e-4, abs=1e-4), (formula, name)
+            predicted = fit.predict(frame.iloc[:12], re=False)
+            np.testing.assert_allclose(predicted, model["predict_fixed"], rtol=1e-4, atol=1e-4, err_msg=formula)
     monkeypatch.setattr(design_module, "r_coding", lambda *args: RCoding())
     for model in reference["models"]:
         if model["formulae_differs"]:

@@ -32,7 +32,7 @@ from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
 from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_logical_factors
 from .labels import column_labels, level_label, shown_label, shown_rows
-from .r_coding import r_coding
+from .r_coding import RCodedPart, r_coding
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
 #: Column names of the weights and offset arguments in the model frame (lme4's names).
@@ -457,17 +457,11 @@ def _fixed_part(spec: ModelSpec, frame: pd.DataFrame, shown: str | None = None):
     if fixed.common is None:  # y ~ 0: no fixed effects
         return y, ([], np.zeros((len(frame), 0))), None
     columns = matrix_columns(fixed.common)
-    coding = r_coding(spec.fixed, fixed.common, frame)
-    if coding.span:  # another model than lme4's, which would be fitted silently
-        raise FormulaError(f"fixed-effect part {display_name(spec.fixed)!r}: {coding.span}.  Write the model with "
-                           "each interaction's lower-order terms (f*c*h for f:c:h), or build the columns you mean "
-                           "in the data")
-    if coding.columns:  # lme4's model, but coefficients that mean something else under names alike
-        warn_at_caller(f"fixed-effect part {display_name(spec.fixed)!r}: formulae codes the interaction(s) "
-                       f"{coding.columns} by other columns than R's model.matrix: the same model as lme4's (the same "
-                       "criterion and fitted values), but its fixed-effect coefficients are another parameterization "
-                       "than lme4's, though named alike.  For lme4's coefficients write each interaction's "
-                       "lower-order terms (f*c for f:c)")
+    model = r_coding(spec.fixed, fixed.common, frame).model
+    if model is not None:
+        # formulae's columns are another model than lme4's (y ~ (a + f):c), or lme4's model by other columns, whose
+        # coefficients mean something else under names alike (y ~ f:c + h): R's columns are fitted instead
+        return y, RCodedPart.columns(model, fixed.common), RCodedPart(spec.fixed, fixed.common)
     return y, columns, fixed.common
 
 

@@ -17,11 +17,12 @@ from ..errors import ArgumentError, DataError
 from .columns import PlainPart
 from .design import check_columns, check_finite_columns, float64_values, group_index, known_sd, quiet_arithmetic
 from .formula import display_name, response_only_names, without_coding_calls
+from .r_coding import RCodedPart
 
 
 def _encode_frame(matrix, frame: pd.DataFrame, what: str) -> pd.DataFrame:
     try:
-        if isinstance(matrix, PlainPart):  # read without formulae (spec.columns)
+        if isinstance(matrix, (PlainPart, RCodedPart)):  # read without formulae (spec.columns), or R's columns
             return matrix.new_rows(frame)
         with quiet_arithmetic():  # (a non-finite value is refused by name after)
             encoded = matrix.evaluate_new_data(frame).as_dataframe()

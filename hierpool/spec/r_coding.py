@@ -1,4 +1,4 @@
-"""The model R's ``model.matrix`` (and so lme4) builds from a fixed part's terms, to check formulae's against it.
+"""The model R's ``model.matrix`` (and so lme4) builds from a fixed part's terms, fitted where formulae's differs.
 
 formulae and R encode a categorical variable in an interaction by different rules, and where the rules differ
 in what they *span* they are different models, fitted silently: ``y ~ (x + f):c`` (x numeric, f and c
@@ -10,10 +10,12 @@ R's rule (``TermCode`` in R's ``model.c``; Chambers & Hastie 1992, sec. 2.4.1): 
 order (main effects first, keeping the written order within one order); in a term T a factor v is coded by
 contrasts where T without v is empty or contained in a term before T, else by indicators of all its levels; and
 without an intercept the first factor of the first term holding one is coded by indicators.  A numeric variable
-enters as its columns.  :func:`r_coding` builds that matrix (treatment contrasts: R's default, and
-formulae's) and compares its column space with formulae's, then, where the spans agree, the columns themselves: the
-same span by other columns is the same model in another parameterization (``y ~ f:c + h``), which is fitted with a
-warning that its coefficients are not lme4's.
+enters as its columns.  :func:`r_columns` builds that matrix (treatment contrasts: R's default, and
+formulae's); :func:`r_coding` compares its column space with formulae's, then, where the spans agree, the columns
+themselves: the same span by other columns is the same model in another parameterization (``y ~ f:c + h``, whose
+coefficients were lme4's names on other numbers).  Where either differs the design fits R's columns
+(:class:`RCodedPart`, which encodes new data the same way), so that the model and its coefficients are lme4's
+(validation/formula_coding_reference.R: 57 formulas, deviance, fixed effects and predictions).
 """
 
 from __future__ import annotations
@@ -93,71 +95,129 @@ class RCoding:
     columns : str
         Where they span the same model by other columns (``y ~ f:c + h``: formulae codes c by contrasts within f's
         indicators, R f by indicators within c's): the interactions so coded ("" where the columns are R's, or the
-        span differs).  The fit is the same model, but its coefficients are another parameterization than lme4's,
-        some named alike (``f[b]:c[u]`` and lme4's ``fb:cu``).
+        span differs).
+    model : RColumns or None
+        R's columns where formulae's differ (``span`` or ``columns`` set): the fixed part is fitted with these, so
+        that the model and its coefficients are lme4's.
     """
 
     span: str = ""
     columns: str = ""
+    model: RColumns | None = None
+
+
+@dataclass(frozen=True)
+class RColumns:
+    """Columns of R's ``model.matrix`` (:func:`r_columns`): names in hierpool's style (``f[p]:c[x]`` for lme4's
+    ``fp:cx``), values (n, p), and the interactions among them ("f:c")."""
+
+    names: tuple[str, ...]
+    values: np.ndarray
+    interactions: tuple[str, ...]
+
+
+def _all_margins_present(terms) -> bool:
+    """Whether every interaction's margins are terms of the model (main effects alone, f*c, a*f*c, (f + c + h)^2):
+    both rules then code each factor by contrasts, and the columns are R's."""
+    present = {frozenset(c.name for c in term.components) for term in terms}
+    return all(frozenset(c.name for c in term.components) - {c.name} in present
+               for term in terms if len(term.components) > 1 for c in term.components)
+
+
+def _written_terms(text: str) -> tuple[list, bool]:
+    """(the terms of the fixed part ``text`` that hold variables, whether it has an intercept), as written."""
+    import formulae
+
+    written = formulae.model_description(text).terms
+    return ([term for term in written if hasattr(term, "components")],
+            any(type(term).__name__ == "Intercept" for term in written))
+
+
+def r_columns(text: str, matrix, frame: pd.DataFrame, new_data: bool = False) -> RColumns | None:
+    """R's ``model.matrix`` of the fixed part ``text`` on ``frame`` (``matrix``: formulae's design matrix of it on the
+    fitted data, whose components it reads; ``new_data``: ``frame`` is other rows, each numeric component evaluated
+    on them as formulae evaluates new data, its stateful transforms' fitted parameters kept): the rule of the module docstring, treatment contrasts, the
+    terms in R's order (by their order, stably), a term's columns with its first variable varying fastest (R's
+    order), offsets left out (they are not columns of R's matrix).  None where a term is one this does not read (a
+    coding call such as ``C(f, Sum)``, a level not among the fitted ones)."""
+    terms, intercept = _written_terms(text)
+    built = {frozenset(c.name for c in term.components): term for term in matrix.terms.values()
+             if hasattr(term, "components")}
+    n = len(frame)
+    ordered = sorted(terms, key=lambda term: len(term.components))  # stable: R's order of terms
+    previous: list[frozenset] = []
+    columns, names = ([np.ones((n, 1))], ["Intercept"]) if intercept else ([], [])
+    indicator_given = intercept  # R's adjustment without an intercept, made once
+    interactions = []
+    for term in ordered:
+        if any(c.name.startswith("offset(") for c in term.components):
+            continue
+        variables = frozenset(c.name for c in term.components)
+        evaluated = built.get(variables)
+        if evaluated is None:
+            return None
+        block, labels = np.ones((n, 1)), [()]
+        for component in evaluated.components:
+            numeric = None
+            if component.kind != "categoric":
+                numeric = np.asarray(component.eval_new_data(frame) if new_data else component.value)
+            logical = _logical_codes(numeric) if numeric is not None else None
+            if numeric is not None and logical is None:
+                value = numeric.astype(float).reshape(n, -1)
+                own = [str(label) for label in getattr(component, "labels", None) or [component.name]]
+                if len(own) != value.shape[1]:
+                    return None
+            else:
+                codes = logical if logical is not None else _categorical_codes(frame, component)
+                if codes is None:
+                    return None
+                levels = [False, True] if logical is not None else list(component.levels)
+                margin = variables - {component.name}
+                contrasts = not margin or any(margin <= earlier for earlier in previous)
+                if not indicator_given:  # R's adjustment without an intercept: this factor by indicators
+                    contrasts, indicator_given = False, True
+                value = np.eye(len(levels))[codes]
+                own = [f"{component.name}[{level}]" for level in levels]
+                if contrasts:
+                    value, own = value[:, 1:], own[1:]
+                    if logical is not None:  # a logical by contrasts is its 0/1 column, as formulae names it
+                        own = [component.name]
+            block = _row_products(value, block)  # the earlier variables vary fastest, as in R's columns
+            labels = [old + (new,) for new in own for old in labels]
+        columns.append(block)
+        names += [":".join(label) for label in labels]
+        previous.append(variables)
+        if len(variables) > 1:
+            interactions.append(":".join(c.name for c in term.components))
+    values = np.concatenate(columns, axis=1) if columns else np.zeros((n, 0))
+    return RColumns(tuple(names), values, tuple(interactions))
 
 
 def r_coding(text: str, matrix, frame: pd.DataFrame) -> RCoding:
     """formulae's columns for the fixed part ``text`` (``matrix``: its design matrix on ``frame``) against R's
     ``model.matrix`` of the same terms: :class:`RCoding`, empty where they agree or where the formula holds a term
     this check does not read (module docstring)."""
-    import formulae
-
-    written = formulae.model_description(text).terms
-    terms = [term for term in written if hasattr(term, "components")]
-    present = {frozenset(c.name for c in term.components) for term in terms}
-    # where every interaction's margins are terms of the model (main effects alone, f*c, a*f*c, (f + c + h)^2), both
-    # rules code each factor by contrasts: nothing to compare (and no cost on a long frame)
-    if all(frozenset(c.name for c in term.components) - {c.name} in present
-           for term in terms if len(term.components) > 1 for c in term.components):
+    terms, _ = _written_terms(text)
+    if _all_margins_present(terms):  # nothing to compare (and no cost on a long frame)
         return RCoding()
-    built = {frozenset(c.name for c in term.components): term for term in matrix.terms.values()
-             if hasattr(term, "components")}
-    intercept = any(type(term).__name__ == "Intercept" for term in written)
+    model = r_columns(text, matrix, frame)
+    if model is None:
+        return RCoding()
     n = len(frame)
-    ordered = sorted(terms, key=lambda term: len(term.components))  # stable: R's order of terms
-    previous: list[frozenset] = []
-    columns = [np.ones((n, 1))] if intercept else []
-    indicator_given = intercept  # R's adjustment without an intercept, made once
-    interactions = []
-    for term in ordered:
-        names = frozenset(c.name for c in term.components)
-        evaluated = built.get(names)
-        if evaluated is None or any(c.name.startswith("offset(") for c in term.components):
-            return RCoding()
-        block = np.ones((n, 1))
-        for component in evaluated.components:
-            logical = _logical_codes(component.value) if component.kind != "categoric" else None
-            if component.kind != "categoric" and logical is None:
-                value = np.asarray(component.value, dtype=float)
-                block = _row_products(block, value.reshape(n, -1))
-                continue
-            codes = logical if logical is not None else _categorical_codes(frame, component)
-            if codes is None:
-                return RCoding()
-            n_levels = 2 if logical is not None else len(component.levels)
-            margin = names - {component.name}
-            contrasts = not margin or any(margin <= earlier for earlier in previous)
-            if not indicator_given:  # R's adjustment without an intercept: this factor by indicators
-                contrasts, indicator_given = False, True
-            indicators = np.eye(n_levels)[codes]
-            block = _row_products(block, indicators[:, 1:] if contrasts else indicators)
-        columns.append(block)
-        previous.append(names)
-        if len(names) > 1:
-            interactions.append(":".join(c.name for c in term.components))
-    r_matrix = np.concatenate(columns, axis=1)
     ours = np.asarray(matrix.design_matrix, dtype=float).reshape(n, -1)
-    rank_ours, rank_r, rank_both = _ranks(ours, r_matrix)
-    named = ", ".join(interactions)
+    ours = ours[:, [j for j, name in enumerate(_labels(matrix)) if not name.startswith("offset(")]]
+    rank_ours, rank_r, rank_both = _ranks(ours, model.values)
+    named = ", ".join(model.interactions)
     if not rank_r == rank_ours == rank_both:
         return RCoding(span=f"formulae codes the interaction(s) {named} as another model than R's model.matrix "
-                            f"(lme4's): its columns span {rank_ours} dimensions, R's {rank_r}, together {rank_both}")
-    return RCoding() if _same_columns(ours, r_matrix) else RCoding(columns=named)
+                            f"(lme4's): its columns span {rank_ours} dimensions, R's {rank_r}, together {rank_both}",
+                       model=model)
+    return RCoding() if _same_columns(ours, model.values) else RCoding(columns=named, model=model)
+
+
+def _labels(matrix) -> list[str]:
+    """The column names of a formulae design matrix, term by term."""
+    return [str(label) for term in matrix.terms.values() for label in term.labels]
 
 
 def _same_columns(ours: np.ndarray, theirs: np.ndarray) -> bool:
@@ -168,3 +228,35 @@ def _same_columns(ours: np.ndarray, theirs: np.ndarray) -> bool:
     weights = np.random.default_rng(0).standard_normal(ours.shape[0])
     a, b = np.sort(weights @ ours), np.sort(weights @ theirs)
     return bool(np.allclose(a, b, rtol=1e-10, atol=1e-10 * max(1.0, float(np.max(np.abs(a), initial=0.0)))))
+
+
+@dataclass(frozen=True)
+class RCodedPart:
+    """A fixed part fitted by R's columns (:attr:`RCoding.model`), to encode new data the same way: formulae's
+    fitted matrix evaluates the new rows (its stateful transforms, its levels), then R's columns are built from
+    the evaluated components (:func:`r_columns`), with the offsets formulae names."""
+
+    text: str
+    matrix: object  # formulae's CommonEffectsMatrix of the fitted data
+
+    @staticmethod
+    def columns(model: RColumns, evaluated) -> tuple[list[str], np.ndarray]:
+        """(names, values) of R's columns ``model`` and then the offsets of formulae's matrix ``evaluated`` (of the
+        same rows), as the fixed part's columns are read (the offsets split off by name after)."""
+        offsets = [(label, values) for label, values in zip(_labels(evaluated), _matrix_columns(evaluated))
+                   if label.startswith("offset(")]
+        names = list(model.names) + [label for label, _ in offsets]
+        return names, np.concatenate([model.values] + [values[:, None] for _, values in offsets], axis=1)
+
+    def new_rows(self, frame: pd.DataFrame) -> pd.DataFrame:
+        model = r_columns(self.text, self.matrix, frame, new_data=True)
+        if model is None:  # (the fit read every term: on new data, a level it did not see)
+            raise ValueError("a factor holds a level that was not in the fitted data")
+        names, values = self.columns(model, self.matrix.evaluate_new_data(frame))
+        return pd.DataFrame(values, columns=names, index=frame.index)
+
+
+def _matrix_columns(matrix) -> np.ndarray:
+    """A formulae design matrix's values as (n, p) columns."""
+    values = np.asarray(matrix.design_matrix, dtype=float)
+    return values.reshape(len(values), -1).T if values.ndim == 2 else values.reshape(1, -1)
