@@ -114,13 +114,15 @@ def test_hp_lmm_of_a_scalar_term_with_weights_leaves_the_higher_of_two_minima(mo
 
     data = _weighted(1077, spread=4.0)
     at_zero = _weighted_least_squares(data)
+    # from lme4's start (the weighted moments, hp.lmm's start since the forty-third session, start at the lower)
+    identity = hp.Control(theta_start=(1.0,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = hp.lmm("y ~ x + (1 | g)", data, weights="w", reml=False)
+        fit = hp.lmm("y ~ x + (1 | g)", data, weights="w", reml=False, control=identity)
         # the same term's column scaled by 1e4 is searched on its conditioned column (the scan was not, 0.043 above)
         scaled = hp.lmm("y ~ x + (0 + c | g)", data.assign(c=1e4), weights="w", reml=False)
         monkeypatch.setattr(one_term, "SCALAR_SCAN", np.array([1e3]))  # a scan that finds nothing lower
-        stuck = hp.lmm("y ~ x + (1 | g)", data, weights="w", reml=False)
+        stuck = hp.lmm("y ~ x + (1 | g)", data, weights="w", reml=False, control=identity)
     assert fit.objective == pytest.approx(at_zero, rel=1e-12) and fit.theta[0] == 0.0
     assert scaled.objective == pytest.approx(at_zero, rel=1e-12)
     assert stuck.objective > at_zero + 0.04
@@ -166,10 +168,12 @@ def _uneven_crossed(seed: int) -> pd.DataFrame:
 
 # seed: (the lower optimum, batch and hp.lmm now; before, the batch's and hp.lmm's), ML
 UNEVEN_SLOPES = {
-    79: (168.23573, 169.98918, 168.23573),  # the batch inside, hp.lmm on the boundary (T_22 = 0), lower
+    79: (168.23573, 169.98918, 169.98918),  # both inside; the lower on the boundary (T_22 = 0)
     115: (192.86381, 195.25966, 192.86381),  # the batch on the boundary, hp.lmm inside, lower
-    196: (203.31105, 203.31105, 203.35657),  # the batch on the boundary, lower, hp.lmm inside
+    196: (203.31105, 203.31105, 203.31105),  # both on the boundary, the lower
 }
+# (hp.lmm's own minima, the third column, from its weighted moment start since the forty-third session: 168.23573
+# and 203.35657 before, from unweighted moments)
 
 
 @pytest.fixture(scope="module")
@@ -467,3 +471,21 @@ def test_the_gradient_check_is_lme4s_scaled_one():
         hundreds = hp.lmm("y ~ x + (x | g)", data.assign(x=100 * x), reml=False)
     assert hundreds.converged and hundreds.objective == pytest.approx(units.objective, rel=1e-10)
     assert np.max(np.abs(hundreds.optimum.gradient)) > 2e-3  # the raw gradient: what the check read before
+
+
+def test_prior_weights_scaled_by_a_constant_fit_the_same_model():
+    """Weights times c leave the model as it is (sigma^2 scales by c, theta by 1 / sqrt(c)).  hp.lmm's moment start
+    read the moments unweighted: at c = 1e7 it started theta at 0.69 where the optimum is 2e-4, and ended at
+    theta = 0, REML 5.1 above the optimum, reported singular and converged (the forty-third session's probe);
+    hp.fit_batch, whose start is weighted, found the optimum."""
+    rng = np.random.default_rng(0)
+    g = np.repeat(np.arange(6), 5)
+    x = rng.normal(size=30)
+    data = pd.DataFrame({"y": 1 + 0.5 * x + rng.normal(size=6)[g] + rng.normal(size=30), "x": x, "g": g,
+                         "w": np.linspace(0.5, 2, 30)})
+    plain = hp.lmm("y ~ x + (1 | g)", data, weights="w")
+    heavy = hp.lmm("y ~ x + (1 | g)", data.assign(w=data["w"] * 1e7), weights="w")
+    assert heavy.objective == pytest.approx(plain.objective, rel=1e-10) and not heavy.is_singular
+    np.testing.assert_allclose(heavy.fixef, plain.fixef, rtol=1e-7)
+    np.testing.assert_allclose(heavy.theta * np.sqrt(1e7), plain.theta, rtol=1e-5)
+    np.testing.assert_allclose(heavy.varcorr["vcov"].iloc[0], plain.varcorr["vcov"].iloc[0], rtol=1e-5)
