@@ -180,6 +180,34 @@ def test_a_covariate_named_as_a_table_column_is_refused_before_any_replicate_is_
         hp.bootstrap(fit, 10, progress=False)
 
 
+def test_a_covariate_named_as_a_parameter_is_refused_and_internal_names_give_way(sleep, monkeypatch):
+    """A covariate named sd_Subject_Intercept (a term's parameter) or se_Days (Days' standard error): to_frame put
+    one of the two in the column and the bootstrap's estimates dropped the fixed effect, silently (the forty-third
+    session's probe).  A grouping factor named (replicate), the bootstrap's own column, made every replicate one
+    dataset ("only one level"): its columns now take names the data do not have."""
+    from hierpool.batch import parametric_bootstrap
+
+    frame = sleep.assign(sd_Subject_Intercept=sleep["Days"] % 3, se_Days=sleep["Days"] % 4)
+    for covariate in ("sd_Subject_Intercept", "se_Days"):
+        formula = f"Reaction ~ Days + {covariate} + (1 | Subject)"
+        fit = hp.lmm(formula, frame)
+        with monkeypatch.context() as patched:
+            patched.setattr(parametric_bootstrap, "fit_batch", lambda *a, **k: pytest.fail("replicates were fitted"))
+            with pytest.raises(hp.ArgumentError, match=re.escape(f"would be named ['{covariate}']")):
+                hp.bootstrap(fit, 10, progress=False)
+        batch = hp.fit_batch(formula, [frame, frame], progress=False)
+        with pytest.raises(hp.ArgumentError, match=re.escape(f"to_frame: two of the table's columns would be named "
+                                                             f"['{covariate}']")):
+            batch.to_frame()
+    with pytest.raises(hp.ArgumentError, match=re.escape("would be named ['Intercept']")):
+        hp.fit_batch("Reaction ~ Days + (1 | Subject)", sleep.assign(Intercept=sleep["Days"] > 4), by="Intercept",
+                     progress=False).to_frame()
+    renamed = sleep.rename(columns={"Subject": "(replicate)"})
+    fit = hp.lmm("Reaction ~ Days + (1 | `(replicate)`)", renamed)
+    boot = hp.bootstrap(fit, 10, seed=3, progress=False)
+    assert boot.failed == 0 and np.isfinite(boot.confint().to_numpy()).all()
+
+
 def test_failed_replicates_are_warned():
     # counts so rare that some replicates simulate all zeros, which no fit takes: they were left out of the intervals
     # with nothing said at the call (bootMer warns "some bootstrap runs failed")

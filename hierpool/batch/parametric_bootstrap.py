@@ -40,7 +40,7 @@ from ..spec.correlation import AR1
 from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
 from ..spec.transforms import stateful_calls
 from .fit import fit_batch
-from .results import BatchResult, check_table_names, term_parameter_names
+from .results import BatchResult, check_table_names, named_columns, term_parameter_names
 
 #: The replicate column of the long frame handed to ``hp.fit_batch``.
 REPLICATE_COLUMN = "(replicate)"
@@ -66,29 +66,39 @@ def _series_columns(series) -> tuple[np.ndarray, np.ndarray]:
     return series.group_codes, time
 
 
+def _free_name(name: str, columns) -> str:
+    """``name``, with '_' added until no column of ``columns`` has it."""
+    while name in columns:
+        name += "_"
+    return name
+
+
 def parameter_estimates(fit) -> pd.Series:
     """The fit's parameters named as :meth:`BatchResult.to_frame` names them (:func:`term_parameter_names`): fixed
     effects, then per term ``sd_<group>_<coef>`` and ``cor_<group>_<a>_<b>``, then ``sigma`` (a linear mixed
     model's), ``shape`` (a negative binomial's) or ``phi`` (an AR(1) correlation's); a spatial fit's fixed effects
     and its ``hyperparameters()``."""
-    out = dict(zip(fit.design.fixed_names, np.asarray(fit.fixef, dtype=float)))
+    pairs = list(zip(fit.design.fixed_names, np.asarray(fit.fixef, dtype=float)))
     if isinstance(fit, SpatialFit):  # its parameters as named by the fit and by a spatial batch's to_frame
-        return pd.Series(out | dict(fit.hyperparameters()), name="estimate", dtype=float)
+        pairs += list(dict(fit.hyperparameters()).items())
+        return pd.Series(named_columns(pairs, "hp.bootstrap"), name="estimate", dtype=float)
     for term, cov in zip(fit.design.terms, fit.term_covariances()):
         cov = np.asarray(cov, dtype=float)
         sds = np.sqrt(np.diag(cov))
         sd_names, cor_names = term_parameter_names(term.group, term.coef_names)
-        out |= dict(zip(sd_names, sds))
+        pairs += list(zip(sd_names, sds))
         for name, (i, j) in zip(cor_names, coef_pairs(term.k)):
-            out[name] = cov[i, j] / (sds[i] * sds[j]) if sds[i] > 0 and sds[j] > 0 else np.nan
+            pairs.append((name, cov[i, j] / (sds[i] * sds[j]) if sds[i] > 0 and sds[j] > 0 else np.nan))
     if isinstance(fit, GLMMResult):
         if fit.shape is not None:  # a negative binomial's
-            out["shape"] = float(fit.shape)
+            pairs.append(("shape", float(fit.shape)))
     elif not fit.design.sigma_known:
-        out["sigma"] = float(fit.sigma)
+        pairs.append(("sigma", float(fit.sigma)))
     if isinstance(fit, AR1Result):
-        out["phi"] = float(fit.phi)
-    return pd.Series(out, name="estimate")
+        pairs.append(("phi", float(fit.phi)))
+    # (with the fixed effects' standard errors' names, which the batch's table holds too)
+    named_columns(pairs + [(f"se_{name}", None) for name in fit.design.fixed_names], "hp.bootstrap")
+    return pd.Series(dict(pairs), name="estimate")
 
 
 @dataclass(frozen=True, eq=False)
@@ -222,33 +232,37 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     if glmm_fit or response not in frame.columns:
         # the response as the batch reads it whatever its form (cbind, proportions, counts, an expression such as
         # Reaction - 100): its own column (a name no column of the model frame has), the binomial's trials as weights
-        response = RESPONSE_COLUMN
-        while response in frame.columns:
-            response += "_"
+        response = _free_name(RESPONSE_COLUMN, frame.columns)
         formula = f"{response} ~ {formula.split('~', 1)[1]}"
+    estimate = parameter_estimates(fit)  # (its names checked before any replicate is fitted)
+    # the columns made for the refits, under names no column of the model frame has (a covariate named '(trials)'
+    # was overwritten, and one named '(replicate)' made every replicate one dataset)
+    replicate_column, trials_column, se_column, series_group, series_time = (
+        _free_name(name, frame.columns) for name in (REPLICATE_COLUMN, TRIALS_COLUMN, SE_COLUMN, SERIES_GROUP,
+                                                      SERIES_TIME))
     sims = simulate(fit, n, seed=seed).to_numpy()  # (rows, n)
     rows = len(frame)
     long = frame.iloc[np.tile(np.arange(rows), n)].reset_index(drop=True)
     long[response] = sims.T.ravel()  # replicate-major, as the tiled rows
-    long[REPLICATE_COLUMN] = np.repeat(np.arange(n), rows)
+    long[replicate_column] = np.repeat(np.arange(n), rows)
     arguments = {}
     if glmm_fit:
         # the fit's quadrature (glmer's nAGQ: 0 its first stage alone)
         nAGQ = 0 if fit.stages == 1 else 1 if spatial else fit.nodes
         arguments.update(family=design.family.name, link=design.family.link, nAGQ=nAGQ)
         if design.family.name == "binomial":  # trials (times any prior weights): the design's row weights
-            long[TRIALS_COLUMN] = np.tile(design.row_weights, n)
-            arguments["weights"] = TRIALS_COLUMN
+            long[trials_column] = np.tile(design.row_weights, n)
+            arguments["weights"] = trials_column
         elif design.weights is not None:
             arguments["weights"] = design.weights_column or WEIGHTS_COLUMN
     elif design.sigma_known:
-        long[SE_COLUMN] = np.tile(1.0 / np.sqrt(design.row_weights), n)
-        arguments["se"] = SE_COLUMN
+        long[se_column] = np.tile(1.0 / np.sqrt(design.row_weights), n)
+        arguments["se"] = se_column
     elif design.weights is not None:
         arguments["weights"] = design.weights_column or WEIGHTS_COLUMN
     if isinstance(fit, AR1Result):  # each replicate's series within it (fit_batch keys them by replicate)
-        long[SERIES_GROUP], long[SERIES_TIME] = (np.tile(column, n) for column in _series_columns(fit.series))
-        arguments["correlation"] = AR1(group=SERIES_GROUP, time=SERIES_TIME, continuous=fit.structure.continuous)
+        long[series_group], long[series_time] = (np.tile(column, n) for column in _series_columns(fit.series))
+        arguments["correlation"] = AR1(group=series_group, time=series_time, continuous=fit.structure.continuous)
     if design.offset_argument is not None:
         arguments["offset"] = design.offset_column or OFFSET_COLUMN
     if not glmm_fit or spatial:  # a spatial GLMM may be fitted by REML (glmmTMB's)
@@ -258,7 +272,7 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     if isinstance(fit, RelmatResult):
         arguments["relmat_inverse"] = {fit.relationship.group: fit.relationship}
     with warnings.catch_warnings(record=True) as caught:  # (the caller's filters still apply)
-        batch = fit_batch(formula, long, by=REPLICATE_COLUMN, chunk_size=chunk_size, progress=progress, **arguments)
+        batch = fit_batch(formula, long, by=replicate_column, chunk_size=chunk_size, progress=progress, **arguments)
 
     def in_users_words(text: str) -> str:  # the response column made for the refits named as the fit's response
         return text.replace(repr(response), repr(design.spec.response))
@@ -270,8 +284,7 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
         if response != design.spec.response and repr(response) in str(message):
             message = in_users_words(str(message))
         warnings.warn(message, warning.category, stacklevel=2)
-    estimate = parameter_estimates(fit)
-    table = batch.to_frame().set_index(REPLICATE_COLUMN)
+    table = batch.to_frame().set_index(replicate_column)
     missing = [name for name in estimate.index if name not in table.columns]
     if missing:  # one naming for both (parameter_estimates, BatchResult.to_frame): a mismatch is a bug, not a NaN
         raise RuntimeError(f"hp.bootstrap: the batch fits have no column(s) {missing}")

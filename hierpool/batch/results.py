@@ -54,6 +54,24 @@ def check_table_names(fixed_names, caller: str) -> None:
                             f"({sorted(TABLE_COLUMNS)}); rename the data's column")
 
 
+def named_columns(pairs, caller: str) -> dict:
+    """{name: values} of a table's (name, values) pairs, refusing a name given twice by name: a fixed effect named as
+    another column (``se_x`` beside x's standard error ``se_x``, ``sd_g_Intercept`` beside the term's sd, a ``by``
+    column named ``Intercept``) overwrote one of the two silently."""
+    columns: dict = {}
+    twice = []
+    for name, values in pairs:
+        if name in columns:
+            twice.append(name)
+        columns[name] = values
+    if twice:
+        raise ArgumentError(f"{caller}: two of the table's columns would be named {sorted(set(twice))} (a fixed "
+                            "effect, or the by= column, named as another column: se_<name> is a fixed effect's "
+                            "standard error, sd_<group>_<coef> and cor_<group>_<a>_<b> a term's parameters); rename "
+                            "the data's column")
+    return columns
+
+
 @dataclass(frozen=True)
 class BatchTerm:
     """One random-effect term's results over a batch.
@@ -219,35 +237,27 @@ class BatchResult:
         The sds and correlations of every term are named by :func:`term_parameter_names`.  No ``sigma``
         column with known residual sds (``sigma_known``): sigma is not a parameter then.
         """
-        frame = pd.DataFrame({dataset_column(self.datasets): self.datasets, "objective": self.objective.to_numpy(),
-                              "converged": self.converged.to_numpy(), "refit": self.refit.to_numpy(),
-                              "is_singular": self.is_singular.to_numpy(),
-                              "message": self.messages.to_numpy()})
         check_table_names(self.fixed_names, "to_frame")
+        pairs = [(dataset_column(self.datasets), self.datasets), ("objective", self.objective.to_numpy()),
+                 ("converged", self.converged.to_numpy()), ("refit", self.refit.to_numpy()),
+                 ("is_singular", self.is_singular.to_numpy()), ("message", self.messages.to_numpy())]
         for j, name in enumerate(self.fixed_names):
-            frame[name] = self.beta[:, j]
-            frame[f"se_{name}"] = self.beta_se[:, j]
+            pairs += [(name, self.beta[:, j]), (f"se_{name}", self.beta_se[:, j])]
         if self.hyperparameters is not None:  # a spatial batch: the single fits' named parameters
-            clash = [name for name in self.hyperparameters.columns if name in frame.columns]
-            if clash:
-                raise ArgumentError(f"to_frame: the parameter(s) {clash} share a name with a column of the table; "
-                                    "rename the data's column")
-            return pd.concat([frame, self.hyperparameters.reset_index(drop=True)], axis=1)
+            pairs += [(name, self.hyperparameters[name].to_numpy()) for name in self.hyperparameters.columns]
+            return pd.DataFrame(named_columns(pairs, "to_frame"))
         # sds, correlations of each term in turn[, sigma], as varcorr's rows
         sdcor = self.varcorr["sdcor"].to_numpy().reshape(len(self.datasets), -1)
-        column = 0
-        for term in self.terms:
-            sd_names, cor_names = term_parameter_names(term.group, term.coef_names)
-            for name in sd_names + cor_names:
-                frame[name] = sdcor[:, column]
-                column += 1
+        names = [name for term in self.terms for part in term_parameter_names(term.group, term.coef_names)
+                 for name in part]
+        pairs += [(name, sdcor[:, column]) for column, name in enumerate(names)]
         if not self.sigma_known:
-            frame["sigma"] = self.sigma
+            pairs.append(("sigma", self.sigma))
         if self.phi is not None:
-            frame["phi"] = self.phi
+            pairs.append(("phi", self.phi))
         if self.shape is not None:
-            frame["shape"] = self.shape
-        return frame
+            pairs.append(("shape", self.shape))
+        return pd.DataFrame(named_columns(pairs, "to_frame"))
 
     def __repr__(self) -> str:
         failed = int((~self.converged).sum())
