@@ -422,6 +422,23 @@ def test_true_false_values_among_numbers_alone_are_refused_in_their_row():
     _assert_refused(batch, 1, "column 'x' holds true/false values in this dataset but numbers in 2 other datasets")
 
 
+def test_a_categorical_of_numbers_beside_numbers_is_read_as_its_single_fit_reads_it():
+    """pandas stacks a Categorical of numbers with numbers as numbers: a dataset whose x was a Categorical (a factor
+    in its single fit) was fitted as a covariate, and where most datasets held Categoricals the batch fitted them all
+    so, with nothing said (the forty-third session's probe).  The kinds' vote is now taken before stacking."""
+    frames = [_gaussian(0), _gaussian(1).assign(x=lambda f: pd.Categorical(np.digitize(f["x"], [-0.5, 0.5]))),
+              _gaussian(2)]
+    batch = hp.fit_batch(LINEAR, frames, by="rep", progress=False)
+    _assert_refused(batch, 1, "column 'x' holds text or categories in this dataset but numbers in 2 other datasets")
+    # most datasets hold the factor: they are fitted as their single fits, the numbers refused
+    factors = [frame.assign(x=lambda f: pd.Categorical(np.digitize(f["x"], [-0.5, 0.5]))) for frame in frames]
+    batch = hp.fit_batch(LINEAR, [factors[0], _gaussian(1), factors[2]], by="rep", progress=False)
+    _assert_refused(batch, 1, "column 'x' holds numbers in this dataset but text or categories in 2 other datasets")
+    single = hp.lmm(LINEAR, factors[2])
+    assert list(batch.fixed_names) == list(single.fixef.index) == ["Intercept", "x[1]", "x[2]"]
+    assert batch.objective.iloc[2] == pytest.approx(single.objective, rel=1e-10)
+
+
 def test_true_false_values_of_a_column_read_in_the_response_and_a_term_are_refused_in_their_row():
     # y + x ~ x: x is read outside the response too, so its true/false values are a factor in the single fit; the
     # check took every name of the response for a response's alone and fitted that dataset on 0/1, with nothing said

@@ -190,6 +190,22 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
             raise ArgumentError(f"dataset {label!r} already has a column {by!r}; pass another by=")
         if not isinstance(label, tuple) and pd.isna(label):  # it would read as a row naming no dataset
             raise ArgumentError(f"a dataset's key is {label!r}: every dataset of a dict needs a label")
+    # a column held as a Categorical in some datasets and not in others: pandas stacks a Categorical of numbers
+    # beside numbers as numbers (a factor in its single fit, fitted as a covariate silently), so the kinds' vote is
+    # taken before stacking, and the kept datasets' Categoricals meet text or categories alone (ordered below)
+    split = [name for name in columns if len({isinstance(item[name].dtype, pd.CategoricalDtype) for _, item in items
+                                             if name in item.columns and len(item)}) > 1]
+    early, early_vote = kind_conflicts(items, split, kept) if split else ({}, KindVote())
+    if len(early) == len(items):
+        raise nothing_left(early)
+    items = [(label, item) for label, item in items if label not in early]
+    frame, set_aside, vote = _stacked(items, by, columns, kept, logical)
+    return frame, {**early, **set_aside}, KindVote({**early_vote.usual, **vote.usual},
+                                                   {**early_vote.outvoted, **vote.outvoted})
+
+
+def _stacked(items: list, by: str, columns, kept: dict | None, logical) -> tuple[pd.DataFrame, dict, KindVote]:
+    """:func:`long_frame` of a list of datasets: stacked, then the datasets set aside and the vote."""
     frame = pd.concat([frame.assign(**{by: _label_column(label, frame)}) for label, frame in items],
                       ignore_index=True)
     # a dataset lacking a column others have: its rows are missing values there, which the design would drop and
