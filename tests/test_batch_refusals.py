@@ -608,3 +608,27 @@ def test_grouping_labels_of_other_types_across_datasets_and_a_response_too_small
                      progress=False)
     assert "the model uses column 'g', which is not in this dataset" in lacking.messages.iloc[2]
     np.testing.assert_allclose(lacking.objective.iloc[:2], batch.objective.iloc[:2], rtol=1e-10)
+
+
+def test_a_column_held_twice_and_multiindex_columns_are_refused_by_name():
+    """A by, grouping or weights column held twice, or MultiIndex columns: pandas' TypeError or AttributeError
+    ("'DataFrame' object has no attribute 'dtype'") in hp.fit_batch, and in hp.lmm for the weights and the
+    MultiIndex (the forty-third session's probe)."""
+    frame = pd.concat([_gaussian(0).assign(rep=0), _gaussian(1).assign(rep=1)], ignore_index=True).assign(w=1.0)
+
+    def twice(name):
+        return pd.concat([frame, frame[[name]]], axis=1)
+
+    for name, call in (("rep", lambda d: hp.fit_batch(LINEAR, d, by="rep", progress=False)),
+                       ("g", lambda d: hp.fit_batch(LINEAR, d, by="rep", progress=False)),
+                       ("w", lambda d: hp.fit_batch(LINEAR, d, by="rep", weights="w", progress=False)),
+                       ("w", lambda d: hp.lmm(LINEAR, d, weights="w"))):
+        with pytest.raises(hp.DataError, match=f"column '{name}' appears 2 times"):
+            call(twice(name))
+    flat = frame.drop(columns="w").set_axis(pd.MultiIndex.from_tuples([(c, "a") for c in frame.columns[:-1]]),
+                                            axis=1)
+    for call in (lambda d: hp.fit_batch(LINEAR, d, by="rep", progress=False), lambda d: hp.lmm(LINEAR, d)):
+        with pytest.raises(hp.DataError, match="MultiIndex columns"):
+            call(flat)
+    # an unused column held twice is no one's business, as in hp.lmm
+    assert np.isfinite(hp.fit_batch(LINEAR, twice("w"), by="rep", progress=False).objective).all()

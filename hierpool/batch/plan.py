@@ -69,6 +69,7 @@ from ..spec.design import (
     aliased_within,
     aligned_by_labels,
     build_design,
+    check_unique_columns,
     label_collision,
     missing_detail,
     residual_df_problem,
@@ -172,6 +173,7 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
     factor held as Categoricals of several level orders gets one order, the datasets ordering it otherwise set
     aside (:func:`category_orders`)."""
     if isinstance(data, pd.DataFrame):
+        check_unique_columns(data, (by, *columns))
         if not isinstance(by, str) or by not in data.columns:
             raise DataError(f"by={by!r} is not a column of the data (columns: {list(data.columns)})")
         return text_labels_across(data, by, None, columns), {}, KindVote()
@@ -186,6 +188,7 @@ def long_frame(data, by: str, columns=(), kept: dict | None = None,
     for label, frame in items:
         if not isinstance(frame, pd.DataFrame):
             raise ArgumentError(f"dataset {label!r} is a {type(frame).__name__}, not a DataFrame")
+        check_unique_columns(frame, columns, f"dataset {label!r}")
         if by in frame.columns:
             raise ArgumentError(f"dataset {label!r} already has a column {by!r}; pass another by=")
         if not isinstance(label, tuple) and pd.isna(label):  # it would read as a row naming no dataset
@@ -275,7 +278,10 @@ def text_labels_across(frame: pd.DataFrame, by: str, items: dict | None, columns
     refuses it in its row with its single fit's words.  Rows of no dataset (``by`` missing) are made text too, for
     the check that refuses them to see them."""
     # (pandas' type inference, in C: no Python loop over a text column's values on the common path)
-    mixed = [name for name in frame.columns if name != by and name not in columns and frame[name].dtype == object
+    # (a name the frame holds twice is left to the design, which refuses it where the formula reads it)
+    repeated = set(frame.columns[frame.columns.duplicated()])
+    mixed = [name for name in frame.columns if name != by and name not in columns and name not in repeated
+             and frame[name].dtype == object
              and pd.api.types.infer_dtype(frame[name], skipna=True) in ("mixed", "mixed-integer")]
     if not mixed:
         return frame

@@ -215,6 +215,22 @@ def _check_frame(data) -> None:
         raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
     if data.shape[0] == 0:
         raise DataError("data is empty: it has no rows")
+    check_unique_columns(data, ())
+
+
+def check_unique_columns(data: pd.DataFrame, names, where: str = "data") -> None:
+    """Refuse columns a formula cannot name (a MultiIndex), and a column of ``names`` that ``data`` holds twice, by
+    name: read, such a column was a frame, and pandas' or NumPy's traceback followed (the forty-third session's
+    probe: a duplicated weights or ``by`` column)."""
+    if isinstance(data.columns, pd.MultiIndex):
+        raise DataError(f"{where} has MultiIndex columns ({list(data.columns[:3])}...), which a formula cannot name: "
+                        "flatten them (data.columns = ['_'.join(map(str, c)) for c in data.columns])")
+    if data.columns.is_unique:  # (cached by pandas: the names are counted only where some repeat)
+        return
+    for name in dict.fromkeys(names):
+        count = int(np.sum(data.columns == name))
+        if count > 1:
+            raise DataError(f"column {name!r} appears {count} times in {where}; the formula cannot tell them apart")
 
 
 def check_columns(data: pd.DataFrame, names, what: str) -> None:
@@ -581,6 +597,7 @@ def _row_argument(data: pd.DataFrame, value, name: str):
         return None, None
     if isinstance(value, str):
         check_columns(data, [value], f"argument {name}")
+        check_unique_columns(data, [value])
         column = data[value]
         if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
             raise DataError(f"{name} column {value!r} must be numeric, got dtype {column.dtype}")
@@ -901,11 +918,7 @@ def formula_columns(spec: ModelSpec, data: pd.DataFrame) -> tuple[str, ...]:
                                "C(f, contr_poly) R's contr.poly; another coding can be built as columns in the data")
     check_columns(data, missing, f"formula {spec.formula!r}")
     used = tuple(v for v in spec.variables if v in data.columns)
-    if not data.columns.is_unique:  # checked per name only then: is_unique is cached by pandas
-        for name in used:
-            count = int(np.sum(data.columns == name))
-            if count > 1:
-                raise DataError(f"column {name!r} appears {count} times in data; the formula cannot tell them apart")
+    check_unique_columns(data, used)
     if "Intercept" in used:  # formulae names the column of ones so: a column of that name would replace it
         raise DataError("a data column named 'Intercept' clashes with the name of the intercept; rename the column")
     return used
@@ -998,6 +1011,7 @@ def build_design(
     for column in (weights_column, offset_column):
         if column is not None and column not in used:
             used.append(column)
+    check_unique_columns(data, used)  # (the weights, offset and se columns too)
     frame = data.loc[:, used].copy()
     if weights_values is not None:
         frame[WEIGHTS_COLUMN] = weights_values
