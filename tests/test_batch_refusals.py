@@ -632,3 +632,13 @@ def test_a_column_held_twice_and_multiindex_columns_are_refused_by_name():
             call(flat)
     # an unused column held twice is no one's business, as in hp.lmm
     assert np.isfinite(hp.fit_batch(LINEAR, twice("w"), by="rep", progress=False).objective).all()
+
+
+def test_a_binomial_response_of_no_trials_in_any_row_is_refused_by_name():
+    # its rows dropped, NumPy's "zero-size array to reduction operation" followed, in hp.glmm and in a batch whose
+    # every dataset has none (the forty-third session's probe)
+    frame = _bernoulli(0).assign(s=0, f=0)
+    with pytest.raises(hp.DataError, match=r"'cbind\(s, f\)' has 0 trials in every row"):
+        _quiet(hp.glmm, "cbind(s, f) ~ x + (1 | g)", frame, family="binomial")
+    with pytest.raises(hp.DataError, match=r"'cbind\(s, f\)' has 0 trials in every row"):
+        _quiet(hp.fit_batch, "cbind(s, f) ~ x + (1 | g)", [frame, frame], family="binomial", progress=False)

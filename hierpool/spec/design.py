@@ -1030,6 +1030,8 @@ def build_design(
             proportions, trials = counts if counts is not None else (indicator, None)
             if trials is not None and np.any(trials == 0):  # no trials, no information (glmer gives them weight 0)
                 keep = trials > 0
+                if not keep.any():  # (NumPy's error of an empty response followed)
+                    raise DataError(f"response {spec.response!r} has 0 trials in every row: there is nothing to fit")
                 warn_at_caller(f"dropped {int(np.sum(~keep))} row(s) with no trials in response {spec.response!r}")
                 frame, proportions, trials = frame.loc[keep].copy(), proportions[keep], trials[keep]
             frame[RESPONSE_COLUMN] = proportions
