@@ -574,3 +574,13 @@ def test_interactions_are_lme4s_model_and_coefficients(monkeypatch):
                 warnings.simplefilter("ignore", hp.HierpoolWarning)
                 unguarded = hp.lmm(f"{model['formula']} + (1 | g)", data, reml=False)
             assert abs(unguarded.objective - model["deviance"]) > 1.0, model["formula"]
+
+
+def test_a_random_term_given_twice_is_refused(data):
+    # hp.lmm warned "nearly unidentifiable"; the batch said nothing, and its table held one sd column for the two
+    # (the forty-third session's probe)
+    for formula in ("y ~ x + (1 | g) + (1|g)", "y ~ x + (x || g) + (1 | g)"):
+        with pytest.raises(hp.FormulaError, match=re.escape("the random-effect term (1 | g) twice")):
+            hp.lmm(formula, data)
+    with pytest.raises(hp.FormulaError, match="twice"):
+        hp.fit_batch("y ~ x + (1 | g) + (1 | g)", [data, data], progress=False)

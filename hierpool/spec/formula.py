@@ -583,6 +583,13 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
             raise FormulaError(f"random-effect term {text!r} in {formula!r} cannot be subtracted")
         random.extend(_random_terms_of_bar(*bar, full=formula))
 
+    seen: dict = {}
+    for term in random:  # the same columns by the same factor twice: their variances trade against each other
+        key = (re.sub(r"\s+", "", term.lhs), term.factor)
+        if key in seen:
+            raise FormulaError(f"formula {formula!r} has the random-effect term ({term.lhs} | {term.name}) twice: "
+                               "its variance cannot be split between the two (lme4 fits them, unidentifiable)")
+        seen[key] = term
     if not random and not spatial and not random_optional:
         raise FormulaError(
             f"formula {formula!r} has no random-effect term such as (1 | group); "
