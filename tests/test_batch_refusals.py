@@ -642,3 +642,22 @@ def test_a_binomial_response_of_no_trials_in_any_row_is_refused_by_name():
         _quiet(hp.glmm, "cbind(s, f) ~ x + (1 | g)", frame, family="binomial")
     with pytest.raises(hp.DataError, match=r"'cbind\(s, f\)' has 0 trials in every row"):
         _quiet(hp.fit_batch, "cbind(s, f) ~ x + (1 | g)", [frame, frame], family="binomial", progress=False)
+
+
+def test_a_row_whose_search_stopped_and_whose_single_fit_raises_holds_no_estimates():
+    """A Poisson count of 1e20: the batch's search stopped short, and hp.glmm raises on the dataset; the row kept
+    the stopped search's numbers (an intercept of 6.7, -2 log L 5.5e12), which hp.bootstrap would have counted as a
+    replicate, and NumPy's overflow warnings reached the user (the forty-third session's probe)."""
+    rng = np.random.default_rng(4)
+    frames = [pd.DataFrame({"g": np.repeat(list("abcdef"), 5), "x": rng.normal(size=30),
+                            "y": rng.poisson(2.0, 30).astype(float)}) for _ in range(2)]
+    frames[0].loc[3, "y"] = 1e20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(hp.ConvergenceError):
+            hp.glmm("y ~ x + (1 | g)", frames[0], family="poisson")
+        batch = hp.fit_batch("y ~ x + (1 | g)", frames, family="poisson", progress=False)
+    assert "refit by hp.glmm failed: ConvergenceError" in batch.messages.iloc[0]
+    assert np.isnan(batch.objective.iloc[0]) and np.isnan(batch.beta[0]).all() and np.isnan(batch.theta[0]).all()
+    assert not batch.converged.iloc[0] and not batch.is_singular.iloc[0]
+    assert np.isfinite(batch.objective.iloc[1]) and batch.converged.iloc[1]

@@ -256,6 +256,14 @@ def conditional_mode(
     -------
     ConditionalMode
     """
+    # a step off the domain overflows exp or divides 0 by 0: its deviance is NaN, and the step is halved (as the
+    # batch's PIRLS, laplace_batch): NumPy's RuntimeWarnings named no column (a Poisson count of 1e20)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _conditional_mode_on_host(theta, beta, design, family, joint, start_u, tol, patterns, saturated)
+
+
+def _conditional_mode_on_host(theta, beta, design: Design, family: Family, joint: bool, start_u, tol: float,
+                               patterns, saturated) -> ConditionalMode:
     if patterns is None:
         patterns = pirls_patterns(design)
     mode = _pirls(theta, beta, design, family, joint, start_u, tol, patterns, saturated)

@@ -618,6 +618,16 @@ def _restore(out: dict, index: int, row: dict) -> None:
             per_term[index] = value
 
 
+def _blank(out: dict, index: int) -> None:
+    """Dataset ``index``'s results in ``out`` as a failed fit's: NaN, not converged, not singular."""
+    for name in _ROW_ARRAYS:
+        if name in out:
+            out[name][index] = False if out[name].dtype == bool else np.nan
+    for name in _ROW_LISTS:
+        for per_term in out[name]:
+            per_term[index] = np.full(np.shape(per_term[index]), np.nan)
+
+
 def _polish(plan, index: int, formula: str, fitter, out: dict, messages: list, refitted: np.ndarray) -> None:
     """Refit dataset ``index`` alone into ``out`` (:func:`_refit`), unless that stops higher than the batch had got."""
     batch_row = _row(out, index)
@@ -630,6 +640,11 @@ def _polish(plan, index: int, formula: str, fitter, out: dict, messages: list, r
         note = (f"the refit stopped at a higher criterion ({float(out['objective'][index]):.10g} > "
                 f"{float(batch_row['objective']):.10g}): the batch's estimates kept")
         _restore(out, index, batch_row)
+    elif note.startswith("refit by") and not out["converged"][index]:
+        # the batch's search stopped short and the single fit raises: the row holds no estimates, as the single fit
+        # gives none (it kept the stopped search's numbers, which hp.bootstrap counted as a replicate; a Poisson
+        # count of 1e20 kept an intercept of 6.7: the forty-third session's probe)
+        _blank(out, index)
     refitted[index] = note.startswith("refitted")
     messages[index] += "; " + note
 

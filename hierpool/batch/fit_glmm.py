@@ -146,7 +146,7 @@ def glm_start(plan: BatchPlan, family: Family) -> tuple[np.ndarray, np.ndarray]:
         xtwx = grouped_products(fitting, x, x, weights, n_datasets)
         xtwz = grouped_products(fitting, x, (eta[rows] - offset[rows] + residual)[:, None], weights, n_datasets)
         ids = np.flatnonzero(active)
-        new = np.linalg.solve(xtwx[ids] + 1e-10 * np.eye(design.p), xtwz[ids])[..., 0]
+        new = _glm_step(xtwx[ids] + 1e-10 * np.eye(design.p), xtwz[ids], beta[ids])
         change = np.max(np.abs(new - beta[ids]), axis=1, initial=0.0)
         beta[ids] = new
         eta[rows] = offset[rows] + np.einsum("np,np->n", x, beta.take(fitting, axis=0))
@@ -157,6 +157,24 @@ def glm_start(plan: BatchPlan, family: Family) -> tuple[np.ndarray, np.ndarray]:
         if len(remaining) < len(fitting) // 2:
             rows = np.arange(len(y))[rows][remaining]
     return beta, eta
+
+
+def _glm_step(xtwx: np.ndarray, xtwz: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """(D, p) IRLS's new beta per dataset, solved from its weighted cross-products; a dataset whose products are not
+    finite, or exactly singular (an extreme response, a Poisson count of 1e20, overflows its weights), keeps its
+    ``beta``: its fit is left to fail in its own row (np.linalg.solve's LinAlgError stopped the whole batch)."""
+    usable = np.isfinite(xtwx).all(axis=(1, 2)) & np.isfinite(xtwz).all(axis=(1, 2))
+    new = beta.copy()
+    if usable.any():
+        try:
+            new[usable] = np.linalg.solve(xtwx[usable], xtwz[usable])[..., 0]
+        except np.linalg.LinAlgError:  # only then one dataset at a time
+            for d in np.flatnonzero(usable):
+                try:
+                    new[d] = np.linalg.solve(xtwx[d], xtwz[d])[:, 0]
+                except np.linalg.LinAlgError:
+                    pass
+    return new
 
 
 def moment_start_theta(plan: BatchPlan, family: Family, eta: np.ndarray, datasets) -> np.ndarray:
