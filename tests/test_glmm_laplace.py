@@ -670,3 +670,18 @@ def test_a_random_slope_far_from_zero_takes_its_standard_errors_from_the_conditi
         far = hp.glmm("y01 ~ X + (X | Subject)", sleep.assign(X=sleep["Days"] + 1e5), family="binomial")
     assert far.fixef_se["X"] == pytest.approx(plain.fixef_se["X"], rel=1e-3)
     assert far.optimum.deviance == pytest.approx(plain.optimum.deviance, rel=1e-7)
+
+
+def test_a_constant_offset_far_from_the_counts_is_absorbed_by_the_intercept():
+    """A constant log exposure of 50: from beta = 0, PIRLS's first system (mu = 5e21 at every row) had no factor,
+    and hp.glmm refused the data ("do the fixed effects fit the response exactly?") where hp.fit_batch, which starts
+    from the GLM's fit, fitted it (the forty-third session's probe).  The fit is the one without the offset."""
+    rng = np.random.default_rng(0)
+    g = np.repeat(np.arange(6), 5)
+    x = rng.normal(size=30)
+    frame = pd.DataFrame({"y": rng.poisson(np.exp(0.3 + 0.3 * x + rng.normal(0, 0.5, 6)[g])), "x": x, "g": g})
+    plain = hp.glmm("y ~ x + (1 | g)", frame, family="poisson")
+    shifted = hp.glmm("y ~ x + (1 | g)", frame.assign(o=50.0), family="poisson", offset="o")
+    assert shifted.optimum.deviance == pytest.approx(plain.optimum.deviance, rel=1e-10)
+    assert shifted.fixef["Intercept"] + 50 == pytest.approx(plain.fixef["Intercept"], abs=1e-6)
+    assert shifted.fixef["x"] == pytest.approx(plain.fixef["x"], abs=1e-6)

@@ -310,6 +310,15 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
     return replace(optimum, beta=beta, mode=replace(optimum.mode, beta=beta), conditioning=conditioning)
 
 
+def working_start(design, family: Family) -> np.ndarray:
+    """beta of glm.fit's first IRLS step: the weighted least-squares fit of the working response at the family's
+    starting means (R's ``mustart``, lme4's start of eta), without random effects."""
+    eta = family.link(family.starting_mean(design.y, design.row_weights))
+    _, weights, residual = family.working(design.y, eta, design.row_weights)
+    root = np.sqrt(weights)
+    return np.linalg.lstsq(design.X * root[:, None], (eta - design.offset + residual) * root, rcond=None)[0]
+
+
 def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimate_shape: bool,
          derivatives: bool, start: np.ndarray | None = None) -> GLMMOptimum:
     """:func:`fit_laplace`'s stages with the mode finder made."""
@@ -334,7 +343,13 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
     if stages == 2 and nodes == 1 and find_mode.gradient_available:
         # with the exact gradient, stage 2 starts from one EM step away from lme4's theta, at the joint mode
         # there: stage 1's search only found a start for a derivative-free stage 2 (glmer's reason for it)
-        mode = conditional_mode(theta, state["beta"], design, family, joint=True, patterns=find_mode.patterns)
+        try:
+            mode = conditional_mode(theta, state["beta"], design, family, joint=True, patterns=find_mode.patterns)
+        except np.linalg.LinAlgError:
+            # from beta = 0 an offset far from the response's scale (a constant log exposure of 50: mu = 5e21 at
+            # every row) left PIRLS's first system without a factor; from glm.fit's first step it has one
+            state["beta"] = working_start(design, family)
+            mode = conditional_mode(theta, state["beta"], design, family, joint=True, patterns=find_mode.patterns)
         theta, mode = _em_step(find_mode, family, theta, mode)
         optimum = _gradient_stage(find_mode, family, np.concatenate([theta, mode.beta]), lower, 1, mode.u,
                                   derivatives, estimate_shape)
