@@ -661,3 +661,15 @@ def test_a_row_whose_search_stopped_and_whose_single_fit_raises_holds_no_estimat
     assert np.isnan(batch.objective.iloc[0]) and np.isnan(batch.beta[0]).all() and np.isnan(batch.theta[0]).all()
     assert not batch.converged.iloc[0] and not batch.is_singular.iloc[0]
     assert np.isfinite(batch.objective.iloc[1]) and batch.converged.iloc[1]
+
+
+def test_a_response_less_its_offset_that_is_constant_is_refused_by_name():
+    # offset = the response: hp.lmm raised ConvergenceError (no finite criterion), and the batch's row held an
+    # objective of inf with NumPy's divide warnings (the forty-third session's probe)
+    frame = _gaussian(0)
+    with pytest.raises(hp.DataError, match="response 'y' less the offset is constant"):
+        hp.lmm(LINEAR, frame, offset="y")
+    batch = hp.fit_batch(LINEAR, [frame.assign(o=frame["y"]), frame.assign(o=0.0)], by="rep", offset="o",
+                         progress=False)
+    _assert_refused(batch, 0, "response 'y' less the offset is constant")
+    assert batch.objective.iloc[1] == pytest.approx(hp.lmm(LINEAR, frame).objective, rel=1e-10)

@@ -894,7 +894,10 @@ def plan_refusals(plan: BatchPlan, data, formula: str, family, set_aside: dict |
         largest = np.zeros((plan.n_datasets, values.shape[1]))
         np.maximum.at(largest, plan.dataset, magnitude)
         tiny |= np.any(underflowing(largest, smallest), axis=1)
-    for index in np.flatnonzero(constant_within(design.y, plan.dataset, plan.n_datasets) | tiny):
+    constant = constant_within(design.y, plan.dataset, plan.n_datasets)
+    if design.family is None:  # (a linear model's response less its offset too)
+        constant |= constant_within(design.y_less_offset, plan.dataset, plan.n_datasets)
+    for index in np.flatnonzero(constant | tiny):
         frame, arguments = plan.dataset_frame(index)
         refusals[index] = single_fit_refusal(formula, frame, family=family, **arguments)
     return tuple(refusals)

@@ -1084,6 +1084,9 @@ def build_design(
     # the response's magnitude, as a model column's: beyond 1e150 or below 1e-140 the criterion overflowed or
     # underflowed at the start, an error that named nothing; its residuals, some digits smaller, need more room below
     check_finite_columns(y[:, None], [spec.response], frame.index, "response", smallest=RESPONSE_SMALLEST)
+    if family is None and np.ptp(y - offset_sum) == 0:  # (offset = y: the search found no finite criterion)
+        raise DataError(f"response {spec.response!r} less the offset is constant ({float(y[0] - offset_sum[0])!r}): "
+                        "there is no variation to model")
     _warn_vanished_factors(frame, spec, names, terms)
     return Design(
         spec=spec,
