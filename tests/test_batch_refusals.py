@@ -6,6 +6,7 @@ the reason in ``messages``; every other dataset equals its single fit.
 """
 
 import warnings
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -673,3 +674,15 @@ def test_a_response_less_its_offset_that_is_constant_is_refused_by_name():
                          progress=False)
     _assert_refused(batch, 0, "response 'y' less the offset is constant")
     assert batch.objective.iloc[1] == pytest.approx(hp.lmm(LINEAR, frame).objective, rel=1e-10)
+
+
+def test_weights_or_an_offset_of_text_values_are_refused_as_their_column_is():
+    # text as a column is refused ("must be numeric"); as an array it was read as numbers (the forty-third
+    # session's probe)
+    frame = _gaussian(0).assign(rep=0)
+    for values in (np.array(["2", "0.5"] * 15), pd.Categorical(["2", "1"] * 15), np.array([True, False] * 15)):
+        for fit in (hp.lmm, partial(hp.fit_batch, by="rep", progress=False)):
+            with pytest.raises(hp.ArgumentError, match="weights must be numbers"):
+                fit(LINEAR, frame, weights=values)
+        with pytest.raises(hp.ArgumentError, match="offset must be numbers"):
+            hp.lmm(LINEAR, frame, offset=values)

@@ -72,6 +72,7 @@ from ..spec.design import (
     check_unique_columns,
     label_collision,
     missing_detail,
+    numeric_row_values,
     residual_df_problem,
     sorted_levels,
     term_columns_message,
@@ -921,11 +922,7 @@ def row_argument(value, name: str, data, frame: pd.DataFrame):
     if not isinstance(data, pd.DataFrame):
         raise ArgumentError(f"{name} given as an array needs data as one DataFrame (one value per row); with a list "
                             f"or dict of datasets give {name} as the name of a column of every dataset")
-    value = aligned_by_labels(value, data, name)
-    try:
-        values = np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
-        raise ArgumentError(f"{name} must be a column name or a numeric array, got {type(value).__name__}") from None
+    values = numeric_row_values(aligned_by_labels(value, data, name), name)
     if values.ndim != 1 or values.shape[0] != len(frame):
         raise ArgumentError(f"{name} must be a column name or an array with one value per row of data "
                             f"({len(frame)}), got shape {values.shape}")

@@ -591,6 +591,27 @@ def aligned_by_labels(value, data: pd.DataFrame, name: str):
     return value.reindex(data.index)
 
 
+def numeric_row_values(value, name: str) -> np.ndarray:
+    """``weights=`` / ``offset=`` given as values (an array, a Series, a list) as floats, refused by name where they
+    are not numbers: text ("2", "0.5") or a Categorical of text was read as numbers where the same text as a
+    column is refused, and true/false values as 0/1 (the forty-third session's probe)."""
+    kind = getattr(value, "dtype", None)
+    if isinstance(kind, pd.CategoricalDtype):
+        kind = value.cat.categories.dtype if hasattr(value, "cat") else value.categories.dtype
+    if kind is None:
+        kind = np.asarray(value).dtype
+    if kind is not None and (pd.api.types.is_bool_dtype(kind) or not (pd.api.types.is_numeric_dtype(kind)
+                                                                       or kind == object)):
+        raise ArgumentError(f"{name} must be numbers, got values of dtype {kind}")
+    try:
+        values = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"{name} must be a column name or a numeric array, got {type(value).__name__}") from None
+    if kind == object and any(isinstance(v, (str, bytes, bool, np.bool_)) for v in np.asarray(value).ravel()):
+        raise ArgumentError(f"{name} must be numbers, got text or true/false values among them")
+    return values
+
+
 def _row_argument(data: pd.DataFrame, value, name: str):
     """(column label in data or None, values aligned with data's rows or None) of weights= / offset=."""
     if value is None:
@@ -602,11 +623,7 @@ def _row_argument(data: pd.DataFrame, value, name: str):
         if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
             raise DataError(f"{name} column {value!r} must be numeric, got dtype {column.dtype}")
         return value, None
-    value = aligned_by_labels(value, data, name)
-    try:
-        values = np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
-        raise ArgumentError(f"{name} must be a column name or a numeric array, got {type(value).__name__}") from None
+    values = numeric_row_values(aligned_by_labels(value, data, name), name)
     if values.ndim != 1 or values.shape[0] != data.shape[0]:
         raise ArgumentError(
             f"{name} must be a column name or an array with one value per row of data "
