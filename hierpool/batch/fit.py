@@ -256,7 +256,9 @@ def fit_batch(
         glmmTMB's REML, as ``hp.glmm``'s).
     dtype : {"float64", "float32"}
         float32 halves memory and is faster on GPUs; the criterion then agrees
-        with float64 to about 1e-5 relative.
+        with float64 to about 1e-5 relative.  Linear mixed models with
+        independent residuals only: a GLMM (``family=``) and AR(1) residuals
+        (``correlation=``) are fitted in float64, and refuse float32 by name.
     chunk_size : int, optional
         Most datasets per compiled call, or per call of the host's optimizer (bounds
         memory; see the module notes).

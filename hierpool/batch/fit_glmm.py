@@ -22,7 +22,8 @@ several terms whose points cost more (:data:`hierpool.batch.glmm_search.SECANT_M
 secant update at most accepted points (``newton_on_host``'s ``secant``), each pass one point.  The
 returned Hessian is the full forward-difference one either way.
 
-**Compiled** (a negative binomial, float32, an accelerator or a mesh): the program of
+**Compiled** (a negative binomial, an accelerator or a mesh; float64 always: ``fit_batch`` refuses a GLMM in
+float32): the program of
 :func:`hierpool.algebra.laplace_program.laplace_value_and_gradient` (PIRLS, the log-determinant and the exact
 gradient) under :func:`hierpool.algebra.search.newton.newton`, vmapped.  Padding: a bucket's datasets share level counts
 per term (padded as :mod:`hierpool.batch.fit_terms` pads them) and a row count (the next power of two); a padded
