@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import nlopt
 import numpy as np
-from scipy.linalg import solve_triangular
 
 from ..algebra import criterion, one_term
 from ..algebra.checks import SINGULAR_TOL, onto_boundary, singular_rows
@@ -252,7 +251,7 @@ def _scaled_gradient_max(theta: np.ndarray, gradient: np.ndarray, lower: np.ndar
     g = gradient[free]
     try:
         factor = np.linalg.cholesky(hessian_at(theta)[np.ix_(free, free)])  # H = L L^T: lme4's chol(H) is L^T
-        scaled = solve_triangular(factor, g, lower=True, trans="T")  # R^-1 g, lme4's solve(chol(Hessian), gradient)
+        scaled = np.linalg.solve(factor.T, g)  # R^-1 g, lme4's solve(chol(Hessian), gradient); (no SciPy import)
     except (np.linalg.LinAlgError, ValueError):  # not positive definite (lme4: "unable to evaluate scaled gradient")
         return float(np.max(projected))
     return max(largest, float(np.max(np.minimum(np.abs(g), np.abs(scaled)))))
