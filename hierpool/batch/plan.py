@@ -64,6 +64,7 @@ from ..spec.design import (
     RESPONSE_SMALLEST,
     SMALLEST_VALUE,
     TERM_RANK_TOL,
+    WEIGHTS_SCALE,
     Design,
     RandomEffectTerm,
     aliased_within,
@@ -896,8 +897,12 @@ def plan_refusals(plan: BatchPlan, data, formula: str, family, set_aside: dict |
         np.maximum.at(largest, plan.dataset, magnitude)
         tiny |= np.any(underflowing(largest, smallest), axis=1)
     constant = constant_within(design.y, plan.dataset, plan.n_datasets)
-    if design.family is None:  # (a linear model's response less its offset too)
+    if design.family is None:  # (a linear model's response less its offset too, and its weights' scale)
         constant |= constant_within(design.y_less_offset, plan.dataset, plan.n_datasets)
+        if design.weights is not None and not design.sigma_known:
+            log_scale = (np.bincount(plan.dataset, weights=np.log(design.weights), minlength=plan.n_datasets)
+                         / np.maximum(plan.n_obs, 1))
+            constant |= (plan.n_obs > 0) & (np.abs(log_scale) > np.log(WEIGHTS_SCALE))
     for index in np.flatnonzero(constant | tiny):
         frame, arguments = plan.dataset_frame(index)
         refusals[index] = single_fit_refusal(formula, frame, family=family, **arguments)

@@ -949,6 +949,23 @@ def _positive_weights(frame: pd.DataFrame, column: str, what: str) -> np.ndarray
     return values
 
 
+#: The largest geometric mean of a linear model's prior weights, and its inverse the smallest: weights times c leave
+#: the model as it is (sigma^2 times c, theta over sqrt(c)), but from c = 1e13 hp.fit_batch stopped above the optimum
+#: (1.6e-5 at 1e13, 0.037 at 1e16) and hp.lmm from 1e14 (0.0034), some reported converged (the forty-third session's
+#: probe); 1e10 either way fits to rounding.
+WEIGHTS_SCALE = 1e10
+
+
+def check_weights_scale(weights: np.ndarray, what: str) -> None:
+    """Refuse a linear model's prior weights whose geometric mean is beyond :data:`WEIGHTS_SCALE` either way, by
+    name, with what to do (divide them by a constant: only sigma changes)."""
+    scale = float(np.exp(np.mean(np.log(weights))))
+    if not 1.0 / WEIGHTS_SCALE <= scale <= WEIGHTS_SCALE:
+        raise DataError(f"{what}: the weights' geometric mean is {scale:.3g}, beyond {1 / WEIGHTS_SCALE:.0e} .. "
+                        f"{WEIGHTS_SCALE:.0e}, where the fit loses digits: divide them by a constant (the model is "
+                        "the same: only sigma, in the weights' units, changes)")
+
+
 def build_design(
     formula: str,
     data: pd.DataFrame,
@@ -1087,9 +1104,10 @@ def build_design(
     if se is not None:
         row_weights = 1.0 / known_sd(frame, se) ** 2
     elif weights is not None:
-        row_weights = _positive_weights(
-            frame, weights_column or WEIGHTS_COLUMN, "weights" + (f" column {weights_column!r}" if weights_column else "")
-        )
+        what = "weights" + (f" column {weights_column!r}" if weights_column else "")
+        row_weights = _positive_weights(frame, weights_column or WEIGHTS_COLUMN, what)
+        if family is None:
+            check_weights_scale(row_weights, what)
     else:
         row_weights = None
     if family is not None:
