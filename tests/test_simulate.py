@@ -177,13 +177,13 @@ def test_new_rows_and_new_parameters_have_their_distribution(sleep_fit):
     z = (held.mean(axis=1).to_numpy() - fit.fitted[:10]) / (fit.sigma / np.sqrt(N))
     assert np.max(np.abs(z)) < 4.5
     # refused by name: modes of levels not fitted, modes with other parameters, unknown or malformed parameters
-    for kwargs, words in ((dict(newdata=new, use_u=True), "did not see"),
-                          (dict(newparams={"sigma": 2.0}, use_u=True), "use_u=True keeps"),
-                          (dict(newparams={"phi": 0.3}), r"newparams has \['phi'\]"),
-                          (dict(newparams={"theta": [1.0, 2.0]}), "must be 3 finite numbers"),
-                          (dict(newparams={"theta": [-1.0, 0.0, 1.0]}), "must be >= 0"),
-                          (dict(newparams={"beta": {"days": 1.0}}), r"names \['days'\]"),
-                          (dict(newparams={"sigma": 0.0}), "sigma")):
+    for kwargs, words in (({"newdata": new, "use_u": True}, "did not see"),
+                          ({"newparams": {"sigma": 2.0}, "use_u": True}, "use_u=True keeps"),
+                          ({"newparams": {"phi": 0.3}}, r"newparams has \['phi'\]"),
+                          ({"newparams": {"theta": [1.0, 2.0]}}, "must be 3 finite numbers"),
+                          ({"newparams": {"theta": [-1.0, 0.0, 1.0]}}, "must be >= 0"),
+                          ({"newparams": {"beta": {"days": 1.0}}}, r"names \['days'\]"),
+                          ({"newparams": {"sigma": 0.0}}, "sigma")):
         with pytest.raises(hp.ArgumentError, match=words):
             hp.simulate(fit, 2, **kwargs)
 
