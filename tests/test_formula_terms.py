@@ -584,3 +584,34 @@ def test_a_random_term_given_twice_is_refused(data):
             hp.lmm(formula, data)
     with pytest.raises(hp.FormulaError, match="twice"):
         hp.fit_batch("y ~ x + (1 | g) + (1 | g)", [data, data], progress=False)
+
+
+def test_a_coding_call_in_an_interaction_without_its_margins_is_lmes_model_or_refused():
+    """C(f) in (a + C(f)):c, and a logical column a call also reads (written C(lg) for formulae): R's columns were not
+    built for such a factor, and formulae's (another model: 9 columns against lme4's 7) were fitted silently (the
+    forty-third session's review).  C(f) is now read as f; the user's contrasts (C(f, Sum)) there are refused where
+    formulae's span is another model."""
+    root = Path(__file__).resolve().parent.parent / "validation"
+    reference = {model["formula"]: model for model in json.loads(
+        (root / "formula_coding_reference.json").read_text())["models"]}
+    data = pd.read_csv(root / "formula_coding_data.csv", dtype={"g": str})
+    for formula in ("y ~ (a + f):c", "y ~ f:c:h", "y ~ f:c + h"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hp.HierpoolWarning)
+            fit = hp.lmm(formula.replace("f", "C(f)") + " + (1 | g)", data, reml=False)
+        assert fit.objective == pytest.approx(reference[formula]["deviance"], rel=1e-7), formula
+        ours = {_lme4_name(name.replace("C(f)", "f")): value for name, value in fit.fixef.items()}
+        theirs = {_lme4_name(name): value for name, value in reference[formula]["fixef"].items()}
+        assert set(ours) == set(theirs) and all(ours[k] == pytest.approx(theirs[k], abs=1e-4) for k in ours), formula
+    with pytest.raises(hp.FormulaError, match="coded by contrasts hierpool does not build"):
+        hp.lmm("y ~ (a + C(f, Sum)):c + (1 | g)", data, reml=False)
+    # a logical column a call reads too is a factor of levels False, True: lme4's x:lgTRUE, not formulae's coding
+    logical = data.assign(lg=data["a"] > 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.HierpoolWarning)
+        called = hp.lmm("y ~ lg:c + I(lg * b) + (1 | g)", logical, reml=False)
+        plain = hp.lmm("y ~ lg:c + lgb + (1 | g)", logical.assign(lgb=logical["lg"] * logical["b"]), reml=False)
+    assert called.objective == pytest.approx(plain.objective, rel=1e-10)
+    cells = [name for name in plain.fixef.index if name.startswith("lg[")]
+    assert cells[:2] == ["lg[False]:c[x]", "lg[True]:c[x]"]
+    np.testing.assert_allclose(called.fixef.loc[cells], plain.fixef.loc[cells], rtol=1e-7)

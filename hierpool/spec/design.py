@@ -473,11 +473,23 @@ def _fixed_part(spec: ModelSpec, frame: pd.DataFrame, shown: str | None = None):
     if fixed.common is None:  # y ~ 0: no fixed effects
         return y, ([], np.zeros((len(frame), 0))), None
     columns = matrix_columns(fixed.common)
-    model = r_coding(spec.fixed, fixed.common, frame).model
-    if model is not None:
+    coding = r_coding(spec.fixed, fixed.common, frame)
+    if coding.model is not None:
         # formulae's columns are another model than lme4's (y ~ (a + f):c), or lme4's model by other columns, whose
         # coefficients mean something else under names alike (y ~ f:c + h): R's columns are fitted instead
-        return y, RCodedPart.columns(model, fixed.common), RCodedPart(spec.fixed, fixed.common)
+        return y, RCodedPart.columns(coding.model, fixed.common), RCodedPart(spec.fixed, fixed.common)
+    # R's columns not built: a factor in such an interaction coded by the user's contrasts (C(f, Sum))
+    if coding.span:  # another model than lme4's, which would be fitted silently
+        raise FormulaError(f"fixed-effect part {display_name(spec.fixed)!r}: {coding.span}, and a factor there is "
+                           "coded by contrasts hierpool does not build R's columns for.  Write the model with each "
+                           "interaction's lower-order terms (f*c*h for f:c:h), or code the factor by the default "
+                           "contrasts")
+    if coding.columns:  # lme4's model, but coefficients that mean something else under names alike
+        warn_at_caller(f"fixed-effect part {display_name(spec.fixed)!r}: formulae codes the interaction(s) "
+                       f"{coding.columns} by other columns than R's model.matrix: the same model as lme4's (the same "
+                       "criterion and fitted values), but its fixed-effect coefficients are another parameterization "
+                       "than lme4's, though named alike.  For lme4's coefficients write each interaction's "
+                       "lower-order terms (f*c for f:c)")
     return y, columns, fixed.common
 
 

@@ -64,15 +64,31 @@ def _ranks(ours: np.ndarray, theirs: np.ndarray) -> tuple[int, int, int]:
 
 def _categorical_codes(frame: pd.DataFrame, component) -> np.ndarray | None:
     """Each row's level (0 .. L-1, in formulae's level order) of a categorical component that is a column of
-    ``frame`` (text, a Categorical, ordered or not, a logical: hierpool codes each by treatment contrasts, and only
-    the span matters); None for anything else (a call such as ``C(f, Sum)``, whose contrasts the user chose): its
-    terms are not checked."""
-    name = component.name
-    if name not in frame.columns:
+    ``frame`` (text, a Categorical, ordered or not, a logical), or a coding call on one (``C(f)``, ``C(f, Sum)``,
+    ``C(f, contr_poly)``: :func:`_coding_call_column`); None for anything else, or a level not among the
+    component's."""
+    name = component.name if component.name in frame.columns else _coding_call_column(component, frame)
+    if name is None:
         return None
     levels = [str(level) for level in component.levels]
     codes = pd.Index(levels).get_indexer(frame[name].astype(str))
     return None if np.any(codes < 0) else codes
+
+
+def _coding_call_column(component, frame: pd.DataFrame) -> str | None:
+    """The column of ``frame`` a categorical coding call ``C(column[, coding])`` codes; None for anything else."""
+    call = getattr(component, "call", None)
+    arguments = [getattr(argument, "name", None) for argument in getattr(call, "args", ())]
+    if getattr(call, "callee", None) != "C" or not arguments or arguments[0] not in frame.columns:
+        return None
+    return arguments[0]
+
+
+def _own_contrasts(component) -> bool:
+    """Whether a categorical component is coded by contrasts the user chose (``C(f, Sum)``, ``C(f, contr_poly)``):
+    R's columns built here take treatment contrasts, which span what such a coding spans but are other columns."""
+    call = getattr(component, "call", None)
+    return getattr(call, "callee", None) == "C" and len(getattr(call, "args", ())) > 1
 
 
 def _logical_codes(value) -> np.ndarray | None:
@@ -114,6 +130,7 @@ class RColumns:
     names: tuple[str, ...]
     values: np.ndarray
     interactions: tuple[str, ...]
+    own_contrasts: bool = False  # a factor coded by the user's contrasts (C(f, Sum)), built here by treatment's
 
 
 def _all_margins_present(terms) -> bool:
@@ -145,10 +162,16 @@ def r_columns(text: str, matrix, frame: pd.DataFrame, new_data: bool = False) ->
              if hasattr(term, "components")}
     n = len(frame)
     ordered = sorted(terms, key=lambda term: len(term.components))  # stable: R's order of terms
+    # within a term R orders the variables as they first appear in the formula (h + f:c:h: lme4's hu:fp:cx)
+    first_seen: dict = {}
+    for term in terms:
+        for component in term.components:
+            first_seen.setdefault(component.name, len(first_seen))
     previous: list[frozenset] = []
     columns, names = ([np.ones((n, 1))], ["Intercept"]) if intercept else ([], [])
     indicator_given = intercept  # R's adjustment without an intercept, made once
     interactions = []
+    own_contrasts = False
     for term in ordered:
         if any(c.name.startswith("offset(") for c in term.components):
             continue
@@ -157,7 +180,7 @@ def r_columns(text: str, matrix, frame: pd.DataFrame, new_data: bool = False) ->
         if evaluated is None:
             return None
         block, labels = np.ones((n, 1)), [()]
-        for component in evaluated.components:
+        for component in sorted(evaluated.components, key=lambda c: first_seen.get(c.name, len(first_seen))):
             numeric = None
             if component.kind != "categoric":
                 numeric = np.asarray(component.eval_new_data(frame) if new_data else component.value)
@@ -178,6 +201,7 @@ def r_columns(text: str, matrix, frame: pd.DataFrame, new_data: bool = False) ->
                     contrasts, indicator_given = False, True
                 value = np.eye(len(levels))[codes]
                 own = [f"{component.name}[{level}]" for level in levels]
+                own_contrasts |= contrasts and _own_contrasts(component)
                 if contrasts:
                     value, own = value[:, 1:], own[1:]
                     if logical is not None:  # a logical by contrasts is its 0/1 column, as formulae names it
@@ -190,7 +214,7 @@ def r_columns(text: str, matrix, frame: pd.DataFrame, new_data: bool = False) ->
         if len(variables) > 1:
             interactions.append(":".join(c.name for c in term.components))
     values = np.concatenate(columns, axis=1) if columns else np.zeros((n, 0))
-    return RColumns(tuple(names), values, tuple(interactions))
+    return RColumns(tuple(names), values, tuple(interactions), own_contrasts)
 
 
 def r_coding(text: str, matrix, frame: pd.DataFrame) -> RCoding:
@@ -208,11 +232,15 @@ def r_coding(text: str, matrix, frame: pd.DataFrame) -> RCoding:
     ours = ours[:, [j for j, name in enumerate(_labels(matrix)) if not name.startswith("offset(")]]
     rank_ours, rank_r, rank_both = _ranks(ours, model.values)
     named = ", ".join(model.interactions)
+    # with the user's own contrasts in a factor R codes by contrasts, the columns built here (treatment's) span
+    # lme4's model but are not its columns: where formulae's span differs the model is refused, where it agrees
+    # formulae's are fitted with a warning (the design's); otherwise R's columns are fitted
+    fitted = None if model.own_contrasts else model
     if not rank_r == rank_ours == rank_both:
         return RCoding(span=f"formulae codes the interaction(s) {named} as another model than R's model.matrix "
                             f"(lme4's): its columns span {rank_ours} dimensions, R's {rank_r}, together {rank_both}",
-                       model=model)
-    return RCoding() if _same_columns(ours, model.values) else RCoding(columns=named, model=model)
+                       model=fitted)
+    return RCoding() if _same_columns(ours, model.values) else RCoding(columns=named, model=fitted)
 
 
 def _labels(matrix) -> list[str]:
