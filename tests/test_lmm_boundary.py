@@ -497,3 +497,25 @@ def test_prior_weights_scaled_by_a_constant_fit_the_same_model():
         except hp.DataError as error:
             said = str(error)
         assert "geometric mean is 1.16e+13" in said and "divide them by a constant" in said
+
+
+def test_a_two_term_model_with_weights_of_large_scale_reaches_its_optimum():
+    """(1 | g) + (0 + x | g) with weights ~1e7: theta's optimum (4e-4) is 2,500 times below the columns' units, and
+    hp.lmm's search ended at theta = 0, REML 61 above hp.fit_batch's, converged (the forty-third session's review);
+    at its optimum the Hessian's step of 1e-4, half of theta, made it indefinite and the fit "failed to converge".
+    Its units and the Hessian's step are now in the weights' units (algebra.linalg.weights_unit)."""
+    rng = np.random.default_rng(131)
+    g = np.repeat(np.arange(12), 8)
+    x = rng.normal(size=96)
+    w = 10 ** rng.uniform(6.5, 7.5, 96)
+    y = 1 + x + rng.normal(0, 0.5, 12)[g] + rng.normal(0, 0.4, 12)[g] * x + rng.normal(size=96) * 3000 / np.sqrt(w)
+    data = pd.DataFrame({"y": y, "x": x, "g": g, "w": w})
+    formula = "y ~ x + (1 | g) + (0 + x | g)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hp.HierpoolWarning)
+        heavy = hp.lmm(formula, data, weights="w")
+        light = hp.lmm(formula, data.assign(w=w / 1e7), weights="w")
+    assert heavy.converged and heavy.objective == pytest.approx(light.objective, rel=1e-9)
+    np.testing.assert_allclose(heavy.theta * np.sqrt(1e7), light.theta, rtol=1e-4)
+    batch = hp.fit_batch(formula, [data], weights="w", progress=False)
+    assert batch.objective.iloc[0] == pytest.approx(heavy.objective, rel=1e-9)

@@ -34,7 +34,7 @@ def array_namespace(*arrays):
     return np if on_host else jnp
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tril_positions(k: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, col) of the k(k+1)/2 entries of a lower triangle in column-major order (lme4's).
 
@@ -178,16 +178,44 @@ def theta_scales(ks: tuple[int, ...], mean_squares) -> np.ndarray:
     return np.concatenate(out, axis=-1)
 
 
-def terms_theta_scales(terms, groups=None, n_groups: int = 1) -> np.ndarray:
+def terms_theta_scales(terms, groups=None, n_groups: int = 1, weights=None) -> np.ndarray:
     """:func:`theta_scales` of random-effect terms (each with ``k`` and its rows' columns ``z``), the mean squares
     taken over all rows (``groups`` None: (n_theta,)) or over each group's rows (``groups`` (N,) codes below
-    ``n_groups``: (n_groups, n_theta), a batch's datasets)."""
+    ``n_groups``: (n_groups, n_theta), a batch's datasets); with prior weights (or known residual sds' 1 / se^2)
+    ``weights`` (N,), in their units too: over the square root of their geometric mean (of the group's rows).
+
+    Weights times c leave the model as it is with theta over sqrt(c): unscaled, weights of 1e7 put a two-term
+    model's optimum at theta 4e-4, 2,500 times below its units, and ``hp.lmm``'s search ended at theta = 0, REML 61
+    above ``hp.fit_batch``'s (the forty-third session's review).  In whole decades (:func:`weights_unit`)."""
     if groups is None:
         squares = [np.mean(np.square(term.z), axis=0) for term in terms]
     else:
         rows = np.maximum(np.bincount(groups, minlength=n_groups), 1).astype(float)
         squares = [segment_sum(np.square(term.z), groups, n_groups) / rows[:, None] for term in terms]
-    return theta_scales(tuple(term.k for term in terms), squares)
+    scales = theta_scales(tuple(term.k for term in terms), squares)
+    if weights is None:
+        return scales
+    unit = weights_unit(weights, groups, n_groups)
+    return scales * (unit if groups is None else unit[:, None])
+
+
+def weights_unit(weights, groups=None, n_groups: int = 1):
+    """theta's unit of prior weights ``weights`` (of each group's rows: (n_groups,)): 1 over the square root of
+    their geometric mean, in whole decades (``10^-round(log10 gm) / 2``), so that weights spread about 1 keep
+    theta's own units (their sample's geometric mean moves by a factor 1.6 either way: the probes off the boundary
+    with it, which moved 2 of 300 crossed fits with weights 10^U(-2, 2) to other minima, both higher) and weights
+    times 1e7 have theta's over 10^3.5.  :func:`terms_theta_scales` and ``hp.lmm``'s moment start."""
+    logs = np.log10(np.asarray(weights, dtype=float))
+    if groups is None:
+        return decade_unit(np.mean(logs))
+    rows = np.maximum(np.bincount(groups, minlength=n_groups), 1)
+    return decade_unit(np.bincount(groups, weights=logs, minlength=n_groups) / rows)
+
+
+def decade_unit(mean_log10_weight):
+    """:func:`weights_unit` from the weights' mean log10: ``10^-round(mean) / 2``."""
+    unit = 10.0 ** (-0.5 * np.round(mean_log10_weight))
+    return float(unit) if np.ndim(unit) == 0 else unit
 
 
 def boundary_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0, scales=None) -> list[np.ndarray]:

@@ -31,9 +31,11 @@ from ..algebra.linalg import (
     OTHER_MINIMUM_MARGIN,
     boundary_probes,
     canonical_theta,
+    decade_unit,
     terms_theta_scales,
     theta_lower_bounds,
     theta_start,
+    weights_unit,
 )
 from ..algebra.start import moment_theta
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
@@ -168,7 +170,7 @@ def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, stat
 def design_scales(design) -> np.ndarray:
     """theta's units of a design (:func:`hierpool.algebra.linalg.theta_scales`): its random-effect columns' mean
     squares over the rows."""
-    return terms_theta_scales(design.terms)
+    return terms_theta_scales(design.terms, weights=design.weights)
 
 
 def moment_start(design, scales: np.ndarray | None = None) -> np.ndarray:
@@ -197,9 +199,10 @@ def moment_start(design, scales: np.ndarray | None = None) -> np.ndarray:
     # the moments unweighted, theta then in the weights' units: var(e_i) = sigma^2 / w_i, so that weights times c
     # leave the model as it is with theta / sqrt(c).  Unscaled, weights of 1e7 started theta at 0.69 where the
     # optimum is 2e-4, and the search ended at theta = 0, 5.1 above it, "singular" (the forty-third session's probe).
-    # By the weights' geometric mean: weights spread about 1 (10^U(-2, 2)) start where they did; the weighted
-    # moments instead (the batch's start) lost a lower minimum in 2 of 300 such datasets, and found none
-    scale = np.exp(-0.5 * np.mean(np.log(design.row_weights)))
+    # By the weights' geometric mean in whole decades (algebra.linalg.weights_unit): weights spread about 1
+    # (10^U(-2, 2)) start where they did; the weighted moments instead (the batch's start) lost a lower minimum in
+    # 2 of 300 such datasets, and found none
+    scale = weights_unit(design.row_weights)
     residual_ss = np.array([residual @ residual])
     offset = 0
     for term in design.terms:
@@ -319,17 +322,19 @@ class _HessianCache:
     model's fit after the optimizer's own evaluations.
     """
 
-    def __init__(self, gradients_at, lower: np.ndarray):
-        self.gradients_at, self.lower = gradients_at, lower
+    def __init__(self, gradients_at, lower: np.ndarray, step: float = HESSIAN_STEP):
+        self.gradients_at, self.lower, self.step = gradients_at, lower, step
         self.theta: np.ndarray | None = None
         self.hessian: np.ndarray | None = None
 
     def __call__(self, theta: np.ndarray) -> np.ndarray:
-        near = self.theta is not None and np.max(np.abs(theta - self.theta), initial=0.0) <= HESSIAN_REUSE_RADIUS
+        near = self.theta is not None and np.max(np.abs(theta - self.theta), initial=0.0) <= HESSIAN_REUSE_RADIUS * (
+            self.step / HESSIAN_STEP)
         # one-sided differences where the bound is within a step: reuse only with the same sides
-        same_sides = near and np.array_equal(theta - HESSIAN_STEP < self.lower, self.theta - HESSIAN_STEP < self.lower)
+        same_sides = near and np.array_equal(theta - self.step < self.lower, self.theta - self.step < self.lower)
         if not same_sides:
-            self.theta, self.hessian = theta.copy(), hessian_from_gradients(self.gradients_at, theta, self.lower)
+            self.theta = theta.copy()
+            self.hessian = hessian_from_gradients(self.gradients_at, theta, self.lower, step=self.step)
         return self.hessian
 
 
@@ -448,7 +453,10 @@ def optimize_theta(
     else:
         def gradients_at(points):
             return np.stack([evaluate(point)[1] for point in points])
-    hessian_at = _HessianCache(gradients_at, lower)
+    # the differences' step in the prior weights' units (theta over sqrt of their scale: algebra.linalg.weights_unit):
+    # with weights of 1e7 a step of 1e-4 was half of theta, and the Hessian came out indefinite at the optimum
+    weights_decade = decade_unit(float(system.log_weights) / max(system.layout.n, 1) / np.log(10.0))
+    hessian_at = _HessianCache(gradients_at, lower, HESSIAN_STEP * weights_decade)
     polish = system.layout.n <= control.hessian_max_n
     theta = _interior_optimum(evaluate, hessian_at, start, system, control) if on_host and polish else None
     optimizer_ok = True
