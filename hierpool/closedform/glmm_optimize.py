@@ -346,8 +346,11 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
         try:
             mode = conditional_mode(theta, state["beta"], design, family, joint=True, patterns=find_mode.patterns)
         except np.linalg.LinAlgError:
+            mode = None
+        if mode is None or not np.isfinite(mode.laplace):
             # from beta = 0 an offset far from the response's scale (a constant log exposure of 50: mu = 5e21 at
-            # every row) left PIRLS's first system without a factor; from glm.fit's first step it has one
+            # every row) left PIRLS's first system without a factor, and of -50 (mu = 2e-22) without a finite
+            # mode; from glm.fit's first step it has both
             state["beta"] = working_start(design, family)
             mode = conditional_mode(theta, state["beta"], design, family, joint=True, patterns=find_mode.patterns)
         theta, mode = _em_step(find_mode, family, theta, mode)
