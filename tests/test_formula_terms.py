@@ -615,3 +615,11 @@ def test_a_coding_call_in_an_interaction_without_its_margins_is_lmes_model_or_re
     cells = [name for name in plain.fixef.index if name.startswith("lg[")]
     assert cells[:2] == ["lg[False]:c[x]", "lg[True]:c[x]"]
     np.testing.assert_allclose(called.fixef.loc[cells], plain.fixef.loc[cells], rtol=1e-7)
+
+
+def test_a_random_term_of_no_columns_is_refused_by_name(data):
+    # (1 + 0 | g): formulae's matrix of no columns is None, and an AttributeError followed (the forty-third
+    # session's review)
+    for formula in ("y ~ x + (1 | g) + (1 + 0 | f)", "y ~ x + (1 - 1 | g)"):
+        with pytest.raises(hp.FormulaError, match=r"random-effect term \(1 (\+ 0|- 1) \| (f|g)\) has no columns"):
+            hp.lmm(formula, data)

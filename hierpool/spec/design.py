@@ -757,6 +757,9 @@ def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, logical=()) -> Rando
         z_names, z, z_matrix = plain.column_names, plain.matrix(frame), plain
     else:
         dm = _design_matrices(lhs, frame, what)
+        if dm.common is None:  # (1 + 0 | g): formulae's matrix of no columns is None (an AttributeError followed)
+            raise FormulaError(f"{what} has no columns (its intercept removed and nothing else): a random-effect "
+                               "term needs at least one, (1 | g) or (0 + x | g)")
         (z_names, z), z_matrix = matrix_columns(dm.common), dm.common
     if any("offset(" in c for c in z_names):
         raise FormulaError(f"{what} has an offset; an offset belongs to the fixed part of the formula")
