@@ -582,6 +582,11 @@ def test_a_random_term_given_twice_is_refused(data):
     for formula in ("y ~ x + (1 | g) + (1|g)", "y ~ x + (x || g) + (1 | g)"):
         with pytest.raises(hp.FormulaError, match=re.escape("the random-effect term (1 | g) twice")):
             hp.lmm(formula, data)
+    # the same columns written otherwise, the same grouping in another order (the review: fitted, the batch's table
+    # then refused or held two columns of one variance)
+    for formula in ("y ~ x + (x | g) + (1 + x | g)", "y ~ x + (1 | g:f) + (1 | f:g)"):
+        with pytest.raises(hp.FormulaError, match="twice"):
+            hp.lmm(formula, data)
     with pytest.raises(hp.FormulaError, match="twice"):
         hp.fit_batch("y ~ x + (1 | g) + (1 | g)", [data, data], progress=False)
 

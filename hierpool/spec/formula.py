@@ -585,7 +585,9 @@ def _parse(formula: str, binomial_counts: bool = False, random_optional: bool = 
 
     seen: dict = {}
     for term in random:  # the same columns by the same factor twice: their variances trade against each other
-        key = (re.sub(r"\s+", "", term.lhs), term.factor)
+        plain = plain_part(term.lhs)  # ((x | g) and (1 + x | g) are one term, (1 | g:h) and (1 | h:g) too)
+        columns = (plain.intercept, frozenset(plain.names)) if plain is not None else re.sub(r"\s+", "", term.lhs)
+        key = (columns, frozenset(term.factor))
         if key in seen:
             raise FormulaError(f"formula {formula!r} has the random-effect term ({term.lhs} | {term.name}) twice: "
                                "its variance cannot be split between the two (lme4 fits them, unidentifiable)")
