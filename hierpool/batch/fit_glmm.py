@@ -550,21 +550,6 @@ def compiled_onto_boundary(plan: BatchPlan, family: Family, members: np.ndarray,
             for t, value in enumerate(values):
                 result[name][t][fits] = np.asarray(value)
     return result
-    sub, at_shape = at(changed)
-    with np.errstate(all="ignore"):
-        mode = conditional_modes(snapped[changed], beta[changed], sub, at_shape)
-        solved = solution_at_mode(snapped[changed], sub, mode)
-    fits = near[changed]
-    result = dict(result)  # (the fetched arrays are read-only)
-    for name, values in (("theta", snapped[changed]), ("objective", moved[changed]),
-                         ("converged", result["converged"][fits] & mode.converged)):
-        result[name] = np.array(result[name])
-        result[name][fits] = values
-    for name, values in (("b", mode.b), ("cond_var", solved.cond_var), ("factors", solved.factors)):
-        result[name] = [np.array(x) for x in result[name]]
-        for t, value in enumerate(values):
-            result[name][t][fits] = np.asarray(value)
-    return result
 
 
 #: Rows of a GLMM host batch from which its chunks run in worker processes too
