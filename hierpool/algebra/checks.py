@@ -79,3 +79,17 @@ def onto_boundary(theta: np.ndarray, objective: np.ndarray, evaluate, ks, tol: f
     theta[rows[take]] = snapped[take]
     objective[rows[take]] += rise[take]
     return theta, objective
+
+
+def lme4_gradient_measure(hessian: np.ndarray, gradient: np.ndarray) -> np.ndarray:
+    """lme4's ``check.conv.grad`` measure of each component of a gradient at an optimum: min(|g_i|, |(R^-1 g)_i|),
+    H = R^T R the Hessian's Cholesky factor (lme4's ``solve(chol(Hessian), gradient)``: the gradient in the units of
+    the criterion's curvature, unchanged by a covariate's scale); |g| where H has no Cholesky factor (lme4: "unable
+    to evaluate scaled gradient").  ``hp.lmm``'s and ``hp.glmm``'s convergence checks; the components at a bound are
+    the caller's to leave out, as lme4 does."""
+    g = np.asarray(gradient, dtype=float)
+    try:
+        lower = np.linalg.cholesky(np.asarray(hessian, dtype=float))  # H = L L^T: lme4's chol(H) is L^T
+    except np.linalg.LinAlgError:
+        return np.abs(g)
+    return np.minimum(np.abs(g), np.abs(np.linalg.solve(lower.T, g)))

@@ -24,7 +24,7 @@ import nlopt
 import numpy as np
 
 from ..algebra import criterion, one_term
-from ..algebra.checks import SINGULAR_TOL, onto_boundary, singular_rows
+from ..algebra.checks import SINGULAR_TOL, lme4_gradient_measure, onto_boundary, singular_rows
 from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import host_objective_and_gradient, objective
 from ..algebra.linalg import (
@@ -239,9 +239,8 @@ def _projected_gradient(theta: np.ndarray, gradient: np.ndarray, lower: np.ndarr
 
 
 def _scaled_gradient_max(theta: np.ndarray, gradient: np.ndarray, lower: np.ndarray, hessian_at) -> float:
-    """lme4's ``check.conv.grad`` measure: the largest over theta's components off the bound of min(|g_i|,
-    |(R^-1 g)_i|), with H = R^T R the Hessian's Cholesky factor (lme4's ``solve(chol(Hessian), gradient)``: the
-    gradient in the units of the criterion's curvature, unchanged by a covariate's scale); a component at its bound
+    """The largest of lme4's ``check.conv.grad`` measure over theta's components off the bound
+    (:func:`hierpool.algebra.checks.lme4_gradient_measure`, the Hessian's block there); a component at its bound
     counts by its projected gradient, as before.
 
     The raw gradient alone warned of fits at their optimum: 12,000 rows of ``y ~ x + (x | g)`` with x in hundreds
@@ -254,13 +253,8 @@ def _scaled_gradient_max(theta: np.ndarray, gradient: np.ndarray, lower: np.ndar
     free = ~at_bound
     if not free.any():
         return largest
-    g = gradient[free]
-    try:
-        factor = np.linalg.cholesky(hessian_at(theta)[np.ix_(free, free)])  # H = L L^T: lme4's chol(H) is L^T
-        scaled = np.linalg.solve(factor.T, g)  # R^-1 g, lme4's solve(chol(Hessian), gradient); (no SciPy import)
-    except (np.linalg.LinAlgError, ValueError):  # not positive definite (lme4: "unable to evaluate scaled gradient")
-        return float(np.max(projected))
-    return max(largest, float(np.max(np.minimum(np.abs(g), np.abs(scaled)))))
+    measure = lme4_gradient_measure(hessian_at(theta)[np.ix_(free, free)], gradient[free])
+    return max(largest, float(np.max(measure)))
 
 
 def is_singular(theta: np.ndarray, ks: tuple[int, ...], tol: float = Control.singular_tol) -> bool:
