@@ -153,10 +153,12 @@ def _written_terms(text: str) -> tuple[list, bool]:
 def r_columns(text: str, matrix, frame: pd.DataFrame, new_data: bool = False) -> RColumns | None:
     """R's ``model.matrix`` of the fixed part ``text`` on ``frame`` (``matrix``: formulae's design matrix of it on the
     fitted data, whose components it reads; ``new_data``: ``frame`` is other rows, each numeric component evaluated
-    on them as formulae evaluates new data, its stateful transforms' fitted parameters kept): the rule of the module docstring, treatment contrasts, the
-    terms in R's order (by their order, stably), a term's columns with its first variable varying fastest (R's
-    order), offsets left out (they are not columns of R's matrix).  None where a term is one this does not read (a
-    coding call such as ``C(f, Sum)``, a level not among the fitted ones)."""
+    on them as formulae evaluates new data, its stateful transforms' fitted parameters kept): the rule of the module
+    docstring, treatment contrasts, the terms in R's order (by their order, stably), a term's columns with its first variable varying fastest (R's
+    order; within a term the variables as they first appear in the formula), offsets left out (they are not columns
+    of R's matrix).  A coding call's factor (``C(f)``, ``C(f, Sum)``) is read by its column, coded by treatment
+    contrasts here (``own_contrasts`` marks the user's other contrasts); None where a term is one this does not read
+    (another call), or a level is not among the fitted ones."""
     terms, intercept = _written_terms(text)
     built = {frozenset(c.name for c in term.components): term for term in matrix.terms.values()
              if hasattr(term, "components")}
@@ -277,10 +279,12 @@ class RCodedPart:
         return names, np.concatenate([model.values] + [values[:, None] for _, values in offsets], axis=1)
 
     def new_rows(self, frame: pd.DataFrame) -> pd.DataFrame:
+        # (formulae first: its error names a level the fit did not see, and its column)
+        evaluated = self.matrix.evaluate_new_data(frame)
         model = r_columns(self.text, self.matrix, frame, new_data=True)
         if model is None:  # (the fit read every term: on new data, a level it did not see)
             raise ValueError("a factor holds a level that was not in the fitted data")
-        names, values = self.columns(model, self.matrix.evaluate_new_data(frame))
+        names, values = self.columns(model, evaluated)
         return pd.DataFrame(values, columns=names, index=frame.index)
 
 
