@@ -156,9 +156,9 @@ def r_columns(text: str, matrix, frame: pd.DataFrame, new_data: bool = False) ->
     on them as formulae evaluates new data, its stateful transforms' fitted parameters kept): the rule of the module
     docstring, treatment contrasts, the terms in R's order (by their order, stably), a term's columns with its first
     variable varying fastest (R's order; within a term the variables as they first appear in the formula), offsets
-    left out (they are not columns of R's matrix).  A coding call's factor (``C(f)``, ``C(f, Sum)``) is read by its column, coded by treatment
-    contrasts here (``own_contrasts`` marks the user's other contrasts); None where a term is one this does not read
-    (another call), or a level is not among the fitted ones."""
+    left out (they are not columns of R's matrix).  A coding call's factor (``C(f)``, ``C(f, Sum)``) is read by its
+    column, coded by treatment contrasts here (``own_contrasts`` marks the user's other contrasts); None where a
+    term is one this does not read (another call), or a level is not among the fitted ones."""
     terms, intercept = _written_terms(text)
     built = {frozenset(c.name for c in term.components): term for term in matrix.terms.values()
              if hasattr(term, "components")}
