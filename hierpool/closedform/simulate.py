@@ -195,8 +195,9 @@ def simulate(fit, n: int = 1, seed: int | None = None, use_u: bool = False, newd
     rng = np.random.default_rng(seed)
     if newdata is not None or newparams is not None:
         if spatial or relmat or isinstance(fit, AR1Result):
-            raise ArgumentError("hp.simulate's newdata= and newparams= take an hp.lmm fit with independent residuals or "
-                                f"an hp.glmm fit (without spatial terms or a relationship matrix), not {type(fit).__name__}")
+            raise ArgumentError("hp.simulate's newdata= and newparams= take an hp.lmm fit with independent "
+                                "residuals or an hp.glmm fit (without spatial terms or a relationship matrix), not "
+                                f"{type(fit).__name__}")
         return _simulate_new(fit, n, rng, use_u, newdata, newparams)
     design = fit.design
     linear_predictor = (_spatial_linear_predictor if spatial else _relmat_linear_predictor if relmat else
