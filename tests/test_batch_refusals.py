@@ -680,7 +680,8 @@ def test_weights_or_an_offset_of_text_values_are_refused_as_their_column_is():
     # text as a column is refused ("must be numeric"); as an array it was read as numbers (the forty-third
     # session's probe)
     frame = _gaussian(0).assign(rep=0)
-    for values in (np.array(["2", "0.5"] * 15), pd.Categorical(["2", "1"] * 15), np.array([True, False] * 15)):
+    for values in (np.array(["2", "0.5"] * 15), pd.Categorical(["2", "1"] * 15), np.array([True, False] * 15),
+                   pd.Categorical([2.0, 1.0] * 15)):  # (a Categorical of numbers is refused as a column too)
         for fit in (hp.lmm, partial(hp.fit_batch, by="rep", progress=False)):
             with pytest.raises(hp.ArgumentError, match="weights must be numbers"):
                 fit(LINEAR, frame, weights=values)

@@ -608,8 +608,8 @@ def numeric_row_values(value, name: str) -> np.ndarray:
     are not numbers: text ("2", "0.5") or a Categorical of text was read as numbers where the same text as a
     column is refused, and true/false values as 0/1 (the forty-third session's probe)."""
     kind = getattr(value, "dtype", None)
-    if isinstance(kind, pd.CategoricalDtype):
-        kind = value.cat.categories.dtype if hasattr(value, "cat") else value.categories.dtype
+    if isinstance(kind, pd.CategoricalDtype):  # (refused as a column too: its values are labels)
+        raise ArgumentError(f"{name} must be numbers, got a Categorical (of {list(kind.categories[:3])}...)")
     if kind is None:
         kind = np.asarray(value).dtype
     if kind is not None and (pd.api.types.is_bool_dtype(kind) or not (pd.api.types.is_numeric_dtype(kind)
