@@ -319,6 +319,33 @@ def working_start(design, family: Family) -> np.ndarray:
     return np.linalg.lstsq(design.X * root[:, None], (eta - design.offset + residual) * root, rcond=None)[0]
 
 
+def _first_joint_mode(find_mode: ModeFinder, family: Family, theta: np.ndarray, state: dict):
+    """The joint conditional mode at lme4's start from beta = 0, or, where that fails (PIRLS's system has no
+    factor, or no finite mode is found), from glm.fit's first step (:func:`working_start`, kept in ``state``):
+    an offset far from the response's scale (a constant log exposure of 50: mu = 5e21 at every row; of -50: mu =
+    2e-22) failed from beta = 0 alone.  Where both fail, the first attempt's outcome stands (its error, or its
+    mode, which the gradient stage refuses with its reason)."""
+    design = find_mode.design
+    try:
+        mode, error = conditional_mode(theta, state["beta"], design, family, joint=True,
+                                       patterns=find_mode.patterns), None
+    except np.linalg.LinAlgError as failed:
+        mode, error = None, failed
+    if mode is not None and np.isfinite(mode.laplace):
+        return mode
+    beta = working_start(design, family)
+    try:
+        again = conditional_mode(theta, beta, design, family, joint=True, patterns=find_mode.patterns)
+    except np.linalg.LinAlgError:
+        again = None
+    if again is not None and np.isfinite(again.laplace):
+        state["beta"] = beta
+        return again
+    if error is not None:
+        raise error
+    return mode
+
+
 def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimate_shape: bool,
          derivatives: bool, start: np.ndarray | None = None) -> GLMMOptimum:
     """:func:`fit_laplace`'s stages with the mode finder made."""
@@ -343,16 +370,7 @@ def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimat
     if stages == 2 and nodes == 1 and find_mode.gradient_available:
         # with the exact gradient, stage 2 starts from one EM step away from lme4's theta, at the joint mode
         # there: stage 1's search only found a start for a derivative-free stage 2 (glmer's reason for it)
-        try:
-            mode = conditional_mode(theta, state["beta"], design, family, joint=True, patterns=find_mode.patterns)
-        except np.linalg.LinAlgError:
-            mode = None
-        if mode is None or not np.isfinite(mode.laplace):
-            # from beta = 0 an offset far from the response's scale (a constant log exposure of 50: mu = 5e21 at
-            # every row) left PIRLS's first system without a factor, and of -50 (mu = 2e-22) without a finite
-            # mode; from glm.fit's first step it has both
-            state["beta"] = working_start(design, family)
-            mode = conditional_mode(theta, state["beta"], design, family, joint=True, patterns=find_mode.patterns)
+        mode = _first_joint_mode(find_mode, family, theta, state)
         theta, mode = _em_step(find_mode, family, theta, mode)
         optimum = _gradient_stage(find_mode, family, np.concatenate([theta, mode.beta]), lower, 1, mode.u,
                                   derivatives, estimate_shape)
