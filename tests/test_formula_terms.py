@@ -526,13 +526,14 @@ def test_interactions_of_calls_without_their_main_effects_are_built():
     np.testing.assert_allclose(batch.fixef.loc[0].to_numpy(), single.fixef.to_numpy(), rtol=1e-8)
 
 
-def _lme4_name(name: str) -> str:
+def _lme4_name(name: str, ordered: bool = False) -> str:
     """A fixed effect's name as lme4 writes it (``f[q]:c[y]`` -> ``fq:cy``, ``poly(a, 2)[0]`` -> ``poly(a, 2)1``),
-    its factors sorted (``c:f`` and ``f:c`` are one term)."""
+    its factors sorted (``c:f`` and ``f:c`` are one term) unless ``ordered``."""
     name = "(Intercept)" if name == "Intercept" else name.replace("**", "^").replace(" ", "")
     name = name.replace("[True]", "TRUE").replace("[False]", "FALSE")  # a logical coded as a factor
     name = re.sub(r"(poly\([^)]*\))\[(\d+)\]", lambda m: f"{m[1]}{int(m[2]) + 1}", name)
-    return ":".join(sorted(re.sub(r"\[([^\]]*)\]", r"\1", name).split(":")))
+    parts = re.sub(r"\[([^\]]*)\]", r"\1", name).split(":")
+    return ":".join(parts if ordered else sorted(parts))
 
 
 def test_interactions_are_lme4s_model_and_coefficients(monkeypatch):
@@ -545,13 +546,14 @@ def test_interactions_are_lme4s_model_and_coefficients(monkeypatch):
     deviance, fixed effects by name, and population-level predictions of new rows; with formulae's columns the
     spans that differ are indeed other models (the rule guards a real difference)."""
     from hierpool.spec import design as design_module
-    from hierpool.spec.r_coding import RCoding
+    from hierpool.spec.r_coding import RCodedPart, RCoding
 
     root = Path(__file__).resolve().parent.parent / "validation"
     reference = json.loads((root / "formula_coding_reference.json").read_text())
     data = pd.read_csv(root / "formula_coding_data.csv", dtype={"g": str})
     categorical = data.astype({"f": "category", "c": "category", "h": "category"})
     assert sum(model["formulae_differs"] for model in reference["models"]) == 6
+    r_coded = 0
     for frame in (data, categorical):  # (pandas Categoricals, which the frame marks ordered, were once skipped)
         for model in reference["models"]:
             formula = f"{model['formula']} + (1 | g)"
@@ -565,8 +567,13 @@ def test_interactions_are_lme4s_model_and_coefficients(monkeypatch):
             assert set(ours) == set(theirs), (formula, sorted(ours), sorted(theirs))
             for name, value in theirs.items():
                 assert ours[name] == pytest.approx(value, rel=1e-4, abs=1e-4), (formula, name)
+            if isinstance(fit.design.fixed_matrix, RCodedPart):  # R's columns: lme4's names in lme4's order too
+                assert [_lme4_name(name, ordered=True) for name in fit.fixef.index] == [
+                    name.replace(" ", "") for name in model["fixef"]], formula
+                r_coded += 1
             predicted = fit.predict(frame.iloc[:12], re=False)
             np.testing.assert_allclose(predicted, model["predict_fixed"], rtol=1e-4, atol=1e-4, err_msg=formula)
+    assert r_coded >= 2 * 27
     monkeypatch.setattr(design_module, "r_coding", lambda *args: RCoding())
     for model in reference["models"]:
         if model["formulae_differs"]:

@@ -12,7 +12,8 @@
 # "formulae_differs" marks the formulas whose columns formulae spans differently from R's (found by fitting both);
 # there and where the span is R's but the columns are not (y ~ f:c + h), hierpool fits R's columns
 # (hierpool/spec/r_coding.py), so every formula must give lme4's deviance and fixed effects.  "predict_fixed": lme4's
-# population-level predictions (re.form = NA) of the first 12 rows, read by hierpool as new data.
+# population-level predictions (re.form = NA) of the first 12 rows, read by hierpool as new data.  R's nesting f/c
+# and 0 + f*c*h, whose matrices formulae cannot build (its columns do not match its terms), are R's columns too.
 
 suppressPackageStartupMessages({
   library(lme4)
@@ -30,7 +31,7 @@ formulas <- c(
   "y ~ f:h + c:h", "y ~ f:h + c:h + f:c", "y ~ f + c + f:c:h", "y ~ f:c + h", "y ~ a:f + b:c", "y ~ a:f + a:c",
   "y ~ a + f + a:f:c", "y ~ f + c:h + f:c:h", "y ~ log(b + 5):c", "y ~ I(a^2):f + f", "y ~ a + f + c + a:f + f:c",
   "y ~ a:c + f:h", "y ~ I(a > 0):f", "y ~ f:c + offset(a)", "y ~ 0 + f:c + h", "y ~ f:poly(b, 2)",
-  "y ~ a + f:c + a:f"
+  "y ~ a + f:c + a:f", "y ~ f/c", "y ~ f/a", "y ~ 0 + f*c*h", "y ~ 0 + (a + f + c)^2", "y ~ h + f:c:h"
 )
 differs <- c("y ~ (a + f):c", "y ~ a:c + f:c", "y ~ a:c + c:f", "y ~ f:c:h", "y ~ b + (a + f):c",
              "y ~ h + (a + f):c")

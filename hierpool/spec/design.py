@@ -32,7 +32,7 @@ from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
 from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_logical_factors
 from .labels import column_labels, level_label, shown_label, shown_rows
-from .r_coding import RCodedPart, r_coding
+from .r_coding import RCodedPart, r_coding, r_columns
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
 #: Column names of the weights and offset arguments in the model frame (lme4's names).
@@ -472,7 +472,15 @@ def _fixed_part(spec: ModelSpec, frame: pd.DataFrame, shown: str | None = None):
     y = _response(frame, spec, fixed.response, shown)
     if fixed.common is None:  # y ~ 0: no fixed effects
         return y, ([], np.zeros((len(frame), 0))), None
-    columns = matrix_columns(fixed.common)
+    try:
+        columns = matrix_columns(fixed.common)
+    except FormulaError:
+        # formulae's matrix does not match its terms' labels (R's nesting f/c, 0 + f*c*h): R's columns of the
+        # same terms where they can be built (their span and coefficients lme4's), else the refusal
+        model = r_columns(spec.fixed, fixed.common, frame)
+        if model is None or model.own_contrasts:
+            raise
+        return y, RCodedPart.columns(model, fixed.common), RCodedPart(spec.fixed, fixed.common)
     coding = r_coding(spec.fixed, fixed.common, frame)
     if coding.model is not None:
         # formulae's columns are another model than lme4's (y ~ (a + f):c), or lme4's model by other columns, whose

@@ -20,10 +20,13 @@ coefficients were lme4's names on other numbers).  Where either differs the desi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from ..errors import FormulaError
 
 
 def _row_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -73,6 +76,13 @@ def _categorical_codes(frame: pd.DataFrame, component) -> np.ndarray | None:
     levels = [str(level) for level in component.levels]
     codes = pd.Index(levels).get_indexer(frame[name].astype(str))
     return None if np.any(codes < 0) else codes
+
+
+def _first_position(text: str, name: str) -> int:
+    """Where ``name`` (a column or a call) first stands in the formula ``text`` as a whole name; after the end where
+    it does not (formulae's spelling of a call may differ from the user's)."""
+    found = re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.])", text)
+    return found.start() if found else len(text)
 
 
 def _coding_call_column(component, frame: pd.DataFrame) -> str | None:
@@ -164,11 +174,10 @@ def r_columns(text: str, matrix, frame: pd.DataFrame, new_data: bool = False) ->
              if hasattr(term, "components")}
     n = len(frame)
     ordered = sorted(terms, key=lambda term: len(term.components))  # stable: R's order of terms
-    # within a term R orders the variables as they first appear in the formula (h + f:c:h: lme4's hu:fp:cx)
-    first_seen: dict = {}
-    for term in terms:
-        for component in term.components:
-            first_seen.setdefault(component.name, len(first_seen))
+    # within a term R orders the variables as they first appear in the formula's text (h + f:c:h: lme4's hu:fp:cx;
+    # (a + f):c: fq:cx)
+    first_seen = {component.name: _first_position(text, component.name) for term in terms
+                  for component in term.components}
     previous: list[frozenset] = []
     columns, names = ([np.ones((n, 1))], ["Intercept"]) if intercept else ([], [])
     indicator_given = intercept  # R's adjustment without an intercept, made once
@@ -182,7 +191,7 @@ def r_columns(text: str, matrix, frame: pd.DataFrame, new_data: bool = False) ->
         if evaluated is None:
             return None
         block, labels = np.ones((n, 1)), [()]
-        for component in sorted(evaluated.components, key=lambda c: first_seen.get(c.name, len(first_seen))):
+        for component in sorted(evaluated.components, key=lambda c: first_seen.get(c.name, len(text))):
             numeric = None
             if component.kind != "categoric":
                 numeric = np.asarray(component.eval_new_data(frame) if new_data else component.value)
@@ -273,10 +282,14 @@ class RCodedPart:
     def columns(model: RColumns, evaluated) -> tuple[list[str], np.ndarray]:
         """(names, values) of R's columns ``model`` and then the offsets of formulae's matrix ``evaluated`` (of the
         same rows), as the fixed part's columns are read (the offsets split off by name after)."""
-        offsets = [(label, values) for label, values in zip(_labels(evaluated), _matrix_columns(evaluated))
-                   if label.startswith("offset(")]
+        labels, values = _labels(evaluated), _matrix_columns(evaluated)
+        if any(label.startswith("offset(") for label in labels) and len(labels) != len(values):
+            # (formulae's matrix of a nesting f/c has other columns than its labels: which is the offset's?)
+            raise FormulaError("an offset() beside a term whose columns formulae cannot build (a nesting f/c): give "
+                               "the offset as offset= instead, or the term as R expands it (f + f:c)")
+        offsets = [(label, column) for label, column in zip(labels, values) if label.startswith("offset(")]
         names = list(model.names) + [label for label, _ in offsets]
-        return names, np.concatenate([model.values] + [values[:, None] for _, values in offsets], axis=1)
+        return names, np.concatenate([model.values] + [column[:, None] for _, column in offsets], axis=1)
 
     def new_rows(self, frame: pd.DataFrame) -> pd.DataFrame:
         # (formulae first: its error names a level the fit did not see, and its column)
