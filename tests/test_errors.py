@@ -92,12 +92,16 @@ def test_a_date_column_is_refused_with_how_to_convert_it(data):
         hp.lmm("y ~ t + (1 | g)", dated)
 
 
-def test_a_nesting_operator_formulae_cannot_build_is_refused(data):
-    # formulae's f/x gave labels that do not match its matrix: a reshape error, or a silently shorter X
+def test_a_nesting_operator_formulae_cannot_build_is_r_expanded_or_refused(data):
+    # formulae's f/x gave labels that do not match its matrix: a reshape error, or a silently shorter X.  In the
+    # fixed part R's columns of the same terms are fitted since the forty-third session (R's f + f:x); in a random
+    # term it is refused
     grouped = data.assign(f=np.where(data["x"] > 0, "a", "b"))
-    for formula in ("y ~ f/x + (1 | g)", "y ~ x + (f/x | g)"):
-        with pytest.raises(hp.FormulaError, match="a term it cannot build"):
-            hp.lmm(formula, grouped)
+    nested, expanded = hp.lmm("y ~ f/x + (1 | g)", grouped), hp.lmm("y ~ f + f:x + (1 | g)", grouped)
+    assert nested.objective == pytest.approx(expanded.objective, rel=1e-12)
+    np.testing.assert_allclose(nested.fixef.to_numpy(), expanded.fixef.to_numpy(), rtol=1e-10)
+    with pytest.raises(hp.FormulaError, match="a term it cannot build"):
+        hp.lmm("y ~ x + (f/x | g)", grouped)
 
 
 def test_single_level_grouping_factor(data):
