@@ -250,3 +250,34 @@ def test_a_batch_with_known_sds_fits_a_dataset_with_as_many_rows_as_fixed_effect
     assert batch.objective.iloc[1] == pytest.approx(single.objective, rel=1e-8), batch.messages.iloc[1]
     assert batch.converged.iloc[1] == single.converged and "refitted by hp.lmm" in batch.messages.iloc[1]
     np.testing.assert_allclose(batch.fixef.iloc[1], single.fixef, rtol=1e-6)
+
+
+def _review_dataset(index: int) -> pd.DataFrame:
+    """Dataset ``index`` of the forty-third session's second review's generator: y ~ x + (1 | g) [+ (0 + x | g) +
+    (1 | h)] data, groups and rows drawn, weights (or 1 / se^2) even or uneven at scales 1e-6 .. 1e9."""
+    rng = np.random.default_rng(43)
+    for i in range(index + 1):
+        scale, uneven = [1e-6, 1e-3, 1.0, 1e3, 1e6, 1e9][i // 6], i % 2 == 1
+        n_groups, per = int(rng.integers(8, 25)), int(rng.integers(4, 12))
+        n = n_groups * per
+        g, h, x = np.repeat(np.arange(n_groups), per), rng.integers(0, 6, n), rng.normal(size=n)
+        w = (np.exp(rng.normal(scale=3, size=n)) if uneven else rng.uniform(0.5, 2, n)) * scale
+        e = rng.normal(size=n) / np.sqrt(w / np.exp(np.mean(np.log(w))))
+        y = (1 + 0.5 * x + rng.normal(size=n_groups)[g] * rng.choice([0.05, 0.5, 1])
+             + rng.normal(size=n_groups)[g] * x * rng.choice([0, 0.3]) + rng.normal(size=6)[h] * 0.4 + e)
+    return pd.DataFrame({"y": y, "x": x, "g": [f"g{v}" for v in g], "h": [f"h{v}" for v in h], "se": 1 / np.sqrt(w)})
+
+
+def test_known_sds_keep_theta_in_the_responses_units():
+    """With known residual sds sigma is 1 and theta an sd in the response's units: the prior weights' units
+    (algebra.linalg.weights_unit) are for weights= alone.  Taken for se= too, sds of ~30 (weights of ~1e-3) put
+    theta's search units 30 times above its optimum, and y ~ x + (1 | g) + (0 + x | g) + (1 | h) ended at theta = 0,
+    REML 1.64 above the optimum, reported converged (the forty-third session's second review, its dataset 11)."""
+    data = _review_dataset(11)
+    formula = "y ~ x + (1 | g) + (0 + x | g) + (1 | h)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = hp.lmm(formula, data, se="se")
+    batch = hp.fit_batch(formula, [data], se="se", progress=False)
+    assert single.objective == pytest.approx(1190.8021172, rel=1e-9)
+    assert single.objective == pytest.approx(batch.objective.iloc[0], rel=1e-9)

@@ -670,7 +670,8 @@ class BatchPlan:
         """(datasets, n_theta) each dataset's theta units for the searches off the boundary, from its own
         random-effect columns (:func:`hierpool.algebra.linalg.terms_theta_scales`), as its single fit's
         (:func:`hierpool.closedform.optimize.design_scales`)."""
-        return terms_theta_scales(self.design.terms, self.dataset, self.n_datasets, self.design.weights)
+        weights = None if self.design.sigma_known else self.design.weights  # (as design_scales)
+        return terms_theta_scales(self.design.terms, self.dataset, self.n_datasets, weights)
 
     def uneven_weights(self) -> np.ndarray:
         """(datasets,) bool: whether each dataset's prior weights (or known residual sds) are uneven

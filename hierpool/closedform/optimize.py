@@ -170,7 +170,8 @@ def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, stat
 def design_scales(design) -> np.ndarray:
     """theta's units of a design (:func:`hierpool.algebra.linalg.theta_scales`): its random-effect columns' mean
     squares over the rows."""
-    return terms_theta_scales(design.terms, weights=design.weights)
+    # (prior weights only: with known residual sds, sigma = 1, theta is an sd in the response's units)
+    return terms_theta_scales(design.terms, weights=None if design.sigma_known else design.weights)
 
 
 def moment_start(design, scales: np.ndarray | None = None) -> np.ndarray:
@@ -449,7 +450,8 @@ def optimize_theta(
             return np.stack([evaluate(point)[1] for point in points])
     # the differences' step in the prior weights' units (theta over sqrt of their scale: algebra.linalg.weights_unit):
     # with weights of 1e7 a step of 1e-4 was half of theta, and the Hessian came out indefinite at the optimum
-    weights_decade = decade_unit(float(system.log_weights) / max(system.layout.n, 1) / np.log(10.0))
+    weights_decade = 1.0 if system.layout.sigma_known else decade_unit(
+        float(system.log_weights) / max(system.layout.n, 1) / np.log(10.0))  # (known sds: theta in y's units)
     hessian_at = _HessianCache(gradients_at, lower, HESSIAN_STEP * weights_decade)
     polish = system.layout.n <= control.hessian_max_n
     theta = _interior_optimum(evaluate, hessian_at, start, system, control) if on_host and polish else None
