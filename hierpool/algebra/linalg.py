@@ -181,8 +181,9 @@ def theta_scales(ks: tuple[int, ...], mean_squares) -> np.ndarray:
 def terms_theta_scales(terms, groups=None, n_groups: int = 1, weights=None) -> np.ndarray:
     """:func:`theta_scales` of random-effect terms (each with ``k`` and its rows' columns ``z``), the mean squares
     taken over all rows (``groups`` None: (n_theta,)) or over each group's rows (``groups`` (N,) codes below
-    ``n_groups``: (n_groups, n_theta), a batch's datasets); with prior weights (or known residual sds' 1 / se^2)
-    ``weights`` (N,), in their units too: over the square root of their geometric mean (of the group's rows).
+    ``n_groups``: (n_groups, n_theta), a batch's datasets); with prior weights ``weights`` (N,) in their units too:
+    over the square root of their geometric mean (of the group's rows).  Not known residual sds' 1 / se^2: sigma is
+    1 there, theta an sd in the response's units.
 
     Weights times c leave the model as it is with theta over sqrt(c): unscaled, weights of 1e7 put a two-term
     model's optimum at theta 4e-4, 2,500 times below its units, and ``hp.lmm``'s search ended at theta = 0, REML 61
