@@ -309,12 +309,13 @@ def _parameters(fit, newparams) -> tuple[np.ndarray, np.ndarray, float, float | 
 
 def _vector(name: str, values, length: int) -> np.ndarray:
     """``values`` as ``length`` finite floats, refused by name otherwise."""
+    wanted = f"{length} finite number{'s' if length != 1 else ''}"
     try:
         out = np.asarray(values, dtype=float).reshape(-1)
     except (TypeError, ValueError):
-        raise ArgumentError(f"{name} must be {length} numbers, got {values!r}") from None
+        raise ArgumentError(f"{name} must be {wanted}, got {values!r}") from None
     if out.size != length or not np.all(np.isfinite(out)):
-        raise ArgumentError(f"{name} must be {length} finite numbers, got {values!r}")
+        raise ArgumentError(f"{name} must be {wanted}, got {values!r}")
     return out
 
 
@@ -341,6 +342,9 @@ def _new_weights(design, newdata) -> np.ndarray:
                                 f"response {design.spec.response!r}: newdata lacks {missing} (their successes are not "
                                 "read, only the trials they add up to)")
         counts = binomial_counts(newdata, design.spec.response)
+        if not np.all(np.isfinite(counts[1])) or not np.allclose(counts[1], np.rint(counts[1])):
+            raise ArgumentError(f"hp.simulate at newdata of a binomial fit: newdata's trials (from "
+                                f"{design.spec.response!r}) must be whole numbers")
     trials = np.ones(rows) if counts is None else counts[1]
     if design.weights_column is not None:  # proportions with their trials as weights
         if design.weights_column not in newdata.columns:
