@@ -635,3 +635,13 @@ def test_a_random_term_of_no_columns_is_refused_by_name(data):
     for formula in ("y ~ x + (1 | g) + (1 + 0 | f)", "y ~ x + (1 - 1 | g)"):
         with pytest.raises(hp.FormulaError, match=r"random-effect term \(1 (\+ 0|- 1) \| (f|g)\) has no columns"):
             hp.lmm(formula, data)
+
+
+def test_a_calls_place_in_a_terms_name_does_not_depend_on_its_spacing():
+    # formulae writes exp(a / 3) for exp(a/3): found by its text, it was put last in its term's R-coded name
+    # (f[q]:exp(a / 3) where lme4 names exp(a/3):fq; the third review)
+    data = pd.read_csv(Path(__file__).resolve().parent.parent / "validation" / "formula_coding_data.csv",
+                       dtype={"g": str})
+    tight, spaced = (hp.lmm(f"y ~ {call}/f/c + (1 | g)", data, reml=False) for call in ("exp(a/3)", "exp(a / 3)"))
+    assert list(tight.fixef.index) == list(spaced.fixef.index)
+    assert list(tight.fixef.index)[2:4] == ["exp(a / 3):f[q]", "exp(a / 3):f[p]:c[y]"]

@@ -79,10 +79,12 @@ def _categorical_codes(frame: pd.DataFrame, component) -> np.ndarray | None:
 
 
 def _first_position(text: str, name: str) -> int:
-    """Where ``name`` (a column or a call) first stands in the formula ``text`` as a whole name; after the end where
-    it does not (formulae's spelling of a call may differ from the user's)."""
-    found = re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.])", text)
-    return found.start() if found else len(text)
+    """Where ``name`` (a column or a call) first stands in the formula ``text`` as a whole name, spaces ignored
+    (formulae writes ``exp(a / 3)`` for the user's ``exp(a/3)``: its variable was put last in its term's name, the
+    third review's finding); after the end where it does not stand."""
+    compact, wanted = re.sub(r"\s+", "", text), re.escape(re.sub(r"\s+", "", name))
+    found = re.search(rf"(?<![\w.]){wanted}(?![\w.])", compact)
+    return found.start() if found else len(compact)
 
 
 def _coding_call_column(component, frame: pd.DataFrame) -> str | None:
