@@ -617,6 +617,8 @@ def test_a_coding_call_in_an_interaction_without_its_margins_is_lmes_model_or_re
         assert set(ours) == set(theirs) and all(ours[k] == pytest.approx(theirs[k], abs=1e-4) for k in ours), formula
     with pytest.raises(hp.FormulaError, match="coded by contrasts hierpool does not build"):
         hp.lmm("y ~ (a + C(f, Sum)):c + (1 | g)", data, reml=False)
+    with pytest.raises(hp.FormulaError, match=r"the user's contrasts \(C\(f, Sum\)\)"):  # (a nesting of one)
+        hp.lmm("y ~ C(f, Sum)/c + (1 | g)", data, reml=False)
     # a logical column a call reads too is a factor of levels False, True: lme4's x:lgTRUE, not formulae's coding
     logical = data.assign(lg=data["a"] > 0)
     with warnings.catch_warnings():

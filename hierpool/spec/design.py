@@ -478,8 +478,13 @@ def _fixed_part(spec: ModelSpec, frame: pd.DataFrame, shown: str | None = None):
         # formulae's matrix does not match its terms' labels (R's nesting f/c, 0 + f*c*h): R's columns of the
         # same terms where they can be built (their span and coefficients lme4's), else the refusal
         model = r_columns(spec.fixed, fixed.common, frame)
-        if model is None or model.own_contrasts:
+        if model is None:
             raise
+        if model.own_contrasts:  # (R's columns are built with treatment contrasts here)
+            raise FormulaError(f"fixed-effect part {display_name(spec.fixed)!r}: formulae cannot build its terms' "
+                               "columns, and R's are built here with the default (treatment) contrasts only, where a "
+                               "factor in it is coded by the user's contrasts (C(f, Sum)): code that factor by the "
+                               "default contrasts, or build the columns in the data") from None
         return y, RCodedPart.columns(model, fixed.common), RCodedPart(spec.fixed, fixed.common)
     coding = r_coding(spec.fixed, fixed.common, frame)
     if coding.model is not None:
