@@ -32,7 +32,7 @@ from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
 from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_logical_factors
 from .labels import column_labels, level_label, shown_label, shown_rows
-from .r_coding import RCodedPart, r_coding, r_columns
+from .r_coding import RCodedPart, r_coding, r_columns, r_order
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
 
 #: Column names of the weights and offset arguments in the model frame (lme4's names).
@@ -503,6 +503,10 @@ def _fixed_part(spec: ModelSpec, frame: pd.DataFrame, shown: str | None = None):
                        "criterion and fitted values), but its fixed-effect coefficients are another parameterization "
                        "than lme4's, though named alike.  For lme4's coefficients write each interaction's "
                        "lower-order terms (f*c for f:c)")
+        return y, columns, fixed.common
+    ordered = r_order(spec.fixed, fixed.common)  # formulae's columns are R's: in R's order, named as R does
+    if ordered is not None and len(ordered[0]) == len(columns[0]):
+        columns = (ordered[1], columns[1][:, ordered[0]])
     return y, columns, fixed.common
 
 

@@ -230,6 +230,39 @@ def r_columns(text: str, matrix, frame: pd.DataFrame, new_data: bool = False) ->
     return RColumns(tuple(names), values, tuple(interactions), own_contrasts)
 
 
+def r_order(text: str, matrix) -> tuple[np.ndarray, list[str]] | None:
+    """(the permutation of formulae's columns of the fixed part ``text`` into R's ``model.matrix`` order, the columns'
+    names in that order) where formulae's columns are R's (:func:`r_coding` empty; ``matrix``: formulae's design
+    matrix): terms by their order, stably, and within a term the variables as they first appear in the formula,
+    the first varying fastest (formulae varies the last fastest: ``f*c``'s ``f[p]:c[y], f[p]:c[z], f[q]:c[y]``
+    where lme4 has ``fp:cy, fq:cy, fp:cz``).  The names stay formulae's (new data are encoded by them): a name's
+    parts may stand in another order than lme4's (``c + a:c``'s ``a:c[x]``, lme4's ``cx:a``).  None where a term's
+    columns do not factor by its components (then formulae's order is kept)."""
+    terms = list(matrix.terms.values())
+    names = [str(label) for term in terms for label in term.labels]
+    blocks, start = [], 0
+    for term in terms:
+        width = len(term.labels)
+        components = list(getattr(term, "components", ()))
+        sizes = [int(np.prod(np.shape(c.value)[1:])) if np.ndim(c.value) > 1 else 1 for c in components]
+        if components and int(np.prod(sizes)) != width:
+            return None
+        index = np.arange(start, start + width)
+        if len(components) > 1:  # formulae's grid (last component fastest) read in R's order
+            grid = index.reshape(sizes)
+            order = sorted(range(len(components)), key=lambda j: _first_position(text, components[j].name))
+            index = np.transpose(grid, order).reshape(-1, order="F")
+        degree = len(components) if components else (0 if type(term).__name__ == "Intercept" else np.inf)
+        if any(c.name.startswith("offset(") for c in components):
+            degree = np.inf  # (split off by name after)
+        blocks.append((degree, index))
+        start += width
+    if not blocks:
+        return None
+    permutation = np.concatenate([index for _, index in sorted(blocks, key=lambda block: block[0])])
+    return permutation, [names[j] for j in permutation]
+
+
 def r_coding(text: str, matrix, frame: pd.DataFrame) -> RCoding:
     """formulae's columns for the fixed part ``text`` (``matrix``: its design matrix on ``frame``) against R's
     ``model.matrix`` of the same terms: :class:`RCoding`, empty where they agree or where the formula holds a term
