@@ -202,5 +202,7 @@ def test_a_binomial_at_new_rows_draws_their_trials_at_the_new_fixed_effects():
     np.testing.assert_allclose(successes, np.rint(successes), atol=1e-9)
     z = (successes.mean(axis=1) - new["size"] * p) / np.sqrt(new["size"] * p * (1 - p) / N)
     assert np.max(np.abs(z)) < 4.5, f"means: max |z| {np.max(np.abs(z)):.2f}"
+    with pytest.raises(hp.ArgumentError, match="newdata's trials"):  # (it named the fit's prior weights)
+        hp.simulate(fit, 2, newdata=new.assign(size=[5.5, 10, 20]))
     with pytest.raises(hp.ArgumentError, match=r"newdata lacks \['incidence', 'size'\]"):
         hp.simulate(fit, 2, newdata=new.drop(columns=["incidence", "size"]))
