@@ -178,12 +178,12 @@ def theta_scales(ks: tuple[int, ...], mean_squares) -> np.ndarray:
     return np.concatenate(out, axis=-1)
 
 
-def terms_theta_scales(terms, groups=None, n_groups: int = 1, weights=None) -> np.ndarray:
+def terms_theta_scales(terms, groups=None, n_groups: int = 1, weights=None, sigma_known: bool = False) -> np.ndarray:
     """:func:`theta_scales` of random-effect terms (each with ``k`` and its rows' columns ``z``), the mean squares
     taken over all rows (``groups`` None: (n_theta,)) or over each group's rows (``groups`` (N,) codes below
     ``n_groups``: (n_groups, n_theta), a batch's datasets); with prior weights ``weights`` (N,) in their units too:
-    over the square root of their geometric mean (of the group's rows).  Not known residual sds' 1 / se^2: sigma is
-    1 there, theta an sd in the response's units.
+    over the square root of their geometric mean (of the group's rows).  Not with known residual sds
+    (``sigma_known``, the weights 1 / se^2): sigma is 1 there, theta an sd in the response's units.
 
     Weights times c leave the model as it is with theta over sqrt(c): unscaled, weights of 1e7 put a two-term
     model's optimum at theta 4e-4, 2,500 times below its units, and ``hp.lmm``'s search ended at theta = 0, REML 61
@@ -194,7 +194,7 @@ def terms_theta_scales(terms, groups=None, n_groups: int = 1, weights=None) -> n
         rows = np.maximum(np.bincount(groups, minlength=n_groups), 1).astype(float)
         squares = [segment_sum(np.square(term.z), groups, n_groups) / rows[:, None] for term in terms]
     scales = theta_scales(tuple(term.k for term in terms), squares)
-    if weights is None:
+    if weights is None or sigma_known:
         return scales
     unit = weights_unit(weights, groups, n_groups)
     return scales * (unit if groups is None else unit[:, None])
@@ -206,11 +206,9 @@ def weights_unit(weights, groups=None, n_groups: int = 1):
     theta's own units (their sample's geometric mean moves by a factor 1.6 either way: the probes off the boundary
     with it, which moved 2 of 300 crossed fits with weights 10^U(-2, 2) to other minima, both higher) and weights
     times 1e7 have theta's over 10^3.5.  :func:`terms_theta_scales` and ``hp.lmm``'s moment start."""
-    logs = np.log10(np.asarray(weights, dtype=float))
-    if groups is None:
-        return decade_unit(np.mean(logs))
-    rows = np.maximum(np.bincount(groups, minlength=n_groups), 1)
-    return decade_unit(np.bincount(groups, weights=logs, minlength=n_groups) / rows)
+    from ..spec.design import weights_decades  # (the weights' scale has its home with their checks)
+
+    return decade_unit(weights_decades(weights, groups, n_groups))
 
 
 def decade_unit(mean_log10_weight):

@@ -64,7 +64,6 @@ from ..spec.design import (
     RESPONSE_SMALLEST,
     SMALLEST_VALUE,
     TERM_RANK_TOL,
-    WEIGHTS_SCALE,
     Design,
     RandomEffectTerm,
     aliased_within,
@@ -81,6 +80,8 @@ from ..spec.design import (
     underflowing,
     unique_codes,
     value_kind,
+    weights_beyond_scale,
+    weights_decades,
 )
 from ..spec.formula import parse_formula, response_only_names
 from ..spec.labels import column_labels, shown_label
@@ -670,8 +671,8 @@ class BatchPlan:
         """(datasets, n_theta) each dataset's theta units for the searches off the boundary, from its own
         random-effect columns (:func:`hierpool.algebra.linalg.terms_theta_scales`), as its single fit's
         (:func:`hierpool.closedform.optimize.design_scales`)."""
-        weights = None if self.design.sigma_known else self.design.weights  # (as design_scales)
-        return terms_theta_scales(self.design.terms, self.dataset, self.n_datasets, weights)
+        return terms_theta_scales(self.design.terms, self.dataset, self.n_datasets, self.design.weights,
+                                  self.design.sigma_known)
 
     def uneven_weights(self) -> np.ndarray:
         """(datasets,) bool: whether each dataset's prior weights (or known residual sds) are uneven
@@ -900,10 +901,9 @@ def plan_refusals(plan: BatchPlan, data, formula: str, family, set_aside: dict |
     constant = constant_within(design.y, plan.dataset, plan.n_datasets)
     if design.family is None:  # (a linear model's response less its offset too, and its weights' scale)
         constant |= constant_within(design.y_less_offset, plan.dataset, plan.n_datasets)
-        if design.weights is not None and not design.sigma_known:
-            log_scale = (np.bincount(plan.dataset, weights=np.log(design.weights), minlength=plan.n_datasets)
-                         / np.maximum(plan.n_obs, 1))
-            constant |= (plan.n_obs > 0) & (np.abs(log_scale) > np.log(WEIGHTS_SCALE))
+        if design.weights is not None and not design.sigma_known:  # (check_weights_scale's rule, per dataset)
+            decades = weights_decades(design.weights, plan.dataset, plan.n_datasets)
+            constant |= (plan.n_obs > 0) & weights_beyond_scale(decades)
     for index in np.flatnonzero(constant | tiny):
         frame, arguments = plan.dataset_frame(index)
         refusals[index] = single_fit_refusal(formula, frame, family=family, **arguments)

@@ -170,8 +170,7 @@ def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, stat
 def design_scales(design) -> np.ndarray:
     """theta's units of a design (:func:`hierpool.algebra.linalg.theta_scales`): its random-effect columns' mean
     squares over the rows."""
-    # (prior weights only: with known residual sds, sigma = 1, theta is an sd in the response's units)
-    return terms_theta_scales(design.terms, weights=None if design.sigma_known else design.weights)
+    return terms_theta_scales(design.terms, weights=design.weights, sigma_known=design.sigma_known)
 
 
 def moment_start(design, scales: np.ndarray | None = None) -> np.ndarray:

@@ -988,11 +988,29 @@ def _positive_weights(frame: pd.DataFrame, column: str, what: str) -> np.ndarray
 WEIGHTS_SCALE = 1e10
 
 
+def weights_decades(weights, groups=None, n_groups: int = 1):
+    """The mean log10 of prior weights (of each group's rows, ``groups`` (N,) codes below ``n_groups``): the decade
+    of their geometric mean, their scale.  The one home of that scale: the refusal beyond :data:`WEIGHTS_SCALE`
+    (:func:`check_weights_scale`, and a batch's per dataset) and theta's units in the weights' units
+    (:func:`hierpool.algebra.linalg.weights_unit`)."""
+    logs = np.log10(np.asarray(weights, dtype=float))
+    if groups is None:
+        return float(np.mean(logs))
+    return np.bincount(groups, weights=logs, minlength=n_groups) / np.maximum(np.bincount(groups,
+                                                                                          minlength=n_groups), 1)
+
+
+def weights_beyond_scale(decades):
+    """Whether weights of mean log10 ``decades`` (:func:`weights_decades`) are beyond :data:`WEIGHTS_SCALE`."""
+    return np.abs(decades) > np.log10(WEIGHTS_SCALE)
+
+
 def check_weights_scale(weights: np.ndarray, what: str) -> None:
     """Refuse a linear model's prior weights whose geometric mean is beyond :data:`WEIGHTS_SCALE` either way, by
     name, with what to do (divide them by a constant: only sigma changes)."""
-    scale = float(np.exp(np.mean(np.log(weights))))
-    if not 1.0 / WEIGHTS_SCALE <= scale <= WEIGHTS_SCALE:
+    decades = weights_decades(weights)
+    if weights_beyond_scale(decades):
+        scale = 10.0**decades
         raise DataError(f"{what}: the weights' geometric mean is {scale:.3g}, beyond {1 / WEIGHTS_SCALE:.0e} .. "
                         f"{WEIGHTS_SCALE:.0e}, where the fit loses digits: divide them by a constant (the model is "
                         "the same: only sigma, in the weights' units, changes)")
