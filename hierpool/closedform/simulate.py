@@ -55,8 +55,7 @@ def _linear_predictor(fit, rng: np.random.Generator, n: int, use_u: bool) -> np.
         return np.repeat(np.asarray(eta, dtype=float)[:, None], n, axis=1)
     out = (design.offset + design.X @ np.asarray(fit.fixef, dtype=float))[:, None] + np.zeros((1, n))
     for term, cov in zip(design.terms, fit.term_covariances()):
-        b = rng.standard_normal((n, term.n_levels, term.k)) @ _root(np.asarray(cov, dtype=float)).T  # (n, ell, k)
-        out += np.einsum("ik,nik->in", term.z, b[:, term.index, :])
+        out += _term_draws(term.z, term.index, term.n_levels, np.asarray(cov, dtype=float), rng, n)
     return out
 
 
@@ -82,8 +81,7 @@ def _spatial_linear_predictor(fit, rng: np.random.Generator, n: int, use_u: bool
         out += factor.solve(rhs)[: prior.n][area_term.area]
     for term, cov in zip(design.terms, [laplace.blocks[t].covariance(laplace.block_psi(fit.psi, t))
                                         for t in range(len(fit.sdesign.areas), len(laplace.blocks))]):
-        b = rng.standard_normal((n, term.n_levels, term.k)) @ _root(cov).T
-        out += np.einsum("ik,nik->in", term.z, b[:, term.index, :])
+        out += _term_draws(term.z, term.index, term.n_levels, cov, rng, n)
     return out
 
 
@@ -110,6 +108,14 @@ def _relmat_linear_predictor(fit, rng: np.random.Generator, n: int, use_u: bool)
             b = sd * rng.standard_normal((size, n))
         out += np.asarray(term.z[:, :1], dtype=float) * b[position[term.index]]
     return out
+
+
+def _term_draws(z: np.ndarray, codes: np.ndarray, n_levels: int, cov: np.ndarray, rng: np.random.Generator,
+                n: int) -> np.ndarray:
+    """(rows, n): z_i' b*[level_i] of one random-effect term, b* drawn anew from N(0, ``cov``) per level and
+    simulation (each row's level ``codes``, below ``n_levels``).  Every simulation path's term draws."""
+    b = rng.standard_normal((n, n_levels, cov.shape[0])) @ _root(cov).T  # (n, ell, k)
+    return np.einsum("ik,nik->in", z, b[:, codes, :])
 
 
 def _root(cov: np.ndarray) -> np.ndarray:
@@ -257,9 +263,8 @@ def _simulate_new(fit, n: int, rng: np.random.Generator, use_u: bool, newdata, n
             eta += np.einsum("ik,ik->i", z, np.asarray(modes[j], dtype=float)[level])[:, None]
             continue
         codes = level if newdata is None else group_index(newdata, term.spec.factor)[0]
-        root = sigma * np.asarray(factors[j], dtype=float)  # Sigma_j = sigma^2 T_j T_j'
-        b = rng.standard_normal((n, int(codes.max()) + 1 if codes.size else 0, term.k)) @ root.T
-        eta += np.einsum("ik,nik->in", z, b[:, codes, :])
+        factor = sigma * np.asarray(factors[j], dtype=float)
+        eta += _term_draws(z, codes, int(codes.max()) + 1 if codes.size else 0, factor @ factor.T, rng, n)
     weights = _new_weights(design, newdata)
     if not glmm_fit:
         y = _responses(None, eta, weights, 1.0 if design.sigma_known else sigma, rng)
