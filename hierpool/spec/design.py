@@ -504,7 +504,7 @@ def _fixed_part(spec: ModelSpec, frame: pd.DataFrame, shown: str | None = None):
                        "than lme4's, though named alike.  For lme4's coefficients write each interaction's "
                        "lower-order terms (f*c for f:c)")
         return y, columns, fixed.common
-    ordered = r_order(spec.fixed, fixed.common)  # formulae's columns are R's: in R's order, named as R does
+    ordered = r_order(spec.fixed, fixed.common)  # formulae's columns are R's: in R's order (names formulae's)
     if ordered is not None and len(ordered[0]) == len(columns[0]):
         columns = (ordered[1], columns[1][:, ordered[0]])
     return y, columns, fixed.common

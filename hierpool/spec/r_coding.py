@@ -15,7 +15,8 @@ formulae's); :func:`r_coding` compares its column space with formulae's, then, w
 themselves: the same span by other columns is the same model in another parameterization (``y ~ f:c + h``, whose
 coefficients were lme4's names on other numbers).  Where either differs the design fits R's columns
 (:class:`RCodedPart`, which encodes new data the same way), so that the model and its coefficients are lme4's
-(validation/formula_coding_reference.R: 57 formulas, deviance, fixed effects and predictions).
+(validation/formula_coding_reference.R: 62 formulas, deviance, fixed effects and their order, predictions).
+Where formulae's columns are R's, :func:`r_order` puts them in R's order.
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ def r_order(text: str, matrix) -> tuple[np.ndarray, list[str]] | None:
     parts may stand in another order than lme4's (``c + a:c``'s ``a:c[x]``, lme4's ``cx:a``).  None where a term's
     columns do not factor by its components (then formulae's order is kept)."""
     terms = list(matrix.terms.values())
-    names = [str(label) for term in terms for label in term.labels]
+    names = _labels(matrix)
     blocks, start = [], 0
     for term in terms:
         width = len(term.labels)
@@ -337,6 +338,6 @@ class RCodedPart:
 
 
 def _matrix_columns(matrix) -> np.ndarray:
-    """A formulae design matrix's values as (n, p) columns."""
+    """A formulae design matrix's columns, (p, n): one row per column, to pair with its labels."""
     values = np.asarray(matrix.design_matrix, dtype=float)
     return values.reshape(len(values), -1).T if values.ndim == 2 else values.reshape(1, -1)
