@@ -89,7 +89,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .algebra.conditioning import fixed_coefficients, fixed_conditioning, least_squares, term_transform
+from .algebra.conditioning import least_squares, term_transform
+from .algebra.glm import IRLS_MAX_STEPS, glm_irls
 from .algebra.linalg import theta_to_factors
 from .algebra.separation import is_separated
 from .closedform import glmm, lmm
@@ -107,12 +108,6 @@ from .spec.arguments import probability_argument
 from .spec.design import aliased_columns, check_unique_index
 
 _KINDS = ("all", "shrinkage", "caterpillar", "weight")
-#: Iteratively reweighted least squares of the complete- and no-pooling GLMs stops when R's glm.fit rule,
-#: |deviance change| / (|deviance| + 0.1) < IRLS_TOL, holds and no coefficient moved by more than
-#: IRLS_TOL * (1 + max |beta|) (Fisher scoring converges only linearly for a non-canonical link such as the
-#: probit, where the deviance settles long before the coefficients); at most IRLS_MAX_STEPS steps.
-IRLS_TOL = 1e-12
-IRLS_MAX_STEPS = 100
 #: Pseudo-events (and, for the binomial, pseudo-non-events) the 0.5 correction adds to a group.
 CORRECTION = 0.5
 
@@ -372,56 +367,6 @@ def _group_truth(data: pd.DataFrame, fit: LMMResult, block: GroupTerms, column: 
 
 
 # --- generalized linear mixed models: the link scale ------------------------------------------
-def glm_irls(X: np.ndarray, y: np.ndarray, weights: np.ndarray, offset: np.ndarray, family) -> tuple[np.ndarray, bool]:
-    """Maximum-likelihood coefficients of a GLM by iteratively reweighted least squares (R's ``glm.fit``).
-
-    Each step regresses the working response eta - offset + (y - mu) / (d mu / d eta) on X with
-    the working weights a_i (d mu / d eta)^2 / V(mu) (McCullagh & Nelder 1989, sec. 2.5); a step
-    that raises the deviance is halved.  Starts from R's ``mustart``.
-
-    Parameters
-    ----------
-    X : numpy.ndarray, shape (n, p)
-        Full column rank.
-    y, weights, offset : numpy.ndarray, shape (n,)
-        The response as the family reads it (proportions for the binomial), the prior weights
-        (binomial trials) and the offset.
-    family : hierpool.algebra.family.Family
-
-    Returns
-    -------
-    (numpy.ndarray, bool)
-        The coefficients and whether they settled (``IRLS_TOL``).
-    """
-    def deviance(eta):
-        return float(np.sum(family.unit_deviances(y, family.link.inverse(eta), weights)))
-
-    # on X's columns conditioned where they are far from centred or unit scale (a covariate ~1e7: the steps' least
-    # squares lost the slope and IRLS ran out of steps), the coefficients mapped back at the end
-    conditioned = fixed_conditioning(X)
-    factors, X = ((), X) if conditioned is None else conditioned[:2]
-    eta = family.link(family.starting_mean(y, weights))
-    beta, previous = None, np.inf
-    for _ in range(IRLS_MAX_STEPS):
-        _, working_weights, residual = family.working(y, eta, weights)
-        root = np.sqrt(working_weights)
-        proposal = np.linalg.lstsq(X * root[:, None], (eta - offset + residual) * root, rcond=None)[0]
-        current = deviance(offset + X @ proposal)
-        for _ in range(30):  # step halving, as glm.fit's (only once there is a step to halve)
-            if beta is None or (np.isfinite(current) and current <= previous * (1 + 1e-12) + 1e-12):
-                break
-            proposal = 0.5 * (proposal + beta)
-            current = deviance(offset + X @ proposal)
-        moved = np.inf if beta is None else np.max(np.abs(proposal - beta), initial=0.0)
-        beta, eta = proposal, offset + X @ proposal
-        settled = (abs(current - previous) / (abs(current) + 0.1) < IRLS_TOL
-                   and moved <= IRLS_TOL * (1.0 + np.max(np.abs(beta), initial=0.0)))
-        previous = current
-        if settled:
-            return fixed_coefficients(factors, beta), True
-    return fixed_coefficients(factors, beta), False
-
-
 def _fit_glm(X, y, weights, offset, family, what: str) -> np.ndarray:
     beta, converged = glm_irls(X, y, weights, offset, family)
     if not converged:

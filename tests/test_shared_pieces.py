@@ -440,6 +440,7 @@ def test_glm_start_fits_each_dataset_s_glm_and_keeps_its_linear_predictor():
     """Datasets leave glm_start's IRLS once converged, a separated one runs on: each converged dataset's beta
     solves its own score equations, and every row's eta is offset + X beta of its dataset's beta."""
     from hierpool.algebra.family import family as make_family
+    from hierpool.algebra.glm import glm_irls
     from hierpool.batch.fit_glmm import glm_start
     from hierpool.batch.plan import plan_batch
     from hierpool.spec.family import family_spec
@@ -463,7 +464,43 @@ def test_glm_start_fits_each_dataset_s_glm_and_keeps_its_linear_predictor():
         rows = plan.dataset == d
         score = design.X[rows].T @ (design.y[rows] - mu[rows])
         assert np.max(np.abs(score)) < 1e-8, d
+        # the batched specialisation of the one IRLS (algebra.glm): each dataset's GLM as glm_irls fits it alone
+        alone, settled = glm_irls(design.X[rows], design.y[rows], design.row_weights[rows], design.offset[rows],
+                                  make_family(spec))
+        assert settled
+        np.testing.assert_allclose(beta[d], alone, rtol=1e-9, atol=1e-12)
     assert np.max(np.abs(beta[3])) > 10  # the separated dataset ran off, without holding the others
+
+
+@pytest.mark.parametrize("family_name", ["binomial", "poisson"])
+def test_glmm_restart_is_irls_first_step(family_name):
+    """hp.glmm's restart (glm.fit's first step, working_start) is the one IRLS's first step, offsets and
+    prior weights included; run to the end, that IRLS solves the GLM's score equations."""
+    from hierpool.algebra.family import family as make_family
+    from hierpool.algebra.glm import glm_irls
+    from hierpool.closedform.glmm_optimize import working_start
+    from hierpool.spec.family import family_spec
+
+    rng = np.random.default_rng(11)
+    n = 60
+    frame = pd.DataFrame({"x": rng.normal(size=n), "g": np.repeat(list("abcdef"), 10),
+                          "t": rng.integers(1, 6, size=n), "e": rng.uniform(0.5, 2.0, size=n)})
+    if family_name == "binomial":
+        frame["y"] = rng.binomial(frame["t"], 1 / (1 + np.exp(-0.5 - frame["x"]))) / frame["t"]
+        spec, formula, extra = family_spec("binomial", None), "y ~ x + (1 | g)", {"weights": "t"}
+    else:
+        frame["y"] = rng.poisson(frame["e"] * np.exp(0.2 + 0.7 * frame["x"]))
+        spec, formula, extra = family_spec("poisson", None), "y ~ x + offset(np.log(e)) + (1 | g)", {}
+    design = build_design(formula, frame, family=spec, **extra)
+    family = make_family(spec)
+    args = design.X, design.y, design.row_weights, design.offset, family
+    first, _ = glm_irls(*args, max_steps=1)
+    np.testing.assert_allclose(working_start(design, family), first, rtol=1e-10)
+    beta, settled = glm_irls(*args)
+    assert settled and not np.allclose(beta, first, rtol=1e-6)  # one step does not reach the fit
+    mu = family.link.inverse(design.offset + design.X @ beta)
+    score = design.X.T @ (design.row_weights * (design.y - mu))  # canonical links: X' a (y - mu) = 0
+    assert np.max(np.abs(score)) < 1e-8
 
 
 def test_unique_codes_is_numpy_s_unique_by_counting_or_by_sorting():

@@ -49,6 +49,7 @@ import numpy as np
 from ..algebra.checks import SINGULAR_TOL, diagonal_mask, onto_boundary
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import Family
+from ..algebra.glm import starting_eta, working_response
 from ..algebra.henderson import solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import saturated_rows
@@ -132,20 +133,21 @@ def separation_notes(plan: BatchPlan, beta: np.ndarray) -> dict:
 
 def glm_start(plan: BatchPlan, family: Family) -> tuple[np.ndarray, np.ndarray]:
     """((D, p) each dataset's GLM fit without random effects by IRLS, the linear predictor of every row), on the
-    host: the batch's starting beta.  A dataset leaves the iterations once its coefficients change by < 1e-10 (a
+    host: the batch's starting beta.  :mod:`hierpool.algebra.glm`'s step (its working response), solved from each
+    dataset's grouped cross-products at once, without step halving.  A dataset leaves the iterations once its coefficients change by < 1e-10 (a
     separated one, whose coefficients run off, takes all :data:`GLM_ITERATIONS`, on its own rows once the others are
     done)."""
     design, n_datasets, dataset = plan.design, plan.n_datasets, plan.dataset
     X, y, trials, offset = design.X, design.y, design.row_weights, design.offset
-    eta = family.link(family.starting_mean(y, trials))
+    eta = starting_eta(family, y, trials)
     beta = np.zeros((n_datasets, design.p))
     active = np.ones(n_datasets, bool)
     rows = slice(None)  # every row (a view), until most are of datasets done
     for _ in range(GLM_ITERATIONS):
         fitting, x = dataset[rows], X[rows]
-        _, weights, residual = family.working(y[rows], eta[rows], trials[rows])
+        weights, z = working_response(family, y[rows], eta[rows], trials[rows], offset[rows])
         xtwx = grouped_products(fitting, x, x, weights, n_datasets)
-        xtwz = grouped_products(fitting, x, (eta[rows] - offset[rows] + residual)[:, None], weights, n_datasets)
+        xtwz = grouped_products(fitting, x, z[:, None], weights, n_datasets)
         ids = np.flatnonzero(active)
         new = _glm_step(xtwx[ids] + 1e-10 * np.eye(design.p), xtwz[ids], beta[ids])
         change = np.max(np.abs(new - beta[ids]), axis=1, initial=0.0)

@@ -44,6 +44,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from ..algebra.family import Family, Link, log_gamma_ratio, log_likelihood_eta, negative_binomial_mean_terms
+from ..algebra.glm import irls_step, starting_eta
 from ..algebra.linalg import theta_to_factors
 from .model import HeldVariance, effect_draws, fixed_effects, variance_draws, variance_parameters
 from .nuts import sample_nuts
@@ -119,8 +120,9 @@ def centering_weights(design, parameterization: str = "auto") -> list[np.ndarray
     """Per term, each level's and coefficient's centering weight w in [0, 1], shape (ell_j, k_j).
 
     The pilot of the module docstring: a GLM without the random effects is fitted by iteratively
-    reweighted least squares (a negative binomial as a Poisson); at its linear predictor, with working
-    weights w_i and working residuals r_i, level l of coefficient c of term j has information
+    reweighted least squares (:func:`hierpool.algebra.glm.irls_step`, without step halving; a negative
+    binomial as a Poisson); at its linear predictor, with working weights w_i and working residuals r_i,
+    level l of coefficient c of term j has information
     I_l = sum_i w_i z_ic^2 and one-step estimate b_l = sum_i w_i z_ic r_i / I_l, and tau_c^2 is
     DerSimonian & Laird's (1986) moment estimate of the variance of the b_l given their sampling
     variances 1 / I_l.  Then w = I_l tau_c^2 / (1 + I_l tau_c^2).
@@ -130,15 +132,13 @@ def centering_weights(design, parameterization: str = "auto") -> list[np.ndarray
     spec = design.family
     family = Family("poisson", Link("log")) if spec.name == "negative_binomial" else Family(spec.name, Link(spec.link))
     y, trials, X, offset = design.y, design.row_weights, design.X, design.offset
-    eta = family.link(family.starting_mean(y, trials))
+    eta = starting_eta(family, y, trials)
     with np.errstate(all="ignore"):
         for _ in range(PILOT_ITERATIONS):
-            _, weights, residual = family.working(y, eta, trials)
-            root = np.sqrt(weights)
             new = offset.copy()
             if design.p:
                 try:
-                    new += X @ np.linalg.lstsq(root[:, None] * X, root * (eta - offset + residual), rcond=None)[0]
+                    new += X @ irls_step(X, y, eta, trials, offset, family)
                 except np.linalg.LinAlgError:  # a degenerate pilot: every level non-centered
                     return centering_weights(design, "non-centered")
             if not np.all(np.isfinite(new)):

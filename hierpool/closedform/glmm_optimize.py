@@ -27,6 +27,7 @@ from ..algebra.checks import onto_boundary
 from ..algebra.compiler_options import COMPILE_MIN_FLOPS
 from ..algebra.conditioning import Conditioning, condition_fixed, conditioned_coefficients, fixed_coefficients
 from ..algebra.family import Family
+from ..algebra.glm import irls_step, starting_eta
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.laplace import (
     ConditionalMode,
@@ -313,10 +314,8 @@ def fit_laplace(design: Design, family: Family, stages: int = 2, nodes: int = 1,
 def working_start(design, family: Family) -> np.ndarray:
     """beta of glm.fit's first IRLS step: the weighted least-squares fit of the working response at the family's
     starting means (R's ``mustart``, lme4's start of eta), without random effects."""
-    eta = family.link(family.starting_mean(design.y, design.row_weights))
-    _, weights, residual = family.working(design.y, eta, design.row_weights)
-    root = np.sqrt(weights)
-    return np.linalg.lstsq(design.X * root[:, None], (eta - design.offset + residual) * root, rcond=None)[0]
+    eta = starting_eta(family, design.y, design.row_weights)
+    return irls_step(design.X, design.y, eta, design.row_weights, design.offset, family)
 
 
 def _first_joint_mode(find_mode: ModeFinder, family: Family, theta: np.ndarray, state: dict):

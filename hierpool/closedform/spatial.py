@@ -43,6 +43,7 @@ import scipy.sparse.linalg
 from scipy.special import expit
 
 from ..algebra.family import family
+from ..algebra.glm import starting_eta
 from ..algebra.icar import car_prior, compose_bym2, factor_log_abs_det
 from ..algebra.latent_blocks import GroupPrior, stack_constraints, stack_rows
 from ..algebra.linalg import DIAGONAL_CHUNK, inverse_diagonal, solved_row_quadratic_forms
@@ -393,7 +394,7 @@ class SpatialLaplace:
         if beta is not None:
             theta[: self.p] = beta
         if not self._started and not self.gaussian:  # glm-style start: the family's starting mean on the link scale
-            eta0 = self.family.link(self.family.starting_mean(self.y, self.prior_weights)) - self.offset
+            eta0 = starting_eta(self.family, self.y, self.prior_weights) - self.offset
             theta[: self.p] = np.linalg.lstsq(self.X, eta0, rcond=None)[0] if self.p else theta[: self.p]
         objective, previous = None, theta
         zeros = np.zeros(self.sizes.size)
