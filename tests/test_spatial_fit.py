@@ -15,7 +15,7 @@ import scipy.special
 import scipy.stats
 
 import hierpool as hp
-from hierpool.closedform.spatial import SpatialFit
+from hierpool.closedform.spatial import LOGIT_BOUNDS, SpatialFit, mix_from_logit
 from hierpool.spec.adjacency import graph as make_graph
 from hierpool.spec.adjacency import lattice_edges
 
@@ -206,10 +206,33 @@ def test_the_poisson_laplace_criterion_is_the_dense_laplace_approximation(poisso
     fit = poisson_fit
     laplace, design, area = fit.laplace, fit.design, fit.sdesign.area
     beta, sd, mix = np.array([-0.6, 1.8]), 0.35, 0.6
-    psi = np.array([np.log(sd), np.log(mix / (1 - mix))])
+    low = scipy.special.expit(LOGIT_BOUNDS[0])  # the fit's coordinate of the mix (mix_from_logit)
+    psi = np.array([np.log(sd), scipy.special.logit(low + mix * (1 - low))])
+    assert mix_from_logit(psi[1]) == pytest.approx(mix, rel=1e-14)
     value = laplace.criterion(psi, beta)
     dense = dense_poisson_laplace(design, area, dense_covariance(fit.sdesign.graph, "bym2", sd, mix), beta)[0]
     assert value == pytest.approx(dense, rel=1e-9), "the sparse Laplace criterion is not the dense one"
+
+
+def test_bym2_reaches_a_mix_of_zero_as_icar_plus_iid_does(nc):
+    """BYM2 (sd, rho) is a reparameterization of ICAR + iid (sd sqrt(rho / s), sd sqrt(1 - rho)): where the data
+    want no spatial part, the BYM2 fit ends at rho = 0 exactly, and the two-term fit's ICAR sd on its bound (1e-5,
+    onto_sd_bounds), the same optimum but for that sd's 1e-9.  With the plain logit the BYM2 search stopped at
+    rho = 6e-6, 2e-5 above; without the snap the two-term search at an ICAR sd of 1.8e-4, 7e-7 above."""
+    assert mix_from_logit(LOGIT_BOUNDS[0]) == 0.0 and mix_from_logit(LOGIT_BOUNDS[0] - 1.0) == 0.0
+    data = nc.data.copy()
+    data["y"] = np.random.default_rng(4).poisson(data["expected"] * np.exp(0.1 + np.random.default_rng(4).normal(
+        0, 0.3, len(data))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.ConvergenceWarning)  # both at a bound, by design
+        bym2 = hp.glmm("y ~ 1 + offset(log(expected)) + car(county, type='bym2')", data, family="poisson",
+                       adjacency=nc.adjacency)
+        two = hp.glmm("y ~ 1 + offset(log(expected)) + car(county, type='icar') + (1 | county)", data,
+                      family="poisson", adjacency=nc.adjacency)
+    assert bym2.mix == 0.0 and bym2.is_singular
+    assert two.hyperparameters()["sd_car_county"] == pytest.approx(1e-5, rel=1e-12) and two.is_singular
+    assert -2e-8 < bym2.objective - two.objective < 1e-9
+    assert bym2.sd == pytest.approx(two.hyperparameters()["sd_county"], rel=1e-4)
 
 
 def test_poisson_fitted_values_and_residuals_are_the_modes_means(poisson_fit, nc):

@@ -107,8 +107,9 @@ def by_coefficient(values: np.ndarray, k: int) -> np.ndarray:
 def spatial_row(fit, order: list[tuple]) -> DatasetFit:
     """A :class:`~hierpool.closedform.spatial.SpatialFit`'s numbers, its terms in ``order`` (:func:`term_keys`):
     each spatial term's areas' effects and conditional sds (covariance sd^2), each ``(lhs | g)`` term's levels'.
-    ``theta`` is the fit's psi, block by block in ``order`` (log sd and the logit of a mixing parameter per spatial
-    term, a covariance factor's entries per ``(lhs | g)`` term), then a Gaussian response's log sigma."""
+    ``theta`` is the fit's psi, block by block in ``order`` (log sd and a mixing parameter's logit,
+    :func:`hierpool.closedform.spatial.mix_from_logit`, per spatial term, a covariance factor's entries per
+    ``(lhs | g)`` term), then a Gaussian response's log sigma."""
     tables = fit.ranef
     laplace = fit.laplace
     if not isinstance(tables, dict):
