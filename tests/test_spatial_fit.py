@@ -217,7 +217,7 @@ def test_the_poisson_laplace_criterion_is_the_dense_laplace_approximation(poisso
 def test_bym2_reaches_a_mix_of_zero_as_icar_plus_iid_does(nc):
     """BYM2 (sd, rho) is a reparameterization of ICAR + iid (sd sqrt(rho / s), sd sqrt(1 - rho)): where the data
     want no spatial part, the BYM2 fit ends at rho = 0 exactly, and the two-term fit's ICAR sd on its bound (1e-5,
-    onto_sd_bounds), the same optimum but for that sd's 1e-9.  With the plain logit the BYM2 search stopped at
+    onto_lower_bounds), the same optimum but for that sd's 1e-9.  With the plain logit the BYM2 search stopped at
     rho = 6e-6, 2e-5 above; without the snap the two-term search at an ICAR sd of 1.8e-4, 7e-7 above."""
     assert mix_from_logit(LOGIT_BOUNDS[0]) == 0.0 and mix_from_logit(LOGIT_BOUNDS[0] - 1.0) == 0.0
     data = nc.data.copy()
@@ -233,6 +233,22 @@ def test_bym2_reaches_a_mix_of_zero_as_icar_plus_iid_does(nc):
     assert two.hyperparameters()["sd_car_county"] == pytest.approx(1e-5, rel=1e-12) and two.is_singular
     assert -2e-8 < bym2.objective - two.objective < 1e-9
     assert bym2.sd == pytest.approx(two.hyperparameters()["sd_county"], rel=1e-4)
+
+
+def test_a_proper_car_reaches_an_alpha_of_zero(nc):
+    """Areas' effects without spatial correlation: the proper CAR's ML alpha is 0 exactly (its precision then
+    diagonal, a proper model), as far below alpha = 6e-6 (the plain logit's bound, where the search stopped) as
+    the criterion's slope there says, 9e-6."""
+    rng = np.random.default_rng(2)
+    data = nc.data.assign(y=rng.normal(0, 0.5, len(nc.data)) + rng.normal(0, 1, len(nc.data)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.ConvergenceWarning)
+        fit = hp.lmm("y ~ 1 + car(county, type='proper')", data, adjacency=nc.adjacency, reml=False)
+    assert fit.mix == 0.0 and fit.is_singular
+    low = scipy.special.expit(LOGIT_BOUNDS[0])
+    psi = fit.psi.copy()
+    psi[1] = scipy.special.logit(low + low * (1 - low))  # alpha = expit(-12), the plain logit's bound
+    assert fit.objective < fit.laplace.criterion(psi) - 5e-6
 
 
 def test_poisson_fitted_values_and_residuals_are_the_modes_means(poisson_fit, nc):

@@ -214,9 +214,10 @@ class _CarBlock:
     def bounds(self, sd_bounds) -> list[tuple[float, float]]:
         return [sd_bounds] + ([LOGIT_BOUNDS] if self.prior.has_mix else [])
 
-    def sd_positions(self) -> list[int]:
-        """The coordinates of the block's psi that are log sds (bounded below by an sd of ~0)."""
-        return [0]
+    def boundary_positions(self) -> list[int]:
+        """The coordinates of the block's psi whose lower bound is a boundary of the model: the log sd (an sd of ~0)
+        and the mixing parameter (a mix of 0)."""
+        return [0, 1] if self.prior.has_mix else [0]
 
     def start(self, log_sd: float) -> list[float]:
         return [log_sd] + ([0.0] if self.prior.has_mix else [])
@@ -263,7 +264,7 @@ class _GroupBlock:
     def bounds(self, sd_bounds) -> list[tuple[float | None, float | None]]:
         return [sd_bounds if d else (None, None) for d in self.diagonal]
 
-    def sd_positions(self) -> list[int]:
+    def boundary_positions(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(self.diagonal)]
 
     def start(self, log_sd: float) -> list[float]:
@@ -369,10 +370,11 @@ class SpatialLaplace:
         sd = (LOG_SD_BOUNDS[0] + scale, LOG_SD_BOUNDS[1] + scale)
         return [bound for b in self.blocks for bound in b.bounds(sd)] + ([sd] if self.gaussian else [])
 
-    def sd_positions(self) -> list[int]:
-        """The coordinates of psi that are the terms' log sds (a spatial term's sd, a covariance factor's diagonal;
-        not log sigma), bounded below by :data:`LOG_SD_BOUNDS`."""
-        return [int(self.param_offsets[t]) + i for t, b in enumerate(self.blocks) for i in b.sd_positions()]
+    def boundary_positions(self) -> list[int]:
+        """The coordinates of psi whose lower bound is a boundary of the model: the terms' log sds (a spatial term's
+        sd, a covariance factor's diagonal; not log sigma), at :data:`LOG_SD_BOUNDS`, and the mixing parameters, 0 at
+        :data:`LOGIT_BOUNDS`' lower end."""
+        return [int(self.param_offsets[t]) + i for t, b in enumerate(self.blocks) for i in b.boundary_positions()]
 
     def _scale(self) -> float:
         scale = float(np.std(self.y)) if self.gaussian else 1.0
@@ -538,10 +540,10 @@ def fit_spatial(sdesign: SpatialDesign, reml: bool, stages: int = 2) -> SpatialF
         # criterion whose mode at each beta is a PIRLS of its own)
         result = _minimize(joint, start, bounds + [(None, None)] * laplace.p, restarts=0)
         psi, beta = result.x[:k], result.x[k:]
-        psi = onto_sd_bounds(lambda values: joint(np.concatenate([values, beta])), psi, bounds,
-                             laplace.sd_positions(), result.fun)
+        psi = onto_lower_bounds(lambda values: joint(np.concatenate([values, beta])), psi, bounds,
+                                laplace.boundary_positions(), result.fun)
     else:
-        psi = onto_sd_bounds(objective, psi, bounds, laplace.sd_positions(), result.fun)
+        psi = onto_lower_bounds(objective, psi, bounds, laplace.boundary_positions(), result.fun)
     fit = SpatialFit(laplace=laplace, psi=psi, beta=beta, optimizer=result, stages=stages)
     at_bound = fit.at_bound
     if at_bound:
@@ -551,19 +553,20 @@ def fit_spatial(sdesign: SpatialDesign, reml: bool, stages: int = 2) -> SpatialF
     return fit
 
 
-#: An sd within this factor of its lower bound is tried at the bound (:func:`onto_sd_bounds`).
+#: An sd (or a mix) within this factor of its lower bound is tried at the bound (:func:`onto_lower_bounds`).
 SNAP_RATIO = 1e3
 
 
-def onto_sd_bounds(objective, psi: np.ndarray, bounds, positions, value: float) -> np.ndarray:
-    """psi with each log sd (``positions``) within :data:`SNAP_RATIO` of its lower bound moved onto the bound, one at a
-    time, where the criterion there is at most :data:`hierpool.algebra.checks.BOUNDARY_RISE` (relative) above
-    ``value``, the criterion at ``psi``.
+def onto_lower_bounds(objective, psi: np.ndarray, bounds, positions, value: float) -> np.ndarray:
+    """psi with each coordinate of ``positions`` within log :data:`SNAP_RATIO` of its lower bound (an sd, or a mix,
+    within that factor of it) moved onto the bound, one at a time, where the criterion there is at most
+    :data:`hierpool.algebra.checks.BOUNDARY_RISE` (relative) above ``value``, the criterion at ``psi``.
 
     The spatial fit's twin of :func:`hierpool.algebra.checks.onto_boundary`: on log sd the criterion's slope
     vanishes as sd -> 0 (a variance enters as sd^2), and L-BFGS-B stops short of the bound where the optimum is on it
-    (an ICAR sd of 1.8e-4 beside an iid term, 7e-7 above the bound's criterion, where lme4's theta reaches 0).  The
-    bound, an sd 1e-5 of the response's scale, is 0 to the criterion's precision."""
+    (an ICAR sd of 1.8e-4 beside an iid term, 7e-7 above the bound's criterion, where lme4's theta reaches 0; a BYM2
+    rho of 8e-10 where 0 is 1e-7 lower).  The sd's bound, 1e-5 of the response's scale, is 0 to the criterion's
+    precision; the mix's is 0 (:func:`mix_from_logit`)."""
     psi = np.array(psi, dtype=float)
     for i in positions:
         low = bounds[i][0]
