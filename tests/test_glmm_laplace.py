@@ -589,17 +589,21 @@ def test_the_search_off_a_saddle_at_the_boundary_starts_in_the_well_beside_it(mo
     assert from_the_step.theta[1] < 1e-4 and from_the_step.deviance > found.deviance + 0.05
 
 
-def test_a_negative_binomial_of_counts_without_overdispersion_reaches_the_poisson_limit_quietly():
+def test_a_negative_binomial_of_counts_without_overdispersion_reaches_the_poisson_limit_and_says_so():
     """Poisson counts: the shape's search runs toward infinity, where exp(log shape) overflowed and the deviance's
     (y + shape)(...) gave inf * 0, 1,600 NumPy RuntimeWarnings in one fit.  The shape is capped far out
-    (glmm_optimize.MAX_SHAPE): the fit is the Poisson GLMM's, silently."""
+    (glmm_optimize.MAX_SHAPE): the fit is the Poisson GLMM's, with one warning that says so (the shape has no finite
+    estimate; glmer.nb warns of its iteration limit), where it had none."""
     rng = np.random.default_rng(3)
     g = np.repeat(np.arange(30), 20)
     x, b = rng.normal(size=g.size), rng.normal(0, 0.5, 30)
     data = pd.DataFrame({"g": g.astype(str), "x": x, "y": rng.poisson(np.exp(1 + 0.3 * x + b[g]))}).iloc[::2]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         warnings.simplefilter("error", RuntimeWarning)
         fit = hp.glmm("y ~ x + (1 | g)", data, family="negative_binomial")
+    assert [str(w.message)[:36] for w in caught] == ["the negative binomial's shape ran to"]
+    assert issubclass(caught[0].category, hp.ConvergenceWarning)
     poisson = hp.glmm("y ~ x + (1 | g)", data, family="poisson")
     assert fit.shape > 1e6 and fit.converged
     assert fit.loglik == pytest.approx(poisson.loglik, rel=1e-8)

@@ -97,6 +97,15 @@ def _negative_binomial_limit(design, spec, optimum, stages: int, nodes: int):
     return again if again.deviance < optimum.deviance else optimum
 
 
+def poisson_limit_message(shape: float) -> str:
+    """The warning of a negative binomial fit whose shape ran to its Poisson limit (at least
+    :data:`NB_LIMIT_SHAPE`): the shape's value there is arbitrary (the likelihood still rises, ever more slowly;
+    glmer.nb warns of its iteration limit, glmmTMB of its Hessian), the rest of the fit is the Poisson GLMM's."""
+    return (f"the negative binomial's shape ran to {shape:.3g}, its Poisson limit: the counts are no more dispersed "
+            "than Poisson's given the random effects, so the shape has no finite estimate (its value is where the "
+            "search stopped) and the fit approaches the Poisson GLMM's, which family='poisson' fits directly")
+
+
 def check_quadrature(nAGQ, terms=None, spatial: bool = False) -> None:
     """Refuse, by name, a quadrature ``hp.glmm`` cannot use: nAGQ not an integer from 0 to :data:`MAX_NODES`;
     adaptive quadrature (> 1) of a spatial model (``spatial``) or of random-effect ``terms`` other than one scalar
@@ -203,7 +212,8 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     report = check_convergence(design, optimum.theta, optimum.gradient, optimum.hessian, optimum.mode.converged)
     if not separation_checked and (not report.converged or _moves_eta_far(design, optimum.beta)):
         _warn_if_separated(design, spec.name, None)
-    for message in report.messages:
+    for message in report.messages + ((poisson_limit_message(optimum.shape),) if negative_binomial
+                                      and optimum.shape >= NB_LIMIT_SHAPE else ()):
         warnings.warn(message, ConvergenceWarning, stacklevel=2)
     return GLMMResult(design, fam, optimum, max(nAGQ, 1), stages, report)
 
