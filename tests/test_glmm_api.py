@@ -84,6 +84,21 @@ def test_a_negative_binomial_at_the_joint_mode_estimates_its_shape_too():
     assert batch.shape[0] == pytest.approx(fit.shape, rel=1e-4)
 
 
+def test_a_negative_binomial_whose_shape_is_in_the_hundreds_reaches_its_optimum():
+    """A profile nearly flat in log shape: the search stopped at shape 222.7, -2 log L 3.7e-4 above the optimum,
+    reported converged (hp.fit_batch found it); now the shape's secant polish reaches it.  glmer.nb's theta.ml stops
+    at its iteration limit, at 274.433, its logLik 9.4e-6 below ours."""
+    folder = Path(__file__).parent.parent / "validation"
+    reference = json.loads((folder / "nb_flat_shape_reference.json").read_text())
+    data = pd.read_csv(folder / "nb_flat_shape_data.csv").astype({"g": str})
+    fit = hp.glmm(reference["formula"], data, family="negative_binomial")
+    assert fit.converged
+    assert 0 <= fit.loglik - reference["loglik"] < 2e-5  # (at shape 222.7: 1.9e-4 below glmer.nb's)
+    assert fit.shape == pytest.approx(reference["shape"], rel=1e-4)
+    np.testing.assert_allclose(fit.fixef.to_numpy(), list(reference["fixef"].values()), rtol=1e-5)
+    assert np.sqrt(fit.varcorr["vcov"].iloc[0]) == pytest.approx(reference["sd"], rel=1e-4)
+
+
 def _no_overdispersion():
     """Counts whose negative binomial fit runs its shape to the Poisson limit (glmer.nb: theta.ml's iteration limit at
     95,524, -2 log L 281.283, the Poisson fit's)."""
