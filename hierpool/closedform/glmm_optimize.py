@@ -725,10 +725,10 @@ def _polish_shape(find_mode: ModeFinder, family: Family, x, mode, gradient, hess
         at_family = replace(family, shape=shape_of(there))
         modes = {}
 
-        def evaluate(point, at_family=at_family, modes=modes):
+        def evaluate(point, at_family=at_family, modes=modes, start_u=best[1].u):
             state["count"] += 1
             at, point_gradient = find_mode.with_gradient(point[:n_theta], point[n_theta:], at_family,
-                                                         start_u=best[1].u)
+                                                         start_u=start_u)
             modes[point.tobytes()] = (at, point_gradient)
             return at.laplace, point_gradient
 
