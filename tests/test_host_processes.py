@@ -111,14 +111,16 @@ def _recorded(statuses: list, outcome):
     return outcome
 
 
-def _assert_workers_fit_as_threads(monkeypatch, module, threshold: str, fit, names) -> None:
+def _assert_workers_fit_as_threads(monkeypatch, module, threshold: str, fit, names, threads: bool = True) -> None:
     """``fit()`` (a batch) with ``module``'s chunks sent to a worker process (two threads, one worker, the row
     threshold ``threshold`` at 0), then on threads alone: some chunk ran there, and the results ``names`` and the
-    random effects are the same bit for bit."""
+    random effects are the same bit for bit.  ``threads=False``: ``module``'s own thread count is left as it is
+    (its work goes to ``worker_count``'s workers plus this process)."""
     remote = []
     run = host_processes._Worker.run
     monkeypatch.setattr(host_processes._Worker, "run", lambda self, message: _recorded(remote, run(self, message)))
-    monkeypatch.setattr(module, "thread_count", lambda *_: 2)
+    if threads:
+        monkeypatch.setattr(module, "thread_count", lambda *_: 2)
     monkeypatch.setattr(host_processes, "worker_count", lambda threads: 1)  # a worker even on one usable core
     monkeypatch.setattr(module, threshold, 0)
     _ready_worker()
@@ -148,6 +150,25 @@ def test_a_glmm_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatc
         lambda: hp.fit_batch("y ~ x + (1 | g)", frames, by="rep", family="binomial", progress=False),
         ("objective", "beta", "theta", "beta_se"))
 
+
+
+@pytest.mark.filterwarnings("error:a hierpool host worker process died")
+def test_bayes_batch_s_independence_pass_in_worker_processes_equals_it_here(monkeypatch):
+    """hp.bayes_batch's independence sampler (a binomial, one scalar term), dataset by dataset in a worker process
+    too: each dataset's draws are its seed's wherever it runs."""
+    import hierpool.batch.bayes as bayes_module
+
+    rng = np.random.default_rng(8)
+    frames = []
+    for d in range(4):
+        g, trials = np.repeat(np.arange(8), 3), rng.integers(5, 15, 24)
+        eta = -0.5 + rng.normal(0, 0.6, 8)[g]
+        frames.append(pd.DataFrame({"g": g.astype(str), "n": trials, "y": rng.binomial(trials, 1 / (1 + np.exp(-eta)))}))
+    _assert_workers_fit_as_threads(
+        monkeypatch, bayes_module, "INDEPENDENCE_PROCESS_MIN",
+        lambda: hp.bayes_batch("cbind(y, n - y) ~ 1 + (1 | g)", frames, by="rep", family="binomial", draws=200,
+                               tune=200, seed=3, progress=False),
+        ("fixef", "varcorr", "methods"), threads=False)
 
 
 @pytest.mark.filterwarnings("error:a hierpool host worker process died")

@@ -18,7 +18,6 @@ else grows with the number of datasets unless ``keep_draws=True``.
 from __future__ import annotations
 
 import math
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -38,11 +37,12 @@ from ..bayesian.nuts import chain_function, quick_compile
 from ..bayesian.priors import DataScales, Priors, check_resolved_priors, resolve_priors
 from ..bayesian.results import SUMMARY_COLUMNS
 from ..closedform.ar1 import draws_per_unit
-from ..errors import ArgumentError, HierpoolWarning, boolean_argument, integer_argument, optional_boolean_argument
+from ..errors import ArgumentError, boolean_argument, integer_argument, optional_boolean_argument
 from ..spec.arguments import sampler_arguments
 from ..spec.family import family_spec
+from . import host_processes
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
-from .bayes_each import bayes_batch_each, single_draws, single_summaries
+from .bayes_each import bayes_batch_each, sample_summary
 from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
 from .bayes_results import DIAGNOSTICS_COLUMNS, SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, correlation_matrices, effect_key, term_chunks
@@ -461,21 +461,36 @@ def bayes_batch(
     ).warn_diagnostics()
 
 
+#: Datasets from which the independence pass samples in worker processes too (:mod:`hierpool.batch.host_processes`,
+#: a core each): a worker's start (Python, NumPy, JAX and the sampler's modules) costs about as much as a few
+#: datasets' sampling (~0.3 s each, cbpp-shaped).
+INDEPENDENCE_PROCESS_MIN = 8
+
+
 def _independence_pass(plan, messages: list[str], formula: str, seed: int, progress, keep_draws: bool,
                        settings: dict) -> dict:
     """dataset -> its summaries, for each dataset without a message that ``hp.bayes``'s independence sampler takes
-    (:func:`hierpool.bayesian.fit.bayes_independence`: one scalar term, a good proposal), sampled on the host one
-    by one (seed + index, as ``hp.bayes(..., seed=seed + index)``).  A dataset it declines is left to the batched
-    NUTS, as hp.bayes goes on to NUTS; one whose attempt raises gets the error in its row of ``messages`` (updated
-    here), as hp.bayes raises it."""
+    (:func:`hierpool.bayesian.fit.bayes_independence`: one scalar term, a good proposal), sampled on the host
+    dataset by dataset (seed + index, as ``hp.bayes(..., seed=seed + index)``), from
+    :data:`INDEPENDENCE_PROCESS_MIN` datasets in worker processes too, one a core (each dataset's draws are its
+    seed's wherever it runs).  A dataset it declines is left to the batched NUTS, as hp.bayes goes on to NUTS; one
+    whose attempt raises gets the error in its row of ``messages`` (updated here), as hp.bayes raises it."""
     from ..bayesian.fit import bayes_independence
 
     usable = [d for d, message in enumerate(messages) if not message]
+    workers = host_processes.worker_count(thread_count(None)) if len(usable) >= INDEPENDENCE_PROCESS_MIN else 0
+    if workers:  # the imports run in the workers while the first datasets are sampled here
+        host_processes.start(workers, preload=(sample_summary.__module__, bayes_independence.__module__))
+
+    def sample(index):  # here, or in an idle worker process (host_processes.call)
+        return host_processes.call(sample_summary, *_alone_arguments(plan, index, formula, settings, seed, [],
+                                                                     settings["level"], True, keep_draws,
+                                                                     bayes_independence))
+
     out = {}
-    with progress_bar(progress, len(usable), "bayes_batch (independence sampler)") as bar:
-        for index in usable:
-            summary, why = _sample_alone(plan, index, formula, settings, seed, [], settings["level"], True,
-                                         keep_draws, sampler=bayes_independence)
+    with progress_bar(progress, len(usable), "bayes_batch (independence sampler)") as bar, \
+            ThreadPoolExecutor(max_workers=workers + 1) as pool:
+        for index, (summary, why) in zip(usable, pool.map(sample, usable)):
             if summary is not None:
                 out[index] = summary
             elif why:
@@ -489,6 +504,15 @@ def _sample_alone(plan, index: int, formula: str, settings: dict, seed: int, sca
     """(dataset ``index``'s summaries as the batch's arrays, None) from ``hp.bayes`` (or ``sampler``, taking its
     arguments) on its rows alone (seed + index, as the dataset-by-dataset path seeds it), or (None, why) where it
     raised: kept in its row, never raised; (None, "") where ``sampler`` returned None (declined)."""
+    return sample_summary(*_alone_arguments(plan, index, formula, settings, seed, scalars, level, sigma_known,
+                                            keep_draws, sampler))
+
+
+def _alone_arguments(plan, index: int, formula: str, settings: dict, seed: int, scalars: list, level: float,
+                     sigma_known: bool, keep_draws: bool, sampler) -> tuple:
+    """:func:`~hierpool.batch.bayes_each.sample_summary`'s arguments for dataset ``index`` (its rows, its
+    arguments, the batch's names and levels): taken here, where the plan is, so that the sampling itself can run
+    in a worker process."""
     from ..bayesian.fit import bayes
 
     sampler = partial(bayes, progress=False) if sampler is None else sampler
@@ -500,21 +524,10 @@ def _sample_alone(plan, index: int, formula: str, settings: dict, seed: int, sca
         settings = {**settings, "priors": {key: value for key, value in priors.items() if key not in lacking}}
     template = varcorr_table([(t.group, t.coef_names, np.full((t.k, t.k), np.nan)) for t in design.terms],
                              None if sigma_known else np.nan)
-    try:
-        with warnings.catch_warnings():  # its diagnostics are judged with the batch's (warn_diagnostics)
-            warnings.simplefilter("ignore", HierpoolWarning)
-            single = sampler(formula, frame, seed=seed + index, **settings, **arguments)
-        if single is None:
-            return None, ""
-        terms, levels = [(t.group, t.coef_names) for t in design.terms], [labels[index] for _, _, labels in
-                                                                          plan.term_levels]
-        summary = single_summaries(single, design.fixed_names, terms, levels, template, scalars, level)
-        summary["method"] = single.method
-        if keep_draws:
-            summary["draws"] = single_draws(single, design.fixed_names, terms, levels)
-        return summary, ""
-    except Exception as exc:  # noqa: BLE001 - reported in the dataset's row
-        return None, f"{type(exc).__name__}: {exc}"
+    terms = [(t.group, t.coef_names) for t in design.terms]
+    levels = [labels[index] for _, _, labels in plan.term_levels]
+    return (sampler, formula, frame, arguments, settings, seed + index, design.fixed_names, terms, levels, template,
+            scalars, level, keep_draws)
 
 
 def _kept_draws(out: dict, row: int, ells: list, several: bool) -> dict:

@@ -14,16 +14,42 @@ messages: ``diagnostics`` gives each dataset's divergences, R-hat and ESS.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
 from ..algebra.varcorr import varcorr_table
 from ..bayesian.results import SUMMARY_COLUMNS, summarize_draws
 from ..closedform.results import term_rows
+from ..errors import HierpoolWarning
 from .bayes_results import BayesBatchResult, BayesBatchTerm
 from .fit_each import by_coefficient, check_fixed_effects, each_model, run_each
 
 _WIDTH = len(SUMMARY_COLUMNS)
+
+
+def sample_summary(sampler, formula: str, frame: pd.DataFrame, arguments: dict, settings: dict, seed: int,
+                   fixed_names, terms, levels, template: pd.DataFrame, scalars, level: float,
+                   keep_draws: bool) -> tuple[dict | None, str]:
+    """(one dataset's summaries as the batch's arrays, "") from ``sampler(formula, frame, seed=seed, **settings,
+    **arguments)`` (``hp.bayes``, or its independence sampler), (None, why) where it raised (kept in its row, never
+    raised), or (None, "") where ``sampler`` returned None (declined).  Its hierpool warnings are not repeated: its
+    diagnostics are judged with the batch's.  Pure in its arguments, so that a worker process can run it
+    (``hp.bayes_batch``'s independence pass)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", HierpoolWarning)
+            single = sampler(formula, frame, seed=seed, **settings, **arguments)
+        if single is None:
+            return None, ""
+        summary = single_summaries(single, fixed_names, terms, levels, template, scalars, level)
+        summary["method"] = single.method
+        if keep_draws:
+            summary["draws"] = single_draws(single, fixed_names, terms, levels)
+        return summary, ""
+    except Exception as exc:  # noqa: BLE001 - reported in the dataset's row
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def single_summaries(result, fixed_names, terms, levels, template: pd.DataFrame, scalars, level: float) -> dict:

@@ -1,5 +1,5 @@
 """Worker processes for the host paths of ``hp.fit_batch`` (GLMMs, several-term linear models, several-term AR(1)
-models): chunks of datasets fitted on the other cores.
+models) and ``hp.bayes_batch``'s independence pass: chunks of datasets fitted (or sampled) on the other cores.
 
 **Why processes.**  A host fit is NumPy on a chunk's stacked arrays: many operations, most of them small, and the
 interpreter holds the GIL between them, so that a second thread adds little and a second process nearly doubles
@@ -10,9 +10,10 @@ idle worker.
 **Why not multiprocessing.**  Its ``spawn`` and ``forkserver`` start methods run the parent's ``__main__`` script
 again in every worker (a user's script without a ``__main__`` guard would fit its batch again there), and
 ``fork`` copies a process whose JAX threads may hold locks.  A worker here is ``python -P -c`` importing this
-module: nothing of the user's runs in it, and it loads NumPy and the host algebra, not JAX (the function it runs
-must be importable without JAX: :mod:`hierpool.batch.glmm_search`, :mod:`hierpool.algebra.search.terms`,
-:mod:`hierpool.algebra.search.ar1_systems`).
+module: nothing of the user's runs in it, and for ``hp.fit_batch`` it loads NumPy and the host algebra, not JAX (the
+searches it runs are importable without JAX: :mod:`hierpool.batch.glmm_search`, :mod:`hierpool.algebra.search.terms`,
+:mod:`hierpool.algebra.search.ar1_systems`).  ``hp.bayes_batch``'s independence pass runs ``hp.bayes``'s sampler,
+whose modules import JAX: its workers load it once, a fresh process's JAX (no thread of the parent's is copied).
 
 **Protocol.**  Length-prefixed pickles on the worker's stdin and stdout (its own prints go to its stderr, the
 parent's): the function (by reference) and its arguments in, ``("ok", result)``, ``("error", exception)`` or
