@@ -604,6 +604,7 @@ def test_a_negative_binomial_of_counts_without_overdispersion_reaches_the_poisso
         fit = hp.glmm("y ~ x + (1 | g)", data, family="negative_binomial")
     assert [str(w.message)[:36] for w in caught] == ["the negative binomial's shape ran to"]
     assert issubclass(caught[0].category, hp.ConvergenceWarning)
+    assert fit.convergence.messages == (str(caught[0].message),)  # kept on the fit, as the checks' messages are
     poisson = hp.glmm("y ~ x + (1 | g)", data, family="poisson")
     assert fit.shape > 1e6 and fit.converged
     assert fit.loglik == pytest.approx(poisson.loglik, rel=1e-8)

@@ -109,13 +109,14 @@ def test_gaussian_car_fit_equals_dense_generalised_least_squares(gaussian_fits, 
     np.testing.assert_allclose(ranef["condsd"], condsd, rtol=1e-8, err_msg="conditional sds differ")
     np.testing.assert_allclose(fit.vcov.to_numpy(), _dense_vcov(fit), rtol=1e-8, err_msg="vcov(beta) differs")
     # the fit is the dense criterion's optimum: its central-difference gradient there is nil, and no step of 1e-3
-    # along a parameter lowers it (the mixing parameter's logit is bounded at +-12, where it may rest)
+    # along a parameter lowers it (the mixing parameter's coordinate, mix_from_logit's, is bounded at +-12, where it
+    # may rest)
     psi0 = np.log([fit.sd, fit.sigma]) if type_ == "icar" else np.r_[np.log(fit.sd), fit.psi[1], np.log(fit.sigma)]
 
     def dense(psi):
         if type_ == "icar":
             return dense_gls(fit, sd=np.exp(psi[0]), sigma=np.exp(psi[1]))[0]
-        return dense_gls(fit, sd=np.exp(psi[0]), mix=1 / (1 + np.exp(-psi[1])), sigma=np.exp(psi[2]))[0]
+        return dense_gls(fit, sd=np.exp(psi[0]), mix=mix_from_logit(psi[1]), sigma=np.exp(psi[2]))[0]
 
     for k in range(len(psi0)):
         step = np.eye(len(psi0))[k] * 1e-3
@@ -241,10 +242,11 @@ def test_a_proper_car_reaches_an_alpha_of_zero(nc):
     the criterion's slope there says, 9e-6."""
     rng = np.random.default_rng(2)
     data = nc.data.assign(y=rng.normal(0, 0.5, len(nc.data)) + rng.normal(0, 1, len(nc.data)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", hp.ConvergenceWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", hp.ConvergenceWarning)
         fit = hp.lmm("y ~ 1 + car(county, type='proper')", data, adjacency=nc.adjacency, reml=False)
     assert fit.mix == 0.0 and fit.is_singular
+    assert [str(w.message)[:41] for w in caught] == ["the spatial fit's alpha is at its bound: "]  # (not logit_alpha)
     low = scipy.special.expit(LOGIT_BOUNDS[0])
     psi = fit.psi.copy()
     psi[1] = scipy.special.logit(low + low * (1 - low))  # alpha = expit(-12), the plain logit's bound

@@ -210,10 +210,11 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     if negative_binomial:
         fam = make_family(spec, shape=optimum.shape)
     report = check_convergence(design, optimum.theta, optimum.gradient, optimum.hessian, optimum.mode.converged)
+    if negative_binomial and optimum.shape >= NB_LIMIT_SHAPE:  # kept with the checks' (fit.convergence.messages)
+        report = replace(report, messages=report.messages + (poisson_limit_message(optimum.shape),))
     if not separation_checked and (not report.converged or _moves_eta_far(design, optimum.beta)):
         _warn_if_separated(design, spec.name, None)
-    for message in report.messages + ((poisson_limit_message(optimum.shape),) if negative_binomial
-                                      and optimum.shape >= NB_LIMIT_SHAPE else ()):
+    for message in report.messages:
         warnings.warn(message, ConvergenceWarning, stacklevel=2)
     return GLMMResult(design, fam, optimum, max(nAGQ, 1), stages, report)
 

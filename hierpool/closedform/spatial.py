@@ -546,8 +546,9 @@ def fit_spatial(sdesign: SpatialDesign, reml: bool, stages: int = 2) -> SpatialF
         psi = onto_lower_bounds(objective, psi, bounds, laplace.boundary_positions(), result.fun)
     fit = SpatialFit(laplace=laplace, psi=psi, beta=beta, optimizer=result, stages=stages)
     at_bound = fit.at_bound
-    if at_bound:
-        warnings.warn(f"the spatial fit's {', '.join(at_bound)} is at its bound: the maximum of the likelihood "
+    if at_bound:  # named by the parameter, not its search coordinate (log_sd: sd, logit_rho: rho)
+        named = [name.removeprefix("logit_").removeprefix("log_") for name in at_bound]
+        warnings.warn(f"the spatial fit's {', '.join(named)} is at its bound: the maximum of the likelihood "
                       "is at an sd of zero, or a mixing parameter of 0 or 1 (a singular fit)",
                       ConvergenceWarning, stacklevel=3)
     return fit
