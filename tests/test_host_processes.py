@@ -172,6 +172,24 @@ def test_bayes_batch_s_independence_pass_in_worker_processes_equals_it_here(monk
 
 
 @pytest.mark.filterwarnings("error:a hierpool host worker process died")
+def test_a_spatial_batch_fitted_in_worker_processes_equals_it_here(monkeypatch):
+    """fit_batch's dataset-by-dataset spatial fits (hp.glmm with the batch's graph) in a worker process too: the same
+    numbers, and each dataset's warnings kept in its row (recorded there and sent back)."""
+    import hierpool.batch.fit_each as fit_each_module
+    from hierpool.spec.adjacency import lattice_edges
+
+    rng = np.random.default_rng(9)
+    areas = [f"a{i}" for i in range(16)]
+    frames = [pd.DataFrame({"area": areas, "e": rng.uniform(5, 15, 16)}).assign(
+        y=lambda d: rng.poisson(d["e"] * np.exp(rng.normal(0, 0.3, 16)))) for _ in range(4)]
+    _assert_workers_fit_as_threads(
+        monkeypatch, fit_each_module, "EACH_PROCESS_MIN",
+        lambda: hp.fit_batch("y ~ 1 + offset(log(e)) + car(area, type='bym2')", frames, by="rep", family="poisson",
+                             adjacency=lattice_edges(4, 4), progress=False),
+        ("objective", "beta", "theta", "messages"), threads=False)
+
+
+@pytest.mark.filterwarnings("error:a hierpool host worker process died")
 def test_a_several_term_linear_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatch):
     rng = np.random.default_rng(6)
     frames = []

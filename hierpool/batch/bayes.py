@@ -17,6 +17,7 @@ else grows with the number of datasets unless ``keep_draws=True``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -28,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from ..algebra.ar1 import per_unit
 from ..algebra.compiler_options import ProgramCache, compile_lowered, shape_signature
 from ..algebra.conditioning import SAMPLER_REASON, warn_far_fixed
+from ..algebra.host_blas import one_blas_thread
 from ..algebra.marginal import theta_from_components
 from ..algebra.one_term_marginal import draw_effects
 from ..algebra.varcorr import coef_pairs, varcorr_table
@@ -42,7 +44,7 @@ from ..spec.arguments import sampler_arguments
 from ..spec.family import family_spec
 from . import host_processes
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
-from .bayes_each import bayes_batch_each, sample_summary
+from .bayes_each import bayes_batch_each, one_thread_summary, sample_summary
 from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
 from .bayes_results import DIAGNOSTICS_COLUMNS, SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, correlation_matrices, effect_key, term_chunks
@@ -481,15 +483,20 @@ def _independence_pass(plan, messages: list[str], formula: str, seed: int, progr
     workers = host_processes.worker_count(thread_count(None)) if len(usable) >= INDEPENDENCE_PROCESS_MIN else 0
     if workers:  # the imports run in the workers while the first datasets are sampled here
         host_processes.start(workers, preload=(sample_summary.__module__, bayes_independence.__module__))
+    # without a worker, calls would run here in several threads at once, where one's record of its warnings
+    # (warnings.catch_warnings, not thread-safe) takes another's: one thread then
+    workers = workers if host_processes.running() else 0
 
     def sample(index):  # here, or in an idle worker process (host_processes.call)
-        return host_processes.call(sample_summary, *_alone_arguments(plan, index, formula, settings, seed, [],
-                                                                     settings["level"], True, keep_draws,
-                                                                     bayes_independence))
+        arguments = _alone_arguments(plan, index, formula, settings, seed, [], settings["level"], True, keep_draws,
+                                     bayes_independence)
+        return host_processes.call(one_thread_summary, *arguments) if workers else sample_summary(*arguments)
 
     out = {}
+    # with workers, each process's BLAS on one thread: OpenBLAS's idle threads spin, taking the other's core
     with progress_bar(progress, len(usable), "bayes_batch (independence sampler)") as bar, \
-            ThreadPoolExecutor(max_workers=workers + 1) as pool:
+            ThreadPoolExecutor(max_workers=workers + 1) as pool, \
+            one_blas_thread() if workers else contextlib.nullcontext():
         for index, (summary, why) in zip(usable, pool.map(sample, usable)):
             if summary is not None:
                 out[index] = summary

@@ -210,6 +210,12 @@ def _has_workers() -> bool:
         return any(worker.alive for worker in _WORKERS)
 
 
+def running() -> bool:
+    """Whether some worker process is running or starting: then :func:`call` runs one call at a time here (the
+    others wait for a worker); with none it runs each call here at once, in its caller's thread."""
+    return _has_workers()
+
+
 def call(function, *arguments):
     """``function(*arguments)``: here if no chunk is running here, else in an idle worker (waiting for one that is
     starting or busy), else here after all.  Arguments that cannot be pickled, a job the worker cannot load, or a
