@@ -691,3 +691,24 @@ def test_a_constant_offset_far_from_the_counts_is_absorbed_by_the_intercept():
         assert shifted.optimum.deviance == pytest.approx(plain.optimum.deviance, rel=1e-10)
         assert shifted.fixef["Intercept"] + exposure == pytest.approx(plain.fixef["Intercept"], abs=1e-6)
         assert shifted.fixef["x"] == pytest.approx(plain.fixef["x"], abs=1e-6)
+
+
+def test_a_bernoulli_with_a_constant_offset_far_out_is_the_fit_without_it():
+    """A constant logit offset of +-30: from beta = 0 every row's mu is 1 (or 0) to double precision, PIRLS's working
+    weights vanish, and its joint mode stalled at beta ~ 1e14 (-2 log L 2829 where the mode's is 142); the fit
+    ended there, not converged (glmer errors).  From glm.fit's first step the mode is found: the fit is the one
+    without the offset, its intercept shifted."""
+    rng = np.random.default_rng(0)
+    g = np.repeat(np.arange(10), 10)
+    x = rng.normal(size=100)
+    frame = pd.DataFrame({"y": rng.binomial(1, 1 / (1 + np.exp(-(0.3 * x + rng.normal(0, 0.5, 10)[g])))), "x": x,
+                          "g": g.astype(str)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.ConvergenceWarning)  # (1 | g)'s variance is 0 here: a singular fit
+        plain = hp.glmm("y ~ x + (1 | g)", frame, family="binomial")
+        for shift in (30.0, -30.0):
+            shifted = hp.glmm("y ~ x + (1 | g)", frame.assign(o=shift), family="binomial", offset="o")
+            assert shifted.converged
+            assert shifted.optimum.deviance == pytest.approx(plain.optimum.deviance, rel=1e-10)
+            assert shifted.fixef["Intercept"] + shift == pytest.approx(plain.fixef["Intercept"], abs=1e-6)
+            assert shifted.fixef["x"] == pytest.approx(plain.fixef["x"], abs=1e-6)

@@ -318,28 +318,47 @@ def working_start(design, family: Family) -> np.ndarray:
     return irls_step(design.X, design.y, eta, design.row_weights, design.offset, family)
 
 
+#: The joint mode from glm.fit's first step replaces the one from beta = 0 where its criterion is lower by more than
+#: FIRST_MODE_GAIN (relative): the joint mode is unique, so both starts end at it but for PIRLS's tolerance, unless
+#: one stalled.  It is sought only where that step's linear predictor X beta is FIRST_STEP_FAR or more from beta = 0's
+#: somewhere (the offset far from the response's link scale): a PIRLS more on every fit cost 8% of a cbpp-sized one.
+FIRST_MODE_GAIN = 1e-8
+FIRST_STEP_FAR = 10.0
+
+
 def _first_joint_mode(find_mode: ModeFinder, family: Family, theta: np.ndarray, state: dict):
-    """The joint conditional mode at lme4's start from beta = 0, or, where that fails (PIRLS's system has no
-    factor, or no finite mode is found), from glm.fit's first step (:func:`working_start`, kept in ``state``):
-    an offset far from the response's scale (a constant log exposure of 50: mu = 5e21 at every row; of -50: mu =
-    2e-22) failed from beta = 0 alone.  Where both fail, the first attempt's outcome stands (its error, or its
-    mode, which the gradient stage refuses with its reason)."""
+    """The joint conditional mode at lme4's start, from beta = 0 and from glm.fit's first step
+    (:func:`working_start`, kept in ``state`` where its mode is taken): the one from beta = 0 unless it fails
+    (PIRLS's system has no factor, or no finite mode is found) or, where glm.fit's step is far from beta = 0
+    (:data:`FIRST_STEP_FAR`), the other's criterion is lower by more than :data:`FIRST_MODE_GAIN`.  An offset far
+    from the response's scale (a constant log exposure of 50: mu = 5e21 at every row; of -50: mu = 2e-22) failed
+    from beta = 0; a Bernoulli's constant offset of 30 (mu = 1 to double precision at every row, the working
+    weights 0) stalled there at beta ~ 1e14, -2 log L 2829 where the mode's is 142, and the fit ended there, not
+    converged.  Where both fail, the first attempt's outcome stands (its error,
+    or its mode, which the gradient stage refuses with its reason)."""
     design = find_mode.design
     try:
         mode, error = conditional_mode(theta, state["beta"], design, family, joint=True,
                                        patterns=find_mode.patterns), None
     except np.linalg.LinAlgError as failed:
         mode, error = None, failed
-    if mode is not None and np.isfinite(mode.laplace):
+    found = mode is not None and np.isfinite(mode.laplace)
+    with np.errstate(all="ignore"):
+        beta = working_start(design, family)
+        far = not np.all(np.abs(design.X @ beta) < FIRST_STEP_FAR)
+    if found and not far:
         return mode
-    beta = working_start(design, family)
     try:
-        again = conditional_mode(theta, beta, design, family, joint=True, patterns=find_mode.patterns)
+        with np.errstate(all="ignore"):
+            again = conditional_mode(theta, beta, design, family, joint=True, patterns=find_mode.patterns)
     except np.linalg.LinAlgError:
         again = None
-    if again is not None and np.isfinite(again.laplace):
+    if again is not None and np.isfinite(again.laplace) and (
+            not found or again.laplace < mode.laplace - FIRST_MODE_GAIN * max(1.0, abs(mode.laplace))):
         state["beta"] = beta
         return again
+    if found:
+        return mode
     if error is not None:
         raise error
     return mode
