@@ -114,7 +114,7 @@ def test_a_refit_that_stops_higher_does_not_replace_the_batchs_row(sleep, monkey
     # batch's numbers in the row, not converged, and says why
     from hierpool.batch import fit as fit_module
 
-    def worse(plan, index, formula, fitter, out):
+    def worse(plan, index, formula, fitter, out, values=None):
         out["objective"][index] *= 1 + 5e-8  # above the batch's beyond 1e-8; six digits round both alike (by far)
         out["beta"][index] = 0.0
         return "refitted by hp.lmm"

@@ -190,6 +190,24 @@ def test_a_spatial_batch_fitted_in_worker_processes_equals_it_here(monkeypatch):
 
 
 @pytest.mark.filterwarnings("error:a hierpool host worker process died")
+def test_datasets_fitted_alone_in_worker_processes_equal_them_fitted_here(monkeypatch):
+    """fit_batch at nAGQ = 0 fits every dataset alone by hp.glmm: in a worker process too, the same rows."""
+    import hierpool.batch.fit as fit_module
+
+    rng = np.random.default_rng(10)
+    frames = []
+    for d in range(4):
+        g, trials = np.repeat(np.arange(8), 3), rng.integers(5, 15, 24)
+        eta = -0.5 + rng.normal(0, 0.6, 8)[g]
+        frames.append(pd.DataFrame({"g": g.astype(str), "n": trials, "y": rng.binomial(trials, 1 / (1 + np.exp(-eta)))}))
+    _assert_workers_fit_as_threads(
+        monkeypatch, fit_module, "REFIT_PROCESS_MIN",
+        lambda: hp.fit_batch("cbind(y, n - y) ~ 1 + (1 | g)", frames, by="rep", family="binomial", nAGQ=0,
+                             progress=False),
+        ("objective", "beta", "theta", "beta_se", "messages"), threads=False)
+
+
+@pytest.mark.filterwarnings("error:a hierpool host worker process died")
 def test_a_several_term_linear_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatch):
     rng = np.random.default_rng(6)
     frames = []

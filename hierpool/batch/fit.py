@@ -46,6 +46,7 @@ whitened systems, :mod:`hierpool.algebra.search.ar1_systems`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,6 +62,7 @@ from ..algebra.checks import fitted_singular
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
 from ..algebra.host_allocator import raise_malloc_thresholds
+from ..algebra.host_blas import one_blas_thread
 from ..algebra.one_term import solution
 from ..algebra.search.newton import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
 from ..algebra.search.terms import host_bytes, search_statistics_on_host, systems_onto_boundary
@@ -69,6 +71,7 @@ from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
 from ..errors import ArgumentError, HierpoolWarning, boolean_argument, integer_argument, optional_boolean_argument
 from ..spec.family import binary_outcome_per_level, family_spec, unidentified_term_message
+from . import host_processes
 from .conditioning import condition_batch
 from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
@@ -557,24 +560,50 @@ def _warn_if_unidentified(plan, family_name: str) -> None:
                           f"{plan.n_datasets} datasets)", HierpoolWarning, stacklevel=3)
 
 
-def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
+def _refit(plan, index: int, formula: str, fitter, out: dict, values=None) -> str:
     """Fit dataset ``index`` alone (``fitter``: ``hp.lmm`` or ``hp.glmm``) into ``out``'s rows; what to add to its
     message.  A dataset with columns zero in it (:attr:`~hierpool.batch.plan.BatchPlan.zero_columns`) is fitted
-    without them, NaN in their places."""
+    without them, NaN in their places.  ``values``: :func:`refit_values`' outcome, where it was computed already
+    (in a worker process)."""
+    if values is None:
+        values = refit_values(*_refit_arguments(plan, index, formula, fitter))
+    if isinstance(values, str):
+        return values
+    for name, value in values.items():
+        if name in ("factors", "b", "cond_var"):
+            for t, term_value in enumerate(value):
+                out[name][t][index] = term_value
+        elif name in out:
+            out[name][index] = value
+    return f"refitted by {'hp.glmm' if fitter.func is glmm else 'hp.lmm'}"
+
+
+def _refit_arguments(plan, index: int, formula: str, fitter) -> tuple:
+    """:func:`refit_values`' arguments for dataset ``index``: taken here, where the plan is."""
     frame, arguments = plan.dataset_frame(index)
+    dropped = plan.zero_columns.get(index, ())  # (such a dataset is refitted only for them: _result)
+    terms = [(t.group, t.coef_names) for t in plan.design.terms]
+    return fitter, formula, frame, arguments, tuple(plan.design.fixed_names), tuple(dropped), terms
+
+
+def refit_values(fitter, formula: str, frame: pd.DataFrame, arguments: dict, fixed_names, dropped,
+                 terms) -> dict | str:
+    """One dataset's single fit (``fitter``: ``hp.lmm`` or ``hp.glmm``) as the batch's row values (its columns
+    ``fixed_names`` by position, those ``dropped`` NaN; its terms in the batch's order ``terms``), or the note of its
+    failure.  Pure in its arguments, so that a worker process can run it (:func:`_result`)."""
     name = "hp.glmm" if fitter.func is glmm else "hp.lmm"
+    p = len(fixed_names)
+    kept = [j for j in range(p) if j not in dropped]
     try:
         with warnings.catch_warnings():  # a singular refit is reported in is_singular
             warnings.simplefilter("ignore", HierpoolWarning)
             single = fitter(formula, frame, **arguments)
         # its row holds the batch's columns, by position, but those zero in the dataset (plan.zero_columns: NaN)
-        dropped = plan.zero_columns.get(index, ())  # (such a dataset is refitted only for them: _result)
-        kept = [j for j in range(plan.design.p) if j not in dropped]
-        check_fixed_effects(single, [plan.design.fixed_names[j] for j in kept])
+        check_fixed_effects(single, [fixed_names[j] for j in kept])
         # hp.lmm orders a dataset's terms by its own level counts: match them to the batch's
         position = {(t.group, t.coef_names): j for j, t in enumerate(single.design.terms)}
-        order = [position[(t.group, t.coef_names)] for t in plan.design.terms]
-    except Exception as exc:  # reported in the dataset's row, never raised for the batch
+        order = [position[key] for key in terms]
+    except Exception as exc:  # noqa: BLE001 - reported in the dataset's row, never raised for the batch
         return f"refit by {name} failed: {type(exc).__name__}: {exc}"
     ks = [t.k for t in single.design.terms]
     pieces = np.split(np.asarray(single.theta, dtype=float), np.cumsum([k * (k + 1) // 2 for k in ks])[:-1])
@@ -583,21 +612,24 @@ def _refit(plan, index: int, formula: str, fitter, out: dict) -> str:
     else:
         solution, objective, sigma = single.solution, single.objective, single.sigma
         b = solution.b
-    out["theta"][index] = np.concatenate([pieces[j] for j in order])
-    if "phi" in out:
-        out["phi"][index] = single.phi
-    if "shape" in out:
-        out["shape"][index] = single.shape
-    beta, vcov = np.full(plan.design.p, np.nan), np.full((plan.design.p,) * 2, np.nan)
+    beta, vcov = np.full(p, np.nan), np.full((p, p), np.nan)
     beta[kept], vcov[np.ix_(kept, kept)] = single.fixef.to_numpy(), single.vcov.to_numpy()
-    for key, value in (("objective", objective), ("converged", single.converged), ("beta", beta), ("vcov", vcov),
-                       ("sigma", sigma), ("is_singular", single.is_singular)):
-        out[key][index] = value
-    for t, j in enumerate(order):
-        out["factors"][t][index] = np.asarray(solution.factors[j])
-        out["b"][t][index] = np.asarray(b[j])
-        out["cond_var"][t][index] = np.asarray(solution.cond_var[j])
-    return f"refitted by {name}"
+    values = {"theta": np.concatenate([pieces[j] for j in order]), "objective": objective,
+              "converged": single.converged, "beta": beta, "vcov": vcov, "sigma": sigma,
+              "is_singular": single.is_singular,
+              "factors": [np.asarray(solution.factors[j]) for j in order], "b": [np.asarray(b[j]) for j in order],
+              "cond_var": [np.asarray(solution.cond_var[j]) for j in order]}
+    if getattr(single, "phi", None) is not None:
+        values["phi"] = single.phi
+    if getattr(single, "shape", None) is not None:
+        values["shape"] = single.shape
+    return values
+
+
+def one_thread_refit(*arguments) -> dict | str:
+    """:func:`refit_values` with BLAS on one thread (a worker process's, beside the other processes)."""
+    with one_blas_thread():
+        return refit_values(*arguments)
 
 
 _ROW_ARRAYS = ("theta", "objective", "converged", "beta", "vcov", "sigma", "is_singular", "phi", "shape")
@@ -630,10 +662,12 @@ def _blank(out: dict, index: int) -> None:
             per_term[index] = np.full(np.shape(per_term[index]), np.nan)
 
 
-def _polish(plan, index: int, formula: str, fitter, out: dict, messages: list, refitted: np.ndarray) -> None:
-    """Refit dataset ``index`` alone into ``out`` (:func:`_refit`), unless that stops higher than the batch had got."""
+def _polish(plan, index: int, formula: str, fitter, out: dict, messages: list, refitted: np.ndarray,
+            values=None) -> None:
+    """Refit dataset ``index`` alone into ``out`` (:func:`_refit`; ``values``: its outcome, computed already),
+    unless that stops higher than the batch had got."""
     batch_row = _row(out, index)
-    note = _refit(plan, index, formula, fitter, out)
+    note = _refit(plan, index, formula, fitter, out, values)
     if (note.startswith("refitted") and np.isfinite(batch_row["objective"])
             and out["objective"][index] > batch_row["objective"] + 1e-8 * abs(batch_row["objective"])):
         # the lone fit stopped higher than where the batch had got to (a local optimum of its own): a lower
@@ -649,6 +683,11 @@ def _polish(plan, index: int, formula: str, fitter, out: dict, messages: list, r
         _blank(out, index)
     refitted[index] = note.startswith("refitted")
     messages[index] += "; " + note
+
+
+#: Datasets fitted alone (nAGQ 0 or adaptive quadrature, refits) from which they are fitted in worker processes too
+#: (:mod:`hierpool.batch.host_processes`, a core each): a worker's start costs about a few datasets' fits.
+REFIT_PROCESS_MIN = 8
 
 
 def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, progress=False) -> BatchResult:
@@ -669,9 +708,22 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
     for index in zero_alone:
         messages[index] = plan.alone_note(index, "fitted")
     refits = list(out["alone"]) + zero_alone + (to_polish if polish else [])
-    with progress_bar(progress if len(refits) > 1 else False, len(refits), "fit_batch") as bar:
-        for index in refits:
-            _polish(plan, index, formula, fitter, out, messages, refitted)
+    workers = host_processes.worker_count(thread_count(None)) if len(refits) >= REFIT_PROCESS_MIN else 0
+    if workers:  # the imports run in the workers while the first datasets are fitted here
+        host_processes.start(workers, preload=(refit_values.__module__,))
+    # without a worker, fits would run here in several threads at once, where one's warnings filter (not
+    # thread-safe) takes another's: one thread then
+    workers = workers if host_processes.running() else 0
+
+    def fitted(index):  # here, or in an idle worker process (host_processes.call)
+        return host_processes.call(one_thread_refit, *_refit_arguments(plan, index, formula, fitter))
+
+    # with workers, each process's BLAS on one thread: OpenBLAS's idle threads spin, taking the other's core
+    with progress_bar(progress if len(refits) > 1 else False, len(refits), "fit_batch") as bar, \
+            ThreadPoolExecutor(max_workers=workers + 1) as pool, \
+            one_blas_thread() if workers else contextlib.nullcontext():
+        for index, values in zip(refits, pool.map(fitted, refits) if workers else [None] * len(refits)):
+            _polish(plan, index, formula, fitter, out, messages, refitted, values)
             bar.update(1)
     if design.family is not None:  # hp.glmm's warning where X separates the outcomes, in the dataset's row
         notes = separation_notes(plan, out["beta"])
