@@ -1,5 +1,6 @@
 """Worker processes for the host paths of ``hp.fit_batch`` (GLMMs, several-term linear models, several-term AR(1)
-models) and ``hp.bayes_batch``'s independence pass: chunks of datasets fitted (or sampled) on the other cores.
+models; the datasets it fits alone, its spatial datasets) and ``hp.bayes_batch``'s independence pass: chunks of
+datasets fitted (or sampled) on the other cores.
 
 **Why processes.**  A host fit is NumPy on a chunk's stacked arrays: many operations, most of them small, and the
 interpreter holds the GIL between them, so that a second thread adds little and a second process nearly doubles
@@ -12,8 +13,13 @@ again in every worker (a user's script without a ``__main__`` guard would fit it
 ``fork`` copies a process whose JAX threads may hold locks.  A worker here is ``python -P -c`` importing this
 module: nothing of the user's runs in it, and for ``hp.fit_batch`` it loads NumPy and the host algebra, not JAX (the
 searches it runs are importable without JAX: :mod:`hierpool.batch.glmm_search`, :mod:`hierpool.algebra.search.terms`,
-:mod:`hierpool.algebra.search.ar1_systems`).  ``hp.bayes_batch``'s independence pass runs ``hp.bayes``'s sampler,
-whose modules import JAX: its workers load it once, a fresh process's JAX (no thread of the parent's is copied).
+:mod:`hierpool.algebra.search.ar1_systems`).  A single fit or sampler run whole (``hp.lmm``, ``hp.glmm``,
+``hp.bayes``'s independence sampler: :func:`hierpool.batch.fit.refit_values`,
+:func:`hierpool.batch.fit_each.dataset_fit`, :func:`hierpool.batch.bayes_each.sample_summary`) imports JAX with its
+modules: a worker loads it once, a fresh process's JAX (no thread of the parent's is copied), and holds it (about
+300 MB) for the process's life.  Those runs are NumPy and SciPy on the host, each dataset's numbers the same
+wherever it runs (tested bit for bit); ``hp.bayes``'s NUTS is not sent (its draws in a worker differed from this
+process's).
 
 **Protocol.**  Length-prefixed pickles on the worker's stdin and stdout (its own prints go to its stderr, the
 parent's): the function (by reference) and its arguments in, ``("ok", result)``, ``("error", exception)`` or
