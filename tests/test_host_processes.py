@@ -207,6 +207,34 @@ def test_datasets_fitted_alone_in_worker_processes_equal_them_fitted_here(monkey
         ("objective", "beta", "theta", "beta_se", "messages"), threads=False)
 
 
+def test_a_formula_that_reads_the_caller_s_names_is_fitted_here(monkeypatch):
+    """A user's function and np.sin are found in the caller's namespace, which a worker process or a pool thread has
+    not: such datasets were refused in every row (FormulaError: unknown name), even bayes_batch's three datasets
+    without workers (its pool thread).  They are fitted here, as hp.glmm and hp.bayes fit them."""
+    import hierpool.batch.fit as fit_module
+
+    def shifted(x):
+        return x + 1.0
+
+    rng = np.random.default_rng(11)
+    frames = []
+    for d in range(3):
+        g, trials, x = np.repeat(np.arange(8), 3), rng.integers(5, 15, 24), rng.normal(size=24)
+        eta = -0.5 + 0.5 * x + rng.normal(0, 0.6, 8)[g]
+        frames.append(pd.DataFrame({"g": g.astype(str), "n": trials, "x": x,
+                                    "y": rng.binomial(trials, 1 / (1 + np.exp(-eta)))}))
+    formula = "cbind(y, n - y) ~ np.sin(x) + shifted(x) + (1 | g)"
+    monkeypatch.setattr(fit_module, "REFIT_PROCESS_MIN", 0)
+    monkeypatch.setattr(host_processes, "worker_count", lambda threads: 1)
+    batch = hp.fit_batch(formula, frames, by="rep", family="binomial", nAGQ=0, progress=False)
+    assert batch.messages.str.contains("refitted by hp.glmm").all(), list(batch.messages)
+    single = hp.glmm(formula, frames[2], family="binomial", nAGQ=0)
+    assert batch.objective.iloc[2] == single.optimum.deviance
+    posterior = hp.bayes_batch(formula, frames, by="rep", family="binomial", draws=100, tune=100, seed=1,
+                               progress=False)
+    assert posterior.diagnostics["method"].tolist() == ["independence"] * 3, list(posterior.diagnostics.message)
+
+
 @pytest.mark.filterwarnings("error:a hierpool host worker process died")
 def test_a_several_term_linear_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatch):
     rng = np.random.default_rng(6)

@@ -42,6 +42,7 @@ from ..closedform.ar1 import draws_per_unit
 from ..errors import ArgumentError, boolean_argument, integer_argument, optional_boolean_argument
 from ..spec.arguments import sampler_arguments
 from ..spec.family import family_spec
+from ..spec.transforms import caller_names
 from . import host_processes
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
 from .bayes_each import bayes_batch_each, one_thread_summary, sample_summary
@@ -480,7 +481,10 @@ def _independence_pass(plan, messages: list[str], formula: str, seed: int, progr
     from ..bayesian.fit import bayes_independence
 
     usable = [d for d, message in enumerate(messages) if not message]
-    workers = host_processes.worker_count(thread_count(None)) if len(usable) >= INDEPENDENCE_PROCESS_MIN else 0
+    # a formula that reads the caller's names (np.sin, a user's function) is sampled here, in this thread, where the
+    # caller's frame is on the stack (a worker's or a pool thread's hp.bayes cannot resolve them)
+    workers = host_processes.worker_count(thread_count(None)) if (
+        len(usable) >= INDEPENDENCE_PROCESS_MIN and not caller_names(formula, plan.frame.columns)) else 0
     if workers:  # the imports run in the workers while the first datasets are sampled here
         host_processes.start(workers, preload=(sample_summary.__module__, bayes_independence.__module__))
     # without a worker, calls would run here in several threads at once, where one's record of its warnings
@@ -497,7 +501,7 @@ def _independence_pass(plan, messages: list[str], formula: str, seed: int, progr
     with progress_bar(progress, len(usable), "bayes_batch (independence sampler)") as bar, \
             ThreadPoolExecutor(max_workers=workers + 1) as pool, \
             one_blas_thread() if workers else contextlib.nullcontext():
-        for index, (summary, why) in zip(usable, pool.map(sample, usable)):
+        for index, (summary, why) in zip(usable, pool.map(sample, usable) if workers else map(sample, usable)):
             if summary is not None:
                 out[index] = summary
             elif why:

@@ -71,6 +71,7 @@ from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
 from ..errors import ArgumentError, HierpoolWarning, boolean_argument, integer_argument, optional_boolean_argument
 from ..spec.family import binary_outcome_per_level, family_spec, unidentified_term_message
+from ..spec.transforms import caller_names
 from . import host_processes
 from .conditioning import condition_batch
 from .fit_ar1 import fit_ar1
@@ -708,7 +709,10 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
     for index in zero_alone:
         messages[index] = plan.alone_note(index, "fitted")
     refits = list(out["alone"]) + zero_alone + (to_polish if polish else [])
-    workers = host_processes.worker_count(thread_count(None)) if len(refits) >= REFIT_PROCESS_MIN else 0
+    # a formula that reads the caller's names (np.sin, a user's function) is fitted here, in this thread, where the
+    # caller's frame is on the stack (a worker's or a pool thread's single fit cannot resolve them)
+    workers = host_processes.worker_count(thread_count(None)) if (
+        len(refits) >= REFIT_PROCESS_MIN and not caller_names(formula, plan.frame.columns)) else 0
     if workers:  # the imports run in the workers while the first datasets are fitted here
         host_processes.start(workers, preload=(refit_values.__module__,))
     # without a worker, fits would run here in several threads at once, where one's warnings filter (not

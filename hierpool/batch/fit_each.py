@@ -49,6 +49,7 @@ from ..closedform.results import term_rows
 from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
 from ..spec.design import build_design
 from ..spec.formula import has_spatial_term
+from ..spec.transforms import caller_names
 from . import host_processes
 from .plan import (
     EMPTY_DATASET,
@@ -274,12 +275,13 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
 EACH_PROCESS_MIN = 8
 
 
-def run_each(model: EachModel, call, progress, caller: str, keep_warnings: bool = True, portable=None
-             ) -> tuple[pd.Index, list, list[str]]:
+def run_each(model: EachModel, call, progress, caller: str, keep_warnings: bool = True, portable=None,
+             formula: str = "") -> tuple[pd.Index, list, list[str]]:
     """``call(index, frame, arguments)`` on each dataset (its rows of the long frame, its weights/offset arguments),
     in order.  ``portable``: the same call, picklable (a module's function with its arguments bound), which from
     :data:`EACH_PROCESS_MIN` datasets runs in worker processes too (:mod:`hierpool.batch.host_processes`, a core
-    each); each dataset's outcome is its own wherever it runs.
+    each), unless ``formula`` reads names of the caller's (:func:`~hierpool.spec.transforms.caller_names`); each
+    dataset's outcome is its own wherever it runs.
 
     Returns (dataset labels, per dataset what ``call`` returned or None where it raised, per dataset its message:
     its error, after its fit's warnings with ``keep_warnings``).
@@ -287,7 +289,9 @@ def run_each(model: EachModel, call, progress, caller: str, keep_warnings: bool 
     frame, labels = model.frame, model.labels
     rows = rows_by_code(model.codes, len(labels))
     workers = 0
-    if portable is not None and len(labels) >= EACH_PROCESS_MIN:
+    # a formula that reads the caller's names (np.sin, a user's function) is fitted here, in this thread, where the
+    # caller's frame is on the stack (a worker's or a pool thread's single fit cannot resolve them)
+    if portable is not None and len(labels) >= EACH_PROCESS_MIN and not caller_names(formula, frame.columns):
         workers = host_processes.worker_count(thread_count(None))
         if workers:  # the imports run in the workers while the first datasets are fitted here
             host_processes.start(workers, preload=(portable.func.__module__,))
@@ -549,6 +553,6 @@ def fit_batch_each(formula: str, data, by: str, *, family, link, reml: bool | No
 
     # a spatial dataset's fit in a worker process too (its graphs go with it); a relationship matrix's stays here
     portable = partial(dataset_fit, fitter, row, model.fixed_names, formula) if model.spatial else None
-    labels, fits, messages = run_each(model, fit, progress, "fit_batch", portable=portable)
+    labels, fits, messages = run_each(model, fit, progress, "fit_batch", portable=portable, formula=formula)
     return each_result(labels, fits, messages, fixed_names=model.fixed_names, terms=model.keys, reml=reml,
                        sigma_known=model.spatial and spec is not None, spatial=model.spatial)

@@ -154,6 +154,26 @@ def unvouched_calls(formula: str) -> list[str]:
     return sorted(out)
 
 
+_NAME = re.compile(r"(?<![\w.])([A-Za-z_][\w.]*)(?![\w.])(?!\s*=(?!=))")  # an identifier, not a keyword (type=)
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+#: Names a formula may use that are hierpool's own or formulae's, not the caller's: R's functions, formulae's
+#: transforms and encodings, hierpool's spatial term and R's ``cbind``.
+OWN_NAMES = frozenset(R_FUNCTIONS) | FORMULAE_NAMES | {"car", "cbind", "True", "False", "None"}
+
+
+def caller_names(formula: str, columns) -> list[str]:
+    """The names ``formula`` reads from the code that called hierpool (:func:`caller_environment`): those that are
+    neither a column of ``columns`` nor hierpool's or formulae's own (:data:`OWN_NAMES`), a module's first part
+    (``np`` of ``np.sin``) included.  A fit that runs where that code's frame is not on the stack (a worker process,
+    a pool's thread) cannot resolve them: the batch paths that send fits there run them here where this is not
+    empty.  Keywords (``type='bym2'``) and quoted text are not names."""
+    from .formula import to_formulae
+
+    known = OWN_NAMES | {str(column) for column in columns}
+    names = _NAME.findall(_QUOTED.sub("''", to_formulae(formula)))
+    return sorted({name for name in names if name not in known and name.split(".")[0] not in known})
+
+
 def stateful_calls(formula: str) -> list[str]:
     """Names of the stateful transforms (``scale``, ``center``, ``poly``, splines...) a formula calls."""
     from .formula import display_name, to_formulae
