@@ -152,18 +152,24 @@ def test_a_glmm_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatc
 
 
 
+def _binomial_frames(seed: int) -> list:
+    """Four small binomial datasets (8 groups of 3 rows, 5-14 trials) with a random intercept."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(4):
+        g, trials = np.repeat(np.arange(8), 3), rng.integers(5, 15, 24)
+        eta = -0.5 + rng.normal(0, 0.6, 8)[g]
+        frames.append(pd.DataFrame({"g": g.astype(str), "n": trials, "y": rng.binomial(trials, 1 / (1 + np.exp(-eta)))}))
+    return frames
+
+
 @pytest.mark.filterwarnings("error:a hierpool host worker process died")
 def test_bayes_batch_s_independence_pass_in_worker_processes_equals_it_here(monkeypatch):
     """hp.bayes_batch's independence sampler (a binomial, one scalar term), dataset by dataset in a worker process
     too: each dataset's draws are its seed's wherever it runs."""
     import hierpool.batch.bayes as bayes_module
 
-    rng = np.random.default_rng(8)
-    frames = []
-    for d in range(4):
-        g, trials = np.repeat(np.arange(8), 3), rng.integers(5, 15, 24)
-        eta = -0.5 + rng.normal(0, 0.6, 8)[g]
-        frames.append(pd.DataFrame({"g": g.astype(str), "n": trials, "y": rng.binomial(trials, 1 / (1 + np.exp(-eta)))}))
+    frames = _binomial_frames(8)
     _assert_workers_fit_as_threads(
         monkeypatch, bayes_module, "INDEPENDENCE_PROCESS_MIN",
         lambda: hp.bayes_batch("cbind(y, n - y) ~ 1 + (1 | g)", frames, by="rep", family="binomial", draws=200,
@@ -194,12 +200,7 @@ def test_datasets_fitted_alone_in_worker_processes_equal_them_fitted_here(monkey
     """fit_batch at nAGQ = 0 fits every dataset alone by hp.glmm: in a worker process too, the same rows."""
     import hierpool.batch.fit as fit_module
 
-    rng = np.random.default_rng(10)
-    frames = []
-    for d in range(4):
-        g, trials = np.repeat(np.arange(8), 3), rng.integers(5, 15, 24)
-        eta = -0.5 + rng.normal(0, 0.6, 8)[g]
-        frames.append(pd.DataFrame({"g": g.astype(str), "n": trials, "y": rng.binomial(trials, 1 / (1 + np.exp(-eta)))}))
+    frames = _binomial_frames(10)
     _assert_workers_fit_as_threads(
         monkeypatch, fit_module, "REFIT_PROCESS_MIN",
         lambda: hp.fit_batch("cbind(y, n - y) ~ 1 + (1 | g)", frames, by="rep", family="binomial", nAGQ=0,
