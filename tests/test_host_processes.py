@@ -196,6 +196,22 @@ def test_a_spatial_batch_fitted_in_worker_processes_equals_it_here(monkeypatch):
 
 
 @pytest.mark.filterwarnings("error:a hierpool host worker process died")
+def test_gaussian_spatial_posteriors_sampled_in_worker_processes_equal_them_sampled_here(monkeypatch):
+    """bayes_batch's Gaussian spatial datasets, each hp.bayes's exact sampler (NumPy and SciPy), in a worker
+    process too: the same draws."""
+    import hierpool.batch.fit_each as fit_each_module
+    from hierpool.spec.adjacency import lattice_edges
+
+    rng = np.random.default_rng(12)
+    frames = [pd.DataFrame({"area": [f"a{i}" for i in range(16)], "y": rng.normal(size=16)}) for _ in range(2)]
+    _assert_workers_fit_as_threads(
+        monkeypatch, fit_each_module, "EACH_PROCESS_MIN",
+        lambda: hp.bayes_batch("y ~ 1 + car(area, type='icar')", frames, by="rep", adjacency=lattice_edges(4, 4),
+                               draws=100, tune=100, seed=1, progress=False),
+        ("fixef", "hyperparameters", "messages"), threads=False)
+
+
+@pytest.mark.filterwarnings("error:a hierpool host worker process died")
 def test_datasets_fitted_alone_in_worker_processes_equal_them_fitted_here(monkeypatch):
     """fit_batch at nAGQ = 0 fits every dataset alone by hp.glmm: in a worker process too, the same rows."""
     import hierpool.batch.fit as fit_module

@@ -15,6 +15,7 @@ messages: ``diagnostics`` gives each dataset's divergences, R-hat and ESS.
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -149,6 +150,17 @@ def _spatial_summaries(result, keys: list, fixed_names) -> dict:
             "terms": terms, "divergences": result.divergences, "scalars": {}}
 
 
+def dataset_posterior(bayes, formula: str, seed: int, settings: dict, spatial: bool, keys, fixed_names, template,
+                      index: int, frame: pd.DataFrame, arguments: dict) -> dict:
+    """Dataset ``index``'s ``hp.bayes`` posterior (seed + index) summarized: a module-level function, so that a worker
+    process can run it (:func:`~hierpool.batch.fit_each.run_each`'s ``portable``)."""
+    result = bayes(formula, frame, seed=seed + index, **settings, **arguments)
+    check_fixed_effects(result, fixed_names)
+    if spatial:
+        return _spatial_summaries(result, keys, fixed_names)
+    return _relmat_summaries(result, keys, fixed_names, template)
+
+
 def bayes_batch_each(formula: str, data, by: str, *, chains: int, draws: int, tune: int, seed: int, priors,
                      level: float, target_accept: float, progress, weights, offset, se, family, link, relmat,
                      relmat_inverse, adjacency) -> BayesBatchResult:
@@ -164,14 +176,11 @@ def bayes_batch_each(formula: str, data, by: str, *, chains: int, draws: int, tu
     settings = dict(chains=chains, draws=draws, tune=tune, priors=priors, level=level, target_accept=target_accept,
                     progress=False, family=family, link=link, **model.shared)
 
-    def sample(index: int, frame: pd.DataFrame, arguments: dict) -> dict:
-        result = bayes(formula, frame, seed=seed + index, **settings, **arguments)
-        check_fixed_effects(result, fixed_names)
-        if model.spatial:
-            return _spatial_summaries(result, keys, fixed_names)
-        return _relmat_summaries(result, keys, fixed_names, template)
-
-    labels, out, messages = run_each(model, sample, progress, "bayes_batch", keep_warnings=False)
+    sample = partial(dataset_posterior, bayes, formula, seed, settings, model.spatial, keys, fixed_names, template)
+    # a Gaussian model's posterior is hp.bayes's exact sampler (NumPy and SciPy: the same draws in a worker process);
+    # NUTS (a GLMM's spatial posterior) is not sent, its draws in a worker differed from this process's
+    labels, out, messages = run_each(model, sample, progress, "bayes_batch", keep_warnings=False,
+                                     portable=sample if spec is None else None, formula=formula)
     n, p = len(labels), len(fixed_names)
     done = [o for o in out if o is not None]
     names = tuple(dict.fromkeys(name for o in done for name in o["hyperparameters"].index)) if model.spatial else None
