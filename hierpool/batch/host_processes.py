@@ -1,6 +1,6 @@
 """Worker processes for the host paths of ``hp.fit_batch`` (GLMMs, several-term linear models, several-term AR(1)
-models; the datasets it fits alone, its spatial datasets) and ``hp.bayes_batch``'s independence pass: chunks of
-datasets fitted (or sampled) on the other cores.
+models; the datasets it fits alone, its spatial datasets) and of ``hp.bayes_batch`` (its independence pass, a
+Gaussian model's relmat and spatial datasets): chunks of datasets fitted (or sampled) on the other cores.
 
 **Why processes.**  A host fit is NumPy on a chunk's stacked arrays: many operations, most of them small, and the
 interpreter holds the GIL between them, so that a second thread adds little and a second process nearly doubles
@@ -14,8 +14,9 @@ again in every worker (a user's script without a ``__main__`` guard would fit it
 module: nothing of the user's runs in it, and for ``hp.fit_batch`` it loads NumPy and the host algebra, not JAX (the
 searches it runs are importable without JAX: :mod:`hierpool.batch.glmm_search`, :mod:`hierpool.algebra.search.terms`,
 :mod:`hierpool.algebra.search.ar1_systems`).  A single fit or sampler run whole (``hp.lmm``, ``hp.glmm``,
-``hp.bayes``'s independence sampler: :func:`hierpool.batch.fit.refit_values`,
-:func:`hierpool.batch.fit_each.dataset_fit`, :func:`hierpool.batch.bayes_each.sample_summary`) imports JAX with its
+``hp.bayes``'s independence and exact samplers: :func:`hierpool.batch.fit.refit_values`,
+:func:`hierpool.batch.fit_each.dataset_fit`, :func:`hierpool.batch.bayes_each.sample_summary`,
+:func:`hierpool.batch.bayes_each.dataset_posterior`) imports JAX with its
 modules: a worker loads it once, a fresh process's JAX (no thread of the parent's is copied), and holds it (about
 300 MB) for the process's life.  Those runs are NumPy and SciPy on the host, each dataset's numbers the same
 wherever it runs (tested bit for bit); ``hp.bayes``'s NUTS is not sent (its draws in a worker differed from this
