@@ -693,6 +693,26 @@ def test_a_constant_offset_far_from_the_counts_is_absorbed_by_the_intercept():
         assert shifted.fixef["x"] == pytest.approx(plain.fixef["x"], abs=1e-6)
 
 
+def test_glm_fit_s_first_step_failing_leaves_the_mode_from_beta_zero(monkeypatch):
+    """The first joint mode's second start (glm.fit's step, a least-squares fit) may fail on non-finite working
+    values: the mode from beta = 0 then stands, as it did before the second start was tried on every fit."""
+    import hierpool.closedform.glmm_optimize as optimize_module
+
+    rng = np.random.default_rng(0)
+    g, x = np.repeat(np.arange(10), 10), rng.normal(size=100)
+    frame = pd.DataFrame({"y": rng.poisson(np.exp(1 + 0.3 * x)), "x": x, "g": g.astype(str)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.ConvergenceWarning)
+        plain = hp.glmm("y ~ x + (1 | g)", frame, family="poisson")
+
+        def failing(*_):
+            raise np.linalg.LinAlgError("SVD did not converge in Linear Least Squares")
+
+        monkeypatch.setattr(optimize_module, "working_start", failing)
+        again = hp.glmm("y ~ x + (1 | g)", frame, family="poisson")
+    assert again.optimum.deviance == plain.optimum.deviance
+
+
 def test_a_bernoulli_with_a_constant_offset_far_out_is_the_fit_without_it():
     """A constant logit offset of +-30: from beta = 0 every row's mu is 1 (or 0) to double precision, PIRLS's working
     weights vanish, and its joint mode stalled at beta ~ 1e14 (-2 log L 2829 where the mode's is 142); the fit

@@ -343,11 +343,16 @@ def _first_joint_mode(find_mode: ModeFinder, family: Family, theta: np.ndarray, 
     except np.linalg.LinAlgError as failed:
         mode, error = None, failed
     found = mode is not None and np.isfinite(mode.laplace)
-    with np.errstate(all="ignore"):
-        beta = working_start(design, family)
-        far = not np.all(np.abs(design.X @ beta) < FIRST_STEP_FAR)
-    if found and not far:
-        return mode
+    try:  # (its least squares on non-finite working values fail: then beta = 0's mode, or its error, stands)
+        with np.errstate(all="ignore"):
+            beta = working_start(design, family)
+            far = not np.all(np.abs(design.X @ beta) < FIRST_STEP_FAR)
+    except np.linalg.LinAlgError:
+        beta, far = None, False
+    if beta is None or (found and not far):
+        if found or error is None:
+            return mode
+        raise error
     try:
         with np.errstate(all="ignore"):
             again = conditional_mode(theta, beta, design, family, joint=True, patterns=find_mode.patterns)
