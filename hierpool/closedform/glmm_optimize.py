@@ -703,8 +703,11 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
             moved = abs(np.log(polished[3].shape / family.shape))
             x, mode, gradient, family = polished
             if moved > REFRESH_MOVE:  # the standard errors' Hessian at the shape the fit ends at
-                hessian = hessian_from_gradients(gradients_at, x, lower_all, step=HESSIAN_STEP_SCALED,
-                                                 gradient=gradient, directions=directions)
+                try:  # (where a system there does not factor, the last shape's Hessian stands)
+                    hessian = hessian_from_gradients(gradients_at, x, lower_all, step=HESSIAN_STEP_SCALED,
+                                                     gradient=gradient, directions=directions)
+                except np.linalg.LinAlgError:
+                    pass
                 state["count"] += len(x)
     return GLMMOptimum(x[:n_theta], x[n_theta:], mode.laplace, mode, (first, state["count"]), family.shape,
                        gradient if derivatives else None, hessian)
@@ -720,11 +723,15 @@ SHAPE_MAX_STEP = 2.0
 
 
 def _shape_slope(find_mode: ModeFinder, family: Family, x, n_theta: int, mode) -> float:
-    """d deviance / d log shape at (theta, beta) = ``x``, by central differences of :data:`SHAPE_DIFFERENCE`."""
+    """d deviance / d log shape at (theta, beta) = ``x``, by central differences of :data:`SHAPE_DIFFERENCE`; NaN
+    where a side's system does not factor (the polish then stops where it is)."""
     log_shape = np.log(family.shape)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        sides = [find_mode(x[:n_theta], x[n_theta:], replace(family, shape=shape_of(log_shape + h)),
-                           start_u=mode.u).laplace for h in (SHAPE_DIFFERENCE, -SHAPE_DIFFERENCE)]
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            sides = [find_mode(x[:n_theta], x[n_theta:], replace(family, shape=shape_of(log_shape + h)),
+                               start_u=mode.u).laplace for h in (SHAPE_DIFFERENCE, -SHAPE_DIFFERENCE)]
+    except np.linalg.LinAlgError:
+        return float("nan")
     return float((sides[0] - sides[1]) / (2.0 * SHAPE_DIFFERENCE))
 
 
