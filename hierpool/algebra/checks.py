@@ -88,8 +88,11 @@ def lme4_gradient_measure(hessian: np.ndarray, gradient: np.ndarray) -> np.ndarr
     to evaluate scaled gradient").  ``hp.lmm``'s and ``hp.glmm``'s convergence checks; the components at a bound are
     the caller's to leave out, as lme4 does."""
     g = np.asarray(gradient, dtype=float)
+    hessian = np.asarray(hessian, dtype=float)
+    if not np.all(np.isfinite(hessian)):  # (NumPy's Cholesky does not refuse NaN: its NaN measure passed the check)
+        return np.abs(g)
     try:
-        lower = np.linalg.cholesky(np.asarray(hessian, dtype=float))  # H = L L^T: lme4's chol(H) is L^T
+        lower = np.linalg.cholesky(hessian)  # H = L L^T: lme4's chol(H) is L^T
     except np.linalg.LinAlgError:
         return np.abs(g)
     return np.minimum(np.abs(g), np.abs(np.linalg.solve(lower.T, g)))
