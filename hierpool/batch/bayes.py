@@ -17,7 +17,6 @@ else grows with the number of datasets unless ``keep_draws=True``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -29,7 +28,6 @@ from jax.sharding import PartitionSpec as P
 from ..algebra.ar1 import per_unit
 from ..algebra.compiler_options import ProgramCache, compile_lowered, shape_signature
 from ..algebra.conditioning import SAMPLER_REASON, warn_far_fixed
-from ..algebra.host_blas import one_blas_thread
 from ..algebra.marginal import theta_from_components
 from ..algebra.one_term_marginal import draw_effects
 from ..algebra.varcorr import coef_pairs, varcorr_table
@@ -45,7 +43,7 @@ from ..spec.family import family_spec
 from ..spec.transforms import caller_names
 from . import host_processes
 from .bayes_ar1 import ar1_chunks, chain_and_draw_ar1
-from .bayes_each import bayes_batch_each, one_thread_summary, sample_summary
+from .bayes_each import bayes_batch_each, sample_summary
 from .bayes_glmm import chain_and_draw_glmm, glmm_chunks
 from .bayes_results import DIAGNOSTICS_COLUMNS, SCALARS, BayesBatchResult, BayesBatchTerm, summarize_blocks
 from .bayes_terms import chain_and_draw_terms, correlation_matrices, effect_key, term_chunks
@@ -466,7 +464,7 @@ def bayes_batch(
 
 #: Datasets from which the independence pass samples in worker processes too (:mod:`hierpool.batch.host_processes`,
 #: a core each): a worker's start (Python, NumPy, JAX and the sampler's modules) costs about as much as a few
-#: datasets' sampling (~0.3 s each, cbpp-shaped).
+#: datasets' sampling (benchmarks/RESULTS.md, forty-fourth session).
 INDEPENDENCE_PROCESS_MIN = 8
 
 
@@ -481,27 +479,18 @@ def _independence_pass(plan, messages: list[str], formula: str, seed: int, progr
     from ..bayesian.fit import bayes_independence
 
     usable = [d for d, message in enumerate(messages) if not message]
-    # a formula that reads the caller's names (np.sin, a user's function) is sampled here, in this thread, where the
-    # caller's frame is on the stack (a worker's or a pool thread's hp.bayes cannot resolve them)
-    workers = host_processes.worker_count(thread_count(None)) if (
-        len(usable) >= INDEPENDENCE_PROCESS_MIN and not caller_names(formula, plan.frame.columns)) else 0
-    if workers:  # the imports run in the workers while the first datasets are sampled here
-        host_processes.start(workers, preload=(sample_summary.__module__, bayes_independence.__module__))
-    # without a worker, calls would run here in several threads at once, where one's record of its warnings
-    # (warnings.catch_warnings, not thread-safe) takes another's: one thread then
-    workers = workers if host_processes.running() else 0
 
-    def sample(index):  # here, or in an idle worker process (host_processes.call)
-        arguments = _alone_arguments(plan, index, formula, settings, seed, [], settings["level"], True, keep_draws,
-                                     bayes_independence)
-        return host_processes.call(one_thread_summary, *arguments) if workers else sample_summary(*arguments)
+    def job(index):  # (the function, its arguments): here, or in an idle worker process
+        return sample_summary, _alone_arguments(plan, index, formula, settings, seed, [], settings["level"], True,
+                                                keep_draws, bayes_independence)
 
+    # a formula that reads the caller's names (np.sin, a user's function) is sampled here, in this thread
+    outcomes = host_processes.whole_runs(usable, job, threads=thread_count(None), minimum=INDEPENDENCE_PROCESS_MIN,
+                                         preload=(sample_summary.__module__, bayes_independence.__module__),
+                                         allowed=not caller_names(formula, plan.frame.columns))
     out = {}
-    # with workers, each process's BLAS on one thread: OpenBLAS's idle threads spin, taking the other's core
-    with progress_bar(progress, len(usable), "bayes_batch (independence sampler)") as bar, \
-            ThreadPoolExecutor(max_workers=workers + 1) as pool, \
-            one_blas_thread() if workers else contextlib.nullcontext():
-        for index, (summary, why) in zip(usable, pool.map(sample, usable) if workers else map(sample, usable)):
+    with progress_bar(progress, len(usable), "bayes_batch (independence sampler)") as bar:
+        for index, (summary, why) in zip(usable, outcomes):
             if summary is not None:
                 out[index] = summary
             elif why:

@@ -20,7 +20,6 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from ..algebra.host_blas import one_blas_thread
 from ..algebra.varcorr import varcorr_table
 from ..bayesian.results import SUMMARY_COLUMNS, summarize_draws
 from ..closedform.results import term_rows
@@ -52,12 +51,6 @@ def sample_summary(sampler, formula: str, frame: pd.DataFrame, arguments: dict, 
         return summary, ""
     except Exception as exc:  # noqa: BLE001 - reported in the dataset's row
         return None, f"{type(exc).__name__}: {exc}"
-
-
-def one_thread_summary(*arguments) -> tuple[dict | None, str]:
-    """:func:`sample_summary` with BLAS on one thread (a worker process's, beside the other processes)."""
-    with one_blas_thread():
-        return sample_summary(*arguments)
 
 
 def single_summaries(result, fixed_names, terms, levels, template: pd.DataFrame, scalars, level: float) -> dict:

@@ -46,7 +46,6 @@ whitened systems, :mod:`hierpool.algebra.search.ar1_systems`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,7 +61,6 @@ from ..algebra.checks import fitted_singular
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
 from ..algebra.host_allocator import raise_malloc_thresholds
-from ..algebra.host_blas import one_blas_thread
 from ..algebra.one_term import solution
 from ..algebra.search.newton import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
 from ..algebra.search.terms import host_bytes, search_statistics_on_host, systems_onto_boundary
@@ -627,12 +625,6 @@ def refit_values(fitter, formula: str, frame: pd.DataFrame, arguments: dict, fix
     return values
 
 
-def one_thread_refit(*arguments) -> dict | str:
-    """:func:`refit_values` with BLAS on one thread (a worker process's, beside the other processes)."""
-    with one_blas_thread():
-        return refit_values(*arguments)
-
-
 _ROW_ARRAYS = ("theta", "objective", "converged", "beta", "vcov", "sigma", "is_singular", "phi", "shape")
 _ROW_LISTS = ("factors", "b", "cond_var")
 
@@ -709,24 +701,13 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
     for index in zero_alone:
         messages[index] = plan.alone_note(index, "fitted")
     refits = list(out["alone"]) + zero_alone + (to_polish if polish else [])
-    # a formula that reads the caller's names (np.sin, a user's function) is fitted here, in this thread, where the
-    # caller's frame is on the stack (a worker's or a pool thread's single fit cannot resolve them)
-    workers = host_processes.worker_count(thread_count(None)) if (
-        len(refits) >= REFIT_PROCESS_MIN and not caller_names(formula, plan.frame.columns)) else 0
-    if workers:  # the imports run in the workers while the first datasets are fitted here
-        host_processes.start(workers, preload=(refit_values.__module__,))
-    # without a worker, fits would run here in several threads at once, where one's warnings filter (not
-    # thread-safe) takes another's: one thread then
-    workers = workers if host_processes.running() else 0
-
-    def fitted(index):  # here, or in an idle worker process (host_processes.call)
-        return host_processes.call(one_thread_refit, *_refit_arguments(plan, index, formula, fitter))
-
-    # with workers, each process's BLAS on one thread: OpenBLAS's idle threads spin, taking the other's core
-    with progress_bar(progress if len(refits) > 1 else False, len(refits), "fit_batch") as bar, \
-            ThreadPoolExecutor(max_workers=workers + 1) as pool, \
-            one_blas_thread() if workers else contextlib.nullcontext():
-        for index, values in zip(refits, pool.map(fitted, refits) if workers else [None] * len(refits)):
+    # a formula that reads the caller's names (np.sin, a user's function) is fitted here, in this thread
+    outcomes = host_processes.whole_runs(
+        refits, lambda index: (refit_values, _refit_arguments(plan, index, formula, fitter)),
+        threads=thread_count(None), minimum=REFIT_PROCESS_MIN, preload=(refit_values.__module__,),
+        allowed=len(refits) >= REFIT_PROCESS_MIN and not caller_names(formula, plan.frame.columns))
+    with progress_bar(progress if len(refits) > 1 else False, len(refits), "fit_batch") as bar:
+        for index, values in zip(refits, outcomes):
             _polish(plan, index, formula, fitter, out, messages, refitted, values)
             bar.update(1)
     if design.family is not None:  # hp.glmm's warning where X separates the outcomes, in the dataset's row

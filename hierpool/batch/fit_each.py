@@ -34,16 +34,13 @@ columns differ from the batch's (a factor level missing from it) is refused in i
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import pandas as pd
 
-from ..algebra.host_blas import one_blas_thread
 from ..closedform.glmm import check_quadrature
 from ..closedform.results import term_rows
 from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
@@ -271,7 +268,8 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
 
 
 #: Datasets from which the spatial fits of :func:`run_each` run in worker processes too (a core each): a worker's
-#: start (Python, NumPy, JAX and the closed form's modules) costs about as much as a few datasets' fits.
+#: start (Python, NumPy, JAX and the closed form's modules) costs about as much as a few datasets' fits
+#: (:func:`hierpool.batch.host_processes.whole_runs`).
 EACH_PROCESS_MIN = 8
 
 
@@ -288,42 +286,25 @@ def run_each(model: EachModel, call, progress, caller: str, keep_warnings: bool 
     """
     frame, labels = model.frame, model.labels
     rows = rows_by_code(model.codes, len(labels))
-    workers = 0
-    # a formula that reads the caller's names (np.sin, a user's function) is fitted here, in this thread, where the
-    # caller's frame is on the stack (a worker's or a pool thread's single fit cannot resolve them)
-    if portable is not None and len(labels) >= EACH_PROCESS_MIN and not caller_names(formula, frame.columns):
-        workers = host_processes.worker_count(thread_count(None))
-        if workers:  # the imports run in the workers while the first datasets are fitted here
-            host_processes.start(workers, preload=(portable.func.__module__,))
-        # without a worker, calls would run here in several threads at once, where one's record of its warnings
-        # (warnings.catch_warnings, not thread-safe) takes another's: one thread then
-        workers = workers if host_processes.running() else 0
+    refused = {index for index in range(len(labels)) if model.refusals and model.refusals[index]}
 
-    def one(index: int) -> tuple:
-        if model.refusals and model.refusals[index]:  # no rows to fit: the reason, as the batched paths give it
-            return None, model.refusals[index]
+    def job(index: int) -> tuple:  # (the function, its arguments): the portable call's where it may run anywhere
         arguments = dataset_arguments(rows[index], **model.arguments)
-        if workers:
-            return host_processes.call(one_thread_outcome, portable, index, frame.iloc[rows[index]], arguments,
-                                       keep_warnings)
-        return each_outcome(call, index, frame.iloc[rows[index]], arguments, keep_warnings)
+        return each_outcome, (portable or call, index, frame.iloc[rows[index]], arguments, keep_warnings)
 
+    fitted = [index for index in range(len(labels)) if index not in refused]
+    outcomes = host_processes.whole_runs(fitted, job, threads=thread_count(None), minimum=EACH_PROCESS_MIN,
+                                         preload=(each_outcome.__module__,),
+                                         allowed=portable is not None and not caller_names(formula, frame.columns))
     out, messages = [], []
-    # with workers, each process's BLAS on one thread: OpenBLAS's idle threads spin, and took the cores the other
-    # processes' fits needed (40 spatial datasets: 11.8 s with a worker, 12.0 s without; 8.3 s on one thread each)
-    with progress_bar(progress, len(labels), caller) as bar, ThreadPoolExecutor(max_workers=workers + 1) as pool, \
-            one_blas_thread() if workers else contextlib.nullcontext():
-        for value, message in (pool.map(one, range(len(labels))) if workers else map(one, range(len(labels)))):
+    with progress_bar(progress, len(labels), caller) as bar:
+        for index in range(len(labels)):
+            # no rows to fit: the reason, as the batched paths give it
+            value, message = (None, model.refusals[index]) if index in refused else next(outcomes)
             out.append(value)
             messages.append(message)
             bar.update(1)
     return labels, out, messages
-
-
-def one_thread_outcome(call, index: int, frame: pd.DataFrame, arguments: dict, keep_warnings: bool) -> tuple:
-    """:func:`each_outcome` with BLAS on one thread (a worker process's, beside the other processes)."""
-    with one_blas_thread():
-        return each_outcome(call, index, frame, arguments, keep_warnings)
 
 
 def each_outcome(call, index: int, frame: pd.DataFrame, arguments: dict, keep_warnings: bool) -> tuple:

@@ -46,8 +46,10 @@ import sys
 import threading
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 from ..algebra.host_allocator import raise_malloc_thresholds
+from ..algebra.host_blas import one_blas_thread
 
 #: The environment variable that turns worker processes off ("0").
 SWITCH = "HIERPOOL_HOST_PROCESSES"
@@ -221,6 +223,41 @@ def running() -> bool:
     """Whether some worker process is running or starting: then :func:`call` runs one call at a time here (the
     others wait for a worker); with none it runs each call here at once, in its caller's thread."""
     return _has_workers()
+
+
+def on_one_blas_thread(function, *arguments):
+    """``function(*arguments)`` with BLAS on one thread: a worker's run beside the other processes'."""
+    with one_blas_thread():
+        return function(*arguments)
+
+
+def whole_runs(items, job, *, threads: int, minimum: int, preload=(), allowed: bool = True):
+    """Each item's ``function(*arguments)`` (``job(item)`` gives both; the function a module's, picklable), yielded in
+    the items' order: from ``minimum`` items (and where ``allowed``) here and in worker processes, one a core of
+    ``threads`` (:func:`worker_count`), every process's BLAS on one thread (OpenBLAS's idle threads spin, taking the
+    others' cores); otherwise here, one after another, in the caller's thread.
+
+    For whole single fits and samplers over datasets (``hp.fit_batch``'s datasets fitted alone and spatial datasets,
+    ``hp.bayes_batch``'s host samplers).  ``allowed`` is false where a run needs the caller's frame on its stack (a
+    formula that reads the caller's names: :func:`hierpool.spec.transforms.caller_names`), which neither a worker
+    nor a pool thread has.  Threads run only where a worker runs: with none, :func:`call` would run them here at once,
+    and one run's record of its warnings (``warnings.catch_warnings``, not thread-safe) would take another's."""
+    items = list(items)
+    workers = worker_count(threads) if allowed and len(items) >= minimum else 0
+    if workers:  # the imports run in the workers while the first items run here
+        start(workers, preload)
+    if not (workers and running()):
+        for item in items:
+            function, arguments = job(item)
+            yield function(*arguments)
+        return
+
+    def run(item):
+        function, arguments = job(item)
+        return call(on_one_blas_thread, function, *arguments)
+
+    with ThreadPoolExecutor(max_workers=workers + 1) as pool, one_blas_thread():
+        yield from pool.map(run, items)
 
 
 def call(function, *arguments):
