@@ -496,6 +496,16 @@ def test_glmm_restart_is_irls_first_step(family_name):
     args = design.X, design.y, design.row_weights, design.offset, family
     first, _ = glm_irls(*args, max_steps=1)
     np.testing.assert_allclose(working_start(design, family), first, rtol=1e-10)
+    # glm.fit's first step written out (McCullagh & Nelder's working response and weights at R's mustart)
+    y, a = design.y, design.row_weights
+    if family_name == "binomial":  # logit: d mu / d eta = V(mu) = mu (1 - mu)
+        mu = (a * y + 0.5) / (a + 1.0)
+        eta, w, r = np.log(mu / (1 - mu)), a * mu * (1 - mu), (y - mu) / (mu * (1 - mu))
+    else:  # log: d mu / d eta = V(mu) = mu
+        mu = y + 0.1
+        eta, w, r = np.log(mu), mu, (y - mu) / mu
+    by_hand = np.linalg.solve(design.X.T @ (w[:, None] * design.X), design.X.T @ (w * (eta - design.offset + r)))
+    np.testing.assert_allclose(first, by_hand, rtol=1e-9)
     beta, settled = glm_irls(*args)
     assert settled and not np.allclose(beta, first, rtol=1e-6)  # one step does not reach the fit
     mu = family.link.inverse(design.offset + design.X @ beta)
@@ -598,3 +608,16 @@ def test_solved_row_quadratic_forms_is_the_dense_quadratic_form_of_each_row(monk
         got = linalg.solved_row_quadratic_forms(lambda r: np.linalg.solve(b, r), size, n, columns, values,
                                                 lead=lead, measured=measured)
         np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_lme4_s_gradient_measure_is_min_of_g_and_solve_chol_h_g():
+    """lme4's check.conv.grad: min(|g|, |solve(chol(H), g)|), chol(H) the upper factor R (H = R'R).  A non-diagonal
+    H tells R^-1 g (lme4's) from L^-1 g; a Hessian with NaN (NumPy's Cholesky does not refuse it) gives |g|, as
+    one without a factor does, not a NaN that max() then ignores."""
+    from hierpool.algebra.checks import lme4_gradient_measure
+
+    hessian, g = np.array([[4.0, 3.0], [3.0, 9.0]]), np.array([0.01, -0.02])
+    # R's solve(chol(H), g) = (0.0107735, -0.0076980); L^-1 g (the lower factor's) would be (0.005, -0.0105848)
+    np.testing.assert_allclose(lme4_gradient_measure(hessian, g), [0.01, 0.0076980], rtol=1e-4)
+    np.testing.assert_array_equal(lme4_gradient_measure(np.array([[np.nan, 0.0], [0.0, 1.0]]), g), np.abs(g))
+    np.testing.assert_array_equal(lme4_gradient_measure(np.array([[1.0, 2.0], [2.0, 1.0]]), g), np.abs(g))

@@ -321,7 +321,8 @@ def working_start(design, family: Family) -> np.ndarray:
 #: The joint mode from glm.fit's first step replaces the one from beta = 0 where its criterion is lower by more than
 #: FIRST_MODE_GAIN (relative): the joint mode is unique, so both starts end at it but for PIRLS's tolerance, unless
 #: one stalled.  It is sought only where that step's linear predictor X beta is FIRST_STEP_FAR or more from beta = 0's
-#: somewhere (the offset far from the response's link scale): a PIRLS more on every fit cost 8% of a cbpp-sized one.
+#: somewhere (the offset far from the response's link scale): a PIRLS more on every fit costs more than it saves
+#: (benchmarks/RESULTS.md, forty-fourth session).
 FIRST_MODE_GAIN = 1e-8
 FIRST_STEP_FAR = 10.0
 
@@ -343,30 +344,22 @@ def _first_joint_mode(find_mode: ModeFinder, family: Family, theta: np.ndarray, 
     except np.linalg.LinAlgError as failed:
         mode, error = None, failed
     found = mode is not None and np.isfinite(mode.laplace)
-    try:  # (its least squares on non-finite working values fail: then beta = 0's mode, or its error, stands)
+    try:  # (its least squares on non-finite working values fail: then beta = 0's outcome stands)
         with np.errstate(all="ignore"):
             beta = working_start(design, family)
             far = not np.all(np.abs(design.X @ beta) < FIRST_STEP_FAR)
+        if not found or far:
+            with np.errstate(all="ignore"):
+                again = conditional_mode(theta, beta, design, family, joint=True, patterns=find_mode.patterns)
+            if np.isfinite(again.laplace) and (
+                    not found or again.laplace < mode.laplace - FIRST_MODE_GAIN * max(1.0, abs(mode.laplace))):
+                state["beta"] = beta
+                return again
     except np.linalg.LinAlgError:
-        beta, far = None, False
-    if beta is None or (found and not far):
-        if found or error is None:
-            return mode
-        raise error
-    try:
-        with np.errstate(all="ignore"):
-            again = conditional_mode(theta, beta, design, family, joint=True, patterns=find_mode.patterns)
-    except np.linalg.LinAlgError:
-        again = None
-    if again is not None and np.isfinite(again.laplace) and (
-            not found or again.laplace < mode.laplace - FIRST_MODE_GAIN * max(1.0, abs(mode.laplace))):
-        state["beta"] = beta
-        return again
-    if found:
+        pass
+    if found or error is None:
         return mode
-    if error is not None:
-        raise error
-    return mode
+    raise error
 
 
 def _fit(find_mode: ModeFinder, family: Family, stages: int, nodes: int, estimate_shape: bool,
@@ -639,9 +632,8 @@ def _gradient_stage(find_mode: ModeFinder, family: Family, start, lower, first: 
                 unfactored[0] += 1
                 return np.inf, np.zeros_like(x)
             if estimate_shape and np.isfinite(at.laplace):
-                sides = [find_mode(theta, beta, replace(fam, shape=shape_of(x[-1] + h)), start_u=at.u).laplace
-                         for h in (SHAPE_DIFFERENCE, -SHAPE_DIFFERENCE)]
-                gradient = np.append(gradient, (sides[0] - sides[1]) / (2.0 * SHAPE_DIFFERENCE))
+                gradient = np.append(gradient, _shape_slope(find_mode, fam, x[: n_theta + n_fixed], n_theta, at,
+                                                            log_shape=x[-1]))
         if not np.isfinite(at.laplace) or not np.all(np.isfinite(gradient)):
             unfactored[0] += 1
             return np.inf, np.zeros_like(x)
@@ -722,10 +714,12 @@ SHAPE_SECANT_STEP = 0.1
 SHAPE_MAX_STEP = 2.0
 
 
-def _shape_slope(find_mode: ModeFinder, family: Family, x, n_theta: int, mode) -> float:
-    """d deviance / d log shape at (theta, beta) = ``x``, by central differences of :data:`SHAPE_DIFFERENCE`; NaN
-    where a side's system does not factor (the polish then stops where it is)."""
-    log_shape = np.log(family.shape)
+def _shape_slope(find_mode: ModeFinder, family: Family, x, n_theta: int, mode, log_shape: float | None = None
+                 ) -> float:
+    """d deviance / d log shape at (theta, beta) = ``x``, by central differences of :data:`SHAPE_DIFFERENCE` about
+    ``log_shape`` (the searched coordinate; by default the family's shape's log); NaN where a side's system does not
+    factor (the gradient stage then reads the point as one that does not factor, the polish stops where it is)."""
+    log_shape = np.log(family.shape) if log_shape is None else log_shape
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             sides = [find_mode(x[:n_theta], x[n_theta:], replace(family, shape=shape_of(log_shape + h)),
@@ -744,7 +738,7 @@ def _polish_shape(find_mode: ModeFinder, family: Family, x, mode, gradient, hess
 
     The gradient stage's L-BFGS-B runs in variables scaled by the start's curvature, where the shape's is that of
     the start's shape: at a shape in the hundreds the profile is so flat in s that the search stopped with the
-    shape 222 where its optimum is 274 (-2 log L 2.7e-4 above it, reported converged; ``hp.fit_batch``, whose Newton
+    shape 222 where its optimum is 274 (-2 log L 3.7e-4 above it, reported converged; ``hp.fit_batch``, whose Newton
     steps take the shape along, found it), and the Newton steps after it hold the shape."""
     slope = _shape_slope(find_mode, family, x, n_theta, mode)
     best = (x, mode, gradient, family)
