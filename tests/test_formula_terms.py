@@ -354,9 +354,11 @@ def test_missing_weights_and_offsets_drop_rows_and_count_them(data):
     np.testing.assert_array_equal(offset, offset_before)
 
 
-def test_aliased_columns_by_qr_equal_the_column_by_column_projections():
+def test_aliased_columns_by_qr_equal_the_column_by_column_projections(monkeypatch):
     # the QR shortcut (no column aliased) and the column-by-column projections (some aliased) decide alike: columns
-    # aliased exactly, nearly (1e-9 of their norm off the span) and not quite (1e-5 off it), and after an aliased one
+    # aliased exactly, nearly (1e-9 of their norm off the span) and not quite (1e-5 off it), and after an aliased one;
+    # and so does a long frame's screen of X'X first (spec.design.GRAM_SCREEN_MIN_ROWS, here from every size)
+    from hierpool.spec import design
     from hierpool.spec.design import RANK_TOL, aliased_columns
 
     rng = np.random.default_rng(3)
@@ -379,6 +381,27 @@ def test_aliased_columns_by_qr_equal_the_column_by_column_projections():
     }
     for name, (columns, expected) in cases.items():
         assert aliased_columns(np.column_stack(columns)).tolist() == expected, name
+    cleared = []
+    monkeypatch.setattr(design, "GRAM_SCREEN_MIN_ROWS", 0)
+    screen = design.gram_clear
+
+    def recorded(gram):
+        clear = screen(gram)
+        cleared.append(bool(clear[0]))
+        return clear
+
+    monkeypatch.setattr(design, "gram_clear", recorded)
+    for name, (columns, expected) in cases.items():
+        assert aliased_columns(np.column_stack(columns)).tolist() == expected, name
+    assert cleared == [True] + [False] * 5  # (the screen cannot clear a column 1e-5 off the span: QR decides it)
+
+
+def test_largest_magnitudes_are_the_columns_largest_absolute_values_nan_kept():
+    from hierpool.spec.design import largest_magnitudes
+
+    values = np.array([[1.0, -5.0, 0.0], [-3.0, 2.0, np.nan], [2.0, 4.0, 1.0]])
+    np.testing.assert_array_equal(largest_magnitudes(values), [3.0, 5.0, np.nan])
+    assert largest_magnitudes(np.array([[-np.inf, 1.0]])).tolist() == [np.inf, 1.0]
 
 
 def test_r_factor_and_logical_constants_read_as_in_r():
