@@ -621,3 +621,62 @@ def test_lme4_s_gradient_measure_is_min_of_g_and_solve_chol_h_g():
     np.testing.assert_allclose(lme4_gradient_measure(hessian, g), [0.01, 0.0076980], rtol=1e-4)
     np.testing.assert_array_equal(lme4_gradient_measure(np.array([[np.nan, 0.0], [0.0, 1.0]]), g), np.abs(g))
     np.testing.assert_array_equal(lme4_gradient_measure(np.array([[1.0, 2.0], [2.0, 1.0]]), g), np.abs(g))
+
+
+# --- a batch's sums over rows: each distinct column of [z X] once, each statistic the cells' cross-products ---
+
+def _rows_with_shared_columns(seed=5, n_datasets=4, ell=3):
+    rng = np.random.default_rng(seed)
+    dataset = np.repeat(np.arange(n_datasets), 30)
+    dataset = dataset[dataset != 2]  # a dataset without rows: its sums are zero
+    level = rng.integers(0, ell, dataset.size)
+    x, u = rng.normal(size=(2, dataset.size))
+    X = np.column_stack([np.ones(dataset.size), x, u])
+    z = np.column_stack([np.ones(dataset.size), x])  # X's first two columns: summed once
+    y = 1e4 + 2 * x + rng.normal(size=dataset.size)
+    return rng, dataset, level, X, z, y
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sufficient_statistics_are_each_cells_cross_products(weighted):
+    from hierpool.algebra.linalg import distinct_block_columns
+
+    rng, dataset, level, X, z, y = _rows_with_shared_columns()
+    n_datasets, ell = 4, 3
+    weights = rng.uniform(0.5, 2.0, dataset.size) if weighted else None
+    offset = rng.normal(size=dataset.size)
+    columns, (z_at, x_at) = distinct_block_columns(z, X)
+    assert columns.shape[1] == 3 and z_at.tolist() == [0, 1] and x_at.tolist() == [0, 1, 2]
+    stats = statistics.sufficient_statistics(dataset, level, X, z, y, n_datasets, ell, weights=weights, offset=offset)
+    w = np.ones(dataset.size) if weights is None else weights
+    for d in range(n_datasets):
+        rows = dataset == d
+        target = (y - offset)[rows]
+        beta0 = np.linalg.lstsq(X[rows] * np.sqrt(w[rows])[:, None], target * np.sqrt(w[rows]), rcond=None)[0] \
+            if rows.any() else np.zeros(3)
+        np.testing.assert_allclose(stats.beta_shift[d], beta0, rtol=1e-9, atol=1e-9)
+        r = target - X[rows] @ stats.beta_shift[d]
+        wx = X[rows] * w[rows, None]
+        np.testing.assert_allclose(stats.xtx[d], wx.T @ X[rows], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(stats.xty[d], wx.T @ r, atol=1e-8)  # (zero to rounding: r is X's residual)
+        np.testing.assert_allclose(stats.yty[d], r @ (w[rows] * r), rtol=1e-9)
+        for lev in range(ell):
+            cell = rows & (level == lev)
+            wz = z[cell] * w[cell, None]
+            np.testing.assert_allclose(stats.ztz[d, lev], wz.T @ z[cell], rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(stats.ztx[d, lev], wz.T @ X[cell], rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(stats.zty[d, lev], wz.T @ (target - X[rows] @ stats.beta_shift[d])[
+                level[rows] == lev], rtol=1e-9, atol=1e-8)
+    assert np.all(stats.ztz[2] == 0) and stats.n.tolist() == [30, 30, 0, 30]
+
+
+def test_blocks_moments_are_each_blocks_column_moments():
+    # hp.fit_batch's conditioning sums each distinct column once and a column of ones not at all: the moments of
+    # each block are column_moments' own, bit for bit, a group without rows included
+    from hierpool.algebra.conditioning import blocks_moments, column_moments
+
+    _, dataset, _, X, z, _ = _rows_with_shared_columns()
+    blocks = [z, z[:, :1], np.column_stack([X, 1e6 + X[:, 2]])]
+    for block, found in zip(blocks, blocks_moments(blocks, dataset, 5)):
+        for mine, theirs in zip(found, column_moments(block, dataset, 5)):
+            np.testing.assert_array_equal(mine, theirs)

@@ -45,7 +45,7 @@ import numpy as np
 from ..errors import HierpoolWarning
 from ..spec.design import Design
 from .henderson import Solution
-from .linalg import segment_sum, theta_to_factors, tril_positions
+from .linalg import distinct_block_columns, segment_sum, theta_to_factors, tril_positions
 
 #: Condition a term when a non-intercept column's |mean| exceeds this many sds (with an intercept in the term)...
 CENTRE_RATIO = 10.0
@@ -74,6 +74,26 @@ def column_moments(z: np.ndarray, group: np.ndarray, n_groups: int):
     differs = sums((columns != columns[:, first[group]]).astype(float))
     constant = (differs == 0) & (z[first] != 0)
     return constant, mean, sd, rms, z[first]
+
+
+def blocks_moments(blocks, group: np.ndarray, n_groups: int) -> list[tuple]:
+    """:func:`column_moments` of each of ``blocks`` (each (N, k_i), a batch's terms' z and its X) over the same groups,
+    each distinct column summed once (:func:`~hierpool.algebra.linalg.distinct_block_columns`: sleepstudy's X is its z) and
+    a column of ones not summed at all (its moments are known: constant, mean and root mean square 1, sd 0; 0 in a
+    group without rows, as :func:`column_moments` gives them)."""
+    columns, positions = distinct_block_columns(*blocks)
+    c = columns.shape[1]
+    ones = np.array([bool(np.all(columns[:, j] == 1.0)) for j in range(c)], dtype=bool)
+    filled = np.bincount(group, minlength=n_groups)[:, None] > 0
+    constant, first = np.ones((n_groups, c), dtype=bool), np.ones((n_groups, c))
+    mean, sd = np.where(filled, 1.0, 0.0) * np.ones((1, c)), np.zeros((n_groups, c))
+    rms = mean.copy()
+    summed = np.flatnonzero(~ones)
+    if summed.size:
+        found = column_moments(columns[:, summed], group, n_groups)
+        for whole, part in zip((constant, mean, sd, rms, first), found):
+            whole[:, summed] = part
+    return [tuple(whole[:, at] for whole in (constant, mean, sd, rms, first)) for at in positions]
 
 
 def _intercept_columns(constant: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .jax_runtime import pytree_dataclass
+from .linalg import distinct_block_columns
 from .system import grouped_products
 
 if TYPE_CHECKING:
@@ -81,21 +82,22 @@ class BatchStatistics:
         return BatchStatistics(**{f.name: function(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
-def location_shifts(dataset: np.ndarray, X: np.ndarray, y: np.ndarray, weights: np.ndarray, n_datasets: int):
+def location_shifts(dataset: np.ndarray, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None, n_datasets: int,
+                    xtx: np.ndarray | None = None):
     """(beta0 (D, p), residual (N,)): each dataset's weighted least-squares fit of y on X, and y - X beta0.
 
     The batched counterpart of :func:`hierpool.algebra.system.location_shift`:
     normal equations per dataset (a pseudo-inverse, so a rank-deficient dataset,
     which is refused later, does no harm), then one refinement step on the
     residual, which is computed from the user's y directly.  Only the size of the
-    residual depends on beta0's accuracy, never the criterion.
+    residual depends on beta0's accuracy, never the criterion.  ``weights`` None: unweighted; ``xtx``: each
+    dataset's X'WX (D, p, p), where the caller has summed it.
     """
     p = X.shape[1]
     if not p:
         return np.zeros((n_datasets, 0)), y.copy()
-    weights = np.ones(len(y)) if weights is None else weights
     # grouped_products: a sum per (a <= b) column pair, with no (N, p, p) temporary
-    xtx = grouped_products(dataset, X, X, weights, n_datasets)
+    xtx = grouped_products(dataset, X, X, weights, n_datasets) if xtx is None else xtx
     inverse = np.linalg.pinv(xtx, hermitian=True)
     beta0 = np.zeros((n_datasets, p))
     residual = y
@@ -132,24 +134,27 @@ def sufficient_statistics(
     offset : (N,), optional
         Known part of the linear predictor, subtracted from y.
     """
-    p, k = X.shape[1], z.shape[1]
     cell = dataset * ell + level
     size = n_datasets * ell
     target = y if offset is None else y - offset
-    beta_shift, y = location_shifts(dataset, X, target, weights, n_datasets)
+    # the weighted cross-products per (dataset, level) cell: grouped_products, the systems' own sums, over the
+    # distinct columns of [z X] once (a slope on a fixed covariate, an intercept in both: sleepstudy's z is X); a
+    # dataset's sums are its cells' (padded cells hold zeros)
+    columns, (z_at, x_at) = distinct_block_columns(z, X)
+    cells = grouped_products(cell, columns, columns, weights, size).reshape(n_datasets, ell, *columns.shape[1:] * 2)
+    xtx = cells.sum(axis=1)[:, x_at][:, :, x_at]
+    beta_shift, y = location_shifts(dataset, X, target, weights, n_datasets, xtx=xtx)
     log_weights = (np.zeros(n_datasets) if weights is None
                    else np.bincount(dataset, weights=np.log(weights), minlength=n_datasets))
-
-    w = np.ones(len(y)) if weights is None else weights
     y_column = y[:, None]
-    # the weighted cross-products per (dataset, level) cell and per dataset: grouped_products, the systems' own sums
+    cross = grouped_products(cell, columns, y_column, weights, size).reshape(n_datasets, ell, -1)
     return BatchStatistics(
-        ztz=grouped_products(cell, z, z, w, size).reshape(n_datasets, ell, k, k),
-        ztx=grouped_products(cell, z, X, w, size).reshape(n_datasets, ell, k, p),
-        zty=grouped_products(cell, z, y_column, w, size).reshape(n_datasets, ell, k),
-        xtx=grouped_products(dataset, X, X, w, n_datasets),
-        xty=grouped_products(dataset, X, y_column, w, n_datasets).reshape(n_datasets, p),
-        yty=grouped_products(dataset, y_column, y_column, w, n_datasets).reshape(n_datasets),
+        ztz=cells[:, :, z_at][:, :, :, z_at],
+        ztx=cells[:, :, z_at][:, :, :, x_at],
+        zty=cross[:, :, z_at],
+        xtx=xtx,
+        xty=cross.sum(axis=1)[:, x_at],
+        yty=grouped_products(dataset, y_column, y_column, weights, n_datasets).reshape(n_datasets),
         n=np.bincount(dataset, minlength=n_datasets).astype(float),
         log_weights=log_weights,
         beta_shift=beta_shift,

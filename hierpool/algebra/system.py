@@ -155,19 +155,20 @@ def _key_runs(keys: np.ndarray):
 
 
 def grouped_products(keys, left, right, weights, size):
-    """sum over rows with the same key of w * left[:, a] * right[:, b]; shape (size, ka, kb).
+    """sum over rows with the same key of w * left[:, a] * right[:, b]; shape (size, ka, kb); ``weights`` None: w = 1
+    (no product with a column of ones).
 
     With ``right`` the same array as ``left`` the products are symmetric: the k (k + 1) / 2 on and above the
     diagonal are summed and mirrored (a GLMM's PIRLS builds term 0's blocks at every step).  From
     :data:`SORTED_KEYS_MIN_ROWS` rows, keys in order are summed run by run."""
     if size == 1:  # one cell (the X and y blocks): one matrix product, not ka kb bincounts
-        return host_product(left * weights[:, None], right, transpose_a=True)[None]
+        return host_product(left if weights is None else left * weights[:, None], right, transpose_a=True)[None]
     symmetric = right is left
     runs = _key_runs(keys) if len(keys) >= SORTED_KEYS_MIN_ROWS else None
     shape = (size, left.shape[1], right.shape[1])
     out = np.empty(shape) if runs is None else np.zeros(shape)  # (runs: a key with no rows is never written)
     for a in range(left.shape[1]):
-        wl = weights * left[:, a]
+        wl = left[:, a] if weights is None else weights * left[:, a]
         for b in range(a if symmetric else 0, right.shape[1]):
             if runs is None:
                 out[:, a, b] = np.bincount(keys, weights=wl * right[:, b], minlength=size)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..algebra.checks import fitted_singular
 from ..algebra.conditioning import (
-    column_moments,
+    blocks_moments,
     effects_to_user,
     fixed_logdet,
     fixed_to_user,
@@ -89,16 +89,13 @@ def condition_batch(plan: BatchPlan, reml: bool = False) -> BatchConditioning | 
     blocks = [term.z for term in design.terms] + ([design.X] if design.p else [])
     if not blocks:
         return None
-    # an intercept term's column of ones has nothing to centre or scale: its moments are not summed (timed in
-    # benchmarks/RESULTS.md, thirty-fourth session)
-    ones = [z.shape[1] == 1 and bool(np.all(z == 1.0)) for z in blocks]
-    moments = [None if one else column_moments(z, plan.dataset, n) for z, one in zip(blocks, ones)]  # summed once
+    # each distinct column's moments summed once, a column of ones' not at all (the intercept in z and X)
+    moments = blocks_moments(blocks, plan.dataset, n)
     conditioned = np.logical_or.reduce([np.zeros(n, dtype=bool)] + [needs_conditioning(z, plan.dataset, n, m)
-                                                                     for z, m in zip(blocks, moments) if m is not None])
+                                                                     for z, m in zip(blocks, moments)])
     if not conditioned.any():
         return None
-    block_transforms = [np.ones((n, 1, 1)) if m is None else term_transforms(z, plan.dataset, n, m)
-                        for z, m in zip(blocks, moments)]
+    block_transforms = [term_transforms(z, plan.dataset, n, m) for z, m in zip(blocks, moments)]
     transforms, terms = [], []
     for term, transform in zip(design.terms, block_transforms):
         transform[~conditioned] = np.eye(term.k)  # the others keep their columns (and their numbers)
