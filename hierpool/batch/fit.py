@@ -75,7 +75,7 @@ from .conditioning import condition_batch
 from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
 from .fit_glmm import fit_glmm, glmm_problems, separation_notes
-from .fit_terms import empty_results, fit_terms
+from .fit_terms import empty_results, fit_terms, nan_rows
 from .other_minima import compiled_other_minima
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
@@ -201,6 +201,13 @@ def _default_chunk(family) -> int:
 def _diagonal_sd(covariances: np.ndarray) -> np.ndarray:
     """sqrt of the diagonals of a stack of covariance matrices (..., k, k) -> (..., k)."""
     return np.sqrt(np.maximum(np.diagonal(covariances, axis1=-2, axis2=-1), 0.0))
+
+
+def _diagonal_sds(covariances: list, k: int) -> list:
+    """:func:`_diagonal_sd` of each of a list of stacks (ell_d, k, k), as one array's: their views."""
+    sizes = [len(v) for v in covariances]
+    flat = np.concatenate(covariances) if covariances else np.zeros((0, k, k))
+    return np.split(_diagonal_sd(flat), np.cumsum(sizes)[:-1]) if covariances else []
 
 
 def fit_batch(
@@ -442,12 +449,12 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
            (("theta", (k * (k + 1) // 2,)), ("objective", ()), ("beta", (p,)), ("vcov", (p, p)), ("sigma", ()),
             ("newton_step", ()))}
     out["converged"] = np.zeros(n_datasets, dtype=bool)
-    factors = [np.full((k, k), np.nan)] * n_datasets
-    b = [np.full((ell, k), np.nan) for ell in n_levels]
-    cond_var = [np.full((ell, k, k), np.nan) for ell in n_levels]
-
     # a small batch runs for less time than LLVM takes to optimize its programs
     members_by_bucket = plan.bucket_members()
+    width = max((bucket for bucket, _ in members_by_bucket), default=0)  # a chunk's padded levels fit in its rows
+    factor_block, factors = nan_rows(np.full(n_datasets, k), (k,))
+    b_block, b = nan_rows(n_levels, (k,), width)
+    cond_var_block, cond_var = nan_rows(n_levels, (k, k), width)
     values = sum(math.prod(leaf.shape) for bucket, members in members_by_bucket
                  for leaf in jax.tree_util.tree_leaves(plan.statistics_shape(bucket, len(members))))
     quick = values <= QUICK_COMPILE_MAX_VALUES
@@ -519,10 +526,10 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
             bar.update(len(members))
             for name in ("theta", "objective", "beta", "vcov", "sigma", "converged", "newton_step"):
                 out[name][members] = result[name]
-            for row, index in enumerate(members):
-                ell = n_levels[index]
-                factors[index] = result["factor"][row]
-                b[index], cond_var[index] = result["b"][row, :ell], result["cond_var"][row, :ell]
+            # (each dataset's entries are views of these blocks: its own levels of its bucket's padded ones)
+            factor_block[members] = result["factor"]
+            b_block[members, :result["b"].shape[1]] = result["b"]
+            cond_var_block[members, :result["cond_var"].shape[1]] = result["cond_var"]
     # hp.lmm's rule and tolerance (lme4's isSingular), on every dataset's (canonical, diagonal >= 0) theta
     out["is_singular"] = fitted_singular(out["objective"], out["theta"], (k,), Control.singular_tol)
     attempted = np.array([not message for message in messages])
@@ -725,7 +732,7 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
         terms.append(BatchTerm(group=term.group, coef_names=term.coef_names,
                                covariance=sigma[:, None, None] ** 2 * factor @ np.swapaxes(factor, 1, 2),
                                levels=plan.term_levels[t][2], b=out["b"][t],
-                               cond_sd=[_diagonal_sd(v) for v in out["cond_var"][t]]))
+                               cond_sd=_diagonal_sds(out["cond_var"][t], term.k)))
     index = plan.labels
     return BatchResult(
         datasets=index,
