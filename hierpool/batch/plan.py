@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 from jax.experimental import multihost_utils
 
-from ..algebra.linalg import segment_extremes, segment_sum, shared_factor, terms_theta_scales, weights_uneven
+from ..algebra.linalg import equal_sets, segment_extremes, segment_sum, shared_factor, terms_theta_scales, weights_uneven
 from ..algebra.search import HOST_CHUNK_BYTES
 from ..algebra.statistics import BatchStatistics, sufficient_statistics
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
@@ -889,18 +889,23 @@ def plan_refusals(plan: BatchPlan, data, formula: str, family, set_aside: dict |
         refusals[index] = empty_reason(item, plan.frame_rows(index), plan.frame, columns, arrays)
     # a response of one value, or a response or model column of one dataset too small to square (the long frame's
     # largest values pass its check): the single fit's refusal, in the dataset's row
-    columns_of = [design.y[:, None], design.X] + [term.z for term in design.terms]
+    # (each distinct column once: sleepstudy's z is its X)
+    columns_of = [design.y] + [block[:, j] for block in [design.X] + [t.z for t in design.terms]
+                               for j in range(block.shape[1])]
+    first, _ = equal_sets(columns_of)
     tiny = np.zeros(plan.n_datasets, dtype=bool)
-    for values, smallest in zip(columns_of, [RESPONSE_SMALLEST] + [SMALLEST_VALUE] * (len(columns_of) - 1)):
+    for j in first:
+        values, smallest = columns_of[j], RESPONSE_SMALLEST if j == 0 else SMALLEST_VALUE
         magnitude = np.abs(values)
         if not np.any(underflowing(magnitude, smallest)):  # (one pass: no dataset can have one)
             continue
-        largest = np.zeros((plan.n_datasets, values.shape[1]))
+        largest = np.zeros(plan.n_datasets)
         np.maximum.at(largest, plan.dataset, magnitude)
-        tiny |= np.any(underflowing(largest, smallest), axis=1)
+        tiny |= underflowing(largest, smallest)
     constant = constant_within(design.y, plan.dataset, plan.n_datasets)
-    if design.family is None:  # (a linear model's response less its offset too, and its weights' scale)
+    if design.family is None and np.any(design.offset):  # (a linear model's response less its offset too)
         constant |= constant_within(design.y_less_offset, plan.dataset, plan.n_datasets)
+    if design.family is None:  # (and its weights' scale)
         if design.weights is not None and not design.sigma_known:  # (check_weights_scale's rule, per dataset)
             decades = weights_decades(design.weights, plan.dataset, plan.n_datasets)
             constant |= (plan.n_obs > 0) & weights_beyond_scale(decades)
