@@ -70,6 +70,7 @@ def test_a_call_goes_to_a_worker_while_a_chunk_runs_here_and_its_errors_come_bac
         _with_a_chunk_running_here(math.sqrt, -1.0)
     assert any("host worker process" in note for note in raised.value.__notes__)  # raised there, with its traceback
     assert _with_a_chunk_running_here(os.getpid) != os.getpid()  # the worker outlived its error
+    assert _with_a_chunk_running_here(os.getenv, "JAX_PLATFORMS") == "cpu"  # never a GPU's JAX beside the parent's
 
 
 @pytest.mark.filterwarnings("error:a hierpool host worker process died")
@@ -213,15 +214,21 @@ def test_gaussian_spatial_posteriors_sampled_in_worker_processes_equal_them_samp
 
 @pytest.mark.filterwarnings("error:a hierpool host worker process died")
 def test_datasets_fitted_alone_in_worker_processes_equal_them_fitted_here(monkeypatch):
-    """fit_batch at nAGQ = 0 fits every dataset alone by hp.glmm: in a worker process too, the same rows."""
+    """fit_batch at nAGQ = 0 fits every dataset alone by hp.glmm: in a worker process too, the same rows; also where
+    the device's chunk threads are one (a GPU's: plan.thread_count), the single fits being the host's."""
     import hierpool.batch.fit as fit_module
 
+    monkeypatch.setattr(fit_module, "thread_count", lambda *_, **__: 1)
+    threads, whole_runs = [], host_processes.whole_runs
+    monkeypatch.setattr(host_processes, "whole_runs", lambda *args, **kwargs: threads.append(kwargs["threads"])
+                        or whole_runs(*args, **kwargs))
     frames = _binomial_frames(10)
     _assert_workers_fit_as_threads(
         monkeypatch, fit_module, "REFIT_PROCESS_MIN",
         lambda: hp.fit_batch("cbind(y, n - y) ~ 1 + (1 | g)", frames, by="rep", family="binomial", nAGQ=0,
                              progress=False),
         ("objective", "beta", "theta", "beta_se", "messages"), threads=False)
+    assert set(threads) == {os.cpu_count() or 1}  # a core each, not the device's chunk threads
 
 
 def test_a_formula_that_reads_the_caller_s_names_is_fitted_here(monkeypatch):

@@ -83,6 +83,7 @@ from .plan import (
     fetch,
     host_chunk,
     host_fits,
+    host_threads,
     mesh_sharding,
     place,
     plan_batch,
@@ -711,7 +712,7 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
     # a formula that reads the caller's names (np.sin, a user's function) is fitted here, in this thread
     outcomes = host_processes.whole_runs(
         refits, lambda index: (refit_values, _refit_arguments(plan, index, formula, fitter)),
-        threads=thread_count(None), minimum=REFIT_PROCESS_MIN, preload=(refit_values.__module__,),
+        threads=host_threads(), minimum=REFIT_PROCESS_MIN, preload=(refit_values.__module__,),
         allowed=len(refits) >= REFIT_PROCESS_MIN and not caller_names(formula, plan.frame.columns))
     with progress_bar(progress if len(refits) > 1 else False, len(refits), "fit_batch") as bar:
         for index, values in zip(refits, outcomes):

@@ -137,8 +137,10 @@ class _Worker:
 
     def __init__(self, preload):
         path = [entry or os.getcwd() for entry in sys.path]  # "" is the parent's working directory
+        # JAX on the CPU: a worker's runs are host work, and on a GPU's machine its JAX would otherwise take the
+        # device (and most of its memory) beside the parent's
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path),
-                   OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+                   OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", JAX_PLATFORMS="cpu")
         self.process = subprocess.Popen([sys.executable, "-P", "-c", _COMMAND, *preload], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env)
         self.alive = True

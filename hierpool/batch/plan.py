@@ -577,6 +577,15 @@ def thread_count(sharding, serial: bool = False, newton_systems: tuple[int, int]
     return max(1, os.cpu_count() or 1)
 
 
+def host_threads() -> int:
+    """Threads for whole single fits run on the host (``hp.fit_batch``'s refits of the datasets its batched search
+    left unconverged): one per core whatever JAX's device, their worker processes running JAX on the CPU
+    (:mod:`hierpool.batch.host_processes`).  On a GPU's machine :func:`thread_count` is 1 (the device runs the
+    batch), and 12 refits of 100,000 sleepstudy-shaped datasets took 1.7 s one after another beside 16 idle cores
+    (benchmarks/RESULTS.md, "The first GPU run")."""
+    return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class Chunk:
     """Equal-shape work: ``members`` (dataset indices), their statistics padded to ``len(index)`` rows."""
