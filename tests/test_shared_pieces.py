@@ -680,3 +680,13 @@ def test_blocks_moments_are_each_blocks_column_moments():
     for block, found in zip(blocks, blocks_moments(blocks, dataset, 5)):
         for mine, theirs in zip(found, column_moments(block, dataset, 5)):
             np.testing.assert_array_equal(mine, theirs)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_small_inverses_and_determinants_are_numpy_s(k):
+    from hierpool.algebra.linalg import small_determinants, small_inverses
+
+    rng = np.random.default_rng(k)
+    a = rng.normal(size=(40, 5, k, k))
+    np.testing.assert_allclose(small_determinants(a), np.linalg.det(a), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(small_inverses(a), np.linalg.inv(a), rtol=1e-10, atol=1e-12)

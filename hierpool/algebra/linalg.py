@@ -823,6 +823,33 @@ def identity_where_not(keep: np.ndarray, matrices: np.ndarray) -> np.ndarray:
     return np.where(keep[..., None, None], matrices, np.eye(matrices.shape[-1], dtype=np.result_type(matrices)))
 
 
+def small_determinants(a: np.ndarray) -> np.ndarray:
+    """det of each matrix of the host stack ``a`` (..., k, k): written out for k <= 2 (a batch's millions of 2 x 2
+    per-level blocks: NumPy's LU per matrix took 0.27 s for 1.8 million), else ``np.linalg.det``."""
+    k = a.shape[-1]
+    if k == 1:
+        return a[..., 0, 0].copy()
+    if k == 2:
+        return a[..., 0, 0] * a[..., 1, 1] - a[..., 0, 1] * a[..., 1, 0]
+    return np.linalg.det(a)
+
+
+def small_inverses(a: np.ndarray) -> np.ndarray:
+    """The inverse of each (invertible) matrix of the host stack ``a`` (..., k, k): the adjugate over the
+    determinant for k <= 2 (NumPy's per-matrix LAPACK call took 0.58 s for 1.8 million 2 x 2 blocks), else
+    ``np.linalg.inv``.  A singular matrix gives inf or NaN here where NumPy raises: mask it first
+    (:func:`identity_where_not`)."""
+    k = a.shape[-1]
+    if k > 2:
+        return np.linalg.inv(a)
+    if k == 1:
+        return 1.0 / a
+    out = np.empty_like(a)
+    out[..., 0, 0], out[..., 1, 1] = a[..., 1, 1], a[..., 0, 0]
+    out[..., 0, 1], out[..., 1, 0] = -a[..., 0, 1], -a[..., 1, 0]
+    return out / small_determinants(a)[..., None, None]
+
+
 def _zero_pivots(a: np.ndarray) -> np.ndarray:
     """Whether each triangular matrix of ``a`` (..., k, k) has a zero on its diagonal (host)."""
     return np.any(np.diagonal(a, axis1=-2, axis2=-1) == 0, axis=-1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .linalg import identity_where_not, tril_positions
+from .linalg import identity_where_not, small_determinants, small_inverses, tril_positions
 
 #: Largest relative variance Sigma / sigma^2 (eigenvalue) a start takes.
 MAX_RELATIVE_VARIANCE = 1e4
@@ -61,11 +61,11 @@ def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float, rms=None) -> 
     ztz, cross = np.asarray(ztz, dtype=float), np.asarray(cross, dtype=float)
     residual_ss, n = np.asarray(residual_ss, dtype=float), np.asarray(n, dtype=float)
     k = ztz.shape[-1]
-    determinant = np.linalg.det(ztz)
+    determinant = small_determinants(ztz)
     scale = np.maximum(np.einsum("blii->bl", ztz), 1e-300) ** k
     usable = determinant > 1e-8 * scale
     safe = identity_where_not(usable, ztz)
-    inverse = np.linalg.inv(safe)
+    inverse = small_inverses(safe)
     b = np.einsum("blij,blj->bli", inverse, cross)
     fitted = np.where(usable, np.einsum("bli,bli->bl", b, cross), 0.0).sum(axis=1)
     count = usable.sum(axis=1)
