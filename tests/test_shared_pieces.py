@@ -690,3 +690,18 @@ def test_small_inverses_and_determinants_are_numpy_s(k):
     a = rng.normal(size=(40, 5, k, k))
     np.testing.assert_allclose(small_determinants(a), np.linalg.det(a), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(small_inverses(a), np.linalg.inv(a), rtol=1e-10, atol=1e-12)
+
+
+def test_pieces_read_as_the_list_np_split_gives():
+    from hierpool.batch.results import Pieces
+
+    values, starts = np.arange(10.0), np.array([0, 3, 3, 7, 10])
+    pieces, split = Pieces(values, starts), np.split(values, starts[1:-1])
+    assert len(pieces) == len(split) == 4
+    for mine, theirs in zip(pieces, split, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    np.testing.assert_array_equal(pieces[-1], split[-1])
+    np.testing.assert_array_equal(pieces[np.int64(2)], split[2])
+    assert [len(p) for p in pieces[1:3]] == [0, 4]
+    with pytest.raises(IndexError):
+        pieces[4]

@@ -90,7 +90,7 @@ from .plan import (
     progress_bar,
     thread_count,
 )
-from .results import BatchResult, BatchTerm, check_by_name
+from .results import BatchResult, BatchTerm, Pieces, check_by_name
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
@@ -204,11 +204,10 @@ def _diagonal_sd(covariances: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(np.diagonal(covariances, axis1=-2, axis2=-1), 0.0))
 
 
-def _diagonal_sds(covariances: list, k: int) -> list:
-    """:func:`_diagonal_sd` of each of a list of stacks (ell_d, k, k), as one array's: their views."""
-    sizes = [len(v) for v in covariances]
+def _diagonal_sds(covariances: list, k: int) -> Pieces:
+    """:func:`_diagonal_sd` of each of a list of stacks (ell_d, k, k), as one array's pieces."""
     flat = np.concatenate(covariances) if covariances else np.zeros((0, k, k))
-    return np.split(_diagonal_sd(flat), np.cumsum(sizes)[:-1]) if covariances else []
+    return Pieces(_diagonal_sd(flat), np.cumsum([0] + [len(v) for v in covariances]))
 
 
 def fit_batch(

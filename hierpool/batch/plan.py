@@ -93,6 +93,7 @@ from ..spec.design import (
 )
 from ..spec.formula import parse_formula, response_only_names
 from ..spec.labels import column_labels, shown_label
+from .results import Pieces
 from ..spec.transforms import stateful_calls, unvouched_calls
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
@@ -987,7 +988,7 @@ def _local_levels(dataset: np.ndarray, n_datasets: int, term: RandomEffectTerm):
     cell_dataset = cell // term.n_levels
     first_cell = np.searchsorted(cell_dataset, np.arange(n_datasets))
     return (cell_of_row.reshape(-1) - first_cell[dataset], np.bincount(cell_dataset, minlength=n_datasets),
-            np.split(np.asarray(term.levels)[cell % term.n_levels], first_cell[1:]))
+            Pieces(np.asarray(term.levels)[cell % term.n_levels], np.append(first_cell, len(cell))))
 
 
 def refuse_stateful(formula: str, caller: str, single: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +72,27 @@ def named_columns(pairs, caller: str) -> dict:
                             "standard error, sd_<group>_<coef> and cor_<group>_<a>_<b> a term's parameters); rename "
                             "the data's column")
     return columns
+
+
+class Pieces(Sequence):
+    """The consecutive pieces ``values[starts[i]:starts[i + 1]]`` of one array, read as a list of them (each a view,
+    made when read): a batch's per-dataset level labels or conditional sds without 100,000 arrays split out at once
+    (``np.split`` took 0.33 s for each)."""
+
+    def __init__(self, values: np.ndarray, starts: np.ndarray):
+        self.values, self.starts = values, np.asarray(starts)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = operator.index(index)
+        i += len(self) if i < 0 else 0
+        if not 0 <= i < len(self):
+            raise IndexError(f"piece {index} of {len(self)}")
+        return self.values[self.starts[i]:self.starts[i + 1]]
 
 
 @dataclass(frozen=True)
