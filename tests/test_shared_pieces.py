@@ -704,4 +704,4 @@ def test_pieces_read_as_the_list_np_split_gives():
     np.testing.assert_array_equal(pieces[np.int64(2)], split[2])
     assert [len(p) for p in pieces[1:3]] == [0, 4]
     with pytest.raises(IndexError):
-        pieces[4]
+        _ = pieces[4]
