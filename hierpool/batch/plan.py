@@ -93,8 +93,8 @@ from ..spec.design import (
 )
 from ..spec.formula import parse_formula, response_only_names
 from ..spec.labels import column_labels, shown_label
-from .results import Pieces
 from ..spec.transforms import stateful_calls, unvouched_calls
+from .results import Pieces
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
 # datasets' sufficient statistics of ~200) the programs compile without LLVM's optimization (CPU): the
