@@ -472,13 +472,17 @@ def term_count_problems(n_obs, n_levels, coef_names, group: str, sigma_known: bo
     two levels, or as many levels or random effects as observations; ``levels``: each dataset's level labels, its
     only one named).  With known residual sds (``sigma_known``) one observation per level is identifiable (a
     meta-analysis), as ``hp.lmm``'s check allows."""
-    problems = []
-    for d, (n, ell) in enumerate(zip(n_obs, n_levels)):
+    n_obs, n_levels = np.asarray(n_obs), np.asarray(n_levels)
+    problems = [""] * len(n_obs)
+    # (only the datasets whose counts can hold a problem are asked: a batch's are nearly all fine)
+    asked = (n_levels < 2) | (n_obs == 0) | ((not sigma_known) & (n_levels * len(coef_names) >= n_obs))
+    for d in np.flatnonzero(asked):
+        n, ell = n_obs[d], n_levels[d]
         if n == 0:  # why none is left is the plan's to say (BatchPlan.refusals): the counts alone cannot
-            problems.append("no rows to fit")
+            problems[d] = "no rows to fit"
             continue
         first = None if levels is None or not len(levels[d]) else str(levels[d][0])
-        problems.append(term_count_problem(group, coef_names, int(ell), int(n), sigma_known, first))
+        problems[d] = term_count_problem(group, coef_names, int(ell), int(n), sigma_known, first)
     return problems
 
 
@@ -490,14 +494,18 @@ def fixed_part_problems(n_obs, aliased, p: int, sigma_known: bool, glmm: bool = 
     (:func:`~hierpool.spec.design.residual_df_problem`).  With known residual sds (``sigma_known``: ``se=``) that
     many rows are fitted, as ``hp.lmm(se=)`` fits them (the batch refused them); a GLMM's (``glmm``) are refused, as
     ``hp.glmm`` refuses them (its PIRLS fits every row)."""
-    problems = []
-    for n, names in zip(n_obs, aliased):
+    n_obs = np.asarray(n_obs)
+    problems = [""] * len(n_obs)
+    # (only the datasets with aliased columns or no more rows than columns are asked)
+    asked = np.array([bool(names) for names in aliased], dtype=bool) | (n_obs <= p)
+    for d in np.flatnonzero(asked):
+        n, names = n_obs[d], aliased[d]
         if names:
-            problems.append(aliased_message(p, names))
+            problems[d] = aliased_message(p, names)
         elif glmm:  # (hp.glmm's own refusal comes from its PIRLS, where the fixed effects fit every row)
-            problems.append(f"{n} observations for {p} fixed effects" if n <= p else "")
+            problems[d] = f"{n} observations for {p} fixed effects" if n <= p else ""
         else:  # with known residual sds (se=) no residual variance needs rows of its own, as in hp.lmm
-            problems.append("" if sigma_known else residual_df_problem(p, int(n)))
+            problems[d] = "" if sigma_known else residual_df_problem(p, int(n))
     return problems
 
 
