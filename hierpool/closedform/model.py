@@ -87,27 +87,17 @@ def _one_term_statistics(design: Design, host: bool):
     return centred_statistics(design)
 
 
-#: A search that stopped unconverged with an entry of theta beyond this (a random effect's sd 10^6 residual sds) ran
-#: off: the residual variance is going to zero (a response the model reproduces exactly), refused as where the
-#: solution's system no longer factors there, which depends on the last digits of its sums.
-THETA_RAN_OFF = 1e6
-
-
-def _solved_or_refused(solve, theta, converged: bool = True):
+def _solved_or_refused(solve, theta):
     """``solve()``, the solution at the optimum, or a :class:`~hierpool.errors.ConvergenceError` where its system
-    does not factor (NumPy's LinAlgError escaped), or where the search stopped unconverged (``converged``) at an
-    entry of theta beyond :data:`THETA_RAN_OFF`: a search run off to a huge ``theta`` (the user's, for the message),
-    the residual sd near zero, as for a response the fixed and random effects reproduce exactly."""
+    does not factor (NumPy's LinAlgError escaped): a search run off to a huge ``theta`` (the user's, for the
+    message), the residual sd near zero, as for a response the fixed and random effects reproduce exactly."""
     try:
-        if not converged and np.max(np.abs(theta), initial=0.0) > THETA_RAN_OFF:
-            raise np.linalg.LinAlgError
         return solve()
     except np.linalg.LinAlgError:
         shown = np.array2string(np.asarray(theta, dtype=float), precision=3)
         raise ConvergenceError(
             f"the fit ran off to theta = {shown} (the random effects' covariance factors relative to the residual "
-            "sd), where its system no longer factors or its search stopped short: the residual variance went to "
-            "zero.  Does the formula "
+            "sd), where its system no longer factors: the residual variance went to zero.  Does the formula "
             "reproduce the response exactly (no residual noise left)?") from None
 
 
@@ -255,7 +245,7 @@ class MixedModel:
                                      statistics=statistics, scales=scales)
             optimum = self._lowest_of_restarts(optimum, self.system, reml, control, host, statistics, scales)
             solution = _solved_or_refused(lambda: solve_at(optimum.theta, self.system, reml, host, one_term_inputs),
-                                          optimum.theta, optimum.converged)
+                                          optimum.theta)
         else:
             system = build_system(conditioned.design, host=True)
             # far-from-centred columns (why we condition) also sit in X, and the general path's
@@ -266,7 +256,7 @@ class MixedModel:
             inner = self._lowest_of_restarts(inner, system, reml, control, True, None, scales)
             theta = conditioned.theta_to_user(inner.theta)
             optimum = replace(inner, theta=theta, objective=conditioned.objective_to_user(inner.objective, reml))
-            tilde = _solved_or_refused(lambda: solve_at(inner.theta, system, reml, host), theta, inner.converged)
+            tilde = _solved_or_refused(lambda: solve_at(inner.theta, system, reml, host), theta)
             solution = conditioned.solution_to_user(tilde, theta)
             # prediction variances in the conditioned coordinates too (the user's X' X may not even factor)
             coordinates = ConditionedCoordinates(conditioned, system, np.asarray(inner.theta, dtype=float),
