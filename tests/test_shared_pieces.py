@@ -705,3 +705,17 @@ def test_pieces_read_as_the_list_np_split_gives():
     assert [len(p) for p in pieces[1:3]] == [0, 4]
     with pytest.raises(IndexError):
         _ = pieces[4]
+
+
+def test_nan_rows_hold_each_dataset_s_levels_in_a_block_of_its_own_width():
+    # a batch of small datasets and one of many levels: no block as wide as the widest for every dataset (the review
+    # measured 284 MB -> 844 MB for 3,000 datasets of 4 levels beside one of 2,100 when one block held them all)
+    from hierpool.batch.fit_terms import NanRows
+
+    rows = NanRows([2, 3, 500, 0], (2,), widths=[4, 4, 512, 4], dtype=np.float32)
+    assert {w: b.shape for w, b in rows.blocks.items()} == {4: (3, 4, 2), 512: (1, 512, 2)}
+    assert [v.shape for v in rows.views] == [(2, 2), (3, 2), (500, 2), (0, 2)] and rows.views[0].dtype == np.float32
+    rows.write(np.array([1, 0]), np.arange(16.0).reshape(2, 4, 2))  # a chunk's padded levels beyond a view's rows
+    np.testing.assert_array_equal(rows.views[1], np.arange(6.0).reshape(3, 2))
+    np.testing.assert_array_equal(rows.views[0], np.arange(8.0, 12.0).reshape(2, 2))
+    assert np.all(np.isnan(rows.views[2]))

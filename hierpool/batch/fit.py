@@ -75,7 +75,7 @@ from .conditioning import condition_batch
 from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
 from .fit_glmm import fit_glmm, glmm_problems, separation_notes
-from .fit_terms import empty_results, fit_terms, nan_rows
+from .fit_terms import NanRows, empty_results, fit_terms
 from .other_minima import compiled_other_minima
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
@@ -451,10 +451,12 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     out["converged"] = np.zeros(n_datasets, dtype=bool)
     # a small batch runs for less time than LLVM takes to optimize its programs
     members_by_bucket = plan.bucket_members()
-    width = max((bucket for bucket, _ in members_by_bucket), default=0)  # a chunk's padded levels fit in its rows
-    factor_block, factors = nan_rows(np.full(n_datasets, k), (k,))
-    b_block, b = nan_rows(n_levels, (k,), width)
-    cond_var_block, cond_var = nan_rows(n_levels, (k, k), width)
+    widths = np.zeros(n_datasets, dtype=np.int64)  # each dataset's bucket: a chunk's padded levels fit in its rows
+    for bucket, members in members_by_bucket:
+        widths[members] = bucket
+    factor_rows = NanRows(np.full(n_datasets, k), (k,), dtype=float_type)
+    b_rows, cond_var_rows = (NanRows(n_levels, shape, widths, dtype=float_type) for shape in ((k,), (k, k)))
+    factors, b, cond_var = factor_rows.views, b_rows.views, cond_var_rows.views
     values = sum(math.prod(leaf.shape) for bucket, members in members_by_bucket
                  for leaf in jax.tree_util.tree_leaves(plan.statistics_shape(bucket, len(members))))
     quick = values <= QUICK_COMPILE_MAX_VALUES
@@ -527,9 +529,9 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
             for name in ("theta", "objective", "beta", "vcov", "sigma", "converged", "newton_step"):
                 out[name][members] = result[name]
             # (each dataset's entries are views of these blocks: its own levels of its bucket's padded ones)
-            factor_block[members] = result["factor"]
-            b_block[members, :result["b"].shape[1]] = result["b"]
-            cond_var_block[members, :result["cond_var"].shape[1]] = result["cond_var"]
+            factor_rows.write(members, result["factor"])
+            b_rows.write(members, result["b"])
+            cond_var_rows.write(members, result["cond_var"])
     # hp.lmm's rule and tolerance (lme4's isSingular), on every dataset's (canonical, diagonal >= 0) theta
     out["is_singular"] = fitted_singular(out["objective"], out["theta"], (k,), Control.singular_tol)
     attempted = np.array([not message for message in messages])

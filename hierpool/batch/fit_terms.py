@@ -251,19 +251,37 @@ def empty_results(plan: BatchPlan, messages: list[str], alone: dict) -> dict:
             "sigma": np.full(n_datasets, np.nan), "converged": np.zeros(n_datasets, bool),
             "newton_step": np.full(n_datasets, np.nan), "attempted": usable,
             "factors": [[np.full((k, k), np.nan)] * n_datasets for k in ks],
-            "b": [nan_rows(n_levels, (k,))[1] for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
-            "cond_var": [nan_rows(n_levels, (k, k))[1] for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
+            "b": [NanRows(n_levels, (k,)).views for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
+            "cond_var": [NanRows(n_levels, (k, k)).views for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
             "messages": messages, "alone": alone}
 
 
-def nan_rows(n_levels: np.ndarray, shape: tuple, width: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(NaN (datasets, ``width``, *shape), each dataset's first ``n_levels[d]`` rows of it, a view): the per-dataset
-    BLUPs or conditional variances of a batch, NaN until a fit fills them, allocated once (100,000 datasets' arrays
-    one by one took 0.35 s), filled chunk by chunk through the block.  ``width``: at least the largest level count
-    (default it)."""
-    width = int(max(n_levels, default=0)) if width is None else width
-    block = np.full((len(n_levels), width) + tuple(shape), np.nan)
-    return block, [block[d, :ell] for d, ell in enumerate(n_levels)]
+class NanRows:
+    """Per-dataset arrays of a batch (BLUPs, conditional variances, relative factors), NaN until a fit fills them:
+    dataset d's is the first ``n_levels[d]`` rows of a block shared by the datasets of its width (``widths[d]`` >=
+    ``n_levels[d]``: its bucket's padded level count, or by default its own count, no padding), each block allocated
+    once and filled a chunk at a time by :meth:`write` (100,000 datasets' arrays allocated one by one, then assigned
+    one by one, took 0.35 s and 0.3 s).  :attr:`views` is the per-dataset list, each a view of its block."""
+
+    def __init__(self, n_levels, shape: tuple, widths=None, dtype=np.float64):
+        n_levels = np.asarray(n_levels, dtype=np.int64)
+        self.widths = n_levels if widths is None else np.asarray(widths, dtype=np.int64)
+        self.position = np.zeros(len(n_levels), dtype=np.int64)
+        self.blocks: dict[int, np.ndarray] = {}
+        self.views: list = [None] * len(n_levels)
+        for width in np.unique(self.widths):
+            members = np.flatnonzero(self.widths == width)
+            block = np.full((len(members), int(width)) + tuple(shape), np.nan, dtype=dtype)
+            self.blocks[int(width)] = block
+            self.position[members] = np.arange(len(members))
+            for row, d in enumerate(members):
+                self.views[d] = block[row, :n_levels[d]]
+
+    def write(self, members: np.ndarray, values: np.ndarray) -> None:
+        """``values`` (len(members), w, ...) into the datasets ``members``' rows: all of one width, w at most it (a
+        chunk's padded levels beyond a dataset's own count land outside its view)."""
+        block = self.blocks[int(self.widths[members[0]])]
+        block[self.position[members], :values.shape[1]] = values
 
 
 #: Rows of a linear several-term host batch from which its chunks run in worker processes too

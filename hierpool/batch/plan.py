@@ -591,7 +591,7 @@ def thread_count(sharding, serial: bool = False, newton_systems: tuple[int, int]
         return 1
     if newton_systems is not None and lapack_may_split(*newton_systems):
         return 1
-    return max(1, os.cpu_count() or 1)
+    return host_threads()
 
 
 def host_threads() -> int:
@@ -770,13 +770,8 @@ class BatchPlan:
             weights = None if design.weights is None else design.weights[rows]
             stats = sufficient_statistics(local, self.level[rows], design.X[rows], term.z[rows], design.y[rows],
                                           len(members), int(bucket), weights=weights, offset=design.offset[rows])
-            # X's rank as hp.lmm judges it (plan.fixed_aliased), screened on the statistics' X'X (weighted: none)
-            found = None
-            if self.user_aliased is None:
-                gram = None if weights is not None else np.asarray(stats.xtx)
-                within = aliased_within(design.X[rows], local, len(members), gram=gram)
-                found = {int(members[g]): columns for g, columns in within.items()}
-            problems = dataset_problems(self.n_obs[members], self.n_levels[members], self.aliased_names(members, found),
+            # X's rank as hp.lmm judges it (plan.fixed_aliased, from the plan's Gram matrices)
+            problems = dataset_problems(self.n_obs[members], self.n_levels[members], self.aliased_names(members),
                                         design.p, term.coef_names, term.group, design.sigma_known,
                                         [self.levels[d] for d in members])
             problems = [self.refused(index, problem or self.term_copies[index])
@@ -799,9 +794,8 @@ class BatchPlan:
         out took 0.5 s)."""
         codes, labels = pd.factorize(self.frame[self.by], sort=False)  # a row without a label (-1): in no dataset
         labelled = np.flatnonzero(codes >= 0)
-        order = labelled[np.argsort(codes[labelled], kind="stable")]
-        starts = np.searchsorted(codes[order], np.arange(len(labels) + 1))
-        return {label: code for code, label in enumerate(labels)}, order, starts
+        order, starts = code_order(codes[labelled], len(labels))
+        return {label: code for code, label in enumerate(labels)}, labelled[order], starts
 
     def dataset_frame(self, index: int) -> tuple[pd.DataFrame, dict]:
         """(rows, weights/offset/se keyword arguments) to fit dataset ``index`` alone, as the user would.
@@ -822,8 +816,15 @@ class BatchPlan:
 
 def rows_by_code(codes: np.ndarray, n: int) -> list[np.ndarray]:
     """Each of ``n`` codes' positions in ``codes`` (in order), found with one sort, not a scan per code."""
+    order, starts = code_order(codes, n)
+    return np.split(order, starts[1:-1])
+
+
+def code_order(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the positions of ``codes`` sorted by code, stably; where each of the ``n`` codes' positions start, n + 1 of
+    them): code c's positions are ``order[starts[c]:starts[c + 1]]``, in order."""
     order = np.argsort(codes, kind="stable")
-    return np.split(order, np.searchsorted(codes[order], np.arange(1, n)))
+    return order, np.searchsorted(codes[order], np.arange(n + 1))
 
 
 def dataset_arguments(rows: np.ndarray, weights, offset, se: str | None = None) -> dict:

@@ -106,18 +106,18 @@ class BatchTerm:
     coef_names : tuple of str
     covariance : (B, k, k) ndarray
         The random-effect covariance Sigma per dataset (NaN where the fit failed).
-    levels : list of ndarray
+    levels : sequence of ndarray (a list, or :class:`Pieces` of one array)
         Each dataset's level labels.
-    b, cond_sd : list of (ell_d, k) ndarrays
+    b, cond_sd : sequences of (ell_d, k) ndarrays (lists, or :class:`Pieces` of one array)
         BLUPs and lme4's conditional sds per dataset.
     """
 
     group: str
     coef_names: tuple[str, ...]
     covariance: np.ndarray
-    levels: list
+    levels: Sequence
     b: list
-    cond_sd: list
+    cond_sd: Sequence
 
     @property
     def k(self) -> int:

@@ -681,14 +681,17 @@ def aliased_columns(X: np.ndarray, tol: float = RANK_TOL) -> np.ndarray:
     once: one LAPACK call in place of the column-by-column projections (benchmarks/RESULTS.md, twenty-second
     session).  Otherwise the columns after the first aliased one are projected on the kept ones only, column by column.
     """
-    if X.shape[0] >= GRAM_SCREEN_MIN_ROWS and X.shape[1] and tol <= GRAM_SCREEN and gram_clear((X.T @ X)[None])[0]:
-        return np.zeros(0, dtype=int)
+    if X.shape[0] >= GRAM_SCREEN_MIN_ROWS and X.shape[1] and tol <= GRAM_SCREEN:
+        with np.errstate(over="ignore", invalid="ignore"):  # (an overflowed Gram is not clear: QR decides)
+            gram = X.T @ X
+        if gram_clear(gram[None])[0]:
+            return np.zeros(0, dtype=int)
     if X.shape[0] >= X.shape[1]:
         R = np.linalg.qr(X, mode="r")
         norms = np.linalg.norm(R, axis=0)  # ||X_j|| = ||Q R_j|| = ||R_j||
         if not np.all(np.isfinite(norms)) and np.all(np.isfinite(X)):  # values near 1e160 overflowed a norm (reported
             # aliased, leaving an intercept-only fit): each column on
-            scale = np.max(np.abs(X), axis=0)  # its own scale, the test being scale-free per column
+            scale = largest_magnitudes(X)  # its own scale, the test being scale-free per column
             return aliased_columns(X / np.where(scale > 0, scale, 1.0), tol)
         if np.all(np.abs(np.diagonal(R)) > tol * norms):  # (a zero column fails: 0 > 0)
             return np.zeros(0, dtype=int)
