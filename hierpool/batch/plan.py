@@ -773,6 +773,7 @@ class BatchPlan:
             # X's rank as hp.lmm judges it (plan.fixed_aliased, from the plan's Gram matrices)
             problems = dataset_problems(self.n_obs[members], self.n_levels[members], self.aliased_names(members),
                                         design.p, term.coef_names, term.group, design.sigma_known,
+                                        self.levels if len(members) == self.n_datasets else
                                         [self.levels[d] for d in members])
             problems = [self.refused(index, problem or self.term_copies[index])
                         for index, problem in zip(members, problems)]
