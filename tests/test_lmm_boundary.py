@@ -307,6 +307,24 @@ def test_a_response_the_model_reproduces_exactly_is_refused_by_name_in_the_fit_a
         batch.messages.iloc[0]
 
 
+def test_a_response_reproduced_exactly_is_refused_or_fitted_never_given_a_nan_sigma():
+    # where the search stops on such data, the system may fail to factor (refused), factor (an unconverged or a
+    # boundary fit, sigma ~1e-8), or factor into NaN, which came back as sigma = NaN (seed 10; seed 2 before the
+    # statistics' sums were reordered): now refused as the first
+    for seed in range(1, 12):
+        rng = np.random.default_rng(seed)
+        g, x = np.repeat(np.arange(10), 5), rng.normal(size=50)
+        exact = pd.DataFrame({"y": 2 + x + rng.normal(size=10)[g], "x": x, "g": g.astype(str)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                fit = hp.lmm("y ~ x + (1 | g)", exact)
+            except hp.ConvergenceError as error:
+                assert "the residual variance went to zero" in str(error)
+                continue
+        assert np.isfinite(fit.sigma) and np.all(np.isfinite(fit.fixef)), seed
+
+
 def test_a_search_from_another_start_below_the_optimum_goes_on_to_its_own_minimum(monkeypatch):
     # seed 476: the batch's search from the rank-reduced start reaches hp.lmm's minimum after 23 passes, below the
     # optimum after 8; cut off at 24 passes in all it was dropped unconverged, 0.77 above
