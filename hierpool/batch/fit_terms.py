@@ -269,8 +269,9 @@ class NanRows:
         self.position = np.zeros(len(n_levels), dtype=np.int64)
         self.blocks: dict[int, np.ndarray] = {}
         self.views: list = [None] * len(n_levels)
-        for width in np.unique(self.widths):
-            members = np.flatnonzero(self.widths == width)
+        order = np.argsort(self.widths, kind="stable")  # each width's datasets a run of one sort, not a scan a width
+        found, first = np.unique(self.widths[order], return_index=True)
+        for width, members in zip(found, np.split(order, first[1:])):
             block = np.full((len(members), int(width)) + tuple(shape), np.nan, dtype=dtype)
             self.blocks[int(width)] = block
             self.position[members] = np.arange(len(members))
