@@ -708,8 +708,8 @@ def test_pieces_read_as_the_list_np_split_gives():
 
 
 def test_nan_rows_hold_each_dataset_s_levels_in_a_block_of_its_own_width():
-    # a batch of small datasets and one of many levels: no block as wide as the widest for every dataset (the review
-    # measured 284 MB -> 844 MB for 3,000 datasets of 4 levels beside one of 2,100 when one block held them all)
+    # a batch of small datasets and one of many levels: no block as wide as the widest for every dataset (one block
+    # for all tripled a batch's peak memory: benchmarks/RESULTS.md, forty-fifth session)
     from hierpool.batch.fit_terms import NanRows
 
     rows = NanRows([2, 3, 500, 0], (2,), widths=[4, 4, 512, 4], dtype=np.float32)

@@ -260,8 +260,8 @@ class NanRows:
     """Per-dataset arrays of a batch (BLUPs, conditional variances, relative factors), NaN until a fit fills them:
     dataset d's is the first ``n_levels[d]`` rows of a block shared by the datasets of its width (``widths[d]`` >=
     ``n_levels[d]``: its bucket's padded level count, or by default its own count, no padding), each block allocated
-    once and filled a chunk at a time by :meth:`write` (100,000 datasets' arrays allocated one by one, then assigned
-    one by one, took 0.35 s and 0.3 s).  :attr:`views` is the per-dataset list, each a view of its block."""
+    once and filled a chunk at a time by :meth:`write`, not allocated and assigned dataset by dataset (benchmarks/RESULTS.md, forty-fifth session).
+    :attr:`views` is the per-dataset list, each a view of its block."""
 
     def __init__(self, n_levels, shape: tuple, widths=None, dtype=np.float64):
         n_levels = np.asarray(n_levels, dtype=np.int64)

@@ -17,8 +17,8 @@ searches it runs are importable without JAX: :mod:`hierpool.batch.glmm_search`, 
 ``hp.bayes``'s independence and exact samplers: :func:`hierpool.batch.fit.refit_values`,
 :func:`hierpool.batch.fit_each.dataset_fit`, :func:`hierpool.batch.bayes_each.sample_summary`,
 :func:`hierpool.batch.bayes_each.dataset_posterior`) imports JAX with its
-modules: a worker loads it once, a fresh process's JAX (no thread of the parent's is copied), and holds it (about
-300 MB) for the process's life.  Those runs are NumPy and SciPy on the host, each dataset's numbers the same
+modules: a worker loads it once, a fresh process's JAX (no thread of the parent's is copied), and holds it (its
+memory measured in benchmarks/RESULTS.md, forty-fourth session) for the process's life.  Those runs are NumPy and SciPy on the host, each dataset's numbers the same
 wherever it runs (tested bit for bit); ``hp.bayes``'s NUTS is not sent (its draws in a worker differed from this
 process's).
 

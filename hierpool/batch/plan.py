@@ -598,8 +598,7 @@ def host_threads() -> int:
     """Threads for whole single fits run on the host (``hp.fit_batch``'s refits of the datasets its batched search
     left unconverged): one per core whatever JAX's device, their worker processes running JAX on the CPU
     (:mod:`hierpool.batch.host_processes`).  On a GPU's machine :func:`thread_count` is 1 (the device runs the
-    batch), and 12 refits of 100,000 sleepstudy-shaped datasets took 1.7 s one after another beside 16 idle cores
-    (benchmarks/RESULTS.md, "The first GPU run")."""
+    batch), and the refits ran one after another beside idle cores (benchmarks/RESULTS.md, "The first GPU run")."""
     return max(1, os.cpu_count() or 1)
 
 
@@ -791,8 +790,8 @@ class BatchPlan:
     @cached_property
     def _frame_rows(self) -> tuple[dict, np.ndarray, np.ndarray]:
         """(label -> its code, the frame's rows sorted by code, where each code's rows start), found once: a
-        dataset's rows are then a slice (a batch of 100,000 datasets refits a dozen; splitting every dataset's rows
-        out took 0.5 s)."""
+        dataset's rows are then a slice (a batch of 100,000 datasets refits a dozen: every dataset's rows are not
+        split out for them)."""
         codes, labels = pd.factorize(self.frame[self.by], sort=False)  # a row without a label (-1): in no dataset
         labelled = np.flatnonzero(codes >= 0)
         order, starts = code_order(codes[labelled], len(labels))

@@ -77,7 +77,7 @@ def named_columns(pairs, caller: str) -> dict:
 class Pieces(Sequence):
     """The consecutive pieces ``values[starts[i]:starts[i + 1]]`` of one array, read as a list of them (each a view,
     made when read): a batch's per-dataset level labels or conditional sds without 100,000 arrays split out at once
-    (``np.split`` took 0.33 s for each)."""
+    (benchmarks/RESULTS.md, forty-fifth session)."""
 
     def __init__(self, values: np.ndarray, starts: np.ndarray):
         self.values, self.starts = values, np.asarray(starts)

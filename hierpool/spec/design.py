@@ -559,8 +559,8 @@ def underflowing(largest: np.ndarray, smallest: float = SMALLEST_VALUE) -> np.nd
 
 def largest_magnitudes(values: np.ndarray) -> np.ndarray:
     """max |value| of each column of ``values`` (n, k), NaN where the column holds one: the larger of its maximum and
-    minus its minimum, each a reduction of one strided column (a long frame's ``np.max(np.abs(X), axis=0)``, an
-    (n, k) temporary reduced across rows, took 0.57 s on 18 million rows of two columns, these 0.09 s)."""
+    minus its minimum, each a reduction of one strided column, not ``np.max(np.abs(X), axis=0)``: an (n, k)
+    temporary reduced across rows, several times slower on a long frame (benchmarks/RESULTS.md, forty-fifth session)."""
     return np.array([np.maximum(np.max(values[:, j]), -np.min(values[:, j])) for j in range(values.shape[1])],
                     dtype=float)
 
@@ -712,8 +712,7 @@ def aliased_columns(X: np.ndarray, tol: float = RANK_TOL) -> np.ndarray:
 
 
 #: Rows from which :func:`aliased_columns` screens X's Gram matrix first (:func:`aliased_within` with one group), the
-#: QR only where the screen is unclear: on a long frame's 18 million rows of two columns X'X took 0.07 s, the QR
-#: 0.28 s and its norms as long again.
+#: QR only where the screen is unclear: on a long frame X'X costs a fraction of the QR (benchmarks/RESULTS.md, forty-fifth session).
 GRAM_SCREEN_MIN_ROWS = 100_000
 
 
@@ -748,7 +747,7 @@ def sorted_levels(column: pd.Series):
     """(codes, uniques) of a grouping column that is not a Categorical, in R's order: sorted values (numbers as
     numbers, text as text), or the order of appearance where its values cannot be sorted together (mixed types)."""
     if isinstance(column.dtype, pd.StringDtype):  # its Python strings as one object array: the hash table's input
-        column = column.to_numpy(dtype=object)    # without the extension array's detour (18 M rows 1.05 s -> 0.54 s)
+        column = column.to_numpy(dtype=object)    # without the extension array's detour (RESULTS.md, 45th session)
     try:
         return pd.factorize(column, sort=True)
     except TypeError:  # mixed types that cannot be sorted
