@@ -161,6 +161,93 @@ def sufficient_statistics(
     )
 
 
+#: Values of the responses' temporaries (y - offset, its residual, the weighted residual) per block of datasets in
+#: :func:`shared_design_statistics`: about 32 MiB each in float64, whatever the number of datasets.
+SHARED_BLOCK_VALUES = 1 << 22
+
+
+def shared_location_shifts(X: np.ndarray, Y: np.ndarray, weights: np.ndarray | None,
+                           xtx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(beta0 (D, p), residual (n, D)): :func:`location_shifts` for datasets that share X and the weights and differ
+    in their responses, the columns of Y (n, D): the same normal equations (the pseudo-inverse of X'WX,
+    ``xtx``) and refinement step, each a matrix product over the datasets at once."""
+    p = X.shape[1]
+    if not p:
+        return np.zeros((Y.shape[1], 0)), Y.copy()
+    inverse = np.linalg.pinv(xtx, hermitian=True)
+    weighted_x = X if weights is None else X * weights[:, None]
+    beta0 = np.zeros((p, Y.shape[1]))
+    residual = Y
+    for _ in range(2):  # the fit, then one refinement step
+        step = inverse @ (weighted_x.T @ residual)
+        beta0 = beta0 + step
+        residual = residual - X @ step
+    return beta0.T, residual
+
+
+def shared_design_statistics(
+    level: np.ndarray,
+    X: np.ndarray,
+    z: np.ndarray,
+    Y: np.ndarray,
+    ell: int,
+    weights: np.ndarray | None = None,
+    offset: np.ndarray | None = None,
+) -> BatchStatistics:
+    """:func:`sufficient_statistics` of datasets that share one design and differ only in their responses.
+
+    A simulation study, a parametric bootstrap or one model per gene on the same samples fits D responses on the
+    same rows: the design's cross-products (Z_l'WZ_l, Z_l'WX, X'WX, n, sum log w) are one dataset's, and only
+
+        Z_l'W r_d,  X'W r_d,  r_d'W r_d,   r_d = y_d - offset - X beta0_d
+
+    differ, which are matrix products of the design with R = [r_1 ... r_D] (lme4's ``refit(fit, newresp)``,
+    MixedModels.jl's ``refit!``, fitted for every response at once).  No row is repeated per dataset.
+
+    Parameters
+    ----------
+    level : (n,) int, each row's level (0 .. ell-1)
+    X : (n, p), z : (n, k)
+    Y : (n, D), one response per column
+    ell : int, the padded level count
+    weights : (n,), optional
+        Prior weights, every dataset's.
+    offset : (n,), optional
+        Known part of the linear predictor, every dataset's.
+
+    Returns
+    -------
+    BatchStatistics
+        D datasets' statistics, equal to :func:`sufficient_statistics` on the datasets stacked (to rounding: the
+        sums run in another order); the design's blocks are read-only views of one dataset's, repeated.
+    """
+    import scipy.sparse  # (here: a small fit imports no SciPy, tests/test_imports.py)
+
+    n, n_datasets = Y.shape
+    k = z.shape[1]
+    design = sufficient_statistics(np.zeros(n, dtype=np.int64), level, X, z, np.zeros(n), 1, ell, weights=weights)
+    # (row, level * k + j) holds z_ij: Z_l'W r for every level and dataset in one sparse product
+    cells = scipy.sparse.csr_matrix((z.ravel(), (np.repeat(np.arange(n), k), (level[:, None] * k + np.arange(k)).ravel())),
+                                    shape=(n, ell * k))
+    zty, xty, yty, beta_shift = (np.empty((n_datasets, ell, k)), np.empty((n_datasets, X.shape[1])),
+                                 np.empty(n_datasets), np.empty((n_datasets, X.shape[1])))
+    width = max(1, SHARED_BLOCK_VALUES // max(n, 1))
+    for start in range(0, n_datasets, width):
+        block = slice(start, start + width)
+        target = Y[:, block] if offset is None else Y[:, block] - offset[:, None]
+        beta_shift[block], residual = shared_location_shifts(X, target, weights, design.xtx[0])
+        weighted = residual if weights is None else residual * weights[:, None]
+        zty[block] = (cells.T @ weighted).T.reshape(-1, ell, k)
+        xty[block] = weighted.T @ X
+        yty[block] = np.einsum("nd,nd->d", residual, weighted)
+
+    def every(one: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(one[0], (n_datasets,) + one.shape[1:])
+
+    return BatchStatistics(ztz=every(design.ztz), ztx=every(design.ztx), zty=zty, xtx=every(design.xtx), xty=xty,
+                           yty=yty, n=every(design.n), log_weights=every(design.log_weights), beta_shift=beta_shift)
+
+
 def one_dataset_statistics(design) -> BatchStatistics:
     """The statistics of one dataset's one-term design (no leading dataset axis), its weights and offset included."""
     term = design.terms[0]

@@ -91,6 +91,7 @@ from .plan import (
     thread_count,
 )
 from .results import BatchResult, BatchTerm, Pieces, check_by_name
+from .shared_design import condition_shared, read_responses, responses_long_frame, shared_design_plan
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
@@ -231,6 +232,7 @@ def fit_batch(
     relmat: dict | None = None,
     relmat_inverse: dict | None = None,
     adjacency=None,
+    responses=None,
 ) -> BatchResult:
     """Fit one linear mixed model to many datasets at once.
 
@@ -319,6 +321,13 @@ def fit_batch(
         ``hp.glmm``'s, shared by every dataset: built once, then each dataset fitted by ``hp.lmm`` /
         ``hp.glmm`` (:mod:`hierpool.batch.fit_each`); the result's ``hyperparameters`` hold each fit's
         parameters, and a GLMM's ``reml=True`` is glmmTMB's REML, as ``hp.glmm``'s.
+    responses : array-like (rows of ``data``, datasets) or DataFrame, optional
+        Many responses on one design (lme4's ``refit(fit, newresp)``): ``data`` is then one dataset's rows, the
+        design, and each column of ``responses`` one dataset's response (the formula's response, a column name);
+        a DataFrame's column labels (with ``data``'s index) label the datasets, an array's positions do.  A linear
+        mixed model with one random-effect term takes each dataset's statistics as matrix products of the design
+        with the responses, without the long frame of copies of ``data``; other models are fitted on that long
+        frame (:mod:`hierpool.batch.shared_design`).  Not with ``by``; missing responses are refused.
 
     Returns
     -------
@@ -356,6 +365,15 @@ def fit_batch(
     raise_malloc_thresholds()  # the host algebra's temporaries reused, not faulted in afresh (its module notes)
     progress = optional_boolean_argument("progress", progress)
     polish = boolean_argument("polish", polish)
+    shared = None  # many responses on one design: its plan (one term, Gaussian), or their long frame
+    if responses is not None:
+        read = read_responses(formula, data, responses, by,
+                              binomial=family is not None and family_spec(family, link).name == "binomial")
+        if family is None and correlation is None and not fits_each(formula, relmat, relmat_inverse, adjacency):
+            shared = shared_design_plan(formula, data, read, "fit_batch", "hp.lmm", weights=weights, offset=offset,
+                                        se=se)
+        if shared is None:
+            data, by, weights, offset = responses_long_frame(data, read, weights, offset)
     if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (fit_each's module notes)
         refuse_on_each(correlation=(correlation, None), dtype=(dtype, "float64"), chunk_size=(chunk_size, None),
                        max_iterations=(max_iterations, MAX_ITERATIONS))
@@ -382,8 +400,8 @@ def fit_batch(
         if dtype != "float64":
             raise ArgumentError(f"dtype={dtype!r} with correlation=: an AR(1) batch is fitted in float64")
     reml = family is None if reml is None else reml
-    plan = plan_batch(formula, data, by, "fit_batch", "hp.glmm" if spec else "hp.lmm", weights=weights,
-                      offset=offset, se=se, one_term=False, family=spec)
+    plan = shared or plan_batch(formula, data, by, "fit_batch", "hp.glmm" if spec else "hp.lmm", weights=weights,
+                                offset=offset, se=se, one_term=False, family=spec)
     if spec is not None:
         _warn_if_unidentified(plan, spec.name)
     if spec is not None and nAGQ != 1:
@@ -401,7 +419,8 @@ def fit_batch(
     # a dataset whose random-effect or fixed-effect columns are far from centred or unit scale is searched on its
     # columns centred and scaled (batch.conditioning: hp.lmm's rule and transform, which hp.lmm applies to the
     # random-effect columns); the results are mapped back to the user's below
-    conditioning = condition_batch(plan, reml=spec is None and reml)
+    conditioning = (condition_shared(plan, reml=reml) if shared is not None
+                    else condition_batch(plan, reml=spec is None and reml))
     fitted = plan if conditioning is None else conditioning.plan
     sharding = mesh_sharding()
     # compiled programs: Newton's m x m systems, one per dataset of a call, go to a batched LAPACK call, serial on a

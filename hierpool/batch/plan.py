@@ -1081,6 +1081,7 @@ class EveryDatasetRefused(DataError):
     def __init__(self, label, reason: str, tried: int | None = None):
         others = "as is every dataset" if tried is None else f"as are the {tried - 1} datasets after it"
         super().__init__(f"{nothing_left({label: reason})} ({others})")
+        self.reason = reason  # the first dataset's, as its single fit words it
         self.stacked: DataError | None = None
 
 

@@ -1,0 +1,249 @@
+"""``hp.fit_batch(formula, data, responses=Y)``: many responses on one design (lme4's ``refit(fit, newresp)``).
+
+A simulation study of a design, a power analysis, a parametric bootstrap, or one model per gene measured on the
+same samples fits one formula to D responses on the same rows: ``data`` holds the design (one dataset's rows), and
+``responses`` the D responses, one column each (an array, or a DataFrame whose column labels name the datasets).
+The long frame of D copies of ``data`` is then never built: the design is read, checked and refused once, and a
+linear mixed model with one random-effect term takes its statistics as matrix products of the design with the
+responses (:func:`hierpool.algebra.statistics.shared_design_statistics`), each equal to those of the dataset's rows
+in the long frame.  The search, the solutions, the refits and the result are the long frame's
+(:func:`hierpool.batch.fit.fit_batch`), on a :class:`SharedDesignPlan`: a :class:`~hierpool.batch.plan.BatchPlan`
+whose datasets all have the design's rows.
+
+Other models (several terms, AR(1) residuals, a GLMM, a relationship matrix or spatial terms) are fitted on the long
+frame, built here from the responses (:func:`responses_long_frame`): the same results, without the shortcut.
+
+The response must be a column name in the formula (a transformed one, ``log(y)``, would leave unclear whether the
+responses hold y or log y), and missing values in the responses are refused: a dataset with rows of its own is a
+long frame's (``by=``).  Rows of ``data`` missing a value the design reads are dropped for every dataset (counted in
+``hp.lmm``'s warning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..algebra.statistics import shared_design_statistics
+from ..errors import ArgumentError, DataError
+from ..spec.design import RESPONSE_SMALLEST, underflowing
+from ..spec.formula import parse_formula
+from .conditioning import BatchConditioning, condition_batch
+from .plan import BatchPlan, EveryDatasetRefused, bucket_width, plan_batch, single_fit_refusal
+
+#: The datasets' column of the one-dataset frame that the design is built from (a name no formula can read).
+DESIGN_DATASET = "(design)"
+
+
+@dataclass(frozen=True)
+class Responses:
+    """``responses=`` read: the values (rows of ``data``, datasets) as floats, the datasets' labels, and the response's
+    column name in the formula."""
+
+    values: np.ndarray
+    labels: pd.Index
+    column: str
+
+    @property
+    def n_datasets(self) -> int:
+        return len(self.labels)
+
+
+def read_responses(formula: str, data, responses, by: str, binomial: bool = False) -> Responses:
+    """Check ``responses=`` against ``data`` and the formula (module notes) and read it.
+
+    Raises
+    ------
+    ArgumentError
+        Where ``data`` is not one DataFrame, ``responses`` is not two-dimensional with one row per row of ``data``
+        (a DataFrame's index must be ``data``'s), has no column, repeats a label or holds other than numbers; where
+        the formula's response is not a column name, or ``by`` is given (the datasets are the responses' columns).
+    """
+    if not isinstance(data, pd.DataFrame):
+        raise ArgumentError(f"responses= needs data as one DataFrame (the design's rows), got {type(data).__name__}")
+    if by != "dataset":
+        raise ArgumentError(f"by={by!r} with responses=: the datasets are the responses' columns, and data holds one "
+                            "design's rows (no dataset column)")
+    spec = parse_formula(formula, binomial_counts=binomial, random_optional=True)
+    column = spec.response
+    if not column.isidentifier() and column not in data.columns:
+        raise ArgumentError(f"responses= holds the values of the formula's response, which must then be a column "
+                            f"name, got {column!r}: compute it into each column of responses and name it in the "
+                            "formula")
+    if isinstance(responses, pd.DataFrame):
+        if not responses.index.equals(data.index):
+            raise ArgumentError("responses as a DataFrame must have data's index (its rows are data's rows)")
+        labels = pd.Index(responses.columns, name="dataset", tupleize_cols=False)
+        kinds = [name for name, dtype in responses.dtypes.items()
+                 if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))]
+        if kinds:
+            raise ArgumentError(f"responses column {kinds[0]!r} holds other than numbers ({responses[kinds[0]].dtype})")
+        values = responses.to_numpy(dtype=float, na_value=np.nan)
+    else:
+        try:
+            values = np.asarray(responses, dtype=float)
+        except (TypeError, ValueError) as error:
+            raise ArgumentError(f"responses must be numbers, one column per dataset: {error}") from None
+        if values.ndim == 2:
+            labels = pd.RangeIndex(values.shape[1], name="dataset")
+    if values.ndim != 2 or values.shape[0] != len(data):
+        raise ArgumentError(f"responses must be two-dimensional, one row per row of data ({len(data)}) and one column "
+                            f"per dataset, got shape {values.shape}")
+    if not values.shape[1]:
+        raise ArgumentError("responses has no column: no dataset to fit")
+    if labels.has_duplicates:
+        raise ArgumentError(f"responses repeats the dataset label {labels[labels.duplicated()][0]!r}")
+    return Responses(values, labels, column)
+
+
+def responses_long_frame(data: pd.DataFrame, responses: Responses, weights, offset):
+    """(the long frame, its ``by`` column, weights, offset): ``data``'s rows once per dataset, the response column
+    each dataset's own, for the models that are fitted on a long frame (module notes).  Array weights and offsets
+    are repeated with the rows."""
+    n, n_datasets = len(data), responses.n_datasets
+    by = _free_name("dataset", data.columns)
+    frame = data.iloc[np.tile(np.arange(n), n_datasets)].reset_index(drop=True)
+    frame[responses.column] = responses.values.T.ravel()
+    frame[by] = np.repeat(np.asarray(responses.labels, dtype=object), n)
+
+    def repeated(value):
+        return value if value is None or isinstance(value, str) else np.tile(np.asarray(value), n_datasets)
+
+    return frame, by, repeated(weights), repeated(offset)
+
+
+def _free_name(name: str, columns) -> str:
+    """``name``, with '_' added until no column of ``columns`` has it."""
+    while name in columns:
+        name += "_"
+    return name
+
+
+@dataclass(frozen=True)
+class SharedDesignPlan(BatchPlan):
+    """A batch whose datasets share one design (``data``'s rows) and differ in their responses: the one-dataset plan
+    of the design (:attr:`single`), broadcast.  ``dataset`` is None (no row belongs to one dataset): a use of it
+    fails, where a plan method not written for a shared design would otherwise read the wrong rows."""
+
+    single: BatchPlan | None = None
+    responses: Responses | None = None
+
+    @property
+    def design_responses(self) -> np.ndarray:
+        """The responses at the design's rows (those ``data`` keeps), (n, datasets)."""
+        rows = np.asarray(self.single.design.rows)
+        if rows.size == self.responses.values.shape[0] and np.array_equal(rows, np.arange(rows.size)):
+            return self.responses.values
+        return self.responses.values[rows]
+
+    @property
+    def fixed_aliased(self) -> dict:
+        return {}  # (the design's, refused once: shared_design_plan)
+
+    @property
+    def term_copies(self) -> list[str]:
+        return [""] * self.n_datasets
+
+    @property
+    def zero_columns(self) -> dict:
+        return {}
+
+    def probe_scales(self) -> np.ndarray:
+        scales = self.single.probe_scales()
+        return np.broadcast_to(scales[0], (self.n_datasets,) + scales.shape[1:])
+
+    def uneven_weights(self) -> np.ndarray:
+        return np.full(self.n_datasets, bool(self.single.uneven_weights()[0]))
+
+    def buckets(self, dtype=np.float64):
+        """One bucket, every dataset not refused (:attr:`refusals`), their statistics by matrix products
+        (:func:`~hierpool.algebra.statistics.shared_design_statistics`)."""
+        design, term = self.design, self.term
+        bucket = int(bucket_width(self.n_levels[:1])[0])
+        stats = shared_design_statistics(self.level, design.X, term.z, self.design_responses, bucket,
+                                         weights=design.weights, offset=design.offset)
+        messages = list(self.refusals)
+        valid = np.flatnonzero([not message for message in messages])
+        out = [(bucket, valid, stats.take(valid).astype(dtype))] if valid.size else []
+        return out, messages
+
+    def frame_rows(self, index: int) -> np.ndarray:
+        return np.arange(len(self.frame))
+
+    def dataset_frame(self, index: int) -> tuple[pd.DataFrame, dict]:
+        frame, arguments = self.single.dataset_frame(0)
+        return frame.assign(**{self.responses.column: self.responses.values[:, index]}), arguments
+
+
+def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, caller: str, single: str,
+                       weights=None, offset=None, se: str | None = None) -> SharedDesignPlan | None:
+    """The plan of a linear mixed model with one random-effect term on ``responses`` sharing ``data``'s design; None
+    for other formulas (fitted on the long frame: :func:`responses_long_frame`).
+
+    The design is built and checked once, on one dataset whose response is a placeholder.  What ``hp.lmm`` refuses
+    in it (too few rows for the levels, aliased columns, a copied random-effect column, weights off scale) is
+    refused for the batch; what it refuses in a response (one value, too small to square) in that dataset's row.
+
+    Raises
+    ------
+    DataError
+        Where the design is refused, or a response is missing at a row the design keeps.
+    """
+    # (a placeholder of many values: the single fit refuses a response of one value)
+    frame = data.assign(**{responses.column: np.arange(len(data), dtype=float), DESIGN_DATASET: 0})
+    refused = f"{caller}: every response shares data's design, which {single} refuses: "
+    try:
+        plan = plan_batch(formula, frame, DESIGN_DATASET, caller, single, weights=weights, offset=offset, se=se,
+                          one_term=False)
+    except EveryDatasetRefused as error:  # (worded for a long frame's datasets: "dataset 0: ...")
+        raise DataError(refused + error.reason) from None
+    if len(plan.design.terms) != 1:
+        return None
+    _, messages = plan.buckets()
+    if messages[0]:
+        raise DataError(refused + messages[0])
+    rows = np.asarray(plan.design.rows)
+    values = responses.values[rows]
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.all(axis=0))
+        raise DataError(f"responses column {responses.labels[bad[0]]!r} (and {bad.size - 1} more) has "
+                        f"{int((~finite[:, bad[0]]).sum())} missing or infinite values at rows data keeps: each "
+                        "response is fitted on the design's rows (datasets with rows of their own: a long frame, by=)")
+    n_datasets = responses.n_datasets
+    shared = SharedDesignPlan(
+        **{field.name: getattr(plan, field.name) for field in dataclasses.fields(BatchPlan)}
+        | {"dataset": None, "labels": responses.labels, "n_levels": np.full(n_datasets, plan.n_levels[0]),
+           "n_obs": np.full(n_datasets, plan.n_obs[0]), "levels": [plan.levels[0]] * n_datasets,
+           "term_levels": tuple((level, np.full(n_datasets, counts[0]), [labels[0]] * n_datasets)
+                                for level, counts, labels in plan.term_levels),
+           "refusals": ("",) * n_datasets},
+        single=plan, responses=responses)
+    # the single fit's refusals of a response: one value (its offset's less too), or too small to square
+    target = values if not np.any(plan.design.offset) else values - plan.design.offset[:, None]
+    refused = (np.ptp(values, axis=0) == 0) | (np.ptp(target, axis=0) == 0)
+    refused |= underflowing(np.abs(values).max(axis=0), RESPONSE_SMALLEST)
+    refusals = list(shared.refusals)
+    for index in np.flatnonzero(refused):
+        frame, arguments = shared.dataset_frame(index)
+        refusals[index] = single_fit_refusal(formula, frame, **arguments)
+    return dataclasses.replace(shared, refusals=tuple(refusals))
+
+
+def condition_shared(plan: SharedDesignPlan, reml: bool = False) -> BatchConditioning | None:
+    """:func:`~hierpool.batch.conditioning.condition_batch` of a shared design: its one dataset's columns
+    conditioned (the rule and transforms read the design alone), every dataset's transforms that one's."""
+    one = condition_batch(plan.single, reml=reml)
+    if one is None:
+        return None
+    n_datasets = plan.n_datasets
+
+    def every(per_dataset: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(per_dataset[0], (n_datasets,) + per_dataset.shape[1:])
+
+    fitted = dataclasses.replace(plan, design=one.plan.design, user_aliased={})
+    return BatchConditioning(fitted, tuple(every(m) for m in one.transforms), every(one.conditioned),
+                             None if one.fixed is None else tuple(every(f) for f in one.fixed), reml=reml)

@@ -1,0 +1,231 @@
+"""hp.fit_batch(formula, data, responses=Y): many responses on one design (hierpool.batch.shared_design), each
+dataset's row equal to the long frame's (data repeated, its response the column's) and so to hp.lmm's fit."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import assert_same_fits
+
+import hierpool as hp
+from hierpool.algebra.statistics import shared_design_statistics, sufficient_statistics
+from hierpool.batch import fit as fit_module
+from hierpool.batch.shared_design import Responses, responses_long_frame
+
+SLEEP = "Reaction ~ Days + (Days | Subject)"
+N_RESPONSES = 12
+
+
+@pytest.fixture(scope="module")
+def design():
+    """One sleepstudy-shaped dataset's rows (the design), with weights and an offset (noisy: not aliased with X)."""
+    rng = np.random.default_rng(7)
+    data = hp.datasets.sleepstudy_replicates(1, seed=3).drop(columns="dataset")
+    return data.assign(w=rng.uniform(0.3, 3.0, len(data)), off=2.0 * data.Days + rng.normal(0, 3, len(data)))
+
+
+@pytest.fixture(scope="module")
+def responses(design):
+    """N_RESPONSES responses simulated from the design's fit, as a DataFrame labelled by text."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.HierpoolWarning)
+        fit = hp.lmm(SLEEP, design)
+    simulated = hp.simulate(fit, N_RESPONSES, seed=11).to_numpy()
+    return pd.DataFrame(simulated, index=design.index, columns=[f"r{j}" for j in range(N_RESPONSES)])
+
+
+def long_frame(design, responses):
+    """The datasets stacked: the design once per response, its Reaction the response's, labelled by ``dataset``."""
+    frame = design.iloc[np.tile(np.arange(len(design)), responses.shape[1])].reset_index(drop=True)
+    frame["Reaction"] = responses.to_numpy().T.ravel()
+    frame["dataset"] = np.repeat(np.asarray(responses.columns), len(design))
+    return frame
+
+
+def assert_rows_equal(shared, stacked):
+    """Two batches of the same datasets: the same rows (the statistics' sums differ in order alone)."""
+    assert list(shared.datasets) == list(stacked.datasets)
+    assert not shared.refit.any() and not stacked.refit.any()
+    np.testing.assert_allclose(shared.objective, stacked.objective, rtol=1e-12)
+    np.testing.assert_allclose(shared.beta, stacked.beta, rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(shared.theta, stacked.theta, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(shared.sigma, stacked.sigma, rtol=1e-8)
+    np.testing.assert_allclose(shared.beta_se, stacked.beta_se, rtol=1e-6)
+    for ours, theirs in zip(shared.terms, stacked.terms):
+        for d in range(len(shared.datasets)):
+            np.testing.assert_allclose(ours.b[d], theirs.b[d], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(ours.cond_sd[d], theirs.cond_sd[d], rtol=1e-6)
+            np.testing.assert_array_equal(ours.levels[d], theirs.levels[d])
+    assert list(shared.messages) == list(stacked.messages)
+    np.testing.assert_array_equal(shared.converged, stacked.converged)
+
+
+def test_the_shared_statistics_equal_the_stacked_rows():
+    """The specialisation equals the general statistics of the datasets stacked, weights and offset included."""
+    rng = np.random.default_rng(1)
+    n, n_datasets, ell = 60, 40, 6
+    level = np.repeat(np.arange(ell), n // ell)
+    X = np.c_[np.ones(n), rng.normal(size=(n, 2))]
+    z = X[:, :2]
+    Y = rng.normal(size=(n, n_datasets)) * 5 + 1e4  # a large location: the shift's refinement matters
+    weights, offset = rng.uniform(0.5, 2, n), rng.normal(size=n)
+    for w, o in ((None, None), (weights, offset)):
+        shared = shared_design_statistics(level, X, z, Y, ell, w, o)
+        stacked = sufficient_statistics(np.repeat(np.arange(n_datasets), n), np.tile(level, n_datasets),
+                                        np.tile(X, (n_datasets, 1)), np.tile(z, (n_datasets, 1)), Y.T.ravel(),
+                                        n_datasets, ell, None if w is None else np.tile(w, n_datasets),
+                                        None if o is None else np.tile(o, n_datasets))
+        for name in ("ztz", "ztx", "zty", "xtx", "yty", "n", "log_weights", "beta_shift"):
+            ours, theirs = getattr(shared, name), getattr(stacked, name)
+            assert ours.shape == theirs.shape, name
+            np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12 * np.abs(theirs).max(), err_msg=name)
+        # X'W r is zero up to rounding of the location's fit, in both
+        scale = np.abs(shared.zty).max()
+        np.testing.assert_allclose(shared.xty, stacked.xty, atol=1e-12 * scale)
+    # one block of datasets or several: the same numbers
+    blocks = pytest.MonkeyPatch.context()
+    with blocks as patch:
+        patch.setattr("hierpool.algebra.statistics.SHARED_BLOCK_VALUES", n * 7)
+        in_blocks = shared_design_statistics(level, X, z, Y, ell, weights, offset)
+    # (to the rounding of a response's location: the products' sums run in other orders)
+    rounding = 1e-14 * np.abs(Y).max() * n
+    np.testing.assert_allclose(in_blocks.zty, shared.zty, rtol=0, atol=rounding)
+    np.testing.assert_allclose(in_blocks.yty, shared.yty, rtol=1e-12)
+    np.testing.assert_allclose(in_blocks.beta_shift, shared.beta_shift, rtol=0,
+                               atol=1e-14 * np.abs(shared.beta_shift).max())
+
+
+@pytest.mark.parametrize("case", ["reml", "ml, weights and offset", "known sds", "a covariate far from centred"])
+def test_each_response_equals_its_dataset_of_the_long_frame(design, responses, case):
+    data, kwargs = design, {}
+    if case == "ml, weights and offset":
+        kwargs = {"reml": False, "weights": design.w.to_numpy(), "offset": "off"}
+    elif case == "known sds":
+        data, kwargs = design.assign(se=10.0 + design.w), {"se": "se"}
+    elif case == "a covariate far from centred":  # conditioned (hierpool.batch.conditioning), then mapped back
+        data = design.assign(Days=design.Days + 2000.0)
+    shared = hp.fit_batch(SLEEP, data, responses=responses, progress=False, **kwargs)
+    stacked_kwargs = dict(kwargs)
+    if isinstance(kwargs.get("weights"), np.ndarray):
+        stacked_kwargs["weights"] = np.tile(kwargs["weights"], N_RESPONSES)
+    stacked = hp.fit_batch(SLEEP, long_frame(data, responses), progress=False, **stacked_kwargs)
+    assert_rows_equal(shared, stacked)
+    assert shared.datasets.name == "dataset"
+
+
+def test_the_compiled_programs_equal_the_host_search(design, responses, monkeypatch):
+    """The shared statistics through the compiled path too (a GPU's), float32 beside float64."""
+    array = responses.to_numpy()
+    host = hp.fit_batch(SLEEP, design, responses=array, progress=False)
+    monkeypatch.setattr(fit_module, "_on_host", lambda *a: False)
+    compiled = hp.fit_batch(SLEEP, design, responses=array, progress=False)
+    assert_same_fits(host, compiled, same_steps=False)
+    single = compiled.objective.to_numpy()
+    as_float32 = hp.fit_batch(SLEEP, design, responses=array, progress=False, dtype="float32")
+    np.testing.assert_allclose(as_float32.objective, single, rtol=1e-5)
+    assert list(host.datasets) == list(range(N_RESPONSES))
+
+
+def test_rows_data_drops_are_dropped_for_every_response(design, responses):
+    """A row missing a design value is dropped for every dataset (counted once in the warning), whatever its
+    responses hold there; nothing the user passed is modified."""
+    data = design.copy()
+    data.loc[data.index[[4, 40]], "Days"] = np.nan
+    values = responses.copy()
+    values.iloc[4] = np.nan  # (at a dropped row: not read)
+    before_data, before_values = data.copy(), values.copy()
+    with pytest.warns(hp.HierpoolWarning, match=r"dropped 2 of 180 rows with missing values \(Days: 2\)"):
+        shared = hp.fit_batch(SLEEP, data, responses=values, progress=False)
+    pd.testing.assert_frame_equal(data, before_data)
+    pd.testing.assert_frame_equal(values, before_values)
+    kept = data.Days.notna().to_numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.HierpoolWarning)
+        stacked = hp.fit_batch(SLEEP, long_frame(data[kept], values[kept]), progress=False)
+    assert_rows_equal(shared, stacked)
+
+
+def test_a_refused_response_is_refused_in_its_row_alone(design, responses):
+    values = responses.copy()
+    values["r3"] = 250.0  # one value: hp.lmm refuses it
+    shared = hp.fit_batch(SLEEP, design, responses=values, progress=False)
+    with pytest.raises(hp.HierpoolError) as single:
+        hp.lmm(SLEEP, design.assign(Reaction=250.0))
+    assert shared.messages["r3"] == str(single.value)
+    assert np.isnan(shared.objective["r3"]) and not shared.converged["r3"]
+    assert shared.converged.drop("r3").all() and np.isfinite(shared.objective.drop("r3")).all()
+
+
+@pytest.mark.parametrize("case", ["two rows a subject", "one subject", "a copied column"])
+def test_a_design_hp_lmm_refuses_is_refused_once(design, responses, case):
+    """Refused while building the design (too few rows for the term's effects), by the batch's count checks (one
+    level) or by its column checks (a copied column): in hp.lmm's words, once for every response."""
+    formula, data = SLEEP, design.groupby("Subject").head(2)
+    if case == "one subject":
+        data = design[design.Subject == design.Subject.iloc[0]]
+    elif case == "a copied column":
+        formula, data = "Reaction ~ Days + (Days + D2 | Subject)", design.assign(D2=2.0 * design.Days)
+    with pytest.raises(hp.DataError) as single:
+        hp.lmm(formula, data)
+    with pytest.raises(hp.DataError) as batch:
+        hp.fit_batch(formula, data, responses=responses.loc[data.index], progress=False)
+    assert str(batch.value) == f"fit_batch: every response shares data's design, which hp.lmm refuses: {single.value}"
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("missing", r"responses column 'r2' \(and 0 more\) has 1 missing"),
+    ("one-dimensional", "two-dimensional, one row per row of data"),
+    ("rows", "two-dimensional, one row per row of data"),
+    ("index", "must have data's index"),
+    ("text", "responses column 'r1' holds other than numbers"),
+    ("repeated", "repeats the dataset label 'r0'"),
+    ("by", "by='Subject' with responses="),
+    ("expression", r"must then be a column name, got 'log\(Reaction\)'"),
+    ("list", "needs data as one DataFrame"),
+])
+def test_bad_responses_are_refused_by_name(design, responses, bad, match):
+    data, values, formula, kwargs = design, responses.copy(), SLEEP, {}
+    if bad == "missing":
+        values.iloc[7, 2] = np.nan
+    elif bad == "one-dimensional":
+        values = values.r0.to_numpy()
+    elif bad == "rows":
+        values = values.to_numpy()[:-1]
+    elif bad == "index":
+        values.index = values.index + 1
+    elif bad == "text":
+        values["r1"] = values["r1"].astype(str)
+    elif bad == "repeated":
+        values.columns = ["r0"] * N_RESPONSES
+    elif bad == "by":
+        kwargs = {"by": "Subject"}
+    elif bad == "expression":
+        formula = "log(Reaction) ~ Days + (Days | Subject)"
+    elif bad == "list":
+        data = [design]
+    error = hp.DataError if bad == "missing" else hp.ArgumentError
+    with pytest.raises(error, match=match):
+        hp.fit_batch(formula, data, responses=values, progress=False, **kwargs)
+
+
+def test_other_models_are_fitted_on_the_long_frame(design, responses):
+    """Several terms (no shared shortcut yet): the long frame built from the responses, equal to the user's."""
+    formula = "Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)"
+    values = responses.iloc[:, :4]
+    shared = hp.fit_batch(formula, design, responses=values, weights=design.w.to_numpy(), progress=False)
+    stacked = hp.fit_batch(formula, long_frame(design, values), weights=np.tile(design.w.to_numpy(), 4),
+                           progress=False)
+    assert_rows_equal(shared, stacked)
+
+
+def test_the_long_frame_of_responses_repeats_the_design():
+    data = pd.DataFrame({"x": [1.0, 2.0, 3.0], "y": [0.0, 0.0, 0.0], "dataset": ["a", "b", "c"]})
+    values = np.arange(6.0).reshape(3, 2)
+    frame, by, weights, offset = responses_long_frame(
+        data, Responses(values, pd.Index(["p", "q"]), "y"), np.array([1.0, 2.0, 3.0]), "x")
+    assert by == "dataset_"  # (data has a dataset column)
+    assert frame[by].tolist() == ["p"] * 3 + ["q"] * 3
+    assert frame.y.tolist() == [0.0, 2.0, 4.0, 1.0, 3.0, 5.0]
+    assert frame.x.tolist() == [1.0, 2.0, 3.0] * 2
+    assert weights.tolist() == [1.0, 2.0, 3.0] * 2 and offset == "x"
