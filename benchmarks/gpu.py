@@ -17,9 +17,13 @@ compilation included, the clock around the fit and its tables (data generation o
    second, float64 and float32 (the issue's target: 50,000 fits/s on one GPU), then float64 again on other data of
    the same shape in the same process (``float64_warm``: programs compiled, workers started), with the seconds
    spent in each of ``fit_batch``'s host stages (``host_stages_s``);
-2. ``hp.fit_batch`` on 10,000 Penicillin-shaped crossed datasets (``diameter ~ 1 + (1 | plate) + (1 | sample)``);
-3. ``hp.fit_batch(..., family="binomial")`` on 10,000 cbpp-shaped datasets;
-4. ``hp.bayes_batch`` on 1,000 sleepstudy-shaped datasets x 4 chains (1000 warm-up + 1000 draws).
+2. ``hp.fit_batch(formula, data, responses=Y)`` on 100,000 responses of the same shape sharing one design (a
+   simulation study's: sleepstudy's rows once, the responses a matrix; :mod:`hierpool.batch.shared_design`): fits
+   per second in float64, then again in the same process on other responses (``float64_warm``, with its host
+   stages' seconds), then float32;
+3. ``hp.fit_batch`` on 10,000 Penicillin-shaped crossed datasets (``diameter ~ 1 + (1 | plate) + (1 | sample)``);
+4. ``hp.fit_batch(..., family="binomial")`` on 10,000 cbpp-shaped datasets;
+5. ``hp.bayes_batch`` on 1,000 sleepstudy-shaped datasets x 4 chains (1000 warm-up + 1000 draws).
 
 Each check's numbers are compared with the CPU's where the check makes that cheap: the first 20 datasets
 are refitted one by one with ``hp.lmm`` / ``hp.glmm`` and the largest relative criterion difference is
@@ -53,7 +57,7 @@ COMMON = textwrap.dedent(
     def staged(call):
         # (call()'s value, seconds spent in each of fit_batch's host stages during it): where the time goes
         import functools
-        from hierpool.batch import fit as F, plan as P
+        from hierpool.batch import fit as F, plan as P, shared_design as S
         spent, saved = {}, []
         def timed(owner, name):
             function = getattr(owner, name)
@@ -68,7 +72,8 @@ COMMON = textwrap.dedent(
             setattr(owner, name, wrapper)
         for owner, name in ((F, "plan_batch"), (P, "build_design"), (F, "condition_batch"), (P.BatchPlan, "buckets"),
                             (P, "sufficient_statistics"), (F, "moment_start"), (F, "_programs"), (F, "_result"),
-                            (F, "refit_values")):
+                            (F, "refit_values"), (F, "shared_design_plan"), (S.SharedDesignPlan, "buckets"),
+                            (F, "NanRows"), (F, "systems_onto_boundary")):
             timed(owner, name)
         try:
             return call(), {name: round(value, 3) for name, value in spent.items()}
@@ -111,6 +116,30 @@ CHECKS = {
         frames = [f for _, f in data[data.dataset < 20].groupby("dataset")]
         out["max_rel_criterion_vs_hp_lmm"] = agreement(
             res, frames, lambda f: hp.lmm("Reaction ~ Days + (Days | Subject)", f))  # float32's, the looser
+        print(json.dumps(out))
+        """
+    ),
+    "sleepstudy_shared_design": textwrap.dedent(
+        """
+        formula = "Reaction ~ Days + (Days | Subject)"
+        design = hp.datasets.sleepstudy_replicates(1, seed=0).drop(columns="dataset")
+
+        def responses(seed):  # (rows, datasets): each dataset's Reaction on the design's rows
+            return hp.datasets.sleepstudy_replicates(N, seed=seed).Reaction.to_numpy().reshape(N, -1).T.copy()
+
+        out = {}
+        for name, dtype, seed in (("float64", "float64", 2026), ("float64_warm", "float64", 2027),
+                                  ("float32", "float32", 2028)):
+            Y = responses(seed)
+            t0 = time.perf_counter()
+            res, stages = staged(lambda: hp.fit_batch(formula, design, responses=Y, dtype=dtype, progress=False))
+            res.fixef, res.varcorr
+            wall = time.perf_counter() - t0
+            out[name] = dict(wall_s=wall, fits_per_s=N / wall, converged=int(res.converged.sum()),
+                             refitted=int(res.refit.sum()), host_stages_s=stages)
+            if name == "float64":
+                frames = [design.assign(Reaction=Y[:, j]) for j in range(20)]
+                out["max_rel_criterion_vs_hp_lmm"] = agreement(res, frames, lambda f: hp.lmm(formula, f))
         print(json.dumps(out))
         """
     ),
@@ -164,7 +193,7 @@ CHECKS = {
     ),
 }
 
-SIZES = {"sleepstudy_fit_batch": 100_000, "penicillin_fit_batch": 10_000, "cbpp_fit_batch": 10_000,
+SIZES = {"sleepstudy_fit_batch": 100_000, "sleepstudy_shared_design": 100_000, "penicillin_fit_batch": 10_000, "cbpp_fit_batch": 10_000,
          "sleepstudy_bayes_batch": 1_000}
 
 
