@@ -167,7 +167,9 @@ class SharedDesignPlan(BatchPlan):
                                          weights=design.weights, offset=design.offset)
         messages = list(self.refusals)
         valid = np.flatnonzero([not message for message in messages])
-        out = [(bucket, valid, stats.take(valid).astype(dtype))] if valid.size else []
+        # (every dataset valid: the design's blocks stay views of one dataset's, copied a chunk at a time)
+        chosen = stats if valid.size == self.n_datasets else stats.take(valid)
+        out = [(bucket, valid, chosen.astype(dtype))] if valid.size else []
         return out, messages
 
     def frame_rows(self, index: int) -> np.ndarray:
