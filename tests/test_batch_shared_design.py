@@ -209,14 +209,66 @@ def test_bad_responses_are_refused_by_name(design, responses, bad, match):
         hp.fit_batch(formula, data, responses=values, progress=False, **kwargs)
 
 
-def test_other_models_are_fitted_on_the_long_frame(design, responses):
-    """Several terms (no shared shortcut yet): the long frame built from the responses, equal to the user's."""
-    formula = "Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)"
-    values = responses.iloc[:, :4]
-    shared = hp.fit_batch(formula, design, responses=values, weights=design.w.to_numpy(), progress=False)
-    stacked = hp.fit_batch(formula, long_frame(design, values), weights=np.tile(design.w.to_numpy(), 4),
+CROSSED = "Reaction ~ Days + (1 | Subject) + (1 | Block)"
+
+
+def with_blocks(design):
+    """The design with a second grouping factor crossed with Subject: a block of days."""
+    return design.assign(Block=(design.Days // 3).astype(int).astype(str))
+
+
+def test_the_shared_systems_and_start_equal_the_stacked_rows(design, responses):
+    """Several terms: the systems (shared_design_systems) and the moments' start equal the long frame's."""
+    from hierpool.algebra.batched_systems import system_arrays
+    from hierpool.batch.fit_terms import bucket_systems, linear_shifts, linear_start, term_problems
+    from hierpool.batch.plan import plan_batch
+    from hierpool.batch.shared_design import read_responses, shared_design_plan
+
+    data = with_blocks(design)
+    values = responses.iloc[:, :5]
+    kwargs = {"weights": "w", "offset": "off"}
+    shared = shared_design_plan(CROSSED, data, read_responses(CROSSED, data, values, "dataset"), "fit_batch",
+                                "hp.lmm", term_problems, **kwargs)
+    stacked = plan_batch(CROSSED, long_frame(data, values), "dataset", "fit_batch", "hp.lmm", one_term=False,
+                         **kwargs)
+    datasets = np.arange(5)
+    for merged in (False, True):
+        ours, theirs = (bucket_systems(plan, datasets, merged=merged) for plan in (shared, stacked))
+        assert len(ours) == len(theirs) == 1
+        (members, systems, n), (their_members, their_systems, their_n) = ours[0], theirs[0]
+        np.testing.assert_array_equal(members, their_members)
+        np.testing.assert_array_equal(n, their_n)
+        assert systems.layout == their_systems.layout
+        for a, b in zip(system_arrays(systems), system_arrays(their_systems)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
+    starts = [linear_start(plan, datasets, linear_shifts(plan)[1]) for plan in (shared, stacked)]
+    np.testing.assert_allclose(*starts, rtol=1e-10)
+
+
+@pytest.mark.parametrize("path", ["host", "compiled"])
+@pytest.mark.parametrize("formula", [CROSSED, "Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)"])
+def test_several_terms_equal_the_long_frame(design, responses, formula, path, monkeypatch):
+    """Crossed terms, and terms on one grouping factor (searched as one term on the host)."""
+    from hierpool.batch import fit_terms
+
+    data = with_blocks(design)
+    values = responses.iloc[:, :6]
+    if path == "compiled":
+        monkeypatch.setattr(fit_terms, "_on_host", lambda *a: False)
+    shared = hp.fit_batch(formula, data, responses=values, weights=design.w.to_numpy(), progress=False)
+    stacked = hp.fit_batch(formula, long_frame(data, values), weights=np.tile(design.w.to_numpy(), 6),
                            progress=False)
     assert_rows_equal(shared, stacked)
+
+
+def test_other_models_are_fitted_on_the_long_frame(design, responses):
+    """AR(1) residuals (no shared shortcut): the long frame built from the responses, equal to the user's."""
+    values = responses.iloc[:, :3]
+    correlation = hp.ar1("Subject", time="Days")
+    shared = hp.fit_batch(SLEEP, design, responses=values, correlation=correlation, progress=False)
+    stacked = hp.fit_batch(SLEEP, long_frame(design, values), correlation=correlation, progress=False)
+    assert_rows_equal(shared, stacked)
+    np.testing.assert_allclose(shared.phi, stacked.phi, rtol=1e-8)
 
 
 def test_the_long_frame_of_responses_repeats_the_design():

@@ -166,6 +166,18 @@ def sufficient_statistics(
 SHARED_BLOCK_VALUES = 1 << 22
 
 
+def level_cells(level: np.ndarray, z: np.ndarray, ell: int):
+    """The sparse (n, ell k) matrix whose row i holds z_i in the columns of its level (``level_i * k + j``):
+    ``cells.T @ (W R)`` is Z_l'W r per level and column of R, each level's k values together (level-major), as the
+    systems order a term's effects."""
+    import scipy.sparse  # (here: a small fit imports no SciPy, tests/test_imports.py)
+
+    n, k = z.shape
+    columns = (np.asarray(level, dtype=np.int64)[:, None] * k + np.arange(k)).ravel()
+    return scipy.sparse.csr_matrix((np.asarray(z, dtype=float).ravel(), (np.repeat(np.arange(n), k), columns)),
+                                   shape=(n, ell * k))
+
+
 def shared_location_shifts(X: np.ndarray, Y: np.ndarray, weights: np.ndarray | None,
                            xtx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(beta0 (D, p), residual (n, D)): :func:`location_shifts` for datasets that share X and the weights and differ
@@ -221,14 +233,10 @@ def shared_design_statistics(
         D datasets' statistics, equal to :func:`sufficient_statistics` on the datasets stacked (to rounding: the
         sums run in another order); the design's blocks are read-only views of one dataset's, repeated.
     """
-    import scipy.sparse  # (here: a small fit imports no SciPy, tests/test_imports.py)
-
     n, n_datasets = Y.shape
     k = z.shape[1]
     design = sufficient_statistics(np.zeros(n, dtype=np.int64), level, X, z, np.zeros(n), 1, ell, weights=weights)
-    # (row, level * k + j) holds z_ij: Z_l'W r for every level and dataset in one sparse product
-    cells = scipy.sparse.csr_matrix((z.ravel(), (np.repeat(np.arange(n), k), (level[:, None] * k + np.arange(k)).ravel())),
-                                    shape=(n, ell * k))
+    cells = level_cells(level, z, ell)
     zty, xty, yty, beta_shift = (np.empty((n_datasets, ell, k)), np.empty((n_datasets, X.shape[1])),
                                  np.empty(n_datasets), np.empty((n_datasets, X.shape[1])))
     width = max(1, SHARED_BLOCK_VALUES // max(n, 1))

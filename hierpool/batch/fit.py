@@ -75,7 +75,7 @@ from .conditioning import condition_batch
 from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
 from .fit_glmm import fit_glmm, glmm_problems, separation_notes
-from .fit_terms import NanRows, empty_results, fit_terms
+from .fit_terms import NanRows, empty_results, fit_terms, term_problems
 from .other_minima import compiled_other_minima
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
@@ -370,9 +370,9 @@ def fit_batch(
         read = read_responses(formula, data, responses, by,
                               binomial=family is not None and family_spec(family, link).name == "binomial")
         if family is None and correlation is None and not fits_each(formula, relmat, relmat_inverse, adjacency):
-            shared = shared_design_plan(formula, data, read, "fit_batch", "hp.lmm", weights=weights, offset=offset,
-                                        se=se)
-        if shared is None:
+            shared = shared_design_plan(formula, data, read, "fit_batch", "hp.lmm", term_problems, weights=weights,
+                                        offset=offset, se=se)
+        else:
             data, by, weights, offset = responses_long_frame(data, read, weights, offset)
     if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (fit_each's module notes)
         refuse_on_each(correlation=(correlation, None), dtype=(dtype, "float64"), chunk_size=(chunk_size, None),

@@ -53,6 +53,7 @@ from ..closedform.optimize import Control
 from ..spec.design import lme4_term_order
 from . import host_processes
 from .other_minima import compiled_other_minima
+from .shared_design import SharedDesignPlan
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
@@ -150,6 +151,8 @@ def bucket_systems(plan: BatchPlan, datasets, shifts: tuple[np.ndarray, np.ndarr
     :func:`hierpool.algebra.statistics.location_shifts` (beta0 (D, p), residual (N,)), where the caller has them
     (:func:`linear_shifts`).  ``merged``: the terms, on one grouping factor, as one
     (:func:`hierpool.batch.plan.merge_terms`; :func:`hierpool.algebra.search.terms.search_on_host`'s ``term_ks``)."""
+    if isinstance(plan, SharedDesignPlan):  # many responses on one design: the systems by matrix products
+        return plan.term_systems(datasets, linear_shifts(plan) if shifts is None else shifts, merged)
     design, widths = plan.design, padded_widths(plan)
     buckets = {}
     for d in datasets:
@@ -183,6 +186,8 @@ def moment_start_terms(plan: BatchPlan, weights: np.ndarray, residual: np.ndarra
     at the identity too.  The linear models' several-term start (:func:`linear_start`) and a GLMM's (its GLM's
     working residuals and weights).  The arrays are padded to the largest level count of ``datasets`` alone (a
     dataset refused for its size would set it)."""
+    if isinstance(plan, SharedDesignPlan):  # (``residual`` (n, D): each response's on the design's rows)
+        return plan.term_moments(weights, residual, datasets)
     design = plan.design
     datasets = np.unique(np.asarray(datasets, dtype=np.int64))  # sorted: rows are located by searchsorted
     start = np.tile(theta_start(tuple(t.k for t in design.terms)), (plan.n_datasets, 1))
@@ -212,6 +217,8 @@ def linear_shifts(plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
     """(beta0 (D, p), residual (N,)): each dataset's (weighted) least-squares fit of y - offset on X and its
     residuals (:func:`hierpool.algebra.statistics.location_shifts`), computed once for the start
     (:func:`linear_start`) and the systems' y column (:func:`bucket_systems`)."""
+    if isinstance(plan, SharedDesignPlan):  # (the residual (n, D): each response's on the design's rows)
+        return plan.location_shifts()
     design = plan.design
     return location_shifts(plan.dataset, design.X, design.y_less_offset, design.row_weights, plan.n_datasets)
 

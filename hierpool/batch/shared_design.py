@@ -27,12 +27,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..algebra.statistics import shared_design_statistics
+from ..algebra.batched_systems import shared_design_systems
+from ..algebra.linalg import theta_start
+from ..algebra.search.newton import MOMENT_FLOOR
+from ..algebra.start import moment_theta
+from ..algebra.statistics import level_cells, shared_design_statistics, shared_location_shifts
+from ..algebra.system import grouped_products
 from ..errors import ArgumentError, DataError
 from ..spec.design import RESPONSE_SMALLEST, underflowing
 from ..spec.formula import parse_formula
 from .conditioning import BatchConditioning, condition_batch
-from .plan import BatchPlan, EveryDatasetRefused, bucket_width, plan_batch, single_fit_refusal
+from .plan import BatchPlan, EveryDatasetRefused, bucket_width, merge_terms, plan_batch, single_fit_refusal
 
 #: The datasets' column of the one-dataset frame that the design is built from (a name no formula can read).
 DESIGN_DATASET = "(design)"
@@ -172,6 +177,60 @@ class SharedDesignPlan(BatchPlan):
         out = [(bucket, valid, chosen.astype(dtype))] if valid.size else []
         return out, messages
 
+    def _terms(self, merged: bool = False) -> list:
+        """Each term's (level, z, padded width) on the design's rows (``merged``: terms on one grouping factor as one,
+        :func:`~hierpool.batch.plan.merge_terms`)."""
+        terms = [(level, term.z, int(bucket_width(counts[:1])[0]))
+                 for (level, counts, _), term in zip(self.term_levels, self.design.terms)]
+        return merge_terms(terms) if merged else terms
+
+    def location_shifts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(beta0 (D, p), residual (n, D)): :func:`hierpool.batch.fit_terms.linear_shifts` of a shared design,
+        :func:`~hierpool.algebra.statistics.shared_location_shifts`."""
+        design = self.design
+        target = self.design_responses
+        if np.any(design.offset):
+            target = target - design.offset[:, None]
+        weights = design.row_weights
+        return shared_location_shifts(design.X, target, design.weights, (design.X * weights[:, None]).T @ design.X)
+
+    def term_systems(self, datasets, shifts: tuple[np.ndarray, np.ndarray], merged: bool = False) -> list:
+        """:func:`hierpool.batch.fit_terms.bucket_systems` of a shared design: one bucket, its systems by
+        :func:`~hierpool.algebra.batched_systems.shared_design_systems`."""
+        members = np.asarray(datasets, dtype=np.int64)
+        if not members.size:
+            return []
+        design = self.design
+        systems, n = shared_design_systems(self._terms(merged), design.X, self.design_responses[:, members],
+                                           design.weights, design.offset, design.sigma_known,
+                                           shifts=(shifts[0][members], shifts[1][:, members]))
+        return [(members, systems, n)]
+
+    def term_moments(self, weights: np.ndarray, residual: np.ndarray, datasets) -> np.ndarray:
+        """:func:`hierpool.batch.fit_terms.moment_start_terms` of a shared design (``residual`` (n, D)): each term's
+        per-level cross-products one dataset's, Z_l'W r_d by a matrix product."""
+        design = self.design
+        datasets = np.unique(np.asarray(datasets, dtype=np.int64))
+        start = np.tile(theta_start(tuple(t.k for t in design.terms)), (self.n_datasets, 1))
+        if not datasets.size:
+            return start
+        count, n = len(datasets), design.X.shape[0]
+        residual = residual[:, datasets]
+        weighted = residual * weights[:, None]
+        rss = np.einsum("nd,nd->d", residual, weighted)
+        n_obs = np.full(count, float(n))
+        thetas = []
+        with np.errstate(all="ignore"):  # a dataset moments cannot start gets the identity (moment_theta)
+            for level, z, ell in self._terms():
+                k = z.shape[1]
+                ztz = grouped_products(level, z, z, weights, ell).reshape(1, ell, k, k)
+                cross = (level_cells(level, z, ell).T @ weighted).T.reshape(count, ell, k)
+                rms = np.sqrt(np.einsum("nj,nj->j", z, z) / max(n, 1))
+                thetas.append(moment_theta(np.broadcast_to(ztz, (count, ell, k, k)), cross, rss, n_obs, p=design.p,
+                                           floor=MOMENT_FLOOR, rms=np.broadcast_to(rms, (count, k))))
+        start[datasets] = np.concatenate(thetas, axis=1)
+        return start
+
     def frame_rows(self, index: int) -> np.ndarray:
         return np.arange(len(self.frame))
 
@@ -180,10 +239,11 @@ class SharedDesignPlan(BatchPlan):
         return frame.assign(**{self.responses.column: self.responses.values[:, index]}), arguments
 
 
-def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, caller: str, single: str,
-                       weights=None, offset=None, se: str | None = None) -> SharedDesignPlan | None:
-    """The plan of a linear mixed model with one random-effect term on ``responses`` sharing ``data``'s design; None
-    for other formulas (fitted on the long frame: :func:`responses_long_frame`).
+def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, caller: str, single: str, problems,
+                       weights=None, offset=None, se: str | None = None) -> SharedDesignPlan:
+    """The plan of a linear mixed model (independent residuals; any random-effect terms) on ``responses`` sharing
+    ``data``'s design.  ``problems(plan)``: each dataset's reason not to be fitted, the batch's checks
+    (:func:`hierpool.batch.fit_terms.term_problems`), run on the design's one dataset.
 
     The design is built and checked once, on one dataset whose response is a placeholder.  What ``hp.lmm`` refuses
     in it (too few rows for the levels, aliased columns, a copied random-effect column, weights off scale) is
@@ -202,11 +262,9 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
                           one_term=False)
     except EveryDatasetRefused as error:  # (worded for a long frame's datasets: "dataset 0: ...")
         raise DataError(refused + error.reason) from None
-    if len(plan.design.terms) != 1:
-        return None
-    _, messages = plan.buckets()
-    if messages[0]:
-        raise DataError(refused + messages[0])
+    message = problems(plan)[0]
+    if message:
+        raise DataError(refused + message)
     rows = np.asarray(plan.design.rows)
     values = responses.values[rows]
     finite = np.isfinite(values)
@@ -246,6 +304,7 @@ def condition_shared(plan: SharedDesignPlan, reml: bool = False) -> BatchConditi
     def every(per_dataset: np.ndarray) -> np.ndarray:
         return np.broadcast_to(per_dataset[0], (n_datasets,) + per_dataset.shape[1:])
 
-    fitted = dataclasses.replace(plan, design=one.plan.design, user_aliased={})
+    # (the single plan too: the searches' probe units are read from its conditioned columns, as the long frame's)
+    fitted = dataclasses.replace(plan, design=one.plan.design, user_aliased={}, single=one.plan)
     return BatchConditioning(fitted, tuple(every(m) for m in one.transforms), every(one.conditioned),
                              None if one.fixed is None else tuple(every(f) for f in one.fixed), reml=reml)
