@@ -53,7 +53,6 @@ from ..closedform.optimize import Control
 from ..spec.design import lme4_term_order
 from . import host_processes
 from .other_minima import compiled_other_minima
-from .shared_design import SharedDesignPlan
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
@@ -71,6 +70,7 @@ from .plan import (
     term_count_problems,
     thread_count,
 )
+from .shared_design import SharedDesignPlan
 
 
 def term_problems(plan: BatchPlan, sigma_known: bool | None = None, refusals: bool = True) -> list[str]:
