@@ -325,9 +325,11 @@ def fit_batch(
         Many responses on one design (lme4's ``refit(fit, newresp)``): ``data`` is then one dataset's rows, the
         design, and each column of ``responses`` one dataset's response (the formula's response, a column name);
         a DataFrame's column labels (with ``data``'s index) label the datasets, an array's positions do.  A linear
-        mixed model with one random-effect term takes each dataset's statistics as matrix products of the design
-        with the responses, without the long frame of copies of ``data``; other models are fitted on that long
-        frame (:mod:`hierpool.batch.shared_design`).  Not with ``by``; missing responses are refused.
+        mixed model with independent residuals (any random-effect terms) takes each dataset's statistics or systems
+        as matrix products of the design with the responses, without the long frame of copies of ``data``; other
+        models are fitted on that long frame (:mod:`hierpool.batch.shared_design`).  The design is checked once: one
+        ``hp.lmm`` refuses is refused for the call, a response it refuses in that response's row.  Not with ``by``;
+        missing responses are refused.
 
     Returns
     -------

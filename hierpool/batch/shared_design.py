@@ -4,14 +4,16 @@ A simulation study of a design, a power analysis, a parametric bootstrap, or one
 same samples fits one formula to D responses on the same rows: ``data`` holds the design (one dataset's rows), and
 ``responses`` the D responses, one column each (an array, or a DataFrame whose column labels name the datasets).
 The long frame of D copies of ``data`` is then never built: the design is read, checked and refused once, and a
-linear mixed model with one random-effect term takes its statistics as matrix products of the design with the
-responses (:func:`hierpool.algebra.statistics.shared_design_statistics`), each equal to those of the dataset's rows
-in the long frame.  The search, the solutions, the refits and the result are the long frame's
-(:func:`hierpool.batch.fit.fit_batch`), on a :class:`SharedDesignPlan`: a :class:`~hierpool.batch.plan.BatchPlan`
-whose datasets all have the design's rows.
+linear mixed model with independent residuals takes what depends on the responses as matrix products of the design
+with them: one term's sufficient statistics (:func:`hierpool.algebra.statistics.shared_design_statistics`), several
+terms' systems (:func:`hierpool.algebra.batched_systems.shared_design_systems`) and moments' start
+(:meth:`SharedDesignPlan.term_moments`), each equal to those of the dataset's rows in the long frame.  The search,
+the solutions, the refits and the result are the long frame's (:func:`hierpool.batch.fit.fit_batch`,
+:func:`hierpool.batch.fit_terms.fit_terms`), on a :class:`SharedDesignPlan`: a
+:class:`~hierpool.batch.plan.BatchPlan` whose datasets all have the design's rows.
 
-Other models (several terms, AR(1) residuals, a GLMM, a relationship matrix or spatial terms) are fitted on the long
-frame, built here from the responses (:func:`responses_long_frame`): the same results, without the shortcut.
+Other models (AR(1) residuals, a GLMM, a relationship matrix or spatial terms) are fitted on the long frame, built
+here from the responses (:func:`responses_long_frame`): the same results, without the shortcut.
 
 The response must be a column name in the formula (a transformed one, ``log(y)``, would leave unclear whether the
 responses hold y or log y), and missing values in the responses are refused: a dataset with rows of its own is a
