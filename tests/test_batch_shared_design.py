@@ -146,15 +146,30 @@ def test_rows_data_drops_are_dropped_for_every_response(design, responses):
     assert_rows_equal(shared, stacked)
 
 
-def test_a_refused_response_is_refused_in_its_row_alone(design, responses):
+@pytest.mark.parametrize("formula", [SLEEP, "Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)"])
+def test_a_refused_response_is_refused_in_its_row_alone(design, responses, formula):
+    """One value, infinite, beyond 1e150 or too small to square: hp.lmm's refusal in the response's row, in its
+    words; the others fitted as without it.  Every response refused: nothing left to fit, as the long frame says."""
     values = responses.copy()
-    values["r3"] = 250.0  # one value: hp.lmm refuses it
-    shared = hp.fit_batch(SLEEP, design, responses=values, progress=False)
-    with pytest.raises(hp.HierpoolError) as single:
-        hp.lmm(SLEEP, design.assign(Reaction=250.0))
-    assert shared.messages["r3"] == str(single.value)
-    assert np.isnan(shared.objective["r3"]) and not shared.converged["r3"]
-    assert shared.converged.drop("r3").all() and np.isfinite(shared.objective.drop("r3")).all()
+    values["r3"] = 250.0
+    values.loc[values.index[5], "r5"] = np.inf
+    values["r7"] = values["r7"] * 1e149
+    values["r8"] = values["r8"] * 1e-145
+    before = values.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a refused response's sums warn of nothing)
+        shared = hp.fit_batch(formula, design, responses=values, progress=False, polish=False)
+    pd.testing.assert_frame_equal(values, before)
+    for label in ("r3", "r5", "r7", "r8"):
+        with pytest.raises(hp.HierpoolError) as single:
+            hp.lmm(formula, design.assign(Reaction=values[label]))
+        assert shared.messages[label] == str(single.value)
+        assert np.isnan(shared.objective[label]) and not shared.converged[label]
+    kept = [label for label in values.columns if label not in ("r3", "r5", "r7", "r8")]
+    alone = hp.fit_batch(formula, design, responses=values[kept], progress=False)
+    np.testing.assert_array_equal(shared.objective[kept], alone.objective)
+    with pytest.raises(hp.DataError, match="no dataset is left to fit: dataset 'r0': response 'Reaction' is constant"):
+        hp.fit_batch(formula, design, responses=values.assign(**{label: 1.0 for label in values.columns}))
 
 
 @pytest.mark.parametrize("case", ["two rows a subject", "one subject", "a copied column"])
@@ -183,6 +198,9 @@ def test_a_design_hp_lmm_refuses_is_refused_once(design, responses, case):
     ("by", "by='Subject' with responses="),
     ("expression", r"must then be a column name, got 'log\(Reaction\)'"),
     ("list", "needs data as one DataFrame"),
+    ("complex", r"responses column 'r0' holds other than numbers \(complex128\)"),
+    ("complex array", r"responses holds other than numbers \(complex128\)"),
+    ("true/false", r"responses column 'r0' holds other than numbers \(bool\)"),
 ])
 def test_bad_responses_are_refused_by_name(design, responses, bad, match):
     data, values, formula, kwargs = design, responses.copy(), SLEEP, {}
@@ -204,6 +222,12 @@ def test_bad_responses_are_refused_by_name(design, responses, bad, match):
         formula = "log(Reaction) ~ Days + (Days | Subject)"
     elif bad == "list":
         data = [design]
+    elif bad == "complex":  # (NumPy would keep the real part)
+        values["r0"] = values["r0"] + 1j
+    elif bad == "complex array":
+        values = values.to_numpy() + 1j
+    elif bad == "true/false":  # (hp.lmm refuses a true/false response; a binomial GLMM takes it)
+        values["r0"] = values["r0"] > 250
     error = hp.DataError if bad == "missing" else hp.ArgumentError
     with pytest.raises(error, match=match):
         hp.fit_batch(formula, data, responses=values, progress=False, **kwargs)
@@ -269,6 +293,18 @@ def test_other_models_are_fitted_on_the_long_frame(design, responses):
     stacked = hp.fit_batch(SLEEP, long_frame(design, values), correlation=correlation, progress=False)
     assert_rows_equal(shared, stacked)
     np.testing.assert_allclose(shared.phi, stacked.phi, rtol=1e-8)
+
+
+def test_the_datasets_are_labelled_as_the_responses_columns(design, responses):
+    """A DataFrame's column labels and their name label the datasets, on the shared path and the long frame's."""
+    values = responses.iloc[:, :3].rename_axis(columns="gene")
+    for correlation in (None, hp.ar1("Subject", time="Days")):
+        batch = hp.fit_batch(SLEEP, design, responses=values, correlation=correlation, progress=False)
+        assert batch.datasets.tolist() == ["r0", "r1", "r2"] and batch.datasets.name == "gene"
+        assert batch.to_frame().columns[0] == "gene"
+    positions = hp.fit_batch(SLEEP, design, responses=values.to_numpy(), correlation=hp.ar1("Subject", time="Days"),
+                             progress=False)
+    assert positions.datasets.tolist() == [0, 1, 2] and positions.datasets.dtype.kind == "i"
 
 
 def test_the_long_frame_of_responses_repeats_the_design():

@@ -328,8 +328,11 @@ def fit_batch(
         mixed model with independent residuals (any random-effect terms) takes each dataset's statistics or systems
         as matrix products of the design with the responses, without the long frame of copies of ``data``; other
         models are fitted on that long frame (:mod:`hierpool.batch.shared_design`).  The design is checked once: one
-        ``hp.lmm`` refuses is refused for the call, a response it refuses in that response's row.  Not with ``by``;
-        missing responses are refused.
+        ``hp.lmm`` refuses is refused for the call, a response it refuses in that response's row.  Not with ``by``.
+        A linear mixed model's missing responses (at rows the design keeps) are refused: a dataset with rows of its
+        own is a long frame's; the models fitted on the long frame drop a response's missing rows for its dataset
+        alone, as the long frame does.  The datasets' labels are named as a DataFrame's columns are (or
+        ``dataset``).
 
     Returns
     -------
@@ -369,7 +372,7 @@ def fit_batch(
     polish = boolean_argument("polish", polish)
     shared = None  # many responses on one design: its plan (one term, Gaussian), or their long frame
     if responses is not None:
-        read = read_responses(formula, data, responses, by,
+        read = read_responses(formula, data, responses, by, gaussian=family is None,
                               binomial=family is not None and family_spec(family, link).name == "binomial")
         if family is None and correlation is None and not fits_each(formula, relmat, relmat_inverse, adjacency):
             shared = shared_design_plan(formula, data, read, "fit_batch", "hp.lmm", term_problems, weights=weights,

@@ -16,9 +16,11 @@ Other models (AR(1) residuals, a GLMM, a relationship matrix or spatial terms) a
 here from the responses (:func:`responses_long_frame`): the same results, without the shortcut.
 
 The response must be a column name in the formula (a transformed one, ``log(y)``, would leave unclear whether the
-responses hold y or log y), and missing values in the responses are refused: a dataset with rows of its own is a
-long frame's (``by=``).  Rows of ``data`` missing a value the design reads are dropped for every dataset (counted in
-``hp.lmm``'s warning).
+responses hold y or log y).  On the shared path a missing response (at a row the design keeps) is refused for the
+call: a dataset with rows of its own is a long frame's (``by=``); the long frame's models drop it for its dataset
+alone.  A response ``hp.lmm`` refuses (infinite, beyond 1e150 or too small to square, one value) is refused in its
+row, in ``hp.lmm``'s words.  Rows of ``data`` missing a value the design reads are dropped for every dataset
+(counted in ``hp.lmm``'s warning).
 """
 
 from __future__ import annotations
@@ -36,10 +38,18 @@ from ..algebra.start import moment_theta
 from ..algebra.statistics import level_cells, shared_design_statistics, shared_location_shifts
 from ..algebra.system import grouped_products
 from ..errors import ArgumentError, DataError
-from ..spec.design import RESPONSE_SMALLEST, underflowing
+from ..spec.design import LARGEST_VALUE, RESPONSE_SMALLEST, underflowing
 from ..spec.formula import parse_formula
 from .conditioning import BatchConditioning, condition_batch
-from .plan import BatchPlan, EveryDatasetRefused, bucket_width, merge_terms, plan_batch, single_fit_refusal
+from .plan import (
+    BatchPlan,
+    EveryDatasetRefused,
+    bucket_width,
+    every_refused,
+    merge_terms,
+    plan_batch,
+    single_fit_refusal,
+)
 
 #: The datasets' column of the one-dataset frame that the design is built from (a name no formula can read).
 DESIGN_DATASET = "(design)"
@@ -59,7 +69,7 @@ class Responses:
         return len(self.labels)
 
 
-def read_responses(formula: str, data, responses, by: str, binomial: bool = False) -> Responses:
+def read_responses(formula: str, data, responses, by: str, binomial: bool = False, gaussian: bool = True) -> Responses:
     """Check ``responses=`` against ``data`` and the formula (module notes) and read it.
 
     Raises
@@ -68,6 +78,8 @@ def read_responses(formula: str, data, responses, by: str, binomial: bool = Fals
         Where ``data`` is not one DataFrame, ``responses`` is not two-dimensional with one row per row of ``data``
         (a DataFrame's index must be ``data``'s), has no column, repeats a label or holds other than numbers; where
         the formula's response is not a column name, or ``by`` is given (the datasets are the responses' columns).
+        Complex numbers are refused, and with ``gaussian`` (a linear mixed model's response) true/false values, as
+        ``hp.lmm`` refuses them.
     """
     if not isinstance(data, pd.DataFrame):
         raise ArgumentError(f"responses= needs data as one DataFrame (the design's rows), got {type(data).__name__}")
@@ -80,18 +92,24 @@ def read_responses(formula: str, data, responses, by: str, binomial: bool = Fals
         raise ArgumentError(f"responses= holds the values of the formula's response, which must then be a column "
                             f"name, got {column!r}: compute it into each column of responses and name it in the "
                             "formula")
+    def readable(dtype) -> bool:  # (NumPy casts complex numbers to float, keeping the real part, with a warning)
+        return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype) and not (
+            gaussian and pd.api.types.is_bool_dtype(dtype))
+
     if isinstance(responses, pd.DataFrame):
         if not responses.index.equals(data.index):
             raise ArgumentError("responses as a DataFrame must have data's index (its rows are data's rows)")
-        labels = pd.Index(responses.columns, name="dataset", tupleize_cols=False)
-        kinds = [name for name, dtype in responses.dtypes.items()
-                 if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))]
+        labels = pd.Index(responses.columns, name=responses.columns.name or "dataset", tupleize_cols=False)
+        kinds = [name for name, dtype in responses.dtypes.items() if not readable(dtype)]
         if kinds:
             raise ArgumentError(f"responses column {kinds[0]!r} holds other than numbers ({responses[kinds[0]].dtype})")
         values = responses.to_numpy(dtype=float, na_value=np.nan)
     else:
+        given = responses if isinstance(responses, np.ndarray) else np.asarray(responses)
+        if given.dtype != object and not readable(given.dtype):
+            raise ArgumentError(f"responses holds other than numbers ({given.dtype})")
         try:
-            values = np.asarray(responses, dtype=float)
+            values = np.asarray(given, dtype=float)
         except (TypeError, ValueError) as error:
             raise ArgumentError(f"responses must be numbers, one column per dataset: {error}") from None
         if values.ndim == 2:
@@ -111,10 +129,10 @@ def responses_long_frame(data: pd.DataFrame, responses: Responses, weights, offs
     each dataset's own, for the models that are fitted on a long frame (module notes).  Array weights and offsets
     are repeated with the rows."""
     n, n_datasets = len(data), responses.n_datasets
-    by = _free_name("dataset", data.columns)
+    by = _free_name(responses.labels.name or "dataset", data.columns)  # (the labels' name, unless data has one)
     frame = data.iloc[np.tile(np.arange(n), n_datasets)].reset_index(drop=True)
     frame[responses.column] = responses.values.T.ravel()
-    frame[by] = np.repeat(np.asarray(responses.labels, dtype=object), n)
+    frame[by] = np.repeat(responses.labels.to_numpy(), n)
 
     def repeated(value):
         return value if value is None or isinstance(value, str) else np.tile(np.asarray(value), n_datasets)
@@ -269,12 +287,12 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
         raise DataError(refused + message)
     rows = np.asarray(plan.design.rows)
     values = responses.values[rows]
-    finite = np.isfinite(values)
-    if not finite.all():
-        bad = np.flatnonzero(~finite.all(axis=0))
+    missing = np.isnan(values)
+    if missing.any():
+        bad = np.flatnonzero(missing.any(axis=0))
         raise DataError(f"responses column {responses.labels[bad[0]]!r} (and {bad.size - 1} more) has "
-                        f"{int((~finite[:, bad[0]]).sum())} missing or infinite values at rows data keeps: each "
-                        "response is fitted on the design's rows (datasets with rows of their own: a long frame, by=)")
+                        f"{int(missing[:, bad[0]].sum())} missing values at rows data keeps: each response is "
+                        "fitted on the design's rows (datasets with rows of their own: a long frame, by=)")
     n_datasets = responses.n_datasets
     shared = SharedDesignPlan(
         **{field.name: getattr(plan, field.name) for field in dataclasses.fields(BatchPlan)}
@@ -284,15 +302,26 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
                                 for level, counts, labels in plan.term_levels),
            "refusals": ("",) * n_datasets},
         single=plan, responses=responses)
-    # the single fit's refusals of a response: one value (its offset's less too), or too small to square
-    target = values if not np.any(plan.design.offset) else values - plan.design.offset[:, None]
-    refused = (np.ptp(values, axis=0) == 0) | (np.ptp(target, axis=0) == 0)
-    refused |= underflowing(np.abs(values).max(axis=0), RESPONSE_SMALLEST)
+    # the single fit's refusals of a response: infinite, beyond its largest or too small to square, or one value
+    # (its offset's less too)
+    with np.errstate(invalid="ignore", over="ignore"):
+        target = values if not np.any(plan.design.offset) else values - plan.design.offset[:, None]
+        largest = np.abs(values).max(axis=0)
+        refused = ~np.isfinite(largest) | (largest > LARGEST_VALUE) | underflowing(largest, RESPONSE_SMALLEST)
+        refused |= (np.ptp(values, axis=0) == 0) | (np.ptp(target, axis=0) == 0)
+    if not refused.any():
+        return shared
     refusals = list(shared.refusals)
     for index in np.flatnonzero(refused):
         frame, arguments = shared.dataset_frame(index)
-        refusals[index] = single_fit_refusal(formula, frame, **arguments)
-    return dataclasses.replace(shared, refusals=tuple(refusals))
+        refusals[index] = single_fit_refusal(formula, frame, **arguments) or "refused"
+    if refused.all():  # (as the long frame: no dataset left to fit)
+        every_refused(responses.labels[0], refusals[0])
+    # a refused response's column zero in the statistics' copy: its sums then stay finite and warn of nothing
+    # (the responses the user passed are not written)
+    kept = np.where(refused, 0.0, responses.values)
+    return dataclasses.replace(shared, refusals=tuple(refusals),
+                               responses=dataclasses.replace(responses, values=kept))
 
 
 def condition_shared(plan: SharedDesignPlan, reml: bool = False) -> BatchConditioning | None:
