@@ -20,7 +20,8 @@ compilation included, the clock around the fit and its tables (data generation o
 2. ``hp.fit_batch(formula, data, responses=Y)`` on 100,000 responses of the same shape sharing one design (a
    simulation study's: sleepstudy's rows once, the responses a matrix; :mod:`hierpool.batch.shared_design`): fits
    per second in float64, then again in the same process on other responses (``float64_warm``, with its host
-   stages' seconds), then float32;
+   stages' seconds), again with two chunks in flight (``float64_two_threads``: ``plan.ACCELERATOR_THREADS``), then
+   float32;
 3. ``hp.fit_batch`` on 10,000 Penicillin-shaped crossed datasets (``diameter ~ 1 + (1 | plate) + (1 | sample)``);
 4. ``hp.fit_batch(..., family="binomial")`` on 10,000 cbpp-shaped datasets;
 5. ``hp.bayes_batch`` on 1,000 sleepstudy-shaped datasets x 4 chains (1000 warm-up + 1000 draws).
@@ -127,9 +128,13 @@ CHECKS = {
         def responses(seed):  # (rows, datasets): each dataset's Reaction on the design's rows
             return hp.datasets.sleepstudy_replicates(N, seed=seed).Reaction.to_numpy().reshape(N, -1).T.copy()
 
+        from hierpool.batch import plan as chunk_threads
         out = {}
+        # float64_two_threads: two chunks in flight (plan.ACCELERATOR_THREADS = 2), the host's work on one beside
+        # the device's on the other, against float64_warm's one
         for name, dtype, seed in (("float64", "float64", 2026), ("float64_warm", "float64", 2027),
-                                  ("float32", "float32", 2028)):
+                                  ("float64_two_threads", "float64", 2029), ("float32", "float32", 2028)):
+            chunk_threads.ACCELERATOR_THREADS = 2 if name == "float64_two_threads" else 1
             Y = responses(seed)
             t0 = time.perf_counter()
             res, stages = staged(lambda: hp.fit_batch(formula, design, responses=Y, dtype=dtype, progress=False))

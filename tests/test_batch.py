@@ -925,3 +925,16 @@ def test_a_search_is_not_called_flat_where_its_last_curvature_bends_down_along_a
             assert bool(np.ravel(converged)[0]) is expected, (curvature, expected)
     assert float(_final_step(theta[None], value[None], gradient[None], bent[None], tolerances,
                              *converged_tolerances, np)[0][0]) > 1e-6  # not converged on the Newton step's rule
+
+
+def test_an_accelerator_runs_its_chunk_threads_as_set(monkeypatch):
+    """One accelerator: plan.ACCELERATOR_THREADS chunk threads (two keep a chunk on the device while the host works
+    on another; benchmarks/gpu.py times both), one for serial programs or a mesh."""
+    from hierpool.batch import plan as plan_module
+
+    monkeypatch.setattr(plan_module.jax, "default_backend", lambda: "gpu")
+    for threads in (1, 2):
+        monkeypatch.setattr(plan_module, "ACCELERATOR_THREADS", threads)
+        assert plan_module.thread_count(None) == threads
+        assert plan_module.thread_count(None, serial=True) == 1
+        assert plan_module.thread_count(object()) == 1

@@ -506,8 +506,7 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
             # a compiled program has one shape, so its chunks are padded; the host's are not (a padded row would be
             # a whole fit, wasted)
             chunk_stats = stats.take(chunk.index[:chunk.count] if host else chunk.index)
-            start = moment_start(chunk_stats, sigma_known).astype(float_type)
-            jobs.append((chunk.members, chunk_stats, start, chunk.count, programs[bucket]))
+            jobs.append((chunk.members, chunk_stats, chunk.count, programs[bucket]))
 
     # prior weights (known sds) can give a scalar term's criterion two minima (_from_scan); the scan is not run
     # without them, where the sweep found none (120 unweighted datasets) and it would cost time on every batch
@@ -520,7 +519,9 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     scales = plan.probe_scales() if uneven is not None and uneven.any() else None
 
     def run(job):
-        members, host_chunk_stats, start, count, (optimize, solve) = job
+        members, host_chunk_stats, count, (optimize, solve) = job
+        # (the start here, in the chunk's thread: with chunks in flight it overlaps another chunk's programs)
+        start = moment_start(host_chunk_stats, sigma_known).astype(float_type)
         chunk, start = place((host_chunk_stats, start), sharding)  # on the host (no sharding) the arrays as they are
         rows = None
         if uneven is not None and uneven[members].any():
