@@ -2,8 +2,9 @@
 fitted by ``hp.fit_batch`` (in compiled, vmapped chunks; on a CPU a small one-term batch on the host).
 
 Each replicate is a response drawn from the fitted model (``hp.simulate``, :mod:`hierpool.closedform.simulate`: new
-random effects and residuals at the estimates) on the fit's own rows (its model frame, ``Design.frame``), refitted
-by the same criterion (REML or ML; a GLMM's Laplace -2 log L); the replicates' spread around the estimate is the
+random effects and residuals at the estimates) on the fit's own rows (its model frame, ``Design.frame``), the
+replicates handed to ``hp.fit_batch`` as responses on that one design (``responses=``,
+:mod:`hierpool.batch.shared_design`), refitted by the same criterion (REML or ML; a GLMM's Laplace -2 log L); the replicates' spread around the estimate is the
 estimate's sampling distribution under the model. ``confint`` gives lme4's ``confint(fit, method = "boot")``
 intervals: percentile (``boot.type = "perc"``, the default), basic, or normal (bias-corrected, the replicates' sd).
 
@@ -42,12 +43,12 @@ from ..spec.transforms import stateful_calls
 from .fit import fit_batch
 from .results import BatchResult, check_table_names, named_columns, term_parameter_names
 
-#: The replicate column of the long frame handed to ``hp.fit_batch``.
+#: The name of the replicates' labels (the responses' columns handed to ``hp.fit_batch``).
 REPLICATE_COLUMN = "(replicate)"
-#: The known residual sds' column (``se=``) of that frame.
+#: The known residual sds' column (``se=``) of the design's rows handed to ``hp.fit_batch``.
 SE_COLUMN = "(se)"
 #: The simulated response (a GLMM's, or one the formula computes, as Reaction - 100), and a binomial's trials (its
-#: weights), on that frame: the formula names the response, so it is an identifier.
+#: weights), on those rows: the formula names the response, so it is an identifier.
 RESPONSE_COLUMN, TRIALS_COLUMN = "bootstrap_response_", "(trials)"
 METHODS = ("percentile", "basic", "normal")
 #: boot.ci's and lme4's names of the same intervals (``boot.type = "perc"``, ``"norm"``).
@@ -240,28 +241,28 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     replicate_column, trials_column, se_column, series_group, series_time = (
         _free_name(name, frame.columns) for name in (REPLICATE_COLUMN, TRIALS_COLUMN, SE_COLUMN, SERIES_GROUP,
                                                       SERIES_TIME))
-    sims = simulate(fit, n, seed=seed).to_numpy()  # (rows, n)
-    rows = len(frame)
-    long = frame.iloc[np.tile(np.arange(rows), n)].reset_index(drop=True)
-    long[response] = sims.T.ravel()  # replicate-major, as the tiled rows
-    long[replicate_column] = np.repeat(np.arange(n), rows)
+    # the replicates are responses on the fit's own rows: fit_batch's responses= (one design, read once; a model it
+    # has no shared path for is fitted on the long frame it builds from them)
+    sims = pd.DataFrame(simulate(fit, n, seed=seed).to_numpy(), index=frame.index,
+                        columns=pd.RangeIndex(n, name=replicate_column))
+    design_rows = frame.copy()
     arguments = {}
     if glmm_fit:
         # the fit's quadrature (glmer's nAGQ: 0 its first stage alone)
         nAGQ = 0 if fit.stages == 1 else 1 if spatial else fit.nodes
         arguments.update(family=design.family.name, link=design.family.link, nAGQ=nAGQ)
         if design.family.name == "binomial":  # trials (times any prior weights): the design's row weights
-            long[trials_column] = np.tile(design.row_weights, n)
+            design_rows[trials_column] = design.row_weights
             arguments["weights"] = trials_column
         elif design.weights is not None:
             arguments["weights"] = design.weights_column or WEIGHTS_COLUMN
     elif design.sigma_known:
-        long[se_column] = np.tile(1.0 / np.sqrt(design.row_weights), n)
+        design_rows[se_column] = 1.0 / np.sqrt(design.row_weights)
         arguments["se"] = se_column
     elif design.weights is not None:
         arguments["weights"] = design.weights_column or WEIGHTS_COLUMN
     if isinstance(fit, AR1Result):  # each replicate's series within it (fit_batch keys them by replicate)
-        long[series_group], long[series_time] = (np.tile(column, n) for column in _series_columns(fit.series))
+        design_rows[series_group], design_rows[series_time] = _series_columns(fit.series)
         arguments["correlation"] = AR1(group=series_group, time=series_time, continuous=fit.structure.continuous)
     if design.offset_argument is not None:
         arguments["offset"] = design.offset_column or OFFSET_COLUMN
@@ -272,7 +273,8 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     if isinstance(fit, RelmatResult):
         arguments["relmat_inverse"] = {fit.relationship.group: fit.relationship}
     with warnings.catch_warnings(record=True) as caught:  # (the caller's filters still apply)
-        batch = fit_batch(formula, long, by=replicate_column, chunk_size=chunk_size, progress=progress, **arguments)
+        batch = fit_batch(formula, design_rows, responses=sims, chunk_size=chunk_size, progress=progress,
+                          **arguments)
 
     def in_users_words(text: str) -> str:  # the response column made for the refits named as the fit's response
         return text.replace(repr(response), repr(design.spec.response))
