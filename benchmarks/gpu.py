@@ -22,7 +22,8 @@ compilation included, the clock around the fit and its tables (data generation o
    per second in float64, then again in the same process on other responses (``float64_warm``, with its host
    stages' seconds), again with two chunks in flight (``float64_two_threads``: ``plan.ACCELERATOR_THREADS``), then
    float32;
-3. ``hp.fit_batch`` on 10,000 Penicillin-shaped crossed datasets (``diameter ~ 1 + (1 | plate) + (1 | sample)``);
+3. ``hp.fit_batch`` on 10,000 Penicillin-shaped crossed datasets (``diameter ~ 1 + (1 | plate) + (1 | sample)``),
+   as a long frame and as responses on Penicillin's design (``shared_design_*``);
 4. ``hp.fit_batch(..., family="binomial")`` on 10,000 cbpp-shaped datasets;
 5. ``hp.bayes_batch`` on 1,000 sleepstudy-shaped datasets x 4 chains (1000 warm-up + 1000 draws).
 
@@ -160,10 +161,18 @@ CHECKS = {
         res = hp.fit_batch(formula, long, by="rep", progress=False)
         res.fixef, res.varcorr, res.ranef
         wall = time.perf_counter() - t0
+        # the same datasets as responses on Penicillin's one design (fit_batch responses=: its systems by products)
+        t0 = time.perf_counter()
+        shared = hp.fit_batch(formula, pen, responses=sims, progress=False)
+        shared.fixef, shared.varcorr, shared.ranef
+        shared_wall = time.perf_counter() - t0
         frames = [pen.assign(diameter=sims[:, j]) for j in range(20)]
         print(json.dumps(dict(wall_s=wall, fits_per_s=N / wall, converged=int(res.converged.sum()),
                               refitted=int(res.refit.sum()),
-                              max_rel_criterion_vs_hp_lmm=agreement(res, frames, lambda f: hp.lmm(formula, f)))))
+                              max_rel_criterion_vs_hp_lmm=agreement(res, frames, lambda f: hp.lmm(formula, f)),
+                              shared_design_wall_s=shared_wall, shared_design_fits_per_s=N / shared_wall,
+                              shared_max_rel_criterion_vs_long=float(np.max(np.abs(
+                                  shared.objective.to_numpy() / res.objective.to_numpy() - 1))))))
         """
     ),
     "cbpp_fit_batch": textwrap.dedent(
