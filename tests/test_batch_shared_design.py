@@ -317,3 +317,15 @@ def test_the_long_frame_of_responses_repeats_the_design():
     assert frame.y.tolist() == [0.0, 2.0, 4.0, 1.0, 3.0, 5.0]
     assert frame.x.tolist() == [1.0, 2.0, 3.0] * 2
     assert weights.tolist() == [1.0, 2.0, 3.0] * 2 and offset == "x"
+
+
+def test_bayes_batch_samples_the_responses_as_their_long_frame(design, responses):
+    """bayes_batch(..., responses=): the datasets of the long frame built from them, the same draws."""
+    values = responses.iloc[:, :2]
+    settings = {"chains": 1, "draws": 30, "tune": 30, "seed": 3, "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.HierpoolWarning)  # (30 draws: diagnostics not ok, as they say)
+        shared = hp.bayes_batch(SLEEP, design, responses=values, **settings)
+        stacked = hp.bayes_batch(SLEEP, long_frame(design, values), **settings)
+    pd.testing.assert_frame_equal(shared.fixef, stacked.fixef)
+    assert shared.datasets.tolist() == ["r0", "r1"]

@@ -51,6 +51,7 @@ from .fit_each import fits_each, refuse_on_each
 from .fit_glmm import glmm_problems
 from .plan import chunks, fetch, mesh_sharding, place, plan_batch, progress_bar, thread_count
 from .results import check_by_name
+from .shared_design import read_responses, responses_long_frame
 
 #: Compiled chunk programs by settings, argument shapes and sharding (the last 8 used).
 _PROGRAMS = ProgramCache()
@@ -147,6 +148,7 @@ def bayes_batch(
     relmat_inverse: dict | None = None,
     adjacency=None,
     method: str = "auto",
+    responses=None,
 ) -> BayesBatchResult:
     """Posteriors of one Bayesian linear mixed model fitted to many datasets at once.
 
@@ -225,6 +227,10 @@ def bayes_batch(
         faster, on a CPU the independence sampler is; its chains diverge more often on small datasets, whose rows
         are then not ``ok``: benchmarks/RESULTS.md, forty-second session).  A Gaussian model takes ``"auto"``
         only (its collapsed sampler).
+    responses : array-like (rows of ``data``, datasets) or DataFrame, optional
+        Many responses on one design, as :func:`hierpool.fit_batch`'s ``responses=``: ``data`` is one dataset's
+        rows and each column one dataset's response (the formula's response, a column name).  The datasets are
+        sampled on the long frame built from them (:func:`hierpool.batch.shared_design.responses_long_frame`).
 
     Returns
     -------
@@ -251,6 +257,10 @@ def bayes_batch(
     max_tree_depth = integer_argument("max_tree_depth", max_tree_depth, minimum=1)
     progress = optional_boolean_argument("progress", progress)
     keep_draws = boolean_argument("keep_draws", keep_draws)
+    if responses is not None:  # many responses on one design: their long frame (the sampler reads rows)
+        read = read_responses(formula, data, responses, by, gaussian=family is None,
+                              binomial=family is not None and family_spec(family, link).name == "binomial")
+        data, by, weights, offset = responses_long_frame(data, read, weights, offset)
     check_by_name(by, "bayes_batch", (*SUMMARY_COLUMNS, *DIAGNOSTICS_COLUMNS))
     if method not in BATCH_METHODS:
         raise ArgumentError(f"method must be one of {BATCH_METHODS}, got {method!r}")
