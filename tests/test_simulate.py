@@ -188,7 +188,7 @@ def test_new_rows_and_new_parameters_have_their_distribution(sleep_fit):
                           ({"newparams": {"theta": [1.0, 2.0]}}, "must be 3 finite numbers"),
                           ({"newparams": {"theta": [-1.0, 0.0, 1.0]}}, "must be >= 0"),
                           ({"newparams": {"beta": {"days": 1.0}}}, r"names \['days'\]"),
-                          ({"newparams": {"sigma": 0.0}}, "sigma")):
+                          ({"newparams": {"sigma": 0.0}}, r"newparams\['sigma'\] must be a finite number > 0, got 0.0")):
         with pytest.raises(hp.ArgumentError, match=words):
             hp.simulate(fit, 2, **kwargs)
 
