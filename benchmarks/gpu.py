@@ -20,8 +20,7 @@ compilation included, the clock around the fit and its tables (data generation o
 2. ``hp.fit_batch(formula, data, responses=Y)`` on 100,000 responses of the same shape sharing one design (a
    simulation study's: sleepstudy's rows once, the responses a matrix; :mod:`hierpool.batch.shared_design`): fits
    per second in float64, then again in the same process on other responses (``float64_warm``, with its host
-   stages' seconds), again with two chunks in flight (``float64_two_threads``: ``plan.ACCELERATOR_THREADS``), then
-   float32;
+   stages' seconds), again with two chunks in flight (``float64_two_threads``: ``plan.ACCELERATOR_THREADS``);
 3. ``hp.fit_batch`` on 10,000 Penicillin-shaped crossed datasets (``diameter ~ 1 + (1 | plate) + (1 | sample)``),
    as a long frame and as responses on Penicillin's design (``shared_design_*``);
 4. ``hp.fit_batch(..., family="binomial")`` on 10,000 cbpp-shaped datasets;
@@ -124,17 +123,18 @@ CHECKS = {
     "sleepstudy_shared_design": textwrap.dedent(
         """
         formula = "Reaction ~ Days + (Days | Subject)"
-        design = hp.datasets.sleepstudy_replicates(1, seed=0).drop(columns="dataset")
 
-        def responses(seed):  # (rows, datasets): each dataset's Reaction on the design's rows
-            return hp.datasets.sleepstudy_replicates(N, seed=seed).Reaction.to_numpy().reshape(N, -1).T.copy()
+        def responses(seed):  # (rows, datasets): sleepstudy_replicates' Reaction, without its long frame
+            return hp.datasets.sleepstudy_responses(N, seed=seed)[1]
+
+        design = hp.datasets.sleepstudy_responses(1)[0]
 
         from hierpool.batch import plan as chunk_threads
         out = {}
         # float64_two_threads: two chunks in flight (plan.ACCELERATOR_THREADS = 2), the host's work on one beside
         # the device's on the other, against float64_warm's one
         for name, dtype, seed in (("float64", "float64", 2026), ("float64_warm", "float64", 2027),
-                                  ("float64_two_threads", "float64", 2029), ("float32", "float32", 2028)):
+                                  ("float64_two_threads", "float64", 2029)):
             chunk_threads.ACCELERATOR_THREADS = 2 if name == "float64_two_threads" else 1
             Y = responses(seed)
             t0 = time.perf_counter()

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import REFERENCE
 
@@ -49,3 +50,13 @@ def test_biomarker_study_shape_and_determinism():
     assert (per_patient == 1).all().all()
     assert a.attrs["truth"] == {"Intercept": "true_level", "time": "true_slope"}
     assert np.all(np.abs(a["time"]) <= 1.5)
+
+
+def test_sleepstudy_responses_are_the_replicates_reactions_on_one_design():
+    long = hp.datasets.sleepstudy_replicates(6, n_subjects=4, n_days=3, seed=9)
+    design, reaction = hp.datasets.sleepstudy_responses(6, n_subjects=4, n_days=3, seed=9)
+    assert reaction.shape == (12, 6) and list(design.columns) == ["Subject", "Days"]
+    for d in range(6):
+        rows = long[long.dataset == d]
+        np.testing.assert_array_equal(reaction[:, d], rows.Reaction.to_numpy())
+        pd.testing.assert_frame_equal(design, rows[["Subject", "Days"]].reset_index(drop=True))

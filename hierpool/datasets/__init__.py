@@ -3,7 +3,7 @@
 from .biomarker import biomarker
 from .classic import cbpp, dyestuff, eight_schools, pastes, penicillin, radon, sleepstudy
 from .nc_sids import AreaData, nc_sids
-from .replicates import sleepstudy_replicates
+from .replicates import sleepstudy_replicates, sleepstudy_responses
 
 __all__ = ["AreaData", "biomarker", "cbpp", "dyestuff", "eight_schools", "nc_sids", "pastes", "penicillin", "radon",
-           "sleepstudy", "sleepstudy_replicates"]
+           "sleepstudy", "sleepstudy_replicates", "sleepstudy_responses"]

@@ -18,6 +18,27 @@ def sleepstudy_replicates(n_datasets: int = 100, n_subjects: int = 18, n_days: i
     pandas.DataFrame
         Columns dataset (int), Subject (str), Days, Reaction.
     """
+    design, reaction = sleepstudy_responses(n_datasets, n_subjects, n_days, seed)
+    return pd.DataFrame({
+        "dataset": np.repeat(np.arange(n_datasets), len(design)),
+        "Subject": np.tile(design.Subject.to_numpy(), n_datasets),
+        "Days": np.tile(design.Days.to_numpy(), n_datasets),
+        "Reaction": reaction.T.ravel(),
+    })
+
+
+def sleepstudy_responses(n_datasets: int = 100, n_subjects: int = 18, n_days: int = 10,
+                         seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """The data sets of :func:`sleepstudy_replicates` (the same seed, the same numbers) as one design and its
+    responses, for ``hp.fit_batch(formula, design, responses=reaction)``.
+
+    Returns
+    -------
+    design : pandas.DataFrame
+        One data set's rows: columns Subject (str), Days.
+    reaction : numpy.ndarray
+        (rows of ``design``, ``n_datasets``): each data set's Reaction.
+    """
     rng = np.random.default_rng(seed)
     sds, cor = np.array([24.7, 5.9]), 0.07
     cov = np.outer(sds, sds) * np.array([[1.0, cor], [cor, 1.0]])
@@ -26,9 +47,5 @@ def sleepstudy_replicates(n_datasets: int = 100, n_subjects: int = 18, n_days: i
     subject = np.repeat(np.arange(n_subjects), n_days)
     mean = (251.4 + effects[:, subject, 0]) + (10.5 + effects[:, subject, 1]) * days
     reaction = mean + rng.normal(0.0, 25.6, size=mean.shape)
-    return pd.DataFrame({
-        "dataset": np.repeat(np.arange(n_datasets), n_subjects * n_days),
-        "Subject": np.tile(np.char.add("S", subject.astype(str)), n_datasets),
-        "Days": np.tile(days, n_datasets),
-        "Reaction": reaction.ravel(),
-    })
+    design = pd.DataFrame({"Subject": np.char.add("S", subject.astype(str)), "Days": days})
+    return design, np.ascontiguousarray(reaction.T)
