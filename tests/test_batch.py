@@ -927,14 +927,24 @@ def test_a_search_is_not_called_flat_where_its_last_curvature_bends_down_along_a
                              *converged_tolerances, np)[0][0]) > 1e-6  # not converged on the Newton step's rule
 
 
-def test_an_accelerator_runs_its_chunk_threads_as_set(monkeypatch):
-    """One accelerator: plan.ACCELERATOR_THREADS chunk threads (two keep a chunk on the device while the host works
-    on another; benchmarks/gpu.py times both), one for serial programs or a mesh."""
+def test_an_accelerator_runs_its_one_term_chunks_in_as_many_threads_as_set(replicates, monkeypatch):
+    """One accelerator: a one-term batch's compiled chunks run in plan.ACCELERATOR_THREADS threads (two keep a chunk
+    on the device while the host works on another; benchmarks/gpu.py times both), with the same rows; every other
+    path's threads stay plan.thread_count's 1 there."""
+    from hierpool.batch import fit as fit_module
     from hierpool.batch import plan as plan_module
 
-    monkeypatch.setattr(plan_module.jax, "default_backend", lambda: "gpu")
+    data = replicates[replicates.dataset < 12]
+    monkeypatch.setattr(fit_module, "_on_host", lambda *a: False)
+    before = hp.fit_batch(SLEEP, data, progress=False)
+    pools, executor = [], fit_module.ThreadPoolExecutor
+    monkeypatch.setattr(fit_module, "ThreadPoolExecutor", lambda max_workers: pools.append(max_workers)
+                        or executor(max_workers=max_workers))
+    monkeypatch.setattr(plan_module.jax, "default_backend", lambda: "gpu")  # (the programs still run on the CPU)
     for threads in (1, 2):
         monkeypatch.setattr(plan_module, "ACCELERATOR_THREADS", threads)
-        assert plan_module.thread_count(None) == threads
-        assert plan_module.thread_count(None, serial=True) == 1
-        assert plan_module.thread_count(object()) == 1
+        assert plan_module.thread_count(None) == 1
+        pools.clear()
+        again = hp.fit_batch(SLEEP, data, progress=False, chunk_size=4)
+        assert pools == [threads]
+        np.testing.assert_array_equal(again.objective, before.objective)

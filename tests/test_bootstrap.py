@@ -290,3 +290,15 @@ def test_a_replicates_variance_at_the_boundary_is_exactly_zero_as_its_single_fit
     assert single.theta[0] == 0.0 and single.objective == pytest.approx(result.batch.objective.iloc[zero], rel=1e-12)
     np.testing.assert_array_equal(np.asarray(compiled.theta)[:, 0] == 0, compiled.is_singular.to_numpy())
     assert compiled.is_singular.sum() >= 10
+
+
+def test_every_replicate_refused_is_said_in_the_fit_s_words():
+    """A Poisson fit of one count among zeros: every replicate simulated all zeros, refused as the single fit
+    refuses it, naming the fit's response (not the column made for the refits) and the replicates."""
+    data = pd.DataFrame({"y": [1] + [0] * 59, "g": np.repeat(list("abcdef"), 10)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.HierpoolWarning)
+        fit = hp.glmm("y ~ 1 + (1 | g)", data, family="poisson")
+        with pytest.raises(hp.DataError, match=r"^hp.bootstrap: every replicate was refused, the first as its single "
+                                               r"fit refuses it: response 'y' is constant \(0.0\)"):
+            hp.bootstrap(fit, 3, seed=2)

@@ -90,6 +90,7 @@ from .plan import (
     progress_bar,
     thread_count,
 )
+from . import plan as plan_module
 from .results import BatchResult, BatchTerm, Pieces, check_by_name
 from .shared_design import condition_shared, read_responses, responses_long_frame, shared_design_plan
 
@@ -490,6 +491,8 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
         if chunk_size is None:  # the several-term host search's temporaries, for one term
             chunk_size = host_chunk(host_bytes((k,), (int(n_levels.max()),), p))
     chunk_size = chunk_size or _default_chunk(None)
+    if not host and sharding is None and jax.default_backend() != "cpu":
+        workers = plan_module.ACCELERATOR_THREADS  # chunks in flight on one accelerator (its notes)
     # chunk shapes follow from the level counts alone: start compiling (in the background) before
     # the statistics are computed, and before the threads start (they would each compile)
     # (this call holds its programs: the cache may drop them while it runs, but they are not compiled twice)

@@ -4,8 +4,8 @@ fitted by ``hp.fit_batch`` (in compiled, vmapped chunks; on a CPU a small one-te
 Each replicate is a response drawn from the fitted model (``hp.simulate``, :mod:`hierpool.closedform.simulate`: new
 random effects and residuals at the estimates) on the fit's own rows (its model frame, ``Design.frame``), the
 replicates handed to ``hp.fit_batch`` as responses on that one design (``responses=``,
-:mod:`hierpool.batch.shared_design`), refitted by the same criterion (REML or ML; a GLMM's Laplace -2 log L); the replicates' spread around the estimate is the
-estimate's sampling distribution under the model. ``confint`` gives lme4's ``confint(fit, method = "boot")``
+:mod:`hierpool.batch.shared_design`), refitted by the same criterion (REML or ML; a GLMM's Laplace -2 log L); the
+replicates' spread around the estimate is the estimate's sampling distribution under the model. ``confint`` gives lme4's ``confint(fit, method = "boot")``
 intervals: percentile (``boot.type = "perc"``, the default), basic, or normal (bias-corrected, the replicates' sd).
 
 ``hp.fit_batch`` fits linear mixed models with any random-effect terms (one, crossed, nested; any width), with
@@ -35,12 +35,20 @@ from ..closedform.relmat import RelmatResult
 from ..closedform.results import LMMResult
 from ..closedform.simulate import simulate
 from ..closedform.spatial import SpatialFit
-from ..errors import ArgumentError, HierpoolWarning, integer_argument, optional_boolean_argument, seed_argument
+from ..errors import (
+    ArgumentError,
+    DataError,
+    HierpoolWarning,
+    integer_argument,
+    optional_boolean_argument,
+    seed_argument,
+)
 from ..spec.arguments import probability_argument
 from ..spec.correlation import AR1
 from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
 from ..spec.transforms import stateful_calls
 from .fit import fit_batch
+from .plan import EveryDatasetRefused
 from .results import BatchResult, check_table_names, named_columns, term_parameter_names
 
 #: The name of the replicates' labels (the responses' columns handed to ``hp.fit_batch``).
@@ -272,12 +280,16 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
         arguments["adjacency"] = {area.term.factor: area.graph for area in fit.sdesign.areas}
     if isinstance(fit, RelmatResult):
         arguments["relmat_inverse"] = {fit.relationship.group: fit.relationship}
-    with warnings.catch_warnings(record=True) as caught:  # (the caller's filters still apply)
-        batch = fit_batch(formula, design_rows, responses=sims, chunk_size=chunk_size, progress=progress,
-                          **arguments)
-
     def in_users_words(text: str) -> str:  # the response column made for the refits named as the fit's response
         return text.replace(repr(response), repr(design.spec.response))
+
+    with warnings.catch_warnings(record=True) as caught:  # (the caller's filters still apply)
+        try:
+            batch = fit_batch(formula, design_rows, responses=sims, chunk_size=chunk_size, progress=progress,
+                              **arguments)
+        except EveryDatasetRefused as error:  # (worded for datasets and the refits' response column)
+            raise DataError(f"hp.bootstrap: every replicate was refused, the first as its single fit refuses it: "
+                            f"{in_users_words(error.reason)}") from None
 
     if response != design.spec.response:
         batch = replace(batch, messages=batch.messages.map(in_users_words))

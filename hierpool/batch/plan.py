@@ -571,16 +571,16 @@ def lapack_may_split(size: int, batch: int) -> bool:
     return any(size**power * batch > max(s**power * b for s, b in LAPACK_UNSPLIT) for power in (2, 3))
 
 
-#: Chunk threads of a batch on one accelerator (no mesh; :func:`thread_count`).  1 runs the chunks one after
-#: another, the device idle while the host starts a chunk (its moments' start), snaps its variances onto the boundary
-#: and reads its results; 2 keeps a chunk on the device while the host works on another.  Not yet measured on a GPU:
-#: ``benchmarks/gpu.py``'s shared-design check times both (``float64_two_threads``), for the next GPU run to decide.
+#: Chunk threads of a one-term batch's compiled programs on one accelerator (no mesh; ``hp.fit_batch``'s one-term
+#: path alone, where :func:`thread_count` gives 1).  1 runs the chunks one after another, the device idle while the
+#: host starts a chunk (its moments' start), snaps its variances onto the boundary and reads its results; 2 keeps a
+#: chunk on the device while the host works on another.  Not yet measured on a GPU: ``benchmarks/gpu.py``'s
+#: shared-design check times both (``float64_two_threads``), for the next GPU run to decide.
 ACCELERATOR_THREADS = 1
 
 
 def thread_count(sharding, serial: bool = False, newton_systems: tuple[int, int] | None = None) -> int:
-    """Parallel chunk threads: one per core on a single CPU device, :data:`ACCELERATOR_THREADS` on one accelerator,
-    else 1 (the mesh parallelizes).
+    """Parallel chunk threads: one per core on a single CPU device, else 1 (the mesh parallelizes).
 
     ``serial``: the chunks run one after another.  For programs with several random-effect terms: two
     threads each running one (the general blocked criterion under vmap inside Newton's while loop)
@@ -595,10 +595,8 @@ def thread_count(sharding, serial: bool = False, newton_systems: tuple[int, int]
     (its parameters square, one per dataset of a call; a term's k x k blocks are unrolled arithmetic): it runs
     in threads unless those may split: ``newton_systems`` (size, systems per call), :func:`lapack_may_split`.
     """
-    if serial or sharding is not None:
+    if serial or sharding is not None or jax.default_backend() != "cpu":
         return 1
-    if jax.default_backend() != "cpu":
-        return ACCELERATOR_THREADS
     if newton_systems is not None and lapack_may_split(*newton_systems):
         return 1
     return host_threads()
