@@ -167,3 +167,19 @@ def test_a_fixed_effect_far_from_centred_is_fitted_on_its_centred_column(model):
         assert batch.objective.iloc[d] == pytest.approx(centred.objective + 2.0 * np.log(scale), rel=1e-10)
         assert batch.beta[d][1] == pytest.approx(centred.fixef["x"] / scale, rel=1e-7)
         assert batch.beta_se[d][1] == pytest.approx(centred.fixef_se["x"] / scale, rel=1e-6)
+
+
+def test_effects_map_back_for_a_batch_as_for_each_dataset():
+    """effects_to_user over a batch's leading axis (every dataset's M at once) equals it dataset by dataset: b M^T and
+    M V M^T."""
+    from hierpool.algebra.conditioning import effects_to_user
+
+    rng = np.random.default_rng(3)
+    transforms, b, cond_var = rng.normal(size=(4, 3, 3)), rng.normal(size=(4, 5, 3)), rng.normal(size=(4, 5, 3, 3))
+    batch_b, batch_var = effects_to_user(transforms, b, cond_var)
+    for d in range(4):
+        one_b, one_var = effects_to_user(transforms[d], b[d], cond_var[d])
+        np.testing.assert_allclose(batch_b[d], one_b, rtol=1e-14)
+        np.testing.assert_allclose(batch_var[d], one_var, rtol=1e-13)
+        np.testing.assert_allclose(one_b, b[d] @ transforms[d].T, rtol=1e-14)
+        np.testing.assert_allclose(one_var, [transforms[d] @ v @ transforms[d].T for v in cond_var[d]], rtol=1e-12)

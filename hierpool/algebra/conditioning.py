@@ -305,10 +305,13 @@ def thetas_to_user(theta: np.ndarray, transforms) -> np.ndarray:
 
 
 def effects_to_user(transform: np.ndarray, b, cond_var) -> tuple[np.ndarray, np.ndarray]:
-    """One term's BLUPs (ell, k) and conditional variances (ell, k, k) on the user's columns from the conditioned
-    ones: b = M b~, Var(b | y) = M Var(b~ | y) M^T (``transform``: the term's M)."""
-    return (np.asarray(b) @ transform.T,
-            np.einsum("ij,ljk,mk->lim", transform, np.asarray(cond_var), transform))
+    """One term's BLUPs (..., ell, k) and conditional variances (..., ell, k, k) on the user's columns from the
+    conditioned ones: b = M b~, Var(b | y) = M Var(b~ | y) M^T (``transform``: the term's M, (..., k, k); the
+    leading axes, a batch's datasets, broadcast)."""
+    transform = np.asarray(transform)
+    # (optimize: the three operands contracted pairwise; without it NumPy loops over every index at once)
+    return (np.asarray(b) @ np.swapaxes(transform, -1, -2),
+            np.einsum("...ij,...ljk,...mk->...lim", transform, np.asarray(cond_var), transform, optimize=True))
 
 
 @dataclass(frozen=True)

@@ -74,9 +74,18 @@ class BatchConditioning:
         out["theta"][rows] = theta
         factors = theta_to_factors(theta, ks)
         for t, m in enumerate(transforms):
+            effects, variances = out["b"][t], out["cond_var"][t]
+            # the datasets of one level count mapped at once (every dataset of a shared design is conditioned)
+            counts = np.array([np.shape(effects[d])[0] for d in rows])
+            for count in np.unique(counts):
+                group = np.flatnonzero(counts == count)
+                members = rows[group]
+                b, cond_var = effects_to_user(m[group], np.stack([effects[d] for d in members]),
+                                              np.stack([variances[d] for d in members]))
+                for i, d in enumerate(members):
+                    effects[d], variances[d] = b[i], cond_var[i]
             for i, d in enumerate(rows):
                 out["factors"][t][d] = factors[t][i]
-                out["b"][t][d], out["cond_var"][t][d] = effects_to_user(m[i], out["b"][t][d], out["cond_var"][t][d])
         out["is_singular"][rows] = fitted_singular(out["objective"][rows], theta, ks, Control.singular_tol)
         return out
 
