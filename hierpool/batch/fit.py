@@ -71,6 +71,7 @@ from ..errors import ArgumentError, HierpoolWarning, boolean_argument, integer_a
 from ..spec.family import binary_outcome_per_level, family_spec, unidentified_term_message
 from ..spec.transforms import caller_names
 from . import host_processes
+from . import plan as plan_module
 from .conditioning import condition_batch
 from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
@@ -90,7 +91,6 @@ from .plan import (
     progress_bar,
     thread_count,
 )
-from . import plan as plan_module
 from .results import BatchResult, BatchTerm, Pieces, check_by_name
 from .shared_design import condition_shared, read_responses, responses_long_frame, shared_design_plan
 

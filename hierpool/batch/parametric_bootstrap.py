@@ -48,7 +48,7 @@ from ..spec.correlation import AR1
 from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
 from ..spec.transforms import stateful_calls
 from .fit import fit_batch
-from .plan import EveryDatasetRefused
+from .plan import EveryDatasetRefused, free_name
 from .results import BatchResult, check_table_names, named_columns, term_parameter_names
 
 #: The name of the replicates' labels (the responses' columns handed to ``hp.fit_batch``).
@@ -74,12 +74,6 @@ def _series_columns(series) -> tuple[np.ndarray, np.ndarray]:
             time[row] = time[series.previous[row]] + series.lag[row]
     return series.group_codes, time
 
-
-def _free_name(name: str, columns) -> str:
-    """``name``, with '_' added until no column of ``columns`` has it."""
-    while name in columns:
-        name += "_"
-    return name
 
 
 def parameter_estimates(fit) -> pd.Series:
@@ -241,13 +235,13 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
     if glmm_fit or response not in frame.columns:
         # the response as the batch reads it whatever its form (cbind, proportions, counts, an expression such as
         # Reaction - 100): its own column (a name no column of the model frame has), the binomial's trials as weights
-        response = _free_name(RESPONSE_COLUMN, frame.columns)
+        response = free_name(RESPONSE_COLUMN, frame.columns)
         formula = f"{response} ~ {formula.split('~', 1)[1]}"
     estimate = parameter_estimates(fit)  # (its names checked before any replicate is fitted)
     # the columns made for the refits, under names no column of the model frame has (a covariate named '(trials)'
     # was overwritten, and one named '(replicate)' made every replicate one dataset)
     replicate_column, trials_column, se_column, series_group, series_time = (
-        _free_name(name, frame.columns) for name in (REPLICATE_COLUMN, TRIALS_COLUMN, SE_COLUMN, SERIES_GROUP,
+        free_name(name, frame.columns) for name in (REPLICATE_COLUMN, TRIALS_COLUMN, SE_COLUMN, SERIES_GROUP,
                                                       SERIES_TIME))
     # the replicates are responses on the fit's own rows: fit_batch's responses= (one design, read once; a model it
     # has no shared path for is fitted on the long frame it builds from them)

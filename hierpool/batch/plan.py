@@ -822,6 +822,13 @@ class BatchPlan:
         return np.zeros(0, np.int64) if code is None else order[starts[code]:starts[code + 1]]
 
 
+def free_name(name: str, columns) -> str:
+    """``name``, with '_' added until no column of ``columns`` has it (a column made for a batch beside the user's)."""
+    while name in columns:
+        name += "_"
+    return name
+
+
 def rows_by_code(codes: np.ndarray, n: int) -> list[np.ndarray]:
     """Each of ``n`` codes' positions in ``codes`` (in order), found with one sort, not a scan per code."""
     order, starts = code_order(codes, n)

@@ -46,6 +46,7 @@ from .plan import (
     EveryDatasetRefused,
     bucket_width,
     every_refused,
+    free_name,
     merge_terms,
     plan_batch,
     single_fit_refusal,
@@ -129,7 +130,7 @@ def responses_long_frame(data: pd.DataFrame, responses: Responses, weights, offs
     each dataset's own, for the models that are fitted on a long frame (module notes).  Array weights and offsets
     are repeated with the rows."""
     n, n_datasets = len(data), responses.n_datasets
-    by = _free_name(responses.labels.name or "dataset", data.columns)  # (the labels' name, unless data has one)
+    by = free_name(responses.labels.name or "dataset", data.columns)  # (the labels' name, unless data has one)
     frame = data.iloc[np.tile(np.arange(n), n_datasets)].reset_index(drop=True)
     frame[responses.column] = responses.values.T.ravel()
     frame[by] = np.repeat(responses.labels.to_numpy(), n)
@@ -139,12 +140,6 @@ def responses_long_frame(data: pd.DataFrame, responses: Responses, weights, offs
 
     return frame, by, repeated(weights), repeated(offset)
 
-
-def _free_name(name: str, columns) -> str:
-    """``name``, with '_' added until no column of ``columns`` has it."""
-    while name in columns:
-        name += "_"
-    return name
 
 
 @dataclass(frozen=True)
