@@ -261,8 +261,7 @@ def _terms_chunks(frames, structure):
     """A TermsChunk of ``frames`` (TERMS, several-term host path) from the lag classes' sums, and one from the rows."""
     from hierpool.algebra.search.ar1_systems import TermsChunk
     from hierpool.batch.fit_ar1 import batch_series
-    from hierpool.batch.fit_terms import padded_widths
-    from hierpool.batch.plan import plan_batch
+    from hierpool.batch.plan import padded_widths, plan_batch
 
     plan = plan_batch(TERMS, frames, "rep", "fit_batch", "hp.lmm", one_term=False)
     series, _ = batch_series(plan, structure)

@@ -244,7 +244,7 @@ def with_blocks(design):
 def test_the_shared_systems_and_start_equal_the_stacked_rows(design, responses):
     """Several terms: the systems (shared_design_systems) and the moments' start equal the long frame's."""
     from hierpool.algebra.batched_systems import system_arrays
-    from hierpool.batch.fit_terms import bucket_systems, linear_shifts, linear_start, term_problems
+    from hierpool.batch.fit_terms import linear_start, term_problems
     from hierpool.batch.plan import plan_batch
     from hierpool.batch.shared_design import read_responses, shared_design_plan
 
@@ -257,7 +257,7 @@ def test_the_shared_systems_and_start_equal_the_stacked_rows(design, responses):
                          **kwargs)
     datasets = np.arange(5)
     for merged in (False, True):
-        ours, theirs = (bucket_systems(plan, datasets, merged=merged) for plan in (shared, stacked))
+        ours, theirs = (plan.term_systems(datasets, merged=merged) for plan in (shared, stacked))
         assert len(ours) == len(theirs) == 1
         (members, systems, n), (their_members, their_systems, their_n) = ours[0], theirs[0]
         np.testing.assert_array_equal(members, their_members)
@@ -265,7 +265,7 @@ def test_the_shared_systems_and_start_equal_the_stacked_rows(design, responses):
         assert systems.layout == their_systems.layout
         for a, b in zip(system_arrays(systems), system_arrays(their_systems)):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
-    starts = [linear_start(plan, datasets, linear_shifts(plan)[1]) for plan in (shared, stacked)]
+    starts = [linear_start(plan, datasets, plan.location_shifts()[1]) for plan in (shared, stacked)]
     np.testing.assert_allclose(*starts, rtol=1e-10)
 
 

@@ -429,11 +429,10 @@ def test_a_dataset_whose_system_is_broken_fails_alone_on_the_host(crossed, fault
     from hierpool.algebra.batched_systems import shared_grid
     from hierpool.algebra.linalg import theta_start
     from hierpool.algebra.search.terms import fit_on_host
-    from hierpool.batch import fit_terms
     from hierpool.batch.plan import plan_batch
 
     plan = plan_batch(CROSSED, crossed[0], "rep", "fit_batch", "hp.lmm", one_term=False)
-    (members, systems, n), = fit_terms.bucket_systems(plan, [0, 1, 3, 4])
+    (members, systems, n), = plan.term_systems([0, 1, 3, 4])
     chunk = shared_grid(systems, np.arange(len(members)))
     broken = dataclasses.replace(chunk, rest=chunk.rest.copy())
     broken.rest[1] = np.nan if fault == "nan" else -1e6 * np.eye(broken.rest.shape[-1])

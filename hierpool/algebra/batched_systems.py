@@ -31,7 +31,7 @@ import dataclasses
 
 import numpy as np
 
-from .statistics import level_cells, location_shifts, shared_location_shifts
+from .statistics import level_cells, location_shifts
 from .system import Coupling, Layout, MixedModelSystem, grouped_products
 
 #: Largest dense coupling (ell0 k0 m values) per dataset of a batch: beyond it a dataset is better fitted alone.
@@ -129,30 +129,24 @@ def batched_systems(dataset: np.ndarray, n_datasets: int, terms, X: np.ndarray, 
     return system, np.bincount(dataset, minlength=n_datasets).astype(float)
 
 
-def shared_design_systems(terms, X: np.ndarray, Y: np.ndarray, weights: np.ndarray | None,
-                          offset: np.ndarray | None, sigma_known: bool = False,
-                          shifts: tuple[np.ndarray, np.ndarray] | None = None):
-    """:func:`batched_systems` of datasets that share one design and differ only in their responses (the columns of
-    Y, (n, D)): the blocks without y are one dataset's, the same for each (read-only views), and the y column's
-    products with each block, Z_j'W r_d, X'W r_d and r_d'W r_d, are matrix products of the design with
-    R = [r_1 ... r_D] (:func:`hierpool.algebra.statistics.shared_design_statistics`, the one-term statistics).
+def shared_design_systems(terms, X: np.ndarray, shifts: tuple[np.ndarray, np.ndarray], weights: np.ndarray | None,
+                          sigma_known: bool = False):
+    """:func:`batched_systems` of datasets that share one design and differ only in their responses: the blocks
+    without y are one dataset's, the same for each (read-only views), and the y column's products with each block,
+    Z_j'W r_d, X'W r_d and r_d'W r_d, are matrix products of the design with R = [r_1 ... r_D]
+    (:func:`hierpool.algebra.statistics.shared_design_statistics`, the one-term statistics).
 
     ``terms``: each term's (level (n,), z (n, k), width) on the design's rows; ``shifts``: (beta_shift (D, p),
-    residual (n, D)), :func:`~hierpool.algebra.statistics.shared_location_shifts` of y - offset, where the caller
-    has them.  Returns (systems with a leading axis of D datasets, n per dataset), equal to :func:`batched_systems`
-    on the datasets stacked (to rounding: the sums run in another order).
+    R (n, D)), :func:`~hierpool.algebra.statistics.shared_location_shifts` of the responses less the offset.
+    Returns (systems with a leading axis of D datasets, n per dataset), equal to :func:`batched_systems` on the
+    datasets stacked (to rounding: the sums run in another order).
     """
-    n, n_datasets = Y.shape
+    beta_shift, residual = shifts
+    n, n_datasets = residual.shape
     p = X.shape[1]
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
     one, _ = batched_systems(np.zeros(n, dtype=np.int64), 1, terms, X, np.zeros(n), weights, None, sigma_known,
                              shift=False)
-    if shifts is None:
-        target = Y if offset is None else Y - offset[:, None]
-        beta_shift, residual = shared_location_shifts(X, target, weights, (X * w[:, None]).T @ X)
-    else:
-        beta_shift, residual = shifts
-    weighted = residual * w[:, None]
+    weighted = residual if weights is None else residual * np.asarray(weights, dtype=float)[:, None]
 
     def every(array: np.ndarray) -> np.ndarray:
         return np.broadcast_to(array[0], (n_datasets,) + array.shape[1:])

@@ -179,15 +179,15 @@ def level_cells(level: np.ndarray, z: np.ndarray, ell: int):
 
 
 def shared_location_shifts(X: np.ndarray, Y: np.ndarray, weights: np.ndarray | None,
-                           xtx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                           xtx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(beta0 (D, p), residual (n, D)): :func:`location_shifts` for datasets that share X and the weights and differ
-    in their responses, the columns of Y (n, D): the same normal equations (the pseudo-inverse of X'WX,
-    ``xtx``) and refinement step, each a matrix product over the datasets at once."""
+    in their responses, the columns of Y (n, D): the same normal equations (the pseudo-inverse of X'WX: ``xtx``
+    where the caller has summed it) and refinement step, each a matrix product over the datasets at once."""
     p = X.shape[1]
     if not p:
         return np.zeros((Y.shape[1], 0)), Y.copy()
-    inverse = np.linalg.pinv(xtx, hermitian=True)
     weighted_x = X if weights is None else X * weights[:, None]
+    inverse = np.linalg.pinv(weighted_x.T @ X if xtx is None else xtx, hermitian=True)
     beta0 = np.zeros((p, Y.shape[1]))
     residual = Y
     for _ in range(2):  # the fit, then one refinement step

@@ -22,7 +22,7 @@ import jax
 from ..algebra.marginal import draw_batch_size, draw_effects, theta_from_components
 from ..bayesian.model import collapsed_model, variance_draws
 from ..bayesian.nuts import chain_function
-from .fit_terms import bucket_systems, take, term_problems, too_large
+from .fit_terms import take, term_problems, too_large
 from .plan import BatchPlan, chunks
 
 #: Bytes the exact (beta, b) draws of one program may hold at once, over all its (dataset, chain) pairs.
@@ -39,7 +39,7 @@ def term_chunks(plan: BatchPlan, size_of, n_devices: int):
     for d, reason in too_large(plan, messages).items():
         messages[d] = f"{reason}: sample it with hp.bayes"
     out = []
-    for members, systems, n in bucket_systems(plan, [d for d, message in enumerate(messages) if not message]):
+    for members, systems, n in plan.term_systems([d for d, message in enumerate(messages) if not message]):
         for chunk in chunks(0, members, size_of(len(members)), n_devices):  # chunk.index: rows of the bucket
             out.append((chunk, members[chunk.index], take((systems, n), chunk.index)))
     return messages, out

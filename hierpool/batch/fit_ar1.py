@@ -73,9 +73,7 @@ from . import host_processes
 from .fit_glmm import BucketRows, bucket_pattern
 from .fit_terms import (
     empty_results,
-    linear_shifts,
     linear_start,
-    padded_widths,
     row_buckets,
     run_jobs,
     start_processes,
@@ -93,6 +91,7 @@ from .plan import (
     host_fits,
     nothing_left,
     one_factor,
+    padded_widths,
     place,
     thread_count,
 )
@@ -333,7 +332,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
                       plan, units, workers=thread_count(None), progress=progress)
     if systems:  # several terms: the joint search on the whitened systems
         usable = np.flatnonzero(out["attempted"])
-        theta0 = linear_start(plan, usable, linear_shifts(plan)[1])
+        theta0 = linear_start(plan, usable, plan.location_shifts()[1])
         widths = padded_widths(plan)
         jobs = []
         for key in sorted({tuple(widths[d]) for d in usable}):

@@ -62,8 +62,6 @@ from ..closedform.glmm_optimize import SHAPE_DIFFERENCE
 from . import host_processes
 from .fit_terms import (
     empty_results,
-    moment_start_terms,
-    padded_widths,
     row_buckets,
     run_jobs,
     start_processes,
@@ -81,6 +79,7 @@ from .plan import (
     host_fits,
     merge_terms,
     merged_widths,
+    padded_widths,
     place,
     thread_count,
 )
@@ -182,7 +181,7 @@ def _glm_step(xtwx: np.ndarray, xtwz: np.ndarray, beta: np.ndarray) -> np.ndarra
 
 def moment_start_theta(plan: BatchPlan, family: Family, eta: np.ndarray, datasets) -> np.ndarray:
     """(D, n_theta) a GLMM's starting theta for datasets ``datasets``: the method of moments of every term
-    (:func:`hierpool.batch.fit_terms.moment_start_terms`, the linear mixed models' several-term start) on the GLM
+    (:meth:`hierpool.batch.plan.BatchPlan.term_moments`, the linear mixed models' several-term start) on the GLM
     fit's working residuals, weighted by its working weights, whose residual variance is 1 when the family's
     variance holds.
 
@@ -190,7 +189,7 @@ def moment_start_theta(plan: BatchPlan, family: Family, eta: np.ndarray, dataset
     takes several times as long to the same optima (benchmarks/RESULTS.md, "The GLMM class on the host").
     """
     _, weights, residual = family.working(plan.design.y, eta, plan.design.row_weights)
-    return moment_start_terms(plan, weights, residual, datasets)
+    return plan.term_moments(weights, residual, datasets)
 
 
 def moment_shape(plan: BatchPlan, eta: np.ndarray, link) -> np.ndarray:

@@ -37,18 +37,15 @@ from functools import partial
 import jax
 import numpy as np
 
-from ..algebra.batched_systems import MAX_DENSE_ENTRIES, batched_systems, dense_entries, shared_grid
+from ..algebra.batched_systems import MAX_DENSE_ENTRIES, dense_entries, shared_grid
 from ..algebra.checks import fitted_singular
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.criterion import objective
 from ..algebra.henderson import solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.linalg import theta_start
-from ..algebra.search.newton import DECREASE_TOL, MOMENT_FLOOR, canonical_theta, newton
+from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from ..algebra.search.terms import fit_on_host, host_bytes, point_work, solved_entries, systems_onto_boundary
-from ..algebra.start import moment_theta
-from ..algebra.statistics import location_shifts
-from ..algebra.system import grouped_products
 from ..closedform.optimize import Control
 from ..spec.design import lme4_term_order
 from . import host_processes
@@ -63,14 +60,13 @@ from .plan import (
     host_chunk,
     host_chunk_length,
     host_fits,
-    merge_terms,
     merged_widths,
+    padded_widths,
     place,
     progress_bar,
     term_count_problems,
     thread_count,
 )
-from .shared_design import SharedDesignPlan
 
 
 def term_problems(plan: BatchPlan, sigma_known: bool | None = None, refusals: bool = True) -> list[str]:
@@ -114,13 +110,8 @@ def dataset_term_order(plan: BatchPlan, d: int) -> list[int]:
     return [by_formula[j] for j in lme4_term_order(counts)]
 
 
-def padded_widths(plan: BatchPlan) -> np.ndarray:
-    """(datasets, terms) padded level counts: each term's as the one-term path pads its only term."""
-    return np.stack([bucket_width(n_levels) for _, n_levels, _ in plan.term_levels], axis=1)
-
-
 def row_buckets(plan: BatchPlan, datasets) -> dict:
-    """``datasets`` grouped by their padded level counts (:func:`padded_widths`) and padded row count (the key's
+    """``datasets`` grouped by their padded level counts (:func:`~hierpool.batch.plan.padded_widths`) and padded row count (the key's
     last entry), each group an array: the buckets of the paths whose programs hold every row (GLMM, AR(1))."""
     widths, row_widths = padded_widths(plan), bucket_width(plan.n_obs)
     buckets = {}
@@ -143,90 +134,10 @@ def too_large(plan: BatchPlan, messages: list[str], p: int | None = None, merged
             if not messages[d] and dense_entries(widths[d], ks, p) > MAX_DENSE_ENTRIES}
 
 
-def bucket_systems(plan: BatchPlan, datasets, shifts: tuple[np.ndarray, np.ndarray] | None = None,
-                   merged: bool = False) -> list:
-    """``datasets`` bucketed by padded level counts (:func:`padded_widths`): per bucket ``(members, systems, n)``,
-    the members' systems built at once (:func:`hierpool.algebra.batched_systems.batched_systems`) and their row
-    counts.  ``hp.fit_batch``'s and ``hp.bayes_batch``'s several-term paths.  ``shifts``: every dataset's
-    :func:`hierpool.algebra.statistics.location_shifts` (beta0 (D, p), residual (N,)), where the caller has them
-    (:func:`linear_shifts`).  ``merged``: the terms, on one grouping factor, as one
-    (:func:`hierpool.batch.plan.merge_terms`; :func:`hierpool.algebra.search.terms.search_on_host`'s ``term_ks``)."""
-    if isinstance(plan, SharedDesignPlan):  # many responses on one design: the systems by matrix products
-        return plan.term_systems(datasets, linear_shifts(plan) if shifts is None else shifts, merged)
-    design, widths = plan.design, padded_widths(plan)
-    buckets = {}
-    for d in datasets:
-        buckets.setdefault(tuple(widths[d]), []).append(d)
-    weights = design.weights
-    out = []
-    for key, members in buckets.items():
-        members = np.asarray(members)
-        if np.array_equal(members, np.arange(plan.n_datasets)):  # one bucket of every dataset: no row mask, copies
-            rows, local = slice(None), plan.dataset
-        else:
-            rows = np.isin(plan.dataset, members)
-            local = np.searchsorted(members, plan.dataset[rows])
-        terms = [(level[rows], term.z[rows], int(width))
-                 for (level, _, _), term, width in zip(plan.term_levels, design.terms, key)]
-        if merged:
-            terms = merge_terms(terms)
-        systems, n = batched_systems(local, len(members), terms, design.X[rows], design.y[rows],
-                                     None if weights is None else weights[rows], design.offset[rows],
-                                     design.sigma_known,
-                                     shifts=None if shifts is None else (shifts[0][members], shifts[1][rows]))
-        out.append((members, systems, n))
-    return out
-
-
-def moment_start_terms(plan: BatchPlan, weights: np.ndarray, residual: np.ndarray, datasets) -> np.ndarray:
-    """(D, n_theta) the starting theta of datasets ``datasets`` (the others: lme4's identity): the method of moments
-    (:func:`hierpool.algebra.start.moment_theta`) of every term on the rows' residuals from a fit of the fixed
-    effects alone, weighted by ``weights`` (N,), each term's own moments on the same residuals (the other terms'
-    variation left in them: a start only).  A dataset moments cannot start (fewer than k + 1 usable levels) starts
-    at the identity too.  The linear models' several-term start (:func:`linear_start`) and a GLMM's (its GLM's
-    working residuals and weights).  The arrays are padded to the largest level count of ``datasets`` alone (a
-    dataset refused for its size would set it)."""
-    if isinstance(plan, SharedDesignPlan):  # (``residual`` (n, D): each response's on the design's rows)
-        return plan.term_moments(weights, residual, datasets)
-    design = plan.design
-    datasets = np.unique(np.asarray(datasets, dtype=np.int64))  # sorted: rows are located by searchsorted
-    start = np.tile(theta_start(tuple(t.k for t in design.terms)), (plan.n_datasets, 1))
-    if not datasets.size:
-        return start
-    rows = np.flatnonzero(np.isin(plan.dataset, datasets))
-    local, count = np.searchsorted(datasets, plan.dataset[rows]), len(datasets)
-    w, r = weights[rows], residual[rows]
-    rss = np.bincount(local, weights=w * r**2, minlength=count)
-    thetas = []
-    with np.errstate(all="ignore"):  # a dataset moments cannot start gets the identity (moment_theta)
-        for term, (level, n_levels, _) in zip(design.terms, plan.term_levels):
-            ell, k, z = int(n_levels[datasets].max()), term.k, term.z[rows]
-            cell = local * ell + level[rows]
-            ztz = grouped_products(cell, z, z, w, count * ell).reshape(count, ell, k, k)
-            cross = grouped_products(cell, z, r[:, None], w, count * ell).reshape(count, ell, k)
-            # the floor's scale: the columns' own root-mean-squares (a GLMM's working weights left out)
-            rms = np.sqrt(grouped_products(local, z, z, np.ones(len(rows)), count)[:, np.arange(k), np.arange(k)]
-                          / np.maximum(plan.n_obs[datasets], 1)[:, None])
-            thetas.append(moment_theta(ztz, cross, rss, plan.n_obs[datasets].astype(float), p=design.p,
-                                       floor=MOMENT_FLOOR, rms=rms))
-    start[datasets] = np.concatenate(thetas, axis=1)
-    return start
-
-
-def linear_shifts(plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
-    """(beta0 (D, p), residual (N,)): each dataset's (weighted) least-squares fit of y - offset on X and its
-    residuals (:func:`hierpool.algebra.statistics.location_shifts`), computed once for the start
-    (:func:`linear_start`) and the systems' y column (:func:`bucket_systems`)."""
-    if isinstance(plan, SharedDesignPlan):  # (the residual (n, D): each response's on the design's rows)
-        return plan.location_shifts()
-    design = plan.design
-    return location_shifts(plan.dataset, design.X, design.y_less_offset, design.row_weights, plan.n_datasets)
-
-
 def linear_start(plan: BatchPlan, datasets, residual: np.ndarray) -> np.ndarray:
     """(D, n_theta) a several-term linear mixed model's starting theta for datasets ``datasets``:
-    :func:`moment_start_terms` on each dataset's (weighted) least-squares residuals (``residual``, N:
-    :func:`linear_shifts`'), every term's own moments.
+    :meth:`~hierpool.batch.plan.BatchPlan.term_moments` on each dataset's (weighted) least-squares residuals
+    (``residual``: :meth:`~hierpool.batch.plan.BatchPlan.location_shifts`'), every term's own moments.
     ``hp.lmm`` starts a vector term of a several-term model at lme4's identity instead (L-BFGS-B from its moments
     once reached a worse boundary optimum, :func:`hierpool.closedform.optimize.moment_start`); the batch's Newton
     search restarts a stalled search from the boundary where the criterion there is no higher
@@ -237,7 +148,7 @@ def linear_start(plan: BatchPlan, datasets, residual: np.ndarray) -> np.ndarray:
     design = plan.design
     if design.sigma_known:
         return np.tile(theta_start(tuple(t.k for t in design.terms)), (plan.n_datasets, 1))
-    return moment_start_terms(plan, design.row_weights, residual, datasets)
+    return plan.term_moments(design.row_weights, residual, datasets)
 
 
 def take(tree, index):
@@ -456,10 +367,10 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     attempted = np.flatnonzero(out["attempted"])
     heavy = host and evaluation_work(plan, attempted, term_ks) >= LINEAR_PROCESS_MIN_WORK
     processes = host and start_processes(plan, out["attempted"], 0 if heavy else LINEAR_PROCESS_MIN_ROWS, fit_on_host)
-    shifts = linear_shifts(plan)
+    shifts = plan.location_shifts()
     start0 = linear_start(plan, attempted, shifts[1])
     jobs = []
-    for members, systems, n in bucket_systems(plan, attempted, shifts, merged):
+    for members, systems, n in plan.term_systems(attempted, shifts, merged):
         # beta0 stays float64 and is added on the host: in float32 a large common location of y would lose digits
         shift, systems = systems.beta_shift, dataclasses.replace(systems, beta_shift=np.zeros((len(members), p)))
         if host:  # unpadded chunks, threads (NumPy), nothing compiled

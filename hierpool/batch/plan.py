@@ -55,16 +55,20 @@ import numpy as np
 import pandas as pd
 from jax.experimental import multihost_utils
 
+from ..algebra.batched_systems import batched_systems
 from ..algebra.linalg import (
     distinct_block_columns,
     equal_sets,
     segment_extremes,
     shared_factor,
     terms_theta_scales,
+    theta_start,
     weights_uneven,
 )
 from ..algebra.search import HOST_CHUNK_BYTES
-from ..algebra.statistics import BatchStatistics, sufficient_statistics
+from ..algebra.search.newton import MOMENT_FLOOR
+from ..algebra.start import moment_theta
+from ..algebra.statistics import BatchStatistics, location_shifts, sufficient_statistics
 from ..algebra.system import grouped_products
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
 from ..spec.design import (
@@ -450,6 +454,11 @@ def bucket_width(n_levels: np.ndarray) -> np.ndarray:
     return 2 ** np.ceil(np.log2(np.maximum(n_levels, 1))).astype(int)
 
 
+def padded_widths(plan: BatchPlan) -> np.ndarray:
+    """(datasets, terms) padded level counts: each term's as the one-term path pads its only term."""
+    return np.stack([bucket_width(n_levels) for _, n_levels, _ in plan.term_levels], axis=1)
+
+
 def aliased_message(p: int, names) -> str:
     """Why a dataset whose fixed-effect columns ``names`` are aliased in it is not fitted in the batch."""
     return (f"the {p} fixed-effect columns have rank {p - len(names)} in this dataset: {', '.join(names)} zero or "
@@ -790,6 +799,77 @@ class BatchPlan:
             if valid.any():
                 out.append((bucket, members[valid], stats.take(np.flatnonzero(valid)).astype(dtype)))
         return out, messages
+
+    def location_shifts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(beta0 (D, p), residual (N,)): each dataset's (weighted) least-squares fit of y - offset on X and its
+        residuals (:func:`hierpool.algebra.statistics.location_shifts`), computed once by the several-term paths for
+        the start (:meth:`term_moments`) and the systems' y column (:meth:`term_systems`)."""
+        design = self.design
+        return location_shifts(self.dataset, design.X, design.y_less_offset, design.row_weights, self.n_datasets)
+
+    def term_systems(self, datasets, shifts: tuple[np.ndarray, np.ndarray] | None = None,
+                     merged: bool = False) -> list:
+        """``datasets`` bucketed by padded level counts (:func:`padded_widths`): per bucket ``(members, systems, n)``,
+        the members' systems built at once (:func:`hierpool.algebra.batched_systems.batched_systems`) and their row
+        counts.  ``hp.fit_batch``'s and ``hp.bayes_batch``'s several-term paths.  ``shifts``: every dataset's
+        :meth:`location_shifts`, where the caller has them.  ``merged``: the terms, on one grouping factor, as one
+        (:func:`merge_terms`; :func:`hierpool.algebra.search.terms.search_on_host`'s ``term_ks``)."""
+        design, widths = self.design, padded_widths(self)
+        buckets = {}
+        for d in datasets:
+            buckets.setdefault(tuple(widths[d]), []).append(d)
+        weights = design.weights
+        out = []
+        for key, members in buckets.items():
+            members = np.asarray(members)
+            if np.array_equal(members, np.arange(self.n_datasets)):  # one bucket of every dataset: no row mask, copies
+                rows, local = slice(None), self.dataset
+            else:
+                rows = np.isin(self.dataset, members)
+                local = np.searchsorted(members, self.dataset[rows])
+            terms = [(level[rows], term.z[rows], int(width))
+                     for (level, _, _), term, width in zip(self.term_levels, design.terms, key)]
+            if merged:
+                terms = merge_terms(terms)
+            systems, n = batched_systems(local, len(members), terms, design.X[rows], design.y[rows],
+                                         None if weights is None else weights[rows], design.offset[rows],
+                                         design.sigma_known,
+                                         shifts=None if shifts is None else (shifts[0][members], shifts[1][rows]))
+            out.append((members, systems, n))
+        return out
+
+    def term_moments(self, weights: np.ndarray, residual: np.ndarray, datasets) -> np.ndarray:
+        """(D, n_theta) the starting theta of datasets ``datasets`` (the others: lme4's identity): the method of
+        moments (:func:`hierpool.algebra.start.moment_theta`) of every term on the rows' residuals from a fit of the
+        fixed effects alone, weighted by ``weights`` (N,), each term's own moments on the same residuals (the other
+        terms' variation left in them: a start only).  A dataset moments cannot start (fewer than k + 1 usable
+        levels) starts at the identity too.  The linear models' several-term start
+        (:func:`hierpool.batch.fit_terms.linear_start`) and a GLMM's (its GLM's working residuals and weights).  The
+        arrays are padded to the largest level count of ``datasets`` alone (a dataset refused for its size would set
+        it)."""
+        design = self.design
+        datasets = np.unique(np.asarray(datasets, dtype=np.int64))  # sorted: rows are located by searchsorted
+        start = np.tile(theta_start(tuple(t.k for t in design.terms)), (self.n_datasets, 1))
+        if not datasets.size:
+            return start
+        rows = np.flatnonzero(np.isin(self.dataset, datasets))
+        local, count = np.searchsorted(datasets, self.dataset[rows]), len(datasets)
+        w, r = weights[rows], residual[rows]
+        rss = np.bincount(local, weights=w * r**2, minlength=count)
+        thetas = []
+        with np.errstate(all="ignore"):  # a dataset moments cannot start gets the identity (moment_theta)
+            for term, (level, n_levels, _) in zip(design.terms, self.term_levels):
+                ell, k, z = int(n_levels[datasets].max()), term.k, term.z[rows]
+                cell = local * ell + level[rows]
+                ztz = grouped_products(cell, z, z, w, count * ell).reshape(count, ell, k, k)
+                cross = grouped_products(cell, z, r[:, None], w, count * ell).reshape(count, ell, k)
+                # the floor's scale: the columns' own root-mean-squares (a GLMM's working weights left out)
+                rms = np.sqrt(grouped_products(local, z, z, np.ones(len(rows)), count)[:, np.arange(k), np.arange(k)]
+                              / np.maximum(self.n_obs[datasets], 1)[:, None])
+                thetas.append(moment_theta(ztz, cross, rss, self.n_obs[datasets].astype(float), p=design.p,
+                                           floor=MOMENT_FLOOR, rms=rms))
+        start[datasets] = np.concatenate(thetas, axis=1)
+        return start
 
     def dataset_rows(self) -> list[np.ndarray]:
         """Each dataset's design rows (positions, in order)."""

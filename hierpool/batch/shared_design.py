@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -151,9 +152,9 @@ class SharedDesignPlan(BatchPlan):
     single: BatchPlan | None = None
     responses: Responses | None = None
 
-    @property
+    @cached_property
     def design_responses(self) -> np.ndarray:
-        """The responses at the design's rows (those ``data`` keeps), (n, datasets)."""
+        """The responses at the design's rows (those ``data`` keeps), (n, datasets): taken once."""
         rows = np.asarray(self.single.design.rows)
         if rows.size == self.responses.values.shape[0] and np.array_equal(rows, np.arange(rows.size)):
             return self.responses.values
@@ -200,30 +201,30 @@ class SharedDesignPlan(BatchPlan):
         return merge_terms(terms) if merged else terms
 
     def location_shifts(self) -> tuple[np.ndarray, np.ndarray]:
-        """(beta0 (D, p), residual (n, D)): :func:`hierpool.batch.fit_terms.linear_shifts` of a shared design,
+        """(beta0 (D, p), residual (n, D)): :meth:`BatchPlan.location_shifts` of a shared design, by
         :func:`~hierpool.algebra.statistics.shared_location_shifts`."""
         design = self.design
         target = self.design_responses
         if np.any(design.offset):
             target = target - design.offset[:, None]
-        weights = design.row_weights
-        return shared_location_shifts(design.X, target, design.weights, (design.X * weights[:, None]).T @ design.X)
+        return shared_location_shifts(design.X, target, design.weights)
 
-    def term_systems(self, datasets, shifts: tuple[np.ndarray, np.ndarray], merged: bool = False) -> list:
-        """:func:`hierpool.batch.fit_terms.bucket_systems` of a shared design: one bucket, its systems by
+    def term_systems(self, datasets, shifts: tuple[np.ndarray, np.ndarray] | None = None,
+                     merged: bool = False) -> list:
+        """:meth:`BatchPlan.term_systems` of a shared design: one bucket, its systems by
         :func:`~hierpool.algebra.batched_systems.shared_design_systems`."""
         members = np.asarray(datasets, dtype=np.int64)
         if not members.size:
             return []
+        beta_shift, residual = self.location_shifts() if shifts is None else shifts
         design = self.design
-        systems, n = shared_design_systems(self._terms(merged), design.X, self.design_responses[:, members],
-                                           design.weights, design.offset, design.sigma_known,
-                                           shifts=(shifts[0][members], shifts[1][:, members]))
+        systems, n = shared_design_systems(self._terms(merged), design.X, (beta_shift[members], residual[:, members]),
+                                           design.weights, design.sigma_known)
         return [(members, systems, n)]
 
     def term_moments(self, weights: np.ndarray, residual: np.ndarray, datasets) -> np.ndarray:
-        """:func:`hierpool.batch.fit_terms.moment_start_terms` of a shared design (``residual`` (n, D)): each term's
-        per-level cross-products one dataset's, Z_l'W r_d by a matrix product."""
+        """:meth:`BatchPlan.term_moments` of a shared design (``residual`` (n, D)): each term's per-level
+        cross-products one dataset's, Z_l'W r_d by a matrix product."""
         design = self.design
         datasets = np.unique(np.asarray(datasets, dtype=np.int64))
         start = np.tile(theta_start(tuple(t.k for t in design.terms)), (self.n_datasets, 1))
@@ -280,14 +281,6 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
     message = problems(plan)[0]
     if message:
         raise DataError(refused + message)
-    rows = np.asarray(plan.design.rows)
-    values = responses.values[rows]
-    missing = np.isnan(values)
-    if missing.any():
-        bad = np.flatnonzero(missing.any(axis=0))
-        raise DataError(f"responses column {responses.labels[bad[0]]!r} (and {bad.size - 1} more) has "
-                        f"{int(missing[:, bad[0]].sum())} missing values at rows data keeps: each response is "
-                        "fitted on the design's rows (datasets with rows of their own: a long frame, by=)")
     n_datasets = responses.n_datasets
     shared = SharedDesignPlan(
         **{field.name: getattr(plan, field.name) for field in dataclasses.fields(BatchPlan)}
@@ -297,6 +290,13 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
                                 for level, counts, labels in plan.term_levels),
            "refusals": ("",) * n_datasets},
         single=plan, responses=responses)
+    values = shared.design_responses
+    missing = np.isnan(values)
+    if missing.any():
+        bad = np.flatnonzero(missing.any(axis=0))
+        raise DataError(f"responses column {responses.labels[bad[0]]!r} (and {bad.size - 1} more) has "
+                        f"{int(missing[:, bad[0]].sum())} missing values at rows data keeps: each response is "
+                        "fitted on the design's rows (datasets with rows of their own: a long frame, by=)")
     # the single fit's refusals of a response: infinite, beyond its largest or too small to square, or one value
     # (its offset's less too)
     with np.errstate(invalid="ignore", over="ignore"):
