@@ -207,8 +207,8 @@ CHECKS = {
     ),
 }
 
-SIZES = {"sleepstudy_fit_batch": 100_000, "sleepstudy_shared_design": 100_000, "penicillin_fit_batch": 10_000, "cbpp_fit_batch": 10_000,
-         "sleepstudy_bayes_batch": 1_000}
+SIZES = {"sleepstudy_fit_batch": 100_000, "sleepstudy_shared_design": 100_000, "penicillin_fit_batch": 10_000,
+         "cbpp_fit_batch": 10_000, "sleepstudy_bayes_batch": 1_000}
 
 
 #: hierpool's dependencies that a GPU image with JAX, NumPyro, NumPy, pandas, SciPy, xarray, h5py and matplotlib

@@ -77,9 +77,9 @@ def column_moments(z: np.ndarray, group: np.ndarray, n_groups: int):
 
 
 def blocks_moments(blocks, group: np.ndarray, n_groups: int) -> list[tuple]:
-    """:func:`column_moments` of each of ``blocks`` (each (N, k_i), a batch's terms' z and its X) over the same groups,
-    each distinct column summed once (:func:`~hierpool.algebra.linalg.distinct_block_columns`: sleepstudy's X is its z) and
-    a column of ones not summed at all (its moments are known: constant, mean and root mean square 1, sd 0; 0 in a
+    """:func:`column_moments` of each of ``blocks`` (each (N, k_i), a batch's terms' z and its X) over the same
+    groups, each distinct column summed once (:func:`~hierpool.algebra.linalg.distinct_block_columns`: sleepstudy's
+    X is its z) and a column of ones not summed at all (its moments are known: constant, mean and root mean square 1, sd 0; 0 in a
     group without rows, as :func:`column_moments` gives them)."""
     columns, positions = distinct_block_columns(*blocks)
     c = columns.shape[1]

@@ -825,8 +825,8 @@ def identity_where_not(keep: np.ndarray, matrices: np.ndarray) -> np.ndarray:
 
 def small_determinants(a: np.ndarray) -> np.ndarray:
     """det of each matrix of the host stack ``a`` (..., k, k): written out for k <= 2 (a batch's millions of 2 x 2
-    per-level blocks, where NumPy's LU per matrix costs far more than the arithmetic: benchmarks/RESULTS.md, forty-fifth session), else
-    ``np.linalg.det``."""
+    per-level blocks, where NumPy's LU per matrix costs far more than the arithmetic: benchmarks/RESULTS.md,
+    forty-fifth session), else ``np.linalg.det``."""
     k = a.shape[-1]
     if k == 1:
         return a[..., 0, 0].copy()
@@ -837,8 +837,8 @@ def small_determinants(a: np.ndarray) -> np.ndarray:
 
 def small_inverses(a: np.ndarray) -> np.ndarray:
     """The inverse of each (invertible) matrix of the host stack ``a`` (..., k, k): the adjugate over the
-    determinant for k <= 2 (not a LAPACK call per matrix: :func:`small_determinants`), else ``np.linalg.inv``.  A singular matrix gives inf or NaN here where NumPy raises: mask it first
-    (:func:`identity_where_not`)."""
+    determinant for k <= 2 (not a LAPACK call per matrix: :func:`small_determinants`), else ``np.linalg.inv``.  A
+    singular matrix gives inf or NaN here where NumPy raises: mask it first (:func:`identity_where_not`)."""
     k = a.shape[-1]
     if k > 2:
         return np.linalg.inv(a)

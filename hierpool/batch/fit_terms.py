@@ -111,8 +111,8 @@ def dataset_term_order(plan: BatchPlan, d: int) -> list[int]:
 
 
 def row_buckets(plan: BatchPlan, datasets) -> dict:
-    """``datasets`` grouped by their padded level counts (:func:`~hierpool.batch.plan.padded_widths`) and padded row count (the key's
-    last entry), each group an array: the buckets of the paths whose programs hold every row (GLMM, AR(1))."""
+    """``datasets`` grouped by their padded level counts (:func:`~hierpool.batch.plan.padded_widths`) and padded row
+    count (the key's last entry), each group an array: the buckets of the paths whose programs hold every row (GLMM, AR(1))."""
     widths, row_widths = padded_widths(plan), bucket_width(plan.n_obs)
     buckets = {}
     for d in datasets:
@@ -178,8 +178,8 @@ class NanRows:
     """Per-dataset arrays of a batch (BLUPs, conditional variances, relative factors), NaN until a fit fills them:
     dataset d's is the first ``n_levels[d]`` rows of a block shared by the datasets of its width (``widths[d]`` >=
     ``n_levels[d]``: its bucket's padded level count, or by default its own count, no padding), each block allocated
-    once and filled a chunk at a time by :meth:`write`, not allocated and assigned dataset by dataset (benchmarks/RESULTS.md, forty-fifth session).
-    :attr:`views` is the per-dataset list, each a view of its block."""
+    once and filled a chunk at a time by :meth:`write`, not allocated and assigned dataset by dataset
+    (benchmarks/RESULTS.md, forty-fifth session).  :attr:`views` is the per-dataset list, each a view of its block."""
 
     def __init__(self, n_levels, shape: tuple, widths=None, dtype=np.float64):
         n_levels = np.asarray(n_levels, dtype=np.int64)

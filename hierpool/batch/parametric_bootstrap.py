@@ -5,8 +5,8 @@ Each replicate is a response drawn from the fitted model (``hp.simulate``, :mod:
 random effects and residuals at the estimates) on the fit's own rows (its model frame, ``Design.frame``), the
 replicates handed to ``hp.fit_batch`` as responses on that one design (``responses=``,
 :mod:`hierpool.batch.shared_design`), refitted by the same criterion (REML or ML; a GLMM's Laplace -2 log L); the
-replicates' spread around the estimate is the estimate's sampling distribution under the model. ``confint`` gives lme4's ``confint(fit, method = "boot")``
-intervals: percentile (``boot.type = "perc"``, the default), basic, or normal (bias-corrected, the replicates' sd).
+replicates' spread around the estimate is the estimate's sampling distribution under the model. ``confint`` gives
+lme4's ``confint(fit, method = "boot")`` intervals: percentile (``boot.type = "perc"``, the default), basic, or normal (bias-corrected, the replicates' sd).
 
 ``hp.fit_batch`` fits linear mixed models with any random-effect terms (one, crossed, nested; any width), with
 weights, offsets or known residual sds, or with AR(1) residuals, and GLMMs (binomial, Poisson, negative binomial) by

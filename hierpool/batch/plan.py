@@ -721,7 +721,8 @@ class BatchPlan:
     def alone_note(self, index: int, how: str) -> str:
         """The message of a dataset of :meth:`alone_for_levels` (``how``: "fitted", "sampled")."""
         names = [self.design.fixed_names[j] for j in self.zero_columns[index]]
-        return f"{', '.join(names)} zero in this dataset (a level it lacks): {how} alone without them, NaN in their places"
+        return (f"{', '.join(names)} zero in this dataset (a level it lacks): {how} alone without them, NaN in their "
+                "places")
 
     def probe_scales(self) -> np.ndarray:
         """(datasets, n_theta) each dataset's theta units for the searches off the boundary, from its own

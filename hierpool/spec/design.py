@@ -677,8 +677,8 @@ def aliased_columns(X: np.ndarray, tol: float = RANK_TOL) -> np.ndarray:
     out the columns kept so far, is below ``tol`` times its own norm is aliased.
 
     From :data:`GRAM_SCREEN_MIN_ROWS` rows, X'X is screened first (:func:`gram_clear`): where it clears every
-    column, none is aliased.  Where no column is aliased (nearly always), Householder QR's |R_jj| is that residual norm of every column at
-    once: one LAPACK call in place of the column-by-column projections (benchmarks/RESULTS.md, twenty-second
+    column, none is aliased.  Where no column is aliased (nearly always), Householder QR's |R_jj| is that residual
+    norm of every column at once: one LAPACK call in place of the column-by-column projections (benchmarks/RESULTS.md, twenty-second
     session).  Otherwise the columns after the first aliased one are projected on the kept ones only, column by column.
     """
     if X.shape[0] >= GRAM_SCREEN_MIN_ROWS and X.shape[1] and tol <= GRAM_SCREEN:
@@ -712,7 +712,8 @@ def aliased_columns(X: np.ndarray, tol: float = RANK_TOL) -> np.ndarray:
 
 
 #: Rows from which :func:`aliased_columns` screens X's Gram matrix first (:func:`aliased_within` with one group), the
-#: QR only where the screen is unclear: on a long frame X'X costs a fraction of the QR (benchmarks/RESULTS.md, forty-fifth session).
+#: QR only where the screen is unclear: on a long frame X'X costs a fraction of the QR (benchmarks/RESULTS.md,
+#: forty-fifth session).
 GRAM_SCREEN_MIN_ROWS = 100_000
 
 
