@@ -19,8 +19,8 @@ searches it runs are importable without JAX: :mod:`hierpool.batch.glmm_search`, 
 :func:`hierpool.batch.bayes_each.dataset_posterior`) imports JAX with its
 modules: a worker loads it once, a fresh process's JAX (no thread of the parent's is copied), and holds it (its
 memory measured in benchmarks/RESULTS.md, forty-fourth session) for the process's life.  Those runs are NumPy and
-SciPy on the host, each dataset's numbers the same wherever it runs (tested bit for bit); ``hp.bayes``'s NUTS is not sent (its draws in a worker differed from this
-process's).
+SciPy on the host, each dataset's numbers the same wherever it runs (tested bit for bit); ``hp.bayes``'s NUTS is
+not sent (its draws in a worker differed from this process's).
 
 **Protocol.**  Length-prefixed pickles on the worker's stdin and stdout (its own prints go to its stderr, the
 parent's): the function (by reference) and its arguments in, ``("ok", result)``, ``("error", exception)`` or
