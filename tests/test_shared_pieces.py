@@ -707,6 +707,37 @@ def test_pieces_read_as_the_list_np_split_gives():
         _ = pieces[4]
 
 
+@pytest.mark.parametrize("labels", ["mixed", "integers", "pieces"])
+def test_a_batch_term_s_ranef_is_each_dataset_s_levels_coefficient_by_coefficient(labels):
+    # the table is gathered from the datasets' values laid end to end; here it is built dataset by dataset, as a
+    # loop over hp.lmm's ranef would: datasets of 2, 0 and 3 levels, integer labels in one and strings in another
+    # (kept as they are, not all made strings), or integers in each (Python's, as hp.lmm's table holds), a failed
+    # dataset's NaNs
+    from hierpool.batch.results import BatchTerm, Pieces
+
+    levels = [np.array([4, 7]), np.array([], dtype=object), np.array(["a", "b", "c"], dtype=object)]
+    if labels == "integers":  # one dtype: laid end to end before they are made objects
+        levels = [np.array([4, 7]), np.array([], dtype=np.int64), np.array([1, 2, 3])]
+    rng = np.random.default_rng(3)
+    b = [rng.normal(size=(2, 2)), np.zeros((0, 2)), np.full((3, 2), np.nan)]
+    sd = [rng.uniform(size=(2, 2)), np.zeros((0, 2)), rng.uniform(size=(3, 2))]
+    if labels == "pieces":  # one array's pieces, as the long-frame batch holds its labels and sds
+        starts = np.array([0, 2, 2, 5])
+        levels = Pieces(np.array([4, 7, "a", "b", "c"], dtype=object), starts)
+        sd = Pieces(np.concatenate(sd), starts)
+    term = BatchTerm(group="g", coef_names=("(Intercept)", "x"), covariance=np.zeros((3, 2, 2)), levels=levels,
+                     b=b, cond_sd=sd)
+    table = term.ranef(pd.Index(["d0", "d1", "d2"], name="study"))
+    expected = [(label, "g", coef, level, b[d][i, c], sd[d][i, c])
+                for d, label in enumerate(["d0", "d1", "d2"]) for c, coef in enumerate(["(Intercept)", "x"])
+                for i, level in enumerate(np.asarray(levels[d], dtype=object))]  # an int stays an int
+    assert list(table.columns) == ["study", "grpvar", "term", "grp", "condval", "condsd"]
+    assert len(table) == 10 and table["grp"].dtype == object  # labels as hp.lmm's table holds them, not int64
+    for row, want in zip(table.itertuples(index=False), expected, strict=True):
+        assert row[:4] == want[:4] and type(row.grp) is type(want[3])
+        np.testing.assert_array_equal(row[4:], want[4:])
+
+
 def test_nan_rows_hold_each_dataset_s_levels_in_a_block_of_its_own_width():
     # a batch of small datasets and one of many levels: no block as wide as the widest for every dataset (one block
     # for all tripled a batch's peak memory: benchmarks/RESULTS.md, forty-fifth session)

@@ -124,18 +124,46 @@ class BatchTerm:
         return len(self.coef_names)
 
     def ranef(self, datasets: pd.Index) -> pd.DataFrame:
-        """This term's rows of :attr:`BatchResult.ranef`, the labels ``datasets`` in a column named as they are."""
+        """This term's rows of :attr:`BatchResult.ranef`, the labels ``datasets`` in a column named as they are.
+
+        Per dataset, the levels of coefficient 0, then of coefficient 1, ... (hp.lmm's order).  Every column is one
+        gather from the datasets' values laid end to end (:func:`end_to_end`), not a piece per dataset: 100,000
+        datasets' tables were a loop of 1.9 s (benchmarks/RESULTS.md, forty-seventh session)."""
         k = self.k
-        counts = np.array([len(levels) for levels in self.levels])
-        # per dataset: the levels of coefficient 0, then of coefficient 1, ... (hp.lmm's order)
+        levels, counts = end_to_end(self.levels, dtype=object)
+        b, sd = end_to_end(self.b)[0].reshape(-1, k), end_to_end(self.cond_sd)[0].reshape(-1, k)
+        first = np.cumsum(counts) - counts  # each dataset's first row in the laid-out values
+        sizes = counts * k  # each dataset's rows of the table
+        dataset = np.repeat(np.arange(len(counts)), sizes)
+        position = np.arange(int(sizes.sum())) - np.repeat(first * k, sizes)  # a table row's place in its dataset's
+        coef = position // np.maximum(counts[dataset], 1)
+        row = first[dataset] + position - coef * counts[dataset]
         return pd.DataFrame({
-            dataset_column(datasets): np.repeat(np.asarray(datasets), counts * k),
+            dataset_column(datasets): np.asarray(datasets)[dataset],
             "grpvar": self.group,
-            "term": np.concatenate([np.repeat(np.asarray(self.coef_names, dtype=object), n) for n in counts]),
-            "grp": np.concatenate([np.tile(np.asarray(levels, dtype=object), k) for levels in self.levels]),
-            "condval": np.concatenate([b.T.ravel() for b in self.b]),
-            "condsd": np.concatenate([sd.T.ravel() for sd in self.cond_sd]),
+            "term": np.asarray(self.coef_names, dtype=object)[coef],
+            "grp": levels[row],
+            "condval": b[row, coef],
+            "condsd": sd[row, coef],
         })
+
+
+def end_to_end(pieces, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """(the pieces laid end to end, each piece's length): a :class:`Pieces`' own array, read without splitting it,
+    or a list's arrays concatenated.  ``dtype=object`` converts each list item before they meet, so that one
+    dataset's integer labels and another's strings stay as they are (NumPy would make both strings); arrays of one
+    dtype are concatenated first and converted once."""
+    if isinstance(pieces, Pieces):
+        values = pieces.values[pieces.starts[0]:pieces.starts[-1]]
+        return (values if dtype is None else np.asarray(values, dtype=dtype)), np.diff(pieces.starts)
+    counts = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    if not len(pieces):
+        return np.zeros(0, dtype=dtype or float), counts
+    if len({getattr(piece, "dtype", None) for piece in pieces} - {None}) == 1 and \
+            all(isinstance(piece, np.ndarray) for piece in pieces):
+        values = np.concatenate(pieces)
+        return (values if dtype is None else values.astype(dtype)), counts
+    return np.concatenate([np.asarray(piece, dtype=dtype) for piece in pieces]), counts
 
 
 @dataclass(frozen=True)
