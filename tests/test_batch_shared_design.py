@@ -2,6 +2,7 @@
 dataset's row equal to the long frame's (data repeated, its response the column's) and so to hp.lmm's fit."""
 
 import warnings
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ from conftest import assert_same_fits
 import hierpool as hp
 from hierpool.algebra.statistics import shared_design_statistics, sufficient_statistics
 from hierpool.batch import fit as fit_module
-from hierpool.batch.shared_design import Responses, responses_long_frame
+from hierpool.batch.shared_design import Responses, one_design_in_long_frame, responses_long_frame
 
 SLEEP = "Reaction ~ Days + (Days | Subject)"
 N_RESPONSES = 12
@@ -41,6 +42,13 @@ def long_frame(design, responses):
     frame["Reaction"] = responses.to_numpy().T.ravel()
     frame["dataset"] = np.repeat(np.asarray(responses.columns), len(design))
     return frame
+
+
+def fit_stacked(formula, frame, **kwargs):
+    """hp.fit_batch on the long frame's own path (each dataset's statistics from its rows of the frame): a long frame
+    whose datasets share one design would otherwise be fitted as responses on it (``one_design_in_long_frame``)."""
+    with mock.patch.object(fit_module, "_shared_design_of_long_frame", lambda *args: None):
+        return hp.fit_batch(formula, frame, **kwargs)
 
 
 def assert_rows_equal(shared, stacked):
@@ -109,7 +117,7 @@ def test_each_response_equals_its_dataset_of_the_long_frame(design, responses, c
     stacked_kwargs = dict(kwargs)
     if isinstance(kwargs.get("weights"), np.ndarray):
         stacked_kwargs["weights"] = np.tile(kwargs["weights"], N_RESPONSES)
-    stacked = hp.fit_batch(SLEEP, long_frame(data, responses), progress=False, **stacked_kwargs)
+    stacked = fit_stacked(SLEEP, long_frame(data, responses), progress=False, **stacked_kwargs)
     assert_rows_equal(shared, stacked)
     assert shared.datasets.name == "dataset"
 
@@ -142,7 +150,7 @@ def test_rows_data_drops_are_dropped_for_every_response(design, responses):
     kept = data.Days.notna().to_numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hp.HierpoolWarning)
-        stacked = hp.fit_batch(SLEEP, long_frame(data[kept], values[kept]), progress=False)
+        stacked = fit_stacked(SLEEP, long_frame(data[kept], values[kept]), progress=False)
     assert_rows_equal(shared, stacked)
 
 
@@ -280,7 +288,7 @@ def test_several_terms_equal_the_long_frame(design, responses, formula, path, mo
     if path == "compiled":
         monkeypatch.setattr(fit_terms, "_on_host", lambda *a: False)
     shared = hp.fit_batch(formula, data, responses=values, weights=design.w.to_numpy(), progress=False)
-    stacked = hp.fit_batch(formula, long_frame(data, values), weights=np.tile(design.w.to_numpy(), 6),
+    stacked = fit_stacked(formula, long_frame(data, values), weights=np.tile(design.w.to_numpy(), 6),
                            progress=False)
     assert_rows_equal(shared, stacked)
 
@@ -290,7 +298,7 @@ def test_other_models_are_fitted_on_the_long_frame(design, responses):
     values = responses.iloc[:, :3]
     correlation = hp.ar1("Subject", time="Days")
     shared = hp.fit_batch(SLEEP, design, responses=values, correlation=correlation, progress=False)
-    stacked = hp.fit_batch(SLEEP, long_frame(design, values), correlation=correlation, progress=False)
+    stacked = fit_stacked(SLEEP, long_frame(design, values), correlation=correlation, progress=False)
     assert_rows_equal(shared, stacked)
     np.testing.assert_allclose(shared.phi, stacked.phi, rtol=1e-8)
 
@@ -329,3 +337,82 @@ def test_bayes_batch_samples_the_responses_as_their_long_frame(design, responses
         stacked = hp.bayes_batch(SLEEP, long_frame(design, values), **settings)
     pd.testing.assert_frame_equal(shared.fixef, stacked.fixef)
     assert shared.datasets.tolist() == ["r0", "r1"]
+
+
+# --- a long frame whose datasets share one design (a simulation study's, a bootstrap's) is fitted as responses ---
+
+
+def test_a_long_frame_of_one_design_is_fitted_as_responses_on_it(design, responses, monkeypatch):
+    """Datasets stacked on one design, labelled by text in no sorted order: the same rows as the long frame's own
+    path (to rounding: the statistics' sums differ in order), and as ``responses=``, the long frame's plan never
+    built; nothing the user passed is modified."""
+    values = responses[responses.columns[::-1]]  # r11 .. r0: the labels' first appearance, not sorted, is the order
+    frame = long_frame(design.assign(Days=design.Days + 2000.0), values)  # conditioned, then mapped back, too
+    before = frame.copy()
+    stacked = fit_stacked(SLEEP, frame, offset="off", progress=False)
+    monkeypatch.setattr(fit_module, "plan_batch", mock.Mock(side_effect=AssertionError("the long frame's plan")))
+    found = hp.fit_batch(SLEEP, frame, offset="off", progress=False)
+    pd.testing.assert_frame_equal(frame, before)
+    assert_rows_equal(found, stacked)
+    assert list(found.datasets) == list(values.columns) and found.datasets.name == "dataset"
+    given = hp.fit_batch(SLEEP, design.assign(Days=design.Days + 2000.0), responses=values, offset="off",
+                         progress=False)
+    np.testing.assert_array_equal(found.objective, given.objective)
+    pd.testing.assert_frame_equal(found.ranef, given.ranef)
+
+
+def _frame_with(design, responses, case):
+    """A long frame of the design's datasets, changed by ``case`` (None where it still holds one design)."""
+    frame = long_frame(design.assign(cat=pd.Categorical(design.Subject)), responses.iloc[:, :6])
+    n = len(design)
+    kwargs = {}
+    if case == "a value in a middle dataset":
+        frame.loc[3 * n + 7, "Days"] += 1.0
+    elif case == "a value in the last dataset":
+        frame.loc[len(frame) - 1, "Subject"] = frame.Subject.iloc[0]
+    elif case == "a category in a middle dataset":
+        frame.loc[2 * n + 15, "cat"] = frame.cat.iloc[0]  # (row 15: another subject than row 0)
+    elif case == "one dataset's rows reordered":
+        frame.iloc[[2 * n, 2 * n + 1]] = frame.iloc[[2 * n + 1, 2 * n]].to_numpy()
+    elif case == "a dataset a row short":
+        frame = frame.drop(index=4 * n + 3)
+    elif case == "datasets interleaved":
+        frame = frame.sort_values(["Subject", "Days", "dataset"], kind="stable")
+    elif case == "a missing value in a middle dataset":
+        frame.loc[3 * n + 7, "Days"] = np.nan
+    elif case == "a missing response":
+        frame.loc[3 * n + 7, "Reaction"] = np.nan
+    elif case == "weights as an array":
+        kwargs = {"weights": np.tile(design.w.to_numpy(), 6)}
+    elif case == "a label on two runs":
+        frame.loc[frame.dataset == "r5", "dataset"] = "r0"
+    elif case == "an object column":
+        frame["Subject"] = frame.Subject.astype(object)
+    return frame, kwargs
+
+
+@pytest.mark.parametrize("case", [
+    "a value in a middle dataset", "a value in the last dataset", "a category in a middle dataset",
+    "one dataset's rows reordered", "a dataset a row short", "datasets interleaved",
+    "a missing value in a middle dataset", "a missing response", "weights as an array", "a label on two runs",
+    "an object column",
+])
+def test_one_design_is_found_only_where_every_dataset_has_it(design, responses, case):
+    formula = "Reaction ~ Days + (1 | cat) + (Days | Subject)"
+    frame, kwargs = _frame_with(design, responses, None)
+    found = one_design_in_long_frame(formula, frame, "dataset", **kwargs)
+    assert found is not None
+    np.testing.assert_array_equal(found[1].values, responses.iloc[:, :6].to_numpy())
+    pd.testing.assert_frame_equal(found[0], frame.iloc[:len(design)][["Days", "cat", "Subject", "Reaction"]])
+    changed, kwargs = _frame_with(design, responses, case)
+    assert one_design_in_long_frame(formula, changed, "dataset", **kwargs) is None
+
+
+def test_a_response_the_single_fit_refuses_leaves_the_batch_to_the_long_frame(design, responses):
+    """One dataset's response constant: the long frame's own path, its refusal in that row as it words it."""
+    frame = long_frame(design, responses.iloc[:, :4])
+    frame.loc[frame.dataset == "r2", "Reaction"] = 250.0
+    found = hp.fit_batch(SLEEP, frame, progress=False)
+    stacked = fit_stacked(SLEEP, frame, progress=False)
+    assert found.messages["r2"] == stacked.messages["r2"] != ""
+    np.testing.assert_array_equal(found.objective, stacked.objective)

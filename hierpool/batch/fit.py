@@ -67,7 +67,14 @@ from ..algebra.search.terms import host_bytes, search_statistics_on_host, system
 from ..closedform import glmm, lmm
 from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
-from ..errors import ArgumentError, HierpoolWarning, boolean_argument, integer_argument, optional_boolean_argument
+from ..errors import (
+    ArgumentError,
+    HierpoolError,
+    HierpoolWarning,
+    boolean_argument,
+    integer_argument,
+    optional_boolean_argument,
+)
 from ..spec.family import binary_outcome_per_level, family_spec, unidentified_term_message
 from ..spec.transforms import caller_names
 from . import host_processes
@@ -92,7 +99,13 @@ from .plan import (
     thread_count,
 )
 from .results import BatchResult, BatchTerm, Pieces, check_by_name
-from .shared_design import condition_shared, read_responses, responses_long_frame, shared_design_plan
+from .shared_design import (
+    condition_shared,
+    one_design_in_long_frame,
+    read_responses,
+    responses_long_frame,
+    shared_design_plan,
+)
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
@@ -247,7 +260,10 @@ def fit_batch(
         A long frame with a ``by`` column, or the datasets themselves (their
         list position or dict key becomes the ``by`` label; a tuple key, as
         ``dict(tuple(frame.groupby(["site", "arm"])))`` gives, labels its dataset
-        as a tuple: select its row with ``result.objective.loc[[key]]``).
+        as a tuple: select its row with ``result.objective.loc[[key]]``).  A long frame whose datasets share one
+        design (a simulation study's or a bootstrap's: each dataset a run of rows, every run the same but for the
+        response) is fitted as ``responses=`` fits it, by matrix products with the design
+        (:func:`~hierpool.batch.shared_design.one_design_in_long_frame` says when; the same rows, to rounding).
     by : str
         The column that names the dataset of each row.
     family : {None, "binomial", "bernoulli", "poisson", "negative_binomial"}
@@ -380,6 +396,8 @@ def fit_batch(
                                         offset=offset, se=se)
         else:
             data, by, weights, offset = responses_long_frame(data, read, weights, offset)
+    elif family is None and correlation is None and not fits_each(formula, relmat, relmat_inverse, adjacency):
+        shared = _shared_design_of_long_frame(formula, data, by, weights, offset, se)
     if fits_each(formula, relmat, relmat_inverse, adjacency):  # dataset by dataset (fit_each's module notes)
         refuse_on_each(correlation=(correlation, None), dtype=(dtype, "float64"), chunk_size=(chunk_size, None),
                        max_iterations=(max_iterations, MAX_ITERATIONS))
@@ -457,6 +475,25 @@ def fit_batch(
     if conditioning is not None:
         out = conditioning.to_user(out)
     return _result(plan, out, formula, reml, polish, fitter)
+
+
+def _shared_design_of_long_frame(formula: str, data, by: str, weights, offset, se):
+    """The :class:`~hierpool.batch.shared_design.SharedDesignPlan` of a long frame whose datasets share one design
+    (:func:`~hierpool.batch.shared_design.one_design_in_long_frame`: a simulation study's or a bootstrap's), else
+    None.  Taken only where every dataset is fitted: a design or a response the single fit refuses is left to the
+    long frame, whose refusals (in each dataset's row, or of the call) are the batch's own."""
+    found = one_design_in_long_frame(formula, data, by, weights, offset, se)
+    if found is None:
+        return None
+    design, responses = found
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no row is missing: any warning is the long frame's to give)
+            plan = shared_design_plan(formula, design, responses, "fit_batch", "hp.lmm", term_problems,
+                                      weights=weights, offset=offset, se=se)
+    except (HierpoolError, Warning):
+        return None
+    return None if any(plan.refusals) else plan
 
 
 def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progress, max_iterations: int, sharding,

@@ -15,6 +15,12 @@ the solutions, the refits and the result are the long frame's (:func:`hierpool.b
 Other models (AR(1) residuals, a GLMM, a relationship matrix or spatial terms) are fitted on the long frame, built
 here from the responses (:func:`responses_long_frame`): the same results, without the shortcut.
 
+The reverse holds too: a long frame whose datasets share one design (``hp.simulate``'s replicates stacked, a
+simulation study's datasets) is such a batch, found by :func:`one_design_in_long_frame` and fitted by the same
+matrix products (``hp.fit_batch``'s linear mixed models; the others keep the long frame).  Where every dataset is
+fitted that gives the long frame's own rows, to rounding; a dataset the single fit refuses leaves the batch to the
+long frame, whose refusals are worded per dataset.
+
 The response must be a column name in the formula (a transformed one, ``log(y)``, would leave unclear whether the
 responses hold y or log y).  On the shared path a missing response (at a row the design keeps) is refused for the
 call: a dataset with rows of its own is a long frame's (``by=``); the long frame's models drop it for its dataset
@@ -38,7 +44,7 @@ from ..algebra.search.newton import MOMENT_FLOOR
 from ..algebra.start import moment_theta
 from ..algebra.statistics import level_cells, shared_design_statistics, shared_location_shifts
 from ..algebra.system import grouped_products
-from ..errors import ArgumentError, DataError
+from ..errors import ArgumentError, DataError, HierpoolError
 from ..spec.design import LARGEST_VALUE, RESPONSE_SMALLEST, underflowing
 from ..spec.formula import parse_formula
 from .conditioning import BatchConditioning, condition_batch
@@ -46,6 +52,7 @@ from .plan import (
     BatchPlan,
     EveryDatasetRefused,
     bucket_width,
+    dataset_labels_of,
     every_refused,
     free_name,
     merge_terms,
@@ -141,6 +148,95 @@ def responses_long_frame(data: pd.DataFrame, responses: Responses, weights, offs
 
     return frame, by, repeated(weights), repeated(offset)
 
+
+
+def one_design_in_long_frame(formula: str, data, by: str, weights=None, offset=None,
+                             se: str | None = None) -> tuple[pd.DataFrame, Responses] | None:
+    """(the design, the responses) of a long frame whose datasets all share one design, else None: the long frame of
+    a simulation study or a bootstrap, fitted by :func:`shared_design_plan`'s matrix products as ``responses=``
+    would fit it (``hp.fit_batch`` of a linear mixed model with independent residuals, module notes).
+
+    A long frame is taken as one design only where that gives the long frame's own results: each dataset's rows
+    a run of the ``by`` column, every run as long, in the order of the labels' first appearance (the batch's row
+    order), every column the formula reads besides the response (and the weights, offset and se columns named) the
+    same in every run, row by row, with no value missing, and the response a column of finite numbers.  Anything
+    else (row arrays of weights or offsets, a response read twice, an unreadable kind) is left to the long frame,
+    whose checks name it (a column held twice, values pandas cannot compare or hash, a formula it refuses).  The
+    labels are the long frame's (:func:`~hierpool.batch.plan.dataset_labels_of`).
+    """
+    if not isinstance(data, pd.DataFrame) or isinstance(data.columns, pd.MultiIndex) or \
+            not data.columns.is_unique or not isinstance(by, str) or by not in data.columns or len(data) < 2:
+        return None
+    if any(value is not None and not isinstance(value, str) for value in (weights, offset, se)):
+        return None
+    try:
+        return _one_design(parse_formula(formula, random_optional=True), data, by, weights, offset, se)
+    except (HierpoolError, TypeError, ValueError):
+        return None
+
+
+def _one_design(spec, data: pd.DataFrame, by: str, weights, offset, se):
+    column = spec.response
+    read = list(dict.fromkeys([v for v in spec.variables if v != column]
+                              + [c for c in (weights, offset, se) if isinstance(c, str)]))
+    if (not column.isidentifier() or column not in data.columns or column in read or by in read + [column]
+            or any(name not in data.columns for name in read)):
+        return None
+    labels = dataset_labels_of(data, by)
+    n_datasets = len(labels)
+    n = len(data) // n_datasets
+    if n_datasets < 2 or n * n_datasets != len(data):
+        return None
+    response = data[column]
+    if not (pd.api.types.is_numeric_dtype(response.dtype) and not pd.api.types.is_bool_dtype(response.dtype)
+            and not pd.api.types.is_complex_dtype(response.dtype)):
+        return None
+    values = response.to_numpy(dtype=float, na_value=np.nan).reshape(n_datasets, n)
+    if not np.isfinite(values).all():
+        return None
+    # no value missing in dataset 0's rows; one missing elsewhere then differs from them (or cannot be compared)
+    if any(not _comparable_kind(data[name].dtype) or data[name].iloc[:n].isna().any() for name in read):
+        return None
+    # dataset 1 and the last against dataset 0 first: a long frame of datasets with designs of their own is told
+    # apart without reading every row
+    for block in (slice(n, 2 * n), slice(len(data) - n, len(data))):
+        if not all(_runs_alike(data[name].iloc[block], 1, n, data[name].iloc[:n]) for name in read):
+            return None
+    if not np.array_equal(np.asarray(data[by].iloc[::n]), np.asarray(labels)):
+        return None
+    if not _runs_alike(data[by], n_datasets, n, each_constant=True) or \
+            not all(_runs_alike(data[name], n_datasets, n) for name in read):
+        return None
+    design = data.iloc[:n][read + [column]].reset_index(drop=True)
+    return design, Responses(np.ascontiguousarray(values.T), labels, column)
+
+
+def _comparable_kind(dtype) -> bool:
+    """Numbers, text or categories: kinds whose values (a category's code) ``==`` tells apart exactly; an object
+    column (1, 1.0 and True alike) is left to the long frame."""
+    return ((pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype))
+            or isinstance(dtype, (pd.StringDtype, pd.CategoricalDtype)))
+
+
+def _run_values(series: pd.Series) -> np.ndarray:
+    """A column's values as NumPy compares them: a category's code (one per category over the column), else its
+    values (text as objects, compared as strings)."""
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        return series.cat.codes.to_numpy()
+    return series.to_numpy()
+
+
+def _runs_alike(series: pd.Series, n_datasets: int, n: int, first: pd.Series | None = None,
+                each_constant: bool = False) -> bool:
+    """Whether every run of ``n`` rows of a column is its first run (or ``first``), row by row; ``each_constant``:
+    whether each run holds one value (the ``by`` column's).  A value that cannot be compared (pandas' NA) is not
+    alike."""
+    runs = _run_values(series).reshape(n_datasets, n)
+    reference = runs[:, :1] if each_constant else runs[:1] if first is None else _run_values(first)[None]
+    try:
+        return bool(np.all(runs == reference))
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
