@@ -13,14 +13,16 @@ naming them, where modules are still missing, and reports ``backend`` (JAX's def
 on a machine whose JAX has no GPU backend measures the CPU, and says so.  Checks, each in a fresh process,
 compilation included, the clock around the fit and its tables (data generation outside):
 
-1. ``hp.fit_batch`` on 100,000 sleepstudy-shaped datasets (``Reaction ~ Days + (Days | Subject)``): fits per
-   second, float64 and float32 (the issue's target: 50,000 fits/s on one GPU), then float64 again on other data of
-   the same shape in the same process (``float64_warm``: programs compiled, workers started), with the seconds
-   spent in each of ``fit_batch``'s host stages (``host_stages_s``);
-2. ``hp.fit_batch(formula, data, responses=Y)`` on 100,000 responses of the same shape sharing one design (a
-   simulation study's: sleepstudy's rows once, the responses a matrix; :mod:`hierpool.batch.shared_design`): fits
-   per second in float64, then again in the same process on other responses (``float64_warm``, with its host
-   stages' seconds), again with two chunks in flight (``float64_two_threads``: ``plan.ACCELERATOR_THREADS``);
+1. ``hp.fit_batch`` on 100,000 sleepstudy-shaped datasets (``Reaction ~ Days + (Days | Subject)``), a long frame
+   whose datasets share sleepstudy's design (fitted as responses on it: :mod:`hierpool.batch.shared_design`): fits
+   per second, float64 and float32 (the issue's target: 50,000 fits/s on one GPU), then float64 again on other
+   data of the same shape in the same process (``float64_warm``: programs compiled, workers started), with the
+   seconds spent in each of ``fit_batch``'s host stages (``host_stages_s``), and on a fifth of those datasets with
+   each one's rows in an order of its own (``float64_own_designs``: the long frame's own path);
+2. ``hp.fit_batch(formula, data, responses=Y)`` on 100,000 responses of the same shape on one design (a
+   simulation study's: sleepstudy's rows once, the responses a matrix): fits per second in float64 after an untimed
+   warm-up (``float64_warm``, with its host stages' seconds), then with two chunks in flight
+   (``float64_two_threads``: ``plan.ACCELERATOR_THREADS``);
 3. ``hp.fit_batch`` on 10,000 Penicillin-shaped crossed datasets (``diameter ~ 1 + (1 | plate) + (1 | sample)``),
    as a long frame and as responses on Penicillin's design (``shared_design_*``);
 4. ``hp.fit_batch(..., family="binomial")`` on 10,000 cbpp-shaped datasets;
@@ -74,6 +76,7 @@ COMMON = textwrap.dedent(
         for owner, name in ((F, "plan_batch"), (P, "build_design"), (F, "condition_batch"), (P.BatchPlan, "buckets"),
                             (P, "sufficient_statistics"), (F, "moment_start"), (F, "_programs"), (F, "_result"),
                             (F, "refit_values"), (F, "shared_design_plan"), (S.SharedDesignPlan, "buckets"),
+                            (F, "one_design_in_long_frame"),
                             (F, "NanRows"), (F, "systems_onto_boundary")):
             timed(owner, name)
         try:
@@ -114,6 +117,19 @@ CHECKS = {
         wall = time.perf_counter() - t0
         out["float64_warm"] = dict(wall_s=wall, fits_per_s=N / wall, converged=int(res_again.converged.sum()),
                                    refitted=int(res_again.refit.sum()), host_stages_s=stages)
+        # the long frame's own path (each dataset's statistics from its rows): a fifth of the datasets, each one's
+        # rows in an order of its own, so that they share no design (the frames above share one: fitted as
+        # responses on it, hierpool.batch.shared_design)
+        own = again[again.dataset < N // 5]
+        order = np.lexsort((np.random.default_rng(1).random(len(own)), own.dataset.to_numpy()))
+        own = own.iloc[order].reset_index(drop=True)
+        t0 = time.perf_counter()
+        res_own, stages = staged(lambda: hp.fit_batch("Reaction ~ Days + (Days | Subject)", own, progress=False))
+        res_own.fixef, res_own.varcorr
+        wall = time.perf_counter() - t0
+        out["float64_own_designs"] = dict(datasets=N // 5, wall_s=wall, fits_per_s=N // 5 / wall,
+                                          converged=int(res_own.converged.sum()), refitted=int(res_own.refit.sum()),
+                                          host_stages_s=stages)
         frames = [f for _, f in data[data.dataset < 20].groupby("dataset")]
         out["max_rel_criterion_vs_hp_lmm"] = agreement(
             res, frames, lambda f: hp.lmm("Reaction ~ Days + (Days | Subject)", f))  # float32's, the looser
@@ -133,8 +149,11 @@ CHECKS = {
         out = {}
         # float64_two_threads: two chunks in flight (plan.ACCELERATOR_THREADS = 2), the host's work on one beside
         # the device's on the other, against float64_warm's one
-        for name, dtype, seed in (("float64", "float64", 2026), ("float64_warm", "float64", 2027),
-                                  ("float64_two_threads", "float64", 2029)):
+        # (float64 cold: the first check's, whose long frame is fitted on this path).  Untimed, the programs of a
+        # 100,000's chunks compiled (the accelerator's 4096 a chunk, and the remainder's)
+        warm_up = hp.datasets.sleepstudy_responses(min(N, 4096 + N % 4096), seed=2025)[1]
+        hp.fit_batch(formula, design, responses=warm_up, progress=False)
+        for name, dtype, seed in (("float64_warm", "float64", 2027), ("float64_two_threads", "float64", 2029)):
             chunk_threads.ACCELERATOR_THREADS = 2 if name == "float64_two_threads" else 1
             Y = responses(seed)
             t0 = time.perf_counter()
@@ -143,7 +162,7 @@ CHECKS = {
             wall = time.perf_counter() - t0
             out[name] = dict(wall_s=wall, fits_per_s=N / wall, converged=int(res.converged.sum()),
                              refitted=int(res.refit.sum()), host_stages_s=stages)
-            if name == "float64":
+            if name == "float64_warm":
                 frames = [design.assign(Reaction=Y[:, j]) for j in range(20)]
                 out["max_rel_criterion_vs_hp_lmm"] = agreement(res, frames, lambda f: hp.lmm(formula, f))
         print(json.dumps(out))
