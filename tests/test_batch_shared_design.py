@@ -388,6 +388,14 @@ def _frame_with(design, responses, case):
         frame.loc[frame.dataset == "r5", "dataset"] = "r0"
     elif case == "an object column":
         frame["Subject"] = frame.Subject.astype(object)
+    elif case == "a zero's sign":  # -0.0 == 0.0, but np.signbit(x) or 1 / x tell them apart
+        frame.loc[frame.index[3 * n:4 * n][frame.Days.iloc[3 * n:4 * n].to_numpy() == 0], "Days"] = -0.0
+    elif case == "the response on the right-hand side":
+        kwargs = {"formula": "Reaction ~ Days + I(Reaction > 300) + (1 | cat) + (Days | Subject)"}
+    elif case == "the response as weights":
+        kwargs = {"weights": "Reaction"}
+    elif case == "a user's function":  # (the long frame checks what it gives each dataset's rows)
+        kwargs = {"formula": "Reaction ~ halved(Days) + (1 | cat) + (Days | Subject)"}
     return frame, kwargs
 
 
@@ -395,7 +403,8 @@ def _frame_with(design, responses, case):
     "a value in a middle dataset", "a value in the last dataset", "a category in a middle dataset",
     "one dataset's rows reordered", "a dataset a row short", "datasets interleaved",
     "a missing value in a middle dataset", "a missing response", "weights as an array", "a label on two runs",
-    "an object column",
+    "an object column", "a zero's sign", "the response on the right-hand side", "the response as weights",
+    "a user's function",
 ])
 def test_one_design_is_found_only_where_every_dataset_has_it(design, responses, case):
     formula = "Reaction ~ Days + (1 | cat) + (Days | Subject)"
@@ -405,13 +414,45 @@ def test_one_design_is_found_only_where_every_dataset_has_it(design, responses, 
     np.testing.assert_array_equal(found[1].values, responses.iloc[:, :6].to_numpy())
     pd.testing.assert_frame_equal(found[0], frame.iloc[:len(design)][["Days", "cat", "Subject", "Reaction"]])
     changed, kwargs = _frame_with(design, responses, case)
-    assert one_design_in_long_frame(formula, changed, "dataset", **kwargs) is None
+    assert one_design_in_long_frame(kwargs.pop("formula", formula), changed, "dataset", **kwargs) is None
 
 
-def test_a_response_the_single_fit_refuses_leaves_the_batch_to_the_long_frame(design, responses):
-    """One dataset's response constant: the long frame's own path, its refusal in that row as it words it."""
+def halved(x):
+    return np.asarray(x) / 2.0
+
+
+@pytest.mark.parametrize("formula", ["Reaction ~ Days + I(Reaction > 300) + (Days | Subject)",
+                                     "Reaction ~ Days + offset(0.5 * Reaction) + (1 | Subject)"])
+def test_a_model_that_reads_the_response_besides_is_fitted_on_each_dataset_s_response(design, responses, formula):
+    """The shared design is built on a placeholder response: a model reading the response on its right-hand side
+    takes the long frame, from a long frame of one design and from responses= alike (each dataset's hp.lmm fit)."""
+    values = responses.iloc[:, :3]
+    found = hp.fit_batch(formula, long_frame(design, values), progress=False)
+    given = hp.fit_batch(formula, design, responses=values, progress=False)
+    single = [hp.lmm(formula, design.assign(Reaction=values[label])).objective for label in values.columns]
+    np.testing.assert_allclose(found.objective, single, rtol=1e-10)
+    np.testing.assert_allclose(given.objective, single, rtol=1e-10)
+
+
+@pytest.mark.parametrize("location", [1e10, -1e12])
+def test_a_large_common_location_of_the_responses_costs_no_digits(design, responses, location):
+    """The location shift subtracts X beta0 column by column, as the long frame's does: 1e10 + y lost 3e-7 of the
+    criterion to the fitted values rounded at 1e10 (the forty-seventh session's review)."""
+    values = responses.iloc[:, :4] + location
+    stacked = fit_stacked(SLEEP, long_frame(design, values), progress=False)
+    found = hp.fit_batch(SLEEP, long_frame(design, values), progress=False)
+    given = hp.fit_batch(SLEEP, design, responses=values, progress=False)
+    np.testing.assert_allclose(found.objective, stacked.objective, rtol=1e-11)
+    np.testing.assert_allclose(given.objective, stacked.objective, rtol=1e-11)
+
+
+@pytest.mark.parametrize("case", ["constant", "a line of Days"])
+def test_a_response_the_single_fit_refuses_leaves_the_batch_to_the_long_frame(design, responses, case):
+    """One dataset's response constant, or one X fits exactly (its residual rounding noise, which the two paths round
+    apart): the long frame's own path, its refusal in that row as it words it."""
     frame = long_frame(design, responses.iloc[:, :4])
-    frame.loc[frame.dataset == "r2", "Reaction"] = 250.0
+    rows = frame.dataset == "r2"
+    frame.loc[rows, "Reaction"] = 250.0 if case == "constant" else 250.0 + 10.0 * frame.Days[rows]
     found = hp.fit_batch(SLEEP, frame, progress=False)
     stacked = fit_stacked(SLEEP, frame, progress=False)
     assert found.messages["r2"] == stacked.messages["r2"] != ""

@@ -193,7 +193,10 @@ def shared_location_shifts(X: np.ndarray, Y: np.ndarray, weights: np.ndarray | N
     for _ in range(2):  # the fit, then one refinement step
         step = inverse @ (weighted_x.T @ residual)
         beta0 = beta0 + step
-        residual = residual - X @ step
+        # column by column, as location_shifts: X @ step would round the fitted values at the size of a large
+        # common location before they are subtracted (1e8 + y lost digits of the criterion beyond 1e-10)
+        for j in range(p):
+            residual = residual - X[:, j:j + 1] * step[j]
     return beta0.T, residual
 
 

@@ -103,6 +103,7 @@ from .shared_design import (
     condition_shared,
     one_design_in_long_frame,
     read_responses,
+    response_read_elsewhere,
     responses_long_frame,
     shared_design_plan,
 )
@@ -391,7 +392,8 @@ def fit_batch(
     if responses is not None:
         read = read_responses(formula, data, responses, by, gaussian=family is None,
                               binomial=family is not None and family_spec(family, link).name == "binomial")
-        if family is None and correlation is None and not fits_each(formula, relmat, relmat_inverse, adjacency):
+        if family is None and correlation is None and not fits_each(formula, relmat, relmat_inverse, adjacency) \
+                and not response_read_elsewhere(formula, read.column, weights, offset, se):
             shared = shared_design_plan(formula, data, read, "fit_batch", "hp.lmm", term_problems, weights=weights,
                                         offset=offset, se=se)
         else:
@@ -480,8 +482,9 @@ def fit_batch(
 def _shared_design_of_long_frame(formula: str, data, by: str, weights, offset, se):
     """The :class:`~hierpool.batch.shared_design.SharedDesignPlan` of a long frame whose datasets share one design
     (:func:`~hierpool.batch.shared_design.one_design_in_long_frame`: a simulation study's or a bootstrap's), else
-    None.  Taken only where every dataset is fitted: a design or a response the single fit refuses is left to the
-    long frame, whose refusals (in each dataset's row, or of the call) are the batch's own."""
+    None.  Taken only where every dataset is fitted: a design or a response the single fit refuses, or a response X
+    fits to rounding (:data:`NEAR_EXACT`), is left to the long frame, whose refusals (in each dataset's row, or of
+    the call) are the batch's own."""
     found = one_design_in_long_frame(formula, data, by, weights, offset, se)
     if found is None:
         return None
@@ -493,7 +496,22 @@ def _shared_design_of_long_frame(formula: str, data, by: str, weights, offset, s
                                       weights=weights, offset=offset, se=se)
     except (HierpoolError, Warning):
         return None
-    return None if any(plan.refusals) else plan
+    if any(plan.refusals):
+        return None
+    # a response X fits to rounding (noise-free data, a near-constant one): its residual is rounding noise, which
+    # the two paths round apart (the long frame's may be exactly zero, a refusal, where the products leave 1e-16 to
+    # fit); the long frame's own numbers then stand
+    _, residual = plan.location_shifts()
+    target = plan.design_responses - plan.design.offset[:, None] if np.any(plan.design.offset) \
+        else plan.design_responses
+    if np.any(np.einsum("nd,nd->d", residual, residual) <= NEAR_EXACT ** 2 * np.einsum("nd,nd->d", target, target)):
+        return None
+    return plan
+
+
+#: The size of a response's residual from X's least-squares fit, relative to the response's, up to which a long
+#: frame of one design is left to its own path (:func:`_shared_design_of_long_frame`).
+NEAR_EXACT = 1e-10
 
 
 def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progress, max_iterations: int, sharding,

@@ -12,8 +12,9 @@ the solutions, the refits and the result are the long frame's (:func:`hierpool.b
 :func:`hierpool.batch.fit_terms.fit_terms`), on a :class:`SharedDesignPlan`: a
 :class:`~hierpool.batch.plan.BatchPlan` whose datasets all have the design's rows.
 
-Other models (AR(1) residuals, a GLMM, a relationship matrix or spatial terms) are fitted on the long frame, built
-here from the responses (:func:`responses_long_frame`): the same results, without the shortcut.
+Other models (AR(1) residuals, a GLMM, a relationship matrix or spatial terms, a design that reads the response
+besides: :func:`response_read_elsewhere`) are fitted on the long frame, built here from the responses
+(:func:`responses_long_frame`): the same results, without the shortcut.
 
 The reverse holds too: a long frame whose datasets share one design (``hp.simulate``'s replicates stacked, a
 simulation study's datasets) is such a batch, found by :func:`one_design_in_long_frame` and fitted by the same
@@ -32,6 +33,7 @@ row, in ``hp.lmm``'s words.  Rows of ``data`` missing a value the design reads a
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -47,6 +49,7 @@ from ..algebra.system import grouped_products
 from ..errors import ArgumentError, DataError, HierpoolError
 from ..spec.design import LARGEST_VALUE, RESPONSE_SMALLEST, underflowing
 from ..spec.formula import parse_formula
+from ..spec.transforms import unvouched_calls
 from .conditioning import BatchConditioning, condition_batch
 from .plan import (
     BatchPlan,
@@ -76,6 +79,24 @@ class Responses:
     @property
     def n_datasets(self) -> int:
         return len(self.labels)
+
+
+def response_read_elsewhere(formula: str, column: str, weights=None, offset=None, se=None) -> str:
+    """Where the model reads its response ``column`` besides as the response ("" where nowhere): on the formula's
+    right-hand side (``y ~ x + I(y > 1)``, ``offset(0.5 * y)``), or as the weights, offset or se column.  The
+    shared design is built on a placeholder response: such a model is fitted on the long frame."""
+    named = [name for name, value in (("weights", weights), ("offset", offset), ("se", se))
+             if isinstance(value, str) and value == column]
+    if named:
+        return f"as {named[0]}="
+    right = formula.split("~", 1)[1] if "~" in formula else ""
+    if re.search(rf"(?<![\w.]){re.escape(column)}(?!\w)", _QUOTED.sub("''", right)):
+        return "on the formula's right-hand side"
+    return ""
+
+
+#: Quoted text in a formula (a keyword's value, a level's label), which names no column.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
 def read_responses(formula: str, data, responses, by: str, binomial: bool = False, gaussian: bool = True) -> Responses:
@@ -177,6 +198,10 @@ def one_design_in_long_frame(formula: str, data, by: str, weights=None, offset=N
 
 def _one_design(spec, data: pd.DataFrame, by: str, weights, offset, se):
     column = spec.response
+    # a response read elsewhere in the model (the design is built on a placeholder response), or a user's function
+    # (the long frame checks it gives each dataset's rows what their single fit would: a mean of the column differs)
+    if response_read_elsewhere(spec.formula, column, weights, offset, se) or unvouched_calls(spec.formula):
+        return None
     read = list(dict.fromkeys([v for v in spec.variables if v != column]
                               + [c for c in (weights, offset, se) if isinstance(c, str)]))
     if (not column.isidentifier() or column not in data.columns or column in read or by in read + [column]
@@ -223,7 +248,10 @@ def _run_values(series: pd.Series) -> np.ndarray:
     values (text as objects, compared as strings)."""
     if isinstance(series.dtype, pd.CategoricalDtype):
         return series.cat.codes.to_numpy()
-    return series.to_numpy()
+    values = series.to_numpy()
+    if values.dtype.kind == "f":  # bit for bit: -0.0 == 0.0, which a formula may tell apart (np.signbit(x), 1 / x)
+        return values.view(f"i{values.dtype.itemsize}")
+    return values
 
 
 def _runs_alike(series: pd.Series, n_datasets: int, n: int, first: pd.Series | None = None,
