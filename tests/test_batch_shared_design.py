@@ -457,3 +457,24 @@ def test_a_response_the_single_fit_refuses_leaves_the_batch_to_the_long_frame(de
     stacked = fit_stacked(SLEEP, frame, progress=False)
     assert found.messages["r2"] == stacked.messages["r2"] != ""
     np.testing.assert_array_equal(found.objective, stacked.objective)
+
+
+def test_a_response_x_fits_to_rounding_is_fitted_alone(design, responses):
+    """A noise-free response (a line of Days) and one whose variation is its rounding: their residuals are rounding
+    noise, which the matrix products round otherwise than hp.lmm's sums (the first was reported "converged" at a
+    criterion of -11,620 where hp.lmm raises): each row is hp.lmm's outcome, a refusal or its fit; the others are
+    as without them."""
+    values = responses.iloc[:, :4].copy()
+    values["r1"] = 250.0 + 10.0 * design.Days.to_numpy()
+    values["r2"] = 1.0 + 1e-15 * (np.arange(len(design)) % 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the batch's own evaluation of r1 before it is set aside)
+        batch = hp.fit_batch(SLEEP, design, responses=values, progress=False, polish=False)
+    with pytest.raises(hp.HierpoolError) as single:
+        hp.lmm(SLEEP, design.assign(Reaction=values["r1"]))
+    assert np.isnan(batch.objective["r1"]) and not batch.converged["r1"]
+    assert batch.messages["r1"].startswith("X fits its response to rounding") and str(single.value) in batch.messages["r1"]
+    alone = hp.lmm(SLEEP, design.assign(Reaction=values["r2"]))
+    assert batch.refit["r2"] and batch.objective["r2"] == pytest.approx(alone.objective, rel=1e-12)
+    others = hp.fit_batch(SLEEP, design, responses=values[["r0", "r3"]], progress=False)
+    np.testing.assert_array_equal(batch.objective[["r0", "r3"]], others.objective)

@@ -349,7 +349,8 @@ def fit_batch(
         ``hp.lmm`` refuses is refused for the call, a response it refuses in that response's row.  Not with ``by``.
         A linear mixed model's missing responses (at rows the design keeps) are refused: a dataset with rows of its
         own is a long frame's; the models fitted on the long frame drop a response's missing rows for its dataset
-        alone, as the long frame does.  The datasets' labels are named as a DataFrame's columns are (or
+        alone, as the long frame does.  A response X fits to rounding (noise-free data) is fitted alone by
+        ``hp.lmm``, whose outcome is its row.  The datasets' labels are named as a DataFrame's columns are (or
         ``dataset``).
 
     Returns
@@ -476,6 +477,10 @@ def fit_batch(
         fitter = partial(lmm, reml=reml)
     if conditioning is not None:
         out = conditioning.to_user(out)
+    for index, reason in plan.fitted_alone.items():  # (the batch's row set aside: its numbers are no fit's)
+        _blank(out, index)
+        out["attempted"][index] = False
+        out["alone"][index] = reason
     return _result(plan, out, formula, reml, polish, fitter)
 
 
@@ -483,8 +488,8 @@ def _shared_design_of_long_frame(formula: str, data, by: str, weights, offset, s
     """The :class:`~hierpool.batch.shared_design.SharedDesignPlan` of a long frame whose datasets share one design
     (:func:`~hierpool.batch.shared_design.one_design_in_long_frame`: a simulation study's or a bootstrap's), else
     None.  Taken only where every dataset is fitted: a design or a response the single fit refuses, or a response X
-    fits to rounding (:data:`NEAR_EXACT`), is left to the long frame, whose refusals (in each dataset's row, or of
-    the call) are the batch's own."""
+    fits to rounding (:func:`~hierpool.batch.shared_design.near_exact_responses`), is left to the long frame, whose
+    refusals (in each dataset's row, or of the call) are the batch's own."""
     found = one_design_in_long_frame(formula, data, by, weights, offset, se)
     if found is None:
         return None
@@ -496,22 +501,8 @@ def _shared_design_of_long_frame(formula: str, data, by: str, weights, offset, s
                                       weights=weights, offset=offset, se=se)
     except (HierpoolError, Warning):
         return None
-    if any(plan.refusals):
-        return None
-    # a response X fits to rounding (noise-free data, a near-constant one): its residual is rounding noise, which
-    # the two paths round apart (the long frame's may be exactly zero, a refusal, where the products leave 1e-16 to
-    # fit); the long frame's own numbers then stand
-    _, residual = plan.location_shifts()
-    target = plan.design_responses - plan.design.offset[:, None] if np.any(plan.design.offset) \
-        else plan.design_responses
-    if np.any(np.einsum("nd,nd->d", residual, residual) <= NEAR_EXACT ** 2 * np.einsum("nd,nd->d", target, target)):
-        return None
-    return plan
-
-
-#: The size of a response's residual from X's least-squares fit, relative to the response's, up to which a long
-#: frame of one design is left to its own path (:func:`_shared_design_of_long_frame`).
-NEAR_EXACT = 1e-10
+    # (a response X fits to rounding: the long frame's own numbers, whose residual the sums may round to zero)
+    return None if any(plan.refusals) or plan.fitted_alone else plan
 
 
 def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progress, max_iterations: int, sharding,

@@ -708,6 +708,13 @@ class BatchPlan:
         squares = np.diagonal(self._gram(0), axis1=1, axis2=2)  # (zero in the conditioned X too)
         return {d: tuple(columns) for d, columns in aliased.items() if np.all(squares[d, list(columns)] == 0)}
 
+    @property
+    def fitted_alone(self) -> dict:
+        """Datasets ``hp.fit_batch`` fits alone by the single fit whatever the batch gives them (index -> why):
+        none here; a shared design's near-exact responses
+        (:attr:`hierpool.batch.shared_design.SharedDesignPlan.fitted_alone`)."""
+        return {}
+
     def alone_for_levels(self, messages) -> list[int]:
         """The datasets refused (``messages``: the batch's reasons) only for fixed-effect columns zero in them
         (:attr:`zero_columns`: a factor's level they lack, not the baseline), whose single fit does without those

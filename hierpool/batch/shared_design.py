@@ -275,6 +275,13 @@ class SharedDesignPlan(BatchPlan):
 
     single: BatchPlan | None = None
     responses: Responses | None = None
+    near_exact: tuple[tuple[int, str], ...] = ()  # (dataset, why): responses X fits to rounding (NEAR_EXACT)
+
+    @property
+    def fitted_alone(self) -> dict:
+        """The datasets ``hp.fit_batch`` fits alone by ``hp.lmm`` (their batched rows set aside): the responses X
+        fits to rounding (:func:`near_exact_responses`)."""
+        return dict(self.near_exact)
 
     @cached_property
     def design_responses(self) -> np.ndarray:
@@ -428,6 +435,7 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
         largest = np.abs(values).max(axis=0)
         refused = ~np.isfinite(largest) | (largest > LARGEST_VALUE) | underflowing(largest, RESPONSE_SMALLEST)
         refused |= (np.ptp(values, axis=0) == 0) | (np.ptp(target, axis=0) == 0)
+    shared = dataclasses.replace(shared, near_exact=near_exact_responses(plan.design, target, refused))
     if not refused.any():
         return shared
     refusals = list(shared.refusals)
@@ -441,6 +449,28 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
     kept = np.where(refused, 0.0, responses.values)
     return dataclasses.replace(shared, refusals=tuple(refusals),
                                responses=dataclasses.replace(responses, values=kept))
+
+
+#: The size of a response's residual from X's least-squares fit, relative to the response's, up to which X fits it
+#: to rounding (:func:`near_exact_responses`).
+NEAR_EXACT = 1e-12
+
+
+def near_exact_responses(design, target: np.ndarray, refused: np.ndarray) -> tuple[tuple[int, str], ...]:
+    """The responses (columns of ``target``, the responses less the offset at the design's rows; ``refused`` ones
+    left out) that X fits to rounding, as (dataset, why) pairs: noise-free data (a line of the covariates), or a
+    response whose variation is at its rounding.  Their residual is rounding noise, which the matrix products
+    round otherwise than the single fit's sums (a noise-free response's criterion of -2000, "converged", where
+    ``hp.lmm`` raises): ``hp.fit_batch`` fits each alone by ``hp.lmm``, whose outcome, a fit or its refusal, is the
+    row's."""
+    if not design.X.shape[1]:
+        return ()
+    _, residual = shared_location_shifts(design.X, np.where(refused, 0.0, target), design.weights)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ratio = np.sqrt(np.einsum("nd,nd->d", residual, residual) / np.einsum("nd,nd->d", target, target))
+    found = np.flatnonzero((ratio <= NEAR_EXACT) & ~refused)
+    return tuple((int(d), f"X fits its response to rounding (a residual {ratio[d]:.1e} of its size): fitted alone")
+                 for d in found)
 
 
 def condition_shared(plan: SharedDesignPlan, reml: bool = False) -> BatchConditioning | None:
