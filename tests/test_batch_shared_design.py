@@ -478,3 +478,41 @@ def test_a_response_x_fits_to_rounding_is_fitted_alone(design, responses):
     assert batch.refit["r2"] and batch.objective["r2"] == pytest.approx(alone.objective, rel=1e-12)
     others = hp.fit_batch(SLEEP, design, responses=values[["r0", "r3"]], progress=False)
     np.testing.assert_array_equal(batch.objective[["r0", "r3"]], others.objective)
+
+
+@pytest.mark.parametrize("container", ["list", "dict"])
+def test_datasets_as_frames_of_one_design_are_fitted_as_responses_on_it(design, responses, container, monkeypatch):
+    """The datasets as a list (labels: positions) or a dict of frames (tuple keys): the long frame's rows and labels,
+    its plan never built."""
+    values = responses.iloc[:, :5]
+    frames = [design.assign(Reaction=values[label]) for label in values.columns]
+    data = frames if container == "list" else {("site", j): frame for j, frame in enumerate(frames)}
+    stacked = fit_stacked(SLEEP, data, progress=False)
+    monkeypatch.setattr(fit_module, "plan_batch", mock.Mock(side_effect=AssertionError("the long frame's plan")))
+    found = hp.fit_batch(SLEEP, data, progress=False)
+    assert_rows_equal(found, stacked)
+    assert found.datasets.equals(stacked.datasets) and found.datasets.name == "dataset"
+    assert list(found.datasets) == (list(range(5)) if container == "list" else [("site", j) for j in range(5)])
+
+
+@pytest.mark.parametrize("case", ["a value in one frame", "another dtype in one frame", "other categories in one",
+                                  "a frame a row short", "a frame with the by column", "a missing response"])
+def test_frames_of_designs_of_their_own_keep_the_long_frame(design, responses, case):
+    formula = "Reaction ~ Days + (1 | cat) + (Days | Subject)"
+    frames = [design.assign(Reaction=responses[label], cat=pd.Categorical(design.Subject))
+              for label in responses.columns[:4]]
+    assert one_design_in_long_frame(formula, frames, "dataset") is not None
+    frame = frames[2]
+    if case == "a value in one frame":
+        frame.loc[frame.index[5], "Days"] += 1.0
+    elif case == "another dtype in one frame":
+        frames[2] = frame.assign(Days=frame.Days.astype(np.float32))
+    elif case == "other categories in one":  # (the same codes, other labels)
+        frames[2] = frame.assign(cat=frame.cat.cat.rename_categories(lambda label: label + "x"))
+    elif case == "a frame a row short":
+        frames[2] = frame.iloc[1:]
+    elif case == "a frame with the by column":
+        frames[2] = frame.assign(dataset=2)
+    elif case == "a missing response":
+        frame.loc[frame.index[5], "Reaction"] = np.nan
+    assert one_design_in_long_frame(formula, frames, "dataset") is None

@@ -261,9 +261,9 @@ def fit_batch(
         A long frame with a ``by`` column, or the datasets themselves (their
         list position or dict key becomes the ``by`` label; a tuple key, as
         ``dict(tuple(frame.groupby(["site", "arm"])))`` gives, labels its dataset
-        as a tuple: select its row with ``result.objective.loc[[key]]``).  A long frame whose datasets share one
-        design (a simulation study's or a bootstrap's: each dataset a run of rows, every run the same but for the
-        response) is fitted as ``responses=`` fits it, by matrix products with the design
+        as a tuple: select its row with ``result.objective.loc[[key]]``).  Datasets that share one design (a
+        simulation study's or a bootstrap's: every dataset's rows the same but for the response, a long frame's
+        each a run of rows) are fitted as ``responses=`` fits them, by matrix products with the design
         (:func:`~hierpool.batch.shared_design.one_design_in_long_frame` says when; the same rows, to rounding).
     by : str
         The column that names the dataset of each row.
