@@ -446,38 +446,45 @@ def test_a_large_common_location_of_the_responses_costs_no_digits(design, respon
     np.testing.assert_allclose(given.objective, stacked.objective, rtol=1e-11)
 
 
-@pytest.mark.parametrize("case", ["constant", "a line of Days"])
-def test_a_response_the_single_fit_refuses_leaves_the_batch_to_the_long_frame(design, responses, case):
-    """One dataset's response constant, or one X fits exactly (its residual rounding noise, which the two paths round
-    apart): the long frame's own path, its refusal in that row as it words it."""
+def test_a_response_the_single_fit_refuses_leaves_the_batch_to_the_long_frame(design, responses):
+    """One dataset's response constant: the long frame's own path, its refusal in that row as it words it."""
     frame = long_frame(design, responses.iloc[:, :4])
-    rows = frame.dataset == "r2"
-    frame.loc[rows, "Reaction"] = 250.0 if case == "constant" else 250.0 + 10.0 * frame.Days[rows]
+    frame.loc[frame.dataset == "r2", "Reaction"] = 250.0
     found = hp.fit_batch(SLEEP, frame, progress=False)
     stacked = fit_stacked(SLEEP, frame, progress=False)
     assert found.messages["r2"] == stacked.messages["r2"] != ""
     np.testing.assert_array_equal(found.objective, stacked.objective)
 
 
-def test_a_response_x_fits_to_rounding_is_fitted_alone(design, responses):
+@pytest.mark.parametrize("entry", ["responses", "long frame", "list"])
+def test_a_response_x_fits_to_rounding_is_fitted_alone(design, responses, entry):
     """A noise-free response (a line of Days) and one whose variation is its rounding: their residuals are rounding
     noise, which the matrix products round otherwise than hp.lmm's sums (the first was reported "converged" at a
-    criterion of -11,620 where hp.lmm raises): each row is hp.lmm's outcome, a refusal or its fit; the others are
-    as without them."""
-    values = responses.iloc[:, :4].copy()
+    criterion of -11,620 where hp.lmm raises; the long frame's own path, on a list, at -12,608): each row is
+    hp.lmm's outcome, a refusal or its fit, whichever way the datasets come; the others are as without them.  A
+    residual of 1e-7 of the response's spread is fitted in the batch, equal to hp.lmm's."""
+    values = responses.iloc[:, :5].copy()
     values["r1"] = 250.0 + 10.0 * design.Days.to_numpy()
     values["r2"] = 1.0 + 1e-15 * (np.arange(len(design)) % 2)
+    values["r4"] = values["r1"] + 1e-7 * values["r1"].std() * np.random.default_rng(4).normal(size=len(design))
+    data = (design if entry == "responses" else long_frame(design, values) if entry == "long frame"
+            else [design.assign(Reaction=values[label]) for label in values.columns])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # (the batch's own evaluation of r1 before it is set aside)
-        batch = hp.fit_batch(SLEEP, design, responses=values, progress=False, polish=False)
+        warnings.simplefilter("ignore", RuntimeWarning)  # (hp.lmm's own on r1, as it gives them fitted alone)
+        batch = hp.fit_batch(SLEEP, data, responses=values if entry == "responses" else None, progress=False,
+                             polish=False)
+    if entry == "list":
+        batch.objective.index = batch.messages.index = batch.refit.index = batch.converged.index = values.columns
     with pytest.raises(hp.HierpoolError) as single:
         hp.lmm(SLEEP, design.assign(Reaction=values["r1"]))
     assert np.isnan(batch.objective["r1"]) and not batch.converged["r1"]
     assert batch.messages["r1"].startswith("X fits its response to rounding") and str(single.value) in batch.messages["r1"]
     alone = hp.lmm(SLEEP, design.assign(Reaction=values["r2"]))
     assert batch.refit["r2"] and batch.objective["r2"] == pytest.approx(alone.objective, rel=1e-12)
+    close = hp.lmm(SLEEP, design.assign(Reaction=values["r4"]))
+    assert not batch.refit["r4"] and batch.objective["r4"] == pytest.approx(close.objective, rel=1e-10)
     others = hp.fit_batch(SLEEP, design, responses=values[["r0", "r3"]], progress=False)
-    np.testing.assert_array_equal(batch.objective[["r0", "r3"]], others.objective)
+    np.testing.assert_allclose(batch.objective[["r0", "r3"]], others.objective, rtol=1e-12)
 
 
 @pytest.mark.parametrize("container", ["list", "dict"])
@@ -516,3 +523,10 @@ def test_frames_of_designs_of_their_own_keep_the_long_frame(design, responses, c
     elif case == "a missing response":
         frame.loc[frame.index[5], "Reaction"] = np.nan
     assert one_design_in_long_frame(formula, frames, "dataset") is None
+
+
+def test_a_dict_with_a_missing_key_is_refused_as_the_long_frame_refuses_it(design, responses):
+    frames = {key: design.assign(Reaction=responses[label]) for key, label in zip([None, 1, 2], responses.columns)}
+    assert one_design_in_long_frame(SLEEP, frames, "dataset") is None
+    with pytest.raises(hp.ArgumentError, match="a dataset's key is None"):
+        hp.fit_batch(SLEEP, frames, progress=False)

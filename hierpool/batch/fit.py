@@ -487,9 +487,10 @@ def fit_batch(
 def _shared_design_of_long_frame(formula: str, data, by: str, weights, offset, se):
     """The :class:`~hierpool.batch.shared_design.SharedDesignPlan` of a long frame whose datasets share one design
     (:func:`~hierpool.batch.shared_design.one_design_in_long_frame`: a simulation study's or a bootstrap's), else
-    None.  Taken only where every dataset is fitted: a design or a response the single fit refuses, or a response X
-    fits to rounding (:func:`~hierpool.batch.shared_design.near_exact_responses`), is left to the long frame, whose
-    refusals (in each dataset's row, or of the call) are the batch's own."""
+    None.  Taken only where every dataset is fitted: a design or a response the single fit refuses is left to the
+    long frame, whose refusals (in each dataset's row, or of the call) are the batch's own.  A response X fits to
+    rounding is fitted alone by ``hp.lmm``, as with ``responses=``
+    (:func:`~hierpool.batch.shared_design.near_exact_responses`)."""
     found = one_design_in_long_frame(formula, data, by, weights, offset, se)
     if found is None:
         return None
@@ -501,8 +502,7 @@ def _shared_design_of_long_frame(formula: str, data, by: str, weights, offset, s
                                       weights=weights, offset=offset, se=se)
     except (HierpoolError, Warning):
         return None
-    # (a response X fits to rounding: the long frame's own numbers, whose residual the sums may round to zero)
-    return None if any(plan.refusals) or plan.fitted_alone else plan
+    return None if any(plan.refusals) else plan
 
 
 def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progress, max_iterations: int, sharding,

@@ -248,17 +248,26 @@ def _one_design_of_frame(data: pd.DataFrame, by: str, column: str, read: list):
 
 
 def _one_design_of_frames(frames: list, labels: pd.Index, by: str, column: str, read: list):
-    """:func:`one_design_in_long_frame` of the datasets as frames (a list's or a dict's)."""
+    """:func:`one_design_in_long_frame` of the datasets as frames (a list's or a dict's; a missing key, which the
+    long frame refuses by name, left to it)."""
     first = frames[0]
     n = len(first)
-    if len(frames) < 2 or not n or any(len(frame) != n or by in frame.columns or column not in frame.columns
-                                       or any(name not in frame.columns for name in read) for frame in frames):
+    if len(frames) < 2 or not n or len(labels) != len(frames) or labels.isna().any():
         return None
+    # the second and the last frame first: datasets of designs of their own are told apart at once
+    for frame in (frames[1], frames[-1], *frames):
+        if len(frame) != n or by in frame.columns or column not in frame.columns or \
+                any(name not in frame.columns for name in read):
+            return None
     if any(not _comparable_kind(first[name].dtype) or first[name].isna().any() for name in read):
         return None
     kinds = {name: first[name].dtype for name in read}
     reference = {name: _run_values(first[name]) for name in read}
     responses = []
+    for frame in (frames[1], frames[-1]):
+        if any(frame[name].dtype != kinds[name] or not np.array_equal(_run_values(frame[name]), reference[name])
+               for name in read):
+            return None
     for frame in frames:  # (each column taken once: a frame's column costs tens of microseconds)
         response = frame[column]
         if not _numbers(response.dtype):
@@ -496,25 +505,33 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
                                responses=dataclasses.replace(responses, values=kept))
 
 
-#: The size of a response's residual from X's least-squares fit, relative to the response's, up to which X fits it
-#: to rounding (:func:`near_exact_responses`).
-NEAR_EXACT = 1e-12
+#: The size of a response's residual from X's least-squares fit, relative to the response's spread about its mean,
+#: up to which X fits it to rounding (:func:`near_exact_responses`): above it the shared path's criterion agreed with
+#: hp.lmm's to 4e-11 or better, below it drifted to 1e-8 (the forty-seventh session's second review).
+NEAR_EXACT = 1e-8
+#: The same, relative to the response's size: a response whose variation is at its rounding (1 and 1 + 1e-15).
+AT_ROUNDING = 1e-14
 
 
 def near_exact_responses(design, target: np.ndarray, refused: np.ndarray) -> tuple[tuple[int, str], ...]:
     """The responses (columns of ``target``, the responses less the offset at the design's rows; ``refused`` ones
-    left out) that X fits to rounding, as (dataset, why) pairs: noise-free data (a line of the covariates), or a
-    response whose variation is at its rounding.  Their residual is rounding noise, which the matrix products
-    round otherwise than the single fit's sums (a noise-free response's criterion of -2000, "converged", where
-    ``hp.lmm`` raises): ``hp.fit_batch`` fits each alone by ``hp.lmm``, whose outcome, a fit or its refusal, is the
-    row's."""
+    left out) that X fits to rounding, as (dataset, why) pairs: noise-free data (a line of the covariates, its
+    residual within :data:`NEAR_EXACT` of its spread), or a response whose variation is at its rounding (within
+    :data:`AT_ROUNDING` of its size).  Their residual is rounding noise, which the matrix products round otherwise
+    than the single fit's sums (a noise-free response's criterion of -2000, "converged", where ``hp.lmm`` raises):
+    ``hp.fit_batch`` fits each alone by ``hp.lmm``, whose outcome, a fit or its refusal, is the row's.  A large
+    common location is not one (1e13 + y: its residual is y's)."""
     if not design.X.shape[1]:
         return ()
-    _, residual = shared_location_shifts(design.X, np.where(refused, 0.0, target), design.weights)
+    kept = np.where(refused, 0.0, target)
+    _, residual = shared_location_shifts(design.X, kept, design.weights)
     with np.errstate(invalid="ignore", over="ignore"):
-        ratio = np.sqrt(np.einsum("nd,nd->d", residual, residual) / np.einsum("nd,nd->d", target, target))
-    found = np.flatnonzero((ratio <= NEAR_EXACT) & ~refused)
-    return tuple((int(d), f"X fits its response to rounding (a residual {ratio[d]:.1e} of its size): fitted alone")
+        size = np.einsum("nd,nd->d", residual, residual)
+        spread = kept - kept.mean(axis=0)
+        near = (size <= NEAR_EXACT ** 2 * np.einsum("nd,nd->d", spread, spread)) | (
+            size <= AT_ROUNDING ** 2 * np.einsum("nd,nd->d", kept, kept))
+    found = np.flatnonzero(near & ~refused)
+    return tuple((int(d), "X fits its response to rounding (noise-free, or varying at its rounding): fitted alone")
                  for d in found)
 
 
