@@ -457,7 +457,7 @@ def test_a_response_the_single_fit_refuses_leaves_the_batch_to_the_long_frame(de
 
 
 @pytest.mark.parametrize("entry", ["responses", "long frame", "list"])
-def test_a_response_x_fits_to_rounding_is_fitted_alone(design, responses, entry):
+def test_a_response_x_fits_to_rounding_is_fitted_alone(design, responses, entry, monkeypatch):
     """A noise-free response (a line of Days) and one whose variation is its rounding: their residuals are rounding
     noise, which the matrix products round otherwise than hp.lmm's sums (the first was reported "converged" at a
     criterion of -11,620 where hp.lmm raises; the long frame's own path, on a list, at -12,608): each row is
@@ -469,6 +469,10 @@ def test_a_response_x_fits_to_rounding_is_fitted_alone(design, responses, entry)
     values["r4"] = values["r1"] + 1e-7 * values["r1"].std() * np.random.default_rng(4).normal(size=len(design))
     data = (design if entry == "responses" else long_frame(design, values) if entry == "long frame"
             else [design.assign(Reaction=values[label]) for label in values.columns])
+    # the check runs in blocks of datasets (memory bounded): two a block, so that r1 and r2 fall in two of them
+    from hierpool.batch import shared_design
+
+    monkeypatch.setattr(shared_design, "SHARED_BLOCK_VALUES", 2 * len(design))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # (hp.lmm's own on r1, as it gives them fitted alone)
         batch = hp.fit_batch(SLEEP, data, responses=values if entry == "responses" else None, progress=False,

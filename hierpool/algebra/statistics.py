@@ -189,14 +189,15 @@ def shared_location_shifts(X: np.ndarray, Y: np.ndarray, weights: np.ndarray | N
     weighted_x = X if weights is None else X * weights[:, None]
     inverse = np.linalg.pinv(weighted_x.T @ X if xtx is None else xtx, hermitian=True)
     beta0 = np.zeros((p, Y.shape[1]))
-    residual = Y
+    residual = np.array(Y, dtype=float, order="C")  # (a copy updated in place: no fresh (n, D) array per update)
+    scratch = np.empty_like(residual)
     for _ in range(2):  # the fit, then one refinement step
         step = inverse @ (weighted_x.T @ residual)
         beta0 = beta0 + step
         # column by column, as location_shifts: X @ step would round the fitted values at the size of a large
         # common location before they are subtracted (1e8 + y lost digits of the criterion beyond 1e-10)
         for j in range(p):
-            residual = residual - X[:, j:j + 1] * step[j]
+            residual -= np.multiply(X[:, j:j + 1], step[j], out=scratch)
     return beta0.T, residual
 
 

@@ -98,7 +98,7 @@ from .plan import (
     progress_bar,
     thread_count,
 )
-from .results import BatchResult, BatchTerm, Pieces, check_by_name
+from .results import BatchResult, BatchTerm, Pieces, check_by_name, end_to_end
 from .shared_design import (
     condition_shared,
     one_design_in_long_frame,
@@ -222,8 +222,8 @@ def _diagonal_sd(covariances: np.ndarray) -> np.ndarray:
 
 def _diagonal_sds(covariances: list, k: int) -> Pieces:
     """:func:`_diagonal_sd` of each of a list of stacks (ell_d, k, k), as one array's pieces."""
-    flat = np.concatenate(covariances) if covariances else np.zeros((0, k, k))
-    return Pieces(_diagonal_sd(flat), np.cumsum([0] + [len(v) for v in covariances]))
+    flat, counts = end_to_end(covariances)
+    return Pieces(_diagonal_sd(flat.reshape(-1, k, k)), np.concatenate([[0], np.cumsum(counts)]))
 
 
 def fit_batch(

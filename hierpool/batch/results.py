@@ -127,8 +127,8 @@ class BatchTerm:
         """This term's rows of :attr:`BatchResult.ranef`, the labels ``datasets`` in a column named as they are.
 
         Per dataset, the levels of coefficient 0, then of coefficient 1, ... (hp.lmm's order).  Every column is one
-        gather from the datasets' values laid end to end (:func:`end_to_end`), not a piece per dataset: 100,000
-        datasets' tables were a loop of 1.9 s (benchmarks/RESULTS.md, forty-seventh session)."""
+        gather from the datasets' values laid end to end (:func:`end_to_end`), not a piece per dataset (a loop over
+        100,000 datasets' pieces: benchmarks/RESULTS.md, forty-seventh session)."""
         k = self.k
         levels, counts = end_to_end(self.levels, dtype=object)
         b, sd = end_to_end(self.b)[0].reshape(-1, k), end_to_end(self.cond_sd)[0].reshape(-1, k)

@@ -45,7 +45,12 @@ from ..algebra.batched_systems import shared_design_systems
 from ..algebra.linalg import theta_start
 from ..algebra.search.newton import MOMENT_FLOOR
 from ..algebra.start import moment_theta
-from ..algebra.statistics import level_cells, shared_design_statistics, shared_location_shifts
+from ..algebra.statistics import (
+    SHARED_BLOCK_VALUES,
+    level_cells,
+    shared_design_statistics,
+    shared_location_shifts,
+)
 from ..algebra.system import grouped_products
 from ..errors import ArgumentError, DataError, HierpoolError
 from ..spec.design import LARGEST_VALUE, RESPONSE_SMALLEST, underflowing
@@ -123,9 +128,8 @@ def read_responses(formula: str, data, responses, by: str, binomial: bool = Fals
         raise ArgumentError(f"responses= holds the values of the formula's response, which must then be a column "
                             f"name, got {column!r}: compute it into each column of responses and name it in the "
                             "formula")
-    def readable(dtype) -> bool:  # (NumPy casts complex numbers to float, keeping the real part, with a warning)
-        return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype) and not (
-            gaussian and pd.api.types.is_bool_dtype(dtype))
+    def readable(dtype) -> bool:
+        return _numbers(dtype, gaussian)
 
     if isinstance(responses, pd.DataFrame):
         if not responses.index.equals(data.index):
@@ -284,10 +288,11 @@ def _one_design_of_frames(frames: list, labels: pd.Index, by: str, column: str, 
     return design, Responses(values, labels, column)
 
 
-def _numbers(dtype) -> bool:
-    """A response's kind the linear mixed model reads as it is: numbers, not true/false or complex."""
-    return (pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
-            and not pd.api.types.is_complex_dtype(dtype))
+def _numbers(dtype, gaussian: bool = True) -> bool:
+    """A response's kind the model reads as it is: numbers, not complex (NumPy would keep the real part, with a
+    warning), and for a linear mixed model (``gaussian``) not true/false, which ``hp.lmm`` refuses."""
+    return (pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
+            and not (gaussian and pd.api.types.is_bool_dtype(dtype)))
 
 
 def _comparable_kind(dtype) -> bool:
@@ -523,13 +528,18 @@ def near_exact_responses(design, target: np.ndarray, refused: np.ndarray) -> tup
     common location is not one (1e13 + y: its residual is y's)."""
     if not design.X.shape[1]:
         return ()
-    kept = np.where(refused, 0.0, target)
-    _, residual = shared_location_shifts(design.X, kept, design.weights)
+    n, count = target.shape
+    near = np.zeros(count, dtype=bool)
+    width = max(1, SHARED_BLOCK_VALUES // max(n, 1))  # temporaries bounded, as shared_design_statistics' are
     with np.errstate(invalid="ignore", over="ignore"):
-        size = np.einsum("nd,nd->d", residual, residual)
-        spread = kept - kept.mean(axis=0)
-        near = (size <= NEAR_EXACT ** 2 * np.einsum("nd,nd->d", spread, spread)) | (
-            size <= AT_ROUNDING ** 2 * np.einsum("nd,nd->d", kept, kept))
+        for start in range(0, count, width):
+            block = slice(start, start + width)
+            kept = np.where(refused[block], 0.0, target[:, block])
+            _, residual = shared_location_shifts(design.X, kept, design.weights)
+            size = np.einsum("nd,nd->d", residual, residual)
+            spread = kept - kept.mean(axis=0)
+            near[block] = (size <= NEAR_EXACT ** 2 * np.einsum("nd,nd->d", spread, spread)) | (
+                size <= AT_ROUNDING ** 2 * np.einsum("nd,nd->d", kept, kept))
     found = np.flatnonzero(near & ~refused)
     return tuple((int(d), "X fits its response to rounding (noise-free, or varying at its rounding): fitted alone")
                  for d in found)
