@@ -491,7 +491,7 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
     # (its offset's less too)
     with np.errstate(invalid="ignore", over="ignore"):
         target = values if not np.any(plan.design.offset) else values - plan.design.offset[:, None]
-        largest = np.abs(values).max(axis=0)
+        largest = np.maximum(values.max(axis=0), -values.min(axis=0))  # (|values| without an (n, D) copy)
         refused = ~np.isfinite(largest) | (largest > LARGEST_VALUE) | underflowing(largest, RESPONSE_SMALLEST)
         refused |= (np.ptp(values, axis=0) == 0) | (np.ptp(target, axis=0) == 0)
     shared = dataclasses.replace(shared, near_exact=near_exact_responses(plan.design, target, refused))
