@@ -121,6 +121,7 @@ def sufficient_statistics(
     ell: int,
     weights: np.ndarray | None = None,
     offset: np.ndarray | None = None,
+    shifts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> BatchStatistics:
     """Cross-products per (dataset, level) from the rows of all datasets at once.
 
@@ -133,6 +134,8 @@ def sufficient_statistics(
         Prior weights (positive): every cross-product is weighted by them.
     offset : (N,), optional
         Known part of the linear predictor, subtracted from y.
+    shifts : (beta0 (n_datasets, p), residual (N,)), optional
+        :func:`location_shifts` of these rows, where the caller has computed them.
     """
     cell = dataset * ell + level
     size = n_datasets * ell
@@ -143,7 +146,7 @@ def sufficient_statistics(
     columns, (z_at, x_at) = distinct_block_columns(z, X)
     cells = grouped_products(cell, columns, columns, weights, size).reshape(n_datasets, ell, *columns.shape[1:] * 2)
     xtx = cells.sum(axis=1)[:, x_at][:, :, x_at]
-    beta_shift, y = location_shifts(dataset, X, target, weights, n_datasets, xtx=xtx)
+    beta_shift, y = location_shifts(dataset, X, target, weights, n_datasets, xtx=xtx) if shifts is None else shifts
     log_weights = (np.zeros(n_datasets) if weights is None
                    else np.bincount(dataset, weights=np.log(weights), minlength=n_datasets))
     y_column = y[:, None]

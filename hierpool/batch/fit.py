@@ -84,6 +84,8 @@ from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
 from .fit_glmm import fit_glmm, glmm_problems, separation_notes
 from .fit_terms import NanRows, empty_results, fit_terms, term_problems
+from .near_exact import REASON as NEAR_EXACT_REASON
+from .near_exact import near_exact_datasets
 from .other_minima import compiled_other_minima
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
@@ -371,6 +373,9 @@ def fit_batch(
     the weights 1 / se^2 with sigma fixed at 1 (``hp.lmm``'s one-term criterion with
     ``se=``); ``sigma`` is then 1, ``varcorr`` has no ``Residual`` rows, as ``hp.lmm``'s, and
     ``to_frame()`` no ``sigma`` column (``BatchResult.sigma_known``).
+    A linear model's dataset whose response X fits to rounding (noise-free data, or a response varying at its
+    rounding) has a criterion made of rounding noise, which the batch's sums round otherwise than the single fit's:
+    it is fitted alone by ``hp.lmm``, whose outcome, a fit or its refusal, is its row (:mod:`hierpool.batch.near_exact`).
     With several random-effect terms each dataset's criterion is the general blocked one
     (:mod:`hierpool.batch.fit_terms`), its systems built for the whole batch at once and padded per
     bucket of level counts; the tests assert it equal to ``hp.lmm``'s per dataset to 1e-8 relative.
@@ -461,6 +466,17 @@ def fit_batch(
                     progress=progress, max_iterations=max_iterations, sharding=sharding, workers=workers)
     if spec is not None or len(plan.design.terms) > 1 or correlation is not None:
         settings["default_chunk"] = _default_chunk(spec)  # the compiled programs' default; a host path picks its own
+    # a response X fits to rounding is fitted alone (batch.near_exact): a shared design's are its plan's, a long
+    # frame's linear models find theirs from each dataset's residual from X's fit, computed once, here, for the check
+    # and for the path's statistics or start.  (Known residual sds leave no variance to estimate from that residual:
+    # its rounding moves no criterion.)
+    alone = plan.fitted_alone if shared is not None else {}
+    if spec is None and shared is None:
+        shifts = settings["shifts"] = fitted.location_shifts()
+        if not fitted.design.sigma_known:
+            near = near_exact_datasets(fitted.dataset, fitted.design.y_less_offset, shifts[1],
+                                       fitted.design.weights, fitted.n_datasets)
+            alone = dict.fromkeys(np.flatnonzero(near).tolist(), NEAR_EXACT_REASON)
     if spec is not None:
         settings.pop("reml")
         # a negative binomial's shape is estimated (the 1.0 only makes the family; the batch starts from moments)
@@ -477,7 +493,9 @@ def fit_batch(
         fitter = partial(lmm, reml=reml)
     if conditioning is not None:
         out = conditioning.to_user(out)
-    for index, reason in plan.fitted_alone.items():  # (the batch's row set aside: its numbers are no fit's)
+    for index, reason in alone.items():  # (the batch's row set aside: its numbers are no fit's)
+        if out["messages"][index]:
+            continue  # (refused: the batch's reason, or the single fit's)
         _blank(out, index)
         out["attempted"][index] = False
         out["alone"][index] = reason
@@ -506,8 +524,9 @@ def _shared_design_of_long_frame(formula: str, data, by: str, weights, offset, s
 
 
 def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progress, max_iterations: int, sharding,
-                  workers: int) -> dict:
+                  workers: int, shifts: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """The one-term specialisation: Newton's method on each dataset's sufficient statistics (module notes).
+    ``shifts``: the plan's :meth:`~hierpool.batch.plan.BatchPlan.location_shifts`, where the caller has them.
 
     Returns :func:`hierpool.batch.fit_terms.fit_terms`'s per-dataset dict, for one term.
     """
@@ -548,7 +567,7 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
         rows = chunks(bucket, members[:1], sizes[bucket], n_devices)[0].index.size
         programs[bucket] = _programs(plan.statistics_shape(bucket, rows, float_type), reml, max_iterations,
                                      sigma_known, sharding, quick, host)
-    buckets, messages = plan.buckets(float_type)
+    buckets, messages = plan.buckets(float_type, shifts)
     jobs = []
     for bucket, usable, stats in buckets:
         for chunk in chunks(bucket, usable, sizes[bucket], n_devices):

@@ -274,10 +274,12 @@ AR1_TERMS_PROCESS_MIN_ROWS = 10_000
 
 
 def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_size: int | None, progress,
-            max_iterations: int, sharding, workers: int, default_chunk: int) -> dict:
+            max_iterations: int, sharding, workers: int, default_chunk: int,
+            shifts: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Fit every dataset of ``plan`` with AR(1) residuals: :func:`hierpool.batch.fit_terms.fit_terms`'s dict of
     per-dataset results, with ``phi``.  ``chunk_size`` None: :func:`host_chunk` on the host, else
-    ``default_chunk``."""
+    ``default_chunk``.  ``shifts``: the plan's :meth:`~hierpool.batch.plan.BatchPlan.location_shifts`, where the
+    caller has them."""
     design = plan.design
     series, series_problems = batch_series(plan, structure)
     # each dataset's search per its median lag (hp.lmm's); _store reports phi per the user's unit
@@ -332,7 +334,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
                       plan, units, workers=thread_count(None), progress=progress)
     if systems:  # several terms: the joint search on the whitened systems
         usable = np.flatnonzero(out["attempted"])
-        theta0 = linear_start(plan, usable, plan.location_shifts()[1])
+        theta0 = linear_start(plan, usable, (plan.location_shifts() if shifts is None else shifts)[1])
         widths = padded_widths(plan)
         jobs = []
         for key in sorted({tuple(widths[d]) for d in usable}):

@@ -345,14 +345,15 @@ def _on_host(float_type, sharding) -> bool:
 
 
 def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None, progress, max_iterations: int,
-              sharding, workers: int, default_chunk: int) -> dict:
+              sharding, workers: int, default_chunk: int, shifts: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Fit every dataset of ``plan`` (several random-effect terms); per-dataset results as :func:`fit_batch` needs.
 
     Returns a dict of per-dataset arrays (``theta``, ``objective``, ``beta``, ``vcov``, ``sigma``,
     ``converged``, ``newton_step``, ``attempted``: sent to a compiled program or fitted on the host), per-term
     lists (``factors``, ``b``, ``cond_var``: one array per dataset, sliced to its own levels), ``messages`` and
     ``alone`` (dataset -> why it is fitted by itself instead).  ``chunk_size`` None: :func:`host_chunk` on the host,
-    else ``default_chunk``.
+    else ``default_chunk``.  ``shifts``: the plan's :meth:`~hierpool.batch.plan.BatchPlan.location_shifts`, where
+    the caller has them.
     """
     design = plan.design
     p = design.p
@@ -367,7 +368,7 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
     attempted = np.flatnonzero(out["attempted"])
     heavy = host and evaluation_work(plan, attempted, term_ks) >= LINEAR_PROCESS_MIN_WORK
     processes = host and start_processes(plan, out["attempted"], 0 if heavy else LINEAR_PROCESS_MIN_ROWS, fit_on_host)
-    shifts = plan.location_shifts()
+    shifts = plan.location_shifts() if shifts is None else shifts
     start0 = linear_start(plan, attempted, shifts[1])
     jobs = []
     for members, systems, n in plan.term_systems(attempted, shifts, merged):

@@ -708,13 +708,6 @@ class BatchPlan:
         squares = np.diagonal(self._gram(0), axis1=1, axis2=2)  # (zero in the conditioned X too)
         return {d: tuple(columns) for d, columns in aliased.items() if np.all(squares[d, list(columns)] == 0)}
 
-    @property
-    def fitted_alone(self) -> dict:
-        """Datasets ``hp.fit_batch`` fits alone by the single fit whatever the batch gives them (index -> why):
-        none here; a shared design's near-exact responses
-        (:attr:`hierpool.batch.shared_design.SharedDesignPlan.fitted_alone`)."""
-        return {}
-
     def alone_for_levels(self, messages) -> list[int]:
         """The datasets refused (``messages``: the batch's reasons) only for fixed-effect columns zero in them
         (:attr:`zero_columns`: a factor's level they lack, not the baseline), whose single fit does without those
@@ -780,8 +773,9 @@ class BatchPlan:
         # the shift stays float64 (BatchStatistics.astype)
         return dataclasses.replace(out, beta_shift=jax.ShapeDtypeStruct((rows, p), np.float64))
 
-    def buckets(self, dtype=np.float64):
-        """Per padded level count: (members that can be fitted, their statistics); problems in ``messages``."""
+    def buckets(self, dtype=np.float64, shifts: tuple[np.ndarray, np.ndarray] | None = None):
+        """Per padded level count: (members that can be fitted, their statistics); problems in ``messages``.
+        ``shifts``: every dataset's :meth:`location_shifts`, where the caller has them."""
         term, design = self.term, self.design
         messages = [""] * self.n_datasets
         out = []
@@ -793,7 +787,8 @@ class BatchPlan:
                 local = np.searchsorted(members, self.dataset[rows])
             weights = None if design.weights is None else design.weights[rows]
             stats = sufficient_statistics(local, self.level[rows], design.X[rows], term.z[rows], design.y[rows],
-                                          len(members), int(bucket), weights=weights, offset=design.offset[rows])
+                                          len(members), int(bucket), weights=weights, offset=design.offset[rows],
+                                          shifts=None if shifts is None else (shifts[0][members], shifts[1][rows]))
             # X's rank as hp.lmm judges it (plan.fixed_aliased, from the plan's Gram matrices)
             problems = dataset_problems(self.n_obs[members], self.n_levels[members], self.aliased_names(members),
                                         design.p, term.coef_names, term.group, design.sigma_known,

@@ -57,6 +57,7 @@ from ..spec.design import LARGEST_VALUE, RESPONSE_SMALLEST, underflowing
 from ..spec.formula import parse_formula
 from ..spec.transforms import unvouched_calls
 from .conditioning import BatchConditioning, condition_batch
+from .near_exact import REASON, fits_to_rounding
 from .plan import (
     BatchPlan,
     EveryDatasetRefused,
@@ -334,7 +335,7 @@ class SharedDesignPlan(BatchPlan):
 
     single: BatchPlan | None = None
     responses: Responses | None = None
-    near_exact: tuple[tuple[int, str], ...] = ()  # (dataset, why): responses X fits to rounding (NEAR_EXACT)
+    near_exact: tuple[tuple[int, str], ...] = ()  # (dataset, why): responses X fits to rounding (near_exact)
 
     @property
     def fitted_alone(self) -> dict:
@@ -369,9 +370,11 @@ class SharedDesignPlan(BatchPlan):
     def uneven_weights(self) -> np.ndarray:
         return np.full(self.n_datasets, bool(self.single.uneven_weights()[0]))
 
-    def buckets(self, dtype=np.float64):
+    def buckets(self, dtype=np.float64, shifts=None):
         """One bucket, every dataset not refused (:attr:`refusals`), their statistics by matrix products
-        (:func:`~hierpool.algebra.statistics.shared_design_statistics`)."""
+        (:func:`~hierpool.algebra.statistics.shared_design_statistics`, which shifts the responses' locations
+        block by block: ``shifts`` is None here)."""
+        assert shifts is None  # (fit_batch computes a long frame's shifts, not a shared design's)
         design, term = self.design, self.term
         bucket = int(bucket_width(self.n_levels[:1])[0])
         stats = shared_design_statistics(self.level, design.X, term.z, self.design_responses, bucket,
@@ -510,25 +513,16 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
                                responses=dataclasses.replace(responses, values=kept))
 
 
-#: The size of a response's residual from X's least-squares fit, relative to the response's spread about its mean,
-#: up to which X fits it to rounding (:func:`near_exact_responses`): above it the shared path's criterion agreed with
-#: hp.lmm's to 4e-11 or better, below it drifted to 1e-8 (the forty-seventh session's second review).
-NEAR_EXACT = 1e-8
-#: The same, relative to the response's size: a response whose variation is at its rounding (1 and 1 + 1e-15).
-AT_ROUNDING = 1e-14
-
-
 def near_exact_responses(design, target: np.ndarray, refused: np.ndarray) -> tuple[tuple[int, str], ...]:
     """The responses (columns of ``target``, the responses less the offset at the design's rows; ``refused`` ones
-    left out) that X fits to rounding, as (dataset, why) pairs: noise-free data (a line of the covariates, its
-    residual within :data:`NEAR_EXACT` of its spread), or a response whose variation is at its rounding (within
-    :data:`AT_ROUNDING` of its size).  Their residual is rounding noise, which the matrix products round otherwise
-    than the single fit's sums (a noise-free response's criterion of -2000, "converged", where ``hp.lmm`` raises):
-    ``hp.fit_batch`` fits each alone by ``hp.lmm``, whose outcome, a fit or its refusal, is the row's.  A large
-    common location is not one (1e13 + y: its residual is y's)."""
-    if not design.X.shape[1]:
+    left out) that X fits to rounding (:func:`hierpool.batch.near_exact.fits_to_rounding`: noise-free, or varying
+    at their rounding), as (dataset, why) pairs: ``hp.fit_batch`` fits each alone by ``hp.lmm``, whose outcome, a
+    fit or its refusal, is the row's (:mod:`hierpool.batch.near_exact`).  None with known residual sds, which
+    leave no variance to estimate from the residual: its rounding moves no criterion."""
+    if not design.X.shape[1] or design.sigma_known:
         return ()
     n, count = target.shape
+    weights = design.row_weights[:, None]
     near = np.zeros(count, dtype=bool)
     width = max(1, SHARED_BLOCK_VALUES // max(n, 1))  # temporaries bounded, as shared_design_statistics' are
     with np.errstate(invalid="ignore", over="ignore"):
@@ -536,13 +530,11 @@ def near_exact_responses(design, target: np.ndarray, refused: np.ndarray) -> tup
             block = slice(start, start + width)
             kept = np.where(refused[block], 0.0, target[:, block])
             _, residual = shared_location_shifts(design.X, kept, design.weights)
-            size = np.einsum("nd,nd->d", residual, residual)
-            spread = kept - kept.mean(axis=0)
-            near[block] = (size <= NEAR_EXACT ** 2 * np.einsum("nd,nd->d", spread, spread)) | (
-                size <= AT_ROUNDING ** 2 * np.einsum("nd,nd->d", kept, kept))
-    found = np.flatnonzero(near & ~refused)
-    return tuple((int(d), "X fits its response to rounding (noise-free, or varying at its rounding): fitted alone")
-                 for d in found)
+            spread = kept - (weights * kept).sum(axis=0) / weights.sum()
+            near[block] = fits_to_rounding(np.einsum("nd,nd,n->d", residual, residual, weights[:, 0]),
+                                           np.einsum("nd,nd,n->d", spread, spread, weights[:, 0]),
+                                           np.einsum("nd,nd,n->d", kept, kept, weights[:, 0]))
+    return tuple((int(d), REASON) for d in np.flatnonzero(near & ~refused))
 
 
 def condition_shared(plan: SharedDesignPlan, reml: bool = False) -> BatchConditioning | None:
