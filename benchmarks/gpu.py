@@ -76,7 +76,8 @@ COMMON = textwrap.dedent(
         for owner, name in ((F, "plan_batch"), (P, "build_design"), (F, "condition_batch"), (P.BatchPlan, "buckets"),
                             (P, "sufficient_statistics"), (F, "moment_start"), (F, "_programs"), (F, "_result"),
                             (F, "refit_values"), (F, "shared_design_plan"), (S.SharedDesignPlan, "buckets"),
-                            (F, "one_design_in_long_frame"),
+                            (F, "one_design_in_long_frame"), (S, "near_exact_responses"), (P.BatchPlan, "location_shifts"),
+                            (F, "near_exact_datasets"),
                             (F, "NanRows"), (F, "systems_onto_boundary")):
             timed(owner, name)
         try:
