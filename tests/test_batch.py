@@ -197,6 +197,35 @@ def test_a_dataset_the_batched_optimizer_fails_on_is_refitted_and_marked(monkeyp
     assert_matches(unpolished, fits[:2], [0, 1])
 
 
+def test_a_compiled_search_that_stopped_short_is_searched_again_on_the_host(monkeypatch):
+    """The compiled path (forced here) hands the datasets its Newton's method left unconverged to the host search,
+    from their start: dataset 2 is then the batch's own fit, equal to hp.lmm's, not refitted (before: an hp.lmm refit
+    each, 12 of 100,000 sleepstudy-shaped datasets).  Where the host search stops short too, hp.lmm refits it."""
+    from hierpool.batch import fit as fit_module
+
+    data = weighted(hp.datasets.sleepstudy_replicates(4, seed=6))
+    data = data.drop(index=data.index[data.dataset == 2][0])  # 179 rows: the only dataset with n = 179
+    monkeypatch.setattr(fit_module, "_on_host", lambda *a: False)
+    _fail_datasets_with_rows(monkeypatch, 179)
+    searched = []
+    host_search = fit_module.search_statistics_on_host
+    monkeypatch.setattr(fit_module, "search_statistics_on_host",
+                        lambda stats, *a, **k: searched.append(np.asarray(stats.n)) or host_search(stats, *a, **k))
+    again = hp.fit_batch(SLEEP, data, weights="w", offset="off")
+    assert [n.tolist() for n in searched] == [[179.0]]  # (dataset 2 alone)
+    assert not again.refit.any() and again.converged.all(), again.messages.tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.HierpoolWarning)
+        fit = hp.lmm(SLEEP, data[data.dataset == 2], weights="w", offset="off")
+    assert again.objective.loc[2] == pytest.approx(fit.objective, rel=1e-10)
+    np.testing.assert_allclose(again.beta[2], fit.fixef.to_numpy(), rtol=1e-6)
+    monkeypatch.setattr(fit_module, "search_statistics_on_host",
+                        lambda *a, **k: {**host_search(*a, **k), "converged": np.array([False])})
+    refitted = hp.fit_batch(SLEEP, data, weights="w", offset="off")
+    assert refitted.refit.tolist() == [False, False, True, False]
+    assert refitted.objective.loc[2] == pytest.approx(fit.objective, rel=1e-12)
+
+
 META = "y ~ ablat + (1 | trial)"
 
 
