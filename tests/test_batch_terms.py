@@ -327,6 +327,45 @@ def test_the_host_path_equals_the_compiled_programs(case, crossed, nested, monke
     assert_same_fits(host, compiled, same_steps=case == "known_sds")
 
 
+def test_a_compiled_search_that_stopped_short_is_searched_again_on_the_host(crossed, monkeypatch):
+    """The compiled path (forced) hands a dataset its Newton's method left unconverged (dataset 2, made so here) to
+    the host search from its start: the row is the batch's own fit, equal to hp.lmm's, not refitted; where the host
+    search stops short too, hp.lmm refits it."""
+    from concurrent.futures import Future
+
+    from hierpool.batch import fit_terms
+
+    frames = crossed[0][:3]
+    rows = len(frames[2])  # (plate c dropped: the only dataset of its size)
+    compiled = fit_terms._programs
+
+    def programs(systems, n, *args, **kwargs):
+        optimize, solve = compiled(systems, n, *args, **kwargs)
+
+        def optimize_failing(systems, n, start):
+            out = optimize.result()(systems, n, start)
+            return {**out, "converged": out["converged"] & (n != rows)}
+
+        failing = Future()
+        failing.set_result(optimize_failing)
+        return failing, solve
+
+    monkeypatch.setattr(fit_terms, "_on_host", lambda *a: False)
+    monkeypatch.setattr(fit_terms, "_programs", programs)
+    searched, host_search = [], fit_terms.search_on_host
+    monkeypatch.setattr(fit_terms, "search_on_host", lambda systems, n, *a, **k: searched.append(n.tolist())
+                        or host_search(systems, n, *a, **k))
+    again = hp.fit_batch(CROSSED, frames, by="rep", progress=False)
+    assert searched == [[float(rows)]] and not again.refit.any() and again.converged.all(), again.messages.tolist()
+    fit = _single(CROSSED, frames[2])
+    assert again.objective.iloc[2] == pytest.approx(fit.objective, rel=1e-8)
+    monkeypatch.setattr(fit_terms, "search_on_host",
+                        lambda *a, **k: {**host_search(*a, **k), "converged": np.array([False])})
+    refitted = hp.fit_batch(CROSSED, frames, by="rep", progress=False)
+    assert refitted.refit.tolist() == [False, False, True]
+    assert refitted.objective.iloc[2] == pytest.approx(fit.objective, rel=1e-12)
+
+
 @pytest.mark.parametrize("formula, n0", [("y ~ x + (1 + x | g) + (1 | h)", 3), ("y ~ x + (1 | g) + (1 + x | h)", 1)])
 def test_a_stack_of_systems_on_the_host_evaluates_as_each_system_alone(monkeypatch, formula, n0):
     """The host algebra over leading axes (datasets, points: hp.fit_batch's host path) against each dataset's

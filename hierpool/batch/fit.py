@@ -86,7 +86,7 @@ from .fit_glmm import fit_glmm, glmm_problems, separation_notes
 from .fit_terms import NanRows, empty_results, fit_terms, term_problems
 from .near_exact import REASON as NEAR_EXACT_REASON
 from .near_exact import near_exact_datasets
-from .other_minima import compiled_other_minima
+from .other_minima import compiled_other_minima, stopped_rows_searched_on_host
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     chunks,
@@ -610,8 +610,9 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
             found = systems_onto_boundary(fetch(optimized), statistics_systems(host_chunk_stats, sigma_known),
                                           host_chunk_stats.n, reml)
             if float_type == np.float64 and not scan:  # (float32 statistics, or the scan's two minima: hp.lmm's)
-                found = _searched_again_on_host(found, host_chunk_stats, host_start, count, reml, max_iterations,
-                                                sigma_known, None if rows is None else (rows, units))
+                found = stopped_rows_searched_on_host(found, count, lambda stopped: search_statistics_on_host(
+                    host_chunk_stats.take(stopped), host_start[stopped], reml, max_iterations, sigma_known,
+                    **({} if rows is None else {"other_minima": rows[stopped], "scales": units[stopped]})))
             optimized = place(found, sharding)
         solved = solve.result()(optimized["theta"], chunk)  # a Solution per dataset (one term)
         result = {**optimized, "beta": solved.beta, "vcov": solved.vcov_beta, "sigma": solved.sigma,
@@ -633,31 +634,6 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     attempted = np.array([not message for message in messages])
     return out | {"factors": [factors], "b": [b], "cond_var": [cond_var], "messages": messages, "alone": {},
                   "attempted": attempted}
-
-
-def _searched_again_on_host(found: dict, stats, start: np.ndarray, count: int, reml: bool, max_iterations: int,
-                            sigma_known: bool, uneven: tuple | None) -> dict:
-    """A compiled chunk's searches (``found``: host arrays), the datasets among its first ``count`` rows whose
-    compiled Newton's method stopped short searched again by the host search
-    (:func:`~hierpool.algebra.search.terms.search_statistics_on_host`: saddle-free steps, interpolated damping,
-    restarts from the boundary's faces) from their ``start``, taken where it converged no higher.  Else each is
-    refitted alone by ``hp.lmm`` (fit_batch's polish): 12 of 100,000 sleepstudy-shaped datasets, each refit about 60
-    times the host search's time (benchmarks/RESULTS.md, forty-eighth session).  ``uneven``: (rows, theta units) of
-    the datasets whose uneven weights call for the other minima's search too, else None."""
-    stopped = np.flatnonzero(~np.asarray(found["converged"][:count], dtype=bool))
-    if not stopped.size:
-        return found
-    minima = {} if uneven is None else {"other_minima": uneven[0][stopped], "scales": uneven[1][stopped]}
-    with np.errstate(all="ignore"):  # (a dataset it cannot search either stays not converged: hp.lmm's refit)
-        again = search_statistics_on_host(stats.take(stopped), np.asarray(start)[stopped], reml, max_iterations,
-                                          sigma_known, **minima)
-    before = np.asarray(found["objective"], dtype=float)[stopped]
-    # (a compiled search that stopped lower, not converged, is left to hp.lmm, which keeps the lower of the two)
-    taken = np.asarray(again["converged"], dtype=bool) & ~(again["objective"] > before + 1e-12 * np.abs(before))
-    out = {name: np.array(value, copy=True) for name, value in found.items()}
-    for name in out.keys() & again.keys():
-        out[name][stopped[taken]] = np.asarray(again[name])[taken]
-    return out
 
 
 def _from_scan(optimized, stats, optimize, chunk, reml: bool, sigma_known: bool, float_type, sharding):

@@ -45,11 +45,18 @@ from ..algebra.henderson import solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.linalg import theta_start
 from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
-from ..algebra.search.terms import fit_on_host, host_bytes, point_work, solved_entries, systems_onto_boundary
+from ..algebra.search.terms import (
+    fit_on_host,
+    host_bytes,
+    point_work,
+    search_on_host,
+    solved_entries,
+    systems_onto_boundary,
+)
 from ..closedform.optimize import Control
 from ..spec.design import lme4_term_order
 from . import host_processes
-from .other_minima import compiled_other_minima
+from .other_minima import compiled_other_minima, stopped_rows_searched_on_host
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
@@ -413,17 +420,24 @@ def fit_terms(plan: BatchPlan, *, reml: bool, float_type, chunk_size: int | None
             result = host_processes.call(fit_on_host, *arguments) if processes else fit_on_host(*arguments)
         else:
             optimize, solver = programs
-            chunk = (systems, n)  # the host arrays, for the searches from other starts
+            chunk, host_start = (systems, n), start  # the host arrays, for the searches from other starts
             systems, n, start = place((systems, n, start), sharding)
             optimized = optimize.result()(systems, n, start)
+            minima = {}
             if uneven[members].any():
                 rows = np.zeros(len(start), dtype=bool)  # a padded row (results cut below) is not searched again
                 rows[:count] = uneven[members]
                 units = np.resize(scales[members], (len(start), scales.shape[1]))  # (a padded row repeats)
                 optimized = compiled_other_minima(optimized, lambda index: take(chunk, index), optimize.result(), rows,
                                                   chunk[0].layout.ks, float_type, sharding, units)
+                minima = {"other_minima": rows, "scales": units}
             # a variance left at 1e-9 is lme4's 0 where the criterion allows, as the host search's
-            optimized = place(systems_onto_boundary(fetch(optimized), *chunk, reml), sharding)
+            found = systems_onto_boundary(fetch(optimized), *chunk, reml)
+            if float_type == np.float64:  # (float32 systems: the single fit refits the stops)
+                found = stopped_rows_searched_on_host(found, count, lambda stopped: search_on_host(
+                    shared_grid(chunk[0], stopped), chunk[1][stopped], host_start[stopped], reml, max_iterations,
+                    **{name: value[stopped] for name, value in minima.items()}))
+            optimized = place(found, sharding)
             solved = solver.result()(optimized["theta"], systems, n)
             result = jax.tree_util.tree_map(lambda a: a[:count], fetch({**optimized, **solved}))
         result["beta"] = result["beta"] + shift
