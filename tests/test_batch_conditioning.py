@@ -169,6 +169,25 @@ def test_a_fixed_effect_far_from_centred_is_fitted_on_its_centred_column(model):
         assert batch.beta_se[d][1] == pytest.approx(centred.fixef_se["x"] / scale, rel=1e-6)
 
 
+@pytest.mark.parametrize("formula", ["Reaction ~ x + (1 | Subject)", "Reaction ~ x + (1 | Subject) + (0 + Days | Subject)"])
+def test_a_column_far_from_centred_is_centred_before_it_is_scaled(formula):
+    """x = 1e7 + Days with a response X nearly fits (residual 1e-6 of its spread): the product x M rounded each row
+    at 1e7 / sd (4e-10), noise in the conditioned column that moved the fit by 3e-6 of its criterion, in the batch
+    (both paths) and in hp.lmm alike (the forty-eighth session's review); the centring is now subtracted first
+    (algebra.conditioning.transformed_columns), and every fit is the model of Days's."""
+    sleep = hp.datasets.sleepstudy()
+    rng = np.random.default_rng(8)
+    subject = pd.factorize(sleep.Subject)[0]
+    reaction = 250 + 10 * sleep.Days + rng.normal(0, 1e-5, 18)[subject] + rng.normal(0, 1e-5, len(sleep))
+    on_days = hp.lmm(formula.replace("~ x", "~ Days"), sleep.assign(Reaction=reaction))
+    far = sleep.assign(Reaction=reaction, x=1e7 + sleep.Days)
+    shared = hp.fit_batch(formula, far, responses=np.c_[reaction, sleep.Reaction], progress=False)
+    own = hp.fit_batch(formula, [far, far.iloc[1:]], progress=False)
+    single = hp.lmm(formula, far)
+    for objective in (shared.objective.iloc[0], own.objective.iloc[0], single.objective):
+        assert objective == pytest.approx(on_days.objective, rel=1e-10)
+
+
 def test_effects_map_back_for_a_batch_as_for_each_dataset():
     """effects_to_user over a batch's leading axis (every dataset's M at once) equals it dataset by dataset: b M^T and
     M V M^T."""

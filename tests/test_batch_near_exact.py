@@ -121,3 +121,21 @@ def test_known_residual_sds_leave_no_residual_to_round():
     for batch in (hp.fit_batch("y ~ x + (1 | g)", frame, by="dataset", se="se", progress=False),
                   hp.fit_batch("y ~ x + (1 | g)", data, responses=lines, se="se", progress=False)):
         assert not batch.messages.str.startswith(REASON).any(), batch.messages.tolist()
+
+
+def test_a_shared_designs_noise_free_response_on_a_column_far_from_centred_is_found():
+    """x = 1e5 + Days: the normal equations of the user's X lost a noise-free response's residual digits (1e-6 of
+    its spread: not flagged, "converged" at -7,900 where hp.lmm's fit is -10,816); X's QR keeps them."""
+    sleep = hp.datasets.sleepstudy()
+    design = sleep.assign(x=1e5 + sleep.Days)
+    formula = "Reaction ~ x + (1 | Subject)"
+    line = 250.0 + 10.0 * sleep.Days.to_numpy()
+    batch = hp.fit_batch(formula, design, responses=np.c_[line, sleep.Reaction], progress=False)
+    _assert_the_single_fits_outcome(batch, 0, formula, design.assign(Reaction=line))
+    assert not batch.messages.iloc[1] and not batch.refit.iloc[1]
+
+
+def test_sums_beyond_a_float_flag_nothing():
+    """Weights of 1e300 overflow the sums: inf <= 1e-16 inf would flag a noisy response."""
+    assert not fits_to_rounding(np.array([np.inf]), np.array([np.inf]), np.array([np.inf]))[0]
+    assert not fits_to_rounding(np.array([1.0]), np.array([np.inf]), np.array([1.0]))[0]

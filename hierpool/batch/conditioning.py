@@ -39,6 +39,7 @@ from ..algebra.conditioning import (
     orthogonalised,
     term_transforms,
     thetas_to_user,
+    transformed_columns,
 )
 from ..algebra.linalg import theta_to_factors
 from ..closedform.optimize import Control
@@ -109,14 +110,14 @@ def condition_batch(plan: BatchPlan, reml: bool = False) -> BatchConditioning | 
     for term, transform in zip(design.terms, block_transforms):
         transform[~conditioned] = np.eye(term.k)  # the others keep their columns (and their numbers)
         transforms.append(transform)
-        z = np.einsum("ri,rij->rj", term.z, transform[plan.dataset])
+        z = transformed_columns(term.z, transform, plan.dataset)
         terms.append(dataclasses.replace(term, z=np.ascontiguousarray(z)))
     columns, fixed = {"terms": tuple(terms)}, None
     if design.p:
         centring = block_transforms[-1]
         centring[~conditioned] = np.eye(design.p)
         columns["X"], r_inverse = _orthogonalised_per_dataset(
-            np.einsum("ri,rij->rj", design.X, centring[plan.dataset]), plan.dataset, conditioned)
+            transformed_columns(design.X, centring, plan.dataset), plan.dataset, conditioned)
         fixed = (centring, r_inverse)
     # X's aliased columns are the user's columns' (hp.glmm drops such a column, which conditioned is not aliased)
     fitted = dataclasses.replace(plan, design=dataclasses.replace(design, **columns), user_aliased=plan.fixed_aliased)

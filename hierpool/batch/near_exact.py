@@ -32,9 +32,12 @@ def fits_to_rounding(residual_squares: np.ndarray, spread_squares: np.ndarray, s
 
     .. math:: r'Wr \\le \\epsilon_1^2 (y - \\bar y)'W(y - \\bar y) \\quad\\text{or}\\quad r'Wr \\le \\epsilon_2^2 y'Wy,
 
-    :math:`\\epsilon_1` = :data:`NEAR_EXACT`, :math:`\\epsilon_2` = :data:`AT_ROUNDING`.
+    :math:`\\epsilon_1` = :data:`NEAR_EXACT`, :math:`\\epsilon_2` = :data:`AT_ROUNDING`.  Sums beyond a float
+    (weights of 1e300) say nothing: such a response is not flagged (its fit's own checks speak for it).
     """
-    return (residual_squares <= NEAR_EXACT ** 2 * spread_squares) | (residual_squares <= AT_ROUNDING ** 2 * size_squares)
+    finite = np.isfinite(residual_squares) & np.isfinite(spread_squares) & np.isfinite(size_squares)
+    return finite & ((residual_squares <= NEAR_EXACT ** 2 * spread_squares)
+                     | (residual_squares <= AT_ROUNDING ** 2 * size_squares))
 
 
 def near_exact_datasets(dataset: np.ndarray, target: np.ndarray, residual: np.ndarray, weights: np.ndarray | None,

@@ -522,18 +522,22 @@ def near_exact_responses(design, target: np.ndarray, refused: np.ndarray) -> tup
     if not design.X.shape[1] or design.sigma_known:
         return ()
     n, count = target.shape
-    weights = design.row_weights[:, None]
+    weights = design.row_weights
+    root = np.sqrt(weights)[:, None]
+    # the residual by X's (weighted) QR, backward stable: the normal equations lose its digits where X's columns are
+    # far from centred (x = 1e5 + Days: a noise-free response's residual 1e-6 of its spread, not flagged)
+    basis = np.linalg.qr(root * design.X)[0]
     near = np.zeros(count, dtype=bool)
     width = max(1, SHARED_BLOCK_VALUES // max(n, 1))  # temporaries bounded, as shared_design_statistics' are
     with np.errstate(invalid="ignore", over="ignore"):
         for start in range(0, count, width):
             block = slice(start, start + width)
             kept = np.where(refused[block], 0.0, target[:, block])
-            _, residual = shared_location_shifts(design.X, kept, design.weights)
-            spread = kept - (weights * kept).sum(axis=0) / weights.sum()
-            near[block] = fits_to_rounding(np.einsum("nd,nd,n->d", residual, residual, weights[:, 0]),
-                                           np.einsum("nd,nd,n->d", spread, spread, weights[:, 0]),
-                                           np.einsum("nd,nd,n->d", kept, kept, weights[:, 0]))
+            scaled = root * kept
+            residual = scaled - basis @ (basis.T @ scaled)
+            spread = root * (kept - weights @ kept / weights.sum())
+            near[block] = fits_to_rounding(np.einsum("nd,nd->d", residual, residual),
+                                           np.einsum("nd,nd->d", spread, spread), np.einsum("nd,nd->d", scaled, scaled))
     return tuple((int(d), REASON) for d in np.flatnonzero(near & ~refused))
 
 
