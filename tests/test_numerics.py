@@ -796,3 +796,18 @@ def test_a_shifted_covariates_interaction_or_a_factor_without_intercept_is_the_c
         batch = hp.fit_batch(formula, [stamps, frame], reml=reml, progress=False)
         assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-10)
         assert batch.objective.iloc[1] == pytest.approx(centred.objective, rel=1e-10)
+
+
+def test_a_large_common_location_costs_no_digits():
+    """1e8 + y whose residual from X's fit is 1e-5: the location shift's residual, y - X beta0, was formed as X @ beta0,
+    which rounds at the location's size, and the several-term criterion moved by 2.6e-6 of itself (1e10: 2e-5 in the
+    forty-eighth session's review); column by column (algebra.system.less_columns) it is y's, shifted exactly."""
+    formula = "Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)"
+    sleep = hp.datasets.sleepstudy()
+    rng = np.random.default_rng(14)
+    y = 250.0 + 10.0 * sleep.Days.to_numpy() + rng.normal(0, 1e-5, len(sleep))
+    near = hp.lmm(formula, sleep.assign(Reaction=y), reml=False)
+    far = hp.lmm(formula, sleep.assign(Reaction=1e8 + y), reml=False)
+    shifted = hp.lmm(formula, sleep.assign(Reaction=(1e8 + y) - 1e8), reml=False)
+    assert far.objective == pytest.approx(shifted.objective, rel=1e-10)
+    assert near.fixef["Days"] == pytest.approx(far.fixef["Days"], rel=1e-6)
