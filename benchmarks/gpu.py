@@ -77,7 +77,7 @@ COMMON = textwrap.dedent(
                             (P, "sufficient_statistics"), (F, "moment_start"), (F, "_programs"), (F, "_result"),
                             (F, "refit_values"), (F, "shared_design_plan"), (S.SharedDesignPlan, "buckets"),
                             (F, "one_design_in_long_frame"), (S, "near_exact_responses"), (P.BatchPlan, "location_shifts"),
-                            (F, "near_exact_datasets"),
+                            (F, "near_exact_datasets"), (F, "stopped_rows_searched_on_host"),
                             (F, "NanRows"), (F, "systems_onto_boundary")):
             timed(owner, name)
         try:
