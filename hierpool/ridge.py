@@ -27,7 +27,7 @@ import pandas as pd
 import scipy.linalg
 
 from .algebra.checks import singular_rows
-from .algebra.conditioning import fixed_coefficients, fixed_rows
+from .algebra.conditioning import fixed_coefficients, fixed_rows, transformed_columns
 from .closedform.ar1 import AR1Result
 from .closedform.optimize import Control
 from .closedform.results import LMMResult
@@ -41,7 +41,8 @@ def _dense_relative_z(fit: LMMResult) -> np.ndarray:
     (:meth:`~hierpool.closedform.results.LMMResult.prediction_coordinates`), (z M) T~ for a fit on conditioned
     columns, the same model (its u spherical) without the user's cancelling entries (a slope on Days + 1e7)."""
     _, term_maps, factors, _ = fit.prediction_coordinates()
-    return np.hstack([term.dense_columns((term.z @ m) @ f) for term, m, f in zip(fit.design.terms, term_maps, factors)])
+    return np.hstack([term.dense_columns(transformed_columns(term.z, m) @ f)
+                      for term, m, f in zip(fit.design.terms, term_maps, factors)])
 
 
 def _unstack(fit: LMMResult, u: np.ndarray) -> list[np.ndarray]:

@@ -811,3 +811,22 @@ def test_a_large_common_location_costs_no_digits():
     shifted = hp.lmm(formula, sleep.assign(Reaction=(1e8 + y) - 1e8), reml=False)
     assert far.objective == pytest.approx(shifted.objective, rel=1e-10)
     assert near.fixef["Days"] == pytest.approx(far.fixef["Days"], rel=1e-6)
+
+
+def test_a_large_location_beside_a_conditioned_covariate_costs_no_digits():
+    """x + 2000 (X conditioned: orthogonalised) with y + 1e12: Q's first column, the intercept's, was constant only
+    to rounding row by row, and the location did not cancel against it (the criterion 1.3e-6 off, "converged", in
+    hp.lmm and the batch alike; the forty-eighth session's second review).  The frames are exact in float64 (y on a
+    1/256 grid, integer x): every fit is the same model."""
+    rng = np.random.default_rng(4)
+    g = np.repeat(np.arange(30), 10)
+    x = np.round(rng.uniform(0, 10, 300))
+    y = 5 + 2 * x + rng.normal(0, 2, 30)[g] + rng.normal(0, 1, 300)
+    data = pd.DataFrame({"y": np.round(y * 256) / 256, "x": x, "g": g.astype(str)})
+    reference = hp.lmm("y ~ x + (1 | g)", data)
+    far = data.assign(x=data.x + 2000.0, y=data.y + 1e12)
+    single = hp.lmm("y ~ x + (1 | g)", far)
+    batch = hp.fit_batch("y ~ x + (1 | g)", [far, far.iloc[1:]], progress=False)
+    assert single.objective == pytest.approx(reference.objective, rel=1e-12)
+    assert batch.objective.iloc[0] == pytest.approx(reference.objective, rel=1e-12)
+    assert single.fixef_se["x"] == pytest.approx(reference.fixef_se["x"], rel=1e-10)

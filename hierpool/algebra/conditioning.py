@@ -256,9 +256,10 @@ def fixed_to_user(factors, beta: np.ndarray, vcov: np.ndarray) -> tuple[np.ndarr
 
 def fixed_rows(X: np.ndarray, factors) -> np.ndarray:
     """Rows x of the user's X as x A on the conditioned columns, one factor of A at a time
-    (:func:`fixed_to_user`)."""
-    for factor in factors:
-        X = X @ factor
+    (:func:`fixed_to_user`), the first (:func:`fixed_transform`'s centring and scaling) by
+    :func:`transformed_columns`."""
+    for index, factor in enumerate(factors):
+        X = transformed_columns(X, factor) if index == 0 else X @ factor
     return X
 
 
@@ -286,6 +287,11 @@ def orthogonalised(columns: np.ndarray):
     if not p or n < p:
         return columns, identity.copy()
     q, r = np.linalg.qr(columns)
+    # an intercept (a constant first column) stays exactly constant: Q's first column is it, normalized, to rounding
+    # row by row, and a large common location of y (1e12 + y) then did not cancel against it in the location shift
+    # (the criterion 1.7e-6 off with x + 2000 conditioned; the forty-eighth session's second review)
+    constant = np.all(columns[..., :, :1] == columns[..., :1, :1], axis=(-2, -1))[..., None]
+    q[..., :, 0] = np.where(constant, q[..., :1, 0], q[..., :, 0])
     diagonal = np.abs(np.diagonal(r, axis1=-2, axis2=-1))
     full = diagonal.min(axis=-1) > 1e-12 * diagonal.max(axis=-1)  # (aliased columns are refused before: a guard)
     root_n = np.sqrt(n)

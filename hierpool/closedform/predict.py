@@ -30,7 +30,7 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
-from ..algebra.conditioning import fixed_rows
+from ..algebra.conditioning import fixed_rows, transformed_columns
 from ..algebra.henderson import row_quadratic_forms
 from ..errors import ArgumentError
 from ..spec.arguments import probability_argument
@@ -178,7 +178,7 @@ def predict(result, newdata=None, re: bool = True, interval: str | None = None, 
     # x' Cov(beta) x at x ~ 1e7 cancels most digits), else the user's columns
     fixed, term_maps, factors, vcov = result.prediction_coordinates()
     X = X if fixed is None else fixed_rows(X, fixed)
-    terms = [(z @ m, lvl) for (z, lvl), m in zip(terms, term_maps)]
+    terms = [(transformed_columns(z, m), lvl) for (z, lvl), m in zip(terms, term_maps)]
     if re:
         variance = sigma2 * _conditional_variance(result, X, terms, known)
     else:
