@@ -534,3 +534,19 @@ def test_a_dict_with_a_missing_key_is_refused_as_the_long_frame_refuses_it(desig
     assert one_design_in_long_frame(SLEEP, frames, "dataset") is None
     with pytest.raises(hp.ArgumentError, match="a dataset's key is None"):
         hp.fit_batch(SLEEP, frames, progress=False)
+
+
+def test_text_columns_compare_by_value_whether_or_not_they_share_their_strings(design, responses):
+    """A long frame built by repeating one frame's column shares its strings (compared by pointer); one whose
+    strings are equal but other objects (read separately), or differ in one row, is compared by value."""
+    frame = long_frame(design, responses.iloc[:, :4])
+    assert isinstance(frame.Subject.dtype, pd.StringDtype)
+    assert one_design_in_long_frame(SLEEP, frame, "dataset") is not None
+    strings = [(s + "!")[:-1] for s in frame.Subject]  # (equal strings, new objects)
+    copies = frame.assign(Subject=pd.array(strings, dtype=frame.Subject.dtype))
+    row = len(design) * 2
+    assert copies.Subject.to_numpy()[row] is not frame.Subject.to_numpy()[row]
+    assert one_design_in_long_frame(SLEEP, copies, "dataset") is not None
+    changed = copies.copy()
+    changed.loc[len(design) * 2 + 3, "Subject"] = "another"
+    assert one_design_in_long_frame(SLEEP, changed, "dataset") is None

@@ -322,9 +322,26 @@ def _runs_alike(series: pd.Series, n_datasets: int, n: int, first: pd.Series | N
     runs = _run_values(series).reshape(n_datasets, n)
     reference = runs[:, :1] if each_constant else runs[:1] if first is None else _run_values(first)[None]
     try:
+        if runs.dtype == object and reference.dtype == object:
+            return _texts_alike(runs, reference)
         return bool(np.all(runs == reference))
     except (TypeError, ValueError):
         return False
+
+
+def _texts_alike(runs: np.ndarray, reference: np.ndarray) -> bool:
+    """``runs == reference`` everywhere (``reference`` broadcast against ``runs``), for a text column's objects:
+    where a value is the very object of the reference (a long frame built by repeating one frame's column shares its
+    strings: ``hp.simulate``'s, ``sleepstudy_replicates``') the two pointers compare, the others by ``==``.  (A
+    string is equal to itself; the column's kinds are text, :func:`_comparable_kind`.)  Comparing 100,000 sleepstudy
+    datasets' Subject by ``==`` alone took 0.2 s."""
+    def pointers(values: np.ndarray) -> np.ndarray:
+        values = np.ascontiguousarray(values)  # (runs is; the reference a row or a column of it, small)
+        return np.frombuffer(values, dtype=np.intp).reshape(values.shape)
+
+    rows, columns = np.nonzero(pointers(runs) != pointers(reference))
+    wide = np.broadcast_to(reference, runs.shape)
+    return bool(np.all(runs[rows, columns] == wide[rows, columns]))
 
 
 @dataclass(frozen=True)
