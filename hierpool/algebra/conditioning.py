@@ -427,7 +427,8 @@ def condition_terms(design: Design, force: bool = False, fixed: bool = False) ->
     if not force and not any(_needs_conditioning(t.z) for t in design.terms):
         return condition_fixed(design) if fixed else None
     transforms = tuple(term_transform(t.z) for t in design.terms)
-    terms = tuple(replace(t, z=np.ascontiguousarray(transformed_columns(t.z, m))) for t, m in zip(design.terms, transforms))
+    terms = tuple(replace(t, z=np.ascontiguousarray(transformed_columns(t.z, m)))
+                  for t, m in zip(design.terms, transforms))
     conditioned = condition_fixed(design) if fixed else None
     if conditioned is None:
         return Conditioning(design=replace(design, terms=terms), transforms=transforms)

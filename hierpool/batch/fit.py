@@ -375,7 +375,8 @@ def fit_batch(
     ``to_frame()`` no ``sigma`` column (``BatchResult.sigma_known``).
     A linear model's dataset whose response X fits to rounding (noise-free data, or a response varying at its
     rounding) has a criterion made of rounding noise, which the batch's sums round otherwise than the single fit's:
-    it is fitted alone by ``hp.lmm``, whose outcome, a fit or its refusal, is its row (:mod:`hierpool.batch.near_exact`).
+    it is fitted alone by ``hp.lmm``, whose outcome, a fit or its refusal, is its row
+    (:mod:`hierpool.batch.near_exact`).
     With several random-effect terms each dataset's criterion is the general blocked one
     (:mod:`hierpool.batch.fit_terms`), its systems built for the whole batch at once and padded per
     bucket of level counts; the tests assert it equal to ``hp.lmm``'s per dataset to 1e-8 relative.

@@ -2,8 +2,8 @@
 
 Such a response's residual from X's least-squares fit is rounding noise, and its criterion is made of that noise.
 The batch's sums (a matrix product with the design, a bincount over a long frame's rows) round it otherwise than the
-single fit's, so the batch's criterion differs from ``hp.lmm``'s, "converged" (a noise-free line of sleepstudy's
-Days: -2,675 in the batch against ``hp.lmm``'s -2,656, or a fit where ``hp.lmm`` raises).  ``hp.fit_batch`` fits
+single fit's, so the batch's criterion differs from ``hp.lmm``'s, "converged" (y = 1 + 2x exactly, one term, 40
+rows: -2,675 in the batch against ``hp.lmm``'s -2,656; or a fit where ``hp.lmm`` raises).  ``hp.fit_batch`` fits
 each such dataset alone by the single fit, whose outcome, a fit or its refusal, is the dataset's row.
 
 One rule (:func:`fits_to_rounding`) for both ways a batch comes: a shared design's responses
