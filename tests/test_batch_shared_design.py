@@ -470,9 +470,9 @@ def test_a_response_x_fits_to_rounding_is_fitted_alone(design, responses, entry,
     data = (design if entry == "responses" else long_frame(design, values) if entry == "long frame"
             else [design.assign(Reaction=values[label]) for label in values.columns])
     # the check runs in blocks of datasets (memory bounded): two a block, so that r1 and r2 fall in two of them
-    from hierpool.batch import shared_design
+    from hierpool.batch import near_exact
 
-    monkeypatch.setattr(shared_design, "SHARED_BLOCK_VALUES", 2 * len(design))
+    monkeypatch.setattr(near_exact, "SHARED_BLOCK_VALUES", 2 * len(design))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # (hp.lmm's own on r1, as it gives them fitted alone)
         batch = hp.fit_batch(SLEEP, data, responses=values if entry == "responses" else None, progress=False,

@@ -34,7 +34,7 @@ import numpy as np
 
 from .jax_runtime import pytree_dataclass
 from .linalg import distinct_block_columns
-from .system import grouped_products
+from .system import grouped_products, less_columns
 
 if TYPE_CHECKING:
     import jax
@@ -193,14 +193,12 @@ def shared_location_shifts(X: np.ndarray, Y: np.ndarray, weights: np.ndarray | N
     inverse = np.linalg.pinv(weighted_x.T @ X if xtx is None else xtx, hermitian=True)
     beta0 = np.zeros((p, Y.shape[1]))
     residual = np.array(Y, dtype=float, order="C")  # (a copy updated in place: no fresh (n, D) array per update)
-    scratch = np.empty_like(residual)
     for _ in range(2):  # the fit, then one refinement step
         step = inverse @ (weighted_x.T @ residual)
         beta0 = beta0 + step
-        # column by column, as location_shifts: X @ step would round the fitted values at the size of a large
-        # common location before they are subtracted (1e8 + y lost digits of the criterion beyond 1e-10)
-        for j in range(p):
-            residual -= np.multiply(X[:, j:j + 1], step[j], out=scratch)
+        # column by column: X @ step would round the fitted values at the size of a large common location before
+        # they are subtracted (1e8 + y lost digits of the criterion beyond 1e-10)
+        less_columns(residual, X, step, in_place=True)
     return beta0.T, residual
 
 

@@ -196,14 +196,21 @@ def location_shift(design: Design) -> tuple[np.ndarray, np.ndarray]:
     return beta0 + correction, less_columns(residual, design.X, correction)
 
 
-def less_columns(y: np.ndarray, X: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """y - X beta, one column at a time (the batch's :func:`hierpool.algebra.statistics.location_shifts` too): a
-    large common location cancels in y - beta_0 before the other columns' parts are taken, where X @ beta rounds
-    its sum at the location's size first (1e10 + y, its residual 1e-5: ``hp.lmm``'s several-term criterion 2e-5 off
-    that of y shifted exactly; the forty-eighth session's review)."""
+def less_columns(y: np.ndarray, X: np.ndarray, beta: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """y - X beta, one column at a time: a large common location cancels in y - beta_0 before the other columns'
+    parts are taken, where X @ beta rounds its sum at the location's size first (1e10 + y, its residual 1e-5:
+    ``hp.lmm``'s several-term criterion 2e-5 off that of y shifted exactly; the forty-eighth session's review).
+
+    ``y`` (n,) with ``beta`` (p,), or many responses (n, D) with ``beta`` (p, D)
+    (:func:`hierpool.algebra.statistics.shared_location_shifts`).  ``in_place``: ``y`` (float, writable) is updated
+    and returned, with one temporary of its size.  (A long frame's datasets, each with its own beta, subtract per
+    row: :func:`hierpool.algebra.statistics.location_shifts`.)"""
+    residual = y if in_place else np.array(y, dtype=float)
+    scratch = np.empty_like(residual)
     for j in range(X.shape[1]):
-        y = y - X[:, j] * beta[j]
-    return y
+        column = X[:, j] if residual.ndim == 1 else X[:, j:j + 1]
+        residual -= np.multiply(column, beta[j], out=scratch)
+    return residual
 
 
 def shift_beta(beta, system: "MixedModelSystem"):

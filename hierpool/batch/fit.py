@@ -509,7 +509,7 @@ def _shared_design_of_long_frame(formula: str, data, by: str, weights, offset, s
     None.  Taken only where every dataset is fitted: a design or a response the single fit refuses is left to the
     long frame, whose refusals (in each dataset's row, or of the call) are the batch's own.  A response X fits to
     rounding is fitted alone by ``hp.lmm``, as with ``responses=``
-    (:func:`~hierpool.batch.shared_design.near_exact_responses`)."""
+    (:func:`~hierpool.batch.near_exact.near_exact_responses`)."""
     found = one_design_in_long_frame(formula, data, by, weights, offset, se)
     if found is None:
         return None

@@ -7,7 +7,7 @@ rows: -2,675 in the batch against ``hp.lmm``'s -2,656; or a fit where ``hp.lmm``
 each such dataset alone by the single fit, whose outcome, a fit or its refusal, is the dataset's row.
 
 One rule (:func:`fits_to_rounding`) for both ways a batch comes: a shared design's responses
-(:func:`hierpool.batch.shared_design.near_exact_responses`, by blocks of responses) and a long frame's datasets
+(:func:`near_exact_responses`, by blocks of responses) and a long frame's datasets
 (:func:`near_exact_datasets`, from the residual its linear models compute anyway).  A large common location is not
 such a response (1e13 + y: its residual is y's).
 """
@@ -15,6 +15,8 @@ such a response (1e13 + y: its residual is y's).
 from __future__ import annotations
 
 import numpy as np
+
+from ..algebra.statistics import SHARED_BLOCK_VALUES
 
 #: The size of a response's weighted residual from X's least-squares fit, relative to the response's weighted spread
 #: about its mean, up to which X fits it to rounding: above it the shared path's criterion agreed with hp.lmm's to
@@ -65,3 +67,30 @@ def near_exact_datasets(dataset: np.ndarray, target: np.ndarray, residual: np.nd
         spread = target - (per_dataset(weighted(target)) / total)[dataset]
         return fits_to_rounding(per_dataset(weighted(residual * residual)), per_dataset(weighted(spread * spread)),
                                 per_dataset(weighted(target * target))) & (total > 0)
+
+
+def near_exact_responses(design, target: np.ndarray, refused: np.ndarray) -> tuple[tuple[int, str], ...]:
+    """The responses of a shared design (columns of ``target``, the responses less the offset at the design's rows;
+    ``refused`` ones left out) that X fits to rounding (:func:`fits_to_rounding`), as (dataset, why) pairs, by
+    blocks of responses (their temporaries bounded as the shared design's statistics' are).  None with known
+    residual sds, which leave no variance to estimate from the residual: its rounding moves no criterion."""
+    if not design.X.shape[1] or design.sigma_known:
+        return ()
+    n, count = target.shape
+    weights = design.row_weights
+    root = np.sqrt(weights)[:, None]
+    # the residual by X's (weighted) QR, backward stable: the normal equations lose its digits where X's columns are
+    # far from centred (x = 1e5 + Days: a noise-free response's residual 1e-6 of its spread, not flagged)
+    basis = np.linalg.qr(root * design.X)[0]
+    near = np.zeros(count, dtype=bool)
+    width = max(1, SHARED_BLOCK_VALUES // max(n, 1))  # temporaries bounded, as shared_design_statistics' are
+    with np.errstate(invalid="ignore", over="ignore"):
+        for start in range(0, count, width):
+            block = slice(start, start + width)
+            kept = np.where(refused[block], 0.0, target[:, block])
+            scaled = root * kept
+            residual = scaled - basis @ (basis.T @ scaled)
+            spread = root * (kept - weights @ kept / weights.sum())
+            near[block] = fits_to_rounding(np.einsum("nd,nd->d", residual, residual),
+                                           np.einsum("nd,nd->d", spread, spread), np.einsum("nd,nd->d", scaled, scaled))
+    return tuple((int(d), REASON) for d in np.flatnonzero(near & ~refused))

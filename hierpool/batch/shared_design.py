@@ -46,7 +46,6 @@ from ..algebra.linalg import theta_start
 from ..algebra.search.newton import MOMENT_FLOOR
 from ..algebra.start import moment_theta
 from ..algebra.statistics import (
-    SHARED_BLOCK_VALUES,
     level_cells,
     shared_design_statistics,
     shared_location_shifts,
@@ -57,7 +56,7 @@ from ..spec.design import LARGEST_VALUE, RESPONSE_SMALLEST, underflowing
 from ..spec.formula import parse_formula
 from ..spec.transforms import unvouched_calls
 from .conditioning import BatchConditioning, condition_batch
-from .near_exact import REASON, fits_to_rounding
+from .near_exact import near_exact_responses
 from .plan import (
     BatchPlan,
     EveryDatasetRefused,
@@ -129,20 +128,17 @@ def read_responses(formula: str, data, responses, by: str, binomial: bool = Fals
         raise ArgumentError(f"responses= holds the values of the formula's response, which must then be a column "
                             f"name, got {column!r}: compute it into each column of responses and name it in the "
                             "formula")
-    def readable(dtype) -> bool:
-        return _numbers(dtype, gaussian)
-
     if isinstance(responses, pd.DataFrame):
         if not responses.index.equals(data.index):
             raise ArgumentError("responses as a DataFrame must have data's index (its rows are data's rows)")
         labels = pd.Index(responses.columns, name=responses.columns.name or "dataset", tupleize_cols=False)
-        kinds = [name for name, dtype in responses.dtypes.items() if not readable(dtype)]
+        kinds = [name for name, dtype in responses.dtypes.items() if not _numbers(dtype, gaussian)]
         if kinds:
             raise ArgumentError(f"responses column {kinds[0]!r} holds other than numbers ({responses[kinds[0]].dtype})")
         values = responses.to_numpy(dtype=float, na_value=np.nan)
     else:
         given = responses if isinstance(responses, np.ndarray) else np.asarray(responses)
-        if given.dtype != object and not readable(given.dtype):
+        if given.dtype != object and not _numbers(given.dtype, gaussian):
             raise ArgumentError(f"responses holds other than numbers ({given.dtype})")
         try:
             values = np.asarray(given, dtype=float)
@@ -273,7 +269,7 @@ def _one_design_of_frames(frames: list, labels: pd.Index, by: str, column: str, 
         if any(frame[name].dtype != kinds[name] or not np.array_equal(_run_values(frame[name]), reference[name])
                for name in read):
             return None
-    for frame in frames:  # (each column taken once: a frame's column costs tens of microseconds)
+    for frame in frames:  # (each column taken once: a frame's column access is pandas' slowest step here)
         response = frame[column]
         if not _numbers(response.dtype):
             return None
@@ -333,8 +329,8 @@ def _texts_alike(runs: np.ndarray, reference: np.ndarray) -> bool:
     """``runs == reference`` everywhere (``reference`` broadcast against ``runs``), for a text column's objects:
     where a value is the very object of the reference (a long frame built by repeating one frame's column shares its
     strings: ``hp.simulate``'s, ``sleepstudy_replicates``') the two pointers compare, the others by ``==``.  (A
-    string is equal to itself; the column's kinds are text, :func:`_comparable_kind`.)  Comparing 100,000 sleepstudy
-    datasets' Subject by ``==`` alone took 0.2 s."""
+    string is equal to itself; the column's kinds are text, :func:`_comparable_kind`.)  Timed in
+    benchmarks/RESULTS.md, forty-eighth session."""
     def pointers(values: np.ndarray) -> np.ndarray:
         values = np.ascontiguousarray(values)  # (runs is; the reference a row or a column of it, small)
         return np.frombuffer(values, dtype=np.intp).reshape(values.shape)
@@ -528,34 +524,6 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
     kept = np.where(refused, 0.0, responses.values)
     return dataclasses.replace(shared, refusals=tuple(refusals),
                                responses=dataclasses.replace(responses, values=kept))
-
-
-def near_exact_responses(design, target: np.ndarray, refused: np.ndarray) -> tuple[tuple[int, str], ...]:
-    """The responses (columns of ``target``, the responses less the offset at the design's rows; ``refused`` ones
-    left out) that X fits to rounding (:func:`hierpool.batch.near_exact.fits_to_rounding`: noise-free, or varying
-    at their rounding), as (dataset, why) pairs: ``hp.fit_batch`` fits each alone by ``hp.lmm``, whose outcome, a
-    fit or its refusal, is the row's (:mod:`hierpool.batch.near_exact`).  None with known residual sds, which
-    leave no variance to estimate from the residual: its rounding moves no criterion."""
-    if not design.X.shape[1] or design.sigma_known:
-        return ()
-    n, count = target.shape
-    weights = design.row_weights
-    root = np.sqrt(weights)[:, None]
-    # the residual by X's (weighted) QR, backward stable: the normal equations lose its digits where X's columns are
-    # far from centred (x = 1e5 + Days: a noise-free response's residual 1e-6 of its spread, not flagged)
-    basis = np.linalg.qr(root * design.X)[0]
-    near = np.zeros(count, dtype=bool)
-    width = max(1, SHARED_BLOCK_VALUES // max(n, 1))  # temporaries bounded, as shared_design_statistics' are
-    with np.errstate(invalid="ignore", over="ignore"):
-        for start in range(0, count, width):
-            block = slice(start, start + width)
-            kept = np.where(refused[block], 0.0, target[:, block])
-            scaled = root * kept
-            residual = scaled - basis @ (basis.T @ scaled)
-            spread = root * (kept - weights @ kept / weights.sum())
-            near[block] = fits_to_rounding(np.einsum("nd,nd->d", residual, residual),
-                                           np.einsum("nd,nd->d", spread, spread), np.einsum("nd,nd->d", scaled, scaled))
-    return tuple((int(d), REASON) for d in np.flatnonzero(near & ~refused))
 
 
 def condition_shared(plan: SharedDesignPlan, reml: bool = False) -> BatchConditioning | None:
