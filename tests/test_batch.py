@@ -150,8 +150,9 @@ def test_bad_weights_and_offsets_name_the_culprit(replicates):
     pd.testing.assert_frame_equal(data, before)  # nothing the user passed is modified
 
 
-def _fail_datasets_with_rows(monkeypatch, rows: int) -> None:
-    """Make fit_batch's batched optimizer report every dataset of ``rows`` observations as not converged."""
+def _fail_datasets_with_rows(monkeypatch, rows: int, moved: float = 1.0) -> None:
+    """Make fit_batch's batched optimizer report every dataset of ``rows`` observations as not converged (its theta
+    times ``moved``: where the search stopped)."""
     from hierpool.batch import fit as fit_module
 
     compiled = fit_module._programs
@@ -161,7 +162,9 @@ def _fail_datasets_with_rows(monkeypatch, rows: int) -> None:
 
         def optimize_failing(chunk, start):
             out = optimize.result()(chunk, start)
-            return {**out, "converged": out["converged"] & (chunk.n != rows)}
+            failed = chunk.n == rows
+            return {**out, "converged": out["converged"] & ~failed,
+                    "theta": jax.numpy.where(failed[:, None], moved * out["theta"], out["theta"])}
 
         failing = Future()
         failing.set_result(optimize_failing)
@@ -200,30 +203,38 @@ def test_a_dataset_the_batched_optimizer_fails_on_is_refitted_and_marked(monkeyp
 def test_a_compiled_search_that_stopped_short_is_searched_again_on_the_host(monkeypatch):
     """The compiled path (forced here) hands the datasets its Newton's method left unconverged to the host search,
     from their start: dataset 2 is then the batch's own fit, equal to hp.lmm's, not refitted (before: an hp.lmm refit
-    each, 12 of 100,000 sleepstudy-shaped datasets).  Where the host search stops short too, hp.lmm refits it."""
+    each, 12 of 100,000 sleepstudy-shaped datasets).  The stopped rows of every chunk are searched in one call, and
+    solved on the host.  Where the host search stops short too, hp.lmm refits it."""
     from hierpool.batch import fit as fit_module
 
     data = weighted(hp.datasets.sleepstudy_replicates(4, seed=6))
-    data = data.drop(index=data.index[data.dataset == 2][0])  # 179 rows: the only dataset with n = 179
+    # 179 rows: the only datasets with n = 179, in two chunks of two
+    data = data.drop(index=[data.index[data.dataset == 0][3], data.index[data.dataset == 2][0]])
     monkeypatch.setattr(fit_module, "_on_host", lambda *a: False)
-    _fail_datasets_with_rows(monkeypatch, 179)
+    compiled = hp.fit_batch(SLEEP, data, weights="w", offset="off", chunk_size=2)  # the compiled path's own fits
+    _fail_datasets_with_rows(monkeypatch, 179, moved=1.5)  # (the chunk's solve at a theta the host search moves)
     searched = []
     host_search = fit_module.search_statistics_on_host
     monkeypatch.setattr(fit_module, "search_statistics_on_host",
                         lambda stats, *a, **k: searched.append(np.asarray(stats.n)) or host_search(stats, *a, **k))
-    again = hp.fit_batch(SLEEP, data, weights="w", offset="off")
-    assert [n.tolist() for n in searched] == [[179.0]]  # (dataset 2 alone)
+    again = hp.fit_batch(SLEEP, data, weights="w", offset="off", chunk_size=2)
+    assert [n.tolist() for n in searched] == [[179.0, 179.0]]  # (datasets 0 and 2, in one search)
     assert not again.refit.any() and again.converged.all(), again.messages.tolist()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hp.HierpoolWarning)
-        fit = hp.lmm(SLEEP, data[data.dataset == 2], weights="w", offset="off")
-    assert again.objective.loc[2] == pytest.approx(fit.objective, rel=1e-10)
-    np.testing.assert_allclose(again.beta[2], fit.fixef.to_numpy(), rtol=1e-6)
+        fits = [hp.lmm(SLEEP, data[data.dataset == d], weights="w", offset="off") for d in (0, 2)]
+    for d, fit in zip((0, 2), fits):
+        assert again.objective.loc[d] == pytest.approx(fit.objective, rel=1e-10)
+        np.testing.assert_allclose(again.beta[d], fit.fixef.to_numpy(), rtol=1e-6)
+        # solved on the host: the compiled solve's numbers at the same optimum
+        for name in ("beta_se", "sigma", "b", "cond_sd", "covariance"):
+            np.testing.assert_allclose(getattr(again, name)[d], getattr(compiled, name)[d], rtol=1e-6, err_msg=name)
     monkeypatch.setattr(fit_module, "search_statistics_on_host",
-                        lambda *a, **k: {**host_search(*a, **k), "converged": np.array([False])})
-    refitted = hp.fit_batch(SLEEP, data, weights="w", offset="off")
-    assert refitted.refit.tolist() == [False, False, True, False]
-    assert refitted.objective.loc[2] == pytest.approx(fit.objective, rel=1e-12)
+                        lambda *a, **k: {**host_search(*a, **k), "converged": np.array([False, True])})
+    refitted = hp.fit_batch(SLEEP, data, weights="w", offset="off", chunk_size=2)
+    assert refitted.refit.tolist() == [True, False, False, False]
+    assert refitted.objective.loc[0] == pytest.approx(fits[0].objective, rel=1e-12)
+    assert refitted.objective.loc[2] == pytest.approx(fits[1].objective, rel=1e-10)
 
 
 META = "y ~ ablat + (1 | trial)"

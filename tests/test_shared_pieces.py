@@ -741,12 +741,41 @@ def test_a_batch_term_s_ranef_is_each_dataset_s_levels_coefficient_by_coefficien
 def test_nan_rows_hold_each_dataset_s_levels_in_a_block_of_its_own_width():
     # a batch of small datasets and one of many levels: no block as wide as the widest for every dataset (one block
     # for all tripled a batch's peak memory: benchmarks/RESULTS.md, forty-fifth session)
-    from hierpool.batch.fit_terms import NanRows
+    from hierpool.batch.results import NanRows
 
     rows = NanRows([2, 3, 500, 0], (2,), widths=[4, 4, 512, 4], dtype=np.float32)
     assert {w: b.shape for w, b in rows.blocks.items()} == {4: (3, 4, 2), 512: (1, 512, 2)}
-    assert [v.shape for v in rows.views] == [(2, 2), (3, 2), (500, 2), (0, 2)] and rows.views[0].dtype == np.float32
+    assert [v.shape for v in rows] == [(2, 2), (3, 2), (500, 2), (0, 2)] and rows[0].dtype == np.float32
     rows.write(np.array([1, 0]), np.arange(16.0).reshape(2, 4, 2))  # a chunk's padded levels beyond a view's rows
-    np.testing.assert_array_equal(rows.views[1], np.arange(6.0).reshape(3, 2))
-    np.testing.assert_array_equal(rows.views[0], np.arange(8.0, 12.0).reshape(2, 2))
-    assert np.all(np.isnan(rows.views[2]))
+    np.testing.assert_array_equal(rows[1], np.arange(6.0).reshape(3, 2))
+    np.testing.assert_array_equal(rows[-4], np.arange(8.0, 12.0).reshape(2, 2))
+    assert np.all(np.isnan(rows[2])) and len(rows) == 4 and len(rows[1:3]) == 2
+    with pytest.raises(IndexError):
+        rows[4]
+
+
+def test_nan_rows_are_a_list_that_lays_its_rows_end_to_end():
+    """Assigning an item writes it into its block (a refit's row); one of another dtype is kept as it is (a float32
+    batch's row refitted in float64), until a chunk writes it again.  :func:`end_to_end` reads the blocks whole,
+    equal to the items laid end to end, with padding, several widths and kept items."""
+    from hierpool.batch.results import NanRows, end_to_end
+
+    rows = NanRows([2, 3, 5, 1], (2,), widths=[4, 4, 8, 4], dtype=np.float32)
+    rows.write(np.array([0, 1, 3]), np.arange(24.0).reshape(3, 4, 2))
+    rows[2] = np.ones((5, 2), dtype=np.float32)
+    assert rows[2].base is not None and not rows.kept  # (written into its block)
+    rows[1] = np.full((3, 2), 0.5)  # float64: kept
+    assert rows[1].dtype == np.float64 and 1 in rows.kept
+    for laid, counts in (end_to_end(rows), end_to_end([np.asarray(rows[d]) for d in range(4)])):
+        assert counts.tolist() == [2, 3, 5, 1]
+    np.testing.assert_array_equal(end_to_end(rows)[0], np.concatenate([rows[d] for d in range(4)]))
+    rows.write(np.array([1]), np.zeros((1, 4, 2)))  # a chunk's write replaces the kept item
+    assert not rows.kept and rows[1].dtype == np.float32
+    laid = end_to_end(rows)[0]
+    np.testing.assert_array_equal(laid, np.concatenate([rows[d] for d in range(4)]))
+    assert laid.dtype == np.float32 and laid.shape == (11, 2)
+    # one block without padding: the block itself, in the datasets' order
+    whole = NanRows([3, 3], (2, 2))
+    whole[1] = np.arange(12.0).reshape(3, 2, 2)
+    assert np.shares_memory(end_to_end(whole)[0], whole.blocks[3])
+    np.testing.assert_array_equal(end_to_end(whole)[0][3:], np.arange(12.0).reshape(3, 2, 2))

@@ -46,6 +46,7 @@ whitened systems, :mod:`hierpool.algebra.search.ar1_systems`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,7 +84,7 @@ from .conditioning import condition_batch
 from .fit_ar1 import fit_ar1
 from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_each
 from .fit_glmm import fit_glmm, glmm_problems, separation_notes
-from .fit_terms import NanRows, empty_results, fit_terms, term_problems
+from .fit_terms import empty_results, fit_terms, term_problems
 from .near_exact import REASON as NEAR_EXACT_REASON
 from .near_exact import near_exact_datasets
 from .other_minima import compiled_other_minima, stopped_rows_searched_on_host
@@ -100,7 +101,7 @@ from .plan import (
     progress_bar,
     thread_count,
 )
-from .results import BatchResult, BatchTerm, Pieces, check_by_name, end_to_end
+from .results import BatchResult, BatchTerm, NanRows, Pieces, check_by_name, end_to_end
 from .shared_design import (
     condition_shared,
     one_design_in_long_frame,
@@ -547,7 +548,6 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
         widths[members] = bucket
     factor_rows = NanRows(np.full(n_datasets, k), (k,), dtype=float_type)
     b_rows, cond_var_rows = (NanRows(n_levels, shape, widths, dtype=float_type) for shape in ((k,), (k, k)))
-    factors, b, cond_var = factor_rows.views, b_rows.views, cond_var_rows.views
     values = sum(math.prod(leaf.shape) for bucket, members in members_by_bucket
                  for leaf in jax.tree_util.tree_leaves(plan.statistics_shape(bucket, len(members))))
     quick = values <= QUICK_COMPILE_MAX_VALUES
@@ -587,6 +587,10 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     uneven = plan.uneven_weights() if k > 1 else None
     scales = plan.probe_scales() if uneven is not None and uneven.any() else None
 
+    # a compiled search that stopped short: the host search's again (float32 statistics, or the scan's two minima:
+    # hp.lmm's), its rows gathered over the chunks, so that its fixed cost per call is paid once, not per chunk
+    retried, stopped_parts = not host and float_type == np.float64 and not scan, []
+
     def run(job):
         members, host_chunk_stats, count, (optimize, solve) = job
         # (the start here, in the chunk's thread: with chunks in flight it overlaps another chunk's programs)
@@ -610,10 +614,9 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
         if not host:  # a variance at 1e-9 that is lme4's 0 (the host search ends there itself)
             found = systems_onto_boundary(fetch(optimized), statistics_systems(host_chunk_stats, sigma_known),
                                           host_chunk_stats.n, reml)
-            if float_type == np.float64 and not scan:  # (float32 statistics, or the scan's two minima: hp.lmm's)
-                found = stopped_rows_searched_on_host(found, count, lambda stopped: search_statistics_on_host(
-                    host_chunk_stats.take(stopped), host_start[stopped], reml, max_iterations, sigma_known,
-                    **({} if rows is None else {"other_minima": rows[stopped], "scales": units[stopped]})))
+            stopped = np.flatnonzero(~np.asarray(found["converged"][:count], dtype=bool)) if retried else ()
+            if len(stopped):  # searched again on the host after every chunk, all at once
+                stopped_parts.append((members[stopped], host_chunk_stats.take(stopped), host_start[stopped]))
             optimized = place(found, sharding)
         solved = solve.result()(optimized["theta"], chunk)  # a Solution per dataset (one term)
         result = {**optimized, "beta": solved.beta, "vcov": solved.vcov_beta, "sigma": solved.sigma,
@@ -630,11 +633,55 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
             factor_rows.write(members, result["factor"])
             b_rows.write(members, result["b"])
             cond_var_rows.write(members, result["cond_var"])
+    for members, stats, start in _by_width(stopped_parts):
+        _stopped_searched_on_host(out, members, stats, start, (factor_rows, b_rows, cond_var_rows), reml=reml,
+                                  max_iterations=max_iterations, sigma_known=sigma_known, uneven=uneven, scales=scales)
     # hp.lmm's rule and tolerance (lme4's isSingular), on every dataset's (canonical, diagonal >= 0) theta
     out["is_singular"] = fitted_singular(out["objective"], out["theta"], (k,), Control.singular_tol)
     attempted = np.array([not message for message in messages])
-    return out | {"factors": [factors], "b": [b], "cond_var": [cond_var], "messages": messages, "alone": {},
+    return out | {"factors": [factor_rows], "b": [b_rows], "cond_var": [cond_var_rows], "messages": messages, "alone": {},
                   "attempted": attempted}
+
+
+def _by_width(parts: list) -> list:
+    """``parts`` ((members, statistics, start) of chunks), those of one padded level count joined, in the datasets'
+    order (the chunks' threads end in any order): one per width."""
+    widths = {}
+    for part in parts:
+        widths.setdefault(part[1].ztz.shape[1], []).append(part)
+    joined = []
+    for group in widths.values():
+        members = np.concatenate([p[0] for p in group])
+        order = np.argsort(members)
+        stats = dataclasses.replace(group[0][1], **{f.name: np.concatenate([getattr(p[1], f.name) for p in group])[order]
+                                                   for f in dataclasses.fields(group[0][1])})
+        joined.append((members[order], stats, np.concatenate([p[2] for p in group])[order]))
+    return joined
+
+
+def _stopped_searched_on_host(out: dict, members: np.ndarray, stats, start: np.ndarray, rows: tuple, *, reml: bool,
+                              max_iterations: int, sigma_known: bool, uneven, scales) -> None:
+    """The datasets ``members``, whose compiled search stopped short (their ``stats`` and ``start``: host arrays),
+    searched again by the host search from their start (:func:`~hierpool.batch.other_minima.
+    stopped_rows_searched_on_host`), and where that is taken, solved on the host and written into ``out`` and
+    ``rows`` (the factors', BLUPs' and conditional variances' :class:`NanRows`)."""
+    found = {name: out[name][members] for name in ("theta", "objective", "newton_step", "converged")}
+    # (uneven prior weights: each dataset also searched from its other minima's starts, as in its chunk)
+    extra = {} if scales is None else {"other_minima": uneven[members], "scales": scales[members]}
+    again = stopped_rows_searched_on_host(found, len(members), lambda stopped: search_statistics_on_host(
+        stats.take(stopped), start[stopped], reml, max_iterations, sigma_known,
+        **{name: value[stopped] for name, value in extra.items()}))
+    taken = np.flatnonzero(again["converged"])
+    if not taken.size:
+        return
+    solved = _solve_on_host(again["theta"][taken], stats.take(taken), reml=reml, sigma_known=sigma_known)
+    chosen = members[taken]
+    for name, value in (("theta", again["theta"][taken]), ("objective", again["objective"][taken]),
+                        ("newton_step", again["newton_step"][taken]), ("converged", again["converged"][taken]),
+                        ("beta", solved.beta), ("vcov", solved.vcov_beta), ("sigma", solved.sigma)):
+        out[name][chosen] = value
+    for nan_rows, value in zip(rows, (solved.factors[0], solved.b[0], solved.cond_var[0])):
+        nan_rows.write(chosen, np.asarray(value))
 
 
 def _from_scan(optimized, stats, optimize, chunk, reml: bool, sigma_known: bool, float_type, sharding):
@@ -828,7 +875,7 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
     sigma = out["sigma"]
     terms = []
     for t, term in enumerate(design.terms):
-        factor = np.stack(out["factors"][t]) if n_datasets else np.zeros((0, term.k, term.k))
+        factor = end_to_end(out["factors"][t])[0].reshape(-1, term.k, term.k)
         terms.append(BatchTerm(group=term.group, coef_names=term.coef_names,
                                covariance=sigma[:, None, None] ** 2 * factor @ np.swapaxes(factor, 1, 2),
                                levels=plan.term_levels[t][2], b=out["b"][t],

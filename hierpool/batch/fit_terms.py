@@ -57,6 +57,7 @@ from ..closedform.optimize import Control
 from ..spec.design import lme4_term_order
 from . import host_processes
 from .other_minima import compiled_other_minima, stopped_rows_searched_on_host
+from .results import NanRows
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
@@ -175,39 +176,10 @@ def empty_results(plan: BatchPlan, messages: list[str], alone: dict) -> dict:
             "beta": np.full((n_datasets, p), np.nan), "vcov": np.full((n_datasets, p, p), np.nan),
             "sigma": np.full(n_datasets, np.nan), "converged": np.zeros(n_datasets, bool),
             "newton_step": np.full(n_datasets, np.nan), "attempted": usable,
-            "factors": [[np.full((k, k), np.nan)] * n_datasets for k in ks],
-            "b": [NanRows(n_levels, (k,)).views for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
-            "cond_var": [NanRows(n_levels, (k, k)).views for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
+            "factors": [NanRows(np.full(n_datasets, k), (k,)) for k in ks],
+            "b": [NanRows(n_levels, (k,)) for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
+            "cond_var": [NanRows(n_levels, (k, k)) for k, (_, n_levels, _) in zip(ks, plan.term_levels)],
             "messages": messages, "alone": alone}
-
-
-class NanRows:
-    """Per-dataset arrays of a batch (BLUPs, conditional variances, relative factors), NaN until a fit fills them:
-    dataset d's is the first ``n_levels[d]`` rows of a block shared by the datasets of its width (``widths[d]`` >=
-    ``n_levels[d]``: its bucket's padded level count, or by default its own count, no padding), each block allocated
-    once and filled a chunk at a time by :meth:`write`, not allocated and assigned dataset by dataset
-    (benchmarks/RESULTS.md, forty-fifth session).  :attr:`views` is the per-dataset list, each a view of its block."""
-
-    def __init__(self, n_levels, shape: tuple, widths=None, dtype=np.float64):
-        n_levels = np.asarray(n_levels, dtype=np.int64)
-        self.widths = n_levels if widths is None else np.asarray(widths, dtype=np.int64)
-        self.position = np.zeros(len(n_levels), dtype=np.int64)
-        self.blocks: dict[int, np.ndarray] = {}
-        self.views: list = [None] * len(n_levels)
-        order = np.argsort(self.widths, kind="stable")  # each width's datasets a run of one sort, not a scan a width
-        found, first = np.unique(self.widths[order], return_index=True)
-        for width, members in zip(found, np.split(order, first[1:])):
-            block = np.full((len(members), int(width)) + tuple(shape), np.nan, dtype=dtype)
-            self.blocks[int(width)] = block
-            self.position[members] = np.arange(len(members))
-            for row, d in enumerate(members):
-                self.views[d] = block[row, :n_levels[d]]
-
-    def write(self, members: np.ndarray, values: np.ndarray) -> None:
-        """``values`` (len(members), w, ...) into the datasets ``members``' rows: all of one width, w at most it (a
-        chunk's padded levels beyond a dataset's own count land outside its view)."""
-        block = self.blocks[int(self.widths[members[0]])]
-        block[self.position[members], :values.shape[1]] = values
 
 
 #: Rows of a linear several-term host batch from which its chunks run in worker processes too
@@ -273,17 +245,18 @@ def run_jobs(jobs, run, out: dict, plan: BatchPlan, *, workers: int, progress) -
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             progress_bar(progress, plan.n_datasets, "fit_batch") as bar:
         for job, result in zip(jobs, pool.map(run, jobs)):
-            members = job[0]
+            members = np.asarray(job[0])
             bar.update(len(members))
             for name in names:
                 if name in result:
                     out[name][members] = result[name]
-            for row, d in enumerate(members):
-                for t, (_, n_levels, _) in enumerate(plan.term_levels):
-                    ell = n_levels[d]
-                    out["factors"][t][d] = result["factors"][t][row]
-                    out["b"][t][d] = result["b"][t][row, :ell]
-                    out["cond_var"][t][d] = result["cond_var"][t][row, :ell]
+            for t, (_, n_levels, _) in enumerate(plan.term_levels):  # (NanRows: each level count's rows at once)
+                out["factors"][t].write(members, np.asarray(result["factors"][t]))
+                ells = n_levels[members]
+                for ell in np.unique(ells):
+                    rows = np.flatnonzero(ells == ell)
+                    out["b"][t].write(members[rows], result["b"][t][rows, :ell])
+                    out["cond_var"][t].write(members[rows], result["cond_var"][t][rows, :ell])
     ks = tuple(t.k for t in plan.design.terms)
     out["is_singular"] = fitted_singular(out["objective"], out["theta"], ks, Control.singular_tol)
     return out

@@ -95,6 +95,92 @@ class Pieces(Sequence):
         return self.values[self.starts[i]:self.starts[i + 1]]
 
 
+class NanRows(Sequence):
+    """Per-dataset arrays of a batch (BLUPs, conditional variances, relative factors), NaN until a fit fills them,
+    read as a list of them: dataset d's is the first ``n_levels[d]`` rows of a block shared by the datasets of its
+    width (``widths[d]`` >= ``n_levels[d]``: its bucket's padded level count, or by default its own count, no padding),
+    each block allocated once and filled a chunk at a time by :meth:`write`, not allocated and assigned dataset by
+    dataset (benchmarks/RESULTS.md, forty-fifth session).
+
+    Item d is a view of its block, made when read, as :class:`Pieces`' are: no list of 100,000 views is built, and
+    :func:`end_to_end` reads the blocks whole (benchmarks/RESULTS.md, forty-ninth session).  Assigning item d (a
+    refit's values, a failed fit's NaN) writes them into its block; values of another shape or dtype (a float32
+    batch's row refitted in float64) are kept as they are, beside the blocks."""
+
+    def __init__(self, n_levels, shape: tuple, widths=None, dtype=np.float64):
+        self.n_levels = np.asarray(n_levels, dtype=np.int64)
+        self.widths = self.n_levels if widths is None else np.asarray(widths, dtype=np.int64)
+        self.shape = tuple(shape)
+        self.position = np.zeros(len(self.n_levels), dtype=np.int64)
+        self.blocks: dict[int, np.ndarray] = {}
+        self.members: dict[int, np.ndarray] = {}  # each width's datasets, in order (its block's rows)
+        self.kept: dict[int, np.ndarray] = {}  # items assigned with another shape or dtype than their block's
+        order = np.argsort(self.widths, kind="stable")  # each width's datasets a run of one sort, not a scan a width
+        found, first = np.unique(self.widths[order], return_index=True)
+        for width, members in zip(found, np.split(order, first[1:])):
+            self.blocks[int(width)] = np.full((len(members), int(width)) + self.shape, np.nan, dtype=dtype)
+            self.members[int(width)] = members
+            self.position[members] = np.arange(len(members))
+
+    def __len__(self) -> int:
+        return len(self.n_levels)
+
+    def _index(self, index) -> int:
+        i = operator.index(index)
+        i += len(self) if i < 0 else 0
+        if not 0 <= i < len(self):
+            raise IndexError(f"dataset {index} of {len(self)}")
+        return i
+
+    def _view(self, d: int) -> np.ndarray:
+        return self.blocks[int(self.widths[d])][self.position[d], :self.n_levels[d]]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        d = self._index(index)
+        return self.kept[d] if d in self.kept else self._view(d)
+
+    def __setitem__(self, index, value) -> None:
+        d = self._index(index)
+        view, value = self._view(d), np.asarray(value)
+        if value.shape == view.shape and value.dtype == view.dtype:
+            view[...] = value
+            self.kept.pop(d, None)
+        else:
+            self.kept[d] = value
+
+    def write(self, members: np.ndarray, values: np.ndarray) -> None:
+        """``values`` (len(members), w, ...) into the datasets ``members``' rows: all of one width, w at most it (a
+        chunk's padded levels beyond a dataset's own count land outside its view)."""
+        block = self.blocks[int(self.widths[members[0]])]
+        block[self.position[members], :values.shape[1]] = values
+        if self.kept:
+            for d in self.kept.keys() & set(np.asarray(members).tolist()):
+                del self.kept[d]
+
+    def laid_out(self) -> np.ndarray:
+        """Every dataset's rows end to end, in the datasets' order (:func:`end_to_end`): one block without padding
+        is itself (a view), the others gathered a block at a time."""
+        if len(self.blocks) == 1 and not self.kept:
+            (width, block), = self.blocks.items()
+            if np.all(self.n_levels == width):
+                return block.reshape((-1,) + self.shape)
+        if self.kept:  # (rare: a float32 batch's refitted rows) item by item, as a list's
+            return np.concatenate([np.asarray(self[d]) for d in range(len(self))]) if len(self) else \
+                np.zeros((0,) + self.shape)
+        starts = np.cumsum(self.n_levels) - self.n_levels
+        out = np.empty((int(self.n_levels.sum()),) + self.shape,
+                       dtype=np.result_type(*self.blocks.values()) if self.blocks else np.float64)
+        for width, block in self.blocks.items():
+            members = self.members[width]
+            counts = self.n_levels[members]
+            own = np.arange(width)[None, :] < counts[:, None]  # each row's own levels, not its padding
+            into = np.arange(int(counts.sum())) + np.repeat(starts[members] - (np.cumsum(counts) - counts), counts)
+            out[into] = block[own]
+        return out
+
+
 @dataclass(frozen=True)
 class BatchTerm:
     """One random-effect term's results over a batch.
@@ -149,13 +235,16 @@ class BatchTerm:
 
 
 def end_to_end(pieces, dtype=None) -> tuple[np.ndarray, np.ndarray]:
-    """(the pieces laid end to end, each piece's length): a :class:`Pieces`' own array, read without splitting it,
-    or a list's arrays concatenated.  ``dtype=object`` converts each list item before they meet, so that one
-    dataset's integer labels and another's strings stay as they are (NumPy would make both strings); arrays of one
-    dtype are concatenated first and converted once."""
+    """(the pieces laid end to end, each piece's length): a :class:`Pieces`' own array, read without splitting it, a
+    :class:`NanRows`' blocks read whole, or a list's arrays concatenated.  ``dtype=object`` converts each list item
+    before they meet, so that one dataset's integer labels and another's strings stay as they are (NumPy would make
+    both strings); arrays of one dtype are concatenated first and converted once."""
     if isinstance(pieces, Pieces):
         values = pieces.values[pieces.starts[0]:pieces.starts[-1]]
         return (values if dtype is None else np.asarray(values, dtype=dtype)), np.diff(pieces.starts)
+    if isinstance(pieces, NanRows):
+        values = pieces.laid_out()
+        return (values if dtype is None else values.astype(dtype)), pieces.n_levels.copy()
     counts = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     if not len(pieces):
         return np.zeros(0, dtype=dtype or float), counts
