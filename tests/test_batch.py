@@ -423,6 +423,31 @@ def test_a_singular_dataset_is_flagged_with_a_zero_variance():
             assert result.varcorr.query("dataset == @i and grp == 'g'").sdcor.iloc[0] < 1e-4 * fit.sigma
 
 
+def test_a_compiled_fit_snapped_onto_the_boundary_is_solved_there(monkeypatch):
+    """The compiled one-term path stops a variance 1e-9 short of 0; snapped onto lme4's boundary after the chunks
+    (with the stopped rows, all at once), each such dataset's estimates are solved again at theta = 0: its BLUPs
+    exactly 0 and its numbers the single fit's, not those at where the search stopped."""
+    from hierpool.batch import fit as fit_module
+
+    rng = np.random.default_rng(3)
+    frames = [pd.DataFrame({"y": rng.normal(size=30) + 0.4 * np.repeat(rng.normal(size=6), 5) * (i % 2),
+                            "x": rng.normal(size=30), "g": np.repeat(list("abcdef"), 5)}) for i in range(8)]
+    monkeypatch.setattr(fit_module, "_on_host", lambda *a: False)
+    result = hp.fit_batch("y ~ x + (1 | g)", frames, chunk_size=3, progress=False)
+    singular = np.flatnonzero(result.is_singular.to_numpy())
+    assert singular.size >= 2 and not result.refit.any()
+    for i in singular:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hp.HierpoolWarning)
+            fit = hp.lmm("y ~ x + (1 | g)", frames[i])
+        assert result.theta[i, 0] == 0.0 and fit.theta[0] == 0.0
+        assert np.all(result.b[i] == 0.0) and np.all(result.cond_sd[i] == 0.0)
+        assert result.objective.iloc[i] == pytest.approx(fit.objective, rel=1e-12)
+        np.testing.assert_allclose(result.beta[i], fit.fixef.to_numpy(), rtol=1e-10)
+        np.testing.assert_allclose(result.beta_se[i], fit.fixef_se.to_numpy(), rtol=1e-8)
+        assert result.sigma[i] == pytest.approx(fit.sigma, rel=1e-10)
+
+
 def _host_and_compiled(monkeypatch, *args, **kwargs):
     """conftest.host_and_compiled on the one-term path."""
     from hierpool.batch import fit as fit_module

@@ -47,6 +47,14 @@ def fitted_singular(objective, theta, ks: tuple[int, ...], tol: float = SINGULAR
 BOUNDARY_RISE = 1e-11
 
 
+def near_boundary(theta: np.ndarray, objective: np.ndarray, ks, tol: float = SINGULAR_TOL) -> np.ndarray:
+    """(B,) bool: the fits :func:`onto_boundary` evaluates, those with a finite ``objective`` and a diagonal of some
+    T_j in (0, ``tol``) (``theta`` (B, n_theta), canonical)."""
+    theta = np.asarray(theta)
+    diagonal = theta[:, diagonal_mask(tuple(ks))]
+    return ((diagonal > 0) & (diagonal < tol)).any(axis=1) & np.isfinite(objective)
+
+
 def onto_boundary(theta: np.ndarray, objective: np.ndarray, evaluate, ks, tol: float = SINGULAR_TOL):
     """(theta, objective) of fits with each one's diagonals of T_j below ``tol`` (lme4's ``isSingular`` tolerance)
     set to 0, where the criterion there is at most :data:`BOUNDARY_RISE` (relative) above where the search stopped;
@@ -66,7 +74,7 @@ def onto_boundary(theta: np.ndarray, objective: np.ndarray, evaluate, ks, tol: f
     theta, objective = np.array(theta, dtype=float), np.array(objective, dtype=float)
     diagonal = diagonal_mask(tuple(ks))
     small = (theta[:, diagonal] > 0) & (theta[:, diagonal] < tol)
-    rows = np.flatnonzero(small.any(axis=1) & np.isfinite(objective))
+    rows = np.flatnonzero(near_boundary(theta, objective, ks, tol))
     if not rows.size:
         return theta, objective
     snapped = theta[rows]

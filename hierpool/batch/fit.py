@@ -58,7 +58,7 @@ import pandas as pd
 
 from ..algebra import one_term
 from ..algebra.batched_systems import statistics_systems
-from ..algebra.checks import fitted_singular
+from ..algebra.checks import fitted_singular, near_boundary
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
 from ..algebra.host_allocator import raise_malloc_thresholds
@@ -587,9 +587,11 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     uneven = plan.uneven_weights() if k > 1 else None
     scales = plan.probe_scales() if uneven is not None and uneven.any() else None
 
-    # a compiled search that stopped short: the host search's again (float32 statistics, or the scan's two minima:
-    # hp.lmm's), its rows gathered over the chunks, so that its fixed cost per call is paid once, not per chunk
-    retried, stopped_parts = not host and float_type == np.float64 and not scan, []
+    # after a compiled chunk, on the host: a variance at 1e-9 that is lme4's 0 (the host search ends there itself),
+    # and a search that stopped short searched again by the host search (not with float32 statistics, or the scan's
+    # two minima: hp.lmm's refits those); their rows gathered over the chunks and finished at once, so that the host
+    # criterion's fixed cost per call is paid once, not per chunk (_finished_on_host)
+    retried, unfinished = not host and float_type == np.float64 and not scan, []
 
     def run(job):
         members, host_chunk_stats, count, (optimize, solve) = job
@@ -611,13 +613,14 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
         if scan:  # a scalar term's criterion may have two minima in theta: the search again from the lower
             optimized = _from_scan(optimized, host_chunk_stats, optimize.result(), chunk, reml, sigma_known,
                                    float_type, sharding)
-        if not host:  # a variance at 1e-9 that is lme4's 0 (the host search ends there itself)
-            found = systems_onto_boundary(fetch(optimized), statistics_systems(host_chunk_stats, sigma_known),
-                                          host_chunk_stats.n, reml)
-            stopped = np.flatnonzero(~np.asarray(found["converged"][:count], dtype=bool)) if retried else ()
-            if len(stopped):  # searched again on the host after every chunk, all at once
-                stopped_parts.append((members[stopped], host_chunk_stats.take(stopped), host_start[stopped]))
-            optimized = place(found, sharding)
+        if not host:
+            found = fetch(optimized)
+            later = near_boundary(found["theta"][:count], found["objective"][:count], (k,))
+            if retried:
+                later |= ~np.asarray(found["converged"][:count], dtype=bool)
+            later = np.flatnonzero(later)
+            if later.size:
+                unfinished.append((members[later], host_chunk_stats.take(later), host_start[later]))
         solved = solve.result()(optimized["theta"], chunk)  # a Solution per dataset (one term)
         result = {**optimized, "beta": solved.beta, "vcov": solved.vcov_beta, "sigma": solved.sigma,
                   "b": solved.b[0], "cond_var": solved.cond_var[0], "factor": solved.factors[0]}
@@ -633,9 +636,10 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
             factor_rows.write(members, result["factor"])
             b_rows.write(members, result["b"])
             cond_var_rows.write(members, result["cond_var"])
-    for members, stats, start in _by_width(stopped_parts):
-        _stopped_searched_on_host(out, members, stats, start, (factor_rows, b_rows, cond_var_rows), reml=reml,
-                                  max_iterations=max_iterations, sigma_known=sigma_known, uneven=uneven, scales=scales)
+    for members, stats, start in _by_width(unfinished):
+        _finished_on_host(out, members, stats, start, (factor_rows, b_rows, cond_var_rows), float_type=float_type,
+                          retried=retried, reml=reml, max_iterations=max_iterations, sigma_known=sigma_known,
+                          uneven=uneven, scales=scales)
     # hp.lmm's rule and tolerance (lme4's isSingular), on every dataset's (canonical, diagonal >= 0) theta
     out["is_singular"] = fitted_singular(out["objective"], out["theta"], (k,), Control.singular_tol)
     attempted = np.array([not message for message in messages])
@@ -659,26 +663,35 @@ def _by_width(parts: list) -> list:
     return joined
 
 
-def _stopped_searched_on_host(out: dict, members: np.ndarray, stats, start: np.ndarray, rows: tuple, *, reml: bool,
-                              max_iterations: int, sigma_known: bool, uneven, scales) -> None:
-    """The datasets ``members``, whose compiled search stopped short (their ``stats`` and ``start``: host arrays),
-    searched again by the host search from their start (:func:`~hierpool.batch.other_minima.
-    stopped_rows_searched_on_host`), and where that is taken, solved on the host and written into ``out`` and
-    ``rows`` (the factors', BLUPs' and conditional variances' :class:`NanRows`)."""
-    found = {name: out[name][members] for name in ("theta", "objective", "newton_step", "converged")}
-    # (uneven prior weights: each dataset also searched from its other minima's starts, as in its chunk)
-    extra = {} if scales is None else {"other_minima": uneven[members], "scales": scales[members]}
-    again = stopped_rows_searched_on_host(found, len(members), lambda stopped: search_statistics_on_host(
-        stats.take(stopped), start[stopped], reml, max_iterations, sigma_known,
-        **{name: value[stopped] for name, value in extra.items()}))
-    taken = np.flatnonzero(again["converged"])
-    if not taken.size:
+def _finished_on_host(out: dict, members: np.ndarray, stats, start: np.ndarray, rows: tuple, *, float_type,
+                      retried: bool, reml: bool, max_iterations: int, sigma_known: bool, uneven, scales) -> None:
+    """The compiled searches of the datasets ``members`` (their ``stats`` and ``start``: host arrays) finished on the
+    host, as the host search ends: onto lme4's boundary where a variance stopped within its tolerance of 0
+    (:func:`~hierpool.algebra.search.terms.systems_onto_boundary`), then, where ``retried``, each that stopped short
+    searched again from its start (:func:`~hierpool.batch.other_minima.stopped_rows_searched_on_host`).  The rows
+    that moved are solved on the host at their new theta and written into ``out`` and ``rows`` (the factors',
+    BLUPs' and conditional variances' :class:`NanRows`), over the compiled solve's at the point the search stopped."""
+    before = {name: out[name][members] for name in ("theta", "objective", "newton_step", "converged")}
+    found = {**before, "theta": before["theta"].astype(float_type), "objective": before["objective"].astype(float_type)}
+    found = systems_onto_boundary(found, statistics_systems(stats, sigma_known), stats.n, reml)
+    if retried:
+        # (uneven prior weights: each dataset also searched from its other minima's starts, as in its chunk)
+        extra = {} if scales is None else {"other_minima": uneven[members], "scales": scales[members]}
+        found = stopped_rows_searched_on_host(found, len(members), lambda stopped: search_statistics_on_host(
+            stats.take(stopped), start[stopped], reml, max_iterations, sigma_known,
+            **{name: value[stopped] for name, value in extra.items()}))
+    def differs(a, b):  # (NaN where it was NaN has not moved)
+        return (a != b) & ~(np.isnan(a) & np.isnan(b))
+
+    moved = np.flatnonzero(np.any(differs(found["theta"], before["theta"]), axis=1)
+                           | differs(found["objective"], before["objective"]) | (found["converged"] != before["converged"]))
+    if not moved.size:
         return
-    solved = _solve_on_host(again["theta"][taken], stats.take(taken), reml=reml, sigma_known=sigma_known)
-    chosen = members[taken]
-    for name, value in (("theta", again["theta"][taken]), ("objective", again["objective"][taken]),
-                        ("newton_step", again["newton_step"][taken]), ("converged", again["converged"][taken]),
-                        ("beta", solved.beta), ("vcov", solved.vcov_beta), ("sigma", solved.sigma)):
+    solved = _solve_on_host(found["theta"][moved], stats.take(moved), reml=reml, sigma_known=sigma_known)
+    chosen = members[moved]
+    for name in ("theta", "objective", "newton_step", "converged"):
+        out[name][chosen] = found[name][moved]
+    for name, value in (("beta", solved.beta), ("vcov", solved.vcov_beta), ("sigma", solved.sigma)):
         out[name][chosen] = value
     for nan_rows, value in zip(rows, (solved.factors[0], solved.b[0], solved.cond_var[0])):
         nan_rows.write(chosen, np.asarray(value))

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..algebra.checks import SINGULAR_TOL, diagonal_mask, onto_boundary
+from ..algebra.checks import near_boundary, onto_boundary
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import Family
 from ..algebra.glm import starting_eta, working_response
@@ -506,9 +506,7 @@ def compiled_onto_boundary(plan: BatchPlan, family: Family, members: np.ndarray,
     session).  Only the fits concerned are evaluated; returns a new dict (``result`` is left as it is)."""
     ks = tuple(term.k for term in plan.design.terms)
     theta, objective = np.asarray(result["theta"], dtype=float), np.asarray(result["objective"], dtype=float)
-    diagonal = diagonal_mask(ks)
-    near = np.flatnonzero(((theta[:, diagonal] > 0) & (theta[:, diagonal] < SINGULAR_TOL)).any(axis=1)
-                          & np.isfinite(objective))
+    near = np.flatnonzero(near_boundary(theta, objective, ks))
     if not near.size:
         return result
     rows = grouped_rows(plan, members[near], widths)
