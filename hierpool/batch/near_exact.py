@@ -78,19 +78,27 @@ def near_exact_responses(design, target: np.ndarray, refused: np.ndarray) -> tup
         return ()
     n, count = target.shape
     weights = design.row_weights
-    root = np.sqrt(weights)[:, None]
+    root = None if design.weights is None else np.sqrt(weights)[:, None]  # (unweighted: no products with ones)
     # the residual by X's (weighted) QR, backward stable: the normal equations lose its digits where X's columns are
     # far from centred (x = 1e5 + Days: a noise-free response's residual 1e-6 of its spread, not flagged)
-    basis = np.linalg.qr(root * design.X)[0]
+    basis = np.linalg.qr(design.X if root is None else root * design.X)[0]
     near = np.zeros(count, dtype=bool)
     width = max(1, SHARED_BLOCK_VALUES // max(n, 1))  # temporaries bounded, as shared_design_statistics' are
+
+    def squares(values: np.ndarray) -> np.ndarray:  # each column's sum of squares
+        return np.einsum("nd,nd->d", values, values)
+
     with np.errstate(invalid="ignore", over="ignore"):
         for start in range(0, count, width):
             block = slice(start, start + width)
-            kept = np.where(refused[block], 0.0, target[:, block])
-            scaled = root * kept
-            residual = scaled - basis @ (basis.T @ scaled)
-            spread = root * (kept - weights @ kept / weights.sum())
-            near[block] = fits_to_rounding(np.einsum("nd,nd->d", residual, residual),
-                                           np.einsum("nd,nd->d", spread, spread), np.einsum("nd,nd->d", scaled, scaled))
+            kept = np.where(refused[block], 0.0, target[:, block]) if refused[block].any() else target[:, block]
+            scaled = kept if root is None else root * kept
+            size = squares(scaled)
+            residual = basis @ (basis.T @ scaled)
+            np.subtract(scaled, residual, out=residual)
+            residual = squares(residual)
+            spread = np.subtract(kept, weights @ kept / weights.sum(), out=np.empty(kept.shape))
+            if root is not None:
+                spread *= root
+            near[block] = fits_to_rounding(residual, squares(spread), size)
     return tuple((int(d), REASON) for d in np.flatnonzero(near & ~refused))
