@@ -96,6 +96,25 @@ def test_batch_moment_start_is_the_per_dataset_anova_start():
         assert start[row, 0] == pytest.approx(theta, rel=1e-9)
 
 
+def test_moment_start_of_a_shared_design_equals_the_general_path():
+    """A shared design's statistics repeat its blocks by a zero stride (kept so by take): moment_theta computes their
+    per-level inverses once, equal to the start of the same statistics copied dataset by dataset; a level with one
+    row of a slope term (not usable) included."""
+    from hierpool.algebra.search.newton import moment_start
+    from hierpool.algebra.statistics import shared_design_statistics
+
+    rng = np.random.default_rng(5)
+    level = np.r_[np.repeat(np.arange(7), 4), 7]  # level 7: one row
+    x = rng.normal(size=level.size)
+    X = np.c_[np.ones(level.size), x]
+    stats = shared_design_statistics(level, X, X.copy(), rng.normal(size=(level.size, 9)), 8).take(np.arange(1, 8))
+    assert stats.ztz.strides[0] == 0 and stats.n.strides[0] == 0 and stats.ztz.shape[0] == 7
+    copied = stats.map_arrays(np.array)
+    assert copied.ztz.strides[0] != 0
+    np.testing.assert_allclose(moment_start(stats), moment_start(copied), rtol=1e-13, atol=1e-14)  # (sums in their order)
+    assert not np.all(moment_start(stats) == moment_start(stats)[0])  # (the responses' own starts)
+
+
 def test_moment_theta_falls_back_to_the_identity():
     # one usable level of a scalar term, and a dataset whose residuals are all zero
     ztz = np.zeros((2, 3, 1, 1))

@@ -60,27 +60,35 @@ def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float, rms=None) -> 
     """
     ztz, cross = np.asarray(ztz, dtype=float), np.asarray(cross, dtype=float)
     residual_ss, n = np.asarray(residual_ss, dtype=float), np.asarray(n, dtype=float)
-    k = ztz.shape[-1]
+    k, datasets = ztz.shape[-1], len(cross)
+    # datasets that share one design (ztz and n the same array for each, repeated by a zero stride: a shared
+    # design's statistics) have its per-level inverses and its counts once, not once a dataset
+    shared = ztz.ndim and ztz.strides[0] == 0 and n.ndim and n.strides[0] == 0 and datasets > 1
+    design = (lambda a: a[:1]) if shared else (lambda a: a)
+    ztz, design_n = design(ztz), design(n)
     determinant = small_determinants(ztz)
     scale = np.maximum(np.einsum("blii->bl", ztz), 1e-300) ** k
     usable = determinant > 1e-8 * scale
     safe = identity_where_not(usable, ztz)
     inverse = small_inverses(safe)
+    count = usable.sum(axis=1)
+    weight = usable / np.maximum(count, 1)[:, None]
+    noise = np.einsum("bl,blij->bij", weight, np.where(usable[..., None, None], inverse, 0.0))
+    if shared:
+        inverse, usable, count, weight = (np.broadcast_to(a[0], (datasets,) + a.shape[1:])
+                                          for a in (inverse, usable, count, weight))
     b = np.einsum("blij,blj->bli", inverse, cross)
     fitted = np.where(usable, np.einsum("bli,bli->bl", b, cross), 0.0).sum(axis=1)
-    count = usable.sum(axis=1)
     within = np.maximum(residual_ss - fitted, 1e-12 * np.maximum(residual_ss, 1e-300))
     sigma2 = within / np.maximum(n - p - k * count, 1.0)
-    weight = usable / np.maximum(count, 1)[:, None]
     mean_b = np.einsum("bl,bli->bi", weight, b)
     centred = np.where(usable[..., None], b - mean_b[:, None, :], 0.0)
     cov = np.einsum("bli,blj->bij", centred, centred) / np.maximum(count - 1, 1)[:, None, None]
-    noise = np.einsum("bl,blij->bij", weight, np.where(usable[..., None, None], inverse, 0.0))
     relative = (cov - sigma2[:, None, None] * noise) / sigma2[:, None, None]
     # clipped in the units of Z's columns scaled to unit root-mean-square: the floor is then a share of an
     # observation's variance whatever the covariates' units (days or years of a slope)
     if rms is None:
-        rms = np.sqrt(np.einsum("blii->bi", ztz) / np.maximum(n, 1.0)[:, None])
+        rms = np.sqrt(np.einsum("blii->bi", ztz) / np.maximum(design_n, 1.0)[:, None])
     rms = np.maximum(np.asarray(rms, dtype=float), 1e-150)
     values, vectors = np.linalg.eigh(relative * rms[:, :, None] * rms[:, None, :])
     standard = np.einsum("bij,bj,bkj->bik", vectors, np.clip(values, floor, MAX_RELATIVE_VARIANCE), vectors)

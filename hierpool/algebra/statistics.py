@@ -75,7 +75,16 @@ class BatchStatistics:
         return dataclasses.replace(cast, beta_shift=np.asarray(self.beta_shift, dtype=np.float64))
 
     def take(self, index) -> BatchStatistics:
-        return self.map_arrays(lambda a: a[index])
+        """The datasets ``index``; an array repeated over them by a zero stride (a shared design's block) stays so,
+        not copied once a dataset."""
+        def rows(a):
+            if isinstance(a, np.ndarray) and a.ndim and a.shape[0] and a.strides[0] == 0:
+                picked = np.arange(a.shape[0])[index]
+                if np.ndim(picked):
+                    return np.broadcast_to(a[0], picked.shape + a.shape[1:])
+            return a[index]
+
+        return self.map_arrays(rows)
 
     def map_arrays(self, function) -> BatchStatistics:
         """``function`` applied to every array (JAX's tree_map without importing JAX)."""
