@@ -57,7 +57,6 @@ from ..closedform.optimize import Control
 from ..spec.design import lme4_term_order
 from . import host_processes
 from .other_minima import compiled_other_minima, stopped_rows_searched_on_host
-from .results import NanRows
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
     BatchPlan,
@@ -75,6 +74,7 @@ from .plan import (
     term_count_problems,
     thread_count,
 )
+from .results import NanRows
 
 
 def term_problems(plan: BatchPlan, sigma_known: bool | None = None, refusals: bool = True) -> list[str]:
