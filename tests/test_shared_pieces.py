@@ -793,6 +793,11 @@ def test_nan_rows_are_a_list_that_lays_its_rows_end_to_end():
     laid = end_to_end(rows)[0]
     np.testing.assert_array_equal(laid, np.concatenate([rows[d] for d in range(4)]))
     assert laid.dtype == np.float32 and laid.shape == (11, 2)
+    # an item kept with another count of rows than its dataset's levels is counted as it is
+    rows[3] = np.zeros((4, 2))
+    laid, counts = end_to_end(rows)
+    assert counts.tolist() == [2, 3, 5, 4] and len(laid) == 14
+    np.testing.assert_array_equal(laid[-4:], 0.0)
     # one block without padding: the block itself, in the datasets' order
     whole = NanRows([3, 3], (2, 2))
     whole[1] = np.arange(12.0).reshape(3, 2, 2)

@@ -194,7 +194,8 @@ class BatchTerm:
         The random-effect covariance Sigma per dataset (NaN where the fit failed).
     levels : sequence of ndarray (a list, or :class:`Pieces` of one array)
         Each dataset's level labels.
-    b, cond_sd : sequences of (ell_d, k) ndarrays (lists, or :class:`Pieces` of one array)
+    b, cond_sd : sequences of (ell_d, k) ndarrays (lists, :class:`NanRows` or :class:`Pieces` of one array: read
+        by index, slice or iteration; ``list(b)`` for a list's methods)
         BLUPs and lme4's conditional sds per dataset.
     """
 
@@ -202,7 +203,7 @@ class BatchTerm:
     coef_names: tuple[str, ...]
     covariance: np.ndarray
     levels: Sequence
-    b: list
+    b: Sequence
     cond_sd: Sequence
 
     @property
@@ -244,7 +245,11 @@ def end_to_end(pieces, dtype=None) -> tuple[np.ndarray, np.ndarray]:
         return (values if dtype is None else np.asarray(values, dtype=dtype)), np.diff(pieces.starts)
     if isinstance(pieces, NanRows):
         values = pieces.laid_out()
-        return (values if dtype is None else values.astype(dtype)), pieces.n_levels.copy()
+        # (an item kept beside its block may hold another count of rows than its dataset's levels)
+        counts = pieces.n_levels.copy()
+        for d, item in pieces.kept.items():
+            counts[d] = len(item)
+        return (values if dtype is None else values.astype(dtype)), counts
     counts = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     if not len(pieces):
         return np.zeros(0, dtype=dtype or float), counts
