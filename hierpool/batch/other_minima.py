@@ -47,9 +47,10 @@ def compiled_other_minima(optimized: dict, rows_of, optimize, uneven: np.ndarray
 
 
 def stopped_rows_searched_on_host(found: dict, count: int, search) -> dict:
-    """``found`` (a compiled chunk's search, host arrays: theta, objective, newton_step, iterations, converged per
-    row), the rows among its first ``count`` (the others pad the chunk) whose compiled Newton's method stopped short
-    searched again by ``search(rows)``: the host search on those rows' data from their start
+    """``found`` (a compiled chunk's search, or the one-term path's rows to finish gathered from every chunk,
+    :func:`hierpool.batch.fit._finished_on_host`; host arrays: theta, objective, newton_step, converged per row, and
+    iterations where they are), the rows among its first ``count`` (the others pad the chunk) whose compiled Newton's
+    method stopped short searched again by ``search(rows)``: the host search on those rows' data from their start
     (:func:`hierpool.algebra.search.terms.search_on_host`: saddle-free steps, interpolated damping, restarts from
     the boundary's faces), taken where it converged no higher.  Else each such dataset is refitted alone by the
     single fit (``hp.fit_batch``'s polish): 12 of 100,000 sleepstudy-shaped datasets, each refit about 60 times the
