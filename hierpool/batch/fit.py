@@ -46,7 +46,6 @@ whitened systems, :mod:`hierpool.algebra.search.ar1_systems`).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -657,8 +656,7 @@ def _by_width(parts: list) -> list:
     for group in widths.values():
         members = np.concatenate([p[0] for p in group])
         order = np.argsort(members)
-        stats = dataclasses.replace(group[0][1], **{f.name: np.concatenate([getattr(p[1], f.name) for p in group])[order]
-                                                   for f in dataclasses.fields(group[0][1])})
+        stats = jax.tree_util.tree_map(lambda *arrays, order=order: np.concatenate(arrays)[order], *[p[1] for p in group])
         joined.append((members[order], stats, np.concatenate([p[2] for p in group])[order]))
     return joined
 
@@ -680,6 +678,7 @@ def _finished_on_host(out: dict, members: np.ndarray, stats, start: np.ndarray, 
         found = stopped_rows_searched_on_host(found, len(members), lambda stopped: search_statistics_on_host(
             stats.take(stopped), start[stopped], reml, max_iterations, sigma_known,
             **{name: value[stopped] for name, value in extra.items()}))
+
     def differs(a, b):  # (NaN where it was NaN has not moved)
         return (a != b) & ~(np.isnan(a) & np.isnan(b))
 

@@ -88,11 +88,17 @@ class Pieces(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        i = operator.index(index)
-        i += len(self) if i < 0 else 0
-        if not 0 <= i < len(self):
-            raise IndexError(f"piece {index} of {len(self)}")
+        i = _item_index(index, len(self))
         return self.values[self.starts[i]:self.starts[i + 1]]
+
+
+def _item_index(index, length: int) -> int:
+    """A sequence's item ``index`` (an integer, negative from the end) as a position in 0 .. length - 1."""
+    i = operator.index(index)
+    i += length if i < 0 else 0
+    if not 0 <= i < length:
+        raise IndexError(f"item {index} of {length}")
+    return i
 
 
 class NanRows(Sequence):
@@ -125,24 +131,17 @@ class NanRows(Sequence):
     def __len__(self) -> int:
         return len(self.n_levels)
 
-    def _index(self, index) -> int:
-        i = operator.index(index)
-        i += len(self) if i < 0 else 0
-        if not 0 <= i < len(self):
-            raise IndexError(f"dataset {index} of {len(self)}")
-        return i
-
     def _view(self, d: int) -> np.ndarray:
         return self.blocks[int(self.widths[d])][self.position[d], :self.n_levels[d]]
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        d = self._index(index)
+        d = _item_index(index, len(self))
         return self.kept[d] if d in self.kept else self._view(d)
 
     def __setitem__(self, index, value) -> None:
-        d = self._index(index)
+        d = _item_index(index, len(self))
         view, value = self._view(d), np.asarray(value)
         if value.shape == view.shape and value.dtype == view.dtype:
             view[...] = value
