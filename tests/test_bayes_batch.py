@@ -341,3 +341,30 @@ def test_a_dataset_lacking_a_level_is_sampled_alone_by_hp_bayes():
     np.testing.assert_array_equal(kept["b"], alone.term_draws(0))
     np.testing.assert_allclose(kept["sd"][..., 0], alone.idata.posterior["sd_g"].values[..., 0], rtol=1e-12)
     np.testing.assert_array_equal(kept["sigma"], alone.sigma_draws)
+
+
+def test_a_chains_start_varies_with_the_chain_where_its_iterations_do_and_keeps_its_values():
+    # the batch's chains start from a state whose leaves vary over the vmapped chains where an iteration makes them
+    # vary (floats, flags, keys), so that the scan is traced once; the counters (iteration, adaptation window) stay
+    # shared, else the warm-up's branches on them would run both branches.  Adding the chain's zero keeps each value
+    from numpyro.infer.hmc import hmc
+    from numpyro.infer.util import ParamInfo
+
+    from hierpool.bayesian.nuts import _varying_with
+
+    kernel_init, _ = hmc(potential_fn=lambda z: jnp.sum(z ** 2), algo="NUTS")
+    state = kernel_init(ParamInfo(jnp.asarray([1.0, -0.5]), 1.25, jnp.asarray([2.0, -1.0])), num_warmup=10,
+                        rng_key=jax.random.PRNGKey(0), dense_mass=True)
+    leaves, tree = jax.tree_util.tree_flatten(state)
+    counter = [jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.signedinteger) for leaf in leaves]
+    assert sum(counter) == 5 and not all(counter)  # i, num_steps, the dual averaging's t, Welford's n, the window
+    chains = jnp.arange(3, dtype=jnp.uint32)
+    # out_axes None: vmap refuses a leaf that varies over the chains
+    out_axes = jax.tree_util.tree_unflatten(tree, [None if c else 0 for c in counter])
+    varied = jax.tree_util.tree_leaves(jax.vmap(lambda c: _varying_with(c, state), out_axes=out_axes)(chains))
+    for j, (before, after) in enumerate(zip(leaves, varied)):
+        expected = np.asarray(before) if counter[j] else np.broadcast_to(before, (3, *np.shape(before)))
+        assert after.dtype == jnp.asarray(before).dtype and np.array_equal(after, expected), j
+        if not counter[j]:
+            with pytest.raises(ValueError, match="out_axes"):
+                jax.vmap(lambda c, j=j: jax.tree_util.tree_leaves(_varying_with(c, state))[j], out_axes=None)(chains)

@@ -191,6 +191,33 @@ def start_function(bound, potential):
     return start
 
 
+def _varying_with(chain, state):
+    """``state`` with its float, bool and unsigned (key) leaves made to vary with ``chain``, by adding its zero.
+
+    Under ``jax.vmap`` over chains, the scan's batching rule traces the NUTS iteration
+    (its while-loops and conds with it) once more for each round in which it finds that
+    a leaf of the starting state which does not vary with the chain (the identity mass
+    matrix, the first step size) comes out of an iteration varying.  Those leaves all
+    vary after one iteration, so starting them varying gives the same chains (adding a
+    zero changes no value but a zero's sign), traced in about half the time: 1-1.5 s less compilation for each
+    ``bayes_batch`` program (benchmarks/RESULTS.md, "Tracing bayes_batch's chains").
+    The signed-integer counters (iteration, adaptation window) stay as they are: made
+    to vary, the warm-up's branches on them would run as selects of both branches.
+    Outside ``vmap`` the additions are of a scalar zero.
+    """
+    zero = jnp.asarray(chain) * 0  # (not zeros_like, which is a constant: it would vary with nothing)
+
+    def vary(leaf):
+        leaf = jnp.asarray(leaf)
+        if jnp.issubdtype(leaf.dtype, jnp.signedinteger):
+            return leaf
+        if leaf.dtype == jnp.bool_:
+            return leaf | zero.astype(bool)
+        return leaf + zero.astype(leaf.dtype)
+
+    return jax.tree_util.tree_map(vary, state)
+
+
 def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_mass, progress=None, potential=None):
     """``one_chain(seed, chain, args, start=None) -> (draws, stats)``: one NUTS chain of ``bound(*args)``, pure and jittable.
 
@@ -217,6 +244,7 @@ def chain_function(bound, *, tune, draws, target_accept, max_tree_depth, dense_m
             init_params, num_warmup=tune, target_accept_prob=target_accept, max_tree_depth=max_tree_depth, rng_key=key_run,
             dense_mass=dense_mass,
         )
+        state = _varying_with(chain, state)
 
         def step(state, i):
             state = kernel_sample(state)
