@@ -803,3 +803,16 @@ def test_nan_rows_are_a_list_that_lays_its_rows_end_to_end():
     whole[1] = np.arange(12.0).reshape(3, 2, 2)
     assert np.shares_memory(end_to_end(whole)[0], whole.blocks[3])
     np.testing.assert_array_equal(end_to_end(whole)[0][3:], np.arange(12.0).reshape(3, 2, 2))
+
+
+def test_a_varying_zero_varies_under_vmap_where_its_value_does_and_is_zero_whatever_the_value():
+    # a vmapped loop's carry started from it varies from the start (the loop traced once); zeros_like does not vary
+    from hierpool.algebra.varying import varying_zero
+
+    values = jnp.asarray([1.5, np.nan, -np.inf])
+    zeros = jax.vmap(lambda v: varying_zero(v, v.dtype))(values)
+    assert zeros.dtype == values.dtype and np.array_equal(zeros, np.zeros(3))
+    assert jax.vmap(varying_zero)(jnp.arange(3, dtype=jnp.uint32)).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="out_axes"):  # out_axes=None: vmap refuses an output that varies
+        jax.vmap(varying_zero, out_axes=None)(values)
+    assert jax.vmap(jnp.zeros_like, out_axes=None)(values).shape == ()  # a constant: shared over the axis

@@ -45,6 +45,7 @@ from .laplace import (
 from .laplace_gradient import laplace_gradient, leverages, rows_random_part
 from .linalg import theta_to_factors
 from .system import SystemPattern, fill_in_program
+from .varying import varying_zero
 
 
 @pytree_dataclass
@@ -112,10 +113,9 @@ def _conditional_mode(theta, beta, u, shape, saturated, data: ProgramData, famil
     def going(state):
         return (state[5] < max_steps) & ~state[6]
 
-    # the counter and flag are computed from the deviance, not constants: under vmap each carry is then batched
-    # from the start (a constant carry is not, and vmap batches the loop's body again for each carry it finds
-    # batched after a pass, the halving loop's with it)
-    zero = jnp.where(jnp.isfinite(deviance), 0, 0)
+    # the counter and flag are computed from the deviance, not constants: under vmap each carry then varies from
+    # the start, and the body (the halving loop's with it) is traced once (the varying module)
+    zero = varying_zero(deviance)
     state = (tuple(u), beta, eta, mu, deviance, zero, zero != 0)
     u, beta, eta, mu, deviance, steps, converged = jax.lax.while_loop(going, step, state)
     _, weights, _ = family.working(data.y, eta, data.trials)

@@ -34,6 +34,7 @@ from numpyro.infer.util import ParamInfo, constrain_fn, potential_energy
 
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.system import MixedModelSystem, program_values
+from ..algebra.varying import varying_zero
 
 #: Per-iteration statistics kept for ArviZ's sample_stats group (NumPyro field -> ArviZ name).
 SAMPLE_STATS = {
@@ -192,20 +193,18 @@ def start_function(bound, potential):
 
 
 def _varying_with(chain, state):
-    """``state`` with its float, bool and unsigned (key) leaves made to vary with ``chain``, by adding its zero.
+    """``state`` with its float, bool and unsigned (key) leaves made to vary with ``chain`` (:mod:`~hierpool.algebra.varying`).
 
-    Under ``jax.vmap`` over chains, the scan's batching rule traces the NUTS iteration
-    (its while-loops and conds with it) once more for each round in which it finds that
-    a leaf of the starting state which does not vary with the chain (the identity mass
-    matrix, the first step size) comes out of an iteration varying.  Those leaves all
-    vary after one iteration, so starting them varying gives the same chains (adding a
-    zero changes no value but a zero's sign), traced in about half the time: 1-1.5 s less compilation for each
-    ``bayes_batch`` program (benchmarks/RESULTS.md, "Tracing bayes_batch's chains").
-    The signed-integer counters (iteration, adaptation window) stay as they are: made
-    to vary, the warm-up's branches on them would run as selects of both branches.
-    Outside ``vmap`` the additions are of a scalar zero.
+    Under ``jax.vmap`` over chains, the leaves of the starting state that do not vary with
+    the chain (the identity mass matrix, the first step size) all vary after one
+    iteration: started varying, the NUTS scan is traced once, the same chains (adding a
+    zero changes no value but a zero's sign) in about half the tracing time: 1-1.5 s less
+    compilation for each ``bayes_batch`` program (benchmarks/RESULTS.md, "Tracing
+    bayes_batch's chains").  The signed-integer counters (iteration, adaptation window)
+    stay shared: made to vary, the warm-up's branches on them would run as selects of
+    both branches.  Outside ``vmap`` the additions are of a scalar zero.
     """
-    zero = jnp.asarray(chain) * 0  # (not zeros_like, which is a constant: it would vary with nothing)
+    zero = varying_zero(chain)
 
     def vary(leaf):
         leaf = jnp.asarray(leaf)

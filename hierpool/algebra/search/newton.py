@@ -31,6 +31,7 @@ from ..linalg import canonical_theta as canonical_rows
 from ..linalg import cholesky, identity_where_not, theta_to_factors, tril_positions
 from ..one_term import objective
 from ..start import moment_theta
+from ..varying import varying_zero
 
 STEP_LENGTHS = (1.0,)
 GRADIENT_TOL = 1e-7
@@ -631,9 +632,8 @@ def newton(f, theta0, max_iterations: int = MAX_ITERATIONS, value_and_grad=None,
         return (~done) & (iteration < max_iterations)
 
     # the first pass has a zero step: it only probes theta0, so the loop holds the one gradient program.  Every
-    # carry is computed from theta0, so that under vmap each is batched from the start (a constant carry is not,
-    # and vmap batches the loop's body again for each carry it finds batched after a pass)
-    zero = jnp.where(jnp.isfinite(theta0[0]), 0.0, 0.0).astype(theta0.dtype)  # 0, from theta0 (never NaN)
+    # carry is computed from theta0, so that under vmap each varies from the start (the varying module)
+    zero = varying_zero(theta0[0], theta0.dtype)
     aux = None if aux0 is None else jax.tree_util.tree_map(lambda a: a + zero.astype(a.dtype), aux0)
     initial = (theta0, zero + jnp.inf, jnp.zeros_like(theta0) + zero, eye + zero, zero, zero.astype(jnp.int32),
                zero != 0, aux, jnp.zeros_like(theta0) + zero, zero != 0)
