@@ -813,6 +813,7 @@ def test_a_varying_zero_varies_under_vmap_where_its_value_does_and_is_zero_whate
     zeros = jax.vmap(lambda v: varying_zero(v, v.dtype))(values)
     assert zeros.dtype == values.dtype and np.array_equal(zeros, np.zeros(3))
     assert jax.vmap(varying_zero)(jnp.arange(3, dtype=jnp.uint32)).tolist() == [0, 0, 0]
-    with pytest.raises(ValueError, match="out_axes"):  # out_axes=None: vmap refuses an output that varies
-        jax.vmap(varying_zero, out_axes=None)(values)
+    for varying in (values, jnp.arange(3, dtype=jnp.uint32), jnp.arange(3) > 0):  # (isfinite of an int is constant)
+        with pytest.raises(ValueError, match="out_axes"):  # out_axes=None: vmap refuses an output that varies
+            jax.vmap(varying_zero, out_axes=None)(varying)
     assert jax.vmap(jnp.zeros_like, out_axes=None)(values).shape == ()  # a constant: shared over the axis

@@ -17,10 +17,16 @@ from .jax_runtime import jnp  # imported on first use
 
 
 def varying_zero(value, dtype=None):
-    """``0`` (of ``dtype``, else ``jnp.where``'s of an int) computed from ``value``: under ``jax.vmap`` it varies
-    over the mapped axis wherever ``value`` does, and it is 0 whatever ``value`` holds (NaN and inf included).
+    """``0`` (of ``dtype``; else an int, of ``value``'s type where that is one) computed from ``value``: under
+    ``jax.vmap`` it varies over the mapped axis wherever ``value`` does, and it is 0 whatever ``value`` holds (NaN
+    and inf included).
 
-    Not ``jnp.zeros_like(value)``: that is a constant, shared under ``vmap`` whatever ``value`` is.
+    Not ``jnp.zeros_like(value)``, nor ``jnp.isfinite`` of an integer: each is a constant, shared under ``vmap``
+    whatever ``value`` is.
     """
-    zero = jnp.where(jnp.isfinite(value), 0, 0)
+    value = jnp.asarray(value)
+    if jnp.issubdtype(value.dtype, jnp.inexact):
+        zero = jnp.where(jnp.isfinite(value), 0, 0)  # (value * 0 is NaN at inf)
+    else:
+        zero = value * 0
     return zero if dtype is None else zero.astype(dtype)
