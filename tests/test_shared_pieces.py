@@ -806,7 +806,7 @@ def test_nan_rows_are_a_list_that_lays_its_rows_end_to_end():
 
 
 def test_a_varying_zero_varies_under_vmap_where_its_value_does_and_is_zero_whatever_the_value():
-    # a vmapped loop's carry started from it varies from the start (the loop traced once); zeros_like does not vary
+    # a vmapped loop's carry started from it varies from the start (the loop traced once)
     from hierpool.algebra.varying import varying_zero
 
     values = jnp.asarray([1.5, np.nan, -np.inf])
@@ -816,4 +816,3 @@ def test_a_varying_zero_varies_under_vmap_where_its_value_does_and_is_zero_whate
     for varying in (values, jnp.arange(3, dtype=jnp.uint32), jnp.arange(3) > 0):  # (isfinite of an int is constant)
         with pytest.raises(ValueError, match="out_axes"):  # out_axes=None: vmap refuses an output that varies
             jax.vmap(varying_zero, out_axes=None)(varying)
-    assert jax.vmap(jnp.zeros_like, out_axes=None)(values).shape == ()  # a constant: shared over the axis

@@ -3,12 +3,12 @@
 ``jax.vmap`` of a ``lax.while_loop``, ``lax.scan`` or ``lax.fori_loop`` learns which carries vary over the
 mapped axis by tracing the loop's body, then tracing it again as long as a carry that started shared (a
 constant: a counter, a bracket's ends, an identity mass matrix) comes out of a pass varying.  The body of a
-batch's loop is large (a Newton fit, a penalized IRLS, a NUTS iteration), so each extra pass is seconds of
-tracing, and nested loops multiply them.  A carry that will vary anyway is started varying by adding
+batch's loop is large (a Newton fit, a penalized IRLS, a NUTS iteration), so each extra pass costs a whole
+trace of it, and nested loops multiply them.  A carry that will vary anyway is started varying by adding
 :func:`varying_zero` of a value that varies: the loop is traced once, and computes the same values.
-Used by the batch's Newton search, penalized IRLS and NUTS chains (``bayesian.nuts._varying_with``: half its
-tracing time).  Not every loop gains: the AR(1) batch's golden sections, whose bracket starts shared, traced in
-the same time started varying (benchmarks/RESULTS.md, "Tracing bayes_batch's chains").
+Used by the batch's Newton search, penalized IRLS and NUTS chains (``bayesian.nuts._varying_with``).  Not every
+loop gains: the AR(1) batch's golden sections, whose bracket starts shared, gained nothing started varying (the
+measurements of both: benchmarks/RESULTS.md, "Tracing bayes_batch's chains").
 """
 
 from __future__ import annotations

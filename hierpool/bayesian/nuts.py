@@ -197,10 +197,9 @@ def _varying_with(chain, state):
 
     Under ``jax.vmap`` over chains, the leaves of the starting state that do not vary with
     the chain (the identity mass matrix, the first step size) all vary after one
-    iteration: started varying, the NUTS scan is traced once, the same chains (adding a
-    zero changes no value but a zero's sign) in about half the tracing time: 1-1.5 s less
-    compilation for each ``bayes_batch`` program (benchmarks/RESULTS.md, "Tracing
-    bayes_batch's chains").  The signed-integer counters (iteration, adaptation window)
+    iteration: started varying, the NUTS scan is traced once, to the same chains (adding a
+    zero changes no value but a zero's sign); the tracing saved is in benchmarks/RESULTS.md,
+    "Tracing bayes_batch's chains".  The signed-integer counters (iteration, adaptation window)
     stay shared: made to vary, the warm-up's branches on them would run as selects of
     both branches.  Outside ``vmap`` the additions are of a scalar zero.
     """
