@@ -368,3 +368,29 @@ def test_a_chains_start_varies_with_the_chain_where_its_iterations_do_and_keeps_
         if not counter[j]:
             with pytest.raises(ValueError, match="out_axes"):
                 jax.vmap(lambda c, j=j: jax.tree_util.tree_leaves(_varying_with(c, state))[j], out_axes=None)(chains)
+
+
+def _standard_normal():  # (a module-level model: chain_function's programs are keyed by it)
+    import numpyro
+
+    numpyro.sample("x", dist.Normal(0.0, 1.0))
+
+
+def test_a_chain_starts_from_the_kernels_state_made_to_vary_with_its_chain(monkeypatch):
+    # chain_function hands the NUTS kernel's starting state to _varying_with, with the chain, and runs the chain from
+    # what it returns (without the call the values are the same and only the batch's tracing is longer: nothing else
+    # would notice it gone).  Traced unbatched, a short chain of a one-parameter model
+    from hierpool.bayesian import nuts
+
+    seen = []
+
+    def recorded(chain, state):
+        seen.append((chain, state))
+        return state
+
+    monkeypatch.setattr(nuts, "_varying_with", recorded)
+    one_chain = nuts.chain_function(_standard_normal, tune=2, draws=2, target_accept=0.8, max_tree_depth=2,
+                                    dense_mass=False)
+    jax.make_jaxpr(lambda seed, chain: one_chain(seed, chain, ()))(jnp.uint32(0), jnp.int32(3))
+    (chain, state), = seen
+    assert isinstance(chain, jax.core.Tracer) and type(state).__name__ == "HMCState"
