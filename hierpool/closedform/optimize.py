@@ -449,8 +449,8 @@ def optimize_theta(
             return np.stack([evaluate(point)[1] for point in points])
     # the differences' step in the prior weights' units (theta over sqrt of their scale: algebra.linalg.weights_unit):
     # with weights of 1e7 a step of 1e-4 was half of theta, and the Hessian came out indefinite at the optimum
-    weights_decade = 1.0 if system.layout.sigma_known else decade_unit(
-        float(system.log_weights) / max(system.layout.n, 1) / np.log(10.0))  # (known sds: theta in y's units)
+    decade = decade_unit(float(system.log_weights) / max(system.layout.n, 1) / np.log(10.0))
+    weights_decade = 1.0 if system.layout.sigma_known else decade  # (known sds: theta in y's units)
     hessian_at = _HessianCache(gradients_at, lower, HESSIAN_STEP * weights_decade)
     polish = system.layout.n <= control.hessian_max_n
     theta = _interior_optimum(evaluate, hessian_at, start, system, control) if on_host and polish else None
@@ -469,8 +469,11 @@ def optimize_theta(
             found.x = np.asarray(found.x, dtype=float) * unit
             return found
 
+        # with known residual sds theta is an sd in the response's units, whose optimum may lie near 1 or near the
+        # size of the known sds (in whole decades: the weights' unit): the probes off a boundary go out in both
+        probe_units = [unit] + ([unit * decade] if system.layout.sigma_known and decade != 1.0 else [])
         result = _restart_from_boundary(search, search(start), control.max_restarts, system.layout.ks,
-                                        control.singular_tol, scales)
+                                        control.singular_tol, probe_units)
         if not np.isfinite(result.fun):
             raise ConvergenceError(f"the objective became non-finite during optimization: {result.message}")
         theta = np.maximum(np.asarray(result.x, dtype=float), lower)
@@ -680,10 +683,19 @@ def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...],
     each such element, each such vector term's covariance made full rank), and keep the best optimum.  ``near``: an
     element at most this is taken as at 0 (L-BFGS-B stops short of the bound where the criterion is flat: (x | a)
     on 6 groups of 5 rows stopped at T_11 = 3.5e-5, 1.3e-4 above lme4's optimum at T_22 = 7e-6, a correlation of 1).
-    ``scales``: the probes' units (:func:`hierpool.algebra.linalg.theta_scales`).
+    ``scales``: the probes' units (:func:`hierpool.algebra.linalg.theta_scales`), or a list of such units, the
+    probes of each in turn (a probe of two is searched from once).
+
+    Known residual sds (``se=``) leave theta an sd in the response's units, and its optimum near either of two
+    units: probes in the columns' units alone (0.05 and 0.5) missed a between-study sd of 0.034 beside known sds of
+    0.1-0.6, both searches going on to theta = 0, 0.0079 above the optimum, reported converged (the fifty-first
+    session's review); probes in the known sds' units alone missed an optimum 30 times below sds of ~30 (the
+    forty-third session's, ``tests/test_known_se.py``).  :func:`optimize_theta` gives both.
     """
+    units = scales if isinstance(scales, list) else [scales]
     for _ in range(max_rounds):
-        probes = boundary_probes(np.asarray(result.x), ks, near, scales)
+        probes = {probe.tobytes(): probe
+                  for unit in units for probe in boundary_probes(np.asarray(result.x), ks, near, unit)}.values()
         if not probes:
             return result
         improved = False
