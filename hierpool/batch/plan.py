@@ -460,10 +460,15 @@ def padded_widths(plan: BatchPlan) -> np.ndarray:
 
 
 def aliased_message(p: int, names) -> str:
-    """Why a dataset whose fixed-effect columns ``names`` are aliased in it is not fitted in the batch."""
+    """Why a dataset whose fixed-effect columns ``names`` are aliased in it is not fitted in the batch.  (A dataset
+    whose aliased columns are all zero, a level it lacks, is fitted alone instead: :meth:`BatchPlan.alone_for_levels`
+    tells it by this message.)  Its single fit recodes its own columns (a factor's baseline level it lacks: another
+    baseline), which the batch's columns cannot stand for; "its single fit does without them" said otherwise (a
+    review)."""
     return (f"the {p} fixed-effect columns have rank {p - len(names)} in this dataset: {', '.join(names)} zero or "
-            "aliased with earlier columns here (its single fit does without them; a batch fits the same columns to "
-            "every dataset)")
+            "aliased with earlier columns here; a batch fits the same columns to every dataset, and here they would "
+            "not mean what they mean in the others (a factor's baseline level it lacks, a constant column): fit it "
+            "alone, its single fit coding its own columns")
 
 
 def dataset_problems(n_obs, n_levels, aliased, p: int, coef_names, group: str, sigma_known: bool = False,
