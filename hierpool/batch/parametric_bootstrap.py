@@ -139,7 +139,9 @@ class BootstrapResult:
         linear interpolation between order statistics, where the boot package interpolates on the normal scale:
         they differ slightly at small n);
         ``basic``: 2 estimate - those quantiles, reversed; ``normal``: estimate - bias -+ z se.  lme4's names
-        ``"perc"`` and ``"norm"`` are taken too.
+        ``"perc"`` and ``"norm"`` are taken too.  The basic and normal intervals are reflections of the replicates
+        about the estimate and are not held within a parameter's range, as the boot package's are not: an sd
+        estimated near 0 can get a lower end below 0, where the percentile interval stays within the replicates.
         """
         level = self.level if level is None else float(probability_argument("level", level))
         method = METHOD_ALIASES.get(method, method) if isinstance(method, str) else method
