@@ -305,3 +305,30 @@ def test_known_sds_search_off_the_boundary_in_their_units_too():
     assert single.objective == pytest.approx(one_term.objective, rel=1e-10)
     assert single.objective == pytest.approx(batch.objective.iloc[0], rel=1e-9)
     assert single.theta[0] == pytest.approx(0.0345, abs=5e-4) and single.theta[1] == 0.0
+
+
+def test_a_batch_with_known_sds_starts_in_their_units():
+    """fit_batch started known-sd searches at lme4's identity, theta = 1 in the response's units: a meta-analysis
+    with sds of ~1e-4 and a slope, `(1 + x | study)`, stopped near it, reported converged, REML -63.6 where hp.lmm's
+    is -330.8 (the fifty-first session's review; 7 of 20 such datasets).  Started at the identity in the sds' units
+    (their geometric mean, in whole decades), it reaches hp.lmm's optimum."""
+    rng = np.random.default_rng(2003)
+    tau = 10 ** rng.uniform(-2, 0.3)
+    tau_region = 10 ** rng.uniform(-2, 0.0) * (rng.random() < 0.5)
+    tau_x = 10 ** rng.uniform(-2, 0.0)
+    region = rng.normal(0, tau_region, 3)
+    rows = []
+    for study in range(int(rng.integers(6, 14))):
+        effect, slope = rng.normal(0, tau), rng.normal(0, tau_x)
+        for _ in range(int(rng.integers(1, 5))):
+            se, x = 10 ** rng.uniform(-1.0, -0.2), rng.normal()
+            rows.append({"study": f"S{study}", "x": x, "se": se * 1e-3,
+                         "y": 1e-3 * (0.5 + (0.2 + slope) * x + effect + region[study % 3] + rng.normal(0, se))})
+    data = pd.DataFrame(rows)
+    formula = "y ~ x + (1 + x | study)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a boundary fit)
+        single = hp.lmm(formula, data, se="se")
+    batch = hp.fit_batch(formula, [data, data.assign(y=data["y"] * 2)], se="se", progress=False)
+    assert single.objective == pytest.approx(-330.78018, abs=1e-4)
+    assert batch.objective.iloc[0] == pytest.approx(single.objective, rel=1e-9) and batch.converged.iloc[0]
