@@ -176,8 +176,9 @@ def sufficient_statistics(
 #: Values of the responses' temporaries (y - offset, its residual, the weighted residual) per block of datasets in
 #: :func:`shared_design_statistics`: about 8 MiB each in float64, whatever the number of datasets.  Each block is read
 #: and written several times over (the shifts' products and column updates, then the cross-products); blocks of this
-#: size stay nearer the processor than 32 MiB ones, and one block's columns come out the same whatever the blocks
-#: (timed and checked in benchmarks/RESULTS.md, "Fifty-first session").
+#: size stay nearer the processor than 32 MiB ones.  The statistics are equal to rounding whatever the blocks (a
+#: block of one response goes to other BLAS kernels: 1e-16 apart); timed in benchmarks/RESULTS.md, "Fifty-first
+#: session".
 SHARED_BLOCK_VALUES = 1 << 20
 
 

@@ -461,14 +461,13 @@ def padded_widths(plan: BatchPlan) -> np.ndarray:
 
 def aliased_message(p: int, names) -> str:
     """Why a dataset whose fixed-effect columns ``names`` are aliased in it is not fitted in the batch.  (A dataset
-    whose aliased columns are all zero, a level it lacks, is fitted alone instead: :meth:`BatchPlan.alone_for_levels`
-    tells it by this message.)  Its single fit recodes its own columns (a factor's baseline level it lacks: another
-    baseline), which the batch's columns cannot stand for; "its single fit does without them" said otherwise (a
-    review)."""
+    whose aliased columns are all zero, a level it lacks, is fitted alone instead, unless a random-effect term's
+    columns are zero there too: :meth:`BatchPlan.alone_for_levels` tells it by this message.)  Its single fit drops
+    such columns, or recodes a factor whose baseline level it lacks (another baseline: the message said only "does
+    without them", a review)."""
     return (f"the {p} fixed-effect columns have rank {p - len(names)} in this dataset: {', '.join(names)} zero or "
-            "aliased with earlier columns here; a batch fits the same columns to every dataset, and here they would "
-            "not mean what they mean in the others (a factor's baseline level it lacks, a constant column): fit it "
-            "alone, its single fit coding its own columns")
+            "aliased with earlier columns here, and a batch fits the same columns to every dataset: fit it alone "
+            "(its single fit drops such columns, or recodes a factor whose baseline level the dataset lacks)")
 
 
 def dataset_problems(n_obs, n_levels, aliased, p: int, coef_names, group: str, sigma_known: bool = False,
@@ -503,7 +502,8 @@ def term_count_problems(n_obs, n_levels, coef_names, group: str, sigma_known: bo
 def fixed_part_problems(n_obs, aliased, p: int, sigma_known: bool, glmm: bool = False) -> list[str]:
     """Per dataset, why its fixed part cannot be fitted ("" where it can): X's rank (``aliased``: the names of its
     aliased fixed-effect columns, :meth:`BatchPlan.aliased_names`; the batch's X is common, so a rank-deficient
-    dataset is refused, where its single fit would drop the columns), and, for a linear model with a residual
+    dataset is refused, where its single fit would drop the columns or recode a factor: :func:`aliased_message`),
+    and, for a linear model with a residual
     variance, as many observations as columns, in its single fit's words
     (:func:`~hierpool.spec.design.residual_df_problem`).  With known residual sds (``sigma_known``: ``se=``) that
     many rows are fitted, as ``hp.lmm(se=)`` fits them (the batch refused them); a GLMM's (``glmm``) are refused, as
