@@ -319,15 +319,16 @@ def main() -> None:
     for name in args.only:
         n = max(20, SIZES[name] // 100) if args.small else SIZES[name]
         left = args.budget - (time.perf_counter() - start)
-        results["checks"][name] = _check(name, n, env, left) if left > 0 else \
+        results["checks"][name] = _check(name, n, env, left) if left >= 1 else \
             {"datasets": n, "error": f"not started: the run's {args.budget:.0f} s (--budget) were spent"}
         print(name, json.dumps(results["checks"][name]), flush=True)
     results["total_s"] = time.perf_counter() - start
     text = json.dumps(results, indent=2)
+    print(text)
     (OUT / "gpu.json").write_text(text)
     if os.environ.get("OUT"):  # a device machine's folder of files that come back (/work/.library/device's $OUT)
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         Path(os.environ["OUT"], "gpu.json").write_text(text)
-    print(text)
 
 
 def _check(name: str, n: int, env: dict, seconds: float) -> dict:
