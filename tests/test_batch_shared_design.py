@@ -197,7 +197,7 @@ def test_a_design_hp_lmm_refuses_is_refused_once(design, responses, case):
 
 
 @pytest.mark.parametrize("bad, match", [
-    ("missing", r"responses column 'r2' \(and 0 more\) has 1 missing"),
+    ("missing", r"responses column 'r2' has 1 missing value at rows"),
     ("one-dimensional", "two-dimensional, one row per row of data"),
     ("rows", "two-dimensional, one row per row of data"),
     ("index", "must have data's index"),

@@ -500,9 +500,11 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
     missing = np.isnan(values)
     if missing.any():
         bad = np.flatnonzero(missing.any(axis=0))
-        raise DataError(f"responses column {responses.labels[bad[0]]!r} (and {bad.size - 1} more) has "
-                        f"{int(missing[:, bad[0]].sum())} missing values at rows data keeps: each response is "
-                        "fitted on the design's rows (datasets with rows of their own: a long frame, by=)")
+        count = int(missing[:, bad[0]].sum())
+        others = f" (and {bad.size - 1} more)" if bad.size > 1 else ""
+        raise DataError(f"responses column {responses.labels[bad[0]]!r}{others} has {count} missing "
+                        f"value{'s' if count > 1 else ''} at rows data keeps: each response is fitted on the design's "
+                        "rows (datasets with rows of their own: a long frame, by=)")
     # the single fit's refusals of a response: infinite, beyond its largest or too small to square, or one value
     # (its offset's less too)
     with np.errstate(invalid="ignore", over="ignore"):
