@@ -217,6 +217,13 @@ def decade_unit(mean_log10_weight):
     return float(unit) if np.ndim(unit) == 0 else unit
 
 
+def log_weights_unit(log_weights, n):
+    """:func:`weights_unit` from the weights' natural logs summed over ``n`` rows (a system's ``log_weights``, or a
+    batch's statistics', one per dataset): with known residual sds (weights 1 / se^2) their geometric mean, the unit
+    of theta, an sd in the response's units there."""
+    return decade_unit(np.asarray(log_weights, dtype=float) / np.maximum(np.asarray(n, dtype=float), 1) / np.log(10.0))
+
+
 def boundary_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0, scales=None) -> list[np.ndarray]:
     """Starts inside the boundary where an optimum ``theta`` has diagonal elements of some T_j at 0 (at most
     ``at_most``): each such element moved to each of :data:`BOUNDARY_PROBE_VALUES` times its ``scales`` entry (the

@@ -31,7 +31,7 @@ from ..algebra.linalg import (
     OTHER_MINIMUM_MARGIN,
     boundary_probes,
     canonical_theta,
-    decade_unit,
+    log_weights_unit,
     terms_theta_scales,
     theta_lower_bounds,
     theta_start,
@@ -449,7 +449,7 @@ def optimize_theta(
             return np.stack([evaluate(point)[1] for point in points])
     # the differences' step in the prior weights' units (theta over sqrt of their scale: algebra.linalg.weights_unit):
     # with weights of 1e7 a step of 1e-4 was half of theta, and the Hessian came out indefinite at the optimum
-    decade = decade_unit(float(system.log_weights) / max(system.layout.n, 1) / np.log(10.0))
+    decade = log_weights_unit(float(system.log_weights), system.layout.n)
     weights_decade = 1.0 if system.layout.sigma_known else decade  # (known sds: theta in y's units)
     hessian_at = _HessianCache(gradients_at, lower, HESSIAN_STEP * weights_decade)
     polish = system.layout.n <= control.hessian_max_n
@@ -671,7 +671,7 @@ def search_past_unfactored(evaluate, start: np.ndarray, bounds, options: dict, u
     return result
 
 
-def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...], near: float = 0.0, scales=None):
+def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...], near: float, units: list):
     """Leave a boundary optimum when an interior one is better.
 
     When a diagonal element of some T_j ends at 0, the boundary point can be a
@@ -683,8 +683,8 @@ def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...],
     each such element, each such vector term's covariance made full rank), and keep the best optimum.  ``near``: an
     element at most this is taken as at 0 (L-BFGS-B stops short of the bound where the criterion is flat: (x | a)
     on 6 groups of 5 rows stopped at T_11 = 3.5e-5, 1.3e-4 above lme4's optimum at T_22 = 7e-6, a correlation of 1).
-    ``scales``: the probes' units (:func:`hierpool.algebra.linalg.theta_scales`), or a list of such units, the
-    probes of each in turn (a probe of two is searched from once).
+    ``units``: the probes' units (:func:`hierpool.algebra.linalg.theta_scales`), one or more, the probes of each in
+    turn (a probe of two is searched from once).
 
     Known residual sds (``se=``) leave theta an sd in the response's units, and its optimum near either of two
     units: probes in the columns' units alone (0.05 and 0.5) missed a between-study sd of 0.034 beside known sds of
@@ -692,7 +692,6 @@ def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...],
     session's review); probes in the known sds' units alone missed an optimum 30 times below sds of ~30 (the
     forty-third session's, ``tests/test_known_se.py``).  :func:`optimize_theta` gives both.
     """
-    units = scales if isinstance(scales, list) else [scales]
     for _ in range(max_rounds):
         probes = {probe.tobytes(): probe
                   for unit in units for probe in boundary_probes(np.asarray(result.x), ks, near, unit)}.values()

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..jax_runtime import jax, jnp  # imported on first use: the host search runs without JAX
 from ..linalg import canonical_theta as canonical_rows
-from ..linalg import cholesky, decade_unit, identity_where_not, theta_to_factors, tril_positions
+from ..linalg import cholesky, identity_where_not, log_weights_unit, theta_to_factors, tril_positions
 from ..one_term import objective
 from ..start import moment_theta
 from ..varying import varying_zero
@@ -103,15 +103,14 @@ def moment_start(stats, sigma_known: bool = False) -> np.ndarray:
     boundary: from a near-singular Lambda (a floor of 1e-4, the closed form's) two of those datasets did
     not converge in 60 iterations.  With known residual sds (``sigma_known``) every dataset
     starts at the identity in its known sds' units (their geometric mean in whole decades of the weights 1 / se^2,
-    :func:`hierpool.algebra.linalg.decade_unit`): theta is an sd in the response's units there.  From the identity
+    :func:`hierpool.algebra.linalg.log_weights_unit`): theta is an sd in the response's units there.  From the identity
     itself, 7 of 20 ``(1 + x | study)`` meta-analyses with sds of ~1e-4 stopped near it, reported converged, up to
     270 above ``hp.lmm``'s REML (the fifty-first session's review, benchmarks/RESULTS.md).
     """
     if sigma_known:
         # lme4's identity in the known sds' units: theta is an sd in the response's units there, of their size
         rows, cols = tril_positions(stats.ztz.shape[-1])
-        log10_weight = np.asarray(stats.log_weights, dtype=float) / np.maximum(np.asarray(stats.n, dtype=float), 1)
-        unit = decade_unit(log10_weight / np.log(10.0))
+        unit = log_weights_unit(stats.log_weights, stats.n)
         return (rows == cols).astype(float)[None, :] * np.reshape(unit, (-1, 1))
     ztz, ztx, zty = np.asarray(stats.ztz), np.asarray(stats.ztx), np.asarray(stats.zty)
     xtx, xty, yty = np.asarray(stats.xtx), np.asarray(stats.xty), np.asarray(stats.yty)
