@@ -384,13 +384,14 @@ def test_a_chain_starts_from_the_kernels_state_made_to_vary_with_its_chain(monke
 
     seen = []
 
-    def recorded(chain, state):
+    def recorded(chain, state):  # the chain then starts from x = 123.25 (a value that marks the returned state)
         seen.append((chain, state))
-        return state
+        return state._replace(z={"x": jnp.asarray(123.25, dtype=state.z["x"].dtype)})
 
     monkeypatch.setattr(nuts, "_varying_with", recorded)
     one_chain = nuts.chain_function(_standard_normal, tune=2, draws=2, target_accept=0.8, max_tree_depth=2,
                                     dense_mass=False)
-    jax.make_jaxpr(lambda seed, chain: one_chain(seed, chain, ()))(jnp.uint32(0), jnp.int32(3))
+    program = jax.make_jaxpr(lambda seed, chain: one_chain(seed, chain, ()))(jnp.uint32(0), jnp.int32(3))
     (chain, state), = seen
     assert isinstance(chain, jax.core.Tracer) and type(state).__name__ == "HMCState"
+    assert "123.25" in str(program)  # what it returned is what the chain runs from
