@@ -269,10 +269,11 @@ def _review_dataset(index: int) -> pd.DataFrame:
 
 
 def test_known_sds_keep_theta_in_the_responses_units():
-    """With known residual sds sigma is 1 and theta an sd in the response's units: the prior weights' units
-    (algebra.linalg.weights_unit) are for weights= alone.  Taken for se= too, sds of ~30 (weights of ~1e-3) put
-    theta's search units 30 times above its optimum, and y ~ x + (1 | g) + (0 + x | g) + (1 | h) ended at theta = 0,
-    REML 1.64 above the optimum, reported converged (the forty-third session's second review, its dataset 11)."""
+    """With known residual sds sigma is 1 and theta an sd in the response's units, whose optimum may lie far from the
+    sds' size: with sds of ~30 (weights of ~1e-3) and noise of ~1, searched in the sds' units alone (start and
+    probes), y ~ x + (1 | g) + (0 + x | g) + (1 | h) ended at theta = 0, REML 1.64 above the optimum, reported
+    converged (the forty-third session's second review, its dataset 11); hp.lmm's probes off the boundary go out in
+    the response's units too."""
     data = _review_dataset(11)
     formula = "y ~ x + (1 | g) + (0 + x | g) + (1 | h)"
     with warnings.catch_warnings():
@@ -332,3 +333,79 @@ def test_a_batch_with_known_sds_starts_in_their_units():
     batch = hp.fit_batch(formula, [data, data.assign(y=data["y"] * 2)], se="se", progress=False)
     assert single.objective == pytest.approx(-330.78018, abs=1e-4)
     assert batch.objective.iloc[0] == pytest.approx(single.objective, rel=1e-9) and batch.converged.iloc[0]
+
+
+def test_known_sd_fits_scale_with_the_response():
+    """y and se both times c leave the model as it is with theta, beta and the BLUPs times c and -2 log L up by
+    2 n log c (ML): the known sds' fits are searched and judged in their units.  At c = 1e-4 a (1 + x | study)
+    meta-analysis ended in hp.lmm 0.44 above its own fit at c = 1 (a boundary optimum), and lme4's singular
+    tolerance 1e-4, taken in the response's units, called the batch's fit singular there (between-study sds of
+    ~3e-5 beside known sds of ~3e-5); 99 of 480 flags moved with the scale in the fifty-second session's scan."""
+    rng = np.random.default_rng(18)
+    rows, tau, tau_x = [], rng.choice([0.02, 0.1, 0.3, 1.0]), rng.choice([0.0, 0.05, 0.3])
+    for study in range(int(rng.integers(6, 14))):
+        effect, slope = rng.normal(0, tau), rng.normal(0, tau_x + 1e-300)
+        for _ in range(int(rng.integers(1, 4))):
+            se, x = rng.uniform(0.1, 0.6), rng.normal()
+            rows.append({"study": f"S{study}", "x": x, "se": se,
+                         "y": 0.5 + (0.2 + slope) * x + effect + rng.normal(0, se)})
+    data = pd.DataFrame(rows)
+    formula, c = "y ~ x + (1 + x | study)", 1e-4
+    small = data.assign(y=data["y"] * c, se=data["se"] * c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fits = [hp.lmm(formula, frame, se="se", reml=False) for frame in (data, small)]
+    batch = hp.fit_batch(formula, [data, small], se="se", reml=False, progress=False)
+    assert fits[1].objective == pytest.approx(fits[0].objective + 2 * len(data) * np.log(c), rel=1e-9)
+    np.testing.assert_allclose(fits[1].theta / c, fits[0].theta, rtol=1e-6)
+    np.testing.assert_allclose(fits[1].fixef / c, fits[0].fixef, rtol=1e-6)
+    assert not fits[0].is_singular and not fits[1].is_singular and fits[1].converged
+    np.testing.assert_allclose(batch.objective, [fit.objective for fit in fits], rtol=1e-9)
+    np.testing.assert_allclose(batch.theta[1] / c, fits[0].theta, rtol=1e-6)
+    assert not batch.is_singular.any()
+
+
+def test_a_scalar_terms_scan_runs_in_the_prior_weights_units():
+    """hp.lmm scans a scalar term's criterion after its search (one_term.SCALAR_SCAN, for a second minimum); with
+    prior weights of ~1e9 (theta's unit 3.2e-5) the scan's 1e-3 .. 100 in absolute theta missed a minimum at
+    theta 5.8e-7, and the search ended at theta = 0, REML 0.18 above it, reported converged (the fifty-second
+    session's scan of the review datasets); fit_batch's Newton search reached it."""
+    data = _review_dataset(31).assign(w=lambda frame: 1 / frame["se"] ** 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (theta below lme4's singular tolerance)
+        single = hp.lmm("y ~ x + (1 | g)", data, weights="w")
+    batch = hp.fit_batch("y ~ x + (1 | g)", [data], weights="w", progress=False)
+    assert single.objective == pytest.approx(270.4512020, abs=1e-6)
+    assert single.objective == pytest.approx(batch.objective[0], rel=1e-9)
+    assert single.theta[0] == pytest.approx(5.83e-7, rel=1e-3)
+
+
+def test_known_sds_far_below_the_noise_start_at_the_between_study_spread():
+    """Searched over the known sds' unit, sds 30,000 times below the response's noise put the optimum at theta over
+    it of ~36,000: from 1, hp.lmm's search took 550 evaluations; from sqrt(Q / (n - p) - 1) (equal sds) it ended 38
+    above, unconverged (the review's dataset 33, sds uneven).  DerSimonian and Laird's estimate starts both engines
+    near it (algebra.start.known_sds_size)."""
+    data = _review_dataset(33)
+    single = hp.lmm("y ~ x + (1 | g)", data, se="se")
+    batch = hp.fit_batch("y ~ x + (1 | g)", [data], se="se", progress=False)
+    assert single.converged and batch.converged[0]
+    assert single.objective == pytest.approx(192815492295.7252, abs=0.01)
+    assert batch.objective[0] == pytest.approx(single.objective, rel=1e-12)
+
+
+def test_a_shared_design_with_known_sds_fits_several_terms():
+    """responses= with se= and several terms: the start read each dataset's rows of a long frame
+    (``plan.dataset``), which a shared design has not, and raised a TypeError (the fifty-first session's code)."""
+    rng = np.random.default_rng(3)
+    n = 40
+    data = pd.DataFrame({"g": rng.integers(0, 8, n).astype(str), "h": rng.integers(0, 5, n).astype(str),
+                         "x": rng.normal(size=n), "se": rng.uniform(0.1, 0.5, n) * 1e-3})
+    responses = np.stack([1e-3 * (rng.normal(size=8)[data["g"].astype(int)] * 0.3 + data["x"] + rng.normal(size=n))
+                          for _ in range(3)], axis=1)
+    formula = "y ~ x + (1 | g) + (1 | h)"
+    batch = hp.fit_batch(formula, data.assign(y=responses[:, 0]), responses=responses, se="se", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (boundary fits)
+        singles = [hp.lmm(formula, data.assign(y=responses[:, j]), se="se") for j in range(3)]
+    np.testing.assert_allclose(batch.objective, [fit.objective for fit in singles], rtol=1e-9)
+    assert list(batch.is_singular) == [fit.is_singular for fit in singles]

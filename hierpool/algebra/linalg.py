@@ -178,23 +178,24 @@ def theta_scales(ks: tuple[int, ...], mean_squares) -> np.ndarray:
     return np.concatenate(out, axis=-1)
 
 
-def terms_theta_scales(terms, groups=None, n_groups: int = 1, weights=None, sigma_known: bool = False) -> np.ndarray:
+def terms_theta_scales(terms, groups=None, n_groups: int = 1, weights=None) -> np.ndarray:
     """:func:`theta_scales` of random-effect terms (each with ``k`` and its rows' columns ``z``), the mean squares
     taken over all rows (``groups`` None: (n_theta,)) or over each group's rows (``groups`` (N,) codes below
     ``n_groups``: (n_groups, n_theta), a batch's datasets); with prior weights ``weights`` (N,) in their units too:
-    over the square root of their geometric mean (of the group's rows).  Not with known residual sds
-    (``sigma_known``, the weights 1 / se^2): sigma is 1 there, theta an sd in the response's units.
+    over the square root of their geometric mean (of the group's rows).
 
     Weights times c leave the model as it is with theta over sqrt(c): unscaled, weights of 1e7 put a two-term
     model's optimum at theta 4e-4, 2,500 times below its units, and ``hp.lmm``'s search ended at theta = 0, REML 61
-    above ``hp.fit_batch``'s (the forty-third session's review).  In whole decades (:func:`weights_unit`)."""
+    above ``hp.fit_batch``'s (the forty-third session's review).  In whole decades (:func:`weights_unit`).  With
+    known residual sds (the weights 1 / se^2, sigma 1) the same unit is their geometric mean: theta is an sd in the
+    response's units, and the searches run over it (:func:`hierpool.closedform.optimize.known_sds_unit`)."""
     if groups is None:
         squares = [np.mean(np.square(term.z), axis=0) for term in terms]
     else:
         rows = np.maximum(np.bincount(groups, minlength=n_groups), 1).astype(float)
         squares = [segment_sum(np.square(term.z), groups, n_groups) / rows[:, None] for term in terms]
     scales = theta_scales(tuple(term.k for term in terms), squares)
-    if weights is None or sigma_known:
+    if weights is None:
         return scales
     unit = weights_unit(weights, groups, n_groups)
     return scales * (unit if groups is None else unit[:, None])

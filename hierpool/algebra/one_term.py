@@ -210,25 +210,28 @@ def solution(theta: jax.Array, stats, reml: bool = True, sigma_known: bool = Fal
 
 
 #: theta at which a scalar term's criterion is evaluated after a search (:func:`scan_restarts`): 0, and from 1e-3 to
-#: 100 (sd_b / sigma) in equal ratios.
+#: 100 (sd_b / sigma) in equal ratios, in theta's units: with prior weights (or known sds) times their unit
+#: (:func:`~.linalg.log_weights_unit`).  In absolute theta the scan missed a minimum at 5.8e-7 with weights of ~1e9
+#: (unit 3.2e-5), hp.lmm's search ending at 0, REML 0.18 above it (the fifty-second session's scan).
 SCALAR_SCAN = np.concatenate([[0.0], np.geomspace(1e-3, 1e2, 31)])
 
 
-def scan_values(stats, reml: bool, sigma_known: bool = False) -> np.ndarray:
-    """The one-term criterion (:func:`objective`) at every point of :data:`SCALAR_SCAN` at once, (points, rows) in
-    float64 on the host: ``stats`` one dataset's statistics (one row) or a stack's (leading axis datasets).
-    Non-finite values are kept (:func:`scan_restarts` ignores them)."""
+def scan_values(stats, reml: bool, sigma_known: bool = False, unit=1.0) -> np.ndarray:
+    """The one-term criterion (:func:`objective`) at every point of :data:`SCALAR_SCAN` times ``unit`` (a float, or
+    one per row) at once, (points, rows) in float64 on the host: ``stats`` one dataset's statistics (one row) or a
+    stack's (leading axis datasets).  Non-finite values are kept (:func:`scan_restarts` ignores them)."""
     rows = np.shape(stats.n)
-    grid = np.broadcast_to(SCALAR_SCAN.reshape((-1,) + (1,) * len(rows) + (1,)), (SCALAR_SCAN.size, *rows, 1))
+    units = np.broadcast_to(np.asarray(unit, dtype=float), rows)[..., None]
+    grid = SCALAR_SCAN.reshape((-1,) + (1,) * len(rows) + (1,)) * units[None]
     with np.errstate(all="ignore"):  # every point at once (leading axes of theta)
         values = np.asarray(objective(grid, stats, reml, sigma_known), dtype=float)
     return values.reshape(SCALAR_SCAN.size, -1)
 
 
-def scan_restarts(values: np.ndarray, found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(which rows, their theta (rows, 1)) to search again from: where a point of :data:`SCALAR_SCAN` is lower than
-    a row's optimum ``found`` (rows,) by more than 1e-6 relative, the lowest point.  ``values``: the criterion at
-    the scan's points (points, rows), non-finite ones ignored.
+def scan_restarts(values: np.ndarray, found: np.ndarray, unit=1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(which rows, their theta (rows, 1)) to search again from: where a point of :data:`SCALAR_SCAN` (times
+    ``unit``, as :func:`scan_values`') is lower than a row's optimum ``found`` (rows,) by more than 1e-6 relative, the
+    lowest point.  ``values``: the criterion at the scan's points (points, rows), non-finite ones ignored.
 
     With prior weights the ML criterion of ``y ~ x + (1 | g)`` can have two minima in theta (one at 0, one inside):
     a search keeps the one it reaches (``hp.fit_batch`` 0.5-54 above the other, ``hp.lmm`` 0.043 above, both
@@ -238,4 +241,4 @@ def scan_restarts(values: np.ndarray, found: np.ndarray) -> tuple[np.ndarray, np
     best = np.argmin(values, axis=0)
     lowest = values[best, np.arange(values.shape[1])]
     found = np.asarray(found, dtype=float)
-    return lowest < found - 1e-6 * np.maximum(1.0, np.abs(found)), SCALAR_SCAN[best][:, None]
+    return lowest < found - 1e-6 * np.maximum(1.0, np.abs(found)), (SCALAR_SCAN[best] * unit)[:, None]

@@ -100,6 +100,25 @@ def moment_theta(ztz, cross, residual_ss, n, p: int, floor: float, rms=None) -> 
     return np.where(good[:, None], theta, identity)
 
 
+def known_sds_size(weighted_rss, weight_sum, weight_square_sum, n, p: int, unit):
+    """With known residual sds, the size of lme4's identity start in their units (one per dataset): the larger of 1
+    and tau / ``unit``, tau^2 = (Q - (n - p)) / (sum w - sum w^2 / sum w) DerSimonian and Laird's moment estimate of
+    the between-study variance (DerSimonian & Laird 1986; Q = sum w_i r_i^2 the weighted least-squares residuals'
+    sum of squares, w_i = 1 / se_i^2, Cochran's Q), ``unit`` the sds' (:func:`hierpool.algebra.linalg.weights_unit`).
+
+    The searches run on theta over the known sds' unit (:func:`hierpool.closedform.optimize.known_sds_unit`), where
+    the optimum is near 1 when the sds are the response's noise, but 36,000 with sds 30,000 times below it (the
+    forty-third session's review datasets 30-35): from 1 ``hp.lmm``'s search took 550 evaluations there, and from
+    the equal-sds estimate sqrt(Q / (n - p) - 1) it ended 38 above the optimum, unconverged, where the sds were
+    uneven.  A start, not an estimate: every term starts at this size."""
+    weight_sum = np.asarray(weight_sum, dtype=float)
+    with np.errstate(all="ignore"):
+        excess = np.asarray(weighted_rss, dtype=float) - np.maximum(np.asarray(n, dtype=float) - p, 0.0)
+        tau2 = excess / (weight_sum - np.asarray(weight_square_sum, dtype=float) / weight_sum)
+        size = np.sqrt(tau2) / np.asarray(unit, dtype=float)
+    return np.where(np.isfinite(size) & (size > 1.0), size, 1.0)
+
+
 def em_theta(modes, cond_vars, floor: float) -> np.ndarray:
     """theta after one EM step from conditional modes: Sigma_j = mean over levels of (b_l b_l^T + Var(b_l | y)).
 

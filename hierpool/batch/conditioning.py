@@ -20,6 +20,12 @@ beta with theta (``hp.glmm``'s own search is scaled by its start's Hessian inste
 on a column far from centred (x = 200,000 + z: a search stopped short and the dataset was refitted alone, the
 AR(1) path's refit 5e-8 off the criterion of the same model on z).  X's rank is still judged on the user's columns
 (:attr:`~hierpool.batch.plan.BatchPlan.user_aliased`).
+
+With known residual sds (``se=``) theta is an sd in the response's units, and every dataset whose sds' unit
+(their geometric mean in whole decades, :func:`~hierpool.algebra.linalg.weights_unit` of the weights 1 / se^2) is
+not 1 is searched on z s (M times s): its theta over s, so that the searches' tolerances and lme4's singular rule,
+applied to the user's theta over s here, are relative to the sds, as ``hp.lmm``'s
+(:func:`hierpool.closedform.optimize.known_sds_unit`).  The fit then scales with the response and its sds.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from ..algebra.conditioning import (
     thetas_to_user,
     transformed_columns,
 )
-from ..algebra.linalg import theta_to_factors
+from ..algebra.linalg import theta_to_factors, weights_unit
 from ..closedform.optimize import Control
 from .plan import BatchPlan
 
@@ -49,13 +55,14 @@ from .plan import BatchPlan
 @dataclasses.dataclass(frozen=True)
 class BatchConditioning:
     """The plan on conditioned columns, each term's M per dataset (n_datasets, k, k), and which datasets have an M
-    other than the identity."""
+    other than the identity; with known residual sds, each dataset's unit of them (M's factor)."""
 
     plan: BatchPlan
     transforms: tuple[np.ndarray, ...]
     conditioned: np.ndarray
     fixed: tuple[np.ndarray, ...] | None = None  # A's factors per dataset, each (n_datasets, p, p)
     reml: bool = False  # the criterion is REML's: log |X' V^-1 X| moves by 2 log |det A| with X A
+    sd_units: np.ndarray | None = None  # known residual sds' unit per dataset (their M's factor), None without se=
 
     def to_user(self, out: dict) -> dict:
         """The results ``out`` of a fit of :attr:`plan` (:func:`hierpool.batch.fit_terms.run_jobs`'s dict) on the
@@ -87,7 +94,9 @@ class BatchConditioning:
                     effects[d], variances[d] = b[i], cond_var[i]
             for i, d in enumerate(rows):
                 out["factors"][t][d] = factors[t][i]
-        out["is_singular"][rows] = fitted_singular(out["objective"][rows], theta, ks, Control.singular_tol)
+        # lme4's rule on the user's theta; with known sds relative to their unit, as the search's (theta over it)
+        tol = Control.singular_tol * (1.0 if self.sd_units is None else self.sd_units[rows][:, None])
+        out["is_singular"][rows] = fitted_singular(out["objective"][rows], theta, ks, tol)
         return out
 
 
@@ -103,17 +112,21 @@ def condition_batch(plan: BatchPlan, reml: bool = False) -> BatchConditioning | 
     moments = blocks_moments(blocks, plan.dataset, n)
     conditioned = np.logical_or.reduce([np.zeros(n, dtype=bool)] + [needs_conditioning(z, plan.dataset, n, m)
                                                                      for z, m in zip(blocks, moments)])
-    if not conditioned.any():
+    # known residual sds: theta is an sd in the response's units, searched over their unit (M times it)
+    sd_units = weights_unit(design.weights, plan.dataset, n) if design.sigma_known else np.ones(n)
+    scaled = sd_units != 1.0
+    if not (conditioned.any() or scaled.any()):
         return None
     block_transforms = [term_transforms(z, plan.dataset, n, m) for z, m in zip(blocks, moments)]
     transforms, terms = [], []
     for term, transform in zip(design.terms, block_transforms):
         transform[~conditioned] = np.eye(term.k)  # the others keep their columns (and their numbers)
+        transform *= sd_units[:, None, None]
         transforms.append(transform)
         z = transformed_columns(term.z, transform, plan.dataset)
         terms.append(dataclasses.replace(term, z=np.ascontiguousarray(z)))
     columns, fixed = {"terms": tuple(terms)}, None
-    if design.p:
+    if design.p and conditioned.any():
         centring = block_transforms[-1]
         centring[~conditioned] = np.eye(design.p)
         columns["X"], r_inverse = _orthogonalised_per_dataset(
@@ -121,7 +134,8 @@ def condition_batch(plan: BatchPlan, reml: bool = False) -> BatchConditioning | 
         fixed = (centring, r_inverse)
     # X's aliased columns are the user's columns' (hp.glmm drops such a column, which conditioned is not aliased)
     fitted = dataclasses.replace(plan, design=dataclasses.replace(design, **columns), user_aliased=plan.fixed_aliased)
-    return BatchConditioning(fitted, tuple(transforms), conditioned, fixed, reml=reml)
+    return BatchConditioning(fitted, tuple(transforms), conditioned | scaled, fixed, reml=reml,
+                             sd_units=sd_units if design.sigma_known else None)
 
 
 def _orthogonalised_per_dataset(X: np.ndarray, dataset: np.ndarray, conditioned: np.ndarray):

@@ -61,6 +61,7 @@ from ..algebra.checks import fitted_singular, near_boundary
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
 from ..algebra.host_allocator import raise_malloc_thresholds
+from ..algebra.linalg import log_weights_unit
 from ..algebra.one_term import solution
 from ..algebra.search.newton import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
 from ..algebra.search.terms import host_bytes, search_statistics_on_host, systems_onto_boundary
@@ -592,10 +593,14 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
     # criterion's fixed cost per call is paid once, not per chunk (_finished_on_host)
     retried, unfinished = not host and float_type == np.float64 and not scan, []
 
+    # known residual sds: each dataset starts at the identity in their units times its between-study spread's size
+    sizes = plan.known_sds_sizes((plan.location_shifts() if shifts is None else shifts)[1]) if sigma_known else None
+
     def run(job):
         members, host_chunk_stats, count, (optimize, solve) = job
         # (the start here, in the chunk's thread: with chunks in flight it overlaps another chunk's programs)
-        start = host_start = moment_start(host_chunk_stats, sigma_known).astype(float_type)
+        chunk_sizes = None if sizes is None else np.resize(sizes[members], host_chunk_stats.n.shape[0])  # (padded)
+        start = host_start = moment_start(host_chunk_stats, sigma_known, chunk_sizes).astype(float_type)
         chunk, start = place((host_chunk_stats, start), sharding)  # on the host (no sharding) the arrays as they are
         rows = None
         if uneven is not None and uneven[members].any():
@@ -703,7 +708,9 @@ def _from_scan(optimized, stats, optimize, chunk, reml: bool, sigma_known: bool,
     ``hp.lmm``'s fit.)  The scan costs 32 evaluations of the one-term criterion per dataset, on the host."""
     found = fetch(optimized)
     objective = np.asarray(found["objective"], dtype=float)
-    restart, theta = one_term.scan_restarts(one_term.scan_values(stats, reml, sigma_known), objective)
+    # in theta's units: the prior weights' (known sds': the search's theta is over theirs already, batch.conditioning)
+    unit = 1.0 if sigma_known else log_weights_unit(stats.log_weights, stats.n)
+    restart, theta = one_term.scan_restarts(one_term.scan_values(stats, reml, sigma_known, unit), objective, unit)
     if not restart.any():
         return optimized
     start = np.where(restart[:, None], theta, found["theta"]).astype(float_type)

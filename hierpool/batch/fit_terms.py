@@ -43,7 +43,7 @@ from ..algebra.compiler_options import ProgramCache, compile_in_background, shap
 from ..algebra.criterion import objective
 from ..algebra.henderson import solve
 from ..algebra.host_blas import one_blas_thread
-from ..algebra.linalg import theta_start, weights_unit
+from ..algebra.linalg import theta_start
 from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from ..algebra.search.terms import (
     fit_on_host,
@@ -152,13 +152,13 @@ def linear_start(plan: BatchPlan, datasets, residual: np.ndarray) -> np.ndarray:
     (:func:`hierpool.algebra.search.terms.search_on_host`), and from this start its criteria are below lmer's or
     within 1e-10 of them on every dataset of --lmm-slopes-nested and --lmm-crossed-slopes (benchmarks/RESULTS.md,
     "The several-term linear class, eighteenth session").
-    With known residual sds (``se=``) lme4's identity in their units, each dataset's
-    (:func:`hierpool.algebra.linalg.weights_unit`), as the one-term path's
+    With known residual sds (``se=``) lme4's identity in their units (the search runs in them,
+    :mod:`hierpool.batch.conditioning`) times :func:`hierpool.algebra.start.known_sds_size`, as the one-term path's
     (:func:`hierpool.algebra.search.newton.moment_start`)."""
     design = plan.design
     if design.sigma_known:
-        unit = weights_unit(design.weights, plan.dataset, plan.n_datasets)  # theta: an sd in the response's units
-        return np.tile(theta_start(tuple(t.k for t in design.terms)), (plan.n_datasets, 1)) * unit[:, None]
+        sizes = plan.known_sds_sizes(residual)
+        return np.tile(theta_start(tuple(t.k for t in design.terms)), (plan.n_datasets, 1)) * sizes[:, None]
     return plan.term_moments(design.row_weights, residual, datasets)
 
 

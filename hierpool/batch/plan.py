@@ -60,14 +60,16 @@ from ..algebra.linalg import (
     distinct_block_columns,
     equal_sets,
     segment_extremes,
+    segment_sum,
     shared_factor,
     terms_theta_scales,
     theta_start,
     weights_uneven,
+    weights_unit,
 )
 from ..algebra.search import HOST_CHUNK_BYTES
 from ..algebra.search.newton import MOMENT_FLOOR
-from ..algebra.start import moment_theta
+from ..algebra.start import known_sds_size, moment_theta
 from ..algebra.statistics import BatchStatistics, location_shifts, sufficient_statistics
 from ..algebra.system import grouped_products
 from ..errors import ArgumentError, DataError, HierpoolError, HierpoolWarning
@@ -733,8 +735,7 @@ class BatchPlan:
         """(datasets, n_theta) each dataset's theta units for the searches off the boundary, from its own
         random-effect columns (:func:`hierpool.algebra.linalg.terms_theta_scales`), as its single fit's
         (:func:`hierpool.closedform.optimize.design_scales`)."""
-        return terms_theta_scales(self.design.terms, self.dataset, self.n_datasets, self.design.weights,
-                                  self.design.sigma_known)
+        return terms_theta_scales(self.design.terms, self.dataset, self.n_datasets, self.design.weights)
 
     def uneven_weights(self) -> np.ndarray:
         """(datasets,) bool: whether each dataset's prior weights (or known residual sds) are uneven
@@ -845,6 +846,15 @@ class BatchPlan:
                                          shifts=None if shifts is None else (shifts[0][members], shifts[1][rows]))
             out.append((members, systems, n))
         return out
+
+    def known_sds_sizes(self, residual: np.ndarray) -> np.ndarray:
+        """(datasets,) with known residual sds, the size of each dataset's start in their units
+        (:func:`hierpool.algebra.start.known_sds_size`) from its rows' least-squares residuals ``residual`` (N,)
+        (:meth:`location_shifts`')."""
+        w = self.design.row_weights
+        sums = [segment_sum(values, self.dataset, self.n_datasets) for values in (w * residual**2, w, w * w)]
+        return known_sds_size(*sums, self.n_obs, self.design.p,
+                              weights_unit(self.design.weights, self.dataset, self.n_datasets))
 
     def term_moments(self, weights: np.ndarray, residual: np.ndarray, datasets) -> np.ndarray:
         """(D, n_theta) the starting theta of datasets ``datasets`` (the others: lme4's identity): the method of

@@ -42,9 +42,9 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.batched_systems import shared_design_systems
-from ..algebra.linalg import theta_start
+from ..algebra.linalg import theta_start, weights_unit
 from ..algebra.search.newton import MOMENT_FLOOR
-from ..algebra.start import moment_theta
+from ..algebra.start import known_sds_size, moment_theta
 from ..algebra.statistics import (
     level_cells,
     shared_design_statistics,
@@ -428,6 +428,12 @@ class SharedDesignPlan(BatchPlan):
                                            design.weights, design.sigma_known)
         return [(members, systems, n)]
 
+    def known_sds_sizes(self, residual: np.ndarray) -> np.ndarray:
+        """:meth:`BatchPlan.known_sds_sizes` of a shared design (``residual`` (n, D)): one design's sds."""
+        w = self.design.row_weights
+        return known_sds_size(np.einsum("nd,n->d", residual * residual, w), w.sum(), w @ w, w.size, self.design.p,
+                              weights_unit(self.design.weights))
+
     def term_moments(self, weights: np.ndarray, residual: np.ndarray, datasets) -> np.ndarray:
         """:meth:`BatchPlan.term_moments` of a shared design (``residual`` (n, D)): each term's per-level
         cross-products one dataset's, Z_l'W r_d by a matrix product."""
@@ -542,4 +548,5 @@ def condition_shared(plan: SharedDesignPlan, reml: bool = False) -> BatchConditi
     # (the single plan too: the searches' probe units are read from its conditioned columns, as the long frame's)
     fitted = dataclasses.replace(plan, design=one.plan.design, user_aliased={}, single=one.plan)
     return BatchConditioning(fitted, tuple(every(m) for m in one.transforms), every(one.conditioned),
-                             None if one.fixed is None else tuple(every(f) for f in one.fixed), reml=reml)
+                             None if one.fixed is None else tuple(every(f) for f in one.fixed), reml=reml,
+                             sd_units=None if one.sd_units is None else every(one.sd_units))

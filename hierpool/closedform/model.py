@@ -29,6 +29,7 @@ from ..algebra.host_blas import one_blas_thread
 from ..algebra.linalg import (
     OTHER_MINIMUM_MARGIN,
     boundary_probes,
+    log_weights_unit,
     other_minimum_starts,
     weights_uneven,
 )
@@ -43,6 +44,7 @@ from .optimize import (
     control_argument,
     criterion_value,
     design_scales,
+    known_sds_unit,
     moment_start,
     optimize_theta,
     runs_on_host,
@@ -299,24 +301,28 @@ class MixedModel:
         scalar = len(terms) == 1 and terms[0].k == 1
         if not scalar and not weights_uneven(self.design.weights)[0]:
             return optimum
-        if scalar:
+        if scalar:  # the scan in theta's units: the weights' (prior weights or known sds)
+            unit = log_weights_unit(float(system.log_weights), system.layout.n)
             if statistics is not None and host:  # the one-term criterion at every point at once, as the batch's scan
-                values = one_term.scan_values(statistics, reml, system.layout.sigma_known)
+                values = one_term.scan_values(statistics, reml, system.layout.sigma_known, unit)
             else:
-                values = np.array([[criterion_value(np.array([t]), system, reml, host)] for t in one_term.SCALAR_SCAN])
-            restart, theta = one_term.scan_restarts(values, np.array([optimum.objective]))
+                values = np.array([[criterion_value(np.array([t * unit]), system, reml, host)]
+                                   for t in one_term.SCALAR_SCAN])
+            restart, theta = one_term.scan_restarts(values, np.array([optimum.objective]), unit)
             if not restart[0]:
                 return optimum
             again = optimize_theta(system, reml, control, start=theta[0], statistics=statistics, scales=scales)
             return again if again.objective < optimum.objective else optimum
         ks = tuple(term.k for term in terms)
-        theta = np.asarray(optimum.theta, dtype=float)
+        sd_unit = known_sds_unit(system)  # (1 unless the residual sds are known)
+        theta = np.asarray(optimum.theta, dtype=float) / sd_unit  # in the search's units (optimize_theta)
         if boundary_probes(theta, ks, control.singular_tol):
             return optimum
         best = optimum
-        for start in other_minimum_starts(theta, ks, control.singular_tol, scales):
+        for start in other_minimum_starts(theta, ks, control.singular_tol, None if scales is None else scales / sd_unit):
             try:
-                again = optimize_theta(system, reml, control, start=start, statistics=statistics, scales=scales)
+                again = optimize_theta(system, reml, control, start=start * sd_unit, statistics=statistics,
+                                       scales=scales)
             except ConvergenceError:  # a search that ran off to a non-finite criterion: the optimum in hand stands
                 continue
             margin = OTHER_MINIMUM_MARGIN * max(1.0, abs(best.objective))

@@ -37,7 +37,7 @@ from ..algebra.linalg import (
     theta_start,
     weights_unit,
 )
-from ..algebra.start import moment_theta
+from ..algebra.start import known_sds_size, moment_theta
 from ..algebra.system import MixedModelSystem, evaluation_flops, location_shift, on_device
 from ..algebra.system import on_host as to_host
 from ..errors import ArgumentError, ConvergenceError, integer_argument, optional_boolean_argument, real_argument
@@ -58,7 +58,8 @@ class Control:
         1e-13 L-BFGS-B can spend a dozen line-search evaluations on noise.
     singular_tol : float
         A fit is singular when a diagonal element of some T_j is below this
-        (lme4's ``isSingular`` tolerance, 1e-4).
+        (lme4's ``isSingular`` tolerance, 1e-4); with known residual sds, of T_j over their unit
+        (:func:`known_sds_unit`), as lme4's is relative to the residual sd.
     grad_tol : float
         Largest acceptable gradient at the optimum (lme4's ``check.conv.grad``
         tolerance, 2e-3): its projected components, and where one exceeds it,
@@ -170,7 +171,7 @@ def value_and_gradient(system: MixedModelSystem, reml: bool, on_host: bool, stat
 def design_scales(design) -> np.ndarray:
     """theta's units of a design (:func:`hierpool.algebra.linalg.theta_scales`): its random-effect columns' mean
     squares over the rows."""
-    return terms_theta_scales(design.terms, weights=design.weights, sigma_known=design.sigma_known)
+    return terms_theta_scales(design.terms, weights=design.weights)
 
 
 def moment_start(design, scales: np.ndarray | None = None) -> np.ndarray:
@@ -184,7 +185,8 @@ def moment_start(design, scales: np.ndarray | None = None) -> np.ndarray:
     others ignored: a start, not an estimate.  With several terms only scalar random
     intercepts start there (a vector term's moment start, read with the other terms ignored,
     has led L-BFGS-B to a worse boundary optimum than lme4's identity start on a model with two
-    crossed slope terms); fits with known residual sds start at lme4's identity.  It saves
+    crossed slope terms); fits with known residual sds start at lme4's identity in ``scales`` (their units then) times
+    :func:`hierpool.algebra.start.known_sds_size`.  It saves
     L-BFGS-B evaluations (counts in benchmarks/RESULTS.md).  ``scales`` (:func:`design_scales`): lme4's identity
     is taken in the columns' units where no moment start is read, as the search runs in them (from theta = 1 a slope
     on a covariate of root-mean-square 900 started at u = 900, and the search fell to theta = 0, 0.56 above the
@@ -193,7 +195,11 @@ def moment_start(design, scales: np.ndarray | None = None) -> np.ndarray:
     start = theta_start(tuple(t.k for t in design.terms))
     if scales is not None:  # lme4's identity in the columns' units, where no moment start is read
         start = start * scales
-    if design.sigma_known or design.p == 0:
+    if design.sigma_known:  # (in the known sds' units, as large as the residuals' spread beyond them says)
+        residual, w = location_shift(design)[1], design.row_weights
+        return start * float(known_sds_size(residual @ (w * residual), w.sum(), w @ w, design.n, design.p,
+                                            weights_unit(w)))
+    if design.p == 0:
         return start
     residual = location_shift(design)[1]  # weighted least-squares residuals of y - offset
     # the moments unweighted, theta then in the weights' units: var(e_i) = sigma^2 / w_i, so that weights times c
@@ -316,19 +322,24 @@ class _HessianCache:
     model's fit after the optimizer's own evaluations.
     """
 
-    def __init__(self, gradients_at, lower: np.ndarray, step: float = HESSIAN_STEP):
-        self.gradients_at, self.lower, self.step = gradients_at, lower, step
+    def __init__(self, gradients_at, lower: np.ndarray, step: float = HESSIAN_STEP, relative: bool = False):
+        self.gradients_at, self.lower, self.unit_step, self.relative = gradients_at, lower, step, relative
         self.theta: np.ndarray | None = None
         self.hessian: np.ndarray | None = None
 
+    def step(self, theta: np.ndarray):
+        """The differences' step at ``theta``: the unit step, or with ``relative`` that times max(1, |theta_i|)."""
+        return self.unit_step * np.maximum(1.0, np.abs(theta)) if self.relative else self.unit_step
+
     def __call__(self, theta: np.ndarray) -> np.ndarray:
-        near = self.theta is not None and np.max(np.abs(theta - self.theta), initial=0.0) <= HESSIAN_REUSE_RADIUS * (
-            self.step / HESSIAN_STEP)
+        step = self.step(theta)
+        near = self.theta is not None and np.all(np.abs(theta - self.theta) <= HESSIAN_REUSE_RADIUS * (
+            step / HESSIAN_STEP))
         # one-sided differences where the bound is within a step: reuse only with the same sides
-        same_sides = near and np.array_equal(theta - self.step < self.lower, self.theta - self.step < self.lower)
+        same_sides = near and np.array_equal(theta - step < self.lower, self.theta - self.step(self.theta) < self.lower)
         if not same_sides:
             self.theta = theta.copy()
-            self.hessian = hessian_from_gradients(self.gradients_at, theta, self.lower, step=self.step)
+            self.hessian = hessian_from_gradients(self.gradients_at, theta, self.lower, step=step)
         return self.hessian
 
 
@@ -393,6 +404,9 @@ def optimize_theta(
     """Minimize the profiled REML criterion or deviance over theta with L-BFGS-B (:func:`_interior_optimum` first
     for a small model on the host).
 
+    With known residual sds every stage runs on theta over :func:`known_sds_unit` (the start, the probes, the
+    tolerances and the checks alike); the optimum is returned in theta.
+
     Parameters
     ----------
     system : MixedModelSystem
@@ -415,7 +429,15 @@ def optimize_theta(
     """
     control = control or Control()
     on_host = runs_on_host(system, control)
-    value_and_grad = value_and_gradient(system, reml, on_host, statistics)
+    # the search runs on t = theta / sd_unit: with known residual sds in their units, so that every tolerance in
+    # theta (lme4's singular 1e-4, the boundary's snap, the Hessian's step, the gradient checks) is relative to them
+    sd_unit = known_sds_unit(system)
+    in_theta = value_and_gradient(system, reml, on_host, statistics)
+
+    def value_and_grad(t):
+        value, gradient = in_theta(np.asarray(t, dtype=float) * sd_unit)
+        return value, gradient * sd_unit
+
     lower = theta_lower_bounds(system.layout.ks)
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
     count, unfactored = [0], [0]
@@ -437,41 +459,44 @@ def optimize_theta(
         value, gradient = seen[key]
         return value, gradient.copy()
 
-    start = _start(system, control, start)
+    start = _start(system, control, start) / sd_unit
     value, _ = evaluate(start)
     if not np.isfinite(value):
-        raise ConvergenceError(f"the objective is not finite at the starting value theta = {start}")
+        raise ConvergenceError(f"the objective is not finite at the starting value theta = {start * sd_unit}")
     if statistics is not None and on_host:
         def gradients_at(points):
-            return one_term.value_and_gradient(points, statistics, reml, system.layout.sigma_known)[1]
+            gradients = one_term.value_and_gradient(points * sd_unit, statistics, reml, system.layout.sigma_known)[1]
+            return gradients * sd_unit
     else:
         def gradients_at(points):
             return np.stack([evaluate(point)[1] for point in points])
     # the differences' step in the prior weights' units (theta over sqrt of their scale: algebra.linalg.weights_unit):
-    # with weights of 1e7 a step of 1e-4 was half of theta, and the Hessian came out indefinite at the optimum
-    decade = log_weights_unit(float(system.log_weights), system.layout.n)
-    weights_decade = 1.0 if system.layout.sigma_known else decade  # (known sds: theta in y's units)
-    hessian_at = _HessianCache(gradients_at, lower, HESSIAN_STEP * weights_decade)
+    # with weights of 1e7 a step of 1e-4 was half of theta, and the Hessian came out indefinite at the optimum.
+    # (Known sds: t is in their units already, and the step relative where |t| > 1: t is 36,000 with sds 30,000 times
+    # below the response's noise, a criterion of 1e11, where a step of 1e-4 differenced rounding noise.)
+    step_unit = 1.0 if system.layout.sigma_known else log_weights_unit(float(system.log_weights), system.layout.n)
+    hessian_at = _HessianCache(gradients_at, lower, HESSIAN_STEP * step_unit, relative=system.layout.sigma_known)
     polish = system.layout.n <= control.hessian_max_n
     theta = _interior_optimum(evaluate, hessian_at, start, system, control) if on_host and polish else None
     optimizer_ok = True
     if theta is None:
         options = dict(maxiter=control.max_iter, ftol=control.ftol, gtol=control.gtol)
-        unit = np.ones_like(lower) if scales is None else np.asarray(scales, dtype=float)
+        unit = np.ones_like(lower) if scales is None else np.asarray(scales, dtype=float) / sd_unit  # (t's)
 
-        def in_units(u):  # the criterion of theta = u * unit: L-BFGS-B's steps the same whatever the covariates' units
+        def in_units(u):  # the criterion of t = u * unit: L-BFGS-B's steps the same whatever the covariates' units
             value, gradient = evaluate(u * unit)
             return value, gradient * unit
 
-        def search(point):  # from and to theta
+        def search(point):  # from and to t
             found = search_past_unfactored(in_units, np.asarray(point, dtype=float) / unit, bounds, options,
                                            unfactored)
             found.x = np.asarray(found.x, dtype=float) * unit
             return found
 
-        # with known residual sds theta is an sd in the response's units, whose optimum may lie near 1 or near the
-        # size of the known sds (in whole decades: the weights' unit): the probes off a boundary go out in both
-        probe_units = [unit] + ([unit * decade] if system.layout.sigma_known and decade != 1.0 else [])
+        # with known residual sds theta is an sd in the response's units, whose optimum may lie near the size of the
+        # known sds (t near its units) or near the columns' units in the response's: the probes off a boundary go out
+        # in both
+        probe_units = [unit] + ([unit / sd_unit] if sd_unit != 1.0 else [])
         result = _restart_from_boundary(search, search(start), control.max_restarts, system.layout.ks,
                                         control.singular_tol, probe_units)
         if not np.isfinite(result.fun):
@@ -488,7 +513,22 @@ def optimize_theta(
                           control.singular_tol)[0][0]
     value, gradient = evaluate(theta)
     converged, singular, messages = check_optimum(theta, gradient, optimizer_ok, hessian_at, system, control)
-    return Optimum(theta, value, gradient, count[0], converged, singular, messages)
+    return Optimum(theta * sd_unit, value, gradient / sd_unit, count[0], converged, singular, messages)
+
+
+def known_sds_unit(system: MixedModelSystem) -> float:
+    """theta's unit with known residual sds (``se=``): their geometric mean in whole decades
+    (:func:`hierpool.algebra.linalg.log_weights_unit` of the weights 1 / se^2); 1 otherwise.
+
+    With known sds sigma is 1 and theta an sd in the response's units, where lme4's tolerances are relative to the
+    residual sd: :func:`optimize_theta` searches theta over this unit, so that its tolerances (lme4's singular
+    1e-4, the boundary's snap, the Hessian's step, the gradient checks) are relative to the sds, and a fit scales
+    with the response and its sds.  In theta itself, 119 of 120 meta-analyses with sds of ~1e-4 were flagged
+    singular where the same data in units flagged 85, and the searches ended up to 0.44 apart (the fifty-second
+    session's scan, benchmarks/RESULTS.md).  ``hp.fit_batch`` searches over the same unit (its conditioning)."""
+    if not system.layout.sigma_known:
+        return 1.0
+    return float(log_weights_unit(float(system.log_weights), system.layout.n))
 
 
 POLISH_GRADIENT = 1e-9
@@ -687,10 +727,10 @@ def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...],
     turn (a probe of two is searched from once).
 
     Known residual sds (``se=``) leave theta an sd in the response's units, and its optimum near either of two
-    units: probes in the columns' units alone (0.05 and 0.5) missed a between-study sd of 0.034 beside known sds of
-    0.1-0.6, both searches going on to theta = 0, 0.0079 above the optimum, reported converged (the fifty-first
-    session's review); probes in the known sds' units alone missed an optimum 30 times below sds of ~30 (the
-    forty-third session's, ``tests/test_known_se.py``).  :func:`optimize_theta` gives both.
+    units, the sds' or the response's: probes in the response's alone (0.05 and 0.5) missed a between-study sd of
+    0.034 beside known sds of 0.1-0.6, both searches going on to theta = 0, 0.0079 above the optimum, reported
+    converged (the fifty-first session's review); probes in the known sds' units alone missed an optimum 30 times
+    below sds of ~30 (the forty-third session's, ``tests/test_known_se.py``).  :func:`optimize_theta` gives both.
     """
     for _ in range(max_rounds):
         probes = {probe.tobytes(): probe

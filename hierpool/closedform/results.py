@@ -160,12 +160,13 @@ class LMMResult(Likelihood):
 
     @property
     def is_singular(self) -> bool:
-        """lme4's ``isSingular``: the optimizer's check (with ``Control.singular_tol``), or at a given theta lme4's 1e-4."""
+        """lme4's ``isSingular``: the optimizer's check (with ``Control.singular_tol``), or at a given theta lme4's 1e-4
+        (with known residual sds, in their units: :func:`~hierpool.closedform.optimize.known_sds_unit`)."""
         if self.optimum is not None:
             return self.optimum.is_singular
-        from .optimize import is_singular
+        from .optimize import is_singular, known_sds_unit
 
-        return is_singular(self.theta, tuple(t.k for t in self.design.terms))
+        return is_singular(self.theta / known_sds_unit(self.system), tuple(t.k for t in self.design.terms))
 
     @property
     def converged(self) -> bool:

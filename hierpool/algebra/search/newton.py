@@ -28,7 +28,7 @@ import numpy as np
 
 from ..jax_runtime import jax, jnp  # imported on first use: the host search runs without JAX
 from ..linalg import canonical_theta as canonical_rows
-from ..linalg import cholesky, identity_where_not, log_weights_unit, theta_to_factors, tril_positions
+from ..linalg import cholesky, identity_where_not, theta_to_factors, tril_positions
 from ..one_term import objective
 from ..start import moment_theta
 from ..varying import varying_zero
@@ -89,7 +89,7 @@ DECREASE_TOL = 1e-10
 MOMENT_FLOOR = 1e-2
 
 
-def moment_start(stats, sigma_known: bool = False) -> np.ndarray:
+def moment_start(stats, sigma_known: bool = False, known_sds_sizes=None) -> np.ndarray:
     """Starting thetas (B, k(k+1)/2) from per-level least squares, one per dataset of a batch (NumPy).
 
     The method of moments on the statistics alone (:func:`hierpool.algebra.start.moment_theta`,
@@ -101,17 +101,15 @@ def moment_start(stats, sigma_known: bool = False) -> np.ndarray:
     iterations (2,000 sleepstudy-shaped datasets: 3.2 on average instead of 11.1, at
     most 16 instead of 59, with the floor then in the covariates' units).  The floor keeps the start off the
     boundary: from a near-singular Lambda (a floor of 1e-4, the closed form's) two of those datasets did
-    not converge in 60 iterations.  With known residual sds (``sigma_known``) every dataset
-    starts at the identity in its known sds' units (their geometric mean in whole decades of the weights 1 / se^2,
-    :func:`hierpool.algebra.linalg.log_weights_unit`): theta is an sd in the response's units there.  From the identity
-    itself, 7 of 20 ``(1 + x | study)`` meta-analyses with sds of ~1e-4 stopped near it, reported converged, up to
-    270 above ``hp.lmm``'s REML (the fifty-first session's review, benchmarks/RESULTS.md).
+    not converge in 60 iterations.  With known residual sds (``sigma_known``) every dataset starts at lme4's
+    identity in their units (``hp.fit_batch`` searches theta over their unit, :mod:`hierpool.batch.conditioning`,
+    as ``hp.lmm`` does, :func:`hierpool.closedform.optimize.known_sds_unit`) times its ``known_sds_sizes``
+    (:func:`hierpool.algebra.start.known_sds_size`, one per dataset; 1 when None).
     """
     if sigma_known:
-        # lme4's identity in the known sds' units: theta is an sd in the response's units there, of their size
         rows, cols = tril_positions(stats.ztz.shape[-1])
-        unit = log_weights_unit(stats.log_weights, stats.n)
-        return (rows == cols).astype(float)[None, :] * np.reshape(unit, (-1, 1))
+        sizes = np.ones(stats.n.shape[0]) if known_sds_sizes is None else np.asarray(known_sds_sizes, dtype=float)
+        return (rows == cols).astype(float)[None, :] * sizes[:, None]
     ztz, ztx, zty = np.asarray(stats.ztz), np.asarray(stats.ztx), np.asarray(stats.zty)
     xtx, xty, yty = np.asarray(stats.xtx), np.asarray(stats.xty), np.asarray(stats.yty)
     beta = np.linalg.solve(xtx, xty[..., None])[..., 0]
