@@ -43,26 +43,6 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"CI=true: a test extra is missing, so this test would have been skipped: {report.longrepr}"
 
 
-#: The suite's longest files (by their test time at 23fc4b9 on this 2-core machine), handed to the xdist workers
-#: first: with ``--dist loadfile --no-loadscope-reorder`` (pyproject.toml) a free worker takes the next file in
-#: collection order.  xdist's default order, by the number of tests in a file, left test_bayes_batch_terms (6 tests,
-#: 96 s) near the end; by the recorded durations the longer worker's share was 594 s against 569 (longest first:
-#: 584 and 578).
-LONGEST_FIRST = ("test_validate", "test_bayes_batch_terms", "test_notebooks", "test_bayes_batch", "test_bayes",
-                 "test_batch", "test_relmat", "test_bayes_batch_glmm", "test_batch_ar1", "test_ar1_bayes",
-                 "test_imports", "test_spatial_bayes")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """The files of :data:`LONGEST_FIRST` first, in its order, then the others as collected; each file's tests in
-    their own order (every worker collects the same order, as xdist requires)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    order = {}
-    for item in items:
-        order.setdefault(item.path.stem, len(order))
-    items.sort(key=lambda item: (rank.get(item.path.stem, len(rank)), order[item.path.stem]))
-
-
 @pytest.fixture(scope="session")
 def reference():
     return json.loads(REFERENCE.read_text())
