@@ -29,7 +29,7 @@ import scipy.linalg
 from .algebra.checks import singular_rows
 from .algebra.conditioning import fixed_coefficients, fixed_rows, transformed_columns
 from .closedform.ar1 import AR1Result
-from .closedform.optimize import Control
+from .closedform.optimize import Control, known_sds_unit
 from .closedform.results import LMMResult
 from .errors import ArgumentError
 
@@ -156,11 +156,12 @@ def ridge_view(fit: LMMResult, multipliers=None) -> RidgeView:
     fixed = list(fit.design.fixed_names)
     ks = tuple(t.k for t in fit.design.terms)
     thetas = np.split(np.asarray(fit.theta, dtype=float), np.cumsum([k * (k + 1) // 2 for k in ks])[:-1])
+    sd_unit = known_sds_unit(fit.system)  # (known residual sds: theta in the response's units, the rule in theirs)
     for j, (term, cov) in enumerate(zip(fit.design.terms, fit.term_covariances())):
         with np.errstate(divide="ignore", invalid="ignore"):
             # lme4's singular rule on the term's theta (a diagonal of T_j within singular_tol of 0; a matrix rank
             # called a 1 x 1 variance of 1e-18 full rank)
-            singular = bool(singular_rows(thetas[j], (term.k,), Control.singular_tol))
+            singular = bool(singular_rows(thetas[j] / sd_unit, (term.k,), Control.singular_tol))
             penalties[_term_label(term)] = np.full_like(cov, np.nan) if singular else fit.sigma**2 * np.linalg.inv(cov)
         blups = np.asarray(fit.solution.b[j])
         for i, coef in enumerate(term.coef_names):

@@ -409,3 +409,43 @@ def test_a_shared_design_with_known_sds_fits_several_terms():
         singles = [hp.lmm(formula, data.assign(y=responses[:, j]), se="se") for j in range(3)]
     np.testing.assert_allclose(batch.objective, [fit.objective for fit in singles], rtol=1e-9)
     assert list(batch.is_singular) == [fit.is_singular for fit in singles]
+
+
+def test_known_sds_of_1e_9_to_1e_5_probe_in_the_responses_own_spread():
+    """The second unit of hp.lmm's probes off the boundary (beside the sds') was theta = 1 in the response's units:
+    with y and se in 1e-6 of theirs (sds 1e-9 .. 9e-6, uneven) those probes sat at 5e5 times the sds, where the
+    criterion is lost to rounding (-47,000 with a NaN gradient), and the search kept it: REML 1013 above fit_batch's,
+    reported converged (the fifty-second session's review).  The unit is now the residuals' spread, and a point
+    whose gradient is not finite is no criterion."""
+    rng = np.random.default_rng(2)
+    g, _ = np.repeat(np.arange(30), 3), rng.integers(0, 5, 90)
+    x, se = rng.normal(size=90), np.exp(rng.uniform(np.log(1e-3), np.log(10), 90))
+    _ = rng.normal(size=30), rng.normal(size=30), rng.normal(size=5)  # (the review generator's effects, all 0 here)
+    y = 0.5 + 0.2 * x + rng.normal(size=90) * se
+    data = pd.DataFrame({"y": y * 1e-6, "x": x, "se": se * 1e-6, "g": [f"g{i}" for i in g]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a boundary fit)
+        single = hp.lmm("y ~ x + (1 + x | g)", data, se="se")
+    batch = hp.fit_batch("y ~ x + (1 + x | g)", [data], se="se", progress=False)
+    assert single.objective == pytest.approx(batch.objective[0], rel=1e-9)
+    unscaled = hp.fit_batch("y ~ x + (1 + x | g)", [data.assign(y=y, se=se)], se="se", progress=False)
+    assert single.objective == pytest.approx(unscaled.objective[0] + 2 * 88 * np.log(1e-6), rel=1e-9)
+
+
+def test_both_engines_take_the_same_unit_and_rule_for_a_conditioned_slope():
+    """sds all 10^1.75 put the weights' mean log10 at -3.5, which hp.lmm's sum and the batch's rounded to different
+    decades (units 31.6 and 100); and a slope on x ~ 3000 is searched on its column scaled (hp.lmm's conditioning),
+    whose theta hp.lmm's singular rule read, where the batch reads the user's: a slope sd of 0.0061 was singular in
+    the batch and not in hp.lmm (the fifty-second session's review).  Both now read the user's theta over one unit."""
+    rng = np.random.default_rng(4)
+    g = np.repeat(np.arange(40), 6)
+    x, se = rng.normal(size=240) * 3000, np.full(240, 10**1.75)
+    y = 1 + 0.01 * x + rng.normal(0, 0.0065, 40)[g] * x + rng.normal(size=240) * se
+    data = pd.DataFrame({"y": y, "x": x, "g": g.astype(str), "se": se})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a boundary fit)
+        single = hp.lmm("y ~ x + (0 + x | g)", data, se="se")
+    batch = hp.fit_batch("y ~ x + (0 + x | g)", [data], se="se", progress=False)
+    assert single.objective == pytest.approx(batch.objective[0], rel=1e-9)
+    assert single.theta[0] == pytest.approx(0.00608, rel=1e-3)
+    assert single.is_singular and batch.is_singular[0]  # 0.0061 / 100 below lme4's 1e-4

@@ -104,7 +104,8 @@ def known_sds_size(weighted_rss, weight_sum, weight_square_sum, n, p: int, unit)
     """With known residual sds, the size of lme4's identity start in their units (one per dataset): the larger of 1
     and tau / ``unit``, tau^2 = (Q - (n - p)) / (sum w - sum w^2 / sum w) DerSimonian and Laird's moment estimate of
     the between-study variance (DerSimonian & Laird 1986; Q = sum w_i r_i^2 the weighted least-squares residuals'
-    sum of squares, w_i = 1 / se_i^2, Cochran's Q), ``unit`` the sds' (:func:`hierpool.algebra.linalg.weights_unit`).
+    sum of squares, w_i = 1 / se_i^2, Cochran's Q; the denominator the intercept-only model's, also with
+    covariates: a start), ``unit`` the sds' (:func:`hierpool.algebra.linalg.weights_unit`).
 
     The searches run on theta over the known sds' unit (:func:`hierpool.closedform.optimize.known_sds_unit`), where
     the optimum is near 1 when the sds are the response's noise, but 36,000 with sds 30,000 times below it (the

@@ -40,10 +40,13 @@ from ..spec.design import Design, build_design, check_residual_df
 from ..spec.formula import has_spatial_term
 from .ar1 import fit_ar1
 from .optimize import (
+    SINGULAR_FIT,
     Control,
     control_argument,
     criterion_value,
     design_scales,
+    is_singular,
+    known_sds_response_unit,
     known_sds_unit,
     moment_start,
     optimize_theta,
@@ -198,6 +201,12 @@ class MixedModel:
         system = build_system(conditioning.design, host=True)
         return conditioning, (system if isinstance(self.system.rest, np.ndarray) else on_device(system))
 
+    @cached_property
+    def _response_unit(self) -> float | None:
+        """With known residual sds, the response's own unit, where the searches probe too
+        (:func:`~hierpool.closedform.optimize.known_sds_response_unit`); None otherwise."""
+        return known_sds_response_unit(self.design)
+
     def _evaluated(self) -> tuple[Conditioning | None, MixedModelSystem]:
         """The system evaluations at a given theta run on: :attr:`_fixed_conditioned`'s, else :attr:`system`."""
         return self._fixed_conditioned or (None, self.system)
@@ -250,7 +259,7 @@ class MixedModel:
             statistics = None if one_term_inputs is None else one_term_inputs[0]
             scales = design_scales(self.design)
             optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design, scales),
-                                     statistics=statistics, scales=scales)
+                                     statistics=statistics, scales=scales, response_unit=self._response_unit)
             optimum = self._lowest_of_restarts(optimum, self.system, reml, control, host, statistics, scales)
             solution = _solved_or_refused(lambda: solve_at(optimum.theta, self.system, reml, host, one_term_inputs),
                                           optimum.theta)
@@ -259,11 +268,19 @@ class MixedModel:
             # far-from-centred columns (why we condition) also sit in X, and the general path's
             # criterion keeps ~10x less rounding noise there than the one-term statistics' X^T X
             scales = design_scales(conditioned.design)
-            inner = optimize_theta(system, reml, control, start=moment_start(conditioned.design, scales), scales=scales)
+            inner = optimize_theta(system, reml, control, start=moment_start(conditioned.design, scales), scales=scales,
+                                   response_unit=self._response_unit)
             # on the conditioned columns too
             inner = self._lowest_of_restarts(inner, system, reml, control, True, None, scales)
             theta = conditioned.theta_to_user(inner.theta)
-            optimum = replace(inner, theta=theta, objective=conditioned.objective_to_user(inner.objective, reml))
+            # lme4's singular rule on the user's theta, as fit_batch's conditioned rows (the conditioned theta of a
+            # slope on x ~ 3000 is 3000 times the user's: 0.006 beside known sds of 100 was singular in the batch,
+            # not here; the fifty-second session's review)
+            singular = is_singular(theta / known_sds_unit(system), tuple(t.k for t in self.design.terms),
+                                   (control or Control()).singular_tol)
+            messages = tuple(m for m in inner.messages if m != SINGULAR_FIT) + (SINGULAR_FIT,) * singular
+            optimum = replace(inner, theta=theta, objective=conditioned.objective_to_user(inner.objective, reml),
+                              is_singular=singular, messages=messages)
             tilde = _solved_or_refused(lambda: solve_at(inner.theta, system, reml, host), theta)
             solution = conditioned.solution_to_user(tilde, theta)
             # prediction variances in the conditioned coordinates too (the user's X' X may not even factor)
@@ -311,7 +328,8 @@ class MixedModel:
             restart, theta = one_term.scan_restarts(values, np.array([optimum.objective]), unit)
             if not restart[0]:
                 return optimum
-            again = optimize_theta(system, reml, control, start=theta[0], statistics=statistics, scales=scales)
+            again = optimize_theta(system, reml, control, start=theta[0], statistics=statistics, scales=scales,
+                                   response_unit=self._response_unit)
             return again if again.objective < optimum.objective else optimum
         ks = tuple(term.k for term in terms)
         sd_unit = known_sds_unit(system)  # (1 unless the residual sds are known)
@@ -322,7 +340,7 @@ class MixedModel:
         for start in other_minimum_starts(theta, ks, control.singular_tol, None if scales is None else scales / sd_unit):
             try:
                 again = optimize_theta(system, reml, control, start=start * sd_unit, statistics=statistics,
-                                       scales=scales)
+                                       scales=scales, response_unit=self._response_unit)
             except ConvergenceError:  # a search that ran off to a non-finite criterion: the optimum in hand stands
                 continue
             margin = OTHER_MINIMUM_MARGIN * max(1.0, abs(best.objective))

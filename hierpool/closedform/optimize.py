@@ -31,6 +31,7 @@ from ..algebra.linalg import (
     OTHER_MINIMUM_MARGIN,
     boundary_probes,
     canonical_theta,
+    decade_unit,
     log_weights_unit,
     terms_theta_scales,
     theta_lower_bounds,
@@ -400,6 +401,7 @@ def optimize_theta(
     start: np.ndarray | None = None,
     statistics=None,
     scales: np.ndarray | None = None,
+    response_unit: float | None = None,
 ) -> Optimum:
     """Minimize the profiled REML criterion or deviance over theta with L-BFGS-B (:func:`_interior_optimum` first
     for a small model on the host).
@@ -422,6 +424,9 @@ def optimize_theta(
         restarts' probes off the boundary are placed in them.  With a slope's covariate in 1/1000 of its units the
         search in theta stopped at lme4's start, 0.019 above the optimum (theta 148), unconverged (the forty-second
         session's review).
+    response_unit : float, optional
+        With known residual sds, the response's own unit (:func:`known_sds_response_unit`): the probes off a boundary
+        go out in it too, where it is not the sds' (None: in the sds' units alone).
 
     Returns
     -------
@@ -451,6 +456,9 @@ def optimize_theta(
             count[0] += 1
             try:
                 seen[key] = value_and_grad(theta)
+                if not np.all(np.isfinite(seen[key][1])):  # the criterion lost to rounding there (a gradient of
+                    # 1e35 and NaN at theta 5e5 times the known sds: a value of -47,000 where the optimum is -2,536)
+                    raise np.linalg.LinAlgError
             except np.linalg.LinAlgError:  # a step so long that the system lost definiteness to rounding (its
                 # largest eigenvalue ~1e18): no criterion there (a start there is refused below; a search that
                 # met one goes on from where it stopped: search_past_unfactored)
@@ -494,9 +502,9 @@ def optimize_theta(
             return found
 
         # with known residual sds theta is an sd in the response's units, whose optimum may lie near the size of the
-        # known sds (t near its units) or near the columns' units in the response's: the probes off a boundary go out
-        # in both
-        probe_units = [unit] + ([unit / sd_unit] if sd_unit != 1.0 else [])
+        # known sds (t near its units) or near the response's own spread: the probes off a boundary go out in both
+        other = 1.0 if response_unit is None else response_unit / sd_unit
+        probe_units = [unit] + ([unit * other] if other != 1.0 else [])
         result = _restart_from_boundary(search, search(start), control.max_restarts, system.layout.ks,
                                         control.singular_tol, probe_units)
         if not np.isfinite(result.fun):
@@ -514,6 +522,21 @@ def optimize_theta(
     value, gradient = evaluate(theta)
     converged, singular, messages = check_optimum(theta, gradient, optimizer_ok, hessian_at, system, control)
     return Optimum(theta * sd_unit, value, gradient / sd_unit, count[0], converged, singular, messages)
+
+
+def known_sds_response_unit(design) -> float | None:
+    """With known residual sds, the response's own unit: the root-mean-square of its least-squares residuals
+    (unweighted), in the sds' rounding (:func:`hierpool.algebra.linalg.decade_unit`); None otherwise.
+
+    The optimum of theta (an sd in the response's units there) lies near the sds' size when they are the response's
+    noise, and may lie far below it when they are not: with sds of ~30 and noise of ~1, searched in the sds' units
+    alone, y ~ x + (1 | g) + (0 + x | g) + (1 | h) ended at theta = 0, REML 1.64 above the optimum (the forty-third
+    session's review).  A unit of the data, not theta = 1 in the response's units: those probes sat at 5e5 times
+    sds of 1e-6, where the criterion is lost to rounding (the fifty-second session's review)."""
+    if not design.sigma_known:
+        return None
+    residual = location_shift(design)[1]
+    return float(decade_unit(-2.0 * np.log10(max(float(np.sqrt(np.mean(residual * residual))), 1e-300))))
 
 
 def known_sds_unit(system: MixedModelSystem) -> float:
@@ -727,10 +750,11 @@ def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...],
     turn (a probe of two is searched from once).
 
     Known residual sds (``se=``) leave theta an sd in the response's units, and its optimum near either of two
-    units, the sds' or the response's: probes in the response's alone (0.05 and 0.5) missed a between-study sd of
-    0.034 beside known sds of 0.1-0.6, both searches going on to theta = 0, 0.0079 above the optimum, reported
-    converged (the fifty-first session's review); probes in the known sds' units alone missed an optimum 30 times
-    below sds of ~30 (the forty-third session's, ``tests/test_known_se.py``).  :func:`optimize_theta` gives both.
+    units, the sds' or the response's own spread (:func:`known_sds_response_unit`): probes in absolute units alone
+    (0.05 and 0.5) missed a between-study sd of 0.034 beside known sds of 0.1-0.6, both searches going on to theta =
+    0, 0.0079 above the optimum, reported converged (the fifty-first session's review); probes in the known sds'
+    units alone missed an optimum 30 times below sds of ~30 (the forty-third session's, ``tests/test_known_se.py``).
+    :func:`optimize_theta` gives both.
     """
     for _ in range(max_rounds):
         probes = {probe.tobytes(): probe

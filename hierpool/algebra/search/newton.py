@@ -104,7 +104,8 @@ def moment_start(stats, sigma_known: bool = False, known_sds_sizes=None) -> np.n
     not converge in 60 iterations.  With known residual sds (``sigma_known``) every dataset starts at lme4's
     identity in their units (``hp.fit_batch`` searches theta over their unit, :mod:`hierpool.batch.conditioning`,
     as ``hp.lmm`` does, :func:`hierpool.closedform.optimize.known_sds_unit`) times its ``known_sds_sizes``
-    (:func:`hierpool.algebra.start.known_sds_size`, one per dataset; 1 when None).
+    (:func:`hierpool.algebra.start.known_sds_size`, one per dataset; 1 when None); ``hp.lmm``'s start is that in
+    the columns' units too.
     """
     if sigma_known:
         rows, cols = tril_positions(stats.ztz.shape[-1])
