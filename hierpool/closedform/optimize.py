@@ -435,7 +435,7 @@ def optimize_theta(
     control = control or Control()
     on_host = runs_on_host(system, control)
     # the search runs on t = theta / sd_unit: with known residual sds in their units, so that every tolerance in
-    # theta (lme4's singular 1e-4, the boundary's snap, the Hessian's step, the gradient checks) is relative to them
+    # theta (lme4's singular 1e-4, the boundary's snap, the Hessian's step, the gradient checks) is relative to them.
     sd_unit = known_sds_unit(system)
     in_theta = value_and_gradient(system, reml, on_host, statistics)
 
@@ -478,12 +478,13 @@ def optimize_theta(
     else:
         def gradients_at(points):
             return np.stack([evaluate(point)[1] for point in points])
-    # the differences' step in the prior weights' units (theta over sqrt of their scale: algebra.linalg.weights_unit):
-    # with weights of 1e7 a step of 1e-4 was half of theta, and the Hessian came out indefinite at the optimum.
-    # (Known sds: t is in their units already, and the step relative where |t| > 1: t is 36,000 with sds 30,000 times
+    # the differences' step in theta's units, the weights' (theta over sqrt of their scale: algebra.linalg.weights_unit),
+    # over t's: with weights of 1e7 a step of 1e-4 was half of theta, and the Hessian came out indefinite at the
+    # optimum.  (Known sds: t is in theirs, and the step relative where |t| > 1: t is 36,000 with sds 30,000 times
     # below the response's noise, a criterion of 1e11, where a step of 1e-4 differenced rounding noise.)
-    step_unit = 1.0 if system.layout.sigma_known else log_weights_unit(float(system.log_weights), system.layout.n)
-    hessian_at = _HessianCache(gradients_at, lower, HESSIAN_STEP * step_unit, relative=system.layout.sigma_known)
+    theta_unit = log_weights_unit(float(system.log_weights), system.layout.n)
+    hessian_at = _HessianCache(gradients_at, lower, HESSIAN_STEP * theta_unit / sd_unit,
+                               relative=system.layout.sigma_known)
     polish = system.layout.n <= control.hessian_max_n
     theta = _interior_optimum(evaluate, hessian_at, start, system, control) if on_host and polish else None
     optimizer_ok = True
