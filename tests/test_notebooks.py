@@ -7,8 +7,7 @@ which they all passed.
 """
 
 import ast
-import json
-from concurrent.futures import ThreadPoolExecutor
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -50,47 +49,60 @@ def test_notebook_checks_its_claims(path):
     assert not errors, f"the committed outputs hold an error: {errors[0].get('ename')}: {errors[0].get('evalue')}"
 
 
-def _execute(path: Path):
-    """Run one notebook top to bottom in its own python3 kernel: (the executed notebook, the error or None)."""
+def _execute_each(paths: list[Path]) -> dict:
+    """Run each notebook top to bottom, one after another in one python3 kernel: {path: (the executed notebook,
+    the error or None)}.
+
+    Each notebook starts from an empty namespace (IPython's ``%reset -f`` clears every name, its imports' too, so a
+    notebook that leans on a name of another fails as it would alone); what they share is the process: the imports
+    of JAX, NumPyro, ArviZ and matplotlib, and the programs XLA compiled for one, load once.  Nine kernels took
+    ~110 s of CPU on this suite's 2-core machine, one ~75 s (benchmarks/RESULTS.md, fifty-third session).  A kernel
+    that dies is replaced for the next notebook.
+    """
     import nbclient
     import nbformat
+    from jupyter_core.utils import run_sync
 
-    book = nbformat.read(path, as_version=4)
+    results, manager = {}, None
     try:
-        # a failing assert cell raises CellExecutionError here
-        nbclient.NotebookClient(book, timeout=600, kernel_name="python3",
-                                resources={"metadata": {"path": str(path.parent)}}).execute()
-    except Exception as error:  # re-raised by the notebook's own test below
-        return book, error
-    return book, None
-
-
-def _recorded_seconds(path: Path) -> float:
-    """The committed run's time in its code cells (nbclient's timing metadata; 0 where there is none)."""
-    from datetime import datetime
-
-    seconds = 0.0
-    for cell in json.loads(path.read_text())["cells"]:
-        timing = cell.get("metadata", {}).get("execution", {})
-        start, end = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
-        if start and end:
-            elapsed = datetime.fromisoformat(end.rstrip("Z")) - datetime.fromisoformat(start.rstrip("Z"))
-            seconds += elapsed.total_seconds()
-    return seconds
+        for path in paths:
+            book = nbformat.read(path, as_version=4)
+            book.cells.insert(0, nbformat.v4.new_code_cell("%reset -f"))  # removed again below
+            if manager is None:
+                manager = nbclient.NotebookClient(book, kernel_name="python3").create_kernel_manager()
+            # given a manager, the client starts its kernel if none runs, and leaves it running
+            client = nbclient.NotebookClient(book, km=manager, timeout=600, kernel_name="python3",
+                                             resources={"metadata": {"path": str(path.parent)}})
+            error = None
+            try:
+                client.execute()  # a failing assert cell raises CellExecutionError here
+            except nbclient.exceptions.CellExecutionError as raised:  # re-raised by the notebook's own test below
+                error = raised
+            except Exception as raised:  # the kernel died or timed out: the next notebook gets a new one
+                error = raised
+                with contextlib.suppress(Exception):
+                    run_sync(manager.shutdown_kernel)(now=True)
+                manager = None
+            finally:
+                if client.kc is not None:
+                    client.kc.stop_channels()
+            book.cells.pop(0)
+            results[path] = (book, error)
+    finally:
+        if manager is not None:
+            run_sync(manager.shutdown_kernel)(now=True)
+    return results
 
 
 @pytest.fixture(scope="module")
 def executed():
-    """Every notebook, run two at a time: each kernel is its own process, and most of a notebook's
-    time is single-threaded (kernel start, imports, XLA compilation), so two kernels use the
-    machine's two cores where one at a time leaves one idle.  The longest (by the committed run's
-    cell times) start first: started last, one long notebook runs on alone after the others are done."""
+    """Every notebook, run in one kernel (:func:`_execute_each`).  The kernel inherits
+    HIERPOOL_NOTEBOOK_QUICK=1: fewer draws."""
     pytest.importorskip("nbformat")
     pytest.importorskip("nbclient")
-    longest_first = sorted(NOTEBOOKS, key=_recorded_seconds, reverse=True)
-    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(max_workers=2) as pool:
-        patch.setenv("HIERPOOL_NOTEBOOK_QUICK", "1")  # the kernels inherit it: fewer draws
-        return dict(zip(longest_first, pool.map(_execute, longest_first)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HIERPOOL_NOTEBOOK_QUICK", "1")
+        return _execute_each(NOTEBOOKS)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
