@@ -592,8 +592,9 @@ def test_newton_stops_on_the_pass_whose_quadratic_model_puts_the_optimum_within_
     np.testing.assert_allclose(theta, np.broadcast_to(centre, theta.shape), atol=1e-7)
     np.testing.assert_array_equal(iterations, 1)
     assert converged.all()
-    compiled = jax.vmap(lambda x0: newton(lambda x: 0.5 * (x - centre) @ jnp.asarray(matrix) @ (x - centre), x0,
-                                          step_tol=1e-6))(jnp.asarray(starts))
+    # jitted: unjitted, each of the search's operations compiles alone (over a hundred small programs)
+    compiled = jax.jit(jax.vmap(lambda x0: newton(lambda x: 0.5 * (x - centre) @ jnp.asarray(matrix) @ (x - centre),
+                                                  x0, step_tol=1e-6)))(jnp.asarray(starts))
     np.testing.assert_array_equal(np.asarray(compiled[3]), 1)
 
     def smooth(points, rows):  # exp(a x) - a e x per coordinate, minimum at x = 1 / a
@@ -609,7 +610,8 @@ def test_newton_stops_on_the_pass_whose_quadratic_model_puts_the_optimum_within_
     assert loose[4].all()  # a search that stopped on its model's decrease is converged
     rates = jnp.array([1.2, 1.9])
     traced = jax.value_and_grad(lambda x: jnp.sum(jnp.exp(rates * x) - rates * np.e * x))
-    compiled = jax.vmap(lambda x0: newton(None, x0, value_and_grad=traced, decrease_tol=1e-4))(jnp.asarray(starts))
+    compiled = jax.jit(jax.vmap(lambda x0: newton(None, x0, value_and_grad=traced, decrease_tol=1e-4)))(
+        jnp.asarray(starts))
     np.testing.assert_array_equal(np.asarray(compiled[3]), loose[3])
 
     # far to the left the first full steps overshoot: the damping set from each rejected trial takes the host and
