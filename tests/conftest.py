@@ -43,11 +43,11 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"CI=true: a test extra is missing, so this test would have been skipped: {report.longrepr}"
 
 
-#: The suite's longest files (by their time in a whole run of the suite on this 2-core machine, fifty-third session:
-#: 111 s down to 27 s), handed to the xdist workers first: with ``--dist loadfile --no-loadscope-reorder``
+#: The suite's longest files (by their time in a whole run of the suite on a 2-core machine: benchmarks/RESULTS.md,
+#: fifty-third session), handed to the xdist workers first: with ``--dist loadfile --no-loadscope-reorder``
 #: (pyproject.toml) a free worker takes the next file in collection order, so the run ends on short files and
-#: neither worker waits long for the other.  xdist's own order (by the number of tests in a file) ended a run on
-#: test_bayes_batch_terms (6 tests, 102 s), started by one worker 100 s before the end.
+#: neither worker waits long for the other.  xdist's own order (by the number of tests in a file) ended runs on
+#: test_bayes_batch_terms, one of the longest, while the other worker had nothing left.
 LONGEST_FIRST = ("test_validate", "test_bayes_batch_terms", "test_notebooks", "test_batch", "test_bayes_batch",
                  "test_bayes", "test_relmat", "test_batch_ar1", "test_bayes_batch_glmm", "test_spatial_bayes",
                  "test_ar1_bayes", "test_imports", "test_batch_terms", "test_batch_each", "test_glmm_bayes")

@@ -55,9 +55,8 @@ def _execute_each(paths: list[Path]) -> dict:
 
     Each notebook starts from an empty namespace (IPython's ``%reset -f`` clears every name, its imports' too, so a
     notebook that leans on a name of another fails as it would alone); what they share is the process: the imports
-    of JAX, NumPyro, ArviZ and matplotlib, and the programs XLA compiled for one, load once.  Nine kernels took
-    ~110 s of CPU on this suite's 2-core machine, one ~75 s (benchmarks/RESULTS.md, fifty-third session).  A kernel
-    that dies is replaced for the next notebook.
+    of JAX, NumPyro, ArviZ and matplotlib, and the programs XLA compiled for one, load once (nine kernels against one:
+    benchmarks/RESULTS.md, fifty-third session).  A kernel that dies is replaced for the next notebook.
     """
     import nbclient
     import nbformat
