@@ -26,10 +26,9 @@ import numpy as np
 import pandas as pd
 import scipy.linalg
 
-from .algebra.checks import singular_rows
 from .algebra.conditioning import fixed_coefficients, fixed_rows, transformed_columns
 from .closedform.ar1 import AR1Result
-from .closedform.optimize import Control, known_sds_unit
+from .closedform.optimize import user_theta_singular
 from .closedform.results import LMMResult
 from .errors import ArgumentError
 
@@ -156,12 +155,11 @@ def ridge_view(fit: LMMResult, multipliers=None) -> RidgeView:
     fixed = list(fit.design.fixed_names)
     ks = tuple(t.k for t in fit.design.terms)
     thetas = np.split(np.asarray(fit.theta, dtype=float), np.cumsum([k * (k + 1) // 2 for k in ks])[:-1])
-    sd_unit = known_sds_unit(fit.system)  # (known residual sds: theta in the response's units, the rule in theirs)
     for j, (term, cov) in enumerate(zip(fit.design.terms, fit.term_covariances())):
         with np.errstate(divide="ignore", invalid="ignore"):
-            # lme4's singular rule on the term's theta (a diagonal of T_j within singular_tol of 0; a matrix rank
-            # called a 1 x 1 variance of 1e-18 full rank)
-            singular = bool(singular_rows(thetas[j] / sd_unit, (term.k,), Control.singular_tol))
+            # lme4's singular rule on the term's theta, in the known sds' units where given (a diagonal of T_j within
+            # singular_tol of 0; a matrix rank called a 1 x 1 variance of 1e-18 full rank)
+            singular = user_theta_singular(thetas[j], fit.system, (term.k,))
             penalties[_term_label(term)] = np.full_like(cov, np.nan) if singular else fit.sigma**2 * np.linalg.inv(cov)
         blups = np.asarray(fit.solution.b[j])
         for i, coef in enumerate(term.coef_names):

@@ -45,12 +45,12 @@ from .optimize import (
     control_argument,
     criterion_value,
     design_scales,
-    is_singular,
     known_sds_response_unit,
     known_sds_unit,
     moment_start,
     optimize_theta,
     runs_on_host,
+    user_theta_singular,
     value_and_gradient,
 )
 from .results import ConditionedCoordinates, LMMResult
@@ -276,8 +276,7 @@ class MixedModel:
             # lme4's singular rule on the user's theta, as fit_batch's conditioned rows (the conditioned theta of a
             # slope on x ~ 3000 is 3000 times the user's: 0.006 beside known sds of 100 was singular in the batch,
             # not here; the fifty-second session's review)
-            singular = is_singular(theta / known_sds_unit(system), tuple(t.k for t in self.design.terms),
-                                   (control or Control()).singular_tol)
+            singular = user_theta_singular(theta, system, tol=(control or Control()).singular_tol)
             messages = tuple(m for m in inner.messages if m != SINGULAR_FIT) + (SINGULAR_FIT,) * singular
             optimum = replace(inner, theta=theta, objective=conditioned.objective_to_user(inner.objective, reml),
                               is_singular=singular, messages=messages)

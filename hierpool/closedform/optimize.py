@@ -540,6 +540,17 @@ def known_sds_response_unit(design) -> float | None:
     return float(decade_unit(-2.0 * np.log10(max(float(np.sqrt(np.mean(residual * residual))), 1e-300))))
 
 
+def user_theta_singular(theta: np.ndarray, system: MixedModelSystem, ks: tuple[int, ...] | None = None,
+                        tol: float = Control.singular_tol) -> bool:
+    """lme4's ``isSingular`` (:func:`is_singular`) on a user's theta of ``system``'s model: with known residual sds
+    theta over their unit (:func:`known_sds_unit`; 1 otherwise), the rule :func:`optimize_theta` applies to the t
+    it searches.  ``ks``: the terms' widths of ``theta`` (default the system's; one term's, for that term alone).
+    The one home of that rule for ``hp.lmm``'s conditioned fits, :attr:`~hierpool.closedform.results.LMMResult.is_singular`
+    at a given theta and :func:`hierpool.ridge.ridge_view`."""
+    return is_singular(np.asarray(theta, dtype=float) / known_sds_unit(system),
+                       system.layout.ks if ks is None else ks, tol)
+
+
 def known_sds_unit(system: MixedModelSystem) -> float:
     """theta's unit with known residual sds (``se=``): their geometric mean in whole decades
     (:func:`hierpool.algebra.linalg.log_weights_unit` of the weights 1 / se^2); 1 otherwise.

@@ -164,9 +164,9 @@ class LMMResult(Likelihood):
         (with known residual sds, in their units: :func:`~hierpool.closedform.optimize.known_sds_unit`)."""
         if self.optimum is not None:
             return self.optimum.is_singular
-        from .optimize import is_singular, known_sds_unit
+        from .optimize import user_theta_singular
 
-        return is_singular(self.theta / known_sds_unit(self.system), tuple(t.k for t in self.design.terms))
+        return user_theta_singular(self.theta, self.system)
 
     @property
     def converged(self) -> bool:
