@@ -151,16 +151,99 @@ def test_the_host_search_equals_the_compiled_golden_sections(replicates, monkeyp
 
 def test_correlated_slopes_and_a_phi_at_its_edge(replicates):
     """(Days | Subject) with AR(1) residuals equals hp.lmm's fit; a dataset whose continuous-time phi runs to 0
-    (independent noise: u to the range's end) is fitted alone by hp.lmm, as the single fit warns there."""
+    (independent noise: u to the range's end) keeps the batch's fit there, with the single fit's warning in its row
+    and one warning for the batch, and equals hp.lmm's (whose Brent search ends there, independently)."""
     structure = hp.car1("Subject", time="Days")
     rng = np.random.default_rng(4)
     independent = replicates[0].assign(Reaction=lambda f: 250 + 10 * f["Days"] + rng.normal(0, 30, len(f)))
     frames = [replicates[0], replicates[2], independent]
     formula = "Reaction ~ Days + (Days | Subject)"
-    batch = hp.fit_batch(formula, frames, by="rep", correlation=structure, progress=False)
-    assert batch.refit.tolist() == [False, False, True], batch.messages.tolist()
-    assert "edge of its range" in batch.messages.iloc[2]
-    _assert_each_is_its_single_fit(batch, frames, structure, formula)  # the third is the refit's own
+    with pytest.warns(hp.ConvergenceWarning, match="1 of 3 datasets: phi at the edge of its range"):
+        batch = hp.fit_batch(formula, frames, by="rep", correlation=structure, progress=False)
+    assert not batch.refit.any() and batch.converged.all(), batch.messages.tolist()
+    assert [bool(m) for m in batch.messages] == [False, False, True] and "edge of its range" in batch.messages.iloc[2]
+    _assert_each_is_its_single_fit(batch, frames, structure, formula)
+
+
+def test_a_search_stopped_at_the_edge_is_held_there_and_kept_only_where_the_criterion_rises_into_the_range():
+    """ar1_moments.held_at_edge on a criterion (theta - 1)^2 + s u, NaN beyond u's range: a search stopped at the
+    range's end (theta not yet fitted there) is refitted in theta with u at the end; kept (converged) where the
+    criterion rises into the range (s > 0 at u = -12), not where it falls into it (a minimum inside missed).  A stop
+    on a flat stretch near the end is replaced by the fit at the end where that is lower, and left where higher; a
+    stop inside (u = -3) is left."""
+    from hierpool.algebra.ar1 import UNCONSTRAINED_LIMIT
+    from hierpool.algebra.search.ar1_moments import held_at_edge
+
+    slopes = np.array([0.1, -0.1, 0.1, 0.1, -0.1])
+
+    def value_and_grad(points, rows):
+        theta, u = points[..., :-1], points[..., -1]
+        value = np.sum((theta - 1.0) ** 2, axis=-1) + slopes[rows][:, None] * u + 100.0
+        gradient = np.concatenate([2.0 * (theta - 1.0), np.broadcast_to(slopes[rows][:, None, None], u.shape + (1,))],
+                                  axis=-1)
+        return np.where(np.abs(u) > UNCONSTRAINED_LIMIT, np.nan, value), gradient
+
+    point = np.array([[0.0, -11.9995], [0.0, -11.9995], [1.0, -3.0], [1.0, -11.5], [1.0, -11.5]])
+    value = value_and_grad(point[:, None, :], np.arange(5))[0][:, 0]
+    flat = np.ones((5, 2, 2))  # not positive definite: no curvature, a flat stop
+    found = (point, value, np.zeros(5), np.full(5, 5), np.ones(5, bool), flat)
+    held = held_at_edge(value_and_grad, found, 20)
+    np.testing.assert_allclose(held[0][[0, 1, 3]], [[1.0, -UNCONSTRAINED_LIMIT]] * 3, atol=1e-8)
+    np.testing.assert_allclose(held[1][[0, 1, 3]], 100.0 + slopes[[0, 1, 3]] * -UNCONSTRAINED_LIMIT)
+    assert held[4].tolist() == [True, False, True, True, True]
+    assert np.isnan(held[5][[0, 1, 3]]).all()
+    for left in (2, 4):
+        assert np.array_equal(held[0][left], point[left]) and held[1][left] == value[left] and held[5][left].sum() == 4
+
+
+def test_a_flat_stop_is_kept_only_where_the_profile_across_the_range_lies_no_lower():
+    """ar1_moments.flat_stop_is_lowest on (theta - 1)^2 + g(u), NaN beyond u's range: a stop on a flat stretch
+    (the profile's curvature 2e-4, phi not identified) at g's minimum is the lowest point of the profile on the
+    grid; not where g has a deeper second basin (at u = 6), nor a curved stop (left to the curvature rule)."""
+    from hierpool.algebra.ar1 import UNCONSTRAINED_LIMIT
+    from hierpool.algebra.search.ar1_moments import flat_stop_is_lowest
+
+    basins = np.array([0.0, 0.5, 0.0])  # the second basin's depth, per dataset
+
+    def value_and_grad(points, rows):
+        theta, u = points[..., :-1], points[..., -1]
+        depth = basins[rows][:, None]
+        value = (np.sum((theta - 1.0) ** 2, axis=-1) + 1e-4 * (u + 5.0) ** 2 - depth * np.exp(-(u - 6.0) ** 2)
+                 + 100.0)
+        slope = 2e-4 * (u + 5.0) + 2.0 * depth * (u - 6.0) * np.exp(-(u - 6.0) ** 2)
+        gradient = np.concatenate([2.0 * (theta - 1.0), slope[..., None]], axis=-1)
+        return np.where(np.abs(u) > UNCONSTRAINED_LIMIT, np.nan, value), gradient
+
+    point = np.array([[1.0, -5.0]] * 3)
+    value = value_and_grad(point[:, None, :], np.arange(3))[0][:, 0]
+    hessian = np.array([np.diag([2.0, 2e-4]), np.diag([2.0, 2e-4]), np.diag([2.0, 1.0])])  # the last curved
+    found = (point, value, np.zeros(3), np.full(3, 5), np.ones(3, bool), hessian)
+    assert flat_stop_is_lowest(value_and_grad, found, 20).tolist() == [True, False, False]
+
+
+def test_a_flat_stop_on_data_without_autocorrelation_is_the_batchs_own_fit_and_hp_lmms(monkeypatch):
+    """Sleepstudy-shaped data without autocorrelation, (Days | Subject) with corCAR1: a joint search that stops
+    inside u's range where the profile is nearly flat (phi ~ 0.01) is kept where the profile across the range lies
+    no lower (not fitted alone by hp.lmm), and equals hp.lmm's fit, whose Brent search decides independently."""
+    from hierpool.algebra.search import ar1_moments
+
+    lowest, checked = [], ar1_moments.flat_stop_is_lowest
+    monkeypatch.setattr(ar1_moments, "flat_stop_is_lowest", lambda *a, **k: lowest.append(checked(*a, **k)) or
+                        lowest[-1])
+    sleep = hp.datasets.sleepstudy()
+    codes = pd.factorize(sleep["Subject"])[0]
+    rng = np.random.default_rng(3)
+    frames = [sleep.assign(Reaction=250 + 10 * sleep["Days"] + rng.normal(0, 30, 18)[codes]
+                           + rng.normal(0, 30, len(sleep))) for _ in range(4)]
+    structure, formula = hp.car1("Subject", time="Days"), "Reaction ~ Days + (Days | Subject)"
+    batch = hp.fit_batch(formula, frames, by="rep", correlation=structure, progress=False, chunk_size=4)
+    kept = np.flatnonzero(np.concatenate(lowest))
+    assert kept.size and not batch.refit.any(), batch.messages.tolist()
+    for d in kept:
+        single = hp.lmm(formula, frames[d], correlation=structure)
+        assert batch.messages.iloc[d] == "" and 1e-4 < single.phi < 0.1
+        assert batch.objective.iloc[d] == pytest.approx(single.objective, rel=1e-10)
+        assert batch.phi[d] == pytest.approx(single.phi, rel=1e-3)
 
 
 def test_a_dataset_without_a_row_that_follows_another_is_refused_in_its_row(replicates):

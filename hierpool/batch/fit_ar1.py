@@ -22,7 +22,10 @@ where the profile is nearly flat in u (:func:`hierpool.algebra.ar1.clearly_curve
 joint estimate) is fitted alone by ``hp.lmm``, whose Brent search covers u's range.  corAR1 datasets whose pairs
 are mostly an even number of steps apart (phi's sign in doubt) are searched again from the optimum's u turned
 (:func:`hierpool.algebra.search.ar1_moments.joint_newton`, ``hp.lmm``'s look across 0), the lower kept; the
-golden sections below fit them alone by ``hp.lmm``.  A wider single term, accelerators
+golden sections below fit them alone by ``hp.lmm``.  A dataset whose phi ends at the edge of its range (independent
+noise in a simulation: phi to 0) keeps its fit at the range's end, where ``hp.lmm``'s bounded search ends, with
+``hp.lmm``'s warning in its row (:data:`EDGE_NOTE`; the host searches fit theta there with u held,
+:func:`hierpool.algebra.search.ar1_moments.held_at_edge`).  A wider single term, accelerators
 and sharded batches run the golden-section program below.  A dataset whose inner fit in theta did not converge at
 some point of that search is not reported converged (its message says so), and is refitted by ``hp.lmm``.
 
@@ -67,7 +70,7 @@ from ..algebra.search.ar1_systems import host_bytes as terms_host_bytes
 from ..algebra.search.ar1_systems import search_on_host as terms_search_on_host
 from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from ..closedform.ar1 import check_nested
-from ..errors import ArgumentError, DataError, HierpoolWarning
+from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning, warn_at_caller
 from ..spec.correlation import AR1, common_steps, even_step_message, series_of
 from . import host_processes
 from .fit_glmm import BucketRows, bucket_pattern
@@ -237,10 +240,11 @@ def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool,
         theta = canonical_theta(theta, ks)
         phi = constrained_phi(u, continuous)
         solved = solve(theta, whitened_system(pat, prev, lg, yy, phi), reml, rows)
-        # converged: every inner fit of the search, and phi inside its range (hp.lmm warns at the edge)
-        inside = jnp.abs(u) < UNCONSTRAINED_LIMIT - EDGE
-        return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inner_ok & inside,
-                "edge": ~inside, "inner_converged": inner_ok,
+        # converged: every inner fit of the search (at the range's edge too: the sections' end is hp.lmm's bounded
+        # search's, which warns there, as _store does)
+        edge = jnp.abs(u) >= UNCONSTRAINED_LIMIT - EDGE
+        return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inner_ok,
+                "edge": edge, "inner_converged": inner_ok,
                 "newton_step": newton_step, "beta": solved.beta, "vcov": solved.vcov_beta,
                 "sigma": solved.sigma, "b": solved.b, "cond_var": solved.cond_var, "factors": solved.factors}
 
@@ -329,7 +333,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         # threads alone: a worker process gained little or lost here (its chunks' work is per level and lag class;
         # benchmarks/RESULTS.md, twenty-sixth session)
         search = partial(search_on_host, continuous=structure.continuous, reml=reml, max_iterations=max_iterations,
-                         decrease_tol=DECREASE_TOL)
+                         decrease_tol=DECREASE_TOL, check_flat=True)
         return _store(jobs, lambda job: search(ChunkData(plan, series, job[0]), across_zero=doubt[job[0]]), out,
                       plan, units, workers=thread_count(None), progress=progress)
     if systems:  # several terms: the joint search on the whitened systems
@@ -351,7 +355,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
 
         processes = start_processes(plan, out["attempted"], AR1_TERMS_PROCESS_MIN_ROWS, terms_search_on_host)
         search = partial(terms_search_on_host, continuous=structure.continuous, reml=reml,
-                         max_iterations=max_iterations)
+                         max_iterations=max_iterations, check_flat=True)
 
         def run_terms(job):  # the chunk's rows here, its sums and search here or in a worker process
             members, (key, lagged) = job[0], job[1]
@@ -402,26 +406,41 @@ def _terms_on_host(plan: BatchPlan, float_type, sharding) -> bool:
     return len(plan.design.terms) > 1 and host_fits(float_type, sharding)
 
 
+#: A dataset's message where its phi ends at the edge of its range (``hp.lmm``'s warning there).
+EDGE_NOTE = "phi at the edge of its range (a unit-root or vanishing correlation): the fit is not reliable"
+
+
 def _store(jobs, run, out: dict, plan: BatchPlan, units: np.ndarray, *, workers: int, progress) -> dict:
-    """:func:`run_jobs`, with each chunk's phi; a dataset whose phi ends at its range's edge, or beyond a float per
-    the user's unit, or whose joint search stopped where the profile is nearly flat
-    (:func:`hierpool.algebra.ar1.clearly_curved`), fitted alone."""
+    """:func:`run_jobs`, with each chunk's phi.  A dataset whose phi ends at its range's edge keeps its fit there
+    with ``hp.lmm``'s warning in its row (:data:`EDGE_NOTE`; one warning for the batch), or is fitted alone where
+    that fit is not converged; a dataset whose phi is beyond a float per the user's unit, or whose joint search
+    stopped where the profile is nearly flat (:func:`hierpool.algebra.ar1.clearly_curved`), is fitted alone."""
+    edges = []
+
     def run_and_mark(job):
         members, result = job[0], run(job)
         out["phi"][members] = per_unit(result["phi"], units[members])  # per the user's unit of time
-        for d in members[result["edge"]]:  # as hp.lmm, which warns there: its own fit, with its message
+        for d in members[result["edge"] & ~result["converged"]]:  # hp.lmm's own fit, with its message
             out["alone"][d] = "phi at the edge of its range (a unit-root or vanishing correlation)"
+        for d in members[result["edge"] & result["converged"]]:  # the fit at the range's end: hp.lmm's there
+            out["messages"][d] = EDGE_NOTE
+            edges.append(d)
         beyond = ~result["edge"] & ~np.isfinite(out["phi"][members])
         for d in members[beyond]:  # hp.lmm refuses it, by name, in the row's message
             out["alone"][d] = "phi per unit of time beyond a float"
         result["converged"] = result["converged"] & ~beyond
-        # a joint search's stop where the profile is too flat to identify phi: hp.lmm's search over u's whole range
-        # decides (the golden sections of the compiled path search that range already)
-        flat = ~result["edge"] & ~beyond & ~clearly_curved(result.get("curvature", np.inf))
+        # a joint search's stop where the profile is too flat to identify phi: kept where it lies at or below the
+        # profile across u's range (flat_lowest), else hp.lmm's search over that range decides (the golden sections
+        # of the compiled path search it already)
+        flat = (~result["edge"] & ~beyond & ~clearly_curved(result.get("curvature", np.inf))
+                & ~np.asarray(result.get("flat_lowest", False), dtype=bool))
         for d in members[flat]:
             out["alone"][d] = "the criterion profiled over theta is nearly flat in phi where the joint search stopped"
         return result
 
     out = run_jobs(jobs, run_and_mark, out, plan, workers=workers, progress=progress)
     out["attempted"][list(out["alone"])] = False  # fitted alone instead (fit_batch's refit)
+    if edges:  # hp.lmm warns of each such fit; a batch once, counting them
+        warn_at_caller(f"{len(edges)} of {plan.n_datasets} datasets: {EDGE_NOTE} (each one's message says so)",
+                       ConvergenceWarning)
     return out

@@ -364,7 +364,9 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
             found = search.search_on_host(data, moment_start(design)[None], **settings)
         else:
             return None
-        if not (found["converged"][0] and np.all(np.isfinite(found["theta"][0]))):
+        # at u's edge Brent's bounded search decides (and phi_interval warns): the batch's edge fits are checked
+        # against that independent search (tests/test_batch_ar1.py)
+        if not (found["converged"][0] and not found["edge"][0] and np.all(np.isfinite(found["theta"][0]))):
             return None
         theta, u = np.asarray(found["theta"][0], dtype=float), unconstrained(float(found["phi"][0]), continuous)
     return theta, u, float(found["curvature"][0])

@@ -23,7 +23,8 @@ u = -3 for corCAR1), :func:`hierpool.algebra.ar1.lag_one_phis`, and theta at tha
 is singular, at the moments of the data whitened at u's start); with terms on one factor that fit is of their
 block-diagonal term, as ``hp.lmm``'s is of the terms.  A search that leaves u's range (``hp.lmm``'s,
 :data:`hierpool.algebra.ar1.UNCONSTRAINED_LIMIT`) sees NaN there, as outside any criterion's domain; a dataset
-whose phi ends at the range's edge is fitted alone by ``hp.lmm``, as the compiled path does.  Each dataset's result
+whose u stops at the range's edge (independent noise: phi to 0) is fitted again in theta with u held at the range's
+end, where ``hp.lmm``'s bounded search ends (:func:`held_at_edge`), and reported ``edge``.  Each dataset's result
 carries the criterion's curvature in u profiled over theta at the optimum, from the search's last Hessian
 (:func:`hierpool.algebra.ar1.profile_curvature`): phi's interval in ``hp.lmm``, and in both the check that the
 search did not stop on a flat stretch (:func:`hierpool.algebra.ar1.clearly_curved`).
@@ -36,6 +37,7 @@ import numpy as np
 from ..ar1 import (
     EDGE,
     UNCONSTRAINED_LIMIT,
+    clearly_curved,
     constrained_phi,
     first_u,
     lag_one_phis,
@@ -64,6 +66,25 @@ from .terms import search_statistics_on_host
 #: parameter, where the compiled reverse mode costs a few whatever their number, so wider terms compile
 #: (benchmarks/RESULTS.md, "Batch fitting for every model, tenth session").
 HOST_MAX_THETA = 6
+
+#: How steeply (relative to the criterion, per unit of u) the criterion may fall from the edge of u's range into it
+#: where a search held there is kept (:func:`held_at_edge`): the complex step's rounding.  At car1's edge fits of
+#: independent noise it rose into the range by 3e-9 to 2e-7 (benchmarks/RESULTS.md, "car1 fits with phi at the edge
+#: kept").
+EDGE_SLOPE_TOL = 1e-12
+
+#: How near the end of u's range (:data:`~hierpool.algebra.ar1.UNCONSTRAINED_LIMIT`) a joint search's stop on a flat
+#: stretch is tried at the end (:func:`held_at_edge`): car1's flat stops in null simulations lay within 0.03 of it
+#: (phi 6.3e-6 against the end's 6.1e-6; benchmarks/RESULTS.md, "car1 fits with phi at the edge kept").
+NEAR_EDGE = 1.0
+
+#: How much higher (relative) the fit at the end of u's range may be than a flat stop near it, and replace it
+#: (:func:`held_at_edge`): rounding, far inside the batch's 1e-8 agreement with ``hp.lmm``.
+HELD_TOL = 1e-10
+
+#: The points of u at which a joint search's stop on a flat stretch is compared with the profile
+#: (:func:`flat_stop_is_lowest`): u's range in steps of 1.5 (corCAR1's phi 6.1e-6, 2.8e-5, ..., 0.99999).
+PROFILE_GRID = np.linspace(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT, 17)
 
 #: The one-term AR(1) host search's temporaries per dataset (:func:`host_bytes`): its complex-step probes hold about
 #: this many arrays of (points x directions x ell) complex values.
@@ -223,7 +244,8 @@ def joint_newton(value_and_grad, points: np.ndarray, max_iterations: int, across
     sign turned (``hp.lmm``'s rule, :func:`hierpool.closedform.ar1.across_zero`, which searches again where the
     criterion there is lower; a second search from the start's opposite began at u 0.007 on the same side), and
     per dataset the lower of the two (a failed search's criterion is inf): such a criterion may have a minimum on
-    each side of phi = 0, and a search keeps the side it starts on.  ``options``: newton_on_host's, other than its
+    each side of phi = 0, and a search keeps the side it starts on.  A dataset whose u stopped at its range's edge
+    is then fitted in theta with u held at the range's end (:func:`held_at_edge`).  ``options``: newton_on_host's, other than its
     per-dataset callbacks (``shift_gradients``, ``trailing_curvature``), which the second search could not map to
     its datasets."""
     if {"shift_gradients", "trailing_curvature"} & set(options):
@@ -231,7 +253,7 @@ def joint_newton(value_and_grad, points: np.ndarray, max_iterations: int, across
     found = newton_on_host(value_and_grad, points, max_iterations, with_curvature=True, **options)
     doubt = np.flatnonzero(np.zeros(len(points), bool) if across_zero is None else across_zero)
     if not doubt.size:
-        return found
+        return held_at_edge(value_and_grad, found, max_iterations, **options)
     flipped = np.where(np.isfinite(found[0][doubt]), found[0][doubt], points[doubt])
     flipped[:, -1] = -flipped[:, -1]
     other = newton_on_host(lambda trial, rows: value_and_grad(trial, doubt[rows]), flipped, max_iterations,
@@ -240,31 +262,119 @@ def joint_newton(value_and_grad, points: np.ndarray, max_iterations: int, across
     out = [np.array(a, copy=True) for a in found]
     for a, b in zip(out, other):
         a[doubt[lower]] = b[lower]
+    return held_at_edge(value_and_grad, tuple(out), max_iterations, **options)
+
+
+def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -> tuple:
+    """``found`` (:func:`joint_newton`'s search) with each dataset whose u stopped at its range's edge
+    (|u| >= UNCONSTRAINED_LIMIT - EDGE) fitted again in theta alone, u held at the range's end, +-
+    :data:`~hierpool.algebra.ar1.UNCONSTRAINED_LIMIT`: ``hp.lmm``'s bounded search over that range ends there too.
+
+    The criterion is flat in u there (every c = phi^lag within ~1e-5 of 0 or 1), so the joint Newton steps stop
+    wherever the range's NaN rejects them, with theta where the joint step left it, or short of the edge where the
+    profile is too flat to tell (:func:`hierpool.algebra.ar1.clearly_curved`, whose stops ``hp.fit_batch`` would fit
+    alone).  A few steps in theta at the end reach the profile's value there (equal to ``hp.lmm``'s to ~1e-13
+    relative in the null simulations of benchmarks/RESULTS.md, "car1 fits with phi at the edge kept").  A flat stop
+    within :data:`NEAR_EDGE` of the end is replaced by the fit at the end where that is not higher (by
+    :data:`HELD_TOL` of the criterion); a stop at the edge always is.  Such a dataset is reported converged only
+    where the search in theta converged and the end is the profile's minimum as far as its slope tells: the
+    criterion's derivative in u there (the profile's, theta being optimal) does not fall into the range by more than
+    :data:`EDGE_SLOPE_TOL` of the criterion; otherwise (a minimum inside that the joint search missed) it is not,
+    and ``hp.fit_batch`` fits it alone.  Its curvature is NaN (phi has no interval at the edge; ``hp.lmm`` warns)."""
+    point, value, hessian = found[0], found[1], found[5]
+    u = point[:, -1]
+    with np.errstate(invalid="ignore"):
+        at_edge = np.abs(u) >= UNCONSTRAINED_LIMIT - EDGE
+        flat_near = (np.abs(u) >= UNCONSTRAINED_LIMIT - NEAR_EDGE) & ~clearly_curved(profile_curvature(hessian))
+    rows = np.flatnonzero(at_edge | flat_near)
+    if not rows.size:
+        return found
+    end = np.sign(u[rows]) * UNCONSTRAINED_LIMIT
+    theta, held_value, newton_step, iterations, converged, slope = theta_at(
+        value_and_grad, rows, end, point[rows, :-1], max_iterations, **options)
+    # the slope into the range (u decreasing from +12, increasing from -12): a descent there is a missed minimum
+    falling = np.sign(end) * slope > EDGE_SLOPE_TOL * np.abs(held_value)
+    with np.errstate(invalid="ignore"):
+        kept = at_edge[rows] | (held_value <= value[rows] + HELD_TOL * np.abs(value[rows]))
+    rows, theta, end = rows[kept], theta[kept], end[kept]
+    out = [np.array(a, copy=True) for a in found]
+    out[0][rows] = np.column_stack([theta, end])
+    out[1][rows], out[2][rows], out[3][rows] = held_value[kept], newton_step[kept], out[3][rows] + iterations[kept]
+    out[4][rows] = converged[kept] & ~falling[kept]
+    out[5][rows] = np.nan
     return tuple(out)
 
 
+def theta_at(value_and_grad, rows: np.ndarray, u: np.ndarray, theta0: np.ndarray, max_iterations: int,
+             **options) -> tuple:
+    """The criterion profiled over theta at fixed u: :func:`~hierpool.algebra.search.newton.newton_on_host`'s search
+    in theta alone of datasets ``rows`` (B,) (repeats allowed), search b's u held at ``u[b]``, from ``theta0`` (B, m).
+    ``value_and_grad``: :func:`joint_criterion`'s (or the several-term search's).  Returns (theta, value, newton_step,
+    iterations, converged, slope): newton_on_host's, and the criterion's derivative in u at the optimum (the
+    profile's, theta being optimal there)."""
+    def with_u(theta, searches):  # points (A, Q, m) in theta -> (A, Q, m + 1), u that of ``searches``
+        return np.concatenate([theta, np.broadcast_to(u[searches][:, None, None], theta.shape[:-1] + (1,))], axis=-1)
+
+    def theta_alone(trial, searches):
+        value, gradient = value_and_grad(with_u(trial, searches), rows[searches])
+        return value, gradient[..., :-1]
+
+    theta, value, newton_step, iterations, converged = newton_on_host(theta_alone, theta0, max_iterations, **options)
+    gradient = value_and_grad(with_u(theta[:, None, :], np.arange(len(rows))), rows)[1]
+    return theta, value, newton_step, iterations, converged, gradient[:, 0, -1]
+
+
+def flat_stop_is_lowest(value_and_grad, found: tuple, max_iterations: int, **options) -> np.ndarray:
+    """Per dataset, whether a joint search that stopped inside u's range where the profile is nearly flat
+    (:func:`hierpool.algebra.ar1.clearly_curved` false: phi barely identified, as in data without autocorrelation)
+    stopped at the profile's lowest point: at or below (by :data:`HELD_TOL`) the criterion profiled over theta
+    (:func:`theta_at`, from the stop's theta) at every point of :data:`PROFILE_GRID`, each of those fits converged.
+    ``hp.lmm``'s Brent search assumes the profile has one minimum in the range; where this holds, a single minimum
+    is where the search stopped, and ``hp.fit_batch`` keeps the stop rather than fitting the dataset alone.  False
+    elsewhere (curved or failed stops, and stops at the edge, :func:`held_at_edge`'s)."""
+    point, value, converged, hessian = found[0], found[1], found[4], found[5]
+    with np.errstate(invalid="ignore"):
+        flat = (converged & np.all(np.isfinite(point), axis=1) & (np.abs(point[:, -1]) < UNCONSTRAINED_LIMIT - EDGE)
+                & ~clearly_curved(profile_curvature(hessian)))
+    lowest = np.zeros(len(point), bool)
+    stops = np.flatnonzero(flat)
+    if not stops.size:
+        return lowest
+    rows, u = np.repeat(stops, len(PROFILE_GRID)), np.tile(PROFILE_GRID, len(stops))
+    _, grid_value, _, _, grid_converged, _ = theta_at(value_and_grad, rows, u, point[rows, :-1], max_iterations,
+                                                      **options)
+    grid_value = np.where(grid_converged, grid_value, -np.inf).reshape(len(stops), -1)  # unconverged: not shown
+    lowest[stops] = value[stops] <= grid_value.min(axis=1) + HELD_TOL * np.abs(value[stops])
+    return lowest
+
+
 def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterations: int, decrease_tol=None,
-                   across_zero=None) -> dict:
+                   across_zero=None, check_flat: bool = False) -> dict:
     """Fit a chunk's datasets (``data``: their rows and lagged moments): a chunk's results as
     :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them (per-term lists of factors, b and
     conditional variances padded to the chunk's levels, ``phi`` and ``edge``).  ``across_zero``: the datasets
-    searched on both sides of phi = 0 too (:func:`joint_newton`).  Its module imports no JAX, as a worker
-    process's search must (:mod:`hierpool.batch.host_processes`), though its chunks run on threads
-    (:mod:`hierpool.batch.fit_ar1`)."""
+    searched on both sides of phi = 0 too (:func:`joint_newton`).  ``check_flat``: ``flat_lowest`` per dataset,
+    :func:`flat_stop_is_lowest` (``hp.fit_batch``'s; ``hp.lmm`` takes a flat stop to Brent's search).  Its module
+    imports no JAX, as a worker process's search must (:mod:`hierpool.batch.host_processes`), though its chunks run
+    on threads (:mod:`hierpool.batch.fit_ar1`)."""
     value_and_grad = joint_criterion(data, continuous, reml)
+    options = {"decrease_tol": decrease_tol, "saddle_free": True}
     with np.errstate(all="ignore"):
-        point, value, newton_step, iterations, converged, hessian = joint_newton(
-            value_and_grad, start(data, continuous, reml, max_iterations), max_iterations, across_zero,
-            decrease_tol=decrease_tol, saddle_free=True)
+        found = joint_newton(value_and_grad, start(data, continuous, reml, max_iterations), max_iterations,
+                             across_zero, **options)
+        flat_lowest = (flat_stop_is_lowest(value_and_grad, found, max_iterations, **options) if check_flat
+                       else np.zeros(len(found[0]), bool))
+    point, value, newton_step, iterations, converged, hessian = found
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
     phi = constrained_phi(u, continuous)
     stats = _at_one_phi(data.statistics(phi[:, None]))
     with np.errstate(all="ignore"):
         solved = solution(data.merged_theta(theta), stats, reml=reml)
-    inside = np.abs(u) < UNCONSTRAINED_LIMIT - EDGE
     b, cond_var, factors = term_results(solved.b[0], solved.cond_var[0], solved.factors[0], data.ks)
-    return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inside, "edge": ~inside,
-            "curvature": profile_curvature(hessian),
+    # at the edge: converged with u held at the range's end (held_at_edge)
+    edge = np.abs(u) >= UNCONSTRAINED_LIMIT - EDGE
+    return {"theta": theta, "objective": value, "phi": phi, "converged": converged, "edge": edge,
+            "curvature": profile_curvature(hessian), "flat_lowest": flat_lowest,
             "newton_step": newton_step, "iterations": iterations, "beta": np.asarray(solved.beta),
             "vcov": np.asarray(solved.vcov_beta), "sigma": np.asarray(solved.sigma),
             "b": b, "cond_var": cond_var, "factors": factors}

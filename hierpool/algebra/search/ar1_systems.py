@@ -25,7 +25,8 @@ of real rows, h (w t^T + t w^T) with w the whitened rows and t their derivative 
 It starts where ``hp.lmm`` starts: u at the lag-1 correlation of the residuals of a fit at phi = 0 (corAR1; u = -3 for
 corCAR1), :func:`hierpool.algebra.ar1.lag_one_phis`, and theta at that fit's (the several-term host search,
 :func:`hierpool.algebra.search.terms.search_on_host`, from the linear models' moment start), or at that start where
-that fit is singular.  A dataset whose phi ends at its range's edge is fitted alone by ``hp.lmm``.  Each result
+that fit is singular.  A dataset whose u stops at its range's edge is fitted in theta with u held at the range's end,
+as the one-term search's (:func:`hierpool.algebra.search.ar1_moments.held_at_edge`).  Each result
 carries the profiled criterion's curvature in u, as the one-term search's does
 (:func:`hierpool.algebra.ar1.profile_curvature`).
 """
@@ -52,7 +53,7 @@ from ..criterion import host_objective_and_gradient
 from ..henderson import solve
 from ..linalg import canonical_theta, dataset_cells, distinct_columns
 from ..one_term import COMPLEX_STEP
-from .ar1_moments import HOST_MAX_THETA, ChunkRows, joint_newton
+from .ar1_moments import HOST_MAX_THETA, ChunkRows, flat_stop_is_lowest, joint_newton
 from .newton import DECREASE_TOL
 from .terms import host_bytes as linear_host_bytes
 from .terms import search_on_host as theta_search
@@ -281,22 +282,28 @@ def start(data: TermsChunk, theta0: np.ndarray, continuous: bool, reml: bool, ma
 
 
 def search_on_host(data: TermsChunk, theta0: np.ndarray, across_zero=None, *, continuous: bool, reml: bool,
-                   max_iterations: int) -> dict:
+                   max_iterations: int, check_flat: bool = False) -> dict:
     """Fit a chunk's datasets (``data``; ``theta0`` their moment starts): a chunk's results as
     :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them.  ``across_zero``: the datasets
-    searched on both sides of phi = 0 too (:func:`~hierpool.algebra.search.ar1_moments.joint_newton`).  Imports no
-    JAX: a worker process runs it (:mod:`hierpool.batch.host_processes`), and forms the lag classes' sums there."""
+    searched on both sides of phi = 0 too (:func:`~hierpool.algebra.search.ar1_moments.joint_newton`).
+    ``check_flat``: ``flat_lowest`` per dataset (:func:`~hierpool.algebra.search.ar1_moments.flat_stop_is_lowest`).
+    Imports no JAX: a worker process runs it (:mod:`hierpool.batch.host_processes`), and forms the lag classes' sums
+    there."""
     value_and_grad = joint_criterion(data, continuous, reml)
+    options = {"decrease_tol": DECREASE_TOL, "saddle_free": True, "interpolated_damping": True}
     with np.errstate(all="ignore"):
-        point, value, newton_step, iterations, converged, hessian = joint_newton(
-            value_and_grad, start(data, theta0, continuous, reml, max_iterations), max_iterations, across_zero,
-            decrease_tol=DECREASE_TOL, saddle_free=True, interpolated_damping=True)
+        found = joint_newton(value_and_grad, start(data, theta0, continuous, reml, max_iterations), max_iterations,
+                             across_zero, **options)
+        flat_lowest = (flat_stop_is_lowest(value_and_grad, found, max_iterations, **options) if check_flat
+                       else np.zeros(len(found[0]), bool))
+    point, value, newton_step, iterations, converged, hessian = found
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
     phi = constrained_phi(u, continuous)
     systems, _ = data.systems(phi, np.arange(len(data.n)))
     with np.errstate(all="ignore"):
         solved = solved_entries(solve(theta, systems, reml=reml, n=data.n))
-    inside = np.abs(u) < UNCONSTRAINED_LIMIT - EDGE
-    return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inside, "edge": ~inside,
-            "curvature": profile_curvature(hessian),
+    # at the edge: converged with u held at the range's end (ar1_moments.held_at_edge)
+    edge = np.abs(u) >= UNCONSTRAINED_LIMIT - EDGE
+    return {"theta": theta, "objective": value, "phi": phi, "converged": converged, "edge": edge,
+            "curvature": profile_curvature(hessian), "flat_lowest": flat_lowest,
             "newton_step": newton_step, "iterations": iterations, **solved}
