@@ -163,6 +163,15 @@ def test_correlated_slopes_and_a_phi_at_its_edge(replicates):
     assert not batch.refit.any() and batch.converged.all(), batch.messages.tolist()
     assert [bool(m) for m in batch.messages] == [False, False, True] and "edge of its range" in batch.messages.iloc[2]
     _assert_each_is_its_single_fit(batch, frames, structure, formula)
+    # an edge fit not kept (here: any slope into the range counted as a fall) is fitted alone by hp.lmm
+    from hierpool.algebra.search import ar1_moments
+
+    with mock.patch.object(ar1_moments, "EDGE_SLOPE_TOL", -np.inf):
+        alone = hp.fit_batch("Reaction ~ Days + (1 | Subject)", frames[2:], by="rep", correlation=structure,
+                             progress=False)
+    assert alone.refit.tolist() == [True], alone.messages.tolist()
+    assert alone.messages.iloc[0].startswith("phi at the edge of its range") and "refitted by hp.lmm" in \
+        alone.messages.iloc[0]
 
 
 def test_a_search_stopped_at_the_edge_is_held_there_and_kept_only_where_the_criterion_rises_into_the_range():
@@ -196,29 +205,39 @@ def test_a_search_stopped_at_the_edge_is_held_there_and_kept_only_where_the_crit
         assert np.array_equal(held[0][left], point[left]) and held[1][left] == value[left] and held[5][left].sum() == 4
 
 
-def test_a_flat_stop_is_kept_only_where_the_profile_across_the_range_lies_no_lower():
-    """ar1_moments.flat_stop_is_lowest on (theta - 1)^2 + g(u), NaN beyond u's range: a stop on a flat stretch
-    (the profile's curvature 2e-4, phi not identified) at g's minimum is the lowest point of the profile on the
-    grid; not where g has a deeper second basin (at u = 6), nor a curved stop (left to the curvature rule)."""
+def test_an_edge_or_flat_stop_is_kept_only_where_the_profile_across_the_range_lies_no_lower():
+    """ar1_moments.lowest_on_profile and checked_on_profile on (theta - 1)^2 + g(u), NaN beyond u's range,
+    g = 1e-4 (u - centre)^2 less a second basin at u = 6: a stop on a flat stretch (the profile's curvature 2e-4,
+    phi not identified) at g's minimum is the lowest point of the profile on the grid, and is kept (flat_lowest);
+    not where the second basin is deeper, nor a curved stop (left to the curvature rule).  A stop at the edge
+    (g's minimum beyond it) is kept, converged, unless the second basin is deeper: then it is not converged (fitted
+    alone)."""
     from hierpool.algebra.ar1 import UNCONSTRAINED_LIMIT
-    from hierpool.algebra.search.ar1_moments import flat_stop_is_lowest
+    from hierpool.algebra.search.ar1_moments import checked_on_profile, lowest_on_profile
 
-    basins = np.array([0.0, 0.5, 0.0])  # the second basin's depth, per dataset
+    centres = np.array([-5.0, -5.0, -5.0, -14.0, -14.0])
+    depths = np.array([0.0, 0.5, 0.0, 0.0, 0.5])  # the second basin's, per dataset
 
     def value_and_grad(points, rows):
         theta, u = points[..., :-1], points[..., -1]
-        depth = basins[rows][:, None]
-        value = (np.sum((theta - 1.0) ** 2, axis=-1) + 1e-4 * (u + 5.0) ** 2 - depth * np.exp(-(u - 6.0) ** 2)
-                 + 100.0)
-        slope = 2e-4 * (u + 5.0) + 2.0 * depth * (u - 6.0) * np.exp(-(u - 6.0) ** 2)
+        depth, centre = depths[rows][:, None], centres[rows][:, None]
+        value = (np.sum((theta - 1.0) ** 2, axis=-1) + 1e-4 * (u - centre) ** 2
+                 - depth * np.exp(-(u - 6.0) ** 2) + 100.0)
+        slope = 2e-4 * (u - centre) + 2.0 * depth * (u - 6.0) * np.exp(-(u - 6.0) ** 2)
         gradient = np.concatenate([2.0 * (theta - 1.0), slope[..., None]], axis=-1)
         return np.where(np.abs(u) > UNCONSTRAINED_LIMIT, np.nan, value), gradient
 
-    point = np.array([[1.0, -5.0]] * 3)
-    value = value_and_grad(point[:, None, :], np.arange(3))[0][:, 0]
-    hessian = np.array([np.diag([2.0, 2e-4]), np.diag([2.0, 2e-4]), np.diag([2.0, 1.0])])  # the last curved
-    found = (point, value, np.zeros(3), np.full(3, 5), np.ones(3, bool), hessian)
-    assert flat_stop_is_lowest(value_and_grad, found, 20).tolist() == [True, False, False]
+    point = np.array([[1.0, -5.0]] * 3 + [[1.0, -UNCONSTRAINED_LIMIT]] * 2)
+    value = value_and_grad(point[:, None, :], np.arange(5))[0][:, 0]
+    flat, curved = np.diag([2.0, 2e-4]), np.diag([2.0, 1.0])
+    hessian = np.array([flat, flat, curved, np.full((2, 2), np.nan), np.full((2, 2), np.nan)])
+    found = (point, value, np.zeros(5), np.full(5, 5), np.ones(5, bool), hessian)
+    assert lowest_on_profile(value_and_grad, found, 20).tolist() == [True, False, False, True, False]
+    checked, flat_lowest = checked_on_profile(value_and_grad, found, 20, True)
+    assert checked[4].tolist() == [True, True, True, True, False]
+    assert flat_lowest.tolist() == [True, False, False, False, False]
+    unchecked, none = checked_on_profile(value_and_grad, found, 20, False)  # hp.lmm's: as found
+    assert unchecked is found and not none.any()
 
 
 def test_a_flat_stop_on_data_without_autocorrelation_is_the_batchs_own_fit_and_hp_lmms(monkeypatch):
@@ -226,10 +245,17 @@ def test_a_flat_stop_on_data_without_autocorrelation_is_the_batchs_own_fit_and_h
     inside u's range where the profile is nearly flat (phi ~ 0.01) is kept where the profile across the range lies
     no lower (not fitted alone by hp.lmm), and equals hp.lmm's fit, whose Brent search decides independently."""
     from hierpool.algebra.search import ar1_moments
+    from hierpool.batch import fit_ar1 as fit_ar1_module
 
-    lowest, checked = [], ar1_moments.flat_stop_is_lowest
-    monkeypatch.setattr(ar1_moments, "flat_stop_is_lowest", lambda *a, **k: lowest.append(checked(*a, **k)) or
-                        lowest[-1])
+    lowest, checked = [], ar1_moments.checked_on_profile
+
+    def recorded(*args, **kwargs):
+        out = checked(*args, **kwargs)
+        lowest.append(out[1])
+        return out
+
+    monkeypatch.setattr(ar1_moments, "checked_on_profile", recorded)
+    monkeypatch.setattr(fit_ar1_module, "thread_count", lambda _: 1)  # the chunks in order: lowest's datasets
     sleep = hp.datasets.sleepstudy()
     codes = pd.factorize(sleep["Subject"])[0]
     rng = np.random.default_rng(3)
@@ -244,6 +270,42 @@ def test_a_flat_stop_on_data_without_autocorrelation_is_the_batchs_own_fit_and_h
         assert batch.messages.iloc[d] == "" and 1e-4 < single.phi < 0.1
         assert batch.objective.iloc[d] == pytest.approx(single.objective, rel=1e-10)
         assert batch.phi[d] == pytest.approx(single.phi, rel=1e-3)
+
+
+PAIR_FORMULA = "Reaction ~ Days + (1 | Subject) + (1 | Pair)"
+
+
+@pytest.fixture(scope="module")
+def pairs_without_autocorrelation():
+    """Sleepstudy-shaped frames, subjects within pairs, no autocorrelation; and hp.lmm's criterion on each with
+    corCAR1 (Brent's profile, :func:`_single`)."""
+    sleep = hp.datasets.sleepstudy()
+    codes = pd.factorize(sleep["Subject"])[0]
+    rng = np.random.default_rng(0)
+    frames = [sleep.assign(Pair=codes // 2, Reaction=250 + 10 * sleep["Days"] + rng.normal(0, 30, 18)[codes]
+                           + rng.normal(0, 20, 9)[codes // 2] + rng.normal(0, 30, len(sleep))) for _ in range(3)]
+    structure = hp.car1("Subject", time="Days")
+    return frames, [_single(frame, structure, PAIR_FORMULA).objective for frame in frames]
+
+
+@pytest.mark.parametrize("lagged", [True, False])
+def test_edge_and_flat_stops_of_several_terms_are_checked_on_the_profile_from_either_systems(
+        pairs_without_autocorrelation, monkeypatch, lagged):
+    """Two terms on two factors (subjects within pairs), corCAR1, data without autocorrelation: the several-term host
+    search (hierpool.algebra.search.ar1_systems) holds its edge stops at the range's end and checks them, and its
+    flat stops, on the profile across the range, one dataset once a search, from the lag classes' sums and from the
+    rows whitened at each phi alike; each kept fit equals hp.lmm's."""
+    from hierpool.batch import fit_ar1 as fit_ar1_module
+
+    frames, singles = pairs_without_autocorrelation
+    monkeypatch.setattr(fit_ar1_module, "lagged_systems_pay", lambda *args: lagged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.ConvergenceWarning)
+        batch = hp.fit_batch(PAIR_FORMULA, frames, by="rep", correlation=hp.car1("Subject", time="Days"),
+                             progress=False)
+    assert not batch.refit.any() and batch.messages.str.contains("edge of its range").any(), \
+        batch.messages.tolist()
+    np.testing.assert_allclose(batch.objective, singles, rtol=1e-10)
 
 
 def test_a_dataset_without_a_row_that_follows_another_is_refused_in_its_row(replicates):

@@ -883,6 +883,9 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
         for index, values in zip(refits, outcomes):
             _polish(plan, index, formula, fitter, out, messages, refitted, values)
             bar.update(1)
+    for index, note in out.get("notes", {}).items():  # a kept fit's warning (AR(1): phi at its edge), in its row
+        if index not in out["alone"] and not refitted[index]:
+            messages[index] = f"{messages[index]}; {note}" if messages[index] else note
     if design.family is not None:  # hp.glmm's warning where X separates the outcomes, in the dataset's row
         notes = separation_notes(plan, out["beta"])
         for index, note in notes.items():

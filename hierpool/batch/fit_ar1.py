@@ -19,13 +19,16 @@ three together (one block-diagonal term), from per-level lagged moments (:mod:`h
 chunks on threads), for other several-term models on the whitened systems (:mod:`hierpool.algebra.search.ar1_systems`,
 chunks in worker processes too from :data:`AR1_TERMS_PROCESS_MIN_ROWS` rows).  A dataset whose joint search stopped
 where the profile is nearly flat in u (:func:`hierpool.algebra.ar1.clearly_curved`, ``hp.lmm``'s rule for taking its
-joint estimate) is fitted alone by ``hp.lmm``, whose Brent search covers u's range.  corAR1 datasets whose pairs
+joint estimate) keeps that stop where it lies at or below the profile across u's range
+(:func:`hierpool.algebra.search.ar1_moments.lowest_on_profile`), and is fitted alone by ``hp.lmm``, whose Brent search
+covers that range, where it does not.  corAR1 datasets whose pairs
 are mostly an even number of steps apart (phi's sign in doubt) are searched again from the optimum's u turned
 (:func:`hierpool.algebra.search.ar1_moments.joint_newton`, ``hp.lmm``'s look across 0), the lower kept; the
 golden sections below fit them alone by ``hp.lmm``.  A dataset whose phi ends at the edge of its range (independent
 noise in a simulation: phi to 0) keeps its fit at the range's end, where ``hp.lmm``'s bounded search ends, with
 ``hp.lmm``'s warning in its row (:data:`EDGE_NOTE`; the host searches fit theta there with u held,
-:func:`hierpool.algebra.search.ar1_moments.held_at_edge`).  A wider single term, accelerators
+:func:`hierpool.algebra.search.ar1_moments.held_at_edge`, and check it against the profile across the range as a
+flat stop).  A wider single term, accelerators
 and sharded batches run the golden-section program below.  A dataset whose inner fit in theta did not converge at
 some point of that search is not reported converged (its message says so), and is refitted by ``hp.lmm``.
 
@@ -333,7 +336,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         # threads alone: a worker process gained little or lost here (its chunks' work is per level and lag class;
         # benchmarks/RESULTS.md, twenty-sixth session)
         search = partial(search_on_host, continuous=structure.continuous, reml=reml, max_iterations=max_iterations,
-                         decrease_tol=DECREASE_TOL, check_flat=True)
+                         decrease_tol=DECREASE_TOL, check_profile=True)
         return _store(jobs, lambda job: search(ChunkData(plan, series, job[0]), across_zero=doubt[job[0]]), out,
                       plan, units, workers=thread_count(None), progress=progress)
     if systems:  # several terms: the joint search on the whitened systems
@@ -355,7 +358,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
 
         processes = start_processes(plan, out["attempted"], AR1_TERMS_PROCESS_MIN_ROWS, terms_search_on_host)
         search = partial(terms_search_on_host, continuous=structure.continuous, reml=reml,
-                         max_iterations=max_iterations, check_flat=True)
+                         max_iterations=max_iterations, check_profile=True)
 
         def run_terms(job):  # the chunk's rows here, its sums and search here or in a worker process
             members, (key, lagged) = job[0], job[1]
@@ -412,10 +415,13 @@ EDGE_NOTE = "phi at the edge of its range (a unit-root or vanishing correlation)
 
 def _store(jobs, run, out: dict, plan: BatchPlan, units: np.ndarray, *, workers: int, progress) -> dict:
     """:func:`run_jobs`, with each chunk's phi.  A dataset whose phi ends at its range's edge keeps its fit there
-    with ``hp.lmm``'s warning in its row (:data:`EDGE_NOTE`; one warning for the batch), or is fitted alone where
+    with ``hp.lmm``'s warning in its row (:data:`EDGE_NOTE` in ``out["notes"]``, which
+    :func:`hierpool.batch.fit._result` adds to the messages of rows it does not fit alone; one warning for the
+    batch), or is fitted alone where
     that fit is not converged; a dataset whose phi is beyond a float per the user's unit, or whose joint search
-    stopped where the profile is nearly flat (:func:`hierpool.algebra.ar1.clearly_curved`), is fitted alone."""
-    edges = []
+    stopped where the profile is nearly flat (:func:`hierpool.algebra.ar1.clearly_curved`) unless that stop is the
+    profile's lowest across the range (the host searches' ``flat_lowest``), is fitted alone."""
+    edges, out["notes"] = [], {}
 
     def run_and_mark(job):
         members, result = job[0], run(job)
@@ -423,7 +429,7 @@ def _store(jobs, run, out: dict, plan: BatchPlan, units: np.ndarray, *, workers:
         for d in members[result["edge"] & ~result["converged"]]:  # hp.lmm's own fit, with its message
             out["alone"][d] = "phi at the edge of its range (a unit-root or vanishing correlation)"
         for d in members[result["edge"] & result["converged"]]:  # the fit at the range's end: hp.lmm's there
-            out["messages"][d] = EDGE_NOTE
+            out["notes"][d] = EDGE_NOTE  # (messages are refusals: batch.fit reads them so)
             edges.append(d)
         beyond = ~result["edge"] & ~np.isfinite(out["phi"][members])
         for d in members[beyond]:  # hp.lmm refuses it, by name, in the row's message

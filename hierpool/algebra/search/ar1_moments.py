@@ -82,8 +82,8 @@ NEAR_EDGE = 1.0
 #: (:func:`held_at_edge`): rounding, far inside the batch's 1e-8 agreement with ``hp.lmm``.
 HELD_TOL = 1e-10
 
-#: The points of u at which a joint search's stop on a flat stretch is compared with the profile
-#: (:func:`flat_stop_is_lowest`): u's range in steps of 1.5 (corCAR1's phi 6.1e-6, 2.8e-5, ..., 0.99999).
+#: The points of u at which a joint search's stop at u's edge or on a flat stretch is compared with the profile
+#: (:func:`lowest_on_profile`): u's range in steps of 1.5 (corCAR1's phi 6.1e-6, 2.8e-5, ..., 0.99999).
 PROFILE_GRID = np.linspace(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT, 17)
 
 #: The one-term AR(1) host search's temporaries per dataset (:func:`host_bytes`): its complex-step probes hold about
@@ -305,10 +305,26 @@ def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -
     return tuple(out)
 
 
+def checked_on_profile(value_and_grad, found: tuple, max_iterations: int, check: bool, **options) -> tuple:
+    """``found`` (:func:`joint_newton`'s) and ``flat_lowest`` per dataset, with ``check`` (``hp.fit_batch``'s host
+    searches) by :func:`lowest_on_profile`: an edge stop not at or below the profile is no longer converged (fitted
+    alone), a flat stop inside the range that is is ``flat_lowest`` (kept).  Without ``check``, ``found`` as it is
+    and no ``flat_lowest``."""
+    if not check:
+        return found, np.zeros(len(found[0]), bool)
+    lowest = lowest_on_profile(value_and_grad, found, max_iterations, **options)
+    with np.errstate(invalid="ignore"):
+        at_edge = np.abs(found[0][:, -1]) >= UNCONSTRAINED_LIMIT - EDGE
+    out = list(found)
+    out[4] = found[4] & (lowest | ~at_edge)
+    return tuple(out), lowest & ~at_edge
+
+
 def theta_at(value_and_grad, rows: np.ndarray, u: np.ndarray, theta0: np.ndarray, max_iterations: int,
              **options) -> tuple:
     """The criterion profiled over theta at fixed u: :func:`~hierpool.algebra.search.newton.newton_on_host`'s search
-    in theta alone of datasets ``rows`` (B,) (repeats allowed), search b's u held at ``u[b]``, from ``theta0`` (B, m).
+    in theta alone of datasets ``rows`` (B,) (increasing, each once: the several-term systems' rule), search b's u
+    held at ``u[b]``, from ``theta0`` (B, m).
     ``value_and_grad``: :func:`joint_criterion`'s (or the several-term search's).  Returns (theta, value, newton_step,
     iterations, converged, slope): newton_on_host's, and the criterion's derivative in u at the optimum (the
     profile's, theta being optimal there)."""
@@ -324,37 +340,42 @@ def theta_at(value_and_grad, rows: np.ndarray, u: np.ndarray, theta0: np.ndarray
     return theta, value, newton_step, iterations, converged, gradient[:, 0, -1]
 
 
-def flat_stop_is_lowest(value_and_grad, found: tuple, max_iterations: int, **options) -> np.ndarray:
-    """Per dataset, whether a joint search that stopped inside u's range where the profile is nearly flat
-    (:func:`hierpool.algebra.ar1.clearly_curved` false: phi barely identified, as in data without autocorrelation)
-    stopped at the profile's lowest point: at or below (by :data:`HELD_TOL`) the criterion profiled over theta
-    (:func:`theta_at`, from the stop's theta) at every point of :data:`PROFILE_GRID`, each of those fits converged.
-    ``hp.lmm``'s Brent search assumes the profile has one minimum in the range; where this holds, a single minimum
-    is where the search stopped, and ``hp.fit_batch`` keeps the stop rather than fitting the dataset alone.  False
-    elsewhere (curved or failed stops, and stops at the edge, :func:`held_at_edge`'s)."""
+def lowest_on_profile(value_and_grad, found: tuple, max_iterations: int, **options) -> np.ndarray:
+    """Per dataset, whether a joint search's stop that ``hp.fit_batch`` would otherwise fit alone by ``hp.lmm`` (a
+    converged stop at u's edge, :func:`held_at_edge`'s; or one inside the range where the profile is nearly flat,
+    :func:`hierpool.algebra.ar1.clearly_curved` false: phi barely identified, as in data without autocorrelation)
+    lies at or below (by :data:`HELD_TOL`) the criterion profiled over theta (:func:`theta_at`, from the stop's
+    theta) at every point of :data:`PROFILE_GRID`, each of those fits converged.  ``hp.lmm``'s Brent search over
+    u's range assumes the profile has one minimum there; this checks the stop against the profile at those points
+    (a lower point, or a grid fit that did not converge, and the dataset is fitted alone).  False for every other
+    dataset (curved or failed stops).  One grid point at a time over the stops, each dataset once a search: the
+    several-term systems take each dataset once, and the chunk's temporaries stay those of its search
+    (:func:`host_bytes`)."""
     point, value, converged, hessian = found[0], found[1], found[4], found[5]
     with np.errstate(invalid="ignore"):
-        flat = (converged & np.all(np.isfinite(point), axis=1) & (np.abs(point[:, -1]) < UNCONSTRAINED_LIMIT - EDGE)
-                & ~clearly_curved(profile_curvature(hessian)))
+        at_edge = np.abs(point[:, -1]) >= UNCONSTRAINED_LIMIT - EDGE
+        flat = ~at_edge & ~clearly_curved(profile_curvature(hessian))
     lowest = np.zeros(len(point), bool)
-    stops = np.flatnonzero(flat)
+    stops = np.flatnonzero(converged & np.all(np.isfinite(point), axis=1) & (at_edge | flat))
     if not stops.size:
         return lowest
-    rows, u = np.repeat(stops, len(PROFILE_GRID)), np.tile(PROFILE_GRID, len(stops))
-    _, grid_value, _, _, grid_converged, _ = theta_at(value_and_grad, rows, u, point[rows, :-1], max_iterations,
-                                                      **options)
-    grid_value = np.where(grid_converged, grid_value, -np.inf).reshape(len(stops), -1)  # unconverged: not shown
-    lowest[stops] = value[stops] <= grid_value.min(axis=1) + HELD_TOL * np.abs(value[stops])
+    below = np.ones(len(stops), bool)
+    for u in PROFILE_GRID:
+        _, grid_value, _, _, grid_converged, _ = theta_at(value_and_grad, stops, np.full(len(stops), u),
+                                                          point[stops, :-1], max_iterations, **options)
+        with np.errstate(invalid="ignore"):
+            below &= grid_converged & (value[stops] <= grid_value + HELD_TOL * np.abs(value[stops]))
+    lowest[stops] = below
     return lowest
 
 
 def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterations: int, decrease_tol=None,
-                   across_zero=None, check_flat: bool = False) -> dict:
+                   across_zero=None, check_profile: bool = False) -> dict:
     """Fit a chunk's datasets (``data``: their rows and lagged moments): a chunk's results as
     :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them (per-term lists of factors, b and
     conditional variances padded to the chunk's levels, ``phi`` and ``edge``).  ``across_zero``: the datasets
-    searched on both sides of phi = 0 too (:func:`joint_newton`).  ``check_flat``: ``flat_lowest`` per dataset,
-    :func:`flat_stop_is_lowest` (``hp.fit_batch``'s; ``hp.lmm`` takes a flat stop to Brent's search).  Its module
+    searched on both sides of phi = 0 too (:func:`joint_newton`).  ``check_profile`` (``hp.fit_batch``'s; ``hp.lmm``
+    takes such stops to Brent's search): :func:`checked_on_profile`.  Its module
     imports no JAX, as a worker process's search must (:mod:`hierpool.batch.host_processes`), though its chunks run
     on threads (:mod:`hierpool.batch.fit_ar1`)."""
     value_and_grad = joint_criterion(data, continuous, reml)
@@ -362,8 +383,7 @@ def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterati
     with np.errstate(all="ignore"):
         found = joint_newton(value_and_grad, start(data, continuous, reml, max_iterations), max_iterations,
                              across_zero, **options)
-        flat_lowest = (flat_stop_is_lowest(value_and_grad, found, max_iterations, **options) if check_flat
-                       else np.zeros(len(found[0]), bool))
+        found, flat_lowest = checked_on_profile(value_and_grad, found, max_iterations, check_profile, **options)
     point, value, newton_step, iterations, converged, hessian = found
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
     phi = constrained_phi(u, continuous)

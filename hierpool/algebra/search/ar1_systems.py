@@ -53,7 +53,7 @@ from ..criterion import host_objective_and_gradient
 from ..henderson import solve
 from ..linalg import canonical_theta, dataset_cells, distinct_columns
 from ..one_term import COMPLEX_STEP
-from .ar1_moments import HOST_MAX_THETA, ChunkRows, flat_stop_is_lowest, joint_newton
+from .ar1_moments import HOST_MAX_THETA, ChunkRows, checked_on_profile, joint_newton
 from .newton import DECREASE_TOL
 from .terms import host_bytes as linear_host_bytes
 from .terms import search_on_host as theta_search
@@ -163,7 +163,8 @@ class TermsChunk(ChunkRows):
             self.sums = self._lagged_sums()
         c = phi[..., None] ** self.lags[datasets][:, None, :]  # (A, S, J)
         weights = lag_class_weights(c)  # (A, S, 3 J + 1)
-        sums = self.sums if len(datasets) == len(self.n) else map_arrays(self.sums, lambda a: a[datasets])
+        everyone = np.array_equal(datasets, np.arange(len(self.n)))  # (else a subset, each once, in any order)
+        sums = self.sums if everyone else map_arrays(self.sums, lambda a: a[datasets])
         A, S = phi.shape
 
         def combined(a):
@@ -282,11 +283,11 @@ def start(data: TermsChunk, theta0: np.ndarray, continuous: bool, reml: bool, ma
 
 
 def search_on_host(data: TermsChunk, theta0: np.ndarray, across_zero=None, *, continuous: bool, reml: bool,
-                   max_iterations: int, check_flat: bool = False) -> dict:
+                   max_iterations: int, check_profile: bool = False) -> dict:
     """Fit a chunk's datasets (``data``; ``theta0`` their moment starts): a chunk's results as
     :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them.  ``across_zero``: the datasets
     searched on both sides of phi = 0 too (:func:`~hierpool.algebra.search.ar1_moments.joint_newton`).
-    ``check_flat``: ``flat_lowest`` per dataset (:func:`~hierpool.algebra.search.ar1_moments.flat_stop_is_lowest`).
+    ``check_profile``: :func:`~hierpool.algebra.search.ar1_moments.checked_on_profile`.
     Imports no JAX: a worker process runs it (:mod:`hierpool.batch.host_processes`), and forms the lag classes' sums
     there."""
     value_and_grad = joint_criterion(data, continuous, reml)
@@ -294,8 +295,7 @@ def search_on_host(data: TermsChunk, theta0: np.ndarray, across_zero=None, *, co
     with np.errstate(all="ignore"):
         found = joint_newton(value_and_grad, start(data, theta0, continuous, reml, max_iterations), max_iterations,
                              across_zero, **options)
-        flat_lowest = (flat_stop_is_lowest(value_and_grad, found, max_iterations, **options) if check_flat
-                       else np.zeros(len(found[0]), bool))
+        found, flat_lowest = checked_on_profile(value_and_grad, found, max_iterations, check_profile, **options)
     point, value, newton_step, iterations, converged, hessian = found
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
     phi = constrained_phi(u, continuous)
