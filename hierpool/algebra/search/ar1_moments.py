@@ -86,6 +86,12 @@ HELD_TOL = 1e-10
 #: (:func:`lowest_on_profile`): u's range in steps of 1.5 (corCAR1's phi 6.1e-6, 2.8e-5, ..., 0.99999).
 PROFILE_GRID = np.linspace(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT, 17)
 
+#: The grid's fits in theta take up to this many times the search's passes (:func:`lowest_on_profile`): far from the
+#: stop (phi 0.5 where it stopped near 0) a fit near theta's boundary crawls, and one not converged sends its dataset
+#: to ``hp.lmm`` (~0.5 s); in 200 null datasets 6 such refits at 1x, 1 at 4x (benchmarks/RESULTS.md, "car1 fits with
+#: phi at the edge kept").
+GRID_PASSES = 4
+
 #: The one-term AR(1) host search's temporaries per dataset (:func:`host_bytes`): its complex-step probes hold about
 #: this many arrays of (points x directions x ell) complex values.
 HOST_PROBE_ARRAYS = 60
@@ -291,7 +297,7 @@ def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -
         return found
     end = np.sign(u[rows]) * UNCONSTRAINED_LIMIT
     theta, held_value, newton_step, iterations, converged, slope = theta_at(
-        value_and_grad, rows, end, point[rows, :-1], max_iterations, **options)
+        value_and_grad, rows, end, point[rows, :-1], max_iterations, with_slope=True, **options)
     # the slope into the range (u decreasing from +12, increasing from -12): a descent there is a missed minimum
     falling = np.sign(end) * slope > EDGE_SLOPE_TOL * np.abs(held_value)
     with np.errstate(invalid="ignore"):
@@ -321,13 +327,13 @@ def checked_on_profile(value_and_grad, found: tuple, max_iterations: int, check:
 
 
 def theta_at(value_and_grad, rows: np.ndarray, u: np.ndarray, theta0: np.ndarray, max_iterations: int,
-             **options) -> tuple:
+             with_slope: bool = False, **options) -> tuple:
     """The criterion profiled over theta at fixed u: :func:`~hierpool.algebra.search.newton.newton_on_host`'s search
     in theta alone of datasets ``rows`` (B,) (increasing, each once: the several-term systems' rule), search b's u
     held at ``u[b]``, from ``theta0`` (B, m).
     ``value_and_grad``: :func:`joint_criterion`'s (or the several-term search's).  Returns (theta, value, newton_step,
-    iterations, converged, slope): newton_on_host's, and the criterion's derivative in u at the optimum (the
-    profile's, theta being optimal there)."""
+    iterations, converged, slope): newton_on_host's, and with ``with_slope`` the criterion's derivative in u at the
+    optimum (the profile's, theta being optimal there; one more evaluation), else None."""
     def with_u(theta, searches):  # points (A, Q, m) in theta -> (A, Q, m + 1), u that of ``searches``
         return np.concatenate([theta, np.broadcast_to(u[searches][:, None, None], theta.shape[:-1] + (1,))], axis=-1)
 
@@ -336,6 +342,8 @@ def theta_at(value_and_grad, rows: np.ndarray, u: np.ndarray, theta0: np.ndarray
         return value, gradient[..., :-1]
 
     theta, value, newton_step, iterations, converged = newton_on_host(theta_alone, theta0, max_iterations, **options)
+    if not with_slope:
+        return theta, value, newton_step, iterations, converged, None
     gradient = value_and_grad(with_u(theta[:, None, :], np.arange(len(rows))), rows)[1]
     return theta, value, newton_step, iterations, converged, gradient[:, 0, -1]
 
@@ -359,12 +367,26 @@ def lowest_on_profile(value_and_grad, found: tuple, max_iterations: int, **optio
     stops = np.flatnonzero(converged & np.all(np.isfinite(point), axis=1) & (at_edge | flat))
     if not stops.size:
         return lowest
+    # each stop's grid points from the nearest outward, each fit from its neighbour's nearer the stop (theta moves
+    # with u smoothly: a far point's fit from the stop's own theta took ~2x the steps), until one lies lower
+    n_grid = len(PROFILE_GRID)
+    nearest = np.argmin(np.abs(point[stops, -1][:, None] - PROFILE_GRID), axis=1)
+    order = np.argsort(np.abs(np.arange(n_grid) - nearest[:, None]) * n_grid + np.arange(n_grid), axis=1, kind="stable")
+    thetas = np.repeat(point[stops, None, :-1], n_grid, axis=1)  # (S, grid, m): each fit's, once made
     below = np.ones(len(stops), bool)
-    for u in PROFILE_GRID:
-        _, grid_value, _, _, grid_converged, _ = theta_at(value_and_grad, stops, np.full(len(stops), u),
-                                                          point[stops, :-1], max_iterations, **options)
+    for k in range(n_grid):
+        active = np.flatnonzero(below)
+        if not active.size:
+            break
+        at = order[active, k]
+        parent = np.clip(at + np.sign(nearest[active] - at), 0, n_grid - 1)  # the neighbour nearer the stop
+        start = np.where((at == nearest[active])[:, None], point[stops[active], :-1], thetas[active, parent])
+        theta, grid_value, _, _, grid_converged, _ = theta_at(value_and_grad, stops[active], PROFILE_GRID[at],
+                                                              start, GRID_PASSES * max_iterations, **options)
+        thetas[active, at] = theta
         with np.errstate(invalid="ignore"):
-            below &= grid_converged & (value[stops] <= grid_value + HELD_TOL * np.abs(value[stops]))
+            below[active] = grid_converged & (value[stops[active]]
+                                              <= grid_value + HELD_TOL * np.abs(value[stops[active]]))
     lowest[stops] = below
     return lowest
 
