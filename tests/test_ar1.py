@@ -768,16 +768,47 @@ def test_a_joint_estimate_on_a_flat_profile_is_not_taken(monkeypatch):
     design = build_design(formula, days)
     series, _ = ar1_module.in_search_unit(ar1_module.checked_series(design, hp.car1("Rat", "Time"), days), True)
     joint_search = ar1_module.joint_search
-    theta, u, curvature = joint_search(ar1_module.centred_fixed_effects(
+    theta, u, curvature, checked = joint_search(ar1_module.centred_fixed_effects(
         ar1_module.condition_terms(design, force=True).design)[0], series, True, True)
-    assert clearly_curved(curvature) and not clearly_curved(1e-3)
-    # the same search stopped 3 units of u away, where the profile is flat
-    monkeypatch.setattr(ar1_module, "joint_search", lambda *a: (theta, u + 3.0, 1e-3))
+    assert clearly_curved(curvature) and not clearly_curved(1e-3) and not checked
+    # the same search stopped 3 units of u away, where the profile is flat (not checked on the profile)
+    monkeypatch.setattr(ar1_module, "joint_search", lambda *a: (theta, u + 3.0, 1e-3, False))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn of: Brent's profile finds the fit
         flat = hp.lmm(formula, days, correlation=hp.car1("Rat", "Time"))
     assert flat.objective == pytest.approx(fit.objective, rel=1e-10)
     assert flat.phi == pytest.approx(fit.phi, abs=1e-5)
+
+
+@pytest.mark.parametrize("formula", ["Reaction ~ Days + (1 | Subject)", "Reaction ~ Days + (Days | Subject)"])
+def test_a_joint_stop_at_the_edge_checked_on_the_profile_is_brents_fit(formula):
+    """Data without autocorrelation, corCAR1: the joint search's u runs to the range's end; held there and checked
+    on the profile across the range (algebra.search.ar1_moments.checked_on_profile), hp.lmm takes it, with the
+    interval from differences of polished fits and the edge warning, as Brent's profile alone gives them."""
+    from unittest import mock
+
+    from hierpool.closedform import ar1 as ar1_module
+
+    sleep = hp.datasets.sleepstudy()
+    codes = pd.factorize(sleep["Subject"])[0]
+    rng = np.random.default_rng(2)
+    frame = sleep.assign(Reaction=250 + 10 * sleep["Days"] + rng.normal(0, 30, 18)[codes]
+                         + rng.normal(0, 30, len(sleep)))
+    structure = hp.car1("Subject", time="Days")
+    design = build_design(formula, frame)
+    series, _ = ar1_module.in_search_unit(ar1_module.checked_series(design, structure, frame), True)
+    joint = ar1_module.joint_search(ar1_module.centred_fixed_effects(
+        ar1_module.condition_terms(design, force=True).design)[0], series, True, True)
+    assert joint[1] == -12.0 and joint[3]  # at the range's end, checked
+    with pytest.warns(hp.ConvergenceWarning, match="at the edge of its range"):
+        fit = hp.lmm(formula, frame, correlation=structure)
+    with warnings.catch_warnings(), mock.patch.object(ar1_module, "joint_search", lambda *args: None):
+        warnings.simplefilter("ignore")
+        brent = hp.lmm(formula, frame, correlation=structure)
+    assert fit.objective == pytest.approx(brent.objective, rel=1e-12) and fit.objective <= brent.objective + 1e-12
+    assert fit.phi == pytest.approx(brent.phi, rel=1e-3) and fit.phi < 1e-5
+    np.testing.assert_allclose(fit.phi_interval, brent.phi_interval, atol=1e-6)
+    np.testing.assert_allclose(fit.fixef, brent.fixef, rtol=1e-7)
 
 
 def test_the_profile_curvature_is_the_joint_hessians_schur_complement():

@@ -9,8 +9,11 @@ on nlme's unconstrained scale u (log((1 + phi) / (1 - phi)) for corAR1, log(phi 
 found by Newton's method in (theta, u) together (:func:`joint_search`: ``hp.fit_batch``'s host search,
 :mod:`hierpool.algebra.search`, on this one dataset), from the lag-1 correlation of the residuals of a fit at
 phi = 0; then the closed form's optimizer fits theta at phi-hat from the joint optimum's theta, with its
-convergence checks.  Where the joint search does not apply (one term of more than
-:data:`~hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters) or did not converge inside u's range, Brent's
+convergence checks.  A joint stop at the edge of u's range (held at its end) or on a stretch where the profile is too
+flat to identify phi is taken where it lies at or below the profile at points across the range
+(:func:`hierpool.algebra.search.ar1_moments.checked_on_profile`, ``hp.fit_batch``'s rule); its curvature is then
+differences of polished fits.  Where the joint search does not apply (one term of more than
+:data:`~hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters), did not converge or failed that check, Brent's
 method minimizes d (:func:`search_phi`) in a window around that lag-1 correlation (the whole range when the
 minimum lies on the window's edge), each evaluation's theta search starting from the last one's optimum unless
 that sat near a boundary (then from the moment start); both reach the same fit (``tests/test_ar1.py``).
@@ -333,7 +336,7 @@ def phi_interval(u_hat: float, curvature: float, correlation: AR1, stacklevel: i
 
 
 def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
-    """(theta, u, curvature) at the criterion's minimum, searched together by ``hp.fit_batch``'s host search on this
+    """(theta, u, curvature, checked) at the criterion's minimum, searched together by ``hp.fit_batch``'s host search on this
     one dataset (:class:`~hierpool.algebra.search.ar1_moments.OneDataset`): for terms on one grouping factor of at
     most :data:`~hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters from the per-level lagged moments
     (:mod:`hierpool.algebra.search.ar1_moments`), for several terms on the whitened systems
@@ -341,9 +344,11 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
     a batch would take (:data:`~hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`: its systems are dense, where
     the closed form's own are sparse).  ``curvature``: the criterion's curvature in u profiled over theta, from the
     search's Hessian at its optimum (:func:`hierpool.algebra.ar1.profile_curvature`; NaN where that is not positive
-    definite), for phi's interval and :func:`hierpool.algebra.ar1.clearly_curved`.  None for one wider term or a
-    larger coupling, and where the search did not converge inside u's range.  Then Brent's method profiles phi
-    (:func:`search_phi`).
+    definite), for phi's interval and :func:`hierpool.algebra.ar1.clearly_curved`.  ``checked``: a stop at u's edge
+    (u at the range's end, no curvature) or on a flat stretch that lies at or below the profile across the range
+    (:func:`hierpool.algebra.search.ar1_moments.checked_on_profile`, the batch's rule).  None for one wider term or a
+    larger coupling, and where the search did not converge or an edge stop failed that check.  Then Brent's method
+    profiles phi (:func:`search_phi`).
 
     Both start where Brent's search does, at the lag-1 correlation of a fit's residuals at phi = 0, and reach the
     profile's minimum in a few Newton steps in (theta, u), where the profile fits theta anew at each of its points.
@@ -356,20 +361,22 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
         kind = joint_search_kind(ks, shared_factor([term.index for term in design.terms]))
         if kind == "moments":
             search, data = ar1_moments, ChunkData(source, series, members)
-            found = search.search_on_host(data, decrease_tol=DECREASE_TOL, **settings)
+            found = search.search_on_host(data, decrease_tol=DECREASE_TOL, check_profile=True, **settings)
         elif kind == "systems" and dense_entries(widths, ks, design.p) <= MAX_DENSE_ENTRIES:
             classes = lag_classes(np.zeros(int(followed.sum()), dtype=np.int64), series.lag[followed])[0]
             lagged = lagged_systems_pay(classes, ks, widths, design.p, float(design.n), HOST_CHUNK_BYTES)
             search, data = ar1_systems, TermsChunk(source, series, members, widths, lagged)
-            found = search.search_on_host(data, moment_start(design)[None], **settings)
+            found = search.search_on_host(data, moment_start(design)[None], check_profile=True, **settings)
         else:
             return None
-        # at u's edge Brent's bounded search decides (and phi_interval warns): the batch's edge fits are checked
-        # against that independent search (tests/test_batch_ar1.py)
-        if not (found["converged"][0] and not found["edge"][0] and np.all(np.isfinite(found["theta"][0]))):
+        # (the tests check the batch's and these fits against Brent's search alone: tests/test_batch_ar1.py _single)
+        if not (found["converged"][0] and np.all(np.isfinite(found["theta"][0]))):
             return None
-        theta, u = np.asarray(found["theta"][0], dtype=float), unconstrained(float(found["phi"][0]), continuous)
-    return theta, u, float(found["curvature"][0])
+        theta, edge = np.asarray(found["theta"][0], dtype=float), bool(found["edge"][0])
+        # at the edge u is the range's end itself (its phi may round back to a u a hair inside it)
+        u = float(np.sign(unconstrained(float(found["phi"][0]), continuous)) * UNCONSTRAINED_LIMIT) if edge else \
+            unconstrained(float(found["phi"][0]), continuous)
+    return theta, u, float(found["curvature"][0]), edge or bool(found["flat_lowest"][0])
 
 
 def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = True,
@@ -423,7 +430,8 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         return optimum.objective + logdet, (whitened, system, optimum, logdet)
 
     joint = joint_search(design, series, continuous, reml)
-    curved = joint is not None and clearly_curved(joint[2])
+    # a clearly curved optimum, or a stop at the edge or on a flat stretch checked on the profile across the range
+    curved = joint is not None and (joint[3] or clearly_curved(joint[2]))
     mirrored, looked = None, {}
 
     def look() -> float:  # the criterion at the joint optimum, for across_zero; its theta starts the checked fit
@@ -433,12 +441,16 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
 
     if curved:  # a second minimum across phi = 0 (even lags): Brent's there
         mirrored = across_zero(profile, joint[1], look, series, continuous)
-    if curved and mirrored is None:  # else a flat stretch: Brent's method
-        theta_hat, u_hat, curvature = joint
-        with warnings.catch_warnings():  # the fit's messages are warned below
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            whitened, system, optimum, logdet = profile(u_hat, checked=True,  # polished, checked
-                                                        start=looked.get("theta", theta_hat))[1]
+    if curved and mirrored is None:  # else a flat stretch not checked: Brent's method
+        theta_hat, u_hat, curvature, checked = joint
+        if checked:  # the curvature by differences of polished fits, as after Brent's (no Hessian's at the edge)
+            last["theta"] = looked.get("theta", theta_hat)
+            curvature, _, (whitened, system, optimum, logdet) = polished_curvature(profile, u_hat)
+        else:
+            with warnings.catch_warnings():  # the fit's messages are warned below
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                whitened, system, optimum, logdet = profile(u_hat, checked=True,  # polished, checked
+                                                            start=looked.get("theta", theta_hat))[1]
         interval = phi_interval(u_hat, curvature, correlation, stacklevel=4, unit=unit)  # here, hp.lmm, the user
     else:
         if mirrored is None:  # the start from the residuals of a fit at phi near 0
