@@ -172,6 +172,14 @@ def test_correlated_slopes_and_a_phi_at_its_edge(replicates):
     assert alone.refit.tolist() == [True], alone.messages.tolist()
     assert alone.messages.iloc[0].startswith("phi at the edge of its range") and "refitted by hp.lmm" in \
         alone.messages.iloc[0]
+    # time in thousandths of a day: phi per unit beyond a float at the edge is the float's 0, as hp.lmm reports it
+    scaled = frames[2].assign(t=frames[2]["Days"] * 1e-3)
+    with pytest.warns(hp.ConvergenceWarning, match="edge of its range"):
+        kept = hp.fit_batch("Reaction ~ Days + (1 | Subject)", [scaled], by="rep",
+                            correlation=hp.car1("Subject", time="t"), progress=False)
+    single = _single(scaled, hp.car1("Subject", time="t"), "Reaction ~ Days + (1 | Subject)")
+    assert not kept.refit.any() and kept.phi[0] == single.phi == 0.0
+    assert kept.objective.iloc[0] == pytest.approx(single.objective, rel=1e-10)
 
 
 def test_a_search_stopped_at_the_edge_is_held_there_and_kept_only_where_the_criterion_rises_into_the_range():
@@ -292,9 +300,9 @@ def pairs_without_autocorrelation():
 def test_edge_and_flat_stops_of_several_terms_are_checked_on_the_profile_from_either_systems(
         pairs_without_autocorrelation, monkeypatch, lagged):
     """Two terms on two factors (subjects within pairs), corCAR1, data without autocorrelation: the several-term host
-    search (hierpool.algebra.search.ar1_systems) holds its edge stops at the range's end and checks them, and its
-    flat stops, on the profile across the range, one dataset once a search, from the lag classes' sums and from the
-    rows whitened at each phi alike; each kept fit equals hp.lmm's."""
+    search (hierpool.algebra.search.ar1_systems) holds its edge stops at the range's end and checks them on the
+    profile at points across the range (each dataset once a search), from the lag classes' sums and from the rows
+    whitened at each phi alike; each kept fit equals hp.lmm's (Brent's)."""
     from hierpool.batch import fit_ar1 as fit_ar1_module
 
     frames, singles = pairs_without_autocorrelation

@@ -70,6 +70,7 @@ from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
 from ..errors import (
     ArgumentError,
+    ConvergenceWarning,
     HierpoolError,
     HierpoolWarning,
     boolean_argument,
@@ -883,9 +884,14 @@ def _result(plan, out: dict, formula: str, reml: bool, polish: bool, fitter, pro
         for index, values in zip(refits, outcomes):
             _polish(plan, index, formula, fitter, out, messages, refitted, values)
             bar.update(1)
-    for index, note in out.get("notes", {}).items():  # a kept fit's warning (AR(1): phi at its edge), in its row
+    noted = {}  # a kept fit's warning (AR(1): phi at its edge), in its row, unless the row was fitted alone
+    for index, note in out.get("notes", {}).items():
         if index not in out["alone"] and not refitted[index]:
             messages[index] = f"{messages[index]}; {note}" if messages[index] else note
+            noted[note] = noted.get(note, 0) + 1
+    for note, count in noted.items():  # the single fit warns of each; a batch once, counting them
+        warnings.warn(f"{count} of {n_datasets} datasets: {note} (each one's message says so)", ConvergenceWarning,
+                      stacklevel=3)
     if design.family is not None:  # hp.glmm's warning where X separates the outcomes, in the dataset's row
         notes = separation_notes(plan, out["beta"])
         for index, note in notes.items():

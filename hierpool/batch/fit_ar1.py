@@ -19,7 +19,7 @@ three together (one block-diagonal term), from per-level lagged moments (:mod:`h
 chunks on threads), for other several-term models on the whitened systems (:mod:`hierpool.algebra.search.ar1_systems`,
 chunks in worker processes too from :data:`AR1_TERMS_PROCESS_MIN_ROWS` rows).  A dataset whose joint search stopped
 where the profile is nearly flat in u (:func:`hierpool.algebra.ar1.clearly_curved`, ``hp.lmm``'s rule for taking its
-joint estimate) keeps that stop where it lies at or below the profile across u's range
+joint estimate) keeps that stop where it lies at or below the profile at 17 points of u's range
 (:func:`hierpool.algebra.search.ar1_moments.lowest_on_profile`), and is fitted alone by ``hp.lmm``, whose Brent search
 covers that range, where it does not.  corAR1 datasets whose pairs
 are mostly an even number of steps apart (phi's sign in doubt) are searched again from the optimum's u turned
@@ -27,8 +27,8 @@ are mostly an even number of steps apart (phi's sign in doubt) are searched agai
 golden sections below fit them alone by ``hp.lmm``.  A dataset whose phi ends at the edge of its range (independent
 noise in a simulation: phi to 0) keeps its fit at the range's end, where ``hp.lmm``'s bounded search ends, with
 ``hp.lmm``'s warning in its row (:data:`EDGE_NOTE`; the host searches fit theta there with u held,
-:func:`hierpool.algebra.search.ar1_moments.held_at_edge`, and check it against the profile across the range as a
-flat stop).  A wider single term, accelerators
+:func:`hierpool.algebra.search.ar1_moments.held_at_edge`, and check it against the profile at those points as a
+flat stop; the golden sections, which search the whole range in lockstep, keep theirs unchecked).  A wider single term, accelerators
 and sharded batches run the golden-section program below.  A dataset whose inner fit in theta did not converge at
 some point of that search is not reported converged (its message says so), and is refitted by ``hp.lmm``.
 
@@ -73,7 +73,7 @@ from ..algebra.search.ar1_systems import host_bytes as terms_host_bytes
 from ..algebra.search.ar1_systems import search_on_host as terms_search_on_host
 from ..algebra.search.newton import DECREASE_TOL, canonical_theta, newton
 from ..closedform.ar1 import check_nested
-from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning, warn_at_caller
+from ..errors import ArgumentError, DataError, HierpoolWarning
 from ..spec.correlation import AR1, common_steps, even_step_message, series_of
 from . import host_processes
 from .fit_glmm import BucketRows, bucket_pattern
@@ -416,21 +416,27 @@ EDGE_NOTE = "phi at the edge of its range (a unit-root or vanishing correlation)
 def _store(jobs, run, out: dict, plan: BatchPlan, units: np.ndarray, *, workers: int, progress) -> dict:
     """:func:`run_jobs`, with each chunk's phi.  A dataset whose phi ends at its range's edge keeps its fit there
     with ``hp.lmm``'s warning in its row (:data:`EDGE_NOTE` in ``out["notes"]``, which
-    :func:`hierpool.batch.fit._result` adds to the messages of rows it does not fit alone; one warning for the
-    batch), or is fitted alone where
+    :func:`hierpool.batch.fit._result` adds to the messages of rows it does not fit alone, and warns of once), and
+    phi per the user's unit there the float's 0 or 1 where that is beyond a float (``hp.lmm``'s), or is fitted alone
+    where
     that fit is not converged; a dataset whose phi is beyond a float per the user's unit, or whose joint search
     stopped where the profile is nearly flat (:func:`hierpool.algebra.ar1.clearly_curved`) unless that stop is the
-    profile's lowest across the range (the host searches' ``flat_lowest``), is fitted alone."""
-    edges, out["notes"] = [], {}
+    profile's lowest at the points of u's range it is compared with (the host searches' ``flat_lowest``), is fitted
+    alone."""
+    out["notes"] = {}
 
     def run_and_mark(job):
         members, result = job[0], run(job)
-        out["phi"][members] = per_unit(result["phi"], units[members])  # per the user's unit of time
+        phi = per_unit(result["phi"], units[members])  # per the user's unit of time
+        # at the edge a phi per unit beyond a float is the float's 0 or 1, as hp.lmm reports it (phi_per_unit)
+        out["phi"][members] = np.where(result["edge"] & ~np.isfinite(phi), result["phi"] ** (1.0 / units[members]),
+                                       phi)
         for d in members[result["edge"] & ~result["converged"]]:  # hp.lmm's own fit, with its message
-            out["alone"][d] = "phi at the edge of its range (a unit-root or vanishing correlation)"
+            out["alone"][d] = ("phi at the edge of its range (a unit-root or vanishing correlation), the batch's fit "
+                               "there not confirmed (its search in theta, the slope into the range or the profile "
+                               "across it)")
         for d in members[result["edge"] & result["converged"]]:  # the fit at the range's end: hp.lmm's there
-            out["notes"][d] = EDGE_NOTE  # (messages are refusals: batch.fit reads them so)
-            edges.append(d)
+            out["notes"][d] = EDGE_NOTE  # (messages are refusals: batch.fit reads them so; _result warns)
         beyond = ~result["edge"] & ~np.isfinite(out["phi"][members])
         for d in members[beyond]:  # hp.lmm refuses it, by name, in the row's message
             out["alone"][d] = "phi per unit of time beyond a float"
@@ -446,7 +452,4 @@ def _store(jobs, run, out: dict, plan: BatchPlan, units: np.ndarray, *, workers:
 
     out = run_jobs(jobs, run_and_mark, out, plan, workers=workers, progress=progress)
     out["attempted"][list(out["alone"])] = False  # fitted alone instead (fit_batch's refit)
-    if edges:  # hp.lmm warns of each such fit; a batch once, counting them
-        warn_at_caller(f"{len(edges)} of {plan.n_datasets} datasets: {EDGE_NOTE} (each one's message says so)",
-                       ConvergenceWarning)
     return out

@@ -287,7 +287,8 @@ class BatchResult:
         results.  ``refit.any()`` says the batched optimizer failed somewhere even when ``converged.all()``.
     is_singular : pandas.Series of bool
     messages : pandas.Series of str
-        Why a dataset failed or was refitted; empty when all went well.
+        Why a dataset failed or was refitted, or the single fit's warning on a fit kept (phi at the edge of its
+        range with AR(1) residuals; complete separation in a GLMM); empty when all went well.
     beta, beta_se : (B, p) ndarrays
     sigma : (B,) ndarray
         The residual sd per dataset (NaN where the fit failed).  With known residual sds (``sigma_known``)

@@ -299,7 +299,8 @@ def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -
     theta, held_value, newton_step, iterations, converged, slope = theta_at(
         value_and_grad, rows, end, point[rows, :-1], max_iterations, with_slope=True, **options)
     # the slope into the range (u decreasing from +12, increasing from -12): a descent there is a missed minimum
-    falling = np.sign(end) * slope > EDGE_SLOPE_TOL * np.abs(held_value)
+    with np.errstate(invalid="ignore"):  # (a NaN slope is no evidence: not kept)
+        falling = ~(np.sign(end) * slope <= EDGE_SLOPE_TOL * np.abs(held_value))
     with np.errstate(invalid="ignore"):
         kept = at_edge[rows] | (held_value <= value[rows] + HELD_TOL * np.abs(value[rows]))
     rows, theta, end = rows[kept], theta[kept], end[kept]
