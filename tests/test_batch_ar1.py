@@ -129,12 +129,22 @@ def test_a_dataset_whose_series_hp_lmm_refuses_keeps_its_reason_and_spares_the_o
 
 def test_the_host_search_equals_the_compiled_golden_sections(replicates, monkeypatch):
     """One term on a CPU in float64: (theta, phi) searched together on the host (hierpool.algebra.search.ar1_moments); forced
-    to compile, the golden-section search in phi of hp.fit_batch's programs.  corCAR1: irregular lags."""
+    to compile, the golden-section search in phi of hp.fit_batch's programs.  corCAR1: irregular lags.  The first
+    dataset without autocorrelation (phi to the edge of its range): both keep their fit there, with its note."""
     from hierpool.batch import fit_ar1 as fit_ar1_module
 
     structure = hp.car1("Subject", time="Days")
-    host, compiled = host_and_compiled(monkeypatch, fit_ar1_module, FORMULA, replicates, by="rep",
-                                       correlation=structure, progress=False, host_function="search_on_host")
+    rng = np.random.default_rng(5)
+    codes = pd.factorize(replicates[0]["Subject"])[0]
+    independent = replicates[0].assign(Reaction=250 + 10 * replicates[0]["Days"] + rng.normal(0, 30, 18)[codes]
+                                       + rng.normal(0, 30, len(codes)))
+    frames = [independent, *replicates[1:]]  # (the same shapes: the same compiled programs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.ConvergenceWarning)
+        host, compiled = host_and_compiled(monkeypatch, fit_ar1_module, FORMULA, frames, by="rep",
+                                           correlation=structure, progress=False, host_function="search_on_host")
+    assert [m.startswith("phi at the edge") for m in compiled.messages] == [True, False, False]
+    assert host.messages.tolist() == compiled.messages.tolist()
     # the golden sections end within 1e-7 of u-hat: beta and the effects agree to what that moves them by
     for batch in (host, compiled):
         assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
