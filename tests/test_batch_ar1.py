@@ -251,17 +251,15 @@ def test_an_edge_or_flat_stop_is_kept_only_where_the_profile_across_the_range_li
     hessian = np.array([flat, flat, curved, np.full((2, 2), np.nan), np.full((2, 2), np.nan)])
     found = (point, value, np.zeros(5), np.full(5, 5), np.ones(5, bool), hessian)
     assert lowest_on_profile(value_and_grad, found, 20).tolist() == [True, False, False, True, False]
-    checked, flat_lowest = checked_on_profile(value_and_grad, found, 20, True)
+    checked, flat_lowest = checked_on_profile(value_and_grad, found, 20)
     assert checked[4].tolist() == [True, True, True, True, False]
     assert flat_lowest.tolist() == [True, False, False, False, False]
-    unchecked, none = checked_on_profile(value_and_grad, found, 20, False)  # hp.lmm's: as found
-    assert unchecked is found and not none.any()
 
 
 def test_a_flat_stop_on_data_without_autocorrelation_is_the_batchs_own_fit_and_hp_lmms(monkeypatch):
     """Sleepstudy-shaped data without autocorrelation, (Days | Subject) with corCAR1: a joint search that stops
     inside u's range where the profile is nearly flat (phi ~ 0.01) is kept where the profile across the range lies
-    no lower (not fitted alone by hp.lmm), and equals hp.lmm's fit, whose Brent search decides independently."""
+    no lower (not fitted alone by hp.lmm), and equals the single fit by Brent's profile search (_single)."""
     from hierpool.algebra.search import ar1_moments
     from hierpool.batch import fit_ar1 as fit_ar1_module
 
@@ -283,8 +281,8 @@ def test_a_flat_stop_on_data_without_autocorrelation_is_the_batchs_own_fit_and_h
     batch = hp.fit_batch(formula, frames, by="rep", correlation=structure, progress=False, chunk_size=4)
     kept = np.flatnonzero(np.concatenate(lowest))
     assert kept.size and not batch.refit.any(), batch.messages.tolist()
-    for d in kept:
-        single = hp.lmm(formula, frames[d], correlation=structure)
+    for d in kept:  # (hp.lmm's own joint search takes such a stop too: Brent's profile decides independently)
+        single = _single(frames[d], structure, formula)
         assert batch.messages.iloc[d] == "" and 1e-4 < single.phi < 0.1
         assert batch.objective.iloc[d] == pytest.approx(single.objective, rel=1e-10)
         assert batch.phi[d] == pytest.approx(single.phi, rel=1e-3)

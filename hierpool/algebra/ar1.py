@@ -36,6 +36,12 @@ UNCONSTRAINED_LIMIT = 12.0
 EDGE = 1e-3
 
 
+def at_edge(u):
+    """Whether u (nlme's unconstrained phi: a float, a NumPy or a JAX array) lies at the edge of its range, within
+    :data:`EDGE` of +-:data:`UNCONSTRAINED_LIMIT` (hp.lmm warns there; the batch holds u at the end).  NaN: False."""
+    return abs(u) >= UNCONSTRAINED_LIMIT - EDGE
+
+
 def first_u(continuous: bool) -> float:
     """Where the search for phi starts its first fit: phi = 0 (corAR1), or u = -3, phi = 0.047 (corCAR1, whose
     phi = 0 is outside its range)."""

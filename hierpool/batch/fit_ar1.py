@@ -50,8 +50,8 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.ar1 import (
-    EDGE,
     UNCONSTRAINED_LIMIT,
+    at_edge,
     carried,
     clearly_curved,
     constrained_phi,
@@ -245,7 +245,7 @@ def _ar1_rows(pattern, previous, lag, y, n, start, reml: bool, continuous: bool,
         solved = solve(theta, whitened_system(pat, prev, lg, yy, phi), reml, rows)
         # converged: every inner fit of the search (at the range's edge too: the sections' end is hp.lmm's bounded
         # search's, which warns there, as _store does)
-        edge = jnp.abs(u) >= UNCONSTRAINED_LIMIT - EDGE
+        edge = at_edge(u)
         return {"theta": theta, "objective": value, "phi": phi, "converged": converged & inner_ok,
                 "edge": edge, "inner_converged": inner_ok,
                 "newton_step": newton_step, "beta": solved.beta, "vcov": solved.vcov_beta,
@@ -336,7 +336,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
         # threads alone: a worker process gained little or lost here (its chunks' work is per level and lag class;
         # benchmarks/RESULTS.md, twenty-sixth session)
         search = partial(search_on_host, continuous=structure.continuous, reml=reml, max_iterations=max_iterations,
-                         decrease_tol=DECREASE_TOL, check_profile=True)
+                         decrease_tol=DECREASE_TOL)
         return _store(jobs, lambda job: search(ChunkData(plan, series, job[0]), across_zero=doubt[job[0]]), out,
                       plan, units, workers=thread_count(None), progress=progress)
     if systems:  # several terms: the joint search on the whitened systems
@@ -358,7 +358,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
 
         processes = start_processes(plan, out["attempted"], AR1_TERMS_PROCESS_MIN_ROWS, terms_search_on_host)
         search = partial(terms_search_on_host, continuous=structure.continuous, reml=reml,
-                         max_iterations=max_iterations, check_profile=True)
+                         max_iterations=max_iterations)
 
         def run_terms(job):  # the chunk's rows here, its sums and search here or in a worker process
             members, (key, lagged) = job[0], job[1]

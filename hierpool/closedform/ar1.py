@@ -39,9 +39,9 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.ar1 import (
-    EDGE,
     UNCONSTRAINED_LIMIT,
     Z_95,
+    at_edge,
     carried,
     clearly_curved,
     constrained_phi,
@@ -316,7 +316,7 @@ def phi_interval(u_hat: float, curvature: float, correlation: AR1, stacklevel: i
     v = logit(psi) by dv/du = unit (1 - phi) / (1 - psi), so at the estimate (the gradient zero) the curvature in u
     is the search's times (dv/du)^2: the interval is the one a search in the user's unit would give."""
     continuous = correlation.continuous
-    at_edge, psi = abs(u_hat) >= UNCONSTRAINED_LIMIT - EDGE, constrained(u_hat, continuous)
+    edge, psi = at_edge(u_hat), constrained(u_hat, continuous)
     phi = psi ** (1.0 / unit)
     if unit != 1.0:
         curvature = curvature * (unit * (1.0 - phi) / (1.0 - psi)) ** 2
@@ -329,7 +329,7 @@ def phi_interval(u_hat: float, curvature: float, correlation: AR1, stacklevel: i
         interval = (float("nan"), float("nan"))
         warnings.warn(f"{correlation.describe()}: the criterion is not convex in phi at its estimate; no interval",
                       ConvergenceWarning, stacklevel=stacklevel)
-    if at_edge:
+    if edge:
         warnings.warn(f"{correlation.describe()}: phi = {phi:.6g} is at the edge of its range (a unit-root or "
                       "vanishing correlation): the fit is not reliable", ConvergenceWarning, stacklevel=stacklevel)
     return interval
@@ -361,12 +361,12 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
         kind = joint_search_kind(ks, shared_factor([term.index for term in design.terms]))
         if kind == "moments":
             search, data = ar1_moments, ChunkData(source, series, members)
-            found = search.search_on_host(data, decrease_tol=DECREASE_TOL, check_profile=True, **settings)
+            found = search.search_on_host(data, decrease_tol=DECREASE_TOL, **settings)
         elif kind == "systems" and dense_entries(widths, ks, design.p) <= MAX_DENSE_ENTRIES:
             classes = lag_classes(np.zeros(int(followed.sum()), dtype=np.int64), series.lag[followed])[0]
             lagged = lagged_systems_pay(classes, ks, widths, design.p, float(design.n), HOST_CHUNK_BYTES)
             search, data = ar1_systems, TermsChunk(source, series, members, widths, lagged)
-            found = search.search_on_host(data, moment_start(design)[None], check_profile=True, **settings)
+            found = search.search_on_host(data, moment_start(design)[None], **settings)
         else:
             return None
         # (the tests check the batch's and these fits against Brent's search alone: tests/test_batch_ar1.py _single)
@@ -512,7 +512,7 @@ def phi_per_unit(u_hat: float, unit: float, correlation: AR1) -> float:
     phi = float(per_unit(psi, unit))
     if np.isfinite(phi):
         return phi
-    if abs(u_hat) < UNCONSTRAINED_LIMIT - EDGE:
+    if not at_edge(u_hat):
         raise DataError(unrepresentable_phi(correlation, psi, unit))
     return psi ** (1.0 / unit)
 

@@ -35,8 +35,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..ar1 import (
-    EDGE,
     UNCONSTRAINED_LIMIT,
+    at_edge,
     clearly_curved,
     constrained_phi,
     first_u,
@@ -88,7 +88,7 @@ PROFILE_GRID = np.linspace(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT, 17)
 
 #: The grid's fits in theta take up to this many times the search's passes (:func:`lowest_on_profile`): far from the
 #: stop (phi 0.5 where it stopped near 0) a fit near theta's boundary crawls, and one not converged sends its dataset
-#: to ``hp.lmm`` (~0.5 s); in 200 null datasets 6 such refits at 1x, 1 at 4x (benchmarks/RESULTS.md, "car1 fits with
+#: to ``hp.lmm``; in 200 null datasets 6 such refits at 1x, 1 at 4x (benchmarks/RESULTS.md, "car1 fits with
 #: phi at the edge kept").
 GRID_PASSES = 4
 
@@ -290,9 +290,9 @@ def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -
     point, value, hessian = found[0], found[1], found[5]
     u = point[:, -1]
     with np.errstate(invalid="ignore"):
-        at_edge = np.abs(u) >= UNCONSTRAINED_LIMIT - EDGE
+        edge = at_edge(u)
         flat_near = (np.abs(u) >= UNCONSTRAINED_LIMIT - NEAR_EDGE) & ~clearly_curved(profile_curvature(hessian))
-    rows = np.flatnonzero(at_edge | flat_near)
+    rows = np.flatnonzero(edge | flat_near)
     if not rows.size:
         return found
     end = np.sign(u[rows]) * UNCONSTRAINED_LIMIT
@@ -302,7 +302,7 @@ def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -
     with np.errstate(invalid="ignore"):  # (a NaN slope is no evidence: not kept)
         falling = ~(np.sign(end) * slope <= EDGE_SLOPE_TOL * np.abs(held_value))
     with np.errstate(invalid="ignore"):
-        kept = at_edge[rows] | (held_value <= value[rows] + HELD_TOL * np.abs(value[rows]))
+        kept = edge[rows] | (held_value <= value[rows] + HELD_TOL * np.abs(value[rows]))
     rows, theta, end = rows[kept], theta[kept], end[kept]
     out = [np.array(a, copy=True) for a in found]
     out[0][rows] = np.column_stack([theta, end])
@@ -312,19 +312,16 @@ def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -
     return tuple(out)
 
 
-def checked_on_profile(value_and_grad, found: tuple, max_iterations: int, check: bool, **options) -> tuple:
-    """``found`` (:func:`joint_newton`'s) and ``flat_lowest`` per dataset, with ``check`` (``hp.fit_batch``'s host
-    searches) by :func:`lowest_on_profile`: an edge stop not at or below the profile is no longer converged (fitted
-    alone), a flat stop inside the range that is is ``flat_lowest`` (kept).  Without ``check``, ``found`` as it is
-    and no ``flat_lowest``."""
-    if not check:
-        return found, np.zeros(len(found[0]), bool)
+def checked_on_profile(value_and_grad, found: tuple, max_iterations: int, **options) -> tuple:
+    """``found`` (:func:`joint_newton`'s) checked by :func:`lowest_on_profile`, and ``flat_lowest`` per dataset: an
+    edge stop not at or below the profile is no longer converged (``hp.fit_batch`` fits it alone, ``hp.lmm`` runs
+    Brent's search), a flat stop inside the range that is is ``flat_lowest`` (kept; else the same)."""
     lowest = lowest_on_profile(value_and_grad, found, max_iterations, **options)
     with np.errstate(invalid="ignore"):
-        at_edge = np.abs(found[0][:, -1]) >= UNCONSTRAINED_LIMIT - EDGE
+        edge = at_edge(found[0][:, -1])
     out = list(found)
-    out[4] = found[4] & (lowest | ~at_edge)
-    return tuple(out), lowest & ~at_edge
+    out[4] = found[4] & (lowest | ~edge)
+    return tuple(out), lowest & ~edge
 
 
 def theta_at(value_and_grad, rows: np.ndarray, u: np.ndarray, theta0: np.ndarray, max_iterations: int,
@@ -362,10 +359,10 @@ def lowest_on_profile(value_and_grad, found: tuple, max_iterations: int, **optio
     (:func:`host_bytes`)."""
     point, value, converged, hessian = found[0], found[1], found[4], found[5]
     with np.errstate(invalid="ignore"):
-        at_edge = np.abs(point[:, -1]) >= UNCONSTRAINED_LIMIT - EDGE
-        flat = ~at_edge & ~clearly_curved(profile_curvature(hessian))
+        edge = at_edge(point[:, -1])
+        flat = ~edge & ~clearly_curved(profile_curvature(hessian))
     lowest = np.zeros(len(point), bool)
-    stops = np.flatnonzero(converged & np.all(np.isfinite(point), axis=1) & (at_edge | flat))
+    stops = np.flatnonzero(converged & np.all(np.isfinite(point), axis=1) & (edge | flat))
     if not stops.size:
         return lowest
     # each stop's grid points from the nearest outward, each fit from its neighbour's nearer the stop (theta moves
@@ -393,12 +390,12 @@ def lowest_on_profile(value_and_grad, found: tuple, max_iterations: int, **optio
 
 
 def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterations: int, decrease_tol=None,
-                   across_zero=None, check_profile: bool = False) -> dict:
+                   across_zero=None) -> dict:
     """Fit a chunk's datasets (``data``: their rows and lagged moments): a chunk's results as
     :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them (per-term lists of factors, b and
     conditional variances padded to the chunk's levels, ``phi`` and ``edge``).  ``across_zero``: the datasets
-    searched on both sides of phi = 0 too (:func:`joint_newton`).  ``check_profile`` (``hp.fit_batch``'s; ``hp.lmm``
-    takes such stops to Brent's search): :func:`checked_on_profile`.  Its module
+    searched on both sides of phi = 0 too (:func:`joint_newton`); edge and flat stops checked on the profile
+    (:func:`checked_on_profile`: ``flat_lowest``).  Its module
     imports no JAX, as a worker process's search must (:mod:`hierpool.batch.host_processes`), though its chunks run
     on threads (:mod:`hierpool.batch.fit_ar1`)."""
     value_and_grad = joint_criterion(data, continuous, reml)
@@ -406,7 +403,7 @@ def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterati
     with np.errstate(all="ignore"):
         found = joint_newton(value_and_grad, start(data, continuous, reml, max_iterations), max_iterations,
                              across_zero, **options)
-        found, flat_lowest = checked_on_profile(value_and_grad, found, max_iterations, check_profile, **options)
+        found, flat_lowest = checked_on_profile(value_and_grad, found, max_iterations, **options)
     point, value, newton_step, iterations, converged, hessian = found
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
     phi = constrained_phi(u, continuous)
@@ -415,7 +412,7 @@ def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterati
         solved = solution(data.merged_theta(theta), stats, reml=reml)
     b, cond_var, factors = term_results(solved.b[0], solved.cond_var[0], solved.factors[0], data.ks)
     # at the edge: converged with u held at the range's end (held_at_edge)
-    edge = np.abs(u) >= UNCONSTRAINED_LIMIT - EDGE
+    edge = at_edge(u)
     return {"theta": theta, "objective": value, "phi": phi, "converged": converged, "edge": edge,
             "curvature": profile_curvature(hessian), "flat_lowest": flat_lowest,
             "newton_step": newton_step, "iterations": iterations, "beta": np.asarray(solved.beta),

@@ -36,8 +36,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..ar1 import (
-    EDGE,
     UNCONSTRAINED_LIMIT,
+    at_edge,
     carried,
     constrained_phi,
     first_u,
@@ -283,11 +283,11 @@ def start(data: TermsChunk, theta0: np.ndarray, continuous: bool, reml: bool, ma
 
 
 def search_on_host(data: TermsChunk, theta0: np.ndarray, across_zero=None, *, continuous: bool, reml: bool,
-                   max_iterations: int, check_profile: bool = False) -> dict:
+                   max_iterations: int) -> dict:
     """Fit a chunk's datasets (``data``; ``theta0`` their moment starts): a chunk's results as
     :func:`hierpool.batch.fit_ar1.fit_ar1`'s compiled programs return them.  ``across_zero``: the datasets
     searched on both sides of phi = 0 too (:func:`~hierpool.algebra.search.ar1_moments.joint_newton`).
-    ``check_profile``: :func:`~hierpool.algebra.search.ar1_moments.checked_on_profile`.
+    Edge and flat stops checked on the profile (:func:`~hierpool.algebra.search.ar1_moments.checked_on_profile`).
     Imports no JAX: a worker process runs it (:mod:`hierpool.batch.host_processes`), and forms the lag classes' sums
     there."""
     value_and_grad = joint_criterion(data, continuous, reml)
@@ -295,7 +295,7 @@ def search_on_host(data: TermsChunk, theta0: np.ndarray, across_zero=None, *, co
     with np.errstate(all="ignore"):
         found = joint_newton(value_and_grad, start(data, theta0, continuous, reml, max_iterations), max_iterations,
                              across_zero, **options)
-        found, flat_lowest = checked_on_profile(value_and_grad, found, max_iterations, check_profile, **options)
+        found, flat_lowest = checked_on_profile(value_and_grad, found, max_iterations, **options)
     point, value, newton_step, iterations, converged, hessian = found
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
     phi = constrained_phi(u, continuous)
@@ -303,7 +303,7 @@ def search_on_host(data: TermsChunk, theta0: np.ndarray, across_zero=None, *, co
     with np.errstate(all="ignore"):
         solved = solved_entries(solve(theta, systems, reml=reml, n=data.n))
     # at the edge: converged with u held at the range's end (ar1_moments.held_at_edge)
-    edge = np.abs(u) >= UNCONSTRAINED_LIMIT - EDGE
+    edge = at_edge(u)
     return {"theta": theta, "objective": value, "phi": phi, "converged": converged, "edge": edge,
             "curvature": profile_curvature(hessian), "flat_lowest": flat_lowest,
             "newton_step": newton_step, "iterations": iterations, **solved}
