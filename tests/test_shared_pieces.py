@@ -437,8 +437,21 @@ def test_other_minimum_starts_probe_inside_a_boundary_optimum_and_move_an_inner_
     np.testing.assert_array_equal(probes, boundary_probes(boundary, ks, 1e-4))
     expected = [np.where(np.arange(4) == j, value, boundary) for j in (2, 3) for value in BOUNDARY_PROBE_VALUES]
     np.testing.assert_array_equal(probes, expected)
-    # the intercept's variance at 0: the vector term's covariance made full rank too (full_rank_probes)
-    assert len(boundary_probes(np.array([0.0, 0.3, 0.2, 0.7]), ks, 1e-4)) == 2 + 3
+    # the intercept's variance at 0: the vector term's covariance made full rank too (full_rank_probes), and those of
+    # correlation +-0.9 rank-reduced: on the faces of correlation +-1, T_22 at 0 to rounding
+    face = np.array([0.0, 0.3, 0.2, 0.7])
+    probes = boundary_probes(face, ks, 1e-4)
+    assert len(probes) == 2 + 3 + 2
+    for probe, sign in zip((probes[4], probes[6]), (1.0, -1.0)):  # (after the full-rank probes of 0.9 and -0.9)
+        assert probe[0] > 0.0 and np.sign(probe[1]) == sign and abs(probe[2]) < 1e-6 * abs(probe[1])
+        assert probe[3] == 0.7
+    # ...in theta's units: weights times c move theta and its units by 1 / sqrt(c), and every probe with them (with
+    # the full-rank probes' floor in theta's own units, weights of ~1e6 put one at 70 units: the fifty-fifth session)
+    units = np.array([1.0, 0.2, 0.2, 1.0])
+    for c in (1e-6, 1.0, 1e4):
+        moved = boundary_probes(face / np.sqrt(c), ks, 1e-4 / np.sqrt(c), scales=units / np.sqrt(c))
+        np.testing.assert_allclose(np.array(moved) * np.sqrt(c), boundary_probes(face, ks, 1e-4, scales=units),
+                                   rtol=1e-12, atol=1e-9)  # (T_22 of a rank-reduced probe: rounding)
     # the probes in the columns' units (theta_scales: a slope's theta is smaller by its covariate's rms)
     scaled = boundary_probes(boundary, ks, 1e-4, scales=np.array([1.0, 1.0, 0.1, 2.0]))
     np.testing.assert_array_equal(scaled[0], [0.5, 0.2, BOUNDARY_PROBE_VALUES[0] * 0.1, 0.0])

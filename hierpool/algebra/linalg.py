@@ -118,7 +118,8 @@ def rank_reduced_theta(theta: np.ndarray, ks: tuple[int, ...], terms=None) -> np
 FULL_RANK_CORRELATIONS = (0.0, 0.9, -0.9)
 
 
-def full_rank_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0) -> list[np.ndarray]:
+def full_rank_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0, scales=None,
+                     rank_deficient: bool = False) -> list[np.ndarray]:
     """theta with each vector term whose T_j has a diagonal at 0 other than its last moved inside: the Cholesky
     factor of T_j T_j^T + (trace / 2k) R for R with each correlation of :data:`FULL_RANK_CORRELATIONS` off its
     diagonal (-0.9 only where k = 2: a k x k matrix of equal correlations is positive definite above -1 / (k - 1)).
@@ -129,16 +130,24 @@ def full_rank_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.
     which ``hp.fit_batch``'s search reached: (1 + x | g) on 5 groups of 4-5 rows, REML 74.509 against 74.018
     (``hp.lmm``), a Poisson model's -2 log L 153.763 against 153.649 (``hp.glmm``).  From a covariance of full
     rank near the fit's a search can reach either.  Empty where no such term.
+
+    ``scales``: theta's units (:func:`theta_scales`, one per row of T_j; 1 by default): the covariance is taken in
+    them (D^-1 T_j, D the rows' units, is its Cholesky factor there), its mean variance at least 1e-2 of them, and
+    mapped back, so that prior weights times c move every probe by 1 / sqrt(c), as they move the optimum.  With the
+    floor in theta's own units, weights of ~1e6 put a probe at 70 units, and ``hp.lmm`` ended on T_11 = 0, 0.0053
+    above the optimum it reached with the same weights times 10 or 1e-3 (the fifty-fifth session).
     """
     theta = np.asarray(theta, dtype=float)
+    scales = np.ones_like(theta) if scales is None else np.broadcast_to(np.asarray(scales, dtype=float), theta.shape)
     probes, offset = [], 0
     for k in ks:
         rows, cols = tril_positions(k)
         size = len(rows)
         diagonal = theta[offset : offset + size][rows == cols]
         if k >= 2 and np.any(diagonal[:-1] <= at_most):  # (at_most: a diagonal this near 0 counts as at it)
+            unit = scales[offset : offset + size]
             factor = np.zeros((k, k))
-            factor[rows, cols] = theta[offset : offset + size]
+            factor[rows, cols] = theta[offset : offset + size] / unit
             covariance = factor @ factor.T
             mean_variance = max(np.trace(covariance) / k, 1e-2)
             for correlation in FULL_RANK_CORRELATIONS:
@@ -146,9 +155,14 @@ def full_rank_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.
                     continue
                 shape = np.full((k, k), correlation) + (1.0 - correlation) * np.eye(k)
                 probe = theta.copy()
-                probe[offset : offset + size] = np.linalg.cholesky(covariance + 0.5 * mean_variance
-                                                                   * shape)[rows, cols]
+                probe[offset : offset + size] = unit * np.linalg.cholesky(covariance + 0.5 * mean_variance
+                                                                          * shape)[rows, cols]
                 probes.append(probe)
+                if rank_deficient and correlation != 0.0:
+                    probe = probe.copy()  # that covariance rank-reduced (in the units): on a face of correlation +-1
+                    probe[offset : offset + size] = unit * rank_reduced_theta(probe[offset : offset + size] / unit,
+                                                                              (k,))
+                    probes.append(probe)
         offset += size
     return probes
 
@@ -247,7 +261,7 @@ def boundary_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0
     lme4's fit on the other (a sleepstudy-shaped dataset; the forty-second session).
     """
     theta = np.asarray(theta, dtype=float)
-    scales = np.ones_like(theta) if scales is None else np.asarray(scales, dtype=float)
+    scales = np.ones_like(theta) if scales is None else np.broadcast_to(np.asarray(scales, dtype=float), theta.shape)
     at_zero = np.flatnonzero((theta_lower_bounds(ks) == 0) & (theta <= at_most))
     probes = []
     for j in at_zero:
@@ -255,7 +269,9 @@ def boundary_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0
             probe = theta.copy()
             probe[j] = value * scales[j]
             probes.append(probe)
-    return probes + full_rank_probes(theta, ks, at_most) if probes else []
+    if not probes:
+        return []
+    return probes + full_rank_probes(theta, ks, at_most, scales, rank_deficient=True)
 
 
 #: Prior weights (or known residual sds' inverse squares) spread at least this much (the largest over the smallest,
