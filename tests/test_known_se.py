@@ -380,6 +380,50 @@ def test_a_scalar_terms_scan_runs_in_the_prior_weights_units():
     assert single.theta[0] == pytest.approx(5.83e-7, rel=1e-3)
 
 
+def test_prior_weights_times_c_move_the_boundary_probes_with_the_optimum():
+    """y ~ x + (1 + x | g) by ML with weights of ~1e6 (the review's dataset 31 times 1e-3): hp.lmm's search ended on the
+    face T_11 = 0, 0.0053 above the optimum on the face of correlation -1 it reached with the same weights times 10
+    or 1e3, reported converged: its full-rank probes off that face had a floor in theta's own units (at 70 of the
+    weights' units), and escaped by chance at other scales.  Now in the units, with the rank-reduced ones of
+    correlation +-0.9 (linalg.full_rank_probes): the same optimum at every scale, as fit_batch's (the fifty-fifth
+    session)."""
+    data = _review_dataset(31).assign(w=lambda frame: 1 / frame["se"] ** 2)
+    fits = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a boundary fit)
+        for c in (1e-3, 1e-2):
+            fits.append(hp.lmm("y ~ x + (1 + x | g)", data.assign(w=data["w"] * c), reml=False, weights="w"))
+    batch = hp.fit_batch("y ~ x + (1 + x | g)", [data.assign(w=data["w"] * 1e-3)], reml=False, weights="w",
+                         progress=False)
+    assert fits[0].objective == pytest.approx(257.7850691255, abs=1e-6)
+    assert fits[0].objective == pytest.approx(fits[1].objective, rel=1e-12)
+    assert fits[0].objective == pytest.approx(batch.objective[0], rel=1e-12)
+    np.testing.assert_allclose(fits[0].theta * np.sqrt(1e-3), fits[1].theta * np.sqrt(1e-2), rtol=1e-4, atol=1e-9)
+
+
+def test_a_batch_searches_a_linear_models_theta_over_its_prior_weights_unit():
+    """fit_batch searched a weighted linear model's theta in absolute units: with weights of ~1e9 (theta's unit
+    3.2e-5) y ~ x + (1 + x | g) + (1 | h) (the review's dataset 32), batched beside dataset 13 (weights ~1, uneven),
+    ended on the criterion's far plateau (theta over the unit up to 21,000), REML 145 above hp.lmm's fit, reported
+    converged; alone its search stopped short and hp.lmm refitted it.  Searched over the weights' unit
+    (batch.conditioning, as with known sds), it ends at hp.lmm's fit with no refit, and dataset 31's (1 + x | g) by ML
+    at its optimum, not 7.6e-4 above it (the fifty-fifth session)."""
+    frames = [_review_dataset(i).assign(w=lambda frame: 1 / frame["se"] ** 2) for i in (32, 13)]
+    formula = "y ~ x + (1 + x | g) + (1 | h)"
+    batch = hp.fit_batch(formula, frames, weights="w", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a boundary fit)
+        singles = [hp.lmm(formula, frame, weights="w") for frame in frames]
+    np.testing.assert_allclose(batch.objective, [fit.objective for fit in singles], rtol=1e-9)
+    assert not batch.refit.any() and batch.converged.all()
+    assert batch.objective[0] == pytest.approx(219.5157321517, abs=1e-6)
+    np.testing.assert_allclose(batch.theta[0], singles[0].theta, rtol=1e-5)
+    assert list(batch.is_singular) == [fit.is_singular for fit in singles]
+    slopes = _review_dataset(31).assign(w=lambda frame: 1 / frame["se"] ** 2)
+    one_term = hp.fit_batch("y ~ x + (1 + x | g)", [slopes], reml=False, weights="w", progress=False)
+    assert one_term.objective[0] == pytest.approx(257.7850691255, abs=1e-6)
+
+
 def test_known_sds_far_below_the_noise_start_at_the_between_study_spread():
     """Searched over the known sds' unit, sds 30,000 times below the response's noise put the optimum at theta over
     it of ~36,000: from 1, hp.lmm's search took 550 evaluations; from sqrt(Q / (n - p) - 1) (equal sds) it ended 38

@@ -61,7 +61,6 @@ from ..algebra.checks import fitted_singular, near_boundary
 from ..algebra.compiler_options import ProgramCache, compile_in_background, shape_signature
 from ..algebra.family import family as make_family
 from ..algebra.host_allocator import raise_malloc_thresholds
-from ..algebra.linalg import log_weights_unit
 from ..algebra.one_term import solution
 from ..algebra.search.newton import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
 from ..algebra.search.terms import host_bytes, search_statistics_on_host, systems_onto_boundary
@@ -454,8 +453,8 @@ def fit_batch(
     # a dataset whose random-effect or fixed-effect columns are far from centred or unit scale is searched on its
     # columns centred and scaled (batch.conditioning: hp.lmm's rule and transform, which hp.lmm applies to the
     # random-effect columns); the results are mapped back to the user's below
-    conditioning = (condition_shared(plan, reml=reml) if shared is not None
-                    else condition_batch(plan, reml=spec is None and reml))
+    conditioning = (condition_shared(plan, reml=reml, linear=spec is None) if shared is not None
+                    else condition_batch(plan, reml=spec is None and reml, linear=spec is None))
     fitted = plan if conditioning is None else conditioning.plan
     sharding = mesh_sharding()
     # compiled programs: Newton's m x m systems, one per dataset of a call, go to a batched LAPACK call, serial on a
@@ -709,9 +708,8 @@ def _from_scan(optimized, stats, optimize, chunk, reml: bool, sigma_known: bool,
     ``hp.lmm``'s fit.)  The scan costs 32 evaluations of the one-term criterion per dataset, on the host."""
     found = fetch(optimized)
     objective = np.asarray(found["objective"], dtype=float)
-    # in theta's units: the prior weights' (known sds': the search's theta is over theirs already, batch.conditioning)
-    unit = 1.0 if sigma_known else log_weights_unit(stats.log_weights, stats.n)
-    restart, theta = one_term.scan_restarts(one_term.scan_values(stats, reml, sigma_known, unit), objective, unit)
+    # in theta's units: the search's theta is over the prior weights' (known sds') unit already (batch.conditioning)
+    restart, theta = one_term.scan_restarts(one_term.scan_values(stats, reml, sigma_known), objective)
     if not restart.any():
         return optimized
     start = np.where(restart[:, None], theta, found["theta"]).astype(float_type)

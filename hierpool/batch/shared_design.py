@@ -534,10 +534,10 @@ def shared_design_plan(formula: str, data: pd.DataFrame, responses: Responses, c
                                responses=dataclasses.replace(responses, values=kept))
 
 
-def condition_shared(plan: SharedDesignPlan, reml: bool = False) -> BatchConditioning | None:
+def condition_shared(plan: SharedDesignPlan, reml: bool = False, linear: bool = True) -> BatchConditioning | None:
     """:func:`~hierpool.batch.conditioning.condition_batch` of a shared design: its one dataset's columns
     conditioned (the rule and transforms read the design alone), every dataset's transforms that one's."""
-    one = condition_batch(plan.single, reml=reml)
+    one = condition_batch(plan.single, reml=reml, linear=linear)
     if one is None:
         return None
     n_datasets = plan.n_datasets
