@@ -734,7 +734,9 @@ class BatchPlan:
     def probe_scales(self) -> np.ndarray:
         """(datasets, n_theta) each dataset's theta units for the searches off the boundary, from its own
         random-effect columns (:func:`hierpool.algebra.linalg.terms_theta_scales`), as its single fit's
-        (:func:`hierpool.closedform.optimize.design_scales`)."""
+        (:func:`hierpool.closedform.optimize.design_scales`).  On a conditioned plan's columns (z times the
+        weights' unit s, :mod:`hierpool.batch.conditioning`) 1 / (s rms) times s: the units of theta over s, which the
+        searches run on."""
         return terms_theta_scales(self.design.terms, self.dataset, self.n_datasets, self.design.weights)
 
     def uneven_weights(self) -> np.ndarray:
