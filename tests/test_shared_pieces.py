@@ -414,6 +414,21 @@ def test_rank_reduced_theta_drops_the_smallest_eigenvalue_s_part_of_each_vector_
             assert abs(after[d][-1, -1]) < 1e-4 * np.sqrt(values[-1])
 
 
+def test_boundary_axis_points_read_each_element_at_zero_along_itself_in_its_units():
+    from hierpool.algebra.linalg import BOUNDARY_AXIS_SCAN, boundary_axis_points
+
+    ks = (2, 1)
+    assert boundary_axis_points(np.array([0.5, 0.2, 0.4, 0.7]), ks, 1e-4) == []
+    theta = np.array([5e-5, 0.3, 0.2, 0.0])  # T_11 within at_most of 0, the scalar term at 0 (T_21 has no bound)
+    scales = np.array([2.0, 1.0, 1.0, 0.1])
+    first, second = boundary_axis_points(theta, ks, 1e-4, scales)
+    np.testing.assert_array_equal(first[:, 0], BOUNDARY_AXIS_SCAN * 2.0)
+    np.testing.assert_array_equal(second[:, 3], BOUNDARY_AXIS_SCAN * 0.1)
+    np.testing.assert_array_equal(first[:, 1:], np.broadcast_to(theta[1:], (BOUNDARY_AXIS_SCAN.size, 3)))
+    np.testing.assert_array_equal(second[:, :3], np.broadcast_to(theta[:3], (BOUNDARY_AXIS_SCAN.size, 3)))
+    assert BOUNDARY_AXIS_SCAN[0] == pytest.approx(1e-3) and BOUNDARY_AXIS_SCAN[-1] == pytest.approx(1.0)
+
+
 def test_other_minimum_starts_probe_inside_a_boundary_optimum_and_move_an_inner_one_onto_the_boundary():
     from hierpool.algebra.linalg import (
         BOUNDARY_PROBE_VALUES,

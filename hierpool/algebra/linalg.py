@@ -274,6 +274,36 @@ def boundary_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0
     return probes + full_rank_probes(theta, ks, at_most, scales, rank_deficient=True)
 
 
+#: Multiples of its unit at which a diagonal element of T_j that ends at 0 is set, the others held, for the criterion
+#: to be read along it (:func:`boundary_axis_points`): 0.001 to 1 in half decades.
+BOUNDARY_AXIS_SCAN = 10.0 ** np.arange(-3.0, 0.25, 0.5)
+
+
+def boundary_axis_points(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0, scales=None) -> list[np.ndarray]:
+    """Per diagonal element of some T_j at 0 (at most ``at_most``) in ``theta``, the points (S, n_theta) with that
+    element at each of :data:`BOUNDARY_AXIS_SCAN` times its ``scales`` entry (1 by default), the others as they are.
+
+    The criterion depends on such an element only through its square, so a boundary point is a stationary point
+    along it whether it is a minimum there or not; where the criterion falls along the element, the minimum it falls
+    to may lie closer to the boundary than :data:`BOUNDARY_PROBE_VALUES` reach, and a search from a probe above the
+    boundary's criterion steps over it onto the boundary, which is lower than the probe: with known sds of 1e-3 to 10,
+    ``y ~ x + (1 | g) + (1 | h)`` by REML had its minimum at theta_h = 0.0025 (0.025 of the sds' unit), and
+    ``hp.lmm``'s search from 0.05 of it ended at theta = (0, 0), 0.38 above (the fifty-fifth session).  The lowest of
+    these points, where it is lower than the boundary's criterion, starts a search that cannot step onto it
+    (:func:`hierpool.closedform.optimize.optimize_theta`).  ``hp.fit_batch``'s Newton search (curvature-aware, from
+    its own start) reached those minima without it: taken among its other minima's starts too, it changed none of
+    840 such fits (the same session), and it is not.
+    """
+    theta = np.asarray(theta, dtype=float)
+    scales = np.ones_like(theta) if scales is None else np.broadcast_to(np.asarray(scales, dtype=float), theta.shape)
+    out = []
+    for j in np.flatnonzero((theta_lower_bounds(ks) == 0) & (theta <= at_most)):
+        points = np.repeat(theta[None, :], BOUNDARY_AXIS_SCAN.size, axis=0)
+        points[:, j] = BOUNDARY_AXIS_SCAN * scales[j]
+        out.append(points)
+    return out
+
+
 #: Prior weights (or known residual sds' inverse squares) spread at least this much (the largest over the smallest,
 #: within a dataset) make a vector or several-term model search again from :func:`other_minimum_starts`
 #: (:func:`weights_uneven`).  Below it no second minimum was found (260 datasets of ``(1 + x | g)`` and ``(1 | g) + (1

@@ -29,6 +29,7 @@ from ..algebra.compiler_options import compile_pays
 from ..algebra.criterion import host_objective_and_gradient, objective
 from ..algebra.linalg import (
     OTHER_MINIMUM_MARGIN,
+    boundary_axis_points,
     boundary_probes,
     canonical_theta,
     decade_unit,
@@ -507,7 +508,7 @@ def optimize_theta(
         other = 1.0 if response_unit is None else response_unit / sd_unit
         probe_units = [unit] + ([unit * other] if other != 1.0 else [])
         result = _restart_from_boundary(search, search(start), control.max_restarts, system.layout.ks,
-                                        control.singular_tol, probe_units)
+                                        control.singular_tol, probe_units, lambda t: evaluate(t)[0])
         if not np.isfinite(result.fun):
             raise ConvergenceError(f"the objective became non-finite during optimization: {result.message}")
         theta = np.maximum(np.asarray(result.x, dtype=float), lower)
@@ -746,7 +747,22 @@ def search_past_unfactored(evaluate, start: np.ndarray, bounds, options: dict, u
     return result
 
 
-def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...], near: float, units: list):
+def _lowest_while_falling(points: np.ndarray, value_at, below: float) -> np.ndarray | None:
+    """The lowest of ``points`` (a scan outward along one element at 0, :func:`~hierpool.algebra.linalg.
+    boundary_axis_points`) read in order while the criterion falls: None where the first is not ``below`` (the
+    boundary's criterion less the margin: the criterion rises off it there, the probes' side), else the last point
+    before the criterion rises again.  A boundary that is a minimum along the element costs one evaluation."""
+    lowest, lowest_value = None, below
+    for point in points:
+        value = value_at(point)
+        if not value < lowest_value:
+            break
+        lowest, lowest_value = point, value
+    return lowest
+
+
+def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...], near: float, units: list,
+                           value_at=None):
     """Leave a boundary optimum when an interior one is better.
 
     When a diagonal element of some T_j ends at 0, the boundary point can be a
@@ -767,10 +783,23 @@ def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...],
     0, 0.0079 above the optimum, reported converged (the fifty-first session's review); probes in the known sds'
     units alone missed an optimum 30 times below sds of ~30 (the forty-third session's, ``tests/test_known_se.py``).
     :func:`optimize_theta` gives both.
+
+    ``value_at`` (a point -> its criterion): the criterion is also read along each element at 0
+    (:func:`~hierpool.algebra.linalg.boundary_axis_points`, in each unit), and the lowest point of each element's
+    scan searched from where it is below the optimum: a minimum nearer the boundary than the probes, which a search
+    from a probe steps over.
     """
     for _ in range(max_rounds):
-        probes = {probe.tobytes(): probe
-                  for unit in units for probe in boundary_probes(np.asarray(result.x), ks, near, unit)}.values()
+        x = np.asarray(result.x)
+        probes = {probe.tobytes(): probe for unit in units for probe in boundary_probes(x, ks, near, unit)}
+        if value_at is not None:
+            below = result.fun - OTHER_MINIMUM_MARGIN * max(1.0, abs(result.fun))
+            for unit in units:
+                for points in boundary_axis_points(x, ks, near, unit):
+                    lowest = _lowest_while_falling(points, value_at, below)
+                    if lowest is not None:
+                        probes.setdefault(lowest.tobytes(), lowest)
+        probes = probes.values()
         if not probes:
             return result
         improved = False
