@@ -424,6 +424,38 @@ def test_a_batch_searches_a_linear_models_theta_over_its_prior_weights_unit():
     assert one_term.objective[0] == pytest.approx(257.7850691255, abs=1e-6)
 
 
+def _weighted_slopes_dataset(seed: int, scale: float) -> pd.DataFrame:
+    """The fifty-fifth session's review's generator: 6-15 groups of 4-8 rows in 5 crossed levels, uneven prior
+    weights exp(N(0, 2)) times ``scale`` (the same data at every scale)."""
+    rng = np.random.default_rng(seed)
+    n_groups, per = int(rng.integers(6, 16)), int(rng.integers(4, 9))
+    n = n_groups * per
+    g, h, x = np.repeat(np.arange(n_groups), per), rng.integers(0, 5, n), rng.normal(size=n)
+    w = np.exp(rng.normal(scale=2, size=n)) * scale
+    e = rng.normal(size=n) / np.sqrt(w / np.exp(np.mean(np.log(w))))
+    y = (1 + 0.5 * x + rng.normal(size=n_groups)[g] * rng.choice([0.02, 0.1, 0.5])
+         + rng.normal(size=n_groups)[g] * x * rng.choice([0, 0.05, 0.3]) + rng.normal(size=5)[h] * rng.choice([0.02, 0.4])
+         + e)
+    return pd.DataFrame({"y": y, "x": x, "g": [f"g{v:02d}" for v in g], "h": [f"h{v}" for v in h], "w": w})
+
+
+def test_a_batchs_several_term_start_moves_with_the_prior_weights_unit():
+    """The several-term start's floor (plan.term_moments) was scaled by the columns' own root-mean-square, which a
+    dataset searched over its weights' unit has times that unit: the start over the unit moved with the weights
+    (1e-4 at weights times 1e-6, 1e3 at times 1e8), and y ~ x + (1 + x | g) + (1 | h) by ML ended 0.064 above
+    hp.lmm's fit at weights times 1e-6 and 1e-2, on the boundary, "singular", reported converged (the fifty-fifth
+    session's review).  Now the same start, and fit, at every scale."""
+    formula = "y ~ x + (1 + x | g) + (1 | h)"
+    frames = [_weighted_slopes_dataset(2003, scale) for scale in (1e-6, 1e-2, 1.0, 1e8)]
+    batch = hp.fit_batch(formula, frames, weights="w", reml=False, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = hp.lmm(formula, frames[2], weights="w", reml=False)
+    np.testing.assert_allclose(batch.objective, single.objective, rtol=1e-10)
+    # (lme4's rule reads the user's theta: at weights times 1e8 theta is 1e-4 times smaller, and singular by it)
+    assert not batch.refit.any() and not batch.is_singular[:3].any() and not single.is_singular
+
+
 def _uneven_sds_dataset(index: int, seed: int = 0) -> pd.DataFrame:
     """Dataset ``index`` of the fifty-fifth session's scan: 6-13 studies of 1-3 rows in 4 regions, known sds
     10^U(-3, 1) (4 decades), between-study and between-region sds 10^U(-3.5, 0) (or none between regions)."""

@@ -159,7 +159,9 @@ def linear_start(plan: BatchPlan, datasets, residual: np.ndarray) -> np.ndarray:
     if design.sigma_known:
         sizes = plan.known_sds_sizes(residual)
         return np.tile(theta_start(tuple(t.k for t in design.terms)), (plan.n_datasets, 1)) * sizes[:, None]
-    return plan.term_moments(design.row_weights, residual, datasets)
+    # (prior weights: the columns are z times their unit, batch.conditioning, and so is the floor's scale)
+    return plan.term_moments(design.row_weights, residual, datasets,
+                             units=plan.weights_units() if design.weights is not None else None)
 
 
 def take(tree, index):

@@ -434,7 +434,12 @@ class SharedDesignPlan(BatchPlan):
         return known_sds_size(np.einsum("nd,n->d", residual * residual, w), w.sum(), w @ w, w.size, self.design.p,
                               weights_unit(self.design.weights))
 
-    def term_moments(self, weights: np.ndarray, residual: np.ndarray, datasets) -> np.ndarray:
+    def weights_units(self) -> np.ndarray:
+        """:meth:`BatchPlan.weights_units` of a shared design: its one design's, for every dataset."""
+        unit = 1.0 if self.design.weights is None else weights_unit(self.design.weights)
+        return np.full(self.n_datasets, unit)
+
+    def term_moments(self, weights: np.ndarray, residual: np.ndarray, datasets, units=None) -> np.ndarray:
         """:meth:`BatchPlan.term_moments` of a shared design (``residual`` (n, D)): each term's per-level
         cross-products one dataset's, Z_l'W r_d by a matrix product."""
         design = self.design
@@ -453,9 +458,11 @@ class SharedDesignPlan(BatchPlan):
                 k = z.shape[1]
                 ztz = grouped_products(level, z, z, weights, ell).reshape(1, ell, k, k)
                 cross = (level_cells(level, z, ell).T @ weighted).T.reshape(count, ell, k)
-                rms = np.sqrt(np.einsum("nj,nj->j", z, z) / max(n, 1))
+                rms = np.broadcast_to(np.sqrt(np.einsum("nj,nj->j", z, z) / max(n, 1)), (count, k))
+                if units is not None:
+                    rms = rms / units[datasets][:, None]
                 thetas.append(moment_theta(np.broadcast_to(ztz, (count, ell, k, k)), cross, rss, n_obs, p=design.p,
-                                           floor=MOMENT_FLOOR, rms=np.broadcast_to(rms, (count, k))))
+                                           floor=MOMENT_FLOOR, rms=rms))
         start[datasets] = np.concatenate(thetas, axis=1)
         return start
 
