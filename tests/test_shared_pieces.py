@@ -414,6 +414,24 @@ def test_rank_reduced_theta_drops_the_smallest_eigenvalue_s_part_of_each_vector_
             assert abs(after[d][-1, -1]) < 1e-4 * np.sqrt(values[-1])
 
 
+def test_the_batchs_snap_onto_the_boundary_reads_the_users_theta_with_prior_weights():
+    """A linear model's prior weights put the batch's searched theta over their unit (batch.conditioning); lme4's
+    rule and hp.lmm's snap read the user's theta, so the snap's tolerance is over the unit there (per dataset);
+    with known sds it stays the searches' own (lme4's rule relative to the sds, in both engines)."""
+    from hierpool.algebra.checks import SINGULAR_TOL, onto_boundary
+    from hierpool.algebra.search.terms import boundary_tolerance
+
+    n = np.array([40.0, 40.0, 40.0])
+    log_weights = np.log(np.array([1.0, 1e-6, 1e6])) * n  # units 1, 1e3, 1e-3
+    np.testing.assert_allclose(boundary_tolerance(log_weights, n, False), SINGULAR_TOL * np.array([1.0, 1e-3, 1e3]))
+    assert boundary_tolerance(log_weights, n, True) == SINGULAR_TOL
+    theta = np.array([[5e-7, 0.3], [5e-7, 0.3], [5e-7, 0.3]])  # (1 | g) + (1 | h): the first variance near 0
+    tol = boundary_tolerance(log_weights, n, False)
+    snapped, objective = onto_boundary(theta, np.zeros(3), lambda points, rows: np.zeros(len(rows)), (1, 1), tol)
+    np.testing.assert_array_equal(snapped[:, 0], [0.0, 5e-7, 0.0])  # 5e-7 times the unit 1e3: 5e-4 of the user's
+    np.testing.assert_array_equal(snapped[:, 1], 0.3)
+
+
 def test_boundary_axis_points_read_each_element_at_zero_along_itself_in_its_units():
     from hierpool.algebra.linalg import BOUNDARY_AXIS_SCAN, boundary_axis_points
 

@@ -52,7 +52,13 @@ def near_boundary(theta: np.ndarray, objective: np.ndarray, ks, tol: float = SIN
     T_j in (0, ``tol``) (``theta`` (B, n_theta), canonical)."""
     theta = np.asarray(theta)
     diagonal = theta[:, diagonal_mask(tuple(ks))]
-    return ((diagonal > 0) & (diagonal < tol)).any(axis=1) & np.isfinite(objective)
+    return ((diagonal > 0) & (diagonal < _per_row(tol))).any(axis=1) & np.isfinite(objective)
+
+
+def _per_row(tol):
+    """A tolerance (a float, or one per fit (B,)) against a (B, diagonals) array."""
+    tol = np.asarray(tol, dtype=float)
+    return tol[:, None] if tol.ndim else tol
 
 
 def onto_boundary(theta: np.ndarray, objective: np.ndarray, evaluate, ks, tol: float = SINGULAR_TOL):
@@ -70,10 +76,10 @@ def onto_boundary(theta: np.ndarray, objective: np.ndarray, evaluate, ks, tol: f
     compiled AR(1) programs, whose modes and BLUPs are computed inside the program at the point its search ends.
     ``theta`` (B, n_theta) is canonical (diagonals >= 0); ``evaluate(thetas (A, n_theta), rows (A,))`` the
     criterion of fits ``rows`` (both points are evaluated by it, so that a compiled search's criterion, in its
-    own precision, moves by the host's difference).  Returns new arrays."""
+    own precision, moves by the host's difference); ``tol`` a float or one per fit (B,).  Returns new arrays."""
     theta, objective = np.array(theta, dtype=float), np.array(objective, dtype=float)
     diagonal = diagonal_mask(tuple(ks))
-    small = (theta[:, diagonal] > 0) & (theta[:, diagonal] < tol)
+    small = (theta[:, diagonal] > 0) & (theta[:, diagonal] < _per_row(tol))
     rows = np.flatnonzero(near_boundary(theta, objective, ks, tol))
     if not rows.size:
         return theta, objective

@@ -63,7 +63,12 @@ from ..algebra.family import family as make_family
 from ..algebra.host_allocator import raise_malloc_thresholds
 from ..algebra.one_term import solution
 from ..algebra.search.newton import MAX_ITERATIONS, canonical_theta, minimize_one, moment_start
-from ..algebra.search.terms import host_bytes, search_statistics_on_host, systems_onto_boundary
+from ..algebra.search.terms import (
+    boundary_tolerance,
+    host_bytes,
+    search_statistics_on_host,
+    systems_onto_boundary,
+)
 from ..closedform import glmm, lmm
 from ..closedform.glmm import check_quadrature
 from ..closedform.optimize import Control
@@ -619,7 +624,9 @@ def _fit_one_term(plan, *, reml: bool, float_type, chunk_size: int | None, progr
                                    float_type, sharding)
         if not host:
             found = fetch(optimized)
-            later = near_boundary(found["theta"][:count], found["objective"][:count], (k,))
+            later = near_boundary(found["theta"][:count], found["objective"][:count], (k,),
+                                  boundary_tolerance(host_chunk_stats.log_weights[:count], host_chunk_stats.n[:count],
+                                                     sigma_known))
             if retried:
                 later |= ~np.asarray(found["converged"][:count], dtype=bool)
             later = np.flatnonzero(later)

@@ -21,6 +21,7 @@ from ..linalg import (
     block_diagonal_positions,
     block_diagonal_theta,
     identity_where_not,
+    log_weights_unit,
     other_minimum_starts,
     rank_reduced_theta,
     term_results,
@@ -176,8 +177,21 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
         result = lowest_of_other_minima(result, search, ks, np.asarray(other_minima, dtype=bool), scales)
     result["theta"], result["objective"] = onto_boundary(
         result["theta"], result["objective"], lambda points, rows: value_and_grad(points[:, None, :], rows)[0][:, 0],
-        ks)
+        ks, boundary_tolerance(systems.log_weights, n, layout.sigma_known))
     return result
+
+
+def boundary_tolerance(log_weights, n, sigma_known: bool):
+    """lme4's singular tolerance (:data:`~hierpool.algebra.checks.SINGULAR_TOL`) in the batch's searched theta,
+    per dataset (``log_weights``, ``n``: its systems' or statistics'), for its snap onto the boundary
+    (:func:`~hierpool.algebra.checks.onto_boundary`).  A linear model's prior weights put the search's theta over
+    their unit (:mod:`hierpool.batch.conditioning`), while lme4's rule and ``hp.lmm``'s snap read the user's theta:
+    the tolerance over the unit.  Snapped in the searches' units, a variance of 1.2e-4 with weights of ~1e-6 (unit
+    1e3) went to 0 and was flagged singular where ``hp.lmm`` kept it (the criteria equal to 1e-10; the fifty-fifth
+    session's review).  With known sds the searches' own (both engines read lme4's rule relative to the sds)."""
+    if sigma_known:
+        return SINGULAR_TOL
+    return SINGULAR_TOL / log_weights_unit(np.asarray(log_weights, dtype=float), np.asarray(n, dtype=float))
 
 
 def systems_onto_boundary(found: dict, systems, n, reml: bool) -> dict:
@@ -192,7 +206,8 @@ def systems_onto_boundary(found: dict, systems, n, reml: bool) -> dict:
         return host_objective_and_gradient(shared_grid(systems, rows, points=True), reml,
                                            n=n[rows][:, None])(points[:, None, :])[0][:, 0]
 
-    theta, objective = onto_boundary(found["theta"], found["objective"], evaluate, systems.layout.ks)
+    theta, objective = onto_boundary(found["theta"], found["objective"], evaluate, systems.layout.ks,
+                                     boundary_tolerance(systems.log_weights, n, systems.layout.sigma_known))
     dtype = np.asarray(found["theta"]).dtype
     return {**found, "theta": theta.astype(dtype), "objective": objective.astype(np.asarray(found["objective"]).dtype)}
 
