@@ -68,7 +68,8 @@ def test_two_scalar_terms_on_one_factor_reach_the_lower_face_and_lme4s_zero(monk
     above, where hp.lmm stopped.  Its probes from there moved the slope's theta to 0.05 and 0.5, and from each
     L-BFGS-B's first step reached 0, whose gradient is 0: converged on the wrong face.  The probes are now in the
     columns' units (0.05 / 5.3 for Days); the batch, which reached the lower face, agrees, and both report the zero
-    variance as exactly 0, as lme4 does."""
+    variance as exactly 0, as lme4 does.  The criterion read along each variance at 0 (the fifty-fifth session's
+    boundary_axis_points) reaches that face in theta's own units too: without both, the probes alone do not."""
     data = _weak_sleepstudy(14)
     formula = "Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)"
     with warnings.catch_warnings():
@@ -81,7 +82,10 @@ def test_two_scalar_terms_on_one_factor_reach_the_lower_face_and_lme4s_zero(monk
         assert fit.theta[0] == 0.0 and np.asarray(batch.theta)[0][0] == 0.0
         assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-12)
         monkeypatch.setattr("hierpool.closedform.model.design_scales", lambda design: None)  # theta's own units
-        stuck = hp.lmm(formula, data)
+        unscaled = hp.lmm(formula, data)  # the criterion read along the slope's 0 reaches the face without them
+        monkeypatch.setattr("hierpool.closedform.optimize.boundary_axis_points", lambda *args: [])
+        stuck = hp.lmm(formula, data)  # ...and without both, the probes alone step back onto the wrong face
+    assert unscaled.objective == pytest.approx(fit.objective, rel=1e-10)
     assert stuck.objective > fit.objective + 0.1
 
 
