@@ -427,7 +427,7 @@ def test_the_batchs_snap_onto_the_boundary_reads_the_users_theta_with_prior_weig
     assert boundary_tolerance(log_weights, n, True) == SINGULAR_TOL
     theta = np.array([[5e-7, 0.3], [5e-7, 0.3], [5e-7, 0.3]])  # (1 | g) + (1 | h): the first variance near 0
     tol = boundary_tolerance(log_weights, n, False)
-    snapped, objective = onto_boundary(theta, np.zeros(3), lambda points, rows: np.zeros(len(rows)), (1, 1), tol)
+    snapped, _ = onto_boundary(theta, np.zeros(3), lambda points, rows: np.zeros(len(rows)), (1, 1), tol)
     np.testing.assert_array_equal(snapped[:, 0], [0.0, 5e-7, 0.0])  # 5e-7 times the unit 1e3: 5e-4 of the user's
     np.testing.assert_array_equal(snapped[:, 1], 0.3)
 

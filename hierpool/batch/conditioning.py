@@ -54,7 +54,7 @@ from ..algebra.conditioning import (
     thetas_to_user,
     transformed_columns,
 )
-from ..algebra.linalg import theta_to_factors, weights_unit
+from ..algebra.linalg import theta_to_factors
 from ..closedform.optimize import Control
 from .plan import BatchPlan
 
@@ -124,7 +124,7 @@ def condition_batch(plan: BatchPlan, reml: bool = False, linear: bool = True) ->
     # of a linear model: theta is relative to sigma, in the weights' units, searched over theirs (weights times c
     # leave the model as it is with theta / sqrt(c))
     weighted = design.weights is not None and (design.sigma_known or linear)
-    units = weights_unit(design.weights, plan.dataset, n) if weighted else np.ones(n)
+    units = plan.weights_units() if weighted else np.ones(n)
     scaled = units != 1.0
     if not (conditioned.any() or scaled.any()):
         return None

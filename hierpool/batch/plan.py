@@ -855,8 +855,7 @@ class BatchPlan:
         (:meth:`location_shifts`')."""
         w = self.design.row_weights
         sums = [segment_sum(values, self.dataset, self.n_datasets) for values in (w * residual**2, w, w * w)]
-        return known_sds_size(*sums, self.n_obs, self.design.p,
-                              weights_unit(self.design.weights, self.dataset, self.n_datasets))
+        return known_sds_size(*sums, self.n_obs, self.design.p, self.weights_units())
 
     def weights_units(self) -> np.ndarray:
         """(datasets,) theta's unit of each dataset's prior weights (or known sds'),

@@ -432,7 +432,7 @@ class SharedDesignPlan(BatchPlan):
         """:meth:`BatchPlan.known_sds_sizes` of a shared design (``residual`` (n, D)): one design's sds."""
         w = self.design.row_weights
         return known_sds_size(np.einsum("nd,n->d", residual * residual, w), w.sum(), w @ w, w.size, self.design.p,
-                              weights_unit(self.design.weights))
+                              self.weights_units())
 
     def weights_units(self) -> np.ndarray:
         """:meth:`BatchPlan.weights_units` of a shared design: its one design's, for every dataset."""
