@@ -255,6 +255,35 @@ def test_a_new_subjects_rows_share_its_effect_in_every_draw(sleepstudy_posterior
         assert w.var() == pytest.approx(1.0, abs=0.07)
 
 
+def test_priors_flatten_in_an_order_no_process_moves(sleepstudy, monkeypatch):
+    """NumPyro flattens a distribution's fields in the order of a set of their names, which string hashing orders
+    per process: hp.bayes' chain program, taking the priors as arguments, was lowered with its arguments in another
+    order in each process (3 processes, PYTHONHASHSEED 1-3: two modules), and a persistent compilation cache missed.
+    The priors' pytree takes each distribution's fields in the order of their names (priors.SortedFields): the
+    leaves are the same whatever order NumPyro's set gives, and the priors come back as they were."""
+    import jax
+    from numpyro.distributions import Distribution
+
+    from hierpool.bayesian.priors import resolve_priors
+    from hierpool.spec.design import build_design
+
+    priors = resolve_priors(build_design("Reaction ~ Days + (Days | Subject)", sleepstudy),
+                            {"b": dist.StudentT(3.0, 0.5, 2.0), "sigma": dist.HalfCauchy(5.0)})
+    leaves, structure = jax.tree_util.tree_flatten(priors)
+    gather = Distribution.gather_pytree_data_fields.__func__
+    monkeypatch.setattr(Distribution, "gather_pytree_data_fields",
+                        classmethod(lambda cls: tuple(reversed(gather(cls)))))  # another process's set order
+    reordered = jax.tree_util.tree_leaves(priors)
+    assert len(leaves) == len(reordered) > 6
+    for first, second in zip(leaves, reordered):
+        np.testing.assert_array_equal(first, second)
+    back = jax.tree_util.tree_unflatten(structure, leaves)
+    assert type(back.sigma) is dist.HalfCauchy and float(back.sigma.scale) == 5.0
+    assert [type(b) for b in back.beta] == [type(b) for b in priors.beta]
+    for before, after in zip(priors.beta + priors.sd, back.beta + back.sd):
+        np.testing.assert_allclose(after.log_prob(0.7), before.log_prob(0.7))
+
+
 def test_priors_that_cover_nothing_and_a_family_with_correlation_are_refused(sleepstudy):
     """brms refuses a prior that matches no parameter; these read as applied and were not: an LKJ prior without a
     correlated term, a slopes' prior without slopes, an sd prior without random terms; correlation= with a family

@@ -70,6 +70,7 @@ on a fixed effect.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -84,7 +85,60 @@ from ..spec.design import Design
 FLAT = "flat"
 
 
-@jax.tree_util.register_dataclass
+@jax.tree_util.register_pytree_node_class
+class SortedFields:
+    """A NumPyro distribution as a pytree whose leaves are its fields in the order of their names.
+
+    NumPyro flattens a distribution's fields in the order of a Python ``set`` of their names
+    (``Distribution.gather_pytree_data_fields``), which string hashing orders differently in each process: a
+    compiled sampler taking priors as arguments was lowered with its arguments in another order in each process, so
+    that JAX's persistent compilation cache missed across processes (hp.bayes' chain program: three processes, two
+    modules; the fifty-third and fifty-fifth sessions).  The distribution is rebuilt by NumPyro's own
+    ``tree_unflatten`` from the fields put back in this process's order.
+    """
+
+    def __init__(self, distribution):
+        self.distribution = distribution
+
+    def tree_flatten(self):
+        kind = type(self.distribution)
+        names = kind.gather_pytree_data_fields()
+        values, aux = self.distribution.tree_flatten()
+        order = sorted(range(len(names)), key=names.__getitem__)
+        # (a field may hold a distribution of its own: StudentT's chi-square)
+        return tuple(_sorted_fields(values[i]) for i in order), (kind, tuple(names[i] for i in order), aux)
+
+    @classmethod
+    def tree_unflatten(cls, static, children):
+        kind, names, aux = static
+        by_name = dict(zip(names, children))
+        fields = tuple(_distributions(by_name[name]) for name in kind.gather_pytree_data_fields())
+        return cls(kind.tree_unflatten(aux, fields))
+
+
+def _sorted_fields(value):
+    if isinstance(value, dist.Distribution):
+        return SortedFields(value)
+    return tuple(_sorted_fields(v) for v in value) if isinstance(value, tuple) else value
+
+
+def _distributions(value):
+    if isinstance(value, SortedFields):
+        return value.distribution
+    return tuple(_distributions(v) for v in value) if isinstance(value, tuple) else value
+
+
+def register_priors(cls):
+    """Register a frozen dataclass of priors (NumPyro distributions, alone or in tuples, and numbers) as a pytree
+    whose distributions flatten in a canonical order (:class:`SortedFields`), every field a child."""
+    names = tuple(field.name for field in dataclasses.fields(cls))
+    jax.tree_util.register_pytree_node(
+        cls, lambda priors: (tuple(_sorted_fields(getattr(priors, name)) for name in names), None),
+        lambda _, children: cls(**{name: _distributions(child) for name, child in zip(names, children)}))
+    return cls
+
+
+@register_priors
 @dataclass(frozen=True)
 class Priors:
     """The resolved priors of one model: a pytree, so a compiled sampler takes them as arguments.

@@ -79,7 +79,14 @@ from .posterior import (
     term_slots,
 )
 from .prediction import check_arguments, on_scale, summary_table, term_effect_draws
-from .priors import Priors, _check_distribution, _check_positive_support, group_keys, resolve_priors
+from .priors import (
+    Priors,
+    _check_distribution,
+    _check_positive_support,
+    group_keys,
+    register_priors,
+    resolve_priors,
+)
 from .results import SUMMARY_COLUMNS, posterior_diagnostics, summarize_draws
 
 #: Maps up to this many areas sample the ICAR in whitened coordinates (a dense n x n product per gradient, where the
@@ -125,7 +132,7 @@ class SpatialData:
     group_z: tuple  # per (lhs | g) term, (rows, k)
 
 
-@jax.tree_util.register_dataclass
+@register_priors
 @dataclass(frozen=True)
 class CarPriors:
     """A spatial term's priors: its sd, and its mixing parameter's (rho or alpha; None for ICAR)."""
