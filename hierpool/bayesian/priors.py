@@ -119,22 +119,30 @@ class SortedFields:
 def _sorted_fields(value):
     if isinstance(value, dist.Distribution):
         return SortedFields(value)
-    return tuple(_sorted_fields(v) for v in value) if isinstance(value, tuple) else value
+    # (in tuples and lists: a mixture's components are a list)
+    return type(value)(_sorted_fields(v) for v in value) if isinstance(value, (tuple, list)) else value
 
 
 def _distributions(value):
     if isinstance(value, SortedFields):
         return value.distribution
-    return tuple(_distributions(v) for v in value) if isinstance(value, tuple) else value
+    return type(value)(_distributions(v) for v in value) if isinstance(value, (tuple, list)) else value
 
 
 def register_priors(cls):
     """Register a frozen dataclass of priors (NumPyro distributions, alone or in tuples, and numbers) as a pytree
-    whose distributions flatten in a canonical order (:class:`SortedFields`), every field a child."""
+    whose distributions flatten in a canonical order (:class:`SortedFields`), every field a child, its key path the
+    field's name.  (A ``tree_map`` whose ``is_leaf`` stops at distributions meets :class:`SortedFields` instead.)"""
     names = tuple(field.name for field in dataclasses.fields(cls))
-    jax.tree_util.register_pytree_node(
-        cls, lambda priors: (tuple(_sorted_fields(getattr(priors, name)) for name in names), None),
-        lambda _, children: cls(**{name: _distributions(child) for name, child in zip(names, children)}))
+
+    def with_keys(priors):
+        return tuple((jax.tree_util.GetAttrKey(name), _sorted_fields(getattr(priors, name))) for name in names), None
+
+    def unflatten(_, children):
+        return cls(**{name: _distributions(child) for name, child in zip(names, children)})
+
+    jax.tree_util.register_pytree_with_keys(
+        cls, with_keys, unflatten, lambda priors: (tuple(_sorted_fields(getattr(priors, name)) for name in names), None))
     return cls
 
 
