@@ -112,6 +112,16 @@ def rank_reduced_theta(theta: np.ndarray, ks: tuple[int, ...], terms=None) -> np
     return theta
 
 
+def _units_of(theta: np.ndarray, scales) -> np.ndarray:
+    """``scales`` (theta's units, :func:`theta_scales`) as theta's shape; 1 where None."""
+    return np.ones_like(theta) if scales is None else np.broadcast_to(np.asarray(scales, dtype=float), theta.shape)
+
+
+def _diagonals_at_zero(theta: np.ndarray, ks: tuple[int, ...], at_most: float) -> np.ndarray:
+    """Positions in ``theta`` of the diagonal elements of its T_j at 0 (at most ``at_most``)."""
+    return np.flatnonzero((theta_lower_bounds(ks) == 0) & (theta <= at_most))
+
+
 #: Where a vector term's T_j T_j^T ends singular off its last diagonal, the search restarts from it plus half its
 #: mean variance times the correlation matrices with these correlations between every pair of coefficients
 #: (:func:`full_rank_probes`).
@@ -138,7 +148,7 @@ def full_rank_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.
     above the optimum it reached with the same weights times 10 or 1e-3 (the fifty-fifth session).
     """
     theta = np.asarray(theta, dtype=float)
-    scales = np.ones_like(theta) if scales is None else np.broadcast_to(np.asarray(scales, dtype=float), theta.shape)
+    scales = _units_of(theta, scales)
     probes, offset = [], 0
     for k in ks:
         rows, cols = tril_positions(k)
@@ -261,10 +271,9 @@ def boundary_probes(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0
     lme4's fit on the other (a sleepstudy-shaped dataset; the forty-second session).
     """
     theta = np.asarray(theta, dtype=float)
-    scales = np.ones_like(theta) if scales is None else np.broadcast_to(np.asarray(scales, dtype=float), theta.shape)
-    at_zero = np.flatnonzero((theta_lower_bounds(ks) == 0) & (theta <= at_most))
+    scales = _units_of(theta, scales)
     probes = []
-    for j in at_zero:
+    for j in _diagonals_at_zero(theta, ks, at_most):
         for value in BOUNDARY_PROBE_VALUES:
             probe = theta.copy()
             probe[j] = value * scales[j]
@@ -295,9 +304,9 @@ def boundary_axis_points(theta: np.ndarray, ks: tuple[int, ...], at_most: float 
     840 such fits (the same session), and it is not.
     """
     theta = np.asarray(theta, dtype=float)
-    scales = np.ones_like(theta) if scales is None else np.broadcast_to(np.asarray(scales, dtype=float), theta.shape)
+    scales = _units_of(theta, scales)
     out = []
-    for j in np.flatnonzero((theta_lower_bounds(ks) == 0) & (theta <= at_most)):
+    for j in _diagonals_at_zero(theta, ks, at_most):
         points = np.repeat(theta[None, :], BOUNDARY_AXIS_SCAN.size, axis=0)
         points[:, j] = BOUNDARY_AXIS_SCAN * scales[j]
         out.append(points)

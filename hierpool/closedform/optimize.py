@@ -762,7 +762,7 @@ def _lowest_while_falling(points: np.ndarray, value_at, below: float) -> np.ndar
 
 
 def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...], near: float, units: list,
-                           value_at=None):
+                           value_at):
     """Leave a boundary optimum when an interior one is better.
 
     When a diagonal element of some T_j ends at 0, the boundary point can be a
@@ -792,13 +792,12 @@ def _restart_from_boundary(search, result, max_rounds: int, ks: tuple[int, ...],
     for _ in range(max_rounds):
         x = np.asarray(result.x)
         probes = {probe.tobytes(): probe for unit in units for probe in boundary_probes(x, ks, near, unit)}
-        if value_at is not None:
-            below = result.fun - OTHER_MINIMUM_MARGIN * max(1.0, abs(result.fun))
-            for unit in units:
-                for points in boundary_axis_points(x, ks, near, unit):
-                    lowest = _lowest_while_falling(points, value_at, below)
-                    if lowest is not None:
-                        probes.setdefault(lowest.tobytes(), lowest)
+        below = result.fun - OTHER_MINIMUM_MARGIN * max(1.0, abs(result.fun))
+        for unit in units:
+            for points in boundary_axis_points(x, ks, near, unit):
+                lowest = _lowest_while_falling(points, value_at, below)
+                if lowest is not None:
+                    probes.setdefault(lowest.tobytes(), lowest)
         probes = probes.values()
         if not probes:
             return result
