@@ -546,6 +546,8 @@ def test_stacks_of_triangular_inverses_are_scipy_s_and_nan_at_a_zero_pivot(monke
                                                                                      lower=True), rtol=1e-11,
                                        atol=1e-13)
         np.testing.assert_array_equal(np.triu(stacked, 1), 0.0)
+        # the upper triangle is not read (trtri's output keeps it: zeroed after)
+        np.testing.assert_array_equal(tri_inverse(chol + np.triu(rng.normal(size=chol.shape), 1)), stacked)
         chol[1, 2, size // 2, size // 2] = 0.0  # a zero pivot: that matrix NaN, the others untouched
         broken = tri_inverse(chol)
         assert np.isnan(broken[1, 2]).all()
