@@ -487,6 +487,25 @@ def test_a_minimum_nearer_the_boundary_than_the_probes_is_searched_from_below_th
     assert single.theta[0] == 0.0 and single.theta[1] == pytest.approx(0.0024983, rel=1e-3)
 
 
+@pytest.mark.parametrize("seed, index, objective, theta", [(2, 26, 3.2209653714, (0.0, 0.548488)),
+                                                            (3, 10, 12.2189506883, (0.0833642, 0.0))])
+def test_minima_on_two_faces_are_both_searched(seed, index, objective, theta):
+    """Known sds of 1e-3 to 10 gave y ~ x + (1 | g) + (1 | h) by ML minima on two faces, the criterion rising off
+    each: (seed 2) hp.fit_batch ended at (theta_g, theta_h) = (0.14, 0), 5.6 above hp.lmm's (0, 0.55), and no probe
+    of its face left it: linalg.other_face_starts; (seed 3) hp.lmm ended at (0, 0), 0.22 above fit_batch's (0.083,
+    0), its scan along theta_g stopped where the criterion first rose off 0 (it falls again further out): the whole
+    scans (MixedModel._axis_minima).  2 and 1 of 1,680 fits of the fifty-fifth session's scan (seeds 0-6)."""
+    data = _uneven_sds_dataset(index, seed)
+    formula = "y ~ x + (1 | g) + (1 | h)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a boundary fit)
+        single = hp.lmm(formula, data, se="se", reml=False)
+    batch = hp.fit_batch(formula, [data], se="se", reml=False, progress=False)
+    assert single.objective == pytest.approx(objective, abs=1e-8)
+    assert batch.objective[0] == pytest.approx(single.objective, rel=1e-9)
+    np.testing.assert_allclose(single.theta, theta, rtol=1e-5, atol=1e-12)
+
+
 def test_known_sds_far_below_the_noise_start_at_the_between_study_spread():
     """Searched over the known sds' unit, sds 30,000 times below the response's noise put the optimum at theta over
     it of ~36,000: from 1, hp.lmm's search took 550 evaluations; from sqrt(Q / (n - p) - 1) (equal sds) it ended 38

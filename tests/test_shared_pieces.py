@@ -447,6 +447,35 @@ def test_boundary_axis_points_read_each_element_at_zero_along_itself_in_its_unit
     assert BOUNDARY_AXIS_SCAN[0] == pytest.approx(1e-3) and BOUNDARY_AXIS_SCAN[-1] == pytest.approx(1.0)
 
 
+def test_other_face_starts_move_the_terms_off_the_boundary_onto_it_and_those_on_it_inside():
+    from hierpool.algebra.linalg import (
+        BOUNDARY_PROBE_VALUES,
+        boundary_probes,
+        other_face_starts,
+        other_minimum_starts,
+        rank_reduced_theta,
+    )
+
+    # two scalar terms, one at 0: the other face, at each probe value and at the moved term's size, in each
+    # element's own units
+    theta, units = np.array([0.3, 0.0]), np.array([1.0, 2.0])
+    faces = other_face_starts(theta, (1, 1), 1e-4, units)
+    np.testing.assert_array_equal(faces, [[0.0, 2.0 * value] for value in (*BOUNDARY_PROBE_VALUES, 0.3)])
+    # a boundary optimum's other minima: its probes, then the other face (hp.fit_batch's searches from both)
+    starts = other_minimum_starts(theta, (1, 1), 1e-4, units)
+    assert len(starts) == len(boundary_probes(theta, (1, 1), 1e-4, units)) + 3
+    np.testing.assert_array_equal(starts[-3:], faces)
+    # a vector term off the boundary is rank-reduced, the scalar at 0 set to its largest diagonal's share last
+    theta = np.array([0.5, 0.2, 0.4, 0.0])
+    faces = other_face_starts(theta, (2, 1), 1e-4)
+    assert len(faces) == 3
+    np.testing.assert_array_equal(faces[-1][:3], rank_reduced_theta(theta, (2, 1), terms=(0,))[:3])
+    assert faces[-1][3] == 0.5
+    # none where no term is at 0, or none is off it
+    assert other_face_starts(np.array([0.3, 0.2]), (1, 1), 1e-4) == []
+    assert other_face_starts(np.array([0.0, 5e-5]), (1, 1), 1e-4) == []
+
+
 def test_other_minimum_starts_probe_inside_a_boundary_optimum_and_move_an_inner_one_onto_the_boundary():
     from hierpool.algebra.linalg import (
         BOUNDARY_PROBE_VALUES,

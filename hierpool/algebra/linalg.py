@@ -340,8 +340,9 @@ OTHER_MINIMUM_MARGIN = 1e-10
 def other_minimum_starts(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0,
                          scales=None) -> list[np.ndarray]:
     """Starts from which a search may reach another minimum of the criterion than its optimum ``theta``: the
-    :func:`boundary_probes` of a boundary optimum, and from an interior one its boundary, each term alone moved onto
-    it (a vector term rank-reduced, :func:`rank_reduced_theta`; a scalar term at 0).
+    :func:`boundary_probes` of a boundary optimum and its :func:`other_face_starts`, and from an interior one its
+    boundary, each term alone moved onto it (a vector term rank-reduced, :func:`rank_reduced_theta`; a scalar term
+    at 0).
 
     With prior weights (or known residual sds) far from equal, a vector or several-term model's criterion can have
     an interior minimum and one on the boundary, and which one a search reaches depends on where it starts:
@@ -356,7 +357,7 @@ def other_minimum_starts(theta: np.ndarray, ks: tuple[int, ...], at_most: float 
     theta = np.asarray(theta, dtype=float)
     probes = boundary_probes(theta, ks, at_most, scales)
     if probes:
-        return probes
+        return probes + other_face_starts(theta, ks, at_most, scales)
     starts, offset = [], 0
     for j, k in enumerate(ks):
         size = k * (k + 1) // 2
@@ -368,6 +369,43 @@ def other_minimum_starts(theta: np.ndarray, ks: tuple[int, ...], at_most: float 
             starts.append(start)
         offset += size
     return [start for start in starts if np.all(np.isfinite(start))]
+
+
+def other_face_starts(theta: np.ndarray, ks: tuple[int, ...], at_most: float = 0.0, scales=None) -> list[np.ndarray]:
+    """Where an optimum ``theta`` has some terms on the boundary (a diagonal element of T_j at 0, at most
+    ``at_most``) and others off it: per term off it, theta with that term moved onto it (a scalar's theta to 0, a
+    vector term rank-reduced, :func:`rank_reduced_theta`) and the elements at 0 set inside, at each of
+    :data:`BOUNDARY_PROBE_VALUES` and at the moved term's size (its largest diagonal element over its unit), times
+    their ``scales`` entries (1 by default): the other face's side, three starts a term.
+
+    With uneven known residual sds, ``y ~ x + (1 | g) + (1 | h)`` (8 studies of one row each, sds 0.002 to 8) had
+    its ML minima on the two faces, (theta_g, theta_h) = (0.14, 0) and (0, 0.55), 5.6 apart, the criterion rising
+    between them along each axis: ``hp.fit_batch``'s search ended on the higher, and no probe of its boundary
+    (:func:`boundary_probes`, on the face it was on) left it; with the moved term's size alone, a search from the
+    other face of another dataset ended at (1.08, 0) after its first passes, where the lowest minimum was (0, 0)
+    (the fifty-sixth session).  Empty where no term is at 0, or none off it."""
+    theta = np.asarray(theta, dtype=float)
+    zero = _diagonals_at_zero(theta, ks, at_most)
+    if not zero.size:
+        return []
+    units = _units_of(theta, scales)
+    starts, offset = [], 0
+    for j, k in enumerate(ks):
+        rows, cols = tril_positions(k)
+        diagonal = offset + np.flatnonzero(rows == cols)
+        if not np.isin(diagonal, zero).any():
+            moved = rank_reduced_theta(theta, ks, terms=(j,)) if k > 1 else theta.copy()
+            if k == 1:
+                moved[offset] = 0.0
+            # the zero elements at each probe value and at the moved term's size, in their own units (its variance
+            # moved to the other face)
+            for size in (*BOUNDARY_PROBE_VALUES, np.max(theta[diagonal] / units[diagonal])):
+                start = moved.copy()
+                start[zero] = size * units[zero]
+                if np.all(np.isfinite(start)):
+                    starts.append(start)
+        offset += len(rows)
+    return starts
 
 
 def theta_start(ks: tuple[int, ...]) -> np.ndarray:

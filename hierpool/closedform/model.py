@@ -28,8 +28,10 @@ from ..algebra.henderson import as_numpy, solve
 from ..algebra.host_blas import one_blas_thread
 from ..algebra.linalg import (
     OTHER_MINIMUM_MARGIN,
+    boundary_axis_points,
     boundary_probes,
     log_weights_unit,
+    other_face_starts,
     other_minimum_starts,
     weights_uneven,
 )
@@ -291,6 +293,24 @@ class MixedModel:
                          conditioned=None if conditioned is None else coordinates)
 
 
+    @staticmethod
+    def _axis_minima(theta, ks, units, value: float, value_at, at_most: float) -> list:
+        """The lowest point of each whole scan along an element of theta at 0
+        (:func:`~hierpool.algebra.linalg.boundary_axis_points`), where it is below ``value`` (the optimum's criterion)
+        by :data:`~hierpool.algebra.linalg.OTHER_MINIMUM_MARGIN`.  :func:`~hierpool.closedform.optimize.optimize_theta`
+        reads each scan only while the criterion falls off the boundary; with uneven known sds the criterion can
+        rise off it and fall again: ``y ~ x + (1 | g) + (1 | h)`` by ML (9 studies, sds 0.001 to 10) rose from
+        theta_g = 0 to 0.02 and fell to a minimum at 0.083, 0.22 below the boundary point (0, 0) where the search
+        ended (the fifty-sixth session)."""
+        starts = []
+        below = value - OTHER_MINIMUM_MARGIN * max(1.0, abs(value))
+        for points in boundary_axis_points(theta, ks, at_most, units):
+            values = np.array([value_at(point) for point in points])
+            lowest = int(np.argmin(np.where(np.isfinite(values), values, np.inf)))
+            if values[lowest] < below:
+                starts.append(points[lowest])
+        return starts
+
     def _lowest_of_restarts(self, optimum, system, reml: bool, control, host: bool, statistics, scales=None):
         """``optimum``, or with prior weights (or known residual sds) the lowest of it and the searches from where
         another minimum may be reached, on ``system`` (the user's or the conditioned columns'; a scaled term's search
@@ -304,9 +324,13 @@ class MixedModel:
           (:func:`hierpool.algebra.linalg.other_minimum_starts`: each term alone moved onto it), which reach a
           boundary minimum below an interior one where there is one; the lowest converged optimum is kept (lower by
           :data:`~hierpool.algebra.linalg.OTHER_MINIMUM_MARGIN`).  A boundary optimum was already searched again from
-          inside (:func:`~hierpool.closedform.optimize.optimize_theta`'s restarts).  ``hp.fit_batch``'s host search
-          starts from the same points with its own Newton search, so that the two reach the same minimum more often,
-          not always (benchmarks/RESULTS.md, fortieth session).
+          inside (:func:`~hierpool.closedform.optimize.optimize_theta`'s restarts); with uneven weights it is also
+          searched from the other face (:func:`~hierpool.algebra.linalg.other_face_starts`: the terms off the
+          boundary onto it, those on it inside) and from the lowest point of each whole scan along an element at 0
+          (:meth:`_axis_minima`), each search without restarts of its own (their cost: benchmarks/RESULTS.md,
+          fifty-sixth session).  ``hp.fit_batch``'s host search starts from the same points (but the scans) with its
+          own Newton search, so that the two reach the same minimum more often, not always (benchmarks/RESULTS.md,
+          fortieth and fifty-sixth sessions).
 
         The searches start where this says, whatever ``control.theta_start`` is; ``scales``: the probes' units
         (:func:`~hierpool.closedform.optimize.design_scales`)."""
@@ -333,12 +357,19 @@ class MixedModel:
         ks = tuple(term.k for term in terms)
         sd_unit = known_sds_unit(system)  # (1 unless the residual sds are known)
         theta = np.asarray(optimum.theta, dtype=float) / sd_unit  # in the search's units (optimize_theta)
+        units = None if scales is None else scales / sd_unit
+        search_control = control
         if boundary_probes(theta, ks, control.singular_tol):
-            return optimum
+            starts = other_face_starts(theta, ks, control.singular_tol, units) + self._axis_minima(
+                theta, ks, units, optimum.objective, lambda t: criterion_value(t * sd_unit, system, reml, host),
+                control.singular_tol)
+            search_control = replace(control, max_restarts=0)
+        else:
+            starts = other_minimum_starts(theta, ks, control.singular_tol, units)
         best = optimum
-        for start in other_minimum_starts(theta, ks, control.singular_tol, None if scales is None else scales / sd_unit):
+        for start in starts:
             try:
-                again = optimize_theta(system, reml, control, start=start * sd_unit, statistics=statistics,
+                again = optimize_theta(system, reml, search_control, start=start * sd_unit, statistics=statistics,
                                        scales=scales, response_unit=self._response_unit)
             except ConvergenceError:  # a search that ran off to a non-finite criterion: the optimum in hand stands
                 continue
