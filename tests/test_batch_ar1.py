@@ -256,6 +256,57 @@ def test_an_edge_or_flat_stop_is_kept_only_where_the_profile_across_the_range_li
     assert flat_lowest.tolist() == [True, False, False, False, False]
 
 
+def test_a_joint_search_heading_out_of_the_range_ends_there_and_is_fitted_at_the_end():
+    """ar1_moments.joint_newton on (theta - 1)^2 + 1e-3 (u + 14)^2, NaN beyond u's range, from u = -3: the search's
+    steps reach past -12 within ~10 passes and were then rejected, damped and retried until its passes ran out (59
+    of 60 in null simulations); now the search ends where its next step leaves the range, and held_at_edge fits theta
+    at the end, where the criterion rises into the range: converged, at the edge."""
+    from hierpool.algebra.ar1 import UNCONSTRAINED_LIMIT
+    from hierpool.algebra.search.ar1_moments import joint_newton
+
+    def value_and_grad(points, rows):
+        theta, u = points[..., :-1], points[..., -1]
+        value = np.sum((theta - 1.0) ** 2, axis=-1) + 1e-3 * (u + 14.0) ** 2 + 100.0
+        gradient = np.concatenate([2.0 * (theta - 1.0), 2e-3 * (u + 14.0)[..., None]], axis=-1)
+        return np.where(np.abs(u) > UNCONSTRAINED_LIMIT, np.nan, value), gradient
+
+    point, value, _, passes, converged, _ = joint_newton(value_and_grad, np.array([[0.0, -3.0]]), 60,
+                                                        saddle_free=True)
+    np.testing.assert_allclose(point[0], [1.0, -UNCONSTRAINED_LIMIT], atol=1e-6)
+    assert value[0] == pytest.approx(100.0 + 1e-3 * 4.0, rel=1e-12) and converged[0]
+    assert passes[0] < 20, passes  # the joint passes and the few in theta at the end
+
+
+def test_a_profile_point_far_above_the_stop_is_decided_before_its_fit_in_theta_converges():
+    """ar1_moments.lowest_on_profile on (theta - 5 - (u + 12))^4 / 100 + 2 (u + 12)^2 + 100: a quartic in theta
+    (Newton's steps take a third of the distance at a time: ~45 passes to converge from 1.5 away, each grid fit's
+    start from its neighbour's), its minimum moving with u.  A stop at the edge u = -12, theta at its minimum: every
+    other grid point lies 4.5 or more above it, decided on its first pass (GRID_DECIDED_GAP), not converged over
+    ~45; the stop is the profile's lowest.  A stop there with theta 5 off its minimum (criterion 6.25 higher) is
+    not: its nearest grid point's fit, starting as high, promises a larger decrease and is not decided."""
+    from hierpool.algebra.ar1 import UNCONSTRAINED_LIMIT
+    from hierpool.algebra.search.ar1_moments import PROFILE_GRID, lowest_on_profile
+
+    calls = []
+
+    def value_and_grad(points, rows):
+        calls.append(points.shape[0])
+        theta, u = points[..., :-1], points[..., -1]
+        off = theta - 5.0 - (u + 12.0)[..., None]
+        value = np.sum(off**4, axis=-1) / 100 + 2.0 * (u + 12.0) ** 2 + 100.0
+        gradient = np.concatenate([4.0 * off**3 / 100, (4.0 * (u + 12.0) - np.sum(4.0 * off**3 / 100, axis=-1))[..., None]],
+                                  axis=-1)
+        return np.where(np.abs(u) > UNCONSTRAINED_LIMIT + 1e-9, np.nan, value), gradient
+
+    def found(theta, value):
+        return (np.array([[theta, -UNCONSTRAINED_LIMIT]]), np.array([value]), np.zeros(1), np.full(1, 5),
+                np.ones(1, bool), np.full((1, 2, 2), np.nan))
+
+    assert lowest_on_profile(value_and_grad, found(5.0, 100.0), 20, saddle_free=True).tolist() == [True]
+    assert len(calls) < 3 * len(PROFILE_GRID), len(calls)  # ~45 passes a point without the decision
+    assert lowest_on_profile(value_and_grad, found(0.0, 106.25), 20, saddle_free=True).tolist() == [False]
+
+
 def test_a_flat_stop_on_data_without_autocorrelation_is_the_batchs_own_fit_and_hp_lmms(monkeypatch):
     """Sleepstudy-shaped data without autocorrelation, (Days | Subject) with corCAR1: a joint search that stops
     inside u's range where the profile is nearly flat (phi ~ 0.01) is kept where the profile across the range lies

@@ -276,8 +276,11 @@ def test_a_several_term_linear_batch_fitted_in_worker_processes_equals_it_on_thr
 
 
 @pytest.mark.filterwarnings("error:a hierpool host worker process died")
-def test_a_several_term_ar1_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatch):
-    """The chunks (their rows built here, their lag classes' sums formed there) searched in a worker process."""
+@pytest.mark.parametrize("formula", ["y ~ x + (1 | site) + (1 | subj)", "y ~ x + (1 | subj)"],
+                         ids=["several terms", "one term"])
+def test_an_ar1_batch_fitted_in_worker_processes_equals_it_on_threads(monkeypatch, formula):
+    """The chunks searched in a worker process: several terms on the whitened systems (their rows built here, their
+    lag classes' sums formed there), one term from its lagged moments (formed here)."""
     from hierpool.batch import fit_ar1 as fit_ar1_module
 
     rng = np.random.default_rng(7)
@@ -294,9 +297,8 @@ def test_a_several_term_ar1_batch_fitted_in_worker_processes_equals_it_on_thread
                                  "y": 2 + a + b + e})
         frames.append(pd.DataFrame(rows))
     _assert_workers_fit_as_threads(
-        monkeypatch, fit_ar1_module, "AR1_TERMS_PROCESS_MIN_ROWS",
-        lambda: hp.fit_batch("y ~ x + (1 | site) + (1 | subj)", frames, by="rep", correlation=hp.ar1("subj", time="t"),
-                             progress=False),
+        monkeypatch, fit_ar1_module, "AR1_PROCESS_MIN_ROWS",
+        lambda: hp.fit_batch(formula, frames, by="rep", correlation=hp.ar1("subj", time="t"), progress=False),
         ("objective", "beta", "theta", "phi", "sigma"))
 
 

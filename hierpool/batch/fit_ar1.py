@@ -15,9 +15,9 @@ search it assumes the profile has one minimum there.
 **On the host.**  On one CPU device in float64 nothing is compiled: (theta, u) are searched together, as ``hp.lmm``
 searches its one dataset, for one term of at most three coefficients
 (:data:`hierpool.algebra.search.ar1_moments.HOST_MAX_THETA` parameters), or terms on one grouping factor of at most
-three together (one block-diagonal term), from per-level lagged moments (:mod:`hierpool.algebra.search.ar1_moments`,
-chunks on threads), for other several-term models on the whitened systems (:mod:`hierpool.algebra.search.ar1_systems`,
-chunks in worker processes too from :data:`AR1_TERMS_PROCESS_MIN_ROWS` rows).  A dataset whose joint search stopped
+three together (one block-diagonal term), from per-level lagged moments (:mod:`hierpool.algebra.search.ar1_moments`),
+for other several-term models on the whitened systems (:mod:`hierpool.algebra.search.ar1_systems`); either's chunks
+on threads, and in worker processes too from :data:`AR1_PROCESS_MIN_ROWS` rows.  A dataset whose joint search stopped
 where the profile is nearly flat in u (:func:`hierpool.algebra.ar1.clearly_curved`, ``hp.lmm``'s rule for taking its
 joint estimate) keeps that stop where it lies at or below the profile at 17 points of u's range
 (:func:`hierpool.algebra.search.ar1_moments.lowest_on_profile`), and is fitted alone by ``hp.lmm``, whose Brent search
@@ -273,11 +273,11 @@ def _program(arguments, reml: bool, continuous: bool, max_iterations: int, shard
     return _COMPILED.get((shape_signature(arguments), reml, continuous, max_iterations, sharding, quick), build)
 
 
-#: Rows of a several-term AR(1) host batch from which its chunks run in worker processes too
+#: Rows of an AR(1) host batch (either search) from which its chunks run in worker processes too
 #: (:mod:`hierpool.batch.host_processes`; NumPy holds the GIL between its many small operations, so that a second
 #: thread gains little): below them a first call gained little or nothing, a worker's start costing about what it
-#: gains (benchmarks/RESULTS.md, twenty-sixth session).
-AR1_TERMS_PROCESS_MIN_ROWS = 10_000
+#: gains (benchmarks/RESULTS.md, twenty-sixth session, several terms; fifty-seventh, one term).
+AR1_PROCESS_MIN_ROWS = 10_000
 
 
 def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_size: int | None, progress,
@@ -333,12 +333,17 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
             size = host_chunk_length(len(members), most, thread_count(None))
             jobs += [(members[chunk.members], None, chunk.count, None)
                      for chunk in chunks(0, np.arange(len(members)), size, 1)]
-        # threads alone: a worker process gained little or lost here (its chunks' work is per level and lag class;
-        # benchmarks/RESULTS.md, twenty-sixth session)
+        processes = start_processes(plan, out["attempted"], AR1_PROCESS_MIN_ROWS, search_on_host)
         search = partial(search_on_host, continuous=structure.continuous, reml=reml, max_iterations=max_iterations,
                          decrease_tol=DECREASE_TOL)
-        return _store(jobs, lambda job: search(ChunkData(plan, series, job[0]), across_zero=doubt[job[0]]), out,
-                      plan, units, workers=thread_count(None), progress=progress)
+
+        def run_moments(job):  # the chunk's moments here, its search here or in a worker process
+            members = job[0]
+            chunk_search = partial(search, across_zero=doubt[members])
+            data = ChunkData(plan, series, members)
+            return host_processes.call(chunk_search, data) if processes else chunk_search(data)
+
+        return _store(jobs, run_moments, out, plan, units, workers=thread_count(None), progress=progress)
     if systems:  # several terms: the joint search on the whitened systems
         usable = np.flatnonzero(out["attempted"])
         theta0 = linear_start(plan, usable, (plan.location_shifts() if shifts is None else shifts)[1])
@@ -356,7 +361,7 @@ def fit_ar1(plan: BatchPlan, structure: AR1, *, reml: bool, float_type, chunk_si
             jobs += [(members[chunk.members], (key, lagged), chunk.count, None)
                      for chunk in chunks(0, np.arange(len(members)), size, 1)]
 
-        processes = start_processes(plan, out["attempted"], AR1_TERMS_PROCESS_MIN_ROWS, terms_search_on_host)
+        processes = start_processes(plan, out["attempted"], AR1_PROCESS_MIN_ROWS, terms_search_on_host)
         search = partial(terms_search_on_host, continuous=structure.continuous, reml=reml,
                          max_iterations=max_iterations)
 

@@ -22,8 +22,9 @@ It starts where ``hp.lmm`` starts: u at the lag-1 correlation of the residuals o
 u = -3 for corCAR1), :func:`hierpool.algebra.ar1.lag_one_phis`, and theta at that fit's (or, where that fit
 is singular, at the moments of the data whitened at u's start); with terms on one factor that fit is of their
 block-diagonal term, as ``hp.lmm``'s is of the terms.  A search that leaves u's range (``hp.lmm``'s,
-:data:`hierpool.algebra.ar1.UNCONSTRAINED_LIMIT`) sees NaN there, as outside any criterion's domain; a dataset
-whose u stops at the range's edge (independent noise: phi to 0) is fitted again in theta with u held at the range's
+:data:`hierpool.algebra.ar1.UNCONSTRAINED_LIMIT`) sees NaN there, as outside any criterion's domain; a search
+whose next step would leave it from near its end ends there (:func:`_heading_out`), and a dataset whose u stops at
+the range's edge (independent noise: phi to 0), or so near it, is fitted again in theta with u held at the range's
 end, where ``hp.lmm``'s bounded search ends (:func:`held_at_edge`), and reported ``edge``.  Each dataset's result
 carries the criterion's curvature in u profiled over theta at the optimum, from the search's last Hessian
 (:func:`hierpool.algebra.ar1.profile_curvature`): phi's interval in ``hp.lmm``, and in both the check that the
@@ -91,6 +92,14 @@ PROFILE_GRID = np.linspace(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT, 17)
 #: to ``hp.lmm``; in 200 null datasets 6 such refits at 1x, 1 at 4x (benchmarks/RESULTS.md, "car1 fits with
 #: phi at the edge kept").
 GRID_PASSES = 4
+
+#: A grid fit of :func:`lowest_on_profile` ends once its criterion lies this far above the stop it is compared with
+#: (in the criterion's units, -2 log L), and :data:`GRID_DECIDED_FACTOR` times the decrease its next step promises
+#: (-g^T s) above that: the comparison is then decided, and the fit's last passes, crawling along theta's boundary in
+#: null simulations (up to 239 passes of a grid point, its criterion falling by ~1e-3 in all, 17 or more above the
+#: stop), would not change it (benchmarks/RESULTS.md, fifty-seventh session).
+GRID_DECIDED_GAP = 1.0
+GRID_DECIDED_FACTOR = 10.0
 
 #: The one-term AR(1) host search's temporaries per dataset (:func:`host_bytes`): its complex-step probes hold about
 #: this many arrays of (points x directions x ell) complex values.
@@ -256,19 +265,30 @@ def joint_newton(value_and_grad, points: np.ndarray, max_iterations: int, across
     its datasets."""
     if {"shift_gradients", "trailing_curvature"} & set(options):
         raise TypeError("joint_newton maps value_and_grad's rows alone: no shift_gradients or trailing_curvature")
-    found = newton_on_host(value_and_grad, points, max_iterations, with_curvature=True, **options)
+    joint = {**options, "settled": _heading_out}  # (the searches in (theta, u); held_at_edge's in theta take options)
+    found = newton_on_host(value_and_grad, points, max_iterations, with_curvature=True, **joint)
     doubt = np.flatnonzero(np.zeros(len(points), bool) if across_zero is None else across_zero)
     if not doubt.size:
         return held_at_edge(value_and_grad, found, max_iterations, **options)
     flipped = np.where(np.isfinite(found[0][doubt]), found[0][doubt], points[doubt])
     flipped[:, -1] = -flipped[:, -1]
     other = newton_on_host(lambda trial, rows: value_and_grad(trial, doubt[rows]), flipped, max_iterations,
-                           with_curvature=True, **options)
+                           with_curvature=True, **joint)
     lower = other[1] < found[1][doubt]
     out = [np.array(a, copy=True) for a in found]
     for a, b in zip(out, other):
         a[doubt[lower]] = b[lower]
     return held_at_edge(value_and_grad, tuple(out), max_iterations, **options)
+
+
+def _heading_out(rows, points, value, gradient, step) -> np.ndarray:
+    """:func:`joint_newton`'s ``settled`` (:func:`~hierpool.algebra.search.newton.newton_on_host`): a search whose u
+    is within :data:`NEAR_EDGE` of its range's end and whose next step would take it beyond that end ends there,
+    and :func:`held_at_edge` fits it at the end.  Past the end the criterion is NaN, so such a search would
+    otherwise crawl to the end over rejected steps and their damping: ~50 passes where ~10 reached u -11.3 in null
+    simulations (benchmarks/RESULTS.md, fifty-seventh session)."""
+    u, reach = points[:, -1], points[:, -1] + step[:, -1]
+    return (np.abs(u) >= UNCONSTRAINED_LIMIT - NEAR_EDGE) & (np.abs(reach) > UNCONSTRAINED_LIMIT) & (u * reach > 0)
 
 
 def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -> tuple:
@@ -279,10 +299,11 @@ def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -
     The criterion is flat in u there (every c = phi^lag within ~1e-5 of 0 or 1), so the joint Newton steps stop
     wherever the range's NaN rejects them, with theta where the joint step left it, or short of the edge where the
     profile is too flat to tell (:func:`hierpool.algebra.ar1.clearly_curved`, whose stops ``hp.fit_batch`` would fit
-    alone).  A few steps in theta at the end reach the profile's value there (equal to ``hp.lmm``'s to ~1e-13
-    relative in the null simulations of benchmarks/RESULTS.md, "car1 fits with phi at the edge kept").  A flat stop
-    within :data:`NEAR_EDGE` of the end is replaced by the fit at the end where that is not higher (by
-    :data:`HELD_TOL` of the criterion); a stop at the edge always is.  Such a dataset is reported converged only
+    alone), or :func:`joint_newton` ends them heading out of the range (:func:`_heading_out`).  A few steps in theta
+    at the end reach the profile's value there (equal to ``hp.lmm``'s to ~1e-13 relative in the null simulations of
+    benchmarks/RESULTS.md, "car1 fits with phi at the edge kept").  A flat or unconverged stop within
+    :data:`NEAR_EDGE` of the end is replaced by the fit at the end where that is not higher (by :data:`HELD_TOL` of
+    the criterion); a stop at the edge always is.  Such a dataset is reported converged only
     where the search in theta converged and the end is the profile's minimum as far as its slope tells: the
     criterion's derivative in u there (the profile's, theta being optimal) does not fall into the range by more than
     :data:`EDGE_SLOPE_TOL` of the criterion; otherwise (a minimum inside that the joint search missed) it is not,
@@ -291,8 +312,10 @@ def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -
     u = point[:, -1]
     with np.errstate(invalid="ignore"):
         edge = at_edge(u)
-        flat_near = (np.abs(u) >= UNCONSTRAINED_LIMIT - NEAR_EDGE) & ~clearly_curved(profile_curvature(hessian))
-    rows = np.flatnonzero(edge | flat_near)
+        near = np.abs(u) >= UNCONSTRAINED_LIMIT - NEAR_EDGE
+        # (a search ended heading out of the range is unconverged where it stands)
+        near = near & (~clearly_curved(profile_curvature(hessian)) | (~found[4] & np.isfinite(value)))
+    rows = np.flatnonzero(edge | near)
     if not rows.size:
         return found
     end = np.sign(u[rows]) * UNCONSTRAINED_LIMIT
@@ -351,7 +374,9 @@ def lowest_on_profile(value_and_grad, found: tuple, max_iterations: int, **optio
     converged stop at u's edge, :func:`held_at_edge`'s; or one inside the range where the profile is nearly flat,
     :func:`hierpool.algebra.ar1.clearly_curved` false: phi barely identified, as in data without autocorrelation)
     lies at or below (by :data:`HELD_TOL`) the criterion profiled over theta (:func:`theta_at`, from the stop's
-    theta) at every point of :data:`PROFILE_GRID`, each of those fits converged.  ``hp.lmm``'s Brent search over
+    theta) at every point of :data:`PROFILE_GRID`, each of those fits converged or ended already far above the stop
+    (:data:`GRID_DECIDED_GAP`: the profile there lies above it, whatever the fit's last passes would have taken off).
+    ``hp.lmm``'s Brent search over
     u's range assumes the profile has one minimum there; this checks the stop against the profile at those points
     (a lower point, or a grid fit that did not converge, and the dataset is fitted alone).  False for every other
     dataset (curved or failed stops).  One grid point at a time over the stops, each dataset once a search: the
@@ -379,12 +404,23 @@ def lowest_on_profile(value_and_grad, found: tuple, max_iterations: int, **optio
         at = order[active, k]
         parent = np.clip(at + np.sign(nearest[active] - at), 0, n_grid - 1)  # the neighbour nearer the stop
         start = np.where((at == nearest[active])[:, None], point[stops[active], :-1], thetas[active, parent])
+        compared = value[stops[active]]
+        decided = np.zeros(len(active), bool)
+
+        def settled(rows, theta, grid_value, gradient, step, compared=compared, decided=decided):
+            # far above the stop: decided (GRID_DECIDED_GAP)
+            promised = np.maximum(-np.sum(gradient * step, axis=-1), 0.0)
+            with np.errstate(invalid="ignore"):
+                done = grid_value - compared[rows] > GRID_DECIDED_GAP + GRID_DECIDED_FACTOR * promised
+            decided[rows[done]] = True
+            return done
+
         theta, grid_value, _, _, grid_converged, _ = theta_at(value_and_grad, stops[active], PROFILE_GRID[at],
-                                                              start, GRID_PASSES * max_iterations, **options)
+                                                              start, GRID_PASSES * max_iterations,
+                                                              **{**options, "settled": settled})
         thetas[active, at] = theta
         with np.errstate(invalid="ignore"):
-            below[active] = grid_converged & (value[stops[active]]
-                                              <= grid_value + HELD_TOL * np.abs(value[stops[active]]))
+            below[active] = (grid_converged | decided) & (compared <= grid_value + HELD_TOL * np.abs(compared))
     lowest[stops] = below
     return lowest
 

@@ -677,7 +677,7 @@ def optimize_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int, ks
 def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX_ITERATIONS,
                    damping_growth: float = 10.0, fd_width=None, step_tol=None, with_curvature: bool = False,
                    shift_gradients=None, decrease_tol=None, interpolated_damping: bool = False,
-                   trailing_curvature=None, saddle_free: bool = False, secant: bool = False):
+                   trailing_curvature=None, saddle_free: bool = False, secant: bool = False, settled=None):
     """:func:`newton` for a batch of datasets at once on the host (NumPy): the same steps, shift, damping and
     stopping rules (one home each, above), with each dataset leaving the batch when its search stops.  Its
     options the compiled search lacks (the lazy shifts, an approximate trailing block, secant updates, which also
@@ -729,6 +729,13 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         trailing block is, and the decrease stop is at :data:`SECANT_DECREASE_SHARE` of ``decrease_tol``.  A pass
         then costs one point, not m + 1, for 1.3 to 1.7 times the passes (benchmarks/RESULTS.md, twenty-fifth
         session).
+    settled : callable, optional
+        ``settled(rows, theta, value, gradient, step)``: after each pass, whether the searches of datasets ``rows``
+        (A,) may end now, their question answered before the optimum is reached (A,) bool, from each one's point
+        (A, m), criterion (A,), gradient (A, m) and next step (A, m).  Such a search ends where it stands; its
+        ``converged`` is still the stopping rules' verdict on that point, so the caller keeps its own record of what
+        it settled (a profile's point already far above the value it is compared with; a search whose model points
+        beyond its parameter's range).
 
     Returns
     -------
@@ -811,6 +818,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
                                  new_gradient[check], new_damping[check], scale[check], tolerances, np, theta[at],
                                  model_step, definite)
             shifted.differenced[at[~done[check]]] = True
+        if settled is not None:
+            done |= settled(active, theta[active], value[active], gradient[active], next_step[active])
         passes[active] += 1
         active = active[~done]
     last = np.flatnonzero(shifted.approximate) if lazy else np.zeros(0, np.int64)
