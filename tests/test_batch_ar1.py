@@ -307,6 +307,74 @@ def test_a_profile_point_far_above_the_stop_is_decided_before_its_fit_in_theta_c
     assert lowest_on_profile(value_and_grad, found(0.0, 106.25), 20, saddle_free=True).tolist() == [False]
 
 
+def _stop_at_the_edge(theta: float, value: float) -> tuple:
+    """A joint search's result (lowest_on_profile's ``found``) of one dataset stopped at u = -12 at (theta, value)."""
+    from hierpool.algebra.ar1 import UNCONSTRAINED_LIMIT
+
+    return (np.array([[theta, -UNCONSTRAINED_LIMIT]]), np.array([value]), np.zeros(1), np.full(1, 5), np.ones(1, bool),
+            np.full((1, 2, 2), np.nan))
+
+
+@pytest.mark.parametrize("theta", [1e-9, 1e-4, 0.05])
+def test_a_profile_point_whose_fit_starts_on_a_maximum_in_theta_is_not_decided_there(theta):
+    """(A review's construction.)  100 + (theta - A)^2 at u = -12, the stop at (A, 100); from u = -10.5 on,
+    105 + 40 (theta^4 / 4 - theta^2 / 2): theta ~ 0 a local maximum at 105, the profile 95 at theta = +-1, below the
+    stop.  The grid fits start at the stop's theta, near the maximum, where the curvature is negative: their
+    saddle-free steps promise little (|lambda| theta^2), and a fit 5 above the stop was decided above it; and from
+    theta 1e-9 the fit stopped there (the gradient vanishes), converged.  Neither now: the stop is not the lowest."""
+    from hierpool.algebra.ar1 import UNCONSTRAINED_LIMIT
+    from hierpool.algebra.search.ar1_moments import lowest_on_profile
+
+    def value_and_grad(points, rows):
+        t, u = points[..., 0], points[..., -1]
+        s = np.clip((u + 12.0) / 1.5, 0.0, 1.0)
+        ds = np.where((u > -12.0) & (u < -10.5), 1 / 1.5, 0.0)
+        quartic = 5.0 + 40.0 * (t**4 / 4 - t**2 / 2)
+        value = 100.0 + (1 - s) * (t - theta) ** 2 + s * quartic
+        gradient = np.stack([2 * (1 - s) * (t - theta) + s * 40.0 * (t**3 - t), ds * (quartic - (t - theta) ** 2)],
+                            axis=-1)
+        return np.where(np.abs(u) > UNCONSTRAINED_LIMIT + 1e-9, np.nan, value), gradient
+
+    assert lowest_on_profile(value_and_grad, _stop_at_the_edge(theta, 100.0), 60, saddle_free=True).tolist() == [False]
+
+
+def test_a_profile_point_without_a_finite_criterion_is_not_decided_above_the_stop():
+    """(A review's construction.)  The criterion NaN at u = 0 whatever theta: that grid fit never has a value, and
+    inf - stop > GRID_DECIDED_GAP decided it above the stop; it is a fit that did not converge (hp.lmm fits alone)."""
+    from hierpool.algebra.ar1 import UNCONSTRAINED_LIMIT
+    from hierpool.algebra.search.ar1_moments import lowest_on_profile
+
+    def value_and_grad(points, rows):
+        theta, u = points[..., 0], points[..., -1]
+        value = 100.0 + (theta - 1.0) ** 2 + 0.01 * (u + 12.0) ** 2
+        gradient = np.stack([2 * (theta - 1.0), 0.02 * (u + 12.0)], axis=-1)
+        return np.where((np.abs(u) > UNCONSTRAINED_LIMIT + 1e-9) | (np.abs(u) < 1e-9), np.nan, value), gradient
+
+    assert lowest_on_profile(value_and_grad, _stop_at_the_edge(1.0, 100.0), 60, saddle_free=True).tolist() == [False]
+
+
+@pytest.mark.parametrize("u0", [-10.0, -10.5])
+def test_a_search_heading_out_is_fitted_at_the_end_before_it_is_compared_across_zero(u0):
+    """(A review's construction.)  joint_newton with phi's sign in doubt on (theta - 1)^2 + p(u), p a well centred
+    beyond the range (u = -13: the end -12 the lowest point, 93.93) and one inside at u = 8 (95.5).  The first search
+    heads out towards -12 and ended at ~-11.5, above the inside well's value, which the mirrored search reaches: that
+    well won the comparison.  Each side is now fitted at the end first, and the end wins."""
+    from hierpool.algebra.ar1 import UNCONSTRAINED_LIMIT
+    from hierpool.algebra.search.ar1_moments import joint_newton
+
+    def value_and_grad(points, rows):
+        theta, u = points[..., 0], points[..., -1]
+        e1, e2 = np.exp(-(u + 13.0) ** 2 / 2), np.exp(-(u - 8.0) ** 2 / (2 * 1.5**2))
+        value = (theta - 1.0) ** 2 - 10.0 * e1 - 4.5 * e2 + 100.0
+        slope = 10.0 * (u + 13.0) * e1 + 4.5 * (u - 8.0) / 1.5**2 * e2
+        return np.where(np.abs(u) > UNCONSTRAINED_LIMIT, np.nan, value), np.stack([2 * (theta - 1.0), slope], axis=-1)
+
+    point, value, _, _, converged, _ = joint_newton(value_and_grad, np.array([[0.5, u0]]), 60,
+                                                    across_zero=np.array([True]), saddle_free=True)
+    np.testing.assert_allclose(point[0], [1.0, -UNCONSTRAINED_LIMIT], atol=1e-6)
+    assert value[0] == pytest.approx(100.0 - 10.0 * np.exp(-0.5), rel=1e-12) and converged[0]
+
+
 def test_a_flat_stop_on_data_without_autocorrelation_is_the_batchs_own_fit_and_hp_lmms(monkeypatch):
     """Sleepstudy-shaped data without autocorrelation, (Days | Subject) with corCAR1: a joint search that stops
     inside u's range where the profile is nearly flat (phi ~ 0.01) is kept where the profile across the range lies

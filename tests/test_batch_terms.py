@@ -654,10 +654,10 @@ def test_restart_candidates_reduce_each_vector_term_alone_then_all():
 def test_a_restarted_search_that_stops_at_a_saddle_is_not_reported_converged():
     # the restart starts next to the stationary points of T_kk = 0: a stop where the curvature has a negative
     # direction (beyond the differences' error) is a saddle, and that dataset is left to hp.lmm's refit
-    from hierpool.algebra.search.terms import _negative_curvature
+    from hierpool.algebra.search.terms import negative_curvature
 
     curvature = np.array([np.diag([4.0, 1.0]), np.diag([4.0, -0.5]), np.diag([4.0, -1e-9]), np.full((2, 2), np.nan)])
-    np.testing.assert_array_equal(_negative_curvature(curvature), [False, True, False, False])
+    np.testing.assert_array_equal(negative_curvature(curvature), [False, True, False, False])
 
 
 def test_uncorrelated_slopes_are_one_block_diagonal_term_on_the_host(monkeypatch):

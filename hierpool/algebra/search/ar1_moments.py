@@ -60,7 +60,7 @@ from ..linalg import (
 from ..one_term import COMPLEX_STEP, complex_objective, solution
 from ..statistics import location_shifts
 from .newton import moment_start, newton_on_host
-from .terms import search_statistics_on_host
+from .terms import negative_curvature, search_statistics_on_host
 
 #: Most parameters (k(k+1)/2: up to three coefficients per level) of a one-term AR(1) batch searched on
 #: the host (this module): its complex-step gradient in (theta, u) costs one evaluation per
@@ -266,22 +266,29 @@ def joint_newton(value_and_grad, points: np.ndarray, max_iterations: int, across
     if {"shift_gradients", "trailing_curvature"} & set(options):
         raise TypeError("joint_newton maps value_and_grad's rows alone: no shift_gradients or trailing_curvature")
     joint = {**options, "settled": _heading_out}  # (the searches in (theta, u); held_at_edge's in theta take options)
-    found = newton_on_host(value_and_grad, points, max_iterations, with_curvature=True, **joint)
+    searched = newton_on_host(value_and_grad, points, max_iterations, with_curvature=True, **joint)
+    found = held_at_edge(value_and_grad, searched, max_iterations, **options)
     doubt = np.flatnonzero(np.zeros(len(points), bool) if across_zero is None else across_zero)
     if not doubt.size:
-        return held_at_edge(value_and_grad, found, max_iterations, **options)
-    flipped = np.where(np.isfinite(found[0][doubt]), found[0][doubt], points[doubt])
+        return found
+    flipped = np.where(np.isfinite(searched[0][doubt]), searched[0][doubt], points[doubt])
     flipped[:, -1] = -flipped[:, -1]
-    other = newton_on_host(lambda trial, rows: value_and_grad(trial, doubt[rows]), flipped, max_iterations,
-                           with_curvature=True, **joint)
+
+    def mirrored(trial, rows):
+        return value_and_grad(trial, doubt[rows])
+
+    # each side fitted at the end where it stopped near it (held_at_edge) before the two are compared: a search
+    # ended heading out of the range stands where it ended, above its value at the end
+    other = held_at_edge(mirrored, newton_on_host(mirrored, flipped, max_iterations, with_curvature=True, **joint),
+                         max_iterations, **options)
     lower = other[1] < found[1][doubt]
     out = [np.array(a, copy=True) for a in found]
     for a, b in zip(out, other):
         a[doubt[lower]] = b[lower]
-    return held_at_edge(value_and_grad, tuple(out), max_iterations, **options)
+    return tuple(out)
 
 
-def _heading_out(rows, points, value, gradient, step) -> np.ndarray:
+def _heading_out(rows, points, value, gradient, step, definite) -> np.ndarray:
     """:func:`joint_newton`'s ``settled`` (:func:`~hierpool.algebra.search.newton.newton_on_host`): a search whose u
     is within :data:`NEAR_EDGE` of its range's end and whose next step would take it beyond that end ends there,
     and :func:`held_at_edge` fits it at the end.  Past the end the criterion is NaN, so such a search would
@@ -353,8 +360,11 @@ def theta_at(value_and_grad, rows: np.ndarray, u: np.ndarray, theta0: np.ndarray
     in theta alone of datasets ``rows`` (B,) (increasing, each once: the several-term systems' rule), search b's u
     held at ``u[b]``, from ``theta0`` (B, m).
     ``value_and_grad``: :func:`joint_criterion`'s (or the several-term search's).  Returns (theta, value, newton_step,
-    iterations, converged, slope): newton_on_host's, and with ``with_slope`` the criterion's derivative in u at the
-    optimum (the profile's, theta being optimal there; one more evaluation), else None."""
+    iterations, converged, slope): newton_on_host's, a search that stopped where its curvature has a negative
+    direction not converged (a variance at 0 whose criterion falls off it: its gradient vanishes there by symmetry,
+    and a search started next to it stays; :func:`~hierpool.algebra.search.terms.negative_curvature`), and with
+    ``with_slope`` the criterion's derivative in u at the optimum (the profile's, theta being optimal there; one
+    more evaluation), else None."""
     def with_u(theta, searches):  # points (A, Q, m) in theta -> (A, Q, m + 1), u that of ``searches``
         return np.concatenate([theta, np.broadcast_to(u[searches][:, None, None], theta.shape[:-1] + (1,))], axis=-1)
 
@@ -362,7 +372,9 @@ def theta_at(value_and_grad, rows: np.ndarray, u: np.ndarray, theta0: np.ndarray
         value, gradient = value_and_grad(with_u(trial, searches), rows[searches])
         return value, gradient[..., :-1]
 
-    theta, value, newton_step, iterations, converged = newton_on_host(theta_alone, theta0, max_iterations, **options)
+    theta, value, newton_step, iterations, converged, curvature = newton_on_host(
+        theta_alone, theta0, max_iterations, with_curvature=True, **options)
+    converged = converged & ~negative_curvature(curvature)
     if not with_slope:
         return theta, value, newton_step, iterations, converged, None
     gradient = value_and_grad(with_u(theta[:, None, :], np.arange(len(rows))), rows)[1]
@@ -407,11 +419,14 @@ def lowest_on_profile(value_and_grad, found: tuple, max_iterations: int, **optio
         compared = value[stops[active]]
         decided = np.zeros(len(active), bool)
 
-        def settled(rows, theta, grid_value, gradient, step, compared=compared, decided=decided):
-            # far above the stop: decided (GRID_DECIDED_GAP)
+        def settled(rows, theta, grid_value, gradient, step, definite, compared=compared, decided=decided):
+            # far above the stop: decided (GRID_DECIDED_GAP), where the step is Newton's on a positive definite
+            # curvature (a saddle-free step's promise says nothing of a descent along negative curvature, as from a
+            # variance at 0 that is a maximum) and the criterion finite
             promised = np.maximum(-np.sum(gradient * step, axis=-1), 0.0)
             with np.errstate(invalid="ignore"):
-                done = grid_value - compared[rows] > GRID_DECIDED_GAP + GRID_DECIDED_FACTOR * promised
+                done = (definite & np.isfinite(grid_value)
+                        & (grid_value - compared[rows] > GRID_DECIDED_GAP + GRID_DECIDED_FACTOR * promised))
             decided[rows[done]] = True
             return done
 

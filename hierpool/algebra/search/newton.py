@@ -730,9 +730,10 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         then costs one point, not m + 1, for 1.3 to 1.7 times the passes (benchmarks/RESULTS.md, twenty-fifth
         session).
     settled : callable, optional
-        ``settled(rows, theta, value, gradient, step)``: after each pass, whether the searches of datasets ``rows``
-        (A,) may end now, their question answered before the optimum is reached (A,) bool, from each one's point
-        (A, m), criterion (A,), gradient (A, m) and next step (A, m).  Such a search ends where it stands; its
+        ``settled(rows, theta, value, gradient, step, definite)``: after each pass, whether the searches of datasets
+        ``rows`` (A,) may end now, their question answered before the optimum is reached (A,) bool, from each one's
+        point (A, m), criterion (A,), gradient (A, m), next step (A, m) and whether its curvature is positive
+        definite (A,) (the step a Newton step, not a saddle-free or damped one's model).  Such a search ends where it stands; its
         ``converged`` is still the stopping rules' verdict on that point, so the caller keeps its own record of what
         it settled (a profile's point already far above the value it is compared with; a search whose model points
         beyond its parameter's range).
@@ -802,6 +803,7 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         # the next pass's step, here, so that the stopping rule can read it
         next_step[active], model_step, definite = _next_step(curvature[active], new_gradient, new_damping, np,
                                                              saddle_free)
+        definite_now = np.array(definite)  # (each active dataset's, for settled: the check below reads a subset)
         done = _stops(np.bool_(iteration == 0), step, th, improved, new_gradient, new_damping, scale, tolerances, np,
                       theta[active], model_step, definite)
         # a stop on an approximate curvature: the stopping rule is read again on the full forward-difference
@@ -817,9 +819,10 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
             done[check] = _stops(np.bool_(iteration == 0), step[check], th[check], improved[check],
                                  new_gradient[check], new_damping[check], scale[check], tolerances, np, theta[at],
                                  model_step, definite)
+            definite_now[check] = definite
             shifted.differenced[at[~done[check]]] = True
         if settled is not None:
-            done |= settled(active, theta[active], value[active], gradient[active], next_step[active])
+            done |= settled(active, theta[active], value[active], gradient[active], next_step[active], definite_now)
         passes[active] += 1
         active = active[~done]
     last = np.flatnonzero(shifted.approximate) if lazy else np.zeros(0, np.int64)

@@ -109,7 +109,7 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
     lowest where it is no more than :data:`RESTART_TOLERANCE` (relative) above where the search is, and otherwise
     goes on from where it is; either
     way with up to ``max_iterations`` passes more (``iterations`` counts both runs').  A second run that stops where
-    its forward-difference Hessian has a negative direction (:func:`_negative_curvature`: a saddle, next to which a
+    its forward-difference Hessian has a negative direction (:func:`negative_curvature`: a saddle, next to which a
     restart starts) is not converged.  The lower criterion of the two runs is kept (or the second's, where it
     converged to the same, to rounding); one left unconverged is refitted by ``hp.lmm``.  The restart saves the
     passes of those crawls at the same criteria (benchmarks/RESULTS.md, "The several-term linear class, eighteenth
@@ -166,7 +166,7 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
         again = search(np.where(restart[:, None], reduced, at), stalled, max_iterations, with_curvature=True)
         # a run that stopped where the curvature has a negative direction stopped at a saddle, not a minimum (a
         # restart sits next to the stationary points of T_kk = 0): not converged, so that hp.lmm refits it
-        again["converged"] &= ~_negative_curvature(again.pop("curvature"))
+        again["converged"] &= ~negative_curvature(again.pop("curvature"))
         # the lower criterion, or the second run where it converged to the same one (to rounding)
         better = (again["objective"] < before) | (again["converged"]
                                                   & (again["objective"] <= before + 1e-12 * np.abs(before)))
@@ -284,7 +284,7 @@ def restart_candidates(theta: np.ndarray, ks) -> np.ndarray:
 NEGATIVE_CURVATURE = 1e-6
 
 
-def _negative_curvature(curvature: np.ndarray) -> np.ndarray:
+def negative_curvature(curvature: np.ndarray) -> np.ndarray:
     """Whether each of a stack of Hessians (K, m, m) has a negative eigenvalue beyond :data:`NEGATIVE_CURVATURE` of its
     scale (False where it is not finite: that search is not converged anyway)."""
     finite = np.all(np.isfinite(curvature), axis=(-2, -1))
