@@ -780,6 +780,38 @@ def test_a_joint_estimate_on_a_flat_profile_is_not_taken(monkeypatch):
     assert flat.phi == pytest.approx(fit.phi, abs=1e-5)
 
 
+def _even_lag_series(seed: int, phi: float) -> pd.DataFrame:
+    """6-12 groups of one corAR1 series each (3-15 readings, steps of 2 four times in five: the sign of phi in doubt),
+    a group intercept and x rising along the series (a review's generator, /tmp/rv57/gen.py ``make(..., even=True)``)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for g in range(int(rng.integers(6, 13))):
+        a, _ = rng.normal(0, 1.0), rng.normal(0, 0.4)
+        rng.choice(4, size=1, replace=False)
+        m = int(rng.integers(3, 16))
+        t = np.cumsum(np.where(rng.random(m) < 0.8, 2, 1))
+        t[0] = 0
+        x = t / max(t.max(), 1) * 5 + 0.3 * rng.standard_normal(m)
+        y = 1 + 0.5 * x + a + ar1_noise(rng, t, phi)
+        frames.append(pd.DataFrame({"g": f"s{g}", "t": t, "x": x, "y": y}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_a_joint_search_with_phis_sign_in_doubt_searches_both_sides_of_zero():
+    """An even-lag corAR1 series (ML) whose criterion has a minimum on each side of phi = 0: phi -0.350 at 252.556
+    and phi +0.385 at 252.025.  hp.lmm's joint search stopped on the first, and its look at the mirror point
+    (u_hat turned, where the criterion lies above 252.556) did not move it; fit_batch's search from the mirror point
+    found the second.  hp.lmm's joint search now searches from both sides too, as the batch's: the same fit."""
+    data = _even_lag_series(5030, -0.5)
+    structure = hp.ar1("g", time="t")
+    fit = hp.lmm("y ~ x + (1 | g)", data, reml=False, correlation=structure)
+    batch = hp.fit_batch("y ~ x + (1 | g)", [data, data.assign(y=data["y"] * 1.1)], by="rep", reml=False,
+                         correlation=structure, progress=False)
+    assert fit.phi == pytest.approx(0.3846, abs=1e-3)
+    assert fit.objective == pytest.approx(252.0253746865, rel=1e-10)
+    assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-10)
+
+
 @pytest.mark.parametrize("formula", ["Reaction ~ Days + (1 | Subject)", "Reaction ~ Days + (Days | Subject)"])
 def test_a_joint_stop_at_the_edge_checked_on_the_profile_is_brents_fit(formula):
     """Data without autocorrelation, corCAR1: the joint search's u runs to the range's end; held there and checked

@@ -244,7 +244,9 @@ class AR1Result(LMMResult):
 def across_zero(profile, u_hat: float, value, series: Series, continuous: bool) -> float | None:
     """-u_hat (phi's opposite) where corAR1's sign is in doubt (:func:`~hierpool.algebra.ar1.sign_in_doubt`) and the
     criterion ``profile`` gives there lies below ``value()``, the one at ``u_hat`` (computed only then): where the
-    search for phi should start again.  None otherwise (and always in continuous time, where phi > 0)."""
+    search for phi should start again (on that side, :func:`half_range`).  None otherwise (and always in continuous
+    time, where phi > 0).  A look at one point: the joint search (:func:`joint_search`) searches both sides itself,
+    as the batch's does; Brent's path alone (:func:`search_phi`) relies on this look."""
     if continuous or not sign_in_doubt(series.previous, series.lag, np.zeros(len(series.lag), dtype=np.int64), 1)[0]:
         return None
     with warnings.catch_warnings():  # inner fits' messages: the search's final fit warns its own
@@ -253,7 +255,16 @@ def across_zero(profile, u_hat: float, value, series: Series, continuous: bool) 
     return -u_hat if there < here - 1e-8 * abs(here) else None
 
 
-def search_phi(profile, u_start: float, correlation: AR1, unit: float = 1.0, series: Series | None = None):
+def half_range(u: float) -> tuple[float, float]:
+    """The half of u's range on ``u``'s side of phi = 0 (the positive one for 0): where the search for phi from
+    across zero stays (:func:`search_phi`'s ``within``): from -u_hat (phi -0.35 turned), a window reaching over 0
+    ended back in the minimum the look had left (an even-lag series, ML: benchmarks/RESULTS.md, fifty-seventh
+    session)."""
+    return (-UNCONSTRAINED_LIMIT, 0.0) if u < 0 else (0.0, UNCONSTRAINED_LIMIT)
+
+
+def search_phi(profile, u_start: float, correlation: AR1, unit: float = 1.0, series: Series | None = None,
+               within: tuple[float, float] | None = None):
     """phi's estimate on nlme's unconstrained scale by Brent's method, with its interval: (u_hat, interval,
     the profiled criterion there, the pieces ``profile`` returned there).
 
@@ -265,6 +276,8 @@ def search_phi(profile, u_start: float, correlation: AR1, unit: float = 1.0, ser
     (:func:`hierpool.closedform.gls.fit_gls`), and for the mixed model where the joint search of (theta, u) does not
     apply, did not converge or stopped on the wrong side of 0 (:func:`fit_ar1`).
     ``unit``: the profile's phi is per that unit of the user's time (:func:`phi_interval`); u_hat is the search's.
+    ``within``: the part of u's range searched (default all of it): a start from across zero stays on its side
+    (:func:`half_range`), where a window around it reaching over 0 ended in the minimum the look across left.
     """
     import scipy.optimize
 
@@ -273,19 +286,19 @@ def search_phi(profile, u_start: float, correlation: AR1, unit: float = 1.0, ser
                                                options=dict(xatol=PHI_XTOL))
         return float(found.x), float(found.fun)
 
-    def around(start: float) -> tuple[float, float]:
-        start = min(max(start, -UNCONSTRAINED_LIMIT), UNCONSTRAINED_LIMIT)  # a window inside the range
-        low, high = max(start - SEARCH_WINDOW, -UNCONSTRAINED_LIMIT), min(start + SEARCH_WINDOW, UNCONSTRAINED_LIMIT)
+    def around(start: float, bottom: float, top: float) -> tuple[float, float]:
+        start = min(max(start, bottom), top)  # a window inside the range
+        low, high = max(start - SEARCH_WINDOW, bottom), min(start + SEARCH_WINDOW, top)
         u, value = search(low, high)
-        return search(-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT) if min(u - low, high - u) < 1e-3 else (u, value)
+        return search(bottom, top) if min(u - low, high - u) < 1e-3 else (u, value)
 
     with warnings.catch_warnings():  # the search's inner fits; the final one's messages are the caller's to warn
         warnings.simplefilter("ignore", ConvergenceWarning)
-        u_hat, value = around(u_start)
+        u_hat, value = around(u_start, *(within or (-UNCONSTRAINED_LIMIT, UNCONSTRAINED_LIMIT)))
         mirrored = None if series is None else across_zero(profile, u_hat, lambda: value, series,
                                                            correlation.continuous)
         if mirrored is not None:
-            u_hat = around(mirrored)[0]
+            u_hat = around(mirrored, *half_range(mirrored))[0]
     curvature, value, pieces = polished_curvature(profile, u_hat)
     # warned at the user's line: phi_interval, here, fit_ar1 or fit_gls, hp.lmm, the user
     return u_hat, phi_interval(u_hat, curvature, correlation, stacklevel=5, unit=unit), value, pieces
@@ -352,6 +365,10 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
 
     Both start where Brent's search does, at the lag-1 correlation of a fit's residuals at phi = 0, and reach the
     profile's minimum in a few Newton steps in (theta, u), where the profile fits theta anew at each of its points.
+    corAR1 series whose phi's sign is in doubt are searched again from the optimum's u turned, the lower kept
+    (:func:`~hierpool.algebra.search.ar1_moments.joint_newton`, as the batch's): the look at the one point -u_hat
+    after it (:func:`across_zero`) missed an even-lag series' minimum on the other side (ML: phi -0.350 at 252.556
+    where phi +0.385 gives 252.025; benchmarks/RESULTS.md, fifty-seventh session).
     """
     followed = series.previous >= 0  # some row is (series_of refuses series of one row each)
     source, members = OneDataset(design), np.array([0])
@@ -359,14 +376,17 @@ def joint_search(design: Design, series: Series, continuous: bool, reml: bool):
     settings = {"continuous": continuous, "reml": reml, "max_iterations": MAX_ITERATIONS}
     with np.errstate(all="ignore"):
         kind = joint_search_kind(ks, shared_factor([term.index for term in design.terms]))
+        # corAR1 with the sign in doubt: searched from both sides of phi = 0, the lower kept (the batch's rule)
+        doubt = None if continuous else sign_in_doubt(series.previous, series.lag, np.zeros(len(series.lag),
+                                                                                          dtype=np.int64), 1)
         if kind == "moments":
             search, data = ar1_moments, ChunkData(source, series, members)
-            found = search.search_on_host(data, decrease_tol=DECREASE_TOL, **settings)
+            found = search.search_on_host(data, decrease_tol=DECREASE_TOL, across_zero=doubt, **settings)
         elif kind == "systems" and dense_entries(widths, ks, design.p) <= MAX_DENSE_ENTRIES:
             classes = lag_classes(np.zeros(int(followed.sum()), dtype=np.int64), series.lag[followed])[0]
             lagged = lagged_systems_pay(classes, ks, widths, design.p, float(design.n), HOST_CHUNK_BYTES)
             search, data = ar1_systems, TermsChunk(source, series, members, widths, lagged)
-            found = search.search_on_host(data, moment_start(design)[None], **settings)
+            found = search.search_on_host(data, moment_start(design)[None], across_zero=doubt, **settings)
         else:
             return None
         # (the tests check the batch's and these fits against Brent's search alone: tests/test_batch_ar1.py _single)
@@ -462,7 +482,8 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
             u_start = mirrored
         # (from the mirror the look across 0 is made already: the joint optimum's side was the higher)
         u_hat, interval, _, (whitened, system, optimum, logdet) = search_phi(
-            profile, u_start, correlation, unit, series=series if mirrored is None else None)
+            profile, u_start, correlation, unit, series=series if mirrored is None else None,
+            within=None if mirrored is None else half_range(mirrored))
     phi = phi_per_unit(u_hat, unit, correlation)
     # the user's parametrization at phi-hat: the conditioned optimum mapped back, solved on the user's columns; the
     # conditioned fit's checks stand (in the user's parametrization a covariate of large mean makes the Hessian look
