@@ -294,8 +294,8 @@ def test_a_profile_point_far_above_the_stop_is_decided_before_its_fit_in_theta_c
         theta, u = points[..., :-1], points[..., -1]
         off = theta - 5.0 - (u + 12.0)[..., None]
         value = np.sum(off**4, axis=-1) / 100 + 2.0 * (u + 12.0) ** 2 + 100.0
-        gradient = np.concatenate([4.0 * off**3 / 100, (4.0 * (u + 12.0) - np.sum(4.0 * off**3 / 100, axis=-1))[..., None]],
-                                  axis=-1)
+        in_theta = 4.0 * off**3 / 100
+        gradient = np.concatenate([in_theta, (4.0 * (u + 12.0) - np.sum(in_theta, axis=-1))[..., None]], axis=-1)
         return np.where(np.abs(u) > UNCONSTRAINED_LIMIT + 1e-9, np.nan, value), gradient
 
     def found(theta, value):

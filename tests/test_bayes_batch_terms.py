@@ -17,7 +17,7 @@ from hierpool.batch.plan import plan_batch
 
 # crossed, a correlated slope (k = 2, LKJ) on one term and a scalar on the other, prior weights
 SLOPES = "diameter ~ x + (1 + x | plate) + (1 | sample)"
-DRAWS = 300
+DRAWS = 200
 Z_MAX = 4.0
 
 

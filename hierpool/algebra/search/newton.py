@@ -733,7 +733,7 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         ``settled(rows, theta, value, gradient, step, definite)``: after each pass, whether the searches of datasets
         ``rows`` (A,) may end now, their question answered before the optimum is reached (A,) bool, from each one's
         point (A, m), criterion (A,), gradient (A, m), next step (A, m) and whether its curvature is positive
-        definite (A,) (the step a Newton step, not a saddle-free or damped one's model).  Such a search ends where it stands; its
+        definite (A,) (the step a Newton step, not a saddle-free one).  Such a search ends where it stands; its
         ``converged`` is still the stopping rules' verdict on that point, so the caller keeps its own record of what
         it settled (a profile's point already far above the value it is compared with; a search whose model points
         beyond its parameter's range).
