@@ -327,7 +327,7 @@ def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -
         return found
     end = np.sign(u[rows]) * UNCONSTRAINED_LIMIT
     theta, held_value, newton_step, iterations, converged, slope = theta_at(
-        value_and_grad, rows, end, point[rows, :-1], max_iterations, with_slope=True, **options)
+        value_and_grad, rows, end, point[rows, :-1], max_iterations, with_slope=True, saddle_check=True, **options)
     # the slope into the range (u decreasing from +12, increasing from -12): a descent there is a missed minimum
     with np.errstate(invalid="ignore"):  # (a NaN slope is no evidence: not kept)
         falling = ~(np.sign(end) * slope <= EDGE_SLOPE_TOL * np.abs(held_value))
@@ -355,16 +355,19 @@ def checked_on_profile(value_and_grad, found: tuple, max_iterations: int, **opti
 
 
 def theta_at(value_and_grad, rows: np.ndarray, u: np.ndarray, theta0: np.ndarray, max_iterations: int,
-             with_slope: bool = False, **options) -> tuple:
+             with_slope: bool = False, saddle_check: bool = False, **options) -> tuple:
     """The criterion profiled over theta at fixed u: :func:`~hierpool.algebra.search.newton.newton_on_host`'s search
     in theta alone of datasets ``rows`` (B,) (increasing, each once: the several-term systems' rule), search b's u
     held at ``u[b]``, from ``theta0`` (B, m).
     ``value_and_grad``: :func:`joint_criterion`'s (or the several-term search's).  Returns (theta, value, newton_step,
-    iterations, converged, slope): newton_on_host's, a search that stopped where its curvature has a negative
-    direction not converged (a variance at 0 whose criterion falls off it: its gradient vanishes there by symmetry,
-    and a search started next to it stays; :func:`~hierpool.algebra.search.terms.negative_curvature`), and with
-    ``with_slope`` the criterion's derivative in u at the optimum (the profile's, theta being optimal there; one
-    more evaluation), else None."""
+    iterations, converged, slope): newton_on_host's, with ``saddle_check`` a search that stopped where its curvature
+    has a negative direction not converged (a variance at 0 whose criterion falls off it: its gradient vanishes there
+    by symmetry, and a search started next to it stays; :func:`~hierpool.algebra.search.terms.negative_curvature`),
+    and with ``with_slope`` the criterion's derivative in u at the optimum (the profile's, theta being optimal
+    there; one more evaluation), else None.  :func:`held_at_edge` checks (its fit is the dataset's result);
+    :func:`lowest_on_profile`'s grid fits do not: in null car1 fits with a slope's variance at 0, 5-16% of datasets
+    had a grid point on such a saddle, 0.18-11 above the stop, and were fitted alone for nothing (3.5 times the
+    batch's time; benchmarks/RESULTS.md, fifty-seventh session)."""
     def with_u(theta, searches):  # points (A, Q, m) in theta -> (A, Q, m + 1), u that of ``searches``
         return np.concatenate([theta, np.broadcast_to(u[searches][:, None, None], theta.shape[:-1] + (1,))], axis=-1)
 
@@ -374,7 +377,8 @@ def theta_at(value_and_grad, rows: np.ndarray, u: np.ndarray, theta0: np.ndarray
 
     theta, value, newton_step, iterations, converged, curvature = newton_on_host(
         theta_alone, theta0, max_iterations, with_curvature=True, **options)
-    converged = converged & ~negative_curvature(curvature)
+    if saddle_check:
+        converged = converged & ~negative_curvature(curvature)
     if not with_slope:
         return theta, value, newton_step, iterations, converged, None
     gradient = value_and_grad(with_u(theta[:, None, :], np.arange(len(rows))), rows)[1]
