@@ -307,6 +307,28 @@ def test_a_profile_point_far_above_the_stop_is_decided_before_its_fit_in_theta_c
     assert lowest_on_profile(value_and_grad, found(0.0, 106.25), 20, saddle_free=True).tolist() == [False]
 
 
+def test_a_fit_at_the_end_that_stops_on_a_maximum_in_theta_is_not_converged():
+    """held_at_edge on 100 + 40 (theta^4 / 4 - theta^2 / 2) + 0.1 (u + 12): a stop near u's end with theta 1e-9, next
+    to the maximum at theta = 0 (the minima at +-1, 10 lower), as a review's several-term car1 null fit had (its
+    variance -6.6e-10 after a search ended heading out).  The fit at the end from there stopped on the maximum, where
+    the gradient vanishes by symmetry, and was reported converged 10 above the profile's minimum there (the review's
+    dataset: 1.25 above hp.lmm's); it is not converged now (the batch fits the dataset alone)."""
+    from hierpool.algebra.ar1 import UNCONSTRAINED_LIMIT
+    from hierpool.algebra.search.ar1_moments import held_at_edge
+
+    def value_and_grad(points, rows):
+        theta, u = points[..., 0], points[..., -1]
+        value = 100.0 + 40.0 * (theta**4 / 4 - theta**2 / 2) + 0.1 * (u + 12.0)
+        gradient = np.stack([40.0 * (theta**3 - theta), np.full_like(u, 0.1)], axis=-1)
+        return np.where(np.abs(u) > UNCONSTRAINED_LIMIT, np.nan, value), gradient
+
+    point = np.array([[1e-9, -11.5]])
+    value = value_and_grad(point[:, None, :], np.arange(1))[0][:, 0]
+    found = (point, value, np.zeros(1), np.full(1, 5), np.zeros(1, bool), np.full((1, 2, 2), np.nan))
+    held = held_at_edge(value_and_grad, found, 20, saddle_free=True)
+    assert held[0][0, -1] == -UNCONSTRAINED_LIMIT and not held[4][0]
+
+
 def _stop_at_the_edge(theta: float, value: float) -> tuple:
     """A joint search's result (lowest_on_profile's ``found``) of one dataset stopped at u = -12 at (theta, value)."""
     from hierpool.algebra.ar1 import UNCONSTRAINED_LIMIT

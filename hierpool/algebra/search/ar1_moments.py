@@ -295,7 +295,13 @@ def _heading_out(rows, points, value, gradient, step, definite) -> np.ndarray:
     otherwise crawl to the end over rejected steps and their damping: ~50 passes where ~10 reached u -11.3 in null
     simulations (benchmarks/RESULTS.md, fifty-seventh session)."""
     u, reach = points[:, -1], points[:, -1] + step[:, -1]
-    return (np.abs(u) >= UNCONSTRAINED_LIMIT - NEAR_EDGE) & (np.abs(reach) > UNCONSTRAINED_LIMIT) & (u * reach > 0)
+    return _near_edge(u) & (np.abs(reach) > UNCONSTRAINED_LIMIT) & (u * reach > 0)
+
+
+def _near_edge(u: np.ndarray) -> np.ndarray:
+    """Whether u lies within :data:`NEAR_EDGE` of an end of its range: where :func:`held_at_edge` tries a stop at
+    the end, and from where :func:`_heading_out` ends a search."""
+    return np.abs(u) >= UNCONSTRAINED_LIMIT - NEAR_EDGE
 
 
 def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -> tuple:
@@ -319,9 +325,8 @@ def held_at_edge(value_and_grad, found: tuple, max_iterations: int, **options) -
     u = point[:, -1]
     with np.errstate(invalid="ignore"):
         edge = at_edge(u)
-        near = np.abs(u) >= UNCONSTRAINED_LIMIT - NEAR_EDGE
         # (a search ended heading out of the range is unconverged where it stands)
-        near = near & (~clearly_curved(profile_curvature(hessian)) | (~found[4] & np.isfinite(value)))
+        near = _near_edge(u) & (~clearly_curved(profile_curvature(hessian)) | (~found[4] & np.isfinite(value)))
     rows = np.flatnonzero(edge | near)
     if not rows.size:
         return found
@@ -366,8 +371,8 @@ def theta_at(value_and_grad, rows: np.ndarray, u: np.ndarray, theta0: np.ndarray
     and with ``with_slope`` the criterion's derivative in u at the optimum (the profile's, theta being optimal
     there; one more evaluation), else None.  :func:`held_at_edge` checks (its fit is the dataset's result);
     :func:`lowest_on_profile`'s grid fits do not: in null car1 fits with a slope's variance at 0, 5-16% of datasets
-    had a grid point on such a saddle, 0.18-11 above the stop, and were fitted alone for nothing (3.5 times the
-    batch's time; benchmarks/RESULTS.md, fifty-seventh session)."""
+    had a grid point on such a saddle, 0.18-11 above the stop, and were fitted alone for nothing
+    (benchmarks/RESULTS.md, fifty-seventh session)."""
     def with_u(theta, searches):  # points (A, Q, m) in theta -> (A, Q, m + 1), u that of ``searches``
         return np.concatenate([theta, np.broadcast_to(u[searches][:, None, None], theta.shape[:-1] + (1,))], axis=-1)
 

@@ -803,7 +803,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
         # the next pass's step, here, so that the stopping rule can read it
         next_step[active], model_step, definite = _next_step(curvature[active], new_gradient, new_damping, np,
                                                              saddle_free)
-        definite_now = np.array(definite)  # (each active dataset's, for settled: the check below reads a subset)
+        # each active dataset's, for settled (the check below reads a subset into ``definite``)
+        definite_now = np.array(definite) if settled is not None else None
         done = _stops(np.bool_(iteration == 0), step, th, improved, new_gradient, new_damping, scale, tolerances, np,
                       theta[active], model_step, definite)
         # a stop on an approximate curvature: the stopping rule is read again on the full forward-difference
@@ -819,7 +820,8 @@ def newton_on_host(value_and_grad, theta0: np.ndarray, max_iterations: int = MAX
             done[check] = _stops(np.bool_(iteration == 0), step[check], th[check], improved[check],
                                  new_gradient[check], new_damping[check], scale[check], tolerances, np, theta[at],
                                  model_step, definite)
-            definite_now[check] = definite
+            if settled is not None:
+                definite_now[check] = definite
             shifted.differenced[at[~done[check]]] = True
         if settled is not None:
             done |= settled(active, theta[active], value[active], gradient[active], next_step[active], definite_now)
