@@ -20,6 +20,7 @@ from hierpool.algebra.henderson import conditional_draw, noise_size
 from hierpool.algebra.marginal import beta_prior_block
 from hierpool.algebra.statistics import one_dataset_statistics
 from hierpool.algebra.system import build_system
+from hierpool.batch.fit import NO_ERROR_CONTRAST_REASON
 from hierpool.bayesian import fit as bayes_fit
 from hierpool.bayesian.model import collapsed_model, one_term_collapsed_model
 from hierpool.bayesian.priors import resolve_priors
@@ -237,10 +238,10 @@ def test_predictive_draws_of_new_rows_read_their_se_column(bcg_posteriors):
 
 def test_a_batch_with_known_sds_fits_a_dataset_with_as_many_rows_as_fixed_effects_as_hp_lmm_does():
     # known residual sds leave no residual variance to estimate: hp.lmm(se=) fits 3 rows with 3 fixed effects, where
-    # the batch refused them ("3 observations for 3 fixed effects": review).  (The batched search stops on a NaN
-    # step there and the row is hp.lmm's refit, which its message says: this checks that the row is fitted, not the
-    # batch's algebra at n = p.  By REML no error contrast is left, so theta is not identified: hp.lmm reports its
-    # fit as not converged, and so does the row.)
+    # the batch refused them ("3 observations for 3 fixed effects": review).  By REML no error contrast is left, so
+    # theta is not identified: hp.lmm reports its fit as not converged, and so does the row, fitted alone.  (The
+    # batched search's stop on that flat criterion was decided by rounding: a NaN step and hp.lmm's refit on one
+    # machine, a converged row after no step on another, an AVX-512 one.)  By ML the criterion is not flat: batched.
     rng = np.random.default_rng(1)
     frames = [pd.DataFrame({"g": np.resize([f"g{i}" for i in range(groups)], n), "x": rng.normal(size=n),
                             "w": rng.normal(size=n), "y": rng.normal(size=n), "se": rng.uniform(0.5, 1.5, n)})
@@ -249,7 +250,12 @@ def test_a_batch_with_known_sds_fits_a_dataset_with_as_many_rows_as_fixed_effect
     single = hp.lmm("y ~ x + w + (1 | g)", frames[1], se="se")
     assert batch.objective.iloc[1] == pytest.approx(single.objective, rel=1e-8), batch.messages.iloc[1]
     assert batch.converged.iloc[1] == single.converged and "refitted by hp.lmm" in batch.messages.iloc[1]
+    assert batch.messages.iloc[1].startswith(NO_ERROR_CONTRAST_REASON) and not batch.messages.iloc[0]
     np.testing.assert_allclose(batch.fixef.iloc[1], single.fixef, rtol=1e-6)
+    ml = hp.fit_batch("y ~ x + w + (1 | g)", frames, se="se", reml=False, progress=False)
+    single_ml = hp.lmm("y ~ x + w + (1 | g)", frames[1], se="se", reml=False)
+    assert NO_ERROR_CONTRAST_REASON not in ml.messages.iloc[1]
+    assert ml.objective.iloc[1] == pytest.approx(single_ml.objective, rel=1e-8), ml.messages.iloc[1]
 
 
 def _review_dataset(index: int) -> pd.DataFrame:

@@ -4,6 +4,7 @@ hp.fit_batch's search) is reached from restarts inside.  A scalar term's batch w
 two minima in theta.  Uneven prior weights: an inner minimum and one on the boundary, both searched for by
 hp.lmm and the batch."""
 
+import re
 import warnings
 
 import numpy as np
@@ -297,18 +298,30 @@ def test_a_response_the_model_reproduces_exactly_is_refused_by_name_in_the_fit_a
     # no residual noise: theta runs off (~7e7) and the solution's system does not factor, where NumPy's
     # LinAlgError escaped hp.lmm; the batch's refit by hp.lmm keeps the reason in the row.  (Whether the system
     # factors at the theta where the search stops is decided by the sums' last digits: seed 1 factored once the
-    # statistics were summed in another order, and its fit came back unconverged, sigma 1.5e-8; seed 6 fails in both.)
-    rng = np.random.default_rng(6)
-    g, x = np.repeat(np.arange(10), 5), rng.normal(size=50)
-    exact = pd.DataFrame({"y": 2 + x + rng.normal(size=10)[g], "x": x, "g": g.astype(str)})
+    # statistics were summed in another order, and its fit came back unconverged, sigma 1.5e-8; seed 6 failed in
+    # both, and factors on an AVX-512 machine, where 1-5 fail.  So the datasets are the first three seeds whose fit
+    # is refused here; the next test holds every seed's to "refused or fitted".)
+    refused = []
+    for seed in range(1, 12):
+        rng = np.random.default_rng(seed)
+        g, x = np.repeat(np.arange(10), 5), rng.normal(size=50)
+        exact = pd.DataFrame({"y": 2 + x + rng.normal(size=10)[g], "x": x, "g": g.astype(str)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                hp.lmm("y ~ x + (1 | g)", exact)
+            except hp.ConvergenceError as error:
+                assert re.search(r"the fit ran off to theta = \[.*\] .* the residual variance went to zero",
+                                 str(error)), str(error)
+                refused.append(exact)
+        if len(refused) == 3:
+            break
+    assert len(refused) == 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(hp.ConvergenceError, match=r"the fit ran off to theta = \[.*\] .* the residual variance "
-                                                       r"went to zero"):
-            hp.lmm("y ~ x + (1 | g)", exact)
-        batch = hp.fit_batch("y ~ x + (1 | g)", [exact], progress=False)
-    assert not batch.converged.iloc[0] and "refit by hp.lmm failed: ConvergenceError: the fit ran off" in \
-        batch.messages.iloc[0]
+        batch = hp.fit_batch("y ~ x + (1 | g)", refused, progress=False)
+    assert not batch.converged.any() and all("refit by hp.lmm failed: ConvergenceError: the fit ran off" in message
+                                             for message in batch.messages), batch.messages.tolist()
 
 
 def test_a_response_reproduced_exactly_is_refused_or_fitted_never_given_a_nan_sigma():

@@ -116,6 +116,13 @@ from .shared_design import (
     shared_design_plan,
 )
 
+#: Why a dataset is fitted alone where REML with known residual sds (``se=``) meets as many rows as fixed effects:
+#: no error contrast is left, the criterion is flat in theta, which hp.lmm reports unconverged (its Hessian is 0).
+#: The batched search's stop on that flat criterion is decided by rounding (a NaN step on one machine, a converged
+#: stop after none on another), so the row is the single fit's.
+NO_ERROR_CONTRAST_REASON = ("REML with as many rows as fixed effects leaves no error contrast: theta is not "
+                            "identified")
+
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
 # less (benchmarks/RESULTS.md, "Batch fitting for every model")
@@ -484,6 +491,9 @@ def fit_batch(
             near = near_exact_datasets(fitted.dataset, fitted.design.y_less_offset, shifts[1],
                                        fitted.design.weights, fitted.n_datasets)
             alone = dict.fromkeys(np.flatnonzero(near).tolist(), NEAR_EXACT_REASON)
+    if spec is None and reml and fitted.design.sigma_known:
+        alone = {**dict.fromkeys(np.flatnonzero(np.asarray(plan.n_obs) == plan.design.p).tolist(),
+                                 NO_ERROR_CONTRAST_REASON), **alone}
     if spec is not None:
         settings.pop("reml")
         # a negative binomial's shape is estimated (the 1.0 only makes the family; the batch starts from moments)
