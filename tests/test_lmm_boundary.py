@@ -294,52 +294,51 @@ def test_a_first_search_that_meets_a_theta_whose_system_does_not_factor_goes_on_
     assert fit.converged and fit.objective == pytest.approx(185.22297935037187, rel=1e-10)
 
 
-def test_a_response_the_model_reproduces_exactly_is_refused_by_name_in_the_fit_and_in_its_batch_row():
+@pytest.fixture(scope="module")
+def exact_responses():
+    """Responses the model y ~ x + (1 | g) reproduces exactly (no residual noise), seeds 1-11: (frame, hp.lmm's fit
+    or the ConvergenceError it raised) each."""
+    outcomes = []
+    for seed in range(1, 12):
+        rng = np.random.default_rng(seed)
+        g, x = np.repeat(np.arange(10), 5), rng.normal(size=50)
+        exact = pd.DataFrame({"y": 2 + x + rng.normal(size=10)[g], "x": x, "g": g.astype(str)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                outcomes.append((exact, hp.lmm("y ~ x + (1 | g)", exact)))
+            except hp.ConvergenceError as error:
+                outcomes.append((exact, error))
+    return outcomes
+
+
+def test_a_response_the_model_reproduces_exactly_is_refused_by_name_in_the_fit_and_in_its_batch_row(exact_responses):
     # no residual noise: theta runs off (~7e7) and the solution's system does not factor, where NumPy's
     # LinAlgError escaped hp.lmm; the batch's refit by hp.lmm keeps the reason in the row.  (Whether the system
     # factors at the theta where the search stops is decided by the sums' last digits: seed 1 factored once the
     # statistics were summed in another order, and its fit came back unconverged, sigma 1.5e-8; seed 6 failed in
     # both, and factors on an AVX-512 machine, where 1-5 fail.  So the datasets are the first (up to three) seeds whose
     # fit is refused here; the next test holds every seed's to "refused or fitted".)
-    refused = []
-    for seed in range(1, 12):
-        rng = np.random.default_rng(seed)
-        g, x = np.repeat(np.arange(10), 5), rng.normal(size=50)
-        exact = pd.DataFrame({"y": 2 + x + rng.normal(size=10)[g], "x": x, "g": g.astype(str)})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                hp.lmm("y ~ x + (1 | g)", exact)
-            except hp.ConvergenceError as error:
-                assert re.search(r"the fit ran off to theta = \[.*\] .* the residual variance went to zero",
-                                 str(error)), str(error)
-                refused.append(exact)
-        if len(refused) == 3:
-            break
+    refused = [(frame, outcome) for frame, outcome in exact_responses if isinstance(outcome, hp.ConvergenceError)]
     assert refused  # (here 9 of the 11 seeds are refused)
+    for _, error in refused:
+        assert re.search(r"the fit ran off to theta = \[.*\] .* the residual variance went to zero", str(error))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        batch = hp.fit_batch("y ~ x + (1 | g)", refused, progress=False)
+        batch = hp.fit_batch("y ~ x + (1 | g)", [frame for frame, _ in refused[:3]], progress=False)
     assert not batch.converged.any() and all("refit by hp.lmm failed: ConvergenceError: the fit ran off" in message
                                              for message in batch.messages), batch.messages.tolist()
 
 
-def test_a_response_reproduced_exactly_is_refused_or_fitted_never_given_a_nan_sigma():
+def test_a_response_reproduced_exactly_is_refused_or_fitted_never_given_a_nan_sigma(exact_responses):
     # where the search stops on such data, the system may fail to factor (refused), factor (an unconverged or a
     # boundary fit, sigma ~1e-8), or factor into NaN, which came back as sigma = NaN (seed 10; seed 2 before the
     # statistics' sums were reordered): now refused as the first
-    for seed in range(1, 12):
-        rng = np.random.default_rng(seed)
-        g, x = np.repeat(np.arange(10), 5), rng.normal(size=50)
-        exact = pd.DataFrame({"y": 2 + x + rng.normal(size=10)[g], "x": x, "g": g.astype(str)})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                fit = hp.lmm("y ~ x + (1 | g)", exact)
-            except hp.ConvergenceError as error:
-                assert "the residual variance went to zero" in str(error)
-                continue
-        assert np.isfinite(fit.sigma) and np.all(np.isfinite(fit.fixef)), seed
+    for seed, (_, outcome) in enumerate(exact_responses, start=1):
+        if isinstance(outcome, hp.ConvergenceError):
+            assert "the residual variance went to zero" in str(outcome)
+        else:
+            assert np.isfinite(outcome.sigma) and np.all(np.isfinite(outcome.fixef)), seed
 
 
 def test_a_search_from_another_start_below_the_optimum_goes_on_to_its_own_minimum(monkeypatch):
