@@ -282,7 +282,7 @@ def test_a_covariate_far_from_zero_beside_its_interaction_is_the_centred_models_
     slopes = ["Days", "Days:grp[1]"]
     centred_slopes = [f"I(Days - {shift:.0f})", f"I(Days - {shift:.0f}):grp[1]"]
     searched = 1e-4 if nagq > 1 else 1e-7  # nAGQ = 5's derivative-free search stops within ~1e-5 of the optimum
-    if nagq > 1:  # ... in beta's units: on an AVX-512 machine 1.0e-5 apart (1.4e-4 of the slope; 1.4e-4 of its SE)
+    if nagq > 1:  # ... in beta's units: on an AVX-512 machine 1.0e-5 apart (1.4e-4 of the slope; 1e-4 of its SE)
         np.testing.assert_array_less(np.abs(far.fixef[slopes].to_numpy() - centred.fixef[centred_slopes].to_numpy()),
                                      1e-3 * centred.fixef_se[centred_slopes].to_numpy())
     else:

@@ -1,6 +1,7 @@
 """Known residual sds (se=): against metafor's REML random-effects meta-analysis."""
 
 import json
+import re
 import warnings
 from functools import partial
 
@@ -20,7 +21,6 @@ from hierpool.algebra.henderson import conditional_draw, noise_size
 from hierpool.algebra.marginal import beta_prior_block
 from hierpool.algebra.statistics import one_dataset_statistics
 from hierpool.algebra.system import build_system
-from hierpool.batch.fit import NO_ERROR_CONTRAST_REASON
 from hierpool.bayesian import fit as bayes_fit
 from hierpool.bayesian.model import collapsed_model, one_term_collapsed_model
 from hierpool.bayesian.priors import resolve_priors
@@ -237,25 +237,38 @@ def test_predictive_draws_of_new_rows_read_their_se_column(bcg_posteriors):
 
 
 def test_a_batch_with_known_sds_fits_a_dataset_with_as_many_rows_as_fixed_effects_as_hp_lmm_does():
-    # known residual sds leave no residual variance to estimate: hp.lmm(se=) fits 3 rows with 3 fixed effects, where
-    # the batch refused them ("3 observations for 3 fixed effects": review).  By REML no error contrast is left, so
-    # theta is not identified: hp.lmm reports its fit as not converged, and so does the row, fitted alone.  (The
-    # batched search's stop on that flat criterion was decided by rounding: a NaN step and hp.lmm's refit on one
-    # machine, a converged row after no step on another, an AVX-512 one.)  By ML the criterion is not flat: batched.
+    # known residual sds leave no residual variance to estimate: hp.lmm(se=) fits 3 rows with 3 fixed effects by ML,
+    # where the batch refused them ("3 observations for 3 fixed effects": review).  By REML no error contrast is
+    # left: the criterion is flat in theta, and hp.lmm's converged flag and the batched search's stop were decided by
+    # rounding (about a third of such datasets converged at theta's start, another third on another machine; the
+    # batch's row converged after no step, or stopped on a NaN step and took hp.lmm's refit): now refused by name,
+    # in hp.lmm and in the batch's row
     rng = np.random.default_rng(1)
     frames = [pd.DataFrame({"g": np.resize([f"g{i}" for i in range(groups)], n), "x": rng.normal(size=n),
                             "w": rng.normal(size=n), "y": rng.normal(size=n), "se": rng.uniform(0.5, 1.5, n)})
               for n, groups in ((20, 5), (3, 2))]
+    words = r"REML with known residual sds \(se=\) and 3 observations for 3 fixed effects .* \(reml=False\)"
+    with pytest.raises(hp.DataError, match=words):
+        hp.lmm("y ~ x + w + (1 | g)", frames[1], se="se")
     batch = hp.fit_batch("y ~ x + w + (1 | g)", frames, se="se", progress=False)
-    single = hp.lmm("y ~ x + w + (1 | g)", frames[1], se="se")
-    assert batch.objective.iloc[1] == pytest.approx(single.objective, rel=1e-8), batch.messages.iloc[1]
-    assert batch.converged.iloc[1] == single.converged and "refitted by hp.lmm" in batch.messages.iloc[1]
-    assert batch.messages.iloc[1].startswith(NO_ERROR_CONTRAST_REASON) and not batch.messages.iloc[0]
-    np.testing.assert_allclose(batch.fixef.iloc[1], single.fixef, rtol=1e-6)
+    assert re.match(words, batch.messages.iloc[1]) and not batch.converged.iloc[1] and not batch.refit.iloc[1]
+    assert np.isnan(batch.objective.iloc[1]) and np.isnan(batch.fixef.iloc[1]).all()
+    assert batch.converged.iloc[0] and not batch.messages.iloc[0]
+    single = hp.lmm("y ~ x + w + (1 | g)", frames[0], se="se")
+    assert batch.objective.iloc[0] == pytest.approx(single.objective, rel=1e-8)
+    # two terms, and a shared design's responses: the same refusal
+    two = frames[1].assign(h=["a", "b", "a"])
+    for call in (lambda: hp.fit_batch("y ~ x + w + (1 | g) + (1 | h)", [frames[0].assign(h="a"), two], se="se",
+                                      progress=False).messages.iloc[1],
+                 lambda: hp.fit_batch("y ~ x + w + (1 | g)", frames[1], responses=rng.normal(size=(3, 2)), se="se",
+                                      progress=False).messages.iloc[0]):
+        assert re.match(words, call())
+    # by ML the criterion is not flat: fitted, batched
     ml = hp.fit_batch("y ~ x + w + (1 | g)", frames, se="se", reml=False, progress=False)
     single_ml = hp.lmm("y ~ x + w + (1 | g)", frames[1], se="se", reml=False)
-    assert NO_ERROR_CONTRAST_REASON not in ml.messages.iloc[1]
-    assert ml.objective.iloc[1] == pytest.approx(single_ml.objective, rel=1e-8), ml.messages.iloc[1]
+    assert not ml.messages.iloc[1] and not ml.refit.iloc[1]
+    assert ml.objective.iloc[1] == pytest.approx(single_ml.objective, rel=1e-8)
+    np.testing.assert_allclose(ml.fixef.iloc[1], single_ml.fixef, rtol=1e-6)
 
 
 def _review_dataset(index: int) -> pd.DataFrame:

@@ -675,8 +675,7 @@ def test_a_search_stuck_at_its_lowest_is_converged_and_a_tie_keeps_the_converged
     formula = "y ~ x + car(area, type='icar')"
     frames = [data.assign(y=response) for response in responses]
     fits = [hp.lmm(formula, frame, adjacency=edges) for frame in frames]
-    assert all(fit.converged for fit in fits)
-    assert any(not fit.optimizer.success for fit in fits)  # some first search gave up at its lowest
+    assert all(fit.converged for fit in fits)  # (here and with Haswell kernels one of them gave up at its lowest)
     batch = hp.fit_batch(formula, frames, adjacency=edges, progress=False)
     assert batch.converged.all() and (batch.messages == "").all(), batch.messages.tolist()
     np.testing.assert_allclose(batch.objective, [fit.objective for fit in fits], rtol=1e-8)
@@ -688,7 +687,8 @@ def test_a_restart_that_ties_keeps_the_converged_search_and_one_that_takes_no_st
     """spatial._minimize's rule, on searches that end each way by construction: the first search L-BFGS-B's own (on
     a quadratic), each restart one that gives up ("ABNORMAL") at the same criterion, after an ulp's step (a tie: the
     first search's result is kept, converged) or after none (where the first search gave up too: stuck at its
-    lowest, converged).  A restart that gives up higher never makes a search that gave up converged."""
+    lowest, converged).  A restart that ties and meets its tolerance replaces a first search that gave up; one that
+    gives up higher never makes a search that gave up converged."""
     from hierpool.closedform import spatial
 
     real = scipy.optimize.minimize
@@ -722,3 +722,16 @@ def test_a_restart_that_ties_keeps_the_converged_search_and_one_that_takes_no_st
 
     monkeypatch.setattr(scipy.optimize, "minimize", higher)
     assert not spatial._minimize(objective, np.array([1.0, 1.0]), [(None, None)] * 2).converged
+
+    def met(fun, x0, **kwargs):  # a first search that gives up, and a restart that ties after a step and succeeds
+        calls.append(x0)
+        found = real(fun, x0, **kwargs)
+        if len(calls) == 5:
+            found.success, found.message = False, "ABNORMAL: "
+            return found
+        return scipy.optimize.OptimizeResult(x=np.asarray(x0) + 1e-16, fun=fun(x0), success=True,
+                                             message="CONVERGENCE: ", nit=1)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", met)
+    result = spatial._minimize(objective, np.array([1.0, 1.0]), [(None, None)] * 2)
+    assert result.converged and result.success and result.message == "CONVERGENCE: "

@@ -81,6 +81,7 @@ from ..errors import (
     integer_argument,
     optional_boolean_argument,
 )
+from ..spec.design import error_contrast_problem
 from ..spec.family import binary_outcome_per_level, family_spec, unidentified_term_message
 from ..spec.transforms import caller_names
 from . import host_processes
@@ -115,13 +116,6 @@ from .shared_design import (
     responses_long_frame,
     shared_design_plan,
 )
-
-#: Why a dataset is fitted alone where REML with known residual sds (``se=``) meets as many rows as fixed effects:
-#: no error contrast is left, the criterion is flat in theta, which hp.lmm reports unconverged (its Hessian is 0).
-#: The batched search's stop on that flat criterion is decided by rounding (a NaN step on one machine, a converged
-#: stop after none on another), so the row is the single fit's.
-NO_ERROR_CONTRAST_REASON = ("REML with as many rows as fixed effects leaves no error contrast: theta is not "
-                            "identified")
 
 CPU_CHUNK, ACCELERATOR_CHUNK = 128, 4096  # default datasets per compiled call
 # a GLMM's datasets run PIRLS loops inside Newton's loop, in lockstep within a call: on a CPU small calls waste
@@ -336,7 +330,9 @@ def fit_batch(
     se : str, optional
         Column of known residual sds, as ``hp.lmm``'s (meta-analysis): row i has
         residual variance se_i^2, sigma is not estimated (1), and the random-effect
-        sds are absolute.  Cannot be combined with ``weights``.
+        sds are absolute.  Cannot be combined with ``weights``.  By REML a dataset with no more rows
+        than fixed effects is refused in its row, as ``hp.lmm`` refuses it (no error contrast: the
+        variances are not identified); by ML it is fitted.
     nAGQ : int
         A GLMM's quadrature, as ``hp.glmm``'s: 1 (the Laplace approximation) is batched; 0 (glmer's
         first stage alone) and adaptive Gauss-Hermite quadrature (> 1, one scalar term) fit each dataset
@@ -491,9 +487,6 @@ def fit_batch(
             near = near_exact_datasets(fitted.dataset, fitted.design.y_less_offset, shifts[1],
                                        fitted.design.weights, fitted.n_datasets)
             alone = dict.fromkeys(np.flatnonzero(near).tolist(), NEAR_EXACT_REASON)
-    if spec is None and reml and fitted.design.sigma_known:
-        alone = {**dict.fromkeys(np.flatnonzero(np.asarray(plan.n_obs) == plan.design.p).tolist(),
-                                 NO_ERROR_CONTRAST_REASON), **alone}
     if spec is not None:
         settings.pop("reml")
         # a negative binomial's shape is estimated (the 1.0 only makes the family; the batch starts from moments)
@@ -510,6 +503,8 @@ def fit_batch(
         fitter = partial(lmm, reml=reml)
     if conditioning is not None:
         out = conditioning.to_user(out)
+    if spec is None and reml and plan.design.sigma_known:
+        _refuse_without_error_contrasts(plan, out)
     for index, reason in alone.items():  # (the batch's row set aside: its numbers are no fit's)
         if out["messages"][index]:
             continue  # (refused: the batch's reason, or the single fit's)
@@ -517,6 +512,18 @@ def fit_batch(
         out["attempted"][index] = False
         out["alone"][index] = reason
     return _result(plan, out, formula, reml, polish, fitter)
+
+
+def _refuse_without_error_contrasts(plan, out: dict) -> None:
+    """REML with known residual sds: the datasets with no more rows than fixed effects refused in their rows, in
+    hp.lmm's words (:func:`~hierpool.spec.design.error_contrast_problem`; their criterion is flat in theta, where the
+    batched search's stop was decided by rounding: a NaN step on one machine, a converged row after no step on
+    another).  Searched with the rest (a row's search touches no other's), their numbers set aside here."""
+    for index in np.flatnonzero(np.asarray(plan.n_obs) <= plan.design.p):
+        if not out["messages"][index]:  # (refused already: that reason stays)
+            _blank(out, index)
+            out["attempted"][index] = False
+            out["messages"][index] = error_contrast_problem(plan.design.p, int(plan.n_obs[index]), True, True)
 
 
 def _shared_design_of_long_frame(formula: str, data, by: str, weights, offset, se):

@@ -37,8 +37,8 @@ from ..algebra.linalg import (
 )
 from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
-from ..errors import ArgumentError, ConvergenceError, ConvergenceWarning, boolean_argument
-from ..spec.design import Design, build_design, check_residual_df
+from ..errors import ArgumentError, ConvergenceError, ConvergenceWarning, DataError, boolean_argument
+from ..spec.design import Design, build_design, check_residual_df, error_contrast_problem
 from ..spec.formula import has_spatial_term
 from .ar1 import fit_ar1
 from .optimize import (
@@ -252,6 +252,9 @@ class MixedModel:
         those of the conditioned problem.
         """
         reml, control = boolean_argument("reml", reml), control_argument(control)
+        problem = error_contrast_problem(self.design.p, self.design.n, reml, self.design.sigma_known)
+        if problem:
+            raise DataError(problem)
         conditioned = condition_terms(self.design, fixed=True)
         if conditioned is not None and control is not None and control.theta_start is not None:
             control = _start_on_conditioned_columns(control, conditioned, self.n_theta)

@@ -956,6 +956,18 @@ def residual_df_problem(p: int, n: int) -> str:
             "variance (a column of numbers stored as text is a factor, a level per row)")
 
 
+def error_contrast_problem(p: int, n: int, reml: bool, sigma_known: bool) -> str:
+    """Why REML cannot fit known residual sds (``se=``) to ``n`` observations of ``p`` independent fixed-effect
+    columns ("" where it can): its criterion is the likelihood of the n - p error contrasts, and with none left it
+    is flat in theta, whose fit stopped wherever rounding left it (reported unconverged on one machine, converged
+    at its start on another).  ML is defined there; without known sds :func:`residual_df_problem` refuses such data
+    already.  A batch gives these words in the dataset's row."""
+    if not (reml and sigma_known) or n > p:
+        return ""
+    return (f"REML with known residual sds (se=) and {n} observations for {p} fixed effects leaves no error "
+            "contrast: the variance components are not identified; fit by ML (reml=False), or give more observations")
+
+
 def check_residual_df(design: Design) -> None:
     """Refuse a linear mixed model whose fixed part has as many independent columns as rows (a text column of numbers
     read as a factor, a level per row; ``poly(x, n)``): nothing is left for the residual variance, and the fit
