@@ -535,6 +535,33 @@ def test_prior_weights_scaled_by_a_constant_fit_the_same_model():
         assert "geometric mean is 1.16e+13" in said and "divide them by a constant" in said
 
 
+def test_weights_or_known_sds_spread_beyond_what_the_fit_holds_are_refused_by_name_per_dataset():
+    """One row's weight 1e12 times the others' left the criterion 2e-6 of itself from its limit, and a known sd 1e-7
+    of the others' moved it by 0.3 (fit_batch's 0.6 from hp.lmm's), reported converged; a known sd of 1e-200
+    raised NumPy's LinAlgError.  Refused by name beyond weights 1e10 apart (spec.design.WEIGHTS_SPREAD), in hp.lmm
+    and in the dataset's batch row; each dataset's own spread counts, not the long frame's."""
+    rng = np.random.default_rng(1)
+    n = 30
+    data = pd.DataFrame({"g": np.resize(list("abcdef"), n), "x": rng.normal(size=n), "y": rng.normal(size=n),
+                         "se": rng.uniform(0.5, 1.5, n), "w": rng.uniform(0.5, 1.5, n)})
+    precise = [data.assign(se=np.where(np.arange(n) == 0, tiny, data["se"])) for tiny in (1e-7, 1e-200)]
+    heavy = data.assign(w=np.where(np.arange(n) == 0, 1e12, data["w"]))
+    cases = [(frame, {"se": "se"}, r"se column 'se': its largest sd is more than 1e\+05 times its smallest")
+             for frame in precise]
+    cases.append((heavy, {"weights": "w"}, r"weights column 'w': its largest weight is more than 1e\+10 times"))
+    for frame, arguments, words in cases:
+        with pytest.raises(hp.DataError, match=words):
+            hp.lmm("y ~ x + (1 | g)", frame, **arguments)
+        batch = hp.fit_batch("y ~ x + (1 | g)", [frame, data], **arguments, progress=False)
+        assert re.match(words, batch.messages.iloc[0]) and np.isnan(batch.objective.iloc[0])
+        assert batch.converged.iloc[1] and not batch.messages.iloc[1]
+    # within the spread, fitted, the batch's row hp.lmm's; one dataset's sds 1e-8 of another's: each fitted
+    within = data.assign(se=np.where(np.arange(n) == 0, 1e-4, data["se"]))
+    batch = hp.fit_batch("y ~ x + (1 | g)", [within, data.assign(se=data["se"] * 1e-8)], se="se", progress=False)
+    assert not batch.messages.str.contains("loses its digits").any()
+    assert batch.objective.iloc[0] == pytest.approx(hp.lmm("y ~ x + (1 | g)", within, se="se").objective, rel=1e-8)
+
+
 def test_a_two_term_model_with_weights_of_large_scale_reaches_its_optimum():
     """(1 | g) + (0 + x | g) with weights ~1e7: theta's optimum (4e-4) is 2,500 times below the columns' units, and
     hp.lmm's search ended at theta = 0, REML 61 above hp.fit_batch's, converged (the forty-third session's review);

@@ -78,6 +78,7 @@ from ..spec.design import (
     RESPONSE_SMALLEST,
     SMALLEST_VALUE,
     TERM_RANK_TOL,
+    WEIGHTS_SPREAD,
     Design,
     RandomEffectTerm,
     aliased_within,
@@ -1083,6 +1084,9 @@ def plan_refusals(plan: BatchPlan, data, formula: str, family, set_aside: dict |
         # (and its weights' scale: check_weights_scale's rule, per dataset)
         decades = weights_decades(design.weights, plan.dataset, plan.n_datasets)
         constant |= (plan.n_obs > 0) & weights_beyond_scale(decades)
+    if design.family is None and design.weights is not None:  # (their spread: weights_spread_problem's, per dataset)
+        low, high = segment_extremes(design.weights, plan.dataset, plan.n_datasets)
+        constant |= (plan.n_obs > 0) & ~(high <= WEIGHTS_SPREAD * low)
     for index in np.flatnonzero(constant | tiny):
         frame, arguments = plan.dataset_frame(index)
         refusals[index] = single_fit_refusal(formula, frame, family=family, **arguments)

@@ -1049,6 +1049,30 @@ def weights_beyond_scale(decades):
     return np.abs(decades) > np.log10(WEIGHTS_SCALE)
 
 
+#: Widest spread (largest over smallest) of a linear model's row weights, prior weights or known sds' 1 / se^2, that
+#: its fit holds to its digits: the normal equations' sums keep the other rows to about eps times the spread.  One
+#: row's prior weight 1e10 times the others' left the REML criterion 2e-8 of itself from its limit, 1e12 times 2e-6
+#: and 1e14 times 2e-5 (the batch's fit then 2e-3 from hp.lmm's); a known sd 1e-7 of the others' (1e14) moved it by
+#: 0.3, a wrong fit reported converged, and below 1e-154 (1 / se^2 beyond a float) NumPy's LinAlgError escaped
+#: (the fifty-eighth session's probe and its review).
+WEIGHTS_SPREAD = 1e10
+
+
+def weights_spread_problem(weights: np.ndarray, what: str, known_sds: bool = False) -> str:
+    """Why a linear model's row ``weights`` (``known_sds``: 1 / se^2) cannot be fitted ("" where they can): their
+    spread beyond :data:`WEIGHTS_SPREAD`, in the units the user gave (sds, or weights).  A batch gives these words in
+    a dataset's row."""
+    weights = np.asarray(weights, dtype=float)
+    if weights.size == 0 or weights.max() <= WEIGHTS_SPREAD * weights.min():
+        return ""
+    if known_sds:
+        return (f"{what}: its largest sd is more than {np.sqrt(WEIGHTS_SPREAD):.0e} times its smallest (weights "
+                f"1 / se^2 more than {WEIGHTS_SPREAD:.0e} apart), where the fit loses its digits: is a row known "
+                "that precisely (it would pin the fit through it), or are the sds in different units?")
+    return (f"{what}: its largest weight is more than {WEIGHTS_SPREAD:.0e} times its smallest, where the fit loses "
+            "its digits: are the weights in different units?")
+
+
 def check_weights_scale(weights: np.ndarray, what: str) -> None:
     """Refuse a linear model's prior weights whose geometric mean is beyond :data:`WEIGHTS_SCALE` either way, by
     name, with what to do (divide them by a constant: only sigma changes)."""
@@ -1197,13 +1221,19 @@ def build_design(
     terms = [terms[j] for j in lme4_term_order([t.n_levels for t in terms])]
     if se is not None:
         row_weights = 1.0 / known_sd(frame, se) ** 2
+        what, sds = f"se column {se!r}", True
     elif weights is not None:
-        what = "weights" + (f" column {weights_column!r}" if weights_column else "")
+        what, sds = "weights" + (f" column {weights_column!r}" if weights_column else ""), False
         row_weights = _positive_weights(frame, weights_column or WEIGHTS_COLUMN, what)
         if family is None:
             check_weights_scale(row_weights, what)
     else:
         row_weights = None
+    # a batch's long frame (datasets): each dataset's spread is its own, checked by the batch's plan
+    problem = "" if row_weights is None or family is not None or datasets is not None else \
+        weights_spread_problem(row_weights, what, known_sds=sds)
+    if problem:
+        raise DataError(problem)
     if family is not None:
         if trials is not None:  # cbind's trials, times any prior weights
             row_weights = trials if row_weights is None else trials * row_weights
