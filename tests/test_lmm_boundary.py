@@ -538,16 +538,17 @@ def test_prior_weights_scaled_by_a_constant_fit_the_same_model():
 def test_weights_or_known_sds_spread_beyond_what_the_fit_holds_are_refused_by_name_per_dataset():
     """One row's weight 1e12 times the others' left the criterion 2e-6 of itself from its limit, and a known sd 1e-7
     of the others' moved it by 0.3 (fit_batch's 0.6 from hp.lmm's), reported converged; a known sd of 1e-200
-    raised NumPy's LinAlgError.  Refused by name beyond weights 1e10 apart (spec.design.WEIGHTS_SPREAD), in hp.lmm
-    and in the dataset's batch row; each dataset's own spread counts, not the long frame's."""
+    raised NumPy's LinAlgError.  Refused by name beyond weights 1e10 apart (spec.design.WEIGHTS_SPREAD), or sds
+    whose 1 / se^2 is no float, in hp.lmm and in the dataset's batch row; each dataset's own spread counts, not the
+    long frame's (a spatial batch's included)."""
     rng = np.random.default_rng(1)
     n = 30
     data = pd.DataFrame({"g": np.resize(list("abcdef"), n), "x": rng.normal(size=n), "y": rng.normal(size=n),
                          "se": rng.uniform(0.5, 1.5, n), "w": rng.uniform(0.5, 1.5, n)})
     precise = [data.assign(se=np.where(np.arange(n) == 0, tiny, data["se"])) for tiny in (1e-7, 1e-200)]
     heavy = data.assign(w=np.where(np.arange(n) == 0, 1e12, data["w"]))
-    cases = [(frame, {"se": "se"}, r"se column 'se': its largest sd is more than 1e\+05 times its smallest")
-             for frame in precise]
+    cases = [(precise[0], {"se": "se"}, r"se column 'se': its largest sd is more than 1e\+05 times its smallest"),
+             (precise[1], {"se": "se"}, r"se column 'se': its sds must lie within 1e-154 \.\. 1e154")]
     cases.append((heavy, {"weights": "w"}, r"weights column 'w': its largest weight is more than 1e\+10 times"))
     for frame, arguments, words in cases:
         with pytest.raises(hp.DataError, match=words):
@@ -560,6 +561,20 @@ def test_weights_or_known_sds_spread_beyond_what_the_fit_holds_are_refused_by_na
     batch = hp.fit_batch("y ~ x + (1 | g)", [within, data.assign(se=data["se"] * 1e-8)], se="se", progress=False)
     assert not batch.messages.str.contains("loses its digits").any()
     assert batch.objective.iloc[0] == pytest.approx(hp.lmm("y ~ x + (1 | g)", within, se="se").objective, rel=1e-8)
+    # ... a spatial batch's too (its long frame's spread refused the whole call: the second review)
+    from hierpool.spec.adjacency import lattice_edges
+
+    areas = data.assign(area=[f"a{i % 6}" for i in range(n)])
+    spatial = hp.fit_batch("y ~ x + car(area, type='icar')", [areas.assign(w=areas["w"] * 1e-6),
+                                                              areas.assign(w=areas["w"] * 1e5)],
+                           weights="w", adjacency=lattice_edges(2, 3), progress=False)
+    assert spatial.converged.all() and not spatial.messages.str.len().any(), spatial.messages.tolist()
+    # sds whose 1 / se^2 is no float, every row's alike (no spread to see): refused by name, in the row
+    tiny = data.assign(se=data["se"] * 1e-160)
+    with pytest.raises(hp.DataError, match=r"se column 'se': its sds must lie within 1e-154 \.\. 1e154"):
+        hp.lmm("y ~ x + (1 | g)", tiny, se="se")
+    batch = hp.fit_batch("y ~ x + (1 | g)", [tiny, data], se="se", progress=False)
+    assert batch.messages.iloc[0].startswith("se column 'se': its sds must lie within") and batch.converged.iloc[1]
 
 
 def test_a_two_term_model_with_weights_of_large_scale_reaches_its_optimum():

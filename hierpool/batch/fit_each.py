@@ -247,7 +247,7 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
             raise ArgumentError("se= is not supported with a spatial term (adjacency=) yet")
 
         def build(rows, arguments):
-            return spatial_design(formula, rows, adjacency, family=spec, **arguments)
+            return spatial_design(formula, rows, adjacency, family=spec, datasets=by, **arguments)
     # one dataset's data the single fit refuses (a negative count) is refused in its row, not the batch
     built, frame, weights, offset, set_aside = stacked_design(data, by, columns, build, weights, offset,
                                                                logical=terms)

@@ -78,7 +78,6 @@ from ..spec.design import (
     RESPONSE_SMALLEST,
     SMALLEST_VALUE,
     TERM_RANK_TOL,
-    WEIGHTS_SPREAD,
     Design,
     RandomEffectTerm,
     aliased_within,
@@ -97,6 +96,7 @@ from ..spec.design import (
     value_kind,
     weights_beyond_scale,
     weights_decades,
+    within_weights_spread,
 )
 from ..spec.formula import parse_formula, response_only_names
 from ..spec.labels import column_labels, shown_label
@@ -1086,7 +1086,7 @@ def plan_refusals(plan: BatchPlan, data, formula: str, family, set_aside: dict |
         constant |= (plan.n_obs > 0) & weights_beyond_scale(decades)
     if design.family is None and design.weights is not None:  # (their spread: weights_spread_problem's, per dataset)
         low, high = segment_extremes(design.weights, plan.dataset, plan.n_datasets)
-        constant |= (plan.n_obs > 0) & ~(high <= WEIGHTS_SPREAD * low)
+        constant |= (plan.n_obs > 0) & ~within_weights_spread(low, high)
     for index in np.flatnonzero(constant | tiny):
         frame, arguments = plan.dataset_frame(index)
         refusals[index] = single_fit_refusal(formula, frame, family=family, **arguments)

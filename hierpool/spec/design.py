@@ -1058,13 +1058,22 @@ def weights_beyond_scale(decades):
 WEIGHTS_SPREAD = 1e10
 
 
+def within_weights_spread(smallest, largest):
+    """Whether row weights from ``smallest`` to ``largest`` (arrays: a batch's datasets) are finite, positive and
+    within :data:`WEIGHTS_SPREAD` of each other (:func:`weights_spread_problem`'s test)."""
+    return np.isfinite(largest) & (smallest > 0) & (largest <= WEIGHTS_SPREAD * smallest)
+
+
 def weights_spread_problem(weights: np.ndarray, what: str, known_sds: bool = False) -> str:
     """Why a linear model's row ``weights`` (``known_sds``: 1 / se^2) cannot be fitted ("" where they can): their
     spread beyond :data:`WEIGHTS_SPREAD`, in the units the user gave (sds, or weights).  A batch gives these words in
     a dataset's row."""
     weights = np.asarray(weights, dtype=float)
-    if weights.size == 0 or weights.max() <= WEIGHTS_SPREAD * weights.min():
+    if weights.size == 0 or within_weights_spread(weights.min(), weights.max()):
         return ""
+    if known_sds and not (np.isfinite(weights.max()) and weights.min() > 0):  # (prior weights are refused before)
+        return (f"{what}: its sds must lie within 1e-154 .. 1e154, where 1 / se^2 is a float (the fit's weights): "
+                "are they in the response's units?")
     if known_sds:
         return (f"{what}: its largest sd is more than {np.sqrt(WEIGHTS_SPREAD):.0e} times its smallest (weights "
                 f"1 / se^2 more than {WEIGHTS_SPREAD:.0e} apart), where the fit loses its digits: is a row known "
@@ -1128,7 +1137,8 @@ def build_design(
         so that rows missing an area are dropped with the rest).  Without it a ``car(...)`` term is refused.
     datasets : str, optional
         The column naming each row's dataset, where ``data`` is a batch's long frame: the dropped rows' warning
-        says which datasets they were in.
+        says which datasets they were in, and the weights' spread (:func:`weights_spread_problem`) is left to the
+        batch, which judges each dataset's own.
 
     Returns
     -------

@@ -189,8 +189,9 @@ def _is_graph(value) -> bool:
 
 
 def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: FamilySpec | None = None,
-                   weights=None, offset=None) -> SpatialDesign:
-    """Check a spatial formula, its data and its graphs; build the :class:`SpatialDesign`."""
+                   weights=None, offset=None, datasets: str | None = None) -> SpatialDesign:
+    """Check a spatial formula, its data and its graphs; build the :class:`SpatialDesign`.  ``datasets``: a batch's
+    column of dataset labels, where ``data`` is its long frame (:func:`~hierpool.spec.design.build_design`'s)."""
     binomial = family is not None and family.name == "binomial"
     spec = parse_formula(formula, binomial_counts=binomial, random_optional=True)
     if not spec.spatial:
@@ -220,7 +221,7 @@ def spatial_design(formula: str, data: pd.DataFrame, adjacency, *, family: Famil
                             f"(its area columns: {factors})")
     graphs = [resolve_graph(adjacency, data, term) for term in spec.spatial]
     design = build_design(formula, data, weights=weights, offset=offset, family=family, random_optional=True,
-                          spatial=True)
+                          spatial=True, datasets=datasets)
     groups = [term.group for term in design.terms]
     repeated = sorted({g for g in groups if groups.count(g) > 1})
     if repeated:
