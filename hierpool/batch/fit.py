@@ -46,6 +46,7 @@ whitened systems, :mod:`hierpool.algebra.search.ar1_systems`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -444,6 +445,8 @@ def fit_batch(
     reml = family is None if reml is None else reml
     plan = shared or plan_batch(formula, data, by, "fit_batch", "hp.glmm" if spec else "hp.lmm", weights=weights,
                                 offset=offset, se=se, one_term=False, family=spec)
+    if spec is None and reml:
+        plan = _refused_without_error_contrasts(plan)
     if spec is not None:
         _warn_if_unidentified(plan, spec.name)
     if spec is not None and nAGQ != 1:
@@ -503,8 +506,6 @@ def fit_batch(
         fitter = partial(lmm, reml=reml)
     if conditioning is not None:
         out = conditioning.to_user(out)
-    if spec is None and reml and plan.design.sigma_known:
-        _refuse_without_error_contrasts(plan, out)
     for index, reason in alone.items():  # (the batch's row set aside: its numbers are no fit's)
         if out["messages"][index]:
             continue  # (refused: the batch's reason, or the single fit's)
@@ -514,16 +515,20 @@ def fit_batch(
     return _result(plan, out, formula, reml, polish, fitter)
 
 
-def _refuse_without_error_contrasts(plan, out: dict) -> None:
-    """REML with known residual sds: the datasets with no more rows than fixed effects refused in their rows, in
-    hp.lmm's words (:func:`~hierpool.spec.design.error_contrast_problem`; their criterion is flat in theta, where the
-    batched search's stop was decided by rounding: a NaN step on one machine, a converged row after no step on
-    another).  Searched with the rest (a row's search touches no other's), their numbers set aside here."""
-    for index in np.flatnonzero(np.asarray(plan.n_obs) <= plan.design.p):
-        if not out["messages"][index]:  # (refused already: that reason stays)
-            _blank(out, index)
-            out["attempted"][index] = False
-            out["messages"][index] = error_contrast_problem(plan.design.p, int(plan.n_obs[index]), True, True)
+def _refused_without_error_contrasts(plan):
+    """``plan`` with the datasets that REML cannot fit with known residual sds refused in their rows, in hp.lmm's
+    words (:func:`~hierpool.spec.design.error_contrast_problem`: no more rows than fixed effects leave no error
+    contrast, and the criterion is flat in theta, where the batched search's stop was decided by rounding).  Their
+    count checks find nothing (known sds need no residual rows: :func:`~hierpool.batch.plan.fixed_part_problems`,
+    which ML fits), so the refusal is the plan's (:meth:`~hierpool.batch.plan.BatchPlan.refused`)."""
+    n_obs = np.asarray(plan.n_obs)
+    rows = np.flatnonzero(n_obs <= plan.design.p) if plan.design.sigma_known else ()
+    if not len(rows):
+        return plan
+    refusals = list(plan.refusals or [""] * plan.n_datasets)
+    for index in rows:  # (a refusal already there, an empty dataset's, stays)
+        refusals[index] = refusals[index] or error_contrast_problem(plan.design.p, int(n_obs[index]), True, True)
+    return dataclasses.replace(plan, refusals=tuple(refusals))
 
 
 def _shared_design_of_long_frame(formula: str, data, by: str, weights, offset, se):

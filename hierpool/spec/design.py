@@ -1071,15 +1071,15 @@ def weights_spread_problem(weights: np.ndarray, what: str, known_sds: bool = Fal
     weights = np.asarray(weights, dtype=float)
     if weights.size == 0 or within_weights_spread(weights.min(), weights.max()):
         return ""
-    if known_sds and not (np.isfinite(weights.max()) and weights.min() > 0):  # (prior weights are refused before)
+    if not known_sds:  # (prior weights not finite and positive are refused before: _positive_weights)
+        return (f"{what}: its largest weight is more than {WEIGHTS_SPREAD:.0e} times its smallest, where the fit "
+                "loses its digits: are the weights in different units?")
+    if not (np.isfinite(weights.max()) and weights.min() > 0):
         return (f"{what}: its sds must lie within 1e-154 .. 1e154, where 1 / se^2 is a float (the fit's weights): "
                 "are they in the response's units?")
-    if known_sds:
-        return (f"{what}: its largest sd is more than {np.sqrt(WEIGHTS_SPREAD):.0e} times its smallest (weights "
-                f"1 / se^2 more than {WEIGHTS_SPREAD:.0e} apart), where the fit loses its digits: is a row known "
-                "that precisely (it would pin the fit through it), or are the sds in different units?")
-    return (f"{what}: its largest weight is more than {WEIGHTS_SPREAD:.0e} times its smallest, where the fit loses "
-            "its digits: are the weights in different units?")
+    return (f"{what}: its largest sd is more than {np.sqrt(WEIGHTS_SPREAD):.0e} times its smallest (weights 1 / se^2 "
+            f"more than {WEIGHTS_SPREAD:.0e} apart), where the fit loses its digits: is a row known that precisely "
+            "(it would pin the fit through it), or are the sds in different units?")
 
 
 def check_weights_scale(weights: np.ndarray, what: str) -> None:
