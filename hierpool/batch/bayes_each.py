@@ -25,7 +25,7 @@ from ..bayesian.results import SUMMARY_COLUMNS, summarize_draws
 from ..closedform.results import term_rows
 from ..errors import HierpoolWarning
 from .bayes_results import BayesBatchResult, BayesBatchTerm
-from .fit_each import by_coefficient, check_fixed_effects, each_model, run_each
+from .fit_each import by_coefficient, check_fixed_effects, each_model, failure_words, run_each
 
 _WIDTH = len(SUMMARY_COLUMNS)
 
@@ -50,7 +50,7 @@ def sample_summary(sampler, formula: str, frame: pd.DataFrame, arguments: dict, 
             summary["draws"] = single_draws(single, fixed_names, terms, levels)
         return summary, ""
     except Exception as exc:  # noqa: BLE001 - reported in the dataset's row
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, failure_words(exc)
 
 
 def single_summaries(result, fixed_names, terms, levels, template: pd.DataFrame, scalars, level: float) -> dict:

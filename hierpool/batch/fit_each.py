@@ -43,7 +43,7 @@ import pandas as pd
 
 from ..closedform.glmm import check_quadrature
 from ..closedform.results import term_rows
-from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning
+from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolError, HierpoolWarning
 from ..spec.design import build_design
 from ..spec.formula import has_spatial_term
 from ..spec.transforms import caller_names
@@ -315,9 +315,16 @@ def each_outcome(call, index: int, frame: pd.DataFrame, arguments: dict, keep_wa
         try:
             value, message = call(index, frame, arguments), ""
         except Exception as exc:  # noqa: BLE001 - kept in the dataset's row, never raised for the batch
-            value, message = None, f"{type(exc).__name__}: {exc}"
+            value, message = None, failure_words(exc)
     said = [str(w.message) for w in caught if keep_warnings and issubclass(w.category, HierpoolWarning)]
     return value, "; ".join(dict.fromkeys(said + ([message] if message else [])))
+
+
+def failure_words(exc: Exception) -> str:
+    """A dataset's failure as its row says it: a :class:`~hierpool.errors.HierpoolError`'s words alone, as the
+    batched paths' refusals (:attr:`BatchPlan.refusals`) give them; any other error with its type's name, which says
+    it was not a refusal."""
+    return str(exc) if isinstance(exc, HierpoolError) else f"{type(exc).__name__}: {exc}"
 
 
 def dataset_fit(fitter, row, fixed_names, formula: str, index: int, frame: pd.DataFrame,
