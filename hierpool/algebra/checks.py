@@ -5,7 +5,9 @@ relative factor T_j below a tolerance), vectorized over leading (dataset) axes:
 ``hp.fit_batch`` applies it to every dataset of a batch at once, and the closed
 form's single-fit check (:func:`hierpool.closedform.optimize.is_singular`) is its
 case of one theta.  :func:`onto_boundary` sets such elements to 0 where the criterion allows, for the batch's
-searches and ``hp.lmm``'s alike.
+searches and ``hp.lmm``'s alike.  :func:`reproduced_to_rounding` and :func:`fits_to_rounding` say where a fit's
+response is reproduced to rounding (by the fixed and random effects at the fit, or by X alone), so that its criterion
+is made of rounding noise.
 """
 
 from __future__ import annotations
@@ -110,3 +112,35 @@ def lme4_gradient_measure(hessian: np.ndarray, gradient: np.ndarray) -> np.ndarr
     except np.linalg.LinAlgError:
         return np.abs(g)
     return np.minimum(np.abs(g), np.abs(np.linalg.solve(lower.T, g)))
+
+
+#: The size of a response's weighted residual, relative to the response's weighted spread about its mean, up to which
+#: the fit reproduces it to rounding: above it the shared path's criterion agreed with hp.lmm's to 4e-11 or better,
+#: below it drifted to 1e-8 (the forty-seventh session's second review; :mod:`hierpool.batch.near_exact`).
+NEAR_EXACT = 1e-8
+#: The same, relative to the response's size: a response whose variation is at its rounding (1 and 1 + 1e-15).
+AT_ROUNDING = 1e-14
+
+
+def reproduced_to_rounding(residual_squares, spread_squares) -> np.ndarray:
+    """Whether a residual's weighted sum of squares r'Wr is within :data:`NEAR_EXACT` of the response's weighted
+    spread about its mean, (y - ybar)'W(y - ybar): r'Wr <= NEAR_EXACT^2 (y - ybar)'W(y - ybar).  Sums beyond a
+    float say nothing (False)."""
+    residual_squares, spread_squares = np.asarray(residual_squares), np.asarray(spread_squares)
+    return np.isfinite(residual_squares) & np.isfinite(spread_squares) & (
+        residual_squares <= NEAR_EXACT ** 2 * spread_squares)
+
+
+def fits_to_rounding(residual_squares: np.ndarray, spread_squares: np.ndarray, size_squares: np.ndarray) -> np.ndarray:
+    """Whether X fits each response to rounding, from its weighted sums of squares: r'Wr of its residual from X's
+    fit, (y - ybar)'W(y - ybar) of its spread about its (weighted) mean, y'Wy of its size (y less any offset).
+
+    .. math:: r'Wr \\le \\epsilon_1^2 (y - \\bar y)'W(y - \\bar y) \\quad\\text{or}\\quad r'Wr \\le \\epsilon_2^2 y'Wy,
+
+    :math:`\\epsilon_1` = :data:`NEAR_EXACT` (:func:`reproduced_to_rounding`), :math:`\\epsilon_2` =
+    :data:`AT_ROUNDING`.  Sums beyond a float (weights of 1e300) say nothing: such a response is not flagged (its
+    fit's own checks speak for it).
+    """
+    finite = np.isfinite(residual_squares) & np.isfinite(size_squares)
+    return reproduced_to_rounding(residual_squares, spread_squares) | (
+        finite & (residual_squares <= AT_ROUNDING ** 2 * size_squares))

@@ -93,7 +93,7 @@ from .fit_each import check_fixed_effects, fit_batch_each, fits_each, refuse_on_
 from .fit_glmm import fit_glmm, glmm_problems, separation_notes
 from .fit_terms import empty_results, fit_terms, term_problems
 from .near_exact import REASON as NEAR_EXACT_REASON
-from .near_exact import near_exact_datasets
+from .near_exact import VANISHED_REASON, near_exact_datasets, vanishing_residuals
 from .other_minima import compiled_other_minima, stopped_rows_searched_on_host
 from .plan import (
     QUICK_COMPILE_MAX_VALUES,
@@ -506,6 +506,10 @@ def fit_batch(
         fitter = partial(lmm, reml=reml)
     if conditioning is not None:
         out = conditioning.to_user(out)
+    if spec is None and not plan.design.sigma_known:
+        # a fit at the limit of a response the model reproduces exactly: hp.lmm's outcome, its refusal (near_exact)
+        vanished = vanishing_residuals(out["sigma"], np.asarray(plan.n_obs), plan.response_spreads())
+        alone = alone | {int(index): VANISHED_REASON for index in np.flatnonzero(vanished) if index not in alone}
     for index, reason in alone.items():  # (the batch's row set aside: its numbers are no fit's)
         if out["messages"][index]:
             continue  # (refused: the batch's reason, or the single fit's)

@@ -1,4 +1,5 @@
-"""Responses the fixed effects fit to rounding: noise-free data, or a response that varies only at its rounding.
+"""Responses the fixed effects fit to rounding: noise-free data, or a response that varies only at its rounding;
+and fits whose residual variance nearly vanished.
 
 Such a response's residual from X's least-squares fit is rounding noise, and its criterion is made of that noise.
 The batch's sums (a matrix product with the design, a bincount over a long frame's rows) round it otherwise than the
@@ -6,40 +7,57 @@ single fit's, so the batch's criterion differs from ``hp.lmm``'s, "converged" (y
 rows: -2,675 in the batch against ``hp.lmm``'s -2,656; or a fit where ``hp.lmm`` raises).  ``hp.fit_batch`` fits
 each such dataset alone by the single fit, whose outcome, a fit or its refusal, is the dataset's row.
 
-One rule (:func:`fits_to_rounding`) for both ways a batch comes: a shared design's responses
+One rule (:func:`hierpool.algebra.checks.fits_to_rounding`) for both ways a batch comes: a shared design's responses
 (:func:`near_exact_responses`, by blocks of responses) and a long frame's datasets
 (:func:`near_exact_datasets`, from the residual its linear models compute anyway).  A large common location is not
 such a response (1e13 + y: its residual is y's).
+
+A response the fixed and random effects together reproduce exactly has no optimum (the criterion falls without end
+as theta grows), and where a search stops on it is rounding's: ``hp.lmm`` refuses it by the residual at its fit
+(:func:`hierpool.closedform.vanishing_residual.refuse_if_reproduced`).  The batch's fit of such a dataset can come
+back converged at sigma ~1e-8 (a gradient of ~1e-6 along theta ~1e8): its rows whose residual sd is within
+:data:`VANISHING` of the response's (:func:`vanishing_residuals`) are fitted alone too, and hp.lmm's outcome is
+theirs.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..algebra.checks import AT_ROUNDING, NEAR_EXACT, fits_to_rounding  # noqa: F401 - the rule's names, here too
 from ..algebra.statistics import SHARED_BLOCK_VALUES
 
-#: The size of a response's weighted residual from X's least-squares fit, relative to the response's weighted spread
-#: about its mean, up to which X fits it to rounding: above it the shared path's criterion agreed with hp.lmm's to
-#: 4e-11 or better, below it drifted to 1e-8 (the forty-seventh session's second review).
-NEAR_EXACT = 1e-8
-#: The same, relative to the response's size: a response whose variation is at its rounding (1 and 1 + 1e-15).
-AT_ROUNDING = 1e-14
 #: The row's message (before the single fit's own words, where it refuses the response).
 REASON = "X fits its response to rounding (noise-free, or varying at its rounding): fitted alone"
+#: A batch fit's residual sd, relative to its response's (weighted, about its mean), up to which the dataset is
+#: fitted alone (:func:`vanishing_residuals`): a search on a response the model reproduces exactly stops at 1e-8 or
+#: below (theta ~1e8, where the criterion's gradient is ~1e-6); a fit this near that limit costs one single fit.
+VANISHING = 1e-5
+#: The row's message of such a dataset (before the single fit's words).
+VANISHED_REASON = "the residual variance nearly vanished (noise-free data?): fitted alone"
 
 
-def fits_to_rounding(residual_squares: np.ndarray, spread_squares: np.ndarray, size_squares: np.ndarray) -> np.ndarray:
-    """Whether X fits each response to rounding, from its weighted sums of squares: r'Wr of its residual from X's
-    fit, (y - ybar)'W(y - ybar) of its spread about its (weighted) mean, y'Wy of its size (y less any offset).
+def spread_squares(target: np.ndarray, weights: np.ndarray, dataset: np.ndarray | None = None,
+                   n_datasets: int = 0) -> np.ndarray:
+    """Each response's weighted spread about its weighted mean, (y - ybar)'W(y - ybar): of a long frame's datasets
+    (``target`` (N,), ``dataset`` each row's code, ``n_datasets`` of them; a dataset without rows 0), or of
+    ``target``'s columns (n, D) (``dataset`` None).  ``weights``: each row's precision weight."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if dataset is None:
+            mean = weights @ target / weights.sum()
+            centred = target - mean
+            return np.einsum("n,nd,nd->d", weights, centred, centred)
+        total = np.bincount(dataset, weights=weights, minlength=n_datasets)
+        centred = target - (np.bincount(dataset, weights=weights * target, minlength=n_datasets) / total)[dataset]
+        return np.bincount(dataset, weights=weights * centred * centred, minlength=n_datasets)
 
-    .. math:: r'Wr \\le \\epsilon_1^2 (y - \\bar y)'W(y - \\bar y) \\quad\\text{or}\\quad r'Wr \\le \\epsilon_2^2 y'Wy,
 
-    :math:`\\epsilon_1` = :data:`NEAR_EXACT`, :math:`\\epsilon_2` = :data:`AT_ROUNDING`.  Sums beyond a float
-    (weights of 1e300) say nothing: such a response is not flagged (its fit's own checks speak for it).
-    """
-    finite = np.isfinite(residual_squares) & np.isfinite(spread_squares) & np.isfinite(size_squares)
-    return finite & ((residual_squares <= NEAR_EXACT ** 2 * spread_squares)
-                     | (residual_squares <= AT_ROUNDING ** 2 * size_squares))
+def vanishing_residuals(sigma: np.ndarray, n_obs: np.ndarray, spreads: np.ndarray) -> np.ndarray:
+    """(datasets,) bool: a batch fit's residual variance within :data:`VANISHING` of its response's,
+    sigma^2 n <= VANISHING^2 (y - ybar)'W(y - ybar) (``spreads``: :func:`spread_squares`).  NaN sigmas (no fit) are
+    not."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.isfinite(sigma) & np.isfinite(spreads) & (sigma ** 2 * n_obs <= VANISHING ** 2 * spreads)
 
 
 def near_exact_datasets(dataset: np.ndarray, target: np.ndarray, residual: np.ndarray, weights: np.ndarray | None,
@@ -59,14 +77,12 @@ def near_exact_datasets(dataset: np.ndarray, target: np.ndarray, residual: np.nd
     def per_dataset(values: np.ndarray | None) -> np.ndarray:
         return np.bincount(dataset, weights=values, minlength=n_datasets)
 
-    def weighted(values: np.ndarray) -> np.ndarray:
-        return values if weights is None else weights * values
-
+    row_weights = np.ones(len(target)) if weights is None else weights
     total = per_dataset(weights).astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):  # (a dataset with no rows: refused before, not near)
-        spread = target - (per_dataset(weighted(target)) / total)[dataset]
-        return fits_to_rounding(per_dataset(weighted(residual * residual)), per_dataset(weighted(spread * spread)),
-                                per_dataset(weighted(target * target))) & (total > 0)
+    with np.errstate(invalid="ignore", over="ignore"):  # (a dataset with no rows: refused before, not near)
+        return fits_to_rounding(per_dataset(row_weights * residual * residual),
+                                spread_squares(target, row_weights, dataset, n_datasets),
+                                per_dataset(row_weights * target * target)) & (total > 0)
 
 
 def near_exact_responses(design, target: np.ndarray, refused: np.ndarray) -> tuple[tuple[int, str], ...]:

@@ -101,6 +101,7 @@ from ..spec.design import (
 from ..spec.formula import parse_formula, response_only_names
 from ..spec.labels import column_labels, shown_label
 from ..spec.transforms import stateful_calls, unvouched_calls
+from .near_exact import spread_squares
 from .results import Pieces
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
@@ -811,6 +812,12 @@ class BatchPlan:
             if valid.any():
                 out.append((bucket, members[valid], stats.take(np.flatnonzero(valid)).astype(dtype)))
         return out, messages
+
+    def response_spreads(self) -> np.ndarray:
+        """(D,) each dataset's weighted spread of y - offset about its weighted mean, (y - ybar)'W(y - ybar)
+        (:func:`hierpool.batch.near_exact.spread_squares`)."""
+        design = self.design
+        return spread_squares(design.y_less_offset, design.row_weights, self.dataset, self.n_datasets)
 
     def location_shifts(self) -> tuple[np.ndarray, np.ndarray]:
         """(beta0 (D, p), residual (N,)): each dataset's (weighted) least-squares fit of y - offset on X and its

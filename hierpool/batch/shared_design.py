@@ -56,7 +56,7 @@ from ..spec.design import LARGEST_VALUE, RESPONSE_SMALLEST, underflowing
 from ..spec.formula import parse_formula
 from ..spec.transforms import unvouched_calls
 from .conditioning import BatchConditioning, condition_batch
-from .near_exact import near_exact_responses
+from .near_exact import near_exact_responses, spread_squares
 from .plan import (
     BatchPlan,
     EveryDatasetRefused,
@@ -405,6 +405,14 @@ class SharedDesignPlan(BatchPlan):
         terms = [(level, term.z, int(bucket_width(counts[:1])[0]))
                  for (level, counts, _), term in zip(self.term_levels, self.design.terms)]
         return merge_terms(terms) if merged else terms
+
+    def response_spreads(self) -> np.ndarray:
+        """:meth:`BatchPlan.response_spreads` of a shared design: one per response (column)."""
+        design = self.design
+        target = self.design_responses
+        if np.any(design.offset):
+            target = target - design.offset[:, None]
+        return spread_squares(target, design.row_weights)
 
     def location_shifts(self) -> tuple[np.ndarray, np.ndarray]:
         """(beta0 (D, p), residual (n, D)): :meth:`BatchPlan.location_shifts` of a shared design, by

@@ -67,7 +67,7 @@ from ..algebra.search.ar1_systems import TermsChunk, joint_search_kind, lagged_s
 from ..algebra.search.newton import DECREASE_TOL, MAX_ITERATIONS
 from ..algebra.statistics import centred_fixed_effects
 from ..algebra.system import build_system
-from ..errors import ArgumentError, ConvergenceWarning, DataError, HierpoolWarning, warn_at_caller
+from ..errors import ArgumentError, ConvergenceError, ConvergenceWarning, DataError, HierpoolWarning, warn_at_caller
 from ..spec.correlation import (
     AR1,
     Series,
@@ -81,6 +81,7 @@ from ..spec.labels import column_labels
 from ..spec.newdata import model_rows
 from .optimize import SINGULAR_FIT, Control, is_singular, moment_start, optimize_theta
 from .results import ConditionedCoordinates, LMMResult
+from .vanishing_residual import refuse_if_reproduced, solved_or_refused
 
 #: Brent's tolerance on phi's unconstrained scale (phi to ~1e-6 near 0, far below its standard error).
 PHI_XTOL = 1e-6
@@ -443,9 +444,18 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
         # from the last phi's theta, unless that sat near a boundary (theta = 0, where the correlation takes
         # the random effects' variance), which the search in theta might not leave: then the moment start
         theta = last["theta"]
+        warm = start is None and theta is not None and np.all(theta[diagonal] > WARM_START_MIN)
         if start is None:
-            start = theta if theta is not None and np.all(theta[diagonal] > WARM_START_MIN) else moment_start(whitened)
-        optimum = optimize_theta(system, reml, control if checked else search_control, start=start)
+            start = theta if warm else moment_start(whitened)
+        try:
+            optimum = optimize_theta(system, reml, control if checked else search_control, start=start)
+        except ConvergenceError:
+            if not warm:
+                raise
+            # the last phi's theta ran off (a response the model reproduces exactly: theta ~1e7, where this phi's
+            # criterion is not finite): from the moments, to the fit's own refusal (refuse_if_reproduced)
+            optimum = optimize_theta(system, reml, control if checked else search_control,
+                                     start=moment_start(whitened))
         last["theta"] = optimum.theta
         return optimum.objective + logdet, (whitened, system, optimum, logdet)
 
@@ -495,20 +505,27 @@ def fit_ar1(design: Design, correlation: AR1, data: pd.DataFrame, reml: bool = T
     theta = conditioning.theta_to_user(tilde_theta)
     singular = is_singular(theta, tuple(t.k for t in original.terms), control.singular_tol)
     messages = tuple(m for m in optimum.messages if m != SINGULAR_FIT) + (SINGULAR_FIT,) * singular
-    coordinates = None
-    if conditioning.fixed is None:
-        gradient = objective_and_gradient_on_host(theta, system, reml)[1]
-        solution = solve(theta, system, reml=reml)  # the host's Henderson solve
-    else:  # X far from centred or unit scale: its X' V^-1 X would lose most digits; solved conditioned, mapped back
+    coordinates = gradient = None
+
+    def final_solution():  # (its gradient and coordinates kept aside; solved_or_refused reads the solution)
+        nonlocal coordinates, gradient
+        if conditioning.fixed is None:
+            gradient = objective_and_gradient_on_host(theta, system, reml)[1]
+            return solve(theta, system, reml=reml)  # the host's Henderson solve
+        # X far from centred or unit scale: its X' V^-1 X would lose most digits; solved conditioned, mapped back
         tilde_system = build_system(whitened_design(conditioning.design, series, constrained(u_hat, continuous))[0],
                                     host=True)
         gradient = objective_and_gradient_on_host(tilde_theta, tilde_system, reml)[1]
         tilde = solve(tilde_theta, tilde_system, reml=reml)
-        solution = conditioning.solution_to_user(tilde, theta)
         coordinates = ConditionedCoordinates(conditioning, tilde_system, tilde_theta, np.asarray(tilde.vcov_beta))
+        return conditioning.solution_to_user(tilde, theta)
+
+    # (a search run off on noise-free data: the user's columns' system may not factor there, as hp.lmm's)
+    solution = solved_or_refused(final_solution, theta)
     optimum = replace(optimum, theta=theta, gradient=np.asarray(gradient), is_singular=singular, messages=messages,
                       objective=conditioning.objective_to_user(optimum.objective, reml))
     design = original
+    refuse_if_reproduced(design, solution, theta)  # (noise-free data: no optimum, as without the correlation)
     for message in optimum.messages:
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
     return AR1Result(design, system, solution, optimum, reml, True, conditioned=coordinates, structure=correlation,

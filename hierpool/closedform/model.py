@@ -56,6 +56,7 @@ from .optimize import (
     value_and_gradient,
 )
 from .results import ConditionedCoordinates, LMMResult
+from .vanishing_residual import refuse_if_reproduced, solved_or_refused
 
 
 def solve_at(theta: np.ndarray, system: MixedModelSystem, reml: bool, host: bool, statistics=None):
@@ -92,26 +93,6 @@ def _one_term_statistics(design: Design, host: bool):
     if not host or len(design.terms) != 1 or design.p == 0:
         return None
     return centred_statistics(design)
-
-
-def _solved_or_refused(solve, theta):
-    """``solve()``, the solution at the optimum, or a :class:`~hierpool.errors.ConvergenceError` where its system
-    does not factor (NumPy's LinAlgError escaped) or its sigma or beta come out not finite (a factor holding NaN,
-    which LAPACK did not refuse): a search run off to a huge ``theta`` (the user's, for the
-    message), the residual sd near zero, as for a response the fixed and random effects reproduce exactly."""
-    try:
-        solution = solve()
-        # (a factor that holds NaN where LAPACK did not refuse it is the same failure: never a NaN sigma returned;
-        # not the covariance of beta, which overflows on its own where y is near 1e149 and two columns nearly alias)
-        if not all(np.all(np.isfinite(np.asarray(value, dtype=float))) for value in (solution.sigma, solution.beta)):
-            raise np.linalg.LinAlgError
-        return solution
-    except np.linalg.LinAlgError:
-        shown = np.array2string(np.asarray(theta, dtype=float), precision=3)
-        raise ConvergenceError(
-            f"the fit ran off to theta = {shown} (the random effects' covariance factors relative to the residual "
-            "sd), where its system no longer factors: the residual variance went to zero.  Does the formula "
-            "reproduce the response exactly (no residual noise left)?") from None
 
 
 def _start_on_conditioned_columns(control: Control, conditioned: Conditioning, n_theta: int) -> Control:
@@ -266,7 +247,7 @@ class MixedModel:
             optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design, scales),
                                      statistics=statistics, scales=scales, response_unit=self._response_unit)
             optimum = self._lowest_of_restarts(optimum, self.system, reml, control, host, statistics, scales)
-            solution = _solved_or_refused(lambda: solve_at(optimum.theta, self.system, reml, host, one_term_inputs),
+            solution = solved_or_refused(lambda: solve_at(optimum.theta, self.system, reml, host, one_term_inputs),
                                           optimum.theta)
         else:
             system = build_system(conditioned.design, host=True)
@@ -285,11 +266,12 @@ class MixedModel:
             messages = tuple(m for m in inner.messages if m != SINGULAR_FIT) + (SINGULAR_FIT,) * singular
             optimum = replace(inner, theta=theta, objective=conditioned.objective_to_user(inner.objective, reml),
                               is_singular=singular, messages=messages)
-            tilde = _solved_or_refused(lambda: solve_at(inner.theta, system, reml, host), theta)
+            tilde = solved_or_refused(lambda: solve_at(inner.theta, system, reml, host), theta)
             solution = conditioned.solution_to_user(tilde, theta)
             # prediction variances in the conditioned coordinates too (the user's X' X may not even factor)
             coordinates = ConditionedCoordinates(conditioned, system, np.asarray(inner.theta, dtype=float),
                                                  np.asarray(tilde.vcov_beta))
+        refuse_if_reproduced(self.design, solution, optimum.theta)
         for message in optimum.messages:
             warnings.warn(message, ConvergenceWarning, stacklevel=3)
         return LMMResult(self.design, self.system, solution, optimum, reml, host,

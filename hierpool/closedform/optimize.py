@@ -371,8 +371,13 @@ def check_optimum(
     if max_grad > control.grad_tol:
         messages.append(f"model failed to converge: max|scaled gradient| = {max_grad:.3g} > {control.grad_tol} "
                         "(lme4's check.conv.grad)")
-    if layout.n <= control.hessian_max_n and not singular:
-        eigenvalues = np.linalg.eigvalsh(hessian_at(theta))
+    hessian = hessian_at(theta) if layout.n <= control.hessian_max_n and not singular else None
+    if hessian is not None and not np.all(np.isfinite(hessian)):
+        # (differences of gradients that overflow, as where the residual variance went to zero: NumPy's eigvalsh
+        # raised LinAlgError on them)
+        messages.append("Hessian is not finite at the optimum: the fit may not be a minimum")
+    elif hessian is not None:
+        eigenvalues = np.linalg.eigvalsh(hessian)
         # a negative eigenvalue within the ratio's reach of 0 is the flat direction's, by rounding (lme4's check.conv.hess
         # tests negative eigenvalues against a tolerance too): along a flat ridge the search's end point decides its sign
         if eigenvalues.min() <= -UNIDENTIFIED_RATIO * max(eigenvalues.max(), 0.0) or eigenvalues.max() <= 0:

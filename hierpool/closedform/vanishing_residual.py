@@ -1,0 +1,66 @@
+"""Fits whose residual variance went to zero, refused by name.
+
+A response that the fixed and random effects reproduce exactly (noise-free data) has no optimum: the profiled
+criterion falls without end as theta grows and sigma goes to zero.  Where a search stops on it is decided by
+rounding, so such a fit is refused (a :class:`~hierpool.errors.ConvergenceError` that says so), whichever way it
+shows: a system that no longer factors at the search's end (:func:`solved_or_refused`), or a solution that
+reproduces the response to rounding (:func:`refuse_if_reproduced`, the deterministic check; ``hp.lmm``'s fits with
+independent and with AR(1) residuals).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..algebra.checks import reproduced_to_rounding
+from ..algebra.laplace import random_part
+from ..errors import ConvergenceError
+from ..spec.design import Design
+
+
+def residual_vanished(theta, how: str) -> ConvergenceError:
+    """The refusal of a fit whose residual variance went to zero at ``theta`` (the user's, for the message),
+    ``how`` saying how that showed."""
+    shown = np.array2string(np.asarray(theta, dtype=float), precision=3)
+    return ConvergenceError(
+        f"the residual variance went to zero at theta = {shown} (the random effects' covariance factors relative to "
+        f"the residual sd): {how}.  Does the formula reproduce the response exactly (no residual noise left)?")
+
+
+def solved_or_refused(solve, theta):
+    """``solve()``, the solution at the optimum, or a :class:`~hierpool.errors.ConvergenceError` where its system
+    does not factor (NumPy's LinAlgError escaped) or its sigma or beta come out not finite (a factor holding NaN,
+    which LAPACK did not refuse): a search run off to a huge ``theta`` (the user's, for the
+    message), the residual sd near zero, as for a response the fixed and random effects reproduce exactly."""
+    try:
+        solution = solve()
+        # (a factor that holds NaN where LAPACK did not refuse it is the same failure: never a NaN sigma returned;
+        # not the covariance of beta, which overflows on its own where y is near 1e149 and two columns nearly alias)
+        if not all(np.all(np.isfinite(np.asarray(value, dtype=float))) for value in (solution.sigma, solution.beta)):
+            raise np.linalg.LinAlgError
+        return solution
+    except np.linalg.LinAlgError:
+        raise residual_vanished(theta, "the search ran off to where its system no longer factors") from None
+
+
+def refuse_if_reproduced(design: Design, solution, theta) -> None:
+    """Refuse (:func:`residual_vanished`) a fit whose fixed and random effects reproduce the response to rounding
+    (:func:`~hierpool.algebra.checks.reproduced_to_rounding`: r'Wr <= (1e-8)^2 (y - ybar)'W(y - ybar), r the residual
+    y - offset - X beta - Z b at the fit).  Such a response (noise-free data) has no minimum: the criterion falls
+    without end as theta grows and the residual variance goes to zero.  Where the search stopped on it was decided
+    by rounding: its system failed to factor there (refused), or factored, and the fit came back at sigma ~1e-8,
+    converged or not, by the sums' last digits (``y ~ x + (1 | g)``, 50 noise-free rows, seeds 1-11: 9 refused,
+    the rest fitted at sigma 4e-9 to 1.7e-8, before this rule).  A response that noise moves by more than 1e-8 of
+    its spread is fitted.  Not with known residual sds (sigma is not estimated: a small residual is no limit)."""
+    if design.sigma_known:
+        return
+    weights = design.row_weights
+    target = design.y_less_offset
+    residual = target - design.X @ np.asarray(solution.beta, dtype=float) - random_part(design, solution.b)
+    spread = target - np.sum(weights * target) / np.sum(weights)
+    with np.errstate(over="ignore", invalid="ignore"):
+        residual_squares, spread_squares = np.sum(weights * residual ** 2), np.sum(weights * spread ** 2)
+    if reproduced_to_rounding(residual_squares, spread_squares):
+        ratio = np.sqrt(residual_squares / spread_squares) if spread_squares > 0 else 0.0
+        raise residual_vanished(theta, f"the fixed and random effects reproduce the response to {ratio:.1g} of its "
+                                       "spread")
