@@ -369,6 +369,29 @@ def test_counts_far_from_lme4s_start_are_fitted_as_glmer_fits_them_without_lapac
     assert "DLASCL" not in printed.out + printed.err
 
 
+def test_an_offset_given_unlogged_is_named_in_the_fit_and_its_batch_row_without_numpys_noise(capfd):
+    # one row's log exposure 800 (exp overflows): PIRLS's working weights were handed to LAPACK not finite (stderr:
+    # "On entry to DLASCL parameter number 4 had an illegal value", 24 times in the batch), the refusal said "do the
+    # fixed effects fit the response exactly?", and the batch let NumPy's overflow RuntimeWarnings through
+    rng = np.random.default_rng(7)
+    group, x = np.repeat(np.arange(10), 5), rng.normal(size=50)
+    exposure = np.log(rng.uniform(0.5, 3, 50))
+    data = pd.DataFrame({"y": rng.poisson(np.exp(1 + 0.4 * x + exposure + rng.normal(0, 0.5, 10)[group])), "x": x,
+                         "g": group, "exposure": exposure})
+    wrong = data.assign(exposure=np.where(np.arange(50) == 5, 800.0, exposure))
+    capfd.readouterr()
+    with pytest.raises(hp.DataError, match=r"PIRLS.*the offset spans -0.5\d+ to 800.*log of an exposure"):
+        hp.glmm("y ~ x + (1 | g)", wrong, family="poisson", offset="exposure")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        batch = hp.fit_batch("y ~ x + (1 | g)", {"wrong": wrong, "right": data}, by="k", family="poisson",
+                             offset="exposure", progress=False)
+    assert "the offset spans" in batch.messages["wrong"] and np.isnan(batch.objective["wrong"])
+    assert batch.converged["right"]
+    printed = capfd.readouterr()
+    assert "DLASCL" not in printed.out + printed.err
+
+
 def test_an_effect_per_observation_of_a_binary_response_is_named_as_not_identified(cbpp):
     # the observation-level effect models overdispersion of binomial counts, which 0/1 outcomes cannot show: its
     # variance then trades against the fixed effects' scale (glmer fits it silently)

@@ -267,9 +267,18 @@ def _conditional_mode_on_host(theta, beta, design: Design, family: Family, joint
     if patterns is None:
         patterns = pirls_patterns(design)
     mode = _pirls(theta, beta, design, family, joint, start_u, tol, patterns, saturated)
+    if not _finite(mode.working_weights):  # (NaN at a failed mode: _finite)
+        return _with_logdet(mode, np.nan)
     # the log-determinant with the weights at the mode: one more factorization, of Z only
     at_mode = _working_system(design, np.ones(design.n), mode.working_weights, False, patterns)
     return _with_logdet(mode, float(point_estimates(np.asarray(theta, dtype=float), at_mode)[3]))
+
+
+def _finite(*arrays) -> bool:
+    """Whether PIRLS's working weights (and response) are finite: where a mean overflowed (a log link's offset of
+    800) or a solve failed they are not, and handed to LAPACK they printed "On entry to DLASCL parameter number 4
+    had an illegal value" to stderr, once a routine, on the way to the same failed mode."""
+    return all(bool(np.all(np.isfinite(a))) for a in arrays)
 
 
 def _with_logdet(mode: ConditionalMode, logdet: float) -> ConditionalMode:
@@ -309,10 +318,14 @@ def _pirls(theta, beta, design: Design, family: Family, joint: bool, start_u, to
         weights, residual = newton_working(family, design.y, eta, trials)
         # the working response of the solved part: X beta + Z b (joint) or Z b, plus the working residual
         response = (eta - design.offset if joint else eta - fixed) + residual
-        system = _working_system(design, response, weights, joint, patterns)
-        solved_beta, solved_u, _, _ = point_estimates(theta, system)
-        new_u = tuple(np.asarray(x) for x in solved_u)
-        new_beta = np.asarray(solved_beta) if joint else beta
+        if _finite(weights, response):
+            system = _working_system(design, response, weights, joint, patterns)
+            solved_beta, solved_u, _, _ = point_estimates(theta, system)
+            new_u = tuple(np.asarray(x) for x in solved_u)
+            new_beta = np.asarray(solved_beta) if joint else beta
+        else:  # a failed solve (solve_failed), never handed to LAPACK (_finite)
+            new_u = tuple(np.full(x.shape, np.nan) for x in u)
+            new_beta = np.full(beta.shape, np.nan) if joint else beta
         trial = at(new_u, new_beta)
         failed = bool(solve_failed(new_u, new_beta if joint else None))
         # halve the step while it raises the penalized deviance (lme4's PIRLS), each halving evaluated; a failed

@@ -430,7 +430,18 @@ def fit_glmm(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | N
 
     The program's log-likelihood is the deviance plus each dataset's saturated constant, which holds for
     binomial rows with whole numbers of successes: the design refuses others (:mod:`hierpool.spec.family`).
+    A dataset whose mean overflows (a log link's offset of 800) fails in its own row: NumPy's RuntimeWarnings of
+    its overflow, which named nothing, are not raised (``hp.glmm``'s PIRLS ignores them alike).
     """
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _fit_every_dataset(plan, family, float_type=float_type, chunk_size=chunk_size, progress=progress,
+                                  max_iterations=max_iterations, sharding=sharding, workers=workers,
+                                  default_chunk=default_chunk)
+
+
+def _fit_every_dataset(plan: BatchPlan, family: Family, *, float_type, chunk_size: int | None, progress,
+                       max_iterations: int, sharding, workers: int, default_chunk: int) -> dict:
+    """:func:`fit_glmm`'s body."""
     design = plan.design
     family = dataclasses.replace(family, shape=None)  # a negative binomial's is a parameter, traced
     ks = tuple(t.k for t in design.terms)

@@ -192,11 +192,21 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
         if negative_binomial:
             optimum = _negative_binomial_restarts(design, spec, optimum, stages, max(nAGQ, 1))
             optimum = _negative_binomial_limit(design, spec, optimum, stages, max(nAGQ, 1))
+    except ConvergenceError as error:
+        wide = _wide_offset(design)
+        if not wide:
+            raise
+        # (PIRLS found no finite mode at the start: the offset's mean overflowed there)
+        raise DataError(f"{error}: {wide}") from None
     except np.linalg.LinAlgError:
         far = _far_term_columns(design)
         if far:  # the likelier cause: a covariate far from zero leaves the system's cross-products few digits
             raise DataError("the penalized system of a PIRLS step is not positive definite in float64: the "
                             f"{far}, so that its cross-products keep too few digits; centre them") from None
+        wide = _wide_offset(design)
+        if wide:  # or an offset whose rows' means a float64 system cannot hold together
+            raise DataError(f"the penalized system of a PIRLS step is not positive definite in float64: {wide}") \
+                from None
         # PIRLS's penalized system borders [X, Z] with the working response: with a zero working residual at every
         # row (the fixed effects fit the response exactly) its last pivot is 0, and rounding makes it negative
         raise DataError("the penalized system of a PIRLS step is not positive definite: do the fixed effects fit "
@@ -217,6 +227,27 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
     for message in report.messages:
         warnings.warn(message, ConvergenceWarning, stacklevel=2)
     return GLMMResult(design, fam, optimum, max(nAGQ, 1), stages, report)
+
+
+#: The span of a log link's offset (its largest value less its smallest) beyond which a PIRLS failure is put down to
+#: it: the rows' means then differ by more than a factor of e^23 (1e10), and their working weights so much more that
+#: the penalized system's float64 cross-products lose their digits (a Poisson fit with one row's offset 35 above the
+#: others' was fitted, 40 failed).
+OFFSET_SPAN = 23.0
+
+
+def _wide_offset(design) -> str:
+    """The words for a log link's offset spanning more than :data:`OFFSET_SPAN` (or not finite in its means), or ""
+    where it does not: an offset is the log of an exposure, and one given unlogged (800 people) put one row's mean
+    at e^800, where PIRLS's working weights overflow."""
+    if design.family is None or design.family.link != "log" or not np.any(design.offset):
+        return ""
+    low, high = float(np.min(design.offset)), float(np.max(design.offset))
+    if high - low <= OFFSET_SPAN:
+        return ""
+    return (f"the offset spans {low:.4g} to {high:.4g}, so that on the log link the rows' means differ by a factor of "
+            f"about e^{high - low:.0f}, beyond what its working weights hold together (an offset is the log of an "
+            "exposure: was it given unlogged, or in other units than the rest?)")
 
 
 def _far_term_columns(design) -> str:
