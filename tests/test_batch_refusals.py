@@ -312,6 +312,19 @@ def test_empty_batches_and_a_missing_formula_are_refused_and_reasons_show_the_us
         hp.lmm(LINEAR, _gaussian(2).assign(g=np.array(["g0"], dtype=object)[0]))
 
 
+@pytest.mark.parametrize("by, formula, kwargs", [("x", LINEAR, {}), ("g", LINEAR, {}), ("w", LINEAR, {"weights": "w"}),
+                                               ("x", "bern ~ x + (1 | g)", {"family": "bernoulli"})])
+def test_a_by_column_the_model_reads_is_refused_naming_it(by, formula, kwargs):
+    # by='x' with x a fixed effect: each dataset's x one value (aliased with the intercept: one dataset fitted
+    # without it, the others refused), and to_frame() then refused its two columns named 'x'
+    data = _gaussian(3).assign(w=1.0, bern=lambda f: (f.y > f.y.median()).astype(int))
+    data = data.assign(x=np.round(data.x), g=data.g)
+    with pytest.raises(hp.ArgumentError, match=f"by='{by}' is a column the model reads"):
+        hp.fit_batch(formula, data, by=by, progress=False, **kwargs)
+    with pytest.raises(hp.ArgumentError, match=f"bayes_batch: by='{by}' is a column the model reads"):
+        hp.bayes_batch(formula, data, by=by, progress=False, **kwargs)
+
+
 def test_tuple_keys_label_their_datasets_and_a_missing_key_is_refused_naming_it():
     """``dict(tuple(frame.groupby(["site", "arm"])))`` keys each dataset by a tuple, which pandas read as a column of
     its items (its ValueError escaped); a None key made rows naming no dataset (an error about a 'dataset' column)."""

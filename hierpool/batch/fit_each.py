@@ -228,7 +228,7 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
     from ..spec.spatial import spatial_design  # SciPy's sparse algebra: loaded only for these models
 
     refuse_stateful(formula, caller, "hp.bayes" if caller == "bayes_batch" else "hp.glmm" if spec else "hp.lmm")
-    columns, terms = value_columns(formula, spec, weights, offset, se)
+    columns, terms = value_columns(formula, spec, weights, offset, se, by, caller)
     relationship = relmat is not None or relmat_inverse is not None
     if relationship:
         from ..closedform.relmat import check_design

@@ -1305,15 +1305,23 @@ def stacked_design(data, by: str, columns, build, weights, offset, kept: dict | 
     return built, frame, weights, offset, {**set_aside, **refused}
 
 
-def value_columns(formula: str, family, weights, offset, se) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def value_columns(formula: str, family, weights, offset, se, by: str | None = None,
+                  caller: str = "fit_batch") -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The columns a batch reads as values, whose kind must agree across datasets (:func:`kind_conflicts`): the
     formula's (:attr:`~hierpool.spec.formula.ModelSpec.values`) and the weights, offset and se columns named; and of
     those, the ones read outside the response alone (:func:`~hierpool.spec.formula.response_only_names`), where one
     dataset's true/false values among the others' numbers are refused (a response's True/False are its 1/0 in
-    either)."""
+    either).
+
+    Raises an :class:`~hierpool.errors.ArgumentError` where ``by`` is a column the model reads (the formula's, or
+    the weights', offset's or se's): within each dataset it would be one value (a fixed effect aliased with the
+    intercept, a grouping factor of one level), and its table's column would be named twice."""
     spec = parse_formula(formula, binomial_counts=family is not None and family.name == "binomial",
                          random_optional=True)
     named = [c for c in (weights, offset, se) if isinstance(c, str)]
+    if isinstance(by, str) and by in set(spec.variables) | set(named):
+        raise ArgumentError(f"{caller}: by={by!r} is a column the model reads ({formula!r}): within each dataset it "
+                            "would be one value; name the datasets by a column of their own")
     values = tuple(dict.fromkeys(spec.values + tuple(named)))
     response = response_only_names(spec)
     return values, tuple(name for name in values if name not in response)
@@ -1349,7 +1357,7 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     def build(rows, arguments):
         return build_design(formula, rows, se=se, family=family, datasets=by, **arguments)
 
-    columns, terms = value_columns(formula, family, weights, offset, se)
+    columns, terms = value_columns(formula, family, weights, offset, se, by, caller)
     design, frame, weights, offset, set_aside = stacked_design(data, by, columns, build, weights, offset,
                                                                logical=terms)
     dataset_labels = dataset_labels_of(data, by)  # every dataset's, one refused too
