@@ -99,6 +99,25 @@ def test_the_transforms_of_each_group_are_each_groups_own():
             np.testing.assert_allclose(user @ user.T, mapped @ mapped.T, rtol=1e-10, atol=1e-12)
             assert np.all(np.diag(user) >= 0)
 
+def test_a_glmm_slope_on_a_timestamp_is_converged_in_hp_glmm_as_in_its_batch_row():
+    # Bernoulli, (t | g) with t a timestamp (~1.6e9, a range of 3e7): hp.glmm checked lme4's rules on the user's
+    # columns, where the Hessian looked indefinite along the intercept ("failed to converge"), while the batch's row
+    # (checked on the conditioned columns, as hp.lmm's conditioned fits) said converged at the same deviance, and the
+    # model on t centred and scaled converges there in both.  Now hp.glmm checks the conditioned fit too
+    rng = np.random.default_rng(310)
+    group, t = np.repeat(np.arange(12), 6), 1.6e9 + rng.uniform(0, 3e7, 72)
+    y = rng.binomial(1, 1 / (1 + np.exp(-(0.3 + (t - 1.6e9) / 1e7 * 0.5 + rng.normal(0, 0.8, 12)[group]))))
+    data = pd.DataFrame({"y": y, "t": t, "g": group})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.glmm("y ~ t + (t | g)", data, family="binomial")
+        scaled = hp.glmm("y ~ s + (s | g)", data.assign(s=(t - 1.6e9) / 1e7), family="binomial")
+        batch = hp.fit_batch("y ~ t + (t | g)", [data], family="binomial", progress=False)
+    assert fit.optimum.deviance == pytest.approx(scaled.optimum.deviance, rel=1e-8)
+    assert fit.converged and scaled.converged and batch.converged.iloc[0]
+    assert all(message.startswith("boundary (singular) fit") for message in fit.convergence.messages)
+
+
 def test_a_glmm_slope_on_a_calendar_year_is_the_same_fit_in_hp_glmm_and_the_batch():
     """cbind(k, f) ~ x + (1 + x | g) with the slope's column, the fixed effect's or both shifted by 2000 is the
     same model: hp.glmm stopped 0.14 above its deviance with the random slope shifted (reported converged; now
@@ -124,6 +143,7 @@ def test_a_glmm_slope_on_a_calendar_year_is_the_same_fit_in_hp_glmm_and_the_batc
         batch = hp.fit_batch(formula, [frame, data.assign(xs=data["x"])], family="binomial", progress=False)
         assert batch.objective.iloc[0] == pytest.approx(reference, rel=1e-9), formula
         assert batch.converged.all() and not batch.refit.any(), batch.messages.tolist()
+        assert fit.converged, (formula, fit.convergence.messages)  # (checked on the conditioned fit, as the batch)
         np.testing.assert_allclose(batch.beta[0], fit.fixef.to_numpy(), rtol=1e-4, err_msg=formula)
         np.testing.assert_allclose(batch.theta[0], fit.theta, rtol=1e-4, atol=1e-6, err_msg=formula)
         # beta's SEs do not depend on theta's parametrization: the batch's and hp.glmm's (both from the Hessian on

@@ -29,7 +29,7 @@ from ..errors import (
 from ..spec.design import build_design
 from ..spec.family import binary_outcome_per_level, family_spec, unidentified_term_message
 from ..spec.formula import has_spatial_term
-from .glmm_convergence import check_convergence
+from .glmm_convergence import check_convergence, singular_terms
 from .glmm_optimize import fit_laplace
 from .glmm_results import GLMMResult
 from .optimize import is_singular
@@ -219,7 +219,7 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
                         "centre them")
     if negative_binomial:
         fam = make_family(spec, shape=optimum.shape)
-    report = check_convergence(design, optimum.theta, optimum.gradient, optimum.hessian, optimum.mode.converged)
+    report = _convergence_report(design, optimum)
     if negative_binomial and optimum.shape >= NB_LIMIT_SHAPE:  # kept with the checks' (fit.convergence.messages)
         report = replace(report, messages=report.messages + (poisson_limit_message(optimum.shape),))
     if not separation_checked and (not report.converged or _moves_eta_far(design, optimum.beta)):
@@ -297,7 +297,24 @@ def _fit_conditioned(design, fam, estimate_shape: bool):
     if not same_point or inner.hessian is None:
         return optimum
     # inner.hessian is of (theta~, beta), or (theta~, beta~) on the same X A as optimum's (the same X)
-    return replace(optimum, beta_hessian=inner.hessian)
+    return replace(optimum, beta_hessian=inner.hessian, conditioned_fit=(conditioned.design, inner))
+
+
+def _convergence_report(design, optimum):
+    """lme4's checks of ``optimum`` (:func:`~hierpool.closedform.glmm_convergence.check_convergence`): on the
+    derivatives of the conditioned fit at the same optimum where there is one (``optimum.conditioned_fit``:
+    :func:`_fit_conditioned`), as ``hp.lmm``'s conditioned fits and ``hp.fit_batch``'s are checked, with lme4's
+    singular rule on the user's theta.  On the user's columns a slope on a timestamp (~1.6e9, a range of 3e7) made
+    the Hessian look indefinite along the intercept: "failed to converge" at the optimum that the same model on
+    the timestamp centred and scaled reaches converged, and that fit_batch's row reported converged (the fifty-ninth
+    session's probe)."""
+    if optimum.conditioned_fit is None:
+        return check_convergence(design, optimum.theta, optimum.gradient, optimum.hessian, optimum.mode.converged)
+    checked_design, inner = optimum.conditioned_fit
+    report = check_convergence(checked_design, inner.theta, inner.gradient, inner.hessian, inner.mode.converged)
+    singular = singular_terms(design, optimum.theta)
+    others = tuple(m for m in report.messages if m not in singular_terms(checked_design, inner.theta))
+    return replace(report, singular=bool(singular), messages=tuple(singular) + others)
 
 
 #: Two fits of one model end at the same optimum where their betas agree to 1e-4 and the fit on the user's columns

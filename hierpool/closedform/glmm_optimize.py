@@ -208,6 +208,9 @@ class GLMMOptimum:
         columns conditioned, at the same optimum (:func:`hierpool.closedform.glmm._fit_conditioned`): the beta
         block of its inverse is the beta block of ``hessian``'s in exact arithmetic (theta~ is a reparametrization
         of theta, beta is unchanged), and better computed where the user's theta is ill-scaled.  ``vcov`` reads it.
+    conditioned_fit : tuple or None
+        Set with ``beta_hessian``: (its design, its optimum), the conditioned fit whose derivatives ``hp.glmm``'s
+        convergence checks read (:func:`hierpool.closedform.glmm._convergence_report`).
     conditioning : Conditioning or None
         Where set, X's columns were far from centred or unit scale and the search ran on the conditioned design's
         X A (:func:`~hierpool.algebra.conditioning.condition_fixed`): ``beta`` is the user's, A beta~, but the
@@ -224,6 +227,7 @@ class GLMMOptimum:
     gradient: np.ndarray | None = None
     hessian: np.ndarray | None = None
     beta_hessian: np.ndarray | None = None
+    conditioned_fit: tuple | None = None
     conditioning: Conditioning | None = None
 
 
