@@ -728,3 +728,43 @@ def test_a_batch_whose_every_dataset_s_series_are_refused_says_why_in_their_word
     with pytest.raises(hp.DataError, match="no dataset is left to fit: dataset 0: no series of the AR\\(1\\) group "
                                            "column 'visit' has two rows"):
         hp.fit_batch(FORMULA, frames, by="rep", correlation=structure, progress=False)
+
+
+def _no_group_variance(seed: int) -> pd.DataFrame:
+    """10 series of 8 AR(1) readings (phi 0.6) and no group variance: most fits end on the boundary."""
+    rng = np.random.default_rng(seed)
+    group, time = np.repeat(np.arange(10), 8), np.tile(np.arange(8), 10)
+    noise = rng.normal(size=80)
+    for i in range(1, 80):
+        if time[i]:
+            noise[i] = 0.6 * noise[i - 1] + 0.8 * noise[i]
+    x = rng.normal(size=80)
+    return pd.DataFrame({"y": 1 + 0.5 * x + noise, "x": x, "g": group.astype(str), "t": time})
+
+
+@pytest.mark.parametrize("path", ["moments", "systems"])
+def test_a_variance_at_the_boundary_is_zero_as_hp_lmms(monkeypatch, path):
+    # the joint (theta, u) searches left such a variance at theta 2e-10 to 3.6e-6 where hp.lmm's fit has exactly 0
+    # (both singular, the criteria equal to 1e-11): now ended on the boundary as the other searches are
+    # (ar1_moments.at_boundary)
+    from hierpool.batch import fit_ar1 as fit_ar1_module
+
+    formula = "y ~ x + (1 | g)"
+    if path == "systems":  # two terms, forced onto the whitened systems (ar1_systems)
+        formula = "y ~ x + (x || g)"
+        monkeypatch.setattr(fit_ar1_module, "_on_host", lambda *a: False)
+    frames = [_no_group_variance(seed) for seed in range(1, 6)]
+    structure = hp.ar1("g", time="t")
+    batch = hp.fit_batch(formula, frames, correlation=structure, progress=False)
+    zeros = 0
+    for d, frame in enumerate(frames):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = hp.lmm(formula, frame, correlation=structure)
+        at_zero = np.asarray(fit.theta) == 0.0
+        zeros += at_zero.sum()
+        # (the batch's terms may be ordered otherwise: the same multiset of thetas)
+        np.testing.assert_array_equal(np.sort(batch.theta[d]) == 0.0, np.sort(fit.theta) == 0.0)
+        assert batch.is_singular[d] == fit.is_singular
+        assert batch.objective.iloc[d] == pytest.approx(fit.objective, rel=1e-10)
+    assert zeros >= 4

@@ -73,7 +73,8 @@ def onto_boundary(theta: np.ndarray, objective: np.ndarray, evaluate, ks, tol: f
     lme4's bobyqa ends at exactly 0, the same criterion to 1e-10 (Dyestuff2's bootstrap replicates: 98 of 200
     singular, none of them exactly 0; the forty-second session's probe); ``hp.lmm``'s L-BFGS-B and Newton polish
     left 1e-12 to 1e-10 on some.  Both engines end here (hp.lmm, hp.glmm's Laplace fits, the batch's host
-    searches, its compiled linear programs and, on the host after them, its compiled GLMM programs
+    searches, AR(1)'s among them (:func:`hierpool.algebra.search.ar1_moments.at_boundary`), its compiled linear
+    programs and, on the host after them, its compiled GLMM programs
     (``batch.fit_glmm.compiled_onto_boundary``)), so that a variance at the boundary is 0 in each; not yet the
     compiled AR(1) programs, whose modes and BLUPs are computed inside the program at the point its search ends.
     ``theta`` (B, n_theta) is canonical (diagonals >= 0); ``evaluate(thetas (A, n_theta), rows (A,))`` the

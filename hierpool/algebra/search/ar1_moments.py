@@ -48,7 +48,7 @@ from ..ar1 import (
     whitened_cross_products,
     whitened_statistics,
 )
-from ..checks import SINGULAR_TOL, singular_rows
+from ..checks import SINGULAR_TOL, onto_boundary, singular_rows
 from ..linalg import (
     block_diagonal_positions,
     block_diagonal_theta,
@@ -449,6 +449,19 @@ def lowest_on_profile(value_and_grad, found: tuple, max_iterations: int, **optio
     return lowest
 
 
+def at_boundary(value_and_grad, theta: np.ndarray, u: np.ndarray, value: np.ndarray, ks) -> tuple:
+    """(theta, criterion) of a chunk's joint searches (``theta`` canonical, ``u`` each one's) ended on lme4's
+    boundary as the other searches end (:func:`hierpool.algebra.checks.onto_boundary`), at each dataset's u
+    (``value_and_grad``: :func:`joint_criterion`'s).  The joint Newton search left a variance that ``hp.lmm``'s
+    AR(1) fit puts at 0 at an sd of 3e-8 to 1.8e-5, flagged singular both ways, the criteria equal to 1e-13 (the
+    fifty-ninth session's probe)."""
+    def evaluate(thetas, rows):
+        points = np.concatenate([thetas, u[rows][:, None]], axis=1)[:, None, :]
+        return value_and_grad(points, rows)[0][:, 0]
+
+    return onto_boundary(theta, value, evaluate, ks)
+
+
 def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterations: int, decrease_tol=None,
                    across_zero=None) -> dict:
     """Fit a chunk's datasets (``data``: their rows and lagged moments): a chunk's results as
@@ -466,6 +479,7 @@ def search_on_host(data: ChunkData, *, continuous: bool, reml: bool, max_iterati
         found, flat_lowest = checked_on_profile(value_and_grad, found, max_iterations, **options)
     point, value, newton_step, iterations, converged, hessian = found
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
+    theta, value = at_boundary(value_and_grad, theta, u, value, data.ks)
     phi = constrained_phi(u, continuous)
     stats = _at_one_phi(data.statistics(phi[:, None]))
     with np.errstate(all="ignore"):

@@ -53,7 +53,7 @@ from ..criterion import host_objective_and_gradient
 from ..henderson import solve
 from ..linalg import canonical_theta, dataset_cells, distinct_columns
 from ..one_term import COMPLEX_STEP
-from .ar1_moments import HOST_MAX_THETA, ChunkRows, checked_on_profile, joint_newton
+from .ar1_moments import HOST_MAX_THETA, ChunkRows, at_boundary, checked_on_profile, joint_newton
 from .newton import DECREASE_TOL
 from .terms import host_bytes as linear_host_bytes
 from .terms import search_on_host as theta_search
@@ -298,6 +298,7 @@ def search_on_host(data: TermsChunk, theta0: np.ndarray, across_zero=None, *, co
         found, flat_lowest = checked_on_profile(value_and_grad, found, max_iterations, **options)
     point, value, newton_step, iterations, converged, hessian = found
     theta, u = canonical_theta(point[:, :-1], data.ks), point[:, -1]
+    theta, value = at_boundary(value_and_grad, theta, u, value, data.ks)
     phi = constrained_phi(u, continuous)
     systems, _ = data.systems(phi, np.arange(len(data.n)))
     with np.errstate(all="ignore"):
