@@ -462,8 +462,7 @@ def test_a_response_x_fits_to_rounding_is_fitted_alone(design, responses, entry,
     noise, which the matrix products round otherwise than hp.lmm's sums (the first was reported "converged" at a
     criterion of -11,620 where hp.lmm raises; the long frame's own path, on a list, at -12,608): each row is
     hp.lmm's outcome, a refusal or its fit, whichever way the datasets come; the others are as without them.  A
-    residual of 1e-7 of the response's spread is not at rounding (fitted alone by the vanishing residual variance's
-    rule, near_exact.VANISHING), equal to hp.lmm's."""
+    residual of 1e-7 of the response's spread is fitted in the batch, equal to hp.lmm's."""
     values = responses.iloc[:, :5].copy()
     values["r1"] = 250.0 + 10.0 * design.Days.to_numpy()
     values["r2"] = 1.0 + 1e-15 * (np.arange(len(design)) % 2)
@@ -487,9 +486,7 @@ def test_a_response_x_fits_to_rounding_is_fitted_alone(design, responses, entry,
     alone = hp.lmm(SLEEP, design.assign(Reaction=values["r2"]))
     assert batch.refit["r2"] and batch.objective["r2"] == pytest.approx(alone.objective, rel=1e-12)
     close = hp.lmm(SLEEP, design.assign(Reaction=values["r4"]))
-    # (not at rounding; its residual sd ~1e-7 of the response's: fitted alone as a vanishing residual variance)
-    assert not batch.messages["r4"].startswith("X fits its response to rounding") and batch.refit["r4"]
-    assert batch.objective["r4"] == pytest.approx(close.objective, rel=1e-10)
+    assert not batch.refit["r4"] and batch.objective["r4"] == pytest.approx(close.objective, rel=1e-10)
     others = hp.fit_batch(SLEEP, design, responses=values[["r0", "r3"]], progress=False)
     np.testing.assert_allclose(batch.objective[["r0", "r3"]], others.objective, rtol=1e-12)
 

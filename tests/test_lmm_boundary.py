@@ -325,7 +325,8 @@ def exact_responses():
 
 #: hp.lmm's refusal of a response reproduced exactly, either way it shows
 VANISHED = (r"the residual variance went to zero at theta = \[.*\] \(.*\): (the search ran off to where its system no "
-            r"longer factors|the fixed and random effects reproduce the response to \S+ of its spread)")
+            r"longer factors|the fixed and random effects reproduce the response to \S+ of the variation the fixed "
+            r"effects leave)")
 
 
 def test_a_response_the_model_reproduces_exactly_is_refused_by_name_in_the_fit_and_in_its_batch_row(exact_responses):
@@ -370,12 +371,32 @@ def test_noise_free_data_are_refused_by_name_with_slopes_several_terms_and_ar1_r
     assert not batch.converged[:-1].any() and batch.objective.iloc[-1] == pytest.approx(single, rel=1e-8)
 
 
-def test_the_reproduction_rule_reads_the_residual_against_the_spread():
+def test_the_reproduction_rule_reads_the_residual_against_what_x_leaves():
     from hierpool.algebra.checks import NEAR_EXACT, reproduced_to_rounding
 
-    spread = np.array([4.0, 4.0, np.inf, 4.0])
+    left = np.array([4.0, 4.0, np.inf, 4.0])
     residual = np.array([(0.9 * NEAR_EXACT) ** 2 * 4.0, (1.1 * NEAR_EXACT) ** 2 * 4.0, 0.0, np.nan])
-    np.testing.assert_array_equal(reproduced_to_rounding(residual, spread), [True, False, False, False])
+    np.testing.assert_array_equal(reproduced_to_rounding(residual, left), [True, False, False, False])
+
+
+@pytest.mark.parametrize("slope, location", [(1e6, 0.0), (1.0, 1.6e9)], ids=["a steep slope", "a timestamp"])
+def test_small_noise_beside_what_x_explains_is_fitted_as_a_batch_row_and_alone(slope, location):
+    # the review's finding: the residual compared with y's spread about its mean (most of it X's) refused noise of
+    # 1e-3 beside group effects of 1e-2 with a slope of 1e6, and clock readings (a timestamp), while the batch sent
+    # 200 such datasets of noise sd 1 to hp.lmm one by one.  What X leaves is the reference now
+    rng = np.random.default_rng(3)
+    g, x = np.repeat(np.arange(10), 8), location + rng.uniform(0, 3e7 if location else 1, 80)
+    small = pd.DataFrame({"y": slope * x + rng.normal(0, 1e-2, 10)[g] + rng.normal(0, 1e-3, 80), "x": x,
+                          "g": g.astype(str)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.lmm("y ~ x + (1 | g)", small)
+        batch = hp.fit_batch("y ~ x + (1 | g)", [small, small.assign(y=small.y + rng.normal(0, 1, 80))],
+                             progress=False)
+    assert fit.sigma == pytest.approx(1e-3, rel=0.3)
+    # (X leaves 1e-9 of the first one's spread about its mean: fitted alone, near_exact; the second in the batch)
+    assert batch.converged.all() and not batch.refit.iloc[1], batch.messages.tolist()
+    assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-8)
 
 
 def test_a_hessian_not_finite_is_no_optimum_and_raises_nothing_of_numpys():

@@ -116,32 +116,36 @@ def lme4_gradient_measure(hessian: np.ndarray, gradient: np.ndarray) -> np.ndarr
 
 
 #: The size of a response's weighted residual, relative to the response's weighted spread about its mean, up to which
-#: the fit reproduces it to rounding: above it the shared path's criterion agreed with hp.lmm's to 4e-11 or better,
-#: below it drifted to 1e-8 (the forty-seventh session's second review; :mod:`hierpool.batch.near_exact`).
+#: X fits it to rounding: above it the shared path's criterion agreed with hp.lmm's to 4e-11 or better, below it
+#: drifted to 1e-8 (the forty-seventh session's second review; :mod:`hierpool.batch.near_exact`).  The same bound,
+#: relative to the variation X leaves (its residual from X's fit), says where the fixed and random effects together
+#: reproduce a response (:func:`reproduced_to_rounding`).
 NEAR_EXACT = 1e-8
 #: The same, relative to the response's size: a response whose variation is at its rounding (1 and 1 + 1e-15).
 AT_ROUNDING = 1e-14
-
-
-def reproduced_to_rounding(residual_squares, spread_squares) -> np.ndarray:
-    """Whether a residual's weighted sum of squares r'Wr is within :data:`NEAR_EXACT` of the response's weighted
-    spread about its mean, (y - ybar)'W(y - ybar): r'Wr <= NEAR_EXACT^2 (y - ybar)'W(y - ybar).  Sums beyond a
-    float say nothing (False)."""
-    residual_squares, spread_squares = np.asarray(residual_squares), np.asarray(spread_squares)
-    return np.isfinite(residual_squares) & np.isfinite(spread_squares) & (
-        residual_squares <= NEAR_EXACT ** 2 * spread_squares)
-
-
 def fits_to_rounding(residual_squares: np.ndarray, spread_squares: np.ndarray, size_squares: np.ndarray) -> np.ndarray:
     """Whether X fits each response to rounding, from its weighted sums of squares: r'Wr of its residual from X's
     fit, (y - ybar)'W(y - ybar) of its spread about its (weighted) mean, y'Wy of its size (y less any offset).
 
     .. math:: r'Wr \\le \\epsilon_1^2 (y - \\bar y)'W(y - \\bar y) \\quad\\text{or}\\quad r'Wr \\le \\epsilon_2^2 y'Wy,
 
-    :math:`\\epsilon_1` = :data:`NEAR_EXACT` (:func:`reproduced_to_rounding`), :math:`\\epsilon_2` =
-    :data:`AT_ROUNDING`.  Sums beyond a float (weights of 1e300) say nothing: such a response is not flagged (its
-    fit's own checks speak for it).
+    :math:`\\epsilon_1` = :data:`NEAR_EXACT`, :math:`\\epsilon_2` = :data:`AT_ROUNDING`.  Sums beyond a float
+    (weights of 1e300) say nothing: such a response is not flagged (its fit's own checks speak for it).
     """
-    finite = np.isfinite(residual_squares) & np.isfinite(size_squares)
-    return reproduced_to_rounding(residual_squares, spread_squares) | (
-        finite & (residual_squares <= AT_ROUNDING ** 2 * size_squares))
+    finite = np.isfinite(residual_squares) & np.isfinite(spread_squares) & np.isfinite(size_squares)
+    return finite & ((residual_squares <= NEAR_EXACT ** 2 * spread_squares)
+                     | (residual_squares <= AT_ROUNDING ** 2 * size_squares))
+
+
+def reproduced_to_rounding(residual_squares, left_by_x_squares) -> np.ndarray:
+    """Whether the fixed and random effects at a fit reproduce a response to rounding: r'Wr, the residual at the
+    fit, within :data:`NEAR_EXACT` of the variation X leaves (``left_by_x_squares``, the weighted squares of the
+    residual from X's least-squares fit; a spread about the mean would count what X explains, and refused a slope
+    of 1e6 beside group effects of sd 1e-2 and noise of 1e-3: the fifty-ninth session's review).  Sums beyond a
+    float say nothing (False).
+
+    A noise-free response at a large location is not flagged: its storage rounding is noise of its own (a residual sd
+    of its last bit over sqrt(12), 5.6e-4 around 1e13), which the fit estimates."""
+    residual_squares, left_by_x_squares = np.asarray(residual_squares), np.asarray(left_by_x_squares)
+    return np.isfinite(residual_squares) & np.isfinite(left_by_x_squares) & (
+        residual_squares <= NEAR_EXACT ** 2 * left_by_x_squares)

@@ -16,8 +16,8 @@ A response the fixed and random effects together reproduce exactly has no optimu
 as theta grows), and where a search stops on it is rounding's: ``hp.lmm`` refuses it by the residual at its fit
 (:func:`hierpool.closedform.vanishing_residual.refuse_if_reproduced`).  The batch's fit of such a dataset can come
 back converged at sigma ~1e-8 (a gradient of ~1e-6 along theta ~1e8): its rows whose residual sd is within
-:data:`VANISHING` of the response's (:func:`vanishing_residuals`) are fitted alone too, and hp.lmm's outcome is
-theirs.
+:data:`VANISHING` of what X leaves of the response (:func:`vanishing_residuals`) are fitted alone too, and
+hp.lmm's outcome is theirs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..algebra.statistics import SHARED_BLOCK_VALUES
 
 #: The row's message (before the single fit's own words, where it refuses the response).
 REASON = "X fits its response to rounding (noise-free, or varying at its rounding): fitted alone"
-#: A batch fit's residual sd, relative to its response's (weighted, about its mean), up to which the dataset is
+#: A batch fit's residual sd, relative to the rms residual of its response from X's fit, up to which the dataset is
 #: fitted alone (:func:`vanishing_residuals`): a search on a response the model reproduces exactly stops at 1e-8 or
 #: below (theta ~1e8, where the criterion's gradient is ~1e-6); a fit this near that limit costs one single fit.
 VANISHING = 1e-5
@@ -37,27 +37,23 @@ VANISHING = 1e-5
 VANISHED_REASON = "the residual variance nearly vanished (noise-free data?): fitted alone"
 
 
-def spread_squares(target: np.ndarray, weights: np.ndarray, dataset: np.ndarray | None = None,
-                   n_datasets: int = 0) -> np.ndarray:
-    """Each response's weighted spread about its weighted mean, (y - ybar)'W(y - ybar): of a long frame's datasets
-    (``target`` (N,), ``dataset`` each row's code, ``n_datasets`` of them; a dataset without rows 0), or of
-    ``target``'s columns (n, D) (``dataset`` None).  ``weights``: each row's precision weight."""
+def spread_squares(target: np.ndarray, weights: np.ndarray, dataset: np.ndarray, n_datasets: int) -> np.ndarray:
+    """Each dataset's weighted spread of ``target`` (N,) about its weighted mean, (y - ybar)'W(y - ybar), from each
+    row's dataset code (``dataset``; a dataset without rows 0) and precision weight."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        if dataset is None:
-            mean = weights @ target / weights.sum()
-            centred = target - mean
-            return np.einsum("n,nd,nd->d", weights, centred, centred)
         total = np.bincount(dataset, weights=weights, minlength=n_datasets)
         centred = target - (np.bincount(dataset, weights=weights * target, minlength=n_datasets) / total)[dataset]
         return np.bincount(dataset, weights=weights * centred * centred, minlength=n_datasets)
 
 
-def vanishing_residuals(sigma: np.ndarray, n_obs: np.ndarray, spreads: np.ndarray) -> np.ndarray:
-    """(datasets,) bool: a batch fit's residual variance within :data:`VANISHING` of its response's,
-    sigma^2 n <= VANISHING^2 (y - ybar)'W(y - ybar) (``spreads``: :func:`spread_squares`).  NaN sigmas (no fit) are
-    not."""
+def vanishing_residuals(sigma: np.ndarray, n_obs: np.ndarray, left_squares: np.ndarray) -> np.ndarray:
+    """(datasets,) bool: a batch fit's residual variance within :data:`VANISHING` of what X leaves of its response
+    (``left_squares``: r_X'W r_X, the residual from X's least-squares fit), sigma^2 n <= VANISHING^2 r_X'W r_X.  A
+    spread about the mean would count what X explains (a slope on a timestamp sent ordinary fits alone: the
+    fifty-ninth session's review).  NaN sigmas (no fit) are not flagged."""
     with np.errstate(invalid="ignore", over="ignore"):
-        return np.isfinite(sigma) & np.isfinite(spreads) & (sigma ** 2 * n_obs <= VANISHING ** 2 * spreads)
+        variance = sigma ** 2 * n_obs
+        return np.isfinite(variance) & np.isfinite(left_squares) & (variance <= VANISHING ** 2 * left_squares)
 
 
 def near_exact_datasets(dataset: np.ndarray, target: np.ndarray, residual: np.ndarray, weights: np.ndarray | None,

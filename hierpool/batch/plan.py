@@ -101,7 +101,6 @@ from ..spec.design import (
 from ..spec.formula import parse_formula, response_only_names
 from ..spec.labels import column_labels, shown_label
 from ..spec.transforms import stateful_calls, unvouched_calls
-from .near_exact import spread_squares
 from .results import Pieces
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
@@ -813,11 +812,14 @@ class BatchPlan:
                 out.append((bucket, members[valid], stats.take(np.flatnonzero(valid)).astype(dtype)))
         return out, messages
 
-    def response_spreads(self) -> np.ndarray:
-        """(D,) each dataset's weighted spread of y - offset about its weighted mean, (y - ybar)'W(y - ybar)
-        (:func:`hierpool.batch.near_exact.spread_squares`)."""
-        design = self.design
-        return spread_squares(design.y_less_offset, design.row_weights, self.dataset, self.n_datasets)
+    def left_by_x_squares(self, shifts: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """(D,) r_X'W r_X: each dataset's weighted squares of its residual from X's least-squares fit (``shifts``:
+        :meth:`location_shifts`, where the caller has them), for
+        :func:`hierpool.batch.near_exact.vanishing_residuals`."""
+        residual = (self.location_shifts() if shifts is None else shifts)[1]
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.bincount(self.dataset, weights=self.design.row_weights * residual * residual,
+                               minlength=self.n_datasets)
 
     def location_shifts(self) -> tuple[np.ndarray, np.ndarray]:
         """(beta0 (D, p), residual (N,)): each dataset's (weighted) least-squares fit of y - offset on X and its

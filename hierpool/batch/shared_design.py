@@ -56,7 +56,7 @@ from ..spec.design import LARGEST_VALUE, RESPONSE_SMALLEST, underflowing
 from ..spec.formula import parse_formula
 from ..spec.transforms import unvouched_calls
 from .conditioning import BatchConditioning, condition_batch
-from .near_exact import near_exact_responses, spread_squares
+from .near_exact import near_exact_responses
 from .plan import (
     BatchPlan,
     EveryDatasetRefused,
@@ -406,13 +406,11 @@ class SharedDesignPlan(BatchPlan):
                  for (level, counts, _), term in zip(self.term_levels, self.design.terms)]
         return merge_terms(terms) if merged else terms
 
-    def response_spreads(self) -> np.ndarray:
-        """:meth:`BatchPlan.response_spreads` of a shared design: one per response (column)."""
-        design = self.design
-        target = self.design_responses
-        if np.any(design.offset):
-            target = target - design.offset[:, None]
-        return spread_squares(target, design.row_weights)
+    def left_by_x_squares(self, shifts=None) -> np.ndarray:
+        """:meth:`BatchPlan.left_by_x_squares` of a shared design: one per response (column)."""
+        residual = (self.location_shifts() if shifts is None else shifts)[1]
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.einsum("n,nd,nd->d", self.design.row_weights, residual, residual)
 
     def location_shifts(self) -> tuple[np.ndarray, np.ndarray]:
         """(beta0 (D, p), residual (n, D)): :meth:`BatchPlan.location_shifts` of a shared design, by

@@ -193,10 +193,10 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
             optimum = _negative_binomial_restarts(design, spec, optimum, stages, max(nAGQ, 1))
             optimum = _negative_binomial_limit(design, spec, optimum, stages, max(nAGQ, 1))
     except ConvergenceError as error:
-        wide = _wide_offset(design)
+        # PIRLS found no finite mode: put down to the offset only where its mean overflows a float (exp(offset))
+        wide = _wide_offset(design) if np.max(design.offset, initial=0.0) > np.log(np.finfo(float).max) else ""
         if not wide:
             raise
-        # (PIRLS found no finite mode at the start: the offset's mean overflowed there)
         raise DataError(f"{error}: {wide}") from None
     except np.linalg.LinAlgError:
         far = _far_term_columns(design)
@@ -311,7 +311,8 @@ def _convergence_report(design, optimum):
     if optimum.conditioned_fit is None:
         return check_convergence(design, optimum.theta, optimum.gradient, optimum.hessian, optimum.mode.converged)
     checked_design, inner = optimum.conditioned_fit
-    report = check_convergence(checked_design, inner.theta, inner.gradient, inner.hessian, inner.mode.converged)
+    # (PIRLS's flag the reported fit's own, on the user's columns)
+    report = check_convergence(checked_design, inner.theta, inner.gradient, inner.hessian, optimum.mode.converged)
     singular = singular_terms(design, optimum.theta)
     others = tuple(m for m in report.messages if m not in singular_terms(checked_design, inner.theta))
     return replace(report, singular=bool(singular), messages=tuple(singular) + others)

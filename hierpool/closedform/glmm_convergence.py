@@ -88,7 +88,9 @@ class ConvergenceReport:
     messages : tuple of str
         One per finding, each naming the parameter, term or column concerned.
     gradient, hessian : numpy.ndarray or None
-        The finite-difference derivatives of the deviance in (theta, beta) (None when not computed).
+        The derivatives of the deviance the checks read, in (theta, beta) (None when not computed); where ``hp.glmm``
+        conditioned the random-effect columns, the conditioned fit's, in (theta~, beta)
+        (:func:`hierpool.closedform.glmm._convergence_report`).
     """
 
     converged: bool

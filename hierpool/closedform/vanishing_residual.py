@@ -14,6 +14,7 @@ import numpy as np
 
 from ..algebra.checks import reproduced_to_rounding
 from ..algebra.laplace import random_part
+from ..algebra.system import location_shift
 from ..errors import ConvergenceError
 from ..spec.design import Design
 
@@ -45,22 +46,22 @@ def solved_or_refused(solve, theta):
 
 def refuse_if_reproduced(design: Design, solution, theta) -> None:
     """Refuse (:func:`residual_vanished`) a fit whose fixed and random effects reproduce the response to rounding
-    (:func:`~hierpool.algebra.checks.reproduced_to_rounding`: r'Wr <= (1e-8)^2 (y - ybar)'W(y - ybar), r the residual
-    y - offset - X beta - Z b at the fit).  Such a response (noise-free data) has no minimum: the criterion falls
-    without end as theta grows and the residual variance goes to zero.  Where the search stopped on it was decided
-    by rounding: its system failed to factor there (refused), or factored, and the fit came back at sigma ~1e-8,
-    converged or not, by the sums' last digits (``y ~ x + (1 | g)``, 50 noise-free rows, seeds 1-11: 9 refused,
-    the rest fitted at sigma 4e-9 to 1.7e-8, before this rule).  A response that noise moves by more than 1e-8 of
-    its spread is fitted.  Not with known residual sds (sigma is not estimated: a small residual is no limit)."""
+    (:func:`~hierpool.algebra.checks.reproduced_to_rounding`: r'Wr <= (1e-8)^2 r_X'W r_X, r the residual
+    y - offset - X beta - Z b at the fit and r_X the residual from X's least-squares fit).  Such a response
+    (noise-free data) has no minimum: the criterion falls without end as theta grows and the residual variance goes
+    to zero.  Where the search stopped on it was decided by rounding: its system failed to factor there (refused),
+    or factored, and the fit came back at sigma ~1e-8, converged or not, by the sums' last digits
+    (``y ~ x + (1 | g)``, 50 noise-free rows, seeds 1-11: 9 refused, the rest fitted at sigma 4e-9 to 1.7e-8,
+    before this rule).  Noise of more than 1e-8 of what X leaves is fitted.  Not with known residual sds (sigma is
+    not estimated: a small residual is no limit)."""
     if design.sigma_known:
         return
     weights = design.row_weights
     target = design.y_less_offset
     residual = target - design.X @ np.asarray(solution.beta, dtype=float) - random_part(design, solution.b)
-    spread = target - np.sum(weights * target) / np.sum(weights)
     with np.errstate(over="ignore", invalid="ignore"):
-        residual_squares, spread_squares = np.sum(weights * residual ** 2), np.sum(weights * spread ** 2)
-    if reproduced_to_rounding(residual_squares, spread_squares):
-        ratio = np.sqrt(residual_squares / spread_squares) if spread_squares > 0 else 0.0
-        raise residual_vanished(theta, f"the fixed and random effects reproduce the response to {ratio:.1g} of its "
-                                       "spread")
+        here, left = (float(np.sum(weights * values * values)) for values in (residual, location_shift(design)[1]))
+    if reproduced_to_rounding(here, left):
+        raise residual_vanished(theta, f"the fixed and random effects reproduce the response to "
+                                       f"{np.sqrt(here / left) if left > 0 else 0.0:.1g} of the variation the fixed "
+                                       "effects leave")
