@@ -353,7 +353,7 @@ def test_noise_free_data_are_refused_by_name_with_slopes_several_terms_and_ar1_r
     # Hessian check (its differences not finite), seed 6 came back at sigma 1.6e-8; both crossed seeds at sigma
     # ~1.8e-8; the AR(1) seeds 3 and 4 converged at sigma 2.8e-8 and 4.1e-9, seed 6 was refused as "the objective
     # is not finite at the starting value" (the profile's start from the last phi's theta, run off: now the moments'),
-    # seed 23 let LinAlgError escape from the final solve on the user's columns
+    # from where seed 23 then let LinAlgError escape from the final solve on the user's columns
     for seed in seeds:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
