@@ -325,8 +325,8 @@ def exact_responses():
 
 #: hp.lmm's refusal of a response reproduced exactly, either way it shows
 VANISHED = (r"the residual variance went to zero at theta = \[.*\] \(.*\): (the search ran off to where its system no "
-            r"longer factors|the fixed and random effects reproduce the response to \S+ of the variation the fixed "
-            r"effects leave)")
+            r"longer factors|the fixed and random effects reproduce the response to (\S+ of the variation the "
+            r"fixed effects leave|the rounding of the terms it is computed from))")
 
 
 def test_a_response_the_model_reproduces_exactly_is_refused_by_name_in_the_fit_and_in_its_batch_row(exact_responses):
@@ -371,12 +371,17 @@ def test_noise_free_data_are_refused_by_name_with_slopes_several_terms_and_ar1_r
     assert not batch.converged[:-1].any() and batch.objective.iloc[-1] == pytest.approx(single, rel=1e-8)
 
 
-def test_the_reproduction_rule_reads_the_residual_against_what_x_leaves():
-    from hierpool.algebra.checks import NEAR_EXACT, reproduced_to_rounding
+def test_the_reproduction_rule_reads_the_residual_against_what_x_leaves_and_the_fits_rounding():
+    from hierpool.algebra.checks import FIT_ROUNDING, NEAR_EXACT, ROUNDING_SHARE, reproduced_to_rounding
 
-    left = np.array([4.0, 4.0, np.inf, 4.0])
-    residual = np.array([(0.9 * NEAR_EXACT) ** 2 * 4.0, (1.1 * NEAR_EXACT) ** 2 * 4.0, 0.0, np.nan])
-    np.testing.assert_array_equal(reproduced_to_rounding(residual, left), [True, False, False, False])
+    left = np.array([4.0, 4.0, np.inf, 4.0, 1e-6, 1e-6, 1e-6])  # (the last three: 1e-8 of it is below the rounding)
+    magnitude = np.full(7, 1e10)
+    rounding = FIT_ROUNDING ** 2 * 1e10
+    residual = np.array([(0.9 * NEAR_EXACT) ** 2 * 4.0, (1.1 * NEAR_EXACT) ** 2 * 4.0, 0.0, np.nan, 0.9 * rounding,
+                         1.1 * rounding, 0.9 * rounding])
+    left[6] = 0.5 * rounding / ROUNDING_SHARE ** 2  # (a residual at the rounding, but not well below what X leaves)
+    np.testing.assert_array_equal(reproduced_to_rounding(residual, left, magnitude),
+                                  [True, False, False, False, True, False, False])
 
 
 @pytest.mark.parametrize("slope, location", [(1e6, 0.0), (1.0, 1.6e9)], ids=["a steep slope", "a timestamp"])
@@ -397,6 +402,24 @@ def test_small_noise_beside_what_x_explains_is_fitted_as_a_batch_row_and_alone(s
     # (X leaves 1e-9 of the first one's spread about its mean: fitted alone, near_exact; the second in the batch)
     assert batch.converged.all() and not batch.refit.iloc[1], batch.messages.tolist()
     assert batch.objective.iloc[0] == pytest.approx(fit.objective, rel=1e-8)
+
+
+@pytest.mark.parametrize("slope, location, sd", [(1e-3, 1.6e9, 1e-2), (1e6, 0.0, 1e-3)],
+                         ids=["a timestamp", "a steep slope"])
+def test_noise_free_data_beside_what_x_explains_are_refused_at_the_rounding_of_the_fit(slope, location, sd):
+    # the second review: small random effects beside a large X beta left a residual at X beta's rounding (sigma
+    # 2.5e-10 beside |beta t| ~1.6e6; 3e-11 beside a slope of 1e6), above 1e-8 of what X leaves: fitted
+    rng = np.random.default_rng(1)
+    g, x = np.repeat(np.arange(10), 8), location + rng.uniform(0, 3e7 if location else 1, 80)
+    exact = pd.DataFrame({"y": (5 if location else 0) + slope * (x - location) + rng.normal(0, sd, 10)[g], "x": x,
+                          "g": g.astype(str)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (NumPy's named nothing: none reach the user)
+        warnings.simplefilter("ignore", hp.ConvergenceWarning)
+        with pytest.raises(hp.ConvergenceError, match=VANISHED):
+            hp.lmm("y ~ x + (1 | g)", exact)
+        row = hp.fit_batch("y ~ x + (1 | g)", [exact], progress=False)
+    assert not row.converged.iloc[0] and re.search(VANISHED, row.messages.iloc[0])
 
 
 def test_a_hessian_not_finite_is_no_optimum_and_raises_nothing_of_numpys():

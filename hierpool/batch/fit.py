@@ -387,7 +387,8 @@ def fit_batch(
     rounding) has a criterion made of rounding noise, which the batch's sums round otherwise than the single fit's:
     it is fitted alone by ``hp.lmm``, whose outcome, a fit or its refusal, is its row
     (:mod:`hierpool.batch.near_exact`); so is one whose fit's residual sd is within 1e-5 of what X leaves of its
-    response (noise-free data, which ``hp.lmm`` refuses: the fixed and random effects reproduce it).
+    response, or near the rounding of the terms it is computed from (noise-free data, which ``hp.lmm`` refuses: the
+    fixed and random effects reproduce it).
     With several random-effect terms each dataset's criterion is the general blocked one
     (:mod:`hierpool.batch.fit_terms`), its systems built for the whole batch at once and padded per
     bucket of level counts; the tests assert it equal to ``hp.lmm``'s per dataset to 1e-8 relative.
@@ -509,8 +510,8 @@ def fit_batch(
         out = conditioning.to_user(out)
     if spec is None and not plan.design.sigma_known:
         # a fit at the limit of a response the model reproduces exactly: hp.lmm's outcome, its refusal (near_exact)
-        vanished = vanishing_residuals(out["sigma"], np.asarray(plan.n_obs),
-                                       plan.left_by_x_squares(settings.get("shifts")))
+        left = plan.left_by_x_squares(settings.get("shifts"))
+        vanished = vanishing_residuals(out["sigma"], np.asarray(plan.n_obs), left, plan.magnitude_squares(out["beta"]))
         alone = alone | {int(index): VANISHED_REASON for index in np.flatnonzero(vanished) if index not in alone}
     for index, reason in alone.items():  # (the batch's row set aside: its numbers are no fit's)
         if out["messages"][index]:

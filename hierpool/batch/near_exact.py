@@ -33,6 +33,9 @@ REASON = "X fits its response to rounding (noise-free, or varying at its roundin
 #: fitted alone (:func:`vanishing_residuals`): a search on a response the model reproduces exactly stops at 1e-8 or
 #: below (theta ~1e8, where the criterion's gradient is ~1e-6); a fit this near that limit costs one single fit.
 VANISHING = 1e-5
+#: The same relative to the size of the terms the residual is computed from (a generous bound: ``hp.lmm`` refuses
+#: from ten units in the last place, :data:`hierpool.algebra.checks.FIT_ROUNDING`, and fits the rest).
+VANISHING_ROUNDING = 1e-13
 #: The row's message of such a dataset (before the single fit's words).
 VANISHED_REASON = "the residual variance nearly vanished (noise-free data?): fitted alone"
 
@@ -46,14 +49,19 @@ def spread_squares(target: np.ndarray, weights: np.ndarray, dataset: np.ndarray,
         return np.bincount(dataset, weights=weights * centred * centred, minlength=n_datasets)
 
 
-def vanishing_residuals(sigma: np.ndarray, n_obs: np.ndarray, left_squares: np.ndarray) -> np.ndarray:
+def vanishing_residuals(sigma: np.ndarray, n_obs: np.ndarray, left_squares: np.ndarray,
+                        magnitude_squares: np.ndarray) -> np.ndarray:
     """(datasets,) bool: a batch fit's residual variance within :data:`VANISHING` of what X leaves of its response
-    (``left_squares``: r_X'W r_X, the residual from X's least-squares fit), sigma^2 n <= VANISHING^2 r_X'W r_X.  A
-    spread about the mean would count what X explains (a slope on a timestamp sent ordinary fits alone: the
+    (``left_squares``: r_X'W r_X, the residual from X's least-squares fit), sigma^2 n <= VANISHING^2 r_X'W r_X, or
+    within :data:`VANISHING_ROUNDING` of the terms its residual is computed from (``magnitude_squares``:
+    :func:`hierpool.algebra.checks.fit_magnitudes`' weighted squares), where ``hp.lmm`` may find it their rounding.
+    A spread about the mean would count what X explains (a slope on a timestamp sent ordinary fits alone: the
     fifty-ninth session's review).  NaN sigmas (no fit) are not flagged."""
     with np.errstate(invalid="ignore", over="ignore"):
         variance = sigma ** 2 * n_obs
-        return np.isfinite(variance) & np.isfinite(left_squares) & (variance <= VANISHING ** 2 * left_squares)
+        return np.isfinite(variance) & (
+            (np.isfinite(left_squares) & (variance <= VANISHING ** 2 * left_squares))
+            | (np.isfinite(magnitude_squares) & (variance <= VANISHING_ROUNDING ** 2 * magnitude_squares)))
 
 
 def near_exact_datasets(dataset: np.ndarray, target: np.ndarray, residual: np.ndarray, weights: np.ndarray | None,

@@ -56,6 +56,7 @@ import pandas as pd
 from jax.experimental import multihost_utils
 
 from ..algebra.batched_systems import batched_systems
+from ..algebra.checks import fit_magnitudes
 from ..algebra.linalg import (
     distinct_block_columns,
     equal_sets,
@@ -811,6 +812,14 @@ class BatchPlan:
             if valid.any():
                 out.append((bucket, members[valid], stats.take(np.flatnonzero(valid)).astype(dtype)))
         return out, messages
+
+    def magnitude_squares(self, beta: np.ndarray) -> np.ndarray:
+        """(D,) each dataset's weighted squares of :func:`hierpool.algebra.checks.fit_magnitudes` at its ``beta``
+        (D, p), for :func:`hierpool.batch.near_exact.vanishing_residuals` (NaN where a dataset has no fit)."""
+        design = self.design
+        with np.errstate(over="ignore", invalid="ignore"):
+            size = fit_magnitudes(design.y, design.X, np.asarray(beta, dtype=float)[self.dataset])
+            return np.bincount(self.dataset, weights=design.row_weights * size * size, minlength=self.n_datasets)
 
     def left_by_x_squares(self, shifts: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """(D,) r_X'W r_X: each dataset's weighted squares of its residual from X's least-squares fit (``shifts``:

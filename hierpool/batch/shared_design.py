@@ -406,6 +406,13 @@ class SharedDesignPlan(BatchPlan):
                  for (level, counts, _), term in zip(self.term_levels, self.design.terms)]
         return merge_terms(terms) if merged else terms
 
+    def magnitude_squares(self, beta: np.ndarray) -> np.ndarray:
+        """:meth:`BatchPlan.magnitude_squares` of a shared design: one per response (column)."""
+        design = self.design
+        with np.errstate(over="ignore", invalid="ignore"):
+            size = np.abs(self.design_responses) + np.abs(design.X) @ np.abs(np.asarray(beta, dtype=float)).T
+            return np.einsum("n,nd,nd->d", design.row_weights, size, size)
+
     def left_by_x_squares(self, shifts=None) -> np.ndarray:
         """:meth:`BatchPlan.left_by_x_squares` of a shared design: one per response (column)."""
         residual = (self.location_shifts() if shifts is None else shifts)[1]

@@ -193,8 +193,9 @@ def glmm(formula: str, data: pd.DataFrame, family: str = "binomial", link: str |
             optimum = _negative_binomial_restarts(design, spec, optimum, stages, max(nAGQ, 1))
             optimum = _negative_binomial_limit(design, spec, optimum, stages, max(nAGQ, 1))
     except ConvergenceError as error:
-        # PIRLS found no finite mode: put down to the offset only where its mean overflows a float (exp(offset))
-        wide = _wide_offset(design) if np.max(design.offset, initial=0.0) > np.log(np.finfo(float).max) else ""
+        # PIRLS found no finite mode: put down to the offset only where its mean's square overflows a float
+        # (exp(2 offset), the working weights' scale: PIRLS failed from an offset of about 355)
+        wide = _wide_offset(design) if np.max(design.offset, initial=0.0) > np.log(np.finfo(float).max) / 2 else ""
         if not wide:
             raise
         raise DataError(f"{error}: {wide}") from None

@@ -18,6 +18,8 @@ Convergence and singularity checks are a stage of their own
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 import nlopt
@@ -400,6 +402,19 @@ UNIDENTIFIED_RATIO = 1e-6
 SINGULAR_FIT = "boundary (singular) fit: some variance component is (near) zero or a correlation is +/-1"
 
 
+def _quietly(function):
+    """``function`` under ``np.errstate`` that ignores division by zero, invalid values and overflow: a search's
+    trial where the criterion is lost to rounding (a system near singular at a theta run off, as on noise-free data)
+    is no criterion (its value not finite: searched past, or the fit refused), and NumPy's warnings of it, printed
+    before the fit's own outcome, named nothing."""
+    @functools.wraps(function)
+    def quiet(*args, **kwargs):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return function(*args, **kwargs)
+    return quiet
+
+
+@_quietly
 def optimize_theta(
     system: MixedModelSystem,
     reml: bool,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..algebra.checks import reproduced_to_rounding
+from ..algebra.checks import NEAR_EXACT, fit_magnitudes, reproduced_to_rounding
 from ..algebra.laplace import random_part
 from ..algebra.system import location_shift
 from ..errors import ConvergenceError
@@ -34,7 +34,8 @@ def solved_or_refused(solve, theta):
     which LAPACK did not refuse): a search run off to a huge ``theta`` (the user's, for the
     message), the residual sd near zero, as for a response the fixed and random effects reproduce exactly."""
     try:
-        solution = solve()
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # (not finite: refused below)
+            solution = solve()
         # (a factor that holds NaN where LAPACK did not refuse it is the same failure: never a NaN sigma returned;
         # not the covariance of beta, which overflows on its own where y is near 1e149 and two columns nearly alias)
         if not all(np.all(np.isfinite(np.asarray(value, dtype=float))) for value in (solution.sigma, solution.beta)):
@@ -47,21 +48,27 @@ def solved_or_refused(solve, theta):
 def refuse_if_reproduced(design: Design, solution, theta) -> None:
     """Refuse (:func:`residual_vanished`) a fit whose fixed and random effects reproduce the response to rounding
     (:func:`~hierpool.algebra.checks.reproduced_to_rounding`: r'Wr <= (1e-8)^2 r_X'W r_X, r the residual
-    y - offset - X beta - Z b at the fit and r_X the residual from X's least-squares fit).  Such a response
+    y - offset - X beta - Z b at the fit and r_X the residual from X's least-squares fit; or r within the rounding
+    of the terms it is computed from, :func:`~hierpool.algebra.checks.fit_magnitudes`).  Such a response
     (noise-free data) has no minimum: the criterion falls without end as theta grows and the residual variance goes
     to zero.  Where the search stopped on it was decided by rounding: its system failed to factor there (refused),
     or factored, and the fit came back at sigma ~1e-8, converged or not, by the sums' last digits
     (``y ~ x + (1 | g)``, 50 noise-free rows, seeds 1-11: 9 refused, the rest fitted at sigma 4e-9 to 1.7e-8,
-    before this rule).  Noise of more than 1e-8 of what X leaves is fitted.  Not with known residual sds (sigma is
-    not estimated: a small residual is no limit)."""
+    before this rule).  Noise of more than 1e-8 of what X leaves, and above ten units in the last place of those
+    terms, is fitted.  Not with known residual sds (sigma is not estimated: a small residual is no limit)."""
     if design.sigma_known:
         return
     weights = design.row_weights
     target = design.y_less_offset
-    residual = target - design.X @ np.asarray(solution.beta, dtype=float) - random_part(design, solution.b)
+    beta = np.asarray(solution.beta, dtype=float)
+    residual = target - design.X @ beta - random_part(design, solution.b)
     with np.errstate(over="ignore", invalid="ignore"):
-        here, left = (float(np.sum(weights * values * values)) for values in (residual, location_shift(design)[1]))
-    if reproduced_to_rounding(here, left):
-        raise residual_vanished(theta, f"the fixed and random effects reproduce the response to "
-                                       f"{np.sqrt(here / left) if left > 0 else 0.0:.1g} of the variation the fixed "
-                                       "effects leave")
+        here, left, magnitude = (float(np.sum(weights * values * values)) for values in (
+            residual, location_shift(design)[1], fit_magnitudes(design.y, design.X, beta)))
+    if not reproduced_to_rounding(here, left, magnitude):
+        return
+    if here <= NEAR_EXACT ** 2 * left:
+        how = f"{np.sqrt(here / left) if left > 0 else 0.0:.1g} of the variation the fixed effects leave"
+    else:
+        how = "the rounding of the terms it is computed from"
+    raise residual_vanished(theta, f"the fixed and random effects reproduce the response to {how}")
