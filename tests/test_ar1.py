@@ -955,3 +955,36 @@ def test_a_phi_per_unit_beyond_a_float_is_refused_by_name():
     assert "units nearer the spacing" in batch.messages.iloc[0]
     fit = hp.lmm("y ~ 1 + (1 | g)", minutes, correlation=hp.car1("g", "t"))
     assert batch.phi[1] == pytest.approx(fit.phi, abs=1e-5)
+
+
+def test_each_phi_of_the_profile_is_fitted_from_the_moments_where_theta_is_large():
+    # noise 1e-4 of the group sd (theta ~1.7e4): each profile fit in theta started from the last phi's theta and
+    # stopped where it started (the gradient there below its tolerance), the profile read those stale values, and
+    # hp.lmm ended at phi 0.38, -2 log L -1297.268, reported converged, where the profile's minimum (each phi fitted
+    # from the moments) is near phi 0.33, -1297.40 (the fifty-ninth session's review)
+    from hierpool.closedform.ar1 import checked_series, whitened_design
+    from hierpool.closedform.optimize import moment_start, optimize_theta
+    from hierpool.algebra.system import build_system
+    from hierpool.spec.design import build_design
+
+    rng = np.random.default_rng(1)
+    g, t = np.repeat(np.arange(12), 8), np.tile(np.arange(8), 12)
+    h, x = rng.integers(0, 5, 96), rng.normal(size=96)
+    rng.integers(0, 30, 96)  # (the review's draws, in its order)
+    y = 2 + 0.7 * x + rng.normal(0, 1, 12)[g]
+    noise = rng.normal(0, 1, 96)
+    for i in range(1, 96):
+        if t[i]:
+            noise[i] = 0.6 * noise[i - 1] + 0.8 * noise[i]
+    data = pd.DataFrame({"y": y + 1e-4 * noise, "x": x, "g": g.astype(str), "t": t})
+    structure = hp.ar1("g", time="t")
+    fit = hp.lmm("y ~ x + (1 | g)", data, correlation=structure)
+    design = build_design("y ~ x + (1 | g)", data)
+    series = checked_series(design, structure, data)
+
+    def profiled(phi):
+        whitened, logdet = whitened_design(design, series, phi)
+        return optimize_theta(build_system(whitened, host=True), True, start=moment_start(whitened)).objective + logdet
+
+    assert fit.converged and fit.phi == pytest.approx(0.328, abs=0.01)
+    assert fit.objective <= min(profiled(phi) for phi in (0.31, 0.33, 0.35)) + 1e-6
