@@ -19,7 +19,6 @@ Convergence and singularity checks are a stage of their own
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
 
 import nlopt
