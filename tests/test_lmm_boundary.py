@@ -375,13 +375,31 @@ def test_the_reproduction_rule_reads_the_residual_against_what_x_leaves_and_the_
     from hierpool.algebra.checks import FIT_ROUNDING, NEAR_EXACT, ROUNDING_SHARE, reproduced_to_rounding
 
     left = np.array([4.0, 4.0, np.inf, 4.0, 1e-6, 1e-6, 1e-6])  # (the last three: 1e-8 of it is below the rounding)
-    magnitude = np.full(7, 1e10)
     rounding = FIT_ROUNDING ** 2 * 1e10
     residual = np.array([(0.9 * NEAR_EXACT) ** 2 * 4.0, (1.1 * NEAR_EXACT) ** 2 * 4.0, 0.0, np.nan, 0.9 * rounding,
                          1.1 * rounding, 0.9 * rounding])
     left[6] = 0.5 * rounding / ROUNDING_SHARE ** 2  # (a residual at the rounding, but not well below what X leaves)
-    np.testing.assert_array_equal(reproduced_to_rounding(residual, left, magnitude),
+    # (unweighted, the rounding's sums are these too here: each row's rounding is its own whatever its weight)
+    np.testing.assert_array_equal(reproduced_to_rounding(residual, left, residual, np.full(7, 1e10)),
                                   [True, False, False, False, True, False, False])
+    np.testing.assert_array_equal(reproduced_to_rounding(residual, left), [True, False, False, False, False, False,
+                                                                            False])
+
+
+def test_noise_a_few_units_in_the_last_place_of_a_large_response_is_fitted_with_uneven_weights_too():
+    # the third review: the rounding bound as ten eps of |y| + |X beta| (the response counted twice) and weighted
+    # refused noise of 30 ulps of a response around 1e6, and of 1000 ulps where a tenth of the rows weigh 1e4
+    rng = np.random.default_rng(5)
+    g = np.repeat(np.arange(10), 8)
+    weights = np.where(rng.uniform(size=80) < 0.1, 1e4, 1.0)
+    ulp = np.spacing(1e6)
+    for noise, w in ((30 * ulp, None), (1000 * ulp, weights)):
+        data = pd.DataFrame({"y": 1e6 + 1e4 * noise * rng.normal(size=10)[g] + noise * rng.normal(size=80)
+                             / np.sqrt(1.0 if w is None else w), "g": g.astype(str), "w": 1.0 if w is None else w})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hp.ConvergenceWarning)
+            fit = hp.lmm("y ~ 1 + (1 | g)", data, weights="w")
+        assert fit.sigma == pytest.approx(noise, rel=0.5)
 
 
 @pytest.mark.parametrize("slope, location", [(1e6, 0.0), (1.0, 1.6e9)], ids=["a steep slope", "a timestamp"])

@@ -123,11 +123,13 @@ def lme4_gradient_measure(hessian: np.ndarray, gradient: np.ndarray) -> np.ndarr
 NEAR_EXACT = 1e-8
 #: The same, relative to the response's size: a response whose variation is at its rounding (1 and 1 + 1e-15).
 AT_ROUNDING = 1e-14
-#: A fit's residual relative to the size of the terms it was computed from (|y| + sum_j |x_j beta_j| a row, rms), up
-#: to which it is their rounding (ten units in the last place): a noise-free response beside a slope on a timestamp
-#: (|beta t| ~1.6e6) came back at sigma 2.5e-10, the rounding of X beta, where what X leaves made 1e-8 of it 1e-10
-#: (the fifty-ninth session's second review).  Noise of 25 units in the last place is fitted.
-FIT_ROUNDING = 10 * float(np.finfo(float).eps)
+#: A fit's residual (rms, unweighted) relative to the size of the terms it was computed from (rms of
+#: max(|y_i|, sum_j |x_ij beta_j|), :func:`fit_magnitudes`), up to which it is their rounding: a noise-free response
+#: beside a slope on a timestamp (|beta t| ~1.6e6) came back at sigma 2.5e-10 (0.7 eps of it), where 1e-8 of what X
+#: leaves was 1e-10; beside a slope of 1e6, 0.16 eps; around 1e13, 0.25 eps (the fifty-ninth session's second
+#: review).  Noise of ten units in the last place is fitted (the third review: the first bound, ten eps of |y| +
+#: sum |x beta| weighted by the prior weights, refused 30 ulps, and 1000 ulps where weights spread 1e-4..1e4).
+FIT_ROUNDING = 4 * float(np.finfo(float).eps)
 #: The most of what X leaves (its rms) that such a residual may be: a response whose whole variation is at its
 #: rounding (1 and 1 + 1e-15), which the random effects do not reduce, is data of its own (fitted), not one they
 #: reproduce.
@@ -148,27 +150,32 @@ def fits_to_rounding(residual_squares: np.ndarray, spread_squares: np.ndarray, s
                      | (residual_squares <= AT_ROUNDING ** 2 * size_squares))
 
 
-def reproduced_to_rounding(residual_squares, left_by_x_squares, magnitude_squares) -> np.ndarray:
+def reproduced_to_rounding(residual_squares, left_by_x_squares, plain_residual_squares=np.inf,
+                           magnitude_squares=0.0) -> np.ndarray:
     """Whether the fixed and random effects at a fit reproduce a response to rounding: r'Wr, the residual at the
     fit, within :data:`NEAR_EXACT` of the variation X leaves (``left_by_x_squares``, the weighted squares of the
     residual from X's least-squares fit; a spread about the mean would count what X explains, and refused a slope
     of 1e6 beside group effects of sd 1e-2 and noise of 1e-3: the fifty-ninth session's review), or within
-    :data:`FIT_ROUNDING` of the terms it was computed from (``magnitude_squares``: sum_i w_i (|y_i| +
-    sum_j |x_ij beta_j|)^2), below which it is their rounding (a noise-free response around 1e13 left its storage
-    rounding, sigma 5.6e-4; one beside a slope on a timestamp, X beta's, sigma 2.5e-10), where it is also at most
-    :data:`ROUNDING_SHARE` of what X leaves.  Sums beyond a float say nothing (False)."""
+    :data:`FIT_ROUNDING` of the terms it was computed from (``plain_residual_squares`` r'r against
+    ``magnitude_squares``, both unweighted: each row's rounding is its own, whatever its weight), below which it is
+    their rounding (a noise-free response around 1e13 left its storage rounding, sigma 5.6e-4; one beside a slope on
+    a timestamp, X beta's, sigma 2.5e-10), where it is also at most :data:`ROUNDING_SHARE` of what X leaves.  Sums
+    beyond a float say nothing (False)."""
     residual_squares = np.asarray(residual_squares)
     left_by_x_squares, magnitude_squares = np.asarray(left_by_x_squares), np.asarray(magnitude_squares)
+    plain_residual_squares = np.asarray(plain_residual_squares)
     finite = np.isfinite(residual_squares) & np.isfinite(left_by_x_squares)
+    at_rounding = (np.isfinite(magnitude_squares) & np.isfinite(plain_residual_squares)
+                   & (plain_residual_squares <= FIT_ROUNDING ** 2 * magnitude_squares))
     return finite & ((residual_squares <= NEAR_EXACT ** 2 * left_by_x_squares)
-                     | (np.isfinite(magnitude_squares) & (residual_squares <= FIT_ROUNDING ** 2 * magnitude_squares)
-                        & (residual_squares <= ROUNDING_SHARE ** 2 * left_by_x_squares)))
+                     | (at_rounding & (residual_squares <= ROUNDING_SHARE ** 2 * left_by_x_squares)))
 
 
 def fit_magnitudes(y: np.ndarray, X: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """Each row's |y_i| + sum_j |x_ij beta_j|: the size of the terms a fit's residual y - X beta - Z b is computed
-    from, whose rounding it cannot go below (:func:`reproduced_to_rounding`).  ``beta`` (p,) with ``X`` (n, p), or
-    per row (n, p) (a batch's datasets' own)."""
+    """Each row's max(|y_i|, sum_j |x_ij beta_j|): the size of the terms a fit's residual y - X beta - Z b is computed
+    from, whose rounding it cannot go below (:func:`reproduced_to_rounding`; the larger, not the sum: y and X beta
+    cancel, and the sum counted the response twice).  ``beta`` (p,) with ``X`` (n, p), or per row (n, p) (a batch's
+    datasets' own)."""
     beta = np.asarray(beta, dtype=float)
     products = np.abs(X) @ np.abs(beta) if beta.ndim == 1 else np.einsum("np,np->n", np.abs(X), np.abs(beta))
-    return np.abs(y) + products
+    return np.maximum(np.abs(y), products)

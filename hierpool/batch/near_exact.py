@@ -34,7 +34,7 @@ REASON = "X fits its response to rounding (noise-free, or varying at its roundin
 #: below (theta ~1e8, where the criterion's gradient is ~1e-6); a fit this near that limit costs one single fit.
 VANISHING = 1e-5
 #: The same relative to the size of the terms the residual is computed from (a generous bound: ``hp.lmm`` refuses
-#: from ten units in the last place, :data:`hierpool.algebra.checks.FIT_ROUNDING`, and fits the rest).
+#: within a few units in the last place, :data:`hierpool.algebra.checks.FIT_ROUNDING`, and fits the rest).
 VANISHING_ROUNDING = 1e-13
 #: The row's message of such a dataset (before the single fit's words).
 VANISHED_REASON = "the residual variance nearly vanished (noise-free data?): fitted alone"

@@ -410,7 +410,7 @@ class SharedDesignPlan(BatchPlan):
         """:meth:`BatchPlan.magnitude_squares` of a shared design: one per response (column)."""
         design = self.design
         with np.errstate(over="ignore", invalid="ignore"):
-            size = np.abs(self.design_responses) + np.abs(design.X) @ np.abs(np.asarray(beta, dtype=float)).T
+            size = np.maximum(np.abs(self.design_responses), np.abs(design.X) @ np.abs(np.asarray(beta, dtype=float)).T)
             return np.einsum("n,nd,nd->d", design.row_weights, size, size)
 
     def left_by_x_squares(self, shifts=None) -> np.ndarray:

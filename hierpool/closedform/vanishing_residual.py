@@ -54,7 +54,7 @@ def refuse_if_reproduced(design: Design, solution, theta) -> None:
     to zero.  Where the search stopped on it was decided by rounding: its system failed to factor there (refused),
     or factored, and the fit came back at sigma ~1e-8, converged or not, by the sums' last digits
     (``y ~ x + (1 | g)``, 50 noise-free rows, seeds 1-11: 9 refused, the rest fitted at sigma 4e-9 to 1.7e-8,
-    before this rule).  Noise of more than 1e-8 of what X leaves, and above ten units in the last place of those
+    before this rule).  Noise of more than 1e-8 of what X leaves, and above a few units in the last place of those
     terms, is fitted.  Not with known residual sds (sigma is not estimated: a small residual is no limit)."""
     if design.sigma_known:
         return
@@ -63,9 +63,10 @@ def refuse_if_reproduced(design: Design, solution, theta) -> None:
     beta = np.asarray(solution.beta, dtype=float)
     residual = target - design.X @ beta - random_part(design, solution.b)
     with np.errstate(over="ignore", invalid="ignore"):
-        here, left, magnitude = (float(np.sum(weights * values * values)) for values in (
-            residual, location_shift(design)[1], fit_magnitudes(design.y, design.X, beta)))
-    if not reproduced_to_rounding(here, left, magnitude):
+        here, left = (float(np.sum(weights * values * values)) for values in (residual, location_shift(design)[1]))
+        plain, magnitude = (float(np.sum(values * values)) for values in (
+            residual, fit_magnitudes(design.y, design.X, beta)))
+    if not reproduced_to_rounding(here, left, plain, magnitude):
         return
     if here <= NEAR_EXACT ** 2 * left:
         how = f"{np.sqrt(here / left) if left > 0 else 0.0:.1g} of the variation the fixed effects leave"
