@@ -48,8 +48,9 @@ def solved_or_refused(solve, theta):
 def refuse_if_reproduced(design: Design, solution, theta) -> None:
     """Refuse (:func:`residual_vanished`) a fit whose fixed and random effects reproduce the response to rounding
     (:func:`~hierpool.algebra.checks.reproduced_to_rounding`: r'Wr <= (1e-8)^2 r_X'W r_X, r the residual
-    y - offset - X beta - Z b at the fit and r_X the residual from X's least-squares fit; or r within the rounding
-    of the terms it is computed from, :func:`~hierpool.algebra.checks.fit_magnitudes`).  Such a response
+    y - offset - X beta - Z b at the fit and r_X the residual from X's least-squares fit; or r, unweighted, within
+    four eps of the terms it is computed from, :func:`~hierpool.algebra.checks.fit_magnitudes`, and at most 1e-2 of
+    r_X).  Such a response
     (noise-free data) has no minimum: the criterion falls without end as theta grows and the residual variance goes
     to zero.  Where the search stopped on it was decided by rounding: its system failed to factor there (refused),
     or factored, and the fit came back at sigma ~1e-8, converged or not, by the sums' last digits
