@@ -440,6 +440,38 @@ def test_noise_free_data_beside_what_x_explains_are_refused_at_the_rounding_of_t
     assert not row.converged.iloc[0] and re.search(VANISHED, row.messages.iloc[0])
 
 
+def test_ten_units_in_the_last_place_near_the_top_of_a_binade_in_groups_of_two_are_fitted():
+    # the fourth review: at four eps, 3 of these 6 were refused (an ulp there is eps / 2 of y, and groups of two
+    # rows take part of the noise: 3.8 eps was left)
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        g, x = np.repeat(np.arange(60), 2), rng.normal(size=120)
+        noise = 10 * np.spacing(1.05e12)
+        y = 1.05e12 + 1.05e6 * x + 1e4 * noise * rng.normal(size=60)[g] + noise * rng.normal(size=120)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hp.ConvergenceWarning)
+            fit = hp.lmm("y ~ x + (1 | g)", pd.DataFrame({"y": y, "x": x, "g": g.astype(str)}))
+        assert fit.sigma == pytest.approx(noise, rel=0.5), seed
+
+
+def test_a_penalized_residual_rounded_to_zero_is_refused_never_a_sigma_of_zero():
+    # the fourth review: REML, noise of 10 ulps beside group effects 1e8 times larger: the search ran to theta 3.9e7,
+    # where pwrss rounded to 0, and hp.lmm returned sigma 0.0 and a criterion of -inf (its batch row too)
+    rng = np.random.default_rng(0)
+    g, x = np.repeat(np.arange(60), 3), rng.normal(size=180)
+    y = 3e3 + 3e-3 * x + 3e-4 * rng.normal(size=60)[g] + 10 * np.spacing(3e3) * rng.normal(size=180)
+    data = pd.DataFrame({"y": y, "x": x, "g": g.astype(str)})
+    for reml in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hp.ConvergenceWarning)
+            try:
+                fit = hp.lmm("y ~ x + (1 | g)", data, reml=reml)
+            except hp.ConvergenceError as refused:
+                assert re.search(VANISHED, str(refused))
+            else:
+                assert fit.sigma > 0 and np.isfinite(fit.objective), (reml, fit.sigma, fit.objective)
+
+
 def test_a_hessian_not_finite_is_no_optimum_and_raises_nothing_of_numpys():
     # the finite differences of gradients overflowed where the residual variance went to zero; eigvalsh raised
     # LinAlgError ("Eigenvalues did not converge") out of hp.lmm

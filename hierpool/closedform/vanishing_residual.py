@@ -40,6 +40,10 @@ def solved_or_refused(solve, theta):
         # not the covariance of beta, which overflows on its own where y is near 1e149 and two columns nearly alias)
         if not all(np.all(np.isfinite(np.asarray(value, dtype=float))) for value in (solution.sigma, solution.beta)):
             raise np.linalg.LinAlgError
+        if not np.all(np.asarray(solution.sigma, dtype=float) > 0):
+            # (its penalized residual sum of squares rounded to 0: sigma 0 and a criterion of -inf were returned,
+            # REML, 10 ulps of noise beside group effects 1e8 times larger; the fourth review)
+            raise np.linalg.LinAlgError
         return solution
     except np.linalg.LinAlgError:
         raise residual_vanished(theta, "the search ran off to where its system no longer factors") from None
@@ -49,7 +53,7 @@ def refuse_if_reproduced(design: Design, solution, theta) -> None:
     """Refuse (:func:`residual_vanished`) a fit whose fixed and random effects reproduce the response to rounding
     (:func:`~hierpool.algebra.checks.reproduced_to_rounding`: r'Wr <= (1e-8)^2 r_X'W r_X, r the residual
     y - offset - X beta - Z b at the fit and r_X the residual from X's least-squares fit; or r, unweighted, within
-    four eps of the terms it is computed from, :func:`~hierpool.algebra.checks.fit_magnitudes`, and at most 1e-2 of
+    two eps of the terms it is computed from, :func:`~hierpool.algebra.checks.fit_magnitudes`, and at most 1e-2 of
     r_X).  Such a response
     (noise-free data) has no minimum: the criterion falls without end as theta grows and the residual variance goes
     to zero.  Where the search stopped on it was decided by rounding: its system failed to factor there (refused),
