@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 import hierpool as hp
-from hierpool.batch.near_exact import AT_ROUNDING, NEAR_EXACT, REASON, fits_to_rounding, near_exact_datasets
+from hierpool.algebra.checks import AT_ROUNDING, NEAR_EXACT, fits_to_rounding
+from hierpool.batch.near_exact import REASON, near_exact_datasets
 
 ONE_TERM, SLOPES, TWO_TERMS = ("Reaction ~ Days + (1 | Subject)", "Reaction ~ Days + (Days | Subject)",
                                "Reaction ~ Days + (1 | Subject) + (1 | week)")

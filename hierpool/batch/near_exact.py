@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..algebra.checks import AT_ROUNDING, NEAR_EXACT, fits_to_rounding  # noqa: F401 - the rule's names, here too
+from ..algebra.checks import fits_to_rounding
 from ..algebra.statistics import SHARED_BLOCK_VALUES
 
 #: The row's message (before the single fit's own words, where it refuses the response).

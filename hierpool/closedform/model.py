@@ -271,7 +271,8 @@ class MixedModel:
             # prediction variances in the conditioned coordinates too (the user's X' X may not even factor)
             coordinates = ConditionedCoordinates(conditioned, system, np.asarray(inner.theta, dtype=float),
                                                  np.asarray(tilde.vcov_beta))
-        refuse_if_reproduced(self.design, solution, optimum.theta)
+        # (what X leaves, r_X'W r_X: the user's system's last cross-product, its y column's, not X's fit again)
+        refuse_if_reproduced(self.design, solution, optimum.theta, float(np.asarray(self.system.rest)[-1, -1]))
         for message in optimum.messages:
             warnings.warn(message, ConvergenceWarning, stacklevel=3)
         return LMMResult(self.design, self.system, solution, optimum, reml, host,

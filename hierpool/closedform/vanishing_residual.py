@@ -49,7 +49,7 @@ def solved_or_refused(solve, theta):
         raise residual_vanished(theta, "the search ran off to where its system no longer factors") from None
 
 
-def refuse_if_reproduced(design: Design, solution, theta) -> None:
+def refuse_if_reproduced(design: Design, solution, theta, left_by_x: float | None = None) -> None:
     """Refuse (:func:`residual_vanished`) a fit whose fixed and random effects reproduce the response to rounding
     (:func:`~hierpool.algebra.checks.reproduced_to_rounding`: r'Wr <= (1e-8)^2 r_X'W r_X, r the residual
     y - offset - X beta - Z b at the fit and r_X the residual from X's least-squares fit; or r, unweighted, within
@@ -60,7 +60,9 @@ def refuse_if_reproduced(design: Design, solution, theta) -> None:
     or factored, and the fit came back at sigma ~1e-8, converged or not, by the sums' last digits
     (``y ~ x + (1 | g)``, 50 noise-free rows, seeds 1-11: 9 refused, the rest fitted at sigma 4e-9 to 1.7e-8,
     before this rule).  Noise of more than 1e-8 of what X leaves, and above a few units in the last place of those
-    terms, is fitted.  Not with known residual sds (sigma is not estimated: a small residual is no limit)."""
+    terms, is fitted.  Not with known residual sds (sigma is not estimated: a small residual is no limit).
+    ``left_by_x``: r_X'W r_X where the caller has it (a design's system holds it as its last cross-product,
+    :func:`hierpool.algebra.system.build_system`'s y column); else X's least-squares fit is computed here."""
     if design.sigma_known:
         return
     weights = design.row_weights
@@ -68,7 +70,11 @@ def refuse_if_reproduced(design: Design, solution, theta) -> None:
     beta = np.asarray(solution.beta, dtype=float)
     residual = target - design.X @ beta - random_part(design, solution.b)
     with np.errstate(over="ignore", invalid="ignore"):
-        here, left = (float(np.sum(weights * values * values)) for values in (residual, location_shift(design)[1]))
+        here = float(np.sum(weights * residual * residual))
+        if left_by_x is None:
+            shifted = location_shift(design)[1]
+            left_by_x = float(np.sum(weights * shifted * shifted))
+        left = left_by_x
         plain, magnitude = (float(np.sum(values * values)) for values in (
             residual, fit_magnitudes(design.y, design.X, beta)))
     if not reproduced_to_rounding(here, left, plain, magnitude):
