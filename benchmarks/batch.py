@@ -18,6 +18,7 @@
     python benchmarks/batch.py --lmm-wide-slopes 1000     # Gaussian, (1 + x + z | g), 15 x 12: out/lmm_wide_slopes.json
     python benchmarks/batch.py --lmm-three-nested 1000    # Gaussian, three nested levels: out/lmm_three_nested.json
     python benchmarks/batch.py --glmm-uncorrelated 1000   # Bernoulli, (1 + x || g), 30 x 10: out/glmm_uncorrelated.json
+    python benchmarks/batch.py --lmm-scaled 1000    # Gaussian, scale(x) differing per dataset: out/lmm_scaled.json
     python benchmarks/batch.py --lmm-maximal 1000   # Gaussian, slopes on subjects and items: out/lmm_maximal.json
     python benchmarks/batch.py --glmm-maximal 300   # Bernoulli, (1 + x | subj) + (1 | item): out/glmm_maximal.json
     python benchmarks/batch.py --glmm-nb 300        # negative binomial against glmer.nb: out/glmm_nb.json
@@ -264,6 +265,16 @@ MODELS = {
                                     "set.seed(23); d0$x <- rnorm(nrow(d0))",
                              params="list(beta = c(1, 0.5), theta = c(0.8, 0.6, 0.5), sigma = 1)",
                              r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)"),
+    # a stateful transform (scale) of a covariate that differs between datasets: each dataset's own design is built
+    # (batch.dataset_transforms), the cost of such formulae; R's scale() on both sides
+    "lmm_scaled": dict(help="Gaussian datasets, scale(x) of a covariate each dataset shifts and stretches, against lmer",
+                       factors=["g"], formula="y ~ scale(x) + (1 + scale(x) | g)", response="y", family=None,
+                       r_family="gaussian",
+                       design="d0 <- expand.grid(j = 1:10, g = factor(1:18)); set.seed(25); d0$x <- rnorm(nrow(d0))",
+                       params="list(beta = c(1, 0.5), theta = c(0.8, 0.1, 0.4), sigma = 1)",
+                       per_dataset="set.seed(26); out$x <- out$x * exp(rnorm(NSIM, sd = 0.3))[out$dataset] + "
+                                   "rnorm(NSIM, sd = 2)[out$dataset]",
+                       r_fit="lmer(FORMULA, d)", r_crit="REMLcrit(fit)"),
     "glmm_uncorrelated": dict(help="Bernoulli datasets, (1 + x || g), 30 groups x 10, against a glmer loop",
                               factors=["g"], formula="y ~ x + (1 + x || g)", response="y", family="binomial",
                               design="d0 <- expand.grid(j = 1:10, g = factor(1:30)); set.seed(24); "
@@ -347,6 +358,7 @@ WRITE_R = textwrap.dedent(
     out$RESPONSE <- if (is.matrix(ys[[1]])) unlist(lapply(ys, function(m) m[, 1])) else unlist(ys)
     PROPORTION
     out$dataset <- rep(seq_len(NSIM), each = nrow(d0))
+    PER_DATASET
     write.csv(out, "OUT_CSV", row.names = FALSE)
     """
 )
@@ -522,7 +534,8 @@ def model_benchmark(name: str, n: int) -> None:
     # a binomial's simulated proportions (trials as weights) written as successes
     proportion = (f"out$RESPONSE <- round(out$RESPONSE * out${model['proportion_of']})" if "proportion_of" in model
                   else "")
-    script = (script.replace("WRITE", WRITE_R).replace("PROPORTION", proportion).replace("NSIM", str(n))
+    script = (script.replace("WRITE", WRITE_R).replace("PROPORTION", proportion)
+              .replace("PER_DATASET", model.get("per_dataset", "")).replace("NSIM", str(n))
               .replace("RESPONSE", model["response"])
               .replace("OUT_CSV", str(csv)))
     run = subprocess.run(["Rscript", "-"], input=script, capture_output=True, text=True)

@@ -851,11 +851,6 @@ def test_bad_input_names_the_culprit(replicates):
         hp.fit_batch(SLEEP, replicates, dtype="float16")
     with pytest.raises(hp.DataError, match="'Reactions'"):
         hp.fit_batch("Reactions ~ Days + (Days | Subject)", replicates)
-    # scale() over the long frame would not be each dataset's own scale(): refused, not half-read
-    with pytest.raises(hp.ArgumentError, match=r"scale\(\).*per dataset"):
-        hp.fit_batch("Reaction ~ scale(Days) + (1 | Subject)", replicates)
-    with pytest.raises(hp.ArgumentError, match=r"poly\(\)"):
-        hp.bayes_batch("Reaction ~ poly(Days, 2) + (1 | Subject)", replicates)
 
 
 def test_moment_start_is_near_the_optimum_and_falls_back_to_the_identity(replicates, batch):

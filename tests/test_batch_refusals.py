@@ -15,6 +15,7 @@ import pytest
 import hierpool as hp
 import hierpool.batch.fit_glmm as fit_glmm_module
 from hierpool.batch.glmm_search import beta_covariance
+from hierpool.batch.plan import plan_batch
 
 BERNOULLI = "bern ~ x + (1 | g)"
 LINEAR = "y ~ x + (1 | g)"
@@ -465,20 +466,23 @@ def scaled_to_top(values):  # a user's function of the whole column: the column 
     return values / values.max()
 
 
-def test_a_function_of_the_whole_column_is_refused_whichever_dataset_it_changes_alone():
+def test_a_function_of_the_whole_column_takes_each_datasets_own_values_whichever_dataset_it_changes_alone():
     """I(x / np.max(x)) where one dataset of 20 has its maximum 8, the others 10: a sample of 16 datasets missed it,
-    and its posterior slope was 10/8 of its single fit's (probe).  Every dataset is compared now, with NumPy's
-    function as with a user's."""
+    and its posterior slope was 10/8 of its single fit's (probe).  Each dataset's design is now its own (its single
+    fit's values of the call, batch.dataset_transforms), with NumPy's function as with a user's."""
     rng = np.random.default_rng(220)
     frames = []
     for d in range(20):
         top = 8.0 if d == 7 else 10.0
         frame = _gaussian(d)
         frames.append(frame.assign(x=np.r_[top, rng.integers(0, top + 1, len(frame) - 1)].astype(float)))
-    with pytest.raises(hp.ArgumentError, match=r"np.max\(\) gave dataset 7 other values"):
-        hp.fit_batch("y ~ I(x / np.max(x)) + (1 | g)", frames, by="rep", progress=False)
-    with pytest.raises(hp.ArgumentError, match=r"scaled_to_top\(\) gave dataset 7 other values"):
-        hp.fit_batch("y ~ scaled_to_top(x) + (1 | g)", frames, by="rep", progress=False)
+    for formula in ("y ~ I(x / np.max(x)) + (1 | g)", "y ~ scaled_to_top(x) + (1 | g)"):
+        batch = hp.fit_batch(formula, frames, by="rep", progress=False)
+        assert not batch.messages.any()
+        for d in (6, 7):
+            single = hp.lmm(formula, frames[d])
+            assert batch.objective.iloc[d] == pytest.approx(single.objective, rel=1e-10)
+            np.testing.assert_allclose(batch.beta[d], single.fixef.to_numpy(), rtol=1e-5, atol=1e-6)
 
 
 def demean(values):  # a user's function of the whole column it is given
@@ -490,23 +494,80 @@ def doubled(values):  # a user's function of each row alone
 
 
 @pytest.mark.parametrize("family", [None, "poisson"])
-def test_a_users_function_of_the_whole_column_is_refused_and_one_of_each_row_fitted(family):
+def test_a_users_function_of_the_whole_column_and_one_of_each_row_are_each_single_fits(family):
     # the batch evaluates the formula once on the datasets stacked: demean(x) took every dataset's mean (an
-    # intercept 54.8 for the single fit's 75.3, silently); a function of each row alone is each single fit's
+    # intercept 54.8 for the single fit's 75.3, silently), then was refused; each dataset's own values now
     frames = [_gaussian(k).assign(x=lambda f, k=k: f["x"] + 3.0 * k) for k in range(3)]
     if family:
         frames = [frame.assign(y=lambda f: np.round(np.exp(f["y"] / 4))) for frame in frames]
     fitted = {"family": family} if family else {}
-    with pytest.raises(hp.ArgumentError, match=r"demean\(\) gave dataset 0 other values"):
-        hp.fit_batch(LINEAR.replace("~ x", "~ demean(x)"), frames, by="rep", progress=False, **fitted)
-    batch = hp.fit_batch(LINEAR.replace("~ x", "~ doubled(x)"), frames, by="rep", progress=False, **fitted)
-    single = (hp.glmm if family else hp.lmm)(LINEAR.replace("~ x", "~ doubled(x)"), frames[2], **fitted)
-    assert batch.objective.iloc[2] == pytest.approx(-2 * single.loglik if family else single.objective, rel=1e-8)
+    for function in ("demean", "doubled"):
+        formula = LINEAR.replace("~ x", f"~ {function}(x)")
+        batch = hp.fit_batch(formula, frames, by="rep", progress=False, **fitted)
+        single = (hp.glmm if family else hp.lmm)(formula, frames[2], **fitted)
+        assert batch.objective.iloc[2] == pytest.approx(-2 * single.loglik if family else single.objective,
+                                                        rel=1e-8)
+        np.testing.assert_allclose(batch.beta[2], single.fixef.to_numpy(), rtol=1e-5)
 
 
-def test_the_rowwise_check_compares_what_the_users_function_makes_and_a_true_false_response_is_its_numbers():
+def test_stateful_transforms_are_each_datasets_own_and_a_dataset_its_own_design_refuses_says_why():
+    """scale(), center() and poly() were refused by fit_batch (on the long frame they take every dataset's mean,
+    sd or basis); they are each dataset's own now, in the response and in a random-effect term too.  A dataset
+    whose own scale() or poly() is not finite (x constant in it, or of two values for poly(x, 2)) is refused in its
+    row in its single fit's words, and one whose own poly() drops an aliased column (x of three values for
+    poly(x, 3)) names it."""
+    frames = [_gaussian(k).assign(x=lambda f, k=k: (1.0 + k) * f["x"] + 3.0 * k) for k in range(3)]
+    frames.append(_gaussian(3).assign(x=2.0))
+    frames += [_gaussian(k).assign(x=lambda f, k=k: (np.arange(len(f)) % k).astype(float)) for k in (2, 3)]
+    formulas = ("y ~ scale(x) + (1 | g)", "scale(y) ~ center(x) + (0 + scale(x) | g)", "y ~ poly(x, 2) + (1 | g)",
+                "y ~ poly(x, 3) + (1 | g)")
+    for formula in formulas:
+        batch = hp.fit_batch(formula, frames, by="rep", progress=False)
+        for d, frame in enumerate(frames):
+            try:
+                single = _quiet(hp.lmm, formula, frame)
+            except hp.DataError as refused:
+                _assert_refused(batch, d, str(refused))
+                continue
+            if d == 5 and "poly(x, 3)" in formula:
+                assert list(single.fixef.index) == ["Intercept", "poly(x, 3)[0]", "poly(x, 3)[1]"]
+                _assert_refused(batch, d, "this dataset's own design lacks poly(x, 3)[2]")
+                continue
+            assert batch.objective.iloc[d] == pytest.approx(single.objective, rel=1e-10), formula
+            np.testing.assert_allclose(batch.beta[d], single.fixef.to_numpy(), rtol=1e-5, atol=1e-6)
+        assert batch.messages.iloc[3] and not batch.messages.iloc[:3].any()
+    plan = plan_batch("y ~ poly(x, 2) + (1 | g)", frames[:3], "rep", "bayes_batch", "hp.bayes", one_term=False)
+    np.testing.assert_array_equal(plan.design.X[plan.dataset == 1], _quiet(hp.lmm, "y ~ poly(x, 2) + (1 | g)",
+                                                                            frames[1]).design.X)
+
+
+def test_one_columns_transforms_are_the_whole_designs_values_to_the_bit(monkeypatch):
+    """scale(x), center(x), standardize(x) of one column are applied per dataset by the transform itself (not a
+    whole design a dataset): the long design is that of whole designs, bit for bit, with an integer column, rows
+    dropped for a missing x, and the transform in a random slope."""
+    import hierpool.batch.dataset_transforms as transforms
+
+    frames = [_gaussian(k).assign(x=lambda f, k=k: (1.0 + k) * f["x"] + 3.0 * k,
+                                  n=lambda f, k=k: np.arange(len(f)) % (3 + k)) for k in range(4)]
+    frames[2].loc[4, "x"] = np.nan
+    formula = "y ~ scale(x) + center(n) + standardize(x) + (1 + scale(x) | g)"
+    builds = []
+    own_made = transforms._own_made
+    monkeypatch.setattr(transforms, "_own_made", lambda *args: builds.append(1) or own_made(*args))
+    plans = [plan_batch(formula, frames, "rep", "fit_batch", "hp.lmm", one_term=False)]
+    assert len(builds) == 1, "the first dataset's whole design alone, which checks the transforms' values"
+    monkeypatch.setattr(transforms, "column_calls", lambda *args: None)
+    plans.append(plan_batch(formula, frames, "rep", "fit_batch", "hp.lmm", one_term=False))
+    fast, whole = (plan.design for plan in plans)
+    np.testing.assert_array_equal(fast.X, whole.X)
+    np.testing.assert_array_equal(fast.terms[0].z, whole.terms[0].z)
+    single = _quiet(hp.lmm, formula, frames[2])
+    np.testing.assert_array_equal(fast.X[plans[0].dataset == 2], single.design.X)
+
+
+def test_only_what_the_users_function_makes_is_each_datasets_own_and_a_true_false_response_is_its_numbers():
     # the review's cases: a dataset lacking a level codes C(f, Sum) otherwise, which refused the whole batch in the
-    # name of doubled() (only the columns a call makes are compared now); a Bernoulli response given as True/False
+    # name of doubled() (only the columns a call makes are the dataset's own design's); a Bernoulli response given as True/False
     # in one dataset is its 1/0, which the bool-among-numbers check refused
     frames = [_gaussian(k).assign(f=lambda d: np.array(["a", "b", "c"])[np.arange(len(d)) % 3]) for k in range(3)]
     frames.append(_gaussian(3).assign(f=lambda d: np.array(["a", "b"])[np.arange(len(d)) % 2]))

@@ -55,7 +55,6 @@ from .plan import (
     host_chunk,
     label_codes,
     progress_bar,
-    refuse_stateful,
     rows_by_code,
     stacked_design,
     thread_count,
@@ -227,7 +226,7 @@ def each_model(formula: str, data, by: str, caller: str, *, spec, weights, offse
     from ..spec.relationship import model_relationship
     from ..spec.spatial import spatial_design  # SciPy's sparse algebra: loaded only for these models
 
-    refuse_stateful(formula, caller, "hp.bayes" if caller == "bayes_batch" else "hp.glmm" if spec else "hp.lmm")
+    # (scale(x), a user's demean(x): each dataset's single fit builds its own design, with its own values)
     columns, terms = value_columns(formula, spec, weights, offset, se, by, caller)
     relationship = relmat is not None or relmat_inverse is not None
     if relationship:

@@ -46,7 +46,6 @@ from ..errors import (
 from ..spec.arguments import probability_argument
 from ..spec.correlation import AR1
 from ..spec.design import OFFSET_COLUMN, WEIGHTS_COLUMN
-from ..spec.transforms import stateful_calls
 from .fit import fit_batch
 from .plan import EveryDatasetRefused, free_name
 from .results import BatchResult, check_table_names, named_columns, term_parameter_names
@@ -222,12 +221,6 @@ def bootstrap(fit, n: int = 1000, seed: int | None = None, level: float = 0.95, 
                             f"fits: got {type(fit).__name__}")
     design = fit.design
     check_table_names(design.fixed_names, "hp.bootstrap")  # before any replicate is fitted
-    stateful = stateful_calls(design.spec.formula)
-    if stateful:  # fit_batch refuses them on a long frame (one mean over all datasets); here every replicate has the
-        # same covariates, but fit_batch cannot tell: refused by name, with what to do
-        raise ArgumentError(f"hp.bootstrap refits with hp.fit_batch, which does not take "
-                            f"{', '.join(n + '()' for n in stateful)} in a formula: transform the column in the data "
-                            "before fitting")
     frame, response = design.frame, design.spec.response
     spatial = isinstance(fit, SpatialFit)
     glmm_fit = design.family is not None  # hp.glmm's, with or without spatial terms

@@ -102,6 +102,7 @@ from ..spec.design import (
 from ..spec.formula import parse_formula, response_only_names
 from ..spec.labels import column_labels, shown_label
 from ..spec.transforms import stateful_calls, unvouched_calls
+from .dataset_transforms import own_values
 from .results import Pieces
 
 # Up to this many values of a chunk shape's (padded) arrays, summed over buckets (5,000 sleepstudy-shaped
@@ -660,6 +661,8 @@ class BatchPlan:
     se: str | None = None  # the se= argument: the column of known residual sds
     refusals: tuple = ()  # per dataset: why its single fit refuses its data ("" when it does not), plan_refusals
     user_aliased: dict | None = None  # fixed_aliased of the user's X where design.X is a conditioned copy of it
+    # datasets whose own design their single fit refuses (batch.dataset_transforms): that refusal, not the counts'
+    design_refused: frozenset = frozenset()
 
     @property
     def term(self) -> RandomEffectTerm:
@@ -759,9 +762,11 @@ class BatchPlan:
     def refused(self, index: int, found: str) -> str:
         """Dataset ``index``'s reason not to be fitted: its refusal by the single fit (:attr:`refusals`) where the
         checks on its counts (``found``, "" when none) found nothing or found it has no rows (they cannot say why);
-        else ``found``."""
+        else ``found``.  A dataset whose own design is refused (:attr:`design_refused`) keeps that refusal: the
+        single fit builds its design before it counts anything."""
         refusal = self.refusals[index] if self.refusals else ""
-        return refusal if refusal and (not found or self.n_obs[index] == 0) else found
+        return refusal if refusal and (not found or self.n_obs[index] == 0 or index in self.design_refused) \
+            else found
 
     def with_refusals(self, messages: list[str]) -> list[str]:
         """Every dataset's reason not to be fitted (:meth:`refused`), from ``messages``, its count checks'."""
@@ -1149,18 +1154,6 @@ def _local_levels(dataset: np.ndarray, n_datasets: int, term: RandomEffectTerm):
             Pieces(np.asarray(term.levels)[cell % term.n_levels], np.append(first_cell, len(cell))))
 
 
-def refuse_stateful(formula: str, caller: str, single: str) -> None:
-    """Refuse, by name, a formula's stateful transforms (``scale(x)``, ``center(x)``, splines)."""
-    stateful = stateful_calls(formula)
-    if stateful:
-        # on the long frame they would take one mean/sd/basis over all datasets, which is not the
-        # per-dataset fit {single} gives: a plausible, wrong number
-        raise ArgumentError(
-            f"{caller} cannot use {', '.join(n + '()' for n in stateful)} in the formula: it would be computed over "
-            f"all datasets together, not per dataset as {single} does; transform each dataset's columns first"
-        )
-
-
 #: :func:`refused_datasets` gives up (the first dataset's error is then raised) when this many datasets in a row,
 #: from the first, are each refused: a mistake common to every dataset is one error, not a row each.
 REFUSED_IN_A_ROW = 20
@@ -1361,7 +1354,6 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         or weights or sds that are not positive.
     """
     # (a formula with spatial terms, or a relationship matrix, is fitted dataset by dataset: fit_each, not here)
-    refuse_stateful(formula, caller, single)
     if se is not None and not isinstance(se, str):
         raise ArgumentError(f"se must be the name of the column of known residual sds, got {type(se).__name__}")
     # one dataset's data the single fit refuses (a negative count) is refused in its row, not the batch
@@ -1380,6 +1372,11 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
                             f"{', '.join(terms)}.  Fit it per dataset with {single}.")
     dataset = label_codes(dataset_labels, frame.loc[design.rows, by], by)
     n_datasets = len(dataset_labels)
+    # scale(x), poly(x, 2), a user's demean(x): each dataset's own values, as its single fit computes them
+    design, own_refusals = own_values(design, frame, by, rows_by_code(dataset, n_datasets), dataset_labels, build,
+                                      lambda rows: dataset_arguments(rows, weights, offset),
+                                      sorted(set(stateful_calls(formula)) | set(unvouched_calls(formula))),
+                                      user_row_labels(data, by))
     local = tuple(_local_levels(dataset, n_datasets, term) for term in design.terms)
     level, n_levels, levels = local[0]
     plan = BatchPlan(
@@ -1397,55 +1394,8 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
         offset=offset,
         se=se,
     )
-    plan = replace(plan, refusals=plan_refusals(plan, data, formula, family, set_aside))
-    unvouched = unvouched_calls(formula)
-    if unvouched:
-        check_rowwise(plan, build, unvouched, caller, single)
-    return plan
+    refusals = plan_refusals(plan, data, formula, family, set_aside)
+    # (its own design's refusal first: a single fit builds its design before it fits)
+    return replace(plan, refusals=tuple(own_refusals.get(index) or refusal for index, refusal in enumerate(refusals)),
+                   design_refused=frozenset(own_refusals))
 
-
-def check_rowwise(plan: BatchPlan, build, calls: list[str], caller: str, single: str) -> None:
-    """Refuse, by name, ``calls`` of the formula (:func:`~hierpool.spec.transforms.unvouched_calls`: a user's
-    function) that give a dataset other values on the long frame than on its own rows: the batch evaluates the
-    formula once on the datasets stacked, where ``demean(x)`` = x - mean(x) takes the mean of every dataset's x
-    (an intercept 54.8 for the single fit's 75.3, silently).  On every dataset (a sample of 16 let ``np.max(x)``
-    through where it differed on one dataset of 20: each check builds a whole design, the price of a call hierpool
-    cannot vouch for, measured in benchmarks/RESULTS.md, thirty-ninth session), each dataset's own design (``build``)
-    is compared with its rows of the long one in what the calls make: the
-    response, the offset, the fixed-effect columns and random-effect values whose names hold a call (not the rest:
-    a dataset lacking a level codes a sum-to-zero factor otherwise, which its row's own refusal says)."""
-    frame, design = plan.frame, plan.design
-    marks = tuple(f"{call}(" for call in calls)
-
-    def made(name: str) -> bool:
-        return any(mark in name for mark in marks)
-
-    positions = frame.groupby(plan.by, sort=False).indices
-    fixed = {name: j for j, name in enumerate(design.fixed_names) if made(name)}
-    terms = {(t.group, t.coef_names): t for t in design.terms if made(t.spec.lhs)}
-    check_y = made(design.spec.response)
-    check_offset = any(made(name) for name in design.offset_terms)
-    eligible = [index for index, label in enumerate(plan.labels)
-                if label in positions and not (plan.refusals and plan.refusals[index])]
-    for index in eligible:
-        label, rows = plan.labels[index], np.flatnonzero(plan.dataset == index)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                own = build(frame.iloc[positions[label]],
-                            dataset_arguments(positions[label], plan.weights, plan.offset))
-        except HierpoolError:
-            continue  # (its single fit's refusal: the plan's to report)
-        if own.n != rows.size:
-            continue
-        pairs = [(own.y, design.y[rows])] * check_y + [(own.offset, design.offset[rows])] * check_offset
-        pairs += [(own.X[:, j], design.X[rows, fixed[name]]) for j, name in enumerate(own.fixed_names)
-                  if name in fixed]
-        pairs += [(t.z, terms[(t.group, t.coef_names)].z[rows]) for t in own.terms
-                  if (t.group, t.coef_names) in terms]
-        if not all(np.allclose(a, b, rtol=1e-12, atol=0.0) for a, b in pairs):
-            label = shown_label(label)
-            raise ArgumentError(
-                f"{caller} evaluates the formula once on the datasets stacked, and {', '.join(c + '()' for c in calls)} "
-                f"gave dataset {label!r} other values there than on its own rows, as {single} reads them (a mean, a "
-                "maximum or a rank of the whole column): transform each dataset's columns before the batch")

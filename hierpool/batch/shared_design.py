@@ -200,7 +200,7 @@ def one_design_in_long_frame(formula: str, data, by: str, weights=None, offset=N
         spec = parse_formula(formula, random_optional=True)
         column = spec.response
         # a response read elsewhere in the model (the design is built on a placeholder response), or a user's
-        # function (the long frame checks it gives each dataset's rows what their single fit would)
+        # function (the long frame gives each dataset's rows its own values: batch.dataset_transforms)
         if response_read_elsewhere(formula, column, weights, offset, se) or unvouched_calls(formula) \
                 or not column.isidentifier():
             return None
