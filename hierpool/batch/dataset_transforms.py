@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 from formulae.transforms import TRANSFORMS
 
-from ..errors import HierpoolError
+from ..errors import HierpoolError, warn_at_caller
 from ..spec.design import LARGEST_VALUE, SMALLEST_VALUE, Design, float64_values, underflowing
-from ..spec.formula import response_only_names
+from ..spec.formula import made_by, response_only_names
 from ..spec.transforms import RScale
 
 #: The stateful transforms of one column whose value at a row is an affine map of the row's value, by the name a
@@ -77,10 +77,8 @@ def own_values(design: Design, frame: pd.DataFrame, by: str, rows_of: list, labe
         design's error, or what differs between its design and the batch's) for the datasets that cannot be fitted
         with the batch's columns.
     """
-    marks = tuple(f"{call}(" for call in calls)
-
     def made(name: str) -> bool:
-        return any(mark in name for mark in marks)
+        return made_by(name, calls)
 
     fixed = [name for name in design.fixed_names if made(name)]
     terms = [i for i, term in enumerate(design.terms) if made(term.spec.lhs)]
@@ -91,25 +89,38 @@ def own_values(design: Design, frame: pd.DataFrame, by: str, rows_of: list, labe
     X, y, offset = design.X.copy(), design.y.copy(), design.offset.copy()
     zs = {i: design.terms[i].z.copy() for i in terms}
     kept = np.asarray(design.rows)
-    key_columns = _key_columns(design, made, make_y)
+    key_columns = _key_columns(design, make_y, make_offset)
     positions = frame.groupby(by, sort=False).indices
     shared: dict[bytes, list] = {}  # key -> [(the kept rows' values read, outcome)]
     refusals = {}
     made_terms = [design.terms[i] for i in terms]
+    made_columns = [design.fixed_names.index(name) for name in fixed]
     # scale(x), center(x): the transform itself on each dataset's x (module notes), checked on the first dataset
     calls_of = None if make_y or make_offset else column_calls(fixed, made_terms, frame)
     columns = None if calls_of is None else column_values(frame, kept, calls_of)
     checked = False
 
     def whole_design(index, label, rows):  # (its own design, shared by datasets whose columns read agree)
+        arguments = arguments_of(positions[label])
         read = frame.iloc[kept[rows]][key_columns].reset_index(drop=True)
         key = pd.util.hash_pandas_object(read, index=False).to_numpy().tobytes()
+        if make_offset and not isinstance(arguments.get("offset", ""), str):  # (an offset= array: its own design's)
+            key += np.asarray(arguments["offset"], dtype=float).tobytes()
         outcome = next((out for values, out in shared.get(key, []) if values.equals(read)), None)
         if outcome is None:
-            outcome = _own_made(build, _users_rows(frame.iloc[positions[label]], row_labels, label),
-                                arguments_of(positions[label]), rows.size, fixed, made_terms, make_y, make_offset)
+            outcome = _own_made(build, _users_rows(frame.iloc[positions[label]], row_labels, label), arguments,
+                                rows.size, design.fixed_names, calls, fixed, made_terms, make_y, make_offset)
             shared.setdefault(key, []).append((read, outcome))
         return outcome
+
+    aliased = {}  # dataset -> the batch's columns its whole design dropped as aliased
+
+    def refuse(index, rows, why):
+        refusals[index] = why
+        # (the long frame's pooled values, which may not be finite, never reach a refused dataset's checks)
+        X[np.ix_(rows, made_columns)] = 0.0
+        for i in terms:
+            zs[i][rows] = 0.0
 
     for index, label in enumerate(labels):
         rows = rows_of[index]
@@ -124,8 +135,10 @@ def own_values(design: Design, frame: pd.DataFrame, by: str, rows_of: list, labe
                     calls_of = None
             outcome = whole
         if isinstance(outcome, str):
-            refusals[index] = outcome
+            refuse(index, rows, outcome)
             continue
+        if "aliased" in outcome:
+            aliased[index] = outcome
         for name, values in outcome["X"].items():
             X[rows, design.fixed_names.index(name)] = values
         for i, values in zip(terms, outcome["z"]):
@@ -134,8 +147,29 @@ def own_values(design: Design, frame: pd.DataFrame, by: str, rows_of: list, labe
             y[rows] = outcome["y"]
         if make_offset:
             offset[rows] = outcome["offset"]
+    # a column aliased in every dataset's own design (x after poly(x, 2)) is dropped, as each single fit drops it;
+    # a made one aliased in some of them refuses those (the others' rank checks refuse theirs)
+    fitted = [index for index, rows in enumerate(rows_of) if rows.size and index not in refusals]
+    every = set.intersection(*(set(aliased[i]["aliased"]) for i in fitted)) if fitted and \
+        all(i in aliased for i in fitted) else set()
+    for index, outcome in aliased.items():
+        rest = [name for name in outcome["aliased"] if name not in every and made(name)]
+        if rest:
+            refuse(index, rows_of[index], f"this dataset's own design drops {', '.join(rest)} as aliased, which the "
+                   f"batch fits to every dataset; its single fit has the fixed effects {list(outcome['own_names'])}")
     new_terms = tuple(replace(term, z=zs[i]) if i in zs else term for i, term in enumerate(design.terms))
-    return replace(design, X=X, y=y, offset=offset, terms=new_terms), refusals
+    design = replace(design, X=X, y=y, offset=offset, terms=new_terms)
+    return (_without_columns(design, [name for name in design.fixed_names if name in every]) if every else design,
+            refusals)
+
+
+def _without_columns(design: Design, names: list[str]) -> Design:
+    """``design`` less its fixed-effect columns ``names`` (aliased in every dataset), warned as a single fit warns."""
+    warn_at_caller(f"fixed-effect model matrix is rank deficient in every dataset: dropping {len(names)} column(s) "
+                   f"aliased with earlier ones: {', '.join(names)}")
+    keep = [j for j, name in enumerate(design.fixed_names) if name not in names]
+    return replace(design, X=design.X[:, keep], fixed_names=tuple(design.fixed_names[j] for j in keep),
+                   aliased=design.aliased + tuple(names))
 
 
 def column_calls(fixed: list[str], terms: list, frame: pd.DataFrame) -> dict | None:
@@ -168,8 +202,9 @@ def column_transform_values(calls_of: dict, columns: dict, rows: np.ndarray, fix
     """One dataset's made columns (its design ``rows``), each its transform applied to its column there, as its
     own design computes them: :func:`_own_made`'s outcome of the ``fixed`` columns and made ``terms``; None where one is not finite or outside what a design takes (``scale()`` of a
     constant x: its single fit's refusal, which its whole design gives)."""
-    made = {name: np.asarray(transform()(columns[column][rows]), dtype=float)
-            for name, (transform, column) in calls_of.items()}
+    with np.errstate(all="ignore"):  # (a constant x: not finite, the whole design's refusal below)
+        made = {name: np.asarray(transform()(columns[column][rows]), dtype=float)
+                for name, (transform, column) in calls_of.items()}
     for values in made.values():
         largest = np.max(np.abs(values))
         if not np.isfinite(largest) or largest > LARGEST_VALUE or (largest and underflowing(largest, SMALLEST_VALUE)):
@@ -197,18 +232,26 @@ def _users_rows(rows: pd.DataFrame, row_labels, label) -> pd.DataFrame:
     return rows if labels is None or len(labels) != len(rows) else rows.set_axis(labels, axis=0)
 
 
-def _key_columns(design: Design, made, make_y: bool) -> list[str]:
+def _key_columns(design: Design, make_y: bool, make_offset: bool) -> list[str]:
     """The frame's columns whose values at a dataset's rows kept decide what the calls make there: those the
     formula reads, less those only its response reads where no call makes the response (only the response of a
-    simulation's datasets differs)."""
+    simulation's datasets differs), and the ``offset=`` column where a call makes an offset term (a design's offset
+    is their sum)."""
     response_only = set() if make_y else response_only_names(design.spec)
-    return [name for name in design.columns if name not in response_only]
+    offset = [design.offset_column] if make_offset and design.offset_column not in (None, *design.columns) else []
+    return [name for name in design.columns if name not in response_only] + offset
 
 
-def _own_made(build, rows: pd.DataFrame, arguments: dict, n_kept: int, fixed: list[str], terms: list, make_y: bool,
-              make_offset: bool):
+def _own_made(build, rows: pd.DataFrame, arguments: dict, n_kept: int, batch_names: tuple, calls, fixed: list[str],
+              terms: list, make_y: bool, make_offset: bool):
     """What the calls make in one dataset's own design (``build`` on its ``rows``): {"X": name -> column, "z": the
-    made terms' values, "y", "offset"}, or why its single fit cannot be put beside the batch's (a str)."""
+    made terms' values, "y", "offset"}, or why its single fit cannot be put beside the batch's (a str).
+
+    A made column of the batch's (``fixed``, of ``batch_names``) that the dataset's own design has not is zero
+    there: where it has no such column (``scale(x):f[c]`` of a level it lacks) the dataset is fitted alone as any
+    dataset lacking a level (:meth:`~hierpool.batch.plan.BatchPlan.alone_for_levels`); the batch's columns its own
+    design dropped as aliased are the outcome's "aliased" (:func:`own_values` decides).  A made column of its own
+    that the batch's has not (a level only it has) refuses it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (the long frame's design gave them, for every dataset)
@@ -217,13 +260,20 @@ def _own_made(build, rows: pd.DataFrame, arguments: dict, n_kept: int, fixed: li
         return str(error)
     if own.n != n_kept:
         return (f"this dataset's own design keeps {own.n} rows where the batch's kept {n_kept}: fit it alone")
-    lacking = [name for name in fixed if name not in own.fixed_names]
+    extra = [name for name in own.fixed_names if made_by(name, calls) and name not in batch_names]
+    if extra:
+        return (f"this dataset's own design has {', '.join(extra)}, which the batch's design has not (a level or "
+                f"value the other datasets lack): fit it alone; its single fit has the fixed effects "
+                f"{list(own.fixed_names)}")
     own_terms = {(t.group, t.coef_names): t for t in own.terms}
-    lacking += [f"({' + '.join(t.coef_names)} | {t.group})" for t in terms if (t.group, t.coef_names) not in own_terms]
+    lacking = [f"({' + '.join(t.coef_names)} | {t.group})" for t in terms if (t.group, t.coef_names) not in own_terms]
     if lacking:
         return (f"this dataset's own design lacks {', '.join(lacking)} (aliased or constant in it), which the batch "
                 f"fits to every dataset; its single fit has the fixed effects {list(own.fixed_names)}")
-    return {"X": {name: own.X[:, own.fixed_names.index(name)] for name in fixed},
-            "z": [own_terms[(t.group, t.coef_names)].z for t in terms],
-            "y": own.y if make_y else None, "offset": own.offset if make_offset else None}
+    zero = np.zeros(own.n)
+    out = {"X": {name: own.X[:, own.fixed_names.index(name)] if name in own.fixed_names else zero for name in fixed},
+           "z": [own_terms[(t.group, t.coef_names)].z for t in terms],
+           "y": own.y if make_y else None, "offset": own.offset if make_offset else None}
+    dropped = tuple(name for name in own.aliased if name in batch_names)
+    return out | {"aliased": dropped, "own_names": own.fixed_names} if dropped else out
 

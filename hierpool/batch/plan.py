@@ -48,7 +48,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, partial
 
 import jax
 import numpy as np
@@ -1357,12 +1357,15 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     if se is not None and not isinstance(se, str):
         raise ArgumentError(f"se must be the name of the column of known residual sds, got {type(se).__name__}")
     # one dataset's data the single fit refuses (a negative count) is refused in its row, not the batch
-    def build(rows, arguments):
-        return build_design(formula, rows, se=se, family=family, datasets=by, **arguments)
+    def build(rows, arguments, own_calls=()):
+        return build_design(formula, rows, se=se, family=family, datasets=by, own_calls=own_calls, **arguments)
 
+    # scale(x), poly(x, 2), a user's demean(x): each dataset's own values, as its single fit computes them (their
+    # columns on the long frame, which pool the datasets, are not checked there: batch.dataset_transforms)
+    calls = tuple(sorted(set(stateful_calls(formula)) | set(unvouched_calls(formula))))
     columns, terms = value_columns(formula, family, weights, offset, se, by, caller)
-    design, frame, weights, offset, set_aside = stacked_design(data, by, columns, build, weights, offset,
-                                                               logical=terms)
+    design, frame, weights, offset, set_aside = stacked_design(data, by, columns, partial(build, own_calls=calls),
+                                                               weights, offset, logical=terms)
     dataset_labels = dataset_labels_of(data, by)  # every dataset's, one refused too
     # the long frame's model frame would be held for the whole batch run: the plan keeps the frame itself
     design = replace(design, frame=None)
@@ -1372,10 +1375,8 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
                             f"{', '.join(terms)}.  Fit it per dataset with {single}.")
     dataset = label_codes(dataset_labels, frame.loc[design.rows, by], by)
     n_datasets = len(dataset_labels)
-    # scale(x), poly(x, 2), a user's demean(x): each dataset's own values, as its single fit computes them
     design, own_refusals = own_values(design, frame, by, rows_by_code(dataset, n_datasets), dataset_labels, build,
-                                      lambda rows: dataset_arguments(rows, weights, offset),
-                                      sorted(set(stateful_calls(formula)) | set(unvouched_calls(formula))),
+                                      lambda rows: dataset_arguments(rows, weights, offset), calls,
                                       user_row_labels(data, by))
     local = tuple(_local_levels(dataset, n_datasets, term) for term in design.terms)
     level, n_levels, levels = local[0]

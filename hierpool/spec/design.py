@@ -30,7 +30,15 @@ import pandas as pd
 from ..errors import ArgumentError, DataError, FormulaError, warn_at_caller
 from .columns import PlainPart, plain_fixed, plain_part
 from .family import FamilySpec, check_response
-from .formula import ModelSpec, RandomTermSpec, display_name, names_in_calls, parse_formula, with_logical_factors
+from .formula import (
+    ModelSpec,
+    RandomTermSpec,
+    display_name,
+    made_by,
+    names_in_calls,
+    parse_formula,
+    with_logical_factors,
+)
 from .labels import column_labels, level_label, shown_label, shown_rows
 from .r_coding import RCodedPart, r_coding, r_columns, r_order
 from .response import RESPONSE_COLUMN, binomial_counts, two_level_indicator
@@ -1104,6 +1112,7 @@ def build_design(
     random_optional: bool = False,
     spatial: bool = False,
     datasets: str | None = None,
+    own_calls: tuple[str, ...] = (),
 ) -> Design:
     """Check the data against the formula and build the :class:`Design`.
 
@@ -1139,6 +1148,11 @@ def build_design(
         The column naming each row's dataset, where ``data`` is a batch's long frame: the dropped rows' warning
         says which datasets they were in, and the weights' spread (:func:`weights_spread_problem`) is left to the
         batch, which judges each dataset's own.
+    own_calls : tuple of str
+        Where ``data`` is a batch's long frame: calls whose columns each dataset takes from its own design
+        (:mod:`hierpool.batch.dataset_transforms`: ``scale(x)``, a user's ``demean(x)``).  Their fixed-effect
+        columns here pool every dataset's values, so they are neither checked (finite, in range) nor dropped as
+        aliased: each dataset's own design checks its own.
 
     Returns
     -------
@@ -1214,9 +1228,10 @@ def build_design(
 
     y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame, spec.response)
     X, names, offset_sum, offset_terms = _split_offsets(fixed_names, fixed_values, formula)
-    check_finite_columns(X, names, frame.index, "fixed-effect")
     names = tuple(display_name(c) for c in names)
-    dropped = aliased_columns(X) if X.shape[1] else np.zeros(0, dtype=int)
+    checked = np.array([j for j, name in enumerate(names) if not made_by(name, own_calls)], dtype=int)
+    check_finite_columns(X[:, checked], [names[j] for j in checked], frame.index, "fixed-effect")
+    dropped = checked[aliased_columns(X[:, checked])] if checked.size else np.zeros(0, dtype=int)
     aliased = tuple(names[j] for j in dropped)
     if aliased:
         warn_at_caller(f"fixed-effect model matrix is rank deficient: dropping {len(aliased)} column(s) "

@@ -633,3 +633,12 @@ def has_spatial_term(formula) -> bool:
         return bool(parse_formula(formula, binomial_counts=True, random_optional=True).spatial)
     except FormulaError:
         return False
+
+
+def made_by(name: str, calls) -> bool:
+    """Whether a design's column (or term, response, offset) ``name`` holds a call of ``calls`` (the names of
+    :func:`~hierpool.spec.transforms.stateful_calls` or :func:`~hierpool.spec.transforms.unvouched_calls`):
+    ``scale(x)``, ``scale(x):f[b]``, ``r_scale(x)`` of a random term's formulae text.  (A name that merely
+    contains another, ``rescale(x)`` for ``scale``, is taken too: a batch then takes a column's values from each
+    dataset's own design where it need not.)"""
+    return any(f"{call}(" in name for call in calls)
