@@ -4,6 +4,8 @@
   (:func:`hierpool.spec.design.build_design`); each dataset's rows are then reduced
   to the sufficient statistics of :mod:`hierpool.algebra.statistics`, so a
   dataset's row count never enters a shape.
+* A call whose value at a row reads the whole column (``scale(x)``, ``poly(x, 2)``, a user's ``demean(x)``) takes
+  each dataset's own values: :mod:`hierpool.batch.dataset_transforms` puts them in the long design.
 * **Buckets by shape**: datasets are grouped by their number of levels, padded
   up to the next power of two (all datasets in one bucket when they have the
   same count), so padding never more than doubles the work of any dataset.
