@@ -115,13 +115,6 @@ def own_values(design: Design, frame: pd.DataFrame, by: str, rows_of: list, labe
 
     aliased = {}  # dataset -> the batch's columns its whole design dropped as aliased
 
-    def refuse(index, rows, why):
-        refusals[index] = why
-        # (the long frame's pooled values, which may not be finite, never reach a refused dataset's checks)
-        X[np.ix_(rows, made_columns)] = 0.0
-        for i in terms:
-            zs[i][rows] = 0.0
-
     for index, label in enumerate(labels):
         rows = rows_of[index]
         if not rows.size or label not in positions:  # (no rows kept: the plan's refusal)
@@ -135,10 +128,14 @@ def own_values(design: Design, frame: pd.DataFrame, by: str, rows_of: list, labe
                     calls_of = None
             outcome = whole
         if isinstance(outcome, str):
-            refuse(index, rows, outcome)
+            refusals[index] = outcome
+            # (the long frame's pooled values, which may not be finite, never reach a refused dataset's checks)
+            X[np.ix_(rows, made_columns)] = 0.0
+            for i in terms:
+                zs[i][rows] = 0.0
             continue
-        if "aliased" in outcome:
-            aliased[index] = outcome
+        if outcome.get("aliased"):
+            aliased[index] = outcome["aliased"]
         for name, values in outcome["X"].items():
             X[rows, design.fixed_names.index(name)] = values
         for i, values in zip(terms, outcome["z"]):
@@ -148,15 +145,11 @@ def own_values(design: Design, frame: pd.DataFrame, by: str, rows_of: list, labe
         if make_offset:
             offset[rows] = outcome["offset"]
     # a column aliased in every dataset's own design (x after poly(x, 2)) is dropped, as each single fit drops it;
-    # a made one aliased in some of them refuses those (the others' rank checks refuse theirs)
+    # a made one its own design drops in some datasets is zero there (its outcome's): each such dataset is fitted
+    # alone, as one lacking a level (BatchPlan.alone_for_levels), and the others' rank checks refuse theirs
     fitted = [index for index, rows in enumerate(rows_of) if rows.size and index not in refusals]
-    every = set.intersection(*(set(aliased[i]["aliased"]) for i in fitted)) if fitted and \
+    every = set.intersection(*(set(aliased[i]) for i in fitted)) if fitted and \
         all(i in aliased for i in fitted) else set()
-    for index, outcome in aliased.items():
-        rest = [name for name in outcome["aliased"] if name not in every and made(name)]
-        if rest:
-            refuse(index, rows_of[index], f"this dataset's own design drops {', '.join(rest)} as aliased, which the "
-                   f"batch fits to every dataset; its single fit has the fixed effects {list(outcome['own_names'])}")
     new_terms = tuple(replace(term, z=zs[i]) if i in zs else term for i, term in enumerate(design.terms))
     design = replace(design, X=X, y=y, offset=offset, terms=new_terms)
     return (_without_columns(design, [name for name in design.fixed_names if name in every]) if every else design,
@@ -274,6 +267,5 @@ def _own_made(build, rows: pd.DataFrame, arguments: dict, n_kept: int, batch_nam
     out = {"X": {name: own.X[:, own.fixed_names.index(name)] if name in own.fixed_names else zero for name in fixed},
            "z": [own_terms[(t.group, t.coef_names)].z for t in terms],
            "y": own.y if make_y else None, "offset": own.offset if make_offset else None}
-    dropped = tuple(name for name in own.aliased if name in batch_names)
-    return out | {"aliased": dropped, "own_names": own.fixed_names} if dropped else out
+    return out | {"aliased": tuple(name for name in own.aliased if name in batch_names)}
 

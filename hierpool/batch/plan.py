@@ -101,7 +101,7 @@ from ..spec.design import (
     weights_decades,
     within_weights_spread,
 )
-from ..spec.formula import parse_formula, response_only_names
+from ..spec.formula import made_by, parse_formula, response_only_names
 from ..spec.labels import column_labels, shown_label
 from ..spec.transforms import stateful_calls, unvouched_calls
 from .dataset_transforms import own_values
@@ -665,6 +665,8 @@ class BatchPlan:
     user_aliased: dict | None = None  # fixed_aliased of the user's X where design.X is a conditioned copy of it
     # datasets whose own design their single fit refuses (batch.dataset_transforms): that refusal, not the counts'
     design_refused: frozenset = frozenset()
+    # fixed-effect columns of whole-column calls, each dataset's own design's (batch.dataset_transforms)
+    own_columns: frozenset = frozenset()
 
     @property
     def term(self) -> RandomEffectTerm:
@@ -735,8 +737,10 @@ class BatchPlan:
     def alone_note(self, index: int, how: str) -> str:
         """The message of a dataset of :meth:`alone_for_levels` (``how``: "fitted", "sampled")."""
         names = [self.design.fixed_names[j] for j in self.zero_columns[index]]
-        return (f"{', '.join(names)} zero in this dataset (a level it lacks): {how} alone without them, NaN in their "
-                "places")
+        # (a whole-column call's column its own design drops, zero in the batch's: center(x) of a constant x)
+        why = "not in this dataset's own design (zero or aliased in it)" if self.own_columns.intersection(names) \
+            else "zero in this dataset (a level it lacks)"
+        return f"{', '.join(names)} {why}: {how} alone without them, NaN in their places"
 
     def probe_scales(self) -> np.ndarray:
         """(datasets, n_theta) each dataset's theta units for the searches off the boundary, from its own
@@ -1400,5 +1404,6 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
     refusals = plan_refusals(plan, data, formula, family, set_aside)
     # (its own design's refusal first: a single fit builds its design before it fits)
     return replace(plan, refusals=tuple(own_refusals.get(index) or refusal for index, refusal in enumerate(refusals)),
-                   design_refused=frozenset(own_refusals))
+                   design_refused=frozenset(own_refusals),
+                   own_columns=frozenset(name for name in design.fixed_names if made_by(name, calls)))
 
