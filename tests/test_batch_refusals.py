@@ -563,6 +563,13 @@ def _curved(seed: int, loc: float = 0.0, levels: str = "abc") -> pd.DataFrame:
     # x aliased after poly(x, 2) in every dataset: dropped, as each single fit drops it (not in the long frame's
     # check, which skips the pooled poly() columns)
     ("y ~ poly(x, 2) + x + (1 | g)", [_curved(0), _curved(1, 5.0)], (), {}),
+    # the same with the one-column transform (no whole design but the first's, whose aliasing it missed); and one
+    # dataset, whose long frame is its own rows, checked as its single fit's
+    ("y ~ scale(x) + x + (1 | g)", [_curved(0), _curved(1, 5.0)], (), {}),
+    ("y ~ poly(x, 2) + x + (1 | g)", [_curved(0)], (), {}),
+    # a random-effect column and a response of pooled values not finite on the long frame, each dataset's finite
+    ("y ~ x + (1 + np.log(x - np.mean(x) + 0.6) | g)", [_curved(0), _curved(1, 100.0)], (), {}),
+    ("np.log(y - np.mean(y) + 6) ~ x + (1 | g)", [_curved(0), _curved(1).assign(y=lambda d: d["y"] + 50)], (), {}),
     # datasets of the same x, t, g share one build: its offset= column was the first dataset's for both
     ("y ~ x + offset(scale(x)) + (1 | g)", [_curved(0), _curved(0).assign(o=_curved(1)["o"])], (), {"offset": "o"}),
 ])

@@ -39,7 +39,7 @@ import pandas as pd
 from formulae.transforms import TRANSFORMS
 
 from ..errors import HierpoolError, warn_at_caller
-from ..spec.design import LARGEST_VALUE, SMALLEST_VALUE, Design, float64_values, underflowing
+from ..spec.design import LARGEST_VALUE, SMALLEST_VALUE, Design, aliased_within, float64_values, underflowing
 from ..spec.formula import made_by, response_only_names
 from ..spec.transforms import RScale
 
@@ -113,8 +113,6 @@ def own_values(design: Design, frame: pd.DataFrame, by: str, rows_of: list, labe
             shared.setdefault(key, []).append((read, outcome))
         return outcome
 
-    aliased = {}  # dataset -> the batch's columns its whole design dropped as aliased
-
     for index, label in enumerate(labels):
         rows = rows_of[index]
         if not rows.size or label not in positions:  # (no rows kept: the plan's refusal)
@@ -133,9 +131,11 @@ def own_values(design: Design, frame: pd.DataFrame, by: str, rows_of: list, labe
             X[np.ix_(rows, made_columns)] = 0.0
             for i in terms:
                 zs[i][rows] = 0.0
+            if make_y:
+                y[rows] = 0.0
+            if make_offset:
+                offset[rows] = 0.0
             continue
-        if outcome.get("aliased"):
-            aliased[index] = outcome["aliased"]
         for name, values in outcome["X"].items():
             X[rows, design.fixed_names.index(name)] = values
         for i, values in zip(terms, outcome["z"]):
@@ -144,16 +144,35 @@ def own_values(design: Design, frame: pd.DataFrame, by: str, rows_of: list, labe
             y[rows] = outcome["y"]
         if make_offset:
             offset[rows] = outcome["offset"]
-    # a column aliased in every dataset's own design (x after poly(x, 2)) is dropped, as each single fit drops it;
-    # a made one its own design drops in some datasets is zero there (its outcome's): each such dataset is fitted
-    # alone, as one lacking a level (BatchPlan.alone_for_levels), and the others' rank checks refuse theirs
-    fitted = [index for index, rows in enumerate(rows_of) if rows.size and index not in refusals]
-    every = set.intersection(*(set(aliased[i]) for i in fitted)) if fitted and \
-        all(i in aliased for i in fitted) else set()
+    every = _aliased_columns(X, rows_of, [index for index, label in enumerate(labels)
+                                          if rows_of[index].size and label in positions and index not in refusals],
+                             made_columns)
     new_terms = tuple(replace(term, z=zs[i]) if i in zs else term for i, term in enumerate(design.terms))
     design = replace(design, X=X, y=y, offset=offset, terms=new_terms)
-    return (_without_columns(design, [name for name in design.fixed_names if name in every]) if every else design,
-            refusals)
+    return _without_columns(design, [design.fixed_names[j] for j in every]) if every else design, refusals
+
+
+def _aliased_columns(X: np.ndarray, rows_of: list, fitted: list[int], made_columns: list[int]) -> list[int]:
+    """The columns of ``X`` (each dataset's own values) aliased in every ``fitted`` dataset's rows, as each single
+    fit finds them (:func:`~hierpool.spec.design.aliased_within`, its rule: x after ``poly(x, 2)``), which the batch
+    then drops.  A made column aliased in some of them only is set to zero in their rows (in place), as their own
+    designs have it not: each such dataset is fitted alone, as one lacking a level
+    (:meth:`~hierpool.batch.plan.BatchPlan.alone_for_levels`); another column so aliased is the batch's rank
+    check's to refuse."""
+    if not fitted or not X.shape[1]:
+        return []
+    codes = np.full(X.shape[0], len(rows_of), dtype=np.int64)  # (rows of datasets not fitted: a group of their own)
+    for index in fitted:
+        codes[rows_of[index]] = index
+    with np.errstate(all="ignore"):
+        dropped = aliased_within(X, codes, len(rows_of) + 1)
+    columns = {index: {int(j) for j in dropped.get(index, ())} for index in fitted}
+    every = set.intersection(*columns.values())
+    for index in fitted:
+        for j in columns[index] - every:
+            if j in made_columns:
+                X[rows_of[index], j] = 0.0
+    return sorted(every)
 
 
 def _without_columns(design: Design, names: list[str]) -> Design:
@@ -241,10 +260,8 @@ def _own_made(build, rows: pd.DataFrame, arguments: dict, n_kept: int, batch_nam
     made terms' values, "y", "offset"}, or why its single fit cannot be put beside the batch's (a str).
 
     A made column of the batch's (``fixed``, of ``batch_names``) that the dataset's own design has not is zero
-    there: where it has no such column (``scale(x):f[c]`` of a level it lacks) the dataset is fitted alone as any
-    dataset lacking a level (:meth:`~hierpool.batch.plan.BatchPlan.alone_for_levels`); the batch's columns its own
-    design dropped as aliased are the outcome's "aliased" (:func:`own_values` decides).  A made column of its own
-    that the batch's has not (a level only it has) refuses it."""
+    there (a level it lacks, ``scale(x):f[c]``, or aliased in it: :func:`_aliased_columns` decides).  A made column
+    of its own that the batch's has not (a level only it has) refuses it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (the long frame's design gave them, for every dataset)
@@ -267,5 +284,5 @@ def _own_made(build, rows: pd.DataFrame, arguments: dict, n_kept: int, batch_nam
     out = {"X": {name: own.X[:, own.fixed_names.index(name)] if name in own.fixed_names else zero for name in fixed},
            "z": [own_terms[(t.group, t.coef_names)].z for t in terms],
            "y": own.y if make_y else None, "offset": own.offset if make_offset else None}
-    return out | {"aliased": tuple(name for name in own.aliased if name in batch_names)}
+    return out
 

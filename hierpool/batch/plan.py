@@ -738,7 +738,7 @@ class BatchPlan:
         """The message of a dataset of :meth:`alone_for_levels` (``how``: "fitted", "sampled")."""
         names = [self.design.fixed_names[j] for j in self.zero_columns[index]]
         # (a whole-column call's column its own design drops, zero in the batch's: center(x) of a constant x)
-        why = "not in this dataset's own design (zero or aliased in it)" if self.own_columns.intersection(names) \
+        why = "not in this dataset's own design (zero or aliased in it)" if self.own_columns.issuperset(names) \
             else "zero in this dataset (a level it lacks)"
         return f"{', '.join(names)} {why}: {how} alone without them, NaN in their places"
 
@@ -1337,6 +1337,18 @@ def value_columns(formula: str, family, weights, offset, se, by: str | None = No
     return values, tuple(name for name in values if name not in response)
 
 
+def _several_datasets(data, by: str) -> bool:
+    """Whether ``data`` holds more than one dataset (a list's or dict's items, one frame's ``by`` values); a frame
+    whose ``by`` column cannot be read counts as several (the long frame then refuses it by name)."""
+    if isinstance(data, pd.DataFrame):
+        try:  # (a column held twice, MultiIndex columns: the long frame refuses them by name)
+            column = data[by]
+            return not isinstance(column, pd.Series) or column.nunique(dropna=True) > 1
+        except (KeyError, TypeError, ValueError):
+            return True
+    return not hasattr(data, "__len__") or len(data) > 1
+
+
 def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=None, offset=None,
                se: str | None = None, one_term: bool = True, family=None) -> BatchPlan:
     """Parse ``formula`` on the long frame and locate every dataset's rows and levels.
@@ -1368,7 +1380,9 @@ def plan_batch(formula: str, data, by: str, caller: str, single: str, weights=No
 
     # scale(x), poly(x, 2), a user's demean(x): each dataset's own values, as its single fit computes them (their
     # columns on the long frame, which pool the datasets, are not checked there: batch.dataset_transforms)
-    calls = tuple(sorted(set(stateful_calls(formula)) | set(unvouched_calls(formula))))
+    # (one dataset, a shared design's: the long frame is its rows, checked as its single fit checks them)
+    calls = tuple(sorted(set(stateful_calls(formula)) | set(unvouched_calls(formula)))) \
+        if _several_datasets(data, by) else ()
     columns, terms = value_columns(formula, family, weights, offset, se, by, caller)
     design, frame, weights, offset, set_aside = stacked_design(data, by, columns, partial(build, own_calls=calls),
                                                                weights, offset, logical=terms)

@@ -424,15 +424,19 @@ def _check_finite(frame: pd.DataFrame) -> None:
                 raise DataError(f"column {column!r} has infinite values")
 
 
-def _response(frame: pd.DataFrame, spec: ModelSpec, evaluated, shown: str | None = None) -> np.ndarray:
-    """y, checked; ``shown``: the response as the user wrote it, where ``spec`` reads a column made from it (a
-    binomial's cbind(s, f) as proportions)."""
+def _response(frame: pd.DataFrame, spec: ModelSpec, evaluated, shown: str | None = None,
+              checked: bool = True) -> np.ndarray:
+    """y, checked (unless not ``checked``: a batch's long frame whose response each dataset's own design checks,
+    :func:`build_design`'s ``own_calls``); ``shown``: the response as the user wrote it, where ``spec`` reads a
+    column made from it (a binomial's cbind(s, f) as proportions)."""
     column_name, name = spec.response, shown or spec.response
     if column_name in frame.columns:
         column = frame[column_name]
         if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
             raise DataError(f"response {name!r} must be numeric, got dtype {column.dtype}")
     y = np.asarray(np.asarray(evaluated), dtype=float).reshape(-1)
+    if not checked:
+        return y
     if not np.all(np.isfinite(y)):
         raise DataError(f"response {name!r} has non-finite values after transformation")
     if np.ptp(y) == 0:
@@ -468,16 +472,16 @@ def _design_matrices(text: str, frame: pd.DataFrame, what: str):
         raise FormulaError(f"cannot evaluate {what} {display_name(text)!r} on the data: {exc}") from None
 
 
-def _fixed_part(spec: ModelSpec, frame: pd.DataFrame, shown: str | None = None):
+def _fixed_part(spec: ModelSpec, frame: pd.DataFrame, shown: str | None = None, checked: bool = True):
     """(y, (column names, values), matrix that encodes new data or None) of the fixed part ``y ~ ...``; ``shown``:
-    the response as the user wrote it (:func:`_response`)."""
+    the response as the user wrote it, ``checked`` whether it is checked (:func:`_response`)."""
     plain = plain_fixed(spec.fixed)
     if plain is not None and PlainPart(False, (plain[0],)).readable(frame) and plain[1].readable(frame):
         response, part = plain
-        y = _response(frame, spec, frame[response].to_numpy(dtype=float), shown)
+        y = _response(frame, spec, frame[response].to_numpy(dtype=float), shown, checked)
         return y, (part.column_names, part.matrix(frame)), part
     fixed = _design_matrices(spec.fixed, frame, "fixed-effect part")
-    y = _response(frame, spec, fixed.response, shown)
+    y = _response(frame, spec, fixed.response, shown, checked)
     if fixed.common is None:  # y ~ 0: no fixed effects
         return y, ([], np.zeros((len(frame), 0))), None
     try:
@@ -604,13 +608,15 @@ def check_finite_columns(values: np.ndarray, names, rows: pd.Index, what: str,
                         f"(rows {shown_rows(rows[bad[:, j]])}): drop those rows or transform the covariate otherwise")
 
 
-def _split_offsets(names: list[str], values: np.ndarray, formula: str):
-    """(X columns, their names, summed offset, offset term names) of the fixed-part matrix."""
+def _split_offsets(names: list[str], values: np.ndarray, formula: str, own_calls: tuple[str, ...] = ()):
+    """(X columns, their names, summed offset, offset term names) of the fixed-part matrix (``own_calls``:
+    :func:`build_design`'s, whose offset terms are not checked here)."""
     offsets = [j for j, n in enumerate(names) if _is_offset_call(n)]
     for name in names:
         if "offset(" in name and not _is_offset_call(name):
             raise FormulaError(f"offset term {name!r} in {formula!r} cannot interact with other terms")
-    for j in offsets:  # log(expected) of a zero or negative count: -inf or NaN, never a silent fit
+    for j in (j for j in offsets if not made_by(names[j], own_calls)):
+        # log(expected) of a zero or negative count: -inf or NaN, never a silent fit
         bad = np.flatnonzero(~np.isfinite(values[:, j]))
         if bad.size:
             hint = " (the log of a zero or negative value: expected counts and exposures must be positive)" \
@@ -794,7 +800,8 @@ def group_index(frame: pd.DataFrame, factor: tuple[str, ...]) -> tuple[np.ndarra
     return inverse.astype(np.int32), labels
 
 
-def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, logical=()) -> RandomEffectTerm:
+def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, logical=(), own_calls: tuple[str, ...] = ()
+                 ) -> RandomEffectTerm:
     """Term ``spec``'s columns and levels; ``logical``: the logical columns whose uses as terms its left side writes
     as factors (:func:`logical_factors`, :func:`~hierpool.spec.formula.with_logical_factors`)."""
     what = f"random-effect term ({display_name(spec.lhs)} | {spec.name})"
@@ -810,7 +817,9 @@ def _random_term(frame: pd.DataFrame, spec: RandomTermSpec, logical=()) -> Rando
         (z_names, z), z_matrix = matrix_columns(dm.common), dm.common
     if any("offset(" in c for c in z_names):
         raise FormulaError(f"{what} has an offset; an offset belongs to the fixed part of the formula")
-    check_finite_columns(np.asarray(z, dtype=float).reshape(len(frame), -1), z_names, frame.index, what)
+    values = np.asarray(z, dtype=float).reshape(len(frame), -1)
+    checked = [j for j, name in enumerate(z_names) if not made_by(display_name(name), own_calls)]  # (build_design's)
+    check_finite_columns(values[:, checked], [z_names[j] for j in checked], frame.index, what)
     index, levels = group_index(frame, spec.factor)
     return RandomEffectTerm(
         group=spec.name,
@@ -920,9 +929,11 @@ def gram_clear(gram: np.ndarray) -> np.ndarray:
     return clear
 
 
-def _check_identifiable(terms: list[RandomEffectTerm], n: int, sigma_known: bool, related: tuple = ()) -> None:
+def _check_identifiable(terms: list[RandomEffectTerm], n: int, sigma_known: bool, related: tuple = (),
+                        own_calls: tuple[str, ...] = ()) -> None:
     for term in terms:
-        copies = copied_columns(term)
+        # (columns each dataset's own design makes, build_design's own_calls, are its to check)
+        copies = [name for name in copied_columns(term) if not made_by(name, own_calls)]
         if copies:  # (a zero slope column gave a theta left at its start; a constant one a correlation of -1)
             raise DataError(term_columns_message(term.label, copies))
     for term in terms:
@@ -1152,7 +1163,8 @@ def build_design(
         Where ``data`` is a batch's long frame: calls whose columns each dataset takes from its own design
         (:mod:`hierpool.batch.dataset_transforms`: ``scale(x)``, a user's ``demean(x)``).  Their fixed-effect
         columns here pool every dataset's values, so they are neither checked (finite, in range) nor dropped as
-        aliased: each dataset's own design checks its own.
+        aliased, nor are such random-effect columns, offset terms or response checked: each dataset's own design
+        checks its own.
 
     Returns
     -------
@@ -1226,8 +1238,9 @@ def build_design(
                                                         offset_column})
     _check_finite(frame)
 
-    y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame, spec.response)
-    X, names, offset_sum, offset_terms = _split_offsets(fixed_names, fixed_values, formula)
+    y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame, spec.response,
+                                                               not made_by(spec.response, own_calls))
+    X, names, offset_sum, offset_terms = _split_offsets(fixed_names, fixed_values, formula, own_calls)
     names = tuple(display_name(c) for c in names)
     checked = np.array([j for j, name in enumerate(names) if not made_by(name, own_calls)], dtype=int)
     check_finite_columns(X[:, checked], [names[j] for j in checked], frame.index, "fixed-effect")
@@ -1242,7 +1255,7 @@ def build_design(
     if offset is not None:
         offset_sum = offset_sum + frame[offset_column or OFFSET_COLUMN].to_numpy(dtype=float)
 
-    terms = [_random_term(frame, t, logical) for t in spec.random]
+    terms = [_random_term(frame, t, logical, own_calls) for t in spec.random]
     terms = [terms[j] for j in lme4_term_order([t.n_levels for t in terms])]
     if se is not None:
         row_weights = 1.0 / known_sd(frame, se) ** 2
@@ -1264,10 +1277,12 @@ def build_design(
             row_weights = trials if row_weights is None else trials * row_weights
         # a binomial's trials are its prior weights (proportions with weights=, or cbind)
         check_response(family, y, row_weights, spec.response)
-    _check_identifiable(terms, len(y), sigma_known=se is not None or family is not None, related=related)
+    _check_identifiable(terms, len(y), sigma_known=se is not None or family is not None, related=related,
+                        own_calls=own_calls)
     # the response's magnitude, as a model column's: beyond 1e150 or below 1e-140 the criterion overflowed or
     # underflowed at the start, an error that named nothing; its residuals, some digits smaller, need more room below
-    check_finite_columns(y[:, None], [spec.response], frame.index, "response", smallest=RESPONSE_SMALLEST)
+    if not made_by(spec.response, own_calls):
+        check_finite_columns(y[:, None], [spec.response], frame.index, "response", smallest=RESPONSE_SMALLEST)
     if family is None and np.ptp(y - offset_sum) == 0:  # (offset = y: the search found no finite criterion)
         raise DataError(f"response {spec.response!r} less the offset is constant ({float(y[0] - offset_sum[0])!r}): "
                         "there is no variation to model")

@@ -46,6 +46,13 @@ def _ranks(ours: np.ndarray, theirs: np.ndarray) -> tuple[int, int, int]:
     its eigenvalues are clearly zero or not (n p^2 flops, a fraction of a QR's time on a long frame), else from one QR
     (Q's columns are orthonormal, so a block of columns of R has the rank of the same columns of the matrix)."""
     both = np.concatenate([ours, theirs], axis=1)
+    largest = np.max(np.abs(both), axis=0, initial=0.0)
+    if not np.all(np.isfinite(largest) & (largest < 1e150)):
+        # (a column no design takes, refused by name after the coding: not finite, or its squares overflowing, which
+        # made eigvalsh fail with NumPy's LinAlgError) ranked as its finite values scaled to at most 1
+        both = np.where(np.isfinite(both), both, 0.0)
+        largest = np.max(np.abs(both), axis=0, initial=0.0)
+        both = both / np.where(largest > 0, largest, 1.0)
     norms = np.linalg.norm(both, axis=0)
     both = both / np.where(norms > 0, norms, 1.0)
     p = ours.shape[1]
