@@ -1276,7 +1276,8 @@ def build_design(
         if trials is not None:  # cbind's trials, times any prior weights
             row_weights = trials if row_weights is None else trials * row_weights
         # a binomial's trials are its prior weights (proportions with weights=, or cbind)
-        check_response(family, y, row_weights, spec.response)
+        if not made_by(spec.response, own_calls):  # (a batch's made response: each dataset's own design's)
+            check_response(family, y, row_weights, spec.response)
     _check_identifiable(terms, len(y), sigma_known=se is not None or family is not None, related=related,
                         own_calls=own_calls)
     # the response's magnitude, as a model column's: beyond 1e150 or below 1e-140 the criterion overflowed or
