@@ -16,11 +16,11 @@ calls, replaces that dataset's rows of the long design: the numbers the single f
 batch then fits as it fits any other column.  Datasets whose columns read by the formula agree at the rows kept (a
 bootstrap's replicates, a simulation's datasets of one design: only the response differs) share one build.
 
-**One column's mean and sd.**  Where every column the calls make is ``scale(x)``, ``center(x)`` or
-``standardize(x)`` of one numeric column (:data:`COLUMN_TRANSFORMS`: an affine map of x with its dataset's mean and
-sd), each dataset's values are that transform itself applied to its x at its rows kept, as its design applies it
-(:func:`column_transform_values`), not a whole design a dataset: about 0.1 ms for 5 ms.  The first such dataset is
-built both ways, and the batch keeps the whole designs unless the two agree to the bit.
+**One column's transform.**  Where every column the calls make is ``scale(x)``, ``center(x)``, ``standardize(x)`` or
+``poly(x, k)`` of one numeric column (:data:`COLUMN_TRANSFORMS`), each dataset's values are that transform itself
+applied to its x at its rows kept, as its design applies it (:func:`column_transform_values`), not a whole design a
+dataset: about 0.1 ms for 5 ms.  The first such dataset is built both ways, and the batch keeps the whole designs
+unless the two agree to the bit.
 
 A dataset whose own design is refused (``scale()`` of a column constant in it), keeps other rows than the long
 frame kept, or lacks a column the calls make (``poly(x, 3)`` of an x with three values, whose aliased column the
@@ -43,11 +43,13 @@ from ..spec.design import LARGEST_VALUE, SMALLEST_VALUE, Design, aliased_within,
 from ..spec.formula import made_by, response_only_names
 from ..spec.transforms import RScale
 
-#: The stateful transforms of one column whose value at a row is an affine map of the row's value, by the name a
-#: design's column shows (R's ``scale``: :class:`~hierpool.spec.transforms.RScale`; formulae's ``center`` and
-#: ``standardize``): :func:`column_transform_values` applies them to each dataset's column.
-COLUMN_TRANSFORMS = {"scale": RScale, "center": TRANSFORMS["center"], "standardize": TRANSFORMS["standardize"]}
-_COLUMN_CALL = re.compile(r"(\w+)\(([A-Za-z_]\w*)\)")
+#: The stateful transforms of one column, by the name a design's column shows (R's ``scale``:
+#: :class:`~hierpool.spec.transforms.RScale`; formulae's ``center``, ``standardize`` and ``poly``, its orthonormal
+#: polynomials): :func:`column_transform_values` applies them to each dataset's column.
+COLUMN_TRANSFORMS = {"scale": RScale, "center": TRANSFORMS["center"], "standardize": TRANSFORMS["standardize"],
+                     "poly": TRANSFORMS["poly"]}
+_COLUMN_CALL = re.compile(r"(scale|center|standardize)\(([A-Za-z_]\w*)\)")
+_POLY_COLUMN = re.compile(r"(poly)\(([A-Za-z_]\w*), (?:degree=)?([1-9][0-9]?)\)\[([0-9]+)\]")
 
 
 def own_values(design: Design, frame: pd.DataFrame, by: str, rows_of: list, labels: pd.Index, build,
@@ -185,26 +187,28 @@ def _without_columns(design: Design, names: list[str]) -> Design:
 
 
 def column_calls(fixed: list[str], terms: list, frame: pd.DataFrame) -> dict | None:
-    """Made column name -> (its :data:`COLUMN_TRANSFORMS` transform, the frame's column it reads), where every
-    column the calls make (``fixed``, and the made ``terms``' coefficients other than the intercept) is one such
-    transform of one numeric column of ``frame``; else None (an interaction ``scale(x):f``, ``poly(x, 2)``, a
+    """Made column name -> (the frame's column it reads, (its :data:`COLUMN_TRANSFORMS` name, its arguments after
+    the column), the transform's column it is), where every column the calls make (``fixed``, and the made
+    ``terms``' coefficients other than the intercept) is ``scale(x)``, ``center(x)``, ``standardize(x)`` or
+    ``poly(x, k)[j]`` of one numeric column x of ``frame``; else None (an interaction ``scale(x):f``, splines, a
     user's function: whole designs)."""
     names = fixed + [name for term in terms for name in term.coef_names if name != "Intercept"]
     out = {}
     for name in names:
-        match = _COLUMN_CALL.fullmatch(name)
-        if match is None or match[1] not in COLUMN_TRANSFORMS or match[2] not in frame.columns or \
+        match = _COLUMN_CALL.fullmatch(name) or _POLY_COLUMN.fullmatch(name)
+        if match is None or match[2] not in frame.columns or \
                 not pd.api.types.is_numeric_dtype(frame[match[2]].dtype) or \
                 pd.api.types.is_bool_dtype(frame[match[2]].dtype):
             return None
-        out[name] = (COLUMN_TRANSFORMS[match[1]], match[2])
+        poly = match[1] == "poly"
+        out[name] = (match[2], (match[1], int(match[3])) if poly else (match[1],), int(match[4]) if poly else 0)
     return out
 
 
 def column_values(frame: pd.DataFrame, kept: np.ndarray, calls_of: dict) -> dict[str, np.ndarray]:
     """The columns ``calls_of`` reads at the design's rows ``kept``, as a design reads them (float64,
     :func:`~hierpool.spec.design.float64_values`)."""
-    names = sorted({column for _, column in calls_of.values()})
+    names = sorted({column for column, _, _ in calls_of.values()})
     values = float64_values(frame.loc[:, names])
     return {name: values[name].to_numpy(dtype=float)[kept] for name in names}
 
@@ -212,11 +216,17 @@ def column_values(frame: pd.DataFrame, kept: np.ndarray, calls_of: dict) -> dict
 def column_transform_values(calls_of: dict, columns: dict, rows: np.ndarray, fixed: list[str],
                             terms: list) -> dict | None:
     """One dataset's made columns (its design ``rows``), each its transform applied to its column there, as its
-    own design computes them: :func:`_own_made`'s outcome of the ``fixed`` columns and made ``terms``; None where one is not finite or outside what a design takes (``scale()`` of a
-    constant x: its single fit's refusal, which its whole design gives)."""
+    own design computes them: :func:`_own_made`'s outcome of the ``fixed`` columns and made ``terms``; None where
+    one is not finite or outside what a design takes (``scale()`` of a constant x: its single fit's refusal, which
+    its whole design gives)."""
+    evaluated = {}  # (column, call) -> the transform's columns, once a dataset
+    made = {}
     with np.errstate(all="ignore"):  # (a constant x: not finite, the whole design's refusal below)
-        made = {name: np.asarray(transform()(columns[column][rows]), dtype=float)
-                for name, (transform, column) in calls_of.items()}
+        for name, (column, call, j) in calls_of.items():
+            if (column, call) not in evaluated:
+                values = COLUMN_TRANSFORMS[call[0]]()(columns[column][rows], *call[1:])
+                evaluated[column, call] = np.asarray(values, dtype=float).reshape(rows.size, -1)
+            made[name] = evaluated[column, call][:, j]
     for values in made.values():
         largest = np.max(np.abs(values))
         if not np.isfinite(largest) or largest > LARGEST_VALUE or (largest and underflowing(largest, SMALLEST_VALUE)):
