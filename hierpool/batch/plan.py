@@ -738,9 +738,11 @@ class BatchPlan:
         """The message of a dataset of :meth:`alone_for_levels` (``how``: "fitted", "sampled")."""
         names = [self.design.fixed_names[j] for j in self.zero_columns[index]]
         # (a whole-column call's column its own design drops, zero in the batch's: center(x) of a constant x)
-        why = "not in this dataset's own design (zero or aliased in it)" if self.own_columns.issuperset(names) \
-            else "zero in this dataset (a level it lacks)"
-        return f"{', '.join(names)} {why}: {how} alone without them, NaN in their places"
+        made = [name for name in names if name in self.own_columns]
+        levels = [name for name in names if name not in self.own_columns]
+        why = ([f"{', '.join(levels)} zero in this dataset (a level it lacks)"] if levels else []) + \
+            ([f"{', '.join(made)} not in its own design (zero or aliased in it)"] if made else [])
+        return f"{', '.join(why)}: {how} alone without them, NaN in their places"
 
     def probe_scales(self) -> np.ndarray:
         """(datasets, n_theta) each dataset's theta units for the searches off the boundary, from its own
