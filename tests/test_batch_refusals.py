@@ -591,17 +591,18 @@ def test_the_reviews_whole_column_cases_are_each_datasets_single_fit(formula, fr
 
 
 def test_one_columns_transforms_are_the_whole_designs_values_to_the_bit(monkeypatch):
-    """scale(x), center(x), standardize(x), poly(x, 2) of one column are applied per dataset by the transform itself
-    (not a whole design a dataset): the long design is that of whole designs, bit for bit, with an integer column, rows
+    """scale(x), center(x), standardize(x), poly(x, 2), bs(x, df=4) of one column are applied per dataset by the
+    transform itself (not a whole design a dataset): the long design is that of whole designs, bit for bit, with an integer column, rows
     dropped for a missing x, and the transform in a random slope."""
     import hierpool.batch.dataset_transforms as transforms
 
     frames = [_gaussian(k).assign(x=lambda f, k=k: (1.0 + k) * f["x"] + 3.0 * k,
                                   n=lambda f, k=k: np.arange(len(f)) % (3 + k),
                                   w=lambda f, k=k: np.cos(np.arange(len(f)) + k),
-                                  v=lambda f, k=k: np.sin(2.0 * np.arange(len(f)) + k) + k) for k in range(4)]
+                                  v=lambda f, k=k: np.sin(2.0 * np.arange(len(f)) + k) + k,
+                                  u=lambda f, k=k: np.arange(len(f)) ** 1.5 / (1 + k)) for k in range(4)]
     frames[2].loc[4, "x"] = np.nan
-    formula = "y ~ scale(x) + center(n) + standardize(w) + poly(v, 2) + (1 + scale(x) | g)"
+    formula = "y ~ scale(x) + center(n) + standardize(w) + poly(v, 2) + bs(u, df=4) + (1 + scale(x) | g)"
     builds = []
     own_made = transforms._own_made
     monkeypatch.setattr(transforms, "_own_made", lambda *args: builds.append(1) or own_made(*args))

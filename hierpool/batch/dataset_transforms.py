@@ -16,11 +16,11 @@ calls, replaces that dataset's rows of the long design: the numbers the single f
 batch then fits as it fits any other column.  Datasets whose columns read by the formula agree at the rows kept (a
 bootstrap's replicates, a simulation's datasets of one design: only the response differs) share one build.
 
-**One column's transform.**  Where every column the calls make is ``scale(x)``, ``center(x)``, ``standardize(x)`` or
-``poly(x, k)`` of one numeric column (:data:`COLUMN_TRANSFORMS`), each dataset's values are that transform itself
-applied to its x at its rows kept, as its design applies it (:func:`column_transform_values`), not a whole design a
-dataset: about 0.1 ms for 5 ms.  The first such dataset is built both ways, and the batch keeps the whole designs
-unless the two agree to the bit.
+**One column's transform.**  Where every column the calls make is ``scale(x)``, ``center(x)``, ``standardize(x)``,
+``poly(x, k)`` or a spline (``bs(x, df=4)``) of one numeric column with literal arguments (:data:`COLUMN_TRANSFORMS`),
+each dataset's values are that transform itself applied to its x at its rows kept, as its design applies it
+(:func:`column_transform_values`), not a whole design a dataset: about 0.1 ms for 5 ms.  The first such dataset is
+built both ways, and the batch keeps the whole designs unless the two agree to the bit.
 
 A dataset whose own design is refused (``scale()`` of a column constant in it), keeps other rows than the long
 frame kept, or lacks a column the calls make (``poly(x, 3)`` of an x with three values, whose aliased column the
@@ -30,6 +30,7 @@ design (about 5 ms for a sleepstudy-sized dataset), paid only by formulae with s
 
 from __future__ import annotations
 
+import ast
 import re
 import warnings
 from dataclasses import replace
@@ -44,12 +45,11 @@ from ..spec.formula import made_by, response_only_names
 from ..spec.transforms import RScale
 
 #: The stateful transforms of one column, by the name a design's column shows (R's ``scale``:
-#: :class:`~hierpool.spec.transforms.RScale`; formulae's ``center``, ``standardize`` and ``poly``, its orthonormal
-#: polynomials): :func:`column_transform_values` applies them to each dataset's column.
-COLUMN_TRANSFORMS = {"scale": RScale, "center": TRANSFORMS["center"], "standardize": TRANSFORMS["standardize"],
-                     "poly": TRANSFORMS["poly"]}
-_COLUMN_CALL = re.compile(r"(scale|center|standardize)\(([A-Za-z_]\w*)\)")
-_POLY_COLUMN = re.compile(r"(poly)\(([A-Za-z_]\w*), (?:degree=)?([1-9][0-9]?)\)\[([0-9]+)\]")
+#: :class:`~hierpool.spec.transforms.RScale`; formulae's ``center``, ``standardize``, ``poly`` and its splines
+#: ``bs``, ``cr``, ``cc``): :func:`column_transform_values` applies them to each dataset's column.
+COLUMN_TRANSFORMS = {"scale": RScale, **{name: TRANSFORMS[name] for name in
+                                         ("center", "standardize", "poly", "bs", "cr", "cc")}}
+_MATRIX_COLUMN = re.compile(r"(.*)\[([0-9]+)\]")
 
 
 def own_values(design: Design, frame: pd.DataFrame, by: str, rows_of: list, labels: pd.Index, build,
@@ -195,14 +195,33 @@ def column_calls(fixed: list[str], terms: list, frame: pd.DataFrame) -> dict | N
     names = fixed + [name for term in terms for name in term.coef_names if name != "Intercept"]
     out = {}
     for name in names:
-        match = _COLUMN_CALL.fullmatch(name) or _POLY_COLUMN.fullmatch(name)
-        if match is None or match[2] not in frame.columns or \
-                not pd.api.types.is_numeric_dtype(frame[match[2]].dtype) or \
-                pd.api.types.is_bool_dtype(frame[match[2]].dtype):
+        call = _one_column_call(name, frame)
+        if call is None:
             return None
-        poly = match[1] == "poly"
-        out[name] = (match[2], (match[1], int(match[3])) if poly else (match[1],), int(match[4]) if poly else 0)
+        out[name] = call
     return out
+
+
+def _one_column_call(name: str, frame: pd.DataFrame):
+    """(column, (transform, its other arguments, its keyword arguments), the result's column) of a design column
+    named ``fn(x, literal arguments...)`` or ``fn(x, ...)[j]``, fn one of :data:`COLUMN_TRANSFORMS` and x a numeric
+    column of ``frame``; else None."""
+    matrix = _MATRIX_COLUMN.fullmatch(name)
+    text, j = (matrix[1], int(matrix[2])) if matrix else (name, 0)
+    try:
+        call = ast.parse(text, mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in COLUMN_TRANSFORMS
+                and call.args and isinstance(call.args[0], ast.Name)):
+            return None
+        arguments = tuple(ast.literal_eval(argument) for argument in call.args[1:])
+        keywords = tuple((keyword.arg, ast.literal_eval(keyword.value)) for keyword in call.keywords)
+    except (SyntaxError, ValueError, TypeError):
+        return None
+    column = call.args[0].id
+    if None in (key for key, _ in keywords) or column not in frame.columns or \
+            not pd.api.types.is_numeric_dtype(frame[column].dtype) or pd.api.types.is_bool_dtype(frame[column].dtype):
+        return None
+    return column, (call.func.id, arguments, keywords), j
 
 
 def column_values(frame: pd.DataFrame, kept: np.ndarray, calls_of: dict) -> dict[str, np.ndarray]:
@@ -224,7 +243,8 @@ def column_transform_values(calls_of: dict, columns: dict, rows: np.ndarray, fix
     with np.errstate(all="ignore"):  # (a constant x: not finite, the whole design's refusal below)
         for name, (column, call, j) in calls_of.items():
             if (column, call) not in evaluated:
-                values = COLUMN_TRANSFORMS[call[0]]()(columns[column][rows], *call[1:])
+                transform, arguments, keywords = call
+                values = COLUMN_TRANSFORMS[transform]()(columns[column][rows], *arguments, **dict(keywords))
                 evaluated[column, call] = np.asarray(values, dtype=float).reshape(rows.size, -1)
             made[name] = evaluated[column, call][:, j]
     for values in made.values():
