@@ -236,15 +236,18 @@ def column_transform_values(calls_of: dict, columns: dict, rows: np.ndarray, fix
                             terms: list) -> dict | None:
     """One dataset's made columns (its design ``rows``), each its transform applied to its column there, as its
     own design computes them: :func:`_own_made`'s outcome of the ``fixed`` columns and made ``terms``; None where
-    one is not finite or outside what a design takes (``scale()`` of a constant x: its single fit's refusal, which
-    its whole design gives)."""
+    one is not finite or outside what a design takes, or the transform raises (``scale()`` of a constant x, ``cr()``
+    of too few values: its single fit's refusal, which its whole design gives)."""
     evaluated = {}  # (column, call) -> the transform's columns, once a dataset
     made = {}
     with np.errstate(all="ignore"):  # (a constant x: not finite, the whole design's refusal below)
         for name, (column, call, j) in calls_of.items():
             if (column, call) not in evaluated:
                 transform, arguments, keywords = call
-                values = COLUMN_TRANSFORMS[transform]()(columns[column][rows], *arguments, **dict(keywords))
+                try:
+                    values = COLUMN_TRANSFORMS[transform]()(columns[column][rows], *arguments, **dict(keywords))
+                except Exception:  # noqa: BLE001 - formulae's own (cr of too few values): the whole design words it
+                    return None
                 evaluated[column, call] = np.asarray(values, dtype=float).reshape(rows.size, -1)
             made[name] = evaluated[column, call][:, j]
     for values in made.values():
