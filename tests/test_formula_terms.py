@@ -670,3 +670,14 @@ def test_a_calls_place_in_a_terms_name_does_not_depend_on_its_spacing():
     tight, spaced = (hp.lmm(f"y ~ {call}/f/c + (1 | g)", data, reml=False) for call in ("exp(a/3)", "exp(a / 3)"))
     assert list(tight.fixef.index) == list(spaced.fixef.index)
     assert list(tight.fixef.index)[2:4] == ["exp(a / 3):f[q]", "exp(a / 3):f[p]:c[y]"]
+
+
+def test_binary_without_a_success_level_is_a_whole_column_call():
+    """formulae's binary(f) with no success level takes the first sorted value of the column it is given: a batch
+    takes each dataset's own (batch.dataset_transforms); with the level named, by keyword or place, it is a
+    function of each row.  Its arguments are read at the top level (a comma inside C(f, Sum) is not a second)."""
+    from hierpool.spec.transforms import stateful_calls
+
+    assert stateful_calls("y ~ x + I(z + binary(f)) + (1 | g)") == ["binary"]
+    assert stateful_calls("y ~ binary(C(f, Sum)) + scale(x)") == ["binary", "scale"]
+    assert stateful_calls("y ~ binary(f, success='b')") == stateful_calls("y ~ binary(f, 'b')") == []

@@ -176,8 +176,14 @@ def reproduced_to_rounding(residual_squares, left_by_x_squares, plain_residual_s
 def fit_magnitudes(y: np.ndarray, X: np.ndarray, beta: np.ndarray) -> np.ndarray:
     """Each row's max(|y_i|, sum_j |x_ij beta_j|): the size of the terms a fit's residual y - X beta - Z b is computed
     from, whose rounding it cannot go below (:func:`reproduced_to_rounding`; the larger, not the sum: y and X beta
-    cancel, and the sum counted the response twice).  ``beta`` (p,) with ``X`` (n, p), or per row (n, p) (a batch's
-    datasets' own)."""
-    beta = np.asarray(beta, dtype=float)
-    products = np.abs(X) @ np.abs(beta) if beta.ndim == 1 else np.einsum("np,np->n", np.abs(X), np.abs(beta))
+    cancel, and the sum counted the response twice).  ``beta`` (p,) with ``X`` (n, p), or per row (n, p) (a long
+    frame's datasets' own); with ``y`` (n, D), D responses on one X (a shared design's), (D, p), and the result
+    (n, D)."""
+    beta, y = np.asarray(beta, dtype=float), np.asarray(y)
+    if y.ndim == 2:
+        products = np.abs(X) @ np.abs(beta).T
+    elif beta.ndim == 1:
+        products = np.abs(X) @ np.abs(beta)
+    else:
+        products = np.einsum("np,np->n", np.abs(X), np.abs(beta))
     return np.maximum(np.abs(y), products)

@@ -19,13 +19,16 @@ bootstrap's replicates, a simulation's datasets of one design: only the response
 **One column's transform.**  Where every column the calls make is ``scale(x)``, ``center(x)``, ``standardize(x)``,
 ``poly(x, k)`` or a spline (``bs(x, df=4)``) of one numeric column with literal arguments (:data:`COLUMN_TRANSFORMS`),
 each dataset's values are that transform itself applied to its x at its rows kept, as its design applies it
-(:func:`column_transform_values`), not a whole design a dataset: about 0.1 ms for 5 ms.  The first such dataset is
-built both ways, and the batch keeps the whole designs unless the two agree to the bit.
+(:func:`column_transform_values`), not a whole design a dataset (their costs: benchmarks/RESULTS.md, sixtieth
+session).  The first such dataset is built both ways, and the batch keeps the whole designs unless the two agree to
+the bit.
 
 A dataset whose own design is refused (``scale()`` of a column constant in it), keeps other rows than the long
-frame kept, or lacks a column the calls make (``poly(x, 3)`` of an x with three values, whose aliased column the
-single fit drops) is refused in its row with the single fit's reason.  The cost is one design build per distinct
-design (about 5 ms for a sleepstudy-sized dataset), paid only by formulae with such calls.
+frame kept, or has a made column the batch's design has not (a level only it has) is refused in its row with the
+single fit's reason.  Each dataset's aliased columns are found on its own values by the single fit's rule
+(:func:`_aliased_columns`): a column aliased in every dataset is dropped, as each single fit drops it; a made column
+one dataset's own design has not (``poly(x, 3)`` of an x with three values, ``center(x)`` of a constant x) is zero
+in its rows, and that dataset fitted alone, as its single fit.
 """
 
 from __future__ import annotations
@@ -189,8 +192,8 @@ def _without_columns(design: Design, names: list[str]) -> Design:
 def column_calls(fixed: list[str], terms: list, frame: pd.DataFrame) -> dict | None:
     """Made column name -> (the frame's column it reads, (its :data:`COLUMN_TRANSFORMS` name, its arguments after
     the column), the transform's column it is), where every column the calls make (``fixed``, and the made
-    ``terms``' coefficients other than the intercept) is ``scale(x)``, ``center(x)``, ``standardize(x)`` or
-    ``poly(x, k)[j]`` of one numeric column x of ``frame``; else None (an interaction ``scale(x):f``, splines, a
+    ``terms``' coefficients other than the intercept) is one of :data:`COLUMN_TRANSFORMS` of one numeric column x
+    of ``frame`` with literal arguments (:func:`_one_column_call`); else None (an interaction ``scale(x):f``, a
     user's function: whole designs)."""
     names = fixed + [name for term in terms for name in term.coef_names if name != "Intercept"]
     out = {}
@@ -314,8 +317,7 @@ def _own_made(build, rows: pd.DataFrame, arguments: dict, n_kept: int, batch_nam
         return (f"this dataset's own design lacks {', '.join(lacking)} (aliased or constant in it), which the batch "
                 f"fits to every dataset; its single fit has the fixed effects {list(own.fixed_names)}")
     zero = np.zeros(own.n)
-    out = {"X": {name: own.X[:, own.fixed_names.index(name)] if name in own.fixed_names else zero for name in fixed},
-           "z": [own_terms[(t.group, t.coef_names)].z for t in terms],
-           "y": own.y if make_y else None, "offset": own.offset if make_offset else None}
-    return out
+    return {"X": {name: own.X[:, own.fixed_names.index(name)] if name in own.fixed_names else zero for name in fixed},
+            "z": [own_terms[(t.group, t.coef_names)].z for t in terms],
+            "y": own.y if make_y else None, "offset": own.offset if make_offset else None}
 

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from ..algebra.batched_systems import shared_design_systems
+from ..algebra.checks import fit_magnitudes
 from ..algebra.linalg import theta_start, weights_unit
 from ..algebra.search.newton import MOMENT_FLOOR
 from ..algebra.start import known_sds_size, moment_theta
@@ -410,7 +411,7 @@ class SharedDesignPlan(BatchPlan):
         """:meth:`BatchPlan.magnitude_squares` of a shared design: one per response (column)."""
         design = self.design
         with np.errstate(over="ignore", invalid="ignore"):
-            size = np.maximum(np.abs(self.design_responses), np.abs(design.X) @ np.abs(np.asarray(beta, dtype=float)).T)
+            size = fit_magnitudes(self.design_responses, design.X, beta)
             return np.einsum("n,nd,nd->d", design.row_weights, size, size)
 
     def left_by_x_squares(self, shifts=None) -> np.ndarray:

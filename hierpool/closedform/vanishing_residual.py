@@ -74,13 +74,12 @@ def refuse_if_reproduced(design: Design, solution, theta, left_by_x: float | Non
         if left_by_x is None:
             shifted = location_shift(design)[1]
             left_by_x = float(np.sum(weights * shifted * shifted))
-        left = left_by_x
         plain, magnitude = (float(np.sum(values * values)) for values in (
             residual, fit_magnitudes(design.y, design.X, beta)))
-    if not reproduced_to_rounding(here, left, plain, magnitude):
+    if not reproduced_to_rounding(here, left_by_x, plain, magnitude):
         return
-    if here <= NEAR_EXACT ** 2 * left:
-        how = f"{np.sqrt(here / left) if left > 0 else 0.0:.1g} of the variation the fixed effects leave"
+    if here <= NEAR_EXACT ** 2 * left_by_x:
+        how = f"{np.sqrt(here / left_by_x) if left_by_x > 0 else 0.0:.1g} of the variation the fixed effects leave"
     else:
         how = "the rounding of the terms it is computed from"
     raise residual_vanished(theta, f"the fixed and random effects reproduce the response to {how}")

@@ -1238,8 +1238,8 @@ def build_design(
                                                         offset_column})
     _check_finite(frame)
 
-    y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame, spec.response,
-                                                               not made_by(spec.response, own_calls))
+    own_response = made_by(spec.response, own_calls)  # (a batch's response each dataset's own design checks)
+    y, (fixed_names, fixed_values), fixed_matrix = _fixed_part(fixed_spec, frame, spec.response, not own_response)
     X, names, offset_sum, offset_terms = _split_offsets(fixed_names, fixed_values, formula, own_calls)
     names = tuple(display_name(c) for c in names)
     checked = np.array([j for j, name in enumerate(names) if not made_by(name, own_calls)], dtype=int)
@@ -1276,13 +1276,13 @@ def build_design(
         if trials is not None:  # cbind's trials, times any prior weights
             row_weights = trials if row_weights is None else trials * row_weights
         # a binomial's trials are its prior weights (proportions with weights=, or cbind)
-        if not made_by(spec.response, own_calls):  # (a batch's made response: each dataset's own design's)
+        if not own_response:
             check_response(family, y, row_weights, spec.response)
     _check_identifiable(terms, len(y), sigma_known=se is not None or family is not None, related=related,
                         own_calls=own_calls)
     # the response's magnitude, as a model column's: beyond 1e150 or below 1e-140 the criterion overflowed or
     # underflowed at the start, an error that named nothing; its residuals, some digits smaller, need more room below
-    if not made_by(spec.response, own_calls):
+    if not own_response:
         check_finite_columns(y[:, None], [spec.response], frame.index, "response", smallest=RESPONSE_SMALLEST)
     if family is None and np.ptp(y - offset_sum) == 0:  # (offset = y: the search found no finite criterion)
         raise DataError(f"response {spec.response!r} less the offset is constant ({float(y[0] - offset_sum[0])!r}): "

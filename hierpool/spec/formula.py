@@ -635,6 +635,17 @@ def has_spatial_term(formula) -> bool:
         return False
 
 
+def call_arguments(text: str, name: str) -> list[list[str]]:
+    """Each call of ``name`` in formula ``text`` (formulae's dialect): its top-level arguments' texts (brackets and
+    quotes balanced, :func:`_scan_top_level`)."""
+    out = []
+    for match in re.finditer(rf"(?<![\w.]){re.escape(name)}\s*\(", text):
+        rest = text[match.end() - 1:]
+        end = next((i for i, ch, depth in _scan_top_level(rest) if ch == ")" and depth == 0), len(rest))
+        out.append([piece.strip() for _, piece in _split_top_level(rest[1:end], ",")])
+    return out
+
+
 def made_by(name: str, calls) -> bool:
     """Whether a design's column (or term, response, offset) ``name`` holds a call of ``calls`` (the names of
     :func:`~hierpool.spec.transforms.stateful_calls` or :func:`~hierpool.spec.transforms.unvouched_calls`):

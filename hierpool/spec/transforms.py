@@ -178,25 +178,10 @@ def stateful_calls(formula: str) -> list[str]:
     """Names of the stateful transforms (``scale``, ``center``, ``poly``, splines...) a formula calls, and
     ``binary`` where a call of it names no ``success`` (formulae's binary(f) then takes the first of the sorted
     values of the whole column it is given: a batch's datasets stacked chose another level than a dataset's own)."""
-    from .formula import display_name, to_formulae
+    from .formula import call_arguments, display_name, to_formulae
 
     text = to_formulae(formula)
     found = [name for name in sorted(STATEFUL_NAMES) if re.search(rf"(?<![\w.]){name}\s*\(", text)]
-    if any("success" not in arguments and "," not in arguments for arguments in _call_arguments(text, "binary")):
+    if any(len(arguments) == 1 for arguments in call_arguments(text, "binary")):  # (no success, by name or place)
         found.append("binary")
     return sorted({display_name(f"{name}(").rstrip("(") for name in found})
-
-
-def _call_arguments(text: str, name: str) -> list[str]:
-    """The argument text of each call of ``name`` in formula ``text`` (parentheses balanced)."""
-    out = []
-    for match in re.finditer(rf"(?<![\w.]){name}\s*\(", text):
-        depth, start = 1, match.end()
-        for end in range(start, len(text)):
-            depth += {"(": 1, ")": -1}.get(text[end], 0)
-            if not depth:
-                out.append(text[start:end])
-                break
-        else:
-            out.append(text[start:])
-    return out
