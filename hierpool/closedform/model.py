@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..algebra import henderson, jax_runtime, one_term
+from ..algebra.batched_systems import batched_systems
 from ..algebra.conditioning import (
     CENTRE_RATIO,
     SPATIAL_REASON,
@@ -35,6 +36,8 @@ from ..algebra.linalg import (
     other_minimum_starts,
     weights_uneven,
 )
+from ..algebra.search.newton import MAX_ITERATIONS
+from ..algebra.search.terms import IDENTITY_START_MIN_K, search_on_host
 from ..algebra.statistics import centred_statistics
 from ..algebra.system import MixedModelSystem, build_system, on_device, on_host
 from ..errors import ArgumentError, ConvergenceError, ConvergenceWarning, DataError, boolean_argument
@@ -247,6 +250,8 @@ class MixedModel:
             optimum = optimize_theta(self.system, reml, control, start=moment_start(self.design, scales),
                                      statistics=statistics, scales=scales, response_unit=self._response_unit)
             optimum = self._lowest_of_restarts(optimum, self.system, reml, control, host, statistics, scales)
+            optimum = self._lowest_of_batch_search(optimum, self.design, self.system, reml, control, host,
+                                                     statistics, scales)
             solution = solved_or_refused(lambda: solve_at(optimum.theta, self.system, reml, host, one_term_inputs),
                                           optimum.theta)
         else:
@@ -258,6 +263,8 @@ class MixedModel:
                                    response_unit=self._response_unit)
             # on the conditioned columns too
             inner = self._lowest_of_restarts(inner, system, reml, control, True, None, scales)
+            inner = self._lowest_of_batch_search(inner, conditioned.design, system, reml, control, True, None,
+                                                   scales)
             theta = conditioned.theta_to_user(inner.theta)
             # lme4's singular rule on the user's theta, as fit_batch's conditioned rows (the conditioned theta of a
             # slope on x ~ 3000 is 3000 times the user's: 0.006 beside known sds of 100 was singular in the batch,
@@ -278,6 +285,38 @@ class MixedModel:
         return LMMResult(self.design, self.system, solution, optimum, reml, host,
                          conditioned=None if conditioned is None else coordinates)
 
+
+    def _lowest_of_batch_search(self, optimum, design, system, reml: bool, control, host: bool, statistics,
+                                scales):
+        """``optimum``, or where a term has :data:`~hierpool.algebra.search.terms.IDENTITY_START_MIN_K` or more
+        coefficients, the optimum of ``hp.fit_batch``'s host search of this model
+        (:func:`hierpool.algebra.search.terms.search_on_host`: Newton's method from the same start, and from lme4's
+        identity where it ends on the boundary) where that is lower by
+        :data:`~hierpool.algebra.linalg.OTHER_MINIMUM_MARGIN`, L-BFGS-B's search from there certifying it.
+
+        The criterion of such a term on few levels can have several minima, and L-BFGS-B and Newton's method from one
+        start ended in different ones on 1 to 3 in 100 small datasets, the batch's the lower on all but one of them,
+        and lmer's from its identity start below both on some (benchmarks/RESULTS.md, sixty-first session).  Small
+        models on the host only (at most ``control.hessian_max_n`` rows, as the polish): a search more costs about
+        half a fit there."""
+        control = replace(control or Control(), theta_start=None)
+        ks = tuple(term.k for term in design.terms)
+        if max(ks) < IDENTITY_START_MIN_K or not host or design.n > control.hessian_max_n:
+            return optimum
+        terms = [(term.index, term.z, term.n_levels) for term in design.terms]
+        systems, n = batched_systems(np.zeros(design.n, dtype=np.int64), 1, terms, design.X, design.y, design.weights,
+                                     design.offset, design.sigma_known)
+        with np.errstate(all="ignore"):
+            found = search_on_host(systems, n, moment_start(design, scales)[None], reml, MAX_ITERATIONS)
+        margin = OTHER_MINIMUM_MARGIN * max(1.0, abs(optimum.objective))
+        if not (found["converged"][0] and found["objective"][0] < optimum.objective - margin):
+            return optimum
+        try:
+            again = optimize_theta(system, reml, replace(control, max_restarts=0), start=found["theta"][0],
+                                   statistics=statistics, scales=scales, response_unit=self._response_unit)
+        except ConvergenceError:  # (a search that ran off to a non-finite criterion: the optimum in hand stands)
+            return optimum
+        return again if again.converged and again.objective < optimum.objective - margin else optimum
 
     @staticmethod
     def _axis_minima(theta, ks, units, value: float, value_at, at_most: float) -> list:
