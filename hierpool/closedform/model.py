@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..algebra import henderson, jax_runtime, one_term
-from ..algebra.batched_systems import batched_systems
+from ..algebra.batched_systems import MAX_DENSE_ENTRIES, batched_systems, dense_entries
 from ..algebra.conditioning import (
     CENTRE_RATIO,
     SPATIAL_REASON,
@@ -285,7 +285,6 @@ class MixedModel:
         return LMMResult(self.design, self.system, solution, optimum, reml, host,
                          conditioned=None if conditioned is None else coordinates)
 
-
     def _lowest_of_batch_search(self, optimum, design, system, reml: bool, control, host: bool, statistics,
                                 scales):
         """``optimum``, or where a term has :data:`~hierpool.algebra.search.terms.IDENTITY_START_MIN_K` or more
@@ -298,10 +297,13 @@ class MixedModel:
         start ended in different ones on 1 to 3 in 100 small datasets, the batch's the lower on all but one of them,
         and lmer's from its identity start below both on some (benchmarks/RESULTS.md, sixty-first session).  Small
         models on the host only (at most ``control.hessian_max_n`` rows, as the polish): a search more costs about
-        half a fit there."""
+        half a fit there; not where the batch would fit the dataset alone (its dense coupling beyond
+        :data:`~hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`)."""
         control = replace(control or Control(), theta_start=None)
         ks = tuple(term.k for term in design.terms)
-        if max(ks) < IDENTITY_START_MIN_K or not host or design.n > control.hessian_max_n:
+        widths = tuple(term.n_levels for term in design.terms)
+        if (max(ks) < IDENTITY_START_MIN_K or not host or design.n > control.hessian_max_n
+                or dense_entries(widths, ks, design.p) > MAX_DENSE_ENTRIES):  # (the batch's own limit)
             return optimum
         terms = [(term.index, term.z, term.n_levels) for term in design.terms]
         systems, n = batched_systems(np.zeros(design.n, dtype=np.int64), 1, terms, design.X, design.y, design.weights,
