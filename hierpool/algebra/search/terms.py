@@ -83,27 +83,35 @@ SECANT_RESTART_PASSES = 24
 IDENTITY_START_MIN_K = 3
 
 
-def lowest_from_identity(result: dict, searched, ks) -> dict:
+def lowest_from_identity(result: dict, search, searched, ks) -> dict:
     """``result`` (a chunk's searches, as :func:`lowest_of_other_minima`'s), each converged dataset whose optimum is
     on the boundary (some diagonal of a T_j below :data:`~hierpool.algebra.checks.SINGULAR_TOL`) searched again from
-    lme4's start, T_j = I (``searched(starts, rows)``: the chunk's search of its datasets ``rows``), and the optimum
-    replaced where that ends converged and lower by :data:`~hierpool.algebra.linalg.OTHER_MINIMUM_MARGIN`
-    (relative).
+    lme4's start, T_j = I, and the optimum replaced where that ends converged and lower by
+    :data:`~hierpool.algebra.linalg.OTHER_MINIMUM_MARGIN` (relative).  As the searches from other minima's starts
+    (:func:`lowest_of_other_minima`), each runs :data:`OTHER_MINIMUM_FIRST_PASSES` passes (``search(starts, rows,
+    passes)``: Newton's method alone), and only those then below the optimum go on, by the chunk's whole search
+    (``searched(starts, rows)``).
 
     With three or more coefficients in a term and few levels, the criterion has several boundary minima, and a
     search from the method of moments can end on a higher face than lme4's from the identity: of 200 datasets of 6
-    groups x 6 rows with a four-coefficient term (spline columns), ``hp.lmm`` ended above lmer on 4, the batch on
-    1 (2.8 above, both), and the two apart on 6 (benchmarks/RESULTS.md, sixty-first session).  ``hp.lmm`` takes this
-    search's optimum where it is lower than its own
-    (:meth:`hierpool.closedform.model.MixedModel._lowest_of_batch_search`), so that the two agree.  Terms of two
-    coefficients were apart on 1 of 300 such datasets, with or without it, and are not searched again."""
+    groups x 6 rows with a four-coefficient term (spline columns), one ended 2.8 above lmer, in the batch and in
+    ``hp.lmm`` (benchmarks/RESULTS.md, sixty-first session).  ``hp.lmm`` takes this search's optimum where it is
+    lower than its own (:meth:`hierpool.closedform.model.MixedModel._lowest_of_batch_search`), so that the two agree.
+    Terms of two coefficients were apart on 1 of 300 such datasets, with or without it, and are not searched again."""
     rows = np.flatnonzero(result["converged"] & np.isfinite(result["objective"])
                           & singular_rows(result["theta"], ks, SINGULAR_TOL))
     if not rows.size:
         return result
-    again = searched(np.tile(theta_start(ks), (rows.size, 1)), rows)
     before = result["objective"][rows]
-    lower = again["converged"] & (again["objective"] < before - OTHER_MINIMUM_MARGIN * np.maximum(1.0, np.abs(before)))
+    threshold = before - OTHER_MINIMUM_MARGIN * np.maximum(1.0, np.abs(before))
+    again = search(np.tile(theta_start(ks), (rows.size, 1)), rows, OTHER_MINIMUM_FIRST_PASSES)
+    going = np.flatnonzero(~again["converged"] & (again["objective"] < threshold))
+    if going.size:  # already below the optimum: on to its own minimum
+        more = searched(again["theta"][going], rows[going])
+        again["iterations"][going] += more["iterations"]
+        for name in ("theta", "objective", "newton_step", "converged"):
+            again[name][going] = more[name]
+    lower = again["converged"] & (again["objective"] < threshold)
     result["iterations"][rows] += again["iterations"]
     for name in ("theta", "objective", "newton_step", "converged"):
         result[name][rows[lower]] = again[name][lower]
@@ -213,7 +221,7 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
 
     result = searched(start, np.arange(len(start)))
     if max(ks) >= IDENTITY_START_MIN_K:
-        result = lowest_from_identity(result, searched, ks)
+        result = lowest_from_identity(result, search, searched, ks)
     if other_minima is not None and np.any(other_minima):
         result = lowest_of_other_minima(result, search, ks, np.asarray(other_minima, dtype=bool), scales)
     result["theta"], result["objective"] = onto_boundary(
