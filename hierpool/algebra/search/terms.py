@@ -164,7 +164,8 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
 
     The compiled search (accelerators, float32) shares the decrease stop of the searches that difference each
     trial (in float32 rounding reaches it first) but has none of the interpolated damping, the saddle-free steps,
-    the secant updates, the restart and the searches from other starts (a compiled batch runs those by its own
+    the secant updates, the restart, the search from lme4's identity (:func:`lowest_from_identity`) and the searches
+    from other starts (a compiled batch runs the last by its own
     program, :func:`hierpool.batch.other_minima.compiled_other_minima`): a dataset it does not converge on is
     refitted by ``hp.lmm``, as before."""
     ks = systems.layout.ks if term_ks is None else tuple(term_ks)  # the search's terms (module notes: term_ks)
