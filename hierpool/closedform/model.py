@@ -296,8 +296,8 @@ class MixedModel:
         The criterion of such a term on few levels can have several minima, and L-BFGS-B and Newton's method from one
         start ended in different ones on 1 to 3 in 100 small datasets, the batch's the lower on all but one of them,
         and lmer's from its identity start below both on some (benchmarks/RESULTS.md, sixty-first session).  Small
-        models on the host only (at most ``control.hessian_max_n`` rows, as the polish): a search more costs about
-        half a fit there; not where the batch would fit the dataset alone (its dense coupling beyond
+        models on the host only (at most ``control.hessian_max_n`` rows, as the polish; its cost there:
+        benchmarks/RESULTS.md); not where the batch would fit the dataset alone (its dense coupling beyond
         :data:`~hierpool.algebra.batched_systems.MAX_DENSE_ENTRIES`)."""
         control = replace(control or Control(), theta_start=None)
         ks = tuple(term.k for term in design.terms)
