@@ -83,14 +83,14 @@ SECANT_RESTART_PASSES = 24
 IDENTITY_START_MIN_K = 3
 
 
-def lowest_from_identity(result: dict, search, searched, ks) -> dict:
+def lowest_from_identity(result: dict, search, ks) -> dict:
     """``result`` (a chunk's searches, as :func:`lowest_of_other_minima`'s), each converged dataset whose optimum is
     on the boundary (some diagonal of a T_j below :data:`~hierpool.algebra.checks.SINGULAR_TOL`) searched again from
     lme4's start, T_j = I, and the optimum replaced where that ends converged and lower by
     :data:`~hierpool.algebra.linalg.OTHER_MINIMUM_MARGIN` (relative).  As the searches from other minima's starts
     (:func:`lowest_of_other_minima`), each runs :data:`OTHER_MINIMUM_FIRST_PASSES` passes (``search(starts, rows,
-    passes)``: Newton's method alone), and only those then below the optimum go on, by the chunk's whole search
-    (``searched(starts, rows)``).
+    passes)``: Newton's method), and only those then below the optimum go on, up to :data:`OTHER_MINIMUM_PASSES`
+    (:func:`_lowest_of_starts`, the two's rule).
 
     With three or more coefficients in a term and few levels, the criterion has several boundary minima, and a
     search from the method of moments can end on a higher face than lme4's from the identity: of 200 datasets of 6
@@ -102,20 +102,7 @@ def lowest_from_identity(result: dict, search, searched, ks) -> dict:
                           & singular_rows(result["theta"], ks, SINGULAR_TOL))
     if not rows.size:
         return result
-    before = result["objective"][rows]
-    threshold = before - OTHER_MINIMUM_MARGIN * np.maximum(1.0, np.abs(before))
-    again = search(np.tile(theta_start(ks), (rows.size, 1)), rows, OTHER_MINIMUM_FIRST_PASSES)
-    going = np.flatnonzero(~again["converged"] & (again["objective"] < threshold))
-    if going.size:  # already below the optimum: on to its own minimum
-        more = searched(again["theta"][going], rows[going])
-        again["iterations"][going] += more["iterations"]
-        for name in ("theta", "objective", "newton_step", "converged"):
-            again[name][going] = more[name]
-    lower = again["converged"] & (again["objective"] < threshold)
-    result["iterations"][rows] += again["iterations"]
-    for name in ("theta", "objective", "newton_step", "converged"):
-        result[name][rows[lower]] = again[name][lower]
-    return result
+    return _lowest_of_starts(result, search, np.tile(theta_start(ks), (rows.size, 1)), rows)
 
 
 def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: int, term_ks=None,
@@ -222,7 +209,7 @@ def search_on_host(systems, n, start: np.ndarray, reml: bool, max_iterations: in
 
     result = searched(start, np.arange(len(start)))
     if max(ks) >= IDENTITY_START_MIN_K:
-        result = lowest_from_identity(result, search, searched, ks)
+        result = lowest_from_identity(result, search, ks)
     if other_minima is not None and np.any(other_minima):
         result = lowest_of_other_minima(result, search, ks, np.asarray(other_minima, dtype=bool), scales)
     result["theta"], result["objective"] = onto_boundary(
@@ -294,11 +281,19 @@ def lowest_of_other_minima(result: dict, search, ks, datasets: np.ndarray, scale
         owners += [row] * len(found)
     if not starts:
         return result
-    owners = np.asarray(owners)
+    return _lowest_of_starts(result, search, np.stack(starts), np.asarray(owners))
+
+
+def _lowest_of_starts(result: dict, search, starts: np.ndarray, owners: np.ndarray) -> dict:
+    """The rule :func:`lowest_of_other_minima` and :func:`lowest_from_identity` share: each of ``starts`` searched
+    (``search(starts, owners, passes)``, ``owners`` each start's row of ``result``) for
+    :data:`OTHER_MINIMUM_FIRST_PASSES`, those then below their row's optimum on to :data:`OTHER_MINIMUM_PASSES`, and
+    each row's optimum replaced by the lowest of its starts' where that converged and is lower by
+    :data:`~hierpool.algebra.linalg.OTHER_MINIMUM_MARGIN` (relative; in float32 by 100 of its rounding units)."""
     current = result["objective"][owners]
     margin = max(OTHER_MINIMUM_MARGIN, 100 * float(np.finfo(np.result_type(current, np.float32)).eps))
     threshold = current - margin * np.maximum(1.0, np.abs(current))
-    again = search(np.stack(starts), owners, OTHER_MINIMUM_FIRST_PASSES)
+    again = search(starts, owners, OTHER_MINIMUM_FIRST_PASSES)
     going = np.flatnonzero(~again["converged"] & (again["objective"] < threshold))
     if going.size:  # already below the optimum: on to its own minimum
         more = search(again["theta"][going], owners[going], OTHER_MINIMUM_PASSES - OTHER_MINIMUM_FIRST_PASSES)
